@@ -1,0 +1,34 @@
+# One virtual environment for everything. torch is installed first, pinned to the CPU wheel,
+# so that resolving the other dependencies never pulls CUDA packages onto a CPU machine.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup test test-all demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ""
+
+demo: setup
+	$(PY) -m simulations.demo --out $(DEMO_OUT)
+
+bench: setup
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/ct_attention.py
+
+clean:
+	rm -rf $(VENV) runs outputs multirun

@@ -1,0 +1,65 @@
+"""The batch contract between the data pipeline and the model.
+
+One `Batch` holds B (subject, prediction_time) samples, padded. Times are float days from
+each subject's first timed event (fp32 is fine at that scale; epoch seconds are not).
+Static EHR rows (MEDS rows with null time that are not PRS) sit at time 0.
+
+Nothing in a batch is later than the sample's prediction_time: the pipeline guarantees it,
+the model relies on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+# Reserved code ids of the shared vocabulary; real codes start at N_SPECIAL_CODES.
+PAD_CODE = 0
+MASK_CODE = 1
+UNK_CODE = 2
+N_SPECIAL_CODES = 3
+
+# Modality ids carried by every token.
+MODALITY_EHR = 0
+MODALITY_WEARABLES = 1
+MODALITY_GENOMICS = 2
+
+# Channels of a wearable epoch.
+WEARABLE_CHANNELS = ("enmo_mg", "hr_bpm")
+
+
+@dataclass
+class Batch:
+    # Per sample.
+    subject_id: torch.Tensor  # [B] int64
+    prediction_time: torch.Tensor  # [B] float32, days from the subject's first event
+    # EHR events, one token each, padded to N.
+    codes: torch.Tensor  # [B, N] int64 vocabulary ids (PAD_CODE where padding)
+    values: torch.Tensor  # [B, N] float32 normalised numeric value (0 where none)
+    has_value: torch.Tensor  # [B, N] bool
+    times: torch.Tensor  # [B, N] float32 days
+    ehr_valid: torch.Tensor  # [B, N] bool, True = a real event
+    # Wearables: P patches of E 30-second epochs with C channels (WEARABLE_CHANNELS).
+    wear_epochs: torch.Tensor  # [B, P, E, C] float32 normalised (0 where missing)
+    wear_epoch_mask: torch.Tensor  # [B, P, E, C] bool, False = missing (no epoch, or null HR)
+    wear_times: torch.Tensor  # [B, P] float32 days of the patch start
+    wear_valid: torch.Tensor  # [B, P] bool, True = a patch with at least one epoch
+    # Genomics: one standardised PRS per agreed trait.
+    prs: torch.Tensor  # [B, T] float32 (0 where missing)
+    prs_valid: torch.Tensor  # [B, T] bool
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.subject_id.shape[0])
+
+    def has_modality(self) -> dict[str, torch.Tensor]:
+        """Per-sample [B] bool: does the sample carry any token of each modality."""
+        return {
+            "ehr": self.ehr_valid.any(dim=1),
+            "wearables": self.wear_valid.any(dim=1),
+            "genomics": self.prs_valid.any(dim=1),
+        }
