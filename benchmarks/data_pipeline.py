@@ -1,0 +1,148 @@
+"""Benchmark: events per second from a site's parquet files to padded `Batch`es, and peak memory.
+
+    .venv/bin/python benchmarks/data_pipeline.py                       # generate one default site
+    .venv/bin/python benchmarks/data_pipeline.py --site runs/demo/sites/biobank
+    .venv/bin/python benchmarks/data_pipeline.py --n-subjects 500 --site-name wearable_clinic
+
+Without --site, one site of the `default` synthetic scenario (biobank: EHR, wearables for a third
+of the subjects, PRS) is generated into a temporary directory (or --out) with
+healthfm_core.data.synthetic. Stages timed:
+
+  stats    site_code_stats + build_vocabulary (what a federation does once)
+  load     SiteSequences.from_site: parquet -> columnar arrays, ids, normalisation, patches
+  batches  every pretraining sample (whole history, most recent max_events / max_patches)
+           built and collated into Batches by make_loader
+
+events/s = MEDS rows / (load + batches); rows/s also counts wearable epochs. Peak memory: the
+process's ru_maxrss (includes torch and Python), Arrow's memory pool peak, and the tracemalloc
+peak (numpy and Python allocations) of a second, traced run of load + batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import resource
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from healthfm_core.data.site import open_site  # noqa: E402
+from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader  # noqa: E402
+from healthfm_core.data.vocab import build_vocabulary, site_code_stats  # noqa: E402
+
+log = logging.getLogger("benchmarks.data_pipeline")
+
+
+def generate_site(out: Path, n_subjects: int, site_name: str, seed: int) -> Path:
+    """One site of the default scenario (the others are not generated)."""
+    from healthfm_core.data.synthetic import generate_federation
+    from healthfm_core.data.synthetic.scenario import load_scenario
+
+    config = load_scenario("default")
+    chosen = [s for s in config.sites if s.name == site_name]
+    if not chosen:
+        raise SystemExit(f"scenario 'default' has no site {site_name!r}; sites: {[s.name for s in config.sites]}")
+    config = config.model_copy(update={"sites": chosen})
+    t = time.perf_counter()
+    fed = generate_federation(out, scenario=config, seed=seed, n_subjects=n_subjects, progress=False)
+    print(f"generated {site_name} ({n_subjects} subjects) in {time.perf_counter() - t:.1f} s")
+    return fed.sites[0].root
+
+
+def run_pipeline(site_root: Path, vocab, batch_size: int, max_events: int, max_patches: int, patch_epochs: int):
+    site = open_site(site_root)
+    t0 = time.perf_counter()
+    seqs = SiteSequences.from_site(site, vocab, patch_epochs=patch_epochs)
+    t1 = time.perf_counter()
+    ds = PretrainingDataset(seqs, max_events=max_events, max_patches=max_patches)
+    n_batches = n_tokens = n_patches = 0
+    for batch in make_loader(ds, batch_size=batch_size, shuffle=True, seed=0):
+        n_batches += 1
+        n_tokens += int(batch.ehr_valid.sum())
+        n_patches += int(batch.wear_valid.sum())
+    t2 = time.perf_counter()
+    return seqs, t1 - t0, t2 - t1, n_batches, n_tokens, n_patches
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--site", type=Path, help="an existing site root (else one is generated)")
+    p.add_argument("--out", type=Path, help="where to generate the site (default: a temp dir)")
+    p.add_argument("--site-name", default="biobank", help="site of the default scenario to generate")
+    p.add_argument("--n-subjects", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-events", type=int, default=512)
+    p.add_argument("--max-patches", type=int, default=64)
+    p.add_argument("--patch-epochs", type=int, default=120)
+    p.add_argument("--min-subjects", type=int, default=10)
+    p.add_argument("--no-tracemalloc", action="store_true", help="skip the traced second run")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    tmp = None
+    if args.site is None:
+        out = args.out
+        if out is None:
+            tmp = tempfile.TemporaryDirectory(prefix="healthfm_bench_")
+            out = Path(tmp.name)
+        site_root = generate_site(out, args.n_subjects, args.site_name, args.seed)
+    else:
+        site_root = args.site
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    t = time.perf_counter()
+    site = open_site(site_root)
+    t_open = time.perf_counter() - t
+    t = time.perf_counter()
+    vocab = build_vocabulary([site_code_stats(site, min_subjects=args.min_subjects)], min_subjects=args.min_subjects)
+    t_stats = time.perf_counter() - t
+
+    pool = pa.default_memory_pool()
+    seqs, t_load, t_batches, n_batches, n_tokens, n_patches = run_pipeline(
+        site_root, vocab, args.batch_size, args.max_events, args.max_patches, args.patch_epochs
+    )
+    n_events, n_epochs = seqs.n_events, seqs.n_epochs
+    n_samples = len(PretrainingDataset(seqs))
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    arrow_peak = pool.max_memory()
+    del seqs
+    gc.collect()
+
+    traced_peak = None
+    if not args.no_tracemalloc:
+        tracemalloc.start()
+        run_pipeline(site_root, vocab, args.batch_size, args.max_events, args.max_patches, args.patch_epochs)
+        traced_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+    total = t_load + t_batches
+    mib = 1 / 2**20
+    print(f"site {site_root}")
+    print(f"  subjects {site.summary.n_subjects}, MEDS rows {n_events:,}, wearable epochs {n_epochs:,}, "
+          f"vocabulary {vocab.vocab_size} ids, PRS traits {vocab.prs_traits}")
+    print(f"  open_site (validation)       {t_open:7.2f} s")
+    print(f"  stats + vocabulary           {t_stats:7.2f} s")
+    print(f"  load (parquet -> arrays)     {t_load:7.2f} s")
+    print(f"  {n_samples} samples -> {n_batches} batches of {args.batch_size} "
+          f"({n_tokens:,} EHR tokens, {n_patches:,} patches)  {t_batches:7.2f} s "
+          f"({n_samples / max(t_batches, 1e-9):,.0f} samples/s)")
+    print(f"  events/s parquet -> batches  {n_events / total:,.0f} MEDS rows/s; "
+          f"{(n_events + n_epochs) / total:,.0f} rows/s counting wearable epochs")
+    print(f"  peak memory: ru_maxrss {rss1 / 1024:,.0f} MiB (before loading {rss0 / 1024:,.0f} MiB); "
+          f"arrow pool peak {arrow_peak * mib:,.0f} MiB"
+          + (f"; tracemalloc peak {traced_peak * mib:,.0f} MiB" if traced_peak is not None else ""))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

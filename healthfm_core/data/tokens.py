@@ -1,0 +1,531 @@
+"""From a site's parquet files to `Batch` tensors.
+
+`SiteSequences` loads a site once into columnar numpy arrays (CSR-like offsets per subject:
+timed EHR events, static rows, wearable patches; a dense PRS matrix). Building one sample is
+then a few slices and one binary search; no Python loop runs over rows.
+
+Rules (the model relies on them):
+
+- Times are days from the subject's first timed observation: the earlier of its first timed
+  MEDS event and its first wearable epoch. Differences are taken in int64 microseconds before
+  the conversion to days, so shifting a whole site's dates (MIMIC-style, into the 2100s)
+  changes nothing in a batch.
+- Static rows (null time) that are not PRS are tokens at time 0, always visible, placed before
+  the timed events; they count against `max_events`.
+- `PRS//<trait>` rows fill `Batch.prs` in the vocabulary's trait order (static: always visible).
+- A sample (subject, prediction_time) keeps the timed events with time <= prediction_time and
+  the wearable epochs whose end (time + 30 s) <= prediction_time; only the most recent
+  `max_events` events and `max_patches` patches are kept.
+- Wearable epochs are grouped into patches of `patch_epochs` consecutive 30-s slots on a grid
+  anchored at the subject's first epoch (patch time = patch start). A patch is kept when at
+  least one of its epochs is visible; its not-yet-visible epochs are masked out. Null heart rate
+  and absent epochs are masked; channels are normalised with the vocabulary's normalisers.
+- Codes outside the vocabulary become UNK_CODE and carry no value; values of codes without an
+  agreed normaliser are dropped (has_value False).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from healthfm_core.data.batch import PAD_CODE, WEARABLE_CHANNELS, Batch
+from healthfm_core.data.vocab import PRS_PREFIX, Vocabulary, unique_inverse
+
+log = logging.getLogger(__name__)
+
+US_PER_DAY = 86_400_000_000
+EPOCH_US = 30_000_000  # healthfm_core.data.site.EPOCH_SECONDS = 30
+DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
+_NO_TIME = np.iinfo(np.int64).max
+
+
+class _SiteLike(Protocol):
+    def read_events(self, subject_ids: Any = None, columns: list[str] | None = None) -> pa.Table: ...
+
+    def read_wearables(self, subject_ids: Any = None) -> pa.Table: ...
+
+
+def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
+    """Timestamps (any unit) as int64 microseconds; null -> _NO_TIME."""
+    if not pa.types.is_timestamp(column.type):
+        raise ValueError(f"column {name!r} must be a timestamp, got {column.type}")
+    if column.type.tz is not None:
+        column = column.cast(pa.timestamp(column.type.unit))
+    try:
+        if column.type.unit != "us":
+            column = column.cast(pa.timestamp("us"))
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"column {name!r}: timestamps do not fit microseconds: {e}") from e
+    us = column.cast(pa.int64())
+    if us.null_count:
+        us = pc.fill_null(us, _NO_TIME)
+    return us.to_numpy().astype(np.int64, copy=False)
+
+
+def _dense_index(ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """Position of each id in `sorted_unique` (O(n) for run-sorted ids)."""
+    runs, inverse = unique_inverse(ids)
+    return np.searchsorted(sorted_unique, runs)[inverse]
+
+
+def _offsets(sorted_group: np.ndarray, n_groups: int) -> np.ndarray:
+    """CSR offsets [n_groups + 1] of a sorted group-index array."""
+    return np.searchsorted(sorted_group, np.arange(n_groups + 1), side="left").astype(np.int64)
+
+
+def _sort_order(group: np.ndarray, time: np.ndarray) -> np.ndarray | None:
+    """Permutation sorting by (group, time), or None when already sorted (the usual case)."""
+    if len(group) < 2:
+        return None
+    dg = np.diff(group)
+    if np.all((dg > 0) | ((dg == 0) & (np.diff(time) >= 0))):
+        return None
+    return np.lexsort((time, group))
+
+
+@dataclass
+class Sample:
+    """One (subject, prediction_time) sample, unpadded numpy arrays."""
+
+    subject_id: int
+    prediction_time: float  # days from the subject's first timed observation
+    codes: np.ndarray  # [n] int64
+    values: np.ndarray  # [n] float32
+    has_value: np.ndarray  # [n] bool
+    times: np.ndarray  # [n] float32
+    wear_epochs: np.ndarray  # [p, E, C] float32
+    wear_epoch_mask: np.ndarray  # [p, E, C] bool
+    wear_times: np.ndarray  # [p] float32
+    prs: np.ndarray  # [T] float32
+    prs_valid: np.ndarray  # [T] bool
+    label: float | None = None
+
+
+class SiteSequences:
+    """A site's data as columnar arrays per subject, ready to be sliced into samples."""
+
+    def __init__(
+        self,
+        events: pa.Table,
+        wearables: pa.Table | None,
+        vocab: Vocabulary,
+        patch_epochs: int = DEFAULT_PATCH_EPOCHS,
+    ) -> None:
+        if patch_epochs < 1:
+            raise ValueError(f"patch_epochs must be >= 1, got {patch_epochs}")
+        for col in ("subject_id", "time", "code"):
+            if col not in events.column_names:
+                raise ValueError(f"events table has no column {col!r} (columns: {events.column_names})")
+        self.vocab = vocab
+        self.patch_epochs = patch_epochs
+        wearables = wearables if wearables is not None and wearables.num_rows else None
+
+        ev_subj = events["subject_id"].to_numpy()
+        wr_subj = wearables["subject_id"].to_numpy() if wearables is not None else np.zeros(0, np.int64)
+        self.subject_ids = np.union1d(unique_inverse(ev_subj)[0], unique_inverse(wr_subj)[0]).astype(np.int64)
+        n_subj = len(self.subject_ids)
+
+        # ---- EHR rows: split into PRS, static and timed.
+        code = events["code"].combine_chunks() if events.num_rows else pa.array([], pa.string())
+        time_us = to_us(events["time"], "time")
+        raw = (
+            events["numeric_value"].to_numpy(zero_copy_only=False).astype(np.float64)
+            if "numeric_value" in events.column_names
+            else np.full(events.num_rows, np.nan)
+        )
+        subj_idx = _dense_index(ev_subj, self.subject_ids)
+        is_prs = pc.fill_null(pc.starts_with(code, PRS_PREFIX), False).to_numpy(zero_copy_only=False)
+        is_static = (time_us == _NO_TIME) & ~is_prs
+        is_timed = time_us != _NO_TIME
+        if np.any(is_prs & is_timed):
+            log.warning("%d PRS rows carry a time; they are used as static", int(np.sum(is_prs & is_timed)))
+
+        ids = self.vocab.encode(code)
+        values, has_value = self.vocab.normalise_values(ids, raw)
+
+        # Timed events, sorted by (subject, time), CSR offsets.
+        t_sub, t_time = subj_idx[is_timed], time_us[is_timed]
+        t_ids, t_val, t_has = ids[is_timed], values[is_timed], has_value[is_timed]
+        order = _sort_order(t_sub, t_time)
+        if order is not None:
+            t_sub, t_time, t_ids, t_val, t_has = (a[order] for a in (t_sub, t_time, t_ids, t_val, t_has))
+        self.ev_offsets = _offsets(t_sub, n_subj)
+        self.ev_time_us = t_time
+        self.ev_codes = t_ids
+        self.ev_values = t_val
+        self.ev_has_value = t_has
+
+        # Static (non-PRS) rows.
+        s_sub = subj_idx[is_static]
+        order = np.argsort(s_sub, kind="stable")
+        self.st_offsets = _offsets(s_sub[order], n_subj)
+        self.st_codes = ids[is_static][order]
+        self.st_values = values[is_static][order]
+        self.st_has_value = has_value[is_static][order]
+
+        # PRS matrix in the vocabulary's trait order.
+        n_traits = len(vocab.prs_traits)
+        self.prs = np.zeros((n_subj, n_traits), dtype=np.float32)
+        self.prs_valid = np.zeros((n_subj, n_traits), dtype=bool)
+        if n_traits and np.any(is_prs):
+            trait = pc.utf8_slice_codeunits(code.filter(pa.array(is_prs)), len(PRS_PREFIX))
+            t_idx = pc.index_in(trait, value_set=pa.array(vocab.prs_traits, pa.string()))
+            t_idx = pc.fill_null(t_idx, -1).to_numpy().astype(np.int64)
+            p_sub, p_raw = subj_idx[is_prs], raw[is_prs]
+            ok = (t_idx >= 0) & np.isfinite(p_raw)
+            center = np.array([vocab.prs[t].center if t in vocab.prs else 0.0 for t in vocab.prs_traits])
+            scale = np.array([vocab.prs[t].scale if t in vocab.prs else 1.0 for t in vocab.prs_traits])
+            clip = np.array([vocab.prs[t].clip if t in vocab.prs else np.inf for t in vocab.prs_traits])
+            ti = t_idx[ok]
+            self.prs[p_sub[ok], ti] = np.clip((p_raw[ok] - center[ti]) / scale[ti], -clip[ti], clip[ti])
+            self.prs_valid[p_sub[ok], ti] = True
+
+        # ---- Wearables: patches on a per-subject grid anchored at the first epoch.
+        self._load_wearables(wearables, n_subj)
+
+        # ---- Per-subject reference time t0 and last observation.
+        first_ev = np.full(n_subj, _NO_TIME, dtype=np.int64)
+        last_ev = np.full(n_subj, np.iinfo(np.int64).min, dtype=np.int64)
+        n_ev = np.diff(self.ev_offsets)
+        has_ev = n_ev > 0
+        first_ev[has_ev] = self.ev_time_us[self.ev_offsets[:-1][has_ev]]
+        last_ev[has_ev] = self.ev_time_us[self.ev_offsets[1:][has_ev] - 1]
+        self.t0_us = np.minimum(first_ev, self._wear_first_us)
+        self.last_time_us = np.maximum(last_ev, self._wear_last_end_us)
+        self.n_events = int(events.num_rows)
+        self.n_epochs = int(wearables.num_rows) if wearables is not None else 0
+
+    def _load_wearables(self, wearables: pa.Table | None, n_subj: int) -> None:
+        E, C = self.patch_epochs, len(WEARABLE_CHANNELS)
+        patch_us = E * EPOCH_US
+        self._wear_first_us = np.full(n_subj, _NO_TIME, dtype=np.int64)
+        self._wear_last_end_us = np.full(n_subj, np.iinfo(np.int64).min, dtype=np.int64)
+        if wearables is None:
+            self.patch_offsets = np.zeros(n_subj + 1, dtype=np.int64)
+            self.patch_start_us = np.zeros(0, np.int64)
+            self.patch_first_end_us = np.zeros(0, np.int64)
+            self.patch_epochs_arr = np.zeros((0, E, C), np.float32)
+            self.patch_mask = np.zeros((0, E, C), bool)
+            return
+        for col in ("subject_id", "time", *WEARABLE_CHANNELS):
+            if col not in wearables.column_names:
+                raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
+        w_sub = _dense_index(wearables["subject_id"].to_numpy(), self.subject_ids)
+        w_time = to_us(wearables["time"], "time")
+        if np.any(w_time == _NO_TIME):
+            raise ValueError("wearables column 'time' has null values")
+        order = _sort_order(w_sub, w_time)
+        chans = [wearables[ch].to_numpy(zero_copy_only=False) for ch in WEARABLE_CHANNELS]
+        if order is not None:
+            w_sub, w_time = w_sub[order], w_time[order]
+            chans = [c[order] for c in chans]
+        off = _offsets(w_sub, n_subj)
+        has = np.diff(off) > 0
+        self._wear_first_us[has] = w_time[off[:-1][has]]
+        self._wear_last_end_us[has] = w_time[off[1:][has] - 1] + EPOCH_US
+        rel = w_time - self._wear_first_us[w_sub]
+        k = rel // patch_us
+        slot = (rel - k * patch_us) // EPOCH_US
+        new_patch = np.ones(len(w_sub), dtype=bool)
+        new_patch[1:] = (w_sub[1:] != w_sub[:-1]) | (k[1:] != k[:-1])
+        starts = np.flatnonzero(new_patch)
+        n_patch = len(starts)
+        patch_id = np.repeat(np.arange(n_patch, dtype=np.int64), np.diff(np.append(starts, len(w_sub))))
+        p_sub = w_sub[starts]
+        self.patch_offsets = _offsets(p_sub, n_subj)
+        self.patch_start_us = self._wear_first_us[p_sub] + k[starts] * patch_us
+        self.patch_first_end_us = w_time[starts] + EPOCH_US
+        epochs = np.zeros((n_patch * E, C), dtype=np.float32)
+        mask = np.zeros((n_patch * E, C), dtype=bool)
+        flat = patch_id * E + slot
+        for c, (name, x) in enumerate(zip(WEARABLE_CHANNELS, chans)):
+            ok = np.isfinite(x)
+            norm = self.vocab.wearables[name].apply(np.where(ok, x, 0.0)).astype(np.float32)
+            norm[~ok] = 0.0
+            epochs[flat, c] = norm
+            mask[flat, c] = ok
+        self.patch_epochs_arr = epochs.reshape(n_patch, E, C)
+        self.patch_mask = mask.reshape(n_patch, E, C)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_site(
+        cls,
+        site: _SiteLike,
+        vocab: Vocabulary,
+        patch_epochs: int = DEFAULT_PATCH_EPOCHS,
+        subject_ids: Sequence[int] | None = None,
+    ) -> SiteSequences:
+        """Read a site's events and wearables once (optionally only some subjects)."""
+        events = site.read_events(
+            subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"]
+        )
+        wearables = site.read_wearables(subject_ids)
+        return cls(events, wearables, vocab, patch_epochs=patch_epochs)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.subject_ids)
+
+    def index_of(self, subject_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Row index of each subject id; ValueError naming the ids this site does not hold."""
+        sid = np.asarray(subject_ids, dtype=np.int64)
+        idx = np.searchsorted(self.subject_ids, sid)
+        idx_c = np.minimum(idx, max(len(self.subject_ids) - 1, 0))
+        bad = (len(self.subject_ids) == 0) | (self.subject_ids[idx_c] != sid) if len(sid) else np.zeros(0, bool)
+        if np.any(bad):
+            missing = np.unique(sid[bad])
+            raise ValueError(
+                f"subject_id {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''} "
+                f"not present in the site ({len(missing)} unknown subjects)"
+            )
+        return idx_c
+
+    def event_times_us(self, index: int) -> np.ndarray:
+        return self.ev_time_us[self.ev_offsets[index] : self.ev_offsets[index + 1]]
+
+    def sample(
+        self,
+        index: int,
+        prediction_time_us: int,
+        max_events: int = 512,
+        max_patches: int = 64,
+        label: float | None = None,
+    ) -> Sample:
+        """The sample of subject row `index` at `prediction_time_us` (int64 µs since 1970)."""
+        pt = int(prediction_time_us)
+        t0 = int(self.t0_us[index])
+        if t0 == _NO_TIME:  # a subject with static rows only: its clock starts at the prediction
+            t0 = pt
+        # Static rows first (always visible), then the most recent visible timed events.
+        s0, s1 = self.st_offsets[index], self.st_offsets[index + 1]
+        n_static = min(int(s1 - s0), max_events)
+        a, b = int(self.ev_offsets[index]), int(self.ev_offsets[index + 1])
+        visible = a + int(np.searchsorted(self.ev_time_us[a:b], pt, side="right"))
+        start = max(a, visible - (max_events - n_static))
+        codes = np.concatenate([self.st_codes[s0 : s0 + n_static], self.ev_codes[start:visible]])
+        values = np.concatenate([self.st_values[s0 : s0 + n_static], self.ev_values[start:visible]])
+        has_value = np.concatenate([self.st_has_value[s0 : s0 + n_static], self.ev_has_value[start:visible]])
+        days = (self.ev_time_us[start:visible] - t0) / US_PER_DAY
+        times = np.concatenate([np.zeros(n_static), days]).astype(np.float32)
+
+        # Wearable patches with at least one epoch ending at or before pt.
+        pa_, pb = int(self.patch_offsets[index]), int(self.patch_offsets[index + 1])
+        p_vis = pa_ + int(np.searchsorted(self.patch_first_end_us[pa_:pb], pt, side="right"))
+        p_start = max(pa_, p_vis - max_patches)
+        wear = self.patch_epochs_arr[p_start:p_vis]
+        wmask = self.patch_mask[p_start:p_vis]
+        w_start = self.patch_start_us[p_start:p_vis]
+        if p_vis > p_start and w_start[-1] + self.patch_epochs * EPOCH_US > pt:
+            # The last patch straddles pt: hide its epochs that end after pt.
+            wear, wmask = wear.copy(), wmask.copy()
+            slot_end = w_start[-1] + (np.arange(self.patch_epochs) + 1) * EPOCH_US
+            late = slot_end > pt
+            wear[-1, late] = 0.0
+            wmask[-1, late] = False
+        return Sample(
+            subject_id=int(self.subject_ids[index]),
+            prediction_time=(pt - t0) / US_PER_DAY,
+            codes=codes,
+            values=values,
+            has_value=has_value,
+            times=times,
+            wear_epochs=wear,
+            wear_epoch_mask=wmask,
+            wear_times=((w_start - t0) / US_PER_DAY).astype(np.float32),
+            prs=self.prs[index],
+            prs_valid=self.prs_valid[index],
+            label=label,
+        )
+
+
+# ---------------------------------------------------------------------------------- collation
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """Pad samples into one Batch (N, P at least 1 so that shapes are never empty)."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    B = len(samples)
+    N = max(1, max(len(s.codes) for s in samples))
+    P = max(1, max(len(s.wear_times) for s in samples))
+    E, C = samples[0].wear_epochs.shape[1:] if samples[0].wear_epochs.ndim == 3 else (0, 0)
+    for s in samples:
+        if s.wear_epochs.shape[1:] != (E, C):
+            raise ValueError(f"samples have different patch shapes {s.wear_epochs.shape[1:]} vs {(E, C)}")
+    T = len(samples[0].prs)
+    codes = np.full((B, N), PAD_CODE, dtype=np.int64)
+    values = np.zeros((B, N), dtype=np.float32)
+    has_value = np.zeros((B, N), dtype=bool)
+    times = np.zeros((B, N), dtype=np.float32)
+    valid = np.zeros((B, N), dtype=bool)
+    wear = np.zeros((B, P, E, C), dtype=np.float32)
+    wmask = np.zeros((B, P, E, C), dtype=bool)
+    wtimes = np.zeros((B, P), dtype=np.float32)
+    wvalid = np.zeros((B, P), dtype=bool)
+    for i, s in enumerate(samples):
+        n, p = len(s.codes), len(s.wear_times)
+        codes[i, :n], values[i, :n], has_value[i, :n], times[i, :n] = s.codes, s.values, s.has_value, s.times
+        valid[i, :n] = True
+        if p:
+            wear[i, :p], wmask[i, :p], wtimes[i, :p] = s.wear_epochs, s.wear_epoch_mask, s.wear_times
+            wvalid[i, :p] = s.wear_epoch_mask.any(axis=(1, 2))
+    # Pad times with each row's last real time so padded keys never look "in the future".
+    last = np.where(valid.any(1), times[np.arange(B), np.maximum(valid.sum(1) - 1, 0)], 0.0)
+    times = np.where(valid, times, last[:, None]).astype(np.float32)
+    return Batch(
+        subject_id=torch.tensor([s.subject_id for s in samples], dtype=torch.int64),
+        prediction_time=torch.tensor([s.prediction_time for s in samples], dtype=torch.float32),
+        codes=torch.from_numpy(codes),
+        values=torch.from_numpy(values),
+        has_value=torch.from_numpy(has_value),
+        times=torch.from_numpy(times),
+        ehr_valid=torch.from_numpy(valid),
+        wear_epochs=torch.from_numpy(wear),
+        wear_epoch_mask=torch.from_numpy(wmask),
+        wear_times=torch.from_numpy(wtimes),
+        wear_valid=torch.from_numpy(wvalid),
+        prs=torch.from_numpy(np.stack([s.prs for s in samples]).astype(np.float32).reshape(B, T)),
+        prs_valid=torch.from_numpy(np.stack([s.prs_valid for s in samples]).reshape(B, T)),
+    )
+
+
+def collate_labelled(samples: Sequence[Sample]) -> tuple[Batch, torch.Tensor]:
+    """(Batch, labels [B] float32) for samples of a LabelledDataset."""
+    if any(s.label is None for s in samples):
+        raise ValueError("collate_labelled got a sample without a label")
+    return collate(samples), torch.tensor([float(s.label) for s in samples], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------- datasets
+
+
+class PretrainingDataset(Dataset):
+    """One sample per subject: its history up to the last observation or a random event time.
+
+    time_mode "last": prediction_time = the subject's last observation (last event, or end of
+    its last wearable epoch). "random": a timed EHR event time drawn per (seed, epoch, subject),
+    so `set_epoch` changes the draws. Subjects with no timed observation are skipped.
+    """
+
+    def __init__(
+        self,
+        seqs: SiteSequences,
+        subject_ids: Sequence[int] | None = None,
+        time_mode: Literal["last", "random"] = "last",
+        max_events: int = 512,
+        max_patches: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if time_mode not in ("last", "random"):
+            raise ValueError(f"time_mode must be 'last' or 'random', got {time_mode!r}")
+        idx = np.arange(seqs.n_subjects) if subject_ids is None else seqs.index_of(subject_ids)
+        self.index = idx[seqs.t0_us[idx] != _NO_TIME]
+        self.seqs, self.time_mode, self.seed, self.epoch = seqs, time_mode, seed, 0
+        self.max_events, self.max_patches = max_events, max_patches
+
+    labelled = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def prediction_time_us(self, i: int) -> int:
+        s = int(self.index[i])
+        if self.time_mode == "random":
+            times = self.seqs.event_times_us(s)
+            if len(times):
+                rng = np.random.default_rng([self.seed, self.epoch, s])
+                return int(times[rng.integers(len(times))])
+        return int(self.seqs.last_time_us[s])
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.seqs.sample(
+            int(self.index[i]), self.prediction_time_us(i), self.max_events, self.max_patches
+        )
+
+
+class LabelledDataset(Dataset):
+    """Samples at the (subject_id, prediction_time) rows of a MEDS LabelSchema table."""
+
+    labelled = True
+
+    def __init__(
+        self, seqs: SiteSequences, labels: pa.Table, max_events: int = 512, max_patches: int = 64
+    ) -> None:
+        for col in ("subject_id", "prediction_time"):
+            if col not in labels.column_names:
+                raise ValueError(f"labels table has no column {col!r} (columns: {labels.column_names})")
+        value_col = next(
+            (c for c in ("boolean_value", "float_value", "integer_value") if c in labels.column_names), None
+        )
+        if value_col is None:
+            raise ValueError(
+                f"labels table has no boolean_value, float_value or integer_value column "
+                f"(columns: {labels.column_names})"
+            )
+        self.index = seqs.index_of(labels["subject_id"].to_numpy())
+        self.pt_us = to_us(labels["prediction_time"], "prediction_time")
+        if np.any(self.pt_us == _NO_TIME):
+            raise ValueError("labels column 'prediction_time' has null values")
+        lab = labels[value_col]
+        if lab.null_count:
+            raise ValueError(f"labels column {value_col!r} has {lab.null_count} null values")
+        self.labels = lab.to_numpy(zero_copy_only=False).astype(np.float64)
+        self.seqs, self.max_events, self.max_patches = seqs, max_events, max_patches
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.seqs.sample(
+            int(self.index[i]), int(self.pt_us[i]), self.max_events, self.max_patches, label=float(self.labels[i])
+        )
+
+
+def make_loader(
+    dataset: PretrainingDataset | LabelledDataset,
+    batch_size: int = 32,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """DataLoader yielding Batch (pretraining) or (Batch, labels) (labelled datasets)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        collate_fn=collate_labelled if getattr(dataset, "labelled", False) else collate,
+    )
+
+
+__all__ = [
+    "DEFAULT_PATCH_EPOCHS",
+    "LabelledDataset",
+    "PretrainingDataset",
+    "Sample",
+    "SiteSequences",
+    "collate",
+    "collate_labelled",
+    "make_loader",
+    "to_us",
+]

@@ -1,0 +1,677 @@
+"""Shared vocabulary and numeric normalisation from per-site aggregate statistics.
+
+A federation agrees on one vocabulary before training without any site sharing rows:
+
+1. each site computes `site_code_stats(site, min_subjects=k)`: per code, the number of distinct
+   subjects and of events, and for numeric values the moments (count, mean, M2) plus a small
+   mergeable quantile sketch; codes seen in fewer than k subjects are dropped *at the site* (their
+   name is never revealed), and so are numeric summaries backed by fewer than k subjects;
+2. the coordinator merges the `SiteCodeStats` of all sites with `build_vocabulary(...)`: counts
+   add, moments merge exactly (Chan et al.), sketches add bucket by bucket;
+3. the resulting `Vocabulary` (JSON) maps codes to ids and carries the per-code normalisation,
+   the PRS trait order and the wearable channel normalisation that tokens.py applies.
+
+The quantile sketch is DDSketch-like: a value x != 0 falls in bucket ceil(log_gamma |x|) with
+gamma = (1 + a) / (1 - a), so every quantile read from it is within relative error a of a value
+of the data, and two sketches merge exactly by adding counts (no shared range has to be agreed
+beforehand, which fixed-bin histograms would need). Minimum and maximum are deliberately not
+shared: they are single subjects' values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from healthfm_core.data.batch import N_SPECIAL_CODES, UNK_CODE, WEARABLE_CHANNELS
+
+log = logging.getLogger(__name__)
+
+PRS_PREFIX = "PRS//"  # same value as healthfm_core.data.site.PRS_PREFIX (kept here to avoid a cycle)
+SKETCH_ALPHA = 0.01
+_KEY_LIMIT = 4000  # |log_gamma|x|| bound: covers 1e-35..1e35 at a = 0.01; values beyond are clamped
+_MIN_ABS = 1e-12  # |x| below this counts as zero
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregate statistics (what a site may share)
+# --------------------------------------------------------------------------------------------
+
+
+class QuantileSketch(BaseModel):
+    """Mergeable log-bucket histogram (DDSketch-like), relative accuracy `alpha`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(default=SKETCH_ALPHA, gt=0.0, lt=0.5)
+    zero_count: int = Field(default=0, ge=0)
+    positive: dict[int, int] = Field(default_factory=dict)  # bucket key -> count
+    negative: dict[int, int] = Field(default_factory=dict)  # bucket key of |x| -> count
+
+    @field_validator("positive", "negative")
+    @classmethod
+    def _counts_positive(cls, v: dict[int, int]) -> dict[int, int]:
+        for key, count in v.items():
+            if count <= 0:
+                raise ValueError(f"sketch bucket {key} has non-positive count {count}")
+            if abs(key) > _KEY_LIMIT + 1:
+                raise ValueError(f"sketch bucket key {key} out of range")
+        return v
+
+    @property
+    def gamma(self) -> float:
+        return (1.0 + self.alpha) / (1.0 - self.alpha)
+
+    @property
+    def count(self) -> int:
+        return self.zero_count + sum(self.positive.values()) + sum(self.negative.values())
+
+    def merge(self, other: QuantileSketch) -> QuantileSketch:
+        if not math.isclose(self.alpha, other.alpha):
+            raise ValueError(f"cannot merge sketches with alpha {self.alpha} and {other.alpha}")
+        pos = dict(self.positive)
+        for k, c in other.positive.items():
+            pos[k] = pos.get(k, 0) + c
+        neg = dict(self.negative)
+        for k, c in other.negative.items():
+            neg[k] = neg.get(k, 0) + c
+        return QuantileSketch(
+            alpha=self.alpha,
+            zero_count=self.zero_count + other.zero_count,
+            positive=dict(sorted(pos.items())),
+            negative=dict(sorted(neg.items())),
+        )
+
+    def quantiles(self, qs: Sequence[float]) -> list[float]:
+        """Approximate quantiles (lower rank, relative error <= alpha)."""
+        n = self.count
+        if n == 0:
+            return [math.nan for _ in qs]
+        g = self.gamma
+        # Buckets in increasing value order: large negatives first, then zero, then positives.
+        keys: list[tuple[float, int]] = []
+        for k in sorted(self.negative, reverse=True):
+            keys.append((-2.0 * g**k / (g + 1.0), self.negative[k]))
+        if self.zero_count:
+            keys.append((0.0, self.zero_count))
+        for k in sorted(self.positive):
+            keys.append((2.0 * g**k / (g + 1.0), self.positive[k]))
+        values = np.array([v for v, _ in keys])
+        cum = np.cumsum([c for _, c in keys])
+        out = []
+        for q in qs:
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"quantile {q} outside [0, 1]")
+            rank = q * (n - 1)
+            out.append(float(values[int(np.searchsorted(cum, rank, side="right"))]))
+        return out
+
+
+class NumericStats(BaseModel):
+    """Moments (count, mean, sum of squared deviations M2) plus a quantile sketch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(ge=0)
+    mean: float
+    m2: float = Field(ge=0.0)
+    n_subjects: int = Field(default=0, ge=0)  # distinct subjects with a value
+    sketch: QuantileSketch = Field(default_factory=QuantileSketch)
+
+    @field_validator("mean", "m2")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"non-finite moment {v}")
+        return v
+
+    @property
+    def variance(self) -> float:
+        return self.m2 / self.count if self.count else 0.0
+
+    def merge(self, other: NumericStats) -> NumericStats:
+        """Chan et al.'s exact pairwise merge of (count, mean, M2)."""
+        n = self.count + other.count
+        if n == 0:
+            return self.model_copy()
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n
+        m2 = self.m2 + other.m2 + delta * delta * self.count * other.count / n
+        return NumericStats(
+            count=n,
+            mean=mean,
+            m2=max(m2, 0.0),
+            n_subjects=self.n_subjects + other.n_subjects,
+            sketch=self.sketch.merge(other.sketch),
+        )
+
+
+class CodeStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_subjects: int = Field(ge=0)
+    n_events: int = Field(ge=0)
+    numeric: NumericStats | None = None
+
+    def merge(self, other: CodeStats) -> CodeStats:
+        if self.numeric is None:
+            numeric = other.numeric
+        elif other.numeric is None:
+            numeric = self.numeric
+        else:
+            numeric = self.numeric.merge(other.numeric)
+        return CodeStats(
+            n_subjects=self.n_subjects + other.n_subjects,
+            n_events=self.n_events + other.n_events,
+            numeric=numeric,
+        )
+
+
+class SiteCodeStats(BaseModel):
+    """Everything a site shares to agree on the vocabulary: aggregates only.
+
+    Subjects are assumed disjoint across sites (and across shards of one site, as DESIGN.md
+    requires), so distinct-subject counts add.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = 1
+    min_subjects: int = Field(ge=1)
+    n_subjects: int = Field(ge=0)
+    n_events: int = Field(ge=0)
+    codes: dict[str, CodeStats] = Field(default_factory=dict)
+    n_wearable_subjects: int = Field(default=0, ge=0)
+    wearables: dict[str, NumericStats] = Field(default_factory=dict)  # WEARABLE_CHANNELS keys
+
+    @field_validator("wearables")
+    @classmethod
+    def _known_channels(cls, v: dict[str, NumericStats]) -> dict[str, NumericStats]:
+        for name in v:
+            if name not in WEARABLE_CHANNELS:
+                raise ValueError(f"unknown wearable channel {name!r}; expected {WEARABLE_CHANNELS}")
+        return v
+
+    @property
+    def prs_traits(self) -> list[str]:
+        """PRS traits present at this site (those that survived suppression)."""
+        return sorted(c[len(PRS_PREFIX) :] for c in self.codes if c.startswith(PRS_PREFIX))
+
+    def merge(self, other: SiteCodeStats) -> SiteCodeStats:
+        """Unsuppressed sum of two statistics (used across shards and across sites)."""
+        codes = dict(self.codes)
+        for code, st in other.codes.items():
+            codes[code] = codes[code].merge(st) if code in codes else st
+        wear = dict(self.wearables)
+        for ch, st in other.wearables.items():
+            wear[ch] = wear[ch].merge(st) if ch in wear else st
+        return SiteCodeStats(
+            min_subjects=min(self.min_subjects, other.min_subjects),
+            n_subjects=self.n_subjects + other.n_subjects,
+            n_events=self.n_events + other.n_events,
+            codes=dict(sorted(codes.items())),
+            n_wearable_subjects=self.n_wearable_subjects + other.n_wearable_subjects,
+            wearables=dict(sorted(wear.items())),
+        )
+
+    def suppressed(self, min_subjects: int) -> SiteCodeStats:
+        """Drop codes (and numeric summaries, wearables) backed by fewer than min_subjects."""
+        codes: dict[str, CodeStats] = {}
+        for code, st in self.codes.items():
+            if st.n_subjects < min_subjects:
+                continue
+            numeric = st.numeric
+            if numeric is not None and numeric.n_subjects < min_subjects:
+                numeric = None
+            codes[code] = CodeStats(n_subjects=st.n_subjects, n_events=st.n_events, numeric=numeric)
+        wear_ok = self.n_wearable_subjects >= min_subjects
+        wear = {ch: st for ch, st in self.wearables.items() if wear_ok and st.n_subjects >= min_subjects}
+        return SiteCodeStats(
+            min_subjects=max(min_subjects, self.min_subjects),
+            n_subjects=self.n_subjects,
+            n_events=self.n_events,
+            codes=codes,
+            n_wearable_subjects=self.n_wearable_subjects if wear_ok else 0,
+            wearables=wear,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Computing the statistics (vectorised, one shard at a time)
+# --------------------------------------------------------------------------------------------
+
+
+def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(ids, return_inverse=True) in O(n) when ids are already grouped in sorted runs
+    (site data is sorted by subject), falling back to the sort otherwise."""
+    ids = np.asarray(ids)
+    if len(ids) == 0:
+        return ids.copy(), np.zeros(0, dtype=np.int64)
+    step = np.diff(ids)
+    if np.all(step >= 0):
+        starts = np.concatenate([[0], np.flatnonzero(step) + 1])
+        # np.repeat over run lengths: much faster than a cumsum over a bool mask.
+        inverse = np.repeat(np.arange(len(starts), dtype=np.int64), np.diff(np.append(starts, len(ids))))
+        return ids[starts], inverse
+    uniq, inv = np.unique(ids, return_inverse=True)
+    return uniq, inv.astype(np.int64)
+
+
+def _sketch_keys(x: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sign in {-1, 0, 1}, bucket key) per value."""
+    gamma = (1.0 + alpha) / (1.0 - alpha)
+    ax = np.abs(x)
+    sign = np.where(ax < _MIN_ABS, 0, np.sign(x)).astype(np.int64)
+    with np.errstate(divide="ignore"):
+        key = np.ceil(np.log(np.maximum(ax, _MIN_ABS)) / math.log(gamma))
+    key = np.clip(key, -_KEY_LIMIT, _KEY_LIMIT).astype(np.int64)
+    key[sign == 0] = 0
+    return sign, key
+
+
+def grouped_numeric_stats(
+    group: np.ndarray,
+    values: np.ndarray,
+    n_groups: int,
+    subject_index: np.ndarray | None = None,
+    alpha: float = SKETCH_ALPHA,
+) -> list[NumericStats | None]:
+    """NumericStats per group index over finite `values` (vectorised; one Python step per group
+    and per occupied sketch bucket, never per row).
+
+    `subject_index` (a dense subject index aligned with values) gives the distinct-subject count
+    per group; without it n_subjects is left 0.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    group = np.asarray(group, dtype=np.int64)
+    if not ok.all():
+        group, values = group[ok], values[ok]
+    count = np.bincount(group, minlength=n_groups)
+    total = np.bincount(group, weights=values, minlength=n_groups)
+    mean = np.divide(total, count, out=np.zeros(n_groups), where=count > 0)
+    m2 = np.bincount(group, weights=(values - mean[group]) ** 2, minlength=n_groups)
+    n_subj = np.zeros(n_groups, dtype=np.int64)
+    if subject_index is not None and len(values):
+        subj = np.asarray(subject_index, dtype=np.int64)[ok]
+        if n_groups == 1:
+            n_subj[0] = np.count_nonzero(np.bincount(subj))
+        else:
+            pairs = np.unique(subj * n_groups + group)
+            n_subj = np.bincount(pairs % n_groups, minlength=n_groups)
+    sign, key = _sketch_keys(values, alpha)
+    # One bin per (group, sign, key); counted with bincount when the occupied key range is small
+    # (the usual case: O(n)), with a sort otherwise.
+    kmin = int(key.min()) if len(key) else 0
+    n_keys = (int(key.max()) - kmin + 1) if len(key) else 1
+    combined = (group * 3 + (sign + 1)) * n_keys + (key - kmin)
+    if n_groups * 3 * n_keys <= 1 << 22:
+        counts = np.bincount(combined, minlength=n_groups * 3 * n_keys)
+        uniq = np.flatnonzero(counts)
+        ucount = counts[uniq]
+    else:
+        uniq, ucount = np.unique(combined, return_counts=True)
+    ukey = uniq % n_keys + kmin
+    rest = uniq // n_keys
+    usign = rest % 3 - 1
+    ugroup = rest // 3
+    sketches: list[dict[str, Any]] = [
+        {"alpha": alpha, "zero_count": 0, "positive": {}, "negative": {}} for _ in range(n_groups)
+    ]
+    for g, sg, k, c in zip(ugroup.tolist(), usign.tolist(), ukey.tolist(), ucount.tolist()):
+        if sg == 0:
+            sketches[g]["zero_count"] += c
+        else:
+            sketches[g]["positive" if sg > 0 else "negative"][k] = c
+    out: list[NumericStats | None] = []
+    for g in range(n_groups):
+        if count[g] == 0:
+            out.append(None)
+            continue
+        out.append(
+            NumericStats(
+                count=int(count[g]),
+                mean=float(mean[g]),
+                m2=float(m2[g]),
+                n_subjects=int(n_subj[g]),
+                sketch=QuantileSketch(**sketches[g]),
+            )
+        )
+    return out
+
+
+def events_code_stats(events: pa.Table, alpha: float = SKETCH_ALPHA) -> SiteCodeStats:
+    """Unsuppressed statistics of one MEDS table (subject_id, code, numeric_value).
+
+    Never share the result as is: `site_code_stats` suppresses it before it leaves the site.
+    """
+    for col in ("subject_id", "code"):
+        if col not in events.column_names:
+            raise ValueError(f"events table has no column {col!r} (columns: {events.column_names})")
+    if events.num_rows == 0:
+        return SiteCodeStats(min_subjects=1, n_subjects=0, n_events=0)
+    code_dict = pc.dictionary_encode(events["code"].combine_chunks())
+    names = code_dict.dictionary.to_pylist()
+    code_idx = code_dict.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    uniq_subj, subj_idx = unique_inverse(events["subject_id"].to_numpy())
+    n_codes = len(names)
+    upair = np.unique(subj_idx * n_codes + code_idx)
+    n_subjects = np.bincount(upair % n_codes, minlength=n_codes)
+    n_events = np.bincount(code_idx, minlength=n_codes)
+    numeric: list[NumericStats | None] = [None] * n_codes
+    if "numeric_value" in events.column_names:
+        vals = events["numeric_value"].to_numpy(zero_copy_only=False).astype(np.float64)  # null -> nan
+        numeric = grouped_numeric_stats(code_idx, vals, n_codes, subject_index=subj_idx, alpha=alpha)
+    codes = {
+        names[i]: CodeStats(n_subjects=int(n_subjects[i]), n_events=int(n_events[i]), numeric=numeric[i])
+        for i in np.argsort(names, kind="stable")
+    }
+    return SiteCodeStats(
+        min_subjects=1, n_subjects=len(uniq_subj), n_events=events.num_rows, codes=codes
+    )
+
+
+def wearable_stats(wearables: pa.Table, alpha: float = SKETCH_ALPHA) -> SiteCodeStats:
+    """Unsuppressed channel statistics of a wearables table (subject_id, enmo_mg, hr_bpm)."""
+    if wearables.num_rows == 0:
+        return SiteCodeStats(min_subjects=1, n_subjects=0, n_events=0)
+    uniq, subj_idx = unique_inverse(wearables["subject_id"].to_numpy())
+    out: dict[str, NumericStats] = {}
+    for ch in WEARABLE_CHANNELS:
+        if ch not in wearables.column_names:
+            raise ValueError(f"wearables table has no column {ch!r}")
+        vals = wearables[ch].to_numpy(zero_copy_only=False).astype(np.float64)
+        st = grouped_numeric_stats(
+            np.zeros(len(vals), dtype=np.int64), vals, 1, subject_index=subj_idx, alpha=alpha
+        )[0]
+        if st is not None:
+            out[ch] = st
+    return SiteCodeStats(
+        min_subjects=1, n_subjects=0, n_events=0, n_wearable_subjects=len(uniq), wearables=out
+    )
+
+
+class _SiteLike(Protocol):
+    def iter_event_shards(self, columns: list[str] | None = None) -> Iterator[pa.Table]: ...
+
+    @property
+    def wearable_files(self) -> list[Path]: ...
+
+
+def _merge_all(stats: Iterable[SiteCodeStats]) -> SiteCodeStats:
+    total = SiteCodeStats(min_subjects=1, n_subjects=0, n_events=0)
+    for st in stats:
+        total = total.merge(st)
+    return total
+
+
+def site_code_stats(site: _SiteLike, min_subjects: int = 10, alpha: float = SKETCH_ALPHA) -> SiteCodeStats:
+    """Aggregate statistics of a site, already suppressed below `min_subjects` subjects.
+
+    Reads one MEDS shard / one wearables file at a time (bounded memory); subjects live in one
+    shard only (DESIGN.md), so per-shard subject counts add exactly.
+    """
+    if min_subjects < 1:
+        raise ValueError(f"min_subjects must be >= 1, got {min_subjects}")
+    parts = (
+        events_code_stats(shard, alpha)
+        for shard in site.iter_event_shards(columns=["subject_id", "code", "numeric_value"])
+    )
+    total = _merge_all(parts)
+    wear_files = list(getattr(site, "wearable_files", []))
+    if wear_files:
+        # Subjects may in principle span wearable files: read the subject column of all files to
+        # count them once, the channels file by file.
+        subj = [pq.read_table(f, columns=["subject_id"])["subject_id"] for f in wear_files]
+        n_wear = len(unique_inverse(np.concatenate([s.to_numpy() for s in subj]))[0]) if subj else 0
+        wear = _merge_all(
+            wearable_stats(pq.read_table(f, columns=["subject_id", *WEARABLE_CHANNELS]), alpha)
+            for f in wear_files
+        )
+        for ch in wear.wearables:  # per-file counts add unless a subject spans files
+            wear.wearables[ch].n_subjects = min(wear.wearables[ch].n_subjects, n_wear)
+        total = total.model_copy(update={"wearables": wear.wearables, "n_wearable_subjects": n_wear})
+    out = total.suppressed(min_subjects)
+    log.info(
+        "site stats: %d subjects, %d events, %d codes shared (%d suppressed below %d subjects)",
+        out.n_subjects, out.n_events, len(out.codes), len(total.codes) - len(out.codes), min_subjects,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The agreed vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+class Normalizer(BaseModel):
+    """x -> clip((f(x) - center) / scale, -clip, clip) with f identity or log1p(max(x, 0))."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transform: Literal["identity", "log1p"] = "identity"
+    center: float = 0.0
+    scale: float = Field(default=1.0, gt=0.0)
+    clip: float = Field(default=5.0, gt=0.0)
+
+    @field_validator("center", "scale", "clip")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"non-finite normaliser parameter {v}")
+        return v
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Vectorised; float32 in gives float32 out (wearable channels are large)."""
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            x = x.astype(np.float64)
+        if self.transform == "log1p":
+            x = np.log1p(np.maximum(x, 0.0))
+        out = (x - x.dtype.type(self.center)) * x.dtype.type(1.0 / self.scale)
+        return np.clip(out, -self.clip, self.clip, out=out)
+
+
+def normalizer_from_stats(
+    stats: NumericStats,
+    method: Literal["robust", "standard"] = "robust",
+    transform: Literal["identity", "log1p"] = "identity",
+    clip: float = 5.0,
+) -> Normalizer:
+    """Robust: median and IQR/1.349 from the sketch (std, then 1, when the IQR is 0)."""
+    std = math.sqrt(stats.variance)
+    f = (lambda v: math.log1p(max(v, 0.0))) if transform == "log1p" else (lambda v: v)
+    if method == "robust" and stats.sketch.count > 0:
+        q25, q50, q75 = (f(v) for v in stats.sketch.quantiles([0.25, 0.5, 0.75]))
+        center, scale = q50, (q75 - q25) / 1.349
+    else:
+        center, scale = (f(stats.mean), 0.0) if transform == "log1p" else (stats.mean, std)
+    if not scale > 1e-8:
+        scale = std if transform == "identity" and std > 1e-8 else 1.0
+    return Normalizer(transform=transform, center=center, scale=scale, clip=clip)
+
+
+# Defaults for a federation without any wearable statistics (values from typical adult data).
+DEFAULT_WEARABLE_NORMALIZERS: dict[str, Normalizer] = {
+    "enmo_mg": Normalizer(transform="log1p", center=math.log1p(20.0), scale=1.0),
+    "hr_bpm": Normalizer(center=72.0, scale=12.0),
+}
+
+
+class Vocabulary(BaseModel):
+    """Agreed code ids and normalisation. Code i of `codes` has id N_SPECIAL_CODES + i."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = 1
+    min_subjects: int = Field(ge=1)
+    n_sites: int = Field(ge=0)
+    codes: list[str]
+    code_subjects: list[int]  # distinct subjects per code (federation total), aligned with codes
+    code_events: list[int]
+    numeric: dict[str, Normalizer] = Field(default_factory=dict)  # code -> normaliser
+    prs_traits: list[str] = Field(default_factory=list)  # order of Batch.prs columns
+    prs: dict[str, Normalizer] = Field(default_factory=dict)  # trait -> normaliser
+    wearables: dict[str, Normalizer] = Field(default_factory=lambda: dict(DEFAULT_WEARABLE_NORMALIZERS))
+
+    _index: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> Vocabulary:
+        if len(set(self.codes)) != len(self.codes):
+            raise ValueError("vocabulary codes are not unique")
+        if len(self.code_subjects) != len(self.codes) or len(self.code_events) != len(self.codes):
+            raise ValueError("code_subjects / code_events must align with codes")
+        for code in self.numeric:
+            if code not in set(self.codes):
+                raise ValueError(f"normaliser for code {code!r} that is not in the vocabulary")
+        if set(self.prs) - set(self.prs_traits):
+            raise ValueError(f"PRS normalisers for unknown traits {sorted(set(self.prs) - set(self.prs_traits))}")
+        for ch in WEARABLE_CHANNELS:
+            if ch not in self.wearables:
+                raise ValueError(f"vocabulary has no normaliser for wearable channel {ch!r}")
+        self._index = {c: N_SPECIAL_CODES + i for i, c in enumerate(self.codes)}
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return N_SPECIAL_CODES + len(self.codes)
+
+    @property
+    def n_prs_traits(self) -> int:
+        return len(self.prs_traits)
+
+    def code_id(self, code: str) -> int:
+        return self._index.get(code, UNK_CODE)
+
+    def encode(self, codes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Vectorised code -> id (UNK_CODE for codes outside the vocabulary), int64."""
+        if isinstance(codes, pa.ChunkedArray):
+            codes = codes.combine_chunks()
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.int64)
+        enc = pc.dictionary_encode(codes)
+        pos = pc.index_in(enc.dictionary, value_set=pa.array(self.codes, type=pa.string()))
+        dict_ids = pc.fill_null(pc.add(pos, N_SPECIAL_CODES), UNK_CODE).to_numpy().astype(np.int64)
+        idx = enc.indices.to_numpy(zero_copy_only=False)
+        return dict_ids[idx]
+
+    def numeric_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-id arrays (has_normaliser, is_log1p, center, scale, clip) for vectorised use."""
+        n = self.vocab_size
+        has = np.zeros(n, dtype=bool)
+        log1p = np.zeros(n, dtype=bool)
+        center = np.zeros(n)
+        scale = np.ones(n)
+        clip = np.full(n, np.inf)
+        for code, norm in self.numeric.items():
+            i = self._index[code]
+            has[i], log1p[i] = True, norm.transform == "log1p"
+            center[i], scale[i], clip[i] = norm.center, norm.scale, norm.clip
+        return has, log1p, center, scale, clip
+
+    def normalise_values(self, ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised float32 values with 0 where none, has_value) for code ids and raw values.
+
+        A value counts only when it is finite and its code has an agreed normaliser (unknown
+        codes and codes whose values were suppressed carry no value).
+        """
+        has, log1p, center, scale, clip = self.numeric_tables()
+        v = np.asarray(values, dtype=np.float64)
+        ok = np.isfinite(v) & has[ids]
+        x = np.where(log1p[ids], np.log1p(np.maximum(v, 0.0)), v)
+        out = np.clip((x - center[ids]) / scale[ids], -clip[ids], clip[ids])
+        return np.where(ok, out, 0.0).astype(np.float32), ok
+
+    def save(self, path: str | Path) -> None:
+        _atomic_write_text(Path(path), self.model_dump_json(indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: not a valid vocabulary: {e}") from e
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def merge_site_stats(stats_list: Sequence[SiteCodeStats]) -> SiteCodeStats:
+    """Sum of site statistics, independent of the order of the list (bit for bit).
+
+    Floating-point merges depend on order, so sites are merged in the order of a hash of their
+    canonical JSON rather than the order they arrived in.
+    """
+    keyed = sorted(stats_list, key=lambda s: hashlib.sha256(s.model_dump_json().encode()).hexdigest())
+    return _merge_all(keyed)
+
+
+def build_vocabulary(
+    stats_list: Sequence[SiteCodeStats],
+    min_subjects: int = 10,
+    method: Literal["robust", "standard"] = "robust",
+    clip: float = 5.0,
+) -> Vocabulary:
+    """Merge the sites' statistics and agree on ids and normalisation.
+
+    A code enters the vocabulary when the federation-wide number of subjects reaches
+    `min_subjects` (sites have already suppressed their own rare codes). Ids follow the sorted
+    code strings, so every party that merges the same statistics gets the same vocabulary.
+    """
+    if not stats_list:
+        raise ValueError("build_vocabulary needs the statistics of at least one site")
+    merged = merge_site_stats(stats_list)
+    kept = {c: s for c, s in merged.codes.items() if s.n_subjects >= min_subjects}
+    token_codes = sorted(c for c in kept if not c.startswith(PRS_PREFIX))
+    numeric = {
+        c: normalizer_from_stats(kept[c].numeric, method=method, clip=clip)
+        for c in token_codes
+        if kept[c].numeric is not None
+    }
+    traits = sorted(c[len(PRS_PREFIX) :] for c in kept if c.startswith(PRS_PREFIX))
+    # PRS are z-scores already; re-standardise with the federation's moments (sites may differ).
+    prs = {
+        t: normalizer_from_stats(kept[PRS_PREFIX + t].numeric, method="standard", clip=clip)
+        for t in traits
+        if kept[PRS_PREFIX + t].numeric is not None
+    }
+    wear = dict(DEFAULT_WEARABLE_NORMALIZERS)
+    if merged.n_wearable_subjects >= min_subjects:
+        for ch, st in merged.wearables.items():
+            wear[ch] = normalizer_from_stats(
+                st, method=method, transform="log1p" if ch == "enmo_mg" else "identity", clip=clip
+            )
+    return Vocabulary(
+        min_subjects=min_subjects,
+        n_sites=len(stats_list),
+        codes=token_codes,
+        code_subjects=[kept[c].n_subjects for c in token_codes],
+        code_events=[kept[c].n_events for c in token_codes],
+        numeric=numeric,
+        prs_traits=traits,
+        prs=prs,
+        wearables=wear,
+    )

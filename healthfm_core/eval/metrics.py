@@ -1,0 +1,258 @@
+"""Binary and regression metrics with seeded, vectorised bootstrap confidence intervals.
+
+Every binary metric is written for sample *weights* so that one code path serves both the
+point estimate (all weights 1) and the bootstrap: a bootstrap resample is the vector of how
+many times each original sample was drawn. That turns B resamples into B rows of a
+[B, n] count matrix and the metrics into a few matrix products over the original, sorted
+scores, with no per-resample sorting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+ECE_BINS = 10
+# Bootstrap resamples are processed in chunks so the [chunk, n] count matrix stays small.
+_BOOTSTRAP_CELLS = 4_000_000
+
+
+def _check_binary(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y)
+    p = np.asarray(p, dtype=np.float64)
+    if y.ndim != 1 or p.ndim != 1 or y.shape != p.shape:
+        raise ValueError(f"labels and scores must be 1-d of equal length, got {y.shape} and {p.shape}")
+    if len(y) == 0:
+        raise ValueError("no samples to score")
+    if y.dtype != bool:
+        uniq = np.unique(y)
+        if not np.isin(uniq, [0, 1]).all():
+            raise ValueError(f"labels must be 0/1 or bool, got values {uniq[:5].tolist()}")
+        y = y.astype(bool)
+    if not np.isfinite(p).all():
+        raise ValueError("scores contain NaN or Inf")
+    return y, p
+
+
+def _as_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
+    """[B, n] float64 weights; None means the single unweighted sample."""
+    if weights is None:
+        return np.ones((1, n))
+    w = np.asarray(weights, dtype=np.float64)
+    return w[None, :] if w.ndim == 1 else w
+
+
+def _tie_groups(p: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sample order by score and the start of each tie group in that order (equal scores
+    form one group, so ties are handled as one threshold)."""
+    key = -p if descending else p
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+    return order, starts
+
+
+def _group_sums(w: np.ndarray, mask: np.ndarray, order: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """[B, G]: per tie group, the weight of the samples selected by mask (O(B n), no [n, G] matrix)."""
+    return np.add.reduceat(w[:, order] * mask[order], starts, axis=1)
+
+
+def auroc(y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
+    """Area under the ROC curve = P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney U).
+
+    NaN when a class is absent. Returns a float, or one value per row of weights if 2-d.
+    """
+    y, p = _check_binary(y, p)
+    w = _as_weights(weights, len(y))
+    order, starts = _tie_groups(p, descending=False)
+    pos = _group_sums(w, y, order, starts)
+    neg = _group_sums(w, ~y, order, starts)
+    neg_below = np.cumsum(neg, axis=1) - neg
+    u = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
+    denom = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 0, u / np.where(denom > 0, denom, 1.0), np.nan)
+    return _ret(out, weights)
+
+
+def average_precision(y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
+    """AP = sum over thresholds of (recall step) x precision, tied scores forming one threshold
+    (the step-wise, non-interpolated definition sklearn uses). NaN without positives."""
+    y, p = _check_binary(y, p)
+    w = _as_weights(weights, len(y))
+    order, starts = _tie_groups(p, descending=True)
+    pos = _group_sums(w, y, order, starts)
+    neg = _group_sums(w, ~y, order, starts)
+    tp = np.cumsum(pos, axis=1)
+    fp = np.cumsum(neg, axis=1)
+    total_pos = tp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
+        out = np.where(total_pos[:, 0] > 0, (pos * precision).sum(axis=1) / total_pos[:, 0], np.nan)
+    return _ret(out, weights)
+
+
+def expected_calibration_error(
+    y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None, n_bins: int = ECE_BINS
+) -> np.ndarray | float:
+    """Count-weighted ECE: sum_b (n_b / n) |mean(y)_b - mean(p)_b| over equal-width bins of
+    [0, 1]; the last bin includes 1. Empty bins contribute nothing."""
+    y, p = _check_binary(y, p)
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("ECE needs probabilities in [0, 1]")
+    w = _as_weights(weights, len(y))
+    bins = reliability_bins(p, n_bins)
+    onehot = np.zeros((len(y), n_bins))
+    onehot[np.arange(len(y)), bins] = 1.0
+    count = w @ onehot
+    sum_y = w @ (onehot * y[:, None])
+    sum_p = w @ (onehot * p[:, None])
+    # |sum_y - sum_p| / n equals (n_b / n) |mean_y - mean_p| per bin.
+    out = np.abs(sum_y - sum_p).sum(axis=1) / count.sum(axis=1)
+    return _ret(out, weights)
+
+
+def brier_score(y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
+    """Mean squared error between the probability and the 0/1 outcome."""
+    y, p = _check_binary(y, p)
+    w = _as_weights(weights, len(y))
+    out = w @ (p - y) ** 2 / w.sum(axis=1)
+    return _ret(out, weights)
+
+
+def log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float:
+    y, p = _check_binary(y, p)
+    p = np.clip(p, eps, 1 - eps)
+    return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
+
+
+def reliability_bins(p: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Equal-width bin index of each probability, 1.0 falling in the last bin."""
+    return np.minimum((np.asarray(p) * n_bins).astype(np.int64), n_bins - 1)
+
+
+def _ret(out: np.ndarray, weights: np.ndarray | None) -> np.ndarray | float:
+    return float(out[0]) if weights is None or np.asarray(weights).ndim == 1 else out
+
+
+def bootstrap_counts(
+    y: np.ndarray, n_boot: int, rng: np.random.Generator, stratified: bool = True
+) -> np.ndarray:
+    """[n_boot, n] resample multiplicities. Stratified: positives and negatives are resampled
+    separately so every resample keeps both classes (rare outcomes otherwise give NaN AUROCs)."""
+    n = len(y)
+    if not stratified:
+        return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    counts = np.zeros((n_boot, n))
+    for cls in (True, False):
+        idx = np.flatnonzero(np.asarray(y, dtype=bool) == cls)
+        if len(idx):
+            counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
+    return counts
+
+
+def bootstrap_ci(
+    metric: Callable[..., np.ndarray | float],
+    y: np.ndarray,
+    p: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    stratified: bool = True,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a weight-aware metric above (seeded, vectorised)."""
+    y, p = _check_binary(y, p)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(len(y), 1)))
+    values = []
+    for start in range(0, n_boot, chunk):
+        counts = bootstrap_counts(y, min(chunk, n_boot - start), rng, stratified)
+        values.append(np.asarray(metric(y, p, weights=counts)))
+    v = np.concatenate(values)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+class BinaryMetrics(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    n: int
+    n_pos: int
+    auroc: float
+    auroc_ci: tuple[float, float]
+    auprc: float
+    auprc_ci: tuple[float, float]
+    ece: float
+    brier: float
+
+
+def binary_metrics(
+    y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> BinaryMetrics:
+    """All binary metrics of one (labels, probabilities) pair, with bootstrap CIs."""
+    y, p = _check_binary(y, p)
+    both = bool(y.any() and (~y).any())
+    nan_ci = (float("nan"), float("nan"))
+    return BinaryMetrics(
+        n=len(y),
+        n_pos=int(y.sum()),
+        auroc=auroc(y, p),
+        auroc_ci=bootstrap_ci(auroc, y, p, n_boot, seed, alpha) if both else nan_ci,
+        auprc=average_precision(y, p),
+        auprc_ci=bootstrap_ci(average_precision, y, p, n_boot, seed, alpha) if both else nan_ci,
+        ece=expected_calibration_error(y, p),
+        brier=brier_score(y, p),
+    )
+
+
+# ---------------------------------------------------------------- regression
+
+
+def r2_score(y: np.ndarray, pred: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
+    """Coefficient of determination 1 - SSE/SST (weighted per bootstrap row)."""
+    y = np.asarray(y, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    w = _as_weights(weights, len(y))
+    wsum = w.sum(axis=1, keepdims=True)
+    mean = (w @ y)[:, None] / wsum
+    sse = w @ (y - pred) ** 2
+    sst = (w * (y[None, :] - mean) ** 2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(sst > 0, 1.0 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+    return _ret(out, weights)
+
+
+class RegressionMetrics(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    n: int
+    r2: float
+    r2_ci: tuple[float, float]
+    mae: float
+    pearson_r: float
+
+
+def regression_metrics(
+    y: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> RegressionMetrics:
+    y = np.asarray(y, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if y.shape != pred.shape or y.ndim != 1:
+        raise ValueError(f"targets and predictions must be 1-d of equal length, got {y.shape} and {pred.shape}")
+    if not (np.isfinite(y).all() and np.isfinite(pred).all()):
+        raise ValueError("targets or predictions contain NaN or Inf")
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(n, 1)))
+    boots = []
+    for start in range(0, n_boot, chunk):
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, n_boot - start)).astype(np.float64)
+        boots.append(np.asarray(r2_score(y, pred, weights=counts)))
+    v = np.concatenate(boots)
+    v = v[np.isfinite(v)]
+    ci = tuple(float(x) for x in np.quantile(v, [alpha / 2, 1 - alpha / 2])) if len(v) else (np.nan, np.nan)
+    r = float(np.corrcoef(y, pred)[0, 1]) if n > 1 and y.std() > 0 and pred.std() > 0 else float("nan")
+    return RegressionMetrics(n=n, r2=r2_score(y, pred), r2_ci=ci, mae=float(np.abs(y - pred).mean()), pearson_r=r)

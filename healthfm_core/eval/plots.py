@@ -1,0 +1,126 @@
+"""PNG plots of an evaluation (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from healthfm_core.eval.metrics import ECE_BINS, reliability_bins  # noqa: E402
+from healthfm_core.eval.report import ResultRow  # noqa: E402
+
+
+def _save(fig: "plt.Figure", path: str | Path) -> Path:
+    """Save a figure atomically (temp file + rename) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def reliability_diagram(
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str = "Reliability",
+    n_bins: int = ECE_BINS,
+) -> Path:
+    """Observed frequency vs mean predicted probability per equal-width bin, one line per method
+    (predictions: method -> (labels, probabilities)); marker area shows the bin's count."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    for method, (y, p) in predictions.items():
+        y = np.asarray(y, dtype=np.float64)
+        p = np.asarray(p, dtype=np.float64)
+        bins = reliability_bins(p, n_bins)
+        count = np.bincount(bins, minlength=n_bins)
+        keep = count > 0
+        mean_p = np.bincount(bins, weights=p, minlength=n_bins)[keep] / count[keep]
+        mean_y = np.bincount(bins, weights=y, minlength=n_bins)[keep] / count[keep]
+        line = ax.plot(mean_p, mean_y, marker="", label=method)[0]
+        ax.scatter(mean_p, mean_y, s=10 + 200 * count[keep] / count.max(), color=line.get_color(), alpha=0.7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small")
+    return _save(fig, path)
+
+
+def horizon_auroc_plot(rows: Sequence[ResultRow], path: str | Path, task: str | None = None) -> Path:
+    """AUROC with its bootstrap CI per horizon, one line per method (rows of one task, or the
+    rows whose task is `task`)."""
+    rows = [r for r in rows if task is None or r.task == task]
+    if not rows:
+        raise ValueError(f"no result rows for task {task!r}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({r.method for r in rows})
+    horizons = sorted({r.horizon for r in rows if r.horizon is not None})
+    offsets = np.linspace(-0.15, 0.15, len(methods)) if len(methods) > 1 else [0.0]
+    for off, method in zip(offsets, methods):
+        mine = sorted((r for r in rows if r.method == method and r.horizon is not None), key=lambda r: r.horizon)
+        xs = np.array([horizons.index(r.horizon) for r in mine]) + off
+        auc = np.array([r.auroc for r in mine])
+        lo = np.array([r.auroc_ci[0] for r in mine])
+        hi = np.array([r.auroc_ci[1] for r in mine])
+        err = np.nan_to_num(np.vstack([auc - lo, hi - auc]), nan=0.0)
+        ax.errorbar(xs, auc, yerr=err, marker="o", capsize=3, label=method)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(horizons)), [f"{h} d" for h in horizons])
+    ax.set_xlabel("horizon")
+    ax.set_ylabel("AUROC (95% CI)")
+    ax.set_title(task or rows[0].task)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "Training") -> Path:
+    """One panel per logged objective (every key of the step records except bookkeeping ones),
+    loss against step, plus the decay-rate range if it was logged."""
+    skip = {"step", "lr", "grad_norm", "rate_min", "rate_max", "examples"}
+    if not history:
+        raise ValueError("empty training history")
+    keys = sorted({k for h in history for k in h if k not in skip})
+    has_rates = any("rate_min" in h for h in history)
+    n_panels = len(keys) + int(has_rates)
+    cols = min(3, n_panels)
+    nrows = (n_panels + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    steps = np.array([h.get("step", i) for i, h in enumerate(history)])
+    for ax, key in zip(axes.flat, keys):
+        vals = np.array([h.get(key, np.nan) for h in history], dtype=np.float64)
+        ax.plot(steps, vals, linewidth=0.8, alpha=0.5)
+        if len(vals) >= 10:  # a moving average makes the trend readable on noisy losses
+            k = max(2, len(vals) // 20)
+            smooth = np.convolve(np.nan_to_num(vals), np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, linewidth=1.5)
+        ax.set_title(key, fontsize="small")
+        ax.set_xlabel("step")
+    if has_rates:
+        ax = axes.flat[len(keys)]
+        ax.plot(steps, [h.get("rate_min", np.nan) for h in history], label="min")
+        ax.plot(steps, [h.get("rate_max", np.nan) for h in history], label="max")
+        ax.set_yscale("log")
+        ax.set_title("decay rate range (1/day)", fontsize="small")
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[n_panels:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,382 @@
+"""Frozen-representation evaluation: embeddings at prediction_time, linear probes, baselines.
+
+The model is frozen; only a linear map on top of its embedding is fitted, on the train split,
+with the L2 strength chosen on the tuning split and metrics reported on held_out. The same
+probe runs on simple count features (the baseline a foundation model must beat) so the
+comparison isolates the representation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from healthfm_core.data.batch import Batch
+from healthfm_core.eval import metrics as M
+from healthfm_core.eval.report import RegressionRow, ResultRow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_ALPHA_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# Two AUROCs closer than this are a tie; the better log-loss (calibration) then decides.
+AUROC_TIE = 2e-3
+
+
+# ---------------------------------------------------------------- features
+
+
+@dataclass
+class Features:
+    """One row per (subject, prediction_time) sample, in the order the loader yielded them."""
+
+    subject_id: np.ndarray  # [n] int64
+    prediction_time: np.ndarray  # [n] float64 days from the subject's first event
+    x: np.ndarray  # [n, d] float64
+    y: np.ndarray | None = None  # [n] labels when the loader yields (Batch, labels)
+
+    def __len__(self) -> int:
+        return len(self.subject_id)
+
+
+def _collect(
+    batches: Iterable[Batch | tuple[Batch, torch.Tensor]], featurize, desc: str, progress: bool
+) -> Features:
+    sids, times, xs, ys = [], [], [], []
+    for item in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch, labels = item if isinstance(item, tuple) else (item, None)
+        xs.append(featurize(batch).detach().to("cpu", torch.float64).numpy())
+        sids.append(batch.subject_id.cpu().numpy())
+        times.append(batch.prediction_time.cpu().double().numpy())
+        if labels is not None:
+            ys.append(labels.cpu().double().numpy())
+    if not xs:
+        raise ValueError(f"{desc}: the loader yielded no batches")
+    if ys and len(ys) != len(xs):
+        raise ValueError(f"{desc}: some batches came with labels and some without")
+    return Features(np.concatenate(sids), np.concatenate(times), np.concatenate(xs),
+                    np.concatenate(ys) if ys else None)
+
+
+def compute_embeddings(
+    model: torch.nn.Module,
+    batches: Iterable[Batch | tuple[Batch, torch.Tensor]],
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Features:
+    """model.embed(batch) for every labelled sample: eval mode, no gradients. The batches hold
+    only data at or before each prediction_time (the pipeline's guarantee), so the embedding is
+    the representation at prediction_time. The model's training mode is restored afterwards."""
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _collect(batches, lambda b: model.embed(b.to(device)).float(), "embeddings", progress)
+    finally:
+        model.train(was_training)
+
+
+def count_features(batch: Batch, vocab_size: int) -> torch.Tensor:
+    """[B, vocab_size] log1p of how often each code occurs among the batch's valid events
+    (which the pipeline caps to the most recent max_events before prediction_time)."""
+    codes = batch.codes.long()
+    if codes.numel() and int(codes.max()) >= vocab_size:
+        raise ValueError(f"code id {int(codes.max())} is outside the vocabulary of size {vocab_size}")
+    counts = torch.zeros(codes.shape[0], vocab_size, dtype=torch.float64, device=codes.device)
+    counts.scatter_add_(1, codes, batch.ehr_valid.to(torch.float64))
+    return torch.log1p(counts)
+
+
+def compute_count_features(batches: Iterable[Batch | tuple[Batch, torch.Tensor]], vocab_size: int, progress: bool = False) -> Features:
+    """The count-features baseline over a loader of labelled samples."""
+    return _collect(batches, lambda b: count_features(b, vocab_size), "count features", progress)
+
+
+# ---------------------------------------------------------------- standardisation
+
+
+@dataclass
+class Standardizer:
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Standardizer":
+        x = np.asarray(x, dtype=np.float64)
+        scale = x.std(axis=0)
+        # A constant feature stays 0 after centring rather than dividing by zero.
+        return cls(x.mean(axis=0), np.where(scale > 1e-12, scale, 1.0))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+
+
+def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> None:
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: features must be [n, d] and targets [n], got {x.shape} and {y.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what}: features contain NaN or Inf")
+
+
+# ---------------------------------------------------------------- logistic probe
+
+
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, c: float, init: tuple[np.ndarray, float] | None = None, max_iter: int = 200
+) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression on (already standardised) x, sklearn's convention:
+    minimise C * sum(log-loss) + ||w||^2 / 2, bias unpenalised. Full-batch L-BFGS in float64."""
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    n, d = xt.shape
+    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        if init is not None:
+            w.copy_(torch.as_tensor(init[0]))
+            b.fill_(float(init[1]))
+        else:
+            prevalence = float(yt.mean().clamp(1e-6, 1 - 1e-6))
+            b.fill_(np.log(prevalence / (1 - prevalence)))
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+        tolerance_change=1e-12, line_search_fn="strong_wolfe",
+    )
+    # Dividing the objective by C * n keeps its scale independent of n and C for the optimiser.
+    penalty = 1.0 / (2.0 * c * n)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = xt @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt) + penalty * (w @ w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().numpy().copy(), float(b.detach())
+
+
+@dataclass
+class LogisticProbe:
+    standardizer: Standardizer
+    weight: np.ndarray
+    bias: float
+    c: float
+    tuning_auroc: float
+    tuning_log_loss: float
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return self.standardizer.transform(x) @ self.weight + self.bias
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.decision_function(x)))
+
+
+def fit_logistic_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_tune: np.ndarray,
+    y_tune: np.ndarray,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    select_by: Literal["auroc", "log_loss"] = "auroc",
+) -> LogisticProbe:
+    """Fit on train for each C of the grid (strongest penalty first, warm-started), keep the C
+    with the best tuning AUROC (near-ties, or a one-class tuning split, decided by log-loss)."""
+    x_train = np.asarray(x_train, dtype=np.float64)
+    x_tune = np.asarray(x_tune, dtype=np.float64)
+    y_train = np.asarray(y_train).astype(bool)
+    y_tune = np.asarray(y_tune).astype(bool)
+    _check_xy(x_train, y_train, "train split")
+    _check_xy(x_tune, y_tune, "tuning split")
+    if y_train.all() or not y_train.any():
+        raise ValueError(f"train split has only one class ({int(y_train.sum())} positives of {len(y_train)})")
+    if len(y_tune) == 0:
+        raise ValueError("tuning split is empty")
+    std = Standardizer.fit(x_train)
+    xs_train, xs_tune = std.transform(x_train), std.transform(x_tune)
+    tune_has_both = bool(y_tune.any() and (~y_tune).any())
+    best: LogisticProbe | None = None
+    init = None
+    for c in sorted(c_grid):
+        w, b = fit_logistic(xs_train, y_train, c, init=init)
+        init = (w, b)
+        p_tune = 1.0 / (1.0 + np.exp(-(xs_tune @ w + b)))
+        cand = LogisticProbe(std, w, b, c, M.auroc(y_tune, p_tune) if tune_has_both else float("nan"),
+                             M.log_loss(y_tune, p_tune))
+        if best is None or _better(cand, best, select_by if tune_has_both else "log_loss"):
+            best = cand
+    assert best is not None
+    log.debug("logistic probe: C=%g tuning AUROC %.4f log-loss %.4f", best.c, best.tuning_auroc, best.tuning_log_loss)
+    return best
+
+
+def _better(cand: LogisticProbe, best: LogisticProbe, select_by: str) -> bool:
+    if select_by == "auroc" and abs(cand.tuning_auroc - best.tuning_auroc) > AUROC_TIE:
+        return cand.tuning_auroc > best.tuning_auroc
+    return cand.tuning_log_loss < best.tuning_log_loss
+
+
+# ---------------------------------------------------------------- ridge probe
+
+
+@dataclass
+class RidgeProbe:
+    standardizer: Standardizer
+    weight: np.ndarray
+    bias: float
+    alpha: float
+    tuning_mse: float
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.standardizer.transform(x) @ self.weight + self.bias
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """Minimise mean squared error + alpha ||w||^2 on standardised x (closed form, float64)."""
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    n, d = xt.shape
+    y_mean = yt.mean()
+    x_mean = xt.mean(dim=0)
+    xc = xt - x_mean
+    gram = xc.T @ xc / n + alpha * torch.eye(d, dtype=torch.float64)
+    w = torch.linalg.solve(gram, xc.T @ (yt - y_mean) / n)
+    return w.numpy(), float(y_mean - x_mean @ w)
+
+
+def fit_ridge_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_tune: np.ndarray,
+    y_tune: np.ndarray,
+    alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+) -> RidgeProbe:
+    """Linear regression probe for a continuous target, alpha chosen by tuning MSE."""
+    x_train = np.asarray(x_train, dtype=np.float64)
+    x_tune = np.asarray(x_tune, dtype=np.float64)
+    y_train = np.asarray(y_train, dtype=np.float64)
+    y_tune = np.asarray(y_tune, dtype=np.float64)
+    _check_xy(x_train, y_train, "train split")
+    _check_xy(x_tune, y_tune, "tuning split")
+    if len(y_train) < 2 or len(y_tune) == 0:
+        raise ValueError(f"too few samples: {len(y_train)} train, {len(y_tune)} tuning")
+    if not (np.isfinite(y_train).all() and np.isfinite(y_tune).all()):
+        raise ValueError("regression targets contain NaN or Inf")
+    std = Standardizer.fit(x_train)
+    xs_train, xs_tune = std.transform(x_train), std.transform(x_tune)
+    best: RidgeProbe | None = None
+    for alpha in alpha_grid:
+        w, b = fit_ridge(xs_train, y_train, alpha)
+        mse = float(np.mean((xs_tune @ w + b - y_tune) ** 2))
+        if best is None or mse < best.tuning_mse:
+            best = RidgeProbe(std, w, b, alpha, mse)
+    assert best is not None
+    return best
+
+
+# ---------------------------------------------------------------- task-level evaluation
+
+Split = tuple[np.ndarray, np.ndarray]  # (features [n, d], targets [n])
+
+
+def evaluate_binary(
+    method: str,
+    task: str,
+    horizon: int | None,
+    train: Split,
+    tune: Split,
+    test: Split,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[ResultRow, np.ndarray]:
+    """Fit the logistic probe on train (C from tune), score held-out test: the results row and
+    the test probabilities (for the reliability diagram)."""
+    probe = fit_logistic_probe(train[0], train[1], tune[0], tune[1], c_grid=c_grid)
+    p_test = probe.predict_proba(np.asarray(test[0], dtype=np.float64))
+    return _binary_row(method, task, horizon, np.asarray(test[1]).astype(bool), p_test, n_boot, seed), p_test
+
+
+def oracle_row(
+    task: str, horizon: int | None, y_test: np.ndarray, risk_test: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> ResultRow:
+    """The ceiling: the synthetic generator's true risk used directly as the score. ECE and Brier
+    are reported only when the risk is a probability (in [0, 1]), NaN otherwise. Samples whose
+    risk is NaN (truth.oracle_risk: already diagnosed, or unknown subject) are left out, and
+    the row's n says how many remained."""
+    risk = np.asarray(risk_test, dtype=np.float64)
+    y = np.asarray(y_test).astype(bool)
+    known = np.isfinite(risk)
+    if not known.all():
+        log.warning("oracle %s %s: %d of %d samples have no true risk and are left out",
+                    task, horizon, int((~known).sum()), len(risk))
+    return _binary_row("oracle", task, horizon, y[known], risk[known], n_boot, seed)
+
+
+SPLITS = ("train", "tuning", "held_out")
+
+
+def evaluate_features(
+    method: str,
+    task: str,
+    horizon: int | None,
+    splits: Mapping[str, Features],
+    regression: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[ResultRow | RegressionRow, np.ndarray]:
+    """Probe labelled features of the train / tuning / held_out splits (each Features with y, as
+    compute_embeddings or compute_count_features return them from a labelled loader)."""
+    missing = [s for s in SPLITS if s not in splits]
+    if missing:
+        raise ValueError(f"{task}: missing split(s) {missing}; have {sorted(splits)}")
+    parts = []
+    for name in SPLITS:
+        f = splits[name]
+        if f.y is None:
+            raise ValueError(f"{task}: split {name!r} has no labels (use a loader of a LabelledDataset)")
+        parts.append((f.x, f.y))
+    if regression:
+        return evaluate_regression(method, task, *parts, n_boot=n_boot, seed=seed)
+    return evaluate_binary(method, task, horizon, *parts, n_boot=n_boot, seed=seed)
+
+
+def _binary_row(
+    method: str, task: str, horizon: int | None, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int
+) -> ResultRow:
+    is_prob = bool((p >= 0).all() and (p <= 1).all())
+    both = bool(y.any() and (~y).any())
+    nan2 = (float("nan"), float("nan"))
+    return ResultRow(
+        method=method, task=task, horizon=horizon, n=len(y), n_pos=int(y.sum()),
+        auroc=M.auroc(y, p),
+        auroc_ci=M.bootstrap_ci(M.auroc, y, p, n_boot=n_boot, seed=seed) if both else nan2,
+        auprc=M.average_precision(y, p),
+        ece=M.expected_calibration_error(y, p) if is_prob else float("nan"),
+        brier=M.brier_score(y, p) if is_prob else float("nan"),
+    )
+
+
+def evaluate_regression(
+    method: str,
+    task: str,
+    train: Split,
+    tune: Split,
+    test: Split,
+    alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[RegressionRow, np.ndarray]:
+    """Fit the ridge probe on train (alpha from tune), score held-out test."""
+    probe = fit_ridge_probe(train[0], train[1], tune[0], tune[1], alpha_grid=alpha_grid)
+    pred = probe.predict(np.asarray(test[0], dtype=np.float64))
+    m = M.regression_metrics(np.asarray(test[1], dtype=np.float64), pred, n_boot=n_boot, seed=seed)
+    return RegressionRow(method=method, task=task, n=m.n, r2=m.r2, r2_ci=m.r2_ci, mae=m.mae, pearson_r=m.pearson_r), pred

@@ -1,0 +1,663 @@
+"""Fused continuous-time attention in Triton: forward and backward with an online softmax.
+
+The math is the one of ``healthfm_core.model.attention.ct_attention_reference``:
+
+    s_ij = q_i . k_j / sqrt(D) + log K(dt_ij),   K(dt) = sum_m pi_m exp(-lambda_m dt)
+
+Nothing N x N is materialised: each program walks tiles of keys (forward, dq) or queries
+(dk/dv) and keeps FlashAttention's running max / normaliser.
+
+How a tile pair (BLOCK_M queries x BLOCK_N keys) is scored
+----------------------------------------------------------
+Every tile pair is classified from per-tile time bounds (min/max query time of the query
+tile, min/max time of the *valid* keys of the key tile), computed on the host:
+
+* skipped: the key tile has no valid key, or (causal) its earliest valid key is later than
+  the latest query. The test uses the bounds of the actual tile contents, so skipping is
+  exact whatever the token order; sorted times only make more tiles skippable. Loop ranges
+  are also trimmed on the host to the first/last visible tile of each row of tiles.
+* separated (the common case for time-sorted tokens): all valid keys are at or before every
+  query (``kmax <= qmin``), or at or after every query (``kmin >= qmax``). With the anchor
+  ``a = kmax`` (resp. ``kmin``) and sigma = +1 (resp. -1), for every valid pair
+
+      exp(-lambda (t_i - t_j)) = exp(-lambda sigma (t_i - a)) * exp(-lambda sigma (a - t_j))
+
+  and both factors are <= 1. The query-side factors are normalised per row in the log domain,
+  w_im = pi_m exp(-lambda_m sigma (t_i - a)) / c_i with log c_i = U_i computed by a
+  logsumexp over m, so a query years after the whole tile still has weights summing to 1
+  (no underflow of K itself). Then K_ij = c_i * sum_m w_im b_jm with b_jm <= 1, and b_j = 1
+  for the key at the anchor, so that key's score is exact. A key whose b_jm all underflow is
+  > ~87 nats (fp32) below the tile's best key in log K: negligible unless the dot-product
+  logits within one tile differ by that much, which no sane attention does.
+* overlapping, causal, small span: the tile's time span S (queries and valid keys together)
+  satisfies lambda_max * S <= SPAN_LIMIT. Anchor at the middle of the span: every factor lies
+  in [exp(-SPAN_LIMIT/2), exp(SPAN_LIMIT/2)], so nothing under- or overflows in fp32, and the
+  mixture is a sum of positive terms (no cancellation). Future keys are masked afterwards.
+* everything else (overlap with a large span times the fastest rate, e.g. a diagonal tile
+  covering years with hour-scale rates; any non-causal overlap): the safe path computes
+  log K per score with the max-component trick (M exponentials and one log per score). With
+  time-sorted tokens this is at most the diagonal tiles.
+
+On the fast paths a score costs one exponential (the softmax one) plus M multiply-adds:
+``p_ij = exp(q.k/sqrt(D) + U_i - m_i) * sum_m w_im b_jm``. The per-row and per-key factors
+cost M exponentials per row and per key of a tile pair, i.e. a fraction M/BLOCK of a score.
+
+Online softmax with an inexact bound
+------------------------------------
+``qk + U_i`` bounds the score from above only up to the kernel factor, so after each tile the
+row max of ``e_ij = exp(qk + U - m_ref) K_ij`` gives the exact tile max (one log per row);
+probabilities are rescaled so the running max is exact and p <= 1 before the fp16/bf16 cast
+of the P @ V product. The backward recomputes p from the saved log-normaliser L_i.
+
+Gradients of the (H, M) mixture parameters are accumulated per program in registers and
+written to a [B*H, n_tiles, M] buffer that torch sums: deterministic, no float atomics.
+Times are not differentiated (``ct_attention`` routes to the reference when they need grad).
+
+Triton features used are limited to those of triton 3.6 (the GPU image) and 3.9 (CPU CI).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# lambda_max * (tile time span) above which an overlapping tile takes the log-domain path.
+# Mid-span anchoring keeps each factor within exp(+-SPAN_LIMIT / 2) = exp(+-20): safe in fp32.
+SPAN_LIMIT = 40.0
+MAX_COMPONENTS = 8
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters (forward and backward)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    bwd_block_m: int = 64
+    bwd_block_n: int = 64
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "bwd_block_m", "bwd_block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
+
+
+def default_config(head_dim: int) -> KernelConfig:
+    """A reasonable tiling for Hopper/Ampere; larger head dims need more warps per tile."""
+    if head_dim <= 64:
+        return KernelConfig(128, 64, 4, 3, 64, 64, 4, 2)
+    return KernelConfig(128, 64, 8, 2, 64, 64, 8, 1)
+
+
+# ----------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _lam_max(rate_ptr, M: tl.constexpr):
+    lam_max = tl.load(rate_ptr)
+    for m in tl.static_range(1, M):
+        lam_max = tl.maximum(lam_max, tl.load(rate_ptr + m))
+    return lam_max
+
+
+@triton.jit
+def _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL: tl.constexpr, SPAN: tl.constexpr):
+    """Per tile pair: fast (factorised) or log path, the anchor a and the sign sigma."""
+    before = kmax <= qmin
+    after = kmin >= qmax
+    lo = tl.minimum(qmin, kmin)
+    hi = tl.maximum(qmax, kmax)
+    if CAUSAL:
+        fast = before | after | (lam_max * (hi - lo) <= SPAN)
+    else:
+        fast = before | after
+    a = tl.where(before, kmax, tl.where(after, kmin, 0.5 * (lo + hi)))
+    sigma = tl.where(after & (~before), -1.0, 1.0)
+    return fast, a, sigma
+
+
+@triton.jit
+def _row_norm(alpha, lw_ptr, rate_ptr, M: tl.constexpr):
+    """U_i = log sum_m pi_m exp(-lambda_m alpha_i) (logsumexp over the components)."""
+    mx = tl.load(lw_ptr) - tl.load(rate_ptr) * alpha
+    for m in tl.static_range(1, M):
+        mx = tl.maximum(mx, tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * alpha)
+    acc = tl.zeros_like(mx)
+    for m in tl.static_range(M):
+        acc += tl.exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * alpha - mx)
+    return mx + tl.log(acc)
+
+
+@triton.jit
+def _key_factor(lam, beta, kval):
+    # Invalid keys may lie anywhere in time: clamp, then zero them so no inf reaches a product.
+    return tl.where(kval, tl.exp(tl.minimum(-lam * beta, 80.0)), 0.0)
+
+
+@triton.jit
+def _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL: tl.constexpr, M: tl.constexpr):
+    """log K(dt) per score with the max-component trick; returns (log K, dt)."""
+    dt = t_q[:, None] - t_k[None, :]
+    if CAUSAL:
+        dt = tl.maximum(dt, 0.0)
+    else:
+        dt = tl.abs(dt)
+    mx = tl.load(lw_ptr) - tl.load(rate_ptr) * dt
+    for m in tl.static_range(1, M):
+        mx = tl.maximum(mx, tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * dt)
+    acc = tl.zeros_like(mx)
+    for m in tl.static_range(M):
+        acc += tl.exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * dt - mx)
+    return mx + tl.log(acc), dt
+
+
+@triton.jit
+def _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
+            CAUSAL: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(z, kn): the score is s = z + log(kn); fast path: z = qk + U, kn = K / c; log path: kn = 1."""
+    if fast:
+        alpha = sigma * (t_q - a)
+        beta = sigma * (a - t_k)
+        u = _row_norm(alpha, lw_ptr, rate_ptr, M)
+        kn = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for m in tl.static_range(M):
+            lw = tl.load(lw_ptr + m)
+            lam = tl.load(rate_ptr + m)
+            w = tl.exp(lw - lam * alpha - u)
+            kn += w[:, None] * _key_factor(lam, beta, kval)[None, :]
+        z = qk + u[:, None]
+    else:
+        log_k, dt = _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL, M)
+        z = qk + log_k
+        kn = tl.full((BLOCK_M, BLOCK_N), 1.0, dtype=tl.float32)
+    return z, kn
+
+
+@triton.jit
+def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,
+            QMIN, QMAX, KMIN, KMAX, KLO, KHI,
+            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+            H, NQ, NK, NQT, NKT, sm_scale,
+            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            M: tl.constexpr, CAUSAL: tl.constexpr, SPAN: tl.constexpr, DOT_PREC: tl.constexpr):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < NQ
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
+    qmin = tl.load(QMIN + b * NQT + qt)
+    qmax = tl.load(QMAX + b * NQT + qt)
+    lw_ptr = LW + h * M
+    rate_ptr = RATE + h * M
+    lam_max = _lam_max(rate_ptr, M)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_lo = tl.load(KLO + b * NQT + qt)
+    k_hi = tl.load(KHI + b * NQT + qt)
+    for kt in range(k_lo, k_hi):
+        kmin = tl.load(KMIN + b * NKT + kt)
+        kmax = tl.load(KMAX + b * NKT + kt)
+        visible = kmin <= kmax
+        if CAUSAL:
+            visible = visible & (kmin <= qmax)
+        if visible:
+            offs_n = kt * BLOCK_N + offs_n0
+            col_ok = offs_n < NK
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
+            kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+            mask = kval[None, :] & row_ok[:, None]
+            if CAUSAL:
+                mask = mask & (t_k[None, :] <= t_q[:, None])
+            fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
+            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
+                            CAUSAL, M, BLOCK_M, BLOCK_N)
+            z = tl.where(mask, z, float("-inf"))
+            m_ref = tl.maximum(m_i, tl.max(z, 1))
+            m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
+            e = tl.where(mask, tl.exp(z - m_ref[:, None]) * kn, 0.0)
+            r = tl.max(e, 1)
+            # Exact tile max of the score: the bound qk + U is off by the kernel factor.
+            s_tile = tl.where(r > 0.0, m_ref + tl.log(tl.maximum(r, 1e-38)), float("-inf"))
+            m_new = tl.maximum(m_i, s_tile)
+            empty = m_new == float("-inf")
+            m_new_s = tl.where(empty, 0.0, m_new)
+            alpha_row = tl.exp(m_i - m_new_s)
+            scale_row = tl.where(empty, 0.0, tl.exp(m_ref - m_new_s))
+            p = e * scale_row[:, None]
+            l_i = l_i * alpha_row + tl.sum(p, 1)
+            acc = acc * alpha_row[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
+                 QMIN, QMAX, KMIN, KMAX, QLO, QHI,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                 H, NQ, NK, NQT, NKT, sm_scale,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, M: tl.constexpr, CAUSAL: tl.constexpr,
+                 SPAN: tl.constexpr, DOT_PREC: tl.constexpr):
+    kt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    col_ok = offs_n < NK
+    d_ok = offs_d < D
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
+    kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
+    kmin = tl.load(KMIN + b * NKT + kt)
+    kmax = tl.load(KMAX + b * NKT + kt)
+    lw_ptr = LW + h * M
+    rate_ptr = RATE + h * M
+    lam_max = _lam_max(rate_ptr, M)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    q_lo = tl.load(QLO + b * NKT + kt)
+    q_hi = tl.load(QHI + b * NKT + kt)
+    for qt in range(q_lo, q_hi):
+        qmin = tl.load(QMIN + b * NQT + qt)
+        qmax = tl.load(QMAX + b * NQT + qt)
+        visible = kmin <= kmax
+        if CAUSAL:
+            visible = visible & (kmin <= qmax)
+        if visible:
+            offs_m = qt * BLOCK_M + offs_m0
+            row_ok = offs_m < NQ
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
+            lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+            mask = kval[None, :] & row_ok[:, None]
+            if CAUSAL:
+                mask = mask & (t_k[None, :] <= t_q[:, None])
+            fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
+            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
+                            CAUSAL, M, BLOCK_M, BLOCK_N)
+            e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
+            p = e * kn
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
+               QMIN, QMAX, KMIN, KMAX, KLO, KHI,
+               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+               H, NQ, NK, NQT, NKT, sm_scale,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, M: tl.constexpr, M_POW2: tl.constexpr,
+               CAUSAL: tl.constexpr, SPAN: tl.constexpr, DOT_PREC: tl.constexpr,
+               PARAM_GRAD: tl.constexpr):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, M_POW2)
+    row_ok = offs_m < NQ
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
+    qmin = tl.load(QMIN + b * NQT + qt)
+    qmax = tl.load(QMAX + b * NQT + qt)
+    lw_ptr = LW + h * M
+    rate_ptr = RATE + h * M
+    lam_max = _lam_max(rate_ptr, M)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    g_lw = tl.zeros((M_POW2,), dtype=tl.float32)
+    g_rate = tl.zeros((M_POW2,), dtype=tl.float32)
+    k_lo = tl.load(KLO + b * NQT + qt)
+    k_hi = tl.load(KHI + b * NQT + qt)
+    for kt in range(k_lo, k_hi):
+        kmin = tl.load(KMIN + b * NKT + kt)
+        kmax = tl.load(KMAX + b * NKT + kt)
+        visible = kmin <= kmax
+        if CAUSAL:
+            visible = visible & (kmin <= qmax)
+        if visible:
+            offs_n = kt * BLOCK_N + offs_n0
+            col_ok = offs_n < NK
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
+            kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+            mask = kval[None, :] & row_ok[:, None]
+            if CAUSAL:
+                mask = mask & (t_k[None, :] <= t_q[:, None])
+            fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
+            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
+                            CAUSAL, M, BLOCK_M, BLOCK_N)
+            e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            g = e * (dp - delta[:, None])  # dS / kn
+            ds = g * kn
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            if PARAM_GRAD:
+                # d s_ij / d log pi_m = rho_ijm, d s_ij / d lambda_m = -dt_ij rho_ijm,
+                # rho_ijm = pi_m exp(-lambda_m dt_ij) / K_ij (the component's responsibility).
+                if fast:
+                    alpha = sigma * (t_q - a)
+                    beta = sigma * (a - t_k)
+                    u = _row_norm(alpha, lw_ptr, rate_ptr, M)
+                    for m in tl.static_range(M):
+                        lw = tl.load(lw_ptr + m)
+                        lam = tl.load(rate_ptr + m)
+                        w = tl.where(row_ok, tl.exp(lw - lam * alpha - u), 0.0)
+                        bk = _key_factor(lam, beta, kval)
+                        row = tl.sum(g * bk[None, :], 1)
+                        col = tl.sum(g * w[:, None], 0)
+                        d_lw = tl.sum(w * row, 0)
+                        d_rate = -(tl.sum(w * alpha * row, 0) + tl.sum(bk * beta * col, 0))
+                        g_lw += tl.where(offs_c == m, d_lw, 0.0)
+                        g_rate += tl.where(offs_c == m, d_rate, 0.0)
+                else:
+                    log_k, dt = _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL, M)
+                    for m in tl.static_range(M):
+                        lw = tl.load(lw_ptr + m)
+                        lam = tl.load(rate_ptr + m)
+                        rho_ds = ds * tl.exp(lw - lam * dt - log_k)
+                        d_lw = tl.sum(tl.sum(rho_ds, 1), 0)
+                        d_rate = -tl.sum(tl.sum(rho_ds * dt, 1), 0)
+                        g_lw += tl.where(offs_c == m, d_lw, 0.0)
+                        g_rate += tl.where(offs_c == m, d_rate, 0.0)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if PARAM_GRAD:
+        part = (bh * NQT + qt) * M_POW2 + offs_c
+        tl.store(GLW + part, g_lw)
+        tl.store(GRATE + part, g_rate)
+
+
+_JIT_NAMES = ("_lam_max", "_plan", "_row_norm", "_key_factor", "_log_kernel", "_logits",
+              "_ct_fwd", "_ct_bwd_dkdv", "_ct_bwd_dq")
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its CPU interpreter.
+
+    triton fixes this when it is imported (TRITON_INTERPRET=1 at that moment): its own
+    library functions (tl.zeros, reductions) are built for one mode only, so the answer is
+    read from them rather than from the environment now.
+    """
+    return _is_interpreted(tl.zeros)
+
+
+def _is_interpreted(fn: object) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - every supported triton has the interpreter
+        return False
+    return isinstance(fn, InterpretedFunction)
+
+
+_built_interpreted = _is_interpreted(_ct_fwd)
+
+
+def _ensure_jit_mode() -> None:
+    """Build this module's kernels in the same mode as triton's library.
+
+    triton.jit chooses compiled vs interpreted when a function is decorated, so if
+    TRITON_INTERPRET changed between the import of triton and of this module, the two would
+    disagree and no launch could work.
+    """
+    global _built_interpreted
+    want = interpreting()
+    if want == _built_interpreted:
+        return
+    module = globals()
+    for name in _JIT_NAMES:
+        module[name] = triton.jit(module[name].fn)
+    _built_interpreted = want
+
+
+# ----------------------------------------------------------------------------- host code
+
+
+def _tile_bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile (min, max) of the times of valid positions; (+inf, -inf) for a tile with none."""
+    b, n = t.shape
+    n_tiles = triton.cdiv(n, block)
+    pad = n_tiles * block - n
+    t = torch.nn.functional.pad(t, (0, pad)).view(b, n_tiles, block)
+    valid = torch.nn.functional.pad(valid, (0, pad), value=False).view(b, n_tiles, block)
+    inf = torch.tensor(float("inf"), device=t.device, dtype=t.dtype)
+    tmin = torch.where(valid, t, inf).amin(-1)
+    tmax = torch.where(valid, t, -inf).amax(-1)
+    return tmin.contiguous(), tmax.contiguous()
+
+
+def _tile_plan(t_q: torch.Tensor, t_k: torch.Tensor, kv: torch.Tensor, block_m: int, block_n: int,
+               causal: bool) -> dict[str, torch.Tensor]:
+    """Tile bounds plus, per query tile, the [lo, hi) range of key tiles that can be visible
+    (and per key tile the range of query tiles): exact, from the bounds alone."""
+    q_ok = torch.ones_like(t_q, dtype=torch.bool)
+    qmin, qmax = _tile_bounds(t_q, q_ok, block_m)
+    kmin, kmax = _tile_bounds(t_k, kv, block_n)
+    vis = (kmin <= kmax)[:, None, :].expand(-1, qmin.shape[1], -1)  # [B, NQT, NKT]
+    if causal:
+        vis = vis & (kmin[:, None, :] <= qmax[:, :, None])
+    nqt, nkt = vis.shape[1], vis.shape[2]
+    kidx = torch.arange(nkt, device=vis.device, dtype=torch.int32)
+    qidx = torch.arange(nqt, device=vis.device, dtype=torch.int32)
+    big_k = torch.tensor(nkt, device=vis.device, dtype=torch.int32)
+    big_q = torch.tensor(nqt, device=vis.device, dtype=torch.int32)
+    zero = torch.tensor(0, device=vis.device, dtype=torch.int32)
+    k_lo = torch.where(vis, kidx, big_k).amin(-1)
+    k_hi = torch.where(vis, kidx + 1, zero).amax(-1)
+    q_lo = torch.where(vis, qidx[:, None], big_q).amin(1)
+    q_hi = torch.where(vis, qidx[:, None] + 1, zero).amax(1)
+    return {
+        "qmin": qmin, "qmax": qmax, "kmin": kmin, "kmax": kmax,
+        "k_lo": k_lo.int().contiguous(), "k_hi": k_hi.int().contiguous(),
+        "q_lo": q_lo.int().contiguous(), "q_hi": q_hi.int().contiguous(),
+    }
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels index a gradient with its input's strides: keep only layouts that
+    # empty_like reproduces (dense, non-overlapping) with a unit last stride.
+    if x.stride(-1) == 1 and torch.empty_like(x).stride() == x.stride():
+        return x
+    return x.contiguous()
+
+
+class _CTAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, config):  # type: ignore[override]
+        _ensure_jit_mode()
+        b, h, nq, d = q.shape
+        nk = k.shape[2]
+        m = log_weights.shape[1]
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        tq = t_q.to(torch.float32).contiguous()
+        tk = t_k.to(torch.float32).contiguous()
+        kv_bool = key_valid.to(torch.bool)
+        kv = kv_bool.to(torch.int8).contiguous()
+        lw = log_weights.detach().to(torch.float32).contiguous()
+        rate = rates.detach().to(torch.float32).contiguous()
+        plan = _tile_plan(tq, tk, kv_bool, config.block_m, config.block_n, causal)
+        o = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
+        lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
+        nqt = triton.cdiv(nq, config.block_m)
+        nkt = triton.cdiv(nk, config.block_n)
+        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        block_d = max(16, triton.next_power_of_2(d))
+        sm_scale = 1.0 / math.sqrt(d)
+        _ct_fwd[(nqt, b * h)](
+            q, k, v, tq, tk, kv, lw, rate, o, lse,
+            plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"], plan["k_lo"], plan["k_hi"],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            h, nq, nk, nqt, nkt, sm_scale,
+            D=d, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, M=m,
+            CAUSAL=causal, SPAN=SPAN_LIMIT, DOT_PREC=dot_prec,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, tq, tk, kv, lw, rate)
+        ctx.causal = causal
+        ctx.config = config
+        ctx.param_dtypes = (log_weights.dtype, rates.dtype)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        _ensure_jit_mode()
+        q, k, v, o, lse, tq, tk, kv, lw, rate = ctx.saved_tensors
+        config: KernelConfig = ctx.config
+        causal: bool = ctx.causal
+        b, h, nq, d = q.shape
+        nk = k.shape[2]
+        m = lw.shape[1]
+        do = _last_dim_contiguous(do.to(q.dtype))
+        delta = (do.float() * o.float()).sum(-1).contiguous()  # [B,H,NQ]
+        plan = _tile_plan(tq, tk, kv != 0, config.bwd_block_m, config.bwd_block_n, causal)
+        nqt = triton.cdiv(nq, config.bwd_block_m)
+        nkt = triton.cdiv(nk, config.bwd_block_n)
+        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        block_d = max(16, triton.next_power_of_2(d))
+        sm_scale = 1.0 / math.sqrt(d)
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        # empty_like keeps q's strides; the kernels index dq/dk/dv with q/k/v's strides.
+        param_grad = bool(ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
+        m_pow2 = triton.next_power_of_2(m)
+        g_lw = torch.empty((b * h, nqt, m_pow2), device=q.device, dtype=torch.float32)
+        g_rate = torch.empty_like(g_lw)
+        common = dict(D=d, BLOCK_D=block_d, BLOCK_M=config.bwd_block_m, BLOCK_N=config.bwd_block_n,
+                      M=m, CAUSAL=causal, SPAN=SPAN_LIMIT, DOT_PREC=dot_prec,
+                      num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
+        _ct_bwd_dkdv[(nkt, b * h)](
+            q, k, v, tq, tk, kv, lw, rate, do, lse, delta, dk, dv,
+            plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"], plan["q_lo"], plan["q_hi"],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            h, nq, nk, nqt, nkt, sm_scale, **common,
+        )
+        _ct_bwd_dq[(nqt, b * h)](
+            q, k, v, tq, tk, kv, lw, rate, do, lse, delta, dq, g_lw, g_rate,
+            plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"], plan["k_lo"], plan["k_hi"],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            h, nq, nk, nqt, nkt, sm_scale, M_POW2=m_pow2, PARAM_GRAD=param_grad, **common,
+        )
+        d_lw = d_rate = None
+        if param_grad:
+            # Fixed-order reduction of the per-program partials: deterministic run to run.
+            d_lw = g_lw.view(b, h, nqt, m_pow2).sum(dim=(0, 2))[:, :m].to(ctx.param_dtypes[0])
+            d_rate = g_rate.view(b, h, nqt, m_pow2).sum(dim=(0, 2))[:, :m].to(ctx.param_dtypes[1])
+        return dq, dk, dv, None, None, d_lw, d_rate, None, None, None
+
+
+def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weights: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs (None when it can)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (supported: fp16, bf16, fp32)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}"
+    d = q.shape[-1]
+    if d > 256 or v.shape[-1] != d:
+        return f"head dim {d} (v head dim {v.shape[-1]}); supported: equal q/k/v head dims <= 256"
+    m = log_weights.shape[-1]
+    if not 1 <= m <= MAX_COMPONENTS:
+        return f"M={m} mixture components (supported: 1..{MAX_COMPONENTS})"
+    return None
+
+
+def ct_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    log_weights: torch.Tensor,
+    rates: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    causal: bool = True,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Fused continuous-time attention (same contract as ``ct_attention_reference``).
+
+    Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1. Differentiable in q, k, v,
+    log_weights and rates (not in the times).
+    """
+    from healthfm_core.model.attention import check_shapes
+
+    check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
+    why = check_supported(q, k, v, log_weights)
+    if why is not None:
+        raise ValueError(f"ct_attention_triton does not support {why}")
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            "ct_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton "
+            f"interpreter on CPU); got tensors on {q.device}"
+        )
+    if key_valid is None:
+        key_valid = torch.ones(t_k.shape, dtype=torch.bool, device=t_k.device)
+    if config is None:
+        config = default_config(q.shape[-1])
+    return _CTAttention.apply(q, k, v, t_q, t_k, log_weights, rates, key_valid, bool(causal), config)

@@ -1,0 +1,162 @@
+"""Model configuration: sizes, time encoding, decay-rate bounds, pretraining and curriculum knobs.
+
+The YAML files live in configs/model/<name>.yaml at the repository root (the parent of the
+healthfm_core package); Hydra composes the same files under the `model` group.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WearableEncoderConfig(_Strict):
+    """Transformer over the 30-second epochs of one patch, pooled to one token per patch."""
+
+    d_model: int = Field(gt=0)
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "WearableEncoderConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"wearable.d_model={self.d_model} is not divisible by wearable.n_heads={self.n_heads}")
+        if self.d_model % 2:
+            raise ValueError(f"wearable.d_model={self.d_model} must be even (sin/cos epoch positions)")
+        return self
+
+
+class GenomicsEncoderConfig(_Strict):
+    """MLP over the PRS vector (value*mask, mask) to a static conditioning vector."""
+
+    d_hidden: int = Field(gt=0)
+    n_layers: int = Field(default=2, ge=1)
+
+
+class PretrainingConfig(_Strict):
+    """How the pretraining objectives build their targets (the weights come per step/round)."""
+
+    ehr_mask_prob: float = Field(default=0.15, ge=0, le=1)
+    wear_mask_prob: float = Field(default=0.15, ge=0, le=1)
+    prs_mask_prob: float = Field(default=0.25, ge=0, le=1)
+    # Predictive coding: codes occurring in (anchor, anchor + horizon] after a wearable patch.
+    predictive_horizon_days: float = Field(default=180.0, gt=0)
+    max_anchors_per_sample: int = Field(default=8, ge=1)
+    # Alignment: EHR events within this many days of the wear period form the EHR summary.
+    align_window_days: float = Field(default=90.0, gt=0)
+    align_temperature: float = Field(default=0.1, gt=0)
+    # Next-visit: a visit is the set of events in one day window (floor(time) in days).
+    max_visits_per_sample: int = Field(default=8, ge=1)
+    # Weight of the repeat-code term against the new-onset term (the repeat-domination guard).
+    next_visit_repeat_weight: float = Field(default=0.1, ge=0)
+    # "log": total = sum_i w_i log(eps + L_i), i.e. each loss's gradient divided by its own
+    # magnitude (uncertainty weighting at its closed-form optimum); "none": total = sum_i w_i L_i.
+    loss_balance: Literal["log", "none"] = "log"
+    balance_eps: float = Field(default=0.01, gt=0)
+
+
+class CurriculumConfig(_Strict):
+    """Intra-modal weights first, cross-modal weights rising later (fractions of training)."""
+
+    cross_start: float = Field(default=0.1, ge=0, le=1)
+    cross_end: float = Field(default=0.5, ge=0, le=1)
+    # Intra-modal weights decay linearly from 1 to this floor over the same ramp.
+    intra_floor: float = Field(default=0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CurriculumConfig":
+        if self.cross_end < self.cross_start:
+            raise ValueError(f"curriculum.cross_end={self.cross_end} < curriculum.cross_start={self.cross_start}")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str
+    d_model: int = Field(gt=0)  # the shared space every modality maps into
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    time_encoding: Literal["ct_kernel", "sinusoidal"] = "ct_kernel"
+    # Continuous-time kernel: M components per head, rates bounded in [min, max] per day.
+    n_decay_components: int = Field(default=4, ge=1)
+    min_rate_per_day: float = Field(default=1.0 / (20 * 365.25), gt=0)
+    max_rate_per_day: float = Field(default=96.0, gt=0)
+    init_timescale_min_days: float = Field(default=1.0 / 24, gt=0)  # one hour
+    init_timescale_max_days: float = Field(default=5 * 365.25, gt=0)  # five years
+    modality_dropout: float = Field(default=0.1, ge=0, lt=1)
+    wearable: WearableEncoderConfig
+    genomics: GenomicsEncoderConfig
+    pretraining: PretrainingConfig = PretrainingConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.min_rate_per_day >= self.max_rate_per_day:
+            raise ValueError(
+                f"min_rate_per_day={self.min_rate_per_day} must be below max_rate_per_day={self.max_rate_per_day}"
+            )
+        lo, hi = 1.0 / self.max_rate_per_day, 1.0 / self.min_rate_per_day
+        for field in ("init_timescale_min_days", "init_timescale_max_days"):
+            value = getattr(self, field)
+            if not lo <= value <= hi:
+                raise ValueError(f"{field}={value} lies outside the rate bounds' timescales [{lo:.4g}, {hi:.4g}] days")
+        if self.init_timescale_min_days > self.init_timescale_max_days:
+            raise ValueError("init_timescale_min_days must not exceed init_timescale_max_days")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def log_rate_bounds(self) -> tuple[float, float]:
+        return math.log(self.min_rate_per_day), math.log(self.max_rate_per_day)
+
+
+def available_model_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def model_config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
+    """Validate a mapping (e.g. a Hydra node turned into a dict); errors name the source."""
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            where = ".".join(str(part) for part in e["loc"]) or "<top level>"
+            shown = "" if isinstance(e.get("input"), dict) else f" (value: {e.get('input')!r})"
+            lines.append(f"  {where}: {e['msg']}{shown}")
+        raise ValueError(f"invalid model config {source}:\n" + "\n".join(lines)) from None
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """`tiny` / `small` / `paper` (configs/model/<name>.yaml) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        path = candidate
+    else:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model config {str(name_or_path)!r} not found at {path} (known: {', '.join(available_model_configs())})"
+        )
+    with path.open() as handle:
+        data = yaml.safe_load(handle)
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid model config {path}: expected a mapping at top level, got {type(data).__name__}")
+    return model_config_from_dict(data, source=str(path))

@@ -1,0 +1,527 @@
+"""HealthFM: modality encoders into one space, a continuous-time attention backbone, heads.
+
+Read top to bottom:
+  1. time features (the bounded decay kernel, DecayKernel, lives in attention.py),
+  2. the backbone block (pre-norm, continuous-time attention, FiLM from genomics),
+  3. the three encoders (EHR events, wearable patches, PRS vector),
+  4. the heads the pretraining objectives use,
+  5. HealthFM: token assembly, modality dropout, forward / embed / pretraining_losses.
+
+Module names are part of the federation contract: every state_dict key starts with a prefix
+that `healthfm_core.model.groups.parameter_group` maps to one group (ehr_encoder.,
+wearable_encoder., genomics_encoder., backbone., heads.ehr_/wear_/prs_).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from healthfm_core.data.batch import MASK_CODE, PAD_CODE, WEARABLE_CHANNELS, Batch
+from healthfm_core.model.attention import DecayKernel, ct_attention
+from healthfm_core.model.config import ModelConfig
+
+if TYPE_CHECKING:  # objectives imports this module; only the type is needed here
+    from healthfm_core.model.objectives import ObjectiveWeights
+
+EPOCH_DAYS = 30.0 / 86400.0  # one wearable epoch (30 s) in days
+N_CHANNELS = len(WEARABLE_CHANNELS)
+# The "no decay" rate of the sinusoidal ablation: the contract wants lambda > 0; at 1e-9/day
+# log K(dt) stays above -1e-5 for any dt under 27 years, i.e. attention is content-only.
+_FLAT_RATE = 1e-9
+MODALITIES = ("ehr", "wearables", "genomics")
+
+
+# ----------------------------------------------------------------------------- time features
+
+
+def sinusoidal_features(x: Tensor, periods: Tensor) -> Tensor:
+    """[..] -> [.., 2F]: sin/cos of 2*pi*x/period. Computed in fp64: t*24 in days overflows fp32 precision."""
+    angle = 2 * math.pi * x.double()[..., None] / periods.double()
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).to(torch.float32)
+
+
+def _log_periods(n: int, lo: float, hi: float, device: torch.device | None = None) -> Tensor:
+    return torch.logspace(math.log10(lo), math.log10(hi), n, device=device, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+class CTSelfAttention(nn.Module):
+    """Multi-head self-attention over token times with the continuous-time kernel (time-causal).
+
+    `self.decay` is a module whose forward() gives (log_weights [H,M], rates [H,M]); None means
+    the sinusoidal ablation, where the kernel is flat and time enters through token embeddings.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.decay: DecayKernel | None = None
+        if cfg.time_encoding == "ct_kernel":
+            # Mixture log-weights (log-softmax) and rates bounded in [min, max] per day, initialised
+            # at log-spaced timescales (an hour to years): the guard against rate collapse.
+            # DecayKernel's __init__ reads values on the host (.item()), which fails inside a
+            # `with torch.device("meta")` block: build it on CPU, then follow the ambient device.
+            ambient = torch.get_default_device()
+            with torch.device("cpu"):
+                decay = DecayKernel(
+                    cfg.n_heads,
+                    cfg.n_decay_components,
+                    rate_min=cfg.min_rate_per_day,
+                    rate_max=cfg.max_rate_per_day,
+                    timescale_min_days=cfg.init_timescale_min_days,
+                    timescale_max_days=cfg.init_timescale_max_days,
+                )
+            self.decay = decay.to(ambient)
+
+    def kernel(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.decay is not None:
+            return self.decay()
+        flat_log_weights = torch.zeros(self.n_heads, 1, device=device)
+        return flat_log_weights, torch.full((self.n_heads, 1), _FLAT_RATE, device=device)
+
+    def forward(self, x: Tensor, times: Tensor, key_valid: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        log_weights, rates = self.kernel(x.device)
+        out = ct_attention(q, k, v, times, times, log_weights, rates, key_valid=key_valid, causal=True)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def _mlp(d_in: int, ratio: float, dropout: float) -> nn.Sequential:
+    hidden = int(round(d_in * ratio))
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_in))
+
+
+def _modulate(h: Tensor, film: Tensor | None) -> Tensor:
+    """Adaptive layer norm: h * (1 + scale) + shift, film = [B, 2d] (None = no genomics)."""
+    if film is None:
+        return h
+    scale, shift = film.chunk(2, dim=-1)
+    return h * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CTSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = _mlp(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, times: Tensor, key_valid: Tensor, film: Tensor | None) -> Tensor:
+        film_attn, film_mlp = film.chunk(2, dim=-1) if film is not None else (None, None)
+        x = x + self.drop(self.attn(_modulate(self.norm1(x), film_attn), times, key_valid))
+        return x + self.drop(self.mlp(_modulate(self.norm2(x), film_mlp)))
+
+
+class Backbone(nn.Module):
+    """Shared temporal backbone: a query token, optional sinusoidal time embedding, blocks."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.query_token = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+        self.time_embedding: nn.Linear | None = None
+        if cfg.time_encoding == "sinusoidal":
+            n_freq = max(cfg.d_model // 4, 4)
+            # Periods from an hour to ten years, the span the ct kernel's timescales cover.
+            self.register_buffer("time_periods", _log_periods(n_freq, 1.0 / 24, 3652.5).float(), persistent=False)
+            self.time_embedding = nn.Linear(2 * n_freq, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model)
+
+    def embed_time(self, x: Tensor, times: Tensor) -> Tensor:
+        if self.time_embedding is None:
+            return x
+        return x + self.time_embedding(sinusoidal_features(times, self.time_periods))
+
+    def forward(self, x: Tensor, times: Tensor, key_valid: Tensor, film: list[Tensor] | None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, times, key_valid, film[i] if film is not None else None)
+        return _modulate(self.final_norm(x), film[-1] if film is not None else None)
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+class EHREncoder(nn.Module):
+    """One token per event: code embedding + (has_value) * MLP(value) + EHR modality embedding."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.code_embedding = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD_CODE)
+        self.value_mlp = nn.Sequential(nn.Linear(1, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+        self.modality_embedding = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+
+    def forward(self, codes: Tensor, values: Tensor, has_value: Tensor) -> Tensor:
+        value_part = self.value_mlp(values[..., None]) * has_value[..., None].to(values.dtype)
+        return self.code_embedding(codes) + value_part + self.modality_embedding
+
+
+class EpochBlock(nn.Module):
+    """Pre-norm transformer block over the epochs of a patch (no time kernel: epochs are evenly spaced)."""
+
+    def __init__(self, d: int, n_heads: int, ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = _mlp(d, ratio, dropout)
+
+    def forward(self, x: Tensor, epoch_present: Tensor) -> Tensor:
+        n, e, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, e, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # Every patch handed in has at least one present epoch, so no softmax row is empty.
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=epoch_present[:, None, None, :])
+        x = x + self.proj(attn.transpose(1, 2).reshape(n, e, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class WearableEncoder(nn.Module):
+    """Epochs of one patch ([value*mask, mask] per channel + epoch position) -> one d_model token."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w = cfg.wearable
+        self.input_proj = nn.Linear(2 * N_CHANNELS, w.d_model)
+        # Position of an epoch inside its patch: periods from 2 epochs to a day, fixed (no max length).
+        self.register_buffer("position_periods", _log_periods(w.d_model // 2, 2.0, 2880.0).float(), persistent=False)
+        self.blocks = nn.ModuleList(EpochBlock(w.d_model, w.n_heads, w.mlp_ratio, cfg.dropout) for _ in range(w.n_layers))
+        self.norm = nn.LayerNorm(w.d_model)
+        self.out_proj = nn.Linear(w.d_model, cfg.d_model)
+        self.modality_embedding = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+        # Stands in for a patch hidden by masked reconstruction.
+        self.mask_token = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+
+    def forward(self, epochs: Tensor, epoch_mask: Tensor) -> Tensor:
+        """epochs / epoch_mask [n, E, C] (every patch with >= 1 present epoch) -> [n, d_model]."""
+        n, e, _ = epochs.shape
+        mask = epoch_mask.to(epochs.dtype)
+        x = self.input_proj(torch.cat([epochs * mask, mask], dim=-1))
+        positions = torch.arange(e, device=epochs.device, dtype=torch.float32)
+        pe = sinusoidal_features(positions, self.position_periods)
+        x = x + pe[None, :, : x.shape[-1]]
+        present = epoch_mask.any(dim=-1)
+        for block in self.blocks:
+            x = block(x, present)
+        weights = present.to(x.dtype)[..., None]
+        pooled = (self.norm(x) * weights).sum(dim=1) / weights.sum(dim=1)
+        return self.out_proj(pooled) + self.modality_embedding
+
+
+class GenomicsEncoder(nn.Module):
+    """PRS vector with missing traits masked -> static conditioning vector -> FiLM per block.
+
+    Genomics is not a token: it modulates every layer norm of the backbone (adaptive layer norm),
+    so its effect does not decay with time. The FiLM projections start at zero (identity).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_prs_traits: int) -> None:
+        super().__init__()
+        g = cfg.genomics
+        layers: list[nn.Module] = []
+        d_in = 2 * n_prs_traits
+        for _ in range(g.n_layers):
+            layers += [nn.Linear(d_in, g.d_hidden), nn.GELU()]
+            d_in = g.d_hidden
+        self.mlp = nn.Sequential(*layers)
+        self.film_blocks = nn.ModuleList(nn.Linear(g.d_hidden, 4 * cfg.d_model) for _ in range(cfg.n_layers))
+        self.film_final = nn.Linear(g.d_hidden, 2 * cfg.d_model)
+        for layer in [*self.film_blocks, self.film_final]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, prs: Tensor, prs_valid: Tensor, present: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """-> (cond [B, d_hidden], FiLM tensors per block and final norm); zero where not present."""
+        mask = prs_valid.to(prs.dtype)
+        cond = self.mlp(torch.cat([prs * mask, mask], dim=-1))
+        gate = present.to(cond.dtype)[:, None]
+        film = [layer(cond) * gate for layer in [*self.film_blocks, self.film_final]]
+        return cond, film
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+class WearableReconstructionHead(nn.Module):
+    """Backbone state of a masked patch + epoch position -> the C channels of every epoch."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n_freq = 16
+        self.register_buffer("position_periods", _log_periods(n_freq, 2.0, 2880.0).float(), persistent=False)
+        self.position = nn.Linear(2 * n_freq, cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, N_CHANNELS))
+
+    def forward(self, states: Tensor, n_epochs: int) -> Tensor:
+        """[k, d] -> [k, E, C]."""
+        positions = torch.arange(n_epochs, device=states.device, dtype=torch.float32)
+        pe = self.position(sinusoidal_features(positions, self.position_periods))
+        return self.mlp(states[:, None, :] + pe[None])
+
+
+def build_heads(cfg: ModelConfig, vocab_size: int, n_prs_traits: int) -> nn.ModuleDict:
+    """Pretraining heads. The name prefix is the group: ehr_ (trained by EHR alone), wear_ (needs
+    wearables: the cross-modal wearable->EHR heads live here because only a site holding
+    wearables can ever train them), prs_ (genomics)."""
+    d = cfg.d_model
+    return nn.ModuleDict(
+        {
+            "ehr_code": nn.Linear(d, vocab_size),
+            "ehr_value": nn.Linear(d, 1),
+            "ehr_next_visit": nn.Linear(d, vocab_size),
+            "wear_recon": WearableReconstructionHead(cfg),
+            "wear_predictive": nn.Linear(d, vocab_size),
+            "wear_align": nn.Linear(d, d),
+            "wear_align_ehr": nn.Linear(d, d),
+            "prs_recon": nn.Linear(cfg.genomics.d_hidden, n_prs_traits),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ReconstructionMasks:
+    """What masked reconstruction hides: EHR events [B,N], wearable patches [B,P], PRS traits [B,T]."""
+
+    ehr: Tensor | None = None
+    wear: Tensor | None = None
+    prs: Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    """Sequence layout: [EHR events (n_ehr) | wearable patches (n_wear) | query at prediction_time].
+
+    A modality absent from the whole batch has width 0. Masks are the effective ones (after the
+    prediction_time cut and modality dropout).
+    """
+
+    states: Tensor  # [B, L, d] final (normed) token states
+    times: Tensor  # [B, L] token times in days
+    key_valid: Tensor  # [B, L] tokens other tokens may attend to (query excluded)
+    n_ehr: int
+    n_wear: int
+    ehr_valid: Tensor  # [B, n_ehr]
+    wear_valid: Tensor  # [B, n_wear]
+    epoch_valid: Tensor  # [B, n_wear, E, C]
+    present: dict[str, Tensor]  # modality -> [B] bool, after dropout
+    ehr_tokens: Tensor | None  # [B, n_ehr, d] encoder outputs as fed (masked events = MASK code)
+    wear_tokens: Tensor | None  # [B, n_wear, d] encoder outputs before patch masking
+    genomics_cond: Tensor | None  # [B, d_hidden]
+    embedding: Tensor  # [B, d] the query state at prediction_time
+
+    @property
+    def ehr_states(self) -> Tensor:
+        return self.states[:, : self.n_ehr]
+
+    @property
+    def wear_states(self) -> Tensor:
+        return self.states[:, self.n_ehr : self.n_ehr + self.n_wear]
+
+
+class HealthFM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_prs_traits: int) -> None:
+        super().__init__()
+        if vocab_size <= MASK_CODE + 1:
+            raise ValueError(f"vocab_size={vocab_size} leaves no room for real codes after the special ids")
+        if n_prs_traits < 1:
+            raise ValueError(f"n_prs_traits={n_prs_traits} must be >= 1")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.n_prs_traits = n_prs_traits
+        self.ehr_encoder = EHREncoder(cfg, vocab_size)
+        self.wearable_encoder = WearableEncoder(cfg)
+        self.genomics_encoder = GenomicsEncoder(cfg, n_prs_traits)
+        self.backbone = Backbone(cfg)
+        self.heads = build_heads(cfg, vocab_size, n_prs_traits)
+        self.apply(self._init_weights)
+        for layer in [*self.genomics_encoder.film_blocks, self.genomics_encoder.film_final]:
+            nn.init.zeros_(layer.weight)  # start FiLM at identity (re-zero after _init_weights)
+            nn.init.zeros_(layer.bias)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _check_batch(self, batch: Batch) -> None:
+        if batch.prs.shape[-1] != self.n_prs_traits:
+            raise ValueError(f"batch.prs has {batch.prs.shape[-1]} traits, the model expects {self.n_prs_traits}")
+        if batch.wear_epochs.shape[-1] != N_CHANNELS:
+            raise ValueError(f"batch.wear_epochs has {batch.wear_epochs.shape[-1]} channels, expected {N_CHANNELS}")
+        if batch.codes.numel() and int(batch.codes.max()) >= self.vocab_size:
+            raise ValueError(f"batch.codes holds id {int(batch.codes.max())} >= vocab_size={self.vocab_size}")
+
+    def _modality_dropout(self, present: Tensor, generator: torch.Generator | None) -> Tensor:
+        """present [B,3] -> kept [B,3]: drop each whole modality of a sample with prob p, never all."""
+        p = self.cfg.modality_dropout
+        if not self.training or p == 0:
+            return present
+        draw = torch.rand(present.shape, generator=generator).to(present.device)
+        kept = present & (draw >= p)
+        # A sample that would lose everything keeps the present modality with the highest draw.
+        lost_all = present.any(dim=1) & ~kept.any(dim=1)
+        rescue = F.one_hot(torch.where(present, draw, -1.0).argmax(dim=1), present.shape[1]).bool()
+        return kept | (rescue & lost_all[:, None])
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        batch: Batch,
+        masks: ReconstructionMasks | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ModelOutput:
+        """Encode every modality present, run the backbone, return token states and masks.
+
+        Uses nothing later than each sample's prediction_time: events after it and wearable
+        epochs starting after it are dropped here too (the pipeline already filters them).
+        """
+        self._check_batch(batch)
+        masks = masks or ReconstructionMasks()
+        pt = batch.prediction_time.float()
+        b = batch.batch_size
+        device = pt.device
+
+        ehr_valid = batch.ehr_valid & (batch.times <= pt[:, None])
+        n_epochs = batch.wear_epochs.shape[2]
+        epoch_start = batch.wear_times[:, :, None] + EPOCH_DAYS * torch.arange(n_epochs, device=device)
+        epoch_valid = batch.wear_epoch_mask & (epoch_start <= pt[:, None, None])[..., None]
+        wear_valid = batch.wear_valid & epoch_valid.flatten(2).any(dim=-1)
+        prs_valid = batch.prs_valid
+        present = torch.stack([ehr_valid.any(1), wear_valid.any(1), prs_valid.any(1)], dim=1)
+        kept = self._modality_dropout(present, generator)
+        ehr_valid = ehr_valid & kept[:, 0, None]
+        wear_valid = wear_valid & kept[:, 1, None]
+        epoch_valid = epoch_valid & wear_valid[:, :, None, None]
+        genomics_present = kept[:, 2]
+
+        pieces: list[Tensor] = []
+        piece_times: list[Tensor] = []
+        piece_valid: list[Tensor] = []
+
+        # EHR events (skipped entirely when no sample has any: the ehr group then gets no grad).
+        ehr_tokens = None
+        n_ehr = batch.codes.shape[1] if bool(ehr_valid.any()) else 0
+        if n_ehr:
+            codes, has_value, values = batch.codes, batch.has_value, batch.values
+            if masks.ehr is not None:
+                hide = masks.ehr & ehr_valid
+                codes = torch.where(hide, torch.full_like(codes, MASK_CODE), codes)
+                has_value = has_value & ~hide
+                values = values.masked_fill(hide, 0.0)
+            codes = codes.masked_fill(~ehr_valid, PAD_CODE)
+            ehr_tokens = self.ehr_encoder(codes, values.float(), has_value & ehr_valid)
+            pieces.append(ehr_tokens)
+            piece_times.append(batch.times.float())
+            piece_valid.append(ehr_valid)
+
+        # Wearable patches: one token each, at the time the patch is complete (capped at prediction_time).
+        wear_tokens = None
+        n_wear = batch.wear_epochs.shape[1] if bool(wear_valid.any()) else 0
+        if n_wear:
+            flat = self.wearable_encoder(batch.wear_epochs[wear_valid].float(), epoch_valid[wear_valid])
+            wear_tokens = flat.new_zeros(b, n_wear, flat.shape[-1]).index_put((*wear_valid.nonzero(as_tuple=True),), flat)
+            fed = wear_tokens
+            if masks.wear is not None:
+                hide = (masks.wear & wear_valid)[..., None]
+                fed = torch.where(hide, self.wearable_encoder.mask_token.to(fed.dtype), fed)
+            pieces.append(fed)
+            patch_end = batch.wear_times.float() + n_epochs * EPOCH_DAYS
+            piece_times.append(torch.minimum(patch_end, pt[:, None]))
+            piece_valid.append(wear_valid)
+
+        # Query token at prediction_time: it reads the history but no token reads it.
+        pieces.append(self.backbone.query_token.expand(b, 1, -1))
+        piece_times.append(pt[:, None])
+        piece_valid.append(torch.zeros(b, 1, dtype=torch.bool, device=device))
+
+        times = torch.cat(piece_times, dim=1)
+        key_valid = torch.cat(piece_valid, dim=1)
+        x = self.backbone.embed_time(torch.cat(pieces, dim=1), times)
+
+        genomics_cond, film = None, None
+        if bool(genomics_present.any()):
+            shown = prs_valid & genomics_present[:, None]
+            if masks.prs is not None:
+                shown = shown & ~masks.prs
+            genomics_cond, film = self.genomics_encoder(batch.prs.float(), shown, genomics_present)
+
+        states = self.backbone(x, times, key_valid, film)
+        return ModelOutput(
+            states=states,
+            times=times,
+            key_valid=key_valid,
+            n_ehr=n_ehr,
+            n_wear=n_wear,
+            ehr_valid=ehr_valid[:, :n_ehr],
+            wear_valid=wear_valid[:, :n_wear],
+            epoch_valid=epoch_valid[:, :n_wear],
+            present={"ehr": kept[:, 0], "wearables": kept[:, 1], "genomics": genomics_present},
+            ehr_tokens=ehr_tokens,
+            wear_tokens=wear_tokens,
+            genomics_cond=genomics_cond,
+            embedding=states[:, -1],
+        )
+
+    def embed(self, batch: Batch) -> Tensor:
+        """[B, d] representation at prediction_time (the query token's final state)."""
+        return self.forward(batch).embedding
+
+    def pretraining_losses(
+        self,
+        batch: Batch,
+        weights: "ObjectiveWeights",
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Every pretraining loss by name plus the balanced weighted "total" (see objectives.py)."""
+        from healthfm_core.model.objectives import pretraining_losses
+
+        return pretraining_losses(self, batch, weights, generator)
+
+    # -- reports -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decay_rate_summary(self) -> dict[str, float]:
+        """Range of the learned decay rates over all layers and heads (log it: collapse shows here)."""
+        rates = [blk.attn.decay()[1].flatten() for blk in self.backbone.blocks if blk.attn.decay is not None]
+        if not rates:
+            return {}
+        r = torch.cat(rates).float()
+        log_lo, log_hi = self.cfg.log_rate_bounds
+        span = log_hi - log_lo
+        near_bound = ((r.log() - log_lo) < 0.01 * span) | ((log_hi - r.log()) < 0.01 * span)
+        return {
+            "rate_min_per_day": float(r.min()),
+            "rate_max_per_day": float(r.max()),
+            "timescale_min_days": float(1 / r.max()),
+            "timescale_max_days": float(1 / r.min()),
+            "rate_at_bound_fraction": float(near_bound.float().mean()),
+        }
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

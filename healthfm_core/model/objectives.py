@@ -1,0 +1,351 @@
+"""Pretraining objectives, their weights, the curriculum and the loss balancing.
+
+Losses (each returned by name; 0 when the batch holds no data for it, never NaN):
+  ehr_masked_code   masked EHR events -> code id (cross-entropy over the vocabulary)
+  ehr_masked_value  masked EHR events with a value -> the normalised value (MSE)
+  wear_masked       masked wearable patches -> every epoch's channels (MSE over observed ones)
+  prs_masked        masked PRS traits -> their scores from the other traits (MSE)
+  next_visit        the set of codes of a later visit from the state just before it (multi-label
+                    BCE); codes already in the history form a separate "repeat" term weighted by
+                    `next_visit_repeat_weight`, so copying the history cannot dominate the loss
+  predictive        asymmetric predictive coding: the state at a wearable patch predicts which EHR
+                    codes occur in (patch end, patch end + horizon] (multi-label BCE)
+  align             InfoNCE between the wearable summary and the EHR summary (events within
+                    `align_window_days` of the wear period) of the same sample
+Intra-modal: the first five. Cross-modal: predictive, align.
+
+Balancing (PretrainingConfig.loss_balance):
+  "log":  total = sum_i w_i * log(eps + L_i). Its gradient is w_i * grad(L_i) / (eps + L_i): every
+          loss is scaled by its own current magnitude, so a cross-entropy over thousands of codes
+          (~log V) cannot swamp an MSE on normalised wearables (~1). This is uncertainty
+          weighting (Kendall et al. 2018) with each sigma_i^2 at its closed-form optimum L_i, with
+          no extra parameters or state (so federated averaging and checkpoint resume are unaffected).
+  "none": total = sum_i w_i * L_i.
+The multi-label losses average positives and negatives separately (balanced BCE), so a vocabulary
+of mostly-absent codes does not reduce them to "predict nothing".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from healthfm_core.data.batch import N_SPECIAL_CODES, Batch
+from healthfm_core.model.config import CurriculumConfig, ModelConfig, PretrainingConfig
+from healthfm_core.model.healthfm import HealthFM, ModelOutput, ReconstructionMasks
+
+INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit")
+CROSS_MODAL = ("predictive", "align")
+LOSS_NAMES = INTRA_MODAL + CROSS_MODAL
+
+
+class ObjectiveWeights(BaseModel):
+    """One non-negative weight per objective (a server sends these each round)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ehr_masked_code: float = Field(default=1.0, ge=0)
+    ehr_masked_value: float = Field(default=1.0, ge=0)
+    wear_masked: float = Field(default=1.0, ge=0)
+    prs_masked: float = Field(default=1.0, ge=0)
+    next_visit: float = Field(default=1.0, ge=0)
+    predictive: float = Field(default=1.0, ge=0)
+    align: float = Field(default=1.0, ge=0)
+
+    def to_flat(self, prefix: str = "weight.") -> dict[str, float]:
+        """Flat float mapping, e.g. for a Flower ConfigRecord."""
+        return {f"{prefix}{name}": float(value) for name, value in self.model_dump().items()}
+
+    @classmethod
+    def from_flat(cls, record: Mapping[str, object], prefix: str = "weight.") -> "ObjectiveWeights":
+        """Inverse of to_flat; keys without the prefix are ignored, unknown weight names rejected."""
+        return cls.model_validate({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
+
+
+def curriculum_weights(step: int, total: int, cfg: ModelConfig | CurriculumConfig) -> ObjectiveWeights:
+    """Weights at `step` of `total` (steps or rounds): intra-modal objectives first, cross-modal rising.
+
+    With progress s = step/total, the cross-modal weight ramps linearly from 0 (s <= cross_start) to
+    1 (s >= cross_end); the intra-modal weight falls over the same ramp from 1 to intra_floor.
+    """
+    cur = cfg.curriculum if isinstance(cfg, ModelConfig) else cfg
+    if total <= 0:
+        raise ValueError(f"curriculum total={total} must be positive")
+    if step < 0:
+        raise ValueError(f"curriculum step={step} must be >= 0")
+    progress = min(step / total, 1.0)
+    if cur.cross_end > cur.cross_start:
+        ramp = min(max((progress - cur.cross_start) / (cur.cross_end - cur.cross_start), 0.0), 1.0)
+    else:
+        ramp = 1.0 if progress >= cur.cross_start else 0.0
+    intra = 1.0 - (1.0 - cur.intra_floor) * ramp
+    return ObjectiveWeights(**dict.fromkeys(INTRA_MODAL, intra), **dict.fromkeys(CROSS_MODAL, ramp))
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _rand(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator).to(device)
+
+
+def _at_least_one(mask: Tensor, valid: Tensor, draw: Tensor) -> Tensor:
+    """Add one random valid position to every row that has valid positions but none in `mask`."""
+    if mask.shape[1] == 0:
+        return mask
+    rows = valid.any(dim=1) & ~mask.any(dim=1)
+    pick = torch.where(valid, draw, -1.0).argmax(dim=1)
+    return mask | (F.one_hot(pick, mask.shape[1]).bool() & rows[:, None])
+
+
+def sample_masks(batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None = None) -> ReconstructionMasks:
+    """Masked-reconstruction positions: each valid item with its modality's probability, at least
+    one per sample that has the modality; PRS keeps at least one trait visible (else no mask)."""
+    device = batch.codes.device
+    pt = batch.prediction_time[:, None]
+    ehr_valid = batch.ehr_valid & (batch.times <= pt)
+    draw = _rand(ehr_valid.shape, generator, device)
+    ehr = _at_least_one((draw < cfg.ehr_mask_prob) & ehr_valid, ehr_valid, draw)
+
+    wear_valid = batch.wear_valid & (batch.wear_times <= pt)
+    draw = _rand(wear_valid.shape, generator, device)
+    wear = _at_least_one((draw < cfg.wear_mask_prob) & wear_valid, wear_valid, draw)
+
+    prs_valid = batch.prs_valid
+    draw = _rand(prs_valid.shape, generator, device)
+    maskable = prs_valid & (prs_valid.sum(dim=1, keepdim=True) >= 2)
+    prs = _at_least_one((draw < cfg.prs_mask_prob) & maskable, maskable, draw)
+    # Keep the highest-draw valid trait visible where everything got masked.
+    all_hidden = maskable.any(dim=1) & ~(maskable & ~prs).any(dim=1)
+    keep = F.one_hot(torch.where(maskable, draw, -1.0).argmax(dim=1), prs.shape[1]).bool()
+    prs = prs & ~(keep & all_hidden[:, None])
+    return ReconstructionMasks(ehr=ehr, wear=wear, prs=prs)
+
+
+# ----------------------------------------------------------------------------- loss pieces
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask.to(x.dtype)).sum() / mask.sum().clamp_min(1)
+
+
+def balanced_bce(logits: Tensor, targets: Tensor, include: Tensor) -> Tensor | None:
+    """Mean BCE over included positives plus mean over included negatives, halved; None if nothing included."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    positive = include & (targets > 0.5)
+    negative = include & (targets <= 0.5)
+    terms = [_masked_mean(bce, m) for m in (positive, negative) if bool(m.any())]
+    return torch.stack(terms).mean() if terms else None
+
+
+def _multi_hot(code_lists: list[Tensor], vocab_size: int, device: torch.device) -> Tensor:
+    out = torch.zeros(len(code_lists), vocab_size, device=device)
+    for row, codes in enumerate(code_lists):
+        out[row, codes] = 1.0
+    return out
+
+
+def ehr_reconstruction_losses(model: HealthFM, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+    if out.n_ehr == 0 or masks.ehr is None:
+        return {}
+    hidden = masks.ehr[:, : out.n_ehr] & out.ehr_valid
+    if not bool(hidden.any()):
+        return {}
+    states = out.ehr_states[hidden]
+    losses = {"ehr_masked_code": F.cross_entropy(model.heads["ehr_code"](states).float(), batch.codes[hidden])}
+    with_value = batch.has_value[hidden]
+    if bool(with_value.any()):
+        predicted = model.heads["ehr_value"](states[with_value]).squeeze(-1).float()
+        losses["ehr_masked_value"] = F.mse_loss(predicted, batch.values[hidden][with_value].float())
+    return losses
+
+
+def wearable_reconstruction_loss(model: HealthFM, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+    if out.n_wear == 0 or masks.wear is None:
+        return {}
+    hidden = masks.wear[:, : out.n_wear] & out.wear_valid
+    if not bool(hidden.any()):
+        return {}
+    n_epochs = batch.wear_epochs.shape[2]
+    predicted = model.heads["wear_recon"](out.wear_states[hidden], n_epochs).float()
+    target = batch.wear_epochs[:, : out.n_wear][hidden].float()
+    observed = out.epoch_valid[hidden]
+    return {"wear_masked": _masked_mean((predicted - target) ** 2, observed)}
+
+
+def prs_reconstruction_loss(model: HealthFM, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+    if out.genomics_cond is None or masks.prs is None:
+        return {}
+    hidden = masks.prs & batch.prs_valid & out.present["genomics"][:, None]
+    if not bool(hidden.any()):
+        return {}
+    predicted = model.heads["prs_recon"](out.genomics_cond).float()
+    return {"prs_masked": _masked_mean((predicted - batch.prs.float()) ** 2, hidden)}
+
+
+def next_visit_loss(
+    model: HealthFM, out: ModelOutput, batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None
+) -> dict[str, Tensor]:
+    """For up to max_visits_per_sample visits after a sample's first, the latest token strictly
+    before the visit predicts the visit's codes; new-onset and repeat codes are separate terms."""
+    if out.n_ehr == 0:
+        return {}
+    contexts: list[tuple[int, int]] = []
+    visit_codes: list[Tensor] = []
+    history_codes: list[Tensor] = []
+    for b in range(batch.batch_size):
+        valid = out.ehr_valid[b]
+        if int(valid.sum()) < 2:
+            continue
+        times = batch.times[b, : out.n_ehr][valid]
+        codes = batch.codes[b, : out.n_ehr][valid]
+        days = torch.floor(times)
+        later_days = torch.unique(days)[1:]  # a visit = the events of one day window
+        if later_days.numel() == 0:
+            continue
+        order = torch.randperm(later_days.numel(), generator=generator)[: cfg.max_visits_per_sample]
+        key_times = out.times[b].masked_fill(~out.key_valid[b], float("inf"))
+        for day in later_days[order.to(later_days.device)]:
+            in_visit = days == day
+            start = times[in_visit].min()
+            before = key_times < start
+            if not bool(before.any()):
+                continue
+            context = int(torch.where(before, key_times, -float("inf")).argmax())
+            contexts.append((b, context))
+            visit_codes.append(codes[in_visit])
+            history_codes.append(codes[times < start])
+    if not contexts:
+        return {}
+    device = out.states.device
+    index = torch.tensor(contexts, device=device)
+    logits = model.heads["ehr_next_visit"](out.states[index[:, 0], index[:, 1]])
+    targets = _multi_hot(visit_codes, model.vocab_size, device)
+    seen = _multi_hot(history_codes, model.vocab_size, device).bool()
+    real = (torch.arange(model.vocab_size, device=device) >= N_SPECIAL_CODES)[None, :]
+    new_onset = balanced_bce(logits, targets, real & ~seen)
+    repeat = balanced_bce(logits, targets, real & seen)
+    terms = [t for t in (new_onset, None if repeat is None else cfg.next_visit_repeat_weight * repeat) if t is not None]
+    return {"next_visit": torch.stack(terms).sum()} if terms else {}
+
+
+def predictive_coding_loss(
+    model: HealthFM,
+    out: ModelOutput,
+    batch: Batch,
+    masks: ReconstructionMasks,
+    cfg: PretrainingConfig,
+    generator: torch.Generator | None,
+) -> dict[str, Tensor]:
+    """State at a wearable patch -> codes in (patch time, patch time + horizon]. Targets come from
+    the batch's EHR events (also when EHR was dropped from the model's input), and an anchor
+    counts only if the record continues after it (else absence of codes is censoring)."""
+    if out.n_wear == 0:
+        return {}
+    events = batch.ehr_valid & (batch.times <= batch.prediction_time[:, None])
+    anchors_ok = out.wear_valid.clone()
+    if masks.wear is not None:
+        anchors_ok &= ~masks.wear[:, : out.n_wear]
+    anchors: list[tuple[int, int]] = []
+    window_codes: list[Tensor] = []
+    for b in range(batch.batch_size):
+        if not bool(events[b].any()):
+            continue
+        times = batch.times[b][events[b]]
+        codes = batch.codes[b][events[b]]
+        patch_times = out.times[b, out.n_ehr : out.n_ehr + out.n_wear]
+        candidates = (anchors_ok[b] & (patch_times < times.max())).nonzero().flatten()
+        if candidates.numel() == 0:
+            continue
+        order = torch.randperm(candidates.numel(), generator=generator)[: cfg.max_anchors_per_sample]
+        for patch in candidates[order.to(candidates.device)]:
+            start = patch_times[patch]
+            in_window = (times > start) & (times <= start + cfg.predictive_horizon_days)
+            anchors.append((b, out.n_ehr + int(patch)))
+            window_codes.append(codes[in_window])
+    if not anchors:
+        return {}
+    device = out.states.device
+    index = torch.tensor(anchors, device=device)
+    logits = model.heads["wear_predictive"](out.states[index[:, 0], index[:, 1]])
+    targets = _multi_hot(window_codes, model.vocab_size, device)
+    real = (torch.arange(model.vocab_size, device=device) >= N_SPECIAL_CODES)[None, :].expand_as(targets)
+    loss = balanced_bce(logits, targets, real)
+    return {"predictive": loss} if loss is not None else {}
+
+
+def alignment_loss(model: HealthFM, out: ModelOutput, batch: Batch, cfg: PretrainingConfig) -> dict[str, Tensor]:
+    """Symmetric InfoNCE between encoder-level wearable and EHR summaries (pre-backbone, so each
+    summary holds one modality only). Other samples of the same subject are not negatives."""
+    if out.wear_tokens is None or out.ehr_tokens is None:
+        return {}
+    wear_w = out.wear_valid.to(out.wear_tokens.dtype)[..., None]
+    wear_summary = (out.wear_tokens * wear_w).sum(1) / wear_w.sum(1).clamp_min(1)
+    patch_times = out.times[:, out.n_ehr : out.n_ehr + out.n_wear]
+    wear_start = patch_times.masked_fill(~out.wear_valid, float("inf")).min(dim=1).values
+    wear_end = patch_times.masked_fill(~out.wear_valid, -float("inf")).max(dim=1).values
+    ehr_times = batch.times[:, : out.n_ehr]
+    near = (
+        out.ehr_valid
+        & (ehr_times >= (wear_start - cfg.align_window_days)[:, None])
+        & (ehr_times <= (wear_end + cfg.align_window_days)[:, None])
+    )
+    ehr_w = near.to(out.ehr_tokens.dtype)[..., None]
+    ehr_summary = (out.ehr_tokens * ehr_w).sum(1) / ehr_w.sum(1).clamp_min(1)
+    rows = out.wear_valid.any(1) & near.any(1)
+    if int(rows.sum()) < 2:
+        return {}
+    z_wear = F.normalize(model.heads["wear_align"](wear_summary[rows]).float(), dim=-1)
+    z_ehr = F.normalize(model.heads["wear_align_ehr"](ehr_summary[rows]).float(), dim=-1)
+    logits = z_wear @ z_ehr.t() / cfg.align_temperature
+    subjects = batch.subject_id[rows]
+    eye = torch.eye(len(subjects), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill((subjects[:, None] == subjects[None, :]) & ~eye, -float("inf"))
+    target = torch.arange(len(subjects), device=logits.device)
+    return {"align": 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))}
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+def combine_losses(losses: Mapping[str, Tensor], weights: ObjectiveWeights, cfg: PretrainingConfig) -> Tensor | None:
+    """The balanced weighted total over the losses present with weight > 0 (None if there are none)."""
+    w = weights.model_dump()
+    terms = []
+    for name, loss in losses.items():
+        if w[name] <= 0:
+            continue
+        scaled = torch.log(cfg.balance_eps + loss) if cfg.loss_balance == "log" else loss
+        terms.append(w[name] * scaled)
+    return torch.stack(terms).sum() if terms else None
+
+
+def pretraining_losses(
+    model: HealthFM, batch: Batch, weights: ObjectiveWeights, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Every loss of LOSS_NAMES (0 where the batch has no data for it) plus "total".
+
+    Modality dropout (in training mode) and the reconstruction masks draw from `generator`.
+    """
+    cfg = model.cfg.pretraining
+    masks = sample_masks(batch, cfg, generator)
+    out = model(batch, masks=masks, generator=generator)
+    losses: dict[str, Tensor] = {}
+    losses.update(ehr_reconstruction_losses(model, out, batch, masks))
+    losses.update(wearable_reconstruction_loss(model, out, batch, masks))
+    losses.update(prs_reconstruction_loss(model, out, batch, masks))
+    losses.update(next_visit_loss(model, out, batch, cfg, generator))
+    losses.update(predictive_coding_loss(model, out, batch, masks, cfg, generator))
+    losses.update(alignment_loss(model, out, batch, cfg))
+    total = combine_losses(losses, weights, cfg)
+    if total is None:
+        # Nothing to learn from this batch: a zero that still backpropagates (into shared only).
+        total = out.embedding.float().sum() * 0.0
+    zero = torch.zeros((), device=out.states.device)
+    result = {name: losses.get(name, zero) for name in LOSS_NAMES}
+    result["total"] = total
+    return result

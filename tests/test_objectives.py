@@ -1,0 +1,282 @@
+"""Pretraining objectives: finite with any modalities, targets as specified, curriculum, balance."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from healthfm_core.data.batch import Batch
+from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
+from healthfm_core.model.healthfm import EPOCH_DAYS, MODALITIES, HealthFM, ReconstructionMasks
+from healthfm_core.model.objectives import (
+    CROSS_MODAL,
+    INTRA_MODAL,
+    LOSS_NAMES,
+    ObjectiveWeights,
+    combine_losses,
+    curriculum_weights,
+    next_visit_loss,
+    predictive_coding_loss,
+    pretraining_losses,
+    sample_masks,
+)
+from healthfm_core.model.testing import random_batch
+
+VOCAB, TRAITS = 40, 4
+SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]
+# Which losses have data for a batch whose samples all hold these modalities.
+NEEDS = {
+    "ehr_masked_code": {"ehr"},
+    "ehr_masked_value": {"ehr"},
+    "wear_masked": {"wearables"},
+    "prs_masked": {"genomics"},
+    "next_visit": {"ehr"},
+    "predictive": {"ehr", "wearables"},
+    "align": {"ehr", "wearables"},
+}
+
+
+def tiny_model(seed: int = 0) -> HealthFM:
+    torch.manual_seed(seed)
+    return HealthFM(load_model_config("tiny"), VOCAB, TRAITS)
+
+
+@pytest.mark.parametrize("modalities", SUBSETS, ids=lambda s: "+".join(sorted(s)))
+def test_losses_finite_and_zero_without_data(modalities: set[str]) -> None:
+    model = tiny_model().eval()  # no modality dropout: every sample keeps what it has
+    batch = random_batch(batch_size=6, modalities=modalities, vocab_size=VOCAB)
+    losses = model.pretraining_losses(batch, ObjectiveWeights(), generator=torch.Generator().manual_seed(0))
+    assert set(losses) == set(LOSS_NAMES) | {"total"}
+    for name, value in losses.items():
+        assert torch.isfinite(value), name
+    for name, needs in NEEDS.items():
+        if needs <= modalities:
+            assert losses[name] > 0, f"{name} should have data with {modalities}"
+        else:
+            assert losses[name] == 0, f"{name} has no data with {modalities}"
+
+
+def test_losses_finite_in_training_with_mixed_samples() -> None:
+    model = tiny_model().train()
+    rows = [{"ehr"}, {"wearables"}, {"genomics"}, {"ehr", "wearables"}, {"ehr", "wearables", "genomics"}, {"ehr"}]
+    batch = random_batch(batch_size=6, modalities=rows, vocab_size=VOCAB)
+    for seed in range(5):
+        losses = model.pretraining_losses(batch, ObjectiveWeights(), generator=torch.Generator().manual_seed(seed))
+        assert all(torch.isfinite(v) for v in losses.values())
+        losses["total"].backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_an_empty_batch_gives_a_zero_total_that_backpropagates() -> None:
+    model = tiny_model()
+    batch = random_batch(batch_size=2, modalities={"ehr"}, vocab_size=VOCAB)
+    empty = replace(batch, ehr_valid=torch.zeros_like(batch.ehr_valid))
+    losses = model.pretraining_losses(empty, ObjectiveWeights())
+    assert float(losses["total"].detach()) == 0.0 and losses["total"].requires_grad
+    losses["total"].backward()
+
+
+def test_zero_weights_leave_parameters_untouched() -> None:
+    model = tiny_model()
+    batch = random_batch(vocab_size=VOCAB)
+    only_prs = ObjectiveWeights(**{name: 0.0 for name in LOSS_NAMES if name != "prs_masked"})
+    model.pretraining_losses(batch, only_prs, torch.Generator().manual_seed(0))["total"].backward()
+    touched = {k.split(".")[0] for k, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {"genomics_encoder", "heads"}
+
+
+def test_training_steps_decrease_the_total() -> None:
+    model = tiny_model(seed=1).train()
+    batch = random_batch(batch_size=6, vocab_size=VOCAB, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    totals = []
+    for _ in range(30):
+        losses = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(0))
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        totals.append(float(losses["total"].detach()))
+    assert totals[-1] < totals[0] - 1.0, totals
+    # and under plain weighted sums too
+    model = tiny_model(seed=1).train()
+    cfg = model.cfg.pretraining.model_copy(update={"loss_balance": "none"})
+    model.cfg = model.cfg.model_copy(update={"pretraining": cfg})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = last = 0.0
+    for step in range(30):
+        losses = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(0))
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        value = float(losses["total"].detach())
+        first, last = (value, last) if step == 0 else (first, value)
+    assert last < 0.8 * first
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _batch(codes_times: list[tuple[int, float]], patch_times: list[float], prediction_time: float, epochs: int = 4) -> Batch:
+    """One sample by hand: EHR (code, time) pairs and wearable patches starting at patch_times."""
+    n, p = len(codes_times), len(patch_times)
+    return Batch(
+        subject_id=torch.tensor([1]),
+        prediction_time=torch.tensor([prediction_time]),
+        codes=torch.tensor([[c for c, _ in codes_times]]),
+        values=torch.zeros(1, n),
+        has_value=torch.zeros(1, n, dtype=torch.bool),
+        times=torch.tensor([[t for _, t in codes_times]]),
+        ehr_valid=torch.ones(1, n, dtype=torch.bool),
+        wear_epochs=torch.randn(1, p, epochs, 2, generator=torch.Generator().manual_seed(0)),
+        wear_epoch_mask=torch.ones(1, p, epochs, 2, dtype=torch.bool),
+        wear_times=torch.tensor([patch_times]),
+        wear_valid=torch.ones(1, p, dtype=torch.bool),
+        prs=torch.zeros(1, TRAITS),
+        prs_valid=torch.zeros(1, TRAITS, dtype=torch.bool),
+    )
+
+
+def _constant_head(head: torch.nn.Linear, logits: dict[int, float], default: float) -> None:
+    """Make a head output fixed logits whatever its input."""
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(default)
+        for code, value in logits.items():
+            head.bias[code] = value
+
+
+@pytest.mark.parametrize("repeat_weight", [0.0, 0.1, 1.0])
+def test_next_visit_repeat_codes_are_down_weighted(repeat_weight: float) -> None:
+    """Visit 2 repeats code 5 from visit 1 and adds code 7. A model that predicts 7 right and
+    misses the repeat pays for the repeat only through repeat_weight; one that copies history
+    (predicts 5) but misses the new code 7 pays in full."""
+    model = tiny_model().eval()
+    batch = _batch([(5, 0.0), (5, 10.2), (7, 10.2)], [], prediction_time=20.0)
+    cfg = PretrainingConfig(next_visit_repeat_weight=repeat_weight)
+    out = model(batch)
+    _constant_head(model.heads["ehr_next_visit"], {7: 20.0, 5: -20.0}, default=-20.0)
+    misses_repeat = float(next_visit_loss(model, out, batch, cfg, None)["next_visit"].detach())
+    assert misses_repeat == pytest.approx(repeat_weight * 20.0, abs=1e-4)
+    _constant_head(model.heads["ehr_next_visit"], {7: -20.0, 5: 20.0}, default=-20.0)
+    misses_new = float(next_visit_loss(model, out, batch, cfg, None)["next_visit"].detach())
+    assert misses_new == pytest.approx(0.5 * 20.0, abs=1e-4)  # balanced: half from the positives
+
+
+def test_next_visit_needs_a_second_visit() -> None:
+    model = tiny_model().eval()
+    batch = _batch([(5, 3.0), (6, 3.0)], [], prediction_time=20.0)
+    assert next_visit_loss(model, model(batch), batch, PretrainingConfig(), None) == {}
+
+
+def test_predictive_coding_targets_are_the_window_after_the_patch() -> None:
+    """Patch at day 10; codes at day 0 (before), 50 (in the 180-day window) and 400 (after it)."""
+    model = tiny_model().eval()
+    batch = _batch([(4, 0.0), (6, 50.0), (8, 400.0)], [10.0], prediction_time=500.0)
+    cfg = PretrainingConfig(predictive_horizon_days=180.0)
+    out = model(batch)
+    masks = ReconstructionMasks(wear=torch.zeros(1, 1, dtype=torch.bool))
+    _constant_head(model.heads["wear_predictive"], {6: 20.0}, default=-20.0)
+    assert float(predictive_coding_loss(model, out, batch, masks, cfg, None)["predictive"].detach()) < 1e-6
+    _constant_head(model.heads["wear_predictive"], {4: 20.0, 8: 20.0}, default=-20.0)
+    wrong = float(predictive_coding_loss(model, out, batch, masks, cfg, None)["predictive"].detach())
+    assert wrong > 10.0
+    # No EHR event after the patch: the record is censored there, no anchor.
+    late = _batch([(4, 0.0)], [10.0], prediction_time=500.0)
+    assert predictive_coding_loss(model, model(late), late, masks, cfg, None) == {}
+
+
+def test_alignment_ignores_other_samples_of_the_same_subject() -> None:
+    model = tiny_model().eval()
+    batch = random_batch(batch_size=4, modalities={"ehr", "wearables"}, vocab_size=VOCAB)
+    losses = model.pretraining_losses(batch, ObjectiveWeights())
+    assert losses["align"] > 0
+    same = replace(batch, subject_id=torch.full_like(batch.subject_id, 7))
+    assert float(model.pretraining_losses(same, ObjectiveWeights())["align"].detach()) == 0.0
+
+
+def test_sample_masks_cover_every_sample() -> None:
+    batch = random_batch(batch_size=8, vocab_size=VOCAB, seed=2)
+    cfg = PretrainingConfig(ehr_mask_prob=0.0, wear_mask_prob=0.0, prs_mask_prob=1.0)
+    masks = sample_masks(batch, cfg, torch.Generator().manual_seed(0))
+    assert (masks.ehr.sum(1) == 1).all() and not (masks.ehr & ~batch.ehr_valid).any()
+    assert (masks.wear.sum(1) == 1).all() and not (masks.wear & ~batch.wear_valid).any()
+    several = batch.prs_valid.sum(1) >= 2
+    # all-but-one trait masked where there are several, none where there is one
+    assert ((batch.prs_valid & ~masks.prs).sum(1)[several] == 1).all()
+    assert not masks.prs[~several].any()
+
+
+def test_epochs_after_prediction_time_are_not_reconstruction_targets() -> None:
+    model = tiny_model().eval()
+    batch = _batch([(4, 0.0), (6, 5.0)], [10.0 - 1.5 * EPOCH_DAYS], prediction_time=10.0)
+    out = model(batch)
+    assert out.epoch_valid[0, 0, :, 0].tolist() == [True, True, False, False]
+
+
+# ----------------------------------------------------------------------------- balance, curriculum
+
+
+def test_log_balance_divides_each_gradient_by_its_loss() -> None:
+    cfg = PretrainingConfig(loss_balance="log", balance_eps=0.01)
+    small = torch.tensor(0.5, requires_grad=True)
+    large = torch.tensor(50.0, requires_grad=True)
+    weights = ObjectiveWeights(ehr_masked_code=2.0, wear_masked=1.0)
+    total = combine_losses({"ehr_masked_code": large, "wear_masked": small}, weights, cfg)
+    total.backward()
+    assert float(large.grad) == pytest.approx(2.0 / 50.01)
+    assert float(small.grad) == pytest.approx(1.0 / 0.51)
+    assert float(total.detach()) == pytest.approx(2 * math.log(50.01) + math.log(0.51))
+    plain = combine_losses({"ehr_masked_code": large, "wear_masked": small}, weights, PretrainingConfig(loss_balance="none"))
+    assert float(plain.detach()) == pytest.approx(100.5)
+    assert combine_losses({"align": large}, ObjectiveWeights(align=0.0), cfg) is None
+
+
+def test_curriculum_is_monotone() -> None:
+    cfg = load_model_config("tiny")
+    total = 200
+    weights = [curriculum_weights(step, total, cfg) for step in range(total + 1)]
+    intra = [w.ehr_masked_code for w in weights]
+    cross = [w.align for w in weights]
+    assert all(a >= b for a, b in zip(intra, intra[1:]))
+    assert all(a <= b for a, b in zip(cross, cross[1:]))
+    assert cross[0] == 0.0 and cross[-1] == 1.0
+    assert intra[0] == 1.0 and intra[-1] == pytest.approx(cfg.curriculum.intra_floor)
+    for w in weights:  # every intra objective moves together, every cross objective too
+        d = w.model_dump()
+        assert len({d[n] for n in INTRA_MODAL}) == 1 and len({d[n] for n in CROSS_MODAL}) == 1
+    start = int(cfg.curriculum.cross_start * total)
+    assert cross[start] == 0.0 and cross[start + 2] > 0.0
+    assert curriculum_weights(10 * total, total, cfg) == weights[-1]  # past the end: clamped
+
+
+def test_curriculum_step_function_and_errors() -> None:
+    cur = CurriculumConfig(cross_start=0.5, cross_end=0.5, intra_floor=0.0)
+    assert curriculum_weights(4, 10, cur).align == 0.0
+    assert curriculum_weights(5, 10, cur).align == 1.0
+    with pytest.raises(ValueError, match="total"):
+        curriculum_weights(1, 0, cur)
+    with pytest.raises(ValueError, match="cross_end"):
+        CurriculumConfig(cross_start=0.6, cross_end=0.2)
+
+
+def test_objective_weights_round_trip_and_validation() -> None:
+    weights = ObjectiveWeights(align=0.25, predictive=0.5)
+    flat = weights.to_flat()
+    assert flat["weight.align"] == 0.25
+    assert ObjectiveWeights.from_flat({**flat, "lr": 0.1}) == weights
+    with pytest.raises(ValueError):
+        ObjectiveWeights(align=-1.0)
+    with pytest.raises(ValueError):
+        ObjectiveWeights.from_flat({"weight.typo": 1.0})
+
+
+def test_module_function_matches_method() -> None:
+    model = tiny_model().eval()
+    batch = random_batch(vocab_size=VOCAB)
+    a = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(3))
+    b = pretraining_losses(model, batch, ObjectiveWeights(), torch.Generator().manual_seed(3))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,177 @@
+"""ModalityAwareFedAvg: averages by hand, equality with stock FedAvg, bad replies dropped."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from server.strategy import GroupAdam, ModalityAwareFedAvg
+
+# Keys named after their group keep the arithmetic of these tests readable; the real
+# mapping (healthfm_core.model.groups.parameter_group) is exercised in test_groups.py.
+SHAPES = {
+    "shared.w": (2, 3),
+    "shared.b": (3,),
+    "ehr.w": (4,),
+    "wearables.w": (2, 2),
+    "genomics.w": (3,),
+}
+
+
+def group_of(key: str) -> str:
+    return key.split(".")[0]
+
+
+def global_arrays(value: float = 0.0) -> dict[str, np.ndarray]:
+    return {k: np.full(s, value, dtype=np.float32) for k, s in SHAPES.items()}
+
+
+def reply(node_id: int, arrays: dict[str, np.ndarray], counts: dict[str, int], **extra) -> Message:
+    """A real Flower reply message from node_id, with the metadata a SuperLink delivers it with."""
+    metrics = MetricRecord({"num-examples": max(counts.values()), "train-loss": 1.0})
+    for group, n in counts.items():
+        metrics[f"num-examples.{group}"] = n
+    for k, v in extra.items():
+        metrics[k] = v
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": metrics})
+    metadata = Metadata(
+        run_id=1, message_id=f"reply-{node_id}", src_node_id=node_id, dst_node_id=0,
+        reply_to_message_id=f"train-{node_id}", group_id="1", created_at=time.time(), ttl=3600.0,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(content, metadata=metadata)
+
+
+def site_arrays(groups: list[str], value: float) -> dict[str, np.ndarray]:
+    return {k: np.full(s, value, dtype=np.float32) for k, s in SHAPES.items() if group_of(k) in groups}
+
+
+def strategy(**kwargs) -> ModalityAwareFedAvg:
+    s = ModalityAwareFedAvg(group_of=group_of, **kwargs)
+    s.current_arrays = ArrayRecord({k: Array(v) for k, v in global_arrays(-1.0).items()})
+    return s
+
+
+def result(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def test_hand_computed_average_with_missing_modalities() -> None:
+    # Biobank: all groups; hospital: EHR only; genomics cohort: EHR + genomics.
+    biobank = reply(1, site_arrays(["shared", "ehr", "wearables", "genomics"], 1.0),
+                    {"shared": 100, "ehr": 100, "wearables": 30, "genomics": 100})
+    hospital = reply(2, site_arrays(["shared", "ehr"], 4.0), {"shared": 300, "ehr": 300})
+    cohort = reply(3, site_arrays(["shared", "ehr", "genomics"], 2.0),
+                   {"shared": 100, "ehr": 50, "genomics": 300})
+    arrays, metrics = strategy().aggregate_train(1, [biobank, hospital, cohort])
+    out = result(arrays)
+    np.testing.assert_allclose(out["shared.w"], (100 * 1 + 300 * 4 + 100 * 2) / 500)
+    np.testing.assert_allclose(out["ehr.w"], (100 * 1 + 300 * 4 + 50 * 2) / 450)
+    np.testing.assert_allclose(out["wearables.w"], 1.0)  # only the biobank
+    np.testing.assert_allclose(out["genomics.w"], (100 * 1 + 300 * 2) / 400)
+    assert metrics is not None and "train-loss" in metrics
+
+
+def test_key_no_reply_holds_keeps_previous_value() -> None:
+    only_ehr = reply(2, site_arrays(["shared", "ehr"], 4.0), {"shared": 3, "ehr": 3})
+    out = result(strategy().aggregate_train(1, [only_ehr])[0])
+    np.testing.assert_array_equal(out["wearables.w"], -1.0)
+    np.testing.assert_array_equal(out["genomics.w"], -1.0)
+    np.testing.assert_array_equal(out["ehr.w"], 4.0)
+    assert set(out) == set(SHAPES)
+
+
+def test_equals_stock_fedavg_when_every_site_holds_every_group() -> None:
+    rng = np.random.default_rng(0)
+    replies = []
+    for node_id, n in zip([1, 2, 3, 4], [17, 230, 5, 64]):
+        arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+        replies.append(reply(node_id, arrays, {g: n for g in ["shared", "ehr", "wearables", "genomics"]}))
+    ours = result(strategy().aggregate_train(1, replies)[0])
+    stock = result(FedAvg().aggregate_train(1, replies)[0])
+    assert set(ours) == set(stock)
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], stock[k])  # bit for bit
+
+
+def good(node_id: int, value: float = 1.0) -> Message:
+    return reply(node_id, site_arrays(["shared", "ehr"], value), {"shared": 10, "ehr": 10})
+
+
+def bad_replies() -> dict[str, Message]:
+    nan = site_arrays(["shared", "ehr"], 1.0)
+    nan["ehr.w"][1] = np.nan
+    inf = site_arrays(["shared", "ehr"], 1.0)
+    inf["shared.b"][0] = np.inf
+    shape = site_arrays(["shared", "ehr"], 1.0)
+    shape["ehr.w"] = np.ones(5, dtype=np.float32)
+    dtype = site_arrays(["shared", "ehr"], 1.0)
+    dtype["ehr.w"] = np.ones(4, dtype=np.float64)
+    unknown = site_arrays(["shared", "ehr"], 1.0)
+    unknown["ehr.extra"] = np.ones(1, dtype=np.float32)
+    partial = site_arrays(["shared", "ehr"], 1.0)
+    del partial["shared.b"]
+    return {
+        "NaN": reply(90, nan, {"shared": 10, "ehr": 10}),
+        "Inf": reply(91, inf, {"shared": 10, "ehr": 10}),
+        "shape": reply(92, shape, {"shared": 10, "ehr": 10}),
+        "dtype": reply(93, dtype, {"shared": 10, "ehr": 10}),
+        "unknown key": reply(94, unknown, {"shared": 10, "ehr": 10}),
+        "partial group": reply(95, partial, {"shared": 10, "ehr": 10}),
+        "num-examples.ehr": reply(96, site_arrays(["shared", "ehr"], 1.0), {"shared": 10}),
+        "norm": good(97, value=1e6),
+    }
+
+
+@pytest.mark.parametrize("kind", list(bad_replies()))
+def test_bad_reply_is_dropped_and_round_goes_on(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    bad = bad_replies()[kind]
+    s = strategy()
+    arrays, _ = s.aggregate_train(3, [good(1, 1.0), bad, good(2, 3.0), good(3, 2.0)])
+    out = result(arrays)
+    np.testing.assert_allclose(out["ehr.w"], 2.0)  # mean of the three good ones
+    [rejected] = s.rejected[3]
+    assert rejected.node_id == bad.metadata.src_node_id
+    assert kind.split()[0].lower() in rejected.reason.lower()
+    assert f"node {rejected.node_id}" in caplog.text
+
+
+def test_fp16_transport_is_upcast_before_averaging() -> None:
+    half = {k: v.astype(np.float16) for k, v in site_arrays(["shared", "ehr"], 1.5).items()}
+    out = result(strategy().aggregate_train(1, [reply(1, half, {"shared": 10, "ehr": 10}), good(2, 0.5)])[0])
+    assert out["ehr.w"].dtype == np.float32
+    np.testing.assert_allclose(out["ehr.w"], 1.0)
+
+
+def test_group_below_minimum_sites_is_left_unchanged() -> None:
+    biobank = reply(1, site_arrays(["shared", "ehr", "wearables"], 1.0), {"shared": 1, "ehr": 1, "wearables": 1})
+    hospital = reply(2, site_arrays(["shared", "ehr"], 3.0), {"shared": 1, "ehr": 1})
+    s = strategy(min_sites_per_group=2)
+    out = result(s.aggregate_train(1, [biobank, hospital])[0])
+    np.testing.assert_allclose(out["shared.w"], 2.0)
+    np.testing.assert_array_equal(out["wearables.w"], -1.0)  # one site only: unchanged
+    assert set(s.contributors[1]) == {"shared", "ehr"}
+
+
+def test_all_replies_bad_leaves_round_without_update() -> None:
+    s = strategy()
+    arrays, metrics = s.aggregate_train(1, [bad_replies()["NaN"]])
+    assert arrays is None and metrics is None
+
+
+def test_server_adam_moves_towards_the_average() -> None:
+    s = strategy(server_optimizer=GroupAdam(lr=0.1))
+    out = result(s.aggregate_train(1, [good(1, 1.0)])[0])
+    # previous -1, average 1: a first Adam step moves by about lr in the update's direction.
+    np.testing.assert_allclose(out["ehr.w"], -1.0 + 0.1, rtol=1e-3)
+    np.testing.assert_array_equal(out["genomics.w"], -1.0)
+
+
+def test_only_the_sites_groups_are_sent() -> None:
+    s = strategy()
+    sent = s.arrays_for_groups(s.current_arrays, ["shared", "ehr"])
+    assert {group_of(k) for k in sent} == {"shared", "ehr"}

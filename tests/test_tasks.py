@@ -1,0 +1,215 @@
+"""Tasks and labels: new-onset rules, prediction times, wearable regression, registry, writing."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from meds import LabelSchema
+
+from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
+from healthfm_core.data.site import open_site
+from healthfm_core.data.tasks import (
+    TASKS,
+    OnsetTask,
+    onset_labels,
+    onset_labels_from_events,
+    task_labels,
+    visit_prediction_times,
+    wearable_regression_labels,
+    write_labels,
+    write_task_labels,
+)
+
+T0 = datetime(2150, 1, 1)
+
+
+def day(d: float) -> datetime:
+    return T0 + timedelta(days=d)
+
+
+def events(rows: list[tuple[int, datetime | None, str]]) -> pa.Table:
+    sid, time, code = zip(*rows)
+    return pa.table(
+        {"subject_id": list(sid), "time": list(time), "code": list(code), "numeric_value": [None] * len(rows)},
+        schema=EVENT_SCHEMA,
+    )
+
+
+def pts(rows: list[tuple[int, datetime]]) -> pa.Table:
+    sid, t = zip(*rows)
+    return pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array(t, pa.timestamp("us"))})
+
+
+EV = events(
+    [
+        (1, day(0), "ICD10//I10"),
+        (1, day(100), "ICD10//E11.9"),  # onset of T2D at day 100
+        (1, day(500), "ICD10//E11.9"),
+        (2, day(0), "ICD10//I10"),
+        (2, day(60), "ICD10//I10"),  # follow-up ends at day 60, alive
+        (3, day(0), "ICD10//I10"),
+        (3, day(70), "MEDS_DEATH"),
+        (4, None, "ICD10//E11"),  # a static outcome row: always prevalent
+        (4, day(0), "ICD10//I10"),
+        (4, day(900), "ICD10//I10"),
+        (5, day(0), "ICD10//E1"),  # not E11: a shorter code never matches a longer prefix
+        (5, day(900), "ICD10//I10"),
+    ]
+)
+
+
+def label_dict(table: pa.Table) -> dict[tuple[int, datetime], bool]:
+    LabelSchema.validate(table)
+    return {(r["subject_id"], r["prediction_time"]): r["boolean_value"] for r in table.to_pylist()}
+
+
+def test_new_onset_rules() -> None:
+    # subject, prediction time, horizon -> expected label (None = excluded)
+    cases = [
+        (1, day(50), 90, True),  # onset at 100 in (50, 140]
+        (1, day(50), 30, False),  # onset after the window, followed to day 500
+        (1, day(99), 1, True),  # onset exactly at the window end counts
+        (1, day(100), 30, None),  # onset at the prediction time: prevalent, excluded
+        (1, day(100) - timedelta(microseconds=1), 30, True),
+        (1, day(200), 30, None),  # prevalent
+        (2, day(50), 30, None),  # follow-up ends at 60 < 80, no outcome: censored
+        (2, day(50), 10, False),  # observed exactly to the window end
+        (3, day(50), 30, False),  # died in the window without the outcome: negative
+        (3, day(70), 30, None),  # dead at the prediction time
+        (4, day(10), 30, None),  # static outcome row
+        (5, day(10), 30, False),
+    ]
+    for sid, t, h, want in cases:
+        got = label_dict(onset_labels_from_events(EV, "ICD10//E11", h, pts([(sid, t)])))
+        assert got == ({} if want is None else {(sid, t): want}), (sid, t, h)
+
+
+def test_onset_matches_bruteforce_reference() -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(60):
+        times = np.sort(rng.choice(2000, size=rng.integers(2, 12), replace=False))
+        for t in times:
+            rows.append((s, day(int(t)), str(rng.choice(["ICD10//E11.9", "ICD10//I10", "LAB//x"], p=[0.15, 0.45, 0.4]))))
+        if rng.random() < 0.2:
+            rows.append((s, day(int(times[-1]) + 1), "MEDS_DEATH"))
+    ev = events(rows)
+    pt = pts([(s, day(int(rng.integers(0, 2000)))) for s in range(60) for _ in range(3)])
+    got = label_dict(onset_labels_from_events(ev, "ICD10//E11", 180, pt))
+
+    def reference(s: int, t: datetime) -> bool | None:
+        mine = [(r[1], r[2]) for r in rows if r[0] == s]
+        onset = min((tt for tt, c in mine if c.startswith("ICD10//E11")), default=None)
+        death = min((tt for tt, c in mine if c == "MEDS_DEATH"), default=None)
+        last = max(tt for tt, _ in mine)
+        end = t + timedelta(days=180)
+        if (onset is not None and onset <= t) or (death is not None and death <= t):
+            return None
+        if onset is not None and onset <= end:
+            return True
+        return False if (last >= end or (death is not None and death <= end)) else None
+
+    want = {}
+    for r in pt.to_pylist():
+        lab = reference(r["subject_id"], r["prediction_time"])
+        if lab is not None:
+            want[(r["subject_id"], r["prediction_time"])] = lab
+    assert got == want
+    assert any(want.values()) and not all(want.values())
+
+
+def test_visit_prediction_times() -> None:
+    ev = events([(s, day(d), "X") for s in range(1, 30) for d in [0, 5, 9, 20, 31, 40]]
+                + [(30, day(1), "MEDS_BIRTH"), (30, day(3), "X"), (30, day(8), "X"), (30, day(9), "MEDS_DEATH")])
+    a = visit_prediction_times(ev, n_per_subject=3, seed=0)
+    assert a.equals(visit_prediction_times(ev, n_per_subject=3, seed=0))
+    assert not a.equals(visit_prediction_times(ev, n_per_subject=3, seed=1))
+    rows = a.to_pylist()
+    per = {}
+    for r in rows:
+        per.setdefault(r["subject_id"], []).append(r["prediction_time"])
+    assert all(len(v) == 3 and v == sorted(v) and day(40) not in v for s, v in per.items() if s < 30)
+    assert per[30] == [day(3)]  # birth, death and the last visit are never prediction times
+    # A subject's draws do not depend on the other subjects.
+    only7 = visit_prediction_times(ev.filter(pa.compute.equal(ev["subject_id"], 7)), n_per_subject=3, seed=0)
+    assert only7["prediction_time"].to_pylist() == per[7]
+    later = visit_prediction_times(ev, n_per_subject=10, min_history_days=10)
+    assert all(t >= day(10) for t in later["prediction_time"].to_pylist() if t is not None)
+    with pytest.raises(ValueError, match="n_per_subject"):
+        visit_prediction_times(ev, n_per_subject=0)
+
+
+def wear_table(sid: int, start: datetime, n: int, enmo: np.ndarray, hr: np.ndarray | None) -> pa.Table:
+    return pa.table(
+        {
+            "subject_id": [sid] * n,
+            "time": [start + timedelta(seconds=30 * i) for i in range(n)],
+            "enmo_mg": enmo.astype(np.float32),
+            "hr_bpm": pa.array(hr, pa.float32()) if hr is not None else pa.nulls(n, pa.float32()),
+        },
+        schema=WEAR_SCHEMA,
+    )
+
+
+def test_wearable_regression_targets_second_half() -> None:
+    n = 2 * 2880  # two days
+    i = np.arange(n)
+    enmo = np.where(i % 3 == 0, 5.0, 50.0)  # every third epoch at rest
+    hr = np.where(i < n // 2, 90.0, np.where(enmo < 10, 58.0, 75.0))
+    period1 = wear_table(1, day(0), n, enmo, hr)
+    period2 = wear_table(1, day(100), n, enmo, hr + 2.0)  # a second wear period months later
+    no_ppg = wear_table(2, day(3), n, enmo, None)
+    short = wear_table(3, day(3), 100, enmo[:100], hr[:100])
+    wear = pa.concat_tables([period1, period2, no_ppg, short])
+    rhr = wearable_regression_labels(wear, target="resting_hr")
+    LabelSchema.validate(rhr)
+    assert rhr.to_pylist() == [
+        {"subject_id": 1, "prediction_time": day(0) + timedelta(seconds=30 * (n // 2)), "float_value": 58.0},
+        {"subject_id": 1, "prediction_time": day(100) + timedelta(seconds=30 * (n // 2)), "float_value": 60.0},
+    ]
+    activity = wearable_regression_labels(wear, target="mean_enmo")
+    assert activity["subject_id"].to_pylist() == [1, 1, 2]
+    want = enmo[n // 2 :].mean()
+    assert np.allclose(activity["float_value"].to_numpy(), want, rtol=1e-6)
+    assert wearable_regression_labels(wear.slice(0, 0)).num_rows == 0
+    with pytest.raises(ValueError, match="target"):
+        wearable_regression_labels(wear, target="steps")  # type: ignore[arg-type]
+
+
+def test_registry_names() -> None:
+    onset = {n for n, t in TASKS.items() if isinstance(t, OnsetTask)}
+    assert len(onset) == 16
+    assert {"onset_t2d_365d", "onset_cad_30d", "onset_hypertension_90d", "onset_copd_180d"} <= onset
+    assert TASKS["onset_cad_90d"].outcome_code_prefix == "ICD10//I25"
+    assert TASKS["onset_t2d_365d"].horizon_days == 365
+    assert {"wearable_resting_hr", "wearable_mean_enmo"} <= set(TASKS)
+
+
+def test_task_labels_on_a_site_and_atomic_write(tmp_path: Path) -> None:
+    site = open_site(write_site_tables(make_site_tables(), tmp_path / "site"))
+    labels = task_labels(site, ["onset_t2d_30d", "onset_hypertension_30d", "wearable_mean_enmo"],
+                         prediction_times=pts([(1, datetime(2150, 3, 1, 8)), (2, datetime(2150, 3, 4, 8))]))
+    # Subject 1 has E11.9 at the prediction time: excluded from T2D; subject 2 died on day 90,
+    # so is followed through 30 days: a T2D negative; its I10 at the prediction time excludes it
+    # from hypertension, while subject 1 (no I10, followed 40 days) is a negative.
+    assert label_dict(labels["onset_t2d_30d"]) == {(2, datetime(2150, 3, 4, 8)): False}
+    assert label_dict(labels["onset_hypertension_30d"]) == {(1, datetime(2150, 3, 1, 8)): False}
+    assert labels["wearable_mean_enmo"].num_rows == 0  # two hours of wear < min_period_hours
+    same = onset_labels(site, "ICD10//E11", 30, pts([(2, datetime(2150, 3, 4, 8))]))
+    assert same.equals(labels["onset_t2d_30d"])
+    paths = write_task_labels(labels, tmp_path / "labels")
+    assert [p.name for p in paths] == sorted(f"{k}.parquet" for k in labels)
+    assert pq.read_table(paths[0]).equals(labels[sorted(labels)[0]])
+    bad = labels["onset_t2d_30d"].append_column("extra", pa.array([1]))
+    with pytest.raises(Exception, match="extra"):
+        write_labels(bad, tmp_path / "labels" / "bad.parquet")
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == sorted(p.name for p in paths)
+    with pytest.raises(ValueError, match="unknown task"):
+        task_labels(site, ["onset_flu_30d"])
+    with pytest.raises(ValueError, match=r"subject_id \[99\]"):
+        onset_labels(site, "ICD10//E11", 30, pts([(99, datetime(2150, 3, 4, 8))]))
