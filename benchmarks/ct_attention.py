@@ -109,6 +109,10 @@ def measure(fn: Callable, q, k, v, params: list[torch.Tensor]) -> dict[str, floa
 
     fwd_bwd()  # compile / autotune outside the timing
     torch.cuda.synchronize()
+    missing = [i for i, x in enumerate(params) if x.grad is None or not bool(torch.isfinite(x.grad).all())]
+    if missing:
+        print("        warning: no finite gradient reached the mixture parameters "
+              f"{['log_weights', 'rates'][missing[0]]}: its f+b time is not like for like", flush=True)
     fwd_ms = triton.testing.do_bench(fwd, warmup=10, rep=50)
     bwd_ms = triton.testing.do_bench(fwd_bwd, warmup=10, rep=50, grad_to_none=leaves)
     for x in leaves:
