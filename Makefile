@@ -1,6 +1,6 @@
 # One virtual environment for everything. torch is installed first, pinned to the CPU wheel,
 # so that resolving the other dependencies never pulls CUDA packages onto a CPU machine.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
