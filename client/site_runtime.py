@@ -193,7 +193,9 @@ class SiteRuntime:
             metrics[f"num-examples.{g}"] = int(result.examples_per_group[g])
         for loss in (*LOSS_NAMES, "total"):
             values = [h[loss] for h in result.history if loss in h]
-            if values:
+            # An objective with no data here (e.g. alignment at a site without wearables) is 0 at
+            # every step: leave it out rather than pull the federation's average towards 0.
+            if values and (loss == "total" or any(v != 0.0 for v in values)):
                 metrics[LOSS_PREFIX + loss] = float(np.mean(values))
         last = result.history[-1] if result.history else {}
         for key in ("rate_min", "rate_max", "grad_norm"):

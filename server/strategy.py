@@ -87,6 +87,33 @@ class ModalityAwareFedAvg(FedAvg):
         self.rejected: dict[int, list[RejectedReply]] = {}
         self.contributors: dict[int, dict[str, list[int]]] = {}
 
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What a resumed run needs besides the global arrays: the server optimiser's moments,
+        as ``m.<key>`` / ``v.<key>`` arrays (empty without a server optimiser)."""
+        if self.server_optimizer is None:
+            return {}
+        out = {f"m.{k}": v for k, v in self.server_optimizer.m.items()}
+        out.update({f"v.{k}": v for k, v in self.server_optimizer.v.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of state_dict; state from a run without a server optimiser cannot be loaded
+        into one with it (or the other way round) unless it is empty."""
+        if self.server_optimizer is None:
+            if state:
+                raise ValueError(f"strategy has no server optimiser but the state holds {len(state)} arrays")
+            return
+        m, v = {}, {}
+        for name, value in state.items():
+            kind, _, key = name.partition(".")
+            if kind not in ("m", "v") or not key:
+                raise ValueError(f"unexpected strategy state entry {name!r} (expected m.<key> or v.<key>)")
+            (m if kind == "m" else v)[key] = np.asarray(value)
+        if set(m) != set(v):
+            raise ValueError(f"server optimiser state: m and v cover different keys ({sorted(set(m) ^ set(v))[:3]})")
+        self.server_optimizer.m, self.server_optimizer.v = m, v
+
     # ------------------------------------------------------------------ sending
     def groups_for_node(self, node_id: int) -> list[str]:
         if self.node_groups is None:

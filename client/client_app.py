@@ -1,0 +1,120 @@
+"""The site's Flower ClientApp (Message API, flwr 1.41): decodes messages, calls the site runtime.
+
+Handlers (message types, see healthfm_core/federation.py for the records they carry):
+  query.capabilities  -> ConfigRecord "capabilities"  (modalities, subjects per modality)
+  query.code_stats    -> ConfigRecord "code-stats"    {"json": SiteCodeStats} (suppressed)
+  query.setup         -> ConfigRecord "setup"         {"sha256"}; the setup is kept in the
+                         node's Context.state for the run
+  train               -> ArrayRecord "arrays" (the groups trained) + MetricRecord "metrics"
+  evaluate            -> MetricRecord "metrics" (held-out metrics per task, small ones withheld)
+
+Where the site's data is: the node config key `site-root` (a deployed SuperNode:
+`--node-config "site-root='/data/site'"`). Flower's simulation engine gives every virtual node
+only `partition-id`; `make_client_app(node_configs=[...])` then supplies each partition's node
+config. Anything raised here reaches the server as an error reply with the message, and the
+round goes on without this site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
+from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig
+
+log = logging.getLogger("healthfm.client")
+
+SETUP_STATE_KEY = "healthfm.setup"
+# Parsed setups by sha256, per process (parsing a large vocabulary every round is wasteful).
+_SETUPS: dict[str, FederationSetup] = {}
+
+
+def site_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | None = None) -> SiteConfig:
+    """The node's SiteConfig: its node config, overlaid in simulation by its partition's entry."""
+    merged = dict(context.node_config)
+    if node_configs is not None:
+        if "partition-id" not in merged:
+            raise ValueError("simulation node configs given, but the node has no partition-id")
+        pid = int(merged["partition-id"])
+        if not 0 <= pid < len(node_configs):
+            raise ValueError(f"partition-id {pid} has no node config ({len(node_configs)} given)")
+        merged.update(node_configs[pid])
+    return SiteConfig.from_node_config(merged)
+
+
+def stored_setup(context: Context, sha256: str) -> FederationSetup:
+    """The setup this node received for the run, checked against the hash the server names."""
+    record = context.state.config_records.get(SETUP_STATE_KEY)
+    if record is None:
+        raise ValueError("no setup received in this run: the server must send query.setup before train/evaluate")
+    if record["sha256"] != sha256:
+        raise ValueError(f"server names setup {sha256[:12]}..., this site holds {str(record['sha256'])[:12]}...")
+    if sha256 not in _SETUPS:
+        _SETUPS[sha256] = FederationSetup.model_validate_json(str(record["json"]))
+    return _SETUPS[sha256]
+
+
+def _only_record(records: Mapping[str, Any], what: str) -> Any:
+    if len(records) != 1:
+        raise ValueError(f"expected one {what}, got {len(records)} ({sorted(records)})")
+    return next(iter(records.values()))
+
+
+def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> ClientApp:
+    """The ClientApp; `node_configs[partition-id]` overlays each simulated node's config."""
+    app = ClientApp()
+
+    def runtime(context: Context) -> SiteRuntime:
+        return get_runtime(site_config(context, node_configs))
+
+    @app.query("capabilities")
+    def capabilities(msg: Message, context: Context) -> Message:
+        caps = runtime(context).capabilities()
+        return Message(RecordDict({"capabilities": ConfigRecord(caps.to_flat())}), reply_to=msg)
+
+    @app.query("code_stats")
+    def code_stats(msg: Message, context: Context) -> Message:
+        stats = runtime(context).code_stats()
+        return Message(RecordDict({"code-stats": ConfigRecord({"json": stats.model_dump_json()})}), reply_to=msg)
+
+    @app.query("setup")
+    def setup(msg: Message, context: Context) -> Message:
+        record = msg.content.config_records["setup"]
+        parsed = FederationSetup.model_validate_json(str(record["json"]))
+        if parsed.sha256 != record["sha256"]:
+            raise ValueError(f"setup does not match its sha256 ({parsed.sha256[:12]}... != {str(record['sha256'])[:12]}...)")
+        runtime(context).check_setup(parsed)
+        context.state.config_records[SETUP_STATE_KEY] = ConfigRecord({"json": record["json"], "sha256": parsed.sha256})
+        _SETUPS[parsed.sha256] = parsed
+        return Message(RecordDict({"setup": ConfigRecord({"sha256": parsed.sha256})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = RoundConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
+        arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
+        out = runtime(context).train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.arrays.items()}),
+            "metrics": MetricRecord(out.metrics),
+        })
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = EvalConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
+        arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
+        metrics = runtime(context).evaluate(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+# Deployment: `flwr run` / a SuperNode loads `client.client_app:app`; the site root comes from
+# the node config.
+app = make_client_app()

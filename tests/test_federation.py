@@ -1,0 +1,249 @@
+"""The federation end to end: round 0, rounds, evaluation, checkpoint and resume.
+
+Real Flower simulations (Ray, one SuperNode per site) on three tiny synthetic sites: a biobank
+with every modality, a hospital without genomics, a genomics cohort without wearables. Three
+simulations run (uninterrupted, stopped after round 1, resumed), ~30 s each on 2 cores; the
+other tests exercise the site runtime and the server's checkpoints without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig, SiteCapabilities, site_seed
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.train.checkpoint import CheckpointError
+from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
+from server.server_app import FederationConfig, FederationServer, ServerOptimizerConfig, read_events
+from simulations.run import run_federation_simulation
+
+EXPECTED_GROUPS = {
+    "biobank": ["ehr", "genomics", "shared", "wearables"],
+    "hospital": ["ehr", "shared", "wearables"],
+    "genomics": ["ehr", "genomics", "shared"],
+}
+POLICY = {"min-code-subjects": 5, "min-report-subjects": 2}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    return generate_federation(tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=30, progress=False)
+
+
+@pytest.fixture(scope="module")
+def node_configs(federation) -> list[dict]:
+    return [{"site-root": str(s.root), "site-name": s.name, **POLICY} for s in federation.sites]
+
+
+def fed_config(out_dir: Path, **overrides) -> FederationConfig:
+    base = dict(
+        out_dir=out_dir, model=load_model_config("tiny"), rounds=2, local_steps=2, lr=3e-3, batch_size=8,
+        max_events=64, max_patches=8, seed=3, min_nodes=3, vocab_min_subjects=5,
+        server_optimizer=ServerOptimizerConfig(lr=0.01),  # its moments must survive a resume
+        eval_tasks=["onset_hypertension_365d", "wearable_resting_hr"], eval_n_boot=10,
+    )
+    base.update(overrides)
+    return FederationConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory, node_configs) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    run_federation_simulation(fed_config(out), node_configs, num_cpus=2)
+    return out
+
+
+def round_events(out: Path) -> dict[int, dict]:
+    return {e["round"]: e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"}
+
+
+def test_each_site_receives_and_returns_only_its_groups(full_run: Path) -> None:
+    rounds = round_events(full_run)
+    assert sorted(rounds) == [1, 2]
+    for rnd, event in rounds.items():
+        assert set(event["sites"]) == set(EXPECTED_GROUPS)
+        for site, entry in event["sites"].items():
+            assert entry["status"] == "ok", (rnd, site, entry)
+            assert entry["groups_sent"] == EXPECTED_GROUPS[site]
+            assert set(entry["groups_received"]) <= set(EXPECTED_GROUPS[site])
+            assert set(entry["num_examples"]) == set(entry["groups_received"])
+            assert entry["bytes_sent"] > 0 and entry["bytes_received"] > 0
+            assert entry["train_seconds"] > 0
+        # Each group averaged over exactly the sites that hold it.
+        assert event["contributors"]["genomics"] == ["biobank", "genomics"]
+        assert set(event["contributors"]["wearables"]) <= {"biobank", "hospital"}
+        assert event["contributors"]["shared"] == ["biobank", "genomics", "hospital"]
+        assert event["rejected"] == []
+        assert event["updated"] is True
+        assert event["timings"]["round_seconds"] >= event["timings"]["local_train_seconds_max"] > 0
+    # Curriculum: intra-modal only in round 1, cross-modal rising afterwards.
+    assert rounds[1]["weights"]["align"] == 0.0 and rounds[2]["weights"]["align"] > 0.0
+
+
+def test_round_zero_and_evaluation_are_logged(full_run: Path) -> None:
+    events = read_events(full_run / "rounds.jsonl")
+    assert [e["event"] for e in events] == ["setup", "round", "round", "evaluate"]
+    setup = events[0]
+    for site, groups in EXPECTED_GROUPS.items():
+        assert sorted(setup["sites"][site]["groups"]) == groups
+    assert setup["sites"]["hospital"]["subjects"]["genomics"] == 0
+    evaluation = events[-1]
+    assert evaluation["round"] == 2 and set(evaluation["sites"]) == set(EXPECTED_GROUPS)
+    # The genomics cohort has no wearables: it never reports the wearable task.
+    assert not any(k.startswith("wearable_") for k in evaluation["sites"]["genomics"])
+    for key, value in evaluation["aggregated"].items():
+        if key.endswith(".auroc"):
+            task = key[: -len(".auroc")]
+            reported = {s: m for s, m in evaluation["sites"].items() if key in m}
+            n = sum(m[f"{task}.n"] for m in reported.values())
+            assert value == pytest.approx(sum(m[key] * m[f"{task}.n"] for m in reported.values()) / n)
+    summary = (full_run / "summary.md").read_text()
+    assert "| 1 | 3/3 |" in summary and "| 2 | 3/3 |" in summary
+    assert json.loads((full_run / "vocabulary.json").read_text())["codes"]
+
+
+def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
+    state = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
+    assert state.round == 2
+    initial = {k: v.numpy() for k, v in state.setup.init_model().state_dict().items()}
+    changed = {g: False for g in GROUPS}
+    for key, value in state.arrays.items():
+        assert np.isfinite(value).all()
+        changed[parameter_group(key)] |= not np.array_equal(value, initial[key])
+    assert all(changed.values()), changed
+    assert state.strategy and all(k.startswith(("m.", "v.")) for k in state.strategy)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, node_configs, full_run: Path) -> None:
+    out = tmp_path / "resumed"
+    run_federation_simulation(fed_config(out, stop_after_round=1), node_configs, num_cpus=2)
+    assert latest_server_checkpoint(out / "checkpoints").name == "step-00000001"
+    run_federation_simulation(fed_config(out, resume=True), node_configs, num_cpus=2)
+    resumed = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))
+    straight = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
+    assert resumed.round == straight.round == 2
+    assert resumed.setup.sha256 == straight.setup.sha256
+    assert resumed.arrays.keys() == straight.arrays.keys()
+    for key in straight.arrays:
+        np.testing.assert_array_equal(resumed.arrays[key], straight.arrays[key], err_msg=key)
+    for key in straight.strategy:
+        np.testing.assert_array_equal(resumed.strategy[key], straight.strategy[key], err_msg=key)
+    events = [e["event"] for e in read_events(out / "rounds.jsonl")]
+    assert events == ["setup", "round", "resume", "round", "evaluate"]
+
+
+# ------------------------------------------------------------------ without Flower
+
+
+def test_resume_refuses_a_changed_config_and_a_fresh_run_an_used_directory(full_run: Path) -> None:
+    with pytest.raises(ValueError, match="lr"):
+        FederationServer(grid=None, cfg=fed_config(full_run, resume=True, lr=1e-2)).run()
+    with pytest.raises(FileExistsError, match="resume"):
+        FederationServer(grid=None, cfg=fed_config(full_run)).run()
+
+
+def test_corrupted_server_checkpoint_is_refused(full_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = latest_server_checkpoint(full_run / "checkpoints")
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_server_checkpoint(copy)
+
+
+@pytest.fixture(scope="module")
+def runtimes(federation) -> dict[str, SiteRuntime]:
+    return {s.name: SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **POLICY}))
+            for s in federation.sites}
+
+
+@pytest.fixture(scope="module")
+def setup(runtimes) -> FederationSetup:
+    vocab = build_vocabulary([r.code_stats() for r in runtimes.values()], min_subjects=5)
+    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
+
+
+def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in groups}
+
+
+def test_capabilities_carry_counts_only(runtimes) -> None:
+    caps = runtimes["hospital"].capabilities()
+    flat = caps.to_flat()
+    assert set(flat) == {"site", "modalities", "subjects.ehr", "subjects.wearables", "subjects.genomics"}
+    assert SiteCapabilities.from_flat(flat) == caps
+    assert sorted(caps.groups) == EXPECTED_GROUPS["hospital"]
+
+
+def test_site_refuses_a_group_it_does_not_hold(runtimes, setup) -> None:
+    arrays = own_arrays(setup, ["shared", "ehr", "genomics"])
+    cfg = RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256)
+    with pytest.raises(ValueError, match="genomics"):
+        runtimes["hospital"].train(setup, arrays, cfg)
+
+
+def test_site_training_is_deterministic_and_fp16_transport_halves_the_payload(runtimes, setup) -> None:
+    site = runtimes["genomics"]
+    arrays = own_arrays(setup, site.groups)
+    cfg = RoundConfig(round=2, rounds=2, local_steps=2, lr=1e-3, batch_size=4, max_events=32, seed=5,
+                      setup_sha256=setup.sha256)
+    first, second = site.train(setup, arrays, cfg), site.train(setup, arrays, cfg)
+    assert first.arrays.keys() == second.arrays.keys()
+    for k in first.arrays:
+        np.testing.assert_array_equal(first.arrays[k], second.arrays[k])
+    assert {parameter_group(k) for k in first.arrays} == {"shared", "ehr", "genomics"}
+    assert first.metrics["num-examples.genomics"] > 0
+    assert "loss.align" not in first.metrics  # no wearables here: no alignment loss reported
+    half = site.train(setup, arrays, cfg.model_copy(update={"fp16_transport": True}))
+    assert all(v.dtype == np.float16 for v in half.arrays.values())
+    assert sum(v.nbytes for v in half.arrays.values()) * 2 == sum(v.nbytes for v in first.arrays.values())
+    np.testing.assert_allclose(half.arrays["backbone.final_norm.weight"].astype(np.float32),
+                               first.arrays["backbone.final_norm.weight"], rtol=1e-3)
+    assert site_seed(5, 2, "genomics") != site_seed(5, 3, "genomics") != site_seed(5, 2, "hospital")
+
+
+def test_evaluation_withholds_metrics_below_the_site_minimum(federation, setup) -> None:
+    site = federation.site("biobank")
+    strict = SiteRuntime(SiteConfig(site_root=site.root, site_name="biobank", min_report_subjects=10_000))
+    cfg = EvalConfig(round=1, tasks=["onset_hypertension_365d", "wearable_resting_hr"], setup_sha256=setup.sha256, n_boot=10)
+    metrics = strict.evaluate(setup, own_arrays(setup, strict.groups), cfg)
+    assert metrics["withheld"] == 2 and metrics["tasks"] == 0
+    assert not [k for k in metrics if k.startswith(("onset_", "wearable_"))]
+
+
+def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:
+    cfg = FederationConfig.from_run_config({
+        "out-dir": str(tmp_path), "model": "tiny", "rounds": 4, "local-steps": 3, "fp16-transport": True,
+        "eval-tasks": "onset_t2d_365d, onset_cad_90d", "server-optimizer-lr": 0.02, "stop-after-round": 0,
+    })
+    assert (cfg.rounds, cfg.local_steps, cfg.fp16_transport, cfg.stop_after_round) == (4, 3, True, None)
+    assert cfg.eval_tasks == ["onset_t2d_365d", "onset_cad_90d"] and cfg.server_optimizer.lr == 0.02
+    with pytest.raises(ValueError, match="local_stepz"):
+        FederationConfig.from_run_config({"out-dir": str(tmp_path), "model": "tiny", "local-stepz": 3})
+    with pytest.raises(ValueError, match="onset_nothing"):
+        fed_config(tmp_path, eval_tasks=["onset_nothing_30d"])
+
+    from hydra import compose, initialize_config_dir
+
+    from simulations.run import federation_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        hcfg = compose("run", overrides=["federation=fedadam", "federation.rounds=5", "model=tiny",
+                                         f"out_dir={tmp_path}", "federation.fp16_transport=true"])
+    fed = federation_config(hcfg, n_sites=3)
+    assert (fed.rounds, fed.min_nodes, fed.fp16_transport, fed.model.name) == (5, 3, True, "tiny")
+    assert fed.server_optimizer is not None and fed.server_optimizer.lr == 0.01
+    assert hcfg.federation.site.min_report_subjects == 20
