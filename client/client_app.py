@@ -5,11 +5,15 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
   query.code_stats    -> ConfigRecord "code-stats"    {"json": SiteCodeStats} (suppressed)
   query.setup         -> ConfigRecord "setup"         {"sha256"}; the setup is kept in the
                          node's Context.state for the run
-  train               -> ArrayRecord "arrays" (the groups trained) + MetricRecord "metrics"
+  train               -> ArrayRecord "arrays" (the groups trained, less those the site's policy
+                         keeps local) + MetricRecord "metrics" (with DP: dp.epsilon, dp.delta); a
+                         request the policy refuses -> ConfigRecord "status" {status: refused,
+                         reason} + MetricRecord "metrics" (dp.* only), no arrays, no training
   evaluate            -> MetricRecord "metrics" (held-out metrics per task, small ones withheld)
 
 Where the site's data is: the node config key `site-root` (a deployed SuperNode:
-`--node-config "site-root='/data/site'"`). Flower's simulation engine gives every virtual node
+`--node-config "site-root='/data/site' policy='/etc/site/policy.yaml' state-dir='/var/lib/site'"`;
+the policy is the site admin's file, the state dir keeps the privacy ledger across restarts). Flower's simulation engine gives every virtual node
 only `partition-id`; `make_client_app(node_configs=[...])` then supplies each partition's node
 config. Anything raised here reaches the server as an error reply with the message, and the
 round goes on without this site.
@@ -25,8 +29,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
-from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig
+from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
+from healthfm_core.federation import STATUS_RECORD, STATUS_REFUSED, EvalConfig, FederationSetup, RoundConfig
 
 log = logging.getLogger("healthfm.client")
 
@@ -98,7 +102,16 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     def train(msg: Message, context: Context) -> Message:
         cfg = RoundConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
         arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
-        out = runtime(context).train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        site = runtime(context)
+        try:
+            out = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        except TrainRefused as refused:
+            content = RecordDict({
+                STATUS_RECORD: ConfigRecord({"status": STATUS_REFUSED, "reason": refused.reason}),
+                "metrics": MetricRecord(refused.metrics),
+            })
+            return Message(content, reply_to=msg)
+        out = site.release(out)  # the policy's local groups never leave: filtered last
         content = RecordDict({
             "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.arrays.items()}),
             "metrics": MetricRecord(out.metrics),

@@ -4,6 +4,13 @@ The ClientApp (client/client_app.py) only decodes messages and calls this. Every
 leaves the site is produced here, and only as aggregates: capabilities (modalities and subject
 counts), code statistics suppressed below the site's minimum subject count, trained weights of
 the groups the site holds, and held-out metrics on at least the site's minimum of subjects.
+
+The site's policy (client/policy.py, node config `policy`) is enforced here whatever the server
+asks: its minimum subject count raises the config's minimums; DP is applied when the policy
+makes it mandatory or the server asks for it, with the noise at least the policy's; a round whose
+projected epsilon (the durable ledger in `state-dir`, healthfm_core/privacy/ledger.py) would pass
+the cap is refused (TrainRefused) before any training; `release` drops the groups the policy
+keeps local from a reply.
 """
 
 from __future__ import annotations
@@ -27,8 +34,13 @@ from healthfm_core.data.tasks import TASKS, WearableTask, task_labels
 from healthfm_core.data.tokens import LabelledDataset, PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import SiteCodeStats, site_code_stats
 from healthfm_core.eval.probes import Features, compute_embeddings, evaluate_features
+from healthfm_core.data.tokens import collate
 from healthfm_core.federation import (
+    DP_DELTA,
+    DP_EPSILON,
+    DP_NOISE,
     LOSS_PREFIX,
+    MODALITY_GROUP,
     EvalConfig,
     FederationSetup,
     RoundConfig,
@@ -39,7 +51,11 @@ from healthfm_core.federation import (
 from healthfm_core.model.groups import group_state_dict, parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES
+from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, noise_for_target, sample_rate_for
+from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.train.trainer import TrainConfig, train_local
+
+from client.policy import SitePolicy, load_policy
 
 log = logging.getLogger("healthfm.client")
 
@@ -57,6 +73,8 @@ class SiteConfig(BaseModel):
     min_code_subjects: int = Field(default=10, ge=1)  # codes seen in fewer subjects are never named
     min_report_subjects: int = Field(default=20, ge=1)  # no metric on fewer subjects leaves the site
     device: str = "cpu"
+    policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
+    state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -81,7 +99,17 @@ class SiteConfig(BaseModel):
 @dataclass
 class TrainOutcome:
     arrays: dict[str, np.ndarray]  # the trained groups' weights, as they leave the site
-    metrics: dict[str, float]  # num-examples, num-examples.<group>, loss.<name>, timings
+    metrics: dict[str, float]  # num-examples, num-examples.<group>, loss.<name>, timings, dp.*
+
+
+class TrainRefused(Exception):
+    """The site's policy refuses this train request: nothing was trained, nothing leaves but
+    the reason and the site's current privacy spend (`metrics`)."""
+
+    def __init__(self, reason: str, metrics: dict[str, float] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.metrics = metrics or {}
 
 
 class SiteRuntime:
@@ -90,10 +118,18 @@ class SiteRuntime:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.name = config.name
+        self.policy: SitePolicy | None = load_policy(config.policy) if config.policy is not None else None
+        floor = self.policy.min_subjects if self.policy is not None else 1
+        # The policy's minimum only ever raises the config's (the stricter holds).
+        self.min_code_subjects = max(config.min_code_subjects, floor)
+        self.min_report_subjects = max(config.min_report_subjects, floor)
         self.site: Site = open_site(config.site_root)
+        # Under a policy a modality on fewer subjects than its minimum is neither reported nor trained.
+        self.subject_counts = {m: (n if n >= floor else 0) for m, n in self.site.subject_counts.items()}
         self.groups = groups_for_modalities(
-            [m for m in self.site.modalities if self.site.subject_counts.get(m, 0) > 0]
+            [m for m in self.site.modalities if self.subject_counts.get(m, 0) > 0]
         )
+        self.ledger: PrivacyLedger | None = PrivacyLedger(config.state_dir) if config.state_dir is not None else None
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
         self._labels: dict[tuple[str, ...], dict[str, pa.Table]] = {}
@@ -103,18 +139,22 @@ class SiteRuntime:
     # ------------------------------------------------------------------ round 0
 
     def capabilities(self) -> SiteCapabilities:
-        return SiteCapabilities(site=self.name, modalities=self.site.modalities, subjects=self.site.subject_counts)
+        return SiteCapabilities(site=self.name, modalities=self.site.modalities, subjects=self.subject_counts)
 
     def code_stats(self) -> SiteCodeStats:
-        return site_code_stats(self.site, min_subjects=self.config.min_code_subjects)
+        stats = site_code_stats(self.site, min_subjects=self.min_code_subjects)
+        if 0 < stats.n_wearable_subjects < self.min_code_subjects:
+            # Wearable moments over too few subjects are a statistic on too few subjects: withheld.
+            stats = stats.model_copy(update={"n_wearable_subjects": 0, "wearables": {}})
+        return stats
 
     def check_setup(self, setup: FederationSetup) -> None:
         """Refuse a setup this site cannot train under (its policy, not the server's word)."""
-        if setup.vocabulary.min_subjects < self.config.min_code_subjects:
+        if setup.vocabulary.min_subjects < self.min_code_subjects:
             log.warning(
                 "site %s: federation vocabulary minimum %d subjects is below the site's %d (the site's own "
                 "statistics were suppressed at %d before they left)", self.name, setup.vocabulary.min_subjects,
-                self.config.min_code_subjects, self.config.min_code_subjects,
+                self.min_code_subjects, self.min_code_subjects,
             )
 
     # ------------------------------------------------------------------ data
@@ -162,9 +202,47 @@ class SiteRuntime:
 
     # ------------------------------------------------------------------ training
 
+    def dp_settings(self, cfg: RoundConfig, n_samples: int) -> DPSettings | None:
+        """This round's DP parameters, or None for training without DP. The policy decides: DP
+        when it is mandatory or the server asks; noise the larger of the policy's and the
+        server's (a target epsilon becomes the noise that spends it over the run's planned
+        steps). Raises TrainRefused when DP is needed but cannot be done under the policy."""
+        dp = self.policy.dp if self.policy is not None else None
+        if not cfg.dp and (dp is None or not dp.mandatory):
+            return None
+        if dp is None:
+            raise TrainRefused("the server asks for DP but the site policy sets no privacy budget (dp: epsilon_cap, delta)")
+        if self.ledger is None:
+            raise TrainRefused("DP needs a durable privacy ledger: the node config sets no state-dir")
+        rate = sample_rate_for(cfg.batch_size, n_samples)
+        planned = cfg.rounds * cfg.local_steps
+        candidates = []
+        for sigma, target in ((dp.noise_multiplier, dp.target_epsilon), (cfg.dp_noise_multiplier, cfg.dp_target_epsilon)):
+            if sigma is not None:
+                candidates.append(sigma)
+            elif target is not None:
+                candidates.append(noise_for_target(target, dp.delta, rate, planned))
+        if not candidates:
+            raise TrainRefused("DP without a noise level: set dp.noise_multiplier or dp.target_epsilon in the site "
+                               "policy (or the server's dp-noise-multiplier)")
+        return DPSettings(noise_multiplier=max(candidates), max_grad_norm=cfg.dp_max_grad_norm or dp.max_grad_norm,
+                          sample_rate=rate, n_samples=n_samples, delta=dp.delta)
+
+    def privacy_metrics(self) -> dict[str, float]:
+        """The site's cumulative spend (dp.epsilon, dp.delta), when it has a DP policy and a ledger."""
+        dp = self.policy.dp if self.policy is not None else None
+        if dp is None or self.ledger is None:
+            return {}
+        return {DP_EPSILON: self.ledger.epsilon(dp.delta), DP_DELTA: dp.delta}
+
+    def refuse(self, cfg: RoundConfig, reason: str) -> TrainRefused:
+        log.warning("site %s round %d: train request refused: %s", self.name, cfg.round, reason)
+        return TrainRefused(reason, self.privacy_metrics())
+
     def train(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: RoundConfig) -> TrainOutcome:
+        """One round of local training. Raises TrainRefused (nothing trained) when the site's
+        policy refuses the request: DP impossible, too few subjects, or the epsilon cap."""
         t0 = time.perf_counter()
-        model = self.model(setup, arrays)
         received = sorted({parameter_group(k) for k in arrays})
         seed = site_seed(cfg.seed, cfg.round, self.name)
         dataset = PretrainingDataset(
@@ -173,14 +251,71 @@ class SiteRuntime:
         )
         if len(dataset) == 0:
             raise ValueError(f"site {self.name}: no train-split subject has a timed observation")
-        loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed)
+        if self.policy is not None and len(dataset) < self.policy.min_subjects:
+            raise self.refuse(cfg, f"{len(dataset)} train subjects < the policy's minimum {self.policy.min_subjects}")
+        try:
+            dp = self.dp_settings(cfg, len(dataset))
+        except TrainRefused as err:
+            raise self.refuse(cfg, err.reason) from None
+        local_step = None
+        if dp is not None:
+            assert self.ledger is not None and self.policy is not None and self.policy.dp is not None
+            cap = self.policy.dp.epsilon_cap
+            projected = self.ledger.projected_epsilon(dp.delta, dp.noise_multiplier, dp.sample_rate, cfg.local_steps)
+            if projected > cap:
+                raise self.refuse(cfg, f"epsilon after this round would be {projected:.4g} > the policy's cap {cap:g} "
+                                       f"(spent {self.ledger.epsilon(dp.delta):.4g} at delta {dp.delta:g})")
+            accountant = self.ledger.accountant()
+            local_step = DPLocalStep(dp, accountant)
+            loader = PoissonBatches(dataset, collate, dp.sample_rate, steps=max(1, round(1 / dp.sample_rate)))
+        else:
+            loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed)
+        model = self.model(setup, arrays)
         train_cfg = TrainConfig(
             steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
             seed=seed, progress=False, log_every=cfg.local_steps,
         )
-        result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights)
-        # A group none of this round's samples carried did not train: it is not sent back.
-        trained = [g for g in received if result.examples_per_group.get(g, 0) > 0]
+        result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
+        metrics: dict[str, float] = {}
+        if dp is not None:
+            # Under DP every received group is noised and sent, and the counts are the expected
+            # ones (the Poisson draws are private); losses and gradient norms are withheld: the
+            # guarantee does not cover them.
+            assert self.ledger is not None
+            epsilon = self.ledger.record(accountant, round=cfg.round, run=setup.sha256[:16],
+                                         noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                                         max_grad_norm=dp.max_grad_norm, delta=dp.delta)
+            trained = received
+            expected = dp.expected_batch_size * cfg.local_steps
+            # A modality group's share: its subject count over the largest (both already public).
+            largest = max([1, *self.subject_counts.values()])
+            metrics["num-examples"] = max(1, round(expected))
+            for g in trained:
+                share = 1.0 if g == "shared" else self.subject_counts.get(_modality_of(g), 0) / largest
+                metrics[f"num-examples.{g}"] = max(1, round(expected * min(1.0, share)))
+            metrics.update({DP_EPSILON: epsilon, DP_DELTA: dp.delta, DP_NOISE: dp.noise_multiplier})
+        else:
+            # A group none of this round's samples carried did not train: it is not sent back.
+            trained = [g for g in received if result.examples_per_group.get(g, 0) > 0]
+            metrics["num-examples"] = int(result.examples)
+            for g in trained:
+                metrics[f"num-examples.{g}"] = int(result.examples_per_group[g])
+            # Losses on fewer samples than the policy's minimum (samples are distinct subjects within
+            # a pass) would describe too few subjects: withheld.
+            floor = self.policy.min_subjects if self.policy is not None else 1
+            if min(result.examples, len(dataset)) >= floor:
+                for loss in (*LOSS_NAMES, "total"):
+                    values = [h[loss] for h in result.history if loss in h]
+                    # An objective with no data here (e.g. alignment at a site without wearables) is 0
+                    # at every step: leave it out rather than pull the federation's average towards 0.
+                    if values and (loss == "total" or any(v != 0.0 for v in values)):
+                        metrics[LOSS_PREFIX + loss] = float(np.mean(values))
+                if result.history and "grad_norm" in result.history[-1]:
+                    metrics["grad-norm"] = float(result.history[-1]["grad_norm"])
+            else:
+                log.info("site %s round %d: losses withheld (%d samples < minimum %d subjects)", self.name,
+                         cfg.round, min(result.examples, len(dataset)), floor)
+            metrics.update(self.privacy_metrics())
         out_dtype = np.float16 if cfg.fp16_transport else None
         out = {}
         for name, value in group_state_dict(result.group_state, trained).items():
@@ -188,24 +323,29 @@ class SiteRuntime:
             if out_dtype is not None and np.issubdtype(array.dtype, np.floating):
                 array = array.astype(out_dtype)
             out[name] = array
-        metrics: dict[str, float] = {"num-examples": int(result.examples)}
-        for g in trained:
-            metrics[f"num-examples.{g}"] = int(result.examples_per_group[g])
-        for loss in (*LOSS_NAMES, "total"):
-            values = [h[loss] for h in result.history if loss in h]
-            # An objective with no data here (e.g. alignment at a site without wearables) is 0 at
-            # every step: leave it out rather than pull the federation's average towards 0.
-            if values and (loss == "total" or any(v != 0.0 for v in values)):
-                metrics[LOSS_PREFIX + loss] = float(np.mean(values))
         last = result.history[-1] if result.history else {}
-        for key in ("rate_min", "rate_max", "grad_norm"):
+        for key in ("rate_min", "rate_max"):
             if key in last:
                 metrics[key.replace("_", "-")] = float(last[key])
         metrics["train-seconds"] = float(result.seconds)
         metrics["client-seconds"] = time.perf_counter() - t0
-        log.info("site %s round %d: %d steps, %d samples, loss %.4f, groups %s", self.name, cfg.round,
-                 cfg.local_steps, result.examples, metrics.get(LOSS_PREFIX + "total", float("nan")), trained)
+        log.info("site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s", self.name, cfg.round,
+                 cfg.local_steps, result.examples, metrics.get(LOSS_PREFIX + "total", float("nan")), trained,
+                 f", DP epsilon {metrics[DP_EPSILON]:.4g}" if DP_EPSILON in metrics else "")
         return TrainOutcome(out, metrics)
+
+    def release(self, outcome: TrainOutcome) -> TrainOutcome:
+        """What may leave the site of a training outcome: the groups the policy keeps local are
+        dropped with their counts (called at the last moment, right before the reply)."""
+        if self.policy is None:
+            return outcome
+        kept = sorted({parameter_group(k) for k in outcome.arrays if not self.policy.allows(parameter_group(k))})
+        if kept:
+            log.info("site %s: groups %s stay at the site (policy)", self.name, kept)
+        arrays = {k: v for k, v in outcome.arrays.items() if self.policy.allows(parameter_group(k))}
+        metrics = {k: v for k, v in outcome.metrics.items()
+                   if not (k.startswith("num-examples.") and not self.policy.allows(k[len("num-examples."):]))}
+        return TrainOutcome(arrays, metrics)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -253,8 +393,8 @@ class SiteRuntime:
             for s in SPLITS:
                 sel = split == s
                 n_subj = len(np.unique(subj[sel]))
-                if n_subj < self.config.min_report_subjects:
-                    reason = f"{s} split has {n_subj} subjects < minimum {self.config.min_report_subjects}"
+                if n_subj < self.min_report_subjects:
+                    reason = f"{s} split has {n_subj} subjects < minimum {self.min_report_subjects}"
                     break
                 ys = y[sel]
                 if value_col == "boolean_value" and s != "tuning" and (ys.all() or not ys.any()):
@@ -292,6 +432,10 @@ class SiteRuntime:
             return np.where(found, names[pos], "none")
 
         return lookup
+
+
+def _modality_of(group: str) -> str:
+    return {g: m for m, g in MODALITY_GROUP.items()}.get(group, group)
 
 
 def _pair_keys(table: pa.Table) -> list[tuple[int, int]]:

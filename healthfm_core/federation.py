@@ -11,7 +11,10 @@ Exchange (one run):
   query.setup         server -> site: FederationSetup JSON (vocabulary, model config, init seed);
                       the site keeps it for the run and acknowledges its sha256
   train               server -> site: its groups' arrays + RoundConfig; site -> server: the groups
-                      it trained + MetricRecord (num-examples, num-examples.<group>, loss.<name>)
+                      it trained + MetricRecord (num-examples, num-examples.<group>, loss.<name>;
+                      with DP dp.epsilon / dp.delta, the site's cumulative spend), or - when the
+                      site's policy refuses the request - no arrays, a ConfigRecord "status"
+                      {status: "refused", reason} and the MetricRecord (dp.* only)
   evaluate            server -> site: its groups' arrays + EvalConfig; site -> server: held-out
                       metrics per task, those on fewer subjects than the site's minimum withheld
 """
@@ -40,6 +43,12 @@ SETUP = "query.setup"
 
 MODALITY_GROUP = {"ehr": "ehr", "wearables": "wearables", "genomics": "genomics"}
 LOSS_PREFIX = "loss."
+# A train reply's status (ConfigRecord STATUS_RECORD): a refused request carries no arrays.
+STATUS_RECORD = "status"
+STATUS_REFUSED = "refused"
+DP_EPSILON = "dp.epsilon"  # cumulative epsilon of the site (every round of every run)
+DP_DELTA = "dp.delta"
+DP_NOISE = "dp.noise-multiplier"
 WEIGHT_PREFIX = "weight."
 
 
@@ -143,9 +152,16 @@ class RoundConfig(_Strict):
     fp16_transport: bool = False
     setup_sha256: str
     weights: ObjectiveWeights = ObjectiveWeights()
+    # Differential privacy asked by the server; a site's policy may still demand it, raise the
+    # noise or refuse the round (the site decides).
+    dp: bool = False
+    dp_noise_multiplier: float | None = Field(default=None, gt=0)
+    dp_target_epsilon: float | None = Field(default=None, gt=0)  # over this run's planned steps
+    dp_max_grad_norm: float | None = Field(default=None, gt=0)
 
     def to_flat(self) -> dict[str, Any]:
-        out = _flat(self, exclude={"weights"})
+        # ConfigRecord holds no None: unset optional fields are left out.
+        out = {k: v for k, v in _flat(self, exclude={"weights"}).items() if v is not None}
         out.update(self.weights.to_flat(WEIGHT_PREFIX))
         return out
 
@@ -215,9 +231,14 @@ __all__ = [
     "EVAL_METRICS",
     "EvalConfig",
     "FederationSetup",
+    "DP_DELTA",
+    "DP_EPSILON",
+    "DP_NOISE",
     "LOSS_PREFIX",
     "RoundConfig",
     "SETUP",
+    "STATUS_RECORD",
+    "STATUS_REFUSED",
     "SiteCapabilities",
     "aggregate_site_metrics",
     "groups_for_modalities",

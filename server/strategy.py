@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from healthfm_core.federation import STATUS_RECORD, STATUS_REFUSED
 from healthfm_core.model.groups import GROUPS, parameter_group
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,11 @@ class ModalityAwareFedAvg(FedAvg):
             if msg.has_error():
                 rejected.append(RejectedReply(node_id, f"error reply: {msg.error.reason}"))
                 continue
+            refusal = self.refusal(msg.content)
+            if refusal is not None:
+                # The site's own policy said no (e.g. its epsilon cap): it contributes nothing.
+                rejected.append(RejectedReply(node_id, f"refused by the site: {refusal}"))
+                continue
             try:
                 arrays, counts = self.validate_reply(msg.content, previous, node_id)
             except ValueError as err:
@@ -186,6 +192,14 @@ class ModalityAwareFedAvg(FedAvg):
         self.contributors[server_round] = contributors
         metrics = self.train_metrics_aggr_fn([content for *_, content in accepted], self.weighted_by_key)
         return new_arrays, metrics
+
+    @staticmethod
+    def refusal(content: RecordDict) -> str | None:
+        """The reason of a reply whose site refused the request (status "refused"), else None."""
+        status = content.config_records.get(STATUS_RECORD)
+        if status is None or status.get("status") != STATUS_REFUSED:
+            return None
+        return str(status.get("reason", "no reason given"))
 
     def validate_reply(
         self, content: RecordDict, previous: dict[str, np.ndarray], node_id: int

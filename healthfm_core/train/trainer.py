@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,6 +64,19 @@ class TrainResult:
     examples: int  # samples processed
     examples_per_group: dict[str, int] = field(default_factory=dict)  # samples carrying each group's modality
     seconds: float = 0.0
+
+
+class LocalStep(Protocol):
+    """A replacement for the loop's forward/backward/clip (e.g. DP-SGD, healthfm_core.privacy):
+    `wrap_optimizer` wraps the AdamW the loop built; each step the loop zeroes the gradients,
+    calls the step (which must leave gradients for the wrapped optimizer to use) and steps."""
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer: ...
+
+    def __call__(self, model: torch.nn.Module, batch: Batch, weights: Any,
+                 generator: torch.Generator) -> tuple[dict[str, float], float]:
+        """-> (loss values by name, including "total"; a gradient norm to log)."""
+        ...
 
 
 # ---------------------------------------------------------------- helpers
@@ -265,6 +278,7 @@ def train_local(
     checkpoint_extra: dict[str, Any] | None = None,
     group_of: Callable[[str], str] | None = None,
     stop_step: int | None = None,
+    local_step: LocalStep | None = None,
 ) -> TrainResult:
     """Train the parameters of `groups` (None = every group) for steps start_step .. stop_step-1
     (stop_step defaults to cfg.steps; stopping early leaves the schedule laid over cfg.steps, so a
@@ -279,6 +293,8 @@ def train_local(
     checkpoint_dir: when given, a checkpoint is written every cfg.checkpoint_every steps and at
       the end, as checkpoint_dir/step-NNNNNNNN.
     group_of: state_dict key -> group (default healthfm_core.model.groups.parameter_group).
+    local_step: replaces forward/backward/clipping (cfg.grad_clip is then not applied), e.g.
+      healthfm_core.privacy.engine.DPLocalStep for DP-SGD.
     """
     stop_step = cfg.steps if stop_step is None else stop_step
     if not 0 <= start_step <= stop_step <= cfg.steps:
@@ -314,6 +330,8 @@ def train_local(
 
     try:
         opt = _build_optimizer(named, cfg, state)
+        if local_step is not None:
+            opt = local_step.wrap_optimizer(opt)
         stream = _BatchStream(data, state.epoch, state.batch_in_epoch)
         # A CPU generator: HealthFM draws its masks and modality dropout on the CPU and moves them.
         generator = torch.Generator()
@@ -331,23 +349,32 @@ def train_local(
             for g in opt.param_groups:
                 g["lr"] = lr
             generator.manual_seed(step_seed(cfg.seed, step))
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                losses = model.pretraining_losses(batch, weights, generator=generator)
-            if "total" not in losses:
-                raise KeyError(f"pretraining_losses returned {sorted(losses)} without 'total'")
-            names = sorted(losses)
-            values = torch.stack([losses[k].detach().float() for k in names]).cpu().tolist()
-            if not math.isfinite(values[names.index("total")]):
-                bad = [k for k, v in zip(names, values) if not math.isfinite(v)]
-                raise FloatingPointError(f"step {step}: non-finite loss {bad} (values {dict(zip(names, values))})")
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            if cfg.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
-                )) if any(p.grad is not None for p in params) else 0.0
+            if local_step is not None:
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    step_losses, grad_norm = local_step(model, batch, weights, generator)
+                names = sorted(step_losses)
+                values = [float(step_losses[k]) for k in names]
+                if "total" not in step_losses or not math.isfinite(step_losses["total"]):
+                    raise FloatingPointError(f"step {step}: local step returned losses {step_losses}")
+            else:  # the default step: one loss over the batch, backward, clipping
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    losses = model.pretraining_losses(batch, weights, generator=generator)
+                if "total" not in losses:
+                    raise KeyError(f"pretraining_losses returned {sorted(losses)} without 'total'")
+                names = sorted(losses)
+                values = torch.stack([losses[k].detach().float() for k in names]).cpu().tolist()
+                if not math.isfinite(values[names.index("total")]):
+                    bad = [k for k, v in zip(names, values) if not math.isfinite(v)]
+                    raise FloatingPointError(f"step {step}: non-finite loss {bad} (values {dict(zip(names, values))})")
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                if cfg.grad_clip is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(
+                        torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
+                    )) if any(p.grad is not None for p in params) else 0.0
             opt.step()
 
             record = {"step": float(step), **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm}

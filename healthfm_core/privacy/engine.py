@@ -1,0 +1,225 @@
+"""DP-SGD for HealthFM at a site: Opacus's optimizer, sampler and accountant, with per-sample
+gradients computed by microbatches of one sample.
+
+Why not Opacus's own per-sample gradient modes:
+  - hooks (GradSampleModule) and ghost clipping (GradSampleModuleFastGradientClipping) cover
+    only layers with a grad-sample rule and a batch dimension in their input. DecayKernel (the
+    continuous-time attention's mixture log-weights and bounded decay rates) takes no input at
+    all, and the query / modality / mask tokens are bare nn.Parameters outside any such layer;
+  - functorch (vmap over the batch) needs a per-sample function free of data-dependent control
+    flow; HealthFM's objectives pick masked positions, visits and anchors per sample (boolean
+    indexing, nonzero, variable-length loops), which vmap cannot batch;
+  - above all, DP-SGD needs a loss whose gradient splits into one term per sample. HealthFM's
+    batch loss does not: losses are batch means combined through log(eps + L) (loss
+    balancing), and the InfoNCE alignment contrasts samples against each other. A hook-based
+    "per-sample gradient" of that loss would carry other samples' data and the sensitivity
+    bound (max_grad_norm) would not hold.
+So each sample's gradient is the gradient of the pretraining loss of that sample alone (a batch
+of one, a well-defined per-sample objective), exact for every parameter of the model including
+DecayKernel. The alignment loss needs two samples and is therefore absent under DP.
+
+Each per-sample gradient is clipped as soon as it is computed and summed into `p.summed_grad`
+(memory of one gradient, not batch x parameters); noise, the 1/expected-batch scaling, the
+accountant step and the optimizer step are Opacus's DPOptimizer unchanged. Batches are drawn by
+Opacus's UniformWithReplacementSampler (Poisson sampling, possibly empty batches), from a
+generator seeded from the operating system: the server's seed must not let anyone predict the
+sample or the noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Iterator
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+from opacus.accountants import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import Dataset
+
+from healthfm_core.data.batch import Batch
+
+log = logging.getLogger(__name__)
+
+
+class DPSettings(BaseModel):
+    """The DP parameters of one round at one site (after the site's policy was applied)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    noise_multiplier: float = Field(ge=0)  # 0 (no privacy) only in tests; a site policy needs > 0
+    max_grad_norm: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    n_samples: int = Field(gt=0)  # the dataset Poisson sampling draws from
+    delta: float = Field(gt=0, lt=1)
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.n_samples
+
+
+def sample_rate_for(batch_size: int, n_samples: int) -> float:
+    """Poisson sampling rate with `batch_size` samples per step in expectation."""
+    if n_samples <= 0:
+        raise ValueError(f"cannot sample from {n_samples} samples")
+    return min(1.0, batch_size / n_samples)
+
+
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Noise multiplier that reaches `target_epsilon` after `steps` steps at `sample_rate` (RDP)."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps, accountant="rdp"))
+
+
+def secret_generator() -> torch.Generator:
+    """A CPU generator seeded from the OS (never from a seed a peer knows)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def empty_like(batch: Batch) -> Batch:
+    return replace(batch, **{f.name: getattr(batch, f.name)[:0] for f in fields(batch)})
+
+
+def sample_of(batch: Batch, i: int) -> Batch:
+    """Sample i of a batch as a batch of one."""
+    return replace(batch, **{f.name: getattr(batch, f.name)[i : i + 1] for f in fields(batch)})
+
+
+class PoissonBatches:
+    """`steps` Poisson-sampled batches per pass over a map-style dataset of samples (each sample
+    included independently with probability `sample_rate`; a batch may be empty)."""
+
+    def __init__(self, dataset: Dataset, collate: Any, sample_rate: float, steps: int,
+                 generator: torch.Generator | None = None) -> None:
+        n = len(dataset)  # type: ignore[arg-type]
+        self.dataset, self.collate = dataset, collate
+        self.sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate,
+                                                     generator=generator or secret_generator(), steps=steps)
+        self._empty: Batch | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for indices in self.sampler:
+            if indices:
+                yield self.collate([self.dataset[i] for i in indices])
+            else:
+                if self._empty is None:
+                    self._empty = empty_like(self.collate([self.dataset[0]]))
+                yield self._empty
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+class StreamingDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with per-sample clipping done as gradients arrive (`accumulate`),
+    instead of over a stored [batch, ...] grad_sample per parameter."""
+
+    def accumulate(self, grads: list[torch.Tensor | None]) -> float:
+        """Clip one sample's gradient (one tensor or None per parameter, in `self.params` order)
+        to max_grad_norm and add it to p.summed_grad; returns its norm before clipping."""
+        present = [g for g in grads if g is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present]))) \
+            if present else 0.0
+        factor = min(1.0, self.max_grad_norm / (norm + 1e-6))  # Opacus's clip factor
+        for p, g in zip(self.params, grads):
+            if g is None:
+                continue
+            g = g.to(p.dtype) * factor
+            p.summed_grad = g if p.summed_grad is None else p.summed_grad + g
+        return norm
+
+    @property
+    def accumulated_iterations(self) -> int:
+        # One batch per optimizer step (no virtual steps): Opacus's accountant hook multiplies
+        # the sample rate by this.
+        return 1
+
+    def pre_step(self, closure: Any = None) -> bool:
+        for p in self.params:  # an empty batch, or a parameter no sample reached: noise only
+            if p.summed_grad is None:
+                p.summed_grad = torch.zeros_like(p)
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad /= self.expected_batch_size
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for p in self.params:
+            p.grad_sample = None
+            p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)
+
+
+class DPLocalStep:
+    """The trainer's step under DP-SGD (see `healthfm_core.train.trainer.train_local(local_step=)`):
+    wraps the optimizer, then per step computes, clips and sums per-sample gradients."""
+
+    def __init__(self, settings: DPSettings, accountant: IAccountant, noise_generator: torch.Generator | None = None) -> None:
+        self.settings = settings
+        self.accountant = accountant
+        self.noise_generator = noise_generator or secret_generator()
+        self.optimizer: StreamingDPOptimizer | None = None
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> StreamingDPOptimizer:
+        s = self.settings
+        opt = StreamingDPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                                   expected_batch_size=max(1, round(s.expected_batch_size)),
+                                   loss_reduction="mean", generator=self.noise_generator)
+        # Opacus's own hook: one accountant step per optimizer step, at this round's rate.
+        opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=s.sample_rate))
+        self.optimizer = opt
+        return opt
+
+    def __call__(self, model: torch.nn.Module, batch: Batch, weights: Any,
+                 generator: torch.Generator) -> tuple[dict[str, float], float]:
+        """Fill p.summed_grad for one step; returns (mean per-sample losses, mean per-sample norm)."""
+        if self.optimizer is None:
+            raise RuntimeError("DPLocalStep: wrap_optimizer must be called before the first step")
+        params = self.optimizer.params
+        sums: dict[str, float] = {}
+        norms: list[float] = []
+        for i in range(batch.batch_size):
+            losses = model.pretraining_losses(sample_of(batch, i), weights, generator=generator)
+            total = losses["total"]
+            if not math.isfinite(float(total.detach())):
+                raise FloatingPointError(f"non-finite loss on a sample: { {k: float(v) for k, v in losses.items()} }")
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+            norms.append(self.optimizer.accumulate(list(grads)))
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n = max(1, batch.batch_size)
+        return {k: v / n for k, v in sums.items()} or {"total": 0.0}, (sum(norms) / n if norms else 0.0)
+
+
+__all__ = [
+    "DPLocalStep",
+    "DPSettings",
+    "PoissonBatches",
+    "StreamingDPOptimizer",
+    "noise_for_target",
+    "sample_of",
+    "sample_rate_for",
+    "secret_generator",
+]
