@@ -1,8 +1,15 @@
-"""Site runtime command line: `python client/client.py check SITE_ROOT [--json] [--strict]`.
+"""Site runtime command line.
+
+    python client/client.py check SITE_ROOT [--json] [--strict]
+    python client/client.py join SITE_ROOT --superlink HOST:PORT --root-cert ca.pem --auth-key auth_key
+                                 [--state-dir DIR] [--site-name NAME] [--policy FILE] [--node-config KEY=VALUE ...]
 
 Exit status of `check`: 0 the site is usable (warnings may be printed), 1 the site has errors
 (one line per problem), 2 the command could not run (no such site root, bad arguments),
 3 an internal error (one line; `--debug` shows the traceback).
+`join` checks the site the same way (1 and the check's lines if it is not usable), then runs a
+SuperNode until stopped (0 after Ctrl-C/SIGTERM); 4 the SuperLink is unreachable or its
+certificate does not verify, 5 it refused the site's key, 6 the SuperNode stopped otherwise.
 """
 
 from __future__ import annotations
@@ -63,6 +70,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(report.model_dump_json(indent=2))
         return EXIT_OK if report.ok else EXIT_INVALID
+    return print_report(report)
+
+
+def print_report(report: "SiteReport") -> int:  # noqa: F821 (imported lazily)
+    """One line per problem, then the summary (usable) or a FAILED line; the exit status."""
     for problem in report.problems:
         print(problem)
     if report.ok:
@@ -71,6 +83,77 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"FAILED: {report.n_errors} error(s), {report.n_warnings} warning(s)", file=sys.stderr)
     return EXIT_INVALID
+
+
+def _node_config_items(items: Sequence[str]) -> dict[str, str | int | float | bool]:
+    """KEY=VALUE pairs; values read as TOML scalars (5, 2.5, true, 'text'), else kept as text."""
+    import tomllib
+
+    config: dict[str, str | int | float | bool] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--node-config {item!r} is not KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        if not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"--node-config {item!r}: the value must be text, a number or true/false")
+        config[key.strip()] = value
+    return config
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from client.join import JoinConfig, JoinError, join
+    from healthfm_core.data.site import check_site
+
+    root = Path(args.site_root)
+    if not root.is_dir():
+        print(f"error: site root {root} does not exist or is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        node_config = _node_config_items(args.node_config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    # The data first: a site that fails `check` never connects.
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    report = check_site(root, progress=progress, strict=args.strict)
+    if not report.ok:
+        print_report(report)
+        print(f"not joining: {root} is not usable (fix the problems above, then rerun)", file=sys.stderr)
+        return EXIT_INVALID
+    s = report.summary
+    modalities = ", ".join(s.modalities) if s is not None else "?"
+    print(f"site {root.resolve()}: OK ({s.n_subjects if s else '?'} subjects; {modalities})", flush=True)
+    node_config = {"site-root": str(root.resolve()), **node_config}
+    if args.site_name:
+        node_config["site-name"] = args.site_name
+    if args.policy:
+        node_config["policy"] = str(Path(args.policy).resolve())
+    site_name = str(node_config.get("site-name", root.resolve().name))
+    state_dir = (Path(args.state_dir) if args.state_dir else Path.home() / ".healthfm" / "sites" / site_name).resolve()
+    # The ClientApp's durable state (the privacy ledger) lives with the SuperNode's state.
+    node_config.setdefault("state-dir", str(state_dir / "site-state"))
+    try:
+        cfg = JoinConfig(site_root=root.resolve(), superlink=args.superlink,
+                         root_cert=Path(args.root_cert).resolve() if args.root_cert else None,
+                         auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
+                         insecure=args.insecure, state_dir=state_dir, node_config=node_config,
+                         connect_timeout=args.connect_timeout, runtime_port=args.runtime_port,
+                         max_wait_time=args.max_wait_time)
+    except ValueError as err:  # pydantic: a bad option value
+        print(f"error: {str(err).splitlines()[0]}: {' '.join(str(err).splitlines()[1:3]).strip()}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.insecure:
+        print("WARNING: --insecure: no TLS, the connection to the SuperLink is neither encrypted nor "
+              "authenticated; use only for local tests", file=sys.stderr)
+    try:
+        return join(cfg, echo=args.verbose)
+    except JoinError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show a progress bar (default: when stderr is a terminal)")
     check.add_argument("--no-progress", dest="progress", action="store_false")
     check.set_defaults(func=cmd_check)
+
+    join = sub.add_parser("join", help="check the site, then connect it to a federation's SuperLink (SuperNode)")
+    join.add_argument("site_root", metavar="SITE_ROOT", help="the site root (holds data/, metadata/, ...)")
+    join.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    join.add_argument("--root-cert", metavar="CA.pem", help="the federation's CA certificate (ca.pem)")
+    join.add_argument("--auth-key", metavar="KEY", help="this site's private key (auth_key from the coordinator)")
+    join.add_argument("--state-dir", metavar="DIR",
+                      help="where the SuperNode keeps its log, node config, Flower apps and the site's "
+                           "durable state (privacy ledger) (default: ~/.healthfm/sites/SITE_NAME)")
+    join.add_argument("--site-name", help="the site's name in the federation (default: the site root's name)")
+    join.add_argument("--policy", metavar="FILE", help="this site's policy file (what it allows, whatever the server asks)")
+    join.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
+                      help="more node config for the ClientApp, e.g. min-report-subjects=50 (repeatable)")
+    join.add_argument("--insecure", action="store_true", help="no TLS and no authentication (local tests only)")
+    join.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                      help="seconds to wait for the SuperLink before giving up (default 10)")
+    join.add_argument("--max-wait-time", type=float, default=None, metavar="S",
+                      help="stop reconnecting after losing the SuperLink for this long (default: never)")
+    join.add_argument("--runtime-port", type=int, default=None,
+                      help="local port of the SuperNode's runtime API on 127.0.0.1 (default: a free one)")
+    join.add_argument("--strict", action="store_true", help="check the site as `check --strict` does")
+    join.add_argument("--progress", dest="progress", action="store_true", default=None)
+    join.add_argument("--no-progress", dest="progress", action="store_false")
+    join.set_defaults(func=cmd_join)
     return parser
 
 

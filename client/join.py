@@ -1,0 +1,364 @@
+"""`client.py join`: connect this site to a federation's SuperLink as a Flower SuperNode.
+
+The SuperNode (flwr 1.41 `flower-supernode`) only makes outbound HTTPS connections to the
+SuperLink; it verifies the server against the federation's CA (`--root-certificates`) and signs
+its requests with the site's EC key (`--auth-supernode-private-key`, OpenSSH format), which the
+coordinator registered. The ClientApp finds the data through the node config (`site-root`, plus
+the site's policy keys, see client.site_runtime.SiteConfig), which stays on the site.
+
+Before starting it, `join` probes the SuperLink itself (TCP, then a TLS handshake against the
+CA) so that an unreachable server or a wrong certificate is one clear line within seconds
+instead of a SuperNode retrying forever; a key the SuperLink does not know is recognised in the
+SuperNode's own output (Flower's error 2004, "Failed to activate SuperNode").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("healthfm.client.join")
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_NO_CONNECTION = 4  # unreachable, or TLS failed (wrong certificate)
+EXIT_NOT_REGISTERED = 5  # the SuperLink refused this site's key
+EXIT_SUPERNODE_FAILED = 6  # the SuperNode stopped for another reason
+
+NODE_ID_LINE = re.compile(r"SuperNode ID:\s*(\d+)")
+ConfigValue = str | int | float | bool
+
+
+class JoinError(Exception):
+    """A one-line reason why this site cannot join, with the exit status to use."""
+
+    def __init__(self, message: str, status: int = EXIT_NO_CONNECTION) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class JoinConfig(BaseModel):
+    """One `join`, from the site admin's command line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site_root: Path
+    superlink: str  # HOST:PORT of the SuperLink (IPv6 as [::1]:PORT)
+    root_cert: Path | None = None  # the federation CA (ca.pem); None only with insecure
+    auth_key: Path | None = None  # the site's OpenSSH EC private key (auth_key)
+    insecure: bool = False
+    state_dir: Path
+    node_config: dict[str, ConfigValue] = Field(default_factory=dict)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    runtime_port: int | None = Field(default=None, ge=1, le=65535)  # the SuperNode's local API
+    max_wait_time: float | None = Field(default=None, gt=0)  # give up reconnecting after this
+
+
+# ---------------------------------------------------------------------------- checks before starting
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port); JoinError with the address otherwise."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^\s:/\[\]]+):(\d+)", address.strip())
+    if not m:
+        raise JoinError(f"--superlink {address!r} is not HOST:PORT", EXIT_USAGE)
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 < int(port) < 65536:
+        raise JoinError(f"--superlink {address!r}: port {port} is out of range", EXIT_USAGE)
+    return host, int(port)
+
+
+def check_auth_key(path: Path) -> str:
+    """The OpenSSH public key line of the site's private key (what the coordinator registered);
+    JoinError if the file is not an EC key flwr can use."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise JoinError(f"--auth-key {path}: cannot read ({err.strerror})", EXIT_USAGE) from None
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise JoinError(f"--auth-key {path}: not an unencrypted OpenSSH private key ({err}); use the site's "
+                        "auth_key from the coordinator", EXIT_USAGE) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise JoinError(f"--auth-key {path}: a {type(key).__name__}, but Flower needs an EC (NIST curve) key",
+                        EXIT_USAGE)
+    if path.stat().st_mode & 0o077:
+        log.warning("%s is readable by other users (mode %o); chmod 600 it", path, path.stat().st_mode & 0o777)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode()
+
+
+def probe_superlink(address: str, root_cert: Path | None, timeout: float) -> None:
+    """Connect to the SuperLink as the SuperNode will (TCP, then TLS verified against the CA
+    and the host name); JoinError naming what failed."""
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as err:
+        raise JoinError(f"cannot reach the SuperLink at {address}: host name {host!r} does not resolve "
+                        f"({err.strerror})") from None
+    except ConnectionRefusedError:
+        raise JoinError(f"cannot reach the SuperLink at {address}: connection refused (is the SuperLink "
+                        "running, and is this its address and port?)") from None
+    except (socket.timeout, TimeoutError):
+        raise JoinError(f"cannot reach the SuperLink at {address}: no answer within {timeout:g} s (a firewall, "
+                        "or a wrong address?)") from None
+    except OSError as err:
+        raise JoinError(f"cannot reach the SuperLink at {address}: {err.strerror or err}") from None
+    with sock:
+        if root_cert is None:
+            return
+        try:
+            ctx = ssl.create_default_context(cafile=str(root_cert))
+        except (OSError, ssl.SSLError) as err:
+            raise JoinError(f"--root-cert {root_cert}: not a readable PEM certificate ({err})", EXIT_USAGE) from None
+        sock.settimeout(timeout)
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as err:
+            reason = err.verify_message or str(err)
+            if "mismatch" in reason.lower():
+                raise JoinError(f"the SuperLink's certificate at {address} is not valid for {host!r} ({reason}); "
+                                "connect by a name the coordinator provisioned, or ask for a new certificate") \
+                    from None
+            raise JoinError(f"the SuperLink's certificate at {address} does not verify against --root-cert "
+                            f"{root_cert} ({reason}): wrong CA file for this federation?") from None
+        except (socket.timeout, TimeoutError):
+            raise JoinError(f"the server at {address} accepted a connection but completed no TLS handshake "
+                            f"within {timeout:g} s (is it a SuperLink?)") from None
+        except ssl.SSLError as err:
+            reason = err.reason or str(err)
+            hint = " (a SuperLink started with --insecure?)" if "WRONG_VERSION" in reason.upper() else ""
+            raise JoinError(f"TLS with the SuperLink at {address} failed: {reason}{hint}") from None
+        except OSError as err:
+            raise JoinError(f"TLS with the SuperLink at {address} failed: {err.strerror or err}") from None
+
+
+def validate_node_config(node_config: Mapping[str, ConfigValue]) -> None:
+    """The node config as the ClientApp will read it (its own SiteConfig): refuse it here
+    rather than at the first round."""
+    from client.policy import load_policy
+    from client.site_runtime import SiteConfig
+
+    try:
+        config = SiteConfig.from_node_config(node_config)
+        if config.policy is not None:  # a broken policy file stops here, not at the first round
+            load_policy(config.policy)
+    except ValueError as err:  # PolicyError is a ValueError too
+        raise JoinError(" ".join(str(err).split()), EXIT_USAGE) from None
+
+
+def toml_value(value: ConfigValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_config_toml(path: Path, config: Mapping[str, ConfigValue]) -> Path:
+    """Flat key/value config as TOML (Flower's `--node-config FILE.toml` / `--run-config`):
+    no quoting problems with paths that hold spaces or quotes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in config.items()))
+    os.replace(tmp, path)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def flower_executable(name: str) -> str:
+    """A Flower entry point from this Python's environment (then PATH)."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise JoinError(f"{name} not found next to {sys.executable} nor on PATH: install flwr 1.41", EXIT_USAGE)
+    return found
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: this environment's bin first (the SuperNode starts
+    `flower-superexec` by name), Flower's home under the site's state, no telemetry."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return env
+
+
+def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int) -> list[str]:
+    cmd = [flower_executable("flower-supernode"), "--superlink", cfg.superlink,
+           "--node-config", str(node_config_file), "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if cfg.insecure:
+        cmd.append("--insecure")
+    else:
+        assert cfg.root_cert is not None
+        cmd += ["--root-certificates", str(cfg.root_cert)]
+    if cfg.auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(cfg.auth_key)]
+    if cfg.max_wait_time is not None:
+        cmd += ["--max-wait-time", str(cfg.max_wait_time)]
+    return cmd
+
+
+def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: Path) -> JoinError:
+    """The one-line reason a SuperNode stopped, from its output."""
+    text = "\n".join(lines)
+    low = text.lower()
+    if "code: 2004" in low or "failed to activate supernode" in low:
+        return JoinError(f"the SuperLink at {cfg.superlink} refused this site's key {cfg.auth_key}: it is not "
+                         "registered (ask the coordinator to run `coordinator register` for this site), or another "
+                         "SuperNode with this key is connected", EXIT_NOT_REGISTERED)
+    if "must be registered" in low or "authentication failed" in low or "unauthenticated" in low:
+        return JoinError(f"the SuperLink at {cfg.superlink} did not accept this site's authentication "
+                         f"({cfg.auth_key})", EXIT_NOT_REGISTERED)
+    if "certificate verify failed" in low or "certificate_verify_failed" in low:
+        return JoinError(f"the SuperLink's certificate at {cfg.superlink} does not verify against "
+                         f"--root-cert {cfg.root_cert}")
+    if "connection refused" in low or "giving up reconnection" in low or "could not establish a connection" in low:
+        return JoinError(f"lost the SuperLink at {cfg.superlink} (connection refused or retries exhausted)")
+    if "address already in use" in low:
+        return JoinError(f"the SuperNode's local port is in use; pass --runtime-port with a free port", EXIT_USAGE)
+    if "unable to parse the private key" in low:
+        return JoinError(f"--auth-key {cfg.auth_key}: Flower cannot parse it", EXIT_USAGE)
+    last = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() and ln.strip()), "")
+    return JoinError(f"the SuperNode stopped (exit {returncode}){': ' + last if last else ''}; see {log_path}",
+                     EXIT_SUPERNODE_FAILED)
+
+
+# ---------------------------------------------------------------------------- running the SuperNode
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when `join` dies, so no SuperNode outlives it (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _pump(stream: TextIO | None, lines: queue.Queue[str | None]) -> None:
+    assert stream is not None
+    try:
+        for line in stream:
+            lines.put(line)
+    finally:
+        lines.put(None)
+
+
+def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
+    """Start the SuperNode and stay with it until it stops or this process is told to stop
+    (SIGINT/SIGTERM, which it passes on). Returns 0 when the site left on request."""
+    state = cfg.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    node_config_file = write_config_toml(state / "node-config.toml", cfg.node_config)
+    runtime_port = cfg.runtime_port or free_port()
+    cmd = supernode_command(cfg, node_config_file, runtime_port)
+    log_path = state / "supernode.log"
+    log.info("starting %s", " ".join(cmd))
+    stop_requested = False
+    node_id: str | None = None
+    tail: list[str] = []
+
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        log_file.write(f"--- join {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=flower_env(state / "flwr-home"), text=True, bufsize=1, errors="replace",
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        # A reader thread, because the pipe can outlive the SuperNode: the SuperExec it starts
+        # (its own session) inherits the pipe and only exits once its parent is reaped.
+        lines: queue.Queue[str | None] = queue.Queue()
+        reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+        reader.start()
+
+        def forward(signum: int, _frame: Any) -> None:
+            nonlocal stop_requested
+            stop_requested = True
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        exited_at: float | None = None
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    line = ""
+                if line is None:  # EOF
+                    break
+                if line:
+                    log_file.write(line)
+                    log_file.flush()
+                    if echo:
+                        sys.stderr.write(line)
+                    tail = [*tail[-199:], line.rstrip("\n")]
+                    if node_id is None and (m := NODE_ID_LINE.search(line)):
+                        node_id = m.group(1)
+                        print(f"joined: SuperNode {node_id} connected to {cfg.superlink}; waiting for runs "
+                              f"(log {log_path}; Ctrl-C to leave)", file=out, flush=True)
+                if proc.poll() is not None:  # reaped: read what is left for a moment, then stop
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > 1.0:
+                        break
+            returncode = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if stop_requested:
+        print(f"left the federation (SuperNode {node_id or '-'} stopped)", file=out, flush=True)
+        return EXIT_OK
+    raise explain_exit(tail, returncode, cfg, log_path)
+
+
+def join(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
+    """Checks that need no data (files, node config, the SuperLink answering with the right
+    certificate), then the SuperNode. Raises JoinError with a one-line reason."""
+    if not cfg.insecure:
+        if cfg.root_cert is None:
+            raise JoinError("--root-cert is required (the federation's ca.pem); --insecure only for tests", EXIT_USAGE)
+        if not cfg.root_cert.is_file():
+            raise JoinError(f"--root-cert {cfg.root_cert} does not exist", EXIT_USAGE)
+    if cfg.auth_key is not None:
+        check_auth_key(cfg.auth_key)
+    validate_node_config(cfg.node_config)
+    probe_superlink(cfg.superlink, None if cfg.insecure else cfg.root_cert, cfg.connect_timeout)
+    return run_supernode(cfg, out=out, echo=echo)
