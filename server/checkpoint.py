@@ -8,6 +8,12 @@ healthfm_core.train.checkpoint (so atomic, every file with its sha256, verified 
     checkpoint.json     step = the round completed; config = the run config; extra = the
                         federation setup (vocabulary, model config, init seed), Python's and
                         torch's RNG states and the run's identity
+    checkpoint.json.sha256  the sha256 of checkpoint.json (which holds the other files' hashes),
+                        so that every byte of the checkpoint is covered by a hash
+
+Loading verifies every hash before reading anything; a corrupted, truncated or incomplete
+checkpoint is refused with one line naming the file (CheckpointError), never loaded, and never
+silently replaced by an older one.
 
 Directories are named step-NNNNNNNN after the round, under OUT_DIR/checkpoints/.
 """
@@ -15,7 +21,9 @@ Directories are named step-NNNNNNNN after the round, under OUT_DIR/checkpoints/.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +35,21 @@ from healthfm_core.federation import FederationSetup
 from healthfm_core.train.checkpoint import (
     CheckpointError,
     TrainState,
+    META_FILE,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     read_checkpoint_meta,
     save_checkpoint,
+    sha256_file,
 )
+from pydantic import ValidationError
 
 log = logging.getLogger("healthfm.server")
 
 KIND = "healthfm-server"
+META_HASH_FILE = META_FILE + ".sha256"
 
 
 @dataclass
@@ -86,14 +98,66 @@ def save_server_checkpoint(root: str | Path, state: ServerState, keep: int = 2) 
     }
     path = save_checkpoint(Path(root) / checkpoint_name(state.round), model, train_state,
                            config=state.run_config, extra=extra)
+    _write_meta_hash(path)
     prune_checkpoints(root, keep)
     return path
 
 
+def _write_meta_hash(path: Path) -> None:
+    """checkpoint.json's sha256 beside it, written atomically (temp file, fsync, rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{META_HASH_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(sha256_file(path / META_FILE) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path / META_HASH_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _verify_meta_hash(path: Path) -> None:
+    recorded_path = path / META_HASH_FILE
+    if not recorded_path.is_file():
+        raise CheckpointError(f"{recorded_path}: missing (the checkpoint is incomplete or was tampered with)")
+    recorded = recorded_path.read_text(encoding="ascii", errors="replace").strip()
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(f"{path / META_FILE}: missing")
+    digest = sha256_file(path / META_FILE)
+    if digest != recorded:
+        raise CheckpointError(f"{path / META_FILE}: corrupted (sha256 {digest[:16]}... does not match "
+                              f"{recorded[:16]}... recorded in {META_HASH_FILE})")
+
+
+def _one_line(err: Exception) -> str:
+    """The error's message on one line (pydantic's validation errors: the first one, briefly)."""
+    cause = err.__cause__
+    if isinstance(cause, ValidationError) and cause.errors():
+        first = cause.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "the file"
+        head = str(err).split(":", 1)[0]
+        return f"{head}: invalid checkpoint metadata ({where}: {first.get('msg', 'invalid')})"
+    return " ".join(str(err).split())
+
+
 def load_server_checkpoint(path: str | Path) -> ServerState:
-    """Read and verify a server checkpoint (a step-NNNNNNNN directory)."""
+    """Read and verify a server checkpoint (a step-NNNNNNNN directory). Raises CheckpointError
+    with one line naming the offending file when any hash does not match or any part is
+    unreadable; nothing is loaded then."""
     path = Path(path)
-    meta = read_checkpoint_meta(path)  # verifies every file's sha256
+    try:
+        return _load_server_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"refusing checkpoint {path}: {_one_line(err)}") from err
+    except (KeyError, TypeError, ValueError) as err:  # valid hashes but content this code cannot use
+        raise CheckpointError(f"refusing checkpoint {path}: {path / META_FILE}: unusable content "
+                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+
+
+def _load_server_checkpoint(path: Path) -> ServerState:
+    _verify_meta_hash(path)
+    meta = read_checkpoint_meta(path)  # verifies every other file's sha256
     if meta.extra.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a server checkpoint (extra.kind is {meta.extra.get('kind')!r})")
     try:

@@ -163,7 +163,7 @@ def default_run_config() -> dict[str, str | int | float | bool]:
     """Every key the ServerApp reads from the run config (FederationConfig.from_run_config),
     kebab-case, with FederationConfig's defaults; a Flower run config can only override keys
     its app declares."""
-    from server.server_app import FederationConfig, ServerOptimizerConfig
+    from server.server_app import FederationConfig, PrivacyRequest, ServerOptimizerConfig
 
     flat: dict[str, str | int | float | bool] = {}
     for name, field in FederationConfig.model_fields.items():
@@ -172,6 +172,11 @@ def default_run_config() -> dict[str, str | int | float | bool]:
             for opt_name, opt_field in ServerOptimizerConfig.model_fields.items():
                 flat[f"server-optimizer-{opt_name.replace('_', '-')}"] = opt_field.get_default()
             flat["server-optimizer-lr"] = 0.0
+            continue
+        if name == "privacy":  # privacy-<field>; 0 leaves a field unset (from_run_config)
+            for priv_name, priv_field in PrivacyRequest.model_fields.items():
+                default = priv_field.get_default()
+                flat[f"privacy-{priv_name.replace('_', '-')}"] = 0.0 if default is None else default
             continue
         if name == "model":
             flat[key] = "tiny"

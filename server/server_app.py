@@ -17,6 +17,13 @@ splits and reports held-out metrics; the server takes n-weighted means.
 Outputs under out_dir: rounds.jsonl (one JSON object per event: setup, round, evaluate, resume),
 server.log, checkpoints/step-NNNNNNNN, vocabulary.json, evaluation.json, summary.md.
 
+Differential privacy: `privacy` (PrivacyRequest) asks every site for DP-SGD at a target epsilon
+over the run's planned rounds x local steps (or at a noise multiplier), with a clipping norm; it
+travels in each RoundConfig (dp, dp_target_epsilon, dp_noise_multiplier, dp_max_grad_norm). The
+site's own policy still decides (client/site_runtime.py: the larger noise of the policy's and the
+server's wins, a site without a DP budget or over its cap refuses the round); each site's reported
+cumulative epsilon is logged per round (rounds.jsonl `sites.<site>.dp`, `epsilon`) and summarised.
+
 Simulation passes a FederationConfig to make_server_app(); a deployed run (`flwr run`) builds
 one from the run config (FederationConfig.from_run_config).
 """
@@ -38,13 +45,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.vocab import SiteCodeStats, build_vocabulary
 from healthfm_core.federation import (
     CAPABILITIES,
     CODE_STATS,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_NOISE,
     LOSS_PREFIX,
     SETUP,
     EvalConfig,
@@ -57,6 +67,8 @@ from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.objectives import curriculum_weights
 from server.checkpoint import ServerState, latest_server_checkpoint, load_server_checkpoint, save_server_checkpoint
+from server.audit import AUDIT_FILE, AuditLog
+from server.limits import DEFAULT_REPLY_SIZE_MARGIN, default_max_reply_bytes, describe_limits
 from server.strategy import COUNT_PREFIX, GroupAdam, ModalityAwareFedAvg
 
 log = logging.getLogger("healthfm.server")
@@ -64,7 +76,8 @@ log = logging.getLogger("healthfm.server")
 DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
 # Config keys a resumed run may change; any other difference from the checkpoint's is refused.
 RESUMABLE_CHANGES = {"rounds", "resume", "stop_after_round", "out_dir", "timeout_s", "evaluate_every",
-                     "eval_tasks", "eval_n_boot", "keep_checkpoints", "min_nodes"}
+                     "eval_tasks", "eval_n_boot", "keep_checkpoints", "min_nodes", "max_reply_bytes",
+                     "reply_size_margin"}
 
 
 class ServerOptimizerConfig(BaseModel):
@@ -73,6 +86,46 @@ class ServerOptimizerConfig(BaseModel):
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0)
+
+
+class PrivacyRequest(BaseModel):
+    """The DP the server asks of every site (null target and noise: no DP asked).
+
+    A site's policy still rules: it adds DP when its policy makes it mandatory, takes the larger
+    of its own and the server's noise, and refuses a round over its epsilon cap or when it has no
+    DP budget at all. `delta` is what the server asks; the delta a site accounts at is its
+    policy's (RoundConfig carries no delta), reported back as dp.delta and checked here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target_epsilon: float | None = Field(default=None, gt=0)  # over the run's rounds x local steps
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyRequest:
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError(f"privacy: set target_epsilon ({self.target_epsilon}) or noise_multiplier "
+                             f"({self.noise_multiplier}), not both")
+        return self
+
+    @property
+    def requested(self) -> bool:
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+    def round_fields(self) -> dict[str, Any]:
+        """The RoundConfig fields of this request."""
+        if not self.requested:
+            return {"dp": False}
+        return {"dp": True, "dp_target_epsilon": self.target_epsilon, "dp_noise_multiplier": self.noise_multiplier,
+                "dp_max_grad_norm": self.max_grad_norm}
+
+    def describe(self) -> str:
+        if not self.requested:
+            return "no DP asked"
+        level = (f"target epsilon {self.target_epsilon:g}" if self.target_epsilon is not None
+                 else f"noise multiplier {self.noise_multiplier:g}")
+        return f"DP asked: {level}, delta {self.delta:g}, clipping norm {self.max_grad_norm:g}"
 
 
 class FederationConfig(BaseModel):
@@ -100,10 +153,13 @@ class FederationConfig(BaseModel):
     evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round
     eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     eval_n_boot: int = Field(default=100, ge=10)
-    timeout_s: float = Field(default=3600.0, gt=0)
+    timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
+    max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
+    reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)
     resume: bool = False
     stop_after_round: int | None = Field(default=None, ge=1)  # stop early (resume later)
     keep_checkpoints: int = Field(default=2, ge=1)
+    privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
 
     @field_validator("eval_tasks")
     @classmethod
@@ -120,10 +176,15 @@ class FederationConfig(BaseModel):
         `server-optimizer-lr` > 0 turns the FedAdam-style server step on."""
         data: dict[str, Any] = {}
         opt: dict[str, Any] = {}
+        privacy: dict[str, Any] = {}
         for key, value in run_config.items():
             name = key.replace("-", "_")
             if name.startswith("server_optimizer_"):
                 opt[name[len("server_optimizer_"):]] = value
+            elif name.startswith("privacy_"):
+                # A run config holds no null: 0 or "" leaves a privacy field unset.
+                if value not in (0, "", None):
+                    privacy[name[len("privacy_"):]] = value
             elif name == "model":
                 data["model"] = load_model_config(str(value))
             elif name == "eval_tasks":
@@ -134,6 +195,8 @@ class FederationConfig(BaseModel):
                 data[name] = value
         if opt.get("lr", 0):
             data["server_optimizer"] = opt
+        if privacy:
+            data["privacy"] = privacy
         try:
             return cls.model_validate(data)
         except ValidationError as err:
@@ -216,6 +279,7 @@ class FederationServer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.events = EventLog(self.out_dir / "rounds.jsonl")
+        self.audit = AuditLog(self.out_dir / AUDIT_FILE)  # the security record (server/audit.py)
         opt = cfg.server_optimizer
         self.strategy = ModalityAwareFedAvg(
             min_sites_per_group=cfg.min_sites_per_group,
@@ -312,6 +376,8 @@ class FederationServer:
 
     def _check_resumable(self, saved: Mapping[str, Any]) -> None:
         now = self.cfg.model_dump(mode="json")
+        # A checkpoint written before a field existed ran with that field's default.
+        saved = {**{k: v for k, v in _field_defaults().items() if k not in saved}, **saved}
         changed = sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
         if changed:
             raise ValueError(
@@ -368,14 +434,21 @@ class FederationServer:
         setup.vocabulary.save(self.out_dir / "vocabulary.json")
         self.send_setup(setup)
         round0 = time.perf_counter() - t0
-        self.events.write(
-            "resume" if state is not None else "setup", round=start, seconds=round0, setup_sha256=setup.sha256,
+        start_event = dict(
+            event="resume" if state is not None else "setup", round=start, seconds=round0, setup_sha256=setup.sha256,
             vocab_size=setup.vocabulary.vocab_size, checkpoint=str(ckpt_path) if ckpt_path else None,
             sites={caps.site: {"node_id": node, "modalities": caps.modalities, "subjects": caps.subjects,
                                "groups": self.strategy.node_groups.get(node, [])}
                    for node, caps in self.sites.items()},
         )
+        self.events.write(**start_event)
+        self.strategy.max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(_to_record(arrays),
+                                                                                       cfg.reply_size_margin)
+        self.audit.write_run(start_event, {"max_reply_bytes": self.strategy.max_reply_bytes,
+                                           "timeout_s": cfg.timeout_s, "max_abs_value": self.strategy.max_abs_value})
+        log.info(describe_limits(self.strategy.max_reply_bytes, cfg.timeout_s))
         log.info("round 0 done in %.1f s: %d sites, setup %s", round0, len(self.strategy.node_groups), setup.sha256[:12])
+        log.info("privacy: %s", cfg.privacy.describe())
 
         last = ckpt_path
         end = cfg.rounds if cfg.stop_after_round is None else min(cfg.rounds, cfg.stop_after_round)
@@ -395,7 +468,7 @@ class FederationServer:
             round=rnd, rounds=cfg.rounds, local_steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
             batch_size=cfg.batch_size, max_events=cfg.max_events, max_patches=cfg.max_patches, seed=cfg.seed,
             fp16_transport=cfg.fp16_transport, setup_sha256=setup.sha256,
-            weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model),
+            weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model), **cfg.privacy.round_fields(),
         )
         messages = list(self.strategy.configure_train(rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid))
         sites: dict[str, dict[str, Any]] = {}
@@ -411,14 +484,18 @@ class FederationServer:
         t_sent = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.timeout_s))
         t_replied = time.perf_counter()
-        replies.sort(key=lambda m: self._site(m.metadata.src_node_id))
+        # strategy.origin: the SuperLink answers for a dead SuperNode from its own node id.
+        replies.sort(key=lambda m: self._site(self.strategy.origin(m)))
         for reply in replies:
-            entry = sites.setdefault(self._site(reply.metadata.src_node_id), {"node_id": reply.metadata.src_node_id})
+            entry = sites.setdefault(self._site(self.strategy.origin(reply)), {"node_id": self.strategy.origin(reply)})
             entry["bytes_received"] = message_bytes(reply)
             if reply.has_error():
                 entry.update(status="error", reason=reply.error.reason)
                 continue
-            entry["status"] = "ok"
+            refusal = self.strategy.refusal(reply.content)
+            entry["status"] = "ok" if refusal is None else "refused"
+            if refusal is not None:
+                entry["reason"] = refusal
             for record in reply.content.array_records.values():
                 entry["groups_received"] = sorted({parameter_group(k) for k in record if _known_key(k)})
                 entry["keys_received"] = len(record)
@@ -428,6 +505,9 @@ class FederationServer:
                 for key in ("train-seconds", "client-seconds", "rate-min", "rate-max"):
                     if key in metrics:
                         entry[key.replace("-", "_")] = metrics[key]
+                dp = site_privacy(metrics)
+                if dp:
+                    entry["dp"] = dp
         t_agg = time.perf_counter()
         new_arrays, aggregated = self.strategy.aggregate_train(rnd, replies)
         rejected = [{"site": self._site(r.node_id), "node_id": r.node_id, "reason": r.reason}
@@ -459,13 +539,16 @@ class FederationServer:
             "other_seconds": (t_end - t_start) - train_max,
         }
         contributors = {g: sorted(self._site(n) for n in nodes) for g, nodes in self.strategy.contributors.get(rnd, {}).items()}
+        epsilon = self.check_privacy(rnd, sites)
         self.events.write(
             "round", round=rnd, rounds=cfg.rounds, weights=round_cfg.weights.model_dump(), sites=sites,
+            privacy=cfg.privacy.model_dump(), epsilon=epsilon,
             rejected=rejected, contributors=contributors, aggregated=dict(aggregated) if aggregated else {},
             updated=new_arrays is not None, bytes_sent=sum(e.get("bytes_sent", 0) for e in sites.values()),
             bytes_received=sum(e.get("bytes_received", 0) for e in sites.values()), timings=timings,
             checkpoint=str(path),
         )
+        self.audit.write_round({"round": rnd, "sites": sites, "rejected": rejected, "contributors": contributors})
         ok = sum(e.get("status") == "ok" for e in sites.values())
         loss = dict(aggregated).get(LOSS_PREFIX + "total") if aggregated else None
         log.info("round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s)",
@@ -476,6 +559,24 @@ class FederationServer:
                      ",".join(e.get("groups_sent", [])), e.get("bytes_sent", 0), e.get("bytes_received", 0),
                      f" ({e['reason']})" if "reason" in e else "")
         return arrays, path
+
+    def check_privacy(self, rnd: int, sites: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+        """Each site's reported cumulative epsilon this round (sites that report one), with a
+        warning where a site accounts at a larger delta than asked, or trained without DP when
+        DP was asked (a site's reply without dp.* after training)."""
+        req = self.cfg.privacy
+        epsilon = {name: e["dp"]["epsilon"] for name, e in sorted(sites.items()) if "epsilon" in e.get("dp", {})}
+        for name, e in sorted(sites.items()):
+            dp = e.get("dp", {})
+            if req.requested and e.get("status") == "ok" and "epsilon" not in dp:
+                log.warning("round %d: DP was asked but site %s reported no epsilon", rnd, name)
+            if req.requested and dp.get("delta", 0.0) > req.delta:
+                log.warning("round %d: site %s accounts at delta %g, larger than the %g asked (its policy's)",
+                            rnd, name, dp["delta"], req.delta)
+        if epsilon:
+            log.info("round %d: cumulative epsilon per site: %s", rnd,
+                     ", ".join(f"{s} {v:.3f}" for s, v in epsilon.items()))
+        return epsilon
 
     def evaluate(self, rnd: int, setup: FederationSetup, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         cfg = self.cfg
@@ -507,6 +608,22 @@ class FederationServer:
                 task = key.rsplit(".", 1)[0]
                 log.info("  %-28s %s %.3f (n=%d)", task, key.rsplit(".", 1)[1], value, aggregated.get(f"{task}.n", 0))
         return aggregated
+
+
+def site_privacy(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A site's DP report in a reply's metrics: cumulative epsilon, delta, noise (present ones)."""
+    names = {DP_EPSILON: "epsilon", DP_DELTA: "delta", DP_NOISE: "noise_multiplier"}
+    return {name: float(metrics[key]) for key, name in names.items() if key in metrics}
+
+
+def _field_defaults() -> dict[str, Any]:
+    """FederationConfig's optional fields at their defaults, as model_dump(mode="json") writes them."""
+    out = {}
+    for name, field in FederationConfig.model_fields.items():
+        if not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return out
 
 
 def _known_key(key: str) -> bool:
@@ -550,6 +667,16 @@ def write_summary(out_dir: str | Path) -> Path:
                 x = e["sites"].get(s, {})
                 cells.append(f"{x.get('bytes_sent', 0):,} / {x.get('bytes_received', 0):,}")
             lines.append(f"| {r} | " + " | ".join(cells) + f" | {e['bytes_sent']:,} / {e['bytes_received']:,} |")
+        if any(e.get("epsilon") for e in rounds.values()):
+            last = rounds[max(rounds)]
+            req = PrivacyRequest.model_validate(last["privacy"]) if last.get("privacy") else PrivacyRequest()
+            eps_sites = sorted({s for e in rounds.values() for s in e.get("epsilon", {})})
+            lines += ["", "## Privacy: each site's cumulative epsilon (its own accountant, every run at the site)", "",
+                      f"Server: {req.describe()}.", "",
+                      "| round | " + " | ".join(eps_sites) + " |", "|---" * (len(eps_sites) + 1) + "|"]
+            for r, e in sorted(rounds.items()):
+                eps = e.get("epsilon", {})
+                lines.append(f"| {r} | " + " | ".join(f"{eps[s]:.3f}" if s in eps else "-" for s in eps_sites) + " |")
         rejected = [(r, x) for r, e in sorted(rounds.items()) for x in e.get("rejected", [])]
         if rejected:
             lines += ["", "## Rejected replies", ""] + [f"- round {r}, site {x['site']}: {x['reason']}" for r, x in rejected]

@@ -14,6 +14,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from healthfm_core.federation import STATUS_RECORD, STATUS_REFUSED
 from healthfm_core.model.groups import GROUPS, parameter_group
+from server.limits import array_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ class ModalityAwareFedAvg(FedAvg):
     contributing sites, keeps its previous value. With every site holding every group
     (and ``num-examples.<g>`` equal to ``num-examples``) this is FedAvg exactly.
     Replies with NaN/Inf, wrong shapes or dtypes, unknown keys, partial groups, missing
-    counts, or update norms far above the round's median are rejected and logged; the
-    round goes on with the rest. Optionally a FedAdam-style server step is applied to the
+    counts, an ArrayRecord over ``max_reply_bytes``, values beyond ``max_abs_value``, or
+    update norms far above the round's median are rejected and logged; the round goes on
+    with the rest. ``rejected[round]`` keeps each rejection and its reason (the audit log). Optionally a FedAdam-style server step is applied to the
     averaged pseudo-gradient.
     """
 
@@ -72,6 +74,8 @@ class ModalityAwareFedAvg(FedAvg):
         min_sites_per_group: int = 1,
         norm_outlier_factor: float = 10.0,
         max_update_norm: float | None = None,
+        max_reply_bytes: int | None = None,
+        max_abs_value: float | None = 1e6,
         server_optimizer: GroupAdam | None = None,
         group_of: Callable[[str], str] = parameter_group,
         **fedavg_kwargs,
@@ -80,6 +84,11 @@ class ModalityAwareFedAvg(FedAvg):
         self.min_sites_per_group = min_sites_per_group
         self.norm_outlier_factor = norm_outlier_factor
         self.max_update_norm = max_update_norm
+        # Checked before any array is decoded (server/limits.py; None: no limit).
+        self.max_reply_bytes = max_reply_bytes
+        # No trained weight is anywhere near this; values near float32's max would overflow the
+        # weighted sum to Inf even though each reply is finite.
+        self.max_abs_value = max_abs_value
         self.server_optimizer = server_optimizer
         self.group_of = group_of
         # node_id -> groups the node may train (set from the capabilities query). None: all.
@@ -87,6 +96,7 @@ class ModalityAwareFedAvg(FedAvg):
         self.current_arrays: ArrayRecord | None = None
         self.rejected: dict[int, list[RejectedReply]] = {}
         self.contributors: dict[int, dict[str, list[int]]] = {}
+        self.sent: list[Message] = []  # the last round's train messages (see origin())
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -147,7 +157,21 @@ class ModalityAwareFedAvg(FedAvg):
             )
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node_id))
         log.info("round %d: training on %d nodes", server_round, len(messages))
+        self.sent = messages
         return messages
+
+    def origin(self, reply: Message) -> int:
+        """The node a train reply answers for. Error replies the SuperLink generates itself (node
+        unavailable: a dead SuperNode; message expired) come from the SuperLink's node id; they are
+        matched to the addressee through reply_to_message_id (the Grid sets the id of every message
+        it pushes)."""
+        node = reply.metadata.src_node_id
+        if any(m.metadata.dst_node_id == node for m in self.sent):
+            return node
+        for sent in self.sent:
+            if sent.metadata.message_id and sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return node
 
     def arrays_for_groups(self, arrays: ArrayRecord, groups: list[str]) -> ArrayRecord:
         wanted = set(groups)
@@ -164,7 +188,7 @@ class ModalityAwareFedAvg(FedAvg):
         accepted: list[tuple[int, dict[str, np.ndarray], dict[str, float], RecordDict]] = []
         rejected: list[RejectedReply] = []
         for msg in replies:
-            node_id = msg.metadata.src_node_id
+            node_id = self.origin(msg)
             if msg.has_error():
                 rejected.append(RejectedReply(node_id, f"error reply: {msg.error.reason}"))
                 continue
@@ -175,7 +199,10 @@ class ModalityAwareFedAvg(FedAvg):
                 continue
             try:
                 arrays, counts = self.validate_reply(msg.content, previous, node_id)
-            except ValueError as err:
+            except Exception as err:  # noqa: BLE001 - a peer's reply: nothing in it may stop the round
+                if not isinstance(err, ValueError):
+                    log.exception("round %d: unexpected error validating node %d's reply", server_round, node_id)
+                    err = ValueError(f"invalid reply ({type(err).__name__}: {err})")
                 rejected.append(RejectedReply(node_id, str(err)))
                 continue
             accepted.append((node_id, arrays, counts, msg.content))
@@ -212,6 +239,9 @@ class ModalityAwareFedAvg(FedAvg):
             )
         record = next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()))
+        size = array_record_bytes(record)
+        if self.max_reply_bytes is not None and size > self.max_reply_bytes:
+            raise ValueError(f"reply of {size:,} B exceeds the limit of {self.max_reply_bytes:,} B")
         allowed = set(self.groups_for_node(node_id))
         arrays: dict[str, np.ndarray] = {}
         for key, item in record.items():
@@ -237,6 +267,9 @@ class ModalityAwareFedAvg(FedAvg):
             value = value.astype(expected.dtype, copy=False)
             if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                 raise ValueError(f"key {key!r}: NaN or Inf values")
+            if self.max_abs_value is not None and value.size and float(np.max(np.abs(value))) > self.max_abs_value:
+                raise ValueError(f"key {key!r}: |value| up to {float(np.max(np.abs(value))):.3g} > limit "
+                                 f"{self.max_abs_value:.3g}")
             arrays[key] = value
         if not arrays:
             raise ValueError("empty ArrayRecord")

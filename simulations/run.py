@@ -6,6 +6,8 @@
     python -m simulations.run ... federation.stop_after_round=2      # stop early ...
     python -m simulations.run ... resume=true                        # ... and continue
     python -m simulations.run site_roots='[/data/a,/data/b]'         # your own MEDS sites
+    python -m simulations.run privacy=eps3                           # the server asks for DP
+    python -m simulations.run -m privacy=none,eps1,eps3,eps8         # one run per epsilon
 
 Synthetic sites are generated into `data_dir` once and reused while the scenario, seed and
 size match. Each site becomes one simulated SuperNode running the same ClientApp a deployed
@@ -17,6 +19,14 @@ Flower 1.41 path used: `flwr.simulation.run_simulation` (the Python API; depreca
 Virtual nodes get only `partition-id`; the ClientApp maps it to the site's node config.
 To use an existing Ray cluster set `ray.address` (e.g. "auto"): Flower's engine then runs the
 sites' ClientApps as actors on that cluster.
+
+Privacy (configs/privacy/*.yaml): the server's DP request goes into every round's config. A site
+trains under DP only with a DP budget in its own policy, so when DP is asked each simulated site
+gets one (out_dir/sites/<site>/policy.yaml: epsilon cap `privacy.site.epsilon_cap`, the asked
+delta and clipping norm; its minimum subject count 1, so the node config's minimums stay as they
+are) and its own durable ledger (out_dir/sites/<site>/state/), unless `federation.site.policy`
+names a policy file of your own. Each run directory is one deployment: its ledgers start empty.
+Utility against epsilon, evaluated per site: `python -m simulations.privacy_sweep`.
 """
 
 from __future__ import annotations
@@ -28,13 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from client.client_app import make_client_app
 from healthfm_core.data.synthetic import FederationManifest, generate_federation, load_scenario
 from healthfm_core.data.synthetic.scenario import ScenarioConfig
+from healthfm_core.eval.report import write_text_atomic
 from healthfm_core.model.config import model_config_from_dict
-from server.server_app import FederationConfig, make_server_app
+from server.server_app import FederationConfig, PrivacyRequest, make_server_app
 
 log = logging.getLogger("healthfm.simulations")
 
@@ -84,6 +96,19 @@ def run_federation_simulation(
     return Path(config.out_dir)
 
 
+def privacy_request(cfg: DictConfig) -> PrivacyRequest:
+    """The server's DP request from the `privacy` group (absent: no DP asked)."""
+    if cfg.get("privacy") is None:
+        return PrivacyRequest()
+    priv = OmegaConf.to_container(cfg.privacy, resolve=True)
+    assert isinstance(priv, dict)
+    priv.pop("site", None)  # the simulated sites' side, not the server's
+    try:
+        return PrivacyRequest.model_validate(priv)
+    except ValueError as err:
+        raise ValueError(f"invalid privacy config: {err}") from None
+
+
 def federation_config(cfg: DictConfig, n_sites: int) -> FederationConfig:
     fed = OmegaConf.to_container(cfg.federation, resolve=True)
     assert isinstance(fed, dict)
@@ -91,12 +116,33 @@ def federation_config(cfg: DictConfig, n_sites: int) -> FederationConfig:
     return FederationConfig(
         out_dir=Path(cfg.out_dir), model=model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True),
                                                                 source="model config"),
-        seed=cfg.seed, resume=cfg.resume, min_nodes=n_sites, **fed,
+        seed=cfg.seed, resume=cfg.resume, min_nodes=n_sites, privacy=privacy_request(cfg), **fed,
     )
 
 
+def simulated_site_policy(cfg: DictConfig, request: PrivacyRequest) -> dict[str, Any] | None:
+    """The policy a simulated site gets when the server asks for DP (None: DP not asked).
+
+    Only the DP budget: its epsilon cap (`privacy.site.epsilon_cap`, default the asked target),
+    the asked delta and clipping norm, DP not mandatory; its minimum subject count is 1 so the
+    node config's own minimums hold unchanged (a policy's minimum only raises them)."""
+    if not request.requested:
+        return None
+    site = cfg.privacy.get("site") or {}
+    cap = site.get("epsilon_cap") or request.target_epsilon
+    if cap is None:
+        raise ValueError("privacy.noise_multiplier without privacy.site.epsilon_cap: the simulated sites need "
+                         "an epsilon cap for their policy")
+    if request.target_epsilon is not None and cap < request.target_epsilon:
+        log.warning("simulated sites' epsilon cap %g is below the asked target %g: they will refuse rounds",
+                    cap, request.target_epsilon)
+    return {"min_subjects": 1, "dp": {"mandatory": False, "epsilon_cap": float(cap), "delta": request.delta,
+                                      "max_grad_norm": request.max_grad_norm}}
+
+
 def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
-    """One node config per site: its root, name and the site policy of the config."""
+    """One node config per site: its root, name and the site policy of the config; when the
+    server asks for DP, each site's DP policy file and its own ledger directory."""
     if cfg.site_roots:
         roots = [(Path(r).resolve().name, Path(r)) for r in cfg.site_roots]
     else:
@@ -105,8 +151,20 @@ def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
         roots = [(s.name, Path(s.root)) for s in manifest.sites]
     policy = OmegaConf.to_container(cfg.federation.site, resolve=True)
     assert isinstance(policy, dict)
-    return [{"site-root": str(root), "site-name": name, **{k.replace("_", "-"): v for k, v in policy.items()}}
-            for name, root in roots]
+    configs = [{"site-root": str(root), "site-name": name, **{k.replace("_", "-"): v for k, v in policy.items()}}
+               for name, root in roots]
+    dp_policy = simulated_site_policy(cfg, privacy_request(cfg))
+    if dp_policy is None:
+        return configs
+    for node in configs:
+        site_dir = Path(cfg.out_dir) / "sites" / node["site-name"]
+        if node.get("policy") is None:
+            node["policy"] = str(site_dir / "policy.yaml")
+            write_text_atomic(Path(node["policy"]), yaml.safe_dump(dp_policy, sort_keys=False))
+        # One ledger per site: a shared state_dir gets a subdirectory per site.
+        base = node.get("state-dir")
+        node["state-dir"] = str(Path(base) / node["site-name"] if base else site_dir / "state")
+    return configs
 
 
 def run_from_config(cfg: DictConfig) -> Path:

@@ -5,21 +5,17 @@ superlink`) and real SuperNodes (started with `python client/client.py join`) on
 127.0.0.1. Every process is started in its own session and killed (SIGTERM, then SIGKILL) in the
 fixtures' teardown, whatever the test did. The end-to-end test runs three tiny synthetic sites
 (a biobank with every modality, a hospital without genomics, a genomics cohort without
-wearables) for two rounds, ~2-3 min on 2 cores.
+wearables) for two rounds, ~2-3 min on 2 cores. The fixtures and process helpers live in
+tests/deploy_fixtures.py (shared with tests/test_faults.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +24,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+    Process,
+    EXPECTED_GROUPS,
+    SITES,
+    TINY_RUN,
+    check_rounds,
+    federation,
+    free_port,
+    join_args,
+    joined,
+    round_events,
+    run_client,
+    run_coordinator,
+    sites,
+    superlink,
+)
 from client.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, probe_superlink, JoinError
 from server.coordinator import default_run_config, main as coordinator_main
 from server.provision import (
@@ -39,76 +51,6 @@ from server.provision import (
     provision,
     verify_chain,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-CLIENT = REPO / "client" / "client.py"
-SITES = ("biobank", "hospital", "genomics")
-EXPECTED_GROUPS = {
-    "biobank": ["ehr", "genomics", "shared", "wearables"],
-    "hospital": ["ehr", "shared", "wearables"],  # no genomics
-    "genomics": ["ehr", "genomics", "shared"],  # no wearables
-}
-POLICY = ["--node-config", "min-code-subjects=5", "--node-config", "min-report-subjects=2"]
-
-
-def env() -> dict[str, str]:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    e.pop("PYTHONPATH", None)
-    return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    """A background process in its own session, output to a file, killed with its group."""
-
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return True
-            if self.proc.poll() is not None:
-                return text in self.output()
-            time.sleep(0.5)
-        return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in the group
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-        self._log.close()
-
-
-def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(CLIENT), *args], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_coordinator(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server.coordinator", *args], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
-
 
 # ---------------------------------------------------------------------------- provisioning
 
@@ -214,57 +156,13 @@ def test_run_config_declares_every_server_setting() -> None:
     defaults = default_run_config()
     cfg = FederationConfig.from_run_config({**defaults, "out-dir": "/tmp/x"})
     assert cfg.server_optimizer is None and cfg.stop_after_round is None and cfg.max_update_norm is None
+    assert not cfg.privacy.requested and cfg.privacy == type(cfg.privacy)()
     for name in FederationConfig.model_fields:
-        assert name.replace("_", "-") in defaults or name == "server_optimizer"
+        # Nested configs travel as prefixed keys (server-optimizer-*, privacy-*).
+        assert name.replace("_", "-") in defaults or any(k.startswith(name.replace("_", "-") + "-") for k in defaults)
 
 
 # ---------------------------------------------------------------------------- a real federation
-
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from healthfm_core.data.synthetic import generate_federation
-
-    manifest = generate_federation(tmp_path_factory.mktemp("data"), scenario="tiny", seed=0, n_subjects=30,
-                                   progress=False)
-    roots = {s.name: Path(s.root) for s in manifest.sites}
-    assert set(roots) == set(SITES)
-    return roots
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
-    root = tmp_path_factory.mktemp("deploy") / "fed"
-    rc = coordinator_main(["provision", str(root), *[a for s in (*SITES, "intruder") for a in ("--site", s)]])
-    assert rc == 0
-    return FederationPaths(root=root)
-
-
-@pytest.fixture(scope="module")
-def superlink(federation: FederationPaths) -> Iterator[str]:
-    """A SuperLink with TLS and SuperNode authentication on 127.0.0.1; every site but
-    `intruder` registered."""
-    port = free_port()
-    proc = Process([sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)],
-                   federation.root / "superlink.out")
-    try:
-        assert proc.wait_for("Uvicorn running on https://127.0.0.1", 90), proc.output()[-3000:]
-        address = f"127.0.0.1:{port}"
-        probe_superlink(address, federation.ca_cert, timeout=10)
-        result = run_coordinator("register", str(federation.root), *[a for s in SITES for a in ("--site", s)],
-                                 timeout=180)
-        assert result.returncode == 0, result.stderr
-        assert [ln for ln in result.stdout.splitlines() if ln.startswith("registered")] == \
-            [f"registered {s}" for s in SITES]
-        yield address
-    finally:
-        proc.stop()
-
-
-def join_args(federation: FederationPaths, site_root: Path, key_site: str, address: str, state: Path) -> list[str]:
-    return ["join", str(site_root), "--superlink", address, "--root-cert", str(federation.site(key_site).ca_cert),
-            "--auth-key", str(federation.site(key_site).private_key), "--state-dir", str(state), "--no-progress",
-            *POLICY]
 
 
 def test_join_refuses_an_invalid_site_before_connecting(site_tables, write_site, tmp_path: Path) -> None:
@@ -352,46 +250,6 @@ def test_a_node_with_an_unregistered_key_cannot_join(superlink: str, federation:
     assert "2004" in (tmp_path / "s" / "supernode.log").read_text()
 
 
-@pytest.fixture
-def joined(superlink: str, federation: FederationPaths, sites: dict[str, Path],
-           tmp_path: Path) -> Iterator[dict[str, Process]]:
-    """The three sites joined through `client.py join`, each with its own key."""
-    procs: dict[str, Process] = {}
-    try:
-        for name in SITES:
-            procs[name] = Process([sys.executable, str(CLIENT), *join_args(federation, sites[name], name, superlink,
-                                                                          tmp_path / f"state-{name}")],
-                                  tmp_path / f"join-{name}.out")
-        for name, proc in procs.items():
-            assert proc.wait_for("joined: SuperNode", 120), proc.output()[-3000:]
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
-
-
-def round_events(out: Path) -> tuple[list[dict], dict[int, dict]]:
-    events = [json.loads(ln) for ln in (out / "rounds.jsonl").read_text().splitlines() if ln.strip()]
-    return events, {e["round"]: e for e in events if e["event"] == "round"}
-
-
-TINY_RUN = ["--model", "tiny", "-c", "local-steps=2", "-c", "batch-size=8", "-c", "max-events=64",
-            "-c", "max-patches=8", "-c", "min-nodes=3", "-c", "vocab-min-subjects=5",
-            "-c", "eval-tasks=onset_hypertension_365d", "-c", "eval-n-boot=10", "-c", "timeout-s=300"]
-
-
-def check_rounds(rounds: dict[int, dict], expected: list[int]) -> None:
-    assert sorted(rounds) == expected
-    for rnd, event in rounds.items():
-        assert set(event["sites"]) == set(SITES), rnd
-        for site, entry in event["sites"].items():
-            assert entry["status"] == "ok", (rnd, site, entry)
-            assert entry["groups_sent"] == EXPECTED_GROUPS[site], (rnd, site)
-            assert set(entry["groups_received"]) <= set(EXPECTED_GROUPS[site]), (rnd, site)
-            assert {"ehr", "shared"} <= set(entry["groups_received"]), (rnd, site)
-            assert set(entry["num_examples"]) == set(entry["groups_received"])
-
-
 def test_end_to_end_three_sites_two_rounds(joined: dict[str, Process], federation: FederationPaths,
                                            tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -416,17 +274,5 @@ def test_end_to_end_three_sites_two_rounds(joined: dict[str, Process], federatio
     assert all(p.proc.poll() is None for p in joined.values())
 
 
-@pytest.mark.slow
-def test_a_stopped_run_resumes_from_its_checkpoint(joined: dict[str, Process], federation: FederationPaths,
-                                                   tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    first = run_coordinator("launch", str(federation.root), "--out-dir", str(out), "--rounds", "2", *TINY_RUN,
-                            "-c", "stop-after-round=1", "--wait", "--timeout", "420", timeout=480)
-    assert first.returncode == 0, first.stderr
-    assert sorted(round_events(out)[1]) == [1]
-    resumed = run_coordinator("resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "420",
-                              timeout=480)
-    assert resumed.returncode == 0, resumed.stderr
-    events, rounds = round_events(out)
-    assert any(e["event"] == "resume" and e["round"] == 1 for e in events)
-    check_rounds(rounds, [1, 2])
+# The stopped-and-resumed run (identical weights to an uninterrupted one) and the other fault
+# tests with real processes are in tests/test_faults.py.

@@ -191,6 +191,28 @@ def test_a_damaged_ledger_is_never_replaced_by_a_fresh_one(tmp_path) -> None:
         PrivacyLedger(tmp_path)
 
 
+def test_two_processes_serving_one_site_never_lose_each_others_spend(tmp_path) -> None:
+    """Two ledger objects on one state dir stand for two worker processes of the same site."""
+    first, second = PrivacyLedger(tmp_path), PrivacyLedger(tmp_path)  # both opened on an empty ledger
+    stale = second.accountant()
+    acc = first.accountant()
+    for _ in range(3):
+        acc.step(noise_multiplier=1.0, sample_rate=0.1)
+    first.record(acc, round=1, run="r", noise_multiplier=1.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
+    assert second.steps == 3  # the other process sees round 1 at once
+    acc = second.accountant()
+    for _ in range(2):
+        acc.step(noise_multiplier=1.0, sample_rate=0.1)
+    second.record(acc, round=2, run="r", noise_multiplier=1.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
+    assert first.steps == 5 and [r.round for r in first.data.rounds] == [1, 2]
+    # An accountant taken before both records would overwrite them: it is refused instead.
+    for _ in range(7):
+        stale.step(noise_multiplier=2.0, sample_rate=0.1)
+    with pytest.raises(ValueError, match="does not extend"):
+        second.record(stale, round=3, run="r", noise_multiplier=2.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
+    assert PrivacyLedger(tmp_path).steps == 5
+
+
 def test_target_epsilon_is_reached_at_the_end_of_the_run(federation, setup, tmp_path) -> None:
     policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=10).replace("noise_multiplier: 1.1", "target_epsilon: 4.0"))
     rt = runtime(federation, "genomics", policy, tmp_path / "state")

@@ -17,7 +17,7 @@ from healthfm_core.eval.metrics import ECE_BINS, reliability_bins  # noqa: E402
 from healthfm_core.eval.report import ResultRow  # noqa: E402
 
 
-def _save(fig: "plt.Figure", path: str | Path) -> Path:
+def save_figure(fig: "plt.Figure", path: str | Path) -> Path:
     """Save a figure atomically (temp file + rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def reliability_diagram(
     ax.set_ylabel("observed frequency")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def horizon_auroc_plot(rows: Sequence[ResultRow], path: str | Path, task: str | None = None) -> Path:
@@ -87,7 +87,7 @@ def horizon_auroc_plot(rows: Sequence[ResultRow], path: str | Path, task: str | 
     ax.set_ylabel("AUROC (95% CI)")
     ax.set_title(task or rows[0].task)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "Training") -> Path:
@@ -123,4 +123,4 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

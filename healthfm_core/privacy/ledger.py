@@ -12,11 +12,14 @@ the previous ledger, never half a file).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from opacus.accountants import RDPAccountant
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.json"
+LOCK_FILE = ".privacy_ledger.lock"
 LEDGER_VERSION = 1
 
 
@@ -65,17 +69,49 @@ class LedgerFile(BaseModel):
         return self
 
 
+def _extends(history: list[tuple], recorded: list[tuple]) -> bool:
+    """Whether an accountant's history continues the recorded one. Opacus merges consecutive
+    steps of equal (noise, rate), so the last recorded entry may only have grown."""
+    if not recorded:
+        return True
+    if len(history) < len(recorded) or history[: len(recorded) - 1] != recorded[:-1]:
+        return False
+    (n, q, s), (n0, q0, s0) = history[len(recorded) - 1], recorded[-1]
+    return (n, q) == (n0, q0) and s >= s0
+
+
 class LedgerError(ValueError):
     """The ledger file is unreadable or inconsistent: DP training must stop until an admin looks."""
 
 
 class PrivacyLedger:
-    """The accountant of one site, loaded from and saved to its state directory."""
+    """The accountant of one site, loaded from and saved to its state directory.
+
+    The file is the only truth: it is re-read for every question and every record (it is
+    small), under an exclusive lock when recording, so several processes serving the same
+    site (Ray workers, a restarted SuperNode) never lose each other's spend. A writer whose
+    accountant started before another's record fails the history check instead of
+    overwriting it.
+    """
 
     def __init__(self, state_dir: str | Path) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / LEDGER_FILE
-        self.data = self._read()
+        self._read()  # a damaged ledger is refused at once
+
+    @property
+    def data(self) -> LedgerFile:
+        return self._read()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _read(self) -> LedgerFile:
         if not self.path.exists():
@@ -100,7 +136,8 @@ class PrivacyLedger:
         return sum(s for *_, s in self.data.history)
 
     def epsilon(self, delta: float) -> float:
-        return float(self.accountant().get_epsilon(delta)) if self.data.history else 0.0
+        acc = self.accountant()
+        return float(acc.get_epsilon(delta)) if acc.history else 0.0
 
     def projected_epsilon(self, delta: float, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon after `steps` more steps at (noise_multiplier, sample_rate), without spending them."""
@@ -113,18 +150,18 @@ class PrivacyLedger:
                sample_rate: float, max_grad_norm: float, delta: float) -> float:
         """Save the accountant's history after a round and log the round; returns epsilon now."""
         history = [(float(n), float(q), int(s)) for n, q, s in accountant.history]
-        steps = sum(s for *_, s in history) - self.steps
-        if steps <= 0:
-            raise ValueError(f"accountant holds {steps} new steps: nothing to record")
-        if history[: len(self.data.history) - 1] != [tuple(h) for h in self.data.history[:-1]]:
-            raise ValueError("accountant history does not extend the ledger's history")
-        epsilon = float(accountant.get_epsilon(delta))
-        entry = LedgerRound(round=round, run=run, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
-                            steps=steps, max_grad_norm=max_grad_norm, delta=delta, epsilon_after=epsilon,
-                            unix_time=time.time())
-        new = LedgerFile(history=history, rounds=[*self.data.rounds, entry])
-        self._write(new)
-        self.data = new
+        with self._locked():
+            current = self._read()
+            steps = sum(s for *_, s in history) - sum(s for *_, s in current.history)
+            if steps <= 0:
+                raise ValueError(f"accountant holds {steps} new steps: nothing to record")
+            if not _extends(history, [tuple(h) for h in current.history]):
+                raise ValueError("accountant history does not extend the ledger's history")
+            epsilon = float(accountant.get_epsilon(delta))
+            entry = LedgerRound(round=round, run=run, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                                steps=steps, max_grad_norm=max_grad_norm, delta=delta, epsilon_after=epsilon,
+                                unix_time=time.time())
+            self._write(LedgerFile(history=history, rounds=[*current.rounds, entry]))
         log.info("privacy ledger %s: round %d spent %d steps (noise %.3g, rate %.4g); epsilon %.4f at delta %.1e",
                  self.path, round, steps, noise_multiplier, sample_rate, epsilon, delta)
         return epsilon

@@ -1,0 +1,477 @@
+"""Run one representation over every evaluation task: the loop a pretraining job, a federated
+simulation or a notebook shares.
+
+The expensive part of a frozen-probe evaluation is the forward pass, so it runs once per
+(site, subject, prediction_time) row and method, never once per task:
+
+1. `build_eval_set` collects, per site, the union of the rows of all tasks: the visit
+   prediction times of the new-onset tasks (every disease and horizon labels the same times;
+   a row a task excludes, e.g. prevalent or censored, holds NaN in that task's column) and the
+   wear-period midpoints of the wearable regression tasks, with each row's split.
+2. `method_features` turns every row into features once (a model's `embed`, or count
+   features), optionally with only some modalities left in the batch (the test-time ablation),
+   and records which modalities each row actually has at its prediction time.
+3. `evaluate_method` fits the probes of `healthfm_core.eval.probes` on the train rows of each
+   task (C / alpha from the tuning rows) and scores the held_out rows; `oracle_rows` scores the
+   synthetic generator's true risk on the same held_out rows (the ceiling).
+
+Nothing here tunes on held_out: it is only ever scored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from healthfm_core.data.batch import Batch
+from healthfm_core.data.site import MODALITIES, Site
+from healthfm_core.data.tasks import (
+    OnsetTask,
+    Task,
+    WearableTask,
+    onset_labels_from_events,
+    visit_prediction_times,
+    wearable_regression_labels,
+)
+from healthfm_core.data.tokens import PretrainingDataset, Sample, SiteSequences, make_loader, to_us
+from healthfm_core.eval.probes import (
+    SPLITS,
+    compute_count_features,
+    compute_embeddings,
+    evaluate_binary,
+    evaluate_regression,
+    oracle_row,
+)
+from healthfm_core.eval.report import RegressionRow, ResultRow
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class PooledPretrainingDataset(ConcatDataset):
+    """Several sites' PretrainingDatasets as one (the centralized baseline pools the sites);
+    `set_epoch` reaches every part, so random prediction times change per pass and a resumed
+    run replays the same draws."""
+
+    labelled = False
+
+    def __init__(self, parts: Sequence[PretrainingDataset]) -> None:
+        if not parts:
+            raise ValueError("PooledPretrainingDataset needs at least one site's dataset")
+        super().__init__(list(parts))
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
+
+
+class PredictionTimesDataset(Dataset):
+    """Unlabelled samples of a site at given (subject_id, prediction_time µs) rows, in order."""
+
+    labelled = False
+
+    def __init__(
+        self, seqs: SiteSequences, subject_ids: np.ndarray, prediction_time_us: np.ndarray,
+        max_events: int, max_patches: int,
+    ) -> None:
+        if len(subject_ids) != len(prediction_time_us):
+            raise ValueError(f"{len(subject_ids)} subject ids but {len(prediction_time_us)} prediction times")
+        self.index = seqs.index_of(subject_ids)
+        self.pt_us = np.asarray(prediction_time_us, dtype=np.int64)
+        self.seqs, self.max_events, self.max_patches = seqs, max_events, max_patches
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.seqs.sample(int(self.index[i]), int(self.pt_us[i]), self.max_events, self.max_patches)
+
+
+def restrict_modalities(batch: Batch, keep: Iterable[str]) -> Batch:
+    """The batch with every modality outside `keep` removed (as if the subject had none): the
+    test-time ablation. Removing EHR also removes static rows (they are EHR tokens)."""
+    keep = set(keep)
+    if unknown := keep - set(MODALITIES):
+        raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {MODALITIES}")
+    changes: dict[str, torch.Tensor] = {}
+    if "ehr" not in keep:
+        changes["ehr_valid"] = torch.zeros_like(batch.ehr_valid)
+        changes["has_value"] = torch.zeros_like(batch.has_value)
+    if "wearables" not in keep:
+        changes["wear_valid"] = torch.zeros_like(batch.wear_valid)
+        changes["wear_epoch_mask"] = torch.zeros_like(batch.wear_epoch_mask)
+    if "genomics" not in keep:
+        changes["prs_valid"] = torch.zeros_like(batch.prs_valid)
+    return replace(batch, **changes) if changes else batch
+
+
+POOLINGS = ("query", "mean")
+
+
+class PooledEmbedder(torch.nn.Module):
+    """A frozen model whose `embed` concatenates several poolings of its final token states:
+    "query" is the model's own embedding (the query token at prediction_time, model.embed);
+    "mean" averages the states of the history tokens it may attend to. One forward pass gives
+    every pooling, so comparing them costs no extra compute."""
+
+    def __init__(self, model: torch.nn.Module, poolings: Sequence[str] = ("query",)) -> None:
+        super().__init__()
+        if not poolings or (bad := [p for p in poolings if p not in POOLINGS]):
+            raise ValueError(f"poolings must be a non-empty subset of {POOLINGS}, got {list(poolings)}")
+        self.model, self.poolings = model, tuple(poolings)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        out = self.model(batch)
+        parts = []
+        for pooling in self.poolings:
+            if pooling == "query":
+                parts.append(out.embedding)
+            else:
+                w = out.key_valid.to(out.states.dtype)[..., None]
+                parts.append((out.states * w).sum(1) / w.sum(1).clamp_min(1.0))
+        return torch.cat(parts, dim=-1)
+
+
+# ---------------------------------------------------------------- the evaluation rows
+
+
+@dataclass
+class SiteRows:
+    """One site's evaluation rows: the union over tasks."""
+
+    name: str
+    seqs: SiteSequences
+    subject_id: np.ndarray  # [n] int64
+    prediction_time_us: np.ndarray  # [n] int64 µs since 1970
+    split: np.ndarray  # [n] str: train / tuning / held_out
+    labels: dict[str, np.ndarray]  # task -> [n] float64 (bool as 0/1), NaN = not a row of the task
+
+    def __len__(self) -> int:
+        return len(self.subject_id)
+
+
+@dataclass
+class EvalSet:
+    """Every site's rows, concatenated in site order (features are computed in the same order)."""
+
+    sites: list[SiteRows]
+    tasks: dict[str, Task]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sites)
+
+    def column(self, name: str) -> np.ndarray:
+        return np.concatenate([getattr(s, name) for s in self.sites])
+
+    @property
+    def site(self) -> np.ndarray:
+        return np.concatenate([np.full(len(s), s.name, dtype=object) for s in self.sites])
+
+    def labels(self, task: str) -> np.ndarray:
+        return np.concatenate([s.labels[task] for s in self.sites])
+
+
+def _rows_of(labels: pa.Table, rows: pa.Table) -> np.ndarray:
+    """Position in `rows` of each (subject_id, prediction_time) of `labels` (all must be there)."""
+    keyed = labels.select(["subject_id", "prediction_time"]).append_column("_i", pa.array(np.arange(labels.num_rows)))
+    joined = keyed.join(rows, keys=["subject_id", "prediction_time"], join_type="left outer")
+    if joined["_row"].null_count:
+        raise ValueError(f"{joined['_row'].null_count} label rows are not among the evaluation rows")
+    out = np.empty(labels.num_rows, dtype=np.int64)
+    out[joined["_i"].to_numpy()] = joined["_row"].to_numpy()
+    return out
+
+
+def _splits_of(site: Site, subject_ids: np.ndarray, name: str) -> np.ndarray:
+    table = site.subject_splits()
+    sid = table["subject_id"].to_numpy()
+    split = np.asarray(table["split"].to_pylist(), dtype=object)
+    order = np.argsort(sid)
+    pos = np.clip(np.searchsorted(sid[order], subject_ids), 0, max(len(sid) - 1, 0))
+    found = len(sid) > 0 and sid[order][pos] == subject_ids
+    if not np.all(found):
+        missing = np.unique(subject_ids[~np.asarray(found)])
+        raise ValueError(f"site {name}: subject_id {missing[:5].tolist()} has no row in metadata/subject_splits.parquet")
+    return split[order][pos]
+
+
+def build_site_rows(
+    name: str, site: Site, seqs: SiteSequences, tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0
+) -> SiteRows:
+    """The union of the evaluation rows of `tasks` at one site, with per-task labels."""
+    onset = {k: t for k, t in tasks.items() if isinstance(t, OnsetTask)}
+    wear = {k: t for k, t in tasks.items() if isinstance(t, WearableTask)}
+    tables: list[pa.Table] = []
+    per_task: dict[str, pa.Table] = {}
+    if onset:
+        events = site.read_events(columns=["subject_id", "time", "code"])
+        times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+        tables.append(times)
+        for key, task in onset.items():
+            per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
+    if wear:
+        wearables = site.read_wearables()
+        for key, task in wear.items():
+            lab = wearable_regression_labels(wearables, target=task.target)
+            per_task[key] = lab
+            tables.append(lab.select(["subject_id", "prediction_time"]))
+    if not tables:
+        raise ValueError("no tasks to build evaluation rows for")
+    rows = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
+    rows = rows.group_by(["subject_id", "prediction_time"]).aggregate([])  # distinct rows
+    rows = rows.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
+    rows = rows.append_column("_row", pa.array(np.arange(rows.num_rows)))
+    n = rows.num_rows
+    labels: dict[str, np.ndarray] = {}
+    for key, lab in per_task.items():
+        y = np.full(n, np.nan)
+        value = lab.column(2).to_numpy(zero_copy_only=False).astype(np.float64)
+        y[_rows_of(lab, rows)] = value
+        labels[key] = y
+    sid = rows["subject_id"].to_numpy()
+    return SiteRows(
+        name=name, seqs=seqs, subject_id=sid, prediction_time_us=to_us(rows["prediction_time"], "prediction_time"),
+        split=_splits_of(site, sid, name), labels=labels,
+    )
+
+
+def build_eval_set(
+    sites: Mapping[str, tuple[Site, SiteSequences]], tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0
+) -> EvalSet:
+    parts = [build_site_rows(name, site, seqs, tasks, n_per_subject, seed) for name, (site, seqs) in sites.items()]
+    data = EvalSet(sites=parts, tasks=dict(tasks))
+    for key in tasks:
+        y = data.labels(key)
+        have = np.isfinite(y)
+        log.info("task %s: %d rows%s", key, int(have.sum()),
+                 f", {int(np.nansum(y))} positive" if isinstance(tasks[key], OnsetTask) else "")
+    return data
+
+
+# ---------------------------------------------------------------- features
+
+
+@dataclass
+class MethodFeatures:
+    x: np.ndarray  # [n, d]
+    present: np.ndarray  # [n, 3] bool: the row has ehr / wearables / genomics at prediction_time (before any restriction)
+    rows: np.ndarray  # [n] positions in the EvalSet
+
+
+def _tap_presence(batches: Iterable[Batch], sink: list[np.ndarray], keep: Iterable[str] | None) -> Iterator[Batch]:
+    for batch in batches:
+        has = batch.has_modality()
+        sink.append(torch.stack([has[m] for m in MODALITIES], dim=1).numpy())
+        yield batch if keep is None else restrict_modalities(batch, keep)
+
+
+def method_features(
+    data: EvalSet,
+    model: torch.nn.Module | None,
+    vocab_size: int | None = None,
+    rows: np.ndarray | None = None,
+    keep: Iterable[str] | None = None,
+    max_events: int = 512,
+    max_patches: int = 64,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> MethodFeatures:
+    """Features of the EvalSet's rows (all, or the positions `rows`): `model.embed` when a model
+    is given, count features over `vocab_size` codes otherwise; `keep` removes every other
+    modality from the batches first."""
+    if model is None and vocab_size is None:
+        raise ValueError("method_features needs a model or a vocab_size (count features)")
+    keep = None if keep is None else tuple(keep)
+    all_rows = np.arange(len(data)) if rows is None else np.asarray(rows, dtype=np.int64)
+    xs, present, offset = [], [], 0
+    for part in data.sites:
+        mine = all_rows[(all_rows >= offset) & (all_rows < offset + len(part))] - offset
+        offset += len(part)
+        if len(mine) == 0:
+            continue
+        ds = PredictionTimesDataset(part.seqs, part.subject_id[mine], part.prediction_time_us[mine], max_events, max_patches)
+        batches = _tap_presence(make_loader(ds, batch_size=batch_size, shuffle=False), present, keep)
+        if model is not None:
+            feats = compute_embeddings(model, batches, progress=progress)
+        else:
+            feats = compute_count_features(batches, vocab_size, progress=progress)
+        xs.append(feats.x)
+    if not xs:
+        raise ValueError("no evaluation rows to compute features for")
+    return MethodFeatures(np.concatenate(xs), np.concatenate(present), all_rows)
+
+
+# ---------------------------------------------------------------- probes per task
+
+
+def task_display(task: Task) -> tuple[str, int | None]:
+    """(task name without the horizon, horizon in days) as the results table shows them."""
+    if isinstance(task, OnsetTask):
+        suffix = f"_{int(task.horizon_days)}d"
+        base = task.name[: -len(suffix)] if task.name.endswith(suffix) else task.name
+        return base, int(task.horizon_days)
+    return task.name, None
+
+
+@dataclass
+class MethodResult:
+    rows: list[ResultRow] = field(default_factory=list)
+    regression_rows: list[RegressionRow] = field(default_factory=list)
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # task -> held_out (y, p)
+    skipped: dict[str, str] = field(default_factory=dict)  # task -> why it was not evaluated
+
+
+def _split_rows(split: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    have = np.isfinite(y)
+    return {s: np.flatnonzero(have & (split == s)) for s in SPLITS}
+
+
+def evaluate_method(
+    method: str,
+    data: EvalSet,
+    features: MethodFeatures,
+    tasks: Iterable[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_train_positives: int = 2,
+    score_split: str = "held_out",
+) -> MethodResult:
+    """Probe `features` on each task's rows among features.rows: fit on train, C / alpha from
+    tuning, scores on held_out. A task without enough train positives, or without held_out
+    rows, is skipped with the reason. score_split="tuning" scores the tuning rows instead: the
+    split to compare design choices (pooling, steps) on, so held_out is never tuned on."""
+    if score_split not in ("held_out", "tuning"):
+        raise ValueError(f"score_split must be 'held_out' or 'tuning', got {score_split!r}")
+    out = MethodResult()
+    split_all = data.column("split")
+    for key in data.tasks if tasks is None else tasks:
+        task = data.tasks[key]
+        y_all = data.labels(key)[features.rows]
+        by = _split_rows(split_all[features.rows], y_all)
+        name, horizon = task_display(task)
+        regression = not isinstance(task, OnsetTask)
+        if (why := _why_skip(y_all, by, regression, min_train_positives)) is not None:
+            out.skipped[key] = why
+            continue
+        parts = [(features.x[by[s]], y_all[by[s]]) for s in ("train", "tuning", score_split)]
+        if regression:
+            row, pred = evaluate_regression(method, name, *parts, n_boot=n_boot, seed=seed)
+            out.regression_rows.append(row)
+            out.predictions[key] = (parts[2][1], pred)
+        else:
+            row, p = evaluate_binary(method, name, horizon, *[(x, yy.astype(bool)) for x, yy in parts], n_boot=n_boot, seed=seed)
+            out.rows.append(row)
+            out.predictions[key] = (parts[2][1].astype(bool), p)
+    return out
+
+
+def _why_skip(y: np.ndarray, by: dict[str, np.ndarray], regression: bool, min_train_positives: int) -> str | None:
+    counts = {s: len(by[s]) for s in SPLITS}
+    if min(counts.values()) == 0:
+        return f"rows per split {counts}"
+    if regression:
+        return None if counts["train"] >= 2 else f"only {counts['train']} train rows"
+    y_train = y[by["train"]]
+    n_pos = int(y_train.sum())
+    if n_pos < min_train_positives or n_pos == len(y_train):
+        return f"{n_pos} positives among {len(y_train)} train rows"
+    return None
+
+
+# ---------------------------------------------------------------- the oracle
+
+
+def oracle_rows(
+    data: EvalSet,
+    truth_risk: Callable[[str, str, np.ndarray, np.ndarray, float], np.ndarray],
+    code_to_disease: Mapping[str, str],
+    tasks: Iterable[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> MethodResult:
+    """The true risk as the score on each onset task's held_out rows.
+
+    truth_risk(site, disease, subject_ids, prediction_times (datetime64[us]), horizon_days)
+    gives the generator's risk (e.g. functools.partial(synthetic.oracle_risk, truth_dir));
+    code_to_disease maps an outcome code prefix to the generator's disease name.
+    """
+    out = MethodResult()
+    for key in data.tasks if tasks is None else tasks:
+        task = data.tasks[key]
+        if not isinstance(task, OnsetTask):
+            continue
+        if task.outcome_code_prefix not in code_to_disease:
+            out.skipped[key] = f"no true risk for {task.outcome_code_prefix}"
+            continue
+        disease = code_to_disease[task.outcome_code_prefix]
+        ys, risks = [], []
+        for part in data.sites:
+            held = np.flatnonzero(np.isfinite(part.labels[key]) & (part.split == "held_out"))
+            if len(held) == 0:
+                continue
+            ys.append(part.labels[key][held].astype(bool))
+            pt = part.prediction_time_us[held].astype("datetime64[us]")
+            risks.append(truth_risk(part.name, disease, part.subject_id[held], pt, task.horizon_days))
+        if not ys:
+            out.skipped[key] = "no held_out rows"
+            continue
+        y, risk = np.concatenate(ys), np.concatenate(risks)
+        name, horizon = task_display(task)
+        row = oracle_row(name, horizon, y, risk, n_boot=n_boot, seed=seed)
+        out.rows.append(row)
+        known = np.isfinite(risk)
+        out.predictions[key] = (y[known], risk[known])
+    return out
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def mean_auroc(rows: Sequence[ResultRow]) -> dict[str, float]:
+    """Mean AUROC per method over the (task, horizon) pairs every method in `rows` has (so the
+    means compare like with like)."""
+    by_method: dict[str, dict[tuple[str, int | None], float]] = {}
+    for r in rows:
+        if np.isfinite(r.auroc):
+            by_method.setdefault(r.method, {})[(r.task, r.horizon)] = r.auroc
+    if not by_method:
+        return {}
+    common = set.intersection(*(set(v) for v in by_method.values()))
+    return {m: float(np.mean([v[k] for k in common])) if common else float("nan") for m, v in by_method.items()}
+
+
+def wins(rows: Sequence[ResultRow], method: str, other: str) -> tuple[int, int]:
+    """(pairs where `method`'s AUROC is above `other`'s, pairs both have)."""
+    a = {(r.task, r.horizon): r.auroc for r in rows if r.method == method and np.isfinite(r.auroc)}
+    b = {(r.task, r.horizon): r.auroc for r in rows if r.method == other and np.isfinite(r.auroc)}
+    common = set(a) & set(b)
+    return sum(a[k] > b[k] for k in common), len(common)
+
+
+__all__ = [
+    "EvalSet",
+    "MethodFeatures",
+    "MethodResult",
+    "POOLINGS",
+    "PooledEmbedder",
+    "PooledPretrainingDataset",
+    "PredictionTimesDataset",
+    "SiteRows",
+    "build_eval_set",
+    "build_site_rows",
+    "evaluate_method",
+    "mean_auroc",
+    "method_features",
+    "oracle_rows",
+    "restrict_modalities",
+    "task_display",
+    "wins",
+]

@@ -1,0 +1,463 @@
+"""Federated vs centralized vs local-only vs oracle on the same sites, vocabulary and rows.
+
+    python -m simulations.report                                      # configs/demo.yaml
+    python -m simulations.report scenario=tiny n_subjects=60 federation.rounds=2 out_dir=runs/cmp
+
+Steps (composition only; the pieces live in healthfm_core, client and server):
+1. the sites (synthetic, generated or reused; or `site_roots`);
+2. the federation on Flower's simulation engine (simulations.run), into out_dir/federation;
+3. from its final checkpoint: the global model and the agreed vocabulary and initialisation,
+   which the baselines reuse so that every regime starts from the same weights;
+4. centralized: the sites' train splits pooled, rounds x local_steps x sites steps (the
+   federation's total number of local steps); local-only: each site alone, with only its own
+   groups, rounds x local_steps steps (what it did inside the federation);
+5. evaluation with healthfm_core.eval (runner + compare): per site, frozen probes fitted on
+   the site's train rows and scored on its held_out rows, every onset task and horizon; the
+   generator's true risk as the oracle; each non-EHR modality removed from a site's rows;
+6. utility against epsilon (when `privacy_sweep.epsilons` lists target epsilons): the federation
+   again at each (simulations.privacy_sweep, into out_dir/privacy/), the main federated run as
+   its own setting (no DP unless `privacy` asks), evaluated per site as above;
+7. report.md with PNGs, and comparison.json, in out_dir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from healthfm_core.data.site import MODALITIES, Site, open_site
+from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk
+from healthfm_core.data.tasks import TASKS, OnsetTask, Task
+from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.eval import compare
+from healthfm_core.eval.report import write_text_atomic
+from healthfm_core.eval.runner import MethodResult, PooledPretrainingDataset, build_eval_set
+from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
+from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
+from healthfm_core.train import TrainConfig, train_local
+from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
+from server.server_app import read_events
+from simulations.run import federation_config, run_federation_simulation, site_node_configs, synthetic_sites
+
+log = logging.getLogger("healthfm.simulations.report")
+
+METHODS = ("federated", "centralized", "local-only", "oracle")
+MARKER = "comparison.json"  # present once a report job has written to out_dir
+PRIVACY_DIR = "privacy"  # the utility-versus-epsilon federations, one directory per setting
+
+
+class Clock:
+    """Wall time per phase (the report states where the time went)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self._t = self.start
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._t
+        log.info("%s: %.1f s", phase, now - self._t)
+        self._t = now
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------- steps
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """out/federation (and out/privacy, the utility-versus-epsilon runs) must be fresh (the server
+    refuses to overwrite a run): a previous report job's runs in the same out_dir are removed;
+    anything else there is refused."""
+    for name in ("federation", PRIVACY_DIR):
+        runs = out / name
+        if runs.exists():
+            if not (out / MARKER).is_file():
+                raise FileExistsError(f"{runs} exists but {out} holds no {MARKER}: not a previous report run; "
+                                      "choose another out_dir")
+            log.info("removing the previous report run's %s", runs)
+            shutil.rmtree(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / "federation"
+
+
+def open_sites(cfg: DictConfig) -> tuple[dict[str, Site], Path | None, ScenarioConfig | None]:
+    if cfg.site_roots:
+        return {Path(r).resolve().name: open_site(r) for r in cfg.site_roots}, None, None
+    manifest = synthetic_sites(cfg.data_dir, OmegaConf.to_container(cfg.scenario, resolve=True), cfg.seed,
+                               cfg.n_subjects)
+    truth = Path(manifest.truth_dir)
+    return ({s.name: open_site(s.root) for s in manifest.sites}, truth,
+            ScenarioConfig.model_validate_json((truth / "scenario.json").read_text()))
+
+
+def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, HealthFM, int]:
+    """The Flower simulation; returns its setup, the final global model and its round."""
+    run_cfg = OmegaConf.merge(cfg, {"out_dir": str(fed_dir), "resume": False})
+    node_configs = site_node_configs(run_cfg)
+    run_federation_simulation(federation_config(run_cfg, len(node_configs)), node_configs,
+                              num_cpus=cfg.ray.num_cpus, client_num_cpus=cfg.ray.client_num_cpus,
+                              client_num_gpus=cfg.ray.client_num_gpus, ray_address=cfg.ray.address)
+    ckpt = latest_server_checkpoint(fed_dir / "checkpoints")
+    if ckpt is None:
+        raise RuntimeError(f"the federation wrote no checkpoint in {fed_dir / 'checkpoints'}; see {fed_dir / 'server.log'}")
+    state = load_server_checkpoint(ckpt)
+    model = state.setup.init_model()
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.arrays.items()})
+    return state.setup, model, state.round
+
+
+def onset_eval_data(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]) -> dict:
+    """The per-site evaluation rows of the new-onset tasks (`eval.onset_tasks`: "all" or names),
+    one EvalSet per site (compare.split_sites)."""
+    onset = ([k for k, t in TASKS.items() if isinstance(t, OnsetTask)] if cfg.eval.onset_tasks == "all"
+             else list(cfg.eval.onset_tasks))
+    tasks: dict[str, Task] = {k: TASKS[k] for k in onset}
+    data = build_eval_set({n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject),
+                          seed=int(cfg.seed))
+    return compare.split_sites(data)
+
+
+def eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Keyword arguments of compare.evaluate_per_site shared by every regime of a report."""
+    fed = cfg.federation
+    return dict(max_events=fed.max_events, max_patches=fed.max_patches, batch_size=cfg.eval.batch_size,
+                n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
+
+
+def site_groups(site: Site) -> list[str]:
+    return groups_for_modalities([m for m in site.modalities if site.subject_counts.get(m, 0) > 0])
+
+
+def train_ids(site: Site) -> np.ndarray:
+    splits = site.subject_splits()
+    return splits["subject_id"].to_numpy()[np.asarray(splits["split"].to_pylist()) == "train"]
+
+
+def train_baseline(setup: FederationSetup, dataset, steps: int, fed: DictConfig, seed: int,
+                   groups: list[str] | None, progress: bool) -> tuple[HealthFM, list[dict[str, float]]]:
+    """From the federation's initial weights: `steps` steps of the federation's optimiser
+    settings over `groups` (None: all), the curriculum laid over the steps."""
+    model = setup.init_model()
+    loader = make_loader(dataset, batch_size=fed.batch_size, shuffle=True, seed=seed, drop_last=len(dataset) > fed.batch_size)
+    tcfg = TrainConfig(steps=steps, lr=fed.lr, weight_decay=fed.weight_decay, batch_size=fed.batch_size, seed=seed,
+                       progress=progress, log_every=max(1, steps // 5))
+    result = train_local(model, loader, tcfg, groups=groups,
+                         weights_fn=lambda step: curriculum_weights(step, steps, setup.model))
+    return model, result.history
+
+
+def federated_curves(events: list[dict[str, Any]]) -> tuple[list[dict[str, float]], dict, dict]:
+    """From rounds.jsonl: per-round aggregated losses, per-round bytes per site, time split."""
+    rounds = {e["round"]: e for e in events if e["event"] == "round"}
+    total = max((e["rounds"] for e in rounds.values()), default=1)
+    curve, traffic, timing = [], {}, {}
+    for r, e in sorted(rounds.items()):
+        losses = {k[len("loss."):]: float(v) for k, v in e.get("aggregated", {}).items() if k.startswith("loss.")}
+        curve.append({"progress": r / total, **losses})
+        traffic[r] = {s: (int(x.get("bytes_sent", 0)), int(x.get("bytes_received", 0))) for s, x in e["sites"].items()}
+        timing[r] = e["timings"]
+    return curve, traffic, timing
+
+
+def step_curve(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    n = max(1, len(history))
+    return [{"progress": (i + 1) / n, **{k: h[k] for k in (*LOSS_NAMES, "total") if k in h}} for i, h in enumerate(history)]
+
+
+# ---------------------------------------------------------------- report text
+
+
+def _mb(b: int) -> str:
+    return f"{b / 1e6:.2f}"
+
+
+def traffic_table(traffic: Mapping[int, Mapping[str, tuple[int, int]]]) -> str:
+    sites = sorted({s for r in traffic.values() for s in r})
+    lines = ["| round | " + " | ".join(sites) + " | total |", "|---:|" + "---:|" * (len(sites) + 1)]
+    for r, per in sorted(traffic.items()):
+        cells = [f"{_mb(per[s][0])} / {_mb(per[s][1])}" if s in per else "-" for s in sites]
+        tot = (sum(v[0] for v in per.values()), sum(v[1] for v in per.values()))
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {_mb(tot[0])} / {_mb(tot[1])} |")
+    return "\n".join(lines)
+
+
+def timing_table(timing: Mapping[int, Mapping[str, float]]) -> str:
+    lines = ["| round | round s | local training s (slowest site) | local training s (all sites) | everything else s | else share |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r, t in sorted(timing.items()):
+        lines.append(f"| {r} | {t['round_seconds']:.1f} | {t['local_train_seconds_max']:.1f} | "
+                     f"{t['local_train_seconds_sum']:.1f} | {t['other_seconds']:.1f} | "
+                     f"{t['other_seconds'] / max(t['round_seconds'], 1e-9):.0%} |")
+    return "\n".join(lines)
+
+
+def ablation_table(ablation: Mapping[tuple[str, str, str], tuple[MethodResult, MethodResult]]) -> str:
+    lines = ["| site | modality removed | method | rows with it | (task, horizon) pairs | mean AUROC with | mean AUROC without | difference |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (site, drop, method), (full, without) in sorted(ablation.items()):
+        a = {(r.task, r.horizon): r for r in full.rows if np.isfinite(r.auroc)}
+        b = {(r.task, r.horizon): r for r in without.rows if np.isfinite(r.auroc)}
+        common = sorted(set(a) & set(b), key=str)
+        if not common:
+            lines.append(f"| {site} | {drop} | {method} | - | 0 | - | - | - |")
+            continue
+        ma, mb = np.mean([a[k].auroc for k in common]), np.mean([b[k].auroc for k in common])
+        n = max(r.n for r in a.values())
+        lines.append(f"| {site} | {drop} | {method} | {n} held-out | {len(common)} | {ma:.3f} | {mb:.3f} | {mb - ma:+.3f} |")
+    return "\n".join(lines)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run(cfg: DictConfig) -> Path:
+    clock = Clock()
+    torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out_dir)
+    fed_dir = prepare_out_dir(out)
+    fed = cfg.federation
+    progress = bool(cfg.progress)
+
+    sites, truth_dir, scenario = open_sites(cfg)
+    clock.lap("data (generate or reuse)")
+
+    setup, fed_model, rounds_done = run_federation(cfg, fed_dir)
+    clock.lap("federation (Flower simulation)")
+    vocab = setup.vocabulary
+    seqs = {name: SiteSequences.from_site(site, vocab) for name, site in sites.items()}
+    clock.lap("sequences (federation's vocabulary)")
+
+    # Matched budgets: each site did rounds x local_steps steps of batch_size in the federation.
+    per_site_steps = int(rounds_done) * int(fed.local_steps)
+    central_steps = per_site_steps * len(sites)
+    datasets = {name: PretrainingDataset(seqs[name], subject_ids=train_ids(site), time_mode="random",
+                                         max_events=fed.max_events, max_patches=fed.max_patches,
+                                         seed=site_seed(cfg.seed, 0, name)) for name, site in sites.items()}
+    log.info("centralized: %d steps on %d pooled train subjects", central_steps, sum(len(d) for d in datasets.values()))
+    central_model, central_history = train_baseline(setup, PooledPretrainingDataset(list(datasets.values())),
+                                                    central_steps, fed, int(cfg.seed), None, progress)
+    clock.lap("centralized training")
+    local_models: dict[str, HealthFM | None] = {}
+    local_histories: dict[str, list[dict[str, float]]] = {}
+    for name, site in sites.items():
+        if len(datasets[name]) == 0:
+            log.warning("local-only: site %s has no train subject with a timed observation", name)
+            local_models[name] = None
+            continue
+        log.info("local-only %s: %d steps, groups %s", name, per_site_steps, site_groups(site))
+        local_models[name], local_histories[name] = train_baseline(
+            setup, datasets[name], per_site_steps, fed, site_seed(cfg.seed, 0, name), site_groups(site), progress)
+    clock.lap("local-only training")
+
+    per_site_data = onset_eval_data(cfg, sites, seqs)
+    ev = eval_settings(cfg)
+    per_site: compare.PerSite = {name: {} for name in sites}
+    features: dict[str, dict] = {}
+    models = {"federated": fed_model, "centralized": central_model}
+    for method, model in models.items():
+        res, features[method] = compare.evaluate_per_site(method, per_site_data, model, progress=progress, **ev)
+        for name, r in res.items():
+            per_site[name][method] = r
+    res, _ = compare.evaluate_per_site("local-only", per_site_data, lambda s: local_models[s], progress=progress, **ev)
+    for name, r in res.items():
+        per_site[name]["local-only"] = r
+    if truth_dir is not None and scenario is not None:
+        code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
+        for name, r in compare.oracle_per_site(per_site_data, functools.partial(oracle_risk, truth_dir), code_to_disease,
+                                               n_boot=cfg.eval.n_boot, seed=int(cfg.seed)).items():
+            per_site[name]["oracle"] = r
+    clock.lap("evaluation (per site, every onset task and horizon)")
+
+    ablation: dict[tuple[str, str, str], tuple[MethodResult, MethodResult]] = {}
+    for method in cfg.eval.missing_modality:
+        if method not in models:
+            raise ValueError(f"eval.missing_modality: {method!r} is not one of {sorted(models)}")
+        for name, site_data in per_site_data.items():
+            for drop in [m for m in MODALITIES if m != "ehr" and m in sites[name].modalities]:
+                got = compare.modality_removal(method, site_data, models[method], features[method][name], drop,
+                                               min_rows=int(cfg.eval.min_rows), **ev)
+                if got is not None:
+                    ablation[(name, drop, method)] = got
+    clock.lap("missing-modality evaluation")
+
+    privacy = privacy_utility(cfg, out, clock, fed_dir, setup, fed_model, per_site_data, ev, progress)
+    return write_comparison(cfg, out, fed_dir, clock, sites, setup, per_site, ablation, central_history,
+                            local_histories, per_site_steps, central_steps, privacy)
+
+
+def privacy_utility(cfg: DictConfig, out: Path, clock: Clock, fed_dir: Path, setup: FederationSetup,
+                    fed_model: HealthFM, per_site_data: Mapping, ev: Mapping[str, Any], progress: bool) -> list[str]:
+    """The report's utility-versus-epsilon section (markdown lines): the federation again at each
+    target epsilon of `privacy_sweep.epsilons` (simulations.privacy_sweep), the main federated run
+    as the setting it was run at, all evaluated on the same per-site rows."""
+    from simulations import privacy_sweep
+    from simulations.run import privacy_request
+
+    wanted = list((cfg.get("privacy_sweep") or {}).get("epsilons") or [])
+    if not wanted:
+        return ["Not run in this report (`privacy_sweep.epsilons=[1,3,8]` adds it here; "
+                "`python -m simulations.privacy_sweep` runs it alone)."]
+    settings = privacy_sweep.Settings()
+    main_epsilon = privacy_request(cfg).target_epsilon
+    settings.add(main_epsilon, setup, fed_model, fed_dir, clock.phases.get("federation (Flower simulation)", 0.0))
+    for epsilon in privacy_sweep.parse_epsilons(wanted):
+        if epsilon != main_epsilon:
+            label = privacy_sweep.run_setting(cfg, out / PRIVACY_DIR, epsilon, settings)
+            clock.lap(f"federation {label}")
+    per_site = privacy_sweep.evaluate_settings(settings, per_site_data, ev, progress)
+    clock.lap("evaluation at each epsilon")
+    section, _ = privacy_sweep.privacy_section(cfg, out, settings, per_site)
+    return section
+
+
+def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, sites: Mapping[str, Site],
+                     setup: FederationSetup, per_site: compare.PerSite, ablation: Mapping, central_history: list,
+                     local_histories: Mapping[str, list], per_site_steps: int, central_steps: int,
+                     privacy: list[str] | None = None) -> Path:
+    methods = [m for m in METHODS if any(m in r for r in per_site.values())]
+    main_rows = compare.summarize(per_site, methods)
+    site_rows = compare.site_summary(per_site, methods)
+    events = read_events(fed_dir / "rounds.jsonl")
+    fed_curve, traffic, timing = federated_curves(events)
+
+    figs: dict[str, Path] = {}
+    curves = {"federated (per round)": fed_curve, "centralized (per step)": step_curve(central_history)}
+    curves.update({f"local-only {s} (per step)": step_curve(h) for s, h in local_histories.items()})
+    figs["Loss per objective"] = compare.loss_curves_plot(curves, out / "loss_curves.png")
+    if main_rows:
+        figs["Mean held-out AUROC and ECE per horizon"] = compare.summary_plot(main_rows, out / "auroc_ece_by_horizon.png")
+    if traffic:
+        figs["Bytes per site per round"] = compare.bytes_plot(traffic, out / "bytes_per_round.png")
+        figs["Round time split"] = compare.time_split_plot(timing, out / "round_time_split.png")
+
+    fed = cfg.federation
+    model = setup.init_model()
+    n_groups = {s: site_groups(site) for s, site in sites.items()}
+    params_by_group: dict[str, int] = {}
+    for k, v in model.state_dict().items():
+        params_by_group[parameter_group(k)] = params_by_group.get(parameter_group(k), 0) + v.numel()
+    evaluation = json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
+    lines = [
+        f"# HealthFM: federated vs centralized vs local-only vs oracle (model {setup.model.name})",
+        "",
+        f"Wall time {clock.total / 60:.1f} min on {torch.get_num_threads()} torch thread(s) here, Ray with "
+        f"{cfg.ray.num_cpus} CPUs: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items()) + ".",
+        "",
+        "Sites: " + "; ".join(f"{s}: {site.summary.n_subjects} subjects, groups {'+'.join(n_groups[s])}"
+                              for s, site in sites.items()) + ".",
+        "",
+        f"Model `{setup.model.name}`: " + ", ".join(f"{g} {n:,}" for g, n in params_by_group.items())
+        + f" parameters; vocabulary {setup.vocabulary.vocab_size} ids agreed by the federation and reused by every "
+        f"regime; every regime starts from the same seeded initialisation.",
+        "",
+        f"Budgets (matched optimisation steps, batch {fed.batch_size}, lr {fed.lr}, samples of at most "
+        f"{fed.max_events} events / {fed.max_patches} patches): federated {fed.rounds} rounds x {fed.local_steps} "
+        f"local steps at each of {len(sites)} sites; centralized {central_steps} steps on the pooled train splits "
+        f"(the federation's total); local-only {per_site_steps} steps per site on its own train split, training only "
+        f"its own groups (others stay at the initialisation).",
+        "",
+        "Evaluation: for each site, frozen linear probes fitted on the site's train rows (C from its tuning rows) "
+        "and scored on its held_out rows, per new-onset task and horizon; the oracle scores the generator's true "
+        "risk on the same held_out rows. Means are over the (site, task) pairs every method has.",
+        "",
+        "## Main table (mean over tasks and sites)",
+        "",
+        compare.summary_table(main_rows) if main_rows else "No (site, task) pair was evaluated by every method.",
+        "",
+        "## Per site (mean AUROC over tasks per horizon; mean ECE over tasks and horizons)",
+        "",
+        compare.site_table(site_rows),
+        "",
+        "## Missing modalities",
+        "",
+        "A site's held-out rows that have the modality at prediction time, scored with every modality and with "
+        "that modality removed from the input (runner.restrict_modalities); each condition fits its own probe "
+        "on the same site's train rows.",
+        "",
+        ablation_table(ablation) if ablation else "No site had enough rows with a non-EHR modality.",
+        "",
+        "## Federation: bytes per site per round (MB sent to the site / received from it)",
+        "",
+        traffic_table(traffic) if traffic else "No round logged.",
+        "",
+        f"fp16 transport: {'on' if fed.fp16_transport else 'off'} in this run (federation.fp16_transport=true "
+        "to measure the other setting).",
+        "",
+        "## Federation: per-round time split",
+        "",
+        timing_table(timing) if timing else "No round logged.",
+        "",
+        "Everything else = the round's wall time minus the slowest site's local training: message "
+        "(de)serialisation and transport in Flower's simulation engine, the site's model load and data "
+        "sampling, aggregation and the checkpoint.",
+        "",
+        "## Utility against epsilon (DP-SGD at every site)",
+        "",
+        *(privacy or ["Not run in this report."]),
+    ]
+    if evaluation:
+        agg = evaluation.get("aggregated", {})
+        lines += ["", "Federated evaluation inside the run (sites report held-out metrics; n-weighted means): "
+                  + ", ".join(f"{k[:-len('.auroc')]} {v:.3f}" for k, v in agg.items() if k.endswith(".auroc")) + "."]
+    skipped = {f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()}
+    if skipped:
+        lines += ["", f"Not evaluated ({len(skipped)} site/method/task): " + "; ".join(
+            f"{k}: {v}" for k, v in sorted(skipped.items())[:40]) + (" ..." if len(skipped) > 40 else "")]
+    lines += ["", "## Plots", ""]
+    for caption, path in figs.items():
+        lines += [f"### {caption}", "", f"![{caption}]({_rel(path, out)})", ""]
+    lines += ["", f"Federated run: `{_rel(fed_dir, out)}/` (rounds.jsonl, summary.md, checkpoints). "
+              f"Every number above: `{MARKER}`."]
+
+    dump = {
+        "main": [r.model_dump() for r in main_rows],
+        "per_site": {s: [r.model_dump() for r in rows] for s, rows in site_rows.items()},
+        "rows": {s: {m: [r.model_dump() for r in res.rows] for m, res in methods_.items()} for s, methods_ in per_site.items()},
+        "skipped": skipped,
+        "missing_modality": {f"{s}|{d}|{m}": {"with": [r.model_dump() for r in a.rows],
+                                               "without": [r.model_dump() for r in b.rows]}
+                             for (s, d, m), (a, b) in ablation.items()},
+        "bytes": {str(r): v for r, v in traffic.items()},
+        "timings": {str(r): v for r, v in timing.items()},
+        "phases_seconds": clock.phases,
+        "budgets": {"per_site_steps": per_site_steps, "centralized_steps": central_steps},
+    }
+    write_text_atomic(out / MARKER, json.dumps(dump, indent=1, default=float))
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    log.info("report written to %s (%.1f min)", path, clock.total / 60)
+    return path
+
+
+@hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("healthfm").setLevel(logging.INFO)
+    for noisy in ("flwr", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    print(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Real Flower processes on 127.0.0.1 for the deployment and fault tests (tests/test_deployment.py,
+tests/test_faults.py): a provisioned federation, a SuperLink with TLS + SuperNode authentication,
+SuperNodes started with `client.py join`, and helpers to run the coordinator and read a run's log.
+
+Every process runs in its own session and is killed (SIGTERM, then SIGKILL, its whole group) in
+the fixtures' teardown, whatever the test did. Module-scoped fixtures: each test module that
+imports them gets its own federation and SuperLink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.join import probe_superlink
+from server.coordinator import main as coordinator_main
+from server.provision import FederationPaths
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENT = REPO / "client" / "client.py"
+SITES = ("biobank", "hospital", "genomics")
+EXPECTED_GROUPS = {
+    "biobank": ["ehr", "genomics", "shared", "wearables"],
+    "hospital": ["ehr", "shared", "wearables"],  # no genomics
+    "genomics": ["ehr", "genomics", "shared"],  # no wearables
+}
+POLICY = ["--node-config", "min-code-subjects=5", "--node-config", "min-report-subjects=2"]
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    e.pop("PYTHONPATH", None)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A background process in its own session, output to a file, killed with its group."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return True
+            if self.proc.poll() is not None:
+                return text in self.output()
+            time.sleep(0.5)
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in the group
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(CLIENT), *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_coordinator(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.coordinator", *args], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from healthfm_core.data.synthetic import generate_federation
+
+    manifest = generate_federation(tmp_path_factory.mktemp("data"), scenario="tiny", seed=0, n_subjects=30,
+                                   progress=False)
+    roots = {s.name: Path(s.root) for s in manifest.sites}
+    assert set(roots) == set(SITES)
+    return roots
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
+    root = tmp_path_factory.mktemp("deploy") / "fed"
+    rc = coordinator_main(["provision", str(root), *[a for s in (*SITES, "intruder") for a in ("--site", s)]])
+    assert rc == 0
+    return FederationPaths(root=root)
+
+
+@pytest.fixture(scope="module")
+def superlink(federation: FederationPaths) -> Iterator[str]:
+    """A SuperLink with TLS and SuperNode authentication on 127.0.0.1; every site but
+    `intruder` registered."""
+    port = free_port()
+    proc = Process([sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)],
+                   federation.root / "superlink.out")
+    try:
+        assert proc.wait_for("Uvicorn running on https://127.0.0.1", 90), proc.output()[-3000:]
+        address = f"127.0.0.1:{port}"
+        probe_superlink(address, federation.ca_cert, timeout=10)
+        result = run_coordinator("register", str(federation.root), *[a for s in SITES for a in ("--site", s)],
+                                 timeout=180)
+        assert result.returncode == 0, result.stderr
+        assert [ln for ln in result.stdout.splitlines() if ln.startswith("registered")] == \
+            [f"registered {s}" for s in SITES]
+        yield address
+    finally:
+        proc.stop()
+
+
+def join_args(federation: FederationPaths, site_root: Path, key_site: str, address: str, state: Path) -> list[str]:
+    return ["join", str(site_root), "--superlink", address, "--root-cert", str(federation.site(key_site).ca_cert),
+            "--auth-key", str(federation.site(key_site).private_key), "--state-dir", str(state), "--no-progress",
+            *POLICY]
+
+
+@pytest.fixture
+def joined(superlink: str, federation: FederationPaths, sites: dict[str, Path],
+           tmp_path: Path) -> Iterator[dict[str, Process]]:
+    """The three sites joined through `client.py join`, each with its own key."""
+    procs: dict[str, Process] = {}
+    try:
+        for name in SITES:
+            procs[name] = Process([sys.executable, str(CLIENT), *join_args(federation, sites[name], name, superlink,
+                                                                          tmp_path / f"state-{name}")],
+                                  tmp_path / f"join-{name}.out")
+        for name, proc in procs.items():
+            assert proc.wait_for("joined: SuperNode", 120), proc.output()[-3000:]
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def round_events(out: Path) -> tuple[list[dict], dict[int, dict]]:
+    events = [json.loads(ln) for ln in (out / "rounds.jsonl").read_text().splitlines() if ln.strip()]
+    return events, {e["round"]: e for e in events if e["event"] == "round"}
+
+
+TINY_RUN = ["--model", "tiny", "-c", "local-steps=2", "-c", "batch-size=8", "-c", "max-events=64",
+            "-c", "max-patches=8", "-c", "min-nodes=3", "-c", "vocab-min-subjects=5",
+            "-c", "eval-tasks=onset_hypertension_365d", "-c", "eval-n-boot=10", "-c", "timeout-s=300"]
+
+
+def check_rounds(rounds: dict[int, dict], expected: list[int]) -> None:
+    assert sorted(rounds) == expected
+    for rnd, event in rounds.items():
+        assert set(event["sites"]) == set(SITES), rnd
+        for site, entry in event["sites"].items():
+            assert entry["status"] == "ok", (rnd, site, entry)
+            assert entry["groups_sent"] == EXPECTED_GROUPS[site], (rnd, site)
+            assert set(entry["groups_received"]) <= set(EXPECTED_GROUPS[site]), (rnd, site)
+            assert {"ehr", "shared"} <= set(entry["groups_received"]), (rnd, site)
+            assert set(entry["num_examples"]) == set(entry["groups_received"])
+
+

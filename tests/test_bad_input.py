@@ -1,0 +1,228 @@
+"""Property-based tests (hypothesis) of hostile input: malformed train replies fed to
+ModalityAwareFedAvg.aggregate_train, malformed parquet files fed to the site reader (check_site).
+
+Properties: nothing raises; every malformed reply is rejected with a reason while the well-formed
+ones are still averaged exactly; every malformed site file is reported with a problem naming it,
+and checking a site writes nothing. Bounded (max_examples 40) so that both run in seconds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_site_tables, write_site_tables
+from healthfm_core.data.site import check_site
+from server.strategy import ModalityAwareFedAvg
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ---------------------------------------------------------------------------- the strategy
+
+SHAPES = {"shared.w": (2, 3), "shared.b": (3,), "ehr.w": (4,)}
+GROUP_KEYS = {"shared": ["shared.w", "shared.b"], "ehr": ["ehr.w"]}
+PREVIOUS = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+
+MALFORMATIONS = [
+    "dtype", "shape", "nan", "inf", "missing_count", "negative_count", "zero_count", "nan_count", "unknown_key",
+    "huge_value", "garbage_bytes", "empty_bytes", "partial_group", "empty_record", "two_array_records",
+    "no_metrics", "group_not_sent", "oversized",
+]
+
+
+def group_of(key: str) -> str:
+    return key.split(".")[0]
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id=f"train-{node}", group_id="1", created_at=time.time(), ttl=60.0,
+                    message_type=MessageType.TRAIN)
+
+
+@st.composite
+def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, np.ndarray], dict[str, int]]:
+    """(message, malformation or None, its arrays, its counts per group)."""
+    groups = draw(st.sampled_from([["shared"], ["shared", "ehr"]]))
+    # Well-formed values in [1, 2] around a global model of 0: no norm is an outlier.
+    arrays = {k: np.asarray(draw(st.lists(st.floats(1.0, 2.0, width=32), min_size=int(np.prod(SHAPES[k])),
+                                          max_size=int(np.prod(SHAPES[k])))), np.float32).reshape(SHAPES[k])
+              for g in groups for k in GROUP_KEYS[g]}
+    counts = {g: draw(st.integers(1, 1000)) for g in groups}
+    bad = draw(st.one_of(st.none(), st.sampled_from(MALFORMATIONS)))
+    items: dict[str, Array] = {k: Array(v) for k, v in arrays.items()}
+    metrics: dict[str, int | float] = {"num-examples": max(counts.values()),
+                                       **{f"num-examples.{g}": n for g, n in counts.items()}}
+    key = draw(st.sampled_from(sorted(items)))
+    extra_records: dict[str, ArrayRecord] = {}
+    if bad == "dtype":
+        dtype = draw(st.sampled_from([np.float64, np.int32, np.int64, np.uint8, np.bool_, np.complex64]))
+        items[key] = Array(arrays[key].astype(dtype))
+    elif bad == "shape":
+        shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3).filter(lambda s: tuple(s) != SHAPES[key]))
+        items[key] = Array(np.ones(shape, np.float32))
+    elif bad in ("nan", "inf"):
+        value = arrays[key].copy()
+        value.flat[draw(st.integers(0, value.size - 1))] = np.nan if bad == "nan" else draw(st.sampled_from([np.inf, -np.inf]))
+        items[key] = Array(value)
+    elif bad == "huge_value":
+        value = arrays[key].copy()
+        value.flat[draw(st.integers(0, value.size - 1))] = draw(st.floats(1e7, 3.0000000054977558e+38, width=32))
+        items[key] = Array(value)
+    elif bad in ("garbage_bytes", "empty_bytes", "oversized"):
+        good = items[key]
+        data = b"" if bad == "empty_bytes" else draw(st.binary(min_size=1, max_size=300))
+        if bad == "oversized":
+            data = good.data + b"\0" * 4096
+        items[key] = Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=data)
+    elif bad == "missing_count":
+        del metrics[f"num-examples.{draw(st.sampled_from(groups))}"]
+    elif bad in ("negative_count", "zero_count", "nan_count"):
+        metrics[f"num-examples.{draw(st.sampled_from(groups))}"] = {
+            "negative_count": -draw(st.integers(1, 10**6)), "zero_count": 0, "nan_count": float("nan")}[bad]
+    elif bad == "unknown_key":
+        items[draw(st.sampled_from(["shared.zzz", "ehr.extra", "nothing"]))] = Array(np.ones(2, np.float32))
+    elif bad == "partial_group":
+        items.pop("shared.b")  # every reply holds shared: one of its two keys missing
+    elif bad == "empty_record":
+        items = {}
+    elif bad == "two_array_records":
+        extra_records["more"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    elif bad == "group_not_sent":
+        items["ehr.w"] = Array(np.ones(SHAPES["ehr.w"], np.float32))
+        metrics["num-examples.ehr"] = 5
+    content = RecordDict({"arrays": ArrayRecord(items), **extra_records})
+    if bad != "no_metrics":
+        content["metrics"] = MetricRecord(metrics)
+    return Message(content, metadata=_metadata(node)), bad, arrays, counts
+
+
+def _node_groups(replies: list) -> dict[int, list[str]]:
+    """What the server sent each node: its groups; a 'group_not_sent' node was sent shared only."""
+    out = {}
+    for node, (_, bad, arrays, _) in enumerate(replies, start=10):
+        out[node] = ["shared"] if bad == "group_not_sent" else sorted({group_of(k) for k in arrays})
+    return out
+
+
+@st.composite
+def a_round(draw: st.DrawFn) -> list:
+    n = draw(st.integers(1, 4))
+    return [draw(a_reply(node)) for node in range(10, 10 + n)]
+
+
+@SETTINGS
+@given(a_round())
+def test_malformed_replies_are_rejected_and_the_rest_averaged(replies: list) -> None:
+    strategy = ModalityAwareFedAvg(group_of=group_of, max_reply_bytes=sum(Array(v).data.__len__() + 64
+                                                                            for v in PREVIOUS.values()))
+    strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in PREVIOUS.items()})
+    strategy.node_groups = _node_groups(replies)
+    # A node with "group_not_sent" was sent shared only but answers with ehr as well.
+    new, _ = strategy.aggregate_train(1, [m for m, *_ in replies])  # never raises
+
+    bad_nodes = {node for node, (_, bad, _, _) in enumerate(replies, start=10) if bad is not None}
+    rejected = {r.node_id: r.reason for r in strategy.rejected[1]}
+    assert set(rejected) == bad_nodes, (rejected, [b for _, b, _, _ in replies])
+    assert all(isinstance(reason, str) and reason for reason in rejected.values())
+
+    good = [(arrays, counts) for _, bad, arrays, counts in replies if bad is None]
+    if not good:
+        assert new is None
+        return
+    assert new is not None
+    for key, old in PREVIOUS.items():
+        holders = [(a[key], c[group_of(key)]) for a, c in good if key in a]
+        expected = old if not holders else sum(v * n for v, n in holders) / sum(n for _, n in holders)
+        got = new[key].numpy()
+        assert got.dtype == old.dtype and got.shape == old.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=key)
+
+
+# ---------------------------------------------------------------------------- the site reader
+
+SHARD = "train/0.parquet"
+REQUIRED = ["subject_id", "time", "code"]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@st.composite
+def a_broken_shard(draw: st.DrawFn) -> tuple[str, object]:
+    """(how it is broken, the broken shard: a pa.Table or raw bytes). Each of these is invalid."""
+    table = make_site_tables().shards[SHARD]
+    kind = draw(st.sampled_from(["drop_columns", "retype", "null_required", "unsorted", "garbage", "truncated"]))
+    if kind == "drop_columns":
+        dropped = draw(st.lists(st.sampled_from(REQUIRED), min_size=1, unique=True))
+        extra = draw(st.lists(st.sampled_from(["numeric_value"]), max_size=1))
+        return kind, table.drop_columns(dropped + extra)
+    if kind == "retype":
+        column = draw(st.sampled_from(["subject_id", "time", "code", "numeric_value"]))
+        values = table.column(column).to_pylist()
+        new_type = {"subject_id": pa.string(), "time": pa.string(), "code": pa.int64(),
+                    "numeric_value": pa.string()}[column]
+        converted = [None if v is None else (len(str(v)) if new_type == pa.int64() else f"x{v}") for v in values]
+        return kind, table.set_column(table.schema.get_field_index(column), column, pa.array(converted, new_type))
+    if kind == "null_required":
+        column = draw(st.sampled_from(["subject_id", "code"]))
+        rows = draw(st.lists(st.integers(0, table.num_rows - 1), min_size=1, max_size=4, unique=True))
+        values = table.column(column).to_pylist()
+        for r in rows:
+            values[r] = None
+        return kind, table.set_column(table.schema.get_field_index(column), column,
+                                      pa.array(values, table.schema.field(column).type))
+    if kind == "unsorted":
+        order = list(range(table.num_rows))
+        subjects = table.column("subject_id").to_pylist()
+        if draw(st.booleans()):
+            # Reverse one subject's timed rows: its events are no longer in time order.
+            timed = [i for i, (s, t) in enumerate(zip(subjects, table.column("time").to_pylist()))
+                     if s == 1 and t is not None]
+            order[timed[0]:timed[-1] + 1] = reversed(order[timed[0]:timed[-1] + 1])
+        else:
+            # Move one of subject 2's rows into subject 1's: subject 1 is no longer contiguous.
+            row = draw(st.sampled_from([i for i, s in enumerate(subjects) if s == 2]))
+            order.remove(row)
+            order.insert(draw(st.integers(1, subjects.index(2) - 1)), row)
+        return kind, table.take(pa.array(order))
+    if kind == "garbage":
+        return kind, draw(st.binary(min_size=0, max_size=400))
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    return kind, data[: draw(st.integers(0, len(data) - 1))]
+
+
+@SETTINGS
+@given(a_broken_shard())
+def test_malformed_site_files_are_reported_by_name_and_nothing_is_written(broken: tuple[str, object]) -> None:
+    kind, shard = broken
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_site_tables(make_site_tables(), Path(tmp) / "site")
+        path = root / "data" / SHARD
+        if isinstance(shard, pa.Table):
+            pq.write_table(shard, path)
+        else:
+            path.write_bytes(shard)
+        before = _snapshot(root)
+        report = check_site(root)  # never raises
+        assert _snapshot(root) == before, "check_site wrote or changed something under the site root"
+        assert list(Path(tmp).iterdir()) == [root]
+    assert not report.ok, (kind, [str(p) for p in report.problems])
+    named = [p for p in report.errors if p.file == f"data/{SHARD}"]
+    assert named, (kind, [str(p) for p in report.problems])
+    for problem in report.problems:
+        line = str(problem)
+        assert "\n" not in line and problem.file in line

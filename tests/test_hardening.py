@@ -1,0 +1,248 @@
+"""Server hardening without a federation: the audit log, TLS by default, checkpoint integrity
+on the ServerApp's own resume path, reply size limits and the attribution of SuperLink errors.
+
+The fault tests with real processes are in tests/test_faults.py; property tests of malformed
+input in tests/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from deploy_fixtures import Process, free_port
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.vocab import build_vocabulary, site_code_stats
+from healthfm_core.data.site import open_site
+from healthfm_core.federation import FederationSetup
+from healthfm_core.model.config import load_model_config
+from healthfm_core.train.checkpoint import CheckpointError
+from server.audit import AUDIT_FILE, AuditLog, AuditLogError, audit_from_rounds, read_audit_log, verify_audit_log
+from server.checkpoint import META_HASH_FILE, ServerState, load_server_checkpoint, save_server_checkpoint
+from server.coordinator import main as coordinator_main
+from server.limits import array_record_bytes, default_max_reply_bytes
+from server.provision import ProvisionConfig, provision
+from server.server_app import FederationConfig, FederationServer
+from server.strategy import ModalityAwareFedAvg
+
+# ---------------------------------------------------------------------------- audit log
+
+
+ROUND_EVENT = {
+    "event": "round", "round": 3,
+    "sites": {
+        "hospital": {"node_id": 11, "groups_sent": ["ehr", "shared", "wearables"], "status": "ok",
+                     "groups_received": ["ehr", "shared"], "num_examples": {"ehr": 40.0, "shared": 40.0},
+                     "bytes_received": 1234, "dp": {"epsilon": 1.5, "delta": 1e-5}},
+        "biobank": {"node_id": 12, "groups_sent": ["ehr", "genomics", "shared", "wearables"], "status": "rejected",
+                    "reason": "key 'x' NaN", "groups_received": ["shared"], "num_examples": {"shared": 9.0}},
+        "cohort": {"node_id": 13, "groups_sent": ["ehr", "genomics", "shared"], "status": "refused",
+                   "reason": "epsilon cap 3 would be exceeded", "dp": {"epsilon": 2.9}},
+        "quiet": {"node_id": 14, "groups_sent": ["ehr", "shared"], "status": "no reply"},
+    },
+    "rejected": [{"site": "biobank", "node_id": 12, "reason": "key 'x' NaN"},
+                 {"site": "cohort", "node_id": 13, "reason": "refused by the site: epsilon cap 3 would be exceeded"}],
+    "contributors": {"ehr": ["hospital"], "shared": ["hospital"]},
+}
+
+
+def test_audit_log_records_each_site_and_round_and_chains_them(tmp_path: Path) -> None:
+    rounds = tmp_path / "rounds.jsonl"
+    rounds.write_text(json.dumps(ROUND_EVENT) + "\n")
+    log = AuditLog(tmp_path / AUDIT_FILE)
+    log.write_round(ROUND_EVENT)
+    records = list(read_audit_log(tmp_path / AUDIT_FILE))
+    by_site = {r["site"]: r for r in records}
+    assert [r["site"] for r in records] == sorted(ROUND_EVENT["sites"])  # one per site, sorted
+    assert by_site["hospital"]["groups_contributed"] == ["ehr", "shared"] and by_site["hospital"]["epsilon"] == 1.5
+    assert by_site["biobank"]["status"] == "rejected" and by_site["biobank"]["groups_contributed"] == []
+    assert by_site["biobank"]["rejected"] == ["key 'x' NaN"]
+    assert by_site["cohort"]["status"] == "refused" and "epsilon cap" in by_site["cohort"]["reason"]
+    assert by_site["quiet"]["status"] == "no reply" and by_site["quiet"]["num_examples"] == {}
+    # Derived, not duplicated: rounds.jsonl implies exactly the records the audit log holds.
+    strip = [{k: v for k, v in r.items() if k not in ("time", "prev_sha256")} for r in records]
+    assert strip == audit_from_rounds(rounds)
+
+    # A reopened log (a resumed run) continues the chain; any edit breaks it.
+    AuditLog(tmp_path / AUDIT_FILE).write_round({**ROUND_EVENT, "round": 4})
+    assert verify_audit_log(tmp_path / AUDIT_FILE) == 8
+    lines = (tmp_path / AUDIT_FILE).read_text().splitlines()
+    assert '"status": "refused"' in lines[1]  # cohort's record
+    lines[1] = lines[1].replace('"status": "refused"', '"status": "ok"')
+    (tmp_path / AUDIT_FILE).write_text("\n".join(lines) + "\n")
+    with pytest.raises(AuditLogError, match="line 3"):
+        verify_audit_log(tmp_path / AUDIT_FILE)
+    del lines[1]  # deleting a record is detected as well
+    (tmp_path / AUDIT_FILE).write_text("\n".join(lines) + "\n")
+    with pytest.raises(AuditLogError, match="line 2"):
+        verify_audit_log(tmp_path / AUDIT_FILE)
+
+
+# ---------------------------------------------------------------------------- TLS on by default
+
+
+def test_superlink_refuses_to_start_without_certificates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
+    fed.superlink_key.unlink()
+    rc = coordinator_main(["superlink", str(fed.root), "--port", str(free_port())])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and str(fed.superlink_key) in err[0] and "provision" in err[0]
+    # Nothing was started and no connection was recorded for the flwr CLI.
+    assert not (fed.server_dir / "flwr-home" / "config.toml").exists()
+
+
+def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
+    fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
+    port = free_port()
+    proc = Process([sys.executable, "-m", "server.coordinator", "superlink", str(fed.root), "--port", str(port),
+                    "--insecure"], tmp_path / "superlink.out")
+    try:
+        # Flower's own server comes up on plain http (https with certificates).
+        assert proc.wait_for(f"Uvicorn running on http://127.0.0.1:{port}", 90), proc.output()[-2000:]
+        out = proc.output()
+        assert "WARNING: --insecure" in out and "without TLS and without SuperNode authentication" in out
+        config = (fed.server_dir / "flwr-home" / "config.toml").read_text()
+        assert "insecure = true" in config
+    finally:
+        proc.stop()
+    # The default (no --insecure) records the CA for the flwr CLI, never insecure.
+    assert "--insecure" not in " ".join(proc.proc.args[:-1])
+
+
+# ---------------------------------------------------------------------------- checkpoint integrity
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> FederationSetup:
+    manifest = generate_federation(tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=12,
+                                   progress=False)
+    stats = [site_code_stats(open_site(s.root)) for s in manifest.sites]
+    return FederationSetup(vocabulary=build_vocabulary(stats, min_subjects=2), model=load_model_config("tiny"),
+                           model_seed=1)
+
+
+def fed_config(out_dir: Path, **overrides) -> FederationConfig:
+    return FederationConfig(out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1,
+                            eval_tasks=["onset_hypertension_365d"], **overrides)
+
+
+def write_checkpoint(out_dir: Path, setup: FederationSetup) -> Path:
+    arrays = {k: v.numpy() + 0.5 for k, v in setup.init_model().state_dict().items()}
+    state = ServerState(round=1, arrays=arrays, strategy={}, setup=setup,
+                        run_config=fed_config(out_dir).model_dump(mode="json"))
+    return save_server_checkpoint(out_dir / "checkpoints", state)
+
+
+def _flip_byte(path: Path, where: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _change_step(path: Path) -> None:  # still valid JSON, other content
+    path.write_text(path.read_text().replace('"step": 1', '"step": 7', 1))
+
+
+CORRUPTIONS = {
+    "model.safetensors: one flipped byte": ("model.safetensors", lambda p: _flip_byte(p, p.stat().st_size // 2)),
+    "optimizer.pt: one flipped byte": ("optimizer.pt", lambda p: _flip_byte(p, p.stat().st_size - 3)),
+    "checkpoint.json: truncated": ("checkpoint.json", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    "checkpoint.json: valid JSON, changed": ("checkpoint.json", _change_step),
+    "checkpoint.json.sha256: deleted": (META_HASH_FILE, lambda p: p.unlink()),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_corrupted_checkpoint_is_refused_on_resume(corruption: str, setup: FederationSetup, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ckpt = write_checkpoint(out, setup)
+    assert load_server_checkpoint(ckpt).round == 1  # intact: it loads
+    name, corrupt = CORRUPTIONS[corruption]
+    corrupt(ckpt / name)
+    # The ServerApp's own resume path; grid=None: refusing must happen before any site is asked.
+    server = FederationServer(grid=None, cfg=fed_config(out, resume=True))
+    with pytest.raises(CheckpointError) as info:
+        server.run()
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert str(ckpt / name) in message and message.startswith(f"refusing checkpoint {ckpt}")
+    # Never loaded: no resume was logged, no audit record written, the checkpoint left as it was.
+    assert not (out / "rounds.jsonl").exists() and not (out / AUDIT_FILE).exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [ckpt.name]
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+def _metadata(message_id: str, src: int, dst: int, reply_to: str = "") -> Metadata:
+    return Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+
+
+def _reply(node: int, arrays: dict[str, np.ndarray], n: int = 10) -> Message:
+    metrics = MetricRecord({"num-examples": n, **{f"num-examples.{k.split('.')[0]}": n for k in arrays}})
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": metrics})
+    return Message(content, metadata=_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"))
+
+
+def _strategy(global_arrays: dict[str, np.ndarray], **kwargs) -> ModalityAwareFedAvg:
+    s = ModalityAwareFedAvg(group_of=lambda k: k.split(".")[0], **kwargs)
+    s.current_arrays = ArrayRecord({k: Array(v) for k, v in global_arrays.items()})
+    return s
+
+
+def test_a_reply_over_the_size_limit_is_rejected_and_the_round_goes_on() -> None:
+    glob = {"shared.w": np.zeros((4, 4), np.float32), "ehr.w": np.zeros(8, np.float32)}
+    limit = default_max_reply_bytes(ArrayRecord({k: Array(v) for k, v in glob.items()}))
+    # The derived limit admits a full-model reply, float32 or float16.
+    full = ArrayRecord({k: Array(v) for k, v in glob.items()})
+    assert array_record_bytes(full) <= limit
+    s = _strategy(glob, max_reply_bytes=limit)
+    ok = _reply(1, {k: v + 1 for k, v in glob.items()})
+    # A reply as big as asked: right keys, but the bytes of 10x the model in one array's payload.
+    huge = _reply(2, {k: v + 5 for k, v in glob.items()})
+    arr = next(iter(huge.content.array_records.values()))["shared.w"]
+    arr.data = arr.data + b"\0" * (10 * limit)
+    new, _ = s.aggregate_train(1, [ok, huge])
+    assert new is not None
+    np.testing.assert_array_equal(new["shared.w"].numpy(), glob["shared.w"] + 1)  # the ok reply alone
+    (rejected,) = s.rejected[1]
+    assert rejected.node_id == 2 and "exceeds the limit" in rejected.reason and f"{limit:,} B" in rejected.reason
+    with pytest.raises(ValueError, match="margin"):
+        default_max_reply_bytes(full, margin=0.5)
+
+
+def test_error_replies_from_the_superlink_are_attributed_to_the_silent_node() -> None:
+    glob = {"shared.w": np.zeros(3, np.float32)}
+    s = _strategy(glob)
+    s.node_groups = {5: ["shared"], 6: ["shared"]}
+    sent = [Message(RecordDict({"config": ConfigRecord({})}), metadata=_metadata(f"m{i}", src=0, dst=n))
+            for i, n in enumerate((5, 6))]  # message ids as the Grid sets them when it pushes
+    s.sent = sent
+    alive = _reply(5, {"shared.w": glob["shared.w"] + 2})
+    alive.metadata.__dict__["_reply_to_message_id"] = "m0"
+    # Flower's NODE_UNAVAILABLE reply: from the SuperLink (node 1), answering m1 (sent to node 6).
+    dead = Message(Error(code=3, reason="Error: Node Unavailable"), metadata=_metadata("e1", src=1, dst=0, reply_to="m1"))
+    assert s.origin(alive) == 5 and s.origin(dead) == 6
+    new, _ = s.aggregate_train(1, [alive, dead])
+    np.testing.assert_array_equal(new["shared.w"].numpy(), glob["shared.w"] + 2)
+    (rejected,) = s.rejected[1]
+    assert rejected.node_id == 6 and "Node Unavailable" in rejected.reason
+
+
+def test_limits_are_run_config_keys() -> None:
+    from server.coordinator import default_run_config
+
+    flat = default_run_config()
+    assert flat["max-reply-bytes"] == 0 and flat["timeout-s"] == 3600.0 and flat["reply-size-margin"] == 1.25
+    cfg = FederationConfig.from_run_config({**flat, "out-dir": "/tmp/x", "max-reply-bytes": 1000, "timeout-s": 30})
+    assert (cfg.max_reply_bytes, cfg.timeout_s) == (1000, 30)
+    with pytest.raises(ValueError, match="reply_size_margin"):
+        FederationConfig.from_run_config({**flat, "out-dir": "/tmp/x", "reply-size-margin": 0.5})

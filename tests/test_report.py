@@ -1,0 +1,125 @@
+"""The comparison report: federated vs centralized vs local-only vs oracle.
+
+One real end-to-end run (Flower simulation on three tiny synthetic sites, tiny model, 2 rounds,
+then both baselines, per-site evaluation and the report) through the `make demo` entry point,
+~40 s on 2 cores; plus the summary arithmetic of healthfm_core.eval.compare by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from healthfm_core.eval import compare
+from healthfm_core.eval.report import ResultRow
+from healthfm_core.eval.runner import MethodResult
+from server.server_app import read_events
+from simulations import demo
+from simulations.report import METHODS
+
+SITES = ("biobank", "hospital", "genomics")
+ROUNDS, LOCAL_STEPS = 2, 3
+
+
+def _row(method: str, task: str, horizon: int, auroc: float, ece: float, n: int = 10) -> ResultRow:
+    return ResultRow(method=method, task=task, horizon=horizon, n=n, n_pos=3, auroc=auroc, auroc_ci=(0.0, 1.0),
+                     auprc=0.5, ece=ece, brier=0.2)
+
+
+def test_summarize_averages_over_pairs_every_method_has() -> None:
+    per_site = {
+        "a": {"m1": MethodResult(rows=[_row("m1", "t2d", 30, 0.6, 0.1), _row("m1", "t2d", 365, 0.7, 0.2)]),
+              "m2": MethodResult(rows=[_row("m2", "t2d", 30, 0.8, 0.3)])},
+        "b": {"m1": MethodResult(rows=[_row("m1", "t2d", 30, 0.9, 0.3), _row("m1", "cad", 30, 0.1, 0.9)]),
+              "m2": MethodResult(rows=[_row("m2", "t2d", 30, 0.5, 0.1), _row("m2", "cad", 30, float("nan"), 0.5)])},
+    }
+    rows = compare.summarize(per_site, ["m1", "m2"])
+    # 365 d: only m1 has it; cad at b: m2's AUROC is NaN -> neither pair counts.
+    assert [(r.method, r.horizon, r.pairs) for r in rows] == [("m1", 30, 2), ("m2", 30, 2)]
+    assert rows[0].auroc == pytest.approx(0.75) and rows[0].ece == pytest.approx(0.2)
+    assert rows[1].auroc == pytest.approx(0.65) and rows[1].ece == pytest.approx(0.2)
+    assert rows[0].n == 20
+    by_site = compare.site_summary(per_site, ["m1", "m2"])
+    assert by_site["a"][0].auroc == pytest.approx(0.6) and by_site["b"][1].auroc == pytest.approx(0.5)
+    table = compare.site_table(by_site)
+    assert "| a | m1 | 0.600 |" in table and "| b | m2 | 0.500 |" in table
+
+
+def test_modality_removal_refuses_unknown_modality() -> None:
+    with pytest.raises(ValueError, match="unknown modality 'ecg'"):
+        compare.modality_removal("m", None, None, None, "ecg")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    rc = demo.main([
+        "--out", str(out / "run"), "--rounds", str(ROUNDS), "--local-steps", str(LOCAL_STEPS),
+        "scenario=tiny", "n_subjects=60", f"data_dir={out / 'data'}", "eval.n_boot=20", "eval.n_per_subject=4",
+        "progress=false", "federation.vocab_min_subjects=5", "federation.site.min_code_subjects=5",
+        "federation.site.min_report_subjects=2", "federation.eval_tasks=[onset_hypertension_365d]",
+    ])
+    assert rc == 0
+    return out / "run"
+
+
+def test_report_compares_every_method_per_site_and_horizon(demo_run: Path) -> None:
+    report = (demo_run / "report.md").read_text()
+    data = json.loads((demo_run / "comparison.json").read_text())
+    # Main table: every method at every horizon it reports, over the same pairs.
+    main = [(r["method"], r["horizon"], r["pairs"]) for r in data["main"]]
+    horizons = sorted({h for _, h, _ in main})
+    assert horizons, "no horizon evaluated by every method"
+    for h in horizons:
+        mine = [(m, p) for m, hh, p in main if hh == h]
+        assert [m for m, _ in mine] == list(METHODS)
+        assert len({p for _, p in mine}) == 1
+    for method in METHODS:
+        assert re.search(rf"^\| {re.escape(method)} \| \d+ \| \d\.\d{{3}} \|", report, re.M), method
+    # Per site: the three trained regimes see the same rows and labels, so they evaluate exactly the
+    # same (task, horizon) pairs; the oracle scores those pairs too.
+    assert set(data["rows"]) == set(SITES)
+    for site in SITES:
+        keys = {m: {(r["task"], r["horizon"]) for r in data["rows"][site].get(m, [])} for m in METHODS}
+        assert keys["federated"] == keys["centralized"] == keys["local-only"], site
+        assert keys["federated"] <= keys["oracle"], site
+        for method in METHODS:
+            assert f"| {site} | {method} |" in report
+    for png in ("loss_curves.png", "auroc_ece_by_horizon.png", "bytes_per_round.png", "round_time_split.png"):
+        blob = (demo_run / png).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000, png
+        assert f"]({png})" in report
+
+
+def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
+    data = json.loads((demo_run / "comparison.json").read_text())
+    assert data["budgets"] == {"per_site_steps": ROUNDS * LOCAL_STEPS, "centralized_steps": ROUNDS * LOCAL_STEPS * len(SITES)}
+    rounds = {e["round"]: e for e in read_events(demo_run / "federation" / "rounds.jsonl") if e["event"] == "round"}
+    assert sorted(rounds) == list(range(1, ROUNDS + 1))
+    for r, event in rounds.items():
+        logged = data["bytes"][str(r)]
+        assert set(logged) == set(SITES)
+        for site, entry in event["sites"].items():
+            assert logged[site] == [entry["bytes_sent"], entry["bytes_received"]] and entry["bytes_sent"] > 0
+        t = data["timings"][str(r)]
+        assert t["other_seconds"] == pytest.approx(t["round_seconds"] - t["local_train_seconds_max"])
+    # The biobank holds every group: it receives more than the genomics cohort (no wearables group).
+    assert data["bytes"]["1"]["biobank"][0] > data["bytes"]["1"]["genomics"][0]
+    # Missing-modality rows exist for the sites that have genomics, with and without it.
+    keys = set(data["missing_modality"])
+    assert {"biobank|genomics|federated", "genomics|genomics|federated"} <= keys
+    for value in data["missing_modality"].values():  # same rows and labels: the same tasks evaluated
+        assert {(r["task"], r["horizon"]) for r in value["with"]} == {(r["task"], r["horizon"]) for r in value["without"]}
+        assert all(r["method"].endswith(" without genomics") or r["method"].endswith(" without wearables")
+                   for r in value["without"])
+
+
+def test_a_foreign_output_directory_is_refused(tmp_path: Path) -> None:
+    from simulations.report import prepare_out_dir
+
+    (tmp_path / "federation").mkdir()
+    with pytest.raises(FileExistsError, match="not a previous report run"):
+        prepare_out_dir(tmp_path)
