@@ -15,7 +15,6 @@ SuperNode's own output (Flower's error 2004, "Failed to activate SuperNode").
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import queue
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
+from healthfm_core.files import write_flat_toml
 
 log = logging.getLogger("healthfm.client.join")
 
@@ -170,24 +170,6 @@ def validate_node_config(node_config: Mapping[str, ConfigValue]) -> None:
         raise JoinError(" ".join(str(err).split()), EXIT_USAGE) from None
 
 
-def toml_value(value: ConfigValue) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def write_config_toml(path: Path, config: Mapping[str, ConfigValue]) -> Path:
-    """Flat key/value config as TOML (Flower's `--node-config FILE.toml` / `--run-config`):
-    no quoting problems with paths that hold spaces or quotes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in config.items()))
-    os.replace(tmp, path)
-    return path
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -282,7 +264,7 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
     state = cfg.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
-    node_config_file = write_config_toml(state / "node-config.toml", cfg.node_config)
+    node_config_file = write_flat_toml(state / "node-config.toml", cfg.node_config)
     runtime_port = cfg.runtime_port or free_port()
     cmd = supernode_command(cfg, node_config_file, runtime_port)
     log_path = state / "supernode.log"

@@ -21,9 +21,7 @@ Directories are named step-NNNNNNNN after the round, under OUT_DIR/checkpoints/.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from healthfm_core.train.checkpoint import (
     sha256_file,
 )
 from pydantic import ValidationError
+from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger("healthfm.server")
 
@@ -104,17 +103,8 @@ def save_server_checkpoint(root: str | Path, state: ServerState, keep: int = 2) 
 
 
 def _write_meta_hash(path: Path) -> None:
-    """checkpoint.json's sha256 beside it, written atomically (temp file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{META_HASH_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(sha256_file(path / META_FILE) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path / META_HASH_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """checkpoint.json's sha256 beside it, written atomically."""
+    atomic_write_text(path / META_HASH_FILE, sha256_file(path / META_FILE) + "\n")
 
 
 def _verify_meta_hash(path: Path) -> None:

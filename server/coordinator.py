@@ -47,6 +47,7 @@ from server.provision import (
     provision,
     read_manifest,
 )
+from healthfm_core.files import write_flat_toml
 
 log = logging.getLogger("healthfm.coordinator")
 
@@ -137,23 +138,6 @@ def flwr_error(proc: subprocess.CompletedProcess) -> str:
     lines = [ln.strip(" │╭╮╰╯─\t") for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("Using SuperLink") and ln != "Error"]
     return " ".join(lines)[:500] or f"exit {proc.returncode}"
-
-
-def toml_value(value: str | int | float | bool) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value)
-
-
-def write_flat_toml(path: Path, config: Mapping[str, str | int | float | bool], header: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = header + "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in config.items())
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------- the Flower app

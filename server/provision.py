@@ -35,7 +35,6 @@ import ipaddress
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from healthfm_core.files import atomic_write_bytes
 
 log = logging.getLogger("healthfm.provision")
 
@@ -192,26 +192,10 @@ def _make_private_dir(path: Path) -> None:
 def _write_atomic(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
     """Write `data` to `path` with `mode` from the first byte on (no window in which a private
     key is world-readable); without `overwrite` an existing file is never replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic and fails if the file appeared meanwhile
-            except FileExistsError:
-                raise ProvisionError(f"{path} already exists; rerun with --force to replace it") from None
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write_bytes(path, data, mode=mode, overwrite=overwrite)
+    except FileExistsError:
+        raise ProvisionError(f"{path} already exists; rerun with --force to replace it") from None
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -70,6 +69,7 @@ from server.checkpoint import ServerState, latest_server_checkpoint, load_server
 from server.audit import AUDIT_FILE, AuditLog
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN, default_max_reply_bytes, describe_limits
 from server.strategy import COUNT_PREFIX, GroupAdam, ModalityAwareFedAvg
+from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger("healthfm.server")
 
@@ -212,16 +212,7 @@ def message_bytes(message: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 class EventLog:
@@ -600,7 +591,7 @@ class FederationServer:
         aggregated = aggregate_site_metrics(per_site)
         seconds = time.perf_counter() - t0
         self.events.write("evaluate", round=rnd, sites=per_site, aggregated=aggregated, seconds=seconds)
-        _write_text_atomic(self.out_dir / "evaluation.json",
+        atomic_write_text(self.out_dir / "evaluation.json",
                            json.dumps({"round": rnd, "sites": per_site, "aggregated": aggregated}, indent=1))
         log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
         for key, value in aggregated.items():
@@ -691,7 +682,7 @@ def write_summary(out_dir: str | Path) -> Path:
                 n_sites = sum(key in m for m in ev["sites"].values())
                 lines.append(f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | {n_sites} |")
     path = out_dir / "summary.md"
-    _write_text_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

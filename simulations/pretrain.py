@@ -36,7 +36,8 @@ from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary, site_code_stats
 from healthfm_core.eval import plots
-from healthfm_core.eval.report import results_table, write_report, write_text_atomic
+from healthfm_core.eval.report import results_table, write_report
+from healthfm_core.files import atomic_write_text
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
@@ -135,7 +136,7 @@ def pretrain(cfg: DictConfig, mcfg: ModelConfig, vocab: Vocabulary, loader, out:
              cfg.train.batch_size)
     if trainer.state is None or trainer.state.step < steps:
         history += trainer.fit().history
-    write_text_atomic(history_path, json.dumps(history))
+    atomic_write_text(history_path, json.dumps(history))
     return model, init_state, history
 
 
@@ -317,7 +318,7 @@ def run(cfg: DictConfig) -> Path:
     device = torch.device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     mcfg = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source=f"model={cfg.model.name}")
 
     t = time.perf_counter()
@@ -356,7 +357,7 @@ def run(cfg: DictConfig) -> Path:
     figs = make_plots(out, history, results, data)
     rows = [r for res in results.values() for r in res.rows]
     regression_rows = [r for res in results.values() for r in res.regression_rows]
-    write_text_atomic(out / "results.json", results_json(results, ablation, tuning))
+    atomic_write_text(out / "results.json", results_json(results, ablation, tuning))
     notes = summary_notes(cfg, clock, sites, vocab, model, history, results, ablation, tuning)
     report = write_report(out / "report.md", rows, plots=figs, regression_rows=regression_rows,
                           title=f"HealthFM centralized pretraining: model {mcfg.name}, scenario {scenario.name}",

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
-from healthfm_core.eval.report import write_text_atomic
+from healthfm_core.files import atomic_write_text
 from healthfm_core.federation import FederationSetup
 from healthfm_core.model.healthfm import HealthFM
 from server.server_app import read_events
@@ -242,9 +242,9 @@ def write_sweep(cfg: DictConfig, out: Path, clock: Clock, settings: Settings, pe
         "federation": OmegaConf.to_container(cfg.federation, resolve=True),
         "privacy": OmegaConf.to_container(cfg.privacy, resolve=True),
     }
-    write_text_atomic(out / MARKER, json.dumps(dump, indent=1, default=float))
+    atomic_write_text(out / MARKER, json.dumps(dump, indent=1, default=float))
     path = out / "privacy.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     log.info("privacy sweep written to %s (%.1f min)", path, clock.total / 60)
     return path
 

@@ -42,7 +42,7 @@ from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.eval import compare
-from healthfm_core.eval.report import write_text_atomic
+from healthfm_core.files import atomic_write_text
 from healthfm_core.eval.runner import MethodResult, PooledPretrainingDataset, build_eval_set
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.model.groups import parameter_group
@@ -444,9 +444,9 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
         "phases_seconds": clock.phases,
         "budgets": {"per_site_steps": per_site_steps, "centralized_steps": central_steps},
     }
-    write_text_atomic(out / MARKER, json.dumps(dump, indent=1, default=float))
+    atomic_write_text(out / MARKER, json.dumps(dump, indent=1, default=float))
     path = out / "report.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     log.info("report written to %s (%.1f min)", path, clock.total / 60)
     return path
 

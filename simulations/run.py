@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from client.client_app import make_client_app
 from healthfm_core.data.synthetic import FederationManifest, generate_federation, load_scenario
 from healthfm_core.data.synthetic.scenario import ScenarioConfig
-from healthfm_core.eval.report import write_text_atomic
+from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
 from server.server_app import FederationConfig, PrivacyRequest, make_server_app
 
@@ -160,7 +160,7 @@ def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
         site_dir = Path(cfg.out_dir) / "sites" / node["site-name"]
         if node.get("policy") is None:
             node["policy"] = str(site_dir / "policy.yaml")
-            write_text_atomic(Path(node["policy"]), yaml.safe_dump(dp_policy, sort_keys=False))
+            atomic_write_text(Path(node["policy"]), yaml.safe_dump(dp_policy, sort_keys=False))
         # One ledger per site: a shared state_dir gets a subdirectory per site.
         base = node.get("state-dir")
         node["state-dir"] = str(Path(base) / node["site-name"] if base else site_dir / "state")

@@ -29,8 +29,6 @@ devices have no PPG give no resting-HR rows (use mean ENMO there).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -43,6 +41,7 @@ from meds import LabelSchema, birth_code, death_code
 from pydantic import BaseModel, ConfigDict, Field
 
 from healthfm_core.data.tokens import EPOCH_US, US_PER_DAY, _NO_TIME, to_us
+from healthfm_core.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -377,17 +376,9 @@ def task_labels(
 def write_labels(table: pa.Table, path: str | Path) -> Path:
     """Validate against meds.LabelSchema and write parquet atomically (temp file + rename)."""
     validate_labels(table)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def write_task_labels(labels: dict[str, pa.Table], out_dir: str | Path) -> list[Path]:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,6 +34,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from healthfm_core.data.batch import N_SPECIAL_CODES, UNK_CODE, WEARABLE_CHANNELS
+from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +595,7 @@ class Vocabulary(BaseModel):
         return np.where(ok, out, 0.0).astype(np.float32), ok
 
     def save(self, path: str | Path) -> None:
-        _atomic_write_text(Path(path), self.model_dump_json(indent=1))
+        atomic_write_text(path, self.model_dump_json(indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
@@ -605,18 +604,6 @@ class Vocabulary(BaseModel):
             return cls.model_validate_json(path.read_text())
         except ValueError as e:
             raise ValueError(f"{path}: not a valid vocabulary: {e}") from e
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def merge_site_stats(stats_list: Sequence[SiteCodeStats]) -> SiteCodeStats:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,20 +13,14 @@ import numpy as np  # noqa: E402
 
 from healthfm_core.eval.metrics import ECE_BINS, reliability_bins  # noqa: E402
 from healthfm_core.eval.report import ResultRow  # noqa: E402
+from healthfm_core.files import atomic_path  # noqa: E402
 
 
 def save_figure(fig: "plt.Figure", path: str | Path) -> Path:
     """Save a figure atomically (temp file + rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
     return path

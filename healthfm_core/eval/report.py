@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from healthfm_core.files import atomic_write_text
 
 
 class ResultRow(BaseModel):
@@ -74,18 +74,7 @@ def regression_table(rows: Sequence[RegressionRow]) -> str:
     return "\n".join(lines)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def write_report(
@@ -116,5 +105,5 @@ def write_report(
                 rel = str(plot.resolve())
             parts += [f"### {caption}", "", f"![{caption}]({Path(rel).as_posix()})", ""]
     text = "\n".join(parts)
-    write_text_atomic(path, text)
+    atomic_write_text(path, text)
     return path

@@ -59,7 +59,6 @@ Triton features used are limited to those of triton 3.6 (the GPU image) and 3.9 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch

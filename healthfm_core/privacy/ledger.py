@@ -13,10 +13,7 @@ the previous ledger, never half a file).
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +21,7 @@ from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +165,7 @@ class PrivacyLedger:
         return epsilon
 
     def _write(self, data: LedgerFile) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".privacy_ledger.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(json.loads(data.model_dump_json()), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, data.model_dump_json(indent=1))
 
 
 __all__ = ["LEDGER_FILE", "LedgerError", "LedgerRound", "PrivacyLedger"]

@@ -24,6 +24,7 @@ from healthfm_core.data.synthetic.ehr import code_catalogue, simulate_ehr
 from healthfm_core.data.synthetic.scenario import ScenarioConfig, SiteSpec, load_scenario
 from healthfm_core.data.synthetic.truth import latent_table, onsets_table, risk_table, subjects_table
 from healthfm_core.data.synthetic.wearables import simulate_wearables, wear_period_table, wear_periods
+from healthfm_core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +80,6 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
@@ -154,7 +149,7 @@ def _write_dataset_metadata(scenario: ScenarioConfig, site: SiteSpec, seed: int,
     meds.DatasetMetadataSchema.validate(blob)
     path = root / meds.dataset_metadata_filepath
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(blob, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(blob, indent=2) + "\n")
 
 
 def generate_site(
@@ -232,7 +227,7 @@ def generate_federation(
     sites_dir, truth_dir = out / "sites", out / "truth"
     sites_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(truth_dir / "scenario.json", config.model_dump_json(indent=2) + "\n")
+    atomic_write_text(truth_dir / "scenario.json", config.model_dump_json(indent=2) + "\n")
     manifests = []
     for i, site in enumerate(config.sites):
         logger.info("generating site %s (%s, %d subjects)", site.name, site.kind, site.n_subjects)
@@ -241,5 +236,5 @@ def generate_federation(
     if stale:
         logger.warning("%s holds site directories not in scenario %r: %s", sites_dir, config.name, stale)
     manifest = FederationManifest(scenario=config.name, seed=seed, out_dir=out, sites_dir=sites_dir, truth_dir=truth_dir, sites=manifests)
-    _atomic_write_text(out / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
+    atomic_write_text(out / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
     return manifest
