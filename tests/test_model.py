@@ -265,3 +265,38 @@ def test_bad_batch_is_rejected() -> None:
         model(random_batch(n_prs_traits=TRAITS + 1, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="vocab_size"):
         model(random_batch(vocab_size=VOCAB + 5))
+
+
+
+def test_query_state_at_query_time_ignores_everything_after_it() -> None:
+    """A query placed at t sees only tokens at or before t: changing a later event's code or value,
+    or the epochs of a wearable patch that completes after t, leaves its state bit-identical;
+    changing an earlier event does not (so the check can fail)."""
+    torch.manual_seed(0)
+    model = HealthFM(load_model_config("tiny"), 40, 4).eval()
+    batch = random_batch(batch_size=3, modalities={"ehr", "wearables", "genomics"}, vocab_size=40, seed=4)
+    query_time = batch.prediction_time * 0.5
+    base = model(batch, query_time=query_time).embedding
+    later = batch.ehr_valid & (batch.times > query_time[:, None])
+    earlier = batch.ehr_valid & (batch.times <= query_time[:, None])
+    assert bool(later.any()) and bool(earlier.any())
+    codes = torch.where(later, (batch.codes + 1).clamp_max(39).clamp_min(3), batch.codes)
+    values = torch.where(later, batch.values + 5.0, batch.values)
+    n_epochs = batch.wear_epochs.shape[2]
+    patch_end = batch.wear_times + n_epochs * EPOCH_DAYS
+    late_patch = batch.wear_valid & (patch_end > query_time[:, None])
+    epochs = torch.where(late_patch[..., None, None], batch.wear_epochs + 3.0, batch.wear_epochs)
+    changed = replace(batch, codes=codes, values=values, has_value=batch.has_value | later, wear_epochs=epochs)
+    torch.testing.assert_close(model(changed, query_time=query_time).embedding, base, rtol=0, atol=0)
+    # Default query time is prediction_time: the same change is then visible.
+    assert not torch.allclose(model(changed).embedding, model(batch).embedding)
+    before = replace(batch, codes=torch.where(earlier, (batch.codes + 1).clamp_max(39).clamp_min(3), batch.codes))
+    assert not torch.allclose(model(before, query_time=query_time).embedding, base)
+
+
+def test_query_time_must_have_one_entry_per_sample() -> None:
+    torch.manual_seed(0)
+    model = HealthFM(load_model_config("tiny"), 40, 4)
+    batch = random_batch(batch_size=3, vocab_size=40)
+    with pytest.raises(ValueError, match="query_time"):
+        model(batch, query_time=torch.zeros(2))

@@ -19,9 +19,12 @@ from healthfm_core.model.objectives import (
     ObjectiveWeights,
     combine_losses,
     curriculum_weights,
+    future_codes_loss,
+    future_window_targets,
     next_visit_loss,
     predictive_coding_loss,
     pretraining_losses,
+    sample_future_anchors,
     sample_masks,
 )
 from healthfm_core.model.testing import random_batch
@@ -35,6 +38,7 @@ NEEDS = {
     "wear_masked": {"wearables"},
     "prs_masked": {"genomics"},
     "next_visit": {"ehr"},
+    "future_codes": {"ehr"},
     "predictive": {"ehr", "wearables"},
     "align": {"ehr", "wearables"},
 }
@@ -280,3 +284,123 @@ def test_module_function_matches_method() -> None:
     a = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(3))
     b = pretraining_losses(model, batch, ObjectiveWeights(), torch.Generator().manual_seed(3))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- future codes
+
+
+def test_future_codes_trains_the_query_token_and_its_head() -> None:
+    model = tiny_model().eval()
+    batch = random_batch(batch_size=6, modalities={"ehr", "wearables", "genomics"}, vocab_size=VOCAB)
+    only = ObjectiveWeights(**{name: 0.0 for name in LOSS_NAMES if name != "future_codes"})
+    losses = model.pretraining_losses(batch, only, torch.Generator().manual_seed(0))
+    assert losses["future_codes"] > 0
+    losses["total"].backward()
+    assert model.backbone.query_token.grad is not None and model.backbone.query_token.grad.abs().sum() > 0
+    head = model.heads["ehr_future_codes"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    # The query reads the history: the encoder below it learns from this objective too.
+    assert model.ehr_encoder.code_embedding.weight.grad.abs().sum() > 0
+
+
+def test_future_codes_is_zero_without_a_future_window() -> None:
+    model = tiny_model().eval()
+    # The whole record spans 20 days: no anchor leaves even the 30-day window inside it.
+    batch = _batch([(5, 0.0), (6, 10.0), (7, 20.0)], [], prediction_time=25.0)
+    anchor, has_anchor = sample_future_anchors(batch, model.cfg.pretraining, torch.Generator().manual_seed(0))
+    assert not bool(has_anchor.any()) and float(anchor[0]) == 25.0
+    losses = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(0))
+    assert float(losses["future_codes"]) == 0.0
+    assert torch.isfinite(losses["total"])
+
+
+def test_future_anchors_leave_a_window_inside_the_record() -> None:
+    cfg = PretrainingConfig()
+    batch = random_batch(batch_size=8, modalities={"ehr"}, vocab_size=VOCAB, seed=3)
+    events = batch.ehr_valid & (batch.times <= batch.prediction_time[:, None])
+    record_end = batch.times.masked_fill(~events, -float("inf")).max(dim=1).values
+    seen_anchors = set()
+    for seed in range(10):
+        anchor, has_anchor = sample_future_anchors(batch, cfg, torch.Generator().manual_seed(seed))
+        again, _ = sample_future_anchors(batch, cfg, torch.Generator().manual_seed(seed))
+        assert torch.equal(anchor, again)  # the generator decides
+        assert bool(has_anchor.any())
+        for b in has_anchor.nonzero().flatten().tolist():
+            t = float(anchor[b])
+            assert bool(((batch.times[b] == t) & events[b]).any()), "an anchor is an event time"
+            assert t + min(cfg.future_horizons_days) < float(record_end[b])
+            seen_anchors.add((b, t))
+    assert len(seen_anchors) > int(has_anchor.sum())  # anchors vary with the draw
+
+
+def test_future_window_targets_censoring_and_history() -> None:
+    # History {5} up to the anchor at day 10; later: code 7 at day 40, code 5 at day 100, 9 at day 300.
+    batch = _batch([(5, 0.0), (5, 10.0), (7, 40.0), (5, 100.0), (9, 300.0)], [], prediction_time=300.0)
+    anchor = torch.tensor([10.0])
+    targets, seen, covered = future_window_targets(batch, anchor, 60.0, VOCAB)
+    assert targets[0].nonzero().flatten().tolist() == [7]
+    assert seen[0].nonzero().flatten().tolist() == [5]
+    assert bool(covered[0])
+    targets, _, covered = future_window_targets(batch, anchor, 365.0, VOCAB)
+    assert targets[0].nonzero().flatten().tolist() == [5, 7, 9]
+    assert not bool(covered[0])  # the record ends at day 300 < 375: absent codes are unknown
+
+
+@pytest.mark.parametrize("repeat_weight", [0.0, 0.1, 1.0])
+def test_future_codes_repeats_down_weighted_and_censored_negatives_ignored(repeat_weight: float) -> None:
+    """Anchor at day 10 (history {5}); within 30 days come 5 (repeat) and 7 (new). A head that
+    gets 7 right and misses 5 pays only repeat_weight x the repeat term."""
+    model = tiny_model().eval()
+    batch = _batch([(5, 0.0), (5, 10.0), (5, 20.0), (7, 20.0), (9, 100.0)], [], prediction_time=100.0)
+    cfg = PretrainingConfig(future_horizons_days=(30.0,), future_codes_repeat_weight=repeat_weight)
+    anchor, has_anchor = torch.tensor([10.0]), torch.tensor([True])
+    out = model(batch, query_time=anchor)
+    head = model.heads["ehr_future_codes"]
+    _constant_head(head.out, {7: 20.0, 5: -20.0}, default=-20.0)
+    with torch.no_grad():
+        head.horizon_bias.zero_()
+    loss = float(future_codes_loss(model, out, batch, anchor, has_anchor, cfg)["future_codes"].detach())
+    assert loss == pytest.approx(repeat_weight * 20.0, abs=1e-4)
+    # With the record ending inside the window, the wrong negatives (none predicted) stay out:
+    # same head predicting 9 (absent from the window) costs nothing when the window is censored.
+    _constant_head(head.out, {7: 20.0, 5: 20.0, 9: 20.0}, default=-20.0)
+    censored = _batch([(5, 0.0), (5, 10.0), (5, 20.0), (7, 20.0)], [], prediction_time=20.0)
+    out = model(censored, query_time=anchor)
+    loss = float(future_codes_loss(model, out, censored, anchor, has_anchor, cfg)["future_codes"].detach())
+    assert loss == pytest.approx(0.0, abs=1e-4)
+    out = model(batch, query_time=anchor)  # covered window: predicting 9 is a false positive
+    loss = float(future_codes_loss(model, out, batch, anchor, has_anchor, cfg)["future_codes"].detach())
+    # balanced: 0.5 x (one false positive among the 35 new-onset negatives: real codes 3..39 minus 5, 7)
+    assert loss == pytest.approx(0.5 * 20.0 / 35, abs=1e-3)
+
+
+def test_moving_an_event_past_the_window_changes_targets_not_the_query_state() -> None:
+    model = tiny_model().eval()
+    anchor, has_anchor = torch.tensor([50.0]), torch.tensor([True])
+    cfg = PretrainingConfig(future_horizons_days=(180.0,))
+    inside = _batch([(5, 0.0), (6, 50.0), (7, 150.0), (8, 600.0)], [20.0], prediction_time=600.0)
+    moved = _batch([(5, 0.0), (6, 50.0), (7, 400.0), (8, 600.0)], [20.0], prediction_time=600.0)
+    out_inside = model(inside, query_time=anchor)
+    out_moved = model(moved, query_time=anchor)
+    torch.testing.assert_close(out_inside.embedding, out_moved.embedding, rtol=0, atol=0)
+    t_inside, _, _ = future_window_targets(inside, anchor, 180.0, VOCAB)
+    t_moved, _, _ = future_window_targets(moved, anchor, 180.0, VOCAB)
+    assert t_inside[0, 7] == 1 and t_moved[0, 7] == 0
+    a = future_codes_loss(model, out_inside, inside, anchor, has_anchor, cfg)["future_codes"]
+    b = future_codes_loss(model, out_moved, moved, anchor, has_anchor, cfg)["future_codes"]
+    assert not torch.isclose(a, b)
+
+
+def test_pretraining_places_the_query_at_the_anchor() -> None:
+    """Through pretraining_losses: the loss equals future_codes_loss on a forward pass with the
+    query at the sampled anchor (same generator draws), not at prediction_time."""
+    model = tiny_model().eval()
+    batch = random_batch(batch_size=4, modalities={"ehr"}, vocab_size=VOCAB, seed=2)
+    cfg = model.cfg.pretraining
+    g = torch.Generator().manual_seed(5)
+    masks = sample_masks(batch, cfg, g)
+    anchor, has_anchor = sample_future_anchors(batch, cfg, g)
+    assert bool(has_anchor.any()) and bool((anchor[has_anchor] < batch.prediction_time[has_anchor]).all())
+    expected = future_codes_loss(model, model(batch, masks=masks, query_time=anchor), batch, anchor, has_anchor, cfg)
+    got = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got["future_codes"], expected["future_codes"])

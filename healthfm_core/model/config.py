@@ -60,10 +60,22 @@ class PretrainingConfig(_Strict):
     max_visits_per_sample: int = Field(default=8, ge=1)
     # Weight of the repeat-code term against the new-onset term (the repeat-domination guard).
     next_visit_repeat_weight: float = Field(default=0.1, ge=0)
+    # Future codes: the query token, placed at a random anchor event time, predicts the codes in
+    # (anchor, anchor + horizon] for each horizon (one head each). This is the objective that
+    # trains the state `embed` returns; the horizons match the new-onset tasks.
+    future_horizons_days: tuple[float, ...] = Field(default=(30.0, 90.0, 180.0, 365.0), min_length=1)
+    future_codes_repeat_weight: float = Field(default=0.1, ge=0)
     # "log": total = sum_i w_i log(eps + L_i), i.e. each loss's gradient divided by its own
     # magnitude (uncertainty weighting at its closed-form optimum); "none": total = sum_i w_i L_i.
     loss_balance: Literal["log", "none"] = "log"
     balance_eps: float = Field(default=0.01, gt=0)
+
+    @model_validator(mode="after")
+    def _horizons_positive(self) -> "PretrainingConfig":
+        bad = [h for h in self.future_horizons_days if not h > 0]
+        if bad:
+            raise ValueError(f"future_horizons_days={list(self.future_horizons_days)} holds non-positive {bad}")
+        return self
 
 
 class CurriculumConfig(_Strict):

@@ -272,6 +272,26 @@ class WearableReconstructionHead(nn.Module):
         return self.mlp(states[:, None, :] + pe[None])
 
 
+class FutureCodesHead(nn.Module):
+    """Query state -> logits over codes for each horizon: [k, d] -> [k, H, V].
+
+    The horizons share one projection onto the vocabulary (a vocabulary-sized matrix per horizon
+    would add H x V x d parameters: 134M at paper size) and differ by a horizon embedding before
+    it and a per-horizon bias after it.
+    """
+
+    def __init__(self, d: int, vocab_size: int, n_horizons: int) -> None:
+        super().__init__()
+        self.horizon_embedding = nn.Parameter(torch.randn(n_horizons, d) * 0.02)
+        self.hidden = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab_size)
+        self.horizon_bias = nn.Parameter(torch.zeros(n_horizons, vocab_size))
+
+    def forward(self, states: Tensor) -> Tensor:
+        h = F.gelu(self.hidden(states)[:, None, :] + self.horizon_embedding[None])
+        return self.out(h) + self.horizon_bias[None]
+
+
 def build_heads(cfg: ModelConfig, vocab_size: int, n_prs_traits: int) -> nn.ModuleDict:
     """Pretraining heads. The name prefix is the group: ehr_ (trained by EHR alone), wear_ (needs
     wearables: the cross-modal wearable->EHR heads live here because only a site holding
@@ -282,6 +302,8 @@ def build_heads(cfg: ModelConfig, vocab_size: int, n_prs_traits: int) -> nn.Modu
             "ehr_code": nn.Linear(d, vocab_size),
             "ehr_value": nn.Linear(d, 1),
             "ehr_next_visit": nn.Linear(d, vocab_size),
+            # EHR group: only EHR events give its targets (the query token itself is shared).
+            "ehr_future_codes": FutureCodesHead(d, vocab_size, len(cfg.pretraining.future_horizons_days)),
             "wear_recon": WearableReconstructionHead(cfg),
             "wear_predictive": nn.Linear(d, vocab_size),
             "wear_align": nn.Linear(d, d),
@@ -305,7 +327,7 @@ class ReconstructionMasks:
 
 @dataclass
 class ModelOutput:
-    """Sequence layout: [EHR events (n_ehr) | wearable patches (n_wear) | query at prediction_time].
+    """Sequence layout: [EHR events (n_ehr) | wearable patches (n_wear) | query (at prediction_time)].
 
     A modality absent from the whole batch has width 0. Masks are the effective ones (after the
     prediction_time cut and modality dropout).
@@ -323,7 +345,7 @@ class ModelOutput:
     ehr_tokens: Tensor | None  # [B, n_ehr, d] encoder outputs as fed (masked events = MASK code)
     wear_tokens: Tensor | None  # [B, n_wear, d] encoder outputs before patch masking
     genomics_cond: Tensor | None  # [B, d_hidden]
-    embedding: Tensor  # [B, d] the query state at prediction_time
+    embedding: Tensor  # [B, d] the query state at its time (prediction_time unless forward got query_time)
 
     @property
     def ehr_states(self) -> Tensor:
@@ -395,17 +417,25 @@ class HealthFM(nn.Module):
         batch: Batch,
         masks: ReconstructionMasks | None = None,
         generator: torch.Generator | None = None,
+        query_time: Tensor | None = None,
     ) -> ModelOutput:
         """Encode every modality present, run the backbone, return token states and masks.
 
         Uses nothing later than each sample's prediction_time: events after it and wearable
         epochs starting after it are dropped here too (the pipeline already filters them).
+        `query_time` [B] (default prediction_time) places the query token earlier, e.g. at a
+        pretraining anchor: attention is time-causal and no token reads the query, so its state
+        depends only on tokens at or before query_time (and the static genomics conditioning).
         """
         self._check_batch(batch)
         masks = masks or ReconstructionMasks()
         pt = batch.prediction_time.float()
         b = batch.batch_size
         device = pt.device
+        if query_time is None:
+            query_time = pt
+        elif query_time.shape != pt.shape:
+            raise ValueError(f"query_time has shape {tuple(query_time.shape)}, expected {tuple(pt.shape)} (one per sample)")
 
         ehr_valid = batch.ehr_valid & (batch.times <= pt[:, None])
         n_epochs = batch.wear_epochs.shape[2]
@@ -455,9 +485,9 @@ class HealthFM(nn.Module):
             piece_times.append(torch.minimum(patch_end, pt[:, None]))
             piece_valid.append(wear_valid)
 
-        # Query token at prediction_time: it reads the history but no token reads it.
+        # Query token at query_time: it reads the history up to then but no token reads it.
         pieces.append(self.backbone.query_token.expand(b, 1, -1))
-        piece_times.append(pt[:, None])
+        piece_times.append(query_time.float()[:, None])
         piece_valid.append(torch.zeros(b, 1, dtype=torch.bool, device=device))
 
         times = torch.cat(piece_times, dim=1)

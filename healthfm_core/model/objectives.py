@@ -8,11 +8,16 @@ Losses (each returned by name; 0 when the batch holds no data for it, never NaN)
   next_visit        the set of codes of a later visit from the state just before it (multi-label
                     BCE); codes already in the history form a separate "repeat" term weighted by
                     `next_visit_repeat_weight`, so copying the history cannot dominate the loss
+  future_codes      the query token, placed at a random anchor event time (time-causal: it sees only
+                    tokens at or before the anchor), predicts the set of codes in (anchor, anchor + h]
+                    for each h of `future_horizons_days` (one head each); new onsets and repeats are
+                    separate terms as in next_visit; a window the record does not cover contributes
+                    only its observed positives (censoring). This trains the state `embed` returns.
   predictive        asymmetric predictive coding: the state at a wearable patch predicts which EHR
                     codes occur in (patch end, patch end + horizon] (multi-label BCE)
   align             InfoNCE between the wearable summary and the EHR summary (events within
                     `align_window_days` of the wear period) of the same sample
-Intra-modal: the first five. Cross-modal: predictive, align.
+Intra-modal: the first six. Cross-modal: predictive, align.
 
 Balancing (PretrainingConfig.loss_balance):
   "log":  total = sum_i w_i * log(eps + L_i). Its gradient is w_i * grad(L_i) / (eps + L_i): every
@@ -38,7 +43,7 @@ from healthfm_core.data.batch import N_SPECIAL_CODES, Batch
 from healthfm_core.model.config import CurriculumConfig, ModelConfig, PretrainingConfig
 from healthfm_core.model.healthfm import HealthFM, ModelOutput, ReconstructionMasks
 
-INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit")
+INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit", "future_codes")
 CROSS_MODAL = ("predictive", "align")
 LOSS_NAMES = INTRA_MODAL + CROSS_MODAL
 
@@ -53,6 +58,7 @@ class ObjectiveWeights(BaseModel):
     wear_masked: float = Field(default=1.0, ge=0)
     prs_masked: float = Field(default=1.0, ge=0)
     next_visit: float = Field(default=1.0, ge=0)
+    future_codes: float = Field(default=1.0, ge=0)
     predictive: float = Field(default=1.0, ge=0)
     align: float = Field(default=1.0, ge=0)
 
@@ -187,6 +193,20 @@ def prs_reconstruction_loss(model: HealthFM, out: ModelOutput, batch: Batch, mas
     return {"prs_masked": _masked_mean((predicted - batch.prs.float()) ** 2, hidden)}
 
 
+def onset_repeat_bce(
+    logits: Tensor, targets: Tensor, seen: Tensor, repeat_weight: float, include: Tensor | None = None
+) -> Tensor | None:
+    """Balanced BCE over real codes with new onsets (codes not `seen` in the history) and repeats as
+    separate terms, the repeat term scaled by `repeat_weight` (the guard that keeps copying the
+    history from dominating). `include` [A, V] further restricts the entries (None: all)."""
+    real = (torch.arange(logits.shape[-1], device=logits.device) >= N_SPECIAL_CODES)[None, :]
+    allowed = real if include is None else real & include
+    new_onset = balanced_bce(logits, targets, allowed & ~seen)
+    repeat = balanced_bce(logits, targets, allowed & seen)
+    terms = [t for t in (new_onset, None if repeat is None else repeat_weight * repeat) if t is not None]
+    return torch.stack(terms).sum() if terms else None
+
+
 def next_visit_loss(
     model: HealthFM, out: ModelOutput, batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None
 ) -> dict[str, Tensor]:
@@ -226,11 +246,72 @@ def next_visit_loss(
     logits = model.heads["ehr_next_visit"](out.states[index[:, 0], index[:, 1]])
     targets = _multi_hot(visit_codes, model.vocab_size, device)
     seen = _multi_hot(history_codes, model.vocab_size, device).bool()
-    real = (torch.arange(model.vocab_size, device=device) >= N_SPECIAL_CODES)[None, :]
-    new_onset = balanced_bce(logits, targets, real & ~seen)
-    repeat = balanced_bce(logits, targets, real & seen)
-    terms = [t for t in (new_onset, None if repeat is None else cfg.next_visit_repeat_weight * repeat) if t is not None]
-    return {"next_visit": torch.stack(terms).sum()} if terms else {}
+    loss = onset_repeat_bce(logits, targets, seen, cfg.next_visit_repeat_weight)
+    return {"next_visit": loss} if loss is not None else {}
+
+
+def _events_up_to_prediction(batch: Batch) -> Tensor:
+    return batch.ehr_valid & (batch.times <= batch.prediction_time[:, None])
+
+
+def sample_future_anchors(
+    batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """One anchor per sample for future_codes: -> (anchor time [B], has_anchor [B] bool).
+
+    Candidates are the sample's EHR event times t with an event later than t + the shortest
+    horizon (so at least one window lies inside the record); one is drawn uniformly per sample
+    from `generator`. Samples without a candidate keep their prediction_time and has_anchor False.
+    """
+    events = _events_up_to_prediction(batch)
+    draw = _rand(events.shape, generator, batch.times.device)  # drawn for every batch shape alike
+    if events.shape[1] == 0:
+        return batch.prediction_time.clone(), torch.zeros(batch.batch_size, dtype=torch.bool, device=draw.device)
+    record_end = batch.times.masked_fill(~events, -float("inf")).max(dim=1).values
+    candidates = events & (batch.times + min(cfg.future_horizons_days) < record_end[:, None])
+    has_anchor = candidates.any(dim=1)
+    pick = torch.where(candidates, draw, -1.0).argmax(dim=1)
+    chosen = batch.times.gather(1, pick[:, None]).squeeze(1)
+    return torch.where(has_anchor, chosen, batch.prediction_time), has_anchor
+
+
+def future_window_targets(
+    batch: Batch, anchor: Tensor, horizon_days: float, vocab_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (codes in (anchor, anchor + h] [B, V], codes at or before anchor [B, V] bool,
+    window fully inside the record [B] bool). From the batch's events up to prediction_time,
+    whatever modality dropout hid from the model."""
+    events = _events_up_to_prediction(batch)
+    times, codes = batch.times, batch.codes.clamp_min(0)
+    in_window = events & (times > anchor[:, None]) & (times <= anchor[:, None] + horizon_days)
+    in_history = events & (times <= anchor[:, None])
+    b = batch.batch_size
+    targets = torch.zeros(b, vocab_size, device=times.device).scatter_add_(1, codes, in_window.float()).clamp_max(1.0)
+    seen = torch.zeros(b, vocab_size, device=times.device).scatter_add_(1, codes, in_history.float()) > 0
+    record_end = times.masked_fill(~events, -float("inf")).max(dim=1).values
+    return targets, seen, record_end > anchor + horizon_days
+
+
+def future_codes_loss(
+    model: HealthFM, out: ModelOutput, batch: Batch, anchor: Tensor, has_anchor: Tensor, cfg: PretrainingConfig
+) -> dict[str, Tensor]:
+    """The query state (`out.embedding`, at `anchor`) -> codes in (anchor, anchor + h] per horizon.
+
+    Censoring: where the record ends before anchor + h, absent codes are unknown, so only the
+    codes observed in the window count (as positives); the mean over horizons with data is returned.
+    """
+    if batch.codes.shape[1] == 0 or not bool(has_anchor.any()):
+        return {}
+    logits = model.heads["ehr_future_codes"](out.embedding[has_anchor])  # [k, H, V]
+    terms = []
+    for h, horizon in enumerate(cfg.future_horizons_days):
+        targets, seen, covered = future_window_targets(batch, anchor, horizon, model.vocab_size)
+        targets, seen, covered = targets[has_anchor], seen[has_anchor], covered[has_anchor]
+        include = covered[:, None] | (targets > 0.5)
+        loss = onset_repeat_bce(logits[:, h], targets, seen, cfg.future_codes_repeat_weight, include)
+        if loss is not None:
+            terms.append(loss)
+    return {"future_codes": torch.stack(terms).mean()} if terms else {}
 
 
 def predictive_coding_loss(
@@ -333,12 +414,16 @@ def pretraining_losses(
     """
     cfg = model.cfg.pretraining
     masks = sample_masks(batch, cfg, generator)
-    out = model(batch, masks=masks, generator=generator)
+    anchor, has_anchor = sample_future_anchors(batch, cfg, generator)
+    # The query token sits at the future_codes anchor (prediction_time where there is none); no
+    # other objective reads the query state, so this costs no second forward pass.
+    out = model(batch, masks=masks, generator=generator, query_time=anchor)
     losses: dict[str, Tensor] = {}
     losses.update(ehr_reconstruction_losses(model, out, batch, masks))
     losses.update(wearable_reconstruction_loss(model, out, batch, masks))
     losses.update(prs_reconstruction_loss(model, out, batch, masks))
     losses.update(next_visit_loss(model, out, batch, cfg, generator))
+    losses.update(future_codes_loss(model, out, batch, anchor, has_anchor, cfg))
     losses.update(predictive_coding_loss(model, out, batch, masks, cfg, generator))
     losses.update(alignment_loss(model, out, batch, cfg))
     total = combine_losses(losses, weights, cfg)
