@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
+
 from healthfm_core.files import write_flat_toml
 
 log = logging.getLogger("healthfm.client.join")

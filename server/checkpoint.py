@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from healthfm_core.federation import FederationSetup
+from healthfm_core.files import atomic_write_text
 from healthfm_core.train.checkpoint import (
+    META_FILE,
     CheckpointError,
     TrainState,
-    META_FILE,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
@@ -42,8 +44,6 @@ from healthfm_core.train.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from pydantic import ValidationError
-from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger("healthfm.server")
 

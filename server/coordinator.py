@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from healthfm_core.files import write_flat_toml
 from server.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -47,7 +48,6 @@ from server.provision import (
     provision,
     read_manifest,
 )
-from healthfm_core.files import write_flat_toml
 
 log = logging.getLogger("healthfm.coordinator")
 
@@ -147,7 +147,11 @@ def default_run_config() -> dict[str, str | int | float | bool]:
     """Every key the ServerApp reads from the run config (FederationConfig.from_run_config),
     kebab-case, with FederationConfig's defaults; a Flower run config can only override keys
     its app declares."""
-    from server.server_app import FederationConfig, PrivacyRequest, ServerOptimizerConfig
+    from server.server_app import (
+        FederationConfig,
+        PrivacyRequest,
+        ServerOptimizerConfig,
+    )
 
     flat: dict[str, str | int | float | bool] = {}
     for name, field in FederationConfig.model_fields.items():

@@ -41,10 +41,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.vocab import SiteCodeStats, build_vocabulary
@@ -62,14 +77,23 @@ from healthfm_core.federation import (
     SiteCapabilities,
     aggregate_site_metrics,
 )
+from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.objectives import curriculum_weights
-from server.checkpoint import ServerState, latest_server_checkpoint, load_server_checkpoint, save_server_checkpoint
 from server.audit import AUDIT_FILE, AuditLog
-from server.limits import DEFAULT_REPLY_SIZE_MARGIN, default_max_reply_bytes, describe_limits
+from server.checkpoint import (
+    ServerState,
+    latest_server_checkpoint,
+    load_server_checkpoint,
+    save_server_checkpoint,
+)
+from server.limits import (
+    DEFAULT_REPLY_SIZE_MARGIN,
+    default_max_reply_bytes,
+    describe_limits,
+)
 from server.strategy import COUNT_PREFIX, GroupAdam, ModalityAwareFedAvg
-from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger("healthfm.server")
 

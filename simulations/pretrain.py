@@ -31,13 +31,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.site import Site, open_site
-from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk
+from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk, synthetic_sites
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary, site_code_stats
 from healthfm_core.eval import plots
 from healthfm_core.eval.report import results_table, write_report
-from healthfm_core.files import atomic_write_text
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
@@ -52,6 +51,7 @@ from healthfm_core.eval.runner import (
     task_display,
     wins,
 )
+from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import curriculum_weights
@@ -82,7 +82,6 @@ class Clock:
 
 def open_sites(cfg: DictConfig) -> tuple[dict[str, Site], Path | None, ScenarioConfig | None]:
     # simulations.run owns the reuse-or-generate rule; imported here so both jobs share the data.
-    from simulations.run import synthetic_sites
 
     scenario = OmegaConf.to_container(cfg.scenario, resolve=True)
     manifest = synthetic_sites(cfg.data.dir, scenario, int(cfg.seed), cfg.data.n_subjects)

@@ -39,11 +39,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
-from healthfm_core.files import atomic_write_text
 from healthfm_core.federation import FederationSetup
+from healthfm_core.files import atomic_write_text
 from healthfm_core.model.healthfm import HealthFM
 from server.server_app import read_events
-from simulations.report import Clock, eval_settings, onset_eval_data, open_sites, run_federation
+from simulations.report import (
+    Clock,
+    eval_settings,
+    onset_eval_data,
+    open_sites,
+    run_federation,
+)
 
 log = logging.getLogger("healthfm.simulations.privacy_sweep")
 

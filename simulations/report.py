@@ -38,20 +38,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.site import MODALITIES, Site, open_site
-from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk
+from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk, synthetic_sites
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.eval import compare
-from healthfm_core.files import atomic_write_text
-from healthfm_core.eval.runner import MethodResult, PooledPretrainingDataset, build_eval_set
+from healthfm_core.eval.runner import (
+    MethodResult,
+    PooledPretrainingDataset,
+    build_eval_set,
+)
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
+from healthfm_core.files import atomic_write_text
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
 from healthfm_core.train import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.server_app import read_events
-from simulations.run import federation_config, run_federation_simulation, site_node_configs, synthetic_sites
+from simulations.run import (
+    federation_config,
+    run_federation_simulation,
+    site_node_configs,
+)
 
 log = logging.getLogger("healthfm.simulations.report")
 

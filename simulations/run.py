@@ -42,34 +42,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from client.client_app import make_client_app
-from healthfm_core.data.synthetic import FederationManifest, generate_federation, load_scenario
-from healthfm_core.data.synthetic.scenario import ScenarioConfig
+from healthfm_core.data.synthetic import synthetic_sites
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
 from server.server_app import FederationConfig, PrivacyRequest, make_server_app
 
 log = logging.getLogger("healthfm.simulations")
-
-
-def synthetic_sites(data_dir: str | Path, scenario: Mapping[str, Any] | str, seed: int,
-                    n_subjects: int | None) -> FederationManifest:
-    """The synthetic federation in data_dir: reused when generated from the same scenario, seed
-    and size, generated (atomically, per site) otherwise."""
-    data_dir = Path(data_dir)
-    expected = load_scenario(dict(scenario) if isinstance(scenario, Mapping) else scenario).with_n_subjects(n_subjects)
-    manifest_path, scenario_path = data_dir / "manifest.json", data_dir / "truth" / "scenario.json"
-    if manifest_path.is_file() and scenario_path.is_file():
-        try:
-            manifest = FederationManifest.model_validate_json(manifest_path.read_text())
-            saved = ScenarioConfig.model_validate_json(scenario_path.read_text())
-        except ValueError as err:
-            log.warning("%s: cannot reuse (%s); generating again", data_dir, err)
-        else:
-            if saved == expected and manifest.seed == seed and all(Path(s.root).is_dir() for s in manifest.sites):
-                log.info("reusing synthetic sites in %s", manifest.sites_dir)
-                return manifest
-    log.info("generating synthetic sites (scenario %s, seed %d) in %s", expected.name, seed, data_dir)
-    return generate_federation(data_dir, scenario=expected, seed=seed, n_subjects=None)
 
 
 def run_federation_simulation(

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from meds import LabelSchema, birth_code, death_code
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthfm_core.data.tokens import EPOCH_US, US_PER_DAY, _NO_TIME, to_us
+from healthfm_core.data.tokens import _NO_TIME, EPOCH_US, US_PER_DAY, to_us
 from healthfm_core.files import atomic_path
 
 log = logging.getLogger(__name__)

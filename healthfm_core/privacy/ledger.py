@@ -21,6 +21,7 @@ from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger(__name__)

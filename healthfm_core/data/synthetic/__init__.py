@@ -50,11 +50,24 @@ Output:
         subject_id int64, start timestamp[us], end timestamp[us] (exclusive)
 """
 
-from healthfm_core.data.synthetic.generate import FederationManifest, SiteManifest, generate_federation, generate_site
-from healthfm_core.data.synthetic.scenario import DiseaseSpec, LatentSpec, ScenarioConfig, SiteSpec, load_scenario
+from healthfm_core.data.synthetic.generate import (
+    FederationManifest,
+    SiteManifest,
+    generate_federation,
+    generate_site,
+    synthetic_sites,
+)
+from healthfm_core.data.synthetic.scenario import (
+    DiseaseSpec,
+    LatentSpec,
+    ScenarioConfig,
+    SiteSpec,
+    load_scenario,
+)
 from healthfm_core.data.synthetic.truth import onset_risk, oracle_risk
 
 __all__ = [
+    "synthetic_sites",
     "DiseaseSpec",
     "FederationManifest",
     "LatentSpec",

@@ -7,10 +7,11 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import meds
 import numpy as np
@@ -21,9 +22,22 @@ from tqdm.auto import tqdm
 
 from healthfm_core.data.synthetic.cohort import Cohort, simulate_cohort
 from healthfm_core.data.synthetic.ehr import code_catalogue, simulate_ehr
-from healthfm_core.data.synthetic.scenario import ScenarioConfig, SiteSpec, load_scenario
-from healthfm_core.data.synthetic.truth import latent_table, onsets_table, risk_table, subjects_table
-from healthfm_core.data.synthetic.wearables import simulate_wearables, wear_period_table, wear_periods
+from healthfm_core.data.synthetic.scenario import (
+    ScenarioConfig,
+    SiteSpec,
+    load_scenario,
+)
+from healthfm_core.data.synthetic.truth import (
+    latent_table,
+    onsets_table,
+    risk_table,
+    subjects_table,
+)
+from healthfm_core.data.synthetic.wearables import (
+    simulate_wearables,
+    wear_period_table,
+    wear_periods,
+)
 from healthfm_core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -238,3 +252,24 @@ def generate_federation(
     manifest = FederationManifest(scenario=config.name, seed=seed, out_dir=out, sites_dir=sites_dir, truth_dir=truth_dir, sites=manifests)
     atomic_write_text(out / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def synthetic_sites(data_dir: str | Path, scenario: Mapping[str, Any] | str, seed: int,
+                    n_subjects: int | None) -> FederationManifest:
+    """The synthetic federation in data_dir: reused when generated from the same scenario, seed
+    and size, generated (atomically, per site) otherwise."""
+    data_dir = Path(data_dir)
+    expected = load_scenario(dict(scenario) if isinstance(scenario, Mapping) else scenario).with_n_subjects(n_subjects)
+    manifest_path, scenario_path = data_dir / "manifest.json", data_dir / "truth" / "scenario.json"
+    if manifest_path.is_file() and scenario_path.is_file():
+        try:
+            manifest = FederationManifest.model_validate_json(manifest_path.read_text())
+            saved = ScenarioConfig.model_validate_json(scenario_path.read_text())
+        except ValueError as err:
+            logger.warning("%s: cannot reuse (%s); generating again", data_dir, err)
+        else:
+            if saved == expected and manifest.seed == seed and all(Path(s.root).is_dir() for s in manifest.sites):
+                logger.info("reusing synthetic sites in %s", manifest.sites_dir)
+                return manifest
+    logger.info("generating synthetic sites (scenario %s, seed %d) in %s", expected.name, seed, data_dir)
+    return generate_federation(data_dir, scenario=expected, seed=seed, n_subjects=None)
