@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from simulations.logs import setup_job_logging
 from simulations.report import run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -33,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/demo.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("flwr", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_job_logging()
 
     overrides = [f"out_dir={args.out}", *args.overrides]
     if args.rounds is not None:

@@ -43,6 +43,7 @@ from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.healthfm import HealthFM
 from server.server_app import read_events
+from simulations.logs import setup_job_logging
 from simulations.report import (
     Clock,
     eval_settings,
@@ -257,9 +258,7 @@ def write_sweep(cfg: DictConfig, out: Path, clock: Clock, settings: Settings, pe
 
 @hydra.main(config_path="../configs", config_name="privacy_sweep", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("healthfm").setLevel(logging.INFO)
-    for noisy in ("flwr", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_job_logging()
     print(run(cfg))
 
 

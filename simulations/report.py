@@ -55,6 +55,7 @@ from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
 from healthfm_core.train import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.server_app import read_events
+from simulations.logs import setup_job_logging
 from simulations.run import (
     federation_config,
     run_federation_simulation,
@@ -461,9 +462,7 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
 
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("healthfm").setLevel(logging.INFO)
-    for noisy in ("flwr", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_job_logging()
     print(run(cfg))
 
 

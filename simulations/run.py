@@ -46,6 +46,7 @@ from healthfm_core.data.synthetic import synthetic_sites
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
 from server.server_app import FederationConfig, PrivacyRequest, make_server_app
+from simulations.logs import setup_job_logging
 
 log = logging.getLogger("healthfm.simulations")
 
@@ -157,9 +158,7 @@ def run_from_config(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../configs", config_name="run", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("healthfm").setLevel(logging.INFO)
-    for noisy in ("flwr", "alembic"):  # Flower logs DEBUG through Hydra's root handler otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING if noisy == "alembic" else logging.INFO)
+    setup_job_logging(flower_level=logging.INFO)  # keep Flower's per-round log
     run_from_config(cfg)
 
 
