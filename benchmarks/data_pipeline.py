@@ -13,7 +13,10 @@ healthfm_core.data.synthetic. Stages timed:
   batches  every pretraining sample (whole history, most recent max_events / max_patches)
            built and collated into Batches by make_loader
 
-events/s = MEDS rows / (load + batches); rows/s also counts wearable epochs. Peak memory: the
+events/s = MEDS rows / (load + batches); rows/s also counts wearable epochs. Baseline, measured
+in the same run: `pyarrow.parquet.read_table` of the same files (every column, nothing else
+done), the floor any loader pays; load and load + batches are printed as multiples of it.
+Peak memory: the
 process's ru_maxrss (includes torch and Python), Arrow's memory pool peak, and the tracemalloc
 peak (numpy and Python allocations) of a second, traced run of load + batches.
 """
@@ -31,6 +34,7 @@ import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,6 +76,14 @@ def run_pipeline(site_root: Path, vocab, batch_size: int, max_events: int, max_p
     return seqs, t1 - t0, t2 - t1, n_batches, n_tokens, n_patches
 
 
+def raw_read_seconds(site_root: Path) -> tuple[float, int]:
+    """The baseline: pq.read_table of every parquet file of the site's data/ and wearables/."""
+    site = open_site(site_root)
+    t = time.perf_counter()
+    rows = sum(pq.read_table(path).num_rows for path in [*site.data_files, *site.wearable_files])
+    return time.perf_counter() - t, rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--site", type=Path, help="an existing site root (else one is generated)")
@@ -106,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     vocab = build_vocabulary([site_code_stats(site, min_subjects=args.min_subjects)], min_subjects=args.min_subjects)
     t_stats = time.perf_counter() - t
 
+    t_raw, raw_rows = raw_read_seconds(site_root)
     pool = pa.default_memory_pool()
     seqs, t_load, t_batches, n_batches, n_tokens, n_patches = run_pipeline(
         site_root, vocab, args.batch_size, args.max_events, args.max_patches, args.patch_epochs
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({n_samples / max(t_batches, 1e-9):,.0f} samples/s)")
     print(f"  events/s parquet -> batches  {n_events / total:,.0f} MEDS rows/s; "
           f"{(n_events + n_epochs) / total:,.0f} rows/s counting wearable epochs")
+    print(f"  baseline pq.read_table of the same files ({raw_rows:,} rows) {t_raw:7.2f} s: load is "
+          f"x{t_load / max(t_raw, 1e-9):.1f} the raw read, parquet -> batches x{total / max(t_raw, 1e-9):.1f}")
     print(f"  peak memory: ru_maxrss {rss1 / 1024:,.0f} MiB (before loading {rss0 / 1024:,.0f} MiB); "
           f"arrow pool peak {arrow_peak * mib:,.0f} MiB"
           + (f"; tracemalloc peak {traced_peak * mib:,.0f} MiB" if traced_peak is not None else ""))

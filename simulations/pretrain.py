@@ -16,12 +16,13 @@ the report's path. Composition only: the pieces live in healthfm_core.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary, site_code_stats
 from healthfm_core.eval import plots
+from healthfm_core.eval.metrics import PairedDifference
 from healthfm_core.eval.report import results_table, write_report
 from healthfm_core.eval.runner import (
     EvalSet,
@@ -44,10 +46,14 @@ from healthfm_core.eval.runner import (
     PooledEmbedder,
     PooledPretrainingDataset,
     build_eval_set,
+    evaluate_cross_fitted,
     evaluate_method,
+    evaluate_method_splits,
     mean_auroc,
     method_features,
     oracle_rows,
+    paired_auroc_difference,
+    subsample_train,
     task_display,
     wins,
 )
@@ -140,12 +146,13 @@ def pretrain(cfg: DictConfig, mcfg: ModelConfig, vocab: Vocabulary, loader, out:
 
 
 def evaluate_model_methods(cfg: DictConfig, data: EvalSet, methods: Mapping[str, torch.nn.Module | None],
-                           vocab: Vocabulary) -> tuple[dict[str, MethodResult], dict[str, MethodResult], np.ndarray]:
+                           vocab: Vocabulary) -> tuple[dict[str, MethodResult], dict[str, MethodResult],
+                                                       dict[str, MethodFeatures]]:
     """Features and probes for each method (None = count features): held_out results, the same
-    probes scored on tuning, and the per-row modality presence (for the ablation cohorts)."""
+    probes scored on tuning, and each method's features (for the label-efficiency curve)."""
     results: dict[str, MethodResult] = {}
     tuning: dict[str, MethodResult] = {}
-    present = None
+    features: dict[str, MethodFeatures] = {}
     poolings = list(cfg.eval.poolings)
     for name, model in methods.items():
         t0 = time.perf_counter()
@@ -153,55 +160,148 @@ def evaluate_model_methods(cfg: DictConfig, data: EvalSet, methods: Mapping[str,
         feats = method_features(data, embedder, vocab_size=vocab.vocab_size, max_events=cfg.data.max_events,
                                 max_patches=cfg.data.max_patches, batch_size=cfg.eval.batch_size,
                                 progress=bool(cfg.progress))
-        present = feats.present
         # One forward pass, one column block per pooling: "query" keeps the method's name.
         blocks = {name: feats.x} if model is None else dict(zip(
             [name if p == "query" else f"{name}_{p}pool" for p in poolings], np.split(feats.x, len(poolings), axis=1)))
         for method, x in blocks.items():
             mf = MethodFeatures(x, feats.present, feats.rows)
-            results[method] = evaluate_method(method, data, mf, n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
-            # The same probes scored on tuning: what design choices are compared on.
-            tuning[method] = evaluate_method(method, data, mf, n_boot=10, seed=int(cfg.seed), score_split="tuning")
+            # The same probes scored on tuning too: what design choices are compared on.
+            by_split = evaluate_method_splits(method, data, mf, ("held_out", "tuning"),
+                                              n_boot={"held_out": int(cfg.eval.n_boot), "tuning": 10}, seed=int(cfg.seed))
+            results[method], tuning[method] = by_split["held_out"], by_split["tuning"]
+            features[method] = mf
         log.info("method %s: %d rows in %.1f s", name, len(feats.x), time.perf_counter() - t0)
-    assert present is not None
-    return results, tuning, present
+    return results, tuning, features
 
 
-def modality_ablation(cfg: DictConfig, data: EvalSet, model: torch.nn.Module,
-                      present: np.ndarray) -> dict[str, MethodResult]:
+def label_efficiency(cfg: DictConfig, data: EvalSet, features: Mapping[str, MethodFeatures],
+                     results: Mapping[str, MethodResult]) -> dict[str, dict[float, list[float]]]:
+    """Mean held_out AUROC over the summary pairs when the probe sees the labels of only a
+    fraction of the train subjects (same subjects for every method, `repeats` draws per
+    fraction): what pretraining buys when labels are scarce. {method: {fraction: [per draw]}}."""
+    k = int(cfg.eval.summary_min_positives)
+    keys = [key for key, (y, _) in results["pretrained"].predictions.items()
+            if isinstance(data.tasks[key], OnsetTask) and int(y.sum()) >= k]
+    if not keys:
+        return {}
+    curves: dict[str, dict[float, list[float]]] = {m: {} for m in cfg.eval.label_efficiency.methods if m in features}
+    for fraction in cfg.eval.label_efficiency.fractions:
+        repeats = 1 if fraction >= 1 else int(cfg.eval.label_efficiency.repeats)
+        for rep in range(repeats):
+            for method in curves:
+                f = features[method]
+                rows = subsample_train(data, f.rows, float(fraction), seed=int(cfg.seed) + rep)
+                sel = np.isin(f.rows, rows)
+                res = evaluate_method(method, data, MethodFeatures(f.x[sel], f.present[sel], f.rows[sel]),
+                                      tasks=keys, n_boot=1, seed=int(cfg.seed))
+                auc = {(r.task, r.horizon): r.auroc for r in res.rows}
+                # A task the draw left without 2 train positives scores as chance (0.5) for every method.
+                curves[method].setdefault(float(fraction), []).append(float(np.mean(
+                    [auc.get(task_display(data.tasks[key]), 0.5) for key in keys])))
+    return curves
+
+
+def label_efficiency_lines(curves: Mapping[str, Mapping[float, Sequence[float]]]) -> list[str]:
+    fractions = sorted({f for c in curves.values() for f in c})
+    lines = ["| method | " + " | ".join(f"{f:g}" for f in fractions) + " |", "|---|" + "---:|" * len(fractions)]
+    for method, c in curves.items():
+        lines.append(f"| {method} | " + " | ".join(
+            f"{np.mean(c[f]):.3f}" + (f" ± {np.std(c[f]):.3f}" if len(c[f]) > 1 else "") for f in fractions) + " |")
+    return ["\n".join(lines)]
+
+
+@dataclasses.dataclass
+class Ablation:
+    """The test-time modality ablation: its rows, per-condition results and paired differences."""
+
+    data: EvalSet
+    results: dict[str, MethodResult]  # "<cohort>: pretrained[<modalities>]" -> cross-fitted results
+    cohorts: dict[str, int]  # cohort -> rows
+    differences: dict[str, PairedDifference | None]  # "<cohort>: <condition> - <first condition>"
+
+
+def modality_ablation(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences],
+                      model: torch.nn.Module, tasks: Mapping[str, Task], vocab: Vocabulary) -> Ablation:
     """Per cohort and condition: the pretrained model's probe with only those modalities.
-    Features are computed once per distinct modality set over the union of the cohorts' rows."""
+
+    The rows are the end of every wear period of the sites that have wearables (when the device
+    data is freshest; at visits it is mostly months old), with the onset tasks asked there. A
+    cohort is the rows that have every `require`d modality at that time; each condition removes
+    the other modalities from the input. Such cohorts are too small for one train / tuning /
+    held_out split, so each condition's probe is cross-fitted over all the cohort's rows
+    (folds by subject) and scored out of fold; conditions are compared on the same rows with a
+    subject bootstrap. Features are computed once per distinct modality set."""
+    spec = cfg.eval.modality_ablation
     order = ("ehr", "wearables", "genomics")
+    onset = {k: t for k, t in tasks.items() if isinstance(t, OnsetTask)}
+    wearing = {n: (sites[n], seqs[n]) for n in sites if sites[n].wearable_files}
+    data = build_eval_set(wearing, onset, seed=int(cfg.seed), onset_times=spec.prediction_times)
+    present = method_features(data, None, vocab_size=vocab.vocab_size, max_events=cfg.data.max_events,
+                              max_patches=cfg.data.max_patches, batch_size=cfg.eval.batch_size).present
     cohorts = {}
-    for cohort, spec in cfg.eval.modality_ablation.cohorts.items():
-        need = [order.index(m) for m in spec.require]
+    for cohort, c in spec.cohorts.items():
+        need = [order.index(m) for m in c.require]
         cohorts[cohort] = np.flatnonzero(present[:, need].all(axis=1))
-        log.info("ablation cohort %s: %d rows have %s at prediction time", cohort, len(cohorts[cohort]),
-                 "+".join(spec.require))
-    by_keep: dict[tuple[str, ...], Any] = {}
-    for cohort, spec in cfg.eval.modality_ablation.cohorts.items():
-        for keep in spec.conditions:
-            key = tuple(m for m in order if m in keep)
-            by_keep.setdefault(key, set()).update(cohorts[cohort].tolist())
-    feats = {}
-    for key, rows in by_keep.items():
-        rows = np.array(sorted(rows), dtype=np.int64)
-        if len(rows):
-            feats[key] = method_features(data, PooledEmbedder(model, [cfg.eval.ablation_pooling]), rows=rows, keep=key, max_events=cfg.data.max_events,
-                                         max_patches=cfg.data.max_patches, batch_size=cfg.eval.batch_size)
-    onset = [k for k, t in data.tasks.items() if isinstance(t, OnsetTask)]
-    out: dict[str, MethodResult] = {}
-    for cohort, spec in cfg.eval.modality_ablation.cohorts.items():
-        for keep in spec.conditions:
+        log.info("ablation cohort %s: %d rows (wear-period ends) have %s", cohort, len(cohorts[cohort]), "+".join(c.require))
+    by_keep: dict[tuple[str, ...], set[int]] = {}
+    for cohort, c in spec.cohorts.items():
+        for keep in c.conditions:
+            by_keep.setdefault(tuple(m for m in order if m in keep), set()).update(cohorts[cohort].tolist())
+    embedder = PooledEmbedder(model, [cfg.eval.ablation_pooling])
+    feats = {key: method_features(data, embedder, rows=np.array(sorted(rows), dtype=np.int64), keep=key,
+                                  max_events=cfg.data.max_events, max_patches=cfg.data.max_patches,
+                                  batch_size=cfg.eval.batch_size)
+             for key, rows in by_keep.items() if rows}
+    results: dict[str, MethodResult] = {}
+    differences: dict[str, PairedDifference | None] = {}
+    for cohort, c in spec.cohorts.items():
+        labels = []
+        for keep in c.conditions:
             key = tuple(m for m in order if m in keep)
             if key not in feats:
                 continue
             f = feats[key]
             sel = np.isin(f.rows, cohorts[cohort])
-            sub = MethodFeatures(f.x[sel], f.present[sel], f.rows[sel])
             label = f"{cohort}: pretrained[{'+'.join(key)}]"
-            out[label] = evaluate_method(label, data, sub, tasks=onset, n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
+            results[label] = evaluate_cross_fitted(label, data, MethodFeatures(f.x[sel], f.present[sel], f.rows[sel]),
+                                                   n_folds=int(spec.n_folds), n_boot=int(cfg.eval.n_boot),
+                                                   seed=int(cfg.seed), min_positives=int(cfg.eval.summary_min_positives))
+            labels.append(label)
+        for other in labels[1:]:
+            common = [k for k in onset if k in results[other].scored_rows and k in results[labels[0]].scored_rows]
+            name = f"{cohort}: {other.split(': ')[1]} - {labels[0].split(': ')[1]}"
+            differences[name] = paired_auroc_difference(data, results[other], results[labels[0]], common,
+                                                        n_boot=int(cfg.eval.n_boot), seed=int(cfg.seed))
+    return Ablation(data, results, {k: len(v) for k, v in cohorts.items()}, differences)
+
+
+def main_differences(cfg: DictConfig, data: EvalSet, results: Mapping[str, MethodResult]) -> dict[str, PairedDifference | None]:
+    """Pretrained against each baseline: mean held_out AUROC difference over the onset pairs with
+    at least summary_min_positives held_out positives, subject bootstrap shared by all pairs."""
+    k = int(cfg.eval.summary_min_positives)
+    out: dict[str, PairedDifference | None] = {}
+    for method in [m for m in results if m.startswith("pretrained")]:
+        suffix = method[len("pretrained"):]
+        for other in dict.fromkeys((f"random_init{suffix}", "random_init", "counts")):
+            if other not in results or other == method:
+                continue
+            keys = [key for key, res in results[method].predictions.items()
+                    if isinstance(data.tasks[key], OnsetTask) and key in results[other].scored_rows
+                    and int(res[0].sum()) >= k]
+            out[f"{method} - {other}"] = paired_auroc_difference(data, results[method], results[other], keys,
+                                                                 n_boot=int(cfg.eval.n_boot), seed=int(cfg.seed))
     return out
+
+
+def difference_lines(diffs: Mapping[str, PairedDifference | None]) -> list[str]:
+    lines = ["| comparison | pairs | mean AUROC difference | 95% CI | resamples <= 0 |", "|---|---:|---:|---|---:|"]
+    for name, d in diffs.items():
+        if d is None:
+            lines.append(f"| {name} | 0 | n/a | n/a | n/a |")
+        else:
+            lines.append(f"| {name} | {d.n_tasks} | {d.mean:+.3f} | [{d.ci[0]:+.3f}, {d.ci[1]:+.3f}] | "
+                         f"{d.fraction_at_or_below_zero:.3f} |")
+    return ["\n".join(lines)]
 
 
 def make_plots(out: Path, history: list[dict[str, float]], results: Mapping[str, MethodResult],
@@ -230,7 +330,9 @@ def _fmt(x: float) -> str:
 
 def summary_notes(cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], vocab: Vocabulary, model: HealthFM,
                   history: list[dict[str, float]], results: Mapping[str, MethodResult],
-                  ablation: Mapping[str, MethodResult], tuning: Mapping[str, MethodResult]) -> list[str]:
+                  ablation: Ablation | None, tuning: Mapping[str, MethodResult],
+                  differences: Mapping[str, PairedDifference | None],
+                  curves: Mapping[str, Mapping[float, Sequence[float]]]) -> list[str]:
     # Summaries count only pairs with enough held_out positives: an AUROC over 1-3 positives is noise.
     k = int(cfg.eval.summary_min_positives)
     rows = [r for res in results.values() for r in res.rows if r.n_pos >= k]
@@ -252,8 +354,12 @@ def summary_notes(cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], voca
         window = max(1, min(50, len(history) // 2))
         first, tail = history[:window], history[-window:]
         keys = [k for k in history[0] if k not in ("step", "lr", "grad_norm", "rate_min", "rate_max")]
-        notes.append(f"Pretraining losses (mean of the first -> last {window} steps): " + ", ".join(
-            f"{k} {np.mean([h[k] for h in first]):.3f} -> {np.mean([h[k] for h in tail]):.3f}" for k in keys) + ".")
+        def mean_present(part: list[dict[str, float]], key: str) -> float:
+            # 0 is a step whose batch had no data for the loss (pretraining_losses' convention).
+            vals = [h[key] for h in part if key == "total" or h[key] != 0.0]
+            return float(np.mean(vals)) if vals else float("nan")
+        notes.append(f"Pretraining losses (mean of the first -> last {window} steps that have each loss): " + ", ".join(
+            f"{k} {_fmt(mean_present(first, k))} -> {_fmt(mean_present(tail, k))}" for k in keys) + ".")
         rates = model.decay_rate_summary()
         if rates:
             notes.append(f"Decay rates after training: {rates['rate_min_per_day']:.3g} .. "
@@ -268,46 +374,72 @@ def summary_notes(cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], voca
         notes.append("The same probes scored on the tuning split (the split design choices such as pooling or "
                      "steps are compared on; held_out is only reported): "
                      + ", ".join(f"{m} {_fmt(v)}" for m, v in sorted(tuning_means.items())) + ".")
-    for method in [m for m in results if m.startswith("pretrained")]:
-        suffix = method[len("pretrained"):]
-        for other in dict.fromkeys((f"random_init{suffix}", "random_init", "counts")):
-            if other in results and other != method:
-                w, n = wins(rows, method, other)
-                notes.append(f"{method} beats {other} on {w} of {n} task/horizon pairs.")
+    for name in differences:
+        method, other = name.split(" - ")
+        w, n = wins(rows, method, other)
+        notes.append(f"{method} beats {other} on {w} of {n} task/horizon pairs.")
+    if differences:
+        notes.append("Paired comparison on the same held_out rows: the mean over those pairs of the AUROC "
+                     "difference, with a bootstrap that resamples held_out subjects once for every pair (the pairs "
+                     "share subjects, and both methods score the same subjects, so this interval is much tighter "
+                     "than the separate per-method intervals suggest). \"resamples <= 0\" is the share of "
+                     "resamples in which the first method does not come out ahead (a one-sided bootstrap p-value).")
+        notes += difference_lines(differences)
+    if curves:
+        le = cfg.eval.label_efficiency
+        notes.append(f"Label efficiency: the same probes given the labels of only a fraction of the train subjects "
+                     f"({le.repeats} draws per fraction below 1, mean ± sd over draws; every method gets the same "
+                     "subjects), mean held_out AUROC over the same pairs. Pretraining should matter most where "
+                     "labels are scarce.")
+        notes += label_efficiency_lines(curves)
     if "oracle" in results and "pretrained" in results:
         w, n = wins(rows, "oracle", "pretrained")
         notes.append(f"The oracle (true risk) is above pretrained on {w} of {n} pairs; mean gap "
                      f"{_fmt(means.get('oracle', np.nan) - means.get('pretrained', np.nan))}.")
-    if ablation:
+    if ablation is not None:
+        spec = cfg.eval.modality_ablation
         notes.append("## Test-time modality ablation (pretrained model)")
-        notes.append("Cohorts are the rows (all splits) that have the required modalities at prediction time; "
-                     "each condition removes the other modalities from the input and fits its own probe.")
-        abl_rows = [r for res in ablation.values() for r in res.rows]
-        for cohort in cfg.eval.modality_ablation.cohorts:
+        notes.append(f"Rows: onset tasks asked at {spec.prediction_times.replace('_', ' ')} of the sites with "
+                     f"wearables ({len(ablation.data)} rows, all splits). A cohort is the rows that have the required "
+                     "modalities then; each condition removes the other modalities from the input. Each condition's "
+                     f"probe is cross-fitted ({spec.n_folds} folds by subject: fit on {int(spec.n_folds) - 2}, C from "
+                     "the next, score the held fold), so every row is scored by a probe that never saw it. Tasks "
+                     f"need {k} positives in the cohort. The model itself was pretrained on the train split, so "
+                     "these rows include subjects it trained on; both conditions share that.")
+        abl_rows = [r for res in ablation.results.values() for r in res.rows]
+        for cohort in spec.cohorts:
             shown = [r for r in abl_rows if r.method.startswith(f"{cohort}:")]
-            mine = [r for r in shown if r.n_pos >= k]
-            if not mine:
-                notes.append(f"Cohort {cohort}: no task had enough rows.")
+            if not shown:
+                notes.append(f"Cohort {cohort} ({ablation.cohorts.get(cohort, 0)} rows): no task had {k} positives.")
                 continue
-            m = mean_auroc(mine)
-            notes.append(f"Cohort {cohort}, mean AUROC: " + ", ".join(f"{k.split(': ')[1]} {_fmt(v)}" for k, v in m.items()))
-            methods = sorted({r.method for r in mine}, key=len)
+            m = mean_auroc(shown)
+            notes.append(f"Cohort {cohort} ({ablation.cohorts[cohort]} rows), mean AUROC over the tasks every condition "
+                         "has: " + ", ".join(f"{name.split(': ')[1]} {_fmt(v)}" for name, v in m.items()) + ".")
+            methods = sorted({r.method for r in shown}, key=len)
             for a in methods[1:]:
-                w, n = wins(mine, a, methods[0])
+                w, n = wins(shown, a, methods[0])
                 notes.append(f"{a.split(': ')[1]} beats {methods[0].split(': ')[1]} on {w} of {n} pairs.")
+            mine = {d: v for d, v in ablation.differences.items() if d.startswith(f"{cohort}:")}
+            if mine:
+                notes += difference_lines(mine)
             notes.append(results_table(shown))
-    skipped = {f"{m}/{k}": why for m, res in {**results, **ablation}.items() for k, why in res.skipped.items()}
+    abl_results = ablation.results if ablation is not None else {}
+    skipped = {f"{m}/{k}": why for m, res in {**results, **abl_results}.items() for k, why in res.skipped.items()}
     if skipped:
         notes.append("Not evaluated (too few rows or positives): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
     return notes
 
 
-def results_json(results: Mapping[str, MethodResult], ablation: Mapping[str, MethodResult],
-                 tuning: Mapping[str, MethodResult]) -> str:
+def results_json(results: Mapping[str, MethodResult], ablation: Ablation | None,
+                 tuning: Mapping[str, MethodResult], differences: Mapping[str, PairedDifference | None]) -> str:
     def dump(res: Mapping[str, MethodResult]) -> dict:
         return {m: {"rows": [r.model_dump() for r in v.rows], "regression_rows": [r.model_dump() for r in v.regression_rows],
                     "skipped": v.skipped} for m, v in res.items()}
-    return json.dumps({"methods": dump(results), "modality_ablation": dump(ablation), "tuning": dump(tuning)},
+    def diffs(d: Mapping[str, PairedDifference | None]) -> dict:
+        return {k: None if v is None else v.model_dump() for k, v in d.items()}
+    return json.dumps({"methods": dump(results), "tuning": dump(tuning), "differences": diffs(differences),
+                       "modality_ablation": {} if ablation is None else dump(ablation.results),
+                       "modality_ablation_differences": {} if ablation is None else diffs(ablation.differences)},
                       indent=1, allow_nan=True)
 
 
@@ -345,19 +477,26 @@ def run(cfg: DictConfig) -> Path:
         sin_model, _, _ = pretrain(cfg, sin_cfg, vocab, loader, out / "sinusoidal", device)
         methods["pretrained_sinusoidal"] = sin_model
         t = clock("pretraining (sinusoidal ablation)", t)
-    results, tuning, present = evaluate_model_methods(cfg, data, methods, vocab)
+    results, tuning, features = evaluate_model_methods(cfg, data, methods, vocab)
     code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
     results["oracle"] = oracle_rows(data, functools.partial(oracle_risk, truth_dir), code_to_disease,
                                     n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
     t = clock("evaluation (features and probes)", t)
-    ablation = modality_ablation(cfg, data, model, present) if cfg.eval.modality_ablation.enabled else {}
+    differences = main_differences(cfg, data, results)
+    curves = label_efficiency(cfg, data, features, results) if cfg.eval.label_efficiency.fractions else {}
+    del features
+    t = clock("label efficiency", t)
+    ablation = modality_ablation(cfg, sites, seqs, model, tasks, vocab) if cfg.eval.modality_ablation.enabled else None
     t = clock("modality ablation", t)
 
     figs = make_plots(out, history, results, data)
+    if curves:
+        figs["Label efficiency: held-out AUROC against the share of train labels"] = plots.label_efficiency_plot(
+            curves, out / "label_efficiency.png")
     rows = [r for res in results.values() for r in res.rows]
     regression_rows = [r for res in results.values() for r in res.regression_rows]
-    atomic_write_text(out / "results.json", results_json(results, ablation, tuning))
-    notes = summary_notes(cfg, clock, sites, vocab, model, history, results, ablation, tuning)
+    atomic_write_text(out / "results.json", results_json(results, ablation, tuning, differences))
+    notes = summary_notes(cfg, clock, sites, vocab, model, history, results, ablation, tuning, differences, curves)
     report = write_report(out / "report.md", rows, plots=figs, regression_rows=regression_rows,
                           title=f"HealthFM centralized pretraining: model {mcfg.name}, scenario {scenario.name}",
                           notes=notes)

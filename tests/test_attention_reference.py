@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from healthfm_core.model.attention import DecayKernel, ct_attention, ct_attention_reference
+from healthfm_core.model.attention import DecayKernel, ct_attention, ct_attention_reference, log_decay_kernel
 
 
 def _inputs(b=2, h=2, n=7, d=4, m=3, seed=0, dtype=torch.float64):
@@ -184,6 +184,19 @@ def test_large_gap_with_fast_rates_is_finite_and_exact() -> None:
         want = _direct(q, k, v, t_k, t_k, log_w, rates, valid, True)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_log_decay_kernel_equals_logsumexp_for_gaps_rates_and_skewed_weights() -> None:
+    dt = torch.tensor([0.0, 1e-6, 0.04, 1.0, 30.0, 365.0, 3650.0, 36500.0], dtype=torch.float64)[None, None, :]
+    weights = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1e-30, 1e-10, 0.5, 0.5], [1.0 - 3e-20, 1e-20, 1e-20, 1e-20]],
+                           dtype=torch.float64)
+    rates = torch.tensor([[24.0, 1.0, 0.01, 1e-4], [1e-4, 24.0, 3.0, 0.3], [500.0, 1e-4, 2.0, 7.0]], dtype=torch.float64)
+    want = torch.logsumexp(weights.log()[None, :, None, None, :] - rates[None, :, None, None, :] * dt[:, None, :, :, None], -1)
+    got = log_decay_kernel(dt, weights.log(), rates)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+    got32 = log_decay_kernel(dt.float(), weights.log().float(), rates.float())
+    assert torch.isfinite(got32).all()
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-3)
 
 
 def test_bf16_forward_on_cpu() -> None:

@@ -16,11 +16,13 @@ from healthfm_core.eval.probes import (
     compute_count_features,
     compute_embeddings,
     count_features,
+    cross_fit_logistic,
     evaluate_binary,
     evaluate_regression,
     fit_logistic_probe,
     fit_ridge_probe,
     oracle_row,
+    subject_folds,
 )
 from healthfm_core.eval.report import ResultRow, write_report
 from healthfm_core.model.config import load_model_config
@@ -97,6 +99,56 @@ def test_bootstrap_ci_is_seeded_and_contains_the_estimate() -> None:
     assert m.auprc_ci[0] < m.auprc < m.auprc_ci[1]
 
 
+def test_group_bootstrap_resamples_whole_subjects() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 3)  # 40 subjects, 3 rows each
+    y = np.zeros(120, dtype=bool)
+    y[[0, 1, 30, 61, 62, 100]] = True  # 4 subjects with a positive row
+    counts = M.bootstrap_counts(y, 50, np.random.default_rng(1), groups=groups)
+    assert counts.shape == (50, 120)
+    # Every row of a subject is drawn as often as the subject; subjects are drawn 40 times in
+    # all, and the 4 with a positive 4 times (stratified by subject).
+    assert np.all(counts.reshape(50, 40, 3) == counts.reshape(50, 40, 3)[:, :, :1])
+    per_subject = counts[:, ::3]
+    assert np.all(per_subject.sum(axis=1) == 40)
+    assert np.all(per_subject[:, [0, 10, 20, 33]].sum(axis=1) == 4)
+    # Rows of one subject are not independent: duplicating every row 3 times leaves the subject
+    # bootstrap's interval as it was, while the row bootstrap's shrinks.
+    p = rng.random(40)
+    y40 = rng.random(40) < 0.3
+    one = M.bootstrap_ci(M.auroc, y40, p, n_boot=400, seed=2, groups=np.arange(40))
+    tripled = M.bootstrap_ci(M.auroc, np.repeat(y40, 3), np.repeat(p, 3), n_boot=400, seed=2, groups=groups)
+    rows = M.bootstrap_ci(M.auroc, np.repeat(y40, 3), np.repeat(p, 3), n_boot=400, seed=2)
+    assert np.allclose(one, tripled)
+    assert rows[1] - rows[0] < 0.8 * (one[1] - one[0])
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        M.bootstrap_counts(y, 5, rng, groups=groups[:3])
+
+
+def test_paired_difference_of_two_scores_on_the_same_subjects() -> None:
+    rng = np.random.default_rng(3)
+    items_same, items_better = [], []
+    for task in range(3):
+        n = 600
+        risk = rng.standard_normal(n)
+        y = rng.random(n) < 1 / (1 + np.exp(-(2 * risk - 3)))
+        good = risk + 0.5 * rng.standard_normal(n)
+        bad = risk + 2.0 * rng.standard_normal(n)
+        groups = np.arange(n) // 2  # the same 300 subjects in every task
+        items_same.append((y, good, good.copy(), groups))
+        items_better.append((y, good, bad, groups))
+    same = M.paired_difference(items_same, n_boot=200, seed=0)
+    assert same.n_tasks == 3 and same.mean == 0.0 and same.ci == (0.0, 0.0) and same.fraction_at_or_below_zero == 1.0
+    better = M.paired_difference(items_better, n_boot=300, seed=0)
+    direct = np.mean([M.auroc(y, a) - M.auroc(y, b) for y, a, b, _ in items_better])
+    assert better.mean == pytest.approx(direct)
+    assert 0 < better.ci[0] < better.mean < better.ci[1] and better.fraction_at_or_below_zero == 0.0
+    reverse = M.paired_difference([(y, b, a, g) for y, a, b, g in items_better], n_boot=300, seed=0)
+    assert reverse.mean == pytest.approx(-better.mean) and reverse.fraction_at_or_below_zero == 1.0
+    with pytest.raises(ValueError, match="at least one task"):
+        M.paired_difference([])
+
+
 def test_metric_input_errors() -> None:
     with pytest.raises(ValueError, match="0/1"):
         M.auroc(np.array([0, 2]), np.array([0.1, 0.2]))
@@ -147,6 +199,35 @@ def test_logistic_probe_refuses_a_single_class() -> None:
     x = np.random.default_rng(0).standard_normal((20, 3))
     with pytest.raises(ValueError, match="only one class"):
         fit_logistic_probe(x, np.zeros(20), x, np.zeros(20))
+
+
+def test_subject_folds_keep_subjects_whole_and_spread_the_positives() -> None:
+    groups = np.repeat(np.arange(100), 4)
+    y = np.zeros(400, dtype=bool)
+    y[np.arange(0, 400, 40)] = True  # 10 subjects with one positive row each
+    fold = subject_folds(groups, y, n_folds=5, seed=0)
+    assert all(len(set(fold[groups == g])) == 1 for g in range(100))
+    assert np.bincount(fold[y], minlength=5).tolist() == [2, 2, 2, 2, 2]
+    assert sorted(np.bincount(fold[::4], minlength=5).tolist()) == [20] * 5
+    with pytest.raises(ValueError, match="n_folds"):
+        subject_folds(groups, y, n_folds=2)
+
+
+def test_cross_fitted_probe_never_sees_the_rows_it_scores() -> None:
+    x, y, prob, _ = logistic_data(2000, 6, seed=4)
+    groups = np.arange(2000) // 2
+    p = cross_fit_logistic(x, y, groups, n_folds=5, seed=1)
+    assert np.isfinite(p).all() and M.auroc(y, p) > M.auroc(y, prob) - 0.03
+    # A fold's scores depend only on the other folds' labels: flipping every label in one fold
+    # leaves that fold's out-of-fold probabilities exactly as they were.
+    fold = subject_folds(groups, y, 5, seed=1)
+    flipped = y.copy()
+    flipped[fold == 2] = ~flipped[fold == 2]
+    p2 = cross_fit_logistic(x, flipped, groups, n_folds=5, folds=fold)
+    assert np.array_equal(p2[fold == 2], p[fold == 2])
+    assert not np.allclose(p2[fold == 0], p[fold == 0])  # fold 0 was trained or tuned on fold 2
+    with pytest.raises(ValueError, match="one class"):
+        cross_fit_logistic(x[:50], np.eye(1, 50, 0, dtype=bool)[0], np.arange(50), n_folds=5)
 
 
 def test_ridge_probe_recovers_a_linear_target() -> None:

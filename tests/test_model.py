@@ -203,7 +203,8 @@ def test_genomics_does_not_decay_with_time() -> None:
     no_prs = replace(batch, prs_valid=torch.zeros_like(batch.prs_valid))
 
     def shift(b, days):  # type: ignore[no-untyped-def]
-        return replace(b, times=b.times + days, wear_times=b.wear_times + days, prediction_time=b.prediction_time + days)
+        return replace(b, times=b.times + days, wear_times=b.wear_times + days, prediction_time=b.prediction_time + days,
+                       birth_time=b.birth_time + days)
 
     effect_now = model.embed(batch) - model.embed(no_prs)
     effect_later = model.embed(shift(batch, 3000.0)) - model.embed(shift(no_prs, 3000.0))
@@ -300,3 +301,24 @@ def test_query_time_must_have_one_entry_per_sample() -> None:
     batch = random_batch(batch_size=3, vocab_size=40)
     with pytest.raises(ValueError, match="query_time"):
         model(batch, query_time=torch.zeros(2))
+
+
+def test_age_enters_through_birth_time_and_survives_a_date_shift() -> None:
+    """The age embedding: a different birth changes the embedding, an unknown one (NaN) adds
+    nothing, and shifting every time and the birth together (a date shift) changes nothing."""
+    model = tiny_model().eval()
+    batch = random_batch(vocab_size=VOCAB, modalities=[("ehr",), ("ehr", "wearables")] * 2, batch_size=4, seed=21)
+    assert torch.isfinite(batch.birth_time).all()
+    with torch.no_grad():
+        base = model.embed(batch)
+        older = model.embed(replace(batch, birth_time=batch.birth_time - 3652.5))
+        assert (older - base).abs().amax(dim=1).min() > 1e-4
+        days = 12345.0
+        moved = replace(batch, times=batch.times + days, wear_times=batch.wear_times + days,
+                        prediction_time=batch.prediction_time + days, birth_time=batch.birth_time + days)
+        torch.testing.assert_close(model.embed(moved), base, atol=2e-4, rtol=1e-3)
+        unknown = replace(batch, birth_time=torch.full_like(batch.birth_time, float("nan")))
+        model.backbone.age_embedding[-1].bias.data += 1.0  # any age term would now show
+        a = model.embed(unknown)
+        model.backbone.age_embedding[-1].bias.data -= 1.0
+        torch.testing.assert_close(a, model.embed(unknown))

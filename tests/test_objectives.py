@@ -141,6 +141,7 @@ def _batch(codes_times: list[tuple[int, float]], patch_times: list[float], predi
         wear_valid=torch.ones(1, p, dtype=torch.bool),
         prs=torch.zeros(1, TRAITS),
         prs_valid=torch.zeros(1, TRAITS, dtype=torch.bool),
+        birth_time=torch.tensor([-365.25 * 50]),
     )
 
 
@@ -308,7 +309,8 @@ def test_future_codes_is_zero_without_a_future_window() -> None:
     # The whole record spans 20 days: no anchor leaves even the 30-day window inside it.
     batch = _batch([(5, 0.0), (6, 10.0), (7, 20.0)], [], prediction_time=25.0)
     anchor, has_anchor = sample_future_anchors(batch, model.cfg.pretraining, torch.Generator().manual_seed(0))
-    assert not bool(has_anchor.any()) and float(anchor[0]) == 25.0
+    assert anchor.shape == has_anchor.shape == (1, model.cfg.pretraining.future_anchors_per_sample)
+    assert not bool(has_anchor.any()) and bool((anchor == 25.0).all())
     losses = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(0))
     assert float(losses["future_codes"]) == 0.0
     assert torch.isfinite(losses["total"])
@@ -325,12 +327,34 @@ def test_future_anchors_leave_a_window_inside_the_record() -> None:
         again, _ = sample_future_anchors(batch, cfg, torch.Generator().manual_seed(seed))
         assert torch.equal(anchor, again)  # the generator decides
         assert bool(has_anchor.any())
-        for b in has_anchor.nonzero().flatten().tolist():
-            t = float(anchor[b])
+        assert anchor.shape == (8, cfg.future_anchors_per_sample)
+        for b, q in has_anchor.nonzero().tolist():
+            t = float(anchor[b, q])
             assert bool(((batch.times[b] == t) & events[b]).any()), "an anchor is an event time"
             assert t + min(cfg.future_horizons_days) < float(record_end[b])
             seen_anchors.add((b, t))
-    assert len(seen_anchors) > int(has_anchor.sum())  # anchors vary with the draw
+    assert len(seen_anchors) > int(has_anchor.any(dim=1).sum())  # anchors vary with the draw
+
+
+def test_several_query_tokens_each_give_the_single_query_state() -> None:
+    """Q anchors in one pass: no query reads another, so each query's state (and the loss built
+    on it) is what a forward pass with that query alone gives."""
+    model = tiny_model().eval()
+    batch = random_batch(batch_size=4, modalities={"ehr", "wearables"}, vocab_size=VOCAB, seed=4)
+    anchors = torch.stack([batch.prediction_time * f for f in (0.3, 0.6, 1.0)], dim=1)  # [B, 3]
+    out = model(batch, query_time=anchors)
+    assert out.queries.shape == (4, 3, model.cfg.d_model)
+    for q in range(3):
+        single = model(batch, query_time=anchors[:, q])
+        torch.testing.assert_close(out.queries[:, q], single.embedding, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.states[:, :-3], single.states[:, :-1], rtol=1e-5, atol=1e-5)
+    # The targets of a [B, Q] anchor are those of each column alone.
+    multi = future_window_targets(batch, anchors, 90.0, VOCAB)
+    for q in range(3):
+        for got, want in zip(multi, future_window_targets(batch, anchors[:, q], 90.0, VOCAB)):
+            assert torch.equal(got[:, q], want)
+    with pytest.raises(ValueError, match="query_time"):
+        model(batch, query_time=torch.zeros(4, 0))
 
 
 def test_future_window_targets_censoring_and_history() -> None:
@@ -400,7 +424,8 @@ def test_pretraining_places_the_query_at_the_anchor() -> None:
     g = torch.Generator().manual_seed(5)
     masks = sample_masks(batch, cfg, g)
     anchor, has_anchor = sample_future_anchors(batch, cfg, g)
-    assert bool(has_anchor.any()) and bool((anchor[has_anchor] < batch.prediction_time[has_anchor]).all())
+    assert bool(has_anchor.any())
+    assert bool((anchor < batch.prediction_time[:, None]).where(has_anchor, torch.tensor(True)).all())
     expected = future_codes_loss(model, model(batch, masks=masks, query_time=anchor), batch, anchor, has_anchor, cfg)
     got = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(5))
     torch.testing.assert_close(got["future_codes"], expected["future_codes"])

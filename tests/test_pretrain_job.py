@@ -15,10 +15,25 @@ import torch
 
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import TASKS, OnsetTask, onset_labels_from_events, visit_prediction_times
+from healthfm_core.data.tasks import (
+    TASKS,
+    OnsetTask,
+    onset_labels_from_events,
+    visit_prediction_times,
+    wear_period_end_times,
+)
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.data.vocab import build_vocabulary, site_code_stats
-from healthfm_core.eval.runner import PooledEmbedder, build_site_rows, restrict_modalities
+from healthfm_core.eval.runner import (
+    MethodFeatures,
+    PooledEmbedder,
+    build_eval_set,
+    build_site_rows,
+    evaluate_cross_fitted,
+    paired_auroc_difference,
+    restrict_modalities,
+    subsample_train,
+)
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.testing import random_batch
@@ -42,7 +57,8 @@ def test_pretrain_job_writes_report_plots_and_the_full_table(federation, tmp_pat
         sys.executable, "-m", "simulations.pretrain", "model=tiny", "scenario=tiny", "data.n_subjects=60",
         f"data.dir={federation}", f"out_dir={out}", "train.steps=3", "train.batch_size=8", "train.checkpoint_every=2",
         "data.max_events=32", "data.max_patches=6", "eval.n_boot=20", "eval.batch_size=256", "eval.n_per_subject=2",
-        "~eval.modality_ablation.cohorts.all_three", "progress=false",
+        "~eval.modality_ablation.cohorts.all_three", "progress=false", "eval.summary_min_positives=2",
+        "eval.label_efficiency.fractions=[0.5,1.0]", "eval.label_efficiency.repeats=2",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -89,6 +105,10 @@ def test_pretrain_job_writes_report_plots_and_the_full_table(federation, tmp_pat
     ablation = results["modality_ablation"]
     assert {"with_wearables: pretrained[ehr]", "with_wearables: pretrained[ehr+wearables]"} <= set(ablation)
     assert "Test-time modality ablation" in text
+    # Paired differences against each baseline are in the results (None: no pair had enough positives).
+    assert {"pretrained - random_init", "pretrained - counts"} <= set(results["differences"])
+    # The label-efficiency curve: a table row per method and its plot.
+    assert "Label efficiency" in text and "| pretrained | " in text and "label_efficiency.png" in pngs
     # Training: history of every step, checkpoints kept, the vocabulary saved.
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [0, 1, 2]
@@ -121,6 +141,67 @@ def test_site_rows_hold_exactly_the_task_labels(federation) -> None:
     assert [splits[s] for s in rows.subject_id.tolist()] == rows.split.tolist()
 
 
+def test_wear_period_end_rows_and_cross_fitted_probes(federation) -> None:
+    """The ablation's rows: the onset tasks asked at the end of every wear period, only for
+    subjects with wearables, scored out of fold; the paired difference of two conditions."""
+    site = open_site(federation / "sites" / "biobank")
+    vocab = build_vocabulary([site_code_stats(site, min_subjects=2)], min_subjects=2)
+    seqs = SiteSequences.from_site(site, vocab)
+    tasks = {k: TASKS[k] for k in ONSET}
+    data = build_eval_set({"biobank": (site, seqs)}, tasks, onset_times="wear_period_ends")
+    ends = wear_period_end_times(site.read_wearables())
+    assert len(data) == ends.num_rows > 0
+    assert data.sites[0].prediction_time_us.tolist() == ends["prediction_time"].cast("int64").to_pylist()
+    assert data.subject_keys()[0] == f"biobank/{data.sites[0].subject_id[0]}"
+    # A site without wearables gives no rows (not an error).
+    cohort = open_site(federation / "sites" / "genomics")
+    gseqs = SiteSequences.from_site(cohort, vocab)
+    assert len(build_eval_set({"genomics": (cohort, gseqs)}, tasks, onset_times="wear_period_ends")) == 0
+    with pytest.raises(ValueError, match="onset_times"):
+        build_site_rows("biobank", site, seqs, tasks, onset_times="weekly")  # type: ignore[arg-type]
+
+    # Features that carry the label of the 365-day T2D task (plus noise) against pure noise.
+    key = max(ONSET, key=lambda k: np.nansum(data.labels(k)))
+    y = data.labels(key)
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((len(data), 3))
+    signal = noise + np.where(np.isfinite(y), 3.0 * np.nan_to_num(y), 0.0)[:, None]
+    rows = np.arange(len(data))
+    present = np.ones((len(data), 3), dtype=bool)
+    good = evaluate_cross_fitted("good", data, MethodFeatures(signal, present, rows), tasks=[key], n_folds=3,
+                                 n_boot=50, min_positives=2)
+    bad = evaluate_cross_fitted("bad", data, MethodFeatures(noise, present, rows), tasks=[key], n_folds=3,
+                                n_boot=50, min_positives=2)
+    if key in good.skipped:  # too few positives per fold in this tiny cohort
+        pytest.skip(good.skipped[key])
+    assert good.rows[0].auroc > 0.9 and good.rows[0].n == int(np.isfinite(y).sum())
+    assert set(good.scored_rows[key].tolist()) == set(np.flatnonzero(np.isfinite(y)).tolist())
+    diff = paired_auroc_difference(data, good, bad, [key], n_boot=50)
+    assert diff is not None and diff.mean == pytest.approx(good.rows[0].auroc - bad.rows[0].auroc)
+    assert diff.ci[0] > 0
+    skipped = evaluate_cross_fitted("good", data, MethodFeatures(signal, present, rows), tasks=[key], min_positives=10**6)
+    assert key in skipped.skipped and not skipped.rows
+
+
+def test_subsample_train_keeps_the_test_rows_and_nests(federation) -> None:
+    site = open_site(federation / "sites" / "biobank")
+    vocab = build_vocabulary([site_code_stats(site, min_subjects=2)], min_subjects=2)
+    data = build_eval_set({"biobank": (site, SiteSequences.from_site(site, vocab))},
+                          {k: TASKS[k] for k in ONSET}, n_per_subject=3)
+    rows = np.arange(len(data))
+    split, subject = data.column("split"), data.subject_keys()
+    half, fifth = subsample_train(data, rows, 0.5, seed=3), subsample_train(data, rows, 0.2, seed=3)
+    n_train = len(np.unique(subject[split == "train"]))
+    assert len(np.unique(subject[half][split[half] == "train"])) == round(0.5 * n_train)
+    assert set(fifth.tolist()) <= set(half.tolist())  # nested at one seed
+    assert set(rows[split != "train"].tolist()) <= set(fifth.tolist())  # the test rows stay
+    kept = set(subject[half][split[half] == "train"].tolist())  # whole subjects, all their rows
+    assert all(i in set(half.tolist()) for i in rows[(split == "train") & np.isin(subject, list(kept))])
+    assert np.array_equal(subsample_train(data, rows, 1.0), rows)
+    with pytest.raises(ValueError, match="fraction"):
+        subsample_train(data, rows, 0.0)
+
+
 def test_restrict_modalities_removes_exactly_the_dropped_modalities() -> None:
     mods = [("ehr",), ("ehr", "wearables"), ("ehr", "genomics"), ("ehr", "wearables", "genomics")]
     batch = random_batch(batch_size=4, modalities=mods, seed=3)
@@ -143,6 +224,9 @@ def test_restrict_modalities_removes_exactly_the_dropped_modalities() -> None:
         assert not torch.allclose(full[i], reduced[i], atol=1e-4)
     with pytest.raises(ValueError, match="unknown modalities"):
         restrict_modalities(batch, ["ehr", "images"])
+    # Without the EHR there is no MEDS_BIRTH row, so no age either.
+    assert torch.isnan(restrict_modalities(batch, ["wearables"]).birth_time).all()
+    assert torch.equal(ehr_only.birth_time, batch.birth_time)
 
 
 def test_pooled_embedder_query_block_is_the_models_embedding() -> None:

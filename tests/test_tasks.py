@@ -20,6 +20,7 @@ from healthfm_core.data.tasks import (
     onset_labels_from_events,
     task_labels,
     visit_prediction_times,
+    wear_period_end_times,
     wearable_regression_labels,
     write_labels,
     write_task_labels,
@@ -179,6 +180,31 @@ def test_wearable_regression_targets_second_half() -> None:
     assert wearable_regression_labels(wear.slice(0, 0)).num_rows == 0
     with pytest.raises(ValueError, match="target"):
         wearable_regression_labels(wear, target="steps")  # type: ignore[arg-type]
+
+
+def test_wear_period_end_times_are_the_end_of_each_periods_last_epoch() -> None:
+    n = 2 * 2880  # two days of 30-s epochs
+    enmo, hr = np.full(n, 20.0), np.full(n, 60.0)
+    wear = pa.concat_tables([
+        wear_table(2, day(3), n, enmo, None),
+        wear_table(1, day(100), n, enmo, hr),  # out of order on purpose: the function sorts
+        wear_table(1, day(0), n, enmo, hr),
+        wear_table(3, day(3), 100, enmo[:100], hr[:100]),  # 50 minutes: shorter than a day, skipped
+    ])
+    ends = wear_period_end_times(wear)
+    assert ends.to_pylist() == [
+        {"subject_id": 1, "prediction_time": day(2)},
+        {"subject_id": 1, "prediction_time": day(102)},
+        {"subject_id": 2, "prediction_time": day(5)},
+    ]
+    # A gap of more than max_gap_hours inside a day splits it into two periods.
+    gap = pa.concat_tables([wear_table(4, day(0), 1440, enmo[:1440], hr[:1440]),
+                            wear_table(4, day(0.75), 1440, enmo[:1440], hr[:1440])])
+    assert wear_period_end_times(gap, min_period_hours=1.0)["prediction_time"].to_pylist() == [day(0.5), day(1.25)]
+    assert wear_period_end_times(gap, max_gap_hours=12.0, min_period_hours=1.0)["prediction_time"].to_pylist() == [day(1.25)]
+    assert wear_period_end_times(wear.slice(0, 0)).num_rows == 0
+    with pytest.raises(ValueError, match="no column 'time'"):
+        wear_period_end_times(wear.drop_columns(["time"]))
 
 
 def test_registry_names() -> None:

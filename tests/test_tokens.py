@@ -167,6 +167,19 @@ def test_time_shift_invariance(tmp_path: Path) -> None:
     assert out_a[1].wear_valid.any()  # wearables did reach the labelled batch
 
 
+def test_birth_time_gives_the_age_even_when_the_birth_row_is_cut() -> None:
+    born = events([(1, day(-365.25 * 40), "MEDS_BIRTH", None), *[(1, day(d), "ICD10//I10", None) for d in range(1, 6)],
+                   (2, day(5), "ICD10//I10", None)])
+    seqs = SiteSequences(born, None, vocab_for(born))
+    one = seqs.sample(int(seqs.index_of(np.array([1]))[0]), int(to_us(pa.array([day(5)]))[0]), max_events=2)
+    assert len(one.codes) == 2 and one.birth_time == 0.0  # the clock starts at birth
+    assert one.prediction_time - one.birth_time == pytest.approx(365.25 * 40 + 5)
+    two = seqs.sample(int(seqs.index_of(np.array([2]))[0]), int(to_us(pa.array([day(5)]))[0]))
+    assert np.isnan(two.birth_time)  # no MEDS_BIRTH row: age unknown
+    batch = collate([one, two])
+    assert batch.birth_time[0] == 0.0 and torch.isnan(batch.birth_time[1])
+
+
 def test_unknown_codes_are_unk_without_value() -> None:
     known = events([(1, day(0), "LAB//HBA1C", 6.0), (2, day(0), "LAB//HBA1C", 7.0)])
     vocab = vocab_for(known)

@@ -2,7 +2,8 @@
 
 One `Batch` holds B (subject, prediction_time) samples, padded. Times are float days from
 each subject's first timed event (fp32 is fine at that scale; epoch seconds are not).
-Static EHR rows (MEDS rows with null time that are not PRS) sit at time 0.
+Static EHR rows (MEDS rows with null time that are not PRS) sit at time 0. `birth_time` places
+the subject's MEDS_BIRTH on that clock (NaN when the site has no birth row for the subject).
 
 Nothing in a batch is later than the sample's prediction_time: the pipeline guarantees it,
 the model relies on it.
@@ -48,6 +49,9 @@ class Batch:
     # Genomics: one standardised PRS per agreed trait.
     prs: torch.Tensor  # [B, T] float32 (0 where missing)
     prs_valid: torch.Tensor  # [B, T] bool
+    # The subject's MEDS_BIRTH time, days on the same clock (NaN: no birth row). Age at a token
+    # is its time minus this: unlike calendar time it survives shifting every date.
+    birth_time: torch.Tensor  # [B] float32
 
     def to(self, device: torch.device | str) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})

@@ -24,6 +24,10 @@ below `max_gap_hours`) is split at its middle epoch; prediction_time is the star
 ENMO < `rest_enmo_mg`) for `target="resting_hr"`, mean ENMO (mg) for `target="mean_enmo"`.
 Only subjects with wearables get rows; resting HR needs enough non-null HR epochs, so sites whose
 devices have no PPG give no resting-HR rows (use mean ENMO there).
+
+Wear-period ends (`wear_period_end_times`): the same periods, prediction_time at the end of each
+one's last epoch. The modality ablation asks its onset questions there, where a subject's
+wearable data is freshest (visit times mostly fall months away from any wear period).
 """
 
 from __future__ import annotations
@@ -239,6 +243,51 @@ def onset_labels(
 # ------------------------------------------------------------------------------ wearable regression
 
 
+def _sorted_wear_columns(wearables: pa.Table, values: bool = True) -> tuple[np.ndarray, ...]:
+    """(subject_id, time µs[, enmo, hr]) sorted by subject then time."""
+    need = ("subject_id", "time", "enmo_mg", "hr_bpm") if values else ("subject_id", "time")
+    for col in need:
+        if col not in wearables.column_names:
+            raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
+    cols = [wearables["subject_id"].to_numpy(), to_us(wearables["time"], "time")]
+    if values:
+        cols += [wearables[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in ("enmo_mg", "hr_bpm")]
+    ds = np.diff(cols[0])
+    if not np.all((ds > 0) | ((ds == 0) & (np.diff(cols[1]) > 0))):  # site data is sorted already
+        order = np.lexsort((cols[1], cols[0]))
+        cols = [c[order] for c in cols]
+    return tuple(cols)
+
+
+def _wear_periods(sid: np.ndarray, t: np.ndarray, max_gap_hours: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Wear periods of sorted epochs: a new one at each new subject or gap above max_gap_hours.
+    Returns (period index per epoch, first epoch of each period, span in µs of each period)."""
+    new = np.ones(len(sid), dtype=bool)
+    new[1:] = (sid[1:] != sid[:-1]) | (np.diff(t) > int(max_gap_hours * 3_600_000_000))
+    period = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    span = t[np.append(starts[1:], len(sid)) - 1] + EPOCH_US - t[starts]
+    return period, starts, span
+
+
+def wear_period_end_times(
+    wearables: pa.Table, max_gap_hours: float = 6.0, min_period_hours: float = 24.0
+) -> pa.Table:
+    """(subject_id, prediction_time) at the end of each wear period (the end of its last epoch):
+    the moment a wearable study reads a period out, when the device data is freshest. Periods
+    shorter than min_period_hours are skipped. Sorted by subject and time."""
+    if wearables.num_rows == 0:
+        return pa.table({"subject_id": pa.array([], pa.int64()), "prediction_time": pa.array([], pa.timestamp("us"))})
+    sid, t = _sorted_wear_columns(wearables, values=False)
+    _, starts, span = _wear_periods(sid, t, max_gap_hours)
+    last = np.append(starts[1:], len(sid)) - 1
+    ok = span >= int(min_period_hours * 3_600_000_000)
+    return pa.table({
+        "subject_id": pa.array(sid[starts[ok]], pa.int64()),
+        "prediction_time": pa.array(t[last[ok]] + EPOCH_US, pa.int64()).cast(pa.timestamp("us")),
+    })
+
+
 def wearable_regression_labels(
     wearables: pa.Table,
     target: Literal["resting_hr", "mean_enmo"] = "resting_hr",
@@ -260,25 +309,10 @@ def wearable_regression_labels(
     )
     if wearables.num_rows == 0:
         return empty
-    for col in ("subject_id", "time", "enmo_mg", "hr_bpm"):
-        if col not in wearables.column_names:
-            raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
-    sid = wearables["subject_id"].to_numpy()
-    t = to_us(wearables["time"], "time")
-    enmo = wearables["enmo_mg"].to_numpy(zero_copy_only=False).astype(np.float64)
-    hr = wearables["hr_bpm"].to_numpy(zero_copy_only=False).astype(np.float64)
-    ds = np.diff(sid)
-    if not np.all((ds > 0) | ((ds == 0) & (np.diff(t) > 0))):  # site data is sorted already
-        order = np.lexsort((t, sid))
-        sid, t, enmo, hr = sid[order], t[order], enmo[order], hr[order]
-    # Periods: a new one at each new subject or gap above max_gap_hours.
-    new = np.ones(len(sid), dtype=bool)
-    new[1:] = (sid[1:] != sid[:-1]) | (np.diff(t) > int(max_gap_hours * 3_600_000_000))
-    period = np.cumsum(new) - 1
-    starts = np.flatnonzero(new)
+    sid, t, enmo, hr = _sorted_wear_columns(wearables)
+    period, starts, span = _wear_periods(sid, t, max_gap_hours)
     counts = np.diff(np.append(starts, len(sid)))
     mid = starts + counts // 2
-    span = t[np.append(starts[1:], len(sid)) - 1] + EPOCH_US - t[starts]
     second = np.arange(len(sid)) >= mid[period]
     if target == "resting_hr":
         use = second & np.isfinite(hr) & np.isfinite(enmo) & (enmo < rest_enmo_mg)

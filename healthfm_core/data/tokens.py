@@ -13,6 +13,8 @@ Rules (the model relies on them):
 - Static rows (null time) that are not PRS are tokens at time 0, always visible, placed before
   the timed events; they count against `max_events`.
 - `PRS//<trait>` rows fill `Batch.prs` in the vocabulary's trait order (static: always visible).
+- `MEDS_BIRTH` also sets `Batch.birth_time` (the model's age input), so age is known even when
+  the birth row itself is older than the most recent `max_events`.
 - A sample (subject, prediction_time) keeps the timed events with time <= prediction_time and
   the wearable epochs whose end (time + 30 s) <= prediction_time; only the most recent
   `max_events` events and `max_patches` patches are kept.
@@ -35,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from meds import birth_code as BIRTH_CODE
 from torch.utils.data import DataLoader, Dataset
 
 from healthfm_core.data.batch import PAD_CODE, WEARABLE_CHANNELS, Batch
@@ -107,6 +110,7 @@ class Sample:
     wear_times: np.ndarray  # [p] float32
     prs: np.ndarray  # [T] float32
     prs_valid: np.ndarray  # [T] bool
+    birth_time: float = float("nan")  # days, same clock as times (NaN: no MEDS_BIRTH row)
     label: float | None = None
 
 
@@ -200,6 +204,16 @@ class SiteSequences:
         first_ev[has_ev] = self.ev_time_us[self.ev_offsets[:-1][has_ev]]
         last_ev[has_ev] = self.ev_time_us[self.ev_offsets[1:][has_ev] - 1]
         self.t0_us = np.minimum(first_ev, self._wear_first_us)
+        # MEDS_BIRTH: the first birth row of each subject (age = time - birth, shift-invariant).
+        is_birth = pc.fill_null(pc.equal(code, BIRTH_CODE), False).to_numpy(zero_copy_only=False) & is_timed
+        self.birth_us = np.full(n_subj, _NO_TIME, dtype=np.int64)
+        if np.any(is_birth):
+            b_sub, b_time = subj_idx[is_birth], time_us[is_birth]
+            order = np.lexsort((b_time, b_sub))
+            b_sub, b_time = b_sub[order], b_time[order]
+            first = np.ones(len(b_sub), dtype=bool)
+            first[1:] = b_sub[1:] != b_sub[:-1]
+            self.birth_us[b_sub[first]] = b_time[first]
         self.last_time_us = np.maximum(last_ev, self._wear_last_end_us)
         self.n_events = int(events.num_rows)
         self.n_epochs = int(wearables.num_rows) if wearables is not None else 0
@@ -335,9 +349,11 @@ class SiteSequences:
             late = slot_end > pt
             wear[-1, late] = 0.0
             wmask[-1, late] = False
+        birth = int(self.birth_us[index])
         return Sample(
             subject_id=int(self.subject_ids[index]),
             prediction_time=(pt - t0) / US_PER_DAY,
+            birth_time=float("nan") if birth == _NO_TIME else (birth - t0) / US_PER_DAY,
             codes=codes,
             values=values,
             has_value=has_value,
@@ -399,6 +415,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
         wear_valid=torch.from_numpy(wvalid),
         prs=torch.from_numpy(np.stack([s.prs for s in samples]).astype(np.float32).reshape(B, T)),
         prs_valid=torch.from_numpy(np.stack([s.prs_valid for s in samples]).reshape(B, T)),
+        birth_time=torch.tensor([s.birth_time for s in samples], dtype=torch.float32),
     )
 
 

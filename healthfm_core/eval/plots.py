@@ -84,7 +84,8 @@ def horizon_auroc_plot(rows: Sequence[ResultRow], path: str | Path, task: str | 
 
 def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "Training") -> Path:
     """One panel per logged objective (every key of the step records except bookkeeping ones),
-    loss against step, plus the decay-rate range if it was logged."""
+    loss against step, plus the decay-rate range if it was logged. A loss of exactly 0 is a step
+    whose batch had no data for it (pretraining_losses' convention) and is left out, not drawn."""
     skip = {"step", "lr", "grad_norm", "rate_min", "rate_max", "examples"}
     if not history:
         raise ValueError("empty training history")
@@ -97,11 +98,16 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
     steps = np.array([h.get("step", i) for i, h in enumerate(history)])
     for ax, key in zip(axes.flat, keys):
         vals = np.array([h.get(key, np.nan) for h in history], dtype=np.float64)
+        if key != "total":
+            vals[vals == 0.0] = np.nan
         ax.plot(steps, vals, linewidth=0.8, alpha=0.5)
-        if len(vals) >= 10:  # a moving average makes the trend readable on noisy losses
+        if len(vals) >= 10:  # a moving average (over the steps that have the loss) shows the trend
             k = max(2, len(vals) // 20)
-            smooth = np.convolve(np.nan_to_num(vals), np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, linewidth=1.5)
+            have = np.isfinite(vals)
+            sums = np.convolve(np.where(have, vals, 0.0), np.ones(k), mode="valid")
+            counts = np.convolve(have.astype(np.float64), np.ones(k), mode="valid")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ax.plot(steps[k - 1:], np.where(counts > 0, sums / counts, np.nan), linewidth=1.5)
         ax.set_title(key, fontsize="small")
         ax.set_xlabel("step")
     if has_rates:
@@ -115,4 +121,23 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def label_efficiency_plot(curves: Mapping[str, Mapping[float, Sequence[float]]], path: str | Path,
+                          title: str = "Held-out AUROC against the share of train labels") -> Path:
+    """One line per method: mean (over repeats) of the mean AUROC across tasks, at each fraction
+    of the train subjects whose labels the probe gets, with the repeats' spread as error bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, by_fraction in curves.items():
+        fr = sorted(by_fraction)
+        means = [float(np.mean(by_fraction[f])) for f in fr]
+        sds = [float(np.std(by_fraction[f])) for f in fr]
+        ax.errorbar(fr, means, yerr=sds, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of train subjects labelled")
+    ax.set_ylabel("mean held-out AUROC")
+    ax.set_title(title, fontsize="small")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
     return save_figure(fig, path)

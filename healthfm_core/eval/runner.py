@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -37,16 +38,21 @@ from healthfm_core.data.tasks import (
     WearableTask,
     onset_labels_from_events,
     visit_prediction_times,
+    wear_period_end_times,
     wearable_regression_labels,
 )
 from healthfm_core.data.tokens import PretrainingDataset, Sample, SiteSequences, make_loader, to_us
+from healthfm_core.eval.metrics import PairedDifference, paired_difference
 from healthfm_core.eval.probes import (
     SPLITS,
+    binary_row,
     compute_count_features,
     compute_embeddings,
-    evaluate_binary,
-    evaluate_regression,
+    cross_fit_logistic,
+    fit_logistic_probe,
+    fit_ridge_probe,
     oracle_row,
+    regression_row,
 )
 from healthfm_core.eval.report import RegressionRow, ResultRow
 
@@ -97,7 +103,8 @@ class PredictionTimesDataset(Dataset):
 
 def restrict_modalities(batch: Batch, keep: Iterable[str]) -> Batch:
     """The batch with every modality outside `keep` removed (as if the subject had none): the
-    test-time ablation. Removing EHR also removes static rows (they are EHR tokens)."""
+    test-time ablation. Removing EHR also removes static rows (they are EHR tokens) and the age
+    (MEDS_BIRTH is an EHR row)."""
     keep = set(keep)
     if unknown := keep - set(MODALITIES):
         raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {MODALITIES}")
@@ -105,6 +112,7 @@ def restrict_modalities(batch: Batch, keep: Iterable[str]) -> Batch:
     if "ehr" not in keep:
         changes["ehr_valid"] = torch.zeros_like(batch.ehr_valid)
         changes["has_value"] = torch.zeros_like(batch.has_value)
+        changes["birth_time"] = torch.full_like(batch.birth_time, float("nan"))  # age comes from the EHR
     if "wearables" not in keep:
         changes["wear_valid"] = torch.zeros_like(batch.wear_valid)
         changes["wear_epoch_mask"] = torch.zeros_like(batch.wear_epoch_mask)
@@ -178,6 +186,10 @@ class EvalSet:
     def labels(self, task: str) -> np.ndarray:
         return np.concatenate([s.labels[task] for s in self.sites])
 
+    def subject_keys(self) -> np.ndarray:
+        """[n] "site/subject_id" of each row: the unit a bootstrap or a fold assignment keeps whole."""
+        return np.concatenate([np.char.add(f"{s.name}/", s.subject_id.astype(str)) for s in self.sites])
+
 
 def _rows_of(labels: pa.Table, rows: pa.Table) -> np.ndarray:
     """Position in `rows` of each (subject_id, prediction_time) of `labels` (all must be there)."""
@@ -203,17 +215,28 @@ def _splits_of(site: Site, subject_ids: np.ndarray, name: str) -> np.ndarray:
     return split[order][pos]
 
 
+OnsetTimes = Literal["visits", "wear_period_ends"]
+
+
 def build_site_rows(
-    name: str, site: Site, seqs: SiteSequences, tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0
+    name: str, site: Site, seqs: SiteSequences, tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0,
+    onset_times: OnsetTimes = "visits",
 ) -> SiteRows:
-    """The union of the evaluation rows of `tasks` at one site, with per-task labels."""
+    """The union of the evaluation rows of `tasks` at one site, with per-task labels. The onset
+    tasks are asked at visits (`visit_prediction_times`) or at the end of every wear period
+    (`wear_period_end_times`: only subjects with wearables, the modality ablation's rows)."""
     onset = {k: t for k, t in tasks.items() if isinstance(t, OnsetTask)}
     wear = {k: t for k, t in tasks.items() if isinstance(t, WearableTask)}
     tables: list[pa.Table] = []
     per_task: dict[str, pa.Table] = {}
     if onset:
         events = site.read_events(columns=["subject_id", "time", "code"])
-        times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+        if onset_times == "visits":
+            times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+        elif onset_times == "wear_period_ends":
+            times = wear_period_end_times(site.read_wearables())
+        else:
+            raise ValueError(f"onset_times must be 'visits' or 'wear_period_ends', got {onset_times!r}")
         tables.append(times)
         for key, task in onset.items():
             per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
@@ -225,6 +248,9 @@ def build_site_rows(
             tables.append(lab.select(["subject_id", "prediction_time"]))
     if not tables:
         raise ValueError("no tasks to build evaluation rows for")
+    if sum(t.num_rows for t in tables) == 0:
+        return SiteRows(name=name, seqs=seqs, subject_id=np.zeros(0, np.int64), prediction_time_us=np.zeros(0, np.int64),
+                        split=np.zeros(0, dtype=object), labels={k: np.zeros(0) for k in per_task})
     rows = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
     rows = rows.group_by(["subject_id", "prediction_time"]).aggregate([])  # distinct rows
     rows = rows.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
@@ -244,9 +270,10 @@ def build_site_rows(
 
 
 def build_eval_set(
-    sites: Mapping[str, tuple[Site, SiteSequences]], tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0
+    sites: Mapping[str, tuple[Site, SiteSequences]], tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0,
+    onset_times: OnsetTimes = "visits",
 ) -> EvalSet:
-    parts = [build_site_rows(name, site, seqs, tasks, n_per_subject, seed) for name, (site, seqs) in sites.items()]
+    parts = [build_site_rows(name, site, seqs, tasks, n_per_subject, seed, onset_times) for name, (site, seqs) in sites.items()]
     data = EvalSet(sites=parts, tasks=dict(tasks))
     for key in tasks:
         y = data.labels(key)
@@ -326,6 +353,7 @@ class MethodResult:
     rows: list[ResultRow] = field(default_factory=list)
     regression_rows: list[RegressionRow] = field(default_factory=list)
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # task -> held_out (y, p)
+    scored_rows: dict[str, np.ndarray] = field(default_factory=dict)  # task -> EvalSet positions of those rows
     skipped: dict[str, str] = field(default_factory=dict)  # task -> why it was not evaluated
 
 
@@ -348,10 +376,27 @@ def evaluate_method(
     tuning, scores on held_out. A task without enough train positives, or without held_out
     rows, is skipped with the reason. score_split="tuning" scores the tuning rows instead: the
     split to compare design choices (pooling, steps) on, so held_out is never tuned on."""
-    if score_split not in ("held_out", "tuning"):
-        raise ValueError(f"score_split must be 'held_out' or 'tuning', got {score_split!r}")
-    out = MethodResult()
+    return evaluate_method_splits(method, data, features, (score_split,), tasks, {score_split: n_boot}, seed,
+                                  min_train_positives)[score_split]
+
+
+def evaluate_method_splits(
+    method: str,
+    data: EvalSet,
+    features: MethodFeatures,
+    score_splits: Sequence[str] = ("held_out", "tuning"),
+    tasks: Iterable[str] | None = None,
+    n_boot: Mapping[str, int] | None = None,
+    seed: int = 0,
+    min_train_positives: int = 2,
+) -> dict[str, MethodResult]:
+    """evaluate_method for several score splits with one probe fit per task (the fit is the
+    expensive part): {split: results}. n_boot per split (default 1000)."""
+    if bad := [s for s in score_splits if s not in ("held_out", "tuning")]:
+        raise ValueError(f"score splits must be 'held_out' or 'tuning', got {bad}")
+    out = {s: MethodResult() for s in score_splits}
     split_all = data.column("split")
+    subject = data.subject_keys()
     for key in data.tasks if tasks is None else tasks:
         task = data.tasks[key]
         y_all = data.labels(key)[features.rows]
@@ -359,17 +404,79 @@ def evaluate_method(
         name, horizon = task_display(task)
         regression = not isinstance(task, OnsetTask)
         if (why := _why_skip(y_all, by, regression, min_train_positives)) is not None:
-            out.skipped[key] = why
+            for res in out.values():
+                res.skipped[key] = why
             continue
-        parts = [(features.x[by[s]], y_all[by[s]]) for s in ("train", "tuning", score_split)]
+        (x_tr, y_tr), (x_tu, y_tu) = [(features.x[by[s]], y_all[by[s]]) for s in ("train", "tuning")]
         if regression:
-            row, pred = evaluate_regression(method, name, *parts, n_boot=n_boot, seed=seed)
-            out.regression_rows.append(row)
-            out.predictions[key] = (parts[2][1], pred)
+            probe = fit_ridge_probe(x_tr, y_tr, x_tu, y_tu)
         else:
-            row, p = evaluate_binary(method, name, horizon, *[(x, yy.astype(bool)) for x, yy in parts], n_boot=n_boot, seed=seed)
-            out.rows.append(row)
-            out.predictions[key] = (parts[2][1].astype(bool), p)
+            probe = fit_logistic_probe(x_tr, y_tr.astype(bool), x_tu, y_tu.astype(bool))
+        for split, res in out.items():
+            x, y = features.x[by[split]].astype(np.float64), y_all[by[split]]
+            boot = (n_boot or {}).get(split, 1000)
+            if regression:
+                pred = probe.predict(x)
+                res.regression_rows.append(regression_row(method, name, y, pred, boot, seed))
+                res.predictions[key] = (y, pred)
+            else:
+                p = probe.predict_proba(x)
+                res.rows.append(binary_row(method, name, horizon, y.astype(bool), p, boot, seed,
+                                           subject[features.rows[by[split]]]))
+                res.predictions[key] = (y.astype(bool), p)
+            res.scored_rows[key] = features.rows[by[split]]
+    return out
+
+
+def subsample_train(data: EvalSet, rows: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """The positions `rows` with their train-split rows cut to those of a random `fraction` of the
+    train subjects (tuning and held_out rows stay): a probe with fewer labels, on the same test.
+    Nested: at one seed, the subjects kept at a fraction are among those kept at a larger one."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    rows = np.asarray(rows, dtype=np.int64)
+    split, subject = data.column("split")[rows], data.subject_keys()[rows]
+    train_subjects = np.unique(subject[split == "train"])
+    order = np.random.default_rng(seed).permutation(len(train_subjects))
+    kept = train_subjects[order[: max(1, int(round(fraction * len(train_subjects))))]]
+    return rows[(split != "train") | np.isin(subject, kept)]
+
+
+def evaluate_cross_fitted(
+    method: str,
+    data: EvalSet,
+    features: MethodFeatures,
+    tasks: Iterable[str] | None = None,
+    n_folds: int = 5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_positives: int = 10,
+) -> MethodResult:
+    """Onset tasks on a cohort too small for one train / tuning / held_out split (e.g. the rows
+    with wearables): out-of-fold probabilities from `probes.cross_fit_logistic` over all of the
+    cohort's rows, folds by subject, scored on every row (AUROC with a subject bootstrap).
+    A task with fewer than min_positives positives, or too few per fold, is skipped."""
+    out = MethodResult()
+    subject = data.subject_keys()[features.rows]
+    for key in data.tasks if tasks is None else tasks:
+        task = data.tasks[key]
+        if not isinstance(task, OnsetTask):
+            continue
+        y_all = data.labels(key)[features.rows]
+        have = np.isfinite(y_all)
+        y = y_all[have].astype(bool)
+        if int(y.sum()) < min_positives:
+            out.skipped[key] = f"{int(y.sum())} positives among {int(have.sum())} rows (< {min_positives})"
+            continue
+        try:
+            p = cross_fit_logistic(features.x[have], y, subject[have], n_folds=n_folds, seed=seed)
+        except ValueError as e:
+            out.skipped[key] = str(e)
+            continue
+        name, horizon = task_display(task)
+        out.rows.append(binary_row(method, name, horizon, y, p, n_boot, seed, subject[have]))
+        out.predictions[key] = (y, p)
+        out.scored_rows[key] = features.rows[have]
     return out
 
 
@@ -404,6 +511,7 @@ def oracle_rows(
     code_to_disease maps an outcome code prefix to the generator's disease name.
     """
     out = MethodResult()
+    subject = data.subject_keys()
     for key in data.tasks if tasks is None else tasks:
         task = data.tasks[key]
         if not isinstance(task, OnsetTask):
@@ -412,23 +520,27 @@ def oracle_rows(
             out.skipped[key] = f"no true risk for {task.outcome_code_prefix}"
             continue
         disease = code_to_disease[task.outcome_code_prefix]
-        ys, risks = [], []
+        ys, risks, positions = [], [], []
+        offset = 0
         for part in data.sites:
             held = np.flatnonzero(np.isfinite(part.labels[key]) & (part.split == "held_out"))
+            offset += len(part)
             if len(held) == 0:
                 continue
             ys.append(part.labels[key][held].astype(bool))
             pt = part.prediction_time_us[held].astype("datetime64[us]")
             risks.append(truth_risk(part.name, disease, part.subject_id[held], pt, task.horizon_days))
+            positions.append(held + offset - len(part))
         if not ys:
             out.skipped[key] = "no held_out rows"
             continue
-        y, risk = np.concatenate(ys), np.concatenate(risks)
+        y, risk, pos = np.concatenate(ys), np.concatenate(risks), np.concatenate(positions)
         name, horizon = task_display(task)
-        row = oracle_row(name, horizon, y, risk, n_boot=n_boot, seed=seed)
+        row = oracle_row(name, horizon, y, risk, n_boot=n_boot, seed=seed, groups=subject[pos])
         out.rows.append(row)
         known = np.isfinite(risk)
         out.predictions[key] = (y[known], risk[known])
+        out.scored_rows[key] = pos[known]
     return out
 
 
@@ -456,6 +568,26 @@ def wins(rows: Sequence[ResultRow], method: str, other: str) -> tuple[int, int]:
     return sum(a[k] > b[k] for k in common), len(common)
 
 
+def paired_auroc_difference(
+    data: EvalSet, a: MethodResult, b: MethodResult, tasks: Iterable[str], n_boot: int = 1000, seed: int = 0,
+) -> PairedDifference | None:
+    """Mean over `tasks` of AUROC(a) - AUROC(b) on the rows both scored, with a bootstrap that
+    resamples subjects once for all tasks (metrics.paired_difference). None if no task has
+    both methods' scores."""
+    subject = data.subject_keys()
+    items = []
+    for key in tasks:
+        if key not in a.scored_rows or key not in b.scored_rows:
+            continue
+        ra, rb = a.scored_rows[key], b.scored_rows[key]
+        common, ia, ib = np.intersect1d(ra, rb, assume_unique=True, return_indices=True)
+        ya, pa_ = a.predictions[key]
+        if len(common) == 0:
+            continue
+        items.append((ya[ia], pa_[ia], b.predictions[key][1][ib], subject[common]))
+    return paired_difference(items, n_boot=n_boot, seed=seed) if items else None
+
+
 __all__ = [
     "EvalSet",
     "MethodFeatures",
@@ -467,11 +599,15 @@ __all__ = [
     "SiteRows",
     "build_eval_set",
     "build_site_rows",
+    "evaluate_cross_fitted",
     "evaluate_method",
+    "evaluate_method_splits",
     "mean_auroc",
     "method_features",
     "oracle_rows",
+    "paired_auroc_difference",
     "restrict_modalities",
+    "subsample_train",
     "task_display",
     "wins",
 ]

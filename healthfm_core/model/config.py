@@ -65,6 +65,9 @@ class PretrainingConfig(_Strict):
     # trains the state `embed` returns; the horizons match the new-onset tasks.
     future_horizons_days: tuple[float, ...] = Field(default=(30.0, 90.0, 180.0, 365.0), min_length=1)
     future_codes_repeat_weight: float = Field(default=0.1, ge=0)
+    # Query tokens per sample for future_codes, each at its own random anchor: Q times the
+    # supervision of the state `embed` returns for almost no extra compute (queries are never read).
+    future_anchors_per_sample: int = Field(default=8, ge=1)
     # "log": total = sum_i w_i log(eps + L_i), i.e. each loss's gradient divided by its own
     # magnitude (uncertainty weighting at its closed-form optimum); "none": total = sum_i w_i L_i.
     loss_balance: Literal["log", "none"] = "log"

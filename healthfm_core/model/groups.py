@@ -4,7 +4,7 @@ A site trains, sends and receives only the groups it has data for; the server av
 over the sites that hold its group. The group follows from the key alone, through an explicit
 table of module prefixes; a key that matches no prefix is an error, never silently "shared".
 
-  shared     backbone.*            (blocks with their decay kernels, query token, final norm)
+  shared     backbone.*            (blocks with their decay kernels, query token, age embedding, final norm)
   ehr        ehr_encoder.*, heads.ehr_*
   wearables  wearable_encoder.*, heads.wear_*   (incl. the wearable->EHR predictive and alignment
                                                  heads: only a site with wearables trains them)

@@ -50,6 +50,9 @@ def _log_periods(n: int, lo: float, hi: float, device: torch.device | None = Non
     return torch.logspace(math.log10(lo), math.log10(hi), n, device=device, dtype=torch.float64)
 
 
+AGE_SCALE_DAYS = 3652.5  # ages enter the age embedding in decades
+
+
 # ----------------------------------------------------------------------------- backbone
 
 
@@ -137,10 +140,19 @@ class Backbone(nn.Module):
             # Periods from an hour to ten years, the span the ct kernel's timescales cover.
             self.register_buffer("time_periods", _log_periods(n_freq, 1.0 / 24, 3652.5).float(), persistent=False)
             self.time_embedding = nn.Linear(2 * n_freq, cfg.d_model)
+        # Age (time since MEDS_BIRTH) at each token: the one absolute time a risk depends on.
+        # Calendar time stays out (the ct kernel sees only gaps), so shifting dates changes nothing.
+        self.age_embedding = nn.Sequential(nn.Linear(1, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
 
-    def embed_time(self, x: Tensor, times: Tensor) -> Tensor:
+    def embed_time(self, x: Tensor, times: Tensor, birth_time: Tensor | None = None) -> Tensor:
+        """Add the time inputs to tokens x [B, L, d] at times [B, L]: the age embedding where
+        birth_time [B] is known (finite), and the sinusoidal encoding in that ablation."""
+        if birth_time is not None:
+            known = torch.isfinite(birth_time)
+            age_decades = ((times - torch.where(known, birth_time, 0.0)[:, None]) / AGE_SCALE_DAYS)[..., None]
+            x = x + self.age_embedding(age_decades.to(x.dtype)) * known[:, None, None].to(x.dtype)
         if self.time_embedding is None:
             return x
         return x + self.time_embedding(sinusoidal_features(times, self.time_periods))
@@ -327,7 +339,8 @@ class ReconstructionMasks:
 
 @dataclass
 class ModelOutput:
-    """Sequence layout: [EHR events (n_ehr) | wearable patches (n_wear) | query (at prediction_time)].
+    """Sequence layout: [EHR events (n_ehr) | wearable patches (n_wear) | query tokens (one at
+    prediction_time, or one per query_time given to forward)].
 
     A modality absent from the whole batch has width 0. Masks are the effective ones (after the
     prediction_time cut and modality dropout).
@@ -345,7 +358,8 @@ class ModelOutput:
     ehr_tokens: Tensor | None  # [B, n_ehr, d] encoder outputs as fed (masked events = MASK code)
     wear_tokens: Tensor | None  # [B, n_wear, d] encoder outputs before patch masking
     genomics_cond: Tensor | None  # [B, d_hidden]
-    embedding: Tensor  # [B, d] the query state at its time (prediction_time unless forward got query_time)
+    embedding: Tensor  # [B, d] the (last) query state at its time (prediction_time unless forward got query_time)
+    queries: Tensor  # [B, Q, d] every query token's state, in query_time order as given
 
     @property
     def ehr_states(self) -> Tensor:
@@ -426,6 +440,8 @@ class HealthFM(nn.Module):
         `query_time` [B] (default prediction_time) places the query token earlier, e.g. at a
         pretraining anchor: attention is time-causal and no token reads the query, so its state
         depends only on tokens at or before query_time (and the static genomics conditioning).
+        `query_time` [B, Q] places Q query tokens (Q anchors of one sample in one pass: no query
+        reads another, so each state is what a single query at that time would give).
         """
         self._check_batch(batch)
         masks = masks or ReconstructionMasks()
@@ -434,8 +450,11 @@ class HealthFM(nn.Module):
         device = pt.device
         if query_time is None:
             query_time = pt
-        elif query_time.shape != pt.shape:
-            raise ValueError(f"query_time has shape {tuple(query_time.shape)}, expected {tuple(pt.shape)} (one per sample)")
+        elif query_time.shape[:1] != pt.shape or query_time.dim() not in (1, 2) or query_time.numel() == 0:
+            raise ValueError(f"query_time has shape {tuple(query_time.shape)}, expected {tuple(pt.shape)} (one per "
+                             f"sample) or ({b}, Q) (Q per sample)")
+        query_time = query_time.reshape(b, -1)
+        n_query = query_time.shape[1]
 
         ehr_valid = batch.ehr_valid & (batch.times <= pt[:, None])
         n_epochs = batch.wear_epochs.shape[2]
@@ -485,14 +504,14 @@ class HealthFM(nn.Module):
             piece_times.append(torch.minimum(patch_end, pt[:, None]))
             piece_valid.append(wear_valid)
 
-        # Query token at query_time: it reads the history up to then but no token reads it.
-        pieces.append(self.backbone.query_token.expand(b, 1, -1))
-        piece_times.append(query_time.float()[:, None])
-        piece_valid.append(torch.zeros(b, 1, dtype=torch.bool, device=device))
+        # Query tokens at query_time: each reads the history up to then but no token reads it.
+        pieces.append(self.backbone.query_token.expand(b, n_query, -1))
+        piece_times.append(query_time.float())
+        piece_valid.append(torch.zeros(b, n_query, dtype=torch.bool, device=device))
 
         times = torch.cat(piece_times, dim=1)
         key_valid = torch.cat(piece_valid, dim=1)
-        x = self.backbone.embed_time(torch.cat(pieces, dim=1), times)
+        x = self.backbone.embed_time(torch.cat(pieces, dim=1), times, batch.birth_time.float())
 
         genomics_cond, film = None, None
         if bool(genomics_present.any()):
@@ -516,6 +535,7 @@ class HealthFM(nn.Module):
             wear_tokens=wear_tokens,
             genomics_cond=genomics_cond,
             embedding=states[:, -1],
+            queries=states[:, -n_query:],
         )
 
     def embed(self, batch: Batch) -> Tensor:

@@ -8,8 +8,9 @@ Losses (each returned by name; 0 when the batch holds no data for it, never NaN)
   next_visit        the set of codes of a later visit from the state just before it (multi-label
                     BCE); codes already in the history form a separate "repeat" term weighted by
                     `next_visit_repeat_weight`, so copying the history cannot dominate the loss
-  future_codes      the query token, placed at a random anchor event time (time-causal: it sees only
-                    tokens at or before the anchor), predicts the set of codes in (anchor, anchor + h]
+  future_codes      query tokens, each placed at a random anchor event time (time-causal: one sees only
+                    tokens at or before its anchor; `future_anchors_per_sample` of them share one
+                    forward pass, as no token reads a query), predict the set of codes in (anchor, anchor + h]
                     for each h of `future_horizons_days` (one head each); new onsets and repeats are
                     separate terms as in next_visit; a window the record does not cover contributes
                     only its observed positives (censoring). This trains the state `embed` returns.
@@ -257,52 +258,65 @@ def _events_up_to_prediction(batch: Batch) -> Tensor:
 def sample_future_anchors(
     batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """One anchor per sample for future_codes: -> (anchor time [B], has_anchor [B] bool).
+    """Q = cfg.future_anchors_per_sample anchors per sample for future_codes: -> (anchor times
+    [B, Q], has_anchor [B, Q] bool).
 
     Candidates are the sample's EHR event times t with an event later than t + the shortest
-    horizon (so at least one window lies inside the record); one is drawn uniformly per sample
-    from `generator`. Samples without a candidate keep their prediction_time and has_anchor False.
+    horizon (so at least one window lies inside the record); each anchor is drawn uniformly from
+    them (with replacement) from `generator`. Samples without a candidate keep their
+    prediction_time and has_anchor False.
     """
     events = _events_up_to_prediction(batch)
-    draw = _rand(events.shape, generator, batch.times.device)  # drawn for every batch shape alike
+    q = cfg.future_anchors_per_sample
+    draw = _rand((events.shape[0], q, events.shape[1]), generator, batch.times.device)  # drawn for every batch shape alike
     if events.shape[1] == 0:
-        return batch.prediction_time.clone(), torch.zeros(batch.batch_size, dtype=torch.bool, device=draw.device)
+        return (batch.prediction_time[:, None].expand(-1, q).clone(),
+                torch.zeros(batch.batch_size, q, dtype=torch.bool, device=draw.device))
     record_end = batch.times.masked_fill(~events, -float("inf")).max(dim=1).values
     candidates = events & (batch.times + min(cfg.future_horizons_days) < record_end[:, None])
-    has_anchor = candidates.any(dim=1)
-    pick = torch.where(candidates, draw, -1.0).argmax(dim=1)
-    chosen = batch.times.gather(1, pick[:, None]).squeeze(1)
-    return torch.where(has_anchor, chosen, batch.prediction_time), has_anchor
+    has_anchor = candidates.any(dim=1)[:, None].expand(-1, q)
+    pick = torch.where(candidates[:, None, :], draw, -1.0).argmax(dim=2)  # [B, Q]
+    chosen = batch.times.gather(1, pick)
+    return torch.where(has_anchor, chosen, batch.prediction_time[:, None]), has_anchor.clone()
 
 
 def future_window_targets(
     batch: Batch, anchor: Tensor, horizon_days: float, vocab_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (codes in (anchor, anchor + h] [B, V], codes at or before anchor [B, V] bool,
-    window fully inside the record [B] bool). From the batch's events up to prediction_time,
-    whatever modality dropout hid from the model."""
-    events = _events_up_to_prediction(batch)
-    times, codes = batch.times, batch.codes.clamp_min(0)
-    in_window = events & (times > anchor[:, None]) & (times <= anchor[:, None] + horizon_days)
-    in_history = events & (times <= anchor[:, None])
-    b = batch.batch_size
-    targets = torch.zeros(b, vocab_size, device=times.device).scatter_add_(1, codes, in_window.float()).clamp_max(1.0)
-    seen = torch.zeros(b, vocab_size, device=times.device).scatter_add_(1, codes, in_history.float()) > 0
-    record_end = times.masked_fill(~events, -float("inf")).max(dim=1).values
-    return targets, seen, record_end > anchor + horizon_days
+    """anchor [B] or [B, Q] -> (codes in (anchor, anchor + h] [..., V], codes at or before
+    anchor [..., V] bool, window fully inside the record [...] bool). From the batch's events up
+    to prediction_time, whatever modality dropout hid from the model."""
+    single = anchor.dim() == 1
+    at = anchor[:, None] if single else anchor  # [B, Q]
+    events = _events_up_to_prediction(batch)[:, None, :]  # [B, 1, N]
+    times = batch.times[:, None, :]
+    codes = batch.codes.clamp_min(0)[:, None, :].expand(-1, at.shape[1], -1)
+    in_window = events & (times > at[..., None]) & (times <= at[..., None] + horizon_days)
+    in_history = events & (times <= at[..., None])
+    shape = (*at.shape, vocab_size)
+    targets = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_window.float()).clamp_max(1.0)
+    seen = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_history.float()) > 0
+    record_end = batch.times.masked_fill(~events[:, 0], -float("inf")).max(dim=1).values
+    covered = record_end[:, None] > at + horizon_days
+    if single:
+        return targets[:, 0], seen[:, 0], covered[:, 0]
+    return targets, seen, covered
 
 
 def future_codes_loss(
     model: HealthFM, out: ModelOutput, batch: Batch, anchor: Tensor, has_anchor: Tensor, cfg: PretrainingConfig
 ) -> dict[str, Tensor]:
-    """The query state (`out.embedding`, at `anchor`) -> codes in (anchor, anchor + h] per horizon.
+    """Each query state (`out.queries`, at `anchor` [B, Q]) -> codes in (anchor, anchor + h]
+    per horizon.
 
     Censoring: where the record ends before anchor + h, absent codes are unknown, so only the
     codes observed in the window count (as positives); the mean over horizons with data is returned.
     """
+    if anchor.dim() == 1:  # one query per sample
+        anchor, has_anchor = anchor[:, None], has_anchor[:, None]
     if batch.codes.shape[1] == 0 or not bool(has_anchor.any()):
         return {}
-    logits = model.heads["ehr_future_codes"](out.embedding[has_anchor])  # [k, H, V]
+    logits = model.heads["ehr_future_codes"](out.queries[has_anchor])  # [k, H, V]
     terms = []
     for h, horizon in enumerate(cfg.future_horizons_days):
         targets, seen, covered = future_window_targets(batch, anchor, horizon, model.vocab_size)

@@ -100,6 +100,13 @@ def random_batch(
             prs_valid[b] = valid
             prs[b] = torch.randn(n_prs_traits, generator=g) * valid
 
+    # Birth 20-80 years before the first event for samples with EHR (drawn last, so the draws
+    # above are those of batches without ages); NaN (unknown) otherwise.
+    birth_time = torch.full((batch_size,), float("nan"))
+    for b, row in enumerate(rows):
+        if "ehr" in row:
+            birth_time[b] = -365.25 * uniform(20.0, 80.0)
+
     if absent == "empty":
         if not ehr_valid.any():
             codes, values, has_value, times, ehr_valid = (x[:, :0] for x in (codes, values, has_value, times, ehr_valid))
@@ -121,4 +128,5 @@ def random_batch(
         wear_valid=wear_valid,
         prs=prs,
         prs_valid=prs_valid,
+        birth_time=birth_time,
     )
