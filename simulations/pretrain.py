@@ -65,9 +65,6 @@ from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
 
 log = logging.getLogger("healthfm.simulations.pretrain")
 
-MAIN_METHODS = ("pretrained", "random_init", "counts", "oracle")
-
-
 class Clock:
     """Wall time per phase, for the report (the budget is part of the deliverable)."""
 

@@ -24,7 +24,6 @@ Steps (composition only):
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -40,7 +39,6 @@ from omegaconf import DictConfig, OmegaConf
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
 from healthfm_core.federation import FederationSetup
-from healthfm_core.files import atomic_write_text
 from healthfm_core.model.healthfm import HealthFM
 from server.server_app import read_events
 from simulations.logs import setup_job_logging
@@ -50,6 +48,7 @@ from simulations.report import (
     onset_eval_data,
     open_sites,
     run_federation,
+    write_outputs,
 )
 
 log = logging.getLogger("healthfm.simulations.privacy_sweep")
@@ -249,11 +248,7 @@ def write_sweep(cfg: DictConfig, out: Path, clock: Clock, settings: Settings, pe
         "federation": OmegaConf.to_container(cfg.federation, resolve=True),
         "privacy": OmegaConf.to_container(cfg.privacy, resolve=True),
     }
-    atomic_write_text(out / MARKER, json.dumps(dump, indent=1, default=float))
-    path = out / "privacy.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    log.info("privacy sweep written to %s (%.1f min)", path, clock.total / 60)
-    return path
+    return write_outputs(out, MARKER, dump, "privacy.md", lines, clock)
 
 
 @hydra.main(config_path="../configs", config_name="privacy_sweep", version_base="1.3")

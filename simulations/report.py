@@ -453,10 +453,15 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
         "phases_seconds": clock.phases,
         "budgets": {"per_site_steps": per_site_steps, "centralized_steps": central_steps},
     }
-    atomic_write_text(out / MARKER, json.dumps(dump, indent=1, default=float))
-    path = out / "report.md"
+    return write_outputs(out, MARKER, dump, "report.md", lines, clock)
+
+
+def write_outputs(out: Path, marker: str, dump: dict, name: str, lines: list[str], clock: Clock) -> Path:
+    """The job's JSON results (its marker file: a finished run) and its markdown report."""
+    atomic_write_text(out / marker, json.dumps(dump, indent=1, default=float))
+    path = out / name
     atomic_write_text(path, "\n".join(lines) + "\n")
-    log.info("report written to %s (%.1f min)", path, clock.total / 60)
+    log.info("%s written to %s (%.1f min)", name, path, clock.total / 60)
     return path
 
 

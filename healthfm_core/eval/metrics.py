@@ -137,6 +137,18 @@ def _ret(out: np.ndarray, weights: np.ndarray | None) -> np.ndarray | float:
     return float(out[0]) if weights is None or np.asarray(weights).ndim == 1 else out
 
 
+def group_index(groups: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group number of each row [n], whether each group has a positive row [n_groups]): what
+    resampling or dealing whole subjects, stratified by outcome, starts from."""
+    if len(groups) != len(y):
+        raise ValueError(f"groups has {len(groups)} entries for {len(y)} rows")
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)
+    inv = inv.ravel()
+    has_pos = np.zeros(inv.max() + 1 if len(inv) else 0, dtype=bool)
+    has_pos[inv[np.asarray(y, dtype=bool)]] = True
+    return inv, has_pos
+
+
 def bootstrap_counts(
     y: np.ndarray, n_boot: int, rng: np.random.Generator, stratified: bool = True,
     groups: np.ndarray | None = None,
@@ -150,12 +162,7 @@ def bootstrap_counts(
     Stratification is then by whether a group has any positive row."""
     n = len(y)
     if groups is not None:
-        if len(groups) != n:
-            raise ValueError(f"groups has {len(groups)} entries for {n} rows")
-        _, inv = np.unique(np.asarray(groups), return_inverse=True)
-        inv = inv.ravel()
-        has_pos = np.zeros(inv.max() + 1 if n else 0, dtype=bool)
-        has_pos[inv[np.asarray(y, dtype=bool)]] = True
+        inv, has_pos = group_index(groups, y)
         return bootstrap_counts(has_pos, n_boot, rng, stratified)[:, inv]
     if not stratified:
         return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
@@ -229,11 +236,9 @@ def paired_difference(
         if len(g) != len(y):
             raise ValueError(f"groups has {len(g)} entries for {len(y)} rows")
         checked.append((y, pa_, pb, np.asarray(g)))
-    keys, inv = np.unique(np.concatenate([g for *_, g in checked]), return_inverse=True)
-    inv = inv.ravel()
+    y_all = np.concatenate([y for y, *_ in checked])
+    g_all = np.concatenate([g for *_, g in checked])
     bounds = np.cumsum([0] + [len(y) for y, *_ in checked])
-    has_pos = np.zeros(len(keys), dtype=bool)
-    has_pos[inv[np.concatenate([y for y, *_ in checked])]] = True
 
     def mean_diff(weights_of: Callable[[int], np.ndarray | None]) -> np.ndarray:
         return np.mean([np.asarray(metric(y, pa_, weights=weights_of(i))) - np.asarray(metric(y, pb, weights=weights_of(i)))
@@ -244,8 +249,8 @@ def paired_difference(
     chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(bounds[-1], 1)))
     values = []
     for start in range(0, n_boot, chunk):
-        draws = bootstrap_counts(has_pos, min(chunk, n_boot - start), rng)  # [chunk, subjects]
-        values.append(mean_diff(lambda i: draws[:, inv[bounds[i]:bounds[i + 1]]]))
+        draws = bootstrap_counts(y_all, min(chunk, n_boot - start), rng, groups=g_all)  # [chunk, all rows]
+        values.append(mean_diff(lambda i: draws[:, bounds[i]:bounds[i + 1]]))
     v = np.concatenate(values)
     v = v[np.isfinite(v)]
     if len(v) == 0:

@@ -233,10 +233,7 @@ def subject_folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int = 0
     round-robin separately from the rest so every fold gets its share of the rare positives."""
     if n_folds < 3:
         raise ValueError(f"n_folds must be >= 3 (one fold scored, one tunes C, the rest train), got {n_folds}")
-    _, inv = np.unique(np.asarray(groups), return_inverse=True)
-    inv = inv.ravel()
-    has_pos = np.zeros(inv.max() + 1 if len(inv) else 0, dtype=bool)
-    has_pos[inv[np.asarray(y, dtype=bool)]] = True
+    inv, has_pos = M.group_index(groups, y)
     rng = np.random.default_rng(seed)
     fold_of_group = np.empty(len(has_pos), dtype=np.int64)
     for cls in (True, False):
