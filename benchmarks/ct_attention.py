@@ -6,7 +6,7 @@
 
 For each shape (bf16, time-causal, sorted times over ~5 years with duplicates) it times the
 forward and forward+backward of
-  kernel     the fused Triton kernel (healthfm_core.kernels.ct_attention_triton)
+  kernel     the fused Triton kernel (healthfm_core.kernels.ct_attention.triton)
   reference  the PyTorch reference (materialises [B,H,N,N,M]; skipped when it runs out of memory)
   flex       torch FlexAttention, compiled, with the same math as a score_mod over learnable
              log_weights / rates tensors (gradients flow to them) and a time-causal block mask
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from healthfm_core.model.attention import ct_attention_reference  # noqa: E402
+from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
+from healthfm_core.kernels.ct_attention.reference import ct_attention_reference  # noqa: E402
 
 IMPLS = ("kernel", "reference", "flex", "sdpa")
 
@@ -82,9 +83,7 @@ def flex_fn(t: torch.Tensor, log_w: torch.Tensor, rates: torch.Tensor, b: int, n
 
 def build(impl: str, t, log_w, rates, b: int, n: int, config) -> Callable:
     if impl == "kernel":
-        from healthfm_core.kernels.ct_attention_triton import ct_attention_triton
-
-        return lambda q, k, v: ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=config)
+        return lambda q, k, v: kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=config)
     if impl == "reference":
         return lambda q, k, v: ct_attention_reference(q, k, v, t, t, log_w, rates, None, True)
     if impl == "flex":
@@ -129,8 +128,6 @@ def measure(fn: Callable, q, k, v, params: list[torch.Tensor]) -> dict[str, floa
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from healthfm_core.kernels.ct_attention_triton import KernelConfig, default_config
-
     dev = torch.cuda.get_device_name()
     import triton
 
@@ -143,9 +140,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         for m in args.m:
             for n in args.n:
                 b = max(1, args.tokens // n)
-                config = default_config(d)
+                config = kernel.default_config(d)
                 if args.block_m or args.block_n:
-                    config = KernelConfig(args.block_m or config.block_m, args.block_n or config.block_n,
+                    config = kernel.KernelConfig(args.block_m or config.block_m, args.block_n or config.block_n,
                                           config.num_warps, config.num_stages, config.bwd_block_m,
                                           config.bwd_block_n, config.bwd_num_warps, config.bwd_num_stages)
                 try:
@@ -210,8 +207,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def smoke() -> int:
     """CPU check through the Triton interpreter: kernel vs reference on a tiny problem."""
-    from healthfm_core.kernels import ct_attention_triton as kernel
-
     if not kernel.interpreting():
         print("--smoke on CPU needs TRITON_INTERPRET=1 set before start (the Triton interpreter).")
         return 2

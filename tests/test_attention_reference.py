@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from healthfm_core.model.attention import DecayKernel, ct_attention, ct_attention_reference, log_decay_kernel
+from healthfm_core.model.attention import (
+    DecayKernel,
+    ct_attention,
+    ct_attention_reference,
+    decay_rate_summary,
+    log_decay_kernel,
+)
 
 
 def _inputs(b=2, h=2, n=7, d=4, m=3, seed=0, dtype=torch.float64):
@@ -237,8 +243,8 @@ def test_decay_kernel_init_bounds_and_logging() -> None:
     torch.testing.assert_close(timescales[-1], torch.tensor(5 * 365.25, dtype=torch.float64), rtol=1e-3, atol=0)
     steps = torch.diff(timescales.log())
     torch.testing.assert_close(steps, steps.mean().expand_as(steps), rtol=1e-3, atol=0)
-    info = decay.rate_range()
-    assert math.isclose(info["rate_max"], 24.0, rel_tol=1e-3)
+    info = decay_rate_summary(decay)
+    assert math.isclose(info["rate_max_per_day"], 24.0, rel_tol=1e-3)
     assert math.isclose(info["timescale_max_days"], 5 * 365.25, rel_tol=1e-3)
     # Extreme logits stay within the bounds (no collapse to zero, no explosion).
     with torch.no_grad():

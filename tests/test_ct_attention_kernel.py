@@ -22,7 +22,7 @@ ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-from healthfm_core.kernels import ct_attention_triton as kernel  # noqa: E402
+from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
 from healthfm_core.model.attention import ct_attention, ct_attention_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")

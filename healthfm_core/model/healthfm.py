@@ -5,7 +5,9 @@ Read top to bottom:
   2. the backbone block (pre-norm, continuous-time attention, FiLM from genomics),
   3. the three encoders (EHR events, wearable patches, PRS vector),
   4. the heads the pretraining objectives use,
-  5. HealthFM: token assembly, modality dropout, forward / embed / pretraining_losses.
+  5. HealthFM: forward in named steps (what is visible, embed each modality, merge the tokens,
+     backbone), embed, and pretraining_losses (computed in objectives.py). What forward takes
+     and returns besides the batch lives in outputs.py.
 
 Module names are part of the federation contract: every state_dict key starts with a prefix
 that `healthfm_core.model.groups.parameter_group` maps to one group (ehr_encoder.,
@@ -16,18 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from healthfm_core.data.batch import MASK_CODE, PAD_CODE, WEARABLE_CHANNELS, Batch
-from healthfm_core.model.attention import DecayKernel, ct_attention
+from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
 from healthfm_core.model.config import ModelConfig
-
-if TYPE_CHECKING:  # objectives imports this module; only the type is needed here
-    from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objectives import ObjectiveWeights, pretraining_losses
+from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
 
 EPOCH_DAYS = 30.0 / 86400.0  # one wearable epoch (30 s) in days
 N_CHANNELS = len(WEARABLE_CHANNELS)
@@ -329,45 +329,33 @@ def build_heads(cfg: ModelConfig, vocab_size: int, n_prs_traits: int) -> nn.Modu
 
 
 @dataclass
-class ReconstructionMasks:
-    """What masked reconstruction hides: EHR events [B,N], wearable patches [B,P], PRS traits [B,T]."""
+class _Visible:
+    """What forward may use of a batch: nothing after prediction_time, dropped modalities removed."""
 
-    ehr: Tensor | None = None
-    wear: Tensor | None = None
-    prs: Tensor | None = None
+    ehr: Tensor  # [B, N] events
+    wear: Tensor  # [B, P] patches
+    epochs: Tensor  # [B, P, E, C] epochs of those patches
+    kept: Tensor  # [B, 3] modalities (MODALITIES order) after modality dropout
 
 
 @dataclass
-class ModelOutput:
-    """Sequence layout: [EHR events (n_ehr) | wearable patches (n_wear) | query tokens (one at
-    prediction_time, or one per query_time given to forward)].
+class _Tokens:
+    """One modality's slice of the backbone's input sequence."""
 
-    A modality absent from the whole batch has width 0. Masks are the effective ones (after the
-    prediction_time cut and modality dropout).
-    """
+    fed: Tensor  # [B, n, d] as the backbone reads them (masked positions replaced)
+    times: Tensor  # [B, n] in days
+    valid: Tensor  # [B, n] tokens other tokens may attend to
+    encoded: Tensor | None = None  # [B, n, d] encoder outputs, reported in ModelOutput
 
-    states: Tensor  # [B, L, d] final (normed) token states
-    times: Tensor  # [B, L] token times in days
-    key_valid: Tensor  # [B, L] tokens other tokens may attend to (query excluded)
-    n_ehr: int
-    n_wear: int
-    ehr_valid: Tensor  # [B, n_ehr]
-    wear_valid: Tensor  # [B, n_wear]
-    epoch_valid: Tensor  # [B, n_wear, E, C]
-    present: dict[str, Tensor]  # modality -> [B] bool, after dropout
-    ehr_tokens: Tensor | None  # [B, n_ehr, d] encoder outputs as fed (masked events = MASK code)
-    wear_tokens: Tensor | None  # [B, n_wear, d] encoder outputs before patch masking
-    genomics_cond: Tensor | None  # [B, d_hidden]
-    embedding: Tensor  # [B, d] the (last) query state at its time (prediction_time unless forward got query_time)
-    queries: Tensor  # [B, Q, d] every query token's state, in query_time order as given
 
-    @property
-    def ehr_states(self) -> Tensor:
-        return self.states[:, : self.n_ehr]
+def _merge(pieces: list[_Tokens]) -> tuple[Tensor, Tensor, Tensor]:
+    """The backbone's input sequence: (tokens [B, L, d], times [B, L], key_valid [B, L])."""
+    return (torch.cat([t.fed for t in pieces], dim=1), torch.cat([t.times for t in pieces], dim=1),
+            torch.cat([t.valid for t in pieces], dim=1))
 
-    @property
-    def wear_states(self) -> Tensor:
-        return self.states[:, self.n_ehr : self.n_ehr + self.n_wear]
+
+def _width(tokens: _Tokens | None) -> int:
+    return 0 if tokens is None else tokens.fed.shape[1]
 
 
 class HealthFM(nn.Module):
@@ -445,98 +433,106 @@ class HealthFM(nn.Module):
         """
         self._check_batch(batch)
         masks = masks or ReconstructionMasks()
-        pt = batch.prediction_time.float()
-        b = batch.batch_size
-        device = pt.device
-        if query_time is None:
-            query_time = pt
-        elif query_time.shape[:1] != pt.shape or query_time.dim() not in (1, 2) or query_time.numel() == 0:
-            raise ValueError(f"query_time has shape {tuple(query_time.shape)}, expected {tuple(pt.shape)} (one per "
-                             f"sample) or ({b}, Q) (Q per sample)")
-        query_time = query_time.reshape(b, -1)
-        n_query = query_time.shape[1]
-
-        ehr_valid = batch.ehr_valid & (batch.times <= pt[:, None])
-        n_epochs = batch.wear_epochs.shape[2]
-        epoch_start = batch.wear_times[:, :, None] + EPOCH_DAYS * torch.arange(n_epochs, device=device)
-        epoch_valid = batch.wear_epoch_mask & (epoch_start <= pt[:, None, None])[..., None]
-        wear_valid = batch.wear_valid & epoch_valid.flatten(2).any(dim=-1)
-        prs_valid = batch.prs_valid
-        present = torch.stack([ehr_valid.any(1), wear_valid.any(1), prs_valid.any(1)], dim=1)
-        kept = self._modality_dropout(present, generator)
-        ehr_valid = ehr_valid & kept[:, 0, None]
-        wear_valid = wear_valid & kept[:, 1, None]
-        epoch_valid = epoch_valid & wear_valid[:, :, None, None]
-        genomics_present = kept[:, 2]
-
-        pieces: list[Tensor] = []
-        piece_times: list[Tensor] = []
-        piece_valid: list[Tensor] = []
-
-        # EHR events (skipped entirely when no sample has any: the ehr group then gets no grad).
-        ehr_tokens = None
-        n_ehr = batch.codes.shape[1] if bool(ehr_valid.any()) else 0
-        if n_ehr:
-            codes, has_value, values = batch.codes, batch.has_value, batch.values
-            if masks.ehr is not None:
-                hide = masks.ehr & ehr_valid
-                codes = torch.where(hide, torch.full_like(codes, MASK_CODE), codes)
-                has_value = has_value & ~hide
-                values = values.masked_fill(hide, 0.0)
-            codes = codes.masked_fill(~ehr_valid, PAD_CODE)
-            ehr_tokens = self.ehr_encoder(codes, values.float(), has_value & ehr_valid)
-            pieces.append(ehr_tokens)
-            piece_times.append(batch.times.float())
-            piece_valid.append(ehr_valid)
-
-        # Wearable patches: one token each, at the time the patch is complete (capped at prediction_time).
-        wear_tokens = None
-        n_wear = batch.wear_epochs.shape[1] if bool(wear_valid.any()) else 0
-        if n_wear:
-            flat = self.wearable_encoder(batch.wear_epochs[wear_valid].float(), epoch_valid[wear_valid])
-            wear_tokens = flat.new_zeros(b, n_wear, flat.shape[-1]).index_put((*wear_valid.nonzero(as_tuple=True),), flat)
-            fed = wear_tokens
-            if masks.wear is not None:
-                hide = (masks.wear & wear_valid)[..., None]
-                fed = torch.where(hide, self.wearable_encoder.mask_token.to(fed.dtype), fed)
-            pieces.append(fed)
-            patch_end = batch.wear_times.float() + n_epochs * EPOCH_DAYS
-            piece_times.append(torch.minimum(patch_end, pt[:, None]))
-            piece_valid.append(wear_valid)
-
-        # Query tokens at query_time: each reads the history up to then but no token reads it.
-        pieces.append(self.backbone.query_token.expand(b, n_query, -1))
-        piece_times.append(query_time.float())
-        piece_valid.append(torch.zeros(b, n_query, dtype=torch.bool, device=device))
-
-        times = torch.cat(piece_times, dim=1)
-        key_valid = torch.cat(piece_valid, dim=1)
-        x = self.backbone.embed_time(torch.cat(pieces, dim=1), times, batch.birth_time.float())
-
-        genomics_cond, film = None, None
-        if bool(genomics_present.any()):
-            shown = prs_valid & genomics_present[:, None]
-            if masks.prs is not None:
-                shown = shown & ~masks.prs
-            genomics_cond, film = self.genomics_encoder(batch.prs.float(), shown, genomics_present)
-
+        query_time = self._query_times(batch, query_time)
+        seen = self._visible(batch, generator)
+        ehr = self._embed_ehr(batch, seen, masks.ehr)
+        wear = self._embed_wearables(batch, seen, masks.wear)
+        query = self._query_tokens(query_time)
+        x, times, key_valid = _merge([t for t in (ehr, wear, query) if t is not None])
+        x = self.backbone.embed_time(x, times, batch.birth_time.float())
+        genomics_cond, film = self._genomics_film(batch, seen, masks.prs)
         states = self.backbone(x, times, key_valid, film)
+        n_ehr, n_wear = _width(ehr), _width(wear)
         return ModelOutput(
             states=states,
             times=times,
             key_valid=key_valid,
             n_ehr=n_ehr,
             n_wear=n_wear,
-            ehr_valid=ehr_valid[:, :n_ehr],
-            wear_valid=wear_valid[:, :n_wear],
-            epoch_valid=epoch_valid[:, :n_wear],
-            present={"ehr": kept[:, 0], "wearables": kept[:, 1], "genomics": genomics_present},
-            ehr_tokens=ehr_tokens,
-            wear_tokens=wear_tokens,
+            ehr_valid=seen.ehr[:, :n_ehr],
+            wear_valid=seen.wear[:, :n_wear],
+            epoch_valid=seen.epochs[:, :n_wear],
+            present=dict(zip(MODALITIES, seen.kept.unbind(dim=1))),
+            ehr_tokens=ehr.encoded if ehr is not None else None,
+            wear_tokens=wear.encoded if wear is not None else None,
             genomics_cond=genomics_cond,
             embedding=states[:, -1],
-            queries=states[:, -n_query:],
+            queries=states[:, -query_time.shape[1] :],
         )
+
+    def _query_times(self, batch: Batch, query_time: Tensor | None) -> Tensor:
+        """[B, Q] query times: prediction_time (Q = 1) unless given as [B] or [B, Q]."""
+        pt = batch.prediction_time.float()
+        if query_time is None:
+            query_time = pt
+        elif query_time.shape[:1] != pt.shape or query_time.dim() not in (1, 2) or query_time.numel() == 0:
+            raise ValueError(f"query_time has shape {tuple(query_time.shape)}, expected {tuple(pt.shape)} (one per "
+                             f"sample) or ({batch.batch_size}, Q) (Q per sample)")
+        return query_time.reshape(batch.batch_size, -1).float()
+
+    def _visible(self, batch: Batch, generator: torch.Generator | None) -> _Visible:
+        """Events and wearable epochs up to prediction_time, then whole modalities dropped."""
+        pt = batch.prediction_time.float()
+        ehr = batch.ehr_valid & (batch.times <= pt[:, None])
+        n_epochs = batch.wear_epochs.shape[2]
+        epoch_start = batch.wear_times[:, :, None] + EPOCH_DAYS * torch.arange(n_epochs, device=pt.device)
+        epochs = batch.wear_epoch_mask & (epoch_start <= pt[:, None, None])[..., None]
+        wear = batch.wear_valid & epochs.flatten(2).any(dim=-1)
+        present = torch.stack([ehr.any(1), wear.any(1), batch.prs_valid.any(1)], dim=1)
+        kept = self._modality_dropout(present, generator)
+        wear = wear & kept[:, 1, None]
+        return _Visible(ehr=ehr & kept[:, 0, None], wear=wear, epochs=epochs & wear[:, :, None, None], kept=kept)
+
+    def _embed_ehr(self, batch: Batch, seen: _Visible, hidden: Tensor | None) -> _Tokens | None:
+        """One token per visible event, masked ones shown as the MASK code. None when no sample
+        has any (the ehr group then gets no gradient)."""
+        valid = seen.ehr
+        if not bool(valid.any()):
+            return None
+        codes, has_value, values = batch.codes, batch.has_value, batch.values
+        if hidden is not None:
+            hide = hidden & valid
+            codes = torch.where(hide, torch.full_like(codes, MASK_CODE), codes)
+            has_value = has_value & ~hide
+            values = values.masked_fill(hide, 0.0)
+        codes = codes.masked_fill(~valid, PAD_CODE)
+        tokens = self.ehr_encoder(codes, values.float(), has_value & valid)
+        return _Tokens(fed=tokens, times=batch.times.float(), valid=valid, encoded=tokens)
+
+    def _embed_wearables(self, batch: Batch, seen: _Visible, hidden: Tensor | None) -> _Tokens | None:
+        """One token per visible patch, at the time the patch is complete (capped at
+        prediction_time); masked patches fed as the mask token. None when no sample has any."""
+        valid = seen.wear
+        if not bool(valid.any()):
+            return None
+        flat = self.wearable_encoder(batch.wear_epochs[valid].float(), seen.epochs[valid])
+        tokens = flat.new_zeros(*valid.shape, flat.shape[-1]).index_put((*valid.nonzero(as_tuple=True),), flat)
+        fed = tokens
+        if hidden is not None:
+            hide = (hidden & valid)[..., None]
+            fed = torch.where(hide, self.wearable_encoder.mask_token.to(fed.dtype), fed)
+        patch_end = batch.wear_times.float() + batch.wear_epochs.shape[2] * EPOCH_DAYS
+        times = torch.minimum(patch_end, batch.prediction_time.float()[:, None])
+        return _Tokens(fed=fed, times=times, valid=valid, encoded=tokens)
+
+    def _query_tokens(self, query_time: Tensor) -> _Tokens:
+        """Query tokens at query_time [B, Q]: each reads the history up to then; no token reads them."""
+        b, n_query = query_time.shape
+        fed = self.backbone.query_token.expand(b, n_query, -1)
+        return _Tokens(fed=fed, times=query_time, valid=torch.zeros(b, n_query, dtype=torch.bool, device=query_time.device))
+
+    def _genomics_film(
+        self, batch: Batch, seen: _Visible, hidden: Tensor | None
+    ) -> tuple[Tensor | None, list[Tensor] | None]:
+        """(conditioning [B, d_hidden], FiLM per block) from the PRS traits not hidden; (None, None)
+        when no sample keeps genomics."""
+        present = seen.kept[:, 2]
+        if not bool(present.any()):
+            return None, None
+        shown = batch.prs_valid & present[:, None]
+        if hidden is not None:
+            shown = shown & ~hidden
+        return self.genomics_encoder(batch.prs.float(), shown, present)
 
     def embed(self, batch: Batch) -> Tensor:
         """[B, d] representation at prediction_time (the query token's final state)."""
@@ -545,33 +541,17 @@ class HealthFM(nn.Module):
     def pretraining_losses(
         self,
         batch: Batch,
-        weights: "ObjectiveWeights",
+        weights: ObjectiveWeights,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Every pretraining loss by name plus the balanced weighted "total" (see objectives.py)."""
-        from healthfm_core.model.objectives import pretraining_losses
-
         return pretraining_losses(self, batch, weights, generator)
 
     # -- reports -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def decay_rate_summary(self) -> dict[str, float]:
         """Range of the learned decay rates over all layers and heads (log it: collapse shows here)."""
-        rates = [blk.attn.decay()[1].flatten() for blk in self.backbone.blocks if blk.attn.decay is not None]
-        if not rates:
-            return {}
-        r = torch.cat(rates).float()
-        log_lo, log_hi = self.cfg.log_rate_bounds
-        span = log_hi - log_lo
-        near_bound = ((r.log() - log_lo) < 0.01 * span) | ((log_hi - r.log()) < 0.01 * span)
-        return {
-            "rate_min_per_day": float(r.min()),
-            "rate_max_per_day": float(r.max()),
-            "timescale_min_days": float(1 / r.max()),
-            "timescale_max_days": float(1 / r.min()),
-            "rate_at_bound_fraction": float(near_bound.float().mean()),
-        }
+        return decay_rate_summary(self)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

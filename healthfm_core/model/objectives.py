@@ -34,19 +34,36 @@ of mostly-absent codes does not reduce them to "predict nothing".
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from healthfm_core.data.batch import N_SPECIAL_CODES, Batch
 from healthfm_core.model.config import CurriculumConfig, ModelConfig, PretrainingConfig
-from healthfm_core.model.healthfm import HealthFM, ModelOutput, ReconstructionMasks
+from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
 
 INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit", "future_codes")
 CROSS_MODAL = ("predictive", "align")
 LOSS_NAMES = INTRA_MODAL + CROSS_MODAL
+
+
+class PretrainingModel(Protocol):
+    """What the objectives use of a model (HealthFM, whose pretraining_losses calls them)."""
+
+    cfg: ModelConfig
+    vocab_size: int
+    heads: nn.ModuleDict
+
+    def __call__(
+        self,
+        batch: Batch,
+        masks: ReconstructionMasks | None = None,
+        generator: torch.Generator | None = None,
+        query_time: Tensor | None = None,
+    ) -> ModelOutput: ...
 
 
 class ObjectiveWeights(BaseModel):
@@ -156,7 +173,7 @@ def _multi_hot(code_lists: list[Tensor], vocab_size: int, device: torch.device) 
     return out
 
 
-def ehr_reconstruction_losses(model: HealthFM, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+def ehr_reconstruction_losses(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
     if out.n_ehr == 0 or masks.ehr is None:
         return {}
     hidden = masks.ehr[:, : out.n_ehr] & out.ehr_valid
@@ -171,7 +188,7 @@ def ehr_reconstruction_losses(model: HealthFM, out: ModelOutput, batch: Batch, m
     return losses
 
 
-def wearable_reconstruction_loss(model: HealthFM, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+def wearable_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
     if out.n_wear == 0 or masks.wear is None:
         return {}
     hidden = masks.wear[:, : out.n_wear] & out.wear_valid
@@ -184,7 +201,7 @@ def wearable_reconstruction_loss(model: HealthFM, out: ModelOutput, batch: Batch
     return {"wear_masked": _masked_mean((predicted - target) ** 2, observed)}
 
 
-def prs_reconstruction_loss(model: HealthFM, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+def prs_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
     if out.genomics_cond is None or masks.prs is None:
         return {}
     hidden = masks.prs & batch.prs_valid & out.present["genomics"][:, None]
@@ -209,7 +226,7 @@ def onset_repeat_bce(
 
 
 def next_visit_loss(
-    model: HealthFM, out: ModelOutput, batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None
+    model: PretrainingModel, out: ModelOutput, batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None
 ) -> dict[str, Tensor]:
     """For up to max_visits_per_sample visits after a sample's first, the latest token strictly
     before the visit predicts the visit's codes; new-onset and repeat codes are separate terms."""
@@ -304,7 +321,7 @@ def future_window_targets(
 
 
 def future_codes_loss(
-    model: HealthFM, out: ModelOutput, batch: Batch, anchor: Tensor, has_anchor: Tensor, cfg: PretrainingConfig
+    model: PretrainingModel, out: ModelOutput, batch: Batch, anchor: Tensor, has_anchor: Tensor, cfg: PretrainingConfig
 ) -> dict[str, Tensor]:
     """Each query state (`out.queries`, at `anchor` [B, Q]) -> codes in (anchor, anchor + h]
     per horizon.
@@ -329,7 +346,7 @@ def future_codes_loss(
 
 
 def predictive_coding_loss(
-    model: HealthFM,
+    model: PretrainingModel,
     out: ModelOutput,
     batch: Batch,
     masks: ReconstructionMasks,
@@ -373,7 +390,7 @@ def predictive_coding_loss(
     return {"predictive": loss} if loss is not None else {}
 
 
-def alignment_loss(model: HealthFM, out: ModelOutput, batch: Batch, cfg: PretrainingConfig) -> dict[str, Tensor]:
+def alignment_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, cfg: PretrainingConfig) -> dict[str, Tensor]:
     """Symmetric InfoNCE between encoder-level wearable and EHR summaries (pre-backbone, so each
     summary holds one modality only). Other samples of the same subject are not negatives."""
     if out.wear_tokens is None or out.ehr_tokens is None:
@@ -420,7 +437,7 @@ def combine_losses(losses: Mapping[str, Tensor], weights: ObjectiveWeights, cfg:
 
 
 def pretraining_losses(
-    model: HealthFM, batch: Batch, weights: ObjectiveWeights, generator: torch.Generator | None = None
+    model: PretrainingModel, batch: Batch, weights: ObjectiveWeights, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
     """Every loss of LOSS_NAMES (0 where the batch has no data for it) plus "total".
 

@@ -26,7 +26,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from healthfm_core.data.batch import Batch
-from healthfm_core.train.checkpoint import TrainState, checkpoint_name, prune_checkpoints, save_checkpoint
+from healthfm_core.model.attention import decay_rate_summary
+from healthfm_core.model.groups import GROUPS, group_state_dict, parameter_group
+from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.train.checkpoint import (
+    TrainState,
+    checkpoint_name,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,41 +122,6 @@ def step_seed(seed: int, step: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) & (2**63 - 1)
-
-
-def decay_rate_range(model: torch.nn.Module) -> tuple[float, float] | None:
-    """(min, max) over the model's continuous-time decay rates (per day), for the collapse guard.
-    Uses model.decay_rate_summary() (HealthFM) or model.decay_rate_range() when the model has one; otherwise any submodule attribute or
-    method named `rates` returning a tensor."""
-    summary = getattr(model, "decay_rate_summary", None)
-    if callable(summary):  # HealthFM
-        out = summary()
-        return (out["rate_min_per_day"], out["rate_max_per_day"]) if out else None
-    fn = getattr(model, "decay_rate_range", None)
-    if callable(fn):
-        out = fn()
-        return None if out is None else (float(out[0]), float(out[1]))
-    lo, hi = math.inf, -math.inf
-    with torch.no_grad():
-        for module in model.modules():
-            r = getattr(module, "rates", None)
-            if callable(r) and not isinstance(r, torch.Tensor):
-                r = r()
-            if isinstance(r, torch.Tensor) and r.numel():
-                lo, hi = min(lo, float(r.min())), max(hi, float(r.max()))
-    return None if lo == math.inf else (lo, hi)
-
-
-def _default_group_of() -> Callable[[str], str]:
-    from healthfm_core.model.groups import parameter_group
-
-    return parameter_group
-
-
-def _default_weights() -> Any:
-    from healthfm_core.model.objectives import ObjectiveWeights
-
-    return ObjectiveWeights()
 
 
 class _BatchStream:
@@ -299,7 +273,7 @@ def train_local(
     stop_step = cfg.steps if stop_step is None else stop_step
     if not 0 <= start_step <= stop_step <= cfg.steps:
         raise ValueError(f"need 0 <= start_step ({start_step}) <= stop_step ({stop_step}) <= steps ({cfg.steps})")
-    group_of = group_of or _default_group_of()
+    group_of = group_of or parameter_group
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(cfg.precision, device)
 
@@ -378,9 +352,9 @@ def train_local(
             opt.step()
 
             record = {"step": float(step), **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm}
-            rates = decay_rate_range(model)
-            if rates is not None:
-                record["rate_min"], record["rate_max"] = rates
+            rates = decay_rate_summary(model)  # empty for a model without DecayKernels
+            if rates:
+                record["rate_min"], record["rate_max"] = rates["rate_min_per_day"], rates["rate_max_per_day"]
             history.append(record)
             examples += batch.batch_size
             present = batch.has_modality()
@@ -413,24 +387,20 @@ def train_local(
 
 
 def _valid_group_names(group_of: Callable[[str], str], known: list[str]) -> set[str]:
-    if group_of is _default_group_of():
-        from healthfm_core.model.groups import GROUPS
-
+    if group_of is parameter_group:
         return set(GROUPS)
     return set(known)
 
 
 def _group_state(model: torch.nn.Module, groups: list[str], group_of: Callable[[str], str]) -> dict[str, torch.Tensor]:
-    if group_of is _default_group_of():
-        from healthfm_core.model.groups import group_state_dict
-
+    if group_of is parameter_group:
         return group_state_dict(model.state_dict(), groups)
     return {k: v for k, v in model.state_dict().items() if group_of(k) in groups}
 
 
 def _weights_at(weights_fn: Callable[[int], Any] | Any | None, step: int) -> Any:
     if weights_fn is None:
-        return _default_weights()
+        return ObjectiveWeights()
     if callable(weights_fn) and not isinstance(weights_fn, BaseModel):
         return weights_fn(step)
     return weights_fn
@@ -481,8 +451,6 @@ class Trainer:
 
     def resume_from(self, path: str | Path) -> int:
         """Load a checkpoint's weights into the model and its state; returns the step reached."""
-        from healthfm_core.train.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(path, self.model)
         self.state = ckpt.state
         return ckpt.step

@@ -1,6 +1,6 @@
 """Fused continuous-time attention in Triton: forward and backward with an online softmax.
 
-The math is the one of ``healthfm_core.model.attention.ct_attention_reference``:
+The math is the one of ``reference.ct_attention_reference`` (this package):
 
     s_ij = q_i . k_j / sqrt(D) + log K(dt_ij),   K(dt) = sum_m pi_m exp(-lambda_m dt)
 
@@ -54,16 +54,28 @@ written to a [B*H, n_tiles, M] buffer that torch sums: deterministic, no float a
 Times are not differentiated (``ct_attention`` routes to the reference when they need grad).
 
 Triton features used are limited to those of triton 3.6 (the GPU image) and 3.9 (CPU CI).
+
+triton is imported when a kernel first runs, not with this module: it is a heavy optional
+dependency, and it fixes compiled vs interpreted mode (TRITON_INTERPRET) when it is imported.
+So the device functions below are plain functions until then (``_device`` records them) and
+``_ensure_built`` applies ``triton.jit`` to them, in the mode triton's library was built in.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
-import triton
-import triton.language as tl
+
+from healthfm_core.kernels.ct_attention.reference import check_shapes
+
+# The modules triton and triton.language, bound by _import_triton when a kernel first runs; the
+# device functions read ``tl`` from these module globals.
+triton: Any = None
+tl: Any = None
 
 # lambda_max * (tile time span) above which an overlapping tile takes the log-domain path.
 # Mid-span anchoring keeps each factor within exp(+-SPAN_LIMIT / 2) = exp(+-20): safe in fp32.
@@ -101,8 +113,17 @@ def default_config(head_dim: int) -> KernelConfig:
 
 # ----------------------------------------------------------------------------- device code
 
+_Fn = TypeVar("_Fn", bound=Callable)
+_DEVICE_FUNCTIONS: dict[str, Callable] = {}  # name -> plain function, jitted by _ensure_built
 
-@triton.jit
+
+def _device(fn: _Fn) -> _Fn:
+    """Mark a device function: ``_ensure_built`` replaces it by ``triton.jit(fn)`` in this module."""
+    _DEVICE_FUNCTIONS[fn.__name__] = fn
+    return fn
+
+
+@_device
 def _lam_max(rate_ptr, M: tl.constexpr):
     lam_max = tl.load(rate_ptr)
     for m in tl.static_range(1, M):
@@ -110,7 +131,7 @@ def _lam_max(rate_ptr, M: tl.constexpr):
     return lam_max
 
 
-@triton.jit
+@_device
 def _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL: tl.constexpr, SPAN: tl.constexpr):
     """Per tile pair: fast (factorised) or log path, the anchor a and the sign sigma."""
     before = kmax <= qmin
@@ -126,7 +147,7 @@ def _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL: tl.constexpr, SPAN: tl.conste
     return fast, a, sigma
 
 
-@triton.jit
+@_device
 def _row_norm(alpha, lw_ptr, rate_ptr, M: tl.constexpr):
     """U_i = log sum_m pi_m exp(-lambda_m alpha_i) (logsumexp over the components)."""
     mx = tl.load(lw_ptr) - tl.load(rate_ptr) * alpha
@@ -138,13 +159,13 @@ def _row_norm(alpha, lw_ptr, rate_ptr, M: tl.constexpr):
     return mx + tl.log(acc)
 
 
-@triton.jit
+@_device
 def _key_factor(lam, beta, kval):
     # Invalid keys may lie anywhere in time: clamp, then zero them so no inf reaches a product.
     return tl.where(kval, tl.exp(tl.minimum(-lam * beta, 80.0)), 0.0)
 
 
-@triton.jit
+@_device
 def _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL: tl.constexpr, M: tl.constexpr):
     """log K(dt) per score with the max-component trick; returns (log K, dt)."""
     dt = t_q[:, None] - t_k[None, :]
@@ -161,7 +182,7 @@ def _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL: tl.constexpr, M: tl.constexp
     return mx + tl.log(acc), dt
 
 
-@triton.jit
+@_device
 def _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
             CAUSAL: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(z, kn): the score is s = z + log(kn); fast path: z = qk + U, kn = K / c; log path: kn = 1."""
@@ -183,7 +204,7 @@ def _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
     return z, kn
 
 
-@triton.jit
+@_device
 def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,
             QMIN, QMAX, KMIN, KMAX, KLO, KHI,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -260,7 +281,7 @@ def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,
     tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@_device
 def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
                  QMIN, QMAX, KMIN, KMAX, QLO, QHI,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
@@ -329,7 +350,7 @@ def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@_device
 def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
                QMIN, QMAX, KMIN, KMAX, KLO, KHI,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
@@ -430,18 +451,31 @@ def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
         tl.store(GRATE + part, g_rate)
 
 
-_JIT_NAMES = ("_lam_max", "_plan", "_row_norm", "_key_factor", "_log_kernel", "_logits",
-              "_ct_fwd", "_ct_bwd_dkdv", "_ct_bwd_dq")
+def _import_triton() -> None:
+    """Bind the module globals ``triton`` and ``tl`` (the device functions read ``tl``)."""
+    global triton, tl
+    import triton
+    import triton.language as tl
 
 
 def interpreting() -> bool:
-    """Whether triton runs kernels in its CPU interpreter.
+    """Whether triton runs kernels in its CPU interpreter (imports triton).
 
     triton fixes this when it is imported (TRITON_INTERPRET=1 at that moment): its own
     library functions (tl.zeros, reductions) are built for one mode only, so the answer is
     read from them rather than from the environment now.
     """
+    _import_triton()
     return _is_interpreted(tl.zeros)
+
+
+def unavailable_reason() -> str | None:
+    """Why triton cannot be imported here (None when it can)."""
+    try:
+        _import_triton()
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 def _is_interpreted(fn: object) -> bool:
@@ -452,23 +486,22 @@ def _is_interpreted(fn: object) -> bool:
     return isinstance(fn, InterpretedFunction)
 
 
-_built_interpreted = _is_interpreted(_ct_fwd)
+_built_interpreted: bool | None = None  # the mode the device functions were jitted in; None: not yet
 
 
-def _ensure_jit_mode() -> None:
-    """Build this module's kernels in the same mode as triton's library.
+def _ensure_built() -> None:
+    """Jit this module's device functions, in the same mode as triton's library.
 
-    triton.jit chooses compiled vs interpreted when a function is decorated, so if
-    TRITON_INTERPRET changed between the import of triton and of this module, the two would
-    disagree and no launch could work.
+    triton.jit chooses compiled vs interpreted when a function is decorated, so they are
+    (re)decorated whenever that mode differs from the library's: otherwise no launch could work.
     """
     global _built_interpreted
     want = interpreting()
     if want == _built_interpreted:
         return
     module = globals()
-    for name in _JIT_NAMES:
-        module[name] = triton.jit(module[name].fn)
+    for name, fn in _DEVICE_FUNCTIONS.items():
+        module[name] = triton.jit(fn)
     _built_interpreted = want
 
 
@@ -478,7 +511,7 @@ def _ensure_jit_mode() -> None:
 def _tile_bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tile (min, max) of the times of valid positions; (+inf, -inf) for a tile with none."""
     b, n = t.shape
-    n_tiles = triton.cdiv(n, block)
+    n_tiles = _cdiv(n, block)
     pad = n_tiles * block - n
     t = torch.nn.functional.pad(t, (0, pad)).view(b, n_tiles, block)
     valid = torch.nn.functional.pad(valid, (0, pad), value=False).view(b, n_tiles, block)
@@ -515,6 +548,14 @@ def _tile_plan(t_q: torch.Tensor, t_k: torch.Tensor, kv: torch.Tensor, block_m: 
     }
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -530,7 +571,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 class _CTAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, config):  # type: ignore[override]
-        _ensure_jit_mode()
+        _ensure_built()
         b, h, nq, d = q.shape
         nk = k.shape[2]
         m = log_weights.shape[1]
@@ -544,10 +585,10 @@ class _CTAttention(torch.autograd.Function):
         plan = _tile_plan(tq, tk, kv_bool, config.block_m, config.block_n, causal)
         o = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
         lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
-        nqt = triton.cdiv(nq, config.block_m)
-        nkt = triton.cdiv(nk, config.block_n)
+        nqt = _cdiv(nq, config.block_m)
+        nkt = _cdiv(nk, config.block_n)
         dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        block_d = max(16, triton.next_power_of_2(d))
+        block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         _ct_fwd[(nqt, b * h)](
             q, k, v, tq, tk, kv, lw, rate, o, lse,
@@ -566,7 +607,7 @@ class _CTAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
-        _ensure_jit_mode()
+        _ensure_built()
         q, k, v, o, lse, tq, tk, kv, lw, rate = ctx.saved_tensors
         config: KernelConfig = ctx.config
         causal: bool = ctx.causal
@@ -576,17 +617,17 @@ class _CTAttention(torch.autograd.Function):
         do = _last_dim_contiguous(do.to(q.dtype))
         delta = (do.float() * o.float()).sum(-1).contiguous()  # [B,H,NQ]
         plan = _tile_plan(tq, tk, kv != 0, config.bwd_block_m, config.bwd_block_n, causal)
-        nqt = triton.cdiv(nq, config.bwd_block_m)
-        nkt = triton.cdiv(nk, config.bwd_block_n)
+        nqt = _cdiv(nq, config.bwd_block_m)
+        nkt = _cdiv(nk, config.bwd_block_n)
         dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        block_d = max(16, triton.next_power_of_2(d))
+        block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         # empty_like keeps q's strides; the kernels index dq/dk/dv with q/k/v's strides.
         param_grad = bool(ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
-        m_pow2 = triton.next_power_of_2(m)
+        m_pow2 = _next_power_of_2(m)
         g_lw = torch.empty((b * h, nqt, m_pow2), device=q.device, dtype=torch.float32)
         g_rate = torch.empty_like(g_lw)
         common = dict(D=d, BLOCK_D=block_d, BLOCK_M=config.bwd_block_m, BLOCK_N=config.bwd_block_n,
@@ -644,8 +685,6 @@ def ct_attention_triton(
     Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1. Differentiable in q, k, v,
     log_weights and rates (not in the times).
     """
-    from healthfm_core.model.attention import check_shapes
-
     check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
     why = check_supported(q, k, v, log_weights)
     if why is not None:

@@ -1,0 +1,30 @@
+"""Continuous-time attention: the PyTorch reference, the fused Triton kernel and the dispatcher.
+
+    reference.py  ct_attention_reference (the math, any device), log_decay_kernel, check_shapes
+    triton.py     ct_attention_triton (fused forward/backward; imports triton when it first runs)
+    dispatch.py   ct_attention (HEALTHFM_CT_ATTENTION=reference|triton|auto) and IMPLEMENTATIONS
+"""
+
+from healthfm_core.kernels.ct_attention.dispatch import (
+    IMPL_ENV,
+    IMPLEMENTATIONS,
+    auto_choice,
+    ct_attention,
+)
+from healthfm_core.kernels.ct_attention.reference import (
+    check_shapes,
+    ct_attention_reference,
+    log_decay_kernel,
+)
+from healthfm_core.kernels.ct_attention.triton import ct_attention_triton
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "IMPL_ENV",
+    "auto_choice",
+    "check_shapes",
+    "ct_attention",
+    "ct_attention_reference",
+    "ct_attention_triton",
+    "log_decay_kernel",
+]

@@ -1,0 +1,122 @@
+"""``ct_attention``: one entry point that picks an implementation of continuous-time attention.
+
+The implementations are named paths in ``IMPLEMENTATIONS`` (each with the reference's
+signature); ``impl`` or the environment variable HEALTHFM_CT_ATTENTION names one of them, or
+"auto", which ``auto_choice`` resolves per call from the inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+import torch
+
+from healthfm_core.kernels.ct_attention.reference import (
+    check_shapes,
+    ct_attention_reference,
+)
+from healthfm_core.kernels.ct_attention.triton import (
+    check_supported,
+    ct_attention_triton,
+    unavailable_reason,
+)
+
+logger = logging.getLogger(__name__)
+
+IMPL_ENV = "HEALTHFM_CT_ATTENTION"
+AUTO = "auto"
+
+
+class CTAttentionFn(Protocol):
+    """The contract every path implements (DESIGN.md, "Continuous-time attention")."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        t_q: torch.Tensor,
+        t_k: torch.Tensor,
+        log_weights: torch.Tensor,
+        rates: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor: ...
+
+
+def _triton_path(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    log_weights: torch.Tensor,
+    rates: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    # A forced kernel refuses what it cannot do rather than silently dropping a gradient.
+    if t_q.requires_grad or t_k.requires_grad:
+        raise ValueError("ct_attention(impl='triton'): the kernel does not differentiate the times")
+    return ct_attention_triton(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
+
+
+# name -> implementation; "auto" is not a path but a choice among these.
+IMPLEMENTATIONS: dict[str, CTAttentionFn] = {
+    "reference": ct_attention_reference,
+    "triton": _triton_path,
+}
+
+
+def auto_choice(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor, log_weights: torch.Tensor
+) -> str:
+    """The path "auto" takes: the Triton kernel for CUDA tensors it supports, the reference otherwise."""
+    if not q.is_cuda or t_q.requires_grad or t_k.requires_grad:
+        return "reference"
+    why = unavailable_reason()
+    if why is not None:  # a CUDA machine without triton: still correct, just slower
+        logger.warning("ct_attention: triton unavailable (%s); using the reference", why)
+        return "reference"
+    if check_supported(q, k, v, log_weights) is not None:
+        return "reference"
+    return "triton"
+
+
+def requested_impl(impl: str | None) -> str:
+    """``impl``, or HEALTHFM_CT_ATTENTION when it is None (default "auto"), checked against the names."""
+    choice = impl if impl is not None else os.environ.get(IMPL_ENV, AUTO).strip().lower() or AUTO
+    names = (*IMPLEMENTATIONS, AUTO)
+    if choice not in names:
+        source = "impl" if impl is not None else f"environment variable {IMPL_ENV}"
+        raise ValueError(f"ct_attention: {source}={choice!r}; expected one of {', '.join(names)}")
+    return choice
+
+
+def ct_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    log_weights: torch.Tensor,
+    rates: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    causal: bool = True,
+    *,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Continuous-time attention, dispatching to the fused Triton kernel where one applies.
+
+    ``impl`` (or the environment variable HEALTHFM_CT_ATTENTION when ``impl`` is None) is
+    "auto" (default: the kernel for CUDA tensors it supports, the reference otherwise),
+    "reference", or "triton" (the kernel or an error; on CPU it needs TRITON_INTERPRET=1).
+    """
+    choice = requested_impl(impl)
+    if choice != "reference":
+        check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
+    if choice == AUTO:
+        choice = auto_choice(q, k, v, t_q, t_k, log_weights)
+    return IMPLEMENTATIONS[choice](q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
