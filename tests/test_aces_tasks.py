@@ -20,7 +20,11 @@ import pytest
 
 from healthfm_core.data.aces_tasks import aces_labels, load_task
 from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import DISEASES, onset_labels_from_events, visit_prediction_times
+from healthfm_core.data.tasks import (
+    DISEASES,
+    onset_labels_from_events,
+    visit_prediction_times,
+)
 
 TASK_NAMES = list(DISEASES)  # t2d, cad, hypertension, copd: one configs/tasks/<name>.yaml each
 N_SUBJECTS = 60

@@ -11,7 +11,11 @@ import pytest
 from meds_evaluation.schema import PredictionSchema
 from sklearn.metrics import roc_auc_score
 
-from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
+from healthfm_core.eval.meds_eval import (
+    prediction_path,
+    score_predictions,
+    write_predictions,
+)
 from healthfm_core.eval.metrics import auroc
 
 

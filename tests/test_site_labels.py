@@ -8,7 +8,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from healthfm_core.data.site_labels import SiteLabelError, check_site_labels, read_site_labels, site_tasks
+from healthfm_core.data.site_labels import (
+    SiteLabelError,
+    check_site_labels,
+    read_site_labels,
+    site_tasks,
+)
 
 D = dt.datetime
 

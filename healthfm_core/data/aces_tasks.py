@@ -184,4 +184,4 @@ def aces_labels(
     return out
 
 
-__all__ = ["AcesTask", "TASK_DIR", "TaskMetadata", "aces_labels", "load_task"]
+__all__ = ["TASK_DIR", "AcesTask", "TaskMetadata", "aces_labels", "load_task"]

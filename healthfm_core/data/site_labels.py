@@ -21,6 +21,7 @@ import meds
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from flexible_schema import SchemaValidationError, TableValidationError
 
 TASKS_SUBDIR = "tasks"
 MAX_EXAMPLES = 3  # offending values quoted per (file, column, problem)
@@ -91,7 +92,7 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
         return None, issues
     try:
         table = meds.LabelSchema.align(raw)
-    except Exception as exc:  # flexible_schema raises its own errors; report them with the file
+    except (SchemaValidationError, TableValidationError, pa.ArrowException) as exc:
         bad = [f.name for f in raw.schema if f.name in meds.LabelSchema.schema().names
                and raw.schema.field(f.name).type != meds.LabelSchema.schema().field(f.name).type]
         return None, [LabelIssue(path, ", ".join(bad) or None, str(raw.schema.field(bad[0]).type) if bad else None,
@@ -147,4 +148,4 @@ def _read(site_root: Path, task: str) -> tuple[pa.Table | None, list[LabelIssue]
     return pa.concat_tables(tables, promote_options="default"), []
 
 
-__all__ = ["LabelIssue", "SiteLabelError", "TASKS_SUBDIR", "check_site_labels", "label_files", "read_site_labels", "site_tasks", "task_dir"]
+__all__ = ["TASKS_SUBDIR", "LabelIssue", "SiteLabelError", "check_site_labels", "label_files", "read_site_labels", "site_tasks", "task_dir"]

@@ -22,7 +22,11 @@ from tqdm.auto import tqdm
 
 from healthfm_core.data.synthetic.cohort import Cohort, simulate_cohort
 from healthfm_core.data.synthetic.ehr import code_catalogue, simulate_ehr
-from healthfm_core.data.synthetic.hospital import hospital_onsets_table, simulate_hospital_ehr, write_hospital_events
+from healthfm_core.data.synthetic.hospital import (
+    hospital_onsets_table,
+    simulate_hospital_ehr,
+    write_hospital_events,
+)
 from healthfm_core.data.synthetic.scenario import (
     ScenarioConfig,
     SiteSpec,

@@ -29,7 +29,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from healthfm_core.data.synthetic.cohort import Cohort, _to_minute, disease_presence, site_start_date
+from healthfm_core.data.synthetic.cohort import (
+    Cohort,
+    _to_minute,
+    disease_presence,
+    site_start_date,
+)
 from healthfm_core.data.synthetic.ehr import _visits
 from healthfm_core.data.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
 
@@ -218,7 +223,7 @@ def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSp
             catalogue[lab(itemid, unit)] = desc
             rows.add(v_subj[m], draw[m], lab(itemid, unit), np.round(val[m], dec), _LAB)
 
-    z = lambda: rng.standard_normal(nv)  # noqa: E731 - one fresh noise vector per analyte
+    z = lambda: rng.standard_normal(nv)
     glucose = np.clip(95 + 10 * met + 45 * t2d - 20 * t2d_med + 12 * z(), 45, 600)
     bicarb = np.clip(25 + 3.5 * copd + 2 * z(), 12, 40)
     sodium, chloride = 139 + 2.5 * z(), 102 + 3 * z()
