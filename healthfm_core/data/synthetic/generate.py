@@ -22,6 +22,11 @@ from tqdm.auto import tqdm
 
 from healthfm_core.data.synthetic.cohort import Cohort, simulate_cohort
 from healthfm_core.data.synthetic.ehr import code_catalogue, simulate_ehr
+from healthfm_core.data.synthetic.hospital import (
+    hospital_onsets_table,
+    simulate_hospital_ehr,
+    write_hospital_events,
+)
 from healthfm_core.data.synthetic.scenario import (
     ScenarioConfig,
     SiteSpec,
@@ -184,9 +189,16 @@ def generate_site(
         cohort = simulate_cohort(scenario, site, site_index, rng_cohort)
         bar.update()
         bar.set_postfix_str("EHR events")
-        events, codes = simulate_ehr(cohort, scenario, site, rng_ehr)
-        _write_events(events, cohort, site, tmp_root)
-        _write_code_metadata(codes, scenario, tmp_root)
+        onsets = onsets_table(cohort, scenario)
+        if site.ehr_format == "hospital":
+            hospital = simulate_hospital_ehr(cohort, scenario, site, rng_ehr)
+            n_events = write_hospital_events(hospital, cohort, site, tmp_root, PARQUET_OPTIONS)
+            onsets = hospital_onsets_table(onsets, hospital)
+        else:
+            events, codes = simulate_ehr(cohort, scenario, site, rng_ehr)
+            _write_events(events, cohort, site, tmp_root)
+            _write_code_metadata(codes, scenario, tmp_root)
+            n_events = events.num_rows
         _write_parquet(_splits(cohort, rng_split), tmp_root / meds.subject_splits_filepath)
         _write_dataset_metadata(scenario, site, seed, tmp_root)
         bar.update()
@@ -200,7 +212,7 @@ def generate_site(
         bar.update()
         bar.set_postfix_str("truth")
         _write_parquet(subjects_table(cohort, scenario), tmp_truth / "subjects.parquet")
-        _write_parquet(onsets_table(cohort, scenario), tmp_truth / "onsets.parquet")
+        _write_parquet(onsets, tmp_truth / "onsets.parquet")
         _write_parquet(latent_table(cohort, scenario), tmp_truth / "latent.parquet")
         bar.update()
         _write_parquet(risk_table(cohort, scenario), tmp_truth / "risk.parquet")
@@ -219,7 +231,7 @@ def generate_site(
         modalities=[m for m, c in counts.items() if c > 0],
         subjects_per_modality=counts,
         ppg=site.ppg,
-        n_events=events.num_rows,
+        n_events=n_events,
         n_wearable_epochs=n_epochs,
     )
 

@@ -59,6 +59,8 @@ class SiteSpec(_Strict):
     date_offset_years: int = Field(0, ge=-200, le=200)  # MIMIC-style shift of every date
     subjects_per_shard: int = Field(1000, ge=1)
     subject_id_start: int | None = Field(None, ge=0)
+    # "hospital": MIMIC-style MEDS export (ICD-9 then ICD-10 codes, lab panels, polars-written); see hospital.py
+    ehr_format: Literal["synthetic", "hospital"] = "synthetic"
 
     @field_validator("modalities")
     @classmethod

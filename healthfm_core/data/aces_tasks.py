@@ -1,0 +1,187 @@
+"""Tasks as data: an ACES task config (es-aces) plus horizons, run on one site's MEDS root.
+
+A task file (configs/tasks/<name>.yaml) is a plain ACES config whose `metadata` (which ACES ignores)
+adds what ACES cannot say:
+
+    metadata:
+      horizons_days: [30, 90, 180, 365]   # one label table per horizon
+      horizon_window: target              # its `end` becomes `start + <h>d` for each horizon
+      censoring_window: followup          # optional: requires follow-up through the horizon ...
+      complete_on: outcome_or_death       # ... unless this predicate occurs in the horizon window
+
+An ACES window tree is a conjunction, so "followed up through the horizon OR the outcome/death
+happened inside it" is the union of two ACES queries: the config as written, and the config without
+`censoring_window` whose horizon window requires `complete_on` at least once. Both see the same
+predicates, so a row found by both has the same label.
+
+    task = load_task("configs/tasks/t2d.yaml")          # or load_task("t2d")
+    labels = aces_labels(task, site_root)               # {horizon_days: LabelSchema table}
+
+ACES reads each data/**/*.parquet shard with polars; MEDS keeps a subject in one shard, so shards
+are queried separately and concatenated. Static rows (null time) are dropped by ACES: an outcome
+recorded only as a static row is invisible here (today's onset_labels counts it as prevalent).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import meds
+import polars as pl
+import pyarrow as pa
+import yaml
+from aces import config as aces_config
+from aces import predicates as aces_predicates
+from aces import query as aces_query
+from omegaconf import DictConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, validate_labels
+
+log = logging.getLogger(__name__)
+
+TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+
+
+class TaskMetadata(BaseModel):
+    """The `metadata` block of a task file."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    task: str | None = None
+    horizons_days: list[int] = Field(min_length=1)
+    horizon_window: str
+    censoring_window: str | None = None
+    complete_on: str | None = None
+
+
+class AcesTask(BaseModel):
+    """A loaded task file: its name, path, metadata and the raw ACES config (metadata removed)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: Path
+    metadata: TaskMetadata
+    config: dict
+
+    def config_for(self, horizon_days: int, complete_variant: bool = False) -> dict:
+        """The ACES config for one horizon; `complete_variant` is the second query of the union."""
+        cfg = copy.deepcopy(self.config)
+        windows = cfg["windows"]
+        windows[self.metadata.horizon_window]["end"] = f"start + {int(horizon_days)}d"
+        if complete_variant:
+            windows.pop(self.metadata.censoring_window)
+            has = windows[self.metadata.horizon_window].setdefault("has", {}) or {}
+            has[self.metadata.complete_on] = "(1, None)"
+            windows[self.metadata.horizon_window]["has"] = has
+        return cfg
+
+
+def _parse(cfg: dict, where: str) -> aces_config.TaskExtractorConfig:
+    """ACES loads configs from files only."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "task.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        try:
+            return aces_config.TaskExtractorConfig.load(path)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{where}: not a valid ACES task config: {exc}") from exc
+
+
+def load_task(task: str | Path) -> AcesTask:
+    """A task by name (configs/tasks/<name>.yaml) or path, validated by ACES for every horizon."""
+    path = Path(task)
+    if not (path.suffix in {".yaml", ".yml"} or path.exists()):
+        path = TASK_DIR / f"{task}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TASK_DIR.glob("*.yaml")) if TASK_DIR.is_dir() else []
+        raise FileNotFoundError(f"task {str(task)!r}: no file {path} (known tasks: {known})")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        meta = TaskMetadata.model_validate(raw.pop("metadata", None) or {})
+    except ValidationError as exc:
+        raise ValueError(f"{path}, field metadata: {exc}") from exc
+    windows = raw.get("windows") or {}
+    for field, value in (("horizon_window", meta.horizon_window), ("censoring_window", meta.censoring_window)):
+        if value is not None and value not in windows:
+            raise ValueError(f"{path}, field metadata.{field}: no window {value!r} (windows: {sorted(windows)})")
+    if (meta.censoring_window is None) != (meta.complete_on is None):
+        raise ValueError(f"{path}, field metadata: censoring_window and complete_on go together "
+                         f"(got {meta.censoring_window!r}, {meta.complete_on!r})")
+    if meta.complete_on is not None and meta.complete_on not in (raw.get("predicates") or {}):
+        raise ValueError(f"{path}, field metadata.complete_on: no predicate {meta.complete_on!r}")
+    out = AcesTask(name=meta.task or path.stem, path=path, metadata=meta, config=raw)
+    for h in meta.horizons_days:
+        _parse(out.config_for(h), f"{path} (horizon {h}d)")
+    return out
+
+
+def _shards(site_root: Path) -> list[Path]:
+    shards = sorted((site_root / meds.data_subdirectory).rglob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{site_root / meds.data_subdirectory}: no *.parquet shards")
+    return shards
+
+
+def _labels(result: pl.DataFrame) -> pl.DataFrame:
+    if result.is_empty() or "index_timestamp" not in result.columns:
+        return pl.DataFrame(schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean})
+    return result.select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("index_timestamp").cast(pl.Datetime("us")).alias("prediction_time"),
+        (pl.col("label") > 0).alias("boolean_value"),
+    )
+
+
+def aces_labels(
+    task: AcesTask | str | Path,
+    site_root: str | Path,
+    horizons_days: Sequence[int] | None = None,
+    prediction_times: pa.Table | None = None,
+) -> dict[int, pa.Table]:
+    """LabelSchema tables (subject_id, prediction_time, boolean_value) per horizon, sorted.
+
+    `prediction_times` (subject_id, prediction_time) keeps only those rows of ACES's output (ACES
+    predicts at every trigger event; a time that is no trigger event gets no row).
+    """
+    task = task if isinstance(task, AcesTask) else load_task(task)
+    horizons = list(horizons_days) if horizons_days is not None else task.metadata.horizons_days
+    union = task.metadata.censoring_window is not None
+    variants = [False, True] if union else [False]
+    parsed = {(h, v): _parse(task.config_for(h, v), f"{task.path} (horizon {h}d)") for h in horizons for v in variants}
+    parts: dict[int, list[pl.DataFrame]] = {h: [] for h in horizons}
+    for shard in _shards(Path(site_root)):
+        data_cfg = DictConfig({"path": str(shard), "standard": "meds"})
+        for v in variants:
+            # Predicates do not depend on the horizon: computed once per shard and variant.
+            preds = aces_predicates.get_predicates_df(parsed[(horizons[0], v)], data_cfg)
+            for h in horizons:
+                parts[h].append(_labels(aces_query.query(parsed[(h, v)], preds)))
+    keep = None
+    if prediction_times is not None:
+        keep = pl.from_arrow(prediction_times.select(["subject_id", "prediction_time"])).with_columns(
+            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+        ).unique()
+    out: dict[int, pa.Table] = {}
+    for h in horizons:
+        df = pl.concat(parts[h])
+        clash = df.group_by(["subject_id", "prediction_time"]).agg(pl.col("boolean_value").n_unique().alias("n")).filter(pl.col("n") > 1)
+        if clash.height:  # the two queries of the union must agree where both keep a row
+            raise ValueError(f"{task.path}: horizon {h}d: the two ACES queries label {clash.height} row(s) differently, "
+                             f"e.g. subject_id {clash['subject_id'][0]}")
+        df = df.unique(subset=["subject_id", "prediction_time"], keep="first")
+        if keep is not None:
+            df = df.join(keep, on=["subject_id", "prediction_time"], how="inner")
+        df = df.sort(["subject_id", "prediction_time"])
+        out[h] = validate_labels(df.to_arrow().cast(LABEL_SCHEMA_BOOL))
+    return out
+
+
+__all__ = ["TASK_DIR", "AcesTask", "TaskMetadata", "aces_labels", "load_task"]

@@ -1,0 +1,151 @@
+"""Labels a site supplies itself, where MEDS puts task labels: SITE_ROOT/tasks/<task>/**/*.parquet.
+
+Each file is a MEDS LabelSchema table (subject_id, prediction_time, and one of boolean_value,
+integer_value, float_value, categorical_value). `check_site_labels` returns every problem as a
+LabelIssue naming the file, the column and an offending value; `read_site_labels` returns the
+concatenated, schema-aligned table or raises SiteLabelError with those issues. Checks:
+
+- the schema, by the `meds` package's LabelSchema (not a copy of it);
+- no null subject_id / prediction_time;
+- every subject_id is a subject of the site (present in data/);
+- every prediction_time lies within the subject's data: from its first to its last timed event
+  (a prediction before any data has nothing to condition on; one after the last has no outcome).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import meds
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flexible_schema import SchemaValidationError, TableValidationError
+
+TASKS_SUBDIR = "tasks"
+MAX_EXAMPLES = 3  # offending values quoted per (file, column, problem)
+
+
+@dataclass(frozen=True)
+class LabelIssue:
+    file: Path
+    column: str | None
+    value: object
+    message: str
+
+    def __str__(self) -> str:
+        col = f", column {self.column}" if self.column else ""
+        val = f" (value {self.value!r})" if self.value is not None else ""
+        return f"{self.file}{col}: {self.message}{val}"
+
+
+class SiteLabelError(ValueError):
+    def __init__(self, issues: list[LabelIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def task_dir(site_root: str | Path, task: str) -> Path:
+    return Path(site_root) / TASKS_SUBDIR / task
+
+
+def site_tasks(site_root: str | Path) -> list[str]:
+    """Names of the tasks the site labels itself (directories under tasks/ holding parquet files)."""
+    root = Path(site_root) / TASKS_SUBDIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.rglob("*.parquet")))
+
+
+def label_files(site_root: str | Path, task: str) -> list[Path]:
+    return sorted(task_dir(site_root, task).rglob("*.parquet"))
+
+
+def _subject_ranges(site_root: Path) -> pl.DataFrame:
+    """subject_id, first and last timed event of each subject in data/."""
+    shards = sorted((site_root / meds.data_subdirectory).rglob("*.parquet"))
+    frames = [pl.from_arrow(pq.read_table(p, columns=[meds.DataSchema.subject_id_name, meds.DataSchema.time_name])) for p in shards]
+    if not frames:
+        return pl.DataFrame(schema={"subject_id": pl.Int64, "first": pl.Datetime("us"), "last": pl.Datetime("us")})
+    return (
+        pl.concat(frames)
+        .group_by(meds.DataSchema.subject_id_name)
+        .agg(pl.col(meds.DataSchema.time_name).min().alias("first"), pl.col(meds.DataSchema.time_name).max().alias("last"))
+        .with_columns(pl.col("first").cast(pl.Datetime("us")), pl.col("last").cast(pl.Datetime("us")))
+    )
+
+
+def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list[LabelIssue]]:
+    try:
+        raw = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        return None, [LabelIssue(path, None, None, f"not a readable parquet file: {exc}")]
+    issues: list[LabelIssue] = []
+    for col in (meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name):
+        if col not in raw.column_names:
+            issues.append(LabelIssue(path, col, None, f"missing required column (columns: {raw.column_names})"))
+    values = [c for c in ("boolean_value", "integer_value", "float_value", "categorical_value") if c in raw.column_names]
+    if not values:
+        issues.append(LabelIssue(path, None, None, "no label column: expected one of boolean_value, integer_value, float_value, categorical_value"))
+    if issues:
+        return None, issues
+    try:
+        table = meds.LabelSchema.align(raw)
+    except (SchemaValidationError, TableValidationError, pa.ArrowException) as exc:
+        bad = [f.name for f in raw.schema if f.name in meds.LabelSchema.schema().names
+               and raw.schema.field(f.name).type != meds.LabelSchema.schema().field(f.name).type]
+        return None, [LabelIssue(path, ", ".join(bad) or None, str(raw.schema.field(bad[0]).type) if bad else None,
+                                 f"does not match meds.LabelSchema: {exc}")]
+    df = pl.from_arrow(table.select([meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name]))
+    df = df.with_row_index("row")
+    for col in (meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name):
+        nulls = df.filter(pl.col(col).is_null())
+        if nulls.height:
+            issues.append(LabelIssue(path, col, None, f"{nulls.height} null value(s), first at row {nulls['row'][0]}"))
+    df = df.drop_nulls().join(ranges, on=meds.LabelSchema.subject_id_name, how="left")
+    unknown = df.filter(pl.col("first").is_null() & pl.col("last").is_null())
+    for sid in unknown[meds.LabelSchema.subject_id_name].unique(maintain_order=True).head(MAX_EXAMPLES):
+        issues.append(LabelIssue(path, "subject_id", sid, f"not a subject of this site ({unknown.height} row(s) with unknown subjects)"))
+    known = df.filter(pl.col("first").is_not_null())
+    pt = pl.col(meds.LabelSchema.prediction_time_name)
+    for cond, what in ((pt < pl.col("first"), "before the subject's first event"), (pt > pl.col("last"), "after the subject's last event")):
+        bad = known.filter(cond)
+        for r in bad.head(MAX_EXAMPLES).iter_rows(named=True):
+            issues.append(LabelIssue(path, "prediction_time", r[meds.LabelSchema.prediction_time_name],
+                                     f"row {r['row']}, subject_id {r['subject_id']}: {what} "
+                                     f"({r['first']} .. {r['last']}; {bad.height} such row(s))"))
+    return table, issues
+
+
+def check_site_labels(site_root: str | Path, task: str) -> list[LabelIssue]:
+    """Every problem with SITE_ROOT/tasks/<task>/**/*.parquet (empty: the labels are usable)."""
+    return _read(Path(site_root), task)[1]
+
+
+def read_site_labels(site_root: str | Path, task: str) -> pa.Table:
+    """The site's labels for a task, schema-aligned and concatenated; SiteLabelError if any check fails."""
+    table, issues = _read(Path(site_root), task)
+    if issues:
+        raise SiteLabelError(issues)
+    assert table is not None
+    return table
+
+
+def _read(site_root: Path, task: str) -> tuple[pa.Table | None, list[LabelIssue]]:
+    files = label_files(site_root, task)
+    if not files:
+        return None, [LabelIssue(task_dir(site_root, task), None, None, "no label files (*.parquet)")]
+    ranges = _subject_ranges(site_root)
+    tables, issues = [], []
+    for path in files:
+        table, file_issues = _check_file(path, ranges)
+        issues += file_issues
+        if table is not None:
+            tables.append(table)
+    if issues:
+        return None, issues
+    return pa.concat_tables(tables, promote_options="default"), []
+
+
+__all__ = ["TASKS_SUBDIR", "LabelIssue", "SiteLabelError", "check_site_labels", "label_files", "read_site_labels", "site_tasks", "task_dir"]

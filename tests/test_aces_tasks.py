@@ -1,0 +1,147 @@
+"""ACES task configs (configs/tasks/) give the same new-onset labels as tasks.onset_labels_from_events.
+
+ACES predicts at every timed event (trigger _ANY_EVENT); today's pipeline at visit_prediction_times.
+Both are compared at every timed event of every subject (old rules given ACES's times) and at the
+visit times (ACES output restricted with prediction_times=). On the hospital scenario the old
+function cannot match two coding systems with one prefix, so the events it sees have the task's
+outcome codes (ICD-9 and ICD-10) renamed to one code first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from healthfm_core.data.aces_tasks import aces_labels, load_task
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.tasks import (
+    DISEASES,
+    onset_labels_from_events,
+    visit_prediction_times,
+)
+
+TASK_NAMES = list(DISEASES)  # t2d, cad, hypertension, copd: one configs/tasks/<name>.yaml each
+N_SUBJECTS = 60
+
+
+def _events(root: Path) -> pa.Table:
+    t = pa.concat_tables(pq.read_table(p, columns=["subject_id", "time", "code"]) for p in sorted((root / "data").glob("*.parquet")))
+    return t.set_column(2, "code", t["code"].cast(pa.string()))
+
+
+def _all_event_times(events: pa.Table) -> pa.Table:
+    df = pl.from_arrow(events).filter(pl.col("time").is_not_null()).select("subject_id", pl.col("time").alias("prediction_time")).unique()
+    return df.sort("subject_id", "prediction_time").to_arrow()
+
+
+def _sorted(t: pa.Table) -> pl.DataFrame:
+    return pl.from_arrow(t).sort("subject_id", "prediction_time")
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for scenario in ("tiny", "hospital"):
+        m = generate_federation(tmp_path_factory.mktemp(scenario), scenario, seed=0, n_subjects=N_SUBJECTS, progress=False)
+        out[scenario] = m.sites_dir
+    return out
+
+
+def _old_events(events: pa.Table, scenario: str, task_name: str) -> tuple[pa.Table, str]:
+    """Events and the prefix today's onset_labels would use for this task."""
+    if scenario != "hospital":
+        return events, DISEASES[task_name]
+    regex = load_task(task_name).config["predicates"]["outcome"]["code"]["regex"]
+    hit = pc.match_substring_regex(events["code"], regex)
+    return events.set_column(2, "code", pc.if_else(hit, pa.scalar("OUTCOME"), events["code"])), "OUTCOME"
+
+
+def test_aces_equals_onset_labels(federations: dict[str, Path]) -> None:
+    rows = []
+    for scenario, sites_dir in federations.items():
+        for site_root in sorted(p for p in sites_dir.iterdir() if p.is_dir()):
+            events = _events(site_root)
+            all_times = _all_event_times(events)
+            visits = visit_prediction_times(events, n_per_subject=4, seed=0)
+            visit_df = pl.from_arrow(visits)
+            for name in TASK_NAMES:
+                task = load_task(name)
+                new = aces_labels(task, site_root)
+                old_events, prefix = _old_events(events, scenario, name)
+                for h, new_h in new.items():
+                    old_all = onset_labels_from_events(old_events, prefix, h, all_times)
+                    # Every timed event: identical rows and labels.
+                    assert _sorted(new_h).equals(_sorted(old_all)), (scenario, site_root.name, name, h)
+                    old_v = _sorted(onset_labels_from_events(old_events, prefix, h, visits))
+                    new_v = _sorted(new_h).join(visit_df, on=["subject_id", "prediction_time"], how="inner")
+                    assert new_v.equals(old_v)
+                    rows.append((scenario, site_root.name, name, h, old_v, new_v))
+    # The side-by-side table at today's default prediction times (visit_prediction_times), summed over sites.
+    agg: dict[tuple, list[int]] = {}
+    for scenario, _, name, h, old_v, new_v in rows:
+        acc = agg.setdefault((scenario, name, h), [0] * 6)
+        for i, df in enumerate((old_v, new_v)):
+            acc[i * 3] += df["subject_id"].n_unique()
+            acc[i * 3 + 1] += df.height
+            acc[i * 3 + 2] += int(df["boolean_value"].sum())
+    lines = [f"{'scenario':<9}{'task':<13}{'h':>4} | {'old subj':>8}{'rows':>6}{'pos':>5} | {'ACES subj':>9}{'rows':>6}{'pos':>5}"]
+    for (scenario, name, h), a in agg.items():
+        lines.append(f"{scenario:<9}{name:<13}{h:>4} | {a[0]:>8}{a[1]:>6}{a[2]:>5} | {a[3]:>9}{a[4]:>6}{a[5]:>5}")
+    print("\n" + "\n".join(lines))
+    assert sum(a[2] for a in agg.values()) > 0  # the comparison saw positives
+
+
+def test_prediction_times_filter(federations: dict[str, Path]) -> None:
+    root = federations["hospital"] / "general_hospital"
+    events = _events(root)
+    visits = visit_prediction_times(events, n_per_subject=2, seed=3)
+    full = aces_labels("t2d", root, horizons_days=[90])[90]
+    kept = aces_labels("t2d", root, horizons_days=[90], prediction_times=visits)[90]
+    expect = _sorted(full).join(pl.from_arrow(visits), on=["subject_id", "prediction_time"], how="inner")
+    assert 0 < kept.num_rows < full.num_rows
+    assert _sorted(kept).equals(expect)
+
+
+def test_hospital_onsets_in_both_coding_systems(federations: dict[str, Path]) -> None:
+    """The cross-coding predicate finds every diagnosis the generator wrote, ICD-9 and ICD-10 alike."""
+    truth = federations["hospital"].parent / "truth"
+    seen = set()
+    for site_root in sorted(p for p in federations["hospital"].iterdir() if p.is_dir()):
+        events = pl.from_arrow(_events(site_root))
+        onsets = pl.read_parquet(truth / site_root.name / "onsets.parquet")
+        for disease, name in (("T2D", "t2d"), ("CAD", "cad"), ("HTN", "hypertension"), ("COPD", "copd")):
+            regex = load_task(name).config["predicates"]["outcome"]["code"]["regex"]
+            first = events.filter(pl.col("code").str.contains(regex)).group_by("subject_id").agg(pl.col("time").min().alias("first"))
+            o = onsets.filter(pl.col("disease") == disease).join(first, on="subject_id", how="left")
+            assert o["diagnosis_time"].cast(pl.Int64).fill_null(-1).equals(o["first"].cast(pl.Int64).fill_null(-1)), disease
+            seen |= set(o["diagnosis_code"].drop_nulls().str.slice(0, 19).to_list())
+    assert {"DIAGNOSIS//ICD//9//", "DIAGNOSIS//ICD//10/"} <= seen
+
+
+def _write_site(root: Path, rows: list[tuple[int, dt.datetime | None, str]]) -> Path:
+    (root / "data").mkdir(parents=True)
+    pl.DataFrame(rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String}, orient="row").with_columns(
+        numeric_value=pl.lit(None, pl.Float32)).write_parquet(root / "data" / "0.parquet")
+    return root
+
+
+def test_rules_on_hand_made_subjects(tmp_path: Path) -> None:
+    """Prevalent and censored rows excluded, death within the horizon a negative, a positive kept
+    even when the record ends soon after it, across ICD-9 and ICD-10."""
+    d = dt.datetime
+    rows = [
+        (1, d(2110, 1, 1), "DIAGNOSIS//ICD//9//25000"), (1, d(2110, 3, 1), "LAB//50931//mg/dL"), (1, d(2112, 1, 1), "X"),  # prevalent
+        (2, d(2110, 1, 1), "X"), (2, d(2110, 2, 1), "DIAGNOSIS//ICD//10//E119"),  # positive, record ends at the onset
+        (3, d(2110, 1, 1), "X"), (3, d(2110, 2, 1), "MEDS_DEATH"),  # dies within 90 d: negative
+        (4, d(2110, 1, 1), "X"), (4, d(2110, 2, 1), "X"),  # record ends within 90 d: censored
+        (5, d(2110, 1, 1), "X"), (5, d(2110, 4, 1), "X"), (5, None, "GENDER//F"),  # observed through 90 d: negative
+    ]
+    got = aces_labels("t2d", _write_site(tmp_path / "site", rows), horizons_days=[90])[90]
+    first = pl.from_arrow(got).filter(pl.col("prediction_time") == d(2110, 1, 1)).sort("subject_id")
+    assert first.select("subject_id", "boolean_value").rows() == [(2, True), (3, False), (5, False)]

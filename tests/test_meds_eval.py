@@ -1,0 +1,55 @@
+"""Predictions written in the meds-evaluation format and scored by meds-evaluation agree with sklearn and ours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from meds_evaluation.schema import PredictionSchema
+from sklearn.metrics import roc_auc_score
+
+from healthfm_core.eval.meds_eval import (
+    prediction_path,
+    score_predictions,
+    write_predictions,
+)
+from healthfm_core.eval.metrics import auroc
+
+
+def _labels(n: int, rng: np.random.Generator) -> tuple[pa.Table, np.ndarray]:
+    y = rng.random(n) < 0.3
+    score = np.clip(0.3 + 0.25 * y + 0.2 * rng.standard_normal(n), 0.0, 1.0)
+    t = np.datetime64("2110-01-01T00:00:00", "us") + (rng.integers(0, 3650, n) * 86_400_000_000).astype("timedelta64[us]")
+    labels = pa.table({"subject_id": pa.array(rng.integers(1, 80, n), pa.int64()), "prediction_time": pa.array(t, pa.timestamp("us")),
+                       "boolean_value": pa.array(y)})
+    return labels, score
+
+
+def test_write_and_score(tmp_path: Path) -> None:
+    labels, score = _labels(400, np.random.default_rng(0))
+    path = write_predictions(prediction_path(tmp_path, "general_hospital", "onset_t2d_365d"), labels, score)
+    assert path == tmp_path / "general_hospital" / "onset_t2d_365d.parquet"
+    written = pq.read_table(path)
+    PredictionSchema.validate(written)
+    assert written.schema.field("predicted_boolean_probability").type == pa.float32()
+    metrics = score_predictions(path)
+    y = labels["boolean_value"].to_numpy(zero_copy_only=False)
+    p32 = score.astype(np.float32)
+    got = metrics["samples_equally_weighted"]
+    assert got["roc_auc_score"] == pytest.approx(roc_auc_score(y, p32), abs=1e-12)
+    assert got["roc_auc_score"] == pytest.approx(float(auroc(y.astype(float), p32.astype(float))), abs=1e-9)
+    assert 0.6 < got["roc_auc_score"] < 0.95
+    assert got["binary_accuracy"] == pytest.approx(float(np.mean((p32 >= 0.5) == y)))
+    assert set(metrics) == {"samples_equally_weighted", "subjects_equally_weighted"}
+
+
+def test_rejects_bad_input(tmp_path: Path) -> None:
+    labels, score = _labels(10, np.random.default_rng(1))
+    with pytest.raises(ValueError, match="9 values for 10 label rows"):
+        write_predictions(tmp_path / "x.parquet", labels, score[:9])
+    score[3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        write_predictions(tmp_path / "x.parquet", labels, score)

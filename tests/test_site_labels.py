@@ -1,0 +1,70 @@
+"""Site-supplied labels under SITE_ROOT/tasks/<name>/: read, validated, errors naming file, column, value."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from healthfm_core.data.site_labels import (
+    SiteLabelError,
+    check_site_labels,
+    read_site_labels,
+    site_tasks,
+)
+
+D = dt.datetime
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
+    pl.DataFrame({
+        "subject_id": [1, 1, 1, 2, 2],
+        "time": [D(2110, 1, 1), D(2111, 1, 1), None, D(2112, 1, 1), D(2113, 6, 1)],
+        "code": ["MEDS_BIRTH", "X", "GENDER//F", "X", "Y"],
+        "numeric_value": pl.Series([None] * 5, dtype=pl.Float32),
+    }).write_parquet(tmp_path / "data" / "0.parquet")  # polars: large_string code, static row last
+    return tmp_path
+
+
+def _labels(root: Path, name: str, rel: str, **cols: list) -> Path:
+    path = root / "tasks" / name / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(cols).write_parquet(path)
+    return path
+
+
+def test_valid_labels_across_nested_files(site: Path) -> None:
+    _labels(site, "readmission", "held_out/0.parquet", subject_id=[1], prediction_time=[D(2110, 6, 1)], boolean_value=[True])
+    _labels(site, "readmission", "train/0.parquet", subject_id=[2, 2], prediction_time=[D(2112, 1, 1), D(2113, 6, 1)], boolean_value=[False, True])
+    assert site_tasks(site) == ["readmission"]
+    assert check_site_labels(site, "readmission") == []
+    table = read_site_labels(site, "readmission")
+    assert table.num_rows == 3 and str(table.schema.field("prediction_time").type) == "timestamp[us]"
+
+
+def test_errors_name_file_column_value(site: Path) -> None:
+    bad = _labels(site, "t", "0.parquet", subject_id=[1, 7, 2], prediction_time=[D(2109, 1, 1), D(2112, 1, 1), D(2120, 1, 1)],
+                  boolean_value=[True, False, True])
+    issues = check_site_labels(site, "t")
+    by_col = {(i.column, str(i.value)) for i in issues}
+    assert ("subject_id", "7") in by_col
+    assert ("prediction_time", "2109-01-01 00:00:00") in by_col  # before subject 1's first event
+    assert ("prediction_time", "2120-01-01 00:00:00") in by_col  # after subject 2's last event
+    assert all(i.file == bad for i in issues) and len(issues) == 3
+    with pytest.raises(SiteLabelError, match=r"0\.parquet, column subject_id: not a subject of this site"):
+        read_site_labels(site, "t")
+
+
+def test_schema_errors(site: Path) -> None:
+    _labels(site, "nolabel", "0.parquet", subject_id=[1], prediction_time=[D(2110, 6, 1)])
+    _labels(site, "notime", "0.parquet", subject_id=[1], boolean_value=[True])
+    _labels(site, "badtype", "0.parquet", subject_id=[1], prediction_time=["not a time"], boolean_value=[True])
+    assert "no label column" in str(check_site_labels(site, "nolabel")[0])
+    assert check_site_labels(site, "notime")[0].column == "prediction_time"
+    issue = check_site_labels(site, "badtype")[0]
+    assert issue.column == "prediction_time" and "meds.LabelSchema" in issue.message
+    assert "no label files" in str(check_site_labels(site, "absent")[0])
