@@ -18,8 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 
 from deploy_fixtures import Process, free_port
 from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary, site_code_stats
+from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
+from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
 from healthfm_core.train.checkpoint import CheckpointError
