@@ -38,18 +38,18 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.site import open_site  # noqa: E402
+from healthfm_core.data.synthetic import generate_federation  # noqa: E402
+from healthfm_core.data.synthetic.scenario import load_scenario  # noqa: E402
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary, site_code_stats  # noqa: E402
+from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
 
 log = logging.getLogger("benchmarks.data_pipeline")
 
 
 def generate_site(out: Path, n_subjects: int, site_name: str, seed: int) -> Path:
     """One site of the default scenario (the others are not generated)."""
-    from healthfm_core.data.synthetic import generate_federation
-    from healthfm_core.data.synthetic.scenario import load_scenario
-
     config = load_scenario("default")
     chosen = [s for s in config.sites if s.name == site_name]
     if not chosen:

@@ -28,12 +28,16 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
+from client.join import JoinConfig, JoinError, join  # noqa: E402
+from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
+from healthfm_core.data.site_check import SiteReport, check_site  # noqa: E402
+
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 logger = logging.getLogger("healthfm.client")
 
 
-def format_summary(report: "SiteReport") -> str:  # noqa: F821 (imported lazily)
+def format_summary(report: SiteReport) -> str:
     """A site admin's view of a usable site."""
     s = report.summary
     assert s is not None
@@ -43,7 +47,7 @@ def format_summary(report: "SiteReport") -> str:  # noqa: F821 (imported lazily)
     modalities = ", ".join(f"{m} ({s.subjects_per_modality[m]} subjects)" for m in s.modalities) or "none"
     splits = ", ".join(f"{k} {v}" for k, v in sorted(s.splits.items()))
     if not s.splits_from_file:
-        splits += " (deterministic hash split: no metadata/subject_splits.parquet)"
+        splits += f" (deterministic hash split: no {SUBJECT_SPLITS_FILEPATH})"
     lines = [
         f"site            {report.root}",
         f"subjects        {s.n_subjects}",
@@ -59,8 +63,6 @@ def format_summary(report: "SiteReport") -> str:  # noqa: F821 (imported lazily)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from healthfm_core.data.site import check_site
-
     root = Path(args.site_root)
     if not root.is_dir():
         print(f"error: site root {root} does not exist or is not a directory", file=sys.stderr)
@@ -73,7 +75,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return print_report(report)
 
 
-def print_report(report: "SiteReport") -> int:  # noqa: F821 (imported lazily)
+def print_report(report: SiteReport) -> int:
     """One line per problem, then the summary (usable) or a FAILED line; the exit status."""
     for problem in report.problems:
         print(problem)
@@ -105,9 +107,6 @@ def _node_config_items(items: Sequence[str]) -> dict[str, str | int | float | bo
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from client.join import JoinConfig, JoinError, join
-    from healthfm_core.data.site import check_site
-
     root = Path(args.site_root)
     if not root.is_dir():
         print(f"error: site root {root} does not exist or is not a directory", file=sys.stderr)

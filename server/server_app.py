@@ -62,7 +62,8 @@ from pydantic import (
 )
 
 from healthfm_core.data.tasks import TASKS
-from healthfm_core.data.vocab import SiteCodeStats, build_vocabulary
+from healthfm_core.data.code_stats import SiteCodeStats
+from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import (
     CAPABILITIES,
     CODE_STATS,

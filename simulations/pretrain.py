@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk, synthetic_sites
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary, site_code_stats
+from healthfm_core.data.vocab import Vocabulary, build_vocabulary
 from healthfm_core.eval import plots
 from healthfm_core.eval.metrics import PairedDifference
 from healthfm_core.eval.report import results_table, write_report

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from healthfm_core.data.site import MODALITIES, Site, open_site
+from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk, synthetic_sites
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader

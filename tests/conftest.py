@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 # --------------------------------------------------------------------------------------------
-# Site data (tests/test_site.py, tests/test_client_check.py): a small valid site written with
-# pyarrow, to be broken one way at a time.
+# Site data (tests/test_site.py, tests/test_site_check.py, tests/test_client_check.py): a small
+# valid site written with pyarrow, to be broken one way at a time.
 
 EVENT_SCHEMA = pa.schema(
     [
@@ -32,6 +32,18 @@ WEAR_SCHEMA = pa.schema(
         pa.field("hr_bpm", pa.float32()),
     ]
 )
+
+
+# Shard paths under data/ in make_site_tables.
+TRAIN = "train/0.parquet"
+HELD = "held_out/0.parquet"
+
+
+def set_cell(table: pa.Table, column: str, row: int, value: Any) -> pa.Table:
+    values = table.column(column).to_pylist()
+    values[row] = value
+    idx = table.schema.get_field_index(column)
+    return table.set_column(idx, table.schema.field(idx), pa.array(values, table.schema.field(idx).type))
 
 
 @dataclass

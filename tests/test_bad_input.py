@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_site_tables, write_site_tables
-from healthfm_core.data.site import check_site
+from healthfm_core.data.site_check import check_site
 from server.strategy import ModalityAwareFedAvg
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

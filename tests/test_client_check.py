@@ -11,8 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+import client.client as client_module
 from client.client import EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
-from healthfm_core.data.site import SiteReport, check_site
+from healthfm_core.data.site_check import SiteReport, check_site
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "client" / "client.py"
@@ -109,12 +110,10 @@ def test_usage_errors_exit_2(capsys):
 
 def test_an_internal_failure_is_one_line_not_a_traceback(site_tables, write_site, capsys, monkeypatch):
     """Fault injection at the CLI boundary: whatever breaks inside, the admin sees one line."""
-    import healthfm_core.data.site as site_module
-
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(site_module, "check_site", explode)
+    monkeypatch.setattr(client_module, "check_site", explode)
     assert main(["check", str(write_site(site_tables))]) == EXIT_INTERNAL
     err = capsys.readouterr().err
     assert err.strip() == "internal error: RuntimeError: disk on fire (rerun with --debug for details)"

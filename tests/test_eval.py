@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from healthfm_core.data.batch import Batch
+from healthfm_core.data.layout import SPLITS
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.plots import horizon_auroc_plot, reliability_diagram, training_curves
 from healthfm_core.eval.probes import (
-    SPLITS,
     Features,
     evaluate_features,
     compute_count_features,

@@ -17,14 +17,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from deploy_fixtures import Process, free_port
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary, site_code_stats
+from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import AUDIT_FILE, AuditLog, AuditLogError, audit_from_rounds, read_audit_log, verify_audit_log
 from server.checkpoint import META_HASH_FILE, ServerState, load_server_checkpoint, save_server_checkpoint
+from server.coordinator import default_run_config
 from server.coordinator import main as coordinator_main
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.provision import ProvisionConfig, provision
@@ -238,8 +240,6 @@ def test_error_replies_from_the_superlink_are_attributed_to_the_silent_node() ->
 
 
 def test_limits_are_run_config_keys() -> None:
-    from server.coordinator import default_run_config
-
     flat = default_run_config()
     assert flat["max-reply-bytes"] == 0 and flat["timeout-s"] == 3600.0 and flat["reply-size-margin"] == 1.25
     cfg = FederationConfig.from_run_config({**flat, "out-dir": "/tmp/x", "max-reply-bytes": 1000, "timeout-s": 30})

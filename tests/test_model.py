@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from healthfm_core.data.batch import N_SPECIAL_CODES
+from healthfm_core.data.layout import MODALITIES
 from healthfm_core.model.config import ModelConfig, load_model_config
-from healthfm_core.model.healthfm import EPOCH_DAYS, MODALITIES, HealthFM
+from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM
 from healthfm_core.model.testing import random_batch
 
 VOCAB, TRAITS = 40, 4

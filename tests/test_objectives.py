@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from healthfm_core.data.batch import Batch
+from healthfm_core.data.layout import MODALITIES
 from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
-from healthfm_core.model.healthfm import EPOCH_DAYS, MODALITIES, HealthFM, ReconstructionMasks
+from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM, ReconstructionMasks
 from healthfm_core.model.objectives import (
     CROSS_MODAL,
     INTRA_MODAL,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import (
@@ -23,7 +24,7 @@ from healthfm_core.data.tasks import (
     wear_period_end_times,
 )
 from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary, site_code_stats
+from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.runner import (
     MethodFeatures,
     PooledEmbedder,

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.site import WEARABLES_SCHEMA, check_site
+from healthfm_core.data.layout import WEARABLES_SCHEMA
+from healthfm_core.data.site_check import check_site
 from healthfm_core.data.synthetic import (
     FederationManifest,
     ScenarioConfig,

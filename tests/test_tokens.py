@@ -14,10 +14,12 @@ import torch
 
 from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
 from healthfm_core.data.batch import PAD_CODE, UNK_CODE, Batch
+from healthfm_core.data.code_stats import events_code_stats, site_code_stats, wearable_stats
+from healthfm_core.data.layout import EPOCH_US
 from healthfm_core.data.site import open_site
+from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import task_labels
 from healthfm_core.data.tokens import (
-    EPOCH_US,
     LabelledDataset,
     PretrainingDataset,
     SiteSequences,
@@ -25,7 +27,7 @@ from healthfm_core.data.tokens import (
     make_loader,
     to_us,
 )
-from healthfm_core.data.vocab import build_vocabulary, events_code_stats, site_code_stats, wearable_stats
+from healthfm_core.data.vocab import build_vocabulary
 
 T0 = datetime(2150, 1, 1)
 US = timedelta(microseconds=1)
@@ -261,8 +263,6 @@ def test_datasets_and_loader() -> None:
 
 
 def test_end_to_end_on_synthetic_federation(tmp_path: Path) -> None:
-    from healthfm_core.data.synthetic import generate_federation
-
     fed = generate_federation(tmp_path / "fed", scenario="tiny", seed=1, n_subjects=30, progress=False)
     sites = [open_site(s.root) for s in fed.sites]
     vocab = build_vocabulary([site_code_stats(s, min_subjects=3) for s in sites], min_subjects=5)

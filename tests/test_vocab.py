@@ -14,18 +14,17 @@ from pydantic import ValidationError
 
 from conftest import EVENT_SCHEMA, WEAR_SCHEMA, SiteTables, write_site_tables
 from healthfm_core.data.batch import N_SPECIAL_CODES, UNK_CODE
-from healthfm_core.data.site import open_site
-from healthfm_core.data.vocab import (
+from healthfm_core.data.code_stats import (
     NumericStats,
     QuantileSketch,
     SiteCodeStats,
-    Vocabulary,
-    build_vocabulary,
     events_code_stats,
     grouped_numeric_stats,
     merge_site_stats,
     site_code_stats,
 )
+from healthfm_core.data.site import open_site
+from healthfm_core.data.vocab import Vocabulary, build_vocabulary
 
 
 def random_events(n_subjects: int, seed: int, first_id: int = 0) -> pa.Table:

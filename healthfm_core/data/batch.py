@@ -26,9 +26,6 @@ MODALITY_EHR = 0
 MODALITY_WEARABLES = 1
 MODALITY_GENOMICS = 2
 
-# Channels of a wearable epoch.
-WEARABLE_CHANNELS = ("enmo_mg", "hr_bpm")
-
 
 @dataclass
 class Batch:
@@ -41,7 +38,7 @@ class Batch:
     has_value: torch.Tensor  # [B, N] bool
     times: torch.Tensor  # [B, N] float32 days
     ehr_valid: torch.Tensor  # [B, N] bool, True = a real event
-    # Wearables: P patches of E 30-second epochs with C channels (WEARABLE_CHANNELS).
+    # Wearables: P patches of E 30-second epochs with C channels (layout.WEARABLE_CHANNELS).
     wear_epochs: torch.Tensor  # [B, P, E, C] float32 normalised (0 where missing)
     wear_epoch_mask: torch.Tensor  # [B, P, E, C] bool, False = missing (no epoch, or null HR)
     wear_times: torch.Tensor  # [B, P] float32 days of the patch start

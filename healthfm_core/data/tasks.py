@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +44,8 @@ import pyarrow.parquet as pq
 from meds import LabelSchema, birth_code, death_code
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthfm_core.data.tokens import _NO_TIME, EPOCH_US, US_PER_DAY, to_us
+from healthfm_core.data.layout import EPOCH_US, SiteLike
+from healthfm_core.data.tokens import _NO_TIME, US_PER_DAY, to_us
 from healthfm_core.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,6 @@ LABEL_SCHEMA_FLOAT = pa.schema(
         pa.field("float_value", pa.float32(), nullable=False),
     ]
 )
-
-
-class _SiteLike(Protocol):
-    def read_events(self, subject_ids: Any = None, columns: list[str] | None = None) -> pa.Table: ...
-
-    def read_wearables(self, subject_ids: Any = None) -> pa.Table: ...
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -226,7 +221,7 @@ def onset_labels_from_events(
 
 
 def onset_labels(
-    site: _SiteLike,
+    site: SiteLike,
     outcome_code_prefix: str,
     horizon_days: float,
     prediction_times: pa.Table | None = None,
@@ -376,7 +371,7 @@ TASKS: dict[str, Task] = default_tasks()
 
 
 def task_labels(
-    site: _SiteLike,
+    site: SiteLike,
     tasks: Iterable[str | Task] | None = None,
     prediction_times: pa.Table | None = None,
     seed: int = 0,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -40,21 +40,16 @@ import torch
 from meds import birth_code as BIRTH_CODE
 from torch.utils.data import DataLoader, Dataset
 
-from healthfm_core.data.batch import PAD_CODE, WEARABLE_CHANNELS, Batch
-from healthfm_core.data.vocab import PRS_PREFIX, Vocabulary, unique_inverse
+from healthfm_core.data.batch import PAD_CODE, Batch
+from healthfm_core.data.code_stats import unique_inverse
+from healthfm_core.data.layout import EPOCH_US, PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
+from healthfm_core.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
-EPOCH_US = 30_000_000  # healthfm_core.data.site.EPOCH_SECONDS = 30
 DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
 _NO_TIME = np.iinfo(np.int64).max
-
-
-class _SiteLike(Protocol):
-    def read_events(self, subject_ids: Any = None, columns: list[str] | None = None) -> pa.Table: ...
-
-    def read_wearables(self, subject_ids: Any = None) -> pa.Table: ...
 
 
 def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
@@ -275,7 +270,7 @@ class SiteSequences:
     @classmethod
     def from_site(
         cls,
-        site: _SiteLike,
+        site: SiteLike,
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
         subject_ids: Sequence[int] | None = None,

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from healthfm_core.data.batch import Batch
+from healthfm_core.data.layout import SPLITS
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.report import RegressionRow, ResultRow
 
@@ -371,9 +372,6 @@ def oracle_row(
                     task, horizon, int((~known).sum()), len(risk))
     return binary_row("oracle", task, horizon, y[known], risk[known], n_boot, seed,
                        None if groups is None else np.asarray(groups)[known])
-
-
-SPLITS = ("train", "tuning", "held_out")
 
 
 def evaluate_features(

@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from healthfm_core.data.batch import Batch
-from healthfm_core.data.site import MODALITIES, Site
+from healthfm_core.data.layout import MODALITIES, SPLITS
+from healthfm_core.data.site import Site
 from healthfm_core.data.tasks import (
     OnsetTask,
     Task,
@@ -44,7 +45,6 @@ from healthfm_core.data.tasks import (
 from healthfm_core.data.tokens import PretrainingDataset, Sample, SiteSequences, make_loader, to_us
 from healthfm_core.eval.metrics import PairedDifference, paired_difference
 from healthfm_core.eval.probes import (
-    SPLITS,
     binary_row,
     compute_count_features,
     compute_embeddings,

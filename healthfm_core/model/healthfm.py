@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from healthfm_core.data.batch import MASK_CODE, PAD_CODE, WEARABLE_CHANNELS, Batch
+from healthfm_core.data.batch import MASK_CODE, PAD_CODE, Batch
+from healthfm_core.data.layout import WEARABLE_CHANNELS
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.objectives import ObjectiveWeights, pretraining_losses
@@ -34,7 +35,6 @@ N_CHANNELS = len(WEARABLE_CHANNELS)
 # The "no decay" rate of the sinusoidal ablation: the contract wants lambda > 0; at 1e-9/day
 # log K(dt) stays above -1e-5 for any dt under 27 years, i.e. attention is content-only.
 _FLAT_RATE = 1e-9
-MODALITIES = ("ehr", "wearables", "genomics")
 
 
 # ----------------------------------------------------------------------------- time features

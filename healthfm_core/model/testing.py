@@ -13,8 +13,9 @@ from typing import Literal
 
 import torch
 
-from healthfm_core.data.batch import N_SPECIAL_CODES, WEARABLE_CHANNELS, Batch
-from healthfm_core.model.healthfm import EPOCH_DAYS, MODALITIES
+from healthfm_core.data.batch import N_SPECIAL_CODES, Batch
+from healthfm_core.data.layout import MODALITIES, WEARABLE_CHANNELS
+from healthfm_core.model.healthfm import EPOCH_DAYS
 
 
 def _modalities_per_sample(

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from healthfm_core.data.layout import WEARABLES_SUBDIRECTORY
 from healthfm_core.data.synthetic.cohort import Cohort, simulate_cohort
 from healthfm_core.data.synthetic.ehr import code_catalogue, simulate_ehr
 from healthfm_core.data.synthetic.hospital import (
@@ -206,7 +207,7 @@ def generate_site(
         w_subj, w_start = wear_periods(cohort, site, rng_wear)
         n_epochs = 0
         for i, chunk in enumerate(simulate_wearables(cohort, scenario, site, w_subj, w_start, rng_wear)):
-            _write_parquet(chunk, tmp_root / "wearables" / f"{i}.parquet")
+            _write_parquet(chunk, tmp_root / WEARABLES_SUBDIRECTORY / f"{i}.parquet")
             n_epochs += chunk.num_rows
         wear_subjects = len(np.unique(w_subj))
         bar.update()

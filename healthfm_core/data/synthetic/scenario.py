@@ -15,8 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from healthfm_core.data.layout import MODALITIES
+
 LATENT_DIMS: tuple[str, ...] = ("metabolic", "fitness", "regularity")
-MODALITIES: tuple[str, ...] = ("ehr", "wearables", "genomics")
 
 # The repository's configs/scenario, where scenario names resolve to files.
 SCENARIO_DIR = Path(__file__).resolve().parents[3] / "configs" / "scenario"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from healthfm_core.data.site import EPOCH_SECONDS, WEARABLES_SCHEMA
+from healthfm_core.data.layout import EPOCH_SECONDS, WEARABLES_SCHEMA
 from healthfm_core.data.synthetic.cohort import US_PER_DAY, Cohort
 from healthfm_core.data.synthetic.ehr import FIT, MET, REG
 from healthfm_core.data.synthetic.scenario import ScenarioConfig, SiteSpec

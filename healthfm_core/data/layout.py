@@ -1,0 +1,134 @@
+"""The on-disk contract of a site root, in code: every module reads names from here.
+
+A site root, as DESIGN.md lays it out::
+
+    data/**/*.parquet                MEDS DataSchema shards (e.g. data/train/0.parquet)
+    metadata/codes.parquet           MEDS CodeMetadataSchema
+    metadata/subject_splits.parquet  MEDS SubjectSplitSchema (optional: `hash_splits` instead)
+    metadata/dataset.json            MEDS DatasetMetadataSchema
+    wearables/**/*.parquet           WEARABLES_SCHEMA, one row per 30-second epoch
+
+The MEDS paths and split names come from the `meds` package, so they follow the standard.
+Polygenic risk scores are MEDS rows with code `PRS//<trait>` and the standardised score in
+numeric_value. A site's modalities: `wearables` when wearables/ holds rows, `genomics` when any
+`PRS//` code exists, `ehr` when any other clinical code exists (healthfm_core.data.site_check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+from meds import (
+    SubjectSplitSchema,
+    code_metadata_filepath,
+    data_subdirectory,
+    dataset_metadata_filepath,
+    held_out_split,
+    subject_splits_filepath,
+    train_split,
+    tuning_split,
+)
+
+# Folders and files under a site root (relative, posix separators).
+DATA_SUBDIRECTORY: str = data_subdirectory  # "data"
+CODE_METADATA_FILEPATH: str = code_metadata_filepath  # "metadata/codes.parquet"
+SUBJECT_SPLITS_FILEPATH: str = subject_splits_filepath  # "metadata/subject_splits.parquet"
+DATASET_METADATA_FILEPATH: str = dataset_metadata_filepath  # "metadata/dataset.json"
+WEARABLES_SUBDIRECTORY = "wearables"
+
+MODALITIES = ("ehr", "wearables", "genomics")
+
+TRAIN_SPLIT: str = train_split
+TUNING_SPLIT: str = tuning_split
+HELD_OUT_SPLIT: str = held_out_split
+SPLITS = (TRAIN_SPLIT, TUNING_SPLIT, HELD_OUT_SPLIT)
+# Deterministic split used when metadata/subject_splits.parquet is absent (`hash_splits`).
+DEFAULT_SPLIT_FRACTIONS = {TRAIN_SPLIT: 0.8, TUNING_SPLIT: 0.1, HELD_OUT_SPLIT: 0.1}
+
+PRS_PREFIX = "PRS//"  # code of a polygenic risk score row: PRS_PREFIX + trait
+
+# Wearables: one row per 30-second epoch, `time` its start on the 30-second grid.
+EPOCH_SECONDS = 30
+EPOCH_US = EPOCH_SECONDS * 1_000_000
+WEARABLE_CHANNELS = ("enmo_mg", "hr_bpm")  # the value columns, in Batch.wear_epochs channel order
+WEARABLES_SCHEMA = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("time", pa.timestamp("us"), nullable=False),  # epoch start
+        pa.field("enmo_mg", pa.float32(), nullable=False),
+        pa.field("hr_bpm", pa.float32(), nullable=True),  # null: no PPG or no signal
+    ]
+)
+
+
+class SiteLike(Protocol):
+    """What the data pipeline reads from a site; healthfm_core.data.site.Site is the real one."""
+
+    @property
+    def wearable_files(self) -> list[Path]: ...
+
+    def iter_event_shards(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]: ...
+
+    def read_events(self, subject_ids: Any = None, columns: Sequence[str] | None = None) -> pa.Table: ...
+
+    def read_wearables(self, subject_ids: Any = None) -> pa.Table: ...
+
+
+def parquet_files(root: Path, subdirectory: str) -> list[Path]:
+    """`root/subdirectory/**/*.parquet`, sorted by path (absent folder: none)."""
+    directory = root / subdirectory
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.rglob("*.parquet") if p.is_file()), key=lambda p: p.as_posix())
+
+
+def hash_splits(subject_ids: np.ndarray) -> pa.Table:
+    """Deterministic train/tuning/held_out split by a hash of subject_id (80/10/10).
+
+    Used when a site ships no subject_splits.parquet; the same subject always lands in the same
+    split, whatever order or subset of subjects is asked about.
+    """
+    ids = np.asarray(subject_ids, dtype=np.int64)
+    x = ids.astype(np.uint64)
+    # splitmix64 finaliser: consecutive ids spread uniformly (uint64 arithmetic wraps on purpose).
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    u = (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    names = list(DEFAULT_SPLIT_FRACTIONS)
+    edges = np.cumsum(list(DEFAULT_SPLIT_FRACTIONS.values()))
+    which = np.minimum(np.searchsorted(edges, u, side="right"), len(names) - 1)
+    split = np.asarray(names, dtype=object)[which]
+    return pa.table(
+        {"subject_id": pa.array(ids, pa.int64()), "split": pa.array(split.tolist(), pa.string())},
+        schema=SubjectSplitSchema.schema(),
+    )
+
+
+__all__ = [
+    "CODE_METADATA_FILEPATH",
+    "DATASET_METADATA_FILEPATH",
+    "DATA_SUBDIRECTORY",
+    "DEFAULT_SPLIT_FRACTIONS",
+    "EPOCH_SECONDS",
+    "EPOCH_US",
+    "HELD_OUT_SPLIT",
+    "MODALITIES",
+    "PRS_PREFIX",
+    "SPLITS",
+    "SUBJECT_SPLITS_FILEPATH",
+    "TRAIN_SPLIT",
+    "TUNING_SPLIT",
+    "WEARABLES_SCHEMA",
+    "WEARABLES_SUBDIRECTORY",
+    "WEARABLE_CHANNELS",
+    "SiteLike",
+    "hash_splits",
+    "parquet_files",
+]
