@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from healthfm_core.data.batch import MASK_CODE, PAD_CODE, Batch
-from healthfm_core.data.layout import WEARABLE_CHANNELS
+from healthfm_core.data.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.objectives import ObjectiveWeights, pretraining_losses
