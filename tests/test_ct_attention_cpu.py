@@ -149,6 +149,26 @@ def test_duplicate_times_see_each_other() -> None:
         _assert_close(_run(ct_attention_cpu, *args, causal, block=3), _reference64(*args, causal), 1e-9, 1e-9)
 
 
+def test_dot_products_spread_far_beyond_the_decay() -> None:
+    # A key years back with a huge dot product (score 60 - 500) and recent keys with very
+    # negative ones (score -60): the cheap softmax shift (row max of q.k plus the largest
+    # block normaliser) overshoots by ~120 nats, so the tight per-block shift must take over.
+    d = 4
+    q = torch.zeros(1, 1, 1, d)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 8, d)
+    k[0, 0, :4, 0] = 120.0  # qk / sqrt(d) = 60
+    k[0, 0, 4:, 0] = -120.0
+    v = torch.randn(1, 1, 8, d, generator=torch.Generator().manual_seed(0))
+    t_k = torch.tensor([[0.0, 0.1, 0.2, 0.3, 500.0, 500.1, 500.2, 500.3]])
+    t_q = torch.tensor([[501.0]])
+    log_w = torch.log(torch.tensor([[0.5, 0.5]]))
+    rates = torch.tensor([[1.0, 2.0]])
+    args = (q, k, v, t_q, t_k, log_w, rates, None)
+    got = _run(ct_attention_cpu, *args, True, block=4)
+    _assert_close(got, _reference64(*args, True), atol_out=1e-5, rtol_grad=1e-4)
+
+
 def test_chunks_and_blocks_do_not_change_the_result() -> None:
     args = _inputs(b=5, nq=20, nk=20, span=90.0)
     base = _run(ct_attention_cpu, *args, True, block=4)

@@ -31,9 +31,10 @@ each block has the time range [kmin_c, kmax_c] of its valid keys. For a query i 
 * masked (causal and t_i < kmin_c, or a block with no valid key).
 
 Per-(i, c) factors cost M exponentials per query and block, i.e. M / block per score.
-The softmax uses the upper bound max_j (qk_ij + U_ic) (since sum_m w b <= 1) instead of the
-exact row max: in fp32/fp64 the probabilities stay <= 1 and the normaliser cannot underflow
-unless dot products in a block differ by ~87, so no correction pass is needed.
+The softmax is shifted by an upper bound instead of the exact row max (sum_m w b <= 1):
+max_j qk_ij + max_c U_ic, one cheap row reduction; a chunk where that overshoots by ~46 nats
+is redone with the per-block bound max_c (max_{j in c} qk_ij + U_ic). p stays <= 1 and, in
+fp32/fp64, no correction pass is needed.
 
 Backward: with P the probabilities and E = exp(qk + U - lse) their factor before the decay,
 dS = P (dP - delta) gives dq, dk; the mixture gradients use the component responsibilities
@@ -175,35 +176,47 @@ def _chunk_forward(q, k, v, t_q, t_k, valid, lw, lam, causal: bool, block: int):
     zb = qk.view(b, h, nq, nkb, block)
     idx_s = c_in[:, None, :, None, None].expand(b, h, nq, 1, block)
     s_in = (zb.gather(3, idx_s).squeeze(3) + logk_in).masked_fill_(~mask_in[:, None], -inf)
-    row_max = torch.maximum((zb.amax(-1) + u_c).amax(-1), s_in.amax(-1))  # [B, H, Nq]
-    row_max = torch.where(torch.isinf(row_max), zero, row_max)
-    e = zb.add_((u_c - row_max[..., None])[..., None]).exp_().view(b, h, nq, nkp)  # in place on qk
-    p = torch.matmul(w.view(b, h, nq, n_sep * m), bdiag).mul_(e)
-    p_in = torch.exp(s_in - row_max[..., None])
-    # Inside positions hold 0 here (u_c = -inf there); rows without one add zeros.
-    p.view(b, h, nq, nkb, block).scatter_add_(3, idx_s, p_in[:, :, :, None])
-    total = p.sum(-1, keepdim=True)
-    inv = torch.where(total > 0, 1.0 / total, zero)
-    p.mul_(inv)
-    e.mul_(inv)
-    out = torch.matmul(p, vs)
-    saved = (qs, ks, vs, out, p, e, w, bdiag, beta, alpha, order, c_in, mask_in, dt_in, rho_in)
+    # Shift: max_j qk_ij + max_c U_ic bounds every separated score (K~ <= 1) with one cheap
+    # row reduction; it overshoots by the spread of qk across the row. Should that reach ~46
+    # nats (the row's total under 1e-20), the chunk is redone with per-block maxima, whose
+    # overshoot is the spread within one block only.
+    in_max = s_in.amax(-1)
+    visible = (u_c > -inf).any(-1) | mask_in.any(-1)[:, None]
+    for tight in (False, True):
+        sep_max = (zb.amax(-1) + u_c).amax(-1) if tight else qk.amax(-1) + u_c.amax(-1)
+        row_max = torch.maximum(sep_max, in_max)  # [B, H, Nq]
+        row_max = torch.where(torch.isinf(row_max), zero, row_max)
+        e = torch.add(zb, (u_c - row_max[..., None])[..., None]).exp_().view(b, h, nq, nkp)
+        p = torch.matmul(w.view(b, h, nq, n_sep * m), bdiag).mul_(e)
+        p_in = torch.exp(s_in - row_max[..., None])
+        # Inside positions hold 0 here (u_c = -inf there); rows without one add zeros.
+        p.view(b, h, nq, nkb, block).scatter_add_(3, idx_s, p_in[:, :, :, None])
+        total = p.sum(-1, keepdim=True)
+        if tight or not bool((visible & (total.squeeze(-1) < 1e-20)).any()):
+            break
+    inv = torch.where(total > 0, 1.0 / total, zero)  # [B, H, Nq, 1]
+    # p and e stay unnormalised: the 1/total goes onto [Nq, D]-sized tensors instead.
+    out = torch.matmul(p, vs).mul_(inv)
+    saved = (qs, ks, vs, out, inv, p, e, w, bdiag, beta, alpha, order, c_in, mask_in, dt_in, rho_in)
     return out, saved
 
 
 def _chunk_backward(do, saved, lw, lam, block: int, nk: int, param_grad: bool):
     """Backward for a slice of the batch: (dq, dk, dv, d log_weights, d rates) in compute dtype."""
-    qs, ks, vs, out, p, e, w, bdiag, beta, alpha, order, c_in, mask_in, dt_in, rho_in = saved
+    qs, ks, vs, out, inv, p, e, w, bdiag, beta, alpha, order, c_in, mask_in, dt_in, rho_in = saved
     b, h, nq, d = qs.shape
     nkp, dv = vs.shape[2], vs.shape[3]
     nkb = nkp // block
     sides = beta.shape[1]
     m = w.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    delta = (do * out).sum(-1, keepdim=True)
-    dp = torch.matmul(do, vs.transpose(-1, -2)).sub_(delta)  # dP - delta
+    do_n = do * inv  # folds the softmax normaliser of the saved (unnormalised) p and e
+    delta = (do_n * out).sum(-1, keepdim=True)
+    # (dP - delta) / total in one matmul: baddbmm(-delta, do_n, vs^T).
+    dp = torch.baddbmm(-delta.reshape(b * h, nq, 1), do_n.reshape(b * h, nq, dv),
+                       vs.reshape(b * h, nkp, dv).transpose(-1, -2)).view(b, h, nq, nkp)
     ds = p * dp
-    dv_s = torch.matmul(p.transpose(-1, -2), do)
+    dv_s = torch.matmul(p.transpose(-1, -2), do_n)
     dq = torch.matmul(ds, ks).mul_(scale)
     dk_s = torch.matmul(ds.transpose(-1, -2), qs)  # qs carries the 1/sqrt(D)
     order_kv = order[:, None, :, None]
