@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from healthfm_core.kernels.ct_attention_cpu import ct_attention_cpu  # noqa: E402
-from healthfm_core.model.attention import ct_attention_reference  # noqa: E402
+from healthfm_core.kernels.ct_attention_cpu import ct_attention_cpu
+from healthfm_core.model.attention import ct_attention_reference
 
 H, D, M = 4, 32, 4
 # (B, N): the model's shapes (B=16, N 128 and 235), then longer sequences at smaller B.
