@@ -1,0 +1,199 @@
+"""The CPU path for continuous-time attention against the fp64 reference (forward and the five
+gradients), on masked rows, duplicate times, year-long gaps, causal and not, Nq != Nk.
+
+Tolerances: fp64 inputs match the fp64 reference to 1e-9 (absolute, values O(1)); fp32 inputs
+match it to 1e-4 on the output and 1e-3 relative (to each gradient's largest entry) on the
+gradients - fp32 rounding of the scores, not the factorisation, sets these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from healthfm_core.kernels.ct_attention_cpu import (
+    batch_chunk,
+    check_supported,
+    cpu_path_available,
+    ct_attention_cpu,
+)
+from healthfm_core.model.attention import ct_attention_reference
+
+RATE_MIN = 1.0 / (30.0 * 365.25)  # the model's DecayKernel bounds, per day
+RATE_MAX = 4.0 * 24.0
+
+
+def _inputs(b=2, h=3, nq=11, nk=13, d=5, m=4, span=30.0, seed=0, dtype=torch.float64, rates=None,
+            shared_times=False, invalid=0.25):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=g, dtype=dtype)
+    k = torch.randn(b, h, nk, d, generator=g, dtype=dtype)
+    v = torch.randn(b, h, nk, d, generator=g, dtype=dtype)
+    # Unsorted times (the model concatenates sorted pieces), with duplicates across q and k.
+    t_k = (torch.rand(b, nk, generator=g, dtype=torch.float64) * span).to(dtype)
+    t_q = t_k.clone() if shared_times else (torch.rand(b, nq, generator=g, dtype=torch.float64) * span).to(dtype)
+    n_dup = min(3, nq, nk)
+    t_q[:, :n_dup] = t_k[:, :n_dup]
+    t_k[:, -1] = t_k[:, 0]
+    log_w = torch.log_softmax(torch.randn(h, m, generator=g, dtype=dtype), -1)
+    if rates is None:
+        rates = torch.exp(torch.randn(h, m, generator=g, dtype=dtype))
+    valid = torch.rand(b, nk, generator=g) > invalid
+    return q, k, v, t_q, t_k, log_w, rates.to(dtype), valid
+
+
+def _run(fn, q, k, v, t_q, t_k, log_w, rates, valid, causal, seed=1, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, log_w, rates)]
+    out = fn(leaves[0], leaves[1], leaves[2], t_q, t_k, leaves[3], leaves[4], valid, causal, **kw)
+    # Drawn in fp64 then cast, so that runs in different dtypes get the same upstream gradient.
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grad_out = grad_out.to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, grads
+
+
+def _reference64(q, k, v, t_q, t_k, log_w, rates, valid, causal):
+    as64 = [x.double() for x in (q, k, v, t_q, t_k, log_w, rates)]
+    return _run(ct_attention_reference, *as64[:5], as64[5], as64[6], valid, causal)
+
+
+def _assert_close(got, want, atol_out, rtol_grad):
+    out, grads = got
+    ref_out, ref_grads = want
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=atol_out, rtol=0)
+    for name, g, r in zip(("q", "k", "v", "log_weights", "rates"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        scale = max(r.abs().max().item(), 1e-12)
+        err = (g.double() - r).abs().max().item()
+        assert err <= rtol_grad * scale + 1e-12, f"d{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block", [1, 3, 16, 64])
+@pytest.mark.parametrize(("nq", "nk"), [(11, 13), (13, 6), (1, 9), (9, 1)])
+def test_fp64_matches_reference(causal: bool, block: int, nq: int, nk: int) -> None:
+    args = _inputs(nq=nq, nk=nk, seed=nq * 7 + nk)
+    got = _run(ct_attention_cpu, *args, causal, block=block)
+    _assert_close(got, _reference64(*args, causal), atol_out=1e-9, rtol_grad=1e-9)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32_matches_fp64_reference(causal: bool) -> None:
+    args = _inputs(b=3, h=4, nq=40, nk=40, d=8, span=400.0, dtype=torch.float32, shared_times=True)
+    got = _run(ct_attention_cpu, *args, causal, block=8)
+    assert got[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in got[1])
+    _assert_close(got, _reference64(*args, causal), atol_out=1e-4, rtol_grad=1e-3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_year_long_gaps_at_the_rate_bounds(causal: bool, dtype: torch.dtype) -> None:
+    # Bursts of events separated by a year or more; rates from the model's minimum to its
+    # maximum (one per hour... per 30 years), and a head whose components are all fast, where
+    # K itself underflows in fp32 across a year unless the decay is anchored.
+    h, m = 3, 4
+    rates = torch.stack([
+        torch.logspace(math.log10(RATE_MIN), math.log10(RATE_MAX), m, dtype=torch.float64),
+        torch.full((m,), RATE_MAX, dtype=torch.float64),
+        torch.tensor([1.0, 2.0, 5.0, 10.0], dtype=torch.float64),
+    ])
+    q, k, v, _, _, log_w, _, valid = _inputs(b=2, h=h, nq=24, nk=24, m=m, dtype=dtype)
+    bursts = torch.tensor([0.0, 400.0, 800.0, 1900.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    t = (bursts[torch.randint(0, 4, (2, 24), generator=g)] + torch.rand(2, 24, generator=g, dtype=torch.float64))
+    t = t.to(dtype)
+    args = (q, k, v, t, t, log_w, rates.to(dtype), valid)
+    got = _run(ct_attention_cpu, *args, causal, block=4)
+    tight = dtype == torch.float64
+    _assert_close(got, _reference64(*args, causal), atol_out=1e-9 if tight else 1e-4,
+                  rtol_grad=1e-9 if tight else 2e-3)
+
+
+def test_masked_rows_give_zero_and_zero_gradients() -> None:
+    q, k, v, t_q, t_k, log_w, rates, valid = _inputs(b=3, nq=8, nk=10)
+    valid[0] = False  # batch 0: no valid key at all
+    valid[1, ::2] = False  # batch 1: some invalid keys
+    t_q[2, 0] = t_k[2].min() - 5.0  # batch 2, query 0: before every key (causal: nothing visible)
+    for causal in (True, False):
+        got = _run(ct_attention_cpu, q, k, v, t_q, t_k, log_w, rates, valid, causal, block=4)
+        _assert_close(got, _reference64(q, k, v, t_q, t_k, log_w, rates, valid, causal), 1e-9, 1e-9)
+        out, (dq, dk, dv, _, _) = got
+        assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+        # Invalid keys get no gradient (nothing reads them).
+        assert (dk[1, :, ::2] == 0).all() and (dv[1, :, ::2] == 0).all()
+    out, _ = _run(ct_attention_cpu, q, k, v, t_q, t_k, log_w, rates, valid, True, block=4)
+    assert (out[2, :, 0] == 0).all()
+
+
+def test_duplicate_times_see_each_other() -> None:
+    # Two keys at the query's instant and one a day later: causally the query reads exactly the
+    # two simultaneous keys, with the same decay K(0) = 1, so the output is their softmax mix.
+    q = torch.randn(1, 1, 1, 4, dtype=torch.float64)
+    k = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    v = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    t_q = torch.tensor([[5.0]], dtype=torch.float64)
+    t_k = torch.tensor([[5.0, 6.0, 5.0]], dtype=torch.float64)
+    log_w = torch.log_softmax(torch.randn(1, 2, dtype=torch.float64), -1)
+    rates = torch.tensor([[0.5, 3.0]], dtype=torch.float64)
+    for block in (1, 2, 3):
+        out = ct_attention_cpu(q, k, v, t_q, t_k, log_w, rates, causal=True, block=block)
+        weights = torch.softmax((q[0, 0, 0] @ k[0, 0, [0, 2]].T) / 2.0, -1)
+        torch.testing.assert_close(out[0, 0, 0], weights @ v[0, 0, [0, 2]], atol=1e-12, rtol=0)
+    args = _inputs(nq=12, nk=12, shared_times=True, span=3.0)
+    args[3][:, 4:8] = args[3][:, 4:5]  # a burst of four events at one instant
+    args[4][:, 4:8] = args[4][:, 4:5]
+    for causal in (True, False):
+        _assert_close(_run(ct_attention_cpu, *args, causal, block=3), _reference64(*args, causal), 1e-9, 1e-9)
+
+
+def test_dot_products_spread_far_beyond_the_decay() -> None:
+    # A key years back with a huge dot product (score 60 - 500) and recent keys with very
+    # negative ones (score -60): the cheap softmax shift (row max of q.k plus the largest
+    # block normaliser) overshoots by ~120 nats, so the tight per-block shift must take over.
+    d = 4
+    q = torch.zeros(1, 1, 1, d)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 8, d)
+    k[0, 0, :4, 0] = 120.0  # qk / sqrt(d) = 60
+    k[0, 0, 4:, 0] = -120.0
+    v = torch.randn(1, 1, 8, d, generator=torch.Generator().manual_seed(0))
+    t_k = torch.tensor([[0.0, 0.1, 0.2, 0.3, 500.0, 500.1, 500.2, 500.3]])
+    t_q = torch.tensor([[501.0]])
+    log_w = torch.log(torch.tensor([[0.5, 0.5]]))
+    rates = torch.tensor([[1.0, 2.0]])
+    args = (q, k, v, t_q, t_k, log_w, rates, None)
+    got = _run(ct_attention_cpu, *args, True, block=4)
+    _assert_close(got, _reference64(*args, True), atol_out=1e-5, rtol_grad=1e-4)
+
+
+def test_chunks_and_blocks_do_not_change_the_result() -> None:
+    args = _inputs(b=5, nq=20, nk=20, span=90.0)
+    base = _run(ct_attention_cpu, *args, True, block=4)
+    assert batch_chunk(3, 20, 20, target=3 * 20 * 20 * 2) == 2
+    other = _run(ct_attention_cpu, *args, True, block=7, chunk=2)
+    _assert_close(other, (base[0], base[1]), atol_out=1e-12, rtol_grad=1e-11)
+
+
+def test_empty_sequences_and_low_precision_inputs() -> None:
+    q, k, v, t_q, t_k, log_w, rates, valid = _inputs(nq=4, nk=6)
+    out = ct_attention_cpu(q, k[:, :, :0], v[:, :, :0], t_q, t_k[:, :0], log_w, rates, valid[:, :0])
+    assert out.shape == q.shape and (out == 0).all()
+    bf = [x.to(torch.bfloat16) for x in (q, k, v)]
+    out = ct_attention_cpu(*bf, t_q.float(), t_k.float(), log_w.float(), rates.float(), valid)
+    ref = ct_attention_reference(q, k, v, t_q, t_k, log_w, rates, valid)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=0)
+
+
+def test_availability_and_errors() -> None:
+    assert cpu_path_available()
+    q, k, v, t_q, t_k, log_w, rates, valid = _inputs()
+    assert check_supported(q, k, v) is None
+    assert "dtypes" in str(check_supported(q.int(), k, v))
+    with pytest.raises(ValueError, match="t_q"):
+        ct_attention_cpu(q, k, v, t_q[:, :-1], t_k, log_w, rates, valid)
+    with pytest.raises(ValueError, match="block"):
+        ct_attention_cpu(q, k, v, t_q, t_k, log_w, rates, valid, block=0)
