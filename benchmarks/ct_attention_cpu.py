@@ -10,7 +10,7 @@ the minute (bursts share a timestamp), ~10% padding keys, rates log-spaced from 
 timings (after one warm-up) of the forward and of forward+backward (gradients for q, k, v,
 log_weights, rates) of
   reference  healthfm_core.model.attention.ct_attention_reference
-  cpu        healthfm_core.kernels.ct_attention_cpu.ct_attention_cpu
+  cpu        healthfm_core.kernels.ct_attention.cpu.ct_attention_cpu
   sdpa       F.scaled_dot_product_attention(is_causal=True), no decay: the speed ceiling
 with the ratios cpu/sdpa and reference/cpu measured in this run.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from healthfm_core.kernels.ct_attention_cpu import ct_attention_cpu
+from healthfm_core.kernels.ct_attention.cpu import ct_attention_cpu
 from healthfm_core.model.attention import ct_attention_reference
 
 H, D, M = 4, 32, 4

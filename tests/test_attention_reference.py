@@ -216,7 +216,13 @@ def test_bf16_forward_on_cpu() -> None:
 def test_dispatch_reference_and_bad_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v, t, log_w, rates, valid = _inputs()
     want = ct_attention_reference(q, k, v, t, t, log_w, rates, valid, True)
-    assert torch.equal(ct_attention(q, k, v, t, t, log_w, rates, valid), want)  # CPU: auto -> reference
+    # CPU: auto -> the fused CPU path, equal to the reference up to rounding.
+    torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="cpu"),
+                       ct_attention(q, k, v, t, t, log_w, rates, valid))
+    # Gradients with respect to the times: only the reference has them.
+    t_grad = t.clone().requires_grad_(True)
+    assert torch.equal(ct_attention(q, k, v, t_grad, t, log_w, rates, valid).detach(), want)
     assert torch.equal(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="reference"), want)
     with pytest.raises(ValueError, match="impl='fast'"):
         ct_attention(q, k, v, t, t, log_w, rates, valid, impl="fast")  # type: ignore[arg-type]

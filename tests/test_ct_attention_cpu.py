@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from healthfm_core.kernels.ct_attention_cpu import (
+from healthfm_core.kernels.ct_attention.cpu import (
     batch_chunk,
     check_supported,
     cpu_path_available,
