@@ -35,7 +35,7 @@ from server.strategy import ModalityAwareFedAvg
 
 BASE = {"min-code-subjects": 5, "min-report-subjects": 2}
 DELTA = 1e-5
-SPEND = dict(noise_multiplier=1.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
+SPEND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
 
 
 @pytest.fixture(scope="module")

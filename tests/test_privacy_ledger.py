@@ -17,14 +17,30 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, secret_generator
-from healthfm_core.privacy.ledger import LEDGER_FILE, MARK_FILE, BudgetExceeded, LedgerError, PrivacyLedger
+from healthfm_core.privacy.engine import (
+    DPLocalStep,
+    DPSettings,
+    PoissonBatches,
+    secret_generator,
+)
+from healthfm_core.privacy.ledger import (
+    LEDGER_FILE,
+    MARK_FILE,
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+)
 from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.privacy.release import dp_safe_metrics, releasable_metrics
-from healthfm_core.privacy.training import DPRequest, PrivacyRefused, dp_settings, make_private_training
+from healthfm_core.privacy.training import (
+    DPRequest,
+    PrivacyRefused,
+    dp_settings,
+    make_private_training,
+)
 
 DELTA = 1e-5
-SPEND = dict(noise_multiplier=1.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
+SPEND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
 
 
 def spend(ledger: PrivacyLedger, rnd: int, steps: int = 3, cap: float = 100.0) -> float:
@@ -247,7 +263,7 @@ def test_under_dp_only_allowlisted_metrics_leave_and_without_dp_no_epsilon() -> 
 
 
 def request(**kw) -> DPRequest:
-    base = dict(asked=True, batch_size=2, steps=2, planned_steps=4, round=1, run="r")
+    base = {"asked": True, "batch_size": 2, "steps": 2, "planned_steps": 4, "round": 1, "run": "r"}
     base.update(kw)
     return DPRequest(**base)
 

@@ -12,7 +12,14 @@ error naming the field and the value.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # The validation context key under which a caller who knows the site's train subjects passes
 # their count, so that delta is checked against 1/n at load time.
@@ -57,4 +64,4 @@ class DPPolicy(BaseModel):
         return self
 
 
-__all__ = ["DPPolicy", "TRAIN_SUBJECTS", "delta_problem"]
+__all__ = ["TRAIN_SUBJECTS", "DPPolicy", "delta_problem"]

@@ -19,8 +19,19 @@ from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
-from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, noise_for_target, sample_rate_for
-from healthfm_core.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger, Reservation
+from healthfm_core.privacy.engine import (
+    DPLocalStep,
+    DPSettings,
+    PoissonBatches,
+    noise_for_target,
+    sample_rate_for,
+)
+from healthfm_core.privacy.ledger import (
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+    Reservation,
+)
 from healthfm_core.privacy.policy import DPPolicy, delta_problem
 
 log = logging.getLogger(__name__)
