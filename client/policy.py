@@ -11,6 +11,9 @@ Example (YAML or JSON; every key optional except where noted):
       delta: 1.0e-5             # required
       max_grad_norm: 1.0
       noise_multiplier: 1.1     # or target_epsilon (the epsilon one run's planned steps may reach)
+
+The `dp:` section is healthfm_core.privacy.policy.DPPolicy (numbers strict and finite; delta at
+most 1/n when the caller passes n, the site's train subjects).
 """
 
 from __future__ import annotations
@@ -19,32 +22,14 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from healthfm_core.model.groups import GROUPS
+from healthfm_core.privacy.policy import TRAIN_SUBJECTS, DPPolicy
 
 
 class PolicyError(ValueError):
     """A policy file that cannot be read or validated; the message names file, field and value."""
-
-
-class DPPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mandatory: bool = False
-    epsilon_cap: float = Field(gt=0)
-    delta: float = Field(gt=0, lt=1)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    noise_multiplier: float | None = Field(default=None, gt=0)
-    target_epsilon: float | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _one_noise_source(self) -> DPPolicy:
-        if self.noise_multiplier is not None and self.target_epsilon is not None:
-            raise ValueError("set noise_multiplier or target_epsilon, not both")
-        if self.target_epsilon is not None and self.target_epsilon > self.epsilon_cap:
-            raise ValueError(f"target_epsilon {self.target_epsilon} exceeds epsilon_cap {self.epsilon_cap}")
-        return self
 
 
 class SitePolicy(BaseModel):
@@ -66,8 +51,9 @@ class SitePolicy(BaseModel):
         return group in self.groups_allowed
 
 
-def load_policy(path: str | Path) -> SitePolicy:
-    """Read and validate a policy file (.yaml/.yml or .json)."""
+def load_policy(path: str | Path, train_subjects: int | None = None) -> SitePolicy:
+    """Read and validate a policy file (.yaml/.yml or .json). With `train_subjects` (the site's
+    train-split subject count, when the caller knows it) a DP delta above 1/n is refused too."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -82,13 +68,14 @@ def load_policy(path: str | Path) -> SitePolicy:
     if not isinstance(data, dict):
         raise PolicyError(f"{path}: the policy must be a mapping of fields, got {type(data).__name__}")
     try:
-        return SitePolicy.model_validate(data)
+        context = {TRAIN_SUBJECTS: train_subjects} if train_subjects is not None else None
+        return SitePolicy.model_validate(data, context=context)
     except ValidationError as err:
         problems = []
         for e in err.errors():
             field = ".".join(str(x) for x in e["loc"]) or "(policy)"
-            value = e.get("input")
-            problems.append(f"{path}: field {field}: value {value!r}: {e['msg']}")
+            value = "(missing)" if e["type"] == "missing" else repr(e.get("input"))
+            problems.append(f"{path}: field {field}: value {value}: {e['msg']}")
         raise PolicyError("invalid site policy:\n  " + "\n  ".join(problems)) from None
 
 

@@ -7,10 +7,13 @@ the groups the site holds, and held-out metrics on at least the site's minimum o
 
 The site's policy (client/policy.py, node config `policy`) is enforced here whatever the server
 asks: its minimum subject count raises the config's minimums; DP is applied when the policy
-makes it mandatory or the server asks for it, with the noise at least the policy's; a round whose
-projected epsilon (the durable ledger in `state-dir`, healthfm_core/privacy/ledger.py) would pass
-the cap is refused (TrainRefused) before any training; `release` drops the groups the policy
-keeps local from a reply.
+makes it mandatory or the server asks for it, with the noise at least the policy's, assembled by
+healthfm_core.privacy.training.make_private_training: a round whose projected epsilon (the
+durable ledger in `state-dir`, healthfm_core/privacy/ledger.py) would pass the cap is refused
+(TrainRefused) before any training, otherwise its spend is reserved in the ledger before
+training; under DP only healthfm_core.privacy.release's allowlisted metrics leave (no timings,
+no actual counts), without DP no dp.* figure; `release` drops the groups the policy keeps local
+from a reply.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ from healthfm_core.federation import (
 from healthfm_core.model.groups import group_state_dict, parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES
-from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, noise_for_target, sample_rate_for
-from healthfm_core.privacy.ledger import PrivacyLedger
+from healthfm_core.privacy.ledger import LedgerError, PrivacyLedger
+from healthfm_core.privacy.release import releasable_metrics
+from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
 from healthfm_core.train.trainer import TrainConfig, train_local
 
 from client.policy import SitePolicy, load_policy
@@ -117,12 +121,15 @@ class SiteRuntime:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.name = config.name
-        self.policy: SitePolicy | None = load_policy(config.policy) if config.policy is not None else None
+        self.site: Site = open_site(config.site_root)
+        # The site's train subjects bound the policy's DP delta (at most 1/n), checked at load.
+        n_train = int(np.sum(np.asarray(self.site.subject_splits()["split"].to_pylist()) == "train"))
+        self.policy: SitePolicy | None = (load_policy(config.policy, train_subjects=n_train)
+                                          if config.policy is not None else None)
         floor = self.policy.min_subjects if self.policy is not None else 1
         # The policy's minimum only ever raises the config's (the stricter holds).
         self.min_code_subjects = max(config.min_code_subjects, floor)
         self.min_report_subjects = max(config.min_report_subjects, floor)
-        self.site: Site = open_site(config.site_root)
         # Under a policy a modality on fewer subjects than its minimum is neither reported nor trained.
         self.subject_counts = {m: (n if n >= floor else 0) for m, n in self.site.subject_counts.items()}
         self.groups = groups_for_modalities(
@@ -201,38 +208,23 @@ class SiteRuntime:
 
     # ------------------------------------------------------------------ training
 
-    def dp_settings(self, cfg: RoundConfig, n_samples: int) -> DPSettings | None:
-        """This round's DP parameters, or None for training without DP. The policy decides: DP
-        when it is mandatory or the server asks; noise the larger of the policy's and the
-        server's (a target epsilon becomes the noise that spends it over the run's planned
-        steps). Raises TrainRefused when DP is needed but cannot be done under the policy."""
-        dp = self.policy.dp if self.policy is not None else None
-        if not cfg.dp and (dp is None or not dp.mandatory):
-            return None
-        if dp is None:
-            raise TrainRefused("the server asks for DP but the site policy sets no privacy budget (dp: epsilon_cap, delta)")
-        if self.ledger is None:
-            raise TrainRefused("DP needs a durable privacy ledger: the node config sets no state-dir")
-        rate = sample_rate_for(cfg.batch_size, n_samples)
-        planned = cfg.rounds * cfg.local_steps
-        candidates = []
-        for sigma, target in ((dp.noise_multiplier, dp.target_epsilon), (cfg.dp_noise_multiplier, cfg.dp_target_epsilon)):
-            if sigma is not None:
-                candidates.append(sigma)
-            elif target is not None:
-                candidates.append(noise_for_target(target, dp.delta, rate, planned))
-        if not candidates:
-            raise TrainRefused("DP without a noise level: set dp.noise_multiplier or dp.target_epsilon in the site "
-                               "policy (or the server's dp-noise-multiplier)")
-        return DPSettings(noise_multiplier=max(candidates), max_grad_norm=cfg.dp_max_grad_norm or dp.max_grad_norm,
-                          sample_rate=rate, n_samples=n_samples, delta=dp.delta)
+    def dp_request(self, setup: FederationSetup, cfg: RoundConfig) -> DPRequest:
+        """What the server asks of this round, in privacy terms."""
+        return DPRequest(asked=cfg.dp, noise_multiplier=cfg.dp_noise_multiplier, target_epsilon=cfg.dp_target_epsilon,
+                         max_grad_norm=cfg.dp_max_grad_norm, batch_size=cfg.batch_size, steps=cfg.local_steps,
+                         planned_steps=cfg.rounds * cfg.local_steps, round=cfg.round, run=setup.sha256[:16])
 
     def privacy_metrics(self) -> dict[str, float]:
         """The site's cumulative spend (dp.epsilon, dp.delta), when it has a DP policy and a ledger."""
         dp = self.policy.dp if self.policy is not None else None
         if dp is None or self.ledger is None:
             return {}
-        return {DP_EPSILON: self.ledger.epsilon(dp.delta), DP_DELTA: dp.delta}
+        try:
+            epsilon = self.ledger.epsilon(dp.delta)
+        except LedgerError as err:  # no figure to trust; the refusal's reason says why
+            log.error("site %s: %s", self.name, err)
+            return {}
+        return {DP_EPSILON: epsilon, DP_DELTA: dp.delta}
 
     def refuse(self, cfg: RoundConfig, reason: str) -> TrainRefused:
         log.warning("site %s round %d: train request refused: %s", self.name, cfg.round, reason)
@@ -252,38 +244,28 @@ class SiteRuntime:
             raise ValueError(f"site {self.name}: no train-split subject has a timed observation")
         if self.policy is not None and len(dataset) < self.policy.min_subjects:
             raise self.refuse(cfg, f"{len(dataset)} train subjects < the policy's minimum {self.policy.min_subjects}")
-        try:
-            dp = self.dp_settings(cfg, len(dataset))
-        except TrainRefused as err:
+        model = self.model(setup, arrays)  # received arrays checked before any privacy budget is reserved
+        try:  # under DP the round's spend is reserved in the ledger before any training
+            private = make_private_training(dataset, collate, self.dp_request(setup, cfg),
+                                            self.policy.dp if self.policy is not None else None, self.ledger)
+        except PrivacyRefused as err:
             raise self.refuse(cfg, err.reason) from None
-        local_step = None
-        if dp is not None:
-            assert self.ledger is not None and self.policy is not None and self.policy.dp is not None
-            cap = self.policy.dp.epsilon_cap
-            projected = self.ledger.projected_epsilon(dp.delta, dp.noise_multiplier, dp.sample_rate, cfg.local_steps)
-            if projected > cap:
-                raise self.refuse(cfg, f"epsilon after this round would be {projected:.4g} > the policy's cap {cap:g} "
-                                       f"(spent {self.ledger.epsilon(dp.delta):.4g} at delta {dp.delta:g})")
-            accountant = self.ledger.accountant()
-            local_step = DPLocalStep(dp, accountant)
-            loader = PoissonBatches(dataset, collate, dp.sample_rate, steps=max(1, round(1 / dp.sample_rate)))
+        if private is not None:
+            loader, local_step = private.loader, private.local_step
         else:
-            loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed)
-        model = self.model(setup, arrays)
+            loader, local_step = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed), None
         train_cfg = TrainConfig(
             steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
             seed=seed, progress=False, log_every=cfg.local_steps,
         )
         result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
         metrics: dict[str, float] = {}
-        if dp is not None:
+        if private is not None:
             # Under DP every received group is noised and sent, and the counts are the expected
             # ones (the Poisson draws are private); losses and gradient norms are withheld: the
             # guarantee does not cover them.
-            assert self.ledger is not None
-            epsilon = self.ledger.record(accountant, round=cfg.round, run=setup.sha256[:16],
-                                         noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
-                                         max_grad_norm=dp.max_grad_norm, delta=dp.delta)
+            epsilon = private.commit()
+            dp = private.settings
             trained = received
             expected = dp.expected_batch_size * cfg.local_steps
             # A modality group's share: its subject count over the largest (both already public).
@@ -314,7 +296,6 @@ class SiteRuntime:
             else:
                 log.info("site %s round %d: losses withheld (%d samples < minimum %d subjects)", self.name,
                          cfg.round, min(result.examples, len(dataset)), floor)
-            metrics.update(self.privacy_metrics())
         out_dtype = np.float16 if cfg.fp16_transport else None
         out = {}
         for name, value in group_state_dict(result.group_state, trained).items():
@@ -331,7 +312,8 @@ class SiteRuntime:
         log.info("site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s", self.name, cfg.round,
                  cfg.local_steps, result.examples, metrics.get(LOSS_PREFIX + "total", float("nan")), trained,
                  f", DP epsilon {metrics[DP_EPSILON]:.4g}" if DP_EPSILON in metrics else "")
-        return TrainOutcome(out, metrics)
+        # Under DP no timing or actual count leaves; without DP no dp.* figure (privacy/release.py).
+        return TrainOutcome(out, releasable_metrics(metrics, private=private is not None))
 
     def release(self, outcome: TrainOutcome) -> TrainOutcome:
         """What may leave the site of a training outcome: the groups the policy keeps local are

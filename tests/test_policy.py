@@ -46,6 +46,16 @@ def test_an_empty_policy_allows_every_group_without_dp(tmp_path: Path) -> None:
         ("dp: {epsilon_cap: 3, delta: 1.0e-5, noise_multiplier: 1.0, target_epsilon: 2}", "dp", "noise_multiplier"),
         ("dp: {epsilon_cap: 3, delta: 1.0e-5, target_epsilon: 5}", "dp", "exceeds epsilon_cap"),
         ("min_subject: 10", "min_subject", "10"),  # a typo is an error, not a silent default
+        # A cap that can never be reached is no cap: non-finite and non-numeric values are refused.
+        ("dp: {epsilon_cap: .inf, delta: 1.0e-5}", "dp.epsilon_cap", "inf"),
+        ("dp: {epsilon_cap: .nan, delta: 1.0e-5}", "dp.epsilon_cap", "nan"),
+        ('dp: {epsilon_cap: "nan", delta: 1.0e-5}', "dp.epsilon_cap", "'nan'"),
+        ("dp: {epsilon_cap: true, delta: 1.0e-5}", "dp.epsilon_cap", "True"),
+        ('dp: {epsilon_cap: "8", delta: 1.0e-5}', "dp.epsilon_cap", "'8'"),
+        ("dp: {epsilon_cap: 3, delta: .nan}", "dp.delta", "nan"),
+        ("dp: {epsilon_cap: 3, delta: 1.0e-5, noise_multiplier: .inf}", "dp.noise_multiplier", "inf"),
+        ("dp: {epsilon_cap: 3, delta: 1.0e-5, max_grad_norm: false}", "dp.max_grad_norm", "False"),
+        ('dp: {epsilon_cap: 3, delta: 1.0e-5, mandatory: "yes"}', "dp.mandatory", "'yes'"),
     ],
 )
 def test_bad_fields_are_named_with_their_value(tmp_path: Path, text: str, field: str, value: str) -> None:
@@ -63,3 +73,17 @@ def test_unreadable_files_fail_clearly(tmp_path: Path) -> None:
         load_policy(write(tmp_path, "p.json", "{min_subjects: 3"))
     with pytest.raises(PolicyError, match="must be a mapping"):
         load_policy(write(tmp_path, "p.yaml", "- 1\n- 2\n"))
+
+
+def test_a_json_infinite_cap_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.json", '{"dp": {"epsilon_cap": Infinity, "delta": 1e-5}}')
+    with pytest.raises(PolicyError, match=r"p.json: field dp.epsilon_cap: value inf: Input should be a finite number"):
+        load_policy(path)
+
+
+def test_delta_is_at_most_one_over_the_train_subjects_when_they_are_known(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.yaml", "dp: {epsilon_cap: 3, delta: 0.001}")
+    assert load_policy(path).dp is not None  # n unknown: checked at the round
+    assert load_policy(path, train_subjects=1000).dp is not None  # exactly 1/n
+    with pytest.raises(PolicyError, match=r"p.yaml: field dp.delta: value 0.001: .*above 1/n = 1/1001"):
+        load_policy(path, train_subjects=1001)

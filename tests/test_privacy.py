@@ -7,6 +7,7 @@ Three tiny synthetic sites (30 subjects each), the tiny model, 1-2 local steps p
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from server.strategy import ModalityAwareFedAvg
 
 BASE = {"min-code-subjects": 5, "min-report-subjects": 2}
 DELTA = 1e-5
+SPEND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +185,11 @@ def test_epsilon_after_three_rounds_equals_the_accountant_and_survives_a_restart
 
 
 def test_a_damaged_ledger_is_never_replaced_by_a_fresh_one(tmp_path) -> None:
-    (tmp_path / LEDGER_FILE).write_text('{"version": 1, "history": [[1.0, 0.1, 5]], "rounds": []}')
+    ledger = PrivacyLedger(tmp_path)
+    ledger.commit(ledger.reserve(round=1, run="r", steps=5, epsilon_cap=100.0, **SPEND), 5)
+    data = json.loads((tmp_path / LEDGER_FILE).read_text())
+    data["rounds"] = []
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(data))
     with pytest.raises(LedgerError, match="5 steps but the rounds log 0"):
         PrivacyLedger(tmp_path)
     (tmp_path / LEDGER_FILE).write_text("{not json")
@@ -192,24 +198,15 @@ def test_a_damaged_ledger_is_never_replaced_by_a_fresh_one(tmp_path) -> None:
 
 
 def test_two_processes_serving_one_site_never_lose_each_others_spend(tmp_path) -> None:
-    """Two ledger objects on one state dir stand for two worker processes of the same site."""
+    """Two ledger objects on one state dir stand for two worker processes of the same site
+    (tests/test_privacy_ledger.py races two real processes)."""
     first, second = PrivacyLedger(tmp_path), PrivacyLedger(tmp_path)  # both opened on an empty ledger
-    stale = second.accountant()
-    acc = first.accountant()
-    for _ in range(3):
-        acc.step(noise_multiplier=1.0, sample_rate=0.1)
-    first.record(acc, round=1, run="r", noise_multiplier=1.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
-    assert second.steps == 3  # the other process sees round 1 at once
-    acc = second.accountant()
-    for _ in range(2):
-        acc.step(noise_multiplier=1.0, sample_rate=0.1)
-    second.record(acc, round=2, run="r", noise_multiplier=1.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
+    one = first.reserve(round=1, run="r", steps=3, epsilon_cap=100.0, **SPEND)
+    assert second.steps == 3  # the other process sees round 1 at once, before it has trained
+    two = second.reserve(round=2, run="r", steps=2, epsilon_cap=100.0, **SPEND)
+    first.commit(one, 3)
+    second.commit(two, 2)
     assert first.steps == 5 and [r.round for r in first.data.rounds] == [1, 2]
-    # An accountant taken before both records would overwrite them: it is refused instead.
-    for _ in range(7):
-        stale.step(noise_multiplier=2.0, sample_rate=0.1)
-    with pytest.raises(ValueError, match="does not extend"):
-        second.record(stale, round=3, run="r", noise_multiplier=2.0, sample_rate=0.1, max_grad_norm=1.0, delta=DELTA)
     assert PrivacyLedger(tmp_path).steps == 5
 
 
@@ -331,3 +328,100 @@ def test_a_policy_error_stops_the_site_with_a_clear_message(federation, tmp_path
     policy = write_policy(tmp_path / "policy.yaml", "min_subjects: 0\n")
     with pytest.raises(PolicyError, match=r"policy.yaml: field min_subjects: value 0"):
         runtime(federation, "hospital", policy)
+
+
+# ------------------------------------------------------------------------ the ledger fails closed at the site
+
+
+def test_under_dp_no_timing_or_actual_count_leaves_and_without_dp_no_epsilon(federation, setup, tmp_path) -> None:
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=100).replace("mandatory: true", "mandatory: false"))
+    rt = runtime(federation, "genomics", policy, tmp_path / "state")
+    arrays = own_arrays(setup, rt.groups)
+    private = rt.train(setup, arrays, round_cfg(setup, 1, dp=True))
+    n = len(PretrainingDataset(rt.sequences(setup), rt.split_ids()["train"]))
+    assert set(private.metrics) <= {"num-examples", DP_EPSILON, DP_DELTA, "dp.noise-multiplier", "rate-min", "rate-max"} | {
+        f"num-examples.{g}" for g in rt.groups}
+    assert private.metrics["num-examples"] == round(4 / n * n * 2)  # the expected count, not the Poisson draws
+    assert "train-seconds" not in private.metrics and "client-seconds" not in private.metrics
+    plain = rt.train(setup, arrays, round_cfg(setup, 2))  # DP not mandatory, not asked: an update without DP
+    assert "train-seconds" in plain.metrics and not [k for k in plain.metrics if k.startswith("dp.")]
+
+
+def test_the_empty_object_and_the_deleted_ledger_attacks_are_refused(federation, setup, tmp_path) -> None:
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=100))
+    state = tmp_path / "state"
+    rt = runtime(federation, "genomics", policy, state)
+    arrays = own_arrays(setup, rt.groups)
+    rt.train(setup, arrays, round_cfg(setup, 1))
+    (state / LEDGER_FILE).write_text("{}")  # overwritten while the site runs
+    with pytest.raises(TrainRefused) as refused:
+        rt.train(setup, arrays, round_cfg(setup, 2))
+    assert f"{state / LEDGER_FILE}: field history: value (missing)" in refused.value.reason
+    assert refused.value.metrics == {}  # no figure from a ledger that cannot be trusted
+    assert (state / LEDGER_FILE).read_text() == "{}"
+    with pytest.raises(LedgerError):
+        runtime(federation, "genomics", policy, state)  # nor does a restarted site start afresh
+
+    (state / LEDGER_FILE).unlink()  # deleted
+    with pytest.raises(TrainRefused, match="privacy ledger is missing, but .* already spent 2 DP steps"):
+        rt.train(setup, arrays, round_cfg(setup, 2))
+    with pytest.raises(LedgerError, match="missing"):
+        runtime(federation, "genomics", policy, state)
+
+
+def test_a_round_that_fails_after_its_reservation_stays_counted(federation, setup, tmp_path) -> None:
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=100))
+    state = tmp_path / "state"
+    rt = runtime(federation, "genomics", policy, state)
+    arrays = own_arrays(setup, rt.groups)
+    bad = {k: (np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v) for k, v in arrays.items()}
+    with pytest.raises(FloatingPointError):
+        rt.train(setup, bad, round_cfg(setup, 1))  # NaN weights: the loss fails during training
+    ledger = PrivacyLedger(state)
+    assert ledger.steps == 2 and [r.status for r in ledger.data.rounds] == ["reserved"]
+    assert rt.privacy_metrics()[DP_EPSILON] > 0
+
+
+def test_two_runtimes_training_at_once_record_every_step_and_stop_at_the_cap(federation, setup, tmp_path) -> None:
+    """The replayed race: two site runtimes on one state directory (threads here, each with its
+    own runtime and ledger object) used to release updates whose spend the ledger lost."""
+    n = 24  # genomics train subjects with a timed observation
+    reference = RDPAccountant()
+    reference.history = [(1.1, 4 / n, 10)]
+    cap = reference.get_epsilon(DELTA) + 1e-9  # room for 10 steps: 5 rounds of 2
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=repr(cap)))
+    state = tmp_path / "state"
+    runtimes = [runtime(federation, "genomics", policy, state) for _ in range(2)]
+    assert len(PretrainingDataset(runtimes[0].sequences(setup), runtimes[0].split_ids()["train"])) == n
+    arrays = own_arrays(setup, runtimes[0].groups)
+    replies: dict[int, list] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def serve(i: int) -> None:
+        try:
+            for rnd in range(1, 8):
+                try:
+                    replies[i].append(runtimes[i].train(setup, arrays, round_cfg(setup, rnd, rounds=7)))
+                except TrainRefused:
+                    break
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    released = [r for rs in replies.values() for r in rs]
+    ledger = PrivacyLedger(state)
+    assert len(released) == 5 and ledger.steps == 2 * len(released) == 10  # every released step recorded
+    assert all(r.status == "trained" for r in ledger.data.rounds)
+    assert ledger.epsilon(DELTA) <= cap and all(r.metrics[DP_EPSILON] <= cap for r in released)
+    assert max(r.metrics[DP_EPSILON] for r in released) == pytest.approx(ledger.epsilon(DELTA), rel=1e-12)
+
+
+def test_a_delta_above_one_over_the_train_subjects_is_refused_at_load(federation, tmp_path) -> None:
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=8).replace("delta: 1.0e-5", "delta: 0.1"))
+    with pytest.raises(PolicyError, match=r"policy.yaml: field dp.delta: value 0.1: .*above 1/n = 1/\d+"):
+        runtime(federation, "genomics", policy, tmp_path / "state")

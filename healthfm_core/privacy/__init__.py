@@ -1,1 +1,3 @@
-"""Differential privacy at a site: DP-SGD (engine.py) and the durable privacy ledger (ledger.py)."""
+"""Differential privacy at a site: one entry point, `training.make_private_training`, over
+DP-SGD (engine.py), the durable privacy ledger that fails closed (ledger.py), the site's DP
+budget (policy.py) and the rule for which train metrics may leave (release.py)."""

@@ -1,4 +1,4 @@
-"""DP-SGD for HealthFM at a site: Opacus's optimizer, sampler and accountant, with per-sample
+"""DP-SGD for HealthFM at a site: Opacus's optimizer and accountant, Poisson sampling, with per-sample
 gradients computed by microbatches of one sample.
 
 Why not Opacus's own per-sample gradient modes:
@@ -21,15 +21,22 @@ DecayKernel. The alignment loss needs two samples and is therefore absent under 
 Each per-sample gradient is clipped as soon as it is computed and summed into `p.summed_grad`
 (memory of one gradient, not batch x parameters); noise, the 1/expected-batch scaling, the
 accountant step and the optimizer step are Opacus's DPOptimizer unchanged. Batches are drawn by
-Opacus's UniformWithReplacementSampler (Poisson sampling, possibly empty batches), from a
-generator seeded from the operating system: the server's seed must not let anyone predict the
-sample or the noise.
+Poisson sampling (possibly empty batches), as Opacus's UniformWithReplacementSampler does.
+
+Randomness: neither the sample nor the noise may be predictable from anything a peer knows (the
+server's seed, an earlier step). Opacus's `secure_mode` needs torchcsprng, which is not built for
+current PyTorch, so each step's noise and each step's Poisson draw come from a fresh CPU
+generator whose whole Mersenne-Twister state (624 x 32 bits) is read from os.urandom
+(`secret_generator`), never from torch's default generator nor a 64-bit seed; and the noise is
+drawn the way Opacus's `secure_mode` draws it (the sum of several Gaussians, against the
+floating-point attack on the Gaussian mechanism).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import fields, replace
@@ -39,7 +46,6 @@ import torch
 from opacus.accountants import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
@@ -76,9 +82,35 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
                                       sample_rate=sample_rate, steps=steps, accountant="rdp"))
 
 
+# torch's CPU generator state (ATen CPUGeneratorImplState): seed u64, left i32, seeded i32,
+# next u64, state[624] u64 (32-bit words), normal_x/y/rho f64, normal_is_valid i32 (+pad),
+# next_float_normal_sample f32, is_next_float_normal_sample_valid bool (+pad).
+_STATE_BYTES, _WORDS_AT, _WORDS = 5056, 24, 624
+_LEFT_AT, _SEEDED_AT, _NEXT_AT, _DOUBLE_VALID_AT, _FLOAT_VALID_AT = 8, 12, 16, 5040, 5052
+
+
 def secret_generator() -> torch.Generator:
-    """A CPU generator seeded from the OS (never from a seed a peer knows)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+    """A CPU generator whose whole state comes from os.urandom (19,968 bits, not a 64-bit seed
+    that could be searched), with no cached normal sample; where torch's state layout is not the
+    one known here, a generator seeded with 64 bits from `secrets`."""
+    gen = torch.Generator()
+    state = bytearray(gen.get_state().numpy().tobytes())
+    if len(state) != _STATE_BYTES:
+        log.warning("torch generator state of %d bytes (expected %d): seeding with 64 secret bits", len(state),
+                    _STATE_BYTES)
+        return gen.manual_seed(secrets.randbits(64))
+    words = os.urandom(4 * _WORDS)
+    for i in range(_WORDS):  # each 32-bit word stored as a little-endian u64
+        state[_WORDS_AT + 8 * i : _WORDS_AT + 8 * i + 8] = words[4 * i : 4 * i + 4] + bytes(4)
+    state[_LEFT_AT : _LEFT_AT + 4] = (1).to_bytes(4, "little")  # twist the random words before the first draw
+    state[_SEEDED_AT : _SEEDED_AT + 4] = (1).to_bytes(4, "little")
+    state[_NEXT_AT : _NEXT_AT + 8] = bytes(8)
+    state[_DOUBLE_VALID_AT : _DOUBLE_VALID_AT + 4] = bytes(4)
+    state[_FLOAT_VALID_AT] = 0
+    gen.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
+    if bytes(gen.get_state().numpy().tobytes()[_WORDS_AT : _WORDS_AT + 8 * _WORDS]) != bytes(state[_WORDS_AT : _WORDS_AT + 8 * _WORDS]):
+        raise RuntimeError("torch did not take the generator state from the OS; refusing to draw DP noise")
+    return gen
 
 
 # ---------------------------------------------------------------------------- data
@@ -95,14 +127,17 @@ def sample_of(batch: Batch, i: int) -> Batch:
 
 class PoissonBatches:
     """`steps` Poisson-sampled batches per pass over a map-style dataset of samples (each sample
-    included independently with probability `sample_rate`; a batch may be empty)."""
+    included independently with probability `sample_rate`; a batch may be empty). Without a
+    `generator` (tests pass one to be reproducible) each batch is drawn from a fresh
+    `secret_generator()`."""
 
     def __init__(self, dataset: Dataset, collate: Any, sample_rate: float, steps: int,
                  generator: torch.Generator | None = None) -> None:
         n = len(dataset)  # type: ignore[arg-type]
+        if n <= 0 or not 0 < sample_rate <= 1 or steps <= 0:
+            raise ValueError(f"Poisson batches need samples ({n}), 0 < sample_rate <= 1 ({sample_rate}), steps > 0 ({steps})")
         self.dataset, self.collate = dataset, collate
-        self.sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate,
-                                                     generator=generator or secret_generator(), steps=steps)
+        self.n, self.sample_rate, self.steps, self.generator = n, sample_rate, steps, generator
         self._empty: Batch | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -110,10 +145,12 @@ class PoissonBatches:
             self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self.steps
 
     def __iter__(self) -> Iterator[Batch]:
-        for indices in self.sampler:
+        for _ in range(self.steps):
+            generator = self.generator if self.generator is not None else secret_generator()
+            indices = (torch.rand(self.n, generator=generator) < self.sample_rate).nonzero().reshape(-1).tolist()
             if indices:
                 yield self.collate([self.dataset[i] for i in indices])
             else:
@@ -127,7 +164,10 @@ class PoissonBatches:
 
 class StreamingDPOptimizer(DPOptimizer):
     """Opacus's DPOptimizer with per-sample clipping done as gradients arrive (`accumulate`),
-    instead of over a stored [batch, ...] grad_sample per parameter."""
+    instead of over a stored [batch, ...] grad_sample per parameter. With `fresh_noise` each
+    step's noise comes from a new `secret_generator()`, not from `self.generator`."""
+
+    fresh_noise: bool = False
 
     def accumulate(self, grads: list[torch.Tensor | None]) -> float:
         """Clip one sample's gradient (one tensor or None per parameter, in `self.params` order)
@@ -153,6 +193,8 @@ class StreamingDPOptimizer(DPOptimizer):
         for p in self.params:  # an empty batch, or a parameter no sample reached: noise only
             if p.summed_grad is None:
                 p.summed_grad = torch.zeros_like(p)
+        if self.fresh_noise:
+            self.generator = secret_generator()
         self.add_noise()
         self.scale_grad()
         if self.step_hook:
@@ -174,21 +216,45 @@ class StreamingDPOptimizer(DPOptimizer):
 
 class DPLocalStep:
     """The trainer's step under DP-SGD (see `healthfm_core.train.trainer.train_local(local_step=)`):
-    wraps the optimizer, then per step computes, clips and sums per-sample gradients."""
+    wraps the optimizer, then per step computes, clips and sums per-sample gradients.
 
-    def __init__(self, settings: DPSettings, accountant: IAccountant, noise_generator: torch.Generator | None = None) -> None:
+    noise_generator: None (a site's training) draws each step's noise from a fresh
+      `secret_generator()` in Opacus's secure mode; a generator (tests, benchmarks) is used as is.
+    max_steps: the steps the ledger reserved for the round; a step beyond them raises before it
+      changes any weight.
+    """
+
+    def __init__(self, settings: DPSettings, accountant: IAccountant, noise_generator: torch.Generator | None = None,
+                 max_steps: int | None = None) -> None:
         self.settings = settings
         self.accountant = accountant
-        self.noise_generator = noise_generator or secret_generator()
+        self.noise_generator = noise_generator
+        self.max_steps = max_steps
         self.optimizer: StreamingDPOptimizer | None = None
+
+    @property
+    def steps_taken(self) -> int:
+        """The accountant's steps: the DP steps this local step has noised."""
+        return sum(int(s) for *_, s in getattr(self.accountant, "history", []))
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> StreamingDPOptimizer:
         s = self.settings
+        secure = self.noise_generator is None
         opt = StreamingDPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
                                    expected_batch_size=max(1, round(s.expected_batch_size)),
-                                   loss_reduction="mean", generator=self.noise_generator)
+                                   loss_reduction="mean", generator=self.noise_generator, secure_mode=secure)
+        opt.fresh_noise = secure
         # Opacus's own hook: one accountant step per optimizer step, at this round's rate.
-        opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=s.sample_rate))
+        account = self.accountant.get_optimizer_hook_fn(sample_rate=s.sample_rate)
+
+        def hook(optimizer: DPOptimizer) -> None:
+            # The hook runs after the noise, before the parameters change.
+            if self.max_steps is not None and self.steps_taken >= self.max_steps:
+                raise RuntimeError(f"DP step {self.steps_taken + 1} exceeds the {self.max_steps} steps reserved in the "
+                                   "privacy ledger")
+            account(optimizer)
+
+        opt.attach_step_hook(hook)
         self.optimizer = opt
         return opt
 

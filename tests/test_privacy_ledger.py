@@ -1,0 +1,291 @@
+"""The privacy ledger fails closed, and DP randomness comes from the operating system.
+
+Replays of the attacks on the ledger (a `{}` file, a deleted file, an older copy put back,
+another site's ledger, a typed field turned into a string), concurrent spending by two
+processes on one state directory, a failed round that stays counted, the step guard, and the
+secret generators. No model, no data: the ledger and the DP engine alone.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from healthfm_core.privacy.engine import (
+    DPLocalStep,
+    DPSettings,
+    PoissonBatches,
+    secret_generator,
+)
+from healthfm_core.privacy.ledger import (
+    LEDGER_FILE,
+    MARK_FILE,
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+)
+from healthfm_core.privacy.policy import DPPolicy
+from healthfm_core.privacy.release import dp_safe_metrics, releasable_metrics
+from healthfm_core.privacy.training import (
+    DPRequest,
+    PrivacyRefused,
+    dp_settings,
+    make_private_training,
+)
+
+DELTA = 1e-5
+SPEND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
+
+
+def spend(ledger: PrivacyLedger, rnd: int, steps: int = 3, cap: float = 100.0) -> float:
+    reservation = ledger.reserve(round=rnd, run="r", steps=steps, epsilon_cap=cap, **SPEND)
+    return ledger.commit(reservation, steps)
+
+
+def reference_epsilon(steps: int) -> float:
+    acc = RDPAccountant()
+    acc.history = [(1.0, 0.1, steps)]
+    return float(acc.get_epsilon(DELTA))
+
+
+# ------------------------------------------------------------------------ strict file
+
+
+def test_an_empty_object_is_not_an_empty_ledger(tmp_path: Path) -> None:
+    """The replayed attack: the site spent, `{}` overwrote the ledger; it used to read as 0 spend."""
+    ledger = PrivacyLedger(tmp_path)
+    spend(ledger, 1)
+    (tmp_path / LEDGER_FILE).write_text("{}")
+    with pytest.raises(LedgerError) as err:
+        ledger.reserve(round=2, run="r", steps=3, epsilon_cap=100.0, **SPEND)  # the runtime already open
+    message = str(err.value)
+    for field in ("version", "mechanism", "ledger_id", "history", "rounds"):
+        assert f"{tmp_path / LEDGER_FILE}: field {field}: value (missing): Field required" in message
+    with pytest.raises(LedgerError, match="field version: value \\(missing\\)"):
+        PrivacyLedger(tmp_path)  # a restarted runtime
+    with pytest.raises(LedgerError):
+        ledger.epsilon(DELTA)
+    assert (tmp_path / LEDGER_FILE).read_text() == "{}"  # never replaced by a fresh ledger
+    # Even on a site that never spent, `{}` is refused, not taken as a fresh ledger.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / LEDGER_FILE).write_text("{}")
+    with pytest.raises(LedgerError, match="field rounds"):
+        PrivacyLedger(other)
+
+
+def test_a_field_of_the_wrong_type_is_named_with_its_value(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    spend(ledger, 1)
+    data = json.loads((tmp_path / LEDGER_FILE).read_text())
+    data["rounds"][0]["steps"] = "3"  # strict: a string is never read as a number
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match=r"privacy_ledger.json: field rounds.0.steps: value '3'"):
+        PrivacyLedger(tmp_path)
+    data["rounds"][0]["steps"] = 3
+    data["history"][0][2] = 5  # the history holds more than the rounds log
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="5 steps but the rounds log 3"):
+        PrivacyLedger(tmp_path)
+    (tmp_path / LEDGER_FILE).write_text("{not json")
+    with pytest.raises(LedgerError, match=LEDGER_FILE):
+        PrivacyLedger(tmp_path)
+
+
+# ------------------------------------------------------------------------ the site remembers
+
+
+def test_a_deleted_ledger_is_detected(tmp_path: Path) -> None:
+    """The replayed attack: the ledger file removed after the site spent; it used to count as 0."""
+    ledger = PrivacyLedger(tmp_path)
+    spend(ledger, 1)
+    spend(ledger, 2)
+    (tmp_path / LEDGER_FILE).unlink()
+    with pytest.raises(LedgerError, match=r"privacy ledger is missing, but .*privacy_ledger.mark.json records that "
+                                          r"this site already spent 6 DP steps over 2 rounds"):
+        PrivacyLedger(tmp_path)
+    with pytest.raises(LedgerError, match="missing"):
+        ledger.reserve(round=3, run="r", steps=3, epsilon_cap=100.0, **SPEND)
+    assert not (tmp_path / LEDGER_FILE).exists()
+
+
+def test_an_older_copy_or_another_sites_ledger_is_refused(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    spend(ledger, 1)
+    shutil.copy(tmp_path / LEDGER_FILE, tmp_path / "backup.json")
+    spend(ledger, 2)
+    shutil.copy(tmp_path / "backup.json", tmp_path / LEDGER_FILE)  # rolled back to round 1
+    with pytest.raises(LedgerError, match="holds 3 steps over 1 rounds, but .* records 6 steps over 2 rounds"):
+        PrivacyLedger(tmp_path)
+
+    other = tmp_path / "other"
+    spend(PrivacyLedger(other), 1, steps=9)
+    shutil.copy(other / LEDGER_FILE, tmp_path / LEDGER_FILE)  # more steps, but not this site's ledger
+    with pytest.raises(LedgerError, match="field ledger_id: value .* is not the ledger this site wrote"):
+        PrivacyLedger(tmp_path)
+
+
+def test_a_ledger_without_its_mark_loses_nothing_and_gets_it_back(tmp_path: Path) -> None:
+    """Ledger first, mark second: a crash between them (or a deleted mark) leaves the full ledger."""
+    ledger = PrivacyLedger(tmp_path)
+    spend(ledger, 1)
+    (tmp_path / MARK_FILE).unlink()
+    assert PrivacyLedger(tmp_path).steps == 3
+    spend(ledger, 2)
+    assert json.loads((tmp_path / MARK_FILE).read_text())["steps"] == 6
+
+
+# ------------------------------------------------------------------------ reserve, then train
+
+
+def test_the_cap_is_checked_and_counted_before_training_and_a_failed_round_stays_counted(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    cap = reference_epsilon(10)
+    reservation = ledger.reserve(round=1, run="r", steps=6, epsilon_cap=cap, **SPEND)
+    assert ledger.steps == 6 and ledger.epsilon(DELTA) == pytest.approx(reference_epsilon(6), rel=1e-12)
+    # The round "crashes" before commit: a restarted runtime still counts its steps.
+    restarted = PrivacyLedger(tmp_path)
+    assert restarted.data.rounds[0].status == "reserved" and restarted.steps == 6
+    before = {f: (tmp_path / f).read_bytes() for f in (LEDGER_FILE, MARK_FILE)}
+    with pytest.raises(BudgetExceeded, match=r"would be .* > the policy's cap .* \(spent "):
+        restarted.reserve(round=2, run="r", steps=5, epsilon_cap=cap, **SPEND)  # 11 steps > the cap's 10
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before  # a refusal writes nothing
+    restarted.reserve(round=2, run="r", steps=4, epsilon_cap=cap, **SPEND)  # exactly the cap
+    assert restarted.steps == 10
+    # A late commit of the crashed round still works, and cannot claim more steps than it reserved.
+    with pytest.raises(LedgerError, match="took 7 steps, 6 reserved"):
+        ledger.commit(reservation, 7)
+    assert ledger.commit(reservation, 6) == pytest.approx(cap, rel=1e-12)
+    with pytest.raises(LedgerError, match="already 'trained'"):
+        ledger.commit(reservation, 6)
+
+
+def _spend_until_refused(state_dir: str, worker: int, cap: float, queue: multiprocessing.Queue) -> None:
+    ledger = PrivacyLedger(state_dir)
+    spent, reported = 0, []
+    for rnd in range(1, 100):
+        try:
+            reservation = ledger.reserve(round=rnd, run=f"worker-{worker}", steps=2, epsilon_cap=cap, **SPEND)
+        except BudgetExceeded:
+            break
+        reported.append(ledger.commit(reservation, 2))
+        spent += 2
+    queue.put((worker, spent, reported))
+
+
+def test_two_processes_spending_one_budget_record_every_step_and_never_pass_the_cap(tmp_path: Path) -> None:
+    """The replayed race: two runtimes on one state directory used to keep 20 of 22 steps."""
+    cap = reference_epsilon(24) + 1e-9  # room for 24 steps, 12 rounds of 2
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_spend_until_refused, args=(str(tmp_path), w, cap, queue)) for w in (1, 2)]
+    for p in workers:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in workers)
+    for p in workers:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ledger = PrivacyLedger(tmp_path)
+    spent = sum(s for _, s, _ in results)
+    assert spent == ledger.steps == 24  # every step recorded, the whole budget and not one step more
+    assert all(s > 0 for _, s, _ in results), "both processes spent"
+    assert ledger.epsilon(DELTA) <= cap
+    assert max(max(r) for *_, r in results) == pytest.approx(ledger.epsilon(DELTA), rel=1e-12)
+    assert all(e <= cap for *_, r in results for e in r)
+    assert [r.status for r in ledger.data.rounds] == ["trained"] * 12
+    assert {r.run for r in ledger.data.rounds} == {"worker-1", "worker-2"}
+
+
+# ------------------------------------------------------------------------ the DP engine
+
+
+def test_a_step_beyond_the_reservation_changes_no_weight(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 1)
+    step = DPLocalStep(DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, n_samples=4, delta=DELTA),
+                       RDPAccountant(), max_steps=1)
+    opt = step.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert opt.secure_mode and opt.fresh_noise  # production path: Opacus's secure noise, a fresh generator per step
+    for expected_steps in (1, 2):
+        opt.zero_grad()
+        loss = model(torch.ones(1, 3)).sum()
+        opt.accumulate(list(torch.autograd.grad(loss, opt.params)))
+        before = [p.detach().clone() for p in model.parameters()]
+        if expected_steps == 1:
+            opt.step()
+            assert step.steps_taken == 1
+        else:
+            with pytest.raises(RuntimeError, match="DP step 2 exceeds the 1 steps reserved"):
+                opt.step()
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert step.steps_taken == 1
+
+
+def test_noise_and_samples_come_from_the_os_not_from_any_seed(tmp_path: Path) -> None:
+    gens = [secret_generator() for _ in range(2)]
+    draws = [torch.randn(8, generator=g) for g in gens]
+    assert not torch.equal(draws[0], draws[1])
+    # The default generator's seed (the trainer seeds it from the server's seed) decides nothing.
+    noises, batches = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        with torch.no_grad():
+            model.weight.zero_()
+            model.bias.zero_()
+        step = DPLocalStep(DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, n_samples=4,
+                                      delta=DELTA), RDPAccountant())
+        opt = step.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=1.0))
+        opt.step()  # an empty batch: the update is the noise alone
+        noises.append(model.weight.detach().clone())
+        torch.manual_seed(0)
+        batches.append([b for b in PoissonBatches(list(range(64)), list, sample_rate=0.5, steps=3)])
+    assert not torch.equal(noises[0], noises[1])
+    assert batches[0] != batches[1]
+
+
+def test_under_dp_only_allowlisted_metrics_leave_and_without_dp_no_epsilon() -> None:
+    metrics = {"num-examples": 8, "num-examples.ehr": 5, "dp.epsilon": 1.5, "dp.delta": DELTA,
+               "dp.noise-multiplier": 1.1, "rate-min": 0.1, "rate-max": 2.0, "train-seconds": 3.2,
+               "client-seconds": 3.5, "loss.total": 1.0, "grad-norm": 0.3, "examples": 7}
+    assert dp_safe_metrics(metrics) == {k: metrics[k] for k in ("num-examples", "num-examples.ehr", "dp.epsilon",
+                                                                "dp.delta", "dp.noise-multiplier", "rate-min", "rate-max")}
+    plain = releasable_metrics(metrics, private=False)
+    assert not [k for k in plain if k.startswith("dp.")] and plain["train-seconds"] == 3.2
+
+
+# ------------------------------------------------------------------------ make_private_training
+
+
+def request(**kw) -> DPRequest:
+    base = {"asked": True, "batch_size": 2, "steps": 2, "planned_steps": 4, "round": 1, "run": "r"}
+    base.update(kw)
+    return DPRequest(**base)
+
+
+def test_make_private_training_refuses_before_reserving(tmp_path: Path) -> None:
+    data = list(range(20))
+    budget = DPPolicy(epsilon_cap=50.0, delta=DELTA, noise_multiplier=1.0)
+    assert make_private_training(data, list, request(asked=False), budget, PrivacyLedger(tmp_path)) is None
+    with pytest.raises(PrivacyRefused, match="no privacy budget"):
+        make_private_training(data, list, request(), None, PrivacyLedger(tmp_path))
+    with pytest.raises(PrivacyRefused, match="no state-dir"):
+        make_private_training(data, list, request(), budget, None)
+    wide = DPPolicy(epsilon_cap=50.0, delta=0.1, noise_multiplier=1.0)  # 0.1 > 1/20
+    with pytest.raises(PrivacyRefused, match=r"dp.delta .*delta 0.1 is above 1/n = 1/20"):
+        dp_settings(request(), wide, n_samples=20)
+    with pytest.raises(PrivacyRefused, match="cap 0.5"):
+        make_private_training(data, list, request(), budget.model_copy(update={"epsilon_cap": 0.5}), PrivacyLedger(tmp_path))
+    assert not (tmp_path / LEDGER_FILE).exists()
+
+    private = make_private_training(data, list, request(), budget, PrivacyLedger(tmp_path))
+    assert private is not None and private.settings.sample_rate == 0.1 and private.local_step.max_steps == 2
+    assert PrivacyLedger(tmp_path).data.rounds[0].status == "reserved"  # counted before any training
+    assert len(private.loader) == 10
+    assert private.commit() == pytest.approx(PrivacyLedger(tmp_path).epsilon(DELTA))  # 0 steps taken: still counted
+    assert PrivacyLedger(tmp_path).data.rounds[0].steps_taken == 0 and PrivacyLedger(tmp_path).steps == 2
