@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import threading

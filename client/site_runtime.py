@@ -32,13 +32,13 @@ import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from client.policy import SitePolicy, load_policy
 from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.tasks import TASKS, WearableTask, task_labels
-from healthfm_core.data.tokens import LabelledDataset, PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.tokens import LabelledDataset, PretrainingDataset, SiteSequences, collate, make_loader
 from healthfm_core.eval.probes import Features, compute_embeddings, evaluate_features
-from healthfm_core.data.tokens import collate
 from healthfm_core.federation import (
     DP_DELTA,
     DP_EPSILON,
@@ -59,8 +59,6 @@ from healthfm_core.privacy.ledger import LedgerError, PrivacyLedger
 from healthfm_core.privacy.release import releasable_metrics
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
 from healthfm_core.train.trainer import TrainConfig, train_local
-
-from client.policy import SitePolicy, load_policy
 
 log = logging.getLogger("healthfm.client")
 

@@ -10,36 +10,45 @@ resume runs. All of them take the federation directory FED that `provision` crea
 
 How this maps onto flwr 1.41 (read from its source): `flower-superlink` serves the Fleet, Control
 and Runtime APIs on one HTTPS port (`--host/--port`), with TLS from `--ssl-ca-certfile/
---ssl-certfile/--ssl-keyfile` and node authentication from `--enable-supernode-auth`; the
-`flwr` CLI talks to it through a named connection in FLWR_HOME/config.toml (here
-FED/server/flwr-home, connection `healthfm`, with the CA as `root-certificates`):
-`flwr supernode register KEY.pub healthfm` registers a site's public key and
-`flwr run APP_DIR healthfm --run-config FILE.toml` starts a run. APP_DIR is generated
-(FED/server/app/pyproject.toml) and names `server.server_app:app` / `client.client_app:app`
-from the healthfm package installed on the server and at every site; its config defaults
-are FederationConfig's, so every key of the run config can be set with `-c`.
-Resume: the ServerApp continues from the latest checkpoint under the run's out-dir when the
-run config says `resume=true`; `resume` relaunches with the config `launch` recorded.
+--ssl-certfile/--ssl-keyfile` and node authentication from `--enable-supernode-auth`. The `flwr`
+CLI's connection and commands: server.flwr_control; the generated app and its run config:
+server.flwr_app. Resume: the ServerApp continues from the latest checkpoint under the run's
+out-dir when the run config says `resume=true`; `resume` relaunches with the config `launch`
+recorded.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.files import write_flat_toml
+from server.flwr_app import check_run_config, parse_overrides, write_app
+from server.flwr_control import (
+    CONNECTION,
+    EXIT_FAILED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    CoordinatorError,
+    flower_bin,
+    flower_env,
+    flwr_error,
+    read_connection,
+    run_flwr,
+    start_run,
+    wait_for_run,
+    write_connection,
+)
 from server.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -51,19 +60,7 @@ from server.provision import (
 
 log = logging.getLogger("healthfm.coordinator")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-CONNECTION = "healthfm"
 DEFAULT_PORT = 9093
-APP_NAME = "healthfm-federation"
-FLWR_TIMEOUT_S = 120
-
-
-class CoordinatorError(Exception):
-    """One line for the coordinator, with the exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class LaunchRecord(BaseModel):
@@ -76,170 +73,6 @@ class LaunchRecord(BaseModel):
     run_config: dict[str, str | int | float | bool]
     launched_at: str
     resumed: bool = False
-
-
-# ---------------------------------------------------------------------------- Flower plumbing
-
-
-def flwr_home(paths: FederationPaths) -> Path:
-    return paths.server_dir / "flwr-home"
-
-
-def flower_bin(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else name
-
-
-def flower_env(paths: FederationPaths) -> dict[str, str]:
-    env = dict(os.environ)
-    # The SuperLink starts `flower-superexec` (and that `flwr-serverapp`) by name.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_HOME"] = str(flwr_home(paths))
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    return env
-
-
-def write_connection(paths: FederationPaths, address: str, insecure: bool) -> Path:
-    """The `flwr` CLI's connection `healthfm` to this federation's SuperLink."""
-    home = flwr_home(paths)
-    home.mkdir(parents=True, exist_ok=True)
-    os.chmod(home, 0o700)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
-    lines.append("insecure = true" if insecure else f"root-certificates = {json.dumps(str(paths.ca_cert))}")
-    path = home / "config.toml"
-    tmp = path.with_name(".config.toml.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_connection(paths: FederationPaths) -> dict[str, Any]:
-    path = flwr_home(paths) / "config.toml"
-    if not path.is_file():
-        raise CoordinatorError(f"{path} not found: start the SuperLink first (coordinator superlink {paths.root}) "
-                               "or pass --superlink HOST:PORT", EXIT_USAGE)
-    return tomllib.loads(path.read_text())["superlink"][CONNECTION]
-
-
-def run_flwr(paths: FederationPaths, args: Sequence[str], timeout: float = FLWR_TIMEOUT_S) -> subprocess.CompletedProcess:
-    cmd = [flower_bin("flwr"), *args]
-    log.info("running %s", " ".join(cmd))
-    try:
-        return subprocess.run(cmd, env=flower_env(paths), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise CoordinatorError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:g} s") from None
-
-
-def flwr_error(proc: subprocess.CompletedProcess) -> str:
-    """The message inside Flower's boxed error output, on one line."""
-    text = proc.stderr + proc.stdout
-    lines = [ln.strip(" │╭╮╰╯─\t") for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("Using SuperLink") and ln != "Error"]
-    return " ".join(lines)[:500] or f"exit {proc.returncode}"
-
-
-# ---------------------------------------------------------------------------- the Flower app
-
-
-def default_run_config() -> dict[str, str | int | float | bool]:
-    """Every key the ServerApp reads from the run config (FederationConfig.from_run_config),
-    kebab-case, with FederationConfig's defaults; a Flower run config can only override keys
-    its app declares."""
-    from server.server_app import (
-        FederationConfig,
-        PrivacyRequest,
-        ServerOptimizerConfig,
-    )
-
-    flat: dict[str, str | int | float | bool] = {}
-    for name, field in FederationConfig.model_fields.items():
-        key = name.replace("_", "-")
-        if name == "server_optimizer":  # off unless server-optimizer-lr > 0
-            for opt_name, opt_field in ServerOptimizerConfig.model_fields.items():
-                flat[f"server-optimizer-{opt_name.replace('_', '-')}"] = opt_field.get_default()
-            flat["server-optimizer-lr"] = 0.0
-            continue
-        if name == "privacy":  # privacy-<field>; 0 leaves a field unset (from_run_config)
-            for priv_name, priv_field in PrivacyRequest.model_fields.items():
-                default = priv_field.get_default()
-                flat[f"privacy-{priv_name.replace('_', '-')}"] = 0.0 if default is None else default
-            continue
-        if name == "model":
-            flat[key] = "tiny"
-            continue
-        if name == "out_dir":
-            flat[key] = ""
-            continue
-        default = field.get_default(call_default_factory=True)
-        if default is None:  # "off": from_run_config reads 0 as None for these
-            flat[key] = 0.0 if "float" in str(field.annotation) else 0
-        elif isinstance(default, (list, tuple)):
-            flat[key] = ",".join(str(v) for v in default)
-        elif isinstance(default, (str, int, float, bool)):
-            flat[key] = default
-        elif isinstance(default, Path):
-            flat[key] = str(default)
-        else:
-            raise CoordinatorError(f"FederationConfig.{name}: cannot express its default {default!r} in a run config",
-                                   EXIT_INTERNAL)
-    return flat
-
-
-def write_app(paths: FederationPaths) -> Path:
-    """FED/server/app: the Flower app `flwr run` packages. It holds only the manifest: the
-    code is the healthfm package installed on the server and at each site (a site runs the
-    code it installed, not code the server ships)."""
-    app_dir = paths.server_dir / "app"
-    header = (
-        "# Generated by `python -m server.coordinator`; regenerated at every launch.\n"
-        "[project]\n"
-        f'name = "{APP_NAME}"\n'
-        'version = "1.0.0"\n'
-        'description = "healthfm federated pretraining (ServerApp + ClientApp from the installed healthfm package)"\n'
-        "dependencies = []\n\n"
-        "[tool.flwr.app]\n"
-        'publisher = "healthfm"\n\n'
-        "[tool.flwr.app.components]\n"
-        'serverapp = "server.server_app:app"\n'
-        'clientapp = "client.client_app:app"\n\n'
-        "[tool.flwr.app.config]\n"
-    )
-    write_flat_toml(app_dir / "pyproject.toml", default_run_config(), header=header)
-    return app_dir
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, str | int | float | bool]:
-    """`-c KEY=VALUE`: values read as TOML scalars (2, 0.5, true, 'text'), else text."""
-    out: dict[str, str | int | float | bool] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CoordinatorError(f"-c {item!r} is not KEY=VALUE", EXIT_USAGE)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        if not isinstance(value, (str, int, float, bool)):
-            raise CoordinatorError(f"-c {item!r}: the value must be text, a number or true/false", EXIT_USAGE)
-        out[key.strip()] = value
-    return out
-
-
-def check_run_config(config: Mapping[str, str | int | float | bool]) -> None:
-    """Refuse a run config the ServerApp would refuse, before anything reaches the SuperLink."""
-    from server.server_app import FederationConfig
-
-    known = default_run_config()
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise CoordinatorError(f"unknown run config key(s) {unknown}; known: {', '.join(sorted(known))}", EXIT_USAGE)
-    try:
-        FederationConfig.from_run_config({**known, **config})
-    except (ValueError, ValidationError, OSError) as err:
-        text = str(err).split("For further information")[0]  # pydantic's trailing URL
-        raise CoordinatorError(" ".join(text.split())[:600], EXIT_USAGE) from None
 
 
 # ---------------------------------------------------------------------------- commands
@@ -342,50 +175,12 @@ def read_launches(paths: FederationPaths) -> list[LaunchRecord]:
     return [LaunchRecord.model_validate_json(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def start_run(paths: FederationPaths, run_config: dict[str, str | int | float | bool]) -> int:
-    """`flwr run` the generated app with this run config; the run id."""
+def _launch(paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace,
+            resumed: bool) -> int:
     check_run_config(run_config)
     app_dir = write_app(paths)
     config_file = write_flat_toml(paths.server_dir / "run-config.toml", run_config)
-    proc = run_flwr(paths, ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"])
-    if proc.returncode != 0:
-        raise CoordinatorError(f"the SuperLink did not start the run: {flwr_error(proc)}")
-    try:
-        payload = json.loads(proc.stdout[proc.stdout.index("{"):])
-        return int(payload["run-id"])
-    except (ValueError, KeyError) as err:
-        raise CoordinatorError(f"cannot read the run id from `flwr run` ({err}): {proc.stdout[-300:]}") from None
-
-
-def run_status(paths: FederationPaths, run_id: int) -> str:
-    proc = run_flwr(paths, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
-    if proc.returncode != 0:
-        raise CoordinatorError(f"cannot read the status of run {run_id}: {flwr_error(proc)}")
-    payload = json.loads(proc.stdout[proc.stdout.index("{"):])
-    runs = payload.get("runs", [])
-    if not runs:
-        raise CoordinatorError(f"the SuperLink knows no run {run_id}")
-    return str(runs[0]["status"])
-
-
-def wait_for_run(paths: FederationPaths, run_id: int, timeout: float, poll: float = 2.0) -> str:
-    """Poll until the run is finished; its final status (e.g. finished:completed)."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        status = run_status(paths, run_id)
-        if status != last:
-            print(f"run {run_id}: {status}", flush=True)
-            last = status
-        if status.startswith("finished"):
-            return status
-        time.sleep(poll)
-    raise CoordinatorError(f"run {run_id} not finished after {timeout:g} s (last status {last})")
-
-
-def _launch(paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace,
-            resumed: bool) -> int:
-    run_id = start_run(paths, run_config)
+    run_id = start_run(paths, app_dir, config_file)
     _record_launch(paths, LaunchRecord(run_id=run_id, out_dir=str(run_config["out-dir"]), run_config=run_config,
                                        launched_at=time.strftime("%Y-%m-%dT%H:%M:%S"), resumed=resumed))
     print(f"{'resumed' if resumed else 'launched'} run {run_id}: out-dir {run_config['out-dir']}", flush=True)

@@ -61,8 +61,8 @@ from pydantic import (
     model_validator,
 )
 
-from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.code_stats import SiteCodeStats
+from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import (
     CAPABILITIES,

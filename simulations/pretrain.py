@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
@@ -32,8 +31,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import Site, open_site
-from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk, synthetic_sites
+from healthfm_core.data.pooled import PooledPretrainingDataset
+from healthfm_core.data.site import Site
+from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
@@ -45,7 +45,6 @@ from healthfm_core.eval.runner import (
     MethodFeatures,
     MethodResult,
     PooledEmbedder,
-    PooledPretrainingDataset,
     build_eval_set,
     evaluate_cross_fitted,
     evaluate_method,
@@ -63,36 +62,9 @@ from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import curriculum_weights
 from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
+from simulations.common import Clock, open_sites
 
 log = logging.getLogger("healthfm.simulations.pretrain")
-
-class Clock:
-    """Wall time per phase, for the report (the budget is part of the deliverable)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.phases: dict[str, float] = {}
-
-    def __call__(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
-        log.info("%s: %.1f s", phase, now - since)
-        return now
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def open_sites(cfg: DictConfig) -> tuple[dict[str, Site], Path | None, ScenarioConfig | None]:
-    # simulations.run owns the reuse-or-generate rule; imported here so both jobs share the data.
-
-    scenario = OmegaConf.to_container(cfg.scenario, resolve=True)
-    manifest = synthetic_sites(cfg.data.dir, scenario, int(cfg.seed), cfg.data.n_subjects)
-    sites = {s.name: open_site(s.root) for s in manifest.sites}
-    truth = Path(manifest.truth_dir)
-    return sites, truth, ScenarioConfig.model_validate_json((truth / "scenario.json").read_text())
-
 
 def agree_vocabulary(sites: Mapping[str, Site], min_subjects: int) -> Vocabulary:
     return build_vocabulary([site_code_stats(s, min_subjects=min_subjects) for s in sites.values()],
@@ -326,17 +298,21 @@ def _fmt(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{x:.3f}"
 
 
+NOTES_DOC = "docs/researcher-pretrain-notes.md"  # what the numbers below mean
+
+
 def summary_notes(cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], vocab: Vocabulary, model: HealthFM,
                   history: list[dict[str, float]], results: Mapping[str, MethodResult],
                   ablation: Ablation | None, tuning: Mapping[str, MethodResult],
                   differences: Mapping[str, PairedDifference | None],
                   curves: Mapping[str, Mapping[float, Sequence[float]]]) -> list[str]:
+    """The report's computed lines, each with a short caption; NOTES_DOC explains them."""
     # Summaries count only pairs with enough held_out positives: an AUROC over 1-3 positives is noise.
     k = int(cfg.eval.summary_min_positives)
     rows = [r for res in results.values() for r in res.rows if r.n_pos >= k]
     means = mean_auroc(rows)
     notes = [
-        f"Command: `python -m simulations.pretrain {' '.join(sys.argv[1:])}`",
+        f"Command: `python -m simulations.pretrain {' '.join(sys.argv[1:])}`. How to read this report: `{NOTES_DOC}`.",
         f"Wall time {clock.total / 60:.1f} min on {torch.get_num_threads()} torch thread(s): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items()) + ".",
         "Sites (pooled train splits for pretraining): " + "; ".join(
@@ -364,31 +340,22 @@ def summary_notes(cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], voca
                          f"{rates['rate_max_per_day']:.3g} per day (timescales {rates['timescale_min_days']:.3g} .. "
                          f"{rates['timescale_max_days']:.3g} days), {rates['rate_at_bound_fraction']:.0%} at a bound.")
     notes.append("## Summary")
-    notes.append(f"Summaries count the task/horizon pairs with at least {k} held_out positives (all pairs are in "
-                 "the table below). Mean held_out AUROC over the pairs every method has: "
+    notes.append(f"Mean held_out AUROC over the pairs with >= {k} held_out positives that every method has: "
                  + ", ".join(f"{m} {_fmt(v)}" for m, v in sorted(means.items())) + ".")
     tuning_means = mean_auroc([r for res in tuning.values() for r in res.rows if r.n_pos >= k])
     if tuning_means:
-        notes.append("The same probes scored on the tuning split (the split design choices such as pooling or "
-                     "steps are compared on; held_out is only reported): "
+        notes.append("The same probes scored on tuning: "
                      + ", ".join(f"{m} {_fmt(v)}" for m, v in sorted(tuning_means.items())) + ".")
     for name in differences:
         method, other = name.split(" - ")
         w, n = wins(rows, method, other)
         notes.append(f"{method} beats {other} on {w} of {n} task/horizon pairs.")
     if differences:
-        notes.append("Paired comparison on the same held_out rows: the mean over those pairs of the AUROC "
-                     "difference, with a bootstrap that resamples held_out subjects once for every pair (the pairs "
-                     "share subjects, and both methods score the same subjects, so this interval is much tighter "
-                     "than the separate per-method intervals suggest). \"resamples <= 0\" is the share of "
-                     "resamples in which the first method does not come out ahead (a one-sided bootstrap p-value).")
+        notes.append("Paired AUROC differences on the same held_out rows (subject bootstrap shared by all pairs):")
         notes += difference_lines(differences)
     if curves:
-        le = cfg.eval.label_efficiency
-        notes.append(f"Label efficiency: the same probes given the labels of only a fraction of the train subjects "
-                     f"({le.repeats} draws per fraction below 1, mean ± sd over draws; every method gets the same "
-                     "subjects), mean held_out AUROC over the same pairs. Pretraining should matter most where "
-                     "labels are scarce.")
+        notes.append(f"Label efficiency: mean held_out AUROC against the share of train subjects whose labels the "
+                     f"probe sees ({cfg.eval.label_efficiency.repeats} draws per share below 1, mean ± sd).")
         notes += label_efficiency_lines(curves)
     if "oracle" in results and "pretrained" in results:
         w, n = wins(rows, "oracle", "pretrained")
@@ -397,13 +364,9 @@ def summary_notes(cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], voca
     if ablation is not None:
         spec = cfg.eval.modality_ablation
         notes.append("## Test-time modality ablation (pretrained model)")
-        notes.append(f"Rows: onset tasks asked at {spec.prediction_times.replace('_', ' ')} of the sites with "
-                     f"wearables ({len(ablation.data)} rows, all splits). A cohort is the rows that have the required "
-                     "modalities then; each condition removes the other modalities from the input. Each condition's "
-                     f"probe is cross-fitted ({spec.n_folds} folds by subject: fit on {int(spec.n_folds) - 2}, C from "
-                     "the next, score the held fold), so every row is scored by a probe that never saw it. Tasks "
-                     f"need {k} positives in the cohort. The model itself was pretrained on the train split, so "
-                     "these rows include subjects it trained on; both conditions share that.")
+        notes.append(f"Rows: onset tasks at {spec.prediction_times.replace('_', ' ')} of the sites with wearables "
+                     f"({len(ablation.data)} rows, all splits); probes cross-fitted over {spec.n_folds} folds by "
+                     f"subject; a task needs {k} positives in the cohort.")
         abl_rows = [r for res in ablation.results.values() for r in res.rows]
         for cohort in spec.cohorts:
             shown = [r for r in abl_rows if r.method.startswith(f"{cohort}:")]
@@ -450,17 +413,16 @@ def run(cfg: DictConfig) -> Path:
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     mcfg = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source=f"model={cfg.model.name}")
 
-    t = time.perf_counter()
-    sites, truth_dir, scenario = open_sites(cfg)
-    t = clock("data (generate or reuse, open sites)", t)
+    sites, truth_dir, scenario = open_sites(cfg.scenario, cfg.data.dir, int(cfg.seed), cfg.data.n_subjects)
+    clock.lap("data (generate or reuse, open sites)")
     vocab = agree_vocabulary(sites, int(cfg.data.min_subjects))
     vocab.save(out / "vocabulary.json")
     seqs = {name: SiteSequences.from_site(site, vocab) for name, site in sites.items()}
-    t = clock("vocabulary and sequences", t)
+    clock.lap("vocabulary and sequences")
 
     loader = pooled_train_loader(cfg, sites, seqs)
     model, init_state, history = pretrain(cfg, mcfg, vocab, loader, out, device)
-    t = clock("pretraining", t)
+    clock.lap("pretraining")
 
     onset = [k for k, v in TASKS.items() if isinstance(v, OnsetTask)] if cfg.eval.onset_tasks == "all" else list(cfg.eval.onset_tasks)
     tasks: dict[str, Task] = {k: TASKS[k] for k in [*onset, *cfg.eval.regression_tasks]}
@@ -470,22 +432,22 @@ def run(cfg: DictConfig) -> Path:
     random_model.load_state_dict(init_state)
     methods: dict[str, torch.nn.Module | None] = {"counts": None, "pretrained": model, "random_init": random_model}
     if cfg.eval.sinusoidal_ablation:
-        t = clock("evaluation rows", t)
+        clock.lap("evaluation rows")
         sin_cfg = model_config_from_dict({**mcfg.model_dump(), "time_encoding": "sinusoidal"}, source="sinusoidal ablation")
         sin_model, _, _ = pretrain(cfg, sin_cfg, vocab, loader, out / "sinusoidal", device)
         methods["pretrained_sinusoidal"] = sin_model
-        t = clock("pretraining (sinusoidal ablation)", t)
+        clock.lap("pretraining (sinusoidal ablation)")
     results, tuning, features = evaluate_model_methods(cfg, data, methods, vocab)
     code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
     results["oracle"] = oracle_rows(data, functools.partial(oracle_risk, truth_dir), code_to_disease,
                                     n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
-    t = clock("evaluation (features and probes)", t)
+    clock.lap("evaluation (features and probes)")
     differences = main_differences(cfg, data, results)
     curves = label_efficiency(cfg, data, features, results) if cfg.eval.label_efficiency.fractions else {}
     del features
-    t = clock("label efficiency", t)
+    clock.lap("label efficiency")
     ablation = modality_ablation(cfg, sites, seqs, model, tasks, vocab) if cfg.eval.modality_ablation.enabled else None
-    t = clock("modality ablation", t)
+    clock.lap("modality ablation")
 
     figs = make_plots(out, history, results, data)
     if curves:

@@ -25,7 +25,6 @@ Steps (composition only):
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -41,15 +40,16 @@ from healthfm_core.eval import compare
 from healthfm_core.federation import FederationSetup
 from healthfm_core.model.healthfm import HealthFM
 from server.server_app import read_events
-from simulations.logs import setup_job_logging
-from simulations.report import (
+from simulations.common import (
     Clock,
+    clear_previous_runs,
     eval_settings,
     onset_eval_data,
     open_sites,
-    run_federation,
     write_outputs,
 )
+from simulations.logs import setup_job_logging
+from simulations.run import run_federation
 
 log = logging.getLogger("healthfm.simulations.privacy_sweep")
 
@@ -63,17 +63,10 @@ def setting_dir(epsilon: float | None) -> str:
 
 def prepare_out_dir(out: Path) -> Path:
     """out/runs must be fresh (the server refuses to overwrite a run): a previous sweep's runs
-    are removed; a directory no sweep wrote is refused."""
-    runs = out / "runs"
-    if runs.exists():
-        if not ((out / MARKER).is_file() or (out / STARTED).is_file()):
-            raise FileExistsError(f"{runs} exists but {out} holds no {MARKER}: not a previous privacy sweep; "
-                                  "choose another out_dir")
-        log.info("removing the previous sweep's runs in %s", runs)
-        shutil.rmtree(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    are removed; a directory no sweep wrote is refused. Returns out/runs."""
+    clear_previous_runs(out, ("runs",), (MARKER, STARTED), "privacy sweep")
     (out / STARTED).touch()
-    return runs
+    return out / "runs"
 
 
 def spent_epsilon(fed_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
@@ -160,7 +153,7 @@ def run(cfg: DictConfig) -> Path:
     epsilons = parse_epsilons(list(cfg.epsilons))
     out = Path(cfg.out_dir)
     runs = prepare_out_dir(out)
-    sites, _, _ = open_sites(cfg)
+    sites, _, _ = open_sites(cfg.scenario, cfg.data_dir, cfg.seed, cfg.n_subjects, cfg.site_roots)
     clock.lap("data (generate or reuse)")
 
     settings = Settings()

@@ -25,9 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,33 +33,32 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.site import Site, open_site
-from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk, synthetic_sites
-from healthfm_core.data.tasks import TASKS, OnsetTask, Task
+from healthfm_core.data.pooled import PooledPretrainingDataset
+from healthfm_core.data.site import Site
+from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.eval import compare
-from healthfm_core.eval.runner import (
-    MethodResult,
-    PooledPretrainingDataset,
-    build_eval_set,
-)
+from healthfm_core.eval.runner import MethodResult
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
-from healthfm_core.files import atomic_write_text
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
 from healthfm_core.train import TrainConfig, train_local
-from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.server_app import read_events
-from simulations.logs import setup_job_logging
-from simulations.run import (
-    federation_config,
-    run_federation_simulation,
-    site_node_configs,
+from simulations import privacy_sweep
+from simulations.common import (
+    Clock,
+    clear_previous_runs,
+    eval_settings,
+    onset_eval_data,
+    open_sites,
+    write_outputs,
 )
+from simulations.logs import setup_job_logging
+from simulations.run import privacy_request, run_federation
 
 log = logging.getLogger("healthfm.simulations.report")
 
@@ -70,86 +67,15 @@ MARKER = "comparison.json"  # present once a report job has written to out_dir
 PRIVACY_DIR = "privacy"  # the utility-versus-epsilon federations, one directory per setting
 
 
-class Clock:
-    """Wall time per phase (the report states where the time went)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.phases: dict[str, float] = {}
-        self._t = self.start
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._t
-        log.info("%s: %.1f s", phase, now - self._t)
-        self._t = now
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
 # ---------------------------------------------------------------- steps
 
 
 def prepare_out_dir(out: Path) -> Path:
     """out/federation (and out/privacy, the utility-versus-epsilon runs) must be fresh (the server
     refuses to overwrite a run): a previous report job's runs in the same out_dir are removed;
-    anything else there is refused."""
-    for name in ("federation", PRIVACY_DIR):
-        runs = out / name
-        if runs.exists():
-            if not (out / MARKER).is_file():
-                raise FileExistsError(f"{runs} exists but {out} holds no {MARKER}: not a previous report run; "
-                                      "choose another out_dir")
-            log.info("removing the previous report run's %s", runs)
-            shutil.rmtree(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    anything else there is refused. Returns out/federation."""
+    clear_previous_runs(out, ("federation", PRIVACY_DIR), (MARKER,), "report run")
     return out / "federation"
-
-
-def open_sites(cfg: DictConfig) -> tuple[dict[str, Site], Path | None, ScenarioConfig | None]:
-    if cfg.site_roots:
-        return {Path(r).resolve().name: open_site(r) for r in cfg.site_roots}, None, None
-    manifest = synthetic_sites(cfg.data_dir, OmegaConf.to_container(cfg.scenario, resolve=True), cfg.seed,
-                               cfg.n_subjects)
-    truth = Path(manifest.truth_dir)
-    return ({s.name: open_site(s.root) for s in manifest.sites}, truth,
-            ScenarioConfig.model_validate_json((truth / "scenario.json").read_text()))
-
-
-def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, HealthFM, int]:
-    """The Flower simulation; returns its setup, the final global model and its round."""
-    run_cfg = OmegaConf.merge(cfg, {"out_dir": str(fed_dir), "resume": False})
-    node_configs = site_node_configs(run_cfg)
-    run_federation_simulation(federation_config(run_cfg, len(node_configs)), node_configs,
-                              num_cpus=cfg.ray.num_cpus, client_num_cpus=cfg.ray.client_num_cpus,
-                              client_num_gpus=cfg.ray.client_num_gpus, ray_address=cfg.ray.address)
-    ckpt = latest_server_checkpoint(fed_dir / "checkpoints")
-    if ckpt is None:
-        raise RuntimeError(f"the federation wrote no checkpoint in {fed_dir / 'checkpoints'}; see {fed_dir / 'server.log'}")
-    state = load_server_checkpoint(ckpt)
-    model = state.setup.init_model()
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.arrays.items()})
-    return state.setup, model, state.round
-
-
-def onset_eval_data(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]) -> dict:
-    """The per-site evaluation rows of the new-onset tasks (`eval.onset_tasks`: "all" or names),
-    one EvalSet per site (compare.split_sites)."""
-    onset = ([k for k, t in TASKS.items() if isinstance(t, OnsetTask)] if cfg.eval.onset_tasks == "all"
-             else list(cfg.eval.onset_tasks))
-    tasks: dict[str, Task] = {k: TASKS[k] for k in onset}
-    data = build_eval_set({n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject),
-                          seed=int(cfg.seed))
-    return compare.split_sites(data)
-
-
-def eval_settings(cfg: DictConfig) -> dict[str, Any]:
-    """Keyword arguments of compare.evaluate_per_site shared by every regime of a report."""
-    fed = cfg.federation
-    return dict(max_events=fed.max_events, max_patches=fed.max_patches, batch_size=cfg.eval.batch_size,
-                n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
 
 
 def site_groups(site: Site) -> list[str]:
@@ -250,7 +176,7 @@ def run(cfg: DictConfig) -> Path:
     fed = cfg.federation
     progress = bool(cfg.progress)
 
-    sites, truth_dir, scenario = open_sites(cfg)
+    sites, truth_dir, scenario = open_sites(cfg.scenario, cfg.data_dir, cfg.seed, cfg.n_subjects, cfg.site_roots)
     clock.lap("data (generate or reuse)")
 
     setup, fed_model, rounds_done = run_federation(cfg, fed_dir)
@@ -322,9 +248,6 @@ def privacy_utility(cfg: DictConfig, out: Path, clock: Clock, fed_dir: Path, set
     """The report's utility-versus-epsilon section (markdown lines): the federation again at each
     target epsilon of `privacy_sweep.epsilons` (simulations.privacy_sweep), the main federated run
     as the setting it was run at, all evaluated on the same per-site rows."""
-    from simulations import privacy_sweep
-    from simulations.run import privacy_request
-
     wanted = list((cfg.get("privacy_sweep") or {}).get("epsilons") or [])
     if not wanted:
         return ["Not run in this report (`privacy_sweep.epsilons=[1,3,8]` adds it here; "
@@ -455,15 +378,6 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
         "budgets": {"per_site_steps": per_site_steps, "centralized_steps": central_steps},
     }
     return write_outputs(out, MARKER, dump, "report.md", lines, clock)
-
-
-def write_outputs(out: Path, marker: str, dump: dict, name: str, lines: list[str], clock: Clock) -> Path:
-    """The job's JSON results (its marker file: a finished run) and its markdown report."""
-    atomic_write_text(out / marker, json.dumps(dump, indent=1, default=float))
-    path = out / name
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    log.info("%s written to %s (%.1f min)", name, path, clock.total / 60)
-    return path
 
 
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")

@@ -38,13 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from client.client_app import make_client_app
 from healthfm_core.data.synthetic import synthetic_sites
+from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
+from healthfm_core.model.healthfm import HealthFM
+from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.server_app import FederationConfig, PrivacyRequest, make_server_app
 from simulations.logs import setup_job_logging
 
@@ -154,6 +159,23 @@ def run_from_config(cfg: DictConfig) -> Path:
                                     ray_address=cfg.ray.address)
     print(f"\nFederated run written to {out}\n  summary {out / 'summary.md'}\n  log     {out / 'rounds.jsonl'}")
     return out
+
+
+def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, HealthFM, int]:
+    """A fresh federation of `cfg` into fed_dir (the comparison report's and the privacy sweep's
+    runs); returns its setup, the final global model and its round."""
+    run_cfg = OmegaConf.merge(cfg, {"out_dir": str(fed_dir), "resume": False})
+    node_configs = site_node_configs(run_cfg)
+    run_federation_simulation(federation_config(run_cfg, len(node_configs)), node_configs,
+                              num_cpus=cfg.ray.num_cpus, client_num_cpus=cfg.ray.client_num_cpus,
+                              client_num_gpus=cfg.ray.client_num_gpus, ray_address=cfg.ray.address)
+    ckpt = latest_server_checkpoint(fed_dir / "checkpoints")
+    if ckpt is None:
+        raise RuntimeError(f"the federation wrote no checkpoint in {fed_dir / 'checkpoints'}; see {fed_dir / 'server.log'}")
+    state = load_server_checkpoint(ckpt)
+    model = state.setup.init_model()
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.arrays.items()})
+    return state.setup, model, state.round
 
 
 @hydra.main(config_path="../configs", config_name="run", version_base="1.3")

@@ -85,12 +85,12 @@ class Process:
         self._log.close()
 
 
-def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_client(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(CLIENT), *args], cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
-def run_coordinator(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_coordinator(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "server.coordinator", *args], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -122,11 +122,11 @@ def superlink(federation: FederationPaths) -> Iterator[str]:
     proc = Process([sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)],
                    federation.root / "superlink.out")
     try:
-        assert proc.wait_for("Uvicorn running on https://127.0.0.1", 90), proc.output()[-3000:]
+        assert proc.wait_for("Uvicorn running on https://127.0.0.1", 600), proc.output()[-3000:]
         address = f"127.0.0.1:{port}"
         probe_superlink(address, federation.ca_cert, timeout=10)
         result = run_coordinator("register", str(federation.root), *[a for s in SITES for a in ("--site", s)],
-                                 timeout=180)
+                                 timeout=1800)
         assert result.returncode == 0, result.stderr
         assert [ln for ln in result.stdout.splitlines() if ln.startswith("registered")] == \
             [f"registered {s}" for s in SITES]
@@ -152,7 +152,7 @@ def joined(superlink: str, federation: FederationPaths, sites: dict[str, Path],
                                                                           tmp_path / f"state-{name}")],
                                   tmp_path / f"join-{name}.out")
         for name, proc in procs.items():
-            assert proc.wait_for("joined: SuperNode", 120), proc.output()[-3000:]
+            assert proc.wait_for("joined: SuperNode", 600), proc.output()[-3000:]
         yield procs
     finally:
         for proc in procs.values():

@@ -5,7 +5,9 @@ superlink`) and real SuperNodes (started with `python client/client.py join`) on
 127.0.0.1. Every process is started in its own session and killed (SIGTERM, then SIGKILL) in the
 fixtures' teardown, whatever the test did. The end-to-end test runs three tiny synthetic sites
 (a biobank with every modality, a hospital without genomics, a genomics cohort without
-wearables) for two rounds, ~2-3 min on 2 cores. The fixtures and process helpers live in
+wearables) for two rounds, ~2-3 min on 2 cores. The tests that start a SuperLink or time a
+real process are marked slow (`make test-slow`); provisioning and the refusals before any
+connection run in the default suite. The fixtures and process helpers live in
 tests/deploy_fixtures.py (shared with tests/test_faults.py).
 """
 
@@ -23,12 +25,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    Process,
     EXPECTED_GROUPS,
     SITES,
     TINY_RUN,
+    Process,
     check_rounds,
     federation,
     free_port,
@@ -40,12 +41,14 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     sites,
     superlink,
 )
-from client.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, probe_superlink, JoinError
-from server.coordinator import default_run_config, main as coordinator_main
+
+from client.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, JoinError, probe_superlink
+from server.coordinator import main as coordinator_main
+from server.flwr_app import default_run_config
 from server.provision import (
+    FederationPaths,
     ProvisionConfig,
     ProvisionError,
-    FederationPaths,
     cert_hostnames,
     load_cert,
     provision,
@@ -202,6 +205,7 @@ def test_join_refuses_a_broken_site_policy_before_connecting(sites: dict[str, Pa
     assert "cannot reach" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_join_to_an_unreachable_server_fails_fast_in_one_line(sites: dict[str, Path], tmp_path: Path) -> None:
     fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["hospital"])).paths
     t0 = time.monotonic()
@@ -228,6 +232,7 @@ def test_join_to_an_unreachable_server_fails_fast_in_one_line(sites: dict[str, P
             s.close()
 
 
+@pytest.mark.slow
 def test_join_with_the_wrong_certificate_is_refused(superlink: str, sites: dict[str, Path], tmp_path: Path) -> None:
     other = provision(ProvisionConfig(federation_dir=tmp_path / "other", sites=["hospital"])).paths
     result = run_client(*join_args(other, sites["hospital"], "hospital", superlink, tmp_path / "s"))
@@ -236,6 +241,7 @@ def test_join_with_the_wrong_certificate_is_refused(superlink: str, sites: dict[
     assert len(err) == 1 and "does not verify against --root-cert" in err[0], result.stderr
 
 
+@pytest.mark.slow
 def test_a_node_with_an_unregistered_key_cannot_join(superlink: str, federation: FederationPaths,
                                                      sites: dict[str, Path], tmp_path: Path) -> None:
     t0 = time.monotonic()
@@ -250,11 +256,12 @@ def test_a_node_with_an_unregistered_key_cannot_join(superlink: str, federation:
     assert "2004" in (tmp_path / "s" / "supernode.log").read_text()
 
 
+@pytest.mark.slow
 def test_end_to_end_three_sites_two_rounds(joined: dict[str, Process], federation: FederationPaths,
                                            tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = run_coordinator("launch", str(federation.root), "--out-dir", str(out), "--rounds", "2", *TINY_RUN,
-                             "--wait", "--timeout", "420", timeout=480)
+                             "--wait", "--timeout", "1500", timeout=1800)
     assert result.returncode == 0, (result.stdout, result.stderr,
                                     {n: p.output()[-2000:] for n, p in joined.items()})
     assert "finished:completed" in result.stdout

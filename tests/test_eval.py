@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.plots import horizon_auroc_plot, reliability_diagram, training_curves
 from healthfm_core.eval.probes import (
     Features,
-    evaluate_features,
     compute_count_features,
     compute_embeddings,
     count_features,
     cross_fit_logistic,
     evaluate_binary,
+    evaluate_features,
     evaluate_regression,
     fit_logistic_probe,
     fit_ridge_probe,

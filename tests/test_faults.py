@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     CLIENT,
     SITES,
@@ -37,9 +36,11 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     sites,
     superlink,
 )
+
 from server.audit import AUDIT_FILE, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
-from server.coordinator import CONNECTION, read_launches, run_flwr
+from server.coordinator import read_launches
+from server.flwr_control import CONNECTION, run_flwr
 from server.provision import FederationPaths
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deploy_fixtures import Process, free_port
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from deploy_fixtures import Process, free_port
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
@@ -26,8 +26,8 @@ from healthfm_core.model.config import load_model_config
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import AUDIT_FILE, AuditLog, AuditLogError, audit_from_rounds, read_audit_log, verify_audit_log
 from server.checkpoint import META_HASH_FILE, ServerState, load_server_checkpoint, save_server_checkpoint
-from server.coordinator import default_run_config
 from server.coordinator import main as coordinator_main
+from server.flwr_app import default_run_config
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.provision import ProvisionConfig, provision
 from server.server_app import FederationConfig, FederationServer
@@ -100,6 +100,7 @@ def test_superlink_refuses_to_start_without_certificates(tmp_path: Path, capsys:
     assert not (fed.server_dir / "flwr-home" / "config.toml").exists()
 
 
+@pytest.mark.slow  # a real SuperLink process
 def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
     fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
     port = free_port()
@@ -107,7 +108,7 @@ def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
                     "--insecure"], tmp_path / "superlink.out")
     try:
         # Flower's own server comes up on plain http (https with certificates).
-        assert proc.wait_for(f"Uvicorn running on http://127.0.0.1:{port}", 90), proc.output()[-2000:]
+        assert proc.wait_for(f"Uvicorn running on http://127.0.0.1:{port}", 600), proc.output()[-2000:]
         out = proc.output()
         assert "WARNING: --insecure" in out and "without TLS and without SuperNode authentication" in out
         config = (fed.server_dir / "flwr-home" / "config.toml").read_text()

@@ -18,7 +18,7 @@ from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.runner import MethodResult
 from server.server_app import read_events
 from simulations import demo
-from simulations.report import METHODS
+from simulations.report import METHODS, prepare_out_dir
 
 SITES = ("biobank", "hospital", "genomics")
 ROUNDS, LOCAL_STEPS = 2, 3
@@ -118,8 +118,6 @@ def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
 
 
 def test_a_foreign_output_directory_is_refused(tmp_path: Path) -> None:
-    from simulations.report import prepare_out_dir
-
     (tmp_path / "federation").mkdir()
     with pytest.raises(FileExistsError, match="not a previous report run"):
         prepare_out_dir(tmp_path)

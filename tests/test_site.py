@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-
 from conftest import HELD, TRAIN, set_cell
+
 from healthfm_core.data.layout import PRS_PREFIX, WEARABLES_SCHEMA, hash_splits
 from healthfm_core.data.site import Site, SiteDataError, open_site
 

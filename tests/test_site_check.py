@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-
 from conftest import HELD, TRAIN, set_cell
+
 from healthfm_core.data import site_check as site_check_module
 from healthfm_core.data.layout import EPOCH_SECONDS, PRS_PREFIX
 from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteProblem, SiteReport, check_site

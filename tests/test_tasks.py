@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
 from meds import LabelSchema
 
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
 from healthfm_core.data.site import open_site
 from healthfm_core.data.tasks import (
     TASKS,

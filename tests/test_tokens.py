@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-
 from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
+
 from healthfm_core.data.batch import PAD_CODE, UNK_CODE, Batch
 from healthfm_core.data.code_stats import events_code_stats, site_code_stats, wearable_stats
 from healthfm_core.data.layout import EPOCH_US

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import EVENT_SCHEMA, WEAR_SCHEMA, SiteTables, write_site_tables
 from pydantic import ValidationError
 
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, SiteTables, write_site_tables
 from healthfm_core.data.batch import N_SPECIAL_CODES, UNK_CODE
 from healthfm_core.data.code_stats import (
     NumericStats,

@@ -28,10 +28,10 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import ConcatDataset, Dataset
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES, SPLITS
+from healthfm_core.data.prediction_times import PredictionTimesDataset
 from healthfm_core.data.site import Site
 from healthfm_core.data.tasks import (
     OnsetTask,
@@ -42,7 +42,7 @@ from healthfm_core.data.tasks import (
     wear_period_end_times,
     wearable_regression_labels,
 )
-from healthfm_core.data.tokens import PretrainingDataset, Sample, SiteSequences, make_loader, to_us
+from healthfm_core.data.tokens import SiteSequences, make_loader, to_us
 from healthfm_core.eval.metrics import PairedDifference, paired_difference
 from healthfm_core.eval.probes import (
     binary_row,
@@ -59,46 +59,7 @@ from healthfm_core.eval.report import RegressionRow, ResultRow
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- datasets
-
-
-class PooledPretrainingDataset(ConcatDataset):
-    """Several sites' PretrainingDatasets as one (the centralized baseline pools the sites);
-    `set_epoch` reaches every part, so random prediction times change per pass and a resumed
-    run replays the same draws."""
-
-    labelled = False
-
-    def __init__(self, parts: Sequence[PretrainingDataset]) -> None:
-        if not parts:
-            raise ValueError("PooledPretrainingDataset needs at least one site's dataset")
-        super().__init__(list(parts))
-
-    def set_epoch(self, epoch: int) -> None:
-        for part in self.datasets:
-            part.set_epoch(epoch)
-
-
-class PredictionTimesDataset(Dataset):
-    """Unlabelled samples of a site at given (subject_id, prediction_time µs) rows, in order."""
-
-    labelled = False
-
-    def __init__(
-        self, seqs: SiteSequences, subject_ids: np.ndarray, prediction_time_us: np.ndarray,
-        max_events: int, max_patches: int,
-    ) -> None:
-        if len(subject_ids) != len(prediction_time_us):
-            raise ValueError(f"{len(subject_ids)} subject ids but {len(prediction_time_us)} prediction times")
-        self.index = seqs.index_of(subject_ids)
-        self.pt_us = np.asarray(prediction_time_us, dtype=np.int64)
-        self.seqs, self.max_events, self.max_patches = seqs, max_events, max_patches
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> Sample:
-        return self.seqs.sample(int(self.index[i]), int(self.pt_us[i]), self.max_events, self.max_patches)
+# ---------------------------------------------------------------- the test-time ablation and poolings
 
 
 def restrict_modalities(batch: Batch, keep: Iterable[str]) -> Batch:
@@ -594,8 +555,6 @@ __all__ = [
     "MethodResult",
     "POOLINGS",
     "PooledEmbedder",
-    "PooledPretrainingDataset",
-    "PredictionTimesDataset",
     "SiteRows",
     "build_eval_set",
     "build_site_rows",

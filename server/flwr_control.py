@@ -1,0 +1,134 @@
+"""Talking to Flower 1.41 for the coordinator: the `flwr` CLI's connection to this federation's
+SuperLink, and the `flwr` commands (run, ls) it runs as subprocesses.
+
+The `flwr` CLI talks to a SuperLink through a named connection in FLWR_HOME/config.toml (here
+FED/server/flwr-home, connection `healthfm`, with the federation's CA as `root-certificates`):
+`flwr supernode register KEY.pub healthfm` registers a site's public key and
+`flwr run APP_DIR healthfm --run-config FILE.toml` starts a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server.provision import FederationPaths
+
+log = logging.getLogger("healthfm.coordinator")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+CONNECTION = "healthfm"
+FLWR_TIMEOUT_S = 120
+
+
+class CoordinatorError(Exception):
+    """One line for the coordinator, with the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def flwr_home(paths: FederationPaths) -> Path:
+    return paths.server_dir / "flwr-home"
+
+
+def flower_bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def flower_env(paths: FederationPaths) -> dict[str, str]:
+    env = dict(os.environ)
+    # The SuperLink starts `flower-superexec` (and that `flwr-serverapp`) by name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home(paths))
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return env
+
+
+def write_connection(paths: FederationPaths, address: str, insecure: bool) -> Path:
+    """The `flwr` CLI's connection `healthfm` to this federation's SuperLink."""
+    home = flwr_home(paths)
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
+    lines.append("insecure = true" if insecure else f"root-certificates = {json.dumps(str(paths.ca_cert))}")
+    path = home / "config.toml"
+    tmp = path.with_name(".config.toml.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_connection(paths: FederationPaths) -> dict[str, Any]:
+    path = flwr_home(paths) / "config.toml"
+    if not path.is_file():
+        raise CoordinatorError(f"{path} not found: start the SuperLink first (coordinator superlink {paths.root}) "
+                               "or pass --superlink HOST:PORT", EXIT_USAGE)
+    return tomllib.loads(path.read_text())["superlink"][CONNECTION]
+
+
+def run_flwr(paths: FederationPaths, args: Sequence[str], timeout: float = FLWR_TIMEOUT_S) -> subprocess.CompletedProcess:
+    cmd = [flower_bin("flwr"), *args]
+    log.info("running %s", " ".join(cmd))
+    try:
+        return subprocess.run(cmd, env=flower_env(paths), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise CoordinatorError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:g} s") from None
+
+
+def flwr_error(proc: subprocess.CompletedProcess) -> str:
+    """The message inside Flower's boxed error output, on one line."""
+    text = proc.stderr + proc.stdout
+    lines = [ln.strip(" │╭╮╰╯─\t") for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Using SuperLink") and ln != "Error"]
+    return " ".join(lines)[:500] or f"exit {proc.returncode}"
+
+
+def start_run(paths: FederationPaths, app_dir: Path, config_file: Path) -> int:
+    """`flwr run` the app in app_dir with the run config in config_file; the run id."""
+    proc = run_flwr(paths, ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"])
+    if proc.returncode != 0:
+        raise CoordinatorError(f"the SuperLink did not start the run: {flwr_error(proc)}")
+    try:
+        payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+        return int(payload["run-id"])
+    except (ValueError, KeyError) as err:
+        raise CoordinatorError(f"cannot read the run id from `flwr run` ({err}): {proc.stdout[-300:]}") from None
+
+
+def run_status(paths: FederationPaths, run_id: int) -> str:
+    proc = run_flwr(paths, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+    if proc.returncode != 0:
+        raise CoordinatorError(f"cannot read the status of run {run_id}: {flwr_error(proc)}")
+    payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+    runs = payload.get("runs", [])
+    if not runs:
+        raise CoordinatorError(f"the SuperLink knows no run {run_id}")
+    return str(runs[0]["status"])
+
+
+def wait_for_run(paths: FederationPaths, run_id: int, timeout: float, poll: float = 2.0) -> str:
+    """Poll until the run is finished; its final status (e.g. finished:completed)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        status = run_status(paths, run_id)
+        if status != last:
+            print(f"run {run_id}: {status}", flush=True)
+            last = status
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll)
+    raise CoordinatorError(f"run {run_id} not finished after {timeout:g} s (last status {last})")

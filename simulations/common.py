@@ -1,0 +1,104 @@
+"""What the simulation jobs share: the phase clock, the sites, fresh output directories, the
+per-site evaluation rows and the job's results files. Core only: no Flower here, so the
+centralized job (simulations.pretrain) can use it without importing Flower."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from healthfm_core.data.site import Site, open_site
+from healthfm_core.data.synthetic import ScenarioConfig, synthetic_sites
+from healthfm_core.data.tasks import TASKS, OnsetTask, Task
+from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.eval import compare
+from healthfm_core.eval.runner import EvalSet, build_eval_set
+from healthfm_core.files import atomic_write_text
+
+log = logging.getLogger("healthfm.simulations")
+
+
+class Clock:
+    """Wall time per phase: each `lap` closes the phase that began at the previous lap (or at
+    the start). The reports state where the time went."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self._t = self.start
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._t
+        log.info("%s: %.1f s", phase, now - self._t)
+        self._t = now
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def open_sites(
+    scenario: Mapping[str, Any] | DictConfig, data_dir: str | Path, seed: int, n_subjects: int | None,
+    site_roots: Sequence[str | Path] | None = None,
+) -> tuple[dict[str, Site], Path | None, ScenarioConfig | None]:
+    """The sites by name, the ground-truth directory and the scenario. `site_roots` (your own
+    MEDS roots) win: no ground truth then. Otherwise the synthetic federation in data_dir,
+    generated once and reused while scenario, seed and size match."""
+    if site_roots:
+        return {Path(r).resolve().name: open_site(r) for r in site_roots}, None, None
+    if isinstance(scenario, DictConfig):
+        scenario = OmegaConf.to_container(scenario, resolve=True)  # type: ignore[assignment]
+    manifest = synthetic_sites(data_dir, scenario, int(seed), n_subjects)
+    truth = Path(manifest.truth_dir)
+    return ({s.name: open_site(s.root) for s in manifest.sites}, truth,
+            ScenarioConfig.model_validate_json((truth / "scenario.json").read_text()))
+
+
+def clear_previous_runs(out: Path, runs: Sequence[str], markers: Sequence[str], job: str) -> None:
+    """out/<each of runs> must be fresh (the server refuses to overwrite a run): those a previous
+    `job` left (one of `markers` is in out) are removed; anything else there is refused."""
+    previous = any((out / m).is_file() for m in markers)
+    for name in runs:
+        path = out / name
+        if path.exists():
+            if not previous:
+                raise FileExistsError(f"{path} exists but {out} holds no {markers[0]}: not a previous {job}; "
+                                      "choose another out_dir")
+            log.info("removing the previous %s's %s", job, path)
+            shutil.rmtree(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def onset_eval_data(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]) -> dict[str, EvalSet]:
+    """The per-site evaluation rows of the new-onset tasks (`eval.onset_tasks`: "all" or names),
+    one EvalSet per site (compare.split_sites)."""
+    onset = ([k for k, t in TASKS.items() if isinstance(t, OnsetTask)] if cfg.eval.onset_tasks == "all"
+             else list(cfg.eval.onset_tasks))
+    tasks: dict[str, Task] = {k: TASKS[k] for k in onset}
+    data = build_eval_set({n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject),
+                          seed=int(cfg.seed))
+    return compare.split_sites(data)
+
+
+def eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Keyword arguments of compare.evaluate_per_site shared by every regime of a report."""
+    fed = cfg.federation
+    return {"max_events": fed.max_events, "max_patches": fed.max_patches, "batch_size": cfg.eval.batch_size,
+            "n_boot": cfg.eval.n_boot, "seed": int(cfg.seed)}
+
+
+def write_outputs(out: Path, marker: str, dump: dict, name: str, lines: list[str], clock: Clock) -> Path:
+    """The job's JSON results (its marker file: a finished run) and its markdown report."""
+    atomic_write_text(out / marker, json.dumps(dump, indent=1, default=float))
+    path = out / name
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    log.info("%s written to %s (%.1f min)", name, path, clock.total / 60)
+    return path
