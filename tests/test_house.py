@@ -14,13 +14,6 @@ from pathlib import Path
 
 import pytest
 
-# Cycles that exist today outside this change's rooms, being fixed on other branches: each entry
-# is the set of modules of one cycle (a strongly connected component). To be emptied once those
-# fixes are merged; an entry that no longer matches a cycle fails the test, so it cannot linger.
-KNOWN_CYCLES: tuple[frozenset[str], ...] = (
-    frozenset({"simulations.report", "simulations.privacy_sweep"}),
-)
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("healthfm_core", "client", "server", "simulations")
 FORBIDDEN = {
@@ -171,10 +164,7 @@ def test_forbidden_imports(package: str) -> None:
 def test_no_import_cycles() -> None:
     graph = _graph()
     components = _components(graph)
-    new = [c for c in components if frozenset(c) not in KNOWN_CYCLES]
-    gone = [sorted(k) for k in KNOWN_CYCLES if k not in {frozenset(c) for c in components}]
-    assert not new, "import cycles:\n" + "\n".join(" -> ".join(_cycle_in(c, graph)) for c in new)
-    assert not gone, f"KNOWN_CYCLES lists cycles that no longer exist, remove them: {gone}"
+    assert not components, "import cycles:\n" + "\n".join(" -> ".join(_cycle_in(c, graph)) for c in components)
 
 
 def test_cycle_finder_finds_a_cycle() -> None:
