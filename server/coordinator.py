@@ -40,6 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.files import write_flat_toml
+from server.config import FederationConfig, PrivacyRequest, ServerOptimizerConfig
 from server.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -147,12 +148,6 @@ def default_run_config() -> dict[str, str | int | float | bool]:
     """Every key the ServerApp reads from the run config (FederationConfig.from_run_config),
     kebab-case, with FederationConfig's defaults; a Flower run config can only override keys
     its app declares."""
-    from server.server_app import (
-        FederationConfig,
-        PrivacyRequest,
-        ServerOptimizerConfig,
-    )
-
     flat: dict[str, str | int | float | bool] = {}
     for name, field in FederationConfig.model_fields.items():
         key = name.replace("_", "-")
@@ -229,8 +224,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str | int | float | bool]
 
 def check_run_config(config: Mapping[str, str | int | float | bool]) -> None:
     """Refuse a run config the ServerApp would refuse, before anything reaches the SuperLink."""
-    from server.server_app import FederationConfig
-
     known = default_run_config()
     unknown = sorted(set(config) - set(known))
     if unknown:

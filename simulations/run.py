@@ -45,7 +45,8 @@ from client.client_app import make_client_app
 from healthfm_core.data.synthetic import synthetic_sites
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
-from server.server_app import FederationConfig, PrivacyRequest, make_server_app
+from server.config import FederationConfig, PrivacyRequest
+from server.server_app import make_server_app
 from simulations.logs import setup_job_logging
 
 log = logging.getLogger("healthfm.simulations")

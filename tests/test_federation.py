@@ -22,7 +22,9 @@ from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.train.checkpoint import CheckpointError
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
-from server.server_app import FederationConfig, FederationServer, ServerOptimizerConfig, read_events
+from server.config import FederationConfig, ServerOptimizerConfig
+from server.runlog import read_events
+from server.server_app import FederationServer
 from simulations.run import run_federation_simulation
 
 EXPECTED_GROUPS = {

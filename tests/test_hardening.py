@@ -28,7 +28,8 @@ from server.checkpoint import META_HASH_FILE, ServerState, load_server_checkpoin
 from server.coordinator import main as coordinator_main
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.provision import ProvisionConfig, provision
-from server.server_app import FederationConfig, FederationServer
+from server.config import FederationConfig
+from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg
 
 # ---------------------------------------------------------------------------- audit log
