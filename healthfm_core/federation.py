@@ -431,16 +431,17 @@ class TaskMetrics(_Reply):
     """One task's held-out metrics at one site (n: held-out samples). NaN: undefined on that split."""
 
     n: int = Field(ge=1)
-    auroc: float | None = Field(default=None, ge=0, le=1)
-    auprc: float | None = Field(default=None, ge=0, le=1)
-    ece: float | None = Field(default=None, ge=0, le=1)
-    r2: float | None = Field(default=None, le=1)
+    auroc: float | None = None  # each in [0, 1] (r2 at most 1), or NaN
+    auprc: float | None = None
+    ece: float | None = None
+    r2: float | None = None
 
     @field_validator("auroc", "auprc", "ece", "r2")
     @classmethod
-    def _not_infinite(cls, v: float | None) -> float | None:
-        if v is not None and np.isinf(v):
-            raise ValueError("must not be infinite")
+    def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        low = -np.inf if info.field_name == "r2" else 0.0
+        if v is not None and not np.isnan(v) and (np.isinf(v) or not low <= v <= 1.0):
+            raise ValueError(f"must be NaN (undefined) or finite in [{low:g}, 1]")
         return v
 
     @model_validator(mode="after")
