@@ -33,7 +33,15 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.vocab import Vocabulary
@@ -559,17 +567,17 @@ __all__ = [
     "CAPABILITIES",
     "CODE_STATS",
     "EVAL_METRICS",
-    "EvalConfig",
-    "EvalReply",
-    "FederationSetup",
     "METRICS_RECORD",
-    "PrivacySpend",
-    "RoundConfig",
     "SETUP",
     "STATUS_RECORD",
     "STATUS_REFUSED",
-    "SiteCapabilities",
     "TRAIN_LOSSES",
+    "EvalConfig",
+    "EvalReply",
+    "FederationSetup",
+    "PrivacySpend",
+    "RoundConfig",
+    "SiteCapabilities",
     "TaskMetrics",
     "TrainRecords",
     "TrainReply",

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from healthfm_core.data.tasks import TASKS
 from healthfm_core.model.config import ModelConfig, load_model_config
@@ -167,5 +174,11 @@ def resume_conflicts(config: FederationConfig, saved: Mapping[str, Any]) -> list
     return sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
 
 
-__all__ = ["DEFAULT_EVAL_TASKS", "FederationConfig", "PrivacyRequest", "RESUMABLE_CHANGES", "ServerOptimizerConfig",
-           "resume_conflicts"]
+__all__ = [
+    "DEFAULT_EVAL_TASKS",
+    "RESUMABLE_CHANGES",
+    "FederationConfig",
+    "PrivacyRequest",
+    "ServerOptimizerConfig",
+    "resume_conflicts",
+]

@@ -41,7 +41,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from healthfm_core.data.vocab import SiteCodeStats, build_vocabulary
@@ -68,9 +76,15 @@ from server.checkpoint import (
     load_server_checkpoint,
     save_server_checkpoint,
 )
+
 # PrivacyRequest, ServerOptimizerConfig and read_events are re-exported: importers written
 # before server/config.py and server/runlog.py were split off keep working.
-from server.config import FederationConfig, PrivacyRequest, ServerOptimizerConfig, resume_conflicts
+from server.config import (
+    FederationConfig,
+    PrivacyRequest,
+    ServerOptimizerConfig,
+    resume_conflicts,
+)
 from server.limits import default_max_reply_bytes, describe_limits
 from server.runlog import EventLog, message_bytes, read_events, write_summary
 from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -286,7 +294,7 @@ class ModalityAwareFedAvg(FedAvg):
             allowed = self.groups_for_node(node_id, node_groups)
             try:
                 reply = self.parse_reply(msg.content, previous, allowed)
-            except Exception as err:  # noqa: BLE001 - a peer's reply: nothing in it may stop the round
+            except Exception as err:  # a peer's reply: nothing in it may stop the round
                 if not isinstance(err, ValueError):
                     log.exception("round %d: unexpected error parsing node %d's reply", server_round, node_id)
                     err = ValueError(f"invalid reply ({type(err).__name__}: {err})")
@@ -354,7 +362,7 @@ class ModalityAwareFedAvg(FedAvg):
             raise ValueError(f"key {key!r}: dtype {item.dtype} != {expected.dtype}")
         try:
             value = item.numpy()
-        except Exception as err:  # a peer's bytes: anything can be wrong with them
+        except Exception as err:  # noqa: BLE001 - a peer's bytes: anything can be wrong with them
             raise ValueError(f"key {key!r}: undecodable array ({err})") from None
         if value.shape != expected.shape or (value.dtype != expected.dtype and value.dtype != np.float16):
             raise ValueError(f"key {key!r}: payload {value.dtype}{value.shape} does not match its header")

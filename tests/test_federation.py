@@ -17,11 +17,21 @@ import pytest
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig, SiteCapabilities, site_seed
+from healthfm_core.federation import (
+    EvalConfig,
+    FederationSetup,
+    RoundConfig,
+    SiteCapabilities,
+    site_seed,
+)
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.train.checkpoint import CheckpointError
-from server.checkpoint import ARRAYS_FILE, latest_server_checkpoint, load_server_checkpoint
+from server.checkpoint import (
+    ARRAYS_FILE,
+    latest_server_checkpoint,
+    load_server_checkpoint,
+)
 from server.config import FederationConfig, ServerOptimizerConfig
 from server.runlog import read_events
 from server.server_app import FederationServer

@@ -16,18 +16,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
-
 from deploy_fixtures import Process, free_port
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
+
+from client.client_app import train_reply_content
+from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary, site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.federation import FederationSetup
+from healthfm_core.federation import FederationSetup, TrainReply
 from healthfm_core.model.config import load_model_config
 from healthfm_core.train.checkpoint import CheckpointError
-from server.audit import AUDIT_FILE, AuditLog, AuditLogError, audit_from_rounds, read_audit_log, verify_audit_log
-from client.client_app import train_reply_content
-from healthfm_core.federation import TrainReply
+from server.audit import (
+    AUDIT_FILE,
+    AuditLog,
+    AuditLogError,
+    audit_from_rounds,
+    read_audit_log,
+    verify_audit_log,
+)
 from server.checkpoint import (
     ARRAYS_FILE,
     META_HASH_FILE,
@@ -36,10 +51,10 @@ from server.checkpoint import (
     load_server_checkpoint,
     save_server_checkpoint,
 )
+from server.config import FederationConfig
 from server.coordinator import main as coordinator_main
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.provision import ProvisionConfig, provision
-from server.config import FederationConfig
 from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, origin
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from healthfm_core.federation import EvalReply, PrivacySpend, TaskMetrics, TrainReply, aggregate_site_metrics, mean_losses
+from healthfm_core.federation import (
+    EvalReply,
+    PrivacySpend,
+    TaskMetrics,
+    TrainReply,
+    aggregate_site_metrics,
+    mean_losses,
+)
 
 
 def group_of(key: str) -> str:
@@ -93,6 +100,8 @@ def test_eval_reply_round_trips_and_refuses_what_does_not_parse() -> None:
     for bad, named in ((1.5, "onset_t2d_30d.auroc"), (float("inf"), "onset_t2d_30d.auroc")):
         with pytest.raises(ValueError, match=named):
             EvalReply.from_records({**metrics, "onset_t2d_30d.auroc": bad})
+    with pytest.raises(ValueError, match="wearable_resting_hr.r2"):
+        EvalReply.from_records({**metrics, "wearable_resting_hr.r2": float("-inf")})
     with pytest.raises(ValueError, match="unknown task"):
         EvalReply.from_records({**metrics, "onset_nothing_30d.auroc": 0.5, "onset_nothing_30d.n": 3})
     with pytest.raises(ValueError, match="tasks"):

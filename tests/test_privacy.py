@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
@@ -37,7 +46,12 @@ from healthfm_core.federation import (
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.objectives import ObjectiveWeights
-from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, StreamingDPOptimizer
+from healthfm_core.privacy.engine import (
+    DPLocalStep,
+    DPSettings,
+    PoissonBatches,
+    StreamingDPOptimizer,
+)
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from server.strategy import ModalityAwareFedAvg
 
