@@ -5,11 +5,12 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
   query.code_stats    -> ConfigRecord "code-stats"    {"json": SiteCodeStats} (suppressed)
   query.setup         -> ConfigRecord "setup"         {"sha256"}; the setup is kept in the
                          node's Context.state for the run
-  train               -> ArrayRecord "arrays" (the groups trained, less those the site's policy
-                         keeps local) + MetricRecord "metrics" (with DP: dp.epsilon, dp.delta); a
-                         request the policy refuses -> ConfigRecord "status" {status: refused,
-                         reason} + MetricRecord "metrics" (dp.* only), no arrays, no training
-  evaluate            -> MetricRecord "metrics" (held-out metrics per task, small ones withheld)
+  train               -> a TrainReply's records (TrainReply.to_records): ArrayRecord "arrays" (the
+                         groups trained, less those the site's policy keeps local) + MetricRecord
+                         "metrics"; a request the policy refuses -> ConfigRecord "status" + the
+                         MetricRecord, no arrays, no training
+  evaluate            -> an EvalReply's MetricRecord "metrics" (held-out metrics per task, small
+                         ones withheld)
 
 Where the site's data is: the node config key `site-root` (a deployed SuperNode:
 `--node-config "site-root='/data/site' policy='/etc/site/policy.yaml' state-dir='/var/lib/site'"`;
@@ -26,11 +27,28 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
-from healthfm_core.federation import STATUS_RECORD, STATUS_REFUSED, EvalConfig, FederationSetup, RoundConfig
+from healthfm_core.federation import (
+    ARRAYS_RECORD,
+    METRICS_RECORD,
+    STATUS_RECORD,
+    EvalConfig,
+    EvalReply,
+    FederationSetup,
+    RoundConfig,
+    TrainReply,
+)
 
 log = logging.getLogger("healthfm.client")
 
@@ -70,6 +88,22 @@ def _only_record(records: Mapping[str, Any], what: str) -> Any:
     return next(iter(records.values()))
 
 
+def train_reply_content(reply: TrainReply) -> RecordDict:
+    """A TrainReply as the records of a reply message."""
+    arrays, metrics, status = reply.to_records()
+    content = RecordDict({METRICS_RECORD: MetricRecord(metrics)})
+    if arrays is not None:
+        content[ARRAYS_RECORD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    if status is not None:
+        content[STATUS_RECORD] = ConfigRecord(status)
+    return content
+
+
+def eval_reply_content(reply: EvalReply) -> RecordDict:
+    """An EvalReply as the records of a reply message."""
+    return RecordDict({METRICS_RECORD: MetricRecord(reply.to_records())})
+
+
 def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> ClientApp:
     """The ClientApp; `node_configs[partition-id]` overlays each simulated node's config."""
     app = ClientApp()
@@ -104,26 +138,18 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
         site = runtime(context)
         try:
-            out = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+            reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
         except TrainRefused as refused:
-            content = RecordDict({
-                STATUS_RECORD: ConfigRecord({"status": STATUS_REFUSED, "reason": refused.reason}),
-                "metrics": MetricRecord(refused.metrics),
-            })
-            return Message(content, reply_to=msg)
-        out = site.release(out)  # the policy's local groups never leave: filtered last
-        content = RecordDict({
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.arrays.items()}),
-            "metrics": MetricRecord(out.metrics),
-        })
-        return Message(content, reply_to=msg)
+            return Message(train_reply_content(refused.reply), reply_to=msg)
+        reply = site.release(reply)  # the policy's local groups never leave: filtered last
+        return Message(train_reply_content(reply), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = EvalConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
         arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
-        metrics = runtime(context).evaluate(stored_setup(context, cfg.setup_sha256), arrays, cfg)
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        reply = runtime(context).evaluate(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        return Message(eval_reply_content(reply), reply_to=msg)
 
     return app
 

@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +39,22 @@ from healthfm_core.data.tasks import TASKS, WearableTask, task_labels
 from healthfm_core.data.tokens import LabelledDataset, PretrainingDataset, SiteSequences, collate, make_loader
 from healthfm_core.eval.probes import Features, compute_embeddings, evaluate_features
 from healthfm_core.federation import (
-    DP_DELTA,
-    DP_EPSILON,
-    DP_NOISE,
-    LOSS_PREFIX,
     MODALITY_GROUP,
+    TRAIN_LOSSES,
     EvalConfig,
+    EvalReply,
     FederationSetup,
+    PrivacySpend,
     RoundConfig,
     SiteCapabilities,
+    TaskMetrics,
+    TrainReply,
     groups_for_modalities,
     site_seed,
 )
 from healthfm_core.model.groups import group_state_dict, parameter_group
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import LOSS_NAMES
 from healthfm_core.privacy.ledger import LedgerError, PrivacyLedger
-from healthfm_core.privacy.release import releasable_metrics
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
 from healthfm_core.train.trainer import TrainConfig, train_local
 
@@ -97,20 +95,14 @@ class SiteConfig(BaseModel):
         return self.site_name or Path(self.site_root).resolve().name
 
 
-@dataclass
-class TrainOutcome:
-    arrays: dict[str, np.ndarray]  # the trained groups' weights, as they leave the site
-    metrics: dict[str, float]  # num-examples, num-examples.<group>, loss.<name>, timings, dp.*
-
-
 class TrainRefused(Exception):
     """The site's policy refuses this train request: nothing was trained, nothing leaves but
-    the reason and the site's current privacy spend (`metrics`)."""
+    the reason and the site's current privacy spend (`reply`, a refused TrainReply)."""
 
-    def __init__(self, reason: str, metrics: dict[str, float] | None = None) -> None:
+    def __init__(self, reason: str, dp: PrivacySpend | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.metrics = metrics or {}
+        self.reply = TrainReply.refused(reason, dp)
 
 
 class SiteRuntime:
@@ -212,23 +204,23 @@ class SiteRuntime:
                          max_grad_norm=cfg.dp_max_grad_norm, batch_size=cfg.batch_size, steps=cfg.local_steps,
                          planned_steps=cfg.rounds * cfg.local_steps, round=cfg.round, run=setup.sha256[:16])
 
-    def privacy_metrics(self) -> dict[str, float]:
-        """The site's cumulative spend (dp.epsilon, dp.delta), when it has a DP policy and a ledger."""
+    def privacy_spend(self) -> PrivacySpend | None:
+        """The site's cumulative spend (epsilon, delta), when it has a DP policy and a ledger."""
         dp = self.policy.dp if self.policy is not None else None
         if dp is None or self.ledger is None:
-            return {}
+            return None
         try:
             epsilon = self.ledger.epsilon(dp.delta)
         except LedgerError as err:  # no figure to trust; the refusal's reason says why
             log.error("site %s: %s", self.name, err)
-            return {}
-        return {DP_EPSILON: epsilon, DP_DELTA: dp.delta}
+            return None
+        return PrivacySpend(epsilon=epsilon, delta=dp.delta)
 
     def refuse(self, cfg: RoundConfig, reason: str) -> TrainRefused:
         log.warning("site %s round %d: train request refused: %s", self.name, cfg.round, reason)
-        return TrainRefused(reason, self.privacy_metrics())
+        return TrainRefused(reason, self.privacy_spend())
 
-    def train(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: RoundConfig) -> TrainOutcome:
+    def train(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: RoundConfig) -> TrainReply:
         """One round of local training. Raises TrainRefused (nothing trained) when the site's
         policy refuses the request: DP impossible, too few subjects, or the epsilon cap."""
         t0 = time.perf_counter()
@@ -257,7 +249,9 @@ class SiteRuntime:
             seed=seed, progress=False, log_every=cfg.local_steps,
         )
         result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
-        metrics: dict[str, float] = {}
+        losses: dict[str, float] = {}
+        grad_norm = None
+        spend = None  # without DP the update is not private: it carries no epsilon
         if private is not None:
             # Under DP every received group is noised and sent, and the counts are the expected
             # ones (the Poisson draws are private); losses and gradient norms are withheld: the
@@ -268,29 +262,29 @@ class SiteRuntime:
             expected = dp.expected_batch_size * cfg.local_steps
             # A modality group's share: its subject count over the largest (both already public).
             largest = max([1, *self.subject_counts.values()])
-            metrics["num-examples"] = max(1, round(expected))
+            num_examples = max(1, round(expected))
+            group_examples = {}
             for g in trained:
                 share = 1.0 if g == "shared" else self.subject_counts.get(_modality_of(g), 0) / largest
-                metrics[f"num-examples.{g}"] = max(1, round(expected * min(1.0, share)))
-            metrics.update({DP_EPSILON: epsilon, DP_DELTA: dp.delta, DP_NOISE: dp.noise_multiplier})
+                group_examples[g] = max(1, round(expected * min(1.0, share)))
+            spend = PrivacySpend(epsilon=epsilon, delta=dp.delta, noise_multiplier=dp.noise_multiplier)
         else:
             # A group none of this round's samples carried did not train: it is not sent back.
             trained = [g for g in received if result.examples_per_group.get(g, 0) > 0]
-            metrics["num-examples"] = int(result.examples)
-            for g in trained:
-                metrics[f"num-examples.{g}"] = int(result.examples_per_group[g])
+            num_examples = int(result.examples)
+            group_examples = {g: int(result.examples_per_group[g]) for g in trained}
             # Losses on fewer samples than the policy's minimum (samples are distinct subjects within
             # a pass) would describe too few subjects: withheld.
             floor = self.policy.min_subjects if self.policy is not None else 1
             if min(result.examples, len(dataset)) >= floor:
-                for loss in (*LOSS_NAMES, "total"):
+                for loss in TRAIN_LOSSES:
                     values = [h[loss] for h in result.history if loss in h]
                     # An objective with no data here (e.g. alignment at a site without wearables) is 0
                     # at every step: leave it out rather than pull the federation's average towards 0.
                     if values and (loss == "total" or any(v != 0.0 for v in values)):
-                        metrics[LOSS_PREFIX + loss] = float(np.mean(values))
+                        losses[loss] = float(np.mean(values))
                 if result.history and "grad_norm" in result.history[-1]:
-                    metrics["grad-norm"] = float(result.history[-1]["grad_norm"])
+                    grad_norm = float(result.history[-1]["grad_norm"])
             else:
                 log.info("site %s round %d: losses withheld (%d samples < minimum %d subjects)", self.name,
                          cfg.round, min(result.examples, len(dataset)), floor)
@@ -302,29 +296,32 @@ class SiteRuntime:
                 array = array.astype(out_dtype)
             out[name] = array
         last = result.history[-1] if result.history else {}
-        for key in ("rate_min", "rate_max"):
-            if key in last:
-                metrics[key.replace("_", "-")] = float(last[key])
-        metrics["train-seconds"] = float(result.seconds)
-        metrics["client-seconds"] = time.perf_counter() - t0
+        rates = {key: float(last[key]) for key in ("rate_min", "rate_max") if key in last}
+        # Under DP no timing leaves: it grows with the secret Poisson batch sizes (TrainReply refuses it).
+        seconds = {} if private is not None else {"train_seconds": float(result.seconds),
+                                                  "client_seconds": time.perf_counter() - t0}
+        reply = TrainReply(arrays=out, num_examples=num_examples, group_examples=group_examples, losses=losses,
+                           grad_norm=grad_norm, dp=spend, **rates, **seconds)
         log.info("site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s", self.name, cfg.round,
-                 cfg.local_steps, result.examples, metrics.get(LOSS_PREFIX + "total", float("nan")), trained,
-                 f", DP epsilon {metrics[DP_EPSILON]:.4g}" if DP_EPSILON in metrics else "")
-        # Under DP no timing or actual count leaves; without DP no dp.* figure (privacy/release.py).
-        return TrainOutcome(out, releasable_metrics(metrics, private=private is not None))
+                 cfg.local_steps, result.examples, losses.get("total", float("nan")), trained,
+                 f", DP epsilon {spend.epsilon:.4g}" if spend is not None else "")
+        return reply
 
-    def release(self, outcome: TrainOutcome) -> TrainOutcome:
-        """What may leave the site of a training outcome: the groups the policy keeps local are
+    def release(self, reply: TrainReply) -> TrainReply:
+        """What may leave the site of a training reply: the groups the policy keeps local are
         dropped with their counts (called at the last moment, right before the reply)."""
-        if self.policy is None:
-            return outcome
-        kept = sorted({parameter_group(k) for k in outcome.arrays if not self.policy.allows(parameter_group(k))})
-        if kept:
-            log.info("site %s: groups %s stay at the site (policy)", self.name, kept)
-        arrays = {k: v for k, v in outcome.arrays.items() if self.policy.allows(parameter_group(k))}
-        metrics = {k: v for k, v in outcome.metrics.items()
-                   if not (k.startswith("num-examples.") and not self.policy.allows(k[len("num-examples."):]))}
-        return TrainOutcome(arrays, metrics)
+        if self.policy is None or reply.status != "ok":
+            return reply
+        kept = sorted({parameter_group(k) for k in reply.arrays if not self.policy.allows(parameter_group(k))})
+        if not kept:
+            return reply
+        log.info("site %s: groups %s stay at the site (policy)", self.name, kept)
+        arrays = {k: v for k, v in reply.arrays.items() if self.policy.allows(parameter_group(k))}
+        if not arrays:
+            raise ValueError(f"site {self.name}: the policy's groups_allowed {self.policy.groups_allowed} lets none "
+                             f"of the trained groups {reply.groups} leave")
+        counts = {g: n for g, n in reply.group_examples.items() if self.policy.allows(g)}
+        return TrainReply.model_validate({**reply.model_dump(), "arrays": arrays, "group_examples": counts})
 
     # ------------------------------------------------------------------ evaluation
 
@@ -338,7 +335,7 @@ class SiteRuntime:
             self._labels = {key: task_labels(self.site, wanted, seed=seed) if wanted else {}}
         return self._labels[key]
 
-    def evaluate(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: EvalConfig) -> dict[str, float]:
+    def evaluate(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: EvalConfig) -> EvalReply:
         """Frozen probes on the site's own splits (fit on train, C or alpha from tuning, scored on
         held_out). Metrics of a task whose split has fewer subjects than the site's minimum, or a
         single class, are withheld (counted in `withheld`)."""
@@ -346,7 +343,7 @@ class SiteRuntime:
         model = self.model(setup, arrays)
         labels = self.labels(tuple(cfg.tasks), cfg.seed)
         if not labels:
-            return {"num-examples": 0, "tasks": 0, "withheld": 0, "eval-seconds": time.perf_counter() - t0}
+            return EvalReply(eval_seconds=time.perf_counter() - t0)
         # Every task's samples embedded once: tasks share most (subject, prediction_time) pairs.
         union = pa.concat_tables([t.select(["subject_id", "prediction_time"]) for t in labels.values()])
         union = union.group_by(["subject_id", "prediction_time"]).aggregate([])
@@ -359,7 +356,7 @@ class SiteRuntime:
         )
         emb = compute_embeddings(model, loader)
         split_of = self._split_lookup()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, TaskMetrics] = {}
         withheld = 0
         for task, table in labels.items():
             idx = np.array([keys[k] for k in _pair_keys(table)], dtype=np.int64)
@@ -389,14 +386,12 @@ class SiteRuntime:
             row, _ = evaluate_features("federated", task, horizon, parts, regression=isinstance(spec, WearableTask),
                                        n_boot=cfg.n_boot, seed=cfg.seed)
             if isinstance(spec, WearableTask):
-                metrics[f"{task}.r2"] = float(row.r2)
+                metrics[task] = TaskMetrics(n=int(row.n), r2=float(row.r2))
             else:
-                metrics.update({f"{task}.auroc": float(row.auroc), f"{task}.auprc": float(row.auprc),
-                                f"{task}.ece": float(row.ece)})
-            metrics[f"{task}.n"] = int(row.n)
-        metrics.update({"num-examples": int(len(emb)), "tasks": len(labels) - withheld, "withheld": withheld,
-                        "eval-seconds": time.perf_counter() - t0})
-        return metrics
+                metrics[task] = TaskMetrics(n=int(row.n), auroc=float(row.auroc), auprc=float(row.auprc),
+                                            ece=float(row.ece))
+        return EvalReply(tasks=metrics, num_examples=int(len(emb)), withheld=withheld,
+                         eval_seconds=time.perf_counter() - t0)
 
     def _split_lookup(self):
         ids = self.split_ids()

@@ -10,13 +10,17 @@ Exchange (one run):
                       below the site's own minimum subject count, aggregate only)
   query.setup         server -> site: FederationSetup JSON (vocabulary, model config, init seed);
                       the site keeps it for the run and acknowledges its sha256
-  train               server -> site: its groups' arrays + RoundConfig; site -> server: the groups
-                      it trained + MetricRecord (num-examples, num-examples.<group>, loss.<name>;
-                      with DP dp.epsilon / dp.delta, the site's cumulative spend), or - when the
-                      site's policy refuses the request - no arrays, a ConfigRecord "status"
-                      {status: "refused", reason} and the MetricRecord (dp.* only)
-  evaluate            server -> site: its groups' arrays + EvalConfig; site -> server: held-out
-                      metrics per task, those on fewer subjects than the site's minimum withheld
+  train               server -> site: its groups' arrays + RoundConfig; site -> server: a
+                      TrainReply (the groups it trained, counts per group, losses, the site's
+                      cumulative DP spend), or - when the site's policy refuses the request - a
+                      refused TrainReply (reason, DP spend, no arrays)
+  evaluate            server -> site: its groups' arrays + EvalConfig; site -> server: an EvalReply
+                      (held-out metrics per task, those on fewer subjects than the site's minimum
+                      withheld)
+
+A reply's records (RecordDict keys ARRAYS_RECORD, METRICS_RECORD, STATUS_RECORD) are written by
+TrainReply/EvalReply.to_records and read back by from_records; the metric keys of the wire form
+are spelled in this module only.
 """
 
 from __future__ import annotations
@@ -24,32 +28,53 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.model.config import ModelConfig
-from healthfm_core.model.groups import GROUPS
+from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
 
 CAPABILITIES = "query.capabilities"
 CODE_STATS = "query.code_stats"
 SETUP = "query.setup"
 
 MODALITY_GROUP = {"ehr": "ehr", "wearables": "wearables", "genomics": "genomics"}
-LOSS_PREFIX = "loss."
-# A train reply's status (ConfigRecord STATUS_RECORD): a refused request carries no arrays.
+WEIGHT_PREFIX = "weight."
+
+# The records of a reply (RecordDict keys): ArrayRecord, MetricRecord, ConfigRecord (refusals only).
+ARRAYS_RECORD = "arrays"
+METRICS_RECORD = "metrics"
 STATUS_RECORD = "status"
 STATUS_REFUSED = "refused"
-DP_EPSILON = "dp.epsilon"  # cumulative epsilon of the site (every round of every run)
-DP_DELTA = "dp.delta"
-DP_NOISE = "dp.noise-multiplier"
-WEIGHT_PREFIX = "weight."
+
+# Metric keys of the wire form (MetricRecord), private to this module: everything else reads the
+# typed fields of TrainReply / EvalReply.
+_NUM_EXAMPLES = "num-examples"  # also Flower FedAvg's weighted_by_key
+_GROUP_PREFIX = "num-examples."
+_LOSS_PREFIX = "loss."
+_DP_FIELDS = {"dp.epsilon": "epsilon", "dp.delta": "delta", "dp.noise-multiplier": "noise_multiplier"}
+_TRAIN_SCALARS = {"grad-norm": "grad_norm", "rate-min": "rate_min", "rate-max": "rate_max",
+                  "train-seconds": "train_seconds", "client-seconds": "client_seconds"}
+_EVAL_SCALARS = {"num-examples": "num_examples", "withheld": "withheld", "eval-seconds": "eval_seconds"}
+_EVAL_TASK_COUNT = "tasks"
+# The loss names a site may report: every objective and their weighted total.
+TRAIN_LOSSES = (*LOSS_NAMES, "total")
 
 
 def groups_for_modalities(modalities: Sequence[str]) -> list[str]:
@@ -193,13 +218,321 @@ class EvalConfig(_Strict):
         return cls.model_validate(_unflat(record, list(cls.model_fields)))
 
 
+# ------------------------------------------------------------------------------------- replies
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=1)]
+
+
+class _Reply(BaseModel):
+    # strict: a peer's 2.0 is not a count, its "1.5" not a loss; arrays are numpy arrays.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True)
+
+
+class PrivacySpend(_Reply):
+    """A site's cumulative DP spend (its durable ledger: every round of every run at the site).
+    `noise_multiplier` is set only when this round trained under DP."""
+
+    epsilon: float = Field(ge=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+class TrainRecords(NamedTuple):
+    """A TrainReply as plain structures (the ClientApp wraps them into Flower records)."""
+
+    arrays: dict[str, np.ndarray] | None  # ArrayRecord ARRAYS_RECORD; None: no ArrayRecord (refused)
+    metrics: dict[str, int | float]  # MetricRecord METRICS_RECORD
+    status: dict[str, str] | None  # ConfigRecord STATUS_RECORD; None: no status record (trained)
+
+
+class TrainReply(_Reply):
+    """A site's answer to a train message: the groups it trained with their example counts, or a
+    refusal by its policy (a reason, no arrays).
+
+    Validated wherever it is built (the site) and parsed (the server, `from_records`): every
+    group of `arrays` has its count in `group_examples` and no count lacks arrays; counts are
+    positive integers; losses are known names with finite values; floating-point arrays are
+    finite. The mapping key -> group is `parameter_group` unless the validation context gives
+    another `group_of` (tests with synthetic keys).
+    """
+
+    status: Literal["ok", "refused"] = "ok"
+    reason: str = ""  # refused only: the policy's reason
+    arrays: dict[str, np.ndarray] = Field(default_factory=dict)  # state_dict key -> trained value
+    num_examples: int = Field(default=0, ge=0)  # samples of this round (FedAvg's weight)
+    group_examples: dict[str, Count] = Field(default_factory=dict)  # group -> samples carrying it
+    losses: dict[str, FiniteFloat] = Field(default_factory=dict)  # TRAIN_LOSSES name -> mean
+    grad_norm: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    rate_min: float | None = Field(default=None, allow_inf_nan=False)  # decay rates' range (last step)
+    rate_max: float | None = Field(default=None, allow_inf_nan=False)
+    train_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    client_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    dp: PrivacySpend | None = None
+
+    @classmethod
+    def refused(cls, reason: str, dp: PrivacySpend | None = None) -> TrainReply:
+        return cls(status=STATUS_REFUSED, reason=reason, dp=dp)
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted(self.group_examples)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> TrainReply:
+        if self.status == STATUS_REFUSED:
+            if not self.reason:
+                raise ValueError("a refused train reply needs a reason")
+            trained = {"arrays": self.arrays, "num_examples": self.num_examples,
+                       "group_examples": self.group_examples, "losses": self.losses}
+            carried = [name for name, value in trained.items() if value]
+            if carried:
+                raise ValueError(f"a refused train reply carries no training results, got {carried}")
+            return self
+        if self.reason:
+            raise ValueError(f"reason {self.reason!r} given on a reply that is not refused")
+        if self.dp is not None and self.dp.noise_multiplier is None:
+            # A figure of epsilon beside a non-private update would claim a guarantee it lacks.
+            raise ValueError("an update trained without DP carries no privacy spend (dp.noise-multiplier missing)")
+        if self.dp is not None:
+            # The DP guarantee covers the weights (and the public expected counts), nothing else:
+            # losses, gradient norms and timings (which grow with the secret Poisson batch sizes)
+            # stay at the site.
+            leaked = [name for name in ("losses", "grad_norm", "train_seconds", "client_seconds")
+                      if getattr(self, name)]
+            if leaked:
+                raise ValueError(f"a DP update carries no {', '.join(leaked)}: only weights, expected counts, the "
+                                 "decay-rate range and the privacy spend leave a DP site")
+        if not self.arrays:
+            raise ValueError("a train reply holds at least one trained group's arrays (none given)")
+        if self.num_examples < 1:
+            raise ValueError(f"field {_NUM_EXAMPLES}: value {self.num_examples}: must be >= 1")
+        unknown = sorted(set(self.losses) - set(TRAIN_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown loss {_LOSS_PREFIX}{unknown[0]} (known: {', '.join(TRAIN_LOSSES)})")
+        group_of = (info.context or {}).get("group_of", parameter_group)
+        groups: dict[str, str] = {}
+        for key, value in self.arrays.items():
+            try:
+                group = group_of(key)
+            except KeyError:
+                raise ValueError(f"array {key!r}: belongs to no parameter group") from None
+            if group not in GROUPS:
+                raise ValueError(f"array {key!r}: group {group!r} is not one of {list(GROUPS)}")
+            if value.dtype.kind not in "fiub":
+                raise ValueError(f"array {key!r}: dtype {value.dtype} is not numeric")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"array {key!r}: NaN or Inf values")
+            groups.setdefault(group, key)
+        for group, key in sorted(groups.items()):
+            if group not in self.group_examples:
+                raise ValueError(f"field {_GROUP_PREFIX}{group}: missing (the reply holds {group!r} arrays, "
+                                 f"e.g. {key!r})")
+        for group in sorted(self.group_examples):
+            if group not in groups:
+                raise ValueError(f"field {_GROUP_PREFIX}{group}: value {self.group_examples[group]}: a count for "
+                                 "a group the reply holds no arrays of")
+        return self
+
+    # ---------------------------------------------------------------- wire form
+
+    def to_records(self) -> TrainRecords:
+        metrics: dict[str, int | float] = {}
+        if self.status == "ok":
+            metrics[_NUM_EXAMPLES] = self.num_examples
+            metrics.update({_GROUP_PREFIX + g: n for g, n in sorted(self.group_examples.items())})
+            metrics.update({_LOSS_PREFIX + name: v for name, v in self.losses.items()})
+            for key, name in _TRAIN_SCALARS.items():
+                if (value := getattr(self, name)) is not None:
+                    metrics[key] = value
+        if self.dp is not None:
+            for key, name in _DP_FIELDS.items():
+                if (value := getattr(self.dp, name)) is not None:
+                    metrics[key] = value
+        if self.status == STATUS_REFUSED:
+            return TrainRecords(None, metrics, {"status": STATUS_REFUSED, "reason": self.reason})
+        return TrainRecords(dict(self.arrays), metrics, None)
+
+    @classmethod
+    def from_records(
+        cls,
+        arrays: Mapping[str, np.ndarray] | None,
+        metrics: Mapping[str, Any],
+        status: Mapping[str, Any] | None = None,
+        *,
+        group_of: Callable[[str], str] = parameter_group,
+    ) -> TrainReply:
+        """Parse a peer's reply; raise ValueError naming the field and value that does not parse."""
+        data: dict[str, Any] = {}
+        if status is not None:
+            extra = sorted(set(status) - {"status", "reason"})
+            if extra:
+                raise ValueError(f"train reply: unknown status field {extra[0]!r}")
+            if status.get("status") != STATUS_REFUSED:
+                raise ValueError(f"train reply: field status: value {status.get('status')!r}: expected "
+                                 f"{STATUS_REFUSED!r} (a reply that trained carries no status record)")
+            data.update(status=STATUS_REFUSED, reason=status.get("reason"))
+            if arrays:
+                raise ValueError(f"train reply: refused but carries {len(arrays)} arrays")
+        elif arrays is None:
+            raise ValueError("train reply: no arrays and no refusal status")
+        else:
+            data["arrays"] = dict(arrays)
+        groups: dict[str, Any] = {}
+        losses: dict[str, Any] = {}
+        dp: dict[str, Any] = {}
+        for key, value in metrics.items():
+            if key == _NUM_EXAMPLES:
+                data["num_examples"] = value
+            elif key.startswith(_GROUP_PREFIX):
+                groups[key[len(_GROUP_PREFIX):]] = value
+            elif key.startswith(_LOSS_PREFIX):
+                losses[key[len(_LOSS_PREFIX):]] = value
+            elif key in _DP_FIELDS:
+                dp[_DP_FIELDS[key]] = value
+            elif key in _TRAIN_SCALARS:
+                data[_TRAIN_SCALARS[key]] = value
+            else:
+                raise ValueError(f"train reply: unknown metric {key!r} (value {value!r})")
+        unknown = sorted(set(groups) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"train reply: field {_GROUP_PREFIX}{unknown[0]}: unknown group")
+        if data.get("status") != STATUS_REFUSED and _NUM_EXAMPLES not in metrics:
+            raise ValueError(f"train reply: field {_NUM_EXAMPLES}: missing")
+        if groups:
+            data["group_examples"] = groups
+        if losses:
+            data["losses"] = losses
+        if dp:
+            data["dp"] = dp
+        return _validate(cls, data, group_of=group_of, wire=_train_wire_name)
+
+
+def _train_wire_name(loc: tuple[Any, ...]) -> str:
+    """The wire key of a TrainReply field location (for error messages)."""
+    head, rest = (str(loc[0]), loc[1:]) if loc else ("", ())
+    if head == "group_examples" and rest:
+        return _GROUP_PREFIX + str(rest[0])
+    if head == "losses" and rest:
+        return _LOSS_PREFIX + str(rest[0])
+    if head == "dp" and rest:
+        return next((k for k, v in _DP_FIELDS.items() if v == rest[0]), f"dp.{rest[0]}")
+    if head == "arrays" and rest:
+        return f"array {rest[0]!r}"
+    if head == "num_examples":
+        return _NUM_EXAMPLES
+    return next((k for k, v in _TRAIN_SCALARS.items() if v == head), head)
+
+
+def _validate(cls: type[BaseModel], data: dict[str, Any], *, wire: Callable[[tuple[Any, ...]], str],
+              group_of: Callable[[str], str] = parameter_group) -> Any:
+    """cls.model_validate(data), a failure as one ValueError naming the wire field and value."""
+    try:
+        return cls.model_validate(data, context={"group_of": group_of})
+    except ValidationError as err:
+        first = err.errors()[0]
+        what = "train reply" if cls is TrainReply else "evaluate reply"
+        loc = tuple(first.get("loc", ()))
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        if not loc:  # a model-level check: its message names the field
+            raise ValueError(f"{what}: {msg}") from None
+        value = first.get("input")
+        shown = f"array {value.dtype}{value.shape}" if isinstance(value, np.ndarray) else repr(value)[:80]
+        raise ValueError(f"{what}: field {wire(loc)}: value {shown}: {msg}") from None
+
+
 # Per-task metric names in an evaluate reply: "<task>.<metric>"; "<task>.n" is the held-out sample
 # count used to weight the server's average.
 EVAL_METRICS = ("auroc", "auprc", "ece", "r2")
+_TASK_N = "n"
 
 
-def aggregate_site_metrics(per_site: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """n-weighted mean over sites of each "<task>.<metric>" (weight "<task>.n"); "<task>.n" sums.
+class TaskMetrics(_Reply):
+    """One task's held-out metrics at one site (n: held-out samples). NaN: undefined on that split."""
+
+    n: int = Field(ge=1)
+    auroc: float | None = None  # each in [0, 1] (r2 at most 1), or NaN
+    auprc: float | None = None
+    ece: float | None = None
+    r2: float | None = None
+
+    @field_validator("auroc", "auprc", "ece", "r2")
+    @classmethod
+    def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        low = -np.inf if info.field_name == "r2" else 0.0
+        if v is not None and not np.isnan(v) and (np.isinf(v) or not low <= v <= 1.0):
+            raise ValueError(f"must be NaN (undefined) or finite in [{low:g}, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _some_metric(self) -> TaskMetrics:
+        if all(getattr(self, m) is None for m in EVAL_METRICS):
+            raise ValueError(f"no metric among {', '.join(EVAL_METRICS)}")
+        return self
+
+
+class EvalReply(_Reply):
+    """A site's answer to an evaluate message: held-out metrics per task; tasks on too few
+    subjects (or a single class) are only counted in `withheld`."""
+
+    tasks: dict[str, TaskMetrics] = Field(default_factory=dict)
+    num_examples: int = Field(default=0, ge=0)  # samples embedded
+    withheld: int = Field(default=0, ge=0)
+    eval_seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: dict[str, TaskMetrics]) -> dict[str, TaskMetrics]:
+        unknown = sorted(set(v) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}")
+        return v
+
+    def to_records(self) -> dict[str, int | float]:
+        """The MetricRecord METRICS_RECORD of the reply (also the per-site form in rounds.jsonl)."""
+        out: dict[str, int | float] = {}
+        for task, m in self.tasks.items():
+            out.update({f"{task}.{name}": v for name in EVAL_METRICS if (v := getattr(m, name)) is not None})
+            out[f"{task}.{_TASK_N}"] = m.n
+        out.update({key: getattr(self, name) for key, name in _EVAL_SCALARS.items()})
+        out[_EVAL_TASK_COUNT] = len(self.tasks)
+        return out
+
+    @classmethod
+    def from_records(cls, metrics: Mapping[str, Any]) -> EvalReply:
+        """Parse a peer's metrics; raise ValueError naming the field and value that does not parse."""
+        data: dict[str, Any] = {}
+        tasks: dict[str, dict[str, Any]] = {}
+        count = None
+        for key, value in metrics.items():
+            task, _, name = key.rpartition(".")
+            if key in _EVAL_SCALARS:
+                data[_EVAL_SCALARS[key]] = value
+            elif key == _EVAL_TASK_COUNT:
+                count = value
+            elif task and (name in EVAL_METRICS or name == _TASK_N):
+                tasks.setdefault(task, {})[name] = value
+            else:
+                raise ValueError(f"evaluate reply: unknown metric {key!r} (value {value!r})")
+        data["tasks"] = tasks
+        reply = _validate(cls, data, wire=_eval_wire_name)
+        if count is not None and count != len(reply.tasks):
+            raise ValueError(f"evaluate reply: field {_EVAL_TASK_COUNT}: value {count!r}: the reply holds "
+                             f"{len(reply.tasks)} tasks")
+        return reply
+
+
+def _eval_wire_name(loc: tuple[Any, ...]) -> str:
+    if len(loc) >= 3 and loc[0] == "tasks":
+        return f"{loc[1]}.{loc[2]}"
+    if len(loc) == 2 and loc[0] == "tasks":
+        return f"{loc[1]}.*"
+    head = str(loc[0]) if loc else ""
+    return next((k for k, v in _EVAL_SCALARS.items() if v == head), head)
+
+
+def aggregate_site_metrics(per_site: Mapping[str, EvalReply]) -> dict[str, float]:
+    """n-weighted mean over sites of each "<task>.<metric>" (weight n); "<task>.n" sums.
 
     An n-weighted mean of per-site AUROCs is not the AUROC of the pooled data (that needs the
     scores, which never leave a site); it is what a federation can compute from site summaries.
@@ -207,40 +540,62 @@ def aggregate_site_metrics(per_site: Mapping[str, Mapping[str, float]]) -> dict[
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     counts: dict[str, float] = {}
-    for metrics in per_site.values():
-        for key, value in metrics.items():
-            task, _, name = key.rpartition(".")
-            if not task or name not in EVAL_METRICS or not np.isfinite(value):
-                continue
-            n = float(metrics.get(f"{task}.n", 0.0))
-            if n <= 0:
-                continue
-            sums[key] = sums.get(key, 0.0) + n * float(value)
-            weights[key] = weights.get(key, 0.0) + n
-        for key, value in metrics.items():
-            if key.endswith(".n"):
-                counts[key] = counts.get(key, 0.0) + float(value)
+    for reply in per_site.values():
+        for task, m in reply.tasks.items():
+            for name in EVAL_METRICS:
+                value = getattr(m, name)
+                if value is None or not np.isfinite(value):
+                    continue
+                key = f"{task}.{name}"
+                sums[key] = sums.get(key, 0.0) + m.n * float(value)
+                weights[key] = weights.get(key, 0.0) + m.n
+            key = f"{task}.{_TASK_N}"
+            counts[key] = counts.get(key, 0.0) + float(m.n)
     out = {k: sums[k] / weights[k] for k in sorted(sums)}
     out.update({k: counts[k] for k in sorted(counts)})
     return out
 
 
+def mean_losses(replies: Iterable[TrainReply]) -> dict[str, float]:
+    """Per loss, the mean over the replies reporting it, weighted by their num_examples (a site
+    that reports no alignment loss does not pull the federation's towards 0)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for reply in replies:
+        for name, value in reply.losses.items():
+            sums[name] = sums.get(name, 0.0) + reply.num_examples * value
+            weights[name] = weights.get(name, 0.0) + reply.num_examples
+    return {name: sums[name] / weights[name] for name in sorted(sums)}
+
+
+def round_metrics(num_examples: int, losses: Mapping[str, float]) -> dict[str, int | float]:
+    """A round's aggregated train metrics in the wire form (the MetricRecord Flower's start()
+    loop logs): the examples averaged and the mean losses."""
+    return {_NUM_EXAMPLES: num_examples, **{_LOSS_PREFIX + name: v for name, v in losses.items()}}
+
+
 __all__ = [
+    "ARRAYS_RECORD",
     "CAPABILITIES",
     "CODE_STATS",
     "EVAL_METRICS",
-    "EvalConfig",
-    "FederationSetup",
-    "DP_DELTA",
-    "DP_EPSILON",
-    "DP_NOISE",
-    "LOSS_PREFIX",
-    "RoundConfig",
+    "METRICS_RECORD",
     "SETUP",
     "STATUS_RECORD",
     "STATUS_REFUSED",
+    "TRAIN_LOSSES",
+    "EvalConfig",
+    "EvalReply",
+    "FederationSetup",
+    "PrivacySpend",
+    "RoundConfig",
     "SiteCapabilities",
+    "TaskMetrics",
+    "TrainRecords",
+    "TrainReply",
     "aggregate_site_metrics",
     "groups_for_modalities",
+    "mean_losses",
+    "round_metrics",
     "site_seed",
 ]

@@ -1,54 +1,60 @@
 """Server checkpoints: everything a federation needs to continue as if it had never stopped.
 
-One checkpoint per completed round, written with the training checkpoint format of
-healthfm_core.train.checkpoint (so atomic, every file with its sha256, verified on load):
+One checkpoint per completed round, plain arrays and JSON (no model is built to write or read one):
 
-    model.safetensors   the global arrays (the model's state_dict after the round)
-    optimizer.pt        the strategy's state (server-optimiser moments), {name: tensor}
-    checkpoint.json     step = the round completed; config = the run config; extra = the
-                        federation setup (vocabulary, model config, init seed), Python's and
-                        torch's RNG states and the run's identity
-    checkpoint.json.sha256  the sha256 of checkpoint.json (which holds the other files' hashes),
-                        so that every byte of the checkpoint is covered by a hash
+    arrays.safetensors      the global arrays (state_dict keys), bit for bit
+    strategy.safetensors    the strategy's state (server-optimiser moments; may be empty)
+    checkpoint.json         format/version, the round completed, the run config, the federation
+                            setup (vocabulary, model config, init seed), Python's and torch's RNG
+                            states, and the sha256 and size of each file above
+    checkpoint.json.sha256  the sha256 of checkpoint.json, so that every byte of the checkpoint is
+                            covered by a hash
 
-Loading verifies every hash before reading anything; a corrupted, truncated or incomplete
-checkpoint is refused with one line naming the file (CheckpointError), never loaded, and never
-silently replaced by an older one.
+A checkpoint is written into a temporary sibling directory and renamed into place. Loading
+verifies every hash before reading anything; a corrupted, truncated or incomplete checkpoint is
+refused with one line naming the file (CheckpointError), never loaded, and never silently
+replaced by an older one.
 
 Directories are named step-NNNNNNNN after the round, under OUT_DIR/checkpoints/.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import random
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.numpy import load_file, save_file
 
 from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
 from healthfm_core.train.checkpoint import (
-    META_FILE,
     CheckpointError,
-    TrainState,
     checkpoint_name,
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
-    read_checkpoint_meta,
-    save_checkpoint,
     sha256_file,
 )
 
 log = logging.getLogger("healthfm.server")
 
-KIND = "healthfm-server"
+FORMAT = "healthfm-server-checkpoint"
+VERSION = 2  # 1: the training checkpoint format (model.safetensors, optimizer.pt)
+ARRAYS_FILE = "arrays.safetensors"
+STRATEGY_FILE = "strategy.safetensors"
+META_FILE = "checkpoint.json"
 META_HASH_FILE = META_FILE + ".sha256"
+_DATA_FILES = (ARRAYS_FILE, STRATEGY_FILE)
 
 
 @dataclass
@@ -64,6 +70,27 @@ class ServerState:
     torch_random: torch.Tensor | None = None
 
 
+class _FileRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class ServerCheckpointMeta(BaseModel):
+    """checkpoint.json, validated on load (it is read from disk)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str
+    version: int
+    round: int = Field(ge=0)
+    run_config: dict[str, Any]
+    setup: FederationSetup
+    setup_sha256: str
+    python_random: list[Any]
+    torch_random: str | None  # base64 of torch.get_rng_state()
+    files: dict[str, _FileRecord]
+
+
 def _random_state_to_json(state: Any) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
@@ -74,30 +101,51 @@ def _random_state_from_json(data: list) -> Any:
     return (version, tuple(internal), gauss)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
 def save_server_checkpoint(root: str | Path, state: ServerState, keep: int = 2) -> Path:
     """Write ROOT/step-<round> atomically and keep the `keep` most recent checkpoints."""
-    model = state.setup.init_model()
-    keys = set(model.state_dict())
-    if keys != set(state.arrays):
-        raise CheckpointError(
-            f"global arrays do not fit the model of the setup (missing {sorted(keys - set(state.arrays))[:3]}, "
-            f"unexpected {sorted(set(state.arrays) - keys)[:3]})"
+    root = Path(root)
+    path = root / checkpoint_name(state.round)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=root))
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.arrays.items()}, str(tmp / ARRAYS_FILE))
+        save_file({k: np.ascontiguousarray(v) for k, v in state.strategy.items()}, str(tmp / STRATEGY_FILE))
+        rng = state.torch_random if state.torch_random is not None else torch.get_rng_state()
+        meta = ServerCheckpointMeta(
+            format=FORMAT, version=VERSION, round=state.round, run_config=state.run_config, setup=state.setup,
+            setup_sha256=state.setup.sha256,
+            python_random=_random_state_to_json(state.python_random or random.getstate()),
+            torch_random=base64.b64encode(rng.numpy().tobytes()).decode("ascii"),
+            files={name: _FileRecord(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
+                   for name in _DATA_FILES},
         )
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.arrays.items()})
-    train_state = TrainState(
-        step=state.round,
-        optimizer={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.strategy.items()},
-        rng_cpu=state.torch_random if state.torch_random is not None else torch.get_rng_state(),
-    )
-    extra = {
-        "kind": KIND,
-        "setup": state.setup.model_dump(mode="json"),
-        "setup_sha256": state.setup.sha256,
-        "python_random": _random_state_to_json(state.python_random or random.getstate()),
-    }
-    path = save_checkpoint(Path(root) / checkpoint_name(state.round), model, train_state,
-                           config=state.run_config, extra=extra)
-    _write_meta_hash(path)
+        (tmp / META_FILE).write_text(meta.model_dump_json(indent=1), encoding="utf-8")
+        for name in (*_DATA_FILES, META_FILE):
+            _fsync(tmp / name)
+        _write_meta_hash(tmp)
+        # A directory cannot be renamed over a non-empty one: move the old one aside first.
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("server checkpoint after round %d written to %s", state.round, path)
     prune_checkpoints(root, keep)
     return path
 
@@ -147,28 +195,47 @@ def load_server_checkpoint(path: str | Path) -> ServerState:
 
 def _load_server_checkpoint(path: Path) -> ServerState:
     _verify_meta_hash(path)
-    meta = read_checkpoint_meta(path)  # verifies every other file's sha256
-    if meta.extra.get("kind") != KIND:
-        raise CheckpointError(f"{path}: not a server checkpoint (extra.kind is {meta.extra.get('kind')!r})")
+    meta_path = path / META_FILE
     try:
-        setup = FederationSetup.model_validate(meta.extra["setup"])
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: field extra.setup is missing or invalid: {err}") from None
-    if setup.sha256 != meta.extra.get("setup_sha256"):
-        raise CheckpointError(f"{path}: field extra.setup does not match extra.setup_sha256")
-    model = setup.init_model()
-    ckpt = load_checkpoint(path, model)
-    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    strategy = {k: v.numpy().copy() for k, v in (ckpt.state.optimizer or {}).items()}
+        meta = ServerCheckpointMeta.model_validate_json(meta_path.read_text(encoding="utf-8"))
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: invalid checkpoint metadata: {exc}") from exc
+    if meta.format != FORMAT or meta.version != VERSION:
+        raise CheckpointError(f"{meta_path}: field format/version is {meta.format!r}/{meta.version}, expected "
+                              f"{FORMAT!r}/{VERSION}")
+    if meta.setup.sha256 != meta.setup_sha256:
+        raise CheckpointError(f"{meta_path}: field setup does not match field setup_sha256")
+    for name in _DATA_FILES:
+        record = meta.files.get(name)
+        if record is None:
+            raise CheckpointError(f"{meta_path}: field files has no entry for {name}")
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {META_FILE} but missing")
+        digest = sha256_file(file)
+        if digest != record.sha256:
+            raise CheckpointError(f"{file}: corrupted (sha256 {digest[:16]}... does not match "
+                                  f"{record.sha256[:16]}... recorded in {META_FILE})")
+    arrays, strategy = (_read_arrays(path / name) for name in _DATA_FILES)
+    torch_random = None
+    if meta.torch_random is not None:
+        torch_random = torch.frombuffer(bytearray(base64.b64decode(meta.torch_random)), dtype=torch.uint8).clone()
     return ServerState(
-        round=ckpt.step,
+        round=meta.round,
         arrays=arrays,
         strategy=strategy,
-        setup=setup,
-        run_config=ckpt.config,
-        python_random=_random_state_from_json(meta.extra["python_random"]),
-        torch_random=ckpt.state.rng_cpu,
+        setup=meta.setup,
+        run_config=meta.run_config,
+        python_random=_random_state_from_json(meta.python_random),
+        torch_random=torch_random,
     )
+
+
+def _read_arrays(file: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise CheckpointError(f"{file}: unreadable arrays ({exc})") from exc
 
 
 def latest_server_checkpoint(root: str | Path) -> Path | None:

@@ -15,9 +15,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from healthfm_core.files import write_flat_toml
+from server.config import FederationConfig, PrivacyRequest, ServerOptimizerConfig
 from server.flwr_control import EXIT_INTERNAL, EXIT_USAGE, CoordinatorError
 from server.provision import FederationPaths
-from server.server_app import FederationConfig, PrivacyRequest, ServerOptimizerConfig
 
 APP_NAME = "healthfm-federation"
 

@@ -2,7 +2,7 @@
 
 Round 0 (every run, resumed or not):
   1. capabilities query: each site's modalities and subject counts -> the groups it trains
-     (ModalityAwareFedAvg.node_groups);
+     (FederationServer.node_groups);
   2. vocabulary agreement (fresh runs): each site's SiteCodeStats (aggregates, already suppressed
      below the site's minimum) -> build_vocabulary -> FederationSetup (vocabulary, model config,
      init seed); a resumed run takes the setup from its checkpoint instead;
@@ -24,15 +24,15 @@ site's own policy still decides (client/site_runtime.py: the larger noise of the
 server's wins, a site without a DP budget or over its cap refuses the round); each site's reported
 cumulative epsilon is logged per round (rounds.jsonl `sites.<site>.dp`, `epsilon`) and summarised.
 
-Simulation passes a FederationConfig to make_server_app(); a deployed run (`flwr run`) builds
-one from the run config (FederationConfig.from_run_config).
+Simulation passes a FederationConfig (server/config.py) to make_server_app(); a deployed run
+(`flwr run`) builds one from the run config (FederationConfig.from_run_config). The run's record
+on disk (rounds.jsonl, summary.md) is written by server/runlog.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -51,35 +51,23 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 
 from healthfm_core.data.code_stats import SiteCodeStats
-from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import (
     CAPABILITIES,
     CODE_STATS,
-    DP_DELTA,
-    DP_EPSILON,
-    DP_NOISE,
-    LOSS_PREFIX,
+    METRICS_RECORD,
     SETUP,
     EvalConfig,
+    EvalReply,
     FederationSetup,
     RoundConfig,
     SiteCapabilities,
+    TrainReply,
     aggregate_site_metrics,
 )
 from healthfm_core.files import atomic_write_text
-from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.objectives import curriculum_weights
 from server.audit import AUDIT_FILE, AuditLog
@@ -89,199 +77,39 @@ from server.checkpoint import (
     load_server_checkpoint,
     save_server_checkpoint,
 )
-from server.limits import (
-    DEFAULT_REPLY_SIZE_MARGIN,
-    default_max_reply_bytes,
-    describe_limits,
+
+# PrivacyRequest, ServerOptimizerConfig and read_events are re-exported: importers written
+# before server/config.py and server/runlog.py were split off keep working.
+from server.config import (
+    FederationConfig,
+    PrivacyRequest,
+    ServerOptimizerConfig,
+    resume_conflicts,
 )
-from server.strategy import COUNT_PREFIX, GroupAdam, ModalityAwareFedAvg
+from server.limits import default_max_reply_bytes, describe_limits
+from server.runlog import EventLog, message_bytes, read_events, write_summary
+from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin
 
 log = logging.getLogger("healthfm.server")
-
-DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
-# Config keys a resumed run may change; any other difference from the checkpoint's is refused.
-RESUMABLE_CHANGES = {"rounds", "resume", "stop_after_round", "out_dir", "timeout_s", "evaluate_every",
-                     "eval_tasks", "eval_n_boot", "keep_checkpoints", "min_nodes", "max_reply_bytes",
-                     "reply_size_margin"}
-
-
-class ServerOptimizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lr: float = Field(default=0.01, gt=0)
-    beta1: float = Field(default=0.9, ge=0, lt=1)
-    beta2: float = Field(default=0.99, ge=0, lt=1)
-    tau: float = Field(default=1e-3, gt=0)
-
-
-class PrivacyRequest(BaseModel):
-    """The DP the server asks of every site (null target and noise: no DP asked).
-
-    A site's policy still rules: it adds DP when its policy makes it mandatory, takes the larger
-    of its own and the server's noise, and refuses a round over its epsilon cap or when it has no
-    DP budget at all. `delta` is what the server asks; the delta a site accounts at is its
-    policy's (RoundConfig carries no delta), reported back as dp.delta and checked here."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    target_epsilon: float | None = Field(default=None, gt=0)  # over the run's rounds x local steps
-    noise_multiplier: float | None = Field(default=None, gt=0)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-
-    @model_validator(mode="after")
-    def _one_noise_source(self) -> PrivacyRequest:
-        if self.target_epsilon is not None and self.noise_multiplier is not None:
-            raise ValueError(f"privacy: set target_epsilon ({self.target_epsilon}) or noise_multiplier "
-                             f"({self.noise_multiplier}), not both")
-        return self
-
-    @property
-    def requested(self) -> bool:
-        return self.target_epsilon is not None or self.noise_multiplier is not None
-
-    def round_fields(self) -> dict[str, Any]:
-        """The RoundConfig fields of this request."""
-        if not self.requested:
-            return {"dp": False}
-        return {"dp": True, "dp_target_epsilon": self.target_epsilon, "dp_noise_multiplier": self.noise_multiplier,
-                "dp_max_grad_norm": self.max_grad_norm}
-
-    def describe(self) -> str:
-        if not self.requested:
-            return "no DP asked"
-        level = (f"target epsilon {self.target_epsilon:g}" if self.target_epsilon is not None
-                 else f"noise multiplier {self.noise_multiplier:g}")
-        return f"DP asked: {level}, delta {self.delta:g}, clipping norm {self.max_grad_norm:g}"
-
-
-class FederationConfig(BaseModel):
-    """One federated run, as the server sees it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    out_dir: Path
-    model: ModelConfig
-    rounds: int = Field(default=3, ge=1)
-    local_steps: int = Field(default=10, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
-    batch_size: int = Field(default=16, gt=0)
-    max_events: int = Field(default=256, gt=0)
-    max_patches: int = Field(default=32, gt=0)
-    seed: int = 0
-    fp16_transport: bool = False  # sites send float16, the server upcasts before averaging
-    min_nodes: int = Field(default=1, ge=1)  # wait for this many sites before round 0
-    min_sites_per_group: int = Field(default=1, ge=1)
-    norm_outlier_factor: float = Field(default=10.0, gt=1)
-    max_update_norm: float | None = Field(default=None, gt=0)
-    server_optimizer: ServerOptimizerConfig | None = None
-    vocab_min_subjects: int = Field(default=10, ge=1)
-    evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round
-    eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
-    eval_n_boot: int = Field(default=100, ge=10)
-    timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
-    max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
-    reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)
-    resume: bool = False
-    stop_after_round: int | None = Field(default=None, ge=1)  # stop early (resume later)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
-
-    @field_validator("eval_tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-        return tasks
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
-        """From Flower's flat run config (pyproject [tool.flwr.app.config], `--run-config`):
-        kebab-case keys; `model` a config name or YAML path; `eval-tasks` comma-separated;
-        `server-optimizer-lr` > 0 turns the FedAdam-style server step on."""
-        data: dict[str, Any] = {}
-        opt: dict[str, Any] = {}
-        privacy: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name.startswith("server_optimizer_"):
-                opt[name[len("server_optimizer_"):]] = value
-            elif name.startswith("privacy_"):
-                # A run config holds no null: 0 or "" leaves a privacy field unset.
-                if value not in (0, "", None):
-                    privacy[name[len("privacy_"):]] = value
-            elif name == "model":
-                data["model"] = load_model_config(str(value))
-            elif name == "eval_tasks":
-                data["eval_tasks"] = [t.strip() for t in str(value).split(",") if t.strip()]
-            elif name in ("stop_after_round", "max_update_norm") and value in (0, "", None):
-                continue
-            else:
-                data[name] = value
-        if opt.get("lr", 0):
-            data["server_optimizer"] = opt
-        if privacy:
-            data["privacy"] = privacy
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ValueError(f"invalid run config: {err}") from None
-
-
-# ---------------------------------------------------------------------------- small helpers
-
-
-def message_bytes(message: Message) -> int:
-    """Serialized size of a message: every object Flower transfers for it (content-addressed,
-    so identical arrays count once), excluding transport framing."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-
-
-
-
-
-class EventLog:
-    """rounds.jsonl: one JSON object per line, flushed and fsynced as each event completes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "time": time.time(), **fields}, default=_json_default)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """The events of a rounds.jsonl (a line cut short by a crash is skipped with a warning)."""
-    out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not JSON (cut short?); skipped", path, i)
-    return out
-
-
-def _to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
 
 
 def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> ModalityAwareFedAvg:
+    """The run's strategy: its configuration only (every site sampled, each round's inputs passed
+    to it by FederationServer)."""
+    opt = cfg.server_optimizer
+    return ModalityAwareFedAvg(
+        min_sites_per_group=cfg.min_sites_per_group,
+        norm_outlier_factor=cfg.norm_outlier_factor,
+        max_update_norm=cfg.max_update_norm,
+        max_reply_bytes=max_reply_bytes,
+        server_optimizer=GroupAdam(**opt.model_dump()) if opt else None,
+        fraction_train=1.0, fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
+    )
 
 
 # ---------------------------------------------------------------------------- the run
@@ -296,16 +124,10 @@ class FederationServer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.events = EventLog(self.out_dir / "rounds.jsonl")
         self.audit = AuditLog(self.out_dir / AUDIT_FILE)  # the security record (server/audit.py)
-        opt = cfg.server_optimizer
-        self.strategy = ModalityAwareFedAvg(
-            min_sites_per_group=cfg.min_sites_per_group,
-            norm_outlier_factor=cfg.norm_outlier_factor,
-            max_update_norm=cfg.max_update_norm,
-            server_optimizer=GroupAdam(**opt.model_dump()) if opt else None,
-            fraction_train=1.0, fraction_evaluate=1.0,
-            min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
-        )
+        # Made by _run once the model's arrays are known (the reply size limit follows from them).
+        self.strategy: ModalityAwareFedAvg
         self.sites: dict[int, SiteCapabilities] = {}  # node id -> capabilities
+        self.node_groups: dict[int, list[str]] = {}  # node id -> groups it trains (this run's sites)
 
     # ------------------------------------------------------------------ messaging
 
@@ -356,7 +178,7 @@ class FederationServer:
             self.sites[node] = caps
         if not self.sites:
             raise RuntimeError("no site answered the capabilities query")
-        self.strategy.node_groups = {node: caps.groups for node, caps in self.sites.items()}
+        self.node_groups = {node: caps.groups for node, caps in self.sites.items()}
         for node, caps in sorted(self.sites.items(), key=lambda kv: kv[1].site):
             log.info("site %-12s node %d: modalities %s, subjects %s -> groups %s", caps.site, node,
                      caps.modalities, caps.subjects, caps.groups)
@@ -384,18 +206,16 @@ class FederationServer:
             ack = reply.content.config_records.get("setup", {}).get("sha256") if reply else None
             if ack != setup.sha256:
                 log.warning("site %s did not accept the setup; it takes no part in this run", self._site(node))
-                self.strategy.node_groups.pop(node, None)
-        if not self.strategy.node_groups:
+                self.node_groups.pop(node, None)
+        if not self.node_groups:
             raise RuntimeError("no site accepted the setup")
 
     # ------------------------------------------------------------------ resume
 
     def _check_resumable(self, saved: Mapping[str, Any]) -> None:
-        now = self.cfg.model_dump(mode="json")
-        # A checkpoint written before a field existed ran with that field's default.
-        saved = {**{k: v for k, v in _field_defaults().items() if k not in saved}, **saved}
-        changed = sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
+        changed = resume_conflicts(self.cfg, saved)
         if changed:
+            now = self.cfg.model_dump(mode="json")
             raise ValueError(
                 f"cannot resume: the run config differs from the checkpoint's in {changed} "
                 f"(e.g. {changed[0]}: {saved.get(changed[0])!r} -> {now.get(changed[0])!r})"
@@ -442,11 +262,14 @@ class FederationServer:
             start = 0
         else:
             setup, arrays, start = state.setup, state.arrays, state.round
-            self.strategy.load_state_dict(state.strategy)
             random.setstate(state.python_random)
             if state.torch_random is not None:
                 torch.set_rng_state(state.torch_random)
             log.info("resuming after round %d from %s", start, ckpt_path)
+        max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(_to_record(arrays), cfg.reply_size_margin)
+        self.strategy = make_strategy(cfg, max_reply_bytes)
+        if state is not None:
+            self.strategy.load_state_dict(state.strategy)
         setup.vocabulary.save(self.out_dir / "vocabulary.json")
         self.send_setup(setup)
         round0 = time.perf_counter() - t0
@@ -454,16 +277,14 @@ class FederationServer:
             event="resume" if state is not None else "setup", round=start, seconds=round0, setup_sha256=setup.sha256,
             vocab_size=setup.vocabulary.vocab_size, checkpoint=str(ckpt_path) if ckpt_path else None,
             sites={caps.site: {"node_id": node, "modalities": caps.modalities, "subjects": caps.subjects,
-                               "groups": self.strategy.node_groups.get(node, [])}
+                               "groups": self.node_groups.get(node, [])}
                    for node, caps in self.sites.items()},
         )
         self.events.write(**start_event)
-        self.strategy.max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(_to_record(arrays),
-                                                                                       cfg.reply_size_margin)
-        self.audit.write_run(start_event, {"max_reply_bytes": self.strategy.max_reply_bytes,
+        self.audit.write_run(start_event, {"max_reply_bytes": max_reply_bytes,
                                            "timeout_s": cfg.timeout_s, "max_abs_value": self.strategy.max_abs_value})
-        log.info(describe_limits(self.strategy.max_reply_bytes, cfg.timeout_s))
-        log.info("round 0 done in %.1f s: %d sites, setup %s", round0, len(self.strategy.node_groups), setup.sha256[:12])
+        log.info(describe_limits(max_reply_bytes, cfg.timeout_s))
+        log.info("round 0 done in %.1f s: %d sites, setup %s", round0, len(self.node_groups), setup.sha256[:12])
         log.info("privacy: %s", cfg.privacy.describe())
 
         last = ckpt_path
@@ -486,9 +307,9 @@ class FederationServer:
             fp16_transport=cfg.fp16_transport, setup_sha256=setup.sha256,
             weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model), **cfg.privacy.round_fields(),
         )
-        messages = list(self.strategy.configure_train(rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid))
+        messages = self.strategy.train_messages(rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid,
+                                                self.node_groups)
         sites: dict[str, dict[str, Any]] = {}
-        node_of_site: dict[str, int] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
             record = next(iter(msg.content.array_records.values()))
@@ -496,44 +317,23 @@ class FederationServer:
                 "node_id": node, "groups_sent": sorted({parameter_group(k) for k in record}),
                 "keys_sent": len(record), "bytes_sent": message_bytes(msg), "status": "no reply",
             }
-            node_of_site[self._site(node)] = node
         t_sent = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.timeout_s))
         t_replied = time.perf_counter()
-        # strategy.origin: the SuperLink answers for a dead SuperNode from its own node id.
-        replies.sort(key=lambda m: self._site(self.strategy.origin(m)))
+        # origin: the SuperLink answers for a dead SuperNode from its own node id.
+        replies.sort(key=lambda m: self._site(origin(m, messages)))
         for reply in replies:
-            entry = sites.setdefault(self._site(self.strategy.origin(reply)), {"node_id": self.strategy.origin(reply)})
-            entry["bytes_received"] = message_bytes(reply)
-            if reply.has_error():
-                entry.update(status="error", reason=reply.error.reason)
-                continue
-            refusal = self.strategy.refusal(reply.content)
-            entry["status"] = "ok" if refusal is None else "refused"
-            if refusal is not None:
-                entry["reason"] = refusal
-            for record in reply.content.array_records.values():
-                entry["groups_received"] = sorted({parameter_group(k) for k in record if _known_key(k)})
-                entry["keys_received"] = len(record)
-            for metrics in reply.content.metric_records.values():
-                entry["num_examples"] = {k[len(COUNT_PREFIX):]: v for k, v in metrics.items() if k.startswith(COUNT_PREFIX)}
-                entry["losses"] = {k[len(LOSS_PREFIX):]: v for k, v in metrics.items() if k.startswith(LOSS_PREFIX)}
-                for key in ("train-seconds", "client-seconds", "rate-min", "rate-max"):
-                    if key in metrics:
-                        entry[key.replace("-", "_")] = metrics[key]
-                dp = site_privacy(metrics)
-                if dp:
-                    entry["dp"] = dp
+            node = origin(reply, messages)
+            entry = sites.setdefault(self._site(node), {"node_id": node})
+            entry["bytes_received"] = entry.get("bytes_received", 0) + message_bytes(reply)
         t_agg = time.perf_counter()
-        new_arrays, aggregated = self.strategy.aggregate_train(rnd, replies)
+        outcome = self.strategy.aggregate(rnd, replies, current_arrays=arrays, node_groups=self.node_groups,
+                                          sent=messages)
+        self._record_outcome(sites, outcome, replies, messages)
+        if outcome.arrays is not None:
+            arrays = outcome.arrays
         rejected = [{"site": self._site(r.node_id), "node_id": r.node_id, "reason": r.reason}
-                    for r in self.strategy.rejected.get(rnd, [])]
-        for r in rejected:
-            entry = sites.setdefault(r["site"], {"node_id": r["node_id"]})
-            if entry.get("status") == "ok":
-                entry.update(status="rejected", reason=r["reason"])
-        if new_arrays is not None:
-            arrays = _to_arrays(new_arrays)
+                    for r in outcome.rejected]
         t_ckpt = time.perf_counter()
         path = save_server_checkpoint(
             self.ckpt_dir,
@@ -554,19 +354,20 @@ class FederationServer:
             "local_train_seconds_sum": sum(e.get("train_seconds", 0.0) for e in sites.values()),
             "other_seconds": (t_end - t_start) - train_max,
         }
-        contributors = {g: sorted(self._site(n) for n in nodes) for g, nodes in self.strategy.contributors.get(rnd, {}).items()}
+        contributors = {g: sorted(self._site(n) for n in nodes) for g, nodes in outcome.contributors.items()}
         epsilon = self.check_privacy(rnd, sites)
+        losses = outcome.losses
         self.events.write(
             "round", round=rnd, rounds=cfg.rounds, weights=round_cfg.weights.model_dump(), sites=sites,
             privacy=cfg.privacy.model_dump(), epsilon=epsilon,
-            rejected=rejected, contributors=contributors, aggregated=dict(aggregated) if aggregated else {},
-            updated=new_arrays is not None, bytes_sent=sum(e.get("bytes_sent", 0) for e in sites.values()),
+            rejected=rejected, contributors=contributors, losses=losses,
+            updated=outcome.arrays is not None, bytes_sent=sum(e.get("bytes_sent", 0) for e in sites.values()),
             bytes_received=sum(e.get("bytes_received", 0) for e in sites.values()), timings=timings,
             checkpoint=str(path),
         )
         self.audit.write_round({"round": rnd, "sites": sites, "rejected": rejected, "contributors": contributors})
         ok = sum(e.get("status") == "ok" for e in sites.values())
-        loss = dict(aggregated).get(LOSS_PREFIX + "total") if aggregated else None
+        loss = losses.get("total")
         log.info("round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s)",
                  rnd, cfg.rounds, ok, len(sites), f"{loss:.4f}" if loss is not None else "n/a",
                  timings["round_seconds"], train_max, timings["other_seconds"])
@@ -575,6 +376,26 @@ class FederationServer:
                      ",".join(e.get("groups_sent", [])), e.get("bytes_sent", 0), e.get("bytes_received", 0),
                      f" ({e['reason']})" if "reason" in e else "")
         return arrays, path
+
+    def _record_outcome(self, sites: dict[str, dict[str, Any]], outcome: RoundOutcome, replies: list[Message],
+                        sent: list[Message]) -> None:
+        """Each site's entry of the round event, from the strategy's parsed replies and verdicts."""
+        for node, reply in outcome.replies.items():
+            entry = sites.setdefault(self._site(node), {"node_id": node})
+            entry.update(site_entry(reply))
+        for node in outcome.accepted:
+            sites[self._site(node)]["status"] = "ok"
+        errors = {origin(m, sent): m.error.reason for m in replies if m.has_error()}
+        for r in outcome.rejected:
+            entry = sites.setdefault(self._site(r.node_id), {"node_id": r.node_id})
+            if r.kind in ("duplicate", "unsolicited") and entry.get("status") not in (None, "no reply"):
+                continue  # the node's own reply decided its status
+            if r.kind == "error":
+                entry.update(status="error", reason=errors.get(r.node_id, r.reason))
+            elif r.kind == "refused":
+                entry.update(status="refused", reason=outcome.replies[r.node_id].reason)
+            else:
+                entry.update(status="rejected", reason=r.reason)
 
     def check_privacy(self, rnd: int, sites: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         """Each site's reported cumulative epsilon this round (sites that report one), with a
@@ -603,21 +424,24 @@ class FederationServer:
         contents = {
             node: RecordDict({"arrays": self.strategy.arrays_for_groups(record, groups),
                               "config": ConfigRecord(eval_cfg.to_flat())})
-            for node, groups in sorted(self.strategy.node_groups.items())
+            for node, groups in sorted(self.node_groups.items())
         }
         replies = self._ask(MessageType.EVALUATE, contents)
-        per_site: dict[str, dict[str, float]] = {}
+        per_site: dict[str, EvalReply] = {}
         for node, reply in sorted(replies.items(), key=lambda kv: self._site(kv[0])):
-            metrics = next(iter(reply.content.metric_records.values()), None)
-            if metrics is None:
-                log.warning("evaluate: site %s sent no metrics", self._site(node))
-                continue
-            per_site[self._site(node)] = {k: float(v) for k, v in metrics.items()}
+            try:
+                metrics = reply.content.metric_records.get(METRICS_RECORD)
+                if metrics is None:
+                    raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
+                per_site[self._site(node)] = EvalReply.from_records(dict(metrics))
+            except ValueError as err:
+                log.warning("evaluate: the reply of site %s is left out: %s", self._site(node), err)
         aggregated = aggregate_site_metrics(per_site)
         seconds = time.perf_counter() - t0
-        self.events.write("evaluate", round=rnd, sites=per_site, aggregated=aggregated, seconds=seconds)
+        flat = {site: reply.to_records() for site, reply in per_site.items()}
+        self.events.write("evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds)
         atomic_write_text(self.out_dir / "evaluation.json",
-                           json.dumps({"round": rnd, "sites": per_site, "aggregated": aggregated}, indent=1))
+                           json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated}, indent=1))
         log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
         for key, value in aggregated.items():
             if key.endswith(".auroc") or key.endswith(".r2"):
@@ -626,89 +450,18 @@ class FederationServer:
         return aggregated
 
 
-def site_privacy(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """A site's DP report in a reply's metrics: cumulative epsilon, delta, noise (present ones)."""
-    names = {DP_EPSILON: "epsilon", DP_DELTA: "delta", DP_NOISE: "noise_multiplier"}
-    return {name: float(metrics[key]) for key, name in names.items() if key in metrics}
-
-
-def _field_defaults() -> dict[str, Any]:
-    """FederationConfig's optional fields at their defaults, as model_dump(mode="json") writes them."""
-    out = {}
-    for name, field in FederationConfig.model_fields.items():
-        if not field.is_required():
-            value = field.get_default(call_default_factory=True)
-            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    return out
-
-
-def _known_key(key: str) -> bool:
-    try:
-        parameter_group(key)
-        return True
-    except KeyError:
-        return False
-
-
-# ---------------------------------------------------------------------------- summary
-
-
-def write_summary(out_dir: str | Path) -> Path:
-    """out_dir/summary.md from rounds.jsonl: per-round losses and time split, bytes per site."""
-    out_dir = Path(out_dir)
-    events = read_events(out_dir / "rounds.jsonl")
-    rounds = {e["round"]: e for e in events if e["event"] == "round"}  # a re-run round: the last one
-    lines = [f"# Federated run: {out_dir}", ""]
-    if not rounds:
-        lines.append("No round completed.")
-    else:
-        loss_names = sorted({k for e in rounds.values() for k in e.get("aggregated", {}) if k.startswith(LOSS_PREFIX)})
-        lines += ["## Rounds", "",
-                  "| round | sites ok | " + " | ".join(n[len(LOSS_PREFIX):] for n in loss_names)
-                  + " | round s | local training s (max) | other s |",
-                  "|---" * (len(loss_names) + 5) + "|"]
-        for r, e in sorted(rounds.items()):
-            ok = sum(s.get("status") == "ok" for s in e["sites"].values())
-            agg = e.get("aggregated", {})
-            t = e["timings"]
-            lines.append(f"| {r} | {ok}/{len(e['sites'])} | "
-                         + " | ".join(f"{agg[n]:.4f}" if n in agg else "" for n in loss_names)
-                         + f" | {t['round_seconds']:.1f} | {t['local_train_seconds_max']:.1f} | {t['other_seconds']:.1f} |")
-        site_names = sorted({s for e in rounds.values() for s in e["sites"]})
-        lines += ["", "## Bytes per site per round (sent to the site / received from it)", "",
-                  "| round | " + " | ".join(site_names) + " | total |", "|---" * (len(site_names) + 2) + "|"]
-        for r, e in sorted(rounds.items()):
-            cells = []
-            for s in site_names:
-                x = e["sites"].get(s, {})
-                cells.append(f"{x.get('bytes_sent', 0):,} / {x.get('bytes_received', 0):,}")
-            lines.append(f"| {r} | " + " | ".join(cells) + f" | {e['bytes_sent']:,} / {e['bytes_received']:,} |")
-        if any(e.get("epsilon") for e in rounds.values()):
-            last = rounds[max(rounds)]
-            req = PrivacyRequest.model_validate(last["privacy"]) if last.get("privacy") else PrivacyRequest()
-            eps_sites = sorted({s for e in rounds.values() for s in e.get("epsilon", {})})
-            lines += ["", "## Privacy: each site's cumulative epsilon (its own accountant, every run at the site)", "",
-                      f"Server: {req.describe()}.", "",
-                      "| round | " + " | ".join(eps_sites) + " |", "|---" * (len(eps_sites) + 1) + "|"]
-            for r, e in sorted(rounds.items()):
-                eps = e.get("epsilon", {})
-                lines.append(f"| {r} | " + " | ".join(f"{eps[s]:.3f}" if s in eps else "-" for s in eps_sites) + " |")
-        rejected = [(r, x) for r, e in sorted(rounds.items()) for x in e.get("rejected", [])]
-        if rejected:
-            lines += ["", "## Rejected replies", ""] + [f"- round {r}, site {x['site']}: {x['reason']}" for r, x in rejected]
-    evaluations = [e for e in events if e["event"] == "evaluate"]
-    if evaluations:
-        ev = evaluations[-1]
-        lines += ["", f"## Federated evaluation after round {ev['round']} (n-weighted mean over sites)", "",
-                  "| task | metric | value | n | sites |", "|---|---|---|---|---|"]
-        for key, value in ev["aggregated"].items():
-            task, _, metric = key.rpartition(".")
-            if metric in ("auroc", "r2"):
-                n_sites = sum(key in m for m in ev["sites"].values())
-                lines.append(f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | {n_sites} |")
-    path = out_dir / "summary.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+def site_entry(reply: TrainReply) -> dict[str, Any]:
+    """A site's part of a round event (rounds.jsonl) from its parsed train reply."""
+    entry: dict[str, Any] = {}
+    if reply.status == "ok":
+        entry.update(groups_received=reply.groups, keys_received=len(reply.arrays),
+                     num_examples=dict(reply.group_examples), losses=dict(reply.losses))
+        for name in ("train_seconds", "client_seconds", "rate_min", "rate_max"):
+            if (value := getattr(reply, name)) is not None:
+                entry[name] = value
+    if reply.dp is not None:
+        entry["dp"] = reply.dp.model_dump(exclude_none=True)
+    return entry
 
 
 # ---------------------------------------------------------------------------- the ServerApp
@@ -727,3 +480,6 @@ def make_server_app(config: FederationConfig | None = None) -> ServerApp:
 
 
 app = make_server_app()
+
+__all__ = ["FederationConfig", "FederationServer", "PrivacyRequest", "ServerOptimizerConfig", "app", "make_server_app",
+           "make_strategy", "read_events", "site_entry", "write_summary"]

@@ -3,30 +3,65 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from healthfm_core.federation import STATUS_RECORD, STATUS_REFUSED
+from healthfm_core.federation import (
+    ARRAYS_RECORD,
+    METRICS_RECORD,
+    STATUS_RECORD,
+    TrainReply,
+    mean_losses,
+    round_metrics,
+)
 from healthfm_core.model.groups import GROUPS, parameter_group
 from server.limits import array_record_bytes
 
 log = logging.getLogger(__name__)
 
-COUNT_PREFIX = "num-examples."
+# Why a reply was left out: the ServerApp logs a site as "error", "refused" or "rejected" (the rest).
+RejectionKind = Literal["error", "refused", "invalid", "unsolicited", "duplicate", "outlier"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RejectedReply:
     """Why one reply was left out of a round (kept for the audit log)."""
 
     node_id: int
     reason: str
+    kind: RejectionKind = "invalid"
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one round of aggregation decided."""
+
+    round: int
+    arrays: dict[str, np.ndarray] | None  # the new global arrays; None: no acceptable reply (unchanged)
+    contributors: dict[str, list[int]]  # group -> nodes averaged into it (groups that were updated)
+    rejected: list[RejectedReply]  # every reply left out, with its reason
+    replies: dict[int, TrainReply]  # every reply that parsed (accepted, refused or rejected later), by node
+    accepted: list[int]  # nodes whose reply was averaged
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """The accepted replies' losses, each weighted by num_examples over the sites reporting it."""
+        return mean_losses(self.replies[n] for n in self.accepted)
 
 
 @dataclass
@@ -48,24 +83,60 @@ class GroupAdam:
         return (previous + self.lr * m / (np.sqrt(v) + self.tau)).astype(previous.dtype)
 
 
+@dataclass(frozen=True)
+class _RoundInputs:
+    """What Flower's own start() loop hands configure_train but not aggregate_train."""
+
+    arrays: dict[str, np.ndarray]
+    node_groups: dict[int, list[str]] | None
+    sent: list[Message]
+
+
+# (node, its parsed reply, its decoded arrays, its count per group)
+_Accepted = tuple[int, TrainReply, dict[str, float]]
+
+
+def origin(reply: Message, sent: Sequence[Message]) -> int:
+    """The node a train reply answers for. Error replies the SuperLink generates itself (node
+    unavailable: a dead SuperNode; message expired) come from the SuperLink's node id; they are
+    matched to the addressee through reply_to_message_id (the Grid sets the id of every message
+    it pushes)."""
+    node = reply.metadata.src_node_id
+    if any(m.metadata.dst_node_id == node for m in sent):
+        return node
+    for message in sent:
+        if message.metadata.message_id and message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return message.metadata.dst_node_id
+    return node
+
+
 class ModalityAwareFedAvg(FedAvg):
     """FedAvg where each parameter is averaged only over the sites that trained it.
 
     Every state_dict key belongs to one group (``shared``, ``ehr``, ``wearables``,
     ``genomics``; see ``healthfm_core.model.groups.parameter_group``). A site receives and
-    returns only the groups it has data for, and reports ``num-examples.<group>``. For
-    each key k of group g, with R_k the accepted replies holding k:
+    returns only the groups it has data for, and reports its examples per group
+    (``TrainReply.group_examples``). For each key k of group g, with R_k the accepted replies
+    holding k:
 
         w_k <- sum_{r in R_k} n_{r,g} w_{r,k} / sum_{r in R_k} n_{r,g}
 
     A key no accepted reply holds, or whose group has fewer than ``min_sites_per_group``
-    contributing sites, keeps its previous value. With every site holding every group
-    (and ``num-examples.<g>`` equal to ``num-examples``) this is FedAvg exactly.
-    Replies with NaN/Inf, wrong shapes or dtypes, unknown keys, partial groups, missing
-    counts, an ArrayRecord over ``max_reply_bytes``, values beyond ``max_abs_value``, or
-    update norms far above the round's median are rejected and logged; the round goes on
-    with the rest. ``rejected[round]`` keeps each rejection and its reason (the audit log). Optionally a FedAdam-style server step is applied to the
-    averaged pseudo-gradient.
+    contributing sites, keeps its previous value. With every site holding every group (and
+    each group's count equal to ``num_examples``) this is FedAvg exactly.
+
+    A reply is accepted only if it parses as a TrainReply and its arrays fit the round
+    (``parse_reply``: size, keys, shapes, dtypes, groups sent, values) and its update norm is
+    not absurd against the round's others; any other reply (error, refusal, a reply to no
+    message sent, a second reply from one node) is rejected with its reason and logged, and
+    the round goes on. Optionally a FedAdam-style server step is applied to the averaged
+    pseudo-gradient.
+
+    State: configuration, and the server optimiser's moments (checkpointed: ``state_dict``).
+    Each round's inputs (global arrays, the groups each node may train, the messages sent) are
+    arguments of ``aggregate``. Flower's own ``start()`` loop hands the global arrays to
+    ``configure_train`` only, so for that loop alone ``configure_train`` keeps the round in
+    flight for ``aggregate_train``; FederationServer calls ``train_messages`` and ``aggregate``.
     """
 
     def __init__(
@@ -91,12 +162,7 @@ class ModalityAwareFedAvg(FedAvg):
         self.max_abs_value = max_abs_value
         self.server_optimizer = server_optimizer
         self.group_of = group_of
-        # node_id -> groups the node may train (set from the capabilities query). None: all.
-        self.node_groups: dict[int, list[str]] | None = None
-        self.current_arrays: ArrayRecord | None = None
-        self.rejected: dict[int, list[RejectedReply]] = {}
-        self.contributors: dict[int, dict[str, list[int]]] = {}
-        self.sent: list[Message] = []  # the last round's train messages (see origin())
+        self._flower_round: _RoundInputs | None = None  # Flower's start() loop only (see above)
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -126,23 +192,29 @@ class ModalityAwareFedAvg(FedAvg):
         self.server_optimizer.m, self.server_optimizer.v = m, v
 
     # ------------------------------------------------------------------ sending
-    def groups_for_node(self, node_id: int) -> list[str]:
-        if self.node_groups is None:
+    @staticmethod
+    def groups_for_node(node_id: int, node_groups: Mapping[int, Sequence[str]] | None) -> list[str]:
+        """The groups a node may train: every group without a capabilities map, else its entry."""
+        if node_groups is None:
             return list(GROUPS)
-        return list(self.node_groups.get(node_id, []))
+        return list(node_groups.get(node_id, []))
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send each sampled site only the groups it holds, and remember the global arrays."""
-        self.current_arrays = arrays
+    def train_messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        node_groups: Mapping[int, Sequence[str]] | None = None,
+    ) -> list[Message]:
+        """One train message per sampled node holding a group, with only its groups' arrays."""
         if self.fraction_train == 0.0:
             return []
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
         messages = []
         for node_id in node_ids:
-            groups = self.groups_for_node(node_id)
+            groups = self.groups_for_node(node_id, node_groups)
             if not groups:
                 log.warning("round %d: node %d holds no trainable group; not sampled", server_round, node_id)
                 continue
@@ -157,23 +229,18 @@ class ModalityAwareFedAvg(FedAvg):
             )
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node_id))
         log.info("round %d: training on %d nodes", server_round, len(messages))
-        self.sent = messages
         return messages
 
-    def origin(self, reply: Message) -> int:
-        """The node a train reply answers for. Error replies the SuperLink generates itself (node
-        unavailable: a dead SuperNode; message expired) come from the SuperLink's node id; they are
-        matched to the addressee through reply_to_message_id (the Grid sets the id of every message
-        it pushes)."""
-        node = reply.metadata.src_node_id
-        if any(m.metadata.dst_node_id == node for m in self.sent):
-            return node
-        for sent in self.sent:
-            if sent.metadata.message_id and sent.metadata.message_id == reply.metadata.reply_to_message_id:
-                return sent.metadata.dst_node_id
-        return node
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's start() loop: train_messages for every node and every group, the round kept
+        for aggregate_train."""
+        messages = self.train_messages(server_round, arrays, config, grid)
+        self._flower_round = _RoundInputs({k: v.numpy() for k, v in arrays.items()}, None, messages)
+        return messages
 
-    def arrays_for_groups(self, arrays: ArrayRecord, groups: list[str]) -> ArrayRecord:
+    def arrays_for_groups(self, arrays: ArrayRecord, groups: Sequence[str]) -> ArrayRecord:
         wanted = set(groups)
         return ArrayRecord({k: v for k, v in arrays.items() if self.group_of(k) in wanted})
 
@@ -181,124 +248,152 @@ class ModalityAwareFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self.current_arrays is None:
-            raise RuntimeError("aggregate_train called before configure_train: no global arrays to update")
-        replies = list(replies)
-        previous = {k: v.numpy() for k, v in self.current_arrays.items()}
-        accepted: list[tuple[int, dict[str, np.ndarray], dict[str, float], RecordDict]] = []
+        """Flower's start() loop: aggregate() with the round configure_train sent."""
+        if self._flower_round is None:
+            raise RuntimeError("aggregate_train called before configure_train: no global arrays to update "
+                               "(outside Flower's start() loop call aggregate())")
+        inputs, self._flower_round = self._flower_round, None
+        outcome = self.aggregate(server_round, replies, current_arrays=inputs.arrays,
+                                 node_groups=inputs.node_groups, sent=inputs.sent)
+        if outcome.arrays is None:
+            return None, None
+        n = sum(outcome.replies[node].num_examples for node in outcome.accepted)
+        metrics = MetricRecord(round_metrics(n, outcome.losses))
+        return ArrayRecord({k: Array(v) for k, v in outcome.arrays.items()}), metrics
+
+    def aggregate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        *,
+        current_arrays: Mapping[str, np.ndarray],
+        node_groups: Mapping[int, Sequence[str]] | None,
+        sent: Sequence[Message],
+    ) -> RoundOutcome:
+        """Parse, check and average one round's replies. Never raises for anything in a reply."""
+        previous = dict(current_arrays)
+        addressed = {m.metadata.dst_node_id for m in sent}
+        parsed: dict[int, TrainReply] = {}
+        accepted: list[_Accepted] = []
         rejected: list[RejectedReply] = []
+        seen: set[int] = set()
         for msg in replies:
-            node_id = self.origin(msg)
+            node_id = origin(msg, sent)
+            if node_id not in addressed:
+                rejected.append(RejectedReply(node_id, f"no train message was sent to node {node_id} this round",
+                                              "unsolicited"))
+                continue
+            if node_id in seen:
+                rejected.append(RejectedReply(node_id, f"a second reply from node {node_id} (one per message)",
+                                              "duplicate"))
+                continue
+            seen.add(node_id)
             if msg.has_error():
-                rejected.append(RejectedReply(node_id, f"error reply: {msg.error.reason}"))
+                rejected.append(RejectedReply(node_id, f"error reply: {msg.error.reason}", "error"))
                 continue
-            refusal = self.refusal(msg.content)
-            if refusal is not None:
-                # The site's own policy said no (e.g. its epsilon cap): it contributes nothing.
-                rejected.append(RejectedReply(node_id, f"refused by the site: {refusal}"))
-                continue
+            allowed = self.groups_for_node(node_id, node_groups)
             try:
-                arrays, counts = self.validate_reply(msg.content, previous, node_id)
-            except Exception as err:  # noqa: BLE001 - a peer's reply: nothing in it may stop the round
+                reply = self.parse_reply(msg.content, previous, allowed)
+            except Exception as err:  # a peer's reply: nothing in it may stop the round
                 if not isinstance(err, ValueError):
-                    log.exception("round %d: unexpected error validating node %d's reply", server_round, node_id)
+                    log.exception("round %d: unexpected error parsing node %d's reply", server_round, node_id)
                     err = ValueError(f"invalid reply ({type(err).__name__}: {err})")
                 rejected.append(RejectedReply(node_id, str(err)))
                 continue
-            accepted.append((node_id, arrays, counts, msg.content))
+            parsed[node_id] = reply
+            if reply.status == "refused":
+                # The site's own policy said no (e.g. its epsilon cap): it contributes nothing.
+                rejected.append(RejectedReply(node_id, f"refused by the site: {reply.reason}", "refused"))
+                continue
+            accepted.append((node_id, reply, {g: float(n) for g, n in reply.group_examples.items()}))
         accepted, outliers = self.drop_norm_outliers(accepted, previous)
         rejected.extend(outliers)
         for r in rejected:
             log.warning("round %d: rejected reply from node %d: %s", server_round, r.node_id, r.reason)
-        self.rejected[server_round] = rejected
         if not accepted:
             log.warning("round %d: no acceptable reply; global arrays unchanged", server_round)
-            return None, None
-
+            return RoundOutcome(server_round, None, {}, rejected, parsed, [])
         new_arrays, contributors = self.average(accepted, previous)
-        self.contributors[server_round] = contributors
-        metrics = self.train_metrics_aggr_fn([content for *_, content in accepted], self.weighted_by_key)
-        return new_arrays, metrics
+        return RoundOutcome(server_round, new_arrays, contributors, rejected, parsed, [a[0] for a in accepted])
 
-    @staticmethod
-    def refusal(content: RecordDict) -> str | None:
-        """The reason of a reply whose site refused the request (status "refused"), else None."""
+    def parse_reply(
+        self, content: RecordDict, previous: Mapping[str, np.ndarray], allowed: Sequence[str]
+    ) -> TrainReply:
+        """The one place a train reply is validated: its records, their size, the TrainReply it
+        parses as, then its arrays against the global model. Raises ValueError naming the
+        first problem found."""
+        names = set(content.keys())
+        unexpected = sorted(names - {ARRAYS_RECORD, METRICS_RECORD, STATUS_RECORD})
+        if unexpected:
+            raise ValueError(f"unexpected record {unexpected[0]!r} (a train reply holds {ARRAYS_RECORD!r}, "
+                             f"{METRICS_RECORD!r} and, when refused, {STATUS_RECORD!r})")
+        records = content.array_records.get(ARRAYS_RECORD)
+        metrics = content.metric_records.get(METRICS_RECORD)
         status = content.config_records.get(STATUS_RECORD)
-        if status is None or status.get("status") != STATUS_REFUSED:
-            return None
-        return str(status.get("reason", "no reason given"))
+        for name, kind, value in ((ARRAYS_RECORD, ArrayRecord, records), (METRICS_RECORD, MetricRecord, metrics),
+                                  (STATUS_RECORD, ConfigRecord, status)):
+            if name in names and value is None:
+                raise ValueError(f"record {name!r} is not a {kind.__name__}")
+        if metrics is None:
+            raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
+        arrays: dict[str, np.ndarray] | None = None
+        if records is not None:
+            size = array_record_bytes(records)
+            if self.max_reply_bytes is not None and size > self.max_reply_bytes:
+                raise ValueError(f"reply of {size:,} B exceeds the limit of {self.max_reply_bytes:,} B")
+            arrays = {key: self._decode(key, item, previous) for key, item in records.items()}
+        reply = TrainReply.from_records(arrays, dict(metrics), dict(status) if status is not None else None,
+                                        group_of=self.group_of)
+        if reply.status == "ok":
+            self.check_arrays(reply, previous, allowed)
+        return reply
 
-    def validate_reply(
-        self, content: RecordDict, previous: dict[str, np.ndarray], node_id: int
-    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Decode one reply; raise ValueError naming the first problem found."""
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise ValueError(
-                f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
-                f"{len(content.metric_records)}"
-            )
-        record = next(iter(content.array_records.values()))
-        metrics = next(iter(content.metric_records.values()))
-        size = array_record_bytes(record)
-        if self.max_reply_bytes is not None and size > self.max_reply_bytes:
-            raise ValueError(f"reply of {size:,} B exceeds the limit of {self.max_reply_bytes:,} B")
-        allowed = set(self.groups_for_node(node_id))
-        arrays: dict[str, np.ndarray] = {}
-        for key, item in record.items():
-            if key not in previous:
-                raise ValueError(f"unknown key {key!r}")
+    def _decode(self, key: str, item: Array, previous: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One array of a reply, checked against the global model's before and after decoding."""
+        if key not in previous:
+            raise ValueError(f"unknown key {key!r}")
+        expected = previous[key]
+        if tuple(item.shape) != expected.shape:
+            raise ValueError(f"key {key!r}: shape {tuple(item.shape)} != {expected.shape}")
+        # fp16 transport: a floating array may come as float16.
+        if item.dtype != str(expected.dtype) and not (
+            item.dtype == "float16" and np.issubdtype(expected.dtype, np.floating)
+        ):
+            raise ValueError(f"key {key!r}: dtype {item.dtype} != {expected.dtype}")
+        try:
+            value = item.numpy()
+        except Exception as err:  # noqa: BLE001 - a peer's bytes: anything can be wrong with them
+            raise ValueError(f"key {key!r}: undecodable array ({err})") from None
+        if value.shape != expected.shape or (value.dtype != expected.dtype and value.dtype != np.float16):
+            raise ValueError(f"key {key!r}: payload {value.dtype}{value.shape} does not match its header")
+        return value
+
+    def check_arrays(self, reply: TrainReply, previous: Mapping[str, np.ndarray], allowed: Sequence[str]) -> None:
+        """A parsed reply's arrays against the round: groups sent, whole groups, magnitudes."""
+        allowed_set = set(allowed)
+        for key, value in reply.arrays.items():
             group = self.group_of(key)
-            if group not in allowed:
+            if group not in allowed_set:
                 raise ValueError(f"key {key!r} of group {group!r} was not sent to this node")
-            expected = previous[key]
-            if tuple(item.shape) != expected.shape:
-                raise ValueError(f"key {key!r}: shape {tuple(item.shape)} != {expected.shape}")
-            if item.dtype != str(expected.dtype) and not (
-                item.dtype == "float16" and np.issubdtype(expected.dtype, np.floating)
-            ):
-                raise ValueError(f"key {key!r}: dtype {item.dtype} != {expected.dtype}")
-            try:
-                value = item.numpy()
-            except Exception as err:  # a peer's bytes: anything can be wrong with them
-                raise ValueError(f"key {key!r}: undecodable array ({err})") from None
-            if value.shape != expected.shape or (value.dtype != expected.dtype and value.dtype != np.float16):
-                raise ValueError(f"key {key!r}: payload {value.dtype}{value.shape} does not match its header")
-            # fp16 transport: upcast before any arithmetic.
-            value = value.astype(expected.dtype, copy=False)
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                raise ValueError(f"key {key!r}: NaN or Inf values")
-            if self.max_abs_value is not None and value.size and float(np.max(np.abs(value))) > self.max_abs_value:
-                raise ValueError(f"key {key!r}: |value| up to {float(np.max(np.abs(value))):.3g} > limit "
-                                 f"{self.max_abs_value:.3g}")
-            arrays[key] = value
-        if not arrays:
-            raise ValueError("empty ArrayRecord")
-        groups = {self.group_of(k) for k in arrays}
-        for group in groups:
-            missing = [k for k in previous if self.group_of(k) == group and k not in arrays]
+            if self.max_abs_value is not None and value.size:
+                peak = float(np.max(np.abs(value.astype(np.float64))))
+                if peak > self.max_abs_value:
+                    raise ValueError(f"key {key!r}: |value| up to {peak:.3g} > limit {self.max_abs_value:.3g}")
+        for group in reply.groups:
+            missing = [k for k in previous if self.group_of(k) == group and k not in reply.arrays]
             if missing:
                 raise ValueError(f"partial group {group!r}: missing {len(missing)} keys, e.g. {missing[0]!r}")
-        counts: dict[str, float] = {}
-        for group in groups:
-            name = COUNT_PREFIX + group
-            n = metrics.get(name)
-            if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
-                raise ValueError(f"metric {name!r} missing or not a positive number: {n!r}")
-            counts[group] = float(n)
-        return arrays, counts
 
     def drop_norm_outliers(
-        self,
-        accepted: list[tuple[int, dict[str, np.ndarray], dict[str, float], RecordDict]],
-        previous: dict[str, np.ndarray],
-    ) -> tuple[list, list[RejectedReply]]:
+        self, accepted: list[_Accepted], previous: Mapping[str, np.ndarray]
+    ) -> tuple[list[_Accepted], list[RejectedReply]]:
         """Reject replies whose update norm (per group) is absurd against the round's others."""
         norms: dict[str, dict[int, float]] = {}
-        for node_id, arrays, counts, _ in accepted:
+        for node_id, reply, counts in accepted:
             for group in counts:
                 sq = sum(
-                    float(np.sum((arrays[k].astype(np.float64) - previous[k]) ** 2))
-                    for k in arrays
+                    float(np.sum((reply.arrays[k].astype(np.float64) - previous[k]) ** 2))
+                    for k in reply.arrays
                     if self.group_of(k) == group
                 )
                 norms.setdefault(group, {})[node_id] = sq**0.5
@@ -317,15 +412,13 @@ class ModalityAwareFedAvg(FedAvg):
                             f"median of the others ({median:.3g})",
                         )
         kept = [a for a in accepted if a[0] not in bad]
-        return kept, [RejectedReply(node_id, reason) for node_id, reason in bad.items()]
+        return kept, [RejectedReply(node_id, reason, "outlier") for node_id, reason in bad.items()]
 
     def average(
-        self,
-        accepted: list[tuple[int, dict[str, np.ndarray], dict[str, float], RecordDict]],
-        previous: dict[str, np.ndarray],
-    ) -> tuple[ArrayRecord, dict[str, list[int]]]:
+        self, accepted: list[_Accepted], previous: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
         contributors: dict[str, list[int]] = {g: [] for g in GROUPS}
-        for node_id, _, counts, _ in accepted:
+        for node_id, _, counts in accepted:
             for group in counts:
                 contributors.setdefault(group, []).append(node_id)
         updated_groups = {g for g, nodes in contributors.items() if len(nodes) >= self.min_sites_per_group}
@@ -335,12 +428,14 @@ class ModalityAwareFedAvg(FedAvg):
                     "group %r: %d contributing sites < minimum %d; kept unchanged",
                     group, len(nodes), self.min_sites_per_group,
                 )
-        out: dict[str, Array] = {}
+        out: dict[str, np.ndarray] = {}
         for key, old in previous.items():
             group = self.group_of(key)
-            holders = [(arrays[key], counts[group]) for _, arrays, counts, _ in accepted if key in arrays]
+            # fp16 transport: upcast before any arithmetic.
+            holders = [(reply.arrays[key].astype(old.dtype, copy=False), counts[group])
+                       for _, reply, counts in accepted if key in reply.arrays]
             if group not in updated_groups or not holders:
-                out[key] = Array(old)
+                out[key] = old
                 continue
             total = sum(n for _, n in holders)
             # Same arithmetic, in the same order, as flwr's aggregate_arrayrecords, so that with
@@ -352,6 +447,5 @@ class ModalityAwareFedAvg(FedAvg):
             value = np.asarray(value)
             if self.server_optimizer is not None:
                 value = self.server_optimizer.step(key, old, value)
-            out[key] = Array(value)
-        return ArrayRecord(out), {g: nodes for g, nodes in contributors.items() if g in updated_groups}
-
+            out[key] = value
+        return out, {g: nodes for g, nodes in contributors.items() if g in updated_groups}

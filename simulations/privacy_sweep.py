@@ -39,7 +39,7 @@ from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
 from healthfm_core.federation import FederationSetup
 from healthfm_core.model.healthfm import HealthFM
-from server.server_app import read_events
+from server.runlog import read_events
 from simulations.common import (
     Clock,
     clear_previous_runs,

@@ -47,7 +47,7 @@ from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
 from healthfm_core.train import TrainConfig, train_local
-from server.server_app import read_events
+from server.runlog import read_events
 from simulations import privacy_sweep
 from simulations.common import (
     Clock,
@@ -106,7 +106,7 @@ def federated_curves(events: list[dict[str, Any]]) -> tuple[list[dict[str, float
     total = max((e["rounds"] for e in rounds.values()), default=1)
     curve, traffic, timing = [], {}, {}
     for r, e in sorted(rounds.items()):
-        losses = {k[len("loss."):]: float(v) for k, v in e.get("aggregated", {}).items() if k.startswith("loss.")}
+        losses = {k: float(v) for k, v in e.get("losses", {}).items()}
         curve.append({"progress": r / total, **losses})
         traffic[r] = {s: (int(x.get("bytes_sent", 0)), int(x.get("bytes_received", 0))) for s, x in e["sites"].items()}
         timing[r] = e["timings"]

@@ -50,7 +50,8 @@ from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
-from server.server_app import FederationConfig, PrivacyRequest, make_server_app
+from server.config import FederationConfig, PrivacyRequest
+from server.server_app import make_server_app
 from simulations.logs import setup_job_logging
 
 log = logging.getLogger("healthfm.simulations")

@@ -1,8 +1,10 @@
-"""Property-based tests (hypothesis) of hostile input: malformed train replies fed to
-ModalityAwareFedAvg.aggregate_train, malformed parquet files fed to the site reader (check_site).
+"""Property-based tests (hypothesis) of hostile input: malformed train replies (arrays, metrics,
+records; error replies, refusals, replies to no message sent, second replies) fed to
+ModalityAwareFedAvg.aggregate, malformed parquet files fed to the site reader (check_site).
 
 Properties: nothing raises; every malformed reply is rejected with a reason while the well-formed
-ones are still averaged exactly; every malformed site file is reported with a problem naming it,
+ones are still averaged exactly, and with every group at every site the average is plain FedAvg's
+bit for bit; every malformed site file is reported with a problem naming it,
 and checking a site writes nothing. Bounded (max_examples 40) so that both run in seconds.
 """
 
@@ -16,11 +18,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import make_site_tables, write_site_tables
-from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client.client_app import train_reply_content
 from healthfm_core.data.site_check import check_site
+from healthfm_core.federation import (
+    ARRAYS_RECORD,
+    METRICS_RECORD,
+    STATUS_RECORD,
+    TRAIN_LOSSES,
+    PrivacySpend,
+    TrainReply,
+)
 from server.strategy import ModalityAwareFedAvg
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -31,38 +53,74 @@ SHAPES = {"shared.w": (2, 3), "shared.b": (3,), "ehr.w": (4,)}
 GROUP_KEYS = {"shared": ["shared.w", "shared.b"], "ehr": ["ehr.w"]}
 PREVIOUS = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
 
-MALFORMATIONS = [
-    "dtype", "shape", "nan", "inf", "missing_count", "negative_count", "zero_count", "nan_count", "unknown_key",
-    "huge_value", "garbage_bytes", "empty_bytes", "partial_group", "empty_record", "two_array_records",
-    "no_metrics", "group_not_sent", "oversized",
-]
+# Malformed arrays, malformed metrics, malformed records: each makes a reply unusable.
+ARRAY_FAULTS = ["dtype", "shape", "nan", "inf", "huge_value", "garbage_bytes", "empty_bytes", "oversized",
+                "unknown_key", "partial_group", "empty_record", "group_not_sent"]
+METRIC_FAULTS = ["missing_count", "negative_count", "zero_count", "fractional_count", "nan_metric", "list_metric",
+                 "unknown_metric", "no_metrics"]
+RECORD_FAULTS = ["extra_record", "metrics_as_config", "status_on_a_trained_reply", "refusal_with_arrays"]
+MALFORMATIONS = ARRAY_FAULTS + METRIC_FAULTS + RECORD_FAULTS
+# Well-formed replies that still contribute nothing: an error reply, a refusal by the site.
+NOT_CONTRIBUTING = ["error", "refused"]
 
 
 def group_of(key: str) -> str:
     return key.split(".")[0]
 
 
-def _metadata(node: int) -> Metadata:
-    return Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
-                    reply_to_message_id=f"train-{node}", group_id="1", created_at=time.time(), ttl=60.0,
-                    message_type=MessageType.TRAIN)
+def _metadata(node: int, *, src: int | None = None, dst: int = 0, message_id: str = "", reply_to: str = "") -> Metadata:
+    return Metadata(run_id=1, message_id=message_id or f"reply-{node}", src_node_id=node if src is None else src,
+                    dst_node_id=dst, reply_to_message_id=reply_to or f"train-{node}", group_id="1",
+                    created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+
+
+def _sent(nodes: list[int]) -> list[Message]:
+    return [Message(RecordDict(), metadata=_metadata(0, src=0, dst=n, message_id=f"train-{n}", reply_to="-"))
+            for n in nodes]
+
+
+def _train_reply(arrays: dict[str, np.ndarray], counts: dict[str, int], **fields) -> TrainReply:
+    data = {"arrays": arrays, "num_examples": max(counts.values()), "group_examples": counts, **fields}
+    return TrainReply.model_validate(data, context={"group_of": group_of})
+
+
+def _content(arrays: dict[str, Array] | None, metrics: dict, status: dict | None) -> RecordDict:
+    content = RecordDict({METRICS_RECORD: MetricRecord(metrics)})
+    if arrays is not None:
+        content[ARRAYS_RECORD] = ArrayRecord(arrays)
+    if status is not None:
+        content[STATUS_RECORD] = ConfigRecord(status)
+    return content
 
 
 @st.composite
 def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, np.ndarray], dict[str, int]]:
-    """(message, malformation or None, its arrays, its counts per group)."""
+    """(message, fault or None, its arrays, its counts per group); the fault is a malformation
+    or one of NOT_CONTRIBUTING."""
     groups = draw(st.sampled_from([["shared"], ["shared", "ehr"]]))
     # Well-formed values in [1, 2] around a global model of 0: no norm is an outlier.
     arrays = {k: np.asarray(draw(st.lists(st.floats(1.0, 2.0, width=32), min_size=int(np.prod(SHAPES[k])),
                                           max_size=int(np.prod(SHAPES[k])))), np.float32).reshape(SHAPES[k])
               for g in groups for k in GROUP_KEYS[g]}
     counts = {g: draw(st.integers(1, 1000)) for g in groups}
-    bad = draw(st.one_of(st.none(), st.sampled_from(MALFORMATIONS)))
-    items: dict[str, Array] = {k: Array(v) for k, v in arrays.items()}
-    metrics: dict[str, int | float] = {"num-examples": max(counts.values()),
-                                       **{f"num-examples.{g}": n for g, n in counts.items()}}
+    optional = {}
+    if draw(st.booleans()):
+        optional["losses"] = {draw(st.sampled_from(TRAIN_LOSSES)): draw(st.floats(0, 50))}
+    if draw(st.booleans()):
+        optional["dp"] = {"epsilon": draw(st.floats(0, 10)), "delta": 1e-5}
+    if draw(st.booleans()):
+        optional["train_seconds"] = draw(st.floats(0, 100))
+    bad = draw(st.one_of(st.none(), st.sampled_from(MALFORMATIONS + NOT_CONTRIBUTING)))
+    if bad == "error":
+        return Message(Error(code=0, reason="site failed"), metadata=_metadata(node)), bad, arrays, counts
+    if bad == "refused":
+        reply = TrainReply.refused("epsilon cap", PrivacySpend(epsilon=3.0, delta=1e-5))
+        return Message(train_reply_content(reply), metadata=_metadata(node)), bad, arrays, counts
+    _, metrics, status = _train_reply(arrays, counts, **optional).to_records()
+    required = sorted(_train_reply(arrays, counts).to_records().metrics)  # the counts: never optional
+    items: dict[str, Array] | None = {k: Array(v) for k, v in arrays.items()}
     key = draw(st.sampled_from(sorted(items)))
-    extra_records: dict[str, ArrayRecord] = {}
+    extra: dict[str, object] = {}
     if bad == "dtype":
         dtype = draw(st.sampled_from([np.float64, np.int32, np.int64, np.uint8, np.bool_, np.complex64]))
         items[key] = Array(arrays[key].astype(dtype))
@@ -83,25 +141,43 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
         if bad == "oversized":
             data = good.data + b"\0" * 4096
         items[key] = Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=data)
-    elif bad == "missing_count":
-        del metrics[f"num-examples.{draw(st.sampled_from(groups))}"]
-    elif bad in ("negative_count", "zero_count", "nan_count"):
-        metrics[f"num-examples.{draw(st.sampled_from(groups))}"] = {
-            "negative_count": -draw(st.integers(1, 10**6)), "zero_count": 0, "nan_count": float("nan")}[bad]
     elif bad == "unknown_key":
         items[draw(st.sampled_from(["shared.zzz", "ehr.extra", "nothing"]))] = Array(np.ones(2, np.float32))
     elif bad == "partial_group":
         items.pop("shared.b")  # every reply holds shared: one of its two keys missing
     elif bad == "empty_record":
         items = {}
-    elif bad == "two_array_records":
-        extra_records["more"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     elif bad == "group_not_sent":
-        items["ehr.w"] = Array(np.ones(SHAPES["ehr.w"], np.float32))
-        metrics["num-examples.ehr"] = 5
-    content = RecordDict({"arrays": ArrayRecord(items), **extra_records})
-    if bad != "no_metrics":
-        content["metrics"] = MetricRecord(metrics)
+        # Sent shared only (see _node_groups), answers with ehr as well, counted as a site would.
+        with_ehr = {**arrays, "ehr.w": np.ones(SHAPES["ehr.w"], np.float32)}
+        _, metrics, _ = _train_reply(with_ehr, {**counts, "ehr": 5}).to_records()
+        items = {k: Array(v) for k, v in with_ehr.items()}
+    elif bad == "missing_count":
+        del metrics[draw(st.sampled_from(required))]
+    elif bad in ("negative_count", "zero_count", "fractional_count"):
+        metrics[draw(st.sampled_from(required))] = {
+            "negative_count": -draw(st.integers(1, 10**6)), "zero_count": 0,
+            "fractional_count": draw(st.integers(1, 100)) + 0.5}[bad]
+    elif bad == "nan_metric":
+        metrics[draw(st.sampled_from(sorted(metrics)))] = float("nan")
+    elif bad == "list_metric":
+        metrics[draw(st.sampled_from(sorted(metrics)))] = [1.0, 2.0]
+    elif bad == "unknown_metric":
+        name = "x-" + draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz.-", max_size=12))
+        metrics[name] = draw(st.one_of(st.integers(0, 10), st.floats(0, 1)))
+    elif bad == "extra_record":
+        extra["more"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    elif bad == "status_on_a_trained_reply":
+        status = {"status": draw(st.sampled_from(["ok", "trained", ""])), "reason": "x"}
+    elif bad == "refusal_with_arrays":
+        status = {"status": "refused", "reason": "cap"}
+    content = _content(items, metrics, status)
+    if bad == "no_metrics":
+        del content[METRICS_RECORD]
+    elif bad == "metrics_as_config":
+        content[METRICS_RECORD] = ConfigRecord(dict(metrics))
+    for name, record in extra.items():
+        content[name] = record
     return Message(content, metadata=_metadata(node)), bad, arrays, counts
 
 
@@ -114,37 +190,73 @@ def _node_groups(replies: list) -> dict[int, list[str]]:
 
 
 @st.composite
-def a_round(draw: st.DrawFn) -> list:
+def a_round(draw: st.DrawFn) -> tuple[list, list[Message]]:
+    """(the replies to the messages sent, replies no message asked for or a second time)."""
     n = draw(st.integers(1, 4))
-    return [draw(a_reply(node)) for node in range(10, 10 + n)]
+    replies = [draw(a_reply(node)) for node in range(10, 10 + n)]
+    others = []
+    for _ in range(draw(st.integers(0, 2))):
+        message, *_ = draw(a_reply(draw(st.sampled_from([10, 99]))))  # node 10 again, or node 99: never sent to
+        others.append(message)
+    return replies, others
+
+
+def _strategy() -> ModalityAwareFedAvg:
+    return ModalityAwareFedAvg(group_of=group_of, max_reply_bytes=sum(len(Array(v).data) + 64 for v in PREVIOUS.values()))
 
 
 @SETTINGS
 @given(a_round())
-def test_malformed_replies_are_rejected_and_the_rest_averaged(replies: list) -> None:
-    strategy = ModalityAwareFedAvg(group_of=group_of, max_reply_bytes=sum(Array(v).data.__len__() + 64
-                                                                            for v in PREVIOUS.values()))
-    strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in PREVIOUS.items()})
-    strategy.node_groups = _node_groups(replies)
-    # A node with "group_not_sent" was sent shared only but answers with ehr as well.
-    new, _ = strategy.aggregate_train(1, [m for m, *_ in replies])  # never raises
+def test_malformed_replies_are_rejected_and_the_rest_averaged(round_: tuple[list, list[Message]]) -> None:
+    replies, others = round_
+    messages = [m for m, *_ in replies] + others  # a second reply arrives after the first
+    sent = _sent(sorted(_node_groups(replies)))
+    outcome = _strategy().aggregate(1, messages, current_arrays=PREVIOUS, node_groups=_node_groups(replies),
+                                    sent=sent)  # never raises
 
     bad_nodes = {node for node, (_, bad, _, _) in enumerate(replies, start=10) if bad is not None}
-    rejected = {r.node_id: r.reason for r in strategy.rejected[1]}
-    assert set(rejected) == bad_nodes, (rejected, [b for _, b, _, _ in replies])
-    assert all(isinstance(reason, str) and reason for reason in rejected.values())
+    first_reply = {r.node_id: r for r in outcome.rejected if r.kind not in ("duplicate", "unsolicited")}
+    assert set(first_reply) == bad_nodes, (first_reply, [b for _, b, _, _ in replies])
+    for node, (_, bad, _, _) in enumerate(replies, start=10):
+        if bad in NOT_CONTRIBUTING:
+            assert first_reply[node].kind == bad
+        elif bad is not None:
+            assert first_reply[node].kind == "invalid", (bad, first_reply[node])
+    # Every reply beyond the first from a node, or from a node never sent to, is rejected as such.
+    extras = sorted((r.node_id, r.kind) for r in outcome.rejected if r.kind in ("duplicate", "unsolicited"))
+    assert extras == sorted((m.metadata.src_node_id, "duplicate" if m.metadata.src_node_id == 10 else "unsolicited")
+                            for m in others)
+    assert all(isinstance(r.reason, str) and r.reason for r in outcome.rejected)
 
     good = [(arrays, counts) for _, bad, arrays, counts in replies if bad is None]
+    assert len(outcome.accepted) == len(good)
     if not good:
-        assert new is None
+        assert outcome.arrays is None
         return
-    assert new is not None
+    assert outcome.arrays is not None
     for key, old in PREVIOUS.items():
         holders = [(a[key], c[group_of(key)]) for a, c in good if key in a]
         expected = old if not holders else sum(v * n for v, n in holders) / sum(n for _, n in holders)
-        got = new[key].numpy()
+        got = outcome.arrays[key]
         assert got.dtype == old.dtype and got.shape == old.shape
         np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=key)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(1, 10**6), st.integers(0, 2**32 - 1)), min_size=1, max_size=5))
+def test_with_every_group_everywhere_it_is_plain_fedavg(sites: list[tuple[int, int]]) -> None:
+    replies = []
+    for node, (n, seed) in enumerate(sites, start=10):
+        rng = np.random.default_rng(seed)
+        arrays = {k: (1 + rng.random(s)).astype(np.float32) for k, s in SHAPES.items()}
+        reply = _train_reply(arrays, {g: n for g in GROUP_KEYS}, losses={"total": float(rng.random())})
+        replies.append(Message(train_reply_content(reply), metadata=_metadata(node)))
+    outcome = _strategy().aggregate(1, replies, current_arrays=PREVIOUS, node_groups=None,
+                                    sent=_sent([10 + i for i in range(len(sites))]))
+    stock, _ = FedAvg().aggregate_train(1, replies)
+    assert outcome.rejected == [] and set(outcome.arrays) == set(stock)
+    for key in stock:
+        np.testing.assert_array_equal(outcome.arrays[key], stock[key].numpy())  # bit for bit
 
 
 # ---------------------------------------------------------------------------- the site reader

@@ -154,7 +154,7 @@ def test_provision_rejects_bad_names(tmp_path: Path) -> None:
 
 
 def test_run_config_declares_every_server_setting() -> None:
-    from server.server_app import FederationConfig
+    from server.config import FederationConfig
 
     defaults = default_run_config()
     cfg = FederationConfig.from_run_config({**defaults, "out-dir": "/tmp/x"})

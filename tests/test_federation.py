@@ -17,12 +17,24 @@ import pytest
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig, SiteCapabilities, site_seed
+from healthfm_core.federation import (
+    EvalConfig,
+    FederationSetup,
+    RoundConfig,
+    SiteCapabilities,
+    site_seed,
+)
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.train.checkpoint import CheckpointError
-from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
-from server.server_app import FederationConfig, FederationServer, ServerOptimizerConfig, read_events
+from server.checkpoint import (
+    ARRAYS_FILE,
+    latest_server_checkpoint,
+    load_server_checkpoint,
+)
+from server.config import FederationConfig, ServerOptimizerConfig
+from server.runlog import read_events
+from server.server_app import FederationServer
 from simulations.run import run_federation_simulation
 
 EXPECTED_GROUPS = {
@@ -156,10 +168,10 @@ def test_corrupted_server_checkpoint_is_refused(full_run: Path, tmp_path: Path) 
     src = latest_server_checkpoint(full_run / "checkpoints")
     copy = tmp_path / src.name
     shutil.copytree(src, copy)
-    data = bytearray((copy / "model.safetensors").read_bytes())
+    data = bytearray((copy / ARRAYS_FILE).read_bytes())
     data[-1] ^= 0xFF
-    (copy / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    (copy / ARRAYS_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=ARRAYS_FILE):
         load_server_checkpoint(copy)
 
 
@@ -204,8 +216,8 @@ def test_site_training_is_deterministic_and_fp16_transport_halves_the_payload(ru
     for k in first.arrays:
         np.testing.assert_array_equal(first.arrays[k], second.arrays[k])
     assert {parameter_group(k) for k in first.arrays} == {"shared", "ehr", "genomics"}
-    assert first.metrics["num-examples.genomics"] > 0
-    assert "loss.align" not in first.metrics  # no wearables here: no alignment loss reported
+    assert first.group_examples["genomics"] > 0
+    assert "align" not in first.losses  # no wearables here: no alignment loss reported
     half = site.train(setup, arrays, cfg.model_copy(update={"fp16_transport": True}))
     assert all(v.dtype == np.float16 for v in half.arrays.values())
     assert sum(v.nbytes for v in half.arrays.values()) * 2 == sum(v.nbytes for v in first.arrays.values())
@@ -218,9 +230,8 @@ def test_evaluation_withholds_metrics_below_the_site_minimum(federation, setup) 
     site = federation.site("biobank")
     strict = SiteRuntime(SiteConfig(site_root=site.root, site_name="biobank", min_report_subjects=10_000))
     cfg = EvalConfig(round=1, tasks=["onset_hypertension_365d", "wearable_resting_hr"], setup_sha256=setup.sha256, n_boot=10)
-    metrics = strict.evaluate(setup, own_arrays(setup, strict.groups), cfg)
-    assert metrics["withheld"] == 2 and metrics["tasks"] == 0
-    assert not [k for k in metrics if k.startswith(("onset_", "wearable_"))]
+    evaluation = strict.evaluate(setup, own_arrays(setup, strict.groups), cfg)
+    assert evaluation.withheld == 2 and evaluation.tasks == {}
 
 
 def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:

@@ -8,30 +8,48 @@ input in tests/test_bad_input.py.
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from deploy_fixtures import Process, free_port
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
 
+from client.client_app import train_reply_content
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import FederationSetup
+from healthfm_core.federation import FederationSetup, TrainReply
 from healthfm_core.model.config import load_model_config
 from healthfm_core.train.checkpoint import CheckpointError
-from server.audit import AUDIT_FILE, AuditLog, AuditLogError, audit_from_rounds, read_audit_log, verify_audit_log
-from server.checkpoint import META_HASH_FILE, ServerState, load_server_checkpoint, save_server_checkpoint
+from server.audit import (
+    AUDIT_FILE,
+    AuditLog,
+    AuditLogError,
+    audit_from_rounds,
+    read_audit_log,
+    verify_audit_log,
+)
+from server.checkpoint import (
+    ARRAYS_FILE,
+    META_HASH_FILE,
+    STRATEGY_FILE,
+    ServerState,
+    load_server_checkpoint,
+    save_server_checkpoint,
+)
+from server.config import FederationConfig
 from server.coordinator import main as coordinator_main
 from server.flwr_app import default_run_config
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.provision import ProvisionConfig, provision
-from server.server_app import FederationConfig, FederationServer
-from server.strategy import ModalityAwareFedAvg
+from server.server_app import FederationServer
+from server.strategy import ModalityAwareFedAvg, origin
 
 # ---------------------------------------------------------------------------- audit log
 
@@ -150,12 +168,13 @@ def _flip_byte(path: Path, where: int) -> None:
 
 
 def _change_step(path: Path) -> None:  # still valid JSON, other content
-    path.write_text(path.read_text().replace('"step": 1', '"step": 7', 1))
+    assert '"round": 1' in path.read_text()
+    path.write_text(path.read_text().replace('"round": 1', '"round": 7', 1))
 
 
 CORRUPTIONS = {
-    "model.safetensors: one flipped byte": ("model.safetensors", lambda p: _flip_byte(p, p.stat().st_size // 2)),
-    "optimizer.pt: one flipped byte": ("optimizer.pt", lambda p: _flip_byte(p, p.stat().st_size - 3)),
+    f"{ARRAYS_FILE}: one flipped byte": (ARRAYS_FILE, lambda p: _flip_byte(p, p.stat().st_size // 2)),
+    f"{STRATEGY_FILE}: one flipped byte": (STRATEGY_FILE, lambda p: _flip_byte(p, p.stat().st_size - 1)),
     "checkpoint.json: truncated": ("checkpoint.json", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
     "checkpoint.json: valid JSON, changed": ("checkpoint.json", _change_step),
     "checkpoint.json.sha256: deleted": (META_HASH_FILE, lambda p: p.unlink()),
@@ -189,16 +208,25 @@ def _metadata(message_id: str, src: int, dst: int, reply_to: str = "") -> Metada
                     group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
 
 
+def _group_of(key: str) -> str:
+    return key.split(".")[0]
+
+
 def _reply(node: int, arrays: dict[str, np.ndarray], n: int = 10) -> Message:
-    metrics = MetricRecord({"num-examples": n, **{f"num-examples.{k.split('.')[0]}": n for k in arrays}})
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": metrics})
-    return Message(content, metadata=_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"))
+    reply = TrainReply.model_validate({"arrays": arrays, "num_examples": n,
+                                       "group_examples": {_group_of(k): n for k in arrays}},
+                                      context={"group_of": _group_of})
+    return Message(train_reply_content(reply), metadata=_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"))
 
 
-def _strategy(global_arrays: dict[str, np.ndarray], **kwargs) -> ModalityAwareFedAvg:
-    s = ModalityAwareFedAvg(group_of=lambda k: k.split(".")[0], **kwargs)
-    s.current_arrays = ArrayRecord({k: Array(v) for k, v in global_arrays.items()})
-    return s
+def _sent(*nodes: int) -> list[Message]:
+    """Train messages to these nodes, with the message ids the Grid sets when it pushes them."""
+    return [Message(RecordDict({"config": ConfigRecord({})}), metadata=_metadata(f"m{i}", src=0, dst=n))
+            for i, n in enumerate(nodes)]
+
+
+def _strategy(**kwargs) -> ModalityAwareFedAvg:
+    return ModalityAwareFedAvg(group_of=_group_of, **kwargs)
 
 
 def test_a_reply_over_the_size_limit_is_rejected_and_the_round_goes_on() -> None:
@@ -207,16 +235,16 @@ def test_a_reply_over_the_size_limit_is_rejected_and_the_round_goes_on() -> None
     # The derived limit admits a full-model reply, float32 or float16.
     full = ArrayRecord({k: Array(v) for k, v in glob.items()})
     assert array_record_bytes(full) <= limit
-    s = _strategy(glob, max_reply_bytes=limit)
+    s = _strategy(max_reply_bytes=limit)
     ok = _reply(1, {k: v + 1 for k, v in glob.items()})
     # A reply as big as asked: right keys, but the bytes of 10x the model in one array's payload.
     huge = _reply(2, {k: v + 5 for k, v in glob.items()})
     arr = next(iter(huge.content.array_records.values()))["shared.w"]
     arr.data = arr.data + b"\0" * (10 * limit)
-    new, _ = s.aggregate_train(1, [ok, huge])
-    assert new is not None
-    np.testing.assert_array_equal(new["shared.w"].numpy(), glob["shared.w"] + 1)  # the ok reply alone
-    (rejected,) = s.rejected[1]
+    outcome = s.aggregate(1, [ok, huge], current_arrays=glob, node_groups=None, sent=_sent(1, 2))
+    assert outcome.arrays is not None
+    np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 1)  # the ok reply alone
+    (rejected,) = outcome.rejected
     assert rejected.node_id == 2 and "exceeds the limit" in rejected.reason and f"{limit:,} B" in rejected.reason
     with pytest.raises(ValueError, match="margin"):
         default_max_reply_bytes(full, margin=0.5)
@@ -224,20 +252,48 @@ def test_a_reply_over_the_size_limit_is_rejected_and_the_round_goes_on() -> None
 
 def test_error_replies_from_the_superlink_are_attributed_to_the_silent_node() -> None:
     glob = {"shared.w": np.zeros(3, np.float32)}
-    s = _strategy(glob)
-    s.node_groups = {5: ["shared"], 6: ["shared"]}
-    sent = [Message(RecordDict({"config": ConfigRecord({})}), metadata=_metadata(f"m{i}", src=0, dst=n))
-            for i, n in enumerate((5, 6))]  # message ids as the Grid sets them when it pushes
-    s.sent = sent
+    s = _strategy()
+    sent = _sent(5, 6)
     alive = _reply(5, {"shared.w": glob["shared.w"] + 2})
     alive.metadata.__dict__["_reply_to_message_id"] = "m0"
     # Flower's NODE_UNAVAILABLE reply: from the SuperLink (node 1), answering m1 (sent to node 6).
     dead = Message(Error(code=3, reason="Error: Node Unavailable"), metadata=_metadata("e1", src=1, dst=0, reply_to="m1"))
-    assert s.origin(alive) == 5 and s.origin(dead) == 6
-    new, _ = s.aggregate_train(1, [alive, dead])
-    np.testing.assert_array_equal(new["shared.w"].numpy(), glob["shared.w"] + 2)
-    (rejected,) = s.rejected[1]
-    assert rejected.node_id == 6 and "Node Unavailable" in rejected.reason
+    assert origin(alive, sent) == 5 and origin(dead, sent) == 6
+    outcome = s.aggregate(1, [alive, dead], current_arrays=glob, node_groups={5: ["shared"], 6: ["shared"]},
+                          sent=sent)
+    np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 2)
+    (rejected,) = outcome.rejected
+    assert rejected.node_id == 6 and "Node Unavailable" in rejected.reason and rejected.kind == "error"
+
+
+def test_a_reply_to_no_message_sent_and_a_second_reply_are_rejected() -> None:
+    glob = {"shared.w": np.zeros(3, np.float32)}
+    sent = _sent(5)
+    first, again = _reply(5, {"shared.w": glob["shared.w"] + 2}), _reply(5, {"shared.w": glob["shared.w"] + 9})
+    stranger = _reply(8, {"shared.w": glob["shared.w"] + 4})
+    outcome = _strategy().aggregate(1, [first, stranger, again], current_arrays=glob, node_groups=None, sent=sent)
+    np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 2)  # the first reply alone
+    assert outcome.accepted == [5]
+    assert [(r.node_id, r.kind) for r in outcome.rejected] == [(8, "unsolicited"), (5, "duplicate")]
+
+
+def test_server_checkpoints_are_plain_arrays_and_resume_bit_for_bit(setup: FederationSetup, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {k: rng.standard_normal(v.shape).astype(v.numpy().dtype) for k, v in setup.init_model().state_dict().items()}
+    moments = {"m.a": rng.standard_normal(3).astype(np.float32), "v.a": rng.random(3).astype(np.float32)}
+    state = ServerState(round=4, arrays=arrays, strategy=moments, setup=setup,
+                        run_config=fed_config(tmp_path).model_dump(mode="json"), python_random=random.getstate(),
+                        torch_random=torch.get_rng_state())
+    path = save_server_checkpoint(tmp_path / "checkpoints", state)
+    assert sorted(p.name for p in path.iterdir()) == sorted([ARRAYS_FILE, STRATEGY_FILE, "checkpoint.json",
+                                                             META_HASH_FILE])
+    back = load_server_checkpoint(path)
+    assert back.round == 4 and back.setup.sha256 == setup.sha256 and back.python_random == state.python_random
+    assert torch.equal(back.torch_random, state.torch_random)
+    for saved, loaded in ((arrays, back.arrays), (moments, back.strategy)):
+        assert saved.keys() == loaded.keys()
+        for k in saved:
+            assert loaded[k].dtype == saved[k].dtype and loaded[k].tobytes() == saved[k].tobytes(), k
 
 
 def test_limits_are_run_config_keys() -> None:

@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
@@ -25,11 +34,25 @@ from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tokens import PretrainingDataset, collate
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import DP_DELTA, DP_EPSILON, STATUS_REFUSED, EvalConfig, FederationSetup, RoundConfig
+from healthfm_core.federation import (
+    ARRAYS_RECORD,
+    METRICS_RECORD,
+    STATUS_RECORD,
+    EvalConfig,
+    FederationSetup,
+    PrivacySpend,
+    RoundConfig,
+    TrainReply,
+)
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.objectives import ObjectiveWeights
-from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, StreamingDPOptimizer
+from healthfm_core.privacy.engine import (
+    DPLocalStep,
+    DPSettings,
+    PoissonBatches,
+    StreamingDPOptimizer,
+)
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from server.strategy import ModalityAwareFedAvg
 
@@ -168,20 +191,20 @@ def test_epsilon_after_three_rounds_equals_the_accountant_and_survives_a_restart
     reference = RDPAccountant()
     reference.history = [(1.1, rate, 3 * 2)]  # total steps at the site's sampling rate
     expected = reference.get_epsilon(DELTA)
-    assert replies[-1].metrics[DP_EPSILON] == pytest.approx(expected, rel=1e-12)
-    assert replies[-1].metrics[DP_DELTA] == DELTA
+    assert replies[-1].dp.epsilon == pytest.approx(expected, rel=1e-12)
+    assert replies[-1].dp.delta == DELTA
     # Epsilon grows round by round (a fresh accountant per round would report round 1's value each time).
-    eps = [r.metrics[DP_EPSILON] for r in replies]
+    eps = [r.dp.epsilon for r in replies]
     assert eps[0] < eps[1] < eps[2]
     ledger = json.loads((state / LEDGER_FILE).read_text())
     assert [r["round"] for r in ledger["rounds"]] == [1, 2, 3] and ledger["history"] == [[1.1, rate, 6]]
-    assert not [k for k in replies[-1].metrics if k.startswith("loss.")]  # not covered by DP: withheld
+    assert not replies[-1].losses and replies[-1].grad_norm is None  # not covered by DP: withheld
 
     restarted = runtime(federation, "genomics", policy, state)  # a new SuperNode process on the same state
-    assert restarted.privacy_metrics()[DP_EPSILON] == pytest.approx(expected, rel=1e-12)
+    assert restarted.privacy_spend().epsilon == pytest.approx(expected, rel=1e-12)
     fourth = restarted.train(setup, arrays, round_cfg(setup, 4, rounds=4))
     reference.history = [(1.1, rate, 8)]
-    assert fourth.metrics[DP_EPSILON] == pytest.approx(reference.get_epsilon(DELTA), rel=1e-12)
+    assert fourth.dp.epsilon == pytest.approx(reference.get_epsilon(DELTA), rel=1e-12)
 
 
 def test_a_damaged_ledger_is_never_replaced_by_a_fresh_one(tmp_path) -> None:
@@ -215,8 +238,8 @@ def test_target_epsilon_is_reached_at_the_end_of_the_run(federation, setup, tmp_
     rt = runtime(federation, "genomics", policy, tmp_path / "state")
     arrays = own_arrays(setup, rt.groups)
     out = [rt.train(setup, arrays, round_cfg(setup, r, rounds=2, local_steps=1)) for r in (1, 2)]
-    assert out[0].metrics[DP_EPSILON] < 4.0
-    assert out[1].metrics[DP_EPSILON] == pytest.approx(4.0, abs=0.05)
+    assert out[0].dp.epsilon < 4.0
+    assert out[1].dp.epsilon == pytest.approx(4.0, abs=0.05)
 
 
 # ------------------------------------------------------------------------ the policy via the ClientApp
@@ -246,6 +269,16 @@ class Node:
         return self.app(message(content, MessageType.TRAIN), self.context)
 
 
+def parsed(reply: Message) -> TrainReply:
+    """A ClientApp's train reply as the server parses it."""
+    content = reply.content
+    arrays = content.array_records.get(ARRAYS_RECORD)
+    status = content.config_records.get(STATUS_RECORD)
+    return TrainReply.from_records({k: v.numpy() for k, v in arrays.items()} if arrays is not None else None,
+                                   dict(content.metric_records[METRICS_RECORD]),
+                                   dict(status) if status is not None else None)
+
+
 def node_config(federation, name: str, **extra) -> dict:
     site = federation.site(name)
     return {"site-root": str(site.root), "site-name": name, **BASE, **{k: str(v) for k, v in extra.items()}}
@@ -260,24 +293,25 @@ def test_a_request_over_the_cap_is_refused_and_no_update_leaves(federation, setu
     groups = ["shared", "ehr", "wearables"]
     first = node.train(setup, groups, round_cfg(setup, 1))
     assert not first.has_error() and len(first.content.array_records) == 1
-    epsilon = first.content.metric_records["metrics"][DP_EPSILON]
+    epsilon = parsed(first).dp.epsilon
     assert 0 < epsilon <= 3.0
     ledger_before = (state / LEDGER_FILE).read_bytes()
 
     second = node.train(setup, groups, round_cfg(setup, 2))
     assert not second.has_error()
     assert len(second.content.array_records) == 0  # no update leaves the site
-    status = second.content.config_records["status"]
-    assert status["status"] == STATUS_REFUSED and "cap 3" in status["reason"]
-    assert dict(second.content.metric_records["metrics"]) == {DP_EPSILON: epsilon, DP_DELTA: DELTA}
+    refused = parsed(second)
+    assert refused.status == "refused" and "cap 3" in refused.reason
+    assert refused.dp == PrivacySpend(epsilon=epsilon, delta=DELTA)
     assert (state / LEDGER_FILE).read_bytes() == ledger_before  # nothing trained, nothing spent
 
     # The server counts the site out of the round and says why.
-    strategy = ModalityAwareFedAvg()
-    strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in own_arrays(setup, groups).items()})
-    new_arrays, _ = strategy.aggregate_train(2, [second])
-    assert new_arrays is None
-    assert "refused by the site" in strategy.rejected[2][0].reason and "cap" in strategy.rejected[2][0].reason
+    sent = message(RecordDict(), MessageType.TRAIN)  # to node 7, whom `second` answers
+    outcome = ModalityAwareFedAvg().aggregate(2, [second], current_arrays=own_arrays(setup, groups), node_groups=None,
+                                              sent=[sent])
+    assert outcome.arrays is None
+    [rejected] = outcome.rejected
+    assert rejected.kind == "refused" and "refused by the site" in rejected.reason and "cap" in rejected.reason
 
 
 def test_dp_requested_without_a_site_budget_is_refused(federation, setup) -> None:
@@ -291,10 +325,9 @@ def test_a_group_the_policy_keeps_local_never_appears_in_a_reply(federation, set
     node = Node(node_config(federation, "biobank", policy=policy))
     node.send_setup(setup)
     reply = node.train(setup, ["shared", "ehr", "wearables", "genomics"], round_cfg(setup, 1, local_steps=1))
-    arrays = reply.content.array_records["arrays"]
+    arrays = reply.content.array_records[ARRAYS_RECORD]
     assert {parameter_group(k) for k in arrays} == {"shared", "ehr"}
-    metrics = reply.content.metric_records["metrics"]
-    assert not [k for k in metrics if k.endswith((".wearables", ".genomics"))]
+    assert sorted(parsed(reply).group_examples) == ["ehr", "shared"]
     # The site did train them (the shared weights saw wearables and genomics): they only stay home.
     assert any(parameter_group(k) == "wearables" for k in runtime(federation, "biobank", policy).train(
         setup, own_arrays(setup, ["shared", "ehr", "wearables", "genomics"]), round_cfg(setup, 1, local_steps=1)).arrays)
@@ -309,9 +342,9 @@ def test_metrics_and_statistics_on_too_few_subjects_are_withheld(federation, set
     # Training losses over 4 samples describe 4 < 10 subjects: withheld; over 16, reported.
     arrays = own_arrays(setup, rt.groups)
     few = rt.train(setup, arrays, round_cfg(setup, 1, local_steps=1, batch_size=4))
-    assert few.metrics["num-examples"] == 4 and not [k for k in few.metrics if k.startswith(("loss.", "grad-norm"))]
+    assert few.num_examples == 4 and not few.losses and few.grad_norm is None
     many = rt.train(setup, arrays, round_cfg(setup, 1, local_steps=2, batch_size=8))
-    assert "loss.total" in many.metrics
+    assert "total" in many.losses
     # Code statistics: the policy's minimum (10) overrides the node config's (5).
     stats = rt.code_stats()
     assert stats.min_subjects == 10 and stats.codes and min(c.n_subjects for c in stats.codes.values()) >= 10
@@ -319,9 +352,9 @@ def test_metrics_and_statistics_on_too_few_subjects_are_withheld(federation, set
     loose = runtime(federation, "hospital").code_stats()
     assert loose.n_wearable_subjects == 7 and min(c.n_subjects for c in loose.codes.values()) < 10
     # Evaluation: splits of 3 subjects < 10: every task withheld.
-    metrics = rt.evaluate(setup, arrays, EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256,
+    evaluation = rt.evaluate(setup, arrays, EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256,
                                                     n_boot=10))
-    assert metrics["withheld"] == 1 and not [k for k in metrics if k.startswith("onset_")]
+    assert evaluation.withheld == 1 and not evaluation.tasks
 
 
 def test_a_policy_error_stops_the_site_with_a_clear_message(federation, tmp_path) -> None:

@@ -13,10 +13,12 @@ import multiprocessing
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from healthfm_core.federation import PrivacySpend, TrainReply
 from healthfm_core.privacy.engine import (
     DPLocalStep,
     DPSettings,
@@ -31,7 +33,6 @@ from healthfm_core.privacy.ledger import (
     PrivacyLedger,
 )
 from healthfm_core.privacy.policy import DPPolicy
-from healthfm_core.privacy.release import dp_safe_metrics, releasable_metrics
 from healthfm_core.privacy.training import (
     DPRequest,
     PrivacyRefused,
@@ -249,14 +250,20 @@ def test_noise_and_samples_come_from_the_os_not_from_any_seed(tmp_path: Path) ->
     assert batches[0] != batches[1]
 
 
-def test_under_dp_only_allowlisted_metrics_leave_and_without_dp_no_epsilon() -> None:
-    metrics = {"num-examples": 8, "num-examples.ehr": 5, "dp.epsilon": 1.5, "dp.delta": DELTA,
-               "dp.noise-multiplier": 1.1, "rate-min": 0.1, "rate-max": 2.0, "train-seconds": 3.2,
-               "client-seconds": 3.5, "loss.total": 1.0, "grad-norm": 0.3, "examples": 7}
-    assert dp_safe_metrics(metrics) == {k: metrics[k] for k in ("num-examples", "num-examples.ehr", "dp.epsilon",
-                                                                "dp.delta", "dp.noise-multiplier", "rate-min", "rate-max")}
-    plain = releasable_metrics(metrics, private=False)
-    assert not [k for k in plain if k.startswith("dp.")] and plain["train-seconds"] == 3.2
+def test_under_dp_no_loss_or_timing_leaves_and_without_dp_no_epsilon() -> None:
+    arrays = {"backbone.final_norm.weight": np.ones(3, dtype=np.float32)}
+    dp_round = PrivacySpend(epsilon=1.5, delta=DELTA, noise_multiplier=1.1)
+    ok = TrainReply(arrays=arrays, num_examples=8, group_examples={"shared": 8}, rate_min=0.1, rate_max=2.0,
+                    dp=dp_round)
+    assert ok.dp == dp_round
+    for leak in ({"train_seconds": 3.2}, {"client_seconds": 3.5}, {"losses": {"total": 1.0}}, {"grad_norm": 0.3}):
+        with pytest.raises(ValueError, match="a DP update carries no"):
+            TrainReply(arrays=arrays, num_examples=8, group_examples={"shared": 8}, dp=dp_round, **leak)
+    with pytest.raises(ValueError, match="without DP carries no privacy spend"):
+        TrainReply(arrays=arrays, num_examples=8, group_examples={"shared": 8}, train_seconds=1.0,
+                   dp=PrivacySpend(epsilon=0.0, delta=DELTA))
+    # A refusal may say how much the site has spent (why it refuses).
+    assert TrainReply.refused("cap", dp=PrivacySpend(epsilon=8.0, delta=DELTA)).dp is not None
 
 
 # ------------------------------------------------------------------------ make_private_training

@@ -22,7 +22,9 @@ from healthfm_core.eval import compare
 from healthfm_core.federation import RoundConfig
 from healthfm_core.model.config import load_model_config
 from healthfm_core.privacy.ledger import PrivacyLedger
-from server.server_app import FederationConfig, FederationServer, PrivacyRequest, read_events
+from server.config import FederationConfig, PrivacyRequest
+from server.runlog import read_events
+from server.server_app import FederationServer
 from simulations import privacy_sweep
 from simulations.run import federation_config, simulated_site_policy
 

@@ -16,7 +16,7 @@ import pytest
 from healthfm_core.eval import compare
 from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.runner import MethodResult
-from server.server_app import read_events
+from server.runlog import read_events
 from simulations import demo
 from simulations.report import METHODS, prepare_out_dir
 

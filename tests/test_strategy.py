@@ -6,10 +6,21 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 
-from server.strategy import GroupAdam, ModalityAwareFedAvg
+from client.client_app import train_reply_content
+from healthfm_core.federation import ARRAYS_RECORD, TrainReply
+from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome
 
 # Keys named after their group keep the arithmetic of these tests readable; the real
 # mapping (healthfm_core.model.groups.parameter_group) is exercised in test_groups.py.
@@ -30,14 +41,25 @@ def global_arrays(value: float = 0.0) -> dict[str, np.ndarray]:
     return {k: np.full(s, value, dtype=np.float32) for k, s in SHAPES.items()}
 
 
-def reply(node_id: int, arrays: dict[str, np.ndarray], counts: dict[str, int], **extra) -> Message:
-    """A real Flower reply message from node_id, with the metadata a SuperLink delivers it with."""
-    metrics = MetricRecord({"num-examples": max(counts.values()), "train-loss": 1.0})
-    for group, n in counts.items():
-        metrics[f"num-examples.{group}"] = n
-    for k, v in extra.items():
-        metrics[k] = v
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": metrics})
+def train_reply(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> TrainReply:
+    """A site's TrainReply over the synthetic keys (built, and so checked, as the site builds one)."""
+    return TrainReply.model_validate(
+        {"arrays": arrays, "num_examples": max(counts.values()), "group_examples": counts, "losses": {"total": 1.0}},
+        context={"group_of": group_of},
+    )
+
+
+def reply(node_id: int, arrays: dict[str, np.ndarray], counts: dict[str, int]) -> Message:
+    """A real Flower reply message from node_id, with the metadata a SuperLink delivers it with:
+    the records of a TrainReply with these counts, carrying these arrays as they are (malformed
+    ones included, which no site would build)."""
+    placeholders = {f"{g}.w": np.zeros(1, np.float32) for g in counts}  # replaced by the arrays as given
+    content = train_reply_content(train_reply(placeholders, counts))
+    content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return message(node_id, content)
+
+
+def message(node_id: int, content: RecordDict) -> Message:
     metadata = Metadata(
         run_id=1, message_id=f"reply-{node_id}", src_node_id=node_id, dst_node_id=0,
         reply_to_message_id=f"train-{node_id}", group_id="1", created_at=time.time(), ttl=3600.0,
@@ -51,13 +73,24 @@ def site_arrays(groups: list[str], value: float) -> dict[str, np.ndarray]:
 
 
 def strategy(**kwargs) -> ModalityAwareFedAvg:
-    s = ModalityAwareFedAvg(group_of=group_of, **kwargs)
-    s.current_arrays = ArrayRecord({k: Array(v) for k, v in global_arrays(-1.0).items()})
-    return s
+    return ModalityAwareFedAvg(group_of=group_of, **kwargs)
 
 
-def result(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in arrays.items()}
+def sent_to(replies: list[Message]) -> list[Message]:
+    """The train messages the replies answer (one per node, as the Grid addresses them)."""
+    return [Message(RecordDict(), metadata=Metadata(
+        run_id=1, message_id=f"train-{r.metadata.src_node_id}", src_node_id=0, dst_node_id=r.metadata.src_node_id,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
+    )) for r in replies]
+
+
+def aggregate(s: ModalityAwareFedAvg, rnd: int, replies: list[Message], **kwargs) -> RoundOutcome:
+    inputs = {"current_arrays": global_arrays(-1.0), "node_groups": None, "sent": sent_to(replies), **kwargs}
+    return s.aggregate(rnd, replies, **inputs)
+
+
+def result(arrays: ArrayRecord | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in arrays.items()}
 
 
 def test_hand_computed_average_with_missing_modalities() -> None:
@@ -67,18 +100,19 @@ def test_hand_computed_average_with_missing_modalities() -> None:
     hospital = reply(2, site_arrays(["shared", "ehr"], 4.0), {"shared": 300, "ehr": 300})
     cohort = reply(3, site_arrays(["shared", "ehr", "genomics"], 2.0),
                    {"shared": 100, "ehr": 50, "genomics": 300})
-    arrays, metrics = strategy().aggregate_train(1, [biobank, hospital, cohort])
-    out = result(arrays)
+    outcome = aggregate(strategy(), 1, [biobank, hospital, cohort])
+    out = result(outcome.arrays)
     np.testing.assert_allclose(out["shared.w"], (100 * 1 + 300 * 4 + 100 * 2) / 500)
     np.testing.assert_allclose(out["ehr.w"], (100 * 1 + 300 * 4 + 50 * 2) / 450)
     np.testing.assert_allclose(out["wearables.w"], 1.0)  # only the biobank
     np.testing.assert_allclose(out["genomics.w"], (100 * 1 + 300 * 2) / 400)
-    assert metrics is not None and "train-loss" in metrics
+    assert outcome.losses == {"total": 1.0} and outcome.accepted == [1, 2, 3]
+    assert outcome.contributors == {"shared": [1, 2, 3], "ehr": [1, 2, 3], "wearables": [1], "genomics": [1, 3]}
 
 
 def test_key_no_reply_holds_keeps_previous_value() -> None:
     only_ehr = reply(2, site_arrays(["shared", "ehr"], 4.0), {"shared": 3, "ehr": 3})
-    out = result(strategy().aggregate_train(1, [only_ehr])[0])
+    out = result(aggregate(strategy(), 1, [only_ehr]).arrays)
     np.testing.assert_array_equal(out["wearables.w"], -1.0)
     np.testing.assert_array_equal(out["genomics.w"], -1.0)
     np.testing.assert_array_equal(out["ehr.w"], 4.0)
@@ -91,7 +125,7 @@ def test_equals_stock_fedavg_when_every_site_holds_every_group() -> None:
     for node_id, n in zip([1, 2, 3, 4], [17, 230, 5, 64]):
         arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
         replies.append(reply(node_id, arrays, {g: n for g in ["shared", "ehr", "wearables", "genomics"]}))
-    ours = result(strategy().aggregate_train(1, replies)[0])
+    ours = result(aggregate(strategy(), 1, replies).arrays)
     stock = result(FedAvg().aggregate_train(1, replies)[0])
     assert set(ours) == set(stock)
     for k in ours:
@@ -122,7 +156,7 @@ def bad_replies() -> dict[str, Message]:
         "dtype": reply(93, dtype, {"shared": 10, "ehr": 10}),
         "unknown key": reply(94, unknown, {"shared": 10, "ehr": 10}),
         "partial group": reply(95, partial, {"shared": 10, "ehr": 10}),
-        "num-examples.ehr": reply(96, site_arrays(["shared", "ehr"], 1.0), {"shared": 10}),
+        "ehr count missing": reply(96, site_arrays(["shared", "ehr"], 1.0), {"shared": 10}),
         "norm": good(97, value=1e6),
     }
 
@@ -130,11 +164,10 @@ def bad_replies() -> dict[str, Message]:
 @pytest.mark.parametrize("kind", list(bad_replies()))
 def test_bad_reply_is_dropped_and_round_goes_on(kind: str, caplog: pytest.LogCaptureFixture) -> None:
     bad = bad_replies()[kind]
-    s = strategy()
-    arrays, _ = s.aggregate_train(3, [good(1, 1.0), bad, good(2, 3.0), good(3, 2.0)])
-    out = result(arrays)
+    outcome = aggregate(strategy(), 3, [good(1, 1.0), bad, good(2, 3.0), good(3, 2.0)])
+    out = result(outcome.arrays)
     np.testing.assert_allclose(out["ehr.w"], 2.0)  # mean of the three good ones
-    [rejected] = s.rejected[3]
+    [rejected] = outcome.rejected
     assert rejected.node_id == bad.metadata.src_node_id
     assert kind.split()[0].lower() in rejected.reason.lower()
     assert f"node {rejected.node_id}" in caplog.text
@@ -142,7 +175,7 @@ def test_bad_reply_is_dropped_and_round_goes_on(kind: str, caplog: pytest.LogCap
 
 def test_fp16_transport_is_upcast_before_averaging() -> None:
     half = {k: v.astype(np.float16) for k, v in site_arrays(["shared", "ehr"], 1.5).items()}
-    out = result(strategy().aggregate_train(1, [reply(1, half, {"shared": 10, "ehr": 10}), good(2, 0.5)])[0])
+    out = result(aggregate(strategy(), 1, [reply(1, half, {"shared": 10, "ehr": 10}), good(2, 0.5)]).arrays)
     assert out["ehr.w"].dtype == np.float32
     np.testing.assert_allclose(out["ehr.w"], 1.0)
 
@@ -150,22 +183,21 @@ def test_fp16_transport_is_upcast_before_averaging() -> None:
 def test_group_below_minimum_sites_is_left_unchanged() -> None:
     biobank = reply(1, site_arrays(["shared", "ehr", "wearables"], 1.0), {"shared": 1, "ehr": 1, "wearables": 1})
     hospital = reply(2, site_arrays(["shared", "ehr"], 3.0), {"shared": 1, "ehr": 1})
-    s = strategy(min_sites_per_group=2)
-    out = result(s.aggregate_train(1, [biobank, hospital])[0])
+    outcome = aggregate(strategy(min_sites_per_group=2), 1, [biobank, hospital])
+    out = result(outcome.arrays)
     np.testing.assert_allclose(out["shared.w"], 2.0)
     np.testing.assert_array_equal(out["wearables.w"], -1.0)  # one site only: unchanged
-    assert set(s.contributors[1]) == {"shared", "ehr"}
+    assert set(outcome.contributors) == {"shared", "ehr"}
 
 
 def test_all_replies_bad_leaves_round_without_update() -> None:
-    s = strategy()
-    arrays, metrics = s.aggregate_train(1, [bad_replies()["NaN"]])
-    assert arrays is None and metrics is None
+    outcome = aggregate(strategy(), 1, [bad_replies()["NaN"]])
+    assert outcome.arrays is None and outcome.accepted == [] and len(outcome.rejected) == 1
 
 
 def test_server_adam_moves_towards_the_average() -> None:
     s = strategy(server_optimizer=GroupAdam(lr=0.1))
-    out = result(s.aggregate_train(1, [good(1, 1.0)])[0])
+    out = result(aggregate(s, 1, [good(1, 1.0)]).arrays)
     # previous -1, average 1: a first Adam step moves by about lr in the update's direction.
     np.testing.assert_allclose(out["ehr.w"], -1.0 + 0.1, rtol=1e-3)
     np.testing.assert_array_equal(out["genomics.w"], -1.0)
@@ -173,5 +205,42 @@ def test_server_adam_moves_towards_the_average() -> None:
 
 def test_only_the_sites_groups_are_sent() -> None:
     s = strategy()
-    sent = s.arrays_for_groups(s.current_arrays, ["shared", "ehr"])
+    record = ArrayRecord({k: Array(v) for k, v in global_arrays().items()})
+    sent = s.arrays_for_groups(record, ["shared", "ehr"])
     assert {group_of(k) for k in sent} == {"shared", "ehr"}
+
+
+def test_the_strategy_keeps_no_round_state() -> None:
+    """Two rounds through one strategy, in either order, give what each gives through a fresh one."""
+    first = [good(1, 1.0), good(2, 3.0)]
+    second = [good(1, 5.0), bad_replies()["NaN"]]
+    shared = strategy()
+    a, b = aggregate(shared, 1, first), aggregate(shared, 2, second)
+    b2, a2 = aggregate(strategy(), 2, second), aggregate(strategy(), 1, first)
+    for x, y in ((a, a2), (b, b2)):
+        assert x.accepted == y.accepted and x.rejected == y.rejected and x.contributors == y.contributors
+        for k in x.arrays:
+            np.testing.assert_array_equal(x.arrays[k], y.arrays[k])
+    assert vars(shared).keys() == vars(strategy()).keys()
+
+
+def test_flowers_own_loop_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure_train -> aggregate_train as Flower's Strategy.start() calls them."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # as inside a ServerApp run
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    s = strategy()
+    record = ArrayRecord({k: Array(v) for k, v in global_arrays(-1.0).items()})
+    messages = list(s.configure_train(1, record, ConfigRecord({}), Grid()))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    arrays, metrics = s.aggregate_train(1, [good(1, 1.0), good(2, 3.0)])
+    np.testing.assert_allclose(arrays["ehr.w"].numpy(), 2.0)
+    np.testing.assert_array_equal(arrays["genomics.w"].numpy(), -1.0)
+    assert metrics is not None and len(metrics) == 2  # examples and the mean total loss
+    with pytest.raises(RuntimeError, match="configure_train"):
+        s.aggregate_train(2, [good(1, 1.0)])  # each round is handed over once

@@ -1,0 +1,184 @@
+"""The federation's run configuration as the server reads it: FederationConfig (one run), the
+DP it asks of the sites (PrivacyRequest), the optional server optimiser, and which fields a
+resumed run may change.
+
+Simulation builds a FederationConfig directly; a deployed run (`flwr run`) builds one from
+Flower's flat run config (FederationConfig.from_run_config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from healthfm_core.data.tasks import TASKS
+from healthfm_core.model.config import ModelConfig, load_model_config
+from server.limits import DEFAULT_REPLY_SIZE_MARGIN
+
+DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
+# Config keys a resumed run may change; any other difference from the checkpoint's is refused.
+RESUMABLE_CHANGES = {"rounds", "resume", "stop_after_round", "out_dir", "timeout_s", "evaluate_every",
+                     "eval_tasks", "eval_n_boot", "keep_checkpoints", "min_nodes", "max_reply_bytes",
+                     "reply_size_margin"}
+
+
+class ServerOptimizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(default=0.01, gt=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+
+
+class PrivacyRequest(BaseModel):
+    """The DP the server asks of every site (null target and noise: no DP asked).
+
+    A site's policy still rules: it adds DP when its policy makes it mandatory, takes the larger
+    of its own and the server's noise, and refuses a round over its epsilon cap or when it has no
+    DP budget at all. `delta` is what the server asks; the delta a site accounts at is its
+    policy's (RoundConfig carries no delta), reported back as dp.delta and checked here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target_epsilon: float | None = Field(default=None, gt=0)  # over the run's rounds x local steps
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyRequest:
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError(f"privacy: set target_epsilon ({self.target_epsilon}) or noise_multiplier "
+                             f"({self.noise_multiplier}), not both")
+        return self
+
+    @property
+    def requested(self) -> bool:
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+    def round_fields(self) -> dict[str, Any]:
+        """The RoundConfig fields of this request."""
+        if not self.requested:
+            return {"dp": False}
+        return {"dp": True, "dp_target_epsilon": self.target_epsilon, "dp_noise_multiplier": self.noise_multiplier,
+                "dp_max_grad_norm": self.max_grad_norm}
+
+    def describe(self) -> str:
+        if not self.requested:
+            return "no DP asked"
+        level = (f"target epsilon {self.target_epsilon:g}" if self.target_epsilon is not None
+                 else f"noise multiplier {self.noise_multiplier:g}")
+        return f"DP asked: {level}, delta {self.delta:g}, clipping norm {self.max_grad_norm:g}"
+
+
+class FederationConfig(BaseModel):
+    """One federated run, as the server sees it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: Path
+    model: ModelConfig
+    rounds: int = Field(default=3, ge=1)
+    local_steps: int = Field(default=10, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    batch_size: int = Field(default=16, gt=0)
+    max_events: int = Field(default=256, gt=0)
+    max_patches: int = Field(default=32, gt=0)
+    seed: int = 0
+    fp16_transport: bool = False  # sites send float16, the server upcasts before averaging
+    min_nodes: int = Field(default=1, ge=1)  # wait for this many sites before round 0
+    min_sites_per_group: int = Field(default=1, ge=1)
+    norm_outlier_factor: float = Field(default=10.0, gt=1)
+    max_update_norm: float | None = Field(default=None, gt=0)
+    server_optimizer: ServerOptimizerConfig | None = None
+    vocab_min_subjects: int = Field(default=10, ge=1)
+    evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round
+    eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
+    eval_n_boot: int = Field(default=100, ge=10)
+    timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
+    max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
+    reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)
+    resume: bool = False
+    stop_after_round: int | None = Field(default=None, ge=1)  # stop early (resume later)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+        return tasks
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """From Flower's flat run config (pyproject [tool.flwr.app.config], `--run-config`):
+        kebab-case keys; `model` a config name or YAML path; `eval-tasks` comma-separated;
+        `server-optimizer-lr` > 0 turns the FedAdam-style server step on."""
+        data: dict[str, Any] = {}
+        opt: dict[str, Any] = {}
+        privacy: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name.startswith("server_optimizer_"):
+                opt[name[len("server_optimizer_"):]] = value
+            elif name.startswith("privacy_"):
+                # A run config holds no null: 0 or "" leaves a privacy field unset.
+                if value not in (0, "", None):
+                    privacy[name[len("privacy_"):]] = value
+            elif name == "model":
+                data["model"] = load_model_config(str(value))
+            elif name == "eval_tasks":
+                data["eval_tasks"] = [t.strip() for t in str(value).split(",") if t.strip()]
+            elif name in ("stop_after_round", "max_update_norm") and value in (0, "", None):
+                continue
+            else:
+                data[name] = value
+        if opt.get("lr", 0):
+            data["server_optimizer"] = opt
+        if privacy:
+            data["privacy"] = privacy
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ValueError(f"invalid run config: {err}") from None
+
+
+def _field_defaults() -> dict[str, Any]:
+    """FederationConfig's optional fields at their defaults, as model_dump(mode="json") writes them."""
+    out = {}
+    for name, field in FederationConfig.model_fields.items():
+        if not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return out
+
+
+def resume_conflicts(config: FederationConfig, saved: Mapping[str, Any]) -> list[str]:
+    """The fields a resumed run changes that it may not (RESUMABLE_CHANGES may change), against
+    the run config saved in the checkpoint."""
+    now = config.model_dump(mode="json")
+    # A checkpoint written before a field existed ran with that field's default.
+    saved = {**{k: v for k, v in _field_defaults().items() if k not in saved}, **saved}
+    return sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
+
+
+__all__ = [
+    "DEFAULT_EVAL_TASKS",
+    "RESUMABLE_CHANGES",
+    "FederationConfig",
+    "PrivacyRequest",
+    "ServerOptimizerConfig",
+    "resume_conflicts",
+]
