@@ -103,13 +103,15 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
                                           max_size=int(np.prod(SHAPES[k])))), np.float32).reshape(SHAPES[k])
               for g in groups for k in GROUP_KEYS[g]}
     counts = {g: draw(st.integers(1, 1000)) for g in groups}
-    optional = {}
-    if draw(st.booleans()):
-        optional["losses"] = {draw(st.sampled_from(TRAIN_LOSSES)): draw(st.floats(0, 50))}
-    if draw(st.booleans()):
-        optional["dp"] = {"epsilon": draw(st.floats(0, 10)), "delta": 1e-5}
-    if draw(st.booleans()):
-        optional["train_seconds"] = draw(st.floats(0, 100))
+    optional: dict[str, object] = {}
+    if draw(st.booleans()):  # a DP update: the spend, and no losses or timings
+        optional["dp"] = {"epsilon": draw(st.floats(0, 10)), "delta": 1e-5,
+                          "noise_multiplier": draw(st.floats(0.3, 3.0))}
+    else:
+        if draw(st.booleans()):
+            optional["losses"] = {draw(st.sampled_from(TRAIN_LOSSES)): draw(st.floats(0, 50))}
+        if draw(st.booleans()):
+            optional["train_seconds"] = draw(st.floats(0, 100))
     bad = draw(st.one_of(st.none(), st.sampled_from(MALFORMATIONS + NOT_CONTRIBUTING)))
     if bad == "error":
         return Message(Error(code=0, reason="site failed"), metadata=_metadata(node)), bad, arrays, counts

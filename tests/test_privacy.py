@@ -372,12 +372,14 @@ def test_under_dp_no_timing_or_actual_count_leaves_and_without_dp_no_epsilon(fed
     arrays = own_arrays(setup, rt.groups)
     private = rt.train(setup, arrays, round_cfg(setup, 1, dp=True))
     n = len(PretrainingDataset(rt.sequences(setup), rt.split_ids()["train"]))
-    assert set(private.metrics) <= {"num-examples", DP_EPSILON, DP_DELTA, "dp.noise-multiplier", "rate-min", "rate-max"} | {
-        f"num-examples.{g}" for g in rt.groups}
-    assert private.metrics["num-examples"] == round(4 / n * n * 2)  # the expected count, not the Poisson draws
-    assert "train-seconds" not in private.metrics and "client-seconds" not in private.metrics
+    records = private.to_records()
+    assert set(records.metrics) <= {"num-examples", "dp.epsilon", "dp.delta", "dp.noise-multiplier", "rate-min",
+                                    "rate-max"} | {f"num-examples.{g}" for g in rt.groups}
+    assert private.num_examples == round(4 / n * n * 2)  # the expected count, not the Poisson draws
+    assert private.train_seconds is None and private.client_seconds is None and not private.losses
     plain = rt.train(setup, arrays, round_cfg(setup, 2))  # DP not mandatory, not asked: an update without DP
-    assert "train-seconds" in plain.metrics and not [k for k in plain.metrics if k.startswith("dp.")]
+    assert plain.train_seconds is not None and plain.dp is None
+    assert not [k for k in plain.to_records().metrics if k.startswith("dp.")]
 
 
 def test_the_empty_object_and_the_deleted_ledger_attacks_are_refused(federation, setup, tmp_path) -> None:
@@ -390,7 +392,7 @@ def test_the_empty_object_and_the_deleted_ledger_attacks_are_refused(federation,
     with pytest.raises(TrainRefused) as refused:
         rt.train(setup, arrays, round_cfg(setup, 2))
     assert f"{state / LEDGER_FILE}: field history: value (missing)" in refused.value.reason
-    assert refused.value.metrics == {}  # no figure from a ledger that cannot be trusted
+    assert refused.value.reply.dp is None  # no figure from a ledger that cannot be trusted
     assert (state / LEDGER_FILE).read_text() == "{}"
     with pytest.raises(LedgerError):
         runtime(federation, "genomics", policy, state)  # nor does a restarted site start afresh
@@ -412,7 +414,7 @@ def test_a_round_that_fails_after_its_reservation_stays_counted(federation, setu
         rt.train(setup, bad, round_cfg(setup, 1))  # NaN weights: the loss fails during training
     ledger = PrivacyLedger(state)
     assert ledger.steps == 2 and [r.status for r in ledger.data.rounds] == ["reserved"]
-    assert rt.privacy_metrics()[DP_EPSILON] > 0
+    assert rt.privacy_spend().epsilon > 0
 
 
 def test_two_runtimes_training_at_once_record_every_step_and_stop_at_the_cap(federation, setup, tmp_path) -> None:
@@ -450,8 +452,8 @@ def test_two_runtimes_training_at_once_record_every_step_and_stop_at_the_cap(fed
     ledger = PrivacyLedger(state)
     assert len(released) == 5 and ledger.steps == 2 * len(released) == 10  # every released step recorded
     assert all(r.status == "trained" for r in ledger.data.rounds)
-    assert ledger.epsilon(DELTA) <= cap and all(r.metrics[DP_EPSILON] <= cap for r in released)
-    assert max(r.metrics[DP_EPSILON] for r in released) == pytest.approx(ledger.epsilon(DELTA), rel=1e-12)
+    assert ledger.epsilon(DELTA) <= cap and all(r.dp.epsilon <= cap for r in released)
+    assert max(r.dp.epsilon for r in released) == pytest.approx(ledger.epsilon(DELTA), rel=1e-12)
 
 
 def test_a_delta_above_one_over_the_train_subjects_is_refused_at_load(federation, tmp_path) -> None:
