@@ -298,7 +298,7 @@ def _fmt(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{x:.3f}"
 
 
-NOTES_DOC = "docs/researcher-pretrain-notes.md"  # what the numbers below mean
+NOTES_DOC = "docs/researcher.md"  # what the numbers below mean
 
 
 def summary_notes(cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], vocab: Vocabulary, model: HealthFM,
