@@ -168,8 +168,13 @@ class FederationSetup(_Strict):
 
     @property
     def sha256(self) -> str:
-        # Canonical form: sorted keys, so the hash does not depend on field order.
-        canonical = json.dumps(json.loads(self.to_json()), sort_keys=True, separators=(",", ":"))
+        # Canonical form: sorted keys, so the hash does not depend on field order; modalities
+        # left out when they are the default, so setups written before the field existed (server
+        # checkpoints) keep their hash.
+        data = json.loads(self.to_json())
+        if self.modalities == list(model_modalities(self.vocabulary.n_prs_traits)):
+            data.pop("modalities")
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def init_model(self) -> HealthFM:
