@@ -145,7 +145,12 @@ class SiteRuntime:
         return stats
 
     def check_setup(self, setup: FederationSetup) -> None:
-        """Refuse a setup this site cannot train under (its policy, not the server's word)."""
+        """Refuse a setup this site cannot train under (its policy, not the server's word), or
+        whose model lacks a modality of the site's data (its batches would not fit the model)."""
+        carried = [m for m in self.site.modalities if m != "genomics" or setup.vocabulary.n_prs_traits > 0]
+        if missing := [m for m in carried if m not in setup.modalities]:
+            raise ValueError(f"site {self.name}: the setup's model holds modalities {setup.modalities}, not this "
+                             f"site's {missing} (a setup agreed without this site, e.g. a resumed run)")
         if setup.vocabulary.min_subjects < self.min_code_subjects:
             log.warning(
                 "site %s: federation vocabulary minimum %d subjects is below the site's %d (the site's own "

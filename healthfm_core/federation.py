@@ -8,7 +8,8 @@ Exchange (one run):
   query.capabilities  server -> site: nothing;  site -> server: SiteCapabilities (no rows)
   query.code_stats    server -> site: nothing;  site -> server: SiteCodeStats JSON (suppressed
                       below the site's own minimum subject count, aggregate only)
-  query.setup         server -> site: FederationSetup JSON (vocabulary, model config, init seed);
+  query.setup         server -> site: FederationSetup JSON (vocabulary, model config, init seed, the
+                      modalities the model holds: the union of the sites');
                       the site keeps it for the run and acknowledges its sha256
   train               server -> site: its groups' arrays + RoundConfig; site -> server: a
                       TrainReply (the groups it trained, counts per group, losses, the site's
@@ -43,11 +44,12 @@ from pydantic import (
     model_validator,
 )
 
+from healthfm_core.data.layout import MODALITIES
 from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
-from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.model.healthfm import HealthFM, model_modalities
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
 
 CAPABILITIES = "query.capabilities"
@@ -138,20 +140,66 @@ class SiteCapabilities(_Strict):
         return cls(site=record.get("site", ""), modalities=list(record.get("modalities", [])), subjects=subjects)
 
 
+def federation_modalities(site_modalities: Iterable[Sequence[str]], vocabulary: Vocabulary) -> list[str]:
+    """The modalities the federation's model holds: every modality some site has (the union of
+    the sites' `SiteCapabilities.modalities`, in MODALITIES order), genomics only when the
+    vocabulary agreed at least one PRS trait. A modality a site has but trains on too few
+    subjects (its policy) still gets its module, so that site's batches always fit the model."""
+    declared = {m for modalities in site_modalities for m in modalities}
+    if vocabulary.n_prs_traits == 0:
+        declared.discard("genomics")
+    return [m for m in MODALITIES if m in declared]
+
+
 class FederationSetup(_Strict):
-    """Sent once per run to every site: everything needed to build the same model."""
+    """Sent once per run to every site: everything needed to build the same model.
+
+    `modalities`: those the model is built with (`federation_modalities` of the sites'
+    capabilities); left out, EHR and wearables plus genomics when the vocabulary has PRS traits.
+    """
 
     vocabulary: Vocabulary
     model: ModelConfig
     model_seed: int = 0
+    modalities: list[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_modalities(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("modalities") is None and "vocabulary" in data:
+            vocab = data["vocabulary"]
+            n_traits = vocab.n_prs_traits if isinstance(vocab, Vocabulary) else len(vocab.get("prs_traits", []))
+            data = {**data, "modalities": list(model_modalities(n_traits))}
+        return data
+
+    @model_validator(mode="after")
+    def _modalities_fit(self) -> FederationSetup:
+        try:
+            resolved = model_modalities(self.vocabulary.n_prs_traits, self.modalities)
+        except ValueError as err:
+            raise ValueError(f"FederationSetup.modalities: {err}") from None
+        if list(resolved) != self.modalities:
+            raise ValueError(f"FederationSetup.modalities={self.modalities} must be distinct and in the order "
+                             f"{list(MODALITIES)} (expected {list(resolved)})")
+        return self
+
+    @property
+    def groups(self) -> list[str]:
+        """The parameter groups the model holds: shared plus one per modality."""
+        return groups_for_modalities(self.modalities)
 
     def to_json(self) -> str:
         return self.model_dump_json()
 
     @property
     def sha256(self) -> str:
-        # Canonical form: sorted keys, so the hash does not depend on field order.
-        canonical = json.dumps(json.loads(self.to_json()), sort_keys=True, separators=(",", ":"))
+        # Canonical form: sorted keys, so the hash does not depend on field order; modalities
+        # left out when they are the default, so setups written before the field existed (server
+        # checkpoints) keep their hash.
+        data = json.loads(self.to_json())
+        if self.modalities == list(model_modalities(self.vocabulary.n_prs_traits)):
+            data.pop("modalities")
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def init_model(self) -> HealthFM:
@@ -159,7 +207,7 @@ class FederationSetup(_Strict):
         without disturbing the caller's global torch RNG."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.model_seed)
-            return HealthFM(self.model, self.vocabulary.vocab_size, self.vocabulary.n_prs_traits)
+            return HealthFM(self.model, self.vocabulary.vocab_size, self.vocabulary.n_prs_traits, self.modalities)
 
 
 class RoundConfig(_Strict):
@@ -594,6 +642,7 @@ __all__ = [
     "TrainRecords",
     "TrainReply",
     "aggregate_site_metrics",
+    "federation_modalities",
     "groups_for_modalities",
     "mean_losses",
     "round_metrics",

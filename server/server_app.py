@@ -66,6 +66,7 @@ from healthfm_core.federation import (
     SiteCapabilities,
     TrainReply,
     aggregate_site_metrics,
+    federation_modalities,
 )
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.groups import parameter_group
@@ -196,7 +197,9 @@ class FederationServer:
         vocab = build_vocabulary(stats, min_subjects=self.cfg.vocab_min_subjects)
         log.info("vocabulary agreed from %d sites: %d codes, %d PRS traits, %d numeric normalisers",
                  len(stats), len(vocab.codes), vocab.n_prs_traits, len(vocab.numeric))
-        return FederationSetup(vocabulary=vocab, model=self.cfg.model, model_seed=self.cfg.seed)
+        modalities = federation_modalities([caps.modalities for caps in self.sites.values()], vocab)
+        log.info("model modalities: %s (the union of the sites')", modalities)
+        return FederationSetup(vocabulary=vocab, model=self.cfg.model, model_seed=self.cfg.seed, modalities=modalities)
 
     def send_setup(self, setup: FederationSetup) -> None:
         record = ConfigRecord({"json": setup.to_json(), "sha256": setup.sha256})
@@ -207,6 +210,8 @@ class FederationServer:
             if ack != setup.sha256:
                 log.warning("site %s did not accept the setup; it takes no part in this run", self._site(node))
                 self.node_groups.pop(node, None)
+        # A site is sent only groups the model has (e.g. no genomics when no PRS trait was agreed).
+        self.node_groups = {node: [g for g in groups if g in setup.groups] for node, groups in self.node_groups.items()}
         if not self.node_groups:
             raise RuntimeError("no site accepted the setup")
 

@@ -57,6 +57,7 @@ from healthfm_core.eval.runner import (
     task_display,
     wins,
 )
+from healthfm_core.federation import federation_modalities
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
@@ -84,12 +85,13 @@ def pooled_train_loader(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mappin
     return make_loader(pooled, batch_size=cfg.train.batch_size, shuffle=True, seed=int(cfg.seed), drop_last=True)
 
 
-def pretrain(cfg: DictConfig, mcfg: ModelConfig, vocab: Vocabulary, loader, out: Path,
-             device: torch.device) -> tuple[HealthFM, dict[str, torch.Tensor], list[dict[str, float]]]:
-    """Pretrain one model; returns it, its initial weights (the random-init baseline) and the
-    per-step history. Checkpoints go to out/checkpoints; resume=true continues from the latest."""
+def pretrain(cfg: DictConfig, mcfg: ModelConfig, vocab: Vocabulary, loader, out: Path, device: torch.device,
+             modalities: Sequence[str] | None = None) -> tuple[HealthFM, dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Pretrain one model (holding `modalities`, the sites' union); returns it, its initial weights
+    (the random-init baseline) and the per-step history. Checkpoints go to out/checkpoints;
+    resume=true continues from the latest."""
     torch.manual_seed(int(cfg.seed))
-    model = HealthFM(mcfg, vocab.vocab_size, vocab.n_prs_traits).to(device)
+    model = HealthFM(mcfg, vocab.vocab_size, vocab.n_prs_traits, modalities).to(device)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     steps = int(cfg.train.steps)
     tcfg = TrainConfig(
@@ -418,23 +420,24 @@ def run(cfg: DictConfig) -> Path:
     vocab = agree_vocabulary(sites, int(cfg.data.min_subjects))
     vocab.save(out / "vocabulary.json")
     seqs = {name: SiteSequences.from_site(site, vocab) for name, site in sites.items()}
+    modalities = federation_modalities([site.modalities for site in sites.values()], vocab)
     clock.lap("vocabulary and sequences")
 
     loader = pooled_train_loader(cfg, sites, seqs)
-    model, init_state, history = pretrain(cfg, mcfg, vocab, loader, out, device)
+    model, init_state, history = pretrain(cfg, mcfg, vocab, loader, out, device, modalities)
     clock.lap("pretraining")
 
     onset = [k for k, v in TASKS.items() if isinstance(v, OnsetTask)] if cfg.eval.onset_tasks == "all" else list(cfg.eval.onset_tasks)
     tasks: dict[str, Task] = {k: TASKS[k] for k in [*onset, *cfg.eval.regression_tasks]}
     data = build_eval_set({n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject),
                           seed=int(cfg.seed))
-    random_model = HealthFM(mcfg, vocab.vocab_size, vocab.n_prs_traits).to(device)
+    random_model = HealthFM(mcfg, vocab.vocab_size, vocab.n_prs_traits, modalities).to(device)
     random_model.load_state_dict(init_state)
     methods: dict[str, torch.nn.Module | None] = {"counts": None, "pretrained": model, "random_init": random_model}
     if cfg.eval.sinusoidal_ablation:
         clock.lap("evaluation rows")
         sin_cfg = model_config_from_dict({**mcfg.model_dump(), "time_encoding": "sinusoidal"}, source="sinusoidal ablation")
-        sin_model, _, _ = pretrain(cfg, sin_cfg, vocab, loader, out / "sinusoidal", device)
+        sin_model, _, _ = pretrain(cfg, sin_cfg, vocab, loader, out / "sinusoidal", device, modalities)
         methods["pretrained_sinusoidal"] = sin_model
         clock.lap("pretraining (sinusoidal ablation)")
     results, tuning, features = evaluate_model_methods(cfg, data, methods, vocab)
@@ -446,7 +449,11 @@ def run(cfg: DictConfig) -> Path:
     curves = label_efficiency(cfg, data, features, results) if cfg.eval.label_efficiency.fractions else {}
     del features
     clock.lap("label efficiency")
-    ablation = modality_ablation(cfg, sites, seqs, model, tasks, vocab) if cfg.eval.modality_ablation.enabled else None
+    # The ablation's rows are wear-period ends: without a site with wearables there are none.
+    ablation = (modality_ablation(cfg, sites, seqs, model, tasks, vocab)
+                if cfg.eval.modality_ablation.enabled and "wearables" in modalities else None)
+    if cfg.eval.modality_ablation.enabled and ablation is None:
+        log.info("modality ablation skipped: no site has wearables")
     clock.lap("modality ablation")
 
     figs = make_plots(out, history, results, data)

@@ -12,11 +12,18 @@ Read top to bottom:
 Module names are part of the federation contract: every state_dict key starts with a prefix
 that `healthfm_core.model.groups.parameter_group` maps to one group (ehr_encoder.,
 wearable_encoder., genomics_encoder., backbone., heads.ehr_/wear_/prs_).
+
+The model holds only the modalities it is built with (`HealthFM(..., modalities=...)`, the
+federation's: see `model_modalities`): without wearables there is no wearable encoder and no
+wear_ head, without genomics no genomics encoder and no prs_ head, so those groups are simply
+absent from the state_dict. A batch may still carry a missing modality's tensors (collate pads
+them), but only without a valid token: otherwise forward raises.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -304,25 +311,55 @@ class FutureCodesHead(nn.Module):
         return self.out(h) + self.horizon_bias[None]
 
 
-def build_heads(cfg: ModelConfig, vocab_size: int, n_prs_traits: int) -> nn.ModuleDict:
-    """Pretraining heads. The name prefix is the group: ehr_ (trained by EHR alone), wear_ (needs
-    wearables: the cross-modal wearable->EHR heads live here because only a site holding
-    wearables can ever train them), prs_ (genomics)."""
+def build_heads(
+    cfg: ModelConfig, vocab_size: int, n_prs_traits: int, modalities: Collection[str] = MODALITIES
+) -> nn.ModuleDict:
+    """Pretraining heads of `modalities`. The name prefix is the group: ehr_ (trained by EHR
+    alone), wear_ (needs wearables: the cross-modal wearable->EHR heads live here because only a
+    site holding wearables can ever train them), prs_ (genomics)."""
     d = cfg.d_model
-    return nn.ModuleDict(
-        {
-            "ehr_code": nn.Linear(d, vocab_size),
-            "ehr_value": nn.Linear(d, 1),
-            "ehr_next_visit": nn.Linear(d, vocab_size),
-            # EHR group: only EHR events give its targets (the query token itself is shared).
-            "ehr_future_codes": FutureCodesHead(d, vocab_size, len(cfg.pretraining.future_horizons_days)),
+    heads: dict[str, nn.Module] = {
+        "ehr_code": nn.Linear(d, vocab_size),
+        "ehr_value": nn.Linear(d, 1),
+        "ehr_next_visit": nn.Linear(d, vocab_size),
+        # EHR group: only EHR events give its targets (the query token itself is shared).
+        "ehr_future_codes": FutureCodesHead(d, vocab_size, len(cfg.pretraining.future_horizons_days)),
+    }
+    if "wearables" in modalities:
+        heads.update({
             "wear_recon": WearableReconstructionHead(cfg),
             "wear_predictive": nn.Linear(d, vocab_size),
             "wear_align": nn.Linear(d, d),
             "wear_align_ehr": nn.Linear(d, d),
-            "prs_recon": nn.Linear(cfg.genomics.d_hidden, n_prs_traits),
-        }
-    )
+        })
+    if "genomics" in modalities:
+        heads["prs_recon"] = nn.Linear(cfg.genomics.d_hidden, n_prs_traits)
+    return nn.ModuleDict(heads)
+
+
+def model_modalities(n_prs_traits: int, modalities: Collection[str] | None = None) -> tuple[str, ...]:
+    """The modalities a model is built with, in MODALITIES order, checked against the vocabulary.
+
+    None: EHR and wearables, plus genomics when the vocabulary has PRS traits (n_prs_traits >= 1).
+    EHR is required: the event stream is what every MEDS site has, what the vocabulary, the
+    ages and the EHR objectives come from (an EHR-free model is not supported). Genomics needs
+    at least one PRS trait.
+    """
+    if n_prs_traits < 0:
+        raise ValueError(f"n_prs_traits={n_prs_traits} must be >= 0")
+    if modalities is None:
+        wanted = {"ehr", "wearables"} | ({"genomics"} if n_prs_traits >= 1 else set())
+    else:
+        wanted = set(modalities)
+        if isinstance(modalities, str) or wanted - set(MODALITIES):
+            raise ValueError(f"modalities={modalities!r}: expected a subset of {list(MODALITIES)}")
+        if "ehr" not in wanted:
+            raise ValueError(f"modalities={sorted(wanted)} lack 'ehr': a model without the EHR stream is not "
+                             "supported (the vocabulary, ages and EHR objectives come from it)")
+        if "genomics" in wanted and n_prs_traits < 1:
+            raise ValueError(f"modalities include 'genomics' but n_prs_traits={n_prs_traits}: the vocabulary "
+                             "agreed no PRS trait (leave 'genomics' out)")
+    return tuple(m for m in MODALITIES if m in wanted)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -359,24 +396,33 @@ def _width(tokens: _Tokens | None) -> int:
 
 
 class HealthFM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, n_prs_traits: int) -> None:
+    """`modalities`: those the model holds (see model_modalities; None: EHR, wearables, and
+    genomics when n_prs_traits >= 1). `n_prs_traits` is what the genomics encoder reads; it is
+    0 on a model without genomics whatever was passed."""
+
+    def __init__(
+        self, cfg: ModelConfig, vocab_size: int, n_prs_traits: int, modalities: Collection[str] | None = None
+    ) -> None:
         super().__init__()
         if vocab_size <= MASK_CODE + 1:
             raise ValueError(f"vocab_size={vocab_size} leaves no room for real codes after the special ids")
-        if n_prs_traits < 1:
-            raise ValueError(f"n_prs_traits={n_prs_traits} must be >= 1")
+        self.modalities = model_modalities(n_prs_traits, modalities)
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.n_prs_traits = n_prs_traits
+        self.n_prs_traits = n_prs_traits if "genomics" in self.modalities else 0
+        # Built in this order whatever the modalities, so a full model's seeded init is unchanged.
         self.ehr_encoder = EHREncoder(cfg, vocab_size)
-        self.wearable_encoder = WearableEncoder(cfg)
-        self.genomics_encoder = GenomicsEncoder(cfg, n_prs_traits)
+        self.wearable_encoder: WearableEncoder | None = WearableEncoder(cfg) if "wearables" in self.modalities else None
+        self.genomics_encoder: GenomicsEncoder | None = (
+            GenomicsEncoder(cfg, n_prs_traits) if "genomics" in self.modalities else None
+        )
         self.backbone = Backbone(cfg)
-        self.heads = build_heads(cfg, vocab_size, n_prs_traits)
+        self.heads = build_heads(cfg, vocab_size, self.n_prs_traits, self.modalities)
         self.apply(self._init_weights)
-        for layer in [*self.genomics_encoder.film_blocks, self.genomics_encoder.film_final]:
-            nn.init.zeros_(layer.weight)  # start FiLM at identity (re-zero after _init_weights)
-            nn.init.zeros_(layer.bias)
+        if self.genomics_encoder is not None:
+            for layer in [*self.genomics_encoder.film_blocks, self.genomics_encoder.film_final]:
+                nn.init.zeros_(layer.weight)  # start FiLM at identity (re-zero after _init_weights)
+                nn.init.zeros_(layer.bias)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -393,10 +439,19 @@ class HealthFM(nn.Module):
     # -- inputs ------------------------------------------------------------------------------
 
     def _check_batch(self, batch: Batch) -> None:
-        if batch.prs.shape[-1] != self.n_prs_traits:
-            raise ValueError(f"batch.prs has {batch.prs.shape[-1]} traits, the model expects {self.n_prs_traits}")
-        if batch.wear_epochs.shape[-1] != N_CHANNELS:
-            raise ValueError(f"batch.wear_epochs has {batch.wear_epochs.shape[-1]} channels, expected {N_CHANNELS}")
+        """Shapes against the model; a modality the model lacks may only come as empty padding."""
+        if "genomics" in self.modalities:
+            if batch.prs.shape[-1] != self.n_prs_traits:
+                raise ValueError(f"batch.prs has {batch.prs.shape[-1]} traits, the model expects {self.n_prs_traits}")
+        elif n := int(batch.prs_valid.any(dim=-1).sum()):
+            raise ValueError(f"batch.prs_valid: {n} sample(s) carry PRS traits but the model has no genomics "
+                             f"(built with modalities {list(self.modalities)})")
+        if "wearables" in self.modalities:
+            if batch.wear_epochs.shape[-1] != N_CHANNELS:
+                raise ValueError(f"batch.wear_epochs has {batch.wear_epochs.shape[-1]} channels, expected {N_CHANNELS}")
+        elif n := int(batch.wear_valid.any(dim=-1).sum()):
+            raise ValueError(f"batch.wear_valid: {n} sample(s) carry wearable patches but the model has no "
+                             f"wearables (built with modalities {list(self.modalities)})")
         if batch.codes.numel() and int(batch.codes.max()) >= self.vocab_size:
             raise ValueError(f"batch.codes holds id {int(batch.codes.max())} >= vocab_size={self.vocab_size}")
 
@@ -503,7 +558,7 @@ class HealthFM(nn.Module):
         """One token per visible patch, at the time the patch is complete (capped at
         prediction_time); masked patches fed as the mask token. None when no sample has any."""
         valid = seen.wear
-        if not bool(valid.any()):
+        if self.wearable_encoder is None or not bool(valid.any()):
             return None
         flat = self.wearable_encoder(batch.wear_epochs[valid].float(), seen.epochs[valid])
         tokens = flat.new_zeros(*valid.shape, flat.shape[-1]).index_put((*valid.nonzero(as_tuple=True),), flat)
@@ -527,7 +582,7 @@ class HealthFM(nn.Module):
         """(conditioning [B, d_hidden], FiLM per block) from the PRS traits not hidden; (None, None)
         when no sample keeps genomics."""
         present = seen.kept[:, 2]
-        if not bool(present.any()):
+        if self.genomics_encoder is None or not bool(present.any()):
             return None, None
         shown = batch.prs_valid & present[:, None]
         if hidden is not None:

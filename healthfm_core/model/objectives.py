@@ -19,6 +19,8 @@ Losses (each returned by name; 0 when the batch holds no data for it, never NaN)
   align             InfoNCE between the wearable summary and the EHR summary (events within
                     `align_window_days` of the wear period) of the same sample
 Intra-modal: the first six. Cross-modal: predictive, align.
+A model built without a modality has none of its heads: its losses are skipped (returned as 0),
+like those of a batch without that modality.
 
 Balancing (PretrainingConfig.loss_balance):
   "log":  total = sum_i w_i * log(eps + L_i). Its gradient is w_i * grad(L_i) / (eps + L_i): every
@@ -141,6 +143,8 @@ def sample_masks(batch: Batch, cfg: PretrainingConfig, generator: torch.Generato
 
     prs_valid = batch.prs_valid
     draw = _rand(prs_valid.shape, generator, device)
+    if prs_valid.shape[1] == 0:  # no PRS trait in the vocabulary (no site has genomics)
+        return ReconstructionMasks(ehr=ehr, wear=wear, prs=prs_valid.clone())
     maskable = prs_valid & (prs_valid.sum(dim=1, keepdim=True) >= 2)
     prs = _at_least_one((draw < cfg.prs_mask_prob) & maskable, maskable, draw)
     # Keep the highest-draw valid trait visible where everything got masked.
@@ -189,7 +193,7 @@ def ehr_reconstruction_losses(model: PretrainingModel, out: ModelOutput, batch: 
 
 
 def wearable_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
-    if out.n_wear == 0 or masks.wear is None:
+    if out.n_wear == 0 or masks.wear is None or "wear_recon" not in model.heads:
         return {}
     hidden = masks.wear[:, : out.n_wear] & out.wear_valid
     if not bool(hidden.any()):
@@ -202,7 +206,7 @@ def wearable_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batc
 
 
 def prs_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
-    if out.genomics_cond is None or masks.prs is None:
+    if out.genomics_cond is None or masks.prs is None or "prs_recon" not in model.heads:
         return {}
     hidden = masks.prs & batch.prs_valid & out.present["genomics"][:, None]
     if not bool(hidden.any()):
@@ -356,7 +360,7 @@ def predictive_coding_loss(
     """State at a wearable patch -> codes in (patch time, patch time + horizon]. Targets come from
     the batch's EHR events (also when EHR was dropped from the model's input), and an anchor
     counts only if the record continues after it (else absence of codes is censoring)."""
-    if out.n_wear == 0:
+    if out.n_wear == 0 or "wear_predictive" not in model.heads:
         return {}
     events = batch.ehr_valid & (batch.times <= batch.prediction_time[:, None])
     anchors_ok = out.wear_valid.clone()
@@ -393,7 +397,7 @@ def predictive_coding_loss(
 def alignment_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, cfg: PretrainingConfig) -> dict[str, Tensor]:
     """Symmetric InfoNCE between encoder-level wearable and EHR summaries (pre-backbone, so each
     summary holds one modality only). Other samples of the same subject are not negatives."""
-    if out.wear_tokens is None or out.ehr_tokens is None:
+    if out.wear_tokens is None or out.ehr_tokens is None or "wear_align" not in model.heads:
         return {}
     wear_w = out.wear_valid.to(out.wear_tokens.dtype)[..., None]
     wear_summary = (out.wear_tokens * wear_w).sum(1) / wear_w.sum(1).clamp_min(1)

@@ -95,7 +95,7 @@ def random_batch(
             wear_epoch_mask[b, :p] = mask
             wear_epochs[b, :p] *= mask
             wear_valid[b, :p] = True
-        if "genomics" in row:
+        if "genomics" in row and n_prs_traits:  # no trait in the vocabulary: nothing to carry
             valid = torch.rand(n_prs_traits, generator=g) < 0.8
             valid[int(torch.randint(0, n_prs_traits, (1,), generator=g))] = True
             prs_valid[b] = valid
