@@ -19,15 +19,13 @@ import pytest
 import torch
 import yaml
 from flwr.app import (
-    Array,
-    ArrayRecord,
     Message,
     MessageType,
     Metadata,
-    MetricRecord,
     RecordDict,
 )
 
+from client.client_app import train_reply_content
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.layout import MODALITIES
 from healthfm_core.data.synthetic import generate_federation
@@ -36,7 +34,7 @@ from healthfm_core.data.tokens import PretrainingDataset, collate
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
 from healthfm_core.eval.probes import compute_embeddings
 from healthfm_core.eval.runner import build_eval_set, method_features
-from healthfm_core.federation import FederationSetup, RoundConfig, federation_modalities
+from healthfm_core.federation import FederationSetup, RoundConfig, TrainReply, federation_modalities
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, group_sizes, parameter_group
 from healthfm_core.model.healthfm import HealthFM, model_modalities
@@ -188,13 +186,19 @@ def _setup(runtimes: dict[str, SiteRuntime], names: list[str]) -> FederationSetu
     return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1, modalities=modalities)
 
 
-def _reply(node_id: int, arrays: dict[str, np.ndarray], metrics: dict[str, float]) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({k: v for k, v in metrics.items() if k.startswith("num-examples")})})
+def _reply(node_id: int, reply: TrainReply) -> Message:
     metadata = Metadata(run_id=1, message_id=f"reply-{node_id}", src_node_id=node_id, dst_node_id=0,
                         reply_to_message_id=f"train-{node_id}", group_id="1", created_at=time.time(), ttl=3600.0,
                         message_type=MessageType.TRAIN)
-    return Message(content, metadata=metadata)
+    return Message(train_reply_content(reply), metadata=metadata)
+
+
+def _sent(replies: list[Message]) -> list[Message]:
+    """The train messages the replies answer (one per node, as the Grid addresses them)."""
+    return [Message(RecordDict(), metadata=Metadata(
+        run_id=1, message_id=f"train-{r.metadata.src_node_id}", src_node_id=0, dst_node_id=r.metadata.src_node_id,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
+    )) for r in replies]
 
 
 def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> None:
@@ -206,30 +210,33 @@ def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> N
     assert {parameter_group(k) for k in initial} == {"shared", "ehr", "genomics"}
 
     strategy = ModalityAwareFedAvg()  # the real parameter_group
-    strategy.node_groups = {1: mixed["biobank"].groups, 2: mixed["genomics"].groups}
-    strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in initial.items()})
+    node_groups = {1: mixed["biobank"].groups, 2: mixed["genomics"].groups}
     cfg = RoundConfig(round=1, rounds=1, local_steps=2, lr=1e-2, batch_size=4, max_events=32, seed=2,
                       setup_sha256=setup.sha256)
     outcomes = {}
     for node, name in enumerate(names, start=1):
         mixed[name].check_setup(setup)
-        sent = strategy.arrays_for_groups(strategy.current_arrays, strategy.groups_for_node(node))
-        outcomes[node] = mixed[name].train(setup, {k: v.numpy() for k, v in sent.items()}, cfg)
+        wanted = ModalityAwareFedAvg.groups_for_node(node, node_groups)
+        outcomes[node] = mixed[name].train(setup, {k: v for k, v in initial.items() if parameter_group(k) in wanted},
+                                           cfg)
     assert {parameter_group(k) for k in outcomes[1].arrays} == {"shared", "ehr"}
     assert {parameter_group(k) for k in outcomes[2].arrays} == {"shared", "ehr", "genomics"}
-    assert "num-examples.genomics" not in outcomes[1].metrics and outcomes[2].metrics["num-examples.genomics"] > 0
+    assert "genomics" not in outcomes[1].group_examples and outcomes[2].group_examples["genomics"] > 0
 
-    arrays, _ = strategy.aggregate_train(1, [_reply(n, o.arrays, o.metrics) for n, o in outcomes.items()])
-    assert strategy.rejected[1] == []
-    assert strategy.contributors[1] == {"shared": [1, 2], "ehr": [1, 2], "genomics": [2]}
-    new = {k: v.numpy() for k, v in arrays.items()}
+    replies = [_reply(n, o) for n, o in outcomes.items()]
+    outcome = strategy.aggregate(1, replies, current_arrays=initial, node_groups=node_groups, sent=_sent(replies))
+    assert outcome.rejected == []
+    assert outcome.contributors == {"shared": [1, 2], "ehr": [1, 2], "genomics": [2]}
+    arrays = outcome.arrays
+    assert arrays is not None
+    new = dict(arrays)
     assert new.keys() == initial.keys()
     for key in initial:
         group = parameter_group(key)
         if group == "genomics":  # one site holds it: its values, untouched by the other
             np.testing.assert_array_equal(new[key], outcomes[2].arrays[key], err_msg=key)
             continue
-        n1, n2 = (outcomes[n].metrics[f"num-examples.{group}"] for n in (1, 2))
+        n1, n2 = (outcomes[n].group_examples[group] for n in (1, 2))
         expected = outcomes[1].arrays[key] * (n1 / (n1 + n2)) + outcomes[2].arrays[key] * (n2 / (n1 + n2))
         np.testing.assert_allclose(new[key], expected, rtol=1e-6, atol=1e-7, err_msg=key)
     assert any(not np.array_equal(new[k], initial[k]) for k in new if parameter_group(k) == "genomics")
@@ -244,7 +251,7 @@ def test_wearable_site_beside_a_genomics_site_and_setup_refusal(mixed) -> None:
     hospital = mixed["hospital"].train(setup, {k: v for k, v in init.items()
                                                if parameter_group(k) in mixed["hospital"].groups}, cfg)
     assert {parameter_group(k) for k in hospital.arrays} == {"shared", "ehr", "wearables"}
-    assert hospital.metrics["num-examples.wearables"] > 0 and "loss.wear_masked" in hospital.metrics
+    assert hospital.group_examples["wearables"] > 0 and "wear_masked" in hospital.losses
     # A setup agreed without the hospital has no wearable module: the hospital refuses it
     # (its batches would not fit), the EHR-only biobank accepts it.
     ehr_genomics = _setup(mixed, ["biobank", "genomics"])
