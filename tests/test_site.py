@@ -93,10 +93,38 @@ def test_open_site_raises_with_every_error(site_tables, write_site):
     assert "data/train/0.parquet" in str(info.value)
 
 
-def test_text_value_as_string_is_read_with_a_warning(site_tables, write_site):
-    """meds < 0.4 wrote text_value as string; it is accepted and read as large_string."""
+def test_text_value_as_string_is_read_as_large_string(site_tables, write_site):
+    """meds < 0.4 wrote text_value as string; MEDS 0.4's align casts it: accepted, read as large_string."""
     t = site_tables.shards[HELD]
     site_tables.shards[HELD] = t.append_column("text_value", pa.array(["array v2", None], pa.string()))
     site = open_site(write_site(site_tables))
-    assert [p.kind for p in site.report.warnings] == ["text_value_string"]
+    assert site.report.problems == []
     assert site.read_events([3]).schema.field("text_value").type == pa.large_string()
+
+
+def test_read_events_puts_static_rows_first_whatever_the_file_order(site_tables, write_site):
+    """Static rows after, or between, a subject's timed rows (MEDS does not place them) are read
+    first; timed rows keep their order, ties in file order; subjects keep the file's order."""
+    t = site_tables.shards[TRAIN]
+    order = [2, 4, 3, 1, 5, 0, 6, 7, 9, 8, 10]  # subject 1's static rows (0, 1) between its timed rows
+    site_tables.shards[TRAIN] = t.take(pa.array(order))
+    site = open_site(write_site(site_tables))
+    assert site.report.problems == []
+    got = site.read_events([1, 2], columns=["subject_id", "time", "code"])
+    times = got.column("time").to_pylist()
+    codes = got.column("code").to_pylist()
+    assert got.column("subject_id").to_pylist() == [1] * 7 + [2] * 4
+    assert times[:2] == [None, None] and None not in times[2:]
+    assert codes[:2] == ["PRS//CAD", "PRS//T2D"]  # file order among static rows
+    # The timed rows as the file has them (same-time rows in file order): LAB before E11 at t0.
+    assert codes[2:7] == ["MEDS_BIRTH", "LAB//51087//UNK", "ICD10//E11.9", "ICD10//E11.9", "LAB//51087//UNK"]
+    assert codes[7:] == ["MEDS_BIRTH", "LAB//51087//UNK", "ICD10//I10", "MEDS_DEATH"]
+
+
+def test_read_events_selects_subjects_of_an_int32_shard(site_tables, write_site):
+    for rel, t in site_tables.shards.items():
+        site_tables.shards[rel] = t.set_column(0, "subject_id", t.column("subject_id").cast(pa.int32()))
+    site = open_site(write_site(site_tables))
+    ev = site.read_events([2, 3])
+    assert ev.schema.field("subject_id").type == pa.int64()
+    assert sorted(set(ev.column("subject_id").to_pylist())) == [2, 3]
