@@ -38,7 +38,12 @@ from client.join import JoinConfig, JoinError, join  # noqa: E402
 from client.policy import PolicyError, load_policy  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
 from healthfm_core.data.site import Site  # noqa: E402
-from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteReport, check_site, run_check  # noqa: E402
+from healthfm_core.data.site_check import (  # noqa: E402
+    MAX_PROBLEMS_PER_KIND,
+    SiteReport,
+    check_site,
+    run_check,
+)
 from healthfm_core.data.task_check import (  # noqa: E402
     DEFAULT_MIN_SUBJECTS,
     TasksReport,

@@ -16,11 +16,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from conftest import make_site_tables, write_site_tables
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_site_tables, write_site_tables
 from healthfm_core.data.site import open_site
 from healthfm_core.data.site_check import check_site
 from server.strategy import ModalityAwareFedAvg

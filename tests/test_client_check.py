@@ -174,7 +174,7 @@ def test_the_true_number_of_problems_is_printed_with_the_lines_not_shown(site_ta
 def test_a_polars_export_with_static_rows_last_passes(site_tables, write_site, capsys):
     root = write_site(site_tables)
     for rel, table in site_tables.shards.items():
-        pl.from_arrow(table).sort(["subject_id", "time"], nulls_last=True).write_parquet(root / "data" / rel)
+        pl.from_arrow(table).sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
     assert main(["check", str(root)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "ERROR" not in out and "WARNING" not in out

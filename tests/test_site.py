@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
 
-from conftest import HELD, TRAIN, set_cell
+from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.layout import PRS_PREFIX, WEARABLES_SCHEMA, hash_splits
 from healthfm_core.data.site import Site, SiteDataError, open_site
+from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.vocab import build_vocabulary
 
 
 def test_open_site_reads_events_wearables_splits_and_codes(site_tables, write_site):
@@ -128,3 +132,20 @@ def test_read_events_selects_subjects_of_an_int32_shard(site_tables, write_site)
     ev = site.read_events([2, 3])
     assert ev.schema.field("subject_id").type == pa.int64()
     assert sorted(set(ev.column("subject_id").to_pylist())) == [2, 3]
+
+
+def test_a_polars_export_gives_the_same_vocabulary_and_sequences(site_tables, write_site, tmp_path):
+    """The pipeline downstream of the reader (code statistics, token sequences) sees a polars
+    export (large_string code, float64 values, static rows last) as the canonical site."""
+    canonical = open_site(write_site_tables(make_site_tables(), tmp_path / "canonical"))
+    root = write_site(site_tables)
+    for rel, table in site_tables.shards.items():
+        df = pl.from_arrow(table).with_columns(pl.col("numeric_value").cast(pl.Float64))
+        df.sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
+    site = open_site(root)
+    vocab = build_vocabulary([site_code_stats(canonical, min_subjects=1)], min_subjects=1)
+    assert build_vocabulary([site_code_stats(site, min_subjects=1)], min_subjects=1) == vocab
+    a, b = SiteSequences.from_site(canonical, vocab), SiteSequences.from_site(site, vocab)
+    for name in ("subject_ids", "ev_offsets", "ev_time_us", "ev_codes", "ev_values", "st_offsets", "st_codes",
+                 "prs", "prs_valid", "birth_us"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name

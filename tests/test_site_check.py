@@ -11,18 +11,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pytest
-
-import polars as pl
 import pyarrow.parquet as pq
-
+import pytest
 from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
+
 from healthfm_core.data import site_check as site_check_module
 from healthfm_core.data.layout import EPOCH_SECONDS, PRS_PREFIX
 from healthfm_core.data.site import open_site
-from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteProblem, SiteReport, check_site
+from healthfm_core.data.site_check import (
+    MAX_PROBLEMS_PER_KIND,
+    SiteProblem,
+    SiteReport,
+    check_site,
+)
 
 
 def retype(table: pa.Table, column: str, type_: pa.DataType) -> pa.Table:
@@ -172,7 +176,7 @@ def test_a_site_written_by_polars_passes_and_reads_static_rows_first(site_tables
     canonical = open_site(root)
     for rel, table in site_tables.shards.items():
         df = pl.from_arrow(table).with_columns(pl.col("numeric_value").cast(pl.Float64))
-        df.sort(["subject_id", "time"], nulls_last=True).write_parquet(root / "data" / rel)
+        df.sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
     shard = pq.read_table(root / "data" / TRAIN)
     assert shard.schema.field("code").type == pa.large_string()
     assert shard.column("time").to_pylist().index(None) == 5  # subject 1's static rows come last

@@ -21,10 +21,14 @@ import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
 from healthfm_core.data.aces_tasks import aces_labels, load_task
-from healthfm_core.data.layout import SPLITS, TRAIN_SPLIT, HELD_OUT_SPLIT
+from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_check import SiteProblem
-from healthfm_core.data.site_labels import TASKS_SUBDIR, SiteLabelError, read_site_labels
+from healthfm_core.data.site_labels import (
+    TASKS_SUBDIR,
+    SiteLabelError,
+    read_site_labels,
+)
 from healthfm_core.data.tasks import visit_prediction_times
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
