@@ -50,7 +50,8 @@ class SiteDataError(Exception):
     def __init__(self, problems: Sequence[SiteProblem], root: str | Path | None = None):
         self.problems = list(problems)
         errors = [p for p in self.problems if p.severity == "error"]
-        head = f"site {root} has {len(errors)} error(s)" if root else f"{len(errors)} error(s)"
+        n = sum(p.count for p in errors)  # true count: an "and N more" line stands for N
+        head = f"site {root} has {n} error(s)" if root else f"{n} error(s)"
         super().__init__("\n".join([head + ":", *(str(p) for p in errors)]))
 
 
@@ -191,7 +192,7 @@ def open_site(root: str | Path, progress: bool = False, strict: bool = False) ->
     if not report.ok:
         raise SiteDataError(report.problems, root)
     if report.warnings:
-        logger.warning("site %s: %d warning(s), e.g. %s (see `client.py check`)", root, len(report.warnings),
+        logger.warning("site %s: %d warning(s), e.g. %s (see `client.py check`)", root, report.n_warnings,
                        report.warnings[0])
     return Site(root, report, subjects.subject_ids, subjects.per_modality)
 

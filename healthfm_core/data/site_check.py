@@ -577,7 +577,7 @@ def _check_event_shard(
             log.add("unread_value_column", file,
                     f"column {col!r} ({kind}) holds {n_values} non-null value(s) that are ignored: only numeric_value "
                     "is read as a value (rename it numeric_value if these are the measurements, or declare it "
-                    f"in {DATASET_METADATA_FILEPATH})", column=col, value=f"{n_values} values", severity="warning")
+                    f"in {DATASET_METADATA_FILEPATH})", column=col, severity="warning")
 
     if not state.run_subjects:
         agg.shard_subjects.append((file, np.zeros(0, np.int64)))
