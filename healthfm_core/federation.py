@@ -30,7 +30,7 @@ import hashlib
 import json
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ WEIGHT_PREFIX = "weight."
 ARRAYS_RECORD = "arrays"
 METRICS_RECORD = "metrics"
 STATUS_RECORD = "status"
-STATUS_REFUSED = "refused"
+STATUS_REFUSED: Final = "refused"  # Final: typed as the literal TrainReply.status takes
 
 # Metric keys of the wire form (MetricRecord), private to this module: everything else reads the
 # typed fields of TrainReply / EvalReply.
@@ -472,8 +472,11 @@ def _train_wire_name(loc: tuple[Any, ...]) -> str:
     return next((k for k, v in _TRAIN_SCALARS.items() if v == head), head)
 
 
-def _validate(cls: type[BaseModel], data: dict[str, Any], *, wire: Callable[[tuple[Any, ...]], str],
-              group_of: Callable[[str], str] = parameter_group) -> Any:
+_ReplyT = TypeVar("_ReplyT", bound=BaseModel)
+
+
+def _validate(cls: type[_ReplyT], data: dict[str, Any], *, wire: Callable[[tuple[Any, ...]], str],
+              group_of: Callable[[str], str] = parameter_group) -> _ReplyT:
     """cls.model_validate(data), a failure as one ValueError naming the wire field and value."""
     try:
         return cls.model_validate(data, context={"group_of": group_of})

@@ -182,7 +182,7 @@ def _is_ip(text: str) -> bool:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _make_private_dir(path: Path) -> None:
@@ -369,7 +369,9 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
         log.info("created CA %s", paths.ca_cert)
     else:
         ca_key, ca_cert = load_private_key(paths.ca_key), load_cert(paths.ca_cert)
-        if ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers():
+        ca_public = ca_cert.public_key()
+        if (not isinstance(ca_public, ec.EllipticCurvePublicKey)
+                or ca_key.public_key().public_numbers() != ca_public.public_numbers()):
             raise ProvisionError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
         kept += [paths.ca_key, paths.ca_cert]
     new_ca = paths.ca_key in created

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from flwr.app import (
@@ -80,7 +80,8 @@ class GroupAdam:
         m = self.beta1 * self.m.get(key, np.zeros_like(delta)) + (1 - self.beta1) * delta
         v = self.beta2 * self.v.get(key, np.zeros_like(delta)) + (1 - self.beta2) * delta * delta
         self.m[key], self.v[key] = m, v
-        return (previous + self.lr * m / (np.sqrt(v) + self.tau)).astype(previous.dtype)
+        updated: np.ndarray = previous + self.lr * m / (np.sqrt(v) + self.tau)
+        return updated.astype(previous.dtype)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class ModalityAwareFedAvg(FedAvg):
         max_abs_value: float | None = 1e6,
         server_optimizer: GroupAdam | None = None,
         group_of: Callable[[str], str] = parameter_group,
-        **fedavg_kwargs,
+        **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.min_sites_per_group = min_sites_per_group
@@ -181,7 +182,8 @@ class ModalityAwareFedAvg(FedAvg):
             if state:
                 raise ValueError(f"strategy has no server optimiser but the state holds {len(state)} arrays")
             return
-        m, v = {}, {}
+        m: dict[str, np.ndarray] = {}
+        v: dict[str, np.ndarray] = {}
         for name, value in state.items():
             kind, _, key = name.partition(".")
             if kind not in ("m", "v") or not key:
@@ -258,7 +260,9 @@ class ModalityAwareFedAvg(FedAvg):
         if outcome.arrays is None:
             return None, None
         n = sum(outcome.replies[node].num_examples for node in outcome.accepted)
-        metrics = MetricRecord(round_metrics(n, outcome.losses))
+        # MetricRecord takes the invariant dict of its value union; round_metrics gives int | float.
+        values: dict[str, int | float | list[int] | list[float]] = dict(round_metrics(n, outcome.losses))
+        metrics = MetricRecord(values)
         return ArrayRecord({k: Array(v) for k, v in outcome.arrays.items()}), metrics
 
     def aggregate(

@@ -40,6 +40,7 @@ from aces import query as aces_query
 from omegaconf import DictConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from healthfm_core.data.frames import to_polars
 from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, validate_labels
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def aces_labels(
                 parts[h].append(_labels(aces_query.query(parsed[(h, v)], preds)))
     keep = None
     if prediction_times is not None:
-        keep = pl.from_arrow(prediction_times.select(["subject_id", "prediction_time"])).with_columns(
+        keep = to_polars(prediction_times.select(["subject_id", "prediction_time"])).with_columns(
             pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
         ).unique()
     out: dict[int, pa.Table] = {}

@@ -208,8 +208,8 @@ class SiteCodeStats(BaseModel):
         for code, st in other.codes.items():
             codes[code] = codes[code].merge(st) if code in codes else st
         wear = dict(self.wearables)
-        for ch, st in other.wearables.items():
-            wear[ch] = wear[ch].merge(st) if ch in wear else st
+        for ch, wst in other.wearables.items():
+            wear[ch] = wear[ch].merge(wst) if ch in wear else wst
         return SiteCodeStats(
             min_subjects=min(self.min_subjects, other.min_subjects),
             n_subjects=self.n_subjects + other.n_subjects,

@@ -19,7 +19,8 @@ class PooledPretrainingDataset(ConcatDataset):
         if not parts:
             raise ValueError("PooledPretrainingDataset needs at least one site's dataset")
         super().__init__(list(parts))
+        self.parts = list(parts)  # self.datasets typed as PretrainingDatasets (same objects)
 
     def set_epoch(self, epoch: int) -> None:
-        for part in self.datasets:
+        for part in self.parts:
             part.set_epoch(epoch)

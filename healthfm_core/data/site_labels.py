@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from flexible_schema import SchemaValidationError, TableValidationError
 
+from healthfm_core.data.frames import to_polars
+
 TASKS_SUBDIR = "tasks"
 MAX_EXAMPLES = 3  # offending values quoted per (file, column, problem)
 
@@ -65,7 +67,7 @@ def label_files(site_root: str | Path, task: str) -> list[Path]:
 def _subject_ranges(site_root: Path) -> pl.DataFrame:
     """subject_id, first and last timed event of each subject in data/."""
     shards = sorted((site_root / meds.data_subdirectory).rglob("*.parquet"))
-    frames = [pl.from_arrow(pq.read_table(p, columns=[meds.DataSchema.subject_id_name, meds.DataSchema.time_name])) for p in shards]
+    frames = [to_polars(pq.read_table(p, columns=[meds.DataSchema.subject_id_name, meds.DataSchema.time_name])) for p in shards]
     if not frames:
         return pl.DataFrame(schema={"subject_id": pl.Int64, "first": pl.Datetime("us"), "last": pl.Datetime("us")})
     return (
@@ -97,7 +99,7 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
                and raw.schema.field(f.name).type != meds.LabelSchema.schema().field(f.name).type]
         return None, [LabelIssue(path, ", ".join(bad) or None, str(raw.schema.field(bad[0]).type) if bad else None,
                                  f"does not match meds.LabelSchema: {exc}")]
-    df = pl.from_arrow(table.select([meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name]))
+    df = to_polars(table.select([meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name]))
     df = df.with_row_index("row")
     for col in (meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name):
         nulls = df.filter(pl.col(col).is_null())
@@ -110,11 +112,11 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
     known = df.filter(pl.col("first").is_not_null())
     pt = pl.col(meds.LabelSchema.prediction_time_name)
     for cond, what in ((pt < pl.col("first"), "before the subject's first event"), (pt > pl.col("last"), "after the subject's last event")):
-        bad = known.filter(cond)
-        for r in bad.head(MAX_EXAMPLES).iter_rows(named=True):
+        bad_rows = known.filter(cond)
+        for r in bad_rows.head(MAX_EXAMPLES).iter_rows(named=True):
             issues.append(LabelIssue(path, "prediction_time", r[meds.LabelSchema.prediction_time_name],
                                      f"row {r['row']}, subject_id {r['subject_id']}: {what} "
-                                     f"({r['first']} .. {r['last']}; {bad.height} such row(s))"))
+                                     f"({r['first']} .. {r['last']}; {bad_rows.height} such row(s))"))
     return table, issues
 
 

@@ -200,16 +200,16 @@ def build_vocabulary(
     kept = {c: s for c, s in merged.codes.items() if s.n_subjects >= min_subjects}
     token_codes = sorted(c for c in kept if not c.startswith(PRS_PREFIX))
     numeric = {
-        c: normalizer_from_stats(kept[c].numeric, method=method, clip=clip)
+        c: normalizer_from_stats(code_numeric, method=method, clip=clip)
         for c in token_codes
-        if kept[c].numeric is not None
+        if (code_numeric := kept[c].numeric) is not None
     }
     traits = sorted(c[len(PRS_PREFIX) :] for c in kept if c.startswith(PRS_PREFIX))
     # PRS are z-scores already; re-standardise with the federation's moments (sites may differ).
     prs = {
-        t: normalizer_from_stats(kept[PRS_PREFIX + t].numeric, method="standard", clip=clip)
+        t: normalizer_from_stats(prs_numeric, method="standard", clip=clip)
         for t in traits
-        if kept[PRS_PREFIX + t].numeric is not None
+        if (prs_numeric := kept[PRS_PREFIX + t].numeric) is not None
     }
     wear = dict(DEFAULT_WEARABLE_NORMALIZERS)
     if merged.n_wearable_subjects >= min_subjects:

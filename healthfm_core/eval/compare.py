@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
 from healthfm_core.data.layout import MODALITIES  # noqa: E402
@@ -268,10 +269,11 @@ def summary_plot(rows: Sequence[SummaryRow], path, title: str = "Held-out AUROC 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     horizons = sorted({r.horizon for r in rows if r.horizon is not None})
     for method in dict.fromkeys(r.method for r in rows):
-        mine = sorted((r for r in rows if r.method == method and r.horizon is not None), key=lambda r: r.horizon)
-        xs = [horizons.index(r.horizon) for r in mine]
-        a1.plot(xs, [r.auroc for r in mine], marker="o", label=method)
-        a2.plot(xs, [r.ece for r in mine], marker="o", label=method)
+        mine = sorted(((r.horizon, r) for r in rows if r.method == method and r.horizon is not None),
+                      key=lambda hr: hr[0])
+        xs = [horizons.index(h) for h, _ in mine]
+        a1.plot(xs, [r.auroc for _, r in mine], marker="o", label=method)
+        a2.plot(xs, [r.ece for _, r in mine], marker="o", label=method)
     for ax, name in ((a1, "mean AUROC"), (a2, "mean ECE")):
         ax.set_xticks(range(len(horizons)), [f"{h} d" for h in horizons])
         ax.set_xlabel("horizon")
@@ -308,7 +310,7 @@ def loss_curves_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path, 
         ax.set_xlabel("fraction of the training budget")
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    handles = {}  # one legend for the figure: a curve absent from the first panel still appears
+    handles: dict[str, Artist] = {}  # one legend for the figure: a curve absent from the first panel still appears
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)

@@ -240,17 +240,18 @@ def paired_difference(
     g_all = np.concatenate([g for *_, g in checked])
     bounds = np.cumsum([0] + [len(y) for y, *_ in checked])
 
-    def mean_diff(weights_of: Callable[[int], np.ndarray | None]) -> np.ndarray:
-        return np.mean([np.asarray(metric(y, pa_, weights=weights_of(i))) - np.asarray(metric(y, pb, weights=weights_of(i)))
-                        for i, (y, pa_, pb, _) in enumerate(checked)], axis=0)
+    def mean_diff(weights: Sequence[np.ndarray | None]) -> np.ndarray:
+        # weights[i]: task i's sample weights (None: unweighted).
+        return np.mean([np.asarray(metric(y, pa_, weights=w)) - np.asarray(metric(y, pb, weights=w))
+                        for (y, pa_, pb, _), w in zip(checked, weights)], axis=0)
 
-    point = float(mean_diff(lambda i: None))
+    point = float(mean_diff([None] * len(checked)))
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(bounds[-1], 1)))
     values = []
     for start in range(0, n_boot, chunk):
         draws = bootstrap_counts(y_all, min(chunk, n_boot - start), rng, groups=g_all)  # [chunk, all rows]
-        values.append(mean_diff(lambda i: draws[:, bounds[i]:bounds[i + 1]]))
+        values.append(mean_diff([draws[:, bounds[i]:bounds[i + 1]] for i in range(len(checked))]))
     v = np.concatenate(values)
     v = v[np.isfinite(v)]
     if len(v) == 0:
@@ -283,12 +284,12 @@ def binary_metrics(
     return BinaryMetrics(
         n=len(y),
         n_pos=int(y.sum()),
-        auroc=auroc(y, p),
+        auroc=float(auroc(y, p)),
         auroc_ci=bootstrap_ci(auroc, y, p, n_boot, seed, alpha) if both else nan_ci,
-        auprc=average_precision(y, p),
+        auprc=float(average_precision(y, p)),
         auprc_ci=bootstrap_ci(average_precision, y, p, n_boot, seed, alpha) if both else nan_ci,
-        ece=expected_calibration_error(y, p),
-        brier=brier_score(y, p),
+        ece=float(expected_calibration_error(y, p)),
+        brier=float(brier_score(y, p)),
     )
 
 
@@ -336,6 +337,9 @@ def regression_metrics(
         boots.append(np.asarray(r2_score(y, pred, weights=counts)))
     v = np.concatenate(boots)
     v = v[np.isfinite(v)]
-    ci = tuple(float(x) for x in np.quantile(v, [alpha / 2, 1 - alpha / 2])) if len(v) else (np.nan, np.nan)
+    ci = (float("nan"), float("nan"))
+    if len(v):
+        lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
+        ci = (float(lo), float(hi))
     r = float(np.corrcoef(y, pred)[0, 1]) if n > 1 and y.std() > 0 and pred.std() > 0 else float("nan")
-    return RegressionMetrics(n=n, r2=r2_score(y, pred), r2_ci=ci, mae=float(np.abs(y - pred).mean()), pearson_r=r)
+    return RegressionMetrics(n=n, r2=float(r2_score(y, pred)), r2_ci=ci, mae=float(np.abs(y - pred).mean()), pearson_r=r)

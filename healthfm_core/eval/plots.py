@@ -16,14 +16,14 @@ from healthfm_core.eval.report import ResultRow  # noqa: E402
 from healthfm_core.files import atomic_path  # noqa: E402
 
 
-def save_figure(fig: "plt.Figure", path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     """Save a figure atomically (temp file + rename) and close it."""
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def reliability_diagram(
@@ -66,11 +66,12 @@ def horizon_auroc_plot(rows: Sequence[ResultRow], path: str | Path, task: str | 
     horizons = sorted({r.horizon for r in rows if r.horizon is not None})
     offsets = np.linspace(-0.15, 0.15, len(methods)) if len(methods) > 1 else [0.0]
     for off, method in zip(offsets, methods):
-        mine = sorted((r for r in rows if r.method == method and r.horizon is not None), key=lambda r: r.horizon)
-        xs = np.array([horizons.index(r.horizon) for r in mine]) + off
-        auc = np.array([r.auroc for r in mine])
-        lo = np.array([r.auroc_ci[0] for r in mine])
-        hi = np.array([r.auroc_ci[1] for r in mine])
+        mine = sorted(((r.horizon, r) for r in rows if r.method == method and r.horizon is not None),
+                      key=lambda hr: hr[0])
+        xs = np.array([horizons.index(h) for h, _ in mine]) + off
+        auc = np.array([r.auroc for _, r in mine])
+        lo = np.array([r.auroc_ci[0] for _, r in mine])
+        hi = np.array([r.auroc_ci[1] for _, r in mine])
         err = np.nan_to_num(np.vstack([auc - lo, hi - auc]), nan=0.0)
         ax.errorbar(xs, auc, yerr=err, marker="o", capsize=3, label=method)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)

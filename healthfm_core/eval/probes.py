@@ -21,6 +21,7 @@ from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.report import RegressionRow, ResultRow
+from healthfm_core.model.capabilities import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def compute_embeddings(
     """model.embed(batch) for every labelled sample: eval mode, no gradients. The batches hold
     only data at or before each prediction_time (the pipeline's guarantee), so the embedding is
     the representation at prediction_time. The model's training mode is restored afterwards."""
+    if not isinstance(model, Embedder):
+        raise TypeError(f"compute_embeddings: model {type(model).__name__} has no embed method")
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
@@ -110,7 +113,7 @@ class Standardizer:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "Standardizer":
+    def fit(cls, x: np.ndarray) -> Standardizer:
         x = np.asarray(x, dtype=np.float64)
         scale = x.std(axis=0)
         # A constant feature stays 0 after centring rather than dividing by zero.
@@ -211,7 +214,7 @@ def fit_logistic_probe(
         w, b = fit_logistic(xs_train, y_train, c, init=init)
         init = (w, b)
         p_tune = 1.0 / (1.0 + np.exp(-(xs_tune @ w + b)))
-        cand = LogisticProbe(std, w, b, c, M.auroc(y_tune, p_tune) if tune_has_both else float("nan"),
+        cand = LogisticProbe(std, w, b, c, float(M.auroc(y_tune, p_tune)) if tune_has_both else float("nan"),
                              M.log_loss(y_tune, p_tune))
         if best is None or _better(cand, best, select_by if tune_has_both else "log_loss"):
             best = cand
@@ -388,15 +391,16 @@ def evaluate_features(
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         raise ValueError(f"{task}: missing split(s) {missing}; have {sorted(splits)}")
-    parts = []
+    parts: list[Split] = []
     for name in SPLITS:
         f = splits[name]
         if f.y is None:
             raise ValueError(f"{task}: split {name!r} has no labels (use a loader of a LabelledDataset)")
         parts.append((f.x, f.y))
+    train, tune, test = parts  # in SPLITS order
     if regression:
-        return evaluate_regression(method, task, *parts, n_boot=n_boot, seed=seed)
-    return evaluate_binary(method, task, horizon, *parts, n_boot=n_boot, seed=seed)
+        return evaluate_regression(method, task, train, tune, test, n_boot=n_boot, seed=seed)
+    return evaluate_binary(method, task, horizon, train, tune, test, n_boot=n_boot, seed=seed)
 
 
 def binary_row(
@@ -408,11 +412,11 @@ def binary_row(
     nan2 = (float("nan"), float("nan"))
     return ResultRow(
         method=method, task=task, horizon=horizon, n=len(y), n_pos=int(y.sum()),
-        auroc=M.auroc(y, p),
+        auroc=float(M.auroc(y, p)),
         auroc_ci=M.bootstrap_ci(M.auroc, y, p, n_boot=n_boot, seed=seed, groups=groups) if both else nan2,
-        auprc=M.average_precision(y, p),
-        ece=M.expected_calibration_error(y, p) if is_prob else float("nan"),
-        brier=M.brier_score(y, p) if is_prob else float("nan"),
+        auprc=float(M.average_precision(y, p)),
+        ece=float(M.expected_calibration_error(y, p)) if is_prob else float("nan"),
+        brier=float(M.brier_score(y, p)) if is_prob else float("nan"),
     )
 
 

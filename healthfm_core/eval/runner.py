@@ -93,7 +93,7 @@ class PooledEmbedder(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, poolings: Sequence[str] = ("query",)) -> None:
         super().__init__()
-        if not poolings or (bad := [p for p in poolings if p not in POOLINGS]):
+        if not poolings or any(p not in POOLINGS for p in poolings):
             raise ValueError(f"poolings must be a non-empty subset of {POOLINGS}, got {list(poolings)}")
         self.model, self.poolings = model, tuple(poolings)
 
@@ -203,8 +203,8 @@ def build_site_rows(
             per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
     if wear:
         wearables = site.read_wearables()
-        for key, task in wear.items():
-            lab = wearable_regression_labels(wearables, target=task.target)
+        for key, wear_task in wear.items():
+            lab = wearable_regression_labels(wearables, target=wear_task.target)
             per_task[key] = lab
             tables.append(lab.select(["subject_id", "prediction_time"]))
     if not tables:
@@ -279,7 +279,9 @@ def method_features(
         raise ValueError("method_features needs a model or a vocab_size (count features)")
     keep = None if keep is None else tuple(keep)
     all_rows = np.arange(len(data)) if rows is None else np.asarray(rows, dtype=np.int64)
-    xs, present, offset = [], [], 0
+    xs: list[np.ndarray] = []
+    present: list[np.ndarray] = []
+    offset = 0
     for part in data.sites:
         mine = all_rows[(all_rows >= offset) & (all_rows < offset + len(part))] - offset
         offset += len(part)
@@ -290,6 +292,7 @@ def method_features(
         if model is not None:
             feats = compute_embeddings(model, batches, progress=progress)
         else:
+            assert vocab_size is not None  # one of the two is given: checked on entry
             feats = compute_count_features(batches, vocab_size, progress=progress)
         xs.append(feats.x)
     if not xs:
@@ -369,19 +372,20 @@ def evaluate_method_splits(
                 res.skipped[key] = why
             continue
         (x_tr, y_tr), (x_tu, y_tu) = [(features.x[by[s]], y_all[by[s]]) for s in ("train", "tuning")]
+        # The probe's scores: predictions (regression) or probabilities (binary).
         if regression:
-            probe = fit_ridge_probe(x_tr, y_tr, x_tu, y_tu)
+            score = fit_ridge_probe(x_tr, y_tr, x_tu, y_tu).predict
         else:
-            probe = fit_logistic_probe(x_tr, y_tr.astype(bool), x_tu, y_tu.astype(bool))
+            score = fit_logistic_probe(x_tr, y_tr.astype(bool), x_tu, y_tu.astype(bool)).predict_proba
         for split, res in out.items():
             x, y = features.x[by[split]].astype(np.float64), y_all[by[split]]
             boot = (n_boot or {}).get(split, 1000)
             if regression:
-                pred = probe.predict(x)
+                pred = score(x)
                 res.regression_rows.append(regression_row(method, name, y, pred, boot, seed))
                 res.predictions[key] = (y, pred)
             else:
-                p = probe.predict_proba(x)
+                p = score(x)
                 res.rows.append(binary_row(method, name, horizon, y.astype(bool), p, boot, seed,
                                            subject[features.rows[by[split]]]))
                 res.predictions[key] = (y.astype(bool), p)

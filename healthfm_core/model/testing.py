@@ -21,10 +21,12 @@ from healthfm_core.model.healthfm import EPOCH_DAYS
 def _modalities_per_sample(
     modalities: Collection[str] | Sequence[Collection[str]], batch_size: int
 ) -> list[frozenset[str]]:
-    if modalities and all(isinstance(m, str) for m in modalities):
-        rows = [frozenset(modalities)] * batch_size  # type: ignore[arg-type]
+    names = [m for m in modalities if isinstance(m, str)]
+    rows: list[frozenset[str]]
+    if modalities and len(names) == len(modalities):  # one set of modality names for every sample
+        rows = [frozenset(names)] * batch_size
     else:
-        rows = [frozenset(m) for m in modalities]  # type: ignore[union-attr]
+        rows = [frozenset(m) for m in modalities]
         if len(rows) != batch_size:
             raise ValueError(f"modalities lists {len(rows)} samples for batch_size={batch_size}")
     for row in rows:

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
 from healthfm_core.data.batch import Batch
+from healthfm_core.model.capabilities import Pretrainable
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,8 @@ class DPLocalStep:
         """Fill p.summed_grad for one step; returns (mean per-sample losses, mean per-sample norm)."""
         if self.optimizer is None:
             raise RuntimeError("DPLocalStep: wrap_optimizer must be called before the first step")
+        if not isinstance(model, Pretrainable):
+            raise TypeError(f"DPLocalStep: model {type(model).__name__} has no pretraining_losses method")
         params = self.optimizer.params
         sums: dict[str, float] = {}
         norms: list[float] = []

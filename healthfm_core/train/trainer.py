@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.model.attention import decay_rate_summary
+from healthfm_core.model.capabilities import Pretrainable
 from healthfm_core.model.groups import GROUPS, group_state_dict, parameter_group
 from healthfm_core.model.objectives import ObjectiveWeights
 from healthfm_core.train.checkpoint import (
@@ -174,7 +175,7 @@ def set_epoch(data: Iterable[Batch], epoch: int) -> None:
         data.set_epoch(epoch)
         return
     dataset = getattr(data, "dataset", None)
-    if hasattr(dataset, "set_epoch"):
+    if dataset is not None and hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     gen = getattr(data, "generator", None)
     if isinstance(data, DataLoader) and isinstance(gen, torch.Generator):
@@ -182,7 +183,7 @@ def set_epoch(data: Iterable[Batch], epoch: int) -> None:
         base = getattr(data, "_healthfm_base_seed", None)
         if base is None:
             base = gen.initial_seed()
-            data._healthfm_base_seed = base  # type: ignore[attr-defined]
+            data._healthfm_base_seed = base
         gen.manual_seed(step_seed(base, epoch))
 
 
@@ -280,9 +281,9 @@ def train_local(
     all_named = list(model.named_parameters())
     known = sorted({group_of(n) for n, _ in all_named})
     chosen = list(known) if groups is None else list(dict.fromkeys(groups))
-    names = _valid_group_names(group_of, known)
-    if unknown := [g for g in chosen if g not in names]:
-        raise ValueError(f"unknown parameter group(s) {unknown}; groups are {sorted(names)}")
+    group_names = _valid_group_names(group_of, known)
+    if unknown := [g for g in chosen if g not in group_names]:
+        raise ValueError(f"unknown parameter group(s) {unknown}; groups are {sorted(group_names)}")
     named = [(n, p) for n, p in all_named if group_of(n) in chosen and p.requires_grad]
     if not named:
         raise ValueError(f"no trainable parameters in groups {chosen} (model groups: {known})")
@@ -303,7 +304,7 @@ def train_local(
             torch.cuda.set_rng_state_all(state.rng_cuda)
 
     try:
-        opt = _build_optimizer(named, cfg, state)
+        opt: torch.optim.Optimizer = _build_optimizer(named, cfg, state)
         if local_step is not None:
             opt = local_step.wrap_optimizer(opt)
         stream = _BatchStream(data, state.epoch, state.batch_in_epoch)
@@ -320,8 +321,8 @@ def train_local(
             batch = stream.next().to(device)
             weights = _weights_at(weights_fn, step)
             lr = learning_rate(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for param_group in opt.param_groups:
+                param_group["lr"] = lr
             generator.manual_seed(step_seed(cfg.seed, step))
             if local_step is not None:
                 opt.zero_grad(set_to_none=True)
@@ -332,6 +333,8 @@ def train_local(
                 if "total" not in step_losses or not math.isfinite(step_losses["total"]):
                     raise FloatingPointError(f"step {step}: local step returned losses {step_losses}")
             else:  # the default step: one loss over the batch, backward, clipping
+                if not isinstance(model, Pretrainable):
+                    raise TypeError(f"train_local: model {type(model).__name__} has no pretraining_losses method")
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     losses = model.pretraining_losses(batch, weights, generator=generator)
                 if "total" not in losses:

@@ -88,7 +88,7 @@ class _Rows:
     value: list[np.ndarray]  # float32, NaN = no value
     order: list[np.ndarray]  # tie-break inside one timestamp
 
-    def add(self, subj: np.ndarray, time: np.ndarray, code: int | np.ndarray, value: np.ndarray | None, order: int) -> None:
+    def add(self, subj: np.ndarray, time: np.ndarray | float, code: int | np.ndarray, value: np.ndarray | None, order: int) -> None:
         m = len(subj)
         if m == 0:
             return
@@ -202,9 +202,9 @@ def simulate_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: 
     lab("VITAL//8867-4//{beats}/min", 0.6, 70 - 4 * fit + 2 * met + 6 * noise[:, 6], 35, 180, 0)
     lab("LAB//19926-5//%", 0.05 + 0.65 * copd_dx, 78 - 3 * cohort.smoker[v_subj] - 14 * copd + 2 * fit + 5 * noise[:, 7], 20, 100, 0)
 
-    for code in BACKGROUND:
+    for bg_code in BACKGROUND:
         m = rng.random(nv) < P_BACKGROUND
-        rows.add(v_subj[m], v_t[m], cid[code], None, 3)
+        rows.add(v_subj[m], v_t[m], cid[bg_code], None, 3)
 
     subj = np.concatenate(rows.subj)
     time = np.concatenate(rows.time)

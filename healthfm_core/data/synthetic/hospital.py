@@ -197,10 +197,10 @@ def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSp
             rows.add(v_subj[first], v_t[first], start_code, None, _MED)
             again = taking & ~first & (rng.random(nv) < P_REPEAT_MEDICATION)
             rows.add(v_subj[again], v_t[again], given_code, None, _MED)
-    for c9, c10, desc in BACKGROUND:
-        catalogue[icd9(c9)], catalogue[icd10(c10)] = f"{desc} (ICD-9-CM)", f"{desc} (ICD-10-CM)"
+    for bg9, bg10, desc in BACKGROUND:
+        catalogue[icd9(bg9)], catalogue[icd10(bg10)] = f"{desc} (ICD-9-CM)", f"{desc} (ICD-10-CM)"
         m = rng.random(nv) < P_BACKGROUND
-        rows.add(v_subj[m], v_t[m], np.where(era10[m], icd10(c10), icd9(c9)), None, _DX)
+        rows.add(v_subj[m], v_t[m], np.where(era10[m], icd10(bg10), icd9(bg9)), None, _DX)
 
     # Labs from the latent state, drawn minutes to hours after the visit; each panel its own charttime.
     k = cohort.step_of(v_t)
@@ -223,7 +223,9 @@ def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSp
             catalogue[lab(itemid, unit)] = desc
             rows.add(v_subj[m], draw[m], lab(itemid, unit), np.round(val[m], dec), _LAB)
 
-    z = lambda: rng.standard_normal(nv)
+    def z() -> np.ndarray:
+        return rng.standard_normal(nv)
+
     glucose = np.clip(95 + 10 * met + 45 * t2d - 20 * t2d_med + 12 * z(), 45, 600)
     bicarb = np.clip(25 + 3.5 * copd + 2 * z(), 12, 40)
     sodium, chloride = 139 + 2.5 * z(), 102 + 3 * z()

@@ -31,12 +31,12 @@ class AgeMix(_Strict):
     """Age in years at the start of follow-up: a normal distribution clipped to [min, max]."""
 
     mean: float = 57.0
-    sd: float = Field(8.0, gt=0)
-    min: float = Field(40.0, ge=18)
-    max: float = Field(75.0, le=100)
+    sd: float = Field(default=8.0, gt=0)
+    min: float = Field(default=40.0, ge=18)
+    max: float = Field(default=75.0, le=100)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AgeMix":
+    def _ordered(self) -> AgeMix:
         if not self.min < self.max:
             raise ValueError(f"age.min ({self.min}) must be below age.max ({self.max})")
         return self
@@ -47,19 +47,19 @@ class SiteSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     kind: Literal["biobank", "hospital", "genomics_cohort", "cohort"] = "hospital"
-    n_subjects: int = Field(2000, ge=1)
+    n_subjects: int = Field(default=2000, ge=1)
     age: AgeMix = AgeMix()
-    prevalence_multiplier: float = Field(1.0, gt=0)
-    visits_per_year: float = Field(2.0, gt=0)
+    prevalence_multiplier: float = Field(default=1.0, gt=0)
+    visits_per_year: float = Field(default=2.0, gt=0)
     # Fraction of subjects having each modality. Every subject has an EHR record (MEDS needs
     # events), so ehr must be 1.0; wearables and genomics may be any fraction, 0 = absent.
     modalities: dict[str, float] = Field(default_factory=lambda: {"ehr": 1.0})
     ppg: bool = True  # devices with a PPG sensor record heart rate; without it hr_bpm is null
-    wear_days: int = Field(7, ge=1, le=28)
-    wear_periods: int = Field(1, ge=1, le=8)  # wear periods per subject with wearables
-    date_offset_years: int = Field(0, ge=-200, le=200)  # MIMIC-style shift of every date
-    subjects_per_shard: int = Field(1000, ge=1)
-    subject_id_start: int | None = Field(None, ge=0)
+    wear_days: int = Field(default=7, ge=1, le=28)
+    wear_periods: int = Field(default=1, ge=1, le=8)  # wear periods per subject with wearables
+    date_offset_years: int = Field(default=0, ge=-200, le=200)  # MIMIC-style shift of every date
+    subjects_per_shard: int = Field(default=1000, ge=1)
+    subject_id_start: int | None = Field(default=None, ge=0)
     # "hospital": MIMIC-style MEDS export (ICD-9 then ICD-10 codes, lab panels, polars-written); see hospital.py
     ehr_format: Literal["synthetic", "hospital"] = "synthetic"
 
@@ -90,7 +90,7 @@ class LatentSpec(_Strict):
     theta_per_year: float = Field(gt=0)
     age_per_decade: float = 0.0
     prs: dict[str, float] = Field(default_factory=dict)
-    between_subject_sd: float = Field(0.5, ge=0)
+    between_subject_sd: float = Field(default=0.5, ge=0)
 
 
 def _default_latent() -> dict[str, LatentSpec]:
@@ -125,12 +125,12 @@ class DiseaseSpec(_Strict):
     beta_smoker: float = 0.0
     beta_comorbidity: dict[str, float] = Field(default_factory=dict)
     # Fraction of the baseline hazard accumulated before follow-up: P(prevalent) = 1 - exp(-h0 * years).
-    baseline_prevalence_years: float = Field(4.0, ge=0)
-    lag_days: float = Field(120.0, gt=0)
+    baseline_prevalence_years: float = Field(default=4.0, ge=0)
+    lag_days: float = Field(default=120.0, gt=0)
     medications: list[str] = Field(default_factory=list)
     # Effect on wearables while subclinical (full) and after diagnosis (half).
     wear_hr_bpm: float = 0.0
-    wear_activity_factor: float = Field(1.0, gt=0)
+    wear_activity_factor: float = Field(default=1.0, gt=0)
 
     @field_validator("beta_latent")
     @classmethod
@@ -173,7 +173,7 @@ def _default_diseases() -> dict[str, DiseaseSpec]:
 class DeathSpec(_Strict):
     """Death hazard per year: base * exp(beta_age * (age - 55)/10 + latent terms + per diagnosis)."""
 
-    base_rate_per_year: float = Field(0.004, gt=0)
+    base_rate_per_year: float = Field(default=0.004, gt=0)
     beta_age: float = 0.9
     beta_latent: dict[str, float] = Field(default_factory=lambda: {"metabolic": 0.25, "fitness": -0.3})
     beta_per_diagnosis: float = 0.35
@@ -184,10 +184,10 @@ class ScenarioConfig(_Strict):
     name: str
     description: str = ""
     start_date: _dt.date = _dt.date(2012, 1, 1)
-    follow_up_years: float = Field(6.0, gt=0.5, le=30)
-    step_days: float = Field(30.4375, gt=0, le=92)  # the latent grid: monthly by default
-    smoker_fraction: float = Field(0.18, ge=0, le=1)
-    truth_every_days: float = Field(90.0, gt=0)  # spacing of prediction times in truth/risk
+    follow_up_years: float = Field(default=6.0, gt=0.5, le=30)
+    step_days: float = Field(default=30.4375, gt=0, le=92)  # the latent grid: monthly by default
+    smoker_fraction: float = Field(default=0.18, ge=0, le=1)
+    truth_every_days: float = Field(default=90.0, gt=0)  # spacing of prediction times in truth/risk
     horizons_days: list[int] = Field(default_factory=lambda: [30, 90, 180, 365])
     latent: dict[str, LatentSpec] = Field(default_factory=_default_latent)
     diseases: dict[str, DiseaseSpec] = Field(default_factory=_default_diseases)
@@ -195,7 +195,7 @@ class ScenarioConfig(_Strict):
     sites: list[SiteSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ScenarioConfig":
+    def _consistent(self) -> ScenarioConfig:
         names = [s.name for s in self.sites]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -222,7 +222,7 @@ class ScenarioConfig(_Strict):
                 out.append(d.prs_trait)
         return out
 
-    def with_n_subjects(self, n_subjects: int | None) -> "ScenarioConfig":
+    def with_n_subjects(self, n_subjects: int | None) -> ScenarioConfig:
         if n_subjects is None:
             return self
         if n_subjects < 1:
