@@ -664,7 +664,7 @@ def _check_wearables_batch(log: _ProblemLog, file: str, batch: pa.Table, offset:
     time_us = _int_array(pc.fill_null(time.cast(pa.int64()), 0))
     # numpy's % takes the divisor's sign, so epochs before 1970 are judged like any other.
     report("off_grid", "time", time_valid & (time_us % EPOCH_US != 0),
-           f"epoch start is not on the {EPOCH_SECONDS}-second grid", lambda i: _time_str(time_us[i]))
+           f"epoch start is not on the {EPOCH_SECONDS}-second grid", lambda i: _time_str(int(time_us[i])))
     enmo = batch.column("enmo_mg")
     report("non_finite_value", "enmo_mg", pc.invert(pc.is_finite(enmo)), "enmo_mg is not finite",
            lambda i: str(enmo[i].as_py()))
@@ -709,12 +709,13 @@ def _check_dataset_metadata(log: _ProblemLog, root: Path) -> set[str]:
         return set()
     try:
         DatasetMetadataSchema.validate(blob)
-    except Exception as e:
-        e = e.__cause__ or e  # flexible_schema wraps the jsonschema error that names the field
-        field = "/".join(str(p) for p in getattr(e, "absolute_path", [])) or None
-        msg = getattr(e, "message", None) or str(e)
+    except Exception as err:
+        # flexible_schema wraps the jsonschema error that names the field
+        cause: BaseException = err.__cause__ or err
+        field = "/".join(str(p) for p in getattr(cause, "absolute_path", [])) or None
+        msg = getattr(cause, "message", None) or str(cause)
         log.add("bad_dataset_metadata", file, f"does not match MEDS DatasetMetadataSchema: {msg}",
-                column=field, value=_show(getattr(e, "instance", None)) if field else None)
+                column=field, value=_show(getattr(cause, "instance", None)) if field else None)
         return set()
     declared = [blob.get(k) or [] for k in _DECLARED_COLUMN_KEYS] if isinstance(blob, dict) else []
     return {c for cols in declared if isinstance(cols, list) for c in cols if isinstance(c, str)}
