@@ -143,8 +143,7 @@ def pool_token_rows(
         return (np.full((0, 1), PAD_CODE, np.int64), np.zeros((0, 1), np.float32),
                 np.zeros((0, 1), bool), np.zeros(0, np.int64))
     n_tok = int(token[-1]) + 1
-    tok_time = np.full(n_tok, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(tok_time, token, time_us)
+    tok_time = np.maximum.reduceat(time_us, np.searchsorted(token, np.arange(n_tok)))
     # Latest row per (token, code): sort so that it comes last in its group.
     order = np.lexsort((values, has_value, time_us, codes, token))
     tk, cd = token[order], codes[order]
