@@ -9,8 +9,9 @@ Losses (each returned by name; 0 when the batch holds no data for it, never NaN)
   wear_masked       masked wearable patches -> every epoch's channels (MSE over observed ones)
   prs_masked        masked PRS traits -> their scores from the other traits (MSE)
   next_visit        the set of codes of a later visit (the tokens of one day window) from the
-                    state just before it (multi-label BCE); codes already in the history form a separate "repeat" term weighted by
-                    `next_visit_repeat_weight`, so copying the history cannot dominate the loss
+                    state just before it (multi-label BCE); codes already in the history form a
+                    separate "repeat" term weighted by `next_visit_repeat_weight`, so copying the
+                    history cannot dominate the loss
   future_codes      query tokens, each placed at a random anchor event time (time-causal: one sees only
                     tokens at or before its anchor; `future_anchors_per_sample` of them share one
                     forward pass, as no token reads a query), predict the set of codes in (anchor, anchor + h]
