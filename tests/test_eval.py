@@ -268,12 +268,13 @@ def test_evaluate_binary_and_oracle_rows() -> None:
 
 def test_count_features_by_hand() -> None:
     batch = random_batch(2, n_events=4, vocab_size=8, n_prs_traits=2, seed=0)
-    batch.codes = torch.tensor([[3, 3, 5, 0], [4, 7, 7, 7]])
+    # Tokens of up to two codes (0 = PAD); the 4th token of each sample is padding.
+    batch.codes = torch.tensor([[[3, 0], [3, 5], [0, 0], [6, 0]], [[4, 7], [7, 0], [0, 0], [7, 0]]])
     batch.ehr_valid = torch.tensor([[True, True, True, False], [True, True, True, False]])
     f = count_features(batch, vocab_size=8)
     expected = torch.zeros(2, 8, dtype=torch.float64)
     expected[0, 3], expected[0, 5] = np.log1p(2), np.log1p(1)
-    expected[1, 4], expected[1, 7] = np.log1p(1), np.log1p(2)  # the invalid 4th event is not counted
+    expected[1, 4], expected[1, 7] = np.log1p(1), np.log1p(2)  # the invalid 4th token is not counted
     assert torch.allclose(f, expected)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         count_features(batch, vocab_size=5)

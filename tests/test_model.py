@@ -148,8 +148,8 @@ def _add_future(batch, model_vocab: int):  # type: ignore[no-untyped-def]
     for i in range(b.batch_size):
         free = (~b.ehr_valid[i]).nonzero().flatten()
         slot = int(free[0]) if len(free) else b.codes.shape[1] - 1
-        b.codes[i, slot] = model_vocab - 1
-        b.values[i, slot], b.has_value[i, slot] = 3.0, True
+        b.codes[i, slot, 0] = model_vocab - 1  # a token with one code (slot 0) and a value
+        b.values[i, slot, 0], b.has_value[i, slot, 0] = 3.0, True
         b.times[i, slot] = pt[i] + 1.5
         b.ehr_valid[i, slot] = True
         patches = b.wear_valid[i].nonzero().flatten()
@@ -178,7 +178,7 @@ def test_embed_uses_nothing_after_prediction_time(time_encoding: str) -> None:
     torch.testing.assert_close(model.embed(changed), model.embed(base))
     # Control: the same kind of change before prediction_time does change the embedding.
     past = base.ehr_valid & (base.times < base.prediction_time[:, None])
-    control = replace(base, codes=base.codes.masked_fill(past, N_SPECIAL_CODES + 1))
+    control = replace(base, codes=base.codes.masked_fill(past[..., None] & base.code_valid, N_SPECIAL_CODES + 1))
     assert not torch.allclose(model.embed(control), model.embed(base))
 
 
@@ -282,18 +282,19 @@ def test_query_state_at_query_time_ignores_everything_after_it() -> None:
     base = model(batch, query_time=query_time).embedding
     later = batch.ehr_valid & (batch.times > query_time[:, None])
     earlier = batch.ehr_valid & (batch.times <= query_time[:, None])
+    later_slots, earlier_slots = later[..., None] & batch.code_valid, earlier[..., None] & batch.code_valid
     assert bool(later.any()) and bool(earlier.any())
-    codes = torch.where(later, (batch.codes + 1).clamp_max(39).clamp_min(3), batch.codes)
-    values = torch.where(later, batch.values + 5.0, batch.values)
+    codes = torch.where(later_slots, (batch.codes + 1).clamp_max(39).clamp_min(3), batch.codes)
+    values = torch.where(later_slots, batch.values + 5.0, batch.values)
     n_epochs = batch.wear_epochs.shape[2]
     patch_end = batch.wear_times + n_epochs * EPOCH_DAYS
     late_patch = batch.wear_valid & (patch_end > query_time[:, None])
     epochs = torch.where(late_patch[..., None, None], batch.wear_epochs + 3.0, batch.wear_epochs)
-    changed = replace(batch, codes=codes, values=values, has_value=batch.has_value | later, wear_epochs=epochs)
+    changed = replace(batch, codes=codes, values=values, has_value=batch.has_value | later_slots, wear_epochs=epochs)
     torch.testing.assert_close(model(changed, query_time=query_time).embedding, base, rtol=0, atol=0)
     # Default query time is prediction_time: the same change is then visible.
     assert not torch.allclose(model(changed).embedding, model(batch).embedding)
-    before = replace(batch, codes=torch.where(earlier, (batch.codes + 1).clamp_max(39).clamp_min(3), batch.codes))
+    before = replace(batch, codes=torch.where(earlier_slots, (batch.codes + 1).clamp_max(39).clamp_min(3), batch.codes))
     assert not torch.allclose(model(before, query_time=query_time).embedding, base)
 
 

@@ -126,14 +126,15 @@ def test_training_steps_decrease_the_total() -> None:
 
 
 def _batch(codes_times: list[tuple[int, float]], patch_times: list[float], prediction_time: float, epochs: int = 4) -> Batch:
-    """One sample by hand: EHR (code, time) pairs and wearable patches starting at patch_times."""
+    """One sample by hand: EHR (code, time) pairs, one token of one code each, and wearable
+    patches starting at patch_times."""
     n, p = len(codes_times), len(patch_times)
     return Batch(
         subject_id=torch.tensor([1]),
         prediction_time=torch.tensor([prediction_time]),
-        codes=torch.tensor([[c for c, _ in codes_times]]),
-        values=torch.zeros(1, n),
-        has_value=torch.zeros(1, n, dtype=torch.bool),
+        codes=torch.tensor([[[c] for c, _ in codes_times]]),
+        values=torch.zeros(1, n, 1),
+        has_value=torch.zeros(1, n, 1, dtype=torch.bool),
         times=torch.tensor([[t for _, t in codes_times]]),
         ehr_valid=torch.ones(1, n, dtype=torch.bool),
         wear_epochs=torch.randn(1, p, epochs, 2, generator=torch.Generator().manual_seed(0)),
@@ -208,7 +209,7 @@ def test_sample_masks_cover_every_sample() -> None:
     batch = random_batch(batch_size=8, vocab_size=VOCAB, seed=2)
     cfg = PretrainingConfig(ehr_mask_prob=0.0, wear_mask_prob=0.0, prs_mask_prob=1.0)
     masks = sample_masks(batch, cfg, torch.Generator().manual_seed(0))
-    assert (masks.ehr.sum(1) == 1).all() and not (masks.ehr & ~batch.ehr_valid).any()
+    assert (masks.ehr.flatten(1).sum(1) == 1).all() and not (masks.ehr & ~batch.code_valid).any()
     assert (masks.wear.sum(1) == 1).all() and not (masks.wear & ~batch.wear_valid).any()
     several = batch.prs_valid.sum(1) >= 2
     # all-but-one trait masked where there are several, none where there is one

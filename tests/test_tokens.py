@@ -85,8 +85,9 @@ def test_events_at_prediction_time_kept_one_microsecond_later_dropped() -> None:
     s = int(seqs.index_of([1])[0])
     at = seqs.sample(s, int(to_us(pa.array([day(2)]))[0]))
     before = seqs.sample(s, int(to_us(pa.array([day(2) - US]))[0]))
-    assert len(at.codes) == 1 + 4  # the static row + events at days 0, 1, 2, 2
+    assert len(at.codes) == 1 + 3  # the static token + tokens of days 0, 1, 2 (two codes on day 2)
     assert len(before.codes) == 1 + 2
+    assert (at.codes[-1] != PAD_CODE).sum() == 2 and (before.codes[-1] != PAD_CODE).sum() == 1
     assert at.times.max() == pytest.approx(2.0) and before.times.max() == pytest.approx(1.0)
     assert at.prediction_time == pytest.approx(2.0)
 
@@ -105,7 +106,8 @@ def test_epoch_visible_only_once_it_has_ended(k: int) -> None:
     assert np.all(at.wear_epochs[~at.wear_epoch_mask] == 0)
 
 
-def test_no_token_after_prediction_time_random_site() -> None:
+@pytest.mark.parametrize("window", [0.0, 1.0])
+def test_no_token_after_prediction_time_random_site(window: float) -> None:
     rng = np.random.default_rng(0)
     rows, wears = [], []
     for s in range(25):
@@ -116,15 +118,20 @@ def test_no_token_after_prediction_time_random_site() -> None:
             wears.append(wear(s, T0 + timedelta(days=int(rng.integers(0, 300)), seconds=30 * int(rng.integers(0, 2880))),
                               int(rng.integers(1, 700)), hr=bool(s % 3)))
     ev, wr = events(rows), pa.concat_tables(wears)
-    seqs = SiteSequences(ev, wr, vocab_for(ev, wr), patch_epochs=60)
+    seqs = SiteSequences(ev, wr, vocab_for(ev, wr), patch_epochs=60, token_window_days=window)
     ev_us, ev_sid = to_us(ev["time"]), ev["subject_id"].to_numpy()
+    ev_code = np.array(ev["code"].to_pylist())
     w_us, w_sid = to_us(wr["time"]), wr["subject_id"].to_numpy()
     for s in range(25):
         i = int(seqs.index_of([s])[0])
         candidates = np.concatenate([ev_us[ev_sid == s], w_us[w_sid == s] + EPOCH_US])
         for pt in np.concatenate([candidates, candidates - 1, candidates + 1, rng.choice(candidates, 3) + 7]):
             smp = seqs.sample(i, int(pt), max_events=10_000, max_patches=10_000)
-            assert len(smp.codes) == np.sum((ev_sid == s) & (ev_us <= pt))
+            seen = (ev_sid == s) & (ev_us <= pt)
+            first = ev_us[ev_sid == s].min()
+            bucket = ev_us[seen] if window == 0 else (ev_us[seen] - first) // int(window * 86_400_000_000)
+            assert len(smp.codes) == len(np.unique(bucket))  # one token per bucket with a visible row
+            assert (smp.codes != PAD_CODE).sum() == len({(k, c) for k, c in zip(bucket, ev_code[seen])})
             assert smp.wear_epoch_mask[..., 0].sum() == np.sum((w_sid == s) & (w_us + EPOCH_US <= pt))
             assert np.all(smp.times <= smp.prediction_time + 1e-3)
             assert np.all(smp.wear_times <= smp.prediction_time + 1e-3)
@@ -188,8 +195,10 @@ def test_unknown_codes_are_unk_without_value() -> None:
     seqs = SiteSequences(EV, None, vocab)
     smp = seqs.sample(0, int(to_us(pa.array([day(10)]))[0]))
     hba1c = vocab.code_id("LAB//HBA1C")
-    assert smp.codes.tolist() == [UNK_CODE, UNK_CODE, hba1c, UNK_CODE, hba1c, hba1c]
-    assert smp.has_value.tolist() == [False, False, True, False, True, True]
+    # Tokens: static, days 0, 1, 2, 3; a known code ranks before UNK within a token.
+    assert smp.codes.tolist() == [[UNK_CODE, PAD_CODE], [UNK_CODE, PAD_CODE], [hba1c, PAD_CODE],
+                                  [hba1c, UNK_CODE], [hba1c, PAD_CODE]]
+    assert smp.has_value.tolist() == [[False, False], [False, False], [True, False], [True, False], [True, False]]
     assert np.all(smp.values[smp.codes == UNK_CODE] == 0)
 
 
@@ -197,10 +206,11 @@ def test_padding_and_validity() -> None:
     seqs = SiteSequences(EV, WR, vocab_for(EV, WR))
     samples = [seqs.sample(0, int(to_us(pa.array([day(2)]))[0])), seqs.sample(1, int(to_us(pa.array([day(9)]))[0]))]
     b = collate(samples)
-    assert b.codes.shape == (2, 5) and b.wear_epochs.shape == (2, 3, 120, 2)  # 2.5 h of wear
-    assert b.ehr_valid.sum(1).tolist() == [5, 1]
-    assert torch.equal(b.codes == PAD_CODE, ~b.ehr_valid)
-    assert torch.all(b.values[~b.ehr_valid] == 0) and not b.has_value[~b.ehr_valid].any()
+    assert b.codes.shape == (2, 4, 2) and b.wear_epochs.shape == (2, 3, 120, 2)  # 2.5 h of wear
+    assert b.ehr_valid.sum(1).tolist() == [4, 1]
+    assert torch.equal((b.codes != PAD_CODE).any(-1), b.ehr_valid)
+    assert b.code_valid.sum().item() == 5 + 1
+    assert torch.all(b.values[~b.code_valid] == 0) and not b.has_value[~b.code_valid].any()
     assert b.wear_valid.tolist() == [[True] * 3, [False] * 3]
     assert b.wear_epoch_mask[0, 2, :, 0].sum() == 60  # the last patch is half full
     assert torch.equal(b.wear_valid, b.wear_epoch_mask.flatten(2).any(-1))
@@ -230,7 +240,7 @@ def test_max_events_keeps_static_and_most_recent() -> None:
     seqs = SiteSequences(EV, WR, vocab_for(EV, WR))
     smp = seqs.sample(0, int(to_us(pa.array([day(3)]))[0]), max_events=3, max_patches=1)
     assert smp.times.tolist() == pytest.approx([0.0, 2.0, 3.0])
-    assert smp.codes[0] == seqs.vocab.code_id("SEX//F")
+    assert smp.codes[0, 0] == seqs.vocab.code_id("SEX//F")
     assert len(smp.wear_times) == 1 and smp.wear_times[0] == pytest.approx(1.5 + 2 / 24)
 
 

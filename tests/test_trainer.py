@@ -47,11 +47,11 @@ class ToyFM(nn.Module):
 
     @staticmethod
     def target(batch: Batch) -> torch.Tensor:
-        return ((batch.codes % 3 == 0) & batch.ehr_valid).float().mean(1) * 4 + batch.prs[:, 0]
+        return ((batch.codes % 3 == 0) & batch.code_valid).float().flatten(1).mean(1) * 4 + batch.prs[:, 0]
 
     def pretraining_losses(self, batch: Batch, weights: Weights, generator: torch.Generator | None = None):
-        keep = batch.ehr_valid & (torch.rand(batch.codes.shape, generator=generator) > 0.1)
-        ehr = (self.ehr_encoder(batch.codes) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        keep = batch.code_valid & (torch.rand(batch.codes.shape, generator=generator) > 0.1)
+        ehr = (self.ehr_encoder(batch.codes) * keep[..., None]).sum((1, 2)) / keep.sum((1, 2)).clamp(min=1)[:, None]
         wear = self.wearable_encoder(batch.wear_epochs.mean(dim=(1, 2)))
         pred = self.backbone(ehr + wear + self.genomics_encoder(batch.prs)).squeeze(-1)
         fit = ((pred - self.target(batch)) ** 2).mean()

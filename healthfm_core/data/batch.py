@@ -2,7 +2,7 @@
 
 One `Batch` holds B (subject, prediction_time) samples, padded. Times are float days from
 each subject's first timed event (fp32 is fine at that scale; epoch seconds are not).
-Static EHR rows (MEDS rows with null time that are not PRS) sit at time 0. `birth_time` places
+Static EHR rows (MEDS rows with null time that are not PRS) form one token at time 0. `birth_time` places
 the subject's MEDS_BIRTH on that clock (NaN when the site has no birth row for the subject).
 
 Nothing in a batch is later than the sample's prediction_time: the pipeline guarantees it,
@@ -32,12 +32,13 @@ class Batch:
     # Per sample.
     subject_id: torch.Tensor  # [B] int64
     prediction_time: torch.Tensor  # [B] float32, days from the subject's first event
-    # EHR events, one token each, padded to N.
-    codes: torch.Tensor  # [B, N] int64 vocabulary ids (PAD_CODE where padding)
-    values: torch.Tensor  # [B, N] float32 normalised numeric value (0 where none)
-    has_value: torch.Tensor  # [B, N] bool
-    times: torch.Tensor  # [B, N] float32 days
-    ehr_valid: torch.Tensor  # [B, N] bool, True = a real event
+    # EHR tokens, padded to N: each pools the codes of one time bucket (a day or a timestamp,
+    # see tokens.py), up to K codes per token, each code once with its value.
+    codes: torch.Tensor  # [B, N, K] int64 vocabulary ids (PAD_CODE in empty slots and padding tokens)
+    values: torch.Tensor  # [B, N, K] float32 normalised numeric value (0 where none)
+    has_value: torch.Tensor  # [B, N, K] bool
+    times: torch.Tensor  # [B, N] float32 days: the time of the token's latest row
+    ehr_valid: torch.Tensor  # [B, N] bool, True = a real token
     # Wearables: P patches of E 30-second epochs with C channels (layout.WEARABLE_CHANNELS).
     wear_epochs: torch.Tensor  # [B, P, E, C] float32 normalised (0 where missing)
     wear_epoch_mask: torch.Tensor  # [B, P, E, C] bool, False = missing (no epoch, or null HR)
@@ -52,6 +53,11 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def code_valid(self) -> torch.Tensor:
+        """[B, N, K] bool: a real code in a real token."""
+        return (self.codes != PAD_CODE) & self.ehr_valid[..., None]
 
     @property
     def batch_size(self) -> int:

@@ -2,22 +2,34 @@
 
 `SiteSequences` loads a site once into columnar numpy arrays (CSR-like offsets per subject:
 timed EHR events, static rows, wearable patches; a dense PRS matrix). Building one sample is
-then a few slices and one binary search; no Python loop runs over rows.
+then a few slices, two binary searches and a sort of its visible rows; no Python loop runs over rows.
 
 Rules (the model relies on them):
 
+- One EHR token per subject and time bucket, pooling the bucket's codes and values: a bucket is
+  a day (`token_window_days`=1, the default) on the subject's own clock, i.e. [k, k+1) days
+  after its first timed EHR row, or one exact timestamp (`token_window_days`=0). A dense export
+  (lab panels of ~11 rows per timestamp, many timestamps a day) therefore spends one token per
+  day of record, not one per row: `max_events` caps TOKENS, so the visible history spans at
+  least `max_events` days with data (history_coverage_days in coverage.py measures it).
+- Within a token each code appears once: the latest visible row of that code (ties: the row
+  with a value, then the larger value). A token keeps at most `max_codes_per_token` codes: the
+  rarest in the federation's vocabulary first (fewest events; UNK last; ties by code id), so
+  the choice depends neither on row order nor on the site. Slots hold codes in that order.
+- A token's time is the time of its latest visible row: it is only ever read after everything
+  in it happened. At a prediction_time inside a bucket, the token holds the rows up to then.
 - Times are days from the subject's first timed observation: the earlier of its first timed
   MEDS event and its first wearable epoch. Differences are taken in int64 microseconds before
   the conversion to days, so shifting a whole site's dates (MIMIC-style, into the 2100s)
   changes nothing in a batch.
-- Static rows (null time) that are not PRS are tokens at time 0, always visible, placed before
-  the timed events; they count against `max_events`.
+- Static rows (null time) that are not PRS form one token at time 0, always visible, placed
+  before the timed tokens; it counts against `max_events`.
 - `PRS//<trait>` rows fill `Batch.prs` in the vocabulary's trait order (static: always visible).
 - `MEDS_BIRTH` also sets `Batch.birth_time` (the model's age input), so age is known even when
-  the birth row itself is older than the most recent `max_events`.
+  the birth row itself is older than the most recent `max_events` tokens.
 - A sample (subject, prediction_time) keeps the timed events with time <= prediction_time and
   the wearable epochs whose end (time + 30 s) <= prediction_time; only the most recent
-  `max_events` events and `max_patches` patches are kept.
+  `max_events` tokens and `max_patches` patches are kept.
 - Wearable epochs are grouped into patches of `patch_epochs` consecutive 30-s slots on a grid
   anchored at the subject's first epoch (patch time = patch start). A patch is kept when at
   least one of its epochs is visible; its not-yet-visible epochs are masked out. Null heart rate
@@ -40,7 +52,7 @@ import torch
 from meds import birth_code as BIRTH_CODE
 from torch.utils.data import DataLoader, Dataset
 
-from healthfm_core.data.batch import PAD_CODE, Batch
+from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.code_stats import unique_inverse
 from healthfm_core.data.layout import EPOCH_US, PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
 from healthfm_core.data.vocab import Vocabulary
@@ -49,6 +61,8 @@ log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
 DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
+DEFAULT_TOKEN_WINDOW_DAYS = 1.0  # one EHR token per day of record (0: per exact timestamp)
+DEFAULT_MAX_CODES_PER_TOKEN = 32
 _NO_TIME = np.iinfo(np.int64).max
 
 
@@ -90,16 +104,80 @@ def _sort_order(group: np.ndarray, time: np.ndarray) -> np.ndarray | None:
     return np.lexsort((time, group))
 
 
+def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) -> np.ndarray:
+    """Token ordinal of each timed row (rows sorted by subject, then time): consecutive integers,
+    a new one where the subject changes or the row leaves its bucket. A bucket is one exact
+    timestamp (window 0) or [k, k+1) windows after the subject's first row, so shifting every
+    date leaves the buckets unchanged."""
+    n = len(time_us)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    new_subject = np.ones(n, dtype=bool)
+    new_subject[1:] = subject[1:] != subject[:-1]
+    if window_days > 0:
+        first = np.maximum.accumulate(np.where(new_subject, np.arange(n), 0))
+        key = (time_us - time_us[first]) // max(1, int(round(window_days * US_PER_DAY)))
+    else:
+        key = time_us
+    new = new_subject.copy()
+    new[1:] |= key[1:] != key[:-1]
+    return np.cumsum(new) - 1
+
+
+def pool_token_rows(
+    token: np.ndarray,
+    codes: np.ndarray,
+    values: np.ndarray,
+    has_value: np.ndarray,
+    time_us: np.ndarray,
+    priority: np.ndarray,
+    max_codes: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows with token indices 0..n-1 (non-decreasing, every index present) -> per token
+    (codes [n, K], values [n, K], has_value [n, K], time_us [n]) with K <= max_codes.
+
+    One slot per distinct code: its latest row (then the row with a value, then the larger
+    value); at most max_codes slots, by `priority[code]` ascending (then code id); the token's
+    time is its latest row's. Deterministic and independent of the rows' order."""
+    if len(token) == 0:
+        return (np.full((0, 1), PAD_CODE, np.int64), np.zeros((0, 1), np.float32),
+                np.zeros((0, 1), bool), np.zeros(0, np.int64))
+    n_tok = int(token[-1]) + 1
+    tok_time = np.maximum.reduceat(time_us, np.searchsorted(token, np.arange(n_tok)))
+    # Latest row per (token, code): sort so that it comes last in its group.
+    order = np.lexsort((values, has_value, time_us, codes, token))
+    tk, cd = token[order], codes[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (tk[1:] != tk[:-1]) | (cd[1:] != cd[:-1])
+    kept = order[last]
+    # Cap: rank the token's codes by priority, keep the first max_codes.
+    tk, cd = token[kept], codes[kept]
+    rank_order = np.lexsort((cd, priority[cd], tk))
+    kept, tk = kept[rank_order], tk[rank_order]
+    group_start = np.flatnonzero(np.r_[True, tk[1:] != tk[:-1]])
+    slot = np.arange(len(tk)) - np.repeat(group_start, np.diff(np.r_[group_start, len(tk)]))
+    ok = slot < max_codes
+    kept, tk, slot = kept[ok], tk[ok], slot[ok]
+    k = int(slot.max()) + 1
+    out_codes = np.full((n_tok, k), PAD_CODE, dtype=np.int64)
+    out_values = np.zeros((n_tok, k), dtype=np.float32)
+    out_has = np.zeros((n_tok, k), dtype=bool)
+    out_codes[tk, slot] = codes[kept]
+    out_values[tk, slot] = values[kept]
+    out_has[tk, slot] = has_value[kept]
+    return out_codes, out_values, out_has, tok_time
+
+
 @dataclass
 class Sample:
     """One (subject, prediction_time) sample, unpadded numpy arrays."""
 
     subject_id: int
     prediction_time: float  # days from the subject's first timed observation
-    codes: np.ndarray  # [n] int64
-    values: np.ndarray  # [n] float32
-    has_value: np.ndarray  # [n] bool
-    times: np.ndarray  # [n] float32
+    codes: np.ndarray  # [n, K] int64, n EHR tokens of up to K codes (PAD_CODE in empty slots)
+    values: np.ndarray  # [n, K] float32
+    has_value: np.ndarray  # [n, K] bool
+    times: np.ndarray  # [n] float32, each token's time
     wear_epochs: np.ndarray  # [p, E, C] float32
     wear_epoch_mask: np.ndarray  # [p, E, C] bool
     wear_times: np.ndarray  # [p] float32
@@ -118,9 +196,12 @@ class SiteSequences:
         wearables: pa.Table | None,
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
+        token_window_days: float = DEFAULT_TOKEN_WINDOW_DAYS,
     ) -> None:
         if patch_epochs < 1:
             raise ValueError(f"patch_epochs must be >= 1, got {patch_epochs}")
+        if not token_window_days >= 0:
+            raise ValueError(f"token_window_days must be >= 0 (0: one token per timestamp), got {token_window_days}")
         for col in ("subject_id", "time", "code"):
             if col not in events.column_names:
                 raise ValueError(f"events table has no column {col!r} (columns: {events.column_names})")
@@ -162,6 +243,11 @@ class SiteSequences:
         self.ev_codes = t_ids
         self.ev_values = t_val
         self.ev_has_value = t_has
+        self.token_window_days = float(token_window_days)
+        self.ev_bucket = token_buckets(t_sub, t_time, token_window_days)
+        # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
+        self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
+        self.code_priority[N_SPECIAL_CODES:] = np.asarray(vocab.code_events, dtype=np.int64)
 
         # Static (non-PRS) rows.
         s_sub = subj_idx[is_static]
@@ -274,13 +360,14 @@ class SiteSequences:
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
         subject_ids: Sequence[int] | None = None,
+        token_window_days: float = DEFAULT_TOKEN_WINDOW_DAYS,
     ) -> SiteSequences:
         """Read a site's events and wearables once (optionally only some subjects)."""
         events = site.read_events(
             subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"]
         )
         wearables = site.read_wearables(subject_ids)
-        return cls(events, wearables, vocab, patch_epochs=patch_epochs)
+        return cls(events, wearables, vocab, patch_epochs=patch_epochs, token_window_days=token_window_days)
 
     # ------------------------------------------------------------------ queries
 
@@ -312,23 +399,41 @@ class SiteSequences:
         max_events: int = 512,
         max_patches: int = 64,
         label: float | None = None,
+        max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
     ) -> Sample:
-        """The sample of subject row `index` at `prediction_time_us` (int64 µs since 1970)."""
+        """The sample of subject row `index` at `prediction_time_us` (int64 µs since 1970):
+        the static token and the most recent visible tokens, `max_events` tokens in all."""
+        if max_codes_per_token < 1:
+            raise ValueError(f"max_codes_per_token must be >= 1, got {max_codes_per_token}")
         pt = int(prediction_time_us)
         t0 = int(self.t0_us[index])
         if t0 == _NO_TIME:  # a subject with static rows only: its clock starts at the prediction
             t0 = pt
-        # Static rows first (always visible), then the most recent visible timed events.
-        s0, s1 = self.st_offsets[index], self.st_offsets[index + 1]
-        n_static = min(int(s1 - s0), max_events)
+        s0, s1 = int(self.st_offsets[index]), int(self.st_offsets[index + 1])
+        n_static = 1 if s1 > s0 and max_events >= 1 else 0
         a, b = int(self.ev_offsets[index]), int(self.ev_offsets[index + 1])
         visible = a + int(np.searchsorted(self.ev_time_us[a:b], pt, side="right"))
-        start = max(a, visible - (max_events - n_static))
-        codes = np.concatenate([self.st_codes[s0 : s0 + n_static], self.ev_codes[start:visible]])
-        values = np.concatenate([self.st_values[s0 : s0 + n_static], self.ev_values[start:visible]])
-        has_value = np.concatenate([self.st_has_value[s0 : s0 + n_static], self.ev_has_value[start:visible]])
-        days = (self.ev_time_us[start:visible] - t0) / US_PER_DAY
-        times = np.concatenate([np.zeros(n_static), days]).astype(np.float32)
+        start = visible
+        n_timed = max_events - n_static
+        if visible > a and n_timed > 0:
+            # Buckets are consecutive ordinals: the last n_timed of them start at this row.
+            first = int(self.ev_bucket[visible - 1]) - n_timed + 1
+            start = a + int(np.searchsorted(self.ev_bucket[a:visible], first, side="left"))
+        st = slice(s0, s0 + (s1 - s0) * n_static)
+        ev = slice(start, visible)
+        bucket = self.ev_bucket[ev]
+        token = np.concatenate([np.zeros(st.stop - st.start, np.int64),
+                                bucket - (bucket[0] if len(bucket) else 0) + n_static])
+        codes, values, has_value, token_us = pool_token_rows(
+            token,
+            np.concatenate([self.st_codes[st], self.ev_codes[ev]]),
+            np.concatenate([self.st_values[st], self.ev_values[ev]]),
+            np.concatenate([self.st_has_value[st], self.ev_has_value[ev]]),
+            np.concatenate([np.full(st.stop - st.start, t0, np.int64), self.ev_time_us[ev]]),
+            self.code_priority,
+            max_codes_per_token,
+        )
+        times = ((token_us - t0) / US_PER_DAY).astype(np.float32)
 
         # Wearable patches with at least one epoch ending at or before pt.
         pa_, pb = int(self.patch_offsets[index]), int(self.patch_offsets[index + 1])
@@ -366,20 +471,24 @@ class SiteSequences:
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
-    """Pad samples into one Batch (N, P at least 1 so that shapes are never empty)."""
+    """Pad samples into one Batch (N, K, P at least 1 so that shapes are never empty)."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     B = len(samples)
-    N = max(1, max(len(s.codes) for s in samples))
+    N = max(1, max(len(s.times) for s in samples))
+    K = max(1, max(s.codes.shape[1] if s.codes.ndim == 2 else 1 for s in samples))
     P = max(1, max(len(s.wear_times) for s in samples))
     E, C = samples[0].wear_epochs.shape[1:] if samples[0].wear_epochs.ndim == 3 else (0, 0)
     for s in samples:
         if s.wear_epochs.shape[1:] != (E, C):
             raise ValueError(f"samples have different patch shapes {s.wear_epochs.shape[1:]} vs {(E, C)}")
+        if s.codes.ndim != 2 or s.codes.shape[0] != len(s.times):
+            raise ValueError(f"sample of subject {s.subject_id}: codes {s.codes.shape} is not [tokens, codes] "
+                             f"for {len(s.times)} token times")
     T = len(samples[0].prs)
-    codes = np.full((B, N), PAD_CODE, dtype=np.int64)
-    values = np.zeros((B, N), dtype=np.float32)
-    has_value = np.zeros((B, N), dtype=bool)
+    codes = np.full((B, N, K), PAD_CODE, dtype=np.int64)
+    values = np.zeros((B, N, K), dtype=np.float32)
+    has_value = np.zeros((B, N, K), dtype=bool)
     times = np.zeros((B, N), dtype=np.float32)
     valid = np.zeros((B, N), dtype=bool)
     wear = np.zeros((B, P, E, C), dtype=np.float32)
@@ -387,8 +496,9 @@ def collate(samples: Sequence[Sample]) -> Batch:
     wtimes = np.zeros((B, P), dtype=np.float32)
     wvalid = np.zeros((B, P), dtype=bool)
     for i, s in enumerate(samples):
-        n, p = len(s.codes), len(s.wear_times)
-        codes[i, :n], values[i, :n], has_value[i, :n], times[i, :n] = s.codes, s.values, s.has_value, s.times
+        n, k, p = s.codes.shape[0], s.codes.shape[1], len(s.wear_times)
+        codes[i, :n, :k], values[i, :n, :k], has_value[i, :n, :k] = s.codes, s.values, s.has_value
+        times[i, :n] = s.times
         valid[i, :n] = True
         if p:
             wear[i, :p], wmask[i, :p], wtimes[i, :p] = s.wear_epochs, s.wear_epoch_mask, s.wear_times
@@ -440,13 +550,14 @@ class PretrainingDataset(Dataset):
         max_events: int = 512,
         max_patches: int = 64,
         seed: int = 0,
+        max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
     ) -> None:
         if time_mode not in ("last", "random"):
             raise ValueError(f"time_mode must be 'last' or 'random', got {time_mode!r}")
         idx = np.arange(seqs.n_subjects) if subject_ids is None else seqs.index_of(subject_ids)
         self.index = idx[seqs.t0_us[idx] != _NO_TIME]
         self.seqs, self.time_mode, self.seed, self.epoch = seqs, time_mode, seed, 0
-        self.max_events, self.max_patches = max_events, max_patches
+        self.max_events, self.max_patches, self.max_codes_per_token = max_events, max_patches, max_codes_per_token
 
     labelled = False
 
@@ -466,9 +577,8 @@ class PretrainingDataset(Dataset):
         return int(self.seqs.last_time_us[s])
 
     def __getitem__(self, i: int) -> Sample:
-        return self.seqs.sample(
-            int(self.index[i]), self.prediction_time_us(i), self.max_events, self.max_patches
-        )
+        return self.seqs.sample(int(self.index[i]), self.prediction_time_us(i), self.max_events, self.max_patches,
+                                max_codes_per_token=self.max_codes_per_token)
 
 
 class LabelledDataset(Dataset):
@@ -477,7 +587,8 @@ class LabelledDataset(Dataset):
     labelled = True
 
     def __init__(
-        self, seqs: SiteSequences, labels: pa.Table, max_events: int = 512, max_patches: int = 64
+        self, seqs: SiteSequences, labels: pa.Table, max_events: int = 512, max_patches: int = 64,
+        max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
     ) -> None:
         for col in ("subject_id", "prediction_time"):
             if col not in labels.column_names:
@@ -499,14 +610,14 @@ class LabelledDataset(Dataset):
             raise ValueError(f"labels column {value_col!r} has {lab.null_count} null values")
         self.labels = lab.to_numpy(zero_copy_only=False).astype(np.float64)
         self.seqs, self.max_events, self.max_patches = seqs, max_events, max_patches
+        self.max_codes_per_token = max_codes_per_token
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> Sample:
-        return self.seqs.sample(
-            int(self.index[i]), int(self.pt_us[i]), self.max_events, self.max_patches, label=float(self.labels[i])
-        )
+        return self.seqs.sample(int(self.index[i]), int(self.pt_us[i]), self.max_events, self.max_patches,
+                                label=float(self.labels[i]), max_codes_per_token=self.max_codes_per_token)
 
 
 def make_loader(
@@ -531,7 +642,9 @@ def make_loader(
 
 
 __all__ = [
+    "DEFAULT_MAX_CODES_PER_TOKEN",
     "DEFAULT_PATCH_EPOCHS",
+    "DEFAULT_TOKEN_WINDOW_DAYS",
     "LabelledDataset",
     "PretrainingDataset",
     "Sample",
@@ -539,5 +652,7 @@ __all__ = [
     "collate",
     "collate_labelled",
     "make_loader",
+    "pool_token_rows",
     "to_us",
+    "token_buckets",
 ]

@@ -89,13 +89,13 @@ def compute_embeddings(
 
 
 def count_features(batch: Batch, vocab_size: int) -> torch.Tensor:
-    """[B, vocab_size] log1p of how often each code occurs among the batch's valid events
-    (which the pipeline caps to the most recent max_events before prediction_time)."""
-    codes = batch.codes.long()
+    """[B, vocab_size] log1p of the number of tokens each code occurs in, over the batch's
+    valid EHR tokens (which the pipeline caps to the most recent max_events before prediction_time)."""
+    codes = batch.codes.long().flatten(1)
     if codes.numel() and int(codes.max()) >= vocab_size:
         raise ValueError(f"code id {int(codes.max())} is outside the vocabulary of size {vocab_size}")
     counts = torch.zeros(codes.shape[0], vocab_size, dtype=torch.float64, device=codes.device)
-    counts.scatter_add_(1, codes, batch.ehr_valid.to(torch.float64))
+    counts.scatter_add_(1, codes, batch.code_valid.flatten(1).to(torch.float64))
     return torch.log1p(counts)
 
 

@@ -3,7 +3,7 @@
 Read top to bottom:
   1. time features (the bounded decay kernel, DecayKernel, lives in attention.py),
   2. the backbone block (pre-norm, continuous-time attention, FiLM from genomics),
-  3. the three encoders (EHR events, wearable patches, PRS vector),
+  3. the three encoders (EHR tokens pooling a time bucket's codes, wearable patches, PRS vector),
   4. the heads the pretraining objectives use,
   5. HealthFM: forward in named steps (what is visible, embed each modality, merge the tokens,
      backbone), embed, and pretraining_losses (computed in objectives.py). What forward takes
@@ -173,18 +173,52 @@ class Backbone(nn.Module):
 # ----------------------------------------------------------------------------- encoders
 
 
+# Width of the value MLP's hidden layer: it runs once per code (~10x the tokens on dense data),
+# so it stays narrow; the value's meaning per code comes from the code's value gate.
+VALUE_HIDDEN = 32
+
+
 class EHREncoder(nn.Module):
-    """One token per event: code embedding + (has_value) * MLP(value) + EHR modality embedding."""
+    """One token per time bucket: each code slot becomes code embedding + has_value *
+    value_mlp(value) * value_gate[code], and the token is their attention-pooled mean (softmax
+    over the token's codes of a learned score) plus the EHR modality embedding.
+
+    The value gate is per code, so a pooled panel still tells glucose=9 / sodium=130 from
+    glucose=5 / sodium=140 (a shared value vector would add the values up anonymously). The
+    pooling is a sum over the token's codes: the token does not depend on their order. Only the
+    real code slots are computed (packed), so the cost follows the rows, not N x K.
+    """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
         self.code_embedding = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD_CODE)
-        self.value_mlp = nn.Sequential(nn.Linear(1, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+        self.value_mlp = nn.Sequential(nn.Linear(1, VALUE_HIDDEN), nn.GELU(), nn.Linear(VALUE_HIDDEN, cfg.d_model))
+        # A bare parameter (read with F.embedding) keeps its N(0, 1) init through HealthFM's
+        # _init_weights: random per-code directions from the start.
+        self.value_gate = nn.Parameter(torch.randn(vocab_size, cfg.d_model))
+        self.pool_score = nn.Linear(cfg.d_model, 1)
         self.modality_embedding = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
 
-    def forward(self, codes: Tensor, values: Tensor, has_value: Tensor) -> Tensor:
-        value_part = self.value_mlp(values[..., None]) * has_value[..., None].to(values.dtype)
-        return self.code_embedding(codes) + value_part + self.modality_embedding
+    def forward(self, codes: Tensor, values: Tensor, has_value: Tensor, slots: Tensor) -> Tensor:
+        """codes / values / has_value / slots [B, N, K] (slots: the code slots to pool) -> [B, N, d].
+        A token without any slot is the modality embedding alone."""
+        b, n, k = codes.shape
+        d = self.code_embedding.embedding_dim
+        flat = slots.reshape(-1).nonzero().squeeze(1)
+        token = torch.div(flat, k, rounding_mode="floor")
+        code = codes.reshape(-1)[flat]
+        x = self.code_embedding(code)
+        value = values.reshape(-1)[flat].to(x.dtype)[:, None]
+        with_value = has_value.reshape(-1)[flat].to(x.dtype)[:, None]
+        x = x + self.value_mlp(value) * F.embedding(code, self.value_gate).to(x.dtype) * with_value
+        score = self.pool_score(x).squeeze(-1)
+        # Softmax within each token; the max only keeps exp() finite (a constant per token).
+        top = score.new_full((b * n,), -float("inf")).scatter_reduce(0, token, score.detach(), "amax")
+        weight = torch.exp(score - top[token])
+        total = weight.new_zeros(b * n).index_add(0, token, weight)
+        pooled = x.new_zeros(b * n, d).index_add(0, token, weight[:, None] * x)
+        pooled = pooled / total.clamp_min(1e-30)[:, None]
+        return pooled.view(b, n, d) + self.modality_embedding
 
 
 class EpochBlock(nn.Module):
@@ -311,6 +345,19 @@ class FutureCodesHead(nn.Module):
         return self.out(h) + self.horizon_bias[None]
 
 
+class EHRValueHead(nn.Module):
+    """(token state [k, d], code [k]) -> the code's normalised value [k]: a token holds several
+    valued codes, so the head must be told which one it predicts."""
+
+    def __init__(self, d: int, vocab_size: int) -> None:
+        super().__init__()
+        self.code = nn.Embedding(vocab_size, VALUE_HIDDEN)
+        self.mlp = nn.Sequential(nn.Linear(d + VALUE_HIDDEN, d), nn.GELU(), nn.Linear(d, 1))
+
+    def forward(self, states: Tensor, codes: Tensor) -> Tensor:
+        return self.mlp(torch.cat([states, self.code(codes).to(states.dtype)], dim=-1)).squeeze(-1)
+
+
 def build_heads(
     cfg: ModelConfig, vocab_size: int, n_prs_traits: int, modalities: Collection[str] = MODALITIES
 ) -> nn.ModuleDict:
@@ -319,8 +366,8 @@ def build_heads(
     site holding wearables can ever train them), prs_ (genomics)."""
     d = cfg.d_model
     heads: dict[str, nn.Module] = {
-        "ehr_code": nn.Linear(d, vocab_size),
-        "ehr_value": nn.Linear(d, 1),
+        "ehr_code": nn.Linear(d, vocab_size),  # masked codes of a token (multi-label)
+        "ehr_value": EHRValueHead(d, vocab_size),
         "ehr_next_visit": nn.Linear(d, vocab_size),
         # EHR group: only EHR events give its targets (the query token itself is shared).
         "ehr_future_codes": FutureCodesHead(d, vocab_size, len(cfg.pretraining.future_horizons_days)),
@@ -539,19 +586,20 @@ class HealthFM(nn.Module):
         return _Visible(ehr=ehr & kept[:, 0, None], wear=wear, epochs=epochs & wear[:, :, None, None], kept=kept)
 
     def _embed_ehr(self, batch: Batch, seen: _Visible, hidden: Tensor | None) -> _Tokens | None:
-        """One token per visible event, masked ones shown as the MASK code. None when no sample
-        has any (the ehr group then gets no gradient)."""
+        """One token per visible time bucket, pooling its codes; `hidden` [B, N, K] code slots
+        are shown as the MASK code without value (a token whose slots are all hidden is a pure
+        MASK token). None when no sample has any token (the ehr group then gets no gradient)."""
         valid = seen.ehr
         if not bool(valid.any()):
             return None
+        slots = (batch.codes != PAD_CODE) & valid[..., None]
         codes, has_value, values = batch.codes, batch.has_value, batch.values
         if hidden is not None:
-            hide = hidden & valid
+            hide = hidden & slots
             codes = torch.where(hide, torch.full_like(codes, MASK_CODE), codes)
             has_value = has_value & ~hide
             values = values.masked_fill(hide, 0.0)
-        codes = codes.masked_fill(~valid, PAD_CODE)
-        tokens = self.ehr_encoder(codes, values.float(), has_value & valid)
+        tokens = self.ehr_encoder(codes, values.float(), has_value & slots, slots)
         return _Tokens(fed=tokens, times=batch.times.float(), valid=valid, encoded=tokens)
 
     def _embed_wearables(self, batch: Batch, seen: _Visible, hidden: Tensor | None) -> _Tokens | None:

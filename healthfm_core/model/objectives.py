@@ -1,13 +1,17 @@
 """Pretraining objectives, their weights, the curriculum and the loss balancing.
 
 Losses (each returned by name; 0 when the batch holds no data for it, never NaN):
-  ehr_masked_code   masked EHR events -> code id (cross-entropy over the vocabulary)
-  ehr_masked_value  masked EHR events with a value -> the normalised value (MSE)
+  ehr_masked_code   masked EHR code slots -> the set of codes hidden in each token, from the
+                    token's state (balanced multi-label BCE over the vocabulary; codes still
+                    visible in the token are left out: they are known, not negatives)
+  ehr_masked_value  masked code slots with a value -> the value, given the token state and the
+                    code (MSE)
   wear_masked       masked wearable patches -> every epoch's channels (MSE over observed ones)
   prs_masked        masked PRS traits -> their scores from the other traits (MSE)
-  next_visit        the set of codes of a later visit from the state just before it (multi-label
-                    BCE); codes already in the history form a separate "repeat" term weighted by
-                    `next_visit_repeat_weight`, so copying the history cannot dominate the loss
+  next_visit        the set of codes of a later visit (the tokens of one day window) from the
+                    state just before it (multi-label BCE); codes already in the history form a
+                    separate "repeat" term weighted by `next_visit_repeat_weight`, so copying the
+                    history cannot dominate the loss
   future_codes      query tokens, each placed at a random anchor event time (time-causal: one sees only
                     tokens at or before its anchor; `future_anchors_per_sample` of them share one
                     forward pass, as no token reads a query), predict the set of codes in (anchor, anchor + h]
@@ -130,12 +134,14 @@ def _at_least_one(mask: Tensor, valid: Tensor, draw: Tensor) -> Tensor:
 
 def sample_masks(batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None = None) -> ReconstructionMasks:
     """Masked-reconstruction positions: each valid item with its modality's probability, at least
-    one per sample that has the modality; PRS keeps at least one trait visible (else no mask)."""
+    one per sample that has the modality; PRS keeps at least one trait visible (else no mask).
+    EHR items are code slots [B, N, K] of visible tokens (a token may lose some or all codes)."""
     device = batch.codes.device
     pt = batch.prediction_time[:, None]
-    ehr_valid = batch.ehr_valid & (batch.times <= pt)
-    draw = _rand(ehr_valid.shape, generator, device)
-    ehr = _at_least_one((draw < cfg.ehr_mask_prob) & ehr_valid, ehr_valid, draw)
+    slots = batch.code_valid & (batch.times <= pt)[..., None]
+    flat = slots.flatten(1)
+    draw = _rand(flat.shape, generator, device)
+    ehr = _at_least_one((draw < cfg.ehr_mask_prob) & flat, flat, draw).view_as(slots)
 
     wear_valid = batch.wear_valid & (batch.wear_times <= pt)
     draw = _rand(wear_valid.shape, generator, device)
@@ -178,17 +184,32 @@ def _multi_hot(code_lists: list[Tensor], vocab_size: int, device: torch.device) 
 
 
 def ehr_reconstruction_losses(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+    """Per token with hidden code slots: its state -> the set of hidden codes (balanced BCE over
+    real codes, the token's visible codes excluded) and, per hidden code with a value, the value."""
     if out.n_ehr == 0 or masks.ehr is None:
         return {}
-    hidden = masks.ehr[:, : out.n_ehr] & out.ehr_valid
-    if not bool(hidden.any()):
+    codes = batch.codes[:, : out.n_ehr]
+    hidden = masks.ehr[:, : out.n_ehr] & batch.code_valid[:, : out.n_ehr] & out.ehr_valid[..., None]
+    tokens = hidden.any(dim=-1)
+    if not bool(tokens.any()):
         return {}
-    states = out.ehr_states[hidden]
-    losses = {"ehr_masked_code": F.cross_entropy(model.heads["ehr_code"](states).float(), batch.codes[hidden])}
-    with_value = batch.has_value[hidden]
+    states = out.ehr_states[tokens]  # [t, d]
+    vocab = model.vocab_size
+    token_codes, token_hidden = codes[tokens], hidden[tokens]  # [t, K]
+    shown = batch.code_valid[:, : out.n_ehr][tokens] & ~token_hidden
+    targets = torch.zeros(len(states), vocab, device=states.device).scatter_add_(1, token_codes, token_hidden.float())
+    targets = targets.clamp_max(1.0)
+    visible = torch.zeros(len(states), vocab, device=states.device).scatter_add_(1, token_codes, shown.float()) > 0
+    real = (torch.arange(vocab, device=states.device) >= N_SPECIAL_CODES)[None, :]
+    losses: dict[str, Tensor] = {}
+    code_loss = balanced_bce(model.heads["ehr_code"](states), targets, real & ~visible)
+    if code_loss is not None:
+        losses["ehr_masked_code"] = code_loss
+    with_value = token_hidden & batch.has_value[:, : out.n_ehr][tokens]
     if bool(with_value.any()):
-        predicted = model.heads["ehr_value"](states[with_value]).squeeze(-1).float()
-        losses["ehr_masked_value"] = F.mse_loss(predicted, batch.values[hidden][with_value].float())
+        row = torch.arange(len(states), device=states.device)[:, None].expand_as(with_value)[with_value]
+        predicted = model.heads["ehr_value"](states[row], token_codes[with_value]).float()
+        losses["ehr_masked_value"] = F.mse_loss(predicted, batch.values[:, : out.n_ehr][tokens][with_value].float())
     return losses
 
 
@@ -244,7 +265,7 @@ def next_visit_loss(
         if int(valid.sum()) < 2:
             continue
         times = batch.times[b, : out.n_ehr][valid]
-        codes = batch.codes[b, : out.n_ehr][valid]
+        codes = batch.codes[b, : out.n_ehr][valid]  # [n, K] (PAD slots fall outside the real codes)
         days = torch.floor(times)
         later_days = torch.unique(days)[1:]  # a visit = the events of one day window
         if later_days.numel() == 0:
@@ -259,8 +280,8 @@ def next_visit_loss(
                 continue
             context = int(torch.where(before, key_times, -float("inf")).argmax())
             contexts.append((b, context))
-            visit_codes.append(codes[in_visit])
-            history_codes.append(codes[times < start])
+            visit_codes.append(codes[in_visit].flatten())
+            history_codes.append(codes[times < start].flatten())
     if not contexts:
         return {}
     device = out.states.device
@@ -311,12 +332,14 @@ def future_window_targets(
     at = anchor[:, None] if single else anchor  # [B, Q]
     events = _events_up_to_prediction(batch)[:, None, :]  # [B, 1, N]
     times = batch.times[:, None, :]
-    codes = batch.codes.clamp_min(0)[:, None, :].expand(-1, at.shape[1], -1)
-    in_window = events & (times > at[..., None]) & (times <= at[..., None] + horizon_days)
-    in_history = events & (times <= at[..., None])
+    n_query, n_slots = at.shape[1], batch.codes.shape[1] * batch.codes.shape[2]
+    codes = batch.codes.clamp_min(0).reshape(batch.batch_size, 1, n_slots).expand(-1, n_query, -1)
+    slots = batch.code_valid[:, None]  # [B, 1, N, K]
+    in_window = (events & (times > at[..., None]) & (times <= at[..., None] + horizon_days))[..., None] & slots
+    in_history = (events & (times <= at[..., None]))[..., None] & slots
     shape = (*at.shape, vocab_size)
-    targets = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_window.float()).clamp_max(1.0)
-    seen = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_history.float()) > 0
+    targets = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_window.flatten(2).float()).clamp_max(1.0)
+    seen = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_history.flatten(2).float()) > 0
     record_end = batch.times.masked_fill(~events[:, 0], -float("inf")).max(dim=1).values
     covered = record_end[:, None] > at + horizon_days
     if single:
@@ -372,7 +395,7 @@ def predictive_coding_loss(
         if not bool(events[b].any()):
             continue
         times = batch.times[b][events[b]]
-        codes = batch.codes[b][events[b]]
+        codes = batch.codes[b][events[b]]  # [n, K]
         patch_times = out.times[b, out.n_ehr : out.n_ehr + out.n_wear]
         candidates = (anchors_ok[b] & (patch_times < times.max())).nonzero().flatten()
         if candidates.numel() == 0:
@@ -382,7 +405,7 @@ def predictive_coding_loss(
             start = patch_times[patch]
             in_window = (times > start) & (times <= start + cfg.predictive_horizon_days)
             anchors.append((b, out.n_ehr + int(patch)))
-            window_codes.append(codes[in_window])
+            window_codes.append(codes[in_window].flatten())
     if not anchors:
         return {}
     device = out.states.device

@@ -13,7 +13,7 @@ from torch import Tensor
 
 @dataclass
 class ReconstructionMasks:
-    """What masked reconstruction hides: EHR events [B,N], wearable patches [B,P], PRS traits [B,T]."""
+    """What masked reconstruction hides: EHR code slots [B,N,K], wearable patches [B,P], PRS traits [B,T]."""
 
     ehr: Tensor | None = None
     wear: Tensor | None = None
@@ -22,7 +22,7 @@ class ReconstructionMasks:
 
 @dataclass
 class ModelOutput:
-    """Sequence layout: [EHR events (n_ehr) | wearable patches (n_wear) | query tokens (one at
+    """Sequence layout: [EHR tokens (n_ehr) | wearable patches (n_wear) | query tokens (one at
     prediction_time, or one per query_time given to forward)].
 
     A modality absent from the whole batch has width 0. Masks are the effective ones (after the
@@ -38,7 +38,7 @@ class ModelOutput:
     wear_valid: Tensor  # [B, n_wear]
     epoch_valid: Tensor  # [B, n_wear, E, C]
     present: dict[str, Tensor]  # modality -> [B] bool, after dropout
-    ehr_tokens: Tensor | None  # [B, n_ehr, d] encoder outputs as fed (masked events = MASK code)
+    ehr_tokens: Tensor | None  # [B, n_ehr, d] encoder outputs as fed (masked code slots = MASK code)
     wear_tokens: Tensor | None  # [B, n_wear, d] encoder outputs before patch masking
     genomics_cond: Tensor | None  # [B, d_hidden]
     embedding: Tensor  # [B, d] the (last) query state at its time (prediction_time unless forward got query_time)

@@ -1,7 +1,7 @@
 """Random, contract-respecting `Batch`es for tests and smoke runs (no site data needed).
 
-Each sample gets a prediction_time, EHR visits (several events at one time, some with values,
-a static row at time 0), a run of consecutive wearable patches that ends before prediction_time
+Each sample gets a prediction_time, EHR tokens at visit times (several tokens may share a time;
+each holds 1 to `codes_per_token` distinct codes, some with values; one token at time 0), a run of consecutive wearable patches that ends before prediction_time
 with EHR events after it, and a PRS vector with some traits missing. Modalities can be chosen
 for the whole batch or per sample.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from healthfm_core.data.batch import N_SPECIAL_CODES, Batch
+from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.model.healthfm import EPOCH_DAYS
 
@@ -46,9 +46,11 @@ def random_batch(
     modalities: Collection[str] | Sequence[Collection[str]] = MODALITIES,
     seed: int = 0,
     absent: Literal["padded", "empty"] = "padded",
+    codes_per_token: int = 3,
 ) -> Batch:
-    """A random padded Batch. `absent="empty"` gives a modality no sample has a width of 0
-    (N=0 or P=0) instead of all-invalid padding, the two shapes a collate function may produce."""
+    """A random padded Batch with up to `n_events` EHR tokens of up to `codes_per_token` codes.
+    `absent="empty"` gives a modality no sample has a width of 0 (N=0 or P=0) instead of
+    all-invalid padding, the two shapes a collate function may produce."""
     if vocab_size <= N_SPECIAL_CODES:
         raise ValueError(f"vocab_size={vocab_size} must exceed N_SPECIAL_CODES={N_SPECIAL_CODES}")
     g = torch.Generator().manual_seed(seed)
@@ -60,9 +62,10 @@ def random_batch(
         return lo + (hi - lo) * float(torch.rand((), generator=g))
 
     prediction_time = torch.zeros(batch_size)
-    codes = torch.zeros(batch_size, n_events, dtype=torch.long)
-    values = torch.zeros(batch_size, n_events)
-    has_value = torch.zeros(batch_size, n_events, dtype=torch.bool)
+    k = max(1, min(codes_per_token, vocab_size - N_SPECIAL_CODES))
+    codes = torch.full((batch_size, n_events, k), PAD_CODE, dtype=torch.long)
+    values = torch.zeros(batch_size, n_events, k)
+    has_value = torch.zeros(batch_size, n_events, k, dtype=torch.bool)
     times = torch.zeros(batch_size, n_events)
     ehr_valid = torch.zeros(batch_size, n_events, dtype=torch.bool)
     wear_epochs = torch.zeros(batch_size, n_patches, epochs_per_patch, n_channels)
@@ -84,9 +87,12 @@ def random_batch(
                 visit_times[-1] = min(pt, wear_start + n_patches * patch_days + uniform(1.0, 60.0))
             event_visit = torch.sort(torch.randint(0, len(visit_times), (n,), generator=g)).values
             times[b, :n] = visit_times[event_visit]
-            codes[b, :n] = torch.randint(N_SPECIAL_CODES, vocab_size, (n,), generator=g)
-            has_value[b, :n] = torch.rand(n, generator=g) < 0.3
-            values[b, :n] = torch.randn(n, generator=g) * has_value[b, :n]
+            n_codes = torch.randint(1, k + 1, (n,), generator=g)
+            distinct = torch.rand(n, vocab_size - N_SPECIAL_CODES, generator=g).argsort(dim=1)[:, :k] + N_SPECIAL_CODES
+            used = torch.arange(k)[None, :] < n_codes[:, None]
+            codes[b, :n] = torch.where(used, distinct, PAD_CODE)
+            has_value[b, :n] = (torch.rand(n, k, generator=g) < 0.3) & used
+            values[b, :n] = torch.randn(n, k, generator=g) * has_value[b, :n]
             ehr_valid[b, :n] = True
         if "wearables" in row and n_patches:
             p = int(torch.randint(1, n_patches + 1, (1,), generator=g))
