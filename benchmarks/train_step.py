@@ -1,4 +1,4 @@
-"""Time one local training step of HealthFM on CPU: reference attention against "auto" (fused).
+"""Time one local training step of HealthFM on CPU: today's step against the fused attention path.
 
     python benchmarks/train_step.py                          # small model, biobank site, 1 and 2 threads
     python benchmarks/train_step.py --threads 1 --repeats 9
@@ -9,9 +9,15 @@ written to a temporary directory; a fixed batch of ``--batch-size`` subjects of 
 cut at ``--max-events`` EHR events and ``--max-patches`` wearable patches (the federation's
 defaults: 16, 256, 32). One step is what ``train_local`` does: pretraining losses, backward,
 global gradient clipping, an AdamW step. Each timed sample runs ``--steps`` steps from the
-same initial weights; the two attention paths (HEALTHFM_CT_ATTENTION=reference and =auto)
-alternate sample by sample so that both see the same machine load, and the medians and their
-ratio come from this one run. On a shared machine, repeat and compare ratios, not times.
+same initial weights. Three setups alternate sample by sample, so that all see the same machine
+load, and the medians and their ratios come from this one run:
+
+  before     HEALTHFM_CT_ATTENTION=reference and torch's nn.Dropout (the step before issue 13)
+  reference  HEALTHFM_CT_ATTENTION=reference and the model's dropout
+  auto       HEALTHFM_CT_ATTENTION=auto (on CPU the compiled kernel, else the PyTorch fused path)
+
+Wall-clock and CPU-time (process_time: all threads) medians are both printed: on a loaded
+machine wall time swings with the neighbours, CPU time much less. Compare ratios, not times.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.site import open_site  # noqa: E402
@@ -35,10 +42,18 @@ from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate
 from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.dropout import Dropout  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
 from healthfm_core.model.objectives import ObjectiveWeights  # noqa: E402
 
-PATHS = ("reference", "auto")
+SETUPS = ("before", "reference", "auto")
+
+
+def torch_dropout(model: HealthFM, on: bool) -> None:
+    """Swap the model's Dropout modules to nn.Dropout (on) or back (same attributes, no state)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.__class__ = nn.Dropout if on else Dropout
 
 
 def build(args: argparse.Namespace, tmp: Path):
@@ -54,13 +69,13 @@ def build(args: argparse.Namespace, tmp: Path):
     return model, batch
 
 
-def step_time(model: HealthFM, batch, init: dict[str, torch.Tensor], steps: int) -> float:
-    """Seconds per step over ``steps`` steps from ``init`` (the trainer's default step)."""
+def step_time(model: HealthFM, batch, init: dict[str, torch.Tensor], steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per step over ``steps`` steps from ``init`` (the trainer's default step)."""
     model.load_state_dict(init)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         gen.manual_seed(step)
         losses = model.pretraining_losses(batch, ObjectiveWeights(), generator=gen)
@@ -68,27 +83,35 @@ def step_time(model: HealthFM, batch, init: dict[str, torch.Tensor], steps: int)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
-def run(model: HealthFM, batch, threads: int, repeats: int, steps: int) -> dict[str, float]:
+def setup(model: HealthFM, name: str) -> None:
+    os.environ[IMPL_ENV] = "auto" if name == "auto" else "reference"
+    torch_dropout(model, name == "before")
+
+
+def run(model: HealthFM, batch, threads: int, repeats: int, steps: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per step of each setup."""
     torch.set_num_threads(threads)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    samples: dict[str, list[float]] = {p: [] for p in PATHS}
-    for path in PATHS:  # warm-up, not timed
-        os.environ[IMPL_ENV] = path
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in SETUPS}
+    for name in SETUPS:  # warm-up (and the compiled kernel's first build), not timed
+        setup(model, name)
         step_time(model, batch, init, 1)
     for _ in range(repeats):
-        for path in PATHS:
-            os.environ[IMPL_ENV] = path
-            samples[path].append(step_time(model, batch, init, steps))
+        for name in SETUPS:
+            setup(model, name)
+            samples[name].append(step_time(model, batch, init, steps))
+    torch_dropout(model, False)
     model.load_state_dict(init)
-    return {p: statistics.median(s) for p, s in samples.items()}
+    return {name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
+            for name, s in samples.items()}
 
 
 def profile(model: HealthFM, batch, rows: int) -> None:
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    os.environ[IMPL_ENV] = "auto"
+    setup(model, "auto")
     step_time(model, batch, init, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step_time(model, batch, init, 1)
@@ -119,12 +142,15 @@ def main() -> int:
     print(f"torch {torch.__version__}, model {args.model}, site {args.site}, batch {batch.batch_size}, "
           f"longest EHR sequence {n_ehr}, median of {args.repeats} samples x {args.steps} step(s); "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'threads':>7} | {'reference s/step':>16} {'auto s/step':>12} | {'reference/auto':>14}")
+    print(f"{'threads':>7} {'clock':>5} | {'before s/step':>13} {'reference':>9} {'auto':>7} | "
+          f"{'before/auto':>11} {'reference/auto':>14}")
     try:
         for threads in args.threads:
             res = run(model, batch, threads, args.repeats, args.steps)
-            print(f"{threads:>7} | {res['reference']:16.3f} {res['auto']:12.3f} | "
-                  f"{res['reference'] / res['auto']:14.2f}", flush=True)
+            for i, clock in enumerate(("wall", "cpu")):
+                before, ref, auto = (res[name][i] for name in SETUPS)
+                print(f"{threads:>7} {clock:>5} | {before:13.3f} {ref:9.3f} {auto:7.3f} | {before / auto:11.2f} "
+                      f"{ref / auto:14.2f}", flush=True)
         if args.profile:
             torch.set_num_threads(args.threads[0])
             profile(model, batch, 30)
