@@ -122,6 +122,44 @@ static inline float fast_expf(float x) {
         }                                                                                          \
     }                                                                                              \
                                                                                                    \
+    /* Forward, first pass over row i: gaps, mask, the mixture T (total) and the shifted-free      \
+     * score z = scale qk + a(dt) in place; returns max z over visible keys (-inf: none).          \
+     * Inlined with a constant m (below) so the m loop unrolls inside the vectorised j loop. */    \
+    static inline __attribute__((always_inline)) T scores_pass_##SUFFIX(                           \
+        T *row, T tq, const T *tk, const uint8_t *vk, int64_t n, int causal, const T *dlw,         \
+        const T *dlam, const int64_t m, T scale, T lw_max, T lam_min, T *total, T *keep) {         \
+        T top = -INFINITY;                                                                         \
+        _Pragma("omp simd reduction(max : top)") for (int64_t j = 0; j < n; j++) {                 \
+            T d = tq - tk[j];                                                                      \
+            const int ok = vk[j] != 0 && (!causal || d >= 0);                                      \
+            d = d < 0 ? -d : d;                                                                    \
+            d = ok ? d : (T)0;                                                                     \
+            T tot = 0;                                                                             \
+            for (int64_t i = 0; i < m; i++) tot += EXP(dlw[i] + dlam[i] * d);                      \
+            total[j] = tot;                                                                        \
+            keep[j] = ok ? (T)1 : (T)0;                                                            \
+            const T z = row[j] * scale + lw_max - lam_min * d;                                     \
+            row[j] = z;                                                                            \
+            const T zk = ok ? z : -INFINITY;                                                       \
+            top = zk > top ? zk : top;                                                             \
+        }                                                                                          \
+        return top;                                                                                \
+    }                                                                                              \
+                                                                                                   \
+    static T scores_row_##SUFFIX(T *row, T tq, const T *tk, const uint8_t *vk, int64_t n,          \
+                                 int causal, const T *dlw, const T *dlam, int64_t m, T scale,      \
+                                 T lw_max, T lam_min, T *total, T *keep) {                         \
+        switch (m) {                                                                               \
+        case 1: return scores_pass_##SUFFIX(row, tq, tk, vk, n, causal, dlw, dlam, 1, scale, lw_max, lam_min, total, keep); \
+        case 2: return scores_pass_##SUFFIX(row, tq, tk, vk, n, causal, dlw, dlam, 2, scale, lw_max, lam_min, total, keep); \
+        case 3: return scores_pass_##SUFFIX(row, tq, tk, vk, n, causal, dlw, dlam, 3, scale, lw_max, lam_min, total, keep); \
+        case 4: return scores_pass_##SUFFIX(row, tq, tk, vk, n, causal, dlw, dlam, 4, scale, lw_max, lam_min, total, keep); \
+        case 6: return scores_pass_##SUFFIX(row, tq, tk, vk, n, causal, dlw, dlam, 6, scale, lw_max, lam_min, total, keep); \
+        case 8: return scores_pass_##SUFFIX(row, tq, tk, vk, n, causal, dlw, dlam, 8, scale, lw_max, lam_min, total, keep); \
+        default: return scores_pass_##SUFFIX(row, tq, tk, vk, n, causal, dlw, dlam, m, scale, lw_max, lam_min, total, keep); \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
     void ct_forward_##SUFFIX(T *scores, const T *t_q, const T *t_k, const uint8_t *valid,          \
                              const int64_t *row_end, const T *lw, const T *lam, T scale,           \
                              int64_t b, int64_t h, int64_t nq, int64_t nk, int64_t m, int causal,  \
@@ -130,7 +168,7 @@ static inline float fast_expf(float x) {
         for (int64_t bh = bh_lo; bh < bh_hi; bh++) {                                               \
             const int64_t bi = bh / h, hi = bh % h;                                                \
             T *buf = (T *)malloc(sizeof(T) * (size_t)(3 * nk + 2 * m));                            \
-            T *dt = buf, *keep = buf + nk, *total = buf + 2 * nk;                                  \
+            T *keep = buf + nk, *total = buf + 2 * nk;                                             \
             T *dlw = buf + 3 * nk, *dlam = dlw + m;                                                \
             T lw_max, lam_min, c;                                                                  \
             head_constants_##SUFFIX(lw + hi * m, lam + hi * m, m, dlw, dlam, &lw_max, &lam_min, &c); \
@@ -140,18 +178,9 @@ static inline float fast_expf(float x) {
                 T *row = scores + (bh * nq + i) * nk;                                              \
                 const int64_t n = row_end[bi * nq + i];                                            \
                 for (int64_t j = n; j < nk; j++) row[j] = 0;                                       \
-                row_gaps_##SUFFIX(t_q[bi * nq + i], tk, vk, n, causal, dt, keep);                  \
-                row_mixture_##SUFFIX(dt, n, dlw, dlam, m, total, NULL);                            \
-                T top = -INFINITY, seen = 0;                                                       \
-                _Pragma("omp simd reduction(max : top) reduction(+ : seen)")                       \
-                for (int64_t j = 0; j < n; j++) {                                                  \
-                    T z = row[j] * scale + lw_max - lam_min * dt[j];                               \
-                    row[j] = z;                                                                    \
-                    T zk = keep[j] != 0 ? z : -INFINITY;                                           \
-                    top = zk > top ? zk : top;                                                     \
-                    seen += keep[j];                                                               \
-                }                                                                                  \
-                if (seen == 0) { /* no visible key: zero weights, as in the reference */           \
+                const T top = scores_row_##SUFFIX(row, t_q[bi * nq + i], tk, vk, n, causal, dlw, dlam, m, \
+                                                  scale, lw_max, lam_min, total, keep);            \
+                if (top == -INFINITY) { /* no visible key: zero weights, as in the reference */    \
                     memset(row, 0, sizeof(T) * (size_t)n);                                         \
                     continue;                                                                      \
                 }                                                                                  \
@@ -171,8 +200,9 @@ static inline float fast_expf(float x) {
         }                                                                                          \
     }                                                                                              \
                                                                                                    \
-    /* dp [B,H,Nq,Nk] in: dO v^T, out: scale * dS. probs: P. grad_lw / grad_rate [B,H,M] out (NULL: none). */ \
-    void ct_backward_##SUFFIX(T *dp, const T *probs, const T *t_q, const T *t_k,                   \
+    /* dp [B,H,Nq,Nk] in: dO v^T, out: scale * dS. probs: P, deltas [B,H,Nq]: dO . O per row.    \
+     * grad_lw / grad_rate [B,H,M] out (NULL: none). */ \
+    void ct_backward_##SUFFIX(T *dp, const T *probs, const T *deltas, const T *t_q, const T *t_k,  \
                               const uint8_t *valid, const int64_t *row_end, const T *lw,           \
                               const T *lam, T scale, int64_t b, int64_t h, int64_t nq, int64_t nk, \
                               int64_t m, int causal, T *grad_lw, T *grad_rate, int64_t bh_lo,      \
@@ -194,9 +224,7 @@ static inline float fast_expf(float x) {
                 const T *p = probs + (bh * nq + i) * nk;                                           \
                 const int64_t n = row_end[bi * nq + i];                                            \
                 for (int64_t j = n; j < nk; j++) row[j] = 0;                                       \
-                T delta = 0;                                                                       \
-                _Pragma("omp simd reduction(+ : delta)") for (int64_t j = 0; j < n; j++)           \
-                    delta += p[j] * row[j];                                                        \
+                const T delta = deltas[bh * nq + i]; /* sum_j P_ij dP_ij = dO_i . O_i */           \
                 /* scale * dS: ready for dq = (scale dS) k and dk = (scale dS)^T q. */              \
                 _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                               \
                     row[j] = scale * p[j] * (row[j] - delta);                                      \
