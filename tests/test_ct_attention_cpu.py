@@ -24,7 +24,11 @@ from healthfm_core.kernels.ct_attention.cpu import (
     cpu_path_available,
     ct_attention_cpu,
 )
-from healthfm_core.kernels.ct_attention.cpu_native import ct_attention_cpu_native, load_native, native_unavailable_reason
+from healthfm_core.kernels.ct_attention.cpu_native import (
+    ct_attention_cpu_native,
+    load_native,
+    native_unavailable_reason,
+)
 from healthfm_core.kernels.ct_attention.dispatch import auto_choice
 from healthfm_core.model.attention import ct_attention, ct_attention_reference
 

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,6 +47,7 @@ BUILD_TIMEOUT_S = 120
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | str | None = None  # the library, or why it is unavailable
 _pool: ThreadPoolExecutor | None = None
+_pool_key = (0, 0)  # (size, pid): a forked child (DataLoader worker, Ray) gets a pool of its own
 
 
 def _compiler() -> str | None:
@@ -134,19 +136,20 @@ def _library() -> ctypes.CDLL:
     return _loaded
 
 
-def _split(n: int, fn) -> None:
-    """fn(lo, hi) over [0, n) in torch.get_num_threads() contiguous parts, in parallel."""
-    global _pool
+def _split(n: int, kernel: Callable[..., None], *args: object) -> None:
+    """kernel(*args, lo, hi) over [0, n) in torch.get_num_threads() contiguous parts, in parallel."""
+    global _pool, _pool_key
     threads = min(torch.get_num_threads(), n)
     if threads <= 1:
-        fn(0, n)
+        kernel(*args, 0, n)
         return
     with _lock:
-        if _pool is None or _pool._max_workers < threads:
+        if _pool is None or _pool_key[0] < threads or _pool_key[1] != os.getpid():
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ct_attention_cpu")
+            _pool_key = (threads, os.getpid())
         pool = _pool
     bounds = [round(n * i / threads) for i in range(threads + 1)]
-    for f in [pool.submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]:
+    for f in [pool.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]:
         f.result()
 
 
@@ -181,7 +184,7 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 
 class _CTAttentionNative(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, rows):  # type: ignore[override]
+    def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, rows):
         lib = _library()
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         suffix = "f64" if ct == torch.float64 else "f32"
@@ -216,9 +219,8 @@ class _CTAttentionNative(torch.autograd.Function):
             tq_c, tk_c, valid_c = tq[:, r0:r1].contiguous(), tk[:, :c1].contiguous(), valid[:, :c1].contiguous()
             probs = torch.matmul(qs[:, :, r0:r1], ks[:, :, :c1].transpose(-1, -2)).contiguous()  # scores -> P
             if c1:
-                _split(b * h, lambda lo, hi: kernel(_ptr(probs), _ptr(tq_c), _ptr(tk_c), _ptr(valid_c), _ptr(ends),
-                                                    _ptr(lw), _ptr(lam), scale, b, h, r1 - r0, c1, m, int(causal),
-                                                    lo, hi))
+                _split(b * h, kernel, _ptr(probs), _ptr(tq_c), _ptr(tk_c), _ptr(valid_c), _ptr(ends), _ptr(lw),
+                       _ptr(lam), scale, b, h, r1 - r0, c1, m, int(causal))
             outs.append(torch.matmul(probs, vs[:, :, :c1]))
             chunks.append((r0, r1, c1, probs, outs[-1], tq_c, tk_c, valid_c, ends))
         out = _permute(torch.cat(outs, dim=2), _flat(_inverse(q_order))) if outs else q.new_zeros(b, h, nq, v.shape[-1], dtype=ct)
@@ -228,7 +230,7 @@ class _CTAttentionNative(torch.autograd.Function):
         return out.to(v.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         lib = _library()
         qs, ks, vs, q_flat, q_order, k_order, lw, lam, *flat = ctx.saved_tensors
         b, h, nq, nk, d, m, causal, suffix, scale = ctx.meta
@@ -239,10 +241,8 @@ class _CTAttentionNative(torch.autograd.Function):
         dq = torch.empty_like(qs)
         dk = torch.zeros_like(ks)
         dv = torch.zeros_like(vs)
-        g_lw = torch.zeros(b, h, m, dtype=qs.dtype) if params else None
-        g_rate = torch.zeros(b, h, m, dtype=qs.dtype) if params else None
-        p_lw = _ptr(g_lw) if g_lw is not None else None
-        p_rate = _ptr(g_rate) if g_rate is not None else None
+        # Mixture gradients per chunk and (batch, head): the kernel writes its slots, never adds.
+        g_mix = torch.zeros(len(ctx.chunks), 2, b, h, m, dtype=qs.dtype) if params else None
         kernel = getattr(lib, f"ct_backward_{suffix}")
         for i, (r0, r1, c1) in enumerate(ctx.chunks):
             probs, out_c, tq_c, tk_c, valid_c, ends = flat[6 * i:6 * i + 6]
@@ -251,27 +251,20 @@ class _CTAttentionNative(torch.autograd.Function):
             ds = torch.matmul(do_c, vs[:, :, :c1].transpose(-1, -2)).contiguous()  # dP, then scale * dS
             dv[:, :, :c1] += torch.matmul(probs.transpose(-1, -2), do_c)
             if c1:
-                # One accumulator per chunk (summed below): the kernel writes, never adds.
-                g_w = torch.zeros_like(g_lw) if g_lw is not None else None
-                g_r = torch.zeros_like(g_rate) if g_rate is not None else None
-                pw = _ptr(g_w) if g_w is not None else None
-                pr = _ptr(g_r) if g_r is not None else None
-                _split(b * h, lambda lo, hi: kernel(_ptr(ds), _ptr(probs), _ptr(deltas), _ptr(tq_c), _ptr(tk_c),
-                                                    _ptr(valid_c),
-                                                    _ptr(ends), _ptr(lw), _ptr(lam), scale, b, h, r1 - r0, c1, m,
-                                                    int(causal), pw, pr, lo, hi))
-                if g_w is not None and g_lw is not None and g_r is not None and g_rate is not None:
-                    g_lw += g_w
-                    g_rate += g_r
+                p_lw = _ptr(g_mix[i, 0]) if g_mix is not None else None
+                p_rate = _ptr(g_mix[i, 1]) if g_mix is not None else None
+                _split(b * h, kernel, _ptr(ds), _ptr(probs), _ptr(deltas), _ptr(tq_c), _ptr(tk_c), _ptr(valid_c),
+                       _ptr(ends), _ptr(lw), _ptr(lam), scale, b, h, r1 - r0, c1, m, int(causal), p_lw, p_rate)
             dq[:, :, r0:r1] = torch.matmul(ds, ks[:, :, :c1])
             dk[:, :, :c1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1])
-        del p_lw, p_rate
         dq = _permute(dq, _flat(_inverse(q_order))).to(q_dt)
         k_inverse = _flat(_inverse(k_order))
         dk = _permute(dk, k_inverse).to(k_dt)
         dv = _permute(dv, k_inverse).to(v_dt)
-        d_lw = g_lw.sum(0).to(lw_dt) if g_lw is not None else None
-        d_rate = g_rate.sum(0).to(rate_dt) if g_rate is not None else None
+        d_lw = d_rate = None
+        if g_mix is not None:
+            d_lw, d_rate = g_mix.sum(dim=(0, 2)).unbind(0)  # [H, M] each
+            d_lw, d_rate = d_lw.to(lw_dt), d_rate.to(rate_dt)
         return dq, dk, dv, None, None, d_lw, d_rate, None, None, None
 
 

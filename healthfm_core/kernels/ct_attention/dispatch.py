@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from healthfm_core.kernels.ct_attention.cpu import ct_attention_cpu
 from healthfm_core.kernels.ct_attention.cpu import check_supported as cpu_unsupported
+from healthfm_core.kernels.ct_attention.cpu import ct_attention_cpu
 from healthfm_core.kernels.ct_attention.cpu_native import ct_attention_cpu_native, native_unavailable_reason
 from healthfm_core.kernels.ct_attention.reference import (
     check_shapes,
