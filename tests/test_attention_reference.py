@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from healthfm_core.kernels.ct_attention.cpu_native import native_unavailable_reason
 from healthfm_core.model.attention import (
     DecayKernel,
     ct_attention,
@@ -216,10 +217,14 @@ def test_bf16_forward_on_cpu() -> None:
 def test_dispatch_reference_and_bad_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v, t, log_w, rates, valid = _inputs()
     want = ct_attention_reference(q, k, v, t, t, log_w, rates, valid, True)
-    # CPU: auto -> the fused CPU path, equal to the reference up to rounding.
+    # CPU: auto -> the compiled CPU kernel (the fused PyTorch path without a compiler), equal to
+    # the reference up to rounding.
     torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid), want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="cpu"),
+    cpu_choice = "cpu_native" if native_unavailable_reason() is None else "cpu"
+    assert torch.equal(ct_attention(q, k, v, t, t, log_w, rates, valid, impl=cpu_choice),
                        ct_attention(q, k, v, t, t, log_w, rates, valid))
+    torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="cpu"), want,
+                               rtol=1e-5, atol=1e-6)
     # Gradients with respect to the times: only the reference has them.
     t_grad = t.clone().requires_grad_(True)
     assert torch.equal(ct_attention(q, k, v, t_grad, t, log_w, rates, valid).detach(), want)

@@ -34,6 +34,7 @@ from healthfm_core.data.batch import MASK_CODE, PAD_CODE, Batch
 from healthfm_core.data.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
 from healthfm_core.model.config import ModelConfig
+from healthfm_core.model.dropout import Dropout
 from healthfm_core.model.objectives import ObjectiveWeights, pretraining_losses
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
 
@@ -109,7 +110,7 @@ class CTSelfAttention(nn.Module):
 
 def _mlp(d_in: int, ratio: float, dropout: float) -> nn.Sequential:
     hidden = int(round(d_in * ratio))
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_in))
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d_in))
 
 
 def _modulate(h: Tensor, film: Tensor | None) -> Tensor:
@@ -127,7 +128,7 @@ class Block(nn.Module):
         self.attn = CTSelfAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.mlp = _mlp(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, times: Tensor, key_valid: Tensor, film: Tensor | None) -> Tensor:
         film_attn, film_mlp = film.chunk(2, dim=-1) if film is not None else (None, None)

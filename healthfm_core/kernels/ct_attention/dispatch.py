@@ -15,6 +15,7 @@ import torch
 
 from healthfm_core.kernels.ct_attention.cpu import check_supported as cpu_unsupported
 from healthfm_core.kernels.ct_attention.cpu import ct_attention_cpu
+from healthfm_core.kernels.ct_attention.cpu_native import ct_attention_cpu_native, native_unavailable_reason
 from healthfm_core.kernels.ct_attention.reference import (
     check_shapes,
     ct_attention_reference,
@@ -81,24 +82,44 @@ def _cpu_path(
     return ct_attention_cpu(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
 
 
+def _cpu_native_path(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    log_weights: torch.Tensor,
+    rates: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    if t_q.requires_grad or t_k.requires_grad:
+        raise ValueError("ct_attention(impl='cpu_native'): the compiled CPU kernel does not differentiate the times")
+    return ct_attention_cpu_native(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
+
+
 # name -> implementation; "auto" is not a path but a choice among these.
 IMPLEMENTATIONS: dict[str, CTAttentionFn] = {
     "reference": ct_attention_reference,
     "triton": _triton_path,
     "cpu": _cpu_path,
+    "cpu_native": _cpu_native_path,
 }
 
 
 def auto_choice(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor, log_weights: torch.Tensor
 ) -> str:
-    """The path "auto" takes: the Triton kernel for CUDA tensors it supports, the fused CPU path for
-    CPU tensors it supports (both faster than the reference: benchmarks/ct_attention*.py), the
-    reference otherwise (gradients with respect to the times, other devices)."""
+    """The path "auto" takes: the Triton kernel for CUDA tensors it supports; for CPU tensors, the
+    compiled CPU kernel where a C compiler built it, else the fused PyTorch CPU path (all faster
+    than the reference: benchmarks/ct_attention*.py); the reference otherwise (gradients with
+    respect to the times, other devices)."""
     if t_q.requires_grad or t_k.requires_grad:
         return "reference"
     if q.device.type == "cpu":
-        return "cpu" if cpu_unsupported(q, k, v) is None else "reference"
+        if cpu_unsupported(q, k, v) is not None:
+            return "reference"
+        return "cpu_native" if native_unavailable_reason() is None else "cpu"
     if not q.is_cuda:
         return "reference"
     why = unavailable_reason()
@@ -136,9 +157,10 @@ def ct_attention(
     """Continuous-time attention, dispatching to the fused Triton kernel where one applies.
 
     ``impl`` (or the environment variable HEALTHFM_CT_ATTENTION when ``impl`` is None) is
-    "auto" (default: the Triton kernel for CUDA tensors, the fused CPU path for CPU tensors, the
-    reference otherwise), "reference", "cpu", or "triton" (the kernel or an error; on CPU it needs
-    TRITON_INTERPRET=1).
+    "auto" (default: the Triton kernel for CUDA tensors; for CPU tensors the compiled CPU kernel,
+    or the fused PyTorch CPU path without a C compiler; the reference otherwise), "reference",
+    "cpu" (fused PyTorch), "cpu_native" (compiled; an error without a compiler), or "triton" (the
+    kernel or an error; on CPU it needs TRITON_INTERPRET=1).
     """
     choice = requested_impl(impl)
     if choice != "reference":
