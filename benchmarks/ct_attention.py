@@ -53,7 +53,7 @@ def make_inputs(b: int, h: int, n: int, d: int, m: int, device: str, dtype: torc
 
 
 def flex_fn(t: torch.Tensor, log_w: torch.Tensor, rates: torch.Tensor, b: int, n: int) -> Callable:
-    """FlexAttention with the DESIGN math: score + log sum_m pi_m exp(-lambda_m dt)."""
+    """FlexAttention with the math of docs/architecture.md: score + log sum_m pi_m exp(-lambda_m dt)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     m = log_w.shape[1]

@@ -1,12 +1,17 @@
 """Site runtime command line.
 
-    python client/client.py check SITE_ROOT [--json] [--strict]
+    python client/client.py check SITE_ROOT [--json] [--strict] [--tasks CONFIG_OR_DIR ...]
+                                 [--min-subjects N] [--policy FILE]
     python client/client.py join SITE_ROOT --superlink HOST:PORT --root-cert ca.pem --auth-key auth_key
                                  [--state-dir DIR] [--site-name NAME] [--policy FILE] [--node-config KEY=VALUE ...]
 
 Exit status of `check`: 0 the site is usable (warnings may be printed), 1 the site has errors
 (one line per problem), 2 the command could not run (no such site root, bad arguments),
-3 an internal error (one line; `--debug` shows the traceback).
+3 an internal error (one line; `--debug` shows the traceback). Problem counts are true counts;
+repeated problems of one kind in one file print at most 5 lines plus an "and N more" line.
+With `--tasks` (ACES configs or directories of them) and for the site's own labels under
+SITE_ROOT/tasks/, `check` also prints each task's rows, subjects and positives per split, and
+warns where the runtime would withhold the task's metrics (healthfm_core.data.task_check).
 `join` checks the site the same way (1 and the check's lines if it is not usable), then runs a
 SuperNode until stopped (0 after Ctrl-C/SIGTERM); 4 the SuperLink is unreachable or its
 certificate does not verify, 5 it refused the site's key, 6 the SuperNode stopped otherwise.
@@ -25,12 +30,27 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from client.join import JoinConfig, JoinError, join  # noqa: E402
+from client.policy import PolicyError, load_policy  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
-from healthfm_core.data.site_check import SiteReport, check_site  # noqa: E402
+from healthfm_core.data.site import Site  # noqa: E402
+from healthfm_core.data.site_check import (  # noqa: E402
+    MAX_PROBLEMS_PER_KIND,
+    SiteReport,
+    check_site,
+    run_check,
+)
+from healthfm_core.data.task_check import (  # noqa: E402
+    DEFAULT_MIN_SUBJECTS,
+    TasksReport,
+    count_tasks,
+    format_tasks,
+    task_files,
+)
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -67,23 +87,55 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"error: site root {root} does not exist or is not a directory", file=sys.stderr)
         return EXIT_USAGE
+    for flag, value in (("--min-subjects", args.min_subjects), ("--n-per-subject", args.n_per_subject)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        files = task_files(args.tasks or [])
+        # The runtime's minimum: its min_report_subjects, raised by the policy's (the stricter holds).
+        min_subjects = args.min_subjects
+        if args.policy:
+            min_subjects = max(min_subjects, load_policy(args.policy).min_subjects)
+    except (FileNotFoundError, PolicyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    report = check_site(root, progress=progress, strict=args.strict)
+    report, subjects = run_check(root, progress=progress, strict=args.strict)
+    tasks = None
+    if report.ok and report.summary is not None and (files or report.summary.site_tasks):
+        site = Site(root, report, subjects.subject_ids, subjects.per_modality)
+        tasks = count_tasks(site, files, min_subjects=min_subjects, n_per_subject=args.n_per_subject,
+                            seed=args.seed)
+    ok = report.ok and (tasks is None or tasks.ok)
     if args.json:
-        print(report.model_dump_json(indent=2))
-        return EXIT_OK if report.ok else EXIT_INVALID
-    return print_report(report)
+        blob = report.model_dump(mode="json")
+        if tasks is not None:
+            blob["tasks"] = tasks.model_dump(mode="json")
+        print(json.dumps(blob, indent=2))
+        return EXIT_OK if ok else EXIT_INVALID
+    return print_report(report, tasks)
 
 
-def print_report(report: SiteReport) -> int:
-    """One line per problem, then the summary (usable) or a FAILED line; the exit status."""
+def print_report(report: SiteReport, tasks: TasksReport | None = None) -> int:
+    """One line per problem, then the summary (usable) or a FAILED line with the true counts; the
+    exit status."""
     for problem in report.problems:
         print(problem)
+    n_errors, n_warnings, cut = report.n_errors, report.n_warnings, report.n_not_shown
     if report.ok:
         print(format_summary(report))
-        print(f"OK: site is usable ({report.n_warnings} warning(s))")
+    if tasks is not None:
+        print(format_tasks(tasks))
+        for problem in tasks.problems:
+            print(problem)
+        n_errors += sum(p.severity == "error" for p in tasks.problems)
+        n_warnings += sum(p.severity == "warning" for p in tasks.problems)
+    not_shown = f"; {cut} without a line of their own (at most {MAX_PROBLEMS_PER_KIND} lines per kind and file)" if cut else ""
+    if report.ok and n_errors == 0:
+        print(f"OK: site is usable ({n_warnings} warning(s){not_shown})")
         return EXIT_OK
-    print(f"FAILED: {report.n_errors} error(s), {report.n_warnings} warning(s)", file=sys.stderr)
+    print(f"FAILED: {n_errors} error(s), {n_warnings} warning(s){not_shown}", file=sys.stderr)
     return EXIT_INVALID
 
 
@@ -166,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--strict", action="store_true",
                        help="treat incomplete metadata (codes missing from codes.parquet) as errors")
+    check.add_argument("--tasks", nargs="+", metavar="CONFIG_OR_DIR",
+                       help="ACES task configs (or directories of *.yaml) to count labels of: rows, subjects "
+                            "and positives per split at the evaluation's prediction times")
+    check.add_argument("--min-subjects", type=int, default=DEFAULT_MIN_SUBJECTS, metavar="N",
+                       help=f"the federation's minimum subjects per split for a metric to leave the site "
+                            f"(default {DEFAULT_MIN_SUBJECTS}, the runtime's min_report_subjects)")
+    check.add_argument("--policy", metavar="FILE", help="this site's policy file: its min_subjects raises the minimum")
+    check.add_argument("--n-per-subject", type=int, default=4, metavar="K",
+                       help="prediction times per subject, as the evaluation draws them (default 4)")
+    check.add_argument("--seed", type=int, default=0, help="the evaluation's seed for drawing prediction times (default 0)")
     check.add_argument("--progress", dest="progress", action="store_true", default=None,
                        help="show a progress bar (default: when stderr is a terminal)")
     check.add_argument("--no-progress", dest="progress", action="store_false")

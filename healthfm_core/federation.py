@@ -1,6 +1,6 @@
 """What the server and the sites agree on: message kinds, per-round configs, the setup.
 
-client/ and server/ never import each other (DESIGN.md), so the schema of every message they
+client/ and server/ never import each other (docs/architecture.md), so the schema of every message they
 exchange lives here, as pydantic models with a flat form for Flower's ConfigRecord (this module
 does not import flwr: records are plain mappings here).
 

@@ -1,4 +1,4 @@
-"""Reference continuous-time attention and the DecayKernel module (DESIGN.md math)."""
+"""Reference continuous-time attention and the DecayKernel module (docs/architecture.md math)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _inputs(b=2, h=2, n=7, d=4, m=3, seed=0, dtype=torch.float64):
 
 
 def _direct(q, k, v, t_q, t_k, log_w, rates, valid, causal):
-    """The DESIGN formula written out with explicit loops and exp-sums (fp64)."""
+    """The formula of docs/architecture.md written out with explicit loops and exp-sums (fp64)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     out = torch.zeros(b, h, nq, v.shape[-1], dtype=torch.float64)

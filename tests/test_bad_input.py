@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of hostile input: malformed train replies (arrays, metrics,
 records; error replies, refusals, replies to no message sent, second replies) fed to
-ModalityAwareFedAvg.aggregate, malformed parquet files fed to the site reader (check_site).
+ModalityAwareFedAvg.aggregate, malformed parquet files fed to the site reader (check_site), and
+valid sites written in the ways MEDS 0.4 allows (accepted, and read as the canonical site).
 
 Properties: nothing raises; every malformed reply is rejected with a reason while the well-formed
 ones are still averaged exactly, and with every group at every site the average is plain FedAvg's
@@ -34,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.client_app import train_reply_content
+from healthfm_core.data.site import open_site
 from healthfm_core.data.site_check import check_site
 from healthfm_core.federation import (
     ARRAYS_RECORD,
@@ -340,3 +342,52 @@ def test_malformed_site_files_are_reported_by_name_and_nothing_is_written(broken
     for problem in report.problems:
         line = str(problem)
         assert "\n" not in line and problem.file in line
+
+
+# ---------------------------------------------------------------------------- what MEDS allows
+
+
+@st.composite
+def a_meds_variant(draw: st.DrawFn) -> dict[str, pa.Table]:
+    """The valid site's shards rewritten in ways MEDS 0.4 allows: core columns in types that cast
+    losslessly (as `meds.DataSchema.align` casts them) and each subject's static rows anywhere
+    among its timed rows, which keep their order."""
+    shards = {}
+    for rel, table in make_site_tables().shards.items():
+        sid = table.column("subject_id").to_pylist()
+        static = table.column("time").is_null().to_pylist()
+        order: list[int] = []
+        for s in dict.fromkeys(sid):
+            rows = [i for i, x in enumerate(sid) if x == s]
+            timed = [i for i in rows if not static[i]]
+            statics = [i for i in rows if static[i]]  # their order among themselves is the file's
+            slots = sorted(draw(st.lists(st.integers(0, len(timed)), min_size=len(statics), max_size=len(statics))))
+            for k, (slot, i) in enumerate(zip(slots, statics)):
+                timed.insert(slot + k, i)
+            order += timed
+        table = table.take(pa.array(order))
+        types = {
+            "subject_id": draw(st.sampled_from([pa.int64(), pa.int32(), pa.uint32()])),
+            "time": draw(st.sampled_from([pa.timestamp("us"), pa.timestamp("ms"), pa.timestamp("ns")])),
+            "code": draw(st.sampled_from([pa.string(), pa.large_string(), "dictionary"])),
+            "numeric_value": draw(st.sampled_from([pa.float32(), pa.float64()])),
+        }
+        for name, type_ in types.items():
+            column = table.column(name)
+            column = column.dictionary_encode() if type_ == "dictionary" else column.cast(type_)
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        shards[rel] = table
+    return shards
+
+
+@SETTINGS
+@given(a_meds_variant())
+def test_what_meds_allows_is_accepted_and_read_as_the_canonical_site(shards: dict[str, pa.Table]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        canonical = open_site(write_site_tables(make_site_tables(), Path(tmp) / "canonical"))
+        tables = make_site_tables()
+        tables.shards = shards
+        root = write_site_tables(tables, Path(tmp) / "variant")
+        report = check_site(root)
+        assert report.ok and report.problems == [], [str(p) for p in report.problems]
+        assert open_site(root).read_events().equals(canonical.read_events())

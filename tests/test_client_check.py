@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 import client.client as client_module
 from client.client import EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
-from healthfm_core.data.site_check import SiteReport, check_site
+from healthfm_core.data.aces_tasks import load_task
+from healthfm_core.data.layout import SPLITS
+from healthfm_core.data.site import open_site
+from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteReport, check_site
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.tasks import onset_labels_from_events, visit_prediction_times
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "client" / "client.py"
@@ -113,7 +123,7 @@ def test_an_internal_failure_is_one_line_not_a_traceback(site_tables, write_site
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(client_module, "check_site", explode)
+    monkeypatch.setattr(client_module, "run_check", explode)
     assert main(["check", str(write_site(site_tables))]) == EXIT_INTERNAL
     err = capsys.readouterr().err
     assert err.strip() == "internal error: RuntimeError: disk on fire (rerun with --debug for details)"
@@ -135,3 +145,179 @@ def test_every_generated_synthetic_site_passes_check(tmp_path):
     assert seen_modalities == {"ehr", "wearables", "genomics"}
     # Ground truth lives outside every site root.
     assert not any((root / "truth").exists() for root in sites)
+
+
+# --------------------------------------------------------------------------------------------
+# True counts, MEDS variations and value columns, as the site admin reads them.
+
+
+def test_the_true_number_of_problems_is_printed_with_the_lines_not_shown(site_tables, write_site, capsys):
+    n = 100
+    rows = [(s, datetime(2150, 1, 1) + timedelta(days=d), "LAB//51087//UNK", float("nan") if d == 1 else 1.0)
+            for s in range(10, 10 + n) for d in range(3)]
+    cols = list(zip(*rows))
+    site_tables.shards = {"train/0.parquet": pa.table({
+        "subject_id": pa.array(cols[0], pa.int64()), "time": pa.array(cols[1], pa.timestamp("us")),
+        "code": pa.array(cols[2], pa.string()), "numeric_value": pa.array(cols[3], pa.float32())})}
+    site_tables.splits = None
+    site_tables.wearables = {}
+    assert main(["check", str(write_site(site_tables))]) == EXIT_INVALID
+    result = capsys.readouterr()
+    lines = result.out.strip().splitlines()
+    assert len(lines) == MAX_PROBLEMS_PER_KIND + 1
+    assert lines[-1] == ("ERROR data/train/0.parquet, column numeric_value: and 95 more problem(s) of this kind "
+                         "(non_finite_value)")
+    assert result.err.strip() == ("FAILED: 100 error(s), 0 warning(s); 95 without a line of their own "
+                                     f"(at most {MAX_PROBLEMS_PER_KIND} lines per kind and file)")
+
+
+def test_a_polars_export_with_static_rows_last_passes(site_tables, write_site, capsys):
+    root = write_site(site_tables)
+    for rel, table in site_tables.shards.items():
+        pl.from_arrow(table).sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
+    assert main(["check", str(root)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "ERROR" not in out and "WARNING" not in out
+    assert out.strip().splitlines()[-1] == "OK: site is usable (0 warning(s))"
+
+
+def test_a_value_column_is_a_warning_line_naming_file_column_and_count(site_tables, write_site, capsys):
+    t = site_tables.shards["held_out/0.parquet"]
+    site_tables.shards["held_out/0.parquet"] = t.append_column("valuenum", pa.array([1.0, 2.0], pa.float64()))
+    assert main(["check", str(write_site(site_tables))]) == EXIT_OK
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("WARNING")]
+    assert line.startswith("WARNING data/held_out/0.parquet, column valuenum: column 'valuenum' (double) holds "
+                           "2 non-null value(s) that are ignored")
+
+
+# --------------------------------------------------------------------------------------------
+# check --tasks: rows, subjects and positives per split of each task and horizon.
+
+T2D = REPO / "configs" / "tasks" / "t2d.yaml"
+
+
+@pytest.fixture(scope="module")
+def hospital_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hospital")
+    generate_federation(out, "hospital", seed=0, n_subjects=60, progress=False)
+    return out / "sites" / "general_hospital"
+
+
+def _expected_t2d_counts(root: Path) -> dict[int, dict[str, tuple[int, int, int]]]:
+    """What the evaluation would see, by today's onset_labels_from_events (the task's ICD-9 and
+    ICD-10 outcome codes renamed to one code) at its prediction times, split by the site's splits."""
+    events = pa.concat_tables(pq.read_table(p, columns=["subject_id", "time", "code"])
+                              for p in sorted((root / "data").glob("*.parquet")))
+    events = events.set_column(2, "code", events["code"].cast(pa.string()))
+    regex = load_task(T2D).config["predicates"]["outcome"]["code"]["regex"]
+    events = events.set_column(2, "code", pc.if_else(pc.match_substring_regex(events["code"], regex),
+                                                     pa.scalar("OUTCOME"), events["code"]))
+    events = pl.from_arrow(events).sort("subject_id", "time", nulls_last=False).to_arrow()
+    visits = visit_prediction_times(events, n_per_subject=4, seed=0)
+    splits = pl.from_arrow(open_site(root).subject_splits())
+    out = {}
+    for h in load_task(T2D).metadata.horizons_days:
+        df = pl.from_arrow(onset_labels_from_events(events, "OUTCOME", h, visits)).join(splits, on="subject_id")
+        out[h] = {s: (g.height, g["subject_id"].n_unique(), int(g["boolean_value"].sum()))
+                  for s in SPLITS for g in [df.filter(pl.col("split") == s)]}
+    return out
+
+
+def test_tasks_counts_are_those_the_evaluation_would_see(hospital_site, capsys):
+    assert main(["check", str(hospital_site), "--tasks", str(T2D), "--json", "--no-progress"]) == EXIT_OK
+    blob = json.loads(capsys.readouterr().out)
+    assert blob["ok"] and blob["tasks"]["min_subjects"] == 20
+    got = {t["horizon_days"]: {s: (c["rows"], c["subjects"], c["positives"]) for s, c in t["splits"].items()}
+           for t in blob["tasks"]["tasks"]}
+    expected = _expected_t2d_counts(hospital_site)
+    assert got == expected
+    assert sum(v[2] for per in expected.values() for v in per.values()) > 0  # positives were seen
+    assert {t["task"] for t in blob["tasks"]["tasks"]} == {"onset_t2d"}
+
+
+def test_tasks_table_and_a_warning_per_split_below_the_minimum(hospital_site, capsys):
+    assert main(["check", str(hospital_site), "--tasks", str(T2D), "--no-progress"]) == EXIT_OK
+    out = capsys.readouterr().out
+    expected = _expected_t2d_counts(hospital_site)
+    header = [line for line in out.splitlines() if line.startswith("  task ")]
+    assert [re.split(r"\s{2,}", line.strip()) for line in header] == [["task", *SPLITS]]
+    rows = {line.split()[1]: re.split(r"\s{2,}", line.strip()) for line in out.splitlines()
+            if line.startswith("  onset_t2d ")}
+    assert sorted(rows) == ["180d", "30d", "365d", "90d"]
+    for h, per in expected.items():
+        assert rows[f"{h}d"] == [f"onset_t2d {h}d", *(" / ".join(map(str, per[s])) for s in SPLITS)]
+    tuning = expected[365]["tuning"][1]
+    assert tuning < 20
+    warn = [line for line in out.splitlines() if line.startswith(f"WARNING {T2D}: onset_t2d 365d:")]
+    assert len(warn) == 1 and f"below the minimum 20: tuning {tuning}" in warn[0]
+    assert out.strip().splitlines()[-1].startswith("OK: site is usable (")
+
+
+def test_tasks_minimum_from_the_flag_and_the_policy(hospital_site, tmp_path, capsys):
+    assert main(["check", str(hospital_site), "--tasks", str(T2D), "--json", "--min-subjects", "1"]) == EXIT_OK
+    blob = json.loads(capsys.readouterr().out)
+    below = [p for p in blob["tasks"]["problems"] if "below the minimum" in p["message"]]
+    assert blob["tasks"]["min_subjects"] == 1 and below == []
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 35\n")
+    assert main(["check", str(hospital_site), "--tasks", str(T2D), "--json", "--min-subjects", "1",
+                 "--policy", str(policy)]) == EXIT_OK
+    blob = json.loads(capsys.readouterr().out)
+    assert blob["tasks"]["min_subjects"] == 35
+    assert all("below the minimum 35: " in p["message"] for p in blob["tasks"]["problems"])
+
+
+def test_tasks_from_a_directory_and_bad_arguments(hospital_site, tmp_path, capsys):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "t2d.yaml").write_text(T2D.read_text())
+    (folder / "README.md").write_text("not a task")
+    assert main(["check", str(hospital_site), "--tasks", str(folder), "--json"]) == EXIT_OK
+    blob = json.loads(capsys.readouterr().out)
+    assert [t["horizon_days"] for t in blob["tasks"]["tasks"]] == [30, 90, 180, 365]
+    assert main(["check", str(hospital_site), "--tasks", str(tmp_path / "nope.yaml")]) == EXIT_USAGE
+    assert "nope.yaml: no such file or directory" in capsys.readouterr().err
+    (folder / "broken.yaml").write_text("metadata: {horizons_days: [30]}\npredicates: {}\n")
+    assert main(["check", str(hospital_site), "--tasks", str(folder / "broken.yaml")]) == EXIT_INVALID
+    captured = capsys.readouterr()
+    (line,) = [x for x in captured.out.splitlines() if x.startswith("ERROR")]
+    assert line.startswith(f"ERROR {folder / 'broken.yaml'}: ") and "metadata" in line
+    assert captured.err.startswith("FAILED: 1 error(s)")
+
+
+def _write_labels(root: Path, task: str, subjects: list[int], times: list[datetime], values: list[bool]) -> Path:
+    path = root / "tasks" / task / "0.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"subject_id": pa.array(subjects, pa.int64()),
+                             "prediction_time": pa.array(times, pa.timestamp("us")),
+                             "boolean_value": pa.array(values)}), path)
+    return path
+
+
+def test_site_labels_are_counted(site_tables, write_site, capsys):
+    root = write_site(site_tables)
+    when = datetime(2150, 3, 20)
+    _write_labels(root, "readmission", [1, 1, 2], [when, when + timedelta(days=1), when], [True, False, False])
+    assert main(["check", str(root), "--json", "--min-subjects", "2"]) == EXIT_OK
+    (task,) = json.loads(capsys.readouterr().out)["tasks"]["tasks"]
+    assert (task["task"], task["source"], task["file"], task["horizon_days"]) == ("readmission", "site",
+                                                                                  "tasks/readmission", None)
+    assert task["splits"]["train"] == {"rows": 3, "subjects": 2, "positives": 1}
+    assert task["splits"]["held_out"] == {"rows": 0, "subjects": 0, "positives": 0}
+    assert main(["check", str(root), "--min-subjects", "2"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "readmission (site labels)  3 / 2 / 1" in out
+    assert ("WARNING tasks/readmission: readmission: no metric would leave the site: subjects per split below the "
+            "minimum 2: tuning 0, held_out 0") in out
+
+
+def test_site_labels_of_an_unknown_subject_fail_check_with_one_line(site_tables, write_site, capsys):
+    root = write_site(site_tables)
+    when = datetime(2150, 3, 20)
+    _write_labels(root, "readmission", [1, 404], [when, when], [True, False])
+    assert main(["check", str(root)]) == EXIT_INVALID
+    result = capsys.readouterr()
+    assert result.out.strip().splitlines() == [
+        "ERROR tasks/readmission/0.parquet, column subject_id: not a subject of this site "
+        "(1 row(s) with unknown subjects) (value '404')"]
+    assert result.err.strip() == "FAILED: 1 error(s), 0 warning(s)"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import HELD, TRAIN, set_cell
+from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
 
+from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.layout import PRS_PREFIX, WEARABLES_SCHEMA, hash_splits
 from healthfm_core.data.site import Site, SiteDataError, open_site
+from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.vocab import build_vocabulary
 
 
 def test_open_site_reads_events_wearables_splits_and_codes(site_tables, write_site):
@@ -93,10 +97,55 @@ def test_open_site_raises_with_every_error(site_tables, write_site):
     assert "data/train/0.parquet" in str(info.value)
 
 
-def test_text_value_as_string_is_read_with_a_warning(site_tables, write_site):
-    """meds < 0.4 wrote text_value as string; it is accepted and read as large_string."""
+def test_text_value_as_string_is_read_as_large_string(site_tables, write_site):
+    """meds < 0.4 wrote text_value as string; MEDS 0.4's align casts it: accepted, read as large_string."""
     t = site_tables.shards[HELD]
     site_tables.shards[HELD] = t.append_column("text_value", pa.array(["array v2", None], pa.string()))
     site = open_site(write_site(site_tables))
-    assert [p.kind for p in site.report.warnings] == ["text_value_string"]
+    assert site.report.problems == []
     assert site.read_events([3]).schema.field("text_value").type == pa.large_string()
+
+
+def test_read_events_puts_static_rows_first_whatever_the_file_order(site_tables, write_site):
+    """Static rows after, or between, a subject's timed rows (MEDS does not place them) are read
+    first; timed rows keep their order, ties in file order; subjects keep the file's order."""
+    t = site_tables.shards[TRAIN]
+    order = [2, 4, 3, 1, 5, 0, 6, 7, 9, 8, 10]  # subject 1's static rows (0, 1) between its timed rows
+    site_tables.shards[TRAIN] = t.take(pa.array(order))
+    site = open_site(write_site(site_tables))
+    assert site.report.problems == []
+    got = site.read_events([1, 2], columns=["subject_id", "time", "code"])
+    times = got.column("time").to_pylist()
+    codes = got.column("code").to_pylist()
+    assert got.column("subject_id").to_pylist() == [1] * 7 + [2] * 4
+    assert times[:2] == [None, None] and None not in times[2:]
+    assert codes[:2] == ["PRS//CAD", "PRS//T2D"]  # file order among static rows
+    # The timed rows as the file has them (same-time rows in file order): LAB before E11 at t0.
+    assert codes[2:7] == ["MEDS_BIRTH", "LAB//51087//UNK", "ICD10//E11.9", "ICD10//E11.9", "LAB//51087//UNK"]
+    assert codes[7:] == ["MEDS_BIRTH", "LAB//51087//UNK", "ICD10//I10", "MEDS_DEATH"]
+
+
+def test_read_events_selects_subjects_of_an_int32_shard(site_tables, write_site):
+    for rel, t in site_tables.shards.items():
+        site_tables.shards[rel] = t.set_column(0, "subject_id", t.column("subject_id").cast(pa.int32()))
+    site = open_site(write_site(site_tables))
+    ev = site.read_events([2, 3])
+    assert ev.schema.field("subject_id").type == pa.int64()
+    assert sorted(set(ev.column("subject_id").to_pylist())) == [2, 3]
+
+
+def test_a_polars_export_gives_the_same_vocabulary_and_sequences(site_tables, write_site, tmp_path):
+    """The pipeline downstream of the reader (code statistics, token sequences) sees a polars
+    export (large_string code, float64 values, static rows last) as the canonical site."""
+    canonical = open_site(write_site_tables(make_site_tables(), tmp_path / "canonical"))
+    root = write_site(site_tables)
+    for rel, table in site_tables.shards.items():
+        df = pl.from_arrow(table).with_columns(pl.col("numeric_value").cast(pl.Float64))
+        df.sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
+    site = open_site(root)
+    vocab = build_vocabulary([site_code_stats(canonical, min_subjects=1)], min_subjects=1)
+    assert build_vocabulary([site_code_stats(site, min_subjects=1)], min_subjects=1) == vocab
+    a, b = SiteSequences.from_site(canonical, vocab), SiteSequences.from_site(site, vocab)
+    for name in ("subject_ids", "ev_offsets", "ev_time_us", "ev_codes", "ev_values", "st_offsets", "st_codes",
+                 "prs", "prs_valid", "birth_us"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
-from conftest import HELD, TRAIN, set_cell
+from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
 
 from healthfm_core.data import site_check as site_check_module
 from healthfm_core.data.layout import EPOCH_SECONDS, PRS_PREFIX
-from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteProblem, SiteReport, check_site
+from healthfm_core.data.site import open_site
+from healthfm_core.data.site_check import (
+    MAX_PROBLEMS_PER_KIND,
+    SiteProblem,
+    SiteReport,
+    check_site,
+)
 
 
 def retype(table: pa.Table, column: str, type_: pa.DataType) -> pa.Table:
@@ -93,6 +103,201 @@ def test_meds_sample_datasets_are_accepted(meds_sample_sites):
 
 
 # --------------------------------------------------------------------------------------------
+# What MEDS 0.4 allows: each variation is accepted without a problem and read as the canonical site.
+
+
+def _shard(fn: Callable[[pa.Table], pa.Table], rel: str = TRAIN) -> Callable[[Any], None]:
+    def mutate(tables: Any) -> None:
+        tables.shards[rel] = fn(tables.shards[rel])
+
+    return mutate
+
+
+def _static_last(t: pa.Table) -> pa.Table:
+    """Each subject's static rows after its timed ones, as polars' sort (nulls last) leaves them."""
+    sid = np.asarray(t.column("subject_id").to_numpy())
+    static = np.asarray(t.column("time").is_null().to_numpy(zero_copy_only=False))
+    return t.take(pa.array(np.lexsort((static, sid))))
+
+
+def _static_middle(t: pa.Table) -> pa.Table:
+    """Subject 1's second PRS row between its timed rows."""
+    order = list(range(t.num_rows))
+    order.insert(5, order.pop(1))
+    return t.take(pa.array(order))
+
+
+def _all_shards(fn: Callable[[pa.Table], pa.Table]) -> Callable[[Any], None]:
+    def mutate(tables: Any) -> None:
+        tables.shards = {rel: fn(t) for rel, t in tables.shards.items()}
+
+    return mutate
+
+
+def _codes_as_polars_writes_them(tables: Any) -> None:
+    tables.codes = retype(tables.codes, "code", pa.large_string())
+    tables.splits = retype(retype(tables.splits, "split", pa.large_string()), "subject_id", pa.int32())
+
+
+ALLOWED = {
+    "static rows last": _all_shards(_static_last),
+    "static row between timed rows": _shard(_static_middle),
+    "code large_string": _all_shards(lambda t: retype(t, "code", pa.large_string())),
+    "code categorical (dictionary)": _all_shards(lambda t: t.set_column(2, "code", t.column("code").dictionary_encode())),
+    "text_value string": _shard(lambda t: t.append_column("text_value", pa.array(["note"] * t.num_rows, pa.string()))),
+    "text_value large_string": _shard(lambda t: t.append_column(
+        "text_value", pa.array(["note"] * t.num_rows, pa.large_string()))),
+    "numeric_value float64": _all_shards(lambda t: retype(t, "numeric_value", pa.float64())),
+    "time timestamp[ms]": _all_shards(lambda t: retype(t, "time", pa.timestamp("ms"))),
+    "time timestamp[ns]": _all_shards(lambda t: retype(t, "time", pa.timestamp("ns"))),
+    "subject_id int32": _all_shards(lambda t: retype(t, "subject_id", pa.int32())),
+    "extra string column": _shard(lambda t: t.append_column("unit", pa.array(["mg/dL"] * t.num_rows))),
+    "metadata as polars writes it": _codes_as_polars_writes_them,
+}
+
+
+@pytest.mark.parametrize("mutate", list(ALLOWED.values()), ids=list(ALLOWED))
+def test_what_meds_allows_is_accepted_and_read_as_the_canonical_site(mutate, site_tables, write_site, tmp_path):
+    canonical = open_site(write_site_tables(make_site_tables(), tmp_path / "canonical"))
+    mutate(site_tables)
+    root = write_site(site_tables)
+    report = check_site(root, strict=True)
+    assert report.ok and report.problems == [], [str(p) for p in report.problems]
+    assert report.summary == canonical.summary
+    cols = ["subject_id", "time", "code", "numeric_value"]
+    # The reader gives the pipeline the same rows in the same order: static rows first.
+    assert open_site(root).read_events(columns=cols).equals(canonical.read_events(columns=cols))
+    assert open_site(root).subject_splits().equals(canonical.subject_splits())
+
+
+def test_a_site_written_by_polars_passes_and_reads_static_rows_first(site_tables, tmp_path):
+    """polars' defaults: large_string code, float64 values, rows sorted with nulls (static) last."""
+    root = write_site_tables(site_tables, tmp_path / "canonical")
+    canonical = open_site(root)
+    for rel, table in site_tables.shards.items():
+        df = pl.from_arrow(table).with_columns(pl.col("numeric_value").cast(pl.Float64))
+        df.sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
+    shard = pq.read_table(root / "data" / TRAIN)
+    assert shard.schema.field("code").type == pa.large_string()
+    assert shard.column("time").to_pylist().index(None) == 5  # subject 1's static rows come last
+    report = check_site(root)
+    assert report.ok and report.problems == [], [str(p) for p in report.problems]
+    events = open_site(root).read_events()
+    assert events.equals(canonical.read_events())
+    assert events.column("time")[0].as_py() is None and events.schema.field("code").type == pa.string()
+
+
+def test_hospital_scenario_sites_pass_check(tmp_path):
+    """The hospital scenario writes sites as a polars MEDS export does (static rows last, large_string)."""
+    res = subprocess.run([sys.executable, "-m", "healthfm_core.data.synthetic", str(tmp_path / "fed"), "--scenario",
+                          "hospital", "--seed", "0", "--n-subjects", "30", "--quiet"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    roots = sorted((tmp_path / "fed" / "sites").iterdir())
+    assert roots
+    for root in roots:
+        assert pq.read_schema(root / "data" / "0.parquet").field("code").type == pa.large_string()
+        report = check_site(root)
+        assert report.ok, [str(p) for p in report.problems]
+        assert report.summary.modalities == ["ehr"] and report.summary.n_subjects == 30
+
+
+# --------------------------------------------------------------------------------------------
+# A number column that is not numeric_value: read by nothing, so a warning says so.
+
+
+def test_a_value_column_that_is_not_numeric_value_is_warned_about(site_tables, write_site):
+    t = site_tables.shards[TRAIN]
+    t = t.filter(pc.invert(pc.starts_with(t.column("code"), PRS_PREFIX)))  # PRS rows need numeric_value
+    values = t.column("numeric_value")
+    site_tables.shards[TRAIN] = t.drop_columns(["numeric_value"]).append_column("value", values.cast(pa.float64()))
+    n_values = values.length() - values.null_count
+    report = check_site(write_site(site_tables))
+    assert report.ok  # MEDS allows both an extra column and no numeric_value: a warning, not an error
+    (w,) = report.warnings
+    assert (w.kind, w.file, w.column) == ("unread_value_column", "data/train/0.parquet", "value")
+    assert f"{n_values} non-null value(s) that are ignored" in w.message and "numeric_value" in w.message
+    assert str(w).startswith("WARNING data/train/0.parquet, column value: ")
+
+
+def test_integer_value_columns_are_warned_by_name_ids_are_not(site_tables, write_site):
+    t = site_tables.shards[TRAIN]
+    n = t.num_rows
+    t = t.append_column("valuenum", pa.array(range(n), pa.int64()))
+    t = t.append_column("hadm_id", pa.array(range(n), pa.int64()))  # an id: not a value
+    t = t.append_column("ref_range_lower", pa.array([None] * (n - 1) + [4.0], pa.float64()))
+    site_tables.shards[TRAIN] = t
+    report = check_site(write_site(site_tables))
+    assert report.ok
+    got = {(w.column, w.message.split(" holds ")[1].split(" ")[0]) for w in report.warnings}
+    assert got == {("valuenum", str(n)), ("ref_range_lower", "1")}
+
+
+def test_a_column_declared_in_dataset_json_is_not_warned_about(site_tables, write_site):
+    t = site_tables.shards[TRAIN]
+    site_tables.shards[TRAIN] = t.append_column("cost", pa.array([1.5] * t.num_rows, pa.float64()))
+    site_tables.dataset = {**site_tables.dataset, "other_extension_columns": ["cost"]}
+    report = check_site(write_site(site_tables))
+    assert report.ok and report.problems == []
+
+
+# --------------------------------------------------------------------------------------------
+# The true number of problems, whatever the lines cut.
+
+
+def test_the_count_of_problems_is_true_when_lines_are_cut(site_tables, write_site):
+    n_subj = 100
+    rows = [(s, datetime(2150, 1, 1) + timedelta(days=d), "LAB//51087//UNK", float("nan") if d == 1 else 1.0)
+            for s in range(10, 10 + n_subj) for d in range(3)]
+    cols = list(zip(*rows))
+    site_tables.shards = {TRAIN: pa.table({"subject_id": pa.array(cols[0], pa.int64()),
+                                           "time": pa.array(cols[1], pa.timestamp("us")),
+                                           "code": pa.array(cols[2], pa.string()),
+                                           "numeric_value": pa.array(cols[3], pa.float32())})}
+    site_tables.splits = None
+    site_tables.wearables = {}
+    report = check_site(write_site(site_tables))
+    assert report.n_errors == n_subj and report.n_warnings == 0
+    assert len(report.problems) == MAX_PROBLEMS_PER_KIND + 1
+    assert report.n_not_shown == n_subj - MAX_PROBLEMS_PER_KIND
+    more = report.problems[-1]
+    assert more.cut and more.count == n_subj - MAX_PROBLEMS_PER_KIND
+
+
+# --------------------------------------------------------------------------------------------
+# The site's own task labels (SITE_ROOT/tasks/<task>/): validated by check.
+
+
+def _own_labels(root: Path, subjects: list[int], times: list[datetime]) -> Path:
+    path = root / "tasks" / "readmission" / "labels.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"subject_id": pa.array(subjects, pa.int64()),
+                             "prediction_time": pa.array(times, pa.timestamp("us")),
+                             "boolean_value": pa.array([True] * len(subjects))}), path)
+    return path
+
+
+def test_site_labels_of_an_unknown_subject_are_an_error_naming_file_column_value(site_tables, write_site):
+    root = write_site(site_tables)
+    _own_labels(root, [1, 77], [datetime(2150, 3, 20), datetime(2150, 3, 20)])
+    report = check_site(root)
+    assert not report.ok
+    (p,) = report.errors
+    assert (p.kind, p.file, p.column, p.value) == ("bad_site_labels", "tasks/readmission/labels.parquet",
+                                                    "subject_id", "77")
+    assert str(p) == ("ERROR tasks/readmission/labels.parquet, column subject_id: not a subject of this site "
+                      "(1 row(s) with unknown subjects) (value '77')")
+
+
+def test_valid_site_labels_are_listed_in_the_summary(site_tables, write_site):
+    root = write_site(site_tables)
+    _own_labels(root, [1, 2], [datetime(2150, 3, 20), datetime(2150, 3, 20)])
+    report = check_site(root)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.summary.site_tasks == ["readmission"]
+
+
+# --------------------------------------------------------------------------------------------
 # The corpus of broken sites: each must be rejected with the right problem.
 
 
@@ -107,13 +312,6 @@ class Broken:
     subject_id: int | None = None
     value: str | None = None  # substring of the reported value
     strict: bool = False
-
-
-def _shard(fn: Callable[[pa.Table], pa.Table], rel: str = TRAIN) -> Callable[[Any], None]:
-    def mutate(tables: Any) -> None:
-        tables.shards[rel] = fn(tables.shards[rel])
-
-    return mutate
 
 
 def _wear(fn: Callable[[pa.Table], pa.Table]) -> Callable[[Any], None]:
@@ -173,12 +371,22 @@ def _bad_dataset_json(tables: Any) -> None:
 BROKEN = [
     Broken("missing column", _shard(lambda t: t.drop_columns(["code"])), "missing_column", "data/train/0.parquet",
            column="code"),
-    Broken("wrong dtype numeric_value", _shard(lambda t: retype(t, "numeric_value", pa.float64())), "wrong_dtype",
-           "data/train/0.parquet", column="numeric_value", value="double"),
+    # float64 numeric_value and timestamp[ms] time are read cast, as MEDS's align reads them (see
+    # ALLOWED below); text where a number or time belongs is not guessed at.
+    Broken("wrong dtype numeric_value", _shard(lambda t: retype(t, "numeric_value", pa.string())), "wrong_dtype",
+           "data/train/0.parquet", column="numeric_value", value="string"),
     Broken("wrong dtype subject_id", _shard(lambda t: retype(t, "subject_id", pa.string()), HELD), "wrong_dtype",
            "data/held_out/0.parquet", column="subject_id", value="string"),
-    Broken("wrong dtype time unit", _shard(lambda t: retype(t, "time", pa.timestamp("ms"))), "wrong_dtype",
-           "data/train/0.parquet", column="time", value="timestamp[ms]"),
+    Broken("wrong dtype time as text", _shard(lambda t: retype(t, "time", pa.string())), "wrong_dtype",
+           "data/train/0.parquet", column="time", value="string"),
+    Broken("wrong dtype code", _shard(lambda t: t.set_column(2, "code", pa.array(range(t.num_rows), pa.int64()))),
+           "wrong_dtype", "data/train/0.parquet", column="code", value="int64"),
+    Broken("time with nanoseconds", _shard(lambda t: t.set_column(1, "time", pc.add(
+        t.column("time").cast(pa.timestamp("ns")), pa.scalar(7, pa.duration("ns"))))), "bad_value",
+           "data/train/0.parquet", column="time", value="lose data"),
+    Broken("subject_id beyond int64", _shard(lambda t: t.set_column(0, "subject_id", pa.array(
+        [2**63 + i for i in t.column("subject_id").to_pylist()], pa.uint64())), HELD), "bad_value",
+           "data/held_out/0.parquet", column="subject_id", value="9223372036854775811"),
     Broken("null subject_id", _shard(lambda t: set_cell(t, "subject_id", 5, None)), "null_value",
            "data/train/0.parquet", column="subject_id", row=5, value="null"),
     Broken("null code", _shard(lambda t: set_cell(t, "code", 4, None)), "null_value", "data/train/0.parquet",
@@ -187,8 +395,8 @@ BROKEN = [
            column="code", row=4, subject_id=1),
     Broken("unsorted times", _shard(lambda t: _swap_rows(t, 8, 10)), "unsorted_time", "data/train/0.parquet",
            column="time", row=9, subject_id=2, value="2150-03-04"),
-    Broken("static row after timed", _shard(lambda t: _swap_rows(t, 1, 2)), "unsorted_time",
-           "data/train/0.parquet", column="time", row=2, subject_id=1, value="null"),
+    Broken("timed row before a static row goes backwards", _shard(lambda t: _swap_rows(t, 2, 3)), "unsorted_time",
+           "data/train/0.parquet", column="time", row=3, subject_id=1, value="2090-05-17"),
     Broken("subject not contiguous", _shard(lambda t: _swap_rows(t, 6, 7)), "subject_not_contiguous",
            "data/train/0.parquet", column="subject_id", subject_id=1, row=7),
     Broken("subject split across shards", _move_subject_1_row_to_held_out, "subject_in_many_shards",

@@ -1,4 +1,4 @@
-"""The synthetic federation: layout per DESIGN.md, determinism, and that its signal is real."""
+"""The synthetic federation: layout per docs/architecture.md, determinism, and that its signal is real."""
 
 from __future__ import annotations
 

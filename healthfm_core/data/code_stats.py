@@ -175,7 +175,7 @@ class CodeStats(BaseModel):
 class SiteCodeStats(BaseModel):
     """Everything a site shares to agree on the vocabulary: aggregates only.
 
-    Subjects are assumed disjoint across sites (and across shards of one site, as DESIGN.md
+    Subjects are assumed disjoint across sites (and across shards of one site, as docs/architecture.md
     requires), so distinct-subject counts add.
     """
 
@@ -407,7 +407,7 @@ def site_code_stats(site: SiteLike, min_subjects: int = 10, alpha: float = SKETC
     """Aggregate statistics of a site, already suppressed below `min_subjects` subjects.
 
     Reads one MEDS shard / one wearables file at a time (bounded memory); subjects live in one
-    shard only (DESIGN.md), so per-shard subject counts add exactly.
+    shard only (docs/architecture.md), so per-shard subject counts add exactly.
     """
     if min_subjects < 1:
         raise ValueError(f"min_subjects must be >= 1, got {min_subjects}")

@@ -1,6 +1,6 @@
 """The on-disk contract of a site root, in code: every module reads names from here.
 
-A site root, as DESIGN.md lays it out::
+A site root, as docs/architecture.md lays it out::
 
     data/**/*.parquet                MEDS DataSchema shards (e.g. data/train/0.parquet)
     metadata/codes.parquet           MEDS CodeMetadataSchema

@@ -2,6 +2,10 @@
 
 `open_site` runs the check (healthfm_core.data.site_check) and returns a `Site` to read from,
 or raises `SiteDataError` listing every error. Reads go to parquet on each call.
+
+The reader, not the file, guarantees what the pipeline relies on: columns of MEDS's types
+(a polars or pandas export is read cast, healthfm_core.data.meds_align) and, in `read_events`,
+each subject's rows contiguous with its static rows (null time) first, then in time order.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from meds import CodeMetadataSchema
+from meds import CodeMetadataSchema, DataSchema, SubjectSplitSchema
 
 from healthfm_core.data.layout import (
     CODE_METADATA_FILEPATH,
@@ -29,6 +33,7 @@ from healthfm_core.data.layout import (
     hash_splits,
     parquet_files,
 )
+from healthfm_core.data.meds_align import align_table, sort_events
 from healthfm_core.data.site_check import (
     SiteProblem,
     SiteReport,
@@ -45,19 +50,18 @@ class SiteDataError(Exception):
     def __init__(self, problems: Sequence[SiteProblem], root: str | Path | None = None):
         self.problems = list(problems)
         errors = [p for p in self.problems if p.severity == "error"]
-        head = f"site {root} has {len(errors)} error(s)" if root else f"{len(errors)} error(s)"
+        n = sum(p.count for p in errors)  # true count: an "and N more" line stands for N
+        head = f"site {root} has {n} error(s)" if root else f"{n} error(s)"
         super().__init__("\n".join([head + ":", *(str(p) for p in errors)]))
 
 
 def _normalise_events(table: pa.Table, want_numeric: bool = True) -> pa.Table:
-    """Give every shard the same core columns: numeric_value (null float32 if absent) and
-    text_value as large_string when present (meds < 0.4 wrote string)."""
+    """Give every shard the same core columns of MEDS's types: cast as MEDS's align casts
+    (large_string code, float64 numeric_value, ...), numeric_value null float32 if absent."""
+    table = align_table(table, DataSchema.schema())
     if want_numeric and "numeric_value" not in table.column_names:
         table = table.append_column(pa.field("numeric_value", pa.float32()),
                                     pa.nulls(table.num_rows, pa.float32()))
-    if "text_value" in table.column_names and pa.types.is_string(table.schema.field("text_value").type):
-        idx = table.schema.get_field_index("text_value")
-        table = table.set_column(idx, "text_value", table.column("text_value").cast(pa.large_string()))
     return table
 
 
@@ -104,15 +108,17 @@ class Site:
         return self._modality_subjects[modality]
 
     def iter_event_shards(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
-        """One MEDS shard at a time (all columns by default, numeric_value always present)."""
+        """One MEDS shard at a time (all columns by default, numeric_value always present), in file
+        order (use `read_events` for the reading order)."""
         for path in self.data_files:
             table = pq.read_table(path, columns=self._present(path, columns))
             yield self._shape(table, columns)
 
     def read_events(self, subject_ids: Iterable[int] | None = None,
                     columns: Sequence[str] | None = None) -> pa.Table:
-        """Events of the given subjects (all if None), shard order kept (so subject-contiguous
-        and time-sorted within each subject)."""
+        """Events of the given subjects (all if None), shards in path order; within a shard each
+        subject's rows are contiguous, static rows (null time) first, then by time (ties in file
+        order), whatever order the file has them in (when `columns` include subject_id and time)."""
         wanted = None if subject_ids is None else pa.array(np.asarray(list(subject_ids), dtype=np.int64))
         tables = []
         for path in self.data_files:
@@ -121,7 +127,10 @@ class Site:
                                       filters=pc.is_in(pc.field("subject_id"), value_set=wanted))
             else:
                 table = pq.read_table(path, columns=self._present(path, columns))
-            tables.append(self._shape(table, columns))
+            table = self._shape(table, columns)
+            if "subject_id" in table.column_names and "time" in table.column_names:
+                table = sort_events(table)
+            tables.append(table)
         if not tables:
             raise SiteDataError([], self.root)
         return pa.concat_tables(tables, promote_options="default")
@@ -146,14 +155,14 @@ class Site:
         """(subject_id, split) for every subject; a deterministic hash split if no file."""
         path = self.root / SUBJECT_SPLITS_FILEPATH
         if path.is_file():
-            return pq.read_table(path, columns=["subject_id", "split"])
+            return align_table(pq.read_table(path, columns=["subject_id", "split"]), SubjectSplitSchema.schema())
         return hash_splits(self.subject_ids)
 
     def code_metadata(self) -> pa.Table:
         """metadata/codes.parquet, or an empty table with the MEDS schema if absent."""
         path = self.root / CODE_METADATA_FILEPATH
         if path.is_file():
-            return pq.read_table(path)
+            return align_table(pq.read_table(path), CodeMetadataSchema.schema())
         return CodeMetadataSchema.schema().empty_table()
 
     def dataset_metadata(self) -> dict[str, Any]:
@@ -183,7 +192,7 @@ def open_site(root: str | Path, progress: bool = False, strict: bool = False) ->
     if not report.ok:
         raise SiteDataError(report.problems, root)
     if report.warnings:
-        logger.warning("site %s: %d warning(s), e.g. %s (see `client.py check`)", root, len(report.warnings),
+        logger.warning("site %s: %d warning(s), e.g. %s (see `client.py check`)", root, report.n_warnings,
                        report.warnings[0])
     return Site(root, report, subjects.subject_ids, subjects.per_modality)
 

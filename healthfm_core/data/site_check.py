@@ -6,10 +6,21 @@ problem becomes a `SiteProblem` naming file, column, row (0-based, within the fi
 and the offending value. healthfm_core.data.site opens a site that passes for reading.
 
 Conformance with MEDS uses the `meds` package's own schemas (DataSchema, CodeMetadataSchema,
-SubjectSplitSchema, DatasetMetadataSchema); the project's checks come on top: subjects
-contiguous and time-sorted (static rows first) within a shard and in one shard only, codes
-non-empty and listed in codes.parquet, values finite, wearable epochs on the 30-second grid
-with plausible ranges, splits covering exactly the subjects.
+SubjectSplitSchema, DatasetMetadataSchema), read as MEDS's own `align` reads them: a column whose
+type casts losslessly to the schema's (large_string code, float64 numeric_value, timestamp[ns],
+...; healthfm_core.data.meds_align) is accepted and read cast. The project's checks come on top:
+subjects contiguous and their timed rows time-sorted within a shard (static rows, null time, may
+sit anywhere within the subject: MEDS does not place them; the reader sorts them first), each
+subject in one shard only, codes non-empty and listed in codes.parquet, values finite, wearable
+epochs on the 30-second grid with plausible ranges, splits covering exactly the subjects, and the
+site's own task labels (SITE_ROOT/tasks/<task>/, healthfm_core.data.site_labels) valid.
+
+A number column of the data that is not numeric_value (a float column, or an integer one named
+like `value`, `valuenum`, `result`) is read by nothing: a warning says how many values that
+leaves unread, unless dataset.json declares the column (code modifier, raw source id, ...).
+
+Problem counts are true counts: repeated problems of one kind in one file are cut to
+MAX_PROBLEMS_PER_KIND lines plus one "and N more" line whose `count` is N.
 
 Policy on codes missing from codes.parquet: MEDS allows incomplete code metadata (the
 meds-testing-helpers samples have unlisted codes), so an unlisted code is a warning by
@@ -61,6 +72,8 @@ from healthfm_core.data.layout import (
     hash_splits,
     parquet_files,
 )
+from healthfm_core.data.meds_align import CastError, align_table, cast_problem
+from healthfm_core.data.site_labels import check_site_labels, site_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +86,16 @@ NON_EHR_CODES = (birth_code, death_code)
 MAX_PROBLEMS_PER_KIND = 5
 BATCH_ROWS = 1 << 17
 _EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
+# An integer column with one of these names holds measurements more likely than ids (a float
+# column of any name does): MIMIC's valuenum, OMOP's value_as_number, common ETL names.
+VALUE_LIKE_NAMES = frozenset({
+    "value", "values", "valuenum", "value_num", "numeric", "num_value", "numeric_val", "value_numeric",
+    "value_as_number", "result", "result_value", "resultnum", "result_num", "lab_value", "measurement",
+    "measurement_value", "amount", "val",
+})
+# dataset.json keys that declare extra data columns (MEDS DatasetMetadataSchema).
+_DECLARED_COLUMN_KEYS = ("code_modifier_columns", "raw_source_id_columns", "additional_value_modality_columns",
+                         "site_id_columns", "other_extension_columns")
 _INT64_MIN = np.iinfo(np.int64).min
 
 
@@ -91,6 +114,10 @@ class SiteProblem(BaseModel):
     value: str | None = None
     message: str
     kind: str = ""  # stable machine-readable tag, e.g. "unsorted_time" (an addition to the brief)
+    # How many problems this line stands for: 1, or N on an "and N more" line (`cut`: those N
+    # problems have no line of their own).
+    count: int = 1
+    cut: bool = False
 
     def __str__(self) -> str:
         where = [self.file]
@@ -117,6 +144,7 @@ class SiteSummary(BaseModel):
     splits: dict[str, int]  # split name -> subjects
     splits_from_file: bool = True  # False: deterministic split (no subject_splits.parquet)
     n_wearable_epochs: int = 0
+    site_tasks: list[str] = []  # tasks the site labels itself (SITE_ROOT/tasks/<task>/)
 
 
 class SiteReport(BaseModel):
@@ -129,12 +157,19 @@ class SiteReport(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def n_errors(self) -> int:
-        return sum(p.severity == "error" for p in self.problems)
+        """Every error found, including those whose lines were cut."""
+        return sum(p.count for p in self.problems if p.severity == "error")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def n_warnings(self) -> int:
-        return sum(p.severity == "warning" for p in self.problems)
+        return sum(p.count for p in self.problems if p.severity == "warning")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def n_not_shown(self) -> int:
+        """Problems without a line of their own (counted on "and N more" lines)."""
+        return sum(p.count for p in self.problems if p.cut)
 
     @property
     def errors(self) -> list[SiteProblem]:
@@ -204,6 +239,8 @@ class _ProblemLog:
                         column=self._column[(file, kind)],
                         message=f"and {n - MAX_PROBLEMS_PER_KIND} more problem(s) of this kind ({kind})",
                         kind=kind,
+                        count=n - MAX_PROBLEMS_PER_KIND,
+                        cut=True,
                     )
                 )
         # Errors first, then in the order found: the first line is the one to fix first.
@@ -297,7 +334,8 @@ class _Aggregates:
 def _schema_problems(
     log: _ProblemLog, file: str, schema: pa.Schema, meds_schema: Any
 ) -> set[str]:
-    """Validate a parquet schema with a `meds` schema; returns the columns that are unusable."""
+    """Validate a parquet schema with a `meds` schema as MEDS's `align` would (a type that casts
+    losslessly to the schema's is fine: meds_align.cast_problem); returns the unusable columns."""
     bad: set[str] = set()
     try:
         meds_schema.validate(schema)
@@ -307,18 +345,25 @@ def _schema_problems(
             log.add("missing_column", file, f"required column {col!r} is missing", column=col,
                     value=f"columns present: {', '.join(schema.names)}")
         for col, want, got in e.mistyped_cols or []:
-            if col == "text_value" and pa.types.is_string(got):
-                # meds < 0.4 wrote text_value as string; readers cast it losslessly.
-                log.add("text_value_string", file, "text_value is string, MEDS 0.4 wants large_string; "
-                        "read as large_string", column=col, value=str(got), severity="warning")
-                continue
+            why = cast_problem(got, want)
+            if why is None:
+                continue  # read cast, as MEDS's align reads it
             bad.add(col)
-            log.add("wrong_dtype", file, f"column {col!r} has type {got}, MEDS wants {want}",
-                    column=col, value=str(got))
+            log.add("wrong_dtype", file, f"column {col!r} {why}", column=col, value=str(got))
         for col in e.disallowed_extra_cols or []:
             log.add("extra_column", file, f"column {col!r} is not allowed here", column=col)
             bad.add(col)
     return bad
+
+
+def _align_usable(log: _ProblemLog, file: str, table: pa.Table, meds_schema: Any, bad: set[str]) -> pa.Table | None:
+    """`table` with its usable columns cast to the meds schema's types (None: a value does not cast)."""
+    try:
+        return align_table(table, pa.schema([f for f in meds_schema.schema() if f.name not in bad]))
+    except CastError as e:
+        log.add("bad_value", file, f"a value of {e.column} does not read as {e.want}", column=e.column,
+                value=" ".join(e.detail.split()))
+        return None
 
 
 def _open_parquet(log: _ProblemLog, root: Path, path: Path) -> pq.ParquetFile | None:
@@ -340,8 +385,10 @@ def _read_small_table(log: _ProblemLog, root: Path, path: Path) -> pa.Table | No
 def _null_rows(log: _ProblemLog, file: str, table: pa.Table, meds_schema: Any, offset: int) -> set[str]:
     """Rows where a column that the meds schema declares non-nullable holds null."""
     try:
-        meds_schema.validate(table)
+        meds_schema.validate(table.select([c for c in table.column_names if c in meds_schema.schema().names]))
         return set()
+    except SchemaValidationError:
+        return set()  # a mistyped column: reported by _schema_problems
     except TableValidationError as e:
         cols = set(e.nullability_none_err_cols or [])
     for col in cols:
@@ -353,12 +400,15 @@ def _null_rows(log: _ProblemLog, file: str, table: pa.Table, meds_schema: Any, o
 
 
 class _ShardState:
-    """Carry between record batches of one shard: the last row's subject and time key."""
+    """Carry between record batches of one shard: the last row's subject, the last timed row's
+    subject, time and row, and the non-null counts of number columns that nothing reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, unread_columns: Iterable[str] = ()) -> None:
         self.last_subject: int | None = None
+        self.last_timed_subject: int | None = None
         self.last_key: int = _INT64_MIN
         self.last_row: int = -1
+        self.unread_values: dict[str, int] = {c: 0 for c in unread_columns}
         self.run_subjects: list[np.ndarray] = []
         self.run_rows: list[np.ndarray] = []
 
@@ -411,7 +461,8 @@ def _check_event_batch(
                 column="numeric_value", row=offset + int(i),
                 subject_id=batch.column("subject_id")[int(i)].as_py(), value=code[int(i)].as_py())
 
-    # -- subjects: contiguous, time-sorted with static rows first (rows with null subject skipped)
+    # -- subjects: contiguous, timed rows time-sorted (rows with null subject skipped; static rows
+    #    may sit anywhere within the subject)
     sid_col = batch.column("subject_id")
     keep = pc.is_valid(sid_col)
     if "subject_id" in null_cols:
@@ -430,32 +481,30 @@ def _check_event_batch(
         return
     time_valid = np.asarray(pc.is_valid(time_col).to_numpy(zero_copy_only=False), dtype=bool)
     time_us = _int_array(pc.fill_null(time_col.cast(pa.int64()), 0))
-    key = np.where(time_valid, time_us, _INT64_MIN)  # static rows sort first
 
     if time_valid.any():
         lo, hi = int(time_us[time_valid].min()), int(time_us[time_valid].max())
         agg.time_min = lo if agg.time_min is None else min(agg.time_min, lo)
         agg.time_max = hi if agg.time_max is None else max(agg.time_max, hi)
 
-    has_carry = state.last_subject is not None
-    all_sid = np.concatenate([[state.last_subject], sid]) if has_carry else sid
-    all_key = np.concatenate([[state.last_key], key]) if has_carry else key
-    all_row = np.concatenate([[state.last_row], rows]) if has_carry else rows
-    same = all_sid[1:] == all_sid[:-1]
-    for j in np.flatnonzero(same & (all_key[1:] < all_key[:-1])):
-        cur, prev = all_key[j + 1], all_key[j]
-        if cur == _INT64_MIN:
-            msg = (f"static row (null time) after a timed row ({_time_str(prev)} at row {all_row[j]}); "
-                   "static rows must come first")
-        else:
-            msg = f"time goes backwards within the subject (row {all_row[j]} has {_time_str(prev)})"
-        log.add("unsorted_time", file, msg, column="time", row=all_row[j + 1],
-                subject_id=all_sid[j + 1], value="null" if cur == _INT64_MIN else _time_str(cur))
+    t_sid, t_key, t_row = sid[time_valid], time_us[time_valid], rows[time_valid]
+    if t_sid.size:
+        has_carry = state.last_timed_subject is not None
+        all_sid = np.concatenate([[state.last_timed_subject], t_sid]) if has_carry else t_sid
+        all_key = np.concatenate([[state.last_key], t_key]) if has_carry else t_key
+        all_row = np.concatenate([[state.last_row], t_row]) if has_carry else t_row
+        same = all_sid[1:] == all_sid[:-1]
+        for j in np.flatnonzero(same & (all_key[1:] < all_key[:-1])):
+            log.add("unsorted_time", file,
+                    f"time goes backwards within the subject (row {all_row[j]} has {_time_str(all_key[j])})",
+                    column="time", row=all_row[j + 1], subject_id=all_sid[j + 1], value=_time_str(all_key[j + 1]))
+        state.last_timed_subject, state.last_key, state.last_row = int(t_sid[-1]), int(t_key[-1]), int(t_row[-1])
 
+    has_carry = state.last_subject is not None
     starts = np.concatenate([[not has_carry or sid[0] != state.last_subject], sid[1:] != sid[:-1]])
     state.run_subjects.append(sid[starts])
     state.run_rows.append(rows[starts])
-    state.last_subject, state.last_key, state.last_row = int(sid[-1]), int(key[-1]), int(rows[-1])
+    state.last_subject = int(sid[-1])
 
     # -- modalities, per subject
     anchor = pc.fill_null(pc.is_in(code_kept, pa.array(NON_EHR_CODES)), True)
@@ -468,25 +517,53 @@ def _check_event_batch(
         agg.prs_subjects.append(np.unique(sid[prs_np]))
 
 
+def unread_number_columns(schema: pa.Schema, declared: Iterable[str] = ()) -> list[str]:
+    """Columns of a data shard that hold numbers nothing reads: not MEDS's core columns, not
+    declared in dataset.json, and either floating point or an integer named like a value."""
+    core = set(DataSchema.schema().names)
+    skip = core | set(declared)
+    out = []
+    for field in schema:
+        t = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+        if field.name in skip:
+            continue
+        if pa.types.is_floating(t) or pa.types.is_decimal(t) or (
+                pa.types.is_integer(t) and field.name.lower() in VALUE_LIKE_NAMES):
+            out.append(field.name)
+    return out
+
+
 def _check_event_shard(
-    log: _ProblemLog, root: Path, path: Path, agg: _Aggregates, listed_codes: set[str] | None, bar: tqdm
+    log: _ProblemLog, root: Path, path: Path, agg: _Aggregates, listed_codes: set[str] | None, bar: tqdm,
+    declared: Iterable[str] = (),
 ) -> None:
     file = _rel(root, path)
     handle = _open_parquet(log, root, path)
     if handle is None:
         agg.subjects_incomplete = True
         return
-    bad = _schema_problems(log, file, handle.schema_arrow, DataSchema)
+    schema = handle.schema_arrow
+    bad = _schema_problems(log, file, schema, DataSchema)
     if bad & set(_EVENT_COLUMNS):
         agg.subjects_incomplete = True
         bar.update(handle.metadata.num_rows)
         return  # row checks on a malformed column would only repeat the schema problem
-    columns = [c for c in _EVENT_COLUMNS if c in handle.schema_arrow.names]
-    state = _ShardState()
+    columns = [c for c in _EVENT_COLUMNS if c in schema.names]
+    state = _ShardState(unread_number_columns(schema, declared))
+    target = DataSchema.schema()
     offset = 0
     try:
-        for record_batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        for record_batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=columns + list(state.unread_values)):
             batch = pa.Table.from_batches([record_batch])
+            for col in state.unread_values:
+                state.unread_values[col] += batch.num_rows - batch.column(col).null_count
+            try:
+                batch = align_table(batch.select(columns), target)
+            except CastError as e:
+                log.add("bad_value", file, f"a value of {e.column} does not read as {e.want} "
+                        f"(rows {offset}..{offset + batch.num_rows - 1})", column=e.column, value=" ".join(e.detail.split()))
+                agg.subjects_incomplete = True
+                return
             _check_event_batch(log, file, batch, offset, state, agg, listed_codes)
             offset += batch.num_rows
             bar.update(batch.num_rows)
@@ -494,6 +571,13 @@ def _check_event_shard(
         log.add("unreadable", file, f"cannot read rows after row {offset}: {type(e).__name__}: {e}")
         agg.subjects_incomplete = True
         return
+    for col, n_values in state.unread_values.items():
+        if n_values:
+            kind = schema.field(col).type
+            log.add("unread_value_column", file,
+                    f"column {col!r} ({kind}) holds {n_values} non-null value(s) that are ignored: only numeric_value "
+                    "is read as a value (rename it numeric_value if these are the measurements, or declare it "
+                    f"in {DATASET_METADATA_FILEPATH})", column=col, severity="warning")
 
     if not state.run_subjects:
         agg.shard_subjects.append((file, np.zeros(0, np.int64)))
@@ -602,24 +686,27 @@ def _read_code_metadata(log: _ProblemLog, root: Path) -> set[str] | None:
     table = _read_small_table(log, root, path)
     if table is None:
         return None
-    if _schema_problems(log, file, table.schema, CodeMetadataSchema) & {"code"}:
+    bad = _schema_problems(log, file, table.schema, CodeMetadataSchema)
+    table = None if "code" in bad else _align_usable(log, file, table, CodeMetadataSchema, bad)
+    if table is None:
         return None
     _null_rows(log, file, table.select(["code"]), CodeMetadataSchema, 0)
     return set(table.column("code").drop_null().to_pylist())
 
 
-def _check_dataset_metadata(log: _ProblemLog, root: Path) -> None:
+def _check_dataset_metadata(log: _ProblemLog, root: Path) -> set[str]:
+    """Validate dataset.json; returns the extra data columns it declares (code modifiers, ...)."""
     path = root / DATASET_METADATA_FILEPATH
     file = _rel(root, path)
     if not path.is_file():
         log.add("missing_metadata", file, "dataset metadata file is missing", severity="warning",
                 strict_error=True)
-        return
+        return set()
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
     except Exception as e:
         log.add("bad_json", file, f"not valid JSON: {e}")
-        return
+        return set()
     try:
         DatasetMetadataSchema.validate(blob)
     except Exception as e:
@@ -628,6 +715,9 @@ def _check_dataset_metadata(log: _ProblemLog, root: Path) -> None:
         msg = getattr(e, "message", None) or str(e)
         log.add("bad_dataset_metadata", file, f"does not match MEDS DatasetMetadataSchema: {msg}",
                 column=field, value=_show(getattr(e, "instance", None)) if field else None)
+        return set()
+    declared = [blob.get(k) or [] for k in _DECLARED_COLUMN_KEYS] if isinstance(blob, dict) else []
+    return {c for cols in declared if isinstance(cols, list) for c in cols if isinstance(c, str)}
 
 
 def _check_splits(log: _ProblemLog, root: Path, subjects: np.ndarray, complete: bool) -> dict[str, int] | None:
@@ -639,7 +729,9 @@ def _check_splits(log: _ProblemLog, root: Path, subjects: np.ndarray, complete: 
     table = _read_small_table(log, root, path)
     if table is None:
         return {}
-    if _schema_problems(log, file, table.schema, SubjectSplitSchema) & {"subject_id", "split"}:
+    bad = _schema_problems(log, file, table.schema, SubjectSplitSchema)
+    table = None if bad & {"subject_id", "split"} else _align_usable(log, file, table, SubjectSplitSchema, bad)
+    if table is None:
         return {}
     nulls = _null_rows(log, file, table, SubjectSplitSchema, 0)
     if nulls:
@@ -658,6 +750,18 @@ def _check_splits(log: _ProblemLog, root: Path, subjects: np.ndarray, complete: 
                 column="subject_id", subject_id=s, value=str(s))
     names, sizes = np.unique(np.asarray(table.column("split").to_pylist(), dtype=object), return_counts=True)
     return {str(k): int(v) for k, v in zip(names, sizes)}
+
+
+def _check_own_labels(log: _ProblemLog, root: Path, task: str) -> None:
+    """The site's own labels of one task (SITE_ROOT/tasks/<task>/), by healthfm_core.data.site_labels."""
+    try:
+        issues = check_site_labels(root, task)
+    except Exception as e:  # a file site_labels cannot even compare with the data
+        log.add("bad_site_labels", f"tasks/{task}", f"cannot check the labels: {type(e).__name__}: {e}")
+        return
+    for issue in issues:
+        log.add("bad_site_labels", _rel(root, issue.file), issue.message, column=issue.column,
+                value=None if issue.value is None else str(issue.value))
 
 
 def _total_rows(paths: Iterable[Path]) -> int:
@@ -691,13 +795,13 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
 
     data_files = parquet_files(root, DATA_SUBDIRECTORY)
     wear_files = parquet_files(root, WEARABLES_SUBDIRECTORY)
-    _check_dataset_metadata(log, root)
+    declared = _check_dataset_metadata(log, root)
     listed_codes = _read_code_metadata(log, root)
 
     with tqdm(total=_total_rows(data_files + wear_files), unit="rows", desc=f"checking {root.name}",
               disable=not progress, leave=False) as bar:
         for path in data_files:
-            _check_event_shard(log, root, path, agg, listed_codes, bar)
+            _check_event_shard(log, root, path, agg, listed_codes, bar, declared)
         for path in wear_files:
             _check_wearables_file(log, root, path, agg, bar)
 
@@ -716,6 +820,10 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
                     severity="warning")
 
     splits = _check_splits(log, root, subjects, complete=not agg.subjects_incomplete)
+    own_tasks = site_tasks(root)
+    if not log.has_errors:  # labels are checked against the data: only once the data is sound
+        for task in own_tasks:
+            _check_own_labels(log, root, task)
     splits_from_file = splits is not None
     if splits is None:
         names, sizes = np.unique(np.asarray(hash_splits(subjects).column("split").to_pylist(), dtype=object),
@@ -744,6 +852,7 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
             splits=splits,
             splits_from_file=splits_from_file,
             n_wearable_epochs=agg.n_wear_epochs,
+            site_tasks=own_tasks,
         )
     problems = log.finish()
     ok = not any(p.severity == "error" for p in problems)

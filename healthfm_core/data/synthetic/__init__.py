@@ -23,7 +23,7 @@ The generative model (parameters in the scenario config, configs/scenario/<name>
 Output:
 
     OUT_DIR/manifest.json               FederationManifest (JSON)
-    OUT_DIR/sites/<site>/               a site root as DESIGN.md lays it out (data/, metadata/, wearables/)
+    OUT_DIR/sites/<site>/               a site root as docs/architecture.md lays it out (data/, metadata/, wearables/)
     OUT_DIR/truth/scenario.json         the resolved ScenarioConfig
     OUT_DIR/truth/<site>/subjects.parquet
         subject_id int64, birth_time timestamp[us], age_at_start float32, male, smoker,

@@ -1,4 +1,4 @@
-"""Write a synthetic federation: one DESIGN.md site root per site, ground truth beside them."""
+"""Write a synthetic federation: one docs/architecture.md site root per site, ground truth beside them."""
 
 from __future__ import annotations
 

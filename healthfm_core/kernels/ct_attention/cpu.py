@@ -1,6 +1,6 @@
 """Continuous-time attention on CPU in plain PyTorch, with its own backward.
 
-The math is the one of ``ct_attention_reference`` (DESIGN.md, "Continuous-time attention"):
+The math is the one of ``ct_attention_reference`` (docs/architecture.md, "Continuous-time attention"):
 
     s_ij = q_i . k_j / sqrt(D) + log K(dt_ij),   K(dt) = sum_m pi_m exp(-lambda_m dt)
 

@@ -32,7 +32,7 @@ AUTO = "auto"
 
 
 class CTAttentionFn(Protocol):
-    """The contract every path implements (DESIGN.md, "Continuous-time attention")."""
+    """The contract every path implements (docs/architecture.md, "Continuous-time attention")."""
 
     def __call__(
         self,

@@ -1,0 +1,186 @@
+"""Counting a site's task labels before a run: what `client.py check SITE --tasks ...` prints.
+
+For each task, an ACES config (healthfm_core.data.aces_tasks) or the site's own labels under
+SITE_ROOT/tasks/<task>/ (healthfm_core.data.site_labels), and each horizon: rows, subjects and
+positives per split. ACES tasks are asked at the prediction times the evaluation uses
+(`visit_prediction_times`: up to `n_per_subject` visits per subject, drawn with `seed`;
+healthfm_core.eval.runner and the site runtime use 4 and 0). A (task, horizon) that the runtime
+would withhold gets one warning saying why: a split (train, tuning, held_out) with fewer subjects
+than the federation's minimum, or a train or held_out split with a single class. Labels never
+leave the site: this is the site admin's view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, computed_field
+
+from healthfm_core.data.aces_tasks import aces_labels, load_task
+from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
+from healthfm_core.data.site import Site
+from healthfm_core.data.site_check import SiteProblem
+from healthfm_core.data.site_labels import (
+    TASKS_SUBDIR,
+    SiteLabelError,
+    read_site_labels,
+)
+from healthfm_core.data.tasks import visit_prediction_times
+
+DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
+TASK_SUFFIXES = (".yaml", ".yml")
+
+
+class SplitCounts(BaseModel):
+    rows: int
+    subjects: int
+    positives: int | None  # None: not a boolean task
+
+
+class TaskCounts(BaseModel):
+    task: str
+    source: Literal["aces", "site"]
+    file: str  # the ACES config, or the site's labels folder relative to the site root
+    horizon_days: int | None  # None: the site's own labels (their horizon is theirs)
+    splits: dict[str, SplitCounts]  # train, tuning, held_out, then any other split name
+
+
+class TasksReport(BaseModel):
+    min_subjects: int
+    n_per_subject: int
+    seed: int
+    tasks: list[TaskCounts]
+    problems: list[SiteProblem]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ok(self) -> bool:
+        return not any(p.severity == "error" for p in self.problems)
+
+
+def task_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Task config files: each path a config, or a directory whose *.yaml / *.yml are taken."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in TASK_SUFFIXES and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"--tasks {raw}: no *.yaml task configs in this directory")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"--tasks {raw}: no such file or directory")
+    return list(dict.fromkeys(out))
+
+
+def _split_counts(table: pa.Table, split_of: dict[int, str]) -> dict[str, SplitCounts]:
+    sid = np.asarray(table.column("subject_id").to_numpy(), dtype=np.int64)
+    split = np.asarray([split_of.get(int(s), "") for s in sid], dtype=object)
+    positive = None
+    if "boolean_value" in table.column_names:
+        positive = np.asarray(table.column("boolean_value").to_numpy(zero_copy_only=False), dtype=bool)
+    names = list(SPLITS) + sorted({str(s) for s in split_of.values()} - set(SPLITS))
+    out = {}
+    for name in names:
+        sel = split == name
+        out[name] = SplitCounts(rows=int(sel.sum()), subjects=int(np.unique(sid[sel]).size),
+                                positives=None if positive is None else int(positive[sel].sum()))
+    return out
+
+
+def _why_withheld(counts: TaskCounts, min_subjects: int) -> str | None:
+    """Why the runtime would withhold this (task, horizon)'s metrics, or None."""
+    reasons = []
+    small = [f"{s} {counts.splits[s].subjects}" for s in SPLITS if counts.splits[s].subjects < min_subjects]
+    if small:
+        reasons.append(f"subjects per split below the minimum {min_subjects}: {', '.join(small)}")
+    for s in (TRAIN_SPLIT, HELD_OUT_SPLIT):
+        c = counts.splits[s]
+        if c.positives is not None and c.rows and c.positives in (0, c.rows):
+            reasons.append(f"{s} has a single class ({c.positives} positive of {c.rows} rows)")
+    return "; ".join(reasons) or None
+
+
+def _label(counts: TaskCounts) -> str:
+    return counts.task if counts.horizon_days is None else f"{counts.task} {counts.horizon_days}d"
+
+
+def count_tasks(
+    site: Site,
+    files: Sequence[Path],
+    min_subjects: int = DEFAULT_MIN_SUBJECTS,
+    n_per_subject: int = 4,
+    seed: int = 0,
+    site_tasks: Sequence[str] | None = None,
+) -> TasksReport:
+    """Rows, subjects and positives per split of each task and horizon at a site (see the module
+    docstring). `site_tasks`: the site's own tasks to count (default: all under SITE_ROOT/tasks/)."""
+    splits = site.subject_splits()
+    split_of = dict(zip(splits.column("subject_id").to_pylist(), splits.column("split").to_pylist()))
+    problems: list[SiteProblem] = []
+    counted: list[TaskCounts] = []
+    times: pa.Table | None = None
+    for path in files:
+        try:
+            task = load_task(path)
+        except (OSError, ValueError) as e:
+            problems.append(SiteProblem(severity="error", file=str(path), kind="bad_task",
+                                        message=" ".join(str(e).split())))
+            continue
+        if times is None:  # the evaluation's prediction times, drawn once for every task
+            events = site.read_events(columns=["subject_id", "time", "code"])
+            times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+        try:
+            labels = aces_labels(task, site.root, prediction_times=times)
+        except Exception as e:  # ACES on data it cannot query: one line, the task's file named
+            problems.append(SiteProblem(severity="error", file=str(path), kind="bad_task",
+                                        message=f"ACES could not extract labels: {type(e).__name__}: "
+                                                f"{' '.join(str(e).split())}"))
+            continue
+        for horizon, table in sorted(labels.items()):
+            counted.append(TaskCounts(task=task.name, source="aces", file=str(path), horizon_days=horizon,
+                                      splits=_split_counts(table, split_of)))
+    for name in site.summary.site_tasks if site_tasks is None else site_tasks:
+        folder = f"{TASKS_SUBDIR}/{name}"
+        try:
+            table = read_site_labels(site.root, name)
+        except SiteLabelError as e:  # the check reports each issue; here the task is only skipped
+            problems.append(SiteProblem(severity="error", file=folder, kind="bad_site_labels",
+                                        message=f"labels not counted: {len(e.issues)} problem(s), e.g. {e.issues[0]}"))
+            continue
+        counted.append(TaskCounts(task=name, source="site", file=folder, horizon_days=None,
+                                  splits=_split_counts(table, split_of)))
+    for counts in counted:
+        why = _why_withheld(counts, min_subjects)
+        if why is not None:
+            problems.append(SiteProblem(severity="warning", file=counts.file, kind="task_withheld",
+                                        message=f"{_label(counts)}: no metric would leave the site: {why}"))
+    return TasksReport(min_subjects=min_subjects, n_per_subject=n_per_subject, seed=seed, tasks=counted,
+                       problems=problems)
+
+
+def format_tasks(report: TasksReport) -> str:
+    """A table: one line per task and horizon, rows / subjects / positives per split."""
+    head = (f"tasks           rows / subjects / positives per split; prediction times as the evaluation's "
+            f"(up to {report.n_per_subject} visits per subject, seed {report.seed}); minimum {report.min_subjects} "
+            "subjects per split")
+    if not report.tasks:
+        return head + "\n  (no task counted)"
+    names = [f"{_label(c)}{' (site labels)' if c.source == 'site' else ''}" for c in report.tasks]
+    width = max(len(n) for n in names + ["task"])
+    cells = [[" / ".join(str(v) if v is not None else "-" for v in (s.rows, s.subjects, s.positives))
+              for s in (c.splits[k] for k in SPLITS)] for c in report.tasks]
+    cw = [max(len(row[i]) for row in cells + [list(SPLITS)]) for i in range(len(SPLITS))]
+    lines = [head, "  " + "task".ljust(width) + "  " + "  ".join(s.ljust(w) for s, w in zip(SPLITS, cw)).rstrip()]
+    for name, row in zip(names, cells):
+        lines.append("  " + name.ljust(width) + "  " + "  ".join(v.ljust(w) for v, w in zip(row, cw)).rstrip())
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_MIN_SUBJECTS", "SplitCounts", "TaskCounts", "TasksReport", "count_tasks", "format_tasks", "task_files"]
