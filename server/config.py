@@ -118,7 +118,10 @@ class FederationConfig(BaseModel):
     @field_validator("eval_tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        resolve_tasks(tasks)  # every entry names a task file (or site:<name>); its ACES text is checked
+        try:  # every entry names a task file (or site:<name>); its ACES text is checked
+            resolve_tasks(tasks)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
         return tasks
 
     def eval_task_specs(self) -> list[TaskSpec]:

@@ -200,3 +200,42 @@ def test_unknown_plus_override_is_an_error() -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "reads no key 'site_rootz'" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_own_sites_everywhere_run_pretrain_report(tmp_path: Path) -> None:
+    """Done means (issue 11), full: three EHR-only hospital sites of 300 subjects, every ACES task;
+    simulations.run, .pretrain and .report on `site_roots` with `tasks=`: a metric or a reason for
+    every (site, task), no oracle (no ground truth), the user's paths used as given."""
+    manifest = generate_federation(tmp_path / "data", "hospital", seed=0, n_subjects=300, progress=False)
+    roots = "[" + ",".join(str(s.root) for s in manifest.sites) + "]"
+    tasks = "tasks=[" + ",".join(str(p) for p in sorted(TASK_DIR.glob("*.yaml"))) + "]"
+    common = [f"site_roots={roots}", tasks, "model=tiny", "federation.rounds=2", "federation.local_steps=5",
+              "federation.vocab_min_subjects=5", "federation.site.min_code_subjects=5",
+              "federation.site.min_report_subjects=5", "federation.eval_n_boot=10"]
+
+    def job(module: str, *args: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, capture_output=True,
+                              text=True, timeout=3600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    job("simulations.run", *common, f"hydra.run.dir={tmp_path / 'run'}")
+    keys, replies, asked = replies_from_event(json.loads((tmp_path / "run" / "evaluation.json").read_text()))
+    assert len(keys) == 16 and sorted(asked) == sorted(replies) == sorted(s.name for s in manifest.sites)
+    assert all(set(r.tasks) | set(r.reasons) == set(keys) for r in replies.values())
+    assert any(r.tasks for r in replies.values())
+
+    job("simulations.report", *common, f"out_dir={tmp_path / 'report'}", "eval.n_boot=10", "progress=false")
+    report = (tmp_path / "report" / "report.md").read_text()
+    table = report.split("## Federated evaluation inside the run: per site and task")[1]
+    assert sum(line.startswith("| ") and "|---" not in line for line in table.split("## Plots")[0].splitlines()) == 1 + 3 * 16
+    assert "oracle" not in json.loads((tmp_path / "report" / "comparison.json").read_text())["rows"][manifest.sites[0].name]
+
+    job("simulations.pretrain", f"site_roots={roots}", tasks, "model=tiny", "train.steps=10", "train.batch_size=8",
+        "data.min_subjects=5", "eval.n_boot=10", "eval.label_efficiency.fractions=[]", "progress=false", "threads=1",
+        f"out_dir={tmp_path / 'pretrain'}")
+    results = json.loads((tmp_path / "pretrain" / "results.json").read_text())["methods"]
+    assert "oracle" not in results
+    for method, res in results.items():  # pooled probes: every task key has a row or a reason
+        got = {f"{r['task']}_{r['horizon']}d" for r in res["rows"]} | set(res["skipped"])
+        assert got == set(keys), method
