@@ -231,7 +231,7 @@ def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: P
     if "connection refused" in low or "giving up reconnection" in low or "could not establish a connection" in low:
         return JoinError(f"lost the SuperLink at {cfg.superlink} (connection refused or retries exhausted)")
     if "address already in use" in low:
-        return JoinError(f"the SuperNode's local port is in use; pass --runtime-port with a free port", EXIT_USAGE)
+        return JoinError("the SuperNode's local port is in use; pass --runtime-port with a free port", EXIT_USAGE)
     if "unable to parse the private key" in low:
         return JoinError(f"--auth-key {cfg.auth_key}: Flower cannot parse it", EXIT_USAGE)
     last = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() and ln.strip()), "")

@@ -18,7 +18,9 @@ from a reply.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -27,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,9 +36,8 @@ from client.policy import SitePolicy, load_policy
 from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site, open_site
-from healthfm_core.data.tasks import TASKS, WearableTask, task_labels
-from healthfm_core.data.tokens import LabelledDataset, PretrainingDataset, SiteSequences, collate, make_loader
-from healthfm_core.eval.probes import Features, compute_embeddings, evaluate_features
+from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate, make_loader
+from healthfm_core.eval.site_eval import evaluate_site_tasks, task_labels_at_site
 from healthfm_core.federation import (
     MODALITY_GROUP,
     TRAIN_LOSSES,
@@ -47,7 +47,7 @@ from healthfm_core.federation import (
     PrivacySpend,
     RoundConfig,
     SiteCapabilities,
-    TaskMetrics,
+    TaskReason,
     TrainReply,
     groups_for_modalities,
     site_seed,
@@ -74,6 +74,7 @@ class SiteConfig(BaseModel):
     device: str = "cpu"
     policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
     state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP
+    eval_dir: Path | None = None  # the site's predictions (meds-evaluation format); default state_dir/evaluation
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -128,7 +129,8 @@ class SiteRuntime:
         self.ledger: PrivacyLedger | None = PrivacyLedger(config.state_dir) if config.state_dir is not None else None
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
-        self._labels: dict[tuple[str, ...], dict[str, pa.Table]] = {}
+        self._labels: dict[tuple[str, int, int], dict[str, pa.Table | TaskReason]] = {}
+        self._eval_dir: Path | None = None
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
 
@@ -330,73 +332,44 @@ class SiteRuntime:
 
     # ------------------------------------------------------------------ evaluation
 
-    def labels(self, tasks: tuple[str, ...], seed: int) -> dict[str, pa.Table]:
-        key = (*tasks, str(seed))
+    def labels(self, cfg: EvalConfig) -> dict[str, pa.Table | TaskReason]:
+        """Each asked task key's labels, extracted here (they never leave the site), or the reason
+        there are none; kept while the same tasks are asked."""
+        key = (json.dumps([t.model_dump() for t in cfg.tasks], sort_keys=True), cfg.seed, cfg.n_per_subject)
         if key not in self._labels:
-            unknown = [t for t in tasks if t not in TASKS]
-            if unknown:
-                raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-            wanted = [t for t in tasks if not (isinstance(TASKS[t], WearableTask) and "wearables" not in self.groups)]
-            self._labels = {key: task_labels(self.site, wanted, seed=seed) if wanted else {}}
+            self._labels = {key: task_labels_at_site(self.site, cfg.tasks, n_per_subject=cfg.n_per_subject,
+                                                     seed=cfg.seed)}
         return self._labels[key]
 
+    def eval_dir(self) -> Path:
+        """Where this site writes its predictions (meds-evaluation format): `eval-dir`, else
+        state-dir/evaluation, else a temporary directory of this process (logged)."""
+        if self._eval_dir is None:
+            if self.config.eval_dir is not None:
+                self._eval_dir = Path(self.config.eval_dir)
+            elif self.config.state_dir is not None:
+                self._eval_dir = Path(self.config.state_dir) / "evaluation"
+            else:
+                self._eval_dir = Path(tempfile.mkdtemp(prefix=f"healthfm-eval-{self.name}-"))
+                log.warning("site %s: no eval-dir or state-dir: predictions go to %s (set eval-dir to keep them)",
+                            self.name, self._eval_dir)
+        return self._eval_dir
+
     def evaluate(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: EvalConfig) -> EvalReply:
-        """Frozen probes on the site's own splits (fit on train, C or alpha from tuning, scored on
-        held_out). Metrics of a task whose split has fewer subjects than the site's minimum, or a
-        single class, are withheld (counted in `withheld`)."""
+        """The server's tasks on the site's own splits (healthfm_core.eval.site_eval): labels here,
+        a frozen probe fitted on train (C from tuning), held_out predictions written in the
+        meds-evaluation format under eval_dir() and scored by meds-evaluation. A task key whose
+        split has fewer subjects than the site's minimum, a single class, or no labels here gets
+        only its reason (counted in `withheld`)."""
         t0 = time.perf_counter()
         model = self.model(setup, arrays)
-        labels = self.labels(tuple(cfg.tasks), cfg.seed)
-        if not labels:
-            return EvalReply(eval_seconds=time.perf_counter() - t0)
-        # Every task's samples embedded once: tasks share most (subject, prediction_time) pairs.
-        union = pa.concat_tables([t.select(["subject_id", "prediction_time"]) for t in labels.values()])
-        union = union.group_by(["subject_id", "prediction_time"]).aggregate([])
-        union = union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
-        keys = {k: i for i, k in enumerate(_pair_keys(union))}
-        probe_rows = union.append_column("boolean_value", pa.array(np.zeros(union.num_rows, dtype=bool)))
-        loader = make_loader(
-            LabelledDataset(self.sequences(setup), probe_rows, max_events=cfg.max_events, max_patches=cfg.max_patches),
-            batch_size=cfg.batch_size, shuffle=False,
+        result = evaluate_site_tasks(
+            self.name, self.site, self.sequences(setup), model, cfg.tasks, self._split_lookup(),
+            self.min_report_subjects, self.eval_dir(), batch_size=cfg.batch_size, max_events=cfg.max_events,
+            max_patches=cfg.max_patches, n_per_subject=cfg.n_per_subject, seed=cfg.seed, labels=self.labels(cfg),
         )
-        emb = compute_embeddings(model, loader)
-        split_of = self._split_lookup()
-        metrics: dict[str, TaskMetrics] = {}
-        withheld = 0
-        for task, table in labels.items():
-            idx = np.array([keys[k] for k in _pair_keys(table)], dtype=np.int64)
-            split = split_of(table["subject_id"].to_numpy())
-            value_col = "float_value" if "float_value" in table.column_names else "boolean_value"
-            y = table[value_col].to_numpy(zero_copy_only=False).astype(np.float64)
-            subj = table["subject_id"].to_numpy()
-            parts: dict[str, Features] = {}
-            reason = None
-            for s in SPLITS:
-                sel = split == s
-                n_subj = len(np.unique(subj[sel]))
-                if n_subj < self.min_report_subjects:
-                    reason = f"{s} split has {n_subj} subjects < minimum {self.min_report_subjects}"
-                    break
-                ys = y[sel]
-                if value_col == "boolean_value" and s != "tuning" and (ys.all() or not ys.any()):
-                    reason = f"{s} split has a single class"
-                    break
-                parts[s] = Features(subj[sel], emb.prediction_time[idx[sel]], emb.x[idx[sel]], ys)
-            if reason is not None:
-                withheld += 1
-                log.info("site %s: %s withheld (%s)", self.name, task, reason)
-                continue
-            spec = TASKS[task]
-            horizon = int(spec.horizon_days) if hasattr(spec, "horizon_days") else None
-            row, _ = evaluate_features("federated", task, horizon, parts, regression=isinstance(spec, WearableTask),
-                                       n_boot=cfg.n_boot, seed=cfg.seed)
-            if isinstance(spec, WearableTask):
-                metrics[task] = TaskMetrics(n=int(row.n), r2=float(row.r2))
-            else:
-                metrics[task] = TaskMetrics(n=int(row.n), auroc=float(row.auroc), auprc=float(row.auprc),
-                                            ece=float(row.ece))
-        return EvalReply(tasks=metrics, num_examples=int(len(emb)), withheld=withheld,
-                         eval_seconds=time.perf_counter() - t0)
+        return EvalReply(tasks=result.metrics, reasons=result.reasons, num_examples=result.num_examples,
+                         withheld=len(result.reasons), eval_seconds=time.perf_counter() - t0)
 
     def _split_lookup(self):
         ids = self.split_ids()
@@ -415,12 +388,6 @@ class SiteRuntime:
 
 def _modality_of(group: str) -> str:
     return {g: m for m, g in MODALITY_GROUP.items()}.get(group, group)
-
-
-def _pair_keys(table: pa.Table) -> list[tuple[int, int]]:
-    """(subject_id, prediction_time in microseconds) per row."""
-    pt = pc.cast(table["prediction_time"], pa.int64()).to_numpy()
-    return list(zip(table["subject_id"].to_numpy().tolist(), pt.tolist()))
 
 
 # One runtime per site root and process: a simulation's worker process serves several sites,

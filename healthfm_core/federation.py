@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
 
 import numpy as np
@@ -44,8 +45,8 @@ from pydantic import (
     model_validator,
 )
 
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.tasks import TASKS
+from healthfm_core.data.layout import MODALITIES, SPLITS
+from healthfm_core.data.task_spec import TaskSpec, resolve_tasks, task_keys
 from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
@@ -247,23 +248,61 @@ class RoundConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """The evaluate message's config: which tasks, how to build samples, the probe's bootstrap."""
+    """The evaluate message's config: which tasks (their definitions: `TaskSpec`, the ACES text
+    itself, so a site needs none of the server's files), how to build samples, the probe's
+    bootstrap. Built in Python, `tasks` may also hold names (resolved by
+    healthfm_core.data.task_spec.resolve_tasks, here); from a peer (`from_flat`) only definitions."""
 
     round: int = Field(ge=0)
-    tasks: list[str]
+    tasks: list[TaskSpec] = Field(max_length=64)
     setup_sha256: str
     batch_size: int = Field(default=64, gt=0)
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
     n_boot: int = Field(default=100, ge=10)
+    n_per_subject: int = Field(default=4, ge=1, le=64)  # visit prediction times per subject (ACES tasks)
     seed: int = 0
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, list) and any(isinstance(t, str) for t in v):
+            if (info.context or {}).get("peer"):
+                raise ValueError("a task must be a definition (name, kind, aces_yaml, horizons_days), not a name")
+            specs = [t for t in v if not isinstance(t, str)]
+            return specs + resolve_tasks([t for t in v if isinstance(t, str)])
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, v: list[TaskSpec]) -> list[TaskSpec]:
+        keys = task_keys(v)
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"repeated task key among {keys}")
+        return v
+
     def to_flat(self) -> dict[str, Any]:
-        return _flat(self)
+        out = _flat(self, exclude={"tasks"})
+        out["tasks"] = json.dumps([t.model_dump() for t in self.tasks])  # a ConfigRecord holds strings, not objects
+        return out
 
     @classmethod
     def from_flat(cls, record: Mapping[str, Any]) -> EvalConfig:
-        return cls.model_validate(_unflat(record, list(cls.model_fields)))
+        data = _unflat(record, list(cls.model_fields))
+        tasks = data.get("tasks")
+        if not isinstance(tasks, str):
+            raise ValueError(f"evaluate config: field tasks: value {str(tasks)[:80]!r}: expected a JSON list of tasks")
+        try:
+            data["tasks"] = json.loads(tasks)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"evaluate config: field tasks: not JSON: {err}") from None
+        try:
+            return cls.model_validate(data, context={"peer": True})
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            raise ValueError(f"evaluate config: field {loc}: value {repr(first.get('input'))[:80]}: "
+                             f"{first.get('msg')}") from None
 
 
 # ------------------------------------------------------------------------------------- replies
@@ -522,22 +561,80 @@ class TaskMetrics(_Reply):
         return self
 
 
+# Why a (site, task) has no number: a few fixed kinds (no free text from a site's data).
+REASON_KINDS = (
+    "no_labels",         # the site has no labels for the task (no SITE_ROOT/tasks/<name>/, no wearables)
+    "no_rows",           # labels extracted, none at the evaluation's prediction times
+    "too_few_subjects",  # a split has fewer subjects than the site's minimum
+    "one_class",         # the train or held_out split has a single class
+    "invalid_task",      # the task definition did not parse at the site
+    "invalid_labels",    # the site's own label files fail their checks
+)
+SPLIT_COUNTS = ("rows", "subjects", "positives")
+_WITHHELD = "withheld"
+_MINIMUM = "minimum"
+TASK_KEY = r"^[A-Za-z][A-Za-z0-9_\-]{0,79}$"
+
+
+class SplitCount(_Reply):
+    rows: int = Field(ge=0)
+    subjects: int = Field(ge=0)
+    positives: int = Field(default=0, ge=0)
+
+
+class TaskReason(_Reply):
+    """Why a task has no metric at a site: the kind, the site's minimum subjects per split, and
+    the rows, subjects and positives of each split (those the site computed)."""
+
+    kind: Literal[REASON_KINDS]  # type: ignore[valid-type]
+    minimum: int = Field(default=0, ge=0)
+    splits: dict[str, SplitCount] = Field(default_factory=dict)
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, v: dict[str, SplitCount]) -> dict[str, SplitCount]:
+        if unknown := sorted(set(v) - set(SPLITS)):
+            raise ValueError(f"unknown split {unknown[0]!r} (known: {', '.join(SPLITS)})")
+        return v
+
+    def describe(self) -> str:
+        """One line for a report: the kind and, per split, what fell short."""
+        what = {"no_labels": "no labels at this site", "no_rows": "no rows",
+                "too_few_subjects": "too few subjects", "one_class": "a single class",
+                "invalid_task": "the task definition did not parse at the site",
+                "invalid_labels": "the site's label files failed their checks"}[self.kind]
+        if not self.splits:
+            return what
+        parts = [f"{s} {c.rows} rows / {c.subjects} subjects / {c.positives} positives" for s, c in self.splits.items()]
+        minimum = f" (minimum {self.minimum} subjects per split)" if self.minimum else ""
+        return f"{what}{minimum}: " + ", ".join(parts)
+
+
 class EvalReply(_Reply):
-    """A site's answer to an evaluate message: held-out metrics per task; tasks on too few
-    subjects (or a single class) are only counted in `withheld`."""
+    """A site's answer to an evaluate message: held-out metrics per task key, and for every task
+    key without one the reason (`reasons`); `withheld` counts those."""
 
     tasks: dict[str, TaskMetrics] = Field(default_factory=dict)
+    reasons: dict[str, TaskReason] = Field(default_factory=dict)
     num_examples: int = Field(default=0, ge=0)  # samples embedded
     withheld: int = Field(default=0, ge=0)
     eval_seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
-    @field_validator("tasks")
+    @field_validator("tasks", "reasons")
     @classmethod
-    def _known_tasks(cls, v: dict[str, TaskMetrics]) -> dict[str, TaskMetrics]:
-        unknown = sorted(set(v) - set(TASKS))
-        if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}")
+    def _task_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(v) > 1024:
+            raise ValueError(f"{len(v)} tasks: at most 1024")
+        bad = sorted(k for k in v if not re.match(TASK_KEY, k))
+        if bad:
+            raise ValueError(f"task key {bad[0]!r} is not a task name")
         return v
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> EvalReply:
+        if both := sorted(set(self.tasks) & set(self.reasons)):
+            raise ValueError(f"task {both[0]!r} has both metrics and a reason")
+        return self
 
     def to_records(self) -> dict[str, int | float]:
         """The MetricRecord METRICS_RECORD of the reply (also the per-site form in rounds.jsonl)."""
@@ -545,27 +642,52 @@ class EvalReply(_Reply):
         for task, m in self.tasks.items():
             out.update({f"{task}.{name}": v for name in EVAL_METRICS if (v := getattr(m, name)) is not None})
             out[f"{task}.{_TASK_N}"] = m.n
+        for task, r in self.reasons.items():
+            out[f"{task}.{_WITHHELD}.{r.kind}"] = 1
+            out[f"{task}.{_MINIMUM}"] = r.minimum
+            for split, c in r.splits.items():
+                out.update({f"{task}.{split}.{name}": getattr(c, name) for name in SPLIT_COUNTS})
         out.update({key: getattr(self, name) for key, name in _EVAL_SCALARS.items()})
         out[_EVAL_TASK_COUNT] = len(self.tasks)
         return out
 
     @classmethod
-    def from_records(cls, metrics: Mapping[str, Any]) -> EvalReply:
-        """Parse a peer's metrics; raise ValueError naming the field and value that does not parse."""
+    def from_records(cls, metrics: Mapping[str, Any], expected: Collection[str] | None = None) -> EvalReply:
+        """Parse a peer's metrics; raise ValueError naming the field and value that does not parse,
+        or a task key outside `expected` (the keys asked), when given."""
         data: dict[str, Any] = {}
         tasks: dict[str, dict[str, Any]] = {}
+        reasons: dict[str, dict[str, Any]] = {}
         count = None
         for key, value in metrics.items():
-            task, _, name = key.rpartition(".")
+            task, _, rest = key.partition(".")  # task keys hold no dot
+            parts = rest.split(".")
             if key in _EVAL_SCALARS:
                 data[_EVAL_SCALARS[key]] = value
             elif key == _EVAL_TASK_COUNT:
                 count = value
-            elif task and (name in EVAL_METRICS or name == _TASK_N):
-                tasks.setdefault(task, {})[name] = value
+            elif task and len(parts) == 1 and (rest in EVAL_METRICS or rest == _TASK_N):
+                tasks.setdefault(task, {})[rest] = value
+            elif task and len(parts) == 2 and parts[0] == _WITHHELD:
+                if value != 1:
+                    raise ValueError(f"evaluate reply: field {key}: value {value!r}: expected 1")
+                if "kind" in reasons.get(task, {}):
+                    raise ValueError(f"evaluate reply: field {key}: task {task!r} has a second reason")
+                reasons.setdefault(task, {})["kind"] = parts[1]
+            elif task and rest == _MINIMUM:
+                reasons.setdefault(task, {})["minimum"] = value
+            elif task and len(parts) == 2 and parts[1] in SPLIT_COUNTS:
+                reasons.setdefault(task, {}).setdefault("splits", {}).setdefault(parts[0], {})[parts[1]] = value
             else:
                 raise ValueError(f"evaluate reply: unknown metric {key!r} (value {value!r})")
+        for task, r in reasons.items():
+            if "kind" not in r:
+                raise ValueError(f"evaluate reply: field {task}.{_WITHHELD}.*: missing (the reply holds counts "
+                                 f"for {task!r} but no reason)")
+        if expected is not None and (unknown := sorted((set(tasks) | set(reasons)) - set(expected))):
+            raise ValueError(f"evaluate reply: unknown task {unknown[0]!r} (asked: {', '.join(expected)})")
         data["tasks"] = tasks
+        data["reasons"] = reasons
         reply = _validate(cls, data, wire=_eval_wire_name)
         if count is not None and count != len(reply.tasks):
             raise ValueError(f"evaluate reply: field {_EVAL_TASK_COUNT}: value {count!r}: the reply holds "
@@ -576,6 +698,11 @@ class EvalReply(_Reply):
 def _eval_wire_name(loc: tuple[Any, ...]) -> str:
     if len(loc) >= 3 and loc[0] == "tasks":
         return f"{loc[1]}.{loc[2]}"
+    if len(loc) >= 2 and loc[0] == "reasons":
+        rest = [str(x) for x in loc[2:] if x != "splits"]
+        if rest[:1] == ["kind"]:
+            return f"{loc[1]}.{_WITHHELD}.*"
+        return ".".join([str(loc[1]), *rest]) if rest else f"{loc[1]}.*"
     if len(loc) == 2 and loc[0] == "tasks":
         return f"{loc[1]}.*"
     head = str(loc[0]) if loc else ""
@@ -637,6 +764,9 @@ __all__ = [
     "TRAIN_LOSSES",
     "EvalConfig",
     "EvalReply",
+    "REASON_KINDS",
+    "SplitCount",
+    "TaskReason",
     "FederationSetup",
     "PrivacySpend",
     "RoundConfig",

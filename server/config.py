@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from healthfm_core.data.tasks import TASKS
+from healthfm_core.data.task_spec import TaskSpec, resolve_tasks
 from healthfm_core.model.config import ModelConfig, load_model_config
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
@@ -103,6 +103,8 @@ class FederationConfig(BaseModel):
     server_optimizer: ServerOptimizerConfig | None = None
     vocab_min_subjects: int = Field(default=10, ge=1)
     evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round
+    # Task files (configs/tasks/<name>.yaml by name, or a path), `site:<name>` for labels the sites
+    # supply, or the old synthetic names (onset_t2d_365d: t2d.yaml at 365 days; wearable_*).
     eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     eval_n_boot: int = Field(default=100, ge=10)
     timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
@@ -116,10 +118,15 @@ class FederationConfig(BaseModel):
     @field_validator("eval_tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+        try:  # every entry names a task file (or site:<name>); its ACES text is checked
+            resolve_tasks(tasks)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
         return tasks
+
+    def eval_task_specs(self) -> list[TaskSpec]:
+        """The evaluation's tasks as the sites receive them (definitions, not names)."""
+        return resolve_tasks(self.eval_tasks)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from healthfm_core.eval.outcomes import outcome_table, replies_from_event
 from healthfm_core.files import atomic_write_text
 from server.config import PrivacyRequest
 
@@ -121,6 +122,13 @@ def write_summary(out_dir: str | Path) -> Path:
             if metric in ("auroc", "r2"):
                 n_sites = sum(key in m for m in ev["sites"].values())
                 lines.append(f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | {n_sites} |")
+        try:
+            keys, per_site, asked = replies_from_event(ev)
+        except ValueError as err:  # a log written by another version: the table above still stands
+            log.warning("summary: the per-site evaluation of round %s does not parse: %s", ev["round"], err)
+        else:
+            lines += ["", "## Per site and task: a metric or the reason there is none", "",
+                      outcome_table(keys, per_site, asked)]
     path = out_dir / "summary.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -53,7 +53,9 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from healthfm_core.data.code_stats import SiteCodeStats
+from healthfm_core.data.task_spec import task_keys
 from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.eval.outcomes import outcome_lines
 from healthfm_core.federation import (
     CAPABILITIES,
     CODE_STATS,
@@ -423,7 +425,7 @@ class FederationServer:
     def evaluate(self, rnd: int, setup: FederationSetup, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        eval_cfg = EvalConfig(round=rnd, tasks=cfg.eval_tasks, setup_sha256=setup.sha256, batch_size=max(cfg.batch_size, 32),
+        eval_cfg = EvalConfig(round=rnd, tasks=cfg.eval_task_specs(), setup_sha256=setup.sha256, batch_size=max(cfg.batch_size, 32),
                               max_events=cfg.max_events, max_patches=cfg.max_patches, n_boot=cfg.eval_n_boot, seed=cfg.seed)
         record = _to_record(arrays)
         contents = {
@@ -438,16 +440,19 @@ class FederationServer:
                 metrics = reply.content.metric_records.get(METRICS_RECORD)
                 if metrics is None:
                     raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
-                per_site[self._site(node)] = EvalReply.from_records(dict(metrics))
+                per_site[self._site(node)] = EvalReply.from_records(dict(metrics), expected=task_keys(eval_cfg.tasks))
             except ValueError as err:
                 log.warning("evaluate: the reply of site %s is left out: %s", self._site(node), err)
         aggregated = aggregate_site_metrics(per_site)
         seconds = time.perf_counter() - t0
         flat = {site: reply.to_records() for site, reply in per_site.items()}
-        self.events.write("evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds)
+        asked = {"tasks": task_keys(eval_cfg.tasks), "asked_sites": sorted(self._site(n) for n in self.node_groups)}
+        self.events.write("evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds, **asked)
         atomic_write_text(self.out_dir / "evaluation.json",
-                           json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated}, indent=1))
+                           json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated, **asked}, indent=1))
         log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
+        for line in outcome_lines(task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)]):
+            log.info("  %s", line)
         for key, value in aggregated.items():
             if key.endswith(".auroc") or key.endswith(".r2"):
                 task = key.rsplit(".", 1)[0]

@@ -14,8 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from healthfm_core.data.aces_tasks import TASK_DIR
 from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.synthetic import ScenarioConfig, synthetic_sites
+from healthfm_core.data.task_spec import resolve_tasks, runner_tasks
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
@@ -53,7 +55,7 @@ def open_sites(
     MEDS roots) win: no ground truth then. Otherwise the synthetic federation in data_dir,
     generated once and reused while scenario, seed and size match."""
     if site_roots:
-        return {Path(r).resolve().name: open_site(r) for r in site_roots}, None, None
+        return {Path(r).resolve().name: open_site(r) for r in site_root_list(site_roots)}, None, None
     if isinstance(scenario, DictConfig):
         scenario = OmegaConf.to_container(scenario, resolve=True)  # type: ignore[assignment]
     manifest = synthetic_sites(data_dir, scenario, int(seed), n_subjects)
@@ -77,12 +79,50 @@ def clear_previous_runs(out: Path, runs: Sequence[str], markers: Sequence[str], 
     out.mkdir(parents=True, exist_ok=True)
 
 
+def site_root_list(site_roots: Sequence[str | Path] | str) -> list[Path]:
+    """The user's site roots as given (never replaced): each must be a directory, and their
+    names (the sites' names) distinct."""
+    roots = [Path(str(r)) for r in ([site_roots] if isinstance(site_roots, (str, Path)) else site_roots)]
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"site_roots: {root} is not a directory")
+    names = [r.resolve().name for r in roots]
+    if len(set(names)) != len(names):
+        raise ValueError(f"site_roots: two roots share a directory name (the site's name): {names}")
+    return roots
+
+
+def task_entries(cfg: DictConfig) -> list[str] | None:
+    """`tasks=` of a job (its `task_list`): task files or names (configs/tasks/<name>.yaml),
+    `site:<name>`; None: unset."""
+    tasks = cfg.get("task_list")
+    if tasks is None:
+        return None
+    return [str(tasks)] if isinstance(tasks, str) else [str(t) for t in tasks]
+
+
+def job_tasks(cfg: DictConfig, legacy: Sequence[str]) -> dict[str, Task]:
+    """The tasks a job's own evaluation probes, by key: `tasks=` resolved (ACES, one per horizon);
+    unset, the ACES configs of configs/tasks/ on your own sites, and the built-in synthetic
+    tasks `legacy` on synthetic sites. Site-labelled tasks are evaluated only by the sites in
+    the federation's evaluation (their labels never leave a site)."""
+    entries = task_entries(cfg)
+    if entries is None and not cfg.get("site_roots"):
+        return {k: TASKS[k] for k in legacy}
+    if entries is None:
+        entries = [p.stem for p in sorted(TASK_DIR.glob("*.yaml"))]
+    specs = resolve_tasks(entries)
+    if site_only := [s.name for s in specs if s.kind == "site"]:
+        log.info("tasks %s: site-supplied labels, evaluated only in the federation's evaluation", site_only)
+    return runner_tasks(specs)
+
+
 def onset_eval_data(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]) -> dict[str, EvalSet]:
-    """The per-site evaluation rows of the new-onset tasks (`eval.onset_tasks`: "all" or names),
-    one EvalSet per site (compare.split_sites)."""
+    """The per-site evaluation rows of the onset tasks (`tasks=`, else `eval.onset_tasks`: "all"
+    or names of the built-in synthetic tasks), one EvalSet per site (compare.split_sites)."""
     onset = ([k for k, t in TASKS.items() if isinstance(t, OnsetTask)] if cfg.eval.onset_tasks == "all"
              else list(cfg.eval.onset_tasks))
-    tasks: dict[str, Task] = {k: TASKS[k] for k in onset}
+    tasks = {k: t for k, t in job_tasks(cfg, onset).items() if isinstance(t, OnsetTask)}
     data = build_eval_set({n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject),
                           seed=int(cfg.seed))
     return compare.split_sites(data)

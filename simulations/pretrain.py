@@ -63,7 +63,8 @@ from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import curriculum_weights
 from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
-from simulations.common import Clock, open_sites
+from simulations.common import Clock, job_tasks, open_sites
+from simulations.overrides import refuse_unknown_overrides, with_task_alias
 
 log = logging.getLogger("healthfm.simulations.pretrain")
 
@@ -415,7 +416,8 @@ def run(cfg: DictConfig) -> Path:
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     mcfg = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source=f"model={cfg.model.name}")
 
-    sites, truth_dir, scenario = open_sites(cfg.scenario, cfg.data.dir, int(cfg.seed), cfg.data.n_subjects)
+    sites, truth_dir, scenario = open_sites(cfg.scenario, cfg.data.dir, int(cfg.seed), cfg.data.n_subjects,
+                                            cfg.get("site_roots"))
     clock.lap("data (generate or reuse, open sites)")
     vocab = agree_vocabulary(sites, int(cfg.data.min_subjects))
     vocab.save(out / "vocabulary.json")
@@ -428,7 +430,9 @@ def run(cfg: DictConfig) -> Path:
     clock.lap("pretraining")
 
     onset = [k for k, v in TASKS.items() if isinstance(v, OnsetTask)] if cfg.eval.onset_tasks == "all" else list(cfg.eval.onset_tasks)
-    tasks: dict[str, Task] = {k: TASKS[k] for k in [*onset, *cfg.eval.regression_tasks]}
+    tasks: dict[str, Task] = job_tasks(cfg, [*onset, *cfg.eval.regression_tasks])
+    if "wearables" not in modalities:  # no site has wearables: no rows for the wearable regressions
+        tasks = {k: t for k, t in tasks.items() if isinstance(t, OnsetTask)}
     data = build_eval_set({n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject),
                           seed=int(cfg.seed))
     random_model = HealthFM(mcfg, vocab.vocab_size, vocab.n_prs_traits, modalities).to(device)
@@ -441,9 +445,10 @@ def run(cfg: DictConfig) -> Path:
         methods["pretrained_sinusoidal"] = sin_model
         clock.lap("pretraining (sinusoidal ablation)")
     results, tuning, features = evaluate_model_methods(cfg, data, methods, vocab)
-    code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
-    results["oracle"] = oracle_rows(data, functools.partial(oracle_risk, truth_dir), code_to_disease,
-                                    n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
+    if truth_dir is not None and scenario is not None:  # the oracle only where ground truth exists
+        code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
+        results["oracle"] = oracle_rows(data, functools.partial(oracle_risk, truth_dir), code_to_disease,
+                                        n_boot=cfg.eval.n_boot, seed=int(cfg.seed))
     clock.lap("evaluation (features and probes)")
     differences = main_differences(cfg, data, results)
     curves = label_efficiency(cfg, data, features, results) if cfg.eval.label_efficiency.fractions else {}
@@ -465,7 +470,8 @@ def run(cfg: DictConfig) -> Path:
     atomic_write_text(out / "results.json", results_json(results, ablation, tuning, differences))
     notes = summary_notes(cfg, clock, sites, vocab, model, history, results, ablation, tuning, differences, curves)
     report = write_report(out / "report.md", rows, plots=figs, regression_rows=regression_rows,
-                          title=f"HealthFM centralized pretraining: model {mcfg.name}, scenario {scenario.name}",
+                          title=f"HealthFM centralized pretraining: model {mcfg.name}, "
+                                + (f"scenario {scenario.name}" if scenario is not None else f"{len(sites)} sites of your own"),
                           notes=notes)
     log.info("total wall time %.1f min", clock.total / 60)
     return report
@@ -473,9 +479,11 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    refuse_unknown_overrides("pretrain")
     report = run(cfg)
     print(report)
 
 
 if __name__ == "__main__":
+    sys.argv = with_task_alias(sys.argv)
     main()

@@ -41,6 +41,7 @@ from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.eval import compare
+from healthfm_core.eval.outcomes import outcome_table, replies_from_event
 from healthfm_core.eval.runner import MethodResult
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.model.groups import parameter_group
@@ -58,6 +59,7 @@ from simulations.common import (
     write_outputs,
 )
 from simulations.logs import setup_job_logging
+from simulations.overrides import refuse_unknown_overrides, with_task_alias
 from simulations.run import privacy_request, run_federation
 
 log = logging.getLogger("healthfm.simulations.report")
@@ -354,6 +356,11 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
         agg = evaluation.get("aggregated", {})
         lines += ["", "Federated evaluation inside the run (sites report held-out metrics; n-weighted means): "
                   + ", ".join(f"{k[:-len('.auroc')]} {v:.3f}" for k, v in agg.items() if k.endswith(".auroc")) + "."]
+        keys, replies, asked = replies_from_event(evaluation)
+        lines += ["", "## Federated evaluation inside the run: per site and task", "",
+                  "Each site scored its held-out predictions (meds-evaluation format, written at the site) with "
+                  "meds-evaluation; a (site, task) without a number says why.", "",
+                  outcome_table(keys, replies, asked)]
     skipped = {f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()}
     if skipped:
         lines += ["", f"Not evaluated ({len(skipped)} site/method/task): " + "; ".join(
@@ -382,9 +389,11 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
 
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    refuse_unknown_overrides("demo")
     setup_job_logging()
     print(run(cfg))
 
 
 if __name__ == "__main__":
+    sys.argv = with_task_alias(sys.argv)
     sys.exit(main())

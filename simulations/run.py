@@ -52,7 +52,9 @@ from healthfm_core.model.healthfm import HealthFM
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig, PrivacyRequest
 from server.server_app import make_server_app
+from simulations.common import site_root_list, task_entries
 from simulations.logs import setup_job_logging
+from simulations.overrides import refuse_unknown_overrides, with_task_alias
 
 log = logging.getLogger("healthfm.simulations")
 
@@ -98,6 +100,8 @@ def federation_config(cfg: DictConfig, n_sites: int) -> FederationConfig:
     fed = OmegaConf.to_container(cfg.federation, resolve=True)
     assert isinstance(fed, dict)
     fed.pop("site", None)
+    if (tasks := task_entries(cfg)) is not None:
+        fed["eval_tasks"] = tasks  # `tasks=` names the evaluation's tasks (ACES files, site:<name>)
     return FederationConfig(
         out_dir=Path(cfg.out_dir), model=model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True),
                                                                 source="model config"),
@@ -129,7 +133,7 @@ def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
     """One node config per site: its root, name and the site policy of the config; when the
     server asks for DP, each site's DP policy file and its own ledger directory."""
     if cfg.site_roots:
-        roots = [(Path(r).resolve().name, Path(r)) for r in cfg.site_roots]
+        roots = [(Path(r).resolve().name, Path(r)) for r in site_root_list(cfg.site_roots)]
     else:
         scenario = OmegaConf.to_container(cfg.scenario, resolve=True)
         manifest = synthetic_sites(cfg.data_dir, scenario, cfg.seed, cfg.n_subjects)
@@ -138,6 +142,7 @@ def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
     assert isinstance(policy, dict)
     configs = [{"site-root": str(root), "site-name": name, **{k.replace("_", "-"): v for k, v in policy.items()}}
                for name, root in roots]
+    configs = _with_eval_dirs(cfg, configs)
     dp_policy = simulated_site_policy(cfg, privacy_request(cfg))
     if dp_policy is None:
         return configs
@@ -149,6 +154,14 @@ def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
         # One ledger per site: a shared state_dir gets a subdirectory per site.
         base = node.get("state-dir")
         node["state-dir"] = str(Path(base) / node["site-name"] if base else site_dir / "state")
+    return configs
+
+
+def _with_eval_dirs(cfg: DictConfig, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each simulated site writes its predictions (meds-evaluation format) under
+    out_dir/sites/<site>/evaluation unless its node config says where."""
+    for node in configs:
+        node.setdefault("eval-dir", str(Path(cfg.out_dir) / "sites" / node["site-name"] / "evaluation"))
     return configs
 
 
@@ -181,9 +194,11 @@ def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, Hea
 
 @hydra.main(config_path="../configs", config_name="run", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    refuse_unknown_overrides("run")
     setup_job_logging(flower_level=logging.INFO)  # keep Flower's per-round log
     run_from_config(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = with_task_alias(sys.argv)
     sys.exit(main())

@@ -104,8 +104,11 @@ def test_eval_reply_round_trips_and_refuses_what_does_not_parse() -> None:
             EvalReply.from_records({**metrics, "onset_t2d_30d.auroc": bad})
     with pytest.raises(ValueError, match="wearable_resting_hr.r2"):
         EvalReply.from_records({**metrics, "wearable_resting_hr.r2": float("-inf")})
-    with pytest.raises(ValueError, match="unknown task"):
-        EvalReply.from_records({**metrics, "onset_nothing_30d.auroc": 0.5, "onset_nothing_30d.n": 3})
+    with pytest.raises(ValueError, match="unknown task"):  # a key the server did not ask
+        EvalReply.from_records({**metrics, "onset_nothing_30d.auroc": 0.5, "onset_nothing_30d.n": 3},
+                               expected=["onset_t2d_30d", "wearable_resting_hr"])
+    with pytest.raises(ValueError, match="not a task name"):
+        EvalReply.from_records({**metrics, "a/b.auroc": 0.5, "a/b.n": 3})
     with pytest.raises(ValueError, match="tasks"):
         EvalReply.from_records({**metrics, "tasks": 5})
 

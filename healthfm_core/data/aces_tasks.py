@@ -102,11 +102,24 @@ def load_task(task: str | Path) -> AcesTask:
     if not path.is_file():
         known = sorted(p.stem for p in TASK_DIR.glob("*.yaml")) if TASK_DIR.is_dir() else []
         raise FileNotFoundError(f"task {str(task)!r}: no file {path} (known tasks: {known})")
-    raw = yaml.safe_load(path.read_text())
+    return task_from_text(path.read_text(), path)
+
+
+def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | None = None) -> AcesTask:
+    """A task from the text of its file (`path` names it in errors: a file, or where a peer sent
+    it from); `horizons_days` replaces metadata.horizons_days. Validated by ACES for every horizon."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    meta_raw = dict(raw.pop("metadata", None) or {})
+    if horizons_days is not None:
+        meta_raw["horizons_days"] = [int(h) for h in horizons_days]
     try:
-        meta = TaskMetadata.model_validate(raw.pop("metadata", None) or {})
+        meta = TaskMetadata.model_validate(meta_raw)
     except ValidationError as exc:
         raise ValueError(f"{path}, field metadata: {exc}") from exc
     windows = raw.get("windows") or {}
@@ -185,4 +198,4 @@ def aces_labels(
     return out
 
 
-__all__ = ["TASK_DIR", "AcesTask", "TaskMetadata", "aces_labels", "load_task"]
+__all__ = ["TASK_DIR", "AcesTask", "TaskMetadata", "aces_labels", "load_task", "task_from_text"]

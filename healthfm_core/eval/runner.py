@@ -29,10 +29,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from healthfm_core.data.aces_tasks import aces_labels
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES, SPLITS
 from healthfm_core.data.prediction_times import PredictionTimesDataset
 from healthfm_core.data.site import Site
+from healthfm_core.data.task_spec import AcesOnsetTask
 from healthfm_core.data.tasks import (
     OnsetTask,
     Task,
@@ -199,8 +201,16 @@ def build_site_rows(
         else:
             raise ValueError(f"onset_times must be 'visits' or 'wear_period_ends', got {onset_times!r}")
         tables.append(times)
+        by_aces: dict[str, dict[int, str]] = {}  # one ACES run per task file: every horizon at once
         for key, task in onset.items():
-            per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
+            if isinstance(task, AcesOnsetTask):
+                by_aces.setdefault(task.aces.model_dump_json(), {})[int(task.horizon_days)] = key
+            else:
+                per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
+        for keys in by_aces.values():
+            aces = onset[next(iter(keys.values()))].aces  # type: ignore[union-attr]
+            for h, table in aces_labels(aces, site.root, list(keys), prediction_times=times).items():
+                per_task[keys[h]] = table
     if wear:
         wearables = site.read_wearables()
         for key, wear_task in wear.items():

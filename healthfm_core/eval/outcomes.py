@@ -1,0 +1,60 @@
+"""Every (site, task) of an evaluation, with its metric or the reason it has none: the lines the
+server's log and summary and the simulation reports print from the sites' EvalReplies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from healthfm_core.federation import EvalReply
+
+NOT_REPLIED = "no reply from this site (see the server log)"
+NOT_REPORTED = "not in the site's reply"
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
+    """(result, detail) of one (site, task key): a metric, or "no metric" and the reason."""
+    if reply is None:
+        return "no metric", NOT_REPLIED
+    if (m := reply.tasks.get(key)) is not None:
+        if m.r2 is not None:
+            return f"R2 {_f(m.r2)}", f"n={m.n} held-out"
+        return f"AUROC {_f(m.auroc)}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, n={m.n} held-out"
+    if (r := reply.reasons.get(key)) is not None:
+        return "no metric", r.describe()
+    return "no metric", NOT_REPORTED
+
+
+def outcome_rows(keys: Sequence[str], per_site: Mapping[str, EvalReply],
+                 sites: Sequence[str] | None = None) -> list[tuple[str, str, str, str]]:
+    """(site, task, result, detail) for every asked site (those that replied when None) and key."""
+    names = sorted(set(sites or []) | set(per_site))
+    return [(s, k, *outcome(per_site.get(s), k)) for s in names for k in keys]
+
+
+def outcome_lines(keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None) -> list[str]:
+    return [f"{s} / {k}: {res} ({detail})" for s, k, res, detail in outcome_rows(keys, per_site, sites)]
+
+
+def outcome_table(keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per (site, task)."""
+    lines = ["| site | task | result | detail |", "|---|---|---|---|"]
+    lines += [f"| {s} | {k} | {res} | {detail} |" for s, k, res, detail in outcome_rows(keys, per_site, sites)]
+    return "\n".join(lines)
+
+
+def replies_from_event(event: Mapping) -> tuple[list[str], dict[str, EvalReply], list[str]]:
+    """(task keys, replies by site, asked sites) of an `evaluate` event of rounds.jsonl (or of
+    evaluation.json); task keys from the replies when the event predates `tasks`."""
+    per_site = {s: EvalReply.from_records(flat) for s, flat in event.get("sites", {}).items()}
+    keys = list(event.get("tasks") or sorted({k for r in per_site.values() for k in (*r.tasks, *r.reasons)}))
+    return keys, per_site, list(event.get("asked_sites") or per_site)
+
+
+__all__ = ["NOT_REPLIED", "NOT_REPORTED", "outcome", "outcome_lines", "outcome_rows", "outcome_table",
+           "replies_from_event"]

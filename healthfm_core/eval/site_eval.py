@@ -1,0 +1,199 @@
+"""A site's evaluation of the tasks the server defined: labels at the site, predictions in the
+meds-evaluation format at the site, scored by meds-evaluation; only aggregates come out.
+
+For each TaskSpec (healthfm_core.data.task_spec):
+- labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) at the visit
+  prediction times the evaluation always used (`visit_prediction_times`, n per subject, seeded);
+  `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
+  wearable regressions from the site's wearables;
+- every labelled (subject, prediction_time) is embedded once by the frozen model;
+- per task key: a linear probe fitted on the train split (C from tuning), the held_out
+  predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema)
+  and scored with meds-evaluation (AUROC, AUPRC, calibration error over samples); wearable
+  regressions report R^2;
+- a key without a number gets a TaskReason: the kind and, per split, rows / subjects / positives
+  against the site's minimum subjects per split.
+
+`task_split_counts` gives the same per-split counts for any labels (what `check --tasks` prints).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from healthfm_core.data.aces_tasks import aces_labels
+from healthfm_core.data.layout import SPLITS
+from healthfm_core.data.site import Site
+from healthfm_core.data.site_labels import SiteLabelError, read_site_labels, site_tasks
+from healthfm_core.data.task_spec import TaskSpec, horizon_key
+from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, TASKS, visit_prediction_times, wearable_regression_labels
+from healthfm_core.data.tokens import LabelledDataset, SiteSequences, make_loader
+from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
+from healthfm_core.eval.metrics import r2_score
+from healthfm_core.eval.probes import compute_embeddings, fit_logistic_probe, fit_ridge_probe
+from healthfm_core.federation import SplitCount, TaskMetrics, TaskReason
+
+log = logging.getLogger(__name__)
+
+SplitOf = Callable[[np.ndarray], np.ndarray]  # subject ids -> split names ("none": no split)
+
+
+@dataclass
+class SiteTaskResults:
+    metrics: dict[str, TaskMetrics] = field(default_factory=dict)
+    reasons: dict[str, TaskReason] = field(default_factory=dict)
+    predictions: dict[str, Path] = field(default_factory=dict)  # key -> the held_out predictions file
+    num_examples: int = 0  # samples embedded
+
+
+def task_labels_at_site(site: Site, specs: Sequence[TaskSpec], n_per_subject: int = 4,
+                        seed: int = 0) -> dict[str, pa.Table | TaskReason]:
+    """Per task key, its labels (subject_id, prediction_time, boolean_value or float_value) or the
+    reason there are none (the task did not parse, the site has no labels for it)."""
+    out: dict[str, pa.Table | TaskReason] = {}
+    times = None
+    own = set(site_tasks(site.root))
+    for spec in specs:
+        if spec.kind == "aces":
+            try:
+                task = spec.aces()
+            except ValueError as err:
+                log.warning("task %s: %s", spec.name, err)
+                out.update({k: TaskReason(kind="invalid_task") for k in spec.keys()})
+                continue
+            if times is None:
+                events = site.read_events(columns=["subject_id", "time", "code"])
+                times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+            for h, table in aces_labels(task, site.root, prediction_times=times).items():
+                out[horizon_key(spec.name, h)] = table
+        elif spec.kind == "site":
+            if spec.name not in own:
+                out[spec.name] = TaskReason(kind="no_labels")
+                continue
+            try:
+                table = read_site_labels(site.root, spec.name)
+            except SiteLabelError as err:
+                log.warning("task %s: %s", spec.name, err)
+                out[spec.name] = TaskReason(kind="invalid_labels")
+                continue
+            if "boolean_value" not in table.column_names or table["boolean_value"].null_count == table.num_rows:
+                log.warning("task %s: the site's labels have no boolean_value (only binary site tasks are evaluated)",
+                            spec.name)
+                out[spec.name] = TaskReason(kind="invalid_labels")
+                continue
+            table = table.filter(pc.is_valid(table["boolean_value"]))
+            out[spec.name] = table.select(["subject_id", "prediction_time", "boolean_value"]).cast(LABEL_SCHEMA_BOOL)
+        else:
+            if not site.wearable_files:
+                out[spec.name] = TaskReason(kind="no_labels")
+                continue
+            out[spec.name] = wearable_regression_labels(site.read_wearables(), target=TASKS[spec.name].target)
+    return out
+
+
+def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCount]:
+    """Rows, distinct subjects and positives (boolean labels) of each split."""
+    subjects = labels["subject_id"].to_numpy()
+    split = split_of(subjects)
+    positive = (labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+                if "boolean_value" in labels.column_names else np.zeros(len(subjects), bool))
+    return {s: SplitCount(rows=int((split == s).sum()), subjects=len(np.unique(subjects[split == s])),
+                          positives=int(positive[split == s].sum())) for s in SPLITS}
+
+
+def withheld_reason(counts: Mapping[str, SplitCount], minimum: int, binary: bool) -> TaskReason | None:
+    """Why these per-split counts give no reportable metric (None: they do)."""
+    if sum(c.rows for c in counts.values()) == 0:
+        return TaskReason(kind="no_rows", minimum=minimum, splits=dict(counts))
+    if any(c.subjects < minimum for c in counts.values()):
+        return TaskReason(kind="too_few_subjects", minimum=minimum, splits=dict(counts))
+    if binary and any(counts[s].positives in (0, counts[s].rows) for s in ("train", "held_out")):
+        return TaskReason(kind="one_class", minimum=minimum, splits=dict(counts))
+    return None
+
+
+def _pair_keys(table: pa.Table) -> list[tuple[int, int]]:
+    pt = pc.cast(table["prediction_time"], pa.int64()).to_numpy()
+    return list(zip(table["subject_id"].to_numpy().tolist(), pt.tolist()))
+
+
+def evaluate_site_tasks(
+    site_name: str,
+    site: Site,
+    seqs: SiteSequences,
+    model: torch.nn.Module,
+    specs: Sequence[TaskSpec],
+    split_of: SplitOf,
+    min_subjects: int,
+    pred_dir: str | Path,
+    batch_size: int = 64,
+    max_events: int = 256,
+    max_patches: int = 32,
+    n_per_subject: int = 4,
+    seed: int = 0,
+    labels: Mapping[str, pa.Table | TaskReason] | None = None,
+) -> SiteTaskResults:
+    """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
+    `labels` (from task_labels_at_site) may be passed to reuse them across calls."""
+    if labels is None:
+        labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed)
+    out = SiteTaskResults()
+    usable: dict[str, pa.Table] = {}
+    for key, table in labels.items():
+        if isinstance(table, TaskReason):
+            out.reasons[key] = table.model_copy(update={"minimum": min_subjects})
+            continue
+        binary = "boolean_value" in table.column_names
+        counts = task_split_counts(table, split_of)
+        if (reason := withheld_reason(counts, min_subjects, binary)) is not None:
+            out.reasons[key] = reason
+        else:
+            usable[key] = table
+    for key, reason in out.reasons.items():
+        log.info("site %s: %s withheld (%s)", site_name, key, reason.describe())
+    if not usable:
+        return out
+    # Every task's rows embedded once: tasks share most (subject, prediction_time) pairs.
+    union = pa.concat_tables([t.select(["subject_id", "prediction_time"]).cast(LABEL_SCHEMA_BOOL.remove(2))
+                              for t in usable.values()])
+    union = union.group_by(["subject_id", "prediction_time"]).aggregate([])
+    union = union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
+    index = {k: i for i, k in enumerate(_pair_keys(union))}
+    rows = union.append_column("boolean_value", pa.array(np.zeros(union.num_rows, dtype=bool)))
+    loader = make_loader(LabelledDataset(seqs, rows, max_events=max_events, max_patches=max_patches),
+                         batch_size=batch_size, shuffle=False)
+    x_all = compute_embeddings(model, loader).x
+    out.num_examples = int(len(x_all))
+    for key, table in usable.items():
+        idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
+        split = split_of(table["subject_id"].to_numpy())
+        x = {s: x_all[idx[split == s]] for s in SPLITS}
+        held = np.flatnonzero(split == "held_out")
+        if "boolean_value" in table.column_names:
+            y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+            y = {s: y_all[split == s] for s in SPLITS}
+            probe = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+            path = write_predictions(prediction_path(pred_dir, site_name, key), table.take(pa.array(held)),
+                                     probe.predict_proba(x["held_out"]))
+            scores = score_predictions(path, seed=seed)["samples_equally_weighted"]
+            out.predictions[key] = path
+            out.metrics[key] = TaskMetrics(n=len(held), auroc=float(scores["roc_auc_score"]),
+                                           auprc=float(scores["average_precision_score"]),
+                                           ece=float(scores["calibration_error"]))
+        else:
+            y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
+            y = {s: y_all[split == s] for s in SPLITS}
+            ridge = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+            out.metrics[key] = TaskMetrics(n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))))
+    return out
+
+
+__all__ = ["SiteTaskResults", "evaluate_site_tasks", "task_labels_at_site", "task_split_counts", "withheld_reason"]
