@@ -23,7 +23,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,7 @@ class SiteRuntime:
                                             self.policy.dp if self.policy is not None else None, self.ledger)
         except PrivacyRefused as err:
             raise self.refuse(cfg, err.reason) from None
+        loader: Iterable[Any]
         if private is not None:
             loader, local_step = private.loader, private.local_step
         else:
@@ -303,12 +304,13 @@ class SiteRuntime:
                 array = array.astype(out_dtype)
             out[name] = array
         last = result.history[-1] if result.history else {}
-        rates = {key: float(last[key]) for key in ("rate_min", "rate_max") if key in last}
+        rate_min, rate_max = (float(last[key]) if key in last else None for key in ("rate_min", "rate_max"))
         # Under DP no timing leaves: it grows with the secret Poisson batch sizes (TrainReply refuses it).
-        seconds = {} if private is not None else {"train_seconds": float(result.seconds),
-                                                  "client_seconds": time.perf_counter() - t0}
+        train_seconds, client_seconds = (None, None) if private is not None else (
+            float(result.seconds), time.perf_counter() - t0)
         reply = TrainReply(arrays=out, num_examples=num_examples, group_examples=group_examples, losses=losses,
-                           grad_norm=grad_norm, dp=spend, **rates, **seconds)
+                           grad_norm=grad_norm, dp=spend, rate_min=rate_min, rate_max=rate_max,
+                           train_seconds=train_seconds, client_seconds=client_seconds)
         log.info("site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s", self.name, cfg.round,
                  cfg.local_steps, result.examples, losses.get("total", float("nan")), trained,
                  f", DP epsilon {spend.epsilon:.4g}" if spend is not None else "")

@@ -359,7 +359,7 @@ class SiteSequences:
         site: SiteLike,
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
-        subject_ids: Sequence[int] | None = None,
+        subject_ids: Sequence[int] | np.ndarray | None = None,
         token_window_days: float = DEFAULT_TOKEN_WINDOW_DAYS,
     ) -> SiteSequences:
         """Read a site's events and wearables once (optionally only some subjects)."""
@@ -528,7 +528,8 @@ def collate_labelled(samples: Sequence[Sample]) -> tuple[Batch, torch.Tensor]:
     """(Batch, labels [B] float32) for samples of a LabelledDataset."""
     if any(s.label is None for s in samples):
         raise ValueError("collate_labelled got a sample without a label")
-    return collate(samples), torch.tensor([float(s.label) for s in samples], dtype=torch.float32)
+    labels = [s.label for s in samples if s.label is not None]
+    return collate(samples), torch.tensor(labels, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------- datasets
@@ -545,7 +546,7 @@ class PretrainingDataset(Dataset):
     def __init__(
         self,
         seqs: SiteSequences,
-        subject_ids: Sequence[int] | None = None,
+        subject_ids: Sequence[int] | np.ndarray | None = None,
         time_mode: Literal["last", "random"] = "last",
         max_events: int = 512,
         max_patches: int = 64,
@@ -621,7 +622,7 @@ class LabelledDataset(Dataset):
 
 
 def make_loader(
-    dataset: PretrainingDataset | LabelledDataset,
+    dataset: Dataset,
     batch_size: int = 32,
     shuffle: bool = True,
     seed: int = 0,

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from healthfm_core.data.aces_tasks import aces_labels
+from healthfm_core.data.aces_tasks import AcesTask, aces_labels
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES, SPLITS
 from healthfm_core.data.prediction_times import PredictionTimesDataset
@@ -201,14 +201,14 @@ def build_site_rows(
         else:
             raise ValueError(f"onset_times must be 'visits' or 'wear_period_ends', got {onset_times!r}")
         tables.append(times)
-        by_aces: dict[str, dict[int, str]] = {}  # one ACES run per task file: every horizon at once
+        # One ACES run per task file: every horizon at once.
+        by_aces: dict[str, tuple[AcesTask, dict[int, str]]] = {}
         for key, task in onset.items():
             if isinstance(task, AcesOnsetTask):
-                by_aces.setdefault(task.aces.model_dump_json(), {})[int(task.horizon_days)] = key
+                by_aces.setdefault(task.aces.model_dump_json(), (task.aces, {}))[1][int(task.horizon_days)] = key
             else:
                 per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
-        for keys in by_aces.values():
-            aces = onset[next(iter(keys.values()))].aces  # type: ignore[union-attr]
+        for aces, keys in by_aces.values():
             for h, table in aces_labels(aces, site.root, list(keys), prediction_times=times).items():
                 per_task[keys[h]] = table
     if wear:

@@ -34,7 +34,13 @@ from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_labels import SiteLabelError, read_site_labels, site_tasks
 from healthfm_core.data.task_spec import TaskSpec, horizon_key
-from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, TASKS, visit_prediction_times, wearable_regression_labels
+from healthfm_core.data.tasks import (
+    LABEL_SCHEMA_BOOL,
+    TASKS,
+    WearableTask,
+    visit_prediction_times,
+    wearable_regression_labels,
+)
 from healthfm_core.data.tokens import LabelledDataset, SiteSequences, make_loader
 from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
 from healthfm_core.eval.metrics import r2_score
@@ -95,7 +101,10 @@ def task_labels_at_site(site: Site, specs: Sequence[TaskSpec], n_per_subject: in
             if not site.wearable_files:
                 out[spec.name] = TaskReason(kind="no_labels")
                 continue
-            out[spec.name] = wearable_regression_labels(site.read_wearables(), target=TASKS[spec.name].target)
+            wear_task = TASKS[spec.name]
+            if not isinstance(wear_task, WearableTask):
+                raise ValueError(f"task {spec.name!r} is not a wearable task")
+            out[spec.name] = wearable_regression_labels(site.read_wearables(), target=wear_task.target)
     return out
 
 

@@ -138,6 +138,7 @@ class Block(nn.Module):
 
 class Backbone(nn.Module):
     """Shared temporal backbone: a query token, optional sinusoidal time embedding, blocks."""
+    time_periods: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -245,6 +246,7 @@ class EpochBlock(nn.Module):
 
 class WearableEncoder(nn.Module):
     """Epochs of one patch ([value*mask, mask] per channel + epoch position) -> one d_model token."""
+    position_periods: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -311,6 +313,7 @@ class GenomicsEncoder(nn.Module):
 
 class WearableReconstructionHead(nn.Module):
     """Backbone state of a masked patch + epoch position -> the C channels of every epoch."""
+    position_periods: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -266,7 +266,7 @@ def batch_chunk(h: int, nq: int, nk: int, target: int = CHUNK_ELEMENTS) -> int:
 
 class _CTAttentionCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, block, chunk):  # type: ignore[override]
+    def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, block, chunk):
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, h, nq, d = q.shape
         nk, dv = k.shape[2], v.shape[-1]
@@ -291,7 +291,7 @@ class _CTAttentionCPU(torch.autograd.Function):
         return torch.cat(outs).to(v.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         b, h, nq, nk, d, dv, block, chunk = ctx.meta
         q_dt, k_dt, v_dt, lw_dt, rate_dt = ctx.dtypes
         needs = ctx.needs_input_grad
