@@ -576,10 +576,28 @@ _MINIMUM = "minimum"
 TASK_KEY = r"^[A-Za-z][A-Za-z0-9_\-]{0,79}$"
 
 
+SMALL_CELL = -1  # a count in 1..minimum-1: not disclosed (it would describe too few subjects)
+
+
 class SplitCount(_Reply):
-    rows: int = Field(ge=0)
-    subjects: int = Field(ge=0)
-    positives: int = Field(default=0, ge=0)
+    """Rows, distinct subjects and positives of one split; SMALL_CELL where the true count is
+    between 1 and the site's minimum (small-cell suppression, `suppress_small_cells`)."""
+
+    rows: int = Field(ge=SMALL_CELL)
+    subjects: int = Field(ge=SMALL_CELL)
+    positives: int = Field(default=0, ge=SMALL_CELL)
+
+    def suppressed(self, minimum: int) -> SplitCount:
+        """This count as it may leave a site whose minimum is `minimum`: every count in
+        1..minimum-1 becomes SMALL_CELL, and so do the positives when the negatives (rows minus
+        positives) are such a count, since they would give the negatives away."""
+
+        def cell(n: int) -> int:
+            return SMALL_CELL if 0 < n < minimum else n
+
+        negatives = self.rows - self.positives
+        positives = SMALL_CELL if 0 < negatives < minimum else cell(self.positives)
+        return SplitCount(rows=cell(self.rows), subjects=cell(self.subjects), positives=positives)
 
 
 class TaskReason(_Reply):
@@ -597,6 +615,18 @@ class TaskReason(_Reply):
             raise ValueError(f"unknown split {unknown[0]!r} (known: {', '.join(SPLITS)})")
         return v
 
+    @model_validator(mode="after")
+    def _no_small_cell(self) -> TaskReason:
+        # Fails closed: a reason that would disclose a count on fewer subjects than the site's
+        # minimum cannot even be built (the site suppresses them first).
+        for split, count in self.splits.items():
+            for name in ("rows", "subjects", "positives"):
+                n = getattr(count, name)
+                if 0 < n < self.minimum:
+                    raise ValueError(f"split {split}: {name} {n} is below the minimum {self.minimum}: "
+                                     f"a small cell that may not leave the site (SplitCount.suppressed)")
+        return self
+
     def describe(self) -> str:
         """One line for a report: the kind and, per split, what fell short."""
         what = {"no_labels": "no labels at this site", "no_rows": "no rows",
@@ -605,7 +635,11 @@ class TaskReason(_Reply):
                 "invalid_labels": "the site's label files failed their checks"}[self.kind]
         if not self.splits:
             return what
-        parts = [f"{s} {c.rows} rows / {c.subjects} subjects / {c.positives} positives" for s, c in self.splits.items()]
+        def n(value: int) -> str:
+            return f"<{self.minimum}" if value == SMALL_CELL else str(value)
+
+        parts = [f"{s} {n(c.rows)} rows / {n(c.subjects)} subjects / {n(c.positives)} positives"
+                 for s, c in self.splits.items()]
         minimum = f" (minimum {self.minimum} subjects per split)" if self.minimum else ""
         return f"{what}{minimum}: " + ", ".join(parts)
 

@@ -82,14 +82,23 @@ def test_eval_config_carries_definitions_and_refuses_names_from_a_peer() -> None
 
 
 def test_eval_reply_reasons_round_trip_and_are_checked() -> None:
-    counts = {"train": SplitCount(rows=30, subjects=12, positives=2), "held_out": SplitCount(rows=4, subjects=3, positives=0)}
+    counts = {"train": SplitCount(rows=30, subjects=22, positives=-1), "held_out": SplitCount(rows=0, subjects=0)}
     reply = EvalReply(tasks={"onset_t2d_365d": TaskMetrics(n=40, auroc=0.7, auprc=0.2, ece=0.05)},
                       reasons={"onset_t2d_30d": TaskReason(kind="too_few_subjects", minimum=20, splits=counts),
                                "readmit": TaskReason(kind="no_labels")}, withheld=2)
     metrics = reply.to_records()
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # a MetricRecord holds numbers only
     assert EvalReply.from_records(metrics) == reply
-    assert "held_out 4 rows / 3 subjects / 0 positives" in reply.reasons["onset_t2d_30d"].describe()
+    assert "train 30 rows / 22 subjects / <20 positives" in reply.reasons["onset_t2d_30d"].describe()
+    # Counts on fewer subjects than the minimum never leave: the site suppresses them, and a
+    # reason that holds one cannot be built (or parsed).
+    raw = SplitCount(rows=30, subjects=12, positives=2)
+    assert raw.suppressed(20) == SplitCount(rows=30, subjects=-1, positives=-1)
+    assert SplitCount(rows=30, subjects=25, positives=25).suppressed(20).positives == -1  # 5 negatives
+    with pytest.raises(ValueError, match="small cell"):
+        TaskReason(kind="too_few_subjects", minimum=20, splits={"train": raw})
+    with pytest.raises(ValueError, match="small cell"):
+        EvalReply.from_records({**metrics, "onset_t2d_30d.train.subjects": 12})
     with pytest.raises(ValueError, match="onset_t2d_30d.withheld"):
         EvalReply.from_records({**metrics, "onset_t2d_30d.withheld.bored": 1, "onset_t2d_30d.withheld.too_few_subjects": 0})
     with pytest.raises(ValueError, match="no reason"):

@@ -119,13 +119,15 @@ def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCou
 
 
 def withheld_reason(counts: Mapping[str, SplitCount], minimum: int, binary: bool) -> TaskReason | None:
-    """Why these per-split counts give no reportable metric (None: they do)."""
+    """Why these per-split counts give no reportable metric (None: they do); the counts in the
+    reason are small-cell suppressed, since the reason leaves the site."""
+    shown = {s: c.suppressed(minimum) for s, c in counts.items()}
     if sum(c.rows for c in counts.values()) == 0:
-        return TaskReason(kind="no_rows", minimum=minimum, splits=dict(counts))
+        return TaskReason(kind="no_rows", minimum=minimum, splits=shown)
     if any(c.subjects < minimum for c in counts.values()):
-        return TaskReason(kind="too_few_subjects", minimum=minimum, splits=dict(counts))
+        return TaskReason(kind="too_few_subjects", minimum=minimum, splits=shown)
     if binary and any(counts[s].positives in (0, counts[s].rows) for s in ("train", "held_out")):
-        return TaskReason(kind="one_class", minimum=minimum, splits=dict(counts))
+        return TaskReason(kind="one_class", minimum=minimum, splits=shown)
     return None
 
 
