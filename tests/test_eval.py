@@ -127,7 +127,7 @@ def test_group_bootstrap_resamples_whole_subjects() -> None:
 def test_paired_difference_of_two_scores_on_the_same_subjects() -> None:
     rng = np.random.default_rng(3)
     items_same, items_better = [], []
-    for task in range(3):
+    for _ in range(3):
         n = 600
         risk = rng.standard_normal(n)
         y = rng.random(n) < 1 / (1 + np.exp(-(2 * risk - 3)))

@@ -134,7 +134,7 @@ def test_the_server_asks_for_dp_and_each_site_reports_its_spend(sweep: Path) -> 
     rounds = round_events(run)
     assert sorted(rounds) == [1, 2]
     previous = {s: 0.0 for s in SITES}
-    for r, event in sorted(rounds.items()):
+    for _, event in sorted(rounds.items()):
         assert event["privacy"]["target_epsilon"] == TARGET
         assert set(event["epsilon"]) == set(SITES)
         for site in SITES:

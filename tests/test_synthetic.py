@@ -316,9 +316,9 @@ def test_onset_risk_matches_monte_carlo() -> None:
     s = rng.exponential(365.25 / h_year, n)
     d = s + rng.gamma(2.0, lag / 2, n)
     assert abs(risk[0] - np.mean(d <= horizon)) < 0.005
-    l = rng.gamma(2.0, lag / 2, n)
-    l = l[l > 50.0]
-    assert abs(risk[1] - np.mean(l <= 50.0 + horizon)) < 0.005
+    lagged = rng.gamma(2.0, lag / 2, n)
+    lagged = lagged[lagged > 50.0]
+    assert abs(risk[1] - np.mean(lagged <= 50.0 + horizon)) < 0.005
     assert np.isnan(risk[2])
     # Several horizons at once give the same as one at a time, and risk grows with the horizon.
     many = onset_risk(hazard, step, np.array([np.inf, 50.0, 0.0]), np.array([np.inf, np.inf, 90.0]), lag, t, [30, 90, 180, 365])

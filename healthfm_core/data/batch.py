@@ -51,7 +51,7 @@ class Batch:
     # is its time minus this: unlike calendar time it survives shifting every date.
     birth_time: torch.Tensor  # [B] float32
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @property

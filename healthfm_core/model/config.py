@@ -29,7 +29,7 @@ class WearableEncoderConfig(_Strict):
     mlp_ratio: float = Field(default=4.0, gt=0)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "WearableEncoderConfig":
+    def _heads_divide(self) -> WearableEncoderConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"wearable.d_model={self.d_model} is not divisible by wearable.n_heads={self.n_heads}")
         if self.d_model % 2:
@@ -74,7 +74,7 @@ class PretrainingConfig(_Strict):
     balance_eps: float = Field(default=0.01, gt=0)
 
     @model_validator(mode="after")
-    def _horizons_positive(self) -> "PretrainingConfig":
+    def _horizons_positive(self) -> PretrainingConfig:
         bad = [h for h in self.future_horizons_days if not h > 0]
         if bad:
             raise ValueError(f"future_horizons_days={list(self.future_horizons_days)} holds non-positive {bad}")
@@ -90,7 +90,7 @@ class CurriculumConfig(_Strict):
     intra_floor: float = Field(default=0.5, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "CurriculumConfig":
+    def _ordered(self) -> CurriculumConfig:
         if self.cross_end < self.cross_start:
             raise ValueError(f"curriculum.cross_end={self.cross_end} < curriculum.cross_start={self.cross_start}")
         return self
@@ -117,7 +117,7 @@ class ModelConfig(_Strict):
     curriculum: CurriculumConfig = CurriculumConfig()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ModelConfig":
+    def _consistent(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.min_rate_per_day >= self.max_rate_per_day:

@@ -91,7 +91,7 @@ class ObjectiveWeights(BaseModel):
         return {f"{prefix}{name}": float(value) for name, value in self.model_dump().items()}
 
     @classmethod
-    def from_flat(cls, record: Mapping[str, object], prefix: str = "weight.") -> "ObjectiveWeights":
+    def from_flat(cls, record: Mapping[str, object], prefix: str = "weight.") -> ObjectiveWeights:
         """Inverse of to_flat; keys without the prefix are ignored, unknown weight names rejected."""
         return cls.model_validate({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
 

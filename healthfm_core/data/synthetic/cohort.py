@@ -111,7 +111,7 @@ def simulate_cohort(scenario: ScenarioConfig, site: SiteSpec, site_index: int, r
     log_base = np.log(np.array([d.base_rate_per_year * mult for d in diseases]))
     trait_idx = np.array([traits.index(d.prs_trait) for d in diseases])
     beta_prs = np.array([d.beta_prs for d in diseases])
-    beta_lat = np.array([[d.beta_latent.get(l, 0.0) for l in LATENT_DIMS] for d in diseases])  # [D, 3]
+    beta_lat = np.array([[d.beta_latent.get(dim, 0.0) for dim in LATENT_DIMS] for d in diseases])  # [D, 3]
     beta_age = np.array([d.beta_age for d in diseases])
     beta_static = np.array([d.beta_male for d in diseases])[None] * male[:, None] + np.array(
         [d.beta_smoker for d in diseases]
@@ -120,7 +120,7 @@ def simulate_cohort(scenario: ScenarioConfig, site: SiteSpec, site_index: int, r
     lag_scale = np.array([d.lag_days / 2.0 for d in diseases])
     static_log_h = log_base[None] + beta_prs[None] * prs[:, trait_idx] + beta_static  # [n, D]
     de = scenario.death
-    death_lat = np.array([de.beta_latent.get(l, 0.0) for l in LATENT_DIMS])
+    death_lat = np.array([de.beta_latent.get(dim, 0.0) for dim in LATENT_DIMS])
 
     latent = np.empty((n, n_steps, n_lat), dtype=np.float32)
     hazard = np.empty((n, n_steps, n_dis), dtype=np.float32)
