@@ -29,6 +29,7 @@ from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, 
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.outcomes import outcome_rows, outcome_table, replies_from_event
 from healthfm_core.federation import (
+    SMALL_CELL,
     EvalConfig,
     EvalReply,
     FederationSetup,
@@ -169,11 +170,12 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(hospital, tm
         table = pq.read_table(path)
         PredictionSchema.validate(table)
         assert table.num_rows == m.n and 0 <= m.auroc <= 1
-    # Above the site's minimum only: every task withheld, with its counts per split.
+    # Above the site's minimum only: every task withheld, with its counts per split, each below
+    # the minimum shown only as such (a small cell).
     strict = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=1000, eval_dir=tmp_path / "eval2"))
     reply = strict.evaluate(setup, arrays, cfg)
     assert not reply.tasks and reply.reasons["readmit"].kind == "too_few_subjects"
-    assert reply.reasons["readmit"].minimum == 1000 and reply.reasons["readmit"].splits["train"].rows > 0
+    assert reply.reasons["readmit"].minimum == 1000 and reply.reasons["readmit"].splits["train"].rows == SMALL_CELL
     assert not (tmp_path / "eval2").exists()  # nothing scored, nothing written
     # A definition ACES cannot parse: a reason, not a crash.
     broken = TaskSpec(name="broken", kind="aces", aces_yaml="predicates: {}\ntrigger: nothing\n", horizons_days=[30])
