@@ -8,6 +8,7 @@ input in tests/test_bad_input.py.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 import time
@@ -44,9 +45,19 @@ from server.checkpoint import (
     save_server_checkpoint,
 )
 from server.config import FederationConfig
+from server.coordinator import LaunchRecord, launch_to_resume, report_outcome
 from server.coordinator import main as coordinator_main
 from server.flwr_app import default_run_config
+from server.flwr_control import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SITE_LOST,
+    EXIT_UNREACHABLE,
+    CoordinatorError,
+    write_connection,
+)
 from server.limits import array_record_bytes, default_max_reply_bytes
+from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
 from server.provision import ProvisionConfig, provision
 from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, origin
@@ -303,3 +314,92 @@ def test_limits_are_run_config_keys() -> None:
     assert (cfg.max_reply_bytes, cfg.timeout_s) == (1000, 30)
     with pytest.raises(ValueError, match="reply_size_margin"):
         FederationConfig.from_run_config({**flat, "out-dir": "/tmp/x", "reply-size-margin": 0.5})
+
+
+# ---------------------------------------------------------------------------- what the coordinator sees
+
+
+def test_a_refused_checkpoint_reaches_server_log_outcome_and_the_coordinator(
+        setup: FederationSetup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    ckpt = write_checkpoint(out, setup)
+    _flip_byte(ckpt / ARRAYS_FILE, 100)
+    # As in a deployed flwr-serverapp process: the root logger at WARNING, "healthfm" unset.
+    root, healthfm = logging.getLogger(), logging.getLogger("healthfm")
+    saved = root.level, healthfm.level
+    root.setLevel(logging.WARNING)
+    healthfm.setLevel(logging.NOTSET)
+    try:
+        with pytest.raises(CheckpointError):
+            FederationServer(grid=None, cfg=fed_config(out, resume=True), run_id=7).run()
+    finally:
+        root.setLevel(saved[0])
+        healthfm.setLevel(saved[1])
+    log_text = (out / "server.log").read_text()
+    assert " INFO healthfm.server: run 7: out_dir" in log_text  # the INFO log, not only warnings
+    assert " ERROR healthfm.server: run failed: CheckpointError: refusing checkpoint" in log_text
+    outcome = read_outcome(out)
+    assert outcome is not None and outcome.run_id == 7 and outcome.status == "failed"
+    assert outcome.reason.startswith("CheckpointError: refusing checkpoint") and str(ckpt) in outcome.reason
+    # `launch --wait` / `status` print that reason and fail.
+    assert report_outcome(7, "finished:failed", out) == EXIT_FAILED
+    assert "refusing checkpoint" in capsys.readouterr().err
+    # Another run's outcome is not this one's.
+    assert report_outcome(8, "finished:failed", out) == EXIT_FAILED
+    assert "records nothing for it" in capsys.readouterr().err
+
+
+def _round(rnd: int, statuses: dict[str, str]) -> dict:
+    return {"event": "round", "round": rnd,
+            "sites": {s: {"status": st, **({"reason": "Node Unavailable"} if st == "error" else {})}
+                      for s, st in statuses.items()}}
+
+
+def test_a_site_lost_after_round_one_fails_the_coordinator(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    events = [
+        _round(1, {"biobank": "ok", "hospital": "ok", "genomics": "ok", "late": "error"}),
+        _round(2, {"biobank": "ok", "hospital": "error", "genomics": "ok", "late": "ok"}),
+        {"event": "evaluate", "round": 2, "sites": {"biobank": {}, "late": {}},
+         "absent": {"hospital": "x", "genomics": "no usable evaluation reply"}},
+    ]
+    lost = sites_lost(events)
+    assert set(lost) == {"hospital", "genomics"}  # "late" never trained in round 1: not lost
+    assert "Node Unavailable" in lost["hospital"] and "no evaluation after round 2" in lost["genomics"]
+    assert sites_lost(events[:2] + [{"event": "evaluate", "round": 1, "sites": {}}]) == {"hospital": lost["hospital"]}
+    outcome = RunOutcome(run_id=3, status="completed", sites_lost=lost, rounds=2, rounds_done=2, started_at=0.0)
+    write_outcome(tmp_path, outcome)
+    assert report_outcome(3, "finished:completed", tmp_path) == EXIT_SITE_LOST
+    err = capsys.readouterr().err
+    assert "lost site(s): genomics" in err and "hospital (round 2: error: Node Unavailable)" in err
+    write_outcome(tmp_path, outcome.model_copy(update={"sites_lost": {}}))
+    assert report_outcome(3, "finished:completed", tmp_path) == EXIT_OK
+
+
+def test_resume_skips_a_launch_that_failed_before_round_zero(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    good = LaunchRecord(run_id=1, out_dir=str(out), run_config={"rounds": 3}, launched_at="t1")
+    bad = LaunchRecord(run_id=2, out_dir=str(out), run_config={"rounds": 3, "model": "paper"}, launched_at="t2",
+                       resumed=True)
+    with pytest.raises(CoordinatorError, match="no launch of .* got through round 0"):
+        launch_to_resume([good, bad], out)
+    (out / "rounds.jsonl").write_text(json.dumps({"event": "setup", "run_id": 1, "round": 0}) + "\n{cut sh")
+    write_outcome(out, RunOutcome(run_id=2, status="failed", reason="ValueError: cannot resume: model differs",
+                                  started_at=0.0))
+    assert launch_to_resume([good, bad], out) is good
+    err = capsys.readouterr().err
+    assert "not reusing the config of run 2" in err and "cannot resume: model differs" in err
+
+
+def test_an_unreachable_superlink_is_not_an_unknown_run_and_a_one_off_address_is_not_saved(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    paths = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
+    saved = write_connection(paths, f"127.0.0.1:{free_port()}", insecure=False)  # nothing listens there
+    before = saved.read_bytes()
+    assert coordinator_main(["status", str(paths.root), "--run-id", "3"]) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "knows no run" not in err
+    other = f"127.0.0.1:{free_port()}"
+    assert coordinator_main(["status", str(paths.root), "--superlink", other]) == EXIT_UNREACHABLE
+    assert other in capsys.readouterr().err  # it used the one-off address ...
+    assert saved.read_bytes() == before  # ... and did not save it
