@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 from deploy_fixtures import Process, free_port
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import train_reply_content
+from client.client_app import make_client_app, train_reply_content
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
@@ -59,6 +61,7 @@ from server.flwr_control import (
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
 from server.provision import ProvisionConfig, provision
+from server.runlog import read_events
 from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, origin
 
@@ -161,8 +164,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> FederationSetup:
 
 
 def fed_config(out_dir: Path, **overrides) -> FederationConfig:
-    return FederationConfig(out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1,
-                            eval_tasks=["onset_hypertension_365d"], **overrides)
+    base = dict(out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1,
+                eval_tasks=["onset_hypertension_365d"])
+    return FederationConfig(**{**base, **overrides})
 
 
 def write_checkpoint(out_dir: Path, setup: FederationSetup) -> Path:
@@ -403,3 +407,111 @@ def test_an_unreachable_superlink_is_not_an_unknown_run_and_a_one_off_address_is
     assert coordinator_main(["status", str(paths.root), "--superlink", other]) == EXIT_UNREACHABLE
     assert other in capsys.readouterr().err  # it used the one-off address ...
     assert saved.read_bytes() == before  # ... and did not save it
+
+
+# ---------------------------------------------------------------------------- a site that comes back
+
+
+class InProcessGrid(Grid):
+    """Each site's real ClientApp called in this process with one Context per node, errors
+    turned into error replies as Flower does. A restarted SuperNode is a fresh Context: what
+    `restart` does to a node before the given train exchange."""
+
+    def __init__(self, node_configs: dict[int, dict], restart: tuple[int, int] | None = None) -> None:
+        self.app = make_client_app()
+        self.node_configs = node_configs
+        self.contexts = {n: self._fresh(n) for n in node_configs}
+        self.restart, self.train_exchanges = restart, 0
+
+    def _fresh(self, node: int) -> Context:
+        return Context(run_id=1, node_id=node, node_config=dict(self.node_configs[node]), state=RecordDict(),
+                       run_config={})
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - unused by FederationServer
+        raise NotImplementedError
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids) -> list[Message]:  # noqa: ANN001
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_exchanges += 1
+            if self.restart is not None and self.restart[1] == self.train_exchanges:
+                self.contexts[self.restart[0]] = self._fresh(self.restart[0])  # the SuperNode restarted
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{self.train_exchanges}-{i}-{msg.metadata.dst_node_id}"
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as err:  # what a SuperNode sends back when its ClientApp raises
+                replies.append(Message(Error(code=0, reason=str(err)), reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower sets in a ServerApp process before main() (the Message constructor reads it)."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_path: Path) -> None:
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes = {100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2,
+                       "state-dir": str(tmp_path / f"state-{s.name}")}
+             for i, s in enumerate(manifest.sites)}
+    victim = next(n for n, c in nodes.items() if c["site-name"] == "hospital")
+    grid = InProcessGrid(nodes, restart=(victim, 2))  # before round 2
+    out = tmp_path / "run"
+    cfg = fed_config(out, local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=3,
+                     vocab_min_subjects=5, eval_n_boot=10, timeout_s=60)
+    FederationServer(grid, cfg, run_id=1).run()
+    rounds = {e["round"]: e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"}
+    back = rounds[2]["sites"]["hospital"]
+    assert back["status"] == "ok" and back["setup_resent"] is True, back
+    assert "hospital" in rounds[2]["contributors"]["shared"]
+    assert read_outcome(out).ok
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_every_site_absent_from_a_round_is_in_the_audit_log(tmp_path: Path) -> None:
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes = {100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2,
+                       "state-dir": str(tmp_path / f"state-{s.name}")}
+             for i, s in enumerate(manifest.sites)}
+    grid = InProcessGrid(nodes)
+    out = tmp_path / "run"
+    cfg = fed_config(out, local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=2,
+                     vocab_min_subjects=5, eval_n_boot=10, timeout_s=2)
+    gone = next(n for n, c in nodes.items() if c["site-name"] == "genomics")
+    real_send = grid.send_and_receive
+
+    def send(messages, *, timeout=None):  # noqa: ANN001, ANN202 - the site disconnects after round 1
+        replies = real_send(messages, timeout=timeout)
+        if grid.train_exchanges == 1 and gone in grid.contexts:
+            del grid.contexts[gone]
+        return replies
+
+    grid.send_and_receive = send
+    FederationServer(grid, cfg, run_id=1).run()
+    records = list(read_audit_log(out / AUDIT_FILE))
+    missing = [r for r in records if r["record"] == "site-round" and r["round"] == 2 and r["site"] == "genomics"]
+    assert missing and missing[0]["status"] == "absent" and missing[0]["reason"] == "not connected to the SuperLink"
+    evaluation = [r for r in records if r["record"] == "evaluation"][-1]
+    assert evaluation["absent"] == {"genomics": "not connected to the SuperLink"}
+    assert read_outcome(out).sites_lost.keys() == {"genomics"}
