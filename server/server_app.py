@@ -405,9 +405,9 @@ class FederationServer:
             fp16_transport=cfg.fp16_transport, setup_sha256=setup.sha256,
             weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model), **cfg.privacy.round_fields(),
         )
-        sent_arrays, sent_config = _to_record(arrays), ConfigRecord(round_cfg.to_flat())
         self._wait_for_nodes(f"round {rnd}")
-        messages = self.strategy.train_messages(rnd, sent_arrays, sent_config, self.grid, self.node_groups)
+        messages = self.strategy.train_messages(rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid,
+                                                self.node_groups)
         sites: dict[str, dict[str, Any]] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -419,7 +419,7 @@ class FederationServer:
         t_sent = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.timeout_s))
         if need := self.setup_needed(replies, messages):
-            messages, replies = self._retry_train(rnd, need, messages, replies, sent_arrays, sent_config, sites)
+            messages, replies = self._retry_train(rnd, need, messages, replies, sites)
         t_replied = time.perf_counter()
         # origin: the SuperLink answers for a dead SuperNode from its own node id.
         replies.sort(key=lambda m: self._site(origin(m, messages)))
@@ -481,7 +481,6 @@ class FederationServer:
         return arrays, path
 
     def _retry_train(self, rnd: int, need: set[int], messages: list[Message], replies: list[Message],
-                     arrays: ArrayRecord, config: ConfigRecord,
                      sites: dict[str, dict[str, Any]]) -> tuple[list[Message], list[Message]]:
         """Sites that lost the setup get it again and one more train message this round; the
         messages and replies the strategy then aggregates (a second "setup-needed": left out)."""
@@ -491,8 +490,11 @@ class FederationServer:
             sites[self._site(node)].update(status="no setup", reason="lost the run's setup (SuperNode restarted?); "
                                                                      "it was not accepted again")
         accepted = self.resend_setup(need, f"round {rnd}")
-        retry = self.strategy.train_messages(rnd, arrays, config, self.grid,
-                                             {n: g for n, g in self.node_groups.items() if n in accepted})
+        # The same content again (the same arrays and RoundConfig), in a new message.
+        retry = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
+                 for m in messages if m.metadata.dst_node_id in accepted]
+        if not retry:
+            return kept, replies
         for msg in retry:
             entry = sites[self._site(msg.metadata.dst_node_id)]
             entry.update(status="no reply", setup_resent=True, bytes_sent=entry["bytes_sent"] + message_bytes(msg))
