@@ -209,11 +209,11 @@ def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
     victim = "genomics"
     out = tmp_path / "run"
     launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "2", *TINY_RUN,
-                        "-c", "timeout-s=120", "--wait", "--timeout", "540", timeout=580)
-    wait_until(lambda: has_event(out, "round"), 400, "round 1")
+                        "-c", "timeout-s=180", "--wait", "--timeout", "1200", timeout=1250)
+    wait_until(lambda: has_event(out, "round"), 900, "round 1")
     frozen = signal_tree(joined[victim], signal.SIGSTOP)  # past the round timeout: it never answers
     try:
-        launch.join(560)
+        launch.join(1250)
     finally:
         for pid in frozen:
             try:
@@ -259,12 +259,12 @@ def test_a_restarted_supernode_gets_the_setup_again_and_trains(
     victim = "hospital"
     out = tmp_path / "run"
     launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *TINY_RUN,
-                        "--wait", "--timeout", "840", timeout=880)
-    wait_until(lambda: has_event(out, "setup"), 300, "round 0")
+                        "--wait", "--timeout", "1200", timeout=1250)
+    wait_until(lambda: has_event(out, "setup"), 600, "round 0")
     kill_hard(joined[victim])  # mid round 1
     joined[victim] = rejoin(federation, sites, victim, superlink, tmp_path / f"state-{victim}",
                             tmp_path / f"rejoin-{victim}")
-    launch.join(880)
+    launch.join(1250)
     result = launch.result
     assert result.returncode == 0, (result.stdout, result.stderr)
     _, rounds = round_events(out)
