@@ -103,6 +103,9 @@ from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin
 
 log = logging.getLogger("healthfm.server")
 _STEP_DIR = re.compile(r"step-(\d+)")
+# Before each round after round 0, how long the server waits for min_nodes sites (a SuperNode
+# restarting reconnects within this) before going on with those connected; never longer than timeout_s.
+REJOIN_WAIT_S = 60.0
 
 
 def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -168,10 +171,11 @@ class FederationServer:
         return out
 
     def _wait_for_nodes(self, before: str = "round 0") -> list[int]:
-        """Wait up to timeout_s for min_nodes connected sites. Round 0 fails without them; a later
-        round goes on with the sites there are (a site down for good must not stop the run; one
-        restarting is waited for)."""
-        deadline = time.monotonic() + self.cfg.timeout_s
+        """Wait for min_nodes connected sites: up to timeout_s before round 0, which fails without
+        them; up to REJOIN_WAIT_S before a later round, which then goes on with the sites there are
+        (a site down for good must not stop the run; one restarting is given a minute)."""
+        limit = self.cfg.timeout_s if before == "round 0" else min(self.cfg.timeout_s, REJOIN_WAIT_S)
+        deadline = time.monotonic() + limit
         said = 0.0
         while len(nodes := sorted(self.grid.get_node_ids())) < self.cfg.min_nodes:
             if time.monotonic() > deadline:
@@ -179,7 +183,7 @@ class FederationServer:
                     raise TimeoutError(f"only {len(nodes)} of {self.cfg.min_nodes} sites connected within "
                                        f"{self.cfg.timeout_s} s")
                 log.warning("%s: only %d of %d sites connected after %g s; going on without the others",
-                            before, len(nodes), self.cfg.min_nodes, self.cfg.timeout_s)
+                            before, len(nodes), self.cfg.min_nodes, limit)
                 break
             if time.monotonic() - said > 30:
                 log.info("%s: waiting for sites: %d connected, %d required", before, len(nodes), self.cfg.min_nodes)
