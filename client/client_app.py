@@ -5,6 +5,9 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
   query.code_stats    -> ConfigRecord "code-stats"    {"json": SiteCodeStats} (suppressed)
   query.setup         -> ConfigRecord "setup"         {"sha256"}; the setup is kept in the
                          node's Context.state for the run
+  train / evaluate under a setup this node does not hold (its SuperNode restarted: Context.state
+                      is gone) -> only ConfigRecord "setup-needed" {"wanted", "held"}; the server
+                         sends query.setup again and retries (server/server_app.py)
   train               -> a TrainReply's records (TrainReply.to_records): ArrayRecord "arrays" (the
                          groups trained, less those the site's policy keeps local) + MetricRecord
                          "metrics"; a request the policy refuses -> ConfigRecord "status" + the
@@ -42,6 +45,7 @@ from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runti
 from healthfm_core.federation import (
     ARRAYS_RECORD,
     METRICS_RECORD,
+    SETUP_NEEDED_RECORD,
     STATUS_RECORD,
     EvalConfig,
     EvalReply,
@@ -80,6 +84,17 @@ def stored_setup(context: Context, sha256: str) -> FederationSetup:
     if sha256 not in _SETUPS:
         _SETUPS[sha256] = FederationSetup.model_validate_json(str(record["json"]))
     return _SETUPS[sha256]
+
+
+def setup_needed(msg: Message, context: Context, sha256: str) -> Message | None:
+    """The typed "setup needed" reply when this node does not hold setup `sha256`, else None."""
+    record = context.state.config_records.get(SETUP_STATE_KEY)
+    held = str(record["sha256"]) if record is not None else ""
+    if held == sha256:
+        return None
+    log.warning("asked to work under setup %s... but holding %s: asking the server for it", sha256[:12],
+                f"{held[:12]}..." if held else "none (restarted?)")
+    return Message(RecordDict({SETUP_NEEDED_RECORD: ConfigRecord({"wanted": sha256, "held": held})}), reply_to=msg)
 
 
 def _only_record(records: Mapping[str, Any], what: str) -> Any:
@@ -136,6 +151,8 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     def train(msg: Message, context: Context) -> Message:
         cfg = RoundConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
         arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
+        if (need := setup_needed(msg, context, cfg.setup_sha256)) is not None:
+            return need
         site = runtime(context)
         try:
             reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
@@ -147,6 +164,8 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = EvalConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
+        if (need := setup_needed(msg, context, cfg.setup_sha256)) is not None:
+            return need
         arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
         reply = runtime(context).evaluate(stored_setup(context, cfg.setup_sha256), arrays, cfg)
         return Message(eval_reply_content(reply), reply_to=msg)

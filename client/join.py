@@ -14,6 +14,7 @@ SuperNode's own output (Flower's error 2004, "Failed to activate SuperNode").
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -250,6 +251,40 @@ def _die_with_parent() -> None:
         pass
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in the group: /proc on Linux (a zombie that
+    init has not reaped yet still answers kill(0)), kill(0) elsewhere."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def stop_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM every process left in the SuperNode's group (SuperExec, flwr-clientapp), then
+    SIGKILL what is still there after `grace` seconds."""
+    if not _group_alive(pgid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def _pump(stream: TextIO | None, lines: queue.Queue[str | None]) -> None:
     assert stream is not None
     try:
@@ -276,8 +311,12 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
 
     with open(log_path, "a", encoding="utf-8") as log_file:
         log_file.write(f"--- join {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(cmd)}\n")
+        # Its own session and process group: the SuperExec and every flwr-clientapp it starts
+        # stay in that group (Flower does not detach them on the site side), so killing the
+        # group on the way out leaves nothing behind (stop_group).
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=flower_env(state / "flwr-home"), text=True, bufsize=1, errors="replace",
+                                start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         # A reader thread, because the pipe can outlive the SuperNode: the SuperExec it starts
         # (its own session) inherits the pipe and only exits once its parent is reaped.
@@ -289,7 +328,7 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
             nonlocal stop_requested
             stop_requested = True
             if proc.poll() is None:
-                proc.send_signal(signum)
+                proc.send_signal(signum)  # the SuperNode first: it says goodbye to the SuperLink
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         exited_at: float | None = None
@@ -326,6 +365,7 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            stop_group(proc.pid)
     if stop_requested:
         print(f"left the federation (SuperNode {node_id or '-'} stopped)", file=out, flush=True)
         return EXIT_OK

@@ -65,6 +65,10 @@ ARRAYS_RECORD = "arrays"
 METRICS_RECORD = "metrics"
 STATUS_RECORD = "status"
 STATUS_REFUSED: Final = "refused"  # Final: typed as the literal TrainReply.status takes
+# A site asked to train or evaluate under a setup it does not hold (its SuperNode restarted and
+# lost the run's state) answers with only this ConfigRecord: {"wanted": sha256, "held": sha256 or ""};
+# the server sends it query.setup again and retries it.
+SETUP_NEEDED_RECORD = "setup-needed"
 
 # Metric keys of the wire form (MetricRecord), private to this module: everything else reads the
 # typed fields of TrainReply / EvalReply.
@@ -793,6 +797,7 @@ __all__ = [
     "EVAL_METRICS",
     "METRICS_RECORD",
     "SETUP",
+    "SETUP_NEEDED_RECORD",
     "STATUS_RECORD",
     "STATUS_REFUSED",
     "TRAIN_LOSSES",

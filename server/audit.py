@@ -12,6 +12,12 @@ Records:
                                  to the average, num-examples per group, the site's reported
                                  cumulative epsilon and delta, bytes received
 
+  {"record": "evaluation", ...}  per federated evaluation: the sites that reported, and every
+                                 site of the run that did not, with why (`absent`)
+
+A site of the run that was not addressed in a round (not connected, or it refused the setup) has a
+site-round record too, status "absent" with the reason: every site absent from a round is on record.
+
 rounds.jsonl holds the same facts inside its round events (with timings, losses, ...): a
 site-round record is *derived* from a round event by `site_round_records`, the one builder used
 both by the ServerApp as the round ends and by `audit_from_rounds` (rebuild or cross-check an
@@ -105,6 +111,9 @@ class AuditLog:
     def write_round(self, event: Mapping[str, Any]) -> None:
         for record in site_round_records(event):
             self.write(record)
+
+    def write_evaluation(self, rnd: int, reported: list[str], absent: Mapping[str, str]) -> None:
+        self.write({"record": "evaluation", "round": rnd, "reported": list(reported), "absent": dict(absent)})
 
 
 def _json_default(value: Any) -> Any:

@@ -27,7 +27,7 @@ from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
 DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
 # Config keys a resumed run may change; any other difference from the checkpoint's is refused.
-RESUMABLE_CHANGES = {"rounds", "resume", "stop_after_round", "out_dir", "timeout_s", "evaluate_every",
+RESUMABLE_CHANGES = {"rounds", "resume", "resume_from", "stop_after_round", "out_dir", "timeout_s", "evaluate_every",
                      "eval_tasks", "eval_n_boot", "keep_checkpoints", "min_nodes", "max_reply_bytes",
                      "reply_size_margin"}
 
@@ -111,6 +111,7 @@ class FederationConfig(BaseModel):
     max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
     reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)
     resume: bool = False
+    resume_from: str = ""  # with resume: this checkpoint directory ("" = the latest under out_dir)
     stop_after_round: int | None = Field(default=None, ge=1)  # stop early (resume later)
     keep_checkpoints: int = Field(default=2, ge=1)
     privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)

@@ -5,21 +5,31 @@ resume runs. All of them take the federation directory FED that `provision` crea
     python -m server.coordinator superlink FED [--host 127.0.0.1] [--port 9093] [--insecure]
     python -m server.coordinator register  FED [--site NAME ...]
     python -m server.coordinator launch    FED --out-dir RUN_DIR [--model tiny] [--rounds 3] [-c KEY=VALUE ...] [--wait]
-    python -m server.coordinator resume    FED --out-dir RUN_DIR [--rounds N] [--wait]
+    python -m server.coordinator resume    FED --out-dir RUN_DIR [--from CHECKPOINT] [--rounds N] [--wait]
     python -m server.coordinator status    FED [--run-id ID]
+
+`launch --wait`, `resume --wait` and `status --run-id` read how the run ended from RUN_DIR/
+outcome.json (server/outcome.py) and print it: exit 0 only when the run completed without losing a
+site, 1 when it failed (with the ServerApp's reason), 4 when it completed but lost a site, 5 when
+the SuperLink does not answer (its state unknown: not "no such run"). `--superlink` on any
+command is for that command only; the saved address (`superlink`) is not rewritten.
 
 How this maps onto flwr 1.41 (read from its source): `flower-superlink` serves the Fleet, Control
 and Runtime APIs on one HTTPS port (`--host/--port`), with TLS from `--ssl-ca-certfile/
 --ssl-certfile/--ssl-keyfile` and node authentication from `--enable-supernode-auth`. The `flwr`
 CLI's connection and commands: server.flwr_control; the generated app and its run config:
 server.flwr_app. Resume: the ServerApp continues from the latest checkpoint under the run's
-out-dir when the run config says `resume=true`; `resume` relaunches with the config `launch`
-recorded.
+out-dir when the run config says `resume=true` (or from `--from CHECKPOINT`: run config
+`resume-from`); `resume` relaunches with the config of the latest launch of that out-dir that got
+through round 0 (rounds.jsonl has its setup/resume event): a later launch that failed before
+that (its config or checkpoint refused) is skipped, with its reason printed, because nothing it
+ran produced the checkpoints being resumed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import subprocess
@@ -38,17 +48,23 @@ from server.flwr_control import (
     EXIT_FAILED,
     EXIT_INTERNAL,
     EXIT_OK,
+    EXIT_SITE_LOST,
     EXIT_USAGE,
     CoordinatorError,
+    SuperLinkUnreachable,
+    check_reachable,
     flower_bin,
     flower_env,
     flwr_error,
     read_connection,
     run_flwr,
+    run_status,
     start_run,
+    use_superlink_once,
     wait_for_run,
     write_connection,
 )
+from server.outcome import RunOutcome, read_outcome
 from server.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -132,8 +148,9 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def _apply_superlink_option(paths: FederationPaths, args: argparse.Namespace) -> None:
+    """A --superlink given here is for this command only (the saved connection stays)."""
     if getattr(args, "superlink", None):
-        write_connection(paths, args.superlink, insecure=getattr(args, "insecure", False))
+        use_superlink_once(paths, args.superlink, insecure=getattr(args, "insecure", False))
     read_connection(paths)
 
 
@@ -186,8 +203,41 @@ def _launch(paths: FederationPaths, run_config: dict[str, str | int | float | bo
     print(f"{'resumed' if resumed else 'launched'} run {run_id}: out-dir {run_config['out-dir']}", flush=True)
     if not args.wait:
         return EXIT_OK
-    status = wait_for_run(paths, run_id, args.timeout)
-    return EXIT_OK if status == "finished:completed" else EXIT_FAILED
+    out_dir = Path(str(run_config["out-dir"]))
+    try:
+        status = wait_for_run(paths, run_id, args.timeout, unreachable_grace=args.unreachable_grace)
+    except SuperLinkUnreachable as err:
+        outcome = _outcome_of(out_dir, run_id)
+        raise SuperLinkUnreachable(f"{err}; {out_dir}/outcome.json: "
+                                   f"{outcome.describe() if outcome else 'nothing recorded for this run'}") from None
+    return report_outcome(run_id, status, out_dir)
+
+
+def _outcome_of(out_dir: Path, run_id: int) -> RunOutcome | None:
+    """The outcome out_dir records for this run (None: none, or another run's)."""
+    try:
+        outcome = read_outcome(out_dir)
+    except ValueError as err:
+        print(f"warning: {err}", file=sys.stderr)
+        return None
+    return outcome if outcome is not None and outcome.run_id == run_id else None
+
+
+def report_outcome(run_id: int, status: str, out_dir: Path) -> int:
+    """Print how a finished run ended (Flower's status and the ServerApp's outcome.json); the exit
+    status: 0 completed with every site, EXIT_SITE_LOST, or EXIT_FAILED."""
+    outcome = _outcome_of(out_dir, run_id)
+    if outcome is None:
+        print(f"error: run {run_id} {status}, and {out_dir}/outcome.json records nothing for it "
+              "(a ServerApp that never started, or another out-dir?); see `flwr log`", file=sys.stderr)
+        return EXIT_FAILED
+    if outcome.ok and status == "finished:completed":
+        print(f"run {run_id}: {outcome.describe()}", flush=True)
+        return EXIT_OK
+    print(f"error: run {run_id} {status}: {outcome.describe()}", file=sys.stderr)
+    if outcome.status == "completed" and outcome.sites_lost:
+        return EXIT_SITE_LOST
+    return EXIT_FAILED
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -212,11 +262,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise CoordinatorError(f"no launch of out-dir {out_dir} is recorded in {_launches_path(paths)}; "
                                "launch it with `launch` (or pass the same -c options to launch with -c resume=true)",
                                EXIT_USAGE)
-    if not (Path(out_dir) / "checkpoints").is_dir():
+    if args.from_checkpoint:
+        source = Path(args.from_checkpoint).resolve()
+        if not source.is_dir():
+            raise CoordinatorError(f"--from {args.from_checkpoint}: not a checkpoint directory", EXIT_USAGE)
+    elif not (Path(out_dir) / "checkpoints").is_dir():
         raise CoordinatorError(f"{out_dir}/checkpoints does not exist: run {previous[-1].run_id} checkpointed nothing "
                                "to resume from", EXIT_USAGE)
-    config = dict(previous[-1].run_config)
+    base = launch_to_resume(previous, Path(out_dir))
+    config = dict(base.run_config)
     config["resume"] = True
+    config["resume-from"] = str(Path(args.from_checkpoint).resolve()) if args.from_checkpoint else ""
     config.pop("stop-after-round", None)  # a resumed run goes to the end unless asked otherwise
     config.update(parse_overrides(args.config))
     if args.rounds is not None:
@@ -224,14 +280,63 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _launch(paths, config, args, resumed=True)
 
 
+def started_run_ids(out_dir: Path) -> set[int]:
+    """Runs that got through round 0 in out_dir (their setup/resume event in rounds.jsonl)."""
+    path = out_dir / "rounds.jsonl"
+    if not path.is_file():
+        return set()
+    found = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(event, dict) and event.get("event") in ("setup", "resume") and event.get("run_id") is not None:
+            found.add(int(event["run_id"]))
+    return found
+
+
+def launch_to_resume(launches: list[LaunchRecord], out_dir: Path) -> LaunchRecord:
+    """The launch whose config `resume` reuses: the latest that got through round 0 (it made the
+    checkpoints); later launches that did not are named with their reason and skipped."""
+    started = started_run_ids(out_dir)
+    outcome = read_outcome(out_dir) if (out_dir / "outcome.json").is_file() else None
+    for record in reversed(launches):
+        if record.run_id in started:
+            return record
+        why = (outcome.describe() if outcome is not None and outcome.run_id == record.run_id
+               else "it never got through round 0")
+        print(f"note: not reusing the config of run {record.run_id} ({record.launched_at}): {why}", file=sys.stderr)
+    raise CoordinatorError(f"no launch of {out_dir} got through round 0, so none made its checkpoints; fix the "
+                           "cause above and `launch` again with the config you mean", EXIT_USAGE)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """flwr's list of runs (or one run), then how each run launched from here ended."""
     paths = _paths(args)
     _apply_superlink_option(paths, args)
-    cmd = ["ls", CONNECTION] + (["--run-id", str(args.run_id)] if args.run_id else [])
-    proc = run_flwr(paths, cmd)
+    launches = read_launches(paths)
+    if args.run_id:
+        status = run_status(paths, args.run_id)
+        record = next((r for r in reversed(launches) if r.run_id == args.run_id), None)
+        if record is None:
+            print(f"run {args.run_id}: {status} (not launched from {paths.root}: no out-dir to read)")
+            return EXIT_OK
+        print(f"run {args.run_id}: {status}, out-dir {record.out_dir}", flush=True)
+        if not status.startswith("finished"):
+            outcome = _outcome_of(Path(record.out_dir), args.run_id)
+            print(f"run {args.run_id}: {outcome.describe() if outcome else 'no outcome recorded yet'}")
+            return EXIT_OK
+        return report_outcome(args.run_id, status, Path(record.out_dir))
+    proc = run_flwr(paths, ["ls", CONNECTION])
+    check_reachable(paths, proc)
     if proc.returncode != 0:
         raise CoordinatorError(flwr_error(proc))
     print(proc.stdout, end="")
+    for record in launches[-20:]:
+        outcome = _outcome_of(Path(record.out_dir), record.run_id)
+        print(f"run {record.run_id} ({record.out_dir}): "
+              f"{outcome.describe() if outcome else 'no outcome recorded (or a later run of this out-dir)'}")
     return EXIT_OK
 
 
@@ -278,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--rounds", type=int)
         q.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
                        help="run config (FederationConfig keys, kebab-case), e.g. local-steps=5")
-        q.add_argument("--wait", action="store_true", help="wait until the run finishes; exit 1 unless it completed")
+        q.add_argument("--wait", action="store_true",
+                       help="wait until the run finishes; exit 0 only if it completed with every site "
+                            "(1 failed, 4 a site was lost, 5 the SuperLink stopped answering)")
         q.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
+        q.add_argument("--unreachable-grace", type=float, default=120.0,
+                       help="seconds --wait keeps retrying a SuperLink that does not answer (then exit 5)")
 
     p = sub.add_parser("launch", help="start a run")
     connection_options(p)
@@ -287,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model config name (tiny, small, paper) or a YAML path")
     p.set_defaults(func=cmd_launch)
 
-    p = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    p = sub.add_parser("resume", help="continue a run from its latest checkpoint (or --from one)")
     connection_options(p)
     run_options(p)
+    p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
+                   help="resume from this checkpoint directory (e.g. RUN_DIR/checkpoints/step-00000001) instead "
+                        "of the latest; later checkpoints move to RUN_DIR/checkpoints-abandoned")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="list runs (or one run) on the SuperLink")

@@ -5,15 +5,23 @@ The `flwr` CLI talks to a SuperLink through a named connection in FLWR_HOME/conf
 FED/server/flwr-home, connection `healthfm`, with the federation's CA as `root-certificates`):
 `flwr supernode register KEY.pub healthfm` registers a site's public key and
 `flwr run APP_DIR healthfm --run-config FILE.toml` starts a run.
+
+A one-off `--superlink HOST:PORT` (use_superlink_once) writes its connection to a temporary
+FLWR_HOME for this command only: the address `coordinator superlink` saved stays as it was.
+A SuperLink that does not answer (SuperLinkUnreachable) is told apart from one that answers but
+knows no such run.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -25,6 +33,9 @@ from server.provision import FederationPaths
 log = logging.getLogger("healthfm.coordinator")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_SITE_LOST = 4  # the run completed, but a site that trained in round 1 was missing at the end
+EXIT_UNREACHABLE = 5  # the SuperLink did not answer: the run's state is unknown
+UNAVAILABLE = "connection to the superlink is unavailable"  # the `flwr` CLI's words, lower case
 CONNECTION = "healthfm"
 FLWR_TIMEOUT_S = 120
 
@@ -37,8 +48,34 @@ class CoordinatorError(Exception):
         self.status = status
 
 
+class SuperLinkUnreachable(CoordinatorError):
+    """The SuperLink did not answer (down, restarting, wrong address): not "no such run"."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_UNREACHABLE)
+
+
+# A one-off --superlink: FED root -> the temporary FLWR_HOME holding its connection.
+_ONE_OFF_HOMES: dict[Path, Path] = {}
+
+
 def flwr_home(paths: FederationPaths) -> Path:
+    """The `flwr` CLI's home: the saved connection, or this command's one-off --superlink."""
+    return _ONE_OFF_HOMES.get(paths.root.resolve(), paths.server_dir / "flwr-home")
+
+
+def saved_flwr_home(paths: FederationPaths) -> Path:
     return paths.server_dir / "flwr-home"
+
+
+def use_superlink_once(paths: FederationPaths, address: str, insecure: bool = False) -> Path:
+    """Talk to `address` for the rest of this process without touching the saved connection."""
+    paths.server_dir.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix=".flwr-home-once-", dir=paths.server_dir))
+    atexit.register(shutil.rmtree, home, True)
+    write_connection(paths, address, insecure, home=home)
+    _ONE_OFF_HOMES[paths.root.resolve()] = home
+    return home
 
 
 def flower_bin(name: str) -> str:
@@ -56,9 +93,10 @@ def flower_env(paths: FederationPaths) -> dict[str, str]:
     return env
 
 
-def write_connection(paths: FederationPaths, address: str, insecure: bool) -> Path:
-    """The `flwr` CLI's connection `healthfm` to this federation's SuperLink."""
-    home = flwr_home(paths)
+def write_connection(paths: FederationPaths, address: str, insecure: bool, home: Path | None = None) -> Path:
+    """The `flwr` CLI's connection `healthfm` to this federation's SuperLink (saved under
+    FED/server/flwr-home unless `home` is given)."""
+    home = home or saved_flwr_home(paths)
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
@@ -108,23 +146,53 @@ def start_run(paths: FederationPaths, app_dir: Path, config_file: Path) -> int:
         raise CoordinatorError(f"cannot read the run id from `flwr run` ({err}): {proc.stdout[-300:]}") from None
 
 
+def check_reachable(paths: FederationPaths, proc: subprocess.CompletedProcess) -> None:
+    """SuperLinkUnreachable when the `flwr` CLI says it could not connect (it exits 0 then)."""
+    text = (proc.stdout + proc.stderr).lower()
+    if UNAVAILABLE in text:
+        address = read_connection(paths).get("address", "?")
+        raise SuperLinkUnreachable(f"the SuperLink at {address} is unreachable (down or restarting?)")
+
+
 def run_status(paths: FederationPaths, run_id: int) -> str:
     proc = run_flwr(paths, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+    check_reachable(paths, proc)
     if proc.returncode != 0:
         raise CoordinatorError(f"cannot read the status of run {run_id}: {flwr_error(proc)}")
-    payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+    try:
+        payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
+        raise CoordinatorError(f"cannot read the status of run {run_id}: {proc.stdout[-300:]!r}") from None
+    if payload.get("success") is False:
+        raise CoordinatorError(f"cannot read the status of run {run_id}: "
+                               f"{' '.join(str(payload.get('error-message', '')).split())[:400]}")
     runs = payload.get("runs", [])
     if not runs:
-        raise CoordinatorError(f"the SuperLink knows no run {run_id}")
+        raise CoordinatorError(f"the SuperLink answers but knows no run {run_id}")
     return str(runs[0]["status"])
 
 
-def wait_for_run(paths: FederationPaths, run_id: int, timeout: float, poll: float = 2.0) -> str:
-    """Poll until the run is finished; its final status (e.g. finished:completed)."""
+def wait_for_run(paths: FederationPaths, run_id: int, timeout: float, poll: float = 2.0,
+                 unreachable_grace: float = 120.0) -> str:
+    """Poll until the run is finished; its final status (e.g. finished:completed). A SuperLink
+    that stops answering is retried for `unreachable_grace` seconds, then SuperLinkUnreachable."""
     deadline = time.monotonic() + timeout
     last = ""
+    lost_since: float | None = None
     while time.monotonic() < deadline:
-        status = run_status(paths, run_id)
+        try:
+            status = run_status(paths, run_id)
+        except SuperLinkUnreachable as err:
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                print(f"run {run_id}: {err}; retrying for up to {unreachable_grace:g} s", flush=True)
+            if now - lost_since >= unreachable_grace:
+                raise SuperLinkUnreachable(f"{err}: no answer for {now - lost_since:.0f} s while waiting for run "
+                                           f"{run_id} (last status {last or 'unknown'})") from None
+            time.sleep(poll)
+            continue
+        lost_since = None
         if status != last:
             print(f"run {run_id}: {status}", flush=True)
             last = status

@@ -15,7 +15,15 @@ Federated evaluation every `evaluate_every` rounds and after the last: each site
 splits and reports held-out metrics; the server takes n-weighted means.
 
 Outputs under out_dir: rounds.jsonl (one JSON object per event: setup, round, evaluate, resume),
-server.log, checkpoints/step-NNNNNNNN, vocabulary.json, evaluation.json, summary.md.
+server.log (the run's INFO log, in simulation and deployment), outcome.json (how the run ended,
+server/outcome.py), audit.jsonl, checkpoints/step-NNNNNNNN, vocabulary.json, evaluation.json,
+summary.md.
+
+A site that comes back: a SuperNode restarted mid-run has lost the setup (it lives in the node's
+Context.state); asked to train or evaluate, it answers "setup-needed" (SETUP_NEEDED_RECORD). The
+server sends it query.setup again and retries that site once within the same round (or
+evaluation). Every site of the run that did not train in a round is in that round's event with a
+status and reason ("absent" when it was not even addressed), and so in the audit log.
 
 Differential privacy: `privacy` (PrivacyRequest) asks every site for DP-SGD at a target epsilon
 over the run's planned rounds x local steps (or at a noise multiplier), with a clipping norm; it
@@ -34,8 +42,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +70,7 @@ from healthfm_core.federation import (
     CODE_STATS,
     METRICS_RECORD,
     SETUP,
+    SETUP_NEEDED_RECORD,
     EvalConfig,
     EvalReply,
     FederationSetup,
@@ -90,10 +100,15 @@ from server.config import (
     resume_conflicts,
 )
 from server.limits import default_max_reply_bytes, describe_limits
+from server.outcome import sites_lost, started, write_outcome
 from server.runlog import EventLog, message_bytes, read_events, write_summary
 from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin
 
 log = logging.getLogger("healthfm.server")
+_STEP_DIR = re.compile(r"step-(\d+)")
+# Before each round after round 0, how long the server waits for min_nodes sites (a SuperNode
+# restarting reconnects within this) before going on with those connected; never longer than timeout_s.
+REJOIN_WAIT_S = 60.0
 
 
 def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -102,7 +117,9 @@ def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> ModalityAwareFedAvg:
     """The run's strategy: its configuration only (every site sampled, each round's inputs passed
-    to it by FederationServer)."""
+    to it by FederationServer). It never waits for sites itself (Flower's sample_nodes would wait
+    for min_available_nodes without a limit, so one site down would stall the run for good):
+    FederationServer waits up to timeout_s for min_nodes before each round, then goes on."""
     opt = cfg.server_optimizer
     return ModalityAwareFedAvg(
         min_sites_per_group=cfg.min_sites_per_group,
@@ -111,7 +128,7 @@ def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> Modalit
         max_reply_bytes=max_reply_bytes,
         server_optimizer=GroupAdam(**opt.model_dump()) if opt else None,
         fraction_train=1.0, fraction_evaluate=1.0,
-        min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
+        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
     )
 
 
@@ -121,8 +138,8 @@ def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> Modalit
 class FederationServer:
     """Runs one federation on a Grid: round 0, the rounds, evaluation, checkpoints, logs."""
 
-    def __init__(self, grid: Grid, cfg: FederationConfig) -> None:
-        self.grid, self.cfg = grid, cfg
+    def __init__(self, grid: Grid, cfg: FederationConfig, run_id: int | None = None) -> None:
+        self.grid, self.cfg, self.run_id = grid, cfg, run_id
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.events = EventLog(self.out_dir / "rounds.jsonl")
@@ -131,6 +148,8 @@ class FederationServer:
         self.strategy: ModalityAwareFedAvg
         self.sites: dict[int, SiteCapabilities] = {}  # node id -> capabilities
         self.node_groups: dict[int, list[str]] = {}  # node id -> groups it trains (this run's sites)
+        self.setup: FederationSetup | None = None  # the run's setup, once agreed (re-sent to a restarted site)
+        self.rounds_done = 0
 
     # ------------------------------------------------------------------ messaging
 
@@ -154,12 +173,24 @@ class FederationServer:
                 log.warning("%s: no usable reply from site %s", message_type, self._site(node))
         return out
 
-    def _wait_for_nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.cfg.timeout_s
+    def _wait_for_nodes(self, before: str = "round 0") -> list[int]:
+        """Wait for min_nodes connected sites: up to timeout_s before round 0, which fails without
+        them; up to REJOIN_WAIT_S before a later round, which then goes on with the sites there are
+        (a site down for good must not stop the run; one restarting is given a minute)."""
+        limit = self.cfg.timeout_s if before == "round 0" else min(self.cfg.timeout_s, REJOIN_WAIT_S)
+        deadline = time.monotonic() + limit
+        said = 0.0
         while len(nodes := sorted(self.grid.get_node_ids())) < self.cfg.min_nodes:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of {self.cfg.min_nodes} sites connected within {self.cfg.timeout_s} s")
-            log.info("waiting for sites: %d connected, %d required", len(nodes), self.cfg.min_nodes)
+                if before == "round 0":
+                    raise TimeoutError(f"only {len(nodes)} of {self.cfg.min_nodes} sites connected within "
+                                       f"{self.cfg.timeout_s} s")
+                log.warning("%s: only %d of %d sites connected after %g s; going on without the others",
+                            before, len(nodes), self.cfg.min_nodes, limit)
+                break
+            if time.monotonic() - said > 30:
+                log.info("%s: waiting for sites: %d connected, %d required", before, len(nodes), self.cfg.min_nodes)
+                said = time.monotonic()
             time.sleep(1.0)
         return nodes
 
@@ -203,19 +234,42 @@ class FederationServer:
         log.info("model modalities: %s (the union of the sites')", modalities)
         return FederationSetup(vocabulary=vocab, model=self.cfg.model, model_seed=self.cfg.seed, modalities=modalities)
 
-    def send_setup(self, setup: FederationSetup) -> None:
+    def deliver_setup(self, setup: FederationSetup, nodes: Iterable[int]) -> set[int]:
+        """Send the setup (query.setup) to these nodes; the nodes that acknowledged its sha256."""
         record = ConfigRecord({"json": setup.to_json(), "sha256": setup.sha256})
-        replies = self._ask(SETUP, {n: RecordDict({"setup": record}) for n in self.sites})
+        replies = self._ask(SETUP, {n: RecordDict({"setup": record}) for n in nodes})
+        accepted = set()
+        for node, reply in replies.items():
+            if reply.content.config_records.get("setup", {}).get("sha256") == setup.sha256:
+                accepted.add(node)
+        return accepted
+
+    def send_setup(self, setup: FederationSetup) -> None:
+        self.setup = setup
+        accepted = self.deliver_setup(setup, list(self.sites))
         for node in list(self.sites):
-            reply = replies.get(node)
-            ack = reply.content.config_records.get("setup", {}).get("sha256") if reply else None
-            if ack != setup.sha256:
+            if node not in accepted:
                 log.warning("site %s did not accept the setup; it takes no part in this run", self._site(node))
                 self.node_groups.pop(node, None)
         # A site is sent only groups the model has (e.g. no genomics when no PRS trait was agreed).
         self.node_groups = {node: [g for g in groups if g in setup.groups] for node, groups in self.node_groups.items()}
         if not self.node_groups:
             raise RuntimeError("no site accepted the setup")
+
+    @staticmethod
+    def setup_needed(replies: Iterable[Message], sent: Sequence[Message]) -> set[int]:
+        """The nodes whose reply says they lack the run's setup (their SuperNode restarted)."""
+        return {origin(r, sent) for r in replies if not r.has_error() and SETUP_NEEDED_RECORD in r.content.config_records}
+
+    def resend_setup(self, nodes: set[int], what: str) -> set[int]:
+        """Send the setup again to nodes that lost it; those that took it (and may be retried)."""
+        assert self.setup is not None
+        names = ", ".join(sorted(self._site(n) for n in nodes))
+        log.warning("%s: site(s) %s no longer hold the setup (SuperNode restarted?): sending it again", what, names)
+        accepted = self.deliver_setup(self.setup, sorted(nodes))
+        for node in sorted(nodes - accepted):
+            log.warning("%s: site %s did not accept the setup sent again", what, self._site(node))
+        return accepted
 
     # ------------------------------------------------------------------ resume
 
@@ -231,11 +285,16 @@ class FederationServer:
     def initial_state(self) -> tuple[ServerState | None, Path | None]:
         latest = latest_server_checkpoint(self.ckpt_dir)
         if self.cfg.resume:
-            if latest is None:
+            chosen = Path(self.cfg.resume_from) if self.cfg.resume_from else latest
+            if chosen is None:
                 raise FileNotFoundError(f"resume requested but {self.ckpt_dir} holds no checkpoint")
-            state = load_server_checkpoint(latest)
+            state = load_server_checkpoint(chosen)  # refuses a corrupted or edited checkpoint
             self._check_resumable(state.run_config)
-            return state, latest
+            if self.cfg.resume_from:
+                self._set_aside_after(state.round)
+            return state, chosen
+        if self.cfg.resume_from:
+            raise ValueError(f"run config resume-from {self.cfg.resume_from!r} is set but resume is not")
         if latest is not None:
             raise FileExistsError(
                 f"{self.out_dir} already holds a run (checkpoint {latest.name}); resume it (resume=true) "
@@ -243,18 +302,59 @@ class FederationServer:
             )
         return None, None
 
+    def _set_aside_after(self, rnd: int) -> None:
+        """Resuming from an earlier checkpoint (resume-from): later ones under checkpoints/ belong to
+        the abandoned continuation; they move to checkpoints-abandoned/ so that "the latest
+        checkpoint" is this run's again (and nothing is deleted)."""
+        if not self.ckpt_dir.is_dir():
+            return
+        for path in sorted(self.ckpt_dir.iterdir()):
+            m = _STEP_DIR.fullmatch(path.name)
+            if m and int(m.group(1)) > rnd:
+                dest = self.out_dir / "checkpoints-abandoned" / f"{path.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(dest)
+                log.warning("resuming from round %d: later checkpoint %s moved to %s", rnd, path, dest)
+
     # ------------------------------------------------------------------ the run
 
     def run(self) -> Path | None:
-        """Run (or resume) the federation; returns the last checkpoint written."""
+        """Run (or resume) the federation; returns the last checkpoint written. outcome.json says
+        how it ended (the exception's reason when it fails, the sites lost when it completes)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.out_dir / "server.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("healthfm").addHandler(handler)
+        handler.setLevel(logging.INFO)
+        logger = logging.getLogger("healthfm")
+        # In deployment the flwr-serverapp process leaves the root logger at WARNING: without a
+        # level of its own, "healthfm" dropped every INFO line and server.log stayed empty.
+        level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        outcome = started(self.run_id, self.cfg.rounds, 0)
+        write_outcome(self.out_dir, outcome)
         try:
-            return self._run()
+            log.info("run %s: out_dir %s, %d rounds%s", self.run_id if self.run_id is not None else "-", self.out_dir,
+                     self.cfg.rounds, ", resume" if self.cfg.resume else "")
+            last = self._run()
+        except BaseException as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:1000]
+            log.error("run failed: %s", reason)
+            write_outcome(self.out_dir, outcome.model_copy(update=dict(
+                status="failed", reason=reason, rounds_done=self.rounds_done, finished_at=time.time())))
+            raise
+        else:
+            events_path = self.out_dir / "rounds.jsonl"
+            lost = sites_lost(read_events(events_path)) if events_path.is_file() else {}
+            for site, why in sorted(lost.items()):
+                log.error("site %s was lost: %s", site, why)
+            write_outcome(self.out_dir, outcome.model_copy(update=dict(
+                status="completed", sites_lost=lost, rounds_done=self.rounds_done, finished_at=time.time())))
+            return last
         finally:
-            logging.getLogger("healthfm").removeHandler(handler)
+            logger.removeHandler(handler)
+            logger.setLevel(level)
             handler.close()
 
     def _run(self) -> Path | None:
@@ -280,8 +380,9 @@ class FederationServer:
         setup.vocabulary.save(self.out_dir / "vocabulary.json")
         self.send_setup(setup)
         round0 = time.perf_counter() - t0
+        self.rounds_done = start
         start_event = dict(
-            event="resume" if state is not None else "setup", round=start, seconds=round0, setup_sha256=setup.sha256,
+            event="resume" if state is not None else "setup", run_id=self.run_id, round=start, seconds=round0, setup_sha256=setup.sha256,
             vocab_size=setup.vocabulary.vocab_size, checkpoint=str(ckpt_path) if ckpt_path else None,
             sites={caps.site: {"node_id": node, "modalities": caps.modalities, "subjects": caps.subjects,
                                "groups": self.node_groups.get(node, [])}
@@ -300,6 +401,7 @@ class FederationServer:
             log.info("nothing to do: %d of %d rounds already done", start, cfg.rounds)
         for rnd in range(start + 1, end + 1):
             arrays, last = self.train_round(rnd, setup, arrays)
+            self.rounds_done = rnd
             if rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0):
                 self.evaluate(rnd, setup, arrays)
         write_summary(self.out_dir)
@@ -314,6 +416,7 @@ class FederationServer:
             fp16_transport=cfg.fp16_transport, setup_sha256=setup.sha256,
             weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model), **cfg.privacy.round_fields(),
         )
+        self._wait_for_nodes(f"round {rnd}")
         messages = self.strategy.train_messages(rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid,
                                                 self.node_groups)
         sites: dict[str, dict[str, Any]] = {}
@@ -326,6 +429,8 @@ class FederationServer:
             }
         t_sent = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.timeout_s))
+        if need := self.setup_needed(replies, messages):
+            messages, replies = self._retry_train(rnd, need, messages, replies, sites)
         t_replied = time.perf_counter()
         # origin: the SuperLink answers for a dead SuperNode from its own node id.
         replies.sort(key=lambda m: self._site(origin(m, messages)))
@@ -337,6 +442,7 @@ class FederationServer:
         outcome = self.strategy.aggregate(rnd, replies, current_arrays=arrays, node_groups=self.node_groups,
                                           sent=messages)
         self._record_outcome(sites, outcome, replies, messages)
+        self._record_absent(sites)
         if outcome.arrays is not None:
             arrays = outcome.arrays
         rejected = [{"site": self._site(r.node_id), "node_id": r.node_id, "reason": r.reason}
@@ -368,6 +474,7 @@ class FederationServer:
             "round", round=rnd, rounds=cfg.rounds, weights=round_cfg.weights.model_dump(), sites=sites,
             privacy=cfg.privacy.model_dump(), epsilon=epsilon,
             rejected=rejected, contributors=contributors, losses=losses,
+            absent={n: f"{e['status']}: {e.get('reason', '')}" for n, e in sorted(sites.items()) if e["status"] != "ok"},
             updated=outcome.arrays is not None, bytes_sent=sum(e.get("bytes_sent", 0) for e in sites.values()),
             bytes_received=sum(e.get("bytes_received", 0) for e in sites.values()), timings=timings,
             checkpoint=str(path),
@@ -383,6 +490,49 @@ class FederationServer:
                      ",".join(e.get("groups_sent", [])), e.get("bytes_sent", 0), e.get("bytes_received", 0),
                      f" ({e['reason']})" if "reason" in e else "")
         return arrays, path
+
+    def _retry_train(self, rnd: int, need: set[int], messages: list[Message], replies: list[Message],
+                     sites: dict[str, dict[str, Any]]) -> tuple[list[Message], list[Message]]:
+        """Sites that lost the setup get it again and one more train message this round; the
+        messages and replies the strategy then aggregates (a second "setup-needed": left out)."""
+        kept = [m for m in messages if m.metadata.dst_node_id not in need]
+        replies = [r for r in replies if origin(r, messages) not in need]
+        for node in need:
+            sites[self._site(node)].update(status="no setup", reason="lost the run's setup (SuperNode restarted?); "
+                                                                     "it was not accepted again")
+        accepted = self.resend_setup(need, f"round {rnd}")
+        # The same content again (the same arrays and RoundConfig), in a new message.
+        retry = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
+                 for m in messages if m.metadata.dst_node_id in accepted]
+        if not retry:
+            return kept, replies
+        for msg in retry:
+            entry = sites[self._site(msg.metadata.dst_node_id)]
+            entry.update(status="no reply", setup_resent=True, bytes_sent=entry["bytes_sent"] + message_bytes(msg))
+            entry.pop("reason", None)
+        retry_replies = list(self.grid.send_and_receive(retry, timeout=self.cfg.timeout_s))
+        again = self.setup_needed(retry_replies, retry)
+        for node in again:
+            sites[self._site(node)].update(status="no setup", reason="asked for the setup again after receiving it")
+        return ([*kept, *(m for m in retry if m.metadata.dst_node_id not in again)],
+                [*replies, *(r for r in retry_replies if origin(r, retry) not in again)])
+
+    def _record_absent(self, sites: dict[str, dict[str, Any]]) -> None:
+        """Every site of the run appears in the round: one not addressed is "absent", with why;
+        one addressed that never answered says how long it was waited for."""
+        for node, caps in self.sites.items():
+            if caps.site in sites:
+                continue
+            if node not in self.node_groups:
+                why = "did not accept the run's setup in round 0"
+            elif node not in set(self.grid.get_node_ids()):
+                why = "not connected to the SuperLink"
+            else:
+                why = "not sampled"
+            sites[caps.site] = {"node_id": node, "status": "absent", "reason": why}
+        for entry in sites.values():
+            if entry.get("status") == "no reply" and "reason" not in entry:
+                entry["reason"] = f"no reply within timeout-s {self.cfg.timeout_s:g} s"
 
     def _record_outcome(self, sites: dict[str, dict[str, Any]], outcome: RoundOutcome, replies: list[Message],
                         sent: list[Message]) -> None:
@@ -428,12 +578,21 @@ class FederationServer:
         eval_cfg = EvalConfig(round=rnd, tasks=cfg.eval_task_specs(), setup_sha256=setup.sha256, batch_size=max(cfg.batch_size, 32),
                               max_events=cfg.max_events, max_patches=cfg.max_patches, n_boot=cfg.eval_n_boot, seed=cfg.seed)
         record = _to_record(arrays)
+        connected = set(self._wait_for_nodes(f"evaluation after round {rnd}"))
         contents = {
             node: RecordDict({"arrays": self.strategy.arrays_for_groups(record, groups),
                               "config": ConfigRecord(eval_cfg.to_flat())})
-            for node, groups in sorted(self.node_groups.items())
+            for node, groups in sorted(self.node_groups.items()) if node in connected
         }
         replies = self._ask(MessageType.EVALUATE, contents)
+        need = {n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records}
+        if need:  # restarted sites: the setup again, then one more evaluate message each
+            for node in need:
+                replies.pop(node)
+            accepted = self.resend_setup(need, f"evaluation after round {rnd}")
+            replies.update(self._ask(MessageType.EVALUATE, {n: contents[n] for n in sorted(accepted)}))
+            for node in [n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records]:
+                replies.pop(node)
         per_site: dict[str, EvalReply] = {}
         for node, reply in sorted(replies.items(), key=lambda kv: self._site(kv[0])):
             try:
@@ -446,8 +605,15 @@ class FederationServer:
         aggregated = aggregate_site_metrics(per_site)
         seconds = time.perf_counter() - t0
         flat = {site: reply.to_records() for site, reply in per_site.items()}
+        absent = {caps.site: ("did not accept the run's setup in round 0" if node not in self.node_groups
+                              else "not connected to the SuperLink" if node not in contents
+                              else "lost the setup and did not take it again" if node in need and node not in replies
+                              else "no usable evaluation reply (see server.log)")
+                  for node, caps in sorted(self.sites.items()) if caps.site not in per_site}
         asked = {"tasks": task_keys(eval_cfg.tasks), "asked_sites": sorted(self._site(n) for n in self.node_groups)}
-        self.events.write("evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds, **asked)
+        self.events.write("evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds, absent=absent,
+                          **asked)
+        self.audit.write_evaluation(rnd, sorted(per_site), absent)
         atomic_write_text(self.out_dir / "evaluation.json",
                            json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated, **asked}, indent=1))
         log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
@@ -484,7 +650,7 @@ def make_server_app(config: FederationConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else FederationConfig.from_run_config(context.run_config)
-        FederationServer(grid, cfg).run()
+        FederationServer(grid, cfg, run_id=context.run_id).run()
 
     return app
 

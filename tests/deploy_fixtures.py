@@ -38,7 +38,9 @@ POLICY = ["--node-config", "min-code-subjects=5", "--node-config", "min-report-s
 
 def env() -> dict[str, str]:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    e.pop("PYTHONPATH", None)
+    # The Flower processes (flwr-serverapp, flwr-clientapp) import this checkout, not whichever
+    # one the environment has installed (an editable install may point at another worktree).
+    e["PYTHONPATH"] = str(REPO)
     return e
 
 

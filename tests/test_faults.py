@@ -1,11 +1,18 @@
 """Fault tests with real processes on 127.0.0.1: a SuperLink with TLS + SuperNode authentication and
 three SuperNodes started with `client.py join` (fixtures in tests/deploy_fixtures.py).
 
+- A ServerApp run stopped mid-run (`flwr stop`) and resumed from its last checkpoint ends with
+  global weights (and server-optimiser state) bit-for-bit equal to an uninterrupted run's.
+- A site frozen (SIGSTOP) past the round timeout: the run goes on and completes without it, the
+  coordinator is told the site was lost (exit 4); after it, `join` leaves no Flower process behind.
+- A SuperNode killed mid-round and restarted (same key, same node id): it gets the setup again
+  and trains in a later round of the same run; every round it missed is in the audit log.
 - A SuperNode killed (SIGKILL) as round 1 starts: the round completes with the other two sites,
   the dead site is recorded (rounds.jsonl and the audit log) and contributes nothing; the site
   then rejoins with the same key and takes part in the next run.
-- A ServerApp run stopped mid-run (`flwr stop`) and resumed from its last checkpoint ends with
-  global weights (and server-optimiser state) bit-for-bit equal to an uninterrupted run's.
+- The SuperLink killed mid-run (with its ServerApp): `launch --wait` says it is unreachable (exit
+  5, not "no such run"); restarted on the same database, `resume` ends with the weights of an
+  uninterrupted run, bit for bit.
 
 Elsewhere: an unregistered key cannot join (tests/test_deployment.py), a corrupted checkpoint is
 refused on resume (tests/test_hardening.py). Both tests here take minutes on 2 cores: slow.
@@ -40,10 +47,37 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 from server.audit import AUDIT_FILE, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.coordinator import read_launches
-from server.flwr_control import CONNECTION, run_flwr
+from server.flwr_control import CONNECTION, EXIT_SITE_LOST, EXIT_UNREACHABLE, run_flwr
+from server.outcome import read_outcome
 from server.provision import FederationPaths
 
 pytestmark = pytest.mark.slow
+
+
+# One uninterrupted run, shared by the tests that resume (its out-dir outlives the test that made it).
+RESUME_RUN = [*TINY_RUN, "-c", "server-optimizer-lr=0.01"]  # the optimiser's moments must survive too
+_STRAIGHT: list[Path] = []
+
+
+def straight_run(federation: FederationPaths, tmp_path: Path) -> Path:
+    if not _STRAIGHT:
+        out = tmp_path / "straight"
+        result = run_coordinator("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *RESUME_RUN,
+                                 "--wait", "--timeout", "540", timeout=580)
+        assert result.returncode == 0, result.stderr
+        _STRAIGHT.append(out)
+    return _STRAIGHT[0]
+
+
+def assert_same_weights(straight: Path, out: Path) -> None:
+    a = load_server_checkpoint(latest_server_checkpoint(straight / "checkpoints"))
+    b = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))
+    assert a.round == b.round == 3 and a.setup.sha256 == b.setup.sha256
+    assert a.arrays.keys() == b.arrays.keys() and a.strategy and a.strategy.keys() == b.strategy.keys()
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    for key in a.strategy:
+        np.testing.assert_array_equal(a.strategy[key], b.strategy[key], err_msg=key)
 
 
 class Background:
@@ -77,9 +111,53 @@ def has_event(out: Path, name: str) -> bool:
                                   if ln.strip().endswith("}"))
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (whatever session or group it moved to), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def signal_tree(proc: Process, signum: int) -> list[int]:
+    """Send signum to the join process and every process below it (the SuperNode is in a
+    session of its own); the pids signalled."""
+    pids = [proc.proc.pid, *descendants(proc.proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def kill_hard(proc: Process) -> None:
-    """SIGKILL the join process and its SuperNode (its process group): no goodbye to the SuperLink."""
-    os.killpg(proc.proc.pid, signal.SIGKILL)
+    """SIGKILL the join process and everything below it: no goodbye to the SuperLink."""
+    signal_tree(proc, signal.SIGKILL)
     proc.proc.wait(timeout=10)
 
 
@@ -99,11 +177,8 @@ def rejoin(federation: FederationPaths, sites: dict[str, Path], name: str, addre
 
 def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
         joined: dict[str, Process], federation: FederationPaths, tmp_path: Path) -> None:
-    run = [*TINY_RUN, "-c", "server-optimizer-lr=0.01"]  # its moments must survive the stop too
-    straight = tmp_path / "straight"
-    result = run_coordinator("launch", str(federation.root), "--out-dir", str(straight), "--rounds", "3", *run,
-                             "--wait", "--timeout", "540", timeout=580)
-    assert result.returncode == 0, result.stderr
+    run = RESUME_RUN
+    straight = straight_run(federation, tmp_path)
 
     out = tmp_path / "stopped"
     launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *run,
@@ -123,17 +198,90 @@ def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
     events, rounds = round_events(out)
     assert any(e["event"] == "resume" and e["round"] == stopped_at for e in events)
     assert sorted(rounds) == [1, 2, 3]
-    a = load_server_checkpoint(latest_server_checkpoint(straight / "checkpoints"))
-    b = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))
-    assert a.round == b.round == 3 and a.setup.sha256 == b.setup.sha256
-    assert a.arrays.keys() == b.arrays.keys() and a.strategy and a.strategy.keys() == b.strategy.keys()
-    for key in a.arrays:
-        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
-    for key in a.strategy:
-        np.testing.assert_array_equal(a.strategy[key], b.strategy[key], err_msg=key)
+    assert_same_weights(straight, out)
     # The audit log of the stopped-and-resumed run holds every round once per site after the resume.
     records = list(read_audit_log(out / AUDIT_FILE))
     assert [r["resumed"] for r in records if r["record"] == "run"] == [False, True]
+
+
+def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
+        joined: dict[str, Process], federation: FederationPaths, tmp_path: Path) -> None:
+    victim = "genomics"
+    out = tmp_path / "run"
+    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "2", *TINY_RUN,
+                        "-c", "timeout-s=180", "--wait", "--timeout", "1200", timeout=1250)
+    wait_until(lambda: has_event(out, "round"), 900, "round 1")
+    frozen = signal_tree(joined[victim], signal.SIGSTOP)  # past the round timeout: it never answers
+    try:
+        launch.join(1250)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    result = launch.result
+    # The run went on and completed without the frozen site, and the coordinator says it lost it.
+    assert result.returncode == EXIT_SITE_LOST, (result.stdout, result.stderr)
+    assert "finished:completed" in result.stdout and f"lost site(s): {victim}" in result.stderr
+    _, rounds = round_events(out)
+    assert sorted(rounds) == [1, 2] and rounds[1]["sites"][victim]["status"] == "ok"
+    last = rounds[2]["sites"]
+    assert last[victim]["status"] in ("error", "no reply", "absent") and last[victim]["reason"], last[victim]
+    assert all(last[s]["status"] == "ok" for s in SITES if s != victim) and rounds[2]["updated"] is True
+    outcome = read_outcome(out)
+    assert outcome.status == "completed" and set(outcome.sites_lost) == {victim}
+    audit = list(read_audit_log(out / AUDIT_FILE))
+    missed = [r for r in audit if r["record"] == "site-round" and r["round"] == 2 and r["site"] == victim]
+    assert missed and missed[0]["status"] != "ok" and missed[0]["reason"]
+    evaluation = [r for r in audit if r["record"] == "evaluation"]
+    assert evaluation and victim in evaluation[-1]["absent"] and victim not in evaluation[-1]["reported"]
+    server_log = (out / "server.log").read_text()  # the deployed ServerApp's INFO log
+    assert "round 2/2" in server_log and "evaluation after round 2" in server_log
+
+    # No Flower process outlives `join` (SIGTERM to join only: it takes its SuperNode's group down).
+    for name, proc in joined.items():
+        tree = descendants(proc.proc.pid)
+        names = " ".join(command(pid) for pid in tree)
+        assert "flower-supernode" in names, (name, names)
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        proc.proc.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(alive(pid) for pid in tree):
+            time.sleep(0.5)
+        left = {pid: command(pid) for pid in tree if alive(pid)}
+        assert not left, (name, left)
+
+
+def test_a_restarted_supernode_gets_the_setup_again_and_trains(
+        joined: dict[str, Process], federation: FederationPaths, sites: dict[str, Path], superlink: str,
+        tmp_path: Path) -> None:
+    victim = "hospital"
+    out = tmp_path / "run"
+    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *TINY_RUN,
+                        "--wait", "--timeout", "1200", timeout=1250)
+    wait_until(lambda: has_event(out, "setup"), 600, "round 0")
+    kill_hard(joined[victim])  # mid round 1
+    joined[victim] = rejoin(federation, sites, victim, superlink, tmp_path / f"state-{victim}",
+                            tmp_path / f"rejoin-{victim}")
+    launch.join(1250)
+    result = launch.result
+    outcome = read_outcome(out)
+    # 0; or 4 only when another site was lost meanwhile (on a machine loaded enough for the
+    # SuperLink's SQLite to answer a SuperNode "500 database is locked", that SuperNode stalls).
+    assert result.returncode == (EXIT_SITE_LOST if outcome.sites_lost else 0), (result.stdout, result.stderr)
+    assert victim not in outcome.sites_lost and outcome.status == "completed"
+    _, rounds = round_events(out)
+    assert sorted(rounds) == [1, 2, 3]
+    assert rounds[1]["sites"][victim]["status"] != "ok"
+    # Back: it asked for the setup, got it again, and trained in the same run.
+    assert any(rounds[r]["sites"][victim].get("setup_resent") for r in (2, 3)), rounds
+    assert rounds[3]["sites"][victim]["status"] == "ok" and victim in rounds[3]["contributors"]["shared"]
+    audit = [r for r in read_audit_log(out / AUDIT_FILE) if r["record"] == "site-round" and r["site"] == victim]
+    assert audit[0]["round"] == 1 and audit[0]["status"] != "ok" and audit[0]["reason"]
+    assert audit[-1]["round"] == 3 and audit[-1]["status"] == "ok"
+    evaluation = [r for r in read_audit_log(out / AUDIT_FILE) if r["record"] == "evaluation"]
+    assert victim in evaluation[-1]["reported"] and victim not in evaluation[-1]["absent"]
 
 
 # Last in the module: the SuperLink may count the killed site's key as connected for a while
@@ -183,3 +331,50 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
     assert again.returncode == 0, again.stderr
     _, rounds2 = round_events(out2)
     assert {s: e["status"] for s, e in rounds2[1]["sites"].items()} == {s: "ok" for s in SITES}
+
+
+def superlink_wrapper(federation: FederationPaths) -> int:
+    """The pid of `python -m server.coordinator superlink FED` (the superlink fixture's process)."""
+    found = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+             if "server.coordinator superlink" in command(int(p.parent.name))
+             and str(federation.root) in command(int(p.parent.name))]
+    assert len(found) == 1, found
+    return found[0]
+
+
+# After every other test here: it replaces the module's SuperLink.
+def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical(
+        joined: dict[str, Process], federation: FederationPaths, superlink: str, tmp_path: Path) -> None:
+    straight = straight_run(federation, tmp_path)
+    out = tmp_path / "run"
+    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *RESUME_RUN,
+                        "--wait", "--timeout", "540", "--unreachable-grace", "20", timeout=580)
+    wait_until(lambda: latest_server_checkpoint(out / "checkpoints") is not None, 300, "round 1's checkpoint")
+    wrapper = superlink_wrapper(federation)
+    tree = [wrapper, *descendants(wrapper)]  # flower-superlink, its SuperExec and the run's ServerApp
+    assert any("flwr-serverapp" in command(pid) for pid in tree), [command(p) for p in tree]
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    launch.join(300)
+    result = launch.result
+    assert result.returncode == EXIT_UNREACHABLE, (result.stdout, result.stderr)
+    assert "unreachable" in result.stderr and "knows no run" not in result.stdout + result.stderr
+    stopped_at = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints")).round
+    assert stopped_at < 3
+
+    port = superlink.rsplit(":", 1)[1]
+    again = Process([sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", port],
+                    tmp_path / "superlink-again.out")
+    try:
+        assert again.wait_for("Uvicorn running on https://127.0.0.1", 300), again.output()[-3000:]
+        resumed = run_coordinator("resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "540",
+                                  timeout=580)
+        assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
+        events, rounds = round_events(out)
+        assert any(e["event"] == "resume" and e["round"] == stopped_at for e in events)
+        assert sorted(rounds) == [1, 2, 3]
+        assert_same_weights(straight, out)
+    finally:
+        for proc in joined.values():  # the sites first, while their SuperLink still answers
+            proc.stop()
+        again.stop()

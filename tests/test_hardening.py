@@ -8,6 +8,7 @@ input in tests/test_bad_input.py.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 import time
@@ -17,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 from deploy_fixtures import Process, free_port
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import train_reply_content
+from client.client_app import make_client_app, train_reply_content
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
@@ -44,10 +47,21 @@ from server.checkpoint import (
     save_server_checkpoint,
 )
 from server.config import FederationConfig
+from server.coordinator import LaunchRecord, launch_to_resume, report_outcome
 from server.coordinator import main as coordinator_main
 from server.flwr_app import default_run_config
+from server.flwr_control import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SITE_LOST,
+    EXIT_UNREACHABLE,
+    CoordinatorError,
+    write_connection,
+)
 from server.limits import array_record_bytes, default_max_reply_bytes
+from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
 from server.provision import ProvisionConfig, provision
+from server.runlog import read_events
 from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, origin
 
@@ -150,8 +164,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> FederationSetup:
 
 
 def fed_config(out_dir: Path, **overrides) -> FederationConfig:
-    return FederationConfig(out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1,
-                            eval_tasks=["onset_hypertension_365d"], **overrides)
+    base = dict(out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1,
+                eval_tasks=["onset_hypertension_365d"])
+    return FederationConfig(**{**base, **overrides})
 
 
 def write_checkpoint(out_dir: Path, setup: FederationSetup) -> Path:
@@ -303,3 +318,200 @@ def test_limits_are_run_config_keys() -> None:
     assert (cfg.max_reply_bytes, cfg.timeout_s) == (1000, 30)
     with pytest.raises(ValueError, match="reply_size_margin"):
         FederationConfig.from_run_config({**flat, "out-dir": "/tmp/x", "reply-size-margin": 0.5})
+
+
+# ---------------------------------------------------------------------------- what the coordinator sees
+
+
+def test_a_refused_checkpoint_reaches_server_log_outcome_and_the_coordinator(
+        setup: FederationSetup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    ckpt = write_checkpoint(out, setup)
+    _flip_byte(ckpt / ARRAYS_FILE, 100)
+    # As in a deployed flwr-serverapp process: the root logger at WARNING, "healthfm" unset.
+    root, healthfm = logging.getLogger(), logging.getLogger("healthfm")
+    saved = root.level, healthfm.level
+    root.setLevel(logging.WARNING)
+    healthfm.setLevel(logging.NOTSET)
+    try:
+        with pytest.raises(CheckpointError):
+            FederationServer(grid=None, cfg=fed_config(out, resume=True), run_id=7).run()
+    finally:
+        root.setLevel(saved[0])
+        healthfm.setLevel(saved[1])
+    log_text = (out / "server.log").read_text()
+    assert " INFO healthfm.server: run 7: out_dir" in log_text  # the INFO log, not only warnings
+    assert " ERROR healthfm.server: run failed: CheckpointError: refusing checkpoint" in log_text
+    outcome = read_outcome(out)
+    assert outcome is not None and outcome.run_id == 7 and outcome.status == "failed"
+    assert outcome.reason.startswith("CheckpointError: refusing checkpoint") and str(ckpt) in outcome.reason
+    # `launch --wait` / `status` print that reason and fail.
+    assert report_outcome(7, "finished:failed", out) == EXIT_FAILED
+    assert "refusing checkpoint" in capsys.readouterr().err
+    # Another run's outcome is not this one's.
+    assert report_outcome(8, "finished:failed", out) == EXIT_FAILED
+    assert "records nothing for it" in capsys.readouterr().err
+
+
+def _round(rnd: int, statuses: dict[str, str]) -> dict:
+    return {"event": "round", "round": rnd,
+            "sites": {s: {"status": st, **({"reason": "Node Unavailable"} if st == "error" else {})}
+                      for s, st in statuses.items()}}
+
+
+def test_a_site_lost_after_round_one_fails_the_coordinator(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    events = [
+        _round(1, {"biobank": "ok", "hospital": "ok", "genomics": "ok", "late": "error"}),
+        _round(2, {"biobank": "ok", "hospital": "error", "genomics": "ok", "late": "ok"}),
+        {"event": "evaluate", "round": 2, "sites": {"biobank": {}, "late": {}},
+         "absent": {"hospital": "x", "genomics": "no usable evaluation reply"}},
+    ]
+    lost = sites_lost(events)
+    assert set(lost) == {"hospital", "genomics"}  # "late" never trained in round 1: not lost
+    assert "Node Unavailable" in lost["hospital"] and "no evaluation after round 2" in lost["genomics"]
+    assert sites_lost(events[:2] + [{"event": "evaluate", "round": 1, "sites": {}}]) == {"hospital": lost["hospital"]}
+    outcome = RunOutcome(run_id=3, status="completed", sites_lost=lost, rounds=2, rounds_done=2, started_at=0.0)
+    write_outcome(tmp_path, outcome)
+    assert report_outcome(3, "finished:completed", tmp_path) == EXIT_SITE_LOST
+    err = capsys.readouterr().err
+    assert "lost site(s): genomics" in err and "hospital (round 2: error: Node Unavailable)" in err
+    write_outcome(tmp_path, outcome.model_copy(update={"sites_lost": {}}))
+    assert report_outcome(3, "finished:completed", tmp_path) == EXIT_OK
+
+
+def test_resume_skips_a_launch_that_failed_before_round_zero(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    good = LaunchRecord(run_id=1, out_dir=str(out), run_config={"rounds": 3}, launched_at="t1")
+    bad = LaunchRecord(run_id=2, out_dir=str(out), run_config={"rounds": 3, "model": "paper"}, launched_at="t2",
+                       resumed=True)
+    with pytest.raises(CoordinatorError, match="no launch of .* got through round 0"):
+        launch_to_resume([good, bad], out)
+    (out / "rounds.jsonl").write_text(json.dumps({"event": "setup", "run_id": 1, "round": 0}) + "\n{cut sh")
+    write_outcome(out, RunOutcome(run_id=2, status="failed", reason="ValueError: cannot resume: model differs",
+                                  started_at=0.0))
+    assert launch_to_resume([good, bad], out) is good
+    err = capsys.readouterr().err
+    assert "not reusing the config of run 2" in err and "cannot resume: model differs" in err
+
+
+def test_an_unreachable_superlink_is_not_an_unknown_run_and_a_one_off_address_is_not_saved(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    paths = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
+    saved = write_connection(paths, f"127.0.0.1:{free_port()}", insecure=False)  # nothing listens there
+    before = saved.read_bytes()
+    assert coordinator_main(["status", str(paths.root), "--run-id", "3"]) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "knows no run" not in err
+    other = f"127.0.0.1:{free_port()}"
+    assert coordinator_main(["status", str(paths.root), "--superlink", other]) == EXIT_UNREACHABLE
+    assert other in capsys.readouterr().err  # it used the one-off address ...
+    assert saved.read_bytes() == before  # ... and did not save it
+
+
+# ---------------------------------------------------------------------------- a site that comes back
+
+
+class InProcessGrid(Grid):
+    """Each site's real ClientApp called in this process with one Context per node, errors
+    turned into error replies as Flower does. A restarted SuperNode is a fresh Context: what
+    `restart` does to a node before the given train exchange."""
+
+    def __init__(self, node_configs: dict[int, dict], restart: tuple[int, int] | None = None) -> None:
+        self.app = make_client_app()
+        self.node_configs = node_configs
+        self.contexts = {n: self._fresh(n) for n in node_configs}
+        self.restart, self.train_exchanges = restart, 0
+
+    def _fresh(self, node: int) -> Context:
+        return Context(run_id=1, node_id=node, node_config=dict(self.node_configs[node]), state=RecordDict(),
+                       run_config={})
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - unused by FederationServer
+        raise NotImplementedError
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids) -> list[Message]:  # noqa: ANN001
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_exchanges += 1
+            if self.restart is not None and self.restart[1] == self.train_exchanges:
+                self.contexts[self.restart[0]] = self._fresh(self.restart[0])  # the SuperNode restarted
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{self.train_exchanges}-{i}-{msg.metadata.dst_node_id}"
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as err:  # what a SuperNode sends back when its ClientApp raises
+                replies.append(Message(Error(code=0, reason=str(err)), reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower sets in a ServerApp process before main() (the Message constructor reads it)."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_path: Path) -> None:
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes = {100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2,
+                       "state-dir": str(tmp_path / f"state-{s.name}")}
+             for i, s in enumerate(manifest.sites)}
+    victim = next(n for n, c in nodes.items() if c["site-name"] == "hospital")
+    grid = InProcessGrid(nodes, restart=(victim, 2))  # before round 2
+    out = tmp_path / "run"
+    cfg = fed_config(out, local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=3,
+                     vocab_min_subjects=5, eval_n_boot=10, timeout_s=60)
+    FederationServer(grid, cfg, run_id=1).run()
+    rounds = {e["round"]: e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"}
+    back = rounds[2]["sites"]["hospital"]
+    assert back["status"] == "ok" and back["setup_resent"] is True, back
+    assert "hospital" in rounds[2]["contributors"]["shared"]
+    assert read_outcome(out).ok
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_every_site_absent_from_a_round_is_in_the_audit_log(tmp_path: Path) -> None:
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes = {100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2,
+                       "state-dir": str(tmp_path / f"state-{s.name}")}
+             for i, s in enumerate(manifest.sites)}
+    grid = InProcessGrid(nodes)
+    out = tmp_path / "run"
+    cfg = fed_config(out, local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=2,
+                     vocab_min_subjects=5, eval_n_boot=10, timeout_s=2)
+    gone = next(n for n, c in nodes.items() if c["site-name"] == "genomics")
+    real_send = grid.send_and_receive
+
+    def send(messages, *, timeout=None):  # noqa: ANN001, ANN202 - the site disconnects after round 1
+        replies = real_send(messages, timeout=timeout)
+        if grid.train_exchanges == 1 and gone in grid.contexts:
+            del grid.contexts[gone]
+        return replies
+
+    grid.send_and_receive = send
+    FederationServer(grid, cfg, run_id=1).run()
+    records = list(read_audit_log(out / AUDIT_FILE))
+    missing = [r for r in records if r["record"] == "site-round" and r["round"] == 2 and r["site"] == "genomics"]
+    assert missing and missing[0]["status"] == "absent" and missing[0]["reason"] == "not connected to the SuperLink"
+    evaluation = [r for r in records if r["record"] == "evaluation"][-1]
+    assert evaluation["absent"] == {"genomics": "not connected to the SuperLink"}
+    assert read_outcome(out).sites_lost.keys() == {"genomics"}
