@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from healthfm_core.model.groups import GROUPS
 from healthfm_core.privacy.policy import TRAIN_SUBJECTS, DPPolicy
 
-
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from server.provision import FederationPaths
 
-
 REGISTRY_FILE = "registry.json"
 
 

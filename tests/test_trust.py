@@ -139,16 +139,19 @@ def test_an_outsider_with_the_ca_reaches_only_the_fleet_api(superlink: str, fede
 
 
 def _evil_app(federation: FederationPaths, app_dir: Path, marker: Path) -> Path:
-    """The federation's app with one more module, named as its clientapp: importing it anywhere
-    leaves `marker`."""
+    """The federation's app with one more module, named as its clientapp: imported at a site (whose
+    Flower home is under a `state-*` directory here), it leaves `marker`. (`flwr run` imports the
+    components on the coordinator's machine to validate them; there it leaves nothing.)"""
     app_dir.mkdir()
     pyproject = (federation.server_dir / "app" / "pyproject.toml").read_text()
     assert 'clientapp = "client.client_app:app"' in pyproject
     (app_dir / "pyproject.toml").write_text(pyproject.replace('clientapp = "client.client_app:app"',
                                                               'clientapp = "healthfm_extra:app"'))
     (app_dir / "healthfm_extra.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).write_text('the unapproved bundle ran')\n"
-        "from client.client_app import app  # noqa: E402\n")
+        "import os\nfrom pathlib import Path\n\nfrom flwr.clientapp import ClientApp\n\n"
+        "if 'state-' in os.environ.get('FLWR_HOME', ''):\n"
+        f"    Path({str(marker)!r}).write_text('the unapproved bundle ran at ' + os.environ['FLWR_HOME'])\n"
+        "app = ClientApp()\n")
     return app_dir
 
 
