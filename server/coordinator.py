@@ -121,8 +121,8 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     cmd = [flower_bin("flower-superlink"), "--host", link_host, "--port", str(link_port), "--database", database,
            "--disable-runtime-dependency-installation"]  # never pip/uv-install what a run names
     if args.insecure:
-        print("WARNING: --insecure: the SuperLink runs without TLS, without SuperNode authentication and without "
-              "the proxy: anyone who reaches it can join, read traffic and use its Control API. Use only for "
+        print("WARNING: --insecure: the SuperLink runs without TLS and without SuperNode authentication, and "
+              "without the proxy: anyone who reaches it can join, read traffic and use its Control API. Use only for "
               "local tests.", file=sys.stderr)
         cmd.append("--insecure")
     else:

@@ -44,7 +44,9 @@ POLICY = ["--node-config", "min-code-subjects=5", "--node-config", "min-report-s
 
 def env() -> dict[str, str]:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    e.pop("PYTHONPATH", None)
+    # This checkout's code in every process, the ones Flower starts by entry point too (flwr-serverapp,
+    # flwr-clientapp), whatever checkout the environment's editable install points to.
+    e["PYTHONPATH"] = str(REPO)
     return e
 
 

@@ -175,8 +175,14 @@ def test_an_unapproved_bundle_never_runs_at_a_site(joined: dict[str, Process], f
         assert reason in server_log, (site, server_log[-3000:])
         guard_log = (Path(proc.proc.args[proc.proc.args.index("--state-dir") + 1]) / "app-guard.log").read_text()
         assert reason in guard_log and "starting flwr-clientapp" not in guard_log, guard_log[-2000:]
-    print(f"unapproved bundle {evil_hash[:12]}: {status}; server.log: "
-          f"{next(ln for ln in server_log.splitlines() if 'no site answered' in ln)[:400]}")
+    # The run's failure names every site's refusal (the ServerApp's error, in the run's log).
+    logs = run_flwr(federation, ["log", str(run_id), CONNECTION, "--show"])
+    failure = " ".join((logs.stdout + logs.stderr).split())
+    assert "no site answered the capabilities query (" in failure, failure[-3000:]
+    for site in SITES:
+        assert f"{site}: refused by site {site}: app bundle sha256 {evil_hash}" in failure
+    print(f"unapproved bundle {evil_hash[:12]}: {status}; "
+          f"{failure[failure.index('no site answered'):][:300]}")
 
     # The sites go on running the bundle they approved.
     ok = tmp_path / "approved-run"
