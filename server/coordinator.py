@@ -118,7 +118,11 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     database = args.database or str(paths.server_dir / "superlink.db")  # registrations survive restarts
     # The SuperLink only on loopback behind the proxy; with --insecure (local tests) on host:port itself.
     link_host, link_port = (host, port) if args.insecure else ("127.0.0.1", args.internal_port or _free_loopback_port())
+    # --isolation process: the SuperLink starts no SuperExec; `superlink` runs it and restarts it if it
+    # stops (Flower's own exits on one failed Runtime API call, e.g. a busy database, and no run
+    # would start again).
     cmd = [flower_bin("flower-superlink"), "--host", link_host, "--port", str(link_port), "--database", database,
+           "--isolation", "process",
            "--disable-runtime-dependency-installation"]  # never pip/uv-install what a run names
     if args.insecure:
         print("WARNING: --insecure: the SuperLink runs without TLS and without SuperNode authentication, and "
@@ -140,12 +144,16 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
         env.pop(legacy, None)  # Flower's legacy gRPC servers bind 0.0.0.0, past the proxy
     procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)]
+    connect = f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}"
+    superexec_cmd = [flower_bin("flower-superexec"), "--runtime-api-address", connect, "--parent-pid",
+                     str(procs[0].pid), *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)])]
+    superexec: list[subprocess.Popen[bytes]] = []  # the one running, restarted when it stops
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        for proc in procs:
+        for proc in [*procs, *superexec]:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM if proc is not procs[0] else signum)
 
@@ -162,13 +170,19 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                   f"machine); nginx on {host}:{port} forwards the Fleet API only (logs {paths.server_dir}/nginx-*.log)",
                   flush=True)
             print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
-        while all(proc.poll() is None for proc in procs):
+        while all(proc.poll() is None for proc in procs) and not stopping:
+            if not superexec or superexec[-1].poll() is not None:
+                if superexec:
+                    print(f"SuperExec stopped (exit {superexec[-1].returncode}); restarting it", file=sys.stderr,
+                          flush=True)
+                    time.sleep(2.0)
+                superexec[:] = [subprocess.Popen(superexec_cmd, env=env, stdin=subprocess.DEVNULL)]
             time.sleep(0.5)
     finally:
-        for proc in procs:  # one stopped (or we were told to stop): stop the other too
+        for proc in [*superexec, *procs]:  # one stopped (or we were told to stop): stop the others too
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs:
+        for proc in [*superexec, *procs]:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -175,6 +175,9 @@ def test_an_unapproved_bundle_never_runs_at_a_site(joined: dict[str, Process], f
         assert reason in server_log, (site, server_log[-3000:])
         guard_log = (Path(proc.proc.args[proc.proc.args.index("--state-dir") + 1]) / "app-guard.log").read_text()
         assert reason in guard_log and "starting flwr-clientapp" not in guard_log, guard_log[-2000:]
+        # Never unpacked either: Flower installs a bundle under FLWR_HOME/apps/<...>.<sha256[:8]>.
+        home = Path(proc.proc.args[proc.proc.args.index("--state-dir") + 1]) / "flwr-home"
+        assert not any(evil_hash[:8] in p.name for p in home.rglob("*"))
     # The run's failure names every site's refusal (the ServerApp's error, in the run's log).
     logs = run_flwr(federation, ["log", str(run_id), CONNECTION, "--show"])
     failure = " ".join((logs.stdout + logs.stderr).split())
