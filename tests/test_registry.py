@@ -11,7 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
+from healthfm_core.federation import SiteCapabilities
+from healthfm_core.model.config import load_model_config
 from server.config import FederationConfig
 from server.flwr_app import default_run_config
 from server.provision import ProvisionConfig, provision
@@ -25,6 +29,7 @@ from server.registry import (
     read_registry,
     write_registry,
 )
+from server.server_app import FederationServer
 
 
 def _registry() -> SiteRegistry:
@@ -79,3 +84,44 @@ def test_the_proxy_forwards_only_the_fleet_routes(tmp_path: Path) -> None:
     check = subprocess.run([nginx, "-p", str(paths.server_dir), "-e", str(tmp_path / "err.log"), "-c", str(conf), "-t"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+class _Grid:
+    """Nodes 11 and 22 (registered) and 33 (not): each answers the capabilities query with `names`."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names, self.sent_to = names, []
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.names)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.sent_to.append(node)
+            m.metadata.__dict__["_message_id"] = m.object_id
+            caps = SiteCapabilities(site=self.names[node], modalities=["ehr"], subjects={"ehr": 30})
+            replies.append(Message(RecordDict({"capabilities": ConfigRecord(caps.to_flat())}), reply_to=m))
+        return replies
+
+
+def test_the_server_asks_only_registered_nodes_and_binds_their_names(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # as inside a ServerApp run
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    write_registry(tmp_path / "registry.json", _registry())
+    cfg = FederationConfig(out_dir=tmp_path / "run", model=load_model_config("tiny"), min_nodes=2,
+                           registry=tmp_path / "registry.json", timeout_s=5)
+    # Node 22 is registered as biobank but claims to be the hospital; 33 is not registered.
+    grid = _Grid({11: "hospital", 22: "hospital", 33: "rogue"})
+    server = FederationServer(grid, cfg)
+    nodes = server._wait_for_nodes()
+    assert nodes == [11, 22] and server.refused_nodes == {33}
+    server.query_capabilities(nodes)
+    assert 33 not in grid.sent_to  # the unregistered node was asked nothing
+    assert {n: c.site for n, c in server.sites.items()} == {11: "hospital"}  # 22's false name refused
+    assert server._site(22) == "biobank" and server._site(33) == "node-33"
+    # Without a registry (simulation) every node takes part.
+    assert FederationServer(grid, cfg.model_copy(update={"registry": None}))._wait_for_nodes() == [11, 22, 33]
