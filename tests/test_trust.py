@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,6 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     Process,
     federation,
     join_args,
-    joined,
     round_events,
     run_coordinator,
     sites,
@@ -54,6 +54,26 @@ from server.registry import read_registry, registry_path
 pytestmark = pytest.mark.slow
 
 CONTROL_REFUSED = "only the Fleet API is served here"
+
+
+@pytest.fixture(scope="module")
+def members(superlink: str, federation: FederationPaths, sites: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Process]]:
+    """The three registered sites joined once for the module (no test here stops one; a site
+    stopped and joined again at once can find its key still counted as connected)."""
+    tmp = tmp_path_factory.mktemp("members")
+    procs: dict[str, Process] = {}
+    try:
+        for name in SITES:
+            procs[name] = Process([sys.executable, str(CLIENT), *join_args(federation, sites[name], name, superlink,
+                                                                          tmp / f"state-{name}")],
+                                  tmp / f"join-{name}.out")
+        for proc in procs.values():
+            assert proc.wait_for("joined: SuperNode", 600), proc.output()[-3000:]
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
 
 
 def outsider_home(tmp_path: Path, address: str, ca: Path) -> dict[str, str]:
@@ -155,7 +175,7 @@ def _evil_app(federation: FederationPaths, app_dir: Path, marker: Path) -> Path:
     return app_dir
 
 
-def test_an_unapproved_bundle_never_runs_at_a_site(joined: dict[str, Process], federation: FederationPaths,
+def test_an_unapproved_bundle_never_runs_at_a_site(members: dict[str, Process], federation: FederationPaths,
                                                    tmp_path: Path) -> None:
     marker = tmp_path / "EXTRA-MODULE-RAN"
     app = _evil_app(federation, tmp_path / "healthfm-federation", marker)
@@ -170,7 +190,7 @@ def test_an_unapproved_bundle_never_runs_at_a_site(joined: dict[str, Process], f
     assert not marker.exists()
     assert not (out / "rounds.jsonl").exists() or "setup" not in (out / "rounds.jsonl").read_text()
     server_log = (out / "server.log").read_text()
-    for site, proc in joined.items():
+    for site, proc in members.items():
         reason = f"refused by site {site}: app bundle sha256 {evil_hash} is not in the approved_apps"
         assert reason in server_log, (site, server_log[-3000:])
         guard_log = (Path(proc.proc.args[proc.proc.args.index("--state-dir") + 1]) / "app-guard.log").read_text()
@@ -197,7 +217,7 @@ def test_an_unapproved_bundle_never_runs_at_a_site(joined: dict[str, Process], f
     assert not marker.exists()
 
 
-def test_a_node_outside_the_registry_is_never_averaged_in(joined: dict[str, Process], federation: FederationPaths,
+def test_a_node_outside_the_registry_is_never_averaged_in(members: dict[str, Process], federation: FederationPaths,
                                                           sites: dict[str, Path], tmp_path: Path,
                                                           superlink: str) -> None:
     # The outsider's best case: its key registered with Flower behind the coordinator's back (what
