@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup lint format test test-slow test-all demo bench clean
+.PHONY: setup setup-system lint format test test-slow test-all demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# System packages: nginx, the reverse proxy `coordinator superlink` puts in front of the SuperLink
+# (server/proxy.py). Idempotent; where apt is not available it says so and leaves it to the admin.
+setup-system:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then \
+		echo "nginx: installed"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; \
+	else \
+		echo "setup-system: apt-get not available: install nginx with this system's package manager" \
+		     "(coordinator superlink needs it; the slow tests that start a SuperLink need it too)"; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@
                                  [--min-subjects N] [--policy FILE]
     python client/client.py join SITE_ROOT --superlink HOST:PORT --root-cert ca.pem --auth-key auth_key
                                  [--state-dir DIR] [--site-name NAME] [--policy FILE] [--node-config KEY=VALUE ...]
+    python client/client.py approve BUNDLE.fab --policy FILE [--show]
 
 Exit status of `check`: 0 the site is usable (warnings may be printed), 1 the site has errors
 (one line per problem), 2 the command could not run (no such site root, bad arguments),
@@ -15,6 +16,8 @@ warns where the runtime would withhold the task's metrics (healthfm_core.data.ta
 `join` checks the site the same way (1 and the check's lines if it is not usable), then runs a
 SuperNode until stopped (0 after Ctrl-C/SIGTERM); 4 the SuperLink is unreachable or its
 certificate does not verify, 5 it refused the site's key, 6 the SuperNode stopped otherwise.
+`approve` prints what an app bundle holds (files, sizes, hashes, its serverapp/clientapp) and adds
+its sha256 to the policy's approved_apps (`--show`: print only); the site runs no other bundle.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
+from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.join import JoinConfig, JoinError, join  # noqa: E402
 from client.policy import PolicyError, load_policy  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
@@ -207,6 +211,22 @@ def cmd_join(args: argparse.Namespace) -> int:
         return err.status
 
 
+def cmd_approve(args: argparse.Namespace) -> int:
+    try:
+        bundle = read_bundle(Path(args.bundle))
+        print(bundle.describe())
+        if args.show:
+            return EXIT_OK
+        policy = Path(args.policy)
+        added = approve(bundle, policy)
+    except (ApprovalError, PolicyError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    verb = "approved" if added else "already approved"
+    print(f"{verb}: {bundle.sha256} in {policy.resolve()} (runs of this bundle may now run at this site)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="client.py", description="healthfm site runtime")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -256,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--progress", dest="progress", action="store_true", default=None)
     join.add_argument("--no-progress", dest="progress", action="store_false")
     join.set_defaults(func=cmd_join)
+
+    approve_p = sub.add_parser("approve", help="show an app bundle's contents and approve it in the site policy")
+    approve_p.add_argument("bundle", metavar="BUNDLE.fab", help="the app bundle the coordinator sent")
+    approve_p.add_argument("--policy", required=True, metavar="FILE", help="this site's policy file (created if absent)")
+    approve_p.add_argument("--show", action="store_true", help="only show what the bundle holds")
+    approve_p.set_defaults(func=cmd_approve)
     return parser
 
 

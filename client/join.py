@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from client.approval import approved_apps
 from healthfm_core.files import write_flat_toml
 
 log = logging.getLogger("healthfm.client.join")
@@ -201,8 +202,11 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int) -> list[str]:
+    # --isolation process: the SuperNode starts no SuperExec; the site's app guard takes that place
+    # and starts a ClientApp only for an approved bundle (client/app_guard.py).
     cmd = [flower_executable("flower-supernode"), "--superlink", cfg.superlink,
-           "--node-config", str(node_config_file), "--host", "127.0.0.1", "--port", str(runtime_port)]
+           "--node-config", str(node_config_file), "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--isolation", "process"]
     if cfg.insecure:
         cmd.append("--insecure")
     else:
@@ -213,6 +217,21 @@ def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int
     if cfg.max_wait_time is not None:
         cmd += ["--max-wait-time", str(cfg.max_wait_time)]
     return cmd
+
+
+def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """The site's app guard (client/app_guard.py) on the SuperNode's local Runtime API; it dies
+    with `join`. Its log: STATE/app-guard.log."""
+    repo = Path(__file__).resolve().parents[1]
+    policy = cfg.node_config.get("policy")
+    site = str(cfg.node_config.get("site-name", cfg.site_root.name))
+    cmd = [sys.executable, "-m", "client.app_guard", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+           "--site", site, "--parent-pid", str(os.getpid()), *(["--policy", str(policy)] if policy else [])]
+    env = flower_env(cfg.state_dir.resolve() / "flwr-home")
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    with open(log_path, "a", encoding="utf-8") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=repo, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: Path) -> JoinError:
@@ -318,6 +337,7 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
                                 env=flower_env(state / "flwr-home"), text=True, bufsize=1, errors="replace",
                                 start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        guard = start_app_guard(cfg, runtime_port, state / "app-guard.log")
         # A reader thread, because the pipe can outlive the SuperNode: the SuperExec it starts
         # (its own session) inherits the pipe and only exits once its parent is reaped.
         lines: queue.Queue[str | None] = queue.Queue()
@@ -358,6 +378,12 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if guard.poll() is None:
+                guard.terminate()
+                try:
+                    guard.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    guard.kill()
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -384,4 +410,8 @@ def join(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
         check_auth_key(cfg.auth_key)
     validate_node_config(cfg.node_config)
     probe_superlink(cfg.superlink, None if cfg.insecure else cfg.root_cert, cfg.connect_timeout)
+    policy = cfg.node_config.get("policy")
+    approved, why = approved_apps(Path(str(policy)) if policy else None)
+    print(f"approved app bundles: {len(approved)}{' (' + why + ')' if why else ''}; this site refuses to run any "
+          "other (client.py approve BUNDLE.fab --policy FILE)", file=out, flush=True)
     return run_supernode(cfg, out=out, echo=echo)

@@ -11,6 +11,8 @@ Example (YAML or JSON; every key optional except where noted):
       delta: 1.0e-5             # required
       max_grad_norm: 1.0
       noise_multiplier: 1.1     # or target_epsilon (the epsilon one run's planned steps may reach)
+    approved_apps:              # sha256 of each app bundle (.fab) this site runs; no other runs here
+      - 3f7a...                 # added by `client.py approve BUNDLE.fab --policy FILE` (client/approval.py)
 
 The `dp:` section is healthfm_core.privacy.policy.DPPolicy (numbers strict and finite; delta at
 most 1/n when the caller passes n, the site's train subjects).
@@ -19,6 +21,7 @@ most 1/n when the caller passes n, the site's train subjects).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -26,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from healthfm_core.model.groups import GROUPS
 from healthfm_core.privacy.policy import TRAIN_SUBJECTS, DPPolicy
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class PolicyError(ValueError):
@@ -38,6 +43,16 @@ class SitePolicy(BaseModel):
     min_subjects: int = Field(default=10, ge=1)
     groups_allowed: list[str] = Field(default_factory=lambda: list(GROUPS))
     dp: DPPolicy | None = None
+    approved_apps: list[str] = Field(default_factory=list)  # app bundle sha256s (client/app_guard.py)
+
+    @field_validator("approved_apps")
+    @classmethod
+    def _sha256s(cls, v: list[str]) -> list[str]:
+        bad = [h for h in v if not isinstance(h, str) or not SHA256_HEX.fullmatch(h)]
+        if bad:
+            raise ValueError(f"{bad} are not sha256 digests (64 lowercase hex characters); add bundles with "
+                             "`client.py approve BUNDLE.fab --policy FILE`")
+        return list(dict.fromkeys(v))
 
     @field_validator("groups_allowed")
     @classmethod

@@ -29,7 +29,7 @@ DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", 
 # Config keys a resumed run may change; any other difference from the checkpoint's is refused.
 RESUMABLE_CHANGES = {"rounds", "resume", "resume_from", "stop_after_round", "out_dir", "timeout_s", "evaluate_every",
                      "eval_tasks", "eval_n_boot", "keep_checkpoints", "min_nodes", "max_reply_bytes",
-                     "reply_size_margin"}
+                     "reply_size_margin", "registry"}
 
 
 class ServerOptimizerConfig(BaseModel):
@@ -115,6 +115,9 @@ class FederationConfig(BaseModel):
     stop_after_round: int | None = Field(default=None, ge=1)  # stop early (resume later)
     keep_checkpoints: int = Field(default=2, ge=1)
     privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
+    # The coordinator's site registry (server/registry.py): only its node ids take part, each under
+    # its registered name. None (simulation): every node the grid has.
+    registry: Path | None = None
 
     @field_validator("eval_tasks")
     @classmethod
@@ -149,7 +152,7 @@ class FederationConfig(BaseModel):
                 data["model"] = load_model_config(str(value))
             elif name == "eval_tasks":
                 data["eval_tasks"] = [t.strip() for t in str(value).split(",") if t.strip()]
-            elif name in ("stop_after_round", "max_update_norm") and value in (0, "", None):
+            elif name in ("stop_after_round", "max_update_norm", "registry") and value in (0, "", None):
                 continue
             else:
                 data[name] = value

@@ -2,8 +2,9 @@
 resume runs. All of them take the federation directory FED that `provision` creates.
 
     python -m server.coordinator provision FED --site NAME ... [--hostname fl.example.org ...] [--force]
-    python -m server.coordinator superlink FED [--host 127.0.0.1] [--port 9093] [--insecure]
+    python -m server.coordinator superlink FED [--host 127.0.0.1] [--port 9093] [--internal-port N] [--insecure]
     python -m server.coordinator register  FED [--site NAME ...]
+    python -m server.coordinator bundle    FED
     python -m server.coordinator launch    FED --out-dir RUN_DIR [--model tiny] [--rounds 3] [-c KEY=VALUE ...] [--wait]
     python -m server.coordinator resume    FED --out-dir RUN_DIR [--from CHECKPOINT] [--rounds N] [--wait]
     python -m server.coordinator status    FED [--run-id ID]
@@ -16,7 +17,11 @@ command is for that command only; the saved address (`superlink`) is not rewritt
 
 How this maps onto flwr 1.41 (read from its source): `flower-superlink` serves the Fleet, Control
 and Runtime APIs on one HTTPS port (`--host/--port`), with TLS from `--ssl-ca-certfile/
---ssl-certfile/--ssl-keyfile` and node authentication from `--enable-supernode-auth`. The `flwr`
+--ssl-certfile/--ssl-keyfile` and node authentication from `--enable-supernode-auth`. `superlink`
+binds it to 127.0.0.1 (a private port) and exposes only the Fleet API on the public host/port
+through nginx (server.proxy); `register` records each site's node id in FED/server/registry.json
+(server.registry), which the ServerApp reads; `bundle` builds the app bundle sites approve
+(server.bundle). The `flwr`
 CLI's connection and commands: server.flwr_control; the generated app and its run config:
 server.flwr_app. Resume: the ServerApp continues from the latest checkpoint under the run's
 out-dir when the run config says `resume=true` (or from `--from CHECKPOINT`: run config
@@ -32,6 +37,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +48,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.files import write_flat_toml
+from server.bundle import build_bundle, write_bundle
 from server.flwr_app import check_run_config, parse_overrides, write_app
 from server.flwr_control import (
     CONNECTION,
@@ -73,6 +80,8 @@ from server.provision import (
     provision,
     read_manifest,
 )
+from server.proxy import start_proxy, wait_listening
+from server.registry import RegisteredSite, RegistryError, read_registry, registry_path, write_registry
 
 log = logging.getLogger("healthfm.coordinator")
 
@@ -111,18 +120,29 @@ def _paths(args: argparse.Namespace) -> FederationPaths:
     return paths
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
-    """Run the SuperLink in the foreground until stopped (Ctrl-C / SIGTERM)."""
+    """Run the SuperLink (and, with TLS, its nginx proxy) in the foreground until stopped."""
     paths = _paths(args)
     host, port = args.host, args.port
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    address = f"[{connect_host}]:{port}" if ":" in connect_host else f"{connect_host}:{port}"
     database = args.database or str(paths.server_dir / "superlink.db")  # registrations survive restarts
-    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", database,
+    # The SuperLink only on loopback behind the proxy; with --insecure (local tests) on host:port itself.
+    link_host, link_port = (host, port) if args.insecure else ("127.0.0.1", args.internal_port or _free_loopback_port())
+    # --isolation process: the SuperLink starts no SuperExec; `superlink` runs it and restarts it if it
+    # stops (Flower's own exits on one failed Runtime API call, e.g. a busy database, and no run
+    # would start again).
+    cmd = [flower_bin("flower-superlink"), "--host", link_host, "--port", str(link_port), "--database", database,
+           "--isolation", "process",
            "--disable-runtime-dependency-installation"]  # never pip/uv-install what a run names
     if args.insecure:
-        print("WARNING: --insecure: the SuperLink runs without TLS and without SuperNode authentication; "
-              "anyone who reaches it can join or read traffic. Use only for local tests.", file=sys.stderr)
+        print("WARNING: --insecure: the SuperLink runs without TLS and without SuperNode authentication, and "
+              "without the proxy: anyone who reaches it can join, read traffic and use its Control API. Use only for "
+              "local tests.", file=sys.stderr)
         cmd.append("--insecure")
     else:
         for needed in (paths.ca_cert, paths.superlink_cert, paths.superlink_key):
@@ -132,19 +152,63 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                 "--ssl-keyfile", str(paths.superlink_key), "--enable-supernode-auth"]
     if args.log_file:
         cmd += ["--log-file", args.log_file]
-    write_connection(paths, address, args.insecure)
-    mode = "without TLS" if args.insecure else "TLS + SuperNode authentication"
-    print(f"SuperLink on {host}:{port} ({mode}); sites join with --superlink <this host>:{port}", flush=True)
-    proc = subprocess.Popen(cmd, env=flower_env(paths), stdin=subprocess.DEVNULL)
+    connect_host = "127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host
+    write_connection(paths, f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}",
+                     args.insecure)
+    env = flower_env(paths)
+    for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
+        env.pop(legacy, None)  # Flower's legacy gRPC servers bind 0.0.0.0, past the proxy
+    procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)]
+    connect = f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}"
+    superexec_cmd = [flower_bin("flower-superexec"), "--runtime-api-address", connect, "--parent-pid",
+                     str(procs[0].pid), *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)])]
+    superexec: list[subprocess.Popen[bytes]] = []  # the one running, restarted when it stops
+    stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        nonlocal stopping
+        stopping = True
+        for proc in [*procs, *superexec]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if proc is not procs[0] else signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, forward)
-    rc = proc.wait()
-    return EXIT_OK if rc in (0, -signal.SIGTERM, -signal.SIGINT, 130) else EXIT_FAILED
+    try:
+        if args.insecure:
+            print(f"SuperLink on {host}:{port} (without TLS); sites join with --superlink <this host>:{port}", flush=True)
+        else:
+            procs.append(start_proxy(paths, host, port, link_port))
+            wait_listening(host, port, procs[1])
+            wait_listening("127.0.0.1", link_port, procs[0], timeout=600)
+            print(f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
+                  f"machine); nginx on {host}:{port} forwards the Fleet API only (logs {paths.server_dir}/nginx-*.log)",
+                  flush=True)
+            print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
+        while all(proc.poll() is None for proc in procs) and not stopping:
+            if not superexec or superexec[-1].poll() is not None:
+                if superexec:
+                    print(f"SuperExec stopped (exit {superexec[-1].returncode}); restarting it", file=sys.stderr,
+                          flush=True)
+                    time.sleep(2.0)
+                superexec[:] = [subprocess.Popen(superexec_cmd, env=env, stdin=subprocess.DEVNULL)]
+            time.sleep(0.5)
+    finally:
+        for proc in [*superexec, *procs]:  # one stopped (or we were told to stop): stop the others too
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*superexec, *procs]:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    rc = procs[0].returncode
+    if not stopping and len(procs) > 1 and procs[1].returncode not in (0, None):
+        print(f"error: nginx stopped (exit {procs[1].returncode}); see {paths.server_dir}/nginx-error.log",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if stopping or rc in (0, -signal.SIGTERM, -signal.SIGINT, 130) else EXIT_FAILED
 
 
 def _apply_superlink_option(paths: FederationPaths, args: argparse.Namespace) -> None:
@@ -152,6 +216,38 @@ def _apply_superlink_option(paths: FederationPaths, args: argparse.Namespace) ->
     if getattr(args, "superlink", None):
         use_superlink_once(paths, args.superlink, insecure=getattr(args, "insecure", False))
     read_connection(paths)
+
+
+def _register_one(paths: FederationPaths, site: str) -> bool:
+    """Register one site's key with the SuperLink and record its node id in the registry."""
+    key_path = paths.registered_public_key(site)
+    public_key = key_path.read_text().strip()
+    path = registry_path(paths)
+    registry = read_registry(path)
+    proc = run_flwr(paths, ["supernode", "register", str(key_path), CONNECTION, "--name", site, "--format", "json"])
+    text = proc.stdout + proc.stderr
+    if proc.returncode == 0:
+        try:
+            node_id = int(json.loads(proc.stdout[proc.stdout.index("{"):])["node-id"])
+        except (ValueError, KeyError) as err:
+            print(f"error: registering {site}: cannot read the node id from `flwr supernode register` ({err})",
+                  file=sys.stderr)
+            return False
+        write_registry(path, registry.with_site(RegisteredSite(name=site, public_key=public_key, node_id=node_id)))
+        print(f"registered {site}")
+        print(f"  node {node_id}, recorded in {path}")
+        return True
+    known = registry.get(site)
+    if "already in use" in text.lower() and known is not None and known.public_key == public_key:
+        print(f"registered {site} (already)")
+        print(f"  node {known.node_id}, in {path}")
+        return True
+    if "already in use" in text.lower():
+        print(f"error: the key of {site} is registered with the SuperLink but {path} does not record its node id; "
+              f"unregister it (flwr supernode unregister NODE_ID {CONNECTION}) and register again", file=sys.stderr)
+    else:
+        print(f"error: registering {site} failed: {flwr_error(proc)}", file=sys.stderr)
+    return False
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -162,18 +258,22 @@ def cmd_register(args: argparse.Namespace) -> int:
     unknown = [s for s in sites if s not in manifest.site_names()]
     if unknown:
         raise CoordinatorError(f"site(s) {unknown} are not in {paths.manifest}; provision them first", EXIT_USAGE)
-    failed = 0
-    for site in sites:
-        key = paths.registered_public_key(site)
-        proc = run_flwr(paths, ["supernode", "register", str(key), CONNECTION, "--name", site])
-        if proc.returncode == 0:
-            print(f"registered {site}")
-        elif "already in use" in (proc.stdout + proc.stderr).lower():
-            print(f"registered {site} (already)")
-        else:
-            failed += 1
-            print(f"error: registering {site} failed: {flwr_error(proc)}", file=sys.stderr)
+    try:
+        failed = sum(not _register_one(paths, site) for site in sites)
+    except RegistryError as err:
+        raise CoordinatorError(str(err)) from None
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Build the app bundle a launch ships, for the sites to inspect and approve."""
+    paths = _paths(args)
+    path, digest = write_bundle(paths)
+    print(f"app bundle {path}")
+    print(f"sha256 {digest}")
+    print("send it to each site's admin: `python client/client.py approve BUNDLE.fab --policy POLICY` shows what "
+          "it holds and approves it; a site runs no other bundle")
+    return EXIT_OK
 
 
 def _launches_path(paths: FederationPaths) -> Path:
@@ -196,6 +296,10 @@ def _launch(paths: FederationPaths, run_config: dict[str, str | int | float | bo
             resumed: bool) -> int:
     check_run_config(run_config)
     app_dir = write_app(paths)
+    if not run_config.get("registry"):  # only the registered sites take part (server.registry)
+        run_config = {**run_config, "registry": str(registry_path(paths))}
+    print(f"app bundle sha256 {build_bundle(app_dir)[1]} (each site runs it only if its policy approved it)",
+          flush=True)
     config_file = write_flat_toml(paths.server_dir / "run-config.toml", run_config)
     run_id = start_run(paths, app_dir, config_file)
     _record_launch(paths, LaunchRecord(run_id=run_id, out_dir=str(run_config["out-dir"]), run_config=run_config,
@@ -359,10 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing keys and certificates")
     p.set_defaults(func=cmd_provision)
 
-    p = sub.add_parser("superlink", help="run the SuperLink (TLS, SuperNode authentication) in the foreground")
+    p = sub.add_parser("superlink", help="run the SuperLink (TLS, SuperNode authentication) behind nginx in the foreground")
     p.add_argument("federation_dir", metavar="FED")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--internal-port", type=int, default=0,
+                   help="the SuperLink's own port on 127.0.0.1, behind nginx (default: a free one)")
     p.add_argument("--database", help="SuperLink state (default FED/server/superlink.db)")
     p.add_argument("--log-file")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local tests only)")
@@ -377,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     connection_options(p)
     p.add_argument("--site", action="append", default=[], metavar="NAME", help="default: every provisioned site")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("bundle", help="build the app bundle (.fab) sites approve before it runs there")
+    p.add_argument("federation_dir", metavar="FED")
+    p.set_defaults(func=cmd_bundle)
 
     def run_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out-dir", required=True, help="where the ServerApp writes logs and checkpoints")

@@ -42,7 +42,7 @@ def default_run_config() -> dict[str, str | int | float | bool]:
         if name == "model":
             flat[key] = "tiny"
             continue
-        if name == "out_dir":
+        if name in ("out_dir", "registry"):  # paths; "" is unset
             flat[key] = ""
             continue
         default = field.get_default(call_default_factory=True)

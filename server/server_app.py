@@ -101,6 +101,7 @@ from server.config import (
 )
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
+from server.registry import SiteRegistry, admit, name_mismatch, read_registry
 from server.runlog import EventLog, message_bytes, read_events, write_summary
 from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin
 
@@ -150,11 +151,17 @@ class FederationServer:
         self.node_groups: dict[int, list[str]] = {}  # node id -> groups it trains (this run's sites)
         self.setup: FederationSetup | None = None  # the run's setup, once agreed (re-sent to a restarted site)
         self.rounds_done = 0
+        # Deployed runs: only the coordinator's registered nodes take part (server/registry.py).
+        self.registry: SiteRegistry | None = read_registry(cfg.registry) if cfg.registry else None
+        self.errors: dict[int, str] = {}  # node id -> the last error a site replied (its reason)
+        self.refused_nodes: set[int] = set()  # connected nodes the registry does not know
 
     # ------------------------------------------------------------------ messaging
 
     def _site(self, node_id: int) -> str:
         caps = self.sites.get(node_id)
+        if caps is None and self.registry is not None:
+            return self.registry.by_node().get(node_id, f"node-{node_id}")
         return caps.site if caps else f"node-{node_id}"
 
     def _ask(self, message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
@@ -166,6 +173,7 @@ class FederationServer:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("%s: site %s replied with an error: %s", message_type, self._site(node), reply.error.reason)
+                self.errors[node] = reply.error.reason
                 continue
             out[node] = reply
         for node in contents:
@@ -180,7 +188,7 @@ class FederationServer:
         limit = self.cfg.timeout_s if before == "round 0" else min(self.cfg.timeout_s, REJOIN_WAIT_S)
         deadline = time.monotonic() + limit
         said = 0.0
-        while len(nodes := sorted(self.grid.get_node_ids())) < self.cfg.min_nodes:
+        while len(nodes := self._admitted(self.grid.get_node_ids())) < self.cfg.min_nodes:
             if time.monotonic() > deadline:
                 if before == "round 0":
                     raise TimeoutError(f"only {len(nodes)} of {self.cfg.min_nodes} sites connected within "
@@ -194,6 +202,21 @@ class FederationServer:
             time.sleep(1.0)
         return nodes
 
+    def _admitted(self, nodes: Iterable[int]) -> list[int]:
+        if self.registry is None:
+            return sorted(nodes)
+        admitted, refused = admit(nodes, self.registry)
+        for node in sorted(set(refused) - self.refused_nodes):
+            log.warning("node %d is connected but not in the coordinator's registry %s: refused (it is sent "
+                        "nothing and nothing of it is averaged)", node, self.cfg.registry)
+        self.refused_nodes.update(refused)
+        return admitted
+
+    def _refused_reasons(self, nodes: Iterable[int]) -> str:
+        """The sites' own reasons (error replies), for a run that cannot go on."""
+        reasons = [f"{self._site(n)}: {self.errors[n]}" for n in sorted(nodes) if n in self.errors]
+        return f" ({'; '.join(reasons)})" if reasons else ""
+
     # ------------------------------------------------------------------ round 0
 
     def query_capabilities(self, nodes: Iterable[int]) -> None:
@@ -205,13 +228,16 @@ class FederationServer:
             except (KeyError, ValueError) as err:
                 log.warning("capabilities of node %d rejected: %s", node, err)
                 continue
+            if self.registry is not None and (why := name_mismatch(node, caps.site, self.registry)):
+                log.warning("capabilities of node %d refused: %s", node, why)
+                continue
             if caps.site in seen:
                 raise RuntimeError(f"two sites call themselves {caps.site!r} (nodes {seen[caps.site]} and {node}): "
                                    "site names must be unique (node config site-name)")
             seen[caps.site] = node
             self.sites[node] = caps
         if not self.sites:
-            raise RuntimeError("no site answered the capabilities query")
+            raise RuntimeError(f"no site answered the capabilities query{self._refused_reasons(nodes)}")
         self.node_groups = {node: caps.groups for node, caps in self.sites.items()}
         for node, caps in sorted(self.sites.items(), key=lambda kv: kv[1].site):
             log.info("site %-12s node %d: modalities %s, subjects %s -> groups %s", caps.site, node,
@@ -387,6 +413,7 @@ class FederationServer:
             sites={caps.site: {"node_id": node, "modalities": caps.modalities, "subjects": caps.subjects,
                                "groups": self.node_groups.get(node, [])}
                    for node, caps in self.sites.items()},
+            refused={self._site(n): reason for n, reason in sorted(self.errors.items())},  # sites' own refusals
         )
         self.events.write(**start_event)
         self.audit.write_run(start_event, {"max_reply_bytes": max_reply_bytes,

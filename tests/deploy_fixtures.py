@@ -2,6 +2,12 @@
 tests/test_faults.py): a provisioned federation, a SuperLink with TLS + SuperNode authentication,
 SuperNodes started with `client.py join`, and helpers to run the coordinator and read a run's log.
 
+The SuperLink listens on 127.0.0.1 only and sites reach its Fleet API through the nginx proxy that
+`coordinator superlink` starts on the public port (server/proxy.py). Every site runs only app
+bundles its policy approved (client/app_guard.py): the `superlink` fixture builds the federation's
+bundle (`coordinator bundle`) and approves it (`client.py approve`) in the sites' policy file
+(`site_policy(federation)`), which `join_args` passes.
+
 Every process runs in its own session and is killed (SIGTERM, then SIGKILL, its whole group) in
 the fixtures' teardown, whatever the test did. Module-scoped fixtures: each test module that
 imports them gets its own federation and SuperLink.
@@ -118,13 +124,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
 
 @pytest.fixture(scope="module")
 def superlink(federation: FederationPaths) -> Iterator[str]:
-    """A SuperLink with TLS and SuperNode authentication on 127.0.0.1; every site but
-    `intruder` registered."""
+    """A SuperLink with TLS and SuperNode authentication on 127.0.0.1 behind its nginx proxy (the
+    address yielded is the proxy's); every site but `intruder` registered; the federation's app
+    bundle approved in site_policy(federation)."""
     port = free_port()
     proc = Process([sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)],
                    federation.root / "superlink.out")
     try:
-        assert proc.wait_for("Uvicorn running on https://127.0.0.1", 600), proc.output()[-3000:]
+        assert proc.wait_for("SuperLink ready", 600), proc.output()[-3000:]
         address = f"127.0.0.1:{port}"
         probe_superlink(address, federation.ca_cert, timeout=10)
         result = run_coordinator("register", str(federation.root), *[a for s in SITES for a in ("--site", s)],
@@ -132,15 +139,37 @@ def superlink(federation: FederationPaths) -> Iterator[str]:
         assert result.returncode == 0, result.stderr
         assert [ln for ln in result.stdout.splitlines() if ln.startswith("registered")] == \
             [f"registered {s}" for s in SITES]
+        approve_federation_bundle(federation, site_policy(federation))
         yield address
     finally:
         proc.stop()
 
 
-def join_args(federation: FederationPaths, site_root: Path, key_site: str, address: str, state: Path) -> list[str]:
+def site_policy(federation: FederationPaths) -> Path:
+    """The sites' policy file: no minimum beyond the node config's, the federation's bundle approved."""
+    return federation.root.parent / "site-policy.yaml"
+
+
+def approve_federation_bundle(federation: FederationPaths, policy: Path) -> str:
+    """`coordinator bundle`, then `client.py approve` into `policy`; the bundle's sha256."""
+    if not policy.exists():
+        policy.write_text("min_subjects: 1\n")
+    built = run_coordinator("bundle", str(federation.root), timeout=300)
+    assert built.returncode == 0, built.stderr
+    bundle = next(ln.split(" ", 2)[2] for ln in built.stdout.splitlines() if ln.startswith("app bundle "))
+    digest = next(ln.split()[1] for ln in built.stdout.splitlines() if ln.startswith("sha256 "))
+    approved = run_client("approve", bundle, "--policy", str(policy), timeout=300)
+    assert approved.returncode == 0, approved.stderr
+    assert digest in approved.stdout and "clientapp  client.client_app:app" in approved.stdout
+    return digest
+
+
+def join_args(federation: FederationPaths, site_root: Path, key_site: str, address: str, state: Path,
+              policy: Path | None = None) -> list[str]:
+    policy = policy or site_policy(federation)
     return ["join", str(site_root), "--superlink", address, "--root-cert", str(federation.site(key_site).ca_cert),
             "--auth-key", str(federation.site(key_site).private_key), "--state-dir", str(state), "--no-progress",
-            *POLICY]
+            *(["--policy", str(policy)] if policy.exists() else []), *POLICY]
 
 
 @pytest.fixture

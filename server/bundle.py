@@ -1,0 +1,35 @@
+"""The app bundle (FAB) a launch ships to the sites, built ahead so that sites can approve it.
+
+`flwr run APP_DIR` builds the FAB from FED/server/app with Flower's own builder (fixed zip
+timestamps, sorted files: the same files give the same bytes, so the same sha256). A site runs a
+run's ClientApp only if that sha256 is in its policy's `approved_apps` (client/app_guard.py), so
+the coordinator builds the bundle with `coordinator bundle FED`, sends the .fab to the sites'
+admins, who inspect and approve it (`client.py approve`), and `launch` prints the hash it ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from flwr.cli.build import build_fab_from_disk
+
+from server.flwr_app import APP_NAME, write_app
+from server.provision import FederationPaths
+
+
+def build_bundle(app_dir: Path) -> tuple[bytes, str]:
+    """The FAB `flwr run app_dir` sends, and its sha256 (hex)."""
+    fab = build_fab_from_disk(app_dir)
+    return fab, hashlib.sha256(fab).hexdigest()
+
+
+def write_bundle(paths: FederationPaths) -> tuple[Path, str]:
+    """Regenerate FED/server/app and write its FAB to FED/server/<app>.<sha256[:8]>.fab."""
+    fab, digest = build_bundle(write_app(paths))
+    path = paths.server_dir / f"{APP_NAME}.{digest[:8]}.fab"
+    path.write_bytes(fab)
+    return path, digest
+
+
+__all__ = ["build_bundle", "write_bundle"]
