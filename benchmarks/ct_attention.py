@@ -48,8 +48,14 @@ def make_inputs(b: int, h: int, n: int, d: int, m: int, device: str, dtype: torc
     rates = 1.0 / torch.logspace(math.log10(1 / 24), math.log10(5 * 365.25), m).expand(h, m).clone()
     if m == 1:
         rates = torch.full((h, 1), 0.1)
-    return (q, k, v, t.to(device, torch.float32), log_w.to(device, torch.float32),
-            rates.to(device, torch.float32).contiguous())
+    return (
+        q,
+        k,
+        v,
+        t.to(device, torch.float32),
+        log_w.to(device, torch.float32),
+        rates.to(device, torch.float32).contiguous(),
+    )
 
 
 def flex_fn(t: torch.Tensor, log_w: torch.Tensor, rates: torch.Tensor, b: int, n: int) -> Callable:
@@ -110,8 +116,11 @@ def measure(fn: Callable, q, k, v, params: list[torch.Tensor]) -> dict[str, floa
     torch.cuda.synchronize()
     missing = [i for i, x in enumerate(params) if x.grad is None or not bool(torch.isfinite(x.grad).all())]
     if missing:
-        print("        warning: no finite gradient reached the mixture parameters "
-              f"{['log_weights', 'rates'][missing[0]]}: its f+b time is not like for like", flush=True)
+        print(
+            "        warning: no finite gradient reached the mixture parameters "
+            f"{['log_weights', 'rates'][missing[0]]}: its f+b time is not like for like",
+            flush=True,
+        )
     fwd_ms = triton.testing.do_bench(fwd, warmup=10, rep=50)
     bwd_ms = triton.testing.do_bench(fwd_bwd, warmup=10, rep=50, grad_to_none=leaves)
     for x in leaves:
@@ -132,8 +141,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     import triton
 
     print(f"device: {dev} | torch {torch.__version__} | triton {triton.__version__} | bf16, time-causal", flush=True)
-    print(f"{'N':>6} {'D':>4} {'M':>2} {'B':>3} {'H':>3} {'impl':>9} {'fwd ms':>9} {'f+b ms':>9} "
-          f"{'fwd TF/s':>9} {'f+b TF/s':>9} {'peak MiB':>9} {'max|o-o_k|':>11}", flush=True)
+    print(
+        f"{'N':>6} {'D':>4} {'M':>2} {'B':>3} {'H':>3} {'impl':>9} {'fwd ms':>9} {'f+b ms':>9} "
+        f"{'fwd TF/s':>9} {'f+b TF/s':>9} {'peak MiB':>9} {'max|o-o_k|':>11}",
+        flush=True,
+    )
     summary = []
     for d in args.d:
         h = max(1, args.model_dim // d)
@@ -142,9 +154,16 @@ def run_sweep(args: argparse.Namespace) -> int:
                 b = max(1, args.tokens // n)
                 config = kernel.default_config(d)
                 if args.block_m or args.block_n:
-                    config = kernel.KernelConfig(args.block_m or config.block_m, args.block_n or config.block_n,
-                                          config.num_warps, config.num_stages, config.bwd_block_m,
-                                          config.bwd_block_n, config.bwd_num_warps, config.bwd_num_stages)
+                    config = kernel.KernelConfig(
+                        args.block_m or config.block_m,
+                        args.block_n or config.block_n,
+                        config.num_warps,
+                        config.num_stages,
+                        config.bwd_block_m,
+                        config.bwd_block_n,
+                        config.bwd_num_warps,
+                        config.bwd_num_stages,
+                    )
                 try:
                     q, k, v, t, log_w, rates = make_inputs(b, h, n, d, m, "cuda", torch.bfloat16)
                 except torch.OutOfMemoryError:
@@ -163,7 +182,11 @@ def run_sweep(args: argparse.Namespace) -> int:
                             out = fn(q, k, v).float()
                         if impl == "kernel":
                             out_kernel = out
-                        diff = float((out - out_kernel).abs().max()) if out_kernel is not None and impl != "sdpa" else float("nan")
+                        diff = (
+                            float((out - out_kernel).abs().max())
+                            if out_kernel is not None and impl != "sdpa"
+                            else float("nan")
+                        )
                         del out
                         params = [] if impl == "sdpa" else [log_w, rates]
                         res = measure(fn, q, k, v, params)
@@ -172,36 +195,48 @@ def run_sweep(args: argparse.Namespace) -> int:
                         torch.cuda.empty_cache()
                         continue
                     except Exception as exc:  # one broken row must not end the sweep
-                        print(f"{n:>6} {d:>4} {m:>2} {b:>3} {h:>3} {impl:>9}  failed: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''}", flush=True)
+                        print(
+                            f"{n:>6} {d:>4} {m:>2} {b:>3} {h:>3} {impl:>9}  failed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}",
+                            flush=True,
+                        )
                         if args.verbose:
                             traceback.print_exc()
                         torch.cuda.empty_cache()
                         continue
                     row[impl] = res
-                    print(f"{n:>6} {d:>4} {m:>2} {b:>3} {h:>3} {impl:>9} {res['fwd_ms']:>9.3f} "
-                          f"{res['fwdbwd_ms']:>9.3f} {fwd_flops / res['fwd_ms'] / 1e9:>9.1f} "
-                          f"{3.5 * fwd_flops / res['fwdbwd_ms'] / 1e9:>9.1f} {res['peak_mib']:>9.1f} "
-                          f"{diff:>11.2e}", flush=True)
+                    print(
+                        f"{n:>6} {d:>4} {m:>2} {b:>3} {h:>3} {impl:>9} {res['fwd_ms']:>9.3f} "
+                        f"{res['fwdbwd_ms']:>9.3f} {fwd_flops / res['fwd_ms'] / 1e9:>9.1f} "
+                        f"{3.5 * fwd_flops / res['fwdbwd_ms'] / 1e9:>9.1f} {res['peak_mib']:>9.1f} "
+                        f"{diff:>11.2e}",
+                        flush=True,
+                    )
                 summary.append(row)
                 del q, k, v
                 torch.cuda.empty_cache()
 
     print("\nratios measured in this run (>1 = the kernel is faster):", flush=True)
-    print(f"{'N':>6} {'D':>4} {'M':>2} {'flex/kernel fwd':>16} {'flex/kernel f+b':>16} "
-          f"{'kernel/sdpa fwd':>16} {'kernel/sdpa f+b':>16} {'kernel MiB':>11}")
+    print(
+        f"{'N':>6} {'D':>4} {'M':>2} {'flex/kernel fwd':>16} {'flex/kernel f+b':>16} "
+        f"{'kernel/sdpa fwd':>16} {'kernel/sdpa f+b':>16} {'kernel MiB':>11}"
+    )
     for row in summary:
         kern = row.get("kernel")
 
         def ratio(a: dict | None, bb: dict | None, key: str) -> str:
             return f"{a[key] / bb[key]:>16.2f}" if a and bb else f"{'-':>16}"
 
-        print(f"{row['n']:>6} {row['d']:>4} {row['m']:>2} {ratio(row.get('flex'), kern, 'fwd_ms')} "
-              f"{ratio(row.get('flex'), kern, 'fwdbwd_ms')} {ratio(kern, row.get('sdpa'), 'fwd_ms')} "
-              f"{ratio(kern, row.get('sdpa'), 'fwdbwd_ms')} "
-              f"{kern['peak_mib'] if kern else float('nan'):>11.1f}")
-    print("targets (issue 4): flex/kernel f+b >= 1.5 and kernel/sdpa f+b <= 1.5 at N=4096 D=64 M=4; "
-          "kernel MiB linear in N")
+        print(
+            f"{row['n']:>6} {row['d']:>4} {row['m']:>2} {ratio(row.get('flex'), kern, 'fwd_ms')} "
+            f"{ratio(row.get('flex'), kern, 'fwdbwd_ms')} {ratio(kern, row.get('sdpa'), 'fwd_ms')} "
+            f"{ratio(kern, row.get('sdpa'), 'fwdbwd_ms')} "
+            f"{kern['peak_mib'] if kern else float('nan'):>11.1f}"
+        )
+    print(
+        "targets (issue 4): flex/kernel f+b >= 1.5 and kernel/sdpa f+b <= 1.5 at N=4096 D=64 M=4; "
+        "kernel MiB linear in N"
+    )
     return 0
 
 
@@ -214,11 +249,11 @@ def smoke() -> int:
     q, k, v, t, log_w, rates = make_inputs(1, 2, 48, 32, 4, "cpu", torch.float32)
     start = time.time()
     got = kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=cfg)
-    want = ct_attention_reference(q.double(), k.double(), v.double(), t.double(), t.double(),
-                                  log_w.double(), rates.double(), None, True)
+    want = ct_attention_reference(
+        q.double(), k.double(), v.double(), t.double(), t.double(), log_w.double(), rates.double(), None, True
+    )
     err = float((got.double() - want).abs().max())
-    print(f"smoke (interpreter, N=48, D=32, M=4): max |kernel - reference| = {err:.2e} "
-          f"in {time.time() - start:.1f}s")
+    print(f"smoke (interpreter, N=48, D=32, M=4): max |kernel - reference| = {err:.2e} in {time.time() - start:.1f}s")
     return 0 if err < 1e-4 else 1
 
 
@@ -240,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         return smoke()
     if not torch.cuda.is_available():
-        print("ct_attention benchmark: no CUDA GPU here, nothing to measure. Run it on a GPU machine; "
-              "on CPU, `TRITON_INTERPRET=1 python benchmarks/ct_attention.py --smoke` checks correctness.")
+        print(
+            "ct_attention benchmark: no CUDA GPU here, nothing to measure. Run it on a GPU machine; "
+            "on CPU, `TRITON_INTERPRET=1 python benchmarks/ct_attention.py --smoke` checks correctness."
+        )
         return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("ct_attention benchmark: unset TRITON_INTERPRET to time the compiled kernel.")

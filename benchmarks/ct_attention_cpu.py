@@ -57,7 +57,9 @@ def make_inputs(b: int, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
 IMPLS = ("reference", "cpu", "native", "sdpa")
 
 
-def measure(impls: tuple[str, ...], b: int, n: int, repeats: int, clock: Callable[[], float]) -> dict[str, tuple[float, float]]:
+def measure(
+    impls: tuple[str, ...], b: int, n: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, tuple[float, float]]:
     """impl -> (forward ms, forward+backward ms), medians, the implementations interleaved."""
     q, k, v, t, valid, log_w, rates = make_inputs(b, n)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, log_w, rates)]
@@ -99,8 +101,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row (median)")
     parser.add_argument("--smoke", action="store_true", help="one repeat, the model's shapes only")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall clock (perf_counter) or CPU time of the process (process_time)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall clock (perf_counter) or CPU time of the process (process_time)",
+    )
     args = parser.parse_args()
     if args.threads < 1 or args.repeats < 1:
         parser.error(f"--threads ({args.threads}) and --repeats ({args.repeats}) must be >= 1")
@@ -110,8 +116,10 @@ def main() -> int:
     why = native_unavailable_reason()
     impls = IMPLS if why is None else tuple(i for i in IMPLS if i != "native")
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, H={H} D={D} M={M}, fp32, "
-          f"median of {repeats}, {args.clock} clock; times in ms" + (f"; native unavailable: {why}" if why else ""))
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, H={H} D={D} M={M}, fp32, "
+        f"median of {repeats}, {args.clock} clock; times in ms" + (f"; native unavailable: {why}" if why else "")
+    )
     cols = "".join(f" {name[:4] + ' ' + kind:>10}" for kind in ("fwd", "f+b") for name in IMPLS)
     print(f"{'B':>3} {'N':>5} |{cols} | {'native/sdpa f+b':>15} {'cpu/sdpa f+b':>12} {'ref/native f+b':>14}")
     for b, n in shapes:
@@ -119,8 +127,11 @@ def main() -> int:
         cells = "".join(f" {res[name][i]:10.1f}" if name in res else f" {'-':>10}" for i in (0, 1) for name in IMPLS)
         sdpa = res["sdpa"][1]
         native = res["native"][1] if "native" in res else float("nan")
-        print(f"{b:>3} {n:>5} |{cells} | {native / sdpa:15.2f} {res['cpu'][1] / sdpa:12.2f} "
-              f"{res['reference'][1] / native:14.2f}", flush=True)
+        print(
+            f"{b:>3} {n:>5} |{cells} | {native / sdpa:15.2f} {res['cpu'][1] / sdpa:12.2f} "
+            f"{res['reference'][1] / native:14.2f}",
+            flush=True,
+        )
     return 0
 
 

@@ -140,21 +140,31 @@ def main(argv: list[str] | None = None) -> None:
     total = t_load + t_batches
     mib = 1 / 2**20
     print(f"site {site_root}")
-    print(f"  subjects {site.summary.n_subjects}, MEDS rows {n_events:,}, wearable epochs {n_epochs:,}, "
-          f"vocabulary {vocab.vocab_size} ids, PRS traits {vocab.prs_traits}")
+    print(
+        f"  subjects {site.summary.n_subjects}, MEDS rows {n_events:,}, wearable epochs {n_epochs:,}, "
+        f"vocabulary {vocab.vocab_size} ids, PRS traits {vocab.prs_traits}"
+    )
     print(f"  open_site (validation)       {t_open:7.2f} s")
     print(f"  stats + vocabulary           {t_stats:7.2f} s")
     print(f"  load (parquet -> arrays)     {t_load:7.2f} s")
-    print(f"  {n_samples} samples -> {n_batches} batches of {args.batch_size} "
-          f"({n_tokens:,} EHR tokens, {n_patches:,} patches)  {t_batches:7.2f} s "
-          f"({n_samples / max(t_batches, 1e-9):,.0f} samples/s)")
-    print(f"  events/s parquet -> batches  {n_events / total:,.0f} MEDS rows/s; "
-          f"{(n_events + n_epochs) / total:,.0f} rows/s counting wearable epochs")
-    print(f"  baseline pq.read_table of the same files ({raw_rows:,} rows) {t_raw:7.2f} s: load is "
-          f"x{t_load / max(t_raw, 1e-9):.1f} the raw read, parquet -> batches x{total / max(t_raw, 1e-9):.1f}")
-    print(f"  peak memory: ru_maxrss {rss1 / 1024:,.0f} MiB (before loading {rss0 / 1024:,.0f} MiB); "
-          f"arrow pool peak {arrow_peak * mib:,.0f} MiB"
-          + (f"; tracemalloc peak {traced_peak * mib:,.0f} MiB" if traced_peak is not None else ""))
+    print(
+        f"  {n_samples} samples -> {n_batches} batches of {args.batch_size} "
+        f"({n_tokens:,} EHR tokens, {n_patches:,} patches)  {t_batches:7.2f} s "
+        f"({n_samples / max(t_batches, 1e-9):,.0f} samples/s)"
+    )
+    print(
+        f"  events/s parquet -> batches  {n_events / total:,.0f} MEDS rows/s; "
+        f"{(n_events + n_epochs) / total:,.0f} rows/s counting wearable epochs"
+    )
+    print(
+        f"  baseline pq.read_table of the same files ({raw_rows:,} rows) {t_raw:7.2f} s: load is "
+        f"x{t_load / max(t_raw, 1e-9):.1f} the raw read, parquet -> batches x{total / max(t_raw, 1e-9):.1f}"
+    )
+    print(
+        f"  peak memory: ru_maxrss {rss1 / 1024:,.0f} MiB (before loading {rss0 / 1024:,.0f} MiB); "
+        f"arrow pool peak {arrow_peak * mib:,.0f} MiB"
+        + (f"; tracemalloc peak {traced_peak * mib:,.0f} MiB" if traced_peak is not None else "")
+    )
     if tmp is not None:
         tmp.cleanup()
 

@@ -34,8 +34,16 @@ from healthfm_core.model.objectives import ObjectiveWeights
 def read_events(site_root: Path) -> pa.Table:
     files = sorted(glob.glob(str(site_root / "data" / "**" / "*.parquet"), recursive=True))
     table = pq.ParquetDataset(files).read(columns=["subject_id", "time", "code", "numeric_value"])
-    return table.cast(pa.schema([("subject_id", pa.int64()), ("time", table.schema.field("time").type),
-                                 ("code", pa.string()), ("numeric_value", pa.float32())]))
+    return table.cast(
+        pa.schema(
+            [
+                ("subject_id", pa.int64()),
+                ("time", table.schema.field("time").type),
+                ("code", pa.string()),
+                ("numeric_value", pa.float32()),
+            ]
+        )
+    )
 
 
 def main() -> None:
@@ -79,10 +87,14 @@ def main() -> None:
         if step:
             collate_s.append(t_collate)
             step_s.append(t_step)
-        print(f"step {step}: codes {tuple(batch.codes.shape)}, tokens {int(batch.ehr_valid.sum())}, "
-              f"collate {t_collate:.3f} s, forward+backward+step {t_step:.2f} s CPU")
-    print(f"mean over {args.steps} steps: collate {sum(collate_s) / len(collate_s):.3f} s, "
-          f"step {sum(step_s) / len(step_s):.2f} s CPU (OMP_NUM_THREADS={torch.get_num_threads()})")
+        print(
+            f"step {step}: codes {tuple(batch.codes.shape)}, tokens {int(batch.ehr_valid.sum())}, "
+            f"collate {t_collate:.3f} s, forward+backward+step {t_step:.2f} s CPU"
+        )
+    print(
+        f"mean over {args.steps} steps: collate {sum(collate_s) / len(collate_s):.3f} s, "
+        f"step {sum(step_s) / len(step_s):.2f} s CPU (OMP_NUM_THREADS={torch.get_num_threads()})"
+    )
 
 
 if __name__ == "__main__":

@@ -79,8 +79,9 @@ class PeakMemory:
             self.peak = max(self.peak, _rss() - self.base)
 
 
-def run_mode(dp: bool, model: HealthFM, dataset: PretrainingDataset, args: argparse.Namespace,
-             device: torch.device) -> dict[str, float]:
+def run_mode(
+    dp: bool, model: HealthFM, dataset: PretrainingDataset, args: argparse.Namespace, device: torch.device
+) -> dict[str, float]:
     init = {k: v.clone() for k, v in model.state_dict().items()}
 
     def steps(n: int) -> float:
@@ -88,10 +89,12 @@ def run_mode(dp: bool, model: HealthFM, dataset: PretrainingDataset, args: argpa
         cfg = TrainConfig(steps=n, lr=1e-4, batch_size=args.batch_size, seed=0, progress=False, log_every=n)
         if dp:
             rate = sample_rate_for(args.batch_size, len(dataset))
-            settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=rate, n_samples=len(dataset),
-                                  delta=1e-5)
-            data = PoissonBatches(dataset, collate, rate, steps=max(1, round(1 / rate)),
-                                  generator=torch.Generator().manual_seed(0))
+            settings = DPSettings(
+                noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=rate, n_samples=len(dataset), delta=1e-5
+            )
+            data = PoissonBatches(
+                dataset, collate, rate, steps=max(1, round(1 / rate)), generator=torch.Generator().manual_seed(0)
+            )
             result = train_local(model, data, cfg, local_step=DPLocalStep(settings, RDPAccountant()))
         else:
             result = train_local(model, make_loader(dataset, batch_size=args.batch_size, seed=0), cfg)
@@ -114,8 +117,13 @@ def measure(dp: bool, args: argparse.Namespace, device: torch.device) -> dict[st
         vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
         model = HealthFM(load_model_config(args.model), vocab.vocab_size, vocab.n_prs_traits).to(device)
         ids = site.subject_splits()["subject_id"].to_numpy()
-        dataset = PretrainingDataset(SiteSequences.from_site(site, vocab), ids, time_mode="last",
-                                     max_events=args.max_events, max_patches=args.max_patches)
+        dataset = PretrainingDataset(
+            SiteSequences.from_site(site, vocab),
+            ids,
+            time_mode="last",
+            max_events=args.max_events,
+            max_patches=args.max_patches,
+        )
         row = run_mode(dp, model, dataset, args, device)
     row["n_params"] = sum(q.numel() for q in model.parameters())
     return row
@@ -148,9 +156,11 @@ def main() -> None:
             raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
         rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     n_params = rows["dp"]["n_params"]
-    print(f"model {args.model} ({n_params / 1e6:.2f} M parameters), device {device}, batch {args.batch_size} "
-          f"(DP: Poisson, expected {args.batch_size}), max_events {args.max_events}, max_patches {args.max_patches}, "
-          f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model} ({n_params / 1e6:.2f} M parameters), device {device}, batch {args.batch_size} "
+        f"(DP: Poisson, expected {args.batch_size}), max_events {args.max_events}, max_patches {args.max_patches}, "
+        f"{args.steps} timed steps, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'mode':8s} {'s/step':>9s} {'peak MiB':>9s} {'samples/step':>13s}")
     for mode, r in rows.items():
         print(f"{mode:8s} {r['seconds_per_step']:9.3f} {r['peak_bytes'] / 2**20:9.1f} {r['examples_per_step']:13.1f}")
@@ -158,8 +168,17 @@ def main() -> None:
     mem_ratio = rows["dp"]["peak_bytes"] / max(1, rows["no_dp"]["peak_bytes"])
     print(f"DP / no DP: time x{time_ratio:.2f}, peak memory x{mem_ratio:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                         "time_ratio": time_ratio, "memory_ratio": mem_ratio}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "rows": rows,
+                    "time_ratio": time_ratio,
+                    "memory_ratio": mem_ratio,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

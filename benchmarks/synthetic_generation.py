@@ -29,8 +29,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="healthfm-synth-") as tmp:
         out = args.out or Path(tmp)
         config = load_scenario(args.scenario).with_n_subjects(args.n_subjects)
-        print(f"scenario {config.name}, seed {args.seed}, {len(config.sites)} sites, cores available {os.cpu_count()}, "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+        print(
+            f"scenario {config.name}, seed {args.seed}, {len(config.sites)} sites, cores available {os.cpu_count()}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+        )
         # Per-site timings (the same code path generate_federation runs).
         total_rows, total_s = 0, 0.0
         for i, site in enumerate(config.sites):
@@ -40,8 +42,10 @@ def main() -> None:
             rows = m.n_events + m.n_wearable_epochs
             total_rows += rows
             total_s += elapsed
-            print(f"  {m.name:<18} {m.n_subjects:>6} subjects  {m.n_events:>9,} events  {m.n_wearable_epochs:>11,} epochs  "
-                  f"{elapsed:6.2f} s  {rows / elapsed:>12,.0f} rows/s")
+            print(
+                f"  {m.name:<18} {m.n_subjects:>6} subjects  {m.n_events:>9,} events  {m.n_wearable_epochs:>11,} epochs  "
+                f"{elapsed:6.2f} s  {rows / elapsed:>12,.0f} rows/s"
+            )
         print(f"sites: {total_s:.2f} s, {total_rows:,} rows, {total_rows / total_s:,.0f} rows/s")
         # The public entry point end to end (includes manifest and scenario files).
         start = time.perf_counter()

@@ -61,8 +61,13 @@ def build(args: argparse.Namespace, tmp: Path):
     site = open_site(manifest.site(args.site).root)
     vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
     ids = site.subject_splits()["subject_id"].to_numpy()
-    dataset = PretrainingDataset(SiteSequences.from_site(site, vocab), ids, time_mode="last",
-                                 max_events=args.max_events, max_patches=args.max_patches)
+    dataset = PretrainingDataset(
+        SiteSequences.from_site(site, vocab),
+        ids,
+        time_mode="last",
+        max_events=args.max_events,
+        max_patches=args.max_patches,
+    )
     batch = collate([dataset[i] for i in range(min(args.batch_size, len(dataset)))])
     torch.manual_seed(0)
     model = HealthFM(load_model_config(args.model), vocab.vocab_size, vocab.n_prs_traits)
@@ -105,8 +110,9 @@ def run(model: HealthFM, batch, threads: int, repeats: int, steps: int) -> dict[
             samples[name].append(step_time(model, batch, init, steps))
     torch_dropout(model, False)
     model.load_state_dict(init)
-    return {name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
-            for name, s in samples.items()}
+    return {
+        name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s)) for name, s in samples.items()
+    }
 
 
 def profile(model: HealthFM, batch, rows: int) -> None:
@@ -139,18 +145,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = build(args, Path(tmp))
     n_ehr = int(batch.ehr_valid.sum(1).max())
-    print(f"torch {torch.__version__}, model {args.model}, site {args.site}, batch {batch.batch_size}, "
-          f"longest EHR sequence {n_ehr}, median of {args.repeats} samples x {args.steps} step(s); "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'threads':>7} {'clock':>5} | {'before s/step':>13} {'reference':>9} {'auto':>7} | "
-          f"{'before/auto':>11} {'reference/auto':>14}")
+    print(
+        f"torch {torch.__version__}, model {args.model}, site {args.site}, batch {batch.batch_size}, "
+        f"longest EHR sequence {n_ehr}, median of {args.repeats} samples x {args.steps} step(s); "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'threads':>7} {'clock':>5} | {'before s/step':>13} {'reference':>9} {'auto':>7} | "
+        f"{'before/auto':>11} {'reference/auto':>14}"
+    )
     try:
         for threads in args.threads:
             res = run(model, batch, threads, args.repeats, args.steps)
             for i, clock in enumerate(("wall", "cpu")):
                 before, ref, auto = (res[name][i] for name in SETUPS)
-                print(f"{threads:>7} {clock:>5} | {before:13.3f} {ref:9.3f} {auto:7.3f} | {before / auto:11.2f} "
-                      f"{ref / auto:14.2f}", flush=True)
+                print(
+                    f"{threads:>7} {clock:>5} | {before:13.3f} {ref:9.3f} {auto:7.3f} | {before / auto:11.2f} "
+                    f"{ref / auto:14.2f}",
+                    flush=True,
+                )
         if args.profile:
             torch.set_num_threads(args.threads[0])
             profile(model, batch, 30)

@@ -57,8 +57,10 @@ REFUSED_PREFIX = "refused by site"
 def refusal_reason(site: str, fab_hash: str, policy: Path | None, why: str | None) -> str:
     where = f"policy {policy}" if policy is not None else "policy"
     detail = f" ({why})" if why else ""
-    return (f"{REFUSED_PREFIX} {site}: app bundle sha256 {fab_hash} is not in the approved_apps of its {where}"
-            f"{detail}; the site admin approves a bundle with `client.py approve BUNDLE.fab --policy FILE`")
+    return (
+        f"{REFUSED_PREFIX} {site}: app bundle sha256 {fab_hash} is not in the approved_apps of its {where}"
+        f"{detail}; the site admin approves a bundle with `client.py approve BUNDLE.fab --policy FILE`"
+    )
 
 
 class AppGuard:
@@ -67,22 +69,29 @@ class AppGuard:
     def __init__(self, runtime_api_address: str, policy: Path | None, site: str) -> None:
         self.address, self.policy, self.site = runtime_api_address, policy, site
         self.client = RuntimeHttpClient.from_server_address(
-            server_address=runtime_api_address, insecure=True, root_certificates=None,
+            server_address=runtime_api_address,
+            insecure=True,
+            root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
             retry_invoker=make_simple_http_retry_invoker(),
         )
         self.children: list[subprocess.Popen[bytes]] = []
 
     def poll_once(self) -> Task | None:
-        res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
-                                                         agentapp_fab_hashes=[]))
+        res = self.client.AcquireTask(
+            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+        )
         if not (res.HasField("task") and res.token):
             return None
         task = res.task
         approved, why = approved_apps(self.policy)
         if task.type == TaskType.CLIENT_APP and task.fab_hash and task.fab_hash in approved:
-            log.info("task %d of run %d: app bundle %s approved, starting flwr-clientapp", task.task_id, task.run_id,
-                     task.fab_hash[:12])
+            log.info(
+                "task %d of run %d: app bundle %s approved, starting flwr-clientapp",
+                task.task_id,
+                task.run_id,
+                task.fab_hash[:12],
+            )
             self.launch(res.token)
         else:
             self.refuse(res.token, task, refusal_reason(self.site, task.fab_hash or "(none)", self.policy, why))
@@ -91,17 +100,29 @@ class AppGuard:
     def launch(self, token: str) -> None:
         """What Flower's SubprocessExecutor runs for a ClientApp task."""
         exe = Path(sys.executable).parent / "flwr-clientapp"
-        cmd = [str(exe) if exe.exists() else "flwr-clientapp", "--runtime-api-address", self.address,
-               "--token", token, "--insecure", "--parent-pid", str(os.getpid())]
+        cmd = [
+            str(exe) if exe.exists() else "flwr-clientapp",
+            "--runtime-api-address",
+            self.address,
+            "--token",
+            token,
+            "--insecure",
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         self.children.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
 
     def refuse(self, token: str, task: Task, reason: str) -> None:
         """Answer the task's message with an error reply and close the task, running nothing."""
         log.error("task %d of run %d: %s", task.task_id, task.run_id, reason)
         client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)],
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
             retry_invoker=make_simple_http_retry_invoker(),
         )
         context = None
@@ -133,8 +154,11 @@ class AppGuard:
 def run(runtime_api_address: str, policy: Path | None, site: str) -> None:
     guard = AppGuard(runtime_api_address, policy, site)
     approved, why = approved_apps(policy)
-    print(f"app guard for site {site}: {len(approved)} approved app bundle(s)"
-          f"{' (' + why + ')' if why else ''}; ClientApp tasks of any other bundle are refused", flush=True)
+    print(
+        f"app guard for site {site}: {len(approved)} approved app bundle(s)"
+        f"{' (' + why + ')' if why else ''}; ClientApp tasks of any other bundle are refused",
+        flush=True,
+    )
     try:
         while True:
             guard.poll_once()
@@ -151,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site", required=True, help="the site's name (in refusals)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the ClientApps it started, then exit

@@ -54,16 +54,20 @@ class BundleInfo(BaseModel):
         return [f.path for f in self.files if f.path.endswith((".py", ".pyc", ".so", ".pth"))]
 
     def describe(self) -> str:
-        lines = [f"bundle     {self.name} {self.version} (publisher {self.publisher})",
-                 f"sha256     {self.sha256}",
-                 f"size       {self.size} bytes"]
+        lines = [
+            f"bundle     {self.name} {self.version} (publisher {self.publisher})",
+            f"sha256     {self.sha256}",
+            f"size       {self.size} bytes",
+        ]
         lines += [f"{kind:<10} {target}" for kind, target in sorted(self.components.items())]
         lines.append(f"files      {len(self.files)}:")
         lines += [f"  {f.size:>10}  {f.sha256[:16]}  {f.path}" for f in self.files]
         code = self.python_files()
         if code:
-            lines.append(f"WARNING: the bundle ships its own code ({', '.join(code)}): approving it lets that code "
-                         "run at this site")
+            lines.append(
+                f"WARNING: the bundle ships its own code ({', '.join(code)}): approving it lets that code "
+                "run at this site"
+            )
         return "\n".join(lines)
 
 
@@ -83,9 +87,15 @@ def inspect_bundle(data: bytes) -> BundleInfo:
     app = config.get("tool", {}).get("flwr", {}).get("app", {})
     project = config.get("project", {})
     components = {str(k): str(v) for k, v in app.get("components", {}).items()}
-    return BundleInfo(sha256=hashlib.sha256(data).hexdigest(), size=len(data), name=str(project.get("name", "?")),
-                      version=str(project.get("version", "?")), publisher=str(app.get("publisher", "?")),
-                      components=components, files=files)
+    return BundleInfo(
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        name=str(project.get("name", "?")),
+        version=str(project.get("version", "?")),
+        publisher=str(app.get("publisher", "?")),
+        components=components,
+        files=files,
+    )
 
 
 def read_bundle(path: Path) -> BundleInfo:
@@ -123,7 +133,9 @@ def approve(bundle: BundleInfo, policy_path: Path) -> bool:
         return False
     data["approved_apps"] = [*approved, bundle.sha256]
     tmp = policy_path.with_name(f".{policy_path.name}.tmp")
-    text = json.dumps(data, indent=1) if policy_path.suffix.lower() == ".json" else yaml.safe_dump(data, sort_keys=False)
+    text = (
+        json.dumps(data, indent=1) if policy_path.suffix.lower() == ".json" else yaml.safe_dump(data, sort_keys=False)
+    )
     tmp.write_text(text, encoding="utf-8")
     try:
         load_policy(tmp)

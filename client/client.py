@@ -109,8 +109,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     tasks = None
     if report.ok and report.summary is not None and (files or report.summary.site_tasks):
         site = Site(root, report, subjects.subject_ids, subjects.per_modality)
-        tasks = count_tasks(site, files, min_subjects=min_subjects, n_per_subject=args.n_per_subject,
-                            seed=args.seed)
+        tasks = count_tasks(site, files, min_subjects=min_subjects, n_per_subject=args.n_per_subject, seed=args.seed)
     ok = report.ok and (tasks is None or tasks.ok)
     if args.json:
         blob = report.model_dump(mode="json")
@@ -135,7 +134,9 @@ def print_report(report: SiteReport, tasks: TasksReport | None = None) -> int:
             print(problem)
         n_errors += sum(p.severity == "error" for p in tasks.problems)
         n_warnings += sum(p.severity == "warning" for p in tasks.problems)
-    not_shown = f"; {cut} without a line of their own (at most {MAX_PROBLEMS_PER_KIND} lines per kind and file)" if cut else ""
+    not_shown = (
+        f"; {cut} without a line of their own (at most {MAX_PROBLEMS_PER_KIND} lines per kind and file)" if cut else ""
+    )
     if report.ok and n_errors == 0:
         print(f"OK: site is usable ({n_warnings} warning(s){not_shown})")
         return EXIT_OK
@@ -192,18 +193,27 @@ def cmd_join(args: argparse.Namespace) -> int:
     # The ClientApp's durable state (the privacy ledger) lives with the SuperNode's state.
     node_config.setdefault("state-dir", str(state_dir / "site-state"))
     try:
-        cfg = JoinConfig(site_root=root.resolve(), superlink=args.superlink,
-                         root_cert=Path(args.root_cert).resolve() if args.root_cert else None,
-                         auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
-                         insecure=args.insecure, state_dir=state_dir, node_config=node_config,
-                         connect_timeout=args.connect_timeout, runtime_port=args.runtime_port,
-                         max_wait_time=args.max_wait_time)
+        cfg = JoinConfig(
+            site_root=root.resolve(),
+            superlink=args.superlink,
+            root_cert=Path(args.root_cert).resolve() if args.root_cert else None,
+            auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
+            insecure=args.insecure,
+            state_dir=state_dir,
+            node_config=node_config,
+            connect_timeout=args.connect_timeout,
+            runtime_port=args.runtime_port,
+            max_wait_time=args.max_wait_time,
+        )
     except ValueError as err:  # pydantic: a bad option value
         print(f"error: {str(err).splitlines()[0]}: {' '.join(str(err).splitlines()[1:3]).strip()}", file=sys.stderr)
         return EXIT_USAGE
     if args.insecure:
-        print("WARNING: --insecure: no TLS, the connection to the SuperLink is neither encrypted nor "
-              "authenticated; use only for local tests", file=sys.stderr)
+        print(
+            "WARNING: --insecure: no TLS, the connection to the SuperLink is neither encrypted nor "
+            "authenticated; use only for local tests",
+            file=sys.stderr,
+        )
     try:
         return join(cfg, echo=args.verbose)
     except JoinError as err:
@@ -236,20 +246,42 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a site's data (MEDS root + wearables)")
     check.add_argument("site_root", metavar="SITE_ROOT", help="the site root (holds data/, metadata/, ...)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("--strict", action="store_true",
-                       help="treat incomplete metadata (codes missing from codes.parquet) as errors")
-    check.add_argument("--tasks", nargs="+", metavar="CONFIG_OR_DIR",
-                       help="ACES task configs (or directories of *.yaml) to count labels of: rows, subjects "
-                            "and positives per split at the evaluation's prediction times")
-    check.add_argument("--min-subjects", type=int, default=DEFAULT_MIN_SUBJECTS, metavar="N",
-                       help=f"the federation's minimum subjects per split for a metric to leave the site "
-                            f"(default {DEFAULT_MIN_SUBJECTS}, the runtime's min_report_subjects)")
+    check.add_argument(
+        "--strict", action="store_true", help="treat incomplete metadata (codes missing from codes.parquet) as errors"
+    )
+    check.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="CONFIG_OR_DIR",
+        help="ACES task configs (or directories of *.yaml) to count labels of: rows, subjects "
+        "and positives per split at the evaluation's prediction times",
+    )
+    check.add_argument(
+        "--min-subjects",
+        type=int,
+        default=DEFAULT_MIN_SUBJECTS,
+        metavar="N",
+        help=f"the federation's minimum subjects per split for a metric to leave the site "
+        f"(default {DEFAULT_MIN_SUBJECTS}, the runtime's min_report_subjects)",
+    )
     check.add_argument("--policy", metavar="FILE", help="this site's policy file: its min_subjects raises the minimum")
-    check.add_argument("--n-per-subject", type=int, default=4, metavar="K",
-                       help="prediction times per subject, as the evaluation draws them (default 4)")
-    check.add_argument("--seed", type=int, default=0, help="the evaluation's seed for drawing prediction times (default 0)")
-    check.add_argument("--progress", dest="progress", action="store_true", default=None,
-                       help="show a progress bar (default: when stderr is a terminal)")
+    check.add_argument(
+        "--n-per-subject",
+        type=int,
+        default=4,
+        metavar="K",
+        help="prediction times per subject, as the evaluation draws them (default 4)",
+    )
+    check.add_argument(
+        "--seed", type=int, default=0, help="the evaluation's seed for drawing prediction times (default 0)"
+    )
+    check.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
     check.add_argument("--no-progress", dest="progress", action="store_false")
     check.set_defaults(func=cmd_check)
 
@@ -258,20 +290,44 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
     join.add_argument("--root-cert", metavar="CA.pem", help="the federation's CA certificate (ca.pem)")
     join.add_argument("--auth-key", metavar="KEY", help="this site's private key (auth_key from the coordinator)")
-    join.add_argument("--state-dir", metavar="DIR",
-                      help="where the SuperNode keeps its log, node config, Flower apps and the site's "
-                           "durable state (privacy ledger) (default: ~/.healthfm/sites/SITE_NAME)")
+    join.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the SuperNode keeps its log, node config, Flower apps and the site's "
+        "durable state (privacy ledger) (default: ~/.healthfm/sites/SITE_NAME)",
+    )
     join.add_argument("--site-name", help="the site's name in the federation (default: the site root's name)")
-    join.add_argument("--policy", metavar="FILE", help="this site's policy file (what it allows, whatever the server asks)")
-    join.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
-                      help="more node config for the ClientApp, e.g. min-report-subjects=50 (repeatable)")
+    join.add_argument(
+        "--policy", metavar="FILE", help="this site's policy file (what it allows, whatever the server asks)"
+    )
+    join.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more node config for the ClientApp, e.g. min-report-subjects=50 (repeatable)",
+    )
     join.add_argument("--insecure", action="store_true", help="no TLS and no authentication (local tests only)")
-    join.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                      help="seconds to wait for the SuperLink before giving up (default 10)")
-    join.add_argument("--max-wait-time", type=float, default=None, metavar="S",
-                      help="stop reconnecting after losing the SuperLink for this long (default: never)")
-    join.add_argument("--runtime-port", type=int, default=None,
-                      help="local port of the SuperNode's runtime API on 127.0.0.1 (default: a free one)")
+    join.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the SuperLink before giving up (default 10)",
+    )
+    join.add_argument(
+        "--max-wait-time",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop reconnecting after losing the SuperLink for this long (default: never)",
+    )
+    join.add_argument(
+        "--runtime-port",
+        type=int,
+        default=None,
+        help="local port of the SuperNode's runtime API on 127.0.0.1 (default: a free one)",
+    )
     join.add_argument("--strict", action="store_true", help="check the site as `check --strict` does")
     join.add_argument("--progress", dest="progress", action="store_true", default=None)
     join.add_argument("--no-progress", dest="progress", action="store_false")
@@ -279,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     approve_p = sub.add_parser("approve", help="show an app bundle's contents and approve it in the site policy")
     approve_p.add_argument("bundle", metavar="BUNDLE.fab", help="the app bundle the coordinator sent")
-    approve_p.add_argument("--policy", required=True, metavar="FILE", help="this site's policy file (created if absent)")
+    approve_p.add_argument(
+        "--policy", required=True, metavar="FILE", help="this site's policy file (created if absent)"
+    )
     approve_p.add_argument("--show", action="store_true", help="only show what the bundle holds")
     approve_p.set_defaults(func=cmd_approve)
     return parser
@@ -291,8 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed its one-line usage error
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return args.func(args)
     except KeyboardInterrupt:

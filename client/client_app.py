@@ -92,8 +92,11 @@ def setup_needed(msg: Message, context: Context, sha256: str) -> Message | None:
     held = str(record["sha256"]) if record is not None else ""
     if held == sha256:
         return None
-    log.warning("asked to work under setup %s... but holding %s: asking the server for it", sha256[:12],
-                f"{held[:12]}..." if held else "none (restarted?)")
+    log.warning(
+        "asked to work under setup %s... but holding %s: asking the server for it",
+        sha256[:12],
+        f"{held[:12]}..." if held else "none (restarted?)",
+    )
     return Message(RecordDict({SETUP_NEEDED_RECORD: ConfigRecord({"wanted": sha256, "held": held})}), reply_to=msg)
 
 
@@ -106,17 +109,17 @@ def _only_record(records: Mapping[str, Any], what: str) -> Any:
 def train_reply_content(reply: TrainReply) -> RecordDict:
     """A TrainReply as the records of a reply message."""
     arrays, metrics, status = reply.to_records()
-    content = RecordDict({METRICS_RECORD: MetricRecord(metrics)})
+    content = RecordDict({METRICS_RECORD: MetricRecord(dict(metrics))})
     if arrays is not None:
         content[ARRAYS_RECORD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     if status is not None:
-        content[STATUS_RECORD] = ConfigRecord(status)
+        content[STATUS_RECORD] = ConfigRecord(dict(status))
     return content
 
 
 def eval_reply_content(reply: EvalReply) -> RecordDict:
     """An EvalReply as the records of a reply message."""
-    return RecordDict({METRICS_RECORD: MetricRecord(reply.to_records())})
+    return RecordDict({METRICS_RECORD: MetricRecord(dict(reply.to_records()))})
 
 
 def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> ClientApp:
@@ -141,7 +144,9 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         record = msg.content.config_records["setup"]
         parsed = FederationSetup.model_validate_json(str(record["json"]))
         if parsed.sha256 != record["sha256"]:
-            raise ValueError(f"setup does not match its sha256 ({parsed.sha256[:12]}... != {str(record['sha256'])[:12]}...)")
+            raise ValueError(
+                f"setup does not match its sha256 ({parsed.sha256[:12]}... != {str(record['sha256'])[:12]}...)"
+            )
         runtime(context).check_setup(parsed)
         context.state.config_records[SETUP_STATE_KEY] = ConfigRecord({"json": record["json"], "sha256": parsed.sha256})
         _SETUPS[parsed.sha256] = parsed

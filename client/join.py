@@ -101,15 +101,18 @@ def check_auth_key(path: Path) -> str:
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise JoinError(f"--auth-key {path}: not an unencrypted OpenSSH private key ({err}); use the site's "
-                        "auth_key from the coordinator", EXIT_USAGE) from None
+        raise JoinError(
+            f"--auth-key {path}: not an unencrypted OpenSSH private key ({err}); use the site's "
+            "auth_key from the coordinator",
+            EXIT_USAGE,
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise JoinError(f"--auth-key {path}: a {type(key).__name__}, but Flower needs an EC (NIST curve) key",
-                        EXIT_USAGE)
+        raise JoinError(
+            f"--auth-key {path}: a {type(key).__name__}, but Flower needs an EC (NIST curve) key", EXIT_USAGE
+        )
     if path.stat().st_mode & 0o077:
         log.warning("%s is readable by other users (mode %o); chmod 600 it", path, path.stat().st_mode & 0o777)
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                         serialization.PublicFormat.OpenSSH).decode()
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 def probe_superlink(address: str, root_cert: Path | None, timeout: float) -> None:
@@ -119,14 +122,18 @@ def probe_superlink(address: str, root_cert: Path | None, timeout: float) -> Non
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as err:
-        raise JoinError(f"cannot reach the SuperLink at {address}: host name {host!r} does not resolve "
-                        f"({err.strerror})") from None
+        raise JoinError(
+            f"cannot reach the SuperLink at {address}: host name {host!r} does not resolve ({err.strerror})"
+        ) from None
     except ConnectionRefusedError:
-        raise JoinError(f"cannot reach the SuperLink at {address}: connection refused (is the SuperLink "
-                        "running, and is this its address and port?)") from None
-    except (socket.timeout, TimeoutError):
-        raise JoinError(f"cannot reach the SuperLink at {address}: no answer within {timeout:g} s (a firewall, "
-                        "or a wrong address?)") from None
+        raise JoinError(
+            f"cannot reach the SuperLink at {address}: connection refused (is the SuperLink "
+            "running, and is this its address and port?)"
+        ) from None
+    except TimeoutError:
+        raise JoinError(
+            f"cannot reach the SuperLink at {address}: no answer within {timeout:g} s (a firewall, or a wrong address?)"
+        ) from None
     except OSError as err:
         raise JoinError(f"cannot reach the SuperLink at {address}: {err.strerror or err}") from None
     with sock:
@@ -143,14 +150,19 @@ def probe_superlink(address: str, root_cert: Path | None, timeout: float) -> Non
         except ssl.SSLCertVerificationError as err:
             reason = err.verify_message or str(err)
             if "mismatch" in reason.lower():
-                raise JoinError(f"the SuperLink's certificate at {address} is not valid for {host!r} ({reason}); "
-                                "connect by a name the coordinator provisioned, or ask for a new certificate") \
-                    from None
-            raise JoinError(f"the SuperLink's certificate at {address} does not verify against --root-cert "
-                            f"{root_cert} ({reason}): wrong CA file for this federation?") from None
-        except (socket.timeout, TimeoutError):
-            raise JoinError(f"the server at {address} accepted a connection but completed no TLS handshake "
-                            f"within {timeout:g} s (is it a SuperLink?)") from None
+                raise JoinError(
+                    f"the SuperLink's certificate at {address} is not valid for {host!r} ({reason}); "
+                    "connect by a name the coordinator provisioned, or ask for a new certificate"
+                ) from None
+            raise JoinError(
+                f"the SuperLink's certificate at {address} does not verify against --root-cert "
+                f"{root_cert} ({reason}): wrong CA file for this federation?"
+            ) from None
+        except TimeoutError:
+            raise JoinError(
+                f"the server at {address} accepted a connection but completed no TLS handshake "
+                f"within {timeout:g} s (is it a SuperLink?)"
+            ) from None
         except ssl.SSLError as err:
             reason = err.reason or str(err)
             hint = " (a SuperLink started with --insecure?)" if "WRONG_VERSION" in reason.upper() else ""
@@ -204,9 +216,19 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int) -> list[str]:
     # --isolation process: the SuperNode starts no SuperExec; the site's app guard takes that place
     # and starts a ClientApp only for an approved bundle (client/app_guard.py).
-    cmd = [flower_executable("flower-supernode"), "--superlink", cfg.superlink,
-           "--node-config", str(node_config_file), "--host", "127.0.0.1", "--port", str(runtime_port),
-           "--isolation", "process"]
+    cmd = [
+        flower_executable("flower-supernode"),
+        "--superlink",
+        cfg.superlink,
+        "--node-config",
+        str(node_config_file),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--isolation",
+        "process",
+    ]
     if cfg.insecure:
         cmd.append("--insecure")
     else:
@@ -225,13 +247,30 @@ def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subpr
     repo = Path(__file__).resolve().parents[1]
     policy = cfg.node_config.get("policy")
     site = str(cfg.node_config.get("site-name", cfg.site_root.name))
-    cmd = [sys.executable, "-m", "client.app_guard", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-           "--site", site, "--parent-pid", str(os.getpid()), *(["--policy", str(policy)] if policy else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "client.app_guard",
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--site",
+        site,
+        "--parent-pid",
+        str(os.getpid()),
+        *(["--policy", str(policy)] if policy else []),
+    ]
     env = flower_env(cfg.state_dir.resolve() / "flwr-home")
     env["PYTHONPATH"] = os.pathsep.join([str(repo), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     with open(log_path, "a", encoding="utf-8") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=repo, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=repo,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
 
 
 def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: Path) -> JoinError:
@@ -239,15 +278,21 @@ def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: P
     text = "\n".join(lines)
     low = text.lower()
     if "code: 2004" in low or "failed to activate supernode" in low:
-        return JoinError(f"the SuperLink at {cfg.superlink} refused this site's key {cfg.auth_key}: it is not "
-                         "registered (ask the coordinator to run `coordinator register` for this site), or another "
-                         "SuperNode with this key is connected", EXIT_NOT_REGISTERED)
+        return JoinError(
+            f"the SuperLink at {cfg.superlink} refused this site's key {cfg.auth_key}: it is not "
+            "registered (ask the coordinator to run `coordinator register` for this site), or another "
+            "SuperNode with this key is connected",
+            EXIT_NOT_REGISTERED,
+        )
     if "must be registered" in low or "authentication failed" in low or "unauthenticated" in low:
-        return JoinError(f"the SuperLink at {cfg.superlink} did not accept this site's authentication "
-                         f"({cfg.auth_key})", EXIT_NOT_REGISTERED)
+        return JoinError(
+            f"the SuperLink at {cfg.superlink} did not accept this site's authentication ({cfg.auth_key})",
+            EXIT_NOT_REGISTERED,
+        )
     if "certificate verify failed" in low or "certificate_verify_failed" in low:
-        return JoinError(f"the SuperLink's certificate at {cfg.superlink} does not verify against "
-                         f"--root-cert {cfg.root_cert}")
+        return JoinError(
+            f"the SuperLink's certificate at {cfg.superlink} does not verify against --root-cert {cfg.root_cert}"
+        )
     if "connection refused" in low or "giving up reconnection" in low or "could not establish a connection" in low:
         return JoinError(f"lost the SuperLink at {cfg.superlink} (connection refused or retries exhausted)")
     if "address already in use" in low:
@@ -255,8 +300,9 @@ def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: P
     if "unable to parse the private key" in low:
         return JoinError(f"--auth-key {cfg.auth_key}: Flower cannot parse it", EXIT_USAGE)
     last = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() and ln.strip()), "")
-    return JoinError(f"the SuperNode stopped (exit {returncode}){': ' + last if last else ''}; see {log_path}",
-                     EXIT_SUPERNODE_FAILED)
+    return JoinError(
+        f"the SuperNode stopped (exit {returncode}){': ' + last if last else ''}; see {log_path}", EXIT_SUPERNODE_FAILED
+    )
 
 
 # ---------------------------------------------------------------------------- running the SuperNode
@@ -333,10 +379,18 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
         # Its own session and process group: the SuperExec and every flwr-clientapp it starts
         # stay in that group (Flower does not detach them on the site side), so killing the
         # group on the way out leaves nothing behind (stop_group).
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=flower_env(state / "flwr-home"), text=True, bufsize=1, errors="replace",
-                                start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=flower_env(state / "flwr-home"),
+            text=True,
+            bufsize=1,
+            errors="replace",
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         guard = start_app_guard(cfg, runtime_port, state / "app-guard.log")
         # A reader thread, because the pipe can outlive the SuperNode: the SuperExec it starts
         # (its own session) inherits the pipe and only exits once its parent is reaped.
@@ -368,8 +422,12 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
                     tail = [*tail[-199:], line.rstrip("\n")]
                     if node_id is None and (m := NODE_ID_LINE.search(line)):
                         node_id = m.group(1)
-                        print(f"joined: SuperNode {node_id} connected to {cfg.superlink}; waiting for runs "
-                              f"(log {log_path}; Ctrl-C to leave)", file=out, flush=True)
+                        print(
+                            f"joined: SuperNode {node_id} connected to {cfg.superlink}; waiting for runs "
+                            f"(log {log_path}; Ctrl-C to leave)",
+                            file=out,
+                            flush=True,
+                        )
                 if proc.poll() is not None:  # reaped: read what is left for a moment, then stop
                     exited_at = exited_at or time.monotonic()
                     if time.monotonic() - exited_at > 1.0:
@@ -412,6 +470,10 @@ def join(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
     probe_superlink(cfg.superlink, None if cfg.insecure else cfg.root_cert, cfg.connect_timeout)
     policy = cfg.node_config.get("policy")
     approved, why = approved_apps(Path(str(policy)) if policy else None)
-    print(f"approved app bundles: {len(approved)}{' (' + why + ')' if why else ''}; this site refuses to run any "
-          "other (client.py approve BUNDLE.fab --policy FILE)", file=out, flush=True)
+    print(
+        f"approved app bundles: {len(approved)}{' (' + why + ')' if why else ''}; this site refuses to run any "
+        "other (client.py approve BUNDLE.fab --policy FILE)",
+        file=out,
+        flush=True,
+    )
     return run_supernode(cfg, out=out, echo=echo)

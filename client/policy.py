@@ -50,8 +50,10 @@ class SitePolicy(BaseModel):
     def _sha256s(cls, v: list[str]) -> list[str]:
         bad = [h for h in v if not isinstance(h, str) or not SHA256_HEX.fullmatch(h)]
         if bad:
-            raise ValueError(f"{bad} are not sha256 digests (64 lowercase hex characters); add bundles with "
-                             "`client.py approve BUNDLE.fab --policy FILE`")
+            raise ValueError(
+                f"{bad} are not sha256 digests (64 lowercase hex characters); add bundles with "
+                "`client.py approve BUNDLE.fab --policy FILE`"
+            )
         return list(dict.fromkeys(v))
 
     @field_validator("groups_allowed")

@@ -115,17 +115,16 @@ class SiteRuntime:
         self.site: Site = open_site(config.site_root)
         # The site's train subjects bound the policy's DP delta (at most 1/n), checked at load.
         n_train = int(np.sum(np.asarray(self.site.subject_splits()["split"].to_pylist()) == "train"))
-        self.policy: SitePolicy | None = (load_policy(config.policy, train_subjects=n_train)
-                                          if config.policy is not None else None)
+        self.policy: SitePolicy | None = (
+            load_policy(config.policy, train_subjects=n_train) if config.policy is not None else None
+        )
         floor = self.policy.min_subjects if self.policy is not None else 1
         # The policy's minimum only ever raises the config's (the stricter holds).
         self.min_code_subjects = max(config.min_code_subjects, floor)
         self.min_report_subjects = max(config.min_report_subjects, floor)
         # Under a policy a modality on fewer subjects than its minimum is neither reported nor trained.
         self.subject_counts = {m: (n if n >= floor else 0) for m, n in self.site.subject_counts.items()}
-        self.groups = groups_for_modalities(
-            [m for m in self.site.modalities if self.subject_counts.get(m, 0) > 0]
-        )
+        self.groups = groups_for_modalities([m for m in self.site.modalities if self.subject_counts.get(m, 0) > 0])
         self.ledger: PrivacyLedger | None = PrivacyLedger(config.state_dir) if config.state_dir is not None else None
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
@@ -151,13 +150,18 @@ class SiteRuntime:
         whose model lacks a modality of the site's data (its batches would not fit the model)."""
         carried = [m for m in self.site.modalities if m != "genomics" or setup.vocabulary.n_prs_traits > 0]
         if missing := [m for m in carried if m not in setup.modalities]:
-            raise ValueError(f"site {self.name}: the setup's model holds modalities {setup.modalities}, not this "
-                             f"site's {missing} (a setup agreed without this site, e.g. a resumed run)")
+            raise ValueError(
+                f"site {self.name}: the setup's model holds modalities {setup.modalities}, not this "
+                f"site's {missing} (a setup agreed without this site, e.g. a resumed run)"
+            )
         if setup.vocabulary.min_subjects < self.min_code_subjects:
             log.warning(
                 "site %s: federation vocabulary minimum %d subjects is below the site's %d (the site's own "
-                "statistics were suppressed at %d before they left)", self.name, setup.vocabulary.min_subjects,
-                self.min_code_subjects, self.min_code_subjects,
+                "statistics were suppressed at %d before they left)",
+                self.name,
+                setup.vocabulary.min_subjects,
+                self.min_code_subjects,
+                self.min_code_subjects,
             )
 
     # ------------------------------------------------------------------ data
@@ -196,7 +200,9 @@ class SiteRuntime:
             if group not in own:
                 raise ValueError(f"received parameter {name!r} of group {group!r}: this site holds only {sorted(own)}")
             if tuple(value.shape) != tuple(state[name].shape):
-                raise ValueError(f"received {name!r} with shape {tuple(value.shape)}, expected {tuple(state[name].shape)}")
+                raise ValueError(
+                    f"received {name!r} with shape {tuple(value.shape)}, expected {tuple(state[name].shape)}"
+                )
         with torch.no_grad():
             model.load_state_dict(init)  # back to the initialisation: no state carried across rounds
             for name, value in arrays.items():
@@ -207,9 +213,17 @@ class SiteRuntime:
 
     def dp_request(self, setup: FederationSetup, cfg: RoundConfig) -> DPRequest:
         """What the server asks of this round, in privacy terms."""
-        return DPRequest(asked=cfg.dp, noise_multiplier=cfg.dp_noise_multiplier, target_epsilon=cfg.dp_target_epsilon,
-                         max_grad_norm=cfg.dp_max_grad_norm, batch_size=cfg.batch_size, steps=cfg.local_steps,
-                         planned_steps=cfg.rounds * cfg.local_steps, round=cfg.round, run=setup.sha256[:16])
+        return DPRequest(
+            asked=cfg.dp,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            target_epsilon=cfg.dp_target_epsilon,
+            max_grad_norm=cfg.dp_max_grad_norm,
+            batch_size=cfg.batch_size,
+            steps=cfg.local_steps,
+            planned_steps=cfg.rounds * cfg.local_steps,
+            round=cfg.round,
+            run=setup.sha256[:16],
+        )
 
     def privacy_spend(self) -> PrivacySpend | None:
         """The site's cumulative spend (epsilon, delta), when it has a DP policy and a ledger."""
@@ -234,8 +248,12 @@ class SiteRuntime:
         received = sorted({parameter_group(k) for k in arrays})
         seed = site_seed(cfg.seed, cfg.round, self.name)
         dataset = PretrainingDataset(
-            self.sequences(setup), self.split_ids()["train"], time_mode="random",
-            max_events=cfg.max_events, max_patches=cfg.max_patches, seed=seed,
+            self.sequences(setup),
+            self.split_ids()["train"],
+            time_mode="random",
+            max_events=cfg.max_events,
+            max_patches=cfg.max_patches,
+            seed=seed,
         )
         if len(dataset) == 0:
             raise ValueError(f"site {self.name}: no train-split subject has a timed observation")
@@ -243,8 +261,13 @@ class SiteRuntime:
             raise self.refuse(cfg, f"{len(dataset)} train subjects < the policy's minimum {self.policy.min_subjects}")
         model = self.model(setup, arrays)  # received arrays checked before any privacy budget is reserved
         try:  # under DP the round's spend is reserved in the ledger before any training
-            private = make_private_training(dataset, collate, self.dp_request(setup, cfg),
-                                            self.policy.dp if self.policy is not None else None, self.ledger)
+            private = make_private_training(
+                dataset,
+                collate,
+                self.dp_request(setup, cfg),
+                self.policy.dp if self.policy is not None else None,
+                self.ledger,
+            )
         except PrivacyRefused as err:
             raise self.refuse(cfg, err.reason) from None
         loader: Iterable[Any]
@@ -253,8 +276,13 @@ class SiteRuntime:
         else:
             loader, local_step = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed), None
         train_cfg = TrainConfig(
-            steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-            seed=seed, progress=False, log_every=cfg.local_steps,
+            steps=cfg.local_steps,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            progress=False,
+            log_every=cfg.local_steps,
         )
         result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
         losses: dict[str, float] = {}
@@ -294,8 +322,13 @@ class SiteRuntime:
                 if result.history and "grad_norm" in result.history[-1]:
                     grad_norm = float(result.history[-1]["grad_norm"])
             else:
-                log.info("site %s round %d: losses withheld (%d samples < minimum %d subjects)", self.name,
-                         cfg.round, min(result.examples, len(dataset)), floor)
+                log.info(
+                    "site %s round %d: losses withheld (%d samples < minimum %d subjects)",
+                    self.name,
+                    cfg.round,
+                    min(result.examples, len(dataset)),
+                    floor,
+                )
         out_dtype = np.float16 if cfg.fp16_transport else None
         out = {}
         for name, value in group_state_dict(result.group_state, trained).items():
@@ -306,14 +339,31 @@ class SiteRuntime:
         last = result.history[-1] if result.history else {}
         rate_min, rate_max = (float(last[key]) if key in last else None for key in ("rate_min", "rate_max"))
         # Under DP no timing leaves: it grows with the secret Poisson batch sizes (TrainReply refuses it).
-        train_seconds, client_seconds = (None, None) if private is not None else (
-            float(result.seconds), time.perf_counter() - t0)
-        reply = TrainReply(arrays=out, num_examples=num_examples, group_examples=group_examples, losses=losses,
-                           grad_norm=grad_norm, dp=spend, rate_min=rate_min, rate_max=rate_max,
-                           train_seconds=train_seconds, client_seconds=client_seconds)
-        log.info("site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s", self.name, cfg.round,
-                 cfg.local_steps, result.examples, losses.get("total", float("nan")), trained,
-                 f", DP epsilon {spend.epsilon:.4g}" if spend is not None else "")
+        train_seconds, client_seconds = (
+            (None, None) if private is not None else (float(result.seconds), time.perf_counter() - t0)
+        )
+        reply = TrainReply(
+            arrays=out,
+            num_examples=num_examples,
+            group_examples=group_examples,
+            losses=losses,
+            grad_norm=grad_norm,
+            dp=spend,
+            rate_min=rate_min,
+            rate_max=rate_max,
+            train_seconds=train_seconds,
+            client_seconds=client_seconds,
+        )
+        log.info(
+            "site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s",
+            self.name,
+            cfg.round,
+            cfg.local_steps,
+            result.examples,
+            losses.get("total", float("nan")),
+            trained,
+            f", DP epsilon {spend.epsilon:.4g}" if spend is not None else "",
+        )
         return reply
 
     def release(self, reply: TrainReply) -> TrainReply:
@@ -327,8 +377,10 @@ class SiteRuntime:
         log.info("site %s: groups %s stay at the site (policy)", self.name, kept)
         arrays = {k: v for k, v in reply.arrays.items() if self.policy.allows(parameter_group(k))}
         if not arrays:
-            raise ValueError(f"site {self.name}: the policy's groups_allowed {self.policy.groups_allowed} lets none "
-                             f"of the trained groups {reply.groups} leave")
+            raise ValueError(
+                f"site {self.name}: the policy's groups_allowed {self.policy.groups_allowed} lets none "
+                f"of the trained groups {reply.groups} leave"
+            )
         counts = {g: n for g, n in reply.group_examples.items() if self.policy.allows(g)}
         return TrainReply.model_validate({**reply.model_dump(), "arrays": arrays, "group_examples": counts})
 
@@ -339,8 +391,9 @@ class SiteRuntime:
         there are none; kept while the same tasks are asked."""
         key = (json.dumps([t.model_dump() for t in cfg.tasks], sort_keys=True), cfg.seed, cfg.n_per_subject)
         if key not in self._labels:
-            self._labels = {key: task_labels_at_site(self.site, cfg.tasks, n_per_subject=cfg.n_per_subject,
-                                                     seed=cfg.seed)}
+            self._labels = {
+                key: task_labels_at_site(self.site, cfg.tasks, n_per_subject=cfg.n_per_subject, seed=cfg.seed)
+            }
         return self._labels[key]
 
     def eval_dir(self) -> Path:
@@ -353,8 +406,11 @@ class SiteRuntime:
                 self._eval_dir = Path(self.config.state_dir) / "evaluation"
             else:
                 self._eval_dir = Path(tempfile.mkdtemp(prefix=f"healthfm-eval-{self.name}-"))
-                log.warning("site %s: no eval-dir or state-dir: predictions go to %s (set eval-dir to keep them)",
-                            self.name, self._eval_dir)
+                log.warning(
+                    "site %s: no eval-dir or state-dir: predictions go to %s (set eval-dir to keep them)",
+                    self.name,
+                    self._eval_dir,
+                )
         return self._eval_dir
 
     def evaluate(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: EvalConfig) -> EvalReply:
@@ -366,12 +422,28 @@ class SiteRuntime:
         t0 = time.perf_counter()
         model = self.model(setup, arrays)
         result = evaluate_site_tasks(
-            self.name, self.site, self.sequences(setup), model, cfg.tasks, self._split_lookup(),
-            self.min_report_subjects, self.eval_dir(), batch_size=cfg.batch_size, max_events=cfg.max_events,
-            max_patches=cfg.max_patches, n_per_subject=cfg.n_per_subject, seed=cfg.seed, labels=self.labels(cfg),
+            self.name,
+            self.site,
+            self.sequences(setup),
+            model,
+            cfg.tasks,
+            self._split_lookup(),
+            self.min_report_subjects,
+            self.eval_dir(),
+            batch_size=cfg.batch_size,
+            max_events=cfg.max_events,
+            max_patches=cfg.max_patches,
+            n_per_subject=cfg.n_per_subject,
+            seed=cfg.seed,
+            labels=self.labels(cfg),
         )
-        return EvalReply(tasks=result.metrics, reasons=result.reasons, num_examples=result.num_examples,
-                         withheld=len(result.reasons), eval_seconds=time.perf_counter() - t0)
+        return EvalReply(
+            tasks=result.metrics,
+            reasons=result.reasons,
+            num_examples=result.num_examples,
+            withheld=len(result.reasons),
+            eval_seconds=time.perf_counter() - t0,
+        )
 
     def _split_lookup(self):
         ids = self.split_ids()

@@ -76,8 +76,13 @@ _NUM_EXAMPLES = "num-examples"  # also Flower FedAvg's weighted_by_key
 _GROUP_PREFIX = "num-examples."
 _LOSS_PREFIX = "loss."
 _DP_FIELDS = {"dp.epsilon": "epsilon", "dp.delta": "delta", "dp.noise-multiplier": "noise_multiplier"}
-_TRAIN_SCALARS = {"grad-norm": "grad_norm", "rate-min": "rate_min", "rate-max": "rate_max",
-                  "train-seconds": "train_seconds", "client-seconds": "client_seconds"}
+_TRAIN_SCALARS = {
+    "grad-norm": "grad_norm",
+    "rate-min": "rate_min",
+    "rate-max": "rate_max",
+    "train-seconds": "train_seconds",
+    "client-seconds": "client_seconds",
+}
 _EVAL_SCALARS = {"num-examples": "num_examples", "withheld": "withheld", "eval-seconds": "eval_seconds"}
 _EVAL_TASK_COUNT = "tasks"
 # The loss names a site may report: every objective and their weighted total.
@@ -141,7 +146,7 @@ class SiteCapabilities(_Strict):
 
     @classmethod
     def from_flat(cls, record: Mapping[str, Any]) -> SiteCapabilities:
-        subjects = {k[len("subjects."):]: v for k, v in record.items() if k.startswith("subjects.")}
+        subjects = {k[len("subjects.") :]: v for k, v in record.items() if k.startswith("subjects.")}
         return cls(site=record.get("site", ""), modalities=list(record.get("modalities", [])), subjects=subjects)
 
 
@@ -184,8 +189,10 @@ class FederationSetup(_Strict):
         except ValueError as err:
             raise ValueError(f"FederationSetup.modalities: {err}") from None
         if list(resolved) != self.modalities:
-            raise ValueError(f"FederationSetup.modalities={self.modalities} must be distinct and in the order "
-                             f"{list(MODALITIES)} (expected {list(resolved)})")
+            raise ValueError(
+                f"FederationSetup.modalities={self.modalities} must be distinct and in the order "
+                f"{list(MODALITIES)} (expected {list(resolved)})"
+            )
         return self
 
     @property
@@ -305,8 +312,9 @@ class EvalConfig(_Strict):
         except ValidationError as err:
             first = err.errors()[0]
             loc = ".".join(str(x) for x in first.get("loc", ()))
-            raise ValueError(f"evaluate config: field {loc}: value {repr(first.get('input'))[:80]}: "
-                             f"{first.get('msg')}") from None
+            raise ValueError(
+                f"evaluate config: field {loc}: value {repr(first.get('input'))[:80]}: {first.get('msg')}"
+            ) from None
 
 
 # ------------------------------------------------------------------------------------- replies
@@ -374,8 +382,12 @@ class TrainReply(_Reply):
         if self.status == STATUS_REFUSED:
             if not self.reason:
                 raise ValueError("a refused train reply needs a reason")
-            trained = {"arrays": self.arrays, "num_examples": self.num_examples,
-                       "group_examples": self.group_examples, "losses": self.losses}
+            trained = {
+                "arrays": self.arrays,
+                "num_examples": self.num_examples,
+                "group_examples": self.group_examples,
+                "losses": self.losses,
+            }
             carried = [name for name, value in trained.items() if value]
             if carried:
                 raise ValueError(f"a refused train reply carries no training results, got {carried}")
@@ -389,11 +401,14 @@ class TrainReply(_Reply):
             # The DP guarantee covers the weights (and the public expected counts), nothing else:
             # losses, gradient norms and timings (which grow with the secret Poisson batch sizes)
             # stay at the site.
-            leaked = [name for name in ("losses", "grad_norm", "train_seconds", "client_seconds")
-                      if getattr(self, name)]
+            leaked = [
+                name for name in ("losses", "grad_norm", "train_seconds", "client_seconds") if getattr(self, name)
+            ]
             if leaked:
-                raise ValueError(f"a DP update carries no {', '.join(leaked)}: only weights, expected counts, the "
-                                 "decay-rate range and the privacy spend leave a DP site")
+                raise ValueError(
+                    f"a DP update carries no {', '.join(leaked)}: only weights, expected counts, the "
+                    "decay-rate range and the privacy spend leave a DP site"
+                )
         if not self.arrays:
             raise ValueError("a train reply holds at least one trained group's arrays (none given)")
         if self.num_examples < 1:
@@ -417,12 +432,15 @@ class TrainReply(_Reply):
             groups.setdefault(group, key)
         for group, key in sorted(groups.items()):
             if group not in self.group_examples:
-                raise ValueError(f"field {_GROUP_PREFIX}{group}: missing (the reply holds {group!r} arrays, "
-                                 f"e.g. {key!r})")
+                raise ValueError(
+                    f"field {_GROUP_PREFIX}{group}: missing (the reply holds {group!r} arrays, e.g. {key!r})"
+                )
         for group in sorted(self.group_examples):
             if group not in groups:
-                raise ValueError(f"field {_GROUP_PREFIX}{group}: value {self.group_examples[group]}: a count for "
-                                 "a group the reply holds no arrays of")
+                raise ValueError(
+                    f"field {_GROUP_PREFIX}{group}: value {self.group_examples[group]}: a count for "
+                    "a group the reply holds no arrays of"
+                )
         return self
 
     # ---------------------------------------------------------------- wire form
@@ -460,8 +478,10 @@ class TrainReply(_Reply):
             if extra:
                 raise ValueError(f"train reply: unknown status field {extra[0]!r}")
             if status.get("status") != STATUS_REFUSED:
-                raise ValueError(f"train reply: field status: value {status.get('status')!r}: expected "
-                                 f"{STATUS_REFUSED!r} (a reply that trained carries no status record)")
+                raise ValueError(
+                    f"train reply: field status: value {status.get('status')!r}: expected "
+                    f"{STATUS_REFUSED!r} (a reply that trained carries no status record)"
+                )
             data.update(status=STATUS_REFUSED, reason=status.get("reason"))
             if arrays:
                 raise ValueError(f"train reply: refused but carries {len(arrays)} arrays")
@@ -476,9 +496,9 @@ class TrainReply(_Reply):
             if key == _NUM_EXAMPLES:
                 data["num_examples"] = value
             elif key.startswith(_GROUP_PREFIX):
-                groups[key[len(_GROUP_PREFIX):]] = value
+                groups[key[len(_GROUP_PREFIX) :]] = value
             elif key.startswith(_LOSS_PREFIX):
-                losses[key[len(_LOSS_PREFIX):]] = value
+                losses[key[len(_LOSS_PREFIX) :]] = value
             elif key in _DP_FIELDS:
                 dp[_DP_FIELDS[key]] = value
             elif key in _TRAIN_SCALARS:
@@ -518,8 +538,13 @@ def _train_wire_name(loc: tuple[Any, ...]) -> str:
 _ReplyT = TypeVar("_ReplyT", bound=BaseModel)
 
 
-def _validate(cls: type[_ReplyT], data: dict[str, Any], *, wire: Callable[[tuple[Any, ...]], str],
-              group_of: Callable[[str], str] = parameter_group) -> _ReplyT:
+def _validate(
+    cls: type[_ReplyT],
+    data: dict[str, Any],
+    *,
+    wire: Callable[[tuple[Any, ...]], str],
+    group_of: Callable[[str], str] = parameter_group,
+) -> _ReplyT:
     """cls.model_validate(data), a failure as one ValueError naming the wire field and value."""
     try:
         return cls.model_validate(data, context={"group_of": group_of})
@@ -567,12 +592,12 @@ class TaskMetrics(_Reply):
 
 # Why a (site, task) has no number: a few fixed kinds (no free text from a site's data).
 REASON_KINDS = (
-    "no_labels",         # the site has no labels for the task (no SITE_ROOT/tasks/<name>/, no wearables)
-    "no_rows",           # labels extracted, none at the evaluation's prediction times
+    "no_labels",  # the site has no labels for the task (no SITE_ROOT/tasks/<name>/, no wearables)
+    "no_rows",  # labels extracted, none at the evaluation's prediction times
     "too_few_subjects",  # a split has fewer subjects than the site's minimum
-    "one_class",         # the train or held_out split has a single class
-    "invalid_task",      # the task definition did not parse at the site
-    "invalid_labels",    # the site's own label files fail their checks
+    "one_class",  # the train or held_out split has a single class
+    "invalid_task",  # the task definition did not parse at the site
+    "invalid_labels",  # the site's own label files fail their checks
 )
 SPLIT_COUNTS = ("rows", "subjects", "positives")
 _WITHHELD = "withheld"
@@ -627,23 +652,32 @@ class TaskReason(_Reply):
             for name in ("rows", "subjects", "positives"):
                 n = getattr(count, name)
                 if 0 < n < self.minimum:
-                    raise ValueError(f"split {split}: {name} {n} is below the minimum {self.minimum}: "
-                                     f"a small cell that may not leave the site (SplitCount.suppressed)")
+                    raise ValueError(
+                        f"split {split}: {name} {n} is below the minimum {self.minimum}: "
+                        f"a small cell that may not leave the site (SplitCount.suppressed)"
+                    )
         return self
 
     def describe(self) -> str:
         """One line for a report: the kind and, per split, what fell short."""
-        what = {"no_labels": "no labels at this site", "no_rows": "no rows",
-                "too_few_subjects": "too few subjects", "one_class": "a single class",
-                "invalid_task": "the task definition did not parse at the site",
-                "invalid_labels": "the site's label files failed their checks"}[self.kind]
+        what = {
+            "no_labels": "no labels at this site",
+            "no_rows": "no rows",
+            "too_few_subjects": "too few subjects",
+            "one_class": "a single class",
+            "invalid_task": "the task definition did not parse at the site",
+            "invalid_labels": "the site's label files failed their checks",
+        }[self.kind]
         if not self.splits:
             return what
+
         def n(value: int) -> str:
             return f"<{self.minimum}" if value == SMALL_CELL else str(value)
 
-        parts = [f"{s} {n(c.rows)} rows / {n(c.subjects)} subjects / {n(c.positives)} positives"
-                 for s, c in self.splits.items()]
+        parts = [
+            f"{s} {n(c.rows)} rows / {n(c.subjects)} subjects / {n(c.positives)} positives"
+            for s, c in self.splits.items()
+        ]
         minimum = f" (minimum {self.minimum} subjects per split)" if self.minimum else ""
         return f"{what}{minimum}: " + ", ".join(parts)
 
@@ -720,16 +754,19 @@ class EvalReply(_Reply):
                 raise ValueError(f"evaluate reply: unknown metric {key!r} (value {value!r})")
         for task, r in reasons.items():
             if "kind" not in r:
-                raise ValueError(f"evaluate reply: field {task}.{_WITHHELD}.*: missing (the reply holds counts "
-                                 f"for {task!r} but no reason)")
+                raise ValueError(
+                    f"evaluate reply: field {task}.{_WITHHELD}.*: missing (the reply holds counts "
+                    f"for {task!r} but no reason)"
+                )
         if expected is not None and (unknown := sorted((set(tasks) | set(reasons)) - set(expected))):
             raise ValueError(f"evaluate reply: unknown task {unknown[0]!r} (asked: {', '.join(expected)})")
         data["tasks"] = tasks
         data["reasons"] = reasons
         reply = _validate(cls, data, wire=_eval_wire_name)
         if count is not None and count != len(reply.tasks):
-            raise ValueError(f"evaluate reply: field {_EVAL_TASK_COUNT}: value {count!r}: the reply holds "
-                             f"{len(reply.tasks)} tasks")
+            raise ValueError(
+                f"evaluate reply: field {_EVAL_TASK_COUNT}: value {count!r}: the reply holds {len(reply.tasks)} tasks"
+            )
         return reply
 
 

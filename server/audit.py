@@ -48,30 +48,38 @@ def site_round_records(event: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     for site, entry in sorted(event["sites"].items()):
         dp = entry.get("dp") or {}
-        out.append({
-            "record": "site-round",
-            "round": rnd,
-            "site": site,
-            "node_id": entry.get("node_id"),
-            "status": entry.get("status", "no reply"),
-            "reason": entry.get("reason"),
-            "rejected": rejected.get(site, []),
-            "groups_sent": list(entry.get("groups_sent", [])),
-            "groups_received": list(entry.get("groups_received", [])),
-            "groups_contributed": sorted(g for g, sites in contributors.items() if site in sites),
-            "num_examples": dict(entry.get("num_examples", {})),
-            "epsilon": dp.get("epsilon"),
-            "delta": dp.get("delta"),
-            "bytes_received": entry.get("bytes_received", 0),
-        })
+        out.append(
+            {
+                "record": "site-round",
+                "round": rnd,
+                "site": site,
+                "node_id": entry.get("node_id"),
+                "status": entry.get("status", "no reply"),
+                "reason": entry.get("reason"),
+                "rejected": rejected.get(site, []),
+                "groups_sent": list(entry.get("groups_sent", [])),
+                "groups_received": list(entry.get("groups_received", [])),
+                "groups_contributed": sorted(g for g, sites in contributors.items() if site in sites),
+                "num_examples": dict(entry.get("num_examples", {})),
+                "epsilon": dp.get("epsilon"),
+                "delta": dp.get("delta"),
+                "bytes_received": entry.get("bytes_received", 0),
+            }
+        )
     return out
 
 
 def run_record(event: Mapping[str, Any], limits: Mapping[str, Any]) -> dict[str, Any]:
     """The audit record of a run's start (a rounds.jsonl `setup` or `resume` event) and its limits."""
-    return {"record": "run", "resumed": event.get("event") == "resume", "round": int(event["round"]),
-            "setup_sha256": event.get("setup_sha256"), "checkpoint": event.get("checkpoint"),
-            "sites": dict(event.get("sites", {})), "limits": dict(limits)}
+    return {
+        "record": "run",
+        "resumed": event.get("event") == "resume",
+        "round": int(event["round"]),
+        "setup_sha256": event.get("setup_sha256"),
+        "checkpoint": event.get("checkpoint"),
+        "sites": dict(event.get("sites", {})),
+        "limits": dict(limits),
+    }
 
 
 def _line_hash(line: bytes) -> str:
@@ -142,8 +150,10 @@ def read_audit_log(path: str | Path) -> Iterator[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise AuditLogError(f"{path} line {number}: not JSON ({err.msg})") from None
             if record.get("prev_sha256") != prev:
-                raise AuditLogError(f"{path} line {number}: field prev_sha256 {str(record.get('prev_sha256'))[:12]!r} "
-                                    f"does not match the previous line ({prev[:12]!r}): edited or reordered")
+                raise AuditLogError(
+                    f"{path} line {number}: field prev_sha256 {str(record.get('prev_sha256'))[:12]!r} "
+                    f"does not match the previous line ({prev[:12]!r}): edited or reordered"
+                )
             prev = _line_hash(line)
             yield record
 
@@ -164,5 +174,13 @@ def audit_from_rounds(rounds_path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["AUDIT_FILE", "AuditLog", "AuditLogError", "audit_from_rounds", "read_audit_log", "run_record",
-           "site_round_records", "verify_audit_log"]
+__all__ = [
+    "AUDIT_FILE",
+    "AuditLog",
+    "AuditLogError",
+    "audit_from_rounds",
+    "read_audit_log",
+    "run_record",
+    "site_round_records",
+    "verify_audit_log",
+]

@@ -122,12 +122,18 @@ def save_server_checkpoint(root: str | Path, state: ServerState, keep: int = 2) 
         save_file({k: np.ascontiguousarray(v) for k, v in state.strategy.items()}, str(tmp / STRATEGY_FILE))
         rng = state.torch_random if state.torch_random is not None else torch.get_rng_state()
         meta = ServerCheckpointMeta(
-            format=FORMAT, version=VERSION, round=state.round, run_config=state.run_config, setup=state.setup,
+            format=FORMAT,
+            version=VERSION,
+            round=state.round,
+            run_config=state.run_config,
+            setup=state.setup,
             setup_sha256=state.setup.sha256,
             python_random=_random_state_to_json(state.python_random or random.getstate()),
             torch_random=base64.b64encode(rng.numpy().tobytes()).decode("ascii"),
-            files={name: _FileRecord(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
-                   for name in _DATA_FILES},
+            files={
+                name: _FileRecord(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
+                for name in _DATA_FILES
+            },
         )
         (tmp / META_FILE).write_text(meta.model_dump_json(indent=1), encoding="utf-8")
         for name in (*_DATA_FILES, META_FILE):
@@ -164,8 +170,10 @@ def _verify_meta_hash(path: Path) -> None:
         raise CheckpointError(f"{path / META_FILE}: missing")
     digest = sha256_file(path / META_FILE)
     if digest != recorded:
-        raise CheckpointError(f"{path / META_FILE}: corrupted (sha256 {digest[:16]}... does not match "
-                              f"{recorded[:16]}... recorded in {META_HASH_FILE})")
+        raise CheckpointError(
+            f"{path / META_FILE}: corrupted (sha256 {digest[:16]}... does not match "
+            f"{recorded[:16]}... recorded in {META_HASH_FILE})"
+        )
 
 
 def _one_line(err: Exception) -> str:
@@ -189,8 +197,10 @@ def load_server_checkpoint(path: str | Path) -> ServerState:
     except CheckpointError as err:
         raise CheckpointError(f"refusing checkpoint {path}: {_one_line(err)}") from err
     except (KeyError, TypeError, ValueError) as err:  # valid hashes but content this code cannot use
-        raise CheckpointError(f"refusing checkpoint {path}: {path / META_FILE}: unusable content "
-                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+        raise CheckpointError(
+            f"refusing checkpoint {path}: {path / META_FILE}: unusable content "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+        ) from err
 
 
 def _load_server_checkpoint(path: Path) -> ServerState:
@@ -201,8 +211,9 @@ def _load_server_checkpoint(path: Path) -> ServerState:
     except (ValidationError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: invalid checkpoint metadata: {exc}") from exc
     if meta.format != FORMAT or meta.version != VERSION:
-        raise CheckpointError(f"{meta_path}: field format/version is {meta.format!r}/{meta.version}, expected "
-                              f"{FORMAT!r}/{VERSION}")
+        raise CheckpointError(
+            f"{meta_path}: field format/version is {meta.format!r}/{meta.version}, expected {FORMAT!r}/{VERSION}"
+        )
     if meta.setup.sha256 != meta.setup_sha256:
         raise CheckpointError(f"{meta_path}: field setup does not match field setup_sha256")
     for name in _DATA_FILES:
@@ -214,8 +225,10 @@ def _load_server_checkpoint(path: Path) -> ServerState:
             raise CheckpointError(f"{file}: listed in {META_FILE} but missing")
         digest = sha256_file(file)
         if digest != record.sha256:
-            raise CheckpointError(f"{file}: corrupted (sha256 {digest[:16]}... does not match "
-                                  f"{record.sha256[:16]}... recorded in {META_FILE})")
+            raise CheckpointError(
+                f"{file}: corrupted (sha256 {digest[:16]}... does not match "
+                f"{record.sha256[:16]}... recorded in {META_FILE})"
+            )
     arrays, strategy = (_read_arrays(path / name) for name in _DATA_FILES)
     torch_random = None
     if meta.torch_random is not None:

@@ -27,9 +27,22 @@ from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
 DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
 # Config keys a resumed run may change; any other difference from the checkpoint's is refused.
-RESUMABLE_CHANGES = {"rounds", "resume", "resume_from", "stop_after_round", "out_dir", "timeout_s", "evaluate_every",
-                     "eval_tasks", "eval_n_boot", "keep_checkpoints", "min_nodes", "max_reply_bytes",
-                     "reply_size_margin", "registry"}
+RESUMABLE_CHANGES = {
+    "rounds",
+    "resume",
+    "resume_from",
+    "stop_after_round",
+    "out_dir",
+    "timeout_s",
+    "evaluate_every",
+    "eval_tasks",
+    "eval_n_boot",
+    "keep_checkpoints",
+    "min_nodes",
+    "max_reply_bytes",
+    "reply_size_margin",
+    "registry",
+}
 
 
 class ServerOptimizerConfig(BaseModel):
@@ -57,8 +70,10 @@ class PrivacyRequest(BaseModel):
     @model_validator(mode="after")
     def _one_noise_source(self) -> PrivacyRequest:
         if self.target_epsilon is not None and self.noise_multiplier is not None:
-            raise ValueError(f"privacy: set target_epsilon ({self.target_epsilon}) or noise_multiplier "
-                             f"({self.noise_multiplier}), not both")
+            raise ValueError(
+                f"privacy: set target_epsilon ({self.target_epsilon}) or noise_multiplier "
+                f"({self.noise_multiplier}), not both"
+            )
         return self
 
     @property
@@ -69,14 +84,21 @@ class PrivacyRequest(BaseModel):
         """The RoundConfig fields of this request."""
         if not self.requested:
             return {"dp": False}
-        return {"dp": True, "dp_target_epsilon": self.target_epsilon, "dp_noise_multiplier": self.noise_multiplier,
-                "dp_max_grad_norm": self.max_grad_norm}
+        return {
+            "dp": True,
+            "dp_target_epsilon": self.target_epsilon,
+            "dp_noise_multiplier": self.noise_multiplier,
+            "dp_max_grad_norm": self.max_grad_norm,
+        }
 
     def describe(self) -> str:
         if not self.requested:
             return "no DP asked"
-        level = (f"target epsilon {self.target_epsilon:g}" if self.target_epsilon is not None
-                 else f"noise multiplier {self.noise_multiplier:g}")
+        level = (
+            f"target epsilon {self.target_epsilon:g}"
+            if self.target_epsilon is not None
+            else f"noise multiplier {self.noise_multiplier:g}"
+        )
         return f"DP asked: {level}, delta {self.delta:g}, clipping norm {self.max_grad_norm:g}"
 
 
@@ -143,11 +165,11 @@ class FederationConfig(BaseModel):
         for key, value in run_config.items():
             name = key.replace("-", "_")
             if name.startswith("server_optimizer_"):
-                opt[name[len("server_optimizer_"):]] = value
+                opt[name[len("server_optimizer_") :]] = value
             elif name.startswith("privacy_"):
                 # A run config holds no null: 0 or "" leaves a privacy field unset.
                 if value not in (0, "", None):
-                    privacy[name[len("privacy_"):]] = value
+                    privacy[name[len("privacy_") :]] = value
             elif name == "model":
                 data["model"] = load_model_config(str(value))
             elif name == "eval_tasks":

@@ -105,8 +105,14 @@ class LaunchRecord(BaseModel):
 
 def cmd_provision(args: argparse.Namespace) -> int:
     try:
-        cfg = ProvisionConfig(federation_dir=Path(args.federation_dir), sites=args.site, hostnames=args.hostname,
-                              ca_days=args.ca_days, cert_days=args.cert_days, force=args.force)
+        cfg = ProvisionConfig(
+            federation_dir=Path(args.federation_dir),
+            sites=args.site,
+            hostnames=args.hostname,
+            ca_days=args.ca_days,
+            cert_days=args.cert_days,
+            force=args.force,
+        )
     except ValidationError as err:
         raise CoordinatorError("; ".join(e["msg"] for e in err.errors()), EXIT_USAGE) from None
     result = provision(cfg)
@@ -136,32 +142,58 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     # --isolation process: the SuperLink starts no SuperExec; `superlink` runs it and restarts it if it
     # stops (Flower's own exits on one failed Runtime API call, e.g. a busy database, and no run
     # would start again).
-    cmd = [flower_bin("flower-superlink"), "--host", link_host, "--port", str(link_port), "--database", database,
-           "--isolation", "process",
-           "--disable-runtime-dependency-installation"]  # never pip/uv-install what a run names
+    cmd = [
+        flower_bin("flower-superlink"),
+        "--host",
+        link_host,
+        "--port",
+        str(link_port),
+        "--database",
+        database,
+        "--isolation",
+        "process",
+        "--disable-runtime-dependency-installation",
+    ]  # never pip/uv-install what a run names
     if args.insecure:
-        print("WARNING: --insecure: the SuperLink runs without TLS and without SuperNode authentication, and "
-              "without the proxy: anyone who reaches it can join, read traffic and use its Control API. Use only for "
-              "local tests.", file=sys.stderr)
+        print(
+            "WARNING: --insecure: the SuperLink runs without TLS and without SuperNode authentication, and "
+            "without the proxy: anyone who reaches it can join, read traffic and use its Control API. Use only for "
+            "local tests.",
+            file=sys.stderr,
+        )
         cmd.append("--insecure")
     else:
         for needed in (paths.ca_cert, paths.superlink_cert, paths.superlink_key):
             if not needed.is_file():
                 raise CoordinatorError(f"{needed} not found: provision the federation first", EXIT_USAGE)
-        cmd += ["--ssl-ca-certfile", str(paths.ca_cert), "--ssl-certfile", str(paths.superlink_cert),
-                "--ssl-keyfile", str(paths.superlink_key), "--enable-supernode-auth"]
+        cmd += [
+            "--ssl-ca-certfile",
+            str(paths.ca_cert),
+            "--ssl-certfile",
+            str(paths.superlink_cert),
+            "--ssl-keyfile",
+            str(paths.superlink_key),
+            "--enable-supernode-auth",
+        ]
     if args.log_file:
         cmd += ["--log-file", args.log_file]
     connect_host = "127.0.0.1" if link_host in ("0.0.0.0", "::") else link_host
-    write_connection(paths, f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}",
-                     args.insecure)
+    write_connection(
+        paths, f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}", args.insecure
+    )
     env = flower_env(paths)
     for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
         env.pop(legacy, None)  # Flower's legacy gRPC servers bind 0.0.0.0, past the proxy
     procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)]
     connect = f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}"
-    superexec_cmd = [flower_bin("flower-superexec"), "--runtime-api-address", connect, "--parent-pid",
-                     str(procs[0].pid), *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)])]
+    superexec_cmd = [
+        flower_bin("flower-superexec"),
+        "--runtime-api-address",
+        connect,
+        "--parent-pid",
+        str(procs[0].pid),
+        *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)]),
+    ]
     superexec: list[subprocess.Popen[bytes]] = []  # the one running, restarted when it stops
     stopping = False
 
@@ -176,20 +208,27 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         signal.signal(s, forward)
     try:
         if args.insecure:
-            print(f"SuperLink on {host}:{port} (without TLS); sites join with --superlink <this host>:{port}", flush=True)
+            print(
+                f"SuperLink on {host}:{port} (without TLS); sites join with --superlink <this host>:{port}", flush=True
+            )
         else:
             procs.append(start_proxy(paths, host, port, link_port))
             wait_listening(host, port, procs[1])
             wait_listening("127.0.0.1", link_port, procs[0], timeout=600)
-            print(f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
-                  f"machine); nginx on {host}:{port} forwards the Fleet API only (logs {paths.server_dir}/nginx-*.log)",
-                  flush=True)
+            print(
+                f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
+                f"machine); nginx on {host}:{port} forwards the Fleet API only (logs {paths.server_dir}/nginx-*.log)",
+                flush=True,
+            )
             print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
         while all(proc.poll() is None for proc in procs) and not stopping:
             if not superexec or superexec[-1].poll() is not None:
                 if superexec:
-                    print(f"SuperExec stopped (exit {superexec[-1].returncode}); restarting it", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"SuperExec stopped (exit {superexec[-1].returncode}); restarting it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     time.sleep(2.0)
                 superexec[:] = [subprocess.Popen(superexec_cmd, env=env, stdin=subprocess.DEVNULL)]
             time.sleep(0.5)
@@ -205,8 +244,10 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                 proc.wait()
     rc = procs[0].returncode
     if not stopping and len(procs) > 1 and procs[1].returncode not in (0, None):
-        print(f"error: nginx stopped (exit {procs[1].returncode}); see {paths.server_dir}/nginx-error.log",
-              file=sys.stderr)
+        print(
+            f"error: nginx stopped (exit {procs[1].returncode}); see {paths.server_dir}/nginx-error.log",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return EXIT_OK if stopping or rc in (0, -signal.SIGTERM, -signal.SIGINT, 130) else EXIT_FAILED
 
@@ -228,10 +269,12 @@ def _register_one(paths: FederationPaths, site: str) -> bool:
     text = proc.stdout + proc.stderr
     if proc.returncode == 0:
         try:
-            node_id = int(json.loads(proc.stdout[proc.stdout.index("{"):])["node-id"])
+            node_id = int(json.loads(proc.stdout[proc.stdout.index("{") :])["node-id"])
         except (ValueError, KeyError) as err:
-            print(f"error: registering {site}: cannot read the node id from `flwr supernode register` ({err})",
-                  file=sys.stderr)
+            print(
+                f"error: registering {site}: cannot read the node id from `flwr supernode register` ({err})",
+                file=sys.stderr,
+            )
             return False
         write_registry(path, registry.with_site(RegisteredSite(name=site, public_key=public_key, node_id=node_id)))
         print(f"registered {site}")
@@ -243,8 +286,11 @@ def _register_one(paths: FederationPaths, site: str) -> bool:
         print(f"  node {known.node_id}, in {path}")
         return True
     if "already in use" in text.lower():
-        print(f"error: the key of {site} is registered with the SuperLink but {path} does not record its node id; "
-              f"unregister it (flwr supernode unregister NODE_ID {CONNECTION}) and register again", file=sys.stderr)
+        print(
+            f"error: the key of {site} is registered with the SuperLink but {path} does not record its node id; "
+            f"unregister it (flwr supernode unregister NODE_ID {CONNECTION}) and register again",
+            file=sys.stderr,
+        )
     else:
         print(f"error: registering {site} failed: {flwr_error(proc)}", file=sys.stderr)
     return False
@@ -271,8 +317,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     path, digest = write_bundle(paths)
     print(f"app bundle {path}")
     print(f"sha256 {digest}")
-    print("send it to each site's admin: `python client/client.py approve BUNDLE.fab --policy POLICY` shows what "
-          "it holds and approves it; a site runs no other bundle")
+    print(
+        "send it to each site's admin: `python client/client.py approve BUNDLE.fab --policy POLICY` shows what "
+        "it holds and approves it; a site runs no other bundle"
+    )
     return EXIT_OK
 
 
@@ -292,18 +340,28 @@ def read_launches(paths: FederationPaths) -> list[LaunchRecord]:
     return [LaunchRecord.model_validate_json(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def _launch(paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace,
-            resumed: bool) -> int:
+def _launch(
+    paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace, resumed: bool
+) -> int:
     check_run_config(run_config)
     app_dir = write_app(paths)
     if not run_config.get("registry"):  # only the registered sites take part (server.registry)
         run_config = {**run_config, "registry": str(registry_path(paths))}
-    print(f"app bundle sha256 {build_bundle(app_dir)[1]} (each site runs it only if its policy approved it)",
-          flush=True)
+    print(
+        f"app bundle sha256 {build_bundle(app_dir)[1]} (each site runs it only if its policy approved it)", flush=True
+    )
     config_file = write_flat_toml(paths.server_dir / "run-config.toml", run_config)
     run_id = start_run(paths, app_dir, config_file)
-    _record_launch(paths, LaunchRecord(run_id=run_id, out_dir=str(run_config["out-dir"]), run_config=run_config,
-                                       launched_at=time.strftime("%Y-%m-%dT%H:%M:%S"), resumed=resumed))
+    _record_launch(
+        paths,
+        LaunchRecord(
+            run_id=run_id,
+            out_dir=str(run_config["out-dir"]),
+            run_config=run_config,
+            launched_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            resumed=resumed,
+        ),
+    )
     print(f"{'resumed' if resumed else 'launched'} run {run_id}: out-dir {run_config['out-dir']}", flush=True)
     if not args.wait:
         return EXIT_OK
@@ -312,8 +370,9 @@ def _launch(paths: FederationPaths, run_config: dict[str, str | int | float | bo
         status = wait_for_run(paths, run_id, args.timeout, unreachable_grace=args.unreachable_grace)
     except SuperLinkUnreachable as err:
         outcome = _outcome_of(out_dir, run_id)
-        raise SuperLinkUnreachable(f"{err}; {out_dir}/outcome.json: "
-                                   f"{outcome.describe() if outcome else 'nothing recorded for this run'}") from None
+        raise SuperLinkUnreachable(
+            f"{err}; {out_dir}/outcome.json: {outcome.describe() if outcome else 'nothing recorded for this run'}"
+        ) from None
     return report_outcome(run_id, status, out_dir)
 
 
@@ -332,8 +391,11 @@ def report_outcome(run_id: int, status: str, out_dir: Path) -> int:
     status: 0 completed with every site, EXIT_SITE_LOST, or EXIT_FAILED."""
     outcome = _outcome_of(out_dir, run_id)
     if outcome is None:
-        print(f"error: run {run_id} {status}, and {out_dir}/outcome.json records nothing for it "
-              "(a ServerApp that never started, or another out-dir?); see `flwr log`", file=sys.stderr)
+        print(
+            f"error: run {run_id} {status}, and {out_dir}/outcome.json records nothing for it "
+            "(a ServerApp that never started, or another out-dir?); see `flwr log`",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     if outcome.ok and status == "finished:completed":
         print(f"run {run_id}: {outcome.describe()}", flush=True)
@@ -363,16 +425,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     out_dir = str(Path(args.out_dir).resolve())
     previous = [r for r in read_launches(paths) if r.out_dir == out_dir]
     if not previous:
-        raise CoordinatorError(f"no launch of out-dir {out_dir} is recorded in {_launches_path(paths)}; "
-                               "launch it with `launch` (or pass the same -c options to launch with -c resume=true)",
-                               EXIT_USAGE)
+        raise CoordinatorError(
+            f"no launch of out-dir {out_dir} is recorded in {_launches_path(paths)}; "
+            "launch it with `launch` (or pass the same -c options to launch with -c resume=true)",
+            EXIT_USAGE,
+        )
     if args.from_checkpoint:
         source = Path(args.from_checkpoint).resolve()
         if not source.is_dir():
             raise CoordinatorError(f"--from {args.from_checkpoint}: not a checkpoint directory", EXIT_USAGE)
     elif not (Path(out_dir) / "checkpoints").is_dir():
-        raise CoordinatorError(f"{out_dir}/checkpoints does not exist: run {previous[-1].run_id} checkpointed nothing "
-                               "to resume from", EXIT_USAGE)
+        raise CoordinatorError(
+            f"{out_dir}/checkpoints does not exist: run {previous[-1].run_id} checkpointed nothing to resume from",
+            EXIT_USAGE,
+        )
     base = launch_to_resume(previous, Path(out_dir))
     config = dict(base.run_config)
     config["resume"] = True
@@ -408,11 +474,17 @@ def launch_to_resume(launches: list[LaunchRecord], out_dir: Path) -> LaunchRecor
     for record in reversed(launches):
         if record.run_id in started:
             return record
-        why = (outcome.describe() if outcome is not None and outcome.run_id == record.run_id
-               else "it never got through round 0")
+        why = (
+            outcome.describe()
+            if outcome is not None and outcome.run_id == record.run_id
+            else "it never got through round 0"
+        )
         print(f"note: not reusing the config of run {record.run_id} ({record.launched_at}): {why}", file=sys.stderr)
-    raise CoordinatorError(f"no launch of {out_dir} got through round 0, so none made its checkpoints; fix the "
-                           "cause above and `launch` again with the config you mean", EXIT_USAGE)
+    raise CoordinatorError(
+        f"no launch of {out_dir} got through round 0, so none made its checkpoints; fix the "
+        "cause above and `launch` again with the config you mean",
+        EXIT_USAGE,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -439,8 +511,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(proc.stdout, end="")
     for record in launches[-20:]:
         outcome = _outcome_of(Path(record.out_dir), record.run_id)
-        print(f"run {record.run_id} ({record.out_dir}): "
-              f"{outcome.describe() if outcome else 'no outcome recorded (or a later run of this out-dir)'}")
+        print(
+            f"run {record.run_id} ({record.out_dir}): "
+            f"{outcome.describe() if outcome else 'no outcome recorded (or a later run of this out-dir)'}"
+        )
     return EXIT_OK
 
 
@@ -456,19 +530,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("provision", help="create the CA, the SuperLink's certificate and site key pairs")
     p.add_argument("federation_dir", metavar="FED")
     p.add_argument("--site", action="append", default=[], metavar="NAME", help="a site (repeatable)")
-    p.add_argument("--hostname", action="append", default=[], metavar="NAME_OR_IP",
-                   help="a name sites use to reach the SuperLink (besides 127.0.0.1, localhost; repeatable)")
+    p.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="a name sites use to reach the SuperLink (besides 127.0.0.1, localhost; repeatable)",
+    )
     p.add_argument("--ca-days", type=int, default=3650)
     p.add_argument("--cert-days", type=int, default=825)
     p.add_argument("--force", action="store_true", help="replace existing keys and certificates")
     p.set_defaults(func=cmd_provision)
 
-    p = sub.add_parser("superlink", help="run the SuperLink (TLS, SuperNode authentication) behind nginx in the foreground")
+    p = sub.add_parser(
+        "superlink", help="run the SuperLink (TLS, SuperNode authentication) behind nginx in the foreground"
+    )
     p.add_argument("federation_dir", metavar="FED")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--internal-port", type=int, default=0,
-                   help="the SuperLink's own port on 127.0.0.1, behind nginx (default: a free one)")
+    p.add_argument(
+        "--internal-port",
+        type=int,
+        default=0,
+        help="the SuperLink's own port on 127.0.0.1, behind nginx (default: a free one)",
+    )
     p.add_argument("--database", help="SuperLink state (default FED/server/superlink.db)")
     p.add_argument("--log-file")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local tests only)")
@@ -476,8 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def connection_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("federation_dir", metavar="FED")
-        q.add_argument("--superlink", metavar="HOST:PORT",
-                       help="the SuperLink's address (default: the one `superlink` recorded)")
+        q.add_argument(
+            "--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the one `superlink` recorded)"
+        )
 
     p = sub.add_parser("register", help="register sites' public keys with the SuperLink")
     connection_options(p)
@@ -491,14 +577,27 @@ def build_parser() -> argparse.ArgumentParser:
     def run_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out-dir", required=True, help="where the ServerApp writes logs and checkpoints")
         q.add_argument("--rounds", type=int)
-        q.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
-                       help="run config (FederationConfig keys, kebab-case), e.g. local-steps=5")
-        q.add_argument("--wait", action="store_true",
-                       help="wait until the run finishes; exit 0 only if it completed with every site "
-                            "(1 failed, 4 a site was lost, 5 the SuperLink stopped answering)")
+        q.add_argument(
+            "-c",
+            "--config",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="run config (FederationConfig keys, kebab-case), e.g. local-steps=5",
+        )
+        q.add_argument(
+            "--wait",
+            action="store_true",
+            help="wait until the run finishes; exit 0 only if it completed with every site "
+            "(1 failed, 4 a site was lost, 5 the SuperLink stopped answering)",
+        )
         q.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
-        q.add_argument("--unreachable-grace", type=float, default=120.0,
-                       help="seconds --wait keeps retrying a SuperLink that does not answer (then exit 5)")
+        q.add_argument(
+            "--unreachable-grace",
+            type=float,
+            default=120.0,
+            help="seconds --wait keeps retrying a SuperLink that does not answer (then exit 5)",
+        )
 
     p = sub.add_parser("launch", help="start a run")
     connection_options(p)
@@ -509,9 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a run from its latest checkpoint (or --from one)")
     connection_options(p)
     run_options(p)
-    p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
-                   help="resume from this checkpoint directory (e.g. RUN_DIR/checkpoints/step-00000001) instead "
-                        "of the latest; later checkpoints move to RUN_DIR/checkpoints-abandoned")
+    p.add_argument(
+        "--from",
+        dest="from_checkpoint",
+        metavar="CHECKPOINT",
+        help="resume from this checkpoint directory (e.g. RUN_DIR/checkpoints/step-00000001) instead "
+        "of the latest; later checkpoints move to RUN_DIR/checkpoints-abandoned",
+    )
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="list runs (or one run) on the SuperLink")
@@ -527,8 +630,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return args.func(args)
     except (CoordinatorError, ProvisionError) as err:

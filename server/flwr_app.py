@@ -55,8 +55,9 @@ def default_run_config() -> dict[str, str | int | float | bool]:
         elif isinstance(default, Path):
             flat[key] = str(default)
         else:
-            raise CoordinatorError(f"FederationConfig.{name}: cannot express its default {default!r} in a run config",
-                                   EXIT_INTERNAL)
+            raise CoordinatorError(
+                f"FederationConfig.{name}: cannot express its default {default!r} in a run config", EXIT_INTERNAL
+            )
     return flat
 
 

@@ -99,7 +99,13 @@ def write_connection(paths: FederationPaths, address: str, insecure: bool, home:
     home = home or saved_flwr_home(paths)
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f"address = {json.dumps(address)}",
+    ]
     lines.append("insecure = true" if insecure else f"root-certificates = {json.dumps(str(paths.ca_cert))}")
     path = home / "config.toml"
     tmp = path.with_name(".config.toml.tmp")
@@ -111,17 +117,23 @@ def write_connection(paths: FederationPaths, address: str, insecure: bool, home:
 def read_connection(paths: FederationPaths) -> dict[str, Any]:
     path = flwr_home(paths) / "config.toml"
     if not path.is_file():
-        raise CoordinatorError(f"{path} not found: start the SuperLink first (coordinator superlink {paths.root}) "
-                               "or pass --superlink HOST:PORT", EXIT_USAGE)
+        raise CoordinatorError(
+            f"{path} not found: start the SuperLink first (coordinator superlink {paths.root}) "
+            "or pass --superlink HOST:PORT",
+            EXIT_USAGE,
+        )
     return tomllib.loads(path.read_text())["superlink"][CONNECTION]
 
 
-def run_flwr(paths: FederationPaths, args: Sequence[str], timeout: float = FLWR_TIMEOUT_S) -> subprocess.CompletedProcess:
+def run_flwr(
+    paths: FederationPaths, args: Sequence[str], timeout: float = FLWR_TIMEOUT_S
+) -> subprocess.CompletedProcess:
     cmd = [flower_bin("flwr"), *args]
     log.info("running %s", " ".join(cmd))
     try:
-        return subprocess.run(cmd, env=flower_env(paths), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            cmd, env=flower_env(paths), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         raise CoordinatorError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:g} s") from None
 
@@ -140,7 +152,7 @@ def start_run(paths: FederationPaths, app_dir: Path, config_file: Path) -> int:
     if proc.returncode != 0:
         raise CoordinatorError(f"the SuperLink did not start the run: {flwr_error(proc)}")
     try:
-        payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+        payload = json.loads(proc.stdout[proc.stdout.index("{") :])
         return int(payload["run-id"])
     except (ValueError, KeyError) as err:
         raise CoordinatorError(f"cannot read the run id from `flwr run` ({err}): {proc.stdout[-300:]}") from None
@@ -160,20 +172,22 @@ def run_status(paths: FederationPaths, run_id: int) -> str:
     if proc.returncode != 0:
         raise CoordinatorError(f"cannot read the status of run {run_id}: {flwr_error(proc)}")
     try:
-        payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+        payload = json.loads(proc.stdout[proc.stdout.index("{") :])
     except ValueError:
         raise CoordinatorError(f"cannot read the status of run {run_id}: {proc.stdout[-300:]!r}") from None
     if payload.get("success") is False:
-        raise CoordinatorError(f"cannot read the status of run {run_id}: "
-                               f"{' '.join(str(payload.get('error-message', '')).split())[:400]}")
+        raise CoordinatorError(
+            f"cannot read the status of run {run_id}: {' '.join(str(payload.get('error-message', '')).split())[:400]}"
+        )
     runs = payload.get("runs", [])
     if not runs:
         raise CoordinatorError(f"the SuperLink answers but knows no run {run_id}")
     return str(runs[0]["status"])
 
 
-def wait_for_run(paths: FederationPaths, run_id: int, timeout: float, poll: float = 2.0,
-                 unreachable_grace: float = 120.0) -> str:
+def wait_for_run(
+    paths: FederationPaths, run_id: int, timeout: float, poll: float = 2.0, unreachable_grace: float = 120.0
+) -> str:
     """Poll until the run is finished; its final status (e.g. finished:completed). A SuperLink
     that stops answering is retried for `unreachable_grace` seconds, then SuperLinkUnreachable."""
     deadline = time.monotonic() + timeout
@@ -188,8 +202,10 @@ def wait_for_run(paths: FederationPaths, run_id: int, timeout: float, poll: floa
                 lost_since = now
                 print(f"run {run_id}: {err}; retrying for up to {unreachable_grace:g} s", flush=True)
             if now - lost_since >= unreachable_grace:
-                raise SuperLinkUnreachable(f"{err}: no answer for {now - lost_since:.0f} s while waiting for run "
-                                           f"{run_id} (last status {last or 'unknown'})") from None
+                raise SuperLinkUnreachable(
+                    f"{err}: no answer for {now - lost_since:.0f} s while waiting for run "
+                    f"{run_id} (last status {last or 'unknown'})"
+                ) from None
             time.sleep(poll)
             continue
         lost_since = None

@@ -72,5 +72,10 @@ def describe_limits(max_reply_bytes: int, timeout_s: float, counts: Mapping[str,
     return f"limits: reply size <= {max_reply_bytes:,} B, round wait <= {timeout_s:g} s{extra}"
 
 
-__all__ = ["DEFAULT_REPLY_SIZE_MARGIN", "array_record_bytes", "default_max_reply_bytes", "describe_limits",
-           "reply_origins"]
+__all__ = [
+    "DEFAULT_REPLY_SIZE_MARGIN",
+    "array_record_bytes",
+    "default_max_reply_bytes",
+    "describe_limits",
+    "reply_origins",
+]

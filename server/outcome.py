@@ -45,8 +45,10 @@ class RunOutcome(BaseModel):
     def describe(self) -> str:
         """One line for the coordinator."""
         if self.status == "running":
-            return ("the ServerApp recorded no end (stopped, killed, or its SuperLink died) after "
-                    f"{self.rounds_done} of {self.rounds} rounds")
+            return (
+                "the ServerApp recorded no end (stopped, killed, or its SuperLink died) after "
+                f"{self.rounds_done} of {self.rounds} rounds"
+            )
         if self.status == "failed":
             return f"failed after {self.rounds_done} of {self.rounds} rounds: {self.reason}"
         text = f"completed {self.rounds_done} of {self.rounds} rounds"
@@ -91,14 +93,16 @@ def sites_lost(events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         if entry.get("status") != "ok":
             why = entry.get("reason") or entry.get("status") or "not addressed"
             lost[site] = f"round {max(rounds)}: {entry.get('status', 'absent')}" + (
-                f": {why}" if why != entry.get("status") else "")
+                f": {why}" if why != entry.get("status") else ""
+            )
     evaluations = [e for e in events if e.get("event") == "evaluate" and int(e["round"]) == max(rounds)]
     if evaluations:
         reported = set(evaluations[-1].get("sites", {}))
         absent = evaluations[-1].get("absent", {})
         for site in sorted(trained - reported):
-            lost.setdefault(site, f"no evaluation after round {max(rounds)}" + (
-                f": {absent[site]}" if site in absent else ""))
+            lost.setdefault(
+                site, f"no evaluation after round {max(rounds)}" + (f": {absent[site]}" if site in absent else "")
+            )
     return lost
 
 

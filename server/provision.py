@@ -141,7 +141,9 @@ class FederationPaths(BaseModel):
 
     def site(self, name: str) -> SitePaths:
         d = self.root / "sites" / name
-        return SitePaths(name=name, dir=d, private_key=d / "auth_key", public_key=d / "auth_key.pub", ca_cert=d / "ca.pem")
+        return SitePaths(
+            name=name, dir=d, private_key=d / "auth_key", public_key=d / "auth_key.pub", ca_cert=d / "ca.pem"
+        )
 
 
 class SiteEntry(BaseModel):
@@ -200,7 +202,9 @@ def _write_atomic(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
@@ -254,10 +258,16 @@ def cert_hostnames(cert: x509.Certificate) -> list[str]:
 # ---------------------------------------------------------------------------- certificates and keys
 
 
-def make_ca(days: int, common_name: str = "healthfm federation CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_ca(
+    days: int, common_name: str = "healthfm federation CA"
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(CURVE())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "healthfm")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "healthfm"),
+        ]
+    )
     now = _now()
     cert = (
         x509.CertificateBuilder()
@@ -268,17 +278,29 @@ def make_ca(days: int, common_name: str = "healthfm federation CA") -> tuple[ec.
         .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate small clock skew
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
     return key, cert
 
 
-def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hostnames: list[str],
-                     days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hostnames: list[str], days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """The SuperLink's TLS certificate, signed by the CA, valid for 127.0.0.1, localhost and
     `hostnames` (the names sites use to reach it)."""
     key = ec.generate_private_key(CURVE())
@@ -294,9 +316,20 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -309,8 +342,9 @@ def make_site_key() -> tuple[bytes, bytes]:
     """A SuperNode authentication key pair as flwr 1.41 reads it: (OpenSSH private key,
     OpenSSH public key line `ecdsa-sha2-nistp384 ...`)."""
     key = ec.generate_private_key(CURVE())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + b"\n"
 
@@ -324,8 +358,10 @@ def verify_chain(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
         raise ProvisionError(f"certificate {cert.subject.rfc4514_string()} is not issued by the CA: {reason}") from None
     now = _now()
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise ProvisionError(f"certificate {cert.subject.rfc4514_string()} is not valid now "
-                             f"({cert.not_valid_before_utc:%Y-%m-%d} .. {cert.not_valid_after_utc:%Y-%m-%d})")
+        raise ProvisionError(
+            f"certificate {cert.subject.rfc4514_string()} is not valid now "
+            f"({cert.not_valid_before_utc:%Y-%m-%d} .. {cert.not_valid_after_utc:%Y-%m-%d})"
+        )
 
 
 # ---------------------------------------------------------------------------- provisioning
@@ -360,8 +396,10 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
     # The CA.
     if config.force or not paths.ca_key.exists():
         if paths.ca_cert.exists() and not config.force:
-            raise ProvisionError(f"{paths.ca_cert} exists without its key {paths.ca_key}; rerun with --force "
-                                 "to make a new CA (every site then needs the new ca.pem)")
+            raise ProvisionError(
+                f"{paths.ca_cert} exists without its key {paths.ca_key}; rerun with --force "
+                "to make a new CA (every site then needs the new ca.pem)"
+            )
         ca_key, ca_cert = make_ca(config.ca_days)
         _write_atomic(paths.ca_key, _pem_private(ca_key), PRIVATE_FILE_MODE, overwrite=config.force)
         _write_atomic(paths.ca_cert, _pem_cert(ca_cert), 0o644, overwrite=True)
@@ -370,8 +408,10 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
     else:
         ca_key, ca_cert = load_private_key(paths.ca_key), load_cert(paths.ca_cert)
         ca_public = ca_cert.public_key()
-        if (not isinstance(ca_public, ec.EllipticCurvePublicKey)
-                or ca_key.public_key().public_numbers() != ca_public.public_numbers()):
+        if (
+            not isinstance(ca_public, ec.EllipticCurvePublicKey)
+            or ca_key.public_key().public_numbers() != ca_public.public_numbers()
+        ):
             raise ProvisionError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
         kept += [paths.ca_key, paths.ca_cert]
     new_ca = paths.ca_key in created
@@ -389,8 +429,10 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
         verify_chain(sl_cert, ca_cert)
         missing = [h for h in [*DEFAULT_HOSTNAMES, *hostnames] if h not in cert_hostnames(sl_cert)]
         if missing:
-            raise ProvisionError(f"{paths.superlink_cert} does not cover {missing}; rerun with --force to issue a "
-                                 "new SuperLink certificate (sites keep their ca.pem)")
+            raise ProvisionError(
+                f"{paths.superlink_cert} does not cover {missing}; rerun with --force to issue a "
+                "new SuperLink certificate (sites keep their ca.pem)"
+            )
         kept += [paths.superlink_key, paths.superlink_cert]
 
     # Each site's authentication key pair, plus the CA certificate it needs.
@@ -402,8 +444,10 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
         _make_private_dir(site.dir)
         if config.force or not registered.exists():
             if site.private_key.exists() and not config.force:
-                raise ProvisionError(f"{site.private_key} exists but {registered} does not; rerun with --force "
-                                     f"to make a new key pair for site {name}")
+                raise ProvisionError(
+                    f"{site.private_key} exists but {registered} does not; rerun with --force "
+                    f"to make a new key pair for site {name}"
+                )
             private, public = make_site_key()
             _write_atomic(site.private_key, private, PRIVATE_FILE_MODE, overwrite=config.force)
             _write_atomic(site.public_key, public, 0o644, overwrite=True)
@@ -419,8 +463,9 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
             created.append(site.ca_cert)
         entries.append(SiteEntry(name=name, public_key_sha256=public_key_sha256(public)))
 
-    manifest = FederationManifest(hostnames=hostnames, ca_sha256=cert_sha256(ca_cert),
-                                  superlink_cert_sha256=cert_sha256(sl_cert), sites=entries)
+    manifest = FederationManifest(
+        hostnames=hostnames, ca_sha256=cert_sha256(ca_cert), superlink_cert_sha256=cert_sha256(sl_cert), sites=entries
+    )
     _write_atomic(paths.manifest, (manifest.model_dump_json(indent=2) + "\n").encode(), 0o644, overwrite=True)
     return ProvisionResult(paths=paths, manifest=manifest, created=created, kept=kept)
 
@@ -428,10 +473,12 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
 def describe(result: ProvisionResult) -> str:
     """What a coordinator reads after provisioning."""
     p = result.paths
-    lines = [f"federation      {p.root}",
-             f"SuperLink names {', '.join(cert_hostnames(load_cert(p.superlink_cert)))}",
-             f"CA sha256       {result.manifest.ca_sha256}",
-             f"created         {len(result.created)} file(s), kept {len(result.kept)}"]
+    lines = [
+        f"federation      {p.root}",
+        f"SuperLink names {', '.join(cert_hostnames(load_cert(p.superlink_cert)))}",
+        f"CA sha256       {result.manifest.ca_sha256}",
+        f"created         {len(result.created)} file(s), kept {len(result.kept)}",
+    ]
     for site in result.manifest.sites:
         lines.append(f"site {site.name:<10} hand over {p.site(site.name).dir}/ (auth_key, auth_key.pub, ca.pem)")
     return "\n".join(lines)

@@ -64,8 +64,7 @@ class SiteRegistry(BaseModel):
 
     def with_site(self, site: RegisteredSite) -> SiteRegistry:
         """This registry with `site` recorded (replacing an entry of the same name)."""
-        return SiteRegistry(sites=sorted([*(s for s in self.sites if s.name != site.name), site],
-                                         key=lambda s: s.name))
+        return SiteRegistry(sites=sorted([*(s for s in self.sites if s.name != site.name), site], key=lambda s: s.name))
 
 
 def registry_path(paths: FederationPaths) -> Path:
@@ -108,5 +107,14 @@ def name_mismatch(node: int, claimed: str, registry: SiteRegistry) -> str | None
     return None
 
 
-__all__ = ["REGISTRY_FILE", "RegisteredSite", "RegistryError", "SiteRegistry", "admit", "name_mismatch",
-           "read_registry", "registry_path", "write_registry"]
+__all__ = [
+    "REGISTRY_FILE",
+    "RegisteredSite",
+    "RegistryError",
+    "SiteRegistry",
+    "admit",
+    "name_mismatch",
+    "read_registry",
+    "registry_path",
+    "write_registry",
+]

@@ -79,20 +79,29 @@ def write_summary(out_dir: str | Path) -> Path:
         lines.append("No round completed.")
     else:
         loss_names = sorted({k for e in rounds.values() for k in e.get("losses", {})})
-        lines += ["## Rounds", "",
-                  "| round | sites ok | " + " | ".join(loss_names)
-                  + " | round s | local training s (max) | other s |",
-                  "|---" * (len(loss_names) + 5) + "|"]
+        lines += [
+            "## Rounds",
+            "",
+            "| round | sites ok | " + " | ".join(loss_names) + " | round s | local training s (max) | other s |",
+            "|---" * (len(loss_names) + 5) + "|",
+        ]
         for r, e in sorted(rounds.items()):
             ok = sum(s.get("status") == "ok" for s in e["sites"].values())
             agg = e.get("losses", {})
             t = e["timings"]
-            lines.append(f"| {r} | {ok}/{len(e['sites'])} | "
-                         + " | ".join(f"{agg[n]:.4f}" if n in agg else "" for n in loss_names)
-                         + f" | {t['round_seconds']:.1f} | {t['local_train_seconds_max']:.1f} | {t['other_seconds']:.1f} |")
+            lines.append(
+                f"| {r} | {ok}/{len(e['sites'])} | "
+                + " | ".join(f"{agg[n]:.4f}" if n in agg else "" for n in loss_names)
+                + f" | {t['round_seconds']:.1f} | {t['local_train_seconds_max']:.1f} | {t['other_seconds']:.1f} |"
+            )
         site_names = sorted({s for e in rounds.values() for s in e["sites"]})
-        lines += ["", "## Bytes per site per round (sent to the site / received from it)", "",
-                  "| round | " + " | ".join(site_names) + " | total |", "|---" * (len(site_names) + 2) + "|"]
+        lines += [
+            "",
+            "## Bytes per site per round (sent to the site / received from it)",
+            "",
+            "| round | " + " | ".join(site_names) + " | total |",
+            "|---" * (len(site_names) + 2) + "|",
+        ]
         for r, e in sorted(rounds.items()):
             cells = []
             for s in site_names:
@@ -103,32 +112,51 @@ def write_summary(out_dir: str | Path) -> Path:
             last = rounds[max(rounds)]
             req = PrivacyRequest.model_validate(last["privacy"]) if last.get("privacy") else PrivacyRequest()
             eps_sites = sorted({s for e in rounds.values() for s in e.get("epsilon", {})})
-            lines += ["", "## Privacy: each site's cumulative epsilon (its own accountant, every run at the site)", "",
-                      f"Server: {req.describe()}.", "",
-                      "| round | " + " | ".join(eps_sites) + " |", "|---" * (len(eps_sites) + 1) + "|"]
+            lines += [
+                "",
+                "## Privacy: each site's cumulative epsilon (its own accountant, every run at the site)",
+                "",
+                f"Server: {req.describe()}.",
+                "",
+                "| round | " + " | ".join(eps_sites) + " |",
+                "|---" * (len(eps_sites) + 1) + "|",
+            ]
             for r, e in sorted(rounds.items()):
                 eps = e.get("epsilon", {})
                 lines.append(f"| {r} | " + " | ".join(f"{eps[s]:.3f}" if s in eps else "-" for s in eps_sites) + " |")
         rejected = [(r, x) for r, e in sorted(rounds.items()) for x in e.get("rejected", [])]
         if rejected:
-            lines += ["", "## Rejected replies", ""] + [f"- round {r}, site {x['site']}: {x['reason']}" for r, x in rejected]
+            lines += ["", "## Rejected replies", ""] + [
+                f"- round {r}, site {x['site']}: {x['reason']}" for r, x in rejected
+            ]
     evaluations = [e for e in events if e["event"] == "evaluate"]
     if evaluations:
         ev = evaluations[-1]
-        lines += ["", f"## Federated evaluation after round {ev['round']} (n-weighted mean over sites)", "",
-                  "| task | metric | value | n | sites |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Federated evaluation after round {ev['round']} (n-weighted mean over sites)",
+            "",
+            "| task | metric | value | n | sites |",
+            "|---|---|---|---|---|",
+        ]
         for key, value in ev["aggregated"].items():
             task, _, metric = key.rpartition(".")
             if metric in ("auroc", "r2"):
                 n_sites = sum(key in m for m in ev["sites"].values())
-                lines.append(f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | {n_sites} |")
+                lines.append(
+                    f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | {n_sites} |"
+                )
         try:
             keys, per_site, asked = replies_from_event(ev)
         except ValueError as err:  # a log written by another version: the table above still stands
             log.warning("summary: the per-site evaluation of round %s does not parse: %s", ev["round"], err)
         else:
-            lines += ["", "## Per site and task: a metric or the reason there is none", "",
-                      outcome_table(keys, per_site, asked)]
+            lines += [
+                "",
+                "## Per site and task: a metric or the reason there is none",
+                "",
+                outcome_table(keys, per_site, asked),
+            ]
     path = out_dir / "summary.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

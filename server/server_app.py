@@ -128,8 +128,11 @@ def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> Modalit
         max_update_norm=cfg.max_update_norm,
         max_reply_bytes=max_reply_bytes,
         server_optimizer=GroupAdam(**opt.model_dump()) if opt else None,
-        fraction_train=1.0, fraction_evaluate=1.0,
-        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
     )
 
 
@@ -173,7 +176,7 @@ class FederationServer:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("%s: site %s replied with an error: %s", message_type, self._site(node), reply.error.reason)
-                self.errors[node] = reply.error.reason
+                self.errors[node] = reply.error.reason or "no reason given"
                 continue
             out[node] = reply
         for node in contents:
@@ -191,10 +194,16 @@ class FederationServer:
         while len(nodes := self._admitted(self.grid.get_node_ids())) < self.cfg.min_nodes:
             if time.monotonic() > deadline:
                 if before == "round 0":
-                    raise TimeoutError(f"only {len(nodes)} of {self.cfg.min_nodes} sites connected within "
-                                       f"{self.cfg.timeout_s} s")
-                log.warning("%s: only %d of %d sites connected after %g s; going on without the others",
-                            before, len(nodes), self.cfg.min_nodes, limit)
+                    raise TimeoutError(
+                        f"only {len(nodes)} of {self.cfg.min_nodes} sites connected within {self.cfg.timeout_s} s"
+                    )
+                log.warning(
+                    "%s: only %d of %d sites connected after %g s; going on without the others",
+                    before,
+                    len(nodes),
+                    self.cfg.min_nodes,
+                    limit,
+                )
                 break
             if time.monotonic() - said > 30:
                 log.info("%s: waiting for sites: %d connected, %d required", before, len(nodes), self.cfg.min_nodes)
@@ -207,8 +216,12 @@ class FederationServer:
             return sorted(nodes)
         admitted, refused = admit(nodes, self.registry)
         for node in sorted(set(refused) - self.refused_nodes):
-            log.warning("node %d is connected but not in the coordinator's registry %s: refused (it is sent "
-                        "nothing and nothing of it is averaged)", node, self.cfg.registry)
+            log.warning(
+                "node %d is connected but not in the coordinator's registry %s: refused (it is sent "
+                "nothing and nothing of it is averaged)",
+                node,
+                self.cfg.registry,
+            )
         self.refused_nodes.update(refused)
         return admitted
 
@@ -232,16 +245,24 @@ class FederationServer:
                 log.warning("capabilities of node %d refused: %s", node, why)
                 continue
             if caps.site in seen:
-                raise RuntimeError(f"two sites call themselves {caps.site!r} (nodes {seen[caps.site]} and {node}): "
-                                   "site names must be unique (node config site-name)")
+                raise RuntimeError(
+                    f"two sites call themselves {caps.site!r} (nodes {seen[caps.site]} and {node}): "
+                    "site names must be unique (node config site-name)"
+                )
             seen[caps.site] = node
             self.sites[node] = caps
         if not self.sites:
             raise RuntimeError(f"no site answered the capabilities query{self._refused_reasons(nodes)}")
         self.node_groups = {node: caps.groups for node, caps in self.sites.items()}
         for node, caps in sorted(self.sites.items(), key=lambda kv: kv[1].site):
-            log.info("site %-12s node %d: modalities %s, subjects %s -> groups %s", caps.site, node,
-                     caps.modalities, caps.subjects, caps.groups)
+            log.info(
+                "site %-12s node %d: modalities %s, subjects %s -> groups %s",
+                caps.site,
+                node,
+                caps.modalities,
+                caps.subjects,
+                caps.groups,
+            )
 
     def agree_vocabulary(self) -> FederationSetup:
         replies = self._ask(CODE_STATS, {n: RecordDict() for n in self.sites})
@@ -254,8 +275,13 @@ class FederationServer:
         if not stats:
             raise RuntimeError("no site sent usable code statistics: cannot agree on a vocabulary")
         vocab = build_vocabulary(stats, min_subjects=self.cfg.vocab_min_subjects)
-        log.info("vocabulary agreed from %d sites: %d codes, %d PRS traits, %d numeric normalisers",
-                 len(stats), len(vocab.codes), vocab.n_prs_traits, len(vocab.numeric))
+        log.info(
+            "vocabulary agreed from %d sites: %d codes, %d PRS traits, %d numeric normalisers",
+            len(stats),
+            len(vocab.codes),
+            vocab.n_prs_traits,
+            len(vocab.numeric),
+        )
         modalities = federation_modalities([caps.modalities for caps in self.sites.values()], vocab)
         log.info("model modalities: %s (the union of the sites')", modalities)
         return FederationSetup(vocabulary=vocab, model=self.cfg.model, model_seed=self.cfg.seed, modalities=modalities)
@@ -266,7 +292,8 @@ class FederationServer:
         replies = self._ask(SETUP, {n: RecordDict({"setup": record}) for n in nodes})
         accepted = set()
         for node, reply in replies.items():
-            if reply.content.config_records.get("setup", {}).get("sha256") == setup.sha256:
+            ack = reply.content.config_records.get("setup")
+            if ack is not None and ack.get("sha256") == setup.sha256:
                 accepted.add(node)
         return accepted
 
@@ -285,7 +312,9 @@ class FederationServer:
     @staticmethod
     def setup_needed(replies: Iterable[Message], sent: Sequence[Message]) -> set[int]:
         """The nodes whose reply says they lack the run's setup (their SuperNode restarted)."""
-        return {origin(r, sent) for r in replies if not r.has_error() and SETUP_NEEDED_RECORD in r.content.config_records}
+        return {
+            origin(r, sent) for r in replies if not r.has_error() and SETUP_NEEDED_RECORD in r.content.config_records
+        }
 
     def resend_setup(self, nodes: set[int], what: str) -> set[int]:
         """Send the setup again to nodes that lost it; those that took it (and may be retried)."""
@@ -361,22 +390,37 @@ class FederationServer:
         outcome = started(self.run_id, self.cfg.rounds, 0)
         write_outcome(self.out_dir, outcome)
         try:
-            log.info("run %s: out_dir %s, %d rounds%s", self.run_id if self.run_id is not None else "-", self.out_dir,
-                     self.cfg.rounds, ", resume" if self.cfg.resume else "")
+            log.info(
+                "run %s: out_dir %s, %d rounds%s",
+                self.run_id if self.run_id is not None else "-",
+                self.out_dir,
+                self.cfg.rounds,
+                ", resume" if self.cfg.resume else "",
+            )
             last = self._run()
         except BaseException as err:
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:1000]
             log.error("run failed: %s", reason)
-            write_outcome(self.out_dir, outcome.model_copy(update=dict(
-                status="failed", reason=reason, rounds_done=self.rounds_done, finished_at=time.time())))
+            write_outcome(
+                self.out_dir,
+                outcome.model_copy(
+                    update=dict(status="failed", reason=reason, rounds_done=self.rounds_done, finished_at=time.time())
+                ),
+            )
             raise
         else:
             events_path = self.out_dir / "rounds.jsonl"
             lost = sites_lost(read_events(events_path)) if events_path.is_file() else {}
             for site, why in sorted(lost.items()):
                 log.error("site %s was lost: %s", site, why)
-            write_outcome(self.out_dir, outcome.model_copy(update=dict(
-                status="completed", sites_lost=lost, rounds_done=self.rounds_done, finished_at=time.time())))
+            write_outcome(
+                self.out_dir,
+                outcome.model_copy(
+                    update=dict(
+                        status="completed", sites_lost=lost, rounds_done=self.rounds_done, finished_at=time.time()
+                    )
+                ),
+            )
             return last
         finally:
             logger.removeHandler(handler)
@@ -407,17 +451,34 @@ class FederationServer:
         self.send_setup(setup)
         round0 = time.perf_counter() - t0
         self.rounds_done = start
-        start_event = dict(
-            event="resume" if state is not None else "setup", run_id=self.run_id, round=start, seconds=round0, setup_sha256=setup.sha256,
-            vocab_size=setup.vocabulary.vocab_size, checkpoint=str(ckpt_path) if ckpt_path else None,
-            sites={caps.site: {"node_id": node, "modalities": caps.modalities, "subjects": caps.subjects,
-                               "groups": self.node_groups.get(node, [])}
-                   for node, caps in self.sites.items()},
+        event = "resume" if state is not None else "setup"
+        start_event: dict[str, Any] = dict(
+            run_id=self.run_id,
+            round=start,
+            seconds=round0,
+            setup_sha256=setup.sha256,
+            vocab_size=setup.vocabulary.vocab_size,
+            checkpoint=str(ckpt_path) if ckpt_path else None,
+            sites={
+                caps.site: {
+                    "node_id": node,
+                    "modalities": caps.modalities,
+                    "subjects": caps.subjects,
+                    "groups": self.node_groups.get(node, []),
+                }
+                for node, caps in self.sites.items()
+            },
             refused={self._site(n): reason for n, reason in sorted(self.errors.items())},  # sites' own refusals
         )
-        self.events.write(**start_event)
-        self.audit.write_run(start_event, {"max_reply_bytes": max_reply_bytes,
-                                           "timeout_s": cfg.timeout_s, "max_abs_value": self.strategy.max_abs_value})
+        self.events.write(event, **start_event)
+        self.audit.write_run(
+            {"event": event, **start_event},
+            {
+                "max_reply_bytes": max_reply_bytes,
+                "timeout_s": cfg.timeout_s,
+                "max_abs_value": self.strategy.max_abs_value,
+            },
+        )
         log.info(describe_limits(max_reply_bytes, cfg.timeout_s))
         log.info("round 0 done in %.1f s: %d sites, setup %s", round0, len(self.node_groups), setup.sha256[:12])
         log.info("privacy: %s", cfg.privacy.describe())
@@ -434,25 +495,40 @@ class FederationServer:
         write_summary(self.out_dir)
         return last
 
-    def train_round(self, rnd: int, setup: FederationSetup, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Path]:
+    def train_round(
+        self, rnd: int, setup: FederationSetup, arrays: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], Path]:
         cfg = self.cfg
         t_start = time.perf_counter()
         round_cfg = RoundConfig(
-            round=rnd, rounds=cfg.rounds, local_steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            batch_size=cfg.batch_size, max_events=cfg.max_events, max_patches=cfg.max_patches, seed=cfg.seed,
-            fp16_transport=cfg.fp16_transport, setup_sha256=setup.sha256,
-            weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model), **cfg.privacy.round_fields(),
+            round=rnd,
+            rounds=cfg.rounds,
+            local_steps=cfg.local_steps,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size,
+            max_events=cfg.max_events,
+            max_patches=cfg.max_patches,
+            seed=cfg.seed,
+            fp16_transport=cfg.fp16_transport,
+            setup_sha256=setup.sha256,
+            weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model),
+            **cfg.privacy.round_fields(),
         )
         self._wait_for_nodes(f"round {rnd}")
-        messages = self.strategy.train_messages(rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid,
-                                                self.node_groups)
+        messages = self.strategy.train_messages(
+            rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid, self.node_groups
+        )
         sites: dict[str, dict[str, Any]] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
             record = next(iter(msg.content.array_records.values()))
             sites[self._site(node)] = {
-                "node_id": node, "groups_sent": sorted({parameter_group(k) for k in record}),
-                "keys_sent": len(record), "bytes_sent": message_bytes(msg), "status": "no reply",
+                "node_id": node,
+                "groups_sent": sorted({parameter_group(k) for k in record}),
+                "keys_sent": len(record),
+                "bytes_sent": message_bytes(msg),
+                "status": "no reply",
             }
         t_sent = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.timeout_s))
@@ -466,20 +542,26 @@ class FederationServer:
             entry = sites.setdefault(self._site(node), {"node_id": node})
             entry["bytes_received"] = entry.get("bytes_received", 0) + message_bytes(reply)
         t_agg = time.perf_counter()
-        outcome = self.strategy.aggregate(rnd, replies, current_arrays=arrays, node_groups=self.node_groups,
-                                          sent=messages)
+        outcome = self.strategy.aggregate(
+            rnd, replies, current_arrays=arrays, node_groups=self.node_groups, sent=messages
+        )
         self._record_outcome(sites, outcome, replies, messages)
         self._record_absent(sites)
         if outcome.arrays is not None:
             arrays = outcome.arrays
-        rejected = [{"site": self._site(r.node_id), "node_id": r.node_id, "reason": r.reason}
-                    for r in outcome.rejected]
+        rejected = [{"site": self._site(r.node_id), "node_id": r.node_id, "reason": r.reason} for r in outcome.rejected]
         t_ckpt = time.perf_counter()
         path = save_server_checkpoint(
             self.ckpt_dir,
-            ServerState(round=rnd, arrays=arrays, strategy=self.strategy.state_dict(), setup=setup,
-                        run_config=cfg.model_dump(mode="json"), python_random=random.getstate(),
-                        torch_random=torch.get_rng_state()),
+            ServerState(
+                round=rnd,
+                arrays=arrays,
+                strategy=self.strategy.state_dict(),
+                setup=setup,
+                run_config=cfg.model_dump(mode="json"),
+                python_random=random.getstate(),
+                torch_random=torch.get_rng_state(),
+            ),
             keep=cfg.keep_checkpoints,
         )
         t_end = time.perf_counter()
@@ -498,39 +580,74 @@ class FederationServer:
         epsilon = self.check_privacy(rnd, sites)
         losses = outcome.losses
         self.events.write(
-            "round", round=rnd, rounds=cfg.rounds, weights=round_cfg.weights.model_dump(), sites=sites,
-            privacy=cfg.privacy.model_dump(), epsilon=epsilon,
-            rejected=rejected, contributors=contributors, losses=losses,
-            absent={n: f"{e['status']}: {e.get('reason', '')}" for n, e in sorted(sites.items()) if e["status"] != "ok"},
-            updated=outcome.arrays is not None, bytes_sent=sum(e.get("bytes_sent", 0) for e in sites.values()),
-            bytes_received=sum(e.get("bytes_received", 0) for e in sites.values()), timings=timings,
+            "round",
+            round=rnd,
+            rounds=cfg.rounds,
+            weights=round_cfg.weights.model_dump(),
+            sites=sites,
+            privacy=cfg.privacy.model_dump(),
+            epsilon=epsilon,
+            rejected=rejected,
+            contributors=contributors,
+            losses=losses,
+            absent={
+                n: f"{e['status']}: {e.get('reason', '')}" for n, e in sorted(sites.items()) if e["status"] != "ok"
+            },
+            updated=outcome.arrays is not None,
+            bytes_sent=sum(e.get("bytes_sent", 0) for e in sites.values()),
+            bytes_received=sum(e.get("bytes_received", 0) for e in sites.values()),
+            timings=timings,
             checkpoint=str(path),
         )
         self.audit.write_round({"round": rnd, "sites": sites, "rejected": rejected, "contributors": contributors})
         ok = sum(e.get("status") == "ok" for e in sites.values())
         loss = losses.get("total")
-        log.info("round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s)",
-                 rnd, cfg.rounds, ok, len(sites), f"{loss:.4f}" if loss is not None else "n/a",
-                 timings["round_seconds"], train_max, timings["other_seconds"])
+        log.info(
+            "round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s)",
+            rnd,
+            cfg.rounds,
+            ok,
+            len(sites),
+            f"{loss:.4f}" if loss is not None else "n/a",
+            timings["round_seconds"],
+            train_max,
+            timings["other_seconds"],
+        )
         for name, e in sorted(sites.items()):
-            log.info("  %-12s %-9s groups %s, sent %s B, received %s B%s", name, e.get("status"),
-                     ",".join(e.get("groups_sent", [])), e.get("bytes_sent", 0), e.get("bytes_received", 0),
-                     f" ({e['reason']})" if "reason" in e else "")
+            log.info(
+                "  %-12s %-9s groups %s, sent %s B, received %s B%s",
+                name,
+                e.get("status"),
+                ",".join(e.get("groups_sent", [])),
+                e.get("bytes_sent", 0),
+                e.get("bytes_received", 0),
+                f" ({e['reason']})" if "reason" in e else "",
+            )
         return arrays, path
 
-    def _retry_train(self, rnd: int, need: set[int], messages: list[Message], replies: list[Message],
-                     sites: dict[str, dict[str, Any]]) -> tuple[list[Message], list[Message]]:
+    def _retry_train(
+        self,
+        rnd: int,
+        need: set[int],
+        messages: list[Message],
+        replies: list[Message],
+        sites: dict[str, dict[str, Any]],
+    ) -> tuple[list[Message], list[Message]]:
         """Sites that lost the setup get it again and one more train message this round; the
         messages and replies the strategy then aggregates (a second "setup-needed": left out)."""
         kept = [m for m in messages if m.metadata.dst_node_id not in need]
         replies = [r for r in replies if origin(r, messages) not in need]
         for node in need:
-            sites[self._site(node)].update(status="no setup", reason="lost the run's setup (SuperNode restarted?); "
-                                                                     "it was not accepted again")
+            sites[self._site(node)].update(
+                status="no setup", reason="lost the run's setup (SuperNode restarted?); it was not accepted again"
+            )
         accepted = self.resend_setup(need, f"round {rnd}")
         # The same content again (the same arrays and RoundConfig), in a new message.
-        retry = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
-                 for m in messages if m.metadata.dst_node_id in accepted]
+        retry = [
+            Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
+            for m in messages
+            if m.metadata.dst_node_id in accepted
+        ]
         if not retry:
             return kept, replies
         for msg in retry:
@@ -541,8 +658,10 @@ class FederationServer:
         again = self.setup_needed(retry_replies, retry)
         for node in again:
             sites[self._site(node)].update(status="no setup", reason="asked for the setup again after receiving it")
-        return ([*kept, *(m for m in retry if m.metadata.dst_node_id not in again)],
-                [*replies, *(r for r in retry_replies if origin(r, retry) not in again)])
+        return (
+            [*kept, *(m for m in retry if m.metadata.dst_node_id not in again)],
+            [*replies, *(r for r in retry_replies if origin(r, retry) not in again)],
+        )
 
     def _record_absent(self, sites: dict[str, dict[str, Any]]) -> None:
         """Every site of the run appears in the round: one not addressed is "absent", with why;
@@ -561,8 +680,9 @@ class FederationServer:
             if entry.get("status") == "no reply" and "reason" not in entry:
                 entry["reason"] = f"no reply within timeout-s {self.cfg.timeout_s:g} s"
 
-    def _record_outcome(self, sites: dict[str, dict[str, Any]], outcome: RoundOutcome, replies: list[Message],
-                        sent: list[Message]) -> None:
+    def _record_outcome(
+        self, sites: dict[str, dict[str, Any]], outcome: RoundOutcome, replies: list[Message], sent: list[Message]
+    ) -> None:
         """Each site's entry of the round event, from the strategy's parsed replies and verdicts."""
         for node, reply in outcome.replies.items():
             entry = sites.setdefault(self._site(node), {"node_id": node})
@@ -592,24 +712,40 @@ class FederationServer:
             if req.requested and e.get("status") == "ok" and "epsilon" not in dp:
                 log.warning("round %d: DP was asked but site %s reported no epsilon", rnd, name)
             if req.requested and dp.get("delta", 0.0) > req.delta:
-                log.warning("round %d: site %s accounts at delta %g, larger than the %g asked (its policy's)",
-                            rnd, name, dp["delta"], req.delta)
+                log.warning(
+                    "round %d: site %s accounts at delta %g, larger than the %g asked (its policy's)",
+                    rnd,
+                    name,
+                    dp["delta"],
+                    req.delta,
+                )
         if epsilon:
-            log.info("round %d: cumulative epsilon per site: %s", rnd,
-                     ", ".join(f"{s} {v:.3f}" for s, v in epsilon.items()))
+            log.info(
+                "round %d: cumulative epsilon per site: %s", rnd, ", ".join(f"{s} {v:.3f}" for s, v in epsilon.items())
+            )
         return epsilon
 
     def evaluate(self, rnd: int, setup: FederationSetup, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        eval_cfg = EvalConfig(round=rnd, tasks=cfg.eval_task_specs(), setup_sha256=setup.sha256, batch_size=max(cfg.batch_size, 32),
-                              max_events=cfg.max_events, max_patches=cfg.max_patches, n_boot=cfg.eval_n_boot, seed=cfg.seed)
+        eval_cfg = EvalConfig(
+            round=rnd,
+            tasks=cfg.eval_task_specs(),
+            setup_sha256=setup.sha256,
+            batch_size=max(cfg.batch_size, 32),
+            max_events=cfg.max_events,
+            max_patches=cfg.max_patches,
+            n_boot=cfg.eval_n_boot,
+            seed=cfg.seed,
+        )
         record = _to_record(arrays)
         connected = set(self._wait_for_nodes(f"evaluation after round {rnd}"))
         contents = {
-            node: RecordDict({"arrays": self.strategy.arrays_for_groups(record, groups),
-                              "config": ConfigRecord(eval_cfg.to_flat())})
-            for node, groups in sorted(self.node_groups.items()) if node in connected
+            node: RecordDict(
+                {"arrays": self.strategy.arrays_for_groups(record, groups), "config": ConfigRecord(eval_cfg.to_flat())}
+            )
+            for node, groups in sorted(self.node_groups.items())
+            if node in connected
         }
         replies = self._ask(MessageType.EVALUATE, contents)
         need = {n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records}
@@ -632,19 +768,32 @@ class FederationServer:
         aggregated = aggregate_site_metrics(per_site)
         seconds = time.perf_counter() - t0
         flat = {site: reply.to_records() for site, reply in per_site.items()}
-        absent = {caps.site: ("did not accept the run's setup in round 0" if node not in self.node_groups
-                              else "not connected to the SuperLink" if node not in contents
-                              else "lost the setup and did not take it again" if node in need and node not in replies
-                              else "no usable evaluation reply (see server.log)")
-                  for node, caps in sorted(self.sites.items()) if caps.site not in per_site}
+        absent = {
+            caps.site: (
+                "did not accept the run's setup in round 0"
+                if node not in self.node_groups
+                else "not connected to the SuperLink"
+                if node not in contents
+                else "lost the setup and did not take it again"
+                if node in need and node not in replies
+                else "no usable evaluation reply (see server.log)"
+            )
+            for node, caps in sorted(self.sites.items())
+            if caps.site not in per_site
+        }
         asked = {"tasks": task_keys(eval_cfg.tasks), "asked_sites": sorted(self._site(n) for n in self.node_groups)}
-        self.events.write("evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds, absent=absent,
-                          **asked)
+        self.events.write(
+            "evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds, absent=absent, **asked
+        )
         self.audit.write_evaluation(rnd, sorted(per_site), absent)
-        atomic_write_text(self.out_dir / "evaluation.json",
-                           json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated, **asked}, indent=1))
+        atomic_write_text(
+            self.out_dir / "evaluation.json",
+            json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated, **asked}, indent=1),
+        )
         log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
-        for line in outcome_lines(task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)]):
+        for line in outcome_lines(
+            task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)]
+        ):
             log.info("  %s", line)
         for key, value in aggregated.items():
             if key.endswith(".auroc") or key.endswith(".r2"):
@@ -657,8 +806,12 @@ def site_entry(reply: TrainReply) -> dict[str, Any]:
     """A site's part of a round event (rounds.jsonl) from its parsed train reply."""
     entry: dict[str, Any] = {}
     if reply.status == "ok":
-        entry.update(groups_received=reply.groups, keys_received=len(reply.arrays),
-                     num_examples=dict(reply.group_examples), losses=dict(reply.losses))
+        entry.update(
+            groups_received=reply.groups,
+            keys_received=len(reply.arrays),
+            num_examples=dict(reply.group_examples),
+            losses=dict(reply.losses),
+        )
         for name in ("train_seconds", "client_seconds", "rate_min", "rate_max"):
             if (value := getattr(reply, name)) is not None:
                 entry[name] = value
@@ -684,5 +837,15 @@ def make_server_app(config: FederationConfig | None = None) -> ServerApp:
 
 app = make_server_app()
 
-__all__ = ["FederationConfig", "FederationServer", "PrivacyRequest", "ServerOptimizerConfig", "app", "make_server_app",
-           "make_strategy", "read_events", "site_entry", "write_summary"]
+__all__ = [
+    "FederationConfig",
+    "FederationServer",
+    "PrivacyRequest",
+    "ServerOptimizerConfig",
+    "app",
+    "make_server_app",
+    "make_strategy",
+    "read_events",
+    "site_entry",
+    "write_summary",
+]

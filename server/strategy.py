@@ -252,11 +252,14 @@ class ModalityAwareFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's start() loop: aggregate() with the round configure_train sent."""
         if self._flower_round is None:
-            raise RuntimeError("aggregate_train called before configure_train: no global arrays to update "
-                               "(outside Flower's start() loop call aggregate())")
+            raise RuntimeError(
+                "aggregate_train called before configure_train: no global arrays to update "
+                "(outside Flower's start() loop call aggregate())"
+            )
         inputs, self._flower_round = self._flower_round, None
-        outcome = self.aggregate(server_round, replies, current_arrays=inputs.arrays,
-                                 node_groups=inputs.node_groups, sent=inputs.sent)
+        outcome = self.aggregate(
+            server_round, replies, current_arrays=inputs.arrays, node_groups=inputs.node_groups, sent=inputs.sent
+        )
         if outcome.arrays is None:
             return None, None
         n = sum(outcome.replies[node].num_examples for node in outcome.accepted)
@@ -284,12 +287,14 @@ class ModalityAwareFedAvg(FedAvg):
         for msg in replies:
             node_id = origin(msg, sent)
             if node_id not in addressed:
-                rejected.append(RejectedReply(node_id, f"no train message was sent to node {node_id} this round",
-                                              "unsolicited"))
+                rejected.append(
+                    RejectedReply(node_id, f"no train message was sent to node {node_id} this round", "unsolicited")
+                )
                 continue
             if node_id in seen:
-                rejected.append(RejectedReply(node_id, f"a second reply from node {node_id} (one per message)",
-                                              "duplicate"))
+                rejected.append(
+                    RejectedReply(node_id, f"a second reply from node {node_id} (one per message)", "duplicate")
+                )
                 continue
             seen.add(node_id)
             if msg.has_error():
@@ -329,13 +334,18 @@ class ModalityAwareFedAvg(FedAvg):
         names = set(content.keys())
         unexpected = sorted(names - {ARRAYS_RECORD, METRICS_RECORD, STATUS_RECORD})
         if unexpected:
-            raise ValueError(f"unexpected record {unexpected[0]!r} (a train reply holds {ARRAYS_RECORD!r}, "
-                             f"{METRICS_RECORD!r} and, when refused, {STATUS_RECORD!r})")
+            raise ValueError(
+                f"unexpected record {unexpected[0]!r} (a train reply holds {ARRAYS_RECORD!r}, "
+                f"{METRICS_RECORD!r} and, when refused, {STATUS_RECORD!r})"
+            )
         records = content.array_records.get(ARRAYS_RECORD)
         metrics = content.metric_records.get(METRICS_RECORD)
         status = content.config_records.get(STATUS_RECORD)
-        for name, kind, value in ((ARRAYS_RECORD, ArrayRecord, records), (METRICS_RECORD, MetricRecord, metrics),
-                                  (STATUS_RECORD, ConfigRecord, status)):
+        for name, kind, value in (
+            (ARRAYS_RECORD, ArrayRecord, records),
+            (METRICS_RECORD, MetricRecord, metrics),
+            (STATUS_RECORD, ConfigRecord, status),
+        ):
             if name in names and value is None:
                 raise ValueError(f"record {name!r} is not a {kind.__name__}")
         if metrics is None:
@@ -346,8 +356,9 @@ class ModalityAwareFedAvg(FedAvg):
             if self.max_reply_bytes is not None and size > self.max_reply_bytes:
                 raise ValueError(f"reply of {size:,} B exceeds the limit of {self.max_reply_bytes:,} B")
             arrays = {key: self._decode(key, item, previous) for key, item in records.items()}
-        reply = TrainReply.from_records(arrays, dict(metrics), dict(status) if status is not None else None,
-                                        group_of=self.group_of)
+        reply = TrainReply.from_records(
+            arrays, dict(metrics), dict(status) if status is not None else None, group_of=self.group_of
+        )
         if reply.status == "ok":
             self.check_arrays(reply, previous, allowed)
         return reply
@@ -405,7 +416,9 @@ class ModalityAwareFedAvg(FedAvg):
         for group, by_node in norms.items():
             for node_id, norm in by_node.items():
                 if self.max_update_norm is not None and norm > self.max_update_norm:
-                    bad.setdefault(node_id, f"group {group!r} update norm {norm:.3g} > limit {self.max_update_norm:.3g}")
+                    bad.setdefault(
+                        node_id, f"group {group!r} update norm {norm:.3g} > limit {self.max_update_norm:.3g}"
+                    )
                 others = [n for other, n in by_node.items() if other != node_id]
                 if len(others) >= 2:
                     median = float(np.median(others))
@@ -430,14 +443,19 @@ class ModalityAwareFedAvg(FedAvg):
             if nodes and group not in updated_groups:
                 log.info(
                     "group %r: %d contributing sites < minimum %d; kept unchanged",
-                    group, len(nodes), self.min_sites_per_group,
+                    group,
+                    len(nodes),
+                    self.min_sites_per_group,
                 )
         out: dict[str, np.ndarray] = {}
         for key, old in previous.items():
             group = self.group_of(key)
             # fp16 transport: upcast before any arithmetic.
-            holders = [(reply.arrays[key].astype(old.dtype, copy=False), counts[group])
-                       for _, reply, counts in accepted if key in reply.arrays]
+            holders = [
+                (reply.arrays[key].astype(old.dtype, copy=False), counts[group])
+                for _, reply, counts in accepted
+                if key in reply.arrays
+            ]
             if group not in updated_groups or not holders:
                 out[key] = old
                 continue

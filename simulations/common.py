@@ -48,7 +48,10 @@ class Clock:
 
 
 def open_sites(
-    scenario: Mapping[str, Any] | DictConfig, data_dir: str | Path, seed: int, n_subjects: int | None,
+    scenario: Mapping[str, Any] | DictConfig,
+    data_dir: str | Path,
+    seed: int,
+    n_subjects: int | None,
     site_roots: Sequence[str | Path] | None = None,
 ) -> tuple[dict[str, Site], Path | None, ScenarioConfig | None]:
     """The sites by name, the ground-truth directory and the scenario. `site_roots` (your own
@@ -60,8 +63,11 @@ def open_sites(
         scenario = OmegaConf.to_container(scenario, resolve=True)  # type: ignore[assignment]
     manifest = synthetic_sites(data_dir, scenario, int(seed), n_subjects)
     truth = Path(manifest.truth_dir)
-    return ({s.name: open_site(s.root) for s in manifest.sites}, truth,
-            ScenarioConfig.model_validate_json((truth / "scenario.json").read_text()))
+    return (
+        {s.name: open_site(s.root) for s in manifest.sites},
+        truth,
+        ScenarioConfig.model_validate_json((truth / "scenario.json").read_text()),
+    )
 
 
 def clear_previous_runs(out: Path, runs: Sequence[str], markers: Sequence[str], job: str) -> None:
@@ -72,8 +78,9 @@ def clear_previous_runs(out: Path, runs: Sequence[str], markers: Sequence[str], 
         path = out / name
         if path.exists():
             if not previous:
-                raise FileExistsError(f"{path} exists but {out} holds no {markers[0]}: not a previous {job}; "
-                                      "choose another out_dir")
+                raise FileExistsError(
+                    f"{path} exists but {out} holds no {markers[0]}: not a previous {job}; choose another out_dir"
+                )
             log.info("removing the previous %s's %s", job, path)
             shutil.rmtree(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,22 +124,33 @@ def job_tasks(cfg: DictConfig, legacy: Sequence[str]) -> dict[str, Task]:
     return runner_tasks(specs)
 
 
-def onset_eval_data(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]) -> dict[str, EvalSet]:
+def onset_eval_data(
+    cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]
+) -> dict[str, EvalSet]:
     """The per-site evaluation rows of the onset tasks (`tasks=`, else `eval.onset_tasks`: "all"
     or names of the built-in synthetic tasks), one EvalSet per site (compare.split_sites)."""
-    onset = ([k for k, t in TASKS.items() if isinstance(t, OnsetTask)] if cfg.eval.onset_tasks == "all"
-             else list(cfg.eval.onset_tasks))
+    onset = (
+        [k for k, t in TASKS.items() if isinstance(t, OnsetTask)]
+        if cfg.eval.onset_tasks == "all"
+        else list(cfg.eval.onset_tasks)
+    )
     tasks = {k: t for k, t in job_tasks(cfg, onset).items() if isinstance(t, OnsetTask)}
-    data = build_eval_set({n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject),
-                          seed=int(cfg.seed))
+    data = build_eval_set(
+        {n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject), seed=int(cfg.seed)
+    )
     return compare.split_sites(data)
 
 
 def eval_settings(cfg: DictConfig) -> dict[str, Any]:
     """Keyword arguments of compare.evaluate_per_site shared by every regime of a report."""
     fed = cfg.federation
-    return {"max_events": fed.max_events, "max_patches": fed.max_patches, "batch_size": cfg.eval.batch_size,
-            "n_boot": cfg.eval.n_boot, "seed": int(cfg.seed)}
+    return {
+        "max_events": fed.max_events,
+        "max_patches": fed.max_patches,
+        "batch_size": cfg.eval.batch_size,
+        "n_boot": cfg.eval.n_boot,
+        "seed": int(cfg.seed),
+    }
 
 
 def write_outputs(out: Path, marker: str, dump: dict, name: str, lines: list[str], clock: Clock) -> Path:

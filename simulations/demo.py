@@ -26,8 +26,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo", help="where the report (and the federated run) is written")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: configs/demo.yaml)")
     parser.add_argument("--local-steps", type=int, default=None, help="local steps per site and round")
@@ -45,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(config_name="demo", overrides=overrides)
     started = time.perf_counter()
     report = run(cfg)
-    print(f"\nDemo finished in {(time.perf_counter() - started) / 60:.1f} min.\n  report:     {report}\n"
-          f"  federation: {Path(cfg.out_dir) / 'federation'} (rounds.jsonl, summary.md)")
+    print(
+        f"\nDemo finished in {(time.perf_counter() - started) / 60:.1f} min.\n  report:     {report}\n"
+        f"  federation: {Path(cfg.out_dir) / 'federation'} (rounds.jsonl, summary.md)"
+    )
     return 0
 
 

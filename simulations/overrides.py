@@ -43,8 +43,10 @@ def unknown_override(overrides: list[str], config_name: str) -> str | None:
             continue
         if top in declared and key == top:
             return f"override {override!r}: {key} is a key of configs/{config_name}.yaml: write {key}=... (no +)"
-        return (f"override {override!r}: this job reads no key {key!r} (configs/{config_name}.yaml declares "
-                f"{', '.join(sorted(declared - {'hydra'}))})")
+        return (
+            f"override {override!r}: this job reads no key {key!r} (configs/{config_name}.yaml declares "
+            f"{', '.join(sorted(declared - {'hydra'}))})"
+        )
     return None
 
 
@@ -55,7 +57,7 @@ TASKS_KEY = "task_list"
 def with_task_alias(argv: list[str]) -> list[str]:
     """argv with `tasks=X` (also `tasks=` in a sweep) written as `task_list=X`."""
     prefix = f"{TASKS_ALIAS}="
-    return [f"{TASKS_KEY}={a[len(prefix):]}" if a.startswith(prefix) else a for a in argv]
+    return [f"{TASKS_KEY}={a[len(prefix) :]}" if a.startswith(prefix) else a for a in argv]
 
 
 def refuse_unknown_overrides(config_name: str) -> None:
@@ -64,5 +66,11 @@ def refuse_unknown_overrides(config_name: str) -> None:
         raise SystemExit(f"error: {error}")
 
 
-__all__ = ["TASKS_ALIAS", "TASKS_KEY", "declared_keys", "refuse_unknown_overrides", "unknown_override",
-           "with_task_alias"]
+__all__ = [
+    "TASKS_ALIAS",
+    "TASKS_KEY",
+    "declared_keys",
+    "refuse_unknown_overrides",
+    "unknown_override",
+    "with_task_alias",
+]

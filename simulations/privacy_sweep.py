@@ -118,8 +118,10 @@ class Settings:
         label = compare.epsilon_label(epsilon)
         if self.setup is not None and setup.sha256 != self.setup.sha256:
             # Different vocabulary or initialisation: the settings would not be comparable.
-            raise RuntimeError(f"{label}: setup {setup.sha256[:12]} differs from the other settings' "
-                               f"{self.setup.sha256[:12]}; a sweep compares runs on one setup")
+            raise RuntimeError(
+                f"{label}: setup {setup.sha256[:12]} differs from the other settings' "
+                f"{self.setup.sha256[:12]}; a sweep compares runs on one setup"
+            )
         self.setup = setup
         self.epsilon[label], self.models[label], self.seconds[label] = epsilon, model, seconds
         self.dirs[label] = fed_dir
@@ -138,7 +140,9 @@ def run_setting(cfg: DictConfig, runs: Path, epsilon: float | None, settings: Se
     return settings.add(epsilon, setup, model, fed_dir, time.perf_counter() - t0)
 
 
-def evaluate_settings(settings: Settings, per_site_data: Mapping, ev: Mapping[str, Any], progress: bool) -> compare.PerSite:
+def evaluate_settings(
+    settings: Settings, per_site_data: Mapping, ev: Mapping[str, Any], progress: bool
+) -> compare.PerSite:
     per_site: compare.PerSite = {name: {} for name in per_site_data}
     for label, model in settings.models.items():
         res, _ = compare.evaluate_per_site(label, per_site_data, model, progress=progress, **ev)
@@ -170,8 +174,9 @@ def run(cfg: DictConfig) -> Path:
     return write_sweep(cfg, out, clock, settings, per_site)
 
 
-def privacy_section(cfg: DictConfig, out: Path, settings: Settings,
-                    per_site: compare.PerSite) -> tuple[list[str], list[Any]]:
+def privacy_section(
+    cfg: DictConfig, out: Path, settings: Settings, per_site: compare.PerSite
+) -> tuple[list[str], list[Any]]:
     """The table, its notes and the plot (written to out/utility_vs_epsilon.png) as markdown
     lines; also the summary rows."""
     rows = compare.summarize(per_site, list(settings.epsilon))
@@ -194,7 +199,8 @@ def privacy_section(cfg: DictConfig, out: Path, settings: Settings,
         "",
         "### Mean held-out AUROC / ECE per horizon, and the epsilon each site spent",
         "",
-        compare.privacy_table(rows, settings.epsilon, settings.spent) if rows
+        compare.privacy_table(rows, settings.epsilon, settings.spent)
+        if rows
         else "No (site, task) pair was evaluated in every setting.",
         "",
         "Spent = the site's cumulative epsilon (at its delta) after the last round, as it reported it.",
@@ -209,8 +215,10 @@ def privacy_section(cfg: DictConfig, out: Path, settings: Settings,
     for label, eps in settings.epsilon.items():
         run_dir = settings.dirs[label]
         shown = run_dir.relative_to(out).as_posix() if run_dir.is_relative_to(out) else str(run_dir)
-        lines.append(f"| {'none' if eps is None else f'{eps:g}'} | `{shown}/` | "
-                     f"{settings.seconds[label]:.0f} | {by_method.get(label, 0)} |")
+        lines.append(
+            f"| {'none' if eps is None else f'{eps:g}'} | `{shown}/` | "
+            f"{settings.seconds[label]:.0f} | {by_method.get(label, 0)} |"
+        )
     if plot is not None:
         lines += ["", f"![Utility against epsilon]({plot.name})"]
     return lines, rows
@@ -234,7 +242,9 @@ def write_sweep(cfg: DictConfig, out: Path, clock: Clock, settings: Settings, pe
         "summary": [r.model_dump() for r in rows],
         "spent": settings.spent,
         "trouble": settings.trouble,
-        "rows": {s: {m: [r.model_dump() for r in res.rows] for m, res in methods.items()} for s, methods in per_site.items()},
+        "rows": {
+            s: {m: [r.model_dump() for r in res.rows] for m, res in methods.items()} for s, methods in per_site.items()
+        },
         "seconds": settings.seconds,
         "phases_seconds": clock.phases,
         "setup_sha256": settings.setup.sha256,

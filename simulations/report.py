@@ -89,16 +89,27 @@ def train_ids(site: Site) -> np.ndarray:
     return splits["subject_id"].to_numpy()[np.asarray(splits["split"].to_pylist()) == "train"]
 
 
-def train_baseline(setup: FederationSetup, dataset, steps: int, fed: DictConfig, seed: int,
-                   groups: list[str] | None, progress: bool) -> tuple[HealthFM, list[dict[str, float]]]:
+def train_baseline(
+    setup: FederationSetup, dataset, steps: int, fed: DictConfig, seed: int, groups: list[str] | None, progress: bool
+) -> tuple[HealthFM, list[dict[str, float]]]:
     """From the federation's initial weights: `steps` steps of the federation's optimiser
     settings over `groups` (None: all), the curriculum laid over the steps."""
     model = setup.init_model()
-    loader = make_loader(dataset, batch_size=fed.batch_size, shuffle=True, seed=seed, drop_last=len(dataset) > fed.batch_size)
-    tcfg = TrainConfig(steps=steps, lr=fed.lr, weight_decay=fed.weight_decay, batch_size=fed.batch_size, seed=seed,
-                       progress=progress, log_every=max(1, steps // 5))
-    result = train_local(model, loader, tcfg, groups=groups,
-                         weights_fn=lambda step: curriculum_weights(step, steps, setup.model))
+    loader = make_loader(
+        dataset, batch_size=fed.batch_size, shuffle=True, seed=seed, drop_last=len(dataset) > fed.batch_size
+    )
+    tcfg = TrainConfig(
+        steps=steps,
+        lr=fed.lr,
+        weight_decay=fed.weight_decay,
+        batch_size=fed.batch_size,
+        seed=seed,
+        progress=progress,
+        log_every=max(1, steps // 5),
+    )
+    result = train_local(
+        model, loader, tcfg, groups=groups, weights_fn=lambda step: curriculum_weights(step, steps, setup.model)
+    )
     return model, result.history
 
 
@@ -117,7 +128,9 @@ def federated_curves(events: list[dict[str, Any]]) -> tuple[list[dict[str, float
 
 def step_curve(history: list[dict[str, float]]) -> list[dict[str, float]]:
     n = max(1, len(history))
-    return [{"progress": (i + 1) / n, **{k: h[k] for k in (*LOSS_NAMES, "total") if k in h}} for i, h in enumerate(history)]
+    return [
+        {"progress": (i + 1) / n, **{k: h[k] for k in (*LOSS_NAMES, "total") if k in h}} for i, h in enumerate(history)
+    ]
 
 
 # ---------------------------------------------------------------- report text
@@ -138,18 +151,24 @@ def traffic_table(traffic: Mapping[int, Mapping[str, tuple[int, int]]]) -> str:
 
 
 def timing_table(timing: Mapping[int, Mapping[str, float]]) -> str:
-    lines = ["| round | round s | local training s (slowest site) | local training s (all sites) | everything else s | else share |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| round | round s | local training s (slowest site) | local training s (all sites) | everything else s | else share |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r, t in sorted(timing.items()):
-        lines.append(f"| {r} | {t['round_seconds']:.1f} | {t['local_train_seconds_max']:.1f} | "
-                     f"{t['local_train_seconds_sum']:.1f} | {t['other_seconds']:.1f} | "
-                     f"{t['other_seconds'] / max(t['round_seconds'], 1e-9):.0%} |")
+        lines.append(
+            f"| {r} | {t['round_seconds']:.1f} | {t['local_train_seconds_max']:.1f} | "
+            f"{t['local_train_seconds_sum']:.1f} | {t['other_seconds']:.1f} | "
+            f"{t['other_seconds'] / max(t['round_seconds'], 1e-9):.0%} |"
+        )
     return "\n".join(lines)
 
 
 def ablation_table(ablation: Mapping[tuple[str, str, str], tuple[MethodResult, MethodResult]]) -> str:
-    lines = ["| site | modality removed | method | rows with it | (task, horizon) pairs | mean AUROC with | mean AUROC without | difference |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| site | modality removed | method | rows with it | (task, horizon) pairs | mean AUROC with | mean AUROC without | difference |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for (site, drop, method), (full, without) in sorted(ablation.items()):
         a = {(r.task, r.horizon): r for r in full.rows if np.isfinite(r.auroc)}
         b = {(r.task, r.horizon): r for r in without.rows if np.isfinite(r.auroc)}
@@ -159,7 +178,9 @@ def ablation_table(ablation: Mapping[tuple[str, str, str], tuple[MethodResult, M
             continue
         ma, mb = np.mean([a[k].auroc for k in common]), np.mean([b[k].auroc for k in common])
         n = max(r.n for r in a.values())
-        lines.append(f"| {site} | {drop} | {method} | {n} held-out | {len(common)} | {ma:.3f} | {mb:.3f} | {mb - ma:+.3f} |")
+        lines.append(
+            f"| {site} | {drop} | {method} | {n} held-out | {len(common)} | {ma:.3f} | {mb:.3f} | {mb - ma:+.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -190,12 +211,21 @@ def run(cfg: DictConfig) -> Path:
     # Matched budgets: each site did rounds x local_steps steps of batch_size in the federation.
     per_site_steps = int(rounds_done) * int(fed.local_steps)
     central_steps = per_site_steps * len(sites)
-    datasets = {name: PretrainingDataset(seqs[name], subject_ids=train_ids(site), time_mode="random",
-                                         max_events=fed.max_events, max_patches=fed.max_patches,
-                                         seed=site_seed(cfg.seed, 0, name)) for name, site in sites.items()}
+    datasets = {
+        name: PretrainingDataset(
+            seqs[name],
+            subject_ids=train_ids(site),
+            time_mode="random",
+            max_events=fed.max_events,
+            max_patches=fed.max_patches,
+            seed=site_seed(cfg.seed, 0, name),
+        )
+        for name, site in sites.items()
+    }
     log.info("centralized: %d steps on %d pooled train subjects", central_steps, sum(len(d) for d in datasets.values()))
-    central_model, central_history = train_baseline(setup, PooledPretrainingDataset(list(datasets.values())),
-                                                    central_steps, fed, int(cfg.seed), None, progress)
+    central_model, central_history = train_baseline(
+        setup, PooledPretrainingDataset(list(datasets.values())), central_steps, fed, int(cfg.seed), None, progress
+    )
     clock.lap("centralized training")
     local_models: dict[str, HealthFM | None] = {}
     local_histories: dict[str, list[dict[str, float]]] = {}
@@ -206,7 +236,8 @@ def run(cfg: DictConfig) -> Path:
             continue
         log.info("local-only %s: %d steps, groups %s", name, per_site_steps, site_groups(site))
         local_models[name], local_histories[name] = train_baseline(
-            setup, datasets[name], per_site_steps, fed, site_seed(cfg.seed, 0, name), site_groups(site), progress)
+            setup, datasets[name], per_site_steps, fed, site_seed(cfg.seed, 0, name), site_groups(site), progress
+        )
     clock.lap("local-only training")
 
     per_site_data = onset_eval_data(cfg, sites, seqs)
@@ -223,8 +254,13 @@ def run(cfg: DictConfig) -> Path:
         per_site[name]["local-only"] = r
     if truth_dir is not None and scenario is not None:
         code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
-        for name, r in compare.oracle_per_site(per_site_data, functools.partial(oracle_risk, truth_dir), code_to_disease,
-                                               n_boot=cfg.eval.n_boot, seed=int(cfg.seed)).items():
+        for name, r in compare.oracle_per_site(
+            per_site_data,
+            functools.partial(oracle_risk, truth_dir),
+            code_to_disease,
+            n_boot=cfg.eval.n_boot,
+            seed=int(cfg.seed),
+        ).items():
             per_site[name]["oracle"] = r
     clock.lap("evaluation (per site, every onset task and horizon)")
 
@@ -234,26 +270,57 @@ def run(cfg: DictConfig) -> Path:
             raise ValueError(f"eval.missing_modality: {method!r} is not one of {sorted(models)}")
         for name, site_data in per_site_data.items():
             for drop in [m for m in MODALITIES if m != "ehr" and m in sites[name].modalities]:
-                got = compare.modality_removal(method, site_data, models[method], features[method][name], drop,
-                                               min_rows=int(cfg.eval.min_rows), **ev)
+                got = compare.modality_removal(
+                    method,
+                    site_data,
+                    models[method],
+                    features[method][name],
+                    drop,
+                    min_rows=int(cfg.eval.min_rows),
+                    **ev,
+                )
                 if got is not None:
                     ablation[(name, drop, method)] = got
     clock.lap("missing-modality evaluation")
 
     privacy = privacy_utility(cfg, out, clock, fed_dir, setup, fed_model, per_site_data, ev, progress)
-    return write_comparison(cfg, out, fed_dir, clock, sites, setup, per_site, ablation, central_history,
-                            local_histories, per_site_steps, central_steps, privacy)
+    return write_comparison(
+        cfg,
+        out,
+        fed_dir,
+        clock,
+        sites,
+        setup,
+        per_site,
+        ablation,
+        central_history,
+        local_histories,
+        per_site_steps,
+        central_steps,
+        privacy,
+    )
 
 
-def privacy_utility(cfg: DictConfig, out: Path, clock: Clock, fed_dir: Path, setup: FederationSetup,
-                    fed_model: HealthFM, per_site_data: Mapping, ev: Mapping[str, Any], progress: bool) -> list[str]:
+def privacy_utility(
+    cfg: DictConfig,
+    out: Path,
+    clock: Clock,
+    fed_dir: Path,
+    setup: FederationSetup,
+    fed_model: HealthFM,
+    per_site_data: Mapping,
+    ev: Mapping[str, Any],
+    progress: bool,
+) -> list[str]:
     """The report's utility-versus-epsilon section (markdown lines): the federation again at each
     target epsilon of `privacy_sweep.epsilons` (simulations.privacy_sweep), the main federated run
     as the setting it was run at, all evaluated on the same per-site rows."""
     wanted = list((cfg.get("privacy_sweep") or {}).get("epsilons") or [])
     if not wanted:
-        return ["Not run in this report (`privacy_sweep.epsilons=[1,3,8]` adds it here; "
-                "`python -m simulations.privacy_sweep` runs it alone)."]
+        return [
+            "Not run in this report (`privacy_sweep.epsilons=[1,3,8]` adds it here; "
+            "`python -m simulations.privacy_sweep` runs it alone)."
+        ]
     settings = privacy_sweep.Settings()
     main_epsilon = privacy_request(cfg).target_epsilon
     settings.add(main_epsilon, setup, fed_model, fed_dir, clock.phases.get("federation (Flower simulation)", 0.0))
@@ -267,10 +334,21 @@ def privacy_utility(cfg: DictConfig, out: Path, clock: Clock, fed_dir: Path, set
     return section
 
 
-def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, sites: Mapping[str, Site],
-                     setup: FederationSetup, per_site: compare.PerSite, ablation: Mapping, central_history: list,
-                     local_histories: Mapping[str, list], per_site_steps: int, central_steps: int,
-                     privacy: list[str] | None = None) -> Path:
+def write_comparison(
+    cfg: DictConfig,
+    out: Path,
+    fed_dir: Path,
+    clock: Clock,
+    sites: Mapping[str, Site],
+    setup: FederationSetup,
+    per_site: compare.PerSite,
+    ablation: Mapping,
+    central_history: list,
+    local_histories: Mapping[str, list],
+    per_site_steps: int,
+    central_steps: int,
+    privacy: list[str] | None = None,
+) -> Path:
     methods = [m for m in METHODS if any(m in r for r in per_site.values())]
     main_rows = compare.summarize(per_site, methods)
     site_rows = compare.site_summary(per_site, methods)
@@ -282,7 +360,9 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
     curves.update({f"local-only {s} (per step)": step_curve(h) for s, h in local_histories.items()})
     figs["Loss per objective"] = compare.loss_curves_plot(curves, out / "loss_curves.png")
     if main_rows:
-        figs["Mean held-out AUROC and ECE per horizon"] = compare.summary_plot(main_rows, out / "auroc_ece_by_horizon.png")
+        figs["Mean held-out AUROC and ECE per horizon"] = compare.summary_plot(
+            main_rows, out / "auroc_ece_by_horizon.png"
+        )
     if traffic:
         figs["Bytes per site per round"] = compare.bytes_plot(traffic, out / "bytes_per_round.png")
         figs["Round time split"] = compare.time_split_plot(timing, out / "round_time_split.png")
@@ -293,17 +373,23 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
     params_by_group: dict[str, int] = {}
     for k, v in model.state_dict().items():
         params_by_group[parameter_group(k)] = params_by_group.get(parameter_group(k), 0) + v.numel()
-    evaluation = json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
+    evaluation = (
+        json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
+    )
     lines = [
         f"# HealthFM: federated vs centralized vs local-only vs oracle (model {setup.model.name})",
         "",
         f"Wall time {clock.total / 60:.1f} min on {torch.get_num_threads()} torch thread(s) here, Ray with "
         f"{cfg.ray.num_cpus} CPUs: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items()) + ".",
         "",
-        "Sites: " + "; ".join(f"{s}: {site.summary.n_subjects} subjects, groups {'+'.join(n_groups[s])}"
-                              for s, site in sites.items()) + ".",
+        "Sites: "
+        + "; ".join(
+            f"{s}: {site.summary.n_subjects} subjects, groups {'+'.join(n_groups[s])}" for s, site in sites.items()
+        )
+        + ".",
         "",
-        f"Model `{setup.model.name}`: " + ", ".join(f"{g} {n:,}" for g, n in params_by_group.items())
+        f"Model `{setup.model.name}`: "
+        + ", ".join(f"{g} {n:,}" for g, n in params_by_group.items())
         + f" parameters; vocabulary {setup.vocabulary.vocab_size} ids agreed by the federation and reused by every "
         f"regime; every regime starts from the same seeded initialisation.",
         "",
@@ -354,31 +440,53 @@ def write_comparison(cfg: DictConfig, out: Path, fed_dir: Path, clock: Clock, si
     ]
     if evaluation:
         agg = evaluation.get("aggregated", {})
-        lines += ["", "Federated evaluation inside the run (sites report held-out metrics; n-weighted means): "
-                  + ", ".join(f"{k[:-len('.auroc')]} {v:.3f}" for k, v in agg.items() if k.endswith(".auroc")) + "."]
+        lines += [
+            "",
+            "Federated evaluation inside the run (sites report held-out metrics; n-weighted means): "
+            + ", ".join(f"{k[: -len('.auroc')]} {v:.3f}" for k, v in agg.items() if k.endswith(".auroc"))
+            + ".",
+        ]
         keys, replies, asked = replies_from_event(evaluation)
-        lines += ["", "## Federated evaluation inside the run: per site and task", "",
-                  "Each site scored its held-out predictions (meds-evaluation format, written at the site) with "
-                  "meds-evaluation; a (site, task) without a number says why.", "",
-                  outcome_table(keys, replies, asked)]
-    skipped = {f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()}
+        lines += [
+            "",
+            "## Federated evaluation inside the run: per site and task",
+            "",
+            "Each site scored its held-out predictions (meds-evaluation format, written at the site) with "
+            "meds-evaluation; a (site, task) without a number says why.",
+            "",
+            outcome_table(keys, replies, asked),
+        ]
+    skipped = {
+        f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()
+    }
     if skipped:
-        lines += ["", f"Not evaluated ({len(skipped)} site/method/task): " + "; ".join(
-            f"{k}: {v}" for k, v in sorted(skipped.items())[:40]) + (" ..." if len(skipped) > 40 else "")]
+        lines += [
+            "",
+            f"Not evaluated ({len(skipped)} site/method/task): "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())[:40])
+            + (" ..." if len(skipped) > 40 else ""),
+        ]
     lines += ["", "## Plots", ""]
     for caption, path in figs.items():
         lines += [f"### {caption}", "", f"![{caption}]({_rel(path, out)})", ""]
-    lines += ["", f"Federated run: `{_rel(fed_dir, out)}/` (rounds.jsonl, summary.md, checkpoints). "
-              f"Every number above: `{MARKER}`."]
+    lines += [
+        "",
+        f"Federated run: `{_rel(fed_dir, out)}/` (rounds.jsonl, summary.md, checkpoints). "
+        f"Every number above: `{MARKER}`.",
+    ]
 
     dump = {
         "main": [r.model_dump() for r in main_rows],
         "per_site": {s: [r.model_dump() for r in rows] for s, rows in site_rows.items()},
-        "rows": {s: {m: [r.model_dump() for r in res.rows] for m, res in methods_.items()} for s, methods_ in per_site.items()},
+        "rows": {
+            s: {m: [r.model_dump() for r in res.rows] for m, res in methods_.items()}
+            for s, methods_ in per_site.items()
+        },
         "skipped": skipped,
-        "missing_modality": {f"{s}|{d}|{m}": {"with": [r.model_dump() for r in a.rows],
-                                               "without": [r.model_dump() for r in b.rows]}
-                             for (s, d, m), (a, b) in ablation.items()},
+        "missing_modality": {
+            f"{s}|{d}|{m}": {"with": [r.model_dump() for r in a.rows], "without": [r.model_dump() for r in b.rows]}
+            for (s, d, m), (a, b) in ablation.items()
+        },
         "bytes": {str(r): v for r, v in traffic.items()},
         "timings": {str(r): v for r, v in timing.items()},
         "phases_seconds": clock.phases,

@@ -103,9 +103,13 @@ def federation_config(cfg: DictConfig, n_sites: int) -> FederationConfig:
     if (tasks := task_entries(cfg)) is not None:
         fed["eval_tasks"] = tasks  # `tasks=` names the evaluation's tasks (ACES files, site:<name>)
     return FederationConfig(
-        out_dir=Path(cfg.out_dir), model=model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True),
-                                                                source="model config"),
-        seed=cfg.seed, resume=cfg.resume, min_nodes=n_sites, privacy=privacy_request(cfg), **fed,
+        out_dir=Path(cfg.out_dir),
+        model=model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model config"),
+        seed=cfg.seed,
+        resume=cfg.resume,
+        min_nodes=n_sites,
+        privacy=privacy_request(cfg),
+        **fed,
     )
 
 
@@ -120,13 +124,25 @@ def simulated_site_policy(cfg: DictConfig, request: PrivacyRequest) -> dict[str,
     site = cfg.privacy.get("site") or {}
     cap = site.get("epsilon_cap") or request.target_epsilon
     if cap is None:
-        raise ValueError("privacy.noise_multiplier without privacy.site.epsilon_cap: the simulated sites need "
-                         "an epsilon cap for their policy")
+        raise ValueError(
+            "privacy.noise_multiplier without privacy.site.epsilon_cap: the simulated sites need "
+            "an epsilon cap for their policy"
+        )
     if request.target_epsilon is not None and cap < request.target_epsilon:
-        log.warning("simulated sites' epsilon cap %g is below the asked target %g: they will refuse rounds",
-                    cap, request.target_epsilon)
-    return {"min_subjects": 1, "dp": {"mandatory": False, "epsilon_cap": float(cap), "delta": request.delta,
-                                      "max_grad_norm": request.max_grad_norm}}
+        log.warning(
+            "simulated sites' epsilon cap %g is below the asked target %g: they will refuse rounds",
+            cap,
+            request.target_epsilon,
+        )
+    return {
+        "min_subjects": 1,
+        "dp": {
+            "mandatory": False,
+            "epsilon_cap": float(cap),
+            "delta": request.delta,
+            "max_grad_norm": request.max_grad_norm,
+        },
+    }
 
 
 def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -140,8 +156,10 @@ def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
         roots = [(s.name, Path(s.root)) for s in manifest.sites]
     policy = OmegaConf.to_container(cfg.federation.site, resolve=True)
     assert isinstance(policy, dict)
-    configs = [{"site-root": str(root), "site-name": name, **{k.replace("_", "-"): v for k, v in policy.items()}}
-               for name, root in roots]
+    configs = [
+        {"site-root": str(root), "site-name": name, **{k.replace("_", "-"): v for k, v in policy.items()}}
+        for name, root in roots
+    ]
     configs = _with_eval_dirs(cfg, configs)
     dp_policy = simulated_site_policy(cfg, privacy_request(cfg))
     if dp_policy is None:
@@ -168,9 +186,14 @@ def _with_eval_dirs(cfg: DictConfig, configs: list[dict[str, Any]]) -> list[dict
 def run_from_config(cfg: DictConfig) -> Path:
     node_configs = site_node_configs(cfg)
     config = federation_config(cfg, len(node_configs))
-    out = run_federation_simulation(config, node_configs, num_cpus=cfg.ray.num_cpus,
-                                    client_num_cpus=cfg.ray.client_num_cpus, client_num_gpus=cfg.ray.client_num_gpus,
-                                    ray_address=cfg.ray.address)
+    out = run_federation_simulation(
+        config,
+        node_configs,
+        num_cpus=cfg.ray.num_cpus,
+        client_num_cpus=cfg.ray.client_num_cpus,
+        client_num_gpus=cfg.ray.client_num_gpus,
+        ray_address=cfg.ray.address,
+    )
     print(f"\nFederated run written to {out}\n  summary {out / 'summary.md'}\n  log     {out / 'rounds.jsonl'}")
     return out
 
@@ -180,12 +203,19 @@ def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, Hea
     runs); returns its setup, the final global model and its round."""
     run_cfg = OmegaConf.merge(cfg, {"out_dir": str(fed_dir), "resume": False})
     node_configs = site_node_configs(run_cfg)
-    run_federation_simulation(federation_config(run_cfg, len(node_configs)), node_configs,
-                              num_cpus=cfg.ray.num_cpus, client_num_cpus=cfg.ray.client_num_cpus,
-                              client_num_gpus=cfg.ray.client_num_gpus, ray_address=cfg.ray.address)
+    run_federation_simulation(
+        federation_config(run_cfg, len(node_configs)),
+        node_configs,
+        num_cpus=cfg.ray.num_cpus,
+        client_num_cpus=cfg.ray.client_num_cpus,
+        client_num_gpus=cfg.ray.client_num_gpus,
+        ray_address=cfg.ray.address,
+    )
     ckpt = latest_server_checkpoint(fed_dir / "checkpoints")
     if ckpt is None:
-        raise RuntimeError(f"the federation wrote no checkpoint in {fed_dir / 'checkpoints'}; see {fed_dir / 'server.log'}")
+        raise RuntimeError(
+            f"the federation wrote no checkpoint in {fed_dir / 'checkpoints'}; see {fed_dir / 'server.log'}"
+        )
     state = load_server_checkpoint(ckpt)
     model = state.setup.init_model()
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.arrays.items()})

@@ -94,8 +94,15 @@ def make_site_tables() -> SiteTables:
     )
     codes = pa.table(
         {
-            "code": ["PRS//T2D", "PRS//CAD", "MEDS_BIRTH", "MEDS_DEATH", "ICD10//E11.9", "ICD10//I10",
-                     "LAB//51087//UNK"],
+            "code": [
+                "PRS//T2D",
+                "PRS//CAD",
+                "MEDS_BIRTH",
+                "MEDS_DEATH",
+                "ICD10//E11.9",
+                "ICD10//I10",
+                "LAB//51087//UNK",
+            ],
             "description": ["T2D PRS", "CAD PRS", "birth", "death", "T2D", "hypertension", "HbA1c"],
             "parent_codes": pa.array([None] * 7, pa.list_(pa.string())),
         }
@@ -105,8 +112,12 @@ def make_site_tables() -> SiteTables:
     start = datetime(2150, 3, 2)
     times = [start + timedelta(seconds=30 * i) for i in range(n)]
     wear1 = pa.table(
-        {"subject_id": [1] * n, "time": times, "enmo_mg": [20.0 + (i % 7) for i in range(n)],
-         "hr_bpm": [60.0 + (i % 11) for i in range(n)]},
+        {
+            "subject_id": [1] * n,
+            "time": times,
+            "enmo_mg": [20.0 + (i % 7) for i in range(n)],
+            "hr_bpm": [60.0 + (i % 11) for i in range(n)],
+        },
         schema=WEAR_SCHEMA,
     )
     wear2 = pa.table(
@@ -166,8 +177,9 @@ def meds_sample_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
     out = tmp_path_factory.mktemp("meds_samples")
     sites = {}
-    for yaml_path in sorted(files("meds_testing_helpers").joinpath("static_sample_data").iterdir(),
-                            key=lambda p: p.name):
+    for yaml_path in sorted(
+        files("meds_testing_helpers").joinpath("static_sample_data").iterdir(), key=lambda p: p.name
+    ):
         if not yaml_path.name.endswith(".yaml"):
             continue
         name = yaml_path.name[: -len(".yaml")]

@@ -62,8 +62,15 @@ class Process:
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -94,21 +101,29 @@ class Process:
 
 
 def run_client(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(CLIENT), *args], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(CLIENT), *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_coordinator(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server.coordinator", *args], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "server.coordinator", *args],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from healthfm_core.data.synthetic import generate_federation
 
-    manifest = generate_federation(tmp_path_factory.mktemp("data"), scenario="tiny", seed=0, n_subjects=30,
-                                   progress=False)
+    manifest = generate_federation(
+        tmp_path_factory.mktemp("data"), scenario="tiny", seed=0, n_subjects=30, progress=False
+    )
     roots = {s.name: Path(s.root) for s in manifest.sites}
     assert set(roots) == set(SITES)
     return roots
@@ -128,17 +143,21 @@ def superlink(federation: FederationPaths) -> Iterator[str]:
     address yielded is the proxy's); every site but `intruder` registered; the federation's app
     bundle approved in site_policy(federation)."""
     port = free_port()
-    proc = Process([sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)],
-                   federation.root / "superlink.out")
+    proc = Process(
+        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)],
+        federation.root / "superlink.out",
+    )
     try:
         assert proc.wait_for("SuperLink ready", 600), proc.output()[-3000:]
         address = f"127.0.0.1:{port}"
         probe_superlink(address, federation.ca_cert, timeout=10)
-        result = run_coordinator("register", str(federation.root), *[a for s in SITES for a in ("--site", s)],
-                                 timeout=1800)
+        result = run_coordinator(
+            "register", str(federation.root), *[a for s in SITES for a in ("--site", s)], timeout=1800
+        )
         assert result.returncode == 0, result.stderr
-        assert [ln for ln in result.stdout.splitlines() if ln.startswith("registered")] == \
-            [f"registered {s}" for s in SITES]
+        assert [ln for ln in result.stdout.splitlines() if ln.startswith("registered")] == [
+            f"registered {s}" for s in SITES
+        ]
         approve_federation_bundle(federation, site_policy(federation))
         yield address
     finally:
@@ -164,25 +183,44 @@ def approve_federation_bundle(federation: FederationPaths, policy: Path) -> str:
     return digest
 
 
-def join_args(federation: FederationPaths, site_root: Path, key_site: str, address: str, state: Path,
-              policy: Path | None = None) -> list[str]:
+def join_args(
+    federation: FederationPaths, site_root: Path, key_site: str, address: str, state: Path, policy: Path | None = None
+) -> list[str]:
     policy = policy or site_policy(federation)
-    return ["join", str(site_root), "--superlink", address, "--root-cert", str(federation.site(key_site).ca_cert),
-            "--auth-key", str(federation.site(key_site).private_key), "--state-dir", str(state), "--no-progress",
-            *(["--policy", str(policy)] if policy.exists() else []), *POLICY]
+    return [
+        "join",
+        str(site_root),
+        "--superlink",
+        address,
+        "--root-cert",
+        str(federation.site(key_site).ca_cert),
+        "--auth-key",
+        str(federation.site(key_site).private_key),
+        "--state-dir",
+        str(state),
+        "--no-progress",
+        *(["--policy", str(policy)] if policy.exists() else []),
+        *POLICY,
+    ]
 
 
 @pytest.fixture
-def joined(superlink: str, federation: FederationPaths, sites: dict[str, Path],
-           tmp_path: Path) -> Iterator[dict[str, Process]]:
+def joined(
+    superlink: str, federation: FederationPaths, sites: dict[str, Path], tmp_path: Path
+) -> Iterator[dict[str, Process]]:
     """The three sites joined through `client.py join`, each with its own key."""
     procs: dict[str, Process] = {}
     try:
         for name in SITES:
-            procs[name] = Process([sys.executable, str(CLIENT), *join_args(federation, sites[name], name, superlink,
-                                                                          tmp_path / f"state-{name}")],
-                                  tmp_path / f"join-{name}.out")
-        for name, proc in procs.items():
+            procs[name] = Process(
+                [
+                    sys.executable,
+                    str(CLIENT),
+                    *join_args(federation, sites[name], name, superlink, tmp_path / f"state-{name}"),
+                ],
+                tmp_path / f"join-{name}.out",
+            )
+        for proc in procs.values():
             assert proc.wait_for("joined: SuperNode", 600), proc.output()[-3000:]
         yield procs
     finally:
@@ -195,9 +233,28 @@ def round_events(out: Path) -> tuple[list[dict], dict[int, dict]]:
     return events, {e["round"]: e for e in events if e["event"] == "round"}
 
 
-TINY_RUN = ["--model", "tiny", "-c", "local-steps=2", "-c", "batch-size=8", "-c", "max-events=64",
-            "-c", "max-patches=8", "-c", "min-nodes=3", "-c", "vocab-min-subjects=5",
-            "-c", "eval-tasks=onset_hypertension_365d", "-c", "eval-n-boot=10", "-c", "timeout-s=300"]
+TINY_RUN = [
+    "--model",
+    "tiny",
+    "-c",
+    "local-steps=2",
+    "-c",
+    "batch-size=8",
+    "-c",
+    "max-events=64",
+    "-c",
+    "max-patches=8",
+    "-c",
+    "min-nodes=3",
+    "-c",
+    "vocab-min-subjects=5",
+    "-c",
+    "eval-tasks=onset_hypertension_365d",
+    "-c",
+    "eval-n-boot=10",
+    "-c",
+    "timeout-s=300",
+]
 
 
 def check_rounds(rounds: dict[int, dict], expected: list[int]) -> None:
@@ -210,5 +267,3 @@ def check_rounds(rounds: dict[int, dict], expected: list[int]) -> None:
             assert set(entry["groups_received"]) <= set(EXPECTED_GROUPS[site]), (rnd, site)
             assert {"ehr", "shared"} <= set(entry["groups_received"]), (rnd, site)
             assert set(entry["num_examples"]) == set(entry["groups_received"])
-
-

@@ -31,12 +31,19 @@ N_SUBJECTS = 60
 
 
 def _events(root: Path) -> pa.Table:
-    t = pa.concat_tables(pq.read_table(p, columns=["subject_id", "time", "code"]) for p in sorted((root / "data").glob("*.parquet")))
+    t = pa.concat_tables(
+        pq.read_table(p, columns=["subject_id", "time", "code"]) for p in sorted((root / "data").glob("*.parquet"))
+    )
     return t.set_column(2, "code", t["code"].cast(pa.string()))
 
 
 def _all_event_times(events: pa.Table) -> pa.Table:
-    df = pl.from_arrow(events).filter(pl.col("time").is_not_null()).select("subject_id", pl.col("time").alias("prediction_time")).unique()
+    df = (
+        pl.from_arrow(events)
+        .filter(pl.col("time").is_not_null())
+        .select("subject_id", pl.col("time").alias("prediction_time"))
+        .unique()
+    )
     return df.sort("subject_id", "prediction_time").to_arrow()
 
 
@@ -48,7 +55,9 @@ def _sorted(t: pa.Table) -> pl.DataFrame:
 def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for scenario in ("tiny", "hospital"):
-        m = generate_federation(tmp_path_factory.mktemp(scenario), scenario, seed=0, n_subjects=N_SUBJECTS, progress=False)
+        m = generate_federation(
+            tmp_path_factory.mktemp(scenario), scenario, seed=0, n_subjects=N_SUBJECTS, progress=False
+        )
         out[scenario] = m.sites_dir
     return out
 
@@ -90,7 +99,9 @@ def test_aces_equals_onset_labels(federations: dict[str, Path]) -> None:
             acc[i * 3] += df["subject_id"].n_unique()
             acc[i * 3 + 1] += df.height
             acc[i * 3 + 2] += int(df["boolean_value"].sum())
-    lines = [f"{'scenario':<9}{'task':<13}{'h':>4} | {'old subj':>8}{'rows':>6}{'pos':>5} | {'ACES subj':>9}{'rows':>6}{'pos':>5}"]
+    lines = [
+        f"{'scenario':<9}{'task':<13}{'h':>4} | {'old subj':>8}{'rows':>6}{'pos':>5} | {'ACES subj':>9}{'rows':>6}{'pos':>5}"
+    ]
     for (scenario, name, h), a in agg.items():
         lines.append(f"{scenario:<9}{name:<13}{h:>4} | {a[0]:>8}{a[1]:>6}{a[2]:>5} | {a[3]:>9}{a[4]:>6}{a[5]:>5}")
     print("\n" + "\n".join(lines))
@@ -117,17 +128,24 @@ def test_hospital_onsets_in_both_coding_systems(federations: dict[str, Path]) ->
         onsets = pl.read_parquet(truth / site_root.name / "onsets.parquet")
         for disease, name in (("T2D", "t2d"), ("CAD", "cad"), ("HTN", "hypertension"), ("COPD", "copd")):
             regex = load_task(name).config["predicates"]["outcome"]["code"]["regex"]
-            first = events.filter(pl.col("code").str.contains(regex)).group_by("subject_id").agg(pl.col("time").min().alias("first"))
+            first = (
+                events.filter(pl.col("code").str.contains(regex))
+                .group_by("subject_id")
+                .agg(pl.col("time").min().alias("first"))
+            )
             o = onsets.filter(pl.col("disease") == disease).join(first, on="subject_id", how="left")
-            assert o["diagnosis_time"].cast(pl.Int64).fill_null(-1).equals(o["first"].cast(pl.Int64).fill_null(-1)), disease
+            assert o["diagnosis_time"].cast(pl.Int64).fill_null(-1).equals(o["first"].cast(pl.Int64).fill_null(-1)), (
+                disease
+            )
             seen |= set(o["diagnosis_code"].drop_nulls().str.slice(0, 19).to_list())
     assert {"DIAGNOSIS//ICD//9//", "DIAGNOSIS//ICD//10/"} <= seen
 
 
 def _write_site(root: Path, rows: list[tuple[int, dt.datetime | None, str]]) -> Path:
     (root / "data").mkdir(parents=True)
-    pl.DataFrame(rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String}, orient="row").with_columns(
-        numeric_value=pl.lit(None, pl.Float32)).write_parquet(root / "data" / "0.parquet")
+    pl.DataFrame(
+        rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String}, orient="row"
+    ).with_columns(numeric_value=pl.lit(None, pl.Float32)).write_parquet(root / "data" / "0.parquet")
     return root
 
 
@@ -136,11 +154,18 @@ def test_rules_on_hand_made_subjects(tmp_path: Path) -> None:
     even when the record ends soon after it, across ICD-9 and ICD-10."""
     d = dt.datetime
     rows = [
-        (1, d(2110, 1, 1), "DIAGNOSIS//ICD//9//25000"), (1, d(2110, 3, 1), "LAB//50931//mg/dL"), (1, d(2112, 1, 1), "X"),  # prevalent
-        (2, d(2110, 1, 1), "X"), (2, d(2110, 2, 1), "DIAGNOSIS//ICD//10//E119"),  # positive, record ends at the onset
-        (3, d(2110, 1, 1), "X"), (3, d(2110, 2, 1), "MEDS_DEATH"),  # dies within 90 d: negative
-        (4, d(2110, 1, 1), "X"), (4, d(2110, 2, 1), "X"),  # record ends within 90 d: censored
-        (5, d(2110, 1, 1), "X"), (5, d(2110, 4, 1), "X"), (5, None, "GENDER//F"),  # observed through 90 d: negative
+        (1, d(2110, 1, 1), "DIAGNOSIS//ICD//9//25000"),
+        (1, d(2110, 3, 1), "LAB//50931//mg/dL"),
+        (1, d(2112, 1, 1), "X"),  # prevalent
+        (2, d(2110, 1, 1), "X"),
+        (2, d(2110, 2, 1), "DIAGNOSIS//ICD//10//E119"),  # positive, record ends at the onset
+        (3, d(2110, 1, 1), "X"),
+        (3, d(2110, 2, 1), "MEDS_DEATH"),  # dies within 90 d: negative
+        (4, d(2110, 1, 1), "X"),
+        (4, d(2110, 2, 1), "X"),  # record ends within 90 d: censored
+        (5, d(2110, 1, 1), "X"),
+        (5, d(2110, 4, 1), "X"),
+        (5, None, "GENDER//F"),  # observed through 90 d: negative
     ]
     got = aces_labels("t2d", _write_site(tmp_path / "site", rows), horizons_days=[90])[90]
     first = pl.from_arrow(got).filter(pl.col("prediction_time") == d(2110, 1, 1)).sort("subject_id")

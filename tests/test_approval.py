@@ -47,8 +47,11 @@ def test_a_bundle_is_shown_with_its_files_and_components(bundle: Path, tmp_path:
 def test_a_bundle_that_ships_code_is_flagged(tmp_path: Path, bundle: Path) -> None:
     app = tmp_path / "evil"
     app.mkdir()
-    (app / "pyproject.toml").write_text((bundle.parent / "fed" / "server" / "app" / "pyproject.toml").read_text()
-                                        .replace("client.client_app:app", "extra:app"))
+    (app / "pyproject.toml").write_text(
+        (bundle.parent / "fed" / "server" / "app" / "pyproject.toml")
+        .read_text()
+        .replace("client.client_app:app", "extra:app")
+    )
     (app / "extra.py").write_text("app = None\n")
     info = inspect_bundle(build_bundle(app)[0])
     assert info.components["clientapp"] == "extra:app" and info.python_files() == ["extra.py"]

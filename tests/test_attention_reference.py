@@ -195,10 +195,15 @@ def test_large_gap_with_fast_rates_is_finite_and_exact() -> None:
 
 def test_log_decay_kernel_equals_logsumexp_for_gaps_rates_and_skewed_weights() -> None:
     dt = torch.tensor([0.0, 1e-6, 0.04, 1.0, 30.0, 365.0, 3650.0, 36500.0], dtype=torch.float64)[None, None, :]
-    weights = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1e-30, 1e-10, 0.5, 0.5], [1.0 - 3e-20, 1e-20, 1e-20, 1e-20]],
-                           dtype=torch.float64)
-    rates = torch.tensor([[24.0, 1.0, 0.01, 1e-4], [1e-4, 24.0, 3.0, 0.3], [500.0, 1e-4, 2.0, 7.0]], dtype=torch.float64)
-    want = torch.logsumexp(weights.log()[None, :, None, None, :] - rates[None, :, None, None, :] * dt[:, None, :, :, None], -1)
+    weights = torch.tensor(
+        [[0.25, 0.25, 0.25, 0.25], [1e-30, 1e-10, 0.5, 0.5], [1.0 - 3e-20, 1e-20, 1e-20, 1e-20]], dtype=torch.float64
+    )
+    rates = torch.tensor(
+        [[24.0, 1.0, 0.01, 1e-4], [1e-4, 24.0, 3.0, 0.3], [500.0, 1e-4, 2.0, 7.0]], dtype=torch.float64
+    )
+    want = torch.logsumexp(
+        weights.log()[None, :, None, None, :] - rates[None, :, None, None, :] * dt[:, None, :, :, None], -1
+    )
     got = log_decay_kernel(dt, weights.log(), rates)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
     got32 = log_decay_kernel(dt.float(), weights.log().float(), rates.float())
@@ -221,10 +226,11 @@ def test_dispatch_reference_and_bad_choices(monkeypatch: pytest.MonkeyPatch) -> 
     # the reference up to rounding.
     torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid), want, rtol=1e-5, atol=1e-6)
     cpu_choice = "cpu_native" if native_unavailable_reason() is None else "cpu"
-    assert torch.equal(ct_attention(q, k, v, t, t, log_w, rates, valid, impl=cpu_choice),
-                       ct_attention(q, k, v, t, t, log_w, rates, valid))
-    torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="cpu"), want,
-                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(
+        ct_attention(q, k, v, t, t, log_w, rates, valid, impl=cpu_choice),
+        ct_attention(q, k, v, t, t, log_w, rates, valid),
+    )
+    torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="cpu"), want, rtol=1e-5, atol=1e-6)
     # Gradients with respect to the times: only the reference has them.
     t_grad = t.clone().requires_grad_(True)
     assert torch.equal(ct_attention(q, k, v, t_grad, t, log_w, rates, valid).detach(), want)

@@ -56,10 +56,30 @@ GROUP_KEYS = {"shared": ["shared.w", "shared.b"], "ehr": ["ehr.w"]}
 PREVIOUS = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
 
 # Malformed arrays, malformed metrics, malformed records: each makes a reply unusable.
-ARRAY_FAULTS = ["dtype", "shape", "nan", "inf", "huge_value", "garbage_bytes", "empty_bytes", "oversized",
-                "unknown_key", "partial_group", "empty_record", "group_not_sent"]
-METRIC_FAULTS = ["missing_count", "negative_count", "zero_count", "fractional_count", "nan_metric", "list_metric",
-                 "unknown_metric", "no_metrics"]
+ARRAY_FAULTS = [
+    "dtype",
+    "shape",
+    "nan",
+    "inf",
+    "huge_value",
+    "garbage_bytes",
+    "empty_bytes",
+    "oversized",
+    "unknown_key",
+    "partial_group",
+    "empty_record",
+    "group_not_sent",
+]
+METRIC_FAULTS = [
+    "missing_count",
+    "negative_count",
+    "zero_count",
+    "fractional_count",
+    "nan_metric",
+    "list_metric",
+    "unknown_metric",
+    "no_metrics",
+]
 RECORD_FAULTS = ["extra_record", "metrics_as_config", "status_on_a_trained_reply", "refusal_with_arrays"]
 MALFORMATIONS = ARRAY_FAULTS + METRIC_FAULTS + RECORD_FAULTS
 # Well-formed replies that still contribute nothing: an error reply, a refusal by the site.
@@ -71,14 +91,23 @@ def group_of(key: str) -> str:
 
 
 def _metadata(node: int, *, src: int | None = None, dst: int = 0, message_id: str = "", reply_to: str = "") -> Metadata:
-    return Metadata(run_id=1, message_id=message_id or f"reply-{node}", src_node_id=node if src is None else src,
-                    dst_node_id=dst, reply_to_message_id=reply_to or f"train-{node}", group_id="1",
-                    created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+    return Metadata(
+        run_id=1,
+        message_id=message_id or f"reply-{node}",
+        src_node_id=node if src is None else src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to or f"train-{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def _sent(nodes: list[int]) -> list[Message]:
-    return [Message(RecordDict(), metadata=_metadata(0, src=0, dst=n, message_id=f"train-{n}", reply_to="-"))
-            for n in nodes]
+    return [
+        Message(RecordDict(), metadata=_metadata(0, src=0, dst=n, message_id=f"train-{n}", reply_to="-")) for n in nodes
+    ]
 
 
 def _train_reply(arrays: dict[str, np.ndarray], counts: dict[str, int], **fields) -> TrainReply:
@@ -101,14 +130,26 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
     or one of NOT_CONTRIBUTING."""
     groups = draw(st.sampled_from([["shared"], ["shared", "ehr"]]))
     # Well-formed values in [1, 2] around a global model of 0: no norm is an outlier.
-    arrays = {k: np.asarray(draw(st.lists(st.floats(1.0, 2.0, width=32), min_size=int(np.prod(SHAPES[k])),
-                                          max_size=int(np.prod(SHAPES[k])))), np.float32).reshape(SHAPES[k])
-              for g in groups for k in GROUP_KEYS[g]}
+    arrays = {
+        k: np.asarray(
+            draw(
+                st.lists(
+                    st.floats(1.0, 2.0, width=32), min_size=int(np.prod(SHAPES[k])), max_size=int(np.prod(SHAPES[k]))
+                )
+            ),
+            np.float32,
+        ).reshape(SHAPES[k])
+        for g in groups
+        for k in GROUP_KEYS[g]
+    }
     counts = {g: draw(st.integers(1, 1000)) for g in groups}
     optional: dict[str, object] = {}
     if draw(st.booleans()):  # a DP update: the spend, and no losses or timings
-        optional["dp"] = {"epsilon": draw(st.floats(0, 10)), "delta": 1e-5,
-                          "noise_multiplier": draw(st.floats(0.3, 3.0))}
+        optional["dp"] = {
+            "epsilon": draw(st.floats(0, 10)),
+            "delta": 1e-5,
+            "noise_multiplier": draw(st.floats(0.3, 3.0)),
+        }
     else:
         if draw(st.booleans()):
             optional["losses"] = {draw(st.sampled_from(TRAIN_LOSSES)): draw(st.floats(0, 50))}
@@ -133,11 +174,13 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
         items[key] = Array(np.ones(shape, np.float32))
     elif bad in ("nan", "inf"):
         value = arrays[key].copy()
-        value.flat[draw(st.integers(0, value.size - 1))] = np.nan if bad == "nan" else draw(st.sampled_from([np.inf, -np.inf]))
+        value.flat[draw(st.integers(0, value.size - 1))] = (
+            np.nan if bad == "nan" else draw(st.sampled_from([np.inf, -np.inf]))
+        )
         items[key] = Array(value)
     elif bad == "huge_value":
         value = arrays[key].copy()
-        value.flat[draw(st.integers(0, value.size - 1))] = draw(st.floats(1e7, 3.0000000054977558e+38, width=32))
+        value.flat[draw(st.integers(0, value.size - 1))] = draw(st.floats(1e7, 3.0000000054977558e38, width=32))
         items[key] = Array(value)
     elif bad in ("garbage_bytes", "empty_bytes", "oversized"):
         good = items[key]
@@ -160,8 +203,10 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
         del metrics[draw(st.sampled_from(required))]
     elif bad in ("negative_count", "zero_count", "fractional_count"):
         metrics[draw(st.sampled_from(required))] = {
-            "negative_count": -draw(st.integers(1, 10**6)), "zero_count": 0,
-            "fractional_count": draw(st.integers(1, 100)) + 0.5}[bad]
+            "negative_count": -draw(st.integers(1, 10**6)),
+            "zero_count": 0,
+            "fractional_count": draw(st.integers(1, 100)) + 0.5,
+        }[bad]
     elif bad == "nan_metric":
         metrics[draw(st.sampled_from(sorted(metrics)))] = float("nan")
     elif bad == "list_metric":
@@ -206,7 +251,9 @@ def a_round(draw: st.DrawFn) -> tuple[list, list[Message]]:
 
 
 def _strategy() -> ModalityAwareFedAvg:
-    return ModalityAwareFedAvg(group_of=group_of, max_reply_bytes=sum(len(Array(v).data) + 64 for v in PREVIOUS.values()))
+    return ModalityAwareFedAvg(
+        group_of=group_of, max_reply_bytes=sum(len(Array(v).data) + 64 for v in PREVIOUS.values())
+    )
 
 
 @SETTINGS
@@ -215,8 +262,9 @@ def test_malformed_replies_are_rejected_and_the_rest_averaged(round_: tuple[list
     replies, others = round_
     messages = [m for m, *_ in replies] + others  # a second reply arrives after the first
     sent = _sent(sorted(_node_groups(replies)))
-    outcome = _strategy().aggregate(1, messages, current_arrays=PREVIOUS, node_groups=_node_groups(replies),
-                                    sent=sent)  # never raises
+    outcome = _strategy().aggregate(
+        1, messages, current_arrays=PREVIOUS, node_groups=_node_groups(replies), sent=sent
+    )  # never raises
 
     bad_nodes = {node for node, (_, bad, _, _) in enumerate(replies, start=10) if bad is not None}
     first_reply = {r.node_id: r for r in outcome.rejected if r.kind not in ("duplicate", "unsolicited")}
@@ -228,8 +276,9 @@ def test_malformed_replies_are_rejected_and_the_rest_averaged(round_: tuple[list
             assert first_reply[node].kind == "invalid", (bad, first_reply[node])
     # Every reply beyond the first from a node, or from a node never sent to, is rejected as such.
     extras = sorted((r.node_id, r.kind) for r in outcome.rejected if r.kind in ("duplicate", "unsolicited"))
-    assert extras == sorted((m.metadata.src_node_id, "duplicate" if m.metadata.src_node_id == 10 else "unsolicited")
-                            for m in others)
+    assert extras == sorted(
+        (m.metadata.src_node_id, "duplicate" if m.metadata.src_node_id == 10 else "unsolicited") for m in others
+    )
     assert all(isinstance(r.reason, str) and r.reason for r in outcome.rejected)
 
     good = [(arrays, counts) for _, bad, arrays, counts in replies if bad is None]
@@ -255,8 +304,9 @@ def test_with_every_group_everywhere_it_is_plain_fedavg(sites: list[tuple[int, i
         arrays = {k: (1 + rng.random(s)).astype(np.float32) for k, s in SHAPES.items()}
         reply = _train_reply(arrays, {g: n for g in GROUP_KEYS}, losses={"total": float(rng.random())})
         replies.append(Message(train_reply_content(reply), metadata=_metadata(node)))
-    outcome = _strategy().aggregate(1, replies, current_arrays=PREVIOUS, node_groups=None,
-                                    sent=_sent([10 + i for i in range(len(sites))]))
+    outcome = _strategy().aggregate(
+        1, replies, current_arrays=PREVIOUS, node_groups=None, sent=_sent([10 + i for i in range(len(sites))])
+    )
     stock, _ = FedAvg().aggregate_train(1, replies)
     assert outcome.rejected == [] and set(outcome.arrays) == set(stock)
     for key in stock:
@@ -285,8 +335,9 @@ def a_broken_shard(draw: st.DrawFn) -> tuple[str, object]:
     if kind == "retype":
         column = draw(st.sampled_from(["subject_id", "time", "code", "numeric_value"]))
         values = table.column(column).to_pylist()
-        new_type = {"subject_id": pa.string(), "time": pa.string(), "code": pa.int64(),
-                    "numeric_value": pa.string()}[column]
+        new_type = {"subject_id": pa.string(), "time": pa.string(), "code": pa.int64(), "numeric_value": pa.string()}[
+            column
+        ]
         converted = [None if v is None else (len(str(v)) if new_type == pa.int64() else f"x{v}") for v in values]
         return kind, table.set_column(table.schema.get_field_index(column), column, pa.array(converted, new_type))
     if kind == "null_required":
@@ -295,16 +346,20 @@ def a_broken_shard(draw: st.DrawFn) -> tuple[str, object]:
         values = table.column(column).to_pylist()
         for r in rows:
             values[r] = None
-        return kind, table.set_column(table.schema.get_field_index(column), column,
-                                      pa.array(values, table.schema.field(column).type))
+        return kind, table.set_column(
+            table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type)
+        )
     if kind == "unsorted":
         order = list(range(table.num_rows))
         subjects = table.column("subject_id").to_pylist()
         if draw(st.booleans()):
             # Reverse one subject's timed rows: its events are no longer in time order.
-            timed = [i for i, (s, t) in enumerate(zip(subjects, table.column("time").to_pylist()))
-                     if s == 1 and t is not None]
-            order[timed[0]:timed[-1] + 1] = reversed(order[timed[0]:timed[-1] + 1])
+            timed = [
+                i
+                for i, (s, t) in enumerate(zip(subjects, table.column("time").to_pylist()))
+                if s == 1 and t is not None
+            ]
+            order[timed[0] : timed[-1] + 1] = reversed(order[timed[0] : timed[-1] + 1])
         else:
             # Move one of subject 2's rows into subject 1's: subject 1 is no longer contiguous.
             row = draw(st.sampled_from([i for i, s in enumerate(subjects) if s == 2]))

@@ -32,8 +32,9 @@ SCRIPT = REPO / "client" / "client.py"
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=1800)  # a safety net against a hang, not a speed limit
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
+    )  # a safety net against a hang, not a speed limit
 
 
 def test_script_accepts_a_valid_site_with_a_readable_summary(site_tables, write_site, tmp_path):
@@ -43,9 +44,15 @@ def test_script_accepts_a_valid_site_with_a_readable_summary(site_tables, write_
     assert result.returncode == EXIT_OK, result.stderr
     out = result.stdout
     assert "Traceback" not in result.stderr
-    for line in ("subjects        3", "codes           7", "2070-07-07 .. 2150-05-30",
-                 "ehr (2 subjects), wearables (2 subjects), genomics (2 subjects)",
-                 "wearable days   0.2 (480 epochs)", "PRS traits      CAD, T2D", "held_out 1, train 2"):
+    for line in (
+        "subjects        3",
+        "codes           7",
+        "2070-07-07 .. 2150-05-30",
+        "ehr (2 subjects), wearables (2 subjects), genomics (2 subjects)",
+        "wearable days   0.2 (480 epochs)",
+        "PRS traits      CAD, T2D",
+        "held_out 1, train 2",
+    ):
         assert line in out, (line, out)
     assert out.strip().splitlines()[-1].startswith("OK")
 
@@ -80,8 +87,9 @@ def test_script_rejects_a_broken_site_one_line_per_problem(site_tables, write_si
     assert "Traceback" not in result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2
-    assert any("data/train/0.parquet, column numeric_value, row 4, subject 1" in line and "'nan'" in line
-               for line in lines)
+    assert any(
+        "data/train/0.parquet, column numeric_value, row 4, subject 1" in line and "'nan'" in line for line in lines
+    )
     assert any("metadata/subject_splits.parquet" in line and "subject 3" in line for line in lines)
     assert "FAILED: 2 error(s)" in result.stderr
 
@@ -108,8 +116,7 @@ def test_json_output_of_a_broken_site(site_tables, write_site, capsys):
     blob = json.loads(capsys.readouterr().out)
     assert blob["ok"] is False and blob["summary"] is None and blob["n_errors"] == 1
     (problem,) = blob["problems"]
-    assert (problem["file"], problem["column"], problem["kind"]) == ("data/train/0.parquet", "time",
-                                                                   "missing_column")
+    assert (problem["file"], problem["column"], problem["kind"]) == ("data/train/0.parquet", "time", "missing_column")
 
 
 def test_usage_errors_exit_2(capsys):
@@ -120,6 +127,7 @@ def test_usage_errors_exit_2(capsys):
 
 def test_an_internal_failure_is_one_line_not_a_traceback(site_tables, write_site, capsys, monkeypatch):
     """Fault injection at the CLI boundary: whatever breaks inside, the admin sees one line."""
+
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
@@ -153,28 +161,43 @@ def test_every_generated_synthetic_site_passes_check(tmp_path):
 
 def test_the_true_number_of_problems_is_printed_with_the_lines_not_shown(site_tables, write_site, capsys):
     n = 100
-    rows = [(s, datetime(2150, 1, 1) + timedelta(days=d), "LAB//51087//UNK", float("nan") if d == 1 else 1.0)
-            for s in range(10, 10 + n) for d in range(3)]
+    rows = [
+        (s, datetime(2150, 1, 1) + timedelta(days=d), "LAB//51087//UNK", float("nan") if d == 1 else 1.0)
+        for s in range(10, 10 + n)
+        for d in range(3)
+    ]
     cols = list(zip(*rows))
-    site_tables.shards = {"train/0.parquet": pa.table({
-        "subject_id": pa.array(cols[0], pa.int64()), "time": pa.array(cols[1], pa.timestamp("us")),
-        "code": pa.array(cols[2], pa.string()), "numeric_value": pa.array(cols[3], pa.float32())})}
+    site_tables.shards = {
+        "train/0.parquet": pa.table(
+            {
+                "subject_id": pa.array(cols[0], pa.int64()),
+                "time": pa.array(cols[1], pa.timestamp("us")),
+                "code": pa.array(cols[2], pa.string()),
+                "numeric_value": pa.array(cols[3], pa.float32()),
+            }
+        )
+    }
     site_tables.splits = None
     site_tables.wearables = {}
     assert main(["check", str(write_site(site_tables))]) == EXIT_INVALID
     result = capsys.readouterr()
     lines = result.out.strip().splitlines()
     assert len(lines) == MAX_PROBLEMS_PER_KIND + 1
-    assert lines[-1] == ("ERROR data/train/0.parquet, column numeric_value: and 95 more problem(s) of this kind "
-                         "(non_finite_value)")
-    assert result.err.strip() == ("FAILED: 100 error(s), 0 warning(s); 95 without a line of their own "
-                                     f"(at most {MAX_PROBLEMS_PER_KIND} lines per kind and file)")
+    assert lines[-1] == (
+        "ERROR data/train/0.parquet, column numeric_value: and 95 more problem(s) of this kind (non_finite_value)"
+    )
+    assert result.err.strip() == (
+        "FAILED: 100 error(s), 0 warning(s); 95 without a line of their own "
+        f"(at most {MAX_PROBLEMS_PER_KIND} lines per kind and file)"
+    )
 
 
 def test_a_polars_export_with_static_rows_last_passes(site_tables, write_site, capsys):
     root = write_site(site_tables)
     for rel, table in site_tables.shards.items():
-        pl.from_arrow(table).sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
+        pl.from_arrow(table).sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(
+            root / "data" / rel
+        )
     assert main(["check", str(root)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "ERROR" not in out and "WARNING" not in out
@@ -186,8 +209,10 @@ def test_a_value_column_is_a_warning_line_naming_file_column_and_count(site_tabl
     site_tables.shards["held_out/0.parquet"] = t.append_column("valuenum", pa.array([1.0, 2.0], pa.float64()))
     assert main(["check", str(write_site(site_tables))]) == EXIT_OK
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("WARNING")]
-    assert line.startswith("WARNING data/held_out/0.parquet, column valuenum: column 'valuenum' (double) holds "
-                           "2 non-null value(s) that are ignored")
+    assert line.startswith(
+        "WARNING data/held_out/0.parquet, column valuenum: column 'valuenum' (double) holds "
+        "2 non-null value(s) that are ignored"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,20 +231,25 @@ def hospital_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _expected_t2d_counts(root: Path) -> dict[int, dict[str, tuple[int, int, int]]]:
     """What the evaluation would see, by today's onset_labels_from_events (the task's ICD-9 and
     ICD-10 outcome codes renamed to one code) at its prediction times, split by the site's splits."""
-    events = pa.concat_tables(pq.read_table(p, columns=["subject_id", "time", "code"])
-                              for p in sorted((root / "data").glob("*.parquet")))
+    events = pa.concat_tables(
+        pq.read_table(p, columns=["subject_id", "time", "code"]) for p in sorted((root / "data").glob("*.parquet"))
+    )
     events = events.set_column(2, "code", events["code"].cast(pa.string()))
     regex = load_task(T2D).config["predicates"]["outcome"]["code"]["regex"]
-    events = events.set_column(2, "code", pc.if_else(pc.match_substring_regex(events["code"], regex),
-                                                     pa.scalar("OUTCOME"), events["code"]))
+    events = events.set_column(
+        2, "code", pc.if_else(pc.match_substring_regex(events["code"], regex), pa.scalar("OUTCOME"), events["code"])
+    )
     events = pl.from_arrow(events).sort("subject_id", "time", nulls_last=False).to_arrow()
     visits = visit_prediction_times(events, n_per_subject=4, seed=0)
     splits = pl.from_arrow(open_site(root).subject_splits())
     out = {}
     for h in load_task(T2D).metadata.horizons_days:
         df = pl.from_arrow(onset_labels_from_events(events, "OUTCOME", h, visits)).join(splits, on="subject_id")
-        out[h] = {s: (g.height, g["subject_id"].n_unique(), int(g["boolean_value"].sum()))
-                  for s in SPLITS for g in [df.filter(pl.col("split") == s)]}
+        out[h] = {
+            s: (g.height, g["subject_id"].n_unique(), int(g["boolean_value"].sum()))
+            for s in SPLITS
+            for g in [df.filter(pl.col("split") == s)]
+        }
     return out
 
 
@@ -227,8 +257,10 @@ def test_tasks_counts_are_those_the_evaluation_would_see(hospital_site, capsys):
     assert main(["check", str(hospital_site), "--tasks", str(T2D), "--json", "--no-progress"]) == EXIT_OK
     blob = json.loads(capsys.readouterr().out)
     assert blob["ok"] and blob["tasks"]["min_subjects"] == 20
-    got = {t["horizon_days"]: {s: (c["rows"], c["subjects"], c["positives"]) for s, c in t["splits"].items()}
-           for t in blob["tasks"]["tasks"]}
+    got = {
+        t["horizon_days"]: {s: (c["rows"], c["subjects"], c["positives"]) for s, c in t["splits"].items()}
+        for t in blob["tasks"]["tasks"]
+    }
     expected = _expected_t2d_counts(hospital_site)
     assert got == expected
     assert sum(v[2] for per in expected.values() for v in per.values()) > 0  # positives were seen
@@ -241,8 +273,11 @@ def test_tasks_table_and_a_warning_per_split_below_the_minimum(hospital_site, ca
     expected = _expected_t2d_counts(hospital_site)
     header = [line for line in out.splitlines() if line.startswith("  task ")]
     assert [re.split(r"\s{2,}", line.strip()) for line in header] == [["task", *SPLITS]]
-    rows = {line.split()[1]: re.split(r"\s{2,}", line.strip()) for line in out.splitlines()
-            if line.startswith("  onset_t2d ")}
+    rows = {
+        line.split()[1]: re.split(r"\s{2,}", line.strip())
+        for line in out.splitlines()
+        if line.startswith("  onset_t2d ")
+    }
     assert sorted(rows) == ["180d", "30d", "365d", "90d"]
     for h, per in expected.items():
         assert rows[f"{h}d"] == [f"onset_t2d {h}d", *(" / ".join(map(str, per[s])) for s in SPLITS)]
@@ -260,8 +295,12 @@ def test_tasks_minimum_from_the_flag_and_the_policy(hospital_site, tmp_path, cap
     assert blob["tasks"]["min_subjects"] == 1 and below == []
     policy = tmp_path / "policy.yaml"
     policy.write_text("min_subjects: 35\n")
-    assert main(["check", str(hospital_site), "--tasks", str(T2D), "--json", "--min-subjects", "1",
-                 "--policy", str(policy)]) == EXIT_OK
+    assert (
+        main(
+            ["check", str(hospital_site), "--tasks", str(T2D), "--json", "--min-subjects", "1", "--policy", str(policy)]
+        )
+        == EXIT_OK
+    )
     blob = json.loads(capsys.readouterr().out)
     assert blob["tasks"]["min_subjects"] == 35
     assert all("below the minimum 35: " in p["message"] for p in blob["tasks"]["problems"])
@@ -288,9 +327,16 @@ def test_tasks_from_a_directory_and_bad_arguments(hospital_site, tmp_path, capsy
 def _write_labels(root: Path, task: str, subjects: list[int], times: list[datetime], values: list[bool]) -> Path:
     path = root / "tasks" / task / "0.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"subject_id": pa.array(subjects, pa.int64()),
-                             "prediction_time": pa.array(times, pa.timestamp("us")),
-                             "boolean_value": pa.array(values)}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array(subjects, pa.int64()),
+                "prediction_time": pa.array(times, pa.timestamp("us")),
+                "boolean_value": pa.array(values),
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -300,15 +346,21 @@ def test_site_labels_are_counted(site_tables, write_site, capsys):
     _write_labels(root, "readmission", [1, 1, 2], [when, when + timedelta(days=1), when], [True, False, False])
     assert main(["check", str(root), "--json", "--min-subjects", "2"]) == EXIT_OK
     (task,) = json.loads(capsys.readouterr().out)["tasks"]["tasks"]
-    assert (task["task"], task["source"], task["file"], task["horizon_days"]) == ("readmission", "site",
-                                                                                  "tasks/readmission", None)
+    assert (task["task"], task["source"], task["file"], task["horizon_days"]) == (
+        "readmission",
+        "site",
+        "tasks/readmission",
+        None,
+    )
     assert task["splits"]["train"] == {"rows": 3, "subjects": 2, "positives": 1}
     assert task["splits"]["held_out"] == {"rows": 0, "subjects": 0, "positives": 0}
     assert main(["check", str(root), "--min-subjects", "2"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "readmission (site labels)  3 / 2 / 1" in out
-    assert ("WARNING tasks/readmission: readmission: no metric would leave the site: subjects per split below the "
-            "minimum 2: tuning 0, held_out 0") in out
+    assert (
+        "WARNING tasks/readmission: readmission: no metric would leave the site: subjects per split below the "
+        "minimum 2: tuning 0, held_out 0"
+    ) in out
 
 
 def test_site_labels_of_an_unknown_subject_fail_check_with_one_line(site_tables, write_site, capsys):
@@ -319,5 +371,6 @@ def test_site_labels_of_an_unknown_subject_fail_check_with_one_line(site_tables,
     result = capsys.readouterr()
     assert result.out.strip().splitlines() == [
         "ERROR tasks/readmission/0.parquet, column subject_id: not a subject of this site "
-        "(1 row(s) with unknown subjects) (value '404')"]
+        "(1 row(s) with unknown subjects) (value '404')"
+    ]
     assert result.err.strip() == "FAILED: 1 error(s), 0 warning(s)"

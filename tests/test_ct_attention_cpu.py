@@ -36,8 +36,20 @@ RATE_MIN = 1.0 / (30.0 * 365.25)  # the model's DecayKernel bounds, per day
 RATE_MAX = 4.0 * 24.0
 
 
-def _inputs(b=2, h=3, nq=11, nk=13, d=5, m=4, span=30.0, seed=0, dtype=torch.float64, rates=None,
-            shared_times=False, invalid=0.25):
+def _inputs(
+    b=2,
+    h=3,
+    nq=11,
+    nk=13,
+    d=5,
+    m=4,
+    span=30.0,
+    seed=0,
+    dtype=torch.float64,
+    rates=None,
+    shared_times=False,
+    invalid=0.25,
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, nq, d, generator=g, dtype=dtype)
     k = torch.randn(b, h, nk, d, generator=g, dtype=dtype)
@@ -66,8 +78,12 @@ def _run(fn, q, k, v, t_q, t_k, log_w, rates, valid, causal, seed=1, **kw):
 
 
 NATIVE_MISSING = native_unavailable_reason()
-IMPLS = ["cpu", pytest.param("cpu_native", marks=pytest.mark.skipif(NATIVE_MISSING is not None,
-                                                                    reason=f"compiled kernel: {NATIVE_MISSING}"))]
+IMPLS = [
+    "cpu",
+    pytest.param(
+        "cpu_native", marks=pytest.mark.skipif(NATIVE_MISSING is not None, reason=f"compiled kernel: {NATIVE_MISSING}")
+    ),
+]
 
 
 def _impl(name: str, block: int):
@@ -121,21 +137,22 @@ def test_year_long_gaps_at_the_rate_bounds(impl: str, causal: bool, dtype: torch
     # maximum (one per hour... per 30 years), and a head whose components are all fast, where
     # K itself underflows in fp32 across a year unless the decay is anchored.
     h, m = 3, 4
-    rates = torch.stack([
-        torch.logspace(math.log10(RATE_MIN), math.log10(RATE_MAX), m, dtype=torch.float64),
-        torch.full((m,), RATE_MAX, dtype=torch.float64),
-        torch.tensor([1.0, 2.0, 5.0, 10.0], dtype=torch.float64),
-    ])
+    rates = torch.stack(
+        [
+            torch.logspace(math.log10(RATE_MIN), math.log10(RATE_MAX), m, dtype=torch.float64),
+            torch.full((m,), RATE_MAX, dtype=torch.float64),
+            torch.tensor([1.0, 2.0, 5.0, 10.0], dtype=torch.float64),
+        ]
+    )
     q, k, v, _, _, log_w, _, valid = _inputs(b=2, h=h, nq=24, nk=24, m=m, dtype=dtype)
     bursts = torch.tensor([0.0, 400.0, 800.0, 1900.0], dtype=torch.float64)
     g = torch.Generator().manual_seed(3)
-    t = (bursts[torch.randint(0, 4, (2, 24), generator=g)] + torch.rand(2, 24, generator=g, dtype=torch.float64))
+    t = bursts[torch.randint(0, 4, (2, 24), generator=g)] + torch.rand(2, 24, generator=g, dtype=torch.float64)
     t = t.to(dtype)
     args = (q, k, v, t, t, log_w, rates.to(dtype), valid)
     got = _run(_impl(impl, 4), *args, causal)
     tight = dtype == torch.float64
-    _assert_close(got, _reference64(*args, causal), atol_out=1e-9 if tight else 1e-4,
-                  rtol_grad=1e-9 if tight else 2e-3)
+    _assert_close(got, _reference64(*args, causal), atol_out=1e-9 if tight else 1e-4, rtol_grad=1e-9 if tight else 2e-3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -197,8 +214,9 @@ def test_dot_products_spread_far_beyond_the_decay(impl: str) -> None:
     got = _run(_impl(impl, 4), *args, True)
     # dq is 0 in exact arithmetic (the visible keys are identical, so sum_j dS_j k_j = k sum_j dS_j
     # = 0); computed as a sum, fp32 rounding of dS times |k| = 120 leaves ~1e-6.
-    _assert_close(got, _reference64(*args, True), atol_out=1e-5, rtol_grad=1e-4,
-                  atol_grad=1e-12 if impl == "cpu" else 1e-5)
+    _assert_close(
+        got, _reference64(*args, True), atol_out=1e-5, rtol_grad=1e-4, atol_grad=1e-12 if impl == "cpu" else 1e-5
+    )
 
 
 def test_chunks_and_blocks_do_not_change_the_result() -> None:
@@ -240,8 +258,13 @@ def test_native_at_the_model_layout_threads_and_chunks() -> None:
     g = torch.Generator().manual_seed(5)
     b, h, n, d = 3, 2, 37, 8
     q, k, v = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64).permute(2, 0, 3, 1, 4)
-    t = torch.cat([torch.sort(torch.rand(b, 25, generator=g, dtype=torch.float64) * 900, 1).values,
-                   torch.sort(torch.rand(b, 12, generator=g, dtype=torch.float64) * 900, 1).values], 1)
+    t = torch.cat(
+        [
+            torch.sort(torch.rand(b, 25, generator=g, dtype=torch.float64) * 900, 1).values,
+            torch.sort(torch.rand(b, 12, generator=g, dtype=torch.float64) * 900, 1).values,
+        ],
+        1,
+    )
     valid = torch.rand(b, n, generator=g) > 0.2
     log_w = torch.log_softmax(torch.randn(h, 4, generator=g, dtype=torch.float64), -1)
     rates = torch.exp(torch.randn(h, 4, generator=g, dtype=torch.float64))
@@ -271,8 +294,9 @@ def test_native_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv(cpu_native.DISABLE_ENV, "0")
     assert native_unavailable_reason() is not None
     assert auto_choice(q, k, v, t_q, t_k, log_w) == "cpu"
-    assert torch.equal(ct_attention(q, k, v, t_q, t_k, log_w, rates, valid),
-                       ct_attention_cpu(q, k, v, t_q, t_k, log_w, rates, valid))
+    assert torch.equal(
+        ct_attention(q, k, v, t_q, t_k, log_w, rates, valid), ct_attention_cpu(q, k, v, t_q, t_k, log_w, rates, valid)
+    )
     with pytest.raises(RuntimeError, match=cpu_native.DISABLE_ENV):
         ct_attention_cpu_native(q, k, v, t_q, t_k, log_w, rates, valid)
     monkeypatch.delenv(cpu_native.DISABLE_ENV)

@@ -27,13 +27,17 @@ from healthfm_core.model.attention import ct_attention, ct_attention_reference  
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 RUNNABLE_HERE = ON_CUDA or kernel.interpreting()
-here = pytest.mark.skipif(not RUNNABLE_HERE, reason="triton was imported in compiled mode without a GPU; "
-                          "these tests run in test_suite_in_fresh_interpreter_process")
+here = pytest.mark.skipif(
+    not RUNNABLE_HERE,
+    reason="triton was imported in compiled mode without a GPU; "
+    "these tests run in test_suite_in_fresh_interpreter_process",
+)
 REPO = Path(__file__).resolve().parents[1]
 
 # One pinned, small tiling: several tiles per row so skip / separated / overlap paths all occur.
-CFG = kernel.KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1,
-                          bwd_block_m=16, bwd_block_n=16, bwd_num_warps=1, bwd_num_stages=1)
+CFG = kernel.KernelConfig(
+    block_m=16, block_n=16, num_warps=1, num_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_num_warps=1, bwd_num_stages=1
+)
 
 
 @pytest.mark.skipif(RUNNABLE_HERE, reason="the kernel tests run in this process")
@@ -41,7 +45,11 @@ def test_suite_in_fresh_interpreter_process() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,  # a safety net, not a speed limit
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,  # a safety net, not a speed limit
     )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-4000:]
@@ -59,8 +67,18 @@ def _grid_times(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x * 64) / 64
 
 
-def _make(b: int, h: int, n: int, d: int, m: int, seed: int, span_days: float,
-          rate_scale: float = 1.0, sort: bool = True, ragged: bool = True):
+def _make(
+    b: int,
+    h: int,
+    n: int,
+    d: int,
+    m: int,
+    seed: int,
+    span_days: float,
+    rate_scale: float = 1.0,
+    sort: bool = True,
+    ragged: bool = True,
+):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
     t = _grid_times(torch.rand(b, n, generator=g) * span_days)
@@ -71,7 +89,7 @@ def _make(b: int, h: int, n: int, d: int, m: int, seed: int, span_days: float,
     valid = torch.ones(b, n, dtype=torch.bool)
     if ragged:
         for bi in range(b):
-            valid[bi, n - 3 - 7 * bi:] = False  # right padding of different lengths
+            valid[bi, n - 3 - 7 * bi :] = False  # right padding of different lengths
     log_w = torch.log_softmax(torch.randn(h, m, generator=g), -1)
     rates = torch.exp(torch.randn(h, m, generator=g) * 1.5) * rate_scale
     return q, k, v, t, log_w, rates, valid
@@ -79,8 +97,9 @@ def _make(b: int, h: int, n: int, d: int, m: int, seed: int, span_days: float,
 
 def _reference(q, k, v, t_q, t_k, log_w, rates, valid, causal, grad_out, dtype):
     leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v, log_w, rates)]
-    out = ct_attention_reference(leaves[0], leaves[1], leaves[2], t_q.to(dtype), t_k.to(dtype),
-                                 leaves[3], leaves[4], valid, causal)
+    out = ct_attention_reference(
+        leaves[0], leaves[1], leaves[2], t_q.to(dtype), t_k.to(dtype), leaves[3], leaves[4], valid, causal
+    )
     return out.detach(), torch.autograd.grad(out, leaves, grad_out.to(dtype))
 
 
@@ -125,8 +144,9 @@ def test_matches_reference_sorted_ragged(causal: bool, m: int) -> None:
 def test_matches_reference_fast_rates_unsorted(causal: bool) -> None:
     # Hour-scale rates over a year and shuffled times: overlapping tiles with a large span take
     # the log-domain path, and the tile skip must be exact without any ordering.
-    q, k, v, t, log_w, rates, valid = _make(b=1, h=2, n=48, d=32, m=4, seed=7, span_days=365.0,
-                                            rate_scale=20.0, sort=False)
+    q, k, v, t, log_w, rates, valid = _make(
+        b=1, h=2, n=48, d=32, m=4, seed=7, span_days=365.0, rate_scale=20.0, sort=False
+    )
     _compare(q, k, v, t, t, log_w, rates, valid, causal)
 
 
@@ -200,8 +220,7 @@ def test_cross_attention_and_strided_inputs() -> None:
 
 @here
 def test_dispatch_forces_the_kernel_and_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    q, k, v, t, log_w, rates, valid = (x.to(DEVICE) for x in
-                                       _make(b=1, h=1, n=16, d=16, m=2, seed=2, span_days=5.0))
+    q, k, v, t, log_w, rates, valid = (x.to(DEVICE) for x in _make(b=1, h=1, n=16, d=16, m=2, seed=2, span_days=5.0))
     want = kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, valid, True)
     torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="triton"), want)
     monkeypatch.setenv("HEALTHFM_CT_ATTENTION", "triton")
@@ -226,8 +245,7 @@ def test_forcing_the_kernel_on_cpu_without_interpreter_fails_clearly() -> None:
         "ct_attention(x, x, x, t, t, torch.zeros(1, 1), torch.ones(1, 1), impl='triton')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode != 0
     assert "needs CUDA tensors" in proc.stderr, proc.stderr[-2000:]
 
@@ -235,8 +253,9 @@ def test_forcing_the_kernel_on_cpu_without_interpreter_fails_clearly() -> None:
 @here
 def test_half_precision_inputs_accumulate_in_fp32() -> None:
     q, k, v, t, log_w, rates, valid = _make(b=1, h=2, n=32, d=16, m=4, seed=17, span_days=20.0)
-    ref = ct_attention_reference(q.double(), k.double(), v.double(), t.double(), t.double(),
-                                 log_w.double(), rates.double(), valid, True)
+    ref = ct_attention_reference(
+        q.double(), k.double(), v.double(), t.double(), t.double(), log_w.double(), rates.double(), valid, True
+    )
     # triton 3.9's interpreter multiplies bf16 tiles as raw integers, so bf16 is checked on GPU only.
     for dtype in (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,):
         out = _run(q.to(dtype), k.to(dtype), v.to(dtype), t, t, log_w, rates, valid, True).cpu()

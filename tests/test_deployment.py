@@ -60,8 +60,11 @@ from server.provision import (
 
 @pytest.fixture
 def fed(tmp_path: Path) -> FederationPaths:
-    result = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north", "south"],
-                                       hostnames=["fl.example.org", "10.1.2.3"]))
+    result = provision(
+        ProvisionConfig(
+            federation_dir=tmp_path / "fed", sites=["north", "south"], hostnames=["fl.example.org", "10.1.2.3"]
+        )
+    )
     return result.paths
 
 
@@ -180,8 +183,17 @@ def test_join_refuses_an_invalid_site_before_connecting(site_tables, write_site,
     listener.settimeout(0.1)
     port = listener.getsockname()[1]
     try:
-        result = run_client("join", str(root), "--superlink", f"127.0.0.1:{port}", "--root-cert", str(tmp_path / "x"),
-                            "--state-dir", str(tmp_path / "state"), "--no-progress")
+        result = run_client(
+            "join",
+            str(root),
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--root-cert",
+            str(tmp_path / "x"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--no-progress",
+        )
         with pytest.raises(socket.timeout):
             listener.accept()  # nobody knocked
     finally:
@@ -196,9 +208,20 @@ def test_join_refuses_an_invalid_site_before_connecting(site_tables, write_site,
 def test_join_refuses_a_broken_site_policy_before_connecting(sites: dict[str, Path], tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text("dp:\n  mandatory: true\n")  # no epsilon cap, no delta
-    result = run_client("join", str(sites["hospital"]), "--superlink", f"127.0.0.1:{free_port()}", "--root-cert",
-                        str(tmp_path / "absent.pem"), "--insecure", "--policy", str(policy),
-                        "--state-dir", str(tmp_path / "state"), "--no-progress")
+    result = run_client(
+        "join",
+        str(sites["hospital"]),
+        "--superlink",
+        f"127.0.0.1:{free_port()}",
+        "--root-cert",
+        str(tmp_path / "absent.pem"),
+        "--insecure",
+        "--policy",
+        str(policy),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--no-progress",
+    )
     assert result.returncode == 2, result.stderr
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and str(policy) in errors[0] and "epsilon_cap" in errors[0]
@@ -242,8 +265,9 @@ def test_join_with_the_wrong_certificate_is_refused(superlink: str, sites: dict[
 
 
 @pytest.mark.slow
-def test_a_node_with_an_unregistered_key_cannot_join(superlink: str, federation: FederationPaths,
-                                                     sites: dict[str, Path], tmp_path: Path) -> None:
+def test_a_node_with_an_unregistered_key_cannot_join(
+    superlink: str, federation: FederationPaths, sites: dict[str, Path], tmp_path: Path
+) -> None:
     t0 = time.monotonic()
     result = run_client(*join_args(federation, sites["hospital"], "intruder", superlink, tmp_path / "s"), timeout=180)
     assert result.returncode == EXIT_NOT_REGISTERED, result.stdout + result.stderr
@@ -257,13 +281,24 @@ def test_a_node_with_an_unregistered_key_cannot_join(superlink: str, federation:
 
 
 @pytest.mark.slow
-def test_end_to_end_three_sites_two_rounds(joined: dict[str, Process], federation: FederationPaths,
-                                           tmp_path: Path) -> None:
+def test_end_to_end_three_sites_two_rounds(
+    joined: dict[str, Process], federation: FederationPaths, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    result = run_coordinator("launch", str(federation.root), "--out-dir", str(out), "--rounds", "2", *TINY_RUN,
-                             "--wait", "--timeout", "1500", timeout=1800)
-    assert result.returncode == 0, (result.stdout, result.stderr,
-                                    {n: p.output()[-2000:] for n, p in joined.items()})
+    result = run_coordinator(
+        "launch",
+        str(federation.root),
+        "--out-dir",
+        str(out),
+        "--rounds",
+        "2",
+        *TINY_RUN,
+        "--wait",
+        "--timeout",
+        "1500",
+        timeout=1800,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr, {n: p.output()[-2000:] for n, p in joined.items()})
     assert "finished:completed" in result.stdout
     events, rounds = round_events(out)
     setup = next(e for e in events if e["event"] == "setup")
@@ -273,7 +308,9 @@ def test_end_to_end_three_sites_two_rounds(joined: dict[str, Process], federatio
     check_rounds(rounds, [1, 2])
     # Genomics parameters came only from the sites that have genomics, wearables likewise.
     for event in rounds.values():
-        holders = {g: {s for s, e in event["sites"].items() if g in e["groups_received"]} for g in EXPECTED_GROUPS["biobank"]}
+        holders = {
+            g: {s for s, e in event["sites"].items() if g in e["groups_received"]} for g in EXPECTED_GROUPS["biobank"]
+        }
         assert holders["genomics"] <= {"biobank", "genomics"} and holders["wearables"] <= {"biobank", "hospital"}
     assert (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     assert any(e["event"] == "evaluate" for e in events)

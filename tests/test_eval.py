@@ -236,14 +236,17 @@ def test_ridge_probe_recovers_a_linear_target() -> None:
     probe = fit_ridge_probe(x[:800], y[:800], x[800:1100], y[800:1100])
     pred = probe.predict(x[1100:])
     assert M.r2_score(y[1100:], pred) > 0.99
-    row, _ = evaluate_regression("m", "hr", (x[:800], y[:800]), (x[800:1100], y[800:1100]), (x[1100:], y[1100:]), n_boot=100)
+    row, _ = evaluate_regression(
+        "m", "hr", (x[:800], y[:800]), (x[800:1100], y[800:1100]), (x[1100:], y[1100:]), n_boot=100
+    )
     assert row.r2_ci[0] < row.r2 < row.r2_ci[1] and row.n == 400 and row.pearson_r > 0.99
 
 
 def test_evaluate_binary_and_oracle_rows() -> None:
     x, y, prob, _ = logistic_data(3000, 6, seed=7)
-    row, p = evaluate_binary("counts", "t2d", 365, (x[:1500], y[:1500]), (x[1500:2000], y[1500:2000]),
-                             (x[2000:], y[2000:]), n_boot=100)
+    row, p = evaluate_binary(
+        "counts", "t2d", 365, (x[:1500], y[:1500]), (x[1500:2000], y[1500:2000]), (x[2000:], y[2000:]), n_boot=100
+    )
     oracle = oracle_row("t2d", 365, y[2000:], prob[2000:], n_boot=100)
     assert row.n == 1000 and row.n_pos == int(y[2000:].sum()) and p.shape == (1000,)
     assert row.auroc_ci[0] <= row.auroc <= row.auroc_ci[1]
@@ -255,8 +258,10 @@ def test_evaluate_binary_and_oracle_rows() -> None:
     risk[:100] = np.nan
     assert oracle_row("t2d", 365, y[2000:], risk, n_boot=10).n == 900
     # The same through Features of the three splits.
-    feats = {name: Features(np.arange(len(y[sl])), np.zeros(len(y[sl])), x[sl], y[sl].astype(float))
-             for name, sl in zip(SPLITS, (slice(0, 1500), slice(1500, 2000), slice(2000, 3000)))}
+    feats = {
+        name: Features(np.arange(len(y[sl])), np.zeros(len(y[sl])), x[sl], y[sl].astype(float))
+        for name, sl in zip(SPLITS, (slice(0, 1500), slice(1500, 2000), slice(2000, 3000)))
+    }
     row2, _ = evaluate_features("counts", "t2d", 365, feats, n_boot=100)
     assert row2 == row
     with pytest.raises(ValueError, match="missing split"):
@@ -310,24 +315,52 @@ def test_plots_and_report(tmp_path) -> None:
     y = rng.random(300) < 0.3
     p = np.clip(y * 0.4 + rng.random(300) * 0.6, 0, 1)
     rows = [
-        ResultRow(method=m, task="t2d", horizon=h, n=300, n_pos=90, auroc=a, auroc_ci=(a - 0.05, a + 0.05),
-                  auprc=0.5, ece=0.05, brier=0.2)
+        ResultRow(
+            method=m,
+            task="t2d",
+            horizon=h,
+            n=300,
+            n_pos=90,
+            auroc=a,
+            auroc_ci=(a - 0.05, a + 0.05),
+            auprc=0.5,
+            ece=0.05,
+            brier=0.2,
+        )
         for m, a0 in (("healthfm", 0.75), ("counts", 0.65))
         for h, a in zip((30, 90, 180, 365), (a0, a0 - 0.01, a0 - 0.02, a0 - 0.03))
     ]
-    rows.append(ResultRow(method="oracle", task="t2d", horizon=365, n=300, n_pos=90, auroc=0.9,
-                          auroc_ci=(float("nan"), float("nan")), auprc=0.8, ece=float("nan"), brier=0.1))
+    rows.append(
+        ResultRow(
+            method="oracle",
+            task="t2d",
+            horizon=365,
+            n=300,
+            n_pos=90,
+            auroc=0.9,
+            auroc_ci=(float("nan"), float("nan")),
+            auprc=0.8,
+            ece=float("nan"),
+            brier=0.1,
+        )
+    )
     rel = reliability_diagram({"healthfm": (y, p), "counts": (y, rng.random(300))}, tmp_path / "plots" / "rel.png")
     hor = horizon_auroc_plot(rows, tmp_path / "plots" / "t2d.png", task="t2d")
-    history = [{"step": s, "total": 2 / (s + 1), "ehr_masked_code": 1.0, "lr": 1e-3, "rate_min": 1e-3, "rate_max": 20.0}
-               for s in range(30)]
+    history = [
+        {"step": s, "total": 2 / (s + 1), "ehr_masked_code": 1.0, "lr": 1e-3, "rate_min": 1e-3, "rate_max": 20.0}
+        for s in range(30)
+    ]
     cur = training_curves(history, tmp_path / "plots" / "train.png")
     assert all(_is_png(x) for x in (rel, hor, cur))
     with pytest.raises(ValueError, match="no result rows"):
         horizon_auroc_plot(rows, tmp_path / "x.png", task="copd")
 
-    report = write_report(tmp_path / "report.md", rows, {"Reliability": rel, "T2D by horizon": hor},
-                          notes=["Pretrained on the default federation."])
+    report = write_report(
+        tmp_path / "report.md",
+        rows,
+        {"Reliability": rel, "T2D by horizon": hor},
+        notes=["Pretrained on the default federation."],
+    )
     text = report.read_text()
     assert "| t2d | 30 | counts | 300 | 90 | 0.650 | [0.600, 0.700] |" in text
     assert "| t2d | 365 | oracle | 300 | 90 | 0.900 | n/a |" in text
@@ -338,5 +371,6 @@ def test_plots_and_report(tmp_path) -> None:
 
 def test_result_row_validation() -> None:
     with pytest.raises(Exception, match="auroc"):
-        ResultRow(method="m", task="t", horizon=30, n=1, n_pos=0, auroc="high", auroc_ci=(0, 1),
-                  auprc=0.1, ece=0.1, brier=0.1)
+        ResultRow(
+            method="m", task="t", horizon=30, n=1, n_pos=0, auroc="high", auroc_ci=(0, 1), auprc=0.1, ece=0.1, brier=0.1
+        )

@@ -62,8 +62,19 @@ _STRAIGHT: list[Path] = []
 def straight_run(federation: FederationPaths, tmp_path: Path) -> Path:
     if not _STRAIGHT:
         out = tmp_path / "straight"
-        result = run_coordinator("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *RESUME_RUN,
-                                 "--wait", "--timeout", "540", timeout=580)
+        result = run_coordinator(
+            "launch",
+            str(federation.root),
+            "--out-dir",
+            str(out),
+            "--rounds",
+            "3",
+            *RESUME_RUN,
+            "--wait",
+            "--timeout",
+            "540",
+            timeout=580,
+        )
         assert result.returncode == 0, result.stderr
         _STRAIGHT.append(out)
     return _STRAIGHT[0]
@@ -107,8 +118,9 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 def has_event(out: Path, name: str) -> bool:
     path = out / "rounds.jsonl"
-    return path.is_file() and any(json.loads(ln).get("event") == name for ln in path.read_text().splitlines()
-                                  if ln.strip().endswith("}"))
+    return path.is_file() and any(
+        json.loads(ln).get("event") == name for ln in path.read_text().splitlines() if ln.strip().endswith("}")
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -161,13 +173,22 @@ def kill_hard(proc: Process) -> None:
     proc.proc.wait(timeout=10)
 
 
-def rejoin(federation: FederationPaths, sites: dict[str, Path], name: str, address: str, state: Path,
-           log: Path, attempts: int = 4) -> Process:
+def rejoin(
+    federation: FederationPaths,
+    sites: dict[str, Path],
+    name: str,
+    address: str,
+    state: Path,
+    log: Path,
+    attempts: int = 4,
+) -> Process:
     """Start the site again with the same key and state; the SuperLink refuses the key while it
     still counts the dead node as connected (until its heartbeat expires), so retry."""
     for attempt in range(attempts):
-        proc = Process([sys.executable, str(CLIENT), *join_args(federation, sites[name], name, address, state)],
-                       log.with_suffix(f".{attempt}.out"))
+        proc = Process(
+            [sys.executable, str(CLIENT), *join_args(federation, sites[name], name, address, state)],
+            log.with_suffix(f".{attempt}.out"),
+        )
         if proc.wait_for("joined: SuperNode", 120):
             return proc
         proc.stop()
@@ -176,13 +197,25 @@ def rejoin(federation: FederationPaths, sites: dict[str, Path], name: str, addre
 
 
 def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
-        joined: dict[str, Process], federation: FederationPaths, tmp_path: Path) -> None:
+    joined: dict[str, Process], federation: FederationPaths, tmp_path: Path
+) -> None:
     run = RESUME_RUN
     straight = straight_run(federation, tmp_path)
 
     out = tmp_path / "stopped"
-    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *run,
-                        "--wait", "--timeout", "540", timeout=580)
+    launch = Background(
+        "launch",
+        str(federation.root),
+        "--out-dir",
+        str(out),
+        "--rounds",
+        "3",
+        *run,
+        "--wait",
+        "--timeout",
+        "540",
+        timeout=580,
+    )
     wait_until(lambda: latest_server_checkpoint(out / "checkpoints") is not None, 300, "round 1's checkpoint")
     run_id = next(r.run_id for r in reversed(read_launches(federation)) if r.out_dir == str(out.resolve()))
     stop = run_flwr(federation, ["stop", str(run_id), CONNECTION])
@@ -192,8 +225,9 @@ def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
     stopped_at = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints")).round
     assert 1 <= stopped_at < 3, stopped_at
 
-    resumed = run_coordinator("resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "540",
-                              timeout=580)
+    resumed = run_coordinator(
+        "resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "540", timeout=580
+    )
     assert resumed.returncode == 0, resumed.stderr
     events, rounds = round_events(out)
     assert any(e["event"] == "resume" and e["round"] == stopped_at for e in events)
@@ -205,11 +239,25 @@ def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
 
 
 def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
-        joined: dict[str, Process], federation: FederationPaths, tmp_path: Path) -> None:
+    joined: dict[str, Process], federation: FederationPaths, tmp_path: Path
+) -> None:
     victim = "genomics"
     out = tmp_path / "run"
-    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "2", *TINY_RUN,
-                        "-c", "timeout-s=180", "--wait", "--timeout", "1200", timeout=1250)
+    launch = Background(
+        "launch",
+        str(federation.root),
+        "--out-dir",
+        str(out),
+        "--rounds",
+        "2",
+        *TINY_RUN,
+        "-c",
+        "timeout-s=180",
+        "--wait",
+        "--timeout",
+        "1200",
+        timeout=1250,
+    )
     wait_until(lambda: has_event(out, "round"), 900, "round 1")
     frozen = signal_tree(joined[victim], signal.SIGSTOP)  # past the round timeout: it never answers
     try:
@@ -254,16 +302,28 @@ def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
 
 
 def test_a_restarted_supernode_gets_the_setup_again_and_trains(
-        joined: dict[str, Process], federation: FederationPaths, sites: dict[str, Path], superlink: str,
-        tmp_path: Path) -> None:
+    joined: dict[str, Process], federation: FederationPaths, sites: dict[str, Path], superlink: str, tmp_path: Path
+) -> None:
     victim = "hospital"
     out = tmp_path / "run"
-    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *TINY_RUN,
-                        "--wait", "--timeout", "1200", timeout=1250)
+    launch = Background(
+        "launch",
+        str(federation.root),
+        "--out-dir",
+        str(out),
+        "--rounds",
+        "3",
+        *TINY_RUN,
+        "--wait",
+        "--timeout",
+        "1200",
+        timeout=1250,
+    )
     wait_until(lambda: has_event(out, "setup"), 600, "round 0")
     kill_hard(joined[victim])  # mid round 1
-    joined[victim] = rejoin(federation, sites, victim, superlink, tmp_path / f"state-{victim}",
-                            tmp_path / f"rejoin-{victim}")
+    joined[victim] = rejoin(
+        federation, sites, victim, superlink, tmp_path / f"state-{victim}", tmp_path / f"rejoin-{victim}"
+    )
     launch.join(1250)
     result = launch.result
     outcome = read_outcome(out)
@@ -287,12 +347,23 @@ def test_a_restarted_supernode_gets_the_setup_again_and_trains(
 # Last in the module: the SuperLink may count the killed site's key as connected for a while
 # (until its heartbeat expires), so a `joined` fixture right after it could be refused.
 def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
-        joined: dict[str, Process], federation: FederationPaths, sites: dict[str, Path], superlink: str,
-        tmp_path: Path) -> None:
+    joined: dict[str, Process], federation: FederationPaths, sites: dict[str, Path], superlink: str, tmp_path: Path
+) -> None:
     victim = "hospital"
     out = tmp_path / "run"
-    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "1", *TINY_RUN,
-                        "--wait", "--timeout", "540", timeout=580)
+    launch = Background(
+        "launch",
+        str(federation.root),
+        "--out-dir",
+        str(out),
+        "--rounds",
+        "1",
+        *TINY_RUN,
+        "--wait",
+        "--timeout",
+        "540",
+        timeout=580,
+    )
     # Round 0 is over (setup logged): round 1's train messages are being sent now.
     wait_until(lambda: has_event(out, "setup"), 240, "round 0")
     kill_hard(joined[victim])
@@ -323,11 +394,23 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
     assert by_site["biobank"]["groups_contributed"] == ["ehr", "genomics", "shared", "wearables"]
 
     # The site rejoins (same key, same state) and takes part in the next run.
-    joined[victim] = rejoin(federation, sites, victim, superlink, tmp_path / f"state-{victim}",
-                            tmp_path / f"rejoin-{victim}")
+    joined[victim] = rejoin(
+        federation, sites, victim, superlink, tmp_path / f"state-{victim}", tmp_path / f"rejoin-{victim}"
+    )
     out2 = tmp_path / "run2"
-    again = run_coordinator("launch", str(federation.root), "--out-dir", str(out2), "--rounds", "1", *TINY_RUN,
-                            "--wait", "--timeout", "420", timeout=480)
+    again = run_coordinator(
+        "launch",
+        str(federation.root),
+        "--out-dir",
+        str(out2),
+        "--rounds",
+        "1",
+        *TINY_RUN,
+        "--wait",
+        "--timeout",
+        "420",
+        timeout=480,
+    )
     assert again.returncode == 0, again.stderr
     _, rounds2 = round_events(out2)
     assert {s: e["status"] for s, e in rounds2[1]["sites"].items()} == {s: "ok" for s in SITES}
@@ -335,20 +418,37 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
 
 def superlink_wrapper(federation: FederationPaths) -> int:
     """The pid of `python -m server.coordinator superlink FED` (the superlink fixture's process)."""
-    found = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
-             if "server.coordinator superlink" in command(int(p.parent.name))
-             and str(federation.root) in command(int(p.parent.name))]
+    found = [
+        int(p.parent.name)
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if "server.coordinator superlink" in command(int(p.parent.name))
+        and str(federation.root) in command(int(p.parent.name))
+    ]
     assert len(found) == 1, found
     return found[0]
 
 
 # After every other test here: it replaces the module's SuperLink.
 def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical(
-        joined: dict[str, Process], federation: FederationPaths, superlink: str, tmp_path: Path) -> None:
+    joined: dict[str, Process], federation: FederationPaths, superlink: str, tmp_path: Path
+) -> None:
     straight = straight_run(federation, tmp_path)
     out = tmp_path / "run"
-    launch = Background("launch", str(federation.root), "--out-dir", str(out), "--rounds", "3", *RESUME_RUN,
-                        "--wait", "--timeout", "540", "--unreachable-grace", "20", timeout=580)
+    launch = Background(
+        "launch",
+        str(federation.root),
+        "--out-dir",
+        str(out),
+        "--rounds",
+        "3",
+        *RESUME_RUN,
+        "--wait",
+        "--timeout",
+        "540",
+        "--unreachable-grace",
+        "20",
+        timeout=580,
+    )
     wait_until(lambda: latest_server_checkpoint(out / "checkpoints") is not None, 300, "round 1's checkpoint")
     wrapper = superlink_wrapper(federation)
     tree = [wrapper, *descendants(wrapper)]  # flower-superlink, its SuperExec and the run's ServerApp
@@ -363,12 +463,15 @@ def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_iden
     assert stopped_at < 3
 
     port = superlink.rsplit(":", 1)[1]
-    again = Process([sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", port],
-                    tmp_path / "superlink-again.out")
+    again = Process(
+        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", port],
+        tmp_path / "superlink-again.out",
+    )
     try:
         assert again.wait_for("Uvicorn running on https://127.0.0.1", 300), again.output()[-3000:]
-        resumed = run_coordinator("resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "540",
-                                  timeout=580)
+        resumed = run_coordinator(
+            "resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "540", timeout=580
+        )
         assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
         events, rounds = round_events(out)
         assert any(e["event"] == "resume" and e["round"] == stopped_at for e in events)

@@ -57,10 +57,20 @@ def node_configs(federation) -> list[dict]:
 
 def fed_config(out_dir: Path, **overrides) -> FederationConfig:
     base = dict(
-        out_dir=out_dir, model=load_model_config("tiny"), rounds=2, local_steps=2, lr=3e-3, batch_size=8,
-        max_events=64, max_patches=8, seed=3, min_nodes=3, vocab_min_subjects=5,
+        out_dir=out_dir,
+        model=load_model_config("tiny"),
+        rounds=2,
+        local_steps=2,
+        lr=3e-3,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        seed=3,
+        min_nodes=3,
+        vocab_min_subjects=5,
         server_optimizer=ServerOptimizerConfig(lr=0.01),  # its moments must survive a resume
-        eval_tasks=["onset_hypertension_365d", "wearable_resting_hr"], eval_n_boot=10,
+        eval_tasks=["onset_hypertension_365d", "wearable_resting_hr"],
+        eval_n_boot=10,
     )
     base.update(overrides)
     return FederationConfig(**base)
@@ -180,8 +190,10 @@ def test_corrupted_server_checkpoint_is_refused(full_run: Path, tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def runtimes(federation) -> dict[str, SiteRuntime]:
-    return {s.name: SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **POLICY}))
-            for s in federation.sites}
+    return {
+        s.name: SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **POLICY}))
+        for s in federation.sites
+    }
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +224,9 @@ def test_site_refuses_a_group_it_does_not_hold(runtimes, setup) -> None:
 def test_site_training_is_deterministic_and_fp16_transport_halves_the_payload(runtimes, setup) -> None:
     site = runtimes["genomics"]
     arrays = own_arrays(setup, site.groups)
-    cfg = RoundConfig(round=2, rounds=2, local_steps=2, lr=1e-3, batch_size=4, max_events=32, seed=5,
-                      setup_sha256=setup.sha256)
+    cfg = RoundConfig(
+        round=2, rounds=2, local_steps=2, lr=1e-3, batch_size=4, max_events=32, seed=5, setup_sha256=setup.sha256
+    )
     first, second = site.train(setup, arrays, cfg), site.train(setup, arrays, cfg)
     assert first.arrays.keys() == second.arrays.keys()
     for k in first.arrays:
@@ -224,24 +237,37 @@ def test_site_training_is_deterministic_and_fp16_transport_halves_the_payload(ru
     half = site.train(setup, arrays, cfg.model_copy(update={"fp16_transport": True}))
     assert all(v.dtype == np.float16 for v in half.arrays.values())
     assert sum(v.nbytes for v in half.arrays.values()) * 2 == sum(v.nbytes for v in first.arrays.values())
-    np.testing.assert_allclose(half.arrays["backbone.final_norm.weight"].astype(np.float32),
-                               first.arrays["backbone.final_norm.weight"], rtol=1e-3)
+    np.testing.assert_allclose(
+        half.arrays["backbone.final_norm.weight"].astype(np.float32),
+        first.arrays["backbone.final_norm.weight"],
+        rtol=1e-3,
+    )
     assert site_seed(5, 2, "genomics") != site_seed(5, 3, "genomics") != site_seed(5, 2, "hospital")
 
 
 def test_evaluation_withholds_metrics_below_the_site_minimum(federation, setup) -> None:
     site = federation.site("biobank")
     strict = SiteRuntime(SiteConfig(site_root=site.root, site_name="biobank", min_report_subjects=10_000))
-    cfg = EvalConfig(round=1, tasks=["onset_hypertension_365d", "wearable_resting_hr"], setup_sha256=setup.sha256, n_boot=10)
+    cfg = EvalConfig(
+        round=1, tasks=["onset_hypertension_365d", "wearable_resting_hr"], setup_sha256=setup.sha256, n_boot=10
+    )
     evaluation = strict.evaluate(setup, own_arrays(setup, strict.groups), cfg)
     assert evaluation.withheld == 2 and evaluation.tasks == {}
 
 
 def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:
-    cfg = FederationConfig.from_run_config({
-        "out-dir": str(tmp_path), "model": "tiny", "rounds": 4, "local-steps": 3, "fp16-transport": True,
-        "eval-tasks": "onset_t2d_365d, onset_cad_90d", "server-optimizer-lr": 0.02, "stop-after-round": 0,
-    })
+    cfg = FederationConfig.from_run_config(
+        {
+            "out-dir": str(tmp_path),
+            "model": "tiny",
+            "rounds": 4,
+            "local-steps": 3,
+            "fp16-transport": True,
+            "eval-tasks": "onset_t2d_365d, onset_cad_90d",
+            "server-optimizer-lr": 0.02,
+            "stop-after-round": 0,
+        }
+    )
     assert (cfg.rounds, cfg.local_steps, cfg.fp16_transport, cfg.stop_after_round) == (4, 3, True, None)
     assert cfg.eval_tasks == ["onset_t2d_365d", "onset_cad_90d"] and cfg.server_optimizer.lr == 0.02
     with pytest.raises(ValueError, match="local_stepz"):
@@ -255,8 +281,16 @@ def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        hcfg = compose("run", overrides=["federation=fedadam", "federation.rounds=5", "model=tiny",
-                                         f"out_dir={tmp_path}", "federation.fp16_transport=true"])
+        hcfg = compose(
+            "run",
+            overrides=[
+                "federation=fedadam",
+                "federation.rounds=5",
+                "model=tiny",
+                f"out_dir={tmp_path}",
+                "federation.fp16_transport=true",
+            ],
+        )
     fed = federation_config(hcfg, n_sites=3)
     assert (fed.rounds, fed.min_nodes, fed.fp16_transport, fed.model.name) == (5, 3, True, "tiny")
     assert fed.server_optimizer is not None and fed.server_optimizer.lr == 0.01

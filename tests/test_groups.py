@@ -22,7 +22,9 @@ VOCAB, TRAITS = 40, 4
 PAPER_VOCAB, PAPER_TRAITS = 32768, 16
 
 
-def build(name: str, time_encoding: str = "ct_kernel", meta: bool = False, vocab: int = VOCAB, traits: int = TRAITS) -> HealthFM:
+def build(
+    name: str, time_encoding: str = "ct_kernel", meta: bool = False, vocab: int = VOCAB, traits: int = TRAITS
+) -> HealthFM:
     cfg = load_model_config(name)
     cfg = ModelConfig.model_validate({**cfg.model_dump(), "time_encoding": time_encoding})
     with torch.device("meta" if meta else "cpu"):

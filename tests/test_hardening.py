@@ -69,19 +69,39 @@ from server.strategy import ModalityAwareFedAvg, origin
 
 
 ROUND_EVENT = {
-    "event": "round", "round": 3,
+    "event": "round",
+    "round": 3,
     "sites": {
-        "hospital": {"node_id": 11, "groups_sent": ["ehr", "shared", "wearables"], "status": "ok",
-                     "groups_received": ["ehr", "shared"], "num_examples": {"ehr": 40.0, "shared": 40.0},
-                     "bytes_received": 1234, "dp": {"epsilon": 1.5, "delta": 1e-5}},
-        "biobank": {"node_id": 12, "groups_sent": ["ehr", "genomics", "shared", "wearables"], "status": "rejected",
-                    "reason": "key 'x' NaN", "groups_received": ["shared"], "num_examples": {"shared": 9.0}},
-        "cohort": {"node_id": 13, "groups_sent": ["ehr", "genomics", "shared"], "status": "refused",
-                   "reason": "epsilon cap 3 would be exceeded", "dp": {"epsilon": 2.9}},
+        "hospital": {
+            "node_id": 11,
+            "groups_sent": ["ehr", "shared", "wearables"],
+            "status": "ok",
+            "groups_received": ["ehr", "shared"],
+            "num_examples": {"ehr": 40.0, "shared": 40.0},
+            "bytes_received": 1234,
+            "dp": {"epsilon": 1.5, "delta": 1e-5},
+        },
+        "biobank": {
+            "node_id": 12,
+            "groups_sent": ["ehr", "genomics", "shared", "wearables"],
+            "status": "rejected",
+            "reason": "key 'x' NaN",
+            "groups_received": ["shared"],
+            "num_examples": {"shared": 9.0},
+        },
+        "cohort": {
+            "node_id": 13,
+            "groups_sent": ["ehr", "genomics", "shared"],
+            "status": "refused",
+            "reason": "epsilon cap 3 would be exceeded",
+            "dp": {"epsilon": 2.9},
+        },
         "quiet": {"node_id": 14, "groups_sent": ["ehr", "shared"], "status": "no reply"},
     },
-    "rejected": [{"site": "biobank", "node_id": 12, "reason": "key 'x' NaN"},
-                 {"site": "cohort", "node_id": 13, "reason": "refused by the site: epsilon cap 3 would be exceeded"}],
+    "rejected": [
+        {"site": "biobank", "node_id": 12, "reason": "key 'x' NaN"},
+        {"site": "cohort", "node_id": 13, "reason": "refused by the site: epsilon cap 3 would be exceeded"},
+    ],
     "contributors": {"ehr": ["hospital"], "shared": ["hospital"]},
 }
 
@@ -136,8 +156,10 @@ def test_superlink_refuses_to_start_without_certificates(tmp_path: Path, capsys:
 def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
     fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
     port = free_port()
-    proc = Process([sys.executable, "-m", "server.coordinator", "superlink", str(fed.root), "--port", str(port),
-                    "--insecure"], tmp_path / "superlink.out")
+    proc = Process(
+        [sys.executable, "-m", "server.coordinator", "superlink", str(fed.root), "--port", str(port), "--insecure"],
+        tmp_path / "superlink.out",
+    )
     try:
         # Flower's own server comes up on plain http (https with certificates).
         assert proc.wait_for(f"Uvicorn running on http://127.0.0.1:{port}", 600), proc.output()[-2000:]
@@ -156,23 +178,27 @@ def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> FederationSetup:
-    manifest = generate_federation(tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=12,
-                                   progress=False)
+    manifest = generate_federation(
+        tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=12, progress=False
+    )
     stats = [site_code_stats(open_site(s.root)) for s in manifest.sites]
-    return FederationSetup(vocabulary=build_vocabulary(stats, min_subjects=2), model=load_model_config("tiny"),
-                           model_seed=1)
+    return FederationSetup(
+        vocabulary=build_vocabulary(stats, min_subjects=2), model=load_model_config("tiny"), model_seed=1
+    )
 
 
 def fed_config(out_dir: Path, **overrides) -> FederationConfig:
-    base = dict(out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1,
-                eval_tasks=["onset_hypertension_365d"])
+    base = dict(
+        out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1, eval_tasks=["onset_hypertension_365d"]
+    )
     return FederationConfig(**{**base, **overrides})
 
 
 def write_checkpoint(out_dir: Path, setup: FederationSetup) -> Path:
     arrays = {k: v.numpy() + 0.5 for k, v in setup.init_model().state_dict().items()}
-    state = ServerState(round=1, arrays=arrays, strategy={}, setup=setup,
-                        run_config=fed_config(out_dir).model_dump(mode="json"))
+    state = ServerState(
+        round=1, arrays=arrays, strategy={}, setup=setup, run_config=fed_config(out_dir).model_dump(mode="json")
+    )
     return save_server_checkpoint(out_dir / "checkpoints", state)
 
 
@@ -219,8 +245,17 @@ def test_a_corrupted_checkpoint_is_refused_on_resume(corruption: str, setup: Fed
 
 
 def _metadata(message_id: str, src: int, dst: int, reply_to: str = "") -> Metadata:
-    return Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+    return Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def _group_of(key: str) -> str:
@@ -228,16 +263,19 @@ def _group_of(key: str) -> str:
 
 
 def _reply(node: int, arrays: dict[str, np.ndarray], n: int = 10) -> Message:
-    reply = TrainReply.model_validate({"arrays": arrays, "num_examples": n,
-                                       "group_examples": {_group_of(k): n for k in arrays}},
-                                      context={"group_of": _group_of})
+    reply = TrainReply.model_validate(
+        {"arrays": arrays, "num_examples": n, "group_examples": {_group_of(k): n for k in arrays}},
+        context={"group_of": _group_of},
+    )
     return Message(train_reply_content(reply), metadata=_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"))
 
 
 def _sent(*nodes: int) -> list[Message]:
     """Train messages to these nodes, with the message ids the Grid sets when it pushes them."""
-    return [Message(RecordDict({"config": ConfigRecord({})}), metadata=_metadata(f"m{i}", src=0, dst=n))
-            for i, n in enumerate(nodes)]
+    return [
+        Message(RecordDict({"config": ConfigRecord({})}), metadata=_metadata(f"m{i}", src=0, dst=n))
+        for i, n in enumerate(nodes)
+    ]
 
 
 def _strategy(**kwargs) -> ModalityAwareFedAvg:
@@ -272,10 +310,11 @@ def test_error_replies_from_the_superlink_are_attributed_to_the_silent_node() ->
     alive = _reply(5, {"shared.w": glob["shared.w"] + 2})
     alive.metadata.__dict__["_reply_to_message_id"] = "m0"
     # Flower's NODE_UNAVAILABLE reply: from the SuperLink (node 1), answering m1 (sent to node 6).
-    dead = Message(Error(code=3, reason="Error: Node Unavailable"), metadata=_metadata("e1", src=1, dst=0, reply_to="m1"))
+    dead = Message(
+        Error(code=3, reason="Error: Node Unavailable"), metadata=_metadata("e1", src=1, dst=0, reply_to="m1")
+    )
     assert origin(alive, sent) == 5 and origin(dead, sent) == 6
-    outcome = s.aggregate(1, [alive, dead], current_arrays=glob, node_groups={5: ["shared"], 6: ["shared"]},
-                          sent=sent)
+    outcome = s.aggregate(1, [alive, dead], current_arrays=glob, node_groups={5: ["shared"], 6: ["shared"]}, sent=sent)
     np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 2)
     (rejected,) = outcome.rejected
     assert rejected.node_id == 6 and "Node Unavailable" in rejected.reason and rejected.kind == "error"
@@ -294,14 +333,23 @@ def test_a_reply_to_no_message_sent_and_a_second_reply_are_rejected() -> None:
 
 def test_server_checkpoints_are_plain_arrays_and_resume_bit_for_bit(setup: FederationSetup, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    arrays = {k: rng.standard_normal(v.shape).astype(v.numpy().dtype) for k, v in setup.init_model().state_dict().items()}
+    arrays = {
+        k: rng.standard_normal(v.shape).astype(v.numpy().dtype) for k, v in setup.init_model().state_dict().items()
+    }
     moments = {"m.a": rng.standard_normal(3).astype(np.float32), "v.a": rng.random(3).astype(np.float32)}
-    state = ServerState(round=4, arrays=arrays, strategy=moments, setup=setup,
-                        run_config=fed_config(tmp_path).model_dump(mode="json"), python_random=random.getstate(),
-                        torch_random=torch.get_rng_state())
+    state = ServerState(
+        round=4,
+        arrays=arrays,
+        strategy=moments,
+        setup=setup,
+        run_config=fed_config(tmp_path).model_dump(mode="json"),
+        python_random=random.getstate(),
+        torch_random=torch.get_rng_state(),
+    )
     path = save_server_checkpoint(tmp_path / "checkpoints", state)
-    assert sorted(p.name for p in path.iterdir()) == sorted([ARRAYS_FILE, STRATEGY_FILE, "checkpoint.json",
-                                                             META_HASH_FILE])
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [ARRAYS_FILE, STRATEGY_FILE, "checkpoint.json", META_HASH_FILE]
+    )
     back = load_server_checkpoint(path)
     assert back.round == 4 and back.setup.sha256 == setup.sha256 and back.python_random == state.python_random
     assert torch.equal(back.torch_random, state.torch_random)
@@ -324,7 +372,8 @@ def test_limits_are_run_config_keys() -> None:
 
 
 def test_a_refused_checkpoint_reaches_server_log_outcome_and_the_coordinator(
-        setup: FederationSetup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    setup: FederationSetup, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "run"
     ckpt = write_checkpoint(out, setup)
     _flip_byte(ckpt / ARRAYS_FILE, 100)
@@ -354,17 +403,25 @@ def test_a_refused_checkpoint_reaches_server_log_outcome_and_the_coordinator(
 
 
 def _round(rnd: int, statuses: dict[str, str]) -> dict:
-    return {"event": "round", "round": rnd,
-            "sites": {s: {"status": st, **({"reason": "Node Unavailable"} if st == "error" else {})}
-                      for s, st in statuses.items()}}
+    return {
+        "event": "round",
+        "round": rnd,
+        "sites": {
+            s: {"status": st, **({"reason": "Node Unavailable"} if st == "error" else {})} for s, st in statuses.items()
+        },
+    }
 
 
 def test_a_site_lost_after_round_one_fails_the_coordinator(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     events = [
         _round(1, {"biobank": "ok", "hospital": "ok", "genomics": "ok", "late": "error"}),
         _round(2, {"biobank": "ok", "hospital": "error", "genomics": "ok", "late": "ok"}),
-        {"event": "evaluate", "round": 2, "sites": {"biobank": {}, "late": {}},
-         "absent": {"hospital": "x", "genomics": "no usable evaluation reply"}},
+        {
+            "event": "evaluate",
+            "round": 2,
+            "sites": {"biobank": {}, "late": {}},
+            "absent": {"hospital": "x", "genomics": "no usable evaluation reply"},
+        },
     ]
     lost = sites_lost(events)
     assert set(lost) == {"hospital", "genomics"}  # "late" never trained in round 1: not lost
@@ -383,20 +440,23 @@ def test_resume_skips_a_launch_that_failed_before_round_zero(tmp_path: Path, cap
     out = tmp_path / "run"
     out.mkdir()
     good = LaunchRecord(run_id=1, out_dir=str(out), run_config={"rounds": 3}, launched_at="t1")
-    bad = LaunchRecord(run_id=2, out_dir=str(out), run_config={"rounds": 3, "model": "paper"}, launched_at="t2",
-                       resumed=True)
+    bad = LaunchRecord(
+        run_id=2, out_dir=str(out), run_config={"rounds": 3, "model": "paper"}, launched_at="t2", resumed=True
+    )
     with pytest.raises(CoordinatorError, match="no launch of .* got through round 0"):
         launch_to_resume([good, bad], out)
     (out / "rounds.jsonl").write_text(json.dumps({"event": "setup", "run_id": 1, "round": 0}) + "\n{cut sh")
-    write_outcome(out, RunOutcome(run_id=2, status="failed", reason="ValueError: cannot resume: model differs",
-                                  started_at=0.0))
+    write_outcome(
+        out, RunOutcome(run_id=2, status="failed", reason="ValueError: cannot resume: model differs", started_at=0.0)
+    )
     assert launch_to_resume([good, bad], out) is good
     err = capsys.readouterr().err
     assert "not reusing the config of run 2" in err and "cannot resume: model differs" in err
 
 
 def test_an_unreachable_superlink_is_not_an_unknown_run_and_a_one_off_address_is_not_saved(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     paths = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
     saved = write_connection(paths, f"127.0.0.1:{free_port()}", insecure=False)  # nothing listens there
     before = saved.read_bytes()
@@ -424,8 +484,9 @@ class InProcessGrid(Grid):
         self.restart, self.train_exchanges = restart, 0
 
     def _fresh(self, node: int) -> Context:
-        return Context(run_id=1, node_id=node, node_config=dict(self.node_configs[node]), state=RecordDict(),
-                       run_config={})
+        return Context(
+            run_id=1, node_id=node, node_config=dict(self.node_configs[node]), state=RecordDict(), run_config={}
+        )
 
     def set_run(self, run) -> None:  # noqa: ANN001 - unused by FederationServer
         raise NotImplementedError
@@ -472,14 +533,30 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_path: Path) -> None:
     manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
-    nodes = {100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2,
-                       "state-dir": str(tmp_path / f"state-{s.name}")}
-             for i, s in enumerate(manifest.sites)}
+    nodes = {
+        100 + i: {
+            "site-root": str(s.root),
+            "site-name": s.name,
+            "min-code-subjects": 5,
+            "min-report-subjects": 2,
+            "state-dir": str(tmp_path / f"state-{s.name}"),
+        }
+        for i, s in enumerate(manifest.sites)
+    }
     victim = next(n for n, c in nodes.items() if c["site-name"] == "hospital")
     grid = InProcessGrid(nodes, restart=(victim, 2))  # before round 2
     out = tmp_path / "run"
-    cfg = fed_config(out, local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=3,
-                     vocab_min_subjects=5, eval_n_boot=10, timeout_s=60)
+    cfg = fed_config(
+        out,
+        local_steps=1,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        min_nodes=3,
+        vocab_min_subjects=5,
+        eval_n_boot=10,
+        timeout_s=60,
+    )
     FederationServer(grid, cfg, run_id=1).run()
     rounds = {e["round"]: e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"}
     back = rounds[2]["sites"]["hospital"]
@@ -491,13 +568,29 @@ def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_p
 @pytest.mark.usefixtures("serverapp_identity")
 def test_every_site_absent_from_a_round_is_in_the_audit_log(tmp_path: Path) -> None:
     manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
-    nodes = {100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2,
-                       "state-dir": str(tmp_path / f"state-{s.name}")}
-             for i, s in enumerate(manifest.sites)}
+    nodes = {
+        100 + i: {
+            "site-root": str(s.root),
+            "site-name": s.name,
+            "min-code-subjects": 5,
+            "min-report-subjects": 2,
+            "state-dir": str(tmp_path / f"state-{s.name}"),
+        }
+        for i, s in enumerate(manifest.sites)
+    }
     grid = InProcessGrid(nodes)
     out = tmp_path / "run"
-    cfg = fed_config(out, local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=2,
-                     vocab_min_subjects=5, eval_n_boot=10, timeout_s=2)
+    cfg = fed_config(
+        out,
+        local_steps=1,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        min_nodes=2,
+        vocab_min_subjects=5,
+        eval_n_boot=10,
+        timeout_s=2,
+    )
     gone = next(n for n, c in nodes.items() if c["site-name"] == "genomics")
     real_send = grid.send_and_receive
 

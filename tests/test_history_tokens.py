@@ -48,8 +48,9 @@ def test_token_does_not_depend_on_the_order_of_its_codes() -> None:
     batch = random_batch(batch_size=4, vocab_size=VOCAB, codes_per_token=5, seed=3)
     assert (batch.code_valid.sum(-1) > 1).any()  # some tokens do pool several codes
     perm = torch.randperm(5, generator=torch.Generator().manual_seed(1))
-    shuffled = replace(batch, codes=batch.codes[..., perm], values=batch.values[..., perm],
-                       has_value=batch.has_value[..., perm])
+    shuffled = replace(
+        batch, codes=batch.codes[..., perm], values=batch.values[..., perm], has_value=batch.has_value[..., perm]
+    )
     a, b = model(batch), model(shuffled)
     torch.testing.assert_close(a.ehr_tokens, b.ehr_tokens, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(a.embedding, b.embedding, atol=1e-5, rtol=1e-5)
@@ -103,13 +104,25 @@ def test_cap_keeps_the_rarest_codes_and_drops_unknown_first() -> None:
     assert UNK_CODE not in one.codes
     wide = seqs.sample(0, us(t), max_codes_per_token=64)
     assert wide.codes.shape == (1, 41) and wide.codes[0, -1] == UNK_CODE  # UNK ranks last
-    assert np.array_equal(wide.values[0, :40], np.array([vocab.normalise_values(
-        np.array([vocab.code_id(f"C{k:02d}")]), np.array([float(k)]))[0][0] for k in range(40)], np.float32))
+    assert np.array_equal(
+        wide.values[0, :40],
+        np.array(
+            [
+                vocab.normalise_values(np.array([vocab.code_id(f"C{k:02d}")]), np.array([float(k)]))[0][0]
+                for k in range(40)
+            ],
+            np.float32,
+        ),
+    )
     with pytest.raises(ValueError, match="max_codes_per_token"):
         seqs.sample(0, us(t), max_codes_per_token=0)
     # max_events caps tokens: the static token and the most recent buckets.
-    days = table([(1, None, "GENDER//F", None), *[(1, T0 + timedelta(days=d, hours=h), "X", 1.0)
-                                                   for d in range(10) for h in (1, 2)]])
+    days = table(
+        [
+            (1, None, "GENDER//F", None),
+            *[(1, T0 + timedelta(days=d, hours=h), "X", 1.0) for d in range(10) for h in (1, 2)],
+        ]
+    )
     smp = SiteSequences(days, None, vocab_of(days)).sample(0, us(T0 + timedelta(days=20)), max_events=4)
     assert smp.times.tolist() == pytest.approx([0.0, 7 + 1 / 24, 8 + 1 / 24, 9 + 1 / 24])
 
@@ -141,9 +154,13 @@ def test_hidden_codes_reach_the_targets_not_the_model() -> None:
     batch = random_batch(batch_size=4, vocab_size=VOCAB, codes_per_token=4, seed=6)
     masks = sample_masks(batch, PretrainingConfig(ehr_mask_prob=0.3), torch.Generator().manual_seed(1))
     hidden = masks.ehr & batch.code_valid
-    other = replace(batch, codes=torch.where(hidden, (batch.codes + 1 - N_SPECIAL_CODES) % (VOCAB - N_SPECIAL_CODES)
-                                             + N_SPECIAL_CODES, batch.codes),
-                    values=torch.where(hidden, batch.values + 3.0, batch.values))
+    other = replace(
+        batch,
+        codes=torch.where(
+            hidden, (batch.codes + 1 - N_SPECIAL_CODES) % (VOCAB - N_SPECIAL_CODES) + N_SPECIAL_CODES, batch.codes
+        ),
+        values=torch.where(hidden, batch.values + 3.0, batch.values),
+    )
     out, out_other = model(batch, masks=masks), model(other, masks=masks)
     torch.testing.assert_close(out.states, out_other.states, rtol=0, atol=0)
     a = ehr_reconstruction_losses(model, out, batch, masks)
@@ -154,8 +171,12 @@ def test_hidden_codes_reach_the_targets_not_the_model() -> None:
     full = ReconstructionMasks(ehr=batch.code_valid.clone())
     tokens = model(batch, masks=full).ehr_tokens
     enc = model.ehr_encoder
-    mask_token = enc(torch.tensor([[[MASK_CODE]]]), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, dtype=torch.bool),
-                     torch.ones(1, 1, 1, dtype=torch.bool))[0, 0]
+    mask_token = enc(
+        torch.tensor([[[MASK_CODE]]]),
+        torch.zeros(1, 1, 1),
+        torch.zeros(1, 1, 1, dtype=torch.bool),
+        torch.ones(1, 1, 1, dtype=torch.bool),
+    )[0, 0]
     torch.testing.assert_close(tokens[batch.ehr_valid], mask_token.expand(int(batch.ehr_valid.sum()), -1))
 
 
@@ -164,9 +185,15 @@ def test_hand_made_code_set_target() -> None:
     torch.manual_seed(0)
     model = HealthFM(load_model_config("tiny"), 12, 4).eval()
     batch = random_batch(batch_size=1, n_events=2, vocab_size=12, modalities={"ehr"}, seed=0)
-    batch = replace(batch, codes=torch.tensor([[[5, 7, 9], [4, 0, 0]]]), values=torch.zeros(1, 2, 3),
-                    has_value=torch.zeros(1, 2, 3, dtype=torch.bool), times=torch.tensor([[1.0, 2.0]]),
-                    ehr_valid=torch.ones(1, 2, dtype=torch.bool), prediction_time=torch.tensor([3.0]))
+    batch = replace(
+        batch,
+        codes=torch.tensor([[[5, 7, 9], [4, 0, 0]]]),
+        values=torch.zeros(1, 2, 3),
+        has_value=torch.zeros(1, 2, 3, dtype=torch.bool),
+        times=torch.tensor([[1.0, 2.0]]),
+        ehr_valid=torch.ones(1, 2, dtype=torch.bool),
+        prediction_time=torch.tensor([3.0]),
+    )
     masks = ReconstructionMasks(ehr=torch.tensor([[[False, True, True], [False, False, False]]]))
     head = model.heads["ehr_code"]
     with torch.no_grad():
@@ -175,7 +202,9 @@ def test_hand_made_code_set_target() -> None:
         head.bias[5] = -50.0  # would be a huge loss if 5 counted as a negative... it is excluded
         head.bias[7] = head.bias[9] = 2.0
     loss = ehr_reconstruction_losses(model, model(batch, masks=masks), batch, masks)["ehr_masked_code"]
-    expected = 0.5 * (torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.nn.functional.softplus(torch.tensor(-2.0)))
+    expected = 0.5 * (
+        torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.nn.functional.softplus(torch.tensor(-2.0))
+    )
     torch.testing.assert_close(loss, expected)
 
 
@@ -223,7 +252,11 @@ def test_dense_export_history_spans_a_year_at_default_settings() -> None:
 
 
 def test_coverage_by_hand() -> None:
-    rows = [(1, None, "GENDER//F", None), (1, None, "PRS//T2D", 0.3), (1, T0 - timedelta(days=9000), "MEDS_BIRTH", None)]
+    rows = [
+        (1, None, "GENDER//F", None),
+        (1, None, "PRS//T2D", 0.3),
+        (1, T0 - timedelta(days=9000), "MEDS_BIRTH", None),
+    ]
     rows += [(1, T0 + timedelta(days=d, hours=h), "X", None) for d in (0, 10, 20, 30) for h in (0, 1)]
     rows += [(2, T0 + timedelta(days=5), "X", None)]
     ev = table(rows)

@@ -13,8 +13,25 @@ import pyarrow.parquet as pq
 
 def test_cli_writes_realistic_hospital_sites(tmp_path: Path) -> None:
     out = tmp_path / "fed"
-    res = subprocess.run([sys.executable, "-m", "healthfm_core.data.synthetic", str(out), "--scenario", "hospital", "--seed", "0",
-                          "--n-subjects", "40", "--quiet"], capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "healthfm_core.data.synthetic",
+            str(out),
+            "--scenario",
+            "hospital",
+            "--seed",
+            "0",
+            "--n-subjects",
+            "40",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     sites = sorted(p.name for p in (out / "sites").iterdir())
     assert sites == ["community_hospital", "general_hospital", "university_hospital"]
@@ -29,8 +46,11 @@ def test_cli_writes_realistic_hospital_sites(tmp_path: Path) -> None:
         assert codes.str.contains(r"^DIAGNOSIS//ICD//9//").any() and codes.str.contains(r"^DIAGNOSIS//ICD//10//").any()
         assert codes.str.contains(r"^LAB//\d+//").any() and codes.str.starts_with("MEDICATION//").any()
         # Static rows (null time) last within each subject; MEDS_BIRTH timed; dates of follow-up in the 2100s.
-        last = df.group_by("subject_id", maintain_order=True).agg(pl.col("time").is_null().arg_true().min().alias("first_static"),
-                                                                   pl.len().alias("n"), pl.col("time").is_null().sum().alias("n_static"))
+        last = df.group_by("subject_id", maintain_order=True).agg(
+            pl.col("time").is_null().arg_true().min().alias("first_static"),
+            pl.len().alias("n"),
+            pl.col("time").is_null().sum().alias("n_static"),
+        )
         assert (last["first_static"] == last["n"] - last["n_static"]).all()
         assert df.filter(pl.col("code") == "MEDS_BIRTH")["time"].null_count() == 0
         years = df.filter(pl.col("code") != "MEDS_BIRTH")["time"].dt.year().drop_nulls()

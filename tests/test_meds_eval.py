@@ -22,9 +22,16 @@ from healthfm_core.eval.metrics import auroc
 def _labels(n: int, rng: np.random.Generator) -> tuple[pa.Table, np.ndarray]:
     y = rng.random(n) < 0.3
     score = np.clip(0.3 + 0.25 * y + 0.2 * rng.standard_normal(n), 0.0, 1.0)
-    t = np.datetime64("2110-01-01T00:00:00", "us") + (rng.integers(0, 3650, n) * 86_400_000_000).astype("timedelta64[us]")
-    labels = pa.table({"subject_id": pa.array(rng.integers(1, 80, n), pa.int64()), "prediction_time": pa.array(t, pa.timestamp("us")),
-                       "boolean_value": pa.array(y)})
+    t = np.datetime64("2110-01-01T00:00:00", "us") + (rng.integers(0, 3650, n) * 86_400_000_000).astype(
+        "timedelta64[us]"
+    )
+    labels = pa.table(
+        {
+            "subject_id": pa.array(rng.integers(1, 80, n), pa.int64()),
+            "prediction_time": pa.array(t, pa.timestamp("us")),
+            "boolean_value": pa.array(y),
+        }
+    )
     return labels, score
 
 

@@ -21,9 +21,14 @@ def group_of(key: str) -> str:
 
 
 def trained(**fields) -> TrainReply:
-    data = {"arrays": {"shared.w": np.ones(3, np.float32), "ehr.w": np.zeros(2, np.float16)}, "num_examples": 12,
-            "group_examples": {"shared": 12, "ehr": 7}, "losses": {"total": 1.5, "align": 0.25},
-            "train_seconds": 0.5, **fields}
+    data = {
+        "arrays": {"shared.w": np.ones(3, np.float32), "ehr.w": np.zeros(2, np.float16)},
+        "num_examples": 12,
+        "group_examples": {"shared": 12, "ehr": 7},
+        "losses": {"total": 1.5, "align": 0.25},
+        "train_seconds": 0.5,
+        **fields,
+    }
     if data.get("dp") is not None:  # a DP update carries no losses or timings
         data = {k: v for k, v in data.items() if k not in ("losses", "train_seconds")}
     return TrainReply.model_validate(data, context={"group_of": group_of})
@@ -46,22 +51,29 @@ MARK = 4321  # a value no other field of trained() holds: finds a field's wire k
 
 
 def _wire_key(field: str) -> str:
-    value = {"num_examples": MARK, "losses": {"total": float(MARK)}, "train_seconds": float(MARK),
-             "dp": {"epsilon": float(MARK), "delta": 1e-5, "noise_multiplier": 1.1}}[field]
+    value = {
+        "num_examples": MARK,
+        "losses": {"total": float(MARK)},
+        "train_seconds": float(MARK),
+        "dp": {"epsilon": float(MARK), "delta": 1e-5, "noise_multiplier": 1.1},
+    }[field]
     [key] = [k for k, v in trained(**{field: value}).to_records().metrics.items() if v == MARK]
     return key
 
 
-@pytest.mark.parametrize("change, field, value", [
-    ("delete", "num_examples", None),
-    ("set", "num_examples", 2.5),
-    ("set", "num_examples", True),
-    ("set", "num_examples", [12]),
-    ("set", "losses", float("nan")),
-    ("set", "losses", float("inf")),
-    ("set", "train_seconds", -1.0),
-    ("set", "dp", -2.0),
-])
+@pytest.mark.parametrize(
+    "change, field, value",
+    [
+        ("delete", "num_examples", None),
+        ("set", "num_examples", 2.5),
+        ("set", "num_examples", True),
+        ("set", "num_examples", [12]),
+        ("set", "losses", float("nan")),
+        ("set", "losses", float("inf")),
+        ("set", "train_seconds", -1.0),
+        ("set", "dp", -2.0),
+    ],
+)
 def test_a_field_that_does_not_parse_is_named_with_its_value(change: str, field: str, value: object) -> None:
     key = _wire_key(field)
     arrays, metrics, _ = trained().to_records()
@@ -79,8 +91,11 @@ def test_a_field_that_does_not_parse_is_named_with_its_value(change: str, field:
 def test_counts_and_arrays_must_agree() -> None:
     arrays, metrics, _ = trained().to_records()
     with pytest.raises(ValueError, match="ehr"):  # ehr arrays without an ehr count
-        TrainReply.from_records(arrays, trained(arrays={"shared.w": np.ones(3, np.float32)},
-                                                group_examples={"shared": 12}).to_records().metrics, group_of=group_of)
+        TrainReply.from_records(
+            arrays,
+            trained(arrays={"shared.w": np.ones(3, np.float32)}, group_examples={"shared": 12}).to_records().metrics,
+            group_of=group_of,
+        )
     with pytest.raises(ValueError, match="holds no arrays"):  # a count without arrays
         TrainReply.from_records({"shared.w": arrays["shared.w"]}, metrics, group_of=group_of)
     with pytest.raises(ValueError, match="unknown metric 'x-foo'"):
@@ -94,9 +109,15 @@ def test_counts_and_arrays_must_agree() -> None:
 
 
 def test_eval_reply_round_trips_and_refuses_what_does_not_parse() -> None:
-    reply = EvalReply(tasks={"onset_t2d_30d": TaskMetrics(n=40, auroc=0.7, auprc=0.2, ece=0.05),
-                             "wearable_resting_hr": TaskMetrics(n=30, r2=-0.1)},
-                      num_examples=90, withheld=1, eval_seconds=2.0)
+    reply = EvalReply(
+        tasks={
+            "onset_t2d_30d": TaskMetrics(n=40, auroc=0.7, auprc=0.2, ece=0.05),
+            "wearable_resting_hr": TaskMetrics(n=30, r2=-0.1),
+        },
+        num_examples=90,
+        withheld=1,
+        eval_seconds=2.0,
+    )
     assert EvalReply.from_records(reply.to_records()) == reply
     metrics = reply.to_records()
     for bad, named in ((1.5, "onset_t2d_30d.auroc"), (float("inf"), "onset_t2d_30d.auroc")):
@@ -105,8 +126,10 @@ def test_eval_reply_round_trips_and_refuses_what_does_not_parse() -> None:
     with pytest.raises(ValueError, match="wearable_resting_hr.r2"):
         EvalReply.from_records({**metrics, "wearable_resting_hr.r2": float("-inf")})
     with pytest.raises(ValueError, match="unknown task"):  # a key the server did not ask
-        EvalReply.from_records({**metrics, "onset_nothing_30d.auroc": 0.5, "onset_nothing_30d.n": 3},
-                               expected=["onset_t2d_30d", "wearable_resting_hr"])
+        EvalReply.from_records(
+            {**metrics, "onset_nothing_30d.auroc": 0.5, "onset_nothing_30d.n": 3},
+            expected=["onset_t2d_30d", "wearable_resting_hr"],
+        )
     with pytest.raises(ValueError, match="not a task name"):
         EvalReply.from_records({**metrics, "a/b.auroc": 0.5, "a/b.n": 3})
     with pytest.raises(ValueError, match="tasks"):

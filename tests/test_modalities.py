@@ -51,11 +51,16 @@ SITE_POLICY = {"min-code-subjects": 5, "min-report-subjects": 2}
 # modalities -> (n_prs_traits, groups the model holds, losses that can be non-zero)
 CASES = {
     ("ehr",): (0, {"shared", "ehr"}, {"ehr_masked_code", "ehr_masked_value", "next_visit", "future_codes"}),
-    ("ehr", "wearables"): (0, {"shared", "ehr", "wearables"},
-                           {"ehr_masked_code", "ehr_masked_value", "next_visit", "future_codes", "wear_masked",
-                            "predictive", "align"}),
-    ("ehr", "genomics"): (TRAITS, {"shared", "ehr", "genomics"},
-                          {"ehr_masked_code", "ehr_masked_value", "next_visit", "future_codes", "prs_masked"}),
+    ("ehr", "wearables"): (
+        0,
+        {"shared", "ehr", "wearables"},
+        {"ehr_masked_code", "ehr_masked_value", "next_visit", "future_codes", "wear_masked", "predictive", "align"},
+    ),
+    ("ehr", "genomics"): (
+        TRAITS,
+        {"shared", "ehr", "genomics"},
+        {"ehr_masked_code", "ehr_masked_value", "next_visit", "future_codes", "prs_masked"},
+    ),
     MODALITIES: (TRAITS, set(GROUPS), set(LOSS_NAMES)),
 }
 
@@ -82,8 +87,9 @@ def test_model_holds_only_its_modalities_and_trains(modalities: tuple[str, ...])
     # one all-invalid patch) or empty (PRS: no trait in the vocabulary).
     data = [random_batch(6, vocab_size=VOCAB, n_prs_traits=traits, modalities=modalities, seed=i) for i in range(2)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_local(model, data, TrainConfig(steps=3, lr=1e-2, progress=False, seed=1),
-                         weights_fn=ObjectiveWeights())
+    result = train_local(
+        model, data, TrainConfig(steps=3, lr=1e-2, progress=False, seed=1), weights_fn=ObjectiveWeights()
+    )
     assert len(result.history) == 3
     for step in result.history:
         assert np.isfinite(step["total"])
@@ -172,12 +178,14 @@ def _scenario(modalities: dict[str, dict[str, float]]) -> dict:
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory):
     """biobank: EHR only; hospital: EHR + wearables; genomics: EHR + genomics."""
-    scenario = _scenario({"biobank": {"ehr": 1.0}, "hospital": {"ehr": 1.0, "wearables": 1.0},
-                          "genomics": {"ehr": 1.0, "genomics": 0.8}})
+    scenario = _scenario(
+        {"biobank": {"ehr": 1.0}, "hospital": {"ehr": 1.0, "wearables": 1.0}, "genomics": {"ehr": 1.0, "genomics": 0.8}}
+    )
     manifest = generate_federation(tmp_path_factory.mktemp("mixed"), scenario, seed=0, n_subjects=30, progress=False)
-    return {s.name: SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name,
-                                                             **SITE_POLICY}))
-            for s in manifest.sites}
+    return {
+        s.name: SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **SITE_POLICY}))
+        for s in manifest.sites
+    }
 
 
 def _setup(runtimes: dict[str, SiteRuntime], names: list[str]) -> FederationSetup:
@@ -187,18 +195,39 @@ def _setup(runtimes: dict[str, SiteRuntime], names: list[str]) -> FederationSetu
 
 
 def _reply(node_id: int, reply: TrainReply) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"reply-{node_id}", src_node_id=node_id, dst_node_id=0,
-                        reply_to_message_id=f"train-{node_id}", group_id="1", created_at=time.time(), ttl=3600.0,
-                        message_type=MessageType.TRAIN)
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"reply-{node_id}",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id=f"train-{node_id}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=MessageType.TRAIN,
+    )
     return Message(train_reply_content(reply), metadata=metadata)
 
 
 def _sent(replies: list[Message]) -> list[Message]:
     """The train messages the replies answer (one per node, as the Grid addresses them)."""
-    return [Message(RecordDict(), metadata=Metadata(
-        run_id=1, message_id=f"train-{r.metadata.src_node_id}", src_node_id=0, dst_node_id=r.metadata.src_node_id,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
-    )) for r in replies]
+    return [
+        Message(
+            RecordDict(),
+            metadata=Metadata(
+                run_id=1,
+                message_id=f"train-{r.metadata.src_node_id}",
+                src_node_id=0,
+                dst_node_id=r.metadata.src_node_id,
+                reply_to_message_id="",
+                group_id="1",
+                created_at=time.time(),
+                ttl=3600.0,
+                message_type=MessageType.TRAIN,
+            ),
+        )
+        for r in replies
+    ]
 
 
 def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> None:
@@ -211,14 +240,16 @@ def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> N
 
     strategy = ModalityAwareFedAvg()  # the real parameter_group
     node_groups = {1: mixed["biobank"].groups, 2: mixed["genomics"].groups}
-    cfg = RoundConfig(round=1, rounds=1, local_steps=2, lr=1e-2, batch_size=4, max_events=32, seed=2,
-                      setup_sha256=setup.sha256)
+    cfg = RoundConfig(
+        round=1, rounds=1, local_steps=2, lr=1e-2, batch_size=4, max_events=32, seed=2, setup_sha256=setup.sha256
+    )
     outcomes = {}
     for node, name in enumerate(names, start=1):
         mixed[name].check_setup(setup)
         wanted = ModalityAwareFedAvg.groups_for_node(node, node_groups)
-        outcomes[node] = mixed[name].train(setup, {k: v for k, v in initial.items() if parameter_group(k) in wanted},
-                                           cfg)
+        outcomes[node] = mixed[name].train(
+            setup, {k: v for k, v in initial.items() if parameter_group(k) in wanted}, cfg
+        )
     assert {parameter_group(k) for k in outcomes[1].arrays} == {"shared", "ehr"}
     assert {parameter_group(k) for k in outcomes[2].arrays} == {"shared", "ehr", "genomics"}
     assert "genomics" not in outcomes[1].group_examples and outcomes[2].group_examples["genomics"] > 0
@@ -245,11 +276,13 @@ def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> N
 def test_wearable_site_beside_a_genomics_site_and_setup_refusal(mixed) -> None:
     setup = _setup(mixed, ["hospital", "genomics"])
     assert setup.modalities == MODALITIES_LIST
-    cfg = RoundConfig(round=1, rounds=1, local_steps=3, lr=1e-2, batch_size=8, max_events=32, max_patches=4,
-                      setup_sha256=setup.sha256)
+    cfg = RoundConfig(
+        round=1, rounds=1, local_steps=3, lr=1e-2, batch_size=8, max_events=32, max_patches=4, setup_sha256=setup.sha256
+    )
     init = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
-    hospital = mixed["hospital"].train(setup, {k: v for k, v in init.items()
-                                               if parameter_group(k) in mixed["hospital"].groups}, cfg)
+    hospital = mixed["hospital"].train(
+        setup, {k: v for k, v in init.items() if parameter_group(k) in mixed["hospital"].groups}, cfg
+    )
     assert {parameter_group(k) for k in hospital.arrays} == {"shared", "ehr", "wearables"}
     assert hospital.group_examples["wearables"] > 0 and "wear_masked" in hospital.losses
     # A setup agreed without the hospital has no wearable module: the hospital refuses it
@@ -288,10 +321,22 @@ def test_three_ehr_only_sites_run_end_to_end(tmp_path: Path) -> None:
     manifest = generate_federation(tmp_path / "data", scenario, seed=0, n_subjects=30, progress=False)
     roots = ",".join(str(s.root) for s in manifest.sites)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.run", f"site_roots=[{roots}]", "model=tiny", "federation.rounds=1",
-           "federation.local_steps=2", "federation.batch_size=8", "federation.max_events=64",
-           "federation.vocab_min_subjects=5", "federation.site.min_code_subjects=5",
-           "federation.site.min_report_subjects=2", "federation.eval_n_boot=10", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.run",
+        f"site_roots=[{roots}]",
+        "model=tiny",
+        "federation.rounds=1",
+        "federation.local_steps=2",
+        "federation.batch_size=8",
+        "federation.max_events=64",
+        "federation.vocab_min_subjects=5",
+        "federation.site.min_code_subjects=5",
+        "federation.site.min_report_subjects=2",
+        "federation.eval_n_boot=10",
+        f"hydra.run.dir={out}",
+    ]
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))

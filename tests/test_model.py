@@ -142,8 +142,23 @@ def test_order_of_tokens_does_not_matter() -> None:
 def _add_future(batch, model_vocab: int):  # type: ignore[no-untyped-def]
     """Put data after prediction_time into padding slots: an EHR event, a patch, and later epochs
     of a patch that straddles prediction_time."""
-    b = replace(batch, **{k: getattr(batch, k).clone() for k in (
-        "codes", "values", "has_value", "times", "ehr_valid", "wear_epochs", "wear_epoch_mask", "wear_times", "wear_valid")})
+    b = replace(
+        batch,
+        **{
+            k: getattr(batch, k).clone()
+            for k in (
+                "codes",
+                "values",
+                "has_value",
+                "times",
+                "ehr_valid",
+                "wear_epochs",
+                "wear_epoch_mask",
+                "wear_times",
+                "wear_valid",
+            )
+        },
+    )
     pt = b.prediction_time
     for i in range(b.batch_size):
         free = (~b.ehr_valid[i]).nonzero().flatten()
@@ -205,8 +220,13 @@ def test_genomics_does_not_decay_with_time() -> None:
     no_prs = replace(batch, prs_valid=torch.zeros_like(batch.prs_valid))
 
     def shift(b, days):  # type: ignore[no-untyped-def]
-        return replace(b, times=b.times + days, wear_times=b.wear_times + days, prediction_time=b.prediction_time + days,
-                       birth_time=b.birth_time + days)
+        return replace(
+            b,
+            times=b.times + days,
+            wear_times=b.wear_times + days,
+            prediction_time=b.prediction_time + days,
+            birth_time=b.birth_time + days,
+        )
 
     effect_now = model.embed(batch) - model.embed(no_prs)
     effect_later = model.embed(shift(batch, 3000.0)) - model.embed(shift(no_prs, 3000.0))
@@ -270,7 +290,6 @@ def test_bad_batch_is_rejected() -> None:
         model(random_batch(vocab_size=VOCAB + 5))
 
 
-
 def test_query_state_at_query_time_ignores_everything_after_it() -> None:
     """A query placed at t sees only tokens at or before t: changing a later event's code or value,
     or the epochs of a wearable patch that completes after t, leaves its state bit-identical;
@@ -317,8 +336,13 @@ def test_age_enters_through_birth_time_and_survives_a_date_shift() -> None:
         older = model.embed(replace(batch, birth_time=batch.birth_time - 3652.5))
         assert (older - base).abs().amax(dim=1).min() > 1e-4
         days = 12345.0
-        moved = replace(batch, times=batch.times + days, wear_times=batch.wear_times + days,
-                        prediction_time=batch.prediction_time + days, birth_time=batch.birth_time + days)
+        moved = replace(
+            batch,
+            times=batch.times + days,
+            wear_times=batch.wear_times + days,
+            prediction_time=batch.prediction_time + days,
+            birth_time=batch.birth_time + days,
+        )
         torch.testing.assert_close(model.embed(moved), base, atol=2e-4, rtol=1e-3)
         unknown = replace(batch, birth_time=torch.full_like(batch.birth_time, float("nan")))
         model.backbone.age_embedding[-1].bias.data += 1.0  # any age term would now show

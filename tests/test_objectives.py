@@ -125,7 +125,9 @@ def test_training_steps_decrease_the_total() -> None:
 # ----------------------------------------------------------------------------- targets
 
 
-def _batch(codes_times: list[tuple[int, float]], patch_times: list[float], prediction_time: float, epochs: int = 4) -> Batch:
+def _batch(
+    codes_times: list[tuple[int, float]], patch_times: list[float], prediction_time: float, epochs: int = 4
+) -> Batch:
     """One sample by hand: EHR (code, time) pairs, one token of one code each, and wearable
     patches starting at patch_times."""
     n, p = len(codes_times), len(patch_times)
@@ -237,7 +239,9 @@ def test_log_balance_divides_each_gradient_by_its_loss() -> None:
     assert float(large.grad) == pytest.approx(2.0 / 50.01)
     assert float(small.grad) == pytest.approx(1.0 / 0.51)
     assert float(total.detach()) == pytest.approx(2 * math.log(50.01) + math.log(0.51))
-    plain = combine_losses({"ehr_masked_code": large, "wear_masked": small}, weights, PretrainingConfig(loss_balance="none"))
+    plain = combine_losses(
+        {"ehr_masked_code": large, "wear_masked": small}, weights, PretrainingConfig(loss_balance="none")
+    )
     assert float(plain.detach()) == pytest.approx(100.5)
     assert combine_losses({"align": large}, ObjectiveWeights(align=0.0), cfg) is None
 

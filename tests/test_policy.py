@@ -22,8 +22,10 @@ min_subjects: 25
 groups_allowed: [shared, ehr]
 dp: {mandatory: true, epsilon_cap: 8, delta: 1.0e-6, max_grad_norm: 0.5, target_epsilon: 3}
 """
-    json_text = ('{"min_subjects": 25, "groups_allowed": ["shared", "ehr"], "dp": {"mandatory": true, '
-                 '"epsilon_cap": 8, "delta": 1e-6, "max_grad_norm": 0.5, "target_epsilon": 3}}')
+    json_text = (
+        '{"min_subjects": 25, "groups_allowed": ["shared", "ehr"], "dp": {"mandatory": true, '
+        '"epsilon_cap": 8, "delta": 1e-6, "max_grad_norm": 0.5, "target_epsilon": 3}}'
+    )
     a, b = load_policy(write(tmp_path, "p.yaml", yaml_text)), load_policy(write(tmp_path, "p.json", json_text))
     assert a == b
     assert a.dp is not None and a.dp.epsilon_cap == 8 and a.dp.noise_multiplier is None

@@ -55,12 +55,30 @@ def federation(tmp_path_factory):
 def test_pretrain_job_writes_report_plots_and_the_full_table(federation, tmp_path) -> None:
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "simulations.pretrain", "model=tiny", "scenario=tiny", "data.n_subjects=60",
+        sys.executable,
+        "-m",
+        "simulations.pretrain",
+        "model=tiny",
+        "scenario=tiny",
+        "data.n_subjects=60",
         # One torch thread: the job's default of 2 stalls for minutes on a loaded 2-core machine.
-        f"data.dir={federation}", f"out_dir={out}", "threads=1", "train.steps=3", "train.batch_size=8", "train.checkpoint_every=2",
-        "data.max_events=32", "data.max_patches=6", "eval.n_boot=20", "eval.batch_size=256", "eval.n_per_subject=2",
-        "~eval.modality_ablation.cohorts.all_three", "eval.modality_ablation.n_folds=3", "progress=false", "eval.summary_min_positives=2",
-        "eval.label_efficiency.fractions=[0.5,1.0]", "eval.label_efficiency.repeats=2",
+        f"data.dir={federation}",
+        f"out_dir={out}",
+        "threads=1",
+        "train.steps=3",
+        "train.batch_size=8",
+        "train.checkpoint_every=2",
+        "data.max_events=32",
+        "data.max_patches=6",
+        "eval.n_boot=20",
+        "eval.batch_size=256",
+        "eval.n_per_subject=2",
+        "~eval.modality_ablation.cohorts.all_three",
+        "eval.modality_ablation.n_folds=3",
+        "progress=false",
+        "eval.summary_min_positives=2",
+        "eval.label_efficiency.fractions=[0.5,1.0]",
+        "eval.label_efficiency.repeats=2",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -84,7 +102,14 @@ def test_pretrain_job_writes_report_plots_and_the_full_table(federation, tmp_pat
 
     results = json.loads((out / "results.json").read_text())
     methods = results["methods"]
-    assert set(methods) == {"counts", "pretrained", "pretrained_meanpool", "random_init", "random_init_meanpool", "oracle"}
+    assert set(methods) == {
+        "counts",
+        "pretrained",
+        "pretrained_meanpool",
+        "random_init",
+        "random_init_meanpool",
+        "oracle",
+    }
     pairs = {m: {(r["task"], r["horizon"]) for r in v["rows"]} for m, v in methods.items()}
     # Every probed method has a row for the same task/horizon pairs, and each of the 16 onset
     # tasks is either evaluated or skipped with a reason.
@@ -135,8 +160,12 @@ def test_site_rows_hold_exactly_the_task_labels(federation) -> None:
     for name in ("onset_t2d_365d", "onset_cad_90d"):
         task = TASKS[name]
         lab = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
-        expected = dict(zip(zip(lab["subject_id"].to_pylist(),
-                                lab["prediction_time"].cast("int64").to_pylist()), lab["boolean_value"].to_pylist()))
+        expected = dict(
+            zip(
+                zip(lab["subject_id"].to_pylist(), lab["prediction_time"].cast("int64").to_pylist()),
+                lab["boolean_value"].to_pylist(),
+            )
+        )
         got = {k: bool(v) for k, v in zip(key, rows.labels[name]) if np.isfinite(v)}
         assert got == expected
     assert np.isfinite(rows.labels["wearable_mean_enmo"]).sum() > 0
@@ -171,10 +200,12 @@ def test_wear_period_end_rows_and_cross_fitted_probes(federation) -> None:
     signal = noise + np.where(np.isfinite(y), 3.0 * np.nan_to_num(y), 0.0)[:, None]
     rows = np.arange(len(data))
     present = np.ones((len(data), 3), dtype=bool)
-    good = evaluate_cross_fitted("good", data, MethodFeatures(signal, present, rows), tasks=[key], n_folds=3,
-                                 n_boot=50, min_positives=2)
-    bad = evaluate_cross_fitted("bad", data, MethodFeatures(noise, present, rows), tasks=[key], n_folds=3,
-                                n_boot=50, min_positives=2)
+    good = evaluate_cross_fitted(
+        "good", data, MethodFeatures(signal, present, rows), tasks=[key], n_folds=3, n_boot=50, min_positives=2
+    )
+    bad = evaluate_cross_fitted(
+        "bad", data, MethodFeatures(noise, present, rows), tasks=[key], n_folds=3, n_boot=50, min_positives=2
+    )
     if key in good.skipped:  # too few positives per fold in this tiny cohort
         pytest.skip(good.skipped[key])
     assert good.rows[0].auroc > 0.9 and good.rows[0].n == int(np.isfinite(y).sum())
@@ -182,15 +213,18 @@ def test_wear_period_end_rows_and_cross_fitted_probes(federation) -> None:
     diff = paired_auroc_difference(data, good, bad, [key], n_boot=50)
     assert diff is not None and diff.mean == pytest.approx(good.rows[0].auroc - bad.rows[0].auroc)
     assert diff.ci[0] > 0
-    skipped = evaluate_cross_fitted("good", data, MethodFeatures(signal, present, rows), tasks=[key], min_positives=10**6)
+    skipped = evaluate_cross_fitted(
+        "good", data, MethodFeatures(signal, present, rows), tasks=[key], min_positives=10**6
+    )
     assert key in skipped.skipped and not skipped.rows
 
 
 def test_subsample_train_keeps_the_test_rows_and_nests(federation) -> None:
     site = open_site(federation / "sites" / "biobank")
     vocab = build_vocabulary([site_code_stats(site, min_subjects=2)], min_subjects=2)
-    data = build_eval_set({"biobank": (site, SiteSequences.from_site(site, vocab))},
-                          {k: TASKS[k] for k in ONSET}, n_per_subject=3)
+    data = build_eval_set(
+        {"biobank": (site, SiteSequences.from_site(site, vocab))}, {k: TASKS[k] for k in ONSET}, n_per_subject=3
+    )
     rows = np.arange(len(data))
     split, subject = data.column("split"), data.subject_keys()
     half, fifth = subsample_train(data, rows, 0.5, seed=3), subsample_train(data, rows, 0.2, seed=3)

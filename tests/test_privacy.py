@@ -68,9 +68,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def setup(federation) -> FederationSetup:
-    stats = [SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **BASE})).code_stats()
-             for s in federation.sites]
-    return FederationSetup(vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"), model_seed=1)
+    stats = [
+        SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **BASE})).code_stats()
+        for s in federation.sites
+    ]
+    return FederationSetup(
+        vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"), model_seed=1
+    )
 
 
 def write_policy(path: Path, text: str) -> Path:
@@ -93,8 +97,16 @@ def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarra
 
 
 def round_cfg(setup: FederationSetup, rnd: int, **kw) -> RoundConfig:
-    base = dict(round=rnd, rounds=3, local_steps=2, lr=1e-3, batch_size=4, max_events=32, max_patches=4,
-                setup_sha256=setup.sha256)
+    base = dict(
+        round=rnd,
+        rounds=3,
+        local_steps=2,
+        lr=1e-3,
+        batch_size=4,
+        max_events=32,
+        max_patches=4,
+        setup_sha256=setup.sha256,
+    )
     base.update(kw)
     return RoundConfig(**base)
 
@@ -128,7 +140,9 @@ def test_streaming_clipping_and_noise_equal_opacus_hooks() -> None:
     ((gsm(x) - y) ** 2).sum().backward()  # per-sample losses summed: hooks give each sample's gradient
     ref_opt.step()
 
-    opt = StreamingDPOptimizer(torch.optim.SGD(ours.parameters(), lr=0.1), generator=torch.Generator().manual_seed(5), **kw)
+    opt = StreamingDPOptimizer(
+        torch.optim.SGD(ours.parameters(), lr=0.1), generator=torch.Generator().manual_seed(5), **kw
+    )
     params = opt.params
     for i in range(len(x)):
         loss = ((ours(x[i : i + 1]) - y[i : i + 1]) ** 2).sum()
@@ -144,11 +158,14 @@ def test_every_healthfm_parameter_gets_a_clipped_per_sample_gradient(federation,
     rt = runtime(federation, "biobank")
     model = setup.init_model()
     model.train()
-    ds = PretrainingDataset(rt.sequences(setup), rt.split_ids()["train"], time_mode="last", max_events=32, max_patches=4)
+    ds = PretrainingDataset(
+        rt.sequences(setup), rt.split_ids()["train"], time_mode="last", max_events=32, max_patches=4
+    )
     batch = collate([ds[i] for i in range(4)])
     clip = 1e-3  # far below every sample's norm: each contributes exactly `clip`
-    step = DPLocalStep(DPSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.5, n_samples=8,
-                                  delta=DELTA), RDPAccountant())
+    step = DPLocalStep(
+        DPSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.5, n_samples=8, delta=DELTA), RDPAccountant()
+    )
     opt = step.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.0))
     losses, mean_norm = step(model, batch, ObjectiveWeights(), torch.Generator().manual_seed(0))
     assert np.isfinite(losses["total"]) and mean_norm > clip
@@ -156,9 +173,14 @@ def test_every_healthfm_parameter_gets_a_clipped_per_sample_gradient(federation,
     summed = {n: p.summed_grad for n, p in model.named_parameters() if p.summed_grad is not None}
     total = torch.linalg.vector_norm(torch.stack([g.norm() for g in summed.values()]))
     assert float(total) <= 4 * clip * (1 + 1e-4)
-    for name in ["backbone.blocks.0.attn.decay.weight_logits", "backbone.blocks.0.attn.decay.rate_logits",
-                 "ehr_encoder.modality_embedding", "ehr_encoder.code_embedding.weight", "wearable_encoder.input_proj.weight",
-                 "genomics_encoder.mlp.0.weight"]:
+    for name in [
+        "backbone.blocks.0.attn.decay.weight_logits",
+        "backbone.blocks.0.attn.decay.rate_logits",
+        "ehr_encoder.modality_embedding",
+        "ehr_encoder.code_embedding.weight",
+        "wearable_encoder.input_proj.weight",
+        "genomics_encoder.mlp.0.weight",
+    ]:
         assert float(summed[name].abs().sum()) > 0, name
     opt.step()  # noise 0: the gradient is the clipped sum over the expected batch (4 x 0.5 / 2 = 2 samples)
     for name, p in model.named_parameters():
@@ -167,12 +189,16 @@ def test_every_healthfm_parameter_gets_a_clipped_per_sample_gradient(federation,
 
 def test_poisson_batches_draw_each_sample_independently(federation, setup) -> None:
     rt = runtime(federation, "genomics")
-    ds = PretrainingDataset(rt.sequences(setup), rt.split_ids()["train"], time_mode="last", max_events=16, max_patches=2)
+    ds = PretrainingDataset(
+        rt.sequences(setup), rt.split_ids()["train"], time_mode="last", max_events=16, max_patches=2
+    )
     loader = PoissonBatches(ds, collate, sample_rate=0.25, steps=40, generator=torch.Generator().manual_seed(3))
     sizes = [b.batch_size for b in loader]
     assert len(sizes) == 40 and min(sizes) <= 4 < 8 < max(sizes)  # sizes vary around 0.25 x 24 = 6
     assert abs(np.mean(sizes) - 0.25 * len(ds)) < 1.5
-    sparse = [b for b in PoissonBatches(ds, collate, sample_rate=0.02, steps=20, generator=torch.Generator().manual_seed(3))]
+    sparse = [
+        b for b in PoissonBatches(ds, collate, sample_rate=0.02, steps=20, generator=torch.Generator().manual_seed(3))
+    ]
     empty = [b for b in sparse if b.batch_size == 0]
     assert empty and empty[0].codes.shape[0] == 0  # an empty batch is a Batch of size 0, not skipped
 
@@ -234,7 +260,9 @@ def test_two_processes_serving_one_site_never_lose_each_others_spend(tmp_path) -
 
 
 def test_target_epsilon_is_reached_at_the_end_of_the_run(federation, setup, tmp_path) -> None:
-    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=10).replace("noise_multiplier: 1.1", "target_epsilon: 4.0"))
+    policy = write_policy(
+        tmp_path / "policy.yaml", DP_POLICY.format(cap=10).replace("noise_multiplier: 1.1", "target_epsilon: 4.0")
+    )
     rt = runtime(federation, "genomics", policy, tmp_path / "state")
     arrays = own_arrays(setup, rt.groups)
     out = [rt.train(setup, arrays, round_cfg(setup, r, rounds=2, local_steps=1)) for r in (1, 2)]
@@ -246,9 +274,17 @@ def test_target_epsilon_is_reached_at_the_end_of_the_run(federation, setup, tmp_
 
 
 def message(content: RecordDict, message_type: str, node: int = 7) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"{message_type}-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node,
-                        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
-                        message_type=message_type)
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"{message_type}-{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
     return Message(content, metadata=metadata)
 
 
@@ -274,9 +310,11 @@ def parsed(reply: Message) -> TrainReply:
     content = reply.content
     arrays = content.array_records.get(ARRAYS_RECORD)
     status = content.config_records.get(STATUS_RECORD)
-    return TrainReply.from_records({k: v.numpy() for k, v in arrays.items()} if arrays is not None else None,
-                                   dict(content.metric_records[METRICS_RECORD]),
-                                   dict(status) if status is not None else None)
+    return TrainReply.from_records(
+        {k: v.numpy() for k, v in arrays.items()} if arrays is not None else None,
+        dict(content.metric_records[METRICS_RECORD]),
+        dict(status) if status is not None else None,
+    )
 
 
 def node_config(federation, name: str, **extra) -> dict:
@@ -307,8 +345,9 @@ def test_a_request_over_the_cap_is_refused_and_no_update_leaves(federation, setu
 
     # The server counts the site out of the round and says why.
     sent = message(RecordDict(), MessageType.TRAIN)  # to node 7, whom `second` answers
-    outcome = ModalityAwareFedAvg().aggregate(2, [second], current_arrays=own_arrays(setup, groups), node_groups=None,
-                                              sent=[sent])
+    outcome = ModalityAwareFedAvg().aggregate(
+        2, [second], current_arrays=own_arrays(setup, groups), node_groups=None, sent=[sent]
+    )
     assert outcome.arrays is None
     [rejected] = outcome.rejected
     assert rejected.kind == "refused" and "refused by the site" in rejected.reason and "cap" in rejected.reason
@@ -329,8 +368,12 @@ def test_a_group_the_policy_keeps_local_never_appears_in_a_reply(federation, set
     assert {parameter_group(k) for k in arrays} == {"shared", "ehr"}
     assert sorted(parsed(reply).group_examples) == ["ehr", "shared"]
     # The site did train them (the shared weights saw wearables and genomics): they only stay home.
-    assert any(parameter_group(k) == "wearables" for k in runtime(federation, "biobank", policy).train(
-        setup, own_arrays(setup, ["shared", "ehr", "wearables", "genomics"]), round_cfg(setup, 1, local_steps=1)).arrays)
+    assert any(
+        parameter_group(k) == "wearables"
+        for k in runtime(federation, "biobank", policy)
+        .train(setup, own_arrays(setup, ["shared", "ehr", "wearables", "genomics"]), round_cfg(setup, 1, local_steps=1))
+        .arrays
+    )
 
 
 def test_metrics_and_statistics_on_too_few_subjects_are_withheld(federation, setup, tmp_path) -> None:
@@ -352,8 +395,9 @@ def test_metrics_and_statistics_on_too_few_subjects_are_withheld(federation, set
     loose = runtime(federation, "hospital").code_stats()
     assert loose.n_wearable_subjects == 7 and min(c.n_subjects for c in loose.codes.values()) < 10
     # Evaluation: splits of 3 subjects < 10: every task withheld.
-    evaluation = rt.evaluate(setup, arrays, EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256,
-                                                    n_boot=10))
+    evaluation = rt.evaluate(
+        setup, arrays, EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256, n_boot=10)
+    )
     assert evaluation.withheld == 1 and not evaluation.tasks
 
 
@@ -367,14 +411,22 @@ def test_a_policy_error_stops_the_site_with_a_clear_message(federation, tmp_path
 
 
 def test_under_dp_no_timing_or_actual_count_leaves_and_without_dp_no_epsilon(federation, setup, tmp_path) -> None:
-    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=100).replace("mandatory: true", "mandatory: false"))
+    policy = write_policy(
+        tmp_path / "policy.yaml", DP_POLICY.format(cap=100).replace("mandatory: true", "mandatory: false")
+    )
     rt = runtime(federation, "genomics", policy, tmp_path / "state")
     arrays = own_arrays(setup, rt.groups)
     private = rt.train(setup, arrays, round_cfg(setup, 1, dp=True))
     n = len(PretrainingDataset(rt.sequences(setup), rt.split_ids()["train"]))
     records = private.to_records()
-    assert set(records.metrics) <= {"num-examples", "dp.epsilon", "dp.delta", "dp.noise-multiplier", "rate-min",
-                                    "rate-max"} | {f"num-examples.{g}" for g in rt.groups}
+    assert set(records.metrics) <= {
+        "num-examples",
+        "dp.epsilon",
+        "dp.delta",
+        "dp.noise-multiplier",
+        "rate-min",
+        "rate-max",
+    } | {f"num-examples.{g}" for g in rt.groups}
     assert private.num_examples == round(4 / n * n * 2)  # the expected count, not the Poisson draws
     assert private.train_seconds is None and private.client_seconds is None and not private.losses
     plain = rt.train(setup, arrays, round_cfg(setup, 2))  # DP not mandatory, not asked: an update without DP

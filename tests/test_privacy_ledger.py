@@ -108,8 +108,11 @@ def test_a_deleted_ledger_is_detected(tmp_path: Path) -> None:
     spend(ledger, 1)
     spend(ledger, 2)
     (tmp_path / LEDGER_FILE).unlink()
-    with pytest.raises(LedgerError, match=r"privacy ledger is missing, but .*privacy_ledger.mark.json records that "
-                                          r"this site already spent 6 DP steps over 2 rounds"):
+    with pytest.raises(
+        LedgerError,
+        match=r"privacy ledger is missing, but .*privacy_ledger.mark.json records that "
+        r"this site already spent 6 DP steps over 2 rounds",
+    ):
         PrivacyLedger(tmp_path)
     with pytest.raises(LedgerError, match="missing"):
         ledger.reserve(round=3, run="r", steps=3, epsilon_cap=100.0, **SPEND)
@@ -208,8 +211,11 @@ def test_two_processes_spending_one_budget_record_every_step_and_never_pass_the_
 
 def test_a_step_beyond_the_reservation_changes_no_weight(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 1)
-    step = DPLocalStep(DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, n_samples=4, delta=DELTA),
-                       RDPAccountant(), max_steps=1)
+    step = DPLocalStep(
+        DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, n_samples=4, delta=DELTA),
+        RDPAccountant(),
+        max_steps=1,
+    )
     opt = step.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     assert opt.secure_mode and opt.fresh_noise  # production path: Opacus's secure noise, a fresh generator per step
     for expected_steps in (1, 2):
@@ -239,8 +245,10 @@ def test_noise_and_samples_come_from_the_os_not_from_any_seed(tmp_path: Path) ->
         with torch.no_grad():
             model.weight.zero_()
             model.bias.zero_()
-        step = DPLocalStep(DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, n_samples=4,
-                                      delta=DELTA), RDPAccountant())
+        step = DPLocalStep(
+            DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, n_samples=4, delta=DELTA),
+            RDPAccountant(),
+        )
         opt = step.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=1.0))
         opt.step()  # an empty batch: the update is the noise alone
         noises.append(model.weight.detach().clone())
@@ -253,15 +261,21 @@ def test_noise_and_samples_come_from_the_os_not_from_any_seed(tmp_path: Path) ->
 def test_under_dp_no_loss_or_timing_leaves_and_without_dp_no_epsilon() -> None:
     arrays = {"backbone.final_norm.weight": np.ones(3, dtype=np.float32)}
     dp_round = PrivacySpend(epsilon=1.5, delta=DELTA, noise_multiplier=1.1)
-    ok = TrainReply(arrays=arrays, num_examples=8, group_examples={"shared": 8}, rate_min=0.1, rate_max=2.0,
-                    dp=dp_round)
+    ok = TrainReply(
+        arrays=arrays, num_examples=8, group_examples={"shared": 8}, rate_min=0.1, rate_max=2.0, dp=dp_round
+    )
     assert ok.dp == dp_round
     for leak in ({"train_seconds": 3.2}, {"client_seconds": 3.5}, {"losses": {"total": 1.0}}, {"grad_norm": 0.3}):
         with pytest.raises(ValueError, match="a DP update carries no"):
             TrainReply(arrays=arrays, num_examples=8, group_examples={"shared": 8}, dp=dp_round, **leak)
     with pytest.raises(ValueError, match="without DP carries no privacy spend"):
-        TrainReply(arrays=arrays, num_examples=8, group_examples={"shared": 8}, train_seconds=1.0,
-                   dp=PrivacySpend(epsilon=0.0, delta=DELTA))
+        TrainReply(
+            arrays=arrays,
+            num_examples=8,
+            group_examples={"shared": 8},
+            train_seconds=1.0,
+            dp=PrivacySpend(epsilon=0.0, delta=DELTA),
+        )
     # A refusal may say how much the site has spent (why it refuses).
     assert TrainReply.refused("cap", dp=PrivacySpend(epsilon=8.0, delta=DELTA)).dp is not None
 
@@ -287,7 +301,9 @@ def test_make_private_training_refuses_before_reserving(tmp_path: Path) -> None:
     with pytest.raises(PrivacyRefused, match=r"dp.delta .*delta 0.1 is above 1/n = 1/20"):
         dp_settings(request(), wide, n_samples=20)
     with pytest.raises(PrivacyRefused, match="cap 0.5"):
-        make_private_training(data, list, request(), budget.model_copy(update={"epsilon_cap": 0.5}), PrivacyLedger(tmp_path))
+        make_private_training(
+            data, list, request(), budget.model_copy(update={"epsilon_cap": 0.5}), PrivacyLedger(tmp_path)
+        )
     assert not (tmp_path / LEDGER_FILE).exists()
 
     private = make_private_training(data, list, request(), budget, PrivacyLedger(tmp_path))

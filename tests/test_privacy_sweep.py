@@ -42,19 +42,34 @@ def compose_cfg(name: str, overrides: list[str]):
 
 
 def test_run_config_privacy_reaches_the_round_config(tmp_path: Path) -> None:
-    cfg = FederationConfig.from_run_config({
-        "out-dir": str(tmp_path), "model": "tiny", "privacy-target-epsilon": 3.0, "privacy-delta": 1e-6,
-        "privacy-max-grad-norm": 0.5, "privacy-noise-multiplier": 0,  # 0: unset (a run config holds no null)
-    })
+    cfg = FederationConfig.from_run_config(
+        {
+            "out-dir": str(tmp_path),
+            "model": "tiny",
+            "privacy-target-epsilon": 3.0,
+            "privacy-delta": 1e-6,
+            "privacy-max-grad-norm": 0.5,
+            "privacy-noise-multiplier": 0,  # 0: unset (a run config holds no null)
+        }
+    )
     assert cfg.privacy == PrivacyRequest(target_epsilon=3.0, delta=1e-6, max_grad_norm=0.5)
-    flat = RoundConfig(round=1, rounds=2, local_steps=3, lr=1e-3, setup_sha256="x", **cfg.privacy.round_fields()).to_flat()
+    flat = RoundConfig(
+        round=1, rounds=2, local_steps=3, lr=1e-3, setup_sha256="x", **cfg.privacy.round_fields()
+    ).to_flat()
     sent = RoundConfig.from_flat(flat)
     assert (sent.dp, sent.dp_target_epsilon, sent.dp_noise_multiplier, sent.dp_max_grad_norm) == (True, 3.0, None, 0.5)
-    assert RoundConfig.from_flat(RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, setup_sha256="x",
-                                             **PrivacyRequest().round_fields()).to_flat()).dp is False
+    assert (
+        RoundConfig.from_flat(
+            RoundConfig(
+                round=1, rounds=1, local_steps=1, lr=1e-3, setup_sha256="x", **PrivacyRequest().round_fields()
+            ).to_flat()
+        ).dp
+        is False
+    )
     with pytest.raises(ValueError, match="target_epsilon .*or noise_multiplier"):
-        FederationConfig.from_run_config({"out-dir": str(tmp_path), "model": "tiny", "privacy-target-epsilon": 3.0,
-                                          "privacy-noise-multiplier": 1.1})
+        FederationConfig.from_run_config(
+            {"out-dir": str(tmp_path), "model": "tiny", "privacy-target-epsilon": 3.0, "privacy-noise-multiplier": 1.1}
+        )
 
 
 def test_hydra_privacy_group_and_simulated_site_policy(tmp_path: Path) -> None:
@@ -75,7 +90,9 @@ def test_hydra_privacy_group_and_simulated_site_policy(tmp_path: Path) -> None:
 
 
 def test_resume_accepts_an_older_checkpoint_but_not_a_changed_privacy_request(tmp_path: Path) -> None:
-    cfg = FederationConfig(out_dir=tmp_path, model=load_model_config("tiny"), privacy=PrivacyRequest(target_epsilon=3.0))
+    cfg = FederationConfig(
+        out_dir=tmp_path, model=load_model_config("tiny"), privacy=PrivacyRequest(target_epsilon=3.0)
+    )
     server = FederationServer(None, cfg)  # type: ignore[arg-type]
     saved = cfg.model_dump(mode="json")
     server._check_resumable(saved)
@@ -86,8 +103,10 @@ def test_resume_accepts_an_older_checkpoint_but_not_a_changed_privacy_request(tm
 
 
 def test_privacy_table_columns() -> None:
-    rows = [compare.SummaryRow(method=m, horizon=h, auroc=a, ece=0.1, pairs=2, n=20)
-            for m, h, a in (("eps=1", 30, 0.55), ("eps=1", 365, 0.6), ("no DP", 30, 0.7), ("no DP", 365, 0.75))]
+    rows = [
+        compare.SummaryRow(method=m, horizon=h, auroc=a, ece=0.1, pairs=2, n=20)
+        for m, h, a in (("eps=1", 30, 0.55), ("eps=1", 365, 0.6), ("no DP", 30, 0.7), ("no DP", 365, 0.75))
+    ]
     table = compare.privacy_table(rows, {"eps=1": 1.0, "no DP": None}, {"eps=1": {"a": 0.98765, "b": 1.0}})
     lines = table.splitlines()
     assert lines[0] == "| target epsilon | AUROC / ECE 30 d | AUROC / ECE 365 d | spent at a | spent at b |"
@@ -114,13 +133,27 @@ def test_a_foreign_output_directory_is_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
-    cfg = compose_cfg("privacy_sweep", [
-        f"out_dir={out / 'run'}", f"data_dir={out / 'data'}", "scenario=tiny", "n_subjects=60", f"epsilons=[{TARGET},null]",
-        f"federation.rounds={ROUNDS}", f"federation.local_steps={LOCAL_STEPS}", "federation.batch_size=8",
-        "federation.max_events=32", "federation.max_patches=6", "federation.vocab_min_subjects=5",
-        "federation.site.min_code_subjects=5", "federation.site.min_report_subjects=2",
-        "federation.eval_tasks=[onset_hypertension_365d]", "eval.n_boot=20", "eval.n_per_subject=4",
-    ])
+    cfg = compose_cfg(
+        "privacy_sweep",
+        [
+            f"out_dir={out / 'run'}",
+            f"data_dir={out / 'data'}",
+            "scenario=tiny",
+            "n_subjects=60",
+            f"epsilons=[{TARGET},null]",
+            f"federation.rounds={ROUNDS}",
+            f"federation.local_steps={LOCAL_STEPS}",
+            "federation.batch_size=8",
+            "federation.max_events=32",
+            "federation.max_patches=6",
+            "federation.vocab_min_subjects=5",
+            "federation.site.min_code_subjects=5",
+            "federation.site.min_report_subjects=2",
+            "federation.eval_tasks=[onset_hypertension_365d]",
+            "eval.n_boot=20",
+            "eval.n_per_subject=4",
+        ],
+    )
     assert privacy_sweep.run(cfg) == out / "run" / "privacy.md"
     return out / "run"
 

@@ -33,8 +33,12 @@ from server.server_app import FederationServer
 
 
 def _registry() -> SiteRegistry:
-    return SiteRegistry(sites=[RegisteredSite(name="hospital", public_key="ecdsa-sha2-nistp384 AAA1", node_id=11),
-                               RegisteredSite(name="biobank", public_key="ecdsa-sha2-nistp384 AAA2", node_id=22)])
+    return SiteRegistry(
+        sites=[
+            RegisteredSite(name="hospital", public_key="ecdsa-sha2-nistp384 AAA1", node_id=11),
+            RegisteredSite(name="biobank", public_key="ecdsa-sha2-nistp384 AAA2", node_id=22),
+        ]
+    )
 
 
 def test_only_registered_nodes_are_admitted_under_their_registered_names() -> None:
@@ -81,8 +85,11 @@ def test_the_proxy_forwards_only_the_fleet_routes(tmp_path: Path) -> None:
     if nginx is None:
         pytest.skip("nginx is not installed (make setup-system)")
     conf = write_nginx_config(paths, "127.0.0.1", 9093, 41000)
-    check = subprocess.run([nginx, "-p", str(paths.server_dir), "-e", str(tmp_path / "err.log"), "-c", str(conf), "-t"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [nginx, "-p", str(paths.server_dir), "-e", str(tmp_path / "err.log"), "-c", str(conf), "-t"],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -106,14 +113,20 @@ class _Grid:
         return replies
 
 
-def test_the_server_asks_only_registered_nodes_and_binds_their_names(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_server_asks_only_registered_nodes_and_binds_their_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # as inside a ServerApp run
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     write_registry(tmp_path / "registry.json", _registry())
-    cfg = FederationConfig(out_dir=tmp_path / "run", model=load_model_config("tiny"), min_nodes=2,
-                           registry=tmp_path / "registry.json", timeout_s=5)
+    cfg = FederationConfig(
+        out_dir=tmp_path / "run",
+        model=load_model_config("tiny"),
+        min_nodes=2,
+        registry=tmp_path / "registry.json",
+        timeout_s=5,
+    )
     # Node 22 is registered as biobank but claims to be the hospital; 33 is not registered.
     grid = _Grid({11: "hospital", 22: "hospital", 33: "rogue"})
     server = FederationServer(grid, cfg)

@@ -25,16 +25,30 @@ ROUNDS, LOCAL_STEPS = 2, 3
 
 
 def _row(method: str, task: str, horizon: int, auroc: float, ece: float, n: int = 10) -> ResultRow:
-    return ResultRow(method=method, task=task, horizon=horizon, n=n, n_pos=3, auroc=auroc, auroc_ci=(0.0, 1.0),
-                     auprc=0.5, ece=ece, brier=0.2)
+    return ResultRow(
+        method=method,
+        task=task,
+        horizon=horizon,
+        n=n,
+        n_pos=3,
+        auroc=auroc,
+        auroc_ci=(0.0, 1.0),
+        auprc=0.5,
+        ece=ece,
+        brier=0.2,
+    )
 
 
 def test_summarize_averages_over_pairs_every_method_has() -> None:
     per_site = {
-        "a": {"m1": MethodResult(rows=[_row("m1", "t2d", 30, 0.6, 0.1), _row("m1", "t2d", 365, 0.7, 0.2)]),
-              "m2": MethodResult(rows=[_row("m2", "t2d", 30, 0.8, 0.3)])},
-        "b": {"m1": MethodResult(rows=[_row("m1", "t2d", 30, 0.9, 0.3), _row("m1", "cad", 30, 0.1, 0.9)]),
-              "m2": MethodResult(rows=[_row("m2", "t2d", 30, 0.5, 0.1), _row("m2", "cad", 30, float("nan"), 0.5)])},
+        "a": {
+            "m1": MethodResult(rows=[_row("m1", "t2d", 30, 0.6, 0.1), _row("m1", "t2d", 365, 0.7, 0.2)]),
+            "m2": MethodResult(rows=[_row("m2", "t2d", 30, 0.8, 0.3)]),
+        },
+        "b": {
+            "m1": MethodResult(rows=[_row("m1", "t2d", 30, 0.9, 0.3), _row("m1", "cad", 30, 0.1, 0.9)]),
+            "m2": MethodResult(rows=[_row("m2", "t2d", 30, 0.5, 0.1), _row("m2", "cad", 30, float("nan"), 0.5)]),
+        },
     }
     rows = compare.summarize(per_site, ["m1", "m2"])
     # 365 d: only m1 has it; cad at b: m2's AUROC is NaN -> neither pair counts.
@@ -56,12 +70,26 @@ def test_modality_removal_refuses_unknown_modality() -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    rc = demo.main([
-        "--out", str(out / "run"), "--rounds", str(ROUNDS), "--local-steps", str(LOCAL_STEPS),
-        "scenario=tiny", "n_subjects=60", f"data_dir={out / 'data'}", "eval.n_boot=20", "eval.n_per_subject=4",
-        "progress=false", "federation.vocab_min_subjects=5", "federation.site.min_code_subjects=5",
-        "federation.site.min_report_subjects=2", "federation.eval_tasks=[onset_hypertension_365d]",
-    ])
+    rc = demo.main(
+        [
+            "--out",
+            str(out / "run"),
+            "--rounds",
+            str(ROUNDS),
+            "--local-steps",
+            str(LOCAL_STEPS),
+            "scenario=tiny",
+            "n_subjects=60",
+            f"data_dir={out / 'data'}",
+            "eval.n_boot=20",
+            "eval.n_per_subject=4",
+            "progress=false",
+            "federation.vocab_min_subjects=5",
+            "federation.site.min_code_subjects=5",
+            "federation.site.min_report_subjects=2",
+            "federation.eval_tasks=[onset_hypertension_365d]",
+        ]
+    )
     assert rc == 0
     return out / "run"
 
@@ -96,7 +124,10 @@ def test_report_compares_every_method_per_site_and_horizon(demo_run: Path) -> No
 
 def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
     data = json.loads((demo_run / "comparison.json").read_text())
-    assert data["budgets"] == {"per_site_steps": ROUNDS * LOCAL_STEPS, "centralized_steps": ROUNDS * LOCAL_STEPS * len(SITES)}
+    assert data["budgets"] == {
+        "per_site_steps": ROUNDS * LOCAL_STEPS,
+        "centralized_steps": ROUNDS * LOCAL_STEPS * len(SITES),
+    }
     rounds = {e["round"]: e for e in read_events(demo_run / "federation" / "rounds.jsonl") if e["event"] == "round"}
     assert sorted(rounds) == list(range(1, ROUNDS + 1))
     for r, event in rounds.items():
@@ -112,9 +143,13 @@ def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
     keys = set(data["missing_modality"])
     assert {"biobank|genomics|federated", "genomics|genomics|federated"} <= keys
     for value in data["missing_modality"].values():  # same rows and labels: the same tasks evaluated
-        assert {(r["task"], r["horizon"]) for r in value["with"]} == {(r["task"], r["horizon"]) for r in value["without"]}
-        assert all(r["method"].endswith(" without genomics") or r["method"].endswith(" without wearables")
-                   for r in value["without"])
+        assert {(r["task"], r["horizon"]) for r in value["with"]} == {
+            (r["task"], r["horizon"]) for r in value["without"]
+        }
+        assert all(
+            r["method"].endswith(" without genomics") or r["method"].endswith(" without wearables")
+            for r in value["without"]
+        )
 
 
 def test_a_foreign_output_directory_is_refused(tmp_path: Path) -> None:

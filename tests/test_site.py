@@ -19,8 +19,10 @@ from healthfm_core.data.vocab import build_vocabulary
 def test_open_site_reads_events_wearables_splits_and_codes(site_tables, write_site):
     site = open_site(write_site(site_tables))
     assert isinstance(site, Site)
-    assert [p.relative_to(site.root).as_posix() for p in site.data_files] == ["data/held_out/0.parquet",
-                                                                                "data/train/0.parquet"]
+    assert [p.relative_to(site.root).as_posix() for p in site.data_files] == [
+        "data/held_out/0.parquet",
+        "data/train/0.parquet",
+    ]
     assert site.modalities == ["ehr", "wearables", "genomics"]
     assert site.subject_counts == {"ehr": 2, "wearables": 2, "genomics": 2}
     assert site.modality_subjects("genomics").tolist() == [1, 3]
@@ -42,15 +44,18 @@ def test_open_site_reads_events_wearables_splits_and_codes(site_tables, write_si
     assert site.read_wearables([3]).num_rows == 0
 
     assert sorted(site.subject_splits().to_pylist(), key=lambda r: r["subject_id"]) == [
-        {"subject_id": 1, "split": "train"}, {"subject_id": 2, "split": "train"},
-        {"subject_id": 3, "split": "held_out"}]
+        {"subject_id": 1, "split": "train"},
+        {"subject_id": 2, "split": "train"},
+        {"subject_id": 3, "split": "held_out"},
+    ]
     assert "LAB//51087//UNK" in site.code_metadata().column("code").to_pylist()
 
 
 def test_read_events_adds_missing_numeric_value(site_tables, write_site):
     site_tables.shards[HELD] = site_tables.shards[HELD].drop_columns(["numeric_value"])
     site_tables.shards[HELD] = site_tables.shards[HELD].filter(
-        pc.invert(pc.starts_with(site_tables.shards[HELD].column("code"), PRS_PREFIX)))
+        pc.invert(pc.starts_with(site_tables.shards[HELD].column("code"), PRS_PREFIX))
+    )
     site = open_site(write_site(site_tables))
     ev = site.read_events([3])
     assert ev.schema.field("numeric_value").type == pa.float32()
@@ -146,6 +151,16 @@ def test_a_polars_export_gives_the_same_vocabulary_and_sequences(site_tables, wr
     vocab = build_vocabulary([site_code_stats(canonical, min_subjects=1)], min_subjects=1)
     assert build_vocabulary([site_code_stats(site, min_subjects=1)], min_subjects=1) == vocab
     a, b = SiteSequences.from_site(canonical, vocab), SiteSequences.from_site(site, vocab)
-    for name in ("subject_ids", "ev_offsets", "ev_time_us", "ev_codes", "ev_values", "st_offsets", "st_codes",
-                 "prs", "prs_valid", "birth_us"):
+    for name in (
+        "subject_ids",
+        "ev_offsets",
+        "ev_time_us",
+        "ev_codes",
+        "ev_values",
+        "st_offsets",
+        "st_codes",
+        "prs",
+        "prs_valid",
+        "birth_us",
+    ):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name

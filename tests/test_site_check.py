@@ -35,7 +35,6 @@ def retype(table: pa.Table, column: str, type_: pa.DataType) -> pa.Table:
     return table.set_column(idx, pa.field(column, type_), table.column(column).cast(type_))
 
 
-
 # --------------------------------------------------------------------------------------------
 # A valid site
 
@@ -81,12 +80,26 @@ def test_modalities_follow_the_data(site_tables, write_site):
 
 
 def test_problem_reads_as_one_line():
-    p = SiteProblem(severity="error", file="data/0.parquet", column="time", row=3, subject_id=7,
-                    value="2150-01-01T00:00:00", message="time goes backwards")
+    p = SiteProblem(
+        severity="error",
+        file="data/0.parquet",
+        column="time",
+        row=3,
+        subject_id=7,
+        value="2150-01-01T00:00:00",
+        message="time goes backwards",
+    )
     line = str(p)
     assert "\n" not in line
-    for part in ("ERROR", "data/0.parquet", "column time", "row 3", "subject 7", "'2150-01-01T00:00:00'",
-                 "time goes backwards"):
+    for part in (
+        "ERROR",
+        "data/0.parquet",
+        "column time",
+        "row 3",
+        "subject 7",
+        "'2150-01-01T00:00:00'",
+        "time goes backwards",
+    ):
         assert part in line
 
 
@@ -100,7 +113,6 @@ def test_meds_sample_datasets_are_accepted(meds_sample_sites):
         assert report.summary.n_subjects == 6
         strict = check_site(root, strict=True)
         assert not strict.ok and {p.kind for p in strict.errors} == {"unlisted_code"}
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,10 +156,13 @@ ALLOWED = {
     "static rows last": _all_shards(_static_last),
     "static row between timed rows": _shard(_static_middle),
     "code large_string": _all_shards(lambda t: retype(t, "code", pa.large_string())),
-    "code categorical (dictionary)": _all_shards(lambda t: t.set_column(2, "code", t.column("code").dictionary_encode())),
+    "code categorical (dictionary)": _all_shards(
+        lambda t: t.set_column(2, "code", t.column("code").dictionary_encode())
+    ),
     "text_value string": _shard(lambda t: t.append_column("text_value", pa.array(["note"] * t.num_rows, pa.string()))),
-    "text_value large_string": _shard(lambda t: t.append_column(
-        "text_value", pa.array(["note"] * t.num_rows, pa.large_string()))),
+    "text_value large_string": _shard(
+        lambda t: t.append_column("text_value", pa.array(["note"] * t.num_rows, pa.large_string()))
+    ),
     "numeric_value float64": _all_shards(lambda t: retype(t, "numeric_value", pa.float64())),
     "time timestamp[ms]": _all_shards(lambda t: retype(t, "time", pa.timestamp("ms"))),
     "time timestamp[ns]": _all_shards(lambda t: retype(t, "time", pa.timestamp("ns"))),
@@ -190,9 +205,25 @@ def test_a_site_written_by_polars_passes_and_reads_static_rows_first(site_tables
 
 def test_hospital_scenario_sites_pass_check(tmp_path):
     """The hospital scenario writes sites as a polars MEDS export does (static rows last, large_string)."""
-    res = subprocess.run([sys.executable, "-m", "healthfm_core.data.synthetic", str(tmp_path / "fed"), "--scenario",
-                          "hospital", "--seed", "0", "--n-subjects", "30", "--quiet"], capture_output=True, text=True,
-                         timeout=300, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "healthfm_core.data.synthetic",
+            str(tmp_path / "fed"),
+            "--scenario",
+            "hospital",
+            "--seed",
+            "0",
+            "--n-subjects",
+            "30",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     roots = sorted((tmp_path / "fed" / "sites").iterdir())
     assert roots
@@ -248,13 +279,22 @@ def test_a_column_declared_in_dataset_json_is_not_warned_about(site_tables, writ
 
 def test_the_count_of_problems_is_true_when_lines_are_cut(site_tables, write_site):
     n_subj = 100
-    rows = [(s, datetime(2150, 1, 1) + timedelta(days=d), "LAB//51087//UNK", float("nan") if d == 1 else 1.0)
-            for s in range(10, 10 + n_subj) for d in range(3)]
+    rows = [
+        (s, datetime(2150, 1, 1) + timedelta(days=d), "LAB//51087//UNK", float("nan") if d == 1 else 1.0)
+        for s in range(10, 10 + n_subj)
+        for d in range(3)
+    ]
     cols = list(zip(*rows))
-    site_tables.shards = {TRAIN: pa.table({"subject_id": pa.array(cols[0], pa.int64()),
-                                           "time": pa.array(cols[1], pa.timestamp("us")),
-                                           "code": pa.array(cols[2], pa.string()),
-                                           "numeric_value": pa.array(cols[3], pa.float32())})}
+    site_tables.shards = {
+        TRAIN: pa.table(
+            {
+                "subject_id": pa.array(cols[0], pa.int64()),
+                "time": pa.array(cols[1], pa.timestamp("us")),
+                "code": pa.array(cols[2], pa.string()),
+                "numeric_value": pa.array(cols[3], pa.float32()),
+            }
+        )
+    }
     site_tables.splits = None
     site_tables.wearables = {}
     report = check_site(write_site(site_tables))
@@ -272,9 +312,16 @@ def test_the_count_of_problems_is_true_when_lines_are_cut(site_tables, write_sit
 def _own_labels(root: Path, subjects: list[int], times: list[datetime]) -> Path:
     path = root / "tasks" / "readmission" / "labels.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"subject_id": pa.array(subjects, pa.int64()),
-                             "prediction_time": pa.array(times, pa.timestamp("us")),
-                             "boolean_value": pa.array([True] * len(subjects))}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array(subjects, pa.int64()),
+                "prediction_time": pa.array(times, pa.timestamp("us")),
+                "boolean_value": pa.array([True] * len(subjects)),
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -284,10 +331,16 @@ def test_site_labels_of_an_unknown_subject_are_an_error_naming_file_column_value
     report = check_site(root)
     assert not report.ok
     (p,) = report.errors
-    assert (p.kind, p.file, p.column, p.value) == ("bad_site_labels", "tasks/readmission/labels.parquet",
-                                                    "subject_id", "77")
-    assert str(p) == ("ERROR tasks/readmission/labels.parquet, column subject_id: not a subject of this site "
-                      "(1 row(s) with unknown subjects) (value '77')")
+    assert (p.kind, p.file, p.column, p.value) == (
+        "bad_site_labels",
+        "tasks/readmission/labels.parquet",
+        "subject_id",
+        "77",
+    )
+    assert str(p) == (
+        "ERROR tasks/readmission/labels.parquet, column subject_id: not a subject of this site "
+        "(1 row(s) with unknown subjects) (value '77')"
+    )
 
 
 def test_valid_site_labels_are_listed_in_the_summary(site_tables, write_site):
@@ -357,8 +410,9 @@ def _drop_split_row(tables: Any) -> None:
 
 
 def _split_unknown_subject(tables: Any) -> None:
-    tables.splits = pa.concat_tables([tables.splits, pa.table({"subject_id": pa.array([99], pa.int64()),
-                                                               "split": ["tuning"]})])
+    tables.splits = pa.concat_tables(
+        [tables.splits, pa.table({"subject_id": pa.array([99], pa.int64()), "split": ["tuning"]})]
+    )
 
 
 def _unlisted(tables: Any) -> None:
@@ -370,70 +424,269 @@ def _bad_dataset_json(tables: Any) -> None:
 
 
 BROKEN = [
-    Broken("missing column", _shard(lambda t: t.drop_columns(["code"])), "missing_column", "data/train/0.parquet",
-           column="code"),
+    Broken(
+        "missing column",
+        _shard(lambda t: t.drop_columns(["code"])),
+        "missing_column",
+        "data/train/0.parquet",
+        column="code",
+    ),
     # float64 numeric_value and timestamp[ms] time are read cast, as MEDS's align reads them (see
     # ALLOWED below); text where a number or time belongs is not guessed at.
-    Broken("wrong dtype numeric_value", _shard(lambda t: retype(t, "numeric_value", pa.string())), "wrong_dtype",
-           "data/train/0.parquet", column="numeric_value", value="string"),
-    Broken("wrong dtype subject_id", _shard(lambda t: retype(t, "subject_id", pa.string()), HELD), "wrong_dtype",
-           "data/held_out/0.parquet", column="subject_id", value="string"),
-    Broken("wrong dtype time as text", _shard(lambda t: retype(t, "time", pa.string())), "wrong_dtype",
-           "data/train/0.parquet", column="time", value="string"),
-    Broken("wrong dtype code", _shard(lambda t: t.set_column(2, "code", pa.array(range(t.num_rows), pa.int64()))),
-           "wrong_dtype", "data/train/0.parquet", column="code", value="int64"),
-    Broken("time with nanoseconds", _shard(lambda t: t.set_column(1, "time", pc.add(
-        t.column("time").cast(pa.timestamp("ns")), pa.scalar(7, pa.duration("ns"))))), "bad_value",
-           "data/train/0.parquet", column="time", value="lose data"),
-    Broken("subject_id beyond int64", _shard(lambda t: t.set_column(0, "subject_id", pa.array(
-        [2**63 + i for i in t.column("subject_id").to_pylist()], pa.uint64())), HELD), "bad_value",
-           "data/held_out/0.parquet", column="subject_id", value="9223372036854775811"),
-    Broken("null subject_id", _shard(lambda t: set_cell(t, "subject_id", 5, None)), "null_value",
-           "data/train/0.parquet", column="subject_id", row=5, value="null"),
-    Broken("null code", _shard(lambda t: set_cell(t, "code", 4, None)), "null_value", "data/train/0.parquet",
-           column="code", row=4, subject_id=1),
-    Broken("empty code", _shard(lambda t: set_cell(t, "code", 4, "  ")), "empty_code", "data/train/0.parquet",
-           column="code", row=4, subject_id=1),
-    Broken("unsorted times", _shard(lambda t: _swap_rows(t, 8, 10)), "unsorted_time", "data/train/0.parquet",
-           column="time", row=9, subject_id=2, value="2150-03-04"),
-    Broken("timed row before a static row goes backwards", _shard(lambda t: _swap_rows(t, 2, 3)), "unsorted_time",
-           "data/train/0.parquet", column="time", row=3, subject_id=1, value="2090-05-17"),
-    Broken("subject not contiguous", _shard(lambda t: _swap_rows(t, 6, 7)), "subject_not_contiguous",
-           "data/train/0.parquet", column="subject_id", subject_id=1, row=7),
-    Broken("subject split across shards", _move_subject_1_row_to_held_out, "subject_in_many_shards",
-           "data/train/0.parquet", column="subject_id", subject_id=1),
-    Broken("NaN value", _shard(lambda t: set_cell(t, "numeric_value", 4, float("nan"))), "non_finite_value",
-           "data/train/0.parquet", column="numeric_value", row=4, subject_id=1, value="nan"),
-    Broken("Inf value", _shard(lambda t: set_cell(t, "numeric_value", 9, float("-inf"))), "non_finite_value",
-           "data/train/0.parquet", column="numeric_value", row=9, subject_id=2, value="-inf"),
-    Broken("PRS without score", _shard(lambda t: set_cell(t, "numeric_value", 0, None), HELD), "prs_without_value",
-           "data/held_out/0.parquet", column="numeric_value", row=0, subject_id=3, value="PRS//T2D"),
-    Broken("unknown code (strict)", _unlisted, "unlisted_code", "data/train/0.parquet", column="code", row=9,
-           subject_id=2, value="LAB//99999//mg/dL", strict=True),
+    Broken(
+        "wrong dtype numeric_value",
+        _shard(lambda t: retype(t, "numeric_value", pa.string())),
+        "wrong_dtype",
+        "data/train/0.parquet",
+        column="numeric_value",
+        value="string",
+    ),
+    Broken(
+        "wrong dtype subject_id",
+        _shard(lambda t: retype(t, "subject_id", pa.string()), HELD),
+        "wrong_dtype",
+        "data/held_out/0.parquet",
+        column="subject_id",
+        value="string",
+    ),
+    Broken(
+        "wrong dtype time as text",
+        _shard(lambda t: retype(t, "time", pa.string())),
+        "wrong_dtype",
+        "data/train/0.parquet",
+        column="time",
+        value="string",
+    ),
+    Broken(
+        "wrong dtype code",
+        _shard(lambda t: t.set_column(2, "code", pa.array(range(t.num_rows), pa.int64()))),
+        "wrong_dtype",
+        "data/train/0.parquet",
+        column="code",
+        value="int64",
+    ),
+    Broken(
+        "time with nanoseconds",
+        _shard(
+            lambda t: t.set_column(
+                1, "time", pc.add(t.column("time").cast(pa.timestamp("ns")), pa.scalar(7, pa.duration("ns")))
+            )
+        ),
+        "bad_value",
+        "data/train/0.parquet",
+        column="time",
+        value="lose data",
+    ),
+    Broken(
+        "subject_id beyond int64",
+        _shard(
+            lambda t: t.set_column(
+                0, "subject_id", pa.array([2**63 + i for i in t.column("subject_id").to_pylist()], pa.uint64())
+            ),
+            HELD,
+        ),
+        "bad_value",
+        "data/held_out/0.parquet",
+        column="subject_id",
+        value="9223372036854775811",
+    ),
+    Broken(
+        "null subject_id",
+        _shard(lambda t: set_cell(t, "subject_id", 5, None)),
+        "null_value",
+        "data/train/0.parquet",
+        column="subject_id",
+        row=5,
+        value="null",
+    ),
+    Broken(
+        "null code",
+        _shard(lambda t: set_cell(t, "code", 4, None)),
+        "null_value",
+        "data/train/0.parquet",
+        column="code",
+        row=4,
+        subject_id=1,
+    ),
+    Broken(
+        "empty code",
+        _shard(lambda t: set_cell(t, "code", 4, "  ")),
+        "empty_code",
+        "data/train/0.parquet",
+        column="code",
+        row=4,
+        subject_id=1,
+    ),
+    Broken(
+        "unsorted times",
+        _shard(lambda t: _swap_rows(t, 8, 10)),
+        "unsorted_time",
+        "data/train/0.parquet",
+        column="time",
+        row=9,
+        subject_id=2,
+        value="2150-03-04",
+    ),
+    Broken(
+        "timed row before a static row goes backwards",
+        _shard(lambda t: _swap_rows(t, 2, 3)),
+        "unsorted_time",
+        "data/train/0.parquet",
+        column="time",
+        row=3,
+        subject_id=1,
+        value="2090-05-17",
+    ),
+    Broken(
+        "subject not contiguous",
+        _shard(lambda t: _swap_rows(t, 6, 7)),
+        "subject_not_contiguous",
+        "data/train/0.parquet",
+        column="subject_id",
+        subject_id=1,
+        row=7,
+    ),
+    Broken(
+        "subject split across shards",
+        _move_subject_1_row_to_held_out,
+        "subject_in_many_shards",
+        "data/train/0.parquet",
+        column="subject_id",
+        subject_id=1,
+    ),
+    Broken(
+        "NaN value",
+        _shard(lambda t: set_cell(t, "numeric_value", 4, float("nan"))),
+        "non_finite_value",
+        "data/train/0.parquet",
+        column="numeric_value",
+        row=4,
+        subject_id=1,
+        value="nan",
+    ),
+    Broken(
+        "Inf value",
+        _shard(lambda t: set_cell(t, "numeric_value", 9, float("-inf"))),
+        "non_finite_value",
+        "data/train/0.parquet",
+        column="numeric_value",
+        row=9,
+        subject_id=2,
+        value="-inf",
+    ),
+    Broken(
+        "PRS without score",
+        _shard(lambda t: set_cell(t, "numeric_value", 0, None), HELD),
+        "prs_without_value",
+        "data/held_out/0.parquet",
+        column="numeric_value",
+        row=0,
+        subject_id=3,
+        value="PRS//T2D",
+    ),
+    Broken(
+        "unknown code (strict)",
+        _unlisted,
+        "unlisted_code",
+        "data/train/0.parquet",
+        column="code",
+        row=9,
+        subject_id=2,
+        value="LAB//99999//mg/dL",
+        strict=True,
+    ),
     Broken("unreadable parquet", _unreadable, "unreadable", "data/train/1.parquet"),
     Broken("empty data", _empty_data, "empty_data", "data"),
     Broken("no data directory", _no_data_dir, "empty_data", "data"),
-    Broken("splits miss a subject", _drop_split_row, "split_missing_subject", "metadata/subject_splits.parquet",
-           column="subject_id", subject_id=3),
-    Broken("splits name an unknown subject", _split_unknown_subject, "split_unknown_subject",
-           "metadata/subject_splits.parquet", column="subject_id", row=3, subject_id=99),
-    Broken("dataset.json off schema", _bad_dataset_json, "bad_dataset_metadata", "metadata/dataset.json",
-           column="dataset_name"),
-    Broken("epoch off the 30 s grid", _wear(lambda t: set_cell(t, "time", 3, t.column("time")[3].as_py()
-                                                               + timedelta(seconds=7))),
-           "off_grid", "wearables/0.parquet", column="time", row=3, subject_id=1, value="2150-03-02T00:01:37"),
-    Broken("HR out of range", _wear(lambda t: set_cell(t, "hr_bpm", 10, 300.0)), "out_of_range",
-           "wearables/0.parquet", column="hr_bpm", row=10, subject_id=1, value="300"),
-    Broken("HR too low", _wear(lambda t: set_cell(t, "hr_bpm", 250, 5.0)), "out_of_range",
-           "wearables/0.parquet", column="hr_bpm", row=250, subject_id=2, value="5"),
-    Broken("negative ENMO", _wear(lambda t: set_cell(t, "enmo_mg", 11, -1.0)), "out_of_range",
-           "wearables/0.parquet", column="enmo_mg", row=11, subject_id=1, value="-1"),
-    Broken("NaN ENMO", _wear(lambda t: set_cell(t, "enmo_mg", 12, float("nan"))), "non_finite_value",
-           "wearables/0.parquet", column="enmo_mg", row=12, subject_id=1, value="nan"),
-    Broken("wearables wrong dtype", _wear(lambda t: retype(t, "enmo_mg", pa.float64())), "wrong_dtype",
-           "wearables/0.parquet", column="enmo_mg", value="double"),
-    Broken("wearables missing column", _wear(lambda t: t.drop_columns(["hr_bpm"])), "missing_column",
-           "wearables/0.parquet", column="hr_bpm"),
+    Broken(
+        "splits miss a subject",
+        _drop_split_row,
+        "split_missing_subject",
+        "metadata/subject_splits.parquet",
+        column="subject_id",
+        subject_id=3,
+    ),
+    Broken(
+        "splits name an unknown subject",
+        _split_unknown_subject,
+        "split_unknown_subject",
+        "metadata/subject_splits.parquet",
+        column="subject_id",
+        row=3,
+        subject_id=99,
+    ),
+    Broken(
+        "dataset.json off schema",
+        _bad_dataset_json,
+        "bad_dataset_metadata",
+        "metadata/dataset.json",
+        column="dataset_name",
+    ),
+    Broken(
+        "epoch off the 30 s grid",
+        _wear(lambda t: set_cell(t, "time", 3, t.column("time")[3].as_py() + timedelta(seconds=7))),
+        "off_grid",
+        "wearables/0.parquet",
+        column="time",
+        row=3,
+        subject_id=1,
+        value="2150-03-02T00:01:37",
+    ),
+    Broken(
+        "HR out of range",
+        _wear(lambda t: set_cell(t, "hr_bpm", 10, 300.0)),
+        "out_of_range",
+        "wearables/0.parquet",
+        column="hr_bpm",
+        row=10,
+        subject_id=1,
+        value="300",
+    ),
+    Broken(
+        "HR too low",
+        _wear(lambda t: set_cell(t, "hr_bpm", 250, 5.0)),
+        "out_of_range",
+        "wearables/0.parquet",
+        column="hr_bpm",
+        row=250,
+        subject_id=2,
+        value="5",
+    ),
+    Broken(
+        "negative ENMO",
+        _wear(lambda t: set_cell(t, "enmo_mg", 11, -1.0)),
+        "out_of_range",
+        "wearables/0.parquet",
+        column="enmo_mg",
+        row=11,
+        subject_id=1,
+        value="-1",
+    ),
+    Broken(
+        "NaN ENMO",
+        _wear(lambda t: set_cell(t, "enmo_mg", 12, float("nan"))),
+        "non_finite_value",
+        "wearables/0.parquet",
+        column="enmo_mg",
+        row=12,
+        subject_id=1,
+        value="nan",
+    ),
+    Broken(
+        "wearables wrong dtype",
+        _wear(lambda t: retype(t, "enmo_mg", pa.float64())),
+        "wrong_dtype",
+        "wearables/0.parquet",
+        column="enmo_mg",
+        value="double",
+    ),
+    Broken(
+        "wearables missing column",
+        _wear(lambda t: t.drop_columns(["hr_bpm"])),
+        "missing_column",
+        "wearables/0.parquet",
+        column="hr_bpm",
+    ),
 ]
 
 
@@ -530,8 +783,9 @@ def test_far_future_and_real_codes_are_valid(site_tables, write_site):
 
 def test_null_hr_is_allowed_and_text_value_is_optional(site_tables, write_site):
     t = site_tables.shards[HELD]
-    site_tables.shards[HELD] = t.append_column(pa.field("text_value", pa.large_string()),
-                                               pa.array(["genotyped on array v2", None], pa.large_string()))
+    site_tables.shards[HELD] = t.append_column(
+        pa.field("text_value", pa.large_string()), pa.array(["genotyped on array v2", None], pa.large_string())
+    )
     report = check_site(write_site(site_tables))
     assert report.ok
     assert math.isclose(report.summary.wearable_days, site_tables.n_wear_epochs * EPOCH_SECONDS / 86400)
@@ -543,12 +797,14 @@ def test_large_shard_in_bounded_batches_is_checked(site_tables, write_site):
     sid = np.repeat(np.arange(10, 10 + n_subj, dtype=np.int64), per)
     base = np.datetime64("2150-01-01T00:00:00", "us").astype(np.int64)
     times = base + np.tile(np.arange(per, dtype=np.int64) * 3_600_000_000, n_subj)
-    table = pa.table({
-        "subject_id": sid,
-        "time": pa.array(times, pa.timestamp("us")),
-        "code": pa.array(np.where(np.arange(sid.size) % 2 == 0, "ICD10//I10", "LAB//51087//UNK").tolist()),
-        "numeric_value": pa.array(np.ones(sid.size, np.float32)),
-    })
+    table = pa.table(
+        {
+            "subject_id": sid,
+            "time": pa.array(times, pa.timestamp("us")),
+            "code": pa.array(np.where(np.arange(sid.size) % 2 == 0, "ICD10//I10", "LAB//51087//UNK").tolist()),
+            "numeric_value": pa.array(np.ones(sid.size, np.float32)),
+        }
+    )
     site_tables.shards = {TRAIN: table}
     site_tables.splits = None
     site_tables.wearables = {}

@@ -21,12 +21,14 @@ D = dt.datetime
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
     (tmp_path / "data").mkdir()
-    pl.DataFrame({
-        "subject_id": [1, 1, 1, 2, 2],
-        "time": [D(2110, 1, 1), D(2111, 1, 1), None, D(2112, 1, 1), D(2113, 6, 1)],
-        "code": ["MEDS_BIRTH", "X", "GENDER//F", "X", "Y"],
-        "numeric_value": pl.Series([None] * 5, dtype=pl.Float32),
-    }).write_parquet(tmp_path / "data" / "0.parquet")  # polars: large_string code, static row last
+    pl.DataFrame(
+        {
+            "subject_id": [1, 1, 1, 2, 2],
+            "time": [D(2110, 1, 1), D(2111, 1, 1), None, D(2112, 1, 1), D(2113, 6, 1)],
+            "code": ["MEDS_BIRTH", "X", "GENDER//F", "X", "Y"],
+            "numeric_value": pl.Series([None] * 5, dtype=pl.Float32),
+        }
+    ).write_parquet(tmp_path / "data" / "0.parquet")  # polars: large_string code, static row last
     return tmp_path
 
 
@@ -38,8 +40,17 @@ def _labels(root: Path, name: str, rel: str, **cols: list) -> Path:
 
 
 def test_valid_labels_across_nested_files(site: Path) -> None:
-    _labels(site, "readmission", "held_out/0.parquet", subject_id=[1], prediction_time=[D(2110, 6, 1)], boolean_value=[True])
-    _labels(site, "readmission", "train/0.parquet", subject_id=[2, 2], prediction_time=[D(2112, 1, 1), D(2113, 6, 1)], boolean_value=[False, True])
+    _labels(
+        site, "readmission", "held_out/0.parquet", subject_id=[1], prediction_time=[D(2110, 6, 1)], boolean_value=[True]
+    )
+    _labels(
+        site,
+        "readmission",
+        "train/0.parquet",
+        subject_id=[2, 2],
+        prediction_time=[D(2112, 1, 1), D(2113, 6, 1)],
+        boolean_value=[False, True],
+    )
     assert site_tasks(site) == ["readmission"]
     assert check_site_labels(site, "readmission") == []
     table = read_site_labels(site, "readmission")
@@ -47,8 +58,14 @@ def test_valid_labels_across_nested_files(site: Path) -> None:
 
 
 def test_errors_name_file_column_value(site: Path) -> None:
-    bad = _labels(site, "t", "0.parquet", subject_id=[1, 7, 2], prediction_time=[D(2109, 1, 1), D(2112, 1, 1), D(2120, 1, 1)],
-                  boolean_value=[True, False, True])
+    bad = _labels(
+        site,
+        "t",
+        "0.parquet",
+        subject_id=[1, 7, 2],
+        prediction_time=[D(2109, 1, 1), D(2112, 1, 1), D(2120, 1, 1)],
+        boolean_value=[True, False, True],
+    )
     issues = check_site_labels(site, "t")
     by_col = {(i.column, str(i.value)) for i in issues}
     assert ("subject_id", "7") in by_col

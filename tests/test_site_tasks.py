@@ -84,9 +84,14 @@ def test_eval_config_carries_definitions_and_refuses_names_from_a_peer() -> None
 
 def test_eval_reply_reasons_round_trip_and_are_checked() -> None:
     counts = {"train": SplitCount(rows=30, subjects=22, positives=-1), "held_out": SplitCount(rows=0, subjects=0)}
-    reply = EvalReply(tasks={"onset_t2d_365d": TaskMetrics(n=40, auroc=0.7, auprc=0.2, ece=0.05)},
-                      reasons={"onset_t2d_30d": TaskReason(kind="too_few_subjects", minimum=20, splits=counts),
-                               "readmit": TaskReason(kind="no_labels")}, withheld=2)
+    reply = EvalReply(
+        tasks={"onset_t2d_365d": TaskMetrics(n=40, auroc=0.7, auprc=0.2, ece=0.05)},
+        reasons={
+            "onset_t2d_30d": TaskReason(kind="too_few_subjects", minimum=20, splits=counts),
+            "readmit": TaskReason(kind="no_labels"),
+        },
+        withheld=2,
+    )
     metrics = reply.to_records()
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # a MetricRecord holds numbers only
     assert EvalReply.from_records(metrics) == reply
@@ -101,19 +106,30 @@ def test_eval_reply_reasons_round_trip_and_are_checked() -> None:
     with pytest.raises(ValueError, match="small cell"):
         EvalReply.from_records({**metrics, "onset_t2d_30d.train.subjects": 12})
     with pytest.raises(ValueError, match="onset_t2d_30d.withheld"):
-        EvalReply.from_records({**metrics, "onset_t2d_30d.withheld.bored": 1, "onset_t2d_30d.withheld.too_few_subjects": 0})
+        EvalReply.from_records(
+            {**metrics, "onset_t2d_30d.withheld.bored": 1, "onset_t2d_30d.withheld.too_few_subjects": 0}
+        )
     with pytest.raises(ValueError, match="no reason"):
         EvalReply.from_records({**metrics, "other.train.rows": 3})
     with pytest.raises(ValueError, match="both metrics and a reason"):
         EvalReply.from_records({**metrics, "readmit.auroc": 0.5, "readmit.n": 10})
     with pytest.raises(ValueError, match="unknown split"):
-        EvalReply.from_records({**metrics, "readmit.later.rows": 3, "readmit.later.subjects": 1, "readmit.later.positives": 0})
+        EvalReply.from_records(
+            {**metrics, "readmit.later.rows": 3, "readmit.later.subjects": 1, "readmit.later.positives": 0}
+        )
     rows = outcome_rows(["onset_t2d_365d", "onset_t2d_30d", "readmit"], {"a": reply}, ["a", "b"])
     assert [(s, k, r) for s, k, r, _ in rows] == [
-        ("a", "onset_t2d_365d", "AUROC 0.700"), ("a", "onset_t2d_30d", "no metric"), ("a", "readmit", "no metric"),
-        ("b", "onset_t2d_365d", "no metric"), ("b", "onset_t2d_30d", "no metric"), ("b", "readmit", "no metric")]
+        ("a", "onset_t2d_365d", "AUROC 0.700"),
+        ("a", "onset_t2d_30d", "no metric"),
+        ("a", "readmit", "no metric"),
+        ("b", "onset_t2d_365d", "no metric"),
+        ("b", "onset_t2d_30d", "no metric"),
+        ("b", "readmit", "no metric"),
+    ]
     assert "no reply from this site" in rows[-1][3] and "no labels" in rows[2][3]
-    keys, replies, asked = replies_from_event({"sites": {"a": metrics}, "tasks": ["onset_t2d_365d"], "asked_sites": ["a", "b"]})
+    keys, replies, asked = replies_from_event(
+        {"sites": {"a": metrics}, "tasks": ["onset_t2d_365d"], "asked_sites": ["a", "b"]}
+    )
     assert keys == ["onset_t2d_365d"] and replies == {"a": reply} and asked == ["a", "b"]
     assert outcome_table(keys, replies, asked).count("\n") == 3
 
@@ -146,19 +162,31 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(hospital, tm
     root = Path(site.root)
     # A task only this site labels: its own LabelSchema file under tasks/<name>/.
     events = pl.concat([pl.read_parquet(p, columns=["subject_id", "time"]) for p in (root / "data").rglob("*.parquet")])
-    timed = events.drop_nulls().group_by("subject_id").agg(pl.col("time").min().alias("a"), pl.col("time").max().alias("b"))
+    timed = (
+        events.drop_nulls().group_by("subject_id").agg(pl.col("time").min().alias("a"), pl.col("time").max().alias("b"))
+    )
     timed = timed.sort("subject_id")
     pt = (timed["a"] + (timed["b"] - timed["a"]) / 2).cast(pl.Datetime("us")).to_numpy()
     rng = np.random.default_rng(0)
     (root / "tasks" / "readmit").mkdir(parents=True)
-    pq.write_table(pa.table({"subject_id": pa.array(timed["subject_id"].to_numpy(), pa.int64()),
-                             "prediction_time": pa.array(pt),
-                             "boolean_value": pa.array(rng.random(len(pt)) < 0.4)}),
-                   root / "tasks" / "readmit" / "0.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array(timed["subject_id"].to_numpy(), pa.int64()),
+                "prediction_time": pa.array(pt),
+                "boolean_value": pa.array(rng.random(len(pt)) < 0.4),
+            }
+        ),
+        root / "tasks" / "readmit" / "0.parquet",
+    )
     setup = _setup([root])
     arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
-    cfg = EvalConfig(round=1, tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],
-                     setup_sha256=setup.sha256, n_boot=10)
+    cfg = EvalConfig(
+        round=1,
+        tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],
+        setup_sha256=setup.sha256,
+        n_boot=10,
+    )
     rt = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=2, eval_dir=tmp_path / "eval"))
     reply = EvalReply.from_records(rt.evaluate(setup, arrays, cfg).to_records(), expected=task_keys(cfg.tasks))
     assert set(reply.tasks) | set(reply.reasons) == {"onset_hypertension_365d", "readmit", "elsewhere"}
@@ -187,10 +215,23 @@ def test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_tas
     """Done means (issue 11), small: three EHR-only hospital sites, ACES tasks, 1 round of 2 steps."""
     roots = ",".join(str(s.root) for s in hospital.sites)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.run", f"site_roots=[{roots}]", "tasks=[t2d,hypertension]", "model=tiny",
-           "federation.rounds=1", "federation.local_steps=2", "federation.batch_size=8", "federation.max_events=64",
-           "federation.vocab_min_subjects=5", "federation.site.min_code_subjects=5",
-           "federation.site.min_report_subjects=3", "federation.eval_n_boot=10", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.run",
+        f"site_roots=[{roots}]",
+        "tasks=[t2d,hypertension]",
+        "model=tiny",
+        "federation.rounds=1",
+        "federation.local_steps=2",
+        "federation.batch_size=8",
+        "federation.max_events=64",
+        "federation.vocab_min_subjects=5",
+        "federation.site.min_code_subjects=5",
+        "federation.site.min_report_subjects=3",
+        "federation.eval_n_boot=10",
+        f"hydra.run.dir={out}",
+    ]
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     evaluation = json.loads((out / "evaluation.json").read_text())
@@ -207,8 +248,14 @@ def test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_tas
 
 
 def test_unknown_plus_override_is_an_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "simulations.pretrain", "+site_rootz=[/nowhere]"], check=False,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.pretrain", "+site_rootz=[/nowhere]"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "reads no key 'site_rootz'" in proc.stderr.strip().splitlines()[-1]
 
@@ -221,13 +268,22 @@ def test_own_sites_everywhere_run_pretrain_report(tmp_path: Path) -> None:
     manifest = generate_federation(tmp_path / "data", "hospital", seed=0, n_subjects=300, progress=False)
     roots = "[" + ",".join(str(s.root) for s in manifest.sites) + "]"
     tasks = "tasks=[" + ",".join(str(p) for p in sorted(TASK_DIR.glob("*.yaml"))) + "]"
-    common = [f"site_roots={roots}", tasks, "model=tiny", "federation.rounds=2", "federation.local_steps=5",
-              "federation.vocab_min_subjects=5", "federation.site.min_code_subjects=5",
-              "federation.site.min_report_subjects=5", "federation.eval_n_boot=10"]
+    common = [
+        f"site_roots={roots}",
+        tasks,
+        "model=tiny",
+        "federation.rounds=2",
+        "federation.local_steps=5",
+        "federation.vocab_min_subjects=5",
+        "federation.site.min_code_subjects=5",
+        "federation.site.min_report_subjects=5",
+        "federation.eval_n_boot=10",
+    ]
 
     def job(module: str, *args: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, capture_output=True,
-                              text=True, timeout=3600)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=3600
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     job("simulations.run", *common, f"hydra.run.dir={tmp_path / 'run'}")
@@ -239,12 +295,29 @@ def test_own_sites_everywhere_run_pretrain_report(tmp_path: Path) -> None:
     job("simulations.report", *common, f"out_dir={tmp_path / 'report'}", "eval.n_boot=10", "progress=false")
     report = (tmp_path / "report" / "report.md").read_text()
     table = report.split("## Federated evaluation inside the run: per site and task")[1]
-    assert sum(line.startswith("| ") and "|---" not in line for line in table.split("## Plots")[0].splitlines()) == 1 + 3 * 16
-    assert "oracle" not in json.loads((tmp_path / "report" / "comparison.json").read_text())["rows"][manifest.sites[0].name]
+    assert (
+        sum(line.startswith("| ") and "|---" not in line for line in table.split("## Plots")[0].splitlines())
+        == 1 + 3 * 16
+    )
+    assert (
+        "oracle"
+        not in json.loads((tmp_path / "report" / "comparison.json").read_text())["rows"][manifest.sites[0].name]
+    )
 
-    job("simulations.pretrain", f"site_roots={roots}", tasks, "model=tiny", "train.steps=10", "train.batch_size=8",
-        "data.min_subjects=5", "eval.n_boot=10", "eval.label_efficiency.fractions=[]", "progress=false", "threads=1",
-        f"out_dir={tmp_path / 'pretrain'}")
+    job(
+        "simulations.pretrain",
+        f"site_roots={roots}",
+        tasks,
+        "model=tiny",
+        "train.steps=10",
+        "train.batch_size=8",
+        "data.min_subjects=5",
+        "eval.n_boot=10",
+        "eval.label_efficiency.fractions=[]",
+        "progress=false",
+        "threads=1",
+        f"out_dir={tmp_path / 'pretrain'}",
+    )
     results = json.loads((tmp_path / "pretrain" / "results.json").read_text())["methods"]
     assert "oracle" not in results
     for method, res in results.items():  # pooled probes: every task key has a row or a reason

@@ -61,8 +61,14 @@ def reply(node_id: int, arrays: dict[str, np.ndarray], counts: dict[str, int]) -
 
 def message(node_id: int, content: RecordDict) -> Message:
     metadata = Metadata(
-        run_id=1, message_id=f"reply-{node_id}", src_node_id=node_id, dst_node_id=0,
-        reply_to_message_id=f"train-{node_id}", group_id="1", created_at=time.time(), ttl=3600.0,
+        run_id=1,
+        message_id=f"reply-{node_id}",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id=f"train-{node_id}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
         message_type=MessageType.TRAIN,
     )
     return Message(content, metadata=metadata)
@@ -78,10 +84,23 @@ def strategy(**kwargs) -> ModalityAwareFedAvg:
 
 def sent_to(replies: list[Message]) -> list[Message]:
     """The train messages the replies answer (one per node, as the Grid addresses them)."""
-    return [Message(RecordDict(), metadata=Metadata(
-        run_id=1, message_id=f"train-{r.metadata.src_node_id}", src_node_id=0, dst_node_id=r.metadata.src_node_id,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
-    )) for r in replies]
+    return [
+        Message(
+            RecordDict(),
+            metadata=Metadata(
+                run_id=1,
+                message_id=f"train-{r.metadata.src_node_id}",
+                src_node_id=0,
+                dst_node_id=r.metadata.src_node_id,
+                reply_to_message_id="",
+                group_id="1",
+                created_at=time.time(),
+                ttl=3600.0,
+                message_type=MessageType.TRAIN,
+            ),
+        )
+        for r in replies
+    ]
 
 
 def aggregate(s: ModalityAwareFedAvg, rnd: int, replies: list[Message], **kwargs) -> RoundOutcome:
@@ -95,11 +114,13 @@ def result(arrays: ArrayRecord | dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 def test_hand_computed_average_with_missing_modalities() -> None:
     # Biobank: all groups; hospital: EHR only; genomics cohort: EHR + genomics.
-    biobank = reply(1, site_arrays(["shared", "ehr", "wearables", "genomics"], 1.0),
-                    {"shared": 100, "ehr": 100, "wearables": 30, "genomics": 100})
+    biobank = reply(
+        1,
+        site_arrays(["shared", "ehr", "wearables", "genomics"], 1.0),
+        {"shared": 100, "ehr": 100, "wearables": 30, "genomics": 100},
+    )
     hospital = reply(2, site_arrays(["shared", "ehr"], 4.0), {"shared": 300, "ehr": 300})
-    cohort = reply(3, site_arrays(["shared", "ehr", "genomics"], 2.0),
-                   {"shared": 100, "ehr": 50, "genomics": 300})
+    cohort = reply(3, site_arrays(["shared", "ehr", "genomics"], 2.0), {"shared": 100, "ehr": 50, "genomics": 300})
     outcome = aggregate(strategy(), 1, [biobank, hospital, cohort])
     out = result(outcome.arrays)
     np.testing.assert_allclose(out["shared.w"], (100 * 1 + 300 * 4 + 100 * 2) / 500)

@@ -50,8 +50,10 @@ def _truth(fed: FederationManifest, site: str, name: str) -> pl.DataFrame:
 
 def _incident(fed: FederationManifest, site: str) -> pl.DataFrame:
     """Per subject x disease: incident (diagnosed during follow-up, not prevalent) flag."""
-    return _truth(fed, site, "onsets").filter(~pl.col("prevalent")).with_columns(
-        pl.col("diagnosis_time").is_not_null().alias("onset")
+    return (
+        _truth(fed, site, "onsets")
+        .filter(~pl.col("prevalent"))
+        .with_columns(pl.col("diagnosis_time").is_not_null().alias("onset"))
     )
 
 
@@ -79,7 +81,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     for name in fa:
         if name != manifest:
             assert fa[name] == fb[name], name
-    assert fa[manifest].replace(str(tmp_path / "a").encode(), b"X") == fb[manifest].replace(str(tmp_path / "b").encode(), b"X")
+    assert fa[manifest].replace(str(tmp_path / "a").encode(), b"X") == fb[manifest].replace(
+        str(tmp_path / "b").encode(), b"X"
+    )
     assert a.model_dump(exclude={"out_dir", "sites_dir", "truth_dir", "sites"}) == b.model_dump(
         exclude={"out_dir", "sites_dir", "truth_dir", "sites"}
     )
@@ -180,7 +184,9 @@ def test_mimic_style_dates_in_2100s(fed: FederationManifest) -> None:
 # Clinical structure
 
 
-def test_repeated_diagnoses_medications_follow_and_truth_matches_data(fed: FederationManifest, scenario: ScenarioConfig) -> None:
+def test_repeated_diagnoses_medications_follow_and_truth_matches_data(
+    fed: FederationManifest, scenario: ScenarioConfig
+) -> None:
     for site in fed.sites:
         ev = _events(site.root)
         births = ev.filter(pl.col("code") == "MEDS_BIRTH")
@@ -188,14 +194,18 @@ def test_repeated_diagnoses_medications_follow_and_truth_matches_data(fed: Feder
         onsets = _truth(fed, site.name, "onsets")
         for name, disease in scenario.diseases.items():
             dx = ev.filter(pl.col("code") == disease.code)
-            per_subject = dx.group_by("subject_id").agg(pl.col("time").n_unique().alias("n"), pl.col("time").min().alias("first"))
+            per_subject = dx.group_by("subject_id").agg(
+                pl.col("time").n_unique().alias("n"), pl.col("time").min().alias("first")
+            )
             assert (per_subject["n"] >= 2).sum() > 0, (site.name, name)  # repeated codes exist
             truth = onsets.filter((pl.col("disease") == name) & pl.col("diagnosis_time").is_not_null())
             joined = truth.join(per_subject, on="subject_id", how="full", coalesce=True)
             assert joined["first"].null_count() == 0 and joined["diagnosis_time"].null_count() == 0
             assert (joined["first"] == joined["diagnosis_time"]).all()
             for med in disease.medications:
-                first_med = ev.filter(pl.col("code") == med).group_by("subject_id").agg(pl.col("time").min().alias("med"))
+                first_med = (
+                    ev.filter(pl.col("code") == med).group_by("subject_id").agg(pl.col("time").min().alias("med"))
+                )
                 m = first_med.join(per_subject, on="subject_id", how="left")
                 assert m["first"].null_count() == 0, f"{med} without {disease.code}"
                 assert (m["med"] >= m["first"]).all()
@@ -209,7 +219,11 @@ def test_visit_rate_rises_with_morbidity(fed: FederationManifest) -> None:
     ev = _events(site.root)
     visits = ev.filter(pl.col("code").str.starts_with("ENCOUNTER//")).group_by("subject_id").len()
     subjects = _truth(fed, site.name, "subjects").filter(pl.col("death_time").is_null())
-    n_dx = _truth(fed, site.name, "onsets").group_by("subject_id").agg(pl.col("diagnosis_time").is_not_null().sum().alias("n_dx"))
+    n_dx = (
+        _truth(fed, site.name, "onsets")
+        .group_by("subject_id")
+        .agg(pl.col("diagnosis_time").is_not_null().sum().alias("n_dx"))
+    )
     df = subjects.join(visits, on="subject_id").join(n_dx, on="subject_id")
     assert df.filter(pl.col("n_dx") >= 2)["len"].mean() > 1.3 * df.filter(pl.col("n_dx") == 0)["len"].mean()
 
@@ -218,8 +232,16 @@ def test_labs_follow_the_latent_state(fed: FederationManifest) -> None:
     site = fed.site("biobank")
     ev = _events(site.root)
     subjects = _truth(fed, site.name, "subjects")
-    hba1c = ev.filter(pl.col("code") == "LAB//4548-4//%").group_by("subject_id").agg(pl.col("numeric_value").mean().alias("v"))
-    bmi = ev.filter(pl.col("code") == "VITAL//39156-5//kg/m2").group_by("subject_id").agg(pl.col("numeric_value").mean().alias("v"))
+    hba1c = (
+        ev.filter(pl.col("code") == "LAB//4548-4//%")
+        .group_by("subject_id")
+        .agg(pl.col("numeric_value").mean().alias("v"))
+    )
+    bmi = (
+        ev.filter(pl.col("code") == "VITAL//39156-5//kg/m2")
+        .group_by("subject_id")
+        .agg(pl.col("numeric_value").mean().alias("v"))
+    )
     for table in (hba1c, bmi):
         df = table.join(subjects, on="subject_id")
         assert np.corrcoef(df["v"].to_numpy(), df["metabolic_mean"].to_numpy())[0, 1] > 0.3
@@ -238,24 +260,34 @@ def test_prs_raises_onset_rate(fed: FederationManifest, scenario: ScenarioConfig
         inc = _incident(fed, site.name)
         for name, disease in scenario.diseases.items():
             assert disease.beta_prs > 0
-            prs = ev.filter(pl.col("code") == f"PRS//{disease.prs_trait}").select("subject_id", pl.col("numeric_value").alias("prs"))
+            prs = ev.filter(pl.col("code") == f"PRS//{disease.prs_trait}").select(
+                "subject_id", pl.col("numeric_value").alias("prs")
+            )
             df = inc.filter(pl.col("disease") == name).join(prs, on="subject_id")
             q = df["prs"].quantile(0.8), df["prs"].quantile(0.2)
             top_all.append(df.filter(pl.col("prs") >= q[0])["onset"].to_numpy())
             bottom_all.append(df.filter(pl.col("prs") <= q[1])["onset"].to_numpy())
     top, bottom = np.concatenate(top_all), np.concatenate(bottom_all)
-    print(f"onset rate top PRS quintile {top.mean():.3f}, bottom {bottom.mean():.3f}, z={_two_proportion_z(top, bottom):.1f}")
+    print(
+        f"onset rate top PRS quintile {top.mean():.3f}, bottom {bottom.mean():.3f}, z={_two_proportion_z(top, bottom):.1f}"
+    )
     assert top.mean() > 1.5 * bottom.mean()
     assert _two_proportion_z(top, bottom) > 3.0
 
 
 @pytest.mark.parametrize(("disease", "dim"), [("T2D", "metabolic"), ("CAD", "fitness"), ("HTN", "metabolic")])
-def test_latent_state_raises_onset_rate(fed: FederationManifest, scenario: ScenarioConfig, disease: str, dim: str) -> None:
+def test_latent_state_raises_onset_rate(
+    fed: FederationManifest, scenario: ScenarioConfig, disease: str, dim: str
+) -> None:
     sign = np.sign(scenario.diseases[disease].beta_latent[dim])
     frames = []
     for site in fed.sites:
         inc = _incident(fed, site.name).filter(pl.col("disease") == disease)
-        frames.append(inc.join(_truth(fed, site.name, "subjects"), on="subject_id").select("onset", pl.col(f"{dim}_mean").alias("x") * sign))
+        frames.append(
+            inc.join(_truth(fed, site.name, "subjects"), on="subject_id").select(
+                "onset", pl.col(f"{dim}_mean").alias("x") * sign
+            )
+        )
     df = pl.concat(frames)
     hi = df.filter(pl.col("x") >= df["x"].quantile(0.8))["onset"].to_numpy()
     lo = df.filter(pl.col("x") <= df["x"].quantile(0.2))["onset"].to_numpy()
@@ -277,10 +309,14 @@ def test_wearables_shift_before_onset(fed: FederationManifest) -> None:
         .group_by("subject_id", "start", "end")
         .agg(pl.col("hr_bpm").mean().alias("hr"), pl.col("enmo_mg").mean().alias("enmo"))
     )
-    dx = onsets.filter(pl.col("disease").is_in(["T2D", "CAD"]) & ~pl.col("prevalent")).group_by("subject_id").agg(
-        pl.col("diagnosis_time").min().alias("dx")
+    dx = (
+        onsets.filter(pl.col("disease").is_in(["T2D", "CAD"]) & ~pl.col("prevalent"))
+        .group_by("subject_id")
+        .agg(pl.col("diagnosis_time").min().alias("dx"))
     )
-    ever = onsets.group_by("subject_id").agg((pl.col("diagnosis_time").is_not_null() | pl.col("prevalent")).any().alias("ever"))
+    ever = onsets.group_by("subject_id").agg(
+        (pl.col("diagnosis_time").is_not_null() | pl.col("prevalent")).any().alias("ever")
+    )
     p = per_period.join(dx, on="subject_id", how="left").join(ever, on="subject_id").join(subjects, on="subject_id")
     cases = p.filter((pl.col("dx") > pl.col("end")) & (pl.col("dx") - pl.col("end") < pl.duration(days=365)))
     controls = p.filter(~pl.col("ever"))
@@ -296,7 +332,9 @@ def test_wearables_shift_before_onset(fed: FederationManifest) -> None:
     assert len(d_hr) >= 10
     t_hr = d_hr.mean() / (d_hr.std(ddof=1) / np.sqrt(len(d_hr)))
     t_enmo = d_enmo.mean() / (d_enmo.std(ddof=1) / np.sqrt(len(d_enmo)))
-    print(f"pre-onset periods {len(d_hr)}: HR {d_hr.mean():+.2f} bpm (t={t_hr:.1f}), log ENMO {d_enmo.mean():+.3f} (t={t_enmo:.1f})")
+    print(
+        f"pre-onset periods {len(d_hr)}: HR {d_hr.mean():+.2f} bpm (t={t_hr:.1f}), log ENMO {d_enmo.mean():+.3f} (t={t_enmo:.1f})"
+    )
     assert d_hr.mean() > 1.5 and t_hr > 2.5, (d_hr.mean(), t_hr)
     assert d_enmo.mean() < -0.05 and t_enmo < -2.5, (d_enmo.mean(), t_enmo)
 
@@ -321,13 +359,17 @@ def test_onset_risk_matches_monte_carlo() -> None:
     assert abs(risk[1] - np.mean(lagged <= 50.0 + horizon)) < 0.005
     assert np.isnan(risk[2])
     # Several horizons at once give the same as one at a time, and risk grows with the horizon.
-    many = onset_risk(hazard, step, np.array([np.inf, 50.0, 0.0]), np.array([np.inf, np.inf, 90.0]), lag, t, [30, 90, 180, 365])
+    many = onset_risk(
+        hazard, step, np.array([np.inf, 50.0, 0.0]), np.array([np.inf, np.inf, 90.0]), lag, t, [30, 90, 180, 365]
+    )
     np.testing.assert_allclose(many[:, 2], risk, rtol=1e-12)
     assert np.all(np.diff(many[:2], axis=1) > 0)
 
 
 def test_truth_risk_is_calibrated_and_discriminates(fed: FederationManifest, scenario: ScenarioConfig) -> None:
-    end = np.datetime64(scenario.start_date, "us") + np.timedelta64(int(scenario.follow_up_years * 365.25 * 86400e6), "us")
+    end = np.datetime64(scenario.start_date, "us") + np.timedelta64(
+        int(scenario.follow_up_years * 365.25 * 86400e6), "us"
+    )
     rows = []
     for site in fed.sites:
         if site.name == "hospital":  # dates shifted: another end of follow-up
@@ -335,18 +377,29 @@ def test_truth_risk_is_calibrated_and_discriminates(fed: FederationManifest, sce
         risk = _truth(fed, site.name, "risk").filter(pl.col("prediction_time") + pl.duration(days=365) <= end)
         deaths = _truth(fed, site.name, "subjects").select("subject_id", "death_time")
         dx = _truth(fed, site.name, "onsets").filter(pl.col("disease") == "T2D").select("subject_id", "diagnosis_time")
-        df = risk.filter(pl.col("at_risk_T2D")).join(deaths, on="subject_id").join(dx, on="subject_id").filter(
-            pl.col("death_time").is_null() | (pl.col("death_time") > pl.col("prediction_time") + pl.duration(days=365))
+        df = (
+            risk.filter(pl.col("at_risk_T2D"))
+            .join(deaths, on="subject_id")
+            .join(dx, on="subject_id")
+            .filter(
+                pl.col("death_time").is_null()
+                | (pl.col("death_time") > pl.col("prediction_time") + pl.duration(days=365))
+            )
         )
         df = df.with_columns(
-            ((pl.col("diagnosis_time") > pl.col("prediction_time")) & (pl.col("diagnosis_time") <= pl.col("prediction_time") + pl.duration(days=365)))
+            (
+                (pl.col("diagnosis_time") > pl.col("prediction_time"))
+                & (pl.col("diagnosis_time") <= pl.col("prediction_time") + pl.duration(days=365))
+            )
             .fill_null(False)
             .alias("y")
         )
         rows.append(df)
         # oracle_risk at the same times reproduces the stored risk.
         sub = df.head(200)
-        again = oracle_risk(fed.truth_dir, site.name, "T2D", sub["subject_id"].to_numpy(), sub["prediction_time"].to_numpy(), 365)
+        again = oracle_risk(
+            fed.truth_dir, site.name, "T2D", sub["subject_id"].to_numpy(), sub["prediction_time"].to_numpy(), 365
+        )
         np.testing.assert_allclose(again, sub["risk_T2D_365d"].to_numpy(), rtol=1e-4, atol=1e-6)
     df = pl.concat(rows)
     y, r = df["y"].to_numpy(), df["risk_T2D_365d"].to_numpy()
@@ -366,7 +419,12 @@ def test_default_scenario_has_the_four_site_kinds() -> None:
     sc = load_scenario("default")
     assert len(sc.sites) >= 4 and all(s.n_subjects == 2000 for s in sc.sites)
     mixes = {frozenset(m for m in ("ehr", "wearables", "genomics") if s.fraction(m) > 0) for s in sc.sites}
-    assert {frozenset({"ehr", "wearables", "genomics"}), frozenset({"ehr"}), frozenset({"ehr", "wearables"}), frozenset({"ehr", "genomics"})} <= mixes
+    assert {
+        frozenset({"ehr", "wearables", "genomics"}),
+        frozenset({"ehr"}),
+        frozenset({"ehr", "wearables"}),
+        frozenset({"ehr", "genomics"}),
+    } <= mixes
     assert any(s.date_offset_years >= 88 for s in sc.sites)  # dates in the 2100s
     assert {s.ppg for s in sc.sites if s.fraction("wearables") > 0} == {True, False}
 

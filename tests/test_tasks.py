@@ -96,7 +96,9 @@ def test_onset_matches_bruteforce_reference() -> None:
     for s in range(60):
         times = np.sort(rng.choice(2000, size=rng.integers(2, 12), replace=False))
         for t in times:
-            rows.append((s, day(int(t)), str(rng.choice(["ICD10//E11.9", "ICD10//I10", "LAB//x"], p=[0.15, 0.45, 0.4]))))
+            rows.append(
+                (s, day(int(t)), str(rng.choice(["ICD10//E11.9", "ICD10//I10", "LAB//x"], p=[0.15, 0.45, 0.4])))
+            )
         if rng.random() < 0.2:
             rows.append((s, day(int(times[-1]) + 1), "MEDS_DEATH"))
     ev = events(rows)
@@ -125,8 +127,10 @@ def test_onset_matches_bruteforce_reference() -> None:
 
 
 def test_visit_prediction_times() -> None:
-    ev = events([(s, day(d), "X") for s in range(1, 30) for d in [0, 5, 9, 20, 31, 40]]
-                + [(30, day(1), "MEDS_BIRTH"), (30, day(3), "X"), (30, day(8), "X"), (30, day(9), "MEDS_DEATH")])
+    ev = events(
+        [(s, day(d), "X") for s in range(1, 30) for d in [0, 5, 9, 20, 31, 40]]
+        + [(30, day(1), "MEDS_BIRTH"), (30, day(3), "X"), (30, day(8), "X"), (30, day(9), "MEDS_DEATH")]
+    )
     a = visit_prediction_times(ev, n_per_subject=3, seed=0)
     assert a.equals(visit_prediction_times(ev, n_per_subject=3, seed=0))
     assert not a.equals(visit_prediction_times(ev, n_per_subject=3, seed=1))
@@ -185,12 +189,14 @@ def test_wearable_regression_targets_second_half() -> None:
 def test_wear_period_end_times_are_the_end_of_each_periods_last_epoch() -> None:
     n = 2 * 2880  # two days of 30-s epochs
     enmo, hr = np.full(n, 20.0), np.full(n, 60.0)
-    wear = pa.concat_tables([
-        wear_table(2, day(3), n, enmo, None),
-        wear_table(1, day(100), n, enmo, hr),  # out of order on purpose: the function sorts
-        wear_table(1, day(0), n, enmo, hr),
-        wear_table(3, day(3), 100, enmo[:100], hr[:100]),  # 50 minutes: shorter than a day, skipped
-    ])
+    wear = pa.concat_tables(
+        [
+            wear_table(2, day(3), n, enmo, None),
+            wear_table(1, day(100), n, enmo, hr),  # out of order on purpose: the function sorts
+            wear_table(1, day(0), n, enmo, hr),
+            wear_table(3, day(3), 100, enmo[:100], hr[:100]),  # 50 minutes: shorter than a day, skipped
+        ]
+    )
     ends = wear_period_end_times(wear)
     assert ends.to_pylist() == [
         {"subject_id": 1, "prediction_time": day(2)},
@@ -198,10 +204,13 @@ def test_wear_period_end_times_are_the_end_of_each_periods_last_epoch() -> None:
         {"subject_id": 2, "prediction_time": day(5)},
     ]
     # A gap of more than max_gap_hours inside a day splits it into two periods.
-    gap = pa.concat_tables([wear_table(4, day(0), 1440, enmo[:1440], hr[:1440]),
-                            wear_table(4, day(0.75), 1440, enmo[:1440], hr[:1440])])
+    gap = pa.concat_tables(
+        [wear_table(4, day(0), 1440, enmo[:1440], hr[:1440]), wear_table(4, day(0.75), 1440, enmo[:1440], hr[:1440])]
+    )
     assert wear_period_end_times(gap, min_period_hours=1.0)["prediction_time"].to_pylist() == [day(0.5), day(1.25)]
-    assert wear_period_end_times(gap, max_gap_hours=12.0, min_period_hours=1.0)["prediction_time"].to_pylist() == [day(1.25)]
+    assert wear_period_end_times(gap, max_gap_hours=12.0, min_period_hours=1.0)["prediction_time"].to_pylist() == [
+        day(1.25)
+    ]
     assert wear_period_end_times(wear.slice(0, 0)).num_rows == 0
     with pytest.raises(ValueError, match="no column 'time'"):
         wear_period_end_times(wear.drop_columns(["time"]))
@@ -218,8 +227,11 @@ def test_registry_names() -> None:
 
 def test_task_labels_on_a_site_and_atomic_write(tmp_path: Path) -> None:
     site = open_site(write_site_tables(make_site_tables(), tmp_path / "site"))
-    labels = task_labels(site, ["onset_t2d_30d", "onset_hypertension_30d", "wearable_mean_enmo"],
-                         prediction_times=pts([(1, datetime(2150, 3, 1, 8)), (2, datetime(2150, 3, 4, 8))]))
+    labels = task_labels(
+        site,
+        ["onset_t2d_30d", "onset_hypertension_30d", "wearable_mean_enmo"],
+        prediction_times=pts([(1, datetime(2150, 3, 1, 8)), (2, datetime(2150, 3, 4, 8))]),
+    )
     # Subject 1 has E11.9 at the prediction time: excluded from T2D; subject 2 died on day 90,
     # so is followed through 30 days: a T2D negative; its I10 at the prediction time excludes it
     # from hypertension, while subject 1 (no I10, followed 40 days) is a negative.

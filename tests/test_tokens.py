@@ -49,7 +49,8 @@ def wear(sid: int, start: datetime, n: int, hr: bool = True) -> pa.Table:
             "time": [start + timedelta(seconds=30 * int(k)) for k in i],
             "enmo_mg": (10.0 + i % 13).astype(np.float32),
             "hr_bpm": pa.array(np.where(i % 5 == 0, np.nan, 60.0 + i % 9), pa.float32(), from_pandas=True)
-            if hr else pa.nulls(n, pa.float32()),
+            if hr
+            else pa.nulls(n, pa.float32()),
         },
         schema=WEAR_SCHEMA,
     )
@@ -113,10 +114,18 @@ def test_no_token_after_prediction_time_random_site(window: float) -> None:
     for s in range(25):
         t = np.sort(rng.integers(0, 400 * 24 * 3600, rng.integers(1, 40))) * 1_000_000
         for tt in t:
-            rows.append((s, T0 + timedelta(microseconds=int(tt)), str(rng.choice(["A", "B", "C"])), float(rng.normal())))
+            rows.append(
+                (s, T0 + timedelta(microseconds=int(tt)), str(rng.choice(["A", "B", "C"])), float(rng.normal()))
+            )
         if s % 2:
-            wears.append(wear(s, T0 + timedelta(days=int(rng.integers(0, 300)), seconds=30 * int(rng.integers(0, 2880))),
-                              int(rng.integers(1, 700)), hr=bool(s % 3)))
+            wears.append(
+                wear(
+                    s,
+                    T0 + timedelta(days=int(rng.integers(0, 300)), seconds=30 * int(rng.integers(0, 2880))),
+                    int(rng.integers(1, 700)),
+                    hr=bool(s % 3),
+                )
+            )
     ev, wr = events(rows), pa.concat_tables(wears)
     seqs = SiteSequences(ev, wr, vocab_for(ev, wr), patch_epochs=60, token_window_days=window)
     ev_us, ev_sid = to_us(ev["time"]), ev["subject_id"].to_numpy()
@@ -162,9 +171,13 @@ def test_time_shift_invariance(tmp_path: Path) -> None:
     vocab = build_vocabulary([site_code_stats(a, min_subjects=1)], min_subjects=1)
     assert vocab == build_vocabulary([site_code_stats(b, min_subjects=1)], min_subjects=1)
     pts = [datetime(2150, 3, 1, 8), datetime(2150, 3, 2, 0, 31), datetime(2150, 3, 4, 8)]
-    labels = pa.table({"subject_id": pa.array([1, 1, 2], pa.int64()),
-                       "prediction_time": pa.array(pts, pa.timestamp("us")),
-                       "boolean_value": [True, False, True]})
+    labels = pa.table(
+        {
+            "subject_id": pa.array([1, 1, 2], pa.int64()),
+            "prediction_time": pa.array(pts, pa.timestamp("us")),
+            "boolean_value": [True, False, True],
+        }
+    )
     labels_b = labels.set_column(1, "prediction_time", pa.array([t + delta for t in pts], pa.timestamp("us")))
     out_a, out_b = batches_of(a, vocab, labels), batches_of(b, vocab, labels_b)
     for x, y in zip(out_a, out_b):
@@ -177,8 +190,13 @@ def test_time_shift_invariance(tmp_path: Path) -> None:
 
 
 def test_birth_time_gives_the_age_even_when_the_birth_row_is_cut() -> None:
-    born = events([(1, day(-365.25 * 40), "MEDS_BIRTH", None), *[(1, day(d), "ICD10//I10", None) for d in range(1, 6)],
-                   (2, day(5), "ICD10//I10", None)])
+    born = events(
+        [
+            (1, day(-365.25 * 40), "MEDS_BIRTH", None),
+            *[(1, day(d), "ICD10//I10", None) for d in range(1, 6)],
+            (2, day(5), "ICD10//I10", None),
+        ]
+    )
     seqs = SiteSequences(born, None, vocab_for(born))
     one = seqs.sample(int(seqs.index_of(np.array([1]))[0]), int(to_us(pa.array([day(5)]))[0]), max_events=2)
     assert len(one.codes) == 2 and one.birth_time == 0.0  # the clock starts at birth
@@ -196,8 +214,13 @@ def test_unknown_codes_are_unk_without_value() -> None:
     smp = seqs.sample(0, int(to_us(pa.array([day(10)]))[0]))
     hba1c = vocab.code_id("LAB//HBA1C")
     # Tokens: static, days 0, 1, 2, 3; a known code ranks before UNK within a token.
-    assert smp.codes.tolist() == [[UNK_CODE, PAD_CODE], [UNK_CODE, PAD_CODE], [hba1c, PAD_CODE],
-                                  [hba1c, UNK_CODE], [hba1c, PAD_CODE]]
+    assert smp.codes.tolist() == [
+        [UNK_CODE, PAD_CODE],
+        [UNK_CODE, PAD_CODE],
+        [hba1c, PAD_CODE],
+        [hba1c, UNK_CODE],
+        [hba1c, PAD_CODE],
+    ]
     assert smp.has_value.tolist() == [[False, False], [False, False], [True, False], [True, False], [True, False]]
     assert np.all(smp.values[smp.codes == UNK_CODE] == 0)
 
@@ -225,8 +248,19 @@ def test_padding_and_validity() -> None:
 
 
 def test_prs_in_vocabulary_trait_order() -> None:
-    vocab = vocab_for(events([(s, None, c, v) for s, c, v in
-                              [(1, "PRS//T2D", 1.0), (2, "PRS//T2D", -1.0), (1, "PRS//CAD", 0.5), (2, "PRS//CAD", -0.5)]]))
+    vocab = vocab_for(
+        events(
+            [
+                (s, None, c, v)
+                for s, c, v in [
+                    (1, "PRS//T2D", 1.0),
+                    (2, "PRS//T2D", -1.0),
+                    (1, "PRS//CAD", 0.5),
+                    (2, "PRS//CAD", -0.5),
+                ]
+            ]
+        )
+    )
     assert vocab.prs_traits == ["CAD", "T2D"]
     seqs = SiteSequences(EV, None, vocab)
     b = collate([seqs.sample(0, int(to_us(pa.array([day(4)]))[0])), seqs.sample(1, int(to_us(pa.array([day(5)]))[0]))])
@@ -256,9 +290,13 @@ def test_datasets_and_loader() -> None:
         rnd.set_epoch(epoch)
         seen.add(rnd[0].prediction_time)
     assert len(seen) > 1
-    labels = pa.table({"subject_id": pa.array([2, 1], pa.int64()),
-                       "prediction_time": pa.array([day(5), day(1)], pa.timestamp("us")),
-                       "float_value": pa.array([3.5, -1.0], pa.float32())})
+    labels = pa.table(
+        {
+            "subject_id": pa.array([2, 1], pa.int64()),
+            "prediction_time": pa.array([day(5), day(1)], pa.timestamp("us")),
+            "float_value": pa.array([3.5, -1.0], pa.float32()),
+        }
+    )
     batch, y = next(iter(make_loader(LabelledDataset(seqs, labels), batch_size=4, shuffle=False)))
     assert batch.subject_id.tolist() == [2, 1] and y.tolist() == [3.5, -1.0]
     assert batch.ehr_valid.sum(1).tolist() == [1, 3]
@@ -282,7 +320,10 @@ def test_end_to_end_on_synthetic_federation(tmp_path: Path) -> None:
         n_batches = 0
         for batch in make_loader(PretrainingDataset(seqs, max_events=256), batch_size=16):
             n_batches += 1
-            assert torch.all(batch.times[batch.ehr_valid] <= batch.prediction_time[:, None].expand_as(batch.times)[batch.ehr_valid] + 1e-2)
+            assert torch.all(
+                batch.times[batch.ehr_valid]
+                <= batch.prediction_time[:, None].expand_as(batch.times)[batch.ehr_valid] + 1e-2
+            )
             assert torch.isfinite(batch.values).all() and torch.isfinite(batch.wear_epochs).all()
         assert n_batches == 2
         labels = task_labels(site, ["onset_hypertension_365d"])["onset_hypertension_365d"]

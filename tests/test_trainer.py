@@ -92,7 +92,9 @@ def test_only_chosen_groups_change_and_are_returned() -> None:
     frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
     before = snapshot(model)
     data = [random_batch(6, vocab_size=VOCAB, n_prs_traits=TRAITS, seed=i) for i in range(2)]
-    result = train_local(model, data, TrainConfig(steps=3, **CFG), groups=["ehr", "shared"], weights_fn=ObjectiveWeights())
+    result = train_local(
+        model, data, TrainConfig(steps=3, **CFG), groups=["ehr", "shared"], weights_fn=ObjectiveWeights()
+    )
     after = model.state_dict()
 
     assert result.groups == ["ehr", "shared"]
@@ -137,7 +139,9 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path) -> None:
     second = toy_model(seed=99)  # different initial weights: all must come from the checkpoint
     ckpt = load_checkpoint(tmp_path / "ck", second)
     assert ckpt.step == 3 and ckpt.config["steps"] == 6
-    rest = train_local(second, data, TrainConfig(**ckpt.config), weights_fn=Weights(), start_step=ckpt.step, state=ckpt.state)
+    rest = train_local(
+        second, data, TrainConfig(**ckpt.config), weights_fn=Weights(), start_step=ckpt.step, state=ckpt.state
+    )
 
     for key, value in full.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
@@ -150,9 +154,15 @@ def test_periodic_checkpoints_and_dataloader_resume(tmp_path) -> None:
     samples = toy_data(n=5, batch_size=1)
 
     def loader() -> DataLoader:
-        return DataLoader(samples, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(7),
-                          collate_fn=lambda xs: Batch(**{f: torch.cat([getattr(x, f) for x in xs])
-                                                          for f in Batch.__dataclass_fields__}))
+        return DataLoader(
+            samples,
+            batch_size=2,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(7),
+            collate_fn=lambda xs: Batch(
+                **{f: torch.cat([getattr(x, f) for x in xs]) for f in Batch.__dataclass_fields__}
+            ),
+        )
 
     cfg = TrainConfig(steps=8, checkpoint_every=4, keep_checkpoints=5, **CFG)
     full = toy_model()

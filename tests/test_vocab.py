@@ -93,8 +93,9 @@ def _site(root: Path, events: pa.Table, wearables: pa.Table | None = None) -> Pa
     sid = np.unique(events["subject_id"].to_numpy())
     tables = SiteTables(
         shards={"train/0.parquet": events},
-        codes=pa.table({"code": codes, "description": codes,
-                        "parent_codes": pa.array([None] * len(codes), pa.list_(pa.string()))}),
+        codes=pa.table(
+            {"code": codes, "description": codes, "parent_codes": pa.array([None] * len(codes), pa.list_(pa.string()))}
+        ),
         splits=pa.table({"subject_id": pa.array(sid, pa.int64()), "split": ["train"] * len(sid)}),
         wearables={} if wearables is None else {"0.parquet": wearables},
     )
@@ -168,8 +169,7 @@ def test_federation_threshold_and_id_layout() -> None:
     a = events_code_stats(random_events(40, seed=3))
     b = events_code_stats(random_events(40, seed=4, first_id=1000))
     # A code seen in 2 subjects at each site passes a federation threshold of 4, not of 5.
-    rare = SiteCodeStats(min_subjects=1, n_subjects=2, n_events=2,
-                         codes={"DX//rare": {"n_subjects": 2, "n_events": 2}})
+    rare = SiteCodeStats(min_subjects=1, n_subjects=2, n_events=2, codes={"DX//rare": {"n_subjects": 2, "n_events": 2}})
     v4 = build_vocabulary([a, b, rare, rare.model_copy()], min_subjects=4)
     v5 = build_vocabulary([a, b, rare, rare.model_copy()], min_subjects=5)
     assert "DX//rare" in v4.codes and "DX//rare" not in v5.codes
@@ -182,8 +182,9 @@ def test_federation_threshold_and_id_layout() -> None:
     # LDL is log-normal: the robust centre is near exp(4.8), values are clipped.
     ldl = v4.numeric["LAB//LDL"]
     assert ldl.center == pytest.approx(np.exp(4.8), rel=0.05)
-    vals, has = v4.normalise_values(np.array([v4.code_id("LAB//LDL")] * 3 + [UNK_CODE]),
-                                    np.array([ldl.center, 1e9, np.nan, 5.0]))
+    vals, has = v4.normalise_values(
+        np.array([v4.code_id("LAB//LDL")] * 3 + [UNK_CODE]), np.array([ldl.center, 1e9, np.nan, 5.0])
+    )
     assert vals.tolist()[:2] == [0.0, ldl.clip] and has.tolist() == [True, True, False, False]
 
 

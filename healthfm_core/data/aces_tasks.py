@@ -127,8 +127,10 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
         if value is not None and value not in windows:
             raise ValueError(f"{path}, field metadata.{field}: no window {value!r} (windows: {sorted(windows)})")
     if (meta.censoring_window is None) != (meta.complete_on is None):
-        raise ValueError(f"{path}, field metadata: censoring_window and complete_on go together "
-                         f"(got {meta.censoring_window!r}, {meta.complete_on!r})")
+        raise ValueError(
+            f"{path}, field metadata: censoring_window and complete_on go together "
+            f"(got {meta.censoring_window!r}, {meta.complete_on!r})"
+        )
     if meta.complete_on is not None and meta.complete_on not in (raw.get("predicates") or {}):
         raise ValueError(f"{path}, field metadata.complete_on: no predicate {meta.complete_on!r}")
     out = AcesTask(name=meta.task or path.stem, path=path, metadata=meta, config=raw)
@@ -146,7 +148,9 @@ def _shards(site_root: Path) -> list[Path]:
 
 def _labels(result: pl.DataFrame) -> pl.DataFrame:
     if result.is_empty() or "index_timestamp" not in result.columns:
-        return pl.DataFrame(schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean})
+        return pl.DataFrame(
+            schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean}
+        )
     return result.select(
         pl.col("subject_id").cast(pl.Int64),
         pl.col("index_timestamp").cast(pl.Datetime("us")).alias("prediction_time"),
@@ -180,16 +184,24 @@ def aces_labels(
                 parts[h].append(_labels(aces_query.query(parsed[(h, v)], preds)))
     keep = None
     if prediction_times is not None:
-        keep = to_polars(prediction_times.select(["subject_id", "prediction_time"])).with_columns(
-            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
-        ).unique()
+        keep = (
+            to_polars(prediction_times.select(["subject_id", "prediction_time"]))
+            .with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")))
+            .unique()
+        )
     out: dict[int, pa.Table] = {}
     for h in horizons:
         df = pl.concat(parts[h])
-        clash = df.group_by(["subject_id", "prediction_time"]).agg(pl.col("boolean_value").n_unique().alias("n")).filter(pl.col("n") > 1)
+        clash = (
+            df.group_by(["subject_id", "prediction_time"])
+            .agg(pl.col("boolean_value").n_unique().alias("n"))
+            .filter(pl.col("n") > 1)
+        )
         if clash.height:  # the two queries of the union must agree where both keep a row
-            raise ValueError(f"{task.path}: horizon {h}d: the two ACES queries label {clash.height} row(s) differently, "
-                             f"e.g. subject_id {clash['subject_id'][0]}")
+            raise ValueError(
+                f"{task.path}: horizon {h}d: the two ACES queries label {clash.height} row(s) differently, "
+                f"e.g. subject_id {clash['subject_id'][0]}"
+            )
         df = df.unique(subset=["subject_id", "prediction_time"], keep="first")
         if keep is not None:
             df = df.join(keep, on=["subject_id", "prediction_time"], how="inner")

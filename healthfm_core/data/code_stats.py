@@ -371,9 +371,7 @@ def events_code_stats(events: pa.Table, alpha: float = SKETCH_ALPHA) -> SiteCode
         names[i]: CodeStats(n_subjects=int(n_subjects[i]), n_events=int(n_events[i]), numeric=numeric[i])
         for i in np.argsort(names, kind="stable")
     }
-    return SiteCodeStats(
-        min_subjects=1, n_subjects=len(uniq_subj), n_events=events.num_rows, codes=codes
-    )
+    return SiteCodeStats(min_subjects=1, n_subjects=len(uniq_subj), n_events=events.num_rows, codes=codes)
 
 
 def wearable_stats(wearables: pa.Table, alpha: float = SKETCH_ALPHA) -> SiteCodeStats:
@@ -386,14 +384,10 @@ def wearable_stats(wearables: pa.Table, alpha: float = SKETCH_ALPHA) -> SiteCode
         if ch not in wearables.column_names:
             raise ValueError(f"wearables table has no column {ch!r}")
         vals = wearables[ch].to_numpy(zero_copy_only=False).astype(np.float64)
-        st = grouped_numeric_stats(
-            np.zeros(len(vals), dtype=np.int64), vals, 1, subject_index=subj_idx, alpha=alpha
-        )[0]
+        st = grouped_numeric_stats(np.zeros(len(vals), dtype=np.int64), vals, 1, subject_index=subj_idx, alpha=alpha)[0]
         if st is not None:
             out[ch] = st
-    return SiteCodeStats(
-        min_subjects=1, n_subjects=0, n_events=0, n_wearable_subjects=len(uniq), wearables=out
-    )
+    return SiteCodeStats(min_subjects=1, n_subjects=0, n_events=0, n_wearable_subjects=len(uniq), wearables=out)
 
 
 def _merge_all(stats: Iterable[SiteCodeStats]) -> SiteCodeStats:
@@ -423,8 +417,7 @@ def site_code_stats(site: SiteLike, min_subjects: int = 10, alpha: float = SKETC
         subj = [pq.read_table(f, columns=["subject_id"])["subject_id"] for f in wear_files]
         n_wear = len(unique_inverse(np.concatenate([s.to_numpy() for s in subj]))[0]) if subj else 0
         wear = _merge_all(
-            wearable_stats(pq.read_table(f, columns=["subject_id", *WEARABLE_CHANNELS]), alpha)
-            for f in wear_files
+            wearable_stats(pq.read_table(f, columns=["subject_id", *WEARABLE_CHANNELS]), alpha) for f in wear_files
         )
         for ch in wear.wearables:  # per-file counts add unless a subject spans files
             wear.wearables[ch].n_subjects = min(wear.wearables[ch].n_subjects, n_wear)
@@ -432,9 +425,14 @@ def site_code_stats(site: SiteLike, min_subjects: int = 10, alpha: float = SKETC
     out = total.suppressed(min_subjects)
     log.info(
         "site stats: %d subjects, %d events, %d codes shared (%d suppressed below %d subjects)",
-        out.n_subjects, out.n_events, len(out.codes), len(total.codes) - len(out.codes), min_subjects,
+        out.n_subjects,
+        out.n_events,
+        len(out.codes),
+        len(total.codes) - len(out.codes),
+        min_subjects,
     )
     return out
+
 
 def merge_site_stats(stats_list: Sequence[SiteCodeStats]) -> SiteCodeStats:
     """Sum of site statistics, independent of the order of the list (bit for bit).

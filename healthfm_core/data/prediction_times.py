@@ -14,8 +14,12 @@ class PredictionTimesDataset(Dataset):
     labelled = False
 
     def __init__(
-        self, seqs: SiteSequences, subject_ids: np.ndarray, prediction_time_us: np.ndarray,
-        max_events: int, max_patches: int,
+        self,
+        seqs: SiteSequences,
+        subject_ids: np.ndarray,
+        prediction_time_us: np.ndarray,
+        max_events: int,
+        max_patches: int,
     ) -> None:
         if len(subject_ids) != len(prediction_time_us):
             raise ValueError(f"{len(subject_ids)} subject ids but {len(prediction_time_us)} prediction times")

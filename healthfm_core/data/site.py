@@ -60,8 +60,7 @@ def _normalise_events(table: pa.Table, want_numeric: bool = True) -> pa.Table:
     (large_string code, float64 numeric_value, ...), numeric_value null float32 if absent."""
     table = align_table(table, DataSchema.schema())
     if want_numeric and "numeric_value" not in table.column_names:
-        table = table.append_column(pa.field("numeric_value", pa.float32()),
-                                    pa.nulls(table.num_rows, pa.float32()))
+        table = table.append_column(pa.field("numeric_value", pa.float32()), pa.nulls(table.num_rows, pa.float32()))
     return table
 
 
@@ -78,8 +77,9 @@ def _sorted_by_subject_time(table: pa.Table) -> bool:
 class Site:
     """A validated site root. Build with `open_site`; reads go to parquet on each call."""
 
-    def __init__(self, root: str | Path, report: SiteReport, subject_ids: np.ndarray,
-                 modality_subjects: dict[str, np.ndarray]):
+    def __init__(
+        self, root: str | Path, report: SiteReport, subject_ids: np.ndarray, modality_subjects: dict[str, np.ndarray]
+    ):
         if report.summary is None:
             raise SiteDataError(report.problems, root)
         self.root = Path(root)
@@ -114,8 +114,7 @@ class Site:
             table = pq.read_table(path, columns=self._present(path, columns))
             yield self._shape(table, columns)
 
-    def read_events(self, subject_ids: Iterable[int] | None = None,
-                    columns: Sequence[str] | None = None) -> pa.Table:
+    def read_events(self, subject_ids: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         """Events of the given subjects (all if None), shards in path order; within a shard each
         subject's rows are contiguous, static rows (null time) first, then by time (ties in file
         order), whatever order the file has them in (when `columns` include subject_id and time)."""
@@ -123,8 +122,11 @@ class Site:
         tables = []
         for path in self.data_files:
             if wanted is not None:
-                table = pq.read_table(path, columns=self._present(path, columns),
-                                      filters=pc.is_in(pc.field("subject_id"), value_set=wanted))
+                table = pq.read_table(
+                    path,
+                    columns=self._present(path, columns),
+                    filters=pc.is_in(pc.field("subject_id"), value_set=wanted),
+                )
             else:
                 table = pq.read_table(path, columns=self._present(path, columns))
             table = self._shape(table, columns)
@@ -192,8 +194,9 @@ def open_site(root: str | Path, progress: bool = False, strict: bool = False) ->
     if not report.ok:
         raise SiteDataError(report.problems, root)
     if report.warnings:
-        logger.warning("site %s: %d warning(s), e.g. %s (see `client.py check`)", root, report.n_warnings,
-                       report.warnings[0])
+        logger.warning(
+            "site %s: %d warning(s), e.g. %s (see `client.py check`)", root, report.n_warnings, report.warnings[0]
+        )
     return Site(root, report, subjects.subject_ids, subjects.per_modality)
 
 

@@ -88,14 +88,36 @@ BATCH_ROWS = 1 << 17
 _EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
 # An integer column with one of these names holds measurements more likely than ids (a float
 # column of any name does): MIMIC's valuenum, OMOP's value_as_number, common ETL names.
-VALUE_LIKE_NAMES = frozenset({
-    "value", "values", "valuenum", "value_num", "numeric", "num_value", "numeric_val", "value_numeric",
-    "value_as_number", "result", "result_value", "resultnum", "result_num", "lab_value", "measurement",
-    "measurement_value", "amount", "val",
-})
+VALUE_LIKE_NAMES = frozenset(
+    {
+        "value",
+        "values",
+        "valuenum",
+        "value_num",
+        "numeric",
+        "num_value",
+        "numeric_val",
+        "value_numeric",
+        "value_as_number",
+        "result",
+        "result_value",
+        "resultnum",
+        "result_num",
+        "lab_value",
+        "measurement",
+        "measurement_value",
+        "amount",
+        "val",
+    }
+)
 # dataset.json keys that declare extra data columns (MEDS DatasetMetadataSchema).
-_DECLARED_COLUMN_KEYS = ("code_modifier_columns", "raw_source_id_columns", "additional_value_modality_columns",
-                         "site_id_columns", "other_extension_columns")
+_DECLARED_COLUMN_KEYS = (
+    "code_modifier_columns",
+    "raw_source_id_columns",
+    "additional_value_modality_columns",
+    "site_id_columns",
+    "other_extension_columns",
+)
 _INT64_MIN = np.iinfo(np.int64).min
 
 
@@ -331,9 +353,7 @@ class _Aggregates:
         }
 
 
-def _schema_problems(
-    log: _ProblemLog, file: str, schema: pa.Schema, meds_schema: Any
-) -> set[str]:
+def _schema_problems(log: _ProblemLog, file: str, schema: pa.Schema, meds_schema: Any) -> set[str]:
     """Validate a parquet schema with a `meds` schema as MEDS's `align` would (a type that casts
     losslessly to the schema's is fine: meds_align.cast_problem); returns the unusable columns."""
     bad: set[str] = set()
@@ -342,8 +362,13 @@ def _schema_problems(
     except SchemaValidationError as e:
         for col in e.missing_req_cols or []:
             bad.add(col)
-            log.add("missing_column", file, f"required column {col!r} is missing", column=col,
-                    value=f"columns present: {', '.join(schema.names)}")
+            log.add(
+                "missing_column",
+                file,
+                f"required column {col!r} is missing",
+                column=col,
+                value=f"columns present: {', '.join(schema.names)}",
+            )
         for col, want, got in e.mistyped_cols or []:
             why = cast_problem(got, want)
             if why is None:
@@ -361,8 +386,13 @@ def _align_usable(log: _ProblemLog, file: str, table: pa.Table, meds_schema: Any
     try:
         return align_table(table, pa.schema([f for f in meds_schema.schema() if f.name not in bad]))
     except CastError as e:
-        log.add("bad_value", file, f"a value of {e.column} does not read as {e.want}", column=e.column,
-                value=" ".join(e.detail.split()))
+        log.add(
+            "bad_value",
+            file,
+            f"a value of {e.column} does not read as {e.want}",
+            column=e.column,
+            value=" ".join(e.detail.split()),
+        )
         return None
 
 
@@ -394,8 +424,15 @@ def _null_rows(log: _ProblemLog, file: str, table: pa.Table, meds_schema: Any, o
     for col in cols:
         for i in _true_rows(pc.is_null(table.column(col))):
             subject = table.column("subject_id")[int(i)].as_py() if "subject_id" in table.column_names else None
-            log.add("null_value", file, f"{col} is null", column=col, row=offset + int(i),
-                    subject_id=subject if col != "subject_id" else None, value="null")
+            log.add(
+                "null_value",
+                file,
+                f"{col} is null",
+                column=col,
+                row=offset + int(i),
+                subject_id=subject if col != "subject_id" else None,
+                value="null",
+            )
     return cols
 
 
@@ -431,35 +468,62 @@ def _check_event_batch(
     code = batch.column("code")
     code_ok = pc.is_valid(code)
     for i in _true_rows(pc.equal(pc.utf8_trim_whitespace(code), "")):
-        log.add("empty_code", file, "code is empty", column="code", row=offset + int(i),
-                subject_id=batch.column("subject_id")[int(i)].as_py(), value=code[int(i)].as_py())
+        log.add(
+            "empty_code",
+            file,
+            "code is empty",
+            column="code",
+            row=offset + int(i),
+            subject_id=batch.column("subject_id")[int(i)].as_py(),
+            value=code[int(i)].as_py(),
+        )
     for value in pc.unique(code.filter(code_ok)).to_pylist():
         if value in agg.codes_seen:
             continue
         agg.codes_seen.add(value)
         if value.startswith(PRS_PREFIX):
-            agg.prs_traits.add(value[len(PRS_PREFIX):])
+            agg.prs_traits.add(value[len(PRS_PREFIX) :])
         if listed_codes is not None and value not in listed_codes and value.strip():
             i = pc.index(code, value).as_py()
-            log.add("unlisted_code", file, f"code is not listed in {CODE_METADATA_FILEPATH}", column="code",
-                    row=offset + i, subject_id=batch.column("subject_id")[i].as_py(), value=value,
-                    severity="warning", strict_error=True)
+            log.add(
+                "unlisted_code",
+                file,
+                f"code is not listed in {CODE_METADATA_FILEPATH}",
+                column="code",
+                row=offset + i,
+                subject_id=batch.column("subject_id")[i].as_py(),
+                value=value,
+                severity="warning",
+                strict_error=True,
+            )
 
     # -- numeric values: finite; PRS rows carry their score
     if "numeric_value" in batch.column_names:
         value_col = batch.column("numeric_value")
         for i in _true_rows(pc.invert(pc.is_finite(value_col))):
-            log.add("non_finite_value", file, "numeric_value is not finite", column="numeric_value",
-                    row=offset + int(i), subject_id=batch.column("subject_id")[int(i)].as_py(),
-                    value=str(value_col[int(i)].as_py()))
+            log.add(
+                "non_finite_value",
+                file,
+                "numeric_value is not finite",
+                column="numeric_value",
+                row=offset + int(i),
+                subject_id=batch.column("subject_id")[int(i)].as_py(),
+                value=str(value_col[int(i)].as_py()),
+            )
         has_value = pc.is_valid(value_col)
     else:
         has_value = pa.array(np.zeros(n, dtype=bool))
     is_prs = pc.fill_null(pc.starts_with(code, PRS_PREFIX), False)
     for i in _true_rows(pc.and_(is_prs, pc.invert(has_value))):
-        log.add("prs_without_value", file, "PRS row has no numeric_value (the standardised score)",
-                column="numeric_value", row=offset + int(i),
-                subject_id=batch.column("subject_id")[int(i)].as_py(), value=code[int(i)].as_py())
+        log.add(
+            "prs_without_value",
+            file,
+            "PRS row has no numeric_value (the standardised score)",
+            column="numeric_value",
+            row=offset + int(i),
+            subject_id=batch.column("subject_id")[int(i)].as_py(),
+            value=code[int(i)].as_py(),
+        )
 
     # -- subjects: contiguous, timed rows time-sorted (rows with null subject skipped; static rows
     #    may sit anywhere within the subject)
@@ -495,9 +559,15 @@ def _check_event_batch(
         all_row = np.concatenate([[state.last_row], t_row]) if has_carry else t_row
         same = all_sid[1:] == all_sid[:-1]
         for j in np.flatnonzero(same & (all_key[1:] < all_key[:-1])):
-            log.add("unsorted_time", file,
-                    f"time goes backwards within the subject (row {all_row[j]} has {_time_str(all_key[j])})",
-                    column="time", row=all_row[j + 1], subject_id=all_sid[j + 1], value=_time_str(all_key[j + 1]))
+            log.add(
+                "unsorted_time",
+                file,
+                f"time goes backwards within the subject (row {all_row[j]} has {_time_str(all_key[j])})",
+                column="time",
+                row=all_row[j + 1],
+                subject_id=all_sid[j + 1],
+                value=_time_str(all_key[j + 1]),
+            )
         state.last_timed_subject, state.last_key, state.last_row = int(t_sid[-1]), int(t_key[-1]), int(t_row[-1])
 
     has_carry = state.last_subject is not None
@@ -527,14 +597,22 @@ def unread_number_columns(schema: pa.Schema, declared: Iterable[str] = ()) -> li
         t = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
         if field.name in skip:
             continue
-        if pa.types.is_floating(t) or pa.types.is_decimal(t) or (
-                pa.types.is_integer(t) and field.name.lower() in VALUE_LIKE_NAMES):
+        if (
+            pa.types.is_floating(t)
+            or pa.types.is_decimal(t)
+            or (pa.types.is_integer(t) and field.name.lower() in VALUE_LIKE_NAMES)
+        ):
             out.append(field.name)
     return out
 
 
 def _check_event_shard(
-    log: _ProblemLog, root: Path, path: Path, agg: _Aggregates, listed_codes: set[str] | None, bar: tqdm,
+    log: _ProblemLog,
+    root: Path,
+    path: Path,
+    agg: _Aggregates,
+    listed_codes: set[str] | None,
+    bar: tqdm,
     declared: Iterable[str] = (),
 ) -> None:
     file = _rel(root, path)
@@ -560,8 +638,13 @@ def _check_event_shard(
             try:
                 batch = align_table(batch.select(columns), target)
             except CastError as e:
-                log.add("bad_value", file, f"a value of {e.column} does not read as {e.want} "
-                        f"(rows {offset}..{offset + batch.num_rows - 1})", column=e.column, value=" ".join(e.detail.split()))
+                log.add(
+                    "bad_value",
+                    file,
+                    f"a value of {e.column} does not read as {e.want} (rows {offset}..{offset + batch.num_rows - 1})",
+                    column=e.column,
+                    value=" ".join(e.detail.split()),
+                )
                 agg.subjects_incomplete = True
                 return
             _check_event_batch(log, file, batch, offset, state, agg, listed_codes)
@@ -574,10 +657,15 @@ def _check_event_shard(
     for col, n_values in state.unread_values.items():
         if n_values:
             kind = schema.field(col).type
-            log.add("unread_value_column", file,
-                    f"column {col!r} ({kind}) holds {n_values} non-null value(s) that are ignored: only numeric_value "
-                    "is read as a value (rename it numeric_value if these are the measurements, or declare it "
-                    f"in {DATASET_METADATA_FILEPATH})", column=col, severity="warning")
+            log.add(
+                "unread_value_column",
+                file,
+                f"column {col!r} ({kind}) holds {n_values} non-null value(s) that are ignored: only numeric_value "
+                "is read as a value (rename it numeric_value if these are the measurements, or declare it "
+                f"in {DATASET_METADATA_FILEPATH})",
+                column=col,
+                severity="warning",
+            )
 
     if not state.run_subjects:
         agg.shard_subjects.append((file, np.zeros(0, np.int64)))
@@ -587,10 +675,16 @@ def _check_event_shard(
     subjects, first, counts = np.unique(run_subjects, return_index=True, return_counts=True)
     for s in np.flatnonzero(counts > 1):
         again = run_rows[np.flatnonzero(run_subjects == subjects[s])[1]]
-        log.add("subject_not_contiguous", file,
-                f"subject's rows are not contiguous (first block starts at row {run_rows[first[s]]}, "
-                f"another block starts at row {again})", column="subject_id", row=again,
-                subject_id=subjects[s], value=str(subjects[s]))
+        log.add(
+            "subject_not_contiguous",
+            file,
+            f"subject's rows are not contiguous (first block starts at row {run_rows[first[s]]}, "
+            f"another block starts at row {again})",
+            column="subject_id",
+            row=again,
+            subject_id=subjects[s],
+            value=str(subjects[s]),
+        )
     agg.shard_subjects.append((file, subjects))
 
 
@@ -606,9 +700,14 @@ def _check_subject_shards(log: _ProblemLog, agg: _Aggregates) -> None:
     for j in dup:
         first_file = agg.shard_subjects[shard[j]][0]
         file = agg.shard_subjects[shard[j + 1]][0]
-        log.add("subject_in_many_shards", file, f"subject also has rows in {first_file}; "
-                "MEDS keeps each subject in one shard", column="subject_id",
-                subject_id=ids[j + 1], value=str(ids[j + 1]))
+        log.add(
+            "subject_in_many_shards",
+            file,
+            f"subject also has rows in {first_file}; MEDS keeps each subject in one shard",
+            column="subject_id",
+            subject_id=ids[j + 1],
+            value=str(ids[j + 1]),
+        )
 
 
 def _check_wearables_file(log: _ProblemLog, root: Path, path: Path, agg: _Aggregates, bar: tqdm) -> None:
@@ -620,13 +719,23 @@ def _check_wearables_file(log: _ProblemLog, root: Path, path: Path, agg: _Aggreg
     bad = False
     for field in WEARABLES_SCHEMA:
         if field.name not in schema.names:
-            log.add("missing_column", file, f"required column {field.name!r} is missing", column=field.name,
-                    value=f"columns present: {', '.join(schema.names)}")
+            log.add(
+                "missing_column",
+                file,
+                f"required column {field.name!r} is missing",
+                column=field.name,
+                value=f"columns present: {', '.join(schema.names)}",
+            )
             bad = True
         elif schema.field(field.name).type != field.type:
             got = schema.field(field.name).type
-            log.add("wrong_dtype", file, f"column {field.name!r} has type {got}, wearables want {field.type}",
-                    column=field.name, value=str(got))
+            log.add(
+                "wrong_dtype",
+                file,
+                f"column {field.name!r} has type {got}, wearables want {field.type}",
+                column=field.name,
+                value=str(got),
+            )
             bad = True
     if bad:
         bar.update(handle.metadata.num_rows)
@@ -654,8 +763,15 @@ def _check_wearables_batch(log: _ProblemLog, file: str, batch: pa.Table, offset:
     def report(kind: str, column: str, mask: Any, message: str, show: Any) -> None:
         rows = np.flatnonzero(mask) if isinstance(mask, np.ndarray) else _true_rows(mask)
         for i in rows:
-            log.add(kind, file, message, column=column, row=offset + int(i),
-                    subject_id=sid[int(i)].as_py(), value=show(int(i)))
+            log.add(
+                kind,
+                file,
+                message,
+                column=column,
+                row=offset + int(i),
+                subject_id=sid[int(i)].as_py(),
+                value=show(int(i)),
+            )
 
     for col in ("subject_id", "time", "enmo_mg"):
         report("null_value", col, pc.is_null(batch.column(col)), f"{col} is null", lambda i: "null")
@@ -663,25 +779,46 @@ def _check_wearables_batch(log: _ProblemLog, file: str, batch: pa.Table, offset:
     time_valid = np.asarray(pc.is_valid(time).to_numpy(zero_copy_only=False), dtype=bool)
     time_us = _int_array(pc.fill_null(time.cast(pa.int64()), 0))
     # numpy's % takes the divisor's sign, so epochs before 1970 are judged like any other.
-    report("off_grid", "time", time_valid & (time_us % EPOCH_US != 0),
-           f"epoch start is not on the {EPOCH_SECONDS}-second grid", lambda i: _time_str(int(time_us[i])))
+    report(
+        "off_grid",
+        "time",
+        time_valid & (time_us % EPOCH_US != 0),
+        f"epoch start is not on the {EPOCH_SECONDS}-second grid",
+        lambda i: _time_str(int(time_us[i])),
+    )
     enmo = batch.column("enmo_mg")
-    report("non_finite_value", "enmo_mg", pc.invert(pc.is_finite(enmo)), "enmo_mg is not finite",
-           lambda i: str(enmo[i].as_py()))
-    report("out_of_range", "enmo_mg", pc.less(enmo, 0.0), "enmo_mg is negative (ENMO >= 0)",
-           lambda i: str(enmo[i].as_py()))
+    report(
+        "non_finite_value",
+        "enmo_mg",
+        pc.invert(pc.is_finite(enmo)),
+        "enmo_mg is not finite",
+        lambda i: str(enmo[i].as_py()),
+    )
+    report(
+        "out_of_range", "enmo_mg", pc.less(enmo, 0.0), "enmo_mg is negative (ENMO >= 0)", lambda i: str(enmo[i].as_py())
+    )
     hr = batch.column("hr_bpm")
     hr_bad = pc.or_(pc.invert(pc.is_finite(hr)), pc.or_(pc.less(hr, HR_MIN_BPM), pc.greater(hr, HR_MAX_BPM)))
-    report("out_of_range", "hr_bpm", hr_bad,
-           f"hr_bpm outside {HR_MIN_BPM:g}..{HR_MAX_BPM:g} (null if unknown)", lambda i: str(hr[i].as_py()))
+    report(
+        "out_of_range",
+        "hr_bpm",
+        hr_bad,
+        f"hr_bpm outside {HR_MIN_BPM:g}..{HR_MAX_BPM:g} (null if unknown)",
+        lambda i: str(hr[i].as_py()),
+    )
 
 
 def _read_code_metadata(log: _ProblemLog, root: Path) -> set[str] | None:
     path = root / CODE_METADATA_FILEPATH
     file = _rel(root, path)
     if not path.is_file():
-        log.add("missing_metadata", file, "code metadata file is missing; codes cannot be checked",
-                severity="warning", strict_error=True)
+        log.add(
+            "missing_metadata",
+            file,
+            "code metadata file is missing; codes cannot be checked",
+            severity="warning",
+            strict_error=True,
+        )
         return None
     table = _read_small_table(log, root, path)
     if table is None:
@@ -699,8 +836,7 @@ def _check_dataset_metadata(log: _ProblemLog, root: Path) -> set[str]:
     path = root / DATASET_METADATA_FILEPATH
     file = _rel(root, path)
     if not path.is_file():
-        log.add("missing_metadata", file, "dataset metadata file is missing", severity="warning",
-                strict_error=True)
+        log.add("missing_metadata", file, "dataset metadata file is missing", severity="warning", strict_error=True)
         return set()
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
@@ -714,8 +850,13 @@ def _check_dataset_metadata(log: _ProblemLog, root: Path) -> set[str]:
         cause: BaseException = err.__cause__ or err
         field = "/".join(str(p) for p in getattr(cause, "absolute_path", [])) or None
         msg = getattr(cause, "message", None) or str(cause)
-        log.add("bad_dataset_metadata", file, f"does not match MEDS DatasetMetadataSchema: {msg}",
-                column=field, value=_show(getattr(cause, "instance", None)) if field else None)
+        log.add(
+            "bad_dataset_metadata",
+            file,
+            f"does not match MEDS DatasetMetadataSchema: {msg}",
+            column=field,
+            value=_show(getattr(cause, "instance", None)) if field else None,
+        )
         return set()
     declared = [blob.get(k) or [] for k in _DECLARED_COLUMN_KEYS] if isinstance(blob, dict) else []
     return {c for cols in declared if isinstance(cols, list) for c in cols if isinstance(c, str)}
@@ -740,15 +881,34 @@ def _check_splits(log: _ProblemLog, root: Path, subjects: np.ndarray, complete: 
     ids = _int_array(table.column("subject_id"))
     uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
     for s in np.flatnonzero(counts > 1):
-        log.add("duplicate_split_subject", file, "subject is listed more than once", column="subject_id",
-                subject_id=uniq[s], value=str(uniq[s]))
+        log.add(
+            "duplicate_split_subject",
+            file,
+            "subject is listed more than once",
+            column="subject_id",
+            subject_id=uniq[s],
+            value=str(uniq[s]),
+        )
     for s in np.setdiff1d(uniq, subjects) if complete else []:
         row = int(np.flatnonzero(ids == s)[0])
-        log.add("split_unknown_subject", file, "split names a subject with no rows in data/",
-                column="subject_id", row=row, subject_id=s, value=str(s))
+        log.add(
+            "split_unknown_subject",
+            file,
+            "split names a subject with no rows in data/",
+            column="subject_id",
+            row=row,
+            subject_id=s,
+            value=str(s),
+        )
     for s in np.setdiff1d(subjects, uniq):
-        log.add("split_missing_subject", file, "subject in data/ is not in any split",
-                column="subject_id", subject_id=s, value=str(s))
+        log.add(
+            "split_missing_subject",
+            file,
+            "subject in data/ is not in any split",
+            column="subject_id",
+            subject_id=s,
+            value=str(s),
+        )
     names, sizes = np.unique(np.asarray(table.column("split").to_pylist(), dtype=object), return_counts=True)
     return {str(k): int(v) for k, v in zip(names, sizes)}
 
@@ -761,8 +921,13 @@ def _check_own_labels(log: _ProblemLog, root: Path, task: str) -> None:
         log.add("bad_site_labels", f"tasks/{task}", f"cannot check the labels: {type(e).__name__}: {e}")
         return
     for issue in issues:
-        log.add("bad_site_labels", _rel(root, issue.file), issue.message, column=issue.column,
-                value=None if issue.value is None else str(issue.value))
+        log.add(
+            "bad_site_labels",
+            _rel(root, issue.file),
+            issue.message,
+            column=issue.column,
+            value=None if issue.value is None else str(issue.value),
+        )
 
 
 def _total_rows(paths: Iterable[Path]) -> int:
@@ -799,16 +964,22 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
     declared = _check_dataset_metadata(log, root)
     listed_codes = _read_code_metadata(log, root)
 
-    with tqdm(total=_total_rows(data_files + wear_files), unit="rows", desc=f"checking {root.name}",
-              disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=_total_rows(data_files + wear_files),
+        unit="rows",
+        desc=f"checking {root.name}",
+        disable=not progress,
+        leave=False,
+    ) as bar:
         for path in data_files:
             _check_event_shard(log, root, path, agg, listed_codes, bar, declared)
         for path in wear_files:
             _check_wearables_file(log, root, path, agg, bar)
 
     if not data_files:
-        log.add("empty_data", DATA_SUBDIRECTORY,
-                f"no MEDS data shards: {DATA_SUBDIRECTORY}/**/*.parquet matched nothing")
+        log.add(
+            "empty_data", DATA_SUBDIRECTORY, f"no MEDS data shards: {DATA_SUBDIRECTORY}/**/*.parquet matched nothing"
+        )
     elif agg.n_events == 0 and not log.has_errors:
         log.add("empty_data", DATA_SUBDIRECTORY, "the MEDS data shards hold no rows", value="0 rows")
     _check_subject_shards(log, agg)
@@ -816,9 +987,15 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
     subjects = agg.subjects()
     for file, wear in agg.wear_subjects if not agg.subjects_incomplete else []:
         for s in np.setdiff1d(wear, subjects):
-            log.add("wearables_unknown_subject", file, "subject has wearables but no rows in data/; "
-                    "its wearables are ignored", column="subject_id", subject_id=s, value=str(s),
-                    severity="warning")
+            log.add(
+                "wearables_unknown_subject",
+                file,
+                "subject has wearables but no rows in data/; its wearables are ignored",
+                column="subject_id",
+                subject_id=s,
+                value=str(s),
+                severity="warning",
+            )
 
     splits = _check_splits(log, root, subjects, complete=not agg.subjects_incomplete)
     own_tasks = site_tasks(root)
@@ -827,16 +1004,22 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
             _check_own_labels(log, root, task)
     splits_from_file = splits is not None
     if splits is None:
-        names, sizes = np.unique(np.asarray(hash_splits(subjects).column("split").to_pylist(), dtype=object),
-                                 return_counts=True)
+        names, sizes = np.unique(
+            np.asarray(hash_splits(subjects).column("split").to_pylist(), dtype=object), return_counts=True
+        )
         splits = {str(k): int(v) for k, v in zip(names, sizes)}
 
     summary = None
     time_min = _to_datetime(agg.time_min) if agg.time_min is not None else None
     time_max = _to_datetime(agg.time_max) if agg.time_max is not None else None
     if (agg.time_min is not None and time_min is None) or (agg.time_max is not None and time_max is None):
-        log.add("time_out_of_python_range", DATA_SUBDIRECTORY, "times outside years 1..9999 cannot be shown "
-                "as dates", value=f"{_time_str(agg.time_min)} .. {_time_str(agg.time_max)}", severity="warning")
+        log.add(
+            "time_out_of_python_range",
+            DATA_SUBDIRECTORY,
+            "times outside years 1..9999 cannot be shown as dates",
+            value=f"{_time_str(agg.time_min)} .. {_time_str(agg.time_max)}",
+            severity="warning",
+        )
     per_modality = agg.modality_subjects()
     if not log.has_errors:
         counts = {m: int(per_modality[m].size) for m in MODALITIES}

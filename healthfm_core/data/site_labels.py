@@ -67,13 +67,19 @@ def label_files(site_root: str | Path, task: str) -> list[Path]:
 def _subject_ranges(site_root: Path) -> pl.DataFrame:
     """subject_id, first and last timed event of each subject in data/."""
     shards = sorted((site_root / meds.data_subdirectory).rglob("*.parquet"))
-    frames = [to_polars(pq.read_table(p, columns=[meds.DataSchema.subject_id_name, meds.DataSchema.time_name])) for p in shards]
+    frames = [
+        to_polars(pq.read_table(p, columns=[meds.DataSchema.subject_id_name, meds.DataSchema.time_name]))
+        for p in shards
+    ]
     if not frames:
         return pl.DataFrame(schema={"subject_id": pl.Int64, "first": pl.Datetime("us"), "last": pl.Datetime("us")})
     return (
         pl.concat(frames)
         .group_by(meds.DataSchema.subject_id_name)
-        .agg(pl.col(meds.DataSchema.time_name).min().alias("first"), pl.col(meds.DataSchema.time_name).max().alias("last"))
+        .agg(
+            pl.col(meds.DataSchema.time_name).min().alias("first"),
+            pl.col(meds.DataSchema.time_name).max().alias("last"),
+        )
         .with_columns(pl.col("first").cast(pl.Datetime("us")), pl.col("last").cast(pl.Datetime("us")))
     )
 
@@ -87,18 +93,37 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
     for col in (meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name):
         if col not in raw.column_names:
             issues.append(LabelIssue(path, col, None, f"missing required column (columns: {raw.column_names})"))
-    values = [c for c in ("boolean_value", "integer_value", "float_value", "categorical_value") if c in raw.column_names]
+    values = [
+        c for c in ("boolean_value", "integer_value", "float_value", "categorical_value") if c in raw.column_names
+    ]
     if not values:
-        issues.append(LabelIssue(path, None, None, "no label column: expected one of boolean_value, integer_value, float_value, categorical_value"))
+        issues.append(
+            LabelIssue(
+                path,
+                None,
+                None,
+                "no label column: expected one of boolean_value, integer_value, float_value, categorical_value",
+            )
+        )
     if issues:
         return None, issues
     try:
         table = meds.LabelSchema.align(raw)
     except (SchemaValidationError, TableValidationError, pa.ArrowException) as exc:
-        bad = [f.name for f in raw.schema if f.name in meds.LabelSchema.schema().names
-               and raw.schema.field(f.name).type != meds.LabelSchema.schema().field(f.name).type]
-        return None, [LabelIssue(path, ", ".join(bad) or None, str(raw.schema.field(bad[0]).type) if bad else None,
-                                 f"does not match meds.LabelSchema: {exc}")]
+        bad = [
+            f.name
+            for f in raw.schema
+            if f.name in meds.LabelSchema.schema().names
+            and raw.schema.field(f.name).type != meds.LabelSchema.schema().field(f.name).type
+        ]
+        return None, [
+            LabelIssue(
+                path,
+                ", ".join(bad) or None,
+                str(raw.schema.field(bad[0]).type) if bad else None,
+                f"does not match meds.LabelSchema: {exc}",
+            )
+        ]
     df = to_polars(table.select([meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name]))
     df = df.with_row_index("row")
     for col in (meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name):
@@ -108,15 +133,28 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
     df = df.drop_nulls().join(ranges, on=meds.LabelSchema.subject_id_name, how="left")
     unknown = df.filter(pl.col("first").is_null() & pl.col("last").is_null())
     for sid in unknown[meds.LabelSchema.subject_id_name].unique(maintain_order=True).head(MAX_EXAMPLES):
-        issues.append(LabelIssue(path, "subject_id", sid, f"not a subject of this site ({unknown.height} row(s) with unknown subjects)"))
+        issues.append(
+            LabelIssue(
+                path, "subject_id", sid, f"not a subject of this site ({unknown.height} row(s) with unknown subjects)"
+            )
+        )
     known = df.filter(pl.col("first").is_not_null())
     pt = pl.col(meds.LabelSchema.prediction_time_name)
-    for cond, what in ((pt < pl.col("first"), "before the subject's first event"), (pt > pl.col("last"), "after the subject's last event")):
+    for cond, what in (
+        (pt < pl.col("first"), "before the subject's first event"),
+        (pt > pl.col("last"), "after the subject's last event"),
+    ):
         bad_rows = known.filter(cond)
         for r in bad_rows.head(MAX_EXAMPLES).iter_rows(named=True):
-            issues.append(LabelIssue(path, "prediction_time", r[meds.LabelSchema.prediction_time_name],
-                                     f"row {r['row']}, subject_id {r['subject_id']}: {what} "
-                                     f"({r['first']} .. {r['last']}; {bad_rows.height} such row(s))"))
+            issues.append(
+                LabelIssue(
+                    path,
+                    "prediction_time",
+                    r[meds.LabelSchema.prediction_time_name],
+                    f"row {r['row']}, subject_id {r['subject_id']}: {what} "
+                    f"({r['first']} .. {r['last']}; {bad_rows.height} such row(s))",
+                )
+            )
     return table, issues
 
 
@@ -150,4 +188,13 @@ def _read(site_root: Path, task: str) -> tuple[pa.Table | None, list[LabelIssue]
     return pa.concat_tables(tables, promote_options="default"), []
 
 
-__all__ = ["TASKS_SUBDIR", "LabelIssue", "SiteLabelError", "check_site_labels", "label_files", "read_site_labels", "site_tasks", "task_dir"]
+__all__ = [
+    "TASKS_SUBDIR",
+    "LabelIssue",
+    "SiteLabelError",
+    "check_site_labels",
+    "label_files",
+    "read_site_labels",
+    "site_tasks",
+    "task_dir",
+]

@@ -89,8 +89,11 @@ def _split_counts(table: pa.Table, split_of: dict[int, str]) -> dict[str, SplitC
     out = {}
     for name in names:
         sel = split == name
-        out[name] = SplitCounts(rows=int(sel.sum()), subjects=int(np.unique(sid[sel]).size),
-                                positives=None if positive is None else int(positive[sel].sum()))
+        out[name] = SplitCounts(
+            rows=int(sel.sum()),
+            subjects=int(np.unique(sid[sel]).size),
+            positives=None if positive is None else int(positive[sel].sum()),
+        )
     return out
 
 
@@ -130,8 +133,9 @@ def count_tasks(
         try:
             task = load_task(path)
         except (OSError, ValueError) as e:
-            problems.append(SiteProblem(severity="error", file=str(path), kind="bad_task",
-                                        message=" ".join(str(e).split())))
+            problems.append(
+                SiteProblem(severity="error", file=str(path), kind="bad_task", message=" ".join(str(e).split()))
+            )
             continue
         if times is None:  # the evaluation's prediction times, drawn once for every task
             events = site.read_events(columns=["subject_id", "time", "code"])
@@ -139,43 +143,76 @@ def count_tasks(
         try:
             labels = aces_labels(task, site.root, prediction_times=times)
         except Exception as e:  # ACES on data it cannot query: one line, the task's file named
-            problems.append(SiteProblem(severity="error", file=str(path), kind="bad_task",
-                                        message=f"ACES could not extract labels: {type(e).__name__}: "
-                                                f"{' '.join(str(e).split())}"))
+            problems.append(
+                SiteProblem(
+                    severity="error",
+                    file=str(path),
+                    kind="bad_task",
+                    message=f"ACES could not extract labels: {type(e).__name__}: {' '.join(str(e).split())}",
+                )
+            )
             continue
         for horizon, table in sorted(labels.items()):
-            counted.append(TaskCounts(task=task.name, source="aces", file=str(path), horizon_days=horizon,
-                                      splits=_split_counts(table, split_of)))
+            counted.append(
+                TaskCounts(
+                    task=task.name,
+                    source="aces",
+                    file=str(path),
+                    horizon_days=horizon,
+                    splits=_split_counts(table, split_of),
+                )
+            )
     for name in site.summary.site_tasks if site_tasks is None else site_tasks:
         folder = f"{TASKS_SUBDIR}/{name}"
         try:
             table = read_site_labels(site.root, name)
         except SiteLabelError as e:  # the check reports each issue; here the task is only skipped
-            problems.append(SiteProblem(severity="error", file=folder, kind="bad_site_labels",
-                                        message=f"labels not counted: {len(e.issues)} problem(s), e.g. {e.issues[0]}"))
+            problems.append(
+                SiteProblem(
+                    severity="error",
+                    file=folder,
+                    kind="bad_site_labels",
+                    message=f"labels not counted: {len(e.issues)} problem(s), e.g. {e.issues[0]}",
+                )
+            )
             continue
-        counted.append(TaskCounts(task=name, source="site", file=folder, horizon_days=None,
-                                  splits=_split_counts(table, split_of)))
+        counted.append(
+            TaskCounts(task=name, source="site", file=folder, horizon_days=None, splits=_split_counts(table, split_of))
+        )
     for counts in counted:
         why = _why_withheld(counts, min_subjects)
         if why is not None:
-            problems.append(SiteProblem(severity="warning", file=counts.file, kind="task_withheld",
-                                        message=f"{_label(counts)}: no metric would leave the site: {why}"))
-    return TasksReport(min_subjects=min_subjects, n_per_subject=n_per_subject, seed=seed, tasks=counted,
-                       problems=problems)
+            problems.append(
+                SiteProblem(
+                    severity="warning",
+                    file=counts.file,
+                    kind="task_withheld",
+                    message=f"{_label(counts)}: no metric would leave the site: {why}",
+                )
+            )
+    return TasksReport(
+        min_subjects=min_subjects, n_per_subject=n_per_subject, seed=seed, tasks=counted, problems=problems
+    )
 
 
 def format_tasks(report: TasksReport) -> str:
     """A table: one line per task and horizon, rows / subjects / positives per split."""
-    head = (f"tasks           rows / subjects / positives per split; prediction times as the evaluation's "
-            f"(up to {report.n_per_subject} visits per subject, seed {report.seed}); minimum {report.min_subjects} "
-            "subjects per split")
+    head = (
+        f"tasks           rows / subjects / positives per split; prediction times as the evaluation's "
+        f"(up to {report.n_per_subject} visits per subject, seed {report.seed}); minimum {report.min_subjects} "
+        "subjects per split"
+    )
     if not report.tasks:
         return head + "\n  (no task counted)"
     names = [f"{_label(c)}{' (site labels)' if c.source == 'site' else ''}" for c in report.tasks]
     width = max(len(n) for n in names + ["task"])
-    cells = [[" / ".join(str(v) if v is not None else "-" for v in (s.rows, s.subjects, s.positives))
-              for s in (c.splits[k] for k in SPLITS)] for c in report.tasks]
+    cells = [
+        [
+            " / ".join(str(v) if v is not None else "-" for v in (s.rows, s.subjects, s.positives))
+            for s in (c.splits[k] for k in SPLITS)
+        ]
+        for c in report.tasks
+    ]
     cw = [max(len(row[i]) for row in cells + [list(SPLITS)]) for i in range(len(SPLITS))]
     lines = [head, "  " + "task".ljust(width) + "  " + "  ".join(s.ljust(w) for s, w in zip(SPLITS, cw)).rstrip()]
     for name, row in zip(names, cells):
@@ -183,4 +220,12 @@ def format_tasks(report: TasksReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_MIN_SUBJECTS", "SplitCounts", "TaskCounts", "TasksReport", "count_tasks", "format_tasks", "task_files"]
+__all__ = [
+    "DEFAULT_MIN_SUBJECTS",
+    "SplitCounts",
+    "TaskCounts",
+    "TasksReport",
+    "count_tasks",
+    "format_tasks",
+    "task_files",
+]

@@ -50,7 +50,9 @@ class TaskSpec(BaseModel):
             if not self.aces_yaml or not self.horizons_days:
                 raise ValueError(f"task {self.name!r}: an ACES task needs aces_yaml and horizons_days")
             if len(set(self.horizons_days)) != len(self.horizons_days):
-                raise ValueError(f"task {self.name!r}: field horizons_days: value {self.horizons_days}: repeated horizon")
+                raise ValueError(
+                    f"task {self.name!r}: field horizons_days: value {self.horizons_days}: repeated horizon"
+                )
         elif self.aces_yaml is not None or self.horizons_days:
             raise ValueError(f"task {self.name!r}: a {self.kind} task carries no aces_yaml or horizons_days")
         if self.kind == "wearable" and not isinstance(TASKS.get(self.name), WearableTask):
@@ -105,8 +107,12 @@ def task_keys(specs: Iterable[TaskSpec]) -> list[str]:
 
 
 def _aces_spec(task: AcesTask, text: str, horizons: Iterable[int] | None = None) -> TaskSpec:
-    return TaskSpec(name=task.name, kind="aces", aces_yaml=text,
-                    horizons_days=list(horizons) if horizons is not None else list(task.metadata.horizons_days))
+    return TaskSpec(
+        name=task.name,
+        kind="aces",
+        aces_yaml=text,
+        horizons_days=list(horizons) if horizons is not None else list(task.metadata.horizons_days),
+    )
 
 
 def resolve_task(entry: str | Path) -> TaskSpec:
@@ -115,7 +121,7 @@ def resolve_task(entry: str | Path) -> TaskSpec:
     wearable_*: the built-in wearable regression)."""
     text = str(entry).strip()
     if text.startswith(SITE_PREFIX):
-        return TaskSpec(name=text[len(SITE_PREFIX):], kind="site")
+        return TaskSpec(name=text[len(SITE_PREFIX) :], kind="site")
     if isinstance(TASKS.get(text), WearableTask):
         return TaskSpec(name=text, kind="wearable")
     legacy = _LEGACY_ONSET.match(text)
@@ -143,5 +149,15 @@ def resolve_tasks(entries: Iterable[str | Path]) -> list[TaskSpec]:
     return list(out.values())
 
 
-__all__ = ["AcesOnsetTask", "MAX_ACES_BYTES", "SITE_PREFIX", "TASK_NAME", "TaskSpec", "horizon_key", "resolve_task", "resolve_tasks",
-           "runner_tasks", "task_keys"]
+__all__ = [
+    "AcesOnsetTask",
+    "MAX_ACES_BYTES",
+    "SITE_PREFIX",
+    "TASK_NAME",
+    "TaskSpec",
+    "horizon_key",
+    "resolve_task",
+    "resolve_tasks",
+    "runner_tasks",
+    "task_keys",
+]

@@ -140,7 +140,9 @@ def visit_prediction_times(
     first_t = t[np.searchsorted(g, g, side="left")]
     keep = ~last & (t - first_t >= int(min_history_days * US_PER_DAY))
     g, t = g[keep], t[keep]
-    key = _mix64(_mix64(subjects[g].astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) ^ t.astype(np.uint64))
+    key = _mix64(
+        _mix64(subjects[g].astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) ^ t.astype(np.uint64)
+    )
     order = np.lexsort((key, g))
     g, t = g[order], t[order]
     rank = np.arange(len(g)) - np.searchsorted(g, g, side="left")
@@ -172,9 +174,7 @@ def onset_labels_from_events(
         raise ValueError("outcome_code_prefix must not be empty")
     for col in ("subject_id", "prediction_time"):
         if col not in prediction_times.column_names:
-            raise ValueError(
-                f"prediction_times has no column {col!r} (columns: {prediction_times.column_names})"
-            )
+            raise ValueError(f"prediction_times has no column {col!r} (columns: {prediction_times.column_names})")
     subjects, inv, time_us, code = _subject_arrays(events)
     n = len(subjects)
     timed = time_us != _NO_TIME
@@ -214,8 +214,14 @@ def onset_labels_from_events(
     )
     log.debug(
         "%s %gd: %d rows -> %d labels (%d positive; excluded %d prevalent, %d dead, %d censored)",
-        outcome_code_prefix, horizon_days, len(pt), out.num_rows, int(positive[keep].sum()),
-        int(prevalent.sum()), int((dead & ~prevalent).sum()), int((~prevalent & ~dead & ~positive & ~observed).sum()),
+        outcome_code_prefix,
+        horizon_days,
+        len(pt),
+        out.num_rows,
+        int(positive[keep].sum()),
+        int(prevalent.sum()),
+        int((dead & ~prevalent).sum()),
+        int((~prevalent & ~dead & ~positive & ~observed).sum()),
     )
     return validate_labels(out)
 
@@ -265,9 +271,7 @@ def _wear_periods(sid: np.ndarray, t: np.ndarray, max_gap_hours: float) -> tuple
     return period, starts, span
 
 
-def wear_period_end_times(
-    wearables: pa.Table, max_gap_hours: float = 6.0, min_period_hours: float = 24.0
-) -> pa.Table:
+def wear_period_end_times(wearables: pa.Table, max_gap_hours: float = 6.0, min_period_hours: float = 24.0) -> pa.Table:
     """(subject_id, prediction_time) at the end of each wear period (the end of its last epoch):
     the moment a wearable study reads a period out, when the device data is freshest. Periods
     shorter than min_period_hours are skipped. Sorted by subject and time."""
@@ -277,10 +281,12 @@ def wear_period_end_times(
     _, starts, span = _wear_periods(sid, t, max_gap_hours)
     last = np.append(starts[1:], len(sid)) - 1
     ok = span >= int(min_period_hours * 3_600_000_000)
-    return pa.table({
-        "subject_id": pa.array(sid[starts[ok]], pa.int64()),
-        "prediction_time": pa.array(t[last[ok]] + EPOCH_US, pa.int64()).cast(pa.timestamp("us")),
-    })
+    return pa.table(
+        {
+            "subject_id": pa.array(sid[starts[ok]], pa.int64()),
+            "prediction_time": pa.array(t[last[ok]] + EPOCH_US, pa.int64()).cast(pa.timestamp("us")),
+        }
+    )
 
 
 def wearable_regression_labels(

@@ -140,8 +140,12 @@ def pool_token_rows(
     value); at most max_codes slots, by `priority[code]` ascending (then code id); the token's
     time is its latest row's. Deterministic and independent of the rows' order."""
     if len(token) == 0:
-        return (np.full((0, 1), PAD_CODE, np.int64), np.zeros((0, 1), np.float32),
-                np.zeros((0, 1), bool), np.zeros(0, np.int64))
+        return (
+            np.full((0, 1), PAD_CODE, np.int64),
+            np.zeros((0, 1), np.float32),
+            np.zeros((0, 1), bool),
+            np.zeros(0, np.int64),
+        )
     n_tok = int(token[-1]) + 1
     tok_time = np.maximum.reduceat(time_us, np.searchsorted(token, np.arange(n_tok)))
     # Latest row per (token, code): sort so that it comes last in its group.
@@ -363,9 +367,7 @@ class SiteSequences:
         token_window_days: float = DEFAULT_TOKEN_WINDOW_DAYS,
     ) -> SiteSequences:
         """Read a site's events and wearables once (optionally only some subjects)."""
-        events = site.read_events(
-            subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"]
-        )
+        events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
         wearables = site.read_wearables(subject_ids)
         return cls(events, wearables, vocab, patch_epochs=patch_epochs, token_window_days=token_window_days)
 
@@ -422,8 +424,9 @@ class SiteSequences:
         st = slice(s0, s0 + (s1 - s0) * n_static)
         ev = slice(start, visible)
         bucket = self.ev_bucket[ev]
-        token = np.concatenate([np.zeros(st.stop - st.start, np.int64),
-                                bucket - (bucket[0] if len(bucket) else 0) + n_static])
+        token = np.concatenate(
+            [np.zeros(st.stop - st.start, np.int64), bucket - (bucket[0] if len(bucket) else 0) + n_static]
+        )
         codes, values, has_value, token_us = pool_token_rows(
             token,
             np.concatenate([self.st_codes[st], self.ev_codes[ev]]),
@@ -483,8 +486,10 @@ def collate(samples: Sequence[Sample]) -> Batch:
         if s.wear_epochs.shape[1:] != (E, C):
             raise ValueError(f"samples have different patch shapes {s.wear_epochs.shape[1:]} vs {(E, C)}")
         if s.codes.ndim != 2 or s.codes.shape[0] != len(s.times):
-            raise ValueError(f"sample of subject {s.subject_id}: codes {s.codes.shape} is not [tokens, codes] "
-                             f"for {len(s.times)} token times")
+            raise ValueError(
+                f"sample of subject {s.subject_id}: codes {s.codes.shape} is not [tokens, codes] "
+                f"for {len(s.times)} token times"
+            )
     T = len(samples[0].prs)
     codes = np.full((B, N, K), PAD_CODE, dtype=np.int64)
     values = np.zeros((B, N, K), dtype=np.float32)
@@ -578,8 +583,13 @@ class PretrainingDataset(Dataset):
         return int(self.seqs.last_time_us[s])
 
     def __getitem__(self, i: int) -> Sample:
-        return self.seqs.sample(int(self.index[i]), self.prediction_time_us(i), self.max_events, self.max_patches,
-                                max_codes_per_token=self.max_codes_per_token)
+        return self.seqs.sample(
+            int(self.index[i]),
+            self.prediction_time_us(i),
+            self.max_events,
+            self.max_patches,
+            max_codes_per_token=self.max_codes_per_token,
+        )
 
 
 class LabelledDataset(Dataset):
@@ -588,7 +598,11 @@ class LabelledDataset(Dataset):
     labelled = True
 
     def __init__(
-        self, seqs: SiteSequences, labels: pa.Table, max_events: int = 512, max_patches: int = 64,
+        self,
+        seqs: SiteSequences,
+        labels: pa.Table,
+        max_events: int = 512,
+        max_patches: int = 64,
         max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
     ) -> None:
         for col in ("subject_id", "prediction_time"):
@@ -617,8 +631,14 @@ class LabelledDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> Sample:
-        return self.seqs.sample(int(self.index[i]), int(self.pt_us[i]), self.max_events, self.max_patches,
-                                label=float(self.labels[i]), max_codes_per_token=self.max_codes_per_token)
+        return self.seqs.sample(
+            int(self.index[i]),
+            int(self.pt_us[i]),
+            self.max_events,
+            self.max_patches,
+            label=float(self.labels[i]),
+            max_codes_per_token=self.max_codes_per_token,
+        )
 
 
 def make_loader(

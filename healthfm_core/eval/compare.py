@@ -78,8 +78,15 @@ def evaluate_per_site(
         if model is None:
             log.warning("%s: no model for site %s; not evaluated", method, name)
             continue
-        feats = method_features(data, model, keep=keep, max_events=max_events, max_patches=max_patches,
-                                batch_size=batch_size, progress=progress)
+        feats = method_features(
+            data,
+            model,
+            keep=keep,
+            max_events=max_events,
+            max_patches=max_patches,
+            batch_size=batch_size,
+            progress=progress,
+        )
         features[name] = feats
         results[name] = evaluate_method(method, data, feats, n_boot=n_boot, seed=seed)
         for task, why in results[name].skipped.items():
@@ -95,8 +102,9 @@ def oracle_per_site(
     seed: int = 0,
 ) -> dict[str, MethodResult]:
     """runner.oracle_rows on each site's own held_out rows."""
-    return {name: oracle_rows(data, truth_risk, code_to_disease, n_boot=n_boot, seed=seed)
-            for name, data in sites.items()}
+    return {
+        name: oracle_rows(data, truth_risk, code_to_disease, n_boot=n_boot, seed=seed) for name, data in sites.items()
+    }
 
 
 def modality_removal(
@@ -124,10 +132,13 @@ def modality_removal(
     rows = features.rows[has]
     keep = [m for m in MODALITIES if m != drop]
     with_all = MethodFeatures(features.x[has], features.present[has], rows)
-    without = method_features(data, model, rows=rows, keep=keep, max_events=max_events, max_patches=max_patches,
-                              batch_size=batch_size)
-    return (evaluate_method(method, data, with_all, n_boot=n_boot, seed=seed),
-            evaluate_method(f"{method} without {drop}", data, without, n_boot=n_boot, seed=seed))
+    without = method_features(
+        data, model, rows=rows, keep=keep, max_events=max_events, max_patches=max_patches, batch_size=batch_size
+    )
+    return (
+        evaluate_method(method, data, with_all, n_boot=n_boot, seed=seed),
+        evaluate_method(f"{method} without {drop}", data, without, n_boot=n_boot, seed=seed),
+    )
 
 
 # ---------------------------------------------------------------- summaries
@@ -170,9 +181,16 @@ def summarize(per_site: PerSite, methods: Sequence[str] | None = None) -> list[S
         for m in methods:
             rows = [keyed[m][k] for k in keys]
             ece = [r.ece for r in rows if np.isfinite(r.ece)]
-            out.append(SummaryRow(method=m, horizon=horizon, auroc=float(np.mean([r.auroc for r in rows])),
-                                  ece=float(np.mean(ece)) if ece else float("nan"), pairs=len(rows),
-                                  n=int(sum(r.n for r in rows))))
+            out.append(
+                SummaryRow(
+                    method=m,
+                    horizon=horizon,
+                    auroc=float(np.mean([r.auroc for r in rows])),
+                    ece=float(np.mean(ece)) if ece else float("nan"),
+                    pairs=len(rows),
+                    n=int(sum(r.n for r in rows)),
+                )
+            )
     return out
 
 
@@ -187,25 +205,34 @@ def _f(x: float) -> str:
 
 def summary_table(rows: Sequence[SummaryRow]) -> str:
     """Markdown: one line per (method, horizon)."""
-    lines = ["| method | horizon (d) | mean AUROC | mean ECE | (site, task) pairs | held-out rows |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | horizon (d) | mean AUROC | mean ECE | (site, task) pairs | held-out rows |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.method} | {r.horizon if r.horizon is not None else '-'} | {_f(r.auroc)} | {_f(r.ece)} "
-                     f"| {r.pairs} | {r.n} |")
+        lines.append(
+            f"| {r.method} | {r.horizon if r.horizon is not None else '-'} | {_f(r.auroc)} | {_f(r.ece)} "
+            f"| {r.pairs} | {r.n} |"
+        )
     return "\n".join(lines)
 
 
 def site_table(per_site_rows: Mapping[str, Sequence[SummaryRow]]) -> str:
     """Markdown: one line per (site, method), mean AUROC per horizon and mean ECE over horizons."""
     horizons = sorted({r.horizon for rows in per_site_rows.values() for r in rows if r.horizon is not None})
-    lines = ["| site | method | " + " | ".join(f"AUROC {h} d" for h in horizons) + " | mean ECE |",
-             "|---|---|" + "---:|" * (len(horizons) + 1)]
+    lines = [
+        "| site | method | " + " | ".join(f"AUROC {h} d" for h in horizons) + " | mean ECE |",
+        "|---|---|" + "---:|" * (len(horizons) + 1),
+    ]
     for site, rows in per_site_rows.items():
         for method in dict.fromkeys(r.method for r in rows):
             mine = {r.horizon: r for r in rows if r.method == method}
             ece = [r.ece for r in mine.values() if np.isfinite(r.ece)]
-            lines.append(f"| {site} | {method} | " + " | ".join(_f(mine[h].auroc) if h in mine else "-" for h in horizons)
-                         + f" | {_f(float(np.mean(ece)) if ece else float('nan'))} |")
+            lines.append(
+                f"| {site} | {method} | "
+                + " | ".join(_f(mine[h].auroc) if h in mine else "-" for h in horizons)
+                + f" | {_f(float(np.mean(ece)) if ece else float('nan'))} |"
+            )
     return "\n".join(lines)
 
 
@@ -214,30 +241,43 @@ def epsilon_label(epsilon: float | None) -> str:
     return "no DP" if epsilon is None else f"eps={epsilon:g}"
 
 
-def privacy_table(rows: Sequence[SummaryRow], settings: Mapping[str, float | None],
-                  spent: Mapping[str, Mapping[str, float]]) -> str:
+def privacy_table(
+    rows: Sequence[SummaryRow], settings: Mapping[str, float | None], spent: Mapping[str, Mapping[str, float]]
+) -> str:
     """Markdown: one line per DP setting (`settings`: method name -> target epsilon, None = no
     DP), mean AUROC / ECE per horizon, then the cumulative epsilon each site reported (`spent`:
     method -> site -> epsilon; a site that reported none shows "-")."""
     horizons = sorted({r.horizon for r in rows if r.horizon is not None})
     sites = sorted({s for per in spent.values() for s in per})
-    lines = ["| target epsilon | " + " | ".join(f"AUROC / ECE {h} d" for h in horizons)
-             + "".join(f" | spent at {s}" for s in sites) + " |",
-             "|---|" + "---:|" * (len(horizons) + len(sites))]
+    lines = [
+        "| target epsilon | "
+        + " | ".join(f"AUROC / ECE {h} d" for h in horizons)
+        + "".join(f" | spent at {s}" for s in sites)
+        + " |",
+        "|---|" + "---:|" * (len(horizons) + len(sites)),
+    ]
     for method, target in settings.items():
         mine = {r.horizon: r for r in rows if r.method == method}
         cells = [f"{_f(mine[h].auroc)} / {_f(mine[h].ece)}" if h in mine else "-" for h in horizons]
         eps = [_f(spent.get(method, {})[s]) if s in spent.get(method, {}) else "-" for s in sites]
-        lines.append(f"| {'none (no DP)' if target is None else f'{target:g}'} | " + " | ".join(cells)
-                     + "".join(f" | {e}" for e in eps) + " |")
+        lines.append(
+            f"| {'none (no DP)' if target is None else f'{target:g}'} | "
+            + " | ".join(cells)
+            + "".join(f" | {e}" for e in eps)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- plots
 
 
-def privacy_plot(rows: Sequence[SummaryRow], settings: Mapping[str, float | None], path,
-                 title: str = "Held-out utility against the target epsilon"):
+def privacy_plot(
+    rows: Sequence[SummaryRow],
+    settings: Mapping[str, float | None],
+    path,
+    title: str = "Held-out utility against the target epsilon",
+):
     """Mean AUROC (left) and ECE (right) against the target epsilon (log axis), one line per
     horizon; the no-DP setting is drawn at the right end of the axis, past the largest epsilon."""
     finite = sorted(e for e in settings.values() if e is not None)
@@ -269,8 +309,9 @@ def summary_plot(rows: Sequence[SummaryRow], path, title: str = "Held-out AUROC 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     horizons = sorted({r.horizon for r in rows if r.horizon is not None})
     for method in dict.fromkeys(r.method for r in rows):
-        mine = sorted(((r.horizon, r) for r in rows if r.method == method and r.horizon is not None),
-                      key=lambda hr: hr[0])
+        mine = sorted(
+            ((r.horizon, r) for r in rows if r.method == method and r.horizon is not None), key=lambda hr: hr[0]
+        )
         xs = [horizons.index(h) for h, _ in mine]
         a1.plot(xs, [r.auroc for _, r in mine], marker="o", label=method)
         a2.plot(xs, [r.ece for _, r in mine], marker="o", label=method)
@@ -304,11 +345,11 @@ def loss_curves_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path, 
             if len(ys) >= 20:  # a moving average keeps per-step noise from hiding the trend
                 k = max(2, len(ys) // 20)
                 ys = np.convolve(ys, np.ones(k) / k, mode="valid")
-                xs = xs[k - 1:]
+                xs = xs[k - 1 :]
             ax.plot(xs, ys, marker="o" if len(xs) < 20 else "", linewidth=1.2, label=label)
         ax.set_title(name, fontsize="small")
         ax.set_xlabel("fraction of the training budget")
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     handles: dict[str, Artist] = {}  # one legend for the figure: a curve absent from the first panel still appears
     for ax in axes.flat:
@@ -331,8 +372,15 @@ def bytes_plot(per_round: Mapping[int, Mapping[str, tuple[int, int]]], path, tit
         recv = [per_round[r].get(site, (0, 0))[1] / 1e6 for r in rounds]
         xs = np.arange(len(rounds)) + (2 * i - len(sites)) * width
         bars = ax.bar(xs, sent, width, label=f"{site} (to site)")
-        ax.bar(xs + width, recv, width, color=bars.patches[0].get_facecolor(), hatch="//", alpha=0.6,
-               label=f"{site} (from site)")
+        ax.bar(
+            xs + width,
+            recv,
+            width,
+            color=bars.patches[0].get_facecolor(),
+            hatch="//",
+            alpha=0.6,
+            label=f"{site} (from site)",
+        )
     ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
     ax.set_xlabel("round")
     ax.set_ylabel("MB")

@@ -36,9 +36,17 @@ def predictions_table(labels: pa.Table, probabilities: np.ndarray, threshold: fl
     if len(p) != labels.num_rows:
         raise ValueError(f"probabilities: {len(p)} values for {labels.num_rows} label rows")
     if not np.all(np.isfinite(p)):
-        raise ValueError(f"probabilities: {int((~np.isfinite(p)).sum())} non-finite value(s), first {p[~np.isfinite(p)][0]!r}")
-    cols = {name: labels[name] for name in (PredictionSchema.subject_id_name, PredictionSchema.prediction_time_name,
-                                            PredictionSchema.boolean_value_name)}
+        raise ValueError(
+            f"probabilities: {int((~np.isfinite(p)).sum())} non-finite value(s), first {p[~np.isfinite(p)][0]!r}"
+        )
+    cols = {
+        name: labels[name]
+        for name in (
+            PredictionSchema.subject_id_name,
+            PredictionSchema.prediction_time_name,
+            PredictionSchema.boolean_value_name,
+        )
+    }
     cols[PredictionSchema.predicted_boolean_value_name] = pa.array(p >= threshold, pa.bool_())
     cols[PredictionSchema.predicted_boolean_probability_name] = pa.array(p.astype(np.float32), pa.float32())
     return PredictionSchema.align(pa.table(cols))
@@ -57,7 +65,9 @@ def score_predictions(predictions: str | Path | pa.Table, samples_per_subject: i
     table = pq.read_table(predictions) if isinstance(predictions, (str, Path)) else predictions
     if table.num_rows == 0:
         raise ValueError(f"{predictions if isinstance(predictions, (str, Path)) else 'predictions'}: no rows to score")
-    return evaluate_binary_classification(pl.from_arrow(table), samples_per_subject=samples_per_subject, resampling_seed=seed)
+    return evaluate_binary_classification(
+        pl.from_arrow(table), samples_per_subject=samples_per_subject, resampling_seed=seed
+    )
 
 
 __all__ = ["prediction_path", "predictions_table", "score_predictions", "write_predictions"]

@@ -150,7 +150,10 @@ def group_index(groups: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def bootstrap_counts(
-    y: np.ndarray, n_boot: int, rng: np.random.Generator, stratified: bool = True,
+    y: np.ndarray,
+    n_boot: int,
+    rng: np.random.Generator,
+    stratified: bool = True,
     groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """[n_boot, n] resample multiplicities. Stratified: positives and negatives are resampled
@@ -242,8 +245,13 @@ def paired_difference(
 
     def mean_diff(weights: Sequence[np.ndarray | None]) -> np.ndarray:
         # weights[i]: task i's sample weights (None: unweighted).
-        return np.mean([np.asarray(metric(y, pa_, weights=w)) - np.asarray(metric(y, pb, weights=w))
-                        for (y, pa_, pb, _), w in zip(checked, weights)], axis=0)
+        return np.mean(
+            [
+                np.asarray(metric(y, pa_, weights=w)) - np.asarray(metric(y, pb, weights=w))
+                for (y, pa_, pb, _), w in zip(checked, weights)
+            ],
+            axis=0,
+        )
 
     point = float(mean_diff([None] * len(checked)))
     rng = np.random.default_rng(seed)
@@ -251,15 +259,17 @@ def paired_difference(
     values = []
     for start in range(0, n_boot, chunk):
         draws = bootstrap_counts(y_all, min(chunk, n_boot - start), rng, groups=g_all)  # [chunk, all rows]
-        values.append(mean_diff([draws[:, bounds[i]:bounds[i + 1]] for i in range(len(checked))]))
+        values.append(mean_diff([draws[:, bounds[i] : bounds[i + 1]] for i in range(len(checked))]))
     v = np.concatenate(values)
     v = v[np.isfinite(v)]
     if len(v) == 0:
-        return PairedDifference(n_tasks=len(checked), mean=point, ci=(float("nan"), float("nan")),
-                                fraction_at_or_below_zero=float("nan"))
+        return PairedDifference(
+            n_tasks=len(checked), mean=point, ci=(float("nan"), float("nan")), fraction_at_or_below_zero=float("nan")
+        )
     lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
-    return PairedDifference(n_tasks=len(checked), mean=point, ci=(float(lo), float(hi)),
-                            fraction_at_or_below_zero=float(np.mean(v <= 0)))
+    return PairedDifference(
+        n_tasks=len(checked), mean=point, ci=(float(lo), float(hi)), fraction_at_or_below_zero=float(np.mean(v <= 0))
+    )
 
 
 class BinaryMetrics(BaseModel):
@@ -342,4 +352,6 @@ def regression_metrics(
         lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
         ci = (float(lo), float(hi))
     r = float(np.corrcoef(y, pred)[0, 1]) if n > 1 and y.std() > 0 and pred.std() > 0 else float("nan")
-    return RegressionMetrics(n=n, r2=float(r2_score(y, pred)), r2_ci=ci, mae=float(np.abs(y - pred).mean()), pearson_r=r)
+    return RegressionMetrics(
+        n=n, r2=float(r2_score(y, pred)), r2_ci=ci, mae=float(np.abs(y - pred).mean()), pearson_r=r
+    )

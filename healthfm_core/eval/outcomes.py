@@ -30,14 +30,17 @@ def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
     return "no metric", NOT_REPORTED
 
 
-def outcome_rows(keys: Sequence[str], per_site: Mapping[str, EvalReply],
-                 sites: Sequence[str] | None = None) -> list[tuple[str, str, str, str]]:
+def outcome_rows(
+    keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None
+) -> list[tuple[str, str, str, str]]:
     """(site, task, result, detail) for every asked site (those that replied when None) and key."""
     names = sorted(set(sites or []) | set(per_site))
     return [(s, k, *outcome(per_site.get(s), k)) for s in names for k in keys]
 
 
-def outcome_lines(keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None) -> list[str]:
+def outcome_lines(
+    keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None
+) -> list[str]:
     return [f"{s} / {k}: {res} ({detail})" for s, k, res, detail in outcome_rows(keys, per_site, sites)]
 
 
@@ -56,5 +59,12 @@ def replies_from_event(event: Mapping) -> tuple[list[str], dict[str, EvalReply],
     return keys, per_site, list(event.get("asked_sites") or per_site)
 
 
-__all__ = ["NOT_REPLIED", "NOT_REPORTED", "outcome", "outcome_lines", "outcome_rows", "outcome_table",
-           "replies_from_event"]
+__all__ = [
+    "NOT_REPLIED",
+    "NOT_REPORTED",
+    "outcome",
+    "outcome_lines",
+    "outcome_rows",
+    "outcome_table",
+    "replies_from_event",
+]

@@ -66,8 +66,9 @@ def horizon_auroc_plot(rows: Sequence[ResultRow], path: str | Path, task: str | 
     horizons = sorted({r.horizon for r in rows if r.horizon is not None})
     offsets = np.linspace(-0.15, 0.15, len(methods)) if len(methods) > 1 else [0.0]
     for off, method in zip(offsets, methods):
-        mine = sorted(((r.horizon, r) for r in rows if r.method == method and r.horizon is not None),
-                      key=lambda hr: hr[0])
+        mine = sorted(
+            ((r.horizon, r) for r in rows if r.method == method and r.horizon is not None), key=lambda hr: hr[0]
+        )
         xs = np.array([horizons.index(h) for h, _ in mine]) + off
         auc = np.array([r.auroc for _, r in mine])
         lo = np.array([r.auroc_ci[0] for _, r in mine])
@@ -108,7 +109,7 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
             sums = np.convolve(np.where(have, vals, 0.0), np.ones(k), mode="valid")
             counts = np.convolve(have.astype(np.float64), np.ones(k), mode="valid")
             with np.errstate(invalid="ignore", divide="ignore"):
-                ax.plot(steps[k - 1:], np.where(counts > 0, sums / counts, np.nan), linewidth=1.5)
+                ax.plot(steps[k - 1 :], np.where(counts > 0, sums / counts, np.nan), linewidth=1.5)
         ax.set_title(key, fontsize="small")
         ax.set_xlabel("step")
     if has_rates:
@@ -125,8 +126,11 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
     return save_figure(fig, path)
 
 
-def label_efficiency_plot(curves: Mapping[str, Mapping[float, Sequence[float]]], path: str | Path,
-                          title: str = "Held-out AUROC against the share of train labels") -> Path:
+def label_efficiency_plot(
+    curves: Mapping[str, Mapping[float, Sequence[float]]],
+    path: str | Path,
+    title: str = "Held-out AUROC against the share of train labels",
+) -> Path:
     """One line per method: mean (over repeats) of the mean AUROC across tasks, at each fraction
     of the train subjects whose labels the probe gets, with the repeats' spread as error bars."""
     fig, ax = plt.subplots(figsize=(5.5, 4))

@@ -47,9 +47,7 @@ class Features:
         return len(self.subject_id)
 
 
-def _collect(
-    batches: Iterable[Batch | tuple[Batch, torch.Tensor]], featurize, desc: str, progress: bool
-) -> Features:
+def _collect(batches: Iterable[Batch | tuple[Batch, torch.Tensor]], featurize, desc: str, progress: bool) -> Features:
     sids, times, xs, ys = [], [], [], []
     for item in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch, labels = item if isinstance(item, tuple) else (item, None)
@@ -62,8 +60,7 @@ def _collect(
         raise ValueError(f"{desc}: the loader yielded no batches")
     if ys and len(ys) != len(xs):
         raise ValueError(f"{desc}: some batches came with labels and some without")
-    return Features(np.concatenate(sids), np.concatenate(times), np.concatenate(xs),
-                    np.concatenate(ys) if ys else None)
+    return Features(np.concatenate(sids), np.concatenate(times), np.concatenate(xs), np.concatenate(ys) if ys else None)
 
 
 def compute_embeddings(
@@ -99,7 +96,9 @@ def count_features(batch: Batch, vocab_size: int) -> torch.Tensor:
     return torch.log1p(counts)
 
 
-def compute_count_features(batches: Iterable[Batch | tuple[Batch, torch.Tensor]], vocab_size: int, progress: bool = False) -> Features:
+def compute_count_features(
+    batches: Iterable[Batch | tuple[Batch, torch.Tensor]], vocab_size: int, progress: bool = False
+) -> Features:
     """The count-features baseline over a loader of labelled samples."""
     return _collect(batches, lambda b: count_features(b, vocab_size), "count features", progress)
 
@@ -152,8 +151,13 @@ def fit_logistic(
             b.fill_(np.log(prevalence / (1 - prevalence)))
     opt = torch.optim.LBFGS(
         # A gradient of 1e-7 on the mean loss moves AUROCs by ~1e-6: tighter only costs time.
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
-        tolerance_change=1e-12, line_search_fn="strong_wolfe",
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
     )
     # Dividing the objective by C * n keeps its scale independent of n and C for the optimiser.
     penalty = 1.0 / (2.0 * c * n)
@@ -214,8 +218,9 @@ def fit_logistic_probe(
         w, b = fit_logistic(xs_train, y_train, c, init=init)
         init = (w, b)
         p_tune = 1.0 / (1.0 + np.exp(-(xs_tune @ w + b)))
-        cand = LogisticProbe(std, w, b, c, float(M.auroc(y_tune, p_tune)) if tune_has_both else float("nan"),
-                             M.log_loss(y_tune, p_tune))
+        cand = LogisticProbe(
+            std, w, b, c, float(M.auroc(y_tune, p_tune)) if tune_has_both else float("nan"), M.log_loss(y_tune, p_tune)
+        )
         if best is None or _better(cand, best, select_by if tune_has_both else "log_loss"):
             best = cand
     assert best is not None
@@ -247,8 +252,13 @@ def subject_folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int = 0
 
 
 def cross_fit_logistic(
-    x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_folds: int = 5, seed: int = 0,
-    c_grid: Sequence[float] = DEFAULT_C_GRID, folds: np.ndarray | None = None,
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_folds: int = 5,
+    seed: int = 0,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    folds: np.ndarray | None = None,
 ) -> np.ndarray:
     """Out-of-fold probabilities of the logistic probe for a cohort too small to split once.
 
@@ -268,8 +278,10 @@ def cross_fit_logistic(
         tune = (k + 1) % n_folds
         tr = (fold != k) & (fold != tune)
         if y[tr].all() or not y[tr].any():
-            raise ValueError(f"cross-fitting fold {k}: the training folds hold {int(y[tr].sum())} positives "
-                             f"of {int(tr.sum())} rows (one class)")
+            raise ValueError(
+                f"cross-fitting fold {k}: the training folds hold {int(y[tr].sum())} positives "
+                f"of {int(tr.sum())} rows (one class)"
+            )
         probe = fit_logistic_probe(x[tr], y[tr], x[fold == tune], y[fold == tune], c_grid=c_grid)
         out[fold == k] = probe.predict_proba(x[fold == k])
     return out
@@ -360,7 +372,12 @@ def evaluate_binary(
 
 
 def oracle_row(
-    task: str, horizon: int | None, y_test: np.ndarray, risk_test: np.ndarray, n_boot: int = 1000, seed: int = 0,
+    task: str,
+    horizon: int | None,
+    y_test: np.ndarray,
+    risk_test: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> ResultRow:
     """The ceiling: the synthetic generator's true risk used directly as the score. ECE and Brier
@@ -371,10 +388,23 @@ def oracle_row(
     y = np.asarray(y_test).astype(bool)
     known = np.isfinite(risk)
     if not known.all():
-        log.warning("oracle %s %s: %d of %d samples have no true risk and are left out",
-                    task, horizon, int((~known).sum()), len(risk))
-    return binary_row("oracle", task, horizon, y[known], risk[known], n_boot, seed,
-                       None if groups is None else np.asarray(groups)[known])
+        log.warning(
+            "oracle %s %s: %d of %d samples have no true risk and are left out",
+            task,
+            horizon,
+            int((~known).sum()),
+            len(risk),
+        )
+    return binary_row(
+        "oracle",
+        task,
+        horizon,
+        y[known],
+        risk[known],
+        n_boot,
+        seed,
+        None if groups is None else np.asarray(groups)[known],
+    )
 
 
 def evaluate_features(
@@ -404,14 +434,24 @@ def evaluate_features(
 
 
 def binary_row(
-    method: str, task: str, horizon: int | None, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int,
+    method: str,
+    task: str,
+    horizon: int | None,
+    y: np.ndarray,
+    p: np.ndarray,
+    n_boot: int,
+    seed: int,
     groups: np.ndarray | None = None,
 ) -> ResultRow:
     is_prob = bool((p >= 0).all() and (p <= 1).all())
     both = bool(y.any() and (~y).any())
     nan2 = (float("nan"), float("nan"))
     return ResultRow(
-        method=method, task=task, horizon=horizon, n=len(y), n_pos=int(y.sum()),
+        method=method,
+        task=task,
+        horizon=horizon,
+        n=len(y),
+        n_pos=int(y.sum()),
         auroc=float(M.auroc(y, p)),
         auroc_ci=M.bootstrap_ci(M.auroc, y, p, n_boot=n_boot, seed=seed, groups=groups) if both else nan2,
         auprc=float(M.average_precision(y, p)),

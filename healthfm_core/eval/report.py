@@ -75,9 +75,6 @@ def regression_table(rows: Sequence[RegressionRow]) -> str:
     return "\n".join(lines)
 
 
-
-
-
 def write_report(
     path: str | Path,
     rows: Sequence[ResultRow],

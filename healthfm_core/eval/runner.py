@@ -174,7 +174,9 @@ def _splits_of(site: Site, subject_ids: np.ndarray, name: str) -> np.ndarray:
     found = len(sid) > 0 and sid[order][pos] == subject_ids
     if not np.all(found):
         missing = np.unique(subject_ids[~np.asarray(found)])
-        raise ValueError(f"site {name}: subject_id {missing[:5].tolist()} has no row in metadata/subject_splits.parquet")
+        raise ValueError(
+            f"site {name}: subject_id {missing[:5].tolist()} has no row in metadata/subject_splits.parquet"
+        )
     return split[order][pos]
 
 
@@ -182,7 +184,12 @@ OnsetTimes = Literal["visits", "wear_period_ends"]
 
 
 def build_site_rows(
-    name: str, site: Site, seqs: SiteSequences, tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0,
+    name: str,
+    site: Site,
+    seqs: SiteSequences,
+    tasks: Mapping[str, Task],
+    n_per_subject: int = 4,
+    seed: int = 0,
     onset_times: OnsetTimes = "visits",
 ) -> SiteRows:
     """The union of the evaluation rows of `tasks` at one site, with per-task labels. The onset
@@ -220,8 +227,14 @@ def build_site_rows(
     if not tables:
         raise ValueError("no tasks to build evaluation rows for")
     if sum(t.num_rows for t in tables) == 0:
-        return SiteRows(name=name, seqs=seqs, subject_id=np.zeros(0, np.int64), prediction_time_us=np.zeros(0, np.int64),
-                        split=np.zeros(0, dtype=object), labels={k: np.zeros(0) for k in per_task})
+        return SiteRows(
+            name=name,
+            seqs=seqs,
+            subject_id=np.zeros(0, np.int64),
+            prediction_time_us=np.zeros(0, np.int64),
+            split=np.zeros(0, dtype=object),
+            labels={k: np.zeros(0) for k in per_task},
+        )
     rows = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
     rows = rows.group_by(["subject_id", "prediction_time"]).aggregate([])  # distinct rows
     rows = rows.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
@@ -235,22 +248,36 @@ def build_site_rows(
         labels[key] = y
     sid = rows["subject_id"].to_numpy()
     return SiteRows(
-        name=name, seqs=seqs, subject_id=sid, prediction_time_us=to_us(rows["prediction_time"], "prediction_time"),
-        split=_splits_of(site, sid, name), labels=labels,
+        name=name,
+        seqs=seqs,
+        subject_id=sid,
+        prediction_time_us=to_us(rows["prediction_time"], "prediction_time"),
+        split=_splits_of(site, sid, name),
+        labels=labels,
     )
 
 
 def build_eval_set(
-    sites: Mapping[str, tuple[Site, SiteSequences]], tasks: Mapping[str, Task], n_per_subject: int = 4, seed: int = 0,
+    sites: Mapping[str, tuple[Site, SiteSequences]],
+    tasks: Mapping[str, Task],
+    n_per_subject: int = 4,
+    seed: int = 0,
     onset_times: OnsetTimes = "visits",
 ) -> EvalSet:
-    parts = [build_site_rows(name, site, seqs, tasks, n_per_subject, seed, onset_times) for name, (site, seqs) in sites.items()]
+    parts = [
+        build_site_rows(name, site, seqs, tasks, n_per_subject, seed, onset_times)
+        for name, (site, seqs) in sites.items()
+    ]
     data = EvalSet(sites=parts, tasks=dict(tasks))
     for key in tasks:
         y = data.labels(key)
         have = np.isfinite(y)
-        log.info("task %s: %d rows%s", key, int(have.sum()),
-                 f", {int(np.nansum(y))} positive" if isinstance(tasks[key], OnsetTask) else "")
+        log.info(
+            "task %s: %d rows%s",
+            key,
+            int(have.sum()),
+            f", {int(np.nansum(y))} positive" if isinstance(tasks[key], OnsetTask) else "",
+        )
     return data
 
 
@@ -260,7 +287,9 @@ def build_eval_set(
 @dataclass
 class MethodFeatures:
     x: np.ndarray  # [n, d]
-    present: np.ndarray  # [n, 3] bool: the row has ehr / wearables / genomics at prediction_time (before any restriction)
+    present: (
+        np.ndarray
+    )  # [n, 3] bool: the row has ehr / wearables / genomics at prediction_time (before any restriction)
     rows: np.ndarray  # [n] positions in the EvalSet
 
 
@@ -297,7 +326,9 @@ def method_features(
         offset += len(part)
         if len(mine) == 0:
             continue
-        ds = PredictionTimesDataset(part.seqs, part.subject_id[mine], part.prediction_time_us[mine], max_events, max_patches)
+        ds = PredictionTimesDataset(
+            part.seqs, part.subject_id[mine], part.prediction_time_us[mine], max_events, max_patches
+        )
         batches = _tap_presence(make_loader(ds, batch_size=batch_size, shuffle=False), present, keep)
         if model is not None:
             feats = compute_embeddings(model, batches, progress=progress)
@@ -350,8 +381,9 @@ def evaluate_method(
     tuning, scores on held_out. A task without enough train positives, or without held_out
     rows, is skipped with the reason. score_split="tuning" scores the tuning rows instead: the
     split to compare design choices (pooling, steps) on, so held_out is never tuned on."""
-    return evaluate_method_splits(method, data, features, (score_split,), tasks, {score_split: n_boot}, seed,
-                                  min_train_positives)[score_split]
+    return evaluate_method_splits(
+        method, data, features, (score_split,), tasks, {score_split: n_boot}, seed, min_train_positives
+    )[score_split]
 
 
 def evaluate_method_splits(
@@ -396,8 +428,9 @@ def evaluate_method_splits(
                 res.predictions[key] = (y, pred)
             else:
                 p = score(x)
-                res.rows.append(binary_row(method, name, horizon, y.astype(bool), p, boot, seed,
-                                           subject[features.rows[by[split]]]))
+                res.rows.append(
+                    binary_row(method, name, horizon, y.astype(bool), p, boot, seed, subject[features.rows[by[split]]])
+                )
                 res.predictions[key] = (y.astype(bool), p)
             res.scored_rows[key] = features.rows[by[split]]
     return out
@@ -544,7 +577,12 @@ def wins(rows: Sequence[ResultRow], method: str, other: str) -> tuple[int, int]:
 
 
 def paired_auroc_difference(
-    data: EvalSet, a: MethodResult, b: MethodResult, tasks: Iterable[str], n_boot: int = 1000, seed: int = 0,
+    data: EvalSet,
+    a: MethodResult,
+    b: MethodResult,
+    tasks: Iterable[str],
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> PairedDifference | None:
     """Mean over `tasks` of AUROC(a) - AUROC(b) on the rows both scored, with a bootstrap that
     resamples subjects once for all tasks (metrics.paired_difference). None if no task has

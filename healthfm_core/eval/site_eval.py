@@ -60,8 +60,9 @@ class SiteTaskResults:
     num_examples: int = 0  # samples embedded
 
 
-def task_labels_at_site(site: Site, specs: Sequence[TaskSpec], n_per_subject: int = 4,
-                        seed: int = 0) -> dict[str, pa.Table | TaskReason]:
+def task_labels_at_site(
+    site: Site, specs: Sequence[TaskSpec], n_per_subject: int = 4, seed: int = 0
+) -> dict[str, pa.Table | TaskReason]:
     """Per task key, its labels (subject_id, prediction_time, boolean_value or float_value) or the
     reason there are none (the task did not parse, the site has no labels for it)."""
     out: dict[str, pa.Table | TaskReason] = {}
@@ -91,8 +92,9 @@ def task_labels_at_site(site: Site, specs: Sequence[TaskSpec], n_per_subject: in
                 out[spec.name] = TaskReason(kind="invalid_labels")
                 continue
             if "boolean_value" not in table.column_names or table["boolean_value"].null_count == table.num_rows:
-                log.warning("task %s: the site's labels have no boolean_value (only binary site tasks are evaluated)",
-                            spec.name)
+                log.warning(
+                    "task %s: the site's labels have no boolean_value (only binary site tasks are evaluated)", spec.name
+                )
                 out[spec.name] = TaskReason(kind="invalid_labels")
                 continue
             table = table.filter(pc.is_valid(table["boolean_value"]))
@@ -112,10 +114,19 @@ def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCou
     """Rows, distinct subjects and positives (boolean labels) of each split."""
     subjects = labels["subject_id"].to_numpy()
     split = split_of(subjects)
-    positive = (labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
-                if "boolean_value" in labels.column_names else np.zeros(len(subjects), bool))
-    return {s: SplitCount(rows=int((split == s).sum()), subjects=len(np.unique(subjects[split == s])),
-                          positives=int(positive[split == s].sum())) for s in SPLITS}
+    positive = (
+        labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+        if "boolean_value" in labels.column_names
+        else np.zeros(len(subjects), bool)
+    )
+    return {
+        s: SplitCount(
+            rows=int((split == s).sum()),
+            subjects=len(np.unique(subjects[split == s])),
+            positives=int(positive[split == s].sum()),
+        )
+        for s in SPLITS
+    }
 
 
 def withheld_reason(counts: Mapping[str, SplitCount], minimum: int, binary: bool) -> TaskReason | None:
@@ -173,14 +184,18 @@ def evaluate_site_tasks(
     if not usable:
         return out
     # Every task's rows embedded once: tasks share most (subject, prediction_time) pairs.
-    union = pa.concat_tables([t.select(["subject_id", "prediction_time"]).cast(LABEL_SCHEMA_BOOL.remove(2))
-                              for t in usable.values()])
+    union = pa.concat_tables(
+        [t.select(["subject_id", "prediction_time"]).cast(LABEL_SCHEMA_BOOL.remove(2)) for t in usable.values()]
+    )
     union = union.group_by(["subject_id", "prediction_time"]).aggregate([])
     union = union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     index = {k: i for i, k in enumerate(_pair_keys(union))}
     rows = union.append_column("boolean_value", pa.array(np.zeros(union.num_rows, dtype=bool)))
-    loader = make_loader(LabelledDataset(seqs, rows, max_events=max_events, max_patches=max_patches),
-                         batch_size=batch_size, shuffle=False)
+    loader = make_loader(
+        LabelledDataset(seqs, rows, max_events=max_events, max_patches=max_patches),
+        batch_size=batch_size,
+        shuffle=False,
+    )
     x_all = compute_embeddings(model, loader).x
     out.num_examples = int(len(x_all))
     for key, table in usable.items():
@@ -192,13 +207,19 @@ def evaluate_site_tasks(
             y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             y = {s: y_all[split == s] for s in SPLITS}
             probe = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
-            path = write_predictions(prediction_path(pred_dir, site_name, key), table.take(pa.array(held)),
-                                     probe.predict_proba(x["held_out"]))
+            path = write_predictions(
+                prediction_path(pred_dir, site_name, key),
+                table.take(pa.array(held)),
+                probe.predict_proba(x["held_out"]),
+            )
             scores = score_predictions(path, seed=seed)["samples_equally_weighted"]
             out.predictions[key] = path
-            out.metrics[key] = TaskMetrics(n=len(held), auroc=float(scores["roc_auc_score"]),
-                                           auprc=float(scores["average_precision_score"]),
-                                           ece=float(scores["calibration_error"]))
+            out.metrics[key] = TaskMetrics(
+                n=len(held),
+                auroc=float(scores["roc_auc_score"]),
+                auprc=float(scores["average_precision_score"]),
+                ece=float(scores["calibration_error"]),
+            )
         else:
             y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
             y = {s: y_all[split == s] for s in SPLITS}

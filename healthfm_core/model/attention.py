@@ -68,10 +68,14 @@ class DecayKernel(nn.Module):
                 f"DecayKernel: need 0 < timescale_min_days <= timescale_max_days, got "
                 f"{timescale_min_days}, {timescale_max_days}"
             )
-        init_rates = 1.0 / torch.logspace(
-            math.log10(timescale_min_days), math.log10(timescale_max_days), n_components, dtype=torch.float64
-        ) if n_components > 1 else torch.tensor([1.0 / math.sqrt(timescale_min_days * timescale_max_days)],
-                                                dtype=torch.float64)
+        init_rates = (
+            1.0
+            / torch.logspace(
+                math.log10(timescale_min_days), math.log10(timescale_max_days), n_components, dtype=torch.float64
+            )
+            if n_components > 1
+            else torch.tensor([1.0 / math.sqrt(timescale_min_days * timescale_max_days)], dtype=torch.float64)
+        )
         lo, hi = math.log(rate_min), math.log(rate_max)
         if not (rate_min <= init_rates.min().item() and init_rates.max().item() <= rate_max):
             raise ValueError(
@@ -102,8 +106,10 @@ class DecayKernel(nn.Module):
         return self.log_weights(), self.rates()
 
     def extra_repr(self) -> str:
-        return (f"n_heads={self.n_heads}, n_components={self.n_components}, "
-                f"rate_min={self.rate_min:.3g}, rate_max={self.rate_max:.3g}")
+        return (
+            f"n_heads={self.n_heads}, n_components={self.n_components}, "
+            f"rate_min={self.rate_min:.3g}, rate_max={self.rate_max:.3g}"
+        )
 
 
 @torch.no_grad()

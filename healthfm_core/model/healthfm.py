@@ -138,6 +138,7 @@ class Block(nn.Module):
 
 class Backbone(nn.Module):
     """Shared temporal backbone: a query token, optional sinusoidal time embedding, blocks."""
+
     time_periods: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -246,6 +247,7 @@ class EpochBlock(nn.Module):
 
 class WearableEncoder(nn.Module):
     """Epochs of one patch ([value*mask, mask] per channel + epoch position) -> one d_model token."""
+
     position_periods: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -254,7 +256,9 @@ class WearableEncoder(nn.Module):
         self.input_proj = nn.Linear(2 * N_CHANNELS, w.d_model)
         # Position of an epoch inside its patch: periods from 2 epochs to a day, fixed (no max length).
         self.register_buffer("position_periods", _log_periods(w.d_model // 2, 2.0, 2880.0).float(), persistent=False)
-        self.blocks = nn.ModuleList(EpochBlock(w.d_model, w.n_heads, w.mlp_ratio, cfg.dropout) for _ in range(w.n_layers))
+        self.blocks = nn.ModuleList(
+            EpochBlock(w.d_model, w.n_heads, w.mlp_ratio, cfg.dropout) for _ in range(w.n_layers)
+        )
         self.norm = nn.LayerNorm(w.d_model)
         self.out_proj = nn.Linear(w.d_model, cfg.d_model)
         self.modality_embedding = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
@@ -313,6 +317,7 @@ class GenomicsEncoder(nn.Module):
 
 class WearableReconstructionHead(nn.Module):
     """Backbone state of a masked patch + epoch position -> the C channels of every epoch."""
+
     position_periods: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -377,12 +382,14 @@ def build_heads(
         "ehr_future_codes": FutureCodesHead(d, vocab_size, len(cfg.pretraining.future_horizons_days)),
     }
     if "wearables" in modalities:
-        heads.update({
-            "wear_recon": WearableReconstructionHead(cfg),
-            "wear_predictive": nn.Linear(d, vocab_size),
-            "wear_align": nn.Linear(d, d),
-            "wear_align_ehr": nn.Linear(d, d),
-        })
+        heads.update(
+            {
+                "wear_recon": WearableReconstructionHead(cfg),
+                "wear_predictive": nn.Linear(d, vocab_size),
+                "wear_align": nn.Linear(d, d),
+                "wear_align_ehr": nn.Linear(d, d),
+            }
+        )
     if "genomics" in modalities:
         heads["prs_recon"] = nn.Linear(cfg.genomics.d_hidden, n_prs_traits)
     return nn.ModuleDict(heads)
@@ -405,11 +412,15 @@ def model_modalities(n_prs_traits: int, modalities: Collection[str] | None = Non
         if isinstance(modalities, str) or wanted - set(MODALITIES):
             raise ValueError(f"modalities={modalities!r}: expected a subset of {list(MODALITIES)}")
         if "ehr" not in wanted:
-            raise ValueError(f"modalities={sorted(wanted)} lack 'ehr': a model without the EHR stream is not "
-                             "supported (the vocabulary, ages and EHR objectives come from it)")
+            raise ValueError(
+                f"modalities={sorted(wanted)} lack 'ehr': a model without the EHR stream is not "
+                "supported (the vocabulary, ages and EHR objectives come from it)"
+            )
         if "genomics" in wanted and n_prs_traits < 1:
-            raise ValueError(f"modalities include 'genomics' but n_prs_traits={n_prs_traits}: the vocabulary "
-                             "agreed no PRS trait (leave 'genomics' out)")
+            raise ValueError(
+                f"modalities include 'genomics' but n_prs_traits={n_prs_traits}: the vocabulary "
+                "agreed no PRS trait (leave 'genomics' out)"
+            )
     return tuple(m for m in MODALITIES if m in wanted)
 
 
@@ -438,8 +449,11 @@ class _Tokens:
 
 def _merge(pieces: list[_Tokens]) -> tuple[Tensor, Tensor, Tensor]:
     """The backbone's input sequence: (tokens [B, L, d], times [B, L], key_valid [B, L])."""
-    return (torch.cat([t.fed for t in pieces], dim=1), torch.cat([t.times for t in pieces], dim=1),
-            torch.cat([t.valid for t in pieces], dim=1))
+    return (
+        torch.cat([t.fed for t in pieces], dim=1),
+        torch.cat([t.times for t in pieces], dim=1),
+        torch.cat([t.valid for t in pieces], dim=1),
+    )
 
 
 def _width(tokens: _Tokens | None) -> int:
@@ -495,14 +509,18 @@ class HealthFM(nn.Module):
             if batch.prs.shape[-1] != self.n_prs_traits:
                 raise ValueError(f"batch.prs has {batch.prs.shape[-1]} traits, the model expects {self.n_prs_traits}")
         elif n := int(batch.prs_valid.any(dim=-1).sum()):
-            raise ValueError(f"batch.prs_valid: {n} sample(s) carry PRS traits but the model has no genomics "
-                             f"(built with modalities {list(self.modalities)})")
+            raise ValueError(
+                f"batch.prs_valid: {n} sample(s) carry PRS traits but the model has no genomics "
+                f"(built with modalities {list(self.modalities)})"
+            )
         if "wearables" in self.modalities:
             if batch.wear_epochs.shape[-1] != N_CHANNELS:
                 raise ValueError(f"batch.wear_epochs has {batch.wear_epochs.shape[-1]} channels, expected {N_CHANNELS}")
         elif n := int(batch.wear_valid.any(dim=-1).sum()):
-            raise ValueError(f"batch.wear_valid: {n} sample(s) carry wearable patches but the model has no "
-                             f"wearables (built with modalities {list(self.modalities)})")
+            raise ValueError(
+                f"batch.wear_valid: {n} sample(s) carry wearable patches but the model has no "
+                f"wearables (built with modalities {list(self.modalities)})"
+            )
         if batch.codes.numel() and int(batch.codes.max()) >= self.vocab_size:
             raise ValueError(f"batch.codes holds id {int(batch.codes.max())} >= vocab_size={self.vocab_size}")
 
@@ -572,8 +590,10 @@ class HealthFM(nn.Module):
         if query_time is None:
             query_time = pt
         elif query_time.shape[:1] != pt.shape or query_time.dim() not in (1, 2) or query_time.numel() == 0:
-            raise ValueError(f"query_time has shape {tuple(query_time.shape)}, expected {tuple(pt.shape)} (one per "
-                             f"sample) or ({batch.batch_size}, Q) (Q per sample)")
+            raise ValueError(
+                f"query_time has shape {tuple(query_time.shape)}, expected {tuple(pt.shape)} (one per "
+                f"sample) or ({batch.batch_size}, Q) (Q per sample)"
+            )
         return query_time.reshape(batch.batch_size, -1).float()
 
     def _visible(self, batch: Batch, generator: torch.Generator | None) -> _Visible:
@@ -626,7 +646,9 @@ class HealthFM(nn.Module):
         """Query tokens at query_time [B, Q]: each reads the history up to then; no token reads them."""
         b, n_query = query_time.shape
         fed = self.backbone.query_token.expand(b, n_query, -1)
-        return _Tokens(fed=fed, times=query_time, valid=torch.zeros(b, n_query, dtype=torch.bool, device=query_time.device))
+        return _Tokens(
+            fed=fed, times=query_time, valid=torch.zeros(b, n_query, dtype=torch.bool, device=query_time.device)
+        )
 
     def _genomics_film(
         self, batch: Batch, seen: _Visible, hidden: Tensor | None

@@ -183,7 +183,9 @@ def _multi_hot(code_lists: list[Tensor], vocab_size: int, device: torch.device) 
     return out
 
 
-def ehr_reconstruction_losses(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+def ehr_reconstruction_losses(
+    model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks
+) -> dict[str, Tensor]:
     """Per token with hidden code slots: its state -> the set of hidden codes (balanced BCE over
     real codes, the token's visible codes excluded) and, per hidden code with a value, the value."""
     if out.n_ehr == 0 or masks.ehr is None:
@@ -213,7 +215,9 @@ def ehr_reconstruction_losses(model: PretrainingModel, out: ModelOutput, batch: 
     return losses
 
 
-def wearable_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+def wearable_reconstruction_loss(
+    model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks
+) -> dict[str, Tensor]:
     if out.n_wear == 0 or masks.wear is None or "wear_recon" not in model.heads:
         return {}
     hidden = masks.wear[:, : out.n_wear] & out.wear_valid
@@ -226,7 +230,9 @@ def wearable_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batc
     return {"wear_masked": _masked_mean((predicted - target) ** 2, observed)}
 
 
-def prs_reconstruction_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks) -> dict[str, Tensor]:
+def prs_reconstruction_loss(
+    model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks
+) -> dict[str, Tensor]:
     if out.genomics_cond is None or masks.prs is None or "prs_recon" not in model.heads:
         return {}
     hidden = masks.prs & batch.prs_valid & out.present["genomics"][:, None]
@@ -310,10 +316,14 @@ def sample_future_anchors(
     """
     events = _events_up_to_prediction(batch)
     q = cfg.future_anchors_per_sample
-    draw = _rand((events.shape[0], q, events.shape[1]), generator, batch.times.device)  # drawn for every batch shape alike
+    draw = _rand(
+        (events.shape[0], q, events.shape[1]), generator, batch.times.device
+    )  # drawn for every batch shape alike
     if events.shape[1] == 0:
-        return (batch.prediction_time[:, None].expand(-1, q).clone(),
-                torch.zeros(batch.batch_size, q, dtype=torch.bool, device=draw.device))
+        return (
+            batch.prediction_time[:, None].expand(-1, q).clone(),
+            torch.zeros(batch.batch_size, q, dtype=torch.bool, device=draw.device),
+        )
     record_end = batch.times.masked_fill(~events, -float("inf")).max(dim=1).values
     candidates = events & (batch.times + min(cfg.future_horizons_days) < record_end[:, None])
     has_anchor = candidates.any(dim=1)[:, None].expand(-1, q)
@@ -338,7 +348,9 @@ def future_window_targets(
     in_window = (events & (times > at[..., None]) & (times <= at[..., None] + horizon_days))[..., None] & slots
     in_history = (events & (times <= at[..., None]))[..., None] & slots
     shape = (*at.shape, vocab_size)
-    targets = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_window.flatten(2).float()).clamp_max(1.0)
+    targets = (
+        torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_window.flatten(2).float()).clamp_max(1.0)
+    )
     seen = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_history.flatten(2).float()) > 0
     record_end = batch.times.masked_fill(~events[:, 0], -float("inf")).max(dim=1).values
     covered = record_end[:, None] > at + horizon_days
@@ -417,7 +429,9 @@ def predictive_coding_loss(
     return {"predictive": loss} if loss is not None else {}
 
 
-def alignment_loss(model: PretrainingModel, out: ModelOutput, batch: Batch, cfg: PretrainingConfig) -> dict[str, Tensor]:
+def alignment_loss(
+    model: PretrainingModel, out: ModelOutput, batch: Batch, cfg: PretrainingConfig
+) -> dict[str, Tensor]:
     """Symmetric InfoNCE between encoder-level wearable and EHR summaries (pre-backbone, so each
     summary holds one modality only). Other samples of the same subject are not negatives."""
     if out.wear_tokens is None or out.ehr_tokens is None or "wear_align" not in model.heads:

@@ -118,7 +118,9 @@ def random_batch(
 
     if absent == "empty":
         if not ehr_valid.any():
-            codes, values, has_value, times, ehr_valid = (x[:, :0] for x in (codes, values, has_value, times, ehr_valid))
+            codes, values, has_value, times, ehr_valid = (
+                x[:, :0] for x in (codes, values, has_value, times, ehr_valid)
+            )
         if not wear_valid.any():
             wear_epochs, wear_epoch_mask, wear_times, wear_valid = (
                 x[:, :0] for x in (wear_epochs, wear_epoch_mask, wear_times, wear_valid)

@@ -79,8 +79,11 @@ def sample_rate_for(batch_size: int, n_samples: int) -> float:
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Noise multiplier that reaches `target_epsilon` after `steps` steps at `sample_rate` (RDP)."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant="rdp"))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+        )
+    )
 
 
 # torch's CPU generator state (ATen CPUGeneratorImplState): seed u64, left i32, seeded i32,
@@ -97,8 +100,9 @@ def secret_generator() -> torch.Generator:
     gen = torch.Generator()
     state = bytearray(gen.get_state().numpy().tobytes())
     if len(state) != _STATE_BYTES:
-        log.warning("torch generator state of %d bytes (expected %d): seeding with 64 secret bits", len(state),
-                    _STATE_BYTES)
+        log.warning(
+            "torch generator state of %d bytes (expected %d): seeding with 64 secret bits", len(state), _STATE_BYTES
+        )
         return gen.manual_seed(secrets.randbits(64))
     words = os.urandom(4 * _WORDS)
     for i in range(_WORDS):  # each 32-bit word stored as a little-endian u64
@@ -109,7 +113,9 @@ def secret_generator() -> torch.Generator:
     state[_DOUBLE_VALID_AT : _DOUBLE_VALID_AT + 4] = bytes(4)
     state[_FLOAT_VALID_AT] = 0
     gen.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
-    if bytes(gen.get_state().numpy().tobytes()[_WORDS_AT : _WORDS_AT + 8 * _WORDS]) != bytes(state[_WORDS_AT : _WORDS_AT + 8 * _WORDS]):
+    if bytes(gen.get_state().numpy().tobytes()[_WORDS_AT : _WORDS_AT + 8 * _WORDS]) != bytes(
+        state[_WORDS_AT : _WORDS_AT + 8 * _WORDS]
+    ):
         raise RuntimeError("torch did not take the generator state from the OS; refusing to draw DP noise")
     return gen
 
@@ -132,11 +138,14 @@ class PoissonBatches:
     `generator` (tests pass one to be reproducible) each batch is drawn from a fresh
     `secret_generator()`."""
 
-    def __init__(self, dataset: Dataset, collate: Any, sample_rate: float, steps: int,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, dataset: Dataset, collate: Any, sample_rate: float, steps: int, generator: torch.Generator | None = None
+    ) -> None:
         n = len(dataset)  # type: ignore[arg-type]
         if n <= 0 or not 0 < sample_rate <= 1 or steps <= 0:
-            raise ValueError(f"Poisson batches need samples ({n}), 0 < sample_rate <= 1 ({sample_rate}), steps > 0 ({steps})")
+            raise ValueError(
+                f"Poisson batches need samples ({n}), 0 < sample_rate <= 1 ({sample_rate}), steps > 0 ({steps})"
+            )
         self.dataset, self.collate = dataset, collate
         self.n, self.sample_rate, self.steps, self.generator = n, sample_rate, steps, generator
         self._empty: Batch | None = None
@@ -174,8 +183,11 @@ class StreamingDPOptimizer(DPOptimizer):
         """Clip one sample's gradient (one tensor or None per parameter, in `self.params` order)
         to max_grad_norm and add it to p.summed_grad; returns its norm before clipping."""
         present = [g for g in grads if g is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present]))) \
-            if present else 0.0
+        norm = (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present])))
+            if present
+            else 0.0
+        )
         factor = min(1.0, self.max_grad_norm / (norm + 1e-6))  # Opacus's clip factor
         for p, g in zip(self.params, grads):
             if g is None:
@@ -225,8 +237,13 @@ class DPLocalStep:
       changes any weight.
     """
 
-    def __init__(self, settings: DPSettings, accountant: IAccountant, noise_generator: torch.Generator | None = None,
-                 max_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: DPSettings,
+        accountant: IAccountant,
+        noise_generator: torch.Generator | None = None,
+        max_steps: int | None = None,
+    ) -> None:
         self.settings = settings
         self.accountant = accountant
         self.noise_generator = noise_generator
@@ -241,9 +258,15 @@ class DPLocalStep:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> StreamingDPOptimizer:
         s = self.settings
         secure = self.noise_generator is None
-        opt = StreamingDPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                                   expected_batch_size=max(1, round(s.expected_batch_size)),
-                                   loss_reduction="mean", generator=self.noise_generator, secure_mode=secure)
+        opt = StreamingDPOptimizer(
+            optimizer,
+            noise_multiplier=s.noise_multiplier,
+            max_grad_norm=s.max_grad_norm,
+            expected_batch_size=max(1, round(s.expected_batch_size)),
+            loss_reduction="mean",
+            generator=self.noise_generator,
+            secure_mode=secure,
+        )
         opt.fresh_noise = secure
         # Opacus's own hook: one accountant step per optimizer step, at this round's rate.
         account = self.accountant.get_optimizer_hook_fn(sample_rate=s.sample_rate)
@@ -251,16 +274,18 @@ class DPLocalStep:
         def hook(optimizer: DPOptimizer) -> None:
             # The hook runs after the noise, before the parameters change.
             if self.max_steps is not None and self.steps_taken >= self.max_steps:
-                raise RuntimeError(f"DP step {self.steps_taken + 1} exceeds the {self.max_steps} steps reserved in the "
-                                   "privacy ledger")
+                raise RuntimeError(
+                    f"DP step {self.steps_taken + 1} exceeds the {self.max_steps} steps reserved in the privacy ledger"
+                )
             account(optimizer)
 
         opt.attach_step_hook(hook)
         self.optimizer = opt
         return opt
 
-    def __call__(self, model: torch.nn.Module, batch: Batch, weights: Any,
-                 generator: torch.Generator) -> tuple[dict[str, float], float]:
+    def __call__(
+        self, model: torch.nn.Module, batch: Batch, weights: Any, generator: torch.Generator
+    ) -> tuple[dict[str, float], float]:
         """Fill p.summed_grad for one step; returns (mean per-sample losses, mean per-sample norm)."""
         if self.optimizer is None:
             raise RuntimeError("DPLocalStep: wrap_optimizer must be called before the first step")

@@ -90,8 +90,10 @@ class LedgerRound(_Strict):
     def _status_fields(self) -> LedgerRound:
         trained = self.status == "trained"
         if trained != (self.steps_taken is not None) or trained != (self.trained_at is not None):
-            raise ValueError(f"round {self.round} ({self.reservation}): status {self.status!r} with steps_taken "
-                             f"{self.steps_taken} and trained_at {self.trained_at}")
+            raise ValueError(
+                f"round {self.round} ({self.reservation}): status {self.status!r} with steps_taken "
+                f"{self.steps_taken} and trained_at {self.trained_at}"
+            )
         if self.steps_taken is not None and self.steps_taken > self.steps:
             raise ValueError(f"round {self.round}: {self.steps_taken} steps taken > {self.steps} reserved")
         return self
@@ -214,11 +216,15 @@ class PrivacyLedger:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise LedgerError(f"{self.mark_path}: cannot read the privacy ledger's mark ({err}); refusing DP training") from None
+            raise LedgerError(
+                f"{self.mark_path}: cannot read the privacy ledger's mark ({err}); refusing DP training"
+            ) from None
         try:
             return LedgerMark.model_validate_json(text)
         except ValidationError as err:
-            raise LedgerError(f"privacy ledger mark unreadable; refusing DP training:\n  {_problems(self.mark_path, err)}") from None
+            raise LedgerError(
+                f"privacy ledger mark unreadable; refusing DP training:\n  {_problems(self.mark_path, err)}"
+            ) from None
 
     def _read(self) -> LedgerFile:
         mark = self._read_mark()
@@ -229,7 +235,8 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"{self.path}: the privacy ledger is missing, but {self.mark_path} records that this site already "
                     f"spent {mark.steps} DP steps over {mark.rounds} rounds; refusing DP training (restore the ledger "
-                    "from a backup; never start afresh)") from None
+                    "from a backup; never start afresh)"
+                ) from None
             return _fresh()
         except OSError as err:
             raise LedgerError(f"{self.path}: cannot read the privacy ledger ({err}); refusing DP training") from None
@@ -237,15 +244,20 @@ class PrivacyLedger:
             data = LedgerFile.model_validate_json(text)
         except ValidationError as err:
             # Never start afresh over a damaged ledger: that would reset the spent budget to 0.
-            raise LedgerError(f"privacy ledger unreadable; refusing DP training:\n  {_problems(self.path, err)}") from None
+            raise LedgerError(
+                f"privacy ledger unreadable; refusing DP training:\n  {_problems(self.path, err)}"
+            ) from None
         if mark is not None:
             if mark.ledger_id != data.ledger_id:
-                raise LedgerError(f"{self.path}: field ledger_id: value {data.ledger_id!r} is not the ledger this site "
-                                  f"wrote ({mark.ledger_id!r} in {self.mark_path}); refusing DP training")
+                raise LedgerError(
+                    f"{self.path}: field ledger_id: value {data.ledger_id!r} is not the ledger this site "
+                    f"wrote ({mark.ledger_id!r} in {self.mark_path}); refusing DP training"
+                )
             if data.steps < mark.steps or len(data.rounds) < mark.rounds:
                 raise LedgerError(
                     f"{self.path}: holds {data.steps} steps over {len(data.rounds)} rounds, but {self.mark_path} records "
-                    f"{mark.steps} steps over {mark.rounds} rounds: an older or edited copy; refusing DP training")
+                    f"{mark.steps} steps over {mark.rounds} rounds: an older or edited copy; refusing DP training"
+                )
         return data
 
     def _write(self, data: LedgerFile) -> None:
@@ -275,8 +287,18 @@ class PrivacyLedger:
             acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         return _epsilon(acc.history, delta)
 
-    def reserve(self, *, round: int, run: str, noise_multiplier: float, sample_rate: float, steps: int,
-                max_grad_norm: float, delta: float, epsilon_cap: float) -> Reservation:
+    def reserve(
+        self,
+        *,
+        round: int,
+        run: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        max_grad_norm: float,
+        delta: float,
+        epsilon_cap: float,
+    ) -> Reservation:
         """Check the cap and count the round's `steps` in one step under the lock, before training.
         Raises BudgetExceeded (nothing written) when epsilon would pass `epsilon_cap`."""
         if steps <= 0:
@@ -290,17 +312,44 @@ class PrivacyLedger:
             projected = _epsilon(history, delta)
             if not (math.isfinite(projected) and projected <= epsilon_cap):
                 spent = _epsilon(current.history, delta)
-                raise BudgetExceeded(f"epsilon after this round would be {projected:.4g} > the policy's cap "
-                                     f"{epsilon_cap:g} (spent {spent:.4g} at delta {delta:g})")
-            entry = LedgerRound(round=round, run=run, reservation=uuid.uuid4().hex, status="reserved",
-                                noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, steps_taken=None,
-                                max_grad_norm=max_grad_norm, delta=delta, epsilon_after=projected,
-                                reserved_at=time.time(), trained_at=None)
-            self._write(LedgerFile(version=LEDGER_VERSION, mechanism=current.mechanism,
-                                   ledger_id=current.ledger_id or uuid.uuid4().hex, history=history,
-                                   rounds=[*current.rounds, entry]))
-        log.info("privacy ledger %s: round %d reserved %d steps (noise %.3g, rate %.4g); epsilon %.4f at delta %.1e",
-                 self.path, round, steps, noise_multiplier, sample_rate, projected, delta)
+                raise BudgetExceeded(
+                    f"epsilon after this round would be {projected:.4g} > the policy's cap "
+                    f"{epsilon_cap:g} (spent {spent:.4g} at delta {delta:g})"
+                )
+            entry = LedgerRound(
+                round=round,
+                run=run,
+                reservation=uuid.uuid4().hex,
+                status="reserved",
+                noise_multiplier=noise_multiplier,
+                sample_rate=sample_rate,
+                steps=steps,
+                steps_taken=None,
+                max_grad_norm=max_grad_norm,
+                delta=delta,
+                epsilon_after=projected,
+                reserved_at=time.time(),
+                trained_at=None,
+            )
+            self._write(
+                LedgerFile(
+                    version=LEDGER_VERSION,
+                    mechanism=current.mechanism,
+                    ledger_id=current.ledger_id or uuid.uuid4().hex,
+                    history=history,
+                    rounds=[*current.rounds, entry],
+                )
+            )
+        log.info(
+            "privacy ledger %s: round %d reserved %d steps (noise %.3g, rate %.4g); epsilon %.4f at delta %.1e",
+            self.path,
+            round,
+            steps,
+            noise_multiplier,
+            sample_rate,
+            projected,
+            delta,
+        )
         return Reservation(id=entry.reservation, round=round, steps=steps, delta=delta, epsilon_after=projected)
 
     def commit(self, reservation: Reservation, steps_taken: int) -> float:
@@ -310,20 +359,40 @@ class PrivacyLedger:
             current = self._read()
             index = next((i for i, r in enumerate(current.rounds) if r.reservation == reservation.id), None)
             if index is None:
-                raise LedgerError(f"{self.path}: reservation {reservation.id} of round {reservation.round} is not in the ledger")
+                raise LedgerError(
+                    f"{self.path}: reservation {reservation.id} of round {reservation.round} is not in the ledger"
+                )
             entry = current.rounds[index]
             if entry.status != "reserved":
                 raise LedgerError(f"{self.path}: reservation {reservation.id} is already {entry.status!r}")
             if not 0 <= steps_taken <= entry.steps:
                 raise LedgerError(f"{self.path}: round {entry.round} took {steps_taken} steps, {entry.steps} reserved")
             done = entry.model_copy(update={"status": "trained", "steps_taken": steps_taken, "trained_at": time.time()})
-            rounds = [*current.rounds[:index], LedgerRound.model_validate(done.model_dump()), *current.rounds[index + 1:]]
+            rounds = [
+                *current.rounds[:index],
+                LedgerRound.model_validate(done.model_dump()),
+                *current.rounds[index + 1 :],
+            ]
             self._write(LedgerFile.model_validate({**current.model_dump(), "rounds": [r.model_dump() for r in rounds]}))
             epsilon = _epsilon(current.history, reservation.delta)
-        log.info("privacy ledger %s: round %d trained (%d steps); site epsilon %.4f at delta %.1e", self.path,
-                 entry.round, steps_taken, epsilon, reservation.delta)
+        log.info(
+            "privacy ledger %s: round %d trained (%d steps); site epsilon %.4f at delta %.1e",
+            self.path,
+            entry.round,
+            steps_taken,
+            epsilon,
+            reservation.delta,
+        )
         return epsilon
 
 
-__all__ = ["LEDGER_FILE", "MARK_FILE", "BudgetExceeded", "LedgerError", "LedgerFile", "LedgerRound",
-           "PrivacyLedger", "Reservation"]
+__all__ = [
+    "LEDGER_FILE",
+    "MARK_FILE",
+    "BudgetExceeded",
+    "LedgerError",
+    "LedgerFile",
+    "LedgerRound",
+    "PrivacyLedger",
+    "Reservation",
+]

@@ -68,21 +68,33 @@ def dp_settings(request: DPRequest, budget: DPPolicy | None, n_samples: int) -> 
     if not request.asked and (budget is None or not budget.mandatory):
         return None
     if budget is None:
-        raise PrivacyRefused("the server asks for DP but the site policy sets no privacy budget (dp: epsilon_cap, delta)")
+        raise PrivacyRefused(
+            "the server asks for DP but the site policy sets no privacy budget (dp: epsilon_cap, delta)"
+        )
     if problem := delta_problem(budget.delta, n_samples):
         raise PrivacyRefused(f"the site policy's dp.delta is too large for this round: {problem}")
     rate = sample_rate_for(request.batch_size, n_samples)
     candidates = []
-    for sigma, target in ((budget.noise_multiplier, budget.target_epsilon), (request.noise_multiplier, request.target_epsilon)):
+    for sigma, target in (
+        (budget.noise_multiplier, budget.target_epsilon),
+        (request.noise_multiplier, request.target_epsilon),
+    ):
         if sigma is not None:
             candidates.append(sigma)
         elif target is not None:
             candidates.append(noise_for_target(target, budget.delta, rate, request.planned_steps))
     if not candidates:
-        raise PrivacyRefused("DP without a noise level: set dp.noise_multiplier or dp.target_epsilon in the site "
-                             "policy (or the server's dp-noise-multiplier)")
-    return DPSettings(noise_multiplier=max(candidates), max_grad_norm=request.max_grad_norm or budget.max_grad_norm,
-                      sample_rate=rate, n_samples=n_samples, delta=budget.delta)
+        raise PrivacyRefused(
+            "DP without a noise level: set dp.noise_multiplier or dp.target_epsilon in the site "
+            "policy (or the server's dp-noise-multiplier)"
+        )
+    return DPSettings(
+        noise_multiplier=max(candidates),
+        max_grad_norm=request.max_grad_norm or budget.max_grad_norm,
+        sample_rate=rate,
+        n_samples=n_samples,
+        delta=budget.delta,
+    )
 
 
 @dataclass
@@ -100,8 +112,9 @@ class PrivateTraining:
         return self.ledger.commit(self.reservation, self.local_step.steps_taken)
 
 
-def make_private_training(dataset: Dataset, collate: Any, request: DPRequest, budget: DPPolicy | None,
-                          ledger: PrivacyLedger | None) -> PrivateTraining | None:
+def make_private_training(
+    dataset: Dataset, collate: Any, request: DPRequest, budget: DPPolicy | None, ledger: PrivacyLedger | None
+) -> PrivateTraining | None:
     """The round's DP training under the site's budget, its spend reserved in the ledger; None
     when the round trains without DP. Raises PrivacyRefused (nothing reserved): DP needed but no
     budget, no ledger, an unreadable ledger, too large a delta, no noise level, or the cap."""
@@ -113,16 +126,24 @@ def make_private_training(dataset: Dataset, collate: Any, request: DPRequest, bu
     if ledger is None:
         raise PrivacyRefused("DP needs a durable privacy ledger: the node config sets no state-dir")
     try:
-        reservation = ledger.reserve(round=request.round, run=request.run, noise_multiplier=settings.noise_multiplier,
-                                     sample_rate=settings.sample_rate, steps=request.steps,
-                                     max_grad_norm=settings.max_grad_norm, delta=settings.delta,
-                                     epsilon_cap=budget.epsilon_cap)
+        reservation = ledger.reserve(
+            round=request.round,
+            run=request.run,
+            noise_multiplier=settings.noise_multiplier,
+            sample_rate=settings.sample_rate,
+            steps=request.steps,
+            max_grad_norm=settings.max_grad_norm,
+            delta=settings.delta,
+            epsilon_cap=budget.epsilon_cap,
+        )
     except (BudgetExceeded, LedgerError) as err:
         raise PrivacyRefused(str(err)) from None
     # A fresh accountant counts this round's steps only; the ledger already holds them.
     local_step = DPLocalStep(settings, RDPAccountant(), max_steps=request.steps)
     loader = PoissonBatches(dataset, collate, settings.sample_rate, steps=max(1, round(1 / settings.sample_rate)))
-    return PrivateTraining(settings=settings, loader=loader, local_step=local_step, reservation=reservation, ledger=ledger)
+    return PrivateTraining(
+        settings=settings, loader=loader, local_step=local_step, reservation=reservation, ledger=ledger
+    )
 
 
 __all__ = ["DPRequest", "PrivacyRefused", "PrivateTraining", "dp_settings", "make_private_training"]

@@ -209,8 +209,12 @@ def load_checkpoint(
     meta = read_checkpoint_meta(path)
     if model is not None:
         try:
-            missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False, device=str(
-                next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"))
+            missing, unexpected = load_model(
+                model,
+                str(path / MODEL_FILE),
+                strict=False,
+                device=str(next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"),
+            )
         except Exception as exc:  # safetensors raises several types for a bad header or shape
             raise CheckpointError(f"{path / MODEL_FILE}: cannot load into the model: {exc}") from exc
         if missing or unexpected:
@@ -244,9 +248,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not root.is_dir():
         return None
     found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()
     ]
     return max(found)[1] if found else None
 

@@ -83,8 +83,9 @@ class LocalStep(Protocol):
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer: ...
 
-    def __call__(self, model: torch.nn.Module, batch: Batch, weights: Any,
-                 generator: torch.Generator) -> tuple[dict[str, float], float]:
+    def __call__(
+        self, model: torch.nn.Module, batch: Batch, weights: Any, generator: torch.Generator
+    ) -> tuple[dict[str, float], float]:
         """-> (loss values by name, including "total"; a gradient norm to log)."""
         ...
 
@@ -195,7 +196,8 @@ def _build_optimizer(
     no_decay = [p for n, p in named if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas,
+        lr=cfg.lr,
+        betas=cfg.betas,
     )
     if state is not None and state.optimizer:
         _load_optimizer_by_name(opt, named, state)
@@ -226,7 +228,9 @@ def _load_optimizer_by_name(
             param = dict(named)[name]
             exp_avg = s.get("exp_avg")
             if exp_avg is not None and exp_avg.shape != param.shape:
-                raise ValueError(f"optimizer state for {name}: shape {tuple(exp_avg.shape)} != parameter {tuple(param.shape)}")
+                raise ValueError(
+                    f"optimizer state for {name}: shape {tuple(exp_avg.shape)} != parameter {tuple(param.shape)}"
+                )
             new_state[idx] = s
     opt.load_state_dict({"state": new_state, "param_groups": current["param_groups"]})
     matched = len(new_state)
@@ -326,7 +330,9 @@ def train_local(
             generator.manual_seed(step_seed(cfg.seed, step))
             if local_step is not None:
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
                     step_losses, grad_norm = local_step(model, batch, weights, generator)
                 names = sorted(step_losses)
                 values = [float(step_losses[k]) for k in names]
@@ -335,7 +341,9 @@ def train_local(
             else:  # the default step: one loss over the batch, backward, clipping
                 if not isinstance(model, Pretrainable):
                     raise TypeError(f"train_local: model {type(model).__name__} has no pretraining_losses method")
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
                     losses = model.pretraining_losses(batch, weights, generator=generator)
                 if "total" not in losses:
                     raise KeyError(f"pretraining_losses returned {sorted(losses)} without 'total'")
@@ -349,9 +357,15 @@ def train_local(
                 if cfg.grad_clip is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
                 else:
-                    grad_norm = float(torch.linalg.vector_norm(
-                        torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
-                    )) if any(p.grad is not None for p in params) else 0.0
+                    grad_norm = (
+                        float(
+                            torch.linalg.vector_norm(
+                                torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
+                            )
+                        )
+                        if any(p.grad is not None for p in params)
+                        else 0.0
+                    )
             opt.step()
 
             record = {"step": float(step), **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm}
@@ -369,19 +383,34 @@ def train_local(
                 log.info("step %d/%d %s", step + 1, cfg.steps, _fmt(record))
 
             done = step + 1
-            if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < stop_step:
+            if (
+                checkpoint_dir is not None
+                and cfg.checkpoint_every
+                and done % cfg.checkpoint_every == 0
+                and done < stop_step
+            ):
                 _checkpoint(model, opt, named, stream, done, cfg, checkpoint_dir, checkpoint_extra)
 
         done = stop_step
         final_state = _snapshot(opt, named, stream, done)
         if checkpoint_dir is not None:
-            save_checkpoint(Path(checkpoint_dir) / checkpoint_name(done), model, final_state,
-                            config=cfg.model_dump(mode="json"), extra=checkpoint_extra)
+            save_checkpoint(
+                Path(checkpoint_dir) / checkpoint_name(done),
+                model,
+                final_state,
+                config=cfg.model_dump(mode="json"),
+                extra=checkpoint_extra,
+            )
             prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
         group_state = {k: v.detach().to("cpu", copy=True) for k, v in _group_state(model, chosen, group_of).items()}
         return TrainResult(
-            history=history, group_state=group_state, groups=chosen, state=final_state, examples=examples,
-            examples_per_group=per_group, seconds=time.perf_counter() - t0,
+            history=history,
+            group_state=group_state,
+            groups=chosen,
+            state=final_state,
+            examples=examples,
+            examples_per_group=per_group,
+            seconds=time.perf_counter() - t0,
         )
     finally:
         for n, p in all_named:
@@ -424,8 +453,13 @@ def _snapshot(
 
 
 def _checkpoint(model, opt, named, stream, step, cfg, checkpoint_dir, extra) -> None:
-    save_checkpoint(Path(checkpoint_dir) / checkpoint_name(step), model, _snapshot(opt, named, stream, step),
-                    config=cfg.model_dump(mode="json"), extra=extra)
+    save_checkpoint(
+        Path(checkpoint_dir) / checkpoint_name(step),
+        model,
+        _snapshot(opt, named, stream, step),
+        config=cfg.model_dump(mode="json"),
+        extra=extra,
+    )
     prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
 
 
@@ -461,9 +495,16 @@ class Trainer:
     def fit(self, until: int | None = None) -> TrainResult:
         """Train up to step `until` (default cfg.steps)."""
         result = train_local(
-            self.model, self.data, self.cfg, groups=self.groups, weights_fn=self.weights_fn,
-            start_step=self.state.step if self.state else 0, state=self.state,
-            checkpoint_dir=self.checkpoint_dir, group_of=self.group_of, stop_step=until,
+            self.model,
+            self.data,
+            self.cfg,
+            groups=self.groups,
+            weights_fn=self.weights_fn,
+            start_step=self.state.step if self.state else 0,
+            state=self.state,
+            checkpoint_dir=self.checkpoint_dir,
+            group_of=self.group_of,
+            stop_step=until,
         )
         self.state = result.state
         self.history.extend(result.history)

@@ -13,23 +13,31 @@ from healthfm_core.data.synthetic.generate import generate_federation
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m healthfm_core.data.synthetic", description=__doc__)
     parser.add_argument("out_dir", help="output directory: sites/<site>/ and truth/ are written here")
-    parser.add_argument("--scenario", default="default", help="scenario name (configs/scenario/<name>.yaml) or a YAML path")
+    parser.add_argument(
+        "--scenario", default="default", help="scenario name (configs/scenario/<name>.yaml) or a YAML path"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-subjects", type=int, default=None, help="override every site's number of subjects")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     start = time.perf_counter()
     try:
-        manifest = generate_federation(args.out_dir, args.scenario, seed=args.seed, n_subjects=args.n_subjects, progress=not args.quiet)
+        manifest = generate_federation(
+            args.out_dir, args.scenario, seed=args.seed, n_subjects=args.n_subjects, progress=not args.quiet
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
     for s in manifest.sites:
         counts = ", ".join(f"{m} {s.subjects_per_modality[m]}" for m in s.modalities)
-        print(f"{s.name:<20} {s.kind:<16} subjects {s.n_subjects:>6}  events {s.n_events:>9}  "
-              f"wearable epochs {s.n_wearable_epochs:>10}  ({counts})  {s.root}")
+        print(
+            f"{s.name:<20} {s.kind:<16} subjects {s.n_subjects:>6}  events {s.n_events:>9}  "
+            f"wearable epochs {s.n_wearable_epochs:>10}  ({counts})  {s.root}"
+        )
     print(f"truth: {manifest.truth_dir}   scenario {manifest.scenario}, seed {manifest.seed}, {elapsed:.1f} s")
     return 0
 

@@ -92,7 +92,11 @@ def simulate_cohort(scenario: ScenarioConfig, site: SiteSpec, site_index: int, r
     male = rng.random(n) < 0.5
     smoker = rng.random(n) < scenario.smoker_fraction
     prs_raw = rng.standard_normal((n, len(traits)))
-    prs = ((prs_raw - prs_raw.mean(0)) / np.maximum(prs_raw.std(0), 1e-9)).astype(np.float32) if n > 1 else prs_raw.astype(np.float32)
+    prs = (
+        ((prs_raw - prs_raw.mean(0)) / np.maximum(prs_raw.std(0), 1e-9)).astype(np.float32)
+        if n > 1
+        else prs_raw.astype(np.float32)
+    )
     has_genomics = rng.random(n) < site.fraction("genomics")
     has_wearables = rng.random(n) < site.fraction("wearables")
 
@@ -113,9 +117,10 @@ def simulate_cohort(scenario: ScenarioConfig, site: SiteSpec, site_index: int, r
     beta_prs = np.array([d.beta_prs for d in diseases])
     beta_lat = np.array([[d.beta_latent.get(dim, 0.0) for dim in LATENT_DIMS] for d in diseases])  # [D, 3]
     beta_age = np.array([d.beta_age for d in diseases])
-    beta_static = np.array([d.beta_male for d in diseases])[None] * male[:, None] + np.array(
-        [d.beta_smoker for d in diseases]
-    )[None] * smoker[:, None]
+    beta_static = (
+        np.array([d.beta_male for d in diseases])[None] * male[:, None]
+        + np.array([d.beta_smoker for d in diseases])[None] * smoker[:, None]
+    )
     beta_comorb = np.array([[d.beta_comorbidity.get(o, 0.0) for d in diseases] for o in names])  # [from, to]
     lag_scale = np.array([d.lag_days / 2.0 for d in diseases])
     static_log_h = log_base[None] + beta_prs[None] * prs[:, trait_idx] + beta_static  # [n, D]

@@ -88,7 +88,9 @@ class _Rows:
     value: list[np.ndarray]  # float32, NaN = no value
     order: list[np.ndarray]  # tie-break inside one timestamp
 
-    def add(self, subj: np.ndarray, time: np.ndarray | float, code: int | np.ndarray, value: np.ndarray | None, order: int) -> None:
+    def add(
+        self, subj: np.ndarray, time: np.ndarray | float, code: int | np.ndarray, value: np.ndarray | None, order: int
+    ) -> None:
         m = len(subj)
         if m == 0:
             return
@@ -122,7 +124,9 @@ def _visits(cohort: Cohort, site: SiteSpec, rng: np.random.Generator) -> tuple[n
     return all_subj, all_t, all_kind
 
 
-def simulate_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: np.random.Generator) -> tuple[pa.Table, list[str]]:
+def simulate_ehr(
+    cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: np.random.Generator
+) -> tuple[pa.Table, list[str]]:
     """MEDS rows of the cohort, sorted (subject, static first, time); and the code list used."""
     codes = list(code_catalogue(scenario))
     cid = {c: i for i, c in enumerate(codes)}
@@ -146,7 +150,13 @@ def simulate_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: 
     nv = len(v_subj)
     enrol = np.zeros(nv, bool)
     enrol[:n] = True
-    rows.add(idx, cohort.first_visit, np.where(cohort.smoker, cid["SOCIAL//SMOKING//CURRENT"], cid["SOCIAL//SMOKING//NEVER"]), None, 2)
+    rows.add(
+        idx,
+        cohort.first_visit,
+        np.where(cohort.smoker, cid["SOCIAL//SMOKING//CURRENT"], cid["SOCIAL//SMOKING//NEVER"]),
+        None,
+        2,
+    )
     inpatient = np.zeros(nv, bool)
     if "CAD" in names:
         inpatient = v_dis == names.index("CAD")
@@ -190,9 +200,20 @@ def simulate_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: 
     copd, copd_dx = flag(present, "COPD"), flag(diagnosed, "COPD")
     noise = rng.standard_normal((nv, 8))
     bmi_offset = rng.normal(0.0, 2.0, n)[v_subj]
-    lab("LAB//4548-4//%", 0.3 + 0.6 * t2d_dx, 5.4 + 0.35 * met + 1.6 * t2d - 0.7 * t2d_med + 0.25 * noise[:, 0], 3.8, 15.0, 1)
-    lab("LAB//2345-7//mg/dL", 0.35 + 0.5 * t2d_dx, 95 + 10 * met + 45 * t2d - 20 * t2d_med + 8 * noise[:, 1], 50, 450, 0)
-    lab("LAB//2089-1//mg/dL", 0.3 + 0.5 * cad_dx, 125 + 12 * met - 8 * fit - 45 * cad_med + 22 * noise[:, 2], 25, 300, 0)
+    lab(
+        "LAB//4548-4//%",
+        0.3 + 0.6 * t2d_dx,
+        5.4 + 0.35 * met + 1.6 * t2d - 0.7 * t2d_med + 0.25 * noise[:, 0],
+        3.8,
+        15.0,
+        1,
+    )
+    lab(
+        "LAB//2345-7//mg/dL", 0.35 + 0.5 * t2d_dx, 95 + 10 * met + 45 * t2d - 20 * t2d_med + 8 * noise[:, 1], 50, 450, 0
+    )
+    lab(
+        "LAB//2089-1//mg/dL", 0.3 + 0.5 * cad_dx, 125 + 12 * met - 8 * fit - 45 * cad_med + 22 * noise[:, 2], 25, 300, 0
+    )
     sbp = 124 + 5 * met - 4 * fit + 4 * age_dec + 16 * htn - 12 * htn_med + 9 * noise[:, 3]
     bp = rng.random(nv) < 0.85
     rows.add(v_subj[bp], v_t[bp], cid["VITAL//8480-6//mm[Hg]"], np.round(np.clip(sbp[bp], 80, 240)), 5)
@@ -200,7 +221,14 @@ def simulate_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: 
     rows.add(v_subj[bp], v_t[bp], cid["VITAL//8462-4//mm[Hg]"], np.round(np.clip(dbp[bp], 40, 140)), 5)
     lab("VITAL//39156-5//kg/m2", 0.6, 27.5 + 2.8 * met - 0.8 * fit + bmi_offset + 0.4 * noise[:, 5], 15, 70, 1)
     lab("VITAL//8867-4//{beats}/min", 0.6, 70 - 4 * fit + 2 * met + 6 * noise[:, 6], 35, 180, 0)
-    lab("LAB//19926-5//%", 0.05 + 0.65 * copd_dx, 78 - 3 * cohort.smoker[v_subj] - 14 * copd + 2 * fit + 5 * noise[:, 7], 20, 100, 0)
+    lab(
+        "LAB//19926-5//%",
+        0.05 + 0.65 * copd_dx,
+        78 - 3 * cohort.smoker[v_subj] - 14 * copd + 2 * fit + 5 * noise[:, 7],
+        20,
+        100,
+        0,
+    )
 
     for bg_code in BACKGROUND:
         m = rng.random(nv) < P_BACKGROUND
@@ -226,7 +254,9 @@ def simulate_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: 
     remap = np.full(len(codes), -1, np.int32)
     remap[used] = np.arange(len(used), dtype=np.int32)
     used_codes = [codes[i] for i in used]
-    code_arr = pa.DictionaryArray.from_arrays(pa.array(remap[code]), pa.array(used_codes, pa.string())).cast(pa.string())
+    code_arr = pa.DictionaryArray.from_arrays(pa.array(remap[code]), pa.array(used_codes, pa.string())).cast(
+        pa.string()
+    )
     table = pa.table(
         {
             "subject_id": pa.array(cohort.subject_id[subj], pa.int64()),

@@ -259,16 +259,23 @@ def generate_federation(
     for i, site in enumerate(config.sites):
         logger.info("generating site %s (%s, %d subjects)", site.name, site.kind, site.n_subjects)
         manifests.append(generate_site(config, site, seed, sites_dir, truth_dir, site_index=i, progress=progress))
-    stale = sorted(p.name for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in {s.name for s in config.sites})
+    stale = sorted(
+        p.name
+        for p in sites_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in {s.name for s in config.sites}
+    )
     if stale:
         logger.warning("%s holds site directories not in scenario %r: %s", sites_dir, config.name, stale)
-    manifest = FederationManifest(scenario=config.name, seed=seed, out_dir=out, sites_dir=sites_dir, truth_dir=truth_dir, sites=manifests)
+    manifest = FederationManifest(
+        scenario=config.name, seed=seed, out_dir=out, sites_dir=sites_dir, truth_dir=truth_dir, sites=manifests
+    )
     atomic_write_text(out / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
     return manifest
 
 
-def synthetic_sites(data_dir: str | Path, scenario: Mapping[str, Any] | str, seed: int,
-                    n_subjects: int | None) -> FederationManifest:
+def synthetic_sites(
+    data_dir: str | Path, scenario: Mapping[str, Any] | str, seed: int, n_subjects: int | None
+) -> FederationManifest:
     """The synthetic federation in data_dir: reused when generated from the same scenario, seed
     and size, generated (atomically, per site) otherwise."""
     data_dir = Path(data_dir)

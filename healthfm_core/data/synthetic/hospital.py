@@ -63,22 +63,44 @@ MEDICATIONS: dict[str, list[str]] = {
     "COPD": ["Albuterol Inhaler", "Tiotropium Bromide"],
 }
 # MIMIC-IV itemids: the chemistry panel (11 rows at one charttime), blood count, HbA1c, lipids.
-CHEM = [("50868", "mEq/L", "Anion Gap"), ("50882", "mEq/L", "Bicarbonate"), ("50893", "mg/dL", "Calcium, Total"),
-        ("50902", "mEq/L", "Chloride"), ("50912", "mg/dL", "Creatinine"), ("50931", "mg/dL", "Glucose"),
-        ("50960", "mg/dL", "Magnesium"), ("50970", "mg/dL", "Phosphate"), ("50971", "mEq/L", "Potassium"),
-        ("50983", "mEq/L", "Sodium"), ("51006", "mg/dL", "Urea Nitrogen")]
-CBC = [("51301", "K/uL", "White Blood Cells"), ("51222", "g/dL", "Hemoglobin"), ("51221", "%", "Hematocrit"),
-       ("51265", "K/uL", "Platelet Count")]
-OTHER_LABS = [("50852", "%", "% Hemoglobin A1c"), ("50907", "mg/dL", "Cholesterol, Total"),
-              ("50905", "mg/dL", "Cholesterol, LDL, Calculated"), ("50904", "mg/dL", "Cholesterol, HDL"),
-              ("51000", "mg/dL", "Triglycerides"), ("51087", "UNK", "Length of Urine Collection")]
-VITALS = {"OMR//BLOOD_PRESSURE_SYSTOLIC//mmHg": "Systolic blood pressure",
-          "OMR//BLOOD_PRESSURE_DIASTOLIC//mmHg": "Diastolic blood pressure",
-          "OMR//BMI (kg/m2)//kg/m2": "Body mass index"}
-ADMISSIONS = {"HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM": "Emergency admission",
-              "HOSPITAL_ADMISSION//ELECTIVE//PHYSICIAN REFERRAL": "Elective admission",
-              "HOSPITAL_DISCHARGE//HOME": "Discharged home",
-              "HOSPITAL_DISCHARGE//SKILLED NURSING FACILITY": "Discharged to a skilled nursing facility"}
+CHEM = [
+    ("50868", "mEq/L", "Anion Gap"),
+    ("50882", "mEq/L", "Bicarbonate"),
+    ("50893", "mg/dL", "Calcium, Total"),
+    ("50902", "mEq/L", "Chloride"),
+    ("50912", "mg/dL", "Creatinine"),
+    ("50931", "mg/dL", "Glucose"),
+    ("50960", "mg/dL", "Magnesium"),
+    ("50970", "mg/dL", "Phosphate"),
+    ("50971", "mEq/L", "Potassium"),
+    ("50983", "mEq/L", "Sodium"),
+    ("51006", "mg/dL", "Urea Nitrogen"),
+]
+CBC = [
+    ("51301", "K/uL", "White Blood Cells"),
+    ("51222", "g/dL", "Hemoglobin"),
+    ("51221", "%", "Hematocrit"),
+    ("51265", "K/uL", "Platelet Count"),
+]
+OTHER_LABS = [
+    ("50852", "%", "% Hemoglobin A1c"),
+    ("50907", "mg/dL", "Cholesterol, Total"),
+    ("50905", "mg/dL", "Cholesterol, LDL, Calculated"),
+    ("50904", "mg/dL", "Cholesterol, HDL"),
+    ("51000", "mg/dL", "Triglycerides"),
+    ("51087", "UNK", "Length of Urine Collection"),
+]
+VITALS = {
+    "OMR//BLOOD_PRESSURE_SYSTOLIC//mmHg": "Systolic blood pressure",
+    "OMR//BLOOD_PRESSURE_DIASTOLIC//mmHg": "Diastolic blood pressure",
+    "OMR//BMI (kg/m2)//kg/m2": "Body mass index",
+}
+ADMISSIONS = {
+    "HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM": "Emergency admission",
+    "HOSPITAL_ADMISSION//ELECTIVE//PHYSICIAN REFERRAL": "Elective admission",
+    "HOSPITAL_DISCHARGE//HOME": "Discharged home",
+    "HOSPITAL_DISCHARGE//SKILLED NURSING FACILITY": "Discharged to a skilled nursing facility",
+}
 P_INPATIENT, P_REPEAT_DIAGNOSIS, P_REPEAT_MEDICATION, P_BACKGROUND = 0.12, 0.6, 0.85, 0.08
 # Order of rows within one timestamp (MIMIC writes admission, then codes, then discharge).
 _ADMIT, _DX, _MED, _LAB, _DISCHARGE, _DEATH, _STATIC = range(7)
@@ -115,36 +137,49 @@ class _Rows:
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, subj: np.ndarray, time: np.ndarray | float, code: np.ndarray | str,
-            value: np.ndarray | None, order: int) -> None:
+    def add(
+        self, subj: np.ndarray, time: np.ndarray | float, code: np.ndarray | str, value: np.ndarray | None, order: int
+    ) -> None:
         m = len(subj)
         if m == 0:
             return
-        self.parts.append((
-            np.asarray(subj, np.int64),
-            np.broadcast_to(np.asarray(time, np.float64), (m,)).copy(),
-            np.broadcast_to(np.asarray(code, dtype=object), (m,)).copy(),
-            np.full(m, np.nan, np.float32) if value is None else np.asarray(value, np.float32),
-            np.full(m, order, np.int8),
-        ))
+        self.parts.append(
+            (
+                np.asarray(subj, np.int64),
+                np.broadcast_to(np.asarray(time, np.float64), (m,)).copy(),
+                np.broadcast_to(np.asarray(code, dtype=object), (m,)).copy(),
+                np.full(m, np.nan, np.float32) if value is None else np.asarray(value, np.float32),
+                np.full(m, order, np.int8),
+            )
+        )
 
     def columns(self) -> tuple[np.ndarray, ...]:
         return tuple(np.concatenate([p[i] for p in self.parts]) for i in range(5))
 
 
-def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: np.random.Generator) -> HospitalEHR:
+def simulate_hospital_ehr(
+    cohort: Cohort, scenario: ScenarioConfig, site: SiteSpec, rng: np.random.Generator
+) -> HospitalEHR:
     names = list(scenario.diseases)
     unknown = [d for d in names if d not in DIAGNOSES]
     if unknown:
-        raise ValueError(f"scenario {scenario.name!r}, site {site.name!r}: ehr_format 'hospital' has no ICD codes "
-                         f"for disease(s) {unknown}; known: {sorted(DIAGNOSES)}")
+        raise ValueError(
+            f"scenario {scenario.name!r}, site {site.name!r}: ehr_format 'hospital' has no ICD codes "
+            f"for disease(s) {unknown}; known: {sorted(DIAGNOSES)}"
+        )
     n = cohort.n
     idx = np.arange(n)
     switch = switch_days(scenario, site)
     stop = np.minimum(cohort.death, cohort.end_days)
     rows = _Rows()
-    catalogue: dict[str, str] = {meds.birth_code: "Birth", meds.death_code: "Death", "GENDER//F": "Sex: female",
-                                 "GENDER//M": "Sex: male", **ADMISSIONS, **VITALS}
+    catalogue: dict[str, str] = {
+        meds.birth_code: "Birth",
+        meds.death_code: "Death",
+        "GENDER//F": "Sex: female",
+        "GENDER//M": "Sex: male",
+        **ADMISSIONS,
+        **VITALS,
+    }
 
     rows.add(idx, np.nan, np.where(cohort.male, "GENDER//M", "GENDER//F"), None, _STATIC)
     rows.add(idx, cohort.birth_days, meds.birth_code, None, _ADMIT)
@@ -160,12 +195,26 @@ def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSp
     if "CAD" in names:
         inpatient |= v_dis == names.index("CAD")
     emergency = rng.random(nv) < 0.7
-    rows.add(v_subj[inpatient], v_t[inpatient], np.where(emergency[inpatient], "HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM",
-                                                          "HOSPITAL_ADMISSION//ELECTIVE//PHYSICIAN REFERRAL"), None, _ADMIT)
+    rows.add(
+        v_subj[inpatient],
+        v_t[inpatient],
+        np.where(
+            emergency[inpatient],
+            "HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM",
+            "HOSPITAL_ADMISSION//ELECTIVE//PHYSICIAN REFERRAL",
+        ),
+        None,
+        _ADMIT,
+    )
     discharge = _to_minute(v_t + rng.gamma(2.0, 2.0, nv) + MINUTE)
     ok = inpatient & (discharge < stop[v_subj])
-    rows.add(v_subj[ok], discharge[ok], np.where(rng.random(nv)[ok] < 0.8, "HOSPITAL_DISCHARGE//HOME",
-                                                  "HOSPITAL_DISCHARGE//SKILLED NURSING FACILITY"), None, _DISCHARGE)
+    rows.add(
+        v_subj[ok],
+        discharge[ok],
+        np.where(rng.random(nv)[ok] < 0.8, "HOSPITAL_DISCHARGE//HOME", "HOSPITAL_DISCHARGE//SKILLED NURSING FACILITY"),
+        None,
+        _DISCHARGE,
+    )
 
     # Diagnoses: coded at the diagnosis visit (or enrolment if prevalent), then recurring; the code
     # system is that of the visit's date, the variant is the subject's own.
@@ -216,7 +265,9 @@ def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSp
     htn, htn_med = flag(present, "HTN"), flag(on_med, "HTN")
     copd = flag(present, "COPD")
 
-    def panel(p: np.ndarray | float, items: list[tuple[str, str, str]], values: list[np.ndarray], decimals: list[int]) -> None:
+    def panel(
+        p: np.ndarray | float, items: list[tuple[str, str, str]], values: list[np.ndarray], decimals: list[int]
+    ) -> None:
         draw = _to_minute(v_t + rng.uniform(10, 240, nv) * MINUTE)
         m = (rng.random(nv) < p) & (draw < stop[v_subj])
         for (itemid, unit, desc), val, dec in zip(items, values, decimals):
@@ -229,16 +280,39 @@ def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSp
     glucose = np.clip(95 + 10 * met + 45 * t2d - 20 * t2d_med + 12 * z(), 45, 600)
     bicarb = np.clip(25 + 3.5 * copd + 2 * z(), 12, 40)
     sodium, chloride = 139 + 2.5 * z(), 102 + 3 * z()
-    panel(0.55 + 0.3 * t2d_dx, CHEM, [
-        sodium - chloride - bicarb, bicarb, 9.3 + 0.4 * z(), chloride, np.clip(0.9 + 0.1 * met + 0.25 * htn + 0.2 * z(), 0.3, 8),
-        glucose, 2.0 + 0.2 * z(), 3.4 + 0.5 * z(), 4.2 + 0.4 * z(), sodium, np.clip(16 + 3 * htn + 5 * z(), 4, 120),
-    ], [0, 0, 1, 0, 1, 0, 1, 1, 1, 0, 0])
-    panel(0.4, CBC, [np.clip(7.5 + 1.5 * copd + 2 * z(), 1, 30), 13.5 + 1.4 * z(), 40 + 4 * z(), np.clip(250 + 60 * z(), 20, 900)],
-          [1, 1, 1, 0])
+    panel(
+        0.55 + 0.3 * t2d_dx,
+        CHEM,
+        [
+            sodium - chloride - bicarb,
+            bicarb,
+            9.3 + 0.4 * z(),
+            chloride,
+            np.clip(0.9 + 0.1 * met + 0.25 * htn + 0.2 * z(), 0.3, 8),
+            glucose,
+            2.0 + 0.2 * z(),
+            3.4 + 0.5 * z(),
+            4.2 + 0.4 * z(),
+            sodium,
+            np.clip(16 + 3 * htn + 5 * z(), 4, 120),
+        ],
+        [0, 0, 1, 0, 1, 0, 1, 1, 1, 0, 0],
+    )
+    panel(
+        0.4,
+        CBC,
+        [np.clip(7.5 + 1.5 * copd + 2 * z(), 1, 30), 13.5 + 1.4 * z(), 40 + 4 * z(), np.clip(250 + 60 * z(), 20, 900)],
+        [1, 1, 1, 0],
+    )
     ldl = np.clip(120 + 12 * met - 8 * fit - 45 * cad_med + 25 * z(), 20, 300)
     hdl = np.clip(50 - 4 * met + 3 * fit + 10 * z(), 15, 120)
     tg = np.clip(140 + 35 * met + 30 * t2d + 40 * z(), 30, 1500)
-    panel(0.15 + 0.5 * t2d_dx, OTHER_LABS[:1], [np.clip(5.4 + 0.35 * met + 1.6 * t2d - 0.7 * t2d_med + 0.3 * z(), 3.8, 16)], [1])
+    panel(
+        0.15 + 0.5 * t2d_dx,
+        OTHER_LABS[:1],
+        [np.clip(5.4 + 0.35 * met + 1.6 * t2d - 0.7 * t2d_med + 0.3 * z(), 3.8, 16)],
+        [1],
+    )
     panel(0.12 + 0.5 * cad_dx, OTHER_LABS[1:5], [ldl + hdl + tg / 5, ldl, hdl, tg], [0, 0, 0, 0])
     panel(0.01, OTHER_LABS[5:], [np.full(nv, 24.0)], [0])
     sbp = np.clip(124 + 5 * met - 4 * fit + 16 * htn - 12 * htn_med + 10 * z(), 80, 240)
@@ -251,13 +325,15 @@ def simulate_hospital_ehr(cohort: Cohort, scenario: ScenarioConfig, site: SiteSp
     subj, time, code, value, order = rows.columns()
     time_us = cohort.start_us + np.round(np.nan_to_num(time) * 86_400_000_000).astype(np.int64)
     events = (
-        pl.DataFrame({
-            "subject_id": cohort.subject_id[subj],
-            "time": pl.Series(time_us, dtype=pl.Int64).cast(pl.Datetime("us")),
-            "code": pl.Series(code.astype(str), dtype=pl.String),
-            "numeric_value": pl.Series(value, dtype=pl.Float32, nan_to_null=True),
-            "_order": order,
-        })
+        pl.DataFrame(
+            {
+                "subject_id": cohort.subject_id[subj],
+                "time": pl.Series(time_us, dtype=pl.Int64).cast(pl.Datetime("us")),
+                "code": pl.Series(code.astype(str), dtype=pl.String),
+                "numeric_value": pl.Series(value, dtype=pl.Float32, nan_to_null=True),
+                "_order": order,
+            }
+        )
         .with_columns(pl.when(pl.Series(np.isnan(time))).then(None).otherwise(pl.col("time")).alias("time"))
         .sort(["subject_id", "time", "_order", "code"], nulls_last=True)  # static rows last, as polars puts them
         .unique(subset=["subject_id", "time", "code", "numeric_value"], keep="first", maintain_order=True)
@@ -273,14 +349,19 @@ def write_hospital_events(ehr: HospitalEHR, cohort: Cohort, site: SiteSpec, root
         ids = cohort.subject_id[lo : lo + site.subjects_per_shard]
         shard = ehr.events.filter(pl.col("subject_id").is_between(int(ids[0]), int(ids[-1])))
         meds.DataSchema.align(shard.to_arrow())  # raises on a mismatch other than string widths
-        shard.write_parquet(root / meds.data_subdirectory / f"{i}.parquet", compression="zstd",
-                            compression_level=parquet_options.get("compression_level", 1))
+        shard.write_parquet(
+            root / meds.data_subdirectory / f"{i}.parquet",
+            compression="zstd",
+            compression_level=parquet_options.get("compression_level", 1),
+        )
     used = sorted(ehr.events.get_column("code").unique().to_list())
-    codes = pa.table({
-        "code": pa.array(used, pa.string()),
-        "description": pa.array([ehr.catalogue[c] for c in used], pa.string()),
-        "parent_codes": pa.array([[] for _ in used], pa.list_(pa.string())),
-    })
+    codes = pa.table(
+        {
+            "code": pa.array(used, pa.string()),
+            "description": pa.array([ehr.catalogue[c] for c in used], pa.string()),
+            "parent_codes": pa.array([[] for _ in used], pa.list_(pa.string())),
+        }
+    )
     meds.CodeMetadataSchema.validate(codes)
     (root / meds.code_metadata_filepath).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(codes, root / meds.code_metadata_filepath, **parquet_options)

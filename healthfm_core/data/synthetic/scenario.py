@@ -96,9 +96,13 @@ class LatentSpec(_Strict):
 def _default_latent() -> dict[str, LatentSpec]:
     return {
         # Higher metabolic = worse (insulin resistance, adiposity).
-        "metabolic": LatentSpec(theta_per_year=0.4, age_per_decade=0.2, prs={"T2D": 0.35, "CAD": 0.1}, between_subject_sd=0.6),
+        "metabolic": LatentSpec(
+            theta_per_year=0.4, age_per_decade=0.2, prs={"T2D": 0.35, "CAD": 0.1}, between_subject_sd=0.6
+        ),
         # Higher fitness = better cardiorespiratory fitness.
-        "fitness": LatentSpec(theta_per_year=0.4, age_per_decade=-0.3, prs={"CAD": -0.15, "COPD": -0.1}, between_subject_sd=0.6),
+        "fitness": LatentSpec(
+            theta_per_year=0.4, age_per_decade=-0.3, prs={"CAD": -0.15, "COPD": -0.1}, between_subject_sd=0.6
+        ),
         # Higher regularity = more regular sleep/activity rhythm.
         "regularity": LatentSpec(theta_per_year=0.8, age_per_decade=0.05, prs={}, between_subject_sd=0.5),
     }
@@ -144,28 +148,63 @@ class DiseaseSpec(_Strict):
 def _default_diseases() -> dict[str, DiseaseSpec]:
     return {
         "T2D": DiseaseSpec(
-            code="ICD10//E11", description="Type 2 diabetes mellitus", prs_trait="T2D",
-            base_rate_per_year=0.010, beta_prs=0.5, beta_latent={"metabolic": 0.8, "fitness": -0.2, "regularity": -0.15},
-            beta_age=0.25, beta_male=0.2, beta_smoker=0.1, lag_days=150.0,
-            medications=["ATC//A10BA02"], wear_hr_bpm=3.0, wear_activity_factor=0.85,
+            code="ICD10//E11",
+            description="Type 2 diabetes mellitus",
+            prs_trait="T2D",
+            base_rate_per_year=0.010,
+            beta_prs=0.5,
+            beta_latent={"metabolic": 0.8, "fitness": -0.2, "regularity": -0.15},
+            beta_age=0.25,
+            beta_male=0.2,
+            beta_smoker=0.1,
+            lag_days=150.0,
+            medications=["ATC//A10BA02"],
+            wear_hr_bpm=3.0,
+            wear_activity_factor=0.85,
         ),
         "CAD": DiseaseSpec(
-            code="ICD10//I25", description="Chronic ischaemic heart disease", prs_trait="CAD",
-            base_rate_per_year=0.006, beta_prs=0.45, beta_latent={"metabolic": 0.35, "fitness": -0.6},
-            beta_age=0.5, beta_male=0.5, beta_smoker=0.5, beta_comorbidity={"T2D": 0.4, "HTN": 0.3}, lag_days=120.0,
-            medications=["ATC//C10AA05", "ATC//B01AC06"], wear_hr_bpm=6.0, wear_activity_factor=0.75,
+            code="ICD10//I25",
+            description="Chronic ischaemic heart disease",
+            prs_trait="CAD",
+            base_rate_per_year=0.006,
+            beta_prs=0.45,
+            beta_latent={"metabolic": 0.35, "fitness": -0.6},
+            beta_age=0.5,
+            beta_male=0.5,
+            beta_smoker=0.5,
+            beta_comorbidity={"T2D": 0.4, "HTN": 0.3},
+            lag_days=120.0,
+            medications=["ATC//C10AA05", "ATC//B01AC06"],
+            wear_hr_bpm=6.0,
+            wear_activity_factor=0.75,
         ),
         "HTN": DiseaseSpec(
-            code="ICD10//I10", description="Essential (primary) hypertension", prs_trait="HTN",
-            base_rate_per_year=0.022, beta_prs=0.4, beta_latent={"metabolic": 0.45, "fitness": -0.3},
-            beta_age=0.35, beta_male=0.1, lag_days=90.0,
-            medications=["ATC//C09AA02", "ATC//C08CA01"], wear_hr_bpm=2.0, wear_activity_factor=0.95,
+            code="ICD10//I10",
+            description="Essential (primary) hypertension",
+            prs_trait="HTN",
+            base_rate_per_year=0.022,
+            beta_prs=0.4,
+            beta_latent={"metabolic": 0.45, "fitness": -0.3},
+            beta_age=0.35,
+            beta_male=0.1,
+            lag_days=90.0,
+            medications=["ATC//C09AA02", "ATC//C08CA01"],
+            wear_hr_bpm=2.0,
+            wear_activity_factor=0.95,
         ),
         "COPD": DiseaseSpec(
-            code="ICD10//J44", description="Other chronic obstructive pulmonary disease", prs_trait="COPD",
-            base_rate_per_year=0.004, beta_prs=0.35, beta_latent={"fitness": -0.45, "regularity": -0.2},
-            beta_age=0.45, beta_smoker=1.2, lag_days=150.0,
-            medications=["ATC//R03AC02", "ATC//R03BB04"], wear_hr_bpm=5.0, wear_activity_factor=0.7,
+            code="ICD10//J44",
+            description="Other chronic obstructive pulmonary disease",
+            prs_trait="COPD",
+            base_rate_per_year=0.004,
+            beta_prs=0.35,
+            beta_latent={"fitness": -0.45, "regularity": -0.2},
+            beta_age=0.45,
+            beta_smoker=1.2,
+            lag_days=150.0,
+            medications=["ATC//R03AC02", "ATC//R03BB04"],
+            wear_hr_bpm=5.0,
+            wear_activity_factor=0.7,
         ),
     }
 

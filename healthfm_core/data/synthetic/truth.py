@@ -109,7 +109,9 @@ def subjects_table(cohort: Cohort, scenario: ScenarioConfig) -> pa.Table:
     for j, dim in enumerate(LATENT_DIMS):
         x = cohort.latent[:, :, j]
         cols[f"{dim}_baseline"] = x[:, 0]
-        cols[f"{dim}_mean"] = (np.where(alive_steps, x, 0).sum(1) / np.maximum(alive_steps.sum(1), 1)).astype(np.float32)
+        cols[f"{dim}_mean"] = (np.where(alive_steps, x, 0).sum(1) / np.maximum(alive_steps.sum(1), 1)).astype(
+            np.float32
+        )
         cols[f"{dim}_slope_per_year"] = _slope(x, alive_steps, cohort.step_days).astype(np.float32)
     return pa.table(cols)
 
@@ -132,7 +134,9 @@ def onsets_table(cohort: Cohort, scenario: ScenarioConfig) -> pa.Table:
         {
             "subject_id": np.repeat(cohort.subject_id, len(names)),
             "disease": pa.array(np.tile(np.array(names, dtype=object), n), pa.string()),
-            "code": pa.array(np.tile(np.array([d.code for d in scenario.diseases.values()], dtype=object), n), pa.string()),
+            "code": pa.array(
+                np.tile(np.array([d.code for d in scenario.diseases.values()], dtype=object), n), pa.string()
+            ),
             "prevalent": np.isneginf(cohort.subclinical).ravel(),
             "subclinical_time": _ts(cohort, cohort.subclinical.ravel()),
             "diagnosis_time": _ts(cohort, cohort.diagnosis.ravel()),
@@ -164,8 +168,13 @@ def risk_table(cohort: Cohort, scenario: ScenarioConfig) -> pa.Table:
     for d, (name, spec) in enumerate(scenario.diseases.items()):
         cols[f"at_risk_{name}"] = ~(cohort.diagnosis[subj, d] <= t)
         risk = onset_risk(
-            cohort.hazard[subj, :, d], cohort.step_days, cohort.subclinical[subj, d], cohort.diagnosis[subj, d],
-            spec.lag_days, t, scenario.horizons_days,
+            cohort.hazard[subj, :, d],
+            cohort.step_days,
+            cohort.subclinical[subj, d],
+            cohort.diagnosis[subj, d],
+            spec.lag_days,
+            t,
+            scenario.horizons_days,
         )
         for j, horizon in enumerate(scenario.horizons_days):
             r = risk[:, j]

@@ -49,7 +49,14 @@ def wear_periods(cohort: Cohort, site: SiteSpec, rng: np.random.Generator) -> tu
     return subj_a[order], start_a[order]
 
 
-def _period_parameters(cohort: Cohort, scenario: ScenarioConfig, subj: np.ndarray, start: np.ndarray, wear_days: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _period_parameters(
+    cohort: Cohort,
+    scenario: ScenarioConfig,
+    subj: np.ndarray,
+    start: np.ndarray,
+    wear_days: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """Per period: awake activity (mg), resting HR (bpm), sleep onset/duration spread."""
     mid = start + wear_days / 2.0
     x = cohort.latent[subj, cohort.step_of(mid)].astype(np.float64)
@@ -68,7 +75,8 @@ def _period_parameters(cohort: Cohort, scenario: ScenarioConfig, subj: np.ndarra
     chronotype = rng.normal(0.0, 0.7, n)[subj]
     female = ~cohort.male[subj]
     return {
-        "activity": 32.0 * np.exp(0.22 * x[:, FIT] - 0.12 * x[:, MET] + 0.05 * x[:, REG] - 0.08 * age_dec + act_subject + log_act),
+        "activity": 32.0
+        * np.exp(0.22 * x[:, FIT] - 0.12 * x[:, MET] + 0.05 * x[:, REG] - 0.08 * age_dec + act_subject + log_act),
         "rhr": 62.0 - 3.5 * x[:, FIT] + 1.5 * x[:, MET] + 2.0 * female + rhr_subject + hr_shift,
         "onset": 23.0 + chronotype,
         "onset_sd": 0.35 * np.exp(-0.6 * x[:, REG]),
@@ -104,7 +112,9 @@ def simulate_wearables(
         p = hi - lo
         sl = slice(lo, hi)
         # Sleep window per day: onset hour varies day to day more when the rhythm is irregular.
-        onset = (params["onset"][sl, None] + params["onset_sd"][sl, None] * rng.standard_normal((p, days))).astype(np.float32)
+        onset = (params["onset"][sl, None] + params["onset_sd"][sl, None] * rng.standard_normal((p, days))).astype(
+            np.float32
+        )
         duration = (7.5 + 0.5 * rng.standard_normal((p, days))).astype(np.float32)
         asleep = np.mod(hour - onset[:, :, None], 24.0) < duration[:, :, None]  # [p, days, epochs/day]
         act = params["activity"][sl].astype(np.float32)[:, None, None]
@@ -117,7 +127,9 @@ def simulate_wearables(
         if site.ppg:
             rhr = params["rhr"][sl].astype(np.float32)[:, None]
             asleep_f = asleep.reshape(p, n_ep)
-            hr = rhr + np.where(asleep_f, np.float32(-4.0), np.float32(6.0) + np.float32(0.12) * np.minimum(enmo, np.float32(400.0)))
+            hr = rhr + np.where(
+                asleep_f, np.float32(-4.0), np.float32(6.0) + np.float32(0.12) * np.minimum(enmo, np.float32(400.0))
+            )
             hr += np.float32(2.5) * rng.standard_normal(hr.shape, dtype=np.float32)
             hr_col = pa.array(np.clip(np.round(hr), 30.0, 220.0).astype(np.float32).ravel())
         else:

@@ -1,10 +1,10 @@
 """Continuous-time attention: the PyTorch reference, the fused Triton kernel and the dispatcher.
 
-    reference.py  ct_attention_reference (the math, any device), log_decay_kernel, check_shapes
-    cpu.py        ct_attention_cpu (fused CPU path in plain PyTorch)
-    cpu_native.py ct_attention_cpu_native (cpu_native.c built on first use; optional)
-    triton.py     ct_attention_triton (fused forward/backward; imports triton when it first runs)
-    dispatch.py   ct_attention (HEALTHFM_CT_ATTENTION=reference|cpu|cpu_native|triton|auto) and IMPLEMENTATIONS
+reference.py  ct_attention_reference (the math, any device), log_decay_kernel, check_shapes
+cpu.py        ct_attention_cpu (fused CPU path in plain PyTorch)
+cpu_native.py ct_attention_cpu_native (cpu_native.c built on first use; optional)
+triton.py     ct_attention_triton (fused forward/backward; imports triton when it first runs)
+dispatch.py   ct_attention (HEALTHFM_CT_ATTENTION=reference|cpu|cpu_native|triton|auto) and IMPLEMENTATIONS
 """
 
 from healthfm_core.kernels.ct_attention.dispatch import (

@@ -76,18 +76,22 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 
 def _check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"ct_attention_cpu: q, k, v must be [B,H,N,D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"ct_attention_cpu: q, k, v must be [B,H,N,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     b, h, nq, d = q.shape
     nk = k.shape[2]
     if k.shape != (b, h, nk, d) or v.shape[:3] != (b, h, nk):
         raise ValueError(f"ct_attention_cpu: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
     if t_q.shape != (b, nq) or t_k.shape != (b, nk):
-        raise ValueError(f"ct_attention_cpu: t_q {tuple(t_q.shape)} must be {(b, nq)}, "
-                         f"t_k {tuple(t_k.shape)} must be {(b, nk)}")
+        raise ValueError(
+            f"ct_attention_cpu: t_q {tuple(t_q.shape)} must be {(b, nq)}, t_k {tuple(t_k.shape)} must be {(b, nk)}"
+        )
     if log_weights.dim() != 2 or log_weights.shape[0] != h or rates.shape != log_weights.shape:
-        raise ValueError(f"ct_attention_cpu: log_weights {tuple(log_weights.shape)} and rates "
-                         f"{tuple(rates.shape)} must both be [H={h}, M]")
+        raise ValueError(
+            f"ct_attention_cpu: log_weights {tuple(log_weights.shape)} and rates "
+            f"{tuple(rates.shape)} must both be [H={h}, M]"
+        )
     if key_valid is not None and key_valid.shape != (b, nk):
         raise ValueError(f"ct_attention_cpu: key_valid {tuple(key_valid.shape)} must be {(b, nk)}")
 
@@ -145,12 +149,14 @@ def _chunk_forward(q, k, v, t_q, t_k, valid, lw, lam, causal: bool, block: int):
         minus = has & (ti <= kmin[:, None, :]) & ~plus
         inside = has & ~plus & ~minus
         sel = torch.stack([plus, minus], dim=2)
-        alpha = torch.stack([torch.where(plus, ti - kmax[:, None, :], zero),
-                             torch.where(minus, kmin[:, None, :] - ti, zero)], dim=2)
+        alpha = torch.stack(
+            [torch.where(plus, ti - kmax[:, None, :], zero), torch.where(minus, kmin[:, None, :] - ti, zero)], dim=2
+        )
         a_plus = kmax[:, :, None].expand(b, nkb, block).reshape(b, nkp)
         a_minus = kmin[:, :, None].expand(b, nkb, block).reshape(b, nkp)
-        beta = torch.stack([torch.where(kval, a_plus - tk_sorted, zero),
-                            torch.where(kval, tk_sorted - a_minus, zero)], dim=1)
+        beta = torch.stack(
+            [torch.where(kval, a_plus - tk_sorted, zero), torch.where(kval, tk_sorted - a_minus, zero)], dim=1
+        )
 
     # Key-side factors b_jm <= 1 (0 for invalid keys) as a block-diagonal [S*nkb*M, Nkp]
     # matrix, so that K~ = w @ it is one matmul with a contiguous result.
@@ -221,8 +227,9 @@ def _chunk_backward(do, saved, lw, lam, block: int, nk: int, param_grad: bool):
     do_n = do * inv  # folds the softmax normaliser of the saved (unnormalised) p and e
     delta = (do_n * out).sum(-1, keepdim=True)
     # (dP - delta) / total in one matmul: baddbmm(-delta, do_n, vs^T).
-    dp = torch.baddbmm(-delta.reshape(b * h, nq, 1), do_n.reshape(b * h, nq, dv),
-                       vs.reshape(b * h, nkp, dv).transpose(-1, -2)).view(b, h, nq, nkp)
+    dp = torch.baddbmm(
+        -delta.reshape(b * h, nq, 1), do_n.reshape(b * h, nq, dv), vs.reshape(b * h, nkp, dv).transpose(-1, -2)
+    ).view(b, h, nq, nkp)
     ds = p * dp
     dv_s = torch.matmul(p.transpose(-1, -2), do_n)
     dq = torch.matmul(ds, ks).mul_(scale)
@@ -237,7 +244,7 @@ def _chunk_backward(do, saved, lw, lam, block: int, nk: int, param_grad: bool):
     beta_cols = beta.view(b, 1, 1, sides, 1, nkp).expand(b, 1, m, sides, nkb, nkp).reshape(b, 1, m * sides * nkb, nkp)
     r = torch.matmul(g, torch.cat([bdiag, bdiag * beta_cols], dim=2).transpose(-1, -2))
     r0 = r[..., : m * sides * nkb].reshape(w.shape)
-    r1 = r[..., m * sides * nkb:].reshape(w.shape)
+    r1 = r[..., m * sides * nkb :].reshape(w.shape)
     d_lw = (w * r0).sum(dim=(0, 2, 4))
     d_rate = -(w * (alpha.reshape(b, 1, nq, 1, -1) * r0 + r1)).sum(dim=(0, 2, 4))
     idx_s = c_in[:, None, :, None, None].expand(b, h, nq, 1, block)
@@ -296,15 +303,26 @@ class _CTAttentionCPU(torch.autograd.Function):
         q_dt, k_dt, v_dt, lw_dt, rate_dt = ctx.dtypes
         needs = ctx.needs_input_grad
         if ctx.empty:
-            return (torch.zeros(b, h, nq, d, dtype=q_dt), torch.zeros(b, h, nk, d, dtype=k_dt),
-                    torch.zeros(b, h, nk, dv, dtype=v_dt), None, None, None, None, None, None, None, None)
+            return (
+                torch.zeros(b, h, nq, d, dtype=q_dt),
+                torch.zeros(b, h, nk, d, dtype=k_dt),
+                torch.zeros(b, h, nk, dv, dtype=v_dt),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
         lw, lam, *flat = ctx.saved_tensors
         param_grad = bool(needs[5] or needs[6])
         do_all = grad_out.to(lw.dtype)
         parts = []
         for i, lo in enumerate(range(0, b, chunk)):
-            saved = flat[i * ctx.n_saved:(i + 1) * ctx.n_saved]
-            parts.append(_chunk_backward(do_all[lo:lo + chunk], saved, lw, lam, block, nk, param_grad))
+            saved = flat[i * ctx.n_saved : (i + 1) * ctx.n_saved]
+            parts.append(_chunk_backward(do_all[lo : lo + chunk], saved, lw, lam, block, nk, param_grad))
         dq = torch.cat([x[0] for x in parts]).to(q_dt)
         dk = torch.cat([x[1] for x in parts]).to(k_dt)
         dvv = torch.cat([x[2] for x in parts]).to(v_dt)

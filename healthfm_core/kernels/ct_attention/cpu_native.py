@@ -92,8 +92,9 @@ def load_native(compiler: str | None = None, cache_dir: Path | None = None) -> c
     if cc is None:
         return "no C compiler found (set CC, or install cc/gcc/clang)"
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(),
-                                     _cpu_fingerprint().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), _cpu_fingerprint().encode()])
+    ).hexdigest()[:16]
     directory = cache_dir or _cache_dir()
     target = directory / f"ct_attention_cpu_{key}.so"
     if not target.exists():
@@ -102,8 +103,13 @@ def load_native(compiler: str | None = None, cache_dir: Path | None = None) -> c
             # Build beside the target and rename: concurrent processes never load a partial file.
             with tempfile.TemporaryDirectory(dir=directory) as tmp:
                 out = Path(tmp) / target.name
-                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
-                                      text=True, timeout=BUILD_TIMEOUT_S, check=False)
+                done = subprocess.run(
+                    [cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"],
+                    capture_output=True,
+                    text=True,
+                    timeout=BUILD_TIMEOUT_S,
+                    check=False,
+                )
                 if done.returncode != 0:
                     return f"{cc} failed on {SOURCE.name} (exit {done.returncode}): {done.stderr.strip()[-500:]}"
                 os.replace(out, target)
@@ -219,11 +225,31 @@ class _CTAttentionNative(torch.autograd.Function):
             tq_c, tk_c, valid_c = tq[:, r0:r1].contiguous(), tk[:, :c1].contiguous(), valid[:, :c1].contiguous()
             probs = torch.matmul(qs[:, :, r0:r1], ks[:, :, :c1].transpose(-1, -2)).contiguous()  # scores -> P
             if c1:
-                _split(b * h, kernel, _ptr(probs), _ptr(tq_c), _ptr(tk_c), _ptr(valid_c), _ptr(ends), _ptr(lw),
-                       _ptr(lam), scale, b, h, r1 - r0, c1, m, int(causal))
+                _split(
+                    b * h,
+                    kernel,
+                    _ptr(probs),
+                    _ptr(tq_c),
+                    _ptr(tk_c),
+                    _ptr(valid_c),
+                    _ptr(ends),
+                    _ptr(lw),
+                    _ptr(lam),
+                    scale,
+                    b,
+                    h,
+                    r1 - r0,
+                    c1,
+                    m,
+                    int(causal),
+                )
             outs.append(torch.matmul(probs, vs[:, :, :c1]))
             chunks.append((r0, r1, c1, probs, outs[-1], tq_c, tk_c, valid_c, ends))
-        out = _permute(torch.cat(outs, dim=2), _flat(_inverse(q_order))) if outs else q.new_zeros(b, h, nq, v.shape[-1], dtype=ct)
+        out = (
+            _permute(torch.cat(outs, dim=2), _flat(_inverse(q_order)))
+            if outs
+            else q.new_zeros(b, h, nq, v.shape[-1], dtype=ct)
+        )
         ctx.chunks = [c[:3] for c in chunks]
         ctx.meta = (b, h, nq, nk, d, m, causal, suffix, scale)
         ctx.save_for_backward(qs, ks, vs, q_flat, q_order, k_order, lw, lam, *[x for c in chunks for x in c[3:]])
@@ -245,7 +271,7 @@ class _CTAttentionNative(torch.autograd.Function):
         g_mix = torch.zeros(len(ctx.chunks), 2, b, h, m, dtype=qs.dtype) if params else None
         kernel = getattr(lib, f"ct_backward_{suffix}")
         for i, (r0, r1, c1) in enumerate(ctx.chunks):
-            probs, out_c, tq_c, tk_c, valid_c, ends = flat[6 * i:6 * i + 6]
+            probs, out_c, tq_c, tk_c, valid_c, ends = flat[6 * i : 6 * i + 6]
             do_c = do[:, :, r0:r1]
             deltas = (do_c * out_c).sum(-1)  # [B, H, rows], contiguous
             ds = torch.matmul(do_c, vs[:, :, :c1].transpose(-1, -2)).contiguous()  # dP, then scale * dS
@@ -253,8 +279,28 @@ class _CTAttentionNative(torch.autograd.Function):
             if c1:
                 p_lw = _ptr(g_mix[i, 0]) if g_mix is not None else None
                 p_rate = _ptr(g_mix[i, 1]) if g_mix is not None else None
-                _split(b * h, kernel, _ptr(ds), _ptr(probs), _ptr(deltas), _ptr(tq_c), _ptr(tk_c), _ptr(valid_c),
-                       _ptr(ends), _ptr(lw), _ptr(lam), scale, b, h, r1 - r0, c1, m, int(causal), p_lw, p_rate)
+                _split(
+                    b * h,
+                    kernel,
+                    _ptr(ds),
+                    _ptr(probs),
+                    _ptr(deltas),
+                    _ptr(tq_c),
+                    _ptr(tk_c),
+                    _ptr(valid_c),
+                    _ptr(ends),
+                    _ptr(lw),
+                    _ptr(lam),
+                    scale,
+                    b,
+                    h,
+                    r1 - r0,
+                    c1,
+                    m,
+                    int(causal),
+                    p_lw,
+                    p_rate,
+                )
             dq[:, :, r0:r1] = torch.matmul(ds, ks[:, :, :c1])
             dk[:, :, :c1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1])
         dq = _permute(dq, _flat(_inverse(q_order))).to(q_dt)

@@ -1,9 +1,9 @@
 """Continuous-time attention in plain PyTorch: the reference every implementation must match.
 
-    dt_ij = t_q_i - t_k_j (causal) or |t_q_i - t_k_j| (non-causal)
-    K(dt) = sum_m pi_hm exp(-lambda_hm dt)
-    s_ij  = q_i . k_j / sqrt(D) + log K(dt_ij)
-    masked: key_valid false, or (causal and t_k_j > t_q_i); an all-masked row gives 0.
+dt_ij = t_q_i - t_k_j (causal) or |t_q_i - t_k_j| (non-causal)
+K(dt) = sum_m pi_hm exp(-lambda_hm dt)
+s_ij  = q_i . k_j / sqrt(D) + log K(dt_ij)
+masked: key_valid false, or (causal and t_k_j > t_q_i); an all-masked row gives 0.
 """
 
 from __future__ import annotations
@@ -85,16 +85,21 @@ def check_shapes(
 ) -> None:
     """Clear errors for mismatched shapes before a kernel launch would read out of bounds."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"ct_attention: q, k, v must be [B,H,N,D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"ct_attention: q, k, v must be [B,H,N,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     b, h, nq, d = q.shape
     nk = k.shape[2]
     if k.shape != (b, h, nk, d) or v.shape[:3] != (b, h, nk):
         raise ValueError(f"ct_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
     if t_q.shape != (b, nq) or t_k.shape != (b, nk):
-        raise ValueError(f"ct_attention: t_q {tuple(t_q.shape)} must be {(b, nq)}, t_k {tuple(t_k.shape)} must be {(b, nk)}")
+        raise ValueError(
+            f"ct_attention: t_q {tuple(t_q.shape)} must be {(b, nq)}, t_k {tuple(t_k.shape)} must be {(b, nk)}"
+        )
     if log_weights.dim() != 2 or log_weights.shape[0] != h or rates.shape != log_weights.shape:
-        raise ValueError(f"ct_attention: log_weights {tuple(log_weights.shape)} and rates "
-                         f"{tuple(rates.shape)} must both be [H={h}, M]")
+        raise ValueError(
+            f"ct_attention: log_weights {tuple(log_weights.shape)} and rates "
+            f"{tuple(rates.shape)} must both be [H={h}, M]"
+        )
     if key_valid is not None and key_valid.shape != (b, nk):
         raise ValueError(f"ct_attention: key_valid {tuple(key_valid.shape)} must be {(b, nk)}")

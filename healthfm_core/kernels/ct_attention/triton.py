@@ -185,8 +185,21 @@ def _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL: tl.constexpr, M: tl.constexp
 
 
 @_device
-def _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
-            CAUSAL: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _logits(
+    qk,
+    t_q,
+    t_k,
+    kval,
+    fast,
+    a,
+    sigma,
+    lw_ptr,
+    rate_ptr,
+    CAUSAL: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """(z, kn): the score is s = z + log(kn); fast path: z = qk + U, kn = K / c; log path: kn = 1."""
     if fast:
         alpha = sigma * (t_q - a)
@@ -207,12 +220,50 @@ def _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
 
 
 @_device
-def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,  # noqa: E741 - O: the output, named like Q, K, V
-            QMIN, QMAX, KMIN, KMAX, KLO, KHI,
-            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-            H, NQ, NK, NQT, NKT, sm_scale,
-            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            M: tl.constexpr, CAUSAL: tl.constexpr, SPAN: tl.constexpr, DOT_PREC: tl.constexpr):
+def _ct_fwd(
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    KV,
+    LW,
+    RATE,
+    O,  # noqa: E741 - O: the output, named like Q, K, V
+    LSE,
+    QMIN,
+    QMAX,
+    KMIN,
+    KMAX,
+    KLO,
+    KHI,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    H,
+    NQ,
+    NK,
+    NQT,
+    NKT,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    M: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SPAN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -222,8 +273,9 @@ def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,  # noqa: E741 - O: the output
     offs_n0 = tl.arange(0, BLOCK_N)
     row_ok = offs_m < NQ
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
     t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
     qmin = tl.load(QMIN + b * NQT + qt)
     qmax = tl.load(QMAX + b * NQT + qt)
@@ -245,10 +297,16 @@ def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,  # noqa: E741 - O: the output
         if visible:
             offs_n = kt * BLOCK_N + offs_n0
             col_ok = offs_n < NK
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(
+                K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
             kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
@@ -256,8 +314,7 @@ def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,  # noqa: E741 - O: the output
             if CAUSAL:
                 mask = mask & (t_k[None, :] <= t_q[:, None])
             fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
-            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
-                            CAUSAL, M, BLOCK_M, BLOCK_N)
+            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr, CAUSAL, M, BLOCK_M, BLOCK_N)
             z = tl.where(mask, z, float("-inf"))
             m_ref = tl.maximum(m_i, tl.max(z, 1))
             m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
@@ -278,19 +335,62 @@ def _ct_fwd(Q, K, V, TQ, TK, KV, LW, RATE, O, LSE,  # noqa: E741 - O: the output
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
 
 
 @_device
-def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
-                 QMIN, QMAX, KMIN, KMAX, QLO, QHI,
-                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                 H, NQ, NK, NQT, NKT, sm_scale,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, M: tl.constexpr, CAUSAL: tl.constexpr,
-                 SPAN: tl.constexpr, DOT_PREC: tl.constexpr):
+def _ct_bwd_dkdv(
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    KV,
+    LW,
+    RATE,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    QMIN,
+    QMAX,
+    KMIN,
+    KMAX,
+    QLO,
+    QHI,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdb,
+    sdh,
+    sdn,
+    H,
+    NQ,
+    NK,
+    NQT,
+    NKT,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    M: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SPAN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     kt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -300,10 +400,12 @@ def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
     offs_m0 = tl.arange(0, BLOCK_M)
     col_ok = offs_n < NK
     d_ok = offs_d < D
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(
+        K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+    )
+    v = tl.load(
+        V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+    )
     t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
     kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
     kmin = tl.load(KMIN + b * NKT + kt)
@@ -325,10 +427,16 @@ def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
         if visible:
             offs_m = qt * BLOCK_M + offs_m0
             row_ok = offs_m < NQ
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
             lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
@@ -337,8 +445,7 @@ def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
             if CAUSAL:
                 mask = mask & (t_k[None, :] <= t_q[:, None])
             fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
-            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
-                            CAUSAL, M, BLOCK_M, BLOCK_N)
+            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr, CAUSAL, M, BLOCK_M, BLOCK_N)
             e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
             p = e * kn
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -346,21 +453,69 @@ def _ct_bwd_dkdv(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DK, DV,
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
-    tl.store(DK + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(
+        DK + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=col_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(
+        DV + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None] & d_ok[None, :],
+    )
 
 
 @_device
-def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
-               QMIN, QMAX, KMIN, KMAX, KLO, KHI,
-               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-               H, NQ, NK, NQT, NKT, sm_scale,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, M: tl.constexpr, M_POW2: tl.constexpr,
-               CAUSAL: tl.constexpr, SPAN: tl.constexpr, DOT_PREC: tl.constexpr,
-               PARAM_GRAD: tl.constexpr):
+def _ct_bwd_dq(
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    KV,
+    LW,
+    RATE,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    GLW,
+    GRATE,
+    QMIN,
+    QMAX,
+    KMIN,
+    KMAX,
+    KLO,
+    KHI,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdb,
+    sdh,
+    sdn,
+    H,
+    NQ,
+    NK,
+    NQT,
+    NKT,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    M: tl.constexpr,
+    M_POW2: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SPAN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PARAM_GRAD: tl.constexpr,
+):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -371,10 +526,14 @@ def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
     offs_c = tl.arange(0, M_POW2)
     row_ok = offs_m < NQ
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
+    do = tl.load(
+        DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
     lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
@@ -398,10 +557,16 @@ def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
         if visible:
             offs_n = kt * BLOCK_N + offs_n0
             col_ok = offs_n < NK
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(
+                K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
             kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
@@ -409,8 +574,7 @@ def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
             if CAUSAL:
                 mask = mask & (t_k[None, :] <= t_q[:, None])
             fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
-            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr,
-                            CAUSAL, M, BLOCK_M, BLOCK_N)
+            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr, CAUSAL, M, BLOCK_M, BLOCK_N)
             e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             g = e * (dp - delta[:, None])  # dS / kn
@@ -445,8 +609,11 @@ def _ct_bwd_dq(Q, K, V, TQ, TK, KV, LW, RATE, DO, LSE, DELTA, DQ, GLW, GRATE,
                         g_lw += tl.where(offs_c == m, d_lw, 0.0)
                         g_rate += tl.where(offs_c == m, d_rate, 0.0)
     dq = dq * sm_scale
-    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     if PARAM_GRAD:
         part = (bh * NQT + qt) * M_POW2 + offs_c
         tl.store(GLW + part, g_lw)
@@ -523,8 +690,9 @@ def _tile_bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[torc
     return tmin.contiguous(), tmax.contiguous()
 
 
-def _tile_plan(t_q: torch.Tensor, t_k: torch.Tensor, kv: torch.Tensor, block_m: int, block_n: int,
-               causal: bool) -> dict[str, torch.Tensor]:
+def _tile_plan(
+    t_q: torch.Tensor, t_k: torch.Tensor, kv: torch.Tensor, block_m: int, block_n: int, causal: bool
+) -> dict[str, torch.Tensor]:
     """Tile bounds plus, per query tile, the [lo, hi) range of key tiles that can be visible
     (and per key tile the range of query tiles): exact, from the bounds alone."""
     q_ok = torch.ones_like(t_q, dtype=torch.bool)
@@ -544,9 +712,14 @@ def _tile_plan(t_q: torch.Tensor, t_k: torch.Tensor, kv: torch.Tensor, block_m: 
     q_lo = torch.where(vis, qidx[:, None], big_q).amin(1)
     q_hi = torch.where(vis, qidx[:, None] + 1, zero).amax(1)
     return {
-        "qmin": qmin, "qmax": qmax, "kmin": kmin, "kmax": kmax,
-        "k_lo": k_lo.int().contiguous(), "k_hi": k_hi.int().contiguous(),
-        "q_lo": q_lo.int().contiguous(), "q_hi": q_hi.int().contiguous(),
+        "qmin": qmin,
+        "qmax": qmax,
+        "kmin": kmin,
+        "kmax": kmax,
+        "k_lo": k_lo.int().contiguous(),
+        "k_hi": k_hi.int().contiguous(),
+        "q_lo": q_lo.int().contiguous(),
+        "q_hi": q_hi.int().contiguous(),
     }
 
 
@@ -593,13 +766,42 @@ class _CTAttention(torch.autograd.Function):
         block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         _ct_fwd[(nqt, b * h)](
-            q, k, v, tq, tk, kv, lw, rate, o, lse,
-            plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"], plan["k_lo"], plan["k_hi"],
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, nq, nk, nqt, nkt, sm_scale,
-            D=d, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, M=m,
-            CAUSAL=causal, SPAN=SPAN_LIMIT, DOT_PREC=dot_prec,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            q,
+            k,
+            v,
+            tq,
+            tk,
+            kv,
+            lw,
+            rate,
+            o,
+            lse,
+            plan["qmin"],
+            plan["qmax"],
+            plan["kmin"],
+            plan["kmax"],
+            plan["k_lo"],
+            plan["k_hi"],
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(o),
+            h,
+            nq,
+            nk,
+            nqt,
+            nkt,
+            sm_scale,
+            D=d,
+            BLOCK_D=block_d,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            M=m,
+            CAUSAL=causal,
+            SPAN=SPAN_LIMIT,
+            DOT_PREC=dot_prec,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
         ctx.save_for_backward(q, k, v, o, lse, tq, tk, kv, lw, rate)
         ctx.causal = causal
@@ -632,20 +834,84 @@ class _CTAttention(torch.autograd.Function):
         m_pow2 = _next_power_of_2(m)
         g_lw = torch.empty((b * h, nqt, m_pow2), device=q.device, dtype=torch.float32)
         g_rate = torch.empty_like(g_lw)
-        common = dict(D=d, BLOCK_D=block_d, BLOCK_M=config.bwd_block_m, BLOCK_N=config.bwd_block_n,
-                      M=m, CAUSAL=causal, SPAN=SPAN_LIMIT, DOT_PREC=dot_prec,
-                      num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
+        common = dict(
+            D=d,
+            BLOCK_D=block_d,
+            BLOCK_M=config.bwd_block_m,
+            BLOCK_N=config.bwd_block_n,
+            M=m,
+            CAUSAL=causal,
+            SPAN=SPAN_LIMIT,
+            DOT_PREC=dot_prec,
+            num_warps=config.bwd_num_warps,
+            num_stages=config.bwd_num_stages,
+        )
         _ct_bwd_dkdv[(nkt, b * h)](
-            q, k, v, tq, tk, kv, lw, rate, do, lse, delta, dk, dv,
-            plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"], plan["q_lo"], plan["q_hi"],
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            h, nq, nk, nqt, nkt, sm_scale, **common,
+            q,
+            k,
+            v,
+            tq,
+            tk,
+            kv,
+            lw,
+            rate,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            plan["qmin"],
+            plan["qmax"],
+            plan["kmin"],
+            plan["kmax"],
+            plan["q_lo"],
+            plan["q_hi"],
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(do),
+            h,
+            nq,
+            nk,
+            nqt,
+            nkt,
+            sm_scale,
+            **common,
         )
         _ct_bwd_dq[(nqt, b * h)](
-            q, k, v, tq, tk, kv, lw, rate, do, lse, delta, dq, g_lw, g_rate,
-            plan["qmin"], plan["qmax"], plan["kmin"], plan["kmax"], plan["k_lo"], plan["k_hi"],
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            h, nq, nk, nqt, nkt, sm_scale, M_POW2=m_pow2, PARAM_GRAD=param_grad, **common,
+            q,
+            k,
+            v,
+            tq,
+            tk,
+            kv,
+            lw,
+            rate,
+            do,
+            lse,
+            delta,
+            dq,
+            g_lw,
+            g_rate,
+            plan["qmin"],
+            plan["qmax"],
+            plan["kmin"],
+            plan["kmax"],
+            plan["k_lo"],
+            plan["k_hi"],
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(do),
+            h,
+            nq,
+            nk,
+            nqt,
+            nkt,
+            sm_scale,
+            M_POW2=m_pow2,
+            PARAM_GRAD=param_grad,
+            **common,
         )
         d_lw = d_rate = None
         if param_grad:
