@@ -40,6 +40,7 @@ from collections.abc import Sequence  # noqa: E402
 from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.join import JoinConfig, JoinError, join  # noqa: E402
 from client.policy import PolicyError, load_policy  # noqa: E402
+from healthfm_core.data.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
 from healthfm_core.data.site import Site  # noqa: E402
 from healthfm_core.data.site_check import (  # noqa: E402
@@ -107,20 +108,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     report, subjects = run_check(root, progress=progress, strict=args.strict)
     tasks = None
-    if report.ok and report.summary is not None and (files or report.summary.site_tasks):
+    coverage = None
+    if report.ok and report.summary is not None:
         site = Site(root, report, subjects.subject_ids, subjects.per_modality)
-        tasks = count_tasks(site, files, min_subjects=min_subjects, n_per_subject=args.n_per_subject, seed=args.seed)
+        # How much of each subject's history the model sees at the federation's token budget.
+        coverage = history_coverage_days(site.read_events(columns=["subject_id", "time", "code"]), args.max_tokens)
+        if files or report.summary.site_tasks:
+            tasks = count_tasks(
+                site, files, min_subjects=min_subjects, n_per_subject=args.n_per_subject, seed=args.seed
+            )
     ok = report.ok and (tasks is None or tasks.ok)
     if args.json:
         blob = report.model_dump(mode="json")
+        if coverage is not None:
+            blob["history_coverage"] = coverage
         if tasks is not None:
             blob["tasks"] = tasks.model_dump(mode="json")
         print(json.dumps(blob, indent=2))
         return EXIT_OK if ok else EXIT_INVALID
-    return print_report(report, tasks)
+    seen = None
+    if coverage is not None and coverage.get("n_subjects"):
+        seen = (
+            f"history seen    median {float(coverage['median_days']):.0f} days of a median "
+            f"{float(coverage['median_history_days']):.0f}-day record (at {args.max_tokens} tokens; whole record "
+            f"for {100 * float(coverage['fraction_full_history']):.0f}% of subjects)"
+        )
+    return print_report(report, tasks, seen)
 
 
-def print_report(report: SiteReport, tasks: TasksReport | None = None) -> int:
+def print_report(report: SiteReport, tasks: TasksReport | None = None, seen: str | None = None) -> int:
     """One line per problem, then the summary (usable) or a FAILED line with the true counts; the
     exit status."""
     for problem in report.problems:
@@ -128,6 +144,8 @@ def print_report(report: SiteReport, tasks: TasksReport | None = None) -> int:
     n_errors, n_warnings, cut = report.n_errors, report.n_warnings, report.n_not_shown
     if report.ok:
         print(format_summary(report))
+        if seen is not None:
+            print(seen)
     if tasks is not None:
         print(format_tasks(tasks))
         for problem in tasks.problems:
@@ -274,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--seed", type=int, default=0, help="the evaluation's seed for drawing prediction times (default 0)"
+    )
+    check.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="the model's EHR tokens per sample (max-events of the run; default 256), for the history coverage",
     )
     check.add_argument(
         "--progress",

@@ -104,9 +104,18 @@ def test_script_on_a_missing_root_is_one_line_exit_2(tmp_path):
 def test_json_output_is_the_site_report(site_tables, write_site, capsys):
     root = write_site(site_tables)
     assert main(["check", str(root), "--json", "--no-progress"]) == EXIT_OK
-    report = SiteReport.model_validate(json.loads(capsys.readouterr().out))
+    blob = json.loads(capsys.readouterr().out)
+    coverage = blob.pop("history_coverage")
+    report = SiteReport.model_validate(blob)
     assert report.ok and report == check_site(root)
     assert report.summary.subjects_per_modality == {"ehr": 2, "wearables": 2, "genomics": 2}
+    # Days of history the model sees: every record fits in 256 day-tokens of this small site...
+    assert coverage["max_tokens"] == 256 and coverage["fraction_full_history"] == 1.0
+    assert coverage["median_days"] == coverage["median_history_days"] > 0
+    # ...and one token shows a single day of it.
+    assert main(["check", str(root), "--json", "--no-progress", "--max-tokens", "1"]) == EXIT_OK
+    narrow = json.loads(capsys.readouterr().out)["history_coverage"]
+    assert narrow["median_days"] <= 1.0 < coverage["median_days"] and narrow["fraction_full_history"] < 1.0
 
 
 def test_json_output_of_a_broken_site(site_tables, write_site, capsys):
