@@ -191,7 +191,8 @@ def test_the_server_asks_for_dp_and_each_site_reports_its_spend(sweep: Path) -> 
     assert "## Privacy: each site's cumulative epsilon" in summary and "target epsilon 8" in summary
     # Without DP asked: no policy written, no DP at any site, no epsilon reported.
     plain = sweep / "runs" / "no-dp"
-    assert not (plain / "sites").exists()
+    # (a site's directory holds only its evaluation's predictions)
+    assert not list(plain.glob("sites/*/policy.yaml")) and not list(plain.glob("sites/*/state"))
     for event in round_events(plain).values():
         assert event["epsilon"] == {} and all("dp" not in e for e in event["sites"].values())
     assert "## Privacy" not in (plain / "summary.md").read_text()
