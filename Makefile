@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup setup-system lint format test test-slow test-all demo bench clean
+.PHONY: setup setup-system lint format test test-slow test-slow-ci test-all demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ test: setup
 # no test: nothing to run is not a failure.
 test-slow: setup
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+# The slow tests CI gates on: those verified green on the merged tree so far. The fault tests
+# (tests/test_faults.py), the end-to-end deployment tests and the insecure-SuperLink test still
+# run with `make test-slow`; they join CI once verified (see the closing note of session 3).
+SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
+	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line
+
+test-slow-ci: setup
+	$(PY) -m pytest -q -m slow $(SLOW_CI)
 
 test-all: setup
 	$(PY) -m pytest -q -m ""
