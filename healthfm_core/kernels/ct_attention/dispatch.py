@@ -49,61 +49,34 @@ class CTAttentionFn(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _triton_path(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    t_q: torch.Tensor,
-    t_k: torch.Tensor,
-    log_weights: torch.Tensor,
-    rates: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-    causal: bool = True,
-) -> torch.Tensor:
-    # A forced kernel refuses what it cannot do rather than silently dropping a gradient.
-    if t_q.requires_grad or t_k.requires_grad:
-        raise ValueError("ct_attention(impl='triton'): the kernel does not differentiate the times")
-    return ct_attention_triton(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
+def _fixed_times(name: str, what: str, fn: CTAttentionFn) -> CTAttentionFn:
+    """`fn` as a forced path: it refuses inputs whose times need gradients (the fused paths do
+    not differentiate the times) rather than silently dropping a gradient."""
 
+    def path(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        t_q: torch.Tensor,
+        t_k: torch.Tensor,
+        log_weights: torch.Tensor,
+        rates: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor:
+        if t_q.requires_grad or t_k.requires_grad:
+            raise ValueError(f"ct_attention(impl={name!r}): {what} does not differentiate the times")
+        return fn(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
 
-def _cpu_path(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    t_q: torch.Tensor,
-    t_k: torch.Tensor,
-    log_weights: torch.Tensor,
-    rates: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-    causal: bool = True,
-) -> torch.Tensor:
-    if t_q.requires_grad or t_k.requires_grad:
-        raise ValueError("ct_attention(impl='cpu'): the fused CPU path does not differentiate the times")
-    return ct_attention_cpu(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
-
-
-def _cpu_native_path(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    t_q: torch.Tensor,
-    t_k: torch.Tensor,
-    log_weights: torch.Tensor,
-    rates: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-    causal: bool = True,
-) -> torch.Tensor:
-    if t_q.requires_grad or t_k.requires_grad:
-        raise ValueError("ct_attention(impl='cpu_native'): the compiled CPU kernel does not differentiate the times")
-    return ct_attention_cpu_native(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
+    return path
 
 
 # name -> implementation; "auto" is not a path but a choice among these.
 IMPLEMENTATIONS: dict[str, CTAttentionFn] = {
     "reference": ct_attention_reference,
-    "triton": _triton_path,
-    "cpu": _cpu_path,
-    "cpu_native": _cpu_native_path,
+    "triton": _fixed_times("triton", "the kernel", ct_attention_triton),
+    "cpu": _fixed_times("cpu", "the fused CPU path", ct_attention_cpu),
+    "cpu_native": _fixed_times("cpu_native", "the compiled CPU kernel", ct_attention_cpu_native),
 }
 
 
