@@ -51,7 +51,9 @@ test-slow: setup
 # (tests/test_faults.py), the end-to-end deployment tests and the insecure-SuperLink test still
 # run with `make test-slow`; they join CI once verified (see the closing note of session 3).
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
-	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line
+	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line \
+	tests/test_deployment.py::test_join_with_the_wrong_certificate_is_refused \
+	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join
 
 test-slow-ci: setup
 	$(PY) -m pytest -q -m slow $(SLOW_CI)
