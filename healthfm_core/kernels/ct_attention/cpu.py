@@ -52,6 +52,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from healthfm_core.kernels.ct_attention.reference import check_shapes
+
 # Scores per batch chunk (b * H * Nq * Nk): small enough that a chunk's [.., Nq, Nk] tensors
 # stay in cache, large enough that per-op overhead does not dominate.
 CHUNK_ELEMENTS = 1 << 18
@@ -72,28 +74,6 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
     if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
         return f"devices q={q.device} k={k.device} v={v.device} (this path is for CPU tensors)"
     return None
-
-
-def _check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"ct_attention_cpu: q, k, v must be [B,H,N,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    if k.shape != (b, h, nk, d) or v.shape[:3] != (b, h, nk):
-        raise ValueError(f"ct_attention_cpu: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if t_q.shape != (b, nq) or t_k.shape != (b, nk):
-        raise ValueError(
-            f"ct_attention_cpu: t_q {tuple(t_q.shape)} must be {(b, nq)}, t_k {tuple(t_k.shape)} must be {(b, nk)}"
-        )
-    if log_weights.dim() != 2 or log_weights.shape[0] != h or rates.shape != log_weights.shape:
-        raise ValueError(
-            f"ct_attention_cpu: log_weights {tuple(log_weights.shape)} and rates "
-            f"{tuple(rates.shape)} must both be [H={h}, M]"
-        )
-    if key_valid is not None and key_valid.shape != (b, nk):
-        raise ValueError(f"ct_attention_cpu: key_valid {tuple(key_valid.shape)} must be {(b, nk)}")
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
@@ -352,7 +332,7 @@ def ct_attention_cpu(
     whose times need one to the reference). ``block``: keys per anchor block; ``chunk``: batch
     elements processed together (default: ``batch_chunk``).
     """
-    _check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
+    check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
     why = check_supported(q, k, v)
     if why is not None:
         raise ValueError(f"ct_attention_cpu does not support {why}")
