@@ -9,9 +9,12 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
                       is gone) -> only ConfigRecord "setup-needed" {"wanted", "held"}; the server
                          sends query.setup again and retries (server/server_app.py)
   train               -> a TrainReply's records (TrainReply.to_records): ArrayRecord "arrays" (the
-                         groups trained, less those the site's policy keeps local) + MetricRecord
+                         groups trained, less those the site's policy keeps local, in the round's
+                         transport: fp32, fp16, or int8 with MetricRecord "scales") + MetricRecord
                          "metrics"; a request the policy refuses -> ConfigRecord "status" + the
-                         MetricRecord, no arrays, no training
+                         MetricRecord, no arrays, no training. With int8 and error feedback the
+                         rounding residual is kept in Context.state ("healthfm.int8-residual"),
+                         never sent
   evaluate            -> an EvalReply's MetricRecord "metrics" (held-out metrics per task, small
                          ones withheld)
 
@@ -45,18 +48,23 @@ from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runti
 from healthfm_core.federation import (
     ARRAYS_RECORD,
     METRICS_RECORD,
+    SCALES_RECORD,
     SETUP_NEEDED_RECORD,
     STATUS_RECORD,
     EvalConfig,
     EvalReply,
     FederationSetup,
     RoundConfig,
+    TrainRecords,
     TrainReply,
 )
 
 log = logging.getLogger("healthfm.client")
 
 SETUP_STATE_KEY = "healthfm.setup"
+# Error feedback of int8 transport: the rounding residual (ArrayRecord) and the setup it is for.
+RESIDUAL_STATE_KEY = "healthfm.int8-residual"
+RESIDUAL_SETUP_STATE_KEY = "healthfm.int8-residual-setup"
 # Parsed setups by sha256, per process (parsing a large vocabulary every round is wasteful).
 _SETUPS: dict[str, FederationSetup] = {}
 
@@ -106,15 +114,42 @@ def _only_record(records: Mapping[str, Any], what: str) -> Any:
     return next(iter(records.values()))
 
 
-def train_reply_content(reply: TrainReply) -> RecordDict:
-    """A TrainReply as the records of a reply message."""
-    arrays, metrics, status = reply.to_records()
+def train_reply_content(reply: TrainReply | TrainRecords, scales: Mapping[str, float] | None = None) -> RecordDict:
+    """A TrainReply (its arrays as trained) or its encoded records and int8 scales
+    (SiteRuntime.encode) as the records of a reply message."""
+    arrays, metrics, status = reply.to_records() if isinstance(reply, TrainReply) else reply
     content = RecordDict({METRICS_RECORD: MetricRecord(dict(metrics))})
     if arrays is not None:
         content[ARRAYS_RECORD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    if scales is not None:
+        content[SCALES_RECORD] = MetricRecord({k: float(v) for k, v in scales.items()})
     if status is not None:
         content[STATUS_RECORD] = ConfigRecord(dict(status))
     return content
+
+
+def stored_residual(context: Context, sha256: str) -> dict[str, np.ndarray]:
+    """The int8 rounding residual this node kept under setup `sha256` (error feedback; empty if
+    none, or if it was kept under another setup)."""
+    held = context.state.config_records.get(RESIDUAL_SETUP_STATE_KEY)
+    record = context.state.array_records.get(RESIDUAL_STATE_KEY)
+    if record is None or held is None or held.get("sha256") != sha256:
+        return {}
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def keep_residual(context: Context, sha256: str, residual: Mapping[str, np.ndarray]) -> None:
+    """Keep the residual in the node's per-run state (Context.state: never sent to the server,
+    gone with the run)."""
+    if not residual:
+        for key in (RESIDUAL_STATE_KEY, RESIDUAL_SETUP_STATE_KEY):
+            if key in context.state:
+                del context.state[key]
+        return
+    context.state.array_records[RESIDUAL_STATE_KEY] = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v)) for k, v in residual.items()}
+    )
+    context.state.config_records[RESIDUAL_SETUP_STATE_KEY] = ConfigRecord({"sha256": sha256})
 
 
 def eval_reply_content(reply: EvalReply) -> RecordDict:
@@ -164,7 +199,11 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         except TrainRefused as refused:
             return Message(train_reply_content(refused.reply), reply_to=msg)
         reply = site.release(reply)  # the policy's local groups never leave: filtered last
-        return Message(train_reply_content(reply), reply_to=msg)
+        # Encoded last, on what leaves (fp16 / int8: healthfm_core/transport.py); the int8
+        # residual stays in this node's state.
+        records, scales, residual = site.encode(reply, arrays, cfg, stored_residual(context, cfg.setup_sha256))
+        keep_residual(context, cfg.setup_sha256, residual)
+        return Message(train_reply_content(records, scales), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -48,6 +48,7 @@ from healthfm_core.federation import (
     RoundConfig,
     SiteCapabilities,
     TaskReason,
+    TrainRecords,
     TrainReply,
     groups_for_modalities,
     site_seed,
@@ -57,8 +58,11 @@ from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.privacy.ledger import LedgerError, PrivacyLedger
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
 from healthfm_core.train.trainer import TrainConfig, train_local
+from healthfm_core.transport import encode_update
 
 log = logging.getLogger("healthfm.client")
+
+_ROUNDING_STREAM = 0x1B8  # int8 stochastic rounding's stream, beside the round's training seed
 
 
 class SiteConfig(BaseModel):
@@ -329,13 +333,7 @@ class SiteRuntime:
                     min(result.examples, len(dataset)),
                     floor,
                 )
-        out_dtype = np.float16 if cfg.fp16_transport else None
-        out = {}
-        for name, value in group_state_dict(result.group_state, trained).items():
-            array = value.numpy()
-            if out_dtype is not None and np.issubdtype(array.dtype, np.floating):
-                array = array.astype(out_dtype)
-            out[name] = array
+        out = {name: value.numpy() for name, value in group_state_dict(result.group_state, trained).items()}
         last = result.history[-1] if result.history else {}
         rate_min, rate_max = (float(last[key]) if key in last else None for key in ("rate_min", "rate_max"))
         # Under DP no timing leaves: it grows with the secret Poisson batch sizes (TrainReply refuses it).
@@ -383,6 +381,39 @@ class SiteRuntime:
             )
         counts = {g: n for g, n in reply.group_examples.items() if self.policy.allows(g)}
         return TrainReply.model_validate({**reply.model_dump(), "arrays": arrays, "group_examples": counts})
+
+    def encode(
+        self,
+        reply: TrainReply,
+        received: Mapping[str, np.ndarray],
+        cfg: RoundConfig,
+        residual: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[TrainRecords, dict[str, float] | None, dict[str, np.ndarray]]:
+        """A released reply's records as they leave the site, its arrays in the round's transport
+        (healthfm_core/transport.py); the int8 scales (the reply's SCALES_RECORD; None unless
+        int8); and the int8 residual to keep for the next round (error feedback; empty
+        otherwise). Called after `release`, on what leaves: post-processing of any DP output, so
+        it costs no privacy. `residual` never leaves the site."""
+        records = reply.to_records()
+        if records.arrays is None:
+            return records, None, dict(residual or {})  # refused: nothing sent, nothing left out
+        feedback = cfg.transport == "int8" and cfg.error_feedback
+        # Its own random stream: the site's training draws stay what they are under any transport.
+        rng = np.random.default_rng([site_seed(cfg.seed, cfg.round, self.name), _ROUNDING_STREAM])
+        encoded = encode_update(
+            records.arrays,
+            received,
+            cfg.transport,
+            rounding=cfg.int8_rounding,
+            rng=rng,
+            residual=(residual or {}) if feedback else None,
+        )
+        records = records._replace(arrays=encoded.arrays)
+        if not feedback:
+            return records, encoded.scales, {}
+        # Keys not sent this round keep what they still owe (a group a later round trains again).
+        kept = {k: v for k, v in (residual or {}).items() if k not in encoded.arrays}
+        return records, encoded.scales, {**kept, **encoded.residual}
 
     # ------------------------------------------------------------------ evaluation
 

@@ -21,7 +21,10 @@ Exchange (one run):
 
 A reply's records (RecordDict keys ARRAYS_RECORD, METRICS_RECORD, STATUS_RECORD) are written by
 TrainReply/EvalReply.to_records and read back by from_records; the metric keys of the wire form
-are spelled in this module only.
+are spelled in this module only. The arrays' own encoding on the uplink (RoundConfig.transport:
+fp32, fp16, or int8 with the MetricRecord SCALES_RECORD of per-tensor scales) is
+healthfm_core/transport.py's: the site encodes a TrainReply's arrays last, the server decodes them
+before TrainReply.from_records.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM, model_modalities
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
+from healthfm_core.transport import SCALES_RECORD, Rounding, Transport
 
 CAPABILITIES = "query.capabilities"
 CODE_STATS = "query.code_stats"
@@ -234,7 +238,10 @@ class RoundConfig(_Strict):
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
     seed: int = 0
-    fp16_transport: bool = False
+    # How the site's reply carries its arrays (healthfm_core/transport.py); the server asks it.
+    transport: Transport = "fp32"
+    int8_rounding: Rounding = "stochastic"
+    error_feedback: bool = True  # int8: the site carries its rounding residual to its next round
     setup_sha256: str
     weights: ObjectiveWeights = ObjectiveWeights()
     # Differential privacy asked by the server; a site's policy may still demand it, raise the
@@ -834,6 +841,7 @@ __all__ = [
     "EVAL_METRICS",
     "METRICS_RECORD",
     "SETUP",
+    "SCALES_RECORD",
     "SETUP_NEEDED_RECORD",
     "STATUS_RECORD",
     "STATUS_REFUSED",

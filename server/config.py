@@ -23,6 +23,7 @@ from pydantic import (
 
 from healthfm_core.data.task_spec import TaskSpec, resolve_tasks
 from healthfm_core.model.config import ModelConfig, load_model_config
+from healthfm_core.transport import Rounding, Transport
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
 DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
@@ -117,7 +118,12 @@ class FederationConfig(BaseModel):
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
     seed: int = 0
-    fp16_transport: bool = False  # sites send float16, the server upcasts before averaging
+    # How sites send their arrays (healthfm_core/transport.py): fp32, fp16 (the server upcasts),
+    # int8 (per-tensor scaled updates; the strategy de-quantises before averaging).
+    transport: Transport = "fp32"
+    int8_rounding: Rounding = "stochastic"
+    error_feedback: bool = True  # int8: each site carries its rounding residual to its next round
+    fp16_transport: bool = False  # the older spelling of transport=fp16 (kept equal to it)
     min_nodes: int = Field(default=1, ge=1)  # wait for this many sites before round 0
     min_sites_per_group: int = Field(default=1, ge=1)
     norm_outlier_factor: float = Field(default=10.0, gt=1)
@@ -140,6 +146,21 @@ class FederationConfig(BaseModel):
     # The coordinator's site registry (server/registry.py): only its node ids take part, each under
     # its registered name. None (simulation): every node the grid has.
     registry: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fp16_alias(cls, data: Any) -> Any:
+        # fp16_transport=true is transport=fp16; either spelling sets both, a contradiction is refused.
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        transport = data.get("transport", "fp32")
+        if data.get("fp16_transport"):
+            if transport not in ("fp32", "fp16"):
+                raise ValueError(f"fp16_transport: value true contradicts transport: value {transport!r}")
+            data["transport"] = "fp16"
+        data["fp16_transport"] = data.get("transport") == "fp16"
+        return data
 
     @field_validator("eval_tasks")
     @classmethod
@@ -202,8 +223,11 @@ def resume_conflicts(config: FederationConfig, saved: Mapping[str, Any]) -> list
     """The fields a resumed run changes that it may not (RESUMABLE_CHANGES may change), against
     the run config saved in the checkpoint."""
     now = config.model_dump(mode="json")
-    # A checkpoint written before a field existed ran with that field's default.
+    # A checkpoint written before a field existed ran with that field's default (before
+    # `transport` existed, fp16_transport alone said fp16).
     saved = {**{k: v for k, v in _field_defaults().items() if k not in saved}, **saved}
+    if saved.get("fp16_transport") and saved.get("transport") == "fp32":
+        saved["transport"] = "fp16"
     return sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
 
 

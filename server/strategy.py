@@ -30,6 +30,7 @@ from healthfm_core.federation import (
     round_metrics,
 )
 from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.transport import SCALES_RECORD, decode_update, wire_dtype_ok
 from server.limits import array_record_bytes
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,12 @@ class ModalityAwareFedAvg(FedAvg):
     each group's count equal to ``num_examples``) this is FedAvg exactly.
 
     A reply is accepted only if it parses as a TrainReply and its arrays fit the round
-    (``parse_reply``: size, keys, shapes, dtypes, groups sent, values) and its update norm is
+    (``parse_reply``: size, keys, shapes, dtypes, int8 scales, groups sent, values) and its update norm is
     not absurd against the round's others; any other reply (error, refusal, a reply to no
     message sent, a second reply from one node) is rejected with its reason and logged, and
     the round goes on. Optionally a FedAdam-style server step is applied to the averaged
-    pseudo-gradient.
+    pseudo-gradient. Replies come in their round's transport (healthfm_core/transport.py): fp16
+    is upcast and int8 de-quantised against the round's global arrays before any check or average.
 
     State: configuration, and the server optimiser's moments (checkpointed: ``state_dict``).
     Each round's inputs (global arrays, the groups each node may train, the messages sent) are
@@ -332,30 +334,36 @@ class ModalityAwareFedAvg(FedAvg):
         parses as, then its arrays against the global model. Raises ValueError naming the
         first problem found."""
         names = set(content.keys())
-        unexpected = sorted(names - {ARRAYS_RECORD, METRICS_RECORD, STATUS_RECORD})
+        unexpected = sorted(names - {ARRAYS_RECORD, METRICS_RECORD, STATUS_RECORD, SCALES_RECORD})
         if unexpected:
             raise ValueError(
                 f"unexpected record {unexpected[0]!r} (a train reply holds {ARRAYS_RECORD!r}, "
-                f"{METRICS_RECORD!r} and, when refused, {STATUS_RECORD!r})"
+                f"{METRICS_RECORD!r}, with int8 arrays {SCALES_RECORD!r}, and, when refused, {STATUS_RECORD!r})"
             )
         records = content.array_records.get(ARRAYS_RECORD)
         metrics = content.metric_records.get(METRICS_RECORD)
         status = content.config_records.get(STATUS_RECORD)
+        scales = content.metric_records.get(SCALES_RECORD)
         for name, kind, value in (
             (ARRAYS_RECORD, ArrayRecord, records),
             (METRICS_RECORD, MetricRecord, metrics),
             (STATUS_RECORD, ConfigRecord, status),
+            (SCALES_RECORD, MetricRecord, scales),
         ):
             if name in names and value is None:
                 raise ValueError(f"record {name!r} is not a {kind.__name__}")
         if metrics is None:
             raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
+        if scales is not None and records is None:
+            raise ValueError(f"record {SCALES_RECORD!r} without an ArrayRecord {ARRAYS_RECORD!r} to scale")
         arrays: dict[str, np.ndarray] | None = None
         if records is not None:
             size = array_record_bytes(records)
             if self.max_reply_bytes is not None and size > self.max_reply_bytes:
                 raise ValueError(f"reply of {size:,} B exceeds the limit of {self.max_reply_bytes:,} B")
-            arrays = {key: self._decode(key, item, previous) for key, item in records.items()}
+            wire = {key: self._decode(key, item, previous) for key, item in records.items()}
+            # fp16 upcast, int8 de-quantised against this round's global arrays (what was sent)
+            arrays = decode_update(wire, dict(scales) if scales is not None else None, previous)
         reply = TrainReply.from_records(
             arrays, dict(metrics), dict(status) if status is not None else None, group_of=self.group_of
         )
@@ -364,22 +372,20 @@ class ModalityAwareFedAvg(FedAvg):
         return reply
 
     def _decode(self, key: str, item: Array, previous: Mapping[str, np.ndarray]) -> np.ndarray:
-        """One array of a reply, checked against the global model's before and after decoding."""
+        """One array of a reply as it travelled, checked against the global model's header
+        (shape, a dtype healthfm_core.transport accepts for it) before and after decoding."""
         if key not in previous:
             raise ValueError(f"unknown key {key!r}")
         expected = previous[key]
         if tuple(item.shape) != expected.shape:
             raise ValueError(f"key {key!r}: shape {tuple(item.shape)} != {expected.shape}")
-        # fp16 transport: a floating array may come as float16.
-        if item.dtype != str(expected.dtype) and not (
-            item.dtype == "float16" and np.issubdtype(expected.dtype, np.floating)
-        ):
+        if not wire_dtype_ok(item.dtype, expected.dtype):
             raise ValueError(f"key {key!r}: dtype {item.dtype} != {expected.dtype}")
         try:
             value = item.numpy()
         except Exception as err:  # noqa: BLE001 - a peer's bytes: anything can be wrong with them
             raise ValueError(f"key {key!r}: undecodable array ({err})") from None
-        if value.shape != expected.shape or (value.dtype != expected.dtype and value.dtype != np.float16):
+        if value.shape != expected.shape or str(value.dtype) != item.dtype:
             raise ValueError(f"key {key!r}: payload {value.dtype}{value.shape} does not match its header")
         return value
 
@@ -450,7 +456,7 @@ class ModalityAwareFedAvg(FedAvg):
         out: dict[str, np.ndarray] = {}
         for key, old in previous.items():
             group = self.group_of(key)
-            # fp16 transport: upcast before any arithmetic.
+            # Decoded replies hold the global dtype already (parse_reply); astype is a no-op guard.
             holders = [
                 (reply.arrays[key].astype(old.dtype, copy=False), counts[group])
                 for _, reply, counts in accepted

@@ -423,8 +423,8 @@ def write_comparison(
         "",
         traffic_table(traffic) if traffic else "No round logged.",
         "",
-        f"fp16 transport: {'on' if fed.fp16_transport else 'off'} in this run (federation.fp16_transport=true "
-        "to measure the other setting).",
+        f"Transport: {fed.transport} in this run (federation.transport=fp32|fp16|int8 to measure another; "
+        "benchmarks/update_transport.py compares them).",
         "",
         "## Federation: per-round time split",
         "",

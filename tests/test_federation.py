@@ -234,7 +234,7 @@ def test_site_training_is_deterministic_and_fp16_transport_halves_the_payload(ru
     assert {parameter_group(k) for k in first.arrays} == {"shared", "ehr", "genomics"}
     assert first.group_examples["genomics"] > 0
     assert "align" not in first.losses  # no wearables here: no alignment loss reported
-    half = site.train(setup, arrays, cfg.model_copy(update={"fp16_transport": True}))
+    half, _, _ = site.encode(first, arrays, cfg.model_copy(update={"transport": "fp16"}))
     assert all(v.dtype == np.float16 for v in half.arrays.values())
     assert sum(v.nbytes for v in half.arrays.values()) * 2 == sum(v.nbytes for v in first.arrays.values())
     np.testing.assert_allclose(

@@ -13,13 +13,15 @@ from flwr.app import (
     Message,
     MessageType,
     Metadata,
+    MetricRecord,
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train_reply_content
-from healthfm_core.federation import ARRAYS_RECORD, TrainReply
+from healthfm_core.federation import ARRAYS_RECORD, SCALES_RECORD, TrainReply
+from healthfm_core.transport import dequantise, encode_update
 from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome
 
 # Keys named after their group keep the arithmetic of these tests readable; the real
@@ -265,3 +267,104 @@ def test_flowers_own_loop_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
     assert metrics is not None and len(metrics) == 2  # examples and the mean total loss
     with pytest.raises(RuntimeError, match="configure_train"):
         s.aggregate_train(2, [good(1, 1.0)])  # each round is handed over once
+
+
+# ------------------------------------------------------------------------ int8 transport
+
+
+def trained_arrays(seed: int, groups: list[str]) -> dict[str, np.ndarray]:
+    """What a site trained from global_arrays(-1.0): a small random update of each array."""
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in site_arrays(groups, -1.0).items()
+    }
+
+
+def quantised(node_id: int, arrays: dict[str, np.ndarray], scales: dict, counts: dict[str, int]) -> Message:
+    """A reply carrying these (int8) arrays and this scales record as they are."""
+    msg = reply(node_id, arrays, counts)
+    msg.content[SCALES_RECORD] = MetricRecord(scales)
+    return msg
+
+
+def int8_reply(node_id: int, seed: int, counts: dict[str, int]) -> tuple[Message, dict[str, np.ndarray]]:
+    """A site's int8 reply (as SiteRuntime.encode makes it) and the arrays it de-quantises to."""
+    previous = global_arrays(-1.0)
+    encoded = encode_update(
+        trained_arrays(seed, list(counts)), previous, "int8", rng=np.random.default_rng(seed), residual={}
+    )
+    assert encoded.scales is not None and all(v.dtype == np.int8 for v in encoded.arrays.values())
+    decoded = {k: dequantise(previous[k], q, encoded.scales[k]) for k, q in encoded.arrays.items()}
+    return quantised(node_id, encoded.arrays, encoded.scales, counts), decoded
+
+
+def test_int8_replies_average_as_fedavg_of_their_dequantised_arrays() -> None:
+    everything = ["shared", "ehr", "wearables", "genomics"]
+    int8, dequantised = [], []
+    for node_id, n in zip([1, 2, 3], [17, 230, 64]):
+        msg, decoded = int8_reply(node_id, node_id, {g: n for g in everything})
+        int8.append(msg)
+        dequantised.append(reply(node_id, decoded, {g: n for g in everything}))
+    outcome = aggregate(strategy(), 1, int8)
+    assert outcome.accepted == [1, 2, 3] and outcome.rejected == []
+    ours = result(outcome.arrays)
+    stock = result(FedAvg().aggregate_train(1, dequantised)[0])
+    assert set(ours) == set(stock)
+    for k in ours:
+        assert ours[k].dtype == np.float32
+        np.testing.assert_array_equal(ours[k], stock[k])  # bit for bit
+    # And not the previous arrays: the updates arrived.
+    assert not np.allclose(ours["shared.w"], -1.0)
+
+
+def test_int8_and_float_replies_mix_in_one_round() -> None:
+    msg, decoded = int8_reply(1, 7, {"shared": 10, "ehr": 10})
+    out = result(aggregate(strategy(), 1, [msg, good(2, 0.5)]).arrays)
+    np.testing.assert_array_equal(out["ehr.w"], (decoded["ehr.w"] * 0.5 + np.float32(0.5) * 0.5).astype(np.float32))
+
+
+def bad_int8_replies() -> dict[str, Message]:
+    counts = {"shared": 10, "ehr": 10}
+    base, _ = int8_reply(0, 3, counts)
+    arrays = {k: v.numpy() for k, v in base.content.array_records[ARRAYS_RECORD].items()}
+    scales = dict(base.content.metric_records[SCALES_RECORD])
+
+    def variant(node_id: int, key: str = "ehr.w", value=None, array=None, drop_scale=False) -> Message:
+        a, s = dict(arrays), dict(scales)
+        if array is not None:
+            a[key] = array
+        if value is not None:
+            s[key] = value
+        if drop_scale:
+            del s[key]
+        return quantised(node_id, a, s, counts)
+
+    no_record = reply(90, arrays, counts)  # int8 arrays, no scales record at all
+    minus128 = arrays["ehr.w"].copy()
+    minus128[0] = -128
+    return {
+        "scale record missing": no_record,
+        "scale missing": variant(91, drop_scale=True),
+        "scale NaN": variant(92, value=float("nan")),
+        "scale inf": variant(93, value=float("inf")),
+        "scale zero": variant(94, value=0.0),
+        "scale negative": variant(95, value=-0.01),
+        "scale not a number": variant(96, value=[0.1, 0.2]),
+        "scale for no int8 array": variant(97, key="ehr.extra", value=0.1),
+        "dtype uint8": variant(98, array=arrays["ehr.w"].view(np.uint8)),
+        "dtype int16": variant(99, array=arrays["ehr.w"].astype(np.int16)),
+        "shape": variant(100, array=np.zeros(5, np.int8)),
+        "int8 value -128": variant(101, array=minus128),
+        "scale overflows": variant(102, value=1e38, array=np.full(4, 127, np.int8)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(bad_int8_replies()))
+def test_malformed_int8_reply_is_rejected_and_round_goes_on(kind: str) -> None:
+    bad = bad_int8_replies()[kind]
+    outcome = aggregate(strategy(), 3, [good(1, 1.0), bad, good(2, 3.0), good(3, 2.0)])
+    np.testing.assert_allclose(result(outcome.arrays)["ehr.w"], 2.0)  # mean of the three good ones
+    [rejected] = outcome.rejected
+    assert rejected.node_id == bad.metadata.src_node_id and rejected.kind == "invalid"
+    word = {"dtype uint8": "dtype", "dtype int16": "dtype", "shape": "shape", "int8 value -128": "-128"}
+    assert word.get(kind, "scale") in rejected.reason.lower(), rejected.reason

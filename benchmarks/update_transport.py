@@ -1,0 +1,145 @@
+"""Upload size and training loss of a federated run under each uplink transport (fp32, fp16, int8).
+
+    nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/update_transport.py
+    python benchmarks/update_transport.py --rounds 6 --local-steps 10 --json out.json
+
+Part 1, payload: the bytes of one site's ArrayRecord (every group of the model, Flower's own
+serialisation, npy headers included) under each transport, for the `tiny` and `small` models, with
+a random update of the initial weights (healthfm_core/transport.py encodes; the ratio is to fp32;
+NVFlare's 8-bit messages are 25% of fp32).
+
+Part 2, a run: the same small federated run (two synthetic sites, `tiny` model, same seeds) in
+Flower's simulation engine once per transport. Per round: the bytes the sites uploaded (whole
+reply messages as the server's run log measures them: arrays, metrics, int8 scales) and the
+n-weighted mean training loss the sites reported, so int8 can be read against fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from flwr.app import Array, ArrayRecord  # noqa: E402
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
+
+from healthfm_core.data.synthetic import generate_federation  # noqa: E402
+from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.healthfm import HealthFM  # noqa: E402
+from healthfm_core.transport import TRANSPORTS, encode_update  # noqa: E402
+from server.config import FederationConfig  # noqa: E402
+from server.limits import array_record_bytes  # noqa: E402
+from server.runlog import read_events  # noqa: E402
+from simulations.run import run_federation_simulation  # noqa: E402
+
+SITES = ("biobank", "hospital")
+
+
+def payload_bytes(model_name: str, seed: int = 0) -> dict[str, int]:
+    """Serialized ArrayRecord bytes of the whole model under each transport."""
+    model = HealthFM(load_model_config(model_name), vocab_size=2000, n_prs_traits=4)
+    received = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    trained = {k: (v + 1e-3 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in received.items()}
+    out = {}
+    for transport in TRANSPORTS:
+        encoded = encode_update(trained, received, transport, rng=rng)  # type: ignore[arg-type]
+        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.arrays.items()})
+        # The int8 scales travel as one float per key in a MetricRecord: counted at 8 bytes + key.
+        scales = sum(8 + len(k) for k in encoded.scales) if encoded.scales else 0
+        out[transport] = sum(len(o.deflate()) for o in get_all_nested_objects(record).values()) + scales
+    out["params"] = sum(v.size for v in received.values())
+    out["raw_fp32"] = array_record_bytes(ArrayRecord({k: Array(v) for k, v in received.items()}))
+    return out
+
+
+def federated_run(transport: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    config = FederationConfig(
+        out_dir=out,
+        model=load_model_config("tiny"),
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        lr=3e-3,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        seed=3,
+        min_nodes=len(SITES),
+        vocab_min_subjects=5,
+        transport=transport,  # type: ignore[arg-type]
+        eval_tasks=["onset_hypertension_365d"],
+        eval_n_boot=10,
+    )
+    t0 = time.perf_counter()
+    run_federation_simulation(config, args.node_configs, num_cpus=2)
+    seconds = time.perf_counter() - t0
+    rounds = [e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"]
+    return {
+        "seconds": seconds,
+        "upload_bytes": [sum(s.get("bytes_received", 0) for s in e["sites"].values()) for e in rounds],
+        "download_bytes": [sum(s.get("bytes_sent", 0) for s in e["sites"].values()) for e in rounds],
+        "loss": [e["losses"].get("total", float("nan")) for e in rounds],
+        "rejected": sum(len(e["rejected"]) for e in rounds),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--subjects", type=int, default=40)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    print("## Payload: one site's ArrayRecord, every group (bytes; ratio to fp32)\n")
+    print("| model | params | fp32 | fp16 | int8 |")
+    print("|---|---|---|---|---|")
+    payload = {name: payload_bytes(name) for name in ("tiny", "small")}
+    for name, p in payload.items():
+        cells = [f"{p[t]:,} ({p[t] / p['fp32']:.1%})" for t in TRANSPORTS]
+        print(f"| {name} | {p['params']:,} | " + " | ".join(cells) + " |")
+
+    with tempfile.TemporaryDirectory(prefix="healthfm-transport-") as tmp:
+        fed = generate_federation(Path(tmp) / "fed", scenario="tiny", seed=0, n_subjects=args.subjects, progress=False)
+        args.node_configs = [
+            {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2}
+            for s in fed.sites
+            if s.name in SITES
+        ]
+        runs = {t: federated_run(t, Path(tmp) / f"run-{t}", args) for t in TRANSPORTS}
+
+    base = runs["fp32"]
+    print(
+        f"\n## A run: {len(SITES)} sites ({', '.join(SITES)}), tiny model, {args.rounds} rounds x "
+        f"{args.local_steps} local steps, same seeds\n"
+    )
+    print("| transport | upload bytes / round (mean) | ratio to fp32 | rejected replies | run s |")
+    print("|---|---|---|---|---|")
+    for t, r in runs.items():
+        up = float(np.mean(r["upload_bytes"]))
+        print(f"| {t} | {up:,.0f} | {up / np.mean(base['upload_bytes']):.1%} | {r['rejected']} | {r['seconds']:.0f} |")
+    print(
+        "\nWhole reply messages: on a model this small Flower's per-array framing (object headers, npy "
+        "headers) is a large share; the payload table above is the arrays alone."
+    )
+    print("\nTraining loss per round (n-weighted mean of the sites' total loss):\n")
+    print("| round | " + " | ".join(TRANSPORTS) + " | int8 - fp32 |")
+    print("|---" * (len(TRANSPORTS) + 2) + "|")
+    for i in range(args.rounds):
+        losses = [runs[t]["loss"][i] for t in TRANSPORTS]
+        print(f"| {i + 1} | " + " | ".join(f"{v:.4f}" for v in losses) + f" | {losses[2] - losses[0]:+.4f} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"payload": payload, "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
