@@ -15,7 +15,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
-POLL_SECONDS = 0.2  # one small HTTP call to the local SuperLink per pause
+POLL_SECONDS = 0.25  # one small HTTP call to the local SuperLink per pause
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
