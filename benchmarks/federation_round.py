@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,7 +134,9 @@ def one_mode(
         )
         wall = time.perf_counter() - t0
         if result.returncode != 0:  # the rounds it did finish are still reported
-            print(f"\n{mode}: the run failed ({result.returncode}): {(result.stdout + result.stderr)[-1500:]}", flush=True)
+            print(
+                f"\n{mode}: the run failed ({result.returncode}): {(result.stdout + result.stderr)[-1500:]}", flush=True
+            )
         if not (out / "rounds.jsonl").is_file():
             return []
         events, rounds = round_events(out)
@@ -200,8 +203,6 @@ def main() -> int:
     finally:
         superlink.stop()
         if not args.keep:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
 
     print(
@@ -230,7 +231,9 @@ def main() -> int:
         share = statistics.median(r["other_s"] / r["round_s"] for r in later)
         other = statistics.median(r["other_s"] for r in later)
         summary[mode] = other
-        print(f"  {mode}: other {other:.1f} s per round, {share:.1%} of a round ({'met' if share <= 0.10 else 'NOT met'})")
+        print(
+            f"  {mode}: other {other:.1f} s per round, {share:.1%} of a round ({'met' if share <= 0.10 else 'NOT met'})"
+        )
     if "cold" in summary and "warm" in summary and summary["warm"] > 0:
         print(f"  warm/cold other time: x{summary['warm'] / summary['cold']:.2f}")
     return 0

@@ -142,6 +142,11 @@ class AppGuard:
         """Hand an approved task to its run's warm ClientApp, starting one if none serves this
         run and bundle (another run's is stopped first: its state is freed)."""
         key = (int(task.run_id), str(task.fab_hash))
+        if self.warm is not None and self.warm.key != key and self.warm.alive() and self.warm.busy():
+            # Two runs at once: the other run's message in progress is not cut; this one runs cold.
+            log.info("run %d: the warm ClientApp of run %d is busy: this task runs cold", task.run_id, self.warm.key[0])
+            self.launch(token)
+            return
         if self.warm is not None and (self.warm.key != key or not self.warm.alive()):
             if self.warm.alive():
                 log.info(

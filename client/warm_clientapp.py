@@ -245,6 +245,11 @@ class WarmWorker:
             self.last_active = time.monotonic()
         return True
 
+    def busy(self) -> bool:
+        """Whether a task handed to it has not finished yet."""
+        with self._lock:
+            return self.done < self.sent
+
     def idle_for(self) -> float:
         """Seconds since it finished its last task; 0 while a task is outstanding."""
         with self._lock:

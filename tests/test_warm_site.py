@@ -87,7 +87,9 @@ def test_a_runs_train_messages_reuse_the_sites_state_and_a_new_setup_replaces_it
         cfg = RoundConfig(
             round=rnd, rounds=3, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256
         )
-        return ask(RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(cfg.to_flat())}), MessageType.TRAIN)
+        return ask(
+            RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(cfg.to_flat())}), MessageType.TRAIN
+        )
 
     first = _setup(config, min_subjects=5)
     send_setup(first)
@@ -132,7 +134,13 @@ def test_a_warm_clientapp_process_is_stopped_when_idle() -> None:
     worker = WarmWorker("127.0.0.1:9", 7, "a" * 64)  # nothing listens there: it is never sent a task
     try:
         guard.warm = worker
-        assert worker.alive() and worker.key == (7, "a" * 64)
+        assert worker.alive() and worker.key == (7, "a" * 64) and not worker.busy()
+        worker.sent = 1  # as if a task were in progress: never idle, never stopped under it
+        time.sleep(0.7)
+        assert worker.busy() and worker.idle_for() == 0.0
+        guard.reap()
+        assert guard.warm is worker and worker.alive()
+        worker.done = 1  # it finished
         time.sleep(0.7)
         assert worker.idle_for() > 0.5
         guard.reap()  # idle past --warm-idle: stopped, its state freed
