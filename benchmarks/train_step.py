@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py                          # small model, biobank site, 1 and 2 threads
     python benchmarks/train_step.py --threads 1 --repeats 9
+    python benchmarks/train_step.py --threads 1 2 all auto     # the thread sweep (all: every usable core;
+                                                               # auto: a site's default, client/threads.py)
     python benchmarks/train_step.py --profile                # plus a torch.profiler table of one step
 
 A synthetic federation (default scenario, seed 0; --subjects overrides the site sizes) is
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from client.threads import auto_threads, usable_cores  # noqa: E402
 from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.site import open_site  # noqa: E402
 from healthfm_core.data.synthetic import generate_federation  # noqa: E402
@@ -134,11 +137,22 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-events", type=int, default=256)
     p.add_argument("--max-patches", type=int, default=32)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, one run each")
+    p.add_argument(
+        "--threads",
+        nargs="+",
+        default=["1", "2"],
+        help="torch threads, one run each: N, all (every usable core) or auto (free cores, a site's default)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed samples per path (median)")
     p.add_argument("--steps", type=int, default=1, help="steps per sample")
     p.add_argument("--profile", action="store_true", help="also print a profiler table of one auto step")
     args = p.parse_args()
+    try:
+        args.threads = [
+            usable_cores() if t == "all" else auto_threads() if t == "auto" else int(t) for t in args.threads
+        ]
+    except ValueError:
+        p.error(f"--threads {args.threads}: whole numbers, all or auto")
     if min(args.threads) < 1 or args.repeats < 1 or args.steps < 1:
         p.error(f"--threads {args.threads}, --repeats {args.repeats}, --steps {args.steps} must be >= 1")
     previous = os.environ.get(IMPL_ENV)
@@ -154,9 +168,11 @@ def main() -> int:
         f"{'threads':>7} {'clock':>5} | {'before s/step':>13} {'reference':>9} {'auto':>7} | "
         f"{'before/auto':>11} {'reference/auto':>14}"
     )
+    walls: dict[int, float] = {}
     try:
         for threads in args.threads:
             res = run(model, batch, threads, args.repeats, args.steps)
+            walls[threads] = res["auto"][0]
             for i, clock in enumerate(("wall", "cpu")):
                 before, ref, auto = (res[name][i] for name in SETUPS)
                 print(
@@ -164,6 +180,12 @@ def main() -> int:
                     f"{ref / auto:14.2f}",
                     flush=True,
                 )
+        if len(walls) > 1:
+            base = args.threads[0]
+            print(
+                f"auto step wall time vs {base} thread(s) (usable cores {usable_cores()}): "
+                + ", ".join(f"{t}: x{walls[base] / w:.2f}" for t, w in walls.items())
+            )
         if args.profile:
             torch.set_num_threads(args.threads[0])
             profile(model, batch, 30)

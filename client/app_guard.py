@@ -19,7 +19,15 @@ runs this guard in the SuperExec's place. For each task the guard reads the poli
   and closes the task as failed.
 Only ClientApp tasks are taken: agent, model and connector tasks are never started here.
 
-    python -m client.app_guard --runtime-api-address 127.0.0.1:PORT --policy FILE --site NAME [--parent-pid PID]
+An approved task runs (`--clientapp`):
+- `warm` (join's default): in the run's long-lived ClientApp process (client/warm_clientapp.py),
+  started for the run's first task and stopped when a task of another run or bundle arrives, after
+  `--warm-idle` seconds without a task, or with this guard; the site's data, sequences and model
+  stay loaded between the run's messages. The approval is still checked here for every task.
+- `cold`: a new `flwr-clientapp` process per task, as Flower's SuperExec does.
+
+    python -m client.app_guard --runtime-api-address 127.0.0.1:PORT --policy FILE --site NAME \
+        [--clientapp warm|cold] [--warm-idle S] [--parent-pid PID]
 """
 
 from __future__ import annotations
@@ -47,10 +55,13 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.approval import approved_apps
+from client.warm_clientapp import WarmWorker
 
 log = logging.getLogger("healthfm.client.app_guard")
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.2  # a local HTTP call; a round waits on it once per message
+WARM_IDLE_SECONDS = 600.0  # a warm ClientApp with no task for this long is stopped (the run ended)
+CLIENTAPP_MODES = ("warm", "cold")
 REFUSED_PREFIX = "refused by site"
 
 
@@ -66,8 +77,19 @@ def refusal_reason(site: str, fab_hash: str, policy: Path | None, why: str | Non
 class AppGuard:
     """Takes the SuperNode's ClientApp tasks one at a time; starts approved ones, refuses the rest."""
 
-    def __init__(self, runtime_api_address: str, policy: Path | None, site: str) -> None:
+    def __init__(
+        self,
+        runtime_api_address: str,
+        policy: Path | None,
+        site: str,
+        clientapp: str = "warm",
+        warm_idle: float = WARM_IDLE_SECONDS,
+    ) -> None:
+        if clientapp not in CLIENTAPP_MODES:
+            raise ValueError(f"--clientapp: value {clientapp!r}: one of {CLIENTAPP_MODES}")
         self.address, self.policy, self.site = runtime_api_address, policy, site
+        self.clientapp, self.warm_idle = clientapp, warm_idle
+        self.warm: WarmWorker | None = None
         self.client = RuntimeHttpClient.from_server_address(
             server_address=runtime_api_address,
             insecure=True,
@@ -87,12 +109,16 @@ class AppGuard:
         approved, why = approved_apps(self.policy)
         if task.type == TaskType.CLIENT_APP and task.fab_hash and task.fab_hash in approved:
             log.info(
-                "task %d of run %d: app bundle %s approved, starting flwr-clientapp",
+                "task %d of run %d: app bundle %s approved, %s",
                 task.task_id,
                 task.run_id,
                 task.fab_hash[:12],
+                "to the run's warm ClientApp" if self.clientapp == "warm" else "starting flwr-clientapp",
             )
-            self.launch(res.token)
+            if self.clientapp == "warm":
+                self.dispatch_warm(task, res.token)
+            else:
+                self.launch(res.token)
         else:
             self.refuse(res.token, task, refusal_reason(self.site, task.fab_hash or "(none)", self.policy, why))
         return task
@@ -111,6 +137,34 @@ class AppGuard:
             str(os.getpid()),
         ]
         self.children.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+
+    def dispatch_warm(self, task: Task, token: str) -> None:
+        """Hand an approved task to its run's warm ClientApp, starting one if none serves this
+        run and bundle (another run's is stopped first: its state is freed)."""
+        key = (int(task.run_id), str(task.fab_hash))
+        if self.warm is not None and self.warm.key != key and self.warm.alive() and self.warm.busy():
+            # Two runs at once: the other run's message in progress is not cut; this one runs cold.
+            log.info("run %d: the warm ClientApp of run %d is busy: this task runs cold", task.run_id, self.warm.key[0])
+            self.launch(token)
+            return
+        if self.warm is not None and (self.warm.key != key or not self.warm.alive()):
+            if self.warm.alive():
+                log.info(
+                    "run %d: stopping the warm ClientApp of run %d (its data and model are freed)",
+                    task.run_id,
+                    self.warm.key[0],
+                )
+            self.warm.stop()
+            self.warm = None
+        if self.warm is None:
+            log.info("run %d: starting its warm ClientApp", task.run_id)
+            self.warm = WarmWorker(self.address, *key)
+        if not self.warm.send(token):  # it died between tasks: this task goes to a fresh one
+            self.warm.stop()
+            self.warm = WarmWorker(self.address, *key)
+            if not self.warm.send(token):
+                log.error("task %d: the warm ClientApp could not take it; starting flwr-clientapp", task.task_id)
+                self.launch(token)
 
     def refuse(self, token: str, task: Task, reason: str) -> None:
         """Answer the task's message with an error reply and close the task, running nothing."""
@@ -138,8 +192,20 @@ class AppGuard:
 
     def reap(self) -> None:
         self.children = [c for c in self.children if c.poll() is None]
+        if self.warm is not None and (not self.warm.alive() or self.warm.idle_for() > self.warm_idle):
+            if self.warm.alive():
+                log.info(
+                    "run %d: no task for %.0f s: stopping its warm ClientApp (its data and model are freed)",
+                    self.warm.key[0],
+                    self.warm.idle_for(),
+                )
+            self.warm.stop()
+            self.warm = None
 
     def close(self) -> None:
+        if self.warm is not None:
+            self.warm.stop(grace=5.0)
+            self.warm = None
         for child in self.children:
             if child.poll() is None:
                 child.terminate()
@@ -151,12 +217,19 @@ class AppGuard:
         self.client.close()
 
 
-def run(runtime_api_address: str, policy: Path | None, site: str) -> None:
-    guard = AppGuard(runtime_api_address, policy, site)
+def run(
+    runtime_api_address: str,
+    policy: Path | None,
+    site: str,
+    clientapp: str = "warm",
+    warm_idle: float = WARM_IDLE_SECONDS,
+) -> None:
+    guard = AppGuard(runtime_api_address, policy, site, clientapp=clientapp, warm_idle=warm_idle)
     approved, why = approved_apps(policy)
     print(
         f"app guard for site {site}: {len(approved)} approved app bundle(s)"
-        f"{' (' + why + ')' if why else ''}; ClientApp tasks of any other bundle are refused",
+        f"{' (' + why + ')' if why else ''}; ClientApp tasks of any other bundle are refused; "
+        f"approved ones run {'warm (one ClientApp process per run)' if clientapp == 'warm' else 'cold (one process per message)'}",
         flush=True,
     )
     try:
@@ -174,13 +247,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy", type=Path, default=None, help="the site policy holding approved_apps")
     parser.add_argument("--site", required=True, help="the site's name (in refusals)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
+    parser.add_argument(
+        "--clientapp",
+        choices=CLIENTAPP_MODES,
+        default="warm",
+        help="warm: one ClientApp process per run, kept between messages; cold: one per message",
+    )
+    parser.add_argument(
+        "--warm-idle",
+        type=float,
+        default=WARM_IDLE_SECONDS,
+        metavar="S",
+        help=f"stop a run's warm ClientApp after S seconds without a task (default {WARM_IDLE_SECONDS:g})",
+    )
     args = parser.parse_args(argv)
+    if args.warm_idle <= 0:
+        parser.error(f"--warm-idle: value {args.warm_idle}: must be > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per local HTTP poll otherwise
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the ClientApps it started, then exit
     try:
-        run(args.runtime_api_address, args.policy, args.site)
+        run(args.runtime_api_address, args.policy, args.site, clientapp=args.clientapp, warm_idle=args.warm_idle)
     except KeyboardInterrupt:
         pass
     return 0

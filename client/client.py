@@ -181,6 +181,16 @@ def _node_config_items(items: Sequence[str]) -> dict[str, str | int | float | bo
     return config
 
 
+def _threads_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threads: value {value!r}: a whole number of at least 1") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads: value {n}: a whole number of at least 1")
+    return n
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     root = Path(args.site_root)
     if not root.is_dir():
@@ -206,6 +216,10 @@ def cmd_join(args: argparse.Namespace) -> int:
         node_config["site-name"] = args.site_name
     if args.policy:
         node_config["policy"] = str(Path(args.policy).resolve())
+    if args.threads is not None:  # else the policy's threads, else the cores free (client/threads.py)
+        node_config["threads"] = args.threads
+    else:
+        node_config.setdefault("threads", "auto")
     site_name = str(node_config.get("site-name", root.resolve().name))
     state_dir = (Path(args.state_dir) if args.state_dir else Path.home() / ".healthfm" / "sites" / site_name).resolve()
     # The ClientApp's durable state (the privacy ledger) lives with the SuperNode's state.
@@ -222,6 +236,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             runtime_port=args.runtime_port,
             max_wait_time=args.max_wait_time,
+            clientapp=args.clientapp,
+            warm_idle=args.warm_idle,
         )
     except ValueError as err:  # pydantic: a bad option value
         print(f"error: {str(err).splitlines()[0]}: {' '.join(str(err).splitlines()[1:3]).strip()}", file=sys.stderr)
@@ -352,6 +368,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="local port of the SuperNode's runtime API on 127.0.0.1 (default: a free one)",
+    )
+    join.add_argument(
+        "--threads",
+        type=_threads_arg,
+        default=None,
+        metavar="N",
+        help="torch threads for training (overrides the policy's threads; default: the policy's, else "
+        "the cores free when a run starts: CPU affinity minus the 1-min load, 1 to 8)",
+    )
+    join.add_argument(
+        "--clientapp",
+        choices=("warm", "cold"),
+        default="warm",
+        help="warm (default): one ClientApp process per run keeps the data and model loaded between "
+        "messages; cold: a new process per message",
+    )
+    join.add_argument(
+        "--warm-idle",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="stop a run's warm ClientApp after S seconds without a message (default 600)",
     )
     join.add_argument("--strict", action="store_true", help="check the site as `check --strict` does")
     join.add_argument("--progress", dest="progress", action="store_true", default=None)

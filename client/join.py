@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,6 +71,9 @@ class JoinConfig(BaseModel):
     connect_timeout: float = Field(default=10.0, gt=0)
     runtime_port: int | None = Field(default=None, ge=1, le=65535)  # the SuperNode's local API
     max_wait_time: float | None = Field(default=None, gt=0)  # give up reconnecting after this
+    # How approved ClientApp tasks run (client/app_guard.py): warm = one process per run.
+    clientapp: Literal["warm", "cold"] = "warm"
+    warm_idle: float = Field(default=600.0, gt=0)  # stop a run's warm ClientApp after this idle time
 
 
 # ---------------------------------------------------------------------------- checks before starting
@@ -258,6 +261,10 @@ def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subpr
         "--parent-pid",
         str(os.getpid()),
         *(["--policy", str(policy)] if policy else []),
+        "--clientapp",
+        cfg.clientapp,
+        "--warm-idle",
+        str(cfg.warm_idle),
     ]
     env = flower_env(cfg.state_dir.resolve() / "flwr-home")
     env["PYTHONPATH"] = os.pathsep.join([str(repo), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])

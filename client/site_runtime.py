@@ -18,6 +18,7 @@ from a reply.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -25,14 +26,15 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from client.policy import SitePolicy, load_policy
+from client.threads import apply_threads, auto_threads
 from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site, open_site
@@ -79,6 +81,21 @@ class SiteConfig(BaseModel):
     policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
     state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP
     eval_dir: Path | None = None  # the site's predictions (meds-evaluation format); default state_dir/evaluation
+    # torch threads (client/threads.py): N, "auto" (the free cores; `join`'s default), or None:
+    # the policy's `threads`, else torch's default (simulation).
+    threads: int | Literal["auto"] | None = None
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        # Node config values arrive as TOML scalars: an int, or a string ("auto", "4").
+        if isinstance(v, bool) or isinstance(v, float):
+            raise ValueError(f"threads: value {v!r}: a whole number of at least 1, or 'auto'")
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"threads: value {v}: a whole number of at least 1, or 'auto'")
+        return v
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -130,12 +147,28 @@ class SiteRuntime:
         self.subject_counts = {m: (n if n >= floor else 0) for m, n in self.site.subject_counts.items()}
         self.groups = groups_for_modalities([m for m in self.site.modalities if self.subject_counts.get(m, 0) > 0])
         self.ledger: PrivacyLedger | None = PrivacyLedger(config.state_dir) if config.state_dir is not None else None
+        self.threads = self._apply_threads()
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
         self._labels: dict[tuple[str, int, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
+
+    def _apply_threads(self) -> int | None:
+        """torch threads for this process: node config N > policy N > auto; None: untouched."""
+        setting = self.config.threads
+        if isinstance(setting, int):
+            n, why = setting, "node config"
+        elif self.policy is not None and self.policy.threads is not None:
+            n, why = self.policy.threads, "policy"
+        elif setting == "auto":
+            n, why = auto_threads(), "auto: free cores"
+        else:
+            return None
+        apply_threads(n)
+        log.info("site %s: %d torch thread(s) (%s)", self.name, n, why)
+        return n
 
     # ------------------------------------------------------------------ round 0
 
@@ -496,14 +529,37 @@ def _modality_of(group: str) -> str:
 
 
 # One runtime per site root and process: a simulation's worker process serves several sites,
-# a deployed SuperNode one; data is loaded once, not per message.
-_RUNTIMES: dict[tuple[str, str], SiteRuntime] = {}
+# a deployed site's warm ClientApp (client/warm_clientapp.py) every message of a run; data is
+# loaded once, not per message. Keyed by the policy file's content too: an edited policy takes
+# effect at the next message (the runtime is rebuilt; the ledger is on disk).
+_RUNTIMES: dict[tuple[str, str, str], SiteRuntime] = {}
 _LOCK = threading.Lock()
 
 
+def policy_digest(config: SiteConfig) -> str:
+    """sha256 of the policy file's bytes ("" without a policy; "unreadable" when it cannot be
+    read: the runtime's own load then names the problem)."""
+    if config.policy is None:
+        return ""
+    try:
+        return hashlib.sha256(Path(config.policy).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
 def get_runtime(config: SiteConfig) -> SiteRuntime:
-    key = (str(Path(config.site_root).resolve()), config.model_dump_json())
+    site_key = str(Path(config.site_root).resolve())
+    key = (site_key, config.model_dump_json(), policy_digest(config))
     with _LOCK:
         if key not in _RUNTIMES:
+            # A stale runtime of this site (its policy changed) is dropped, not kept beside the new one.
+            for old in [k for k in _RUNTIMES if k[0] == site_key and k[1] == key[1]]:
+                del _RUNTIMES[old]
             _RUNTIMES[key] = SiteRuntime(config)
         return _RUNTIMES[key]
+
+
+def drop_runtimes() -> None:
+    """Forget every runtime of this process (their data, sequences and models)."""
+    with _LOCK:
+        _RUNTIMES.clear()

@@ -99,6 +99,7 @@ from server.config import (
     ServerOptimizerConfig,
     resume_conflicts,
 )
+from server.exchange import send_and_receive
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
 from server.registry import SiteRegistry, admit, name_mismatch, read_registry
@@ -170,7 +171,7 @@ class FederationServer:
     def _ask(self, message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
         """Send one message per node, return the non-error replies by node (errors logged)."""
         messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.timeout_s)
+        replies = send_and_receive(self.grid, messages, self.cfg.timeout_s)
         out: dict[int, Message] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -533,7 +534,7 @@ class FederationServer:
                 "status": "no reply",
             }
         t_sent = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=cfg.timeout_s))
+        replies = send_and_receive(self.grid, messages, cfg.timeout_s)
         if need := self.setup_needed(replies, messages):
             messages, replies = self._retry_train(rnd, need, messages, replies, sites)
         t_replied = time.perf_counter()
@@ -656,7 +657,7 @@ class FederationServer:
             entry = sites[self._site(msg.metadata.dst_node_id)]
             entry.update(status="no reply", setup_resent=True, bytes_sent=entry["bytes_sent"] + message_bytes(msg))
             entry.pop("reason", None)
-        retry_replies = list(self.grid.send_and_receive(retry, timeout=self.cfg.timeout_s))
+        retry_replies = send_and_receive(self.grid, retry, self.cfg.timeout_s)
         again = self.setup_needed(retry_replies, retry)
         for node in again:
             sites[self._site(node)].update(status="no setup", reason="asked for the setup again after receiving it")

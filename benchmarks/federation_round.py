@@ -1,0 +1,243 @@
+"""A deployed federation's rounds, timed: local training against everything else, cold vs warm sites.
+
+    nice -n 5 python benchmarks/federation_round.py                 # 3 rounds cold, then 3 warm
+    nice -n 5 python benchmarks/federation_round.py --modes warm --rounds 4 --local-steps 50
+
+A real deployment on 127.0.0.1, started as the slow tests start it (tests/deploy_fixtures.py):
+`coordinator provision`, `coordinator superlink` (TLS, SuperNode authentication, the nginx proxy
+in front of the Fleet API), `coordinator register`, the federation's bundle approved in the sites'
+policy (`client.py approve`), and three synthetic `tiny`-scenario sites (biobank, hospital,
+genomics) joined with `client.py join`. For each mode in --modes the sites join with
+`--clientapp MODE` (cold: a new flwr-clientapp per message, Flower's way; warm: one ClientApp
+process per run, client/warm_clientapp.py), one run of --rounds rounds of the `tiny` model at
+--local-steps is launched and waited for, and the sites leave. Both modes run in this one
+invocation, so they see the same machine.
+
+Per round, from the run's rounds.jsonl (server/server_app.py): the round's wall time (the
+ServerApp sending the train messages to the checkpoint written), the slowest site's local
+training (`train_seconds` of its reply; a DP site sends none, and the column then reads "-"),
+and "other" = round - slowest training: message transport, Flower's polling, the ClientApp's
+start, data loading, vocabulary mapping, model building, aggregation, checkpoint. The share
+printed is other / round. Target (issue 13): other <= 10% of a round after the first, at 50
+local steps on tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from deploy_fixtures import (  # noqa: E402
+    CLIENT,
+    SITES,
+    Process,
+    approve_federation_bundle,
+    free_port,
+    join_args,
+    round_events,
+    run_coordinator,
+    site_policy,
+)
+
+from client.join import probe_superlink  # noqa: E402
+from healthfm_core.data.synthetic import generate_federation  # noqa: E402
+from server.coordinator import main as coordinator_main  # noqa: E402
+from server.provision import FederationPaths  # noqa: E402
+
+
+def run_config(local_steps: int, eval_tasks: str) -> list[str]:
+    return [
+        "--model",
+        "tiny",
+        "-c",
+        f"local-steps={local_steps}",
+        "-c",
+        "min-nodes=3",
+        "-c",
+        "vocab-min-subjects=5",
+        "-c",
+        f"eval-tasks={eval_tasks}",
+        "-c",
+        "eval-n-boot=10",
+        "-c",
+        "timeout-s=900",
+    ]
+
+
+def start_federation(work: Path) -> tuple[FederationPaths, Process, str]:
+    fed = FederationPaths(root=work / "fed")
+    rc = coordinator_main(["provision", str(fed.root), *[a for s in SITES for a in ("--site", s)]])
+    if rc != 0:
+        raise SystemExit(f"provision failed ({rc})")
+    port = free_port()
+    superlink = Process(
+        [sys.executable, "-m", "server.coordinator", "superlink", str(fed.root), "--port", str(port)],
+        work / "superlink.out",
+    )
+    if not superlink.wait_for("SuperLink ready", 600):
+        superlink.stop()
+        raise SystemExit(f"the SuperLink did not start:\n{superlink.output()[-3000:]}")
+    address = f"127.0.0.1:{port}"
+    probe_superlink(address, fed.ca_cert, timeout=10)
+    reg = run_coordinator("register", str(fed.root), *[a for s in SITES for a in ("--site", s)])
+    if reg.returncode != 0:
+        superlink.stop()
+        raise SystemExit(f"register failed: {reg.stderr}")
+    approve_federation_bundle(fed, site_policy(fed))
+    return fed, superlink, address
+
+
+def one_mode(
+    mode: str, fed: FederationPaths, address: str, roots: dict[str, Path], work: Path, args: argparse.Namespace
+) -> list[dict]:
+    joins: dict[str, Process] = {}
+    try:
+        for name in SITES:
+            joins[name] = Process(
+                [
+                    sys.executable,
+                    str(CLIENT),
+                    *join_args(fed, roots[name], name, address, work / f"state-{mode}-{name}"),
+                    "--clientapp",
+                    mode,
+                    *(["--threads", str(args.threads)] if args.threads else []),
+                ],
+                work / f"join-{mode}-{name}.out",
+            )
+        for name, proc in joins.items():
+            if not proc.wait_for("joined: SuperNode", 600):
+                raise SystemExit(f"{name} did not join:\n{proc.output()[-3000:]}")
+        out = work / f"run-{mode}"
+        t0 = time.perf_counter()
+        result = run_coordinator(
+            "launch",
+            str(fed.root),
+            "--out-dir",
+            str(out),
+            "--rounds",
+            str(args.rounds),
+            *run_config(args.local_steps, args.eval_tasks),
+            "--wait",
+            "--timeout",
+            "3000",
+            timeout=3300,
+        )
+        wall = time.perf_counter() - t0
+        if result.returncode != 0:  # the rounds it did finish are still reported
+            print(
+                f"\n{mode}: the run failed ({result.returncode}): {(result.stdout + result.stderr)[-1500:]}", flush=True
+            )
+        if not (out / "rounds.jsonl").is_file():
+            return []
+        events, rounds = round_events(out)
+        setup = next((e for e in events if e["event"] == "setup"), {})
+        evaluation = next((e for e in events if e["event"] == "evaluate"), {})
+        print(
+            f"\n{mode}: run wall {wall:.1f} s (launch to outcome); round 0 (setup) {setup.get('seconds', float('nan')):.1f} s; "
+            f"evaluation {evaluation.get('seconds', float('nan')):.1f} s",
+            flush=True,
+        )
+        rows = []
+        for rnd in sorted(rounds):
+            t = rounds[rnd].get("timings", rounds[rnd])
+            train = [e.get("train_seconds") for e in rounds[rnd]["sites"].values()]
+            known = [x for x in train if x is not None]
+            client = [e.get("client_seconds") for e in rounds[rnd]["sites"].values()]
+            row = {
+                "mode": mode,
+                "round": rnd,
+                "round_s": float(t["round_seconds"]),
+                "wait_s": float(t["wait_seconds"]),
+                "server_s": float(t["configure_seconds"] + t["aggregate_seconds"] + t["checkpoint_seconds"]),
+                "client_max_s": max((x for x in client if x is not None), default=None),
+                "train_max_s": max(known) if known else None,
+                "other_s": float(t["round_seconds"]) - (max(known) if known else 0.0),
+            }
+            rows.append(row)
+        if args.keep:
+            print(f"{mode}: logs under {work}")
+        return rows
+    finally:
+        for proc in joins.values():
+            proc.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=50)
+    p.add_argument("--subjects", type=int, default=30, help="subjects per synthetic site")
+    p.add_argument("--threads", type=int, default=None, help="join --threads (default: the sites' auto)")
+    p.add_argument("--eval-tasks", default="onset_hypertension_365d")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = p.parse_args()
+    if args.rounds < 2 or args.local_steps < 1:
+        p.error("--rounds >= 2 (the target is about rounds after the first), --local-steps >= 1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    tmp = tempfile.mkdtemp(prefix="healthfm-fedround-")
+    work = Path(tmp)
+    manifest = generate_federation(work / "data", scenario="tiny", seed=0, n_subjects=args.subjects, progress=False)
+    roots = {s.name: Path(s.root) for s in manifest.sites}
+    print(
+        f"federation on 127.0.0.1: {len(SITES)} sites ({args.subjects} subjects each), model tiny, "
+        f"{args.rounds} rounds x {args.local_steps} local steps per mode; cores {len(os.sched_getaffinity(0))}, "
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    fed, superlink, address = start_federation(work)
+    rows: list[dict] = []
+    try:
+        for mode in args.modes:
+            rows += one_mode(mode, fed, address, roots, work, args)
+    finally:
+        superlink.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        "\nround_s: the round at the server; wait_s: messages out to the last reply; server_s: configure +"
+        "\naggregate + checkpoint; client_max_s: the slowest site's ClientApp handler (data, model, training);"
+        "\ntrain_max_s: the slowest site's training loop; other_s = round_s - train_max_s"
+    )
+    print("\nmode  round  round_s  wait_s  server_s  client_max_s  train_max_s  other_s  other_share")
+
+    def cell(x: float | None, width: int) -> str:
+        return f"{x:{width}.2f}" if x is not None else f"{'-':>{width}}"
+
+    for r in rows:
+        print(
+            f"{r['mode']:<5} {r['round']:>5} {r['round_s']:8.2f} {r['wait_s']:7.2f} {r['server_s']:9.2f} "
+            f"{cell(r['client_max_s'], 13)} {cell(r['train_max_s'], 12)} {r['other_s']:8.2f} "
+            f"{r['other_s'] / r['round_s']:11.1%}"
+        )
+    print("\nafter the first round (median other share; target <= 10%):")
+    summary = {}
+    for mode in args.modes:
+        later = [r for r in rows if r["mode"] == mode and r["round"] > 1]
+        if not later:
+            print(f"  {mode}: no round after the first completed")
+            continue
+        share = statistics.median(r["other_s"] / r["round_s"] for r in later)
+        other = statistics.median(r["other_s"] for r in later)
+        summary[mode] = other
+        print(
+            f"  {mode}: other {other:.1f} s per round, {share:.1%} of a round ({'met' if share <= 0.10 else 'NOT met'})"
+        )
+    if "cold" in summary and "warm" in summary and summary["warm"] > 0:
+        print(f"  warm/cold other time: x{summary['warm'] / summary['cold']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""A warm ClientApp: one long-lived process serves every ClientApp task of one run at this site.
+
+Flower 1.41's `flwr-clientapp` serves exactly one task and exits (flwr/supernode/runtime/
+run_clientapp.py), so a new process per message imported torch, opened the site, mapped its
+sequences to the vocabulary and built the model again: 47-127 s rounds for 5-9 s of training.
+Here the site's app guard (client/app_guard.py), which already decides per task whether a
+bundle may run, hands the task's token to this process instead; it does for each task what
+`flwr-clientapp` does (pull the message, context and FAB from the SuperNode's Runtime API, call
+the ClientApp, push the reply and the context), but stays, so that client/site_runtime.py's
+runtimes (data, sequences and model per setup sha256) and client/client_app.py's parsed setups
+are reused by the next message of the run.
+
+Scope and lifetime, so that nothing of a run outlives it:
+- one process per (run id, app bundle sha256): the guard starts it for the first approved task
+  of a run and stops it when a task of another run or bundle arrives; a new setup within a run
+  replaces the runtime's sequences and model (they are keyed by the setup's sha256), an edited
+  policy rebuilds the runtime (site_runtime.get_runtime);
+- the guard stops it after `idle` seconds without a task (a run that ended; Flower tells a
+  SuperNode nothing when a run ends), and it exits with the guard (parent-pid monitor, and
+  SIGTERM from the kernel when the guard dies on Linux), which exits with `join`;
+- a task of another run or bundle reaching it (the guard routes by both) is refused.
+
+    python -m client.warm_clientapp --runtime-api-address 127.0.0.1:PORT --run-id N --fab-hash SHA256 [--parent-pid PID]
+
+Protocol with the guard: one task token per line on stdin; after each task, one line
+`done N STATUS` on stdout (N tasks served so far); EOF on stdin stops it. Its log goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger("healthfm.client.warm")
+
+DONE = "done"
+
+
+# ---------------------------------------------------------------------------- the process
+
+
+class WarmClientApp:
+    """Serves tasks of run `run_id` and bundle `fab_hash` one after another, keeping the loaded
+    ClientApp (and with it the site runtime's state) between them."""
+
+    def __init__(self, runtime_api_address: str, run_id: int, fab_hash: str) -> None:
+        self.address, self.run_id, self.fab_hash = runtime_api_address, run_id, fab_hash
+        self.app: ClientApp | None = None
+        self.served = 0
+
+    def load(self, fab_id: str, fab_version: str, fab_content: bytes) -> ClientApp:
+        """Install the FAB and import its ClientApp once, as flwr-clientapp does per task."""
+        if self.app is None:
+            install_from_fab(fab_content, skip_prompt=True)
+            loader = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            self.app = loader(fab_id, fab_version, self.fab_hash)
+        return self.app
+
+    def serve(self, token: str) -> str:
+        """One task; its sub status. Errors become an error reply, as in flwr-clientapp."""
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        t0 = time.perf_counter()
+        try:
+            message, context, run, fab = pull_task_input(client)
+            if run.run_id != self.run_id or fab.hash_str != self.fab_hash:
+                # The guard routes by run and bundle; anything else is not what the site approved here.
+                raise LoadClientAppError(
+                    f"warm ClientApp of run {self.run_id} (bundle {self.fab_hash[:12]}...) got a task of run "
+                    f"{run.run_id} (bundle {fab.hash_str[:12]}...)"
+                )
+            app = self.load(run.fab_id, run.fab_version, fab.content)
+            reply = app(message=message, context=context)
+            sub_status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # noqa: BLE001 - any error is the task's error reply, the process stays
+            code = (
+                ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+                if isinstance(ex, LoadClientAppError)
+                else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            )
+            reason = f"{type(ex)}:<'{ex}'>"
+            log.error("ClientApp raised an exception", exc_info=ex)
+            details = reason
+            if message is not None:
+                reply = Message(Error(code=code, reason=reason), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception as ex:  # noqa: BLE001
+                log.error("could not push the reply: %s", ex)
+                sub_status, details = SubStatus.FAILED, f"could not push the reply: {ex}"
+            push_task_output(client, context, sub_status, details)
+            heartbeat.stop()
+            client.close()
+        self.served += 1
+        log.info(
+            "run %d: %s %s in %.2f s (warm task %d of this process)",
+            self.run_id,
+            message.metadata.message_type if message is not None else "task",
+            sub_status,
+            time.perf_counter() - t0,
+            self.served,
+        )
+        return sub_status
+
+
+def run(runtime_api_address: str, run_id: int, fab_hash: str, replies: TextIO) -> None:
+    worker = WarmClientApp(runtime_api_address, run_id, fab_hash)
+    for line in sys.stdin:
+        token = line.strip()
+        if not token:
+            continue
+        status = worker.serve(token)
+        print(f"{DONE} {worker.served} {status}", file=replies, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.warm_clientapp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's local Runtime API (HOST:PORT)")
+    parser.add_argument("--run-id", type=int, required=True, help="the only run this process serves")
+    parser.add_argument("--fab-hash", required=True, help="the only app bundle (sha256) this process runs")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the guard) exits")
+    args = parser.parse_args(argv)
+    # The protocol keeps the original stdout to itself; anything the app prints goes to the log.
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per local HTTP poll otherwise
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    log.info("warm ClientApp for run %d, app bundle %s: serving its tasks", args.run_id, args.fab_hash[:12])
+    run(args.runtime_api_address, args.run_id, args.fab_hash, replies)
+    log.info("warm ClientApp for run %d: stopped (its data and model are freed)", args.run_id)
+    return 0
+
+
+# ---------------------------------------------------------------------------- the guard's handle
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the guard dies (Linux), so no warm ClientApp outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class WarmWorker:
+    """The guard's handle on one warm ClientApp process: hands it tokens, counts what it has
+    finished, knows how long it has been idle."""
+
+    def __init__(self, runtime_api_address: str, run_id: int, fab_hash: str) -> None:
+        self.key = (run_id, fab_hash)
+        cmd = [
+            sys.executable,
+            "-m",
+            "client.warm_clientapp",
+            "--runtime-api-address",
+            runtime_api_address,
+            "--run-id",
+            str(run_id),
+            "--fab-hash",
+            fab_hash,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            cwd=Path(__file__).resolve().parents[1],
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        self.sent = 0
+        self.done = 0
+        self.last_active = time.monotonic()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(DONE):
+                with self._lock:
+                    self.done += 1
+                    self.last_active = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, token: str) -> bool:
+        """Hand it a task; False when it could not take it (it died)."""
+        if not self.alive():
+            return False
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(token + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return False
+        with self._lock:
+            self.sent += 1
+            self.last_active = time.monotonic()
+        return True
+
+    def busy(self) -> bool:
+        """Whether a task handed to it has not finished yet."""
+        with self._lock:
+            return self.done < self.sent
+
+    def idle_for(self) -> float:
+        """Seconds since it finished its last task; 0 while a task is outstanding."""
+        with self._lock:
+            return 0.0 if self.done < self.sent else time.monotonic() - self.last_active
+
+    def stop(self, grace: float = 10.0) -> None:
+        """EOF on stdin (it exits after the task at hand), then SIGTERM, then SIGKILL."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
