@@ -85,6 +85,45 @@ def horizon_of(key: str) -> int:
     return int(key.rsplit("_", 1)[1].removesuffix("d"))
 
 
+def print_table(
+    args: argparse.Namespace,
+    results: dict[tuple[str, int], MethodResult],
+    subject: np.ndarray,
+    counted: list[str],
+    least: int,
+) -> None:
+    """Per horizon: mean held_out AUROC of each layout over `counted` tasks (and seeds), and the
+    paired difference day - row with a subject bootstrap over every task and seed."""
+
+    def mean_auroc(layout: str, key: str) -> float:  # held_out AUROC, mean over seeds
+        return float(np.mean([auroc(*results[(layout, seed)].predictions[key]) for seed in args.seeds]))
+
+    print(f"\ntasks with >= {least} held_out positives: {len(counted)}")
+    print(
+        "| horizon | tasks | AUROC row | AUROC day | day - row [95% CI] | resamples <= 0 |\n|---|---|---|---|---|---|"
+    )
+    for h in [*HORIZONS, None]:
+        keys = [k for k in counted if h is None or horizon_of(k) == h]
+        if not keys:
+            print(f"| {h or 'all'} | 0 | - | - | - | - |")
+            continue
+        items = []
+        for seed in args.seeds:
+            a, b = results[("day", seed)], results[("row", seed)]
+            for k in keys:
+                y, p_day = a.predictions[k]
+                y_row, p_row = b.predictions[k]
+                assert np.array_equal(a.scored_rows[k], b.scored_rows[k]) and np.array_equal(y, y_row)
+                items.append((y, p_day, p_row, subject[a.scored_rows[k]]))
+        diff = paired_difference(items, n_boot=args.n_boot, seed=0)
+        row_auc = np.mean([mean_auroc("row", k) for k in keys])
+        day_auc = np.mean([mean_auroc("day", k) for k in keys])
+        print(
+            f"| {h or 'all'} | {len(keys)} | {row_auc:.3f} | {day_auc:.3f} | {diff.mean:+.3f} "
+            f"[{diff.ci[0]:+.3f}, {diff.ci[1]:+.3f}] | {diff.fraction_at_or_below_zero:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="hospital")
@@ -153,40 +192,22 @@ def main() -> None:
     # Tasks that count: enough held_out positives (the same rows in both layouts and every seed).
     first = results[("day", args.seeds[0])]
     n_pos = {k: int(first.predictions[k][0].sum()) for k in first.predictions}
-    counted = sorted(k for k, n in n_pos.items() if n >= args.min_positives)
     subject = rows.subject_keys()
-    print(
-        "\nheld_out positives per task: "
-        + ", ".join(f"{k} {n_pos.get(k, 0)}" for k in sorted(tasks))
-        + f"\ncounted (>= {args.min_positives} positives): {len(counted)} of {len(tasks)}"
-    )
+    print("\nheld_out positives per task: " + ", ".join(f"{k} {n_pos.get(k, 0)}" for k in sorted(tasks)))
 
-    def mean_auroc(layout: str, key: str) -> float:  # held_out AUROC, mean over seeds
-        return float(np.mean([auroc(*results[(layout, seed)].predictions[key]) for seed in args.seeds]))
-
-    print(
-        "\n| horizon | tasks | AUROC row | AUROC day | day - row [95% CI] | resamples <= 0 |\n|---|---|---|---|---|---|"
+    # Also every task with a held_out positive: noisy, but never an empty table on a small run.
+    for least in dict.fromkeys([args.min_positives, 1]):
+        print_table(args, results, subject, sorted(k for k, n in n_pos.items() if n >= least), least)
+    # The held_out scores, for another look without retraining.
+    np.savez_compressed(
+        args.out / "predictions.npz",
+        **{
+            f"{layout}.{seed}.{k}.{part}": v
+            for (layout, seed), r in results.items()
+            for k, (y, p) in r.predictions.items()
+            for part, v in (("y", y), ("p", p))
+        },
     )
-    for h in [*HORIZONS, None]:
-        keys = [k for k in counted if h is None or horizon_of(k) == h]
-        if not keys:
-            print(f"| {h or 'all'} | 0 | - | - | - | - |")
-            continue
-        items = []
-        for seed in args.seeds:
-            a, b = results[("day", seed)], results[("row", seed)]
-            for k in keys:
-                y, p_day = a.predictions[k]
-                y_row, p_row = b.predictions[k]
-                assert np.array_equal(a.scored_rows[k], b.scored_rows[k]) and np.array_equal(y, y_row)
-                items.append((y, p_day, p_row, subject[a.scored_rows[k]]))
-        diff = paired_difference(items, n_boot=args.n_boot, seed=0)
-        row_auc = np.mean([mean_auroc("row", k) for k in keys])
-        day_auc = np.mean([mean_auroc("day", k) for k in keys])
-        print(
-            f"| {h or 'all'} | {len(keys)} | {row_auc:.3f} | {day_auc:.3f} | {diff.mean:+.3f} "
-            f"[{diff.ci[0]:+.3f}, {diff.ci[1]:+.3f}] | {diff.fraction_at_or_below_zero:.2f} |"
-        )
     print("\n| layout | median days visible | q25 | q75 | median record days | whole record seen | rows per token |")
     print("|---|---|---|---|---|---|---|")
     for layout, c in cov.items():
