@@ -202,7 +202,7 @@ class FederationConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ValueError(one_line_error(err, "invalid run config", kebab=True)) from None
+            raise ValueError(one_line_error(err, "invalid run config")) from None
 
 
 def _field_defaults() -> dict[str, Any]:

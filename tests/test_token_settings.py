@@ -84,7 +84,7 @@ def test_bad_token_settings_are_refused_with_the_key_named(hospital_root: Path, 
     with pytest.raises(ValueError, match="token_window_days"):  # finite
         FederationSetup(**{**good, "token_window_days": float("inf")})
 
-    with pytest.raises(ValueError, match=r"invalid run config: token-window-days=-0.5: ") as err:
+    with pytest.raises(ValueError, match=r"invalid run config: token_window_days=-0.5: ") as err:
         FederationConfig.from_run_config({"out-dir": str(tmp_path), "model": "tiny", "token-window-days": -0.5})
     assert "\n" not in str(err.value)
     run = FederationConfig.from_run_config(

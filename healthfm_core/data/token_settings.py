@@ -45,13 +45,11 @@ class TokenSettings(BaseModel):
             raise ValueError(one_line_error(err, source)) from None
 
 
-def one_line_error(err: ValidationError, source: str, kebab: bool = False) -> str:
+def one_line_error(err: ValidationError, source: str) -> str:
     """`source: key=value: message` for the first error of a validation (pydantic's own text
-    spans several lines); `kebab`: keys as Flower's run config spells them (token-window-days)."""
+    spans several lines)."""
     first = err.errors()[0]
     key = ".".join(str(x) for x in first.get("loc", ()))
-    if kebab:
-        key = key.replace("_", "-")
     msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{source}: {key}={repr(first.get('input'))[:80]}: {msg}"
 
