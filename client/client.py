@@ -56,6 +56,7 @@ from healthfm_core.data.task_check import (  # noqa: E402
     format_tasks,
     task_files,
 )
+from healthfm_core.data.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -97,6 +98,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return EXIT_USAGE
     try:
+        window = TokenSettings.parse({"token_window_days": args.token_window_days}, "--token-window-days")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         files = task_files(args.tasks or [])
         # The runtime's minimum: its min_report_subjects, raised by the policy's (the stricter holds).
         min_subjects = args.min_subjects
@@ -112,7 +118,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     if report.ok and report.summary is not None:
         site = Site(root, report, subjects.subject_ids, subjects.per_modality)
         # How much of each subject's history the model sees at the federation's token budget.
-        coverage = history_coverage_days(site.read_events(columns=["subject_id", "time", "code"]), args.max_tokens)
+        coverage = history_coverage_days(
+            site.read_events(columns=["subject_id", "time", "code"]),
+            args.max_tokens,
+            token_window_days=window.token_window_days,
+        )
         if files or report.summary.site_tasks:
             tasks = count_tasks(
                 site, files, min_subjects=min_subjects, n_per_subject=args.n_per_subject, seed=args.seed
@@ -315,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="the model's EHR tokens per sample (max-events of the run; default 256), for the history coverage",
+    )
+    check.add_argument(
+        "--token-window-days",
+        type=float,
+        default=DEFAULT_TOKEN_WINDOW_DAYS,
+        metavar="DAYS",
+        help=f"the run's token-window-days (default {DEFAULT_TOKEN_WINDOW_DAYS:g}: one token per day; "
+        "0: one per timestamp), for the history coverage",
     )
     check.add_argument(
         "--progress",

@@ -90,7 +90,7 @@ def stored_setup(context: Context, sha256: str) -> FederationSetup:
     if record["sha256"] != sha256:
         raise ValueError(f"server names setup {sha256[:12]}..., this site holds {str(record['sha256'])[:12]}...")
     if sha256 not in _SETUPS:
-        _SETUPS[sha256] = FederationSetup.model_validate_json(str(record["json"]))
+        _SETUPS[sha256] = FederationSetup.from_json(str(record["json"]))
     return _SETUPS[sha256]
 
 
@@ -177,7 +177,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     @app.query("setup")
     def setup(msg: Message, context: Context) -> Message:
         record = msg.content.config_records["setup"]
-        parsed = FederationSetup.model_validate_json(str(record["json"]))
+        parsed = FederationSetup.from_json(str(record["json"]))
         if parsed.sha256 != record["sha256"]:
             raise ValueError(
                 f"setup does not match its sha256 ({parsed.sha256[:12]}... != {str(record['sha256'])[:12]}...)"

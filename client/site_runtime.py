@@ -214,7 +214,8 @@ class SiteRuntime:
     def sequences(self, setup: FederationSetup) -> SiteSequences:
         key = setup.sha256
         if key not in self._sequences:
-            self._sequences = {key: SiteSequences.from_site(self.site, setup.vocabulary)}  # one setup at a time
+            # One setup at a time; tokenised as the setup says, so every site tokenises alike.
+            self._sequences = {key: SiteSequences.from_site(self.site, setup.vocabulary, tokens=setup.tokens)}
         return self._sequences[key]
 
     # ------------------------------------------------------------------ model

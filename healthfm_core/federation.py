@@ -9,7 +9,8 @@ Exchange (one run):
   query.code_stats    server -> site: nothing;  site -> server: SiteCodeStats JSON (suppressed
                       below the site's own minimum subject count, aggregate only)
   query.setup         server -> site: FederationSetup JSON (vocabulary, model config, init seed, the
-                      modalities the model holds: the union of the sites');
+                      modalities the model holds: the union of the sites'; the tokenisation:
+                      token_window_days, max_codes_per_token);
                       the site keeps it for the run and acknowledges its sha256
   train               server -> site: its groups' arrays + RoundConfig; site -> server: a
                       TrainReply (the groups it trained, counts per group, losses, the site's
@@ -50,6 +51,13 @@ from pydantic import (
 
 from healthfm_core.data.layout import MODALITIES, SPLITS
 from healthfm_core.data.task_spec import TaskSpec, resolve_tasks, task_keys
+from healthfm_core.data.token_settings import (
+    DEFAULT_MAX_CODES_PER_TOKEN,
+    DEFAULT_TOKEN_WINDOW_DAYS,
+    MaxCodesPerToken,
+    TokenSettings,
+    TokenWindowDays,
+)
 from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
@@ -170,12 +178,16 @@ class FederationSetup(_Strict):
 
     `modalities`: those the model is built with (`federation_modalities` of the sites'
     capabilities); left out, EHR and wearables plus genomics when the vocabulary has PRS traits.
+    `token_window_days`, `max_codes_per_token`: how every site turns its EHR rows into tokens
+    (token_settings.py); the site builds its sequences with `tokens`.
     """
 
     vocabulary: Vocabulary
     model: ModelConfig
     model_seed: int = 0
     modalities: list[str]
+    token_window_days: TokenWindowDays = DEFAULT_TOKEN_WINDOW_DAYS
+    max_codes_per_token: MaxCodesPerToken = DEFAULT_MAX_CODES_PER_TOKEN
 
     @model_validator(mode="before")
     @classmethod
@@ -204,14 +216,34 @@ class FederationSetup(_Strict):
         """The parameter groups the model holds: shared plus one per modality."""
         return groups_for_modalities(self.modalities)
 
+    @property
+    def tokens(self) -> TokenSettings:
+        """The tokenisation every site of the run uses."""
+        return TokenSettings(token_window_days=self.token_window_days, max_codes_per_token=self.max_codes_per_token)
+
     def to_json(self) -> str:
-        return self.model_dump_json()
+        # Token settings at their defaults are left out: the setup reads back the same, and its
+        # JSON (so its hash) is what it was before those fields existed (server checkpoints).
+        default = {k for k, f in TokenSettings.model_fields.items() if getattr(self, k) == f.default}
+        return self.model_dump_json(exclude=default)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationSetup:
+        """A setup as a peer sent it; a bad field raises a one-line ValueError naming it and its value."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+            where = f"field {loc}: value {repr(first.get('input'))[:80]}: " if loc else ""
+            raise ValueError(f"federation setup: {where}{msg}") from None
 
     @property
     def sha256(self) -> str:
         # Canonical form: sorted keys, so the hash does not depend on field order; modalities
-        # left out when they are the default, so setups written before the field existed (server
-        # checkpoints) keep their hash.
+        # (and, in to_json, the token settings) left out when they are the default, so setups
+        # written before those fields existed (server checkpoints) keep their hash.
         data = json.loads(self.to_json())
         if self.modalities == list(model_modalities(self.vocabulary.n_prs_traits)):
             data.pop("modalities")

@@ -22,6 +22,14 @@ from pydantic import (
 )
 
 from healthfm_core.data.task_spec import TaskSpec, resolve_tasks
+from healthfm_core.data.token_settings import (
+    DEFAULT_MAX_CODES_PER_TOKEN,
+    DEFAULT_TOKEN_WINDOW_DAYS,
+    MaxCodesPerToken,
+    TokenSettings,
+    TokenWindowDays,
+    one_line_error,
+)
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.transport import Rounding, Transport
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
@@ -117,6 +125,10 @@ class FederationConfig(BaseModel):
     batch_size: int = Field(default=16, gt=0)
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
+    # How every site turns EHR rows into tokens (sent in the FederationSetup): a token per
+    # `token_window_days` of record (0: per timestamp), at most `max_codes_per_token` codes.
+    token_window_days: TokenWindowDays = DEFAULT_TOKEN_WINDOW_DAYS
+    max_codes_per_token: MaxCodesPerToken = DEFAULT_MAX_CODES_PER_TOKEN
     seed: int = 0
     # How sites send their arrays (healthfm_core/transport.py): fp32, fp16 (the server upcasts),
     # int8 (per-tensor scaled updates; the strategy de-quantises before averaging).
@@ -171,6 +183,11 @@ class FederationConfig(BaseModel):
             raise ValueError(str(err)) from None
         return tasks
 
+    @property
+    def tokens(self) -> TokenSettings:
+        """The tokenisation the run's setup carries to every site."""
+        return TokenSettings(token_window_days=self.token_window_days, max_codes_per_token=self.max_codes_per_token)
+
     def eval_task_specs(self) -> list[TaskSpec]:
         """The evaluation's tasks as the sites receive them (definitions, not names)."""
         return resolve_tasks(self.eval_tasks)
@@ -206,7 +223,7 @@ class FederationConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ValueError(f"invalid run config: {err}") from None
+            raise ValueError(one_line_error(err, "invalid run config")) from None
 
 
 def _field_defaults() -> dict[str, Any]:

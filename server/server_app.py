@@ -285,7 +285,13 @@ class FederationServer:
         )
         modalities = federation_modalities([caps.modalities for caps in self.sites.values()], vocab)
         log.info("model modalities: %s (the union of the sites')", modalities)
-        return FederationSetup(vocabulary=vocab, model=self.cfg.model, model_seed=self.cfg.seed, modalities=modalities)
+        return FederationSetup(
+            vocabulary=vocab,
+            model=self.cfg.model,
+            model_seed=self.cfg.seed,
+            modalities=modalities,
+            **self.cfg.tokens.model_dump(),  # every site tokenises as the run config says
+        )
 
     def deliver_setup(self, setup: FederationSetup, nodes: Iterable[int]) -> set[int]:
         """Send the setup (query.setup) to these nodes; the nodes that acknowledged its sha256."""

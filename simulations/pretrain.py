@@ -35,6 +35,7 @@ from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
+from healthfm_core.data.token_settings import TokenSettings
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
 from healthfm_core.eval import plots
@@ -73,6 +74,12 @@ def agree_vocabulary(sites: Mapping[str, Site], min_subjects: int) -> Vocabulary
     return build_vocabulary(
         [site_code_stats(s, min_subjects=min_subjects) for s in sites.values()], min_subjects=min_subjects
     )
+
+
+def token_settings(cfg: DictConfig) -> TokenSettings:
+    """The job's tokenisation (`data.token_window_days`, `data.max_codes_per_token`), checked."""
+    keys = ("token_window_days", "max_codes_per_token")
+    return TokenSettings.parse({k: cfg.data[k] for k in keys if cfg.data.get(k) is not None}, "pretrain config data")
 
 
 def pooled_train_loader(cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]):
@@ -450,8 +457,8 @@ def summary_notes(
         f"Vocabulary {vocab.vocab_size} ids ({len(vocab.codes)} codes seen in >= {vocab.min_subjects} subjects), "
         f"PRS traits {vocab.prs_traits}. Model `{model.cfg.name}` ({model.num_parameters():,} parameters, "
         f"time encoding {model.cfg.time_encoding}); {cfg.train.steps} steps x batch {cfg.train.batch_size}, "
-        f"lr {cfg.train.lr} ({cfg.train.schedule}), samples capped at {cfg.data.max_events} events / "
-        f"{cfg.data.max_patches} one-hour patches.",
+        f"lr {cfg.train.lr} ({cfg.train.schedule}), samples capped at {cfg.data.max_events} EHR tokens "
+        f"({token_settings(cfg).describe()}) / {cfg.data.max_patches} one-hour patches.",
     ]
     if history:
         window = max(1, min(50, len(history) // 2))
@@ -590,7 +597,7 @@ def run(cfg: DictConfig) -> Path:
     clock.lap("data (generate or reuse, open sites)")
     vocab = agree_vocabulary(sites, int(cfg.data.min_subjects))
     vocab.save(out / "vocabulary.json")
-    seqs = {name: SiteSequences.from_site(site, vocab) for name, site in sites.items()}
+    seqs = {name: SiteSequences.from_site(site, vocab, tokens=token_settings(cfg)) for name, site in sites.items()}
     modalities = federation_modalities([site.modalities for site in sites.values()], vocab)
     clock.lap("vocabulary and sequences")
 

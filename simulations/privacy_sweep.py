@@ -167,7 +167,7 @@ def run(cfg: DictConfig) -> Path:
     setup = settings.setup
     assert setup is not None
 
-    seqs = {name: SiteSequences.from_site(site, setup.vocabulary) for name, site in sites.items()}
+    seqs = {name: SiteSequences.from_site(site, setup.vocabulary, tokens=setup.tokens) for name, site in sites.items()}
     per_site_data = onset_eval_data(cfg, sites, seqs)
     per_site = evaluate_settings(settings, per_site_data, eval_settings(cfg), bool(cfg.progress))
     clock.lap("evaluation (per site, every onset task and horizon)")

@@ -205,7 +205,7 @@ def run(cfg: DictConfig) -> Path:
     setup, fed_model, rounds_done = run_federation(cfg, fed_dir)
     clock.lap("federation (Flower simulation)")
     vocab = setup.vocabulary
-    seqs = {name: SiteSequences.from_site(site, vocab) for name, site in sites.items()}
+    seqs = {name: SiteSequences.from_site(site, vocab, tokens=setup.tokens) for name, site in sites.items()}
     clock.lap("sequences (federation's vocabulary)")
 
     # Matched budgets: each site did rounds x local_steps steps of batch_size in the federation.
@@ -394,7 +394,7 @@ def write_comparison(
         f"regime; every regime starts from the same seeded initialisation.",
         "",
         f"Budgets (matched optimisation steps, batch {fed.batch_size}, lr {fed.lr}, samples of at most "
-        f"{fed.max_events} events / {fed.max_patches} patches): federated {fed.rounds} rounds x {fed.local_steps} "
+        f"{fed.max_events} EHR tokens ({setup.tokens.describe()}) / {fed.max_patches} patches): federated {fed.rounds} rounds x {fed.local_steps} "
         f"local steps at each of {len(sites)} sites; centralized {central_steps} steps on the pooled train splits "
         f"(the federation's total); local-only {per_site_steps} steps per site on its own train split, training only "
         f"its own groups (others stay at the initialisation).",

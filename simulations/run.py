@@ -42,9 +42,11 @@ import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from pydantic import ValidationError
 
 from client.client_app import make_client_app
 from healthfm_core.data.synthetic import synthetic_sites
+from healthfm_core.data.token_settings import one_line_error
 from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
@@ -102,15 +104,19 @@ def federation_config(cfg: DictConfig, n_sites: int) -> FederationConfig:
     fed.pop("site", None)
     if (tasks := task_entries(cfg)) is not None:
         fed["eval_tasks"] = tasks  # `tasks=` names the evaluation's tasks (ACES files, site:<name>)
-    return FederationConfig(
-        out_dir=Path(cfg.out_dir),
-        model=model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model config"),
-        seed=cfg.seed,
-        resume=cfg.resume,
-        min_nodes=n_sites,
-        privacy=privacy_request(cfg),
-        **fed,
-    )
+    model = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model config")
+    try:
+        return FederationConfig(
+            out_dir=Path(cfg.out_dir),
+            model=model,
+            seed=cfg.seed,
+            resume=cfg.resume,
+            min_nodes=n_sites,
+            privacy=privacy_request(cfg),
+            **fed,
+        )
+    except ValidationError as err:  # e.g. federation.token_window_days=-1.0
+        raise ValueError(one_line_error(err, "invalid federation config")) from None
 
 
 def simulated_site_policy(cfg: DictConfig, request: PrivacyRequest) -> dict[str, Any] | None:

@@ -16,6 +16,9 @@ Rules (the model relies on them):
   with a value, then the larger value). A token keeps at most `max_codes_per_token` codes: the
   rarest in the federation's vocabulary first (fewest events; UNK last; ties by code id), so
   the choice depends neither on row order nor on the site. Slots hold codes in that order.
+  Both settings come from the federation's `TokenSettings` (token_settings.py), so every site
+  tokenises alike. `per_event=True` is the layout before pooling, for comparison only: one
+  token per row (static rows included), one code each.
 - A token's time is the time of its latest visible row: it is only ever read after everything
   in it happened. At a prediction_time inside a bucket, the token holds the rows up to then.
 - Times are days from the subject's first timed observation: the earlier of its first timed
@@ -55,14 +58,18 @@ from torch.utils.data import DataLoader, Dataset
 from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.code_stats import unique_inverse
 from healthfm_core.data.layout import EPOCH_US, PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
+from healthfm_core.data.token_settings import (
+    DEFAULT_MAX_CODES_PER_TOKEN,
+    DEFAULT_TOKEN_WINDOW_DAYS,
+    DEFAULT_TOKENS,
+    TokenSettings,
+)
 from healthfm_core.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
 DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
-DEFAULT_TOKEN_WINDOW_DAYS = 1.0  # one EHR token per day of record (0: per exact timestamp)
-DEFAULT_MAX_CODES_PER_TOKEN = 32
 _NO_TIME = np.iinfo(np.int64).max
 
 
@@ -201,11 +208,15 @@ class SiteSequences:
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
         token_window_days: float = DEFAULT_TOKEN_WINDOW_DAYS,
+        max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
+        per_event: bool = False,
     ) -> None:
         if patch_epochs < 1:
             raise ValueError(f"patch_epochs must be >= 1, got {patch_epochs}")
-        if not token_window_days >= 0:
-            raise ValueError(f"token_window_days must be >= 0 (0: one token per timestamp), got {token_window_days}")
+        self.tokens = TokenSettings.parse(
+            {"token_window_days": token_window_days, "max_codes_per_token": max_codes_per_token}, "SiteSequences"
+        )
+        self.per_event = bool(per_event)
         for col in ("subject_id", "time", "code"):
             if col not in events.column_names:
                 raise ValueError(f"events table has no column {col!r} (columns: {events.column_names})")
@@ -247,8 +258,13 @@ class SiteSequences:
         self.ev_codes = t_ids
         self.ev_values = t_val
         self.ev_has_value = t_has
-        self.token_window_days = float(token_window_days)
-        self.ev_bucket = token_buckets(t_sub, t_time, token_window_days)
+        self.token_window_days = self.tokens.token_window_days
+        self.max_codes_per_token = self.tokens.max_codes_per_token
+        self.ev_bucket = (
+            np.arange(len(t_sub), dtype=np.int64)
+            if self.per_event
+            else token_buckets(t_sub, t_time, self.token_window_days)
+        )
         # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
         self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
         self.code_priority[N_SPECIAL_CODES:] = np.asarray(vocab.code_events, dtype=np.int64)
@@ -364,12 +380,22 @@ class SiteSequences:
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
         subject_ids: Sequence[int] | np.ndarray | None = None,
-        token_window_days: float = DEFAULT_TOKEN_WINDOW_DAYS,
+        tokens: TokenSettings = DEFAULT_TOKENS,
+        per_event: bool = False,
     ) -> SiteSequences:
-        """Read a site's events and wearables once (optionally only some subjects)."""
+        """Read a site's events and wearables once (optionally only some subjects), tokenised
+        as `tokens` says (a federation's: FederationSetup.tokens)."""
         events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
         wearables = site.read_wearables(subject_ids)
-        return cls(events, wearables, vocab, patch_epochs=patch_epochs, token_window_days=token_window_days)
+        return cls(
+            events,
+            wearables,
+            vocab,
+            patch_epochs=patch_epochs,
+            token_window_days=tokens.token_window_days,
+            max_codes_per_token=tokens.max_codes_per_token,
+            per_event=per_event,
+        )
 
     # ------------------------------------------------------------------ queries
 
@@ -401,10 +427,13 @@ class SiteSequences:
         max_events: int = 512,
         max_patches: int = 64,
         label: float | None = None,
-        max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
+        max_codes_per_token: int | None = None,
     ) -> Sample:
         """The sample of subject row `index` at `prediction_time_us` (int64 µs since 1970):
-        the static token and the most recent visible tokens, `max_events` tokens in all."""
+        the static token and the most recent visible tokens, `max_events` tokens in all.
+        `max_codes_per_token` None: this site's setting."""
+        if max_codes_per_token is None:
+            max_codes_per_token = self.max_codes_per_token
         if max_codes_per_token < 1:
             raise ValueError(f"max_codes_per_token must be >= 1, got {max_codes_per_token}")
         pt = int(prediction_time_us)
@@ -412,7 +441,14 @@ class SiteSequences:
         if t0 == _NO_TIME:  # a subject with static rows only: its clock starts at the prediction
             t0 = pt
         s0, s1 = int(self.st_offsets[index]), int(self.st_offsets[index + 1])
-        n_static = 1 if s1 > s0 and max_events >= 1 else 0
+        if self.per_event:  # one token per static row
+            n_static = min(s1 - s0, max(max_events, 0))
+            st = slice(s0, s0 + n_static)
+            st_token = np.arange(n_static, dtype=np.int64)
+        else:  # one pooled static token
+            n_static = 1 if s1 > s0 and max_events >= 1 else 0
+            st = slice(s0, s0 + (s1 - s0) * n_static)
+            st_token = np.zeros(st.stop - st.start, np.int64)
         a, b = int(self.ev_offsets[index]), int(self.ev_offsets[index + 1])
         visible = a + int(np.searchsorted(self.ev_time_us[a:b], pt, side="right"))
         start = visible
@@ -421,12 +457,9 @@ class SiteSequences:
             # Buckets are consecutive ordinals: the last n_timed of them start at this row.
             first = int(self.ev_bucket[visible - 1]) - n_timed + 1
             start = a + int(np.searchsorted(self.ev_bucket[a:visible], first, side="left"))
-        st = slice(s0, s0 + (s1 - s0) * n_static)
         ev = slice(start, visible)
         bucket = self.ev_bucket[ev]
-        token = np.concatenate(
-            [np.zeros(st.stop - st.start, np.int64), bucket - (bucket[0] if len(bucket) else 0) + n_static]
-        )
+        token = np.concatenate([st_token, bucket - (bucket[0] if len(bucket) else 0) + n_static])
         codes, values, has_value, token_us = pool_token_rows(
             token,
             np.concatenate([self.st_codes[st], self.ev_codes[ev]]),
@@ -556,7 +589,7 @@ class PretrainingDataset(Dataset):
         max_events: int = 512,
         max_patches: int = 64,
         seed: int = 0,
-        max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
+        max_codes_per_token: int | None = None,  # None: the sequences' setting
     ) -> None:
         if time_mode not in ("last", "random"):
             raise ValueError(f"time_mode must be 'last' or 'random', got {time_mode!r}")
@@ -603,7 +636,7 @@ class LabelledDataset(Dataset):
         labels: pa.Table,
         max_events: int = 512,
         max_patches: int = 64,
-        max_codes_per_token: int = DEFAULT_MAX_CODES_PER_TOKEN,
+        max_codes_per_token: int | None = None,  # None: the sequences' setting
     ) -> None:
         for col in ("subject_id", "prediction_time"):
             if col not in labels.column_names:
