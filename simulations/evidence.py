@@ -44,7 +44,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import load_scenario, oracle_risk
 from healthfm_core.data.tasks import OnsetTask
 from healthfm_core.data.tokens import SiteSequences
@@ -186,14 +185,14 @@ class Evidence:
         self.notes: dict[str, list[str]] = defaultdict(list)
 
     def add(self, scenario: str, key: str, a: str, b: str, seed: int, items: Sequence[Item]) -> None:
+        # A task whose held-out rows hold one class has no AUROC: it cannot enter a mean.
+        items = [it for it in items if 0 < int(np.sum(it[0])) < len(it[0])]
         if not items:
             self.notes[scenario].append(f"seed {seed}: {key}: no task had both {a} and {b} scored")
             return
         self.items[(scenario, key)] += with_prefix(items, f"{scenario}|{seed}|")
         self.methods[(scenario, key)] = (a, b)
-        self.per_seed[(scenario, key)][seed] = float(
-            np.mean([auroc(y, pa_) - auroc(y, pb) for y, pa_, pb, _ in items])
-        )
+        self.per_seed[(scenario, key)][seed] = float(np.mean([auroc(y, pa_) - auroc(y, pb) for y, pa_, pb, _ in items]))
 
     def compare(self, n_boot: int) -> dict[tuple[str, str], Comparison]:
         return {k: compare_paired(items, *self.methods[k], n_boot=n_boot) for k, items in self.items.items()}
@@ -321,7 +320,14 @@ def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evide
 
     horizons = horizon_of(per_site_data)
     # Q1: federated against pooled, overall and per horizon.
-    ev_out.add(scenario, "q1|all horizons", "federated", "pooled", seed, site_items(per_site_data, per_site, "federated", "pooled"))
+    ev_out.add(
+        scenario,
+        "q1|all horizons",
+        "federated",
+        "pooled",
+        seed,
+        site_items(per_site_data, per_site, "federated", "pooled"),
+    )
     for h in sorted(set(horizons.values())):
         items = site_items(per_site_data, per_site, "federated", "pooled", lambda k, h=h: horizons.get(k) == h)
         ev_out.add(scenario, f"q1|{h} d", "federated", "pooled", seed, items)
@@ -331,7 +337,9 @@ def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evide
         ev_out.add(scenario, f"q2|{name}", "federated", "local-only", seed, items)
     # Q5 (kernel): each variant against the mixture of exponentials (the pooled model), same budget.
     for name in variants:
-        ev_out.add(scenario, f"q5|{name} - mixture", name, "pooled", seed, site_items(per_site_data, per_site, name, "pooled"))
+        ev_out.add(
+            scenario, f"q5|{name} - mixture", name, "pooled", seed, site_items(per_site_data, per_site, name, "pooled")
+        )
     # Q6: the federated probes' held-out probabilities per horizon.
     for name, res in per_site.items():
         fr = res.get("federated")
@@ -357,7 +365,12 @@ def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evide
         for m, (_, f) in pooled.items():
             sel = np.isin(f.rows, subsample_train(data, f.rows, share, seed=seed))
             results[m] = evaluate_method(
-                m, data, MethodFeatures(f.x[sel], f.present[sel], f.rows[sel]), tasks=list(horizons), n_boot=1, seed=seed
+                m,
+                data,
+                MethodFeatures(f.x[sel], f.present[sel], f.rows[sel]),
+                tasks=list(horizons),
+                n_boot=1,
+                seed=seed,
             )
             aucs = [r.auroc for r in results[m].rows if np.isfinite(r.auroc)]
             if aucs:
@@ -412,7 +425,14 @@ def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evide
         base = compare.epsilon_label(None)
         for label in labels:
             if label != base and base in labels:
-                ev_out.add(scenario, f"q4|{label} - no DP", label, base, seed, site_items(per_site_data, per_site_dp, label, base))
+                ev_out.add(
+                    scenario,
+                    f"q4|{label} - no DP",
+                    label,
+                    base,
+                    seed,
+                    site_items(per_site_data, per_site_dp, label, base),
+                )
         finite = sorted((e, lab) for lab, e in settings.epsilon.items() if e is not None)
         for (_, lo), (_, hi) in zip(finite, finite[1:]):
             ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
@@ -438,7 +458,9 @@ def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evide
             "table": compare.privacy_table(rows, settings.epsilon, settings.spent) if rows else "",
         }
         if rows:
-            compare.privacy_plot(rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png")
+            ev_out.privacy[scenario][seed]["plot"] = compare.privacy_plot(
+                rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
+            ).name
         progress.finish(f"{unit}: privacy ({len(dp.epsilons)} federations)")
 
 
@@ -515,7 +537,9 @@ def verdicts(
             question="q2",
             target="no site clearly below its local-only AUROC (interval of federated - local-only not below 0)",
             met=None if not q2 else not below,
-            detail="not measured" if not q2 else ("clearly below at " + ", ".join(below) if below else f"{len(q2)} sites, none clearly below"),
+            detail="not measured"
+            if not q2
+            else ("clearly below at " + ", ".join(below) if below else f"{len(q2)} sites, none clearly below"),
         )
     )
     q3 = {k: c for k, c in comps.items() if k.startswith("q3|")}
@@ -608,7 +632,9 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
         for scenario in cfg.scenarios:
             mine = {k.split("|", 1)[1]: c for (s, k), c in comps.items() if s == scenario and k.startswith(f"{q}|")}
             seeds = {
-                k.split("|", 1)[1]: v for (s, k), v in ev_out.per_seed.items() if s == scenario and k.startswith(f"{q}|")
+                k.split("|", 1)[1]: v
+                for (s, k), v in ev_out.per_seed.items()
+                if s == scenario and k.startswith(f"{q}|")
             }
             entry: dict[str, Any] = {"comparisons": {k: c.model_dump() for k, c in mine.items()}, "per_seed": seeds}
             lines += [f"### {scenario}", ""]
@@ -654,9 +680,15 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                 )
                 lines.append(f"Not measured: {entry['reason']}.")
             if q == "q1" and ev_out.summaries.get(scenario):
-                lines += ["", "Mean held-out AUROC / ECE per horizon (first seed, per-site probes, oracle = true risk):", ""]
+                lines += [
+                    "",
+                    "Mean held-out AUROC / ECE per horizon (first seed, per-site probes, oracle = true risk):",
+                    "",
+                ]
                 first = min(ev_out.summaries[scenario])
-                lines.append(compare.summary_table([compare.SummaryRow(**r) for r in ev_out.summaries[scenario][first]]))
+                lines.append(
+                    compare.summary_table([compare.SummaryRow(**r) for r in ev_out.summaries[scenario][first]])
+                )
                 entry["summary_by_seed"] = ev_out.summaries[scenario]
             if q == "q3" and scenario in ev_out.curves:
                 entry["curves"] = {m: {str(k): v for k, v in c.items()} for m, c in ev_out.curves[scenario].items()}
@@ -679,6 +711,8 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                         "",
                         p["table"],
                     ]
+                    if p.get("plot"):
+                        figs[f"q4 utility against epsilon, {scenario}"] = out / p["plot"]
             dump["questions"][q][scenario] = entry
             lines.append("")
     for scenario, notes in ev_out.notes.items():

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _items(seed: int, n: int = 300, tasks: int = 3):
     rng = np.random.default_rng(seed)
     out = []
-    for t in range(tasks):
+    for _ in range(tasks):
         y = rng.random(n) < 0.2
         good = y + rng.normal(0, 0.8, n)
         bad = y + rng.normal(0, 3.0, n)
