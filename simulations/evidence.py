@@ -560,7 +560,11 @@ def verdicts(
             question="q4",
             target=f"epsilon 8 within {t.dp_gap:.2f} AUROC of no DP; curve monotone within its intervals",
             met=None if q4 is None else bool(q4.difference >= -t.dp_gap and not inverted),
-            detail="not measured (no privacy run for this scenario)"
+            detail=(
+                "not measured (see the q4 section for why)"
+                if scenario in cfg.privacy_budget.scenarios
+                else "not measured (no privacy run for this scenario: privacy_budget.scenarios)"
+            )
             if q4 is None
             else f"eps 8 - no DP {_f(q4.difference, True)} {_ci(q4.difference_ci, True)}; "
             + ("monotone within intervals" if not inverted else "inverted: " + ", ".join(inverted)),
