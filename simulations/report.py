@@ -22,6 +22,7 @@ Steps (composition only; the pieces live in healthfm_core, client and server):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -111,6 +112,74 @@ def train_baseline(
         model, loader, tcfg, groups=groups, weights_fn=lambda step: curriculum_weights(step, steps, setup.model)
     )
     return model, result.history
+
+
+@dataclasses.dataclass
+class Regimes:
+    """The comparison's non-federated regimes, trained at the federation's budget."""
+
+    datasets: dict[str, PretrainingDataset]  # each site's train split, as the federation sampled it
+    central_model: HealthFM
+    central_history: list[dict[str, float]]
+    local_models: dict[str, HealthFM | None]  # None: the site has no train subject to train on
+    local_histories: dict[str, list[dict[str, float]]]
+    per_site_steps: int
+    central_steps: int
+
+
+def train_datasets(
+    sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences], fed: DictConfig, seed: int
+) -> dict[str, PretrainingDataset]:
+    """Each site's train split as its pretraining dataset (the federation's sampling settings)."""
+    return {
+        name: PretrainingDataset(
+            seqs[name],
+            subject_ids=train_ids(site),
+            time_mode="random",
+            max_events=fed.max_events,
+            max_patches=fed.max_patches,
+            seed=site_seed(seed, 0, name),
+        )
+        for name, site in sites.items()
+    }
+
+
+def train_regimes(
+    setup: FederationSetup,
+    sites: Mapping[str, Site],
+    seqs: Mapping[str, SiteSequences],
+    fed: DictConfig,
+    seed: int,
+    rounds_done: int,
+    progress: bool,
+    clock: Clock | None = None,
+) -> Regimes:
+    """Centralized and local-only at matched budgets: each site did rounds x local_steps steps of
+    batch_size in the federation, so centralized gets that times the number of sites on the
+    pooled train splits (the same samples seen in all) and each local-only site its own share."""
+    per_site_steps = int(rounds_done) * int(fed.local_steps)
+    central_steps = per_site_steps * len(sites)
+    datasets = train_datasets(sites, seqs, fed, seed)
+    log.info("centralized: %d steps on %d pooled train subjects", central_steps, sum(len(d) for d in datasets.values()))
+    central_model, central_history = train_baseline(
+        setup, PooledPretrainingDataset(list(datasets.values())), central_steps, fed, seed, None, progress
+    )
+    if clock is not None:
+        clock.lap("centralized training")
+    local_models: dict[str, HealthFM | None] = {}
+    local_histories: dict[str, list[dict[str, float]]] = {}
+    for name, site in sites.items():
+        if len(datasets[name]) == 0:
+            log.warning("local-only: site %s has no train subject with a timed observation", name)
+            local_models[name] = None
+            continue
+        log.info("local-only %s: %d steps, groups %s", name, per_site_steps, site_groups(site))
+        local_models[name], local_histories[name] = train_baseline(
+            setup, datasets[name], per_site_steps, fed, site_seed(seed, 0, name), site_groups(site), progress
+        )
+    if clock is not None:
+        clock.lap("local-only training")
+    return Regimes(datasets, central_model, central_history, local_models, local_histories, per_site_steps, central_steps)
 
 
 def federated_curves(events: list[dict[str, Any]]) -> tuple[list[dict[str, float]], dict, dict]:
@@ -208,37 +277,10 @@ def run(cfg: DictConfig) -> Path:
     seqs = {name: SiteSequences.from_site(site, vocab, tokens=setup.tokens) for name, site in sites.items()}
     clock.lap("sequences (federation's vocabulary)")
 
-    # Matched budgets: each site did rounds x local_steps steps of batch_size in the federation.
-    per_site_steps = int(rounds_done) * int(fed.local_steps)
-    central_steps = per_site_steps * len(sites)
-    datasets = {
-        name: PretrainingDataset(
-            seqs[name],
-            subject_ids=train_ids(site),
-            time_mode="random",
-            max_events=fed.max_events,
-            max_patches=fed.max_patches,
-            seed=site_seed(cfg.seed, 0, name),
-        )
-        for name, site in sites.items()
-    }
-    log.info("centralized: %d steps on %d pooled train subjects", central_steps, sum(len(d) for d in datasets.values()))
-    central_model, central_history = train_baseline(
-        setup, PooledPretrainingDataset(list(datasets.values())), central_steps, fed, int(cfg.seed), None, progress
-    )
-    clock.lap("centralized training")
-    local_models: dict[str, HealthFM | None] = {}
-    local_histories: dict[str, list[dict[str, float]]] = {}
-    for name, site in sites.items():
-        if len(datasets[name]) == 0:
-            log.warning("local-only: site %s has no train subject with a timed observation", name)
-            local_models[name] = None
-            continue
-        log.info("local-only %s: %d steps, groups %s", name, per_site_steps, site_groups(site))
-        local_models[name], local_histories[name] = train_baseline(
-            setup, datasets[name], per_site_steps, fed, site_seed(cfg.seed, 0, name), site_groups(site), progress
-        )
-    clock.lap("local-only training")
+    baselines = train_regimes(setup, sites, seqs, fed, int(cfg.seed), int(rounds_done), progress, clock)
+    central_model, central_history = baselines.central_model, baselines.central_history
+    local_models, local_histories = baselines.local_models, baselines.local_histories
+    per_site_steps, central_steps = baselines.per_site_steps, baselines.central_steps
 
     per_site_data = onset_eval_data(cfg, sites, seqs)
     ev = eval_settings(cfg)

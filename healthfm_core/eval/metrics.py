@@ -214,24 +214,22 @@ class PairedDifference(BaseModel):
     fraction_at_or_below_zero: float  # share of resamples where a does not beat b (a one-sided p-value)
 
 
-def paired_difference(
+def paired_resamples(
     items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
     metric: Callable[..., np.ndarray | float] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    alpha: float = 0.05,
-) -> PairedDifference:
-    """Is method a better than method b over several tasks scored on the same subjects?
-
-    items: per task (y, p_a, p_b, group), both methods' scores on the same rows and the group
-    (subject) of each row. One resample draws subjects once for all tasks (stratified by
-    whether a subject has any positive row in any task), so the correlation between tasks and
-    between the two methods is kept: the interval is for the mean difference itself, much
-    narrower than the two methods' separate intervals suggest when their errors are correlated.
-    """
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both methods' metric per task, on the rows as they are and on `n_boot` subject resamples
+    shared by every task and both methods: (point_a [T], point_b [T], boot_a [n_boot, T],
+    boot_b [n_boot, T]). items: per task (y, p_a, p_b, group), both methods' scores on the same
+    rows and the group (subject) of each row; a subject is drawn once for all tasks (stratified
+    by whether it has any positive row in any task), so the correlation between tasks and between
+    the two methods is kept. Any statistic of the two (a difference, a ratio of means) then gets
+    its interval from the same resamples."""
     metric = auroc if metric is None else metric
     if not items:
-        raise ValueError("paired_difference needs at least one task")
+        raise ValueError("a paired comparison needs at least one task")
     checked = []
     for y, pa_, pb, g in items:
         y, pa_ = _check_binary(y, pa_)
@@ -243,32 +241,50 @@ def paired_difference(
     g_all = np.concatenate([g for *_, g in checked])
     bounds = np.cumsum([0] + [len(y) for y, *_ in checked])
 
-    def mean_diff(weights: Sequence[np.ndarray | None]) -> np.ndarray:
-        # weights[i]: task i's sample weights (None: unweighted).
-        return np.mean(
-            [
-                np.asarray(metric(y, pa_, weights=w)) - np.asarray(metric(y, pb, weights=w))
-                for (y, pa_, pb, _), w in zip(checked, weights)
-            ],
-            axis=0,
-        )
+    def both(weights: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+        # weights[i]: task i's sample weights (None: unweighted) -> ([.., T], [.., T]).
+        a = [np.asarray(metric(y, pa_, weights=w)) for (y, pa_, _, _), w in zip(checked, weights)]
+        b = [np.asarray(metric(y, pb, weights=w)) for (y, _, pb, _), w in zip(checked, weights)]
+        return np.stack(a, axis=-1), np.stack(b, axis=-1)
 
-    point = float(mean_diff([None] * len(checked)))
+    point_a, point_b = both([None] * len(checked))
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(bounds[-1], 1)))
-    values = []
+    boot_a, boot_b = [], []
     for start in range(0, n_boot, chunk):
         draws = bootstrap_counts(y_all, min(chunk, n_boot - start), rng, groups=g_all)  # [chunk, all rows]
-        values.append(mean_diff([draws[:, bounds[i] : bounds[i + 1]] for i in range(len(checked))]))
-    v = np.concatenate(values)
+        a, b = both([draws[:, bounds[i] : bounds[i + 1]] for i in range(len(checked))])
+        boot_a.append(a)
+        boot_b.append(b)
+    return point_a, point_b, np.concatenate(boot_a), np.concatenate(boot_b)
+
+
+def paired_difference(
+    items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    metric: Callable[..., np.ndarray | float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> PairedDifference:
+    """Is method a better than method b over several tasks scored on the same subjects?
+
+    items: per task (y, p_a, p_b, group), as `paired_resamples` takes them. The interval is for
+    the mean difference itself (subjects resampled once for all tasks and both methods), much
+    narrower than the two methods' separate intervals suggest when their errors are correlated.
+    """
+    if not items:
+        raise ValueError("paired_difference needs at least one task")
+    point_a, point_b, boot_a, boot_b = paired_resamples(items, metric, n_boot, seed)
+    point = float(np.mean(point_a - point_b))
+    v = np.mean(boot_a - boot_b, axis=1)
     v = v[np.isfinite(v)]
     if len(v) == 0:
         return PairedDifference(
-            n_tasks=len(checked), mean=point, ci=(float("nan"), float("nan")), fraction_at_or_below_zero=float("nan")
+            n_tasks=len(items), mean=point, ci=(float("nan"), float("nan")), fraction_at_or_below_zero=float("nan")
         )
     lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
     return PairedDifference(
-        n_tasks=len(checked), mean=point, ci=(float(lo), float(hi)), fraction_at_or_below_zero=float(np.mean(v <= 0))
+        n_tasks=len(items), mean=point, ci=(float(lo), float(hi)), fraction_at_or_below_zero=float(np.mean(v <= 0))
     )
 
 

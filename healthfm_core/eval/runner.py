@@ -576,17 +576,11 @@ def wins(rows: Sequence[ResultRow], method: str, other: str) -> tuple[int, int]:
     return sum(a[k] > b[k] for k in common), len(common)
 
 
-def paired_auroc_difference(
-    data: EvalSet,
-    a: MethodResult,
-    b: MethodResult,
-    tasks: Iterable[str],
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> PairedDifference | None:
-    """Mean over `tasks` of AUROC(a) - AUROC(b) on the rows both scored, with a bootstrap that
-    resamples subjects once for all tasks (metrics.paired_difference). None if no task has
-    both methods' scores."""
+def paired_items(
+    data: EvalSet, a: MethodResult, b: MethodResult, tasks: Iterable[str]
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per task both methods scored: (y, p_a, p_b, subject key) on the rows both scored, what
+    metrics.paired_difference / paired_resamples take."""
     subject = data.subject_keys()
     items = []
     for key in tasks:
@@ -598,6 +592,21 @@ def paired_auroc_difference(
         if len(common) == 0:
             continue
         items.append((ya[ia], pa_[ia], b.predictions[key][1][ib], subject[common]))
+    return items
+
+
+def paired_auroc_difference(
+    data: EvalSet,
+    a: MethodResult,
+    b: MethodResult,
+    tasks: Iterable[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> PairedDifference | None:
+    """Mean over `tasks` of AUROC(a) - AUROC(b) on the rows both scored, with a bootstrap that
+    resamples subjects once for all tasks (metrics.paired_difference). None if no task has
+    both methods' scores."""
+    items = paired_items(data, a, b, tasks)
     return paired_difference(items, n_boot=n_boot, seed=seed) if items else None
 
 
@@ -617,6 +626,7 @@ __all__ = [
     "method_features",
     "oracle_rows",
     "paired_auroc_difference",
+    "paired_items",
     "restrict_modalities",
     "subsample_train",
     "task_display",

@@ -124,6 +124,12 @@ def simulate_cohort(scenario: ScenarioConfig, site: SiteSpec, site_index: int, r
     beta_comorb = np.array([[d.beta_comorbidity.get(o, 0.0) for d in diseases] for o in names])  # [from, to]
     lag_scale = np.array([d.lag_days / 2.0 for d in diseases])
     static_log_h = log_base[None] + beta_prs[None] * prs[:, trait_idx] + beta_static  # [n, D]
+    # Trajectory and PRS-by-state terms (DiseaseSpec.beta_latent_change / beta_prs_latent):
+    # skipped entirely when no disease has them, so other scenarios draw the same numbers.
+    nonlinear = any(d.nonlinear for d in diseases)
+    beta_change = np.array([[d.beta_latent_change.get(dim, 0.0) for dim in LATENT_DIMS] for d in diseases])
+    beta_prs_lat = np.array([[d.beta_prs_latent.get(dim, 0.0) for dim in LATENT_DIMS] for d in diseases])
+    change_steps = max(1, int(round(scenario.change_window_days / step)))
     de = scenario.death
     death_lat = np.array([de.beta_latent.get(dim, 0.0) for dim in LATENT_DIMS])
 
@@ -141,6 +147,10 @@ def simulate_cohort(scenario: ScenarioConfig, site: SiteSpec, site_index: int, r
         latent[:, k] = x
         present = subclinical <= g
         log_h = static_log_h + x @ beta_lat.T + age_dec * beta_age[None] + present.astype(np.float64) @ beta_comorb
+        if nonlinear:
+            # Before a full window of follow-up the change is measured from the first step.
+            change = x - latent[:, max(k - change_steps, 0)].astype(np.float64)
+            log_h = log_h + change @ beta_change.T + prs[:, trait_idx] * (x @ beta_prs_lat.T)
         h = np.exp(log_h)
         hazard[:, k] = h
         if k == 0:

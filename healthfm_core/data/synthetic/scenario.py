@@ -135,14 +135,29 @@ class DiseaseSpec(_Strict):
     # Effect on wearables while subclinical (full) and after diagnosis (half).
     wear_hr_bpm: float = 0.0
     wear_activity_factor: float = Field(default=1.0, gt=0)
+    # Structure a linear read-out of recent values cannot capture (all 0 by default, so existing
+    # scenarios are unchanged; see docs/evidence.md for the `trajectories` scenario that uses them):
+    # + sum_j beta_latent_change[j] * (x_j(t) - x_j(t - ScenarioConfig.change_window_days)), the
+    #   trajectory over the past window (rising metabolic state, falling fitness, a rhythm that
+    #   becomes irregular), and
+    # + sum_j beta_prs_latent[j] * PRS * x_j(t), genetic susceptibility amplifying the state.
+    beta_latent_change: dict[str, float] = Field(default_factory=dict)
+    beta_prs_latent: dict[str, float] = Field(default_factory=dict)
 
-    @field_validator("beta_latent")
+    @field_validator("beta_latent", "beta_latent_change", "beta_prs_latent")
     @classmethod
-    def _latent_names(cls, value: dict[str, float]) -> dict[str, float]:
+    def _latent_names(cls, value: dict[str, float], info) -> dict[str, float]:
         for name in value:
             if name not in LATENT_DIMS:
-                raise ValueError(f"beta_latent: unknown latent dimension {name!r}; expected one of {LATENT_DIMS}")
+                raise ValueError(
+                    f"{info.field_name}: unknown latent dimension {name!r}; expected one of {LATENT_DIMS}"
+                )
         return value
+
+    @property
+    def nonlinear(self) -> bool:
+        """Whether the hazard has a trajectory or a PRS-by-state term."""
+        return any(v != 0.0 for v in (*self.beta_latent_change.values(), *self.beta_prs_latent.values()))
 
 
 def _default_diseases() -> dict[str, DiseaseSpec]:
@@ -228,6 +243,8 @@ class ScenarioConfig(_Strict):
     smoker_fraction: float = Field(default=0.18, ge=0, le=1)
     truth_every_days: float = Field(default=90.0, gt=0)  # spacing of prediction times in truth/risk
     horizons_days: list[int] = Field(default_factory=lambda: [30, 90, 180, 365])
+    # The window of the diseases' beta_latent_change terms (the change of the state over it).
+    change_window_days: float = Field(default=365.25, gt=0)
     latent: dict[str, LatentSpec] = Field(default_factory=_default_latent)
     diseases: dict[str, DiseaseSpec] = Field(default_factory=_default_diseases)
     death: DeathSpec = DeathSpec()

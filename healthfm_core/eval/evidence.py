@@ -1,0 +1,129 @@
+"""Paired comparisons pooled over seeds and sites, and the verdict on a stated target.
+
+An evidence job compares two methods on the same held-out rows many times over: several seeds
+(each its own synthetic world and training run), several sites, every task and horizon. Here
+all of those are one list of items (per task and run: labels, both methods' scores, the subject
+of each row, keyed so that subjects of different runs never coincide) and
+`metrics.paired_resamples` draws subjects once for all of them, so the interval of a mean
+difference or of a ratio of mean AUROCs covers the subject sampling of every run at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from pydantic import BaseModel, ConfigDict  # noqa: E402
+
+from healthfm_core.eval.metrics import paired_resamples  # noqa: E402
+from healthfm_core.eval.plots import save_figure  # noqa: E402
+
+Item = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (y, p_a, p_b, subject key)
+
+
+class Comparison(BaseModel):
+    """Method a against method b: mean AUROC of each over the items, their difference and ratio
+    with percentile intervals from one shared subject bootstrap."""
+
+    model_config = ConfigDict(frozen=True)
+    a: str
+    b: str
+    n_items: int  # (run, site, task, horizon) pairs
+    n_rows: int
+    n_subjects: int
+    mean_a: float
+    mean_b: float
+    difference: float  # mean over items of AUROC(a) - AUROC(b)
+    difference_ci: tuple[float, float]
+    ratio: float  # mean AUROC(a) / mean AUROC(b)
+    ratio_ci: tuple[float, float]
+    fraction_at_or_below_zero: float  # resamples where a does not beat b (one-sided p-value)
+
+
+def with_prefix(items: Sequence[Item], prefix: str) -> list[Item]:
+    """Items whose subject keys carry `prefix` (a run's name), so runs never share a subject."""
+    return [(y, pa_, pb, np.char.add(prefix, np.asarray(g).astype(str))) for y, pa_, pb, g in items]
+
+
+def compare_paired(
+    items: Sequence[Item], a: str, b: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> Comparison:
+    """The comparison of a with b over `items` (metrics.paired_resamples: subjects drawn once for
+    every item and both methods). Resamples where an item loses a class are left out."""
+    point_a, point_b, boot_a, boot_b = paired_resamples(items, n_boot=n_boot, seed=seed)
+    mean_a, mean_b = boot_a.mean(axis=1), boot_b.mean(axis=1)
+    ok = np.isfinite(mean_a) & np.isfinite(mean_b)
+    diff, ratio = (mean_a - mean_b)[ok], (mean_a / mean_b)[ok]
+    q = [alpha / 2, 1 - alpha / 2]
+    nan2 = (float("nan"), float("nan"))
+    return Comparison(
+        a=a,
+        b=b,
+        n_items=len(items),
+        n_rows=int(sum(len(it[0]) for it in items)),
+        n_subjects=len(np.unique(np.concatenate([np.asarray(it[3]).astype(str) for it in items]))),
+        mean_a=float(point_a.mean()),
+        mean_b=float(point_b.mean()),
+        difference=float(point_a.mean() - point_b.mean()),
+        difference_ci=tuple(float(v) for v in np.quantile(diff, q)) if len(diff) else nan2,  # type: ignore[arg-type]
+        ratio=float(point_a.mean() / point_b.mean()),
+        ratio_ci=tuple(float(v) for v in np.quantile(ratio, q)) if len(ratio) else nan2,  # type: ignore[arg-type]
+        fraction_at_or_below_zero=float(np.mean(diff <= 0)) if len(diff) else float("nan"),
+    )
+
+
+class Verdict(BaseModel):
+    """A target and whether the evidence meets it: met is None when it could not be measured."""
+
+    model_config = ConfigDict(frozen=True)
+    question: str
+    target: str
+    met: bool | None
+    detail: str
+
+
+def not_clearly_below(c: Comparison, margin: float = 0.0) -> bool:
+    """The interval of a - b is not entirely below -margin (a is not clearly worse than b)."""
+    return bool(c.difference_ci[1] >= -margin)
+
+
+def comparison_plot(
+    comparisons: Mapping[str, Comparison],
+    path: str | Path,
+    title: str,
+    reference: float = 0.0,
+    ratio: bool = False,
+) -> Path:
+    """One row per comparison: the difference (or ratio) with its interval, and a reference line."""
+    if not comparisons:
+        raise ValueError(f"{title}: no comparison to plot")
+    names = list(comparisons)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.4))
+    for i, name in enumerate(names):
+        c = comparisons[name]
+        point, (lo, hi) = (c.ratio, c.ratio_ci) if ratio else (c.difference, c.difference_ci)
+        err = np.nan_to_num([[point - lo], [hi - point]], nan=0.0)
+        ax.errorbar([point], [i], xerr=err, fmt="o", capsize=3, color="C0")
+    ax.axvline(reference, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(range(len(names)), names, fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio of mean AUROC (95% CI)" if ratio else "difference in mean AUROC (95% CI)")
+    ax.set_title(title, fontsize="small")
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)
+
+
+__all__ = [
+    "Comparison",
+    "Item",
+    "Verdict",
+    "compare_paired",
+    "comparison_plot",
+    "not_clearly_below",
+    "with_prefix",
+]

@@ -1,0 +1,773 @@
+"""Evidence that the platform pays off: six questions, seeds, subject-bootstrap paired intervals.
+
+    python -m simulations.evidence                    # the full job (preset=full, < 2 h on 2 cores)
+    python -m simulations.evidence --quick            # CI size, a few minutes (= preset=quick)
+    python -m simulations.evidence preset=medium out_dir=runs/evidence/medium
+
+For each scenario (`default`, and `trajectories`, whose risk a linear read-out of recent values
+cannot capture; docs/evidence.md) and each seed (its own synthetic world and training run):
+
+1. the federation (Flower simulation, simulations.run) and, at its budget, pooled (centralized:
+   the same total samples seen) and each site alone (simulations.report.train_regimes), the
+   random initialisation and the tabular baseline (healthfm_core.eval.tabular);
+2. per site, frozen probes fitted on the site's train rows and scored on its held_out rows
+   (compare.evaluate_per_site), every new-onset task and horizon: questions 1, 2, 6;
+3. one probe over every site's rows with the labels of 5% / 20% / 100% of the train subjects
+   (runner.subsample_train): question 3;
+4. the federation again at each target epsilon, on a DP budget with enough steps
+   (simulations.privacy_sweep; `privacy_budget` picks the scenarios and seeds): question 4;
+5. the test-time modality ablation (simulations.pretrain.modality_ablation: EHR / + wearables at
+   the end of wear periods, EHR / + genomics at the biobank's visits) and the decay kernel
+   (pooled training of a single exponential and of no decay, i.e. plain attention with a
+   sinusoidal time embedding, at the pooled model's budget): question 5.
+
+Every comparison pools its items over seeds and sites and draws subjects once for all of them
+(healthfm_core.eval.evidence). Writes report.md (tables, verdicts, plots) and evidence.json
+(every number) to out_dir; prints the plan with its estimated time first and logs each stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from healthfm_core.data.pooled import PooledPretrainingDataset
+from healthfm_core.data.synthetic import load_scenario, oracle_risk
+from healthfm_core.data.tasks import OnsetTask
+from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.eval import compare, plots
+from healthfm_core.eval.evidence import (
+    Comparison,
+    Item,
+    Verdict,
+    compare_paired,
+    comparison_plot,
+    not_clearly_below,
+    with_prefix,
+)
+from healthfm_core.eval.metrics import auroc, bootstrap_ci, expected_calibration_error
+from healthfm_core.eval.runner import (
+    EvalSet,
+    MethodFeatures,
+    MethodResult,
+    evaluate_method,
+    paired_items,
+    subsample_train,
+)
+from healthfm_core.eval.tabular import TabularFeaturizer
+from healthfm_core.model.config import model_config_from_dict
+from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
+from simulations import privacy_sweep
+from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
+from simulations.logs import setup_job_logging
+from simulations.overrides import refuse_unknown_overrides
+from simulations.pretrain import modality_ablation
+from simulations.report import train_baseline, train_regimes
+from simulations.run import run_federation
+
+log = logging.getLogger("healthfm.simulations.evidence")
+
+MARKER = "evidence.json"  # present once the job has finished in out_dir
+STARTED = ".evidence.started"
+QUESTIONS: dict[str, str] = {
+    "q1": "Federated against pooled at equal compute (same total samples seen)",
+    "q2": "No site worse off: each site's federated probe against its local-only model",
+    "q3": "Pretraining against random init and the tabular baseline, at 5% / 20% / 100% of labels",
+    "q4": "Privacy cost: utility against epsilon",
+    "q5": "Each modality and the decay kernel",
+    "q6": "Calibration of the federated model's probes per horizon",
+}
+PRESET_FLAGS = {"--quick": "preset=quick", "--medium": "preset=medium", "--full": "preset=full"}
+
+
+# ---------------------------------------------------------------- the plan and its progress
+
+
+def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
+    """(stage, estimated seconds) for every stage of the job, from the preset's sizes and the
+    per-unit costs in `cost` (timed on this project's 2-core machine)."""
+    c, fed, dp = cfg.cost, cfg.federation, cfg.privacy_budget
+    stages: list[tuple[str, float]] = []
+    for scenario in cfg.scenarios:
+        sc = load_scenario(str(scenario)).with_n_subjects(cfg.n_subjects)
+        n_sites = len(sc.sites)
+        subjects = sum(s.n_subjects for s in sc.sites)
+        fed_steps = int(fed.rounds) * int(fed.local_steps) * n_sites  # local steps over all sites
+        rows = subjects * int(cfg.eval.n_per_subject)
+        step_s = float(c.step_seconds) * fed.batch_size / 16
+        for seed in cfg.seeds:
+            unit = f"{scenario} seed {seed}"
+            stages.append((f"{unit}: data", float(c.data_seconds_per_1000_subjects) * subjects / 1000))
+            stages.append((f"{unit}: federation", float(c.flower_run_seconds) + fed_steps * step_s))
+            stages.append((f"{unit}: pooled and local-only", 2 * fed_steps * step_s))
+            n_models = 5 + len(cfg.decay.variants)  # fed, pooled, local, random, tabular + variants
+            stages.append((f"{unit}: kernel variants", len(cfg.decay.variants) * fed_steps * step_s))
+            stages.append((f"{unit}: per-site evaluation", n_models * rows * float(c.eval_seconds_per_row)))
+            stages.append((f"{unit}: label shares and ablations", rows * float(c.ablation_seconds_per_row)))
+            if str(scenario) in dp.scenarios and int(seed) in dp.seeds:
+                dp_steps = int(dp.federation.rounds) * int(dp.federation.local_steps) * n_sites
+                n_dp = sum(e is not None for e in dp.epsilons)
+                n_plain = len(dp.epsilons) - n_dp
+                t = len(dp.epsilons) * float(c.flower_run_seconds)
+                t += dp_steps * dp.federation.batch_size * (n_dp * float(c.dp_sample_seconds))
+                t += n_plain * dp_steps * float(c.step_seconds) * dp.federation.batch_size / 16
+                t += len(dp.epsilons) * rows * float(c.eval_seconds_per_row)
+                stages.append((f"{unit}: privacy ({len(dp.epsilons)} federations)", t))
+    stages.append(("comparisons, report and plots", float(c.report_seconds)))
+    return stages
+
+
+class Progress:
+    """Logs each stage against the plan: done / total, elapsed, estimated time left."""
+
+    def __init__(self, stages: Sequence[tuple[str, float]]) -> None:
+        self.stages = list(stages)
+        self.done = 0
+        self.start = time.perf_counter()
+        self.actual: dict[str, float] = {}
+        self._t = self.start
+
+    def print_plan(self) -> None:
+        total = sum(s for _, s in self.stages)
+        lines = [f"evidence plan: {len(self.stages)} stages, estimated {total / 60:.1f} min"]
+        lines += [f"  {name:<60} ~{sec:7.0f} s" for name, sec in self.stages]
+        print("\n".join(lines), flush=True)
+
+    def finish(self, name: str) -> None:
+        now = time.perf_counter()
+        self.actual[name] = now - self._t
+        self._t = now
+        self.done += 1
+        left = sum(s for _, s in self.stages[self.done :])
+        width = 30
+        bar = "#" * int(width * self.done / max(len(self.stages), 1))
+        log.info(
+            "[%-*s] %d/%d %s: %.0f s (elapsed %.1f min, ~%.1f min left by the plan)",
+            width,
+            bar,
+            self.done,
+            len(self.stages),
+            name,
+            self.actual[name],
+            (now - self.start) / 60,
+            left / 60,
+        )
+
+
+# ---------------------------------------------------------------- collecting paired items
+
+
+class Evidence:
+    """Per (scenario, comparison): the items pooled over seeds (subjects keyed by run), which
+    methods they compare, and each seed's own point difference; plus the calibration data, the
+    summary rows and the notes each unit leaves."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str], list[Item]] = defaultdict(list)
+        self.methods: dict[tuple[str, str], tuple[str, str]] = {}
+        self.per_seed: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+        self.calibration: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
+        self.summaries: dict[str, dict[int, list[dict]]] = defaultdict(dict)  # scenario -> seed -> rows
+        self.curves: dict[str, dict[str, dict[float, list[float]]]] = {}  # scenario -> method -> share -> per seed
+        self.privacy: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        self.notes: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, scenario: str, key: str, a: str, b: str, seed: int, items: Sequence[Item]) -> None:
+        # A task whose held-out rows hold one class has no AUROC: it cannot enter a mean.
+        items = [it for it in items if 0 < int(np.sum(it[0])) < len(it[0])]
+        if not items:
+            self.notes[scenario].append(f"seed {seed}: {key}: no task had both {a} and {b} scored")
+            return
+        self.items[(scenario, key)] += with_prefix(items, f"{scenario}|{seed}|")
+        self.methods[(scenario, key)] = (a, b)
+        self.per_seed[(scenario, key)][seed] = float(np.mean([auroc(y, pa_) - auroc(y, pb) for y, pa_, pb, _ in items]))
+
+    def compare(self, n_boot: int) -> dict[tuple[str, str], Comparison]:
+        return {k: compare_paired(items, *self.methods[k], n_boot=n_boot) for k, items in self.items.items()}
+
+
+def site_items(
+    per_site_data: Mapping[str, EvalSet],
+    per_site: compare.PerSite,
+    a: str,
+    b: str,
+    keep: Callable[[str], bool] = lambda key: True,
+    sites: Sequence[str] | None = None,
+) -> list[Item]:
+    """Paired items of methods a and b over the sites' held-out rows (subject keys "site/id")."""
+    out: list[Item] = []
+    for name in sites or per_site_data:
+        res = per_site.get(name, {})
+        if a in res and b in res:
+            data = per_site_data[name]
+            out += paired_items(data, res[a], res[b], [k for k in data.tasks if keep(k)])
+    return out
+
+
+def horizon_of(data: Mapping[str, EvalSet]) -> dict[str, int]:
+    tasks = next(iter(data.values())).tasks
+    return {k: int(t.horizon_days) for k, t in tasks.items() if isinstance(t, OnsetTask)}
+
+
+def pooled_eval(
+    per_site_data: Mapping[str, EvalSet], features: Mapping[str, MethodFeatures]
+) -> tuple[EvalSet, MethodFeatures]:
+    """Every site's rows as one EvalSet, with the per-site features laid end to end (the
+    EvalSet concatenates sites in the same order, so positions shift by each site's size)."""
+    parts, xs, present, rows = [], [], [], []
+    offset = 0
+    for name, data in per_site_data.items():
+        parts += data.sites
+        if name in features:
+            f = features[name]
+            xs.append(f.x)
+            present.append(f.present)
+            rows.append(f.rows + offset)
+        offset += len(data)
+    tasks = next(iter(per_site_data.values())).tasks
+    return EvalSet(sites=parts, tasks=tasks), MethodFeatures(
+        np.concatenate(xs), np.concatenate(present), np.concatenate(rows)
+    )
+
+
+# ---------------------------------------------------------------- one scenario and seed
+
+
+def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictConfig:
+    """The config of one (scenario, seed): what simulations.run and the evaluation read."""
+    sc = load_scenario(scenario).model_dump(mode="json")
+    n = cfg.n_subjects
+    # Not struct: the jobs it calls merge keys of their own in (out_dir, privacy.target_epsilon).
+    return OmegaConf.merge(
+        OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
+        {
+            "scenario": sc,
+            "seed": int(seed),
+            "data_dir": f"{cfg.data_root}/{scenario}-seed{seed}-n{n}",
+            "out_dir": str(out),
+        },
+    )
+
+
+def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evidence, progress: Progress) -> None:
+    ucfg = unit_config(cfg, scenario, seed, out)
+    unit = f"{scenario} seed {seed}"
+    show = bool(cfg.progress)
+    fed = ucfg.federation
+    n_boot = int(cfg.eval.n_boot_per_run)
+    sites, truth_dir, sc = open_sites(ucfg.scenario, ucfg.data_dir, seed, ucfg.n_subjects)
+    progress.finish(f"{unit}: data")
+
+    setup, fed_model, rounds = run_federation(ucfg, out / "federation")
+    vocab = setup.vocabulary
+    seqs = {name: SiteSequences.from_site(site, vocab) for name, site in sites.items()}
+    progress.finish(f"{unit}: federation")
+
+    regimes = train_regimes(setup, sites, seqs, fed, seed, rounds, show)
+    progress.finish(f"{unit}: pooled and local-only")
+
+    variants: dict[str, torch.nn.Module] = {}
+    for name, change in cfg.decay.variants.items():
+        vcfg = model_config_from_dict(
+            {**setup.model.model_dump(), **OmegaConf.to_container(change, resolve=True)}, source=f"decay.{name}"
+        )
+        variants[f"kernel: {name}"], _ = train_baseline(
+            setup.model_copy(update={"model": vcfg}),
+            PooledPretrainingDataset(list(regimes.datasets.values())),
+            regimes.central_steps,
+            fed,
+            seed,
+            None,
+            show,
+        )
+    progress.finish(f"{unit}: kernel variants")
+
+    per_site_data = onset_eval_data(ucfg, sites, seqs)
+    ev = {**eval_settings(ucfg), "n_boot": n_boot}
+    per_site: compare.PerSite = {name: {} for name in sites}
+    features: dict[str, dict[str, MethodFeatures]] = {}
+    models: dict[str, Any] = {
+        "federated": fed_model,
+        "pooled": regimes.central_model,
+        "random init": setup.init_model(),
+        "tabular": TabularFeaturizer(vocab.vocab_size),
+        "local-only": lambda s: regimes.local_models[s],
+        **variants,
+    }
+    for method, model in models.items():
+        res, features[method] = compare.evaluate_per_site(method, per_site_data, model, progress=show, **ev)
+        for name, r in res.items():
+            per_site[name][method] = r
+    if truth_dir is not None and sc is not None:
+        code_to_disease = {d.code: name for name, d in sc.diseases.items()}
+        for name, r in compare.oracle_per_site(
+            per_site_data, functools.partial(oracle_risk, truth_dir), code_to_disease, n_boot=n_boot, seed=seed
+        ).items():
+            per_site[name]["oracle"] = r
+    progress.finish(f"{unit}: per-site evaluation")
+
+    horizons = horizon_of(per_site_data)
+    # Q1: federated against pooled, overall and per horizon.
+    ev_out.add(
+        scenario,
+        "q1|all horizons",
+        "federated",
+        "pooled",
+        seed,
+        site_items(per_site_data, per_site, "federated", "pooled"),
+    )
+    for h in sorted(set(horizons.values())):
+        items = site_items(per_site_data, per_site, "federated", "pooled", lambda k, h=h: horizons.get(k) == h)
+        ev_out.add(scenario, f"q1|{h} d", "federated", "pooled", seed, items)
+    # Q2: each site, federated against its local-only model, on its own held-out subjects.
+    for name in sites:
+        items = site_items(per_site_data, per_site, "federated", "local-only", sites=[name])
+        ev_out.add(scenario, f"q2|{name}", "federated", "local-only", seed, items)
+    # Q5 (kernel): each variant against the mixture of exponentials (the pooled model), same budget.
+    for name in variants:
+        ev_out.add(
+            scenario, f"q5|{name} - mixture", name, "pooled", seed, site_items(per_site_data, per_site, name, "pooled")
+        )
+    # Q6: the federated probes' held-out probabilities per horizon.
+    for name, res in per_site.items():
+        fr = res.get("federated")
+        if fr is None:
+            continue
+        subjects = per_site_data[name].subject_keys()
+        for key, (y, p) in fr.predictions.items():
+            if key in horizons:
+                groups = np.char.add(f"{scenario}|{seed}|", subjects[fr.scored_rows[key]])
+                ev_out.calibration[(scenario, horizons[key])].append((y, p, groups))
+    methods = ["federated", "pooled", "local-only", "random init", "tabular", *variants, "oracle"]
+    ev_out.summaries[scenario][seed] = [r.model_dump() for r in compare.summarize(per_site, methods)]
+
+    # Q3: one probe over every site's rows, with the labels of a share of the train subjects.
+    shares = [float(f) for f in cfg.eval.label_shares]
+    pooled: dict[str, tuple[EvalSet, MethodFeatures]] = {
+        m: pooled_eval(per_site_data, features[m]) for m in ("federated", "random init", "tabular")
+    }
+    data = pooled["federated"][0]
+    curves = ev_out.curves.setdefault(scenario, {m: {} for m in pooled})
+    for share in shares:
+        results: dict[str, MethodResult] = {}
+        for m, (_, f) in pooled.items():
+            sel = np.isin(f.rows, subsample_train(data, f.rows, share, seed=seed))
+            results[m] = evaluate_method(
+                m,
+                data,
+                MethodFeatures(f.x[sel], f.present[sel], f.rows[sel]),
+                tasks=list(horizons),
+                n_boot=1,
+                seed=seed,
+            )
+            aucs = [r.auroc for r in results[m].rows if np.isfinite(r.auroc)]
+            if aucs:
+                curves[m].setdefault(share, []).append(float(np.mean(aucs)))
+        for other in ("random init", "tabular"):
+            items = paired_items(data, results["federated"], results[other], list(horizons))
+            ev_out.add(scenario, f"q3|pretrained - {other}, {share:.0%} of labels", "federated", other, seed, items)
+
+    # Q5 (modalities): the test-time ablation on the federated model.
+    tasks = dict(next(iter(per_site_data.values())).tasks)
+    for spec_name, spec in cfg.eval.modality_ablation.items():
+        view = OmegaConf.create(
+            {
+                "seed": seed,
+                "progress": False,
+                "data": {"max_events": fed.max_events, "max_patches": fed.max_patches},
+                "eval": {
+                    "batch_size": cfg.eval.batch_size,
+                    "ablation_pooling": "query",
+                    "n_boot": n_boot,
+                    "summary_min_positives": int(cfg.eval.ablation_min_positives),
+                    "modality_ablation": OmegaConf.to_container(spec, resolve=True),
+                },
+            }
+        )
+        if not any(s.wearable_files for s in sites.values()):
+            ev_out.notes[scenario].append(f"seed {seed}: modality ablation {spec_name}: no site has wearables")
+            continue
+        abl = modality_ablation(view, sites, seqs, fed_model, tasks, vocab)
+        for cohort in spec.cohorts:
+            labels = [k for k in abl.results if k.startswith(f"{cohort}:")]
+            for other in labels[1:]:
+                items = paired_items(abl.data, abl.results[other], abl.results[labels[0]], list(horizons))
+                cond = other.split("[")[1].rstrip("]")
+                ev_out.add(scenario, f"q5|{cohort}: {cond} - ehr", other, labels[0], seed, items)
+            if len(labels) < 2:
+                ev_out.notes[scenario].append(
+                    f"seed {seed}: modality cohort {cohort} ({abl.cohorts.get(cohort, 0)} rows): "
+                    "too few positives for a cross-fitted probe in some condition"
+                )
+    progress.finish(f"{unit}: label shares and ablations")
+
+    # Q4: the federation at each target epsilon on the DP budget.
+    dp = cfg.privacy_budget
+    if scenario in dp.scenarios and seed in dp.seeds:
+        dcfg = OmegaConf.merge(ucfg, {"federation": OmegaConf.to_container(dp.federation, resolve=True)})
+        settings = privacy_sweep.Settings()
+        for epsilon in privacy_sweep.parse_epsilons(list(dp.epsilons)):
+            privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings)
+        per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show)
+        labels = list(settings.epsilon)
+        base = compare.epsilon_label(None)
+        for label in labels:
+            if label != base and base in labels:
+                ev_out.add(
+                    scenario,
+                    f"q4|{label} - no DP",
+                    label,
+                    base,
+                    seed,
+                    site_items(per_site_data, per_site_dp, label, base),
+                )
+        finite = sorted((e, lab) for lab, e in settings.epsilon.items() if e is not None)
+        for (_, lo), (_, hi) in zip(finite, finite[1:]):
+            ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
+        steps = int(dp.federation.rounds) * int(dp.federation.local_steps)
+        noise = {
+            compare.epsilon_label(e): {
+                s: noise_for_target(
+                    e, float(ucfg.privacy.delta), sample_rate_for(int(dp.federation.batch_size), len(d)), steps
+                )
+                for s, d in regimes.datasets.items()
+                if len(d)
+            }
+            for e in settings.epsilon.values()
+            if e is not None
+        }
+        rows = compare.summarize(per_site_dp, labels)
+        ev_out.privacy[scenario][seed] = {
+            "settings": dict(settings.epsilon),
+            "summary": [r.model_dump() for r in rows],
+            "spent": settings.spent,
+            "noise_multiplier": noise,
+            "steps_per_site": steps,
+            "table": compare.privacy_table(rows, settings.epsilon, settings.spent) if rows else "",
+        }
+        if rows:
+            ev_out.privacy[scenario][seed]["plot"] = compare.privacy_plot(
+                rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
+            ).name
+        progress.finish(f"{unit}: privacy ({len(dp.epsilons)} federations)")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _f(x: float, sign: bool = False) -> str:
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{x:+.3f}" if sign else f"{x:.3f}"
+
+
+def _ci(ci: Sequence[float], sign: bool = False) -> str:
+    return f"[{_f(ci[0], sign)}, {_f(ci[1], sign)}]"
+
+
+def comparison_table(comparisons: Mapping[str, Comparison], per_seed: Mapping[str, Mapping[int, float]]) -> str:
+    lines = [
+        "| comparison | mean AUROC a | mean AUROC b | a - b [95% CI] | a / b [95% CI] | per seed a - b | items | subjects |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, c in comparisons.items():
+        seeds = ", ".join(f"{_f(v, True)}" for _, v in sorted(per_seed.get(name, {}).items()))
+        lines.append(
+            f"| {name} | {_f(c.mean_a)} | {_f(c.mean_b)} | {_f(c.difference, True)} {_ci(c.difference_ci, True)} | "
+            f"{_f(c.ratio)} {_ci(c.ratio_ci)} | {seeds} | {c.n_items} | {c.n_subjects} |"
+        )
+    return "\n".join(lines)
+
+
+def calibration_rows(ev_out: Evidence, scenario: str, n_boot: int) -> list[dict[str, Any]]:
+    """Per horizon: ECE of the pooled held-out probabilities (subject-bootstrap interval) and
+    the mean ECE over (site, task, seed) probes."""
+    out = []
+    for (sc, h), parts in sorted(ev_out.calibration.items()):
+        if sc != scenario:
+            continue
+        y = np.concatenate([p[0] for p in parts])
+        p = np.concatenate([p[1] for p in parts])
+        g = np.concatenate([p[2] for p in parts])
+        per_probe = [float(expected_calibration_error(a, b)) for a, b, _ in parts if len(a)]
+        out.append(
+            {
+                "horizon": h,
+                "n": len(y),
+                "n_pos": int(np.sum(y)),
+                "ece": float(expected_calibration_error(y, p)),
+                "ece_ci": bootstrap_ci(expected_calibration_error, y, p, n_boot=n_boot, groups=g),
+                "mean_probe_ece": float(np.mean(per_probe)) if per_probe else float("nan"),
+                "probes": len(per_probe),
+            }
+        )
+    return out
+
+
+def verdicts(
+    cfg: DictConfig, scenario: str, comps: Mapping[str, Comparison], calib: Sequence[Mapping[str, Any]]
+) -> list[Verdict]:
+    t = cfg.targets
+    out = []
+    q1 = comps.get("q1|all horizons")
+    out.append(
+        Verdict(
+            question="q1",
+            target=f"federated mean AUROC >= {t.federated_ratio:.0%} of pooled",
+            met=None if q1 is None else bool(q1.ratio >= t.federated_ratio),
+            detail="not measured" if q1 is None else f"ratio {_f(q1.ratio)} {_ci(q1.ratio_ci)}",
+        )
+    )
+    q2 = {k: c for k, c in comps.items() if k.startswith("q2|")}
+    below = [k.split("|", 1)[1] for k, c in q2.items() if not not_clearly_below(c)]
+    out.append(
+        Verdict(
+            question="q2",
+            target="no site clearly below its local-only AUROC (interval of federated - local-only not below 0)",
+            met=None if not q2 else not below,
+            detail="not measured"
+            if not q2
+            else ("clearly below at " + ", ".join(below) if below else f"{len(q2)} sites, none clearly below"),
+        )
+    )
+    q3 = {k: c for k, c in comps.items() if k.startswith("q3|")}
+    above = [k.split("|", 1)[1] for k, c in q3.items() if c.difference_ci[0] > 0]
+    out.append(
+        Verdict(
+            question="q3",
+            target="(no numeric target in the issue) where pretraining's interval lies above 0",
+            met=None,
+            detail="not measured" if not q3 else (f"above 0: {', '.join(above)}" if above else "no interval above 0"),
+        )
+    )
+    q4 = comps.get(f"q4|{compare.epsilon_label(8.0)} - no DP")
+    steps = [c for k, c in comps.items() if k.startswith("q4|eps=") and "no DP" not in k]
+    inverted = [f"{c.a} vs {c.b}" for c in steps if c.difference_ci[0] > 0]  # lower epsilon clearly better
+    out.append(
+        Verdict(
+            question="q4",
+            target=f"epsilon 8 within {t.dp_gap:.2f} AUROC of no DP; curve monotone within its intervals",
+            met=None if q4 is None else bool(q4.difference >= -t.dp_gap and not inverted),
+            detail=(
+                "not measured (see the q4 section for why)"
+                if scenario in cfg.privacy_budget.scenarios
+                else "not measured (no privacy run for this scenario: privacy_budget.scenarios)"
+            )
+            if q4 is None
+            else f"eps 8 - no DP {_f(q4.difference, True)} {_ci(q4.difference_ci, True)}; "
+            + ("monotone within intervals" if not inverted else "inverted: " + ", ".join(inverted)),
+        )
+    )
+    q5 = {k.split("|", 1)[1]: c for k, c in comps.items() if k.startswith("q5|")}
+    out.append(
+        Verdict(
+            question="q5",
+            target="(no numeric target) which additions and kernels have an interval excluding 0",
+            met=None,
+            detail="not measured"
+            if not q5
+            else "; ".join(
+                f"{k}: {_f(c.difference, True)} {'excludes 0' if c.difference_ci[0] > 0 or c.difference_ci[1] < 0 else 'includes 0'}"
+                for k, c in q5.items()
+            ),
+        )
+    )
+    worst = max((r["ece"] for r in calib), default=float("nan"))
+    out.append(
+        Verdict(
+            question="q6",
+            target=f"ECE <= {t.ece:.2f} at every horizon (the logistic probe is the model's own calibration)",
+            met=None if not calib else bool(worst <= t.ece),
+            detail="not measured" if not calib else f"worst horizon ECE {_f(worst)}",
+        )
+    )
+    return out
+
+
+def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progress, clock: Clock) -> Path:
+    n_boot = int(cfg.eval.n_boot)
+    comps = ev_out.compare(n_boot)
+    lines = [
+        f"# Evidence: does federated pretraining pay off? (preset `{cfg.preset_name}`)",
+        "",
+        f"Scenarios {', '.join(cfg.scenarios)}; seeds {list(cfg.seeds)} (each seed its own synthetic world and "
+        f"training run); model `{cfg.model.name}`; federation {cfg.federation.rounds} rounds x "
+        f"{cfg.federation.local_steps} local steps, batch {cfg.federation.batch_size}, lr {cfg.federation.lr}. "
+        f"Every interval is a 95% percentile interval from {n_boot} subject resamples drawn once for all the "
+        "items of a comparison (every seed, site, task and horizon): paired, so it is the interval of the "
+        "difference itself. Probes: L2 logistic regression on frozen features, fitted on train rows, C chosen "
+        "on tuning rows, scored on held_out rows.",
+        "",
+        f"Wall time {clock.total / 60:.1f} min (plan {sum(s for _, s in progress.stages) / 60:.1f} min): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in progress.actual.items())
+        + ".",
+        "",
+        "## Verdicts",
+        "",
+    ]
+    dump: dict[str, Any] = {"preset": cfg.preset_name, "questions": {}, "verdicts": {}, "calibration": {}}
+    all_verdicts: dict[str, list[Verdict]] = {}
+    calib: dict[str, list[dict[str, Any]]] = {}
+    for scenario in cfg.scenarios:
+        calib[scenario] = calibration_rows(ev_out, scenario, n_boot)
+        mine = {k: c for (s, k), c in comps.items() if s == scenario}
+        all_verdicts[scenario] = verdicts(cfg, scenario, mine, calib[scenario])
+    lines += ["| scenario | question | target | met | detail |", "|---|---|---|---|---|"]
+    for scenario, vs in all_verdicts.items():
+        for v in vs:
+            met = "n/a" if v.met is None else ("yes" if v.met else "no")
+            lines.append(f"| {scenario} | {v.question} | {v.target} | {met} | {v.detail} |")
+    figs: dict[str, Path] = {}
+    for q, title in QUESTIONS.items():
+        lines += ["", f"## {q}: {title}", ""]
+        dump["questions"][q] = {}
+        for scenario in cfg.scenarios:
+            mine = {k.split("|", 1)[1]: c for (s, k), c in comps.items() if s == scenario and k.startswith(f"{q}|")}
+            seeds = {
+                k.split("|", 1)[1]: v
+                for (s, k), v in ev_out.per_seed.items()
+                if s == scenario and k.startswith(f"{q}|")
+            }
+            entry: dict[str, Any] = {"comparisons": {k: c.model_dump() for k, c in mine.items()}, "per_seed": seeds}
+            lines += [f"### {scenario}", ""]
+            if q == "q6":
+                entry["calibration"] = calib[scenario]
+                if calib[scenario]:
+                    lines += [
+                        "| horizon (d) | held-out rows | positives | ECE pooled [95% CI] | mean ECE per probe | probes |",
+                        "|---:|---:|---:|---:|---:|---:|",
+                    ]
+                    lines += [
+                        f"| {r['horizon']} | {r['n']} | {r['n_pos']} | {_f(r['ece'])} {_ci(r['ece_ci'])} | "
+                        f"{_f(r['mean_probe_ece'])} | {r['probes']} |"
+                        for r in calib[scenario]
+                    ]
+                    preds = {}
+                    for (s, h), parts in sorted(ev_out.calibration.items()):
+                        if s == scenario:
+                            preds[f"{h} d"] = (
+                                np.concatenate([p[0] for p in parts]),
+                                np.concatenate([p[1] for p in parts]),
+                            )
+                    figs[f"q6 reliability per horizon, {scenario}"] = plots.reliability_diagram(
+                        preds, out / f"q6_reliability_{scenario}.png", title=f"Federated probes, {scenario}"
+                    )
+                else:
+                    entry["reason"] = "no federated probe was scored (too few positives at every site)"
+                    lines.append(f"Not measured: {entry['reason']}.")
+            elif mine:
+                lines.append(comparison_table(mine, seeds))
+                figs[f"{q} {scenario}"] = comparison_plot(
+                    mine,
+                    out / f"{q}_{scenario}.png",
+                    f"{QUESTIONS[q]} ({scenario})",
+                    reference=1.0 if q == "q1" else 0.0,
+                    ratio=q == "q1",
+                )
+            else:
+                entry["reason"] = (
+                    "not run for this scenario (privacy_budget.scenarios / seeds)"
+                    if q == "q4" and scenario not in cfg.privacy_budget.scenarios
+                    else "no task had enough held-out positives for both methods"
+                )
+                lines.append(f"Not measured: {entry['reason']}.")
+            if q == "q1" and ev_out.summaries.get(scenario):
+                lines += [
+                    "",
+                    "Mean held-out AUROC / ECE per horizon (first seed, per-site probes, oracle = true risk):",
+                    "",
+                ]
+                first = min(ev_out.summaries[scenario])
+                lines.append(
+                    compare.summary_table([compare.SummaryRow(**r) for r in ev_out.summaries[scenario][first]])
+                )
+                entry["summary_by_seed"] = ev_out.summaries[scenario]
+            if q == "q3" and scenario in ev_out.curves:
+                entry["curves"] = {m: {str(k): v for k, v in c.items()} for m, c in ev_out.curves[scenario].items()}
+                if any(ev_out.curves[scenario].values()):
+                    figs[f"q3 label efficiency, {scenario}"] = plots.label_efficiency_plot(
+                        {m: c for m, c in ev_out.curves[scenario].items() if c},
+                        out / f"q3_label_efficiency_{scenario}.png",
+                    )
+            if q == "q4" and ev_out.privacy.get(scenario):
+                entry["runs"] = ev_out.privacy[scenario]
+                for seed, p in ev_out.privacy[scenario].items():
+                    noise = "; ".join(
+                        f"{lab}: " + ", ".join(f"{s} {v:.2f}" for s, v in per.items())
+                        for lab, per in p["noise_multiplier"].items()
+                    )
+                    lines += [
+                        "",
+                        f"Seed {seed}: {p['steps_per_site']} DP steps per site (batch {cfg.privacy_budget.federation.batch_size}); "
+                        f"noise multiplier per site: {noise}.",
+                        "",
+                        p["table"],
+                    ]
+                    if p.get("plot"):
+                        figs[f"q4 utility against epsilon, {scenario}"] = out / p["plot"]
+            dump["questions"][q][scenario] = entry
+            lines.append("")
+    for scenario, notes in ev_out.notes.items():
+        if notes:
+            lines += [f"Notes ({scenario}): " + "; ".join(notes), ""]
+    lines += ["## Plots", ""]
+    for caption, path in figs.items():
+        lines += [f"### {caption}", "", f"![{caption}]({path.name})", ""]
+    dump["verdicts"] = {s: [v.model_dump() for v in vs] for s, vs in all_verdicts.items()}
+    dump["plan_seconds"] = dict(progress.stages)
+    dump["stage_seconds"] = progress.actual
+    dump["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return write_outputs(out, MARKER, dump, "report.md", lines, clock)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run(cfg: DictConfig) -> Path:
+    clock = Clock()
+    torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out_dir)
+    clear_previous_runs(out, ("units",), (MARKER, STARTED), "evidence job")
+    (out / STARTED).touch()
+    progress = Progress(plan_stages(cfg))
+    progress.print_plan()
+    ev_out = Evidence()
+    for scenario in cfg.scenarios:
+        for seed in cfg.seeds:
+            unit_dir = out / "units" / f"{scenario}-seed{seed}"
+            if unit_dir.exists():
+                shutil.rmtree(unit_dir)
+            run_unit(cfg, str(scenario), int(seed), unit_dir, ev_out, progress)
+            clock.lap(f"{scenario} seed {seed}")
+    report = write_report(cfg, out, ev_out, progress, clock)
+    progress.finish("comparisons, report and plots")
+    return report
+
+
+def with_preset_flags(argv: list[str]) -> list[str]:
+    """`--quick` / `--medium` / `--full` on the command line as `preset=...`."""
+    return [PRESET_FLAGS.get(a, a) for a in argv]
+
+
+@hydra.main(config_path="../configs", config_name="evidence", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    refuse_unknown_overrides("evidence")
+    setup_job_logging()
+    print(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.argv = with_preset_flags(sys.argv)
+    sys.exit(main())
