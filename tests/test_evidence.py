@@ -116,6 +116,7 @@ def _ordered(lo: float, point: float, hi: float) -> bool:
     return lo - 1e-12 <= point <= hi + 1e-12
 
 
+@pytest.mark.slow  # the whole job at CI size: four Flower simulations, training and probes
 def test_quick_report_answers_every_question(quick: Path) -> None:
     dump = json.loads((quick / "evidence.json").read_text())
     assert {"preset", "questions", "verdicts", "plan_seconds", "stage_seconds", "config"} <= set(dump)
