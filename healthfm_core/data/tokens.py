@@ -1,8 +1,9 @@
 """From a site's parquet files to `Batch` tensors.
 
 `SiteSequences` loads a site once into columnar numpy arrays (CSR-like offsets per subject:
-timed EHR events, static rows, wearable patches; a dense PRS matrix). Building one sample is
-then a few slices, two binary searches and a sort of its visible rows; no Python loop runs over rows.
+timed EHR events, static rows, wearable patches (wear_patches.py); a dense PRS matrix) and pools
+every bucket's codes once. Building one sample is then a few slices and two binary searches (and
+pooling the one bucket a prediction time cuts); no Python loop runs over rows.
 
 Rules (the model relies on them):
 
@@ -430,7 +431,7 @@ class SiteSequences:
         if e1 > e0:
             row = np.repeat(np.arange(n_static, n_static + len(counts), dtype=np.int64), counts)
             slot = bp.slot[e0:e1]
-            entries = slice(e0, e1)
+            entries: slice | np.ndarray = slice(e0, e1)
             if k < counts.max():
                 keep = slot < k
                 row, slot, entries = row[keep], slot[keep], np.flatnonzero(keep) + e0
