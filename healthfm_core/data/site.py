@@ -40,6 +40,7 @@ from healthfm_core.data.site_check import (
     SiteSummary,
     run_check,
 )
+from healthfm_core.data.wear_patches import sorted_by_subject_time
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +63,6 @@ def _normalise_events(table: pa.Table, want_numeric: bool = True) -> pa.Table:
     if want_numeric and "numeric_value" not in table.column_names:
         table = table.append_column(pa.field("numeric_value", pa.float32()), pa.nulls(table.num_rows, pa.float32()))
     return table
-
-
-def _sorted_by_subject_time(table: pa.Table) -> bool:
-    """Whether rows are ordered by (subject_id, time), checked in one vectorised pass."""
-    if table.num_rows < 2:
-        return True
-    subject = table.column("subject_id").to_numpy()
-    time = table.column("time").cast(pa.int64()).to_numpy()
-    d_subject, d_time = np.diff(subject), np.diff(time)
-    return bool(np.all((d_subject > 0) | ((d_subject == 0) & (d_time >= 0))))
 
 
 class Site:
@@ -149,7 +140,7 @@ class Site:
         if not tables:
             return WEARABLES_SCHEMA.empty_table()
         table = pa.concat_tables(tables)
-        if _sorted_by_subject_time(table):  # the usual case: skip a sort of 10^7 rows
+        if sorted_by_subject_time(table):  # the usual case: skip a sort of 10^7 rows
             return table
         return table.sort_by([("subject_id", "ascending"), ("time", "ascending")])
 

@@ -1,8 +1,9 @@
 """From a site's parquet files to `Batch` tensors.
 
 `SiteSequences` loads a site once into columnar numpy arrays (CSR-like offsets per subject:
-timed EHR events, static rows, wearable patches; a dense PRS matrix). Building one sample is
-then a few slices, two binary searches and a sort of its visible rows; no Python loop runs over rows.
+timed EHR events, static rows, wearable patches (wear_patches.py); a dense PRS matrix) and pools
+every bucket's codes once. Building one sample is then a few slices and two binary searches (and
+pooling the one bucket a prediction time cuts); no Python loop runs over rows.
 
 Rules (the model relies on them):
 
@@ -65,16 +66,17 @@ from healthfm_core.data.token_settings import (
     TokenSettings,
 )
 from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.data.wear_patches import NO_TIME, build_patches, subject_ids_of
 
 log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
 DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
-_NO_TIME = np.iinfo(np.int64).max
+_NO_TIME = NO_TIME  # int64 max: no time (static rows, subjects without one)
 
 
-def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
-    """Timestamps (any unit) as int64 microseconds; null -> _NO_TIME."""
+def _us_arrow(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array | pa.ChunkedArray:
+    """Timestamps (any unit) as int64 microseconds, nulls kept, chunks kept (no copy for µs)."""
     if not pa.types.is_timestamp(column.type):
         raise ValueError(f"column {name!r} must be a timestamp, got {column.type}")
     if column.type.tz is not None:
@@ -84,7 +86,12 @@ def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
             column = column.cast(pa.timestamp("us"))
     except pa.ArrowInvalid as e:
         raise ValueError(f"column {name!r}: timestamps do not fit microseconds: {e}") from e
-    us = column.cast(pa.int64())
+    return column.cast(pa.int64())
+
+
+def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
+    """Timestamps (any unit) as int64 microseconds; null -> _NO_TIME."""
+    us = _us_arrow(column, name)
     if us.null_count:
         us = pc.fill_null(us, _NO_TIME)
     return us.to_numpy().astype(np.int64, copy=False)
@@ -131,6 +138,31 @@ def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) 
     return np.cumsum(new) - 1
 
 
+def _code_slots(
+    token: np.ndarray,
+    codes: np.ndarray,
+    values: np.ndarray,
+    has_value: np.ndarray,
+    time_us: np.ndarray,
+    priority: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row kept, its token, its slot) for every (token, distinct code), in (token, slot) order,
+    uncapped: the rules of `pool_token_rows`, shared by its per-sample and per-site uses."""
+    # Latest row per (token, code): sort so that it comes last in its group.
+    order = np.lexsort((values, has_value, time_us, codes, token))
+    tk, cd = token[order], codes[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (tk[1:] != tk[:-1]) | (cd[1:] != cd[:-1])
+    kept = order[last]
+    # Rank the token's codes by priority (then code id): the slot order the cap cuts.
+    tk, cd = token[kept], codes[kept]
+    rank_order = np.lexsort((cd, priority[cd], tk))
+    kept, tk = kept[rank_order], tk[rank_order]
+    group_start = np.flatnonzero(np.r_[True, tk[1:] != tk[:-1]])
+    slot = np.arange(len(tk)) - np.repeat(group_start, np.diff(np.r_[group_start, len(tk)]))
+    return kept, tk, slot
+
+
 def pool_token_rows(
     token: np.ndarray,
     codes: np.ndarray,
@@ -147,26 +179,10 @@ def pool_token_rows(
     value); at most max_codes slots, by `priority[code]` ascending (then code id); the token's
     time is its latest row's. Deterministic and independent of the rows' order."""
     if len(token) == 0:
-        return (
-            np.full((0, 1), PAD_CODE, np.int64),
-            np.zeros((0, 1), np.float32),
-            np.zeros((0, 1), bool),
-            np.zeros(0, np.int64),
-        )
+        return _no_tokens()
     n_tok = int(token[-1]) + 1
     tok_time = np.maximum.reduceat(time_us, np.searchsorted(token, np.arange(n_tok)))
-    # Latest row per (token, code): sort so that it comes last in its group.
-    order = np.lexsort((values, has_value, time_us, codes, token))
-    tk, cd = token[order], codes[order]
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = (tk[1:] != tk[:-1]) | (cd[1:] != cd[:-1])
-    kept = order[last]
-    # Cap: rank the token's codes by priority, keep the first max_codes.
-    tk, cd = token[kept], codes[kept]
-    rank_order = np.lexsort((cd, priority[cd], tk))
-    kept, tk = kept[rank_order], tk[rank_order]
-    group_start = np.flatnonzero(np.r_[True, tk[1:] != tk[:-1]])
-    slot = np.arange(len(tk)) - np.repeat(group_start, np.diff(np.r_[group_start, len(tk)]))
+    kept, tk, slot = _code_slots(token, codes, values, has_value, time_us, priority)
     ok = slot < max_codes
     kept, tk, slot = kept[ok], tk[ok], slot[ok]
     k = int(slot.max()) + 1
@@ -177,6 +193,41 @@ def pool_token_rows(
     out_values[tk, slot] = values[kept]
     out_has[tk, slot] = has_value[kept]
     return out_codes, out_values, out_has, tok_time
+
+
+def _no_tokens() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.full((0, 1), PAD_CODE, np.int64),
+        np.zeros((0, 1), np.float32),
+        np.zeros((0, 1), bool),
+        np.zeros(0, np.int64),
+    )
+
+
+@dataclass
+class _PooledTokens:
+    """Tokens pooled once per site (`_code_slots` entries, uncapped), CSR over groups (buckets,
+    or subjects for the static token); `sample` slices them instead of pooling per sample."""
+
+    offsets: np.ndarray  # [G + 1] entries of group g: offsets[g]:offsets[g + 1]
+    codes: np.ndarray  # [entries] int64, in slot order
+    values: np.ndarray  # [entries] float32
+    has_value: np.ndarray  # [entries] bool
+    slot: np.ndarray  # [entries] int64
+
+    @classmethod
+    def build(
+        cls,
+        group: np.ndarray,
+        n_groups: int,
+        codes: np.ndarray,
+        values: np.ndarray,
+        has_value: np.ndarray,
+        time_us: np.ndarray,
+        priority: np.ndarray,
+    ) -> _PooledTokens:
+        kept, tk, slot = _code_slots(group, codes, values, has_value, time_us, priority)
+        return cls(_offsets(tk, n_groups), codes[kept], values[kept], has_value[kept], slot)
 
 
 @dataclass
@@ -225,8 +276,9 @@ class SiteSequences:
         wearables = wearables if wearables is not None and wearables.num_rows else None
 
         ev_subj = events["subject_id"].to_numpy()
-        wr_subj = wearables["subject_id"].to_numpy() if wearables is not None else np.zeros(0, np.int64)
-        self.subject_ids = np.union1d(unique_inverse(ev_subj)[0], unique_inverse(wr_subj)[0]).astype(np.int64)
+        # Wearables are streamed by chunk (wear_patches.py): their ids are never one numpy copy.
+        wr_subj = subject_ids_of(wearables["subject_id"]) if wearables is not None else np.zeros(0, np.int64)
+        self.subject_ids = np.union1d(unique_inverse(ev_subj)[0], wr_subj).astype(np.int64)
         n_subj = len(self.subject_ids)
 
         # ---- EHR rows: split into PRS, static and timed.
@@ -276,6 +328,7 @@ class SiteSequences:
         self.st_codes = ids[is_static][order]
         self.st_values = values[is_static][order]
         self.st_has_value = has_value[is_static][order]
+        self._pool_tokens(n_subj)
 
         # PRS matrix in the vocabulary's trait order.
         n_traits = len(vocab.prs_traits)
@@ -319,12 +372,100 @@ class SiteSequences:
         self.n_events = int(events.num_rows)
         self.n_epochs = int(wearables.num_rows) if wearables is not None else 0
 
+    def _pool_tokens(self, n_subj: int) -> None:
+        """Pool every bucket and every subject's static token once, uncapped (a bucket pools
+        the same whatever the sample, unless the prediction time cuts it: see `_tokens`)."""
+        n_buckets = int(self.ev_bucket[-1]) + 1 if len(self.ev_bucket) else 0
+        self._bucket_rows = _offsets(self.ev_bucket, n_buckets)
+        self._bucket_time_us = self.ev_time_us[self._bucket_rows[1:] - 1]  # rows are time-sorted
+        self._bucket_pool = _PooledTokens.build(
+            self.ev_bucket,
+            n_buckets,
+            self.ev_codes,
+            self.ev_values,
+            self.ev_has_value,
+            self.ev_time_us,
+            self.code_priority,
+        )
+        st_subject = np.repeat(np.arange(n_subj, dtype=np.int64), np.diff(self.st_offsets))
+        self._static_pool = _PooledTokens.build(
+            st_subject,
+            n_subj,
+            self.st_codes,
+            self.st_values,
+            self.st_has_value,
+            np.zeros(len(st_subject), np.int64),  # one time for all: the subject's t0
+            self.code_priority,
+        )
+
+    def _tokens(
+        self, index: int, visible: int, n_static: int, n_timed: int, t0: int, max_codes: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`pool_token_rows` of the sample's rows (static token, then the last n_timed buckets
+        up to row `visible`) from the pooled buckets; only a bucket cut by the prediction time
+        is pooled here."""
+        a = int(self.ev_offsets[index])
+        b_first = b_end = 0
+        cut = np.zeros(0, np.int64)
+        if visible > a and n_timed > 0:
+            b_last = int(self.ev_bucket[visible - 1])
+            b_first = max(b_last - n_timed + 1, int(self.ev_bucket[a]))
+            b_end = b_last + 1
+            if visible < self._bucket_rows[b_end]:  # the prediction time falls inside b_last
+                b_end = b_last
+                cut = np.arange(int(self._bucket_rows[b_last]), visible)
+        st, bp = self._static_pool, self._bucket_pool
+        e0, e1 = int(bp.offsets[b_first]), int(bp.offsets[b_end])
+        counts = np.diff(bp.offsets[b_first : b_end + 1])
+        n_static_codes = int(st.offsets[index + 1] - st.offsets[index]) if n_static else 0
+        n_tok = n_static + (b_end - b_first) + (1 if len(cut) else 0)
+        if n_tok == 0:
+            return _no_tokens()
+        if len(cut):
+            c_codes, c_values, c_has, c_time = pool_token_rows(
+                np.zeros(len(cut), np.int64),
+                self.ev_codes[cut],
+                self.ev_values[cut],
+                self.ev_has_value[cut],
+                self.ev_time_us[cut],
+                self.code_priority,
+                max_codes,
+            )
+        widest = max(n_static_codes, int(counts.max()) if len(counts) else 0, c_codes.shape[1] if len(cut) else 0)
+        k = min(max_codes, widest)
+        codes = np.full((n_tok, k), PAD_CODE, dtype=np.int64)
+        values = np.zeros((n_tok, k), dtype=np.float32)
+        has_value = np.zeros((n_tok, k), dtype=bool)
+        if n_static:
+            s0 = int(st.offsets[index])
+            m = min(n_static_codes, k)
+            codes[0, :m], values[0, :m], has_value[0, :m] = (
+                st.codes[s0 : s0 + m],
+                st.values[s0 : s0 + m],
+                st.has_value[s0 : s0 + m],
+            )
+        if e1 > e0:
+            row = np.repeat(np.arange(n_static, n_static + len(counts), dtype=np.int64), counts)
+            slot = bp.slot[e0:e1]
+            entries: slice | np.ndarray = slice(e0, e1)
+            if k < counts.max():
+                keep = slot < k
+                row, slot, entries = row[keep], slot[keep], np.flatnonzero(keep) + e0
+            codes[row, slot] = bp.codes[entries]
+            values[row, slot] = bp.values[entries]
+            has_value[row, slot] = bp.has_value[entries]
+        parts = [np.full(n_static, t0, np.int64), self._bucket_time_us[b_first:b_end]]
+        if len(cut):
+            m = c_codes.shape[1]
+            codes[-1, :m], values[-1, :m], has_value[-1, :m] = c_codes[0], c_values[0], c_has[0]
+            parts.append(c_time)
+        return codes, values, has_value, np.concatenate(parts)
+
     def _load_wearables(self, wearables: pa.Table | None, n_subj: int) -> None:
         E, C = self.patch_epochs, len(WEARABLE_CHANNELS)
-        patch_us = E * EPOCH_US
-        self._wear_first_us = np.full(n_subj, _NO_TIME, dtype=np.int64)
-        self._wear_last_end_us = np.full(n_subj, np.iinfo(np.int64).min, dtype=np.int64)
         if wearables is None:
+            self._wear_first_us = np.full(n_subj, _NO_TIME, dtype=np.int64)
+            self._wear_last_end_us = np.full(n_subj, np.iinfo(np.int64).min, dtype=np.int64)
             self.patch_offsets = np.zeros(n_subj + 1, dtype=np.int64)
             self.patch_start_us = np.zeros(0, np.int64)
             self.patch_first_end_us = np.zeros(0, np.int64)
@@ -334,42 +475,20 @@ class SiteSequences:
         for col in ("subject_id", "time", *WEARABLE_CHANNELS):
             if col not in wearables.column_names:
                 raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
-        w_sub = _dense_index(wearables["subject_id"].to_numpy(), self.subject_ids)
-        w_time = to_us(wearables["time"], "time")
-        if np.any(w_time == _NO_TIME):
+        time = _us_arrow(wearables["time"], "time")
+        if time.null_count:
             raise ValueError("wearables column 'time' has null values")
-        order = _sort_order(w_sub, w_time)
-        chans = [wearables[ch].to_numpy(zero_copy_only=False) for ch in WEARABLE_CHANNELS]
-        if order is not None:
-            w_sub, w_time = w_sub[order], w_time[order]
-            chans = [c[order] for c in chans]
-        off = _offsets(w_sub, n_subj)
-        has = np.diff(off) > 0
-        self._wear_first_us[has] = w_time[off[:-1][has]]
-        self._wear_last_end_us[has] = w_time[off[1:][has] - 1] + EPOCH_US
-        rel = w_time - self._wear_first_us[w_sub]
-        k = rel // patch_us
-        slot = (rel - k * patch_us) // EPOCH_US
-        new_patch = np.ones(len(w_sub), dtype=bool)
-        new_patch[1:] = (w_sub[1:] != w_sub[:-1]) | (k[1:] != k[:-1])
-        starts = np.flatnonzero(new_patch)
-        n_patch = len(starts)
-        patch_id = np.repeat(np.arange(n_patch, dtype=np.int64), np.diff(np.append(starts, len(w_sub))))
-        p_sub = w_sub[starts]
-        self.patch_offsets = _offsets(p_sub, n_subj)
-        self.patch_start_us = self._wear_first_us[p_sub] + k[starts] * patch_us
-        self.patch_first_end_us = w_time[starts] + EPOCH_US
-        epochs = np.zeros((n_patch * E, C), dtype=np.float32)
-        mask = np.zeros((n_patch * E, C), dtype=bool)
-        flat = patch_id * E + slot
-        for c, (name, x) in enumerate(zip(WEARABLE_CHANNELS, chans)):
-            ok = np.isfinite(x)
-            norm = self.vocab.wearables[name].apply(np.where(ok, x, 0.0)).astype(np.float32)
-            norm[~ok] = 0.0
-            epochs[flat, c] = norm
-            mask[flat, c] = ok
-        self.patch_epochs_arr = epochs.reshape(n_patch, E, C)
-        self.patch_mask = mask.reshape(n_patch, E, C)
+        table = pa.table(
+            [wearables["subject_id"].cast(pa.int64()), time, *(wearables[ch] for ch in WEARABLE_CHANNELS)],
+            names=["subject_id", "time", *WEARABLE_CHANNELS],
+        )
+        patches = build_patches(table, self.subject_ids, E, [self.vocab.wearables[ch] for ch in WEARABLE_CHANNELS])
+        self._wear_first_us, self._wear_last_end_us = patches.first_us, patches.last_end_us
+        self.patch_offsets = patches.offsets
+        self.patch_start_us = patches.start_us
+        self.patch_first_end_us = patches.first_end_us
+        self.patch_epochs_arr = patches.epochs
+        self.patch_mask = patches.mask
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -451,24 +570,29 @@ class SiteSequences:
             st_token = np.zeros(st.stop - st.start, np.int64)
         a, b = int(self.ev_offsets[index]), int(self.ev_offsets[index + 1])
         visible = a + int(np.searchsorted(self.ev_time_us[a:b], pt, side="right"))
-        start = visible
-        n_timed = max_events - n_static
-        if visible > a and n_timed > 0:
-            # Buckets are consecutive ordinals: the last n_timed of them start at this row.
-            first = int(self.ev_bucket[visible - 1]) - n_timed + 1
-            start = a + int(np.searchsorted(self.ev_bucket[a:visible], first, side="left"))
-        ev = slice(start, visible)
-        bucket = self.ev_bucket[ev]
-        token = np.concatenate([st_token, bucket - (bucket[0] if len(bucket) else 0) + n_static])
-        codes, values, has_value, token_us = pool_token_rows(
-            token,
-            np.concatenate([self.st_codes[st], self.ev_codes[ev]]),
-            np.concatenate([self.st_values[st], self.ev_values[ev]]),
-            np.concatenate([self.st_has_value[st], self.ev_has_value[ev]]),
-            np.concatenate([np.full(st.stop - st.start, t0, np.int64), self.ev_time_us[ev]]),
-            self.code_priority,
-            max_codes_per_token,
-        )
+        if self.per_event:  # the comparison layout: every row its own token, pooled per sample
+            start = visible
+            n_timed = max_events - n_static
+            if visible > a and n_timed > 0:
+                # Buckets are consecutive ordinals: the last n_timed of them start at this row.
+                first = int(self.ev_bucket[visible - 1]) - n_timed + 1
+                start = a + int(np.searchsorted(self.ev_bucket[a:visible], first, side="left"))
+            ev = slice(start, visible)
+            bucket = self.ev_bucket[ev]
+            token = np.concatenate([st_token, bucket - (bucket[0] if len(bucket) else 0) + n_static])
+            codes, values, has_value, token_us = pool_token_rows(
+                token,
+                np.concatenate([self.st_codes[st], self.ev_codes[ev]]),
+                np.concatenate([self.st_values[st], self.ev_values[ev]]),
+                np.concatenate([self.st_has_value[st], self.ev_has_value[ev]]),
+                np.concatenate([np.full(st.stop - st.start, t0, np.int64), self.ev_time_us[ev]]),
+                self.code_priority,
+                max_codes_per_token,
+            )
+        else:
+            codes, values, has_value, token_us = self._tokens(
+                index, visible, n_static, max_events - n_static, t0, max_codes_per_token
+            )
         times = ((token_us - t0) / US_PER_DAY).astype(np.float32)
 
         # Wearable patches with at least one epoch ending at or before pt.

@@ -1,0 +1,249 @@
+"""The vectorised pipeline against plain references, on generated biobank and hospital sites.
+
+Wearable patches (wear_patches.py, streamed chunk by chunk with a fast path for regular 30-s
+grids) against a per-row Python loop that states the rules; samples' EHR tokens (sliced from
+tokens pooled once per site) against `pool_token_rows` over the sample's rows, which is how
+each sample was built before. Arrays must be equal bit for bit. Pieces are made small so that
+subjects run across piece seams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from healthfm_core.data import wear_patches
+from healthfm_core.data.code_stats import site_code_stats
+from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS
+from healthfm_core.data.site import open_site
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.synthetic.scenario import load_scenario
+from healthfm_core.data.token_settings import TokenSettings
+from healthfm_core.data.tokens import (
+    US_PER_DAY,
+    PretrainingDataset,
+    SiteSequences,
+    collate,
+    pool_token_rows,
+)
+from healthfm_core.data.vocab import Normalizer, Vocabulary, build_vocabulary
+from healthfm_core.data.wear_patches import NO_TIME, build_patches, sorted_by_subject_time
+
+SITES = ("biobank", "city_hospital")
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Vocabulary]]:
+    config = load_scenario("default")
+    config = config.model_copy(update={"sites": [s for s in config.sites if s.name in SITES]})
+    fed = generate_federation(tmp_path_factory.mktemp("fed"), scenario=config, seed=7, n_subjects=24, progress=False)
+    out = {}
+    for s in fed.sites:
+        site = open_site(s.root)
+        out[s.name] = (s.root, build_vocabulary([site_code_stats(site, min_subjects=2)], min_subjects=2))
+    return out
+
+
+# ------------------------------------------------------------------------------- wearables
+
+
+def reference_patches(table: pa.Table, subject_ids: np.ndarray, E: int, normalisers: list) -> dict[str, np.ndarray]:
+    """The patch rules row by row: sort by (subject, time) stably, anchor each subject's grid at
+    its first epoch, patch k = offset // (E * 30 s), slot = remainder // 30 s; last row wins."""
+    sid = table["subject_id"].to_numpy()
+    t = table["time"].to_numpy()
+    order = sorted(range(len(sid)), key=lambda i: (sid[i], t[i]))
+    chans = []
+    for c, norm in enumerate(normalisers):
+        x = table.column(2 + c).to_numpy(zero_copy_only=False)
+        ok = np.isfinite(x)
+        v = norm.apply(np.where(ok, x, 0.0)).astype(np.float32)
+        v[~ok] = 0.0
+        chans.append((v, ok))
+    patch_of: dict[tuple[int, int], int] = {}
+    p_sub, p_k, p_first = [], [], []
+    first = {}
+    last_end = {}
+    cells: list[tuple[int, int, int]] = []  # (patch, slot, row)
+    for i in order:
+        s, ti = int(sid[i]), int(t[i])
+        a = first.setdefault(s, ti)
+        last_end[s] = ti + EPOCH_US
+        k, rem = divmod(ti - a, E * EPOCH_US)
+        if (s, k) not in patch_of:
+            patch_of[(s, k)] = len(p_sub)
+            p_sub.append(s)
+            p_k.append(k)
+            p_first.append(ti + EPOCH_US)
+        cells.append((patch_of[(s, k)], rem // EPOCH_US, i))
+    P, C = len(p_sub), len(normalisers)
+    epochs = np.zeros((P, E, C), np.float32)
+    mask = np.zeros((P, E, C), bool)
+    for p, slot, i in cells:
+        for c, (v, ok) in enumerate(chans):
+            epochs[p, slot, c] = v[i]
+            mask[p, slot, c] = ok[i]
+    idx = np.searchsorted(subject_ids, np.array(p_sub, np.int64))
+    first_us = np.full(len(subject_ids), NO_TIME, np.int64)
+    last_end_us = np.full(len(subject_ids), np.iinfo(np.int64).min, np.int64)
+    for s, a in first.items():
+        j = int(np.searchsorted(subject_ids, s))
+        first_us[j], last_end_us[j] = a, last_end[s]
+    return {
+        "offsets": np.searchsorted(idx, np.arange(len(subject_ids) + 1)).astype(np.int64),
+        "start_us": np.array([first[s] + k * E * EPOCH_US for s, k in zip(p_sub, p_k)], np.int64),
+        "first_end_us": np.array(p_first, np.int64),
+        "epochs": epochs,
+        "mask": mask,
+        "first_us": first_us,
+        "last_end_us": last_end_us,
+    }
+
+
+def wear_table(site_root: Path) -> pa.Table:
+    w = open_site(site_root).read_wearables()
+    return pa.table(
+        [w["subject_id"], w["time"].cast(pa.int64()), *(w[c] for c in WEARABLE_CHANNELS)],
+        names=["subject_id", "time", *WEARABLE_CHANNELS],
+    )
+
+
+def variants(table: pa.Table, rng: np.random.Generator) -> dict[str, pa.Table]:
+    """The generated grid as is, and broken in the ways real exports break it."""
+    n = table.num_rows
+    t = table["time"].to_numpy()
+    hr = table["hr_bpm"].to_numpy(zero_copy_only=False).copy()
+    some = rng.random(n) < 0.8
+    hr[some] = (60 + 40 * rng.random(int(some.sum()))).astype(np.float32)
+    hr[rng.random(n) < 0.2] = np.nan
+    with_hr = table.set_column(3, "hr_bpm", pa.array(hr, pa.float32(), from_pandas=True))
+    gaps = with_hr.filter(pa.array(rng.random(n) > 0.01))  # dropped epochs: off the fast path
+    jitter = t.copy()
+    pick = rng.random(n) < 0.001
+    jitter[pick] += rng.integers(1, EPOCH_US, int(pick.sum()))  # starts off the 30-s grid
+    dup = rng.choice(n, 50, replace=False)
+    duplicated = pa.concat_tables(
+        [with_hr.set_column(1, "time", pa.array(jitter)), with_hr.take(pa.array(dup))]
+    )  # the same epoch twice: the later row wins
+    return {
+        "grid": table,
+        "grid_hr": with_hr,
+        "gaps": gaps,
+        "jitter_dup_unsorted": duplicated,
+        "shuffled": with_hr.take(pa.array(rng.permutation(n))),
+    }
+
+
+@pytest.mark.parametrize("E", [120, 7, 50])
+def test_patches_match_the_row_by_row_rules(sites, monkeypatch: pytest.MonkeyPatch, E: int) -> None:
+    root, vocab = sites["biobank"]
+    table = wear_table(root)
+    assert table.num_rows > 10_000
+    subject_ids = np.unique(table["subject_id"].to_numpy())
+    normalisers = [vocab.wearables[c] for c in WEARABLE_CHANNELS]
+    rng = np.random.default_rng(E)
+    monkeypatch.setattr(wear_patches, "_CHUNK_ROWS", 4099)  # many pieces, subjects across seams
+    for name, variant in variants(table, rng).items():
+        got = build_patches(variant, subject_ids, E, normalisers)
+        want = reference_patches(variant, subject_ids, E, normalisers)
+        for f in fields(got):
+            a, b = getattr(got, f.name), want[f.name]
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, f.name)
+            assert a.tobytes() == b.tobytes(), (name, f.name)
+        assert got.mask.any() and got.epochs.any()
+
+
+def test_sortedness_is_checked_across_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wear_patches, "_CHUNK_ROWS", 3)
+    ok = pa.table({"subject_id": [1, 1, 1, 2, 2, 3], "time": [0, 5, 5, 1, 2, 0]})
+    assert sorted_by_subject_time(ok)
+    for sid, time in [([1, 1, 2, 1, 2, 3], [0, 1, 2, 3, 4, 5]), ([1, 1, 1, 1, 2, 3], [0, 1, 5, 4, 0, 0])]:
+        assert not sorted_by_subject_time(pa.table({"subject_id": sid, "time": time}))
+
+
+def test_hand_made_patches_on_a_grid_and_off_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subject 5: epochs 0..4 on the grid (patches of 2: [0,1] [2,3] [4]); subject 9: epochs 0, 3,
+    and one 10 s after epoch 3 (same slot, later row wins)."""
+    monkeypatch.setattr(wear_patches, "_CHUNK_ROWS", 2)
+    e = EPOCH_US
+    table = pa.table(
+        {
+            "subject_id": pa.array([5, 5, 5, 5, 5, 9, 9, 9], pa.int64()),
+            "time": pa.array([0, e, 2 * e, 3 * e, 4 * e, 100 * e, 103 * e, 103 * e + 10**7], pa.int64()),
+            "enmo_mg": pa.array([1, 2, 3, 4, 5, 6, 7, 8], pa.float32()),
+        }
+    )
+    got = build_patches(table, np.array([5, 9], np.int64), 2, [Normalizer(center=0.0, scale=1.0, clip=100.0)])
+    assert got.offsets.tolist() == [0, 3, 5]
+    assert got.start_us.tolist() == [0, 2 * e, 4 * e, 100 * e, 102 * e]
+    assert got.first_end_us.tolist() == [e, 3 * e, 5 * e, 101 * e, 104 * e]
+    assert got.epochs[..., 0].tolist() == [[1, 2], [3, 4], [5, 0], [6, 0], [0, 8]]
+    assert got.mask[..., 0].tolist() == [[True, True], [True, True], [True, False], [True, False], [False, True]]
+    assert got.first_us.tolist() == [0, 100 * e] and got.last_end_us.tolist() == [5 * e, 104 * e + 10**7]
+
+
+# ------------------------------------------------------------------------------- EHR tokens
+
+
+def reference_tokens(seqs: SiteSequences, index: int, pt: int, max_events: int, max_codes: int):
+    """A sample's tokens by pooling its rows (static token, then the last buckets) at once."""
+    t0 = int(seqs.t0_us[index])
+    t0 = pt if t0 == NO_TIME else t0
+    s0, s1 = int(seqs.st_offsets[index]), int(seqs.st_offsets[index + 1])
+    n_static = 1 if s1 > s0 and max_events >= 1 else 0
+    a, b = int(seqs.ev_offsets[index]), int(seqs.ev_offsets[index + 1])
+    visible = a + int(np.searchsorted(seqs.ev_time_us[a:b], pt, side="right"))
+    n_timed = max_events - n_static
+    keep = sorted({int(seqs.ev_bucket[r]) for r in range(a, visible)})[-n_timed:] if n_timed > 0 else []
+    rows = [r for r in range(a, visible) if int(seqs.ev_bucket[r]) in set(keep)]
+    st = list(range(s0, s1)) if n_static else []
+    token = np.array([0] * len(st) + [keep.index(int(seqs.ev_bucket[r])) + n_static for r in rows], np.int64)
+    codes, values, has, tok_us = pool_token_rows(
+        token,
+        np.concatenate([seqs.st_codes[st], seqs.ev_codes[rows]]).astype(np.int64),
+        np.concatenate([seqs.st_values[st], seqs.ev_values[rows]]).astype(np.float32),
+        np.concatenate([seqs.st_has_value[st], seqs.ev_has_value[rows]]).astype(bool),
+        np.concatenate([np.full(len(st), t0, np.int64), seqs.ev_time_us[rows]]).astype(np.int64),
+        seqs.code_priority,
+        max_codes,
+    )
+    return codes, values, has, ((tok_us - t0) / US_PER_DAY).astype(np.float32)
+
+
+@pytest.mark.parametrize("site_name", SITES)
+@pytest.mark.parametrize("window", [1.0, 0.0, 0.25])
+def test_sample_tokens_match_pooling_the_rows(sites, site_name: str, window: float) -> None:
+    root, vocab = sites[site_name]
+    seqs = SiteSequences.from_site(open_site(root), vocab, tokens=TokenSettings(token_window_days=window))
+    rng = np.random.default_rng(int(window * 100))
+    n_checked = n_cut = 0
+    for i in range(seqs.n_subjects):
+        ts = seqs.event_times_us(i)
+        pts = [int(seqs.last_time_us[i]), int(rng.integers(3 * 10**15, 4 * 10**15))]
+        if len(ts):
+            mid = int(ts[len(ts) // 2])
+            pts += [int(ts[0]), mid, mid - 1, mid + 5 * 3_600_000_000]
+        # Times inside a bucket (later rows of it not yet visible): the last token is cut.
+        a, b = int(seqs.ev_offsets[i]), int(seqs.ev_offsets[i + 1])
+        inside = np.flatnonzero((seqs.ev_bucket[a + 1 : b] == seqs.ev_bucket[a : b - 1]) & (np.diff(ts) > 0))
+        pts += [int(ts[r]) for r in inside[:3]]
+        for pt in pts:
+            for max_events, max_codes in [(512, 32), (6, 2), (1, 1), (2, 4)]:
+                s = seqs.sample(i, pt, max_events, 8, max_codes_per_token=max_codes)
+                codes, values, has, times = reference_tokens(seqs, i, pt, max_events, max_codes)
+                for got, want in [(s.codes, codes), (s.values, values), (s.has_value, has), (s.times, times)]:
+                    assert got.dtype == want.dtype and got.shape == want.shape
+                    assert got.tobytes() == want.tobytes(), (site_name, i, pt, max_events, max_codes)
+                n_checked += 1
+            v = a + int(np.searchsorted(ts, pt, side="right"))
+            n_cut += int(a < v < b and seqs.ev_bucket[v] == seqs.ev_bucket[v - 1])
+    assert n_checked > 100
+    if site_name == "city_hospital" and window > 0:  # lab panels: many timestamps a day
+        assert n_cut > 0
+    # Batches still collate from these samples.
+    batch = collate([PretrainingDataset(seqs)[j] for j in range(4)])
+    assert batch.codes.shape[0] == 4
