@@ -179,7 +179,9 @@ def train_regimes(
         )
     if clock is not None:
         clock.lap("local-only training")
-    return Regimes(datasets, central_model, central_history, local_models, local_histories, per_site_steps, central_steps)
+    return Regimes(
+        datasets, central_model, central_history, local_models, local_histories, per_site_steps, central_steps
+    )
 
 
 def federated_curves(events: list[dict[str, Any]]) -> tuple[list[dict[str, float]], dict, dict]:

@@ -149,9 +149,7 @@ class DiseaseSpec(_Strict):
     def _latent_names(cls, value: dict[str, float], info) -> dict[str, float]:
         for name in value:
             if name not in LATENT_DIMS:
-                raise ValueError(
-                    f"{info.field_name}: unknown latent dimension {name!r}; expected one of {LATENT_DIMS}"
-                )
+                raise ValueError(f"{info.field_name}: unknown latent dimension {name!r}; expected one of {LATENT_DIMS}")
         return value
 
     @property
