@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import queue
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -44,6 +45,20 @@ EXIT_NO_CONNECTION = 4  # unreachable, or TLS failed (wrong certificate)
 EXIT_NOT_REGISTERED = 5  # the SuperLink refused this site's key
 EXIT_SUPERNODE_FAILED = 6  # the SuperNode stopped for another reason
 
+# How client/supernode_main.py ends a SuperNode whose pull loop stopped (it never exits by itself).
+EXIT_CONNECTION_ENDED = 75
+ENDED_LINE = "healthfm: the SuperNode's connection to the SuperLink ended"
+# Restarting such a SuperNode: waits between restarts (the last one repeats), reset once it has run
+# STABLE_SECONDS; a SuperLink that counts a killed SuperNode as online refuses its key until the
+# node misses its heartbeats (flwr 1.41: 2 x 30 s), so a refused key that connected before is
+# retried for REJOIN_WINDOW_SECONDS.
+RESTART_BACKOFF = (5, 10, 20, 40, 60)
+STABLE_SECONDS = 300.0
+REJOIN_RETRY_SECONDS = 10.0
+REJOIN_WINDOW_SECONDS = 150.0
+NODE_RECORD = "node.json"  # STATE/node.json: the last node id this key connected as
+
+REPO = Path(__file__).resolve().parents[1]
 NODE_ID_LINE = re.compile(r"SuperNode ID:\s*(\d+)")
 ConfigValue = str | int | float | bool
 
@@ -217,9 +232,14 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int) -> list[str]:
+    # Through client/supernode_main.py: a SuperNode whose connection ended exits (and is restarted)
+    # instead of idling forever.
     # --isolation process: the SuperNode starts no SuperExec; the site's app guard takes that place
     # and starts a ClientApp only for an approved bundle (client/app_guard.py).
     cmd = [
+        sys.executable,
+        "-m",
+        "client.supernode_main",
         flower_executable("flower-supernode"),
         "--superlink",
         cfg.superlink,
@@ -244,10 +264,17 @@ def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int
     return cmd
 
 
+def site_process_env(cfg: JoinConfig) -> dict[str, str]:
+    """flower_env, and this checkout importable: the SuperNode and the app guard run modules of
+    this package (client.supernode_main, client.app_guard)."""
+    env = flower_env(cfg.state_dir.resolve() / "flwr-home")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    return env
+
+
 def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subprocess.Popen[bytes]:
     """The site's app guard (client/app_guard.py) on the SuperNode's local Runtime API; it dies
     with `join`. Its log: STATE/app-guard.log."""
-    repo = Path(__file__).resolve().parents[1]
     policy = cfg.node_config.get("policy")
     site = str(cfg.node_config.get("site-name", cfg.site_root.name))
     cmd = [
@@ -266,16 +293,14 @@ def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subpr
         "--warm-idle",
         str(cfg.warm_idle),
     ]
-    env = flower_env(cfg.state_dir.resolve() / "flwr-home")
-    env["PYTHONPATH"] = os.pathsep.join([str(repo), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     with open(log_path, "a", encoding="utf-8") as out:
         return subprocess.Popen(
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=repo,
+            env=site_process_env(cfg),
+            cwd=REPO,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
 
@@ -366,9 +391,118 @@ def _pump(stream: TextIO | None, lines: queue.Queue[str | None]) -> None:
         lines.put(None)
 
 
+class Attempt(BaseModel):
+    """How one SuperNode process ended."""
+
+    returncode: int
+    node_id: str | None  # None: it never connected
+    tail: list[str]
+    connected_seconds: float  # how long it was connected (0 if never)
+    stop_requested: bool
+
+
+def run_supernode_once(
+    cfg: JoinConfig,
+    cmd: list[str],
+    log_file: TextIO,
+    stop: threading.Event,
+    on_connected: Callable[[str], None],
+    echo: bool = False,
+) -> Attempt:
+    """Start one SuperNode process and stay with it until it exits or `stop` is set (then it is
+    sent SIGTERM, so it says goodbye to the SuperLink); its whole process group is gone on return."""
+    node_id: str | None = None
+    connected_at: float | None = None
+    tail: list[str] = []
+    log_file.write(f"--- join {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(cmd)}\n")
+    log_file.flush()
+    # Its own session and process group: the SuperExec and every flwr-clientapp it starts
+    # stay in that group (Flower does not detach them on the site side), so killing the
+    # group on the way out leaves nothing behind (stop_group).
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=site_process_env(cfg),
+        cwd=REPO,
+        text=True,
+        bufsize=1,
+        errors="replace",
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+    # A reader thread, because the pipe can outlive the SuperNode: the SuperExec it starts
+    # (its own session) inherits the pipe and only exits once its parent is reaped.
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    exited_at: float | None = None
+    signalled = False
+    try:
+        while True:
+            if stop.is_set() and not signalled and proc.poll() is None:
+                signalled = True
+                proc.send_signal(signal.SIGTERM)  # the SuperNode first: it says goodbye to the SuperLink
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                line = ""
+            if line is None:  # EOF
+                break
+            if line:
+                log_file.write(line)
+                log_file.flush()
+                if echo:
+                    sys.stderr.write(line)
+                tail = [*tail[-199:], line.rstrip("\n")]
+                if node_id is None and (m := NODE_ID_LINE.search(line)):
+                    node_id = m.group(1)
+                    connected_at = time.monotonic()
+                    on_connected(node_id)
+            if proc.poll() is not None:  # reaped: read what is left for a moment, then stop
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > 1.0:
+                    break
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        stop_group(proc.pid)
+    return Attempt(
+        returncode=returncode,
+        node_id=node_id,
+        tail=tail,
+        connected_seconds=time.monotonic() - connected_at if connected_at is not None else 0.0,
+        stop_requested=stop.is_set(),
+    )
+
+
+def restart_delay(restarts: int) -> float:
+    """Seconds before restart number `restarts` (1-based) of a SuperNode that lost its SuperLink."""
+    return float(RESTART_BACKOFF[min(restarts, len(RESTART_BACKOFF)) - 1])
+
+
+def connected_before(state: Path, public_key: str | None) -> bool:
+    """Whether a SuperNode of this site connected with this key before (STATE/node.json)."""
+    try:
+        record = json.loads((state / NODE_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("public_key") == public_key
+
+
 def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
-    """Start the SuperNode and stay with it until it stops or this process is told to stop
-    (SIGINT/SIGTERM, which it passes on). Returns 0 when the site left on request."""
+    """Start the SuperNode and stay with it until this process is told to stop (SIGINT/SIGTERM,
+    which it passes on); returns 0 then. A SuperNode whose connection ended (its pull loop
+    stopped on a SuperLink error, or it crashed) is restarted with backoff; a key the SuperLink
+    refuses because it still counts this site's previous SuperNode as connected (killed without
+    leaving) is retried until that session expires. Anything else raises JoinError."""
     state = cfg.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
@@ -376,91 +510,106 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
     runtime_port = cfg.runtime_port or free_port()
     cmd = supernode_command(cfg, node_config_file, runtime_port)
     log_path = state / "supernode.log"
+    public_key = check_auth_key(cfg.auth_key) if cfg.auth_key is not None else None
     log.info("starting %s", " ".join(cmd))
-    stop_requested = False
-    node_id: str | None = None
-    tail: list[str] = []
+    stop = threading.Event()
+    last_node: list[str] = []
 
-    with open(log_path, "a", encoding="utf-8") as log_file:
-        log_file.write(f"--- join {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(cmd)}\n")
-        # Its own session and process group: the SuperExec and every flwr-clientapp it starts
-        # stay in that group (Flower does not detach them on the site side), so killing the
-        # group on the way out leaves nothing behind (stop_group).
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=flower_env(state / "flwr-home"),
-            text=True,
-            bufsize=1,
-            errors="replace",
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    def forward(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    def on_connected(node_id: str) -> None:
+        restarted = bool(last_node)
+        last_node.append(node_id)
+        (state / NODE_RECORD).write_text(json.dumps({"node_id": node_id, "public_key": public_key}) + "\n")
+        what = "rejoined" if restarted else "joined"
+        print(
+            f"{what}: SuperNode {node_id} connected to {cfg.superlink}; waiting for runs "
+            f"(log {log_path}; Ctrl-C to leave)",
+            file=out,
+            flush=True,
         )
-        guard = start_app_guard(cfg, runtime_port, state / "app-guard.log")
-        # A reader thread, because the pipe can outlive the SuperNode: the SuperExec it starts
-        # (its own session) inherits the pipe and only exits once its parent is reaped.
-        lines: queue.Queue[str | None] = queue.Queue()
-        reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
-        reader.start()
 
-        def forward(signum: int, _frame: Any) -> None:
-            nonlocal stop_requested
-            stop_requested = True
-            if proc.poll() is None:
-                proc.send_signal(signum)  # the SuperNode first: it says goodbye to the SuperLink
+    def say(message: str) -> None:
+        """A line for the site admin, on stdout and in the SuperNode's log."""
+        print(message, file=out, flush=True)
+        log_file.write(f"--- join: {message}\n")
+        log_file.flush()
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        exited_at: float | None = None
-        try:
+    def pause(seconds: float) -> None:
+        stop.wait(seconds)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    guard = start_app_guard(cfg, runtime_port, state / "app-guard.log")
+    restarts = 0
+    refused_since: float | None = None
+    try:
+        with open(log_path, "a", encoding="utf-8") as log_file:
             while True:
-                try:
-                    line = lines.get(timeout=0.2)
-                except queue.Empty:
-                    line = ""
-                if line is None:  # EOF
-                    break
-                if line:
-                    log_file.write(line)
-                    log_file.flush()
-                    if echo:
-                        sys.stderr.write(line)
-                    tail = [*tail[-199:], line.rstrip("\n")]
-                    if node_id is None and (m := NODE_ID_LINE.search(line)):
-                        node_id = m.group(1)
-                        print(
-                            f"joined: SuperNode {node_id} connected to {cfg.superlink}; waiting for runs "
-                            f"(log {log_path}; Ctrl-C to leave)",
-                            file=out,
-                            flush=True,
+                attempt = run_supernode_once(cfg, cmd, log_file, stop, on_connected, echo=echo)
+                if attempt.stop_requested:
+                    print(f"left the federation (SuperNode {attempt.node_id or '-'} stopped)", file=out, flush=True)
+                    return EXIT_OK
+                error = explain_exit(attempt.tail, attempt.returncode, cfg, log_path)
+                # Refused although this key connected before: the SuperLink still counts the previous
+                # SuperNode as online (it stopped without leaving, e.g. killed) until its heartbeat
+                # expires; retry until then.
+                if error.status == EXIT_NOT_REGISTERED and (last_node or connected_before(state, public_key)):
+                    now = time.monotonic()
+                    if refused_since is None:
+                        refused_since = now
+                        say(
+                            "the SuperLink refused this site's key although it connected before: it still counts "
+                            "this site's previous SuperNode as connected (stopped without leaving, e.g. killed); "
+                            f"retrying every {REJOIN_RETRY_SECONDS:g} s until that session expires "
+                            f"(at most {REJOIN_WINDOW_SECONDS:g} s)"
                         )
-                if proc.poll() is not None:  # reaped: read what is left for a moment, then stop
-                    exited_at = exited_at or time.monotonic()
-                    if time.monotonic() - exited_at > 1.0:
-                        break
-            returncode = proc.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if guard.poll() is None:
-                guard.terminate()
-                try:
-                    guard.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    guard.kill()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            stop_group(proc.pid)
-    if stop_requested:
-        print(f"left the federation (SuperNode {node_id or '-'} stopped)", file=out, flush=True)
-        return EXIT_OK
-    raise explain_exit(tail, returncode, cfg, log_path)
+                    if now - refused_since < REJOIN_WINDOW_SECONDS:
+                        pause(REJOIN_RETRY_SECONDS)
+                        if stop.is_set():
+                            print("left the federation (while waiting to rejoin)", file=out, flush=True)
+                            return EXIT_OK
+                        continue
+                    raise error
+                refused_since = None
+                if attempt.node_id is None or not restartable(attempt, error, cfg):
+                    raise error
+                if attempt.connected_seconds >= STABLE_SECONDS:
+                    restarts = 0  # it ran well for a while: start the backoff over
+                restarts += 1
+                delay = restart_delay(restarts)
+                last = next((ln.strip() for ln in reversed(attempt.tail) if "error" in ln.lower() and ln.strip()), "")
+                say(
+                    f"SuperNode {attempt.node_id} lost its connection to the SuperLink "
+                    f"(exit {attempt.returncode}{': ' + last if last else ''}); restarting it in {delay:g} s "
+                    f"(restart {restarts}; log {log_path})"
+                )
+                pause(delay)
+                if stop.is_set():
+                    print(f"left the federation (SuperNode {attempt.node_id} stopped)", file=out, flush=True)
+                    return EXIT_OK
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if guard.poll() is None:
+            guard.terminate()
+            try:
+                guard.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                guard.kill()
+
+
+def restartable(attempt: Attempt, error: JoinError, cfg: JoinConfig) -> bool:
+    """Whether a SuperNode that connected and then stopped is worth starting again: yes when its
+    connection ended (client/supernode_main.py) or it crashed; no when the site admin's
+    --max-wait-time ran out or the cause is in this site's own setup."""
+    if attempt.returncode == EXIT_CONNECTION_ENDED:
+        return True
+    if error.status == EXIT_USAGE:
+        return False
+    if cfg.max_wait_time is not None and any("giving up reconnection" in ln.lower() for ln in attempt.tail):
+        return False
+    return True
 
 
 def join(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:

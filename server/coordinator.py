@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -86,6 +87,7 @@ from server.registry import RegisteredSite, RegistryError, read_registry, regist
 log = logging.getLogger("healthfm.coordinator")
 
 DEFAULT_PORT = 9093
+REPO = Path(__file__).resolve().parents[1]
 
 
 class LaunchRecord(BaseModel):
@@ -141,8 +143,12 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     link_host, link_port = (host, port) if args.insecure else ("127.0.0.1", args.internal_port or _free_loopback_port())
     # --isolation process: the SuperLink starts no SuperExec; `superlink` runs it and restarts it if it
     # stops (Flower's own exits on one failed Runtime API call, e.g. a busy database, and no run
-    # would start again).
+    # would start again). Through server.superlink_main: SQLite waits longer for its lock than
+    # Flower's 5 s, so a loaded machine delays calls instead of failing them.
     cmd = [
+        sys.executable,
+        "-m",
+        "server.superlink_main",
         flower_bin("flower-superlink"),
         "--host",
         link_host,
@@ -184,7 +190,9 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     env = flower_env(paths)
     for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
         env.pop(legacy, None)  # Flower's legacy gRPC servers bind 0.0.0.0, past the proxy
-    procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)]
+    # This checkout importable for `-m server.superlink_main`, wherever the coordinator runs from.
+    link_env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])}
+    procs = [subprocess.Popen(cmd, env=link_env, stdin=subprocess.DEVNULL)]
     connect = f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}"
     superexec_cmd = [
         flower_bin("flower-superexec"),

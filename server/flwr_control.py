@@ -36,6 +36,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_SITE_LOST = 4  # the run completed, but a site that trained in round 1 was missing at the end
 EXIT_UNREACHABLE = 5  # the SuperLink did not answer: the run's state is unknown
 UNAVAILABLE = "connection to the superlink is unavailable"  # the `flwr` CLI's words, lower case
+INTERNAL_ERROR = "internal server error"  # the `flwr` CLI's words for a 500 answer, lower case
 CONNECTION = "healthfm"
 FLWR_TIMEOUT_S = 120
 
@@ -53,6 +54,11 @@ class SuperLinkUnreachable(CoordinatorError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, EXIT_UNREACHABLE)
+
+
+class SuperLinkBusy(SuperLinkUnreachable):
+    """The SuperLink answered with an internal error (e.g. its database busy on a loaded machine):
+    the run's state is unknown for now, so it is retried like an unreachable SuperLink."""
 
 
 # A one-off --superlink: FED root -> the temporary FLWR_HOME holding its connection.
@@ -164,6 +170,9 @@ def check_reachable(paths: FederationPaths, proc: subprocess.CompletedProcess) -
     if UNAVAILABLE in text:
         address = read_connection(paths).get("address", "?")
         raise SuperLinkUnreachable(f"the SuperLink at {address} is unreachable (down or restarting?)")
+    if INTERNAL_ERROR in text:
+        address = read_connection(paths).get("address", "?")
+        raise SuperLinkBusy(f"the SuperLink at {address} answered with an internal server error (busy?)")
 
 
 def run_status(paths: FederationPaths, run_id: int) -> str:
@@ -189,7 +198,8 @@ def wait_for_run(
     paths: FederationPaths, run_id: int, timeout: float, poll: float = 2.0, unreachable_grace: float = 120.0
 ) -> str:
     """Poll until the run is finished; its final status (e.g. finished:completed). A SuperLink
-    that stops answering is retried for `unreachable_grace` seconds, then SuperLinkUnreachable."""
+    that stops answering, or answers with an internal error, is retried for `unreachable_grace`
+    seconds, then SuperLinkUnreachable."""
     deadline = time.monotonic() + timeout
     last = ""
     lost_since: float | None = None
@@ -203,7 +213,7 @@ def wait_for_run(
                 print(f"run {run_id}: {err}; retrying for up to {unreachable_grace:g} s", flush=True)
             if now - lost_since >= unreachable_grace:
                 raise SuperLinkUnreachable(
-                    f"{err}: no answer for {now - lost_since:.0f} s while waiting for run "
+                    f"{err}: no usable answer for {now - lost_since:.0f} s while waiting for run "
                     f"{run_id} (last status {last or 'unknown'})"
                 ) from None
             time.sleep(poll)

@@ -53,6 +53,12 @@ from server.provision import FederationPaths
 
 pytestmark = pytest.mark.slow
 
+# Generous limits that only catch a hang: on a loaded 2-core CI machine a 3-round tiny run takes
+# minutes (each message starts a ClientApp process), and nothing here asserts on speed.
+RUN_TIMEOUT = "2400"  # the coordinator's own `--wait --timeout`
+HANG_S = 2500  # the test's limit around a coordinator command or a wait
+ROUND_TIMEOUT_S = 1200  # timeout-s where a test shows a round did not wait it out
+
 
 # One uninterrupted run, shared by the tests that resume (its out-dir outlives the test that made it).
 RESUME_RUN = [*TINY_RUN, "-c", "server-optimizer-lr=0.01"]  # the optimiser's moments must survive too
@@ -72,8 +78,8 @@ def straight_run(federation: FederationPaths, tmp_path: Path) -> Path:
             *RESUME_RUN,
             "--wait",
             "--timeout",
-            "540",
-            timeout=580,
+            RUN_TIMEOUT,
+            timeout=HANG_S,
         )
         assert result.returncode == 0, result.stderr
         _STRAIGHT.append(out)
@@ -180,20 +186,18 @@ def rejoin(
     address: str,
     state: Path,
     log: Path,
-    attempts: int = 4,
 ) -> Process:
-    """Start the site again with the same key and state; the SuperLink refuses the key while it
-    still counts the dead node as connected (until its heartbeat expires), so retry."""
-    for attempt in range(attempts):
-        proc = Process(
-            [sys.executable, str(CLIENT), *join_args(federation, sites[name], name, address, state)],
-            log.with_suffix(f".{attempt}.out"),
-        )
-        if proc.wait_for("joined: SuperNode", 120):
-            return proc
+    """Start the site again with the same key and state, at once: the SuperLink refuses the key
+    while it still counts the killed node as connected (until its heartbeat expires), and `join`
+    itself retries until then, saying so."""
+    proc = Process(
+        [sys.executable, str(CLIENT), *join_args(federation, sites[name], name, address, state)],
+        log.with_suffix(".out"),
+    )
+    if not proc.wait_for("joined: SuperNode", 900):
         proc.stop()
-        time.sleep(15)
-    raise AssertionError(f"{name} could not rejoin: {proc.output()[-2000:]}")
+        raise AssertionError(f"{name} could not rejoin: {proc.output()[-2000:]}")
+    return proc
 
 
 def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
@@ -213,20 +217,20 @@ def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
         *run,
         "--wait",
         "--timeout",
-        "540",
-        timeout=580,
+        RUN_TIMEOUT,
+        timeout=HANG_S,
     )
-    wait_until(lambda: latest_server_checkpoint(out / "checkpoints") is not None, 300, "round 1's checkpoint")
+    wait_until(lambda: latest_server_checkpoint(out / "checkpoints") is not None, HANG_S, "round 1's checkpoint")
     run_id = next(r.run_id for r in reversed(read_launches(federation)) if r.out_dir == str(out.resolve()))
     stop = run_flwr(federation, ["stop", str(run_id), CONNECTION])
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    launch.join(300)
+    launch.join(HANG_S)
     assert launch.result.returncode != 0  # stopped, not completed
     stopped_at = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints")).round
     assert 1 <= stopped_at < 3, stopped_at
 
     resumed = run_coordinator(
-        "resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "540", timeout=580
+        "resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", RUN_TIMEOUT, timeout=HANG_S
     )
     assert resumed.returncode == 0, resumed.stderr
     events, rounds = round_events(out)
@@ -255,13 +259,13 @@ def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
         "timeout-s=180",
         "--wait",
         "--timeout",
-        "1200",
-        timeout=1250,
+        RUN_TIMEOUT,
+        timeout=HANG_S,
     )
-    wait_until(lambda: has_event(out, "round"), 900, "round 1")
+    wait_until(lambda: has_event(out, "round"), HANG_S, "round 1")
     frozen = signal_tree(joined[victim], signal.SIGSTOP)  # past the round timeout: it never answers
     try:
-        launch.join(1250)
+        launch.join(HANG_S)
     finally:
         for pid in frozen:
             try:
@@ -316,15 +320,15 @@ def test_a_restarted_supernode_gets_the_setup_again_and_trains(
         *TINY_RUN,
         "--wait",
         "--timeout",
-        "1200",
-        timeout=1250,
+        RUN_TIMEOUT,
+        timeout=HANG_S,
     )
-    wait_until(lambda: has_event(out, "setup"), 600, "round 0")
+    wait_until(lambda: has_event(out, "setup"), HANG_S, "round 0")
     kill_hard(joined[victim])  # mid round 1
     joined[victim] = rejoin(
         federation, sites, victim, superlink, tmp_path / f"state-{victim}", tmp_path / f"rejoin-{victim}"
     )
-    launch.join(1250)
+    launch.join(HANG_S)
     result = launch.result
     outcome = read_outcome(out)
     # 0; or 4 only when another site was lost meanwhile (on a machine loaded enough for the
@@ -359,22 +363,24 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
         "--rounds",
         "1",
         *TINY_RUN,
+        "-c",
+        f"timeout-s={ROUND_TIMEOUT_S}",
         "--wait",
         "--timeout",
-        "540",
-        timeout=580,
+        RUN_TIMEOUT,
+        timeout=HANG_S,
     )
     # Round 0 is over (setup logged): round 1's train messages are being sent now.
-    wait_until(lambda: has_event(out, "setup"), 240, "round 0")
+    wait_until(lambda: has_event(out, "setup"), HANG_S, "round 0")
     kill_hard(joined[victim])
-    t_killed = time.monotonic()
-    launch.join(600)
+    launch.join(HANG_S)
     assert launch.result.returncode == 0, (launch.result.stdout, launch.result.stderr)
-    # It did not wait for the whole round timeout (300 s): the SuperLink answered for the dead node.
-    assert time.monotonic() - t_killed < 280
 
     _, rounds = round_events(out)
     event = rounds[1]
+    # The round did not wait out its timeout: the SuperLink answered for the dead node (once its
+    # heartbeat expired, about a minute). Measured by the round itself, not by this test's clock.
+    assert event["timings"]["wait_seconds"] < ROUND_TIMEOUT_S - 60, event["timings"]
     assert set(event["sites"]) == set(SITES)
     dead = event["sites"][victim]
     assert dead["status"] in ("error", "no reply"), dead
@@ -408,8 +414,8 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
         *TINY_RUN,
         "--wait",
         "--timeout",
-        "420",
-        timeout=480,
+        RUN_TIMEOUT,
+        timeout=HANG_S,
     )
     assert again.returncode == 0, again.stderr
     _, rounds2 = round_events(out2)
@@ -444,18 +450,18 @@ def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_iden
         *RESUME_RUN,
         "--wait",
         "--timeout",
-        "540",
+        RUN_TIMEOUT,
         "--unreachable-grace",
         "20",
-        timeout=580,
+        timeout=HANG_S,
     )
-    wait_until(lambda: latest_server_checkpoint(out / "checkpoints") is not None, 300, "round 1's checkpoint")
+    wait_until(lambda: latest_server_checkpoint(out / "checkpoints") is not None, HANG_S, "round 1's checkpoint")
     wrapper = superlink_wrapper(federation)
     tree = [wrapper, *descendants(wrapper)]  # flower-superlink, its SuperExec and the run's ServerApp
     assert any("flwr-serverapp" in command(pid) for pid in tree), [command(p) for p in tree]
     for pid in tree:
         os.kill(pid, signal.SIGKILL)
-    launch.join(300)
+    launch.join(HANG_S)
     result = launch.result
     assert result.returncode == EXIT_UNREACHABLE, (result.stdout, result.stderr)
     assert "unreachable" in result.stderr and "knows no run" not in result.stdout + result.stderr
@@ -468,9 +474,9 @@ def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_iden
         tmp_path / "superlink-again.out",
     )
     try:
-        assert again.wait_for("Uvicorn running on https://127.0.0.1", 300), again.output()[-3000:]
+        assert again.wait_for("Uvicorn running on https://127.0.0.1", 900), again.output()[-3000:]
         resumed = run_coordinator(
-            "resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", "540", timeout=580
+            "resume", str(federation.root), "--out-dir", str(out), "--wait", "--timeout", RUN_TIMEOUT, timeout=HANG_S
         )
         assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
         events, rounds = round_events(out)

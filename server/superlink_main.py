@@ -1,0 +1,96 @@
+"""Flower's `flower-superlink`, with SQLite waiting longer for its database lock.
+
+    python -m server.superlink_main PATH/TO/flower-superlink [flower-superlink options]
+
+Why (flwr 1.41, flwr/supercore/sql_mixin.py and constant.py): the SuperLink keeps its state and
+objects in SQLite and sets `PRAGMA busy_timeout = 5000` on every connection; each API call runs in
+a thread of one process, so on a loaded coordinator a write waiting more than 5 s for the lock
+fails with "database is locked" and the call answers 500. A SuperNode's pull loop stops on that
+error (client/supernode_main.py), a ServerApp call fails its run, and `flwr ls` fails. Waiting
+longer costs nothing when the machine is idle and turns those failures into delays when it is
+not. BUSY_TIMEOUT_MS is that wait; everything else is Flower's own.
+
+A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
+transaction held longer than that are logged (WARNING, with the thread and the statement), so a
+coordinator sees what the database waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flwr.supercore import sql_mixin
+from flwr.superlink.cli import flower_superlink
+from sqlalchemy import Engine, event
+
+BUSY_TIMEOUT_MS = 120_000
+SLOW_STATEMENT_S = 5.0
+
+log = logging.getLogger("healthfm.superlink")
+_started = threading.local()
+
+
+def _before(conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+    _started.statement = time.monotonic()
+    if not getattr(_started, "txn", None) and not statement.lstrip().upper().startswith("SELECT"):
+        _started.txn = (time.monotonic(), statement)  # the first write of a transaction
+
+
+def _after(conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+    took = time.monotonic() - getattr(_started, "statement", time.monotonic())
+    if took > SLOW_STATEMENT_S:
+        log.warning("database statement took %.1f s (%s): %s", took, threading.current_thread().name, statement[:200])
+
+
+def _end(conn: Any) -> None:
+    txn = getattr(_started, "txn", None)
+    _started.txn = None
+    if txn is not None and (held := time.monotonic() - txn[0]) > SLOW_STATEMENT_S:
+        log.warning(
+            "database write transaction held %.1f s (%s), first write: %s",
+            held,
+            threading.current_thread().name,
+            txn[1][:200],
+        )
+
+
+def log_slow_database_work() -> None:
+    """WARNING for statements and write transactions slower than SLOW_STATEMENT_S (every engine)."""
+    handler = logging.StreamHandler()  # its own handler: the root logger (and Flower's) stay as they are
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    event.listen(Engine, "before_cursor_execute", _before)
+    event.listen(Engine, "after_cursor_execute", _after)
+    event.listen(Engine, "commit", _end)
+    event.listen(Engine, "rollback", _end)
+
+
+def with_busy_timeout(pragmas: Sequence[tuple[str, str]], ms: int) -> tuple[tuple[str, str], ...]:
+    """Flower's pragmas with busy_timeout set to `ms`; ValueError if Flower no longer sets one
+    (then this wrapper no longer knows what it changes)."""
+    if not any(name == "busy_timeout" for name, _ in pragmas):
+        raise ValueError(f"flwr's SQLITE_PRAGMAS {pragmas!r} set no busy_timeout: update server/superlink_main.py")
+    return tuple((name, str(ms)) if name == "busy_timeout" else (name, value) for name, value in pragmas)
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        print("usage: python -m server.superlink_main PATH/TO/flower-superlink [options]", file=sys.stderr)
+        raise SystemExit(2)
+    # A module attribute Flower reads at every new connection (flwr 1.41: _set_sqlite_pragmas).
+    sql_mixin.SQLITE_PRAGMAS = with_busy_timeout(sql_mixin.SQLITE_PRAGMAS, BUSY_TIMEOUT_MS)  # type: ignore[assignment]
+    log_slow_database_work()
+    # Flower reads its options from sys.argv and names itself after argv[0].
+    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    main()
