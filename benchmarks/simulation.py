@@ -1,0 +1,253 @@
+"""Benchmark: a federated simulation's start-up, rounds, evaluation, site loads and memory.
+
+    .venv/bin/python benchmarks/simulation.py                          # this tree only
+    .venv/bin/python benchmarks/simulation.py --baseline HEAD~3        # and a baseline, same run
+    .venv/bin/python benchmarks/simulation.py --n-subjects 300 --rounds 4 --local-steps 20
+
+Each variant runs `python -m simulations.run` as its own process (scenario `tiny`: three sites,
+every modality mix; `--n-subjects` per site) on the same synthetic sites, generated once before
+anything is timed. The baseline is the code of a git revision (`git archive REV`, unpacked into
+a temporary directory; the repository is not touched), run with the same arguments.
+
+Figures per variant:
+  first round   seconds from the process's launch to the end of round 0 (the server's "setup"
+                event in rounds.jsonl: Ray started, sites connected, vocabulary agreed, setup sent)
+  rounds        each training round's wall time (rounds.jsonl), and their sum
+  evaluation    the final federated evaluation's wall time, and as a multiple of the mean round
+  site loads    how many times a site's data was turned into sequences ("site loads": lines the
+                sites log when they build them; the baseline logs none, see --count-loads)
+  peak RSS      the largest sum of RSS over the run's whole process tree (driver, Ray's own
+                processes, the actors), sampled every 0.25 s with psutil; peak PSS likewise
+                (shared pages counted once: the fairer figure when actors memory-map a file)
+
+Ratios (this tree / baseline) are printed when a baseline ran. Figures depend on the machine's
+load: compare the ratios of one run, not figures of different runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+try:
+    import psutil
+except ImportError:  # Ray ships its own copy
+    import ray
+
+    sys.path.append(str(Path(ray.__file__).parent / "thirdparty_files"))
+    import psutil
+
+from healthfm_core.data.synthetic import synthetic_sites  # noqa: E402
+
+# Site-side INFO lines reach the driver's output only when the actors log at INFO: a
+# sitecustomize on the variants' PYTHONPATH turns it on in every process of the run, old code too.
+SITECUSTOMIZE = """
+import logging, sys
+_h = logging.StreamHandler(sys.stderr)
+_h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+_l = logging.getLogger("healthfm")
+_l.setLevel(logging.INFO)
+_l.addHandler(_h)
+_l.propagate = False
+"""
+OPENED = re.compile(r"site (\S+) opened: modalities")
+BUILT = re.compile(r"site (\S+): sequences built")
+
+
+@dataclass
+class Figures:
+    name: str
+    first_round_s: float = float("nan")
+    rounds_s: list[float] = field(default_factory=list)
+    eval_s: float = float("nan")
+    total_s: float = float("nan")
+    peak_rss_mb: float = 0.0
+    peak_pss_mb: float = 0.0
+    peak_processes: int = 0
+    runtimes_opened: int = 0
+    sequence_builds: int | None = None
+    rc: int = 0
+
+
+def tree_memory(root: psutil.Process) -> tuple[float, float, int]:
+    """(RSS MB, PSS MB, processes) summed over `root` and all its descendants."""
+    procs = [root]
+    try:
+        procs += root.children(recursive=True)
+    except psutil.Error:
+        pass
+    rss = pss = 0.0
+    n = 0
+    for p in procs:
+        try:
+            full = p.memory_full_info()
+        except psutil.Error:
+            try:
+                rss += p.memory_info().rss
+                n += 1
+            except psutil.Error:
+                pass
+            continue
+        rss += full.rss
+        pss += getattr(full, "pss", full.rss)
+        n += 1
+    return rss / 2**20, pss / 2**20, n
+
+
+def unpack_revision(rev: str, into: Path) -> Path:
+    data = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def run_variant(name: str, code: Path, args: argparse.Namespace, data_dir: Path, work: Path) -> Figures:
+    out = work / f"out-{name}"
+    custom = work / "sitecustomize"
+    custom.mkdir(exist_ok=True)
+    (custom / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(code), str(custom), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.run",
+        f"scenario={args.scenario}",
+        f"model={args.model}",
+        f"n_subjects={args.n_subjects}",
+        f"data_dir={data_dir}",
+        f"out_dir={out}",
+        f"hydra.run.dir={out}",
+        f"federation.rounds={args.rounds}",
+        f"federation.local_steps={args.local_steps}",
+        *args.override,
+    ]
+    log_path = work / f"{name}.log"
+    figures = Figures(name)
+    t0 = time.time()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                rss, pss, n = tree_memory(root)
+                figures.peak_rss_mb = max(figures.peak_rss_mb, rss)
+                figures.peak_pss_mb = max(figures.peak_pss_mb, pss)
+                figures.peak_processes = max(figures.peak_processes, n)
+                stop.wait(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            figures.rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            figures.rc = -9
+        stop.set()
+        sampler.join()
+    figures.total_s = time.time() - t0
+    text = log_path.read_text(errors="replace")
+    if figures.rc != 0:
+        print(f"[{name}] exited {figures.rc}; its output: {log_path}\n{text[-3000:]}")
+    events_path = out / "rounds.jsonl"
+    events = [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.is_file() else []
+    for e in events:
+        if e["event"] == "setup":
+            figures.first_round_s = e["time"] - t0
+        elif e["event"] == "round":
+            figures.rounds_s.append(float(e["timings"]["round_seconds"]))
+        elif e["event"] == "evaluate":
+            figures.eval_s = float(e["seconds"])
+    figures.runtimes_opened = len(OPENED.findall(text))
+    if "sequences built" in text or args.count_loads:
+        figures.sequence_builds = len(BUILT.findall(text))
+    return figures
+
+
+def show(rows: list[Figures], n_sites: int) -> None:
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    cols = [
+        ("first round (s)", lambda f: f.first_round_s),
+        ("rounds, sum (s)", lambda f: sum(f.rounds_s)),
+        ("round, mean (s)", lambda f: mean(f.rounds_s)),
+        ("evaluation (s)", lambda f: f.eval_s),
+        ("evaluation / mean round", lambda f: f.eval_s / mean(f.rounds_s)),
+        ("evaluation / sum of rounds", lambda f: f.eval_s / sum(f.rounds_s) if f.rounds_s else float("nan")),
+        ("whole run (s)", lambda f: f.total_s),
+        ("peak RSS, all processes (MB)", lambda f: f.peak_rss_mb),
+        ("peak PSS, all processes (MB)", lambda f: f.peak_pss_mb),
+        ("processes at peak", lambda f: float(f.peak_processes)),
+        (f"site runtimes opened ({n_sites} sites)", lambda f: float(f.runtimes_opened)),
+        (
+            f"sequence builds ({n_sites} sites)",
+            lambda f: float(f.sequence_builds) if f.sequence_builds is not None else float("nan"),
+        ),
+    ]
+    head = f"{'':34s}" + "".join(f"{f.name:>14s}" for f in rows) + ("      ratio" if len(rows) == 2 else "")
+    print(head)
+    for label, get in cols:
+        vals = [get(f) for f in rows]
+        line = f"{label:34s}" + "".join(f"{v:14.2f}" for v in vals)
+        if len(rows) == 2 and vals[0] and vals[0] == vals[0]:
+            line += f"  x{vals[1] / vals[0]:.2f}"
+        print(line)
+    for f in rows:
+        print(f"{f.name}: rounds {[round(x, 1) for x in f.rounds_s]}, exit {f.rc}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="a git revision to run first as the baseline (e.g. HEAD~3)")
+    parser.add_argument("--scenario", default="tiny")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--n-subjects", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--count-loads", action="store_true", help="count sequence builds even if none are logged")
+    parser.add_argument("--out", type=Path, help="keep the runs and logs here (default: a temporary directory)")
+    parser.add_argument("override", nargs="*", help="more Hydra overrides for both variants")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="healthfm-bench-sim-") as tmp:
+        work = args.out or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        data_dir = work / "data"
+        t = time.perf_counter()
+        manifest = synthetic_sites(data_dir, args.scenario, args.seed, args.n_subjects)
+        print(f"sites: {[s.name for s in manifest.sites]}, {args.n_subjects} subjects each "
+              f"({time.perf_counter() - t:.1f} s to generate or reuse)")
+        print(f"model {args.model}, {args.rounds} rounds x {args.local_steps} local steps; cpu count {os.cpu_count()}, "
+              f"load average {os.getloadavg()[0]:.2f}")
+        rows = []
+        if args.baseline:
+            base = unpack_revision(args.baseline, work / "baseline-code")
+            rows.append(run_variant("baseline", base, args, data_dir, work))
+        rows.append(run_variant("this-tree", ROOT, args, data_dir, work))
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        show(rows, len(manifest.sites))
+
+
+if __name__ == "__main__":
+    main()
