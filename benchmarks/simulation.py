@@ -14,8 +14,9 @@ Figures per variant:
                 event in rounds.jsonl: Ray started, sites connected, vocabulary agreed, setup sent)
   rounds        each training round's wall time (rounds.jsonl), and their sum
   evaluation    the final federated evaluation's wall time, and as a multiple of the mean round
-  site loads    how many times a site's data was turned into sequences ("site loads": lines the
-                sites log when they build them; the baseline logs none, see --count-loads)
+  site loads    how many times a site's data was read and turned into sequences: the run's
+                site_loads.json where it writes one; before that, one per site runtime (each
+                actor that served a site opened it and prepared its sequences)
   peak RSS      the largest sum of RSS over the run's whole process tree (driver, Ray's own
                 processes, the actors), sampled every 0.25 s with psutil; peak PSS likewise
                 (shared pages counted once: the fairer figure when actors memory-map a file)
@@ -65,7 +66,6 @@ _l.addHandler(_h)
 _l.propagate = False
 """
 OPENED = re.compile(r"site (\S+) opened: modalities")
-BUILT = re.compile(r"site (\S+): sequences built")
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Figures:
     peak_pss_mb: float = 0.0
     peak_processes: int = 0
     runtimes_opened: int = 0
-    sequence_builds: int | None = None
+    site_loads: int = 0
     rc: int = 0
 
 
@@ -177,8 +177,12 @@ def run_variant(name: str, code: Path, args: argparse.Namespace, data_dir: Path,
         elif e["event"] == "evaluate":
             figures.eval_s = float(e["seconds"])
     figures.runtimes_opened = len(OPENED.findall(text))
-    if "sequences built" in text or args.count_loads:
-        figures.sequence_builds = len(BUILT.findall(text))
+    loads_path = out / "site_loads.json"
+    if loads_path.is_file():  # the run's own count of site opens + sequence preparations
+        loads = json.loads(loads_path.read_text())
+        figures.site_loads = sum(int(c.get("sequences", 0)) for c in loads.values())
+    else:  # before the run's cache: every site runtime (one per actor and site) loaded its site
+        figures.site_loads = figures.runtimes_opened
     return figures
 
 
@@ -197,11 +201,8 @@ def show(rows: list[Figures], n_sites: int) -> None:
         ("peak RSS, all processes (MB)", lambda f: f.peak_rss_mb),
         ("peak PSS, all processes (MB)", lambda f: f.peak_pss_mb),
         ("processes at peak", lambda f: float(f.peak_processes)),
-        (f"site runtimes opened ({n_sites} sites)", lambda f: float(f.runtimes_opened)),
-        (
-            f"sequence builds ({n_sites} sites)",
-            lambda f: float(f.sequence_builds) if f.sequence_builds is not None else float("nan"),
-        ),
+        (f"site runtimes, actor x site ({n_sites} sites)", lambda f: float(f.runtimes_opened)),
+        (f"site data loads ({n_sites} sites)", lambda f: float(f.site_loads)),
     ]
     head = f"{'':34s}" + "".join(f"{f.name:>14s}" for f in rows) + ("      ratio" if len(rows) == 2 else "")
     print(head)
@@ -225,7 +226,6 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--count-loads", action="store_true", help="count sequence builds even if none are logged")
     parser.add_argument("--out", type=Path, help="keep the runs and logs here (default: a temporary directory)")
     parser.add_argument("override", nargs="*", help="more Hydra overrides for both variants")
     args = parser.parse_args()
@@ -236,10 +236,14 @@ def main() -> None:
         data_dir = work / "data"
         t = time.perf_counter()
         manifest = synthetic_sites(data_dir, args.scenario, args.seed, args.n_subjects)
-        print(f"sites: {[s.name for s in manifest.sites]}, {args.n_subjects} subjects each "
-              f"({time.perf_counter() - t:.1f} s to generate or reuse)")
-        print(f"model {args.model}, {args.rounds} rounds x {args.local_steps} local steps; cpu count {os.cpu_count()}, "
-              f"load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"sites: {[s.name for s in manifest.sites]}, {args.n_subjects} subjects each "
+            f"({time.perf_counter() - t:.1f} s to generate or reuse)"
+        )
+        print(
+            f"model {args.model}, {args.rounds} rounds x {args.local_steps} local steps; cpu count {os.cpu_count()}, "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
         rows = []
         if args.baseline:
             base = unpack_revision(args.baseline, work / "baseline-code")

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("healthfm.simulations")
 
+LOCAL_START_TRIES = 3
 CONNECT_TIMEOUT_S = 5.0  # a cluster's GCS port that does not accept within this is down
 
 
@@ -90,11 +91,17 @@ def start_ray(settings: RaySettings) -> bool:
         # Ray retries a silent address for minutes: refuse one nothing listens on, at once.
         if (down := _unreachable(settings.address)) is not None:
             raise RayStartError(f"could not start {where}: {down}{_hint(settings)}")
-    try:
-        ray.init(**args, **common)
-    except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError, ...
-        _shutdown_quietly()
-        raise RayStartError(f"could not start {where}: {_one_line(err)}{_hint(settings)}") from None
+    # A busy machine can miss Ray's fixed 30 s wait for its raylet: a local start is tried again.
+    tries = LOCAL_START_TRIES if settings.address is None else 1
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(**args, **common)
+            break
+        except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError, Exception
+            _shutdown_quietly()
+            if attempt == tries or "timed out during startup" not in str(err):
+                raise RayStartError(f"could not start {where}: {_one_line(err)}{_hint(settings)}") from None
+            log.warning("Ray did not start in time (attempt %d of %d): trying again", attempt, tries)
     log.info("Ray: %s, %s CPUs", where, ray.cluster_resources().get("CPU", 0))
     _check_resources(settings)
     return True

@@ -49,6 +49,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from client.client_app import make_client_app
+from healthfm_core.data.site_cache import log_sequence_loads
 from healthfm_core.data.synthetic import synthetic_sites
 from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
@@ -57,7 +58,6 @@ from healthfm_core.model.healthfm import HealthFM
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig, PrivacyRequest
 from server.server_app import make_server_app
-from healthfm_core.data.site_cache import log_sequence_loads
 from simulations.common import site_root_list, task_entries
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias

@@ -97,8 +97,17 @@ def test_default_run_ignores_a_discoverable_cluster_and_an_address_uses_it(tmp_p
     temp = tempfile.mkdtemp(prefix="hfray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _closed_port()
     head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--num-cpus", "2", f"--port={port}", f"--temp-dir={temp}",
-         "--include-dashboard=false", "--block"],
+        [
+            str(RAY),
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            f"--port={port}",
+            f"--temp-dir={temp}",
+            "--include-dashboard=false",
+            "--block",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: stopped below by that group only

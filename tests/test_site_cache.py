@@ -58,7 +58,10 @@ def test_cached_sequences_equal_fresh_ones_and_are_read_only_maps(tmp_path: Path
     cached_sequences(site, vocab, "b" * 64, tmp_path)
     cached_sequences(site, vocab, "b" * 64, tmp_path)
     assert sequence_loads(tmp_path)[site_root.name]["sequences"] == 2
-    assert sorted(p.name for p in (tmp_path / site_key(site_root)).glob("seq-*")) == ["seq-aaaaaaaaaaaaaaaa", "seq-bbbbbbbbbbbbbbbb"]
+    assert sorted(p.name for p in (tmp_path / site_key(site_root)).glob("seq-*")) == [
+        "seq-aaaaaaaaaaaaaaaa",
+        "seq-bbbbbbbbbbbbbbbb",
+    ]
 
 
 def test_without_a_cache_directory_nothing_is_written(tmp_path: Path, site_root: Path, vocab) -> None:
