@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/simulation.py                          # this tree only
     .venv/bin/python benchmarks/simulation.py --baseline HEAD~3        # and a baseline, same run
+    .venv/bin/python benchmarks/simulation.py --baseline REV --lean ray.client_num_cpus=2 --repeats 2
     .venv/bin/python benchmarks/simulation.py --n-subjects 300 --rounds 4 --local-steps 20
 
 Each variant runs `python -m simulations.run` as its own process (scenario `tiny`: three sites,
@@ -21,7 +22,9 @@ Figures per variant:
                 processes, the actors), sampled every 0.25 s with psutil; peak PSS likewise
                 (shared pages counted once: the fairer figure when actors memory-map a file)
 
-Ratios (this tree / baseline) are printed when a baseline ran. Figures depend on the machine's
+`--lean OVERRIDE...` runs this tree a second time with those overrides (a third column).
+`--repeats N` runs every variant N times in alternating order and prints medians. Ratios
+(second column / first) are printed when a baseline ran. Figures depend on the machine's
 load: compare the ratios of one run, not figures of different runs.
 """
 
@@ -32,12 +35,14 @@ import io
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,23 +60,27 @@ except ImportError:  # Ray ships its own copy
 from healthfm_core.data.synthetic import synthetic_sites  # noqa: E402
 
 # Site-side INFO lines reach the driver's output only when the actors log at INFO: a
-# sitecustomize on the variants' PYTHONPATH turns it on in every process of the run, old code too.
+# sitecustomize on the variants' PYTHONPATH turns it on in the actors, old code too.
 SITECUSTOMIZE = """
-import logging, sys
-_h = logging.StreamHandler(sys.stderr)
-_h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-_l = logging.getLogger("healthfm")
-_l.setLevel(logging.INFO)
-_l.addHandler(_h)
-_l.propagate = False
+import logging, os, sys
+if "RAY_RAYLET_PID" in os.environ:  # Ray's worker processes only; the driver logs through Hydra
+    _h = logging.StreamHandler(sys.stderr)
+    _h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    _l = logging.getLogger("healthfm")
+    _l.setLevel(logging.INFO)
+    _l.addHandler(_h)
+    _l.propagate = False  # once, not again through a root handler
 """
 OPENED = re.compile(r"site (\S+) opened: modalities")
+STAMP = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\]")
 
 
 @dataclass
 class Figures:
     name: str
     first_round_s: float = float("nan")
+    imports_s: float = float("nan")
+    ray_start_s: float = float("nan")
     rounds_s: list[float] = field(default_factory=list)
     eval_s: float = float("nan")
     total_s: float = float("nan")
@@ -81,10 +90,23 @@ class Figures:
     runtimes_opened: int = 0
     site_loads: int = 0
     rc: int = 0
+    peak_breakdown: list[tuple[str, float]] = field(default_factory=list)  # (process, RSS MB) at the peak
 
 
-def tree_memory(root: psutil.Process) -> tuple[float, float, int]:
-    """(RSS MB, PSS MB, processes) summed over `root` and all its descendants."""
+def median_figures(runs: list[Figures]) -> Figures:
+    """Each figure's median over repeated runs of one variant (the peak breakdown of the first)."""
+    out = Figures(runs[0].name, peak_breakdown=runs[0].peak_breakdown)
+    for name in ("first_round_s", "imports_s", "ray_start_s", "eval_s", "total_s", "peak_rss_mb", "peak_pss_mb"):
+        setattr(out, name, statistics.median(getattr(r, name) for r in runs))
+    for name in ("peak_processes", "runtimes_opened", "site_loads", "rc"):
+        setattr(out, name, max(getattr(r, name) for r in runs))
+    n_rounds = min(len(r.rounds_s) for r in runs)
+    out.rounds_s = [statistics.median(r.rounds_s[i] for r in runs) for i in range(n_rounds)]
+    return out
+
+
+def tree_memory(root: psutil.Process) -> tuple[float, float, int, list[tuple[str, float]]]:
+    """(RSS MB, PSS MB, processes, [(name, RSS MB)] largest first) over `root` and its descendants."""
     procs = [root]
     try:
         procs += root.children(recursive=True)
@@ -92,6 +114,7 @@ def tree_memory(root: psutil.Process) -> tuple[float, float, int]:
         pass
     rss = pss = 0.0
     n = 0
+    each: list[tuple[str, float]] = []
     for p in procs:
         try:
             full = p.memory_full_info()
@@ -105,7 +128,12 @@ def tree_memory(root: psutil.Process) -> tuple[float, float, int]:
         rss += full.rss
         pss += getattr(full, "pss", full.rss)
         n += 1
-    return rss / 2**20, pss / 2**20, n
+        try:
+            label = " ".join(p.cmdline()[:3])[-40:] if p.name().startswith("python") else p.name()
+        except psutil.Error:
+            label = "?"
+        each.append((label, full.rss / 2**20))
+    return rss / 2**20, pss / 2**20, n, sorted(each, key=lambda x: -x[1])
 
 
 def unpack_revision(rev: str, into: Path) -> Path:
@@ -115,13 +143,22 @@ def unpack_revision(rev: str, into: Path) -> Path:
     return into
 
 
-def run_variant(name: str, code: Path, args: argparse.Namespace, data_dir: Path, work: Path) -> Figures:
+def _stamp(line: str) -> float:
+    """Epoch seconds of a Hydra log line "[2026-01-01 12:00:00,123][logger][LEVEL] - ..." (local time)."""
+    return time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + int(line[21:24]) / 1000
+
+
+def run_variant(
+    name: str, code: Path, args: argparse.Namespace, data_dir: Path, work: Path, extra: Sequence[str] = ()
+) -> Figures:
+    work.mkdir(parents=True, exist_ok=True)
     out = work / f"out-{name}"
     custom = work / "sitecustomize"
     custom.mkdir(exist_ok=True)
     (custom / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(code), str(custom), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["RAY_DEDUP_LOGS"] = "0"  # Ray folds identical lines of several actors into one: count them all
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
     cmd = [
@@ -137,6 +174,7 @@ def run_variant(name: str, code: Path, args: argparse.Namespace, data_dir: Path,
         f"federation.rounds={args.rounds}",
         f"federation.local_steps={args.local_steps}",
         *args.override,
+        *extra,
     ]
     log_path = work / f"{name}.log"
     figures = Figures(name)
@@ -148,7 +186,9 @@ def run_variant(name: str, code: Path, args: argparse.Namespace, data_dir: Path,
 
         def sample() -> None:
             while not stop.is_set():
-                rss, pss, n = tree_memory(root)
+                rss, pss, n, each = tree_memory(root)
+                if rss > figures.peak_rss_mb:
+                    figures.peak_breakdown = each
                 figures.peak_rss_mb = max(figures.peak_rss_mb, rss)
                 figures.peak_pss_mb = max(figures.peak_pss_mb, pss)
                 figures.peak_processes = max(figures.peak_processes, n)
@@ -176,6 +216,12 @@ def run_variant(name: str, code: Path, args: argparse.Namespace, data_dir: Path,
             figures.rounds_s.append(float(e["timings"]["round_seconds"]))
         elif e["event"] == "evaluate":
             figures.eval_s = float(e["seconds"])
+    stamped = [line for line in text.splitlines() if STAMP.match(line)]
+    if stamped:  # the first log line comes once the driver's imports are done
+        figures.imports_s = _stamp(stamped[0]) - t0
+        ray_up = [line for line in stamped if "Ray: " in line or "healthfm.server" in line]
+        if ray_up:  # this tree logs when Ray is up; before, the server's first line came just after
+            figures.ray_start_s = _stamp(ray_up[0]) - t0 - figures.imports_s
     figures.runtimes_opened = len(OPENED.findall(text))
     loads_path = out / "site_loads.json"
     if loads_path.is_file():  # the run's own count of site opens + sequence preparations
@@ -192,6 +238,9 @@ def show(rows: list[Figures], n_sites: int) -> None:
 
     cols = [
         ("first round (s)", lambda f: f.first_round_s),
+        ("  of which driver imports (s)", lambda f: f.imports_s),
+        ("  of which Ray start (s)", lambda f: f.ray_start_s),
+        ("  of which round 0 (s)", lambda f: f.first_round_s - f.imports_s - f.ray_start_s),
         ("rounds, sum (s)", lambda f: sum(f.rounds_s)),
         ("round, mean (s)", lambda f: mean(f.rounds_s)),
         ("evaluation (s)", lambda f: f.eval_s),
@@ -204,12 +253,12 @@ def show(rows: list[Figures], n_sites: int) -> None:
         (f"site runtimes, actor x site ({n_sites} sites)", lambda f: float(f.runtimes_opened)),
         (f"site data loads ({n_sites} sites)", lambda f: float(f.site_loads)),
     ]
-    head = f"{'':34s}" + "".join(f"{f.name:>14s}" for f in rows) + ("      ratio" if len(rows) == 2 else "")
+    head = f"{'':34s}" + "".join(f"{f.name:>14s}" for f in rows) + ("   ratio 2/1" if len(rows) >= 2 else "")
     print(head)
     for label, get in cols:
         vals = [get(f) for f in rows]
         line = f"{label:34s}" + "".join(f"{v:14.2f}" for v in vals)
-        if len(rows) == 2 and vals[0] and vals[0] == vals[0]:
+        if len(rows) >= 2 and vals[0] and vals[0] == vals[0]:
             line += f"  x{vals[1] / vals[0]:.2f}"
         print(line)
     for f in rows:
@@ -226,8 +275,15 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, in alternating order; medians shown")
     parser.add_argument("--out", type=Path, help="keep the runs and logs here (default: a temporary directory)")
-    parser.add_argument("override", nargs="*", help="more Hydra overrides for both variants")
+    parser.add_argument(
+        "--lean",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="run this tree once more with these overrides (e.g. ray.client_num_cpus=2: one actor)",
+    )
+    parser.add_argument("override", nargs="*", help="more Hydra overrides for every variant")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="healthfm-bench-sim-") as tmp:
@@ -244,13 +300,23 @@ def main() -> None:
             f"model {args.model}, {args.rounds} rounds x {args.local_steps} local steps; cpu count {os.cpu_count()}, "
             f"load average {os.getloadavg()[0]:.2f}"
         )
-        rows = []
+        variants: list[tuple[str, Path, Sequence[str]]] = []
         if args.baseline:
-            base = unpack_revision(args.baseline, work / "baseline-code")
-            rows.append(run_variant("baseline", base, args, data_dir, work))
-        rows.append(run_variant("this-tree", ROOT, args, data_dir, work))
+            variants.append(("baseline", unpack_revision(args.baseline, work / "baseline-code"), ()))
+        variants.append(("this-tree", ROOT, ()))
+        if args.lean:
+            variants.append(("lean", ROOT, args.lean))
+        runs: dict[str, list[Figures]] = {name: [] for name, _, _ in variants}
+        for rep in range(args.repeats):
+            # Alternate the order (A B C, C B A, ...): a machine whose load drifts favours no variant.
+            for name, code, extra in variants if rep % 2 == 0 else variants[::-1]:
+                runs[name].append(run_variant(name, code, args, data_dir, work / f"rep{rep}", extra))
         print(f"load average after: {os.getloadavg()[0]:.2f}")
-        show(rows, len(manifest.sites))
+        show([median_figures(r) for r in runs.values()], len(manifest.sites))
+        for name, figs in runs.items():
+            for f in figs:
+                top = ", ".join(f"{n} {mb:.0f}" for n, mb in f.peak_breakdown[:8])
+                print(f"{name}: peak RSS by process (MB): {top}")
 
 
 if __name__ == "__main__":
