@@ -83,10 +83,10 @@ class AcesTask(BaseModel):
         return cfg
 
 
-# Parsed ACES configs by their YAML text: ACES parses with ruamel from a file (~7 ms a
-# config on a quiet machine) and an evaluation asks for the same few configs again and again (every task at every
-# horizon and variant, when validating and when extracting). ACES changes the config it is
-# given while extracting, so each caller gets a copy (a deepcopy costs ~1/20 of a parse).
+# Parsed ACES configs by their YAML text: ACES parses with ruamel from a file (~7 ms a config on
+# a quiet machine, far more on a busy one) and an evaluation asks for the same few configs again
+# and again (every task at every horizon and variant, when validating and when extracting). ACES
+# changes the config it extracts with, so each caller gets a copy (a deepcopy: ~1/20 of a parse).
 _PARSED: dict[str, aces_config.TaskExtractorConfig] = {}
 
 
