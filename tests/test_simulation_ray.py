@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -140,3 +141,4 @@ def test_default_run_ignores_a_discoverable_cluster_and_an_address_uses_it(tmp_p
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
