@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from client.policy import SitePolicy, load_policy
 from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.layout import SPLITS
-from healthfm_core.data.site import Site, open_site
+from healthfm_core.data.site import Site
+from healthfm_core.data.site_cache import cached_sequences, cached_site
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate, make_loader
 from healthfm_core.eval.site_eval import evaluate_site_tasks, task_labels_at_site
 from healthfm_core.federation import (
@@ -75,6 +76,9 @@ class SiteConfig(BaseModel):
     policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
     state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP
     eval_dir: Path | None = None  # the site's predictions (meds-evaluation format); default state_dir/evaluation
+    # A run's shared cache of the opened site and its sequences (healthfm_core.data.site_cache):
+    # the simulation sets a temporary directory per run so every actor reads one preparation.
+    sequence_cache: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -112,7 +116,7 @@ class SiteRuntime:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.name = config.name
-        self.site: Site = open_site(config.site_root)
+        self.site: Site = cached_site(config.site_root, config.sequence_cache)
         # The site's train subjects bound the policy's DP delta (at most 1/n), checked at load.
         n_train = int(np.sum(np.asarray(self.site.subject_splits()["split"].to_pylist()) == "train"))
         self.policy: SitePolicy | None = (
@@ -177,7 +181,8 @@ class SiteRuntime:
     def sequences(self, setup: FederationSetup) -> SiteSequences:
         key = setup.sha256
         if key not in self._sequences:
-            self._sequences = {key: SiteSequences.from_site(self.site, setup.vocabulary)}  # one setup at a time
+            # One setup at a time; prepared once per run when a sequence cache is set.
+            self._sequences = {key: cached_sequences(self.site, setup.vocabulary, key, self.config.sequence_cache)}
         return self._sequences[key]
 
     # ------------------------------------------------------------------ model

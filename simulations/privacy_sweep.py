@@ -49,6 +49,7 @@ from simulations.common import (
     write_outputs,
 )
 from simulations.logs import setup_job_logging
+from simulations.ray_start import RayStartError
 from simulations.run import run_federation
 
 log = logging.getLogger("healthfm.simulations.privacy_sweep")
@@ -257,7 +258,10 @@ def write_sweep(cfg: DictConfig, out: Path, clock: Clock, settings: Settings, pe
 @hydra.main(config_path="../configs", config_name="privacy_sweep", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup_job_logging()
-    print(run(cfg))
+    try:
+        print(run(cfg))
+    except RayStartError as err:
+        sys.exit(f"simulations.privacy_sweep: {err}")  # one line, exit status 1
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from simulations.common import (
 )
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
+from simulations.ray_start import RayStartError
 from simulations.run import privacy_request, run_federation
 
 log = logging.getLogger("healthfm.simulations.report")
@@ -499,7 +500,10 @@ def write_comparison(
 def main(cfg: DictConfig) -> None:
     refuse_unknown_overrides("demo")
     setup_job_logging()
-    print(run(cfg))
+    try:
+        print(run(cfg))
+    except RayStartError as err:
+        sys.exit(f"simulations.report: {err}")  # one line, exit status 1
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@
 Synthetic sites are generated into `data_dir` once and reused while the scenario, seed and
 size match. Each site becomes one simulated SuperNode running the same ClientApp a deployed
 site runs; the ServerApp is the deployed one too. Outputs (in the Hydra run directory):
-rounds.jsonl, server.log, checkpoints/, vocabulary.json, evaluation.json, summary.md.
+rounds.jsonl, server.log, checkpoints/, vocabulary.json, evaluation.json, summary.md, site_loads.json.
 
 Flower 1.41 path used: `flwr.simulation.run_simulation` (the Python API; deprecated in favour of
 `flwr run` but the only way to pass per-site node configs and Python-side configs without a FAB).
 Virtual nodes get only `partition-id`; the ClientApp maps it to the site's node config.
-To use an existing Ray cluster set `ray.address` (e.g. "auto"): Flower's engine then runs the
-sites' ClientApps as actors on that cluster.
+Ray (simulations/ray_start.py): by default a private local instance, never a cluster discovered
+on the machine; to use an existing Ray cluster set `ray.address` (e.g. "auto"): Flower's engine
+then runs the sites' ClientApps as actors on that cluster. Ray that cannot start is one line and
+exit status 1. Each site's sequences are prepared once per run and shared by the actors through
+a temporary cache (healthfm_core/data/site_cache.py).
 
 Privacy (configs/privacy/*.yaml): the server's DP request goes into every round's config. A site
 trains under DP only with a DP budget in its own policy, so when DP is asked each simulated site
@@ -31,8 +34,10 @@ Utility against epsilon, evaluated per site: `python -m simulations.privacy_swee
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from client.client_app import make_client_app
+from healthfm_core.data.site_cache import log_sequence_loads
 from healthfm_core.data.synthetic import synthetic_sites
 from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
@@ -55,8 +61,11 @@ from server.server_app import make_server_app
 from simulations.common import site_root_list, task_entries
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
+from simulations.ray_start import RaySettings, RayStartError, start_ray
 
 log = logging.getLogger("healthfm.simulations")
+
+SITE_LOADS_FILE = "site_loads.json"  # per site: times opened and sequences prepared in the run
 
 
 def run_federation_simulation(
@@ -66,19 +75,37 @@ def run_federation_simulation(
     client_num_cpus: float = 1,
     client_num_gpus: float = 0.0,
     ray_address: str | None = None,
+    object_store_mb: int = 128,
 ) -> Path:
-    """Run the ServerApp and one simulated SuperNode per node config; returns out_dir."""
+    """Run the ServerApp and one simulated SuperNode per node config; returns out_dir.
+
+    Ray is started here first (simulations.ray_start: a private local instance unless
+    `ray_address` names a cluster; a failure raises RayStartError before any thread waits).
+    Each site's prepared sequences are cached for the run in a temporary directory the sites'
+    actors share (healthfm_core.data.site_cache), removed when the run ends."""
     from flwr.simulation import run_simulation
 
-    init_args: dict[str, Any] = {"address": ray_address} if ray_address else {"num_cpus": num_cpus}
-    run_simulation(
-        server_app=make_server_app(config),
-        client_app=make_client_app([dict(c) for c in node_configs]),
-        num_supernodes=len(node_configs),
-        backend_config={
-            "init_args": init_args,
-            "client_resources": {"num_cpus": client_num_cpus, "num_gpus": client_num_gpus},
-        },
+    settings = RaySettings(
+        num_cpus=num_cpus,
+        client_num_cpus=client_num_cpus,
+        client_num_gpus=client_num_gpus,
+        address=ray_address,
+        object_store_mb=object_store_mb,
+    )
+    start_ray(settings)
+    with tempfile.TemporaryDirectory(prefix="healthfm-sequences-") as cache:
+        nodes = [{"sequence-cache": cache, **c} for c in node_configs]
+        run_simulation(
+            server_app=make_server_app(config),
+            client_app=make_client_app(nodes),
+            num_supernodes=len(nodes),
+            backend_config=settings.backend_config(),
+        )
+        loads = log_sequence_loads(Path(cache))
+    # The evidence that each site was opened and prepared once in this run (by any of the actors).
+    atomic_write_text(
+        Path(config.out_dir) / SITE_LOADS_FILE,
+        json.dumps({site: dict(counts) for site, counts in sorted(loads.items())}, indent=1),
     )
     return Path(config.out_dir)
 
@@ -183,16 +210,30 @@ def _with_eval_dirs(cfg: DictConfig, configs: list[dict[str, Any]]) -> list[dict
     return configs
 
 
+def ray_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """run_federation_simulation's Ray arguments from a job's `ray` group (checked)."""
+    raw = OmegaConf.to_container(cfg.ray, resolve=True)
+    assert isinstance(raw, dict)
+    try:
+        settings = RaySettings.model_validate(raw)
+    except ValueError as err:
+        raise ValueError(f"invalid ray config: {err}") from None
+    return {
+        "num_cpus": settings.num_cpus,
+        "client_num_cpus": settings.client_num_cpus,
+        "client_num_gpus": settings.client_num_gpus,
+        "ray_address": settings.address,
+        "object_store_mb": settings.object_store_mb,
+    }
+
+
 def run_from_config(cfg: DictConfig) -> Path:
     node_configs = site_node_configs(cfg)
     config = federation_config(cfg, len(node_configs))
     out = run_federation_simulation(
         config,
         node_configs,
-        num_cpus=cfg.ray.num_cpus,
-        client_num_cpus=cfg.ray.client_num_cpus,
-        client_num_gpus=cfg.ray.client_num_gpus,
-        ray_address=cfg.ray.address,
+        **ray_arguments(cfg),
     )
     print(f"\nFederated run written to {out}\n  summary {out / 'summary.md'}\n  log     {out / 'rounds.jsonl'}")
     return out
@@ -206,10 +247,7 @@ def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, Hea
     run_federation_simulation(
         federation_config(run_cfg, len(node_configs)),
         node_configs,
-        num_cpus=cfg.ray.num_cpus,
-        client_num_cpus=cfg.ray.client_num_cpus,
-        client_num_gpus=cfg.ray.client_num_gpus,
-        ray_address=cfg.ray.address,
+        **ray_arguments(cfg),
     )
     ckpt = latest_server_checkpoint(fed_dir / "checkpoints")
     if ckpt is None:
@@ -226,7 +264,10 @@ def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, Hea
 def main(cfg: DictConfig) -> None:
     refuse_unknown_overrides("run")
     setup_job_logging(flower_level=logging.INFO)  # keep Flower's per-round log
-    run_from_config(cfg)
+    try:
+        run_from_config(cfg)
+    except RayStartError as err:
+        sys.exit(f"simulations.run: {err}")  # one line, exit status 1, nothing left waiting
 
 
 if __name__ == "__main__":

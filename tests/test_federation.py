@@ -135,6 +135,13 @@ def test_round_zero_and_evaluation_are_logged(full_run: Path) -> None:
     assert json.loads((full_run / "vocabulary.json").read_text())["codes"]
 
 
+def test_each_site_is_opened_and_prepared_once_per_run(full_run: Path) -> None:
+    # Two actors served three sites over round 0, two rounds and the evaluation: without the
+    # run's shared cache each actor opened and prepared every site it met.
+    loads = json.loads((full_run / "site_loads.json").read_text())
+    assert loads == {site: {"site": 1, "sequences": 1} for site in EXPECTED_GROUPS}
+
+
 def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
     state = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
     assert state.round == 2

@@ -83,15 +83,27 @@ class AcesTask(BaseModel):
         return cfg
 
 
+# Parsed ACES configs by their YAML text: ACES parses with ruamel from a file (~7 ms a config on
+# a quiet machine, far more on a busy one) and an evaluation asks for the same few configs again
+# and again (every task at every horizon and variant, when validating and when extracting). ACES
+# changes the config it extracts with, so each caller gets a copy (a deepcopy: ~1/20 of a parse).
+_PARSED: dict[str, aces_config.TaskExtractorConfig] = {}
+
+
 def _parse(cfg: dict, where: str) -> aces_config.TaskExtractorConfig:
-    """ACES loads configs from files only."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "task.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        try:
-            return aces_config.TaskExtractorConfig.load(path)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"{where}: not a valid ACES task config: {exc}") from exc
+    """ACES loads configs from files only; each distinct config is parsed once per process."""
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if text not in _PARSED:
+        if len(_PARSED) >= 256:  # a long-lived process asked for many tasks: start afresh
+            _PARSED.clear()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "task.yaml"
+            path.write_text(text)
+            try:
+                _PARSED[text] = aces_config.TaskExtractorConfig.load(path)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"{where}: not a valid ACES task config: {exc}") from exc
+    return copy.deepcopy(_PARSED[text])
 
 
 def load_task(task: str | Path) -> AcesTask:
