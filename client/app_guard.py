@@ -49,13 +49,13 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.approval import approved_apps
-from client.warm_clientapp import WarmWorker
+from client.warm_clientapp import WarmWorker, task_client
 
 log = logging.getLogger("healthfm.client.app_guard")
 
@@ -169,16 +169,7 @@ class AppGuard:
     def refuse(self, token: str, task: Task, reason: str) -> None:
         """Answer the task's message with an error reply and close the task, running nothing."""
         log.error("task %d of run %d: %s", task.task_id, task.run_id, reason)
-        client = RuntimeHttpClient.from_server_address(
-            server_address=self.address,
-            insecure=True,
-            root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        client = task_client(self.address, token)
         context = None
         try:
             # The message, its context and the FAB's bytes (held in memory, never unpacked).

@@ -60,6 +60,20 @@ log = logging.getLogger("healthfm.client.warm")
 DONE = "done"
 
 
+def task_client(runtime_api_address: str, token: str) -> RuntimeHttpClient:
+    """The SuperNode Runtime API client for one task, as flwr-clientapp builds it."""
+    return RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(token),
+        ],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
 # ---------------------------------------------------------------------------- the process
 
 
@@ -82,16 +96,7 @@ class WarmClientApp:
 
     def serve(self, token: str) -> str:
         """One task; its sub status. Errors become an error reply, as in flwr-clientapp."""
-        client = RuntimeHttpClient.from_server_address(
-            server_address=self.address,
-            insecure=True,
-            root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        client = task_client(self.address, token)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         message: Message | None = None
