@@ -272,7 +272,7 @@ def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evide
 
     setup, fed_model, rounds = run_federation(ucfg, out / "federation")
     vocab = setup.vocabulary
-    seqs = {name: SiteSequences.from_site(site, vocab) for name, site in sites.items()}
+    seqs = {name: SiteSequences.from_site(site, vocab, tokens=setup.tokens) for name, site in sites.items()}
     progress.finish(f"{unit}: federation")
 
     regimes = train_regimes(setup, sites, seqs, fed, seed, rounds, show)
