@@ -497,8 +497,11 @@ class FederationServer:
         for rnd in range(start + 1, end + 1):
             arrays, last = self.train_round(rnd, setup, arrays)
             self.rounds_done = rnd
-            if rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0):
+            due = rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0)
+            if due and cfg.eval_tasks:  # an empty task list asks for no federated evaluation
                 self.evaluate(rnd, setup, arrays)
+            elif due:
+                log.info("evaluation after round %d: skipped (eval_tasks is empty)", rnd)
         write_summary(self.out_dir)
         return last
 

@@ -145,3 +145,9 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     for line in report.splitlines():
         if line.startswith("!["):
             assert (quick / line.split("](")[1].rstrip(")")).is_file(), line
+    # The job probes the models itself, so its federations ask for no federated evaluation
+    # (federation.eval_tasks: []): the server logs the skip and records no evaluation event.
+    fed = quick / "units" / "default-seed0" / "federation"
+    events = [json.loads(line)["event"] for line in (fed / "rounds.jsonl").read_text().splitlines() if line]
+    assert "round" in events and "evaluate" not in events
+    assert "evaluation after round 2: skipped (eval_tasks is empty)" in (fed / "server.log").read_text()
