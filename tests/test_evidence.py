@@ -19,7 +19,7 @@ import torch
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.synthetic import load_scenario
-from healthfm_core.eval.evidence import compare_paired, with_prefix
+from healthfm_core.eval.evidence import Comparison, compare_paired, comparison_plot, with_prefix
 from healthfm_core.eval.metrics import paired_difference
 from healthfm_core.eval.tabular import NEVER_DAYS, tabular_features
 from simulations.evidence import QUESTIONS, with_preset_flags
@@ -90,6 +90,29 @@ def test_tabular_features_last_value_time_since_age_prs() -> None:
 def test_trajectories_scenario_adds_nonlinear_terms_only_there() -> None:
     assert all(d.nonlinear for d in load_scenario("trajectories").diseases.values())
     assert not any(d.nonlinear for d in load_scenario("default").diseases.values())
+
+
+def test_plots_take_intervals_that_miss_their_point(tmp_path: Path) -> None:
+    # A percentile bootstrap interval need not contain the point estimate (the full job once
+    # ended in its report on matplotlib's "'xerr' must not contain negative values").
+    off = Comparison(
+        a="federated",
+        b="pooled",
+        n_items=4,
+        n_rows=400,
+        n_subjects=200,
+        mean_a=0.70,
+        mean_b=0.72,
+        difference=-0.02,
+        difference_ci=(-0.01, 0.03),
+        ratio=0.97,
+        ratio_ci=(0.98, 1.04),
+        fraction_at_or_below_zero=0.5,
+    )
+    nan = off.model_copy(update={"difference_ci": (float("nan"), float("nan"))})
+    for ratio in (False, True):
+        path = comparison_plot({"missed": off, "nan": nan}, tmp_path / f"c{ratio}.png", "t", ratio=ratio)
+        assert path.stat().st_size > 0
 
 
 def test_preset_flags() -> None:

@@ -107,8 +107,11 @@ def comparison_plot(
     for i, name in enumerate(names):
         c = comparisons[name]
         point, (lo, hi) = (c.ratio, c.ratio_ci) if ratio else (c.difference, c.difference_ci)
-        err = np.nan_to_num([[point - lo], [hi - point]], nan=0.0)
-        ax.errorbar([point], [i], xerr=err, fmt="o", capsize=3, color="C0")
+        # The interval drawn from its ends, not as errors around the point: a percentile bootstrap
+        # interval need not contain the point estimate (a skewed statistic such as a ratio of means).
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([lo, hi], [i, i], color="C0", marker="|", markersize=8)
+        ax.plot([point], [i], "o", color="C0")
     ax.axvline(reference, color="grey", linestyle=":", linewidth=1)
     ax.set_yticks(range(len(names)), names, fontsize="small")
     ax.invert_yaxis()

@@ -73,8 +73,10 @@ def horizon_auroc_plot(rows: Sequence[ResultRow], path: str | Path, task: str | 
         auc = np.array([r.auroc for _, r in mine])
         lo = np.array([r.auroc_ci[0] for _, r in mine])
         hi = np.array([r.auroc_ci[1] for _, r in mine])
-        err = np.nan_to_num(np.vstack([auc - lo, hi - auc]), nan=0.0)
-        ax.errorbar(xs, auc, yerr=err, marker="o", capsize=3, label=method)
+        # Intervals drawn from their ends: a percentile interval need not contain the point.
+        (line,) = ax.plot(xs, auc, marker="o", label=method)
+        ok = np.isfinite(lo) & np.isfinite(hi)
+        ax.vlines(xs[ok], lo[ok], hi[ok], color=line.get_color())
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(horizons)), [f"{h} d" for h in horizons])
     ax.set_xlabel("horizon")
