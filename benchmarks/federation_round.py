@@ -54,7 +54,6 @@ from deploy_fixtures import (  # noqa: E402
     run_coordinator,
     site_policy,
 )
-
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
 
 from client.join import probe_superlink  # noqa: E402

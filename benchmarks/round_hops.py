@@ -148,7 +148,6 @@ def round_hops(
         return b - a if a is not None and b is not None else None
 
     app_start = warm.done - warm.push - warm.app if warm else None
-    app_end = warm.done - warm.push if warm else None
     return {
         "configure": t["configure_seconds"],
         "push": t["push_seconds"],

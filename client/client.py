@@ -39,8 +39,8 @@ from collections.abc import Sequence  # noqa: E402
 
 from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.join import JoinConfig, JoinError, join  # noqa: E402
-from client.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from client.policy import PolicyError, load_policy  # noqa: E402
+from client.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from healthfm_core.data.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
 from healthfm_core.data.site import Site  # noqa: E402

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import flwr.superlink.grid.http_grid as flower_http_grid
 from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
+from flwr.superlink.grid.http_grid import HttpGrid
 
 POLL_SECONDS = 0.25  # one small HTTP call to the local SuperLink per pause
 PULL_INITIAL_BACKOFF_S = 0.05  # a reply object still uploading is asked for again this soon (Flower: 1 s)

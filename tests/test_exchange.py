@@ -9,9 +9,9 @@ from collections.abc import Iterable
 import flwr.superlink.grid.http_grid as flower_http_grid
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from server.exchange import ExchangeTimes, send_and_receive, set_reply_pull_backoff
 

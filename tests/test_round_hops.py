@@ -18,7 +18,6 @@ SUPERNODE_LOG = """\
 \x1b[92mINFO 2026-11-22 10:00:00,200\x1b[0m:      Received successfully
 \x1b[92mINFO 2026-11-22 10:00:00,900\x1b[0m:      Sending: query.setup message (ID: ab)
 \x1b[92mINFO 2026-11-22 10:00:01,000\x1b[0m:      Sent successfully
-\x1b[92mINFO 2026-11-22 10:00:10,500\x1b[0m:      
 \x1b[92mINFO 2026-11-22 10:00:10,500\x1b[0m:      [RUN 5, ROUND 1]
 \x1b[92mINFO 2026-11-22 10:00:10,500\x1b[0m:      Receiving: train message (ID: b1)
 \x1b[92mINFO 2026-11-22 10:00:11,500\x1b[0m:      Received successfully
