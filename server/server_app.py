@@ -99,7 +99,7 @@ from server.config import (
     ServerOptimizerConfig,
     resume_conflicts,
 )
-from server.exchange import send_and_receive
+from server.exchange import ExchangeTimes, send_and_receive
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
 from server.registry import SiteRegistry, admit, name_mismatch, read_registry
@@ -543,7 +543,12 @@ class FederationServer:
                 "status": "no reply",
             }
         t_sent = time.perf_counter()
-        replies = send_and_receive(self.grid, messages, cfg.timeout_s)
+        exchange = ExchangeTimes()
+        replies = send_and_receive(self.grid, messages, cfg.timeout_s, exchange)
+        for msg in messages:  # when each site's reply came, from the push's start
+            arrived = exchange.arrivals.get(msg.metadata.message_id)
+            if arrived is not None:
+                sites[self._site(msg.metadata.dst_node_id)]["reply_after_seconds"] = arrived - exchange.push_start
         if need := self.setup_needed(replies, messages):
             messages, replies = self._retry_train(rnd, need, messages, replies, sites)
         t_replied = time.perf_counter()
@@ -582,6 +587,8 @@ class FederationServer:
             "round_seconds": t_end - t_start,
             "configure_seconds": t_sent - t_start,
             "wait_seconds": t_replied - t_sent,
+            "push_seconds": exchange.push_end - exchange.push_start,
+            "sent_at": exchange.push_start,  # wall clock: beside the sites' own log lines
             "aggregate_seconds": t_ckpt - t_agg,
             "checkpoint_seconds": t_end - t_ckpt,
             "local_train_seconds_max": train_max,
@@ -615,7 +622,8 @@ class FederationServer:
         ok = sum(e.get("status") == "ok" for e in sites.values())
         loss = losses.get("total")
         log.info(
-            "round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s)",
+            "round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s: configure %.2f s, "
+            "push %.2f s, last reply after %.2f s, aggregate %.2f s, checkpoint %.2f s)",
             rnd,
             cfg.rounds,
             ok,
@@ -624,15 +632,23 @@ class FederationServer:
             timings["round_seconds"],
             train_max,
             timings["other_seconds"],
+            timings["configure_seconds"],
+            timings["push_seconds"],
+            timings["wait_seconds"],
+            timings["aggregate_seconds"],
+            timings["checkpoint_seconds"],
         )
         for name, e in sorted(sites.items()):
             log.info(
-                "  %-12s %-9s groups %s, sent %s B, received %s B%s",
+                "  %-12s %-9s groups %s, sent %s B, received %s B%s%s",
                 name,
                 e.get("status"),
                 ",".join(e.get("groups_sent", [])),
                 e.get("bytes_sent", 0),
                 e.get("bytes_received", 0),
+                f", reply after {e['reply_after_seconds']:.2f} s (training {e.get('train_seconds') or 0:.2f} s)"
+                if "reply_after_seconds" in e
+                else "",
                 f" ({e['reason']})" if "reason" in e else "",
             )
         return arrays, path
