@@ -55,7 +55,9 @@ class Normalizer(BaseModel):
         x = np.asarray(x)
         if out is not None:
             if out.dtype != np.float32 or out.shape != x.shape:
-                raise ValueError(f"Normalizer.apply: out must be float32 of shape {x.shape}, got {out.dtype} {out.shape}")
+                raise ValueError(
+                    f"Normalizer.apply: out must be float32 of shape {x.shape}, got {out.dtype} {out.shape}"
+                )
             if x.dtype != np.float32:
                 out[...] = self.apply(x)
                 return out

@@ -266,7 +266,9 @@ def patches_of_parts(
 
     # ---- Pass 1: runs (subjects), grid anchors, where patches start; keys dropped part by part.
     info: list[list[_Piece]] = []
-    p_sid, p_k, p_time = [], [], []
+    p_sid: list[np.ndarray] = []
+    p_k: list[np.ndarray] = []
+    p_time: list[np.ndarray] = []
     carry, n_patch, n_rows = _Carry(), 0, 0
     for keys in _read_ahead([part.keys for part in parts]):
         placed = _place_part(_pieces(keys), carry, n_patch, E, p_sid, p_k, p_time)
