@@ -44,6 +44,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.memory import release_memory
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
 from healthfm_core.federation import (
     ARRAYS_RECORD,
@@ -203,7 +204,9 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         # residual stays in this node's state.
         records, scales, residual = site.encode(reply, arrays, cfg, stored_residual(context, cfg.setup_sha256))
         keep_residual(context, cfg.setup_sha256, residual)
-        return Message(train_reply_content(records, scales), reply_to=msg)
+        content = train_reply_content(records, scales)
+        release_memory()  # what training freed goes back to the system before the next message
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -212,6 +215,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
             return need
         arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
         reply = runtime(context).evaluate(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        release_memory()
         return Message(eval_reply_content(reply), reply_to=msg)
 
     return app
