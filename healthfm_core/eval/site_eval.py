@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from healthfm_core.data.aces_tasks import aces_labels
-from healthfm_core.data.layout import SPLITS
+from healthfm_core.data.layout import SPLITS, WEARABLES_SCHEMA
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_labels import SiteLabelError, read_site_labels, site_tasks
 from healthfm_core.data.task_spec import TaskSpec, horizon_key
@@ -44,6 +45,7 @@ from healthfm_core.data.tasks import (
 from healthfm_core.data.tokens import LabelledDataset, SiteSequences, make_loader
 from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
 from healthfm_core.eval.metrics import r2_score
+from healthfm_core.eval.patch_reuse import reused_patch_encodings
 from healthfm_core.eval.probes import compute_embeddings, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.federation import SplitCount, TaskMetrics, TaskReason
 
@@ -106,8 +108,30 @@ def task_labels_at_site(
             wear_task = TASKS[spec.name]
             if not isinstance(wear_task, WearableTask):
                 raise ValueError(f"task {spec.name!r} is not a wearable task")
+            if wear_task.target == "resting_hr" and not _may_hold_heart_rate(site.wearable_files):
+                # No heart rate, no resting-HR label: the labels of no epochs, without reading them all.
+                out[spec.name] = wearable_regression_labels(WEARABLES_SCHEMA.empty_table(), target=wear_task.target)
+                continue
             out[spec.name] = wearable_regression_labels(site.read_wearables(), target=wear_task.target)
     return out
+
+
+def _may_hold_heart_rate(files: Sequence[Path]) -> bool:
+    """False only when every row group's statistics say hr_bpm is null throughout (a device
+    without PPG, e.g. a research accelerometer); True when any file might hold a value or has
+    no such statistics (then the epochs are read, as always)."""
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if "hr_bpm" not in names:
+            return True  # read_wearables names the problem
+        col = names.index("hr_bpm")
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            stats = group.column(col).statistics
+            if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
+                return True
+    return False
 
 
 def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCount]:
@@ -196,7 +220,11 @@ def evaluate_site_tasks(
         batch_size=batch_size,
         shuffle=False,
     )
-    x_all = compute_embeddings(model, loader).x
+    # compute_embeddings runs the model in eval mode without gradients, as patch reuse needs.
+    with reused_patch_encodings(model) as reuse:
+        x_all = compute_embeddings(model, loader).x
+    if reuse.asked:
+        log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
     out.num_examples = int(len(x_all))
     for key, table in usable.items():
         idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
