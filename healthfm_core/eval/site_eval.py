@@ -19,6 +19,7 @@ For each TaskSpec (healthfm_core.data.task_spec):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from healthfm_core.data.tasks import (
 from healthfm_core.data.tokens import LabelledDataset, SiteSequences, make_loader
 from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
 from healthfm_core.eval.metrics import r2_score
-from healthfm_core.eval.patch_reuse import reused_patch_encodings
+from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import compute_embeddings, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.federation import SplitCount, TaskMetrics, TaskReason
 
@@ -186,9 +187,12 @@ def evaluate_site_tasks(
     n_per_subject: int = 4,
     seed: int = 0,
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
+    reuse_patches: bool = True,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
-    `labels` (from task_labels_at_site) may be passed to reuse them across calls."""
+    `labels` (from task_labels_at_site) may be passed to reuse them across calls; `reuse_patches`
+    False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
+    baseline of benchmarks/eval_cost.py)."""
     if labels is None:
         labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed)
     out = SiteTaskResults()
@@ -221,7 +225,7 @@ def evaluate_site_tasks(
         shuffle=False,
     )
     # compute_embeddings runs the model in eval mode without gradients, as patch reuse needs.
-    with reused_patch_encodings(model) as reuse:
+    with reused_patch_encodings(model) if reuse_patches else contextlib.nullcontext(PatchReuse()) as reuse:
         x_all = compute_embeddings(model, loader).x
     if reuse.asked:
         log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
