@@ -267,6 +267,12 @@ class WearableEncoder(nn.Module):
 
     def forward(self, epochs: Tensor, epoch_mask: Tensor) -> Tensor:
         """epochs / epoch_mask [n, E, C] (every patch with >= 1 present epoch) -> [n, d_model]."""
+        return self.out_proj(self.pool(epochs, epoch_mask)) + self.modality_embedding
+
+    def pool(self, epochs: Tensor, epoch_mask: Tensor) -> Tensor:
+        """The patch's pooled epoch states [n, wearable d_model], before the output projection:
+        each patch's own (no cross-patch context), so an evaluation may reuse them
+        (healthfm_core/eval/patch_reuse.py)."""
         n, e, _ = epochs.shape
         mask = epoch_mask.to(epochs.dtype)
         x = self.input_proj(torch.cat([epochs * mask, mask], dim=-1))
@@ -277,8 +283,7 @@ class WearableEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, present)
         weights = present.to(x.dtype)[..., None]
-        pooled = (self.norm(x) * weights).sum(dim=1) / weights.sum(dim=1)
-        return self.out_proj(pooled) + self.modality_embedding
+        return (self.norm(x) * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 class GenomicsEncoder(nn.Module):
