@@ -583,6 +583,7 @@ class FederationServer:
         )
         t_end = time.perf_counter()
         train_max = max((e.get("train_seconds", 0.0) for e in sites.values()), default=0.0)
+        timed = any("train_seconds" in e for e in sites.values())
         timings = {
             "round_seconds": t_end - t_start,
             "configure_seconds": t_sent - t_start,
@@ -622,7 +623,7 @@ class FederationServer:
         ok = sum(e.get("status") == "ok" for e in sites.values())
         loss = losses.get("total")
         log.info(
-            "round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s: configure %.2f s, "
+            "round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %s, other %s: configure %.2f s, "
             "push %.2f s, last reply after %.2f s, aggregate %.2f s, checkpoint %.2f s)",
             rnd,
             cfg.rounds,
@@ -630,8 +631,9 @@ class FederationServer:
             len(sites),
             f"{loss:.4f}" if loss is not None else "n/a",
             timings["round_seconds"],
-            train_max,
-            timings["other_seconds"],
+            # Under DP sites send no timings (they would reveal their secret batch sizes).
+            f"{train_max:.1f} s" if timed else "not reported",
+            f"{timings['other_seconds']:.1f} s" if timed else "n/a",
             timings["configure_seconds"],
             timings["push_seconds"],
             timings["wait_seconds"],
