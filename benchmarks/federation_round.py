@@ -25,7 +25,8 @@ Then "other" by hop, for the site whose reply came last (benchmarks/round_hops.p
 ServerApp's rounds.jsonl and the sites' SuperNode and app-guard logs, on this machine's clock):
 the ServerApp's configure and push, the SuperNode's poll, the guard's hand-over, the ClientApp's
 pull of the message, its handler less training, training, the reply's way back, aggregation and
-checkpoint. The hops sum to the round.
+checkpoint. The hops sum to the round. Last, the Flower objects per message (rounds.jsonl
+objects_sent / objects_received): each is one request per hop (healthfm_core/packing.py).
 """
 
 from __future__ import annotations
@@ -170,6 +171,11 @@ def one_mode(
                 "client_max_s": max((x for x in client if x is not None), default=None),
                 "train_max_s": max(known) if known else None,
                 "other_s": float(t["round_seconds"]) - (max(known) if known else 0.0),
+                # Flower objects per message (each its own request): the largest train message, reply
+                "objects_sent": max((e.get("objects_sent", 0) for e in rounds[rnd]["sites"].values()), default=0),
+                "objects_received": max(
+                    (e.get("objects_received", 0) for e in rounds[rnd]["sites"].values()), default=0
+                ),
             }
             row.update(critical_path(rnd, rounds[rnd], logs))
             rows.append(row)
@@ -262,6 +268,9 @@ def main() -> int:
             f"{r['other_s'] / r['round_s']:11.1%}"
         )
     print_hops(rows)
+    print("\nFlower objects per message (each moved by its own request; largest over the sites):")
+    for r in rows:
+        print(f"  {r['mode']} round {r['round']}: train message {r['objects_sent']}, reply {r['objects_received']}")
     print("\nafter the first round (median other share; target <= 10%):")
     summary = {}
     for mode in args.modes:

@@ -51,8 +51,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -103,18 +101,14 @@ from server.exchange import ExchangeTimes, send_and_receive
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
 from server.registry import SiteRegistry, admit, name_mismatch, read_registry
-from server.runlog import EventLog, message_bytes, read_events, write_summary
-from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin
+from server.runlog import EventLog, message_bytes, message_size, read_events, write_summary
+from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin, pack_record
 
 log = logging.getLogger("healthfm.server")
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Before each round after round 0, how long the server waits for min_nodes sites (a SuperNode
 # restarting reconnects within this) before going on with those connected; never longer than timeout_s.
 REJOIN_WAIT_S = 60.0
-
-
-def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> ModalityAwareFedAvg:
@@ -450,7 +444,9 @@ class FederationServer:
             if state.torch_random is not None:
                 torch.set_rng_state(state.torch_random)
             log.info("resuming after round %d from %s", start, ckpt_path)
-        max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(_to_record(arrays), cfg.reply_size_margin)
+        max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(
+            pack_record(arrays, parameter_group), cfg.reply_size_margin
+        )
         self.strategy = make_strategy(cfg, max_reply_bytes)
         if state is not None:
             self.strategy.load_state_dict(state.strategy)
@@ -529,17 +525,19 @@ class FederationServer:
         )
         self._wait_for_nodes(f"round {rnd}")
         messages = self.strategy.train_messages(
-            rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid, self.node_groups
+            rnd, arrays, ConfigRecord(round_cfg.to_flat()), self.grid, self.node_groups
         )
         sites: dict[str, dict[str, Any]] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
-            record = next(iter(msg.content.array_records.values()))
+            groups = set(next(iter(msg.content.array_records.values())))  # packed: one part per group
+            size, objects = message_size(msg)
             sites[self._site(node)] = {
                 "node_id": node,
-                "groups_sent": sorted({parameter_group(k) for k in record}),
-                "keys_sent": len(record),
-                "bytes_sent": message_bytes(msg),
+                "groups_sent": sorted(groups),
+                "keys_sent": sum(parameter_group(k) in groups for k in arrays),
+                "bytes_sent": size,
+                "objects_sent": objects,
                 "status": "no reply",
             }
         t_sent = time.perf_counter()
@@ -557,7 +555,9 @@ class FederationServer:
         for reply in replies:
             node = origin(reply, messages)
             entry = sites.setdefault(self._site(node), {"node_id": node})
-            entry["bytes_received"] = entry.get("bytes_received", 0) + message_bytes(reply)
+            size, objects = message_size(reply)
+            entry["bytes_received"] = entry.get("bytes_received", 0) + size
+            entry["objects_received"] = entry.get("objects_received", 0) + objects
         t_agg = time.perf_counter()
         outcome = self.strategy.aggregate(
             rnd, replies, current_arrays=arrays, node_groups=self.node_groups, sent=messages
@@ -768,7 +768,7 @@ class FederationServer:
             n_boot=cfg.eval_n_boot,
             seed=cfg.seed,
         )
-        record = _to_record(arrays)
+        record = self.strategy.packed_record(arrays)  # packed once, each site sent its groups' parts
         connected = set(self._wait_for_nodes(f"evaluation after round {rnd}"))
         contents = {
             node: RecordDict(

@@ -13,10 +13,9 @@ import functools
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.task_identity import TaskIdentity
@@ -34,6 +33,7 @@ from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from server.strategy import pack_record
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +82,14 @@ def test_a_runs_train_messages_reuse_the_sites_state_and_a_new_setup_replaces_it
 
     def train(setup: FederationSetup, rnd: int) -> Message:
         runtime = get_runtime(config)
-        arrays = {
-            k: Array(np.ascontiguousarray(v.numpy()))
-            for k, v in setup.init_model().state_dict().items()
-            if parameter_group(k) in runtime.groups
-        }
+        arrays = pack_record(  # as the server sends them: packed, one part per group
+            {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in runtime.groups},
+            parameter_group,
+        )
         cfg = RoundConfig(
             round=rnd, rounds=3, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256
         )
-        return ask(
-            RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(cfg.to_flat())}), MessageType.TRAIN
-        )
+        return ask(RecordDict({"arrays": arrays, "config": ConfigRecord(cfg.to_flat())}), MessageType.TRAIN)
 
     first = _setup(config, min_subjects=5)
     send_setup(first)
