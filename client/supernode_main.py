@@ -64,7 +64,7 @@ def set_pace(pace: SupernodePace) -> None:
     """Set `pace` in Flower's SuperNode loop of this process (before flower_supernode() runs)."""
     current = flower_loop._pull_and_store_message
     # Set twice, it wraps Flower's function again, not its own wrapper.
-    original = current.__wrapped__ if getattr(current, WRAPPED, False) else current
+    original = current.__wrapped__ if getattr(current, WRAPPED, False) else current  # type: ignore[attr-defined]
     flower_loop._pull_and_store_message = until_message(original, pace.poll_interval)
     flower_loop.pull_objects = functools.partial(
         pull_objects, initial_backoff=pace.pull_initial_backoff, backoff_cap=pace.pull_backoff_cap

@@ -56,11 +56,11 @@ def send_and_receive(
     times = times if times is not None else ExchangeTimes()
     times.push_start = time.time()
     if not isinstance(grid, HttpGrid):
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        answered = list(grid.send_and_receive(messages, timeout=timeout))
         times.push_end = times.push_start  # such a grid pushes and pulls in one call: no times inside it
         now = time.time()
-        times.arrivals.update({m.metadata.reply_to_message_id: now for m in replies})
-        return replies
+        times.arrivals.update({m.metadata.reply_to_message_id: now for m in answered})
+        return answered
     set_reply_pull_backoff()
     pending = set(grid.push_messages(messages))
     times.push_end = time.time()
