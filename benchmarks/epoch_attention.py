@@ -7,7 +7,7 @@ candidate rewrites, forward+backward and forward only, in one run.
 Shapes are a training batch's patches: tiny 16 x 24 patches, 2 heads, head_dim 8; small 16 x 32
 patches, 4 heads, head_dim 16; E = 120 epochs. Two presence patterns: every epoch present (all
 patches of the synthetic sites) and mixed (every 8th patch partial, some with a single present
-epoch). The setups alternate sample by sample, so all see the same machine load; medians and
+epoch). The setups alternate sample by sample in rotated order, so all see the same machine load; medians and
 ratios against "bool" come from this one run. Wall-clock and CPU-time (process_time) are both
 printed: on a loaded machine compare ratios, not times.
 
@@ -125,8 +125,9 @@ def main() -> int:
             for backward in (True, False):
                 times: dict[str, list[tuple[float, float]]] = {key: [] for key in setups}
                 for r in range(args.repeats + 1):  # the first round warms up
-                    for key, fn in setups.items():
-                        t = sample(fn, x, backward)
+                    keys = list(setups)
+                    for key in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotated: no setup always first
+                        t = sample(setups[key], x, backward)
                         if r:
                             times[key].append(t)
                 med = {
