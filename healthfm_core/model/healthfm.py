@@ -239,7 +239,9 @@ class EpochBlock(nn.Module):
     def forward(self, x: Tensor, epoch_present: Tensor) -> Tensor:
         n, e, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(n, e, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        # Every patch handed in has at least one present epoch, so no softmax row is empty.
+        # Every patch handed in has at least one present epoch, so no softmax row is empty. The boolean
+        # mask costs nothing measurable on CPU: SDPA takes its flash path with it, and dropping it,
+        # a float mask or splitting full from partial patches was no faster (benchmarks/epoch_attention.py).
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=epoch_present[:, None, None, :])
         x = x + self.proj(attn.transpose(1, 2).reshape(n, e, d))
         return x + self.mlp(self.norm2(x))
