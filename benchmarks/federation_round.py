@@ -20,6 +20,13 @@ and "other" = round - slowest training: message transport, Flower's polling, the
 start, data loading, vocabulary mapping, model building, aggregation, checkpoint. The share
 printed is other / round. Target (issue 13): other <= 10% of a round after the first, at 50
 local steps on tiny.
+
+Then "other" by hop, for the site whose reply came last (benchmarks/round_hops.py: from the
+ServerApp's rounds.jsonl and the sites' SuperNode and app-guard logs, on this machine's clock):
+the ServerApp's configure and push, the SuperNode's poll, the guard's hand-over, the ClientApp's
+pull of the message, its handler less training, training, the reply's way back, aggregation and
+checkpoint. The hops sum to the round. Last, the Flower objects per message (rounds.jsonl
+objects_sent / objects_received): each is one request per hop (healthfm_core/packing.py).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from deploy_fixtures import (  # noqa: E402
     run_coordinator,
     site_policy,
 )
+from round_hops import HOPS, round_hops, site_logs  # noqa: E402
 
 from client.join import probe_superlink  # noqa: E402
 from healthfm_core.data.synthetic import generate_federation  # noqa: E402
@@ -140,6 +148,7 @@ def one_mode(
         if not (out / "rounds.jsonl").is_file():
             return []
         events, rounds = round_events(out)
+        logs = {name: site_logs(work / f"state-{mode}-{name}") for name in SITES}
         setup = next((e for e in events if e["event"] == "setup"), {})
         evaluation = next((e for e in events if e["event"] == "evaluate"), {})
         print(
@@ -162,7 +171,13 @@ def one_mode(
                 "client_max_s": max((x for x in client if x is not None), default=None),
                 "train_max_s": max(known) if known else None,
                 "other_s": float(t["round_seconds"]) - (max(known) if known else 0.0),
+                # Flower objects per message (each its own request): the largest train message, reply
+                "objects_sent": max((e.get("objects_sent", 0) for e in rounds[rnd]["sites"].values()), default=0),
+                "objects_received": max(
+                    (e.get("objects_received", 0) for e in rounds[rnd]["sites"].values()), default=0
+                ),
             }
+            row.update(critical_path(rnd, rounds[rnd], logs))
             rows.append(row)
         if args.keep:
             print(f"{mode}: logs under {work}")
@@ -170,6 +185,37 @@ def one_mode(
     finally:
         for proc in joins.values():
             proc.stop()
+
+
+def critical_path(rnd: int, event: dict, logs: dict) -> dict:
+    """The hops of the site whose reply came last in round `rnd` (round_hops.py)."""
+    replied = {s: e["reply_after_seconds"] for s, e in event["sites"].items() if "reply_after_seconds" in e}
+    if "sent_at" not in event.get("timings", {}) or not replied:
+        return {}
+    site = max(replied, key=lambda s: replied[s])
+    nodes, warms = logs.get(site, ([], []))
+    node = nodes[rnd - 1] if len(nodes) >= rnd else None
+    warm = warms[rnd - 1] if len(warms) >= rnd else None
+    return {"last_site": site, "hops": round_hops(rnd, event, node, warm, site)}
+
+
+def print_hops(rows: list[dict]) -> None:
+    print(
+        "\nwhere a round goes, for the site whose reply came last (seconds; the hops sum to round_s):"
+        "\nconfigure/push: the ServerApp; node_poll: until the SuperNode pulls the message; guard: until"
+        "\nthe app guard hands the task over; app_pull: until the ClientApp has the message; handler:"
+        "\nthe ClientApp less training; train; app_push/node_send: the reply to the SuperNode, then to"
+        "\nthe SuperLink; server_pull: until the ServerApp has it; after: aggregation, checkpoint."
+        "\n(node_receive: the SuperNode pulling the message's objects, overlapping guard and app_pull)"
+    )
+    names = [*HOPS, "node_receive"]
+    print("mode  round  site       " + " ".join(f"{h:>11}" for h in names))
+    for r in rows:
+        hops = r.get("hops")
+        if not hops:
+            continue
+        cells = " ".join(f"{hops[h]:11.2f}" if hops.get(h) is not None else f"{'-':>11}" for h in names)
+        print(f"{r['mode']:<5} {r['round']:>5}  {r['last_site']:<10} {cells}")
 
 
 def main() -> int:
@@ -221,6 +267,10 @@ def main() -> int:
             f"{cell(r['client_max_s'], 13)} {cell(r['train_max_s'], 12)} {r['other_s']:8.2f} "
             f"{r['other_s'] / r['round_s']:11.1%}"
         )
+    print_hops(rows)
+    print("\nFlower objects per message (each moved by its own request; largest over the sites):")
+    for r in rows:
+        print(f"  {r['mode']} round {r['round']}: train message {r['objects_sent']}, reply {r['objects_received']}")
     print("\nafter the first round (median other share; target <= 10%):")
     summary = {}
     for mode in args.modes:

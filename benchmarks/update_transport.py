@@ -3,10 +3,12 @@
     nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/update_transport.py
     python benchmarks/update_transport.py --rounds 6 --local-steps 10 --json out.json
 
-Part 1, payload: the bytes of one site's ArrayRecord (every group of the model, Flower's own
-serialisation, npy headers included) under each transport, for the `tiny` and `small` models, with
-a random update of the initial weights (healthfm_core/transport.py encodes; the ratio is to fp32;
-NVFlare's 8-bit messages are 25% of fp32).
+Part 1, payload: the bytes of one site's ArrayRecord (every group of the model, packed as a site
+sends it, healthfm_core/packing.py, Flower's own serialisation, headers included) under each
+transport, for the `tiny` and `small` models, with a random update of the initial weights
+(healthfm_core/transport.py encodes; the ratio is to fp32; NVFlare's 8-bit messages are 25% of
+fp32); beside it the same arrays as one Flower Array per key (the format before packing) and the
+number of Flower objects (each moved by its own request) either way.
 
 Part 2, a run: the same small federated run (two synthetic sites, `tiny` model, same seeds) in
 Flower's simulation engine once per transport. Per round: the bytes the sites uploaded (whole
@@ -38,6 +40,7 @@ from healthfm_core.transport import TRANSPORTS, encode_update  # noqa: E402
 from server.config import FederationConfig  # noqa: E402
 from server.limits import array_record_bytes  # noqa: E402
 from server.runlog import read_events  # noqa: E402
+from server.strategy import pack_record  # noqa: E402
 from simulations.run import run_federation_simulation  # noqa: E402
 
 SITES = ("biobank", "hospital")
@@ -52,10 +55,15 @@ def payload_bytes(model_name: str, seed: int = 0) -> dict[str, int]:
     out = {}
     for transport in TRANSPORTS:
         encoded = encode_update(trained, received, transport, rng=rng)  # type: ignore[arg-type]
-        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.arrays.items()})
         # The int8 scales travel as one float per key in a MetricRecord: counted at 8 bytes + key.
         scales = sum(8 + len(k) for k in encoded.scales) if encoded.scales else 0
-        out[transport] = sum(len(o.deflate()) for o in get_all_nested_objects(record).values()) + scales
+        packed = get_all_nested_objects(pack_record(encoded.arrays))
+        per_key = get_all_nested_objects(
+            ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.arrays.items()})
+        )
+        out[transport] = sum(len(o.deflate()) for o in packed.values()) + scales
+        out[f"{transport}_per_key"] = sum(len(o.deflate()) for o in per_key.values()) + scales
+        out[f"{transport}_objects"], out[f"{transport}_objects_per_key"] = len(packed), len(per_key)
     out["params"] = sum(v.size for v in received.values())
     out["raw_fp32"] = array_record_bytes(ArrayRecord({k: Array(v) for k, v in received.items()}))
     return out
@@ -107,6 +115,15 @@ def main() -> None:
     for name, p in payload.items():
         cells = [f"{p[t]:,} ({p[t] / p['fp32']:.1%})" for t in TRANSPORTS]
         print(f"| {name} | {p['params']:,} | " + " | ".join(cells) + " |")
+    print("\n## Packed against one Flower Array per key (bytes; Flower objects per record)\n")
+    print("| model | transport | packed bytes | per-key bytes | packed / per-key | objects packed | objects per-key |")
+    print("|---|---|---|---|---|---|---|")
+    for name, p in payload.items():
+        for t in TRANSPORTS:
+            print(
+                f"| {name} | {t} | {p[t]:,} | {p[t + '_per_key']:,} | {p[t] / p[t + '_per_key']:.2%} | "
+                f"{p[t + '_objects']} | {p[t + '_objects_per_key']} |"
+            )
 
     with tempfile.TemporaryDirectory(prefix="healthfm-transport-") as tmp:
         fed = generate_federation(Path(tmp) / "fed", scenario="tiny", seed=0, n_subjects=args.subjects, progress=False)
@@ -128,8 +145,7 @@ def main() -> None:
         up = float(np.mean(r["upload_bytes"]))
         print(f"| {t} | {up:,.0f} | {up / np.mean(base['upload_bytes']):.1%} | {r['rejected']} | {r['seconds']:.0f} |")
     print(
-        "\nWhole reply messages: on a model this small Flower's per-array framing (object headers, npy "
-        "headers) is a large share; the payload table above is the arrays alone."
+        "\nWhole reply messages (packed arrays, metrics, int8 scales); the payload tables above are the arrays alone."
     )
     print("\nTraining loss per round (n-weighted mean of the sites' total loss):\n")
     print("| round | " + " | ".join(TRANSPORTS) + " | int8 - fp32 |")

@@ -40,6 +40,7 @@ from collections.abc import Sequence  # noqa: E402
 from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.join import JoinConfig, JoinError, join  # noqa: E402
 from client.policy import PolicyError, load_policy  # noqa: E402
+from client.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from healthfm_core.data.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
 from healthfm_core.data.site import Site  # noqa: E402
@@ -248,6 +249,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             max_wait_time=args.max_wait_time,
             clientapp=args.clientapp,
             warm_idle=args.warm_idle,
+            poll_interval=args.poll_interval,
         )
     except ValueError as err:  # pydantic: a bad option value
         print(f"error: {str(err).splitlines()[0]}: {' '.join(str(err).splitlines()[1:3]).strip()}", file=sys.stderr)
@@ -408,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         metavar="S",
         help="stop a run's warm ClientApp after S seconds without a message (default 600)",
+    )
+    join.add_argument(
+        "--poll-interval",
+        type=float,
+        default=POLL_INTERVAL_S,
+        metavar="S",
+        help=f"the SuperNode asks the SuperLink for work every S seconds while idle (default {POLL_INTERVAL_S:g}; "
+        "Flower's own: 3)",
     )
     join.add_argument("--strict", action="store_true", help="check the site as `check --strict` does")
     join.add_argument("--progress", dest="progress", action="store_true", default=None)

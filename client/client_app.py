@@ -8,7 +8,8 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
   train / evaluate under a setup this node does not hold (its SuperNode restarted: Context.state
                       is gone) -> only ConfigRecord "setup-needed" {"wanted", "held"}; the server
                          sends query.setup again and retries (server/server_app.py)
-  train               -> a TrainReply's records (TrainReply.to_records): ArrayRecord "arrays" (the
+  train               -> a TrainReply's records (TrainReply.to_records): ArrayRecord "arrays" (packed
+                         as one part, healthfm_core/packing.py, as every message's arrays are; the
                          groups trained, less those the site's policy keeps local, in the round's
                          transport: fp32, fp16, or int8 with MetricRecord "scales") + MetricRecord
                          "metrics"; a request the policy refuses -> ConfigRecord "status" + the
@@ -44,6 +45,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.memory import release_memory
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
 from healthfm_core.federation import (
     ARRAYS_RECORD,
@@ -58,6 +60,7 @@ from healthfm_core.federation import (
     TrainRecords,
     TrainReply,
 )
+from healthfm_core.packing import pack_arrays, unpack_record
 
 log = logging.getLogger("healthfm.client")
 
@@ -114,13 +117,21 @@ def _only_record(records: Mapping[str, Any], what: str) -> Any:
     return next(iter(records.values()))
 
 
+def message_arrays(msg: Message) -> dict[str, np.ndarray]:
+    """The arrays of a train or evaluate message (its one ArrayRecord, packed parts)."""
+    records = msg.content.array_records
+    record = _only_record(records, "ArrayRecord")
+    return unpack_record(record, where=f"{msg.metadata.message_type} message, record {next(iter(records))!r}")
+
+
 def train_reply_content(reply: TrainReply | TrainRecords, scales: Mapping[str, float] | None = None) -> RecordDict:
     """A TrainReply (its arrays as trained) or its encoded records and int8 scales
     (SiteRuntime.encode) as the records of a reply message."""
     arrays, metrics, status = reply.to_records() if isinstance(reply, TrainReply) else reply
     content = RecordDict({METRICS_RECORD: MetricRecord(dict(metrics))})
     if arrays is not None:
-        content[ARRAYS_RECORD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        # Packed (healthfm_core/packing.py): one Flower Array, not one per key.
+        content[ARRAYS_RECORD] = ArrayRecord({label: Array(blob) for label, blob in pack_arrays(arrays).items()})
     if scales is not None:
         content[SCALES_RECORD] = MetricRecord({k: float(v) for k, v in scales.items()})
     if status is not None:
@@ -190,7 +201,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = RoundConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
-        arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
+        arrays = message_arrays(msg)
         if (need := setup_needed(msg, context, cfg.setup_sha256)) is not None:
             return need
         site = runtime(context)
@@ -203,15 +214,18 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         # residual stays in this node's state.
         records, scales, residual = site.encode(reply, arrays, cfg, stored_residual(context, cfg.setup_sha256))
         keep_residual(context, cfg.setup_sha256, residual)
-        return Message(train_reply_content(records, scales), reply_to=msg)
+        content = train_reply_content(records, scales)
+        release_memory()  # what training freed goes back to the system before the next message
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = EvalConfig.from_flat(_only_record(msg.content.config_records, "ConfigRecord"))
         if (need := setup_needed(msg, context, cfg.setup_sha256)) is not None:
             return need
-        arrays = {k: v.numpy() for k, v in _only_record(msg.content.array_records, "ArrayRecord").items()}
+        arrays = message_arrays(msg)
         reply = runtime(context).evaluate(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        release_memory()
         return Message(eval_reply_content(reply), reply_to=msg)
 
     return app

@@ -36,6 +36,7 @@ from typing import Any, Literal, TextIO
 from pydantic import BaseModel, ConfigDict, Field
 
 from client.approval import approved_apps
+from client.supernode_pace import POLL_INTERVAL_S, SupernodePace
 from healthfm_core.files import write_flat_toml
 
 log = logging.getLogger("healthfm.client.join")
@@ -89,6 +90,8 @@ class JoinConfig(BaseModel):
     # How approved ClientApp tasks run (client/app_guard.py): warm = one process per run.
     clientapp: Literal["warm", "cold"] = "warm"
     warm_idle: float = Field(default=600.0, gt=0)  # stop a run's warm ClientApp after this idle time
+    # The SuperNode's idle pull interval (client/supernode_pace.py; Flower's own is 3 s).
+    poll_interval: float = Field(default=POLL_INTERVAL_S, gt=0, le=60)
 
 
 # ---------------------------------------------------------------------------- checks before starting
@@ -233,13 +236,14 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int) -> list[str]:
     # Through client/supernode_main.py: a SuperNode whose connection ended exits (and is restarted)
-    # instead of idling forever.
+    # instead of idling forever, and it pulls at the site's pace (client/supernode_pace.py).
     # --isolation process: the SuperNode starts no SuperExec; the site's app guard takes that place
     # and starts a ClientApp only for an approved bundle (client/app_guard.py).
     cmd = [
         sys.executable,
         "-m",
         "client.supernode_main",
+        *SupernodePace(poll_interval=cfg.poll_interval).args(),
         flower_executable("flower-supernode"),
         "--superlink",
         cfg.superlink,

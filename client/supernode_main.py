@@ -1,6 +1,8 @@
-"""Flower's `flower-supernode`, made to exit when its connection to the SuperLink ends.
+"""Flower's `flower-supernode`, made to exit when its connection to the SuperLink ends, and paced
+for rounds of seconds.
 
-    python -m client.supernode_main PATH/TO/flower-supernode [flower-supernode options]
+    python -m client.supernode_main [--poll-interval S] [--pull-backoff S] [--pull-backoff-cap S] \
+        PATH/TO/flower-supernode [flower-supernode options]
 
 Why (read from flwr 1.41, flwr/supernode/fleet_http_connection.py and start_client_internal.py):
 when a Fleet API call fails with a status Flower does not retry (e.g. the SuperLink answers
@@ -12,24 +14,91 @@ and one line saying so, and `client.py join` (client/join.py) restarts it.
 
 A signal (SIGINT/SIGTERM) still ends it the way Flower does (its handler raises SystemExit, after
 the node said goodbye to the SuperLink), never through the line below.
+
+Pace (client/supernode_pace.py says why): `set_pace` changes Flower's loop in this process only,
+without touching Flower's files. Its `_pull_and_store_message` is wrapped so that it returns only
+once a message came, polling every `poll_interval` s (Flower's 3 s sleep after an empty pull is
+then never reached); its `pull_objects` name is bound to Flower's own function with a short
+backoff. tests/test_supernode_pace.py fails if Flower's loop stops calling either name. Flower's
+log lines get timestamps: when a message came and when its reply left is where a round's time went.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import flwr.supernode.start_client_internal as flower_loop
+from flwr.supercore.inflatable.inflatable_utils import pull_objects
+from flwr.supercore.logger import update_console_handler
 from flwr.supernode.cli import flower_supernode
 
 from client.join import ENDED_LINE, EXIT_CONNECTION_ENDED
+from client.supernode_pace import SupernodePace
+
+WRAPPED = "__healthfm_pace__"  # marks our wrapper of Flower's pull function
+
+
+def until_message(
+    pull_and_store: Callable[..., int | None], poll_interval: float, sleep: Callable[[float], None] = time.sleep
+) -> Callable[..., int | None]:
+    """`pull_and_store` that returns only once it pulled a message (its run id), trying again every
+    `poll_interval` s; an exception still leaves at once (the SuperNode's loop ends on it)."""
+
+    @functools.wraps(pull_and_store)
+    def pull(*args: Any, **kwargs: Any) -> int | None:
+        while (run_id := pull_and_store(*args, **kwargs)) is None:
+            sleep(poll_interval)
+        return run_id
+
+    setattr(pull, WRAPPED, True)
+    return pull
+
+
+def set_pace(pace: SupernodePace) -> None:
+    """Set `pace` in Flower's SuperNode loop of this process (before flower_supernode() runs)."""
+    current = flower_loop._pull_and_store_message
+    # Set twice, it wraps Flower's function again, not its own wrapper.
+    original = current.__wrapped__ if getattr(current, WRAPPED, False) else current  # type: ignore[attr-defined]
+    flower_loop._pull_and_store_message = until_message(original, pace.poll_interval)
+    flower_loop.pull_objects = functools.partial(
+        pull_objects, initial_backoff=pace.pull_initial_backoff, backoff_cap=pace.pull_backoff_cap
+    )
+
+
+def parse(argv: Sequence[str]) -> tuple[SupernodePace, list[str]]:
+    """Our options, then Flower's argv (its executable first)."""
+    parser = argparse.ArgumentParser(prog="python -m client.supernode_main", description=__doc__.split("\n\n")[0])
+    defaults = SupernodePace()
+    parser.add_argument("--poll-interval", type=float, default=defaults.poll_interval, metavar="S")
+    parser.add_argument("--pull-backoff", type=float, default=defaults.pull_initial_backoff, metavar="S")
+    parser.add_argument("--pull-backoff-cap", type=float, default=defaults.pull_backoff_cap, metavar="S")
+    parser.add_argument("flower", nargs=argparse.REMAINDER, help="PATH/TO/flower-supernode and its options")
+    args = parser.parse_args(argv)
+    if not args.flower:
+        parser.error("PATH/TO/flower-supernode is required")
+    try:
+        pace = SupernodePace(
+            poll_interval=args.poll_interval,
+            pull_initial_backoff=args.pull_backoff,
+            pull_backoff_cap=args.pull_backoff_cap,
+        )
+    except ValueError as err:  # pydantic names the field and value
+        parser.error(str(err))
+    return pace, list(args.flower)
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        print("usage: python -m client.supernode_main PATH/TO/flower-supernode [options]", file=sys.stderr)
-        raise SystemExit(2)
+    pace, flower_argv = parse(sys.argv[1:])
+    set_pace(pace)
+    update_console_handler(timestamps=True)
     # Flower reads its options from sys.argv and names itself after argv[0] (telemetry, messages).
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    sys.argv = flower_argv
     flower_supernode()
     print(f"{ENDED_LINE} (its pull loop stopped on the error logged above)", flush=True)
     sys.stderr.flush()

@@ -25,7 +25,8 @@ TrainReply/EvalReply.to_records and read back by from_records; the metric keys o
 are spelled in this module only. The arrays' own encoding on the uplink (RoundConfig.transport:
 fp32, fp16, or int8 with the MetricRecord SCALES_RECORD of per-tensor scales) is
 healthfm_core/transport.py's: the site encodes a TrainReply's arrays last, the server decodes them
-before TrainReply.from_records.
+before TrainReply.from_records. Below that, every message's arrays travel packed into a few
+safetensors blobs (healthfm_core/packing.py), not one Flower Array per key.
 """
 
 from __future__ import annotations

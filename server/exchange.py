@@ -1,33 +1,77 @@
-"""Messages out, replies in, without Flower's fixed pause: HttpGrid.send_and_receive (the grid a
+"""Messages out, replies in, without Flower's fixed pauses: HttpGrid.send_and_receive (the grid a
 deployed ServerApp gets, flwr/superlink/grid/http_grid.py) sleeps 3 s between pulls, so every
 exchange (setup, each round, evaluation) waited on average 1.5 s past its last reply; a round of
 a few seconds' training spent a third of its time there. Here the same push and pulls run with a
 POLL_SECONDS pause. Any other grid (Flower's in-memory simulation grid, which polls at 0.1 s;
 tests' in-process grids) keeps its own send_and_receive.
+
+A reply's objects are pulled with a short backoff too: a SuperNode pushes its reply message
+before the reply's objects (flwr/supernode/start_client_internal.py, _push_messages), so the
+ServerApp often sees a reply whose arrays are still uploading, and Flower's pull retries them
+after 1, 2, 4, 8, 10 s (flwr/supercore/constant.py): seconds past the upload's end per round.
+
+`ExchangeTimes` records when the messages left and each reply came (wall clock, so that a site's
+own log lines can be set beside them): the per-round timing line of the ServerApp's log.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
+import flwr.superlink.grid.http_grid as flower_http_grid
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.superlink.grid.http_grid import HttpGrid
 
 POLL_SECONDS = 0.25  # one small HTTP call to the local SuperLink per pause
+PULL_INITIAL_BACKOFF_S = 0.05  # a reply object still uploading is asked for again this soon (Flower: 1 s)
+PULL_BACKOFF_CAP_S = 0.5  # and never waited for longer than this between tries (Flower: 10 s)
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
-    """Push `messages`, pull their replies until all arrived or `timeout` seconds passed."""
+@dataclass
+class ExchangeTimes:
+    """One exchange's times: wall clock (time.time()) of the push's start and end, and of each
+    reply's arrival by the id of the message it answers."""
+
+    push_start: float = 0.0
+    push_end: float = 0.0
+    arrivals: dict[str, float] = field(default_factory=dict)
+
+
+def set_reply_pull_backoff(initial: float = PULL_INITIAL_BACKOFF_S, cap: float = PULL_BACKOFF_CAP_S) -> None:
+    """HttpGrid.pull_messages in this process retries a reply's objects after `initial` s,
+    doubling up to `cap` (tests/test_exchange.py fails if it stops calling that name)."""
+    flower_http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=initial, backoff_cap=cap)
+
+
+def send_and_receive(
+    grid: Grid, messages: Iterable[Message], timeout: float | None, times: ExchangeTimes | None = None
+) -> list[Message]:
+    """Push `messages`, pull their replies until all arrived or `timeout` seconds passed; `times`,
+    when given, gets the push's and the replies' times."""
+    times = times if times is not None else ExchangeTimes()
+    times.push_start = time.time()
     if not isinstance(grid, HttpGrid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
+        answered = list(grid.send_and_receive(messages, timeout=timeout))
+        times.push_end = times.push_start  # such a grid pushes and pulls in one call: no times inside it
+        now = time.time()
+        times.arrivals.update({m.metadata.reply_to_message_id: now for m in answered})
+        return answered
+    set_reply_pull_backoff()
     pending = set(grid.push_messages(messages))
+    times.push_end = time.time()
     end = time.monotonic() + (timeout if timeout is not None else 0.0)
     replies: list[Message] = []
     while True:
         got = list(grid.pull_messages(pending))
+        now = time.time()
         replies.extend(got)
+        for m in got:
+            times.arrivals[m.metadata.reply_to_message_id] = now
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or (timeout is not None and time.monotonic() >= end):
             return replies

@@ -3,7 +3,7 @@ read back by read_events, and summary.md written from it (write_summary); messag
 what each message cost on the wire.
 
 Events: setup / resume (round 0), round (per site: status, groups, counts, losses, DP spend,
-bytes; contributors, rejections, the n-weighted mean `losses`, timings), evaluate (per site
+bytes and Flower objects; contributors, rejections, the n-weighted mean `losses`, timings), evaluate (per site
 metrics and their n-weighted means).
 """
 
@@ -30,7 +30,14 @@ log = logging.getLogger("healthfm.server")
 def message_bytes(message: Message) -> int:
     """Serialized size of a message: every object Flower transfers for it (content-addressed,
     so identical arrays count once), excluding transport framing."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+    return message_size(message)[0]
+
+
+def message_size(message: Message) -> tuple[int, int]:
+    """(bytes, objects) of a message: Flower moves each object with a request of its own, so the
+    count says how many round trips a hop costs (healthfm_core/packing.py keeps it small)."""
+    objects = get_all_nested_objects(message)
+    return sum(len(obj.deflate()) for obj in objects.values()), len(objects)
 
 
 class EventLog:
@@ -162,4 +169,4 @@ def write_summary(out_dir: str | Path) -> Path:
     return path
 
 
-__all__ = ["EventLog", "message_bytes", "read_events", "write_summary"]
+__all__ = ["EventLog", "message_bytes", "message_size", "read_events", "write_summary"]

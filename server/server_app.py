@@ -51,8 +51,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -99,22 +97,18 @@ from server.config import (
     ServerOptimizerConfig,
     resume_conflicts,
 )
-from server.exchange import send_and_receive
+from server.exchange import ExchangeTimes, send_and_receive
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
 from server.registry import SiteRegistry, admit, name_mismatch, read_registry
-from server.runlog import EventLog, message_bytes, read_events, write_summary
-from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin
+from server.runlog import EventLog, message_bytes, message_size, read_events, write_summary
+from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin, pack_record
 
 log = logging.getLogger("healthfm.server")
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Before each round after round 0, how long the server waits for min_nodes sites (a SuperNode
 # restarting reconnects within this) before going on with those connected; never longer than timeout_s.
 REJOIN_WAIT_S = 60.0
-
-
-def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> ModalityAwareFedAvg:
@@ -450,7 +444,9 @@ class FederationServer:
             if state.torch_random is not None:
                 torch.set_rng_state(state.torch_random)
             log.info("resuming after round %d from %s", start, ckpt_path)
-        max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(_to_record(arrays), cfg.reply_size_margin)
+        max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(
+            pack_record(arrays, parameter_group), cfg.reply_size_margin
+        )
         self.strategy = make_strategy(cfg, max_reply_bytes)
         if state is not None:
             self.strategy.load_state_dict(state.strategy)
@@ -529,21 +525,28 @@ class FederationServer:
         )
         self._wait_for_nodes(f"round {rnd}")
         messages = self.strategy.train_messages(
-            rnd, _to_record(arrays), ConfigRecord(round_cfg.to_flat()), self.grid, self.node_groups
+            rnd, arrays, ConfigRecord(round_cfg.to_flat()), self.grid, self.node_groups
         )
         sites: dict[str, dict[str, Any]] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
-            record = next(iter(msg.content.array_records.values()))
+            groups = set(next(iter(msg.content.array_records.values())))  # packed: one part per group
+            size, objects = message_size(msg)
             sites[self._site(node)] = {
                 "node_id": node,
-                "groups_sent": sorted({parameter_group(k) for k in record}),
-                "keys_sent": len(record),
-                "bytes_sent": message_bytes(msg),
+                "groups_sent": sorted(groups),
+                "keys_sent": sum(parameter_group(k) in groups for k in arrays),
+                "bytes_sent": size,
+                "objects_sent": objects,
                 "status": "no reply",
             }
         t_sent = time.perf_counter()
-        replies = send_and_receive(self.grid, messages, cfg.timeout_s)
+        exchange = ExchangeTimes()
+        replies = send_and_receive(self.grid, messages, cfg.timeout_s, exchange)
+        for msg in messages:  # when each site's reply came, from the push's start
+            arrived = exchange.arrivals.get(msg.metadata.message_id)
+            if arrived is not None:
+                sites[self._site(msg.metadata.dst_node_id)]["reply_after_seconds"] = arrived - exchange.push_start
         if need := self.setup_needed(replies, messages):
             messages, replies = self._retry_train(rnd, need, messages, replies, sites)
         t_replied = time.perf_counter()
@@ -552,7 +555,9 @@ class FederationServer:
         for reply in replies:
             node = origin(reply, messages)
             entry = sites.setdefault(self._site(node), {"node_id": node})
-            entry["bytes_received"] = entry.get("bytes_received", 0) + message_bytes(reply)
+            size, objects = message_size(reply)
+            entry["bytes_received"] = entry.get("bytes_received", 0) + size
+            entry["objects_received"] = entry.get("objects_received", 0) + objects
         t_agg = time.perf_counter()
         outcome = self.strategy.aggregate(
             rnd, replies, current_arrays=arrays, node_groups=self.node_groups, sent=messages
@@ -578,10 +583,13 @@ class FederationServer:
         )
         t_end = time.perf_counter()
         train_max = max((e.get("train_seconds", 0.0) for e in sites.values()), default=0.0)
+        timed = any("train_seconds" in e for e in sites.values())
         timings = {
             "round_seconds": t_end - t_start,
             "configure_seconds": t_sent - t_start,
             "wait_seconds": t_replied - t_sent,
+            "push_seconds": exchange.push_end - exchange.push_start,
+            "sent_at": exchange.push_start,  # wall clock: beside the sites' own log lines
             "aggregate_seconds": t_ckpt - t_agg,
             "checkpoint_seconds": t_end - t_ckpt,
             "local_train_seconds_max": train_max,
@@ -615,24 +623,34 @@ class FederationServer:
         ok = sum(e.get("status") == "ok" for e in sites.values())
         loss = losses.get("total")
         log.info(
-            "round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %.1f s, other %.1f s)",
+            "round %d/%d: %d/%d sites ok, loss %s, %.1f s (local training %s, other %s: configure %.2f s, "
+            "push %.2f s, last reply after %.2f s, aggregate %.2f s, checkpoint %.2f s)",
             rnd,
             cfg.rounds,
             ok,
             len(sites),
             f"{loss:.4f}" if loss is not None else "n/a",
             timings["round_seconds"],
-            train_max,
-            timings["other_seconds"],
+            # Under DP sites send no timings (they would reveal their secret batch sizes).
+            f"{train_max:.1f} s" if timed else "not reported",
+            f"{timings['other_seconds']:.1f} s" if timed else "n/a",
+            timings["configure_seconds"],
+            timings["push_seconds"],
+            timings["wait_seconds"],
+            timings["aggregate_seconds"],
+            timings["checkpoint_seconds"],
         )
         for name, e in sorted(sites.items()):
             log.info(
-                "  %-12s %-9s groups %s, sent %s B, received %s B%s",
+                "  %-12s %-9s groups %s, sent %s B, received %s B%s%s",
                 name,
                 e.get("status"),
                 ",".join(e.get("groups_sent", [])),
                 e.get("bytes_sent", 0),
                 e.get("bytes_received", 0),
+                f", reply after {e['reply_after_seconds']:.2f} s (training {e.get('train_seconds') or 0:.2f} s)"
+                if "reply_after_seconds" in e
+                else "",
                 f" ({e['reason']})" if "reason" in e else "",
             )
         return arrays, path
@@ -750,7 +768,7 @@ class FederationServer:
             n_boot=cfg.eval_n_boot,
             seed=cfg.seed,
         )
-        record = _to_record(arrays)
+        record = self.strategy.packed_record(arrays)  # packed once, each site sent its groups' parts
         connected = set(self._wait_for_nodes(f"evaluation after round {rnd}"))
         contents = {
             node: RecordDict(

@@ -30,6 +30,7 @@ from healthfm_core.federation import (
     round_metrics,
 )
 from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.packing import pack_arrays, unpack_record
 from healthfm_core.transport import SCALES_RECORD, decode_update, wire_dtype_ok
 from server.limits import array_record_bytes
 
@@ -98,6 +99,18 @@ class _RoundInputs:
 _Accepted = tuple[int, TrainReply, dict[str, float]]
 
 
+def pack_record(arrays: Mapping[str, np.ndarray], part_of: Callable[[str], str] | None = None) -> ArrayRecord:
+    """Arrays as a message carries them (healthfm_core/packing.py): one Flower Array per part."""
+    return ArrayRecord({label: Array(blob) for label, blob in pack_arrays(arrays, part_of).items()})
+
+
+def _as_numpy(arrays: Mapping[str, np.ndarray] | ArrayRecord) -> dict[str, np.ndarray]:
+    # Flower's own start() loop hands over its ArrayRecord of one Array per key.
+    if isinstance(arrays, ArrayRecord):
+        return {k: v.numpy() for k, v in arrays.items()}
+    return dict(arrays)
+
+
 def origin(reply: Message, sent: Sequence[Message]) -> int:
     """The node a train reply answers for. Error replies the SuperLink generates itself (node
     unavailable: a dead SuperNode; message expired) come from the SuperLink's node id; they are
@@ -127,8 +140,11 @@ class ModalityAwareFedAvg(FedAvg):
     contributing sites, keeps its previous value. With every site holding every group (and
     each group's count equal to ``num_examples``) this is FedAvg exactly.
 
-    A reply is accepted only if it parses as a TrainReply and its arrays fit the round
-    (``parse_reply``: size, keys, shapes, dtypes, int8 scales, groups sent, values) and its update norm is
+    Arrays travel packed (``healthfm_core/packing.py``): the global arrays go out as one packed
+    part per group (``packed_record``), a reply comes back as packed parts, unpacked and checked
+    before anything else is. A reply is accepted only if it parses as a TrainReply and its arrays
+    fit the round (``parse_reply``: size, the packed blobs, keys, shapes, dtypes, int8 scales,
+    groups sent, values) and its update norm is
     not absurd against the round's others; any other reply (error, refusal, a reply to no
     message sent, a second reply from one node) is rejected with its reason and logged, and
     the round goes on. Optionally a FedAdam-style server step is applied to the averaged
@@ -206,14 +222,16 @@ class ModalityAwareFedAvg(FedAvg):
     def train_messages(
         self,
         server_round: int,
-        arrays: ArrayRecord,
+        arrays: Mapping[str, np.ndarray] | ArrayRecord,
         config: ConfigRecord,
         grid: Grid,
         node_groups: Mapping[int, Sequence[str]] | None = None,
     ) -> list[Message]:
-        """One train message per sampled node holding a group, with only its groups' arrays."""
+        """One train message per sampled node holding a group, with only its groups' arrays
+        (the global arrays packed once, one part per group: packed_record)."""
         if self.fraction_train == 0.0:
             return []
+        packed = self.packed_record(_as_numpy(arrays))
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
         messages = []
@@ -227,7 +245,7 @@ class ModalityAwareFedAvg(FedAvg):
             node_config["groups"] = groups
             record = RecordDict(
                 {
-                    self.arrayrecord_key: self.arrays_for_groups(arrays, groups),
+                    self.arrayrecord_key: self.arrays_for_groups(packed, groups),
                     self.configrecord_key: node_config,
                 }
             )
@@ -244,9 +262,16 @@ class ModalityAwareFedAvg(FedAvg):
         self._flower_round = _RoundInputs({k: v.numpy() for k, v in arrays.items()}, None, messages)
         return messages
 
-    def arrays_for_groups(self, arrays: ArrayRecord, groups: Sequence[str]) -> ArrayRecord:
+    def packed_record(self, arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+        """The global arrays as the round's messages carry them: one packed part per group
+        (healthfm_core/packing.py), made once per round; each site gets its groups' parts, the
+        same Array objects, which the SuperLink stores once however many sites they go to."""
+        return pack_record(arrays, self.group_of)
+
+    def arrays_for_groups(self, packed: ArrayRecord, groups: Sequence[str]) -> ArrayRecord:
+        """The parts of `packed` (packed_record: labelled by group) for these groups."""
         wanted = set(groups)
-        return ArrayRecord({k: v for k, v in arrays.items() if self.group_of(k) in wanted})
+        return ArrayRecord({group: part for group, part in packed.items() if group in wanted})
 
     # ---------------------------------------------------------------- receiving
     def aggregate_train(
@@ -361,7 +386,8 @@ class ModalityAwareFedAvg(FedAvg):
             size = array_record_bytes(records)
             if self.max_reply_bytes is not None and size > self.max_reply_bytes:
                 raise ValueError(f"reply of {size:,} B exceeds the limit of {self.max_reply_bytes:,} B")
-            wire = {key: self._decode(key, item, previous) for key, item in records.items()}
+            packed = unpack_record(records, where=f"record {ARRAYS_RECORD!r}", max_bytes=self.max_reply_bytes)
+            wire = {key: self._check_wire(key, value, previous) for key, value in packed.items()}
             # fp16 upcast, int8 de-quantised against this round's global arrays (what was sent)
             arrays = decode_update(wire, dict(scales) if scales is not None else None, previous)
         reply = TrainReply.from_records(
@@ -371,22 +397,17 @@ class ModalityAwareFedAvg(FedAvg):
             self.check_arrays(reply, previous, allowed)
         return reply
 
-    def _decode(self, key: str, item: Array, previous: Mapping[str, np.ndarray]) -> np.ndarray:
-        """One array of a reply as it travelled, checked against the global model's header
-        (shape, a dtype healthfm_core.transport accepts for it) before and after decoding."""
+    @staticmethod
+    def _check_wire(key: str, value: np.ndarray, previous: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One unpacked array of a reply as it travelled, against the global model's: a key it
+        has, its shape, a dtype healthfm_core.transport accepts for it."""
         if key not in previous:
             raise ValueError(f"unknown key {key!r}")
         expected = previous[key]
-        if tuple(item.shape) != expected.shape:
-            raise ValueError(f"key {key!r}: shape {tuple(item.shape)} != {expected.shape}")
-        if not wire_dtype_ok(item.dtype, expected.dtype):
-            raise ValueError(f"key {key!r}: dtype {item.dtype} != {expected.dtype}")
-        try:
-            value = item.numpy()
-        except Exception as err:  # noqa: BLE001 - a peer's bytes: anything can be wrong with them
-            raise ValueError(f"key {key!r}: undecodable array ({err})") from None
-        if value.shape != expected.shape or str(value.dtype) != item.dtype:
-            raise ValueError(f"key {key!r}: payload {value.dtype}{value.shape} does not match its header")
+        if value.shape != expected.shape:
+            raise ValueError(f"key {key!r}: shape {value.shape} != {expected.shape}")
+        if not wire_dtype_ok(str(value.dtype), expected.dtype):
+            raise ValueError(f"key {key!r}: dtype {value.dtype} != {expected.dtype}")
         return value
 
     def check_arrays(self, reply: TrainReply, previous: Mapping[str, np.ndarray], allowed: Sequence[str]) -> None:

@@ -45,7 +45,8 @@ from healthfm_core.federation import (
     PrivacySpend,
     TrainReply,
 )
-from server.strategy import ModalityAwareFedAvg
+from healthfm_core.packing import PACKED_PART, pack_arrays, unpack_record
+from server.strategy import ModalityAwareFedAvg, pack_record
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -69,6 +70,11 @@ ARRAY_FAULTS = [
     "partial_group",
     "empty_record",
     "group_not_sent",
+    # the packed form itself (healthfm_core/packing.py; every case in tests/test_packing.py)
+    "truncated_blob",
+    "trailing_bytes",
+    "per_key_record",
+    "key_packed_twice",
 ]
 METRIC_FAULTS = [
     "missing_count",
@@ -115,10 +121,10 @@ def _train_reply(arrays: dict[str, np.ndarray], counts: dict[str, int], **fields
     return TrainReply.model_validate(data, context={"group_of": group_of})
 
 
-def _content(arrays: dict[str, Array] | None, metrics: dict, status: dict | None) -> RecordDict:
+def _content(arrays: ArrayRecord | None, metrics: dict, status: dict | None) -> RecordDict:
     content = RecordDict({METRICS_RECORD: MetricRecord(metrics)})
     if arrays is not None:
-        content[ARRAYS_RECORD] = ArrayRecord(arrays)
+        content[ARRAYS_RECORD] = arrays
     if status is not None:
         content[STATUS_RECORD] = ConfigRecord(status)
     return content
@@ -163,42 +169,57 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
         return Message(train_reply_content(reply), metadata=_metadata(node)), bad, arrays, counts
     _, metrics, status = _train_reply(arrays, counts, **optional).to_records()
     required = sorted(_train_reply(arrays, counts).to_records().metrics)  # the counts: never optional
-    items: dict[str, Array] | None = {k: Array(v) for k, v in arrays.items()}
-    key = draw(st.sampled_from(sorted(items)))
+    values = dict(arrays)  # what the reply packs
+    key = draw(st.sampled_from(sorted(values)))
+    items: ArrayRecord | None = None  # a fault in the packed record itself (else: values, packed)
     extra: dict[str, object] = {}
     if bad == "dtype":
         dtype = draw(st.sampled_from([np.float64, np.int32, np.int64, np.uint8, np.bool_, np.complex64]))
-        items[key] = Array(arrays[key].astype(dtype))
+        values[key] = arrays[key].astype(dtype)
     elif bad == "shape":
         shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3).filter(lambda s: tuple(s) != SHAPES[key]))
-        items[key] = Array(np.ones(shape, np.float32))
+        values[key] = np.ones(shape, np.float32)
     elif bad in ("nan", "inf"):
         value = arrays[key].copy()
         value.flat[draw(st.integers(0, value.size - 1))] = (
             np.nan if bad == "nan" else draw(st.sampled_from([np.inf, -np.inf]))
         )
-        items[key] = Array(value)
+        values[key] = value
     elif bad == "huge_value":
         value = arrays[key].copy()
         value.flat[draw(st.integers(0, value.size - 1))] = draw(st.floats(1e7, 3.0000000054977558e38, width=32))
-        items[key] = Array(value)
+        values[key] = value
     elif bad in ("garbage_bytes", "empty_bytes", "oversized"):
-        good = items[key]
+        good = pack_record(values)[PACKED_PART]
         data = b"" if bad == "empty_bytes" else draw(st.binary(min_size=1, max_size=300))
         if bad == "oversized":
             data = good.data + b"\0" * 4096
-        items[key] = Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=data)
+        items = ArrayRecord(
+            {PACKED_PART: Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=data)}
+        )
+    elif bad in ("truncated_blob", "trailing_bytes"):
+        blob = pack_arrays(values)[PACKED_PART]
+        if bad == "truncated_blob":
+            blob = blob[: draw(st.integers(0, blob.size - 1))]
+        else:
+            blob = np.concatenate([blob, np.frombuffer(draw(st.binary(min_size=1, max_size=16)), np.uint8)])
+        items = ArrayRecord({PACKED_PART: Array(blob)})
+    elif bad == "per_key_record":
+        items = ArrayRecord({k: Array(v) for k, v in values.items()})  # one Array per key: not packed
+    elif bad == "key_packed_twice":
+        items = ArrayRecord(
+            {"a": Array(pack_arrays(values)[PACKED_PART]), "b": Array(pack_arrays({key: values[key]})[PACKED_PART])}
+        )
     elif bad == "unknown_key":
-        items[draw(st.sampled_from(["shared.zzz", "ehr.extra", "nothing"]))] = Array(np.ones(2, np.float32))
+        values[draw(st.sampled_from(["shared.zzz", "ehr.extra", "nothing"]))] = np.ones(2, np.float32)
     elif bad == "partial_group":
-        items.pop("shared.b")  # every reply holds shared: one of its two keys missing
+        values.pop("shared.b")  # every reply holds shared: one of its two keys missing
     elif bad == "empty_record":
-        items = {}
+        values = {}
     elif bad == "group_not_sent":
         # Sent shared only (see _node_groups), answers with ehr as well, counted as a site would.
-        with_ehr = {**arrays, "ehr.w": np.ones(SHAPES["ehr.w"], np.float32)}
-        _, metrics, _ = _train_reply(with_ehr, {**counts, "ehr": 5}).to_records()
-        items = {k: Array(v) for k, v in with_ehr.items()}
+        values = {**arrays, "ehr.w": np.ones(SHAPES["ehr.w"], np.float32)}
+        _, metrics, _ = _train_reply(values, {**counts, "ehr": 5}).to_records()
     elif bad == "missing_count":
         del metrics[draw(st.sampled_from(required))]
     elif bad in ("negative_count", "zero_count", "fractional_count"):
@@ -215,12 +236,12 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
         name = "x-" + draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz.-", max_size=12))
         metrics[name] = draw(st.one_of(st.integers(0, 10), st.floats(0, 1)))
     elif bad == "extra_record":
-        extra["more"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        extra["more"] = pack_record(arrays)
     elif bad == "status_on_a_trained_reply":
         status = {"status": draw(st.sampled_from(["ok", "trained", ""])), "reason": "x"}
     elif bad == "refusal_with_arrays":
         status = {"status": "refused", "reason": "cap"}
-    content = _content(items, metrics, status)
+    content = _content(items if items is not None else pack_record(values), metrics, status)
     if bad == "no_metrics":
         del content[METRICS_RECORD]
     elif bad == "metrics_as_config":
@@ -228,6 +249,13 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
     for name, record in extra.items():
         content[name] = record
     return Message(content, metadata=_metadata(node)), bad, arrays, counts
+
+
+def _per_key(msg: Message) -> Message:
+    content = RecordDict(dict(msg.content))
+    packed = unpack_record(msg.content.array_records[ARRAYS_RECORD], where="test")
+    content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in packed.items()})
+    return Message(content, metadata=msg.metadata)
 
 
 def _node_groups(replies: list) -> dict[int, list[str]]:
@@ -307,7 +335,8 @@ def test_with_every_group_everywhere_it_is_plain_fedavg(sites: list[tuple[int, i
     outcome = _strategy().aggregate(
         1, replies, current_arrays=PREVIOUS, node_groups=None, sent=_sent([10 + i for i in range(len(sites))])
     )
-    stock, _ = FedAvg().aggregate_train(1, replies)
+    # Flower's stock FedAvg reads one Array per key: the same replies, unpacked.
+    stock, _ = FedAvg().aggregate_train(1, [_per_key(m) for m in replies])
     assert outcome.rejected == [] and set(outcome.arrays) == set(stock)
     for key in stock:
         np.testing.assert_array_equal(outcome.arrays[key], stock[key].numpy())  # bit for bit

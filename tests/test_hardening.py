@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from deploy_fixtures import Process, free_port
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -29,6 +29,7 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import FederationSetup, TrainReply
 from healthfm_core.model.config import load_model_config
+from healthfm_core.packing import PACKED_PART
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import (
     AUDIT_FILE,
@@ -63,7 +64,7 @@ from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
 from server.provision import ProvisionConfig, provision
 from server.runlog import read_events
 from server.server_app import FederationServer
-from server.strategy import ModalityAwareFedAvg, origin
+from server.strategy import ModalityAwareFedAvg, origin, pack_record
 
 # ---------------------------------------------------------------------------- audit log
 
@@ -284,15 +285,16 @@ def _strategy(**kwargs) -> ModalityAwareFedAvg:
 
 def test_a_reply_over_the_size_limit_is_rejected_and_the_round_goes_on() -> None:
     glob = {"shared.w": np.zeros((4, 4), np.float32), "ehr.w": np.zeros(8, np.float32)}
-    limit = default_max_reply_bytes(ArrayRecord({k: Array(v) for k, v in glob.items()}))
-    # The derived limit admits a full-model reply, float32 or float16.
-    full = ArrayRecord({k: Array(v) for k, v in glob.items()})
+    # As the ServerApp derives it: from the global arrays as they are sent (one packed part per group).
+    limit = default_max_reply_bytes(pack_record(glob, _group_of))
+    # The derived limit admits a full-model reply (one packed part), float32 or float16.
+    full = pack_record(glob)
     assert array_record_bytes(full) <= limit
     s = _strategy(max_reply_bytes=limit)
     ok = _reply(1, {k: v + 1 for k, v in glob.items()})
     # A reply as big as asked: right keys, but the bytes of 10x the model in one array's payload.
     huge = _reply(2, {k: v + 5 for k, v in glob.items()})
-    arr = next(iter(huge.content.array_records.values()))["shared.w"]
+    arr = next(iter(huge.content.array_records.values()))[PACKED_PART]
     arr.data = arr.data + b"\0" * (10 * limit)
     outcome = s.aggregate(1, [ok, huge], current_arrays=glob, node_groups=None, sent=_sent(1, 2))
     assert outcome.arrays is not None

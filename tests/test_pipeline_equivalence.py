@@ -1,7 +1,9 @@
 """The vectorised pipeline against plain references, on generated biobank and hospital sites.
 
 Wearable patches (wear_patches.py, streamed chunk by chunk with a fast path for regular 30-s
-grids) against a per-row Python loop that states the rules; samples' EHR tokens (sliced from
+grids) against a per-row Python loop that states the rules, and streamed file by file
+(wear_stream.py: several files, subjects across files, small row groups, irregular grids, rows
+out of order) against the same table read whole; samples' EHR tokens (sliced from
 tokens pooled once per site) against `pool_token_rows` over the sample's rows, which is how
 each sample was built before. Arrays must be equal bit for bit. Pieces are made small so that
 subjects run across piece seams.
@@ -9,16 +11,19 @@ subjects run across piece seams.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from healthfm_core.data import wear_patches
 from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS
+from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, WEARABLES_SCHEMA, WEARABLES_SUBDIRECTORY
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.synthetic.scenario import load_scenario
@@ -31,7 +36,14 @@ from healthfm_core.data.tokens import (
     pool_token_rows,
 )
 from healthfm_core.data.vocab import Normalizer, Vocabulary, build_vocabulary
-from healthfm_core.data.wear_patches import NO_TIME, build_patches, sorted_by_subject_time
+from healthfm_core.data.wear_patches import (
+    NO_TIME,
+    UnsortedWearables,
+    build_patches,
+    patches_of_parts,
+    sorted_by_subject_time,
+)
+from healthfm_core.data.wear_stream import WearableFilePart, wearable_key_table
 
 SITES = ("biobank", "city_hospital")
 
@@ -186,6 +198,129 @@ def test_hand_made_patches_on_a_grid_and_off_it(monkeypatch: pytest.MonkeyPatch)
     assert got.first_us.tolist() == [0, 100 * e] and got.last_end_us.tolist() == [5 * e, 104 * e + 10**7]
 
 
+def write_files(table: pa.Table, directory: Path, cuts: list[int], row_group_rows: int) -> list[Path]:
+    """The table's rows in order, cut into files at `cuts`, as WEARABLES_SCHEMA parquet."""
+    directory.mkdir(parents=True)
+    bounds = [0, *cuts, table.num_rows]
+    paths = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = table.slice(a, b - a)
+        part = pa.table(
+            [part["subject_id"], part["time"].cast(pa.timestamp("us")), *(part[c] for c in WEARABLE_CHANNELS)],
+            schema=WEARABLES_SCHEMA,
+        )
+        paths.append(directory / f"{i:02d}.parquet")
+        pq.write_table(part, paths[-1], row_group_size=row_group_rows)
+    return paths
+
+
+def assert_same_patches(got, want, label) -> None:
+    for f in fields(want):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        assert a.dtype == b.dtype and a.shape == b.shape, (label, f.name)
+        assert a.tobytes() == b.tobytes(), (label, f.name)
+
+
+@pytest.mark.parametrize("E", [120, 7])
+def test_patches_streamed_file_by_file_match_the_whole_table(
+    sites, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, E: int
+) -> None:
+    """Several files (cuts inside subjects), row groups smaller than pieces and pieces smaller
+    than files: the same patches as the table they hold, read whole; rows out of order across
+    or within files are reported (the caller then sorts, as read_wearables does)."""
+    root, vocab = sites["biobank"]
+    table = wear_table(root)
+    subject_ids = np.unique(table["subject_id"].to_numpy())
+    normalisers = [vocab.wearables[c] for c in WEARABLE_CHANNELS]
+    rng = np.random.default_rng(E + 1)
+    monkeypatch.setattr(wear_patches, "_CHUNK_ROWS", 5003)
+    for name, variant in variants(table, rng).items():
+        n = variant.num_rows
+        cuts = sorted(int(c) for c in rng.choice(np.arange(1, n), 4, replace=False))
+        files = write_files(variant, tmp_path / f"{E}_{name}", cuts, row_group_rows=3001)
+        parts = [WearableFilePart(p) for p in files]
+        if not sorted_by_subject_time(variant):
+            with pytest.raises(UnsortedWearables):
+                patches_of_parts(parts, E, normalisers)
+            continue
+        unplaced = patches_of_parts(parts, E, normalisers)
+        assert unplaced.n_rows == n
+        assert_same_patches(unplaced.placed(subject_ids), build_patches(variant, subject_ids, E, normalisers), name)
+    # A subject filter reads the same rows as read_wearables(subject_ids).
+    some = subject_ids[::3]
+    files = write_files(table, tmp_path / f"{E}_filtered", [table.num_rows // 2], row_group_rows=4000)
+    wanted = pa.array(some, pa.int64())
+    got = patches_of_parts([WearableFilePart(p, wanted) for p in files], E, normalisers).placed(subject_ids)
+    kept = table.filter(pc.is_in(table["subject_id"], value_set=wanted))
+    assert_same_patches(got, build_patches(kept, subject_ids, E, normalisers), "filtered")
+
+
+def sequences_equal(a: SiteSequences, b: SiteSequences) -> None:
+    for name in (
+        "subject_ids",
+        "patch_offsets",
+        "patch_start_us",
+        "patch_first_end_us",
+        "patch_epochs_arr",
+        "patch_mask",
+        "t0_us",
+        "last_time_us",
+        "ev_offsets",
+        "ev_codes",
+    ):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+    assert a.n_epochs == b.n_epochs and a.n_events == b.n_events
+
+
+@pytest.mark.parametrize("shuffle_files", [False, True])
+def test_from_site_streams_what_the_whole_table_gives(sites, tmp_path: Path, shuffle_files: bool) -> None:
+    """from_site (file by file) against SiteSequences over read_wearables' table, with every
+    subject and with some; files named out of subject order fall back to the sorted table."""
+    root, vocab = sites["biobank"]
+    site_root = tmp_path / "biobank"
+    shutil.copytree(root, site_root)
+    wear_dir = site_root / WEARABLES_SUBDIRECTORY
+    table = wear_table(root)
+    for p in wear_dir.rglob("*.parquet"):
+        p.unlink()
+    files = write_files(table, wear_dir / "split", [table.num_rows // 3, 2 * table.num_rows // 3], 2500)
+    if shuffle_files:  # path order (the reading order) no longer follows the subjects
+        files[0].rename(wear_dir / "split" / "99.parquet")
+    site = open_site(site_root)
+    assert len(site.wearable_files) == 3
+    if shuffle_files:
+        normalisers = [vocab.wearables[c] for c in WEARABLE_CHANNELS]
+        with pytest.raises(UnsortedWearables):
+            patches_of_parts([WearableFilePart(p) for p in site.wearable_files], 50, normalisers)
+    for subject_ids in (None, site.subject_ids[1::2]):
+        streamed = SiteSequences.from_site(site, vocab, patch_epochs=50, subject_ids=subject_ids)
+        events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
+        whole = SiteSequences(events, site.read_wearables(subject_ids), vocab, patch_epochs=50)
+        assert streamed.n_epochs > 0
+        sequences_equal(streamed, whole)
+
+
+def test_wearable_key_table_rejects_null_times() -> None:
+    table = WEARABLES_SCHEMA.empty_table().cast(pa.schema([f.with_nullable(True) for f in WEARABLES_SCHEMA]))
+    table = pa.concat_tables(
+        [
+            table,
+            pa.table(
+                {
+                    "subject_id": pa.array([1], pa.int64()),
+                    "time": pa.array([None], pa.timestamp("us")),
+                    "enmo_mg": pa.array([1.0], pa.float32()),
+                    "hr_bpm": pa.array([None], pa.float32()),
+                },
+                schema=table.schema,
+            ),
+        ]
+    )
+    with pytest.raises(ValueError, match="time"):
+        wearable_key_table(table)
+
+
 # ------------------------------------------------------------------------------- EHR tokens
 
 
@@ -247,3 +382,17 @@ def test_sample_tokens_match_pooling_the_rows(sites, site_name: str, window: flo
     # Batches still collate from these samples.
     batch = collate([PretrainingDataset(seqs)[j] for j in range(4)])
     assert batch.codes.shape[0] == 4
+
+
+@pytest.mark.parametrize("transform", ["identity", "log1p"])
+def test_normalizer_out_is_apply_bit_for_bit(transform: str) -> None:
+    """Patches are normalised in place (`out`, a strided channel view): the same float32 bits
+    as `apply(x).astype(float32)`, for float32 and float64 input."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.lognormal(3, 2, 5000), [-1.0, -0.0, 0.0, 1e-30, 1e30, np.nan, np.inf]])
+    norm = Normalizer(transform=transform, center=2.7, scale=0.61, clip=4.0)
+    for xs in (x.astype(np.float32), x):
+        out = np.full((len(xs), 2), 7.0, np.float32)
+        norm.apply(xs, out=out[:, 1])
+        assert out[:, 1].tobytes() == norm.apply(xs).astype(np.float32).tobytes()
+        assert (out[:, 0] == 7.0).all()

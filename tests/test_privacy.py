@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -47,6 +45,7 @@ from healthfm_core.federation import (
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.packing import unpack_record
 from healthfm_core.privacy.engine import (
     DPLocalStep,
     DPSettings,
@@ -54,7 +53,7 @@ from healthfm_core.privacy.engine import (
     StreamingDPOptimizer,
 )
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
-from server.strategy import ModalityAwareFedAvg
+from server.strategy import ModalityAwareFedAvg, pack_record
 
 BASE = {"min-code-subjects": 5, "min-report-subjects": 2}
 DELTA = 1e-5
@@ -300,7 +299,7 @@ class Node:
         self.app(message(RecordDict({"setup": record}), "query.setup"), self.context)
 
     def train(self, setup: FederationSetup, groups: list[str], cfg: RoundConfig) -> Message:
-        arrays = ArrayRecord({k: Array(v) for k, v in own_arrays(setup, groups).items()})
+        arrays = pack_record(own_arrays(setup, groups), parameter_group)  # as the server sends them
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(cfg.to_flat())})
         return self.app(message(content, MessageType.TRAIN), self.context)
 
@@ -311,7 +310,7 @@ def parsed(reply: Message) -> TrainReply:
     arrays = content.array_records.get(ARRAYS_RECORD)
     status = content.config_records.get(STATUS_RECORD)
     return TrainReply.from_records(
-        {k: v.numpy() for k, v in arrays.items()} if arrays is not None else None,
+        unpack_record(arrays, where="test") if arrays is not None else None,
         dict(content.metric_records[METRICS_RECORD]),
         dict(status) if status is not None else None,
     )
@@ -364,7 +363,7 @@ def test_a_group_the_policy_keeps_local_never_appears_in_a_reply(federation, set
     node = Node(node_config(federation, "biobank", policy=policy))
     node.send_setup(setup)
     reply = node.train(setup, ["shared", "ehr", "wearables", "genomics"], round_cfg(setup, 1, local_steps=1))
-    arrays = reply.content.array_records[ARRAYS_RECORD]
+    arrays = unpack_record(reply.content.array_records[ARRAYS_RECORD], where="test")
     assert {parameter_group(k) for k in arrays} == {"shared", "ehr"}
     assert sorted(parsed(reply).group_examples) == ["ehr", "shared"]
     # The site did train them (the shared weights saw wearables and genomics): they only stay home.

@@ -28,6 +28,7 @@ from healthfm_core.privacy.engine import (
 from healthfm_core.privacy.ledger import (
     LEDGER_FILE,
     MARK_FILE,
+    MECHANISM,
     BudgetExceeded,
     LedgerError,
     PrivacyLedger,
@@ -53,6 +54,11 @@ def reference_epsilon(steps: int) -> float:
     acc = RDPAccountant()
     acc.history = [(1.0, 0.1, steps)]
     return float(acc.get_epsilon(DELTA))
+
+
+def test_the_ledgers_mechanism_is_the_accountants() -> None:
+    # The ledger names its mechanism without importing Opacus; it must be the one it accounts with.
+    assert MECHANISM == RDPAccountant.mechanism()
 
 
 # ------------------------------------------------------------------------ strict file

@@ -21,8 +21,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train_reply_content
 from healthfm_core.federation import ARRAYS_RECORD, SCALES_RECORD, TrainReply
+from healthfm_core.packing import unpack_record
 from healthfm_core.transport import dequantise, encode_update
-from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome
+from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, pack_record
 
 # Keys named after their group keep the arithmetic of these tests readable; the real
 # mapping (healthfm_core.model.groups.parameter_group) is exercised in test_groups.py.
@@ -57,8 +58,20 @@ def reply(node_id: int, arrays: dict[str, np.ndarray], counts: dict[str, int]) -
     ones included, which no site would build)."""
     placeholders = {f"{g}.w": np.zeros(1, np.float32) for g in counts}  # replaced by the arrays as given
     content = train_reply_content(train_reply(placeholders, counts))
-    content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    content[ARRAYS_RECORD] = pack_record(arrays)  # packed, as every message's arrays travel
     return message(node_id, content)
+
+
+def per_key(replies: list[Message]) -> list[Message]:
+    """The same replies with one Array per key: what Flower's stock FedAvg reads."""
+    out = []
+    for msg in replies:
+        content = RecordDict(dict(msg.content))
+        content[ARRAYS_RECORD] = ArrayRecord(
+            {k: Array(v) for k, v in unpack_record(msg.content.array_records[ARRAYS_RECORD], where="test").items()}
+        )
+        out.append(Message(content, metadata=msg.metadata))
+    return out
 
 
 def message(node_id: int, content: RecordDict) -> Message:
@@ -149,7 +162,7 @@ def test_equals_stock_fedavg_when_every_site_holds_every_group() -> None:
         arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
         replies.append(reply(node_id, arrays, {g: n for g in ["shared", "ehr", "wearables", "genomics"]}))
     ours = result(aggregate(strategy(), 1, replies).arrays)
-    stock = result(FedAvg().aggregate_train(1, replies)[0])
+    stock = result(FedAvg().aggregate_train(1, per_key(replies))[0])
     assert set(ours) == set(stock)
     for k in ours:
         np.testing.assert_array_equal(ours[k], stock[k])  # bit for bit
@@ -228,9 +241,9 @@ def test_server_adam_moves_towards_the_average() -> None:
 
 def test_only_the_sites_groups_are_sent() -> None:
     s = strategy()
-    record = ArrayRecord({k: Array(v) for k, v in global_arrays().items()})
-    sent = s.arrays_for_groups(record, ["shared", "ehr"])
-    assert {group_of(k) for k in sent} == {"shared", "ehr"}
+    sent = s.arrays_for_groups(s.packed_record(global_arrays()), ["shared", "ehr"])
+    assert set(sent) == {"shared", "ehr"}  # one packed part per group
+    assert {group_of(k) for k in unpack_record(sent, where="test")} == {"shared", "ehr"}
 
 
 def test_the_strategy_keeps_no_round_state() -> None:
@@ -308,7 +321,7 @@ def test_int8_replies_average_as_fedavg_of_their_dequantised_arrays() -> None:
     outcome = aggregate(strategy(), 1, int8)
     assert outcome.accepted == [1, 2, 3] and outcome.rejected == []
     ours = result(outcome.arrays)
-    stock = result(FedAvg().aggregate_train(1, dequantised)[0])
+    stock = result(FedAvg().aggregate_train(1, per_key(dequantised))[0])
     assert set(ours) == set(stock)
     for k in ours:
         assert ours[k].dtype == np.float32
@@ -326,7 +339,7 @@ def test_int8_and_float_replies_mix_in_one_round() -> None:
 def bad_int8_replies() -> dict[str, Message]:
     counts = {"shared": 10, "ehr": 10}
     base, _ = int8_reply(0, 3, counts)
-    arrays = {k: v.numpy() for k, v in base.content.array_records[ARRAYS_RECORD].items()}
+    arrays = unpack_record(base.content.array_records[ARRAYS_RECORD], where="test")
     scales = dict(base.content.metric_records[SCALES_RECORD])
 
     def variant(node_id: int, key: str = "ehr.w", value=None, array=None, drop_scale=False) -> Message:

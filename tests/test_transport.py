@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import RESIDUAL_STATE_KEY, make_client_app, stored_residual
@@ -19,9 +19,11 @@ from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD, FederationSetup, RoundConfig
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from healthfm_core.packing import unpack_record
 from healthfm_core.transport import INT8_MAX, decode_update, encode_update, quantise
 from server.config import FederationConfig
 from server.runlog import read_events
+from server.strategy import pack_record
 from simulations.run import run_federation_simulation
 
 POLICY = {"min-code-subjects": 5, "min-report-subjects": 2}
@@ -186,20 +188,18 @@ def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
         setup_sha256=setup.sha256,
         transport="int8",
     )
-    train = RecordDict(
-        {"arrays": ArrayRecord({k: Array(v) for k, v in received.items()}), "config": ConfigRecord(cfg.to_flat())}
-    )
+    train = RecordDict({"arrays": pack_record(received, parameter_group), "config": ConfigRecord(cfg.to_flat())})
     reply = app(_message(train, MessageType.TRAIN, 7), context)
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD}  # no residual
-    sent = reply.content.array_records[ARRAYS_RECORD]
-    assert {v.dtype for v in sent.values()} == {"int8"}
+    sent = unpack_record(reply.content.array_records[ARRAYS_RECORD], where="test")
+    assert {str(v.dtype) for v in sent.values()} == {"int8"}
     residual = context.state.array_records[RESIDUAL_STATE_KEY]
     assert set(residual) == set(sent)
     # The residual is what the message left out: trained = received + sent + residual.
     trained = site.train(setup, received, cfg)
     scales = dict(reply.content.metric_records[SCALES_RECORD])
-    decoded = decode_update({k: v.numpy() for k, v in sent.items()}, scales, received)
+    decoded = decode_update(sent, scales, received)
     assert decoded.keys() == trained.arrays.keys()
     for key, value in decoded.items():
         assert value.dtype == np.float32

@@ -9,15 +9,17 @@ warm process; the whole path with a SuperNode is benchmarks/federation_round.py'
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime import run_clientapp
 
 from client import site_runtime
 from client.app_guard import AppGuard
@@ -25,12 +27,13 @@ from client.client_app import make_client_app
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
-from client.warm_clientapp import WarmWorker
+from client.warm_clientapp import WarmWorker, set_pull_backoff
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from server.strategy import pack_record
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +82,14 @@ def test_a_runs_train_messages_reuse_the_sites_state_and_a_new_setup_replaces_it
 
     def train(setup: FederationSetup, rnd: int) -> Message:
         runtime = get_runtime(config)
-        arrays = {
-            k: Array(np.ascontiguousarray(v.numpy()))
-            for k, v in setup.init_model().state_dict().items()
-            if parameter_group(k) in runtime.groups
-        }
+        arrays = pack_record(  # as the server sends them: packed, one part per group
+            {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in runtime.groups},
+            parameter_group,
+        )
         cfg = RoundConfig(
             round=rnd, rounds=3, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256
         )
-        return ask(
-            RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(cfg.to_flat())}), MessageType.TRAIN
-        )
+        return ask(RecordDict({"arrays": arrays, "config": ConfigRecord(cfg.to_flat())}), MessageType.TRAIN)
 
     first = _setup(config, min_subjects=5)
     send_setup(first)
@@ -148,6 +148,19 @@ def test_a_warm_clientapp_process_is_stopped_when_idle() -> None:
     finally:
         worker.stop(grace=5)
         guard.close()
+
+
+def test_the_warm_clientapp_asks_its_supernode_again_soon_for_a_message_still_arriving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Flower's pull_task_input reads a message's objects through this module name: if it stops,
+    # the short backoff set by the warm process silently stops taking effect.
+    assert "pull_and_inflate_object_from_tree" in run_clientapp.pull_task_input.__code__.co_names
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", pull_and_inflate_object_from_tree)
+    set_pull_backoff(0.05, 0.5)
+    pull = run_clientapp.pull_and_inflate_object_from_tree
+    assert isinstance(pull, functools.partial) and pull.func is pull_and_inflate_object_from_tree
+    assert pull.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
 
 
 def test_app_guard_refuses_an_unknown_clientapp_mode() -> None:

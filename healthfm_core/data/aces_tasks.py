@@ -29,19 +29,22 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import meds
 import polars as pl
 import pyarrow as pa
 import yaml
-from aces import config as aces_config
-from aces import predicates as aces_predicates
-from aces import query as aces_query
 from omegaconf import DictConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from healthfm_core.data.frames import to_polars
 from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, validate_labels
+
+# ACES is imported where a task is parsed or extracted: with its networkx, bigtree and matplotlib
+# it costs a process ~0.9 s and ~70 MB, and a site's process needs it only to evaluate.
+if TYPE_CHECKING:
+    from aces.config import TaskExtractorConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +90,13 @@ class AcesTask(BaseModel):
 # a quiet machine, far more on a busy one) and an evaluation asks for the same few configs again
 # and again (every task at every horizon and variant, when validating and when extracting). ACES
 # changes the config it extracts with, so each caller gets a copy (a deepcopy: ~1/20 of a parse).
-_PARSED: dict[str, aces_config.TaskExtractorConfig] = {}
+_PARSED: dict[str, TaskExtractorConfig] = {}
 
 
-def _parse(cfg: dict, where: str) -> aces_config.TaskExtractorConfig:
+def _parse(cfg: dict, where: str) -> TaskExtractorConfig:
     """ACES loads configs from files only; each distinct config is parsed once per process."""
+    from aces.config import TaskExtractorConfig
+
     text = yaml.safe_dump(cfg, sort_keys=False)
     if text not in _PARSED:
         if len(_PARSED) >= 256:  # a long-lived process asked for many tasks: start afresh
@@ -100,7 +105,7 @@ def _parse(cfg: dict, where: str) -> aces_config.TaskExtractorConfig:
             path = Path(tmp) / "task.yaml"
             path.write_text(text)
             try:
-                _PARSED[text] = aces_config.TaskExtractorConfig.load(path)
+                _PARSED[text] = TaskExtractorConfig.load(path)
             except (KeyError, ValueError, TypeError) as exc:
                 raise ValueError(f"{where}: not a valid ACES task config: {exc}") from exc
     return copy.deepcopy(_PARSED[text])
@@ -181,6 +186,9 @@ def aces_labels(
     `prediction_times` (subject_id, prediction_time) keeps only those rows of ACES's output (ACES
     predicts at every trigger event; a time that is no trigger event gets no row).
     """
+    from aces import predicates as aces_predicates
+    from aces import query as aces_query
+
     task = task if isinstance(task, AcesTask) else load_task(task)
     horizons = list(horizons_days) if horizons_days is not None else task.metadata.horizons_days
     union = task.metadata.censoring_window is not None

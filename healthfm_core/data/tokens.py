@@ -65,8 +65,9 @@ from healthfm_core.data.token_settings import (
     DEFAULT_TOKENS,
     TokenSettings,
 )
-from healthfm_core.data.vocab import Vocabulary
-from healthfm_core.data.wear_patches import NO_TIME, build_patches, subject_ids_of
+from healthfm_core.data.vocab import Normalizer, Vocabulary
+from healthfm_core.data.wear_patches import NO_TIME, UnplacedPatches, patches_of_table
+from healthfm_core.data.wear_stream import site_patches
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class SiteSequences:
     def __init__(
         self,
         events: pa.Table,
-        wearables: pa.Table | None,
+        wearables: pa.Table | UnplacedPatches | None,
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
         token_window_days: float = DEFAULT_TOKEN_WINDOW_DAYS,
@@ -273,11 +274,11 @@ class SiteSequences:
                 raise ValueError(f"events table has no column {col!r} (columns: {events.column_names})")
         self.vocab = vocab
         self.patch_epochs = patch_epochs
-        wearables = wearables if wearables is not None and wearables.num_rows else None
+        # Patches first (keyed by the wearables' own subjects); placed on the site's below.
+        patches = self._wear_patches(wearables)
 
         ev_subj = events["subject_id"].to_numpy()
-        # Wearables are streamed by chunk (wear_patches.py): their ids are never one numpy copy.
-        wr_subj = subject_ids_of(wearables["subject_id"]) if wearables is not None else np.zeros(0, np.int64)
+        wr_subj = patches.subject_ids if patches is not None else np.zeros(0, np.int64)
         self.subject_ids = np.union1d(unique_inverse(ev_subj)[0], wr_subj).astype(np.int64)
         n_subj = len(self.subject_ids)
 
@@ -348,7 +349,7 @@ class SiteSequences:
             self.prs_valid[p_sub[ok], ti] = True
 
         # ---- Wearables: patches on a per-subject grid anchored at the first epoch.
-        self._load_wearables(wearables, n_subj)
+        self._load_wearables(patches, n_subj)
 
         # ---- Per-subject reference time t0 and last observation.
         first_ev = np.full(n_subj, _NO_TIME, dtype=np.int64)
@@ -370,7 +371,7 @@ class SiteSequences:
             self.birth_us[b_sub[first]] = b_time[first]
         self.last_time_us = np.maximum(last_ev, self._wear_last_end_us)
         self.n_events = int(events.num_rows)
-        self.n_epochs = int(wearables.num_rows) if wearables is not None else 0
+        self.n_epochs = patches.n_rows if patches is not None else 0
 
     def _pool_tokens(self, n_subj: int) -> None:
         """Pool every bucket and every subject's static token once, uncapped (a bucket pools
@@ -461,17 +462,17 @@ class SiteSequences:
             parts.append(c_time)
         return codes, values, has_value, np.concatenate(parts)
 
-    def _load_wearables(self, wearables: pa.Table | None, n_subj: int) -> None:
-        E, C = self.patch_epochs, len(WEARABLE_CHANNELS)
-        if wearables is None:
-            self._wear_first_us = np.full(n_subj, _NO_TIME, dtype=np.int64)
-            self._wear_last_end_us = np.full(n_subj, np.iinfo(np.int64).min, dtype=np.int64)
-            self.patch_offsets = np.zeros(n_subj + 1, dtype=np.int64)
-            self.patch_start_us = np.zeros(0, np.int64)
-            self.patch_first_end_us = np.zeros(0, np.int64)
-            self.patch_epochs_arr = np.zeros((0, E, C), np.float32)
-            self.patch_mask = np.zeros((0, E, C), bool)
-            return
+    def _wear_patches(self, wearables: pa.Table | UnplacedPatches | None) -> UnplacedPatches | None:
+        """Patches of a wearables table (WEARABLES_SCHEMA columns), or the ones given (from_site
+        streams them from the files, wear_stream.py); None when there are no epochs."""
+        if isinstance(wearables, UnplacedPatches):
+            if wearables.epochs.shape[1] != self.patch_epochs:
+                raise ValueError(
+                    f"wearables: patches of {wearables.epochs.shape[1]} epochs given, patch_epochs is {self.patch_epochs}"
+                )
+            return wearables if wearables.n_rows else None
+        if wearables is None or not wearables.num_rows:
+            return None
         for col in ("subject_id", "time", *WEARABLE_CHANNELS):
             if col not in wearables.column_names:
                 raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
@@ -482,7 +483,23 @@ class SiteSequences:
             [wearables["subject_id"].cast(pa.int64()), time, *(wearables[ch] for ch in WEARABLE_CHANNELS)],
             names=["subject_id", "time", *WEARABLE_CHANNELS],
         )
-        patches = build_patches(table, self.subject_ids, E, [self.vocab.wearables[ch] for ch in WEARABLE_CHANNELS])
+        return patches_of_table(table, self.patch_epochs, self._normalisers())
+
+    def _normalisers(self) -> list[Normalizer]:
+        return [self.vocab.wearables[ch] for ch in WEARABLE_CHANNELS]
+
+    def _load_wearables(self, unplaced: UnplacedPatches | None, n_subj: int) -> None:
+        E, C = self.patch_epochs, len(WEARABLE_CHANNELS)
+        if unplaced is None:
+            self._wear_first_us = np.full(n_subj, _NO_TIME, dtype=np.int64)
+            self._wear_last_end_us = np.full(n_subj, np.iinfo(np.int64).min, dtype=np.int64)
+            self.patch_offsets = np.zeros(n_subj + 1, dtype=np.int64)
+            self.patch_start_us = np.zeros(0, np.int64)
+            self.patch_first_end_us = np.zeros(0, np.int64)
+            self.patch_epochs_arr = np.zeros((0, E, C), np.float32)
+            self.patch_mask = np.zeros((0, E, C), bool)
+            return
+        patches = unplaced.placed(self.subject_ids)
         self._wear_first_us, self._wear_last_end_us = patches.first_us, patches.last_end_us
         self.patch_offsets = patches.offsets
         self.patch_start_us = patches.start_us
@@ -505,10 +522,12 @@ class SiteSequences:
         """Read a site's events and wearables once (optionally only some subjects), tokenised
         as `tokens` says (a federation's: FederationSetup.tokens)."""
         events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
-        wearables = site.read_wearables(subject_ids)
+        normalisers = [vocab.wearables[ch] for ch in WEARABLE_CHANNELS]
+        # Streamed file by file (wear_stream.py): the wearables table is never held whole.
+        patches = site_patches(site, patch_epochs, normalisers, subject_ids) if patch_epochs >= 1 else None
         return cls(
             events,
-            wearables,
+            patches,
             vocab,
             patch_epochs=patch_epochs,
             token_window_days=tokens.token_window_days,

@@ -48,9 +48,26 @@ class Normalizer(BaseModel):
             raise ValueError(f"non-finite normaliser parameter {v}")
         return v
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Vectorised; float32 in gives float32 out (wearable channels are large)."""
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Vectorised; float32 in gives float32 out (wearable channels are large). `out` (float32,
+        x's shape, may be a strided view): the result is written there, bit for bit what
+        `apply(x).astype(np.float32)` gives, without temporaries for float32 input."""
         x = np.asarray(x)
+        if out is not None:
+            if out.dtype != np.float32 or out.shape != x.shape:
+                raise ValueError(
+                    f"Normalizer.apply: out must be float32 of shape {x.shape}, got {out.dtype} {out.shape}"
+                )
+            if x.dtype != np.float32:
+                out[...] = self.apply(x)
+                return out
+            # The same float32 operations as below, each written in place.
+            if self.transform == "log1p":
+                np.log1p(np.maximum(x, 0.0, out=out), out=out)
+                x = out
+            np.subtract(x, np.float32(self.center), out=out)
+            np.multiply(out, np.float32(1.0 / self.scale), out=out)
+            return np.clip(out, -self.clip, self.clip, out=out)
         if x.dtype != np.float32:
             x = x.astype(np.float64)
         if self.transform == "log1p":

@@ -1,11 +1,14 @@
-"""Wearable epochs -> patches of `patch_epochs` 30-s slots, streamed one Arrow chunk at a time.
+"""Wearable epochs -> patches of `patch_epochs` 30-s slots, streamed one piece at a time.
 
 A site's wearables are the bulk of its rows (10^7 epochs for a few hundred subjects). Fresh
 memory is what costs at that size (copying a column costs about what reading it from parquet
-does), so no whole column is ever turned into numpy: two passes over zero-copy chunk views, one
-to place the patches (how many, where each subject's grid starts), one to normalise the channels
-and write them into the preallocated [patches, E, C] outputs, the only large allocations.
-Per-chunk temporaries are a few MiB and reused.
+does), so no whole column is ever turned into numpy and, when reading files, no whole table is
+held: the rows come in parts (`PatchPart`: a table, or one parquet file, wear_stream.py), each
+read twice, columns apart. Pass 1 reads (subject, time) part by part to place the patches (how
+many, where each subject's grid starts); pass 2 reads the channels part by part, normalises
+them and writes them straight into the preallocated [patches, E, C] outputs, the only large
+allocations. A part's Arrow buffers are released before the next is read, and per-piece
+temporaries are a few MiB.
 
 The rules (tokens.py's docstring): a subject's grid is anchored at its first epoch; patch k of a
 subject holds the epochs whose start lies in [first + k * E * 30 s, first + (k + 1) * E * 30 s),
@@ -16,8 +19,11 @@ input order (an unsorted table is sorted once first); of epochs sharing a slot t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +34,7 @@ from healthfm_core.data.vocab import Normalizer
 NO_TIME = np.iinfo(np.int64).max  # "no epoch" in first_us (tokens.py's _NO_TIME)
 _NO_END = np.iinfo(np.int64).min
 _CHUNK_ROWS = 1 << 20  # rows per streamed piece: temporaries of ~8 MiB per int64 array
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +48,65 @@ class WearablePatches:
     mask: np.ndarray  # [P, E, C] bool
     first_us: np.ndarray  # [S] int64 first epoch start (NO_TIME: none)
     last_end_us: np.ndarray  # [S] int64 end of the last epoch (int64 min: none)
+
+
+class PatchPart(Protocol):
+    """Some wearable rows, readable twice: the same rows in the same order each time."""
+
+    def keys(self) -> pa.Table:
+        """subject_id int64, time int64 µs (no nulls)."""
+        ...
+
+    def channels(self, with_time: bool) -> pa.Table:
+        """The channel columns in normaliser order, after the time column when `with_time`."""
+        ...
+
+
+class TablePart:
+    """An in-memory table (subject_id, time int64 µs, then the channels) as a part."""
+
+    def __init__(self, table: pa.Table, n_channels: int) -> None:
+        self.table, self.n_channels = table, n_channels
+
+    def keys(self) -> pa.Table:
+        return self.table.select([0, 1])
+
+    def channels(self, with_time: bool) -> pa.Table:
+        return self.table.select([*([1] if with_time else []), *range(2, 2 + self.n_channels)])
+
+
+@dataclass
+class UnplacedPatches:
+    """Patches keyed by the wearables' own subjects; `placed` lays them on a site's subjects."""
+
+    subject_ids: np.ndarray  # [W] int64 sorted subjects with epochs
+    patch_subject: np.ndarray  # [P] int64 row of subject_ids of each patch (non-decreasing)
+    start_us: np.ndarray  # [P] int64
+    first_end_us: np.ndarray  # [P] int64
+    epochs: np.ndarray  # [P, E, C] float32
+    mask: np.ndarray  # [P, E, C] bool
+    first_us: np.ndarray  # [W] int64 first epoch start
+    last_end_us: np.ndarray  # [W] int64 end of the last epoch
+    n_rows: int  # epochs read
+
+    def placed(self, subject_ids: np.ndarray) -> WearablePatches:
+        """The patches over `subject_ids` (sorted, a superset of this one's subjects)."""
+        n_subj = len(subject_ids)
+        rows = np.searchsorted(subject_ids, self.subject_ids)
+        if np.any(rows >= n_subj) or np.any(subject_ids[np.minimum(rows, max(n_subj - 1, 0))] != self.subject_ids):
+            raise ValueError("UnplacedPatches.placed: subject_ids do not hold every subject with wearables")
+        first_us = np.full(n_subj, NO_TIME, dtype=np.int64)
+        last_end_us = np.full(n_subj, _NO_END, dtype=np.int64)
+        first_us[rows], last_end_us[rows] = self.first_us, self.last_end_us
+        return WearablePatches(
+            offsets=np.searchsorted(rows[self.patch_subject], np.arange(n_subj + 1), side="left").astype(np.int64),
+            start_us=self.start_us,
+            first_end_us=self.first_end_us,
+            epochs=self.epochs,
+            mask=self.mask,
+            first_us=first_us,
+            last_end_us=last_end_us,
+        )
 
 
 def subject_ids_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -96,8 +162,8 @@ def _sorted_table(table: pa.Table) -> pa.Table:
     return table.take(pa.array(np.lexsort((t, s))))
 
 
-class _Unsorted(Exception):
-    """Pass 1 met rows out of (subject, time) order."""
+class UnsortedWearables(Exception):
+    """Pass 1 met rows out of (subject, time) order (the caller sorts and builds again)."""
 
 
 @dataclass
@@ -111,6 +177,10 @@ class _Piece:
     base: np.ndarray | None  # per run, grid pieces only: flat slot of its first row
     patch_rows: np.ndarray  # local row of each patch that starts in the piece
     first_patch: int  # global index of the patch holding the piece's first row
+    run_sid: np.ndarray  # per run: its subject
+    run_last_us: np.ndarray  # per run: its last row's time
+    row0: int = 0  # the piece's first row in its part
+    n_rows: int = 0
 
 
 class _Carry:
@@ -133,7 +203,7 @@ def _place(s: np.ndarray, t: np.ndarray, carry: _Carry, n_patch: int, E: int) ->
     if (carry.sid is not None and (int(s[0]) < carry.sid or (continuing and int(t[0]) < carry.time))) or np.any(
         run_sid[1:] <= run_sid[:-1]
     ):
-        raise _Unsorted
+        raise UnsortedWearables
     anchor = t[run_start]
     if continuing:  # the previous piece's last subject goes on: keep its anchor
         anchor[0] = carry.anchor
@@ -153,7 +223,7 @@ def _place(s: np.ndarray, t: np.ndarray, carry: _Carry, n_patch: int, E: int) ->
         base = patch_of_run * E + o % E
     else:
         if not ((d >= 0) | brk).all():
-            raise _Unsorted
+            raise UnsortedWearables
         kk = (t - np.repeat(anchor, run_len)) // patch_us
         new = np.empty(n, dtype=bool)
         new[0] = not (continuing and int(kk[0]) == carry.k)
@@ -164,7 +234,7 @@ def _place(s: np.ndarray, t: np.ndarray, carry: _Carry, n_patch: int, E: int) ->
         base = None
     carry.sid, carry.anchor, carry.time = int(s[-1]), int(anchor[-1]), int(t[-1])
     carry.k = (carry.time - carry.anchor) // patch_us
-    return _Piece(run_len, anchor, base, rows, first), k, rows
+    return _Piece(run_len, anchor, base, rows, first, run_sid, t[run_start + run_len - 1]), k, rows
 
 
 def build_patches(
@@ -175,88 +245,181 @@ def build_patches(
 ) -> WearablePatches:
     """Patches of a table (subject_id int64, time int64 µs without nulls, one column per channel
     in `normalisers` order). `subject_ids`: sorted, holding every subject of the table."""
+    return patches_of_table(table, patch_epochs, normalisers).placed(subject_ids)
+
+
+def patches_of_table(table: pa.Table, patch_epochs: int, normalisers: Sequence[Normalizer]) -> UnplacedPatches:
+    """`patches_of_parts` of one in-memory table (as `build_patches`), sorted first if need be."""
+    try:
+        return patches_of_parts([TablePart(table, len(normalisers))], patch_epochs, normalisers)
+    except UnsortedWearables:
+        return patches_of_parts([TablePart(_sorted_table(table), len(normalisers))], patch_epochs, normalisers)
+
+
+def patches_of_parts(
+    parts: Sequence[PatchPart], patch_epochs: int, normalisers: Sequence[Normalizer]
+) -> UnplacedPatches:
+    """Patches of the parts' rows taken in order as one table; UnsortedWearables if those rows
+    are not ordered by (subject, time)."""
     E, C = patch_epochs, len(normalisers)
     patch_us = E * EPOCH_US
-    n_subj = len(subject_ids)
-    pieces = _pieces(table)
 
-    # ---- Pass 1: runs (subjects), grid anchors, where patches start.
-    for attempt in range(2):
-        info: list[_Piece] = []
-        p_sid, p_k, p_time = [], [], []
-        carry, n_patch = _Carry(), 0
-        try:
-            for b in pieces:
-                s, t = _numpy(b, 0), _numpy(b, 1)
-                piece, k, rows = _place(s, t, carry, n_patch, E)
-                info.append(piece)
-                n_patch += len(rows)
-                p_sid.append(s[rows])
-                p_k.append(k)
-                p_time.append(t[rows])
-            break
-        except _Unsorted:
-            if attempt:
-                raise
-            pieces = _pieces(_sorted_table(table))
+    # ---- Pass 1: runs (subjects), grid anchors, where patches start; keys dropped part by part.
+    info: list[list[_Piece]] = []
+    p_sid: list[np.ndarray] = []
+    p_k: list[np.ndarray] = []
+    p_time: list[np.ndarray] = []
+    carry, n_patch, n_rows = _Carry(), 0, 0
+    for keys in _read_ahead([part.keys for part in parts]):
+        placed = _place_part(_pieces(keys), carry, n_patch, E, p_sid, p_k, p_time)
+        del keys  # its buffers go back to the pool before the next part is read
+        info.append(placed)
+        n_patch += sum(len(p.patch_rows) for p in placed)
+        n_rows += sum(p.n_rows for p in placed)
+    pieces = [p for placed in info for p in placed]
 
-    first_us = np.full(n_subj, NO_TIME, dtype=np.int64)
-    last_end_us = np.full(n_subj, _NO_END, dtype=np.int64)
     if pieces:
         # A subject cut by a piece boundary has two runs: its first gives the anchor, its last the end.
-        sub = np.concatenate([_numpy(b, 0)[np.cumsum(p.run_len) - p.run_len] for b, p in zip(pieces, info)])
-        last = np.concatenate([_numpy(b, 1)[np.cumsum(p.run_len) - 1] for b, p in zip(pieces, info)])
+        sub = np.concatenate([p.run_sid for p in pieces])
         step = sub[1:] != sub[:-1]
         head, tail = np.concatenate([[True], step]), np.concatenate([step, [True]])
-        first_us[np.searchsorted(subject_ids, sub[head])] = np.concatenate([p.anchor for p in info])[head]
-        last_end_us[np.searchsorted(subject_ids, sub[tail])] = last[tail] + EPOCH_US
-    p_sub = np.searchsorted(subject_ids, np.concatenate(p_sid)) if pieces else np.zeros(0, np.int64)
-    k_all = np.concatenate(p_k) if pieces else np.zeros(0, np.int64)
-    first_end = np.concatenate(p_time) + EPOCH_US if pieces else np.zeros(0, np.int64)
+        w_sids = sub[head].astype(np.int64)
+        first_us = np.concatenate([p.anchor for p in pieces])[head].astype(np.int64)
+        last_end_us = np.concatenate([p.run_last_us for p in pieces])[tail] + EPOCH_US
+        p_sub = np.searchsorted(w_sids, np.concatenate(p_sid)).astype(np.int64)
+        k_all = np.concatenate(p_k)
+        first_end = np.concatenate(p_time) + EPOCH_US
+    else:
+        w_sids, first_us, last_end_us = (np.zeros(0, np.int64) for _ in range(3))
+        p_sub, k_all, first_end = (np.zeros(0, np.int64) for _ in range(3))
 
-    # ---- Pass 2: normalise each channel and write it into its patch slots.
+    # ---- Pass 2: channels part by part, normalised straight into their patch slots.
     epochs = np.zeros((n_patch * E, C), dtype=np.float32)
     mask = np.zeros((n_patch * E, C), dtype=bool)
-    for b, piece in zip(pieces, info):
-        n = b.num_rows
-        dest: slice | np.ndarray
-        if piece.base is not None:
-            run_start = np.cumsum(piece.run_len) - piece.run_len
-            if np.all(piece.base[1:] == piece.base[:-1] + piece.run_len[:-1]):
-                dest = slice(int(piece.base[0]), int(piece.base[0]) + n)  # one contiguous block
-            else:
-                dest = np.repeat(piece.base - run_start, piece.run_len) + np.arange(n)
-        else:
-            t = _numpy(b, 1)
-            e = (t - np.repeat(piece.anchor, piece.run_len)) // EPOCH_US  # epoch on the subject's grid
-            rows = piece.patch_rows
-            bounds = rows if len(rows) and rows[0] == 0 else np.concatenate([[0], rows])
-            seg = np.diff(np.append(bounds, n))
-            pid = np.repeat(np.arange(piece.first_patch, piece.first_patch + len(seg), dtype=np.int64), seg)
-            dest = pid * E + (e - (e // E) * E)
-        for c, norm in enumerate(normalisers):
-            column = b.column(2 + c)
-            if column.null_count == n and piece.base is not None:
-                continue  # all missing, and no slot written twice on a grid: zeros stay
-            x = column.to_numpy(zero_copy_only=False)
-            ok = np.isfinite(x)
-            if ok.all():
-                v = norm.apply(x).astype(np.float32, copy=False)
-            else:
-                v = norm.apply(np.where(ok, x, 0.0)).astype(np.float32, copy=False)
-                v[~ok] = 0.0
-            epochs[dest, c] = v
-            mask[dest, c] = ok
+    todo = [(part, placed, any(p.base is None for p in placed)) for part, placed in zip(parts, info) if placed]
+    reads = [functools.partial(part.channels, with_time) for part, _, with_time in todo]  # off grid: by time
+    for (_, placed, with_time), channels in zip(todo, _read_ahead(reads)):
+        for piece in placed:
+            _write_piece(channels.slice(piece.row0, piece.n_rows), piece, with_time, E, normalisers, epochs, mask)
+        del channels
 
-    return WearablePatches(
-        offsets=np.searchsorted(p_sub, np.arange(n_subj + 1), side="left").astype(np.int64),
+    return UnplacedPatches(
+        subject_ids=w_sids,
+        patch_subject=p_sub,
         start_us=first_us[p_sub] + k_all * patch_us,
         first_end_us=first_end,
         epochs=epochs.reshape(n_patch, E, C),
         mask=mask.reshape(n_patch, E, C),
         first_us=first_us,
         last_end_us=last_end_us,
+        n_rows=n_rows,
     )
 
 
-__all__ = ["NO_TIME", "WearablePatches", "build_patches", "sorted_by_subject_time", "subject_ids_of"]
+def _place_part(
+    pieces: list[pa.RecordBatch],
+    carry: _Carry,
+    n_patch: int,
+    E: int,
+    p_sid: list[np.ndarray],
+    p_k: list[np.ndarray],
+    p_time: list[np.ndarray],
+) -> list[_Piece]:
+    """Pass 1 on one part's pieces; appends each patch's subject, k and first time."""
+    placed, row0 = [], 0
+    for b in pieces:
+        s, t = _numpy(b, 0), _numpy(b, 1)
+        piece, k, rows = _place(s, t, carry, n_patch, E)
+        piece.row0, piece.n_rows = row0, b.num_rows
+        row0 += b.num_rows
+        n_patch += len(rows)
+        placed.append(piece)
+        p_sid.append(s[rows])
+        p_k.append(k)
+        p_time.append(t[rows])
+    return placed
+
+
+def _read_ahead(reads: Sequence[Callable[[], T]]) -> Iterator[T]:
+    """The reads' results in order, the next one running in a worker thread meanwhile: parquet
+    decoding releases the GIL, so reading part i + 1 overlaps the numpy work on part i (at most
+    two parts are held)."""
+    if len(reads) < 2:
+        yield from (read() for read in reads)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="wear-read") as pool:
+        ahead = pool.submit(reads[0])
+        for read in reads[1:]:
+            current, ahead = ahead.result(), pool.submit(read)
+            yield current
+            del current
+        yield ahead.result()
+
+
+def _column(table: pa.Table, i: int) -> pa.Array:
+    column = table.column(i)
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _write_piece(
+    piece_table: pa.Table,
+    piece: _Piece,
+    with_time: bool,
+    E: int,
+    normalisers: Sequence[Normalizer],
+    epochs: np.ndarray,
+    mask: np.ndarray,
+) -> None:
+    """Normalise one piece's channels and write them into their slots of epochs/mask [P * E, C]."""
+    n = piece.n_rows
+    dest: slice | np.ndarray
+    if piece.base is not None:
+        run_start = np.cumsum(piece.run_len) - piece.run_len
+        if np.all(piece.base[1:] == piece.base[:-1] + piece.run_len[:-1]):
+            dest = slice(int(piece.base[0]), int(piece.base[0]) + n)  # one contiguous block
+        else:
+            dest = np.repeat(piece.base - run_start, piece.run_len) + np.arange(n)
+    else:
+        t = _column(piece_table, 0).to_numpy(zero_copy_only=False)
+        e = (t - np.repeat(piece.anchor, piece.run_len)) // EPOCH_US  # epoch on the subject's grid
+        rows = piece.patch_rows
+        bounds = rows if len(rows) and rows[0] == 0 else np.concatenate([[0], rows])
+        seg = np.diff(np.append(bounds, n))
+        pid = np.repeat(np.arange(piece.first_patch, piece.first_patch + len(seg), dtype=np.int64), seg)
+        dest = pid * E + (e - (e // E) * E)
+    for c, norm in enumerate(normalisers):
+        column = _column(piece_table, c + int(with_time))
+        if column.null_count == n and piece.base is not None:
+            continue  # all missing, and no slot written twice on a grid: zeros stay
+        x = column.to_numpy(zero_copy_only=False)
+        ok = np.isfinite(x)
+        all_ok = bool(ok.all())
+        if isinstance(dest, slice):  # normalised in place, in the output
+            out = epochs[dest, c]
+            norm.apply(x if all_ok else np.where(ok, x, 0.0), out=out)
+            if not all_ok:
+                out[~ok] = 0.0
+            mask[dest, c] = True if all_ok else ok
+            continue
+        if all_ok:
+            v = norm.apply(x).astype(np.float32, copy=False)
+        else:
+            v = norm.apply(np.where(ok, x, 0.0)).astype(np.float32, copy=False)
+            v[~ok] = 0.0
+        epochs[dest, c] = v
+        mask[dest, c] = ok
+
+
+__all__ = [
+    "NO_TIME",
+    "PatchPart",
+    "TablePart",
+    "UnplacedPatches",
+    "UnsortedWearables",
+    "WearablePatches",
+    "build_patches",
+    "patches_of_parts",
+    "patches_of_table",
+    "sorted_by_subject_time",
+    "subject_ids_of",
+]

@@ -19,7 +19,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from meds_evaluation.evaluate import evaluate_binary_classification
 from meds_evaluation.schema import PredictionSchema
 
 from healthfm_core.files import atomic_path
@@ -62,6 +61,10 @@ def write_predictions(path: str | Path, labels: pa.Table, probabilities: np.ndar
 
 def score_predictions(predictions: str | Path | pa.Table, samples_per_subject: int = 4, seed: int = 0) -> dict:
     """meds-evaluation's binary-classification metrics of a predictions file or table."""
+    # Imported here: meds_evaluation.evaluate loads scikit-learn and scipy (~1.6 s, ~140 MB in every
+    # process that imports a site's code), needed only when a site scores its predictions.
+    from meds_evaluation.evaluate import evaluate_binary_classification
+
     table = pq.read_table(predictions) if isinstance(predictions, (str, Path)) else predictions
     if table.num_rows == 0:
         raise ValueError(f"{predictions if isinstance(predictions, (str, Path)) else 'predictions'}: no rows to score")

@@ -19,6 +19,7 @@ For each TaskSpec (healthfm_core.data.task_spec):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from healthfm_core.data.aces_tasks import aces_labels
-from healthfm_core.data.layout import SPLITS
+from healthfm_core.data.layout import SPLITS, WEARABLES_SCHEMA
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_labels import SiteLabelError, read_site_labels, site_tasks
 from healthfm_core.data.task_spec import TaskSpec, horizon_key
@@ -44,6 +46,7 @@ from healthfm_core.data.tasks import (
 from healthfm_core.data.tokens import LabelledDataset, SiteSequences, make_loader
 from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
 from healthfm_core.eval.metrics import r2_score
+from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import compute_embeddings, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.federation import SplitCount, TaskMetrics, TaskReason
 
@@ -106,8 +109,30 @@ def task_labels_at_site(
             wear_task = TASKS[spec.name]
             if not isinstance(wear_task, WearableTask):
                 raise ValueError(f"task {spec.name!r} is not a wearable task")
+            if wear_task.target == "resting_hr" and not _may_hold_heart_rate(site.wearable_files):
+                # No heart rate, no resting-HR label: the labels of no epochs, without reading them all.
+                out[spec.name] = wearable_regression_labels(WEARABLES_SCHEMA.empty_table(), target=wear_task.target)
+                continue
             out[spec.name] = wearable_regression_labels(site.read_wearables(), target=wear_task.target)
     return out
+
+
+def _may_hold_heart_rate(files: Sequence[Path]) -> bool:
+    """False only when every row group's statistics say hr_bpm is null throughout (a device
+    without PPG, e.g. a research accelerometer); True when any file might hold a value or has
+    no such statistics (then the epochs are read, as always)."""
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if "hr_bpm" not in names:
+            return True  # read_wearables names the problem
+        col = names.index("hr_bpm")
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            stats = group.column(col).statistics
+            if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
+                return True
+    return False
 
 
 def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCount]:
@@ -162,9 +187,12 @@ def evaluate_site_tasks(
     n_per_subject: int = 4,
     seed: int = 0,
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
+    reuse_patches: bool = True,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
-    `labels` (from task_labels_at_site) may be passed to reuse them across calls."""
+    `labels` (from task_labels_at_site) may be passed to reuse them across calls; `reuse_patches`
+    False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
+    baseline of benchmarks/eval_cost.py)."""
     if labels is None:
         labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed)
     out = SiteTaskResults()
@@ -196,7 +224,11 @@ def evaluate_site_tasks(
         batch_size=batch_size,
         shuffle=False,
     )
-    x_all = compute_embeddings(model, loader).x
+    # compute_embeddings runs the model in eval mode without gradients, as patch reuse needs.
+    with reused_patch_encodings(model) if reuse_patches else contextlib.nullcontext(PatchReuse()) as reuse:
+        x_all = compute_embeddings(model, loader).x
+    if reuse.asked:
+        log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
     out.num_examples = int(len(x_all))
     for key, table in usable.items():
         idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)

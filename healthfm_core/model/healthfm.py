@@ -239,7 +239,9 @@ class EpochBlock(nn.Module):
     def forward(self, x: Tensor, epoch_present: Tensor) -> Tensor:
         n, e, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(n, e, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        # Every patch handed in has at least one present epoch, so no softmax row is empty.
+        # Every patch handed in has at least one present epoch, so no softmax row is empty. The boolean
+        # mask costs nothing measurable on CPU: SDPA takes its flash path with it, and dropping it,
+        # a float mask or splitting full from partial patches was no faster (benchmarks/epoch_attention.py).
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=epoch_present[:, None, None, :])
         x = x + self.proj(attn.transpose(1, 2).reshape(n, e, d))
         return x + self.mlp(self.norm2(x))
@@ -267,6 +269,12 @@ class WearableEncoder(nn.Module):
 
     def forward(self, epochs: Tensor, epoch_mask: Tensor) -> Tensor:
         """epochs / epoch_mask [n, E, C] (every patch with >= 1 present epoch) -> [n, d_model]."""
+        return self.out_proj(self.pool(epochs, epoch_mask)) + self.modality_embedding
+
+    def pool(self, epochs: Tensor, epoch_mask: Tensor) -> Tensor:
+        """The patch's pooled epoch states [n, wearable d_model], before the output projection:
+        each patch's own (no cross-patch context), so an evaluation may reuse them
+        (healthfm_core/eval/patch_reuse.py)."""
         n, e, _ = epochs.shape
         mask = epoch_mask.to(epochs.dtype)
         x = self.input_proj(torch.cat([epochs * mask, mask], dim=-1))
@@ -277,8 +285,7 @@ class WearableEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, present)
         weights = present.to(x.dtype)[..., None]
-        pooled = (self.norm(x) * weights).sum(dim=1) / weights.sum(dim=1)
-        return self.out_proj(pooled) + self.modality_embedding
+        return (self.norm(x) * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 class GenomicsEncoder(nn.Module):

@@ -34,23 +34,28 @@ floating-point attack on the Gaussian mechanism).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus.accountants import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.model.capabilities import Pretrainable
+
+# Opacus is imported where DP is first used, not with this module: it costs every process that
+# imports the site's code ~2 s and ~115 MB (sympy, scipy, torch.distributed), and a run without
+# DP never needs it (a simulation's driver and each of its actors import this module).
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+    from opacus.optimizers import DPOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,8 @@ def sample_rate_for(batch_size: int, n_samples: int) -> float:
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Noise multiplier that reaches `target_epsilon` after `steps` steps at `sample_rate` (RDP)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
@@ -172,59 +179,74 @@ class PoissonBatches:
 # ---------------------------------------------------------------------------- optimizer
 
 
-class StreamingDPOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer with per-sample clipping done as gradients arrive (`accumulate`),
-    instead of over a stored [batch, ...] grad_sample per parameter. With `fresh_noise` each
-    step's noise comes from a new `secret_generator()`, not from `self.generator`."""
+@functools.cache
+def streaming_dp_optimizer() -> type[DPOptimizer]:
+    """The class StreamingDPOptimizer, built at its first use (Opacus is imported then); also
+    `from healthfm_core.privacy.engine import StreamingDPOptimizer`."""
+    from opacus.optimizers import DPOptimizer
 
-    fresh_noise: bool = False
+    class StreamingDPOptimizer(DPOptimizer):
+        """Opacus's DPOptimizer with per-sample clipping done as gradients arrive (`accumulate`),
+        instead of over a stored [batch, ...] grad_sample per parameter. With `fresh_noise` each
+        step's noise comes from a new `secret_generator()`, not from `self.generator`."""
 
-    def accumulate(self, grads: list[torch.Tensor | None]) -> float:
-        """Clip one sample's gradient (one tensor or None per parameter, in `self.params` order)
-        to max_grad_norm and add it to p.summed_grad; returns its norm before clipping."""
-        present = [g for g in grads if g is not None]
-        norm = (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present])))
-            if present
-            else 0.0
-        )
-        factor = min(1.0, self.max_grad_norm / (norm + 1e-6))  # Opacus's clip factor
-        for p, g in zip(self.params, grads):
-            if g is None:
-                continue
-            g = g.to(p.dtype) * factor
-            p.summed_grad = g if p.summed_grad is None else p.summed_grad + g
-        return norm
+        fresh_noise: bool = False
 
-    @property
-    def accumulated_iterations(self) -> int:
-        # One batch per optimizer step (no virtual steps): Opacus's accountant hook multiplies
-        # the sample rate by this.
-        return 1
+        def accumulate(self, grads: list[torch.Tensor | None]) -> float:
+            """Clip one sample's gradient (one tensor or None per parameter, in `self.params` order)
+            to max_grad_norm and add it to p.summed_grad; returns its norm before clipping."""
+            present = [g for g in grads if g is not None]
+            norm = (
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present])))
+                if present
+                else 0.0
+            )
+            factor = min(1.0, self.max_grad_norm / (norm + 1e-6))  # Opacus's clip factor
+            for p, g in zip(self.params, grads):
+                if g is None:
+                    continue
+                g = g.to(p.dtype) * factor
+                p.summed_grad = g if p.summed_grad is None else p.summed_grad + g
+            return norm
 
-    def pre_step(self, closure: Any = None) -> bool:
-        for p in self.params:  # an empty batch, or a parameter no sample reached: noise only
-            if p.summed_grad is None:
-                p.summed_grad = torch.zeros_like(p)
-        if self.fresh_noise:
-            self.generator = secret_generator()
-        self.add_noise()
-        self.scale_grad()
-        if self.step_hook:
-            self.step_hook(self)
-        self._is_last_step_skipped = False
-        return True
+        @property
+        def accumulated_iterations(self) -> int:
+            # One batch per optimizer step (no virtual steps): Opacus's accountant hook multiplies
+            # the sample rate by this.
+            return 1
 
-    def scale_grad(self) -> None:
-        if self.loss_reduction == "mean":
+        def pre_step(self, closure: Any = None) -> bool:
+            for p in self.params:  # an empty batch, or a parameter no sample reached: noise only
+                if p.summed_grad is None:
+                    p.summed_grad = torch.zeros_like(p)
+            if self.fresh_noise:
+                self.generator = secret_generator()
+            self.add_noise()
+            self.scale_grad()
+            if self.step_hook:
+                self.step_hook(self)
+            self._is_last_step_skipped = False
+            return True
+
+        def scale_grad(self) -> None:
+            if self.loss_reduction == "mean":
+                for p in self.params:
+                    p.grad /= self.expected_batch_size
+
+        def zero_grad(self, set_to_none: bool = False) -> None:
             for p in self.params:
-                p.grad /= self.expected_batch_size
+                p.grad_sample = None
+                p.summed_grad = None
+            self.original_optimizer.zero_grad(set_to_none)
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        for p in self.params:
-            p.grad_sample = None
-            p.summed_grad = None
-        self.original_optimizer.zero_grad(set_to_none)
+    StreamingDPOptimizer.__qualname__ = "StreamingDPOptimizer"  # pickled by reference, as a module-level class
+    return StreamingDPOptimizer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StreamingDPOptimizer":
+        return streaming_dp_optimizer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DPLocalStep:
@@ -248,17 +270,18 @@ class DPLocalStep:
         self.accountant = accountant
         self.noise_generator = noise_generator
         self.max_steps = max_steps
-        self.optimizer: StreamingDPOptimizer | None = None
+        self.optimizer: DPOptimizer | None = None  # a StreamingDPOptimizer once wrapped
 
     @property
     def steps_taken(self) -> int:
         """The accountant's steps: the DP steps this local step has noised."""
         return sum(int(s) for *_, s in getattr(self.accountant, "history", []))
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> StreamingDPOptimizer:
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
+        """`optimizer` wrapped in a StreamingDPOptimizer with this round's DP settings."""
         s = self.settings
         secure = self.noise_generator is None
-        opt = StreamingDPOptimizer(
+        opt = streaming_dp_optimizer()(
             optimizer,
             noise_multiplier=s.noise_multiplier,
             max_grad_norm=s.max_grad_norm,
@@ -311,9 +334,10 @@ __all__ = [
     "DPLocalStep",
     "DPSettings",
     "PoissonBatches",
-    "StreamingDPOptimizer",
+    "StreamingDPOptimizer",  # noqa: F822 (module __getattr__ builds it at first use)
     "noise_for_target",
     "sample_of",
     "sample_rate_for",
     "secret_generator",
+    "streaming_dp_optimizer",
 ]

@@ -38,12 +38,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from healthfm_core.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ LEDGER_FILE = "privacy_ledger.json"
 MARK_FILE = "privacy_ledger.mark.json"
 LOCK_FILE = ".privacy_ledger.lock"
 LEDGER_VERSION = 2
+MECHANISM = "rdp"  # Opacus RDPAccountant.mechanism(): the only accountant a ledger holds
 
 HistoryEntry = tuple[float, float, int]  # Opacus RDPAccountant.history: (noise_multiplier, sample_rate, steps)
 
@@ -110,7 +113,7 @@ class LedgerFile(_Strict):
     def _consistent(self) -> LedgerFile:
         if self.version != LEDGER_VERSION:
             raise ValueError(f"ledger version {self.version} is not supported (expected {LEDGER_VERSION})")
-        if self.mechanism != RDPAccountant.mechanism():
+        if self.mechanism != MECHANISM:
             raise ValueError(f"mechanism {self.mechanism!r}: only 'rdp' ledgers are supported")
         for sigma, q, steps in self.history:
             if not (math.isfinite(sigma) and sigma > 0 and math.isfinite(q) and 0 < q <= 1 and steps > 0):
@@ -161,10 +164,14 @@ def _problems(path: Path, err: ValidationError) -> str:
 
 
 def _fresh() -> LedgerFile:
-    return LedgerFile(version=LEDGER_VERSION, mechanism=RDPAccountant.mechanism(), ledger_id="", history=[], rounds=[])
+    return LedgerFile(version=LEDGER_VERSION, mechanism=MECHANISM, ledger_id="", history=[], rounds=[])
 
 
 def _accountant(history: list[HistoryEntry]) -> RDPAccountant:
+    # Imported here: Opacus costs every process ~2 s and ~115 MB (sympy, scipy, torch.distributed)
+    # and only a site that trains or reports under DP needs it.
+    from opacus.accountants import RDPAccountant
+
     acc = RDPAccountant()
     acc.load_state_dict({"history": [tuple(h) for h in history], "mechanism": acc.mechanism()})
     return acc

@@ -1,0 +1,140 @@
+"""Federated evaluation against a training round, per site, on one machine, in one run.
+
+    python -m healthfm_core.data.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
+    python benchmarks/eval_cost.py /tmp/fed/sites                           # configs/federation/default.yaml's eval_tasks
+    python benchmarks/eval_cost.py /tmp/fed/sites --tasks wearable_resting_hr --sites wearable_clinic,biobank
+
+For each site (the site runtime the ClientApp uses, sequences prepared first and not timed):
+  round      one training round: --local-steps steps of --batch-size (SiteRuntime.train)
+  labels     the tasks' labels at the site (once per run: the runtime keeps them)
+  embed      evaluation given the labels: embeddings, probes, meds-evaluation scoring, with each
+             distinct wearable patch pooled once (healthfm_core/eval/patch_reuse.py)
+  plain      the same without patch reuse: every patch encoded where a sample asks for it
+  hr_read    what a resting-HR task cost a site without heart rate before the statistics check:
+             reading its epochs and labelling them (0 rows)
+and checks that `embed` and `plain` give the same metrics. The totals compare evaluation
+(labels + embed) with a round, summed over sites and for the slowest site (a simulation with
+one actor per site waits for the slowest). The server asks with batch size max(batch, 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
+from healthfm_core.data.tasks import wearable_regression_labels  # noqa: E402
+from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.eval.site_eval import _may_hold_heart_rate, evaluate_site_tasks  # noqa: E402
+from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
+from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.groups import parameter_group  # noqa: E402
+
+# The simulation's default tasks (configs/federation/default.yaml, eval_tasks).
+DEFAULT_TASKS = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/federation/default.yaml").read_text())[
+    "eval_tasks"
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sites_dir", type=Path, help="a directory of MEDS site roots")
+    ap.add_argument("--sites", default="", help="comma-separated site names (default: all)")
+    ap.add_argument(
+        "--tasks", default="", help="comma-separated task names (default: configs/federation/default.yaml eval_tasks)"
+    )
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--local-steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    tasks = args.tasks.split(",") if args.tasks else list(DEFAULT_TASKS)
+    roots = sorted(p for p in args.sites_dir.iterdir() if (p / "metadata").is_dir())
+    pred = Path(tempfile.mkdtemp(prefix="eval-cost-"))
+    rts = {p.name: SiteRuntime(SiteConfig(site_root=p, site_name=p.name, eval_dir=pred)) for p in roots}
+    vocab = build_vocabulary([r.code_stats() for r in rts.values()], min_subjects=10)
+    setup = FederationSetup(vocabulary=vocab, model=load_model_config(args.model), model_seed=0)
+    cfg = EvalConfig(
+        round=1, tasks=tasks, setup_sha256=setup.sha256, batch_size=max(args.batch_size, 32), n_boot=100, seed=0
+    )
+    rc = RoundConfig(
+        round=1,
+        rounds=1,
+        local_steps=args.local_steps,
+        lr=1e-3,
+        batch_size=args.batch_size,
+        max_events=cfg.max_events,
+        max_patches=cfg.max_patches,
+        setup_sha256=setup.sha256,
+    )
+    init = setup.init_model().state_dict()
+    names = args.sites.split(",") if args.sites else list(rts)
+    print(f"tasks: {', '.join(tasks)}")
+    print(f"{'site':<18}{'round':>8}{'labels':>8}{'embed':>8}{'plain':>8}{'hr_read':>8}  eval/round  same")
+    rounds, evals = {}, {}
+    for name in names:
+        rt = rts[name]
+        arrays = {k: v.numpy() for k, v in init.items() if parameter_group(k) in rt.groups}
+        seqs = rt.sequences(setup)
+        t = time.perf_counter()
+        rt.train(setup, arrays, rc)
+        rounds[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        labels = rt.labels(cfg)
+        t_labels = time.perf_counter() - t
+        timed = {}
+        results = {}
+        for reuse in (True, False):
+            model = rt.model(setup, arrays)
+            t = time.perf_counter()
+            results[reuse] = evaluate_site_tasks(
+                name,
+                rt.site,
+                seqs,
+                model,
+                cfg.tasks,
+                rt._split_lookup(),
+                rt.min_report_subjects,
+                pred,
+                batch_size=cfg.batch_size,
+                max_events=cfg.max_events,
+                max_patches=cfg.max_patches,
+                n_per_subject=cfg.n_per_subject,
+                seed=cfg.seed,
+                labels=labels,
+                reuse_patches=reuse,
+            )
+            timed[reuse] = time.perf_counter() - t
+        hr = "-"
+        if (
+            "wearable_resting_hr" in tasks
+            and rt.site.wearable_files
+            and not _may_hold_heart_rate(rt.site.wearable_files)
+        ):
+            t = time.perf_counter()
+            wearable_regression_labels(rt.site.read_wearables(), target="resting_hr")
+            hr = f"{time.perf_counter() - t:.1f}"
+        same = results[True].metrics == results[False].metrics and results[True].reasons == results[False].reasons
+        evals[name] = t_labels + timed[True]
+        print(
+            f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{timed[True]:>8.1f}{timed[False]:>8.1f}{hr:>8}"
+            f"  {evals[name] / rounds[name]:>10.2f}  {same}",
+            flush=True,
+        )
+    print(
+        f"all sites: evaluation {sum(evals.values()):.1f} s vs round {sum(rounds.values()):.1f} s "
+        f"(x{sum(evals.values()) / sum(rounds.values()):.2f}); slowest site: evaluation {max(evals.values()):.1f} s "
+        f"vs round {max(rounds.values()):.1f} s (x{max(evals.values()) / max(rounds.values()):.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

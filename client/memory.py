@@ -1,0 +1,49 @@
+"""A site process gives the memory a message freed back to the system once the message is done.
+
+A site's process lives for many messages (a simulation's Ray actor serves every round and the
+evaluation; a warm ClientApp process the whole run). glibc's malloc keeps what a message freed
+(training's activations and gradients, evaluation's embeddings and label tables) in its heaps,
+and after the first large free it raises its mmap threshold, so later large tensors come from
+those heaps too: without a trim such a process holds the largest footprint of every message it
+served, and the next message's peak comes on top of it. After each training or evaluation
+message the process collects garbage and, on glibc, returns free heap pages (malloc_trim).
+Nothing the site keeps on purpose (its data, sequences, model) is touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("healthfm.client")
+
+
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library is not glibc (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Collect garbage, then give free heap pages back to the system (glibc only)."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+__all__ = ["release_memory"]

@@ -1,0 +1,249 @@
+"""Packed messages (healthfm_core/packing.py): a model message is a handful of Flower objects,
+arrays come back exactly as sent, and a malformed packed reply - replayed as a hostile site would
+send it - is rejected with a reason naming the record, the part and the problem while the round
+goes on with the good replies."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from safetensors.numpy import save
+
+from client.client_app import message_arrays, train_reply_content
+from healthfm_core.federation import ARRAYS_RECORD, TrainReply
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.packing import MAX_PARTS, PACKED_PART, pack_arrays, unpack_arrays, unpack_record
+from server.limits import array_record_bytes
+from server.strategy import ModalityAwareFedAvg, pack_record
+
+SHAPES = {"shared.w": (2, 3), "shared.b": (3,), "ehr.w": (4,)}
+PREVIOUS = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+COUNTS = {"shared": 10, "ehr": 10}
+
+
+def group_of(key: str) -> str:
+    return key.split(".")[0]
+
+
+def _metadata(node: int, *, src: int, dst: int, message_id: str, reply_to: str) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+
+
+def site_arrays(value: float) -> dict[str, np.ndarray]:
+    return {k: np.full(s, value, np.float32) for k, s in SHAPES.items()}
+
+
+def reply_with(node: int, record: ArrayRecord | None = None, value: float = 1.0) -> Message:
+    """A site's train reply (its metrics as a site makes them) carrying `record` as its arrays
+    (None: the well-formed packed record of `value`)."""
+    reply = TrainReply.model_validate(
+        {"arrays": site_arrays(value), "num_examples": 10, "group_examples": COUNTS}, context={"group_of": group_of}
+    )
+    content = train_reply_content(reply)
+    if record is not None:
+        content[ARRAYS_RECORD] = record
+    return Message(content, metadata=_metadata(node, src=node, dst=0, message_id=f"r{node}", reply_to=f"m{node}"))
+
+
+def sent(*nodes: int) -> list[Message]:
+    return [Message(RecordDict(), metadata=_metadata(0, src=0, dst=n, message_id=f"m{n}", reply_to="")) for n in nodes]
+
+
+def blob_of(header: dict, data: bytes) -> np.ndarray:
+    """A safetensors blob written by hand: 8-byte little-endian header length, JSON, data."""
+    text = json.dumps(header).encode()
+    return np.frombuffer(struct.pack("<Q", len(text)) + text + data, np.uint8)
+
+
+def good_blob() -> np.ndarray:
+    return pack_arrays(site_arrays(2.0))[PACKED_PART]
+
+
+def header_and_data(blob: np.ndarray) -> tuple[dict, bytes]:
+    raw = blob.tobytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def one_part(blob: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({PACKED_PART: Array(blob)})
+
+
+def _overlapping() -> ArrayRecord:
+    header, data = header_and_data(good_blob())
+    keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    start = header[keys[0]]["data_offsets"][0]
+    first = header[keys[1]]
+    first["data_offsets"] = [start, start + first["data_offsets"][1] - first["data_offsets"][0]]
+    return one_part(blob_of(header, data))
+
+
+def _shape_mismatch() -> ArrayRecord:
+    header, data = header_and_data(good_blob())
+    header["ehr.w"]["shape"] = [5]  # 20 bytes announced, 16 held
+    return one_part(blob_of(header, data))
+
+
+def _header_length_lies() -> ArrayRecord:
+    raw = bytearray(good_blob().tobytes())
+    raw[:8] = struct.pack("<Q", 2**40)
+    return one_part(np.frombuffer(bytes(raw), np.uint8))
+
+
+def _header_not_json() -> ArrayRecord:
+    header, data = header_and_data(good_blob())
+    text = json.dumps(header).encode()
+    return one_part(np.frombuffer(struct.pack("<Q", len(text)) + b"!" * len(text) + data, np.uint8))
+
+
+def _garbage_npy() -> ArrayRecord:
+    good = Array(good_blob())
+    return ArrayRecord({PACKED_PART: Array(dtype="uint8", shape=good.shape, stype=good.stype, data=b"\x93NUMPY junk")})
+
+
+def _npy_shape_lies() -> ArrayRecord:
+    good, other = Array(good_blob()), Array(np.zeros(7, np.uint8))
+    return ArrayRecord({PACKED_PART: Array(dtype="uint8", shape=good.shape, stype=good.stype, data=other.data)})
+
+
+def _duplicate_json_key() -> ArrayRecord:
+    text = b'{"ehr.w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
+    text += b'"ehr.w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}'
+    return one_part(np.frombuffer(struct.pack("<Q", len(text)) + text + b"\0" * 32, np.uint8))
+
+
+# fault -> (the reply's ArrayRecord, a word its rejection must contain)
+FAULTS = {
+    "truncated": (lambda: one_part(good_blob()[:-5]), "incomplete"),
+    "trailing bytes": (lambda: one_part(np.concatenate([good_blob(), np.zeros(8, np.uint8)])), "not fully covered"),
+    "empty blob": (lambda: one_part(np.zeros(0, np.uint8)), "header too small"),
+    "header length lies": (_header_length_lies, "header too large"),
+    "header not JSON": (_header_not_json, "invalid json"),
+    "overlapping offsets": (_overlapping, "invalid offset"),
+    "offsets do not fit the shape": (_shape_mismatch, "invalid shape"),
+    "a key twice in the header": (_duplicate_json_key, "invalid offset"),
+    "dtype numpy does not hold": (
+        lambda: one_part(blob_of({"ehr.w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8)),
+        "bf16",
+    ),
+    "negative shape": (
+        lambda: one_part(blob_of({"ehr.w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16)),
+        "invalid json",
+    ),
+    "part is not uint8": (lambda: ArrayRecord({PACKED_PART: Array(np.zeros(8, np.float32))}), "not a packed blob"),
+    "part is two-dimensional": (lambda: ArrayRecord({PACKED_PART: Array(good_blob().reshape(1, -1))}), "not a packed"),
+    "one Array per key": (lambda: ArrayRecord({k: Array(v) for k, v in site_arrays(2.0).items()}), "predates"),
+    "a key in two parts": (
+        lambda: ArrayRecord(
+            {"a": Array(good_blob()), "b": Array(pack_arrays({"ehr.w": np.ones(4, np.float32)})[PACKED_PART])}
+        ),
+        "packed twice",
+    ),
+    "too many parts": (
+        lambda: ArrayRecord({f"p{i}": Array(np.frombuffer(save({}), np.uint8)) for i in range(MAX_PARTS + 1)}),
+        f"at most {MAX_PARTS}",
+    ),
+    "undecodable npy payload": (_garbage_npy, "undecodable"),
+    "npy payload unlike its header": (_npy_shape_lies, "does not match its header"),
+    "extra key": (
+        lambda: one_part(pack_arrays({**site_arrays(2.0), "ehr.x": np.ones(2, np.float32)})[PACKED_PART]),
+        "unknown key 'ehr.x'",
+    ),
+    "wrong dtype": (
+        lambda: one_part(pack_arrays({**site_arrays(2.0), "ehr.w": np.ones(4, np.float64)})[PACKED_PART]),
+        "dtype float64",
+    ),
+    "wrong shape": (
+        lambda: one_part(pack_arrays({**site_arrays(2.0), "ehr.w": np.ones(5, np.float32)})[PACKED_PART]),
+        "shape (5,)",
+    ),
+    "NaN": (
+        lambda: one_part(pack_arrays({**site_arrays(2.0), "ehr.w": np.full(4, np.nan, np.float32)})[PACKED_PART]),
+        "nan",
+    ),
+    "oversize": (lambda: one_part(np.concatenate([good_blob(), np.zeros(10_000, np.uint8)])), "exceeds the limit"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_malformed_packed_reply_is_rejected_with_its_reason_and_the_round_goes_on(fault: str) -> None:
+    make, word = FAULTS[fault]
+    limit = array_record_bytes(pack_record(PREVIOUS, group_of)) * 4
+    strategy = ModalityAwareFedAvg(group_of=group_of, max_reply_bytes=limit)
+    replies = [reply_with(1, value=1.0), reply_with(2, make()), reply_with(3, value=3.0)]
+    outcome = strategy.aggregate(1, replies, current_arrays=PREVIOUS, node_groups=None, sent=sent(1, 2, 3))
+    assert outcome.accepted == [1, 3]
+    np.testing.assert_allclose(outcome.arrays["ehr.w"], 2.0)  # the two good replies, averaged
+    [rejected] = outcome.rejected
+    assert rejected.node_id == 2 and rejected.kind == "invalid"
+    assert word.lower() in rejected.reason.lower(), rejected.reason
+    if fault not in ("extra key", "wrong dtype", "wrong shape", "NaN", "oversize"):
+        # A fault of the packed form names the record and the part (or the parts' count).
+        assert "record 'arrays'" in rejected.reason, rejected.reason
+
+
+def test_a_malformed_train_message_is_refused_by_the_site_naming_the_record() -> None:
+    make, word = FAULTS["overlapping offsets"]
+    msg = Message(RecordDict({"arrays": make()}), metadata=_metadata(0, src=0, dst=7, message_id="m", reply_to=""))
+    with pytest.raises(ValueError, match="train message, record 'arrays': part 'packed'.*invalid offset"):
+        message_arrays(msg)
+
+
+def test_arrays_come_back_exactly_as_packed() -> None:
+    arrays = {
+        "shared.f32": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "shared.f16": np.linspace(-1, 1, 5).astype(np.float16),
+        "ehr.i8": np.array([-127, 0, 127], np.int8),
+        "ehr.i64": np.array([3], np.int64),
+        "ehr.bool": np.array([True, False]),
+        "ehr.scalar": np.array(2.5, np.float32),
+        "genomics.empty": np.zeros((0, 3), np.float32),
+        "genomics.strided": np.arange(20, dtype=np.float64).reshape(4, 5)[:, ::2],  # not contiguous
+    }
+    for part_of in (None, group_of):
+        record = pack_record(arrays, part_of)
+        assert set(record) == ({PACKED_PART} if part_of is None else {"shared", "ehr", "genomics"})
+        back = unpack_record(record, where="test")
+        assert back.keys() == arrays.keys()
+        for key, value in arrays.items():
+            assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
+            np.testing.assert_array_equal(back[key], value)
+            assert back[key].flags.writeable  # the site loads them into torch
+    assert pack_arrays({}) == {} and unpack_record(ArrayRecord({}), where="test") == {}
+    with pytest.raises(ValueError, match="here: not a valid packed"):
+        unpack_arrays(b"\0" * 3, where="here")
+
+
+def test_a_model_message_is_a_handful_of_objects_of_about_the_same_bytes() -> None:
+    model = HealthFM(load_model_config("tiny"), vocab_size=2000, n_prs_traits=4)
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    per_key = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    packed = pack_record(arrays, parameter_group)
+    old, new = get_all_nested_objects(per_key), get_all_nested_objects(packed)
+    assert len(arrays) > 100 and len(old) > len(arrays)  # every key an Array (and a chunk)
+    # The record, one Array per group and its chunk(s) of 5 MiB: a handful.
+    assert len(packed) == 4 and len(new) <= 1 + 2 * len(packed), len(new)
+    old_bytes = sum(len(o.deflate()) for o in old.values())
+    new_bytes = sum(len(o.deflate()) for o in new.values())
+    assert abs(new_bytes - old_bytes) < 0.02 * old_bytes, (old_bytes, new_bytes)
+    # A site's reply (one part) unpacks to the same arrays.
+    back = unpack_record(pack_record(arrays), where="test")
+    assert all(np.array_equal(back[k], v) for k, v in arrays.items())
