@@ -154,6 +154,7 @@ def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
     assert state.strategy and all(k.startswith(("m.", "v.")) for k in state.strategy)
 
 
+@pytest.mark.slow  # two more Flower simulations (~2 min on a loaded machine); CI runs it (Makefile SLOW_CI)
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, node_configs, full_run: Path) -> None:
     out = tmp_path / "resumed"
     run_federation_simulation(fed_config(out, stop_after_round=1), node_configs, num_cpus=2)

@@ -11,14 +11,14 @@ import json
 import logging
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from deploy_fixtures import Process, free_port
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
+from flower_messages import train_metadata
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -245,20 +245,6 @@ def test_a_corrupted_checkpoint_is_refused_on_resume(corruption: str, setup: Fed
 # ---------------------------------------------------------------------------- limits
 
 
-def _metadata(message_id: str, src: int, dst: int, reply_to: str = "") -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=message_id,
-        src_node_id=src,
-        dst_node_id=dst,
-        reply_to_message_id=reply_to,
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-
-
 def _group_of(key: str) -> str:
     return key.split(".")[0]
 
@@ -268,13 +254,15 @@ def _reply(node: int, arrays: dict[str, np.ndarray], n: int = 10) -> Message:
         {"arrays": arrays, "num_examples": n, "group_examples": {_group_of(k): n for k in arrays}},
         context={"group_of": _group_of},
     )
-    return Message(train_reply_content(reply), metadata=_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"))
+    return Message(
+        train_reply_content(reply), metadata=train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}")
+    )
 
 
 def _sent(*nodes: int) -> list[Message]:
     """Train messages to these nodes, with the message ids the Grid sets when it pushes them."""
     return [
-        Message(RecordDict({"config": ConfigRecord({})}), metadata=_metadata(f"m{i}", src=0, dst=n))
+        Message(RecordDict({"config": ConfigRecord({})}), metadata=train_metadata(f"m{i}", src=0, dst=n))
         for i, n in enumerate(nodes)
     ]
 
@@ -313,7 +301,7 @@ def test_error_replies_from_the_superlink_are_attributed_to_the_silent_node() ->
     alive.metadata.__dict__["_reply_to_message_id"] = "m0"
     # Flower's NODE_UNAVAILABLE reply: from the SuperLink (node 1), answering m1 (sent to node 6).
     dead = Message(
-        Error(code=3, reason="Error: Node Unavailable"), metadata=_metadata("e1", src=1, dst=0, reply_to="m1")
+        Error(code=3, reason="Error: Node Unavailable"), metadata=train_metadata("e1", src=1, dst=0, reply_to="m1")
     )
     assert origin(alive, sent) == 5 and origin(dead, sent) == 6
     outcome = s.aggregate(1, [alive, dead], current_arrays=glob, node_groups={5: ["shared"], 6: ["shared"]}, sent=sent)

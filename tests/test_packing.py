@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, RecordDict
+from flower_messages import train_metadata
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from safetensors.numpy import save
 
@@ -33,20 +33,6 @@ def group_of(key: str) -> str:
     return key.split(".")[0]
 
 
-def _metadata(node: int, *, src: int, dst: int, message_id: str, reply_to: str) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=message_id,
-        src_node_id=src,
-        dst_node_id=dst,
-        reply_to_message_id=reply_to,
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-
-
 def site_arrays(value: float) -> dict[str, np.ndarray]:
     return {k: np.full(s, value, np.float32) for k, s in SHAPES.items()}
 
@@ -60,11 +46,11 @@ def reply_with(node: int, record: ArrayRecord | None = None, value: float = 1.0)
     content = train_reply_content(reply)
     if record is not None:
         content[ARRAYS_RECORD] = record
-    return Message(content, metadata=_metadata(node, src=node, dst=0, message_id=f"r{node}", reply_to=f"m{node}"))
+    return Message(content, metadata=train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"))
 
 
 def sent(*nodes: int) -> list[Message]:
-    return [Message(RecordDict(), metadata=_metadata(0, src=0, dst=n, message_id=f"m{n}", reply_to="")) for n in nodes]
+    return [Message(RecordDict(), metadata=train_metadata(f"m{n}", src=0, dst=n)) for n in nodes]
 
 
 def blob_of(header: dict, data: bytes) -> np.ndarray:
@@ -202,7 +188,7 @@ def test_a_malformed_packed_reply_is_rejected_with_its_reason_and_the_round_goes
 
 def test_a_malformed_train_message_is_refused_by_the_site_naming_the_record() -> None:
     make, word = FAULTS["overlapping offsets"]
-    msg = Message(RecordDict({"arrays": make()}), metadata=_metadata(0, src=0, dst=7, message_id="m", reply_to=""))
+    msg = Message(RecordDict({"arrays": make()}), metadata=train_metadata("m", src=0, dst=7))
     with pytest.raises(ValueError, match="train message, record 'arrays': part 'packed'.*invalid offset"):
         message_arrays(msg)
 

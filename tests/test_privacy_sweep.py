@@ -162,6 +162,7 @@ def round_events(run: Path) -> dict[int, dict]:
     return {e["round"]: e for e in read_events(run / "rounds.jsonl") if e["event"] == "round"}
 
 
+@pytest.mark.slow  # the sweep's four DP federations (~2 min); CI runs it (Makefile SLOW_CI)
 def test_the_server_asks_for_dp_and_each_site_reports_its_spend(sweep: Path) -> None:
     run = sweep / "runs" / "eps-8"
     rounds = round_events(run)
@@ -198,6 +199,7 @@ def test_the_server_asks_for_dp_and_each_site_reports_its_spend(sweep: Path) -> 
     assert "## Privacy" not in (plain / "summary.md").read_text()
 
 
+@pytest.mark.slow  # the sweep's four DP federations (~2 min); CI runs it (Makefile SLOW_CI)
 def test_sweep_writes_table_and_plot_on_one_setup(sweep: Path) -> None:
     data = json.loads((sweep / "privacy_sweep.json").read_text())
     assert data["settings"] == {"eps=8": TARGET, "no DP": None}
