@@ -50,6 +50,22 @@ def test_compare_paired_agrees_with_paired_difference_and_orders_methods() -> No
     assert same.difference == 0 and same.difference_ci == (0.0, 0.0) and same.ratio == 1.0
 
 
+def test_thin_items_leave_only_their_own_resamples() -> None:
+    # Thin items (one positive subject each) lose their class in about a third of the resamples
+    # each; with twenty of them almost no resample keeps them all. Each is left out of those
+    # resamples' means only, so every resample still counts and the interval is a real interval.
+    rng = np.random.default_rng(1)
+    thin = []
+    for _ in range(20):
+        y = np.zeros(200, bool)
+        y[rng.integers(200)] = True
+        thin.append((y, y + rng.normal(0, 1, 200), rng.normal(0, 1, 200), np.arange(200) // 2))
+    c = compare_paired(_items(0) + thin, "good", "bad", n_boot=300, seed=2)
+    lo, hi = c.difference_ci
+    assert np.isfinite([lo, hi]).all() and hi - lo > 0.01
+    assert lo <= c.difference <= hi and lo > 0
+
+
 def test_runs_never_share_a_subject() -> None:
     both = with_prefix(_items(0), "s|0|") + with_prefix(_items(1), "s|1|")
     assert compare_paired(both, "good", "bad", n_boot=20).n_subjects == 300
