@@ -150,9 +150,10 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _ordered(lo: float, point: float, hi: float) -> bool:
-    if not all(np.isfinite([lo, point, hi])):
+    # A percentile bootstrap interval is ordered; it need not contain the point estimate.
+    if not all(np.isfinite([lo, hi])):
         return True  # an interval a quick run could not estimate is NaN, and says so
-    return lo - 1e-12 <= point <= hi + 1e-12
+    return bool(np.isfinite(point)) and lo <= hi
 
 
 @pytest.mark.slow  # the whole job at CI size: four Flower simulations, training and probes
