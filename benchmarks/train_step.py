@@ -3,7 +3,9 @@
     python benchmarks/train_step.py                          # small model, biobank site, 1 and 2 threads
     python benchmarks/train_step.py --threads 1 --repeats 9
     python benchmarks/train_step.py --threads 1 2 all auto     # the thread sweep (all: every usable core;
-                                                               # auto: a site's default, client/threads.py)
+                                                               # auto: a site's default, client/threads.py;
+                                                               # its row is labelled auto=N and the line
+                                                               # above the table says what it measured)
     python benchmarks/train_step.py --profile                # plus a torch.profiler table of one step
 
 A synthetic federation (default scenario, seed 0; --subjects overrides the site sizes) is
@@ -37,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from client.threads import auto_threads, usable_cores  # noqa: E402
+from client.threads import measure as measure_auto  # noqa: E402
+from client.threads import usable_cores  # noqa: E402
 from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.site import open_site  # noqa: E402
 from healthfm_core.data.synthetic import generate_federation  # noqa: E402
@@ -147,13 +150,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=1, help="steps per sample")
     p.add_argument("--profile", action="store_true", help="also print a profiler table of one auto step")
     args = p.parse_args()
+    # (label, threads): `auto` is measured once, here, before the setup loads the machine.
+    choice = measure_auto() if "auto" in args.threads else None
     try:
-        args.threads = [
-            usable_cores() if t == "all" else auto_threads() if t == "auto" else int(t) for t in args.threads
+        runs = [
+            (t, usable_cores() if t == "all" else choice.threads if choice is not None and t == "auto" else int(t))
+            for t in args.threads
         ]
     except ValueError:
         p.error(f"--threads {args.threads}: whole numbers, all or auto")
-    if min(args.threads) < 1 or args.repeats < 1 or args.steps < 1:
+    if min(n for _, n in runs) < 1 or args.repeats < 1 or args.steps < 1:
         p.error(f"--threads {args.threads}, --repeats {args.repeats}, --steps {args.steps} must be >= 1")
     previous = os.environ.get(IMPL_ENV)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,30 +170,33 @@ def main() -> int:
         f"longest EHR sequence {n_ehr}, median of {args.repeats} samples x {args.steps} step(s); "
         f"load average {os.getloadavg()[0]:.1f}"
     )
+    if choice is not None:
+        print(f"threads auto (measured before the setup): {choice.describe()}")
     print(
         f"{'threads':>7} {'clock':>5} | {'before s/step':>13} {'reference':>9} {'auto':>7} | "
         f"{'before/auto':>11} {'reference/auto':>14}"
     )
-    walls: dict[int, float] = {}
+    walls: dict[str, float] = {}
     try:
-        for threads in args.threads:
+        for label, threads in runs:
+            name = str(threads) if label == str(threads) else f"{label}={threads}"
             res = run(model, batch, threads, args.repeats, args.steps)
-            walls[threads] = res["auto"][0]
+            walls[name] = res["auto"][0]
             for i, clock in enumerate(("wall", "cpu")):
-                before, ref, auto = (res[name][i] for name in SETUPS)
+                before, ref, auto = (res[setup_name][i] for setup_name in SETUPS)
                 print(
-                    f"{threads:>7} {clock:>5} | {before:13.3f} {ref:9.3f} {auto:7.3f} | {before / auto:11.2f} "
+                    f"{name:>7} {clock:>5} | {before:13.3f} {ref:9.3f} {auto:7.3f} | {before / auto:11.2f} "
                     f"{ref / auto:14.2f}",
                     flush=True,
                 )
         if len(walls) > 1:
-            base = args.threads[0]
+            base = next(iter(walls))
             print(
                 f"auto step wall time vs {base} thread(s) (usable cores {usable_cores()}): "
                 + ", ".join(f"{t}: x{walls[base] / w:.2f}" for t, w in walls.items())
             )
         if args.profile:
-            torch.set_num_threads(args.threads[0])
+            torch.set_num_threads(runs[0][1])
             profile(model, batch, 30)
     finally:
         if previous is None:

@@ -6,11 +6,17 @@ deployed site, `join --threads auto`). A site with neither (a simulation's virtu
 torch's default: its worker processes share one machine and Ray already sizes them.
 
 `auto` = the cores this process may run on (sched_getaffinity: a container's or taskset's limit,
-not the machine's) minus the 1-minute load average (what the neighbours already use), rounded
-down, at least 1 and at most AUTO_MAX. Threads beyond the free cores do not add compute: they
-time-slice against the neighbours and every intra-op barrier waits for the slowest (measured:
-2 threads 6.2x slower than 1 on a busy 2-core machine, 1.69x faster on a quiet one). AUTO_MAX
-caps it because the models' matrices (d_model 32-256) stop scaling well beyond ~8 threads.
+not the machine's) minus the cores its neighbours keep busy NOW, rounded down, at least 1 and at
+most AUTO_MAX. Threads beyond the free cores do not add compute: they time-slice against the
+neighbours and every intra-op barrier waits for the slowest (measured: 2 threads 6-9x slower than
+1 beside busy neighbours on a 2-core machine, 1.55-1.69x faster on a quiet one). AUTO_MAX caps it
+because the models' matrices (d_model 32-256) stop scaling well beyond ~8 threads.
+
+"Busy now" is measured, not the 1-minute load average: that average lags by about a minute (load
+1.7 right after a benchmark made auto pick 1 thread on a machine that had just become quiet).
+Two /proc/stat snapshots SAMPLE_S apart give each allowed core's busy fraction (everything but
+idle and iowait); their sum, less this process's own CPU, is the neighbours' busy cores. Where
+/proc/stat is missing or unreadable (not Linux) the load average stands in, and the log says so.
 """
 
 from __future__ import annotations
@@ -18,12 +24,100 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger("healthfm.client.threads")
 
 AUTO_MAX = 8
+PROC_STAT = Path("/proc/stat")
+# 0.25 s: /proc/stat counts in USER_HZ=100 ticks, so 25 ticks per core (a fully busy core reads
+# 1.00 +- 0.04) over many scheduler slices (3-24 ms), yet negligible beside a ClientApp's start
+# (seconds) and taken once per process.
+SAMPLE_S = 0.25
+# A core at most 15% busy counts as free: one or two ticks of quantisation, interrupts and daemons
+# waking briefly; a torch thread beside such a neighbour loses less than the core gives it.
+NOISE = 0.15
+RUNQ_READS = 5  # run-queue reads across the window; their median ignores a one-read spike
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """One /proc/stat snapshot: per-core (idle, total) ticks, the aggregate line, procs_running."""
+
+    cores: dict[int, tuple[int, int]]
+    total: tuple[int, int]
+    procs_running: int | None
+
+
+def parse_proc_stat(text: str) -> ProcStat:
+    """Parse /proc/stat text. Raises ValueError naming the line and field that is wrong."""
+    cores: dict[int, tuple[int, int]] = {}
+    total: tuple[int, int] | None = None
+    running: int | None = None
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name.startswith("cpu"):
+            try:
+                ticks = [int(v) for v in rest.split()]
+            except ValueError:
+                raise ValueError(f"/proc/stat: line {name!r}: non-integer tick count in {rest.strip()!r}") from None
+            if len(ticks) < 4:
+                raise ValueError(f"/proc/stat: line {name!r}: {len(ticks)} fields, need at least 4 (user..idle)")
+            # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+            # already inside user/nice, so the total stops at steal (stolen time is busy to us).
+            idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+            pair = (idle, sum(ticks[:8]))
+            if name == "cpu":
+                total = pair
+            else:
+                try:
+                    cores[int(name[3:])] = pair
+                except ValueError:
+                    raise ValueError(f"/proc/stat: line {name!r}: not cpu or cpuN") from None
+        elif name == "procs_running":
+            try:
+                running = int(rest)
+            except ValueError:
+                raise ValueError(f"/proc/stat: field procs_running: value {rest.strip()!r} not an integer") from None
+    if total is None:
+        raise ValueError("/proc/stat: no aggregate 'cpu' line")
+    return ProcStat(cores=cores, total=total, procs_running=running)
+
+
+def core_busy(before: str, after: str, cpus: Collection[int] | None = None) -> dict[int, float]:
+    """Each core's busy fraction between two /proc/stat snapshots (text), for `cpus` (default: all
+    cores listed). A core with no ticks in between counts idle. Raises ValueError when a core is
+    missing or its counters went backwards (a hot-plugged core, a garbled file)."""
+    a, b = parse_proc_stat(before), parse_proc_stat(after)
+    wanted = sorted(b.cores) if cpus is None else sorted(cpus)
+    if not wanted:
+        raise ValueError("/proc/stat: no per-core cpuN lines")
+    out: dict[int, float] = {}
+    for cpu in wanted:
+        if cpu not in a.cores or cpu not in b.cores:
+            raise ValueError(f"/proc/stat: cpu{cpu} (in this process's affinity) missing from a snapshot")
+        d_idle, d_total = b.cores[cpu][0] - a.cores[cpu][0], b.cores[cpu][1] - a.cores[cpu][1]
+        if d_idle < 0 or d_total < 0 or d_idle > d_total:
+            raise ValueError(f"/proc/stat: cpu{cpu}: counters went backwards (idle {d_idle}, total {d_total})")
+        out[cpu] = 0.0 if d_total == 0 else 1.0 - d_idle / d_total
+    return out
+
+
+def busy_cores(before: str, after: str, cpus: Collection[int] | None = None, noise: float = NOISE) -> float:
+    """Busy cores between two /proc/stat snapshots: the sum of the cores' busy fractions, a core at
+    most `noise` busy counting 0."""
+    return sum(f for f in core_busy(before, after, cpus).values() if f > noise)
+
+
+def free_cores(cores: int, busy: float, cap: int = AUTO_MAX) -> int:
+    """floor(cores - busy), clamped to [1, cap]: never zero threads, never past the cap."""
+    return max(1, min(cap, math.floor(cores - busy + 1e-9)))
 
 
 def usable_cores() -> int:
@@ -34,15 +128,112 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def auto_threads(cores: int | None = None, load: float | None = None, cap: int = AUTO_MAX) -> int:
-    """floor(cores - 1-minute load), clamped to [1, cap]."""
-    cores = usable_cores() if cores is None else cores
-    if load is None:
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _own_running() -> int:
+    """This process's threads in state R now (the reader itself among them): procs_running counts
+    them too, and they are not neighbours."""
+    n = 0
+    for task in Path("/proc/self/task").iterdir():
         try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            load = 0.0
-    return max(1, min(cap, math.floor(cores - load)))
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        n += stat[stat.rfind(")") + 2 :].startswith("R")
+    return max(1, n)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `auto` measured and chose (logged; printed by benchmarks/train_step.py)."""
+
+    threads: int
+    cores: int
+    busy: float  # the neighbours' cores, as used
+    source: str  # "/proc/stat" or "load average" (and why)
+    window: float = 0.0
+    per_core: dict[int, float] = field(default_factory=dict)
+    own_cpu: float = 0.0  # this process's cores during the window, subtracted
+    runnable: float | None = None  # median neighbours runnable (whole-machine affinity only)
+
+    def describe(self) -> str:
+        if self.source != "/proc/stat":
+            return f"{self.threads} thread(s) = {self.cores} core(s) - {self.busy:.2f} busy ({self.source})"
+        cores = " ".join(f"cpu{c} {f:.2f}" for c, f in self.per_core.items())
+        runq = "n/a (affinity is not the whole machine)" if self.runnable is None else f"{self.runnable:g}"
+        return (
+            f"{self.threads} thread(s) = {self.cores} core(s) - {self.busy:.2f} busy (/proc/stat over "
+            f"{self.window:.2f} s: {cores}; own {self.own_cpu:.2f}; neighbours runnable {runq})"
+        )
+
+
+def measure(cpus: Collection[int] | None = None, window: float = SAMPLE_S, cap: int = AUTO_MAX) -> AutoChoice:
+    """Sample /proc/stat over `window` seconds for `cpus` (default: this process's affinity) and
+    choose the threads; fall back to the load average where /proc/stat cannot be used."""
+    allowed = set(cpus) if cpus is not None else _affinity()
+    cores = len(allowed) if allowed is not None else usable_cores()
+    try:
+        reads: list[tuple[str, int]] = []
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for i in range(RUNQ_READS):
+            if i:
+                time.sleep(window / (RUNQ_READS - 1))
+            reads.append((PROC_STAT.read_text(), _own_running()))
+        own = (time.process_time() - cpu0) / max(time.perf_counter() - t0, 1e-6)
+        per_core = core_busy(reads[0][0], reads[-1][0], allowed)
+        used = max(0.0, sum(f for f in per_core.values() if f > NOISE) - own)
+        # The run-queue guards what ticks miss: a neighbour that woke or started inside the window
+        # is runnable in most reads (the median drops a one-read burst). procs_running is
+        # machine-wide, so it counts only where this process may use every core.
+        snaps = [parse_proc_stat(text) for text, _ in reads]
+        runnable: float | None = None
+        if set(per_core) == set(snaps[-1].cores) and all(s.procs_running is not None for s in snaps):
+            runnable = statistics.median(
+                max(0, s.procs_running - mine)  # type: ignore[operator]
+                for s, (_, mine) in zip(snaps, reads, strict=True)
+            )
+        busy = min(float(cores), max(used, runnable or 0.0))
+        choice = AutoChoice(
+            threads=free_cores(cores, busy, cap),
+            cores=cores,
+            busy=busy,
+            source="/proc/stat",
+            window=window,
+            per_core=per_core,
+            own_cpu=own,
+            runnable=runnable,
+        )
+    except (OSError, ValueError) as err:
+        choice = _from_load(cores, cap, f"load average: {PROC_STAT} unusable: {err}")
+        log.warning("auto threads: %s unusable (%s): falling back to the 1-minute load average", PROC_STAT, err)
+    log.info("auto threads: %s", choice.describe())
+    return choice
+
+
+def _from_load(cores: int, cap: int, why: str) -> AutoChoice:
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average either: assume the cores are free
+        load, why = 0.0, why + "; no load average: cores assumed free"
+    return AutoChoice(threads=free_cores(cores, load, cap), cores=cores, busy=load, source=why)
+
+
+def auto_threads(
+    cores: int | None = None, load: float | None = None, cap: int = AUTO_MAX, window: float = SAMPLE_S
+) -> int:
+    """The free cores, clamped to [1, cap]. With `load` given: floor(cores - load), no sampling
+    (deterministic, for tests and callers that measured already); else measured now (`measure`)."""
+    if load is not None:
+        return free_cores(usable_cores() if cores is None else cores, load, cap)
+    choice = measure(window=window, cap=cap)
+    if cores is not None:  # an explicit core count replaces the affinity's, busy as measured
+        return free_cores(cores, choice.busy, cap)
+    return choice.threads
 
 
 def apply_threads(n: int) -> int:
