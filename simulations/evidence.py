@@ -24,6 +24,8 @@ cannot capture; docs/evidence.md) and each seed (its own synthetic world and tra
 Every comparison pools its items over seeds and sites and draws subjects once for all of them
 (healthfm_core.eval.evidence). Writes report.md (tables, verdicts, plots) and evidence.json
 (every number) to out_dir; prints the plan with its estimated time first and logs each stage.
+Each unit writes its evidence to units/<scenario>-seed<seed>/ when it ends (evidence_units);
+resume=true loads the finished units instead of running them (docs/evidence.md).
 """
 
 from __future__ import annotations

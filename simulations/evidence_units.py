@@ -38,7 +38,15 @@ FORMAT = 1
 # Keys that change where or how fast a unit runs, or only the report drawn from the units (the
 # job's lists of scenarios and seeds: a unit is its own scenario and seed; the time model; the
 # targets; the pooled comparisons' resamples): a unit finished under other values still holds.
-NOT_FINGERPRINTED: tuple[str, ...] = ("out_dir", "progress", "threads", "resume", "data_root", "data_dir", "preset_name")
+NOT_FINGERPRINTED: tuple[str, ...] = (
+    "out_dir",
+    "progress",
+    "threads",
+    "resume",
+    "data_root",
+    "data_dir",
+    "preset_name",
+)
 NOT_FINGERPRINTED += ("scenarios", "seeds", "cost", "targets", "eval.n_boot")
 
 

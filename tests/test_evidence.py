@@ -2,7 +2,8 @@
 structure is checked (every question answered with a number or a reason, every interval
 ordered, the JSON's keys). The numbers of a quick run are not evidence and are not asserted.
 The quick run is four Flower simulations plus training and probes: 2 min 56 s on an idle 2-core
-machine (25 min at load ~30). CI runs it (Makefile SLOW_CI)."""
+machine (25 min at load ~30); the slow test then resumes it (resume=true: every unit loaded, only
+the report redrawn) and checks the numbers are the same. CI runs it (Makefile SLOW_CI)."""
 
 from __future__ import annotations
 
@@ -168,7 +169,9 @@ def _fill(ev: Evidence, scenario: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for h in (30, 365):
         y = rng.random(60) < 0.3
-        ev.calibration[(scenario, h)].append((y, rng.random(60), np.char.add(f"{scenario}|{seed}|", np.arange(60).astype(str))))
+        ev.calibration[(scenario, h)].append(
+            (y, rng.random(60), np.char.add(f"{scenario}|{seed}|", np.arange(60).astype(str)))
+        )
     ev.summaries[scenario][seed] = [
         {"method": "federated", "horizon": 30, "auroc": float("nan"), "ece": 0.1, "pairs": 2, "n": 60},
         {"method": "pooled", "horizon": None, "auroc": 0.7, "ece": 0.05, "pairs": 4, "n": 120},
@@ -372,3 +375,29 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     events = [json.loads(line)["event"] for line in (fed / "rounds.jsonl").read_text().splitlines() if line]
     assert "round" in events and "evaluate" not in events
     assert "evaluation after round 2: skipped (eval_tasks is empty)" in (fed / "server.log").read_text()
+
+    # resume=true on the finished run: every unit loads from its evidence file (no stage trains,
+    # the Flower runs stay untouched) and the report's numbers are the same.
+    for unit in ("default-seed0", "trajectories-seed0"):
+        assert (quick / "units" / unit / "evidence_unit.json").is_file()
+    rounds_mtime = (fed / "rounds.jsonl").stat().st_mtime_ns
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "simulations.evidence", "--quick", f"out_dir={quick}", f"data_root={quick / 'data'}"]
+        + ["resume=true"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=900,
+        capture_output=True,
+        text=True,
+    )
+    logged = resumed.stdout + resumed.stderr
+    stages = [s for s in dump["plan_seconds"] if s != "comparisons, report and plots"]
+    for stage in stages:
+        assert f"{stage}: loaded from" in logged, stage
+    again = json.loads((quick / "evidence.json").read_text())
+    assert sorted(again["loaded_stages"]) == sorted(stages)
+    for key in ("questions", "verdicts"):  # NaN included: compared as written
+        assert json.dumps(again[key]) == json.dumps(dump[key]), key
+    assert (fed / "rounds.jsonl").stat().st_mtime_ns == rounds_mtime
