@@ -24,6 +24,8 @@ cannot capture; docs/evidence.md) and each seed (its own synthetic world and tra
 Every comparison pools its items over seeds and sites and draws subjects once for all of them
 (healthfm_core.eval.evidence). Writes report.md (tables, verdicts, plots) and evidence.json
 (every number) to out_dir; prints the plan with its estimated time first and logs each stage.
+Each unit writes its evidence to units/<scenario>-seed<seed>/ when it ends (evidence_units);
+resume=true loads the finished units instead of running them (docs/evidence.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import logging
 import shutil
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,16 +49,8 @@ from healthfm_core.data.synthetic import load_scenario, oracle_risk
 from healthfm_core.data.tasks import OnsetTask
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare, plots
-from healthfm_core.eval.evidence import (
-    Comparison,
-    Item,
-    Verdict,
-    compare_paired,
-    comparison_plot,
-    not_clearly_below,
-    with_prefix,
-)
-from healthfm_core.eval.metrics import auroc, bootstrap_ci, expected_calibration_error
+from healthfm_core.eval.evidence import Comparison, Item, Verdict, comparison_plot, not_clearly_below
+from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
@@ -71,6 +64,15 @@ from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
+from simulations.evidence_units import (
+    DONE,
+    Evidence,
+    check_fingerprint,
+    load_unit,
+    read_unit_file,
+    save_unit,
+    unit_fingerprint,
+)
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides
 from simulations.pretrain import modality_ablation
@@ -137,6 +139,7 @@ class Progress:
         self.done = 0
         self.start = time.perf_counter()
         self.actual: dict[str, float] = {}
+        self.loaded: dict[str, str] = {}  # stage -> the unit file it was loaded from (resume=true)
         self._t = self.start
 
     def print_plan(self) -> None:
@@ -145,11 +148,20 @@ class Progress:
         lines += [f"  {name:<60} ~{sec:7.0f} s" for name, sec in self.stages]
         print("\n".join(lines), flush=True)
 
-    def finish(self, name: str) -> None:
+    def unit_stages(self, scenario: str, seed: int) -> list[str]:
+        return [name for name, _ in self.stages if name.startswith(f"{scenario} seed {seed}: ")]
+
+    def finish(self, name: str, loaded_from: Path | None = None, seconds: float | None = None) -> None:
+        """Stage `name` is done; loaded_from: not run but loaded from that unit file (whose
+        recorded time, `seconds`, stands for it)."""
         now = time.perf_counter()
-        self.actual[name] = now - self._t
+        self.actual[name] = now - self._t if seconds is None else seconds
         self._t = now
         self.done += 1
+        if loaded_from is not None:
+            self.loaded[name] = str(loaded_from)
+            log.info("%d/%d %s: loaded from %s", self.done, len(self.stages), name, loaded_from)
+            return
         left = sum(s for _, s in self.stages[self.done :])
         width = 30
         bar = "#" * int(width * self.done / max(len(self.stages), 1))
@@ -167,35 +179,6 @@ class Progress:
 
 
 # ---------------------------------------------------------------- collecting paired items
-
-
-class Evidence:
-    """Per (scenario, comparison): the items pooled over seeds (subjects keyed by run), which
-    methods they compare, and each seed's own point difference; plus the calibration data, the
-    summary rows and the notes each unit leaves."""
-
-    def __init__(self) -> None:
-        self.items: dict[tuple[str, str], list[Item]] = defaultdict(list)
-        self.methods: dict[tuple[str, str], tuple[str, str]] = {}
-        self.per_seed: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-        self.calibration: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
-        self.summaries: dict[str, dict[int, list[dict]]] = defaultdict(dict)  # scenario -> seed -> rows
-        self.curves: dict[str, dict[str, dict[float, list[float]]]] = {}  # scenario -> method -> share -> per seed
-        self.privacy: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-        self.notes: dict[str, list[str]] = defaultdict(list)
-
-    def add(self, scenario: str, key: str, a: str, b: str, seed: int, items: Sequence[Item]) -> None:
-        # A task whose held-out rows hold one class has no AUROC: it cannot enter a mean.
-        items = [it for it in items if 0 < int(np.sum(it[0])) < len(it[0])]
-        if not items:
-            self.notes[scenario].append(f"seed {seed}: {key}: no task had both {a} and {b} scored")
-            return
-        self.items[(scenario, key)] += with_prefix(items, f"{scenario}|{seed}|")
-        self.methods[(scenario, key)] = (a, b)
-        self.per_seed[(scenario, key)][seed] = float(np.mean([auroc(y, pa_) - auroc(y, pb) for y, pa_, pb, _ in items]))
-
-    def compare(self, n_boot: int) -> dict[tuple[str, str], Comparison]:
-        return {k: compare_paired(items, *self.methods[k], n_boot=n_boot) for k, items in self.items.items()}
 
 
 def site_items(
@@ -261,7 +244,17 @@ def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictCon
     )
 
 
-def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evidence, progress: Progress) -> None:
+def run_unit(
+    cfg: DictConfig,
+    scenario: str,
+    seed: int,
+    out: Path,
+    ev_out: Evidence,
+    progress: Progress,
+    fingerprint: Mapping[str, Any] | None = None,
+) -> None:
+    """Run one (scenario, seed) into ev_out (a fresh Evidence: this unit's only); with a
+    `fingerprint` (unit_fingerprint), write it to `out` when the unit ends (evidence_units)."""
     ucfg = unit_config(cfg, scenario, seed, out)
     unit = f"{scenario} seed {seed}"
     show = bool(cfg.progress)
@@ -462,6 +455,9 @@ def run_unit(cfg: DictConfig, scenario: str, seed: int, out: Path, ev_out: Evide
                 rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
             ).name
         progress.finish(f"{unit}: privacy ({len(dp.epsilons)} federations)")
+    if fingerprint is not None:
+        seconds = {k: progress.actual[k] for k in progress.unit_stages(scenario, seed) if k in progress.actual}
+        log.info("%s: evidence written to %s", unit, save_unit(out, ev_out, scenario, seed, fingerprint, seconds))
 
 
 # ---------------------------------------------------------------- the report
@@ -612,7 +608,13 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
         "",
         f"Wall time {clock.total / 60:.1f} min (plan {sum(s for _, s in progress.stages) / 60:.1f} min): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in progress.actual.items())
-        + ".",
+        + "."
+        + (
+            f" Loaded from earlier runs (resume=true; their stage times are those runs'): "
+            f"{', '.join(sorted({str(Path(p).parent.name) for p in progress.loaded.values()}))}."
+            if progress.loaded
+            else ""
+        ),
         "",
         "## Verdicts",
         "",
@@ -728,6 +730,7 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
     dump["verdicts"] = {s: [v.model_dump() for v in vs] for s, vs in all_verdicts.items()}
     dump["plan_seconds"] = dict(progress.stages)
     dump["stage_seconds"] = progress.actual
+    dump["loaded_stages"] = progress.loaded
     dump["config"] = OmegaConf.to_container(cfg, resolve=True)
     return write_outputs(out, MARKER, dump, "report.md", lines, clock)
 
@@ -735,21 +738,69 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
 # ---------------------------------------------------------------- the job
 
 
+def prepare_out_dir(out: Path, resume: bool) -> None:
+    """resume=false: a previous evidence job's units are removed (common.clear_previous_runs);
+    resume=true: they stay, and out must hold a previous evidence job if it holds units."""
+    if not resume:
+        clear_previous_runs(out, ("units",), (MARKER, STARTED), "evidence job")
+        return
+    if (out / "units").exists() and not any((out / m).is_file() for m in (MARKER, STARTED)):
+        raise FileExistsError(
+            f"{out / 'units'} exists but {out} holds no {MARKER} or {STARTED}: not a previous evidence job; "
+            "choose another out_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def finished_unit(unit_dir: Path, fingerprint: Mapping[str, Any]) -> tuple[Evidence, dict[str, float]] | None:
+    """A finished unit's evidence and stage times (resume=true), or None where the unit has no
+    done-marker (never ran, or stopped before its end: it reruns). A marker that cannot be read,
+    or that records another config, is refused (UnitFileError)."""
+    if not (unit_dir / DONE).is_file():
+        return None
+    doc = read_unit_file(unit_dir)
+    check_fingerprint(unit_dir, doc, fingerprint)
+    return load_unit(unit_dir, doc), dict(doc.stage_seconds)
+
+
+def redraw_missing_plots(out: Path, ev: Evidence) -> None:
+    """The q4 plot a loaded unit drew into out_dir, drawn again from its numbers if it is gone
+    (a run directory handed over without its images)."""
+    for runs in ev.privacy.values():
+        for p in runs.values():
+            if p.get("plot") and not (out / p["plot"]).is_file():
+                rows = [compare.SummaryRow(**r) for r in p["summary"]]
+                compare.privacy_plot(rows, p["settings"], out / p["plot"])
+
+
 def run(cfg: DictConfig) -> Path:
     clock = Clock()
     torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out_dir)
-    clear_previous_runs(out, ("units",), (MARKER, STARTED), "evidence job")
+    resume = bool(cfg.resume)
+    prepare_out_dir(out, resume)
     (out / STARTED).touch()
     progress = Progress(plan_stages(cfg))
     progress.print_plan()
     ev_out = Evidence()
     for scenario in cfg.scenarios:
         for seed in cfg.seeds:
+            scenario, seed = str(scenario), int(seed)
             unit_dir = out / "units" / f"{scenario}-seed{seed}"
-            if unit_dir.exists():
-                shutil.rmtree(unit_dir)
-            run_unit(cfg, str(scenario), int(seed), unit_dir, ev_out, progress)
+            fingerprint = unit_fingerprint(unit_config(cfg, scenario, seed, unit_dir), scenario)
+            done = finished_unit(unit_dir, fingerprint) if resume else None
+            if done is None:
+                if unit_dir.exists():
+                    shutil.rmtree(unit_dir)
+                run_unit(cfg, scenario, seed, unit_dir, Evidence(), progress, fingerprint)
+                # Merge what was written, not what was held: a resumed job reads the same bytes.
+                unit_ev = load_unit(unit_dir)
+            else:
+                unit_ev, seconds = done
+                redraw_missing_plots(out, unit_ev)
+                for name in progress.unit_stages(scenario, seed):
+                    progress.finish(name, loaded_from=unit_dir / DONE, seconds=seconds.get(name))
+            ev_out.merge(unit_ev)
             clock.lap(f"{scenario} seed {seed}")
     report = write_report(cfg, out, ev_out, progress, clock)
     progress.finish("comparisons, report and plots")

@@ -2,10 +2,13 @@
 structure is checked (every question answered with a number or a reason, every interval
 ordered, the JSON's keys). The numbers of a quick run are not evidence and are not asserted.
 The quick run is four Flower simulations plus training and probes: 2 min 56 s on an idle 2-core
-machine (25 min at load ~30). CI runs it (Makefile SLOW_CI)."""
+machine (25 min at load ~30); the slow test then resumes it (resume=true: every unit loaded, only
+the report redrawn) and checks the numbers are the same. CI runs it (Makefile SLOW_CI)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -16,13 +19,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.synthetic import load_scenario
 from healthfm_core.eval.evidence import Comparison, compare_paired, comparison_plot, with_prefix
 from healthfm_core.eval.metrics import paired_difference
 from healthfm_core.eval.tabular import NEVER_DAYS, tabular_features
-from simulations.evidence import QUESTIONS, with_preset_flags
+from simulations.evidence import (
+    QUESTIONS,
+    calibration_rows,
+    finished_unit,
+    prepare_out_dir,
+    unit_config,
+    with_preset_flags,
+)
+from simulations.evidence_units import (
+    ARRAYS,
+    DONE,
+    Evidence,
+    UnitConfigMismatch,
+    UnitFileError,
+    load_unit,
+    save_unit,
+    unit_fingerprint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +156,169 @@ def test_preset_flags() -> None:
     assert with_preset_flags(["x", "--quick", "a=1"]) == ["x", "preset=quick", "a=1"]
 
 
+# ---------------------------------------------------------------- a unit's evidence on disk
+
+
+def _fill(ev: Evidence, scenario: str, seed: int) -> None:
+    """What a unit leaves: paired items (one key in every seed, one in this seed only, one with
+    a single class: a note), calibration arrays, summary rows (a NaN AUROC), curves, privacy."""
+    ev.add(scenario, "q1|all horizons", "federated", "pooled", seed, _items(seed))
+    ev.add(scenario, f"q2|site {seed}", "federated", "local-only", seed, _items(seed + 10, n=80, tasks=2))
+    one_class = (np.zeros(20, bool), np.ones(20), np.ones(20), np.arange(20))
+    ev.add(scenario, "q2|thin", "federated", "local-only", seed, [one_class])
+    rng = np.random.default_rng(seed)
+    for h in (30, 365):
+        y = rng.random(60) < 0.3
+        ev.calibration[(scenario, h)].append(
+            (y, rng.random(60), np.char.add(f"{scenario}|{seed}|", np.arange(60).astype(str)))
+        )
+    ev.summaries[scenario][seed] = [
+        {"method": "federated", "horizon": 30, "auroc": float("nan"), "ece": 0.1, "pairs": 2, "n": 60},
+        {"method": "pooled", "horizon": None, "auroc": 0.7, "ece": 0.05, "pairs": 4, "n": 120},
+    ]
+    curves = ev.curves.setdefault(scenario, {m: {} for m in ("federated", "random init", "tabular")})
+    for share in (0.05, 1.0):
+        curves["federated"].setdefault(share, []).append(0.6 + share / 10 + seed / 100)
+    ev.privacy[scenario][seed] = {
+        "settings": {"eps=8": 8.0, "no DP": None},
+        "spent": {"eps=8": {"hospital_a": 7.9}},
+        "noise_multiplier": {"eps=8": {"hospital_a": 0.8}},
+        "steps_per_site": 4,
+        "summary": [],
+        "table": "| x |",
+    }
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, key order and key types included, NaN equal to NaN."""
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and [(k, type(k)) for k in a] == [(k, type(k)) for k in b]
+            and all(_same(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return True
+    return a == b
+
+
+def _assert_same_evidence(a: Evidence, b: Evidence) -> None:
+    for field in ("items", "methods", "per_seed", "calibration", "summaries", "curves", "privacy", "notes"):
+        assert _same(dict(getattr(a, field)), dict(getattr(b, field))), field
+
+
+def test_a_units_evidence_round_trips_and_merges_like_one_run(tmp_path: Path) -> None:
+    direct = Evidence()  # the old job: every unit into one Evidence
+    merged = Evidence()
+    for seed in (0, 1):
+        _fill(direct, "default", seed)
+        unit = Evidence()
+        _fill(unit, "default", seed)
+        save_unit(tmp_path / f"default-seed{seed}", unit, "default", seed, {"seed": seed}, {"stage": 1.5})
+        loaded = load_unit(tmp_path / f"default-seed{seed}")
+        _assert_same_evidence(unit, loaded)
+        merged.merge(loaded)
+    _assert_same_evidence(direct, merged)
+    assert merged.notes["default"] == ["seed 0: q2|thin: no task had both federated and local-only scored"] + [
+        "seed 1: q2|thin: no task had both federated and local-only scored"
+    ]
+    assert list(merged.compare(n_boot=40).items()) == list(direct.compare(n_boot=40).items())
+    assert _same(calibration_rows(merged, "default", 20), calibration_rows(direct, "default", 20))
+
+
+def _saved_unit(tmp_path: Path) -> Path:
+    unit = Evidence()
+    _fill(unit, "default", 0)
+    save_unit(tmp_path / "u", unit, "default", 0, {"seed": 0}, {})
+    return tmp_path / "u"
+
+
+def _rehash(unit_dir: Path) -> None:
+    # A JSON that vouches for the npz as it now is: the npz's own checks must catch it.
+    doc = json.loads((unit_dir / DONE).read_text())
+    doc["npz_sha256"] = hashlib.sha256((unit_dir / ARRAYS).read_bytes()).hexdigest()
+    (unit_dir / DONE).write_text(json.dumps(doc))
+
+
+def test_a_damaged_unit_is_refused_naming_its_file(tmp_path: Path) -> None:
+    unit_dir = _saved_unit(tmp_path)
+    npz, doc = (unit_dir / ARRAYS).read_bytes(), (unit_dir / DONE).read_text()
+
+    (unit_dir / ARRAYS).write_bytes(npz[: len(npz) // 2])  # truncated
+    with pytest.raises(UnitFileError, match=rf"{ARRAYS}: sha256 .* npz_sha256"):
+        load_unit(unit_dir)
+    _rehash(unit_dir)
+    with pytest.raises(UnitFileError, match=rf"{ARRAYS}: not a readable npz"):
+        load_unit(unit_dir)
+    with np.load(io.BytesIO(npz)) as full:  # a readable npz short of one listed array
+        np.savez(unit_dir / ARRAYS, **{k: full[k] for k in full.files if k != "i0_1_pa"})
+    _rehash(unit_dir)
+    with pytest.raises(UnitFileError, match=rf"{ARRAYS}: array i0_1_pa missing"):
+        load_unit(unit_dir)
+    (unit_dir / ARRAYS).unlink()
+    with pytest.raises(UnitFileError, match=rf"{ARRAYS}: missing"):
+        load_unit(unit_dir)
+
+    (unit_dir / ARRAYS).write_bytes(npz)
+    (unit_dir / DONE).write_text(doc[: len(doc) // 2])  # truncated
+    with pytest.raises(UnitFileError, match=rf"{DONE}: not a valid evidence unit file"):
+        load_unit(unit_dir)
+    (unit_dir / DONE).write_text(doc.replace('"seed": 0', '"seed": "zero"', 1))
+    with pytest.raises(UnitFileError, match=rf"{DONE}: .*seed: Input should be a valid integer"):
+        load_unit(unit_dir)
+    (unit_dir / DONE).write_text(doc)
+    _assert_same_evidence(load_unit(unit_dir), load_unit(unit_dir))  # restored: reads again
+
+
+def _job_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("evidence", overrides=["preset=quick", *overrides])
+
+
+def test_resume_refuses_a_unit_of_another_config_and_reruns_an_unfinished_one(tmp_path: Path) -> None:
+    unit_dir = tmp_path / "units" / "default-seed0"
+
+    def fingerprint(*overrides: str) -> dict:
+        return unit_fingerprint(unit_config(_job_config(*overrides), "default", 0, unit_dir), "default")
+
+    fp = fingerprint()
+    # Where, how fast, and what only the report reads: the same unit.
+    assert fp == fingerprint("out_dir=/elsewhere", "threads=2", "resume=true", "eval.n_boot=7", "seeds=[0,1]")
+    assert fp["privacy_budget"]["runs_here"] is True
+    assert fingerprint("privacy_budget.seeds=[1]")["privacy_budget"]["runs_here"] is False
+
+    assert finished_unit(unit_dir, fp) is None  # never ran: it runs
+    unit = Evidence()
+    _fill(unit, "default", 0)
+    save_unit(unit_dir, unit, "default", 0, fp, {"default seed 0: data": 2.0})
+    (unit_dir / DONE).rename(unit_dir / "stopped.json")
+    assert finished_unit(unit_dir, fp) is None  # arrays but no done-marker: it reruns
+    (unit_dir / "stopped.json").rename(unit_dir / DONE)
+    loaded, seconds = finished_unit(unit_dir, fp)  # type: ignore[misc]
+    _assert_same_evidence(unit, loaded)
+    assert seconds == {"default seed 0: data": 2.0}
+
+    with pytest.raises(UnitConfigMismatch, match=rf"{DONE}: config field federation.lr is 0.003 .* but 0.01 now"):
+        finished_unit(unit_dir, fingerprint("federation.lr=0.01"))
+    with pytest.raises(UnitConfigMismatch, match=r"config field n_subjects is 80"):
+        finished_unit(unit_dir, fingerprint("n_subjects=90"))
+
+
+def test_resume_keeps_only_an_evidence_jobs_units(tmp_path: Path) -> None:
+    (tmp_path / "units" / "x").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a previous evidence job"):
+        prepare_out_dir(tmp_path, resume=True)
+    (tmp_path / ".evidence.started").touch()
+    prepare_out_dir(tmp_path, resume=True)
+    assert (tmp_path / "units" / "x").is_dir()  # kept for the resumed job
+    prepare_out_dir(tmp_path, resume=False)
+    assert not (tmp_path / "units").exists()  # as before: a fresh run clears the previous one
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("evidence")
@@ -191,3 +375,29 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     events = [json.loads(line)["event"] for line in (fed / "rounds.jsonl").read_text().splitlines() if line]
     assert "round" in events and "evaluate" not in events
     assert "evaluation after round 2: skipped (eval_tasks is empty)" in (fed / "server.log").read_text()
+
+    # resume=true on the finished run: every unit loads from its evidence file (no stage trains,
+    # the Flower runs stay untouched) and the report's numbers are the same.
+    for unit in ("default-seed0", "trajectories-seed0"):
+        assert (quick / "units" / unit / "evidence_unit.json").is_file()
+    rounds_mtime = (fed / "rounds.jsonl").stat().st_mtime_ns
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "simulations.evidence", "--quick", f"out_dir={quick}", f"data_root={quick / 'data'}"]
+        + ["resume=true"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=900,
+        capture_output=True,
+        text=True,
+    )
+    logged = resumed.stdout + resumed.stderr
+    stages = [s for s in dump["plan_seconds"] if s != "comparisons, report and plots"]
+    for stage in stages:
+        assert f"{stage}: loaded from" in logged, stage
+    again = json.loads((quick / "evidence.json").read_text())
+    assert sorted(again["loaded_stages"]) == sorted(stages)
+    for key in ("questions", "verdicts"):  # NaN included: compared as written
+        assert json.dumps(again[key]) == json.dumps(dump[key]), key
+    assert (fed / "rounds.jsonl").stat().st_mtime_ns == rounds_mtime
