@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime import run_clientapp
 
 from client import site_runtime
-from client.app_guard import AppGuard
+from client.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECONDS, AppGuard
 from client.client_app import make_client_app
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
@@ -129,22 +129,29 @@ def test_an_edited_policy_rebuilds_the_runtime_and_an_unchanged_one_does_not(hos
 # ---------------------------------------------------------------------------- the warm process
 
 
-def test_a_warm_clientapp_process_is_stopped_when_idle() -> None:
+def test_a_warm_clientapp_process_is_stopped_when_idle_and_the_guard_polls_fast_only_after_a_task() -> None:
     guard = AppGuard("127.0.0.1:9", None, "hospital", clientapp="warm", warm_idle=0.5)
     worker = WarmWorker("127.0.0.1:9", 7, "a" * 64)  # nothing listens there: it is never sent a task
     try:
+        assert guard.poll_interval() == POLL_SECONDS  # no run here yet
         guard.warm = worker
         assert worker.alive() and worker.key == (7, "a" * 64) and not worker.busy()
         worker.sent = 1  # as if a task were in progress: never idle, never stopped under it
         time.sleep(0.7)
         assert worker.busy() and worker.idle_for() == 0.0
+        assert guard.poll_interval() == POLL_SECONDS  # the SuperNode has no other task while one runs
         guard.reap()
         assert guard.warm is worker and worker.alive()
-        worker.done = 1  # it finished
+        worker.done = 1  # it finished: the run's next message is due
+        assert guard.poll_interval() == FAST_POLL_SECONDS
         time.sleep(0.7)
         assert worker.idle_for() > 0.5
+        with worker._lock:  # long past the window: the idle pace again
+            worker.last_active -= FAST_WINDOW_SECONDS
+        assert guard.poll_interval() == POLL_SECONDS
         guard.reap()  # idle past --warm-idle: stopped, its state freed
         assert guard.warm is None and worker.proc.poll() is not None  # gone (EOF, or SIGTERM while importing)
+        assert guard.poll_interval() == POLL_SECONDS
     finally:
         worker.stop(grace=5)
         guard.close()
