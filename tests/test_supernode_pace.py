@@ -166,7 +166,16 @@ def test_the_capped_time_is_the_time_module_but_for_sleep() -> None:
 
 def test_the_launcher_reads_its_options_then_hands_flower_its_own() -> None:
     pace, argv = parse(
-        ["--poll-interval", "0.3", "--reply-poll", "0.1", "/venv/bin/flower-supernode", "--superlink", "h:1", "--insecure"]
+        [
+            "--poll-interval",
+            "0.3",
+            "--reply-poll",
+            "0.1",
+            "/venv/bin/flower-supernode",
+            "--superlink",
+            "h:1",
+            "--insecure",
+        ]
     )
     assert pace == SupernodePace(poll_interval=0.3, reply_poll=0.1)
     assert argv == ["/venv/bin/flower-supernode", "--superlink", "h:1", "--insecure"]
@@ -183,8 +192,10 @@ def test_the_launcher_refuses_a_bad_pace_or_no_flower(args: list[str], capsys: p
         parse([*args, *(["/venv/bin/flower-supernode"] if args else [])])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert (args[0].lstrip("-").replace("-", "_").replace("pull_backoff", "pull_initial_backoff") in err) if args else (
-        "flower-supernode" in err
+    assert (
+        (args[0].lstrip("-").replace("-", "_").replace("pull_backoff", "pull_initial_backoff") in err)
+        if args
+        else ("flower-supernode" in err)
     )
 
 

@@ -10,7 +10,9 @@ warm process; the whole path with a SuperNode is benchmarks/federation_round.py'
 from __future__ import annotations
 
 import functools
+import gc
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from client.client_app import make_client_app
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
-from client.warm_clientapp import WarmWorker, set_pull_backoff
+from client.warm_clientapp import WarmWorker, collect_between_tasks, set_pull_backoff
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
@@ -168,6 +170,25 @@ def test_the_warm_clientapp_asks_its_supernode_again_soon_for_a_message_still_ar
     pull = run_clientapp.pull_and_inflate_object_from_tree
     assert isinstance(pull, functools.partial) and pull.func is pull_and_inflate_object_from_tree
     assert pull.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
+def test_between_tasks_garbage_is_collected_and_the_rest_frozen() -> None:
+    class Cycle:
+        pass
+
+    try:
+        cycle = Cycle()
+        cycle.me = cycle  # type: ignore[attr-defined]
+        gone = weakref.ref(cycle)
+        gc.freeze()  # frozen by the task before, garbage in this one
+        del cycle
+        gc.collect()
+        assert gone() is not None  # a frozen cycle outlives a collection...
+        collect_between_tasks()
+        assert gone() is None  # ...but not the one between tasks
+        assert gc.get_freeze_count() > 0  # the survivors: the next handler's collection skips them
+    finally:
+        gc.unfreeze()
 
 
 def test_app_guard_refuses_an_unknown_clientapp_mode() -> None:
