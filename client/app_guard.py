@@ -60,6 +60,11 @@ from client.warm_clientapp import WarmWorker, task_client
 log = logging.getLogger("healthfm.client.app_guard")
 
 POLL_SECONDS = 0.2  # a local HTTP call; a round waits on it once per message
+# Right after the warm ClientApp answered a message, the run's next one is due (the next round):
+# for this long the guard asks every FAST_POLL_SECONDS, so the task waits 0.025 s on average, not 0.1 s.
+# While a task runs it cannot get another (the SuperNode waits for the reply), so it asks slowly then.
+FAST_POLL_SECONDS = 0.05
+FAST_WINDOW_SECONDS = 20.0
 WARM_IDLE_SECONDS = 600.0  # a warm ClientApp with no task for this long is stopped (the run ended)
 CLIENTAPP_MODES = ("warm", "cold")
 REFUSED_PREFIX = "refused by site"
@@ -181,6 +186,13 @@ class AppGuard:
             push_task_output(client, context, SubStatus.FAILED, reason)
             client.close()
 
+    def poll_interval(self) -> float:
+        """How long to wait before asking for a task again."""
+        if self.warm is not None and self.warm.alive() and not self.warm.busy():
+            if self.warm.idle_for() < FAST_WINDOW_SECONDS:
+                return FAST_POLL_SECONDS
+        return POLL_SECONDS
+
     def reap(self) -> None:
         self.children = [c for c in self.children if c.poll() is None]
         if self.warm is not None and (not self.warm.alive() or self.warm.idle_for() > self.warm_idle):
@@ -227,7 +239,7 @@ def run(
         while True:
             guard.poll_once()
             guard.reap()
-            time.sleep(POLL_SECONDS)
+            time.sleep(guard.poll_interval())
     finally:
         guard.close()
 

@@ -27,9 +27,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.superlink.grid.http_grid import HttpGrid
 
-POLL_SECONDS = 0.25  # one small HTTP call to the local SuperLink per pause
+# One small HTTP call to the local SuperLink (a read of its state) per pause, ten a second while a
+# round's replies are out; the last reply of a round waits half a pause on average.
+POLL_SECONDS = 0.1
 PULL_INITIAL_BACKOFF_S = 0.05  # a reply object still uploading is asked for again this soon (Flower: 1 s)
-PULL_BACKOFF_CAP_S = 0.5  # and never waited for longer than this between tries (Flower: 10 s)
+PULL_BACKOFF_CAP_S = 0.1  # and never waited for longer than this between tries (Flower: 10 s); local calls
 
 
 @dataclass

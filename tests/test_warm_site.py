@@ -10,7 +10,9 @@ warm process; the whole path with a SuperNode is benchmarks/federation_round.py'
 from __future__ import annotations
 
 import functools
+import gc
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -22,12 +24,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime import run_clientapp
 
 from client import site_runtime
-from client.app_guard import AppGuard
+from client.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECONDS, AppGuard
 from client.client_app import make_client_app
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
-from client.warm_clientapp import WarmWorker, set_pull_backoff
+from client.warm_clientapp import WarmWorker, collect_between_tasks, set_pull_backoff
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
@@ -129,22 +131,29 @@ def test_an_edited_policy_rebuilds_the_runtime_and_an_unchanged_one_does_not(hos
 # ---------------------------------------------------------------------------- the warm process
 
 
-def test_a_warm_clientapp_process_is_stopped_when_idle() -> None:
+def test_a_warm_clientapp_process_is_stopped_when_idle_and_the_guard_polls_fast_only_after_a_task() -> None:
     guard = AppGuard("127.0.0.1:9", None, "hospital", clientapp="warm", warm_idle=0.5)
     worker = WarmWorker("127.0.0.1:9", 7, "a" * 64)  # nothing listens there: it is never sent a task
     try:
+        assert guard.poll_interval() == POLL_SECONDS  # no run here yet
         guard.warm = worker
         assert worker.alive() and worker.key == (7, "a" * 64) and not worker.busy()
         worker.sent = 1  # as if a task were in progress: never idle, never stopped under it
         time.sleep(0.7)
         assert worker.busy() and worker.idle_for() == 0.0
+        assert guard.poll_interval() == POLL_SECONDS  # the SuperNode has no other task while one runs
         guard.reap()
         assert guard.warm is worker and worker.alive()
-        worker.done = 1  # it finished
+        worker.done = 1  # it finished: the run's next message is due
+        assert guard.poll_interval() == FAST_POLL_SECONDS
         time.sleep(0.7)
         assert worker.idle_for() > 0.5
+        with worker._lock:  # long past the window: the idle pace again
+            worker.last_active -= FAST_WINDOW_SECONDS
+        assert guard.poll_interval() == POLL_SECONDS
         guard.reap()  # idle past --warm-idle: stopped, its state freed
         assert guard.warm is None and worker.proc.poll() is not None  # gone (EOF, or SIGTERM while importing)
+        assert guard.poll_interval() == POLL_SECONDS
     finally:
         worker.stop(grace=5)
         guard.close()
@@ -161,6 +170,25 @@ def test_the_warm_clientapp_asks_its_supernode_again_soon_for_a_message_still_ar
     pull = run_clientapp.pull_and_inflate_object_from_tree
     assert isinstance(pull, functools.partial) and pull.func is pull_and_inflate_object_from_tree
     assert pull.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
+def test_between_tasks_garbage_is_collected_and_the_rest_frozen() -> None:
+    class Cycle:
+        pass
+
+    try:
+        cycle = Cycle()
+        cycle.me = cycle  # type: ignore[attr-defined]
+        gone = weakref.ref(cycle)
+        gc.freeze()  # frozen by the task before, garbage in this one
+        del cycle
+        gc.collect()
+        assert gone() is not None  # a frozen cycle outlives a collection...
+        collect_between_tasks()
+        assert gone() is None  # ...but not the one between tasks
+        assert gc.get_freeze_count() > 0  # the survivors: the next handler's collection skips them
+    finally:
+        gc.unfreeze()
 
 
 def test_app_guard_refuses_an_unknown_clientapp_mode() -> None:
