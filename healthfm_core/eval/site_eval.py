@@ -3,7 +3,8 @@ meds-evaluation format at the site, scored by meds-evaluation; only aggregates c
 
 For each TaskSpec (healthfm_core.data.task_spec):
 - labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) at the visit
-  prediction times the evaluation always used (`visit_prediction_times`, n per subject, seeded);
+  prediction times the evaluation always used (`visit_prediction_times`, n per subject, seeded),
+  each MEDS shard read once for all ACES tasks (aces_labels_shared);
   `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
   wearable regressions from the site's wearables;
 - every labelled (subject, prediction_time) is embedded once by the frozen model;
