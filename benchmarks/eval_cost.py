@@ -6,13 +6,17 @@
 
 For each site (the site runtime the ClientApp uses, sequences prepared first and not timed):
   round      one training round: --local-steps steps of --batch-size (SiteRuntime.train)
-  labels     the tasks' labels at the site (once per run: the runtime keeps them)
+  labels     the tasks' labels at the site (once per run: the runtime keeps them), each MEDS shard
+             read once for all ACES tasks (aces_labels_shared)
+  per_task   the same labels with ACES reading the shards itself, per task and variant (the
+             path before the shared read); checked equal to `labels`
   embed      evaluation given the labels: embeddings, probes, meds-evaluation scoring, with each
              distinct wearable patch pooled once (healthfm_core/eval/patch_reuse.py)
   plain      the same without patch reuse: every patch encoded where a sample asks for it
   hr_read    what a resting-HR task cost a site without heart rate before the statistics check:
              reading its epochs and labelling them (0 rows)
-and checks that `embed` and `plain` give the same metrics. The totals compare evaluation
+and checks that `embed` and `plain` give the same metrics and that both label paths give the same
+tables (`same`). The totals compare evaluation
 (labels + embed) with a round, summed over sites and for the slowest site (a simulation with
 one actor per site waits for the slowest). The server asks with batch size max(batch, 32).
 """
@@ -31,9 +35,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
-from healthfm_core.data.tasks import wearable_regression_labels  # noqa: E402
+from healthfm_core.data.aces_tasks import aces_labels  # noqa: E402
+from healthfm_core.data.task_spec import TaskSpec  # noqa: E402
+from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels  # noqa: E402
 from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
-from healthfm_core.eval.site_eval import _may_hold_heart_rate, evaluate_site_tasks  # noqa: E402
+from healthfm_core.eval.site_eval import _may_hold_heart_rate, evaluate_site_tasks, task_labels_at_site  # noqa: E402
 from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
@@ -42,6 +48,30 @@ from healthfm_core.model.groups import parameter_group  # noqa: E402
 DEFAULT_TASKS = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/federation/default.yaml").read_text())[
     "eval_tasks"
 ]
+
+
+def per_task_labels(site, specs: list[TaskSpec], n_per_subject: int, seed: int) -> dict:
+    """The labels with ACES reading every shard per task and variant (aces_labels), the rest as
+    task_labels_at_site gives them, in the same key order."""
+    rest = task_labels_at_site(site, [s for s in specs if s.kind != "aces"], n_per_subject=n_per_subject, seed=seed)
+    events = site.read_events(columns=["subject_id", "time", "code"])
+    times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+    out = {}
+    for spec in specs:
+        if spec.kind == "aces":
+            out.update(
+                {f"{spec.name}_{h}d": t for h, t in aces_labels(spec.aces(), site.root, prediction_times=times).items()}
+            )
+        else:
+            out[spec.name] = rest[spec.name]
+    return out
+
+
+def _same_labels(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(
+        (x == y) if not hasattr(x, "equals") or not hasattr(y, "equals") else x.equals(y)
+        for x, y in zip(a.values(), b.values(), strict=True)
+    )
 
 
 def main() -> None:
@@ -78,7 +108,9 @@ def main() -> None:
     init = setup.init_model().state_dict()
     names = args.sites.split(",") if args.sites else list(rts)
     print(f"tasks: {', '.join(tasks)}")
-    print(f"{'site':<18}{'round':>8}{'labels':>8}{'embed':>8}{'plain':>8}{'hr_read':>8}  eval/round  same")
+    print(
+        f"{'site':<18}{'round':>8}{'labels':>8}{'per_task':>9}{'embed':>8}{'plain':>8}{'hr_read':>8}  eval/round  same"
+    )
     rounds, evals = {}, {}
     for name in names:
         rt = rts[name]
@@ -90,6 +122,9 @@ def main() -> None:
         t = time.perf_counter()
         labels = rt.labels(cfg)
         t_labels = time.perf_counter() - t
+        t = time.perf_counter()
+        labels_1 = per_task_labels(rt.site, cfg.tasks, cfg.n_per_subject, cfg.seed)
+        t_per_task = time.perf_counter() - t
         timed = {}
         results = {}
         for reuse in (True, False):
@@ -122,10 +157,14 @@ def main() -> None:
             t = time.perf_counter()
             wearable_regression_labels(rt.site.read_wearables(), target="resting_hr")
             hr = f"{time.perf_counter() - t:.1f}"
-        same = results[True].metrics == results[False].metrics and results[True].reasons == results[False].reasons
+        same = (
+            results[True].metrics == results[False].metrics
+            and results[True].reasons == results[False].reasons
+            and _same_labels(labels, labels_1)
+        )
         evals[name] = t_labels + timed[True]
         print(
-            f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{timed[True]:>8.1f}{timed[False]:>8.1f}{hr:>8}"
+            f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{t_per_task:>9.1f}{timed[True]:>8.1f}{timed[False]:>8.1f}{hr:>8}"
             f"  {evals[name] / rounds[name]:>10.2f}  {same}",
             flush=True,
         )

@@ -1,6 +1,7 @@
 """A site's evaluation does less work without changing a result: each distinct wearable patch is
-encoded once (healthfm_core/eval/patch_reuse.py), and a site whose devices record no heart rate
-gives its (empty) resting-HR labels without reading its epochs. Both are checked against the
+encoded once (healthfm_core/eval/patch_reuse.py), a site whose devices record no heart rate
+gives its (empty) resting-HR labels without reading its epochs, and ACES reads each MEDS shard
+once for all tasks (tests/test_aces_shared.py compares the tables). All are checked against the
 straightforward path on real synthetic sites: embeddings bit for bit, metrics exactly."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.aces_tasks import aces_labels
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
 from healthfm_core.data.tokens import LabelledDataset, make_loader
@@ -92,6 +94,14 @@ def test_site_metrics_equal_the_straightforward_path(runtimes, setup, tmp_path: 
         with monkeypatch.context() as m:  # the straightforward path: every patch encoded where it is asked
             m.setattr(site_eval, "reused_patch_encodings", lambda model: contextlib.nullcontext(PatchReuse()))
             m.setattr(site_eval, "_may_hold_heart_rate", lambda files: True)
+            # ... and ACES reading the shards itself for each task, not once for all of them.
+            m.setattr(
+                site_eval,
+                "aces_labels_shared",
+                lambda tasks, root, prediction_times=None: [
+                    aces_labels(t, root, prediction_times=prediction_times) for t in tasks
+                ],
+            )
             rt._labels, rt._eval_dir = {}, None
             rt.config = rt.config.model_copy(update={"eval_dir": tmp_path / "plain"})
             plain = rt.evaluate(setup, arrays, cfg)

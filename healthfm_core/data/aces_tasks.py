@@ -175,6 +175,93 @@ def _labels(result: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _meds_frame(shard: Path) -> pl.DataFrame:
+    """A shard as ACES's MEDS loader reads it (aces.predicates.generate_plain_predicates_from_meds)."""
+    return pl.read_parquet(shard, use_pyarrow=True).rename({"time": "timestamp"})
+
+
+def _predicates_from_frame(cfg: TaskExtractorConfig, data: pl.DataFrame) -> pl.DataFrame:
+    """What aces.predicates.get_predicates_df gives for a MEDS shard (es-aces 0.7), from the
+    shard's frame already in memory: one read serves every task and variant of an evaluation.
+    tests/test_aces_shared.py checks it against get_predicates_df on the synthetic sites."""
+    from aces.predicates import PRED_CNT_TYPE
+    from aces.types import ANY_EVENT_COLUMN, END_OF_RECORD_KEY, START_OF_RECORD_KEY
+
+    plain = cfg.plain_predicates
+    for name, p in plain.items():  # one column at a time, as ACES adds them
+        data = data.with_columns(data["code"].cast(pl.Utf8).alias("code"))
+        data = data.with_columns(p.MEDS_eval_expr().cast(PRED_CNT_TYPE).alias(name))
+    cols = list(plain)
+    data = (
+        data.select(["subject_id", "timestamp", *cols])
+        .group_by(["subject_id", "timestamp"], maintain_order=True)
+        .agg(*(pl.col(c).sum().cast(PRED_CNT_TYPE).alias(c) for c in cols))
+    )
+    data = data.sort(by=["subject_id", "timestamp"], nulls_last=False)
+    static = [name for name, p in plain.items() if p.static]
+    for name, code in cfg.derived_predicates.items():
+        if any(x in static for x in code.input_predicates):
+            data = data.with_columns([pl.col(v).first().over("subject_id").alias(v) for v in static])
+        data = data.with_columns(code.eval_expr().cast(PRED_CNT_TYPE).alias(name))
+    special: list[str] = []
+    for window in cfg.windows.values():
+        if ANY_EVENT_COLUMN in window.referenced_predicates and ANY_EVENT_COLUMN not in special:
+            special.append(ANY_EVENT_COLUMN)
+        for key in (START_OF_RECORD_KEY, END_OF_RECORD_KEY):
+            if key in window.constraint_predicates and key not in special:
+                special.append(key)
+    if cfg.trigger.predicate in (ANY_EVENT_COLUMN, START_OF_RECORD_KEY, END_OF_RECORD_KEY):
+        if cfg.trigger.predicate not in special:
+            special.append(cfg.trigger.predicate)
+    if ANY_EVENT_COLUMN in special:
+        data = data.with_columns(
+            pl.when(pl.col("timestamp").is_not_null())
+            .then(pl.lit(1))
+            .otherwise(pl.lit(None))
+            .alias(ANY_EVENT_COLUMN)
+            .cast(PRED_CNT_TYPE)
+        )
+    for key, agg in ((START_OF_RECORD_KEY, "min"), (END_OF_RECORD_KEY, "max")):
+        if key in special:
+            edge = getattr(pl.col("timestamp"), agg)().over("subject_id")
+            data = data.with_columns([(pl.col("timestamp") == edge).cast(PRED_CNT_TYPE).alias(key)])
+    return data
+
+
+def _keep_times(prediction_times: pa.Table | None) -> pl.DataFrame | None:
+    if prediction_times is None:
+        return None
+    return (
+        to_polars(prediction_times.select(["subject_id", "prediction_time"]))
+        .with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")))
+        .unique()
+    )
+
+
+def _finish(task: AcesTask, h: int, parts: list[pl.DataFrame], keep: pl.DataFrame | None) -> pa.Table:
+    """One horizon's label table from its per-shard, per-variant query results."""
+    df = pl.concat(parts)
+    clash = (
+        df.group_by(["subject_id", "prediction_time"])
+        .agg(pl.col("boolean_value").n_unique().alias("n"))
+        .filter(pl.col("n") > 1)
+    )
+    if clash.height:  # the two queries of the union must agree where both keep a row
+        raise ValueError(
+            f"{task.path}: horizon {h}d: the two ACES queries label {clash.height} row(s) differently, "
+            f"e.g. subject_id {clash['subject_id'][0]}"
+        )
+    df = df.unique(subset=["subject_id", "prediction_time"], keep="first")
+    if keep is not None:
+        df = df.join(keep, on=["subject_id", "prediction_time"], how="inner")
+    df = df.sort(["subject_id", "prediction_time"])
+    return validate_labels(df.to_arrow().cast(LABEL_SCHEMA_BOOL))
+
+
+def _variants(task: AcesTask) -> list[bool]:
+    return [False, True] if task.metadata.censoring_window is not None else [False]
+
+
 def aces_labels(
     task: AcesTask | str | Path,
     site_root: str | Path,
@@ -185,14 +272,14 @@ def aces_labels(
 
     `prediction_times` (subject_id, prediction_time) keeps only those rows of ACES's output (ACES
     predicts at every trigger event; a time that is no trigger event gets no row).
+    ACES reads the shards itself (its own loader): the reference for `aces_labels_shared`.
     """
     from aces import predicates as aces_predicates
     from aces import query as aces_query
 
     task = task if isinstance(task, AcesTask) else load_task(task)
     horizons = list(horizons_days) if horizons_days is not None else task.metadata.horizons_days
-    union = task.metadata.censoring_window is not None
-    variants = [False, True] if union else [False]
+    variants = _variants(task)
     parsed = {(h, v): _parse(task.config_for(h, v), f"{task.path} (horizon {h}d)") for h in horizons for v in variants}
     parts: dict[int, list[pl.DataFrame]] = {h: [] for h in horizons}
     for shard in _shards(Path(site_root)):
@@ -202,32 +289,45 @@ def aces_labels(
             preds = aces_predicates.get_predicates_df(parsed[(horizons[0], v)], data_cfg)
             for h in horizons:
                 parts[h].append(_labels(aces_query.query(parsed[(h, v)], preds)))
-    keep = None
-    if prediction_times is not None:
-        keep = (
-            to_polars(prediction_times.select(["subject_id", "prediction_time"]))
-            .with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")))
-            .unique()
-        )
-    out: dict[int, pa.Table] = {}
-    for h in horizons:
-        df = pl.concat(parts[h])
-        clash = (
-            df.group_by(["subject_id", "prediction_time"])
-            .agg(pl.col("boolean_value").n_unique().alias("n"))
-            .filter(pl.col("n") > 1)
-        )
-        if clash.height:  # the two queries of the union must agree where both keep a row
-            raise ValueError(
-                f"{task.path}: horizon {h}d: the two ACES queries label {clash.height} row(s) differently, "
-                f"e.g. subject_id {clash['subject_id'][0]}"
-            )
-        df = df.unique(subset=["subject_id", "prediction_time"], keep="first")
-        if keep is not None:
-            df = df.join(keep, on=["subject_id", "prediction_time"], how="inner")
-        df = df.sort(["subject_id", "prediction_time"])
-        out[h] = validate_labels(df.to_arrow().cast(LABEL_SCHEMA_BOOL))
-    return out
+    keep = _keep_times(prediction_times)
+    return {h: _finish(task, h, parts[h], keep) for h in horizons}
 
 
-__all__ = ["TASK_DIR", "AcesTask", "TaskMetadata", "aces_labels", "load_task", "task_from_text"]
+def aces_labels_shared(
+    tasks: Sequence[AcesTask], site_root: str | Path, prediction_times: pa.Table | None = None
+) -> list[dict[int, pa.Table]]:
+    """`aces_labels(task, site_root, prediction_times=...)` for each task (its metadata's
+    horizons), with each shard read once for all of them instead of once per task and variant
+    (an evaluation asks for many tasks; tests/test_aces_shared.py checks the tables are equal)."""
+    from aces import query as aces_query
+
+    parsed = [
+        {
+            (h, v): _parse(t.config_for(h, v), f"{t.path} (horizon {h}d)")
+            for h in t.metadata.horizons_days
+            for v in _variants(t)
+        }
+        for t in tasks
+    ]
+    parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.metadata.horizons_days} for t in tasks]
+    for shard in _shards(Path(site_root)):
+        frame = _meds_frame(shard)
+        for task, cfgs, out in zip(tasks, parsed, parts, strict=True):
+            horizons = task.metadata.horizons_days
+            for v in _variants(task):
+                preds = _predicates_from_frame(cfgs[(horizons[0], v)], frame)
+                for h in horizons:
+                    out[h].append(_labels(aces_query.query(cfgs[(h, v)], preds)))
+    keep = _keep_times(prediction_times)
+    return [{h: _finish(t, h, p[h], keep) for h in t.metadata.horizons_days} for t, p in zip(tasks, parts, strict=True)]
+
+
+__all__ = [
+    "TASK_DIR",
+    "AcesTask",
+    "TaskMetadata",
+    "aces_labels",
+    "aces_labels_shared",
+    "load_task",
+    "task_from_text",
+]

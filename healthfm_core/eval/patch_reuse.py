@@ -45,9 +45,12 @@ class PatchReuse:
 def _digests(epochs: Tensor, mask: Tensor) -> list[bytes]:
     values = np.ascontiguousarray(epochs.detach().cpu().numpy()).reshape(epochs.shape[0], -1)
     masks = np.ascontiguousarray(mask.detach().cpu().numpy()).reshape(mask.shape[0], -1)
-    return [
-        hashlib.blake2b(v.tobytes() + m.tobytes(), digest_size=16).digest() for v, m in zip(values, masks, strict=True)
-    ]
+    out = []
+    for v, m in zip(values, masks, strict=True):  # the digest of the two rows' bytes, without joining them
+        h = hashlib.blake2b(v, digest_size=16)
+        h.update(m)
+        out.append(h.digest())
+    return out
 
 
 @contextmanager

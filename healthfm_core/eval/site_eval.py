@@ -3,7 +3,8 @@ meds-evaluation format at the site, scored by meds-evaluation; only aggregates c
 
 For each TaskSpec (healthfm_core.data.task_spec):
 - labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) at the visit
-  prediction times the evaluation always used (`visit_prediction_times`, n per subject, seeded);
+  prediction times the evaluation always used (`visit_prediction_times`, n per subject, seeded),
+  each MEDS shard read once for all ACES tasks (aces_labels_shared);
   `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
   wearable regressions from the site's wearables;
 - every labelled (subject, prediction_time) is embedded once by the frozen model;
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from healthfm_core.data.aces_tasks import aces_labels
+from healthfm_core.data.aces_tasks import aces_labels_shared
 from healthfm_core.data.layout import SPLITS, WEARABLES_SCHEMA
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_labels import SiteLabelError, read_site_labels, site_tasks
@@ -69,21 +70,11 @@ def task_labels_at_site(
     """Per task key, its labels (subject_id, prediction_time, boolean_value or float_value) or the
     reason there are none (the task did not parse, the site has no labels for it)."""
     out: dict[str, pa.Table | TaskReason] = {}
-    times = None
+    aces = _aces_labels(site, specs, n_per_subject, seed)
     own = set(site_tasks(site.root))
     for spec in specs:
         if spec.kind == "aces":
-            try:
-                task = spec.aces()
-            except ValueError as err:
-                log.warning("task %s: %s", spec.name, err)
-                out.update({k: TaskReason(kind="invalid_task") for k in spec.keys()})
-                continue
-            if times is None:
-                events = site.read_events(columns=["subject_id", "time", "code"])
-                times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
-            for h, table in aces_labels(task, site.root, prediction_times=times).items():
-                out[horizon_key(spec.name, h)] = table
+            out.update(aces[spec.name])
         elif spec.kind == "site":
             if spec.name not in own:
                 out[spec.name] = TaskReason(kind="no_labels")
@@ -114,6 +105,30 @@ def task_labels_at_site(
                 out[spec.name] = wearable_regression_labels(WEARABLES_SCHEMA.empty_table(), target=wear_task.target)
                 continue
             out[spec.name] = wearable_regression_labels(site.read_wearables(), target=wear_task.target)
+    return out
+
+
+def _aces_labels(
+    site: Site, specs: Sequence[TaskSpec], n_per_subject: int, seed: int
+) -> dict[str, dict[str, pa.Table | TaskReason]]:
+    """Per ACES task name, its keys' labels (or the invalid_task reason): the site's shards are
+    read once for all of them (aces_labels_shared), at the visit prediction times."""
+    out: dict[str, dict[str, pa.Table | TaskReason]] = {}
+    tasks = []
+    for spec in specs:
+        if spec.kind != "aces":
+            continue
+        try:
+            tasks.append((spec, spec.aces()))
+        except ValueError as err:
+            log.warning("task %s: %s", spec.name, err)
+            out[spec.name] = {k: TaskReason(kind="invalid_task") for k in spec.keys()}
+    if tasks:
+        events = site.read_events(columns=["subject_id", "time", "code"])
+        times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+        labels = aces_labels_shared([t for _, t in tasks], site.root, prediction_times=times)
+        for (spec, _), by_horizon in zip(tasks, labels, strict=True):
+            out[spec.name] = {horizon_key(spec.name, h): table for h, table in by_horizon.items()}
     return out
 
 

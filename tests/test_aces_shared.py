@@ -1,0 +1,88 @@
+"""ACES labels with each shard read once for every task (aces_labels_shared, what a site's
+evaluation uses) equal the per-task path where ACES reads the shards itself (aces_labels): the
+predicate frames column for column and the label tables row for row, on synthetic sites of two
+scenarios (one code system, and the hospital's ICD-9 plus ICD-10), for every task file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from healthfm_core.data import aces_tasks
+from healthfm_core.data.aces_tasks import TASK_DIR, aces_labels, aces_labels_shared, load_task
+from healthfm_core.data.site import open_site
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.task_spec import resolve_tasks
+from healthfm_core.data.tasks import visit_prediction_times
+from healthfm_core.eval.site_eval import task_labels_at_site
+
+TASKS = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def site_roots(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    roots = []
+    for scenario in ("tiny", "hospital"):
+        fed = generate_federation(tmp_path_factory.mktemp(scenario), scenario, seed=0, n_subjects=60, progress=False)
+        roots += [s.root for s in fed.sites]
+    return roots
+
+
+def test_predicates_from_a_read_frame_equal_aces_own_loader(site_roots: list[Path]) -> None:
+    from aces.predicates import get_predicates_df
+
+    compared = 0
+    for root in site_roots:
+        for shard in aces_tasks._shards(root):
+            frame = aces_tasks._meds_frame(shard)
+            for name in TASKS:
+                task = load_task(name)
+                for v in aces_tasks._variants(task):
+                    cfg = aces_tasks._parse(task.config_for(task.metadata.horizons_days[0], v), name)
+                    ours = aces_tasks._predicates_from_frame(cfg, frame)
+                    theirs = get_predicates_df(cfg, DictConfig({"path": str(shard), "standard": "meds"}))
+                    assert ours.schema == theirs.schema, (root.name, shard.name, name, v)
+                    assert ours.equals(theirs), (root.name, shard.name, name, v)
+                    compared += 1
+    assert compared >= 2 * len(TASKS) * len(site_roots)
+
+
+def test_shared_labels_equal_the_per_task_labels_and_read_each_shard_once(site_roots, monkeypatch) -> None:
+    reads: list[Path] = []
+    real = aces_tasks._meds_frame
+    monkeypatch.setattr(aces_tasks, "_meds_frame", lambda shard: reads.append(shard) or real(shard))
+    tasks = [load_task(name) for name in TASKS]
+    rows = 0
+    for root in site_roots:
+        site = open_site(root)
+        times = visit_prediction_times(site.read_events(columns=["subject_id", "time", "code"]), n_per_subject=4)
+        reads.clear()
+        shared = aces_labels_shared(tasks, root, prediction_times=times)
+        assert sorted(reads) == aces_tasks._shards(root)  # once each, for all tasks and variants
+        for task, got in zip(tasks, shared, strict=True):
+            want = aces_labels(task, root, prediction_times=times)
+            assert list(got) == list(want), (root.name, task.name)
+            for h in want:
+                assert got[h].equals(want[h]), (root.name, task.name, h)
+                rows += want[h].num_rows
+        unrestricted = aces_labels_shared(tasks[:1], root)[0]
+        for h, table in aces_labels(tasks[0], root).items():
+            assert unrestricted[h].equals(table), (root.name, tasks[0].name, h)
+    assert rows > 0  # labels were compared, not only empty tables
+
+
+def test_a_sites_task_labels_follow_the_spec_order_with_an_invalid_task_kept_apart(site_roots) -> None:
+    root = site_roots[0]
+    specs = resolve_tasks(["onset_t2d_365d", "onset_cad_90d", "onset_t2d_90d", "wearable_resting_hr"])
+    bad = specs[0].model_copy(update={"name": "broken", "aces_yaml": "windows: [not, a, mapping]"})
+    labels = task_labels_at_site(open_site(root), [bad, *specs])
+    assert labels["broken_365d"].kind == "invalid_task" and labels["broken_90d"].kind == "invalid_task"
+    times = visit_prediction_times(open_site(root).read_events(columns=["subject_id", "time", "code"]), n_per_subject=4)
+    for spec in specs:
+        if spec.kind != "aces":
+            continue
+        for h, table in aces_labels(spec.aces(), root, prediction_times=times).items():
+            assert labels[f"{spec.name}_{h}d"].equals(table)
+    assert list(labels) == [*bad.keys(), *[k for s in specs for k in s.keys()]]
