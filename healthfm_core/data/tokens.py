@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,7 +69,7 @@ from healthfm_core.data.token_settings import (
 )
 from healthfm_core.data.vocab import Normalizer, Vocabulary
 from healthfm_core.data.wear_patches import NO_TIME, UnplacedPatches, patches_of_table
-from healthfm_core.data.wear_stream import site_patches
+from healthfm_core.data.wear_stream import site_patch_plan
 
 log = logging.getLogger(__name__)
 
@@ -524,17 +525,31 @@ class SiteSequences:
         as `tokens` says (a federation's: FederationSetup.tokens)."""
         events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
         normalisers = [vocab.wearables[ch] for ch in WEARABLE_CHANNELS]
-        # Streamed file by file (wear_stream.py): the wearables table is never held whole.
-        patches = site_patches(site, patch_epochs, normalisers, subject_ids) if patch_epochs >= 1 else None
-        return cls(
-            events,
-            patches,
-            vocab,
-            patch_epochs=patch_epochs,
-            token_window_days=tokens.token_window_days,
-            max_codes_per_token=tokens.max_codes_per_token,
-            per_event=per_event,
-        )
+
+        def build(patches: UnplacedPatches | None) -> SiteSequences:
+            return cls(
+                events,
+                patches,
+                vocab,
+                patch_epochs=patch_epochs,
+                token_window_days=tokens.token_window_days,
+                max_codes_per_token=tokens.max_codes_per_token,
+                per_event=per_event,
+            )
+
+        if patch_epochs < 1:  # __init__ says what is wrong
+            return build(None)
+        # Streamed file by file (wear_stream.py): the wearables table is never held whole. Pass 1
+        # places the patches now; pass 2 (reading and normalising the channels into them) runs in
+        # a thread while the EHR rows are tokenised: both release the GIL most of the time.
+        plan = site_patch_plan(site, patch_epochs, normalisers, subject_ids)
+        if not plan.patches.n_rows:
+            return build(None)
+        with ThreadPoolExecutor(1, thread_name_prefix="wear-fill") as pool:
+            filled = pool.submit(plan.fill)
+            seqs = build(plan.patches)
+            filled.result()
+        return seqs
 
     # ------------------------------------------------------------------ queries
 
