@@ -10,8 +10,9 @@ healthfm_core.data.synthetic. Stages timed:
 
   stats    site_code_stats + build_vocabulary (what a federation does once)
   load     SiteSequences.from_site: parquet -> columnar arrays, ids, normalisation, patches
+           (the wearables' channel pass runs in a thread while the EHR rows are tokenised)
   batches  every pretraining sample (whole history, most recent max_events / max_patches)
-           built and collated into Batches by make_loader
+           in Batches from make_loader (each built at once by SiteSequences.batch)
 
 events/s = MEDS rows / (load + batches); rows/s also counts wearable epochs. Baseline, measured
 in the same run: `pyarrow.parquet.read_table` of the same files (every column, nothing else
