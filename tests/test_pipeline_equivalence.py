@@ -5,7 +5,8 @@ grids) against a per-row Python loop that states the rules, and streamed file by
 (wear_stream.py: several files, subjects across files, small row groups, irregular grids, rows
 out of order) against the same table read whole; samples' EHR tokens (sliced from
 tokens pooled once per site) against `pool_token_rows` over the sample's rows, which is how
-each sample was built before. Arrays must be equal bit for bit. Pieces are made small so that
+each sample was built before; whole batches (`SiteSequences.batch`, what make_loader uses)
+against `collate` of the samples one by one. Arrays must be equal bit for bit. Pieces are made small so that
 subjects run across piece seams.
 """
 
@@ -20,8 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from healthfm_core.data import wear_patches
+from healthfm_core.data.batch import Batch
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, WEARABLES_SCHEMA, WEARABLES_SUBDIRECTORY
 from healthfm_core.data.site import open_site
@@ -30,9 +34,12 @@ from healthfm_core.data.synthetic.scenario import load_scenario
 from healthfm_core.data.token_settings import TokenSettings
 from healthfm_core.data.tokens import (
     US_PER_DAY,
+    LabelledDataset,
     PretrainingDataset,
     SiteSequences,
     collate,
+    collate_labelled,
+    make_loader,
     pool_token_rows,
 )
 from healthfm_core.data.vocab import Normalizer, Vocabulary, build_vocabulary
@@ -382,6 +389,99 @@ def test_sample_tokens_match_pooling_the_rows(sites, site_name: str, window: flo
     # Batches still collate from these samples.
     batch = collate([PretrainingDataset(seqs)[j] for j in range(4)])
     assert batch.codes.shape[0] == 4
+
+
+def assert_same_batch(got: Batch, want: Batch, label) -> None:
+    for f in fields(want):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        assert a.dtype == b.dtype and a.shape == b.shape, (label, f.name, a.shape, b.shape)
+        assert a.numpy().tobytes() == b.numpy().tobytes(), (label, f.name)
+
+
+def prediction_times(seqs: SiteSequences, i: int, rng: np.random.Generator) -> list[int]:
+    """Last observation, before anything, event times, inside buckets and patches."""
+    ts = seqs.event_times_us(i)
+    pts = [int(seqs.last_time_us[i]), int(seqs.t0_us[i]) - 1, int(rng.integers(3 * 10**15, 4 * 10**15))]
+    if len(ts):
+        pts += [int(ts[0]), int(ts[len(ts) // 2]), int(ts[len(ts) // 2]) - 1, int(ts[-1]) + 3_600_000_000]
+    p0, p1 = int(seqs.patch_offsets[i]), int(seqs.patch_offsets[i + 1])
+    if p1 > p0:  # mid-patch: the last patch straddles the prediction time
+        start = seqs.patch_start_us[int(rng.integers(p0, p1))]
+        pts += [int(start) + int(rng.integers(1, seqs.patch_epochs)) * EPOCH_US + 7, int(seqs.patch_first_end_us[p0])]
+    return pts
+
+
+@pytest.mark.parametrize("site_name", SITES)
+@pytest.mark.parametrize("window", [1.0, 0.0])
+def test_batches_are_the_collated_samples(sites, site_name: str, window: float) -> None:
+    root, vocab = sites[site_name]
+    seqs = SiteSequences.from_site(
+        open_site(root), vocab, patch_epochs=7, tokens=TokenSettings(token_window_days=window)
+    )
+    rng = np.random.default_rng(11)
+    rows = [(i, pt) for i in range(seqs.n_subjects) for pt in prediction_times(seqs, i, rng)]
+    for max_events, max_patches, max_codes in [(512, 64, None), (6, 3, 2), (1, 1, 1), (0, 0, 3), (3, 500, 32)]:
+        order = rng.permutation(len(rows))
+        for chunk in np.array_split(order, max(1, len(order) // 17)):
+            idx = [rows[j][0] for j in chunk]
+            pts = [rows[j][1] for j in chunk]
+            want = collate([seqs.sample(i, p, max_events, max_patches, None, max_codes) for i, p in zip(idx, pts)])
+            got = seqs.batch(idx, pts, max_events, max_patches, max_codes)
+            assert_same_batch(got, want, (site_name, window, max_events, max_patches, max_codes))
+    # The cases worth checking came up: buckets cut by the prediction time, patches in batches.
+    n_cut = 0
+    for i, pt in rows:
+        a, b = int(seqs.ev_offsets[i]), int(seqs.ev_offsets[i + 1])
+        v = a + int(np.searchsorted(seqs.event_times_us(i), pt, side="right"))
+        n_cut += int(a < v < b and seqs.ev_bucket[v] == seqs.ev_bucket[v - 1])
+    if site_name == "city_hospital" and window > 0:
+        assert n_cut > 0
+    if site_name == "biobank":
+        assert np.diff(seqs.patch_offsets).max() > 3
+
+
+@pytest.mark.parametrize("site_name", SITES)
+def test_make_loader_yields_what_per_sample_collation_gives(sites, site_name: str) -> None:
+    """Same index order (the generator's draws are the DataLoader's), same batches, for every
+    dataset with a `batch` method, across epochs of random prediction times."""
+    root, vocab = sites[site_name]
+    site = open_site(root)
+    seqs = SiteSequences.from_site(site, vocab, patch_epochs=50)
+    datasets = {
+        "last": (PretrainingDataset(seqs, max_events=20, max_patches=4), collate),
+        "random": (PretrainingDataset(seqs, time_mode="random", seed=5, max_events=9, max_patches=2), collate),
+    }
+    labels = pa.table(
+        {
+            "subject_id": pa.array(seqs.subject_ids[::2], pa.int64()),
+            "prediction_time": pa.array(seqs.last_time_us[::2] - 86_400_000_000, pa.timestamp("us")),
+            "boolean_value": pa.array(np.arange(len(seqs.subject_ids[::2])) % 2 == 0),
+        }
+    )
+    datasets["labelled"] = (LabelledDataset(seqs, labels, max_events=16, max_patches=3), collate_labelled)
+    for name, (ds, collate_fn) in datasets.items():
+        for epoch, (shuffle, drop_last, batch_size) in enumerate(
+            [(True, False, 5), (False, False, 4), (True, True, 3)]
+        ):
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+            generator = torch.Generator().manual_seed(epoch)
+            reference = DataLoader(
+                ds,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                generator=generator,
+                drop_last=drop_last,
+                collate_fn=collate_fn,
+            )
+            loader = make_loader(ds, batch_size=batch_size, shuffle=shuffle, seed=epoch, drop_last=drop_last)
+            got, want = list(loader), list(reference)
+            assert len(got) == len(want) == len(loader) > 1, name
+            for k, (g, w) in enumerate(zip(got, want)):
+                if name == "labelled":
+                    assert g[1].dtype == w[1].dtype and torch.equal(g[1], w[1])
+                    g, w = g[0], w[0]
+                assert_same_batch(g, w, (name, epoch, k))
 
 
 @pytest.mark.parametrize("transform", ["identity", "log1p"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
+from healthfm_core.data.batch import Batch
 from healthfm_core.data.tokens import Sample, SiteSequences
 
 
@@ -32,3 +33,8 @@ class PredictionTimesDataset(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         return self.seqs.sample(int(self.index[i]), int(self.pt_us[i]), self.max_events, self.max_patches)
+
+    def batch(self, indices: list[int]) -> Batch:
+        """`collate([self[i] for i in indices])`, built at once (`SiteSequences.batch`)."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return self.seqs.batch(self.index[rows], self.pt_us[rows], self.max_events, self.max_patches)

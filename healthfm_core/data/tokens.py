@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,9 +55,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from meds import birth_code as BIRTH_CODE
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
+from healthfm_core.data.batch_gather import TokenSlices, gather_patches, gather_tokens, ranges, segment_searchsorted
 from healthfm_core.data.code_stats import unique_inverse
 from healthfm_core.data.layout import EPOCH_US, PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
 from healthfm_core.data.token_settings import (
@@ -67,7 +69,7 @@ from healthfm_core.data.token_settings import (
 )
 from healthfm_core.data.vocab import Normalizer, Vocabulary
 from healthfm_core.data.wear_patches import NO_TIME, UnplacedPatches, patches_of_table
-from healthfm_core.data.wear_stream import site_patches
+from healthfm_core.data.wear_stream import site_patch_plan
 
 log = logging.getLogger(__name__)
 
@@ -523,17 +525,31 @@ class SiteSequences:
         as `tokens` says (a federation's: FederationSetup.tokens)."""
         events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
         normalisers = [vocab.wearables[ch] for ch in WEARABLE_CHANNELS]
-        # Streamed file by file (wear_stream.py): the wearables table is never held whole.
-        patches = site_patches(site, patch_epochs, normalisers, subject_ids) if patch_epochs >= 1 else None
-        return cls(
-            events,
-            patches,
-            vocab,
-            patch_epochs=patch_epochs,
-            token_window_days=tokens.token_window_days,
-            max_codes_per_token=tokens.max_codes_per_token,
-            per_event=per_event,
-        )
+
+        def build(patches: UnplacedPatches | None) -> SiteSequences:
+            return cls(
+                events,
+                patches,
+                vocab,
+                patch_epochs=patch_epochs,
+                token_window_days=tokens.token_window_days,
+                max_codes_per_token=tokens.max_codes_per_token,
+                per_event=per_event,
+            )
+
+        if patch_epochs < 1:  # __init__ says what is wrong
+            return build(None)
+        # Streamed file by file (wear_stream.py): the wearables table is never held whole. Pass 1
+        # places the patches now; pass 2 (reading and normalising the channels into them) runs in
+        # a thread while the EHR rows are tokenised: both release the GIL most of the time.
+        plan = site_patch_plan(site, patch_epochs, normalisers, subject_ids)
+        if not plan.patches.n_rows:
+            return build(None)
+        with ThreadPoolExecutor(1, thread_name_prefix="wear-fill") as pool:
+            filled = pool.submit(plan.fill)
+            seqs = build(plan.patches)
+            filled.result()
+        return seqs
 
     # ------------------------------------------------------------------ queries
 
@@ -643,6 +659,128 @@ class SiteSequences:
             prs=self.prs[index],
             prs_valid=self.prs_valid[index],
             label=label,
+        )
+
+    def batch(
+        self,
+        index: np.ndarray | Sequence[int],
+        prediction_time_us: np.ndarray | Sequence[int],
+        max_events: int = 512,
+        max_patches: int = 64,
+        max_codes_per_token: int | None = None,
+    ) -> Batch:
+        """`collate([sample(i, pt, ...) for i, pt in zip(index, prediction_time_us)])`, bit for
+        bit, built for the whole batch at once (batch_gather.py) instead of sample by sample."""
+        if max_codes_per_token is None:
+            max_codes_per_token = self.max_codes_per_token
+        if max_codes_per_token < 1:
+            raise ValueError(f"max_codes_per_token must be >= 1, got {max_codes_per_token}")
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        pt = np.asarray(prediction_time_us, dtype=np.int64).reshape(-1)
+        if self.per_event or not len(idx):  # the comparison layout (or nothing): sample by sample
+            return collate(
+                [
+                    self.sample(int(i), int(p), max_events, max_patches, None, max_codes_per_token)
+                    for i, p in zip(idx, pt)
+                ]
+            )
+        B = len(idx)
+        t0 = self.t0_us[idx]
+        t0 = np.where(t0 == _NO_TIME, pt, t0)  # static rows only: the clock starts at the prediction
+        # EHR tokens: the static token, then the last buckets up to the visible row (`_tokens`).
+        n_static = ((self.st_offsets[idx + 1] > self.st_offsets[idx]) & (max_events >= 1)).astype(np.int64)
+        a, b = self.ev_offsets[idx], self.ev_offsets[idx + 1]
+        visible = segment_searchsorted(self.ev_time_us, a, b, pt)
+        n_timed = max_events - n_static
+        b_first = np.zeros(B, np.int64)
+        b_end = np.zeros(B, np.int64)
+        cut = np.zeros(B, bool)
+        h = np.flatnonzero((visible > a) & (n_timed > 0))
+        if len(h):
+            b_last = self.ev_bucket[visible[h] - 1]
+            b_first[h] = np.maximum(b_last - n_timed[h] + 1, self.ev_bucket[a[h]])
+            cut[h] = visible[h] < self._bucket_rows[b_last + 1]  # the prediction time falls inside b_last
+            b_end[h] = b_last + 1 - cut[h]
+        n_tok = n_static + (b_end - b_first) + cut
+        cut_pools = {}
+        cut_width = np.zeros(B, np.int64)
+        for i in np.flatnonzero(cut).tolist():
+            rows = np.arange(int(self._bucket_rows[b_end[i]]), int(visible[i]))
+            cut_pools[i] = pool_token_rows(
+                np.zeros(len(rows), np.int64),
+                self.ev_codes[rows],
+                self.ev_values[rows],
+                self.ev_has_value[rows],
+                self.ev_time_us[rows],
+                self.code_priority,
+                max_codes_per_token,
+            )
+            cut_width[i] = cut_pools[i][0].shape[1]
+        bp = self._bucket_pool
+        codes, values, has_value = gather_tokens(
+            TokenSlices(n_static, b_first, b_end, n_tok),
+            self._static_pool.offsets,
+            self._static_pool.codes,
+            self._static_pool.values,
+            self._static_pool.has_value,
+            idx,
+            bp.offsets,
+            bp.codes,
+            bp.values,
+            bp.has_value,
+            bp.slot,
+            max_codes_per_token,
+            cut_width,
+        )
+        N = codes.shape[1]
+        tok_us = np.repeat(t0[:, None], N, axis=1)  # the static token's time is t0
+        owner, pos, bucket = ranges(b_first, b_end)
+        tok_us[owner, n_static[owner] + pos] = self._bucket_time_us[bucket]
+        for i, (c_codes, c_values, c_has, c_time) in cut_pools.items():
+            m, last = c_codes.shape[1], int(n_tok[i]) - 1
+            codes[i, last, :m], values[i, last, :m], has_value[i, last, :m] = c_codes[0], c_values[0], c_has[0]
+            tok_us[i, last] = c_time[0]
+        times = ((tok_us - t0[:, None]) / US_PER_DAY).astype(np.float32)
+        valid = np.arange(N) < n_tok[:, None]
+        # As collate pads: each row's last real time (0 without tokens).
+        last_time = np.where(n_tok > 0, times[np.arange(B), np.maximum(n_tok - 1, 0)], 0.0)
+        times = np.where(valid, times, last_time[:, None]).astype(np.float32)
+        # Wearable patches with at least one epoch ending at or before pt.
+        pa_, pb = self.patch_offsets[idx], self.patch_offsets[idx + 1]
+        p_vis = segment_searchsorted(self.patch_first_end_us, pa_, pb, pt)
+        p_start = np.maximum(pa_, p_vis - max_patches)
+        wear, wmask, wtimes, wvalid = gather_patches(
+            p_start,
+            p_vis,
+            pt,
+            t0,
+            self.patch_start_us,
+            self.patch_epochs_arr,
+            self.patch_mask,
+            self.patch_epochs,
+            EPOCH_US,
+        )
+        # Per-sample scalars as `sample` computes them: Python ints divided, then float32.
+        t0_list, pt_list, birth_list = t0.tolist(), pt.tolist(), self.birth_us[idx].tolist()
+        T = self.prs.shape[1]
+        return Batch(
+            subject_id=torch.from_numpy(self.subject_ids[idx]),
+            prediction_time=torch.tensor([(p - t) / US_PER_DAY for p, t in zip(pt_list, t0_list)], dtype=torch.float32),
+            codes=torch.from_numpy(codes),
+            values=torch.from_numpy(values),
+            has_value=torch.from_numpy(has_value),
+            times=torch.from_numpy(times),
+            ehr_valid=torch.from_numpy(valid),
+            wear_epochs=torch.from_numpy(wear),
+            wear_epoch_mask=torch.from_numpy(wmask),
+            wear_times=torch.from_numpy(wtimes),
+            wear_valid=torch.from_numpy(wvalid),
+            prs=torch.from_numpy(self.prs[idx].astype(np.float32).reshape(B, T)),
+            prs_valid=torch.from_numpy(self.prs_valid[idx].reshape(B, T)),
+            birth_time=torch.tensor(
+                [float("nan") if bu == _NO_TIME else (bu - t) / US_PER_DAY for bu, t in zip(birth_list, t0_list)],
+                dtype=torch.float32,
+            ),
         )
 
 
@@ -767,6 +905,15 @@ class PretrainingDataset(Dataset):
             max_codes_per_token=self.max_codes_per_token,
         )
 
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """`collate([self[i] for i in indices])`, built at once (`SiteSequences.batch`)."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.time_mode == "last":
+            pt = self.seqs.last_time_us[self.index[rows]]
+        else:
+            pt = np.array([self.prediction_time_us(int(i)) for i in rows], dtype=np.int64)
+        return self.seqs.batch(self.index[rows], pt, self.max_events, self.max_patches, self.max_codes_per_token)
+
 
 class LabelledDataset(Dataset):
     """Samples at the (subject_id, prediction_time) rows of a MEDS LabelSchema table."""
@@ -816,6 +963,31 @@ class LabelledDataset(Dataset):
             max_codes_per_token=self.max_codes_per_token,
         )
 
+    def batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor]:
+        """`collate_labelled([self[i] for i in indices])`, built at once (`SiteSequences.batch`)."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        batch = self.seqs.batch(
+            self.index[rows], self.pt_us[rows], self.max_events, self.max_patches, self.max_codes_per_token
+        )
+        return batch, torch.tensor([float(v) for v in self.labels[rows].tolist()], dtype=torch.float32)
+
+
+class _BatchView(Dataset):
+    """A dataset with `batch(indices)` indexed by a list of indices (make_loader's BatchSampler)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, indices: list[int]) -> Batch | tuple[Batch, torch.Tensor]:
+        return self.dataset.batch(indices)  # type: ignore[attr-defined]
+
+
+def _as_built(batch: Batch | tuple[Batch, torch.Tensor]) -> Batch | tuple[Batch, torch.Tensor]:
+    return batch
+
 
 def make_loader(
     dataset: Dataset,
@@ -825,8 +997,20 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
 ) -> DataLoader:
-    """DataLoader yielding Batch (pretraining) or (Batch, labels) (labelled datasets)."""
+    """DataLoader yielding Batch (pretraining) or (Batch, labels) (labelled datasets). A dataset
+    with a `batch(indices)` method builds each batch at once; the index order (sampler, generator
+    and its draws) is the DataLoader's own either way."""
     generator = torch.Generator().manual_seed(seed)
+    if callable(getattr(dataset, "batch", None)):
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        return DataLoader(
+            _BatchView(dataset),
+            batch_size=None,
+            sampler=BatchSampler(sampler, batch_size, drop_last),
+            generator=generator,
+            num_workers=num_workers,
+            collate_fn=_as_built,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -261,6 +261,25 @@ def patches_of_parts(
 ) -> UnplacedPatches:
     """Patches of the parts' rows taken in order as one table; UnsortedWearables if those rows
     are not ordered by (subject, time)."""
+    plan = plan_patches(parts, patch_epochs, normalisers)
+    plan.fill()
+    return plan.patches
+
+
+@dataclass
+class PatchPlan:
+    """Pass 1 done: `patches` has every array but epochs and mask, which are allocated (zeros)
+    and written by `fill` (pass 2). Nothing reads them before: a caller may do other work (a
+    site's EHR rows) while `fill` runs in another thread; numpy and parquet decoding release
+    the GIL, so the two overlap."""
+
+    patches: UnplacedPatches
+    fill: Callable[[], None]
+
+
+def plan_patches(parts: Sequence[PatchPart], patch_epochs: int, normalisers: Sequence[Normalizer]) -> PatchPlan:
+    """Pass 1 of `patches_of_parts` now, pass 2 as the plan's `fill`; UnsortedWearables (from
+    pass 1) if the rows are not ordered by (subject, time)."""
     E, C = patch_epochs, len(normalisers)
     patch_us = E * EPOCH_US
 
@@ -293,17 +312,19 @@ def patches_of_parts(
         w_sids, first_us, last_end_us = (np.zeros(0, np.int64) for _ in range(3))
         p_sub, k_all, first_end = (np.zeros(0, np.int64) for _ in range(3))
 
-    # ---- Pass 2: channels part by part, normalised straight into their patch slots.
+    # ---- Pass 2 (fill): channels part by part, normalised straight into their patch slots.
     epochs = np.zeros((n_patch * E, C), dtype=np.float32)
     mask = np.zeros((n_patch * E, C), dtype=bool)
     todo = [(part, placed, any(p.base is None for p in placed)) for part, placed in zip(parts, info) if placed]
-    reads = [functools.partial(part.channels, with_time) for part, _, with_time in todo]  # off grid: by time
-    for (_, placed, with_time), channels in zip(todo, _read_ahead(reads)):
-        for piece in placed:
-            _write_piece(channels.slice(piece.row0, piece.n_rows), piece, with_time, E, normalisers, epochs, mask)
-        del channels
 
-    return UnplacedPatches(
+    def fill() -> None:
+        reads = [functools.partial(part.channels, with_time) for part, _, with_time in todo]  # off grid: by time
+        for (_, placed, with_time), channels in zip(todo, _read_ahead(reads)):
+            for piece in placed:
+                _write_piece(channels.slice(piece.row0, piece.n_rows), piece, with_time, E, normalisers, epochs, mask)
+            del channels
+
+    patches = UnplacedPatches(
         subject_ids=w_sids,
         patch_subject=p_sub,
         start_us=first_us[p_sub] + k_all * patch_us,
@@ -314,6 +335,7 @@ def patches_of_parts(
         last_end_us=last_end_us,
         n_rows=n_rows,
     )
+    return PatchPlan(patches, fill)
 
 
 def _place_part(
@@ -413,6 +435,7 @@ def _write_piece(
 __all__ = [
     "NO_TIME",
     "PatchPart",
+    "PatchPlan",
     "TablePart",
     "UnplacedPatches",
     "UnsortedWearables",
@@ -420,6 +443,7 @@ __all__ = [
     "build_patches",
     "patches_of_parts",
     "patches_of_table",
+    "plan_patches",
     "sorted_by_subject_time",
     "subject_ids_of",
 ]

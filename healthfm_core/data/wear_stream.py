@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 from healthfm_core.data.layout import WEARABLE_CHANNELS, WEARABLES_SCHEMA, SiteLike
 from healthfm_core.data.vocab import Normalizer
 from healthfm_core.data.wear_patches import (
+    PatchPlan,
     UnplacedPatches,
     UnsortedWearables,
-    patches_of_parts,
     patches_of_table,
+    plan_patches,
 )
 
 
@@ -80,14 +81,31 @@ def site_patches(
 ) -> UnplacedPatches | None:
     """Patches of a site's wearables (of `subject_ids` only, if given), read file by file;
     None when it has no epochs."""
+    plan = site_patch_plan(site, patch_epochs, normalisers, subject_ids)
+    plan.fill()
+    return plan.patches if plan.patches.n_rows else None
+
+
+def site_patch_plan(
+    site: SiteLike,
+    patch_epochs: int,
+    normalisers: Sequence[Normalizer],
+    subject_ids: Iterable[int] | None = None,
+) -> PatchPlan:
+    """`site_patches` in two steps: pass 1 (keys) now, the channels when the plan's `fill` runs
+    (wear_patches.plan_patches). Unsorted rows are sorted and built whole now (nothing to fill)."""
     wanted = None if subject_ids is None else pa.array(np.asarray(list(subject_ids), dtype=np.int64))
     parts = [WearableFilePart(path, wanted) for path in site.wearable_files]
     try:
-        patches = patches_of_parts(parts, patch_epochs, normalisers)
+        return plan_patches(parts, patch_epochs, normalisers)
     except UnsortedWearables:  # rare: read_wearables sorts the whole table
         table = site.read_wearables(None if wanted is None else wanted.to_pylist())
         patches = patches_of_table(wearable_key_table(table.cast(WEARABLES_SCHEMA)), patch_epochs, normalisers)
-    return patches if patches.n_rows else None
+        return PatchPlan(patches, _nothing_to_fill)
 
 
-__all__ = ["WearableFilePart", "site_patches", "wearable_key_table"]
+def _nothing_to_fill() -> None:
+    pass
+
+
+__all__ = ["WearableFilePart", "site_patch_plan", "site_patches", "wearable_key_table"]
