@@ -133,7 +133,8 @@ def gather_patches(
         w, m = wear[i, n[i] - 1], wmask[i, n[i] - 1]
         w[late], m[late] = 0.0, False
         wear[i, n[i] - 1], wmask[i, n[i] - 1] = w, m
-    return wear, wmask, wtimes, wmask.any(axis=(2, 3))
+    present = np.asarray(wmask.any(axis=(2, 3)))
+    return wear, wmask, wtimes, present
 
 
 __all__ = ["TokenSlices", "gather_patches", "gather_tokens", "ranges", "segment_searchsorted"]

@@ -45,10 +45,10 @@ Rules (the model relies on them):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pyarrow as pa
@@ -985,7 +985,7 @@ class _BatchView(Dataset):
         return self.dataset.batch(indices)  # type: ignore[attr-defined]
 
 
-def _as_built(batch: Batch | tuple[Batch, torch.Tensor]) -> Batch | tuple[Batch, torch.Tensor]:
+def _as_built(batch: Any) -> Any:  # batch_size=None: each item is already a whole batch
     return batch
 
 
@@ -1002,7 +1002,8 @@ def make_loader(
     and its draws) is the DataLoader's own either way."""
     generator = torch.Generator().manual_seed(seed)
     if callable(getattr(dataset, "batch", None)):
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        sized = cast(Sized, dataset)  # a dataset with batch() has a length (the samplers need it)
+        sampler = RandomSampler(sized, generator=generator) if shuffle else SequentialSampler(sized)
         return DataLoader(
             _BatchView(dataset),
             batch_size=None,

@@ -47,8 +47,8 @@ def _digests(epochs: Tensor, mask: Tensor) -> list[bytes]:
     masks = np.ascontiguousarray(mask.detach().cpu().numpy()).reshape(mask.shape[0], -1)
     out = []
     for v, m in zip(values, masks, strict=True):  # the digest of the two rows' bytes, without joining them
-        h = hashlib.blake2b(v, digest_size=16)
-        h.update(m)
+        h = hashlib.blake2b(v.data, digest_size=16)
+        h.update(m.data)
         out.append(h.digest())
     return out
 
