@@ -10,6 +10,14 @@ transport, for the `tiny` and `small` models, with a random update of the initia
 fp32); beside it the same arrays as one Flower Array per key (the format before packing) and the
 number of Flower objects (each moved by its own request) either way.
 
+Part 1b, the server's train messages: the `tiny` scenario's three sites (biobank: every group;
+hospital: no genomics; genomics: no wearables) sent the global fp32 arrays, as the server packed
+them before (one part per parameter group, each site the parts of its groups) and now (one part
+per message, packed once per distinct group set: ModalityAwareFedAvg.records_for_nodes). Per
+message: Flower objects (Message, RecordDict, ArrayRecord, Arrays, chunks, ConfigRecord) and the
+bytes a site downloads; per round: the distinct objects and bytes the ServerApp pushes to the
+SuperLink (content-addressed: an object in several messages is pushed once).
+
 Part 2, a run: the same small federated run (two synthetic sites, `tiny` model, same seeds) in
 Flower's simulation engine once per transport. Per round: the bytes the sites uploaded (whole
 reply messages as the server's run log measures them: arrays, metrics, int8 scales) and the
@@ -30,20 +38,27 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from flwr.app import Array, ArrayRecord  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 
 from healthfm_core.data.synthetic import generate_federation  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
 from healthfm_core.transport import TRANSPORTS, encode_update  # noqa: E402
 from server.config import FederationConfig  # noqa: E402
 from server.limits import array_record_bytes  # noqa: E402
 from server.runlog import read_events  # noqa: E402
-from server.strategy import pack_record  # noqa: E402
+from server.strategy import ModalityAwareFedAvg, pack_record  # noqa: E402
 from simulations.run import run_federation_simulation  # noqa: E402
 
 SITES = ("biobank", "hospital")
+# The tiny scenario's sites and their groups (tests/deploy_fixtures.py EXPECTED_GROUPS).
+SCENARIO_GROUPS = {
+    "biobank": ["shared", "ehr", "wearables", "genomics"],
+    "hospital": ["shared", "ehr", "wearables"],
+    "genomics": ["shared", "ehr", "genomics"],
+}
 
 
 def payload_bytes(model_name: str, seed: int = 0) -> dict[str, int]:
@@ -66,6 +81,37 @@ def payload_bytes(model_name: str, seed: int = 0) -> dict[str, int]:
         out[f"{transport}_objects"], out[f"{transport}_objects_per_key"] = len(packed), len(per_key)
     out["params"] = sum(v.size for v in received.values())
     out["raw_fp32"] = array_record_bytes(ArrayRecord({k: Array(v) for k, v in received.items()}))
+    return out
+
+
+def train_messages(model_name: str) -> dict[str, dict[str, int]]:
+    """The scenario's train messages under either packing of the server's arrays: objects and
+    bytes per message (the largest site's), and the distinct objects and bytes of the round's push."""
+    model = HealthFM(load_model_config(model_name), vocab_size=2000, n_prs_traits=4)
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    per_group = pack_record(arrays, parameter_group)  # before: one part per group, packed once
+    nodes = dict(enumerate(SCENARIO_GROUPS.values()))
+    records = {
+        "per group": {n: ArrayRecord({g: per_group[g] for g in gs}) for n, gs in nodes.items()},
+        "per group set": ModalityAwareFedAvg().records_for_nodes(arrays, nodes),
+    }
+    out = {}
+    for name, by_node in records.items():
+        pushed: dict[str, int] = {}
+        objects, site_bytes = [], []
+        for node, record in by_node.items():
+            content = RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1, "groups": nodes[node]})})
+            nested = get_all_nested_objects(content)
+            sizes = {oid: len(o.deflate()) for oid, o in nested.items()}
+            pushed.update(sizes)
+            objects.append(len(nested) + 1)  # + the Message itself
+            site_bytes.append(sum(sizes.values()))
+        out[name] = {
+            "objects_per_message": max(objects),
+            "site_bytes": max(site_bytes),
+            "pushed_objects": len(pushed) + len(by_node),
+            "pushed_bytes": sum(pushed.values()),
+        }
     return out
 
 
@@ -125,6 +171,27 @@ def main() -> None:
                 f"{p[t + '_objects']} | {p[t + '_objects_per_key']} |"
             )
 
+    print(
+        "\n## The server's train messages, tiny scenario (3 sites, 3 distinct group sets; fp32): "
+        "one part per group (before) or per group set (now)\n"
+    )
+    print(
+        "| model | packing | objects / message | bytes / message (largest site) | objects pushed / round | "
+        "bytes pushed / round |"
+    )
+    print("|---|---|---|---|---|---|")
+    messages = {name: train_messages(name) for name in ("tiny", "small")}
+    for name, by_packing in messages.items():
+        for packing, m in by_packing.items():
+            print(
+                f"| {name} | {packing} | {m['objects_per_message']} | {m['site_bytes']:,} | {m['pushed_objects']} | "
+                f"{m['pushed_bytes']:,} |"
+            )
+    print(
+        "\nPushed: distinct objects from the ServerApp to its SuperLink (an object several messages "
+        "carry is pushed once; Messages counted, their few hundred bytes not)."
+    )
+
     with tempfile.TemporaryDirectory(prefix="healthfm-transport-") as tmp:
         fed = generate_federation(Path(tmp) / "fed", scenario="tiny", seed=0, n_subjects=args.subjects, progress=False)
         args.node_configs = [
@@ -154,7 +221,7 @@ def main() -> None:
         losses = [runs[t]["loss"][i] for t in TRANSPORTS]
         print(f"| {i + 1} | " + " | ".join(f"{v:.4f}" for v in losses) + f" | {losses[2] - losses[0]:+.4f} |")
     if args.json is not None:
-        args.json.write_text(json.dumps({"payload": payload, "runs": runs}, indent=2))
+        args.json.write_text(json.dumps({"payload": payload, "train_messages": messages, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,23 @@ Layers (this module is the one place the format is spelled, for both sides):
                               ArrayRecord ({label: Array(blob)}) and read one back with
                               `unpack_record` (this module does not import flwr).
 
-Parts: a site packs its reply as one part (PACKED_PART). The server packs the global arrays once
-per round as one part per parameter group (labels "shared", "ehr", ...) and sends each site the
-parts of its groups: the SuperLink stores content-addressed objects once, so a group sent to
-three sites is pushed once, and nothing is re-packed per site.
+Parts: every message we send is one part (PACKED_PART). A site packs its reply so; the server
+packs the global arrays once per round per distinct *group set* (`pack_group_sets`: the arrays of
+exactly those parameter groups, one blob) and sends each site the blob of its set. Sites holding
+the same groups carry the same blob, one content-addressed object the SuperLink stores once.
+
+The trade (python benchmarks/update_transport.py, "The server's train messages"). Flower moves
+each object with its own request (an SQLite write in the SuperLink, TLS, nginx), so a message's
+cost is mostly its object count: a `tiny` train message is 6 objects (Message, RecordDict,
+ArrayRecord, one Array, its chunk, ConfigRecord) where one part per group made it 12 (4 Arrays,
+4 chunks); a `small` one 8 (3 chunks of 5 MiB) where it was 13 (vocabulary 2,000). What a site downloads is the same
+(its groups' arrays; one header instead of one per group: tiny 2,011,779 -> 2,010,526 B for a
+site of every group). What grows is the ServerApp's push to its own SuperLink, since a group is
+pushed once per distinct set holding it: the `tiny` scenario's three sites hold three sets (every
+group; no genomics; no wearables), so `shared` and `ehr` go three times: a round's push is
+2.01 -> 5.71 MB for tiny and 11.0 -> 30.9 MB for small (fp32; 20 -> 18 and 21 -> 22 distinct
+objects). That hop is local (or a LAN); every site's pull, the hop that crosses the WAN, moves
+fewer objects (6 of 12 for tiny, 8 of 13 for small). Sites with the same groups cost nothing extra.
 
 Why safetensors: a standard format (no pickle), already a dependency; its parser checks the
 header (JSON, dtypes, shapes) and that the tensors' byte ranges cover the buffer exactly with no
@@ -31,7 +44,7 @@ the receiver's own check afterwards, exactly as before packing (server/strategy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -39,7 +52,8 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 PACKED_PART = "packed"  # the label of a message packed as a single part (a site's reply)
-# A message has at most one part per parameter group (4); more is not a message we send.
+# We send one part per message; a receiver still reads up to one per parameter group (4, as the
+# server once sent) and no more: more is not a message we ever sent.
 MAX_PARTS = 8
 _BLOB_DTYPE = "uint8"
 
@@ -65,6 +79,20 @@ def pack_arrays(arrays: Mapping[str, np.ndarray], part_of: Callable[[str], str] 
         label = part_of(key) if part_of is not None else PACKED_PART
         parts.setdefault(label, {})[key] = np.asarray(value, order="C")  # (ascontiguousarray makes 0-d 1-d)
     return {label: np.frombuffer(_st_save(tensors), dtype=np.uint8) for label, tensors in parts.items()}
+
+
+def pack_group_sets(
+    arrays: Mapping[str, np.ndarray], group_of: Callable[[str], str], group_sets: Iterable[Iterable[str]]
+) -> dict[frozenset[str], dict[str, np.ndarray]]:
+    """The flat form (pack_arrays) of the arrays of each distinct group set in `group_sets`: one
+    part holding the arrays whose group (`group_of`) is in the set, packed once per set however
+    many times it is named, so every site of a set gets the very same blob. A set holding no
+    array's group has no parts."""
+    out: dict[frozenset[str], dict[str, np.ndarray]] = {}
+    for groups in map(frozenset, group_sets):
+        if groups not in out:
+            out[groups] = pack_arrays({k: v for k, v in arrays.items() if group_of(k) in groups})
+    return out
 
 
 def unpack_arrays(blob: np.ndarray | bytes, *, where: str) -> dict[str, np.ndarray]:
@@ -118,4 +146,4 @@ def unpack_record(
     return out
 
 
-__all__ = ["MAX_PARTS", "PACKED_PART", "WireArray", "pack_arrays", "unpack_arrays", "unpack_record"]
+__all__ = ["MAX_PARTS", "PACKED_PART", "WireArray", "pack_arrays", "pack_group_sets", "unpack_arrays", "unpack_record"]

@@ -444,9 +444,8 @@ class FederationServer:
             if state.torch_random is not None:
                 torch.set_rng_state(state.torch_random)
             log.info("resuming after round %d from %s", start, ckpt_path)
-        max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(
-            pack_record(arrays, parameter_group), cfg.reply_size_margin
-        )
+        # From the global arrays as a site holding every group receives them (one packed part).
+        max_reply_bytes = cfg.max_reply_bytes or default_max_reply_bytes(pack_record(arrays), cfg.reply_size_margin)
         self.strategy = make_strategy(cfg, max_reply_bytes)
         if state is not None:
             self.strategy.load_state_dict(state.strategy)
@@ -530,7 +529,7 @@ class FederationServer:
         sites: dict[str, dict[str, Any]] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
-            groups = set(next(iter(msg.content.array_records.values())))  # packed: one part per group
+            groups = set(self.strategy.groups_for_node(node, self.node_groups))  # as train_messages sent
             size, objects = message_size(msg)
             sites[self._site(node)] = {
                 "node_id": node,
@@ -768,14 +767,14 @@ class FederationServer:
             n_boot=cfg.eval_n_boot,
             seed=cfg.seed,
         )
-        record = self.strategy.packed_record(arrays)  # packed once, each site sent its groups' parts
         connected = set(self._wait_for_nodes(f"evaluation after round {rnd}"))
+        # One packed part per message, packed once per distinct group set (strategy.records_for_nodes).
+        records = self.strategy.records_for_nodes(
+            arrays, {node: groups for node, groups in sorted(self.node_groups.items()) if node in connected}
+        )
         contents = {
-            node: RecordDict(
-                {"arrays": self.strategy.arrays_for_groups(record, groups), "config": ConfigRecord(eval_cfg.to_flat())}
-            )
-            for node, groups in sorted(self.node_groups.items())
-            if node in connected
+            node: RecordDict({"arrays": record, "config": ConfigRecord(eval_cfg.to_flat())})
+            for node, record in records.items()
         }
         replies = self._ask(MessageType.EVALUATE, contents)
         need = {n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records}

@@ -30,7 +30,7 @@ from healthfm_core.federation import (
     round_metrics,
 )
 from healthfm_core.model.groups import GROUPS, parameter_group
-from healthfm_core.packing import pack_arrays, unpack_record
+from healthfm_core.packing import pack_arrays, pack_group_sets, unpack_record
 from healthfm_core.transport import SCALES_RECORD, decode_update, wire_dtype_ok
 from server.limits import array_record_bytes
 
@@ -141,7 +141,8 @@ class ModalityAwareFedAvg(FedAvg):
     each group's count equal to ``num_examples``) this is FedAvg exactly.
 
     Arrays travel packed (``healthfm_core/packing.py``): the global arrays go out as one packed
-    part per group (``packed_record``), a reply comes back as packed parts, unpacked and checked
+    part per message, packed once per distinct group set (``records_for_nodes``), a reply comes
+    back as packed parts, unpacked and checked
     before anything else is. A reply is accepted only if it parses as a TrainReply and its arrays
     fit the round (``parse_reply``: size, the packed blobs, keys, shapes, dtypes, int8 scales,
     groups sent, values) and its update norm is
@@ -228,24 +229,27 @@ class ModalityAwareFedAvg(FedAvg):
         node_groups: Mapping[int, Sequence[str]] | None = None,
     ) -> list[Message]:
         """One train message per sampled node holding a group, with only its groups' arrays
-        (the global arrays packed once, one part per group: packed_record)."""
+        (one packed part per message, packed once per distinct group set: records_for_nodes)."""
         if self.fraction_train == 0.0:
             return []
-        packed = self.packed_record(_as_numpy(arrays))
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
-        messages = []
+        sampled: dict[int, list[str]] = {}
         for node_id in node_ids:
             groups = self.groups_for_node(node_id, node_groups)
             if not groups:
                 log.warning("round %d: node %d holds no trainable group; not sampled", server_round, node_id)
                 continue
+            sampled[node_id] = groups
+        records = self.records_for_nodes(_as_numpy(arrays), sampled)
+        messages = []
+        for node_id, groups in sampled.items():
             node_config = ConfigRecord(dict(config))
             node_config["server-round"] = server_round
             node_config["groups"] = groups
             record = RecordDict(
                 {
-                    self.arrayrecord_key: self.arrays_for_groups(packed, groups),
+                    self.arrayrecord_key: records[node_id],
                     self.configrecord_key: node_config,
                 }
             )
@@ -262,16 +266,17 @@ class ModalityAwareFedAvg(FedAvg):
         self._flower_round = _RoundInputs({k: v.numpy() for k, v in arrays.items()}, None, messages)
         return messages
 
-    def packed_record(self, arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-        """The global arrays as the round's messages carry them: one packed part per group
-        (healthfm_core/packing.py), made once per round; each site gets its groups' parts, the
-        same Array objects, which the SuperLink stores once however many sites they go to."""
-        return pack_record(arrays, self.group_of)
-
-    def arrays_for_groups(self, packed: ArrayRecord, groups: Sequence[str]) -> ArrayRecord:
-        """The parts of `packed` (packed_record: labelled by group) for these groups."""
-        wanted = set(groups)
-        return ArrayRecord({group: part for group, part in packed.items() if group in wanted})
+    def records_for_nodes(
+        self, arrays: Mapping[str, np.ndarray], node_groups: Mapping[int, Sequence[str]]
+    ) -> dict[int, ArrayRecord]:
+        """Each node's ArrayRecord of the global arrays: its groups' arrays as one packed part
+        (healthfm_core/packing.py pack_group_sets), packed once per distinct group set. Nodes of
+        one set carry the same blob (its bytes shared, not copied: one content-addressed object,
+        pushed and stored once); each gets its own ArrayRecord (Flower's copies the Array, not
+        its bytes)."""
+        packed = pack_group_sets(arrays, self.group_of, node_groups.values())
+        parts = {groups: {label: Array(blob) for label, blob in flat.items()} for groups, flat in packed.items()}
+        return {node: ArrayRecord(dict(parts[frozenset(groups)])) for node, groups in node_groups.items()}
 
     # ---------------------------------------------------------------- receiving
     def aggregate_train(

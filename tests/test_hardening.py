@@ -273,8 +273,8 @@ def _strategy(**kwargs) -> ModalityAwareFedAvg:
 
 def test_a_reply_over_the_size_limit_is_rejected_and_the_round_goes_on() -> None:
     glob = {"shared.w": np.zeros((4, 4), np.float32), "ehr.w": np.zeros(8, np.float32)}
-    # As the ServerApp derives it: from the global arrays as they are sent (one packed part per group).
-    limit = default_max_reply_bytes(pack_record(glob, _group_of))
+    # As the ServerApp derives it: from the global arrays as a site holding every group receives them.
+    limit = default_max_reply_bytes(pack_record(glob))
     # The derived limit admits a full-model reply (one packed part), float32 or float16.
     full = pack_record(glob)
     assert array_record_bytes(full) <= limit

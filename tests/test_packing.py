@@ -18,9 +18,16 @@ from safetensors.numpy import save
 from client.client_app import message_arrays, train_reply_content
 from healthfm_core.federation import ARRAYS_RECORD, TrainReply
 from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.groups import GROUPS
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.packing import MAX_PARTS, PACKED_PART, pack_arrays, unpack_arrays, unpack_record
+from healthfm_core.packing import (
+    MAX_PARTS,
+    PACKED_PART,
+    pack_arrays,
+    pack_group_sets,
+    unpack_arrays,
+    unpack_record,
+)
 from server.limits import array_record_bytes
 from server.strategy import ModalityAwareFedAvg, pack_record
 
@@ -222,14 +229,99 @@ def test_a_model_message_is_a_handful_of_objects_of_about_the_same_bytes() -> No
     model = HealthFM(load_model_config("tiny"), vocab_size=2000, n_prs_traits=4)
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     per_key = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    packed = pack_record(arrays, parameter_group)
+    # As the server sends them: one packed part for the site's group set (here every group).
+    [packed] = ModalityAwareFedAvg().records_for_nodes(arrays, {1: list(GROUPS)}).values()
     old, new = get_all_nested_objects(per_key), get_all_nested_objects(packed)
     assert len(arrays) > 100 and len(old) > len(arrays)  # every key an Array (and a chunk)
-    # The record, one Array per group and its chunk(s) of 5 MiB: a handful.
-    assert len(packed) == 4 and len(new) <= 1 + 2 * len(packed), len(new)
+    # The record, one Array and its chunk(s) of 5 MiB: three objects for tiny.
+    assert set(packed) == {PACKED_PART} and len(new) == 3, len(new)
     old_bytes = sum(len(o.deflate()) for o in old.values())
     new_bytes = sum(len(o.deflate()) for o in new.values())
     assert abs(new_bytes - old_bytes) < 0.02 * old_bytes, (old_bytes, new_bytes)
     # A site's reply (one part) unpacks to the same arrays.
     back = unpack_record(pack_record(arrays), where="test")
     assert all(np.array_equal(back[k], v) for k, v in arrays.items())
+
+
+# ---------------------------------------------------------------- the server's group-set packing
+
+ALL_SHAPES = {"shared.w": (2, 3), "shared.b": (3,), "ehr.w": (4,), "wearables.w": (2, 2), "genomics.w": (3,)}
+NODE_GROUPS = {  # the tiny scenario's sites: two hold every group, one no genomics, one no wearables
+    1: ["shared", "ehr", "wearables", "genomics"],
+    2: ["shared", "ehr", "wearables"],
+    3: ["genomics", "ehr", "shared", "wearables"],  # the set of node 1, named in another order
+    4: ["shared", "ehr", "genomics"],
+}
+
+
+def global_model(value: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {k: (value + rng.standard_normal(s)).astype(np.float32) for k, s in ALL_SHAPES.items()}
+
+
+def test_sites_with_the_same_groups_carry_the_same_blob_and_others_their_own() -> None:
+    records = ModalityAwareFedAvg(group_of=group_of).records_for_nodes(global_model(0.0), NODE_GROUPS)
+    assert records.keys() == NODE_GROUPS.keys()
+    assert all(set(r) == {PACKED_PART} for r in records.values())  # one part per message
+    part = {node: r[PACKED_PART] for node, r in records.items()}
+    # Same set: the very same blob (its bytes shared, not copied; one content-addressed object,
+    # pushed and stored once).
+    assert part[1].data is part[3].data and part[1].object_id == part[3].object_id
+    assert records[1] is not records[3]  # each message its own record around it
+    ids = {part[n].object_id for n in (1, 2, 4)}
+    assert len(ids) == 3  # different sets, different blobs
+    for node, groups in NODE_GROUPS.items():
+        msg = Message(RecordDict({"arrays": records[node]}), metadata=train_metadata(f"m{node}", src=0, dst=node))
+        received = message_arrays(msg)  # as the site reads it, with the site's own checks
+        assert {group_of(k) for k in received} == set(groups)
+        assert received.keys() == {k for k in ALL_SHAPES if group_of(k) in groups}
+
+
+def test_group_set_packing_packs_each_distinct_set_once() -> None:
+    arrays = global_model(0.0)
+    sets = pack_group_sets(arrays, group_of, [["ehr", "shared"], ["shared", "ehr"], ["shared"], ["other"]])
+    assert set(sets) == {frozenset({"ehr", "shared"}), frozenset({"shared"}), frozenset({"other"})}
+    assert sets[frozenset({"other"})] == {}  # no array of the set: no part, as before
+    back = unpack_arrays(sets[frozenset({"shared"})][PACKED_PART], where="test")
+    assert back.keys() == {"shared.w", "shared.b"}
+    assert all(np.array_equal(back[k], arrays[k]) for k in back)
+
+
+def test_a_round_averages_to_the_same_bits_as_with_one_part_per_group() -> None:
+    """What the sites receive, and so what a round aggregates, is bit for bit what the per-group
+    packing (the server's format before) gave."""
+    previous = global_model(-1.0)
+    strategy = ModalityAwareFedAvg(group_of=group_of)
+    per_group = pack_record(previous, group_of)  # before: one part per group, each site its groups'
+    before = {n: ArrayRecord({g: per_group[g] for g in gs if g in per_group}) for n, gs in NODE_GROUPS.items()}
+    after = strategy.records_for_nodes(previous, NODE_GROUPS)
+    outcomes = []
+    for records in (before, after):
+        sent_msgs, replies = [], []
+        for node, groups in NODE_GROUPS.items():
+            msg = Message(RecordDict({"arrays": records[node]}), metadata=train_metadata(f"m{node}", src=0, dst=node))
+            received = message_arrays(msg)
+            # A deterministic "training" of what was received, so any difference in it shows.
+            trained = {k: (v * np.float32(1.0 + 0.1 * node) + np.float32(node)) for k, v in received.items()}
+            counts = {g: 10 * node for g in groups}
+            reply = TrainReply.model_validate(
+                {"arrays": trained, "num_examples": 10 * node, "group_examples": counts},
+                context={"group_of": group_of},
+            )
+            sent_msgs.append(msg)
+            replies.append(
+                Message(
+                    train_reply_content(reply),
+                    metadata=train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"),
+                )
+            )
+        outcomes.append(
+            strategy.aggregate(1, replies, current_arrays=previous, node_groups=NODE_GROUPS, sent=sent_msgs)
+        )
+    a, b = outcomes
+    assert a.accepted == b.accepted == [1, 2, 3, 4] and not a.rejected and not b.rejected
+    assert a.arrays is not None and b.arrays is not None and a.arrays.keys() == b.arrays.keys()
+    for key in a.arrays:
+        assert a.arrays[key].dtype == b.arrays[key].dtype
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key])
+        assert not np.array_equal(a.arrays[key], previous[key])  # every group was updated

@@ -299,7 +299,7 @@ class Node:
         self.app(message(RecordDict({"setup": record}), "query.setup"), self.context)
 
     def train(self, setup: FederationSetup, groups: list[str], cfg: RoundConfig) -> Message:
-        arrays = pack_record(own_arrays(setup, groups), parameter_group)  # as the server sends them
+        arrays = pack_record(own_arrays(setup, groups))  # as the server sends them: one packed part
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(cfg.to_flat())})
         return self.app(message(content, MessageType.TRAIN), self.context)
 

@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train_reply_content
 from healthfm_core.federation import ARRAYS_RECORD, SCALES_RECORD, TrainReply
-from healthfm_core.packing import unpack_record
+from healthfm_core.packing import PACKED_PART, unpack_record
 from healthfm_core.transport import dequantise, encode_update
 from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, pack_record
 
@@ -241,8 +241,8 @@ def test_server_adam_moves_towards_the_average() -> None:
 
 def test_only_the_sites_groups_are_sent() -> None:
     s = strategy()
-    sent = s.arrays_for_groups(s.packed_record(global_arrays()), ["shared", "ehr"])
-    assert set(sent) == {"shared", "ehr"}  # one packed part per group
+    sent = s.records_for_nodes(global_arrays(), {7: ["shared", "ehr"]})[7]
+    assert set(sent) == {PACKED_PART}  # one packed part per message
     assert {group_of(k) for k in unpack_record(sent, where="test")} == {"shared", "ehr"}
 
 

@@ -188,7 +188,7 @@ def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
         setup_sha256=setup.sha256,
         transport="int8",
     )
-    train = RecordDict({"arrays": pack_record(received, parameter_group), "config": ConfigRecord(cfg.to_flat())})
+    train = RecordDict({"arrays": pack_record(received), "config": ConfigRecord(cfg.to_flat())})
     reply = app(_message(train, MessageType.TRAIN, 7), context)
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD}  # no residual

@@ -34,8 +34,8 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
 from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
-from server.strategy import pack_record
+from healthfm_core.model.groups import GROUPS, parameter_group
+from server.strategy import ModalityAwareFedAvg, pack_record
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,8 @@ def test_a_runs_train_messages_reuse_the_sites_state_and_a_new_setup_replaces_it
 
     def train(setup: FederationSetup, rnd: int) -> Message:
         runtime = get_runtime(config)
-        arrays = pack_record(  # as the server sends them: packed, one part per group
-            {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in runtime.groups},
-            parameter_group,
+        arrays = pack_record(  # as the server sends them: its groups' arrays, one packed part
+            {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in runtime.groups}
         )
         cfg = RoundConfig(
             round=rnd, rounds=3, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256
@@ -111,6 +110,33 @@ def test_a_runs_train_messages_reuse_the_sites_state_and_a_new_setup_replaces_it
     assert "arrays" in reply.content.array_records
     assert list(runtime._sequences) == [second.sha256] and list(runtime._models) == [second.sha256]
     assert runtime._sequences[second.sha256] is not sequences and runtime._models[second.sha256][0] is not model
+    site_runtime.drop_runtimes()
+
+
+@pytest.mark.usefixtures("identity")
+def test_a_train_message_packed_for_another_group_set_is_refused(hospital: dict) -> None:
+    """The server packs one blob per group set; a site sent the blob of a set holding a group it
+    does not hold (hospital: no genomics) refuses the message, as it refused that group's part."""
+    site_runtime.drop_runtimes()
+    app = make_client_app()
+    context = Context(run_id=7, node_id=1, node_config=dict(hospital), state=RecordDict(), run_config={})
+    # The federation's setup, as with a biobank beside the hospital: its model holds genomics.
+    biobank = {**hospital, "site-root": str(Path(hospital["site-root"]).with_name("biobank")), "site-name": "biobank"}
+    stats = [get_runtime(SiteConfig.from_node_config(c)).code_stats() for c in (hospital, biobank)]
+    setup = FederationSetup(
+        vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"), model_seed=1
+    )
+    assert "genomics" in setup.groups
+    setup_record = ConfigRecord({"json": setup.to_json(), "sha256": setup.sha256})
+    assert not app(_message(RecordDict({"setup": setup_record}), SETUP, 1), context).has_error()
+    assert "genomics" not in get_runtime(SiteConfig.from_node_config(hospital)).groups
+    every_group = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    record = ModalityAwareFedAvg().records_for_nodes(every_group, {1: list(GROUPS)})[1]
+    cfg = RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256)
+    train = RecordDict({"arrays": record, "config": ConfigRecord(cfg.to_flat())})
+    # Raised in the ClientApp (its process turns it into the error reply the server logs).
+    with pytest.raises(ValueError, match="of group 'genomics': this site holds only"):
+        app(_message(train, MessageType.TRAIN, 2), context)
     site_runtime.drop_runtimes()
 
 
