@@ -15,10 +15,16 @@ For each site (the site runtime the ClientApp uses, sequences prepared first and
   plain      the same without patch reuse: every patch encoded where a sample asks for it
   hr_read    what a resting-HR task cost a site without heart rate before the statistics check:
              reading its epochs and labelling them (0 rows)
+  lab_cut    the labels of the capped evaluation's subject sample only (--max-subjects, default the
+             coordinator's eval_max_subjects: at most that many subjects per split; their epochs read)
+  capped     `embed` on that sample
+  rows       samples embedded, full -> capped
 and checks that `embed` and `plain` give the same metrics and that both label paths give the same
-tables (`same`). The totals compare evaluation
-(labels + embed) with a round, summed over sites and for the slowest site (a simulation with
-one actor per site waits for the slowest). The server asks with batch size max(batch, 32).
+tables (`same`). The totals compare evaluation (labels + embed) and the capped evaluation
+(lab_cut + capped) with a round, summed over sites and for the slowest site (a simulation with
+one actor per site waits for the slowest); `embed/round` and `capped/round` leave out the labels,
+which a site extracts once per run and keeps. The server asks with batch size max(batch, 32).
+--no-baselines skips `per_task` and `plain`.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from healthfm_core.eval.site_eval import _may_hold_heart_rate, evaluate_site_tas
 from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
+from server.config import DEFAULT_EVAL_MAX_SUBJECTS  # noqa: E402
 
 # The simulation's default tasks (configs/federation/default.yaml, eval_tasks).
 DEFAULT_TASKS = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/federation/default.yaml").read_text())[
@@ -84,6 +91,10 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--local-steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--max-subjects", type=int, default=DEFAULT_EVAL_MAX_SUBJECTS, help="the capped evaluation's budget"
+    )
+    ap.add_argument("--no-baselines", action="store_true", help="skip per_task and plain")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tasks = args.tasks.split(",") if args.tasks else list(DEFAULT_TASKS)
@@ -105,13 +116,16 @@ def main() -> None:
         max_patches=cfg.max_patches,
         setup_sha256=setup.sha256,
     )
+    capped_cfg = cfg.model_copy(update={"max_subjects": args.max_subjects})
     init = setup.init_model().state_dict()
     names = args.sites.split(",") if args.sites else list(rts)
     print(f"tasks: {', '.join(tasks)}")
+    print(f"capped: at most {args.max_subjects} subjects per split")
     print(
-        f"{'site':<18}{'round':>8}{'labels':>8}{'per_task':>9}{'embed':>8}{'plain':>8}{'hr_read':>8}  eval/round  same"
+        f"{'site':<18}{'round':>8}{'labels':>8}{'per_task':>9}{'embed':>8}{'plain':>8}{'hr_read':>8}{'lab_cut':>8}{'capped':>8}"
+        f"{'rows':>14}  eval/round  capped_eval/round  embed/round  capped/round  same"
     )
-    rounds, evals = {}, {}
+    rounds, evals, capped = {}, {}, {}
     for name in names:
         rt = rts[name]
         arrays = {k: v.numpy() for k, v in init.items() if parameter_group(k) in rt.groups}
@@ -123,14 +137,19 @@ def main() -> None:
         labels = rt.labels(cfg)
         t_labels = time.perf_counter() - t
         t = time.perf_counter()
-        labels_1 = per_task_labels(rt.site, cfg.tasks, cfg.n_per_subject, cfg.seed)
+        labels_cut = rt.labels(capped_cfg)  # the sample's labels only: its wearable epochs read
+        t_labels_cut = time.perf_counter() - t
+        t = time.perf_counter()
+        labels_1 = labels if args.no_baselines else per_task_labels(rt.site, cfg.tasks, cfg.n_per_subject, cfg.seed)
         t_per_task = time.perf_counter() - t
         timed = {}
         results = {}
-        for reuse in (True, False):
+        for reuse, cap in ((True, 0), (False, 0), (True, args.max_subjects)):
+            if args.no_baselines and not reuse:
+                continue
             model = rt.model(setup, arrays)
             t = time.perf_counter()
-            results[reuse] = evaluate_site_tasks(
+            results[reuse, cap] = evaluate_site_tasks(
                 name,
                 rt.site,
                 seqs,
@@ -144,10 +163,11 @@ def main() -> None:
                 max_patches=cfg.max_patches,
                 n_per_subject=cfg.n_per_subject,
                 seed=cfg.seed,
-                labels=labels,
+                labels=labels if cap == 0 else labels_cut,
                 reuse_patches=reuse,
+                sample=rt.eval_sample(cfg) if cap == 0 else rt.eval_sample(capped_cfg),
             )
-            timed[reuse] = time.perf_counter() - t
+            timed[reuse, cap] = time.perf_counter() - t
         hr = "-"
         if (
             "wearable_resting_hr" in tasks
@@ -157,21 +177,34 @@ def main() -> None:
             t = time.perf_counter()
             wearable_regression_labels(rt.site.read_wearables(), target="resting_hr")
             hr = f"{time.perf_counter() - t:.1f}"
-        same = (
-            results[True].metrics == results[False].metrics
-            and results[True].reasons == results[False].reasons
+        full, cut = results[True, 0], results[True, args.max_subjects]
+        same = args.no_baselines or (
+            full.metrics == results[False, 0].metrics
+            and full.reasons == results[False, 0].reasons
             and _same_labels(labels, labels_1)
         )
-        evals[name] = t_labels + timed[True]
+        embed, embed_cut = timed[True, 0], timed[True, args.max_subjects]
+        plain = f"{timed[False, 0]:.1f}" if (False, 0) in timed else "-"
+        per_task = "-" if args.no_baselines else f"{t_per_task:.1f}"
+        evals[name] = t_labels + embed
+        capped[name] = t_labels_cut + embed_cut
+        rows = f"{full.num_examples}->{cut.num_examples}"
         print(
-            f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{t_per_task:>9.1f}{timed[True]:>8.1f}{timed[False]:>8.1f}{hr:>8}"
-            f"  {evals[name] / rounds[name]:>10.2f}  {same}",
+            f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{per_task:>9}{embed:>8.1f}{plain:>8}{hr:>8}{t_labels_cut:>8.1f}{embed_cut:>8.1f}"
+            f"{rows:>14}  {evals[name] / rounds[name]:>10.2f}  {capped[name] / rounds[name]:>17.2f}"
+            f"  {embed / rounds[name]:>11.2f}  {embed_cut / rounds[name]:>12.2f}  {same}",
             flush=True,
         )
     print(
         f"all sites: evaluation {sum(evals.values()):.1f} s vs round {sum(rounds.values()):.1f} s "
         f"(x{sum(evals.values()) / sum(rounds.values()):.2f}); slowest site: evaluation {max(evals.values()):.1f} s "
         f"vs round {max(rounds.values()):.1f} s (x{max(evals.values()) / max(rounds.values()):.2f})"
+    )
+    print(
+        f"capped at {args.max_subjects} subjects: evaluation {sum(capped.values()):.1f} s vs round "
+        f"{sum(rounds.values()):.1f} s (x{sum(capped.values()) / sum(rounds.values()):.2f}); slowest site: "
+        f"{max(capped.values()):.1f} s vs round {max(rounds.values()):.1f} s "
+        f"(x{max(capped.values()) / max(rounds.values()):.2f})"
     )
 
 

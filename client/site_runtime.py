@@ -41,6 +41,7 @@ from healthfm_core.data.site import Site
 from healthfm_core.data.site_cache import cached_sequences, cached_site
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate, make_loader
 from healthfm_core.eval.site_eval import evaluate_site_tasks, task_labels_at_site
+from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
 from healthfm_core.federation import (
     MODALITY_GROUP,
     TRAIN_LOSSES,
@@ -155,7 +156,7 @@ class SiteRuntime:
         self.threads = self._apply_threads()
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
-        self._labels: dict[tuple[str, int, int], dict[str, pa.Table | TaskReason]] = {}
+        self._labels: dict[tuple[str, int, int, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
@@ -461,13 +462,27 @@ class SiteRuntime:
 
     def labels(self, cfg: EvalConfig) -> dict[str, pa.Table | TaskReason]:
         """Each asked task key's labels, extracted here (they never leave the site), or the reason
-        there are none; kept while the same tasks are asked."""
-        key = (json.dumps([t.model_dump() for t in cfg.tasks], sort_keys=True), cfg.seed, cfg.n_per_subject)
+        there are none; with a subject budget, the sample's only (eval_sample); kept while the
+        same tasks and budget are asked."""
+        key = (
+            json.dumps([t.model_dump() for t in cfg.tasks], sort_keys=True),
+            cfg.seed,
+            cfg.n_per_subject,
+            cfg.max_subjects,
+        )
         if key not in self._labels:
+            subjects = self.eval_sample(cfg).subjects() if cfg.max_subjects else None
             self._labels = {
-                key: task_labels_at_site(self.site, cfg.tasks, n_per_subject=cfg.n_per_subject, seed=cfg.seed)
+                key: task_labels_at_site(
+                    self.site, cfg.tasks, n_per_subject=cfg.n_per_subject, seed=cfg.seed, subjects=subjects
+                )
             }
         return self._labels[key]
+
+    def eval_sample(self, cfg: EvalConfig) -> SubjectSample:
+        """The subjects an evaluation labels and scores: per split, at most cfg.max_subjects, a
+        keyed-hash sample with the run's seed as the key (the same every round)."""
+        return draw_sample(self.split_ids(), cfg.max_subjects, cfg.seed)
 
     def eval_dir(self) -> Path:
         """Where this site writes its predictions (meds-evaluation format): `eval-dir`, else
@@ -489,7 +504,8 @@ class SiteRuntime:
     def evaluate(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: EvalConfig) -> EvalReply:
         """The server's tasks on the site's own splits (healthfm_core.eval.site_eval): labels here,
         a frozen probe fitted on train (C from tuning), held_out predictions written in the
-        meds-evaluation format under eval_dir() and scored by meds-evaluation. A task key whose
+        meds-evaluation format under eval_dir() and scored by meds-evaluation; with
+        cfg.max_subjects, on a fixed subject sample drawn here (the ids stay here). A task key whose
         split has fewer subjects than the site's minimum, a single class, or no labels here gets
         only its reason (counted in `withheld`)."""
         t0 = time.perf_counter()
@@ -509,6 +525,7 @@ class SiteRuntime:
             n_per_subject=cfg.n_per_subject,
             seed=cfg.seed,
             labels=self.labels(cfg),
+            sample=self.eval_sample(cfg),
         )
         return EvalReply(
             tasks=result.metrics,
@@ -516,6 +533,7 @@ class SiteRuntime:
             num_examples=result.num_examples,
             withheld=len(result.reasons),
             eval_seconds=time.perf_counter() - t0,
+            max_subjects=cfg.max_subjects,
         )
 
     def _split_lookup(self):

@@ -96,7 +96,12 @@ _TRAIN_SCALARS = {
     "train-seconds": "train_seconds",
     "client-seconds": "client_seconds",
 }
-_EVAL_SCALARS = {"num-examples": "num_examples", "withheld": "withheld", "eval-seconds": "eval_seconds"}
+_EVAL_SCALARS = {
+    "num-examples": "num_examples",
+    "withheld": "withheld",
+    "eval-seconds": "eval_seconds",
+    "max-subjects": "max_subjects",
+}
 _EVAL_TASK_COUNT = "tasks"
 # The loss names a site may report: every objective and their weighted total.
 TRAIN_LOSSES = (*LOSS_NAMES, "total")
@@ -312,7 +317,10 @@ class EvalConfig(_Strict):
     max_patches: int = Field(default=32, gt=0)
     n_boot: int = Field(default=100, ge=10)
     n_per_subject: int = Field(default=4, ge=1, le=64)  # visit prediction times per subject (ACES tasks)
-    seed: int = 0
+    seed: int = 0  # also the key of the subject sample's hash (healthfm_core/eval/subject_sample.py)
+    # Per task and split, score (and fit the probe on) every row of at most this many subjects, a
+    # fixed keyed-hash sample (0: every subject): the federation's eval_max_subjects.
+    max_subjects: int = Field(default=0, ge=0)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -604,16 +612,23 @@ def _validate(
 # count used to weight the server's average.
 EVAL_METRICS = ("auroc", "auprc", "ece", "r2")
 _TASK_N = "n"
+# Whom an evaluation scored, held-out split: "<task>.subjects" (those with rows) of
+# "<task>.subjects-available" (the split's subjects, of which a capped evaluation drew its sample).
+_TASK_SCOPE = {"subjects": "subjects", "subjects-available": "available_subjects"}
 
 
 class TaskMetrics(_Reply):
-    """One task's held-out metrics at one site (n: held-out samples). NaN: undefined on that split."""
+    """One task's held-out metrics at one site (n: held-out samples scored; subjects: their
+    subjects; available_subjects: the held-out subjects the site has, of which a capped
+    evaluation drew its sample; None from a site that does not say). NaN: undefined."""
 
     n: int = Field(ge=1)
     auroc: float | None = None  # each in [0, 1] (r2 at most 1), or NaN
     auprc: float | None = None
     ece: float | None = None
     r2: float | None = None
+    subjects: int | None = Field(default=None, ge=1)
+    available_subjects: int | None = Field(default=None, ge=1)
 
     @field_validator("auroc", "auprc", "ece", "r2")
     @classmethod
@@ -627,6 +642,12 @@ class TaskMetrics(_Reply):
     def _some_metric(self) -> TaskMetrics:
         if all(getattr(self, m) is None for m in EVAL_METRICS):
             raise ValueError(f"no metric among {', '.join(EVAL_METRICS)}")
+        if (
+            self.subjects is not None
+            and self.available_subjects is not None
+            and self.subjects > self.available_subjects
+        ):
+            raise ValueError(f"subjects {self.subjects} is more than available_subjects {self.available_subjects}")
         return self
 
 
@@ -731,6 +752,7 @@ class EvalReply(_Reply):
     num_examples: int = Field(default=0, ge=0)  # samples embedded
     withheld: int = Field(default=0, ge=0)
     eval_seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    max_subjects: int = Field(default=0, ge=0)  # the subject budget the site applied (0: every subject)
 
     @field_validator("tasks", "reasons")
     @classmethod
@@ -754,6 +776,9 @@ class EvalReply(_Reply):
         for task, m in self.tasks.items():
             out.update({f"{task}.{name}": v for name in EVAL_METRICS if (v := getattr(m, name)) is not None})
             out[f"{task}.{_TASK_N}"] = m.n
+            out.update(
+                {f"{task}.{wire}": v for wire, name in _TASK_SCOPE.items() if (v := getattr(m, name)) is not None}
+            )
         for task, r in self.reasons.items():
             out[f"{task}.{_WITHHELD}.{r.kind}"] = 1
             out[f"{task}.{_MINIMUM}"] = r.minimum
@@ -780,6 +805,8 @@ class EvalReply(_Reply):
                 count = value
             elif task and len(parts) == 1 and (rest in EVAL_METRICS or rest == _TASK_N):
                 tasks.setdefault(task, {})[rest] = value
+            elif task and len(parts) == 1 and rest in _TASK_SCOPE:
+                tasks.setdefault(task, {})[_TASK_SCOPE[rest]] = value
             elif task and len(parts) == 2 and parts[0] == _WITHHELD:
                 if value != 1:
                     raise ValueError(f"evaluate reply: field {key}: value {value!r}: expected 1")
@@ -812,7 +839,7 @@ class EvalReply(_Reply):
 
 def _eval_wire_name(loc: tuple[Any, ...]) -> str:
     if len(loc) >= 3 and loc[0] == "tasks":
-        return f"{loc[1]}.{loc[2]}"
+        return f"{loc[1]}.{next((w for w, n in _TASK_SCOPE.items() if n == loc[2]), loc[2])}"
     if len(loc) >= 2 and loc[0] == "reasons":
         rest = [str(x) for x in loc[2:] if x != "splits"]
         if rest[:1] == ["kind"]:

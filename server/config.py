@@ -34,6 +34,18 @@ from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.transport import Rounding, Transport
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
+# The federated evaluation's subject budget (eval_max_subjects), from the cost model, not the
+# metrics. Default scenario, wearable clinic, default eval_tasks (the costliest site), measured in
+# one run (benchmarks/eval_cost.py; a loaded machine, so ratios only): a round of 30 steps x batch
+# 16 took 10.3 s; the full evaluation embedded 13,359 rows of 1,995 subjects (6.7 rows/subject) in
+# 94.5 s (7.1 ms/row, linear in rows); labels took 3.5 s fixed (events, visit times, ACES) + 22 s
+# of wearable epochs read and labelled, linear in subjects (2,000). A budget c <= 200 samples c
+# subjects in each of the 3 splits, 3c in all:
+#   eval(c) = 3.5 + 3c x 6.7 x 0.0071 + 22 x 3c / 2000 = 3.5 + 0.176 c  <=  10.3  =>  c <= 38.
+# At 38 subjects most 30/90-day binary tasks have one class and are withheld, so the default scores
+# every subject (a coordinator asking for metrics expects all of them); a budget is for watching
+# training every few rounds (docs/coordinator.md).
+DEFAULT_EVAL_MAX_SUBJECTS = 0
 DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
 # Config keys a resumed run may change; any other difference from the checkpoint's is refused.
 RESUMABLE_CHANGES = {
@@ -46,6 +58,7 @@ RESUMABLE_CHANGES = {
     "evaluate_every",
     "eval_tasks",
     "eval_n_boot",
+    "eval_max_subjects",
     "keep_checkpoints",
     "min_nodes",
     "max_reply_bytes",
@@ -148,6 +161,10 @@ class FederationConfig(BaseModel):
     # Empty: no federated evaluation (a job that probes the model itself skips its cost).
     eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     eval_n_boot: int = Field(default=100, ge=10)
+    # The federated evaluation's subject budget: each site scores, per task and split, every row of
+    # at most this many subjects (a fixed keyed-hash sample, the same every round; the probe is
+    # fitted on the train split's sample). 0: every subject (e.g. a final evaluation).
+    eval_max_subjects: int = Field(default=DEFAULT_EVAL_MAX_SUBJECTS, ge=0, strict=True)
     timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
     max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
     reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)
@@ -250,6 +267,7 @@ def resume_conflicts(config: FederationConfig, saved: Mapping[str, Any]) -> list
 
 
 __all__ = [
+    "DEFAULT_EVAL_MAX_SUBJECTS",
     "DEFAULT_EVAL_TASKS",
     "RESUMABLE_CHANGES",
     "FederationConfig",

@@ -62,7 +62,7 @@ from flwr.serverapp import Grid, ServerApp
 from healthfm_core.data.code_stats import SiteCodeStats
 from healthfm_core.data.task_spec import task_keys
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.eval.outcomes import outcome_lines
+from healthfm_core.eval.outcomes import outcome_lines, scored_of_available
 from healthfm_core.federation import (
     CAPABILITIES,
     CODE_STATS,
@@ -766,7 +766,15 @@ class FederationServer:
             max_patches=cfg.max_patches,
             n_boot=cfg.eval_n_boot,
             seed=cfg.seed,
+            max_subjects=cfg.eval_max_subjects,
         )
+        if cfg.eval_max_subjects:
+            log.info(
+                "evaluation after round %d: each site scores a fixed subject sample, at most %d subjects per task "
+                "and split (eval_max_subjects; 0 scores every subject)",
+                rnd,
+                cfg.eval_max_subjects,
+            )
         connected = set(self._wait_for_nodes(f"evaluation after round {rnd}"))
         # One packed part per message, packed once per distinct group set (strategy.records_for_nodes).
         records = self.strategy.records_for_nodes(
@@ -810,7 +818,11 @@ class FederationServer:
             for node, caps in sorted(self.sites.items())
             if caps.site not in per_site
         }
-        asked = {"tasks": task_keys(eval_cfg.tasks), "asked_sites": sorted(self._site(n) for n in self.node_groups)}
+        asked = {
+            "tasks": task_keys(eval_cfg.tasks),
+            "asked_sites": sorted(self._site(n) for n in self.node_groups),
+            "max_subjects": cfg.eval_max_subjects,
+        }
         self.events.write(
             "evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds, absent=absent, **asked
         )
@@ -824,10 +836,16 @@ class FederationServer:
             task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)]
         ):
             log.info("  %s", line)
+        scope = scored_of_available(per_site)
         for key, value in aggregated.items():
             if key.endswith(".auroc") or key.endswith(".r2"):
                 task = key.rsplit(".", 1)[0]
-                log.info("  %-28s %s %.3f (n=%d)", task, key.rsplit(".", 1)[1], value, aggregated.get(f"{task}.n", 0))
+                sampled = ""
+                if task in scope:
+                    n, subjects, avail_subjects = scope[task]
+                    sampled = f"; a subject sample: rows of {subjects} of {avail_subjects} held-out subjects"
+                n_task = aggregated.get(f"{task}.n", 0)
+                log.info("  %-28s %s %.3f (n=%d%s)", task, key.rsplit(".", 1)[1], value, n_task, sampled)
         return aggregated
 
 

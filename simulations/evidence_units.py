@@ -48,6 +48,9 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
     "preset_name",
 )
 NOT_FINGERPRINTED += ("scenarios", "seeds", "cost", "targets", "eval.n_boot")
+# The federated evaluation's subject budget: the job's federations run no federated evaluation
+# (federation.eval_tasks: []), so it changes none of a unit's numbers (units written before it existed resume).
+NOT_FINGERPRINTED += ("federation.eval_max_subjects",)
 
 
 class UnitFileError(ValueError):

@@ -32,7 +32,7 @@ from server.checkpoint import (
     latest_server_checkpoint,
     load_server_checkpoint,
 )
-from server.config import FederationConfig, ServerOptimizerConfig
+from server.config import DEFAULT_EVAL_MAX_SUBJECTS, FederationConfig, ServerOptimizerConfig
 from server.runlog import read_events
 from server.server_app import FederationServer
 from simulations.run import run_federation_simulation
@@ -119,6 +119,12 @@ def test_round_zero_and_evaluation_are_logged(full_run: Path) -> None:
     assert setup["sites"]["hospital"]["subjects"]["genomics"] == 0
     evaluation = events[-1]
     assert evaluation["round"] == 2 and set(evaluation["sites"]) == set(EXPECTED_GROUPS)
+    # The subject budget the sites were asked for, and each reported task's scored subjects.
+    assert evaluation["max_subjects"] == DEFAULT_EVAL_MAX_SUBJECTS
+    for flat in evaluation["sites"].values():
+        assert flat["max-subjects"] == DEFAULT_EVAL_MAX_SUBJECTS
+        for key in [k for k in flat if k.endswith(".n")]:
+            assert 0 < flat[key[:-2] + ".subjects"] <= flat[key[:-2] + ".subjects-available"]
     # The genomics cohort has no wearables: it never reports a metric of the wearable task, only
     # the reason it has none.
     genomics = evaluation["sites"]["genomics"]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from healthfm_core.federation import EvalReply
+from healthfm_core.federation import EvalReply, TaskMetrics
 
 NOT_REPLIED = "no reply from this site (see the server log)"
 NOT_REPORTED = "not in the site's reply"
@@ -22,9 +22,15 @@ def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
     if reply is None:
         return "no metric", NOT_REPLIED
     if (m := reply.tasks.get(key)) is not None:
+        # A subject budget smaller than the split: say what the number is from.
+        held = f"n={m.n} held-out" + (
+            f" (a subject sample: rows of {m.subjects} of {m.available_subjects} held-out subjects)"
+            if sampled(reply, m)
+            else ""
+        )
         if m.r2 is not None:
-            return f"R2 {_f(m.r2)}", f"n={m.n} held-out"
-        return f"AUROC {_f(m.auroc)}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, n={m.n} held-out"
+            return f"R2 {_f(m.r2)}", held
+        return f"AUROC {_f(m.auroc)}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, {held}"
     if (r := reply.reasons.get(key)) is not None:
         return "no metric", r.describe()
     return "no metric", NOT_REPORTED
@@ -51,6 +57,27 @@ def outcome_table(keys: Sequence[str], per_site: Mapping[str, EvalReply], sites:
     return "\n".join(lines)
 
 
+def sampled(reply: EvalReply, m: TaskMetrics) -> bool:
+    """Whether the site scored a subject sample of the task's held-out split (a budget below its size)."""
+    return bool(reply.max_subjects) and m.available_subjects is not None and m.available_subjects > reply.max_subjects
+
+
+def scored_of_available(per_site: Mapping[str, EvalReply]) -> dict[str, tuple[int, int, int]]:
+    """Per task that some site scored on a subject sample: held-out rows scored, subjects scored
+    and held-out subjects the sites have, summed over the sites that reported the task."""
+    sums: dict[str, list[int]] = {}
+    cut: set[str] = set()
+    for reply in per_site.values():
+        for task, m in reply.tasks.items():
+            subjects = m.subjects or 0
+            row = sums.setdefault(task, [0, 0, 0])
+            for i, v in enumerate((m.n, subjects, m.available_subjects or subjects)):
+                row[i] += v
+            if sampled(reply, m):
+                cut.add(task)
+    return {t: (v[0], v[1], v[2]) for t, v in sums.items() if t in cut}
+
+
 def replies_from_event(event: Mapping) -> tuple[list[str], dict[str, EvalReply], list[str]]:
     """(task keys, replies by site, asked sites) of an `evaluate` event of rounds.jsonl (or of
     evaluation.json); task keys from the replies when the event predates `tasks`."""
@@ -67,4 +94,6 @@ __all__ = [
     "outcome_rows",
     "outcome_table",
     "replies_from_event",
+    "sampled",
+    "scored_of_available",
 ]

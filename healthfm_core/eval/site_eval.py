@@ -7,6 +7,8 @@ For each TaskSpec (healthfm_core.data.task_spec):
   each MEDS shard read once for all ACES tasks (aces_labels_shared);
   `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
   wearable regressions from the site's wearables;
+- with a subject budget (EvalConfig.max_subjects), only a fixed keyed-hash sample of at most that
+  many subjects per split (healthfm_core/eval/subject_sample.py) is labelled and evaluated;
 - every labelled (subject, prediction_time) is embedded once by the frozen model;
 - per task key: a linear probe fitted on the train split (C from tuning), the held_out
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema)
@@ -33,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from healthfm_core.data.aces_tasks import aces_labels_shared
-from healthfm_core.data.layout import SPLITS, WEARABLES_SCHEMA
+from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, WEARABLES_SCHEMA
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_labels import SiteLabelError, read_site_labels, site_tasks
 from healthfm_core.data.task_spec import TaskSpec, horizon_key
@@ -49,6 +51,7 @@ from healthfm_core.eval.meds_eval import prediction_path, score_predictions, wri
 from healthfm_core.eval.metrics import r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import compute_embeddings, fit_logistic_probe, fit_ridge_probe
+from healthfm_core.eval.subject_sample import SubjectSample
 from healthfm_core.federation import SplitCount, TaskMetrics, TaskReason
 
 log = logging.getLogger(__name__)
@@ -65,12 +68,18 @@ class SiteTaskResults:
 
 
 def task_labels_at_site(
-    site: Site, specs: Sequence[TaskSpec], n_per_subject: int = 4, seed: int = 0
+    site: Site,
+    specs: Sequence[TaskSpec],
+    n_per_subject: int = 4,
+    seed: int = 0,
+    subjects: np.ndarray | None = None,
 ) -> dict[str, pa.Table | TaskReason]:
     """Per task key, its labels (subject_id, prediction_time, boolean_value or float_value) or the
-    reason there are none (the task did not parse, the site has no labels for it)."""
+    reason there are none (the task did not parse, the site has no labels for it). `subjects`:
+    only these subjects' labels (the same rows as theirs among all), their wearable epochs only
+    read; None: every subject."""
     out: dict[str, pa.Table | TaskReason] = {}
-    aces = _aces_labels(site, specs, n_per_subject, seed)
+    aces = _aces_labels(site, specs, n_per_subject, seed, subjects)
     own = set(site_tasks(site.root))
     for spec in specs:
         if spec.kind == "aces":
@@ -92,6 +101,8 @@ def task_labels_at_site(
                 out[spec.name] = TaskReason(kind="invalid_labels")
                 continue
             table = table.filter(pc.is_valid(table["boolean_value"]))
+            if subjects is not None:
+                table = table.filter(pa.array(np.isin(table["subject_id"].to_numpy(), subjects)))
             out[spec.name] = table.select(["subject_id", "prediction_time", "boolean_value"]).cast(LABEL_SCHEMA_BOOL)
         else:
             if not site.wearable_files:
@@ -104,12 +115,13 @@ def task_labels_at_site(
                 # No heart rate, no resting-HR label: the labels of no epochs, without reading them all.
                 out[spec.name] = wearable_regression_labels(WEARABLES_SCHEMA.empty_table(), target=wear_task.target)
                 continue
-            out[spec.name] = wearable_regression_labels(site.read_wearables(), target=wear_task.target)
+            # A subject's labels come from its own epochs: reading only the sample's is exact.
+            out[spec.name] = wearable_regression_labels(site.read_wearables(subjects), target=wear_task.target)
     return out
 
 
 def _aces_labels(
-    site: Site, specs: Sequence[TaskSpec], n_per_subject: int, seed: int
+    site: Site, specs: Sequence[TaskSpec], n_per_subject: int, seed: int, subjects: np.ndarray | None = None
 ) -> dict[str, dict[str, pa.Table | TaskReason]]:
     """Per ACES task name, its keys' labels (or the invalid_task reason): the site's shards are
     read once for all of them (aces_labels_shared), at the visit prediction times."""
@@ -126,6 +138,8 @@ def _aces_labels(
     if tasks:
         events = site.read_events(columns=["subject_id", "time", "code"])
         times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+        if subjects is not None:  # a subject's times are drawn from its own events: the same as among all
+            times = times.filter(pa.array(np.isin(times["subject_id"].to_numpy(), subjects)))
         labels = aces_labels_shared([t for _, t in tasks], site.root, prediction_times=times)
         for (spec, _), by_horizon in zip(tasks, labels, strict=True):
             out[spec.name] = {horizon_key(spec.name, h): table for h, table in by_horizon.items()}
@@ -203,19 +217,25 @@ def evaluate_site_tasks(
     seed: int = 0,
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
     reuse_patches: bool = True,
+    sample: SubjectSample | None = None,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `reuse_patches`
     False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
-    baseline of benchmarks/eval_cost.py)."""
+    baseline of benchmarks/eval_cost.py). With a `sample` (draw_sample) that has a budget, only its
+    subjects' rows are embedded, fitted on and scored, and the minimum-subject and class checks
+    apply to them; the metrics say how many held-out subjects the sample was drawn from."""
+    subjects = None if sample is None or not sample.max_subjects else sample.subjects()
     if labels is None:
-        labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed)
+        labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects)
     out = SiteTaskResults()
     usable: dict[str, pa.Table] = {}
     for key, table in labels.items():
         if isinstance(table, TaskReason):
             out.reasons[key] = table.model_copy(update={"minimum": min_subjects})
             continue
+        if sample is not None:
+            table = sample.keep(table)
         binary = "boolean_value" in table.column_names
         counts = task_split_counts(table, split_of)
         if (reason := withheld_reason(counts, min_subjects, binary)) is not None:
@@ -249,7 +269,12 @@ def evaluate_site_tasks(
         idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
         split = split_of(table["subject_id"].to_numpy())
         x = {s: x_all[idx[split == s]] for s in SPLITS}
-        held = np.flatnonzero(split == "held_out")
+        held = np.flatnonzero(split == HELD_OUT_SPLIT)
+        # Scored: the held-out subjects with rows, of the held-out subjects the site has.
+        scope = {
+            "subjects": len(np.unique(table["subject_id"].to_numpy()[held])),
+            "available_subjects": None if sample is None else sample.available[HELD_OUT_SPLIT],
+        }
         if "boolean_value" in table.column_names:
             y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             y = {s: y_all[split == s] for s in SPLITS}
@@ -266,12 +291,15 @@ def evaluate_site_tasks(
                 auroc=float(scores["roc_auc_score"]),
                 auprc=float(scores["average_precision_score"]),
                 ece=float(scores["calibration_error"]),
+                **scope,
             )
         else:
             y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
             y = {s: y_all[split == s] for s in SPLITS}
             ridge = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
-            out.metrics[key] = TaskMetrics(n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))))
+            out.metrics[key] = TaskMetrics(
+                n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))), **scope
+            )
     return out
 
 
