@@ -763,24 +763,14 @@ class SiteSequences:
         # Per-sample scalars as `sample` computes them: Python ints divided, then float32.
         t0_list, pt_list, birth_list = t0.tolist(), pt.tolist(), self.birth_us[idx].tolist()
         T = self.prs.shape[1]
-        return Batch(
-            subject_id=torch.from_numpy(self.subject_ids[idx]),
-            prediction_time=torch.tensor([(p - t) / US_PER_DAY for p, t in zip(pt_list, t0_list)], dtype=torch.float32),
-            codes=torch.from_numpy(codes),
-            values=torch.from_numpy(values),
-            has_value=torch.from_numpy(has_value),
-            times=torch.from_numpy(times),
-            ehr_valid=torch.from_numpy(valid),
-            wear_epochs=torch.from_numpy(wear),
-            wear_epoch_mask=torch.from_numpy(wmask),
-            wear_times=torch.from_numpy(wtimes),
-            wear_valid=torch.from_numpy(wvalid),
-            prs=torch.from_numpy(self.prs[idx].astype(np.float32).reshape(B, T)),
-            prs_valid=torch.from_numpy(self.prs_valid[idx].reshape(B, T)),
-            birth_time=torch.tensor(
-                [float("nan") if bu == _NO_TIME else (bu - t) / US_PER_DAY for bu, t in zip(birth_list, t0_list)],
-                dtype=torch.float32,
-            ),
+        return batch_from_arrays(
+            self.subject_ids[idx],
+            [(p - t) / US_PER_DAY for p, t in zip(pt_list, t0_list)],
+            (codes, values, has_value, times, valid),
+            (wear, wmask, wtimes, wvalid),
+            self.prs[idx].astype(np.float32).reshape(B, T),
+            self.prs_valid[idx].reshape(B, T),
+            [float("nan") if bu == _NO_TIME else (bu - t) / US_PER_DAY for bu, t in zip(birth_list, t0_list)],
         )
 
 
@@ -825,9 +815,33 @@ def collate(samples: Sequence[Sample]) -> Batch:
     # Pad times with each row's last real time so padded keys never look "in the future".
     last = np.where(valid.any(1), times[np.arange(B), np.maximum(valid.sum(1) - 1, 0)], 0.0)
     times = np.where(valid, times, last[:, None]).astype(np.float32)
+    return batch_from_arrays(
+        np.array([s.subject_id for s in samples], dtype=np.int64),
+        [s.prediction_time for s in samples],
+        (codes, values, has_value, times, valid),
+        (wear, wmask, wtimes, wvalid),
+        np.stack([s.prs for s in samples]).astype(np.float32).reshape(B, T),
+        np.stack([s.prs_valid for s in samples]).reshape(B, T),
+        [s.birth_time for s in samples],
+    )
+
+
+def batch_from_arrays(
+    subject_id: np.ndarray,
+    prediction_time: Sequence[float],
+    ehr: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    wearables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    prs: np.ndarray,
+    prs_valid: np.ndarray,
+    birth_time: Sequence[float],
+) -> Batch:
+    """The Batch of padded numpy arrays (collate and SiteSequences.batch both end here): ehr is
+    (codes, values, has_value, times, valid), wearables (epochs, epoch mask, times, valid)."""
+    codes, values, has_value, times, valid = ehr
+    wear, wmask, wtimes, wvalid = wearables
     return Batch(
-        subject_id=torch.tensor([s.subject_id for s in samples], dtype=torch.int64),
-        prediction_time=torch.tensor([s.prediction_time for s in samples], dtype=torch.float32),
+        subject_id=torch.from_numpy(np.asarray(subject_id, dtype=np.int64)),
+        prediction_time=torch.tensor(list(prediction_time), dtype=torch.float32),
         codes=torch.from_numpy(codes),
         values=torch.from_numpy(values),
         has_value=torch.from_numpy(has_value),
@@ -837,9 +851,9 @@ def collate(samples: Sequence[Sample]) -> Batch:
         wear_epoch_mask=torch.from_numpy(wmask),
         wear_times=torch.from_numpy(wtimes),
         wear_valid=torch.from_numpy(wvalid),
-        prs=torch.from_numpy(np.stack([s.prs for s in samples]).astype(np.float32).reshape(B, T)),
-        prs_valid=torch.from_numpy(np.stack([s.prs_valid for s in samples]).reshape(B, T)),
-        birth_time=torch.tensor([s.birth_time for s in samples], dtype=torch.float32),
+        prs=torch.from_numpy(prs),
+        prs_valid=torch.from_numpy(prs_valid),
+        birth_time=torch.tensor(list(birth_time), dtype=torch.float32),
     )
 
 
