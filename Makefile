@@ -57,6 +57,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_deployment.py::test_join_with_the_wrong_certificate_is_refused \
 	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \
 	tests/test_hardening.py::test_insecure_superlink_warns_loudly \
+	tests/test_hardening.py::test_superlink_stops_with_its_parent_process \
 	tests/test_evidence.py::test_quick_report_answers_every_question \
 	tests/test_federation.py::test_resumed_run_equals_uninterrupted_run \
 	tests/test_privacy_sweep.py::test_the_server_asks_for_dp_and_each_site_reports_its_spend \

@@ -134,6 +134,17 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
     """Run the SuperLink (and, with TLS, its nginx proxy) in the foreground until stopped."""
     paths = _paths(args)
@@ -230,6 +241,10 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             )
             print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
         while all(proc.poll() is None for proc in procs) and not stopping:
+            if args.parent_pid is not None and not _alive(args.parent_pid):
+                print(f"parent process {args.parent_pid} is gone: stopping", file=sys.stderr, flush=True)
+                stopping = True
+                break
             if not superexec or superexec[-1].poll() is not None:
                 if superexec:
                     print(
@@ -565,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database", help="SuperLink state (default FED/server/superlink.db)")
     p.add_argument("--log-file")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local tests only)")
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="stop (SuperLink, SuperExec and nginx with it) when this process exits, e.g. a test run or supervisor",
+    )
     p.set_defaults(func=cmd_superlink)
 
     def connection_options(q: argparse.ArgumentParser) -> None:

@@ -144,7 +144,8 @@ def superlink(federation: FederationPaths) -> Iterator[str]:
     bundle approved in site_policy(federation)."""
     port = free_port()
     proc = Process(
-        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)],
+        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)]
+        + ["--parent-pid", str(os.getpid())],  # gone with this test process, even when it is killed
         federation.root / "superlink.out",
     )
     try:

@@ -470,7 +470,8 @@ def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_iden
 
     port = superlink.rsplit(":", 1)[1]
     again = Process(
-        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", port],
+        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", port]
+        + ["--parent-pid", str(os.getpid())],
         tmp_path / "superlink-again.out",
     )
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,6 +173,50 @@ def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
         proc.stop()
     # The default (no --insecure) records the CA for the flwr CLI, never insecure.
     assert "--insecure" not in " ".join(proc.proc.args[:-1])
+
+
+def _live(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+@pytest.mark.slow  # a real SuperLink process
+def test_superlink_stops_with_its_parent_process(tmp_path: Path) -> None:
+    # A killed test run (or supervisor) must not leave a SuperLink, SuperExec or nginx behind.
+    fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    port = free_port()
+    proc = Process(
+        [sys.executable, "-m", "server.coordinator", "superlink", str(fed.root), "--port", str(port)]
+        + ["--parent-pid", str(parent.pid)],
+        tmp_path / "superlink.out",
+    )
+    try:
+        assert proc.wait_for("SuperLink ready", 600), proc.output()[-2000:]
+        started = _children(proc.proc.pid)  # the SuperLink wrapper, nginx, the SuperExec
+        assert len(started) >= 2, started
+        parent.kill()
+        parent.wait()
+        assert proc.proc.wait(timeout=600) == 0, proc.output()[-2000:]
+        assert "parent process" in proc.output() and "is gone: stopping" in proc.output()
+        assert not [pid for pid in started if _live(pid)], [Path(f"/proc/{p}/cmdline").read_bytes() for p in started]
+    finally:
+        parent.kill()
+        proc.stop()
 
 
 # ---------------------------------------------------------------------------- checkpoint integrity
