@@ -268,3 +268,35 @@ def check_rounds(rounds: dict[int, dict], expected: list[int]) -> None:
             assert set(entry["groups_received"]) <= set(EXPECTED_GROUPS[site]), (rnd, site)
             assert {"ehr", "shared"} <= set(entry["groups_received"]), (rnd, site)
             assert set(entry["num_examples"]) == set(entry["groups_received"])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (whatever session or group it moved to), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -35,6 +35,9 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     SITES,
     TINY_RUN,
     Process,
+    alive,
+    command,
+    descendants,
     federation,
     join_args,
     joined,
@@ -127,38 +130,6 @@ def has_event(out: Path, name: str) -> bool:
     return path.is_file() and any(
         json.loads(ln).get("event") == name for ln in path.read_text().splitlines() if ln.strip().endswith("}")
     )
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below pid (whatever session or group it moved to), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def signal_tree(proc: Process, signum: int) -> list[int]:

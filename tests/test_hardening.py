@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deploy_fixtures import Process, free_port
+from deploy_fixtures import Process, alive, command, descendants, free_port
 from flower_messages import train_metadata
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -175,25 +175,6 @@ def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
     assert "--insecure" not in " ".join(proc.proc.args[:-1])
 
 
-def _live(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
 @pytest.mark.slow  # a real SuperLink process
 def test_superlink_stops_with_its_parent_process(tmp_path: Path) -> None:
     # A killed test run (or supervisor) must not leave a SuperLink, SuperExec or nginx behind.
@@ -207,13 +188,13 @@ def test_superlink_stops_with_its_parent_process(tmp_path: Path) -> None:
     )
     try:
         assert proc.wait_for("SuperLink ready", 600), proc.output()[-2000:]
-        started = _children(proc.proc.pid)  # the SuperLink wrapper, nginx, the SuperExec
+        started = descendants(proc.proc.pid)  # the SuperLink wrapper, nginx, the SuperExec
         assert len(started) >= 2, started
         parent.kill()
         parent.wait()
         assert proc.proc.wait(timeout=600) == 0, proc.output()[-2000:]
         assert "parent process" in proc.output() and "is gone: stopping" in proc.output()
-        assert not [pid for pid in started if _live(pid)], [Path(f"/proc/{p}/cmdline").read_bytes() for p in started]
+        assert not [pid for pid in started if alive(pid)], [command(p) for p in started]
     finally:
         parent.kill()
         proc.stop()
