@@ -390,13 +390,30 @@ def _launch(
         return EXIT_OK
     out_dir = Path(str(run_config["out-dir"]))
     try:
-        status = wait_for_run(paths, run_id, args.timeout, unreachable_grace=args.unreachable_grace)
+        status = wait_for_run(
+            paths,
+            run_id,
+            args.timeout,
+            unreachable_grace=args.unreachable_grace,
+            ending=lambda: _ending(out_dir, run_id),
+        )
     except SuperLinkUnreachable as err:
         outcome = _outcome_of(out_dir, run_id)
         raise SuperLinkUnreachable(
             f"{err}; {out_dir}/outcome.json: {outcome.describe() if outcome else 'nothing recorded for this run'}"
         ) from None
     return report_outcome(run_id, status, out_dir)
+
+
+def _ending(out_dir: Path, run_id: int) -> bool:
+    """Whether the ServerApp has recorded this run's end in outcome.json (its last act; the file
+    says "running" from round 0 on), quietly: asked four times a second while the launch waits
+    (a bad file is reported once, by report_outcome)."""
+    try:
+        outcome = read_outcome(out_dir)
+    except ValueError:
+        return False
+    return outcome is not None and outcome.run_id == run_id and outcome.status != "running"
 
 
 def _outcome_of(out_dir: Path, run_id: int) -> RunOutcome | None:

@@ -53,6 +53,7 @@ NGINX_ACCESS_LOG = "nginx-access.log"
 # Model weights travel in push-object/pull-object bodies; a round can wait long for replies.
 MAX_BODY = "2g"
 TIMEOUT = "3600s"
+UPSTREAM_KEEPALIVE = 32  # idle connections to the SuperLink kept for reuse (a few per site)
 
 
 def find_nginx() -> str:
@@ -90,7 +91,12 @@ pid {server / "nginx.pid"};
 error_log {server / NGINX_ERROR_LOG} notice;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {server / NGINX_ACCESS_LOG};
+    # nginx's "combined" format, and how long each request took: in all (rt), connecting to the
+    # SuperLink (uct; "-" when a kept-alive connection was reused) and waiting for it (urt).
+    log_format timed '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
+                     '"$http_referer" "$http_user_agent" rt=$request_time uct=$upstream_connect_time '
+                     'urt=$upstream_response_time';
+    access_log {server / NGINX_ACCESS_LOG} timed;
     client_body_temp_path {tmp / "body"};
     proxy_temp_path {tmp / "proxy"};
     fastcgi_temp_path {tmp / "fastcgi"};
@@ -98,6 +104,13 @@ http {{
     scgi_temp_path {tmp / "scgi"};
     server_tokens off;
     client_max_body_size {MAX_BODY};
+    # Connections to the SuperLink are kept open and reused: without this nginx opened a new TCP
+    # connection and TLS session to it for every request (every poll, every object), a handshake
+    # each time on both sides (benchmarks/federation_round.py).
+    upstream superlink {{
+        server 127.0.0.1:{upstream_port};
+        keepalive {UPSTREAM_KEEPALIVE};
+    }}
     server {{
         listen {_listen(host, port)} ssl;
         ssl_certificate {paths.superlink_cert};
@@ -107,8 +120,9 @@ http {{
         # The Fleet API, and only its routes, only POST: what a SuperNode calls.
         location ~ ^{FLEET_PREFIX}({routes})$ {{
             limit_except POST {{ deny all; }}
-            proxy_pass https://127.0.0.1:{upstream_port};
+            proxy_pass https://superlink;
             proxy_http_version 1.1;
+            proxy_set_header Connection "";  # keep the upstream connection (HTTP/1.1 keep-alive)
             proxy_ssl_trusted_certificate {paths.ca_cert};
             proxy_ssl_verify on;
             proxy_ssl_name localhost;  # a DNS name of the certificate (nginx checks no IP SANs)

@@ -78,7 +78,10 @@ def test_the_proxy_forwards_only_the_fleet_routes(tmp_path: Path) -> None:
     text = nginx_config(paths, "0.0.0.0", 9093, 41000)
     locations = re.findall(r"location (.*?) \{", text)
     assert locations == [f"~ ^/v1/fleet/({'|'.join(FLEET_ROUTES)})$", "/"]
-    assert text.count("proxy_pass") == 1 and "proxy_pass https://127.0.0.1:41000;" in text
+    assert text.count("proxy_pass") == 1 and "proxy_pass https://superlink;" in text
+    # ... the one upstream, the loopback SuperLink, with connections kept open for reuse.
+    assert re.findall(r"upstream superlink \{\s*server (\S+);\s*keepalive \d+;", text) == ["127.0.0.1:41000"]
+    assert 'proxy_set_header Connection "";' in text
     assert "return 403" in text and "control" not in text.split("location /")[1].split("}")[0]
     assert "listen 0.0.0.0:9093 ssl;" in text and str(paths.superlink_cert) in text and "proxy_ssl_verify on;" in text
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
