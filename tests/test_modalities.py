@@ -315,6 +315,7 @@ def test_frozen_embeddings_and_eval_rows_of_an_ehr_only_site(mixed) -> None:
 # ---------------------------------------------------------------- an EHR-only federation
 
 
+@pytest.mark.slow  # a whole simulation (22 s): in CI's slow stage (Makefile SLOW_CI), keeping the default suite short
 def test_three_ehr_only_sites_run_end_to_end(tmp_path: Path) -> None:
     """The third finding of issue 11: three EHR-only sites crashed with `n_prs_traits=0 must be >= 1`."""
     scenario = _scenario({"biobank": {"ehr": 1.0}, "hospital": {"ehr": 1.0}, "genomics": {"ehr": 1.0}})
