@@ -54,6 +54,7 @@ NGINX_ACCESS_LOG = "nginx-access.log"
 MAX_BODY = "2g"
 TIMEOUT = "3600s"
 UPSTREAM_KEEPALIVE = 32  # idle connections to the SuperLink kept for reuse (a few per site)
+UPSTREAM_IDLE_S = 3  # below uvicorn's timeout_keep_alive (5 s), which Flower leaves at its default
 
 
 def find_nginx() -> str:
@@ -106,10 +107,13 @@ http {{
     client_max_body_size {MAX_BODY};
     # Connections to the SuperLink are kept open and reused: without this nginx opened a new TCP
     # connection and TLS session to it for every request (every poll, every object), a handshake
-    # each time on both sides (benchmarks/federation_round.py).
+    # each time on both sides (benchmarks/federation_round.py). nginx drops an idle one before the
+    # SuperLink would (uvicorn closes after 5 s idle): a request sent on a connection the other side
+    # is closing would fail, and nginx does not retry a POST.
     upstream superlink {{
         server 127.0.0.1:{upstream_port};
         keepalive {UPSTREAM_KEEPALIVE};
+        keepalive_timeout {UPSTREAM_IDLE_S}s;
     }}
     server {{
         listen {_listen(host, port)} ssl;

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import uvicorn
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -19,7 +20,7 @@ from healthfm_core.model.config import load_model_config
 from server.config import FederationConfig
 from server.flwr_app import default_run_config
 from server.provision import ProvisionConfig, provision
-from server.proxy import FLEET_ROUTES, nginx_config, write_nginx_config
+from server.proxy import FLEET_ROUTES, UPSTREAM_IDLE_S, nginx_config, write_nginx_config
 from server.registry import (
     RegisteredSite,
     RegistryError,
@@ -80,7 +81,9 @@ def test_the_proxy_forwards_only_the_fleet_routes(tmp_path: Path) -> None:
     assert locations == [f"~ ^/v1/fleet/({'|'.join(FLEET_ROUTES)})$", "/"]
     assert text.count("proxy_pass") == 1 and "proxy_pass https://superlink;" in text
     # ... the one upstream, the loopback SuperLink, with connections kept open for reuse.
-    assert re.findall(r"upstream superlink \{\s*server (\S+);\s*keepalive \d+;", text) == ["127.0.0.1:41000"]
+    upstream = re.findall(r"upstream superlink \{\s*server (\S+);\s*keepalive \d+;\s*keepalive_timeout (\d+)s;", text)
+    assert upstream == [("127.0.0.1:41000", str(UPSTREAM_IDLE_S))]
+    assert UPSTREAM_IDLE_S < uvicorn.Config(app=None).timeout_keep_alive  # nginx lets go first
     assert 'proxy_set_header Connection "";' in text
     assert "return 403" in text and "control" not in text.split("location /")[1].split("}")[0]
     assert "listen 0.0.0.0:9093 ssl;" in text and str(paths.superlink_cert) in text and "proxy_ssl_verify on;" in text
