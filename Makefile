@@ -54,6 +54,7 @@ test-slow: setup
 # stay under 60 minutes). The evidence job's quick run took 2 min 56 s on an idle 2-core machine.
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
+	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
 	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line \
 	tests/test_deployment.py::test_join_with_the_wrong_certificate_is_refused \
 	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \

@@ -52,6 +52,7 @@ def federation(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the whole pretraining job (19 s): in CI's slow stage (Makefile SLOW_CI)
 def test_pretrain_job_writes_report_plots_and_the_full_table(federation, tmp_path) -> None:
     out = tmp_path / "run"
     cmd = [
