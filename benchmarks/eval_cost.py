@@ -45,7 +45,7 @@ from healthfm_core.data.aces_tasks import aces_labels  # noqa: E402
 from healthfm_core.data.task_spec import TaskSpec  # noqa: E402
 from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels  # noqa: E402
 from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
-from healthfm_core.eval.site_eval import _may_hold_heart_rate, evaluate_site_tasks, task_labels_at_site  # noqa: E402
+from healthfm_core.eval.site_eval import _may_hold_heart_rate, task_labels_at_site  # noqa: E402
 from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
     for name in names:
         rt = rts[name]
         arrays = {k: v.numpy() for k, v in init.items() if parameter_group(k) in rt.groups}
-        seqs = rt.sequences(setup)
+        rt.sequences(setup)  # prepared before anything is timed
         t = time.perf_counter()
         rt.train(setup, arrays, rc)
         rounds[name] = time.perf_counter() - t
@@ -149,23 +149,13 @@ def main() -> None:
                 continue
             model = rt.model(setup, arrays)
             t = time.perf_counter()
-            results[reuse, cap] = evaluate_site_tasks(
-                name,
-                rt.site,
-                seqs,
+            results[reuse, cap] = rt.evaluate_tasks(
+                setup,
                 model,
-                cfg.tasks,
-                rt._split_lookup(),
-                rt.min_report_subjects,
-                pred,
-                batch_size=cfg.batch_size,
-                max_events=cfg.max_events,
-                max_patches=cfg.max_patches,
-                n_per_subject=cfg.n_per_subject,
-                seed=cfg.seed,
+                cfg if cap == 0 else capped_cfg,
+                out_dir=pred,
                 labels=labels if cap == 0 else labels_cut,
                 reuse_patches=reuse,
-                sample=rt.eval_sample(cfg) if cap == 0 else rt.eval_sample(capped_cfg),
             )
             timed[reuse, cap] = time.perf_counter() - t
         hr = "-"

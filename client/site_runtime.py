@@ -40,7 +40,7 @@ from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_cache import cached_sequences, cached_site
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate, make_loader
-from healthfm_core.eval.site_eval import evaluate_site_tasks, task_labels_at_site
+from healthfm_core.eval.site_eval import SiteTaskResults, evaluate_site_tasks, task_labels_at_site
 from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
 from healthfm_core.federation import (
     MODALITY_GROUP,
@@ -509,24 +509,7 @@ class SiteRuntime:
         split has fewer subjects than the site's minimum, a single class, or no labels here gets
         only its reason (counted in `withheld`)."""
         t0 = time.perf_counter()
-        model = self.model(setup, arrays)
-        result = evaluate_site_tasks(
-            self.name,
-            self.site,
-            self.sequences(setup),
-            model,
-            cfg.tasks,
-            self._split_lookup(),
-            self.min_report_subjects,
-            self.eval_dir(),
-            batch_size=cfg.batch_size,
-            max_events=cfg.max_events,
-            max_patches=cfg.max_patches,
-            n_per_subject=cfg.n_per_subject,
-            seed=cfg.seed,
-            labels=self.labels(cfg),
-            sample=self.eval_sample(cfg),
-        )
+        result = self.evaluate_tasks(setup, self.model(setup, arrays), cfg)
         return EvalReply(
             tasks=result.metrics,
             reasons=result.reasons,
@@ -534,6 +517,41 @@ class SiteRuntime:
             withheld=len(result.reasons),
             eval_seconds=time.perf_counter() - t0,
             max_subjects=cfg.max_subjects,
+        )
+
+    def evaluate_tasks(
+        self,
+        setup: FederationSetup,
+        model: torch.nn.Module,
+        cfg: EvalConfig,
+        *,
+        out_dir: Path | None = None,
+        labels: Mapping[str, pa.Table | TaskReason] | None = None,
+        sampled: bool = True,
+        reuse_patches: bool = True,
+    ) -> SiteTaskResults:
+        """evaluate_site_tasks on this site with `cfg`'s settings: the one place a runtime's data,
+        splits, minimum and eval directory meet a request. `labels` default to self.labels(cfg);
+        `sampled` False evaluates without a subject sample and `reuse_patches` False encodes every
+        patch where asked (both: the straightforward path tests and benchmarks compare against);
+        `out_dir` defaults to eval_dir()."""
+        return evaluate_site_tasks(
+            self.name,
+            self.site,
+            self.sequences(setup),
+            model,
+            cfg.tasks,
+            self._split_lookup(),
+            self.min_report_subjects,
+            out_dir if out_dir is not None else self.eval_dir(),
+            batch_size=cfg.batch_size,
+            max_events=cfg.max_events,
+            max_patches=cfg.max_patches,
+            n_per_subject=cfg.n_per_subject,
+            seed=cfg.seed,
+            labels=labels if labels is not None else self.labels(cfg),
+            reuse_patches=reuse_patches,
+            sample=self.eval_sample(cfg) if sampled else None,
         )
 
     def _split_lookup(self):

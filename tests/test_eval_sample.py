@@ -21,7 +21,6 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.meds_eval import prediction_path
 from healthfm_core.eval.outcomes import outcome, scored_of_available
-from healthfm_core.eval.site_eval import evaluate_site_tasks
 from healthfm_core.eval.subject_sample import draw_sample, sample_subjects
 from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, TaskMetrics
 from healthfm_core.model.config import load_model_config
@@ -55,23 +54,10 @@ def _arrays(rt: SiteRuntime, setup: FederationSetup, seed: int) -> dict[str, np.
 
 
 def _evaluate(rt: SiteRuntime, setup: FederationSetup, out: Path, max_subjects: int | None, model_seed: int = 3):
-    """evaluate_site_tasks as the site runtime calls it (None: without a sample, as before)."""
+    """The site runtime's evaluation (None: without a subject sample, as before budgets)."""
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10, max_subjects=max_subjects or 0)
-    kwargs = {} if max_subjects is None else {"sample": rt.eval_sample(cfg)}
-    return evaluate_site_tasks(
-        rt.name,
-        rt.site,
-        rt.sequences(setup),
-        rt.model(setup, _arrays(rt, setup, model_seed)),
-        cfg.tasks,
-        rt._split_lookup(),
-        rt.min_report_subjects,
-        out,
-        n_per_subject=cfg.n_per_subject,
-        seed=cfg.seed,
-        labels=rt.labels(cfg),
-        **kwargs,
-    )
+    model = rt.model(setup, _arrays(rt, setup, model_seed))
+    return rt.evaluate_tasks(setup, model, cfg, out_dir=out, sampled=max_subjects is not None)
 
 
 def _scored(out: Path, site: str, key: str) -> set[tuple[int, int]]:
