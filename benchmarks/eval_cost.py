@@ -11,26 +11,30 @@ For each site (the site runtime the ClientApp uses, sequences prepared first and
   per_task   the same labels with ACES reading the shards itself, per task and variant (the
              path before the shared read); checked equal to `labels`
   embed      evaluation given the labels: embeddings, probes, meds-evaluation scoring, with each
-             distinct wearable patch pooled once (healthfm_core/eval/patch_reuse.py)
-  plain      the same without patch reuse: every patch encoded where a sample asks for it
+             distinct wearable patch pooled once (healthfm_core/eval/patch_reuse.py) and a
+             subject's rows embedded in shared forward passes (healthfm_core/eval/row_embeddings.py)
+  per_row    the same with one forward pass per row (the path before shared passes)
+  plain      the same as per_row without patch reuse: every patch encoded where a sample asks for it
   hr_read    what a resting-HR task cost a site without heart rate before the statistics check:
              reading its epochs and labelling them (0 rows)
   lab_cut    the labels of the capped evaluation's subject sample only (--max-subjects, default the
              coordinator's eval_max_subjects: at most that many subjects per split; their epochs read)
   capped     `embed` on that sample
-  rows       samples embedded, full -> capped
-and checks that `embed` and `plain` give the same metrics and that both label paths give the same
-tables (`same`). The totals compare evaluation (labels + embed) and the capped evaluation
+  rows       samples embedded, full -> capped; passes: the forward passes that embedded the full rows
+and checks that `per_row` and `plain` give the same metrics, that `embed`'s differ from them by at
+most METRIC_TOL (its embeddings equal theirs to float rounding: a probe refit on them moves in
+the last digits), and that both label paths give the same tables (`same`). The totals compare evaluation (labels + embed) and the capped evaluation
 (lab_cut + capped) with a round, summed over sites and for the slowest site (a simulation with
 one actor per site waits for the slowest); `embed/round` and `capped/round` leave out the labels,
 which a site extracts once per run and keeps. The server asks with batch size max(batch, 32).
---no-baselines skips `per_task` and `plain`.
+--no-baselines skips `per_task`, `per_row` and `plain`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -81,6 +85,23 @@ def _same_labels(a: dict, b: dict) -> bool:
     )
 
 
+METRIC_TOL = 1e-3  # shared passes against one pass per row: AUROC, AUPRC, ECE, R^2
+
+
+def _metric_gap(a: dict, b: dict) -> float:
+    """Largest difference between two sites' metrics (inf when their task keys differ)."""
+    if a.keys() != b.keys():
+        return float("inf")
+    gaps = [0.0]
+    for key in a:
+        x, y = a[key].model_dump(), b[key].model_dump()
+        for f in x:
+            if isinstance(x[f], float) and isinstance(y[f], float):
+                nan_x, nan_y = math.isnan(x[f]), math.isnan(y[f])
+                gaps.append(0.0 if nan_x and nan_y else math.inf if nan_x or nan_y else abs(x[f] - y[f]))
+    return max(gaps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sites_dir", type=Path, help="a directory of MEDS site roots")
@@ -122,8 +143,9 @@ def main() -> None:
     print(f"tasks: {', '.join(tasks)}")
     print(f"capped: at most {args.max_subjects} subjects per split")
     print(
-        f"{'site':<18}{'round':>8}{'labels':>8}{'per_task':>9}{'embed':>8}{'plain':>8}{'hr_read':>8}{'lab_cut':>8}{'capped':>8}"
-        f"{'rows':>14}  eval/round  capped_eval/round  embed/round  capped/round  same"
+        f"{'site':<18}{'round':>8}{'labels':>8}{'per_task':>9}{'embed':>8}{'per_row':>8}{'plain':>8}{'hr_read':>8}"
+        f"{'lab_cut':>8}{'capped':>8}{'rows':>14}{'passes':>8}  eval/round  capped_eval/round  embed/round  capped/round"
+        "  same"
     )
     rounds, evals, capped = {}, {}, {}
     for name in names:
@@ -144,20 +166,24 @@ def main() -> None:
         t_per_task = time.perf_counter() - t
         timed = {}
         results = {}
-        for reuse, cap in ((True, 0), (False, 0), (True, args.max_subjects)):
-            if args.no_baselines and not reuse:
+        # name: (reuse patches, shared passes, subject budget)
+        variants = {"embed": (True, True, 0), "per_row": (True, False, 0), "plain": (False, False, 0)}
+        variants["capped"] = (True, True, args.max_subjects)
+        for variant, (reuse, shared, cap) in variants.items():
+            if args.no_baselines and variant in ("per_row", "plain"):
                 continue
             model = rt.model(setup, arrays)
             t = time.perf_counter()
-            results[reuse, cap] = rt.evaluate_tasks(
+            results[variant] = rt.evaluate_tasks(
                 setup,
                 model,
                 cfg if cap == 0 else capped_cfg,
                 out_dir=pred,
                 labels=labels if cap == 0 else labels_cut,
                 reuse_patches=reuse,
+                shared_passes=shared,
             )
-            timed[reuse, cap] = time.perf_counter() - t
+            timed[variant] = time.perf_counter() - t
         hr = "-"
         if (
             "wearable_resting_hr" in tasks
@@ -167,21 +193,23 @@ def main() -> None:
             t = time.perf_counter()
             wearable_regression_labels(rt.site.read_wearables(), target="resting_hr")
             hr = f"{time.perf_counter() - t:.1f}"
-        full, cut = results[True, 0], results[True, args.max_subjects]
+        full, cut = results["embed"], results["capped"]
         same = args.no_baselines or (
-            full.metrics == results[False, 0].metrics
-            and full.reasons == results[False, 0].reasons
+            results["per_row"].metrics == results["plain"].metrics
+            and full.reasons == results["plain"].reasons
+            and _metric_gap(full.metrics, results["per_row"].metrics) <= METRIC_TOL
             and _same_labels(labels, labels_1)
         )
-        embed, embed_cut = timed[True, 0], timed[True, args.max_subjects]
-        plain = f"{timed[False, 0]:.1f}" if (False, 0) in timed else "-"
+        embed, embed_cut = timed["embed"], timed["capped"]
+        per_row, plain = (f"{timed[v]:.1f}" if v in timed else "-" for v in ("per_row", "plain"))
         per_task = "-" if args.no_baselines else f"{t_per_task:.1f}"
         evals[name] = t_labels + embed
         capped[name] = t_labels_cut + embed_cut
         rows = f"{full.num_examples}->{cut.num_examples}"
         print(
-            f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{per_task:>9}{embed:>8.1f}{plain:>8}{hr:>8}{t_labels_cut:>8.1f}{embed_cut:>8.1f}"
-            f"{rows:>14}  {evals[name] / rounds[name]:>10.2f}  {capped[name] / rounds[name]:>17.2f}"
+            f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{per_task:>9}{embed:>8.1f}{per_row:>8}{plain:>8}{hr:>8}"
+            f"{t_labels_cut:>8.1f}{embed_cut:>8.1f}{rows:>14}{full.num_passes:>8}"
+            f"  {evals[name] / rounds[name]:>10.2f}  {capped[name] / rounds[name]:>17.2f}"
             f"  {embed / rounds[name]:>11.2f}  {embed_cut / rounds[name]:>12.2f}  {same}",
             flush=True,
         )

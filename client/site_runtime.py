@@ -529,12 +529,14 @@ class SiteRuntime:
         labels: Mapping[str, pa.Table | TaskReason] | None = None,
         sampled: bool = True,
         reuse_patches: bool = True,
+        shared_passes: bool = True,
     ) -> SiteTaskResults:
         """evaluate_site_tasks on this site with `cfg`'s settings: the one place a runtime's data,
         splits, minimum and eval directory meet a request. `labels` default to self.labels(cfg);
-        `sampled` False evaluates without a subject sample and `reuse_patches` False encodes every
-        patch where asked (both: the straightforward path tests and benchmarks compare against);
-        `out_dir` defaults to eval_dir()."""
+        `sampled` False evaluates without a subject sample, `reuse_patches` False encodes every
+        patch where asked and `shared_passes` False runs one forward pass per row (all three: the
+        straightforward paths tests and benchmarks compare against); `out_dir` defaults to
+        eval_dir()."""
         return evaluate_site_tasks(
             self.name,
             self.site,
@@ -552,6 +554,7 @@ class SiteRuntime:
             labels=labels if labels is not None else self.labels(cfg),
             reuse_patches=reuse_patches,
             sample=self.eval_sample(cfg) if sampled else None,
+            shared_passes=shared_passes,
         )
 
     def _split_lookup(self):

@@ -35,14 +35,16 @@ from healthfm_core.transport import Rounding, Transport
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
 # The federated evaluation's subject budget (eval_max_subjects), from the cost model, not the
-# metrics. Default scenario, wearable clinic, default eval_tasks (the costliest site), measured in
-# one run (benchmarks/eval_cost.py; a loaded machine, so ratios only): a round of 30 steps x batch
-# 16 took 10.3 s; the full evaluation embedded 13,359 rows of 1,995 subjects (6.7 rows/subject) in
-# 94.5 s (7.1 ms/row, linear in rows); labels took 3.5 s fixed (events, visit times, ACES) + 22 s
-# of wearable epochs read and labelled, linear in subjects (2,000). A budget c <= 200 samples c
-# subjects in each of the 3 splits, 3c in all:
-#   eval(c) = 3.5 + 3c x 6.7 x 0.0071 + 22 x 3c / 2000 = 3.5 + 0.176 c  <=  10.3  =>  c <= 38.
-# At 38 subjects most 30/90-day binary tasks have one class and are withheld, so the default scores
+# metrics. Default scenario, wearable clinic, default eval_tasks (the costliest site), `tiny`,
+# measured with `python benchmarks/eval_cost.py SITES --sites wearable_clinic` (2 cores, ratios from
+# one run): a round of 30 steps x batch 16 took 4.8 s; the full evaluation embedded 13,359 rows of
+# 1,995 subjects in 9,356 shared passes in 23.9 s (12 ms per subject, linear in subjects: mostly
+# encoding each distinct wearable patch once); the labels took 13.6 s (6.8 ms per subject), once
+# per run. A budget c samples c subjects in each of the 3 splits, 3c in all:
+#   first evaluation  3c x (12 + 6.8) ms <= 4.8 s  =>  c <= 85 (measured: 5.9 s against a 6.6 s round)
+#   later ones        3c x 12 ms         <= 4.8 s  =>  c <= 133
+# At c = 85 the clinic scores 7 of the 9 tasks (every subject: 8; onset_t2d_90d has one class
+# among 85 held-out subjects) and a site with rarer outcomes loses more, so the default scores
 # every subject (a coordinator asking for metrics expects all of them); a budget is for watching
 # training every few rounds (docs/coordinator.md).
 DEFAULT_EVAL_MAX_SUBJECTS = 0

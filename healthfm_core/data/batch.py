@@ -26,6 +26,8 @@ MODALITY_EHR = 0
 MODALITY_WEARABLES = 1
 MODALITY_GENOMICS = 2
 
+EPOCH_DAYS = 30.0 / 86400.0  # one wearable epoch (30 s) in days
+
 
 @dataclass
 class Batch:
@@ -69,4 +71,20 @@ class Batch:
             "ehr": self.ehr_valid.any(dim=1),
             "wearables": self.wear_valid.any(dim=1),
             "genomics": self.prs_valid.any(dim=1),
+        }
+
+    def wear_token_times(self) -> torch.Tensor:
+        """[B, P] float32 days: when the model reads each patch, at its end (once every epoch in
+        it happened), capped at prediction_time for a patch the prediction time cuts."""
+        patch_end = self.wear_times.float() + self.wear_epochs.shape[2] * EPOCH_DAYS
+        return torch.minimum(patch_end, self.prediction_time.float()[:, None])
+
+    def has_modality_at(self, query_time: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B, Q] bool per modality: any token of it read at or before each query time [B, Q]
+        (a token's time: EHR `times`, wearables `wear_token_times`; genomics is static)."""
+        q = query_time.float()[:, :, None]
+        return {
+            "ehr": (self.ehr_valid[:, None, :] & (self.times.float()[:, None, :] <= q)).any(dim=2),
+            "wearables": (self.wear_valid[:, None, :] & (self.wear_token_times()[:, None, :] <= q)).any(dim=2),
+            "genomics": self.prs_valid.any(dim=1)[:, None].expand(-1, query_time.shape[1]),
         }

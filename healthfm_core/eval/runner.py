@@ -8,9 +8,11 @@ The expensive part of a frozen-probe evaluation is the forward pass, so it runs 
    prediction times of the new-onset tasks (every disease and horizon labels the same times;
    a row a task excludes, e.g. prevalent or censored, holds NaN in that task's column) and the
    wear-period midpoints of the wearable regression tasks, with each row's split.
-2. `method_features` turns every row into features once (a model's `embed`, or count
+2. `method_features` turns every row into features once (a model's embedding, or count
    features), optionally with only some modalities left in the batch (the test-time ablation),
-   and records which modalities each row actually has at its prediction time.
+   and records which modalities each row actually has at its prediction time. A time-causal
+   model embeds a subject's rows in shared passes (row_embeddings.py: one pass at the latest of
+   the rows it can serve, one query token per row).
 3. `evaluate_method` fits the probes of `healthfm_core.eval.probes` on the train rows of each
    task (C / alpha from the tuning rows) and scores the held_out rows; `oracle_rows` scores the
    synthetic generator's true risk on the same held_out rows (the ceiling).
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -49,7 +51,6 @@ from healthfm_core.eval.metrics import PairedDifference, paired_difference
 from healthfm_core.eval.probes import (
     binary_row,
     compute_count_features,
-    compute_embeddings,
     cross_fit_logistic,
     fit_logistic_probe,
     fit_ridge_probe,
@@ -57,31 +58,12 @@ from healthfm_core.eval.probes import (
     regression_row,
 )
 from healthfm_core.eval.report import RegressionRow, ResultRow
+from healthfm_core.eval.row_embeddings import embed_rows, restrict_modalities
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- the test-time ablation and poolings
-
-
-def restrict_modalities(batch: Batch, keep: Iterable[str]) -> Batch:
-    """The batch with every modality outside `keep` removed (as if the subject had none): the
-    test-time ablation. Removing EHR also removes static rows (they are EHR tokens) and the age
-    (MEDS_BIRTH is an EHR row)."""
-    keep = set(keep)
-    if unknown := keep - set(MODALITIES):
-        raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {MODALITIES}")
-    changes: dict[str, torch.Tensor] = {}
-    if "ehr" not in keep:
-        changes["ehr_valid"] = torch.zeros_like(batch.ehr_valid)
-        changes["has_value"] = torch.zeros_like(batch.has_value)
-        changes["birth_time"] = torch.full_like(batch.birth_time, float("nan"))  # age comes from the EHR
-    if "wearables" not in keep:
-        changes["wear_valid"] = torch.zeros_like(batch.wear_valid)
-        changes["wear_epoch_mask"] = torch.zeros_like(batch.wear_epoch_mask)
-    if "genomics" not in keep:
-        changes["prs_valid"] = torch.zeros_like(batch.prs_valid)
-    return replace(batch, **changes) if changes else batch
+# ---------------------------------------------------------------- poolings
 
 
 POOLINGS = ("query", "mean")
@@ -100,14 +82,20 @@ class PooledEmbedder(torch.nn.Module):
         self.model, self.poolings = model, tuple(poolings)
 
     def embed(self, batch: Batch) -> torch.Tensor:
-        out = self.model(batch)
+        return self.embed_at(batch, batch.prediction_time.float()[:, None])[:, 0]
+
+    def embed_at(self, batch: Batch, query_time: torch.Tensor) -> torch.Tensor:
+        """[B, Q, d_pooled] at query_time [B, Q]: "mean" averages the history tokens read by each
+        query time (all of them at prediction_time: the pipeline keeps nothing later)."""
+        out = self.model(batch, query_time=query_time)
         parts = []
         for pooling in self.poolings:
             if pooling == "query":
-                parts.append(out.embedding)
+                parts.append(out.queries)
             else:
-                w = out.key_valid.to(out.states.dtype)[..., None]
-                parts.append((out.states * w).sum(1) / w.sum(1).clamp_min(1.0))
+                seen = out.key_valid[:, None, :] & (out.times[:, None, :] <= query_time.float()[:, :, None])
+                w = seen.to(out.states.dtype)  # [B, Q, L]
+                parts.append(torch.bmm(w, out.states) / w.sum(2, keepdim=True).clamp_min(1.0))
         return torch.cat(parts, dim=-1)
 
 
@@ -326,16 +314,27 @@ def method_features(
         offset += len(part)
         if len(mine) == 0:
             continue
+        if model is not None:  # a time-causal model embeds a subject's rows in shared passes
+            emb = embed_rows(
+                model,
+                part.seqs,
+                part.subject_id[mine],
+                part.prediction_time_us[mine],
+                max_events,
+                max_patches,
+                batch_size=batch_size,
+                keep=keep,
+                progress=progress,
+            )
+            xs.append(emb.x)
+            present.append(emb.present)
+            continue
+        assert vocab_size is not None  # one of the two is given: checked on entry
         ds = PredictionTimesDataset(
             part.seqs, part.subject_id[mine], part.prediction_time_us[mine], max_events, max_patches
         )
         batches = _tap_presence(make_loader(ds, batch_size=batch_size, shuffle=False), present, keep)
-        if model is not None:
-            feats = compute_embeddings(model, batches, progress=progress)
-        else:
-            assert vocab_size is not None  # one of the two is given: checked on entry
-            feats = compute_count_features(batches, vocab_size, progress=progress)
-        xs.append(feats.x)
+        xs.append(compute_count_features(batches, vocab_size, progress=progress).x)
     if not xs:
         raise ValueError("no evaluation rows to compute features for")
     return MethodFeatures(np.concatenate(xs), np.concatenate(present), all_rows)

@@ -46,11 +46,12 @@ from healthfm_core.data.tasks import (
     visit_prediction_times,
     wearable_regression_labels,
 )
-from healthfm_core.data.tokens import LabelledDataset, SiteSequences, make_loader
+from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
 from healthfm_core.eval.metrics import r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
-from healthfm_core.eval.probes import compute_embeddings, fit_logistic_probe, fit_ridge_probe
+from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
+from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.subject_sample import SubjectSample
 from healthfm_core.federation import SplitCount, TaskMetrics, TaskReason
 
@@ -65,6 +66,7 @@ class SiteTaskResults:
     reasons: dict[str, TaskReason] = field(default_factory=dict)
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> the held_out predictions file
     num_examples: int = 0  # samples embedded
+    num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
 
 
 def task_labels_at_site(
@@ -218,11 +220,14 @@ def evaluate_site_tasks(
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
     reuse_patches: bool = True,
     sample: SubjectSample | None = None,
+    shared_passes: bool = True,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `reuse_patches`
     False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
-    baseline of benchmarks/eval_cost.py). With a `sample` (draw_sample) that has a budget, only its
+    baseline of benchmarks/eval_cost.py); `shared_passes` False runs one forward pass per row instead
+    of one per group of a subject's rows (eval/row_embeddings.py; the same numbers to float rounding).
+    With a `sample` (draw_sample) that has a budget, only its
     subjects' rows are embedded, fitted on and scored, and the minimum-subject and class checks
     apply to them; the metrics say how many held-out subjects the sample was drawn from."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
@@ -253,18 +258,23 @@ def evaluate_site_tasks(
     union = union.group_by(["subject_id", "prediction_time"]).aggregate([])
     union = union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     index = {k: i for i, k in enumerate(_pair_keys(union))}
-    rows = union.append_column("boolean_value", pa.array(np.zeros(union.num_rows, dtype=bool)))
-    loader = make_loader(
-        LabelledDataset(seqs, rows, max_events=max_events, max_patches=max_patches),
-        batch_size=batch_size,
-        shuffle=False,
-    )
-    # compute_embeddings runs the model in eval mode without gradients, as patch reuse needs.
+    # embed_rows runs the model in eval mode without gradients, as patch reuse needs.
     with reused_patch_encodings(model) if reuse_patches else contextlib.nullcontext(PatchReuse()) as reuse:
-        x_all = compute_embeddings(model, loader).x
+        embedded = embed_rows(
+            model,
+            seqs,
+            union["subject_id"].to_numpy(),
+            pc.cast(union["prediction_time"], pa.int64()).to_numpy(),
+            max_events,
+            max_patches,
+            batch_size=batch_size,
+            shared=shared_passes,
+        )
+    x_all = embedded.x
+    log.info("site %s: %d rows embedded in %d passes", site_name, len(x_all), embedded.passes)
     if reuse.asked:
         log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
-    out.num_examples = int(len(x_all))
+    out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
     for key, table in usable.items():
         idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
         split = split_of(table["subject_id"].to_numpy())

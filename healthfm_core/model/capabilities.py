@@ -29,3 +29,11 @@ class Embedder(Protocol):
     """A model with embed: the [B, d] representation of each sample at its prediction_time."""
 
     def embed(self, batch: Batch) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class QueryEmbedder(Protocol):
+    """A model with embed_at: [B, Q, d] representations at Q query times [B, Q] per sample in one
+    pass (a time-causal model: each reads only what happened by its time)."""
+
+    def embed_at(self, batch: Batch, query_time: torch.Tensor) -> torch.Tensor: ...

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from healthfm_core.data.batch import MASK_CODE, PAD_CODE, Batch
+from healthfm_core.data.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
 from healthfm_core.data.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
 from healthfm_core.model.config import ModelConfig
@@ -38,7 +38,6 @@ from healthfm_core.model.dropout import Dropout
 from healthfm_core.model.objectives import ObjectiveWeights, pretraining_losses
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
 
-EPOCH_DAYS = 30.0 / 86400.0  # one wearable epoch (30 s) in days
 N_CHANNELS = len(WEARABLE_CHANNELS)
 # The "no decay" rate of the sinusoidal ablation: the contract wants lambda > 0; at 1e-9/day
 # log K(dt) stays above -1e-5 for any dt under 27 years, i.e. attention is content-only.
@@ -645,9 +644,7 @@ class HealthFM(nn.Module):
         if hidden is not None:
             hide = (hidden & valid)[..., None]
             fed = torch.where(hide, self.wearable_encoder.mask_token.to(fed.dtype), fed)
-        patch_end = batch.wear_times.float() + batch.wear_epochs.shape[2] * EPOCH_DAYS
-        times = torch.minimum(patch_end, batch.prediction_time.float()[:, None])
-        return _Tokens(fed=fed, times=times, valid=valid, encoded=tokens)
+        return _Tokens(fed=fed, times=batch.wear_token_times(), valid=valid, encoded=tokens)
 
     def _query_tokens(self, query_time: Tensor) -> _Tokens:
         """Query tokens at query_time [B, Q]: each reads the history up to then; no token reads them."""
@@ -673,6 +670,12 @@ class HealthFM(nn.Module):
     def embed(self, batch: Batch) -> Tensor:
         """[B, d] representation at prediction_time (the query token's final state)."""
         return self.forward(batch).embedding
+
+    def embed_at(self, batch: Batch, query_time: Tensor) -> Tensor:
+        """[B, Q, d] representations at query_time [B, Q] (at or before each prediction_time), one
+        pass: what `embed` gives for a sample whose tokens are this one's up to that time
+        (healthfm_core/data/shared_passes.py says when that is the sample cut at that time)."""
+        return self.forward(batch, query_time=query_time).queries
 
     def pretraining_losses(
         self,
