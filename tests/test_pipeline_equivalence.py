@@ -205,7 +205,9 @@ def test_hand_made_patches_on_a_grid_and_off_it(monkeypatch: pytest.MonkeyPatch)
     assert got.first_us.tolist() == [0, 100 * e] and got.last_end_us.tolist() == [5 * e, 104 * e + 10**7]
 
 
-def write_files(table: pa.Table, directory: Path, cuts: list[int], row_group_rows: int) -> list[Path]:
+def write_files(
+    table: pa.Table, directory: Path, cuts: list[int], row_group_rows: int, statistics: bool = True
+) -> list[Path]:
     """The table's rows in order, cut into files at `cuts`, as WEARABLES_SCHEMA parquet."""
     directory.mkdir(parents=True)
     bounds = [0, *cuts, table.num_rows]
@@ -217,7 +219,7 @@ def write_files(table: pa.Table, directory: Path, cuts: list[int], row_group_row
             schema=WEARABLES_SCHEMA,
         )
         paths.append(directory / f"{i:02d}.parquet")
-        pq.write_table(part, paths[-1], row_group_size=row_group_rows)
+        pq.write_table(part, paths[-1], row_group_size=row_group_rows, write_statistics=statistics)
     return paths
 
 
@@ -280,10 +282,12 @@ def sequences_equal(a: SiteSequences, b: SiteSequences) -> None:
     assert a.n_epochs == b.n_epochs and a.n_events == b.n_events
 
 
-@pytest.mark.parametrize("shuffle_files", [False, True])
-def test_from_site_streams_what_the_whole_table_gives(sites, tmp_path: Path, shuffle_files: bool) -> None:
+@pytest.mark.parametrize("files", ["in_order", "renamed", "renamed_without_statistics"])
+def test_from_site_streams_what_the_whole_table_gives(sites, tmp_path: Path, files: str) -> None:
     """from_site (file by file) against SiteSequences over read_wearables' table, with every
-    subject and with some; files named out of subject order fall back to the sorted table."""
+    subject and with some. Files named out of subject order (0, 1, 10, ..., 2 from a sharded
+    export) are read in subject order from their parquet statistics; without statistics they are
+    read in path order, and the rows, out of order, fall back to the sorted table."""
     root, vocab = sites["biobank"]
     site_root = tmp_path / "biobank"
     shutil.copytree(root, site_root)
@@ -291,15 +295,26 @@ def test_from_site_streams_what_the_whole_table_gives(sites, tmp_path: Path, shu
     table = wear_table(root)
     for p in wear_dir.rglob("*.parquet"):
         p.unlink()
-    files = write_files(table, wear_dir / "split", [table.num_rows // 3, 2 * table.num_rows // 3], 2500)
-    if shuffle_files:  # path order (the reading order) no longer follows the subjects
-        files[0].rename(wear_dir / "split" / "99.parquet")
+    cuts = [table.num_rows // 3, 2 * table.num_rows // 3]
+    written = write_files(table, wear_dir / "split", cuts, 2500, statistics=files != "renamed_without_statistics")
+    if files != "in_order":  # path order no longer follows the subjects
+        written[0].rename(wear_dir / "split" / "99.parquet")
+        written[0] = wear_dir / "split" / "99.parquet"
     site = open_site(site_root)
     assert len(site.wearable_files) == 3
-    if shuffle_files:
-        normalisers = [vocab.wearables[c] for c in WEARABLE_CHANNELS]
+    normalisers = [vocab.wearables[c] for c in WEARABLE_CHANNELS]
+    by_path = sorted(written, key=lambda p: p.as_posix())
+    if files == "renamed":
+        assert site.wearable_files == written  # subject order, not path order
+        with pytest.raises(UnsortedWearables):
+            patches_of_parts([WearableFilePart(p) for p in by_path], 50, normalisers)
+    else:
+        assert site.wearable_files == by_path
+    if files == "renamed_without_statistics":
         with pytest.raises(UnsortedWearables):
             patches_of_parts([WearableFilePart(p) for p in site.wearable_files], 50, normalisers)
+    else:  # streamed file by file, no sort
+        patches_of_parts([WearableFilePart(p) for p in site.wearable_files], 50, normalisers)
     for subject_ids in (None, site.subject_ids[1::2]):
         streamed = SiteSequences.from_site(site, vocab, patch_epochs=50, subject_ids=subject_ids)
         events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])

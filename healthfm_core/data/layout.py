@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from meds import (
     SubjectSplitSchema,
     code_metadata_filepath,
@@ -84,6 +85,35 @@ def parquet_files(root: Path, subdirectory: str) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted((p for p in directory.rglob("*.parquet") if p.is_file()), key=lambda p: p.as_posix())
+
+
+def in_subject_order(paths: Sequence[Path]) -> list[Path]:
+    """The files ordered by their smallest (subject_id, time), as their parquet statistics give
+    them (footers only, no data), ties and files without statistics in path order, the latter
+    last. Why: an export sharded by subject writes 0.parquet, 1.parquet, ... 10.parquet, whose
+    path order (0, 1, 10, 11, ..., 2) is not subject order, so their rows, read file by file, were
+    out of (subject, time) order and every reader sorted 10^7 epochs again; in subject order they
+    concatenate sorted. Readers still check the order and sort when files overlap."""
+
+    def key(path: Path) -> tuple[int, int, int, str]:
+        try:
+            meta = pq.ParquetFile(path).metadata
+            names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+            sid, time = names.index("subject_id"), names.index("time")
+            firsts = []
+            for g in range(meta.num_row_groups):
+                s, t = meta.row_group(g).column(sid).statistics, meta.row_group(g).column(time).statistics
+                if meta.row_group(g).num_rows == 0:
+                    continue
+                if s is None or t is None or not (s.has_min_max and t.has_min_max):
+                    return (1, 0, 0, path.as_posix())
+                firsts.append((int(s.min_raw), int(t.min_raw)))
+            first = min(firsts) if firsts else (np.iinfo(np.int64).max, 0)
+            return (0, first[0], first[1], path.as_posix())
+        except (OSError, ValueError, TypeError, pa.ArrowException):  # the readers report a bad file
+            return (1, 0, 0, path.as_posix())
+
+    return sorted(paths, key=key)
 
 
 def hash_splits(subject_ids: np.ndarray) -> pa.Table:

@@ -31,6 +31,7 @@ from healthfm_core.data.layout import (
     WEARABLES_SCHEMA,
     WEARABLES_SUBDIRECTORY,
     hash_splits,
+    in_subject_order,
     parquet_files,
 )
 from healthfm_core.data.meds_align import align_table, sort_events
@@ -79,7 +80,8 @@ class Site:
         self.subject_ids = subject_ids  # sorted unique subjects with rows in data/
         self._modality_subjects = modality_subjects
         self.data_files: list[Path] = parquet_files(self.root, DATA_SUBDIRECTORY)
-        self.wearable_files: list[Path] = parquet_files(self.root, WEARABLES_SUBDIRECTORY)
+        # In subject order, so that files sharded by subject read in (subject, time) order.
+        self.wearable_files: list[Path] = in_subject_order(parquet_files(self.root, WEARABLES_SUBDIRECTORY))
 
     def __repr__(self) -> str:
         return f"Site({str(self.root)!r}, subjects={self.summary.n_subjects}, modalities={self.modalities})"
