@@ -138,6 +138,7 @@ class WarmClientApp:
         sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         t0 = time.perf_counter()
         t_pulled = t_handled = t0
+        interrupted = False
         try:
             message, context, run, fab = pull_task_input(client)
             t_pulled = time.perf_counter()
@@ -162,17 +163,24 @@ class WarmClientApp:
             details = reason
             if message is not None:
                 reply = Message(Error(code=code, reason=reason), reply_to=message)
+        except BaseException:
+            # SIGTERM (the guard stops us, or died: PR_SET_PDEATHSIG) or SIGINT (Flower's parent
+            # monitor) during a task. Its SuperNode may be gone, and Flower retries a call to a
+            # dead one for minutes: answer nothing and leave (the heartbeat thread is a daemon).
+            interrupted = True
+            raise
         finally:
-            t_handled = max(t_handled, t_pulled)
-            try:
-                if reply is not None and context is not None:
-                    push_message(client, reply, context)
-            except Exception as ex:  # noqa: BLE001
-                log.error("could not push the reply: %s", ex)
-                sub_status, details = SubStatus.FAILED, f"could not push the reply: {ex}"
-            push_task_output(client, context, sub_status, details)
-            heartbeat.stop()
-            client.close()
+            if not interrupted:
+                t_handled = max(t_handled, t_pulled)
+                try:
+                    if reply is not None and context is not None:
+                        push_message(client, reply, context)
+                except Exception as ex:  # noqa: BLE001
+                    log.error("could not push the reply: %s", ex)
+                    sub_status, details = SubStatus.FAILED, f"could not push the reply: {ex}"
+                push_task_output(client, context, sub_status, details)
+                heartbeat.stop()
+                client.close()
         self.served += 1
         t_end = time.perf_counter()
         # Where the task's time went (benchmarks/federation_round.py reads this line): the pull of

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import signal
+import subprocess
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -183,6 +186,34 @@ def test_a_warm_clientapp_process_is_stopped_when_idle_and_the_guard_polls_fast_
     finally:
         worker.stop(grace=5)
         guard.close()
+
+
+def test_a_warm_clientapp_stopped_in_a_task_whose_supernode_is_gone_exits() -> None:
+    """Nothing listens at 127.0.0.1:9, as when a site's SuperNode died during a task: every call
+    of the task retries without end (Flower's HTTP retry has no limit). SIGTERM (the guard stops
+    it, or died: PR_SET_PDEATHSIG) must end the process, not start the task's reply and retry
+    that forever too (tests/test_faults.py's frozen site found it)."""
+    cmd = [sys.executable, "-m", "client.warm_clientapp", "--runtime-api-address", "127.0.0.1:9"]
+    proc = subprocess.Popen(
+        [*cmd, "--run-id", "7", "--fab-hash", "a" * 64],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write("a-task-token\n")
+        proc.stdin.flush()
+        for line in proc.stderr:  # in the task once its first call to the SuperNode fails
+            if "retrying in" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_the_warm_clientapp_asks_its_supernode_again_soon_for_a_message_still_arriving(
