@@ -64,6 +64,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_federation.py::test_resumed_run_equals_uninterrupted_run \
 	tests/test_privacy_sweep.py::test_the_server_asks_for_dp_and_each_site_reports_its_spend \
 	tests/test_privacy_sweep.py::test_sweep_writes_table_and_plot_on_one_setup \
+	tests/test_transport.py::test_a_two_site_simulation_under_int8 \
 	tests/test_faults.py::test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind \
 	tests/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
 	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical

@@ -214,6 +214,7 @@ def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
 # ------------------------------------------------------------------------------ a federation
 
 
+@pytest.mark.slow  # a whole simulation (16-20 s): in CI's slow stage (Makefile SLOW_CI), keeping the default suite short
 def test_a_two_site_simulation_under_int8(tmp_path: Path, node_configs) -> None:
     config = FederationConfig(
         out_dir=tmp_path,
