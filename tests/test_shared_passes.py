@@ -18,14 +18,13 @@ from healthfm_core.data.batch import Batch
 from healthfm_core.data.shared_passes import shared_passes
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
+from healthfm_core.data.tokens import US_PER_DAY
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.runner import PooledEmbedder
 from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-
-US_PER_DAY = 86_400_000_000
 
 
 @pytest.fixture(scope="module")

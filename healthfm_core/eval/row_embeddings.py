@@ -27,11 +27,9 @@ from tqdm.auto import tqdm
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES
 from healthfm_core.data.shared_passes import MAX_QUERIES, shared_passes
-from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.tokens import US_PER_DAY, SiteSequences
 from healthfm_core.data.wear_patches import NO_TIME
 from healthfm_core.model.capabilities import Embedder, QueryEmbedder
-
-US_PER_DAY = 86_400_000_000
 
 
 @dataclass
