@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from healthfm_core.data.layout import EPOCH_US, SiteLike
 from healthfm_core.data.tokens import _NO_TIME, US_PER_DAY, to_us
+from healthfm_core.data.wear_patches import sorted_by_subject_time
 from healthfm_core.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -251,10 +252,9 @@ def _sorted_wear_columns(wearables: pa.Table, values: bool = True) -> tuple[np.n
         if col not in wearables.column_names:
             raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
     cols = [wearables["subject_id"].to_numpy(), to_us(wearables["time"], "time")]
-    if values:
-        cols += [wearables[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in ("enmo_mg", "hr_bpm")]
-    ds = np.diff(cols[0])
-    if not np.all((ds > 0) | ((ds == 0) & (np.diff(cols[1]) > 0))):  # site data is sorted already
+    if values:  # as stored (float32, nulls as NaN): the label sums are taken in float64 anyway
+        cols += [wearables[c].to_numpy(zero_copy_only=False) for c in ("enmo_mg", "hr_bpm")]
+    if not sorted_by_subject_time(wearables):  # site data is sorted already (Site.read_wearables)
         order = np.lexsort((cols[1], cols[0]))
         cols = [c[order] for c in cols]
     return tuple(cols)
