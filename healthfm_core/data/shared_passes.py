@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from healthfm_core.data.batch_gather import segment_searchsorted
 from healthfm_core.data.layout import EPOCH_US
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.data.wear_patches import NO_TIME
@@ -60,30 +59,18 @@ def shared_passes(
     if seqs.per_event or not len(idx):
         return lead
 
-    # EHR window and completeness, as SiteSequences.batch computes them.
-    n_static = ((seqs.st_offsets[idx + 1] > seqs.st_offsets[idx]) & (max_events >= 1)).astype(np.int64)
-    n_timed = max_events - n_static
-    a, b = seqs.ev_offsets[idx], seqs.ev_offsets[idx + 1]
-    visible = segment_searchsorted(seqs.ev_time_us, a, b, pt)
-    has_ev = (visible > a) & (n_timed > 0)
-    b_first = np.full(len(idx), -1, np.int64)
-    cut = np.zeros(len(idx), bool)
-    h = np.flatnonzero(has_ev)
-    if len(h):
-        b_last = seqs.ev_bucket[visible[h] - 1]
-        b_first[h] = np.maximum(b_last - n_timed[h] + 1, seqs.ev_bucket[a[h]])
-        cut[h] = visible[h] < seqs._bucket_rows[b_last + 1]
+    # The windows of each row's own sample, as SiteSequences.batch keeps them.
+    w = seqs.windows(idx, pt, max_events, max_patches)
+    b_first = np.where(w.timed, w.b_first, -1)
     # A row without visible events has no EHR window of its own: it may join an untruncated pass.
-    no_ev = np.flatnonzero(~has_ev & (b > a))
+    a, b = seqs.ev_offsets[idx], seqs.ev_offsets[idx + 1]
+    no_ev = np.flatnonzero(~w.timed & (b > a))
     b_first[no_ev] = seqs.ev_bucket[a[no_ev]]
-
-    # Wearable window and completeness (SiteSequences.sample: patches whose first epoch ended).
-    pa_, pb = seqs.patch_offsets[idx], seqs.patch_offsets[idx + 1]
-    p_vis = segment_searchsorted(seqs.patch_first_end_us, pa_, pb, pt)
-    p_start = np.maximum(pa_, p_vis - max_patches)
+    cut, p_start, p_vis = w.cut, w.p_start, w.p_vis
+    # Its last visible patch straddles the prediction time (its late epochs hidden).
     straddle = np.zeros(len(idx), bool)
-    w = np.flatnonzero(p_vis > p_start)
-    straddle[w] = seqs.patch_start_us[p_vis[w] - 1] + seqs.patch_epochs * EPOCH_US > pt[w]
+    has = np.flatnonzero(p_vis > p_start)
+    straddle[has] = seqs.patch_start_us[p_vis[has] - 1] + seqs.patch_epochs * EPOCH_US > pt[has]
 
     t0 = seqs.t0_us[idx]
     shareable = (t0 != NO_TIME) & (pt >= t0)

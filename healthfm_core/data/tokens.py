@@ -252,6 +252,23 @@ class Sample:
     label: float | None = None
 
 
+@dataclass
+class SampleWindows:
+    """Per sample (SiteSequences.windows): the EHR window as bucket ordinals [b_first, b_end) after
+    the static token (n_static: 0 or 1), `cut` when the prediction time falls inside the last
+    visible bucket (its partial token is one more), `visible` the first event row after the
+    prediction time, `timed` whether any timed token is kept; the patches [p_start, p_vis)."""
+
+    n_static: np.ndarray
+    visible: np.ndarray
+    timed: np.ndarray
+    b_first: np.ndarray
+    b_end: np.ndarray
+    cut: np.ndarray
+    p_start: np.ndarray
+    p_vis: np.ndarray
+
+
 class SiteSequences:
     """A site's data as columnar arrays per subject, ready to be sliced into samples."""
 
@@ -661,6 +678,31 @@ class SiteSequences:
             label=label,
         )
 
+    def windows(self, idx: np.ndarray, pt: np.ndarray, max_events: int, max_patches: int) -> SampleWindows:
+        """Which tokens and patches the samples of subject rows `idx` at `pt` (µs) keep: the one
+        place the window rules are spelled (`batch` builds them; shared_passes.py compares them)."""
+        B = len(idx)
+        # EHR tokens: the static token, then the last buckets up to the visible row (`_tokens`).
+        n_static = ((self.st_offsets[idx + 1] > self.st_offsets[idx]) & (max_events >= 1)).astype(np.int64)
+        a, b = self.ev_offsets[idx], self.ev_offsets[idx + 1]
+        visible = segment_searchsorted(self.ev_time_us, a, b, pt)
+        n_timed = max_events - n_static
+        b_first = np.zeros(B, np.int64)
+        b_end = np.zeros(B, np.int64)
+        cut = np.zeros(B, bool)
+        timed = (visible > a) & (n_timed > 0)
+        h = np.flatnonzero(timed)
+        if len(h):
+            b_last = self.ev_bucket[visible[h] - 1]
+            b_first[h] = np.maximum(b_last - n_timed[h] + 1, self.ev_bucket[a[h]])
+            cut[h] = visible[h] < self._bucket_rows[b_last + 1]  # the prediction time falls inside b_last
+            b_end[h] = b_last + 1 - cut[h]
+        # Wearable patches with at least one epoch ending at or before pt.
+        pa_, pb = self.patch_offsets[idx], self.patch_offsets[idx + 1]
+        p_vis = segment_searchsorted(self.patch_first_end_us, pa_, pb, pt)
+        p_start = np.maximum(pa_, p_vis - max_patches)
+        return SampleWindows(n_static, visible, timed, b_first, b_end, cut, p_start, p_vis)
+
     def batch(
         self,
         index: np.ndarray | Sequence[int],
@@ -687,20 +729,8 @@ class SiteSequences:
         B = len(idx)
         t0 = self.t0_us[idx]
         t0 = np.where(t0 == _NO_TIME, pt, t0)  # static rows only: the clock starts at the prediction
-        # EHR tokens: the static token, then the last buckets up to the visible row (`_tokens`).
-        n_static = ((self.st_offsets[idx + 1] > self.st_offsets[idx]) & (max_events >= 1)).astype(np.int64)
-        a, b = self.ev_offsets[idx], self.ev_offsets[idx + 1]
-        visible = segment_searchsorted(self.ev_time_us, a, b, pt)
-        n_timed = max_events - n_static
-        b_first = np.zeros(B, np.int64)
-        b_end = np.zeros(B, np.int64)
-        cut = np.zeros(B, bool)
-        h = np.flatnonzero((visible > a) & (n_timed > 0))
-        if len(h):
-            b_last = self.ev_bucket[visible[h] - 1]
-            b_first[h] = np.maximum(b_last - n_timed[h] + 1, self.ev_bucket[a[h]])
-            cut[h] = visible[h] < self._bucket_rows[b_last + 1]  # the prediction time falls inside b_last
-            b_end[h] = b_last + 1 - cut[h]
+        w = self.windows(idx, pt, max_events, max_patches)
+        n_static, visible, b_first, b_end, cut = w.n_static, w.visible, w.b_first, w.b_end, w.cut
         n_tok = n_static + (b_end - b_first) + cut
         cut_pools = {}
         cut_width = np.zeros(B, np.int64)
@@ -745,13 +775,9 @@ class SiteSequences:
         # As collate pads: each row's last real time (0 without tokens).
         last_time = np.where(n_tok > 0, times[np.arange(B), np.maximum(n_tok - 1, 0)], 0.0)
         times = np.where(valid, times, last_time[:, None]).astype(np.float32)
-        # Wearable patches with at least one epoch ending at or before pt.
-        pa_, pb = self.patch_offsets[idx], self.patch_offsets[idx + 1]
-        p_vis = segment_searchsorted(self.patch_first_end_us, pa_, pb, pt)
-        p_start = np.maximum(pa_, p_vis - max_patches)
         wear, wmask, wtimes, wvalid = gather_patches(
-            p_start,
-            p_vis,
+            w.p_start,
+            w.p_vis,
             pt,
             t0,
             self.patch_start_us,
