@@ -2,6 +2,7 @@
 
     nice -n 5 python benchmarks/federation_round.py                 # 3 rounds cold, then 3 warm
     nice -n 5 python benchmarks/federation_round.py --modes warm --rounds 4 --local-steps 50
+    python benchmarks/federation_round.py --modes warm --states file memory --rounds 5
 
 A real deployment on 127.0.0.1, started as the slow tests start it (tests/deploy_fixtures.py):
 `coordinator provision`, `coordinator superlink` (TLS, SuperNode authentication, the nginx proxy
@@ -10,8 +11,10 @@ policy (`client.py approve`), and three synthetic `tiny`-scenario sites (biobank
 genomics) joined with `client.py join`. For each mode in --modes the sites join with
 `--clientapp MODE` (cold: a new flwr-clientapp per message, Flower's way; warm: one ClientApp
 process per run, client/warm_clientapp.py), one run of --rounds rounds of the `tiny` model at
---local-steps is launched and waited for, and the sites leave. Both modes run in this one
-invocation, so they see the same machine.
+--local-steps is launched and waited for, and the sites leave. For each SuperLink store in
+--states (`coordinator superlink --state`: file, the default, FED/server/superlink.db through
+Flower's SQL layer; memory, Flower's in-memory store) a SuperLink is started and the modes run
+against it. Everything runs in this one invocation, so it sees the same machine.
 
 Per round, from the run's rounds.jsonl (server/server_app.py): the round's wall time (the
 ServerApp sending the train messages to the checkpoint written), the slowest site's local
@@ -48,16 +51,13 @@ from deploy_fixtures import (  # noqa: E402
     CLIENT,
     SITES,
     Process,
-    approve_federation_bundle,
-    free_port,
     join_args,
     round_events,
     run_coordinator,
-    site_policy,
+    start_registered_superlink,
 )
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
 
-from client.join import probe_superlink  # noqa: E402
 from healthfm_core.data.synthetic import generate_federation  # noqa: E402
 from server.coordinator import main as coordinator_main  # noqa: E402
 from server.provision import FederationPaths  # noqa: E402
@@ -82,32 +82,20 @@ def run_config(local_steps: int, eval_tasks: str) -> list[str]:
     ]
 
 
-def start_federation(work: Path) -> tuple[FederationPaths, Process, str]:
+def provision(work: Path) -> FederationPaths:
     fed = FederationPaths(root=work / "fed")
     rc = coordinator_main(["provision", str(fed.root), *[a for s in SITES for a in ("--site", s)]])
     if rc != 0:
         raise SystemExit(f"provision failed ({rc})")
-    port = free_port()
-    superlink = Process(
-        [sys.executable, "-m", "server.coordinator", "superlink", str(fed.root), "--port", str(port)],
-        work / "superlink.out",
-    )
-    if not superlink.wait_for("SuperLink ready", 600):
-        superlink.stop()
-        raise SystemExit(f"the SuperLink did not start:\n{superlink.output()[-3000:]}")
-    address = f"127.0.0.1:{port}"
-    probe_superlink(address, fed.ca_cert, timeout=10)
-    reg = run_coordinator("register", str(fed.root), *[a for s in SITES for a in ("--site", s)])
-    if reg.returncode != 0:
-        superlink.stop()
-        raise SystemExit(f"register failed: {reg.stderr}")
-    approve_federation_bundle(fed, site_policy(fed))
-    return fed, superlink, address
+    return fed
 
 
 def one_mode(
     mode: str, fed: FederationPaths, address: str, roots: dict[str, Path], work: Path, args: argparse.Namespace
 ) -> list[dict]:
+    """One run of `mode` sites against the SuperLink at `address`; `mode` also names the log files
+    under `work` (e.g. warm-memory)."""
+    clientapp = mode.split("-")[0]
     joins: dict[str, Process] = {}
     try:
         for name in SITES:
@@ -117,7 +105,7 @@ def one_mode(
                     str(CLIENT),
                     *join_args(fed, roots[name], name, address, work / f"state-{mode}-{name}"),
                     "--clientapp",
-                    mode,
+                    clientapp,
                     *(["--threads", str(args.threads)] if args.threads else []),
                 ],
                 work / f"join-{mode}-{name}.out",
@@ -209,18 +197,25 @@ def print_hops(rows: list[dict]) -> None:
         "\n(node_receive: the SuperNode pulling the message's objects, overlapping guard and app_pull)"
     )
     names = [*HOPS, "node_receive"]
-    print("mode  round  site       " + " ".join(f"{h:>11}" for h in names))
+    print(f"{'mode':<11} round  site       " + " ".join(f"{h:>11}" for h in names))
     for r in rows:
         hops = r.get("hops")
         if not hops:
             continue
         cells = " ".join(f"{hops[h]:11.2f}" if hops.get(h) is not None else f"{'-':>11}" for h in names)
-        print(f"{r['mode']:<5} {r['round']:>5}  {r['last_site']:<10} {cells}")
+        print(f"{r['mode']:<11} {r['round']:>5}  {r['last_site']:<10} {cells}")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
+    p.add_argument(
+        "--states",
+        nargs="+",
+        choices=("file", "memory"),
+        default=["file"],
+        help="the SuperLink's store (coordinator superlink --state), one SuperLink each (default: file)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=50)
     p.add_argument("--subjects", type=int, default=30, help="subjects per synthetic site")
@@ -241,13 +236,19 @@ def main() -> int:
         f"load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    fed, superlink, address = start_federation(work)
+    fed = provision(work)
     rows: list[dict] = []
+    labels: list[str] = []
     try:
-        for mode in args.modes:
-            rows += one_mode(mode, fed, address, roots, work, args)
+        for state in args.states:
+            superlink, address = start_registered_superlink(fed, "--state", state, out=work / f"superlink-{state}.out")
+            try:
+                for mode in args.modes:
+                    labels.append(label := f"{mode}-{state}")
+                    rows += one_mode(label, fed, address, roots, work, args)
+            finally:
+                superlink.stop()
     finally:
-        superlink.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -256,14 +257,14 @@ def main() -> int:
         "\naggregate + checkpoint; client_max_s: the slowest site's ClientApp handler (data, model, training);"
         "\ntrain_max_s: the slowest site's training loop; other_s = round_s - train_max_s"
     )
-    print("\nmode  round  round_s  wait_s  server_s  client_max_s  train_max_s  other_s  other_share")
+    print(f"\n{'mode':<11} round  round_s  wait_s  server_s  client_max_s  train_max_s  other_s  other_share")
 
     def cell(x: float | None, width: int) -> str:
         return f"{x:{width}.2f}" if x is not None else f"{'-':>{width}}"
 
     for r in rows:
         print(
-            f"{r['mode']:<5} {r['round']:>5} {r['round_s']:8.2f} {r['wait_s']:7.2f} {r['server_s']:9.2f} "
+            f"{r['mode']:<11} {r['round']:>5} {r['round_s']:8.2f} {r['wait_s']:7.2f} {r['server_s']:9.2f} "
             f"{cell(r['client_max_s'], 13)} {cell(r['train_max_s'], 12)} {r['other_s']:8.2f} "
             f"{r['other_s'] / r['round_s']:11.1%}"
         )
@@ -273,7 +274,7 @@ def main() -> int:
         print(f"  {r['mode']} round {r['round']}: train message {r['objects_sent']}, reply {r['objects_received']}")
     print("\nafter the first round (median other share; target <= 10%):")
     summary = {}
-    for mode in args.modes:
+    for mode in labels:
         later = [r for r in rows if r["mode"] == mode and r["round"] > 1]
         if not later:
             print(f"  {mode}: no round after the first completed")
@@ -284,8 +285,14 @@ def main() -> int:
         print(
             f"  {mode}: other {other:.1f} s per round, {share:.1%} of a round ({'met' if share <= 0.10 else 'NOT met'})"
         )
-    if "cold" in summary and "warm" in summary and summary["warm"] > 0:
-        print(f"  warm/cold other time: x{summary['warm'] / summary['cold']:.2f}")
+    for state in args.states:  # ratios within this run
+        cold, warm = summary.get(f"cold-{state}"), summary.get(f"warm-{state}")
+        if cold and warm:
+            print(f"  {state}: warm/cold other time x{warm / cold:.2f}")
+    for mode in args.modes:
+        file, memory = summary.get(f"{mode}-file"), summary.get(f"{mode}-memory")
+        if file and memory:
+            print(f"  {mode}: memory/file other time x{memory / file:.2f}")
     return 0
 
 

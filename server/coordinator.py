@@ -145,11 +145,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Flower's own store (flwr/supercore/constant.py FLWR_IN_MEMORY_DB_NAME): Python objects, no SQL.
+IN_MEMORY_STATE = ":flwr-in-memory:"
+
+
+def superlink_database(paths: FederationPaths, state: str, database: str | None) -> str:
+    """What `flower-superlink --database` gets. `file` (default): FED/server/superlink.db, so the
+    registered keys (and runs) outlive the process. `memory`: Flower's in-memory store, which
+    answers each Fleet and ServerApp call without Flower's SQL layer (a warm tiny round's time
+    outside training x0.73, benchmarks/federation_round.py --states file memory), but forgets
+    every registration when the SuperLink stops: run `coordinator register` after each start."""
+    if state not in ("file", "memory"):
+        raise CoordinatorError(f"--state: value {state!r} is not one of file, memory", EXIT_USAGE)
+    if state == "memory":
+        if database is not None:
+            raise CoordinatorError(
+                f"--database {database!r} with --state memory: an in-memory SuperLink has no database file",
+                EXIT_USAGE,
+            )
+        return IN_MEMORY_STATE
+    return database or str(paths.server_dir / "superlink.db")
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
     """Run the SuperLink (and, with TLS, its nginx proxy) in the foreground until stopped."""
     paths = _paths(args)
     host, port = args.host, args.port
-    database = args.database or str(paths.server_dir / "superlink.db")  # registrations survive restarts
+    database = superlink_database(paths, args.state, args.database)
     # The SuperLink only on loopback behind the proxy; with --insecure (local tests) on host:port itself.
     link_host, link_port = (host, port) if args.insecure else ("127.0.0.1", args.internal_port or _free_loopback_port())
     # --isolation process: the SuperLink starts no SuperExec; `superlink` runs it and restarts it if it
@@ -240,6 +262,12 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                 flush=True,
             )
             print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
+            if database == IN_MEMORY_STATE:
+                print(
+                    f"state in memory: no site is registered with this SuperLink yet; run `coordinator register "
+                    f"{paths.root}` now (and after every restart: registrations end with this process)",
+                    flush=True,
+                )
         while all(proc.poll() is None for proc in procs) and not stopping:
             if args.parent_pid is not None and not _alive(args.parent_pid):
                 print(f"parent process {args.parent_pid} is gone: stopping", file=sys.stderr, flush=True)
@@ -594,7 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="the SuperLink's own port on 127.0.0.1, behind nginx (default: a free one)",
     )
-    p.add_argument("--database", help="SuperLink state (default FED/server/superlink.db)")
+    p.add_argument(
+        "--state",
+        choices=("file", "memory"),
+        default="file",
+        help="file (default): FED/server/superlink.db, registrations outlive a restart; memory: Flower's "
+        "in-memory store, faster rounds, run `register` again after every start",
+    )
+    p.add_argument("--database", help="SuperLink state file with --state file (default FED/server/superlink.db)")
     p.add_argument("--log-file")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local tests only)")
     p.add_argument(

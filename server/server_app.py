@@ -97,7 +97,7 @@ from server.config import (
     ServerOptimizerConfig,
     resume_conflicts,
 )
-from server.exchange import ExchangeTimes, send_and_receive
+from server.exchange import ExchangeTimes, send_and_receive, slowest_first
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
 from server.registry import SiteRegistry, admit, name_mismatch, read_registry
@@ -153,6 +153,8 @@ class FederationServer:
         self.registry: SiteRegistry | None = read_registry(cfg.registry) if cfg.registry else None
         self.errors: dict[int, str] = {}  # node id -> the last error a site replied (its reason)
         self.refused_nodes: set[int] = set()  # connected nodes the registry does not know
+        # node id -> seconds from last round's push to its reply: this round's push order (slowest_first).
+        self.reply_lags: dict[int, float] = {}
 
     # ------------------------------------------------------------------ messaging
 
@@ -523,8 +525,9 @@ class FederationServer:
             **cfg.privacy.round_fields(),
         )
         self._wait_for_nodes(f"round {rnd}")
-        messages = self.strategy.train_messages(
-            rnd, arrays, ConfigRecord(round_cfg.to_flat()), self.grid, self.node_groups
+        messages = slowest_first(
+            self.strategy.train_messages(rnd, arrays, ConfigRecord(round_cfg.to_flat()), self.grid, self.node_groups),
+            self.reply_lags,
         )
         sites: dict[str, dict[str, Any]] = {}
         for msg in messages:
@@ -542,10 +545,12 @@ class FederationServer:
         t_sent = time.perf_counter()
         exchange = ExchangeTimes()
         replies = send_and_receive(self.grid, messages, cfg.timeout_s, exchange)
+        self.reply_lags = {}
         for msg in messages:  # when each site's reply came, from the push's start
             arrived = exchange.arrivals.get(msg.metadata.message_id)
             if arrived is not None:
-                sites[self._site(msg.metadata.dst_node_id)]["reply_after_seconds"] = arrived - exchange.push_start
+                lag = self.reply_lags[msg.metadata.dst_node_id] = arrived - exchange.push_start
+                sites[self._site(msg.metadata.dst_node_id)]["reply_after_seconds"] = lag
         if need := self.setup_needed(replies, messages):
             messages, replies = self._retry_train(rnd, need, messages, replies, sites)
         t_replied = time.perf_counter()

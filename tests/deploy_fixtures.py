@@ -137,16 +137,17 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
     return FederationPaths(root=root)
 
 
-@pytest.fixture(scope="module")
-def superlink(federation: FederationPaths) -> Iterator[str]:
-    """A SuperLink with TLS and SuperNode authentication on 127.0.0.1 behind its nginx proxy (the
-    address yielded is the proxy's); every site but `intruder` registered; the federation's app
-    bundle approved in site_policy(federation)."""
+def start_registered_superlink(
+    federation: FederationPaths, *options: str, out: Path | None = None
+) -> tuple[Process, str]:
+    """`coordinator superlink FED OPTIONS` (TLS, SuperNode authentication, nginx) on a free port of
+    127.0.0.1, every site but `intruder` registered, the federation's app bundle approved in
+    site_policy(federation); the process and the proxy's address. Stops it on any failure."""
     port = free_port()
     proc = Process(
-        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port)]
-        + ["--parent-pid", str(os.getpid())],  # gone with this test process, even when it is killed
-        federation.root / "superlink.out",
+        [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port), *options]
+        + ["--parent-pid", str(os.getpid())],  # gone with this process, even when it is killed
+        out or federation.root / "superlink.out",
     )
     try:
         assert proc.wait_for("SuperLink ready", 600), proc.output()[-3000:]
@@ -160,6 +161,19 @@ def superlink(federation: FederationPaths) -> Iterator[str]:
             f"registered {s}" for s in SITES
         ]
         approve_federation_bundle(federation, site_policy(federation))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, address
+
+
+@pytest.fixture(scope="module")
+def superlink(federation: FederationPaths) -> Iterator[str]:
+    """A SuperLink with TLS and SuperNode authentication on 127.0.0.1 behind its nginx proxy (the
+    address yielded is the proxy's); every site but `intruder` registered; the federation's app
+    bundle approved in site_policy(federation)."""
+    proc, address = start_registered_superlink(federation)
+    try:
         yield address
     finally:
         proc.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+    CLIENT,
     EXPECTED_GROUPS,
     SITES,
     TINY_RUN,
@@ -39,10 +41,12 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     run_client,
     run_coordinator,
     sites,
+    start_registered_superlink,
     superlink,
 )
 
 from client.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, JoinError, probe_superlink
+from server.coordinator import IN_MEMORY_STATE, CoordinatorError, superlink_database
 from server.coordinator import main as coordinator_main
 from server.flwr_app import default_run_config
 from server.provision import (
@@ -154,6 +158,16 @@ def test_provision_rejects_bad_names(tmp_path: Path) -> None:
         ProvisionConfig(federation_dir=tmp_path, sites=["../evil"])
     assert coordinator_main(["provision", str(tmp_path / "f"), "--site", "a/b"]) == 2
     assert not (tmp_path / "f").exists()
+
+
+def test_the_superlink_store_is_a_file_unless_memory_is_asked_for(fed: FederationPaths) -> None:
+    assert superlink_database(fed, "file", None) == str(fed.server_dir / "superlink.db")
+    assert superlink_database(fed, "file", "/srv/link.db") == "/srv/link.db"
+    assert superlink_database(fed, "memory", None) == IN_MEMORY_STATE
+    with pytest.raises(CoordinatorError, match="--database '/srv/link.db' with --state memory"):
+        superlink_database(fed, "memory", "/srv/link.db")
+    with pytest.raises(CoordinatorError, match="--state: value 'disk'"):
+        superlink_database(fed, "disk", None)
 
 
 def test_run_config_declares_every_server_setting() -> None:
@@ -278,6 +292,32 @@ def test_a_node_with_an_unregistered_key_cannot_join(
     assert time.monotonic() - t0 < 120
     # The SuperLink itself saw the refusal (Flower's error 2004 in the SuperNode's log).
     assert "2004" in (tmp_path / "s" / "supernode.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_superlink_with_its_state_in_memory_admits_registered_sites_only(
+    sites: dict[str, Path], tmp_path: Path
+) -> None:
+    fed = FederationPaths(root=tmp_path / "fed")
+    assert (
+        coordinator_main(["provision", str(fed.root), *[a for s in (*SITES, "intruder") for a in ("--site", s)]]) == 0
+    )
+    link, address = start_registered_superlink(fed, "--state", "memory")  # registers every site but intruder
+    site = None
+    try:
+        assert "state in memory" in link.output() and "run `coordinator register" in link.output()
+        site = Process(
+            [sys.executable, str(CLIENT), *join_args(fed, sites["hospital"], "hospital", address, tmp_path / "h")],
+            tmp_path / "h.out",
+        )
+        assert site.wait_for("joined: SuperNode", 300), site.output()[-3000:]
+        refused = run_client(*join_args(fed, sites["hospital"], "intruder", address, tmp_path / "i"), timeout=180)
+        assert refused.returncode == EXIT_NOT_REGISTERED, refused.stdout + refused.stderr
+        assert "joined:" not in refused.stdout
+    finally:
+        if site is not None:
+            site.stop()
+        link.stop()
 
 
 @pytest.mark.slow
