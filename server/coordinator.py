@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.files import write_flat_toml
@@ -145,8 +146,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# Flower's own store (flwr/supercore/constant.py FLWR_IN_MEMORY_DB_NAME): Python objects, no SQL.
-IN_MEMORY_STATE = ":flwr-in-memory:"
+# Flower's own store: Python objects, no SQL (the name flower-superlink --database knows it by).
+IN_MEMORY_STATE = FLWR_IN_MEMORY_DB_NAME
 
 
 def superlink_database(paths: FederationPaths, state: str, database: str | None) -> str:
