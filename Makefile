@@ -58,7 +58,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line \
 	tests/test_deployment.py::test_join_with_the_wrong_certificate_is_refused \
 	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \
-	tests/test_deployment.py::test_a_superlink_with_its_state_in_memory_admits_registered_sites_only \
+	tests/test_deployment.py::test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only \
 	tests/test_hardening.py::test_insecure_superlink_warns_loudly \
 	tests/test_hardening.py::test_superlink_stops_with_its_parent_process \
 	tests/test_evidence.py::test_quick_report_answers_every_question \

@@ -12,8 +12,8 @@ genomics) joined with `client.py join`. For each mode in --modes the sites join 
 `--clientapp MODE` (cold: a new flwr-clientapp per message, Flower's way; warm: one ClientApp
 process per run, client/warm_clientapp.py), one run of --rounds rounds of the `tiny` model at
 --local-steps is launched and waited for, and the sites leave. For each SuperLink store in
---states (`coordinator superlink --state`: file, the default, FED/server/superlink.db through
-Flower's SQL layer; memory, Flower's in-memory store) a SuperLink is started and the modes run
+--states (`coordinator superlink --state`: memory, the default, Flower's in-memory store; file,
+FED/server/superlink.db through Flower's SQL layer) a SuperLink is started and the modes run
 against it. Everything runs in this one invocation, so it sees the same machine.
 
 Per round, from the run's rounds.jsonl (server/server_app.py): the round's wall time (the
@@ -213,8 +213,8 @@ def main() -> int:
         "--states",
         nargs="+",
         choices=("file", "memory"),
-        default=["file"],
-        help="the SuperLink's store (coordinator superlink --state), one SuperLink each (default: file)",
+        default=["memory"],
+        help="the SuperLink's store (coordinator superlink --state), one SuperLink each (default: memory)",
     )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=50)

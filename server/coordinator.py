@@ -2,7 +2,8 @@
 resume runs. All of them take the federation directory FED that `provision` creates.
 
     python -m server.coordinator provision FED --site NAME ... [--hostname fl.example.org ...] [--force]
-    python -m server.coordinator superlink FED [--host 127.0.0.1] [--port 9093] [--internal-port N] [--insecure]
+    python -m server.coordinator superlink FED [--host 127.0.0.1] [--port 9093] [--internal-port N]
+        [--state memory|file] [--insecure]
     python -m server.coordinator register  FED [--site NAME ...]
     python -m server.coordinator bundle    FED
     python -m server.coordinator launch    FED --out-dir RUN_DIR [--model tiny] [--rounds 3] [-c KEY=VALUE ...] [--wait]
@@ -19,10 +20,11 @@ How this maps onto flwr 1.41 (read from its source): `flower-superlink` serves t
 and Runtime APIs on one HTTPS port (`--host/--port`), with TLS from `--ssl-ca-certfile/
 --ssl-certfile/--ssl-keyfile` and node authentication from `--enable-supernode-auth`. `superlink`
 binds it to 127.0.0.1 (a private port) and exposes only the Fleet API on the public host/port
-through nginx (server.proxy); `register` records each site's node id in FED/server/registry.json
-(server.registry), which the ServerApp reads; `bundle` builds the app bundle sites approve
-(server.bundle). The `flwr`
-CLI's connection and commands: server.flwr_control; the generated app and its run config:
+through nginx (server.proxy), its state in Flower's in-memory store unless `--state file`, so at
+each start it registers the registry's sites again before nginx opens; `register` records each
+site's node id in FED/server/registry.json (server.registry), which the ServerApp reads; `bundle`
+builds the app bundle sites approve (server.bundle). The `flwr` CLI's connection and commands:
+server.flwr_control; the generated app and its run config:
 server.flwr_app. Resume: the ServerApp continues from the latest checkpoint under the run's
 out-dir when the run config says `resume=true` (or from `--from CHECKPOINT`: run config
 `resume-from`); `resume` relaunches with the config of the latest launch of that out-dir that got
@@ -150,12 +152,15 @@ def _alive(pid: int) -> bool:
 IN_MEMORY_STATE = FLWR_IN_MEMORY_DB_NAME
 
 
-def superlink_database(paths: FederationPaths, state: str, database: str | None) -> str:
-    """What `flower-superlink --database` gets. `file` (default): FED/server/superlink.db, so the
-    registered keys (and runs) outlive the process. `memory`: Flower's in-memory store, which
-    answers each Fleet and ServerApp call without Flower's SQL layer (a warm tiny round's time
-    outside training x0.73, benchmarks/federation_round.py --states file memory), but forgets
-    every registration when the SuperLink stops: run `coordinator register` after each start."""
+def superlink_database(paths: FederationPaths, state: str | None, database: str | None) -> str:
+    """What `flower-superlink --database` gets. `memory` (the default, Flower's own): its
+    in-memory store, which answers each Fleet and ServerApp call without Flower's SQL layer (a warm
+    tiny round's time outside training x0.73 against the file, benchmarks/federation_round.py
+    --states file memory); it forgets registrations and runs when the SuperLink stops, so
+    `superlink` registers the registry's sites again at every start (register_known_sites).
+    `file` (or a --database path): FED/server/superlink.db, where both outlive a restart."""
+    if state is None:
+        state = "file" if database is not None else "memory"
     if state not in ("file", "memory"):
         raise CoordinatorError(f"--state: value {state!r} is not one of file, memory", EXIT_USAGE)
     if state == "memory":
@@ -166,6 +171,29 @@ def superlink_database(paths: FederationPaths, state: str, database: str | None)
             )
         return IN_MEMORY_STATE
     return database or str(paths.server_dir / "superlink.db")
+
+
+def register_known_sites(paths: FederationPaths) -> int:
+    """Register every site the registry records with a SuperLink that has just started with its
+    state in memory (it knows no key yet); each gets a new node id, written to the registry, which
+    every later run reads. Returns how many failed (each named on stderr; such a site is refused
+    until `coordinator register` succeeds for it)."""
+    path = registry_path(paths)
+    try:
+        names = [s.name for s in read_registry(path).sites]
+    except RegistryError as err:
+        print(f"error: {err}; no site registered with this SuperLink", file=sys.stderr, flush=True)
+        return 1
+    print(f"state in memory: registering the {len(names)} site(s) {path} records", flush=True)
+    failed = 0
+    for site in names:
+        try:
+            ok = _register_one(paths, site)
+        except (OSError, RegistryError) as err:  # a key file gone, a registry rewritten meanwhile
+            print(f"error: registering {site}: {err}", file=sys.stderr, flush=True)
+            ok = False
+        failed += not ok
+    return failed
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
@@ -254,21 +282,21 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                 f"SuperLink on {host}:{port} (without TLS); sites join with --superlink <this host>:{port}", flush=True
             )
         else:
+            wait_listening("127.0.0.1", link_port, procs[0], timeout=600)
+            if database == IN_MEMORY_STATE:
+                # Before the proxy opens the Fleet API: a site reconnecting after a restart finds its
+                # key registered again, never a SuperLink that refuses it.
+                failed = register_known_sites(paths)
+                if failed:
+                    print(f"warning: {failed} site(s) not registered; see above", file=sys.stderr, flush=True)
             procs.append(start_proxy(paths, host, port, link_port))
             wait_listening(host, port, procs[1])
-            wait_listening("127.0.0.1", link_port, procs[0], timeout=600)
             print(
                 f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
                 f"machine); nginx on {host}:{port} forwards the Fleet API only (logs {paths.server_dir}/nginx-*.log)",
                 flush=True,
             )
             print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
-            if database == IN_MEMORY_STATE:
-                print(
-                    f"state in memory: no site is registered with this SuperLink yet; run `coordinator register "
-                    f"{paths.root}` now (and after every restart: registrations end with this process)",
-                    flush=True,
-                )
         while all(proc.poll() is None for proc in procs) and not stopping:
             if args.parent_pid is not None and not _alive(args.parent_pid):
                 print(f"parent process {args.parent_pid} is gone: stopping", file=sys.stderr, flush=True)
@@ -626,11 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state",
         choices=("file", "memory"),
-        default="file",
-        help="file (default): FED/server/superlink.db, registrations outlive a restart; memory: Flower's "
-        "in-memory store, faster rounds, run `register` again after every start",
+        default=None,
+        help="memory (default; file when --database is given): Flower's in-memory store, faster rounds; the "
+        "registry's sites are registered again at every start, runs end with the process. file: "
+        "FED/server/superlink.db, registrations and runs outlive a restart",
     )
-    p.add_argument("--database", help="SuperLink state file with --state file (default FED/server/superlink.db)")
+    p.add_argument("--database", help="SuperLink state file (implies --state file; default FED/server/superlink.db)")
     p.add_argument("--log-file")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local tests only)")
     p.add_argument(

@@ -8,7 +8,8 @@ a thread of one process, so on a loaded coordinator a write waiting more than 5 
 fails with "database is locked" and the call answers 500. A SuperNode's pull loop stops on that
 error (client/supernode_main.py), a ServerApp call fails its run, and `flwr ls` fails. Waiting
 longer costs nothing when the machine is idle and turns those failures into delays when it is
-not. BUSY_TIMEOUT_MS is that wait; everything else is Flower's own.
+not. BUSY_TIMEOUT_MS is that wait; everything else is Flower's own. It matters with
+`coordinator superlink --state file`; the default in-memory store opens no database.
 
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
 transaction held longer than that are logged (WARNING, with the thread and the statement), so a

@@ -137,12 +137,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
     return FederationPaths(root=root)
 
 
-def start_registered_superlink(
-    federation: FederationPaths, *options: str, out: Path | None = None
-) -> tuple[Process, str]:
+def start_superlink(federation: FederationPaths, *options: str, out: Path | None = None) -> tuple[Process, str]:
     """`coordinator superlink FED OPTIONS` (TLS, SuperNode authentication, nginx) on a free port of
-    127.0.0.1, every site but `intruder` registered, the federation's app bundle approved in
-    site_policy(federation); the process and the proxy's address. Stops it on any failure."""
+    127.0.0.1, once it says it is ready; the process and the proxy's address."""
     port = free_port()
     proc = Process(
         [sys.executable, "-m", "server.coordinator", "superlink", str(federation.root), "--port", str(port), *options]
@@ -153,11 +150,25 @@ def start_registered_superlink(
         assert proc.wait_for("SuperLink ready", 600), proc.output()[-3000:]
         address = f"127.0.0.1:{port}"
         probe_superlink(address, federation.ca_cert, timeout=10)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, address
+
+
+def start_registered_superlink(
+    federation: FederationPaths, *options: str, out: Path | None = None
+) -> tuple[Process, str]:
+    """start_superlink, then every site but `intruder` registered (`coordinator register`) and the
+    federation's app bundle approved in site_policy(federation). Stops it on any failure."""
+    proc, address = start_superlink(federation, *options, out=out)
+    try:
         result = run_coordinator(
             "register", str(federation.root), *[a for s in SITES for a in ("--site", s)], timeout=1800
         )
         assert result.returncode == 0, result.stderr
-        assert [ln for ln in result.stdout.splitlines() if ln.startswith("registered")] == [
+        # "(already)": an in-memory SuperLink registered the registry's sites itself at its start.
+        assert [ln.removesuffix(" (already)") for ln in result.stdout.splitlines() if ln.startswith("registered")] == [
             f"registered {s}" for s in SITES
         ]
         approve_federation_bundle(federation, site_policy(federation))

@@ -42,6 +42,7 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     run_coordinator,
     sites,
     start_registered_superlink,
+    start_superlink,
     superlink,
 )
 
@@ -58,6 +59,7 @@ from server.provision import (
     provision,
     verify_chain,
 )
+from server.registry import read_registry, registry_path
 
 # ---------------------------------------------------------------------------- provisioning
 
@@ -160,10 +162,12 @@ def test_provision_rejects_bad_names(tmp_path: Path) -> None:
     assert not (tmp_path / "f").exists()
 
 
-def test_the_superlink_store_is_a_file_unless_memory_is_asked_for(fed: FederationPaths) -> None:
+def test_the_superlink_store_is_memory_unless_a_file_is_asked_for(fed: FederationPaths) -> None:
+    assert superlink_database(fed, None, None) == IN_MEMORY_STATE
+    assert superlink_database(fed, "memory", None) == IN_MEMORY_STATE
     assert superlink_database(fed, "file", None) == str(fed.server_dir / "superlink.db")
     assert superlink_database(fed, "file", "/srv/link.db") == "/srv/link.db"
-    assert superlink_database(fed, "memory", None) == IN_MEMORY_STATE
+    assert superlink_database(fed, None, "/srv/link.db") == "/srv/link.db"  # a database path means a file
     with pytest.raises(CoordinatorError, match="--database '/srv/link.db' with --state memory"):
         superlink_database(fed, "memory", "/srv/link.db")
     with pytest.raises(CoordinatorError, match="--state: value 'disk'"):
@@ -295,22 +299,32 @@ def test_a_node_with_an_unregistered_key_cannot_join(
 
 
 @pytest.mark.slow
-def test_a_superlink_with_its_state_in_memory_admits_registered_sites_only(
+def test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only(
     sites: dict[str, Path], tmp_path: Path
 ) -> None:
     fed = FederationPaths(root=tmp_path / "fed")
     assert (
         coordinator_main(["provision", str(fed.root), *[a for s in (*SITES, "intruder") for a in ("--site", s)]]) == 0
     )
-    link, address = start_registered_superlink(fed, "--state", "memory")  # registers every site but intruder
+    link, _ = start_registered_superlink(fed)  # the default store, memory; registers every site but intruder
+    link.stop()
+    before = read_registry(registry_path(fed))
+    link, address = start_superlink(fed, out=tmp_path / "again.out")  # no `register` this time
     site = None
     try:
-        assert "state in memory" in link.output() and "run `coordinator register" in link.output()
+        assert f"registering the {len(SITES)} site(s)" in link.output(), link.output()[-3000:]
+        after = read_registry(registry_path(fed))
+        assert [s.name for s in after.sites] == sorted(SITES)
+        assert {s.name: s.public_key for s in after.sites} == {s.name: s.public_key for s in before.sites}
+        # A new store, new node ids: the registry records the ones this SuperLink gave.
+        assert {s.node_id for s in after.sites}.isdisjoint({s.node_id for s in before.sites})
         site = Process(
             [sys.executable, str(CLIENT), *join_args(fed, sites["hospital"], "hospital", address, tmp_path / "h")],
             tmp_path / "h.out",
         )
         assert site.wait_for("joined: SuperNode", 300), site.output()[-3000:]
+        hospital = after.get("hospital")
+        assert hospital is not None and f"joined: SuperNode {hospital.node_id} " in site.output()
         refused = run_client(*join_args(fed, sites["hospital"], "intruder", address, tmp_path / "i"), timeout=180)
         assert refused.returncode == EXIT_NOT_REGISTERED, refused.stdout + refused.stderr
         assert "joined:" not in refused.stdout

@@ -53,6 +53,7 @@ from server.coordinator import read_launches
 from server.flwr_control import CONNECTION, EXIT_SITE_LOST, EXIT_UNREACHABLE, run_flwr
 from server.outcome import read_outcome
 from server.provision import FederationPaths
+from server.registry import read_registry, registry_path
 
 pytestmark = pytest.mark.slow
 
@@ -459,6 +460,12 @@ def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_iden
         assert any(e["event"] == "resume" and e["round"] == stopped_at for e in events)
         assert sorted(rounds) == list(range(1, RESUME_ROUNDS + 1))
         assert_same_weights(straight, out)
+        # The restarted SuperLink (state in memory) registered the sites again under new node ids,
+        # and each site's `join` came back under its new one by itself.
+        registry = read_registry(registry_path(federation))
+        for name, proc in joined.items():
+            site = registry.get(name)
+            assert site is not None and f"rejoined: SuperNode {site.node_id} " in proc.output(), proc.output()[-2000:]
     finally:
         for proc in joined.values():  # the sites first, while their SuperLink still answers
             proc.stop()
