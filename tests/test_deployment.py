@@ -47,7 +47,7 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 )
 
 from client.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, JoinError, probe_superlink
-from server.coordinator import IN_MEMORY_STATE, CoordinatorError, superlink_database
+from server.coordinator import IN_MEMORY_STATE, CoordinatorError, register_known_sites, superlink_database
 from server.coordinator import main as coordinator_main
 from server.flwr_app import default_run_config
 from server.provision import (
@@ -172,6 +172,16 @@ def test_the_superlink_store_is_memory_unless_a_file_is_asked_for(fed: Federatio
         superlink_database(fed, "memory", "/srv/link.db")
     with pytest.raises(CoordinatorError, match="--state: value 'disk'"):
         superlink_database(fed, "disk", None)
+
+
+def test_an_unreadable_registry_registers_no_site_and_says_why(
+    fed: FederationPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry_path(fed).write_text('{"sites": [{"name": "north"', encoding="utf-8")  # cut short
+    assert register_known_sites(fed) == 1
+    err = capsys.readouterr().err
+    assert str(registry_path(fed)) in err and "cannot read the site registry" in err
+    assert "no site registered" in err
 
 
 def test_run_config_declares_every_server_setting() -> None:
