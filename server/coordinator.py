@@ -193,6 +193,8 @@ def register_known_sites(paths: FederationPaths) -> int:
             print(f"error: registering {site}: {err}", file=sys.stderr, flush=True)
             ok = False
         failed += not ok
+    if failed:
+        print(f"warning: {failed} of {len(names)} site(s) not registered; see above", file=sys.stderr, flush=True)
     return failed
 
 
@@ -286,9 +288,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             if database == IN_MEMORY_STATE:
                 # Before the proxy opens the Fleet API: a site reconnecting after a restart finds its
                 # key registered again, never a SuperLink that refuses it.
-                failed = register_known_sites(paths)
-                if failed:
-                    print(f"warning: {failed} site(s) not registered; see above", file=sys.stderr, flush=True)
+                register_known_sites(paths)  # names each failure; the SuperLink serves the others
             procs.append(start_proxy(paths, host, port, link_port))
             wait_listening(host, port, procs[1])
             print(
