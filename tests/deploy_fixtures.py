@@ -225,6 +225,10 @@ def join_args(
         "--state-dir",
         str(state),
         "--no-progress",
+        # One torch thread, not `auto`: runs compared bit for bit (resume against an uninterrupted
+        # run) must train with the same thread count, and auto follows the machine's load.
+        "--threads",
+        "1",
         *(["--policy", str(policy)] if policy.exists() else []),
         *POLICY,
     ]
