@@ -582,10 +582,9 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
                     restarts = 0  # it ran well for a while: start the backoff over
                 restarts += 1
                 delay = restart_delay(restarts)
-                last = next((ln.strip() for ln in reversed(attempt.tail) if "error" in ln.lower() and ln.strip()), "")
                 say(
                     f"SuperNode {attempt.node_id} lost its connection to the SuperLink "
-                    f"(exit {attempt.returncode}{': ' + last if last else ''}); restarting it in {delay:g} s "
+                    f"({lost_connection_cause(attempt)}); restarting it in {delay:g} s "
                     f"(restart {restarts}; log {log_path})"
                 )
                 pause(delay)
@@ -601,6 +600,21 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
                 guard.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 guard.kill()
+
+
+def lost_connection_cause(attempt: Attempt) -> str:
+    """Why a connected SuperNode stopped, for the restart line: its exit status and last error
+    line. Flower's SuperNode answers a 401 to its heartbeat (the SuperLink no longer knows its
+    node id: it restarted with its state in memory, or the node was unregistered) by stopping
+    itself as if interrupted, exit 0, and logs no error; a stop `join` did not ask for that ends
+    "terminated gracefully" is that."""
+    last = next((ln.strip() for ln in reversed(attempt.tail) if "error" in ln.lower() and ln.strip()), "")
+    if attempt.returncode == 0 and not last and any("terminated gracefully" in ln for ln in attempt.tail):
+        return (
+            f"exit 0: the SuperLink no longer knows node {attempt.node_id}, e.g. it restarted with its state "
+            "in memory; a new node id comes with the restart"
+        )
+    return f"exit {attempt.returncode}{': ' + last if last else ''}"
 
 
 def restartable(attempt: Attempt, error: JoinError, cfg: JoinConfig) -> bool:

@@ -25,6 +25,7 @@ from client.join import (
     JoinError,
     connected_before,
     explain_exit,
+    lost_connection_cause,
     restart_delay,
     restartable,
 )
@@ -61,6 +62,18 @@ def test_a_supernode_stopped_by_the_sites_own_setup_or_its_wait_limit_is_not_res
     assert restartable(gave_up, error, cfg)  # no --max-wait-time: keep the site in the federation
     limited = config(tmp_path, max_wait_time=60.0)
     assert not restartable(gave_up, error, limited)  # the site admin asked it to give up
+
+
+def test_the_restart_line_names_a_superlink_that_forgot_the_node() -> None:
+    # Flower's SuperNode answers a 401 to its heartbeat with SIGINT to itself: exit 0, no error line.
+    forgotten = attempt(0, ["INFO :      SuperNode ID: 7", "INFO :      SuperNode terminated gracefully."])
+    assert lost_connection_cause(forgotten).startswith("exit 0: the SuperLink no longer knows node 7")
+    failed = attempt(EXIT_CONNECTION_ENDED, ["ERROR :      Server error '500 Internal Server Error'"])
+    assert (
+        lost_connection_cause(failed)
+        == f"exit {EXIT_CONNECTION_ENDED}: ERROR :      Server error '500 Internal Server Error'"
+    )
+    assert lost_connection_cause(attempt(-9, [])) == "exit -9"  # killed: nothing to explain
 
 
 def test_restarts_back_off_up_to_a_minute() -> None:
