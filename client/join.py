@@ -604,16 +604,19 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
 
 def lost_connection_cause(attempt: Attempt) -> str:
     """Why a connected SuperNode stopped, for the restart line: its exit status and last error
-    line. Flower's SuperNode answers a 401 to its heartbeat (the SuperLink no longer knows its
-    node id: it restarted with its state in memory, or the node was unregistered) by stopping
-    itself as if interrupted, exit 0, and logs no error; a stop `join` did not ask for that ends
-    "terminated gracefully" is that."""
+    line, and the cause where it is known. A 401 means the SuperLink no longer knows the node id
+    (it restarted with its state in memory, or the node was unregistered). Flower's SuperNode
+    meets it either on a request (an HTTPStatusError, logged) or on its heartbeat, which it
+    answers by interrupting itself: exit 0, no error line, "terminated gracefully" last."""
     last = next((ln.strip() for ln in reversed(attempt.tail) if "error" in ln.lower() and ln.strip()), "")
+    forgotten = (
+        f"the SuperLink no longer knows node {attempt.node_id} (e.g. it restarted with its state in memory; "
+        "the restart brings a new node id)"
+    )
+    if "401 Unauthorized" in last:
+        return f"exit {attempt.returncode}, 401 Unauthorized: {forgotten}"
     if attempt.returncode == 0 and not last and any("terminated gracefully" in ln for ln in attempt.tail):
-        return (
-            f"exit 0: the SuperLink no longer knows node {attempt.node_id}, e.g. it restarted with its state "
-            "in memory; a new node id comes with the restart"
-        )
+        return f"exit 0 after a 401 to its heartbeat: {forgotten}"
     return f"exit {attempt.returncode}{': ' + last if last else ''}"
 
 

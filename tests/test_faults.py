@@ -466,6 +466,7 @@ def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_iden
         for name, proc in joined.items():
             site = registry.get(name)
             assert site is not None and f"rejoined: SuperNode {site.node_id} " in proc.output(), proc.output()[-2000:]
+            assert "the SuperLink no longer knows node" in proc.output(), proc.output()[-2000:]  # the cause named
     finally:
         for proc in joined.values():  # the sites first, while their SuperLink still answers
             proc.stop()

@@ -67,7 +67,14 @@ def test_a_supernode_stopped_by_the_sites_own_setup_or_its_wait_limit_is_not_res
 def test_the_restart_line_names_a_superlink_that_forgot_the_node() -> None:
     # Flower's SuperNode answers a 401 to its heartbeat with SIGINT to itself: exit 0, no error line.
     forgotten = attempt(0, ["INFO :      SuperNode ID: 7", "INFO :      SuperNode terminated gracefully."])
-    assert lost_connection_cause(forgotten).startswith("exit 0: the SuperLink no longer knows node 7")
+    assert lost_connection_cause(forgotten).startswith(
+        "exit 0 after a 401 to its heartbeat: the SuperLink no longer knows node 7"
+    )
+    # ... or on a request, which it logs (seen with a pull after a SuperLink restart).
+    pull = "httpx.HTTPStatusError: Client error '401 Unauthorized' for url 'https://127.0.0.1:9/v1/fleet/pull-messages'"
+    assert lost_connection_cause(attempt(-2, [pull])).startswith(
+        "exit -2, 401 Unauthorized: the SuperLink no longer knows node 7"
+    )
     failed = attempt(EXIT_CONNECTION_ENDED, ["ERROR :      Server error '500 Internal Server Error'"])
     assert (
         lost_connection_cause(failed)
