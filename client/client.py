@@ -192,13 +192,15 @@ def _node_config_items(items: Sequence[str]) -> dict[str, str | int | float | bo
     return config
 
 
-def _threads_arg(value: str) -> int:
+def _threads_arg(value: str) -> int | str:
+    if value.strip().lower() == "auto":
+        return "auto"
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--threads: value {value!r}: a whole number of at least 1") from None
+        raise argparse.ArgumentTypeError(f"--threads: value {value!r}: a whole number of at least 1, or auto") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"--threads: value {n}: a whole number of at least 1")
+        raise argparse.ArgumentTypeError(f"--threads: value {n}: a whole number of at least 1, or auto")
     return n
 
 
@@ -393,9 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_threads_arg,
         default=None,
-        metavar="N",
-        help="torch threads for training (overrides the policy's threads; default: the policy's, else "
-        "the cores free when a run starts: CPU affinity minus the 1-min load, 1 to 8)",
+        metavar="N|auto",
+        help="torch threads for training (N overrides the policy's threads; default: the policy's, else "
+        "auto: the cores free when a setup's first run starts here, 1 to 8, measured from /proc/stat "
+        "and kept for the setup's later runs in STATE_DIR/site-state/threads.json)",
     )
     join.add_argument(
         "--clientapp",

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from client.policy import SitePolicy, load_policy
-from client.threads import apply_threads, auto_threads
+from client.threads import apply_threads, auto_threads, setup_threads
 from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site
@@ -153,6 +153,8 @@ class SiteRuntime:
         self.subject_counts = {m: (n if n >= floor else 0) for m, n in self.site.subject_counts.items()}
         self.groups = groups_for_modalities([m for m in self.site.modalities if self.subject_counts.get(m, 0) > 0])
         self.ledger: PrivacyLedger | None = PrivacyLedger(config.state_dir) if config.state_dir is not None else None
+        self._threads_measured: int | None = None  # what auto measured (None: a fixed count or none)
+        self._threads_setup: str | None = None  # the setup whose recorded count is applied
         self.threads = self._apply_threads()
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
@@ -170,10 +172,24 @@ class SiteRuntime:
             n, why = self.policy.threads, "policy"
         elif setting == "auto":
             n, why = auto_threads(), "auto: free cores"
+            self._threads_measured = n
         else:
             return None
         apply_threads(n)
         log.info("site %s: %d torch thread(s) (%s)", self.name, n, why)
+        return n
+
+    def threads_for(self, setup_sha256: str) -> int | None:
+        """Under auto with a state dir: the threads this setup trains with at this site, recorded
+        at its first run here (client/threads.py, setup_threads), so that a resumed or relaunched
+        run of the setup reproduces it. Applied once per setup; the current count otherwise."""
+        if self._threads_measured is None or self.config.state_dir is None or self._threads_setup == setup_sha256:
+            return self.threads
+        n, why = setup_threads(Path(self.config.state_dir), setup_sha256, self._threads_measured)
+        if n != self.threads:
+            apply_threads(n)
+            log.info("site %s: %d torch thread(s) (%s)", self.name, n, why)
+        self.threads, self._threads_setup = n, setup_sha256
         return n
 
     # ------------------------------------------------------------------ round 0
@@ -292,6 +308,7 @@ class SiteRuntime:
         """One round of local training. Raises TrainRefused (nothing trained) when the site's
         policy refuses the request: DP impossible, too few subjects, or the epsilon cap."""
         t0 = time.perf_counter()
+        self.threads_for(setup.sha256)
         received = sorted({parameter_group(k) for k in arrays})
         seed = site_seed(cfg.seed, cfg.round, self.name)
         dataset = PretrainingDataset(
@@ -509,6 +526,7 @@ class SiteRuntime:
         split has fewer subjects than the site's minimum, a single class, or no labels here gets
         only its reason (counted in `withheld`)."""
         t0 = time.perf_counter()
+        self.threads_for(setup.sha256)
         result = self.evaluate_tasks(setup, self.model(setup, arrays), cfg)
         return EvalReply(
             tasks=result.metrics,

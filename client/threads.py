@@ -12,6 +12,12 @@ neighbours and every intra-op barrier waits for the slowest (measured: 2 threads
 1 beside busy neighbours on a 2-core machine, 1.55-1.69x faster on a quiet one). AUTO_MAX caps it
 because the models' matrices (d_model 32-256) stop scaling well beyond ~8 threads.
 
+A run keeps what `auto` chose for its setup: the site records it in STATE_DIR/threads.json, keyed
+by the setup's sha256, and a later run of the same setup at this site (a resume, or the same
+config launched again) trains with the recorded count (`setup_threads`). The thread count sets
+the order of torch's sums (1 and 2 threads differ by about 1e-9 after a step), so without the
+record a resume would not reproduce the uninterrupted run bit for bit whenever the load differed.
+
 "Busy now" is measured, not the 1-minute load average: that average lags by about a minute (load
 1.7 right after a benchmark made auto pick 1 thread on a machine that had just become quiet).
 Two /proc/stat snapshots SAMPLE_S apart give each allowed core's busy fraction (everything but
@@ -31,10 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger("healthfm.client.threads")
 
 AUTO_MAX = 8
+THREADS_RECORD = "threads.json"  # in the site's state dir: auto's choice per setup
+RECORD_KEEP = 64  # setups remembered (the oldest dropped first)
 PROC_STAT = Path("/proc/stat")
 # 0.25 s: /proc/stat counts in USER_HZ=100 ticks, so 25 ticks per core (a fully busy core reads
 # 1.00 +- 0.04) over many scheduler slices (3-24 ms), yet negligible beside a ClientApp's start
@@ -247,3 +258,49 @@ def apply_threads(n: int) -> int:
     except RuntimeError:  # already set, or inter-op work already ran in this process
         pass
     return n
+
+
+class ThreadsRecord(BaseModel):
+    """STATE_DIR/threads.json: the threads `auto` chose for each setup at this site, oldest first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    setups: dict[str, int] = Field(default_factory=dict)  # setup sha256 -> threads
+
+    def check(self) -> None:
+        for key, n in self.setups.items():
+            if not (len(key) == 64 and all(c in "0123456789abcdef" for c in key)):
+                raise ValueError(f"field setups: key {key[:80]!r} is not a setup's sha256")
+            if isinstance(n, bool) or not 1 <= n <= AUTO_MAX:
+                raise ValueError(f"field setups.{key[:12]}: value {n!r}: threads must be 1 to {AUTO_MAX}")
+
+
+def setup_threads(state_dir: Path, setup_sha256: str, measured: int) -> tuple[int, str]:
+    """The threads setup `setup_sha256` trains with under `auto` at this site, and why: the count
+    recorded for it in STATE_DIR/threads.json, or `measured` (then recorded). A recorded count
+    above the cores this process may use now is not reused (the site's CPUs changed). An
+    unreadable record is reported and replaced: it holds only these choices."""
+    path = Path(state_dir) / THREADS_RECORD
+    record = ThreadsRecord()
+    if path.exists():
+        try:
+            record = ThreadsRecord.model_validate_json(path.read_text(encoding="utf-8"))
+            record.check()
+        except (OSError, UnicodeDecodeError, ValidationError, ValueError) as err:
+            reason = str(err).splitlines()[0] if isinstance(err, ValidationError) else str(err)
+            log.warning("%s: unreadable (%s); replaced, threads measured again", path, reason)
+            record = ThreadsRecord()
+    recorded = record.setups.get(setup_sha256)
+    if recorded is not None and recorded <= usable_cores():
+        return recorded, f"auto, as recorded for this setup in {path} (measured now: {measured})"
+    why = "auto: free cores"
+    if recorded is not None:
+        why += f" (the {recorded} recorded for this setup exceed the {usable_cores()} core(s) usable now)"
+    setups = {k: v for k, v in record.setups.items() if k != setup_sha256}
+    setups[setup_sha256] = measured
+    kept = dict(list(setups.items())[-RECORD_KEEP:])
+    try:
+        atomic_write_text(path, ThreadsRecord(setups=kept).model_dump_json(indent=1) + "\n")
+    except OSError as err:  # a read-only state dir: train anyway, unrecorded
+        log.warning("%s: not written (%s): a later run of this setup measures its threads again", path, err)
+    return measured, why

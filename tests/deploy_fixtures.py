@@ -225,8 +225,9 @@ def join_args(
         "--state-dir",
         str(state),
         "--no-progress",
-        # One torch thread, not `auto`: runs compared bit for bit (resume against an uninterrupted
-        # run) must train with the same thread count, and auto follows the machine's load.
+        # One torch thread, not `auto`: runs compared bit for bit must train with the same thread
+        # count, and test_faults.py compares a resume with an uninterrupted run made by another
+        # test's sites, whose state dirs (auto's record per setup, client/threads.py) it lacks.
         "--threads",
         "1",
         *(["--policy", str(policy)] if policy.exists() else []),

@@ -1,4 +1,5 @@
-"""`auto` threads: the cores free now, from /proc/stat (client/threads.py).
+"""`auto` threads: the cores free now, from /proc/stat, and the count a setup keeps across its
+runs at a site (client/threads.py).
 
 Snapshots below are real /proc/stat text (a 2-core machine's), advanced by known tick counts, so
 the arithmetic is checked against the kernel's format; the last test samples the live file beside
@@ -7,6 +8,7 @@ a real busy-loop process pinned to one core.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -20,12 +22,14 @@ from client import threads
 from client.threads import (
     AUTO_MAX,
     NOISE,
+    THREADS_RECORD,
     auto_threads,
     busy_cores,
     core_busy,
     free_cores,
     measure,
     parse_proc_stat,
+    setup_threads,
 )
 
 BEFORE = """\
@@ -165,3 +169,54 @@ def test_a_busy_neighbour_on_a_core_takes_that_core() -> None:
     finally:
         loop.kill()
         loop.wait()
+
+
+SETUP_A, SETUP_B = "a" * 64, "b" * 64
+
+
+def test_a_setup_keeps_the_threads_auto_chose_at_its_first_run(tmp_path: Path) -> None:
+    assert setup_threads(tmp_path, SETUP_A, 1) == (1, "auto: free cores")
+    # Later (a resume, a relaunch): the machine is quieter, auto measures 2; the setup keeps 1.
+    n, why = setup_threads(tmp_path, SETUP_A, 2)
+    assert n == 1 and "as recorded for this setup" in why and "measured now: 2" in why
+    assert setup_threads(tmp_path, SETUP_B, 2) == (2, "auto: free cores")  # another setup: measured
+    assert json.loads((tmp_path / THREADS_RECORD).read_text()) == {"setups": {SETUP_A: 1, SETUP_B: 2}}
+
+
+def test_a_recorded_count_above_the_usable_cores_is_measured_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup_threads(tmp_path, SETUP_A, 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 1)  # the site's container now has one core
+    n, why = setup_threads(tmp_path, SETUP_A, 1)
+    assert n == 1 and "the 2 recorded for this setup exceed the 1 core(s) usable now" in why
+    assert json.loads((tmp_path / THREADS_RECORD).read_text())["setups"] == {SETUP_A: 1}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        json.dumps({"setups": {SETUP_A: 0}}),
+        json.dumps({"setups": {SETUP_A: AUTO_MAX + 1}}),
+        json.dumps({"setups": {"../../etc": 1}}),
+        json.dumps({"setups": {SETUP_A: 1}, "extra": True}),
+    ],
+)
+def test_an_unreadable_threads_record_is_reported_and_replaced(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / THREADS_RECORD).write_text(text)
+    with caplog.at_level(logging.WARNING, logger="healthfm.client.threads"):
+        assert setup_threads(tmp_path, SETUP_B, 2) == (2, "auto: free cores")
+    assert any(
+        str(tmp_path / THREADS_RECORD) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
+    )
+    assert json.loads((tmp_path / THREADS_RECORD).read_text()) == {"setups": {SETUP_B: 2}}
+
+
+def test_the_record_keeps_the_latest_setups(tmp_path: Path) -> None:
+    keys = [f"{i:064x}" for i in range(threads.RECORD_KEEP + 3)]
+    for key in keys:
+        setup_threads(tmp_path, key, 1)
+    assert list(json.loads((tmp_path / THREADS_RECORD).read_text())["setups"]) == keys[3:]

@@ -28,6 +28,7 @@ from flwr.supernode.runtime import run_clientapp
 
 from client import site_runtime
 from client.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECONDS, AppGuard
+from client.client import build_parser
 from client.client_app import make_client_app
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
@@ -295,6 +296,18 @@ def test_auto_threads_is_the_free_cores_clamped() -> None:
         apply_threads(0)
 
 
+def test_join_threads_takes_a_count_or_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    parse = build_parser().parse_args
+    assert parse(["join", "SITE", "--superlink", "h:1", "--threads", "4"]).threads == 4
+    assert parse(["join", "SITE", "--superlink", "h:1", "--threads", "auto"]).threads == "auto"
+    assert parse(["join", "SITE", "--superlink", "h:1"]).threads is None  # cmd_join: the policy's, else auto
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parse(["join", "SITE", "--superlink", "h:1", "--threads", bad])
+        err = capsys.readouterr().err
+        assert "--threads: value" in err and bad in err and "or auto" in err
+
+
 def test_the_runtime_applies_node_config_then_policy_then_auto(hospital: dict, tmp_path: Path) -> None:
     before = torch.get_num_threads()
     policy = tmp_path / "policy.yaml"
@@ -314,6 +327,33 @@ def test_the_runtime_applies_node_config_then_policy_then_auto(hospital: dict, t
         assert auto is not None and 1 <= auto <= AUTO_MAX and torch.get_num_threads() == auto
         site_runtime.drop_runtimes()
         assert get_runtime(SiteConfig.from_node_config(hospital)).threads is None  # simulation: untouched
+    finally:
+        torch.set_num_threads(before)
+        site_runtime.drop_runtimes()
+
+
+def test_a_resumed_setup_trains_with_the_threads_of_its_first_run(
+    hospital: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ClientApp of a later run (here: the machine got quieter, auto measures 2) applies the
+    count the setup's first run at this site chose (1): the same sums, bit for bit."""
+    before = torch.get_num_threads()
+    setup, other = "c" * 64, "d" * 64
+    node = {**hospital, "threads": "auto", "state-dir": str(tmp_path / "state")}
+    try:
+        monkeypatch.setattr(site_runtime, "auto_threads", lambda: 1)
+        site_runtime.drop_runtimes()
+        first = get_runtime(SiteConfig.from_node_config(node))
+        assert first.threads == 1 and first.threads_for(setup) == 1
+        monkeypatch.setattr(site_runtime, "auto_threads", lambda: 2)
+        site_runtime.drop_runtimes()
+        later = get_runtime(SiteConfig.from_node_config(node))
+        assert later.threads == 2 and torch.get_num_threads() == 2
+        assert later.threads_for(setup) == 1 and torch.get_num_threads() == 1
+        assert later.threads_for(other) == 2 and torch.get_num_threads() == 2  # a new setup: measured
+        site_runtime.drop_runtimes()
+        fixed = get_runtime(SiteConfig.from_node_config({**node, "threads": 3}))
+        assert fixed.threads_for(setup) == 3 and torch.get_num_threads() == 3  # a fixed count is never replaced
     finally:
         torch.set_num_threads(before)
         site_runtime.drop_runtimes()
