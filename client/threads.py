@@ -12,9 +12,10 @@ neighbours and every intra-op barrier waits for the slowest (measured: 2 threads
 1 beside busy neighbours on a 2-core machine, 1.55-1.69x faster on a quiet one). AUTO_MAX caps it
 because the models' matrices (d_model 32-256) stop scaling well beyond ~8 threads.
 
-A run keeps what `auto` chose for its setup: the site records it in STATE_DIR/threads.json, keyed
-by the setup's sha256, and a later run of the same setup at this site (a resume, or the same
-config launched again) trains with the recorded count (`setup_threads`). The thread count sets
+A run keeps what `auto` chose for its setup: the site records it in threads.json in its state dir
+(`join`: STATE_DIR/site-state), keyed by the setup's sha256, and a later run of the same setup at
+this site (a resume, or the same config launched again) trains with the recorded count
+(`setup_threads`). The thread count sets
 the order of torch's sums (1 and 2 threads differ by about 1e-9 after a step), so without the
 record a resume would not reproduce the uninterrupted run bit for bit whenever the load differed.
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from healthfm_core.files import atomic_write_text
 
@@ -261,23 +262,26 @@ def apply_threads(n: int) -> int:
 
 
 class ThreadsRecord(BaseModel):
-    """STATE_DIR/threads.json: the threads `auto` chose for each setup at this site, oldest first."""
+    """threads.json in the site's state dir: the threads `auto` chose per setup, oldest first."""
 
     model_config = ConfigDict(extra="forbid")
 
-    setups: dict[str, int] = Field(default_factory=dict)  # setup sha256 -> threads
+    setups: dict[str, StrictInt] = Field(default_factory=dict)  # setup sha256 -> threads
 
-    def check(self) -> None:
-        for key, n in self.setups.items():
+    @field_validator("setups")
+    @classmethod
+    def _sha256_to_a_count(cls, setups: dict[str, int]) -> dict[str, int]:
+        for key, n in setups.items():
             if not (len(key) == 64 and all(c in "0123456789abcdef" for c in key)):
-                raise ValueError(f"field setups: key {key[:80]!r} is not a setup's sha256")
-            if isinstance(n, bool) or not 1 <= n <= AUTO_MAX:
-                raise ValueError(f"field setups.{key[:12]}: value {n!r}: threads must be 1 to {AUTO_MAX}")
+                raise ValueError(f"key {key[:80]!r} is not a setup's sha256")
+            if not 1 <= n <= AUTO_MAX:
+                raise ValueError(f"setup {key[:12]}: value {n}: threads must be 1 to {AUTO_MAX}")
+        return setups
 
 
 def setup_threads(state_dir: Path, setup_sha256: str, measured: int) -> tuple[int, str]:
     """The threads setup `setup_sha256` trains with under `auto` at this site, and why: the count
-    recorded for it in STATE_DIR/threads.json, or `measured` (then recorded). A recorded count
+    recorded for it in `state_dir`/threads.json, or `measured` (then recorded). A recorded count
     above the cores this process may use now is not reused (the site's CPUs changed). An
     unreadable record is reported and replaced: it holds only these choices."""
     path = Path(state_dir) / THREADS_RECORD
@@ -285,9 +289,14 @@ def setup_threads(state_dir: Path, setup_sha256: str, measured: int) -> tuple[in
     if path.exists():
         try:
             record = ThreadsRecord.model_validate_json(path.read_text(encoding="utf-8"))
-            record.check()
-        except (OSError, UnicodeDecodeError, ValidationError, ValueError) as err:
-            reason = str(err).splitlines()[0] if isinstance(err, ValidationError) else str(err)
+        except (OSError, UnicodeDecodeError, ValidationError) as err:
+            reason = (
+                "; ".join(
+                    f"field {'.'.join(str(x)[:16] for x in e['loc']) or '-'}: {e['msg']}" for e in err.errors()[:3]
+                )
+                if isinstance(err, ValidationError)
+                else str(err)
+            )
             log.warning("%s: unreadable (%s); replaced, threads measured again", path, reason)
             record = ThreadsRecord()
     recorded = record.setups.get(setup_sha256)
@@ -301,6 +310,6 @@ def setup_threads(state_dir: Path, setup_sha256: str, measured: int) -> tuple[in
     kept = dict(list(setups.items())[-RECORD_KEEP:])
     try:
         atomic_write_text(path, ThreadsRecord(setups=kept).model_dump_json(indent=1) + "\n")
-    except OSError as err:  # a read-only state dir: train anyway, unrecorded
+    except (OSError, ValidationError) as err:  # e.g. a read-only state dir: train anyway, unrecorded
         log.warning("%s: not written (%s): a later run of this setup measures its threads again", path, err)
     return measured, why
