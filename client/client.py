@@ -41,6 +41,7 @@ from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.join import JoinConfig, JoinError, join  # noqa: E402
 from client.policy import PolicyError, load_policy  # noqa: E402
 from client.supernode_pace import POLL_INTERVAL_S  # noqa: E402
+from client.threads import parse_threads  # noqa: E402
 from healthfm_core.data.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
 from healthfm_core.data.site import Site  # noqa: E402
@@ -193,15 +194,10 @@ def _node_config_items(items: Sequence[str]) -> dict[str, str | int | float | bo
 
 
 def _threads_arg(value: str) -> int | str:
-    if value.strip().lower() == "auto":
-        return "auto"
     try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--threads: value {value!r}: a whole number of at least 1, or auto") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--threads: value {n}: a whole number of at least 1, or auto")
-    return n
+        return parse_threads(value, None)  # argparse prefixes "argument --threads: "
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_join(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -34,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from client.policy import SitePolicy, load_policy
-from client.threads import apply_threads, auto_threads, setup_threads
+from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
 from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site
@@ -91,13 +90,7 @@ class SiteConfig(BaseModel):
     @classmethod
     def _threads(cls, v: Any) -> Any:
         # Node config values arrive as TOML scalars: an int, or a string ("auto", "4").
-        if isinstance(v, bool) or isinstance(v, float):
-            raise ValueError(f"threads: value {v!r}: a whole number of at least 1, or 'auto'")
-        if isinstance(v, str) and v.strip().isdigit():
-            v = int(v)
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"threads: value {v}: a whole number of at least 1, or 'auto'")
-        return v
+        return None if v is None else parse_threads(v)
 
     # A run's shared cache of the opened site and its sequences (healthfm_core.data.site_cache):
     # the simulation sets a temporary directory per run so every actor reads one preparation.
@@ -160,6 +153,7 @@ class SiteRuntime:
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
         self._labels: dict[tuple[str, int, int, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
+        self._eval_in_memory_logged = False
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
 
@@ -501,21 +495,18 @@ class SiteRuntime:
         keyed-hash sample with the run's seed as the key (the same every round)."""
         return draw_sample(self.split_ids(), cfg.max_subjects, cfg.seed)
 
-    def eval_dir(self) -> Path:
+    def eval_dir(self) -> Path | None:
         """Where this site writes its predictions (meds-evaluation format): `eval-dir`, else
-        state-dir/evaluation, else a temporary directory of this process (logged)."""
+        state-dir/evaluation, else nowhere: with neither, predictions are scored in memory and
+        not kept (a temporary directory would outlive the process with subject-level rows)."""
         if self._eval_dir is None:
             if self.config.eval_dir is not None:
                 self._eval_dir = Path(self.config.eval_dir)
             elif self.config.state_dir is not None:
                 self._eval_dir = Path(self.config.state_dir) / "evaluation"
-            else:
-                self._eval_dir = Path(tempfile.mkdtemp(prefix=f"healthfm-eval-{self.name}-"))
-                log.warning(
-                    "site %s: no eval-dir or state-dir: predictions go to %s (set eval-dir to keep them)",
-                    self.name,
-                    self._eval_dir,
-                )
+            elif not self._eval_in_memory_logged:
+                self._eval_in_memory_logged = True
+                log.info("site %s: no eval-dir or state-dir: predictions are scored in memory, not kept", self.name)
         return self._eval_dir
 
     def evaluate(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: EvalConfig) -> EvalReply:
@@ -554,7 +545,7 @@ class SiteRuntime:
         `sampled` False evaluates without a subject sample, `reuse_patches` False encodes every
         patch where asked and `shared_passes` False runs one forward pass per row (all three: the
         straightforward paths tests and benchmarks compare against); `out_dir` defaults to
-        eval_dir()."""
+        eval_dir() (None: scored in memory, nothing written)."""
         return evaluate_site_tasks(
             self.name,
             self.site,

@@ -36,6 +36,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
@@ -246,6 +247,22 @@ def auto_threads(
     if cores is not None:  # an explicit core count replaces the affinity's, busy as measured
         return free_cores(cores, choice.busy, cap)
     return choice.threads
+
+
+def parse_threads(value: object, name: str | None = "threads") -> int | Literal["auto"]:
+    """A thread setting as a site gives it (`join --threads`, node config `threads`: a TOML int or
+    string): a whole number of at least 1, or "auto". ValueError naming `name` (None: argparse
+    names the option itself) and the value."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "auto":
+            return "auto"
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    prefix = f"{name}: " if name else ""
+    raise ValueError(f"{prefix}value {value!r}: a whole number of at least 1, or auto")
 
 
 def apply_threads(n: int) -> int:

@@ -36,13 +36,14 @@ from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
 # The federated evaluation's subject budget (eval_max_subjects), from the cost model, not the
 # metrics. Default scenario, wearable clinic, default eval_tasks (the costliest site), `tiny`,
-# measured with `python benchmarks/eval_cost.py SITES --sites wearable_clinic` (2 cores, ratios from
-# one run): a round of 30 steps x batch 16 took 4.8 s; the full evaluation embedded 13,359 rows of
-# 1,995 subjects in 9,356 shared passes in 23.9 s (12 ms per subject, linear in subjects: mostly
-# encoding each distinct wearable patch once); the labels took 13.6 s (6.8 ms per subject), once
-# per run. A budget c samples c subjects in each of the 3 splits, 3c in all:
-#   first evaluation  3c x (12 + 6.8) ms <= 4.8 s  =>  c <= 85 (measured: 5.9 s against a 6.6 s round)
-#   later ones        3c x 12 ms         <= 4.8 s  =>  c <= 133
+# measured with `python benchmarks/eval_cost.py SITES --max-subjects 85` (2 cores, 2026-11-23): a
+# round of 30 steps x batch 16 took 4.7 s (median of 3); the full evaluation embedded 13,359 rows
+# of 1,995 subjects in 9,356 shared passes in 22.3 s (11 ms per subject, linear in subjects:
+# mostly encoding each distinct wearable patch once); every subject's labels took 4.7 s, once per
+# run. A budget c samples c subjects in each of the 3 splits, 3c in all:
+#   later evaluations  3c x 11 ms <= 4.7 s  =>  c <= 142
+#   the first one also labels the sample (ACES reads every shard whatever c is): at c = 85,
+#   measured 1.5 s of labels + 2.7 s = 4.2 s against the 4.7 s round
 # At c = 85 the clinic scores 7 of the 9 tasks (every subject: 8; onset_t2d_90d has one class
 # among 85 held-out subjects) and a site with rarer outcomes loses more, so the default scores
 # every subject (a coordinator asking for metrics expects all of them); a budget is for watching

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from omegaconf import DictConfig
 
@@ -71,6 +73,23 @@ def test_shared_labels_equal_the_per_task_labels_and_read_each_shard_once(site_r
         for h, table in aces_labels(tasks[0], root).items():
             assert unrestricted[h].equals(table), (root.name, tasks[0].name, h)
     assert rows > 0  # labels were compared, not only empty tables
+
+
+def test_labels_of_some_subjects_are_their_rows_among_all(site_roots) -> None:
+    # A capped evaluation queries only its sample's events: the same rows as theirs among every
+    # subject's labels, for a half of the subjects (with an id the site lacks) and for none.
+    tasks = [load_task(name) for name in TASKS]
+    root = site_roots[-1]  # the hospital: ICD-9 and ICD-10
+    full = aces_labels_shared(tasks, root)
+    ids = np.unique(open_site(root).read_events(columns=["subject_id"])["subject_id"].to_numpy())
+    some = np.append(ids[::2], ids.max() + 1)
+    for subjects in (some, ids[:0]):
+        part = aces_labels_shared(tasks, root, subjects=subjects)
+        for task, got, want in zip(tasks, part, full, strict=True):
+            for h in want:
+                mask = pa.array(np.isin(want[h]["subject_id"].to_numpy(), subjects))
+                assert got[h].equals(want[h].filter(mask)), (task.name, h, len(subjects))
+    assert sum(t.num_rows for by_h in full for t in by_h.values()) > 0
 
 
 def test_a_sites_task_labels_follow_the_spec_order_with_an_invalid_task_kept_apart(site_roots) -> None:

@@ -98,8 +98,9 @@ def test_site_metrics_equal_the_straightforward_path(runtimes, setup, tmp_path: 
             m.setattr(
                 site_eval,
                 "aces_labels_shared",
-                lambda tasks, root, prediction_times=None: [
-                    aces_labels(t, root, prediction_times=prediction_times) for t in tasks
+                lambda tasks, root, prediction_times=None, subjects=None: [
+                    aces_labels(t, root, prediction_times=prediction_times)
+                    for t in tasks  # every subject's
                 ],
             )
             rt._labels, rt._eval_dir = {}, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,9 @@ def _setup(roots) -> FederationSetup:
     return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
 
 
-def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(hospital, tmp_path: Path) -> None:
+def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
+    hospital, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     site = hospital.sites[0]
     root = Path(site.root)
     # A task only this site labels: its own LabelSchema file under tasks/<name>/.
@@ -198,6 +201,14 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(hospital, tm
         table = pq.read_table(path)
         PredictionSchema.validate(table)
         assert table.num_rows == m.n and 0 <= m.auroc <= 1
+    # Without an eval-dir or state-dir: the same metrics, scored in memory; nothing is written,
+    # not even to a temporary directory (it would outlive the process with subject-level rows).
+    tmp_root = tmp_path / "tmp"
+    tmp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
+    unkept = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=2))
+    assert unkept.evaluate(setup, arrays, cfg).tasks == reply.tasks
+    assert unkept.eval_dir() is None and list(tmp_root.iterdir()) == []
     # Above the site's minimum only: every task withheld, with its counts per split, each below
     # the minimum shown only as such (a small cell).
     strict = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=1000, eval_dir=tmp_path / "eval2"))

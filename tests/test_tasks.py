@@ -18,6 +18,7 @@ from healthfm_core.data.tasks import (
     OnsetTask,
     onset_labels,
     onset_labels_from_events,
+    subject_slices,
     task_labels,
     visit_prediction_times,
     wear_period_end_times,
@@ -214,6 +215,37 @@ def test_wear_period_end_times_are_the_end_of_each_periods_last_epoch() -> None:
     assert wear_period_end_times(wear.slice(0, 0)).num_rows == 0
     with pytest.raises(ValueError, match="no column 'time'"):
         wear_period_end_times(wear.drop_columns(["time"]))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 500, 6000])
+def test_labels_by_subject_slices_equal_the_whole_tables(rows: int) -> None:
+    # A site's epochs are labelled in slices that never split a subject (WEAR_SLICE_ROWS rows):
+    # exact because a wear period never spans subjects. Shuffled input, subjects of 30 to 3000
+    # epochs, slices far smaller and larger than a subject.
+    rng = np.random.default_rng(0)
+    n = [3000, 30, 1500, 2900, 800, 64]
+    wear = pa.concat_tables(
+        [
+            wear_table(sid, day(sid), k, rng.uniform(0, 40, k), np.where(rng.random(k) < 0.1, np.nan, 60 + sid))
+            for sid, k in enumerate(n, start=1)
+        ]
+    )
+    wear = wear.take(pa.array(rng.permutation(wear.num_rows)))
+    slices = list(subject_slices(wear, rows=rows))
+    whole = pa.concat_tables(slices)
+    expect = wear.sort_by([("subject_id", "ascending"), ("time", "ascending")])
+    for col in expect.column_names:  # NaN heart rates: compared as equal where both are NaN
+        a, b = (t[col].to_numpy().astype(np.float64) for t in (whole, expect))
+        assert np.array_equal(a, b, equal_nan=True), col
+    owners = [set(s["subject_id"].to_pylist()) for s in slices]
+    assert all(not (a & b) for i, a in enumerate(owners) for b in owners[i + 1 :])  # no subject split
+    assert (len(slices) == 1) == (rows >= sum(n))
+    for target in ("resting_hr", "mean_enmo"):
+        by_slice = pa.concat_tables([wearable_regression_labels(s, target=target) for s in slices])  # type: ignore[arg-type]
+        assert by_slice.equals(wearable_regression_labels(wear, target=target)), target  # type: ignore[arg-type]
+        assert by_slice.num_rows > 0
+    ends = pa.concat_tables([wear_period_end_times(s, min_period_hours=0.1) for s in slices])
+    assert ends.equals(wear_period_end_times(wear, min_period_hours=0.1))
 
 
 def test_registry_names() -> None:

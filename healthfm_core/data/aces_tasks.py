@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import meds
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import yaml
@@ -240,7 +241,7 @@ def _keep_times(prediction_times: pa.Table | None) -> pl.DataFrame | None:
 
 def _finish(task: AcesTask, h: int, parts: list[pl.DataFrame], keep: pl.DataFrame | None) -> pa.Table:
     """One horizon's label table from its per-shard, per-variant query results."""
-    df = pl.concat(parts)
+    df = pl.concat(parts) if parts else _labels(pl.DataFrame())  # no shard held a wanted subject
     clash = (
         df.group_by(["subject_id", "prediction_time"])
         .agg(pl.col("boolean_value").n_unique().alias("n"))
@@ -294,11 +295,17 @@ def aces_labels(
 
 
 def aces_labels_shared(
-    tasks: Sequence[AcesTask], site_root: str | Path, prediction_times: pa.Table | None = None
+    tasks: Sequence[AcesTask],
+    site_root: str | Path,
+    prediction_times: pa.Table | None = None,
+    subjects: np.ndarray | None = None,
 ) -> list[dict[int, pa.Table]]:
     """`aces_labels(task, site_root, prediction_times=...)` for each task (its metadata's
     horizons), with each shard read once for all of them instead of once per task and variant
-    (an evaluation asks for many tasks; tests/test_aces_shared.py checks the tables are equal)."""
+    (an evaluation asks for many tasks; tests/test_aces_shared.py checks the tables are equal).
+    `subjects`: only these subjects' events are queried, and so only their labels come out;
+    exact, since ACES finds a subject's windows in that subject's own events (a capped
+    evaluation's sample: tests/test_eval_sample.py checks the rows equal theirs among all)."""
     from aces import query as aces_query
 
     parsed = [
@@ -310,8 +317,13 @@ def aces_labels_shared(
         for t in tasks
     ]
     parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.metadata.horizons_days} for t in tasks]
+    wanted = None if subjects is None else pl.Series(np.asarray(subjects, dtype=np.int64))
     for shard in _shards(Path(site_root)):
         frame = _meds_frame(shard)
+        if wanted is not None:
+            frame = frame.filter(pl.col("subject_id").is_in(wanted))
+            if frame.is_empty():  # none of the sample's subjects is in this shard
+                continue
         for task, cfgs, out in zip(tasks, parsed, parts, strict=True):
             horizons = task.metadata.horizons_days
             for v in _variants(task):

@@ -11,8 +11,8 @@ For each TaskSpec (healthfm_core.data.task_spec):
   many subjects per split (healthfm_core/eval/subject_sample.py) is labelled and evaluated;
 - every labelled (subject, prediction_time) is embedded once by the frozen model;
 - per task key: a linear probe fitted on the train split (C from tuning), the held_out
-  predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema)
-  and scored with meds-evaluation (AUROC, AUPRC, calibration error over samples); wearable
+  predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
+  without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation (AUROC, AUPRC, calibration error over samples); wearable
   regressions report R^2;
 - a key without a number gets a TaskReason: the kind and, per split, rows / subjects / positives
   against the site's minimum subjects per split.
@@ -47,7 +47,7 @@ from healthfm_core.data.tasks import (
     wearable_regression_labels,
 )
 from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.eval.meds_eval import prediction_path, score_predictions, write_predictions
+from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
 from healthfm_core.eval.metrics import r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
@@ -64,7 +64,7 @@ SplitOf = Callable[[np.ndarray], np.ndarray]  # subject ids -> split names ("non
 class SiteTaskResults:
     metrics: dict[str, TaskMetrics] = field(default_factory=dict)
     reasons: dict[str, TaskReason] = field(default_factory=dict)
-    predictions: dict[str, Path] = field(default_factory=dict)  # key -> the held_out predictions file
+    predictions: dict[str, Path] = field(default_factory=dict)  # key -> the held_out predictions file (if written)
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
 
@@ -142,7 +142,7 @@ def _aces_labels(
         times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
         if subjects is not None:  # a subject's times are drawn from its own events: the same as among all
             times = times.filter(pa.array(np.isin(times["subject_id"].to_numpy(), subjects)))
-        labels = aces_labels_shared([t for _, t in tasks], site.root, prediction_times=times)
+        labels = aces_labels_shared([t for _, t in tasks], site.root, prediction_times=times, subjects=subjects)
         for (spec, _), by_horizon in zip(tasks, labels, strict=True):
             out[spec.name] = {horizon_key(spec.name, h): table for h, table in by_horizon.items()}
     return out
@@ -211,7 +211,7 @@ def evaluate_site_tasks(
     specs: Sequence[TaskSpec],
     split_of: SplitOf,
     min_subjects: int,
-    pred_dir: str | Path,
+    pred_dir: str | Path | None,
     batch_size: int = 64,
     max_events: int = 256,
     max_patches: int = 32,
@@ -223,7 +223,8 @@ def evaluate_site_tasks(
     shared_passes: bool = True,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
-    `labels` (from task_labels_at_site) may be passed to reuse them across calls; `reuse_patches`
+    `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
+    scores the predictions in memory and writes nothing; `reuse_patches`
     False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
     baseline of benchmarks/eval_cost.py); `shared_passes` False runs one forward pass per row instead
     of one per group of a subject's rows (eval/row_embeddings.py; the same numbers to float rounding).
@@ -289,13 +290,14 @@ def evaluate_site_tasks(
             y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             y = {s: y_all[split == s] for s in SPLITS}
             probe = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
-            path = write_predictions(
-                prediction_path(pred_dir, site_name, key),
-                table.take(pa.array(held)),
-                probe.predict_proba(x["held_out"]),
-            )
-            scores = score_predictions(path, seed=seed)["samples_equally_weighted"]
-            out.predictions[key] = path
+            held_rows, p_held = table.take(pa.array(held)), probe.predict_proba(x["held_out"])
+            if pred_dir is None:
+                scored: Path | pa.Table = predictions_table(held_rows, p_held)
+            else:
+                scored = out.predictions[key] = write_predictions(
+                    prediction_path(pred_dir, site_name, key), held_rows, p_held
+                )
+            scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
             out.metrics[key] = TaskMetrics(
                 n=len(held),
                 auroc=float(scores["roc_auc_score"]),
