@@ -5,6 +5,7 @@ scenarios (one code system, and the hospital's ICD-9 plus ICD-10), for every tas
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,25 @@ def test_labels_of_some_subjects_are_their_rows_among_all(site_roots) -> None:
                 mask = pa.array(np.isin(want[h]["subject_id"].to_numpy(), subjects))
                 assert got[h].equals(want[h].filter(mask)), (task.name, h, len(subjects))
     assert sum(t.num_rows for by_h in full for t in by_h.values()) > 0
+
+
+def test_a_one_class_shard_query_is_not_logged_as_a_task_problem(site_roots, caplog, monkeypatch) -> None:
+    # One subject's labels are one class: ES-ACES warns about "the extracted cohort" for a query
+    # that covers one shard's few subjects. That says nothing about the task; the site's own
+    # one_class reason does. The filter drops only that warning, and only while labelling.
+    root = site_roots[-1]
+    tasks = [load_task("hypertension")]
+    full = aces_labels_shared(tasks, root)[0]
+    one = np.array([full[max(full)]["subject_id"][0].as_py()])
+    with monkeypatch.context() as m:  # without the filter: ES-ACES's warning is there
+        m.setattr(aces_tasks._OneShardCohort, "filter", lambda self, record: True)
+        caplog.clear()
+        aces_labels_shared(tasks, root, subjects=one)
+        assert any("All labels in the extracted cohort" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    aces_labels_shared(tasks, root, subjects=one)
+    assert not any("All labels in the extracted cohort" in r.getMessage() for r in caplog.records)
+    assert not logging.getLogger("aces.query").filters  # removed afterwards
 
 
 def test_a_sites_task_labels_follow_the_spec_order_with_an_invalid_task_kept_apart(site_roots) -> None:

@@ -24,10 +24,11 @@ recorded only as a static row is invisible here (today's onset_labels counts it 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -294,6 +295,25 @@ def aces_labels(
     return {h: _finish(task, h, parts[h], keep) for h in horizons}
 
 
+class _OneShardCohort(logging.Filter):
+    """Drops ES-ACES's "All labels in the extracted cohort are the same" warning while shards are
+    queried one at a time: a query covers one shard (with a subject sample, a few subjects), not
+    the task's cohort, and the site reports a task with a single class itself (one_class)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("All labels in the extracted cohort are the same")
+
+
+@contextlib.contextmanager
+def _quiet_one_shard_cohorts() -> Iterator[None]:
+    aces_log, quiet = logging.getLogger("aces.query"), _OneShardCohort()
+    aces_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        aces_log.removeFilter(quiet)
+
+
 def aces_labels_shared(
     tasks: Sequence[AcesTask],
     site_root: str | Path,
@@ -318,18 +338,19 @@ def aces_labels_shared(
     ]
     parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.metadata.horizons_days} for t in tasks]
     wanted = None if subjects is None else pl.Series(np.asarray(subjects, dtype=np.int64))
-    for shard in _shards(Path(site_root)):
-        frame = _meds_frame(shard)
-        if wanted is not None:
-            frame = frame.filter(pl.col("subject_id").is_in(wanted))
-            if frame.is_empty():  # none of the sample's subjects is in this shard
-                continue
-        for task, cfgs, out in zip(tasks, parsed, parts, strict=True):
-            horizons = task.metadata.horizons_days
-            for v in _variants(task):
-                preds = _predicates_from_frame(cfgs[(horizons[0], v)], frame)
-                for h in horizons:
-                    out[h].append(_labels(aces_query.query(cfgs[(h, v)], preds)))
+    with _quiet_one_shard_cohorts():
+        for shard in _shards(Path(site_root)):
+            frame = _meds_frame(shard)
+            if wanted is not None:
+                frame = frame.filter(pl.col("subject_id").is_in(wanted.implode()))
+                if frame.is_empty():  # none of the sample's subjects is in this shard
+                    continue
+            for task, cfgs, out in zip(tasks, parsed, parts, strict=True):
+                horizons = task.metadata.horizons_days
+                for v in _variants(task):
+                    preds = _predicates_from_frame(cfgs[(horizons[0], v)], frame)
+                    for h in horizons:
+                        out[h].append(_labels(aces_query.query(cfgs[(h, v)], preds)))
     keep = _keep_times(prediction_times)
     return [{h: _finish(t, h, p[h], keep) for h in t.metadata.horizons_days} for t, p in zip(tasks, parts, strict=True)]
 
