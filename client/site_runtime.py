@@ -153,9 +153,10 @@ class SiteRuntime:
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
         self._labels: dict[tuple[str, int, int, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
-        self._eval_in_memory_logged = False
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
+        if config.eval_dir is None and config.state_dir is None:
+            log.info("site %s: no eval-dir or state-dir: predictions are scored in memory, not kept", self.name)
 
     def _apply_threads(self) -> int | None:
         """torch threads for this process: node config N > policy N > auto; None: untouched."""
@@ -504,9 +505,6 @@ class SiteRuntime:
                 self._eval_dir = Path(self.config.eval_dir)
             elif self.config.state_dir is not None:
                 self._eval_dir = Path(self.config.state_dir) / "evaluation"
-            elif not self._eval_in_memory_logged:
-                self._eval_in_memory_logged = True
-                log.info("site %s: no eval-dir or state-dir: predictions are scored in memory, not kept", self.name)
         return self._eval_dir
 
     def evaluate(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: EvalConfig) -> EvalReply:

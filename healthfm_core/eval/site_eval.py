@@ -12,8 +12,8 @@ For each TaskSpec (healthfm_core.data.task_spec):
 - every labelled (subject, prediction_time) is embedded once by the frozen model;
 - per task key: a linear probe fitted on the train split (C from tuning), the held_out
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
-  without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation (AUROC, AUPRC, calibration error over samples); wearable
-  regressions report R^2;
+  without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation
+  (AUROC, AUPRC, calibration error over samples); wearable regressions report R^2;
 - a key without a number gets a TaskReason: the kind and, per split, rows / subjects / positives
   against the site's minimum subjects per split.
 
@@ -64,7 +64,7 @@ SplitOf = Callable[[np.ndarray], np.ndarray]  # subject ids -> split names ("non
 class SiteTaskResults:
     metrics: dict[str, TaskMetrics] = field(default_factory=dict)
     reasons: dict[str, TaskReason] = field(default_factory=dict)
-    predictions: dict[str, Path] = field(default_factory=dict)  # key -> the held_out predictions file (if written)
+    predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
 
