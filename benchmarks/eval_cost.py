@@ -27,8 +27,9 @@ most METRIC_TOL (its embeddings equal theirs to float rounding: a probe refit on
 the last digits), and that both label paths give the same tables (`same`). The totals compare evaluation (labels + embed) and the capped evaluation
 (lab_cut + capped) with a round, summed over sites and for the slowest site (a simulation with
 one actor per site waits for the slowest); `embed/round` and `capped/round` leave out the labels,
-which a site extracts once per run and keeps. The server asks with batch size max(batch, 32). meds-evaluation's import (scikit-learn, scipy),
-once per site process, is timed and printed apart, before the rest.
+which a site extracts once per run and keeps. The server asks with batch size max(batch, 32).
+meds-evaluation's import (scikit-learn, scipy), once per site process, is timed and printed
+apart, before the rest.
 --no-baselines skips `per_task`, `per_row` and `plain`.
 """
 

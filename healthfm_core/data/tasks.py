@@ -251,15 +251,12 @@ def _require_columns(wearables: pa.Table, need: Sequence[str]) -> None:
             raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
 
 
-def _sorted_wear_columns(wearables: pa.Table, values: bool = True) -> tuple[np.ndarray, ...]:
-    """(subject_id, time µs[, enmo, hr]) sorted by subject then time."""
-    _require_columns(wearables, ("subject_id", "time", "enmo_mg", "hr_bpm") if values else ("subject_id", "time"))
-    cols = [wearables["subject_id"].to_numpy(), to_us(wearables["time"], "time")]
+def _wear_columns(part: pa.Table, values: bool = True) -> tuple[np.ndarray, ...]:
+    """(subject_id, time µs[, enmo, hr]) of a slice from subject_slices (sorted already)."""
+    _require_columns(part, ("subject_id", "time", "enmo_mg", "hr_bpm") if values else ("subject_id", "time"))
+    cols = [part["subject_id"].to_numpy(), to_us(part["time"], "time")]
     if values:  # as stored (float32, nulls as NaN): the label sums are taken in float64 anyway
-        cols += [wearables[c].to_numpy(zero_copy_only=False) for c in ("enmo_mg", "hr_bpm")]
-    if not sorted_by_subject_time(wearables):  # site data is sorted already (Site.read_wearables)
-        order = np.lexsort((cols[1], cols[0]))
-        cols = [c[order] for c in cols]
+        cols += [part[c].to_numpy(zero_copy_only=False) for c in ("enmo_mg", "hr_bpm")]
     return tuple(cols)
 
 
@@ -310,7 +307,7 @@ def wear_period_end_times(wearables: pa.Table, max_gap_hours: float = 6.0, min_p
     shorter than min_period_hours are skipped. Sorted by subject and time."""
     parts = [pa.table({"subject_id": pa.array([], pa.int64()), "prediction_time": pa.array([], pa.timestamp("us"))})]
     for part in subject_slices(wearables):
-        sid, t = _sorted_wear_columns(part, values=False)
+        sid, t = _wear_columns(part, values=False)
         _, starts, span = _wear_periods(sid, t, max_gap_hours)
         last = np.append(starts[1:], len(sid)) - 1
         ok = span >= int(min_period_hours * 3_600_000_000)
@@ -338,7 +335,7 @@ def wearable_regression_labels(
         raise ValueError(f"target must be 'resting_hr' or 'mean_enmo', got {target!r}")
     parts = [LABEL_SCHEMA_FLOAT.empty_table()]
     for part in subject_slices(wearables):
-        sid, t, enmo, hr = _sorted_wear_columns(part)
+        sid, t, enmo, hr = _wear_columns(part)
         period, starts, span = _wear_periods(sid, t, max_gap_hours)
         counts = np.diff(np.append(starts, len(sid)))
         mid = starts + counts // 2
