@@ -22,6 +22,10 @@ For each site (the site runtime the ClientApp uses, sequences prepared first and
              coordinator's eval_max_subjects: at most that many subjects per split; their epochs read)
   capped     `embed` on that sample
   rows       samples embedded, full -> capped; passes: the forward passes that embedded the full rows
+  forward / probes / scoring   `embed`'s parts: the model's forward passes over the rows (with
+             patch reuse), the linear probes' fits, meds-evaluation's scoring
+  fwd/round  `forward` alone against the round: what a full evaluation costs however fast its
+             probes and scoring, unless it embeds fewer subjects (docs/performance.md)
 and checks that `per_row` and `plain` give the same metrics, that `embed`'s differ from them by at
 most METRIC_TOL (its embeddings equal theirs to float rounding: a probe refit on them moves in
 the last digits), and that both label paths give the same tables (`same`). The totals compare evaluation (labels + embed) and the capped evaluation
@@ -155,10 +159,10 @@ def main() -> None:
     print(f"capped: at most {args.max_subjects} subjects per split")
     print(
         f"{'site':<18}{'round':>8}{'labels':>8}{'per_task':>9}{'embed':>8}{'per_row':>8}{'plain':>8}{'hr_read':>8}"
-        f"{'lab_cut':>8}{'capped':>8}{'rows':>14}{'passes':>8}  eval/round  capped_eval/round  embed/round  capped/round"
-        "  same"
+        f"{'lab_cut':>8}{'capped':>8}{'rows':>14}{'passes':>8}{'forward':>8}{'probes':>8}{'scoring':>8}"
+        "  eval/round  capped_eval/round  embed/round  capped/round  fwd/round  same"
     )
-    rounds, evals, capped = {}, {}, {}
+    rounds, evals, capped, forwards = {}, {}, {}, {}
     for name in names:
         rt = rts[name]
         arrays = {k: v.numpy() for k, v in init.items() if parameter_group(k) in rt.groups}
@@ -220,17 +224,24 @@ def main() -> None:
         evals[name] = t_labels + embed
         capped[name] = t_labels_cut + embed_cut
         rows = f"{full.num_examples}->{cut.num_examples}"
+        forward = full.seconds["embed"]
+        forwards[name] = forward
         print(
             f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{per_task:>9}{embed:>8.1f}{per_row:>8}{plain:>8}{hr:>8}"
             f"{t_labels_cut:>8.1f}{embed_cut:>8.1f}{rows:>14}{full.num_passes:>8}"
+            f"{forward:>8.1f}{full.seconds['probes']:>8.2f}{full.seconds['scoring']:>8.2f}"
             f"  {evals[name] / rounds[name]:>10.2f}  {capped[name] / rounds[name]:>17.2f}"
-            f"  {embed / rounds[name]:>11.2f}  {embed_cut / rounds[name]:>12.2f}  {same}",
+            f"  {embed / rounds[name]:>11.2f}  {embed_cut / rounds[name]:>12.2f}  {forward / rounds[name]:>9.2f}  {same}",
             flush=True,
         )
     print(
         f"all sites: evaluation {sum(evals.values()):.1f} s vs round {sum(rounds.values()):.1f} s "
         f"(x{sum(evals.values()) / sum(rounds.values()):.2f}); slowest site: evaluation {max(evals.values()):.1f} s "
         f"vs round {max(rounds.values()):.1f} s (x{max(evals.values()) / max(rounds.values()):.2f})"
+    )
+    print(
+        f"forward passes alone: {sum(forwards.values()):.1f} s (x{sum(forwards.values()) / sum(rounds.values()):.2f} "
+        f"of a round, all sites; slowest site x{max(forwards[s] / rounds[s] for s in rounds):.2f})"
     )
     print(
         f"capped at {args.max_subjects} subjects: evaluation {sum(capped.values()):.1f} s vs round "

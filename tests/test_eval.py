@@ -194,6 +194,32 @@ def test_logistic_probe_matches_the_penalised_optimum() -> None:
     assert np.linalg.norm(fit_logistic_probe(x, y, x, y, c_grid=[1e4]).weight) > 1.05 * np.linalg.norm(probe.weight)
 
 
+@pytest.mark.parametrize("c", [1e-3, 1.0, 1e4])
+def test_both_logistic_solvers_reach_scikit_learns_optimum(c: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Newton (up to NEWTON_MAX_FEATURES features) and L-BFGS (above) minimise the same objective
+    as scikit-learn's LogisticRegression: correlated, badly scaled features and rare positives, as
+    a model's embeddings give, from a cold start and warm-started from another C's fit."""
+    from sklearn.linear_model import LogisticRegression
+
+    from healthfm_core.eval import probes
+
+    rng = np.random.default_rng(7)
+    n, d = 3000, 24
+    mixing = rng.standard_normal((d, d)) * np.logspace(-2, 1, d)  # condition number ~1e3
+    x = rng.standard_normal((n, d)) @ mixing
+    x = (x - x.mean(0)) / x.std(0)
+    y = rng.random(n) < 1 / (1 + np.exp(-(x[:, :3] @ [1.0, -0.5, 0.3] - 3.5)))  # ~4% positives
+    ref = LogisticRegression(C=c, tol=1e-12, max_iter=100_000).fit(x, y)
+    warm = (rng.standard_normal(d) * 0.1, -2.0)
+    for newton_up_to in (d, d - 1):  # the model's path, then the count baselines' path
+        monkeypatch.setattr(probes, "NEWTON_MAX_FEATURES", newton_up_to)
+        for init in (None, warm):
+            w, b = probes.fit_logistic(x, y, c, init=init)
+            scale = np.abs(ref.coef_[0]).max() + abs(ref.intercept_[0])
+            assert np.abs(w - ref.coef_[0]).max() < 1e-4 * scale
+            assert abs(b - ref.intercept_[0]) < 1e-4 * scale
+
+
 def test_logistic_probe_refuses_a_single_class() -> None:
     x = np.random.default_rng(0).standard_normal((20, 3))
     with pytest.raises(ValueError, match="only one class"):

@@ -60,3 +60,34 @@ def test_rejects_bad_input(tmp_path: Path) -> None:
     score[3] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         write_predictions(tmp_path / "x.parquet", labels, score)
+
+
+def test_a_resample_without_positives_scores_quietly_and_the_samples_half_is_unchanged(tmp_path: Path) -> None:
+    """A rare task: one positive row among its subject's many rows. meds-evaluation's per-subject
+    resample (4 rows per subject) draws none of it, where scikit-learn warns of undefined metrics;
+    the per-sample half the sites report has both classes and is scored as before, without a warning."""
+    import warnings
+
+    from meds_evaluation.utils import _resample
+
+    n_subjects, rows_each = 30, 40
+    subject = np.repeat(np.arange(1, n_subjects + 1), rows_each)
+    y = np.zeros(len(subject), bool)
+    y[5] = True  # subject 1's sixth row
+    rng = np.random.default_rng(3)
+    score = np.clip(0.2 + 0.5 * y + 0.1 * rng.standard_normal(len(y)), 0.0, 1.0)
+    t = np.datetime64("2110-01-01T00:00:00", "us") + (
+        np.tile(np.arange(rows_each), n_subjects) * 86_400_000_000
+    ).astype("timedelta64[us]")
+    labels = pa.table({"subject_id": subject, "prediction_time": pa.array(t, pa.timestamp("us")), "boolean_value": y})
+    path = write_predictions(tmp_path / "rare.parquet", labels, score)
+    import polars as pl
+
+    drawn = _resample(pl.from_arrow(pq.read_table(path)), n_samples=4, random_seed=0)
+    assert not drawn["boolean_value"].any()  # the condition: the resample holds no positive
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping score_predictions fails the test
+        metrics = score_predictions(path, seed=0)
+    got = metrics["samples_equally_weighted"]
+    assert got["roc_auc_score"] == pytest.approx(roc_auc_score(y, score.astype(np.float32)), abs=1e-12)
+    assert np.isnan(metrics["subjects_equally_weighted"]["roc_auc_score"])

@@ -13,6 +13,7 @@ Only aggregate numbers leave a site, and only above its policy's minimum cohort 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +65,21 @@ def score_predictions(predictions: str | Path | pa.Table, samples_per_subject: i
     # Imported here: meds_evaluation.evaluate loads scikit-learn and scipy (~1.6 s, ~140 MB in every
     # process that imports a site's code), needed only when a site scores its predictions.
     from meds_evaluation.evaluate import evaluate_binary_classification
+    from sklearn.exceptions import UndefinedMetricWarning
 
     table = pq.read_table(predictions) if isinstance(predictions, (str, Path)) else predictions
     if table.num_rows == 0:
         raise ValueError(f"{predictions if isinstance(predictions, (str, Path)) else 'predictions'}: no rows to score")
-    return evaluate_binary_classification(
-        pl.from_arrow(table), samples_per_subject=samples_per_subject, resampling_seed=seed
-    )
+    with warnings.catch_warnings():
+        # meds-evaluation also scores a per-subject resample (`subjects_equally_weighted`), which
+        # can draw none of a rare task's positives: scikit-learn then warns about an undefined
+        # metric in that half alone. Sites report the per-sample half, whose two classes
+        # site_eval.withheld_reason has checked, so the warnings would only alarm a site admin.
+        warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="No positive class found in y_true")
+        return evaluate_binary_classification(
+            pl.from_arrow(table), samples_per_subject=samples_per_subject, resampling_seed=seed
+        )
 
 
 __all__ = ["prediction_path", "predictions_table", "score_predictions", "write_predictions"]

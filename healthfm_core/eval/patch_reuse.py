@@ -65,9 +65,11 @@ def reused_patch_encodings(model: torch.nn.Module) -> Iterator[PatchReuse]:
         yield stats
         return
     inner = encoder.pool  # the bound method of the class
-    cache: dict[bytes, Tensor] = {}
+    row_of: dict[bytes, int] = {}  # digest -> its row in `pooled`
+    pooled: Tensor | None = None  # [capacity, wearable d_model]; rows [0, len(row_of)) filled
 
     def pool(epochs: Tensor, epoch_mask: Tensor) -> Tensor:
+        nonlocal pooled
         if encoder.training or torch.is_grad_enabled():
             raise RuntimeError("reused_patch_encodings: the model must be in eval mode under torch.no_grad()")
         stats.asked += epochs.shape[0]
@@ -75,24 +77,35 @@ def reused_patch_encodings(model: torch.nn.Module) -> Iterator[PatchReuse]:
             stats.encoded += epochs.shape[0]
             return inner(epochs, epoch_mask)
         keys = _digests(epochs, epoch_mask)
-        new: dict[bytes, int] = {}
+        new: dict[bytes, int] = {}  # digest -> its first patch in this call
         for i, key in enumerate(keys):
-            if key not in cache and key not in new:
+            if key not in row_of and key not in new:
                 new[key] = i
         if new:
             rows = torch.tensor(list(new.values()), dtype=torch.long, device=epochs.device)
             out = inner(epochs[rows], epoch_mask[rows])
             stats.encoded += len(new)
-            for key, row in zip(new, out, strict=True):
-                cache[key] = row
-        return torch.stack([cache[key] for key in keys])
+            start = len(row_of)
+            if pooled is None or start + len(new) > pooled.shape[0]:  # grow by doubling: amortised copies
+                grown = out.new_empty((max(2 * (start + len(new)), 1024), out.shape[1]))
+                if pooled is not None:
+                    grown[:start] = pooled[:start]
+                pooled = grown
+            pooled[start : start + len(new)] = out
+            row_of.update((key, start + j) for j, key in enumerate(new))
+        assert pooled is not None
+        # One gather for the call: the same values as the encoder's rows, copied.
+        return pooled.index_select(
+            0, torch.tensor([row_of[key] for key in keys], dtype=torch.long, device=epochs.device)
+        )
 
     encoder.pool = pool  # an instance attribute: the encoder's forward calls self.pool
     try:
         yield stats
     finally:
         del encoder.pool  # the class's pool again
-        cache.clear()
+        row_of.clear()
+        pooled = None
 
 
 __all__ = ["PatchReuse", "reused_patch_encodings"]

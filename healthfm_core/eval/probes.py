@@ -133,14 +133,29 @@ def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> None:
 # ---------------------------------------------------------------- logistic probe
 
 
+# Newton's method up to this many features (the model's embeddings: d_model 32-256); L-BFGS above
+# (count-feature baselines: one feature per vocabulary code, where a [d, d] Hessian per step costs
+# more than L-BFGS's gradients).
+NEWTON_MAX_FEATURES = 256
+# Either solver stops at this largest gradient entry of the mean objective; a gradient of 1e-7
+# moves AUROCs by ~1e-6, so tighter only costs time.
+LOGISTIC_GTOL = 1e-7
+
+
 def fit_logistic(
     x: np.ndarray, y: np.ndarray, c: float, init: tuple[np.ndarray, float] | None = None, max_iter: int = 500
 ) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression on (already standardised) x, sklearn's convention:
-    minimise C * sum(log-loss) + ||w||^2 / 2, bias unpenalised. Full-batch L-BFGS-B (scipy) in
-    float64 with the gradient in closed form. scipy, not torch.optim.LBFGS: the first torch
-    optimiser built in a process imports torch._dynamo (1.3-2.2 s measured), which a site's
-    evaluation paid in every cold ClientApp; scipy is imported for meds-evaluation's scoring anyway."""
+    minimise C * sum(log-loss) + ||w||^2 / 2, bias unpenalised, in float64.
+
+    The objective is strictly convex in w, so both solvers reach the one optimum: damped Newton
+    steps (the exact Hessian, a backtracking line search) for up to NEWTON_MAX_FEATURES features,
+    L-BFGS-B (scipy) above. On a model's embeddings, which are correlated and badly scaled, Newton
+    takes a handful of steps where L-BFGS took ~70 gradient evaluations: the 8 binary tasks of the
+    default scenario's city hospital (3,000-5,200 train rows, 32 features, the C grid each) went
+    from 0.58 s to 0.19 s, the same C chosen, probabilities within 2e-5. scipy, not
+    torch.optim.LBFGS: the first torch optimiser built in a process imports torch._dynamo (1.3-2.2 s
+    measured), which a site's evaluation paid in every cold ClientApp."""
     xs = np.ascontiguousarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
     n, d = xs.shape
@@ -151,27 +166,76 @@ def fit_logistic(
         theta0 = np.append(np.zeros(d), np.log(prevalence / (1 - prevalence)))
     # Dividing the objective by C * n keeps its scale independent of n and C for the optimiser.
     penalty = 1.0 / (2.0 * c * n)
+    if d <= NEWTON_MAX_FEATURES:
+        theta = _newton_logistic(xs, ys, penalty, theta0, max_iter)
+    else:
+        theta = _lbfgs_logistic(xs, ys, penalty, theta0, max_iter)
+    return theta[:d].copy(), float(theta[d])
+
+
+def _logistic_objective(xs: np.ndarray, ys: np.ndarray, penalty: float, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    """The mean objective at theta = (w, b) and its logits."""
+    w, b = theta[:-1], theta[-1]
+    logits = xs @ w + b
+    return float(np.mean(np.logaddexp(0.0, logits) - ys * logits)) + penalty * float(w @ w), logits
+
+
+def _newton_logistic(xs: np.ndarray, ys: np.ndarray, penalty: float, theta: np.ndarray, max_iter: int) -> np.ndarray:
+    n, d = xs.shape
+    ridge = np.full(d + 1, 2.0 * penalty)
+    ridge[d] = 0.0  # the bias is not penalised
+    loss, logits = _logistic_objective(xs, ys, penalty, theta)
+    for _ in range(max_iter):
+        p = _sigmoid(logits)
+        r = (p - ys) / n
+        grad = np.append(xs.T @ r, r.sum()) + ridge * theta
+        if np.abs(grad).max() <= LOGISTIC_GTOL:
+            break
+        s = p * (1.0 - p) / n
+        xw = xs * s[:, None]
+        hess = np.empty((d + 1, d + 1))
+        hess[:d, :d] = xw.T @ xs
+        hess[:d, d] = hess[d, :d] = xw.sum(axis=0)
+        hess[d, d] = s.sum()
+        hess[np.diag_indices(d + 1)] += ridge
+        try:
+            step = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:  # every probability saturated: the gradient alone
+            step = grad
+        decrease = float(grad @ step)
+        t = 1.0
+        while True:  # Armijo backtracking; the objective's rounding allowed for near the optimum
+            cand = theta - t * step
+            cand_loss, cand_logits = _logistic_objective(xs, ys, penalty, cand)
+            if cand_loss <= loss - 1e-4 * t * decrease + 1e-15 * abs(loss) or t < 1e-12:
+                break
+            t *= 0.5
+        if t < 1e-12:  # no step lowers the objective: as close as float64 gets
+            break
+        theta, loss, logits = cand, cand_loss, cand_logits
+    return theta
+
+
+def _lbfgs_logistic(xs: np.ndarray, ys: np.ndarray, penalty: float, theta0: np.ndarray, max_iter: int) -> np.ndarray:
+    n, d = xs.shape
 
     def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[:d], theta[d]
-        logits = xs @ w + b
-        loss = float(np.mean(np.logaddexp(0.0, logits) - ys * logits)) + penalty * float(w @ w)
+        loss, logits = _logistic_objective(xs, ys, penalty, theta)
         residual = (_sigmoid(logits) - ys) / n
-        return loss, np.append(xs.T @ residual + (2.0 * penalty) * w, residual.sum())
+        return loss, np.append(xs.T @ residual + (2.0 * penalty) * theta[:d], residual.sum())
 
     # Imported here, not with the module: a site process loads this module at start and scipy only
     # when it evaluates (tests/test_lean_site_process.py).
     from scipy.optimize import minimize
 
-    # A gradient of 1e-7 on the mean loss moves AUROCs by ~1e-6: tighter only costs time.
     fit = minimize(
         loss_and_grad,
         theta0,
         jac=True,
         method="L-BFGS-B",
-        options={"maxiter": max_iter, "maxcor": 20, "gtol": 1e-7, "ftol": 1e-14},
+        options={"maxiter": max_iter, "maxcor": 20, "gtol": LOGISTIC_GTOL, "ftol": 1e-14},
     )
-    return fit.x[:d].copy(), float(fit.x[d])
+    return np.asarray(fit.x)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

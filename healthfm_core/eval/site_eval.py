@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ class SiteTaskResults:
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
+    # Seconds spent embedding (the model's forward passes), fitting probes and scoring: what a
+    # site's evaluation costs beyond its labels (logged; benchmarks/eval_cost.py prints them).
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("embed", "probes", "scoring"), 0.0))
 
 
 def task_labels_at_site(
@@ -260,6 +264,7 @@ def evaluate_site_tasks(
     union = union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     index = {k: i for i, k in enumerate(_pair_keys(union))}
     # embed_rows runs the model in eval mode without gradients, as patch reuse needs.
+    start = time.perf_counter()
     with reused_patch_encodings(model) if reuse_patches else contextlib.nullcontext(PatchReuse()) as reuse:
         embedded = embed_rows(
             model,
@@ -272,7 +277,10 @@ def evaluate_site_tasks(
             shared=shared_passes,
         )
     x_all = embedded.x
-    log.info("site %s: %d rows embedded in %d passes", site_name, len(x_all), embedded.passes)
+    out.seconds["embed"] = time.perf_counter() - start
+    log.info(
+        "site %s: %d rows embedded in %d passes (%.1f s)", site_name, len(x_all), embedded.passes, out.seconds["embed"]
+    )
     if reuse.asked:
         log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
     out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
@@ -289,8 +297,11 @@ def evaluate_site_tasks(
         if "boolean_value" in table.column_names:
             y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             y = {s: y_all[split == s] for s in SPLITS}
+            start = time.perf_counter()
             probe = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
             held_rows, p_held = table.take(pa.array(held)), probe.predict_proba(x["held_out"])
+            out.seconds["probes"] += time.perf_counter() - start
+            start = time.perf_counter()
             if pred_dir is None:
                 scored: Path | pa.Table = predictions_table(held_rows, p_held)
             else:
@@ -298,6 +309,7 @@ def evaluate_site_tasks(
                     prediction_path(pred_dir, site_name, key), held_rows, p_held
                 )
             scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
+            out.seconds["scoring"] += time.perf_counter() - start
             out.metrics[key] = TaskMetrics(
                 n=len(held),
                 auroc=float(scores["roc_auc_score"]),
@@ -308,10 +320,19 @@ def evaluate_site_tasks(
         else:
             y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
             y = {s: y_all[split == s] for s in SPLITS}
+            start = time.perf_counter()
             ridge = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+            out.seconds["probes"] += time.perf_counter() - start
             out.metrics[key] = TaskMetrics(
                 n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))), **scope
             )
+    log.info(
+        "site %s: probes %.1f s, scoring %.1f s for %d task keys",
+        site_name,
+        out.seconds["probes"],
+        out.seconds["scoring"],
+        len(usable),
+    )
     return out
 
 
