@@ -283,3 +283,27 @@ def test_task_labels_on_a_site_and_atomic_write(tmp_path: Path) -> None:
         task_labels(site, ["onset_flu_30d"])
     with pytest.raises(ValueError, match=r"subject_id \[99\]"):
         onset_labels(site, "ICD10//E11", 30, pts([(99, datetime(2150, 3, 4, 8))]))
+
+
+def test_visit_prediction_times_do_not_depend_on_the_events_order() -> None:
+    """Sorted events (a MEDS shard) take the checked fast path, shuffled ones are sorted first: the
+    same distinct (subject, time) pairs either way, equal to numpy's unique rows."""
+    from healthfm_core.data.tasks import _distinct_pairs, visit_prediction_times
+
+    rng = np.random.default_rng(4)
+    n = 5000
+    subject = rng.integers(1, 300, n)
+    time = np.datetime64("2110-01-01T00:00:00", "us") + rng.integers(0, 400, n).astype("timedelta64[D]")
+    code = rng.choice(np.array(["ICD10CM//E11.9", "LOINC//4548-4", "MEDS_BIRTH", "ICD9CM//250.00"]), n)
+    order = np.lexsort((time, subject))
+    sorted_events = pa.table({"subject_id": subject[order], "time": time[order], "code": code[order]})
+    shuffled = sorted_events.take(pa.array(rng.permutation(n)))
+    a = visit_prediction_times(sorted_events, n_per_subject=3, seed=2)
+    b = visit_prediction_times(shuffled, n_per_subject=3, seed=2)
+    assert a.num_rows > 300 and a.equals(b)
+    g = rng.integers(0, 50, 2000)
+    t = rng.integers(0, 30, 2000)
+    want = np.unique(np.stack([g, t], axis=1), axis=0)
+    for perm in (np.arange(2000), np.lexsort((t, g))):
+        got = _distinct_pairs(g[perm], t[perm])
+        assert np.array_equal(np.stack(got, axis=1), want)

@@ -118,6 +118,20 @@ def validate_labels(table: pa.Table) -> pa.Table:
 # ------------------------------------------------------------------------------ prediction times
 
 
+def _distinct_pairs(group: np.ndarray, time_us: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (group, time) pairs, sorted by group then time: what np.unique(axis=0) gives,
+    without its sort of the pairs as opaque bytes (0.34 s for a 440k-event hospital). A MEDS
+    shard is already sorted by subject and time, so sorted input is only checked."""
+    if len(group) > 1:
+        ordered = (group[1:] > group[:-1]) | ((group[1:] == group[:-1]) & (time_us[1:] >= time_us[:-1]))
+        if not ordered.all():
+            order = np.lexsort((time_us, group))
+            group, time_us = group[order], time_us[order]
+    first = np.ones(len(group), dtype=bool)
+    first[1:] = (group[1:] != group[:-1]) | (time_us[1:] != time_us[:-1])
+    return group[first], time_us[first]
+
+
 def visit_prediction_times(
     events: pa.Table, n_per_subject: int = 4, seed: int = 0, min_history_days: float = 0.0
 ) -> pa.Table:
@@ -132,10 +146,9 @@ def visit_prediction_times(
     # Birth and death rows are not visits: no prediction is made at them.
     not_visit = pc.fill_null(pc.is_in(code, value_set=pa.array([BIRTH_CODE, DEATH_CODE])), False)
     timed = (time_us != _NO_TIME) & ~not_visit.to_numpy(zero_copy_only=False)
-    pairs = np.unique(np.stack([inv[timed].astype(np.int64), time_us[timed]], axis=1), axis=0)
-    if len(pairs) == 0:
+    g, t = _distinct_pairs(inv[timed].astype(np.int64), time_us[timed])
+    if len(g) == 0:
         return pa.table({"subject_id": pa.array([], pa.int64()), "prediction_time": pa.array([], pa.timestamp("us"))})
-    g, t = pairs[:, 0], pairs[:, 1]
     last = np.ones(len(g), dtype=bool)
     last[:-1] = g[1:] != g[:-1]
     first_t = t[np.searchsorted(g, g, side="left")]
