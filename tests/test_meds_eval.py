@@ -91,3 +91,11 @@ def test_a_resample_without_positives_scores_quietly_and_the_samples_half_is_unc
     got = metrics["samples_equally_weighted"]
     assert got["roc_auc_score"] == pytest.approx(roc_auc_score(y, score.astype(np.float32)), abs=1e-12)
     assert np.isnan(metrics["subjects_equally_weighted"]["roc_auc_score"])
+    # A table of one class keeps scikit-learn's warnings: its own metrics are undefined.
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    one_class = write_predictions(
+        tmp_path / "none.parquet", labels.set_column(2, "boolean_value", pa.array(np.zeros(len(y), bool))), score
+    )
+    with pytest.warns(UndefinedMetricWarning):
+        assert np.isnan(score_predictions(one_class, seed=0)["samples_equally_weighted"]["roc_auc_score"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from meds_evaluation.schema import PredictionSchema
 
@@ -70,13 +71,16 @@ def score_predictions(predictions: str | Path | pa.Table, samples_per_subject: i
     table = pq.read_table(predictions) if isinstance(predictions, (str, Path)) else predictions
     if table.num_rows == 0:
         raise ValueError(f"{predictions if isinstance(predictions, (str, Path)) else 'predictions'}: no rows to score")
+    positives = pc.sum(pc.cast(table[PredictionSchema.boolean_value_name], pa.int64())).as_py() or 0
     with warnings.catch_warnings():
-        # meds-evaluation also scores a per-subject resample (`subjects_equally_weighted`), which
-        # can draw none of a rare task's positives: scikit-learn then warns about an undefined
-        # metric in that half alone. Sites report the per-sample half, whose two classes
-        # site_eval.withheld_reason has checked, so the warnings would only alarm a site admin.
-        warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
-        warnings.filterwarnings("ignore", message="No positive class found in y_true")
+        if 0 < positives < table.num_rows:
+            # meds-evaluation also scores a per-subject resample (`subjects_equally_weighted`),
+            # which can draw none of a rare task's positives: scikit-learn then warns about an
+            # undefined metric in that half alone. The per-sample half, which sites report, has
+            # both classes here, so those warnings would only alarm a site admin. A table of one
+            # class keeps them: its own metrics are undefined.
+            warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
+            warnings.filterwarnings("ignore", message="No positive class found in y_true")
         return evaluate_binary_classification(
             pl.from_arrow(table), samples_per_subject=samples_per_subject, resampling_seed=seed
         )
