@@ -224,7 +224,7 @@ def main() -> None:
         evals[name] = t_labels + embed
         capped[name] = t_labels_cut + embed_cut
         rows = f"{full.num_examples}->{cut.num_examples}"
-        forward = full.seconds["embed"]
+        forward = full.seconds["forward"]
         forwards[name] = forward
         print(
             f"{name:<18}{rounds[name]:>8.1f}{t_labels:>8.1f}{per_task:>9}{embed:>8.1f}{per_row:>8}{plain:>8}{hr:>8}"

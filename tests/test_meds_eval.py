@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from meds_evaluation.schema import PredictionSchema
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import roc_auc_score
 
 from healthfm_core.eval.meds_eval import (
@@ -66,8 +69,6 @@ def test_a_resample_without_positives_scores_quietly_and_the_samples_half_is_unc
     """A rare task: one positive row among its subject's many rows. meds-evaluation's per-subject
     resample (4 rows per subject) draws none of it, where scikit-learn warns of undefined metrics;
     the per-sample half the sites report has both classes and is scored as before, without a warning."""
-    import warnings
-
     from meds_evaluation.utils import _resample
 
     n_subjects, rows_each = 30, 40
@@ -81,8 +82,6 @@ def test_a_resample_without_positives_scores_quietly_and_the_samples_half_is_unc
     ).astype("timedelta64[us]")
     labels = pa.table({"subject_id": subject, "prediction_time": pa.array(t, pa.timestamp("us")), "boolean_value": y})
     path = write_predictions(tmp_path / "rare.parquet", labels, score)
-    import polars as pl
-
     drawn = _resample(pl.from_arrow(pq.read_table(path)), n_samples=4, random_seed=0)
     assert not drawn["boolean_value"].any()  # the condition: the resample holds no positive
     with warnings.catch_warnings():
@@ -92,8 +91,6 @@ def test_a_resample_without_positives_scores_quietly_and_the_samples_half_is_unc
     assert got["roc_auc_score"] == pytest.approx(roc_auc_score(y, score.astype(np.float32)), abs=1e-12)
     assert np.isnan(metrics["subjects_equally_weighted"]["roc_auc_score"])
     # A table of one class keeps scikit-learn's warnings: its own metrics are undefined.
-    from sklearn.exceptions import UndefinedMetricWarning
-
     one_class = write_predictions(
         tmp_path / "none.parquet", labels.set_column(2, "boolean_value", pa.array(np.zeros(len(y), bool))), score
     )

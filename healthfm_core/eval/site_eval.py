@@ -68,9 +68,9 @@ class SiteTaskResults:
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
-    # Seconds spent embedding (the model's forward passes), fitting probes and scoring: what a
+    # Seconds spent in the model's forward passes (embedding the rows), fitting probes and scoring: what a
     # site's evaluation costs beyond its labels (logged; benchmarks/eval_cost.py prints them).
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("embed", "probes", "scoring"), 0.0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("forward", "probes", "scoring"), 0.0))
 
 
 def task_labels_at_site(
@@ -277,9 +277,13 @@ def evaluate_site_tasks(
             shared=shared_passes,
         )
     x_all = embedded.x
-    out.seconds["embed"] = time.perf_counter() - start
+    out.seconds["forward"] = time.perf_counter() - start
     log.info(
-        "site %s: %d rows embedded in %d passes (%.1f s)", site_name, len(x_all), embedded.passes, out.seconds["embed"]
+        "site %s: %d rows embedded in %d passes (%.1f s)",
+        site_name,
+        len(x_all),
+        embedded.passes,
+        out.seconds["forward"],
     )
     if reuse.asked:
         log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
