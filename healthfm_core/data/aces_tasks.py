@@ -91,7 +91,9 @@ class AcesTask(BaseModel):
 # Parsed ACES configs by their YAML text: ACES parses with ruamel from a file (~7 ms a config on
 # a quiet machine, far more on a busy one) and an evaluation asks for the same few configs again
 # and again (every task at every horizon and variant, when validating and when extracting). ACES
-# changes the config it extracts with, so each caller gets a copy (a deepcopy: ~1/20 of a parse).
+# changes the config it queries with (es-aces 0.7 `extract_subtree` adds each window's root
+# offset to the parsed endpoint in place), so every query needs its own copy: `_parse` returns a
+# deepcopy (~1/20 of a parse), and callers call it once per query, never once per task.
 _PARSED: dict[str, TaskExtractorConfig] = {}
 
 
@@ -111,6 +113,13 @@ def _parse(cfg: dict, where: str) -> TaskExtractorConfig:
             except (KeyError, ValueError, TypeError) as exc:
                 raise ValueError(f"{where}: not a valid ACES task config: {exc}") from exc
     return copy.deepcopy(_PARSED[text])
+
+
+def _query_config(task: AcesTask, horizon_days: int, complete_variant: bool) -> TaskExtractorConfig:
+    """A fresh parsed config for one ACES query: a config that was queried once is not the
+    config any more (see _PARSED), and reusing it made a site's k-th shard ask for k extra
+    horizons of follow-up."""
+    return _parse(task.config_for(horizon_days, complete_variant), f"{task.path} (horizon {horizon_days}d)")
 
 
 def load_task(task: str | Path) -> AcesTask:
@@ -282,15 +291,14 @@ def aces_labels(
     task = task if isinstance(task, AcesTask) else load_task(task)
     horizons = list(horizons_days) if horizons_days is not None else task.metadata.horizons_days
     variants = _variants(task)
-    parsed = {(h, v): _parse(task.config_for(h, v), f"{task.path} (horizon {h}d)") for h in horizons for v in variants}
     parts: dict[int, list[pl.DataFrame]] = {h: [] for h in horizons}
     for shard in _shards(Path(site_root)):
         data_cfg = DictConfig({"path": str(shard), "standard": "meds"})
         for v in variants:
             # Predicates do not depend on the horizon: computed once per shard and variant.
-            preds = aces_predicates.get_predicates_df(parsed[(horizons[0], v)], data_cfg)
+            preds = aces_predicates.get_predicates_df(_query_config(task, horizons[0], v), data_cfg)
             for h in horizons:
-                parts[h].append(_labels(aces_query.query(parsed[(h, v)], preds)))
+                parts[h].append(_labels(aces_query.query(_query_config(task, h, v), preds)))
     keep = _keep_times(prediction_times)
     return {h: _finish(task, h, parts[h], keep) for h in horizons}
 
@@ -328,14 +336,6 @@ def aces_labels_shared(
     evaluation's sample: tests/test_eval_sample.py checks the rows equal theirs among all)."""
     from aces import query as aces_query
 
-    parsed = [
-        {
-            (h, v): _parse(t.config_for(h, v), f"{t.path} (horizon {h}d)")
-            for h in t.metadata.horizons_days
-            for v in _variants(t)
-        }
-        for t in tasks
-    ]
     parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.metadata.horizons_days} for t in tasks]
     wanted = None if subjects is None else pl.Series(np.asarray(subjects, dtype=np.int64))
     with _quiet_one_shard_cohorts():
@@ -345,12 +345,12 @@ def aces_labels_shared(
                 frame = frame.filter(pl.col("subject_id").is_in(wanted.implode()))
                 if frame.is_empty():  # none of the sample's subjects is in this shard
                     continue
-            for task, cfgs, out in zip(tasks, parsed, parts, strict=True):
+            for task, out in zip(tasks, parts, strict=True):
                 horizons = task.metadata.horizons_days
                 for v in _variants(task):
-                    preds = _predicates_from_frame(cfgs[(horizons[0], v)], frame)
+                    preds = _predicates_from_frame(_query_config(task, horizons[0], v), frame)
                     for h in horizons:
-                        out[h].append(_labels(aces_query.query(cfgs[(h, v)], preds)))
+                        out[h].append(_labels(aces_query.query(_query_config(task, h, v), preds)))
     keep = _keep_times(prediction_times)
     return [{h: _finish(t, h, p[h], keep) for h in t.metadata.horizons_days} for t, p in zip(tasks, parts, strict=True)]
 
