@@ -13,21 +13,34 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# MEDS-DEV's task and predicate files are data (healthfm_core/data/meds_dev_tasks.py); its pins
+	# (meds 0.3.3, es-aces 0.6.1, meds-evaluation 0.0.3) are older than ours: no dependencies.
+	$(PY) -m pip install -q --no-deps "meds-dev==0.0.14"
 	touch $@
 
 setup: $(VENV)/.installed
 
 # System packages: nginx, the reverse proxy `coordinator superlink` puts in front of the SuperLink
-# (server/proxy.py). Idempotent; where apt is not available it says so and leaves it to the admin.
+# (server/proxy.py), and tinyproxy, the forward proxy the slow test of a site behind its hospital's
+# proxy runs (tests/test_forward_proxy.py). Idempotent: only what is missing is installed; where
+# apt is not available it says so and leaves it to the admin.
 setup-system:
-	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then \
-		echo "nginx: installed"; \
+	@missing=""; \
+	for pkg in nginx tinyproxy; do \
+		if command -v $$pkg >/dev/null 2>&1 || [ -x /usr/sbin/$$pkg ] || [ -x /usr/bin/$$pkg ]; then \
+			echo "$$pkg: installed"; \
+		else \
+			missing="$$missing $$pkg"; \
+		fi; \
+	done; \
+	if [ -z "$$missing" ]; then \
+		:; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else \
-		echo "setup-system: apt-get not available: install nginx with this system's package manager" \
-		     "(coordinator superlink needs it; the slow tests that start a SuperLink need it too)"; \
+		echo "setup-system: apt-get not available: install$$missing with this system's package manager" \
+		     "(coordinator superlink needs nginx; the slow tests need nginx and tinyproxy)"; \
 	fi
 
 lint: setup
@@ -52,6 +65,8 @@ test-slow: setup
 # replaces the module's SuperLink and must run last. Still only in `make test-slow`: the
 # stopped-run resume (10 min), the restarted SuperNode and the end-to-end deployment test (CI must
 # stay under 60 minutes). The evidence job's quick run took 2 min 56 s on an idle 2-core machine.
+# tests/test_coordinator_faults.py (issue 26: nginx and the SuperLink killed mid-run, two concurrent
+# launches): its two slow tests took 5 min 36 s on a shared 2-core machine (18 min 53 s at load 8).
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
 	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
@@ -59,6 +74,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_deployment.py::test_join_with_the_wrong_certificate_is_refused \
 	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \
 	tests/test_deployment.py::test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only \
+	tests/test_forward_proxy.py \
 	tests/test_hardening.py::test_insecure_superlink_warns_loudly \
 	tests/test_hardening.py::test_superlink_stops_with_its_parent_process \
 	tests/test_evidence.py::test_quick_report_answers_every_question \
@@ -66,6 +82,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_privacy_sweep.py::test_the_server_asks_for_dp_and_each_site_reports_its_spend \
 	tests/test_privacy_sweep.py::test_sweep_writes_table_and_plot_on_one_setup \
 	tests/test_transport.py::test_a_two_site_simulation_under_int8 \
+	tests/test_coordinator_faults.py \
 	tests/test_faults.py::test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind \
 	tests/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
 	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical

@@ -25,6 +25,8 @@ An approved task runs (`--clientapp`):
   `--warm-idle` seconds without a task, or with this guard; the site's data, sequences and model
   stay loaded between the run's messages. The approval is still checked here for every task.
 - `cold`: a new `flwr-clientapp` process per task, as Flower's SuperExec does.
+Both run the same code for an approved bundle: the files it ships (unpacked from the approved
+bytes; warm: client/approved_code.py), the site's installed packages for the rest.
 
     python -m client.app_guard --runtime-api-address 127.0.0.1:PORT --policy FILE --site NAME \
         [--clientapp warm|cold] [--warm-idle S] [--parent-pid PID]

@@ -6,6 +6,10 @@ components, `serverapp`/`clientapp` as "module:attribute"), the files it ships, 
 manifest .info/CONTENT. The site runs a run's ClientApp only if the bundle's sha256 is approved
 (client/app_guard.py); this is where the site admin looks before approving. The bundle is only
 read here, never unpacked to disk nor imported.
+
+What an approval stands for is the same in both `--clientapp` modes: the code a bundle ships runs
+from the bundle's own files (cold: flwr-clientapp; warm: client/approved_code.py), anything it
+does not ship from the site's installed packages.
 """
 
 from __future__ import annotations
@@ -66,8 +70,10 @@ class BundleInfo(BaseModel):
         if code:
             lines.append(
                 f"WARNING: the bundle ships its own code ({', '.join(code)}): approving it lets that code "
-                "run at this site"
+                "run at this site (with --clientapp warm and cold alike)"
             )
+        else:
+            lines.append("code       none shipped: its components run this site's installed healthfm")
         return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
                                  [--min-subjects N] [--policy FILE]
     python client/client.py join SITE_ROOT --superlink HOST:PORT --root-cert ca.pem --auth-key auth_key
                                  [--state-dir DIR] [--site-name NAME] [--policy FILE] [--node-config KEY=VALUE ...]
+                                 [--new-privacy-budget]
     python client/client.py approve BUNDLE.fab --policy FILE [--show]
 
 Exit status of `check`: 0 the site is usable (warnings may be printed), 1 the site has errors
@@ -248,6 +249,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             clientapp=args.clientapp,
             warm_idle=args.warm_idle,
             poll_interval=args.poll_interval,
+            new_privacy_budget=args.new_privacy_budget,
+            proxy=args.proxy,
         )
     except ValueError as err:  # pydantic: a bad option value
         print(f"error: {str(err).splitlines()[0]}: {' '.join(str(err).splitlines()[1:3]).strip()}", file=sys.stderr)
@@ -259,7 +262,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        return join(cfg, echo=args.verbose)
+        return join(cfg, out=sys.stdout, echo=args.verbose)  # the stdout of now, not of import time
     except JoinError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.status
@@ -314,10 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         metavar="K",
-        help="prediction times per subject, as the evaluation draws them (default 4)",
+        help="at most K of a subject's ACES rows per task, as the evaluation draws them (default 4)",
     )
     check.add_argument(
-        "--seed", type=int, default=0, help="the evaluation's seed for drawing prediction times (default 0)"
+        "--seed", type=int, default=0, help="the evaluation's seed for drawing a subject's rows (default 0)"
     )
     check.add_argument(
         "--max-tokens",
@@ -417,6 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"the SuperNode asks the SuperLink for work every S seconds while idle (default {POLL_INTERVAL_S:g}; "
         "Flower's own: 3)",
+    )
+    join.add_argument(
+        "--proxy",
+        default=None,
+        metavar="URL",
+        help="the site's forward proxy to the SuperLink, e.g. http://proxy.hospital.org:3128 (HTTP CONNECT; "
+        "default: the environment's HTTPS_PROXY / ALL_PROXY, NO_PROXY honoured); local traffic never uses it",
+    )
+    join.add_argument(
+        "--new-privacy-budget",
+        action="store_true",
+        help="start a new, empty privacy ledger where the state dir's is refused (lost, another site's "
+        "state dir, damaged): the spend of this site's key is then no longer counted; logged here and "
+        "reported to the coordinator's audit log. Never needed when the ledger is accepted",
     )
     join.add_argument("--strict", action="store_true", help="check the site as `check --strict` does")
     join.add_argument("--progress", dest="progress", action="store_true", default=None)

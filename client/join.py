@@ -8,8 +8,17 @@ the site's policy keys, see client.site_runtime.SiteConfig), which stays on the 
 
 Before starting it, `join` probes the SuperLink itself (TCP, then a TLS handshake against the
 CA) so that an unreachable server or a wrong certificate is one clear line within seconds
-instead of a SuperNode retrying forever; a key the SuperLink does not know is recognised in the
-SuperNode's own output (Flower's error 2004, "Failed to activate SuperNode").
+instead of a SuperNode retrying forever. The probe goes the way the SuperNode will: through the
+forward proxy its environment (or `--proxy`) names, with HTTP CONNECT (client/proxy_route.py).
+
+Why a SuperNode stopped is read from that process alone: its exit status and the lines it wrote
+to STATE/supernode.log since it started (`fresh_lines`), never an earlier process's. A key the
+SuperLink does not know is only what the current process's activation says (Flower's error 2004,
+"Failed to activate SuperNode"); a 401 to a SuperNode that had connected means the SuperLink
+forgot the node (it restarted), and the SuperNode is restarted like after any lost connection.
+Lines of the SuperNode's local Runtime API (a ClientApp of an earlier SuperNode presenting its
+old task token: "Runtime task-token authentication failed") are about this site's own processes,
+never about the SuperLink.
 """
 
 from __future__ import annotations
@@ -30,12 +39,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from client.approval import approved_apps
+from client.privacy_budget import check_privacy_budget
+from client.proxy_route import (
+    ProxyError,
+    ProxyRoute,
+    open_tunnel,
+    parse_proxy_url,
+    reach_proxy,
+    route_for,
+    site_proxy_env,
+    tls_through,
+)
 from client.supernode_pace import POLL_INTERVAL_S, SupernodePace
 from healthfm_core.files import write_flat_toml
 
@@ -58,6 +79,10 @@ STABLE_SECONDS = 300.0
 REJOIN_RETRY_SECONDS = 10.0
 REJOIN_WINDOW_SECONDS = 150.0
 NODE_RECORD = "node.json"  # STATE/node.json: the last node id this key connected as
+TAIL_LINES = 200  # how many of a SuperNode's last lines explain its exit
+TAIL_BYTES = 262144  # read at most this much of them back from its log
+# Lines of the SuperNode's local Runtime API (its ClientApps, the app guard): never about the SuperLink.
+RUNTIME_LINE = re.compile(r"/v1/runtime/|runtime task-token|\[ApiError:1008\]", re.IGNORECASE)
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_ID_LINE = re.compile(r"SuperNode ID:\s*(\d+)")
@@ -92,6 +117,20 @@ class JoinConfig(BaseModel):
     warm_idle: float = Field(default=600.0, gt=0)  # stop a run's warm ClientApp after this idle time
     # The SuperNode's idle pull interval (client/supernode_pace.py; Flower's own is 3 s).
     poll_interval: float = Field(default=POLL_INTERVAL_S, gt=0, le=60)
+    # Start a new privacy ledger where the state dir's is refused (client/privacy_budget.py).
+    new_privacy_budget: bool = False
+    # A forward proxy to the SuperLink (http://HOST:PORT), else the environment's (HTTPS_PROXY, ...).
+    proxy: str | None = None
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_proxy_url(value, "--proxy")
+            except ProxyError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 # ---------------------------------------------------------------------------- checks before starting
@@ -136,12 +175,9 @@ def check_auth_key(path: Path) -> str:
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
-def probe_superlink(address: str, root_cert: Path | None, timeout: float) -> None:
-    """Connect to the SuperLink as the SuperNode will (TCP, then TLS verified against the CA
-    and the host name); JoinError naming what failed."""
-    host, port = parse_address(address)
+def _connect_directly(address: str, host: str, port: int, timeout: float) -> socket.socket:
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        return socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as err:
         raise JoinError(
             f"cannot reach the SuperLink at {address}: host name {host!r} does not resolve ({err.strerror})"
@@ -157,6 +193,24 @@ def probe_superlink(address: str, root_cert: Path | None, timeout: float) -> Non
         ) from None
     except OSError as err:
         raise JoinError(f"cannot reach the SuperLink at {address}: {err.strerror or err}") from None
+
+
+def probe_superlink(address: str, root_cert: Path | None, timeout: float, route: ProxyRoute | None = None) -> None:
+    """Connect to the SuperLink as the SuperNode will (TCP, or a CONNECT tunnel through `route`,
+    then TLS verified against the CA and the host name, end to end); JoinError naming what
+    failed, and the proxy when there is one."""
+    host, port = parse_address(address)
+    if route is None:
+        sock = _connect_directly(address, host, port, timeout)
+    else:
+        try:
+            # http:// (--insecure, tests only) goes through a proxy without CONNECT: the proxy answering is all
+            sock = reach_proxy(route, timeout) if root_cert is None else open_tunnel(route, host, port, timeout)
+        except ProxyError as err:
+            raise JoinError(
+                f"cannot reach the SuperLink at {address}: {err}", EXIT_USAGE if err.usage else EXIT_NO_CONNECTION
+            ) from None
+    via = f" (through {route.describe()})" if route is not None else ""
     with sock:
         if root_cert is None:
             return
@@ -166,30 +220,51 @@ def probe_superlink(address: str, root_cert: Path | None, timeout: float) -> Non
             raise JoinError(f"--root-cert {root_cert}: not a readable PEM certificate ({err})", EXIT_USAGE) from None
         sock.settimeout(timeout)
         try:
-            with ctx.wrap_socket(sock, server_hostname=host):
-                pass
+            if route is None:
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    pass
+            else:
+                tls_through(sock, ctx, host, timeout)
         except ssl.SSLCertVerificationError as err:
             reason = err.verify_message or str(err)
             if "mismatch" in reason.lower():
                 raise JoinError(
-                    f"the SuperLink's certificate at {address} is not valid for {host!r} ({reason}); "
+                    f"the SuperLink's certificate at {address}{via} is not valid for {host!r} ({reason}); "
                     "connect by a name the coordinator provisioned, or ask for a new certificate"
                 ) from None
+            inspected = (
+                "; a proxy that inspects TLS (re-signs certificates) must pass the SuperLink's port through untouched"
+                if route is not None
+                else ""
+            )
             raise JoinError(
-                f"the SuperLink's certificate at {address} does not verify against --root-cert "
-                f"{root_cert} ({reason}): wrong CA file for this federation?"
+                f"the SuperLink's certificate at {address}{via} does not verify against --root-cert "
+                f"{root_cert} ({reason}): wrong CA file for this federation?{inspected}"
             ) from None
         except TimeoutError:
             raise JoinError(
-                f"the server at {address} accepted a connection but completed no TLS handshake "
+                f"the server at {address}{via} accepted a connection but completed no TLS handshake "
                 f"within {timeout:g} s (is it a SuperLink?)"
             ) from None
         except ssl.SSLError as err:
             reason = err.reason or str(err)
             hint = " (a SuperLink started with --insecure?)" if "WRONG_VERSION" in reason.upper() else ""
-            raise JoinError(f"TLS with the SuperLink at {address} failed: {reason}{hint}") from None
+            raise JoinError(f"TLS with the SuperLink at {address}{via} failed: {reason}{hint}") from None
         except OSError as err:
-            raise JoinError(f"TLS with the SuperLink at {address} failed: {err.strerror or err}") from None
+            raise JoinError(f"TLS with the SuperLink at {address}{via} failed: {err.strerror or err}") from None
+
+
+def superlink_route(cfg: JoinConfig) -> ProxyRoute | None:
+    """The proxy the SuperNode will use for the SuperLink (its environment, which carries
+    --proxy), by httpx's rules; None: it connects directly."""
+    host, port = parse_address(cfg.superlink)
+    try:
+        route = route_for("http" if cfg.insecure else "https", host, port, site_process_env(cfg))
+    except ProxyError as err:
+        raise JoinError(str(err), EXIT_USAGE) from None
+    if route is not None and cfg.proxy is not None and route.source.lower() == "https_proxy":
+        route = route.model_copy(update={"source": "--proxy"})  # site_process_env put it there
+    return route
 
 
 def validate_node_config(node_config: Mapping[str, ConfigValue]) -> None:
@@ -270,8 +345,9 @@ def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int
 
 def site_process_env(cfg: JoinConfig) -> dict[str, str]:
     """flower_env, and this checkout importable: the SuperNode and the app guard run modules of
-    this package (client.supernode_main, client.app_guard)."""
-    env = flower_env(cfg.state_dir.resolve() / "flwr-home")
+    this package (client.supernode_main, client.app_guard). --proxy as HTTPS_PROXY, and NO_PROXY
+    extended to 127.0.0.1, localhost and ::1: the Runtime API's callers never go to a proxy."""
+    env = site_proxy_env(flower_env(cfg.state_dir.resolve() / "flwr-home"), cfg.proxy)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     return env
 
@@ -309,10 +385,23 @@ def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subpr
         )
 
 
-def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: Path) -> JoinError:
-    """The one-line reason a SuperNode stopped, from its output."""
+def about_the_superlink(lines: list[str]) -> list[str]:
+    """The lines that can say something about the SuperLink: not those of the SuperNode's local
+    Runtime API (a ClientApp or the app guard calling it, e.g. with an earlier SuperNode's task token)."""
+    return [ln for ln in lines if not RUNTIME_LINE.search(ln)]
+
+
+def explain_exit(
+    lines: list[str], returncode: int, cfg: JoinConfig, log_path: Path, route: ProxyRoute | None = None
+) -> JoinError:
+    """The one-line reason a SuperNode stopped, from its exit status and the lines this process
+    wrote (fresh_lines; never an earlier process's). EXIT_NOT_REGISTERED only for what the
+    SuperLink answered this process's activation; a 401 to a node that had connected is not one
+    (the SuperLink forgot the node: restarted), nor anything the local Runtime API logged."""
+    lines = about_the_superlink(lines)
     text = "\n".join(lines)
     low = text.lower()
+    via = f" through {route.describe()}" if route is not None else ""
     if "code: 2004" in low or "failed to activate supernode" in low:
         return JoinError(
             f"the SuperLink at {cfg.superlink} refused this site's key {cfg.auth_key}: it is not "
@@ -320,17 +409,21 @@ def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: P
             "SuperNode with this key is connected",
             EXIT_NOT_REGISTERED,
         )
-    if "must be registered" in low or "authentication failed" in low or "unauthenticated" in low:
+    if "code: 2001" in low or "must be registered via the cli" in low:
         return JoinError(
-            f"the SuperLink at {cfg.superlink} did not accept this site's authentication ({cfg.auth_key})",
+            f"the SuperLink at {cfg.superlink} admits registered sites only: pass this site's --auth-key "
+            "(the coordinator registered its public key)",
             EXIT_NOT_REGISTERED,
         )
     if "certificate verify failed" in low or "certificate_verify_failed" in low:
         return JoinError(
-            f"the SuperLink's certificate at {cfg.superlink} does not verify against --root-cert {cfg.root_cert}"
+            f"the SuperLink's certificate at {cfg.superlink}{via} does not verify against --root-cert {cfg.root_cert}"
         )
+    if route is not None and ("proxyerror" in low or ("proxy" in low and ("403" in low or "407" in low))):
+        last_proxy = next((ln.strip() for ln in reversed(lines) if "proxy" in ln.lower()), "")
+        return JoinError(f"lost the SuperLink at {cfg.superlink}: {route.describe()} failed ({last_proxy})")
     if "connection refused" in low or "giving up reconnection" in low or "could not establish a connection" in low:
-        return JoinError(f"lost the SuperLink at {cfg.superlink} (connection refused or retries exhausted)")
+        return JoinError(f"lost the SuperLink at {cfg.superlink}{via} (connection refused or retries exhausted)")
     if "address already in use" in low:
         return JoinError("the SuperNode's local port is in use; pass --runtime-port with a free port", EXIT_USAGE)
     if "unable to parse the private key" in low:
@@ -339,6 +432,23 @@ def explain_exit(lines: list[str], returncode: int, cfg: JoinConfig, log_path: P
     return JoinError(
         f"the SuperNode stopped (exit {returncode}){': ' + last if last else ''}; see {log_path}", EXIT_SUPERNODE_FAILED
     )
+
+
+def fresh_lines(log_path: Path, offset: int, limit: int = TAIL_LINES) -> list[str]:
+    """The last `limit` lines written to the SuperNode's log since byte `offset` (where the current
+    process's output starts): what explains its exit, nothing an earlier process left there."""
+    try:
+        with open(log_path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(offset, size - TAIL_BYTES)
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if start > offset and lines:
+        lines = lines[1:]  # cut inside a line
+    return lines[-limit:]
 
 
 # ---------------------------------------------------------------------------- running the SuperNode
@@ -417,9 +527,9 @@ def run_supernode_once(
     sent SIGTERM, so it says goodbye to the SuperLink); its whole process group is gone on return."""
     node_id: str | None = None
     connected_at: float | None = None
-    tail: list[str] = []
     log_file.write(f"--- join {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(cmd)}\n")
     log_file.flush()
+    offset = os.fstat(log_file.fileno()).st_size  # this process's lines start here (fresh_lines)
     # Its own session and process group: the SuperExec and every flwr-clientapp it starts
     # stay in that group (Flower does not detach them on the site side), so killing the
     # group on the way out leaves nothing behind (stop_group).
@@ -459,7 +569,6 @@ def run_supernode_once(
                 log_file.flush()
                 if echo:
                     sys.stderr.write(line)
-                tail = [*tail[-199:], line.rstrip("\n")]
                 if node_id is None and (m := NODE_ID_LINE.search(line)):
                     node_id = m.group(1)
                     connected_at = time.monotonic()
@@ -481,7 +590,7 @@ def run_supernode_once(
     return Attempt(
         returncode=returncode,
         node_id=node_id,
-        tail=tail,
+        tail=fresh_lines(Path(log_file.name), offset),
         connected_seconds=time.monotonic() - connected_at if connected_at is not None else 0.0,
         stop_requested=stop.is_set(),
     )
@@ -501,12 +610,78 @@ def connected_before(state: Path, public_key: str | None) -> bool:
     return isinstance(record, dict) and record.get("public_key") == public_key
 
 
-def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
+@dataclass(frozen=True)
+class Step:
+    """What `join` does after a SuperNode process stopped: leave (it was asked to), restart it
+    after `delay` s, try again after `delay` s (the SuperLink refused a key that connected before),
+    or fail with `error`. `message`: a line for the site admin, or ""."""
+
+    action: Literal["leave", "restart", "retry", "fail"]
+    delay: float = 0.0
+    message: str = ""
+    error: JoinError | None = None
+
+
+class Rejoin:
+    """`join`'s decisions between SuperNode processes, each from that process alone (its exit
+    status and fresh lines, `Attempt`): a connected SuperNode that stopped is restarted with
+    backoff (a lost connection, a crash, a 401 from a SuperLink that restarted and forgot the
+    node); a key refused at activation (Flower's 2004) although this key connected before is
+    tried again for REJOIN_WINDOW_SECONDS from the first refusal after the last connection (the
+    SuperLink still counts the killed SuperNode as online until its heartbeat expires); anything
+    else fails."""
+
+    def __init__(self, cfg: JoinConfig, public_key: str | None, route: ProxyRoute | None = None) -> None:
+        self.cfg = cfg
+        self.state = cfg.state_dir.resolve()
+        self.log_path = self.state / "supernode.log"
+        self.public_key = public_key
+        self.route = route
+        self.restarts = 0
+        self.connected = False  # a SuperNode of this `join` connected
+        self.refused_since: float | None = None  # first refusal since the last connection
+
+    def after(self, attempt: Attempt, now: float) -> Step:
+        if attempt.stop_requested:
+            return Step("leave", message=f"left the federation (SuperNode {attempt.node_id or '-'} stopped)")
+        error = explain_exit(attempt.tail, attempt.returncode, self.cfg, self.log_path, self.route)
+        if attempt.node_id is not None:
+            self.connected = True
+            self.refused_since = None  # it connected since: an earlier refusal is over
+        elif error.status == EXIT_NOT_REGISTERED and (self.connected or connected_before(self.state, self.public_key)):
+            first = self.refused_since is None
+            since = self.refused_since = now if self.refused_since is None else self.refused_since
+            if now - since >= REJOIN_WINDOW_SECONDS:
+                return Step("fail", error=error)
+            message = (
+                "the SuperLink refused this site's key although it connected before: it still counts "
+                "this site's previous SuperNode as connected (stopped without leaving, e.g. killed); "
+                f"retrying every {REJOIN_RETRY_SECONDS:g} s until that session expires "
+                f"(at most {REJOIN_WINDOW_SECONDS:g} s)"
+            )
+            return Step("retry", REJOIN_RETRY_SECONDS, message if first else "")
+        if attempt.node_id is None or not restartable(attempt, error, self.cfg):
+            return Step("fail", error=error)
+        if attempt.connected_seconds >= STABLE_SECONDS:
+            self.restarts = 0  # it ran well for a while: start the backoff over
+        self.restarts += 1
+        delay = restart_delay(self.restarts)
+        via = f" through {self.route.describe()}" if self.route is not None else ""
+        return Step(
+            "restart",
+            delay,
+            f"SuperNode {attempt.node_id} lost its connection to the SuperLink{via} "
+            f"({lost_connection_cause(attempt)}); restarting it in {delay:g} s "
+            f"(restart {self.restarts}; log {self.log_path})",
+        )
+
+
+def run_supernode(
+    cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False, route: ProxyRoute | None = None
+) -> int:
     """Start the SuperNode and stay with it until this process is told to stop (SIGINT/SIGTERM,
-    which it passes on); returns 0 then. A SuperNode whose connection ended (its pull loop
-    stopped on a SuperLink error, or it crashed) is restarted with backoff; a key the SuperLink
-    refuses because it still counts this site's previous SuperNode as connected (killed without
-    leaving) is retried until that session expires. Anything else raises JoinError."""
+    which it passes on); returns 0 then. Between SuperNode processes `Rejoin` decides: restart,
+    try again, or raise JoinError."""
     state = cfg.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
@@ -518,6 +693,7 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
     log.info("starting %s", " ".join(cmd))
     stop = threading.Event()
     last_node: list[str] = []
+    rejoin = Rejoin(cfg, public_key, route)
 
     def forward(_signum: int, _frame: Any) -> None:
         stop.set()
@@ -540,56 +716,24 @@ def run_supernode(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False)
         log_file.write(f"--- join: {message}\n")
         log_file.flush()
 
-    def pause(seconds: float) -> None:
-        stop.wait(seconds)
-
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     guard = start_app_guard(cfg, runtime_port, state / "app-guard.log")
-    restarts = 0
-    refused_since: float | None = None
     try:
         with open(log_path, "a", encoding="utf-8") as log_file:
             while True:
                 attempt = run_supernode_once(cfg, cmd, log_file, stop, on_connected, echo=echo)
-                if attempt.stop_requested:
-                    print(f"left the federation (SuperNode {attempt.node_id or '-'} stopped)", file=out, flush=True)
+                step = rejoin.after(attempt, time.monotonic())
+                if step.action == "leave":
+                    print(step.message, file=out, flush=True)
                     return EXIT_OK
-                error = explain_exit(attempt.tail, attempt.returncode, cfg, log_path)
-                # Refused although this key connected before: the SuperLink still counts the previous
-                # SuperNode as online (it stopped without leaving, e.g. killed) until its heartbeat
-                # expires; retry until then.
-                if error.status == EXIT_NOT_REGISTERED and (last_node or connected_before(state, public_key)):
-                    now = time.monotonic()
-                    if refused_since is None:
-                        refused_since = now
-                        say(
-                            "the SuperLink refused this site's key although it connected before: it still counts "
-                            "this site's previous SuperNode as connected (stopped without leaving, e.g. killed); "
-                            f"retrying every {REJOIN_RETRY_SECONDS:g} s until that session expires "
-                            f"(at most {REJOIN_WINDOW_SECONDS:g} s)"
-                        )
-                    if now - refused_since < REJOIN_WINDOW_SECONDS:
-                        pause(REJOIN_RETRY_SECONDS)
-                        if stop.is_set():
-                            print("left the federation (while waiting to rejoin)", file=out, flush=True)
-                            return EXIT_OK
-                        continue
-                    raise error
-                refused_since = None
-                if attempt.node_id is None or not restartable(attempt, error, cfg):
-                    raise error
-                if attempt.connected_seconds >= STABLE_SECONDS:
-                    restarts = 0  # it ran well for a while: start the backoff over
-                restarts += 1
-                delay = restart_delay(restarts)
-                say(
-                    f"SuperNode {attempt.node_id} lost its connection to the SuperLink "
-                    f"({lost_connection_cause(attempt)}); restarting it in {delay:g} s "
-                    f"(restart {restarts}; log {log_path})"
-                )
-                pause(delay)
+                if step.action == "fail":
+                    assert step.error is not None
+                    raise step.error
+                if step.message:
+                    say(step.message)
+                stop.wait(step.delay)
                 if stop.is_set():
-                    print(f"left the federation (SuperNode {attempt.node_id} stopped)", file=out, flush=True)
+                    print(f"left the federation (SuperNode {attempt.node_id or '-'} stopped)", file=out, flush=True)
                     return EXIT_OK
     finally:
         for s, handler in previous.items():
@@ -608,14 +752,15 @@ def lost_connection_cause(attempt: Attempt) -> str:
     (it restarted with its state in memory, or the node was unregistered). Flower's SuperNode
     meets it either on a request (an HTTPStatusError, logged) or on its heartbeat, which it
     answers by interrupting itself: exit 0, no error line, "terminated gracefully" last."""
-    last = next((ln.strip() for ln in reversed(attempt.tail) if "error" in ln.lower() and ln.strip()), "")
+    lines = [ln for ln in about_the_superlink(attempt.tail) if not ln.startswith(ENDED_LINE)]
+    last = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() and ln.strip()), "")
     forgotten = (
         f"the SuperLink no longer knows node {attempt.node_id} (e.g. it restarted with its state in memory; "
         "the restart brings a new node id)"
     )
-    if "401 Unauthorized" in last:
+    if any("401 Unauthorized" in ln for ln in lines):
         return f"exit {attempt.returncode}, 401 Unauthorized: {forgotten}"
-    if attempt.returncode == 0 and not last and any("terminated gracefully" in ln for ln in attempt.tail):
+    if attempt.returncode == 0 and not last and any("terminated gracefully" in ln for ln in lines):
         return f"exit 0 after a 401 to its heartbeat: {forgotten}"
     return f"exit {attempt.returncode}{': ' + last if last else ''}"
 
@@ -641,10 +786,20 @@ def join(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
             raise JoinError("--root-cert is required (the federation's ca.pem); --insecure only for tests", EXIT_USAGE)
         if not cfg.root_cert.is_file():
             raise JoinError(f"--root-cert {cfg.root_cert} does not exist", EXIT_USAGE)
-    if cfg.auth_key is not None:
-        check_auth_key(cfg.auth_key)
+    public_key = check_auth_key(cfg.auth_key) if cfg.auth_key is not None else None
     validate_node_config(cfg.node_config)
-    probe_superlink(cfg.superlink, None if cfg.insecure else cfg.root_cert, cfg.connect_timeout)
+    try:  # the privacy ledger must be the site key's (client/privacy_budget.py)
+        cfg.node_config.update(
+            check_privacy_budget(cfg.node_config, cfg.auth_key, public_key, cfg.new_privacy_budget, out)
+        )
+    except ValueError as err:  # LedgerError
+        raise JoinError(
+            f"not joining: DP training would be refused: {' '.join(str(err).split())}", EXIT_USAGE
+        ) from None
+    route = superlink_route(cfg)
+    if route is not None:
+        print(f"connecting to the SuperLink at {cfg.superlink} through {route.describe()}", file=out, flush=True)
+    probe_superlink(cfg.superlink, None if cfg.insecure else cfg.root_cert, cfg.connect_timeout, route)
     policy = cfg.node_config.get("policy")
     approved, why = approved_apps(Path(str(policy)) if policy else None)
     print(
@@ -653,4 +808,4 @@ def join(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
         file=out,
         flush=True,
     )
-    return run_supernode(cfg, out=out, echo=echo)
+    return run_supernode(cfg, out=out, echo=echo, route=route)

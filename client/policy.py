@@ -16,8 +16,14 @@ Example (YAML or JSON; every key optional except where noted):
     threads: 4                  # torch threads of the site's training (default: its free cores,
                                 # client/threads.py); `join --threads N` overrides it
 
-The `dp:` section is healthfm_core.privacy.policy.DPPolicy (numbers strict and finite; delta at
-most 1/n when the caller passes n, the site's train subjects).
+The `dp:` section is healthfm_core.privacy.policy.DPPolicy (numbers strict and finite;
+epsilon_cap at most EPSILON_CAP_MAX = 100; delta at most 1/n when the caller passes n, the site's
+train subjects).
+
+YAML numbers are read as YAML 1.2 reads them: PyYAML follows YAML 1.1, where a float needs a dot
+(`1e308`, `1e-5` and `5e0` are strings there, `1.0e+308` a float), so a cap or delta written in
+scientific notation was refused as "a string"; `_PolicyLoader` reads every spelling as the number
+it is (`1e308`, `1.0e+308`, `5`, `5.0`, `.5`, `5e0`, `1e-5`), and the range checks then apply.
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ from healthfm_core.model.groups import GROUPS
 from healthfm_core.privacy.policy import TRAIN_SUBJECTS, DPPolicy
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+# YAML 1.2's float forms missing from YAML 1.1 (PyYAML): an exponent without a dot, an exponent
+# without a sign. Tried after PyYAML's own int and float patterns, so `5` stays an int.
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, reading YAML 1.2 floats (`1e308`, `5e0`) as numbers."""
+
+
+_PolicyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 class PolicyError(ValueError):
@@ -82,7 +99,7 @@ def load_policy(path: str | Path, train_subjects: int | None = None) -> SitePoli
     except OSError as err:
         raise PolicyError(f"{path}: cannot read the site policy ({err.strerror or err})") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_PolicyLoader)  # noqa: S506 - a SafeLoader
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise PolicyError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} ({err})") from None
     if data is None:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from client.policy import SitePolicy, load_policy
 from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
@@ -58,7 +58,7 @@ from healthfm_core.federation import (
 )
 from healthfm_core.model.groups import group_state_dict, parameter_group
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.privacy.ledger import LedgerError, PrivacyLedger
+from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
 from healthfm_core.train.trainer import TrainConfig, train_local
 from healthfm_core.transport import encode_update
@@ -81,6 +81,11 @@ class SiteConfig(BaseModel):
     device: str = "cpu"
     policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
     state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP
+    # The site key's budget record and fingerprint (healthfm_core/privacy/budget_record.py), set by
+    # `join --auth-key`: the ledger then belongs to the key, not to the state directory. None
+    # (simulations, no key): bound to the state directory alone.
+    privacy_record: Path | None = None
+    privacy_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     eval_dir: Path | None = None  # the site's predictions (meds-evaluation format); default state_dir/evaluation
     # torch threads (client/threads.py): N, "auto" (the free cores; `join`'s default), or None:
     # the policy's `threads`, else torch's default (simulation).
@@ -115,6 +120,19 @@ class SiteConfig(BaseModel):
     def name(self) -> str:
         return self.site_name or Path(self.site_root).resolve().name
 
+    @model_validator(mode="after")
+    def _record_with_key(self) -> SiteConfig:
+        if (self.privacy_record is None) != (self.privacy_key is None):
+            raise ValueError("privacy-record and privacy-key are set together (by `join --auth-key`) or not at all")
+        return self
+
+    @property
+    def key_binding(self) -> KeyBinding | None:
+        """The site key's budget record, when `join` passed one."""
+        if self.privacy_record is None or self.privacy_key is None:
+            return None
+        return KeyBinding(key_sha256=self.privacy_key, record=self.privacy_record)
+
 
 class TrainRefused(Exception):
     """The site's policy refuses this train request: nothing was trained, nothing leaves but
@@ -145,7 +163,23 @@ class SiteRuntime:
         # Under a policy a modality on fewer subjects than its minimum is neither reported nor trained.
         self.subject_counts = {m: (n if n >= floor else 0) for m, n in self.site.subject_counts.items()}
         self.groups = groups_for_modalities([m for m in self.site.modalities if self.subject_counts.get(m, 0) > 0])
-        self.ledger: PrivacyLedger | None = PrivacyLedger(config.state_dir) if config.state_dir is not None else None
+        # Bound to the site's key under a DP policy (only a DP round writes the ledger); a ledger
+        # that is not the key's is refused here and at every round.
+        dp_policy = self.policy is not None and self.policy.dp is not None
+        self.ledger: PrivacyLedger | None = (
+            PrivacyLedger(config.state_dir, config.key_binding if dp_policy else None)
+            if config.state_dir is not None
+            else None
+        )
+        if self.ledger is not None and (started := self.ledger.data.new_budget) is not None:
+            log.warning(
+                "site %s: the privacy ledger %s is a NEW BUDGET started %s (join --new-privacy-budget), "
+                "replacing ledger %s; reported to the server",
+                self.name,
+                self.ledger.path,
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started.started_at)),
+                started.replaces or "(none known)",
+            )
         self._threads_measured: int | None = None  # what auto measured (None: a fixed count or none)
         self._threads_setup: str | None = None  # the setup whose recorded count is applied
         self.threads = self._apply_threads()
@@ -289,11 +323,22 @@ class SiteRuntime:
         if dp is None or self.ledger is None:
             return None
         try:
-            epsilon = self.ledger.epsilon(dp.delta)
+            epsilon, started = self.ledger.epsilon(dp.delta), self.new_budget()
         except LedgerError as err:  # no figure to trust; the refusal's reason says why
             log.error("site %s: %s", self.name, err)
             return None
-        return PrivacySpend(epsilon=epsilon, delta=dp.delta)
+        return PrivacySpend(epsilon=epsilon, delta=dp.delta, **started)
+
+    def new_budget(self) -> dict[str, float]:
+        """PrivacySpend's new_budget_at and replaced_epsilon, when the ledger was started anew
+        (`join --new-privacy-budget`): every DP reply says so, for the server's audit log."""
+        started = self.ledger.data.new_budget if self.ledger is not None else None
+        if started is None:
+            return {}
+        out = {"new_budget_at": started.started_at}
+        if started.replaced_epsilon is not None:
+            out["replaced_epsilon"] = started.replaced_epsilon
+        return out
 
     def refuse(self, cfg: RoundConfig, reason: str) -> TrainRefused:
         log.warning("site %s round %d: train request refused: %s", self.name, cfg.round, reason)
@@ -362,7 +407,9 @@ class SiteRuntime:
             for g in trained:
                 share = 1.0 if g == "shared" else self.subject_counts.get(_modality_of(g), 0) / largest
                 group_examples[g] = max(1, round(expected * min(1.0, share)))
-            spend = PrivacySpend(epsilon=epsilon, delta=dp.delta, noise_multiplier=dp.noise_multiplier)
+            spend = PrivacySpend(
+                epsilon=epsilon, delta=dp.delta, noise_multiplier=dp.noise_multiplier, **self.new_budget()
+            )
         else:
             # A group none of this round's samples carried did not train: it is not sent back.
             trained = [g for g in received if result.examples_per_group.get(g, 0) > 0]
@@ -558,6 +605,7 @@ class SiteRuntime:
             max_patches=cfg.max_patches,
             n_per_subject=cfg.n_per_subject,
             seed=cfg.seed,
+            n_boot=cfg.n_boot,
             labels=labels if labels is not None else self.labels(cfg),
             reuse_patches=reuse_patches,
             sample=self.eval_sample(cfg) if sampled else None,

@@ -20,6 +20,11 @@ Scope and lifetime, so that nothing of a run outlives it:
   SIGTERM from the kernel when the guard dies on Linux), which exits with `join`;
 - a task of another run or bundle reaching it (the guard routes by both) is refused.
 
+Code: the ClientApp is imported from the approved bundle's own files, unpacked and hash-checked by
+this process, exactly the code `flwr-clientapp` (`--clientapp cold`) runs for that bundle; this
+process's own modules (imported from the site's checkout) never stand in for the bundle's
+(client/approved_code.py). An approval pins the same code in both modes.
+
     python -m client.warm_clientapp --runtime-api-address 127.0.0.1:PORT --run-id N --fab-hash SHA256 [--parent-pid PID]
 
 Protocol with the guard: one task token per line on stdin; after each task, one line
@@ -46,9 +51,7 @@ from typing import TextIO
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -59,6 +62,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from client.approved_code import BundleCode, module_files
 from client.memory import release_memory
 
 log = logging.getLogger("healthfm.client.warm")
@@ -117,15 +121,34 @@ class WarmClientApp:
     def __init__(self, runtime_api_address: str, run_id: int, fab_hash: str) -> None:
         self.address, self.run_id, self.fab_hash = runtime_api_address, run_id, fab_hash
         self.app: ClientApp | None = None
+        self.bundle: BundleCode | None = None
         self.served = 0
 
     def load(self, fab_id: str, fab_version: str, fab_content: bytes) -> ClientApp:
-        """Install the FAB and import its ClientApp once, as flwr-clientapp does per task."""
+        """Unpack the approved FAB and import its ClientApp from the FAB's own files, once: the
+        code flwr-clientapp runs for that bundle in a fresh process (client/approved_code.py)."""
         if self.app is None:
-            install_from_fab(fab_content, skip_prompt=True)
-            loader = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-            self.app = loader(fab_id, fab_version, self.fab_hash)
+            if self.bundle is None:
+                self.bundle = BundleCode(fab_content, self.fab_hash)
+            self.app = self.bundle.load(fab_id, fab_version)
+            log.info(
+                "run %d: ClientApp of app bundle %s loaded from %s",
+                self.run_id,
+                self.fab_hash[:12],
+                ", ".join(sorted({str(p.relative_to(self.bundle.app_dir)) for p in self.bundle_modules()}))
+                or "the site's installed packages (the bundle ships no code)",
+            )
         return self.app
+
+    def bundle_modules(self) -> list[Path]:
+        """The bundle's files this process has imported."""
+        if self.bundle is None:
+            return []
+        return [path for name, path in module_files(self.bundle.app_dir).items() if name in sys.modules]
+
+    def close(self) -> None:
+        if self.bundle is not None:
+            self.bundle.close()
 
     def serve(self, token: str) -> str:
         """One task; its sub status. Errors become an error reply, as in flwr-clientapp."""
@@ -201,13 +224,16 @@ class WarmClientApp:
 
 def run(runtime_api_address: str, run_id: int, fab_hash: str, replies: TextIO) -> None:
     worker = WarmClientApp(runtime_api_address, run_id, fab_hash)
-    for line in sys.stdin:
-        token = line.strip()
-        if not token:
-            continue
-        status = worker.serve(token)
-        print(f"{DONE} {worker.served} {status}", file=replies, flush=True)
-        collect_between_tasks()  # the reply has left: off the round's path
+    try:
+        for line in sys.stdin:
+            token = line.strip()
+            if not token:
+                continue
+            status = worker.serve(token)
+            print(f"{DONE} {worker.served} {status}", file=replies, flush=True)
+            collect_between_tasks()  # the reply has left: off the round's path
+    finally:
+        worker.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,8 +274,11 @@ class WarmWorker:
 
     def __init__(self, runtime_api_address: str, run_id: int, fab_hash: str) -> None:
         self.key = (run_id, fab_hash)
+        # -P: no working-directory entry on sys.path, which flwr-clientapp has not either: both
+        # import a bundle's code, and what it does not ship, from the same places.
         cmd = [
             sys.executable,
+            "-P",
             "-m",
             "client.warm_clientapp",
             "--runtime-api-address",

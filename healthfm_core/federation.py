@@ -88,7 +88,13 @@ SETUP_NEEDED_RECORD = "setup-needed"
 _NUM_EXAMPLES = "num-examples"  # also Flower FedAvg's weighted_by_key
 _GROUP_PREFIX = "num-examples."
 _LOSS_PREFIX = "loss."
-_DP_FIELDS = {"dp.epsilon": "epsilon", "dp.delta": "delta", "dp.noise-multiplier": "noise_multiplier"}
+_DP_FIELDS = {
+    "dp.epsilon": "epsilon",
+    "dp.delta": "delta",
+    "dp.noise-multiplier": "noise_multiplier",
+    "dp.new-budget-at": "new_budget_at",
+    "dp.replaced-epsilon": "replaced_epsilon",
+}
 _TRAIN_SCALARS = {
     "grad-norm": "grad_norm",
     "rate-min": "rate_min",
@@ -316,7 +322,7 @@ class EvalConfig(_Strict):
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
     n_boot: int = Field(default=100, ge=10)
-    n_per_subject: int = Field(default=4, ge=1, le=64)  # visit prediction times per subject (ACES tasks)
+    n_per_subject: int = Field(default=4, ge=1, le=64)  # at most this many of a subject's ACES rows per task key
     seed: int = 0  # also the key of the subject sample's hash (healthfm_core/eval/subject_sample.py)
     # Per task and split, score (and fit the probe on) every row of at most this many subjects, a
     # fixed keyed-hash sample (0: every subject): the federation's eval_max_subjects.
@@ -378,11 +384,16 @@ class _Reply(BaseModel):
 
 class PrivacySpend(_Reply):
     """A site's cumulative DP spend (its durable ledger: every round of every run at the site).
-    `noise_multiplier` is set only when this round trained under DP."""
+    `noise_multiplier` is set only when this round trained under DP. `new_budget_at` is set when
+    the site's ledger was started anew by its admin (`join --new-privacy-budget`): its epsilon
+    then counts from that time, and `replaced_epsilon` is what the given-up ledger had spent,
+    where the site knows it; the server writes both into its audit log."""
 
     epsilon: float = Field(ge=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
     noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    new_budget_at: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # unix time
+    replaced_epsilon: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class TrainRecords(NamedTuple):
@@ -614,7 +625,15 @@ EVAL_METRICS = ("auroc", "auprc", "ece", "r2")
 _TASK_N = "n"
 # Whom an evaluation scored, held-out split: "<task>.subjects" (those with rows) of
 # "<task>.subjects-available" (the split's subjects, of which a capped evaluation drew its sample).
-_TASK_SCOPE = {"subjects": "subjects", "subjects-available": "available_subjects"}
+# With a binary task, the held-out positives (SMALL_CELL below the site's minimum) and a 95%
+# subject-bootstrap interval of the AUROC on the same rows as the point estimate.
+_TASK_SCOPE = {
+    "subjects": "subjects",
+    "subjects-available": "available_subjects",
+    "positives": "positives",
+    "auroc-low": "auroc_low",
+    "auroc-high": "auroc_high",
+}
 
 
 class TaskMetrics(_Reply):
@@ -629,8 +648,11 @@ class TaskMetrics(_Reply):
     r2: float | None = None
     subjects: int | None = Field(default=None, ge=1)
     available_subjects: int | None = Field(default=None, ge=1)
+    positives: int | None = Field(default=None, ge=-1)  # -1: SMALL_CELL (1..minimum-1, not disclosed)
+    auroc_low: float | None = None  # 95% subject-bootstrap interval of auroc (NaN: undefined)
+    auroc_high: float | None = None
 
-    @field_validator("auroc", "auprc", "ece", "r2")
+    @field_validator("auroc", "auprc", "ece", "r2", "auroc_low", "auroc_high")
     @classmethod
     def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
         low = -np.inf if info.field_name == "r2" else 0.0
@@ -648,6 +670,12 @@ class TaskMetrics(_Reply):
             and self.subjects > self.available_subjects
         ):
             raise ValueError(f"subjects {self.subjects} is more than available_subjects {self.available_subjects}")
+        if (self.auroc_low is None) != (self.auroc_high is None):
+            raise ValueError("auroc_low and auroc_high go together")
+        if self.auroc_low is not None and self.auroc_high is not None and self.auroc_low > self.auroc_high:
+            raise ValueError(f"auroc_low {self.auroc_low} is above auroc_high {self.auroc_high}")
+        if self.positives is not None and self.positives > self.n:
+            raise ValueError(f"positives {self.positives} is more than n {self.n}")
         return self
 
 

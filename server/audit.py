@@ -10,7 +10,10 @@ Records:
   {"record": "site-round", ...}  per round and per site addressed: status (ok | rejected | refused |
                                  error | no reply), reason, groups sent / returned / contributed
                                  to the average, num-examples per group, the site's reported
-                                 cumulative epsilon and delta, bytes received
+                                 cumulative epsilon and delta, bytes received; and
+                                 `new_privacy_budget` ({"started_at", "replaced_epsilon"}) when
+                                 the site's admin started its privacy ledger anew (`join
+                                 --new-privacy-budget`): its epsilon counts from then
 
   {"record": "evaluation", ...}  per federated evaluation: the sites that reported, and every
                                  site of the run that did not, with why (`absent`)
@@ -48,6 +51,11 @@ def site_round_records(event: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     for site, entry in sorted(event["sites"].items()):
         dp = entry.get("dp") or {}
+        budget = (
+            {"new_privacy_budget": {"started_at": dp["new_budget_at"], "replaced_epsilon": dp.get("replaced_epsilon")}}
+            if dp.get("new_budget_at") is not None
+            else {}
+        )
         out.append(
             {
                 "record": "site-round",
@@ -64,6 +72,7 @@ def site_round_records(event: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "epsilon": dp.get("epsilon"),
                 "delta": dp.get("delta"),
                 "bytes_received": entry.get("bytes_received", 0),
+                **budget,
             }
         )
     return out

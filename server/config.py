@@ -32,6 +32,7 @@ from healthfm_core.data.token_settings import (
 )
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.transport import Rounding, Transport
+from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 
 # The federated evaluation's subject budget (eval_max_subjects), from the cost model, not the
@@ -67,6 +68,13 @@ RESUMABLE_CHANGES = {
     "max_reply_bytes",
     "reply_size_margin",
     "registry",
+    # A coordinator may tighten (or loosen) the influence bounds of a run it resumes (e.g. after
+    # seeing a site's rejected replies); the norm history itself is checkpointed.
+    "norm_outlier_factor",
+    "max_update_norm",
+    "norm_step_factor",
+    "norm_history_factor",
+    "norm_history_rounds",
 }
 
 
@@ -154,8 +162,19 @@ class FederationConfig(BaseModel):
     fp16_transport: bool = False  # the older spelling of transport=fp16 (kept equal to it)
     min_nodes: int = Field(default=1, ge=1)  # wait for this many sites before round 0
     min_sites_per_group: int = Field(default=1, ge=1)
-    norm_outlier_factor: float = Field(default=10.0, gt=1)
-    max_update_norm: float | None = Field(default=None, gt=0)
+    # Bounded influence (ModalityAwareFedAvg's docstring, server/influence.py): a reply's counts are
+    # at most local_steps x batch_size; each group's update norm at most the smallest of
+    # norm_step_factor x lr x local_steps x (sqrt(values) + weight_decay x |w|) (an AdamW step moves a
+    # value by at most 7.27 lr; honest norms measured <= 0.78 lr x steps x sqrt(values)),
+    # norm_history_factor x the median of the group's accepted norms over its last
+    # norm_history_rounds rounds (honest: <= 1.27 x), and max_update_norm (none by default); and
+    # norm_outlier_factor x the others' median where >= 2 others hold the group. Below 1 a factor
+    # would reject honest sites (a first Adam step alone moves each value by about lr).
+    norm_outlier_factor: float = Field(default=10.0, gt=1, allow_inf_nan=False)
+    max_update_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    norm_step_factor: float = Field(default=DEFAULT_NORM_STEP_FACTOR, gt=1, allow_inf_nan=False)
+    norm_history_factor: float = Field(default=DEFAULT_NORM_HISTORY_FACTOR, gt=1, allow_inf_nan=False)
+    norm_history_rounds: int = Field(default=DEFAULT_NORM_HISTORY_ROUNDS, ge=1, le=1000)
     server_optimizer: ServerOptimizerConfig | None = None
     vocab_min_subjects: int = Field(default=10, ge=1)
     evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round

@@ -31,6 +31,13 @@ out-dir when the run config says `resume=true` (or from `--from CHECKPOINT`: run
 through round 0 (rounds.jsonl has its setup/resume event): a later launch that failed before
 that (its config or checkpoint refused) is skipped, with its reason printed, because nothing it
 ran produced the checkpoints being resumed.
+
+Faults: `superlink` supervises its processes. nginx (stateless) and the SuperExec are restarted
+when they stop; the SuperLink is not (its state and the run in flight die with it): everything is
+stopped with one line naming the process and why, and each run whose ServerApp is gone is recorded
+`interrupted` with the command that resumes it (server.outcome.settle_outcome). A run owns its
+out-dir (server.run_claim): `launch` claims it before starting anything and writes its run config
+to a file of its own (FED/server/run-configs/), so concurrent launches never share either.
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +71,7 @@ from server.flwr_control import (
     EXIT_SITE_LOST,
     EXIT_USAGE,
     CoordinatorError,
+    RunUnknown,
     SuperLinkUnreachable,
     check_reachable,
     flower_bin,
@@ -75,7 +85,7 @@ from server.flwr_control import (
     wait_for_run,
     write_connection,
 )
-from server.outcome import RunOutcome, read_outcome
+from server.outcome import RunOutcome, read_outcome, settle_outcome
 from server.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -86,6 +96,7 @@ from server.provision import (
 )
 from server.proxy import start_proxy, wait_listening
 from server.registry import RegisteredSite, RegistryError, read_registry, registry_path, write_registry
+from server.run_claim import OutDirInUse, claim_for_launch, process_start, release, set_run_id
 
 log = logging.getLogger("healthfm.coordinator")
 
@@ -256,80 +267,248 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         env.pop(legacy, None)  # Flower's legacy gRPC servers bind 0.0.0.0, past the proxy
     # This checkout importable for `-m server.superlink_main`, wherever the coordinator runs from.
     link_env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])}
-    procs = [subprocess.Popen(cmd, env=link_env, stdin=subprocess.DEVNULL)]
+    link = subprocess.Popen(cmd, env=link_env, stdin=subprocess.DEVNULL)
     connect = f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}"
     superexec_cmd = [
         flower_bin("flower-superexec"),
         "--runtime-api-address",
         connect,
         "--parent-pid",
-        str(procs[0].pid),
+        str(link.pid),
         *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)]),
     ]
-    superexec: list[subprocess.Popen[bytes]] = []  # the one running, restarted when it stops
+    sup = _Supervised(link=link)
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        for proc in [*procs, *superexec]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM if proc is not procs[0] else signum)
+        for proc in sup.running():
+            proc.send_signal(signal.SIGTERM if proc is not link else signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, forward)
+    failure = ""  # which process stopped everything, and why
     try:
         if args.insecure:
             print(
                 f"SuperLink on {host}:{port} (without TLS); sites join with --superlink <this host>:{port}", flush=True
             )
         else:
-            wait_listening("127.0.0.1", link_port, procs[0], timeout=600)
+            wait_listening("127.0.0.1", link_port, link, timeout=600)
             if database == IN_MEMORY_STATE:
                 # Before the proxy opens the Fleet API: a site reconnecting after a restart finds its
                 # key registered again, never a SuperLink that refuses it.
                 register_known_sites(paths)  # names each failure; the SuperLink serves the others
-            procs.append(start_proxy(paths, host, port, link_port))
-            wait_listening(host, port, procs[1])
+            sup.nginx = start_proxy(paths, host, port, link_port)
+            wait_listening(host, port, sup.nginx)
             print(
                 f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
                 f"machine); nginx on {host}:{port} forwards the Fleet API only (logs {paths.server_dir}/nginx-*.log)",
                 flush=True,
             )
             print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
-        while all(proc.poll() is None for proc in procs) and not stopping:
+        while not stopping:
             if args.parent_pid is not None and not _alive(args.parent_pid):
                 print(f"parent process {args.parent_pid} is gone: stopping", file=sys.stderr, flush=True)
                 stopping = True
                 break
-            if not superexec or superexec[-1].poll() is not None:
-                if superexec:
+            if link.poll() is not None:
+                failure = f"the SuperLink (flower-superlink, pid {link.pid}) stopped ({_how(link)})"
+                break
+            if sup.nginx is not None:
+                if sup.nginx.poll() is None:
+                    sup.note_nginx_workers()
+                else:
+                    failure = sup.restart_nginx(paths, host, port, link_port)
+                    if failure:
+                        break
+            if not sup.superexec or sup.superexec.poll() is not None:
+                if sup.superexec:
                     print(
-                        f"SuperExec stopped (exit {superexec[-1].returncode}); restarting it",
+                        f"SuperExec (pid {sup.superexec.pid}) stopped ({_how(sup.superexec)}); restarting it (a run "
+                        "whose ServerApp stopped with it is interrupted: `resume` it)",
                         file=sys.stderr,
                         flush=True,
                     )
                     time.sleep(2.0)
-                superexec[:] = [subprocess.Popen(superexec_cmd, env=env, stdin=subprocess.DEVNULL)]
+                sup.superexec = subprocess.Popen(superexec_cmd, env=env, stdin=subprocess.DEVNULL)
             time.sleep(0.5)
     finally:
-        for proc in [*superexec, *procs]:  # one stopped (or we were told to stop): stop the others too
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in [*superexec, *procs]:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    rc = procs[0].returncode
-    if not stopping and len(procs) > 1 and procs[1].returncode not in (0, None):
+        sup.stop_all()  # one stopped (or we were told to stop): the others, and the runs' ServerApps, too
+    interrupted = _settle_runs(paths)
+    if failure:
+        # One line: which process stopped everything and why, and what became of the runs in flight.
         print(
-            f"error: nginx stopped (exit {procs[1].returncode}); see {paths.server_dir}/nginx-error.log",
+            f"error: {failure}; stopped {'nginx, ' if sup.nginx is not None else ''}the SuperLink's SuperExec and "
+            f"every run's ServerApp with it{'; ' + '; '.join(interrupted) if interrupted else ''}"
+            f"{'; start `superlink` again before resuming' if interrupted else ''}",
             file=sys.stderr,
+            flush=True,
         )
         return EXIT_FAILED
+    if interrupted:
+        print(f"stopped: {'; '.join(interrupted)}", file=sys.stderr, flush=True)
+    rc = link.returncode
     return EXIT_OK if stopping or rc in (0, -signal.SIGTERM, -signal.SIGINT, 130) else EXIT_FAILED
+
+
+# nginx restarted more often than this within NGINX_RESTART_WINDOW_S: something keeps killing it
+# (or it cannot start); `superlink` stops rather than loop.
+NGINX_MAX_RESTARTS = 5
+NGINX_RESTART_WINDOW_S = 600.0
+
+
+def _how(proc: subprocess.Popen[bytes]) -> str:
+    """How a stopped process ended, in words: its exit status or the signal that killed it."""
+    rc = proc.returncode
+    if rc is not None and rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit {rc}"
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of pid (Linux /proc; [] elsewhere)."""
+    found: list[int] = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(x) for x in path.read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class _Supervised:
+    """The processes `superlink` runs: the SuperLink, its nginx (restarted when it stops) and the
+    SuperExec (restarted when it stops)."""
+
+    def __init__(self, link: subprocess.Popen[bytes]) -> None:
+        self.link = link
+        self.nginx: subprocess.Popen[bytes] | None = None
+        self.superexec: subprocess.Popen[bytes] | None = None
+        self.nginx_workers: set[int] = set()
+        self.nginx_restarts: list[float] = []
+
+    def running(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in (self.superexec, self.nginx, self.link) if p is not None and p.poll() is None]
+
+    def note_nginx_workers(self) -> None:
+        """Remember nginx's workers: a master killed outright leaves them holding the port."""
+        if self.nginx is not None:
+            self.nginx_workers.update(_children(self.nginx.pid))
+
+    def _kill_orphaned_workers(self) -> None:
+        left = [pid for pid in self.nginx_workers if process_start(pid) and _cmdline(pid).startswith("nginx:")]
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(process_start(pid) for pid in left):
+            time.sleep(0.1)
+        self.nginx_workers.clear()
+
+    def restart_nginx(self, paths: FederationPaths, host: str, port: int, link_port: int) -> str:
+        """nginx stopped: start it again (it holds no state; sites' SuperNodes reconnect by
+        themselves); "" or why `superlink` must stop instead."""
+        assert self.nginx is not None
+        dead = self.nginx
+        what = f"nginx (pid {dead.pid}) stopped ({_how(dead)})"
+        self._kill_orphaned_workers()
+        now = time.monotonic()
+        self.nginx_restarts = [t for t in self.nginx_restarts if now - t < NGINX_RESTART_WINDOW_S]
+        if len(self.nginx_restarts) >= NGINX_MAX_RESTARTS:
+            return (
+                f"{what}, its {len(self.nginx_restarts) + 1}th stop within {NGINX_RESTART_WINDOW_S:g} s "
+                f"(see {paths.server_dir}/nginx-error.log)"
+            )
+        self.nginx_restarts.append(now)
+        print(f"{what}; restarting it (sites reconnect by themselves)", file=sys.stderr, flush=True)
+        try:
+            self.nginx = start_proxy(paths, host, port, link_port)
+            wait_listening(host, port, self.nginx)
+        except CoordinatorError as err:
+            return f"{what} and did not start again: {err} (see {paths.server_dir}/nginx-error.log)"
+        print(f"nginx restarted (pid {self.nginx.pid}) on {host}:{port}", flush=True)
+        return ""
+
+    def stop_all(self) -> None:
+        """SIGTERM to every process below `superlink` (the runs' ServerApps, children of the SuperExec,
+        included: they stop with it anyway, and so record how far they got), SIGKILL after 30 s."""
+        self.note_nginx_workers()
+        below = [pid for pid in _descendants(os.getpid()) if pid not in {p.pid for p in self.running()}]
+        for proc in self.running():
+            proc.terminate()
+        starts = {pid: process_start(pid) for pid in below}
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        for child in (self.superexec, self.nginx, self.link):
+            if child is None:
+                continue
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        while time.monotonic() < deadline and any(starts[pid] and process_start(pid) == starts[pid] for pid in below):
+            time.sleep(0.2)
+        for pid in below:
+            if starts[pid] and process_start(pid) == starts[pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._kill_orphaned_workers()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _settle_runs(paths: FederationPaths) -> list[str]:
+    """After the SuperLink stopped: each run launched from here whose outcome said "running" and
+    whose ServerApp is gone is recorded as interrupted (server.outcome.settle_outcome); one
+    phrase per such run, with the command that resumes it."""
+    try:
+        launches = read_launches(paths)
+    except (OSError, ValueError) as err:
+        print(f"warning: {_launches_path(paths)}: {err}", file=sys.stderr)
+        return []
+    latest = {r.out_dir: r for r in launches[-100:]}  # the latest launch of each out-dir
+    said = []
+    for out_dir, record in latest.items():
+        try:
+            before = read_outcome(out_dir)
+        except ValueError:
+            continue
+        if before is None or before.run_id != record.run_id:
+            continue
+        if before.status != "running" and not (before.status == "interrupted" and not before.resume):
+            continue
+        outcome = _outcome_of(Path(out_dir), record.run_id, paths)
+        if outcome is not None and outcome.status == "interrupted":
+            said.append(f"run {record.run_id} ({out_dir}) {outcome.describe()}")
+    return said
 
 
 def _apply_superlink_option(paths: FederationPaths, args: argparse.Namespace) -> None:
@@ -409,8 +588,12 @@ def _launches_path(paths: FederationPaths) -> Path:
 
 
 def _record_launch(paths: FederationPaths, record: LaunchRecord) -> None:
-    with open(_launches_path(paths), "a", encoding="utf-8") as f:
-        f.write(record.model_dump_json() + "\n")
+    # One write() with O_APPEND: lines of launches made at the same time never interleave.
+    fd = os.open(_launches_path(paths), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (record.model_dump_json() + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 def read_launches(paths: FederationPaths) -> list[LaunchRecord]:
@@ -420,18 +603,61 @@ def read_launches(paths: FederationPaths) -> list[LaunchRecord]:
     return [LaunchRecord.model_validate_json(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def resume_command(paths: FederationPaths, out_dir: str | Path) -> str:
+    """The command that resumes the run of out_dir (what an interrupted run's outcome names)."""
+    return f"python -m server.coordinator resume {shlex.quote(str(paths.root))} --out-dir {shlex.quote(str(out_dir))}"
+
+
+def _run_live(paths: FederationPaths) -> Callable[[int], bool | None]:
+    """For claim_for_launch: whether Flower still runs a run (None: the SuperLink does not answer)."""
+
+    def live(run_id: int) -> bool | None:
+        try:
+            return not run_status(paths, run_id).startswith("finished")
+        except RunUnknown:
+            return False
+        except CoordinatorError:
+            return None
+
+    return live
+
+
+def _run_config_file(paths: FederationPaths, run_config: dict[str, str | int | float | bool]) -> Path:
+    """This launch's own run config file (FED/server/run-configs/): two launches at once once
+    both wrote FED/server/run-config.toml and one ran with the other's config."""
+    folder = paths.server_dir / "run-configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"launch-{os.getpid()}-", suffix=".toml", dir=folder)
+    os.close(fd)
+    return write_flat_toml(name, run_config)
+
+
 def _launch(
     paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace, resumed: bool
 ) -> int:
     check_run_config(run_config)
-    app_dir = write_app(paths)
-    if not run_config.get("registry"):  # only the registered sites take part (server.registry)
-        run_config = {**run_config, "registry": str(registry_path(paths))}
-    print(
-        f"app bundle sha256 {build_bundle(app_dir)[1]} (each site runs it only if its policy approved it)", flush=True
-    )
-    config_file = write_flat_toml(paths.server_dir / "run-config.toml", run_config)
-    run_id = start_run(paths, app_dir, config_file)
+    out_dir = Path(str(run_config["out-dir"]))
+    try:  # the out-dir is this run's alone (server/run_claim.py), before anything starts
+        claim, stale = claim_for_launch(out_dir, _run_live(paths))
+    except OutDirInUse as err:
+        raise CoordinatorError(str(err), EXIT_USAGE) from None
+    if stale is not None:
+        print(f"note: out-dir {out_dir} was claimed by {stale.describe()}, which is gone: taking it over", flush=True)
+    try:
+        app_dir = write_app(paths)
+        if not run_config.get("registry"):  # only the registered sites take part (server.registry)
+            run_config = {**run_config, "registry": str(registry_path(paths))}
+        print(
+            f"app bundle sha256 {build_bundle(app_dir)[1]} (each site runs it only if its policy approved it)",
+            flush=True,
+        )
+        config_file = _run_config_file(paths, run_config)
+        run_id = start_run(paths, app_dir, config_file)
+    except BaseException:
+        release(out_dir, claim)
+        raise
+    config_file.rename(config_file.with_name(f"run-{run_id}.toml"))
+    claim = set_run_id(out_dir, claim, run_id)
     _record_launch(
         paths,
         LaunchRecord(
@@ -445,7 +671,6 @@ def _launch(
     print(f"{'resumed' if resumed else 'launched'} run {run_id}: out-dir {run_config['out-dir']}", flush=True)
     if not args.wait:
         return EXIT_OK
-    out_dir = Path(str(run_config["out-dir"]))
     try:
         status = wait_for_run(
             paths,
@@ -455,11 +680,22 @@ def _launch(
             ending=lambda: _ending(out_dir, run_id),
         )
     except SuperLinkUnreachable as err:
-        outcome = _outcome_of(out_dir, run_id)
+        outcome = _outcome_of(out_dir, run_id, paths)
         raise SuperLinkUnreachable(
             f"{err}; {out_dir}/outcome.json: {outcome.describe() if outcome else 'nothing recorded for this run'}"
         ) from None
-    return report_outcome(run_id, status, out_dir)
+    except RunUnknown as err:
+        # A restarted SuperLink (state in memory) forgot the run: its out-dir says what happened.
+        outcome = _outcome_of(out_dir, run_id, paths, flower_status="finished:unknown to the SuperLink")
+        print(
+            f"error: run {run_id}: {err}; {out_dir}/outcome.json: "
+            f"{outcome.describe() if outcome else 'nothing recorded for this run'}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    finally:
+        release(out_dir, claim)  # only if its ServerApp never took it over
+    return report_outcome(run_id, status, out_dir, paths)
 
 
 def _ending(out_dir: Path, run_id: int) -> bool:
@@ -473,20 +709,26 @@ def _ending(out_dir: Path, run_id: int) -> bool:
     return outcome is not None and outcome.run_id == run_id and outcome.status != "running"
 
 
-def _outcome_of(out_dir: Path, run_id: int) -> RunOutcome | None:
-    """The outcome out_dir records for this run (None: none, or another run's)."""
+def _outcome_of(
+    out_dir: Path, run_id: int, paths: FederationPaths | None = None, flower_status: str | None = None
+) -> RunOutcome | None:
+    """The outcome out_dir records for this run (None: none, or another run's), settled first: a
+    run whose ServerApp is gone (or that Flower reports finished) is never "running"."""
     try:
-        outcome = read_outcome(out_dir)
+        outcome = settle_outcome(
+            out_dir, run_id, resume_command(paths, out_dir) if paths is not None else "", flower_status
+        )
     except ValueError as err:
         print(f"warning: {err}", file=sys.stderr)
         return None
     return outcome if outcome is not None and outcome.run_id == run_id else None
 
 
-def report_outcome(run_id: int, status: str, out_dir: Path) -> int:
+def report_outcome(run_id: int, status: str, out_dir: Path, paths: FederationPaths | None = None) -> int:
     """Print how a finished run ended (Flower's status and the ServerApp's outcome.json); the exit
-    status: 0 completed with every site, EXIT_SITE_LOST, or EXIT_FAILED."""
-    outcome = _outcome_of(out_dir, run_id)
+    status: 0 completed with every site, EXIT_SITE_LOST, or EXIT_FAILED. With paths, an
+    interrupted run's outcome names the `resume` command."""
+    outcome = _outcome_of(out_dir, run_id, paths, flower_status=status)
     if outcome is None:
         print(
             f"error: run {run_id} {status}, and {out_dir}/outcome.json records nothing for it "
@@ -590,24 +832,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     _apply_superlink_option(paths, args)
     launches = read_launches(paths)
     if args.run_id:
-        status = run_status(paths, args.run_id)
         record = next((r for r in reversed(launches) if r.run_id == args.run_id), None)
+        try:
+            status = run_status(paths, args.run_id)
+        except RunUnknown as err:
+            if record is None:
+                raise
+            # A restarted SuperLink forgot it: the out-dir says how far it got and how to resume it.
+            outcome = _outcome_of(Path(record.out_dir), args.run_id, paths, flower_status="finished:unknown")
+            print(
+                f"error: run {args.run_id}: {err}; out-dir {record.out_dir}: "
+                f"{outcome.describe() if outcome else 'nothing recorded for this run'}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         if record is None:
             print(f"run {args.run_id}: {status} (not launched from {paths.root}: no out-dir to read)")
             return EXIT_OK
         print(f"run {args.run_id}: {status}, out-dir {record.out_dir}", flush=True)
         if not status.startswith("finished"):
-            outcome = _outcome_of(Path(record.out_dir), args.run_id)
+            outcome = _outcome_of(Path(record.out_dir), args.run_id, paths)
             print(f"run {args.run_id}: {outcome.describe() if outcome else 'no outcome recorded yet'}")
             return EXIT_OK
-        return report_outcome(args.run_id, status, Path(record.out_dir))
+        return report_outcome(args.run_id, status, Path(record.out_dir), paths)
     proc = run_flwr(paths, ["ls", CONNECTION])
     check_reachable(paths, proc)
     if proc.returncode != 0:
         raise CoordinatorError(flwr_error(proc))
     print(proc.stdout, end="")
     for record in launches[-20:]:
-        outcome = _outcome_of(Path(record.out_dir), record.run_id)
+        outcome = _outcome_of(Path(record.out_dir), record.run_id, paths)
         print(
             f"run {record.run_id} ({record.out_dir}): "
             f"{outcome.describe() if outcome else 'no outcome recorded (or a later run of this out-dir)'}"

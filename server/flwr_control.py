@@ -33,7 +33,7 @@ from server.provision import FederationPaths
 log = logging.getLogger("healthfm.coordinator")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-EXIT_SITE_LOST = 4  # the run completed, but a site that trained in round 1 was missing at the end
+EXIT_SITE_LOST = 4  # the run completed, but without a site (missing at the end, or it never trained)
 EXIT_UNREACHABLE = 5  # the SuperLink did not answer: the run's state is unknown
 UNAVAILABLE = "connection to the superlink is unavailable"  # the `flwr` CLI's words, lower case
 INTERNAL_ERROR = "internal server error"  # the `flwr` CLI's words for a 500 answer, lower case
@@ -59,6 +59,11 @@ class SuperLinkUnreachable(CoordinatorError):
 class SuperLinkBusy(SuperLinkUnreachable):
     """The SuperLink answered with an internal error (e.g. its database busy on a loaded machine):
     the run's state is unknown for now, so it is retried like an unreachable SuperLink."""
+
+
+class RunUnknown(CoordinatorError):
+    """The SuperLink answers but knows no such run (e.g. a SuperLink restarted with its state in
+    memory forgot it): what happened to the run is for its out-dir to say."""
 
 
 # A one-off --superlink: FED root -> the temporary FLWR_HOME holding its connection.
@@ -155,6 +160,7 @@ def flwr_error(proc: subprocess.CompletedProcess) -> str:
 def start_run(paths: FederationPaths, app_dir: Path, config_file: Path) -> int:
     """`flwr run` the app in app_dir with the run config in config_file; the run id."""
     proc = run_flwr(paths, ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"])
+    check_reachable(paths, proc)  # the CLI exits 0 with an error in its JSON then
     if proc.returncode != 0:
         raise CoordinatorError(f"the SuperLink did not start the run: {flwr_error(proc)}")
     try:
@@ -185,12 +191,13 @@ def run_status(paths: FederationPaths, run_id: int) -> str:
     except ValueError:
         raise CoordinatorError(f"cannot read the status of run {run_id}: {proc.stdout[-300:]!r}") from None
     if payload.get("success") is False:
-        raise CoordinatorError(
-            f"cannot read the status of run {run_id}: {' '.join(str(payload.get('error-message', '')).split())[:400]}"
-        )
+        message = " ".join(str(payload.get("error-message", "")).split())[:400]
+        if "not found" in message.lower():  # flwr: "Run ID not found"
+            raise RunUnknown(f"the SuperLink answers but knows no run {run_id} ({message})")
+        raise CoordinatorError(f"cannot read the status of run {run_id}: {message}")
     runs = payload.get("runs", [])
     if not runs:
-        raise CoordinatorError(f"the SuperLink answers but knows no run {run_id}")
+        raise RunUnknown(f"the SuperLink answers but knows no run {run_id}")
     return str(runs[0]["status"])
 
 

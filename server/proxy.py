@@ -10,7 +10,9 @@ certificate can use it. So `coordinator superlink` binds the SuperLink to 127.0.
 port and puts nginx on the public host/port: TLS with the federation's server certificate, the
 request's path checked against the Fleet API's routes, proxied to the SuperLink over TLS
 (verified against the CA), and every other path answered 403 by nginx itself, so a Control or
-Runtime request never reaches the SuperLink.
+Runtime request never reaches the SuperLink. A request target nginx would have to normalise
+(dot segments, `//`, encoded dots and slashes) is refused with 400, and the SuperLink is sent the
+matched route's canonical path, never the client's raw one.
 
 nginx runs as a child of the coordinator (`daemon off`), with its configuration, pid file,
 temporary files and logs under FED/server/ (nginx.conf, nginx-access.log, nginx-error.log).
@@ -47,6 +49,9 @@ FLEET_ROUTES = (
     "confirm-message-received",
 )
 FLEET_PREFIX = "/v1/fleet/"
+# Raw request targets refused with 400 (case-insensitive): a `.` or `..` segment, an empty
+# segment (`//`), an encoded dot, slash or backslash (%2e, %2f, %5c), a backslash, an encoded NUL.
+REFUSED_URI = r"(/\.|//|%2e|%2f|%5c|\x5c|%00)"  # written into a quoted nginx string: no escape doubled
 NGINX_CONF = "nginx.conf"
 NGINX_ERROR_LOG = "nginx-error.log"
 NGINX_ACCESS_LOG = "nginx-access.log"
@@ -121,10 +126,19 @@ http {{
         ssl_certificate_key {paths.superlink_key};
         ssl_protocols TLSv1.2 TLSv1.3;
 
-        # The Fleet API, and only its routes, only POST: what a SuperNode calls.
+        # A request target nginx would have to normalise is refused before any location is
+        # chosen: nginx matches locations against the normalised path ($uri: `..` and `.`
+        # resolved, %XX decoded, `//` merged) but forwards the raw one, so
+        # /v1/control/list-runs/../../fleet/get-run matched a Fleet route and reached the
+        # SuperLink as written. No SuperNode sends such a path.
+        if ($request_uri ~* "{REFUSED_URI}") {{
+            return 400 "request path refused: dot segments, empty segments and encoded dots, slashes and backslashes are not served\n";
+        }}
+        # The Fleet API, and only its routes, only POST: what a SuperNode calls. The SuperLink is
+        # sent the route's canonical path, rebuilt here, never the client's request target.
         location ~ ^{FLEET_PREFIX}({routes})$ {{
             limit_except POST {{ deny all; }}
-            proxy_pass https://superlink;
+            proxy_pass https://superlink{FLEET_PREFIX}$1;
             proxy_http_version 1.1;
             proxy_set_header Connection "";  # keep the upstream connection (HTTP/1.1 keep-alive)
             proxy_ssl_trusted_certificate {paths.ca_cert};
@@ -186,6 +200,7 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], timeout:
 __all__ = [
     "FLEET_PREFIX",
     "FLEET_ROUTES",
+    "REFUSED_URI",
     "find_nginx",
     "nginx_config",
     "start_proxy",

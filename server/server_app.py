@@ -101,6 +101,7 @@ from server.exchange import ExchangeTimes, send_and_receive, slowest_first
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
 from server.registry import SiteRegistry, admit, name_mismatch, read_registry
+from server.run_claim import Holder, adopt_for_serverapp, release
 from server.runlog import EventLog, message_bytes, message_size, read_events, write_summary
 from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, origin, pack_record
 
@@ -121,6 +122,9 @@ def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> Modalit
         min_sites_per_group=cfg.min_sites_per_group,
         norm_outlier_factor=cfg.norm_outlier_factor,
         max_update_norm=cfg.max_update_norm,
+        norm_step_factor=cfg.norm_step_factor,
+        norm_history_factor=cfg.norm_history_factor,
+        norm_history_rounds=cfg.norm_history_rounds,
         max_reply_bytes=max_reply_bytes,
         server_optimizer=GroupAdam(**opt.model_dump()) if opt else None,
         fraction_train=1.0,
@@ -378,7 +382,18 @@ class FederationServer:
 
     def run(self) -> Path | None:
         """Run (or resume) the federation; returns the last checkpoint written. outcome.json says
-        how it ended (the exception's reason when it fails, the sites lost when it completes)."""
+        how it ended (the exception's reason when it fails, the sites lost when it completes).
+
+        The out-dir is this run's alone (server/run_claim.py): its claim is taken before anything
+        is written there (OutDirInUse if another live run holds it: then nothing is) and given
+        back at the end."""
+        claim, stale = adopt_for_serverapp(self.out_dir, self.run_id)
+        try:
+            return self._run_claimed(stale)
+        finally:
+            release(self.out_dir, claim)
+
+    def _run_claimed(self, stale: Holder | None) -> Path | None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.out_dir / "server.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -390,8 +405,10 @@ class FederationServer:
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
         logger.addHandler(handler)
-        outcome = started(self.run_id, self.cfg.rounds, 0)
+        outcome = self.outcome = started(self.run_id, self.cfg.rounds, 0)
         write_outcome(self.out_dir, outcome)
+        if stale is not None:
+            log.warning("out-dir %s was claimed by %s, which is gone: taken over", self.out_dir, stale.describe())
         try:
             log.info(
                 "run %s: out_dir %s, %d rounds%s",
@@ -401,6 +418,20 @@ class FederationServer:
                 ", resume" if self.cfg.resume else "",
             )
             last = self._run()
+        except (SystemExit, KeyboardInterrupt) as err:  # a signal: Flower turns SIGINT/SIGTERM into an exit
+            log.error("run interrupted after round %d (%s)", self.rounds_done, type(err).__name__)
+            write_outcome(
+                self.out_dir,
+                outcome.model_copy(
+                    update=dict(
+                        status="interrupted",
+                        reason="its ServerApp was stopped by a signal: `flwr stop`, or its SuperExec or SuperLink stopped",
+                        rounds_done=self.rounds_done,
+                        finished_at=time.time(),
+                    )
+                ),
+            )
+            raise
         except BaseException as err:
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:1000]
             log.error("run failed: %s", reason)
@@ -481,6 +512,13 @@ class FederationServer:
                 "max_reply_bytes": max_reply_bytes,
                 "timeout_s": cfg.timeout_s,
                 "max_abs_value": self.strategy.max_abs_value,
+                # bounded influence (server/strategy.py): counts and update norms a reply may carry
+                "max_examples": cfg.local_steps * cfg.batch_size,
+                "norm_step_factor": cfg.norm_step_factor,
+                "norm_history_factor": cfg.norm_history_factor,
+                "norm_history_rounds": cfg.norm_history_rounds,
+                "norm_outlier_factor": cfg.norm_outlier_factor,
+                "max_update_norm": cfg.max_update_norm,
             },
         )
         log.info(describe_limits(max_reply_bytes, cfg.timeout_s))
@@ -494,6 +532,7 @@ class FederationServer:
         for rnd in range(start + 1, end + 1):
             arrays, last = self.train_round(rnd, setup, arrays)
             self.rounds_done = rnd
+            write_outcome(self.out_dir, self.outcome.model_copy(update=dict(rounds_done=rnd)))  # still running
             due = rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0)
             if due and cfg.eval_tasks:  # an empty task list asks for no federated evaluation
                 self.evaluate(rnd, setup, arrays)
@@ -563,8 +602,9 @@ class FederationServer:
             entry["bytes_received"] = entry.get("bytes_received", 0) + size
             entry["objects_received"] = entry.get("objects_received", 0) + objects
         t_agg = time.perf_counter()
+        # round_cfg: what the server asked of every site; the counts and norms it allows follow from it.
         outcome = self.strategy.aggregate(
-            rnd, replies, current_arrays=arrays, node_groups=self.node_groups, sent=messages
+            rnd, replies, current_arrays=arrays, node_groups=self.node_groups, sent=messages, round_config=round_cfg
         )
         self._record_outcome(sites, outcome, replies, messages)
         self._record_absent(sites)
@@ -745,6 +785,15 @@ class FederationServer:
             dp = e.get("dp", {})
             if req.requested and e.get("status") == "ok" and "epsilon" not in dp:
                 log.warning("round %d: DP was asked but site %s reported no epsilon", rnd, name)
+            if dp.get("new_budget_at") is not None:  # in the audit log too (server/audit.py)
+                log.warning(
+                    "round %d: site %s reports a NEW PRIVACY BUDGET started by its admin at %s (the given-up "
+                    "ledger had spent epsilon %s); its epsilon counts from then",
+                    rnd,
+                    name,
+                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(dp["new_budget_at"])),
+                    dp.get("replaced_epsilon", "unknown"),
+                )
             if req.requested and dp.get("delta", 0.0) > req.delta:
                 log.warning(
                     "round %d: site %s accounts at delta %g, larger than the %g asked (its policy's)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from healthfm_core.federation import (
     ARRAYS_RECORD,
     METRICS_RECORD,
     STATUS_RECORD,
+    RoundConfig,
     TrainReply,
     mean_losses,
     round_metrics,
@@ -32,9 +34,18 @@ from healthfm_core.federation import (
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.packing import pack_arrays, pack_group_sets, unpack_record
 from healthfm_core.transport import SCALES_RECORD, decode_update, wire_dtype_ok
+from server.influence import (
+    DEFAULT_NORM_HISTORY_FACTOR,
+    DEFAULT_NORM_HISTORY_ROUNDS,
+    DEFAULT_NORM_STEP_FACTOR,
+    NormHistory,
+    count_problem,
+    step_bound,
+)
 from server.limits import array_record_bytes
 
-log = logging.getLogger(__name__)
+# Under "healthfm": the ServerApp's server.log (server_app.py) keeps its rejections and norm bounds.
+log = logging.getLogger("healthfm.server.strategy")
 
 # Why a reply was left out: the ServerApp logs a site as "error", "refused" or "rejected" (the rest).
 RejectionKind = Literal["error", "refused", "invalid", "unsolicited", "duplicate", "outlier"]
@@ -59,6 +70,8 @@ class RoundOutcome:
     rejected: list[RejectedReply]  # every reply left out, with its reason
     replies: dict[int, TrainReply]  # every reply that parsed (accepted, refused or rejected later), by node
     accepted: list[int]  # nodes whose reply was averaged
+    # group -> the update norm bound this round applied to it (groups some reply trained)
+    norm_bounds: dict[str, float] = field(default_factory=dict)
 
     @property
     def losses(self) -> dict[str, float]:
@@ -93,6 +106,7 @@ class _RoundInputs:
     arrays: dict[str, np.ndarray]
     node_groups: dict[int, list[str]] | None
     sent: list[Message]
+    round_config: RoundConfig | None
 
 
 # (node, its parsed reply, its decoded arrays, its count per group)
@@ -126,7 +140,8 @@ def origin(reply: Message, sent: Sequence[Message]) -> int:
 
 
 class ModalityAwareFedAvg(FedAvg):
-    """FedAvg where each parameter is averaged only over the sites that trained it.
+    """FedAvg where each parameter is averaged only over the sites that trained it, and where no
+    reply weighs or moves the model more than an honest site could.
 
     Every state_dict key belongs to one group (``shared``, ``ehr``, ``wearables``,
     ``genomics``; see ``healthfm_core.model.groups.parameter_group``). A site receives and
@@ -140,23 +155,50 @@ class ModalityAwareFedAvg(FedAvg):
     contributing sites, keeps its previous value. With every site holding every group (and
     each group's count equal to ``num_examples``) this is FedAvg exactly.
 
+    Bounded influence (server/influence.py has the arithmetic and the measurements). Of round t's
+    RoundConfig (the server's own: local_steps S, batch_size B, lr, weight_decay wd), a reply is
+    accepted only if:
+
+      1. counts: num_examples and every n_{r,g} are integers in [1, S x B] (a site trains S
+         batches of at most B samples; a DP site reports its expected counts, never more). A
+         larger count is a malformed reply: rejected ("invalid"), like any reply that does not
+         parse. So one site weighs at most S x B against the others' counts in any average.
+      2. update norm: for every group g it returns, ||w_{r,g} - w_g|| (its change of the round's
+         global weights w_g, P_g values) is at most the smallest of
+           - the step bound  c_step x lr x S x (sqrt(P_g) + wd ||w_g||) + 2^-10 ||w_g||: no
+             AdamW training moves a value by more than 7.27 lr a step (whatever its gradients or
+             DP noise); c_step = ``norm_step_factor``, default 10 (honest norms measured at most
+             0.78 x lr S sqrt(P_g));
+           - the history bound  c_hist x the median of g's accepted update norms over its last
+             ``norm_history_rounds`` (default 5) aggregated rounds; c_hist = ``norm_history_factor``,
+             default 10 (honest norms measured at most 1.27 x that median). None in a group's
+             first round;
+           - ``max_update_norm``, the coordinator's absolute cap (default none);
+         and, with at least two other replies holding g, ``norm_outlier_factor`` (default 10) x
+         the median of theirs. Any reply that breaks one is rejected ("outlier") whatever the
+         number of g's holders: one holder alone cannot move g further than the bounds.
+    Rejection, never rescaling: an accepted reply is averaged as it came (so FedAvg stays FedAvg
+    to the last bit). The accepted norms of round t join the history. A caller that passes no
+    RoundConfig (tests with synthetic arrays) gets neither the count nor the step bound.
+
     Arrays travel packed (``healthfm_core/packing.py``): the global arrays go out as one packed
     part per message, packed once per distinct group set (``records_for_nodes``), a reply comes
     back as packed parts, unpacked and checked
     before anything else is. A reply is accepted only if it parses as a TrainReply and its arrays
     fit the round (``parse_reply``: size, the packed blobs, keys, shapes, dtypes, int8 scales,
-    groups sent, values) and its update norm is
-    not absurd against the round's others; any other reply (error, refusal, a reply to no
-    message sent, a second reply from one node) is rejected with its reason and logged, and
-    the round goes on. Optionally a FedAdam-style server step is applied to the averaged
+    groups sent, values, counts) and its update norms are within the bounds above; any other
+    reply (error, refusal, a reply to no message sent, a second reply from one node) is rejected
+    with its reason and logged (and so in the round's event and the audit log), and the round
+    goes on. Optionally a FedAdam-style server step is applied to the averaged
     pseudo-gradient. Replies come in their round's transport (healthfm_core/transport.py): fp16
     is upcast and int8 de-quantised against the round's global arrays before any check or average.
 
-    State: configuration, and the server optimiser's moments (checkpointed: ``state_dict``).
-    Each round's inputs (global arrays, the groups each node may train, the messages sent) are
-    arguments of ``aggregate``. Flower's own ``start()`` loop hands the global arrays to
-    ``configure_train`` only, so for that loop alone ``configure_train`` keeps the round in
-    flight for ``aggregate_train``; FederationServer calls ``train_messages`` and ``aggregate``.
+    State: configuration, the server optimiser's moments and the groups' accepted update norms
+    (both checkpointed: ``state_dict``). Each round's inputs (global arrays, the groups each node
+    may train, the messages sent, the RoundConfig) are arguments of ``aggregate``. Flower's own
+    ``start()`` loop hands the global arrays to ``configure_train`` only, so for that loop alone
+    ``configure_train`` keeps the round in flight for ``aggregate_train``; FederationServer calls
+    ``train_messages`` and ``aggregate``.
     """
 
     def __init__(
@@ -165,6 +207,9 @@ class ModalityAwareFedAvg(FedAvg):
         min_sites_per_group: int = 1,
         norm_outlier_factor: float = 10.0,
         max_update_norm: float | None = None,
+        norm_step_factor: float = DEFAULT_NORM_STEP_FACTOR,
+        norm_history_factor: float = DEFAULT_NORM_HISTORY_FACTOR,
+        norm_history_rounds: int = DEFAULT_NORM_HISTORY_ROUNDS,
         max_reply_bytes: int | None = None,
         max_abs_value: float | None = 1e6,
         server_optimizer: GroupAdam | None = None,
@@ -175,6 +220,9 @@ class ModalityAwareFedAvg(FedAvg):
         self.min_sites_per_group = min_sites_per_group
         self.norm_outlier_factor = norm_outlier_factor
         self.max_update_norm = max_update_norm
+        self.norm_step_factor = norm_step_factor
+        self.norm_history_factor = norm_history_factor
+        self.norm_history = NormHistory(norm_history_rounds)  # checkpointed (state_dict)
         # Checked before any array is decoded (server/limits.py; None: no limit).
         self.max_reply_bytes = max_reply_bytes
         # No trained weight is anywhere near this; values near float32's max would overflow the
@@ -186,20 +234,26 @@ class ModalityAwareFedAvg(FedAvg):
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
-        """What a resumed run needs besides the global arrays: the server optimiser's moments,
-        as ``m.<key>`` / ``v.<key>`` arrays (empty without a server optimiser)."""
-        if self.server_optimizer is None:
-            return {}
-        out = {f"m.{k}": v for k, v in self.server_optimizer.m.items()}
-        out.update({f"v.{k}": v for k, v in self.server_optimizer.v.items()})
+        """What a resumed run needs besides the global arrays: the server optimiser's moments, as
+        ``m.<key>`` / ``v.<key>`` arrays (none without a server optimiser), and each group's
+        accepted update norms, as ``norms.<group>`` (server/influence.py NormHistory)."""
+        out = self.norm_history.state_dict()
+        if self.server_optimizer is not None:
+            out.update({f"m.{k}": v for k, v in self.server_optimizer.m.items()})
+            out.update({f"v.{k}": v for k, v in self.server_optimizer.v.items()})
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Inverse of state_dict; state from a run without a server optimiser cannot be loaded
-        into one with it (or the other way round) unless it is empty."""
+        into one with it (or the other way round) unless it holds no moments. A checkpoint written
+        before the norm history existed loads with an empty one."""
+        history = NormHistory(self.norm_history.rounds)
+        history.load_state_dict({k: v for k, v in state.items() if NormHistory.owns(k)})
+        state = {k: v for k, v in state.items() if not NormHistory.owns(k)}
         if self.server_optimizer is None:
             if state:
                 raise ValueError(f"strategy has no server optimiser but the state holds {len(state)} arrays")
+            self.norm_history = history
             return
         m: dict[str, np.ndarray] = {}
         v: dict[str, np.ndarray] = {}
@@ -211,6 +265,7 @@ class ModalityAwareFedAvg(FedAvg):
         if set(m) != set(v):
             raise ValueError(f"server optimiser state: m and v cover different keys ({sorted(set(m) ^ set(v))[:3]})")
         self.server_optimizer.m, self.server_optimizer.v = m, v
+        self.norm_history = history
 
     # ------------------------------------------------------------------ sending
     @staticmethod
@@ -263,7 +318,11 @@ class ModalityAwareFedAvg(FedAvg):
         """Flower's start() loop: train_messages for every node and every group, the round kept
         for aggregate_train."""
         messages = self.train_messages(server_round, arrays, config, grid)
-        self._flower_round = _RoundInputs({k: v.numpy() for k, v in arrays.items()}, None, messages)
+        try:  # the counts and step bounds need the round's RoundConfig; another config has none
+            round_config: RoundConfig | None = RoundConfig.from_flat(config)
+        except ValueError:
+            round_config = None
+        self._flower_round = _RoundInputs({k: v.numpy() for k, v in arrays.items()}, None, messages, round_config)
         return messages
 
     def records_for_nodes(
@@ -290,7 +349,12 @@ class ModalityAwareFedAvg(FedAvg):
             )
         inputs, self._flower_round = self._flower_round, None
         outcome = self.aggregate(
-            server_round, replies, current_arrays=inputs.arrays, node_groups=inputs.node_groups, sent=inputs.sent
+            server_round,
+            replies,
+            current_arrays=inputs.arrays,
+            node_groups=inputs.node_groups,
+            sent=inputs.sent,
+            round_config=inputs.round_config,
         )
         if outcome.arrays is None:
             return None, None
@@ -308,8 +372,12 @@ class ModalityAwareFedAvg(FedAvg):
         current_arrays: Mapping[str, np.ndarray],
         node_groups: Mapping[int, Sequence[str]] | None,
         sent: Sequence[Message],
+        round_config: RoundConfig | None = None,
     ) -> RoundOutcome:
-        """Parse, check and average one round's replies. Never raises for anything in a reply."""
+        """Parse, check and average one round's replies. Never raises for anything in a reply.
+        `round_config`: what the server asked of every site this round (the counts and step
+        bounds follow from it; see the class docstring); None only for callers that configured
+        no round (tests with synthetic arrays)."""
         previous = dict(current_arrays)
         addressed = {m.metadata.dst_node_id for m in sent}
         parsed: dict[int, TrainReply] = {}
@@ -334,7 +402,7 @@ class ModalityAwareFedAvg(FedAvg):
                 continue
             allowed = self.groups_for_node(node_id, node_groups)
             try:
-                reply = self.parse_reply(msg.content, previous, allowed)
+                reply = self.parse_reply(msg.content, previous, allowed, round_config)
             except Exception as err:  # a peer's reply: nothing in it may stop the round
                 if not isinstance(err, ValueError):
                     log.exception("round %d: unexpected error parsing node %d's reply", server_round, node_id)
@@ -347,22 +415,26 @@ class ModalityAwareFedAvg(FedAvg):
                 rejected.append(RejectedReply(node_id, f"refused by the site: {reply.reason}", "refused"))
                 continue
             accepted.append((node_id, reply, {g: float(n) for g, n in reply.group_examples.items()}))
-        accepted, outliers = self.drop_norm_outliers(accepted, previous)
+        accepted, outliers, bounds = self.drop_norm_outliers(accepted, previous, server_round, round_config)
         rejected.extend(outliers)
         for r in rejected:
             log.warning("round %d: rejected reply from node %d: %s", server_round, r.node_id, r.reason)
         if not accepted:
             log.warning("round %d: no acceptable reply; global arrays unchanged", server_round)
-            return RoundOutcome(server_round, None, {}, rejected, parsed, [])
+            return RoundOutcome(server_round, None, {}, rejected, parsed, [], bounds)
         new_arrays, contributors = self.average(accepted, previous)
-        return RoundOutcome(server_round, new_arrays, contributors, rejected, parsed, [a[0] for a in accepted])
+        return RoundOutcome(server_round, new_arrays, contributors, rejected, parsed, [a[0] for a in accepted], bounds)
 
     def parse_reply(
-        self, content: RecordDict, previous: Mapping[str, np.ndarray], allowed: Sequence[str]
+        self,
+        content: RecordDict,
+        previous: Mapping[str, np.ndarray],
+        allowed: Sequence[str],
+        round_config: RoundConfig | None = None,
     ) -> TrainReply:
         """The one place a train reply is validated: its records, their size, the TrainReply it
-        parses as, then its arrays against the global model. Raises ValueError naming the
-        first problem found."""
+        parses as, its counts against the round's (round_config), then its arrays against the
+        global model. Raises ValueError naming the first problem found."""
         names = set(content.keys())
         unexpected = sorted(names - {ARRAYS_RECORD, METRICS_RECORD, STATUS_RECORD, SCALES_RECORD})
         if unexpected:
@@ -399,6 +471,8 @@ class ModalityAwareFedAvg(FedAvg):
             arrays, dict(metrics), dict(status) if status is not None else None, group_of=self.group_of
         )
         if reply.status == "ok":
+            if round_config is not None and (problem := count_problem(reply, round_config)):
+                raise ValueError(problem)
             self.check_arrays(reply, previous, allowed)
         return reply
 
@@ -432,25 +506,38 @@ class ModalityAwareFedAvg(FedAvg):
                 raise ValueError(f"partial group {group!r}: missing {len(missing)} keys, e.g. {missing[0]!r}")
 
     def drop_norm_outliers(
-        self, accepted: list[_Accepted], previous: Mapping[str, np.ndarray]
-    ) -> tuple[list[_Accepted], list[RejectedReply]]:
-        """Reject replies whose update norm (per group) is absurd against the round's others."""
+        self,
+        accepted: list[_Accepted],
+        previous: Mapping[str, np.ndarray],
+        server_round: int = 0,
+        round_config: RoundConfig | None = None,
+    ) -> tuple[list[_Accepted], list[RejectedReply], dict[str, float]]:
+        """Reject replies whose update norm in some group is over the group's bound (the class
+        docstring: step, history, max_update_norm) or absurd against the round's others. Returns
+        the replies kept, the rejections and each group's bound; the kept replies' norms join
+        the history."""
         norms: dict[str, dict[int, float]] = {}
         for node_id, reply, counts in accepted:
             for group in counts:
+                # Summed in sorted key order: a reply's (or a checkpoint's) key order may differ
+                # between processes, and the history must be bit for bit a resumed run's.
                 sq = sum(
                     float(np.sum((reply.arrays[k].astype(np.float64) - previous[k]) ** 2))
-                    for k in reply.arrays
+                    for k in sorted(reply.arrays)
                     if self.group_of(k) == group
                 )
                 norms.setdefault(group, {})[node_id] = sq**0.5
+        bounds: dict[str, float] = {}
         bad: dict[int, str] = {}
         for group, by_node in norms.items():
+            limits = self.norm_limits(group, previous, server_round, round_config)
+            # The group's bound is the tightest; a rejection names it and what set it.
+            how, limit = min(limits.items(), key=lambda kv: kv[1]) if limits else ("", math.inf)
+            if limits:
+                bounds[group] = limit
             for node_id, norm in by_node.items():
-                if self.max_update_norm is not None and norm > self.max_update_norm:
-                    bad.setdefault(
-                        node_id, f"group {group!r} update norm {norm:.3g} > limit {self.max_update_norm:.3g}"
-                    )
+                if norm > limit:
+                    bad.setdefault(node_id, f"group {group!r} update norm {norm:.3g} > {limit:.3g} ({how})")
                 others = [n for other, n in by_node.items() if other != node_id]
                 if len(others) >= 2:
                     median = float(np.median(others))
@@ -461,7 +548,43 @@ class ModalityAwareFedAvg(FedAvg):
                             f"median of the others ({median:.3g})",
                         )
         kept = [a for a in accepted if a[0] not in bad]
-        return kept, [RejectedReply(node_id, reason, "outlier") for node_id, reason in bad.items()]
+        for group, by_node in sorted(norms.items()):
+            kept_norms = [by_node[node_id] for node_id, _, counts in kept if group in counts]
+            self.norm_history.record(server_round, group, kept_norms)
+            log.info(
+                "round %d: group %r: %d accepted update norms up to %s, bound %s",
+                server_round,
+                group,
+                len(kept_norms),
+                f"{max(kept_norms):.3g}" if kept_norms else "-",
+                f"{bounds[group]:.3g}" if group in bounds else "none",
+            )
+        return kept, [RejectedReply(node_id, reason, "outlier") for node_id, reason in bad.items()], bounds
+
+    def norm_limits(
+        self, group: str, previous: Mapping[str, np.ndarray], server_round: int, round_config: RoundConfig | None
+    ) -> dict[str, float]:
+        """The bounds on one group's update norm this round, by what sets each (class docstring)."""
+        limits: dict[str, float] = {}
+        if round_config is not None:
+            values = [previous[k] for k in sorted(previous) if self.group_of(k) == group]
+            size = sum(v.size for v in values)
+            weight_norm = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in values) ** 0.5
+            how = (
+                f"step bound: norm-step-factor {self.norm_step_factor:g} x lr {round_config.lr:g} x local-steps "
+                f"{round_config.local_steps} x (sqrt of {size:,} values + weight-decay x weight norm {weight_norm:.3g})"
+            )
+            limits[how] = step_bound(round_config, size, weight_norm, self.norm_step_factor)
+        reference = self.norm_history.reference(group, server_round)
+        if reference is not None and reference > 0:
+            how = (
+                f"history bound: norm-history-factor {self.norm_history_factor:g} x median {reference:.3g} of the "
+                "group's accepted norms in earlier rounds"
+            )
+            limits[how] = self.norm_history_factor * reference
+        if self.max_update_norm is not None:
+            limits["max-update-norm"] = self.max_update_norm
+        return limits
 
     def average(
         self, accepted: list[_Accepted], previous: Mapping[str, np.ndarray]

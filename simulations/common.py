@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.aces_tasks import TASK_DIR
+from healthfm_core.data.meds_dev_tasks import with_dataset
 from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.synthetic import ScenarioConfig, synthetic_sites
 from healthfm_core.data.task_spec import resolve_tasks, runner_tasks
@@ -101,11 +102,13 @@ def site_root_list(site_roots: Sequence[str | Path] | str) -> list[Path]:
 
 def task_entries(cfg: DictConfig) -> list[str] | None:
     """`tasks=` of a job (its `task_list`): task files or names (configs/tasks/<name>.yaml),
-    `site:<name>`; None: unset."""
+    `site:<name>`, `meds-dev:<task>` (the job's `dataset=` gives their predicates); None: unset."""
     tasks = cfg.get("task_list")
     if tasks is None:
         return None
-    return [str(tasks)] if isinstance(tasks, str) else [str(t) for t in tasks]
+    entries = [str(tasks)] if isinstance(tasks, str) else [str(t) for t in tasks]
+    # `dataset=MIMIC-IV` (or a predicates file) completes the MEDS-DEV entries that name none
+    return with_dataset(entries, cfg.get("dataset"))
 
 
 def job_tasks(cfg: DictConfig, legacy: Sequence[str]) -> dict[str, Task]:

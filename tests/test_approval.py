@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flwr.clientapp.client_app import LoadClientAppError
 
+import client.memory as site_memory
 from client.app_guard import REFUSED_PREFIX, refusal_reason
 from client.approval import ApprovalError, approve, approved_apps, inspect_bundle, read_bundle
+from client.approved_code import BundleCode, check_loaded_from_bundle, module_files, shipped_names
 from client.client import main as client_main
 from client.policy import PolicyError, load_policy
 from server.bundle import build_bundle
@@ -35,6 +38,7 @@ def test_a_bundle_is_shown_with_its_files_and_components(bundle: Path, tmp_path:
     assert info.components == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
     assert [f.path for f in info.files] == [".info/CONTENT", "pyproject.toml"]
     assert info.python_files() == [] and "WARNING" not in info.describe()
+    assert "code       none shipped: its components run this site's installed healthfm" in info.describe()
     # Another build of the same app is the same bundle (what the site approved is what runs).
     assert build_bundle(bundle.parent / "fed" / "server" / "app")[1] == info.sha256
     with pytest.raises(ApprovalError, match="not a Flower app bundle"):
@@ -95,3 +99,40 @@ def test_the_refusal_names_site_bundle_and_remedy(tmp_path: Path) -> None:
     reason = refusal_reason("hospital", "ab" * 32, tmp_path / "policy.yaml", None)
     assert reason.startswith(f"{REFUSED_PREFIX} hospital: app bundle sha256 {'ab' * 32}")
     assert str(tmp_path / "policy.yaml") in reason and "client.py approve" in reason
+
+
+def test_a_bundle_is_unpacked_only_from_its_approved_bytes(bundle: Path) -> None:
+    fab = bundle.read_bytes()
+    with pytest.raises(LoadClientAppError, match=f"hashes to {hashlib.sha256(fab).hexdigest()}, not to its approved"):
+        BundleCode(fab, "0" * 64)
+    code = BundleCode(fab, hashlib.sha256(fab).hexdigest())
+    try:
+        # Unpacked (hash-checked by Flower's install) into a directory of the process's own.
+        assert (code.app_dir / "pyproject.toml").is_file() and not (code.app_dir / ".info").exists()
+        assert shipped_names(code.app_dir) == set() and module_files(code.app_dir) == {}
+    finally:
+        code.close()
+    assert not code.app_dir.exists()
+
+
+def test_a_bundle_file_the_process_would_not_run_is_refused_by_name(tmp_path: Path) -> None:
+    """A warm ClientApp refuses rather than run anything but the bundle's file for one of its
+    modules: here `flwr` (imported by every ClientApp process before the app) and `client` (this
+    process's, from the site's checkout)."""
+    app = tmp_path / "app"
+    (app / "flwr").mkdir(parents=True)
+    (app / "flwr" / "__init__.py").write_text("# not Flower\n")
+    (app / "notes.txt").write_text("no code\n")
+    (app / "fresh_module.py").write_text("X = 1\n")  # never imported: nothing to compare
+    assert shipped_names(app) == {"flwr", "fresh_module"}
+    with pytest.raises(LoadClientAppError, match=r"bundle's file flwr/__init__.py is not what this process runs"):
+        check_loaded_from_bundle(app)
+    (app / "flwr" / "__init__.py").unlink()
+    (app / "flwr").rmdir()
+    (app / "client").mkdir()
+    # The site's own client/memory.py, one byte changed: still not the file this process runs.
+    source = Path(site_memory.__file__).read_bytes()
+    (app / "client" / "memory.py").write_bytes(source[:-1] + (b" " if source[-1:] != b" " else b"\n"))
+    with pytest.raises(LoadClientAppError, match=r"client/memory.py is not what") as refused:
+        check_loaded_from_bundle(app)
+    assert f"module client.memory was loaded from {Path(site_memory.__file__).resolve()}" in str(refused.value)

@@ -11,6 +11,9 @@ and checking a site writes nothing. Bounded (max_examples 40) so that both run i
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import make_site_tables, write_site_tables
 from flwr.app import (
     Array,
@@ -33,10 +37,13 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parquet_footer import set_row_counts, set_value_counts
+from test_hardening import InProcessGrid, fed_config, serverapp_identity  # noqa: F401 - a fixture
 
 from client.client_app import train_reply_content
 from healthfm_core.data.site import open_site
 from healthfm_core.data.site_check import check_site
+from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.federation import (
     ARRAYS_RECORD,
     METRICS_RECORD,
@@ -46,6 +53,10 @@ from healthfm_core.federation import (
     TrainReply,
 )
 from healthfm_core.packing import PACKED_PART, pack_arrays, unpack_record
+from server.coordinator import report_outcome
+from server.flwr_control import EXIT_SITE_LOST
+from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
+from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, pack_record
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -356,7 +367,11 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def a_broken_shard(draw: st.DrawFn) -> tuple[str, object]:
     """(how it is broken, the broken shard: a pa.Table or raw bytes). Each of these is invalid."""
     table = make_site_tables().shards[SHARD]
-    kind = draw(st.sampled_from(["drop_columns", "retype", "null_required", "unsorted", "garbage", "truncated"]))
+    kind = draw(
+        st.sampled_from(
+            ["drop_columns", "retype", "null_required", "unsorted", "garbage", "truncated", "forged_rows", "not_utf8"]
+        )
+    )
     if kind == "drop_columns":
         dropped = draw(st.lists(st.sampled_from(REQUIRED), min_size=1, unique=True))
         extra = draw(st.lists(st.sampled_from(["numeric_value"]), max_size=1))
@@ -397,11 +412,23 @@ def a_broken_shard(draw: st.DrawFn) -> tuple[str, object]:
         return kind, table.take(pa.array(order))
     if kind == "garbage":
         return kind, draw(st.binary(min_size=0, max_size=400))
-    import io
-
+    if kind == "not_utf8":  # one code's bytes are not UTF-8
+        row = draw(st.integers(0, table.num_rows - 1))
+        codes = [c.encode() for c in table.column("code").to_pylist()]
+        codes[row] = codes[row][:2] + draw(st.sampled_from([b"\xff", b"\xc3(", b"\xe2\x82", b"\xed\xa0\x80"]))
+        return kind, table.set_column(2, "code", pa.array(codes, pa.binary()).view(pa.string()))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     data = buf.getvalue()
+    if kind == "forged_rows":  # the footer claims rows the file does not hold (break 8: 5e9)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "forged.parquet"
+            path.write_bytes(data)
+            claimed = draw(st.sampled_from([table.num_rows + 1, 2 * table.num_rows, 10**6, 5 * 10**9, 2**62]))
+            set_row_counts(path, claimed)
+            if draw(st.booleans()):
+                set_value_counts(path, claimed)  # consistent with itself: only the bytes or the rows tell
+            return kind, path.read_bytes()
     return kind, data[: draw(st.integers(0, len(data) - 1))]
 
 
@@ -475,3 +502,120 @@ def test_what_meds_allows_is_accepted_and_read_as_the_canonical_site(shards: dic
         report = check_site(root)
         assert report.ok and report.problems == [], [str(p) for p in report.problems]
         assert open_site(root).read_events().equals(canonical.read_events())
+
+
+# ---------------------------------------------------------------------------- a site whose data fails
+
+
+def _round(rnd: int, statuses: dict[str, str], reason: str = "") -> dict:
+    return {
+        "event": "round",
+        "round": rnd,
+        "sites": {s: {"status": st, **({"reason": reason} if st != "ok" else {})} for s, st in statuses.items()},
+    }
+
+
+MALLOC = "ArrowMemoryError: malloc of size 17179869184 failed"
+
+
+def test_a_site_whose_every_message_fails_is_lost_and_the_run_does_not_exit_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Break 8: every message to a site failed (its reader allocated for a forged footer) and the
+    run exited 0: only a site that trained in round 1 and not in the last counted as lost."""
+    setup = {"event": "setup", "round": 0, "sites": {"biobank": {}, "genomics": {}, "hospital": {}}, "refused": {}}
+    every_round_an_error = [
+        setup,
+        _round(1, {"biobank": "ok", "genomics": "ok", "hospital": "error"}, MALLOC),
+        _round(2, {"biobank": "ok", "genomics": "ok", "hospital": "error"}, MALLOC),
+        {"event": "evaluate", "round": 2, "sites": {"biobank": {}, "genomics": {}}, "absent": {"hospital": "x"}},
+    ]
+    lost = sites_lost(every_round_an_error)
+    assert set(lost) == {"hospital"} and lost["hospital"].startswith("never trained (round 2: error: ArrowMemoryError")
+    # Its first message already failed (capabilities): the site is only in round 0's refusals.
+    refused_in_round_0 = [
+        {**setup, "sites": {"biobank": {}, "genomics": {}}, "refused": {"hospital": f"SiteDataError: {MALLOC}"}},
+        _round(1, {"biobank": "ok", "genomics": "ok"}),
+    ]
+    assert sites_lost(refused_in_round_0) == {"hospital": f"never trained (round 0: error: SiteDataError: {MALLOC})"}
+    # Not lost: a site only ever left out by sampling, or one that trained in a later round.
+    assert (
+        sites_lost([setup, _round(1, {"biobank": "ok", "genomics": "ok", "hospital": "absent"}, "not sampled")]) == {}
+    )
+    late = [
+        setup,
+        _round(1, {"biobank": "ok", "genomics": "ok", "hospital": "error"}, MALLOC),
+        _round(2, dict.fromkeys(("biobank", "genomics", "hospital"), "ok")),
+    ]
+    assert sites_lost(late) == {}
+
+    outcome = RunOutcome(run_id=3, status="completed", sites_lost=lost, rounds=2, rounds_done=2, started_at=0.0)
+    write_outcome(tmp_path, outcome)
+    assert report_outcome(3, "finished:completed", tmp_path) == EXIT_SITE_LOST
+    err = capsys.readouterr().err
+    assert "lost site(s): hospital (never trained (round 2: error: ArrowMemoryError" in err, err
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_site_whose_data_its_reader_refuses_is_reported_lost_by_the_server(tmp_path: Path) -> None:
+    """A real server over the real ClientApps: the hospital's shard has the forged footer, so its
+    every message fails (its site does not open); the other sites train; outcome.json counts it lost."""
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes = {
+        100 + i: {
+            "site-root": str(s.root),
+            "site-name": s.name,
+            "min-code-subjects": 5,
+            "min-report-subjects": 2,
+            "state-dir": str(tmp_path / f"state-{s.name}"),
+        }
+        for i, s in enumerate(manifest.sites)
+    }
+    hospital = next(s for s in manifest.sites if s.name == "hospital")
+    set_row_counts(Path(hospital.root) / "data" / "0.parquet", 5_000_000_000)
+    out = tmp_path / "run"
+    cfg = fed_config(
+        out,
+        local_steps=1,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        min_nodes=2,
+        vocab_min_subjects=5,
+        eval_n_boot=10,
+    )
+    FederationServer(InProcessGrid(nodes), cfg, run_id=1).run()
+    outcome = read_outcome(out)
+    assert outcome is not None and outcome.status == "completed" and not outcome.ok
+    node = next(n for n, c in nodes.items() if c["site-name"] == "hospital")
+    why = outcome.sites_lost.get(f"node-{node}", "")  # it never told its name: named by its node
+    assert list(outcome.sites_lost) == [f"node-{node}"], outcome.sites_lost
+    assert why.startswith("never trained (round 0: error: ") and "ERROR data/0.parquet" in why, why
+
+
+def test_join_refuses_a_site_whose_footer_is_forged_before_saying_ok(tmp_path: Path) -> None:
+    """The break: `join` printed "OK (150 subjects)" and connected; every message then failed."""
+    root = write_site_tables(make_site_tables(), tmp_path / "site")
+    set_row_counts(root / "data" / SHARD, 5_000_000_000)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "client/client.py",
+            "join",
+            str(root),
+            "--superlink",
+            "127.0.0.1:1",
+            "--insecure",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "OK" not in result.stdout and "not joining" in result.stderr
+    assert f"ERROR data/{SHARD}, column subject_id" in result.stdout, result.stdout

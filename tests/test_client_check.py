@@ -10,6 +10,7 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,7 +24,7 @@ from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import open_site
 from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteReport, check_site
 from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import onset_labels_from_events, visit_prediction_times
+from healthfm_core.data.tasks import _draw_key, onset_labels_from_events
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "client" / "client.py"
@@ -237,9 +238,19 @@ def hospital_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "sites" / "general_hospital"
 
 
+def _first_four_draws(rows: pa.Table) -> pa.Table:
+    """The evaluation's cap by hand: per subject, the 4 rows of smallest draw key (seed 0)."""
+    sid = rows["subject_id"].to_numpy()
+    t = rows["prediction_time"].cast(pa.int64()).to_numpy()
+    key = _draw_key(sid, t, 0)
+    keep = [i for s in np.unique(sid) for i in sorted(np.flatnonzero(sid == s), key=lambda i: int(key[i]))[:4]]
+    return rows.take(pa.array(sorted(keep), pa.int64()))
+
+
 def _expected_t2d_counts(root: Path) -> dict[int, dict[str, tuple[int, int, int]]]:
-    """What the evaluation would see, by today's onset_labels_from_events (the task's ICD-9 and
-    ICD-10 outcome codes renamed to one code) at its prediction times, split by the site's splits."""
+    """What the evaluation would see, by onset_labels_from_events (the task's ICD-9 and ICD-10
+    outcome codes renamed to one code) at every event, capped at 4 rows a subject, split by the
+    site's splits."""
     events = pa.concat_tables(
         pq.read_table(p, columns=["subject_id", "time", "code"]) for p in sorted((root / "data").glob("*.parquet"))
     )
@@ -249,11 +260,19 @@ def _expected_t2d_counts(root: Path) -> dict[int, dict[str, tuple[int, int, int]
         2, "code", pc.if_else(pc.match_substring_regex(events["code"], regex), pa.scalar("OUTCOME"), events["code"])
     )
     events = pl.from_arrow(events).sort("subject_id", "time", nulls_last=False).to_arrow()
-    visits = visit_prediction_times(events, n_per_subject=4, seed=0)
+    # ACES's rows: the onset rules asked at every timed event (the task's trigger, _ANY_EVENT)
+    every_event = (
+        pl.from_arrow(events)
+        .filter(pl.col("time").is_not_null())
+        .select("subject_id", pl.col("time").alias("prediction_time"))
+        .unique()
+        .to_arrow()
+    )
     splits = pl.from_arrow(open_site(root).subject_splits())
     out = {}
     for h in load_task(T2D).metadata.horizons_days:
-        df = pl.from_arrow(onset_labels_from_events(events, "OUTCOME", h, visits)).join(splits, on="subject_id")
+        rows = onset_labels_from_events(events, "OUTCOME", h, every_event)
+        df = pl.from_arrow(_first_four_draws(rows)).join(splits, on="subject_id")
         out[h] = {
             s: (g.height, g["subject_id"].n_unique(), int(g["boolean_value"].sum()))
             for s in SPLITS

@@ -157,7 +157,9 @@ def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
         assert np.isfinite(value).all()
         changed[parameter_group(key)] |= not np.array_equal(value, initial[key])
     assert all(changed.values()), changed
-    assert state.strategy and all(k.startswith(("m.", "v.")) for k in state.strategy)
+    assert state.strategy and all(k.startswith(("m.", "v.", "norms.")) for k in state.strategy)
+    # the groups' accepted update norms (bounded influence, server/influence.py): every group trained
+    assert {k for k in state.strategy if k.startswith("norms.")} == {f"norms.{g}" for g in GROUPS}
 
 
 @pytest.mark.slow  # two more Flower simulations (~2 min on a loaded machine); CI runs it (Makefile SLOW_CI)

@@ -1,5 +1,5 @@
 """The decisions behind fault recovery, without processes: which stopped SuperNode `join` restarts
-and how long it waits (client/join.py), the SuperLink's longer SQLite wait (server/superlink_main.py)
+and how long it waits (client/join.py), read from that SuperNode's own lines only (issue 26, break 3), the SuperLink's longer SQLite wait (server/superlink_main.py)
 and a busy SuperLink told apart from one that knows no run (server/flwr_control.py).
 
 The processes themselves (a SuperNode restarted, a site rejoining, a SuperLink restarted) are in
@@ -15,16 +15,20 @@ import pytest
 from flwr.supercore import sql_mixin
 
 from client.join import (
+    ENDED_LINE,
     EXIT_CONNECTION_ENDED,
     EXIT_NOT_REGISTERED,
     EXIT_SUPERNODE_FAILED,
     NODE_RECORD,
+    REJOIN_WINDOW_SECONDS,
     RESTART_BACKOFF,
     Attempt,
     JoinConfig,
     JoinError,
+    Rejoin,
     connected_before,
     explain_exit,
+    fresh_lines,
     lost_connection_cause,
     restart_delay,
     restartable,
@@ -100,6 +104,114 @@ def test_a_refused_key_is_retried_only_when_it_connected_before(tmp_path: Path) 
     tail = ["Failed to initialize the connection", "[code: 2004] Failed to activate SuperNode."]
     refused = explain_exit(tail, 1, config(tmp_path), tmp_path / "log")
     assert isinstance(refused, JoinError) and refused.status == EXIT_NOT_REGISTERED
+
+
+# What a SuperNode of this site wrote to STATE/supernode.log before the one that just stopped: its
+# ClientApp's old task token refused by the SuperNode's local Runtime API after a restart, and even
+# an activation refused while the SuperLink still counted the killed node as online.
+EARLIER_PROCESS = [
+    "--- join 2026-11-20T10:00:00: python -m client.supernode_main ...",
+    "INFO :      SuperNode ID: 7",
+    "ERROR :     [/v1/runtime/acquire-task][ApiError:1008] Runtime task-token authentication failed.",
+    "--- join 2026-11-20T10:01:00: python -m client.supernode_main ...",
+    "ERROR :     Failed to initialize the connection to the SuperLink.",
+    "[code: 2004] Failed to activate SuperNode.",
+]
+HEADER = "--- join 2026-11-20T10:05:00: python -m client.supernode_main ...\n"
+PULL_401 = (
+    "httpx.HTTPStatusError: Client error '401 Unauthorized' for url 'https://127.0.0.1:9093/v1/fleet/pull-messages'"
+)
+
+
+def write_log(path: Path, current: list[str]) -> int:
+    """A supernode.log: EARLIER_PROCESS, then the current process's header and lines; the offset
+    where the current process's output starts (as run_supernode_once records it)."""
+    path.write_text("\n".join(EARLIER_PROCESS) + "\n" + HEADER)
+    offset = path.stat().st_size
+    with open(path, "a") as f:
+        f.write("".join(ln + "\n" for ln in current))
+    return offset
+
+
+def test_a_401_after_a_superlink_restart_is_retried_whatever_earlier_processes_logged(tmp_path: Path) -> None:
+    """Break 3 replayed: the current SuperNode connected, its local Runtime API refused an earlier
+    ClientApp's task token, then the restarted SuperLink answered 401 (it forgot the node). That
+    is a lost connection: restarted with backoff, never 'key not registered' (exit 5)."""
+    cfg = config(tmp_path)
+    log = tmp_path / "supernode.log"
+    current = [
+        "INFO :      SuperNode ID: 8",
+        "ERROR :     [/v1/runtime/pull-message][ApiError:1008] Runtime task-token authentication failed.",
+        f"ERROR :     {PULL_401}",
+        f"{ENDED_LINE} (its pull loop stopped on the error logged above)",
+    ]
+    offset = write_log(log, current)
+    tail = fresh_lines(log, offset)
+    assert tail == current  # nothing of the earlier processes
+    assert explain_exit(tail, EXIT_CONNECTION_ENDED, cfg, log).status != EXIT_NOT_REGISTERED
+    rejoin = Rejoin(cfg, public_key=None)
+    for n in range(1, 4):  # every SuperLink restart: restarted again, never given up
+        step = rejoin.after(attempt(EXIT_CONNECTION_ENDED, tail, node_id=str(7 + n)), now=100.0 * n)
+        assert step.action == "restart" and step.delay == restart_delay(n), step
+        assert "401 Unauthorized: the SuperLink no longer knows node" in step.message
+    # The 401 to its heartbeat (Flower interrupts itself: exit 0), the same.
+    heartbeat = ["INFO :      SuperNode ID: 9", "INFO :      SuperNode terminated gracefully."]
+    offset = write_log(log, heartbeat)
+    assert rejoin.after(attempt(0, fresh_lines(log, offset), node_id="9"), now=500.0).action == "restart"
+
+
+def test_key_not_registered_is_said_only_for_the_current_processs_activation(tmp_path: Path) -> None:
+    cfg = config(tmp_path, auth_key=tmp_path / "auth_key")
+    log = tmp_path / "supernode.log"
+    # The earlier process's 2004 is not this one's: this one met a SuperLink that is down.
+    down = [
+        "ERROR :     Failed to initialize the connection to the SuperLink.",
+        "httpx.ConnectError: connection refused",
+    ]
+    offset = write_log(log, down)
+    step = Rejoin(cfg, public_key=None).after(attempt(1, fresh_lines(log, offset), node_id=None), now=0.0)
+    assert step.action == "fail" and step.error is not None
+    assert step.error.status != EXIT_NOT_REGISTERED and "lost the SuperLink" in str(step.error)
+    # This process's own activation refused, on a site that never connected: not registered.
+    refused = [
+        "ERROR :     Failed to initialize the connection to the SuperLink.",
+        "[code: 2004] Failed to activate SuperNode.",
+    ]
+    offset = write_log(log, refused)
+    step = Rejoin(cfg, public_key=None).after(attempt(1, fresh_lines(log, offset), node_id=None), now=0.0)
+    assert step.action == "fail" and step.error is not None and step.error.status == EXIT_NOT_REGISTERED
+    assert "refused this site's key" in str(step.error) and "not registered" in str(step.error)
+
+
+def test_the_refusal_window_starts_again_after_each_connection(tmp_path: Path) -> None:
+    """Each SuperLink restart may be followed by refusals while it still counts the killed node as
+    online; a site that connected in between gets the whole window again (it used to get exit 5 at
+    its second restart: the window ran from the first refusal ever)."""
+    cfg = config(tmp_path)
+    rejoin = Rejoin(cfg, public_key=None)
+    lost = attempt(EXIT_CONNECTION_ENDED, [f"ERROR :     {PULL_401}"], node_id="7")
+    refused = attempt(1, ["[code: 2004] Failed to activate SuperNode."], node_id=None)
+    assert rejoin.after(lost, now=0.0).action == "restart"
+    first = rejoin.after(refused, now=10.0)
+    assert first.action == "retry" and "connected before" in first.message
+    assert rejoin.after(refused, now=20.0) == type(first)("retry", first.delay, "")  # said once
+    assert rejoin.after(lost, now=30.0).action == "restart"  # connected again, lost again
+    assert rejoin.after(refused, now=1000.0).action == "retry"  # a new window
+    assert rejoin.after(refused, now=1000.0 + REJOIN_WINDOW_SECONDS - 1).action == "retry"
+    failed = rejoin.after(refused, now=1000.0 + REJOIN_WINDOW_SECONDS)
+    assert failed.action == "fail" and failed.error is not None and failed.error.status == EXIT_NOT_REGISTERED
+
+
+def test_fresh_lines_cut_a_long_output_at_a_line(tmp_path: Path) -> None:
+    log = tmp_path / "supernode.log"
+    offset = write_log(log, [f"line {i} " + "x" * 100 for i in range(300)])
+    tail = fresh_lines(log, offset)
+    assert len(tail) == 200 and tail[0].startswith("line 100 ") and tail[-1].startswith("line 299 ")
+    # Read back from the end only (a SuperNode up for weeks): whole lines, never a cut one.
+    offset = write_log(log, [f"line {i} " + "x" * 4000 for i in range(300)])
+    tail = fresh_lines(log, offset)
+    assert 0 < len(tail) < 200 and tail[-1].startswith("line 299 ") and all(ln.startswith("line ") for ln in tail)
+    assert fresh_lines(tmp_path / "absent.log", 0) == []
 
 
 def test_the_superlink_waits_longer_for_its_database_lock() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from client.policy import PolicyError, SitePolicy, load_policy
 from healthfm_core.model.groups import GROUPS
+from healthfm_core.privacy.policy import EPSILON_CAP_MAX
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -89,3 +90,57 @@ def test_delta_is_at_most_one_over_the_train_subjects_when_they_are_known(tmp_pa
     assert load_policy(path, train_subjects=1000).dp is not None  # exactly 1/n
     with pytest.raises(PolicyError, match=r"p.yaml: field dp.delta: value 0.001: .*above 1/n = 1/1001"):
         load_policy(path, train_subjects=1001)
+
+
+# ------------------------------------------------------------------------ numbers in any spelling (issue 26, break 5)
+
+
+@pytest.mark.parametrize(
+    "spelling, value",
+    [
+        ("5", 5.0),
+        ("5.0", 5.0),
+        (".5", 0.5),
+        ("5e0", 5.0),
+        ("5E+0", 5.0),
+        ("0.5e1", 5.0),
+        ("1e2", 100.0),
+        ("100", 100.0),
+    ],
+)
+def test_an_epsilon_cap_parses_in_any_yaml_spelling(tmp_path: Path, spelling: str, value: float) -> None:
+    """YAML 1.1 (PyYAML) reads `5e0` or `1e2` as a string: it used to be refused as one."""
+    policy = load_policy(write(tmp_path, "p.yaml", f"dp: {{epsilon_cap: {spelling}, delta: 1e-5}}"))
+    assert policy.dp is not None and policy.dp.epsilon_cap == value and policy.dp.delta == 1e-5
+
+
+@pytest.mark.parametrize("spelling", ["1e308", "1.0e+308", "1.0e308", "1e+400", "100.001", "1e3"])
+def test_an_epsilon_cap_above_the_maximum_is_refused_naming_file_field_and_value(tmp_path: Path, spelling: str) -> None:
+    """The replayed break: `1.0e+308` was accepted (no cap), `1e308` refused as "a string"."""
+    path = write(tmp_path, "site-policy.yaml", f"dp:\n  epsilon_cap: {spelling}\n  delta: 1.0e-5\n")
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    message = str(err.value)
+    assert f"{path}: field dp.epsilon_cap: value " in message and "string" not in message
+    assert f"above the maximum {EPSILON_CAP_MAX:g}" in message or "finite number" in message  # 1e+400 is inf
+
+
+def test_the_json_cap_is_bounded_as_well(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.json", '{"dp": {"epsilon_cap": 1e308, "delta": 1e-5}}')
+    with pytest.raises(PolicyError, match=r"p.json: field dp.epsilon_cap: value 1e\+308: .*above the maximum 100"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    "spelling, value", [("1e-5", 1e-5), ("1.0e-5", 1e-5), ("1E-5", 1e-5), (".00001", 1e-5), ("+1e-5", 1e-5)]
+)
+def test_a_delta_parses_in_any_yaml_spelling(tmp_path: Path, spelling: str, value: float) -> None:
+    policy = load_policy(write(tmp_path, "p.yaml", f"dp: {{epsilon_cap: 8, delta: {spelling}}}"))
+    assert policy.dp is not None and policy.dp.delta == value
+
+
+@pytest.mark.parametrize("spelling", ["1e0", "2e-0", "-1e-5", "0e0"])
+def test_a_delta_out_of_range_is_refused_naming_file_field_and_value(tmp_path: Path, spelling: str) -> None:
+    path = write(tmp_path, "p.yaml", f"dp: {{epsilon_cap: 8, delta: {spelling}}}")
+    with pytest.raises(PolicyError, match=rf"{path}: field dp.delta: value -?[0-9.e+-]+: Input should be"):
+        load_policy(path)

@@ -19,6 +19,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from healthfm_core.federation import PrivacySpend, TrainReply
+from healthfm_core.privacy.budget_record import KeyBinding, read_record, record_path
 from healthfm_core.privacy.engine import (
     DPLocalStep,
     DPSettings,
@@ -32,6 +33,7 @@ from healthfm_core.privacy.ledger import (
     BudgetExceeded,
     LedgerError,
     PrivacyLedger,
+    history_problem,
 )
 from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.privacy.training import (
@@ -318,3 +320,203 @@ def test_make_private_training_refuses_before_reserving(tmp_path: Path) -> None:
     assert len(private.loader) == 10
     assert private.commit() == pytest.approx(PrivacyLedger(tmp_path).epsilon(DELTA))  # 0 steps taken: still counted
     assert PrivacyLedger(tmp_path).data.rounds[0].steps_taken == 0 and PrivacyLedger(tmp_path).steps == 2
+
+
+# ------------------------------------------------------------------------ the budget belongs to the key (issue 26, break 5)
+
+
+def binding(tmp_path: Path) -> KeyBinding:
+    """A key's budget record beside its (notional) key file: the ledger then belongs to the key."""
+    return KeyBinding(key_sha256="ab" * 32, record=record_path(tmp_path / "auth_key"))
+
+
+def test_a_state_dir_without_the_keys_ledger_is_refused(tmp_path: Path) -> None:
+    """The replayed break: a DP site rejoined with another --state-dir and trained again from epsilon 0."""
+    key = binding(tmp_path)
+    first, second = tmp_path / "state-a", tmp_path / "state-b"
+    ledger = PrivacyLedger(first, key)
+    spend(ledger, 1)
+    epsilon = spend(ledger, 2)
+    record = read_record(key.record)
+    assert record is not None and record.current.ledger_id == ledger.data.ledger_id
+    assert (record.current.steps, record.current.rounds, record.current.epsilon) == (6, 2, epsilon)
+    # Without the key's record the new directory would read as a fresh ledger, epsilon 0.
+    assert PrivacyLedger(second).epsilon(DELTA) == 0.0
+    with pytest.raises(LedgerError) as err:
+        PrivacyLedger(second, key)
+    message = str(err.value)
+    for part in (str(second / LEDGER_FILE), str(key.record), str(first / LEDGER_FILE), "6 DP steps over 2 rounds"):
+        assert part in message
+    assert f"epsilon {epsilon:.4g}" in message and "--new-privacy-budget" in message
+    assert not (second / LEDGER_FILE).exists()  # nothing written over the refusal
+
+    # Another site's (or another run's) ledger in the directory: refused as well.
+    spend(PrivacyLedger(tmp_path / "other"), 1, steps=9)
+    second.mkdir()
+    shutil.copy(tmp_path / "other" / LEDGER_FILE, second / LEDGER_FILE)
+    with pytest.raises(LedgerError, match=r"holds another ledger .* spent 6 DP steps over 2 rounds"):
+        PrivacyLedger(second, key)
+
+    # An older copy of the key's ledger, its mark lost with it: the record still knows.
+    shutil.copy(first / LEDGER_FILE, tmp_path / "backup.json")
+    spend(ledger, 3)
+    shutil.copy(tmp_path / "backup.json", first / LEDGER_FILE)
+    (first / MARK_FILE).unlink()
+    with pytest.raises(LedgerError, match=r"holds 6 steps over 2 rounds, but the budget record .* 9 DP steps"):
+        PrivacyLedger(first, key)
+
+
+def test_a_new_budget_is_explicit_and_the_record_keeps_what_was_given_up(tmp_path: Path) -> None:
+    key = binding(tmp_path)
+    first, second = tmp_path / "state-a", tmp_path / "state-b"
+    old = PrivacyLedger(first, key)
+    spent, old_id = spend(old, 1), old.data.ledger_id
+    assert PrivacyLedger(first, key, verify=False).start_new_budget() is None  # an accepted ledger is never replaced
+    assert PrivacyLedger(first, key).steps == 3
+
+    started = PrivacyLedger(second, key, verify=False).start_new_budget()
+    assert started is not None
+    assert (started.replaces, started.replaced_steps, started.replaced_epsilon) == (old_id, 3, spent)
+    new = PrivacyLedger(second, key)
+    assert new.steps == 0 and new.data.new_budget == started and new.data.ledger_id != old_id
+    spend(new, 1)
+    assert new.data.new_budget == started  # kept through every write
+    record = read_record(key.record)
+    assert record is not None and record.current.ledger_id == new.data.ledger_id
+    assert [(r.ledger_id, r.steps, r.epsilon) for r in record.replaced] == [(old_id, 3, spent)]
+    # The given-up ledger is not the key's any more.
+    with pytest.raises(LedgerError, match="holds another ledger"):
+        PrivacyLedger(first, key)
+
+
+def test_a_damaged_ledger_replaced_by_a_new_budget_is_kept_beside_it(tmp_path: Path) -> None:
+    key = binding(tmp_path)
+    spend(PrivacyLedger(tmp_path / "state", key), 1)
+    (tmp_path / "state" / LEDGER_FILE).write_text("{}")
+    started = PrivacyLedger(tmp_path / "state", key, verify=False).start_new_budget()
+    assert started is not None and started.replaced_steps == 3
+    assert PrivacyLedger(tmp_path / "state", key).steps == 0
+    [kept] = (tmp_path / "state").glob(f"{LEDGER_FILE}.replaced-*")
+    assert kept.read_text() == "{}"
+
+
+def test_the_record_written_last_may_lag_its_ledger_but_never_lead_it(tmp_path: Path) -> None:
+    """Ledger, mark, record: a crash before the record's write leaves it behind (accepted, caught up)."""
+    key = binding(tmp_path)
+    ledger = PrivacyLedger(tmp_path / "state", key)
+    spend(ledger, 1)
+    behind = key.record.read_bytes()
+    spend(ledger, 2)
+    key.record.write_bytes(behind)  # as if the process died before rewriting the record
+    assert PrivacyLedger(tmp_path / "state", key).steps == 6
+    assert PrivacyLedger(tmp_path / "state", key).sync_record().steps == 6
+    record = read_record(key.record)
+    assert record is not None and record.current.steps == 6
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a read-only file system: Linux /proc")
+def test_a_record_that_cannot_be_written_refuses_dp_before_anything_is_counted(tmp_path: Path) -> None:
+    # /proc takes no new file, even from root: a key beside which nothing can be written.
+    key = KeyBinding(key_sha256="ab" * 32, record=Path("/proc/self/auth_key.privacy.json"))
+    ledger = PrivacyLedger(tmp_path / "state", key)
+    with pytest.raises(LedgerError, match=r"/proc/self/auth_key.privacy.json: cannot write the key's privacy budget"):
+        ledger.reserve(round=1, run="r", steps=3, epsilon_cap=100.0, **SPEND)
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()  # refused before the reservation
+    with pytest.raises(LedgerError, match="cannot write"):
+        ledger.sync_record()  # what `join` calls: it stops before the SuperNode starts
+    # A record where no file can be (its folder is a file) cannot be read either: refused at once.
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(LedgerError, match=r"not-a-dir/auth_key.privacy.json: cannot read"):
+        PrivacyLedger(
+            tmp_path / "state",
+            KeyBinding(key_sha256="ab" * 32, record=record_path(tmp_path / "not-a-dir" / "auth_key")),
+        )
+
+
+def test_a_record_of_another_key_is_refused(tmp_path: Path) -> None:
+    key = binding(tmp_path)
+    spend(PrivacyLedger(tmp_path / "state", key), 1)
+    other = KeyBinding(key_sha256="cd" * 32, record=key.record)
+    with pytest.raises(LedgerError, match=r"field key_sha256: value 'abab.*' is not this site's key"):
+        PrivacyLedger(tmp_path / "state", other)
+
+
+# ------------------------------------------------------------------------ history against rounds
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")  # the 10x-noise reference epsilon
+def test_an_edited_history_is_refused_naming_the_file_and_the_round(tmp_path: Path) -> None:
+    """The replayed break: `history` edited to 10x the noise (rounds log unchanged) was accepted and
+    reported a fraction of the spend; the site then trained past its cap."""
+    ledger = PrivacyLedger(tmp_path)
+    spend(ledger, 1)
+    spent = spend(ledger, 2)
+    original = json.loads((tmp_path / LEDGER_FILE).read_text())
+    edited = json.loads(json.dumps(original))
+    edited["history"] = [[n * 10, q, s] for n, q, s in original["history"]]
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(edited))
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in edited["history"]]
+    assert acc.get_epsilon(DELTA) < spent / 10  # what the edited ledger used to report
+    with pytest.raises(LedgerError) as err:
+        PrivacyLedger(tmp_path)
+    assert str(tmp_path / LEDGER_FILE) in str(err.value) and "round 1 " in str(err.value)
+    with pytest.raises(LedgerError, match="field history"):
+        ledger.reserve(round=3, run="r", steps=3, epsilon_cap=100.0, **SPEND)  # the runtime already open
+
+    # Rounds and history edited alike: the recorded epsilon no longer follows from the history.
+    for entry in edited["rounds"]:
+        entry["noise_multiplier"] *= 10
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(edited))
+    with pytest.raises(LedgerError, match=r"privacy_ledger.json: round 1 .*field epsilon_after: value "):
+        PrivacyLedger(tmp_path)
+
+    # One round's epsilon_after edited: that round is named.
+    edited = json.loads(json.dumps(original))
+    edited["rounds"][1]["epsilon_after"] = 0.5
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(edited))
+    with pytest.raises(LedgerError, match=r"round 2 \(reservation .*\): field epsilon_after: value 0.5, but"):
+        PrivacyLedger(tmp_path)
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(original))
+    assert PrivacyLedger(tmp_path).epsilon(DELTA) == spent  # the untouched ledger reads as before
+
+
+def test_rounds_at_several_noise_levels_and_deltas_agree_with_their_history(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    for rnd, (noise, rate, steps, delta) in enumerate(
+        [(1.0, 0.1, 3, 1e-5), (1.0, 0.1, 2, 1e-6), (1.3, 0.05, 4, 1e-5), (1.0, 0.1, 1, 1e-5), (0.9, 0.2, 7, 1e-6)]
+    ):
+        reservation = ledger.reserve(
+            round=rnd,
+            run="r",
+            noise_multiplier=noise,
+            sample_rate=rate,
+            steps=steps,
+            max_grad_norm=1.0,
+            delta=delta,
+            epsilon_cap=100.0,
+        )
+        ledger.commit(reservation, steps)
+    assert history_problem(PrivacyLedger(tmp_path).data) is None
+
+
+# ------------------------------------------------------------------------ files that are not text
+
+
+@pytest.mark.parametrize("name", [LEDGER_FILE, MARK_FILE])
+def test_a_ledger_or_mark_that_is_not_utf8_is_a_ledger_error_naming_the_file(tmp_path: Path, name: str) -> None:
+    spend(PrivacyLedger(tmp_path), 1)
+    (tmp_path / name).write_bytes(b'{"version": 2, "ledger_id": "\xff\xfe"}')
+    with pytest.raises(LedgerError, match=rf"{tmp_path / name}: the .* is not UTF-8 text"):
+        PrivacyLedger(tmp_path)
+
+
+def test_a_record_that_is_not_utf8_or_not_a_record_is_a_ledger_error_naming_it(tmp_path: Path) -> None:
+    key = binding(tmp_path)
+    spend(PrivacyLedger(tmp_path / "state", key), 1)
+    key.record.write_bytes(b"\xff\xfe")
+    with pytest.raises(LedgerError, match=rf"{key.record}: the key's privacy budget record is not UTF-8"):
+        PrivacyLedger(tmp_path / "state", key)
+    key.record.write_text("{}")
+    with pytest.raises(LedgerError, match=rf"{key.record}: field version: value \(missing\)"):
+        PrivacyLedger(tmp_path / "state", key)

@@ -79,7 +79,8 @@ def test_the_proxy_forwards_only_the_fleet_routes(tmp_path: Path) -> None:
     text = nginx_config(paths, "0.0.0.0", 9093, 41000)
     locations = re.findall(r"location (.*?) \{", text)
     assert locations == [f"~ ^/v1/fleet/({'|'.join(FLEET_ROUTES)})$", "/"]
-    assert text.count("proxy_pass") == 1 and "proxy_pass https://superlink;" in text
+    # the route's canonical path, rebuilt by nginx: never the client's raw request target
+    assert text.count("proxy_pass") == 1 and "proxy_pass https://superlink/v1/fleet/$1;" in text
     # ... the one upstream, the loopback SuperLink, with connections kept open for reuse.
     upstream = re.findall(r"upstream superlink \{\s*server (\S+);\s*keepalive \d+;\s*keepalive_timeout (\d+)s;", text)
     assert upstream == [("127.0.0.1:41000", str(UPSTREAM_IDLE_S))]

@@ -18,16 +18,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
+from parquet_footer import set_compressed_sizes, set_row_counts, set_value_counts
 
 from healthfm_core.data import site_check as site_check_module
 from healthfm_core.data.layout import EPOCH_SECONDS, PRS_PREFIX
-from healthfm_core.data.site import open_site
+from healthfm_core.data.parquet_guard import (
+    MAX_ROWS_PER_BYTE,
+    ROWS_ALWAYS_PLAUSIBLE,
+    ParquetFooterError,
+    open_parquet,
+)
+from healthfm_core.data.site import Site, SiteDataError, open_site
 from healthfm_core.data.site_check import (
     MAX_PROBLEMS_PER_KIND,
     SiteProblem,
     SiteReport,
     check_site,
 )
+from healthfm_core.data.site_paths import OutsideRootError
+from healthfm_core.data.wear_stream import site_patches
 
 
 def retype(table: pa.Table, column: str, type_: pa.DataType) -> pa.Table:
@@ -814,3 +823,244 @@ def test_large_shard_in_bounded_batches_is_checked(site_tables, write_site):
     assert report.ok, [str(p) for p in report.problems]
     assert report.summary.n_subjects == n_subj and report.summary.n_events == n_subj * per
     assert sum(report.summary.splits.values()) == n_subj
+
+
+# --------------------------------------------------------------------------------------------
+# Untrusted files (issue 26, break 8): forged parquet footers, links out of the site root, text
+# that is not UTF-8. Each is refused by name before a reader allocates for it or reads it.
+
+FORGED_ROWS = 5_000_000_000  # the footer of the break: 5e9 rows in one row group of a small shard
+
+
+def _client_check(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "client/client.py", "check", str(root), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+# The file of the site root, and what makes the footer lie: each must be refused naming the file.
+FOOTER_CASES = {
+    "data shard, 5e9 rows": (f"data/{TRAIN}", lambda p: set_row_counts(p, FORGED_ROWS)),
+    "data shard, 5e9 rows and values": (
+        f"data/{TRAIN}",
+        lambda p: (set_row_counts(p, FORGED_ROWS), set_value_counts(p, FORGED_ROWS)),
+    ),
+    # Within every footer rule (2x the true rows, values agreeing): only decoding every row tells.
+    "data shard, twice its rows": (
+        f"data/{TRAIN}",
+        lambda p: (set_row_counts(p, 2 * pq.read_metadata(p).num_rows), set_value_counts(p, 22)),
+    ),
+    "wearables, 5e9 rows": ("wearables/0.parquet", lambda p: set_row_counts(p, FORGED_ROWS)),
+    "codes.parquet, 5e9 rows": ("metadata/codes.parquet", lambda p: set_row_counts(p, FORGED_ROWS)),
+    "subject_splits.parquet, 5e9 rows": ("metadata/subject_splits.parquet", lambda p: set_row_counts(p, FORGED_ROWS)),
+    "a column chunk beyond the file": (f"data/{HELD}", lambda p: set_compressed_sizes(p, 10**9)),
+}
+
+
+@pytest.mark.parametrize("case", list(FOOTER_CASES), ids=list(FOOTER_CASES))
+def test_a_forged_parquet_footer_is_refused_naming_the_file(case: str, site_tables, write_site):
+    rel, forge = FOOTER_CASES[case]
+    root = write_site(site_tables)
+    forge(root / rel)
+    report = check_site(root)
+    assert not report.ok
+    named = [p for p in report.errors if p.file == rel and p.kind == "bad_footer"]
+    assert named, [str(p) for p in report.problems]
+    assert "footer" in named[0].message
+    with pytest.raises(SiteDataError, match=rel):
+        open_site(root)
+
+
+def test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error(site_tables, write_site):
+    """The break: `check` exited 3 "internal error: ArrowMemoryError: malloc of size 17179869184
+    failed" without naming the file (its streaming pass read the true rows, then the coverage
+    read allocated for the footer's 5e9)."""
+    root = write_site(site_tables)
+    set_row_counts(root / "data" / TRAIN, FORGED_ROWS)
+    result = _client_check(root)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "internal error" not in result.stderr and "MemoryError" not in result.stdout + result.stderr
+    line = next(s for s in result.stdout.splitlines() if s.startswith("ERROR"))
+    assert f"data/{TRAIN}" in line and "5000000000" in line and "column subject_id" in line, line
+
+
+def test_a_file_forged_after_the_site_opened_is_refused_by_its_reader_before_allocating(site_tables, write_site):
+    """Every reader checks the footer (healthfm_core.data.parquet_guard): a shard replaced after
+    open_site's check is refused by name, and Arrow's pool never grows by the footer's claim."""
+    root = write_site(site_tables)
+    site = open_site(root)
+    for path in (root / "data" / TRAIN, root / "wearables" / "0.parquet"):
+        set_row_counts(path, FORGED_ROWS)
+    pool = pa.default_memory_pool()
+    before = pool.max_memory()
+    with pytest.raises(ParquetFooterError, match=f"data/{TRAIN}.*row group 0, column subject_id"):
+        site.read_events()
+    with pytest.raises(ParquetFooterError, match="wearables/0.parquet"):
+        site.read_wearables()
+    with pytest.raises(ParquetFooterError, match="wearables/0.parquet"):
+        site_patches(site, 8, normalisers=[])
+    assert pool.max_memory() - before < 1 << 30  # today: 174 GB reserved, or ArrowMemoryError
+
+
+def test_honest_parquet_files_pass_the_footer_rules(tmp_path):
+    """The rules leave room for the most compressible honest file written for them: 2**21 rows of
+    one subject with a constant value and nulls, one row group, zstd, by polars and by pyarrow."""
+    n = 1 << 21
+    table = pa.table(
+        {
+            "subject_id": pa.array(np.zeros(n, np.int64)),
+            "time": pa.array(np.arange(n, dtype=np.int64) * 30_000_000, pa.timestamp("us")),
+            "enmo_mg": pa.array(np.zeros(n, np.float32)),
+            "hr_bpm": pa.nulls(n, pa.float32()),
+        }
+    )
+    written = []
+    for name, write in {
+        "polars": lambda p, t: pl.from_arrow(t).write_parquet(p, compression="zstd", row_group_size=n),
+        "pyarrow": lambda p, t: pq.write_table(t, p, compression="zstd", row_group_size=n),
+    }.items():
+        for columns in (table.column_names, ["subject_id", "enmo_mg", "hr_bpm"]):
+            path = tmp_path / f"{name}-{len(columns)}.parquet"
+            write(path, table.select(columns))
+            open_parquet(path)  # raises if refused
+            written.append(path.stat().st_size)
+    densest = n / min(written)  # rows per byte: about 550 (polars, without the time column)
+    assert 100 < densest < MAX_ROWS_PER_BYTE / 4  # a margin of 4 or more over the densest honest file
+    assert n > ROWS_ALWAYS_PLAUSIBLE  # judged by the density rule, not let through by its floor
+
+
+def _other_site(tmp_path: Path) -> Path:
+    return write_site_tables(make_site_tables(), tmp_path / "other-site")
+
+
+@pytest.mark.parametrize("link", ["data/x.parquet", "data/more", "data", "wearables/w.parquet", "metadata"])
+def test_a_symlink_out_of_the_site_root_is_refused_naming_link_and_target(link: str, site_tables, tmp_path):
+    """The break: data/x.parquet linked to another site's shard was followed silently (check: OK,
+    its subjects counted). Files and folders linked out are refused, by check and by open_site."""
+    root = write_site_tables(site_tables, tmp_path / "site")
+    other = _other_site(tmp_path)
+    if link == "data":
+        (root / "data").rename(tmp_path / "moved-data")
+        target = tmp_path / "moved-data"
+    elif link == "metadata":
+        (root / "metadata").rename(tmp_path / "moved-metadata")
+        target = tmp_path / "moved-metadata"
+    else:
+        target = {
+            "data/x.parquet": other / "data" / TRAIN,
+            "data/more": other / "data",
+            "wearables/w.parquet": other / "wearables" / "0.parquet",
+        }[link]
+    (root / link).symlink_to(target)
+    report = check_site(root)
+    assert not report.ok
+    refused = [p for p in report.errors if p.kind == "link_outside_root"]
+    assert [p.file for p in refused] == [link], [str(p) for p in report.problems]
+    assert str(target.resolve()) in str(refused[0])
+    assert "out of the site root" in refused[0].message
+    with pytest.raises(SiteDataError, match=link):
+        open_site(root)
+    if link == "data/x.parquet":  # the break, as a site admin runs it
+        result = _client_check(root)
+        assert result.returncode == 1 and f"ERROR {link}:" in result.stdout and str(target.resolve()) in result.stdout
+
+
+def test_a_link_added_after_the_site_opened_is_refused_by_its_readers(site_tables, tmp_path):
+    root = write_site_tables(site_tables, tmp_path / "site")
+    other = _other_site(tmp_path)
+    site = open_site(root)
+    (root / "data" / "x.parquet").symlink_to(other / "data" / TRAIN)
+    with pytest.raises(OutsideRootError, match=f"data/x.parquet: a symbolic link to {other / 'data' / TRAIN}"):
+        Site(root, site.report, site.subject_ids, site._modality_subjects)
+    (root / "metadata" / "codes.parquet").unlink()
+    (root / "metadata" / "codes.parquet").symlink_to(other / "metadata" / "codes.parquet")
+    with pytest.raises(OutsideRootError, match="metadata/codes.parquet"):
+        site.code_metadata()
+
+
+def test_symlinks_that_stay_inside_the_site_root_are_followed(site_tables, tmp_path):
+    root = write_site_tables(site_tables, tmp_path / "site")
+    (root / "export").mkdir()
+    (root / "data" / "held_out").rename(root / "export" / "held_out")
+    (root / "data" / "held_out").symlink_to(Path("..") / "export" / "held_out")  # a folder, relative
+    (root / "data" / "train" / "0.parquet").rename(root / "export" / "train0.parquet")
+    (root / "data" / "train" / "0.parquet").symlink_to(root / "export" / "train0.parquet")  # a file
+    (root / "data" / "train" / "again").symlink_to(root / "data" / "train")  # a loop: each file once
+    report = check_site(root)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.summary.n_subjects == 3
+    linked_root = tmp_path / "linked-root"  # the root itself may be a link
+    linked_root.symlink_to(root)
+    assert check_site(linked_root).ok
+    assert open_site(linked_root).read_events().num_rows == report.summary.n_events
+
+
+def test_site_labels_linked_out_of_the_root_are_refused(site_tables, tmp_path):
+    root = write_site_tables(site_tables, tmp_path / "site")
+    elsewhere = tmp_path / "labels"
+    elsewhere.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array([1], pa.int64()),
+                "prediction_time": pa.array([datetime(2150, 3, 20)], pa.timestamp("us")),
+                "boolean_value": [True],
+            }
+        ),
+        elsewhere / "0.parquet",
+    )
+    (root / "tasks").mkdir()
+    (root / "tasks" / "readmission").symlink_to(elsewhere)
+    report = check_site(root)
+    bad = [p for p in report.errors if p.kind == "bad_site_labels"]
+    assert bad and bad[0].file == "tasks/readmission" and f"symbolic link to {elsewhere}" in bad[0].message
+
+
+def _with_bytes(table: pa.Table, column: str, row: int, raw: bytes) -> pa.Table:
+    """`table` with one text value replaced by bytes that are not UTF-8 (pyarrow writes them as they are)."""
+    values = [v.encode() if v is not None else None for v in table.column(column).to_pylist()]
+    values[row] = raw
+    idx = table.schema.get_field_index(column)
+    return table.set_column(idx, table.schema.field(idx), pa.array(values, pa.binary()).view(pa.string()))
+
+
+def test_a_code_that_is_not_utf8_is_named_by_file_column_and_row(site_tables, write_site):
+    """The break: `cannot read rows after row 0: UnicodeDecodeError` named the file, not the row."""
+    site_tables.shards[TRAIN] = _with_bytes(site_tables.shards[TRAIN], "code", 4, b"LAB//\xff\xfe//UNK")
+    root = write_site(site_tables)
+    report = check_site(root)
+    assert not report.ok
+    assert [(p.file, p.column, p.row, p.subject_id, p.kind) for p in report.problems] == [
+        (f"data/{TRAIN}", "code", 4, 1, "not_utf8")
+    ], [str(p) for p in report.problems]
+    assert report.problems[0].value == "b'LAB//\\xff\\xfe//UNK'"
+
+
+def test_a_dictionary_encoded_code_that_is_not_utf8_is_named_by_row(site_tables, write_site):
+    table = _with_bytes(site_tables.shards[TRAIN], "code", 6, b"\xc3(")
+    site_tables.shards[TRAIN] = table.set_column(
+        table.schema.get_field_index("code"), "code", table.column("code").dictionary_encode()
+    )
+    report = check_site(write_site(site_tables))
+    assert [(p.column, p.row, p.kind) for p in report.errors] == [("code", 6, "not_utf8")], [
+        str(p) for p in report.problems
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rel", "column", "row"), [("codes.parquet", "code", 2), ("subject_splits.parquet", "split", 1)]
+)
+def test_metadata_text_that_is_not_utf8_is_named_by_row(rel: str, column: str, row: int, site_tables, write_site):
+    """codes.parquet with such a code made check_site raise UnicodeDecodeError (an internal error)."""
+    if rel == "codes.parquet":
+        site_tables.codes = _with_bytes(site_tables.codes, column, row, b"MEDS_\xffBIRTH")
+    else:
+        site_tables.splits = _with_bytes(site_tables.splits, column, row, b"tr\xe9in")
+    report = check_site(write_site(site_tables))  # never raises
+    assert not report.ok
+    assert (f"metadata/{rel}", column, row, "not_utf8") in [(p.file, p.column, p.row, p.kind) for p in report.errors]

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from meds_evaluation.schema import PredictionSchema
+from sklearn.metrics import roc_auc_score
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.aces_tasks import TASK_DIR
@@ -28,6 +29,7 @@ from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, task_keys
 from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome_rows, outcome_table, replies_from_event
 from healthfm_core.federation import (
     SMALL_CELL,
@@ -201,6 +203,15 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
         table = pq.read_table(path)
         PredictionSchema.validate(table)
         assert table.num_rows == m.n and 0 <= m.auroc <= 1
+        # The interval is on the same rows as the point: a subject bootstrap of the written file
+        # (sklearn's AUROC per resample, whole subjects drawn, stratified as the site draws them).
+        y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+        p = table["predicted_boolean_probability"].to_numpy()
+        assert m.positives == (int(y.sum()) if int(y.sum()) >= 2 else SMALL_CELL)
+        counts = bootstrap_counts(y, 10, np.random.default_rng(cfg.seed), groups=table["subject_id"].to_numpy())
+        boot = [roc_auc_score(np.repeat(y, c.astype(int)), np.repeat(p, c.astype(int))) for c in counts]
+        assert (m.auroc_low, m.auroc_high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-9)
+        assert m.auroc_low <= m.auroc <= m.auroc_high
     # Without an eval-dir or state-dir: the same metrics, scored in memory; nothing is written,
     # not even to a temporary directory (it would outlive the process with subject-level rows).
     tmp_root = tmp_path / "tmp"

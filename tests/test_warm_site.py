@@ -11,23 +11,54 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
+import io
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 import weakref
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+import uvicorn
+from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+    CLIENT,
+    SITES,
+    TINY_RUN,
+    Process,
+    federation,
+    join_args,
+    round_events,
+    site_policy,
+    sites,
+    superlink,
+)
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.common.config import get_metadata_from_config
+from flwr.common.constant import Status
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree, iterate_object_tree
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents, pull_and_inflate_object_from_tree
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.main import create_app
+from flwr.supernode.nodestate import NodeStateFactory
 from flwr.supernode.runtime import run_clientapp
+from flwr.supernode.start_client_internal import _pull_and_store_message
 
 from client import site_runtime
 from client.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECONDS, AppGuard
+from client.approval import approve, inspect_bundle
 from client.client import build_parser
 from client.client_app import make_client_app
 from client.policy import PolicyError, load_policy
@@ -37,8 +68,14 @@ from client.warm_clientapp import WarmWorker, collect_between_tasks, set_pull_ba
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
+from healthfm_core.files import write_flat_toml
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
+from server.bundle import build_bundle
+from server.flwr_app import parse_overrides, write_app
+from server.flwr_control import start_run, wait_for_run
+from server.provision import FederationPaths
+from server.registry import registry_path
 from server.strategy import ModalityAwareFedAvg, pack_record
 
 
@@ -252,6 +289,263 @@ def test_between_tasks_garbage_is_collected_and_the_rest_frozen() -> None:
 def test_app_guard_refuses_an_unknown_clientapp_mode() -> None:
     with pytest.raises(ValueError, match="--clientapp: value 'lukewarm'"):
         AppGuard("127.0.0.1:9", None, "hospital", clientapp="lukewarm")
+
+
+# ---------------------------------------------------------------------------- the approved code
+
+
+class LocalSuperNode:
+    """Flower's SuperNode state and its Runtime API (the real FastAPI app, on 127.0.0.1) with the
+    SuperLink's side played here: a message is stored by Flower's own `_pull_and_store_message`
+    (run, FAB and context as the SuperNode stores them), the site's real app guard takes the task
+    and runs it warm (client/warm_clientapp.py) or cold (flwr-clientapp), and the reply is read
+    back from the node's state. The deployed path is tests/test_trust.py's."""
+
+    NODE_ID = 42
+
+    def __init__(self) -> None:
+        self.state_factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+        self.state = self.state_factory.state()
+        self.store = self.state_factory.objectstore_factory.store()
+        self.state.set_node_id(self.NODE_ID)
+        self.port = _free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app=create_app(state_factory=self.state_factory), host="127.0.0.1", port=self.port)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while self.thread.is_alive() and not self.server.started:
+            time.sleep(0.05)
+        assert self.server.started
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def deliver(self, fab: bytes, run_id: int, message: Message, node_config: dict) -> None:
+        config = tomllib.loads(zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode())
+        fab_id, fab_version = get_metadata_from_config(config)
+        run = Run.create_empty(run_id)
+        run.fab_id, run.fab_version, run.fab_hash = fab_id, fab_version, hashlib.sha256(fab).hexdigest()
+        run.status = RunStatus(status=Status.RUNNING, sub_status="", details="")
+        run.primary_task_type = TaskType.SERVER_APP
+        message.metadata.__dict__["_message_id"] = message.object_id
+        objects = get_all_nested_objects(message)
+        delivered = [(message, get_object_tree(message))]
+        assert (
+            _pull_and_store_message(
+                state=self.state,
+                object_store=self.store,
+                node_config=node_config,
+                receive=lambda: delivered.pop() if delivered else None,
+                get_run=lambda _run_id: run,
+                get_fab=lambda fab_hash, _run_id: Fab(fab_hash, fab, {}),
+                pull_object=lambda _run_id, object_id: objects[object_id].deflate(),
+                confirm_message_received=lambda *_: None,
+                trusted_entities=None,
+            )
+            == run_id
+        )
+
+    def reply(self, guard: AppGuard, patience: float = 900.0) -> Message:
+        """Let the guard take the task, then wait for the ClientApp's reply (`patience` only
+        guards against a hang)."""
+        deadline = time.monotonic() + patience
+        while guard.poll_once() is None:
+            assert time.monotonic() < deadline, "the guard never got the task"
+            time.sleep(0.05)
+        while not (replies := self.state.get_messages_legacy(is_reply=True)):
+            assert time.monotonic() < deadline, "no reply from the ClientApp"
+            time.sleep(0.1)
+        (reply,) = replies
+        tree = self.store.get_object_tree(reply.metadata.message_id)
+        # The reply is listed once its tree is; its objects follow (b"" until each has arrived).
+        while not all(
+            (contents := {t.object_id: self.store.get(t.object_id) or b"" for t in iterate_object_tree(tree)}).values()
+        ):
+            assert time.monotonic() < deadline, "the reply's objects never arrived"
+            time.sleep(0.1)
+        inflated = inflate_object_from_contents(reply.metadata.message_id, contents)
+        assert isinstance(inflated, Message)
+        return inflated
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+REPO = Path(__file__).resolve().parents[1]
+CAPABILITIES_REPLY = 'return Message(RecordDict({"capabilities": ConfigRecord(caps.to_flat())}), reply_to=msg)'
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, str]]:
+    """The federation's bundle (no code: the site's installed client) and one built from a copy of
+    this checkout's client/ whose capabilities reply names the file of every `client` module the
+    process runs (issue 26, break 6)."""
+    tmp = tmp_path_factory.mktemp("bundles")
+    app = write_app(FederationPaths(root=tmp / "fed"))
+    shipped = tmp / "healthfm-federation"
+    shipped.mkdir()
+    shutil.copy(app / "pyproject.toml", shipped / "pyproject.toml")
+    shutil.copytree(REPO / "client", shipped / "client", ignore=shutil.ignore_patterns("__pycache__"))
+    source = (shipped / "client" / "client_app.py").read_text()
+    assert CAPABILITIES_REPLY in source and "\nimport logging\n" in source
+    marked = CAPABILITIES_REPLY.replace(
+        "ConfigRecord(caps.to_flat())}",
+        'ConfigRecord(caps.to_flat()), "code": ConfigRecord({n: str(getattr(m, "__file__", None)) '
+        'for n, m in list(sys.modules.items()) if n.partition(".")[0] == "client"})}',
+    )
+    source = source.replace(CAPABILITIES_REPLY, marked).replace("\nimport logging\n", "\nimport logging\nimport sys\n")
+    (shipped / "client" / "client_app.py").write_text(source)
+    built = {"installed": build_bundle(app), "shipped": build_bundle(shipped)}
+    assert "client/client_app.py" in inspect_bundle(built["shipped"][0]).python_files()
+    assert inspect_bundle(built["installed"][0]).python_files() == []
+    return built
+
+
+@pytest.mark.usefixtures("identity")
+@pytest.mark.parametrize("bundle", ["shipped", "installed"])
+@pytest.mark.parametrize("mode", ["cold", "warm"])
+def test_what_runs_is_the_approved_bundles_code_warm_and_cold(
+    mode: str,
+    bundle: str,
+    bundles: dict[str, tuple[bytes, str]],
+    hospital: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 26, break 6: the same approved bundle, the same message, the real guard in either
+    mode: a bundle that ships its own client/ runs its files in both (warm ran the site's
+    checkout instead); one that ships no code runs the site's installed client in both."""
+    fab, digest = bundles[bundle]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"approved_apps: [{digest}]\n")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    node = LocalSuperNode()
+    guard = AppGuard(node.address, policy, "hospital", clientapp=mode)
+    try:
+        query = Message(RecordDict(), dst_node_id=LocalSuperNode.NODE_ID, message_type="query.capabilities")
+        node.deliver(fab, 7, query, hospital)
+        reply = node.reply(guard)
+    finally:
+        guard.close()
+        node.close()
+    assert not reply.has_error(), reply.error
+    assert "capabilities" in reply.content.config_records
+    if bundle == "installed":
+        assert "code" not in reply.content.config_records  # the checkout's ClientApp, unmarked
+        return
+    assert "code" in reply.content.config_records, f"{mode}: the site's client ran, not the approved bundle's"
+    code = dict(reply.content.config_records["code"])
+    assert "client.client_app" in code and "client.site_runtime" in code, code
+    # Every `client` module of this ClientApp is the bundle's own file, unpacked from the approved bytes.
+    outside = {name: f for name, f in code.items() if f"{digest[:8]}/client/" not in str(f)}
+    assert not outside, outside
+
+
+@pytest.mark.usefixtures("identity")
+def test_a_warm_clientapp_refuses_a_bundle_file_it_cannot_run_as_shipped(
+    bundles: dict[str, tuple[bytes, str]], hospital: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle that ships `flwr/` (loaded by every ClientApp process before the app: its files
+    there would never run) is answered with an error reply naming the file, before any of the
+    bundle's code runs; the server sees it as that site's reply. (flwr-clientapp, cold, runs the
+    installed Flower there and no check of its own.)"""
+    app = tmp_path / "healthfm-federation"
+    app.mkdir()
+    with zipfile.ZipFile(io.BytesIO(bundles["installed"][0])) as fab:
+        (app / "pyproject.toml").write_bytes(fab.read("pyproject.toml"))
+    (app / "flwr").mkdir()
+    (app / "flwr" / "__init__.py").write_text("raise SystemExit('the bundle ran its own flwr')\n")
+    fab_bytes, digest = build_bundle(app)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"approved_apps: [{digest}]\n")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    node = LocalSuperNode()
+    guard = AppGuard(node.address, policy, "hospital", clientapp="warm")
+    try:
+        query = Message(RecordDict(), dst_node_id=LocalSuperNode.NODE_ID, message_type="query.capabilities")
+        node.deliver(fab_bytes, 7, query, hospital)
+        reply = node.reply(guard)
+    finally:
+        guard.close()
+        node.close()
+    assert reply.has_error()
+    assert "the approved bundle's file flwr/__init__.py is not what this process runs" in reply.error.reason
+    assert "site-packages/flwr/__init__.py" in reply.error.reason
+
+
+def _marking_app(paths: FederationPaths, app: Path, marks: Path) -> Path:
+    """The federation's app shipping a copy of this checkout's client/ whose client_app, imported
+    at a site (its Flower home is under a `state-*` directory here), leaves a file in `marks`
+    naming that site's Flower home and the file it was imported from."""
+    app.mkdir()
+    shutil.copy(paths.server_dir / "app" / "pyproject.toml", app / "pyproject.toml")
+    shutil.copytree(REPO / "client", app / "client", ignore=shutil.ignore_patterns("__pycache__"))
+    source = (app / "client" / "client_app.py").read_text()
+    mark = (
+        "\nimport os as _os\n"
+        "if 'state-' in _os.environ.get('FLWR_HOME', ''):\n"
+        f"    (Path({str(marks)!r}) / str(_os.getpid())).write_text(_os.environ['FLWR_HOME'] + '\\n' + __file__)\n"
+    )
+    (app / "client" / "client_app.py").write_text(
+        source.replace("\nimport logging\n", "\nimport logging\nfrom pathlib import Path\n") + mark
+    )
+    return app
+
+
+@pytest.mark.slow
+def test_deployed_sites_run_the_approved_bundles_code_warm_and_cold(  # noqa: F811 - fixtures by name
+    superlink: str,  # noqa: F811
+    federation: FederationPaths,  # noqa: F811
+    sites: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Issue 26, break 6, deployed: three sites (biobank and genomics warm, hospital cold) approve a
+    bundle shipping its own client/; every site's ClientApp is imported from that bundle's files
+    (warm sites ran their checkout's before), and the run completes."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    app = _marking_app(federation, tmp_path / "healthfm-federation", marks)
+    fab, digest = build_bundle(app)
+    assert approve(inspect_bundle(fab), site_policy(federation))
+    modes = {"biobank": "warm", "hospital": "cold", "genomics": "warm"}
+    procs: dict[str, Process] = {}
+    out = tmp_path / "run"
+    try:
+        for name in SITES:
+            args = join_args(federation, sites[name], name, superlink, tmp_path / f"state-{name}")
+            procs[name] = Process(
+                [sys.executable, str(CLIENT), *args, "--clientapp", modes[name]], tmp_path / f"join-{name}.out"
+            )
+        for proc in procs.values():
+            assert proc.wait_for("joined: SuperNode", 600), proc.output()[-3000:]
+        config = {
+            **parse_overrides([a for a in TINY_RUN[2:] if a != "-c"]),
+            "rounds": 1,
+            "out-dir": str(out),
+            "registry": str(registry_path(federation)),
+        }
+        run_id = start_run(federation, app, write_flat_toml(tmp_path / "run-config.toml", config))
+        status = wait_for_run(federation, run_id, 1200)
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    assert status == "finished:completed", (status, (out / "server.log").read_text()[-3000:])
+    _, rounds = round_events(out)
+    assert {s: e["status"] for s, e in rounds[1]["sites"].items()} == {s: "ok" for s in SITES}
+    ran = [m.read_text().splitlines() for m in marks.iterdir()]
+    for name in SITES:
+        files = {f for home, f in ran if f"state-{name}" in home}
+        assert files, f"{name} ({modes[name]}): the bundle's client_app never ran there"
+        assert all(f"{digest[:8]}/client/client_app.py" in f for f in files), (name, files)
 
 
 # ---------------------------------------------------------------------------- threads

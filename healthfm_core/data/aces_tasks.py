@@ -1,7 +1,9 @@
-"""Tasks as data: an ACES task config (es-aces) plus horizons, run on one site's MEDS root.
+"""Tasks as data: an ACES task config (es-aces), optionally with horizons, run on one site's MEDS root.
 
-A task file (configs/tasks/<name>.yaml) is a plain ACES config whose `metadata` (which ACES ignores)
-adds what ACES cannot say:
+A task file is a plain ACES config. Without `metadata.horizons_days` (a MEDS-DEV task, any ACES
+file as its authors wrote it) it is a task with its own windows: one label table, under the key
+OWN_WINDOWS (0, never a horizon: horizons are >= 1 day), evaluated under the task's bare name.
+A task file may add, in `metadata` (which ACES ignores), what ACES cannot say (configs/tasks/*.yaml):
 
     metadata:
       horizons_days: [30, 90, 180, 365]   # one label table per horizon
@@ -16,6 +18,7 @@ predicates, so a row found by both has the same label.
 
     task = load_task("configs/tasks/t2d.yaml")          # or load_task("t2d")
     labels = aces_labels(task, site_root)               # {horizon_days: LabelSchema table}
+                                                        # ({OWN_WINDOWS: table} without horizons)
 
 ACES reads each data/**/*.parquet shard with polars; MEDS keeps a subject in one shard, so shards
 are queried separately and concatenated. Static rows (null time) are dropped by ACES: an outcome
@@ -30,7 +33,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import meds
 import numpy as np
@@ -38,9 +41,11 @@ import polars as pl
 import pyarrow as pa
 import yaml
 from omegaconf import DictConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from healthfm_core.data.frames import to_polars
+from healthfm_core.data.layout import parquet_files
+from healthfm_core.data.parquet_guard import open_parquet
 from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, validate_labels
 
 # ACES is imported where a task is parsed or extracted: with its networkx, bigtree and matplotlib
@@ -51,18 +56,38 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+# The key of the one label table of a task without horizons (its own windows decide everything).
+OWN_WINDOWS = 0
 
 
 class TaskMetadata(BaseModel):
-    """The `metadata` block of a task file."""
+    """The `metadata` block of a task file: ours (task, horizons), MEDS-DEV's (description,
+    links, contacts, supported_datasets), and anything else, kept as written."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     task: str | None = None
-    horizons_days: list[int] = Field(min_length=1)
-    horizon_window: str
+    horizons_days: list[int] | None = Field(default=None, min_length=1)
+    horizon_window: str | None = None
     censoring_window: str | None = None
     complete_on: str | None = None
+    description: str | None = None
+    links: list[str] = Field(default_factory=list)
+    contacts: list[dict[str, Any]] = Field(default_factory=list)
+    supported_datasets: list[str] | None = None
+    meds_dev: dict[str, Any] | None = None  # where a MEDS-DEV task came from (healthfm_core.data.meds_dev_tasks)
+
+    @model_validator(mode="after")
+    def _horizons_together(self) -> TaskMetadata:
+        if (self.horizons_days is None) != (self.horizon_window is None):
+            raise ValueError(
+                f"horizons_days and horizon_window go together (got {self.horizons_days!r}, {self.horizon_window!r})"
+            )
+        if self.censoring_window is not None and self.horizon_window is None:
+            raise ValueError("censoring_window needs horizons (horizons_days, horizon_window)")
+        if self.horizons_days is not None and any(h < 1 for h in self.horizons_days):
+            raise ValueError(f"horizons_days {self.horizons_days}: a horizon is at least 1 day")
+        return self
 
 
 class AcesTask(BaseModel):
@@ -75,9 +100,19 @@ class AcesTask(BaseModel):
     metadata: TaskMetadata
     config: dict
 
+    @property
+    def horizons(self) -> list[int]:
+        """The keys of the task's label tables: its horizons, or [OWN_WINDOWS]."""
+        return list(self.metadata.horizons_days or [OWN_WINDOWS])
+
     def config_for(self, horizon_days: int, complete_variant: bool = False) -> dict:
-        """The ACES config for one horizon; `complete_variant` is the second query of the union."""
+        """The ACES config for one horizon; `complete_variant` is the second query of the union.
+        A task without horizons has one config, its own (horizon_days OWN_WINDOWS)."""
         cfg = copy.deepcopy(self.config)
+        if self.metadata.horizon_window is None:
+            if horizon_days != OWN_WINDOWS or complete_variant:
+                raise ValueError(f"{self.path}: task {self.name!r} has its own windows, no horizon {horizon_days}d")
+            return cfg
         windows = cfg["windows"]
         windows[self.metadata.horizon_window]["end"] = f"start + {int(horizon_days)}d"
         if complete_variant:
@@ -115,11 +150,20 @@ def _parse(cfg: dict, where: str) -> TaskExtractorConfig:
     return copy.deepcopy(_PARSED[text])
 
 
+def aces_config(cfg: dict, where: str) -> TaskExtractorConfig:
+    """ACES's parse of a config (a private copy; ValueError naming `where` if ACES refuses it)."""
+    return _parse(cfg, where)
+
+
 def _query_config(task: AcesTask, horizon_days: int, complete_variant: bool) -> TaskExtractorConfig:
     """A fresh parsed config for one ACES query: a config that was queried once is not the
     config any more (see _PARSED), and reusing it made a site's k-th shard ask for k extra
     horizons of follow-up."""
-    return _parse(task.config_for(horizon_days, complete_variant), f"{task.path} (horizon {horizon_days}d)")
+    return _parse(task.config_for(horizon_days, complete_variant), _where(task.path, horizon_days))
+
+
+def _where(path: Path, horizon_days: int) -> str:
+    return f"{path}" if horizon_days == OWN_WINDOWS else f"{path} (horizon {horizon_days}d)"
 
 
 def load_task(task: str | Path) -> AcesTask:
@@ -135,7 +179,8 @@ def load_task(task: str | Path) -> AcesTask:
 
 def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | None = None) -> AcesTask:
     """A task from the text of its file (`path` names it in errors: a file, or where a peer sent
-    it from); `horizons_days` replaces metadata.horizons_days. Validated by ACES for every horizon."""
+    it from); `horizons_days` replaces metadata.horizons_days (empty or None: the file's own; a
+    task without horizons accepts none). Validated by ACES for every horizon."""
     path = Path(path)
     try:
         raw = yaml.safe_load(text)
@@ -144,7 +189,12 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     meta_raw = dict(raw.pop("metadata", None) or {})
-    if horizons_days is not None:
+    if horizons_days:
+        if meta_raw.get("horizon_window") is None:
+            raise ValueError(
+                f"{path}, field metadata.horizon_window: the task has its own windows and no horizons; "
+                f"horizons {list(horizons_days)} cannot apply"
+            )
         meta_raw["horizons_days"] = [int(h) for h in horizons_days]
     try:
         meta = TaskMetadata.model_validate(meta_raw)
@@ -162,13 +212,13 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
     if meta.complete_on is not None and meta.complete_on not in (raw.get("predicates") or {}):
         raise ValueError(f"{path}, field metadata.complete_on: no predicate {meta.complete_on!r}")
     out = AcesTask(name=meta.task or path.stem, path=path, metadata=meta, config=raw)
-    for h in meta.horizons_days:
-        _parse(out.config_for(h), f"{path} (horizon {h}d)")
+    for h in out.horizons:
+        _parse(out.config_for(h), _where(path, h))
     return out
 
 
 def _shards(site_root: Path) -> list[Path]:
-    shards = sorted((site_root / meds.data_subdirectory).rglob("*.parquet"))
+    shards = parquet_files(site_root, meds.data_subdirectory)  # links out of the root refused
     if not shards:
         raise FileNotFoundError(f"{site_root / meds.data_subdirectory}: no *.parquet shards")
     return shards
@@ -188,6 +238,7 @@ def _labels(result: pl.DataFrame) -> pl.DataFrame:
 
 def _meds_frame(shard: Path) -> pl.DataFrame:
     """A shard as ACES's MEDS loader reads it (aces.predicates.generate_plain_predicates_from_meds)."""
+    open_parquet(shard)  # its footer checked before pyarrow allocates for it
     return pl.read_parquet(shard, use_pyarrow=True).rename({"time": "timestamp"})
 
 
@@ -279,7 +330,8 @@ def aces_labels(
     horizons_days: Sequence[int] | None = None,
     prediction_times: pa.Table | None = None,
 ) -> dict[int, pa.Table]:
-    """LabelSchema tables (subject_id, prediction_time, boolean_value) per horizon, sorted.
+    """LabelSchema tables (subject_id, prediction_time, boolean_value) per horizon, sorted; a
+    task without horizons has one, under OWN_WINDOWS.
 
     `prediction_times` (subject_id, prediction_time) keeps only those rows of ACES's output (ACES
     predicts at every trigger event; a time that is no trigger event gets no row).
@@ -289,7 +341,7 @@ def aces_labels(
     from aces import query as aces_query
 
     task = task if isinstance(task, AcesTask) else load_task(task)
-    horizons = list(horizons_days) if horizons_days is not None else task.metadata.horizons_days
+    horizons = list(horizons_days) if horizons_days is not None else task.horizons
     variants = _variants(task)
     parts: dict[int, list[pl.DataFrame]] = {h: [] for h in horizons}
     for shard in _shards(Path(site_root)):
@@ -336,7 +388,7 @@ def aces_labels_shared(
     evaluation's sample: tests/test_eval_sample.py checks the rows equal theirs among all)."""
     from aces import query as aces_query
 
-    parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.metadata.horizons_days} for t in tasks]
+    parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.horizons} for t in tasks]
     wanted = None if subjects is None else pl.Series(np.asarray(subjects, dtype=np.int64))
     with _quiet_one_shard_cohorts():
         for shard in _shards(Path(site_root)):
@@ -346,21 +398,60 @@ def aces_labels_shared(
                 if frame.is_empty():  # none of the sample's subjects is in this shard
                     continue
             for task, out in zip(tasks, parts, strict=True):
-                horizons = task.metadata.horizons_days
+                horizons = task.horizons
                 for v in _variants(task):
                     preds = _predicates_from_frame(_query_config(task, horizons[0], v), frame)
                     for h in horizons:
                         out[h].append(_labels(aces_query.query(_query_config(task, h, v), preds)))
     keep = _keep_times(prediction_times)
-    return [{h: _finish(t, h, p[h], keep) for h in t.metadata.horizons_days} for t, p in zip(tasks, parts, strict=True)]
+    return [{h: _finish(t, h, p[h], keep) for h in t.horizons} for t, p in zip(tasks, parts, strict=True)]
+
+
+def predicate_rows(task: AcesTask, site_root: str | Path) -> dict[str, int]:
+    """Per predicate of the task (plain and derived, as ACES computes them for its queries), the
+    number of (subject, time) rows where it holds at the site. A predicate at 0 makes every
+    window that needs it empty and every label that counts it False: with es-aces 0.7.3 and
+    polars 1.x a predicate with `code: null` and a value range is one (ACES issue #192)."""
+    counts: dict[str, int] = {}
+    for shard in _shards(Path(site_root)):
+        frame = _meds_frame(shard)
+        seen: set[str] = set()
+        for v in _variants(task):  # predicates do not depend on the horizon
+            cfg = _query_config(task, task.horizons[0], v)
+            preds = _predicates_from_frame(cfg, frame)
+            for name in [*cfg.plain_predicates, *cfg.derived_predicates]:
+                if name not in seen:
+                    seen.add(name)
+                    counts[name] = counts.get(name, 0) + int((preds[name] > 0).sum())
+    return counts
+
+
+def unmatched_predicates(task: AcesTask, site_root: str | Path) -> list[str]:
+    """The task's predicates that hold at no row of the site, each with why when the cause is
+    known (`name (code: null with a value range: ACES issue #192)`), sorted by name."""
+    cfg = _query_config(task, task.horizons[0], False)
+    out = []
+    for name, n in sorted(predicate_rows(task, site_root).items()):
+        if n:
+            continue
+        plain = cfg.plain_predicates.get(name)
+        if plain is not None and plain.code is None:
+            out.append(f"{name} (code: null with a value range matches nothing in es-aces 0.7: ACES issue #192)")
+        else:
+            out.append(name)
+    return out
 
 
 __all__ = [
+    "OWN_WINDOWS",
     "TASK_DIR",
     "AcesTask",
     "TaskMetadata",
     "aces_labels",
+    "aces_config",
     "aces_labels_shared",
     "load_task",
+    "predicate_rows",
     "task_from_text",
+    "unmatched_predicates",
 ]

@@ -26,10 +26,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from healthfm_core.data.layout import PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
+from healthfm_core.data.parquet_guard import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -414,10 +414,10 @@ def site_code_stats(site: SiteLike, min_subjects: int = 10, alpha: float = SKETC
     if wear_files:
         # Subjects may in principle span wearable files: read the subject column of all files to
         # count them once, the channels file by file.
-        subj = [pq.read_table(f, columns=["subject_id"])["subject_id"] for f in wear_files]
+        subj = [read_parquet(f, columns=["subject_id"])["subject_id"] for f in wear_files]
         n_wear = len(unique_inverse(np.concatenate([s.to_numpy() for s in subj]))[0]) if subj else 0
         wear = _merge_all(
-            wearable_stats(pq.read_table(f, columns=["subject_id", *WEARABLE_CHANNELS]), alpha) for f in wear_files
+            wearable_stats(read_parquet(f, columns=["subject_id", *WEARABLE_CHANNELS]), alpha) for f in wear_files
         )
         for ch in wear.wearables:  # per-file counts add unless a subject spans files
             wear.wearables[ch].n_subjects = min(wear.wearables[ch].n_subjects, n_wear)

@@ -34,6 +34,8 @@ from meds import (
     tuning_split,
 )
 
+from healthfm_core.data.site_paths import OutsideRootError, list_files
+
 # Folders and files under a site root (relative, posix separators).
 DATA_SUBDIRECTORY: str = data_subdirectory  # "data"
 CODE_METADATA_FILEPATH: str = code_metadata_filepath  # "metadata/codes.parquet"
@@ -80,11 +82,12 @@ class SiteLike(Protocol):
 
 
 def parquet_files(root: Path, subdirectory: str) -> list[Path]:
-    """`root/subdirectory/**/*.parquet`, sorted by path (absent folder: none)."""
-    directory = root / subdirectory
-    if not directory.is_dir():
-        return []
-    return sorted((p for p in directory.rglob("*.parquet") if p.is_file()), key=lambda p: p.as_posix())
+    """`root/subdirectory/**/*.parquet`, sorted by path (absent folder: none); OutsideRootError
+    for a symbolic link among them that leaves the site root (healthfm_core.data.site_paths)."""
+    files, escapes = list_files(root, subdirectory, ".parquet")
+    if escapes:
+        raise OutsideRootError(root, escapes[0])
+    return files
 
 
 def in_subject_order(paths: Sequence[Path]) -> list[Path]:

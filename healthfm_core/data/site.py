@@ -6,6 +6,9 @@ or raises `SiteDataError` listing every error. Reads go to parquet on each call.
 The reader, not the file, guarantees what the pipeline relies on: columns of MEDS's types
 (a polars or pandas export is read cast, healthfm_core.data.meds_align) and, in `read_events`,
 each subject's rows contiguous with its static rows (null time) first, then in time order.
+Every file is opened as untrusted input (healthfm_core.data.parquet_guard, site_paths): a footer
+claiming rows its bytes cannot hold, or a link out of the site root, is refused by name, before
+pyarrow allocates for it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from meds import CodeMetadataSchema, DataSchema, SubjectSplitSchema
 
 from healthfm_core.data.layout import (
@@ -35,12 +37,14 @@ from healthfm_core.data.layout import (
     parquet_files,
 )
 from healthfm_core.data.meds_align import align_table, sort_events
+from healthfm_core.data.parquet_guard import open_parquet, read_parquet
 from healthfm_core.data.site_check import (
     SiteProblem,
     SiteReport,
     SiteSummary,
     run_check,
 )
+from healthfm_core.data.site_paths import require_inside
 from healthfm_core.data.wear_patches import sorted_by_subject_time
 
 logger = logging.getLogger(__name__)
@@ -104,7 +108,7 @@ class Site:
         """One MEDS shard at a time (all columns by default, numeric_value always present), in file
         order (use `read_events` for the reading order)."""
         for path in self.data_files:
-            table = pq.read_table(path, columns=self._present(path, columns))
+            table = read_parquet(path, self.root, columns=self._present(path, columns))
             yield self._shape(table, columns)
 
     def read_events(self, subject_ids: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
@@ -115,13 +119,14 @@ class Site:
         tables = []
         for path in self.data_files:
             if wanted is not None:
-                table = pq.read_table(
+                table = read_parquet(
                     path,
+                    self.root,
                     columns=self._present(path, columns),
                     filters=pc.is_in(pc.field("subject_id"), value_set=wanted),
                 )
             else:
-                table = pq.read_table(path, columns=self._present(path, columns))
+                table = read_parquet(path, self.root, columns=self._present(path, columns))
             table = self._shape(table, columns)
             if "subject_id" in table.column_names and "time" in table.column_names:
                 table = sort_events(table)
@@ -138,7 +143,7 @@ class Site:
             kwargs: dict[str, Any] = {"columns": WEARABLES_SCHEMA.names}
             if wanted is not None:
                 kwargs["filters"] = pc.is_in(pc.field("subject_id"), value_set=wanted)
-            tables.append(pq.read_table(path, **kwargs).cast(WEARABLES_SCHEMA))
+            tables.append(read_parquet(path, self.root, **kwargs).cast(WEARABLES_SCHEMA))
         if not tables:
             return WEARABLES_SCHEMA.empty_table()
         table = pa.concat_tables(tables)
@@ -150,26 +155,26 @@ class Site:
         """(subject_id, split) for every subject; a deterministic hash split if no file."""
         path = self.root / SUBJECT_SPLITS_FILEPATH
         if path.is_file():
-            return align_table(pq.read_table(path, columns=["subject_id", "split"]), SubjectSplitSchema.schema())
+            table = read_parquet(path, self.root, columns=["subject_id", "split"])
+            return align_table(table, SubjectSplitSchema.schema())
         return hash_splits(self.subject_ids)
 
     def code_metadata(self) -> pa.Table:
         """metadata/codes.parquet, or an empty table with the MEDS schema if absent."""
         path = self.root / CODE_METADATA_FILEPATH
         if path.is_file():
-            return align_table(pq.read_table(path), CodeMetadataSchema.schema())
+            return align_table(read_parquet(path, self.root), CodeMetadataSchema.schema())
         return CodeMetadataSchema.schema().empty_table()
 
     def dataset_metadata(self) -> dict[str, Any]:
         path = self.root / DATASET_METADATA_FILEPATH
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return json.loads(require_inside(self.root, path).read_text(encoding="utf-8")) if path.is_file() else {}
 
-    @staticmethod
-    def _present(path: Path, columns: Sequence[str] | None) -> list[str] | None:
+    def _present(self, path: Path, columns: Sequence[str] | None) -> list[str] | None:
         """Requested columns that the shard has (numeric_value is added later if missing)."""
         if columns is None:
             return None
-        names = set(pq.ParquetFile(path).schema_arrow.names)
+        names = set(open_parquet(path, self.root).schema_arrow.names)
         missing = [c for c in columns if c not in names and c != "numeric_value"]
         if missing:
             raise KeyError(f"{path}: no column(s) {missing}")

@@ -19,6 +19,12 @@ A number column of the data that is not numeric_value (a float column, or an int
 like `value`, `valuenum`, `result`) is read by nothing: a warning says how many values that
 leaves unread, unless dataset.json declares the column (code modifier, raw source id, ...).
 
+Files are untrusted input, opened as every reader opens them: a link out of the site root is
+an error naming link and target (healthfm_core.data.site_paths), a parquet footer whose row counts
+or column chunk sizes its file cannot hold is refused before anything is read, and one that
+claims other rows than its pages hold is refused after the streaming pass counted them
+(healthfm_core.data.parquet_guard); text that is not UTF-8 is an error naming file, column and row.
+
 Problem counts are true counts: repeated problems of one kind in one file are cut to
 MAX_PROBLEMS_PER_KIND lines plus one "and N more" line whose `count` is N.
 
@@ -70,10 +76,11 @@ from healthfm_core.data.layout import (
     WEARABLES_SCHEMA,
     WEARABLES_SUBDIRECTORY,
     hash_splits,
-    parquet_files,
 )
 from healthfm_core.data.meds_align import CastError, align_table, cast_problem
+from healthfm_core.data.parquet_guard import ParquetFooterError, invalid_utf8_rows, open_parquet, show_bytes
 from healthfm_core.data.site_labels import check_site_labels, site_tasks
+from healthfm_core.data.site_paths import OutsideRoot, list_files, outside_root
 
 logger = logging.getLogger(__name__)
 
@@ -396,20 +403,92 @@ def _align_usable(log: _ProblemLog, file: str, table: pa.Table, meds_schema: Any
         return None
 
 
+def _outside_root(log: _ProblemLog, root: Path, escape: OutsideRoot) -> None:
+    """A link out of the root, once (metadata/ linked out leads three files out)."""
+    file = _rel(root, escape.link)
+    if not any(p.kind == "link_outside_root" and p.file == file for p in log.problems):
+        log.add("link_outside_root", file, escape.message(root))
+
+
 def _open_parquet(log: _ProblemLog, root: Path, path: Path) -> pq.ParquetFile | None:
+    """The file opened as every reader opens it (parquet_guard: the footer checked first)."""
+    file = _rel(root, path)
     try:
-        return pq.ParquetFile(path)
+        return open_parquet(path)
+    except ParquetFooterError as e:
+        where = f" (row group {e.row_group})" if e.row_group is not None else ""
+        log.add("bad_footer", file, f"parquet footer refused{where}: {e.message}", column=e.column, value=e.value)
     except Exception as e:  # any reader failure is a problem of the file, not of the check
-        log.add("unreadable", _rel(root, path), f"cannot read parquet file: {type(e).__name__}: {e}")
-        return None
+        log.add("unreadable", file, f"cannot read parquet file: {type(e).__name__}: {e}")
+    return None
+
+
+def _rows_as_claimed(log: _ProblemLog, file: str, handle: pq.ParquetFile, rows: int) -> None:
+    """The rows decoded are the rows the footer claims: what the readers allocate for."""
+    claimed = handle.metadata.num_rows
+    if rows != claimed:
+        log.add(
+            "bad_footer",
+            file,
+            f"parquet footer claims {claimed} rows, its pages hold {rows}: the footer is damaged or forged",
+            value=str(claimed),
+        )
+
+
+def _text_problems(
+    log: _ProblemLog, file: str, table: pa.Table, offset: int, shown: set[str] | None = None
+) -> pa.Table:
+    """Each value of a text column that is not UTF-8 reported with its row; the table returned
+    with those values shown as text (their bytes escaped, added to `shown`), so that the other
+    checks go on."""
+    for name in table.column_names:
+        column = table.column(name)
+        rows = invalid_utf8_rows(column)
+        if rows.size == 0:
+            continue
+        subjects = table.column("subject_id") if "subject_id" in table.column_names else None
+        for i in rows:
+            log.add(
+                "not_utf8",
+                file,
+                f"{name} is not valid UTF-8 text",
+                column=name,
+                row=offset + int(i),
+                subject_id=None if subjects is None or name == "subject_id" else _subject_at(subjects, int(i)),
+                value=show_bytes(column, int(i)),
+            )
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+            view = pa.large_binary() if pa.types.is_large_string(array.type) else pa.binary()
+            raw = array.view(view).to_pylist()
+            fixed = pa.array([None if v is None else v.decode("utf-8", "backslashreplace") for v in raw], array.type)
+            if shown is not None:
+                shown.update(str(fixed[int(i)].as_py()) for i in rows)
+        else:  # dictionaries, lists of text: null where not UTF-8 (reported above)
+            bad = np.zeros(table.num_rows, dtype=bool)
+            bad[rows] = True
+            fixed = array.take(pa.array(np.arange(table.num_rows), mask=bad))
+        table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), fixed)
+    return table
+
+
+def _subject_at(subjects: pa.ChunkedArray | pa.Array, row: int) -> int | None:
+    value = subjects[row].as_py()
+    return value if isinstance(value, int) else None
 
 
 def _read_small_table(log: _ProblemLog, root: Path, path: Path) -> pa.Table | None:
+    handle = _open_parquet(log, root, path)
+    if handle is None:
+        return None
     try:
-        return pq.read_table(path)
+        table = handle.read()
     except Exception as e:
         log.add("unreadable", _rel(root, path), f"cannot read parquet file: {type(e).__name__}: {e}")
         return None
+    file = _rel(root, path)
+    _rows_as_claimed(log, file, handle, table.num_rows)
+    return _text_problems(log, file, table, 0)
 
 
 def _null_rows(log: _ProblemLog, file: str, table: pa.Table, meds_schema: Any, offset: int) -> set[str]:
@@ -647,6 +726,7 @@ def _check_event_shard(
                 )
                 agg.subjects_incomplete = True
                 return
+            batch = _text_problems(log, file, batch, offset, agg.codes_seen)  # reported once, not as unlisted too
             _check_event_batch(log, file, batch, offset, state, agg, listed_codes)
             offset += batch.num_rows
             bar.update(batch.num_rows)
@@ -654,6 +734,7 @@ def _check_event_shard(
         log.add("unreadable", file, f"cannot read rows after row {offset}: {type(e).__name__}: {e}")
         agg.subjects_incomplete = True
         return
+    _rows_as_claimed(log, file, handle, offset)
     for col, n_values in state.unread_values.items():
         if n_values:
             kind = schema.field(col).type
@@ -754,6 +835,7 @@ def _check_wearables_file(log: _ProblemLog, root: Path, path: Path, agg: _Aggreg
     except Exception as e:
         log.add("unreadable", file, f"cannot read rows after row {offset}: {type(e).__name__}: {e}")
         return
+    _rows_as_claimed(log, file, handle, offset)
     agg.wear_subjects.append((file, _Aggregates._union(subjects)))
 
 
@@ -820,6 +902,9 @@ def _read_code_metadata(log: _ProblemLog, root: Path) -> set[str] | None:
             strict_error=True,
         )
         return None
+    if (escape := outside_root(root, path)) is not None:
+        _outside_root(log, root, escape)
+        return None
     table = _read_small_table(log, root, path)
     if table is None:
         return None
@@ -837,6 +922,9 @@ def _check_dataset_metadata(log: _ProblemLog, root: Path) -> set[str]:
     file = _rel(root, path)
     if not path.is_file():
         log.add("missing_metadata", file, "dataset metadata file is missing", severity="warning", strict_error=True)
+        return set()
+    if (escape := outside_root(root, path)) is not None:
+        _outside_root(log, root, escape)
         return set()
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
@@ -868,6 +956,9 @@ def _check_splits(log: _ProblemLog, root: Path, subjects: np.ndarray, complete: 
     file = _rel(root, path)
     if not path.is_file():
         return None
+    if (escape := outside_root(root, path)) is not None:
+        _outside_root(log, root, escape)
+        return {}
     table = _read_small_table(log, root, path)
     if table is None:
         return {}
@@ -959,8 +1050,11 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
         report = SiteReport(root=report_root, problems=log.finish(), summary=None, ok=False, strict=strict)
         return report, CheckedSubjects(agg.subjects(), agg.modality_subjects())
 
-    data_files = parquet_files(root, DATA_SUBDIRECTORY)
-    wear_files = parquet_files(root, WEARABLES_SUBDIRECTORY)
+    data_files, data_escapes = list_files(root, DATA_SUBDIRECTORY, ".parquet")
+    wear_files, wear_escapes = list_files(root, WEARABLES_SUBDIRECTORY, ".parquet")
+    for escape in data_escapes + wear_escapes:
+        _outside_root(log, root, escape)
+    agg.subjects_incomplete = bool(data_escapes)
     declared = _check_dataset_metadata(log, root)
     listed_codes = _read_code_metadata(log, root)
 
@@ -976,7 +1070,7 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
         for path in wear_files:
             _check_wearables_file(log, root, path, agg, bar)
 
-    if not data_files:
+    if not data_files and not data_escapes:
         log.add(
             "empty_data", DATA_SUBDIRECTORY, f"no MEDS data shards: {DATA_SUBDIRECTORY}/**/*.parquet matched nothing"
         )

@@ -20,10 +20,12 @@ from pathlib import Path
 import meds
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 from flexible_schema import SchemaValidationError, TableValidationError
 
 from healthfm_core.data.frames import to_polars
+from healthfm_core.data.layout import parquet_files
+from healthfm_core.data.parquet_guard import ParquetFooterError, read_parquet
+from healthfm_core.data.site_paths import OutsideRootError, list_files
 
 TASKS_SUBDIR = "tasks"
 MAX_EXAMPLES = 3  # offending values quoted per (file, column, problem)
@@ -53,22 +55,32 @@ def task_dir(site_root: str | Path, task: str) -> Path:
 
 
 def site_tasks(site_root: str | Path) -> list[str]:
-    """Names of the tasks the site labels itself (directories under tasks/ holding parquet files)."""
+    """Names of the tasks the site labels itself (directories under tasks/ holding parquet files,
+    or links to files out of the site root, which `check_site_labels` then refuses)."""
     root = Path(site_root) / TASKS_SUBDIR
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.rglob("*.parquet")))
+    tasks = []
+    for p in sorted(root.iterdir()):
+        files, escapes = list_files(Path(site_root), f"{TASKS_SUBDIR}/{p.name}", ".parquet")
+        if p.is_dir() and (files or escapes):
+            tasks.append(p.name)
+    return tasks
 
 
 def label_files(site_root: str | Path, task: str) -> list[Path]:
-    return sorted(task_dir(site_root, task).rglob("*.parquet"))
+    """The task's label files; OutsideRootError for a link among them out of the site root."""
+    files, escapes = list_files(Path(site_root), f"{TASKS_SUBDIR}/{task}", ".parquet")
+    if escapes:
+        raise OutsideRootError(Path(site_root), escapes[0])
+    return files
 
 
 def _subject_ranges(site_root: Path) -> pl.DataFrame:
     """subject_id, first and last timed event of each subject in data/."""
-    shards = sorted((site_root / meds.data_subdirectory).rglob("*.parquet"))
+    shards = parquet_files(site_root, meds.data_subdirectory)
     frames = [
-        to_polars(pq.read_table(p, columns=[meds.DataSchema.subject_id_name, meds.DataSchema.time_name]))
+        to_polars(read_parquet(p, site_root, columns=[meds.DataSchema.subject_id_name, meds.DataSchema.time_name]))
         for p in shards
     ]
     if not frames:
@@ -86,7 +98,9 @@ def _subject_ranges(site_root: Path) -> pl.DataFrame:
 
 def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list[LabelIssue]]:
     try:
-        raw = pq.read_table(path)
+        raw = read_parquet(path)
+    except ParquetFooterError as exc:
+        return None, [LabelIssue(path, exc.column, exc.value, f"parquet footer refused: {exc.message}")]
     except (OSError, pa.ArrowInvalid) as exc:
         return None, [LabelIssue(path, None, None, f"not a readable parquet file: {exc}")]
     issues: list[LabelIssue] = []
@@ -173,7 +187,9 @@ def read_site_labels(site_root: str | Path, task: str) -> pa.Table:
 
 
 def _read(site_root: Path, task: str) -> tuple[pa.Table | None, list[LabelIssue]]:
-    files = label_files(site_root, task)
+    files, escapes = list_files(site_root, f"{TASKS_SUBDIR}/{task}", ".parquet")
+    if escapes:
+        return None, [LabelIssue(e.link, None, None, e.message(site_root)) for e in escapes]
     if not files:
         return None, [LabelIssue(task_dir(site_root, task), None, None, "no label files (*.parquet)")]
     ranges = _subject_ranges(site_root)

@@ -2,12 +2,16 @@
 
 For each task, an ACES config (healthfm_core.data.aces_tasks) or the site's own labels under
 SITE_ROOT/tasks/<task>/ (healthfm_core.data.site_labels), and each horizon: rows, subjects and
-positives per split. ACES tasks are asked at the prediction times the evaluation uses
-(`visit_prediction_times`: up to `n_per_subject` visits per subject, drawn with `seed`;
-healthfm_core.eval.runner and the site runtime use 4 and 0). A (task, horizon) that the runtime
+positives per split. ACES tasks give the rows ACES gives (trigger, windows, gaps, exclusions),
+capped as the evaluation caps them (`cap_rows_per_subject`: up to `n_per_subject` rows per
+subject, drawn with `seed`; the site runtime uses 4 and 0). A (task, horizon) that the runtime
 would withhold gets one warning saying why: a split (train, tuning, held_out) with fewer subjects
-than the federation's minimum, or a train or held_out split with a single class. Labels never
-leave the site: this is the site admin's view.
+than the federation's minimum, or a train or held_out split with a single class. Each predicate
+of an ACES task that matches no row at the site gets a warning naming it (and ACES issue #192 when
+it is a `code: null` range): a task whose label predicate never holds has no positives for a
+reason that is not the patients. `meds-dev:<task>@<dataset or predicates file>` entries are
+MEDS-DEV tasks (healthfm_core.data.meds_dev_tasks). Labels never leave the site: this is the site
+admin's view.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
-from healthfm_core.data.aces_tasks import aces_labels, load_task
+from healthfm_core.data.aces_tasks import OWN_WINDOWS, AcesTask, aces_labels, load_task, unmatched_predicates
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
+from healthfm_core.data.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_check import SiteProblem
 from healthfm_core.data.site_labels import (
@@ -29,7 +34,7 @@ from healthfm_core.data.site_labels import (
     SiteLabelError,
     read_site_labels,
 )
-from healthfm_core.data.tasks import visit_prediction_times
+from healthfm_core.data.tasks import cap_rows_per_subject
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
 TASK_SUFFIXES = (".yaml", ".yml")
@@ -45,7 +50,7 @@ class TaskCounts(BaseModel):
     task: str
     source: Literal["aces", "site"]
     file: str  # the ACES config, or the site's labels folder relative to the site root
-    horizon_days: int | None  # None: the site's own labels (their horizon is theirs)
+    horizon_days: int | None  # None: the site's own labels (their horizon is theirs); 0: the ACES task's own windows
     splits: dict[str, SplitCounts]  # train, tuning, held_out, then any other split name
 
 
@@ -63,11 +68,14 @@ class TasksReport(BaseModel):
 
 
 def task_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Task config files: each path a config, or a directory whose *.yaml / *.yml are taken."""
+    """Task config files: each path a config, or a directory whose *.yaml / *.yml are taken; a
+    `meds-dev:<task>@<dataset>` entry is kept as it is (resolved when counted)."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if str(raw).startswith(MEDS_DEV_PREFIX):
+            out.append(path)
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in TASK_SUFFIXES and p.is_file())
             if not found:
                 raise FileNotFoundError(f"--tasks {raw}: no *.yaml task configs in this directory")
@@ -111,7 +119,17 @@ def _why_withheld(counts: TaskCounts, min_subjects: int) -> str | None:
 
 
 def _label(counts: TaskCounts) -> str:
-    return counts.task if counts.horizon_days is None else f"{counts.task} {counts.horizon_days}d"
+    """The task's line: its name, with the horizon when it has horizons."""
+    if counts.horizon_days is None or counts.horizon_days == OWN_WINDOWS:
+        return counts.task
+    return f"{counts.task} {counts.horizon_days}d"
+
+
+def _load(entry: Path) -> AcesTask:
+    text = str(entry)
+    if text.startswith(MEDS_DEV_PREFIX):
+        return meds_dev_task(*parse_entry(text))
+    return load_task(entry)
 
 
 def count_tasks(
@@ -128,20 +146,17 @@ def count_tasks(
     split_of = dict(zip(splits.column("subject_id").to_pylist(), splits.column("split").to_pylist()))
     problems: list[SiteProblem] = []
     counted: list[TaskCounts] = []
-    times: pa.Table | None = None
     for path in files:
         try:
-            task = load_task(path)
+            task = _load(path)
         except (OSError, ValueError) as e:
             problems.append(
                 SiteProblem(severity="error", file=str(path), kind="bad_task", message=" ".join(str(e).split()))
             )
             continue
-        if times is None:  # the evaluation's prediction times, drawn once for every task
-            events = site.read_events(columns=["subject_id", "time", "code"])
-            times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
         try:
-            labels = aces_labels(task, site.root, prediction_times=times)
+            # ACES's rows, capped per subject as the evaluation caps them (one helper for both)
+            labels = {h: cap_rows_per_subject(t, n_per_subject, seed) for h, t in aces_labels(task, site.root).items()}
         except Exception as e:  # ACES on data it cannot query: one line, the task's file named
             problems.append(
                 SiteProblem(
@@ -152,6 +167,18 @@ def count_tasks(
                 )
             )
             continue
+        silent = unmatched_predicates(task, site.root)
+        if silent:
+            problems.append(
+                SiteProblem(
+                    severity="warning",
+                    file=str(path),
+                    kind="predicate_matches_nothing",
+                    message=f"{task.name}: predicate(s) matching no row at this site: {'; '.join(silent)}. "
+                    "Windows that need them are empty and labels that count them are False: "
+                    "its counts say nothing about the patients until the predicates match.",
+                )
+            )
         for horizon, table in sorted(labels.items()):
             counted.append(
                 TaskCounts(
@@ -198,8 +225,8 @@ def count_tasks(
 def format_tasks(report: TasksReport) -> str:
     """A table: one line per task and horizon, rows / subjects / positives per split."""
     head = (
-        f"tasks           rows / subjects / positives per split; prediction times as the evaluation's "
-        f"(up to {report.n_per_subject} visits per subject, seed {report.seed}); minimum {report.min_subjects} "
+        f"tasks           rows / subjects / positives per split; ACES's rows as the evaluation takes them "
+        f"(up to {report.n_per_subject} rows per subject, seed {report.seed}); minimum {report.min_subjects} "
         "subjects per split"
     )
     if not report.tasks:

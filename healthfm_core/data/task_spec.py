@@ -2,7 +2,8 @@
 
 A `TaskSpec` is one of
 - `aces`: the text of an ACES task file (configs/tasks/*.yaml, healthfm_core.data.aces_tasks) and
-  its horizons; evaluated at each site under one key per horizon, `<name>_<h>d`;
+  its horizons; evaluated at each site under one key per horizon, `<name>_<h>d`; a task without
+  horizons (a MEDS-DEV task, any plain ACES file) has no horizons_days and one key, `<name>`;
 - `site`: a task whose labels each site supplies itself (SITE_ROOT/tasks/<name>/, MEDS
   LabelSchema, healthfm_core.data.site_labels); key `<name>`;
 - `wearable`: one of the built-in wearable regression tasks (healthfm_core.data.tasks); key `<name>`.
@@ -11,9 +12,11 @@ The site never needs the server's files: the ACES text travels in the message, a
 a peer's input there (names restricted to a safe alphabet, sizes bounded, the ACES text parsed
 and checked by ACES at the site before use).
 
-`resolve_tasks(entries)` turns what a user writes (`tasks=[t2d, configs/tasks/cad.yaml,
-site:readmission]`, or the old synthetic names `onset_t2d_365d`, `wearable_resting_hr`) into
-specs; entries naming the same ACES task merge their horizons.
+`resolve_tasks(entries, dataset)` turns what a user writes (`tasks=[t2d, configs/tasks/cad.yaml,
+site:readmission, meds-dev:mortality/in_icu/first_24h]`, or the old synthetic names
+`onset_t2d_365d`, `wearable_resting_hr`) into specs; entries naming the same ACES task merge
+their horizons. A `meds-dev:<task>[@<dataset>]` entry is resolved with the dataset's predicates
+(healthfm_core.data.meds_dev_tasks) here, at the coordinator: the sites get the resolved text.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from healthfm_core.data.aces_tasks import AcesTask, load_task, task_from_text
+from healthfm_core.data.aces_tasks import OWN_WINDOWS, AcesTask, load_task, task_from_text
+from healthfm_core.data.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
 from healthfm_core.data.tasks import DISEASES, TASKS, OnsetTask, Task, WearableTask
 
 TASK_NAME = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"  # also a file name and a metric-key prefix: no dots, no slashes
@@ -47,8 +52,8 @@ class TaskSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
         if self.kind == "aces":
-            if not self.aces_yaml or not self.horizons_days:
-                raise ValueError(f"task {self.name!r}: an ACES task needs aces_yaml and horizons_days")
+            if not self.aces_yaml:
+                raise ValueError(f"task {self.name!r}: an ACES task needs aces_yaml")
             if len(set(self.horizons_days)) != len(self.horizons_days):
                 raise ValueError(
                     f"task {self.name!r}: field horizons_days: value {self.horizons_days}: repeated horizon"
@@ -61,8 +66,8 @@ class TaskSpec(BaseModel):
         return self
 
     def keys(self) -> list[str]:
-        """The evaluation keys of the task: one per horizon for ACES tasks."""
-        if self.kind == "aces":
+        """The evaluation keys of the task: one per horizon for ACES tasks with horizons."""
+        if self.kind == "aces" and self.horizons_days:
             return [horizon_key(self.name, h) for h in self.horizons_days]
         return [self.name]
 
@@ -77,8 +82,9 @@ class AcesOnsetTask(OnsetTask):
     """One horizon of an ACES task, for the frozen-probe runner (healthfm_core.eval.runner), which
     asks ACES for its labels. `outcome_code_prefix` is only the synthetic generator's code of the
     same disease (onset_<disease> of DISEASES; "" otherwise): where ground truth exists, the
-    oracle finds its risk by it."""
+    oracle finds its risk by it. A task without horizons has horizon_days OWN_WINDOWS (0)."""
 
+    horizon_days: float = Field(ge=0)
     aces: AcesTask
 
 
@@ -90,7 +96,7 @@ def runner_tasks(specs: Iterable[TaskSpec]) -> dict[str, Task]:
         if spec.kind == "aces":
             task = spec.aces()
             prefix = DISEASES.get(spec.name.removeprefix("onset_"), "")
-            for h in spec.horizons_days:
+            for h in task.horizons:
                 key = horizon_key(spec.name, h)
                 out[key] = AcesOnsetTask(name=key, outcome_code_prefix=prefix, horizon_days=h, aces=task)
         elif spec.kind == "wearable":
@@ -99,7 +105,8 @@ def runner_tasks(specs: Iterable[TaskSpec]) -> dict[str, Task]:
 
 
 def horizon_key(name: str, horizon_days: int) -> str:
-    return f"{name}_{int(horizon_days)}d"
+    """`<name>_<h>d`; the task's bare name for OWN_WINDOWS (a task without horizons)."""
+    return name if int(horizon_days) == OWN_WINDOWS else f"{name}_{int(horizon_days)}d"
 
 
 def task_keys(specs: Iterable[TaskSpec]) -> list[str]:
@@ -111,15 +118,19 @@ def _aces_spec(task: AcesTask, text: str, horizons: Iterable[int] | None = None)
         name=task.name,
         kind="aces",
         aces_yaml=text,
-        horizons_days=list(horizons) if horizons is not None else list(task.metadata.horizons_days),
+        horizons_days=list(horizons) if horizons is not None else list(task.metadata.horizons_days or []),
     )
 
 
-def resolve_task(entry: str | Path) -> TaskSpec:
-    """One user entry: a task file path, a name in configs/tasks/, `site:<name>`, or an old
-    synthetic task name (onset_<disease>_<h>d -> configs/tasks/<disease>.yaml at horizon h;
-    wearable_*: the built-in wearable regression)."""
+def resolve_task(entry: str | Path, dataset: str | Path | None = None) -> TaskSpec:
+    """One user entry: a task file path, a name in configs/tasks/, `site:<name>`,
+    `meds-dev:<task>[@<dataset>]` (with `dataset`: a MEDS-DEV dataset name or a predicates file),
+    or an old synthetic task name (onset_<disease>_<h>d -> configs/tasks/<disease>.yaml at
+    horizon h; wearable_*: the built-in wearable regression)."""
     text = str(entry).strip()
+    if text.startswith(MEDS_DEV_PREFIX):
+        task = meds_dev_task(*parse_entry(text, dataset))
+        return _aces_spec(task, _text_of(task))
     if text.startswith(SITE_PREFIX):
         return TaskSpec(name=text[len(SITE_PREFIX) :], kind="site")
     if isinstance(TASKS.get(text), WearableTask):
@@ -132,12 +143,18 @@ def resolve_task(entry: str | Path) -> TaskSpec:
     return _aces_spec(task, task.path.read_text())
 
 
-def resolve_tasks(entries: Iterable[str | Path]) -> list[TaskSpec]:
-    """Every entry resolved; ACES entries of the same task (same name and text) merged, their
-    horizons in the order given. Two different texts under one name are refused."""
+def _text_of(task: AcesTask) -> str:
+    """The text that travels: the resolved config with its metadata, as task_from_text reads it."""
+    return yaml.safe_dump({"metadata": task.metadata.model_dump(exclude_none=True), **task.config}, sort_keys=False)
+
+
+def resolve_tasks(entries: Iterable[str | Path], dataset: str | Path | None = None) -> list[TaskSpec]:
+    """Every entry resolved (`dataset`: the predicates of `meds-dev:` entries); ACES entries of the
+    same task (same name and text) merged, their horizons in the order given. Two different texts
+    under one name are refused."""
     out: dict[str, TaskSpec] = {}
     for entry in entries:
-        spec = resolve_task(entry)
+        spec = resolve_task(entry, dataset)
         have = out.get(spec.name)
         if have is None:
             out[spec.name] = spec

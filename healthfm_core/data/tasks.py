@@ -132,6 +132,38 @@ def _distinct_pairs(group: np.ndarray, time_us: np.ndarray) -> tuple[np.ndarray,
     return group[first], time_us[first]
 
 
+def _draw_key(subject_id: np.ndarray, time_us: np.ndarray, seed: int) -> np.ndarray:
+    """The hash that orders a subject's candidate times for sampling: a function of (seed,
+    subject, time) alone, so a subject's draws never depend on the other subjects or shards."""
+    mixed_subject = _mix64(subject_id.astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
+    return _mix64(mixed_subject ^ time_us.astype(np.uint64))
+
+
+def cap_rows_per_subject(labels: pa.Table, n_per_subject: int | None, seed: int = 0) -> pa.Table:
+    """At most `n_per_subject` of each subject's label rows, drawn by `_draw_key` (None: all).
+
+    A task's rows are ACES's (trigger, windows, gaps and exclusions decide them); this is the
+    evaluation's cost knob applied to those rows afterwards, never a filter that decides which
+    times a task may have. Tasks triggered at every event draw mostly the same times (the
+    same hash ranks a subject's times in every task), so their union stays near the cap.
+    Returns the kept rows, all columns, sorted by subject and prediction time.
+    """
+    if n_per_subject is not None and n_per_subject < 1:
+        raise ValueError(f"n_per_subject must be >= 1 (or None for every row), got {n_per_subject}")
+    sid = labels["subject_id"].to_numpy(zero_copy_only=False).astype(np.int64)
+    t = to_us(labels["prediction_time"], "prediction_time")
+    if n_per_subject is None or len(sid) == 0:
+        keep = np.arange(len(sid))
+    else:
+        key = _draw_key(sid, t, seed)
+        order = np.lexsort((key, sid))
+        grouped = sid[order]
+        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
+        keep = order[rank < n_per_subject]
+    keep = keep[np.lexsort((t[keep], sid[keep]))]
+    return labels.take(pa.array(keep, pa.int64()))
+
+
 def visit_prediction_times(
     events: pa.Table, n_per_subject: int = 4, seed: int = 0, min_history_days: float = 0.0
 ) -> pa.Table:
@@ -154,9 +186,7 @@ def visit_prediction_times(
     first_t = t[np.searchsorted(g, g, side="left")]
     keep = ~last & (t - first_t >= int(min_history_days * US_PER_DAY))
     g, t = g[keep], t[keep]
-    key = _mix64(
-        _mix64(subjects[g].astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) ^ t.astype(np.uint64)
-    )
+    key = _draw_key(subjects[g], t, seed)
     order = np.lexsort((key, g))
     g, t = g[order], t[order]
     rank = np.arange(len(g)) - np.searchsorted(g, g, side="left")

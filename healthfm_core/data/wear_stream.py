@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from healthfm_core.data.layout import WEARABLE_CHANNELS, WEARABLES_SCHEMA, SiteLike
+from healthfm_core.data.parquet_guard import read_parquet
 from healthfm_core.data.vocab import Normalizer
 from healthfm_core.data.wear_patches import (
     PatchPlan,
@@ -42,7 +42,7 @@ class WearableFilePart:
         kwargs: dict[str, Any] = {"columns": columns}
         if self.subject_ids is not None:
             kwargs["filters"] = pc.is_in(pc.field("subject_id"), value_set=self.subject_ids)
-        table = pq.read_table(self.path, **kwargs)
+        table = read_parquet(self.path, **kwargs)  # its footer checked first
         return table.cast(pa.schema([WEARABLES_SCHEMA.field(c) for c in columns]))
 
     def _time_us(self, table: pa.Table) -> pa.ChunkedArray:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from healthfm_core.federation import EvalReply, TaskMetrics
+from healthfm_core.federation import SMALL_CELL, EvalReply, TaskMetrics
 
 NOT_REPLIED = "no reply from this site (see the server log)"
 NOT_REPORTED = "not in the site's reply"
@@ -15,6 +15,10 @@ NOT_REPORTED = "not in the site's reply"
 
 def _f(x: float | None) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def _count(n: int) -> str:
+    return "<minimum" if n == SMALL_CELL else str(n)
 
 
 def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
@@ -30,7 +34,9 @@ def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
         )
         if m.r2 is not None:
             return f"R2 {_f(m.r2)}", held
-        return f"AUROC {_f(m.auroc)}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, {held}"
+        interval = f" [{_f(m.auroc_low)}, {_f(m.auroc_high)}]" if m.auroc_low is not None else ""
+        positives = "" if m.positives is None else f", {_count(m.positives)} positives"
+        return f"AUROC {_f(m.auroc)}{interval}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, {held}{positives}"
     if (r := reply.reasons.get(key)) is not None:
         return "no metric", r.describe()
     return "no metric", NOT_REPORTED

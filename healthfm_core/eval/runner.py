@@ -41,6 +41,7 @@ from healthfm_core.data.tasks import (
     OnsetTask,
     Task,
     WearableTask,
+    cap_rows_per_subject,
     onset_labels_from_events,
     visit_prediction_times,
     wear_period_end_times,
@@ -180,9 +181,11 @@ def build_site_rows(
     seed: int = 0,
     onset_times: OnsetTimes = "visits",
 ) -> SiteRows:
-    """The union of the evaluation rows of `tasks` at one site, with per-task labels. The onset
-    tasks are asked at visits (`visit_prediction_times`) or at the end of every wear period
-    (`wear_period_end_times`: only subjects with wearables, the modality ablation's rows)."""
+    """The union of the evaluation rows of `tasks` at one site, with per-task labels. ACES tasks
+    give ACES's rows, capped per subject exactly as a site's evaluation caps them
+    (`cap_rows_per_subject`), or, with `onset_times="wear_period_ends"`, ACES's rows at the end of
+    every wear period (`wear_period_end_times`: only subjects with wearables, the modality
+    ablation's rows). Event-table onset tasks are asked at `visit_prediction_times`."""
     onset = {k: t for k, t in tasks.items() if isinstance(t, OnsetTask)}
     wear = {k: t for k, t in tasks.items() if isinstance(t, WearableTask)}
     tables: list[pa.Table] = []
@@ -190,12 +193,12 @@ def build_site_rows(
     if onset:
         events = site.read_events(columns=["subject_id", "time", "code"])
         if onset_times == "visits":
+            # Event-table onset rules need times; ACES tasks make their own (below).
             times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
         elif onset_times == "wear_period_ends":
             times = wear_period_end_times(site.read_wearables())
         else:
             raise ValueError(f"onset_times must be 'visits' or 'wear_period_ends', got {onset_times!r}")
-        tables.append(times)
         # One ACES run per task file: every horizon at once.
         by_aces: dict[str, tuple[AcesTask, dict[int, str]]] = {}
         for key, task in onset.items():
@@ -203,9 +206,19 @@ def build_site_rows(
                 by_aces.setdefault(task.aces.model_dump_json(), (task.aces, {}))[1][int(task.horizon_days)] = key
             else:
                 per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
+        if onset_times == "wear_period_ends" or len(by_aces) < len(onset):
+            tables.append(times)  # the rows asked at these times, labelled or not (as always)
         for aces, keys in by_aces.values():
-            for h, table in aces_labels(aces, site.root, list(keys), prediction_times=times).items():
+            if onset_times == "visits":
+                # As the sites evaluate: ACES's rows, at most n_per_subject of a subject's per key.
+                found = aces_labels(aces, site.root, list(keys))
+                found = {h: cap_rows_per_subject(t, n_per_subject, seed) for h, t in found.items()}
+            else:  # the ablation asks at wear-period ends, where ACES has a row there
+                found = aces_labels(aces, site.root, list(keys), prediction_times=times)
+            for h, table in found.items():
                 per_task[keys[h]] = table
+                if onset_times == "visits":
+                    tables.append(table.select(["subject_id", "prediction_time"]))
     if wear:
         wearables = site.read_wearables()
         for key, wear_task in wear.items():

@@ -2,9 +2,11 @@
 meds-evaluation format at the site, scored by meds-evaluation; only aggregates come out.
 
 For each TaskSpec (healthfm_core.data.task_spec):
-- labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) at the visit
-  prediction times the evaluation always used (`visit_prediction_times`, n per subject, seeded),
-  each MEDS shard read once for all ACES tasks (aces_labels_shared);
+- labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) as written:
+  the trigger, windows, gaps and exclusions decide rows, labels and prediction times (ACES's
+  index timestamps); each MEDS shard is read once for all ACES tasks (aces_labels_shared); then
+  at most `n_per_subject` of a subject's rows per task key are kept, drawn by a seeded hash
+  (`cap_rows_per_subject`: a cost knob on ACES's rows, never a filter on which times exist);
   `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
   wearable regressions from the site's wearables;
 - with a subject budget (EvalConfig.max_subjects), only a fixed keyed-hash sample of at most that
@@ -13,7 +15,9 @@ For each TaskSpec (healthfm_core.data.task_spec):
 - per task key: a linear probe fitted on the train split (C from tuning), the held_out
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
   without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation
-  (AUROC, AUPRC, calibration error over samples); wearable regressions report R^2;
+  (AUROC, AUPRC, calibration error over samples), with the held-out positives (small-cell
+  suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows; wearable
+  regressions report R^2;
 - a key without a number gets a TaskReason: the kind and, per split, rows / subjects / positives
   against the site's minimum subjects per split.
 
@@ -44,17 +48,17 @@ from healthfm_core.data.tasks import (
     LABEL_SCHEMA_BOOL,
     TASKS,
     WearableTask,
-    visit_prediction_times,
+    cap_rows_per_subject,
     wearable_regression_labels,
 )
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
-from healthfm_core.eval.metrics import r2_score
+from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.subject_sample import SubjectSample
-from healthfm_core.federation import SplitCount, TaskMetrics, TaskReason
+from healthfm_core.federation import SMALL_CELL, SplitCount, TaskMetrics, TaskReason
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +134,7 @@ def _aces_labels(
     site: Site, specs: Sequence[TaskSpec], n_per_subject: int, seed: int, subjects: np.ndarray | None = None
 ) -> dict[str, dict[str, pa.Table | TaskReason]]:
     """Per ACES task name, its keys' labels (or the invalid_task reason): the site's shards are
-    read once for all of them (aces_labels_shared), at the visit prediction times."""
+    read once for all of them (aces_labels_shared), ACES's rows capped per subject."""
     out: dict[str, dict[str, pa.Table | TaskReason]] = {}
     tasks = []
     for spec in specs:
@@ -142,13 +146,14 @@ def _aces_labels(
             log.warning("task %s: %s", spec.name, err)
             out[spec.name] = {k: TaskReason(kind="invalid_task") for k in spec.keys()}
     if tasks:
-        events = site.read_events(columns=["subject_id", "time", "code"])
-        times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
-        if subjects is not None:  # a subject's times are drawn from its own events: the same as among all
-            times = times.filter(pa.array(np.isin(times["subject_id"].to_numpy(), subjects)))
-        labels = aces_labels_shared([t for _, t in tasks], site.root, prediction_times=times, subjects=subjects)
+        # A subject's rows and its draws among them depend on its own events only: labelling the
+        # sample's subjects alone gives the same rows as labelling all and keeping theirs.
+        labels = aces_labels_shared([t for _, t in tasks], site.root, subjects=subjects)
         for (spec, _), by_horizon in zip(tasks, labels, strict=True):
-            out[spec.name] = {horizon_key(spec.name, h): table for h, table in by_horizon.items()}
+            out[spec.name] = {
+                horizon_key(spec.name, h): cap_rows_per_subject(table, n_per_subject, seed)
+                for h, table in by_horizon.items()
+            }
     return out
 
 
@@ -225,6 +230,7 @@ def evaluate_site_tasks(
     reuse_patches: bool = True,
     sample: SubjectSample | None = None,
     shared_passes: bool = True,
+    n_boot: int = 100,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
@@ -234,7 +240,8 @@ def evaluate_site_tasks(
     of one per group of a subject's rows (eval/row_embeddings.py; the same numbers to float rounding).
     With a `sample` (draw_sample) that has a budget, only its
     subjects' rows are embedded, fitted on and scored, and the minimum-subject and class checks
-    apply to them; the metrics say how many held-out subjects the sample was drawn from."""
+    apply to them; the metrics say how many held-out subjects the sample was drawn from.
+    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's)."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
     if labels is None:
         labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects)
@@ -313,12 +320,20 @@ def evaluate_site_tasks(
                     prediction_path(pred_dir, site_name, key), held_rows, p_held
                 )
             scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
+            # The interval on the same rows as the point estimate, whole subjects resampled.
+            low, high = bootstrap_ci(
+                auroc, y["held_out"], p_held, n_boot=n_boot, seed=seed, groups=held_rows["subject_id"].to_numpy()
+            )
             out.seconds["scoring"] += time.perf_counter() - start
+            positives = int(y["held_out"].sum())
             out.metrics[key] = TaskMetrics(
                 n=len(held),
                 auroc=float(scores["roc_auc_score"]),
                 auprc=float(scores["average_precision_score"]),
                 ece=float(scores["calibration_error"]),
+                positives=SMALL_CELL if 0 < positives < min_subjects else positives,
+                auroc_low=low,
+                auroc_high=high,
                 **scope,
             )
         else:

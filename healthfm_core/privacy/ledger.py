@@ -20,11 +20,33 @@ It fails closed:
     then the mark, so a crash between the two leaves a ledger ahead of its mark (accepted,
     nothing lost). A ledger without a mark is accepted and the mark rewritten at the next
     write: no spend is lost. What the mark cannot detect is the loss of the whole state
-    directory (both files): that is the site's durable storage and must be backed up as such.
+    directory (both files): the key's budget record does.
+  - The budget belongs to the site's key, not to a directory. With a KeyBinding (a deployed
+    site: `join --auth-key`), every write also rewrites the key's budget record beside the key
+    (healthfm_core/privacy/budget_record.py: key fingerprint, ledger id and path, steps, rounds,
+    epsilon). A state directory that lacks the ledger the record names (missing, fresh, another
+    id, an older copy) is refused until the admin restores it or starts a new budget
+    (`start_new_budget`, `join --new-privacy-budget`), which the new ledger carries in
+    `new_budget` and the site reports to the server (PrivacySpend.new_budget_at). Write order:
+    ledger, mark, record. Each later file is a summary of the one before, and a summary behind
+    its ledger (a crash between two writes) is accepted and caught up at the next write, while
+    one ahead of it means a lost or rolled-back ledger and is refused: so a crash can never make
+    the site look as if it spent less. A record that cannot be written refuses the round (it
+    is probed before anything is reserved; a failure after the reservation leaves the round
+    counted). Without a binding (simulations, `--insecure` tests without a key) the budget is
+    bound to the state directory alone.
+  - History and rounds agree. The history is the accountant's input and the rounds log what
+    was reserved: each round's steps must be the history's next steps at the round's noise and
+    rate, and the epsilon recomputed from the history up to that round (Opacus's RDP analysis,
+    the same accountant the engine uses) must equal its `epsilon_after`; a ledger whose history
+    was edited (e.g. 10x the noise, to report less spend) names the file and the first round
+    that disagrees.
+  - Any decoding problem (not UTF-8, not JSON, a field missing or mistyped) is a LedgerError
+    naming the file.
 
 Files: <state_dir>/privacy_ledger.json and privacy_ledger.mark.json, each written to a temporary
 file and renamed (a crash leaves the previous file, never half a file), under
-<state_dir>/.privacy_ledger.lock.
+<state_dir>/.privacy_ledger.lock; with a binding, <auth_key>.privacy.json.
 """
 
 from __future__ import annotations
@@ -33,6 +55,7 @@ import fcntl
 import functools
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,9 +63,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from healthfm_core.files import atomic_write_text
+from healthfm_core.privacy.budget_record import (
+    RECORD_VERSION,
+    BudgetRecord,
+    KeyBinding,
+    ReplacedLedger,
+    SpentLedger,
+    read_record,
+    write_record,
+)
 
 if TYPE_CHECKING:
     from opacus.accountants import RDPAccountant
@@ -56,6 +89,9 @@ LEDGER_VERSION = 2
 MECHANISM = "rdp"  # Opacus RDPAccountant.mechanism(): the only accountant a ledger holds
 
 HistoryEntry = tuple[float, float, int]  # Opacus RDPAccountant.history: (noise_multiplier, sample_rate, steps)
+# A recomputed epsilon equals the recorded one up to float noise (the same computation; Opacus or
+# numpy versions may differ in the last bits); an edited history moves it by far more.
+EPSILON_RTOL = 1e-9
 
 
 class LedgerError(ValueError):
@@ -102,12 +138,24 @@ class LedgerRound(_Strict):
         return self
 
 
+class NewBudget(_Strict):
+    """Why this ledger started from zero although the site's key had a ledger before: the admin
+    passed `join --new-privacy-budget` (reported to the server, kept in its audit log)."""
+
+    started_at: float  # unix time
+    replaces: str  # the ledger id given up ("": none known)
+    replaced_steps: int | None = Field(ge=0)  # what it had spent, as far as the site knows
+    replaced_epsilon: float | None = Field(ge=0, allow_inf_nan=False)
+
+
 class LedgerFile(_Strict):
     version: int
     mechanism: str
     ledger_id: str  # random, set at the first write; the mark holds it too
     history: list[HistoryEntry]  # Opacus accountant.history, every reservation included
     rounds: list[LedgerRound]
+    # Optional, unlike every other field: ledgers written before it existed have none.
+    new_budget: NewBudget | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> LedgerFile:
@@ -124,7 +172,7 @@ class LedgerFile(_Strict):
         ids = [r.reservation for r in self.rounds]
         if len(set(ids)) != len(ids):
             raise ValueError("a reservation id appears twice in rounds")
-        if (self.history or self.rounds) and not self.ledger_id:
+        if (self.history or self.rounds or self.new_budget) and not self.ledger_id:
             raise ValueError("ledger_id is empty in a ledger that holds rounds")
         return self
 
@@ -187,6 +235,97 @@ def _cached_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
     return float(_accountant(list(history)).get_epsilon(delta)) if history else 0.0
 
 
+@functools.lru_cache(maxsize=64)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    # Opacus's compute_rdp is this vector times the steps; the vector is the costly part.
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    vec = rdp.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    return tuple(float(x) for x in vec)
+
+
+def _history_epsilon(history: list[HistoryEntry], delta: float) -> float:
+    """RDPAccountant.get_epsilon(delta) over `history`, computed as it does (the RDP of each
+    entry summed over Opacus's orders, then converted), with each (noise, rate)'s RDP computed once."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    total = sum([np.array(_rdp_per_step(n, q)) * s for n, q, s in history])
+    eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+    return float(eps)
+
+
+RoundKey = tuple[int, str, float, float, int, float, float]  # round, reservation, noise, rate, steps, delta, epsilon
+
+
+@functools.lru_cache(maxsize=64)
+def _history_problem(history: tuple[HistoryEntry, ...], rounds: tuple[RoundKey, ...]) -> str | None:
+    """Why the history and the rounds log disagree (None when they agree): each round, in
+    reservation order, takes its steps from the history at its own noise and rate, and the
+    epsilon of the history up to there is its epsilon_after."""
+    prefix: list[HistoryEntry] = []
+    index, left = 0, (history[0][2] if history else 0)
+    for rnd, rid, sigma, q, steps, delta, recorded in rounds:
+        where = f"round {rnd} (reservation {rid})"
+        need = steps
+        while need > 0:
+            if index >= len(history):
+                return f"{where}: field history: ends before the round's {steps} steps"
+            n, rate, _ = history[index]
+            if (n, rate) != (sigma, q):
+                return (
+                    f"{where}: field history: value ({n!r}, {rate!r}) for the round's steps, but the round "
+                    f"reserved them at noise_multiplier {sigma!r}, sample_rate {q!r}"
+                )
+            take = min(need, left)
+            if prefix and prefix[-1][:2] == (n, rate):  # as Opacus merges equal consecutive steps
+                prefix[-1] = (n, rate, prefix[-1][2] + take)
+            else:
+                prefix.append((n, rate, take))
+            need, left = need - take, left - take
+            if left == 0:
+                index += 1
+                left = history[index][2] if index < len(history) else 0
+        epsilon = _history_epsilon(prefix, delta)
+        if not math.isclose(epsilon, recorded, rel_tol=EPSILON_RTOL, abs_tol=1e-12):
+            return (
+                f"{where}: field epsilon_after: value {recorded!r}, but the history up to this round gives "
+                f"epsilon {epsilon!r} at delta {delta:g}"
+            )
+    return None
+
+
+def history_problem(data: LedgerFile) -> str | None:
+    """Why `data`'s history disagrees with its rounds log, or None (cached per content)."""
+    rounds = tuple(
+        (r.round, r.reservation, r.noise_multiplier, r.sample_rate, r.steps, r.delta, r.epsilon_after)
+        for r in data.rounds
+    )
+    history = tuple((float(n), float(q), int(s)) for n, q, s in data.history)
+    return _history_problem(history, rounds)
+
+
+def spent_summary(path: Path, data: LedgerFile) -> SpentLedger:
+    """What `data` has spent, for the key's record: its last round's epsilon at that round's delta."""
+    last = data.rounds[-1] if data.rounds else None
+    return SpentLedger(
+        ledger_id=data.ledger_id,
+        ledger=str(path),
+        steps=data.steps,
+        rounds=len(data.rounds),
+        epsilon=last.epsilon_after if last else 0.0,
+        delta=last.delta if last else None,
+    )
+
+
+def _describe(spent: SpentLedger) -> str:
+    at = f" at delta {spent.delta:g}" if spent.delta is not None else ""
+    return f"{spent.steps} DP steps over {spent.rounds} rounds, epsilon {spent.epsilon:.4g}{at}"
+
+
 class PrivacyLedger:
     """The accountant of one site, in its state directory.
 
@@ -194,13 +333,20 @@ class PrivacyLedger:
     are small), and every change (`reserve`, `commit`) holds an exclusive lock from the read to
     the write, so several processes or threads serving the same site (Ray workers, a restarted
     SuperNode, two runtimes) never lose each other's spend nor overdraw the cap together.
+
+    binding: the site key's fingerprint and budget record (a deployed site); None binds the
+    budget to the state directory alone (simulations, sites without a key).
+    verify: False opens a ledger that may be refused, only to `start_new_budget` over it (every
+    question and change still reads and checks the files).
     """
 
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, binding: KeyBinding | None = None, *, verify: bool = True) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / LEDGER_FILE
         self.mark_path = self.state_dir / MARK_FILE
-        self._read()  # a damaged or missing ledger is refused at once
+        self.binding = binding
+        if verify:
+            self._read()  # a damaged, missing or foreign ledger is refused at once
 
     @property
     def data(self) -> LedgerFile:
@@ -217,15 +363,21 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read_mark(self) -> LedgerMark | None:
+    def _text(self, path: Path, what: str) -> str | None:
+        """A file's text, None when it does not exist; LedgerError naming it otherwise."""
         try:
-            text = self.mark_path.read_text(encoding="utf-8")
+            return path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise LedgerError(
-                f"{self.mark_path}: cannot read the privacy ledger's mark ({err}); refusing DP training"
-            ) from None
+            raise LedgerError(f"{path}: cannot read the {what} ({err}); refusing DP training") from None
+        except UnicodeDecodeError as err:
+            raise LedgerError(f"{path}: the {what} is not UTF-8 text ({err}); refusing DP training") from None
+
+    def _read_mark(self) -> LedgerMark | None:
+        text = self._text(self.mark_path, "privacy ledger's mark")
+        if text is None:
+            return None
         try:
             return LedgerMark.model_validate_json(text)
         except ValidationError as err:
@@ -233,20 +385,33 @@ class PrivacyLedger:
                 f"privacy ledger mark unreadable; refusing DP training:\n  {_problems(self.mark_path, err)}"
             ) from None
 
-    def _read(self) -> LedgerFile:
-        mark = self._read_mark()
+    def _read_record(self) -> BudgetRecord | None:
+        if self.binding is None:
+            return None
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+            record = read_record(self.binding.record)
+        except ValueError as err:
+            raise LedgerError(f"{err}; refusing DP training") from None
+        if record is not None and record.key_sha256 != self.binding.key_sha256:
+            raise LedgerError(
+                f"{self.binding.record}: field key_sha256: value {record.key_sha256!r} is not this site's key "
+                f"({self.binding.key_sha256}): the record of another key beside this one; refusing DP training "
+                "(move it back beside its own key, or start a new budget with `join --new-privacy-budget`)"
+            )
+        return record
+
+    def _read_file(self) -> LedgerFile:
+        """The state directory's ledger, checked against its mark and its own rounds log."""
+        mark = self._read_mark()
+        text = self._text(self.path, "privacy ledger")
+        if text is None:
             if mark is not None:
                 raise LedgerError(
                     f"{self.path}: the privacy ledger is missing, but {self.mark_path} records that this site already "
                     f"spent {mark.steps} DP steps over {mark.rounds} rounds; refusing DP training (restore the ledger "
                     "from a backup; never start afresh)"
-                ) from None
+                )
             return _fresh()
-        except OSError as err:
-            raise LedgerError(f"{self.path}: cannot read the privacy ledger ({err}); refusing DP training") from None
         try:
             data = LedgerFile.model_validate_json(text)
         except ValidationError as err:
@@ -265,13 +430,166 @@ class PrivacyLedger:
                     f"{self.path}: holds {data.steps} steps over {len(data.rounds)} rounds, but {self.mark_path} records "
                     f"{mark.steps} steps over {mark.rounds} rounds: an older or edited copy; refusing DP training"
                 )
+        if problem := history_problem(data):
+            raise LedgerError(
+                f"{self.path}: {problem}: the history and the rounds log disagree (an edited ledger); "
+                "refusing DP training"
+            )
         return data
 
+    def _check_record(self, data: LedgerFile, record: BudgetRecord | None) -> None:
+        """Refuse a ledger that is not the one the key's record names, or is behind it."""
+        if record is None or self.binding is None:
+            return
+        mine, key = record.current, self.binding.record
+        restore = (
+            f"Restore that ledger (with its {MARK_FILE}) into {self.state_dir}, or start a new budget with "
+            "`client.py join --new-privacy-budget` (reported to the coordinator's audit log)"
+        )
+        if data.ledger_id != mine.ledger_id:
+            if data.new_budget is not None and data.new_budget.replaces == mine.ledger_id:
+                return  # a new budget started, its record not yet written (a crash between the two)
+            if not data.ledger_id and mine.steps == 0:
+                return  # the key's ledger had spent nothing: nothing is lost
+            held = "holds no privacy ledger" if not data.ledger_id else f"holds another ledger ({data.ledger_id})"
+            raise LedgerError(
+                f"{self.path}: this state directory {held}, but the budget record of this site's key, {key}, "
+                f"records that the key's ledger {mine.ledger_id} ({mine.ledger}) spent {_describe(mine)}; "
+                f"refusing DP training. {restore}"
+            )
+        if data.steps < mine.steps or len(data.rounds) < mine.rounds:
+            raise LedgerError(
+                f"{self.path}: holds {data.steps} steps over {len(data.rounds)} rounds, but the budget record of this "
+                f"site's key, {key}, records {_describe(mine)}: an older copy; refusing DP training. {restore}"
+            )
+        now = spent_summary(self.path, data)
+        if (data.steps, len(data.rounds)) == (mine.steps, mine.rounds) and not math.isclose(
+            now.epsilon, mine.epsilon, rel_tol=EPSILON_RTOL, abs_tol=1e-12
+        ):
+            raise LedgerError(
+                f"{self.path}: its last round records epsilon {now.epsilon!r}, but the budget record of this site's "
+                f"key, {key}, records {mine.epsilon!r} for the same {mine.steps} steps: an edited copy; "
+                "refusing DP training"
+            )
+
+    def _read(self) -> LedgerFile:
+        data = self._read_file()
+        self._check_record(data, self._read_record())
+        return data
+
+    def _probe_record(self) -> None:
+        """Fail before reserving anything when the key's record could not be written."""
+        if self.binding is None:
+            return
+        folder = self.binding.record.parent
+        probe = folder / f".{self.binding.record.name}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise LedgerError(
+                f"{self.binding.record}: cannot write the key's privacy budget record ({err}); refusing DP "
+                "training (the record keeps the site's spend when the state directory is lost)"
+            ) from None
+
     def _write(self, data: LedgerFile) -> None:
-        # Ledger first, then the mark: a crash between them leaves the ledger ahead (accepted).
+        # Ledger, mark, then the key's record: each a summary of the one before, so a crash
+        # between two writes leaves a summary behind its ledger (accepted, caught up at the next
+        # write), never ahead of it (which reads as a lost ledger).
         atomic_write_text(self.path, data.model_dump_json(indent=1))
         mark = LedgerMark(version=LEDGER_VERSION, ledger_id=data.ledger_id, steps=data.steps, rounds=len(data.rounds))
         atomic_write_text(self.mark_path, mark.model_dump_json(indent=1))
+        self._write_record(data)
+
+    def _write_record(self, data: LedgerFile, replaced: list[ReplacedLedger] | None = None) -> None:
+        if self.binding is None:
+            return
+        previous = self._read_record()
+        record = BudgetRecord(
+            version=RECORD_VERSION,
+            key_sha256=self.binding.key_sha256,
+            current=spent_summary(self.path, data),
+            replaced=[*(previous.replaced if previous is not None else []), *(replaced or [])],
+            updated_at=time.time(),
+        )
+        try:
+            write_record(self.binding.record, record)
+        except OSError as err:
+            raise LedgerError(
+                f"{self.binding.record}: cannot write the key's privacy budget record ({err}); the ledger "
+                f"{self.path} counts the spend; refusing DP training until the record can be written"
+            ) from None
+
+    def sync_record(self) -> LedgerFile:
+        """Check the ledger against the key's record and bring the record up to it (a site that
+        spent before it had a record, or a crash after the ledger's write); `join` calls it
+        before the SuperNode starts. LedgerError when DP training would be refused."""
+        with self._locked():
+            data = self._read()
+            self._probe_record()
+            record = self._read_record()
+            if data.ledger_id and (record is None or record.current != spent_summary(self.path, data)):
+                self._write_record(data)
+            return data
+
+    def start_new_budget(self) -> NewBudget | None:
+        """`join --new-privacy-budget`: where this state directory's ledger is refused (missing
+        while the key's record says it spent, another ledger, damaged, edited), set it aside
+        (renamed *.replaced-TIME) and start a new, empty ledger that says so (`new_budget`). The
+        key's record keeps the given-up ledger's spend in `replaced`. None (nothing changed)
+        where the ledger is accepted: the flag never discards a ledger that holds."""
+        with self._locked():
+            try:
+                self._read()
+                return None
+            except LedgerError as err:
+                why = str(err)
+            self._probe_record()
+            try:
+                record = self._read_record()
+            except LedgerError:
+                record = None  # a damaged or foreign record is replaced by the new one
+            now = time.time()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+            for path in (self.path, self.mark_path):
+                if path.exists():
+                    path.rename(path.with_name(f"{path.name}.replaced-{stamp}"))
+            old = record.current if record is not None else None
+            new_budget = NewBudget(
+                started_at=now,
+                replaces=old.ledger_id if old is not None else "",
+                replaced_steps=old.steps if old is not None else None,
+                replaced_epsilon=old.epsilon if old is not None else None,
+            )
+            data = LedgerFile(
+                version=LEDGER_VERSION,
+                mechanism=MECHANISM,
+                ledger_id=uuid.uuid4().hex,
+                history=[],
+                rounds=[],
+                new_budget=new_budget,
+            )
+            atomic_write_text(self.path, data.model_dump_json(indent=1))
+            mark = LedgerMark(version=LEDGER_VERSION, ledger_id=data.ledger_id, steps=0, rounds=0)
+            atomic_write_text(self.mark_path, mark.model_dump_json(indent=1))
+            if self.binding is not None:
+                gone = [ReplacedLedger(**old.model_dump(), replaced_at=now)] if old is not None else []
+                if record is None and self.binding.record.exists():  # unreadable: keep it beside, for the admin
+                    self.binding.record.rename(
+                        self.binding.record.with_name(f"{self.binding.record.name}.replaced-{stamp}")
+                    )
+                self._write_record(data, replaced=gone)
+        log.warning(
+            "privacy ledger %s: NEW PRIVACY BUDGET started (--new-privacy-budget), ledger %s replacing %s "
+            "(spent %s steps, epsilon %s); it was refused because: %s",
+            self.path,
+            data.ledger_id,
+            new_budget.replaces or "(none known)",
+            new_budget.replaced_steps if new_budget.replaced_steps is not None else "unknown",
+            f"{new_budget.replaced_epsilon:.4g}" if new_budget.replaced_epsilon is not None else "unknown",
+            why,
+        )
+        return new_budget
 
     # ------------------------------------------------------------------ accounting
 
@@ -312,6 +630,7 @@ class PrivacyLedger:
             raise ValueError(f"cannot reserve {steps} steps")
         with self._locked():
             current = self._read()
+            self._probe_record()  # a record that cannot be written refuses the round before it is counted
             acc = _accountant(current.history)
             for _ in range(steps):
                 acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
@@ -345,6 +664,7 @@ class PrivacyLedger:
                     ledger_id=current.ledger_id or uuid.uuid4().hex,
                     history=history,
                     rounds=[*current.rounds, entry],
+                    new_budget=current.new_budget,
                 )
             )
         log.info(
@@ -397,9 +717,13 @@ __all__ = [
     "LEDGER_FILE",
     "MARK_FILE",
     "BudgetExceeded",
+    "KeyBinding",
     "LedgerError",
     "LedgerFile",
     "LedgerRound",
+    "NewBudget",
     "PrivacyLedger",
     "Reservation",
+    "history_problem",
+    "spent_summary",
 ]

@@ -7,7 +7,9 @@ not import from client/.
 
 Every number is strict and finite: `epsilon_cap: .inf`, `true` or "nan" would be a budget that
 never refuses (YAML reads `.inf` as a float and `true` as 1 under lax parsing), so each is an
-error naming the field and the value.
+error naming the field and the value. A finite cap can still be no cap (`1.0e+308`): epsilon_cap
+is at most EPSILON_CAP_MAX = 100, far above any meaningful guarantee (e^100 bounds the change of
+any outcome's odds) yet low enough that a typo or a "disable the cap" value is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+# The largest epsilon_cap a policy may set (docs/site-admin.md, "Write your policy").
+EPSILON_CAP_MAX = 100.0
 
 # The validation context key under which a caller who knows the site's train subjects passes
 # their count, so that delta is checked against 1/n at load time.
@@ -47,6 +52,15 @@ class DPPolicy(BaseModel):
     noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     target_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
+    @field_validator("epsilon_cap")
+    @classmethod
+    def _cap_at_most_the_maximum(cls, v: float) -> float:
+        if v > EPSILON_CAP_MAX:
+            raise ValueError(
+                f"epsilon_cap {v:g} is above the maximum {EPSILON_CAP_MAX:g} (a cap that large guarantees nothing)"
+            )
+        return v
+
     @field_validator("delta")
     @classmethod
     def _delta_below_one_over_n(cls, v: float, info: ValidationInfo) -> float:
@@ -64,4 +78,4 @@ class DPPolicy(BaseModel):
         return self
 
 
-__all__ = ["TRAIN_SUBJECTS", "DPPolicy", "delta_problem"]
+__all__ = ["EPSILON_CAP_MAX", "TRAIN_SUBJECTS", "DPPolicy", "delta_problem"]

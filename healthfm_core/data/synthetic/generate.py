@@ -28,6 +28,7 @@ from healthfm_core.data.synthetic.hospital import (
     simulate_hospital_ehr,
     write_hospital_events,
 )
+from healthfm_core.data.synthetic.mimic import simulate_mimic_ehr
 from healthfm_core.data.synthetic.scenario import (
     ScenarioConfig,
     SiteSpec,
@@ -191,7 +192,11 @@ def generate_site(
         bar.update()
         bar.set_postfix_str("EHR events")
         onsets = onsets_table(cohort, scenario)
-        if site.ehr_format == "hospital":
+        if site.ehr_format == "mimic":
+            n_events = write_hospital_events(
+                simulate_mimic_ehr(cohort, scenario, site, rng_ehr), cohort, site, tmp_root, PARQUET_OPTIONS
+            )
+        elif site.ehr_format == "hospital":
             hospital = simulate_hospital_ehr(cohort, scenario, site, rng_ehr)
             n_events = write_hospital_events(hospital, cohort, site, tmp_root, PARQUET_OPTIONS)
             onsets = hospital_onsets_table(onsets, hospital)

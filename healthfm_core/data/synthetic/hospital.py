@@ -322,9 +322,17 @@ def simulate_hospital_ehr(
     for code, val, dec in zip(VITALS, (sbp, dbp, bmi), (0, 0, 1)):
         rows.add(v_subj[bp], v_t[bp], code, np.round(val[bp], dec), _LAB)
 
+    events = events_frame(rows, cohort, static_last=True)  # static rows last, as polars puts them
+    return HospitalEHR(events=events, catalogue=catalogue, diagnosis_code=diagnosis_code)
+
+
+def events_frame(rows: _Rows, cohort: Cohort, static_last: bool) -> pl.DataFrame:
+    """The MEDS events of collected rows: times (days on the cohort's clock, NaN = static) as
+    timestamps, sorted by subject, time and each row's order, exact duplicates dropped; static
+    rows last (`static_last`, as polars writes them) or first (as MEDS-ETL writes them)."""
     subj, time, code, value, order = rows.columns()
     time_us = cohort.start_us + np.round(np.nan_to_num(time) * 86_400_000_000).astype(np.int64)
-    events = (
+    return (
         pl.DataFrame(
             {
                 "subject_id": cohort.subject_id[subj],
@@ -335,11 +343,10 @@ def simulate_hospital_ehr(
             }
         )
         .with_columns(pl.when(pl.Series(np.isnan(time))).then(None).otherwise(pl.col("time")).alias("time"))
-        .sort(["subject_id", "time", "_order", "code"], nulls_last=True)  # static rows last, as polars puts them
+        .sort(["subject_id", "time", "_order", "code"], nulls_last=static_last)
         .unique(subset=["subject_id", "time", "code", "numeric_value"], keep="first", maintain_order=True)
         .drop("_order")
     )
-    return HospitalEHR(events=events, catalogue=catalogue, diagnosis_code=diagnosis_code)
 
 
 def write_hospital_events(ehr: HospitalEHR, cohort: Cohort, site: SiteSpec, root: Path, parquet_options: dict) -> int:

@@ -61,7 +61,8 @@ class SiteSpec(_Strict):
     subjects_per_shard: int = Field(default=1000, ge=1)
     subject_id_start: int | None = Field(default=None, ge=0)
     # "hospital": MIMIC-style MEDS export (ICD-9 then ICD-10 codes, lab panels, polars-written); see hospital.py
-    ehr_format: Literal["synthetic", "hospital"] = "synthetic"
+    # "mimic": MIMIC-IV-shaped hospital and ICU stays for MEDS-DEV's tasks; see mimic.py
+    ehr_format: Literal["synthetic", "hospital", "mimic"] = "synthetic"
 
     @field_validator("modalities")
     @classmethod

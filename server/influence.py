@@ -1,0 +1,135 @@
+"""Bounded influence: how much one train reply may weigh (its example counts) and move (its update
+norm per parameter group), from what the server itself configured for the round and from the
+group's accepted update norms in earlier rounds. The rule is stated once, in ModalityAwareFedAvg's
+docstring (server/strategy.py); this module holds its arithmetic and its state (NormHistory).
+
+The step bound. Every site trains with AdamW (healthfm_core/train/trainer.py), fresh each round,
+at the round's constant learning rate lr for local_steps S. An Adam step moves each parameter by
+lr x |m_hat| / sqrt(v_hat), and by Cauchy-Schwarz over the moments' weights that ratio is at most
+ADAM_STEP_RATIO (7.27 with betas 0.9 / 0.999, whatever the gradients: DP noise included); the
+decoupled weight decay moves a group by at most lr x weight_decay x its norm a step. So no honest
+site moves a group of P values and norm |w| by more than about
+    lr x S x (7.27 sqrt(P) + weight_decay |w|),
+plus the transport's rounding (fp16: 2^-11 of each weight; int8: at most two quantisation steps per
+value, ~0.12 lr S sqrt(P)). The bound uses factor (norm-step-factor, default 10) in place of 7.27.
+Measured (real short federations of the default scenario through SiteRuntime, 2026-11-23; one DP
+site): the honest update norm over lr x S x sqrt(P) was at most 0.61 (tiny, 10 steps x 16, lr 1e-3,
+5 rounds), 0.78 (tiny, 2 steps x 8, lr 3e-3), 0.51 (small, 10 steps x 16, 3 rounds): a margin of 13x
+or more at the default. (Relative to the group's weight norm the same updates ranged from 0.012
+(ehr) to 1.04 (genomics, small weights): no single ratio to |w| bounds every group.)
+
+The history bound: factor (norm-history-factor, default 10) x the median of the group's accepted
+update norms over its last `rounds` (norm-history-rounds, default 5) aggregated rounds. Measured in
+the same federations: an honest norm was at most 1.27x that median (at least 0.62x).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from healthfm_core.federation import RoundConfig, TrainReply
+
+# max over t of sqrt(sum_i a_i^2 / b_i), a_i, b_i Adam's bias-corrected moment weights (betas 0.9,
+# 0.999): the most one Adam step moves a parameter, in units of lr (t = 1: 1.0; t = 10: 1.04).
+ADAM_STEP_RATIO = 7.27
+FP16_ROUNDING = 2.0**-10  # of the weights' norm: twice float16's relative rounding (2^-11)
+DEFAULT_NORM_STEP_FACTOR = 10.0
+DEFAULT_NORM_HISTORY_FACTOR = 10.0
+DEFAULT_NORM_HISTORY_ROUNDS = 5
+_HISTORY_PREFIX = "norms."  # state_dict entries: norms.<group> -> float64 [[round, norm], ...]
+
+
+def max_examples(cfg: RoundConfig) -> int:
+    """The most samples a site trains in a round: local_steps batches of at most batch_size (a DP
+    site reports its expected counts, sample rate x subjects x steps, never more)."""
+    return cfg.local_steps * cfg.batch_size
+
+
+def count_problem(reply: TrainReply, cfg: RoundConfig) -> str | None:
+    """Why a trained reply's counts cannot be what this round asked for, or None."""
+    limit = max_examples(cfg)
+    claimed = {"num-examples": reply.num_examples, **{f"num-examples.{g}": n for g, n in reply.group_examples.items()}}
+    for field, value in claimed.items():
+        if value > limit:
+            return (
+                f"field {field}: value {value:,} > {limit:,}, the most samples a site trains this round "
+                f"(local-steps {cfg.local_steps} x batch-size {cfg.batch_size})"
+            )
+    return None
+
+
+def step_bound(cfg: RoundConfig, size: int, weight_norm: float, factor: float) -> float:
+    """The step bound of a group of `size` values whose global weights have norm `weight_norm`."""
+    steps = cfg.lr * cfg.local_steps
+    return factor * steps * (math.sqrt(size) + cfg.weight_decay * weight_norm) + FP16_ROUNDING * weight_norm
+
+
+class NormHistory:
+    """Each group's accepted update norms in its last `rounds` aggregated rounds (strategy state:
+    checkpointed with the run, so a resumed run bounds as the uninterrupted one)."""
+
+    def __init__(self, rounds: int = DEFAULT_NORM_HISTORY_ROUNDS) -> None:
+        if rounds < 1:
+            raise ValueError(f"norm history: rounds {rounds} < 1")
+        self.rounds = rounds
+        self.norms: dict[str, dict[int, list[float]]] = {}  # group -> round -> accepted norms
+
+    def reference(self, group: str, rnd: int) -> float | None:
+        """The median accepted norm of the group over its last `rounds` rounds before `rnd`."""
+        earlier = sorted(r for r in self.norms.get(group, {}) if r < rnd)[-self.rounds :]
+        values = [n for r in earlier for n in self.norms[group][r]]
+        return float(np.median(values)) if values else None
+
+    def record(self, rnd: int, group: str, norms: Iterable[float]) -> None:
+        """The group's accepted norms of round `rnd` (replacing any recorded for it)."""
+        values = [float(n) for n in norms]
+        if not values:
+            return
+        by_round = self.norms.setdefault(group, {})
+        by_round[rnd] = values
+        for old in sorted(by_round)[: -self.rounds]:
+            del by_round[old]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {
+            f"{_HISTORY_PREFIX}{group}": np.array(
+                [[r, n] for r, values in sorted(by_round.items()) for n in values], dtype=np.float64
+            ).reshape(-1, 2)
+            for group, by_round in sorted(self.norms.items())
+        }
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Inverse of state_dict (entries norms.<group>); raises ValueError naming a bad entry."""
+        norms: dict[str, dict[int, list[float]]] = {}
+        for name, value in state.items():
+            group = name.removeprefix(_HISTORY_PREFIX)
+            table = np.asarray(value)
+            if group == name or not group:
+                raise ValueError(f"norm history: unexpected entry {name!r} (expected {_HISTORY_PREFIX}<group>)")
+            if table.ndim != 2 or table.shape[1] != 2 or not np.isfinite(table).all() or (table[:, 1] < 0).any():
+                raise ValueError(
+                    f"norm history entry {name!r}: expected finite [round, norm >= 0] rows, got shape {table.shape}"
+                )
+            for rnd, norm in table:
+                norms.setdefault(group, {}).setdefault(int(rnd), []).append(float(norm))
+        self.norms = norms
+
+    @staticmethod
+    def owns(name: str) -> bool:
+        """Whether a strategy state entry is the norm history's."""
+        return name.startswith(_HISTORY_PREFIX)
+
+
+__all__ = [
+    "ADAM_STEP_RATIO",
+    "DEFAULT_NORM_HISTORY_FACTOR",
+    "DEFAULT_NORM_HISTORY_ROUNDS",
+    "DEFAULT_NORM_STEP_FACTOR",
+    "NormHistory",
+    "count_problem",
+    "max_examples",
+    "step_bound",
+]
