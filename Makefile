@@ -67,6 +67,8 @@ test-slow: setup
 # stay under 60 minutes). The evidence job's quick run took 2 min 56 s on an idle 2-core machine.
 # tests/test_coordinator_faults.py (issue 26: nginx and the SuperLink killed mid-run, two concurrent
 # launches): its two slow tests took 5 min 36 s on a shared 2-core machine (18 min 53 s at load 8).
+# MEDS-DEV's nine tasks against aces-cli on every mimic site (about 2 min); the deployed warm and
+# cold sites running the approved bundle's code (tests/test_warm_site.py, 5 min 40 s, shared).
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
 	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
@@ -75,6 +77,8 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \
 	tests/test_deployment.py::test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only \
 	tests/test_forward_proxy.py \
+	tests/test_meds_dev_tasks.py tests/test_mimic_scenario.py \
+	tests/test_warm_site.py \
 	tests/test_hardening.py::test_insecure_superlink_warns_loudly \
 	tests/test_hardening.py::test_superlink_stops_with_its_parent_process \
 	tests/test_evidence.py::test_quick_report_answers_every_question \
