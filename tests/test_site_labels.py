@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from healthfm_core.data.site_check import check_site
 from healthfm_core.data.site_labels import (
     SiteLabelError,
     check_site_labels,
@@ -72,6 +73,9 @@ def test_errors_name_file_column_value(site: Path) -> None:
     assert ("prediction_time", "2109-01-01 00:00:00") in by_col  # before subject 1's first event
     assert ("prediction_time", "2120-01-01 00:00:00") in by_col  # after subject 2's last event
     assert all(i.file == bad for i in issues) and len(issues) == 3
+    severity = {(i.column, str(i.value)): i.severity for i in issues}
+    assert severity[("prediction_time", "2120-01-01 00:00:00")] == "warning"  # MEDS allows it
+    assert severity[("prediction_time", "2109-01-01 00:00:00")] == "error"
     with pytest.raises(SiteLabelError, match=r"0\.parquet, column subject_id: not a subject of this site"):
         read_site_labels(site, "t")
 
@@ -85,3 +89,37 @@ def test_schema_errors(site: Path) -> None:
     issue = check_site_labels(site, "badtype")[0]
     assert issue.column == "prediction_time" and "meds.LabelSchema" in issue.message
     assert "no label files" in str(check_site_labels(site, "absent")[0])
+
+
+def test_a_prediction_time_after_the_last_event_is_a_warning_and_the_labels_are_used(site: Path) -> None:
+    """MEDS's LabelSchema allows any prediction time: an export's readmission labels at discharge
+    lie after the subject's last event when the export ends there. The model sees all of it."""
+    _labels(
+        site,
+        "readmit",
+        "0.parquet",
+        subject_id=[2, 2],
+        prediction_time=[D(2112, 1, 1), D(2130, 1, 1)],
+        boolean_value=[False, True],
+    )
+    (issue,) = check_site_labels(site, "readmit")
+    assert issue.severity == "warning" and "after the subject's last event" in issue.message
+    assert read_site_labels(site, "readmit").num_rows == 2
+    report = check_site(site)
+    (problem,) = [p for p in report.problems if p.kind == "site_labels_after_last_event"]
+    assert problem.severity == "warning" and report.n_errors == 0, report.problems
+
+
+@pytest.mark.parametrize(
+    ("column", "values"),
+    [("integer_value", [0, 3]), ("float_value", [0.5, 1.5]), ("categorical_value", ["low", "high"])],
+)
+def test_labels_that_are_not_binary_are_refused_with_the_reason(site: Path, column: str, values: list) -> None:
+    path = _labels(
+        site, "kind", "0.parquet", subject_id=[2, 2], prediction_time=[D(2112, 1, 1), D(2113, 6, 1)], **{column: values}
+    )
+    (issue,) = check_site_labels(site, "kind")
+    assert issue.severity == "error" and issue.file == path and issue.column == column
+    assert "site tasks are binary (boolean_value)" in issue.message
+    with pytest.raises(SiteLabelError, match="binary"):
+        read_site_labels(site, "kind")

@@ -1013,11 +1013,12 @@ def _check_own_labels(log: _ProblemLog, root: Path, task: str) -> None:
         return
     for issue in issues:
         log.add(
-            "bad_site_labels",
+            "bad_site_labels" if issue.severity == "error" else "site_labels_after_last_event",
             _rel(root, issue.file),
             issue.message,
             column=issue.column,
             value=None if issue.value is None else str(issue.value),
+            severity=issue.severity,
         )
 
 

@@ -8,14 +8,19 @@ concatenated, schema-aligned table or raises SiteLabelError with those issues. C
 - the schema, by the `meds` package's LabelSchema (not a copy of it);
 - no null subject_id / prediction_time;
 - every subject_id is a subject of the site (present in data/);
-- every prediction_time lies within the subject's data: from its first to its last timed event
-  (a prediction before any data has nothing to condition on; one after the last has no outcome).
+- every prediction_time is at or after the subject's first timed event (a prediction before any
+  data has nothing to condition on); one after the subject's last event is allowed, as MEDS's
+  LabelSchema allows it (a readmission label at discharge in an export that ends there): a
+  warning, and the model sees every event before it;
+- the labels are binary (boolean_value): the evaluation fits a logistic probe per site task, so
+  integer, float and categorical labels are refused with that reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import meds
 import polars as pl
@@ -37,6 +42,7 @@ class LabelIssue:
     column: str | None
     value: object
     message: str
+    severity: Literal["error", "warning"] = "error"
 
     def __str__(self) -> str:
         col = f", column {self.column}" if self.column else ""
@@ -119,6 +125,16 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
                 "no label column: expected one of boolean_value, integer_value, float_value, categorical_value",
             )
         )
+    if values and "boolean_value" not in values:
+        issues.append(
+            LabelIssue(
+                path,
+                values[0],
+                None,
+                f"labels in {', '.join(values)}: site tasks are binary (boolean_value), since the "
+                "evaluation fits a logistic probe; write the outcome as boolean_value",
+            )
+        )
     if issues:
         return None, issues
     try:
@@ -154,9 +170,10 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
         )
     known = df.filter(pl.col("first").is_not_null())
     pt = pl.col(meds.LabelSchema.prediction_time_name)
-    for cond, what in (
-        (pt < pl.col("first"), "before the subject's first event"),
-        (pt > pl.col("last"), "after the subject's last event"),
+    severity: Literal["error", "warning"]
+    for cond, what, severity in (
+        (pt < pl.col("first"), "before the subject's first event", "error"),
+        (pt > pl.col("last"), "after the subject's last event (allowed: the model sees all of it)", "warning"),
     ):
         bad_rows = known.filter(cond)
         for r in bad_rows.head(MAX_EXAMPLES).iter_rows(named=True):
@@ -167,6 +184,7 @@ def _check_file(path: Path, ranges: pl.DataFrame) -> tuple[pa.Table | None, list
                     r[meds.LabelSchema.prediction_time_name],
                     f"row {r['row']}, subject_id {r['subject_id']}: {what} "
                     f"({r['first']} .. {r['last']}; {bad_rows.height} such row(s))",
+                    severity,
                 )
             )
     return table, issues
@@ -178,10 +196,11 @@ def check_site_labels(site_root: str | Path, task: str) -> list[LabelIssue]:
 
 
 def read_site_labels(site_root: str | Path, task: str) -> pa.Table:
-    """The site's labels for a task, schema-aligned and concatenated; SiteLabelError if any check fails."""
+    """The site's labels for a task, schema-aligned and concatenated; SiteLabelError if any check
+    fails (warnings do not stop them)."""
     table, issues = _read(Path(site_root), task)
-    if issues:
-        raise SiteLabelError(issues)
+    if errors := [i for i in issues if i.severity == "error"]:
+        raise SiteLabelError(errors)
     assert table is not None
     return table
 
@@ -199,9 +218,9 @@ def _read(site_root: Path, task: str) -> tuple[pa.Table | None, list[LabelIssue]
         issues += file_issues
         if table is not None:
             tables.append(table)
-    if issues:
+    if any(i.severity == "error" for i in issues):
         return None, issues
-    return pa.concat_tables(tables, promote_options="default"), []
+    return pa.concat_tables(tables, promote_options="default"), issues
 
 
 __all__ = [
