@@ -255,13 +255,20 @@ def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
     _, rounds = round_events(out)
     assert sorted(rounds) == [1, 2] and rounds[1]["sites"][victim]["status"] == "ok"
     last = rounds[2]["sites"]
-    assert last[victim]["status"] in ("error", "no reply", "absent") and last[victim]["reason"], last[victim]
+    # Round 2 of this tiny run can take under a second: on a busy machine the freeze may land
+    # after the site's round-2 reply, and the site is then lost at the evaluation (asserted below)
+    # instead of in round 2. Either way it is named lost and the run goes on without it.
+    frozen_in_round_2 = last[victim]["status"] != "ok"
+    if frozen_in_round_2:
+        assert last[victim]["status"] in ("error", "no reply", "absent") and last[victim]["reason"], last[victim]
     assert all(last[s]["status"] == "ok" for s in SITES if s != victim) and rounds[2]["updated"] is True
     outcome = read_outcome(out)
     assert outcome.status == "completed" and set(outcome.sites_lost) == {victim}
     audit = list(read_audit_log(out / AUDIT_FILE))
     missed = [r for r in audit if r["record"] == "site-round" and r["round"] == 2 and r["site"] == victim]
-    assert missed and missed[0]["status"] != "ok" and missed[0]["reason"]
+    assert missed and (missed[0]["status"] != "ok") == frozen_in_round_2
+    if frozen_in_round_2:
+        assert missed[0]["reason"]
     evaluation = [r for r in audit if r["record"] == "evaluation"]
     assert evaluation and victim in evaluation[-1]["absent"] and victim not in evaluation[-1]["reported"]
     server_log = (out / "server.log").read_text()  # the deployed ServerApp's INFO log
@@ -350,7 +357,10 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
     wait_until(lambda: has_event(out, "setup"), HANG_S, "round 0")
     kill_hard(joined[victim])
     launch.join(HANG_S)
-    assert launch.result.returncode == 0, (launch.result.stdout, launch.result.stderr)
+    # The run completes without the site; killed in the run's only round, it never trained in
+    # this run, so the coordinator names it lost (issue 26: no site drops out silently).
+    assert launch.result.returncode == EXIT_SITE_LOST, (launch.result.stdout, launch.result.stderr)
+    assert "finished:completed" in launch.result.stdout and f"lost site(s): {victim}" in launch.result.stderr
 
     _, rounds = round_events(out)
     event = rounds[1]
