@@ -78,7 +78,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_deployment.py::test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only \
 	tests/test_forward_proxy.py \
 	tests/test_meds_dev_tasks.py tests/test_mimic_scenario.py \
-	tests/test_warm_site.py \
+	tests/test_warm_site.py tests/test_privacy_budget.py \
 	tests/test_hardening.py::test_insecure_superlink_warns_loudly \
 	tests/test_hardening.py::test_superlink_stops_with_its_parent_process \
 	tests/test_evidence.py::test_quick_report_answers_every_question \

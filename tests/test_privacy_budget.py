@@ -42,6 +42,9 @@ dp:
 """
 
 
+pytestmark = pytest.mark.slow  # real runtimes under Opacus and the join CLI (~1 min): CI's slow stage
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
     return generate_federation(tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=30, progress=False)

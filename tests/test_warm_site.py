@@ -410,6 +410,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, 
     return built
 
 
+@pytest.mark.slow  # four real SuperNode + ClientApp process sets (~25 s): CI's slow stage
 @pytest.mark.usefixtures("identity")
 @pytest.mark.parametrize("bundle", ["shipped", "installed"])
 @pytest.mark.parametrize("mode", ["cold", "warm"])
