@@ -38,12 +38,11 @@ from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parquet_footer import set_row_counts, set_value_counts
-from test_hardening import InProcessGrid, fed_config, serverapp_identity  # noqa: F401 - a fixture
+from test_hardening import InProcessGrid, fed_config, serverapp_identity, tiny_nodes  # noqa: F401 - a fixture
 
 from client.client_app import train_reply_content
 from healthfm_core.data.site import open_site
 from healthfm_core.data.site_check import check_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.federation import (
     ARRAYS_RECORD,
     METRICS_RECORD,
@@ -560,17 +559,7 @@ def test_a_site_whose_every_message_fails_is_lost_and_the_run_does_not_exit_0(
 def test_a_site_whose_data_its_reader_refuses_is_reported_lost_by_the_server(tmp_path: Path) -> None:
     """A real server over the real ClientApps: the hospital's shard has the forged footer, so its
     every message fails (its site does not open); the other sites train; outcome.json counts it lost."""
-    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
-    nodes = {
-        100 + i: {
-            "site-root": str(s.root),
-            "site-name": s.name,
-            "min-code-subjects": 5,
-            "min-report-subjects": 2,
-            "state-dir": str(tmp_path / f"state-{s.name}"),
-        }
-        for i, s in enumerate(manifest.sites)
-    }
+    manifest, nodes = tiny_nodes(tmp_path)
     hospital = next(s for s in manifest.sites if s.name == "hospital")
     set_row_counts(Path(hospital.root) / "data" / "0.parquet", 5_000_000_000)
     out = tmp_path / "run"

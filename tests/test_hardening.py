@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import make_client_app, train_reply_content
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.synthetic import FederationManifest, generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import FederationSetup, TrainReply
 from healthfm_core.model.config import load_model_config
@@ -488,6 +489,23 @@ def test_an_unreachable_superlink_is_not_an_unknown_run_and_a_one_off_address_is
 # ---------------------------------------------------------------------------- a site that comes back
 
 
+def tiny_nodes(tmp_path: Path) -> tuple[FederationManifest, dict[int, dict[str, Any]]]:
+    """The tiny scenario's three sites (30 subjects each) as InProcessGrid node configs, node ids
+    100.., each with its own state dir under tmp_path."""
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes: dict[int, dict[str, Any]] = {
+        100 + i: {
+            "site-root": str(s.root),
+            "site-name": s.name,
+            "min-code-subjects": 5,
+            "min-report-subjects": 2,
+            "state-dir": str(tmp_path / f"state-{s.name}"),
+        }
+        for i, s in enumerate(manifest.sites)
+    }
+    return manifest, nodes
+
+
 class InProcessGrid(Grid):
     """Each site's real ClientApp called in this process with one Context per node, errors
     turned into error replies as Flower does. A restarted SuperNode is a fresh Context: what
@@ -548,17 +566,7 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_path: Path) -> None:
-    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
-    nodes = {
-        100 + i: {
-            "site-root": str(s.root),
-            "site-name": s.name,
-            "min-code-subjects": 5,
-            "min-report-subjects": 2,
-            "state-dir": str(tmp_path / f"state-{s.name}"),
-        }
-        for i, s in enumerate(manifest.sites)
-    }
+    manifest, nodes = tiny_nodes(tmp_path)
     victim = next(n for n, c in nodes.items() if c["site-name"] == "hospital")
     grid = InProcessGrid(nodes, restart=(victim, 2))  # before round 2
     out = tmp_path / "run"
@@ -583,17 +591,7 @@ def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_p
 
 @pytest.mark.usefixtures("serverapp_identity")
 def test_every_site_absent_from_a_round_is_in_the_audit_log(tmp_path: Path) -> None:
-    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
-    nodes = {
-        100 + i: {
-            "site-root": str(s.root),
-            "site-name": s.name,
-            "min-code-subjects": 5,
-            "min-report-subjects": 2,
-            "state-dir": str(tmp_path / f"state-{s.name}"),
-        }
-        for i, s in enumerate(manifest.sites)
-    }
+    manifest, nodes = tiny_nodes(tmp_path)
     grid = InProcessGrid(nodes)
     out = tmp_path / "run"
     cfg = fed_config(
