@@ -191,22 +191,24 @@ def build_site_rows(
     tables: list[pa.Table] = []
     per_task: dict[str, pa.Table] = {}
     if onset:
-        events = site.read_events(columns=["subject_id", "time", "code"])
-        if onset_times == "visits":
-            # Event-table onset rules need times; ACES tasks make their own (below).
-            times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
-        elif onset_times == "wear_period_ends":
-            times = wear_period_end_times(site.read_wearables())
-        else:
+        if onset_times not in ("visits", "wear_period_ends"):
             raise ValueError(f"onset_times must be 'visits' or 'wear_period_ends', got {onset_times!r}")
-        # One ACES run per task file: every horizon at once.
+        # One ACES run per task file: every horizon at once; event-table tasks need times.
         by_aces: dict[str, tuple[AcesTask, dict[int, str]]] = {}
+        event_table = {k: t for k, t in onset.items() if not isinstance(t, AcesOnsetTask)}
         for key, task in onset.items():
             if isinstance(task, AcesOnsetTask):
                 by_aces.setdefault(task.aces.model_dump_json(), (task.aces, {}))[1][int(task.horizon_days)] = key
-            else:
+        times: pa.Table | None = None
+        if onset_times == "wear_period_ends":
+            times = wear_period_end_times(site.read_wearables())
+        if event_table:
+            events = site.read_events(columns=["subject_id", "time", "code"])
+            if times is None:  # ACES tasks make their own rows (below)
+                times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+            for key, task in event_table.items():
                 per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
-        if onset_times == "wear_period_ends" or len(by_aces) < len(onset):
+        if times is not None:
             tables.append(times)  # the rows asked at these times, labelled or not (as always)
         for aces, keys in by_aces.values():
             if onset_times == "visits":
