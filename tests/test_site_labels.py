@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from healthfm_core.data.site import SiteDataError, open_site
 from healthfm_core.data.site_check import check_site
 from healthfm_core.data.site_labels import (
     SiteLabelError,
@@ -15,6 +16,9 @@ from healthfm_core.data.site_labels import (
     read_site_labels,
     site_tasks,
 )
+from healthfm_core.data.task_spec import resolve_tasks
+from healthfm_core.eval.site_eval import task_labels_at_site
+from healthfm_core.federation import TaskReason
 
 D = dt.datetime
 
@@ -123,3 +127,32 @@ def test_labels_that_are_not_binary_are_refused_with_the_reason(site: Path, colu
     assert "site tasks are binary (boolean_value)" in issue.message
     with pytest.raises(SiteLabelError, match="binary"):
         read_site_labels(site, "kind")
+
+
+def test_bad_label_files_refuse_their_task_not_the_site(site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`check` fails on a bad label file, but the runtime opens the site: that task answers
+    invalid_labels (its file named in the site's log), the good task keeps its labels."""
+    _labels(
+        site,
+        "good",
+        "0.parquet",
+        subject_id=[1, 2],
+        prediction_time=[D(2110, 6, 1), D(2112, 6, 1)],
+        boolean_value=[True, False],
+    )
+    _labels(site, "floaty", "0.parquet", subject_id=[1], prediction_time=[D(2110, 6, 1)], float_value=[0.5])
+    (site / "tasks" / "unreadable").mkdir()
+    (site / "tasks" / "unreadable" / "0.parquet").write_bytes(b"PAR1 not parquet" * 8)
+    report = check_site(site)
+    assert not report.ok and {p.file for p in report.errors} == {"tasks/floaty/0.parquet", "tasks/unreadable/0.parquet"}
+    assert report.summary is not None and report.summary.site_tasks == ["floaty", "good", "unreadable"]
+    with caplog.at_level("ERROR"):
+        opened = open_site(site)
+        labels = task_labels_at_site(opened, resolve_tasks(["site:good", "site:floaty", "site:unreadable"]))
+    assert labels["floaty"] == TaskReason(kind="invalid_labels") == labels["unreadable"]
+    assert not isinstance(labels["good"], TaskReason) and labels["good"].num_rows == 2
+    assert "tasks/floaty/0.parquet" in caplog.text and "tasks/unreadable/0.parquet" in caplog.text
+    # An error in the data itself still refuses the site.
+    (site / "data" / "0.parquet").write_bytes(b"PAR1 not parquet" * 8)
+    with pytest.raises(SiteDataError, match="data/0.parquet"):
+        open_site(site)

@@ -1,7 +1,8 @@
 """Reading one site's data (a MEDS root plus the wearables sidecar, healthfm_core.data.layout).
 
 `open_site` runs the check (healthfm_core.data.site_check) and returns a `Site` to read from,
-or raises `SiteDataError` listing every error. Reads go to parquet on each call.
+or raises `SiteDataError` listing every error; errors confined to the site's own task labels
+(tasks/<task>/) are logged and leave the site open (those tasks answer `invalid_labels`). Reads go to parquet on each call.
 
 The reader, not the file, guarantees what the pipeline relies on: columns of MEDS's types
 (a polars or pandas export is read cast, healthfm_core.data.meds_align) and, in `read_events`,
@@ -39,6 +40,7 @@ from healthfm_core.data.layout import (
 from healthfm_core.data.meds_align import align_table, sort_events
 from healthfm_core.data.parquet_guard import open_parquet, read_parquet
 from healthfm_core.data.site_check import (
+    LABEL_ERROR_KINDS,
     SiteProblem,
     SiteReport,
     SiteSummary,
@@ -189,8 +191,15 @@ class Site:
 def open_site(root: str | Path, progress: bool = False, strict: bool = False) -> Site:
     """Check a site and open it for reading; raises SiteDataError listing every error."""
     report, subjects = run_check(root, progress, strict)
-    if not report.ok:
+    if report.summary is None or any(
+        p.severity == "error" and p.kind not in LABEL_ERROR_KINDS for p in report.problems
+    ):
         raise SiteDataError(report.problems, root)
+    # A bad label file refuses its task, not the site: each problem is logged here, naming the
+    # file, and the evaluation answers that task `invalid_labels` (healthfm_core.eval.site_eval).
+    for p in report.problems:
+        if p.severity == "error":
+            logger.error("site %s: %s (that task is reported as invalid_labels; the others run)", root, p)
     if report.warnings:
         logger.warning(
             "site %s: %d warning(s), e.g. %s (see `client.py check`)", root, report.n_warnings, report.warnings[0]

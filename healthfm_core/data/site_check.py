@@ -132,6 +132,11 @@ _INT64_MIN = np.iinfo(np.int64).min
 # Reports
 
 
+# Problems confined to a site's own task labels (tasks/<task>/): `check` fails on them, but the site
+# still opens (healthfm_core.data.site.open_site) and only those tasks go without labels.
+LABEL_ERROR_KINDS = ("bad_site_labels",)
+
+
 class SiteProblem(BaseModel):
     """One problem found in a site. `row` is 0-based within `file`."""
 
@@ -1094,7 +1099,8 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
 
     splits = _check_splits(log, root, subjects, complete=not agg.subjects_incomplete)
     own_tasks = site_tasks(root)
-    if not log.has_errors:  # labels are checked against the data: only once the data is sound
+    data_sound = not log.has_errors
+    if data_sound:  # labels are checked against the data: only once the data is sound
         for task in own_tasks:
             _check_own_labels(log, root, task)
     splits_from_file = splits is not None
@@ -1116,7 +1122,9 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
             severity="warning",
         )
     per_modality = agg.modality_subjects()
-    if not log.has_errors:
+    # Bad label files of a task (its own tasks/<task>/) make the check fail but not the data's
+    # numbers: the summary stands, and open_site opens the site without those tasks' labels.
+    if data_sound and not any(p.severity == "error" and p.kind not in LABEL_ERROR_KINDS for p in log.problems):
         counts = {m: int(per_modality[m].size) for m in MODALITIES}
         summary = SiteSummary(
             n_subjects=int(subjects.size),
@@ -1150,6 +1158,7 @@ def check_site(root: str | Path, progress: bool = False, strict: bool = False) -
 __all__ = [
     "BATCH_ROWS",
     "MAX_PROBLEMS_PER_KIND",
+    "LABEL_ERROR_KINDS",
     "CheckedSubjects",
     "SiteProblem",
     "SiteReport",

@@ -100,8 +100,8 @@ def task_labels_at_site(
                 continue
             try:
                 table = read_site_labels(site.root, spec.name)
-            except SiteLabelError as err:
-                log.warning("task %s: %s", spec.name, err)
+            except (SiteLabelError, OSError, ValueError, pa.ArrowException) as err:  # this task's files, not the site
+                log.error("task %s: the site's labels are refused (invalid_labels): %s", spec.name, err)
                 out[spec.name] = TaskReason(kind="invalid_labels")
                 continue
             if "boolean_value" not in table.column_names or table["boolean_value"].null_count == table.num_rows:
