@@ -54,11 +54,11 @@ def _per_shard(table: pa.Table) -> list[pl.DataFrame]:
     return out
 
 
-def _aces_alone(task_name: str, horizon: int, variant: bool, root: Path, tmp: Path) -> pl.DataFrame:
+def _aces_alone(task_name: str, horizon: int, variant: tuple[bool, bool], root: Path, tmp: Path) -> pl.DataFrame:
     """ACES's own loader and query over the whole site as one frame (no shards, no cache)."""
     task = load_task(task_name)
-    path = tmp / f"{task_name}_{horizon}_{variant}.yaml"
-    path.write_text(yaml.safe_dump(task.config_for(horizon, variant), sort_keys=False))
+    path = tmp / f"{task_name}_{horizon}_{variant[0]}_{variant[1]}.yaml"
+    path.write_text(yaml.safe_dump(task.config_for(horizon, *variant), sort_keys=False))
     merged = tmp / "merged"
     merged.mkdir(exist_ok=True)
     if not (merged / "all.parquet").exists():
@@ -100,7 +100,11 @@ def test_labels_are_the_same_in_every_shard_and_equal_aces_alone(
     for h in horizons:
         parts = [
             _aces_alone(task_name, h, v, sharded_site, tmp_path)
-            for v in ([False, True] if task.metadata.complete_on else [False])
+            for v in [
+                (c, o)
+                for c in ([False, True] if task.metadata.complete_on else [False])
+                for o in ([False, True] if task.metadata.stay_window else [False])
+            ]
         ]
         expected = (
             pl.concat(parts).unique(subset=["subject_id", "prediction_time"]).sort("subject_id", "prediction_time")

@@ -43,7 +43,7 @@ def test_predicates_from_a_read_frame_equal_aces_own_loader(site_roots: list[Pat
             for name in TASKS:
                 task = load_task(name)
                 for v in aces_tasks._variants(task):
-                    cfg = aces_tasks._parse(task.config_for(task.metadata.horizons_days[0], v), name)
+                    cfg = aces_tasks._parse(task.config_for(task.metadata.horizons_days[0], *v), name)
                     ours = aces_tasks._predicates_from_frame(cfg, frame)
                     theirs = get_predicates_df(cfg, DictConfig({"path": str(shard), "standard": "meds"}))
                     assert ours.schema == theirs.schema, (root.name, shard.name, name, v)

@@ -10,11 +10,22 @@ A task file may add, in `metadata` (which ACES ignores), what ACES cannot say (c
       horizon_window: target              # its `end` becomes `start + <h>d` for each horizon
       censoring_window: followup          # optional: requires follow-up through the horizon ...
       complete_on: outcome_or_death       # ... unless this predicate occurs in the horizon window
+      stay_window: rest_of_stay           # optional: an event-bound window `start -> <edge>` ...
+                                          # ... that also holds when no <edge> follows at all
 
 An ACES window tree is a conjunction, so "followed up through the horizon OR the outcome/death
 happened inside it" is the union of two ACES queries: the config as written, and the config without
 `censoring_window` whose horizon window requires `complete_on` at least once. Both see the same
 predicates, so a row found by both has the same label.
+
+`stay_window` is the onset tasks' leakage guard (configs/tasks/*.yaml): a window from the trigger
+to the next hospital admission or discharge (`end: start -> stay_edge`) that may hold no discharge,
+so a prediction time inside a stay (its next edge is that stay's discharge, where MIMIC-IV times
+the stay's diagnoses) is excluded. ACES drops a row whose bounding event never comes, which would
+drop every prediction time after a subject's last stay (and every row of a site without stays):
+the loader adds the query where that window runs to the end of the record with no edge in it, so
+those rows are kept as they were. The two are disjoint (an edge follows or none does). With both
+rules a task runs up to four queries; aces-cli on the file gives the first (as written).
 
     task = load_task("configs/tasks/t2d.yaml")          # or load_task("t2d")
     labels = aces_labels(task, site_root)               # {horizon_days: LabelSchema table}
@@ -71,6 +82,7 @@ class TaskMetadata(BaseModel):
     horizon_window: str | None = None
     censoring_window: str | None = None
     complete_on: str | None = None
+    stay_window: str | None = None
     description: str | None = None
     links: list[str] = Field(default_factory=list)
     contacts: list[dict[str, Any]] = Field(default_factory=list)
@@ -90,6 +102,15 @@ class TaskMetadata(BaseModel):
         return self
 
 
+def stay_edge(window: dict, path: Path) -> str:
+    """The predicate bounding a stay window (`end: start -> <edge>`); ValueError naming the file."""
+    end = str(window.get("end") or "")
+    head, arrow, edge = end.partition("->")
+    if not arrow or head.strip() != "start" or not edge.strip():
+        raise ValueError(f"{path}, field metadata.stay_window: its window's end must be 'start -> <edge>', got {end!r}")
+    return edge.strip()
+
+
 class AcesTask(BaseModel):
     """A loaded task file: its name, path, metadata and the raw ACES config (metadata removed)."""
 
@@ -105,15 +126,22 @@ class AcesTask(BaseModel):
         """The keys of the task's label tables: its horizons, or [OWN_WINDOWS]."""
         return list(self.metadata.horizons_days or [OWN_WINDOWS])
 
-    def config_for(self, horizon_days: int, complete_variant: bool = False) -> dict:
-        """The ACES config for one horizon; `complete_variant` is the second query of the union.
-        A task without horizons has one config, its own (horizon_days OWN_WINDOWS)."""
+    def config_for(self, horizon_days: int, complete_variant: bool = False, open_stay: bool = False) -> dict:
+        """The ACES config for one horizon; `complete_variant` is the second query of the
+        censoring union, `open_stay` the stay window's query without a next edge (module
+        docstring). A task without horizons has one config, its own (horizon_days OWN_WINDOWS)."""
         cfg = copy.deepcopy(self.config)
+        windows = cfg.get("windows") or {}
+        if open_stay:
+            if self.metadata.stay_window is None:
+                raise ValueError(f"{self.path}: task {self.name!r} has no metadata.stay_window")
+            stay = windows[self.metadata.stay_window]
+            stay["has"] = {stay_edge(stay, self.path): "(None, 0)"}  # no edge until the record ends
+            stay["end"] = None
         if self.metadata.horizon_window is None:
             if horizon_days != OWN_WINDOWS or complete_variant:
                 raise ValueError(f"{self.path}: task {self.name!r} has its own windows, no horizon {horizon_days}d")
             return cfg
-        windows = cfg["windows"]
         windows[self.metadata.horizon_window]["end"] = f"start + {int(horizon_days)}d"
         if complete_variant:
             windows.pop(self.metadata.censoring_window)
@@ -155,11 +183,11 @@ def aces_config(cfg: dict, where: str) -> TaskExtractorConfig:
     return _parse(cfg, where)
 
 
-def _query_config(task: AcesTask, horizon_days: int, complete_variant: bool) -> TaskExtractorConfig:
-    """A fresh parsed config for one ACES query: a config that was queried once is not the
-    config any more (see _PARSED), and reusing it made a site's k-th shard ask for k extra
-    horizons of follow-up."""
-    return _parse(task.config_for(horizon_days, complete_variant), _where(task.path, horizon_days))
+def _query_config(task: AcesTask, horizon_days: int, variant: tuple[bool, bool]) -> TaskExtractorConfig:
+    """A fresh parsed config for one ACES query (`variant`: config_for's complete_variant,
+    open_stay): a config that was queried once is not the config any more (see _PARSED), and
+    reusing it made a site's k-th shard ask for k extra horizons of follow-up."""
+    return _parse(task.config_for(horizon_days, *variant), _where(task.path, horizon_days))
 
 
 def _where(path: Path, horizon_days: int) -> str:
@@ -201,7 +229,11 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
     except ValidationError as exc:
         raise ValueError(f"{path}, field metadata: {exc}") from exc
     windows = raw.get("windows") or {}
-    for field, value in (("horizon_window", meta.horizon_window), ("censoring_window", meta.censoring_window)):
+    for field, value in (
+        ("horizon_window", meta.horizon_window),
+        ("censoring_window", meta.censoring_window),
+        ("stay_window", meta.stay_window),
+    ):
         if value is not None and value not in windows:
             raise ValueError(f"{path}, field metadata.{field}: no window {value!r} (windows: {sorted(windows)})")
     if (meta.censoring_window is None) != (meta.complete_on is None):
@@ -211,9 +243,12 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
         )
     if meta.complete_on is not None and meta.complete_on not in (raw.get("predicates") or {}):
         raise ValueError(f"{path}, field metadata.complete_on: no predicate {meta.complete_on!r}")
+    if meta.stay_window is not None:
+        stay_edge(windows[meta.stay_window], path)
     out = AcesTask(name=meta.task or path.stem, path=path, metadata=meta, config=raw)
     for h in out.horizons:
-        _parse(out.config_for(h), _where(path, h))
+        for v in _variants(out):
+            _parse(out.config_for(h, *v), _where(path, h))
     return out
 
 
@@ -320,8 +355,11 @@ def _finish(task: AcesTask, h: int, parts: list[pl.DataFrame], keep: pl.DataFram
     return validate_labels(df.to_arrow().cast(LABEL_SCHEMA_BOOL))
 
 
-def _variants(task: AcesTask) -> list[bool]:
-    return [False, True] if task.metadata.censoring_window is not None else [False]
+def _variants(task: AcesTask) -> list[tuple[bool, bool]]:
+    """The (complete_variant, open_stay) queries whose union is the task's rows."""
+    complete = [False, True] if task.metadata.censoring_window is not None else [False]
+    open_stay = [False, True] if task.metadata.stay_window is not None else [False]
+    return [(c, o) for c in complete for o in open_stay]
 
 
 def aces_labels(
@@ -426,10 +464,26 @@ def predicate_rows(task: AcesTask, site_root: str | Path) -> dict[str, int]:
     return counts
 
 
+def label_event_times(task: AcesTask, site_root: str | Path) -> pl.DataFrame:
+    """(subject_id, time) of every event where the task's label predicate holds, as ACES computes
+    it (the outcome of an onset task); empty for a task without a label window."""
+    cfg = _query_config(task, task.horizons[0], (False, False))
+    label = cfg.label_window and cfg.windows[cfg.label_window].label
+    parts = [pl.DataFrame(schema={"subject_id": pl.Int64, "time": pl.Datetime("us")})]
+    for shard in _shards(Path(site_root)) if label else []:
+        preds = _predicates_from_frame(cfg, _meds_frame(shard))
+        parts.append(
+            preds.filter((pl.col(label) > 0) & pl.col("timestamp").is_not_null()).select(
+                pl.col("subject_id").cast(pl.Int64), pl.col("timestamp").cast(pl.Datetime("us")).alias("time")
+            )
+        )
+    return pl.concat(parts)
+
+
 def unmatched_predicates(task: AcesTask, site_root: str | Path) -> list[str]:
     """The task's predicates that hold at no row of the site, each with why when the cause is
     known (`name (code: null with a value range: ACES issue #192)`), sorted by name."""
-    cfg = _query_config(task, task.horizons[0], False)
+    cfg = _query_config(task, task.horizons[0], (False, False))
     out = []
     for name, n in sorted(predicate_rows(task, site_root).items()):
         if n:
@@ -450,6 +504,7 @@ __all__ = [
     "aces_labels",
     "aces_config",
     "aces_labels_shared",
+    "label_event_times",
     "load_task",
     "predicate_rows",
     "task_from_text",

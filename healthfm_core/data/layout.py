@@ -53,6 +53,10 @@ SPLITS = (TRAIN_SPLIT, TUNING_SPLIT, HELD_OUT_SPLIT)
 DEFAULT_SPLIT_FRACTIONS = {TRAIN_SPLIT: 0.8, TUNING_SPLIT: 0.1, HELD_OUT_SPLIT: 0.1}
 
 PRS_PREFIX = "PRS//"  # code of a polygenic risk score row: PRS_PREFIX + trait
+# A hospital stay's edges as MIMIC-IV MEDS writes them (HOSPITAL_ADMISSION//<type>//<location>,
+# HOSPITAL_DISCHARGE//<location>): the onset tasks' leakage guard reads stays from them.
+ADMISSION_PREFIX = "HOSPITAL_ADMISSION//"
+DISCHARGE_PREFIX = "HOSPITAL_DISCHARGE//"
 
 # Wearables: one row per 30-second epoch, `time` its start on the 30-second grid.
 EPOCH_SECONDS = 30
@@ -145,6 +149,8 @@ def hash_splits(subject_ids: np.ndarray) -> pa.Table:
 
 
 __all__ = [
+    "ADMISSION_PREFIX",
+    "DISCHARGE_PREFIX",
     "CODE_METADATA_FILEPATH",
     "DATASET_METADATA_FILEPATH",
     "DATA_SUBDIRECTORY",

@@ -9,7 +9,10 @@ would withhold gets one warning saying why: a split (train, tuning, held_out) wi
 than the federation's minimum, or a train or held_out split with a single class. Each predicate
 of an ACES task that matches no row at the site gets a warning naming it (and ACES issue #192 when
 it is a `code: null` range): a task whose label predicate never holds has no positives for a
-reason that is not the patients. `meds-dev:<task>@<dataset or predicates file>` entries are
+reason that is not the patients. An ACES task whose positives are mostly its own stay's discharge
+codes (a prediction time inside a hospital stay, the outcome within a day of that stay's
+discharge: healthfm_core.data.stay_leakage) gets a warning: leakage by design in exports that
+time diagnoses at discharge (MIMIC-IV); the shipped onset tasks exclude such prediction times. `meds-dev:<task>@<dataset or predicates file>` entries are
 MEDS-DEV tasks (healthfm_core.data.meds_dev_tasks). Labels never leave the site: this is the site
 admin's view.
 """
@@ -34,6 +37,7 @@ from healthfm_core.data.site_labels import (
     SiteLabelError,
     read_site_labels,
 )
+from healthfm_core.data.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
 from healthfm_core.data.tasks import cap_rows_per_subject
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
@@ -52,6 +56,8 @@ class TaskCounts(BaseModel):
     file: str  # the ACES config, or the site's labels folder relative to the site root
     horizon_days: int | None  # None: the site's own labels (their horizon is theirs); 0: the ACES task's own windows
     splits: dict[str, SplitCounts]  # train, tuning, held_out, then any other split name
+    # ACES tasks: positives whose outcome is their own stay's discharge codes (stay_leakage)
+    same_stay_positives: int | None = None
 
 
 class TasksReport(BaseModel):
@@ -167,6 +173,22 @@ def count_tasks(
                 )
             )
             continue
+        leakage = task_stay_leakage(task, labels, site.root)
+        for horizon, (same, positives) in sorted(leakage.items()):
+            if positives and same > LEAKY_SHARE * positives:
+                name = task.name if horizon == OWN_WINDOWS else f"{task.name} {horizon}d"
+                problems.append(
+                    SiteProblem(
+                        severity="warning",
+                        file=str(path),
+                        kind="same_stay_positives",
+                        message=f"{name}: {same} of {positives} positives are predicted inside a hospital stay "
+                        f"and their outcome is recorded within {STAY_END_DAYS:g} day of that stay's discharge: "
+                        "the stay's own discharge codes counted as a new onset (leakage in exports that time "
+                        "diagnoses at discharge, as MIMIC-IV does). Exclude prediction times inside stays, "
+                        "as the shipped onset tasks do (their rest_of_stay window, metadata.stay_window).",
+                    )
+                )
         silent = unmatched_predicates(task, site.root)
         if silent:
             problems.append(
@@ -187,6 +209,7 @@ def count_tasks(
                     file=str(path),
                     horizon_days=horizon,
                     splits=_split_counts(table, split_of),
+                    same_stay_positives=leakage[horizon][0],
                 )
             )
     for name in site.summary.site_tasks if site_tasks is None else site_tasks:

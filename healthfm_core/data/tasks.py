@@ -10,7 +10,11 @@ New-onset tasks (`onset_labels`): for an outcome code prefix (e.g. `ICD10//E11` 
   timed event is at or after pt + h, or it died within the window without the outcome (death is
   a competing event, a negative);
 - otherwise (follow-up ends before pt + h, no death, no outcome) the row is EXCLUDED as censored:
-  its label is unknown. The end of follow-up is the subject's last timed MEDS event.
+  its label is unknown. The end of follow-up is the subject's last timed MEDS event;
+- a pt inside a hospital stay is EXCLUDED (leakage guard, as configs/tasks/*.yaml's rest_of_stay):
+  the next `HOSPITAL_ADMISSION//` or `HOSPITAL_DISCHARGE//` event strictly after pt is a discharge.
+  MIMIC-IV times a stay's diagnoses at its discharge; asked during the stay, the stay's own codes
+  would be a "new onset". A pt outside every stay (or at a site without such codes) is unaffected.
 
 Default prediction times (`visit_prediction_times`): up to `n_per_subject` of the subject's
 distinct timed-event times ("visits", birth and death rows are not visits), excluding its last one (nothing to predict after it),
@@ -44,7 +48,7 @@ import pyarrow.parquet as pq
 from meds import LabelSchema, birth_code, death_code
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthfm_core.data.layout import EPOCH_US, SiteLike
+from healthfm_core.data.layout import ADMISSION_PREFIX, DISCHARGE_PREFIX, EPOCH_US, SiteLike
 from healthfm_core.data.tokens import _NO_TIME, US_PER_DAY, to_us
 from healthfm_core.data.wear_patches import sorted_by_subject_time
 from healthfm_core.files import atomic_path
@@ -204,6 +208,32 @@ def visit_prediction_times(
 # ------------------------------------------------------------------------------ onset labels
 
 
+def inside_stay(
+    edge_group: np.ndarray, edge_time: np.ndarray, edge_discharge: np.ndarray, group: np.ndarray, time_us: np.ndarray
+) -> np.ndarray:
+    """Per query (group, time_us): whether the group's first stay edge strictly after it is a
+    discharge (the query lies inside a stay). Edges: (group, time, is_discharge) of each
+    admission or discharge event; at an instant with both, the discharge counts."""
+    n_edges = len(edge_group)
+    g = np.concatenate([edge_group, group]).astype(np.int64)
+    t = np.concatenate([edge_time, time_us]).astype(np.int64)
+    # Edges sort before queries at the same instant: an edge at the query's time is not "after" it;
+    # discharges before admissions at one instant, so the discharge is the one found.
+    kind = np.concatenate([np.where(edge_discharge, 0, 1), np.full(len(group), 2)])
+    order = np.lexsort((kind, t, g))
+    position = np.where(order < n_edges, np.arange(len(order)), len(order))
+    nxt = np.minimum.accumulate(position[::-1])[::-1]  # the first edge at or after each position
+    query_pos = np.empty(len(group), dtype=np.int64)
+    query_pos[order[order >= n_edges] - n_edges] = np.flatnonzero(order >= n_edges)
+    found = nxt[query_pos]
+    ok = found < len(order)
+    edge = order[np.minimum(found, len(order) - 1)] if len(order) else np.zeros(len(group), np.int64)
+    same = ok & (g[edge] == group.astype(np.int64)) & (edge < n_edges)
+    out = np.zeros(len(group), dtype=bool)
+    out[same] = np.asarray(edge_discharge)[edge[same]]
+    return out
+
+
 def onset_labels_from_events(
     events: pa.Table,
     outcome_code_prefix: str,
@@ -228,6 +258,9 @@ def onset_labels_from_events(
     # An outcome recorded as a static row (no time) is prevalent at every prediction time.
     onset[np.unique(inv[~timed & is_outcome])] = np.iinfo(np.int64).min
     death = _first_time(inv, time_us, timed & is_death, n)
+    is_discharge = pc.fill_null(pc.starts_with(code, DISCHARGE_PREFIX), False).to_numpy(zero_copy_only=False)
+    is_admission = pc.fill_null(pc.starts_with(code, ADMISSION_PREFIX), False).to_numpy(zero_copy_only=False)
+    edge = timed & (is_discharge | is_admission)
     follow_up_end = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
     np.maximum.at(follow_up_end, inv[timed], time_us[timed])
 
@@ -247,7 +280,8 @@ def onset_labels_from_events(
     dead = d <= pt
     positive = (o > pt) & (o <= end)
     observed = (f >= end) | (d <= end)
-    keep = ~prevalent & ~dead & (positive | observed)
+    in_stay = inside_stay(inv[edge], time_us[edge], is_discharge[edge], s_c, pt)
+    keep = ~prevalent & ~dead & (positive | observed) & ~in_stay
     out = pa.table(
         {
             "subject_id": pa.array(pt_sid[keep], pa.int64()),
@@ -257,7 +291,7 @@ def onset_labels_from_events(
         schema=LABEL_SCHEMA_BOOL,
     )
     log.debug(
-        "%s %gd: %d rows -> %d labels (%d positive; excluded %d prevalent, %d dead, %d censored)",
+        "%s %gd: %d rows -> %d labels (%d positive; excluded %d prevalent, %d dead, %d censored, %d inside a stay)",
         outcome_code_prefix,
         horizon_days,
         len(pt),
@@ -266,6 +300,7 @@ def onset_labels_from_events(
         int(prevalent.sum()),
         int((dead & ~prevalent).sum()),
         int((~prevalent & ~dead & ~positive & ~observed).sum()),
+        int((~prevalent & ~dead & (positive | observed) & in_stay).sum()),
     )
     return validate_labels(out)
 
