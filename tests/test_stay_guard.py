@@ -8,7 +8,10 @@ plain Python), not with healthfm_core.data.stay_leakage's helpers."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -123,3 +126,53 @@ def test_check_warns_for_the_unguarded_task_only(mimic_site: Path, tmp_path: Pat
     counts = {(c.task, c.horizon_days): c.same_stay_positives for c in report.tasks}
     assert all(counts[("onset_cad", h)] == 0 for h in (30, 90, 180, 365))
     assert counts[("onset_cad_unguarded", 30)] > 0
+
+
+@pytest.mark.slow  # aces-cli in its own processes (~1 min on 2 busy cores): CI's slow stage
+def test_the_guarded_configs_label_as_aces_cli(mimic_site: Path, tmp_path: Path) -> None:
+    """aces-cli runs each changed file as it is (365 d, the file's first query); its rows are
+    ACES's in-process rows of that query, and a subset of the platform's rows with the same
+    labels (the platform adds the censoring and the no-next-edge queries to the union)."""
+    names = ["t2d", "cad", "hypertension", "copd"]
+    out = tmp_path / "cli"
+    out.mkdir()
+    for name in names:
+        (out / f"{name}.yaml").symlink_to(TASK_DIR / f"{name}.yaml")
+    bin_dir = Path(sys.executable).parent
+    shards = subprocess.run(
+        [str(bin_dir / "expand_shards"), str(mimic_site / "data")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    cmd = [
+        str(bin_dir / "aces-cli"),
+        "--multirun",
+        f"cohort_dir={out}",
+        f"cohort_name={','.join(names)}",
+        "data=sharded",
+        "data.standard=meds",
+        f"data.root={mimic_site / 'data'}",
+        f"data.shard={shards}",
+        f"log_dir={out}/.logs",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)  # a hang guard only
+    assert done.returncode == 0, done.stderr[-4000:]
+    for name in names:
+        task = load_task(name)
+        theirs = pl.concat([pl.read_parquet(f) for f in sorted((out / name).glob("*.parquet"))])
+        theirs_rows = sorted(
+            theirs.select(
+                pl.col("subject_id").cast(pl.Int64),
+                pl.col("prediction_time").cast(pl.Datetime("us")),
+                "boolean_value",
+            ).iter_rows()
+        )
+        raw = yaml.safe_load((TASK_DIR / f"{name}.yaml").read_text())
+        for key in ("censoring_window", "complete_on", "stay_window"):
+            raw["metadata"].pop(key)
+        as_written = task_from_text(yaml.safe_dump(raw, sort_keys=False), tmp_path / f"{name}_as_written.yaml")
+        mine = pl.from_arrow(aces_labels(as_written, mimic_site, [365])[365])
+        assert isinstance(mine, pl.DataFrame)
+        assert sorted(mine.iter_rows()) == theirs_rows, name
+        union = pl.from_arrow(aces_labels(task, mimic_site, [365])[365])
+        assert isinstance(union, pl.DataFrame)
+        assert set(theirs_rows) <= set(union.iter_rows()) and union.height > len(theirs_rows), name
