@@ -53,6 +53,7 @@ from healthfm_core.data.site_check import (  # noqa: E402
     run_check,
 )
 from healthfm_core.data.task_check import (  # noqa: E402
+    DEFAULT_MIN_POSITIVES,
     DEFAULT_MIN_SUBJECTS,
     TasksReport,
     count_tasks,
@@ -96,7 +97,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"error: site root {root} does not exist or is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    for flag, value in (("--min-subjects", args.min_subjects), ("--n-per-subject", args.n_per_subject)):
+    for flag, value in (
+        ("--min-subjects", args.min_subjects),
+        ("--min-positives", args.min_positives),
+        ("--n-per-subject", args.n_per_subject),
+    ):
         if value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return EXIT_USAGE
@@ -107,10 +112,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         files = task_files(args.tasks or [])
-        # The runtime's minimum: its min_report_subjects, raised by the policy's (the stricter holds).
-        min_subjects = args.min_subjects
+        # The runtime's minimums (min_report_subjects, min_report_positives), each raised by the
+        # policy's (the stricter holds).
+        min_subjects, min_positives = args.min_subjects, args.min_positives
         if args.policy:
-            min_subjects = max(min_subjects, load_policy(args.policy).min_subjects)
+            policy = load_policy(args.policy)
+            min_subjects, min_positives = (
+                max(min_subjects, policy.min_subjects),
+                max(min_positives, policy.min_positives),
+            )
     except (FileNotFoundError, PolicyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -128,7 +138,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         if files or report.summary.site_tasks:
             tasks = count_tasks(
-                site, files, min_subjects=min_subjects, n_per_subject=args.n_per_subject, seed=args.seed
+                site,
+                files,
+                min_subjects=min_subjects,
+                n_per_subject=args.n_per_subject,
+                seed=args.seed,
+                min_positives=min_positives,
             )
     ok = report.ok and (tasks is None or tasks.ok)
     if args.json:
@@ -311,7 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the federation's minimum subjects per split for a metric to leave the site "
         f"(default {DEFAULT_MIN_SUBJECTS}, the runtime's min_report_subjects)",
     )
-    check.add_argument("--policy", metavar="FILE", help="this site's policy file: its min_subjects raises the minimum")
+    check.add_argument(
+        "--min-positives",
+        type=int,
+        default=DEFAULT_MIN_POSITIVES,
+        metavar="N",
+        help=f"the minimum positive (and negative) rows in held_out for a metric to leave the site "
+        f"(default {DEFAULT_MIN_POSITIVES}, the runtime's min_report_positives)",
+    )
+    check.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="this site's policy file: its min_subjects and min_positives raise the minimums",
+    )
     check.add_argument(
         "--n-per-subject",
         type=int,

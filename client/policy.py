@@ -4,6 +4,7 @@ server asks.
 Example (YAML or JSON; every key optional except where noted):
 
     min_subjects: 20            # no metric or statistic on fewer subjects leaves the site
+    min_positives: 10           # no metric whose held-out split has fewer positives (or negatives)
     groups_allowed: [shared, ehr, wearables]   # parameter groups whose weights may leave
     dp:
       mandatory: true           # train only with DP, even if the server does not ask for it
@@ -60,6 +61,9 @@ class SitePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_subjects: int = Field(default=10, ge=1)
+    # Raises the runtime's min_report_positives (the stricter holds): a held-out split with fewer
+    # positive (or negative) rows gives no metric, since a metric on a few cases describes them.
+    min_positives: int = Field(default=1, ge=1)
     groups_allowed: list[str] = Field(default_factory=lambda: list(GROUPS))
     dp: DPPolicy | None = None
     approved_apps: list[str] = Field(default_factory=list)  # app bundle sha256s (client/app_guard.py)

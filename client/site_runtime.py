@@ -78,6 +78,8 @@ class SiteConfig(BaseModel):
     site_name: str | None = None  # default: the site root's directory name
     min_code_subjects: int = Field(default=10, ge=1)  # codes seen in fewer subjects are never named
     min_report_subjects: int = Field(default=20, ge=1)  # no metric on fewer subjects leaves the site
+    # no metric leaves whose held_out split has fewer positive (or negative) rows
+    min_report_positives: int = Field(default=1, ge=1)
     device: str = "cpu"
     policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
     state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP
@@ -160,6 +162,9 @@ class SiteRuntime:
         # The policy's minimum only ever raises the config's (the stricter holds).
         self.min_code_subjects = max(config.min_code_subjects, floor)
         self.min_report_subjects = max(config.min_report_subjects, floor)
+        self.min_report_positives = max(
+            config.min_report_positives, self.policy.min_positives if self.policy is not None else 1
+        )
         # Under a policy a modality on fewer subjects than its minimum is neither reported nor trained.
         self.subject_counts = {m: (n if n >= floor else 0) for m, n in self.site.subject_counts.items()}
         self.groups = groups_for_modalities([m for m in self.site.modalities if self.subject_counts.get(m, 0) > 0])
@@ -571,6 +576,8 @@ class SiteRuntime:
             withheld=len(result.reasons),
             eval_seconds=time.perf_counter() - t0,
             max_subjects=cfg.max_subjects,
+            min_subjects=self.min_report_subjects,
+            min_positives=self.min_report_positives,
         )
 
     def evaluate_tasks(
@@ -610,6 +617,7 @@ class SiteRuntime:
             reuse_patches=reuse_patches,
             sample=self.eval_sample(cfg) if sampled else None,
             shared_passes=shared_passes,
+            min_positives=self.min_report_positives,
         )
 
     def _split_lookup(self):

@@ -107,6 +107,8 @@ _EVAL_SCALARS = {
     "withheld": "withheld",
     "eval-seconds": "eval_seconds",
     "max-subjects": "max_subjects",
+    "min-subjects": "min_subjects",
+    "min-positives": "min_positives",
 }
 _EVAL_TASK_COUNT = "tasks"
 # The loss names a site may report: every objective and their weighted total.
@@ -687,10 +689,16 @@ REASON_KINDS = (
     "one_class",  # the train or held_out split has a single class
     "invalid_task",  # the task definition did not parse at the site
     "invalid_labels",  # the site's own label files fail their checks
+    "too_few_positives",  # held_out has fewer positives (or negatives) than the site's min_report_positives
 )
+# The site keys behind the privacy floor, named where a pair is withheld by them (reasons, summaries).
+MIN_SUBJECTS_KEY = "min_report_subjects"
+MIN_POSITIVES_KEY = "min_report_positives"
+SMALL_CELL_RISK = "small cells re-identify patients"
 SPLIT_COUNTS = ("rows", "subjects", "positives")
 _WITHHELD = "withheld"
 _MINIMUM = "minimum"
+_MIN_POSITIVES = "min-positives"
 TASK_KEY = r"^[A-Za-z][A-Za-z0-9_\-]{0,79}$"
 
 
@@ -724,6 +732,7 @@ class TaskReason(_Reply):
 
     kind: Literal[REASON_KINDS]  # type: ignore[valid-type]
     minimum: int = Field(default=0, ge=0)
+    min_positives: int = Field(default=0, ge=0)  # the site's min_report_positives (0: not said)
     splits: dict[str, SplitCount] = Field(default_factory=dict)
 
     @field_validator("splits")
@@ -756,7 +765,10 @@ class TaskReason(_Reply):
             "one_class": "a single class",
             "invalid_task": "the task definition did not parse at the site",
             "invalid_labels": "the site's label files failed their checks",
+            "too_few_positives": "too few positives or negatives in held_out",
         }[self.kind]
+        if self.kind == "too_few_positives":
+            what += f" (below {MIN_POSITIVES_KEY} {self.min_positives}: {SMALL_CELL_RISK})"
         if not self.splits:
             return what
 
@@ -767,7 +779,10 @@ class TaskReason(_Reply):
             f"{s} {n(c.rows)} rows / {n(c.subjects)} subjects / {n(c.positives)} positives"
             for s, c in self.splits.items()
         ]
-        minimum = f" (minimum {self.minimum} subjects per split)" if self.minimum else ""
+        minimum = ""
+        if self.minimum:
+            minimum = f" (minimum {self.minimum} subjects per split"
+            minimum += f", {MIN_SUBJECTS_KEY}: {SMALL_CELL_RISK})" if self.kind == "too_few_subjects" else ")"
         return f"{what}{minimum}: " + ", ".join(parts)
 
 
@@ -781,6 +796,9 @@ class EvalReply(_Reply):
     withheld: int = Field(default=0, ge=0)
     eval_seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     max_subjects: int = Field(default=0, ge=0)  # the subject budget the site applied (0: every subject)
+    # The privacy floor the site applied (its min_report_subjects / min_report_positives; 0: not said)
+    min_subjects: int = Field(default=0, ge=0)
+    min_positives: int = Field(default=0, ge=0)
 
     @field_validator("tasks", "reasons")
     @classmethod
@@ -810,6 +828,8 @@ class EvalReply(_Reply):
         for task, r in self.reasons.items():
             out[f"{task}.{_WITHHELD}.{r.kind}"] = 1
             out[f"{task}.{_MINIMUM}"] = r.minimum
+            if r.min_positives:
+                out[f"{task}.{_MIN_POSITIVES}"] = r.min_positives
             for split, c in r.splits.items():
                 out.update({f"{task}.{split}.{name}": getattr(c, name) for name in SPLIT_COUNTS})
         out.update({key: getattr(self, name) for key, name in _EVAL_SCALARS.items()})
@@ -843,6 +863,8 @@ class EvalReply(_Reply):
                 reasons.setdefault(task, {})["kind"] = parts[1]
             elif task and rest == _MINIMUM:
                 reasons.setdefault(task, {})["minimum"] = value
+            elif task and rest == _MIN_POSITIVES:
+                reasons.setdefault(task, {})["min_positives"] = value
             elif task and len(parts) == 2 and parts[1] in SPLIT_COUNTS:
                 reasons.setdefault(task, {}).setdefault("splits", {}).setdefault(parts[0], {})[parts[1]] = value
             else:
@@ -937,6 +959,9 @@ __all__ = [
     "EvalConfig",
     "EvalReply",
     "REASON_KINDS",
+    "MIN_POSITIVES_KEY",
+    "MIN_SUBJECTS_KEY",
+    "SMALL_CELL_RISK",
     "SplitCount",
     "TaskReason",
     "FederationSetup",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -312,7 +313,9 @@ def test_tasks_table_and_a_warning_per_split_below_the_minimum(hospital_site, ca
     tuning = expected[365]["tuning"][1]
     assert tuning < 20
     warn = [line for line in out.splitlines() if line.startswith(f"WARNING {T2D}: onset_t2d 365d:")]
-    assert len(warn) == 1 and f"below the minimum 20: tuning {tuning}" in warn[0]
+    assert len(warn) == 1 and (
+        f"below the minimum 20 (min_report_subjects; small cells re-identify patients): tuning {tuning}" in warn[0]
+    )
     assert out.strip().splitlines()[-1].startswith("OK: site is usable (")
 
 
@@ -331,7 +334,7 @@ def test_tasks_minimum_from_the_flag_and_the_policy(hospital_site, tmp_path, cap
     )
     blob = json.loads(capsys.readouterr().out)
     assert blob["tasks"]["min_subjects"] == 35
-    assert all("below the minimum 35: " in p["message"] for p in blob["tasks"]["problems"])
+    assert all("below the minimum 35 (min_report_subjects; " in p["message"] for p in blob["tasks"]["problems"])
 
 
 def test_tasks_from_a_directory_and_bad_arguments(hospital_site, tmp_path, capsys):
@@ -387,7 +390,7 @@ def test_site_labels_are_counted(site_tables, write_site, capsys):
     assert "readmission (site labels)  3 / 2 / 1" in out
     assert (
         "WARNING tasks/readmission: readmission: no metric would leave the site: subjects per split below the "
-        "minimum 2: tuning 0, held_out 0"
+        "minimum 2 (min_report_subjects; small cells re-identify patients): tuning 0, held_out 0"
     ) in out
 
 
@@ -402,3 +405,29 @@ def test_site_labels_of_an_unknown_subject_fail_check_with_one_line(site_tables,
         "(1 row(s) with unknown subjects) (value '404')"
     ]
     assert result.err.strip() == "FAILED: 1 error(s), 0 warning(s)"
+
+
+def test_tasks_minimum_of_positives_from_the_flag_and_the_policy(hospital_site, tmp_path, capsys):
+    """A held_out split with fewer positive (or negative) rows than min_report_positives: the
+    warning names the key, its value and what it protects; the policy's min_positives raises it."""
+    root = tmp_path / "site"
+    shutil.copytree(hospital_site, root)
+    events = pl.read_parquet(root / "data" / "*.parquet").filter(pl.col("time").is_not_null())
+    first = events.group_by("subject_id").agg(pl.col("time").min()).sort("subject_id")
+    ids = first["subject_id"].to_list()
+    _write_labels(root, "readmission", ids, first["time"].to_list(), [s % 2 == 0 for s in ids])
+    args = ["check", str(root), "--json", "--min-subjects", "1"]
+    assert main([*args, "--min-positives", "1"]) == EXIT_OK
+    blob = json.loads(capsys.readouterr().out)
+    held = blob["tasks"]["tasks"][0]["splits"]["held_out"]
+    assert 0 < held["positives"] < held["rows"] and blob["tasks"]["problems"] == []
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"min_subjects: 1\nmin_positives: {held['rows']}\n")
+    assert main([*args, "--min-positives", "1", "--policy", str(policy)]) == EXIT_OK
+    blob = json.loads(capsys.readouterr().out)
+    (problem,) = blob["tasks"]["problems"]
+    assert blob["tasks"]["min_positives"] == held["rows"]
+    assert (
+        f"held_out has {held['positives']} positive and {held['rows'] - held['positives']} negative rows, below the "
+        f"minimum {held['rows']} (min_report_positives; small cells re-identify patients)"
+    ) in problem["message"]

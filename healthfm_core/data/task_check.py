@@ -5,8 +5,10 @@ SITE_ROOT/tasks/<task>/ (healthfm_core.data.site_labels), and each horizon: rows
 positives per split. ACES tasks give the rows ACES gives (trigger, windows, gaps, exclusions),
 capped as the evaluation caps them (`cap_rows_per_subject`: up to `n_per_subject` rows per
 subject, drawn with `seed`; the site runtime uses 4 and 0). A (task, horizon) that the runtime
-would withhold gets one warning saying why: a split (train, tuning, held_out) with fewer subjects
-than the federation's minimum, or a train or held_out split with a single class. Each predicate
+would withhold gets one warning saying why, naming the key that withholds it and what it protects:
+a split (train, tuning, held_out) with fewer subjects than `min_report_subjects`, a train or
+held_out split with a single class, or a held_out split with fewer positive (or negative) rows
+than `min_report_positives`. Each predicate
 of an ACES task that matches no row at the site gets a warning naming it (and ACES issue #192 when
 it is a `code: null` range): a task whose label predicate never holds has no positives for a
 reason that is not the patients. An ACES task whose positives are mostly its own stay's discharge
@@ -39,8 +41,10 @@ from healthfm_core.data.site_labels import (
 )
 from healthfm_core.data.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
 from healthfm_core.data.tasks import cap_rows_per_subject
+from healthfm_core.federation import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
+DEFAULT_MIN_POSITIVES = 1  # the site runtime's min_report_positives
 TASK_SUFFIXES = (".yaml", ".yml")
 
 
@@ -62,6 +66,7 @@ class TaskCounts(BaseModel):
 
 class TasksReport(BaseModel):
     min_subjects: int
+    min_positives: int = DEFAULT_MIN_POSITIVES
     n_per_subject: int
     seed: int
     tasks: list[TaskCounts]
@@ -111,16 +116,26 @@ def _split_counts(table: pa.Table, split_of: dict[int, str]) -> dict[str, SplitC
     return out
 
 
-def _why_withheld(counts: TaskCounts, min_subjects: int) -> str | None:
-    """Why the runtime would withhold this (task, horizon)'s metrics, or None."""
+def _why_withheld(counts: TaskCounts, min_subjects: int, min_positives: int = DEFAULT_MIN_POSITIVES) -> str | None:
+    """Why the runtime would withhold this (task, horizon)'s metrics, or None: each reason names
+    the key behind it, its value, and what the privacy floor protects."""
     reasons = []
     small = [f"{s} {counts.splits[s].subjects}" for s in SPLITS if counts.splits[s].subjects < min_subjects]
     if small:
-        reasons.append(f"subjects per split below the minimum {min_subjects}: {', '.join(small)}")
+        reasons.append(
+            f"subjects per split below the minimum {min_subjects} ({MIN_SUBJECTS_KEY}; {SMALL_CELL_RISK}): "
+            f"{', '.join(small)}"
+        )
     for s in (TRAIN_SPLIT, HELD_OUT_SPLIT):
         c = counts.splits[s]
         if c.positives is not None and c.rows and c.positives in (0, c.rows):
             reasons.append(f"{s} has a single class ({c.positives} positive of {c.rows} rows)")
+    held = counts.splits[HELD_OUT_SPLIT]
+    if held.positives is not None and held.rows and 0 < min(held.positives, held.rows - held.positives) < min_positives:
+        reasons.append(
+            f"{HELD_OUT_SPLIT} has {held.positives} positive and {held.rows - held.positives} negative rows, below "
+            f"the minimum {min_positives} ({MIN_POSITIVES_KEY}; {SMALL_CELL_RISK})"
+        )
     return "; ".join(reasons) or None
 
 
@@ -145,6 +160,7 @@ def count_tasks(
     n_per_subject: int = 4,
     seed: int = 0,
     site_tasks: Sequence[str] | None = None,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
 ) -> TasksReport:
     """Rows, subjects and positives per split of each task and horizon at a site (see the module
     docstring). `site_tasks`: the site's own tasks to count (default: all under SITE_ROOT/tasks/)."""
@@ -230,7 +246,7 @@ def count_tasks(
             TaskCounts(task=name, source="site", file=folder, horizon_days=None, splits=_split_counts(table, split_of))
         )
     for counts in counted:
-        why = _why_withheld(counts, min_subjects)
+        why = _why_withheld(counts, min_subjects, min_positives)
         if why is not None:
             problems.append(
                 SiteProblem(
@@ -241,7 +257,12 @@ def count_tasks(
                 )
             )
     return TasksReport(
-        min_subjects=min_subjects, n_per_subject=n_per_subject, seed=seed, tasks=counted, problems=problems
+        min_subjects=min_subjects,
+        min_positives=min_positives,
+        n_per_subject=n_per_subject,
+        seed=seed,
+        tasks=counted,
+        problems=problems,
     )
 
 
@@ -250,7 +271,8 @@ def format_tasks(report: TasksReport) -> str:
     head = (
         f"tasks           rows / subjects / positives per split; ACES's rows as the evaluation takes them "
         f"(up to {report.n_per_subject} rows per subject, seed {report.seed}); minimum {report.min_subjects} "
-        "subjects per split"
+        f"subjects per split ({MIN_SUBJECTS_KEY}), {report.min_positives} positive and negative rows in "
+        f"{HELD_OUT_SPLIT} ({MIN_POSITIVES_KEY})"
     )
     if not report.tasks:
         return head + "\n  (no task counted)"
@@ -271,6 +293,7 @@ def format_tasks(report: TasksReport) -> str:
 
 
 __all__ = [
+    "DEFAULT_MIN_POSITIVES",
     "DEFAULT_MIN_SUBJECTS",
     "SplitCounts",
     "TaskCounts",

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from healthfm_core.federation import SMALL_CELL, EvalReply, TaskMetrics
+from healthfm_core.federation import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL, EvalReply, TaskMetrics
 
 NOT_REPLIED = "no reply from this site (see the server log)"
 NOT_REPORTED = "not in the site's reply"
@@ -33,13 +33,24 @@ def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
             else ""
         )
         if m.r2 is not None:
-            return f"R2 {_f(m.r2)}", held
+            return f"R2 {_f(m.r2)}", held + floor(reply, binary=False)
         interval = f" [{_f(m.auroc_low)}, {_f(m.auroc_high)}]" if m.auroc_low is not None else ""
         positives = "" if m.positives is None else f", {_count(m.positives)} positives"
-        return f"AUROC {_f(m.auroc)}{interval}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, {held}{positives}"
+        return f"AUROC {_f(m.auroc)}{interval}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, {held}{positives}" + floor(
+            reply, binary=True
+        )
     if (r := reply.reasons.get(key)) is not None:
         return "no metric", r.describe()
     return "no metric", NOT_REPORTED
+
+
+def floor(reply: EvalReply, binary: bool) -> str:
+    """The privacy floor the site applied to its metrics, when it says (", min_report_subjects
+    20, min_report_positives 10"); a regression has no positives, so only the subjects."""
+    parts = [f"{MIN_SUBJECTS_KEY} {reply.min_subjects}"] if reply.min_subjects else []
+    if binary and reply.min_positives:
+        parts.append(f"{MIN_POSITIVES_KEY} {reply.min_positives}")
+    return "".join(f", {p}" for p in parts)
 
 
 def outcome_rows(
@@ -94,6 +105,7 @@ def replies_from_event(event: Mapping) -> tuple[list[str], dict[str, EvalReply],
 
 __all__ = [
     "NOT_REPLIED",
+    "floor",
     "NOT_REPORTED",
     "outcome",
     "outcome_lines",

@@ -194,9 +194,13 @@ def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCou
     }
 
 
-def withheld_reason(counts: Mapping[str, SplitCount], minimum: int, binary: bool) -> TaskReason | None:
+def withheld_reason(
+    counts: Mapping[str, SplitCount], minimum: int, binary: bool, min_positives: int = 1
+) -> TaskReason | None:
     """Why these per-split counts give no reportable metric (None: they do); the counts in the
-    reason are small-cell suppressed, since the reason leaves the site."""
+    reason are small-cell suppressed, since the reason leaves the site. `minimum`: subjects per
+    split (min_report_subjects); `min_positives`: positive and negative rows in held_out
+    (min_report_positives)."""
     shown = {s: c.suppressed(minimum) for s, c in counts.items()}
     if sum(c.rows for c in counts.values()) == 0:
         return TaskReason(kind="no_rows", minimum=minimum, splits=shown)
@@ -204,6 +208,9 @@ def withheld_reason(counts: Mapping[str, SplitCount], minimum: int, binary: bool
         return TaskReason(kind="too_few_subjects", minimum=minimum, splits=shown)
     if binary and any(counts[s].positives in (0, counts[s].rows) for s in ("train", "held_out")):
         return TaskReason(kind="one_class", minimum=minimum, splits=shown)
+    held = counts[HELD_OUT_SPLIT]
+    if binary and min(held.positives, held.rows - held.positives) < min_positives:
+        return TaskReason(kind="too_few_positives", minimum=minimum, min_positives=min_positives, splits=shown)
     return None
 
 
@@ -231,6 +238,7 @@ def evaluate_site_tasks(
     sample: SubjectSample | None = None,
     shared_passes: bool = True,
     n_boot: int = 100,
+    min_positives: int = 1,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
@@ -241,7 +249,9 @@ def evaluate_site_tasks(
     With a `sample` (draw_sample) that has a budget, only its
     subjects' rows are embedded, fitted on and scored, and the minimum-subject and class checks
     apply to them; the metrics say how many held-out subjects the sample was drawn from.
-    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's)."""
+    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's).
+    `min_positives`: a binary task whose held_out split has fewer positive or negative rows is
+    withheld (too_few_positives; the site's min_report_positives)."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
     if labels is None:
         labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects)
@@ -255,7 +265,7 @@ def evaluate_site_tasks(
             table = sample.keep(table)
         binary = "boolean_value" in table.column_names
         counts = task_split_counts(table, split_of)
-        if (reason := withheld_reason(counts, min_subjects, binary)) is not None:
+        if (reason := withheld_reason(counts, min_subjects, binary, min_positives)) is not None:
             out.reasons[key] = reason
         else:
             usable[key] = table

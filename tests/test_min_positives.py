@@ -1,0 +1,115 @@
+"""The privacy floor of positives (issue 27): min_report_positives (site runtime) and the policy's
+min_positives, the stricter holding; a binary task whose held_out split has fewer positive or
+negative rows is withheld as too_few_positives naming the key; every reply says the minimums the
+site applied, and the server's lines show them beside each metric."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.code_stats import site_code_stats
+from healthfm_core.data.site import open_site
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.eval.outcomes import outcome
+from healthfm_core.eval.site_eval import withheld_reason
+from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, SplitCount, TaskMetrics, TaskReason
+from healthfm_core.model.config import load_model_config
+
+
+def _counts(held_positives: int, held_rows: int = 40) -> dict[str, SplitCount]:
+    return {
+        "train": SplitCount(rows=300, subjects=100, positives=60),
+        "tuning": SplitCount(rows=40, subjects=30, positives=8),
+        "held_out": SplitCount(rows=held_rows, subjects=30, positives=held_positives),
+    }
+
+
+def test_too_few_positives_or_negatives_in_held_out_withholds_naming_the_key() -> None:
+    assert withheld_reason(_counts(3), minimum=20, binary=True) is None  # default 1: today's rule
+    assert withheld_reason(_counts(5), minimum=20, binary=True, min_positives=5) is None
+    few = withheld_reason(_counts(4), minimum=20, binary=True, min_positives=5)
+    assert few is not None and (few.kind, few.minimum, few.min_positives) == ("too_few_positives", 20, 5)
+    assert few.splits["held_out"].positives == -1  # 4 < 20: a small cell, not disclosed
+    assert "below min_report_positives 5: small cells re-identify patients" in few.describe()
+    # Negatives count as much as positives (36 positives of 40 rows: 4 negatives).
+    assert withheld_reason(_counts(36), minimum=20, binary=True, min_positives=5).kind == "too_few_positives"  # type: ignore[union-attr]
+    # Checked after the subjects and the classes: those reasons stay what they were.
+    assert withheld_reason(_counts(0), minimum=20, binary=True, min_positives=5).kind == "one_class"  # type: ignore[union-attr]
+    assert withheld_reason(_counts(3), minimum=31, binary=True, min_positives=5).kind == "too_few_subjects"  # type: ignore[union-attr]
+    subjects = TaskReason(kind="too_few_subjects", minimum=31, splits={"held_out": SplitCount(rows=0, subjects=0)})
+    assert (
+        "(minimum 31 subjects per split, min_report_subjects: small cells re-identify patients)" in subjects.describe()
+    )
+    assert withheld_reason(_counts(3), minimum=20, binary=False, min_positives=5) is None  # a regression has no classes
+
+
+def test_reply_carries_the_minimums_and_the_reason_round_trips() -> None:
+    shown = {s: c.suppressed(20) for s, c in _counts(25).items()}
+    reason = TaskReason(kind="too_few_positives", minimum=20, min_positives=10, splits=shown)
+    metric = TaskMetrics(n=40, auroc=0.7, auprc=0.3, ece=0.1, positives=12)
+    reply = EvalReply(tasks={"a": metric}, reasons={"b": reason}, withheld=1, min_subjects=20, min_positives=10)
+    back = EvalReply.from_records(reply.to_records(), expected=["a", "b"])
+    assert back == reply and back.reasons["b"].min_positives == 10
+    assert "too few positives or negatives in held_out (below min_report_positives 10" in back.reasons["b"].describe()
+    result, detail = outcome(back, "a")
+    assert result.startswith("AUROC 0.700") and detail.endswith(", min_report_subjects 20, min_report_positives 10")
+    # A reply from a site that does not say its minimums parses as before, and shows none.
+    old = EvalReply.from_records({k: v for k, v in reply.to_records().items() if not k.startswith("min-")})
+    assert (old.min_subjects, old.min_positives) == (0, 0) and "min_report" not in outcome(old, "a")[1]
+    with pytest.raises(ValueError, match="min-positives"):
+        EvalReply.from_records({**reply.to_records(), "min-positives": -1})
+
+
+@pytest.fixture(scope="module")
+def hospital_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hospital")
+    return Path(generate_federation(out, "hospital", seed=0, n_subjects=60, progress=False).sites[0].root)
+
+
+def test_the_stricter_of_runtime_and_policy_holds_and_the_reply_says_so(hospital_root: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 2\nmin_positives: 7\n")
+    low = SiteRuntime(SiteConfig(site_root=hospital_root, min_report_subjects=2, min_report_positives=3, policy=policy))
+    high = SiteRuntime(
+        SiteConfig(site_root=hospital_root, min_report_subjects=2, min_report_positives=9, policy=policy)
+    )
+    assert (low.min_report_positives, high.min_report_positives) == (7, 9)
+    # A site task whose held_out split has both classes: reported at its smaller class's count,
+    # withheld one above, and the reply says the minimums the site applied.
+    site = open_site(hospital_root)
+    sid = np.unique(site.read_events(columns=["subject_id", "time"])["subject_id"].to_numpy())
+    (hospital_root / "tasks" / "readmit").mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array(sid, pa.int64()),
+                "prediction_time": pa.array([datetime(2150, 1, 1)] * len(sid), pa.timestamp("us")),
+                "boolean_value": pa.array(sid % 2 == 0),
+            }
+        ),
+        hospital_root / "tasks" / "readmit" / "0.parquet",
+    )
+    vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
+    setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
+    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    cfg = EvalConfig(round=1, tasks=["site:readmit"], setup_sha256=setup.sha256, n_boot=10)
+    held = low.split_ids()["held_out"]
+    floor = int(min((held % 2 == 0).sum(), (held % 2 == 1).sum()))
+    assert floor >= 2
+    reports, withholds = (
+        SiteRuntime(SiteConfig(site_root=hospital_root, min_report_subjects=2, min_report_positives=n))
+        for n in (floor, floor + 1)
+    )
+    ok = reports.evaluate(setup, arrays, cfg)
+    assert "readmit" in ok.tasks and (ok.min_subjects, ok.min_positives) == (2, floor), ok.reasons
+    cut = withholds.evaluate(setup, arrays, cfg)
+    assert not cut.tasks and cut.reasons["readmit"].kind == "too_few_positives"
+    assert cut.reasons["readmit"].min_positives == floor + 1 == cut.min_positives
