@@ -362,6 +362,25 @@ def _variants(task: AcesTask) -> list[tuple[bool, bool]]:
     return [(c, o) for c in complete for o in open_stay]
 
 
+class _OneShardCohort(logging.Filter):
+    """Drops ES-ACES's "All labels in the extracted cohort are the same" warning while shards are
+    queried one at a time: a query covers one shard (with a subject sample, a few subjects), not
+    the task's cohort, and the site reports a task with a single class itself (one_class)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("All labels in the extracted cohort are the same")
+
+
+@contextlib.contextmanager
+def _quiet_one_shard_cohorts() -> Iterator[None]:
+    aces_log, quiet = logging.getLogger("aces.query"), _OneShardCohort()
+    aces_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        aces_log.removeFilter(quiet)
+
+
 def aces_labels(
     task: AcesTask | str | Path,
     site_root: str | Path,
@@ -382,34 +401,16 @@ def aces_labels(
     horizons = list(horizons_days) if horizons_days is not None else task.horizons
     variants = _variants(task)
     parts: dict[int, list[pl.DataFrame]] = {h: [] for h in horizons}
-    for shard in _shards(Path(site_root)):
-        data_cfg = DictConfig({"path": str(shard), "standard": "meds"})
-        for v in variants:
-            # Predicates do not depend on the horizon: computed once per shard and variant.
-            preds = aces_predicates.get_predicates_df(_query_config(task, horizons[0], v), data_cfg)
-            for h in horizons:
-                parts[h].append(_labels(aces_query.query(_query_config(task, h, v), preds)))
+    with _quiet_one_shard_cohorts():  # each query is one shard and one variant of the union
+        for shard in _shards(Path(site_root)):
+            data_cfg = DictConfig({"path": str(shard), "standard": "meds"})
+            for v in variants:
+                # Predicates do not depend on the horizon: computed once per shard and variant.
+                preds = aces_predicates.get_predicates_df(_query_config(task, horizons[0], v), data_cfg)
+                for h in horizons:
+                    parts[h].append(_labels(aces_query.query(_query_config(task, h, v), preds)))
     keep = _keep_times(prediction_times)
     return {h: _finish(task, h, parts[h], keep) for h in horizons}
-
-
-class _OneShardCohort(logging.Filter):
-    """Drops ES-ACES's "All labels in the extracted cohort are the same" warning while shards are
-    queried one at a time: a query covers one shard (with a subject sample, a few subjects), not
-    the task's cohort, and the site reports a task with a single class itself (one_class)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("All labels in the extracted cohort are the same")
-
-
-@contextlib.contextmanager
-def _quiet_one_shard_cohorts() -> Iterator[None]:
-    aces_log, quiet = logging.getLogger("aces.query"), _OneShardCohort()
-    aces_log.addFilter(quiet)
-    try:
-        yield
-    finally:
-        aces_log.removeFilter(quiet)
 
 
 def aces_labels_shared(
