@@ -768,9 +768,15 @@ class TaskReason(_Reply):
             "too_few_positives": "too few positives or negatives in held_out",
         }[self.kind]
         if self.kind == "too_few_positives":
-            what += f" (below {MIN_POSITIVES_KEY} {self.min_positives}: {SMALL_CELL_RISK})"
+            minimum = f" (minimum {self.min_positives} positive and negative rows in held_out, {MIN_POSITIVES_KEY}: "
+            minimum += f"{SMALL_CELL_RISK})"
+        elif self.minimum:
+            minimum = f" (minimum {self.minimum} subjects per split"
+            minimum += f", {MIN_SUBJECTS_KEY}: {SMALL_CELL_RISK})" if self.kind == "too_few_subjects" else ")"
+        else:
+            minimum = ""
         if not self.splits:
-            return what
+            return what + (minimum if self.kind == "too_few_positives" else "")
 
         def n(value: int) -> str:
             return f"<{self.minimum}" if value == SMALL_CELL else str(value)
@@ -779,10 +785,6 @@ class TaskReason(_Reply):
             f"{s} {n(c.rows)} rows / {n(c.subjects)} subjects / {n(c.positives)} positives"
             for s, c in self.splits.items()
         ]
-        minimum = ""
-        if self.minimum:
-            minimum = f" (minimum {self.minimum} subjects per split"
-            minimum += f", {MIN_SUBJECTS_KEY}: {SMALL_CELL_RISK})" if self.kind == "too_few_subjects" else ")"
         return f"{what}{minimum}: " + ", ".join(parts)
 
 

@@ -38,7 +38,10 @@ def test_too_few_positives_or_negatives_in_held_out_withholds_naming_the_key() -
     few = withheld_reason(_counts(4), minimum=20, binary=True, min_positives=5)
     assert few is not None and (few.kind, few.minimum, few.min_positives) == ("too_few_positives", 20, 5)
     assert few.splits["held_out"].positives == -1  # 4 < 20: a small cell, not disclosed
-    assert "below min_report_positives 5: small cells re-identify patients" in few.describe()
+    assert (
+        "(minimum 5 positive and negative rows in held_out, min_report_positives: small cells re-identify patients)"
+        in few.describe()
+    )
     # Negatives count as much as positives (36 positives of 40 rows: 4 negatives).
     assert withheld_reason(_counts(36), minimum=20, binary=True, min_positives=5).kind == "too_few_positives"  # type: ignore[union-attr]
     # Checked after the subjects and the classes: those reasons stay what they were.
@@ -58,7 +61,10 @@ def test_reply_carries_the_minimums_and_the_reason_round_trips() -> None:
     reply = EvalReply(tasks={"a": metric}, reasons={"b": reason}, withheld=1, min_subjects=20, min_positives=10)
     back = EvalReply.from_records(reply.to_records(), expected=["a", "b"])
     assert back == reply and back.reasons["b"].min_positives == 10
-    assert "too few positives or negatives in held_out (below min_report_positives 10" in back.reasons["b"].describe()
+    assert (
+        "too few positives or negatives in held_out (minimum 10 positive and negative rows in held_out, min_report_positives"
+        in back.reasons["b"].describe()
+    )
     result, detail = outcome(back, "a")
     assert result.startswith("AUROC 0.700") and detail.endswith(", min_report_subjects 20, min_report_positives 10")
     # A reply from a site that does not say its minimums parses as before, and shows none.
