@@ -438,8 +438,15 @@ def aces_labels_shared(
                     continue
             for task, out in zip(tasks, parts, strict=True):
                 horizons = task.horizons
+                edge = (
+                    stay_edge(task.config["windows"][task.metadata.stay_window], task.path)
+                    if task.metadata.stay_window
+                    else None
+                )
                 for v in _variants(task):
                     preds = _predicates_from_frame(_query_config(task, horizons[0], v), frame)
+                    if edge is not None and not v[1] and not (preds[edge] > 0).any():
+                        continue  # no stay edge in this shard: the bounded query finds no row (the open one finds them)
                     for h in horizons:
                         out[h].append(_labels(aces_query.query(_query_config(task, h, v), preds)))
     keep = _keep_times(prediction_times)
