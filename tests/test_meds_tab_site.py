@@ -21,7 +21,7 @@ from healthfm_core.data.task_spec import task_keys
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome
-from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, TaskMetrics
+from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, TaskMetrics, aggregate_site_metrics
 from healthfm_core.model.config import load_model_config
 
 TASKS = ["onset_hypertension_365d", "site:readmit"]
@@ -121,3 +121,13 @@ def test_a_peers_meds_tab_metric_is_checked_and_round_trips() -> None:
         EvalReply.from_records({**good, "t.meds-tab-auroc": 1.5})
     with pytest.raises(ValueError, match="beside a binary task's auroc"):
         EvalReply.from_records({"t.r2": 0.3, "t.n": 10, "t.meds-tab-auroc": 0.7})
+
+
+def test_meds_tab_is_averaged_over_sites_like_the_probe() -> None:
+    a = EvalReply(tasks={"t": TaskMetrics(n=10, auroc=0.6, meds_tab_auroc=0.7, meds_tab_auprc=0.2)})
+    b = EvalReply(tasks={"t": TaskMetrics(n=30, auroc=0.5, meds_tab_auroc=0.9, meds_tab_auprc=0.4)})
+    c = EvalReply(tasks={"t": TaskMetrics(n=20, auroc=0.5)})  # a site that ran without MEDS-Tab
+    out = aggregate_site_metrics({"a": a, "b": b, "c": c})
+    assert out["t.meds_tab_auroc"] == pytest.approx((10 * 0.7 + 30 * 0.9) / 40)
+    assert out["t.meds_tab_auprc"] == pytest.approx((10 * 0.2 + 30 * 0.4) / 40)
+    assert out["t.auroc"] == pytest.approx((10 * 0.6 + 30 * 0.5 + 20 * 0.5) / 60) and out["t.n"] == 60

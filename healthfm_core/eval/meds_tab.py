@@ -299,15 +299,21 @@ def tabularize(
             ("max", value_groups.value),
         )
     }
+    bounds: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # the value aggregations share them
     offset = 0
     for size, agg, codes in features.blocks():
         if size == "static":
             break
-        g, r, grp = prepared["code" if agg in CODE_AGGREGATIONS else "value"]
-        hi = end[r]
-        lo = hi - window_days(size) * US_PER_DAY
-        b = _lex_searchsorted(g.group, g.time, grp, hi, "right")
-        a = _lex_searchsorted(g.group, g.time, grp, lo, "right")
+        kind_of_code = "code" if agg in CODE_AGGREGATIONS else "value"
+        g, r, grp = prepared[kind_of_code]
+        if (kind_of_code, size) not in bounds:
+            hi = end[r]
+            lo = hi - window_days(size) * US_PER_DAY
+            bounds[kind_of_code, size] = (
+                _lex_searchsorted(g.group, g.time, grp, lo, "right"),
+                _lex_searchsorted(g.group, g.time, grp, hi, "right"),
+            )
+        a, b = bounds[kind_of_code, size]
         count = b - a
         some = count > 0
         kind = agg.split("/")[1]
