@@ -170,21 +170,22 @@ def _index_in(code: pa.ChunkedArray, codes: Sequence[str]) -> np.ndarray:
     return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _lex_searchsorted(
-    major: np.ndarray, minor: np.ndarray, q_major: np.ndarray, q_minor: np.ndarray, side: str
-) -> np.ndarray:
-    """np.searchsorted of the pairs (q_major, q_minor) among (major, minor), pairs sorted
-    lexicographically: both keys ranked, one int64 key per pair."""
-    if len(major) == 0:
-        return np.zeros(len(q_major), np.int64)
-    _, rank_major = np.unique(np.concatenate([major, q_major]), return_inverse=True)
-    values_minor, rank_minor = np.unique(np.concatenate([minor, q_minor]), return_inverse=True)
-    width = np.int64(len(values_minor))
-    if (int(rank_major.max()) + 1) * int(width) >= 2**62:
-        raise ValueError("too many distinct keys to search in one pass")
-    key = rank_major.astype(np.int64) * width + rank_minor
-    n = len(major)
-    return np.searchsorted(key[:n], key[n:], side=side)  # type: ignore[call-overload]
+class _SortedPairs:
+    """(major, minor) pairs sorted lexicographically, major dense ids (0, 1, ...): where a query
+    pair goes (searchsorted, side right) through one int64 key per pair. The minor values are
+    ranked once among the pairs' own distinct values, so a query costs a binary search, no sort."""
+
+    def __init__(self, major: np.ndarray, minor: np.ndarray) -> None:
+        self.values = np.unique(minor)
+        self.width = np.int64(len(self.values) + 1)
+        if (int(major.max(initial=0)) + 1) * int(self.width) >= 2**62:
+            raise ValueError("too many distinct keys to search in one pass")
+        self.key = major.astype(np.int64) * self.width + np.searchsorted(self.values, minor, side="right")
+
+    def right(self, q_major: np.ndarray, q_minor: np.ndarray) -> np.ndarray:
+        """Per query, the number of pairs at or before it: (major, minor) <= (q_major, q_minor)."""
+        rank = np.searchsorted(self.values, q_minor, side="right")  # distinct values <= the query's
+        return np.searchsorted(self.key, q_major.astype(np.int64) * self.width + rank, side="right")
 
 
 @dataclass(frozen=True)
@@ -276,9 +277,15 @@ def tabularize(
     kept = timed & (code_idx >= 0)
     order = np.lexsort((t[kept], subject[kept]))
     ev_subject, ev_time = subject[kept][order], t[kept][order]
-    pos = _lex_searchsorted(ev_subject, ev_time, row_subject, row_time, "right")
-    has_end = (pos > 0) & (ev_subject[np.maximum(pos - 1, 0)] == row_subject) if len(ev_subject) else pos > 0
-    end = np.where(has_end, ev_time[np.maximum(pos - 1, 0)] if len(ev_time) else 0, np.iinfo(np.int64).min)
+    known = np.unique(ev_subject)
+    dense = np.minimum(np.searchsorted(known, row_subject), max(len(known) - 1, 0))
+    has_end = np.zeros(n_rows, bool)
+    end = np.full(n_rows, np.iinfo(np.int64).min)
+    if len(known):
+        pos = _SortedPairs(np.searchsorted(known, ev_subject), ev_time).right(dense, row_time)
+        has_end = (known[dense] == row_subject) & (pos > 0)
+        has_end &= ev_subject[np.maximum(pos - 1, 0)] == row_subject
+        end = np.where(has_end, ev_time[np.maximum(pos - 1, 0)], end)
 
     code_groups = _groups(subject[kept], code_idx[kept], t[kept], np.ones(int(kept.sum())))
     with_value = timed & (value_idx >= 0) & ~np.isnan(value)
@@ -287,7 +294,7 @@ def tabularize(
     for name, g in (("code", code_groups), ("value", value_groups)):
         r, grp = _pairs(row_subject, g.subject)
         live = has_end[r] & (g.first_time[grp] <= end[r])  # other pairs are empty in every window
-        prepared[name] = (g, r[live], grp[live])
+        prepared[name] = (g, r[live], grp[live], _SortedPairs(g.group, g.time))
     # Running sums, extremes within each (subject, code) group: a window's sum is the difference of
     # two running sums of its own group (no rounding carried over from other subjects).
     running = {
@@ -305,14 +312,11 @@ def tabularize(
         if size == "static":
             break
         kind_of_code = "code" if agg in CODE_AGGREGATIONS else "value"
-        g, r, grp = prepared[kind_of_code]
+        g, r, grp, search = prepared[kind_of_code]
         if (kind_of_code, size) not in bounds:
             hi = end[r]
             lo = hi - window_days(size) * US_PER_DAY
-            bounds[kind_of_code, size] = (
-                _lex_searchsorted(g.group, g.time, grp, lo, "right"),
-                _lex_searchsorted(g.group, g.time, grp, hi, "right"),
-            )
+            bounds[kind_of_code, size] = (search.right(grp, lo), search.right(grp, hi))
         a, b = bounds[kind_of_code, size]
         count = b - a
         some = count > 0
