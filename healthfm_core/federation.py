@@ -625,8 +625,9 @@ def _validate(
 # Per-task metric names in an evaluate reply: "<task>.<metric>"; "<task>.n" is the held-out sample
 # count used to weight the server's average.
 EVAL_METRICS = ("auroc", "auprc", "ece", "r2")
-# MEDS-Tab's point metrics, averaged over sites like the probe's (aggregate_site_metrics).
-MEDS_TAB_METRICS = ("meds_tab_auroc", "meds_tab_auprc")
+# MEDS-Tab's point metrics, averaged over sites like the probe's (aggregate_site_metrics), under
+# their wire names (as in a site's reply): "<task>.meds-tab-auroc", "<task>.meds-tab-auprc".
+MEDS_TAB_METRICS = ("meds-tab-auroc", "meds-tab-auprc")
 _TASK_N = "n"
 # Whom an evaluation scored, held-out split: "<task>.subjects" (those with rows) of
 # "<task>.subjects-available" (the split's subjects, of which a capped evaluation drew its sample).
@@ -926,7 +927,7 @@ def aggregate_site_metrics(per_site: Mapping[str, EvalReply]) -> dict[str, float
     for reply in per_site.values():
         for task, m in reply.tasks.items():
             for name in EVAL_METRICS + MEDS_TAB_METRICS:
-                value = getattr(m, name)
+                value = getattr(m, _TASK_SCOPE.get(name, name))
                 if value is None or not np.isfinite(value):
                     continue
                 key = f"{task}.{name}"

@@ -23,6 +23,7 @@ from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome
 from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, TaskMetrics, aggregate_site_metrics
 from healthfm_core.model.config import load_model_config
+from server.runlog import EventLog, write_summary
 
 TASKS = ["onset_hypertension_365d", "site:readmit"]
 
@@ -128,6 +129,28 @@ def test_meds_tab_is_averaged_over_sites_like_the_probe() -> None:
     b = EvalReply(tasks={"t": TaskMetrics(n=30, auroc=0.5, meds_tab_auroc=0.9, meds_tab_auprc=0.4)})
     c = EvalReply(tasks={"t": TaskMetrics(n=20, auroc=0.5)})  # a site that ran without MEDS-Tab
     out = aggregate_site_metrics({"a": a, "b": b, "c": c})
-    assert out["t.meds_tab_auroc"] == pytest.approx((10 * 0.7 + 30 * 0.9) / 40)
-    assert out["t.meds_tab_auprc"] == pytest.approx((10 * 0.2 + 30 * 0.4) / 40)
+    assert out["t.meds-tab-auroc"] == pytest.approx((10 * 0.7 + 30 * 0.9) / 40)
+    assert out["t.meds-tab-auprc"] == pytest.approx((10 * 0.2 + 30 * 0.4) / 40)
     assert out["t.auroc"] == pytest.approx((10 * 0.6 + 30 * 0.5 + 20 * 0.5) / 60) and out["t.n"] == 60
+
+
+def test_summary_shows_meds_tab_beside_the_probe(tmp_path: Path) -> None:
+    a = EvalReply(
+        tasks={"t": TaskMetrics(n=10, auroc=0.6, auroc_low=0.4, auroc_high=0.8, meds_tab_auroc=0.7)}
+        | {"u": TaskMetrics(n=10, auroc=0.6, meds_tab_auroc=0.75, meds_tab_auroc_low=0.5, meds_tab_auroc_high=0.9)}
+    )
+    b = EvalReply(tasks={"t": TaskMetrics(n=30, auroc=0.5)})  # a site that ran without MEDS-Tab
+    per_site = {"a": a, "b": b}
+    EventLog(tmp_path / "rounds.jsonl").write(
+        "evaluate",
+        round=1,
+        sites={s: r.to_records() for s, r in per_site.items()},
+        aggregated=aggregate_site_metrics(per_site),
+        tasks=["t", "u"],
+        asked_sites=["a", "b"],
+    )
+    summary = write_summary(tmp_path).read_text()
+    assert "| t | auroc | 0.525 | 40 | 2 |" in summary
+    assert "| t | meds-tab-auroc | 0.700 | 40 | 1 |" in summary  # n: the task's rows over all sites
+    assert "| a | u | AUROC 0.600; MEDS-Tab AUROC 0.750 [0.500, 0.900] |" in summary
+    assert "| b | t | AUROC 0.500 |" in summary
