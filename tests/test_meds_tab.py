@@ -121,6 +121,16 @@ def test_features_match_a_brute_force_computation() -> None:
     names = f.names()
     assert not got[subjects == 5][:, [i for i, n in enumerate(names) if "/static/" not in n]].any()
     assert got[:, names.index("SEX//F/static/present")].sum() == 3 * 9  # subjects 1, 3, 5
+    day = (times - times[0]) // (86_400 * 10**6) - 5  # the rows' days (the first row is day -5)
+    ts = [i for i, n in enumerate(names) if "/static/" not in n]
+    assert not got[day == -5][:, ts].any()  # before every event: empty windows, statics only
+    # Subject 2 at day 100 (an event day: the window ends there): THREE at days 93, 100, 100;
+    # 7 days back is (93, 100], so day 93 is out of the 7d window and in the 30d one.
+    row = np.flatnonzero((subjects == 2) & (day == 100))[0]
+    assert got[row, names.index("THREE/code/count/7d")] == 2
+    assert got[row, names.index("THREE/code/count/30d")] == 3
+    assert got[row, names.index("L/value/min/1d")] <= -3 and got[row, names.index("L/value/max/1d")] >= 5
+    assert got[row, names.index("PRS//t2d/static/first")] == pytest.approx((1.0 + 2.0) / 2)
 
 
 def test_events_after_the_prediction_time_are_never_read() -> None:
