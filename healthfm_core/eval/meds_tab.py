@@ -27,18 +27,21 @@ the same operator on scipy sparse matrices, so its code/count counts timestamps,
 squares per-timestamp sums and value/min / value/max take implicit zeros into account. Here each
 aggregation is what its name says over the window's events: code/count the events of the code,
 value/count those with a value, value/sum, value/sum_sqd (sum of squares), value/min, value/max of
-their values. As in meds-tab, an aggregate of 0 is not stored (sparse), and XGBoost reads a
-missing entry as missing.
+their values; static/first averages the subject's static rows of the code only (0.2.0 also
+averages any timed rows of a code that is static too). As in meds-tab, an aggregate of 0 is not
+stored (sparse), and XGBoost reads a missing entry as missing.
 
 Why the package is not used: meds-tab 0.2.0 pins meds-evaluation==0.0.3 (the stack has 0.0.6),
 needs meds-transforms, hydra-optuna-sweeper and hydra-joblib-launcher, and plain `xgboost`, which
 pulls a 351 MB CUDA NCCL wheel; `xgboost-cpu` is the same library without it.
 
-Cost: linear in the events of the subjects read and the (row, code) pairs a row's subject has:
-the events are sorted once by (subject, code, time); counts and sums come from running sums within
-each (subject, code) at two searchsorted bounds per (row, code, window); minima and maxima from a per-(subject, code)
-running minimum where the window reaches the subject's first event of the code ("full") and from
-ufunc.reduceat over the window's events otherwise. No Python loop runs per row.
+Cost: the events are sorted once by (subject, code, time) (n log n); then linear in the events
+and in the (row, code) pairs of a row's subject that the "full" window holds (at most the stored
+values): counts and sums are differences of running sums within each (subject, code) at two
+binary-searched bounds per (row, code, window); a minimum or maximum is the running one where the
+window starts at the subject's first event of the code (always for "full") and a ufunc.reduceat
+over the window's events otherwise (at most a year of the code's events). No Python loop runs
+per row.
 """
 
 from __future__ import annotations
