@@ -29,7 +29,12 @@ aggregation is what its name says over the window's events: code/count the event
 value/count those with a value, value/sum, value/sum_sqd (sum of squares), value/min, value/max of
 their values; static/first averages the subject's static rows of the code only (0.2.0 also
 averages any timed rows of a code that is static too). As in meds-tab, an aggregate of 0 is not
-stored (sparse), and XGBoost reads a missing entry as missing.
+stored (sparse), and XGBoost reads a missing entry as missing. Run on tests/test_meds_tab.py's
+events (the wheel unpacked, not installed), 0.2.0's own get_flat_ts_rep + generate_summary gave
+no value feature at all (get_long_value_df matches codes against feature names such as
+"L/value") and code/count totals of 58 where the events number 795 (its per-timestamp step slices
+[first, last) of each timestamp's rows, dropping single-event timestamps): what it computes is
+not what its names and docs say, so this module follows the names.
 
 Why the package is not used: meds-tab 0.2.0 pins meds-evaluation==0.0.3 (the stack has 0.0.6),
 needs meds-transforms, hydra-optuna-sweeper and hydra-joblib-launcher, and plain `xgboost`, which
