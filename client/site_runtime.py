@@ -613,6 +613,7 @@ class SiteRuntime:
             n_per_subject=cfg.n_per_subject,
             seed=cfg.seed,
             n_boot=cfg.n_boot,
+            meds_tab=cfg.meds_tab,
             labels=labels if labels is not None else self.labels(cfg),
             reuse_patches=reuse_patches,
             sample=self.eval_sample(cfg) if sampled else None,

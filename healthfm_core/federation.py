@@ -329,6 +329,9 @@ class EvalConfig(_Strict):
     # Per task and split, score (and fit the probe on) every row of at most this many subjects, a
     # fixed keyed-hash sample (0: every subject): the federation's eval_max_subjects.
     max_subjects: int = Field(default=0, ge=0)
+    # Also fit and score MEDS-Tab (healthfm_core/eval/meds_tab.py) on each binary task's rows: the
+    # federation's eval_meds_tab (it costs a site more than the probe).
+    meds_tab: bool = True
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -624,6 +627,9 @@ def _validate(
 # Per-task metric names in an evaluate reply: "<task>.<metric>"; "<task>.n" is the held-out sample
 # count used to weight the server's average.
 EVAL_METRICS = ("auroc", "auprc", "ece", "r2")
+# MEDS-Tab's point metrics, averaged over sites like the probe's (aggregate_site_metrics), under
+# their wire names (as in a site's reply): "<task>.meds-tab-auroc", "<task>.meds-tab-auprc".
+MEDS_TAB_METRICS = ("meds-tab-auroc", "meds-tab-auprc")
 _TASK_N = "n"
 # Whom an evaluation scored, held-out split: "<task>.subjects" (those with rows) of
 # "<task>.subjects-available" (the split's subjects, of which a capped evaluation drew its sample).
@@ -635,6 +641,11 @@ _TASK_SCOPE = {
     "positives": "positives",
     "auroc-low": "auroc_low",
     "auroc-high": "auroc_high",
+    # MEDS-Tab, the field's tabular baseline, on the same held-out rows (healthfm_core/eval/meds_tab.py).
+    "meds-tab-auroc": "meds_tab_auroc",
+    "meds-tab-auprc": "meds_tab_auprc",
+    "meds-tab-auroc-low": "meds_tab_auroc_low",
+    "meds-tab-auroc-high": "meds_tab_auroc_high",
 }
 
 
@@ -653,8 +664,24 @@ class TaskMetrics(_Reply):
     positives: int | None = Field(default=None, ge=-1)  # -1: SMALL_CELL (1..minimum-1, not disclosed)
     auroc_low: float | None = None  # 95% subject-bootstrap interval of auroc (NaN: undefined)
     auroc_high: float | None = None
+    # MEDS-Tab's AUROC, AUPRC and AUROC interval on the same held-out rows as the probe's (binary tasks).
+    meds_tab_auroc: float | None = None
+    meds_tab_auprc: float | None = None
+    meds_tab_auroc_low: float | None = None
+    meds_tab_auroc_high: float | None = None
 
-    @field_validator("auroc", "auprc", "ece", "r2", "auroc_low", "auroc_high")
+    @field_validator(
+        "auroc",
+        "auprc",
+        "ece",
+        "r2",
+        "auroc_low",
+        "auroc_high",
+        "meds_tab_auroc",
+        "meds_tab_auprc",
+        "meds_tab_auroc_low",
+        "meds_tab_auroc_high",
+    )
     @classmethod
     def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
         low = -np.inf if info.field_name == "r2" else 0.0
@@ -676,6 +703,15 @@ class TaskMetrics(_Reply):
             raise ValueError("auroc_low and auroc_high go together")
         if self.auroc_low is not None and self.auroc_high is not None and self.auroc_low > self.auroc_high:
             raise ValueError(f"auroc_low {self.auroc_low} is above auroc_high {self.auroc_high}")
+        low, high = self.meds_tab_auroc_low, self.meds_tab_auroc_high
+        if (low is None) != (high is None):
+            raise ValueError("meds_tab_auroc_low and meds_tab_auroc_high go together")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"meds_tab_auroc_low {low} is above meds_tab_auroc_high {high}")
+        if self.meds_tab_auroc_low is not None and self.meds_tab_auroc is None:
+            raise ValueError("meds_tab_auroc_low without meds_tab_auroc")
+        if (self.meds_tab_auroc is not None or self.meds_tab_auprc is not None) and self.auroc is None:
+            raise ValueError("MEDS-Tab's metrics come beside a binary task's auroc")
         if self.positives is not None and self.positives > self.n:
             raise ValueError(f"positives {self.positives} is more than n {self.n}")
         return self
@@ -914,8 +950,8 @@ def aggregate_site_metrics(per_site: Mapping[str, EvalReply]) -> dict[str, float
     counts: dict[str, float] = {}
     for reply in per_site.values():
         for task, m in reply.tasks.items():
-            for name in EVAL_METRICS:
-                value = getattr(m, name)
+            for name in EVAL_METRICS + MEDS_TAB_METRICS:
+                value = getattr(m, _TASK_SCOPE.get(name, name))
                 if value is None or not np.isfinite(value):
                     continue
                 key = f"{task}.{name}"
@@ -951,6 +987,7 @@ __all__ = [
     "CAPABILITIES",
     "CODE_STATS",
     "EVAL_METRICS",
+    "MEDS_TAB_METRICS",
     "METRICS_RECORD",
     "SETUP",
     "SCALES_RECORD",

@@ -62,6 +62,7 @@ RESUMABLE_CHANGES = {
     "evaluate_every",
     "eval_tasks",
     "eval_n_boot",
+    "eval_meds_tab",
     "eval_max_subjects",
     "keep_checkpoints",
     "min_nodes",
@@ -183,6 +184,8 @@ class FederationConfig(BaseModel):
     # Empty: no federated evaluation (a job that probes the model itself skips its cost).
     eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     eval_n_boot: int = Field(default=100, ge=10)
+    # Each site also fits MEDS-Tab (XGBoost on tabularised windows) beside the probe, on the same rows.
+    eval_meds_tab: bool = True
     # The federated evaluation's subject budget: each site scores, per task and split, every row of
     # at most this many subjects (a fixed keyed-hash sample, the same every round; the probe is
     # fitted on the train split's sample). 0: every subject (e.g. a final evaluation).

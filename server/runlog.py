@@ -148,7 +148,7 @@ def write_summary(out_dir: str | Path) -> Path:
         ]
         for key, value in ev["aggregated"].items():
             task, _, metric = key.rpartition(".")
-            if metric in ("auroc", "r2"):
+            if metric in ("auroc", "r2", "meds-tab-auroc"):  # MEDS-Tab: the tabular baseline, same rows
                 n_sites = sum(key in m for m in ev["sites"].values())
                 lines.append(
                     f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | {n_sites} |"

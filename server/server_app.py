@@ -819,6 +819,7 @@ class FederationServer:
             max_events=cfg.max_events,
             max_patches=cfg.max_patches,
             n_boot=cfg.eval_n_boot,
+            meds_tab=cfg.eval_meds_tab,
             seed=cfg.seed,
             max_subjects=cfg.eval_max_subjects,
         )

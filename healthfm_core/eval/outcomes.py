@@ -36,8 +36,18 @@ def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
             return f"R2 {_f(m.r2)}", held + floor(reply, binary=False)
         interval = f" [{_f(m.auroc_low)}, {_f(m.auroc_high)}]" if m.auroc_low is not None else ""
         positives = "" if m.positives is None else f", {_count(m.positives)} positives"
-        return f"AUROC {_f(m.auroc)}{interval}", f"AUPRC {_f(m.auprc)}, ECE {_f(m.ece)}, {held}{positives}" + floor(
-            reply, binary=True
+        baseline = baseline_auprc = ""
+        if m.meds_tab_auroc is not None:  # the field's tabular baseline on the same rows
+            tab_interval = (
+                f" [{_f(m.meds_tab_auroc_low)}, {_f(m.meds_tab_auroc_high)}]"
+                if m.meds_tab_auroc_low is not None
+                else ""
+            )
+            baseline = f"; MEDS-Tab AUROC {_f(m.meds_tab_auroc)}{tab_interval}"
+            baseline_auprc = f", MEDS-Tab AUPRC {_f(m.meds_tab_auprc)}"
+        return (
+            f"AUROC {_f(m.auroc)}{interval}{baseline}",
+            f"AUPRC {_f(m.auprc)}{baseline_auprc}, ECE {_f(m.ece)}, {held}{positives}" + floor(reply, binary=True),
         )
     if (r := reply.reasons.get(key)) is not None:
         return "no metric", r.describe()

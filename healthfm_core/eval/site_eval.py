@@ -18,6 +18,12 @@ For each TaskSpec (healthfm_core.data.task_spec):
   (AUROC, AUPRC, calibration error over samples), with the held-out positives (small-cell
   suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows; wearable
   regressions report R^2;
+- per binary task key, unless switched off (`meds_tab`): MEDS-Tab, the field's tabular baseline
+  (healthfm_core/eval/meds_tab.py), on exactly the same rows and splits: the labelled rows of
+  every binary key tabularised once from the events of their subjects (features kept by their
+  counts among the train split's subjects), XGBoost fitted on train with early stopping on
+  tuning, held_out predictions written beside the probe's (PRED_DIR/<site>/<key>.meds_tab.parquet),
+  scored by meds-evaluation with the same subject-bootstrap interval;
 - a key without a number gets a TaskReason: the kind and, per split, rows / subjects / positives
   against the site's minimum subjects per split.
 
@@ -37,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 import torch
 
 from healthfm_core.data.aces_tasks import aces_labels_shared
@@ -53,6 +60,7 @@ from healthfm_core.data.tasks import (
 )
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
+from healthfm_core.eval.meds_tab import EVENT_COLUMNS, describe_codes, fit_xgboost, tabularize
 from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
@@ -70,11 +78,14 @@ class SiteTaskResults:
     metrics: dict[str, TaskMetrics] = field(default_factory=dict)
     reasons: dict[str, TaskReason] = field(default_factory=dict)
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
+    meds_tab_predictions: dict[str, Path] = field(default_factory=dict)  # key -> MEDS-Tab's, if written
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
     # Seconds spent in the model's forward passes (embedding the rows), fitting probes and scoring: what a
     # site's evaluation costs beyond its labels (logged; benchmarks/eval_cost.py prints them).
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("forward", "probes", "scoring"), 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("forward", "probes", "scoring", "meds_tab"), 0.0)
+    )
 
 
 def task_labels_at_site(
@@ -239,6 +250,7 @@ def evaluate_site_tasks(
     shared_passes: bool = True,
     n_boot: int = 100,
     min_positives: int = 1,
+    meds_tab: bool = True,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
@@ -249,7 +261,8 @@ def evaluate_site_tasks(
     With a `sample` (draw_sample) that has a budget, only its
     subjects' rows are embedded, fitted on and scored, and the minimum-subject and class checks
     apply to them; the metrics say how many held-out subjects the sample was drawn from.
-    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's).
+    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's); `meds_tab`:
+    also MEDS-Tab on each binary key's rows (the EvalConfig's).
     `min_positives`: a binary task whose held_out split has fewer positive or negative rows is
     withheld (too_few_positives; the site's min_report_positives)."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
@@ -305,6 +318,8 @@ def evaluate_site_tasks(
     if reuse.asked:
         log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
     out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
+    binary_keys = {k: t for k, t in usable.items() if "boolean_value" in t.column_names}
+    tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if meds_tab and binary_keys else None
     for key, table in usable.items():
         idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
         split = split_of(table["subject_id"].to_numpy())
@@ -321,7 +336,8 @@ def evaluate_site_tasks(
             start = time.perf_counter()
             probe = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
             held_rows, p_held = table.take(pa.array(held)), probe.predict_proba(x["held_out"])
-            out.seconds["probes"] += time.perf_counter() - start
+            probe_seconds = time.perf_counter() - start
+            out.seconds["probes"] += probe_seconds
             start = time.perf_counter()
             if pred_dir is None:
                 scored: Path | pa.Table = predictions_table(held_rows, p_held)
@@ -336,6 +352,17 @@ def evaluate_site_tasks(
             )
             out.seconds["scoring"] += time.perf_counter() - start
             positives = int(y["held_out"].sum())
+            baseline: tuple[float | None, ...] = (None, None, None, None)
+            if tab is not None:
+                start = time.perf_counter()
+                baseline = _meds_tab_metrics(key, table, split, tab, site_name, pred_dir, out, n_boot=n_boot, seed=seed)
+                log.info(
+                    "site %s: %s: probe %.2f s, MEDS-Tab %.2f s (fit, predict, score)",
+                    site_name,
+                    key,
+                    probe_seconds,
+                    time.perf_counter() - start,
+                )
             out.metrics[key] = TaskMetrics(
                 n=len(held),
                 auroc=float(scores["roc_auc_score"]),
@@ -344,6 +371,10 @@ def evaluate_site_tasks(
                 positives=SMALL_CELL if 0 < positives < min_subjects else positives,
                 auroc_low=low,
                 auroc_high=high,
+                meds_tab_auroc=baseline[0],
+                meds_tab_auprc=baseline[1],
+                meds_tab_auroc_low=baseline[2],
+                meds_tab_auroc_high=baseline[3],
                 **scope,
             )
         else:
@@ -363,6 +394,83 @@ def evaluate_site_tasks(
         len(usable),
     )
     return out
+
+
+@dataclass(frozen=True)
+class _MedsTabRows:
+    """MEDS-Tab's features of the binary keys' labelled rows, one row per distinct pair."""
+
+    x: sp.csr_matrix  # [pairs, features]
+    index: dict[tuple[int, int], int]  # (subject_id, prediction_time us) -> row of x
+
+
+def _meds_tab_features(
+    site_name: str, site: Site, binary: Mapping[str, pa.Table], split_of: SplitOf, out: SiteTaskResults
+) -> _MedsTabRows | None:
+    """Tabularise every distinct labelled (subject, prediction_time) of the binary keys once, from
+    the events of their subjects only; None (logged) when no code reaches meds-tab's minimum count."""
+    start = time.perf_counter()
+    pairs = pa.concat_tables(
+        [t.select(["subject_id", "prediction_time"]).cast(LABEL_SCHEMA_BOOL.remove(2)) for t in binary.values()]
+    )
+    pairs = pairs.group_by(["subject_id", "prediction_time"]).aggregate([])
+    subject = pairs["subject_id"].to_numpy()
+    when = pc.cast(pairs["prediction_time"], pa.int64()).to_numpy()
+    events = site.read_events(np.unique(subject), columns=list(EVENT_COLUMNS))
+    train = np.unique(subject[split_of(subject) == "train"])
+    features = describe_codes(events.filter(pa.array(np.isin(events["subject_id"].to_numpy(), train))))
+    if features.n_features == 0:
+        log.warning("site %s: MEDS-Tab left out: no code reaches its minimum count in the train split", site_name)
+        return None
+    x = tabularize(events, subject, when, features)
+    seconds = time.perf_counter() - start
+    out.seconds["meds_tab"] += seconds
+    log.info(
+        "site %s: MEDS-Tab tabularised %d rows of %d subjects (%d events) into %d features, %d stored (%.1f s)",
+        site_name,
+        len(subject),
+        len(np.unique(subject)),
+        events.num_rows,
+        features.n_features,
+        x.nnz,
+        seconds,
+    )
+    return _MedsTabRows(x=x, index={k: i for i, k in enumerate(zip(subject.tolist(), when.tolist()))})
+
+
+def _meds_tab_metrics(
+    key: str,
+    table: pa.Table,
+    split: np.ndarray,
+    tab: _MedsTabRows,
+    site_name: str,
+    pred_dir: str | Path | None,
+    out: SiteTaskResults,
+    n_boot: int,
+    seed: int,
+) -> tuple[float, float, float, float]:
+    """MEDS-Tab on one binary key: fitted on its train rows (early stopping on tuning), its
+    held_out rows predicted, written beside the probe's and scored like them."""
+    start = time.perf_counter()
+    rows = np.array([tab.index[k] for k in _pair_keys(table)], dtype=np.int64)
+    y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+    x = tab.x
+    part = {s: (x[rows[split == s]], y_all[split == s]) for s in ("train", "tuning", HELD_OUT_SPLIT)}
+    model = fit_xgboost(*part["train"], *part["tuning"], seed=seed)
+    held = np.flatnonzero(split == HELD_OUT_SPLIT)
+    held_rows, p_held = table.take(pa.array(held)), model.predict_proba(part[HELD_OUT_SPLIT][0])
+    if pred_dir is None:
+        scored: Path | pa.Table = predictions_table(held_rows, p_held)
+    else:
+        scored = out.meds_tab_predictions[key] = write_predictions(
+            prediction_path(pred_dir, site_name, f"{key}.meds_tab"), held_rows, p_held
+        )
+    scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
+    low, high = bootstrap_ci(
+        auroc, y_all[held], p_held, n_boot=n_boot, seed=seed, groups=held_rows["subject_id"].to_numpy()
+    )
+    out.seconds["meds_tab"] += time.perf_counter() - start
+    return float(scores["roc_auc_score"]), float(scores["average_precision_score"]), low, high
 
 
 __all__ = ["SiteTaskResults", "evaluate_site_tasks", "task_labels_at_site", "task_split_counts", "withheld_reason"]
