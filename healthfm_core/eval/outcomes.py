@@ -18,7 +18,16 @@ def _f(x: float | None) -> str:
 
 
 def _count(n: int) -> str:
-    return "<minimum" if n == SMALL_CELL else str(n)
+    return "<min" if n == SMALL_CELL else str(n)
+
+
+def scored_counts(reply: EvalReply | None, key: str) -> tuple[str, str]:
+    """(held-out rows, positives) behind a (site, task)'s metric: "<min" for a count the site
+    suppressed (1..its minimum-1), "-" where there is no metric or the site does not say."""
+    m = None if reply is None else reply.tasks.get(key)
+    if m is None:
+        return "-", "-"
+    return str(m.n), "-" if m.positives is None else _count(m.positives)
 
 
 def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
@@ -57,9 +66,15 @@ def outcome_lines(
 
 
 def outcome_table(keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None) -> str:
-    """A markdown table: one row per (site, task)."""
-    lines = ["| site | task | result | detail |", "|---|---|---|---|"]
-    lines += [f"| {s} | {k} | {res} | {detail} |" for s, k, res, detail in outcome_rows(keys, per_site, sites)]
+    """A markdown table: one row per (site, task), with the held-out rows and positives its
+    number rests on ("<min": fewer than the site's minimum, not disclosed)."""
+    lines = [
+        "| site | task | held-out rows | positives | result (95% CI) | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s, k, res, detail in outcome_rows(keys, per_site, sites):
+        rows, positives = scored_counts(per_site.get(s), k)
+        lines.append(f"| {s} | {k} | {rows} | {positives} | {res} | {detail} |")
     return "\n".join(lines)
 
 
@@ -101,5 +116,6 @@ __all__ = [
     "outcome_table",
     "replies_from_event",
     "sampled",
+    "scored_counts",
     "scored_of_available",
 ]

@@ -57,8 +57,10 @@ from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows
+from healthfm_core.eval.score_histogram import ScoreScale, WithheldKind
+from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
-from healthfm_core.federation import SMALL_CELL, SplitCount, TaskMetrics, TaskReason
+from healthfm_core.federation import SMALL_CELL, ScoreHistogram, SplitCount, TaskMetrics, TaskReason
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ class SiteTaskResults:
     metrics: dict[str, TaskMetrics] = field(default_factory=dict)
     reasons: dict[str, TaskReason] = field(default_factory=dict)
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
+    # Per binary task with a metric: its held-out scores' histogram (score_bins > 0), or why withheld.
+    histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
+    histograms_withheld: dict[str, WithheldKind] = field(default_factory=dict)
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
     # Seconds spent in the model's forward passes (embedding the rows), fitting probes and scoring: what a
@@ -231,6 +236,8 @@ def evaluate_site_tasks(
     sample: SubjectSample | None = None,
     shared_passes: bool = True,
     n_boot: int = 100,
+    score_bins: int = 0,
+    score_scale: ScoreScale = "logit",
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
@@ -241,7 +248,8 @@ def evaluate_site_tasks(
     With a `sample` (draw_sample) that has a budget, only its
     subjects' rows are embedded, fitted on and scored, and the minimum-subject and class checks
     apply to them; the metrics say how many held-out subjects the sample was drawn from.
-    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's)."""
+    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's); `score_bins`,
+    `score_scale`: the grid of each binary task's released score histogram (0: none)."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
     if labels is None:
         labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects)
@@ -336,6 +344,12 @@ def evaluate_site_tasks(
                 auroc_high=high,
                 **scope,
             )
+            if score_bins:  # merged to the subject minimum, as the positives above
+                released = release_histogram(y["held_out"], p_held, score_bins, score_scale, min_subjects)
+                if isinstance(released, ScoreHistogram):
+                    out.histograms[key] = released
+                else:
+                    out.histograms_withheld[key] = released
         else:
             y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
             y = {s: y_all[split == s] for s in SPLITS}
