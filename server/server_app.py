@@ -912,7 +912,7 @@ class FederationServer:
         ):
             log.info("  %s", line)
         for key, f in pooled.items():
-            log.info("  %-28s federation-wide AUROC %s", key, FederationAUROC.model_validate(f).describe())
+            log.info("  %-28s federation-wide AUROC: %s", key, FederationAUROC.model_validate(f).describe())
         scope = scored_of_available(per_site)
         for key, value in aggregated.items():
             if key.endswith(".auroc") or key.endswith(".r2"):
@@ -922,7 +922,14 @@ class FederationServer:
                     n, subjects, avail_subjects = scope[task]
                     sampled = f"; a subject sample: rows of {subjects} of {avail_subjects} held-out subjects"
                 n_task = aggregated.get(f"{task}.n", 0)
-                log.info("  %-28s %s %.3f (n=%d%s)", task, key.rsplit(".", 1)[1], value, n_task, sampled)
+                log.info(
+                    "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s)",
+                    task,
+                    key.rsplit(".", 1)[1],
+                    value,
+                    n_task,
+                    sampled,
+                )
         return aggregated
 
 

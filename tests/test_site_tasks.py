@@ -274,6 +274,13 @@ def test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_tas
     summary = (out / "summary.md").read_text()
     table = summary.split("## Per site and task")[1]
     assert sum(line.startswith("| ") and "|---" not in line for line in table.splitlines()) == 1 + 3 * len(keys)
+    # Per task, the federation-wide AUROC from the sites' histograms, or why there is none; every
+    # asked site either pooled or named with its reason.
+    assert set(evaluation["federation"]) == set(keys) and evaluation["score_bins"] == 50
+    for key, pooled in evaluation["federation"].items():
+        assert sorted(pooled["sites"] + list(pooled["not_pooled"])) == sorted(asked), key
+        assert (pooled["auroc"] is None) == (not pooled["sites"] or bool(pooled["note"])), key
+    assert "### Federation-wide AUROC per task" in summary and (out / "evaluation_auroc.png").is_file()
     predictions = list((out / "sites").rglob("*.parquet"))
     assert len(predictions) == sum(len(r.tasks) for r in replies.values())
 

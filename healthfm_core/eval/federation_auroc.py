@@ -44,7 +44,7 @@ class FederationAUROC(BaseModel):
     def describe(self) -> str:
         """One line: the value, interval, sites and rows, or why there is none."""
         if self.auroc is None:
-            return f"no federation-wide AUROC: {self.note}"
+            return f"none ({self.note})"
         interval = (
             f" [{self.low:.3f}, {self.high:.3f}]" if self.low is not None and self.high is not None else " [undefined]"
         )
