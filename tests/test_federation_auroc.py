@@ -303,3 +303,37 @@ def test_an_ehr_only_history_draws_only_the_losses_it_has(tmp_path: Path) -> Non
     assert training_curves(history, tmp_path / "curves.png").stat().st_size > 0
     curves = {"federated": [{"progress": i / 4, "masked_ehr": 1.0, "masked_wearables": 0.0} for i in range(4)]}
     assert loss_curves_plot(curves, tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # a Monte Carlo of 150 federations (~25 s on 2 busy cores): CI's slow stage (SLOW_CI)
+def test_the_interval_covers_the_pooled_auroc_when_subjects_have_several_rows() -> None:
+    """4 rows per subject sharing the subject's label and most of its score: DeLong alone (rows
+    as independent) covers the population AUROC far less than 95% of the time; with the design
+    effect (rows per subject) the federation's interval covers it about 95% of the time."""
+    rng = np.random.default_rng(7)
+    shifts = (0.0, 0.5, -0.5, 0.2)
+
+    def sites(subjects: int, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for shift in shifts:
+            label = rng.random(subjects) < 0.15
+            y, u = np.repeat(label, rows), np.repeat(rng.normal(size=subjects), rows)
+            z = 0.9 * u + 0.45 * rng.normal(size=subjects * rows) + 1.3 * y - 2.0 + shift
+            out.append((y, 1.0 / (1.0 + np.exp(-z))))
+        return out
+
+    population = sites(100_000, 1)
+    truth = roc_auc_score(np.concatenate([y for y, _ in population]), np.concatenate([p for _, p in population]))
+    covered = {1.0: 0, 4.0: 0}
+    runs = 150
+    for _ in range(runs):
+        cells = []
+        for y, p in sites(300, 4):
+            released = merge_small_cells(score_histogram(y, p, 200, "logit"), 1)
+            assert released is not None
+            cells += cells_of(*released)
+        for deff in covered:
+            r = pooled_auroc(cells, design_effect=deff)
+            covered[deff] += r.low <= truth <= r.high
+    assert covered[1.0] / runs < 0.85
+    assert 0.9 <= covered[4.0] / runs <= 0.99
