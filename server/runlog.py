@@ -161,7 +161,8 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
     # A log from before binary_tasks was recorded: the tasks some site scored with an AUROC.
     scored = {k for r in per_site.values() for k, m in r.tasks.items() if m.auroc is not None}
     binary = list(ev.get("binary_tasks") or [k for k in keys if k in scored])
-    pooled = federation_aurocs(binary, per_site, asked) if per_site else {}
+    absent = {s: str(why) for s, why in (ev.get("absent") or {}).items()}
+    pooled = federation_aurocs(binary, per_site, asked, absent) if per_site else {}
     if pooled:
         lines += [
             "### Federation-wide AUROC per task",
@@ -210,7 +211,7 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
                 f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | "
                 f"{positives_over_sites(task, per_site)} | {n_sites} |"
             )
-    if per_site or asked:
+    if per_site or asked or absent:
         lines += [
             "",
             "### Per site and task: held-out rows, positives, AUROC with its 95% subject-bootstrap interval on "
@@ -218,10 +219,10 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
             "",
             '"<min": a count below the site\'s minimum, not disclosed.',
             "",
-            outcome_table(keys, per_site, asked),
+            outcome_table(keys, per_site, asked, absent),
             "",
         ]
-    points = forest_points(keys, per_site, pooled, asked)
+    points = forest_points(keys, per_site, pooled, sorted(set(asked) | set(absent)))
     if points:
         auroc_forest_plot(points, out_dir / EVAL_PLOT, title=f"Held-out AUROC after round {ev['round']} (95% CI)")
         lines += ["", f"![AUROC per site and task, with the federation-wide value]({EVAL_PLOT})"]

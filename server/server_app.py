@@ -888,7 +888,7 @@ class FederationServer:
             "score_scale": eval_cfg.score_scale,
         }
         # Per binary task, the sites' histograms pooled (healthfm_core/eval/federation_auroc.py).
-        pooled = {key: f.model_dump() for key, f in federation_aurocs(binary, per_site, asked_sites).items()}
+        pooled = {key: f.model_dump() for key, f in federation_aurocs(binary, per_site, asked_sites, absent).items()}
         self.events.write(
             "evaluate",
             round=rnd,
@@ -908,7 +908,7 @@ class FederationServer:
         )
         log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
         for line in outcome_lines(
-            task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)]
+            task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)], absent
         ):
             log.info("  %s", line)
         for key, f in pooled.items():

@@ -215,7 +215,8 @@ def test_a_histogram_off_the_asked_grid_or_for_a_task_without_auroc_is_refused()
 
 def _recorded_evaluation(tmp_path: Path) -> tuple[Path, dict[str, EvalReply], list[Cell]]:
     """A recorded evaluate event: site a and b release histograms, c withholds its histogram
-    (too few positives), d has no metric (too few subjects), e never replied."""
+    (too few positives), d has no metric (too few subjects), e never replied, f (not asked) did
+    not take the run's setup."""
     rng = np.random.default_rng(6)
     per_site: dict[str, EvalReply] = {}
     cells: list[Cell] = []
@@ -255,6 +256,7 @@ def _recorded_evaluation(tmp_path: Path) -> tuple[Path, dict[str, EvalReply], li
         tasks=["t2d_365d"],
         binary_tasks=["t2d_365d"],
         asked_sites=["a", "b", "c", "d", "e"],
+        absent={"e": "not connected to the SuperLink", "f": "did not accept the run's setup in round 0"},
         score_bins=50,
         score_scale="logit",
     )
@@ -268,15 +270,16 @@ def test_the_summary_shows_every_site_its_reason_and_the_pooled_auroc(tmp_path: 
     fed = summary.split("### Federation-wide AUROC per task")[1].split("###")[0]
     row = next(line for line in fed.splitlines() if line.startswith("| t2d_365d"))
     assert f"{expected.auroc:.3f} [{expected.low:.3f}, {expected.high:.3f}]" in row
-    assert "| 2 of 5 | 600 |" in row and f"{expected.binning_bound:.3f}" in row
+    assert "| 2 of 6 | 600 |" in row and f"{expected.binning_bound:.3f}" in row
     assert "c: histogram withheld: fewer held-out positives than the site's min_report_subjects" in row
     assert "d: no metric: too few subjects (minimum 10 subjects per split)" in row
-    assert "e: no evaluation reply from this site" in row
+    assert "e: no evaluation reply from this site: not connected to the SuperLink" in row
+    assert "f: no evaluation reply from this site: did not accept the run's setup in round 0" in row
     per = summary.split("### Per site and task")[1]
     rows = [line for line in per.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split(" | ")[0] for r in rows] == ["| a", "| b", "| c", "| d", "| e"]  # nobody dropped
+    assert [r.split(" | ")[0] for r in rows] == ["| a", "| b", "| c", "| d", "| e", "| f"]  # nobody dropped
     assert rows[2].split(" | ")[2:4] == ["120", "<min"]
-    assert "too few subjects" in rows[3] and "no reply" in rows[4]
+    assert "too few subjects" in rows[3] and "no reply from this site: not connected to the SuperLink" in rows[4]
     a = per_site["a"].tasks["t2d_365d"]
     assert f"{a.n} | {a.positives} | AUROC {a.auroc:.3f} [{a.auroc_low:.3f}, {a.auroc_high:.3f}]" in rows[0]
     assert "Binning costs more than 0.05 AUROC for t2d_365d" in summary  # 300 rows a site, merged to 10

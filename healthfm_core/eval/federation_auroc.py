@@ -58,10 +58,11 @@ def _none_if_nan(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-def not_pooled_reason(reply: EvalReply | None, key: str) -> str | None:
-    """Why this site's rows of `key` are not in the pooled AUROC (None: they are)."""
+def not_pooled_reason(reply: EvalReply | None, key: str, absent: str | None = None) -> str | None:
+    """Why this site's rows of `key` are not in the pooled AUROC (None: they are); `absent`: why
+    the server has no reply from the site, when it knows."""
     if reply is None:
-        return "no evaluation reply from this site"
+        return "no evaluation reply from this site" + ("" if absent is None else f": {absent}")
     if (r := reply.reasons.get(key)) is not None:
         return f"no metric: {r.describe()}"
     if (m := reply.tasks.get(key)) is None:
@@ -81,16 +82,21 @@ def binary_keys(specs: Sequence[TaskSpec]) -> list[str]:
 
 
 def federation_aurocs(
-    keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None
+    keys: Sequence[str],
+    per_site: Mapping[str, EvalReply],
+    sites: Sequence[str] | None = None,
+    absent: Mapping[str, str] | None = None,
 ) -> dict[str, FederationAUROC]:
     """Per binary task key, the pooled AUROC of the sites that released a histogram; every
-    other site of `sites` (the asked ones; those that replied when None) with its reason."""
-    names = sorted(set(sites or []) | set(per_site))
+    other site of `sites` (the asked ones; those that replied when None) and of `absent` (site
+    -> why the server has no reply from it) with its reason."""
+    absent = absent or {}
+    names = sorted(set(sites or []) | set(per_site) | set(absent))
     out: dict[str, FederationAUROC] = {}
     for key in keys:
         pooled, why = [], {}
         for site in names:
-            reason = not_pooled_reason(per_site.get(site), key)
+            reason = not_pooled_reason(per_site.get(site), key, absent.get(site))
             if reason is None:
                 pooled.append(site)
             else:
