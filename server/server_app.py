@@ -12,12 +12,14 @@ learning rate, the curriculum's objective weights at (r-1)/R); replies are sorte
 (node ids change across runs; a fixed order keeps the floating-point sums, and so a resumed run,
 bit for bit equal) and averaged per key; the state is checkpointed, then the round is logged.
 Federated evaluation every `evaluate_every` rounds and after the last: each site probes its own
-splits and reports held-out metrics; the server takes n-weighted means.
+splits and reports held-out metrics with their intervals, and per binary task a histogram of its
+held-out scores (small cells merged); the server takes n-weighted means and pools the histograms
+into a federation-wide AUROC per task (healthfm_core/eval/federation_auroc.py).
 
 Outputs under out_dir: rounds.jsonl (one JSON object per event: setup, round, evaluate, resume),
 server.log (the run's INFO log, in simulation and deployment), outcome.json (how the run ended,
 server/outcome.py), audit.jsonl, checkpoints/step-NNNNNNNN, vocabulary.json, evaluation.json,
-summary.md.
+summary.md, evaluation_auroc.png (server/runlog.py).
 
 A site that comes back: a SuperNode restarted mid-run has lost the setup (it lives in the node's
 Context.state); asked to train or evaluate, it answers "setup-needed" (SETUP_NEEDED_RECORD). The
