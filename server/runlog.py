@@ -21,7 +21,7 @@ from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from healthfm_core.eval.federation_auroc import FederationAUROC, federation_aurocs
-from healthfm_core.eval.outcomes import outcome_table, replies_from_event
+from healthfm_core.eval.outcomes import outcome_table, replies_from_event, scored_counts
 from healthfm_core.eval.plots import IntervalPoint, auroc_forest_plot
 from healthfm_core.federation import SMALL_CELL, EvalReply
 from healthfm_core.files import atomic_write_text
@@ -261,10 +261,15 @@ def forest_points(
                 points.append(IntervalPoint(key, site, nan, nan, nan))
                 continue
             low, high = (nan, nan) if m.auroc_low is None or m.auroc_high is None else (m.auroc_low, m.auroc_high)
-            points.append(IntervalPoint(key, site, m.auroc, low, high))
-        if (f := pooled.get(key)) is not None and f.auroc is not None:
-            low, high = (nan, nan) if f.low is None or f.high is None else (f.low, f.high)
-            points.append(IntervalPoint(key, f"federation ({len(f.sites)} sites)", f.auroc, low, high, pooled=True))
+            rows, positives = scored_counts(per_site[site], key)
+            points.append(IntervalPoint(key, f"{site} (n {rows}, {positives} pos)", m.auroc, low, high))
+        f = pooled[key]
+        if f.auroc is None:
+            points.append(IntervalPoint(key, "federation: none", nan, nan, nan, pooled=True))
+            continue
+        low, high = (nan, nan) if f.low is None or f.high is None else (f.low, f.high)
+        label = f"federation, {len(f.sites)} sites (n {f.rows}, {f.positives} pos; binning +/-{f.binning_bound:.2f})"
+        points.append(IntervalPoint(key, label, f.auroc, low, high, pooled=True))
     return points
 
 

@@ -205,7 +205,7 @@ def auroc_forest_plot(
         y -= 0.6
     ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_yticks(ticks, labels, fontsize="x-small")
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.02)  # a point at 1 stays visible
     ax.set_xlabel("AUROC (95% CI)")
     ax.set_title(title, fontsize="small")
     fig.tight_layout()
