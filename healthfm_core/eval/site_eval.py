@@ -16,7 +16,9 @@ For each TaskSpec (healthfm_core.data.task_spec):
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
   without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation
   (AUROC, AUPRC, calibration error over samples), with the held-out positives (small-cell
-  suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows; wearable
+  suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows, and (with
+  EvalConfig.score_bins) the held-out scores' per-class histogram on the server's grid, merged
+  to the site's minimum (site_histogram.py), for the federation-wide AUROC; wearable
   regressions report R^2;
 - a key without a number gets a TaskReason: the kind and, per split, rows / subjects / positives
   against the site's minimum subjects per split.
