@@ -572,6 +572,8 @@ class SiteRuntime:
         return EvalReply(
             tasks=result.metrics,
             reasons=result.reasons,
+            histograms=result.histograms,
+            histograms_withheld=result.histograms_withheld,
             num_examples=result.num_examples,
             withheld=len(result.reasons),
             eval_seconds=time.perf_counter() - t0,
@@ -614,6 +616,8 @@ class SiteRuntime:
             seed=cfg.seed,
             n_boot=cfg.n_boot,
             meds_tab=cfg.meds_tab,
+            score_bins=cfg.score_bins,
+            score_scale=cfg.score_scale,
             labels=labels if labels is not None else self.labels(cfg),
             reuse_patches=reuse_patches,
             sample=self.eval_sample(cfg) if sampled else None,

@@ -60,6 +60,7 @@ from healthfm_core.data.token_settings import (
     TokenWindowDays,
 )
 from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.eval.score_histogram import DEFAULT_SCORE_BINS, WITHHELD_KINDS, ScoreScale, WithheldKind
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM, model_modalities
@@ -111,6 +112,11 @@ _EVAL_SCALARS = {
     "min-positives": "min_positives",
 }
 _EVAL_TASK_COUNT = "tasks"
+# A binary task's score histogram: "<task>.histogram-bounds" (list), "-positives", "-negatives"
+# (lists), "-minimum"; or "<task>.histogram-withheld.<kind>" = 1.
+_HIST_PREFIX = "histogram-"
+_HIST_FIELDS = ("bounds", "positives", "negatives", "minimum")
+_HIST_WITHHELD = "histogram-withheld"
 # The loss names a site may report: every objective and their weighted total.
 TRAIN_LOSSES = (*LOSS_NAMES, "total")
 
@@ -311,6 +317,9 @@ class RoundConfig(_Strict):
         return cls.model_validate(data)
 
 
+MAX_SCORE_BINS = 1000
+
+
 class EvalConfig(_Strict):
     """The evaluate message's config: which tasks (their definitions: `TaskSpec`, the ACES text
     itself, so a site needs none of the server's files), how to build samples, the probe's
@@ -332,6 +341,11 @@ class EvalConfig(_Strict):
     # Also fit and score MEDS-Tab (healthfm_core/eval/meds_tab.py) on each binary task's rows: the
     # federation's eval_meds_tab (it costs a site more than the probe).
     meds_tab: bool = True
+    # Per binary task, each site also releases its held-out scores' histogram per class on this
+    # grid, small cells merged (healthfm_core/eval/score_histogram.py): the federation-wide
+    # AUROC's input (healthfm_core/eval/pooled_auroc.py). 0: no histograms.
+    score_bins: int = Field(default=DEFAULT_SCORE_BINS, ge=0, le=MAX_SCORE_BINS)
+    score_scale: ScoreScale = "logit"
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -608,10 +622,11 @@ def _validate(
     *,
     wire: Callable[[tuple[Any, ...]], str],
     group_of: Callable[[str], str] = parameter_group,
+    context: Mapping[str, Any] | None = None,
 ) -> _ReplyT:
     """cls.model_validate(data), a failure as one ValueError naming the wire field and value."""
     try:
-        return cls.model_validate(data, context={"group_of": group_of})
+        return cls.model_validate(data, context={"group_of": group_of, **(context or {})})
     except ValidationError as err:
         first = err.errors()[0]
         what = "train reply" if cls is TrainReply else "evaluate reply"
@@ -824,12 +839,46 @@ class TaskReason(_Reply):
         return f"{what}{minimum}: " + ", ".join(parts)
 
 
+class ScoreHistogram(_Reply):
+    """One binary task's held-out probe scores at one site, counted per class on the server's
+    grid (EvalConfig.score_bins) with small cells merged (healthfm_core/eval/score_histogram.py):
+    cell i holds the base bins [bounds[i], bounds[i+1]); every count is 0 or at least `minimum`,
+    the site's minimum it was merged to."""
+
+    bounds: list[int] = Field(min_length=2, max_length=MAX_SCORE_BINS + 1)
+    positives: list[int] = Field(max_length=MAX_SCORE_BINS)
+    negatives: list[int] = Field(max_length=MAX_SCORE_BINS)
+    minimum: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _cells(self) -> ScoreHistogram:
+        cells = len(self.bounds) - 1
+        if len(self.positives) != cells or len(self.negatives) != cells:
+            raise ValueError(
+                f"{cells} cells in bounds but {len(self.positives)} positives and {len(self.negatives)} negatives"
+            )
+        if self.bounds[0] != 0 or any(b <= a for a, b in zip(self.bounds, self.bounds[1:])):
+            raise ValueError(f"bounds {self.bounds[:8]}...: must start at 0 and increase")
+        for name in ("positives", "negatives"):
+            counts = getattr(self, name)
+            if any(n < 0 for n in counts):
+                raise ValueError(f"{name}: a negative count")
+            # Fails closed, like TaskReason: a cell on 1..minimum-1 rows may not leave a site.
+            if small := [n for n in counts if 0 < n < self.minimum]:
+                raise ValueError(f"{name}: count {small[0]} is below the minimum {self.minimum}: a small cell")
+        return self
+
+
 class EvalReply(_Reply):
     """A site's answer to an evaluate message: held-out metrics per task key, and for every task
-    key without one the reason (`reasons`); `withheld` counts those."""
+    key without one the reason (`reasons`); `withheld` counts those. Per binary task with a
+    metric, its score histogram (`histograms`) or why the site kept it (`histograms_withheld`:
+    a class with fewer rows than the site's minimum)."""
 
     tasks: dict[str, TaskMetrics] = Field(default_factory=dict)
     reasons: dict[str, TaskReason] = Field(default_factory=dict)
+    histograms: dict[str, ScoreHistogram] = Field(default_factory=dict)
+    histograms_withheld: dict[str, WithheldKind] = Field(default_factory=dict)
     num_examples: int = Field(default=0, ge=0)  # samples embedded
     withheld: int = Field(default=0, ge=0)
     eval_seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
@@ -849,14 +898,42 @@ class EvalReply(_Reply):
         return v
 
     @model_validator(mode="after")
-    def _disjoint(self) -> EvalReply:
+    def _disjoint(self, info: ValidationInfo) -> EvalReply:
         if both := sorted(set(self.tasks) & set(self.reasons)):
             raise ValueError(f"task {both[0]!r} has both metrics and a reason")
+        self._check_histograms(info)
         return self
 
-    def to_records(self) -> dict[str, int | float]:
+    def _check_histograms(self, info: ValidationInfo) -> None:
+        """Histograms are a peer's claims: each belongs to a binary task with a metric and adds
+        up to its n and positives; with the asked grid in the context (`score_bins`), it covers
+        exactly that grid."""
+        score_bins = (info.context or {}).get("score_bins")
+        for task in sorted(set(self.histograms) | set(self.histograms_withheld)):
+            m = self.tasks.get(task)
+            if m is None or m.auroc is None:
+                raise ValueError(f"field {task}.{_HIST_PREFIX}*: a histogram for a task without an AUROC")
+        if both := sorted(set(self.histograms) & set(self.histograms_withheld)):
+            raise ValueError(f"field {both[0]}.{_HIST_WITHHELD}.*: the histogram is both sent and withheld")
+        for task, h in sorted(self.histograms.items()):
+            m = self.tasks[task]
+            pos, neg = sum(h.positives), sum(h.negatives)
+            if pos + neg != m.n:
+                raise ValueError(
+                    f"field {task}.{_HIST_PREFIX}positives/negatives: {pos} + {neg} rows, but {task}.n is {m.n}"
+                )
+            if m.positives != pos:
+                raise ValueError(
+                    f"field {task}.{_HIST_PREFIX}positives: {pos} in all, but {task}.positives is {m.positives}"
+                )
+            if score_bins is not None and h.bounds[-1] != score_bins:
+                raise ValueError(
+                    f"field {task}.{_HIST_PREFIX}bounds: value ...{h.bounds[-1]}: the grid asked has {score_bins} bins"
+                )
+
+    def to_records(self) -> dict[str, int | float | list[int]]:
         """The MetricRecord METRICS_RECORD of the reply (also the per-site form in rounds.jsonl)."""
-        out: dict[str, int | float] = {}
+        out: dict[str, int | float | list[int]] = {}
         for task, m in self.tasks.items():
             out.update({f"{task}.{name}": v for name in EVAL_METRICS if (v := getattr(m, name)) is not None})
             out[f"{task}.{_TASK_N}"] = m.n
@@ -870,22 +947,40 @@ class EvalReply(_Reply):
                 out[f"{task}.{_MIN_POSITIVES}"] = r.min_positives
             for split, c in r.splits.items():
                 out.update({f"{task}.{split}.{name}": getattr(c, name) for name in SPLIT_COUNTS})
+        for task, h in self.histograms.items():
+            out.update({f"{task}.{_HIST_PREFIX}{name}": getattr(h, name) for name in _HIST_FIELDS})
+        for task, kind in self.histograms_withheld.items():
+            out[f"{task}.{_HIST_WITHHELD}.{kind}"] = 1
         out.update({key: getattr(self, name) for key, name in _EVAL_SCALARS.items()})
         out[_EVAL_TASK_COUNT] = len(self.tasks)
         return out
 
     @classmethod
-    def from_records(cls, metrics: Mapping[str, Any], expected: Collection[str] | None = None) -> EvalReply:
+    def from_records(
+        cls, metrics: Mapping[str, Any], expected: Collection[str] | None = None, score_bins: int | None = None
+    ) -> EvalReply:
         """Parse a peer's metrics; raise ValueError naming the field and value that does not parse,
-        or a task key outside `expected` (the keys asked), when given."""
+        or a task key outside `expected` (the keys asked), when given, or a score histogram off
+        the grid of `score_bins` bins (the EvalConfig's), when given."""
         data: dict[str, Any] = {}
         tasks: dict[str, dict[str, Any]] = {}
         reasons: dict[str, dict[str, Any]] = {}
+        histograms: dict[str, dict[str, Any]] = {}
+        histograms_withheld: dict[str, Any] = {}
         count = None
         for key, value in metrics.items():
             task, _, rest = key.partition(".")  # task keys hold no dot
             parts = rest.split(".")
-            if key in _EVAL_SCALARS:
+            if task and len(parts) == 1 and rest.startswith(_HIST_PREFIX) and rest[len(_HIST_PREFIX) :] in _HIST_FIELDS:
+                histograms.setdefault(task, {})[rest[len(_HIST_PREFIX) :]] = value
+            elif task and len(parts) == 2 and parts[0] == _HIST_WITHHELD:
+                if value != 1 or parts[1] not in WITHHELD_KINDS or task in histograms_withheld:
+                    raise ValueError(
+                        f"evaluate reply: field {key}: value {value!r}: expected 1, once per task, with a kind "
+                        f"among {', '.join(WITHHELD_KINDS)}"
+                    )
+                histograms_withheld[task] = parts[1]
+            elif key in _EVAL_SCALARS:
                 data[_EVAL_SCALARS[key]] = value
             elif key == _EVAL_TASK_COUNT:
                 count = value
@@ -917,7 +1012,11 @@ class EvalReply(_Reply):
             raise ValueError(f"evaluate reply: unknown task {unknown[0]!r} (asked: {', '.join(expected)})")
         data["tasks"] = tasks
         data["reasons"] = reasons
-        reply = _validate(cls, data, wire=_eval_wire_name)
+        if histograms:
+            data["histograms"] = histograms
+        if histograms_withheld:
+            data["histograms_withheld"] = histograms_withheld
+        reply = _validate(cls, data, wire=_eval_wire_name, context={"score_bins": score_bins})
         if count is not None and count != len(reply.tasks):
             raise ValueError(
                 f"evaluate reply: field {_EVAL_TASK_COUNT}: value {count!r}: the reply holds {len(reply.tasks)} tasks"
@@ -926,6 +1025,9 @@ class EvalReply(_Reply):
 
 
 def _eval_wire_name(loc: tuple[Any, ...]) -> str:
+    if len(loc) >= 2 and loc[0] in ("histograms", "histograms_withheld"):
+        what = f"{_HIST_PREFIX}{loc[2]}" if loc[0] == "histograms" and len(loc) >= 3 else f"{_HIST_PREFIX}*"
+        return f"{loc[1]}.{what}"
     if len(loc) >= 3 and loc[0] == "tasks":
         return f"{loc[1]}.{next((w for w, n in _TASK_SCOPE.items() if n == loc[2]), loc[2])}"
     if len(loc) >= 2 and loc[0] == "reasons":
@@ -1001,6 +1103,8 @@ __all__ = [
     "MIN_POSITIVES_KEY",
     "MIN_SUBJECTS_KEY",
     "SMALL_CELL_RISK",
+    "MAX_SCORE_BINS",
+    "ScoreHistogram",
     "SplitCount",
     "TaskReason",
     "FederationSetup",

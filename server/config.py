@@ -30,6 +30,8 @@ from healthfm_core.data.token_settings import (
     TokenWindowDays,
     one_line_error,
 )
+from healthfm_core.eval.score_histogram import DEFAULT_SCORE_BINS, ScoreScale
+from healthfm_core.federation import MAX_SCORE_BINS
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.transport import Rounding, Transport
 from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
@@ -64,6 +66,8 @@ RESUMABLE_CHANGES = {
     "eval_n_boot",
     "eval_meds_tab",
     "eval_max_subjects",
+    "eval_score_bins",
+    "eval_score_scale",
     "keep_checkpoints",
     "min_nodes",
     "max_reply_bytes",
@@ -190,6 +194,11 @@ class FederationConfig(BaseModel):
     # at most this many subjects (a fixed keyed-hash sample, the same every round; the probe is
     # fitted on the train split's sample). 0: every subject (e.g. a final evaluation).
     eval_max_subjects: int = Field(default=DEFAULT_EVAL_MAX_SUBJECTS, ge=0, strict=True)
+    # Each site's released histogram of its held-out scores per binary task: this many bins on
+    # this scale (healthfm_core/eval/score_histogram.py), pooled into a federation-wide AUROC
+    # per task (healthfm_core/eval/federation_auroc.py). 0: no histograms, no pooled AUROC.
+    eval_score_bins: int = Field(default=DEFAULT_SCORE_BINS, ge=0, le=MAX_SCORE_BINS)
+    eval_score_scale: ScoreScale = "logit"
     timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
     max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
     reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)

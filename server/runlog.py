@@ -20,11 +20,15 @@ import numpy as np
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from healthfm_core.eval.outcomes import outcome_table, replies_from_event
+from healthfm_core.eval.federation_auroc import FederationAUROC, federation_aurocs
+from healthfm_core.eval.outcomes import outcome_table, replies_from_event, scored_counts
+from healthfm_core.eval.plots import IntervalPoint, auroc_forest_plot
+from healthfm_core.federation import SMALL_CELL, EvalReply
 from healthfm_core.files import atomic_write_text
 from server.config import PrivacyRequest
 
 log = logging.getLogger("healthfm.server")
+EVAL_PLOT = "evaluation_auroc.png"  # summary.md's forest plot of the last evaluation
 
 
 def message_bytes(message: Message) -> int:
@@ -138,35 +142,143 @@ def write_summary(out_dir: str | Path) -> Path:
             ]
     evaluations = [e for e in events if e["event"] == "evaluate"]
     if evaluations:
-        ev = evaluations[-1]
-        lines += [
-            "",
-            f"## Federated evaluation after round {ev['round']} (n-weighted mean over sites)",
-            "",
-            "| task | metric | value | n | sites |",
-            "|---|---|---|---|---|",
-        ]
-        for key, value in ev["aggregated"].items():
-            task, _, metric = key.rpartition(".")
-            if metric in ("auroc", "r2", "meds-tab-auroc"):  # MEDS-Tab: the tabular baseline, same rows
-                n_sites = sum(key in m for m in ev["sites"].values())
-                lines.append(
-                    f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | {n_sites} |"
-                )
-        try:
-            keys, per_site, asked = replies_from_event(ev)
-        except ValueError as err:  # a log written by another version: the table above still stands
-            log.warning("summary: the per-site evaluation of round %s does not parse: %s", ev["round"], err)
-        else:
-            lines += [
-                "",
-                "## Per site and task: a metric or the reason there is none",
-                "",
-                outcome_table(keys, per_site, asked),
-            ]
+        lines += evaluation_section(evaluations[-1], out_dir)
     path = out_dir / "summary.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
-__all__ = ["EventLog", "message_bytes", "message_size", "read_events", "write_summary"]
+def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
+    """summary.md's part on an evaluate event: the federation-wide AUROC per binary task (the
+    sites' score histograms pooled), every (site, task) with its rows, positives and interval or
+    the reason it has none, the n-weighted means, and the forest plot EVAL_PLOT beside the file."""
+    lines = ["", f"## Federated evaluation after round {ev['round']}", ""]
+    try:
+        keys, per_site, asked = replies_from_event(ev)
+    except ValueError as err:  # a log written by another version: the means below still stand
+        log.warning("summary: the per-site evaluation of round %s does not parse: %s", ev["round"], err)
+        keys, per_site, asked = list(ev.get("tasks") or []), {}, []
+    # A log from before binary_tasks was recorded: the tasks some site scored with an AUROC.
+    scored = {k for r in per_site.values() for k, m in r.tasks.items() if m.auroc is not None}
+    binary = list(ev.get("binary_tasks") or [k for k in keys if k in scored])
+    absent = {s: str(why) for s, why in (ev.get("absent") or {}).items()}
+    pooled = federation_aurocs(binary, per_site, asked, absent) if per_site else {}
+    if pooled:
+        lines += [
+            "### Federation-wide AUROC per task",
+            "",
+            "Each site releases, per binary task, a histogram of its held-out probe scores per class "
+            f"({ev.get('score_bins', '?')} bins on the {ev.get('score_scale', '?')} scale; adjacent bins merged "
+            "until no count is below the site's minimum); the server pools them. 95% CI: DeLong on the "
+            "binned table, variance times held-out rows per subject; binning: the AUROC of the exact "
+            "pooled scores lies within the bound of the binned one.",
+            "",
+            "| task | AUROC (95% CI) | sites pooled | rows | positives | binning bound | not pooled (why) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, f in pooled.items():
+            value = (
+                "n/a: " + f.note
+                if f.auroc is None
+                else f"{f.auroc:.3f} "
+                + (f"[{f.low:.3f}, {f.high:.3f}]" if f.low is not None and f.high is not None else "[undefined]")
+            )
+            bound = "-" if f.binning_bound is None else f"{f.binning_bound:.3f}"
+            why = "; ".join(f"{s}: {r}" for s, r in f.not_pooled.items()) or "-"
+            lines.append(
+                f"| {key} | {value} | {len(f.sites)} of {len(f.sites) + len(f.not_pooled)} | {f.rows} | "
+                f"{f.positives} | {bound} | {why} |"
+            )
+        if coarse := [k for k, f in pooled.items() if f.binning_bound is not None and f.binning_bound > 0.05]:
+            lines += [
+                "",
+                f"Binning costs more than 0.05 AUROC for {', '.join(coarse)}: the sites' minimum merged their "
+                "histograms into few cells (small sites, rare outcomes); read the per-site values below, or "
+                "ask for more bins (eval_score_bins) only where sites are large.",
+            ]
+        lines.append("")
+    lines += [
+        "### n-weighted mean of the sites' values (a mean of per-site numbers, not a pooled AUROC)",
+        "",
+        "| task | metric | value | rows | positives | sites |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, value in ev.get("aggregated", {}).items():
+        task, _, metric = key.rpartition(".")
+        if metric in ("auroc", "r2", "meds-tab-auroc"):  # MEDS-Tab: the tabular baseline, same rows
+            n_sites = sum(key in m for m in ev["sites"].values())
+            lines.append(
+                f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | "
+                f"{positives_over_sites(task, per_site)} | {n_sites} |"
+            )
+    if per_site or asked or absent:
+        lines += [
+            "",
+            "### Per site and task: held-out rows, positives, AUROC with its 95% subject-bootstrap interval on "
+            "the same rows, or the reason there is none",
+            "",
+            '"<min": a count below the site\'s minimum, not disclosed.',
+            "",
+            outcome_table(keys, per_site, asked, absent),
+            "",
+        ]
+    points = forest_points(keys, per_site, pooled, sorted(set(asked) | set(absent)))
+    if points:
+        auroc_forest_plot(points, out_dir / EVAL_PLOT, title=f"Held-out AUROC after round {ev['round']} (95% CI)")
+        lines += ["", f"![AUROC per site and task, with the federation-wide value]({EVAL_PLOT})"]
+    return lines
+
+
+def positives_over_sites(task: str, per_site: dict[str, EvalReply]) -> str:
+    """The held-out positives of a task summed over the sites that scored it; a site whose count
+    is below its minimum adds "+ <min" (not disclosed); "-" for a regression task."""
+    counts = [m.positives for r in per_site.values() if (m := r.tasks.get(task)) is not None and m.auroc is not None]
+    if not counts:
+        return "-"
+    known = sum(c for c in counts if c is not None and c != SMALL_CELL)
+    hidden = sum(c == SMALL_CELL for c in counts)
+    unsaid = sum(c is None for c in counts)
+    return (
+        str(known)
+        + (f" + <min at {hidden} site(s)" if hidden else "")
+        + (f" + not reported by {unsaid} site(s)" if unsaid else "")
+    )
+
+
+def forest_points(
+    keys: list[str], per_site: dict[str, EvalReply], pooled: dict[str, FederationAUROC], sites: list[str]
+) -> list[IntervalPoint]:
+    """Every (site, binary task) AUROC with its interval (a pair without one: its row, NaN), and
+    each task's federation-wide one."""
+    nan = float("nan")
+    points = []
+    for key in keys:
+        if key not in pooled:
+            continue  # a regression task
+        for site in sorted(set(per_site) | set(sites)):
+            m = per_site[site].tasks.get(key) if site in per_site else None
+            if m is None or m.auroc is None or not np.isfinite(m.auroc):
+                points.append(IntervalPoint(key, site, nan, nan, nan))
+                continue
+            low, high = (nan, nan) if m.auroc_low is None or m.auroc_high is None else (m.auroc_low, m.auroc_high)
+            rows, positives = scored_counts(per_site[site], key)
+            points.append(IntervalPoint(key, f"{site} (n {rows}, {positives} pos)", m.auroc, low, high))
+        f = pooled[key]
+        if f.auroc is None:
+            points.append(IntervalPoint(key, "federation: none", nan, nan, nan, pooled=True))
+            continue
+        low, high = (nan, nan) if f.low is None or f.high is None else (f.low, f.high)
+        label = f"federation, {len(f.sites)} sites (n {f.rows}, {f.positives} pos; binning +/-{f.binning_bound:.2f})"
+        points.append(IntervalPoint(key, label, f.auroc, low, high, pooled=True))
+    return points
+
+
+__all__ = [
+    "EVAL_PLOT",
+    "EventLog",
+    "evaluation_section",
+    "message_bytes",
+    "message_size",
+    "read_events",
+    "write_summary",
+]

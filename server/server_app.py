@@ -12,12 +12,14 @@ learning rate, the curriculum's objective weights at (r-1)/R); replies are sorte
 (node ids change across runs; a fixed order keeps the floating-point sums, and so a resumed run,
 bit for bit equal) and averaged per key; the state is checkpointed, then the round is logged.
 Federated evaluation every `evaluate_every` rounds and after the last: each site probes its own
-splits and reports held-out metrics; the server takes n-weighted means.
+splits and reports held-out metrics with their intervals, and per binary task a histogram of its
+held-out scores (small cells merged); the server takes n-weighted means and pools the histograms
+into a federation-wide AUROC per task (healthfm_core/eval/federation_auroc.py).
 
 Outputs under out_dir: rounds.jsonl (one JSON object per event: setup, round, evaluate, resume),
 server.log (the run's INFO log, in simulation and deployment), outcome.json (how the run ended,
 server/outcome.py), audit.jsonl, checkpoints/step-NNNNNNNN, vocabulary.json, evaluation.json,
-summary.md.
+summary.md, evaluation_auroc.png (server/runlog.py).
 
 A site that comes back: a SuperNode restarted mid-run has lost the setup (it lives in the node's
 Context.state); asked to train or evaluate, it answers "setup-needed" (SETUP_NEEDED_RECORD). The
@@ -62,6 +64,7 @@ from flwr.serverapp import Grid, ServerApp
 from healthfm_core.data.code_stats import SiteCodeStats
 from healthfm_core.data.task_spec import task_keys
 from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.eval.federation_auroc import FederationAUROC, binary_keys, federation_aurocs
 from healthfm_core.eval.outcomes import outcome_lines, scored_of_available
 from healthfm_core.federation import (
     CAPABILITIES,
@@ -822,6 +825,8 @@ class FederationServer:
             meds_tab=cfg.eval_meds_tab,
             seed=cfg.seed,
             max_subjects=cfg.eval_max_subjects,
+            score_bins=cfg.eval_score_bins,
+            score_scale=cfg.eval_score_scale,
         )
         if cfg.eval_max_subjects:
             log.info(
@@ -854,7 +859,9 @@ class FederationServer:
                 metrics = reply.content.metric_records.get(METRICS_RECORD)
                 if metrics is None:
                     raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
-                per_site[self._site(node)] = EvalReply.from_records(dict(metrics), expected=task_keys(eval_cfg.tasks))
+                per_site[self._site(node)] = EvalReply.from_records(
+                    dict(metrics), expected=task_keys(eval_cfg.tasks), score_bins=eval_cfg.score_bins
+                )
             except ValueError as err:
                 log.warning("evaluate: the reply of site %s is left out: %s", self._site(node), err)
         aggregated = aggregate_site_metrics(per_site)
@@ -873,24 +880,42 @@ class FederationServer:
             for node, caps in sorted(self.sites.items())
             if caps.site not in per_site
         }
+        asked_sites = sorted(self._site(n) for n in self.node_groups)
+        binary = binary_keys(eval_cfg.tasks)
         asked = {
             "tasks": task_keys(eval_cfg.tasks),
-            "asked_sites": sorted(self._site(n) for n in self.node_groups),
+            "binary_tasks": binary,
+            "asked_sites": asked_sites,
             "max_subjects": cfg.eval_max_subjects,
+            "score_bins": eval_cfg.score_bins,
+            "score_scale": eval_cfg.score_scale,
         }
+        # Per binary task, the sites' histograms pooled (healthfm_core/eval/federation_auroc.py).
+        pooled = {key: f.model_dump() for key, f in federation_aurocs(binary, per_site, asked_sites, absent).items()}
         self.events.write(
-            "evaluate", round=rnd, sites=flat, aggregated=aggregated, seconds=seconds, absent=absent, **asked
+            "evaluate",
+            round=rnd,
+            sites=flat,
+            aggregated=aggregated,
+            federation=pooled,
+            seconds=seconds,
+            absent=absent,
+            **asked,
         )
         self.audit.write_evaluation(rnd, sorted(per_site), absent)
         atomic_write_text(
             self.out_dir / "evaluation.json",
-            json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated, **asked}, indent=1),
+            json.dumps(
+                {"round": rnd, "sites": flat, "aggregated": aggregated, "federation": pooled, **asked}, indent=1
+            ),
         )
         log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
         for line in outcome_lines(
-            task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)]
+            task_keys(eval_cfg.tasks), per_site, [self._site(n) for n in sorted(self.node_groups)], absent
         ):
             log.info("  %s", line)
+        for key, f in pooled.items():
+            log.info("  %-28s federation-wide AUROC: %s", key, FederationAUROC.model_validate(f).describe())
         scope = scored_of_available(per_site)
         for key, value in aggregated.items():
             if key.endswith(".auroc") or key.endswith(".r2"):
@@ -900,7 +925,14 @@ class FederationServer:
                     n, subjects, avail_subjects = scope[task]
                     sampled = f"; a subject sample: rows of {subjects} of {avail_subjects} held-out subjects"
                 n_task = aggregated.get(f"{task}.n", 0)
-                log.info("  %-28s %s %.3f (n=%d%s)", task, key.rsplit(".", 1)[1], value, n_task, sampled)
+                log.info(
+                    "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s)",
+                    task,
+                    key.rsplit(".", 1)[1],
+                    value,
+                    n_task,
+                    sampled,
+                )
         return aggregated
 
 

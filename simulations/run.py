@@ -12,7 +12,8 @@
 Synthetic sites are generated into `data_dir` once and reused while the scenario, seed and
 size match. Each site becomes one simulated SuperNode running the same ClientApp a deployed
 site runs; the ServerApp is the deployed one too. Outputs (in the Hydra run directory):
-rounds.jsonl, server.log, checkpoints/, vocabulary.json, evaluation.json, summary.md, site_loads.json.
+rounds.jsonl, server.log, checkpoints/, vocabulary.json, evaluation.json, summary.md,
+evaluation_auroc.png, site_loads.json.
 
 Flower 1.41 path used: `flwr.simulation.run_simulation` (the Python API; deprecated in favour of
 `flwr run` but the only way to pass per-site node configs and Python-side configs without a FAB).

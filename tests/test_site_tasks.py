@@ -31,6 +31,7 @@ from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, 
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome_rows, outcome_table, replies_from_event
+from healthfm_core.eval.score_histogram import score_bin_index
 from healthfm_core.federation import (
     SMALL_CELL,
     EvalConfig,
@@ -212,6 +213,13 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
         boot = [roc_auc_score(np.repeat(y, c.astype(int)), np.repeat(p, c.astype(int))) for c in counts]
         assert (m.auroc_low, m.auroc_high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-9)
         assert m.auroc_low <= m.auroc <= m.auroc_high
+        # Its score histogram: the same rows on the server's grid, merged to the site's minimum.
+        assert (key in reply.histograms) != (key in reply.histograms_withheld)
+        if (h := reply.histograms.get(key)) is not None:
+            base = np.bincount(score_bin_index(p, cfg.score_bins, cfg.score_scale)[y], minlength=cfg.score_bins)
+            assert h.positives == [int(base[a:b].sum()) for a, b in zip(h.bounds, h.bounds[1:])]
+            assert h.minimum == 2 and not [c for c in h.positives + h.negatives if 0 < c < 2]
+    assert reply.histograms  # released where both classes reach the minimum
     # Without an eval-dir or state-dir: the same metrics, scored in memory; nothing is written,
     # not even to a temporary directory (it would outlive the process with subject-level rows).
     tmp_root = tmp_path / "tmp"
@@ -266,6 +274,13 @@ def test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_tas
     summary = (out / "summary.md").read_text()
     table = summary.split("## Per site and task")[1]
     assert sum(line.startswith("| ") and "|---" not in line for line in table.splitlines()) == 1 + 3 * len(keys)
+    # Per task, the federation-wide AUROC from the sites' histograms, or why there is none; every
+    # asked site either pooled or named with its reason.
+    assert set(evaluation["federation"]) == set(keys) and evaluation["score_bins"] == 50
+    for key, pooled in evaluation["federation"].items():
+        assert sorted(pooled["sites"] + list(pooled["not_pooled"])) == sorted(asked), key
+        assert (pooled["auroc"] is None) == (not pooled["sites"] or bool(pooled["note"])), key
+    assert "### Federation-wide AUROC per task" in summary and (out / "evaluation_auroc.png").is_file()
     predictions = list((out / "sites").rglob("*.parquet"))
     assert len(predictions) == sum(len(r.tasks) for r in replies.values())
 

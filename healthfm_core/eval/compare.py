@@ -330,7 +330,16 @@ def loss_curves_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path, 
     """One panel per objective; each curve is a list of records with "progress" (fraction of
     the run's optimisation budget, 0..1) and one value per objective. Objectives a curve never
     logs (or logs only as 0, no data for it) are not drawn for that curve."""
-    names = sorted({k for c in curves.values() for rec in c for k in rec if k != "progress"})
+    # Only objectives some curve has data for get a panel (an EHR-only run: no wearable losses).
+    names = sorted(
+        {
+            k
+            for c in curves.values()
+            for rec in c
+            for k, v in rec.items()
+            if k != "progress" and np.isfinite(v) and v != 0.0
+        }
+    )
     if not names:
         raise ValueError("no losses to plot")
     cols = min(3, len(names))

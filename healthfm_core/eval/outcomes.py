@@ -18,13 +18,23 @@ def _f(x: float | None) -> str:
 
 
 def _count(n: int) -> str:
-    return "<minimum" if n == SMALL_CELL else str(n)
+    return "<min" if n == SMALL_CELL else str(n)
 
 
-def outcome(reply: EvalReply | None, key: str) -> tuple[str, str]:
-    """(result, detail) of one (site, task key): a metric, or "no metric" and the reason."""
+def scored_counts(reply: EvalReply | None, key: str) -> tuple[str, str]:
+    """(held-out rows, positives) behind a (site, task)'s metric: "<min" for a count the site
+    suppressed (1..its minimum-1), "-" where there is no metric or the site does not say."""
+    m = None if reply is None else reply.tasks.get(key)
+    if m is None:
+        return "-", "-"
+    return str(m.n), "-" if m.positives is None else _count(m.positives)
+
+
+def outcome(reply: EvalReply | None, key: str, absent: str | None = None) -> tuple[str, str]:
+    """(result, detail) of one (site, task key): a metric, or "no metric" and the reason
+    (`absent`: why the server has no reply from the site, when it knows)."""
     if reply is None:
-        return "no metric", NOT_REPLIED
+        return "no metric", NOT_REPLIED if absent is None else f"no reply from this site: {absent}"
     if (m := reply.tasks.get(key)) is not None:
         # A subject budget smaller than the split: say what the number is from.
         held = f"n={m.n} held-out" + (
@@ -64,23 +74,42 @@ def floor(reply: EvalReply, binary: bool) -> str:
 
 
 def outcome_rows(
-    keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None
+    keys: Sequence[str],
+    per_site: Mapping[str, EvalReply],
+    sites: Sequence[str] | None = None,
+    absent: Mapping[str, str] | None = None,
 ) -> list[tuple[str, str, str, str]]:
-    """(site, task, result, detail) for every asked site (those that replied when None) and key."""
-    names = sorted(set(sites or []) | set(per_site))
-    return [(s, k, *outcome(per_site.get(s), k)) for s in names for k in keys]
+    """(site, task, result, detail) for every asked site (those that replied when None), every
+    site of `absent` (site -> why the server has no reply from it) and key."""
+    absent = absent or {}
+    names = sorted(set(sites or []) | set(per_site) | set(absent))
+    return [(s, k, *outcome(per_site.get(s), k, absent.get(s))) for s in names for k in keys]
 
 
 def outcome_lines(
-    keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None
+    keys: Sequence[str],
+    per_site: Mapping[str, EvalReply],
+    sites: Sequence[str] | None = None,
+    absent: Mapping[str, str] | None = None,
 ) -> list[str]:
-    return [f"{s} / {k}: {res} ({detail})" for s, k, res, detail in outcome_rows(keys, per_site, sites)]
+    return [f"{s} / {k}: {res} ({detail})" for s, k, res, detail in outcome_rows(keys, per_site, sites, absent)]
 
 
-def outcome_table(keys: Sequence[str], per_site: Mapping[str, EvalReply], sites: Sequence[str] | None = None) -> str:
-    """A markdown table: one row per (site, task)."""
-    lines = ["| site | task | result | detail |", "|---|---|---|---|"]
-    lines += [f"| {s} | {k} | {res} | {detail} |" for s, k, res, detail in outcome_rows(keys, per_site, sites)]
+def outcome_table(
+    keys: Sequence[str],
+    per_site: Mapping[str, EvalReply],
+    sites: Sequence[str] | None = None,
+    absent: Mapping[str, str] | None = None,
+) -> str:
+    """A markdown table: one row per (site, task), with the held-out rows and positives its
+    number rests on ("<min": fewer than the site's minimum, not disclosed)."""
+    lines = [
+        "| site | task | held-out rows | positives | result (95% CI) | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s, k, res, detail in outcome_rows(keys, per_site, sites, absent):
+        rows, positives = scored_counts(per_site.get(s), k)
+        lines.append(f"| {s} | {k} | {rows} | {positives} | {res} | {detail} |")
     return "\n".join(lines)
 
 
@@ -123,5 +152,6 @@ __all__ = [
     "outcome_table",
     "replies_from_event",
     "sampled",
+    "scored_counts",
     "scored_of_available",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -90,12 +91,13 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
     """One panel per logged objective (every key of the step records except bookkeeping ones),
     loss against step, plus the decay-rate range if it was logged. A loss of exactly 0 is a step
     whose batch had no data for it (pretraining_losses' convention) and is left out, not drawn."""
-    skip = {"step", "lr", "grad_norm", "rate_min", "rate_max", "examples"}
     if not history:
         raise ValueError("empty training history")
-    keys = sorted({k for h in history for k in h if k not in skip})
+    keys = loss_panels(history)
     has_rates = any("rate_min" in h for h in history)
     n_panels = len(keys) + int(has_rates)
+    if not n_panels:
+        raise ValueError("no loss with data in the training history")
     cols = min(3, n_panels)
     nrows = (n_panels + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
@@ -128,6 +130,21 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
     return save_figure(fig, path)
 
 
+_NOT_LOSSES = {"step", "lr", "grad_norm", "rate_min", "rate_max", "examples"}
+
+
+def loss_panels(history: Sequence[Mapping[str, float]]) -> list[str]:
+    """The losses of a training history that get a panel: those with data in some step (an
+    EHR-only run logs its wearable objectives as 0 or not at all: no empty panels)."""
+    keys = {k for h in history for k in h if k not in _NOT_LOSSES}
+    return sorted(k for k in keys if any(_has_data(h.get(k), k) for h in history))
+
+
+def _has_data(value: float | None, key: str) -> bool:
+    """Whether a logged loss is drawn: finite, and not the 0 of a batch without its data."""
+    return value is not None and bool(np.isfinite(value)) and (value != 0.0 or key == "total")
+
+
 def label_efficiency_plot(
     curves: Mapping[str, Mapping[float, Sequence[float]]],
     path: str | Path,
@@ -147,4 +164,49 @@ def label_efficiency_plot(
     ax.set_title(title, fontsize="small")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+class IntervalPoint(NamedTuple):
+    """One estimate with its 95% interval (NaN: undefined) in a forest plot; `pooled` marks a
+    federation-wide value (drawn as a diamond)."""
+
+    task: str
+    label: str
+    value: float
+    low: float
+    high: float
+    pooled: bool = False
+
+
+def auroc_forest_plot(
+    points: Sequence[IntervalPoint], path: str | Path, title: str = "Held-out AUROC (95% CI)"
+) -> Path:
+    """One row per (task, site) and per task's federation-wide value, AUROC with its interval as
+    a horizontal bar (an undefined interval: the point alone, marked in the label; a NaN value:
+    the row's label only, "no metric")."""
+    if not points:
+        raise ValueError("no AUROC to plot")
+    tasks = list(dict.fromkeys(p.task for p in points))
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(points) + 0.5 * len(tasks) + 1.2))
+    y, ticks, labels = 0.0, [], []
+    for t_i, task in enumerate(tasks):
+        for p in (q for q in points if q.task == task):
+            color = "black" if p.pooled else f"C{t_i % 10}"
+            defined = np.isfinite(p.low) and np.isfinite(p.high)
+            if defined:
+                ax.hlines(y, p.low, p.high, color=color, linewidth=2.5 if p.pooled else 1.5)
+            if np.isfinite(p.value):  # NaN: a pair without a number keeps its row, labelled
+                ax.plot([p.value], [y], marker="D" if p.pooled else "o", color=color, markersize=7 if p.pooled else 5)
+            ticks.append(y)
+            note = "" if defined else " (no CI)" if np.isfinite(p.value) else " (no metric)"
+            labels.append(f"{task} / {p.label}{note}")
+            y -= 1.0
+        y -= 0.6
+    ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(ticks, labels, fontsize="x-small")
+    ax.set_xlim(0, 1.02)  # a point at 1 stays visible
+    ax.set_xlabel("AUROC (95% CI)")
+    ax.set_title(title, fontsize="small")
+    fig.tight_layout()
     return save_figure(fig, path)

@@ -16,7 +16,9 @@ For each TaskSpec (healthfm_core.data.task_spec):
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
   without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation
   (AUROC, AUPRC, calibration error over samples), with the held-out positives (small-cell
-  suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows; wearable
+  suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows, and (with
+  EvalConfig.score_bins) the held-out scores' per-class histogram on the server's grid, merged
+  to the site's minimum (site_histogram.py), for the federation-wide AUROC; wearable
   regressions report R^2;
 - per binary task key, unless switched off (`meds_tab`): MEDS-Tab, the field's tabular baseline
   (healthfm_core/eval/meds_tab.py), on exactly the same rows and splits: the labelled rows of
@@ -65,8 +67,10 @@ from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows
+from healthfm_core.eval.score_histogram import ScoreScale, WithheldKind
+from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
-from healthfm_core.federation import SMALL_CELL, SplitCount, TaskMetrics, TaskReason
+from healthfm_core.federation import SMALL_CELL, ScoreHistogram, SplitCount, TaskMetrics, TaskReason
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,9 @@ class SiteTaskResults:
     reasons: dict[str, TaskReason] = field(default_factory=dict)
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
     meds_tab_predictions: dict[str, Path] = field(default_factory=dict)  # key -> MEDS-Tab's, if written
+    # Per binary task with a metric: its held-out scores' histogram (score_bins > 0), or why withheld.
+    histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
+    histograms_withheld: dict[str, WithheldKind] = field(default_factory=dict)
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
     # Seconds spent in the model's forward passes (embedding the rows), fitting probes and scoring: what a
@@ -251,6 +258,8 @@ def evaluate_site_tasks(
     n_boot: int = 100,
     min_positives: int = 1,
     meds_tab: bool = True,
+    score_bins: int = 0,
+    score_scale: ScoreScale = "logit",
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
@@ -264,7 +273,8 @@ def evaluate_site_tasks(
     `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's); `meds_tab`:
     also MEDS-Tab on each binary key's rows (the EvalConfig's).
     `min_positives`: a binary task whose held_out split has fewer positive or negative rows is
-    withheld (too_few_positives; the site's min_report_positives)."""
+    withheld (too_few_positives; the site's min_report_positives).
+    `score_bins`, `score_scale`: the grid of each binary task's released score histogram (0: none)."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
     if labels is None:
         labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects)
@@ -377,6 +387,14 @@ def evaluate_site_tasks(
                 meds_tab_auroc_high=baseline[3],
                 **scope,
             )
+            if score_bins:  # merged to the stricter of the site's minimums, as the positives above
+                released = release_histogram(
+                    y["held_out"], p_held, score_bins, score_scale, max(min_subjects, min_positives)
+                )
+                if isinstance(released, ScoreHistogram):
+                    out.histograms[key] = released
+                else:
+                    out.histograms_withheld[key] = released
         else:
             y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
             y = {s: y_all[split == s] for s in SPLITS}
