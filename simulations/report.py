@@ -41,9 +41,9 @@ from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
-from healthfm_core.eval import compare
+from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
-from healthfm_core.eval.runner import MethodResult
+from healthfm_core.eval.runner import EvalSet, MethodResult
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
@@ -55,8 +55,11 @@ from simulations.common import (
     Clock,
     clear_previous_runs,
     eval_settings,
+    job_task_specs,
     onset_eval_data,
     open_sites,
+    site_eval_rows_per_subject,
+    site_labelled,
     write_outputs,
 )
 from simulations.logs import setup_job_logging
@@ -307,6 +310,10 @@ def run(cfg: DictConfig) -> Path:
             seed=int(cfg.seed),
         ).items():
             per_site[name]["oracle"] = r
+    # The sites' privacy minimum, as their own evaluation applies it: a pair it withholds is
+    # shown as withheld (with min_report_subjects and its value), its scores in no table or mean.
+    statuses = site_pairs.pair_statuses(per_site_data, int(cfg.federation.site.min_report_subjects))
+    site_pairs.withhold(per_site, statuses)
     clock.lap("evaluation (per site, every onset task and horizon)")
 
     ablation: dict[tuple[str, str, str], tuple[MethodResult, MethodResult]] = {}
@@ -337,6 +344,8 @@ def run(cfg: DictConfig) -> Path:
         sites,
         setup,
         per_site,
+        per_site_data,
+        statuses,
         ablation,
         central_history,
         local_histories,
@@ -387,6 +396,8 @@ def write_comparison(
     sites: Mapping[str, Site],
     setup: FederationSetup,
     per_site: compare.PerSite,
+    per_site_data: Mapping[str, EvalSet],
+    statuses: Mapping[tuple[str, str], site_pairs.PairStatus],
     ablation: Mapping,
     central_history: list,
     local_histories: Mapping[str, list],
@@ -395,8 +406,10 @@ def write_comparison(
     privacy: list[str] | None = None,
 ) -> Path:
     methods = [m for m in METHODS if any(m in r for r in per_site.values())]
-    main_rows = compare.summarize(per_site, methods)
-    site_rows = compare.site_summary(per_site, methods)
+    min_positives = int(cfg.eval.summary_min_positives)
+    task_rows, not_summarized = site_pairs.task_summary(
+        per_site, per_site_data, statuses, methods, min_positives, n_boot=int(cfg.eval.n_boot), seed=int(cfg.seed)
+    )
     events = read_events(fed_dir / "rounds.jsonl")
     fed_curve, traffic, timing = federated_curves(events)
 
@@ -404,9 +417,9 @@ def write_comparison(
     curves = {"federated (per round)": fed_curve, "centralized (per step)": step_curve(central_history)}
     curves.update({f"local-only {s} (per step)": step_curve(h) for s, h in local_histories.items()})
     figs["Loss per objective"] = compare.loss_curves_plot(curves, out / "loss_curves.png")
-    if main_rows:
-        figs["Mean held-out AUROC and ECE per horizon"] = compare.summary_plot(
-            main_rows, out / "auroc_ece_by_horizon.png"
+    if task_rows:
+        figs["Held-out AUROC per task (mean over sites, 95% subject-bootstrap CI)"] = compare.task_auroc_plot(
+            task_rows, out / "auroc_by_task.png"
         )
     if traffic:
         figs["Bytes per site per round"] = compare.bytes_plot(traffic, out / "bytes_per_round.png")
@@ -421,8 +434,10 @@ def write_comparison(
     evaluation = (
         json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
     )
+    oracle = "oracle" in methods
+    site_only = site_labelled(job_task_specs(cfg, []))
     lines = [
-        f"# HealthFM: federated vs centralized vs local-only vs oracle (model {setup.model.name})",
+        f"# HealthFM: {' vs '.join(methods)} (model {setup.model.name})",
         "",
         f"Wall time {clock.total / 60:.1f} min on {torch.get_num_threads()} torch thread(s) here, Ray with "
         f"{cfg.ray.num_cpus} CPUs: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items()) + ".",
@@ -445,16 +460,35 @@ def write_comparison(
         f"its own groups (others stay at the initialisation).",
         "",
         "Evaluation: for each site, frozen linear probes fitted on the site's train rows (C from its tuning rows) "
-        "and scored on its held_out rows, per new-onset task and horizon; the oracle scores the generator's true "
-        "risk on the same held_out rows. Means are over the (site, task) pairs every method has.",
+        "and scored on its held_out rows, per new-onset task and horizon"
+        + ("; the oracle scores the generator's true risk on the same held_out rows" if oracle else "")
+        + f". The rows are those the sites' own evaluation labels (ACES's rows, at most "
+        f"{site_eval_rows_per_subject(cfg)} per subject and task, seed {cfg.seed}). Intervals are 95% subject "
+        "bootstrap intervals on the same rows; where one is undefined (a single class, or fewer than 2 subjects "
+        "with a positive) the table says why. A pair the sites' privacy minimum withholds "
+        f"(federation.site.{site_pairs.PRIVACY_KEY}={cfg.federation.site.min_report_subjects} subjects per split, "
+        "and both classes in train and held_out) is listed as withheld and counted in no mean.",
+        *(
+            [
+                "",
+                "Site-labelled tasks ("
+                + ", ".join(site_only)
+                + ") are evaluated only by the sites themselves: see the federated evaluation inside the run below.",
+            ]
+            if site_only
+            else []
+        ),
         "",
-        "## Main table (mean over tasks and sites)",
+        "## Main table (per task: mean over the sites, 95% subject-bootstrap CI)",
         "",
-        compare.summary_table(main_rows) if main_rows else "No (site, task) pair was evaluated by every method.",
+        f"Sites count for a task where every method scored it and it has >= {min_positives} held-out positives "
+        "(eval.summary_min_positives).",
         "",
-        "## Per site (mean AUROC over tasks per horizon; mean ECE over tasks and horizons)",
+        site_pairs.task_table(task_rows, not_summarized),
         "",
-        compare.site_table(site_rows),
+        "## Per site and task (held-out rows and positives; AUROC [95% CI] per method)",
+        "",
+        site_pairs.pair_table(per_site, statuses, methods),
         "",
         "## Missing modalities",
         "",
@@ -484,13 +518,8 @@ def write_comparison(
         *(privacy or ["Not run in this report."]),
     ]
     if evaluation:
-        agg = evaluation.get("aggregated", {})
-        lines += [
-            "",
-            "Federated evaluation inside the run (sites report held-out metrics; n-weighted means): "
-            + ", ".join(f"{k[: -len('.auroc')]} {v:.3f}" for k, v in agg.items() if k.endswith(".auroc"))
-            + ".",
-        ]
+        # Per site, with positives and intervals: a mean over sites would weigh a site's AUROC on
+        # one held-out positive like any other.
         keys, replies, asked = replies_from_event(evaluation)
         lines += [
             "",
@@ -521,8 +550,9 @@ def write_comparison(
     ]
 
     dump = {
-        "main": [r.model_dump() for r in main_rows],
-        "per_site": {s: [r.model_dump() for r in rows] for s, rows in site_rows.items()},
+        "main": [r.model_dump() for r in task_rows],
+        "main_not_summarized": not_summarized,
+        "pairs": [s.model_dump() for s in statuses.values()],
         "rows": {
             s: {m: [r.model_dump() for r in res.rows] for m, res in methods_.items()}
             for s, methods_ in per_site.items()

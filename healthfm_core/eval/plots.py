@@ -93,7 +93,12 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str | Path, ti
     skip = {"step", "lr", "grad_norm", "rate_min", "rate_max", "examples"}
     if not history:
         raise ValueError("empty training history")
-    keys = sorted({k for h in history for k in h if k not in skip})
+    # An objective with no data in the whole run (e.g. the wearable losses at EHR-only sites) gets no panel.
+    keys = sorted(
+        k
+        for k in {k for h in history for k in h if k not in skip}
+        if k == "total" or any(np.isfinite(h.get(k, np.nan)) and h.get(k) != 0.0 for h in history)
+    )
     has_rates = any("rate_min" in h for h in history)
     n_panels = len(keys) + int(has_rates)
     cols = min(3, n_panels)
