@@ -467,7 +467,13 @@ def write_comparison(
         "bootstrap intervals on the same rows; where one is undefined (a single class, or fewer than 2 subjects "
         "with a positive) the table says why. A pair the sites' privacy minimum withholds "
         f"(federation.site.{site_pairs.PRIVACY_KEY}={cfg.federation.site.min_report_subjects} subjects per split, "
-        "and both classes in train and held_out) is listed as withheld and counted in no mean.",
+        "and both classes in train and held_out) is listed as withheld and counted in no mean."
+        + (
+            f" The run's in-site evaluation scored a subject sample (federation.eval_max_subjects="
+            f"{fed.eval_max_subjects} per split), so its rows are those of the sampled subjects among these."
+            if int(fed.get("eval_max_subjects") or 0)
+            else ""
+        ),
         *(
             [
                 "",
@@ -533,12 +539,14 @@ def write_comparison(
     skipped = {
         f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()
     }
-    if skipped:
+    # Withheld pairs have their line and reason in the per-site table; the rest are listed here.
+    others = {k: v for k, v in skipped.items() if not v.startswith("withheld")}
+    if others:
         lines += [
             "",
-            f"Not evaluated ({len(skipped)} site/method/task): "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())[:40])
-            + (" ..." if len(skipped) > 40 else ""),
+            f"Not evaluated ({len(others)} site/method/task): "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(others.items())[:40])
+            + (" ..." if len(others) > 40 else ""),
         ]
     lines += ["", "## Plots", ""]
     for caption, path in figs.items():

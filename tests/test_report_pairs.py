@@ -19,7 +19,7 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.task_spec import resolve_tasks
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.eval import site_pairs
+from healthfm_core.eval import compare, plots, site_pairs
 from healthfm_core.eval.probes import binary_row
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
 from healthfm_core.eval.site_eval import task_labels_at_site
@@ -153,3 +153,21 @@ def test_pretrain_refuses_site_labelled_tasks_by_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="site:readmission_30d"):
         refuse_site_labelled_tasks(cfg)
     refuse_site_labelled_tasks(OmegaConf.create({"task_list": ["t2d"], "dataset": None}))
+
+
+def test_loss_plots_draw_only_objectives_with_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An EHR-only run logs the wearable losses as 0 (no data) or not at all: no panel for them."""
+    drawn: list = []
+
+    def keep(fig, path):  # the figure as it would be saved
+        drawn.append([ax.get_title() for ax in fig.axes if ax.get_visible()])
+        return Path(path)
+
+    monkeypatch.setattr(compare, "save_figure", keep)
+    monkeypatch.setattr(plots, "save_figure", keep)
+    curve = [{"progress": i / 4, "mlm": 2.0 - 0.1 * i, "wearable_recon": 0.0, "total": 2.0 - 0.1 * i} for i in range(5)]
+    compare.loss_curves_plot({"federated": curve, "centralized": curve}, tmp_path / "loss.png")
+    assert drawn[-1] == ["mlm", "total"]
+    history = [{"step": i, "mlm": 2.0 - 0.1 * i, "wearable_recon": 0.0, "total": 2.0, "lr": 1e-3} for i in range(5)]
+    plots.training_curves(history, tmp_path / "train.png")
+    assert drawn[-1] == ["mlm", "total"]
