@@ -481,10 +481,15 @@ def summary_notes(
             vals = [h[key] for h in part if key == "total" or h[key] != 0.0]
             return float(np.mean(vals)) if vals else float("nan")
 
+        # An objective with no data in the whole run (the wearable losses at EHR-only sites) is named, not shown as n/a.
+        empty = [k for k in keys if not np.isfinite(mean_present(history, k))]
         notes.append(
             f"Pretraining losses (mean of the first -> last {window} steps that have each loss): "
-            + ", ".join(f"{k} {_fmt(mean_present(first, k))} -> {_fmt(mean_present(tail, k))}" for k in keys)
+            + ", ".join(
+                f"{k} {_fmt(mean_present(first, k))} -> {_fmt(mean_present(tail, k))}" for k in keys if k not in empty
+            )
             + "."
+            + (f" No data in this run for: {', '.join(empty)}." if empty else "")
         )
         rates = model.decay_rate_summary()
         if rates:
