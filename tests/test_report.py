@@ -15,8 +15,10 @@ import pytest
 
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.eval import compare
+from healthfm_core.eval.outcomes import replies_from_event
 from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.runner import MethodResult
+from healthfm_core.federation import SMALL_CELL
 from server.runlog import read_events
 from simulations import demo
 from simulations.report import METHODS, prepare_out_dir
@@ -126,10 +128,35 @@ def test_report_compares_every_method_per_site_and_task(demo_run: Path) -> None:
             for m in METHODS:
                 task = (p["task"], p["horizon"])
                 assert task not in {(r["task"], r["horizon"]) for r in data["rows"][p["site"]].get(m, [])}
+    _matches_the_runs_own_evaluation(demo_run)
     for png in ("loss_curves.png", "auroc_by_task.png", "bytes_per_round.png", "round_time_split.png"):
         blob = (demo_run / png).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000, png
         assert f"]({png})" in report
+
+
+def _matches_the_runs_own_evaluation(run: Path) -> int:
+    """The report's federated scores of each (site, task) equal the sites' own evaluation inside
+    the run (same rows, same probe): held-out rows, positives and AUROC; a pair the sites gave a
+    reason for is withheld in the report. Returns the number of pairs compared."""
+    data = json.loads((run / "comparison.json").read_text())
+    keys, replies, _ = replies_from_event(json.loads((run / "federation" / "evaluation.json").read_text()))
+    rows = {
+        (s, r["task"], r["horizon"]): r for s, methods in data["rows"].items() for r in methods.get("federated", [])
+    }
+    pairs = {(p["site"], p["key"]): p for p in data["pairs"]}
+    compared = 0
+    for site, reply in replies.items():
+        for key, m in reply.tasks.items():
+            task, horizon = key.rsplit("_", 1)
+            r = rows[(site, task, int(horizon.removesuffix("d")))]
+            assert r["n"] == m.n and r["auroc"] == pytest.approx(m.auroc, abs=1e-6), (site, key)
+            assert m.positives in (r["n_pos"], SMALL_CELL), (site, key)
+            compared += 1
+        for key in reply.reasons:
+            if (site, key) in pairs:
+                assert pairs[(site, key)]["withheld"], (site, key)
+    return compared
 
 
 def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
@@ -201,3 +228,4 @@ def test_ehr_only_sites_without_truth_get_no_oracle(tmp_path: Path) -> None:
     for site in (r.name for r in roots):
         assert f"| {site} | onset_t2d |" in report
     assert "...that every method has: ." not in report and "on 0 of 0" not in report
+    assert _matches_the_runs_own_evaluation(tmp_path / "run") > 0
