@@ -43,6 +43,7 @@ from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
+from healthfm_core.eval.report import auroc_cell
 from healthfm_core.eval.runner import EvalSet, MethodResult
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.model.groups import parameter_group
@@ -239,23 +240,39 @@ def timing_table(timing: Mapping[int, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(ablation: Mapping[tuple[str, str, str], tuple[MethodResult, MethodResult]]) -> str:
+def ablation_table(
+    ablation: Mapping[tuple[str, str, str], tuple[MethodResult, MethodResult]],
+    statuses: Mapping[tuple[str, str], site_pairs.PairStatus],
+) -> str:
+    """One line per (site, modality, method, task, horizon): the held-out rows that have the
+    modality and their positives, the AUROC with and without it (each with its interval, or why
+    there is none) and the difference; a pair the sites withhold is listed as withheld."""
     lines = [
-        "| site | modality removed | method | rows with it | (task, horizon) pairs | mean AUROC with | mean AUROC without | difference |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| site | modality removed | method | task | horizon (d) | held-out rows with it | positives | "
+        "AUROC with [95% CI] | AUROC without [95% CI] | difference |",
+        "|---|---|---|---|---:|---:|---:|---|---|---:|",
     ]
     for (site, drop, method), (full, without) in sorted(ablation.items()):
-        a = {(r.task, r.horizon): r for r in full.rows if np.isfinite(r.auroc)}
-        b = {(r.task, r.horizon): r for r in without.rows if np.isfinite(r.auroc)}
-        common = sorted(set(a) & set(b), key=str)
-        if not common:
-            lines.append(f"| {site} | {drop} | {method} | - | 0 | - | - | - |")
-            continue
-        ma, mb = np.mean([a[k].auroc for k in common]), np.mean([b[k].auroc for k in common])
-        n = max(r.n for r in a.values())
-        lines.append(
-            f"| {site} | {drop} | {method} | {n} held-out | {len(common)} | {ma:.3f} | {mb:.3f} | {mb - ma:+.3f} |"
-        )
+        other = {(r.task, r.horizon): r for r in without.rows}
+        withheld = {(s.task, s.horizon): s.withheld for (st, _), s in statuses.items() if st == site and s.withheld}
+        head = f"| {site} | {drop} | {method} |"
+        for key, why in withheld.items():
+            lines.append(f"{head} {key[0]} | {key[1] if key[1] is not None else '-'} | - | - | {why} | withheld | - |")
+        shown = [r for r in full.rows if (r.task, r.horizon) not in withheld]
+        if not shown and not withheld:
+            why = "; ".join(f"{k}: {v}" for k, v in sorted(full.skipped.items())) or "no task scored"
+            lines.append(f"{head} - | - | - | - | not evaluated: {why} | - | - |")
+        for r in shown:
+            w = other.get((r.task, r.horizon))
+            diff = (
+                f"{w.auroc - r.auroc:+.3f}"
+                if w is not None and np.isfinite(w.auroc) and np.isfinite(r.auroc)
+                else "n/a"
+            )
+            lines.append(
+                f"{head} {r.task} | {r.horizon if r.horizon is not None else '-'} | {r.n} | {r.n_pos} | "
+                f"{auroc_cell(r)} | {auroc_cell(w) if w is not None else 'not evaluated'} | {diff} |"
+            )
     return "\n".join(lines)
 
 
@@ -502,7 +519,7 @@ def write_comparison(
         "that modality removed from the input (runner.restrict_modalities); each condition fits its own probe "
         "on the same site's train rows.",
         "",
-        ablation_table(ablation) if ablation else "No site had enough rows with a non-EHR modality.",
+        ablation_table(ablation, statuses) if ablation else "No site had enough rows with a non-EHR modality.",
         "",
         "## Federation: bytes per site per round (MB sent to the site / received from it)",
         "",

@@ -23,9 +23,10 @@ from healthfm_core.eval import compare, plots, site_pairs
 from healthfm_core.eval.probes import binary_row
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
 from healthfm_core.eval.site_eval import task_labels_at_site
-from healthfm_core.federation import EvalConfig
+from healthfm_core.federation import EvalConfig, SplitCount
 from simulations.common import onset_eval_data
 from simulations.pretrain import refuse_site_labelled_tasks
+from simulations.report import ablation_table
 
 TASK = "onset_t2d_365d"  # the federation's name; resolved to configs/tasks/t2d.yaml at 365 days
 
@@ -171,3 +172,34 @@ def test_loss_plots_draw_only_objectives_with_data(monkeypatch: pytest.MonkeyPat
     history = [{"step": i, "mlm": 2.0 - 0.1 * i, "wearable_recon": 0.0, "total": 2.0, "lr": 1e-3} for i in range(5)]
     plots.training_curves(history, tmp_path / "train.png")
     assert drawn[-1] == ["mlm", "total"]
+
+
+def test_ablation_table_lists_rows_positives_and_withheld_pairs() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(80) < 0.3
+    p_with, p_without = np.clip(0.5 * y + 0.5 * rng.random(80), 0, 1), rng.random(80)
+    groups = np.arange(80)
+    full = MethodResult(rows=[binary_row("federated", "onset_t2d", 365, y, p_with, 50, 0, groups)])
+    without = MethodResult(
+        rows=[binary_row("federated without genomics", "onset_t2d", 365, y, p_without, 50, 0, groups)]
+    )
+    counts = {s: SplitCount(rows=10, subjects=3, positives=1) for s in ("train", "tuning", "held_out")}
+    statuses = {
+        ("a", "onset_t2d_365d"): site_pairs.PairStatus(
+            site="a", key="onset_t2d_365d", task="onset_t2d", horizon=365, splits=counts
+        ),
+        ("a", "onset_cad_365d"): site_pairs.PairStatus(
+            site="a",
+            key="onset_cad_365d",
+            task="onset_cad",
+            horizon=365,
+            splits=counts,
+            withheld="withheld (min_report_subjects=20): too few subjects",
+        ),
+    }
+    table = ablation_table({("a", "genomics", "federated"): (full, without)}, statuses)
+    scored = next(ln for ln in table.splitlines() if "| onset_t2d |" in ln)
+    diff = without.rows[0].auroc - full.rows[0].auroc
+    assert f"| 80 | {int(y.sum())} |" in scored and scored.endswith(f"| {diff:+.3f} |")
+    held = next(ln for ln in table.splitlines() if "| onset_cad |" in ln)
+    assert "min_report_subjects=20" in held and "| withheld |" in held
