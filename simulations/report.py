@@ -508,6 +508,17 @@ def write_comparison(
         "(eval.summary_min_positives).",
         "",
         site_pairs.task_table(task_rows, not_summarized),
+        *(
+            [
+                "",
+                "Every (site, task) pair is withheld by the sites' rule (each line below says why: fewer than "
+                f"federation.site.{site_pairs.PRIVACY_KEY}={cfg.federation.site.min_report_subjects} subjects in a "
+                "split, or a single class). In a small simulation, lower the minimum (e.g. "
+                f"federation.site.{site_pairs.PRIVACY_KEY}=2) or add subjects.",
+            ]
+            if statuses and all(s.withheld for s in statuses.values())
+            else []
+        ),
         "",
         "## Per site and task (held-out rows and positives; AUROC [95% CI] per method)",
         "",

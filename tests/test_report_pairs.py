@@ -123,6 +123,7 @@ def test_a_withheld_pair_stays_in_the_table_with_the_minimum_and_its_reason(per_
     for site in per_site_data:  # every site keeps its line, with its reason
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {site} |"))
         assert "| withheld | withheld |" in line and "min_report_subjects=1000" in line
+        assert line.count("<1000") >= 2  # held-out rows and subjects below the minimum are not disclosed
     rows, missing = site_pairs.task_summary(per_site, per_site_data, statuses, ["a", "b"], min_positives=1)
     assert rows == [] and set(missing) == set(next(iter(per_site_data.values())).tasks)
     assert "not in this table" in site_pairs.task_table(rows, missing)

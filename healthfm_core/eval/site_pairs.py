@@ -22,7 +22,7 @@ from healthfm_core.eval.metrics import MIN_INTERVAL_SUBJECTS, paired_resamples
 from healthfm_core.eval.report import ResultRow, auroc_cell
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
 from healthfm_core.eval.site_eval import withheld_reason
-from healthfm_core.federation import SplitCount
+from healthfm_core.federation import SMALL_CELL, SplitCount
 
 PRIVACY_KEY = "min_report_subjects"  # the site setting (federation.site.min_report_subjects) the minimum comes from
 
@@ -37,6 +37,7 @@ class PairStatus(BaseModel):
     horizon: int | None
     splits: dict[str, SplitCount]
     withheld: str | None = None  # the reason, naming min_report_subjects and its value; None: reported
+    minimum: int = 0  # min_report_subjects: a withheld pair's counts below it are shown as "<minimum"
 
 
 def split_counts(data: EvalSet, key: str) -> dict[str, SplitCount]:
@@ -68,6 +69,7 @@ def pair_statuses(sites: Mapping[str, EvalSet], min_subjects: int) -> dict[tuple
                 task=name,
                 horizon=horizon,
                 splits=counts,
+                minimum=min_subjects,
                 withheld=None if reason is None else f"withheld ({PRIVACY_KEY}={min_subjects}): {reason.describe()}",
             )
     return out
@@ -224,7 +226,12 @@ def pair_table(
         "|---|---|---:|---:|---:|---:|" + "---|" * (len(methods) + 1),
     ]
     for (site, key), s in statuses.items():
-        held = s.splits[HELD_OUT_SPLIT]
+        # A withheld pair's counts as the site would show them: below the minimum, "<minimum".
+        held = s.splits[HELD_OUT_SPLIT].suppressed(s.minimum) if s.withheld else s.splits[HELD_OUT_SPLIT]
+
+        def n(value: int, minimum: int = s.minimum) -> str:
+            return f"<{minimum}" if value == SMALL_CELL else str(value)
+
         cells = []
         for m in methods:
             res = per_site.get(site, {}).get(m)
@@ -238,8 +245,8 @@ def pair_table(
             else:
                 cells.append("not evaluated")
         lines.append(
-            f"| {site} | {s.task} | {s.horizon if s.horizon is not None else '-'} | {held.rows} | {held.subjects} | "
-            f"{held.positives} | " + " | ".join(cells) + f" | {s.withheld or ''} |"
+            f"| {site} | {s.task} | {s.horizon if s.horizon is not None else '-'} | {n(held.rows)} | "
+            f"{n(held.subjects)} | {n(held.positives)} | " + " | ".join(cells) + f" | {s.withheld or ''} |"
         )
     return "\n".join(lines)
 
