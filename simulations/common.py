@@ -18,11 +18,12 @@ from healthfm_core.data.aces_tasks import TASK_DIR
 from healthfm_core.data.meds_dev_tasks import with_dataset
 from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.synthetic import ScenarioConfig, synthetic_sites
-from healthfm_core.data.task_spec import resolve_tasks, runner_tasks
+from healthfm_core.data.task_spec import SITE_PREFIX, TaskSpec, resolve_tasks, runner_tasks
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
 from healthfm_core.eval.runner import EvalSet, build_eval_set
+from healthfm_core.federation import EvalConfig
 from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger("healthfm.simulations")
@@ -111,6 +112,21 @@ def task_entries(cfg: DictConfig) -> list[str] | None:
     return with_dataset(entries, cfg.get("dataset"))
 
 
+def job_task_specs(cfg: DictConfig, legacy: Sequence[str]) -> list[TaskSpec]:
+    """The job's tasks as the federation's evaluation resolves them (resolve_tasks): `tasks=`;
+    unset, the ACES configs of configs/tasks/ on your own sites and the built-in synthetic task
+    names `legacy` on synthetic sites (onset_t2d_365d: configs/tasks/t2d.yaml at 365 days)."""
+    entries = task_entries(cfg)
+    if entries is None:
+        entries = [p.stem for p in sorted(TASK_DIR.glob("*.yaml"))] if cfg.get("site_roots") else list(legacy)
+    return resolve_tasks(entries)
+
+
+def site_labelled(specs: Sequence[TaskSpec]) -> list[str]:
+    """The `site:<name>` tasks among specs (labels only the sites hold), as entries."""
+    return [f"{SITE_PREFIX}{s.name}" for s in specs if s.kind == "site"]
+
+
 def job_tasks(cfg: DictConfig, legacy: Sequence[str]) -> dict[str, Task]:
     """The tasks a job's own evaluation probes, by key: `tasks=` resolved (ACES, one per horizon);
     unset, the ACES configs of configs/tasks/ on your own sites, and the built-in synthetic
@@ -119,27 +135,39 @@ def job_tasks(cfg: DictConfig, legacy: Sequence[str]) -> dict[str, Task]:
     entries = task_entries(cfg)
     if entries is None and not cfg.get("site_roots"):
         return {k: TASKS[k] for k in legacy}
-    if entries is None:
-        entries = [p.stem for p in sorted(TASK_DIR.glob("*.yaml"))]
-    specs = resolve_tasks(entries)
-    if site_only := [s.name for s in specs if s.kind == "site"]:
+    specs = job_task_specs(cfg, legacy)
+    if site_only := site_labelled(specs):
         log.info("tasks %s: site-supplied labels, evaluated only in the federation's evaluation", site_only)
     return runner_tasks(specs)
+
+
+def site_eval_rows_per_subject(cfg: DictConfig) -> int:
+    """`eval.n_per_subject`, or (null) the sites' own evaluation's (EvalConfig.n_per_subject): the
+    cap on a subject's ACES rows per task key, so that a report scores the rows the run's in-site
+    evaluation scores for the same site, task and split."""
+    value = cfg.eval.get("n_per_subject")
+    return int(EvalConfig.model_fields["n_per_subject"].default if value is None else value)
 
 
 def onset_eval_data(
     cfg: DictConfig, sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences]
 ) -> dict[str, EvalSet]:
     """The per-site evaluation rows of the onset tasks (`tasks=`, else `eval.onset_tasks`: "all"
-    or names of the built-in synthetic tasks), one EvalSet per site (compare.split_sites)."""
+    or names of the built-in synthetic tasks), one EvalSet per site (compare.split_sites). The
+    rows are those a site's evaluation labels (site_eval.task_labels_at_site): the tasks resolved
+    as the federation resolves them (synthetic names to their ACES configs), ACES's rows capped
+    per subject by cap_rows_per_subject with the same cap (site_eval_rows_per_subject) and seed."""
     onset = (
         [k for k, t in TASKS.items() if isinstance(t, OnsetTask)]
         if cfg.eval.onset_tasks == "all"
         else list(cfg.eval.onset_tasks)
     )
-    tasks = {k: t for k, t in job_tasks(cfg, onset).items() if isinstance(t, OnsetTask)}
+    tasks = {k: t for k, t in runner_tasks(job_task_specs(cfg, onset)).items() if isinstance(t, OnsetTask)}
     data = build_eval_set(
-        {n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject), seed=int(cfg.seed)
+        {n: (sites[n], seqs[n]) for n in sites},
+        tasks,
+        n_per_subject=site_eval_rows_per_subject(cfg),
+        seed=int(cfg.seed),
     )
     return compare.split_sites(data)
 

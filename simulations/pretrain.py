@@ -34,13 +34,14 @@ from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import oracle_risk
+from healthfm_core.data.task_spec import resolve_tasks
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task
 from healthfm_core.data.token_settings import TokenSettings
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
 from healthfm_core.eval import plots
 from healthfm_core.eval.metrics import PairedDifference
-from healthfm_core.eval.report import results_table, write_report
+from healthfm_core.eval.report import ResultRow, results_table, write_report
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
@@ -64,7 +65,7 @@ from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import curriculum_weights
 from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
-from simulations.common import Clock, job_tasks, open_sites
+from simulations.common import Clock, job_tasks, open_sites, site_labelled, task_entries
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
 
 log = logging.getLogger("healthfm.simulations.pretrain")
@@ -422,6 +423,16 @@ def _fmt(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{x:.3f}"
 
 
+def wins_line(rows: Sequence[ResultRow], method: str, other: str, min_positives: int) -> str:
+    """ "<method> beats <other> on w of n pairs", or, when they share no pair, that they share none."""
+    w, n = wins(rows, method, other)
+    if n == 0:
+        return (
+            f"{method} and {other} share no task/horizon pair with >= {min_positives} held_out positives: not compared."
+        )
+    return f"{method} beats {other} on {w} of {n} task/horizon pairs."
+
+
 NOTES_DOC = "docs/researcher.md"  # what the numbers below mean
 
 
@@ -470,10 +481,15 @@ def summary_notes(
             vals = [h[key] for h in part if key == "total" or h[key] != 0.0]
             return float(np.mean(vals)) if vals else float("nan")
 
+        # An objective with no data in the whole run (the wearable losses at EHR-only sites) is named, not shown as n/a.
+        empty = [k for k in keys if not np.isfinite(mean_present(history, k))]
         notes.append(
             f"Pretraining losses (mean of the first -> last {window} steps that have each loss): "
-            + ", ".join(f"{k} {_fmt(mean_present(first, k))} -> {_fmt(mean_present(tail, k))}" for k in keys)
+            + ", ".join(
+                f"{k} {_fmt(mean_present(first, k))} -> {_fmt(mean_present(tail, k))}" for k in keys if k not in empty
+            )
             + "."
+            + (f" No data in this run for: {', '.join(empty)}." if empty else "")
         )
         rates = model.decay_rate_summary()
         if rates:
@@ -483,12 +499,20 @@ def summary_notes(
                 f"{rates['timescale_max_days']:.3g} days), {rates['rate_at_bound_fraction']:.0%} at a bound."
             )
     notes.append("## Summary")
-    notes.append(
-        f"Mean held_out AUROC over the pairs with >= {k} held_out positives that every method has: "
-        + ", ".join(f"{m} {_fmt(v)}" for m, v in sorted(means.items()))
-        + "."
-    )
+    means = {m: v for m, v in means.items() if np.isfinite(v)}
+    if means:
+        notes.append(
+            f"Mean held_out AUROC over the pairs with >= {k} held_out positives that every method has: "
+            + ", ".join(f"{m} {_fmt(v)}" for m, v in sorted(means.items()))
+            + "."
+        )
+    else:
+        notes.append(
+            f"No (task, horizon) pair has >= {k} held_out positives for every method (eval.summary_min_positives), "
+            "so no mean is given: the table below has each pair's rows, positives and interval."
+        )
     tuning_means = mean_auroc([r for res in tuning.values() for r in res.rows if r.n_pos >= k])
+    tuning_means = {m: v for m, v in tuning_means.items() if np.isfinite(v)}
     if tuning_means:
         notes.append(
             "The same probes scored on tuning: "
@@ -497,8 +521,7 @@ def summary_notes(
         )
     for name in differences:
         method, other = name.split(" - ")
-        w, n = wins(rows, method, other)
-        notes.append(f"{method} beats {other} on {w} of {n} task/horizon pairs.")
+        notes.append(wins_line(rows, method, other, k))
     if differences:
         notes.append("Paired AUROC differences on the same held_out rows (subject bootstrap shared by all pairs):")
         notes += difference_lines(differences)
@@ -513,6 +536,8 @@ def summary_notes(
         notes.append(
             f"The oracle (true risk) is above pretrained on {w} of {n} pairs; mean gap "
             f"{_fmt(means.get('oracle', np.nan) - means.get('pretrained', np.nan))}."
+            if n
+            else f"No pair with >= {k} held_out positives has both the oracle and pretrained: no gap to give."
         )
     if ablation is not None:
         spec = cfg.eval.modality_ablation
@@ -535,8 +560,7 @@ def summary_notes(
             )
             methods = sorted({r.method for r in shown}, key=len)
             for a in methods[1:]:
-                w, n = wins(shown, a, methods[0])
-                notes.append(f"{a.split(': ')[1]} beats {methods[0].split(': ')[1]} on {w} of {n} pairs.")
+                notes.append(wins_line(shown, a, methods[0], k).replace(f"{cohort}: ", ""))
             mine = {d: v for d, v in ablation.differences.items() if d.startswith(f"{cohort}:")}
             if mine:
                 notes += difference_lines(mine)
@@ -582,11 +606,26 @@ def results_json(
     )
 
 
+def refuse_site_labelled_tasks(cfg: DictConfig) -> None:
+    """`site:<name>` tasks have labels only inside each site (SITE_ROOT/tasks/<name>/), which a
+    pooled centralized job does not evaluate: refused before any work, naming them, rather than
+    left out of the report without a word."""
+    if (entries := task_entries(cfg)) is None:
+        return
+    if named := site_labelled(resolve_tasks(entries)):
+        raise ValueError(
+            f"tasks: {', '.join(named)}: site-labelled tasks are evaluated only by the sites themselves, in a "
+            "federation's evaluation (python -m simulations.run or simulations.report with the same tasks=); "
+            "simulations.pretrain pools the sites and has no such evaluation. Drop them from tasks= here."
+        )
+
+
 def run(cfg: DictConfig) -> Path:
     clock = Clock()
     torch.set_num_threads(int(cfg.threads))
     device = torch.device(cfg.device)
     out = Path(cfg.out_dir)
+    refuse_site_labelled_tasks(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     mcfg = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source=f"model={cfg.model.name}")
@@ -673,6 +712,10 @@ def run(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     refuse_unknown_overrides("pretrain")
+    try:
+        refuse_site_labelled_tasks(cfg)
+    except ValueError as err:
+        sys.exit(f"simulations.pretrain: {err}")  # one line, exit status 1
     report = run(cfg)
     print(report)
 

@@ -41,9 +41,10 @@ from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
-from healthfm_core.eval import compare
+from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
-from healthfm_core.eval.runner import MethodResult
+from healthfm_core.eval.report import auroc_cell
+from healthfm_core.eval.runner import EvalSet, MethodResult
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
@@ -55,8 +56,11 @@ from simulations.common import (
     Clock,
     clear_previous_runs,
     eval_settings,
+    job_task_specs,
     onset_eval_data,
     open_sites,
+    site_eval_rows_per_subject,
+    site_labelled,
     write_outputs,
 )
 from simulations.logs import setup_job_logging
@@ -236,23 +240,39 @@ def timing_table(timing: Mapping[int, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(ablation: Mapping[tuple[str, str, str], tuple[MethodResult, MethodResult]]) -> str:
+def ablation_table(
+    ablation: Mapping[tuple[str, str, str], tuple[MethodResult, MethodResult]],
+    statuses: Mapping[tuple[str, str], site_pairs.PairStatus],
+) -> str:
+    """One line per (site, modality, method, task, horizon): the held-out rows that have the
+    modality and their positives, the AUROC with and without it (each with its interval, or why
+    there is none) and the difference; a pair the sites withhold is listed as withheld."""
     lines = [
-        "| site | modality removed | method | rows with it | (task, horizon) pairs | mean AUROC with | mean AUROC without | difference |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| site | modality removed | method | task | horizon (d) | held-out rows with it | positives | "
+        "AUROC with [95% CI] | AUROC without [95% CI] | difference |",
+        "|---|---|---|---|---:|---:|---:|---|---|---:|",
     ]
     for (site, drop, method), (full, without) in sorted(ablation.items()):
-        a = {(r.task, r.horizon): r for r in full.rows if np.isfinite(r.auroc)}
-        b = {(r.task, r.horizon): r for r in without.rows if np.isfinite(r.auroc)}
-        common = sorted(set(a) & set(b), key=str)
-        if not common:
-            lines.append(f"| {site} | {drop} | {method} | - | 0 | - | - | - |")
-            continue
-        ma, mb = np.mean([a[k].auroc for k in common]), np.mean([b[k].auroc for k in common])
-        n = max(r.n for r in a.values())
-        lines.append(
-            f"| {site} | {drop} | {method} | {n} held-out | {len(common)} | {ma:.3f} | {mb:.3f} | {mb - ma:+.3f} |"
-        )
+        other = {(r.task, r.horizon): r for r in without.rows}
+        withheld = {(s.task, s.horizon): s.withheld for (st, _), s in statuses.items() if st == site and s.withheld}
+        head = f"| {site} | {drop} | {method} |"
+        for key, why in withheld.items():
+            lines.append(f"{head} {key[0]} | {key[1] if key[1] is not None else '-'} | - | - | {why} | withheld | - |")
+        shown = [r for r in full.rows if (r.task, r.horizon) not in withheld]
+        if not shown and not withheld:
+            why = "; ".join(f"{k}: {v}" for k, v in sorted(full.skipped.items())) or "no task scored"
+            lines.append(f"{head} - | - | - | - | not evaluated: {why} | - | - |")
+        for r in shown:
+            w = other.get((r.task, r.horizon))
+            diff = (
+                f"{w.auroc - r.auroc:+.3f}"
+                if w is not None and np.isfinite(w.auroc) and np.isfinite(r.auroc)
+                else "n/a"
+            )
+            lines.append(
+                f"{head} {r.task} | {r.horizon if r.horizon is not None else '-'} | {r.n} | {r.n_pos} | "
+                f"{auroc_cell(r)} | {auroc_cell(w) if w is not None else 'not evaluated'} | {diff} |"
+            )
     return "\n".join(lines)
 
 
@@ -307,6 +327,10 @@ def run(cfg: DictConfig) -> Path:
             seed=int(cfg.seed),
         ).items():
             per_site[name]["oracle"] = r
+    # The sites' privacy minimum, as their own evaluation applies it: a pair it withholds is
+    # shown as withheld (with min_report_subjects and its value), its scores in no table or mean.
+    statuses = site_pairs.pair_statuses(per_site_data, int(cfg.federation.site.min_report_subjects))
+    site_pairs.withhold(per_site, statuses)
     clock.lap("evaluation (per site, every onset task and horizon)")
 
     ablation: dict[tuple[str, str, str], tuple[MethodResult, MethodResult]] = {}
@@ -337,6 +361,8 @@ def run(cfg: DictConfig) -> Path:
         sites,
         setup,
         per_site,
+        per_site_data,
+        statuses,
         ablation,
         central_history,
         local_histories,
@@ -387,6 +413,8 @@ def write_comparison(
     sites: Mapping[str, Site],
     setup: FederationSetup,
     per_site: compare.PerSite,
+    per_site_data: Mapping[str, EvalSet],
+    statuses: Mapping[tuple[str, str], site_pairs.PairStatus],
     ablation: Mapping,
     central_history: list,
     local_histories: Mapping[str, list],
@@ -395,8 +423,10 @@ def write_comparison(
     privacy: list[str] | None = None,
 ) -> Path:
     methods = [m for m in METHODS if any(m in r for r in per_site.values())]
-    main_rows = compare.summarize(per_site, methods)
-    site_rows = compare.site_summary(per_site, methods)
+    min_positives = int(cfg.eval.summary_min_positives)
+    task_rows, not_summarized = site_pairs.task_summary(
+        per_site, per_site_data, statuses, methods, min_positives, n_boot=int(cfg.eval.n_boot), seed=int(cfg.seed)
+    )
     events = read_events(fed_dir / "rounds.jsonl")
     fed_curve, traffic, timing = federated_curves(events)
 
@@ -404,9 +434,9 @@ def write_comparison(
     curves = {"federated (per round)": fed_curve, "centralized (per step)": step_curve(central_history)}
     curves.update({f"local-only {s} (per step)": step_curve(h) for s, h in local_histories.items()})
     figs["Loss per objective"] = compare.loss_curves_plot(curves, out / "loss_curves.png")
-    if main_rows:
-        figs["Mean held-out AUROC and ECE per horizon"] = compare.summary_plot(
-            main_rows, out / "auroc_ece_by_horizon.png"
+    if task_rows:
+        figs["Held-out AUROC per task (mean over sites, 95% subject-bootstrap CI)"] = compare.task_auroc_plot(
+            task_rows, out / "auroc_by_task.png"
         )
     if traffic:
         figs["Bytes per site per round"] = compare.bytes_plot(traffic, out / "bytes_per_round.png")
@@ -421,8 +451,10 @@ def write_comparison(
     evaluation = (
         json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
     )
+    oracle = "oracle" in methods
+    site_only = site_labelled(job_task_specs(cfg, []))
     lines = [
-        f"# HealthFM: federated vs centralized vs local-only vs oracle (model {setup.model.name})",
+        f"# HealthFM: {' vs '.join(methods)} (model {setup.model.name})",
         "",
         f"Wall time {clock.total / 60:.1f} min on {torch.get_num_threads()} torch thread(s) here, Ray with "
         f"{cfg.ray.num_cpus} CPUs: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items()) + ".",
@@ -445,16 +477,52 @@ def write_comparison(
         f"its own groups (others stay at the initialisation).",
         "",
         "Evaluation: for each site, frozen linear probes fitted on the site's train rows (C from its tuning rows) "
-        "and scored on its held_out rows, per new-onset task and horizon; the oracle scores the generator's true "
-        "risk on the same held_out rows. Means are over the (site, task) pairs every method has.",
+        "and scored on its held_out rows, per new-onset task and horizon"
+        + ("; the oracle scores the generator's true risk on the same held_out rows" if oracle else "")
+        + f". The rows are those the sites' own evaluation labels (ACES's rows, at most "
+        f"{site_eval_rows_per_subject(cfg)} per subject and task, seed {cfg.seed}). Intervals are 95% subject "
+        "bootstrap intervals on the same rows; where one is undefined (a single class, or fewer than 2 subjects "
+        "with a positive) the table says why. A pair the sites' privacy minimum withholds "
+        f"(federation.site.{site_pairs.PRIVACY_KEY}={cfg.federation.site.min_report_subjects} subjects per split, "
+        "and both classes in train and held_out) is listed as withheld and counted in no mean."
+        + (
+            f" The run's in-site evaluation scored a subject sample (federation.eval_max_subjects="
+            f"{fed.eval_max_subjects} per split), so its rows are those of the sampled subjects among these."
+            if int(fed.get("eval_max_subjects") or 0)
+            else ""
+        ),
+        *(
+            [
+                "",
+                "Site-labelled tasks ("
+                + ", ".join(site_only)
+                + ") are evaluated only by the sites themselves: see the federated evaluation inside the run below.",
+            ]
+            if site_only
+            else []
+        ),
         "",
-        "## Main table (mean over tasks and sites)",
+        "## Main table (per task: mean over the sites, 95% subject-bootstrap CI)",
         "",
-        compare.summary_table(main_rows) if main_rows else "No (site, task) pair was evaluated by every method.",
+        f"Sites count for a task where every method scored it and it has >= {min_positives} held-out positives "
+        "(eval.summary_min_positives).",
         "",
-        "## Per site (mean AUROC over tasks per horizon; mean ECE over tasks and horizons)",
+        site_pairs.task_table(task_rows, not_summarized),
+        *(
+            [
+                "",
+                "Every (site, task) pair is withheld by the sites' rule (each line below says why: fewer than "
+                f"federation.site.{site_pairs.PRIVACY_KEY}={cfg.federation.site.min_report_subjects} subjects in a "
+                "split, or a single class). In a small simulation, lower the minimum (e.g. "
+                f"federation.site.{site_pairs.PRIVACY_KEY}=2) or add subjects.",
+            ]
+            if statuses and all(s.withheld for s in statuses.values())
+            else []
+        ),
         "",
-        compare.site_table(site_rows),
+        "## Per site and task (held-out rows and positives; AUROC [95% CI] per method)",
+        "",
+        site_pairs.pair_table(per_site, statuses, methods),
         "",
         "## Missing modalities",
         "",
@@ -462,7 +530,7 @@ def write_comparison(
         "that modality removed from the input (runner.restrict_modalities); each condition fits its own probe "
         "on the same site's train rows.",
         "",
-        ablation_table(ablation) if ablation else "No site had enough rows with a non-EHR modality.",
+        ablation_table(ablation, statuses) if ablation else "No site had enough rows with a non-EHR modality.",
         "",
         "## Federation: bytes per site per round (MB sent to the site / received from it)",
         "",
@@ -484,13 +552,8 @@ def write_comparison(
         *(privacy or ["Not run in this report."]),
     ]
     if evaluation:
-        agg = evaluation.get("aggregated", {})
-        lines += [
-            "",
-            "Federated evaluation inside the run (sites report held-out metrics; n-weighted means): "
-            + ", ".join(f"{k[: -len('.auroc')]} {v:.3f}" for k, v in agg.items() if k.endswith(".auroc"))
-            + ".",
-        ]
+        # Per site, with positives and intervals: a mean over sites would weigh a site's AUROC on
+        # one held-out positive like any other.
         keys, replies, asked = replies_from_event(evaluation)
         lines += [
             "",
@@ -504,12 +567,14 @@ def write_comparison(
     skipped = {
         f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()
     }
-    if skipped:
+    # Withheld pairs have their line and reason in the per-site table; the rest are listed here.
+    others = {k: v for k, v in skipped.items() if not v.startswith("withheld")}
+    if others:
         lines += [
             "",
-            f"Not evaluated ({len(skipped)} site/method/task): "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())[:40])
-            + (" ..." if len(skipped) > 40 else ""),
+            f"Not evaluated ({len(others)} site/method/task): "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(others.items())[:40])
+            + (" ..." if len(others) > 40 else ""),
         ]
     lines += ["", "## Plots", ""]
     for caption, path in figs.items():
@@ -521,8 +586,9 @@ def write_comparison(
     ]
 
     dump = {
-        "main": [r.model_dump() for r in main_rows],
-        "per_site": {s: [r.model_dump() for r in rows] for s, rows in site_rows.items()},
+        "main": [r.model_dump() for r in task_rows],
+        "main_not_summarized": not_summarized,
+        "pairs": [s.model_dump() for s in statuses.values()],
         "rows": {
             s: {m: [r.model_dump() for r in res.rows] for m, res in methods_.items()}
             for s, methods_ in per_site.items()

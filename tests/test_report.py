@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.eval import compare
+from healthfm_core.eval.outcomes import replies_from_event
 from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.runner import MethodResult
+from healthfm_core.federation import SMALL_CELL
 from server.runlog import read_events
 from simulations import demo
 from simulations.report import METHODS, prepare_out_dir
@@ -82,7 +85,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "n_subjects=60",
             f"data_dir={out / 'data'}",
             "eval.n_boot=20",
-            "eval.n_per_subject=4",
+            "eval.summary_min_positives=1",
             "progress=false",
             "federation.vocab_min_subjects=5",
             "federation.site.min_code_subjects=5",
@@ -94,32 +97,66 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "run"
 
 
-def test_report_compares_every_method_per_site_and_horizon(demo_run: Path) -> None:
+def test_report_compares_every_method_per_site_and_task(demo_run: Path) -> None:
     report = (demo_run / "report.md").read_text()
     data = json.loads((demo_run / "comparison.json").read_text())
-    # Main table: every method at every horizon it reports, over the same pairs.
-    main = [(r["method"], r["horizon"], r["pairs"]) for r in data["main"]]
-    horizons = sorted({h for _, h, _ in main})
-    assert horizons, "no horizon evaluated by every method"
-    for h in horizons:
-        mine = [(m, p) for m, hh, p in main if hh == h]
+    # Main table: per task (never averaged across tasks), every method over the same sites.
+    main = [(r["key"], r["method"], r["sites"]) for r in data["main"]]
+    keys = sorted({k for k, _, _ in main})
+    assert keys, "no task evaluated by every method"
+    for key in keys:
+        mine = [(m, n) for k, m, n in main if k == key]
         assert [m for m, _ in mine] == list(METHODS)
-        assert len({p for _, p in mine}) == 1
-    for method in METHODS:
-        assert re.search(rf"^\| {re.escape(method)} \| \d+ \| \d\.\d{{3}} \|", report, re.M), method
-    # Per site: the three trained regimes see the same rows and labels, so they evaluate exactly the
-    # same (task, horizon) pairs; the oracle scores those pairs too.
+        assert len({n for _, n in mine}) == 1
+    for r in data["main"]:  # an interval is defined and proper, or undefined with its reason
+        lo, hi = r["auroc_ci"]
+        assert (lo < hi and r["auroc_ci_undefined"] is None) or r["auroc_ci_undefined"]
+    assert "[0.000, 0.000]" not in report and "[1.000, 1.000]" not in report
+    # Per site: every site and task keeps its line, with held-out rows and positives; the three
+    # trained regimes see the same rows and labels, so they evaluate the same (task, horizon) pairs.
     assert set(data["rows"]) == set(SITES)
+    pairs = {(p["site"], p["key"]): p for p in data["pairs"]}
+    assert {s for s, _ in pairs} == set(SITES)
     for site in SITES:
-        keys = {m: {(r["task"], r["horizon"]) for r in data["rows"][site].get(m, [])} for m in METHODS}
-        assert keys["federated"] == keys["centralized"] == keys["local-only"], site
-        assert keys["federated"] <= keys["oracle"], site
-        for method in METHODS:
-            assert f"| {site} | {method} |" in report
-    for png in ("loss_curves.png", "auroc_ece_by_horizon.png", "bytes_per_round.png", "round_time_split.png"):
+        got = {m: {(r["task"], r["horizon"]) for r in data["rows"][site].get(m, [])} for m in METHODS}
+        assert got["federated"] == got["centralized"] == got["local-only"], site
+        assert got["federated"] <= got["oracle"], site
+        assert re.search(rf"^\| {site} \| \w+ \| \d+ \| <?\d+ \| <?\d+ \| <?\d+ \|", report, re.M), site
+    for p in pairs.values():  # a withheld pair names the privacy minimum and has no score anywhere
+        if p["withheld"]:
+            assert "min_report_subjects=2" in p["withheld"]
+            for m in METHODS:
+                task = (p["task"], p["horizon"])
+                assert task not in {(r["task"], r["horizon"]) for r in data["rows"][p["site"]].get(m, [])}
+    _matches_the_runs_own_evaluation(demo_run)
+    for png in ("loss_curves.png", "auroc_by_task.png", "bytes_per_round.png", "round_time_split.png"):
         blob = (demo_run / png).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000, png
         assert f"]({png})" in report
+
+
+def _matches_the_runs_own_evaluation(run: Path) -> int:
+    """The report's federated scores of each (site, task) equal the sites' own evaluation inside
+    the run (same rows, same probe): held-out rows, positives and AUROC; a pair the sites gave a
+    reason for is withheld in the report. Returns the number of pairs compared."""
+    data = json.loads((run / "comparison.json").read_text())
+    keys, replies, _ = replies_from_event(json.loads((run / "federation" / "evaluation.json").read_text()))
+    rows = {
+        (s, r["task"], r["horizon"]): r for s, methods in data["rows"].items() for r in methods.get("federated", [])
+    }
+    pairs = {(p["site"], p["key"]): p for p in data["pairs"]}
+    compared = 0
+    for site, reply in replies.items():
+        for key, m in reply.tasks.items():
+            task, horizon = key.rsplit("_", 1)
+            r = rows[(site, task, int(horizon.removesuffix("d")))]
+            assert r["n"] == m.n and r["auroc"] == pytest.approx(m.auroc, abs=1e-6), (site, key)
+            assert m.positives in (r["n_pos"], SMALL_CELL), (site, key)
+            compared += 1
+        for key in reply.reasons:
+            if (site, key) in pairs:
+                assert pairs[(site, key)]["withheld"], (site, key)
+    return compared
 
 
 def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
@@ -156,3 +193,39 @@ def test_a_foreign_output_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "federation").mkdir()
     with pytest.raises(FileExistsError, match="not a previous report run"):
         prepare_out_dir(tmp_path)
+
+
+@pytest.mark.slow  # a second federation and both baselines on EHR-only sites (~2-3 min on 2 cores)
+def test_ehr_only_sites_without_truth_get_no_oracle(tmp_path: Path) -> None:
+    """Real data's shape: EHR-only MEDS roots given as site_roots, no truth/ folder. The report
+    speaks of no oracle or true risk, and every site keeps its per-site lines."""
+    generate_federation(tmp_path / "data", scenario="mimic", seed=0, n_subjects=60, progress=False)
+    roots = sorted(p for p in (tmp_path / "data" / "sites").iterdir() if p.is_dir())
+    rc = demo.main(
+        [
+            "--out",
+            str(tmp_path / "run"),
+            "--rounds",
+            "1",
+            "--local-steps",
+            "2",
+            f"site_roots=[{','.join(str(r) for r in roots)}]",
+            "task_list=[t2d]",
+            "eval.n_boot=20",
+            "eval.missing_modality=[]",
+            "progress=false",
+            "federation.vocab_min_subjects=5",
+            "federation.site.min_code_subjects=5",
+            "federation.site.min_report_subjects=2",
+        ]
+    )
+    assert rc == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "oracle" not in report.lower() and "true risk" not in report.lower()
+    data = json.loads((tmp_path / "run" / "comparison.json").read_text())
+    assert all("oracle" not in methods for methods in data["rows"].values())
+    assert {p["site"] for p in data["pairs"]} == {r.name for r in roots}
+    for site in (r.name for r in roots):
+        assert f"| {site} | onset_t2d |" in report
+    assert "...that every method has: ." not in report and "on 0 of 0" not in report
+    assert _matches_the_runs_own_evaluation(tmp_path / "run") > 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import matplotlib
 
@@ -49,6 +50,16 @@ log = logging.getLogger(__name__)
 
 # site -> method -> result
 PerSite = dict[str, dict[str, MethodResult]]
+
+
+class TaskAurocPoint(Protocol):
+    """What task_auroc_plot draws (site_pairs.TaskSummaryRow has it)."""
+
+    method: str
+    task: str
+    horizon: int | None
+    auroc: float
+    auroc_ci: tuple[float, float]
 
 
 def split_sites(data: EvalSet) -> dict[str, EvalSet]:
@@ -326,6 +337,45 @@ def summary_plot(rows: Sequence[SummaryRow], path, title: str = "Held-out AUROC 
     return save_figure(fig, path)
 
 
+def task_auroc_plot(rows: Sequence[TaskAurocPoint], path, title: str = "Held-out AUROC per task (95% CI)"):
+    """One column per task and horizon, one marker per method (mean AUROC over the sites) with
+    its interval drawn from its ends (a percentile interval need not contain the point); a method
+    whose interval is undefined has its marker hollow and no bar."""
+    labels = list(dict.fromkeys(f"{r.task} {r.horizon} d" if r.horizon is not None else r.task for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    if not labels:
+        raise ValueError(f"{title}: no task to plot")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * max(1, len(methods)) / 2), 4))
+    offsets = np.linspace(-0.25, 0.25, len(methods)) if len(methods) > 1 else [0.0]
+    for off, method in zip(offsets, methods):
+        color = None
+        for r in rows:
+            if r.method != method:
+                continue
+            x = labels.index(f"{r.task} {r.horizon} d" if r.horizon is not None else r.task) + off
+            lo, hi = r.auroc_ci
+            defined = bool(np.isfinite(lo) and np.isfinite(hi))
+            (pt,) = ax.plot(
+                [x],
+                [r.auroc],
+                "o",
+                color=color,
+                markerfacecolor=None if defined else "none",
+                label=method if color is None else None,
+            )
+            color = pt.get_color()
+            if defined:
+                ax.vlines([x], [lo], [hi], color=color)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
+    ax.set_ylabel("mean held-out AUROC over sites")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize="small")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def loss_curves_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path, title: str = "Pretraining losses"):
     """One panel per objective; each curve is a list of records with "progress" (fraction of
     the run's optimisation budget, 0..1) and one value per objective. Objectives a curve never
@@ -431,5 +481,6 @@ __all__ = [
     "summarize",
     "summary_plot",
     "summary_table",
+    "task_auroc_plot",
     "time_split_plot",
 ]

@@ -204,6 +204,43 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
+MIN_INTERVAL_SUBJECTS = 2  # per class: with one positive subject every resample holds the same positive
+
+
+def auroc_interval(
+    y: np.ndarray,
+    p: np.ndarray,
+    n_boot: int,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    alpha: float = 0.05,
+) -> tuple[tuple[float, float], str | None]:
+    """The subject-bootstrap interval of the AUROC (bootstrap_ci) and, when it is undefined, why:
+    a single class, fewer than MIN_INTERVAL_SUBJECTS subjects with a positive row (or with only
+    negative rows), or resamples that all give one value. Undefined is (NaN, NaN) with the reason,
+    never a zero-width interval: the stratified resamples keep a lone positive in every draw, so
+    its AUROC (0 or 1 on a handful of rows) would come back as [0, 0] or [1, 1]."""
+    nan2 = (float("nan"), float("nan"))
+    y = np.asarray(y, dtype=bool)
+    if len(y) == 0:
+        return nan2, "no rows"
+    _, has_pos = group_index(np.arange(len(y)) if groups is None else np.asarray(groups), y)
+    pos, neg = int(has_pos.sum()), int((~has_pos).sum())
+    unit = "row" if groups is None else "subject"
+    if pos == 0 or neg == 0:
+        return nan2, f"a single class ({int(y.sum())} positives among {len(y)} rows)"
+    if min(pos, neg) < MIN_INTERVAL_SUBJECTS:
+        return nan2, (
+            f"{pos} {unit}(s) with a positive, {neg} without: an interval needs {MIN_INTERVAL_SUBJECTS} of each"
+        )
+    lo, hi = bootstrap_ci(auroc, y, p, n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return nan2, "no resample had both classes"
+    if lo == hi:
+        return nan2, f"all {n_boot} resamples gave AUROC {lo:.3f}: too few subjects for an interval"
+    return (lo, hi), None
+
+
 class PairedDifference(BaseModel):
     """Mean over tasks of metric(a) - metric(b) on the same rows, with a bootstrap interval."""
 

@@ -515,8 +515,7 @@ def binary_row(
     groups: np.ndarray | None = None,
 ) -> ResultRow:
     is_prob = bool((p >= 0).all() and (p <= 1).all())
-    both = bool(y.any() and (~y).any())
-    nan2 = (float("nan"), float("nan"))
+    ci, undefined = M.auroc_interval(y, p, n_boot=n_boot, seed=seed, groups=groups)
     return ResultRow(
         method=method,
         task=task,
@@ -524,7 +523,8 @@ def binary_row(
         n=len(y),
         n_pos=int(y.sum()),
         auroc=float(M.auroc(y, p)),
-        auroc_ci=M.bootstrap_ci(M.auroc, y, p, n_boot=n_boot, seed=seed, groups=groups) if both else nan2,
+        auroc_ci=ci,
+        auroc_ci_undefined=undefined,
         auprc=float(M.average_precision(y, p)),
         ece=float(M.expected_calibration_error(y, p)) if is_prob else float("nan"),
         brier=float(M.brier_score(y, p)) if is_prob else float("nan"),

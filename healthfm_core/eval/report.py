@@ -26,6 +26,8 @@ class ResultRow(BaseModel):
     auprc: float
     ece: float
     brier: float
+    # Why auroc_ci is (NaN, NaN) when it is: metrics.auroc_interval's reason (one class, too few subjects).
+    auroc_ci_undefined: str | None = None
 
 
 class RegressionRow(BaseModel):
@@ -45,8 +47,15 @@ def _f(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _ci(ci: tuple[float, float]) -> str:
-    return "n/a" if any(math.isnan(v) for v in ci) else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+def _ci(ci: tuple[float, float], why: str | None = None) -> str:
+    if any(math.isnan(v) for v in ci):
+        return f"undefined: {why}" if why else "n/a"
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def auroc_cell(r: ResultRow) -> str:
+    """AUROC with its interval, or with the reason its interval is undefined (one table cell)."""
+    return f"{_f(r.auroc)} {_ci(r.auroc_ci, r.auroc_ci_undefined)}"
 
 
 def results_table(rows: Sequence[ResultRow]) -> str:
@@ -58,7 +67,7 @@ def results_table(rows: Sequence[ResultRow]) -> str:
     for r in sorted(rows, key=lambda r: (r.task, r.horizon if r.horizon is not None else -1, r.method)):
         lines.append(
             f"| {r.task} | {r.horizon if r.horizon is not None else '-'} | {r.method} | {r.n} | {r.n_pos} "
-            f"| {_f(r.auroc)} | {_ci(r.auroc_ci)} | {_f(r.auprc)} | {_f(r.ece)} | {_f(r.brier)} |"
+            f"| {_f(r.auroc)} | {_ci(r.auroc_ci, r.auroc_ci_undefined)} | {_f(r.auprc)} | {_f(r.ece)} | {_f(r.brier)} |"
         )
     return "\n".join(lines)
 
