@@ -235,14 +235,12 @@ def positives_over_sites(task: str, per_site: dict[str, EvalReply]) -> str:
     counts = [m.positives for r in per_site.values() if (m := r.tasks.get(task)) is not None and m.auroc is not None]
     if not counts:
         return "-"
-    known = sum(c for c in counts if c is not None and c != SMALL_CELL)
+    said = [c for c in counts if c is not None and c != SMALL_CELL]
     hidden = sum(c == SMALL_CELL for c in counts)
     unsaid = sum(c is None for c in counts)
-    return (
-        str(known)
-        + (f" + <min at {hidden} site(s)" if hidden else "")
-        + (f" + not reported by {unsaid} site(s)" if unsaid else "")
-    )
+    parts = ([str(sum(said))] if said else []) + [f"<min at {hidden} site(s)"] * bool(hidden)
+    parts += [f"not reported by {unsaid} site(s)"] * bool(unsaid)
+    return " + ".join(parts)
 
 
 def forest_points(

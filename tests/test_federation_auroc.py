@@ -271,8 +271,8 @@ def test_the_summary_shows_every_site_its_reason_and_the_pooled_auroc(tmp_path: 
     row = next(line for line in fed.splitlines() if line.startswith("| t2d_365d"))
     assert f"{expected.auroc:.3f} [{expected.low:.3f}, {expected.high:.3f}]" in row
     assert "| 2 of 6 | 600 |" in row and f"{expected.binning_bound:.3f}" in row
-    assert "c: histogram withheld: fewer held-out positives than the site's min_report_subjects" in row
-    assert "d: no metric: too few subjects (minimum 10 subjects per split)" in row
+    assert "c: histogram withheld: fewer held-out positives than the site's minimum" in row
+    assert "d: no metric: too few subjects (minimum 10 subjects per split, min_report_subjects" in row
     assert "e: no evaluation reply from this site: not connected to the SuperLink" in row
     assert "f: no evaluation reply from this site: did not accept the run's setup in round 0" in row
     per = summary.split("### Per site and task")[1]

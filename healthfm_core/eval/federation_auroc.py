@@ -14,10 +14,13 @@ from healthfm_core.data.task_spec import TaskSpec
 from healthfm_core.eval.pooled_auroc import cells_of, pooled_auroc
 from healthfm_core.federation import EvalReply
 
-# The site's minimum behind a histogram is its min_report_subjects (site_eval.py).
+# The minimum behind a histogram is the stricter of the site's min_report_subjects and
+# min_report_positives (site_eval.py).
 _WITHHELD_TEXT = {
-    "positives_below_minimum": "histogram withheld: fewer held-out positives than the site's min_report_subjects",
-    "negatives_below_minimum": "histogram withheld: fewer held-out negatives than the site's min_report_subjects",
+    "positives_below_minimum": "histogram withheld: fewer held-out positives than the site's minimum "
+    "(min_report_subjects, min_report_positives)",
+    "negatives_below_minimum": "histogram withheld: fewer held-out negatives than the site's minimum "
+    "(min_report_subjects, min_report_positives)",
 }
 
 
