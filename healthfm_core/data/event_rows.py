@@ -148,18 +148,22 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
         prs_trait = np.full(len(prs_rows), -1, np.int64)
     is_birth = (entry_birth[row_entry] if n else np.zeros(0, bool)) & timed
     return EventRows(
-        t_sub,
-        t_time,
-        *t_cols,
-        s_sub,
-        *s_cols,
-        subject[prs_rows],
-        prs_trait,
-        raw[prs_rows],
-        timed[prs_rows],
-        subject[is_birth],
-        time_us[is_birth],
-        n,
+        t_subject=t_sub,
+        t_time_us=t_time,
+        t_codes=t_cols[0],
+        t_values=t_cols[1],
+        t_has_value=t_cols[2],
+        s_subject=s_sub,
+        s_codes=s_cols[0],
+        s_values=s_cols[1],
+        s_has_value=s_cols[2],
+        prs_subject=subject[prs_rows],
+        prs_trait=prs_trait,
+        prs_raw=raw[prs_rows],
+        prs_timed=timed[prs_rows],
+        birth_subject=subject[is_birth],
+        birth_time_us=time_us[is_birth],
+        n_rows=n,
     )
 
 
