@@ -76,8 +76,8 @@ def sorted_code_slots(
         raise ValueError("sorted_code_slots: rows are not sorted by token")
     rank = code_rank(priority)
     # Chunk bounds at token starts, about chunk_rows apart (a token never straddles two).
-    starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])
-    cuts = np.unique(np.r_[starts[np.searchsorted(starts, np.arange(0, n, max(1, chunk_rows)))], n])
+    bounds = np.r_[np.flatnonzero(np.r_[True, token[1:] != token[:-1]]), n]
+    cuts = np.unique(np.r_[bounds[np.searchsorted(bounds, np.arange(0, n, max(1, chunk_rows)))], n])
     kept_parts = []
     for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
         kept_parts.append(a + _chunk_kept(token[a:b], codes[a:b], values[a:b], has_value[a:b], time_us[a:b], rank))
