@@ -178,26 +178,54 @@ def _by_subject_runs(subject: np.ndarray) -> np.ndarray | None:
     return ranges(starts[run_order], stops[run_order])[2]
 
 
+def _part_order(subjects: list[np.ndarray]) -> list[int] | None:
+    """Order of the parts (each sorted by subject) whose concatenation is sorted by subject, when
+    their subjects do not overlap (shards by subject, named in any order); None when they do."""
+    full = [i for i, s in enumerate(subjects) if len(s)]
+    order = sorted(full, key=lambda i: int(subjects[i][0]))
+    for i, j in zip(order[:-1], order[1:]):
+        if subjects[i][-1] >= subjects[j][0]:
+            return None
+    return order + [i for i, s in enumerate(subjects) if not len(s)]
+
+
+def _merge_kind(parts: list[EventRows], names: list[str]) -> dict[str, np.ndarray]:
+    """Concatenate one kind of rows (timed or static; names[0] its subject column) of every part
+    into subject order, releasing each part's column once it is copied."""
+    order = _part_order([getattr(p, names[0]) for p in parts])
+    out = {}
+    for name in names:
+        out[name] = np.concatenate([getattr(parts[i], name) for i in (order or range(len(parts)))])
+        for p in parts:
+            setattr(p, name, getattr(p, name)[:0])
+    if order is None:  # subjects overlap between shards: move their runs
+        perm = _by_subject_runs(out[names[0]])
+        if perm is not None:
+            out = {name: a[perm] for name, a in out.items()}
+    return out
+
+
+_TIMED = ["t_subject", "t_time_us", "t_codes", "t_values", "t_has_value"]
+_STATIC = ["s_subject", "s_codes", "s_values", "s_has_value"]
+
+
 def merge_rows(parts: list[EventRows]) -> EventRows:
-    """One EventRows of the shards' rows, in reading order (see the module docstring)."""
+    """One EventRows of the shards' rows, in reading order (see the module docstring). The parts
+    are consumed: their arrays are released as they are copied, so a site is held about once."""
     if len(parts) == 1:
         return parts[0]
-    cat = {f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(EventRows) if f.name != "n_rows"}
-    timed = ["t_subject", "t_time_us", "t_codes", "t_values", "t_has_value"]
-    order = _by_subject_runs(cat["t_subject"])
-    if order is not None:
-        for name in timed:
-            cat[name] = cat[name][order]
+    timed = _merge_kind(parts, _TIMED)
     # A subject in two shards whose times interleave: sort, stably (reading order kept in ties).
-    order = _by_subject_time(cat["t_subject"], cat["t_time_us"])
+    order = _by_subject_time(timed["t_subject"], timed["t_time_us"])
     if order is not None:
-        for name in timed:
-            cat[name] = cat[name][order]
-    order = _by_subject_runs(cat["s_subject"])
-    if order is not None:
-        for name in ("s_subject", "s_codes", "s_values", "s_has_value"):
-            cat[name] = cat[name][order]
-    return EventRows(**cat, n_rows=sum(p.n_rows for p in parts))
+        timed = {name: a[order] for name, a in timed.items()}
+    static = _merge_kind(parts, _STATIC)
+    rest = {
+        f.name: np.concatenate([getattr(p, f.name) for p in parts])
+        for f in fields(EventRows)
+        if f.name not in ("n_rows", *_TIMED, *_STATIC)
+    }
+    return EventRows(**timed, **static, **rest, n_rows=sum(p.n_rows for p in parts))
 
 
 __all__ = ["NO_TIME", "EventRows", "merge_rows", "shard_rows", "to_us", "us_arrow"]

@@ -79,10 +79,17 @@ DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
 _NO_TIME = NO_TIME  # int64 max: no time (static rows, subjects without one)
 
 
-def _dense_index(ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
-    """Position of each id in `sorted_unique` (O(n) for run-sorted ids)."""
-    runs, inverse = unique_inverse(ids)
-    return np.searchsorted(sorted_unique, runs)[inverse]
+def _run_offsets(sorted_ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """CSR offsets [len(sorted_unique) + 1] of ids sorted ascending (each id in sorted_unique):
+    one pass to find the runs, no per-row index."""
+    n = len(sorted_ids)
+    starts = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1 if n else np.zeros(0, np.int64)
+    starts = np.r_[0, starts] if n else starts
+    counts = np.zeros(len(sorted_unique), np.int64)
+    counts[np.searchsorted(sorted_unique, sorted_ids[starts])] = np.diff(np.r_[starts, n])
+    offsets = np.zeros(len(sorted_unique) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
 
 
 def _offsets(sorted_group: np.ndarray, n_groups: int) -> np.ndarray:
@@ -98,16 +105,19 @@ def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) 
     n = len(time_us)
     if n == 0:
         return np.zeros(0, np.int64)
-    new_subject = np.ones(n, dtype=bool)
-    new_subject[1:] = subject[1:] != subject[:-1]
+    new = np.ones(n, dtype=bool)
+    np.not_equal(subject[1:], subject[:-1], out=new[1:])
     if window_days > 0:
-        first = np.maximum.accumulate(np.where(new_subject, np.arange(n), 0))
-        key = (time_us - time_us[first]) // max(1, int(round(window_days * US_PER_DAY)))
+        # Each row's subject's first time, repeated over the subject's rows (one pass).
+        starts = np.flatnonzero(new)
+        key = time_us - np.repeat(time_us[starts], np.diff(np.r_[starts, n]))
+        key //= max(1, int(round(window_days * US_PER_DAY)))
     else:
         key = time_us
-    new = new_subject.copy()
     new[1:] |= key[1:] != key[:-1]
-    return np.cumsum(new) - 1
+    bucket = np.cumsum(new, dtype=np.int64)
+    bucket -= 1
+    return bucket
 
 
 def pool_token_rows(
@@ -260,8 +270,7 @@ class SiteSequences:
             log.warning("%d PRS rows carry a time; they are used as static", n_prs_timed)
 
         # ---- Timed events, sorted by (subject, time) (EventRows keeps them so), CSR offsets.
-        t_sub = _dense_index(rows.t_subject, self.subject_ids)
-        self.ev_offsets = _offsets(t_sub, n_subj)
+        self.ev_offsets = _run_offsets(rows.t_subject, self.subject_ids)
         self.ev_time_us = rows.t_time_us
         self.ev_codes = rows.t_codes
         self.ev_values = rows.t_values
@@ -269,17 +278,16 @@ class SiteSequences:
         self.token_window_days = self.tokens.token_window_days
         self.max_codes_per_token = self.tokens.max_codes_per_token
         self.ev_bucket = (
-            np.arange(len(t_sub), dtype=np.int64)
+            np.arange(len(rows.t_subject), dtype=np.int64)
             if self.per_event
-            else token_buckets(t_sub, rows.t_time_us, self.token_window_days)
+            else token_buckets(rows.t_subject, rows.t_time_us, self.token_window_days)
         )
-        del t_sub
         # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
         self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
         self.code_priority[N_SPECIAL_CODES:] = np.asarray(vocab.code_events, dtype=np.int64)
 
         # Static (non-PRS) rows, grouped by subject.
-        self.st_offsets = _offsets(_dense_index(rows.s_subject, self.subject_ids), n_subj)
+        self.st_offsets = _run_offsets(rows.s_subject, self.subject_ids)
         self.st_codes = rows.s_codes
         self.st_values = rows.s_values
         self.st_has_value = rows.s_has_value
