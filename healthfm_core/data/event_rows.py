@@ -60,7 +60,7 @@ class EventRows:
 
     t_subject: np.ndarray  # [timed] int64, sorted by (subject, time)
     t_time_us: np.ndarray  # [timed] int64
-    t_codes: np.ndarray  # [timed] int64 vocabulary ids
+    t_codes: np.ndarray  # [timed] int32 vocabulary ids
     t_values: np.ndarray  # [timed] float32 normalised (0 without a value)
     t_has_value: np.ndarray  # [timed] bool
     s_subject: np.ndarray  # [static] int64, grouped by subject (non-decreasing)
@@ -115,7 +115,8 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
     enc = pc.dictionary_encode(code)
     dictionary = enc.dictionary
     row_entry = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    ids = vocab.encode(dictionary)[row_entry] if n else np.zeros(0, np.int64)
+    # int32 ids: half the memory of a site's largest per-row column (a vocabulary is far smaller).
+    ids = vocab.encode(dictionary).astype(np.int32)[row_entry] if n else np.zeros(0, np.int32)
     entry_prs = pc.fill_null(pc.starts_with(dictionary, PRS_PREFIX), False).to_numpy(zero_copy_only=False)
     entry_birth = pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False)
     is_prs = entry_prs[row_entry] if n else np.zeros(0, bool)

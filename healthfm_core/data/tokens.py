@@ -168,10 +168,10 @@ class _PooledTokens:
     instead of pooling per sample."""
 
     offsets: np.ndarray  # [G + 1] entries of group g: offsets[g]:offsets[g + 1]
-    codes: np.ndarray  # [entries] int64, in slot order
+    codes: np.ndarray  # [entries] int32 vocabulary ids, in slot order
     values: np.ndarray  # [entries] float32
     has_value: np.ndarray  # [entries] bool
-    slot: np.ndarray  # [entries] int64
+    slot: np.ndarray  # [entries] int32
 
     @classmethod
     def build(
@@ -187,7 +187,7 @@ class _PooledTokens:
         kept, tk, slot = sorted_code_slots(group, codes, values, has_value, time_us, priority)
         offsets = np.zeros(n_groups + 1, np.int64)
         np.cumsum(np.bincount(tk, minlength=n_groups), out=offsets[1:])
-        return cls(offsets, codes[kept], values[kept], has_value[kept], slot)
+        return cls(offsets, codes[kept], values[kept], has_value[kept], slot.astype(np.int32))
 
 
 @dataclass
