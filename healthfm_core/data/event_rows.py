@@ -77,8 +77,11 @@ class EventRows:
 
 
 def _sorted_by(group: np.ndarray, time: np.ndarray) -> bool:
-    dg = np.diff(group)
-    return bool(np.all((dg > 0) | ((dg == 0) & (np.diff(time) >= 0))))
+    """Rows sorted by (group, time): comparisons only (no int64 differences to allocate)."""
+    g0, g1 = group[:-1], group[1:]
+    if np.any(g1 < g0):
+        return False
+    return not np.any((g1 == g0) & (time[1:] < time[:-1]))
 
 
 def _by_subject_time(subject: np.ndarray, time: np.ndarray) -> np.ndarray | None:
