@@ -54,13 +54,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from meds import birth_code as BIRTH_CODE
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.batch_gather import TokenSlices, gather_patches, gather_tokens, ranges, segment_searchsorted
+from healthfm_core.data.code_slots import code_slots, sorted_code_slots
 from healthfm_core.data.code_stats import unique_inverse
-from healthfm_core.data.layout import EPOCH_US, PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
+from healthfm_core.data.event_rows import EventRows, merge_rows, shard_rows, to_us, us_arrow
+from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike
 from healthfm_core.data.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
@@ -78,47 +79,22 @@ DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
 _NO_TIME = NO_TIME  # int64 max: no time (static rows, subjects without one)
 
 
-def _us_arrow(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array | pa.ChunkedArray:
-    """Timestamps (any unit) as int64 microseconds, nulls kept, chunks kept (no copy for µs)."""
-    if not pa.types.is_timestamp(column.type):
-        raise ValueError(f"column {name!r} must be a timestamp, got {column.type}")
-    if column.type.tz is not None:
-        column = column.cast(pa.timestamp(column.type.unit))
-    try:
-        if column.type.unit != "us":
-            column = column.cast(pa.timestamp("us"))
-    except pa.ArrowInvalid as e:
-        raise ValueError(f"column {name!r}: timestamps do not fit microseconds: {e}") from e
-    return column.cast(pa.int64())
-
-
-def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
-    """Timestamps (any unit) as int64 microseconds; null -> _NO_TIME."""
-    us = _us_arrow(column, name)
-    if us.null_count:
-        us = pc.fill_null(us, _NO_TIME)
-    return us.to_numpy().astype(np.int64, copy=False)
-
-
-def _dense_index(ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
-    """Position of each id in `sorted_unique` (O(n) for run-sorted ids)."""
-    runs, inverse = unique_inverse(ids)
-    return np.searchsorted(sorted_unique, runs)[inverse]
+def _run_offsets(sorted_ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """CSR offsets [len(sorted_unique) + 1] of ids sorted ascending (each id in sorted_unique):
+    one pass to find the runs, no per-row index."""
+    n = len(sorted_ids)
+    starts = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1 if n else np.zeros(0, np.int64)
+    starts = np.r_[0, starts] if n else starts
+    counts = np.zeros(len(sorted_unique), np.int64)
+    counts[np.searchsorted(sorted_unique, sorted_ids[starts])] = np.diff(np.r_[starts, n])
+    offsets = np.zeros(len(sorted_unique) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
 
 
 def _offsets(sorted_group: np.ndarray, n_groups: int) -> np.ndarray:
     """CSR offsets [n_groups + 1] of a sorted group-index array."""
     return np.searchsorted(sorted_group, np.arange(n_groups + 1), side="left").astype(np.int64)
-
-
-def _sort_order(group: np.ndarray, time: np.ndarray) -> np.ndarray | None:
-    """Permutation sorting by (group, time), or None when already sorted (the usual case)."""
-    if len(group) < 2:
-        return None
-    dg = np.diff(group)
-    if np.all((dg > 0) | ((dg == 0) & (np.diff(time) >= 0))):
-        return None
-    return np.lexsort((time, group))
 
 
 def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) -> np.ndarray:
@@ -129,41 +105,19 @@ def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) 
     n = len(time_us)
     if n == 0:
         return np.zeros(0, np.int64)
-    new_subject = np.ones(n, dtype=bool)
-    new_subject[1:] = subject[1:] != subject[:-1]
+    new = np.ones(n, dtype=bool)
+    np.not_equal(subject[1:], subject[:-1], out=new[1:])
     if window_days > 0:
-        first = np.maximum.accumulate(np.where(new_subject, np.arange(n), 0))
-        key = (time_us - time_us[first]) // max(1, int(round(window_days * US_PER_DAY)))
+        # Each row's subject's first time, repeated over the subject's rows (one pass).
+        starts = np.flatnonzero(new)
+        key = time_us - np.repeat(time_us[starts], np.diff(np.r_[starts, n]))
+        key //= max(1, int(round(window_days * US_PER_DAY)))
     else:
         key = time_us
-    new = new_subject.copy()
     new[1:] |= key[1:] != key[:-1]
-    return np.cumsum(new) - 1
-
-
-def _code_slots(
-    token: np.ndarray,
-    codes: np.ndarray,
-    values: np.ndarray,
-    has_value: np.ndarray,
-    time_us: np.ndarray,
-    priority: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row kept, its token, its slot) for every (token, distinct code), in (token, slot) order,
-    uncapped: the rules of `pool_token_rows`, shared by its per-sample and per-site uses."""
-    # Latest row per (token, code): sort so that it comes last in its group.
-    order = np.lexsort((values, has_value, time_us, codes, token))
-    tk, cd = token[order], codes[order]
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = (tk[1:] != tk[:-1]) | (cd[1:] != cd[:-1])
-    kept = order[last]
-    # Rank the token's codes by priority (then code id): the slot order the cap cuts.
-    tk, cd = token[kept], codes[kept]
-    rank_order = np.lexsort((cd, priority[cd], tk))
-    kept, tk = kept[rank_order], tk[rank_order]
-    group_start = np.flatnonzero(np.r_[True, tk[1:] != tk[:-1]])
-    slot = np.arange(len(tk)) - np.repeat(group_start, np.diff(np.r_[group_start, len(tk)]))
-    return kept, tk, slot
+    bucket = np.cumsum(new, dtype=np.int64)
+    bucket -= 1
+    return bucket
 
 
 def pool_token_rows(
@@ -185,7 +139,7 @@ def pool_token_rows(
         return _no_tokens()
     n_tok = int(token[-1]) + 1
     tok_time = np.maximum.reduceat(time_us, np.searchsorted(token, np.arange(n_tok)))
-    kept, tk, slot = _code_slots(token, codes, values, has_value, time_us, priority)
+    kept, tk, slot = code_slots(token, codes, values, has_value, time_us, priority)
     ok = slot < max_codes
     kept, tk, slot = kept[ok], tk[ok], slot[ok]
     k = int(slot.max()) + 1
@@ -209,14 +163,15 @@ def _no_tokens() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 @dataclass
 class _PooledTokens:
-    """Tokens pooled once per site (`_code_slots` entries, uncapped), CSR over groups (buckets,
-    or subjects for the static token); `sample` slices them instead of pooling per sample."""
+    """Tokens pooled once per site (code_slots.py's entries, uncapped), CSR over groups (buckets,
+    or subjects for the static token, rows sorted by group and time); `sample` slices them
+    instead of pooling per sample."""
 
     offsets: np.ndarray  # [G + 1] entries of group g: offsets[g]:offsets[g + 1]
-    codes: np.ndarray  # [entries] int64, in slot order
+    codes: np.ndarray  # [entries] int32 vocabulary ids, in slot order
     values: np.ndarray  # [entries] float32
     has_value: np.ndarray  # [entries] bool
-    slot: np.ndarray  # [entries] int64
+    slot: np.ndarray  # [entries] int32
 
     @classmethod
     def build(
@@ -229,8 +184,10 @@ class _PooledTokens:
         time_us: np.ndarray,
         priority: np.ndarray,
     ) -> _PooledTokens:
-        kept, tk, slot = _code_slots(group, codes, values, has_value, time_us, priority)
-        return cls(_offsets(tk, n_groups), codes[kept], values[kept], has_value[kept], slot)
+        kept, tk, slot = sorted_code_slots(group, codes, values, has_value, time_us, priority)
+        offsets = np.zeros(n_groups + 1, np.int64)
+        np.cumsum(np.bincount(tk, minlength=n_groups), out=offsets[1:])
+        return cls(offsets, codes[kept], values[kept], has_value[kept], slot.astype(np.int32))
 
 
 @dataclass
@@ -274,7 +231,7 @@ class SiteSequences:
 
     def __init__(
         self,
-        events: pa.Table,
+        events: pa.Table | EventRows,
         wearables: pa.Table | UnplacedPatches | None,
         vocab: Vocabulary,
         patch_epochs: int = DEFAULT_PATCH_EPOCHS,
@@ -288,77 +245,60 @@ class SiteSequences:
             {"token_window_days": token_window_days, "max_codes_per_token": max_codes_per_token}, "SiteSequences"
         )
         self.per_event = bool(per_event)
-        for col in ("subject_id", "time", "code"):
-            if col not in events.column_names:
-                raise ValueError(f"events table has no column {col!r} (columns: {events.column_names})")
+        if isinstance(events, EventRows):  # from_site: read and encoded shard by shard
+            rows = events
+        else:
+            for col in ("subject_id", "time", "code"):
+                if col not in events.column_names:
+                    raise ValueError(f"events table has no column {col!r} (columns: {events.column_names})")
+            rows = shard_rows(events, vocab)
         self.vocab = vocab
         self.patch_epochs = patch_epochs
         # Patches first (keyed by the wearables' own subjects); placed on the site's below.
         patches = self._wear_patches(wearables)
 
-        ev_subj = events["subject_id"].to_numpy()
         wr_subj = patches.subject_ids if patches is not None else np.zeros(0, np.int64)
-        self.subject_ids = np.union1d(unique_inverse(ev_subj)[0], wr_subj).astype(np.int64)
+        # Timed and static rows are grouped by subject: their distinct ids cost O(n), no sort.
+        self.subject_ids = np.unique(
+            np.concatenate(
+                [unique_inverse(rows.t_subject)[0], unique_inverse(rows.s_subject)[0], rows.prs_subject, wr_subj]
+            )
+        ).astype(np.int64)
         n_subj = len(self.subject_ids)
+        n_prs_timed = int(np.sum(rows.prs_timed))
+        if n_prs_timed:
+            log.warning("%d PRS rows carry a time; they are used as static", n_prs_timed)
 
-        # ---- EHR rows: split into PRS, static and timed.
-        code = events["code"].combine_chunks() if events.num_rows else pa.array([], pa.string())
-        time_us = to_us(events["time"], "time")
-        raw = (
-            events["numeric_value"].to_numpy(zero_copy_only=False).astype(np.float64)
-            if "numeric_value" in events.column_names
-            else np.full(events.num_rows, np.nan)
-        )
-        subj_idx = _dense_index(ev_subj, self.subject_ids)
-        is_prs = pc.fill_null(pc.starts_with(code, PRS_PREFIX), False).to_numpy(zero_copy_only=False)
-        is_static = (time_us == _NO_TIME) & ~is_prs
-        is_timed = time_us != _NO_TIME
-        if np.any(is_prs & is_timed):
-            log.warning("%d PRS rows carry a time; they are used as static", int(np.sum(is_prs & is_timed)))
-
-        ids = self.vocab.encode(code)
-        values, has_value = self.vocab.normalise_values(ids, raw)
-
-        # Timed events, sorted by (subject, time), CSR offsets.
-        t_sub, t_time = subj_idx[is_timed], time_us[is_timed]
-        t_ids, t_val, t_has = ids[is_timed], values[is_timed], has_value[is_timed]
-        order = _sort_order(t_sub, t_time)
-        if order is not None:
-            t_sub, t_time, t_ids, t_val, t_has = (a[order] for a in (t_sub, t_time, t_ids, t_val, t_has))
-        self.ev_offsets = _offsets(t_sub, n_subj)
-        self.ev_time_us = t_time
-        self.ev_codes = t_ids
-        self.ev_values = t_val
-        self.ev_has_value = t_has
+        # ---- Timed events, sorted by (subject, time) (EventRows keeps them so), CSR offsets.
+        self.ev_offsets = _run_offsets(rows.t_subject, self.subject_ids)
+        self.ev_time_us = rows.t_time_us
+        self.ev_codes = rows.t_codes
+        self.ev_values = rows.t_values
+        self.ev_has_value = rows.t_has_value
         self.token_window_days = self.tokens.token_window_days
         self.max_codes_per_token = self.tokens.max_codes_per_token
         self.ev_bucket = (
-            np.arange(len(t_sub), dtype=np.int64)
+            np.arange(len(rows.t_subject), dtype=np.int64)
             if self.per_event
-            else token_buckets(t_sub, t_time, self.token_window_days)
+            else token_buckets(rows.t_subject, rows.t_time_us, self.token_window_days)
         )
         # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
         self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
         self.code_priority[N_SPECIAL_CODES:] = np.asarray(vocab.code_events, dtype=np.int64)
 
-        # Static (non-PRS) rows.
-        s_sub = subj_idx[is_static]
-        order = np.argsort(s_sub, kind="stable")
-        self.st_offsets = _offsets(s_sub[order], n_subj)
-        self.st_codes = ids[is_static][order]
-        self.st_values = values[is_static][order]
-        self.st_has_value = has_value[is_static][order]
+        # Static (non-PRS) rows, grouped by subject.
+        self.st_offsets = _run_offsets(rows.s_subject, self.subject_ids)
+        self.st_codes = rows.s_codes
+        self.st_values = rows.s_values
+        self.st_has_value = rows.s_has_value
         self._pool_tokens(n_subj)
 
-        # PRS matrix in the vocabulary's trait order.
+        # PRS matrix in the vocabulary's trait order (rows in reading order: a later one wins).
         n_traits = len(vocab.prs_traits)
         self.prs = np.zeros((n_subj, n_traits), dtype=np.float32)
         self.prs_valid = np.zeros((n_subj, n_traits), dtype=bool)
-        if n_traits and np.any(is_prs):
-            trait = pc.utf8_slice_codeunits(code.filter(pa.array(is_prs)), len(PRS_PREFIX))
-            t_idx = pc.index_in(trait, value_set=pa.array(vocab.prs_traits, pa.string()))
-            t_idx = pc.fill_null(t_idx, -1).to_numpy().astype(np.int64)
-            p_sub, p_raw = subj_idx[is_prs], raw[is_prs]
+        if n_traits and len(rows.prs_subject):
+            p_sub, p_raw, t_idx = np.searchsorted(self.subject_ids, rows.prs_subject), rows.prs_raw, rows.prs_trait
             ok = (t_idx >= 0) & np.isfinite(p_raw)
             center = np.array([vocab.prs[t].center if t in vocab.prs else 0.0 for t in vocab.prs_traits])
             scale = np.array([vocab.prs[t].scale if t in vocab.prs else 1.0 for t in vocab.prs_traits])
@@ -379,17 +319,16 @@ class SiteSequences:
         last_ev[has_ev] = self.ev_time_us[self.ev_offsets[1:][has_ev] - 1]
         self.t0_us = np.minimum(first_ev, self._wear_first_us)
         # MEDS_BIRTH: the first birth row of each subject (age = time - birth, shift-invariant).
-        is_birth = pc.fill_null(pc.equal(code, BIRTH_CODE), False).to_numpy(zero_copy_only=False) & is_timed
         self.birth_us = np.full(n_subj, _NO_TIME, dtype=np.int64)
-        if np.any(is_birth):
-            b_sub, b_time = subj_idx[is_birth], time_us[is_birth]
+        if len(rows.birth_subject):
+            b_sub, b_time = np.searchsorted(self.subject_ids, rows.birth_subject), rows.birth_time_us
             order = np.lexsort((b_time, b_sub))
             b_sub, b_time = b_sub[order], b_time[order]
             first = np.ones(len(b_sub), dtype=bool)
             first[1:] = b_sub[1:] != b_sub[:-1]
             self.birth_us[b_sub[first]] = b_time[first]
         self.last_time_us = np.maximum(last_ev, self._wear_last_end_us)
-        self.n_events = int(events.num_rows)
+        self.n_events = int(rows.n_rows)
         self.n_epochs = patches.n_rows if patches is not None else 0
 
     def _pool_tokens(self, n_subj: int) -> None:
@@ -495,7 +434,7 @@ class SiteSequences:
         for col in ("subject_id", "time", *WEARABLE_CHANNELS):
             if col not in wearables.column_names:
                 raise ValueError(f"wearables table has no column {col!r} (columns: {wearables.column_names})")
-        time = _us_arrow(wearables["time"], "time")
+        time = us_arrow(wearables["time"], "time")
         if time.null_count:
             raise ValueError("wearables column 'time' has null values")
         table = pa.table(
@@ -539,13 +478,14 @@ class SiteSequences:
         per_event: bool = False,
     ) -> SiteSequences:
         """Read a site's events and wearables once (optionally only some subjects), tokenised
-        as `tokens` says (a federation's: FederationSetup.tokens)."""
-        events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
+        as `tokens` says (a federation's: FederationSetup.tokens). The events are read one MEDS
+        shard at a time and kept only as compact arrays (event_rows.py): the same tokens, bit for
+        bit, as a load of `site.read_events()`, without ever holding the site's table."""
         normalisers = [vocab.wearables[ch] for ch in WEARABLE_CHANNELS]
 
         def build(patches: UnplacedPatches | None) -> SiteSequences:
             return cls(
-                events,
+                site_event_rows(site, vocab, subject_ids),
                 patches,
                 vocab,
                 patch_epochs=patch_epochs,
@@ -798,6 +738,22 @@ class SiteSequences:
             self.prs_valid[idx].reshape(B, T),
             [float("nan") if bu == _NO_TIME else (bu - t) / US_PER_DAY for bu, t in zip(birth_list, t0_list)],
         )
+
+
+def site_event_rows(
+    site: SiteLike, vocab: Vocabulary, subject_ids: Sequence[int] | np.ndarray | None = None
+) -> EventRows:
+    """A site's events (optionally only some subjects) as EventRows, read shard by shard."""
+    wanted = None if subject_ids is None else pa.array(np.asarray(list(subject_ids), dtype=np.int64))
+    parts = []
+    for shard in site.iter_event_shards(columns=["subject_id", "time", "code", "numeric_value"]):
+        if wanted is not None:
+            shard = shard.filter(pc.is_in(shard["subject_id"], value_set=wanted))
+        parts.append(shard_rows(shard, vocab, reading_order=True))
+        del shard
+    if not parts:
+        raise ValueError("the site has no MEDS data shard")
+    return merge_rows(parts)
 
 
 # ---------------------------------------------------------------------------------- collation

@@ -182,10 +182,15 @@ class Vocabulary(BaseModel):
         """
         has, log1p, center, scale, clip = self.numeric_tables()
         v = np.asarray(values, dtype=np.float64)
-        ok = np.isfinite(v) & has[ids]
-        x = np.where(log1p[ids], np.log1p(np.maximum(v, 0.0)), v)
-        out = np.clip((x - center[ids]) / scale[ids], -clip[ids], clip[ids])
-        return np.where(ok, out, 0.0).astype(np.float32), ok
+        ok = has[ids]
+        ok &= np.isfinite(v)
+        # Only the rows with a value are computed (most rows of a site have none).
+        rows = np.flatnonzero(ok)
+        code, v = ids[rows], v[rows]
+        x = np.where(log1p[code], np.log1p(np.maximum(v, 0.0)), v)
+        out = np.zeros(len(ok), dtype=np.float32)
+        out[rows] = np.clip((x - center[code]) / scale[code], -clip[code], clip[code])
+        return out, ok
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.model_dump_json(indent=1))

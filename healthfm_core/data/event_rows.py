@@ -1,0 +1,235 @@
+"""A site's MEDS rows as the tokeniser keeps them: compact numpy arrays, built shard by shard.
+
+`shard_rows` turns one events table (a MEDS shard, or any table) into `EventRows` right after it
+is read, so that the strings and the Arrow table are dropped shard by shard: the code column is
+dictionary-encoded and only the shard's small dictionary is looked up in the vocabulary (and
+tested for PRS// and MEDS_BIRTH), never every row's string. What is kept per row: subject id,
+time, code id, normalised value and has_value (timed rows), or the same without time (static
+rows); PRS rows and birth rows, a few per subject, apart.
+
+`merge_rows` joins the shards' rows: timed rows sorted by (subject, time), ties in reading order
+(shard order, then file order), static rows grouped by subject in reading order. Each shard is
+checked for that order in O(n) and sorted only if it is not in it (a MEDS shard is sorted by
+subject and time, a static row may sit anywhere in its subject's rows); shards are then placed by
+subject in O(n) (runs of a subject moved, not rows sorted), and only a subject whose rows sit in
+two shards with interleaved times costs a sort of the whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from meds import birth_code as BIRTH_CODE
+
+from healthfm_core.data.batch_gather import ranges
+from healthfm_core.data.layout import PRS_PREFIX
+from healthfm_core.data.vocab import Vocabulary
+
+NO_TIME = np.iinfo(np.int64).max  # no time (static rows)
+_STATIC_FIRST = np.iinfo(np.int64).min  # a static row's place in reading order: before any time
+
+
+def us_arrow(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array | pa.ChunkedArray:
+    """Timestamps (any unit) as int64 microseconds, nulls kept, chunks kept (no copy for µs)."""
+    if not pa.types.is_timestamp(column.type):
+        raise ValueError(f"column {name!r} must be a timestamp, got {column.type}")
+    if column.type.tz is not None:
+        column = column.cast(pa.timestamp(column.type.unit))
+    try:
+        if column.type.unit != "us":
+            column = column.cast(pa.timestamp("us"))
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"column {name!r}: timestamps do not fit microseconds: {e}") from e
+    return column.cast(pa.int64())
+
+
+def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
+    """Timestamps (any unit) as int64 microseconds; null -> NO_TIME."""
+    us = us_arrow(column, name)
+    if us.null_count:
+        us = pc.fill_null(us, NO_TIME)
+    return us.to_numpy().astype(np.int64, copy=False)
+
+
+@dataclass
+class EventRows:
+    """Rows of one shard (or a whole site, `merge_rows`), split by kind; ids are subject ids."""
+
+    t_subject: np.ndarray  # [timed] int64, sorted by (subject, time)
+    t_time_us: np.ndarray  # [timed] int64
+    t_codes: np.ndarray  # [timed] int32 vocabulary ids
+    t_values: np.ndarray  # [timed] float32 normalised (0 without a value)
+    t_has_value: np.ndarray  # [timed] bool
+    s_subject: np.ndarray  # [static] int64, grouped by subject (non-decreasing)
+    s_codes: np.ndarray  # [static]
+    s_values: np.ndarray  # [static]
+    s_has_value: np.ndarray  # [static]
+    prs_subject: np.ndarray  # [prs] int64, reading order (a later row of a trait wins)
+    prs_trait: np.ndarray  # [prs] int64 index in vocab.prs_traits, -1 unknown
+    prs_raw: np.ndarray  # [prs] float64 raw value (NaN: none)
+    prs_timed: np.ndarray  # [prs] bool: the row has a time (used as static all the same)
+    birth_subject: np.ndarray  # [births] int64
+    birth_time_us: np.ndarray  # [births] int64
+    n_rows: int  # every row read (the events table's length)
+
+
+def _sorted_by(group: np.ndarray, time: np.ndarray) -> bool:
+    """Rows sorted by (group, time): comparisons only (no int64 differences to allocate)."""
+    g0, g1 = group[:-1], group[1:]
+    if np.any(g1 < g0):
+        return False
+    return not np.any((g1 == g0) & (time[1:] < time[:-1]))
+
+
+def _by_subject_time(subject: np.ndarray, time: np.ndarray) -> np.ndarray | None:
+    """Stable permutation to (subject, time) order, None when already in it (the usual case)."""
+    if len(subject) < 2 or _sorted_by(subject, time):
+        return None
+    return np.lexsort((time, subject))
+
+
+def _by_subject(subject: np.ndarray) -> np.ndarray | None:
+    if len(subject) < 2 or np.all(subject[1:] >= subject[:-1]):
+        return None
+    return np.argsort(subject, kind="stable")
+
+
+def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False) -> EventRows:
+    """EventRows of one events table (subject_id, time, code, optional numeric_value).
+
+    reading_order: PRS rows are put in Site.read_events's order (per subject, static first, then
+    by time) so that a duplicate trait resolves as a load from read_events did; otherwise they stay
+    in table order (as SiteSequences on a table always took them)."""
+    n = events.num_rows
+    subject = np.asarray(events["subject_id"].to_numpy(), dtype=np.int64)
+    time_us = to_us(events["time"], "time")
+    raw = (
+        events["numeric_value"].to_numpy(zero_copy_only=False).astype(np.float64)
+        if "numeric_value" in events.column_names
+        else np.full(n, np.nan)
+    )
+    code = events["code"].combine_chunks() if n else pa.array([], pa.string())
+    if code.null_count:
+        raise ValueError(f"events column 'code' has {code.null_count} null values")
+    # The shard's distinct codes are looked up once; rows carry indices into them.
+    enc = pc.dictionary_encode(code)
+    dictionary = enc.dictionary
+    row_entry = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    # int32 ids: half the memory of a site's largest per-row column (a vocabulary is far smaller).
+    ids = vocab.encode(dictionary).astype(np.int32)[row_entry] if n else np.zeros(0, np.int32)
+    entry_prs = pc.fill_null(pc.starts_with(dictionary, PRS_PREFIX), False).to_numpy(zero_copy_only=False)
+    entry_birth = pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False)
+    is_prs = entry_prs[row_entry] if n else np.zeros(0, bool)
+    values, has_value = vocab.normalise_values(ids, raw)
+
+    timed = time_us != NO_TIME
+    static = ~timed & ~is_prs
+    t_sub, t_time = subject[timed], time_us[timed]
+    t_cols = [ids[timed], values[timed], has_value[timed]]
+    order = _by_subject_time(t_sub, t_time)
+    if order is not None:
+        t_sub, t_time = t_sub[order], t_time[order]
+        t_cols = [c[order] for c in t_cols]
+    s_sub = subject[static]
+    s_cols = [ids[static], values[static], has_value[static]]
+    order = _by_subject(s_sub)
+    if order is not None:
+        s_sub = s_sub[order]
+        s_cols = [c[order] for c in s_cols]
+
+    prs_rows = np.flatnonzero(is_prs)
+    if reading_order and len(prs_rows) > 1:
+        key = np.where(timed[prs_rows], time_us[prs_rows], _STATIC_FIRST)
+        prs_rows = prs_rows[np.lexsort((key, subject[prs_rows]))]
+    if len(prs_rows) and vocab.prs_traits:
+        trait = pc.utf8_slice_codeunits(dictionary, len(PRS_PREFIX))
+        entry_trait = pc.fill_null(pc.index_in(trait, value_set=pa.array(vocab.prs_traits, pa.string())), -1)
+        prs_trait = entry_trait.to_numpy(zero_copy_only=False).astype(np.int64)[row_entry[prs_rows]]
+    else:
+        prs_trait = np.full(len(prs_rows), -1, np.int64)
+    is_birth = (entry_birth[row_entry] if n else np.zeros(0, bool)) & timed
+    return EventRows(
+        t_subject=t_sub,
+        t_time_us=t_time,
+        t_codes=t_cols[0],
+        t_values=t_cols[1],
+        t_has_value=t_cols[2],
+        s_subject=s_sub,
+        s_codes=s_cols[0],
+        s_values=s_cols[1],
+        s_has_value=s_cols[2],
+        prs_subject=subject[prs_rows],
+        prs_trait=prs_trait,
+        prs_raw=raw[prs_rows],
+        prs_timed=timed[prs_rows],
+        birth_subject=subject[is_birth],
+        birth_time_us=time_us[is_birth],
+        n_rows=n,
+    )
+
+
+def _by_subject_runs(subject: np.ndarray) -> np.ndarray | None:
+    """Permutation grouping rows by subject (ascending) by moving whole runs of a subject (a
+    shard's rows), stable: a subject's runs keep their order. None when nothing moves."""
+    if len(subject) < 2 or np.all(subject[1:] >= subject[:-1]):
+        return None
+    starts = np.flatnonzero(np.r_[True, subject[1:] != subject[:-1]])
+    stops = np.r_[starts[1:], len(subject)]
+    run_order = np.argsort(subject[starts], kind="stable")
+    return ranges(starts[run_order], stops[run_order])[2]
+
+
+def _part_order(subjects: list[np.ndarray]) -> list[int] | None:
+    """Order of the parts (each sorted by subject) whose concatenation is sorted by subject, when
+    their subjects do not overlap (shards by subject, named in any order); None when they do."""
+    full = [i for i, s in enumerate(subjects) if len(s)]
+    order = sorted(full, key=lambda i: int(subjects[i][0]))
+    for i, j in zip(order[:-1], order[1:]):
+        if subjects[i][-1] >= subjects[j][0]:
+            return None
+    return order + [i for i, s in enumerate(subjects) if not len(s)]
+
+
+def _merge_kind(parts: list[EventRows], names: list[str]) -> dict[str, np.ndarray]:
+    """Concatenate one kind of rows (timed or static; names[0] its subject column) of every part
+    into subject order, releasing each part's column once it is copied."""
+    order = _part_order([getattr(p, names[0]) for p in parts])
+    out = {}
+    for name in names:
+        out[name] = np.concatenate([getattr(parts[i], name) for i in (order or range(len(parts)))])
+        for p in parts:
+            setattr(p, name, getattr(p, name)[:0])
+    if order is None:  # subjects overlap between shards: move their runs
+        perm = _by_subject_runs(out[names[0]])
+        if perm is not None:
+            out = {name: a[perm] for name, a in out.items()}
+    return out
+
+
+_TIMED = ["t_subject", "t_time_us", "t_codes", "t_values", "t_has_value"]
+_STATIC = ["s_subject", "s_codes", "s_values", "s_has_value"]
+
+
+def merge_rows(parts: list[EventRows]) -> EventRows:
+    """One EventRows of the shards' rows, in reading order (see the module docstring). The parts
+    are consumed: their arrays are released as they are copied, so a site is held about once."""
+    if len(parts) == 1:
+        return parts[0]
+    timed = _merge_kind(parts, _TIMED)
+    # A subject in two shards whose times interleave: sort, stably (reading order kept in ties).
+    order = _by_subject_time(timed["t_subject"], timed["t_time_us"])
+    if order is not None:
+        timed = {name: a[order] for name, a in timed.items()}
+    static = _merge_kind(parts, _STATIC)
+    rest = {
+        f.name: np.concatenate([getattr(p, f.name) for p in parts])
+        for f in fields(EventRows)
+        if f.name not in ("n_rows", *_TIMED, *_STATIC)
+    }
+    return EventRows(**timed, **static, **rest, n_rows=sum(p.n_rows for p in parts))
+
+
+__all__ = ["NO_TIME", "EventRows", "merge_rows", "shard_rows", "to_us", "us_arrow"]

@@ -1,0 +1,160 @@
+"""Loading a site shard by shard (SiteSequences.from_site, event_rows.py) against loading its
+events at once (SiteSequences over `Site.read_events`'s whole table), and the site-wide pooling
+(code_slots.sorted_code_slots) against the pooling rule as written (code_slots.code_slots).
+
+The multi-shard sites are a generated hospital's events cut into shards named out of subject
+order; variants put one subject's rows in two shards (interleaved times, static rows in both)
+and shuffle one shard's rows. The check refuses the last two (MEDS keeps a subject in one shard,
+sorted), so they are read through a Site opened on the clean copy whose file list then names the
+rewritten shards: the reader is the real one, the data what an unchecked export could hold.
+`per_event=True` keeps one token per row, so there even the order of rows with equal times must
+be the reading order read_events gives.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from healthfm_core.data.batch import Batch
+from healthfm_core.data.code_slots import code_slots, sorted_code_slots
+from healthfm_core.data.code_stats import site_code_stats
+from healthfm_core.data.layout import DATA_SUBDIRECTORY, parquet_files
+from healthfm_core.data.site import open_site
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.synthetic.scenario import load_scenario
+from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Vocabulary]:
+    config = load_scenario("default")
+    config = config.model_copy(update={"sites": [s for s in config.sites if s.name == "city_hospital"]})
+    fed = generate_federation(tmp_path_factory.mktemp("fed"), scenario=config, seed=3, n_subjects=30, progress=False)
+    root = fed.sites[0].root
+    return root, build_vocabulary([site_code_stats(open_site(root), min_subjects=2)], min_subjects=2)
+
+
+# ------------------------------------------------------------------------------- pooling
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64, 1 << 20])
+def test_sorted_code_slots_is_the_rule(chunk_rows: int) -> None:
+    """Rows sorted by (token, time) with many ties: same time, same code, with and without a
+    value, equal values. Every kept row, token and slot equals the lexsort rule's."""
+    rng = np.random.default_rng(chunk_rows)
+    n = 3000
+    token = np.sort(rng.integers(0, 400, n))
+    time_us = rng.integers(0, 4, n)
+    order = np.lexsort((time_us, token))
+    token, time_us = token[order], time_us[order]
+    codes = rng.integers(0, 12, n)
+    has_value = rng.random(n) < 0.6
+    values = np.where(has_value, rng.integers(-2, 3, n), 0).astype(np.float32)
+    priority = rng.integers(0, 5, 12)  # ties in priority: the code id decides
+    priority[0] = np.iinfo(np.int64).max
+    want = code_slots(token, codes, values, has_value, time_us, priority)
+    got = sorted_code_slots(token, codes, values, has_value, time_us, priority, chunk_rows=chunk_rows)
+    for w, g, name in zip(want, got, ("kept", "token", "slot")):
+        assert w.dtype == g.dtype and np.array_equal(w, g), name
+    assert len(want[0]) < n  # the data did have duplicate codes to pool
+
+
+def test_sorted_code_slots_refuses_unsorted_tokens() -> None:
+    a = np.array([1, 0])
+    with pytest.raises(ValueError, match="not sorted by token"):
+        sorted_code_slots(a, a, a.astype(np.float32), a > 0, a, np.zeros(2, np.int64))
+
+
+# ------------------------------------------------------------------------------- shards
+
+
+def write_shards(table: pa.Table, data_dir: Path, variant: str, rng: np.random.Generator) -> None:
+    """The table's rows as 4 shards by subject, file names out of subject order."""
+    sid = table["subject_id"].to_numpy()
+    subjects = np.unique(sid)
+    group = np.searchsorted(subjects, sid) * 4 // len(subjects)  # shard of each row
+    if variant == "split_subject":
+        # One subject's rows alternate between its shard and the next one (times interleave,
+        # static rows land in both); another's later half moves to the first shard.
+        s = subjects[len(subjects) // 4 - 1]
+        rows = np.flatnonzero(sid == s)
+        group[rows[1::2]] += 1
+        s2 = subjects[-2]
+        rows2 = np.flatnonzero(sid == s2)
+        group[rows2[len(rows2) // 2 :]] = 0
+    for f in data_dir.rglob("*.parquet"):
+        f.unlink()
+    names = ["10", "2", "0", "1"]  # path order 0, 1, 10, 2: shard 2, 3, 0, 1
+    for g, name in enumerate(names):
+        idx = np.flatnonzero(group == g)
+        if variant == "unsorted" and g == 1:
+            idx = rng.permutation(idx)
+        pq.write_table(table.take(pa.array(idx)), data_dir / f"{name}.parquet")
+
+
+def state(seqs: SiteSequences) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in vars(seqs).items():
+        if isinstance(value, np.ndarray):
+            out[name] = value
+        elif is_dataclass(value):
+            out.update({f"{name}.{f.name}": getattr(value, f.name) for f in fields(value)})
+    return out
+
+
+def assert_same_sequences(got: SiteSequences, want: SiteSequences) -> None:
+    a, b = state(got), state(want)
+    assert sorted(a) == sorted(b)
+    for name in b:
+        x, y = a[name], b[name]
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+    assert (got.n_events, got.n_epochs) == (want.n_events, want.n_epochs)
+
+
+def assert_same_batches(got: SiteSequences, want: SiteSequences) -> None:
+    for time_mode in ("last", "random"):
+        loaders = [
+            make_loader(PretrainingDataset(s, time_mode=time_mode, max_events=12, seed=1), batch_size=7, seed=2)
+            for s in (got, want)
+        ]
+        n = 0
+        for x, y in zip(*loaders, strict=True):
+            for f in fields(Batch):
+                u, v = getattr(x, f.name), getattr(y, f.name)
+                assert u.dtype == v.dtype and u.shape == v.shape, f.name
+                assert u.numpy().tobytes() == v.numpy().tobytes(), (time_mode, f.name)
+            n += 1
+        assert n > 1
+
+
+@pytest.mark.parametrize("variant", ["shards", "split_subject", "unsorted"])
+def test_loading_by_shard_equals_loading_at_once(hospital, tmp_path: Path, variant: str) -> None:
+    src, vocab = hospital
+    root = tmp_path / "site"
+    shutil.copytree(src, root)
+    site = open_site(root)  # the clean copy passes the check
+    table = pa.concat_tables(pq.read_table(f) for f in parquet_files(src, DATA_SUBDIRECTORY))
+    write_shards(table, root / DATA_SUBDIRECTORY, variant, np.random.default_rng(0))
+    site.data_files = parquet_files(root, DATA_SUBDIRECTORY)
+    assert [p.name for p in site.data_files] == ["0.parquet", "1.parquet", "10.parquet", "2.parquet"]
+    for subject_ids in (None, site.subject_ids[::3]):
+        for per_event in (False, True):
+            streamed = SiteSequences.from_site(site, vocab, subject_ids=subject_ids, per_event=per_event)
+            events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
+            at_once = SiteSequences(events, None, vocab, per_event=per_event)
+            assert streamed.n_events == events.num_rows > 0
+            assert_same_sequences(streamed, at_once)
+            if not per_event:
+                assert_same_batches(streamed, at_once)
+    # And against the site as generated (its own shards): the same batches, whatever the sharding
+    # (the rows kept per row may differ in the order of rows with equal times, the tokens not).
+    original = SiteSequences.from_site(open_site(src), vocab)
+    assert_same_batches(SiteSequences.from_site(site, vocab), original)
