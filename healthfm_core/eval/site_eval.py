@@ -55,7 +55,7 @@ from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
 from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
-from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
+from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.subject_sample import SubjectSample
 from healthfm_core.federation import SMALL_CELL, SplitCount, TaskMetrics, TaskReason
@@ -70,6 +70,7 @@ class SiteTaskResults:
     metrics: dict[str, TaskMetrics] = field(default_factory=dict)
     reasons: dict[str, TaskReason] = field(default_factory=dict)
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
+    probes: dict[str, LogisticProbe | RidgeProbe] = field(default_factory=dict)  # key -> its fitted probe (kept here)
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
     # Seconds spent in the model's forward passes (embedding the rows), fitting probes and scoring: what a
@@ -309,7 +310,7 @@ def evaluate_site_tasks(
             y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             y = {s: y_all[split == s] for s in SPLITS}
             start = time.perf_counter()
-            probe = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+            probe = out.probes[key] = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
             held_rows, p_held = table.take(pa.array(held)), probe.predict_proba(x["held_out"])
             out.seconds["probes"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -340,7 +341,7 @@ def evaluate_site_tasks(
             y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
             y = {s: y_all[split == s] for s in SPLITS}
             start = time.perf_counter()
-            ridge = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+            ridge = out.probes[key] = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
             out.seconds["probes"] += time.perf_counter() - start
             out.metrics[key] = TaskMetrics(
                 n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))), **scope
