@@ -47,6 +47,7 @@ from collections.abc import Sequence  # noqa: E402
 from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.join import JoinConfig, JoinError, join  # noqa: E402
 from client.model_use import (  # noqa: E402
+    NoRows,
     UseError,
     embed_rows_at_site,
     embeddings_table,
@@ -328,12 +329,12 @@ def _run_use(args: argparse.Namespace, body) -> int:  # noqa: ANN001 - body(args
     except (ReleaseError, HeadError, PolicyError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_USAGE
-    except UseError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USAGE if str(err).startswith(("--", "/")) or "file" in str(err) else EXIT_INVALID
-    except (SiteDoesNotFit, SiteDataError) as err:
+    except (NoRows, SiteDoesNotFit, SiteDataError) as err:
         print(f"error: {' '.join(str(err).split())[:2000]}", file=sys.stderr)
         return EXIT_INVALID
+    except UseError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _progress(args: argparse.Namespace) -> bool:

@@ -53,6 +53,10 @@ class UseError(ValueError):
     """Bad input to embed / probe / predict (the message names the file, field or value)."""
 
 
+class NoRows(UseError):
+    """The site has no rows to use (no labels for the tasks, no rows asked)."""
+
+
 def open_site_runtime(
     site_root: Path, release: ModelRelease, min_subjects: int, policy: Path | None, max_unknown_share: float
 ) -> tuple[SiteRuntime, ReleaseFit]:
@@ -113,7 +117,7 @@ def task_rows(runtime: SiteRuntime, cfg: EvalConfig) -> pa.Table:
     draws them (its subject sample, its rows per subject), sorted."""
     tables = [t for t in runtime.labels(cfg).values() if not isinstance(t, TaskReason)]
     if not tables:
-        raise UseError(f"site {runtime.site.root}: no labels for any of {[t.name for t in cfg.tasks]}")
+        raise NoRows(f"site {runtime.site.root}: no labels for any of {[t.name for t in cfg.tasks]}")
     union = pa.concat_tables([t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA) for t in tables])
     union = union.group_by(ROW_SCHEMA.names).aggregate([])
     return union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
@@ -137,7 +141,7 @@ def embed_rows_at_site(
 ) -> Embedded:
     """The release's embedding of each row, by the evaluation's path (see the module docstring)."""
     if rows.num_rows == 0:
-        raise UseError("no rows to embed")
+        raise NoRows("no rows to embed")
     seqs = runtime.sequences(release.setup)
     subject_ids = rows["subject_id"].to_numpy()
     try:
@@ -277,6 +281,7 @@ def predict_at_site(
 
 __all__ = [
     "Embedded",
+    "NoRows",
     "ProbeResult",
     "UseError",
     "embed_rows_at_site",

@@ -78,7 +78,15 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
         # The same held-out rows and probabilities as the run's own predictions file at the site.
         ours = pq.read_table(out / "predictions" / site / f"{KEY}.parquet")
         theirs = pq.read_table(Path(node["state-dir"]) / "evaluation" / site / f"{KEY}.parquet")
-        assert ours.equals(theirs)
+        cols = ["subject_id", "prediction_time", "boolean_value"]
+        assert ours.select(cols).equals(theirs.select(cols))
+        # Probabilities to float32 rounding (another thread count can round a forward pass differently).
+        np.testing.assert_allclose(
+            ours["predicted_boolean_probability"].to_numpy(),
+            theirs["predicted_boolean_probability"].to_numpy(),
+            rtol=0,
+            atol=1e-6,
+        )
         # predict with the saved head on those rows: the probe's probabilities.
         pq.write_table(ours.select(["subject_id", "prediction_time"]), tmp_path / f"{site}-rows.parquet")
         pred = tmp_path / f"{site}-pred.parquet"
