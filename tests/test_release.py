@@ -33,7 +33,7 @@ from healthfm_core.eval.saved_head import HeadError, load_head, save_head
 from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
 from healthfm_core.release import ReleaseError, load_release
-from healthfm_core.release_fit import SiteDoesNotFit, release_fit
+from healthfm_core.release_fit import SiteDoesNotFit, release_fit, require_fit
 from healthfm_core.train.checkpoint import sha256_file
 from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig
@@ -401,3 +401,12 @@ def test_a_saved_head_predicts_as_the_probe_and_is_refused_on_another_model(tmp_
     (tmp_path / "h.safetensors").write_bytes(bytes(data))
     with pytest.raises(HeadError, match="arrays_sha256"):
         load_head(path)
+
+
+def test_a_site_with_a_modality_the_model_lacks_is_refused(setup: FederationSetup, biobank: Path) -> None:
+    ehr_only = setup.model_copy(update={"modalities": ["ehr", "genomics"]})
+    site = SiteRuntime(SiteConfig(site_root=biobank, min_report_subjects=2)).site
+    assert release_fit(site, ehr_only).missing_modalities == ["wearables"]
+    with pytest.raises(SiteDoesNotFit, match=r"has \['wearables'\], which the release's model"):
+        require_fit(site, ehr_only)
+    assert require_fit(site, setup).missing_modalities == []
