@@ -2,7 +2,8 @@
 embeddings, per site and task with subject-bootstrap intervals.
 
     python -m simulations.task_head --model model/ --sites runs/data/default-seed0-nNone/sites/* \
-        [--tasks onset_t2d_365d ...] [--min-subjects 20] [--rounds 100] --out task_head.md
+        [--embeddings emb-SITE.parquet ...] [--tasks onset_t2d_365d ...] [--min-subjects 20] \
+        [--rounds 200] --out task_head.md
 
 Each site embeds its rows of the run's evaluation tasks with the release (client/model_use.py:
 the evaluation's rows and path). Per binary task key:
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from client.model_use import embed_rows_at_site, eval_config, open_site_runtime, splits_of, task_rows
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
@@ -59,16 +61,24 @@ def compare_heads(
     min_subjects: int,
     rounds: int,
     max_subjects: int | None = None,
+    embeddings: Sequence[Path] | None = None,
 ) -> dict:
     release = load_release(model)
     per_site: dict[str, dict] = {}
     cfg = None
-    for root in sites:
+    if embeddings is not None and len(embeddings) != len(sites):
+        raise ValueError(f"--embeddings: {len(embeddings)} files for {len(sites)} sites")
+    for i, root in enumerate(sites):
         runtime, _ = open_site_runtime(Path(root), release, min_subjects, None, DEFAULT_MAX_UNKNOWN_SHARE)
         cfg = eval_config(release, tasks, max_subjects)
         labels = runtime.labels(cfg)
-        rows = task_rows(runtime, cfg)
-        embedded = embed_rows_at_site(runtime, release, rows, cfg.max_events, cfg.max_patches, cfg.batch_size)
+        if embeddings is not None:  # `client.py embed`'s file of this site's task rows
+            table = pq.read_table(embeddings[i])
+            rows = table.select(["subject_id", "prediction_time"])
+            x_all = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
+        else:
+            rows = task_rows(runtime, cfg)
+            x_all = embed_rows_at_site(runtime, release, rows, cfg.max_events, cfg.max_patches, cfg.batch_size).x
         pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
         index = {k: i for i, k in enumerate(zip(rows["subject_id"].to_numpy().tolist(), pt.tolist(), strict=True))}
         split_of = partial(splits_of, runtime)
@@ -82,7 +92,7 @@ def compare_heads(
             split = split_of(sids)
             reason = withheld_reason(task_split_counts(table, split_of), min_subjects, binary=True)
             y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
-            x = embedded.x[idx]
+            x = x_all[idx]
             per_key[key] = {"x": x, "y": y, "split": split, "sids": sids, "reason": reason}
         per_site[runtime.name] = per_key
     assert cfg is not None
@@ -152,11 +162,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", help="task names (default: the run's evaluation tasks)")
     parser.add_argument("--min-subjects", type=int, default=20)
     parser.add_argument("--max-subjects", type=int, default=None, help="per split (default: the run's; 0: all)")
-    parser.add_argument("--rounds", type=int, default=100, help="FedAvg rounds of the federated head per C")
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        help="`client.py embed` files of the sites' task rows, in --sites order (else embedded here)",
+    )
+    parser.add_argument("--rounds", type=int, default=200, help="FedAvg rounds of the federated head per C")
     parser.add_argument("--out", required=True, help="the markdown report (JSON beside it)")
     args = parser.parse_args(argv)
     report = compare_heads(
-        Path(args.model), [Path(s) for s in args.sites], args.tasks, args.min_subjects, args.rounds, args.max_subjects
+        Path(args.model),
+        [Path(s) for s in args.sites],
+        args.tasks,
+        args.min_subjects,
+        args.rounds,
+        args.max_subjects,
+        [Path(e) for e in args.embeddings] if args.embeddings else None,
     )
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1))

@@ -7,7 +7,7 @@ federated averaging instead of on pooled rows:
 - standardisation: each site sends its train rows' count, feature sums and sums of squares (no
   row); the mean and scale are the pooled ones;
 - each round, every site starts from the global head and takes `local_steps` full-batch gradient
-  steps on its own objective, mean log-loss + ||w||^2 / (2 C N) (N: all sites' train rows, so the
+  steps (`lr` times 1 / a bound on the largest site's smoothness) on its own objective, mean log-loss + ||w||^2 / (2 C N) (N: all sites' train rows, so the
   sites' objectives, n-weighted, are the pooled one); the new head is the n-weighted mean of the
   sites' heads (FedAvg: what ModalityAwareFedAvg computes for a key every site holds);
 - C: for each C of the grid (strongest penalty first, warm-started), the sites report their
@@ -72,9 +72,9 @@ def _log_loss_sum(xs: np.ndarray, y: np.ndarray, w: np.ndarray, b: float) -> flo
 def fit_federated_logistic(
     sites: Mapping[str, SiteSplits],
     c_grid: Sequence[float] = DEFAULT_C_GRID,
-    rounds: int = 100,
+    rounds: int = 200,
     local_steps: int = 5,
-    lr: float = 0.5,
+    lr: float = 1.0,
 ) -> tuple[LogisticProbe, dict[str, int]]:
     """The federated logistic head (see the module docstring) and the train rows each site gave."""
     usable = {name: s for name, s in sites.items() if len(s.y_train)}
@@ -93,11 +93,16 @@ def fit_federated_logistic(
     d = std.mean.shape[0]
     prevalence = float(y_all.mean())
     w, b = np.zeros(d), float(np.log(prevalence / (1 - prevalence)))
+    # One step size for every site, below 1 / the largest site's smoothness bound: the mean
+    # log-loss's Hessian is at most 0.25 * X'X / n, whose largest eigenvalue is at most its trace
+    # (each site's from the sums it already sent; a larger step diverges on correlated embeddings).
+    smooth = 0.25 * max(float(np.mean(np.sum(v**2, axis=1))) for v in xs.values()) + 0.25
     best: LogisticProbe | None = None
     for c in sorted(c_grid):
         penalty = 1.0 / (2.0 * c * n_total)
+        step = lr / (smooth + 2.0 * penalty)
         for _ in range(rounds):
-            local = {k: _local_steps(xs[k], ys[k], w, b, penalty, local_steps, lr) for k in xs}
+            local = {k: _local_steps(xs[k], ys[k], w, b, penalty, local_steps, step) for k in xs}
             w = np.sum([n[k] * local[k][0] for k in local], axis=0) / n_total
             b = float(sum(n[k] * local[k][1] for k in local) / n_total)
         tune_n = sum(len(v) for v in yt.values())
