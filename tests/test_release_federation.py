@@ -20,6 +20,7 @@ from healthfm_core.federation import EvalReply
 from healthfm_core.release import load_release
 from server.coordinator import main as coordinator_main
 from server.server_app import FederationServer
+from simulations.task_head import compare_heads, markdown
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +144,23 @@ def test_model_card_numbers_are_the_reports(run) -> None:
     # Each per-site row of the run's summary is on the card as written there.
     rows = [ln for ln in summary.splitlines() if ln.startswith("| ") and f"| {KEY} |" in ln and "AUROC" in ln]
     assert rows and all(r in md for r in rows)
+
+
+def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
+    """simulations.task_head: per site and task the federated, local and pooled heads scored on the
+    same held-out rows with intervals; the local head is the run's own probe (same AUROC)."""
+    run_dir, nodes, model = run
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    report = compare_heads(model, [Path(n["site-root"]) for n in nodes.values()], None, 2, rounds=50)
+    table = report["results"][KEY]
+    scored = [s for s, r in table.items() if "reason" not in r]
+    assert scored and all("reason" in table[s] for s in table if s not in scored)
+    for site in scored:
+        reported = EvalReply.from_records(evaluation["sites"][site]).tasks[KEY]
+        assert table[site]["local head"]["auroc"] == pytest.approx(reported.auroc, abs=1e-12)
+        assert table[site]["n"] == reported.n
+        for method in ("federated head", "pooled head"):
+            low, high = table[site][method]["auroc_ci"]
+            assert 0 <= low <= high <= 1
+    text = markdown(report)
+    assert all(f"| {KEY} | {s} |" in text for s in table)
