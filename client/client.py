@@ -6,6 +6,9 @@
                                  [--state-dir DIR] [--site-name NAME] [--policy FILE] [--node-config KEY=VALUE ...]
                                  [--new-privacy-budget]
     python client/client.py approve BUNDLE.fab --policy FILE [--show]
+    python client/client.py embed SITE_ROOT --model DIR [--tasks ... | --prediction-times FILE] --out FILE
+    python client/client.py probe SITE_ROOT --model DIR [--tasks ...] [--out DIR]
+    python client/client.py predict SITE_ROOT --model DIR --head HEAD.json --prediction-times FILE --out FILE
 
 Exit status of `check`: 0 the site is usable (warnings may be printed), 1 the site has errors
 (one line per problem), 2 the command could not run (no such site root, bad arguments),
@@ -19,6 +22,9 @@ SuperNode until stopped (0 after Ctrl-C/SIGTERM); 4 the SuperLink is unreachable
 certificate does not verify, 5 it refused the site's key, 6 the SuperNode stopped otherwise.
 `approve` prints what an app bundle holds (files, sizes, hashes, its serverapp/clientapp) and adds
 its sha256 to the policy's approved_apps (`--show`: print only); the site runs no other bundle.
+`embed`, `probe` and `predict` use a model release (`coordinator release`) on the site's own data
+(client/model_use.py): 0 done, 1 the site does not fit the release (modalities, unknown codes)
+or has no rows to use, 2 bad arguments or a release/head that is refused, 3 an internal error.
 """
 
 from __future__ import annotations
@@ -40,12 +46,27 @@ from collections.abc import Sequence  # noqa: E402
 
 from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.join import JoinConfig, JoinError, join  # noqa: E402
+from client.model_use import (  # noqa: E402
+    NoRows,
+    UseError,
+    embed_rows_at_site,
+    embeddings_table,
+    eval_config,
+    open_site_runtime,
+    predict_at_site,
+    probe_at_site,
+    read_prediction_times,
+    splits_of,
+    task_rows,
+    write_parquet,
+)
 from client.policy import PolicyError, load_policy  # noqa: E402
+from client.site_runtime import SiteRuntime  # noqa: E402
 from client.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from client.threads import parse_threads  # noqa: E402
 from healthfm_core.data.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
-from healthfm_core.data.site import Site  # noqa: E402
+from healthfm_core.data.site import Site, SiteDataError  # noqa: E402
 from healthfm_core.data.site_check import (  # noqa: E402
     MAX_PROBLEMS_PER_KIND,
     SiteReport,
@@ -61,6 +82,9 @@ from healthfm_core.data.task_check import (  # noqa: E402
     task_files,
 )
 from healthfm_core.data.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
+from healthfm_core.eval.saved_head import HeadError  # noqa: E402
+from healthfm_core.release import ModelRelease, ReleaseError, load_release  # noqa: E402
+from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, SiteDoesNotFit  # noqa: E402
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -299,6 +323,83 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _use_release(args: argparse.Namespace) -> tuple[ModelRelease, SiteRuntime]:
+    """The release (verified) and the site's runtime (checked, fitted to it), for embed/probe/predict."""
+    release = load_release(args.model)
+    min_subjects = args.min_subjects
+    if args.policy:
+        min_subjects = max(min_subjects, load_policy(args.policy).min_subjects)
+    runtime, _ = open_site_runtime(
+        Path(args.site_root), release, min_subjects, Path(args.policy) if args.policy else None, args.max_unknown_share
+    )
+    return release, runtime
+
+
+def _run_use(args: argparse.Namespace, body) -> int:  # noqa: ANN001 - body(args) -> int
+    if not Path(args.site_root).is_dir():
+        print(f"error: site root {args.site_root} does not exist or is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return body(args)
+    except (ReleaseError, HeadError, PolicyError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except (NoRows, SiteDoesNotFit, SiteDataError) as err:
+        print(f"error: {' '.join(str(err).split())[:2000]}", file=sys.stderr)
+        return EXIT_INVALID
+    except UseError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    release, runtime = _use_release(args)
+    cfg = eval_config(release, args.tasks, args.max_subjects)
+    rows = read_prediction_times(args.prediction_times) if args.prediction_times else task_rows(runtime, cfg)
+    embedded = embed_rows_at_site(
+        runtime, release, rows, cfg.max_events, cfg.max_patches, cfg.batch_size, progress=_progress(args)
+    )
+    table = embeddings_table(embedded, splits_of(runtime, rows["subject_id"].to_numpy()))
+    write_parquet(table, args.out)
+    print(f"{table.num_rows} rows embedded ({embedded.x.shape[1]} dimensions) -> {args.out}")
+    return EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    return _run_use(args, _embed)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    release, runtime = _use_release(args)
+    cfg = eval_config(release, args.tasks, args.max_subjects)
+    out = Path(args.out) if args.out else Path(f"probe-{runtime.name}")
+    result = probe_at_site(runtime, release, cfg, out, runtime.name)
+    print(result.report.read_text(encoding="utf-8"))
+    print(f"report, heads, predictions and plots in {out}")
+    return EXIT_OK if result.reply.tasks else EXIT_INVALID
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    return _run_use(args, _probe)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    release, runtime = _use_release(args)
+    rows = read_prediction_times(args.prediction_times)
+    table = predict_at_site(runtime, release, Path(args.head), rows, progress=_progress(args))
+    write_parquet(table, args.out)
+    print(f"{table.num_rows} predictions -> {args.out}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    return _run_use(args, _predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="client.py", description="healthfm site runtime")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -474,6 +575,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     approve_p.add_argument("--show", action="store_true", help="only show what the bundle holds")
     approve_p.set_defaults(func=cmd_approve)
+
+    def use_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("site_root", metavar="SITE_ROOT", help="the site root (holds data/, metadata/, ...)")
+        q.add_argument("--model", required=True, metavar="DIR", help="the model release folder (coordinator release)")
+        q.add_argument("--policy", metavar="FILE", help="this site's policy file: its min_subjects raises the minimum")
+        q.add_argument(
+            "--min-subjects",
+            type=int,
+            default=DEFAULT_MIN_SUBJECTS,
+            metavar="N",
+            help=f"fewest subjects per split for a probe (default {DEFAULT_MIN_SUBJECTS}, the runtime's)",
+        )
+        q.add_argument(
+            "--max-unknown-share",
+            type=float,
+            default=DEFAULT_MAX_UNKNOWN_SHARE,
+            metavar="F",
+            help="refuse a site with more than this share of EHR rows in codes outside the release's "
+            f"vocabulary (default {DEFAULT_MAX_UNKNOWN_SHARE})",
+        )
+        q.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars")
+        q.add_argument("--no-progress", dest="progress", action="store_false")
+
+    def task_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--tasks",
+            nargs="+",
+            metavar="TASK",
+            help="task names, ACES files or site:NAME (default: the tasks of the run's own evaluation)",
+        )
+        q.add_argument(
+            "--max-subjects",
+            type=int,
+            default=None,
+            metavar="N",
+            help="at most N subjects per split, the run's keyed sample (default: the run's; 0: every subject)",
+        )
+
+    embed = sub.add_parser("embed", help="the release's embedding of each (subject, prediction time), in parquet")
+    use_options(embed)
+    task_options(embed)
+    embed.add_argument(
+        "--prediction-times",
+        metavar="FILE",
+        help="parquet with subject_id, prediction_time: embed these rows (instead of the tasks' labelled rows)",
+    )
+    embed.add_argument("--out", required=True, metavar="FILE", help="the parquet file to write")
+    embed.set_defaults(func=cmd_embed)
+
+    probe = sub.add_parser("probe", help="fit and score the frozen linear probe of each task on this site's splits")
+    use_options(probe)
+    task_options(probe)
+    probe.add_argument("--out", metavar="DIR", help="where the report, heads, predictions and plots go (probe-SITE)")
+    probe.set_defaults(func=cmd_probe)
+
+    predict = sub.add_parser("predict", help="a saved head's predictions for new (subject, prediction time) rows")
+    use_options(predict)
+    predict.add_argument("--head", required=True, metavar="HEAD.json", help="a head `probe` saved (heads/TASK.json)")
+    predict.add_argument(
+        "--prediction-times", required=True, metavar="FILE", help="parquet: subject_id, prediction_time"
+    )
+    predict.add_argument("--out", required=True, metavar="FILE", help="the parquet file to write")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -31,7 +31,7 @@ from healthfm_core.data.token_settings import (
     one_line_error,
 )
 from healthfm_core.eval.score_histogram import DEFAULT_SCORE_BINS, ScoreScale
-from healthfm_core.federation import MAX_SCORE_BINS
+from healthfm_core.federation import MAX_SCORE_BINS, EvalConfig
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.transport import Rounding, Transport
 from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
@@ -243,6 +243,24 @@ class FederationConfig(BaseModel):
     def eval_task_specs(self) -> list[TaskSpec]:
         """The evaluation's tasks as the sites receive them (definitions, not names)."""
         return resolve_tasks(self.eval_tasks)
+
+    def eval_config(self, rnd: int, setup_sha256: str) -> EvalConfig:
+        """The evaluate message's config after round `rnd` (a release records the last one, so a
+        site's own probe reproduces the run's evaluation)."""
+        return EvalConfig(
+            round=rnd,
+            tasks=self.eval_task_specs(),
+            setup_sha256=setup_sha256,
+            batch_size=max(self.batch_size, 32),
+            max_events=self.max_events,
+            max_patches=self.max_patches,
+            n_boot=self.eval_n_boot,
+            meds_tab=self.eval_meds_tab,
+            seed=self.seed,
+            max_subjects=self.eval_max_subjects,
+            score_bins=self.eval_score_bins,
+            score_scale=self.eval_score_scale,
+        )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

@@ -9,6 +9,7 @@ resume runs. All of them take the federation directory FED that `provision` crea
     python -m server.coordinator launch    FED --out-dir RUN_DIR [--model tiny] [--rounds 3] [-c KEY=VALUE ...] [--wait]
     python -m server.coordinator resume    FED --out-dir RUN_DIR [--from CHECKPOINT] [--rounds N] [--wait]
     python -m server.coordinator status    FED [--run-id ID]
+    python -m server.coordinator release   FED --run RUN_DIR --out MODEL_DIR [--force]
 
 `launch --wait`, `resume --wait` and `status --run-id` read how the run ended from RUN_DIR/
 outcome.json (server/outcome.py) and print it: exit 0 only when the run completed without losing a
@@ -61,6 +62,8 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.files import write_flat_toml
+from healthfm_core.release import ReleaseError
+from healthfm_core.train.checkpoint import CheckpointError
 from server.bundle import build_bundle, write_bundle
 from server.flwr_app import check_run_config, parse_overrides, write_app
 from server.flwr_control import (
@@ -96,6 +99,7 @@ from server.provision import (
 )
 from server.proxy import start_proxy, wait_listening
 from server.registry import RegisteredSite, RegistryError, read_registry, registry_path, write_registry
+from server.release import RunNotReleasable, release_run
 from server.run_claim import OutDirInUse, claim_for_launch, process_start, release, set_run_id
 
 log = logging.getLogger("healthfm.coordinator")
@@ -745,6 +749,33 @@ def report_outcome(run_id: int, status: str, out_dir: Path, paths: FederationPat
     return EXIT_FAILED
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    """The run's final model as a release folder a site loads (server/release.py). RUN is the
+    run's out-dir, or a run id of FED's launches (server/launches.jsonl); a simulation's run
+    directory needs no federation (FED is then not read)."""
+    run = Path(args.run)
+    if not run.is_dir() and args.run.isdigit():
+        launches = [
+            r
+            for r in read_launches(FederationPaths(root=Path(args.federation_dir).resolve()))
+            if r.run_id == int(args.run)
+        ]
+        if not launches:
+            raise CoordinatorError(
+                f"--run {args.run}: no such run directory, and no launch of run {args.run} in {args.federation_dir}",
+                EXIT_USAGE,
+            )
+        run = Path(launches[-1].out_dir)
+    if not run.is_dir():
+        raise CoordinatorError(f"--run {args.run}: no such run directory", EXIT_USAGE)
+    try:
+        path = release_run(run, args.out, overwrite=args.force)
+    except (RunNotReleasable, CheckpointError, ReleaseError) as err:
+        raise CoordinatorError(str(err), EXIT_FAILED) from None
+    print(f"release of {run} written to {path} (check it with `sha256sum -c SHA256SUMS` in that folder)", flush=True)
+    return EXIT_OK
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     paths = _paths(args)
     _apply_superlink_option(paths, args)
@@ -986,6 +1017,13 @@ def build_parser() -> argparse.ArgumentParser:
     connection_options(p)
     p.add_argument("--run-id", type=int)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("release", help="write a run's final model as a release folder sites load")
+    p.add_argument("federation_dir", metavar="FED")
+    p.add_argument("--run", required=True, metavar="RUN", help="the run's out-dir (or its run id in FED)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="the release folder to write")
+    p.add_argument("--force", action="store_true", help="replace MODEL_DIR if it exists")
+    p.set_defaults(func=cmd_release)
     return parser
 
 

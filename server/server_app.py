@@ -72,7 +72,6 @@ from healthfm_core.federation import (
     METRICS_RECORD,
     SETUP,
     SETUP_NEEDED_RECORD,
-    EvalConfig,
     EvalReply,
     FederationSetup,
     RoundConfig,
@@ -814,20 +813,7 @@ class FederationServer:
     def evaluate(self, rnd: int, setup: FederationSetup, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        eval_cfg = EvalConfig(
-            round=rnd,
-            tasks=cfg.eval_task_specs(),
-            setup_sha256=setup.sha256,
-            batch_size=max(cfg.batch_size, 32),
-            max_events=cfg.max_events,
-            max_patches=cfg.max_patches,
-            n_boot=cfg.eval_n_boot,
-            meds_tab=cfg.eval_meds_tab,
-            seed=cfg.seed,
-            max_subjects=cfg.eval_max_subjects,
-            score_bins=cfg.eval_score_bins,
-            score_scale=cfg.eval_score_scale,
-        )
+        eval_cfg = cfg.eval_config(rnd, setup.sha256)
         if cfg.eval_max_subjects:
             log.info(
                 "evaluation after round %d: each site scores a fixed subject sample, at most %d subjects per task "

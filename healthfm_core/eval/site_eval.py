@@ -65,7 +65,7 @@ from healthfm_core.eval.meds_eval import prediction_path, predictions_table, sco
 from healthfm_core.eval.meds_tab import EVENT_COLUMNS, describe_codes, fit_xgboost, tabularize
 from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
-from healthfm_core.eval.probes import fit_logistic_probe, fit_ridge_probe
+from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.score_histogram import ScoreScale, WithheldKind
 from healthfm_core.eval.site_histogram import release_histogram
@@ -86,6 +86,7 @@ class SiteTaskResults:
     # Per binary task with a metric: its held-out scores' histogram (score_bins > 0), or why withheld.
     histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
     histograms_withheld: dict[str, WithheldKind] = field(default_factory=dict)
+    probes: dict[str, LogisticProbe | RidgeProbe] = field(default_factory=dict)  # key -> its fitted probe (kept here)
     num_examples: int = 0  # samples embedded
     num_passes: int = 0  # forward passes that embedded them (eval/row_embeddings.py)
     # Seconds spent in the model's forward passes (embedding the rows), fitting probes and scoring: what a
@@ -344,7 +345,7 @@ def evaluate_site_tasks(
             y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             y = {s: y_all[split == s] for s in SPLITS}
             start = time.perf_counter()
-            probe = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+            probe = out.probes[key] = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
             held_rows, p_held = table.take(pa.array(held)), probe.predict_proba(x["held_out"])
             probe_seconds = time.perf_counter() - start
             out.seconds["probes"] += probe_seconds
@@ -399,7 +400,7 @@ def evaluate_site_tasks(
             y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
             y = {s: y_all[split == s] for s in SPLITS}
             start = time.perf_counter()
-            ridge = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+            ridge = out.probes[key] = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
             out.seconds["probes"] += time.perf_counter() - start
             out.metrics[key] = TaskMetrics(
                 n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))), **scope

@@ -1,0 +1,265 @@
+"""A model release: one self-contained folder a site or a researcher takes home and loads with
+`load_release(DIR)`, without Flower, the server or the run directory.
+
+    release.json          format/version, the run it came from (run id, round), the federation's
+                          setup hash, model seed, modalities, token settings, the model's parameter
+                          groups and those some site trained, the run's evaluation settings
+                          (an EvalConfig: task definitions, max_events, ...), the site minimum
+    model_config.json     the ModelConfig
+    vocabulary.json       the agreed Vocabulary (codes, normalisers, PRS traits)
+    weights.safetensors   the global arrays (state_dict keys) after the run's last round
+    MODEL_CARD.md         the model card (server/model_card.py), and the same as data:
+    model_card.json
+    SHA256SUMS            `sha256  name` of every file above (`sha256sum -c SHA256SUMS` checks it)
+
+The release is written into a temporary sibling folder and renamed into place: a reader sees a
+whole release or none. Loading verifies every hash before parsing anything, validates each JSON
+file with its pydantic model, checks the weights' keys and shapes against the model the config and
+vocabulary build, and that the setup rebuilt from the parts has the recorded hash; a damaged or
+mismatched release is refused with one line naming the file and the field (ReleaseError).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.numpy import load_file, save_file
+
+from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.token_settings import TokenSettings
+from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.federation import EvalConfig, FederationSetup
+from healthfm_core.model.config import ModelConfig
+from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.train.checkpoint import sha256_file
+
+FORMAT = "healthfm-model-release"
+VERSION = 1
+RELEASE_FILE = "release.json"
+MODEL_CONFIG_FILE = "model_config.json"
+VOCABULARY_FILE = "vocabulary.json"
+WEIGHTS_FILE = "weights.safetensors"
+CARD_MD_FILE = "MODEL_CARD.md"
+CARD_JSON_FILE = "model_card.json"
+SUMS_FILE = "SHA256SUMS"
+RELEASE_FILES = (RELEASE_FILE, MODEL_CONFIG_FILE, VOCABULARY_FILE, WEIGHTS_FILE, CARD_MD_FILE, CARD_JSON_FILE)
+GROUPS = ("shared", *MODALITIES)
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class ReleaseError(ValueError):
+    """A release that cannot be used: the message names the file and, where known, the field."""
+
+
+class ReleaseMeta(BaseModel):
+    """release.json, validated on load (it is read from disk)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str
+    version: int
+    run_id: str
+    round: int = Field(ge=0)
+    setup_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model_seed: int
+    modalities: list[str]
+    tokens: TokenSettings
+    groups: list[str]
+    groups_trained: list[str]
+    min_report_subjects: int = Field(ge=1)  # the card's counts below it are not shown
+    evaluation: EvalConfig | None = None  # the run's own evaluation (None: the run evaluated nothing)
+
+
+@dataclass
+class ModelRelease:
+    """A verified release: its metadata, the federation setup it rebuilds, and the model (eval mode)."""
+
+    path: Path
+    meta: ReleaseMeta
+    setup: FederationSetup
+    model: HealthFM
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self.setup.vocabulary
+
+
+def write_release(
+    out: str | Path,
+    arrays: Mapping[str, np.ndarray],
+    setup: FederationSetup,
+    meta: ReleaseMeta,
+    card_markdown: str,
+    card: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write a release folder at `out` (refused when it exists, unless `overwrite`); the weights
+    are checked against the model the setup builds before anything is written."""
+    out = Path(out)
+    if meta.setup_sha256 != setup.sha256:
+        raise ReleaseError(f"release: field setup_sha256 {meta.setup_sha256[:16]}... is not the setup's {setup.sha256}")
+    _check_weights(Path(WEIGHTS_FILE), arrays, setup.init_model(), setup.vocabulary.vocab_size)
+    if out.exists() and not overwrite:
+        raise ReleaseError(f"{out}: already exists (choose another --out, or remove it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}, str(tmp / WEIGHTS_FILE))
+        (tmp / RELEASE_FILE).write_text(meta.model_dump_json(indent=1), encoding="utf-8")
+        (tmp / MODEL_CONFIG_FILE).write_text(setup.model.model_dump_json(indent=1), encoding="utf-8")
+        (tmp / VOCABULARY_FILE).write_text(setup.vocabulary.model_dump_json(indent=1), encoding="utf-8")
+        (tmp / CARD_MD_FILE).write_text(card_markdown, encoding="utf-8")
+        (tmp / CARD_JSON_FILE).write_text(json.dumps(card, indent=1, sort_keys=True), encoding="utf-8")
+        sums = "".join(f"{sha256_file(tmp / name)}  {name}\n" for name in RELEASE_FILES)
+        (tmp / SUMS_FILE).write_text(sums, encoding="ascii")
+        for name in (*RELEASE_FILES, SUMS_FILE):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    sums_path = path / SUMS_FILE
+    if not sums_path.is_file():
+        raise ReleaseError(f"{sums_path}: missing (not a release folder, or an incomplete one)")
+    out: dict[str, str] = {}
+    for i, line in enumerate(sums_path.read_text(encoding="ascii", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or name not in RELEASE_FILES or name in out:
+            raise ReleaseError(f"{sums_path}: line {i} is not `sha256  <a release file>`: {line[:100]!r}")
+        out[name] = digest
+    return out
+
+
+def verify_release_files(path: str | Path) -> None:
+    """Every release file present, listed in SHA256SUMS and matching its hash; no other file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReleaseError(f"{path}: not a folder (a model release is a folder)")
+    sums = _read_sums(path)
+    for name in RELEASE_FILES:
+        file = path / name
+        if name not in sums:
+            raise ReleaseError(f"{path / SUMS_FILE}: has no entry for {name}")
+        if not file.is_file():
+            raise ReleaseError(f"{file}: missing (listed in {SUMS_FILE})")
+        digest = sha256_file(file)
+        if digest != sums[name]:
+            raise ReleaseError(
+                f"{file}: sha256 {digest[:16]}... does not match {sums[name][:16]}... in {SUMS_FILE} "
+                "(damaged or edited)"
+            )
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*RELEASE_FILES, SUMS_FILE))
+    if extra:
+        raise ReleaseError(f"{path}: files not in {SUMS_FILE}: {', '.join(extra[:5])}")
+
+
+def _validated(file: Path, model: type[_M]) -> _M:
+    try:
+        return model.model_validate_json(file.read_text(encoding="utf-8"))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        raise ReleaseError(f"{file}: field {where}: value {repr(first.get('input'))[:80]}: {msg}") from None
+    except UnicodeDecodeError as err:
+        raise ReleaseError(f"{file}: not UTF-8 text ({err})") from None
+
+
+def _check_weights(file: Path, arrays: Mapping[str, np.ndarray], model: torch.nn.Module, vocab_size: int) -> None:
+    """The arrays are exactly the model's state_dict: same keys and shapes (a vocabulary of another
+    size than the weights' is named as such)."""
+    state = model.state_dict()
+    if missing := sorted(set(state) - set(arrays)):
+        raise ReleaseError(f"{file}: {len(missing)} key(s) of the model missing, first {missing[0]!r}")
+    if unknown := sorted(set(arrays) - set(state)):
+        raise ReleaseError(f"{file}: {len(unknown)} key(s) the model does not have, first {unknown[0]!r}")
+    for key, value in state.items():
+        got, want = tuple(np.asarray(arrays[key]).shape), tuple(value.shape)
+        if got == want:
+            continue
+        if len(got) == len(want) and vocab_size in want:
+            dim = want.index(vocab_size)
+            if got[dim] != want[dim]:
+                raise ReleaseError(
+                    f"{file.parent / VOCABULARY_FILE}: field codes gives vocab_size {vocab_size}, but {file.name} "
+                    f"key {key!r} was trained with {got[dim]} (shape {got}): vocabulary and weights do not match"
+                )
+        raise ReleaseError(f"{file}: key {key!r}: shape {got}, the model built from the release expects {want}")
+
+
+def load_release(path: str | Path, device: str | torch.device = "cpu") -> ModelRelease:
+    """Verify and load a release folder: the model with the released weights, in eval mode.
+    Raises ReleaseError (one line naming the file and field) for a damaged or mismatched release."""
+    path = Path(path)
+    verify_release_files(path)
+    meta = _validated(path / RELEASE_FILE, ReleaseMeta)
+    if meta.format != FORMAT or meta.version != VERSION:
+        raise ReleaseError(
+            f"{path / RELEASE_FILE}: field format/version is {meta.format!r}/{meta.version}, expected {FORMAT!r}/{VERSION}"
+        )
+    if unknown := sorted(set(meta.groups_trained) - set(meta.groups)):
+        raise ReleaseError(f"{path / RELEASE_FILE}: field groups_trained names groups the model lacks: {unknown}")
+    model_config = _validated(path / MODEL_CONFIG_FILE, ModelConfig)
+    vocabulary = _validated(path / VOCABULARY_FILE, Vocabulary)
+    try:
+        setup = FederationSetup(
+            vocabulary=vocabulary,
+            model=model_config,
+            model_seed=meta.model_seed,
+            modalities=meta.modalities,
+            token_window_days=meta.tokens.token_window_days,
+            max_codes_per_token=meta.tokens.max_codes_per_token,
+        )
+    except ValidationError as err:
+        raise ReleaseError(f"{path / RELEASE_FILE}: field modalities: {err.errors()[0].get('msg')}") from None
+    if setup.groups != meta.groups:
+        raise ReleaseError(f"{path / RELEASE_FILE}: field groups {meta.groups} is not the model's {setup.groups}")
+    try:
+        arrays = load_file(str(path / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises several types for a bad header
+        raise ReleaseError(f"{path / WEIGHTS_FILE}: unreadable ({err})") from err
+    model = setup.init_model()
+    _check_weights(path / WEIGHTS_FILE, arrays, model, vocabulary.vocab_size)
+    if setup.sha256 != meta.setup_sha256:
+        raise ReleaseError(
+            f"{path / RELEASE_FILE}: field setup_sha256 {meta.setup_sha256[:16]}... does not match the setup "
+            f"rebuilt from {MODEL_CONFIG_FILE}, {VOCABULARY_FILE} and {RELEASE_FILE} ({setup.sha256[:16]}...)"
+        )
+    with torch.no_grad():
+        state = model.state_dict()
+        for key, value in arrays.items():
+            state[key].copy_(torch.from_numpy(value).to(state[key].dtype))
+    model.eval()
+    return ModelRelease(path=path, meta=meta, setup=setup, model=model.to(device))
+
+
+__all__ = [
+    "FORMAT",
+    "GROUPS",
+    "VERSION",
+    "RELEASE_FILES",
+    "ModelRelease",
+    "ReleaseError",
+    "ReleaseMeta",
+    "load_release",
+    "verify_release_files",
+    "write_release",
+]

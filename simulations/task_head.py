@@ -1,0 +1,191 @@
+"""Federated task head vs each site's local head vs a pooled head, on a model release's frozen
+embeddings, per site and task with subject-bootstrap intervals.
+
+    python -m simulations.task_head --model model/ --sites runs/data/default-seed0-nNone/sites/* \
+        [--embeddings emb-SITE.parquet ...] [--tasks onset_t2d_365d ...] [--min-subjects 20] \
+        [--rounds 200] --out task_head.md
+
+Each site embeds its rows of the run's evaluation tasks with the release (client/model_use.py:
+the evaluation's rows and path). Per binary task key:
+
+- federated head: healthfm_core/eval/federated_head.py (FedAvg of a logistic head over the sites'
+  train splits, C on the pooled tuning log-loss; labels stay at their site);
+- local head: the site's own probe (fit_logistic_probe on its train split, C on its tuning split);
+- pooled head: the same probe on every site's train and tuning rows together (the ceiling a
+  federation approximates, not possible across real sites);
+
+each scored on each site's held-out rows: AUROC with a 95% subject-bootstrap interval on the same
+rows. A site whose splits are below the minimum (or one class) is neither scored nor gives a local
+head (its reason is printed), but its train rows still join the federated and pooled heads.
+This runs the sites in one process (a simulation of the protocol, not over Flower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from client.model_use import embed_rows_at_site, eval_config, open_site_runtime, splits_of, task_rows
+from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
+from healthfm_core.eval.probes import binary_row, fit_logistic_probe
+from healthfm_core.eval.report import ResultRow
+from healthfm_core.eval.site_eval import task_split_counts, withheld_reason
+from healthfm_core.federation import TaskReason
+from healthfm_core.files import atomic_write_text
+from healthfm_core.release import load_release
+from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
+
+METHODS = ("federated head", "local head", "pooled head")
+
+
+def _cell(row: ResultRow | None) -> str:
+    if row is None:
+        return "n/a"
+    low, high = row.auroc_ci
+    return f"{row.auroc:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def compare_heads(
+    model: Path,
+    sites: Sequence[Path],
+    tasks: Sequence[str] | None,
+    min_subjects: int,
+    rounds: int,
+    max_subjects: int | None = None,
+    embeddings: Sequence[Path] | None = None,
+) -> dict:
+    release = load_release(model)
+    per_site: dict[str, dict] = {}
+    cfg = None
+    if embeddings is not None and len(embeddings) != len(sites):
+        raise ValueError(f"--embeddings: {len(embeddings)} files for {len(sites)} sites")
+    for i, root in enumerate(sites):
+        runtime, _ = open_site_runtime(Path(root), release, min_subjects, None, DEFAULT_MAX_UNKNOWN_SHARE)
+        cfg = eval_config(release, tasks, max_subjects)
+        labels = runtime.labels(cfg)
+        if embeddings is not None:  # `client.py embed`'s file of this site's task rows
+            table = pq.read_table(embeddings[i])
+            rows = table.select(["subject_id", "prediction_time"])
+            x_all = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
+        else:
+            rows = task_rows(runtime, cfg)
+            x_all = embed_rows_at_site(runtime, release, rows, cfg.max_events, cfg.max_patches, cfg.batch_size).x
+        pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
+        index = {k: i for i, k in enumerate(zip(rows["subject_id"].to_numpy().tolist(), pt.tolist(), strict=True))}
+        split_of = partial(splits_of, runtime)
+        per_key = {}
+        for key, table in labels.items():
+            if isinstance(table, TaskReason) or "boolean_value" not in table.column_names or table.num_rows == 0:
+                continue
+            sids = table["subject_id"].to_numpy()
+            tpt = pc.cast(table["prediction_time"], pa.int64()).to_numpy()
+            idx = np.array([index[k] for k in zip(sids.tolist(), tpt.tolist(), strict=True)], dtype=np.int64)
+            split = split_of(sids)
+            reason = withheld_reason(task_split_counts(table, split_of), min_subjects, binary=True)
+            y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+            x = x_all[idx]
+            per_key[key] = {"x": x, "y": y, "split": split, "sids": sids, "reason": reason}
+        per_site[runtime.name] = per_key
+    assert cfg is not None
+    keys = [k for spec in cfg.tasks for k in spec.keys() if any(k in v for v in per_site.values())]
+    results: dict[str, dict] = {}
+    for key in keys:
+        data = {s: v[key] for s, v in per_site.items() if key in v}
+        splits = {
+            s: SiteSplits(
+                d["x"][d["split"] == "train"],
+                d["y"][d["split"] == "train"],
+                d["x"][d["split"] == "tuning"],
+                d["y"][d["split"] == "tuning"],
+            )
+            for s, d in data.items()
+        }
+        fed, _ = fit_federated_logistic(splits, rounds=rounds)
+        pooled = fit_logistic_probe(
+            np.concatenate([s.x_train for s in splits.values()]),
+            np.concatenate([s.y_train for s in splits.values()]),
+            np.concatenate([s.x_tune for s in splits.values()]),
+            np.concatenate([s.y_tune for s in splits.values()]),
+        )
+        results[key] = {}
+        for site, d in data.items():
+            if d["reason"] is not None:
+                results[key][site] = {"reason": d["reason"].describe()}
+                continue
+            held = d["split"] == "held_out"
+            x_held, y_held, groups = d["x"][held], d["y"][held], d["sids"][held]
+            local = fit_logistic_probe(
+                splits[site].x_train, splits[site].y_train, splits[site].x_tune, splits[site].y_tune
+            )
+            row = {}
+            for method, probe in zip(METHODS, (fed, local, pooled), strict=True):
+                scored = binary_row(
+                    method, key, None, y_held, probe.predict_proba(x_held), cfg.n_boot, cfg.seed, groups
+                )
+                row[method] = scored.model_dump()
+            results[key][site] = {"n": int(held.sum()), "subjects": int(len(np.unique(groups))), **row}
+    return {"release": str(model), "min_subjects": min_subjects, "rounds": rounds, "results": results}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Task heads on release {report['release']}: federated vs local vs pooled",
+        "",
+        "Held-out AUROC at each site [95% subject-bootstrap interval], the same rows for the three heads.",
+        "",
+        "| task | site | n (subjects) | " + " | ".join(METHODS) + " |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, sites in report["results"].items():
+        for site, r in sites.items():
+            if "reason" in r:
+                lines.append(f"| {key} | {site} | - | not scored: {r['reason']} | | |")
+                continue
+            cells = [_cell(ResultRow.model_validate(r[m])) for m in METHODS]
+            lines.append(f"| {key} | {site} | {r['n']} ({r['subjects']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.task_head", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the model release folder")
+    parser.add_argument("--sites", nargs="+", required=True, help="site roots")
+    parser.add_argument("--tasks", nargs="+", help="task names (default: the run's evaluation tasks)")
+    parser.add_argument("--min-subjects", type=int, default=20)
+    parser.add_argument("--max-subjects", type=int, default=None, help="per split (default: the run's; 0: all)")
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        help="`client.py embed` files of the sites' task rows, in --sites order (else embedded here)",
+    )
+    parser.add_argument("--rounds", type=int, default=200, help="FedAvg rounds of the federated head per C")
+    parser.add_argument("--out", required=True, help="the markdown report (JSON beside it)")
+    args = parser.parse_args(argv)
+    report = compare_heads(
+        Path(args.model),
+        [Path(s) for s in args.sites],
+        args.tasks,
+        args.min_subjects,
+        args.rounds,
+        args.max_subjects,
+        [Path(e) for e in args.embeddings] if args.embeddings else None,
+    )
+    out = Path(args.out)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1))
+    text = markdown(report)
+    atomic_write_text(out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

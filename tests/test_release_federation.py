@@ -1,0 +1,166 @@
+"""A real federation (the tiny scenario's three sites, the real ServerApp and ClientApps in this
+process), its release, then `client.py embed / probe / predict` at each site: the site's numbers
+at home are the run's own evaluation on the same rows (slow: a two-round run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+from test_hardening import InProcessGrid, fed_config, tiny_nodes
+
+from client.client import main as client_main
+from client.model_use import eval_config, open_site_runtime
+from healthfm_core.eval.probes import fit_logistic_probe
+from healthfm_core.federation import EvalReply
+from healthfm_core.release import load_release
+from server.coordinator import main as coordinator_main
+from server.server_app import FederationServer
+from simulations.task_head import compare_heads, markdown
+
+pytestmark = pytest.mark.slow
+
+KEY = "onset_hypertension_365d"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    tmp = tmp_path_factory.mktemp("released")
+    _, nodes = tiny_nodes(tmp)
+    cfg = fed_config(
+        tmp / "run",
+        local_steps=1,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        min_nodes=3,
+        vocab_min_subjects=5,
+        eval_n_boot=10,
+        timeout_s=60,
+    )
+    mp = pytest.MonkeyPatch()  # what Flower sets in a ServerApp process (module scope: no fixture)
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        mp.setattr(TaskIdentity, name, value)
+    try:
+        FederationServer(InProcessGrid(nodes), cfg, run_id=1).run()
+    finally:
+        mp.undo()
+    model = tmp / "model"
+    assert coordinator_main(["release", str(tmp), "--run", str(tmp / "run"), "--out", str(model)]) == 0
+    return tmp / "run", nodes, model
+
+
+def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(run, tmp_path: Path) -> None:
+    run_dir, nodes, model = run
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    scored = 0
+    for node in nodes.values():
+        site, root = node["site-name"], node["site-root"]
+        out = tmp_path / site
+        code = client_main(
+            ["probe", root, "--model", str(model), "--min-subjects", "2", "--no-progress", "--out", str(out)]
+        )
+        reported = EvalReply.from_records(evaluation["sites"][site])
+        if KEY not in reported.tasks:  # withheld in the run (one class): withheld at home too, same reason
+            assert code == 1
+            report = json.loads((out / "report.json").read_text())
+            assert KEY in report["reasons"] and KEY in reported.reasons
+            continue
+        assert code == 0
+        scored += 1
+        report = json.loads((out / "report.json").read_text())
+        assert report["metrics"][KEY]["auroc"] == reported.tasks[KEY].auroc
+        assert report["metrics"][KEY]["auroc_low"] == reported.tasks[KEY].auroc_low
+        assert report["metrics"][KEY]["n"] == reported.tasks[KEY].n
+        # The same held-out rows and probabilities as the run's own predictions file at the site.
+        ours = pq.read_table(out / "predictions" / site / f"{KEY}.parquet")
+        theirs = pq.read_table(Path(node["state-dir"]) / "evaluation" / site / f"{KEY}.parquet")
+        cols = ["subject_id", "prediction_time", "boolean_value"]
+        assert ours.select(cols).equals(theirs.select(cols))
+        # Probabilities to float32 rounding (another thread count can round a forward pass differently).
+        np.testing.assert_allclose(
+            ours["predicted_boolean_probability"].to_numpy(),
+            theirs["predicted_boolean_probability"].to_numpy(),
+            rtol=0,
+            atol=1e-6,
+        )
+        # predict with the saved head on those rows: the probe's probabilities.
+        pq.write_table(ours.select(["subject_id", "prediction_time"]), tmp_path / f"{site}-rows.parquet")
+        pred = tmp_path / f"{site}-pred.parquet"
+        argv = ["predict", root, "--model", str(model), "--min-subjects", "2", "--no-progress"]
+        argv += [
+            "--head",
+            str(out / "heads" / f"{KEY}.json"),
+            "--prediction-times",
+            str(tmp_path / f"{site}-rows.parquet"),
+        ]
+        assert client_main([*argv, "--out", str(pred)]) == 0
+        np.testing.assert_allclose(
+            pq.read_table(pred)["predicted_boolean_probability"].to_numpy(),
+            ours["predicted_boolean_probability"].to_numpy(),
+            rtol=0,
+            atol=1e-6,
+        )
+    assert scored >= 1
+
+
+def test_embed_gives_the_evaluations_embeddings(run, tmp_path: Path) -> None:
+    """A probe refitted here on `embed`'s output (train, tuning) scores the held-out rows as the
+    run's evaluation did: the embeddings are the evaluation's."""
+    run_dir, nodes, model = run
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    node = next(n for n in nodes.values() if KEY in EvalReply.from_records(evaluation["sites"][n["site-name"]]).tasks)
+    site, root = node["site-name"], node["site-root"]
+    out = tmp_path / "emb.parquet"
+    argv = ["embed", root, "--model", str(model), "--min-subjects", "2", "--no-progress", "--tasks", KEY]
+    assert client_main([*argv, "--out", str(out)]) == 0
+    emb = pq.read_table(out)
+    labels = pq.read_table(Path(node["state-dir"]) / "evaluation" / site / f"{KEY}.parquet")
+    # The task's labelled rows with their labels, as the evaluation drew them at the site.
+    release = load_release(model)
+    runtime, _ = open_site_runtime(Path(root), release, 2, None, 0.5)
+    table = runtime.labels(eval_config(release, [KEY]))[KEY]
+    key = {(s, t): i for i, (s, t) in enumerate(zip(emb["subject_id"].to_pylist(), emb["prediction_time"].to_pylist()))}
+    idx = np.array([key[(s, t)] for s, t in zip(table["subject_id"].to_pylist(), table["prediction_time"].to_pylist())])
+    x = np.stack(emb["embedding"].to_numpy(zero_copy_only=False))[idx].astype(np.float64)
+    split = np.asarray(emb["split"].to_pylist())[idx]
+    y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+    probe = fit_logistic_probe(x[split == "train"], y[split == "train"], x[split == "tuning"], y[split == "tuning"])
+    p = probe.predict_proba(x[split == "held_out"])
+    np.testing.assert_allclose(p, labels["predicted_boolean_probability"].to_numpy(), rtol=0, atol=1e-5)
+
+
+def test_model_card_numbers_are_the_reports(run) -> None:
+    run_dir, _, model = run
+    card = json.loads((model / "model_card.json").read_text())
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert card["evaluation"] == evaluation
+    md = (model / "MODEL_CARD.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
+    # Each per-site row of the run's summary is on the card as written there.
+    rows = [ln for ln in summary.splitlines() if ln.startswith("| ") and f"| {KEY} |" in ln and "AUROC" in ln]
+    assert rows and all(r in md for r in rows)
+
+
+def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
+    """simulations.task_head: per site and task the federated, local and pooled heads scored on the
+    same held-out rows with intervals; the local head is the run's own probe (same AUROC)."""
+    run_dir, nodes, model = run
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    report = compare_heads(model, [Path(n["site-root"]) for n in nodes.values()], None, 2, rounds=50)
+    table = report["results"][KEY]
+    scored = [s for s, r in table.items() if "reason" not in r]
+    assert scored and all("reason" in table[s] for s in table if s not in scored)
+    for site in scored:
+        reported = EvalReply.from_records(evaluation["sites"][site]).tasks[KEY]
+        assert table[site]["local head"]["auroc"] == pytest.approx(reported.auroc, abs=1e-12)
+        assert table[site]["n"] == reported.n
+        for method in ("federated head", "pooled head"):
+            low, high = table[site][method]["auroc_ci"]
+            assert 0 <= low <= high <= 1
+    text = markdown(report)
+    assert all(f"| {KEY} | {s} |" in text for s in table)
