@@ -53,12 +53,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import scipy.sparse as sp
+
+if TYPE_CHECKING:  # scipy is imported where features are built: a site that never evaluates never loads it
+    import scipy.sparse as sp
 
 WINDOW_SIZES: tuple[str, ...] = ("1d", "7d", "30d", "365d", "full")
 CODE_AGGREGATIONS: tuple[str, ...] = ("code/count",)
@@ -364,6 +367,8 @@ def tabularize(
         r, grp = _pairs(row_subject, s)
         put(offset, r, c[grp], v[grp])
         offset += len(codes)
+
+    import scipy.sparse as sp
 
     return sp.csr_matrix(
         (

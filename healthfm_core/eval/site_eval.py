@@ -40,12 +40,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 import torch
 
 from healthfm_core.data.aces_tasks import aces_labels_shared
@@ -71,6 +71,9 @@ from healthfm_core.eval.score_histogram import ScoreScale, WithheldKind
 from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
 from healthfm_core.federation import SMALL_CELL, ScoreHistogram, SplitCount, TaskMetrics, TaskReason
+
+if TYPE_CHECKING:  # scipy loads with MEDS-Tab's features, when a site evaluates
+    import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
