@@ -79,7 +79,7 @@ class SiteConfig(BaseModel):
     min_code_subjects: int = Field(default=10, ge=1)  # codes seen in fewer subjects are never named
     min_report_subjects: int = Field(default=20, ge=1)  # no metric on fewer subjects leaves the site
     # no metric leaves whose held_out split has fewer positive (or negative) rows
-    min_report_positives: int = Field(default=1, ge=1)
+    min_report_positives: int = Field(default=5, ge=1)
     device: str = "cpu"
     policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
     state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP

@@ -35,7 +35,10 @@ TASKS = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_resting_hr", "we
 def runtimes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SiteRuntime]:
     fed = generate_federation(tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=40, progress=False)
     return {
-        s.name: SiteRuntime(SiteConfig(site_root=s.root, site_name=s.name, min_report_subjects=2)) for s in fed.sites
+        s.name: SiteRuntime(
+            SiteConfig(site_root=s.root, site_name=s.name, min_report_subjects=2, min_report_positives=1)
+        )
+        for s in fed.sites
     }
 
 

@@ -59,7 +59,9 @@ def test_meds_tab_is_scored_on_the_probes_rows_and_can_be_switched_off(site_root
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
     arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
-    rt = SiteRuntime(SiteConfig(site_root=site_root, min_report_subjects=2, eval_dir=tmp_path / "eval"))
+    rt = SiteRuntime(
+        SiteConfig(site_root=site_root, min_report_subjects=2, min_report_positives=1, eval_dir=tmp_path / "eval")
+    )
     reply = EvalReply.from_records(rt.evaluate(setup, arrays, cfg).to_records(), expected=task_keys(cfg.tasks))
     assert "readmit" in reply.tasks, reply.reasons
     for key, m in reply.tasks.items():
@@ -81,7 +83,9 @@ def test_meds_tab_is_scored_on_the_probes_rows_and_can_be_switched_off(site_root
             tuple(np.quantile(boot, [0.025, 0.975])), abs=0.02
         )
         assert "MEDS-Tab AUROC" in outcome(reply, key)[0]
-    off = SiteRuntime(SiteConfig(site_root=site_root, min_report_subjects=2, eval_dir=tmp_path / "off"))
+    off = SiteRuntime(
+        SiteConfig(site_root=site_root, min_report_subjects=2, min_report_positives=1, eval_dir=tmp_path / "off")
+    )
     quiet = off.evaluate(setup, arrays, cfg.model_copy(update={"meds_tab": False}))
     assert set(quiet.tasks) == set(reply.tasks)
     for key, m in quiet.tasks.items():

@@ -193,7 +193,9 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
         setup_sha256=setup.sha256,
         n_boot=10,
     )
-    rt = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=2, eval_dir=tmp_path / "eval"))
+    rt = SiteRuntime(
+        SiteConfig(site_root=root, min_report_subjects=2, min_report_positives=1, eval_dir=tmp_path / "eval")
+    )
     reply = EvalReply.from_records(rt.evaluate(setup, arrays, cfg).to_records(), expected=task_keys(cfg.tasks))
     assert set(reply.tasks) | set(reply.reasons) == {"onset_hypertension_365d", "readmit", "elsewhere"}
     assert reply.reasons["elsewhere"].kind == "no_labels"
@@ -225,7 +227,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
     tmp_root = tmp_path / "tmp"
     tmp_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
-    unkept = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=2))
+    unkept = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=2, min_report_positives=1))
     assert unkept.evaluate(setup, arrays, cfg).tasks == reply.tasks
     assert unkept.eval_dir() is None and list(tmp_root.iterdir()) == []
     # Above the site's minimum only: every task withheld, with its counts per split, each below

@@ -44,7 +44,7 @@ from healthfm_core.data.tasks import cap_rows_per_subject
 from healthfm_core.federation import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
-DEFAULT_MIN_POSITIVES = 1  # the site runtime's min_report_positives
+DEFAULT_MIN_POSITIVES = 5  # the site runtime's min_report_positives
 TASK_SUFFIXES = (".yaml", ".yml")
 
 
