@@ -217,6 +217,25 @@ def site_at(kind: str, n: int, args: argparse.Namespace):
     return fed.sites[0]
 
 
+def _vocab_path(kind: str, n: int, args: argparse.Namespace) -> Path:
+    return args.cache / f"{kind}-{n}-seed{args.seed}" / "bench_vocabulary.json"
+
+
+def _vocabulary(kind: str, n: int, args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The site's vocabulary from its stats stage; else (that stage killed) the one of the same
+    kind of site at a smaller size, as a federation's vocabulary comes from other sites too."""
+    own = _vocab_path(kind, n, args)
+    if own.is_file():
+        return own, ""
+    smaller = sorted(
+        int(p.parent.name.split("-")[1]) for p in args.cache.glob(f"{kind}-*-seed{args.seed}/bench_vocabulary.json")
+    )
+    smaller = [m for m in smaller if m < n]
+    if not smaller:
+        return None, ""
+    return _vocab_path(kind, smaller[-1], args), f"vocabulary of the {smaller[-1]:,}-subject site"
+
+
 def _fmt_rss(r: Result) -> str:
     return f"{r.rss / 2**20:>8,.0f}" if r.rss else f"{'-':>8}"
 
@@ -225,7 +244,7 @@ def measure(kind: str, n: int, args: argparse.Namespace) -> dict[str, Result]:
     site = site_at(kind, n, args)
     rows = site.n_events if kind == "hospital" else site.n_wearable_epochs
     unit = "MEDS row" if kind == "hospital" else "epoch"
-    vocab_path = args.cache / f"{kind}-{n}-seed{args.seed}" / "bench_vocabulary.json"
+    vocab_path = _vocab_path(kind, n, args)
     print(
         f"\n{kind} site {site.name}: {n:,} subjects, {site.n_events:,} MEDS rows, "
         f"{site.n_wearable_epochs:,} wearable epochs ({site.root})",
@@ -234,10 +253,13 @@ def measure(kind: str, n: int, args: argparse.Namespace) -> dict[str, Result]:
     print(f"  {'stage':<8}{'seconds':>9}{f'us/{unit}':>14}{'x raw':>8}{'RSS MiB':>9}{'-base':>8}  notes")
     results: dict[str, Result] = {}
     for stage in [s for s in STAGES if s in args.stages]:
-        if stage in ("load", "round", "forward") and not vocab_path.is_file():
+        vocab, note = _vocabulary(kind, n, args)
+        if stage in ("load", "round", "forward") and vocab is None:
             results[stage] = Result(note="no vocabulary (run the stats stage)")
         else:
-            results[stage] = run_stage(stage, site.root, vocab_path, args)
+            results[stage] = run_stage(stage, site.root, vocab or vocab_path, args)
+            if stage in ("load", "round", "forward") and note and not results[stage].note:
+                results[stage].note = note
         r = results[stage]
         raw = results.get("raw", Result()).seconds
         base = results.get("base", Result()).rss
@@ -245,7 +267,8 @@ def measure(kind: str, n: int, args: argparse.Namespace) -> dict[str, Result]:
         per = seconds / max(rows, 1) * 1e6
         ratio = seconds / raw if raw and raw == raw and stage not in ("base", "raw") else float("nan")
         shown = {k: v for k, v in r.extra.items() if not (stage == "load" and k == "load_seconds")}
-        notes = r.note or ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        extras = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        notes = "; ".join(x for x in (r.note, extras) if x)
         print(
             f"  {stage:<8}{seconds:>9.2f}{per:>14.3f}{ratio:>8.1f}{_fmt_rss(r)}"
             f"{(r.rss - base) / 2**20 if r.rss and base else float('nan'):>8,.0f}  {notes}",
