@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 SPLIT_FRACTIONS = {meds.train_split: 0.8, meds.tuning_split: 0.1, meds.held_out_split: 0.1}
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1}
-# Subjects simulated at a time (rounded to whole shards): bounds memory at ~0.5 GB for the hospital
+# Subjects simulated at a time (rounded to whole shards): bounds memory under 1 GiB for the hospital
 # format whatever the site's size; today's scenarios (<= 2,000 per site) are one batch.
 BATCH_SUBJECTS = 2000
 
