@@ -1,7 +1,12 @@
 """Synthetic multi-site cohorts with EHR (MEDS), wearables and PRS, carrying known signal.
 
     python -m healthfm_core.data.synthetic OUT_DIR [--scenario NAME] [--seed N] [--n-subjects N]
-    generate_federation(out_dir, scenario="default", seed=0, n_subjects=None) -> FederationManifest
+        [--sites A,B] [--batch-subjects N]
+    generate_federation(out_dir, scenario="default", seed=0, n_subjects=None, sites=None,
+                        batch_subjects=2000) -> FederationManifest
+
+Subjects are simulated and written a batch at a time (generate.generate_site), so a site of any
+size is generated in the memory of one batch.
 
 The generative model (parameters in the scenario config, configs/scenario/<name>.yaml):
 

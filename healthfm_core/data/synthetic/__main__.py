@@ -1,4 +1,5 @@
-"""python -m healthfm_core.data.synthetic OUT_DIR [--scenario NAME] [--seed N] [--n-subjects N]"""
+"""python -m healthfm_core.data.synthetic OUT_DIR [--scenario NAME] [--seed N] [--n-subjects N] [--sites A,B]
+[--batch-subjects N]"""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 import time
 
-from healthfm_core.data.synthetic.generate import generate_federation
+from healthfm_core.data.synthetic.generate import BATCH_SUBJECTS, generate_federation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-subjects", type=int, default=None, help="override every site's number of subjects")
+    parser.add_argument(
+        "--sites", default=None, help="comma-separated site names: generate only these (each as in the whole scenario)"
+    )
+    parser.add_argument(
+        "--batch-subjects",
+        type=int,
+        default=BATCH_SUBJECTS,
+        help=f"subjects simulated and written at a time, rounded to whole shards (default {BATCH_SUBJECTS}): "
+        "bounds memory whatever the site's size",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -26,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         manifest = generate_federation(
-            args.out_dir, args.scenario, seed=args.seed, n_subjects=args.n_subjects, progress=not args.quiet
+            args.out_dir,
+            args.scenario,
+            seed=args.seed,
+            n_subjects=args.n_subjects,
+            progress=not args.quiet,
+            sites=None if args.sites is None else [s.strip() for s in args.sites.split(",") if s.strip()],
+            batch_subjects=args.batch_subjects,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,12 +21,15 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from healthfm_core.data.layout import WEARABLES_SUBDIRECTORY
+from healthfm_core.data.synthetic.appender import ParquetAppender
 from healthfm_core.data.synthetic.cohort import Cohort, simulate_cohort
 from healthfm_core.data.synthetic.ehr import code_catalogue, simulate_ehr
 from healthfm_core.data.synthetic.hospital import (
     hospital_onsets_table,
     simulate_hospital_ehr,
-    write_hospital_events,
+    used_codes,
+    write_hospital_codes,
+    write_hospital_shards,
 )
 from healthfm_core.data.synthetic.mimic import simulate_mimic_ehr
 from healthfm_core.data.synthetic.scenario import (
@@ -51,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 SPLIT_FRACTIONS = {meds.train_split: 0.8, meds.tuning_split: 0.1, meds.held_out_split: 0.1}
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1}
+# Subjects simulated at a time (rounded to whole shards): bounds memory under 1 GiB for the hospital
+# format whatever the site's size; today's scenarios (<= 2,000 per site) are one batch.
+BATCH_SUBJECTS = 2000
 
 
 class SiteManifest(BaseModel):
@@ -120,8 +126,9 @@ def _etl_version() -> str:
         return "0+unknown"
 
 
-def _splits(cohort: Cohort, rng: np.random.Generator) -> pa.Table:
-    n = cohort.n
+def _splits(subject_id: np.ndarray, rng: np.random.Generator) -> pa.Table:
+    """The site's split: one permutation over all its subjects (a few bytes per subject)."""
+    n = len(subject_id)
     order = rng.permutation(n)
     n_train = int(round(SPLIT_FRACTIONS[meds.train_split] * n))
     n_tuning = int(round(SPLIT_FRACTIONS[meds.tuning_split] * n))
@@ -129,20 +136,20 @@ def _splits(cohort: Cohort, rng: np.random.Generator) -> pa.Table:
     split[order[:n_train]] = meds.train_split
     split[order[n_train : n_train + n_tuning]] = meds.tuning_split
     split[order[n_train + n_tuning :]] = meds.held_out_split
-    table = pa.table({"subject_id": cohort.subject_id, "split": pa.array(split, pa.string())})
+    table = pa.table({"subject_id": subject_id, "split": pa.array(split, pa.string())})
     meds.SubjectSplitSchema.validate(table)  # raises on a mismatch
     return table
 
 
-def _write_events(events: pa.Table, cohort: Cohort, site: SiteSpec, root: Path) -> None:
-    """data/<i>.parquet: whole subjects per shard, rows already in MEDS order."""
+def _write_events(events: pa.Table, cohort: Cohort, site: SiteSpec, root: Path, first_shard: int) -> None:
+    """data/<first_shard + i>.parquet: whole subjects per shard, rows already in MEDS order."""
     sid = events.column("subject_id").to_numpy()
     for i, lo in enumerate(range(0, cohort.n, site.subjects_per_shard)):
         hi = min(lo + site.subjects_per_shard, cohort.n)
         a, b = np.searchsorted(sid, [cohort.subject_id[lo], cohort.subject_id[hi - 1] + 1])
         shard = events.slice(a, b - a)
         meds.DataSchema.validate(shard)
-        _write_parquet(shard, root / meds.data_subdirectory / f"{i}.parquet")
+        _write_parquet(shard, root / meds.data_subdirectory / f"{first_shard + i}.parquet")
 
 
 def _write_code_metadata(codes: list[str], scenario: ScenarioConfig, root: Path) -> None:
@@ -173,6 +180,13 @@ def _write_dataset_metadata(scenario: ScenarioConfig, site: SiteSpec, seed: int,
     atomic_write_text(path, json.dumps(blob, indent=2) + "\n")
 
 
+def batch_size(site: SiteSpec, batch_subjects: int) -> int:
+    """Subjects simulated at a time: `batch_subjects` rounded down to whole shards (at least one)."""
+    if batch_subjects < 1:
+        raise ValueError(f"batch_subjects must be >= 1, got {batch_subjects}")
+    return max(1, batch_subjects // site.subjects_per_shard) * site.subjects_per_shard
+
+
 def generate_site(
     scenario: ScenarioConfig,
     site: SiteSpec,
@@ -181,59 +195,82 @@ def generate_site(
     truth_dir: Path,
     site_index: int = 0,
     progress: bool = True,
+    batch_subjects: int = BATCH_SUBJECTS,
 ) -> SiteManifest:
-    """Simulate one site; write its root under sites_dir/<name> and truth under truth_dir/<name>."""
-    rng_cohort, rng_ehr, rng_wear, rng_split = (np.random.default_rng(s) for s in _site_seed(seed, site).spawn(4))
+    """Simulate one site; write its root under sites_dir/<name> and truth under truth_dir/<name>.
+
+    Subjects are simulated and written batch by batch (`batch_size`), so memory is bounded by a
+    batch, not by the site. Batch 0 draws from the site's streams as a one-batch site always did
+    (sites up to one batch are written exactly as before); batch b >= 1 from its own streams,
+    spawned from the site's seed. Subjects are independent given the site, so batching changes
+    which numbers are drawn, never their distribution; PRS z-scores are standardised within each
+    batch (mean 0 and sd 1 per batch give mean 0 and sd 1 over the site)."""
+    n = site.n_subjects
+    per_batch = batch_size(site, batch_subjects)
+    id_start = site.subject_id_start if site.subject_id_start is not None else 1_000_000 * (site_index + 1)
+    site_seed = _site_seed(seed, site)
+    first_streams = site_seed.spawn(4)
+    rng_split = np.random.default_rng(first_streams[3])
     root, truth = sites_dir / site.name, truth_dir / site.name
-    bar = tqdm(total=6, desc=f"site {site.name}", unit="stage", disable=not progress, leave=True)
-    with _atomic_dir(root) as tmp_root, _atomic_dir(truth) as tmp_truth:
-        bar.set_postfix_str("latent state and onsets")
-        cohort = simulate_cohort(scenario, site, site_index, rng_cohort)
-        bar.update()
-        bar.set_postfix_str("EHR events")
-        onsets = onsets_table(cohort, scenario)
-        if site.ehr_format == "mimic":
-            n_events = write_hospital_events(
-                simulate_mimic_ehr(cohort, scenario, site, rng_ehr), cohort, site, tmp_root, PARQUET_OPTIONS
-            )
-        elif site.ehr_format == "hospital":
-            hospital = simulate_hospital_ehr(cohort, scenario, site, rng_ehr)
-            n_events = write_hospital_events(hospital, cohort, site, tmp_root, PARQUET_OPTIONS)
-            onsets = hospital_onsets_table(onsets, hospital)
+    n_events = n_epochs = n_wear_files = wear_subjects = genomics = 0
+    used: set[str] = set()
+    catalogue: dict[str, str] = {}
+    bar = tqdm(total=n, desc=f"site {site.name}", unit="subject", disable=not progress, leave=True)
+    with _atomic_dir(root) as tmp_root, _atomic_dir(truth) as tmp_truth, ParquetAppender(PARQUET_OPTIONS) as out:
+        for b, lo in enumerate(range(0, n, per_batch)):
+            streams = first_streams[:3] if b == 0 else site_seed.spawn(3)
+            rng_cohort, rng_ehr, rng_wear = (np.random.default_rng(s) for s in streams)
+            part = site.model_copy(update={"n_subjects": min(per_batch, n - lo), "subject_id_start": id_start + lo})
+            cohort = simulate_cohort(scenario, part, site_index, rng_cohort)
+            first_shard = lo // site.subjects_per_shard
+            onsets = onsets_table(cohort, scenario)
+            if site.ehr_format in ("hospital", "mimic"):
+                if site.ehr_format == "hospital":
+                    hospital = simulate_hospital_ehr(cohort, scenario, part, rng_ehr)
+                    onsets = hospital_onsets_table(onsets, hospital)
+                else:
+                    hospital = simulate_mimic_ehr(cohort, scenario, part, rng_ehr)
+                n_events += write_hospital_shards(hospital, cohort, part, tmp_root, PARQUET_OPTIONS, first_shard)
+                used |= used_codes(hospital)
+                catalogue.update(hospital.catalogue)
+                del hospital
+            else:
+                events, codes = simulate_ehr(cohort, scenario, part, rng_ehr)
+                _write_events(events, cohort, part, tmp_root, first_shard)
+                used.update(codes)
+                n_events += events.num_rows
+                del events
+            w_subj, w_start = wear_periods(cohort, part, rng_wear)
+            for chunk in simulate_wearables(cohort, scenario, part, w_subj, w_start, rng_wear):
+                _write_parquet(chunk, tmp_root / WEARABLES_SUBDIRECTORY / f"{n_wear_files}.parquet")
+                n_wear_files += 1
+                n_epochs += chunk.num_rows
+            wear_subjects += len(np.unique(w_subj))
+            genomics += int(cohort.has_genomics.sum())
+            out.append(subjects_table(cohort, scenario), tmp_truth / "subjects.parquet")
+            out.append(onsets, tmp_truth / "onsets.parquet")
+            out.append(latent_table(cohort, scenario), tmp_truth / "latent.parquet")
+            out.append(risk_table(cohort, scenario), tmp_truth / "risk.parquet")
+            out.append(wear_period_table(cohort, w_subj, w_start, site.wear_days), tmp_truth / "wear_periods.parquet")
+            bar.update(cohort.n)
+            del cohort, onsets
+        if site.ehr_format in ("hospital", "mimic"):
+            write_hospital_codes(used, catalogue, tmp_root, PARQUET_OPTIONS)
         else:
-            events, codes = simulate_ehr(cohort, scenario, site, rng_ehr)
-            _write_events(events, cohort, site, tmp_root)
-            _write_code_metadata(codes, scenario, tmp_root)
-            n_events = events.num_rows
-        _write_parquet(_splits(cohort, rng_split), tmp_root / meds.subject_splits_filepath)
+            _write_code_metadata([c for c in code_catalogue(scenario) if c in used], scenario, tmp_root)
+        subject_id = np.arange(id_start, id_start + n, dtype=np.int64)
+        _write_parquet(_splits(subject_id, rng_split), tmp_root / meds.subject_splits_filepath)
         _write_dataset_metadata(scenario, site, seed, tmp_root)
-        bar.update()
-        bar.set_postfix_str("wearables")
-        w_subj, w_start = wear_periods(cohort, site, rng_wear)
-        n_epochs = 0
-        for i, chunk in enumerate(simulate_wearables(cohort, scenario, site, w_subj, w_start, rng_wear)):
-            _write_parquet(chunk, tmp_root / WEARABLES_SUBDIRECTORY / f"{i}.parquet")
-            n_epochs += chunk.num_rows
-        wear_subjects = len(np.unique(w_subj))
-        bar.update()
-        bar.set_postfix_str("truth")
-        _write_parquet(subjects_table(cohort, scenario), tmp_truth / "subjects.parquet")
-        _write_parquet(onsets, tmp_truth / "onsets.parquet")
-        _write_parquet(latent_table(cohort, scenario), tmp_truth / "latent.parquet")
-        bar.update()
-        _write_parquet(risk_table(cohort, scenario), tmp_truth / "risk.parquet")
-        _write_parquet(wear_period_table(cohort, w_subj, w_start, site.wear_days), tmp_truth / "wear_periods.parquet")
-        bar.update()
-    bar.update()
+        out.close()  # the truth files are complete before their folder takes its place
     bar.close()
 
-    counts = {"ehr": cohort.n, "wearables": wear_subjects, "genomics": int(cohort.has_genomics.sum())}
+    counts = {"ehr": n, "wearables": wear_subjects, "genomics": genomics}
     return SiteManifest(
         name=site.name,
         kind=site.kind,
         root=root,
         truth_dir=truth,
-        n_subjects=cohort.n,
+        n_subjects=n,
         modalities=[m for m, c in counts.items() if c > 0],
         subjects_per_modality=counts,
         ppg=site.ppg,
@@ -242,19 +279,42 @@ def generate_site(
     )
 
 
+def select_sites(config: ScenarioConfig, sites: Sequence[str] | None) -> ScenarioConfig:
+    """The scenario restricted to the named sites, each keeping the subject ids it has in the whole
+    scenario (its position sets the default ids); so a site generated alone is the same site."""
+    if sites is None:
+        return config
+    names = [s.name for s in config.sites]
+    unknown = sorted(set(sites) - set(names))
+    if unknown:
+        raise ValueError(f"scenario {config.name!r} has no site(s) {unknown}; sites: {names}")
+    kept = [
+        s.model_copy(
+            update={"subject_id_start": 1_000_000 * (i + 1) if s.subject_id_start is None else s.subject_id_start}
+        )
+        for i, s in enumerate(config.sites)
+        if s.name in sites
+    ]
+    return config.model_copy(update={"sites": kept})
+
+
 def generate_federation(
     out_dir: str | Path,
     scenario: str | Path | ScenarioConfig | dict = "default",
     seed: int = 0,
     n_subjects: int | None = None,
     progress: bool = True,
+    sites: Sequence[str] | None = None,
+    batch_subjects: int = BATCH_SUBJECTS,
 ) -> FederationManifest:
     """Write OUT_DIR/sites/<site>/ (site roots), OUT_DIR/truth/ and OUT_DIR/manifest.json.
 
     `scenario` is a name under configs/scenario/, a YAML path, a mapping or a ScenarioConfig;
-    `n_subjects` overrides every site's size (tests use tiny cohorts).
+    `n_subjects` overrides every site's size (tests use tiny cohorts); `sites` generates only
+    the named sites (truth/scenario.json then holds those); `batch_subjects` bounds the subjects
+    in memory at a time (generate_site).
     """
-    config = load_scenario(scenario).with_n_subjects(n_subjects)
+    config = select_sites(load_scenario(scenario).with_n_subjects(n_subjects), sites)
     out = Path(out_dir).resolve()
     sites_dir, truth_dir = out / "sites", out / "truth"
     sites_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +323,11 @@ def generate_federation(
     manifests = []
     for i, site in enumerate(config.sites):
         logger.info("generating site %s (%s, %d subjects)", site.name, site.kind, site.n_subjects)
-        manifests.append(generate_site(config, site, seed, sites_dir, truth_dir, site_index=i, progress=progress))
+        manifests.append(
+            generate_site(
+                config, site, seed, sites_dir, truth_dir, site_index=i, progress=progress, batch_subjects=batch_subjects
+            )
+        )
     stale = sorted(
         p.name
         for p in sites_dir.iterdir()

@@ -349,30 +349,42 @@ def events_frame(rows: _Rows, cohort: Cohort, static_last: bool) -> pl.DataFrame
     )
 
 
-def write_hospital_events(ehr: HospitalEHR, cohort: Cohort, site: SiteSpec, root: Path, parquet_options: dict) -> int:
-    """data/<i>.parquet written by polars (whole subjects per shard), metadata/codes.parquet; returns the row count."""
+def write_hospital_shards(
+    ehr: HospitalEHR, cohort: Cohort, site: SiteSpec, root: Path, parquet_options: dict, first_shard: int = 0
+) -> int:
+    """data/<first_shard + i>.parquet written by polars, whole subjects per shard; returns the row count.
+
+    `cohort` is one batch of the site's subjects, starting at a shard boundary (generate.py)."""
     (root / meds.data_subdirectory).mkdir(parents=True, exist_ok=True)
     for i, lo in enumerate(range(0, cohort.n, site.subjects_per_shard)):
         ids = cohort.subject_id[lo : lo + site.subjects_per_shard]
         shard = ehr.events.filter(pl.col("subject_id").is_between(int(ids[0]), int(ids[-1])))
         meds.DataSchema.align(shard.to_arrow())  # raises on a mismatch other than string widths
         shard.write_parquet(
-            root / meds.data_subdirectory / f"{i}.parquet",
+            root / meds.data_subdirectory / f"{first_shard + i}.parquet",
             compression="zstd",
             compression_level=parquet_options.get("compression_level", 1),
         )
-    used = sorted(ehr.events.get_column("code").unique().to_list())
-    codes = pa.table(
+    return ehr.events.height
+
+
+def used_codes(ehr: HospitalEHR) -> set[str]:
+    return set(ehr.events.get_column("code").unique().to_list())
+
+
+def write_hospital_codes(used: set[str], catalogue: dict[str, str], root: Path, parquet_options: dict) -> None:
+    """metadata/codes.parquet: the codes written in data/ (sorted), with their descriptions."""
+    codes = sorted(used)
+    table = pa.table(
         {
-            "code": pa.array(used, pa.string()),
-            "description": pa.array([ehr.catalogue[c] for c in used], pa.string()),
-            "parent_codes": pa.array([[] for _ in used], pa.list_(pa.string())),
+            "code": pa.array(codes, pa.string()),
+            "description": pa.array([catalogue[c] for c in codes], pa.string()),
+            "parent_codes": pa.array([[] for _ in codes], pa.list_(pa.string())),
         }
     )
-    meds.CodeMetadataSchema.validate(codes)
+    meds.CodeMetadataSchema.validate(table)
     (root / meds.code_metadata_filepath).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(codes, root / meds.code_metadata_filepath, **parquet_options)
-    return ehr.events.height
+    pq.write_table(table, root / meds.code_metadata_filepath, **parquet_options)
 
 
 def hospital_onsets_table(onsets: pa.Table, ehr: HospitalEHR) -> pa.Table:
