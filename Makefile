@@ -69,6 +69,10 @@ test-slow: setup
 # launches): its two slow tests took 5 min 36 s on a shared 2-core machine (18 min 53 s at load 8).
 # MEDS-DEV's nine tasks against aces-cli on every mimic site (about 2 min); the deployed warm and
 # cold sites running the approved bundle's code (tests/test_warm_site.py, 5 min 40 s, shared).
+# Issue 27: one bad site label file in a simulation (about 50 s), the guarded onset configs against
+# aces-cli, the pooled AUROC's interval coverage (25 s), the report on EHR-only sites without truth
+# (60 s); issue 30: a release from a real federation used at each site (90 s); issue 28: a smoke run
+# of benchmarks/site_scale.py on tiny sites (55 s idle).
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
 	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
@@ -79,6 +83,11 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_forward_proxy.py \
 	tests/test_meds_dev_tasks.py tests/test_mimic_scenario.py \
 	tests/test_warm_site.py tests/test_privacy_budget.py \
+	tests/test_bad_site_labels_run.py \
+	tests/test_stay_guard.py::test_the_guarded_configs_label_as_aces_cli \
+	tests/test_federation_auroc.py::test_the_interval_covers_the_pooled_auroc_when_subjects_have_several_rows \
+	tests/test_report.py::test_ehr_only_sites_without_truth_get_no_oracle \
+	tests/test_release_federation.py tests/test_site_scale_bench.py \
 	tests/test_hardening.py::test_insecure_superlink_warns_loudly \
 	tests/test_hardening.py::test_superlink_stops_with_its_parent_process \
 	tests/test_evidence.py::test_quick_report_answers_every_question \

@@ -294,6 +294,20 @@ def test_pooling_is_the_same_from_the_recorded_replies_and_json(tmp_path: Path) 
     assert federation_aurocs(["t2d_365d"], again) == federation_aurocs(["t2d_365d"], per_site)
 
 
+def test_a_histogram_merged_into_one_cell_pools_to_no_number() -> None:
+    """A site whose minimum merged every score into one cell ranks nothing: the pooled AUROC
+    would be 0.5 by construction, so it is reported as none, with the reason (the mimic
+    nine-task run's readmission at 116 held-out rows, 29 positives, minimum 20)."""
+    h = ScoreHistogram(bounds=[0, 50], positives=[29], negatives=[87], minimum=20)
+    reply = EvalReply(
+        tasks={"t": TaskMetrics(n=116, auroc=0.6, auroc_low=0.5, auroc_high=0.7, positives=29)},
+        histograms={"t": h},
+    )
+    pooled = federation_aurocs(["t"], {"a": reply})["t"]
+    assert pooled.auroc is None and pooled.sites == ["a"] and "one cell" in pooled.note
+    assert pooled.binning_bound == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------- plots: only panels with data
 
 

@@ -412,10 +412,10 @@ def site_code_stats(site: SiteLike, min_subjects: int = 10, alpha: float = SKETC
     total = _merge_all(parts)
     wear_files = list(getattr(site, "wearable_files", []))
     if wear_files:
-        # Subjects may in principle span wearable files: read the subject column of all files to
-        # count them once, the channels file by file.
-        subj = [read_parquet(f, columns=["subject_id"])["subject_id"] for f in wear_files]
-        n_wear = len(unique_inverse(np.concatenate([s.to_numpy() for s in subj]))[0]) if subj else 0
+        # Subjects may in principle span wearable files: count them once over the files' distinct
+        # ids (file by file, so memory is one file's ids, not every epoch's), the channels file by file.
+        ids = [pc.unique(read_parquet(f, columns=["subject_id"])["subject_id"]).to_numpy() for f in wear_files]
+        n_wear = len(np.unique(np.concatenate(ids))) if ids else 0
         wear = _merge_all(
             wearable_stats(read_parquet(f, columns=["subject_id", *WEARABLE_CHANNELS]), alpha) for f in wear_files
         )

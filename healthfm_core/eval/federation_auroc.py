@@ -124,6 +124,16 @@ def federation_aurocs(
             )
             continue
         r = pooled_auroc(cells, design_effect=deff)
+        if r.binning_bound >= 0.5 - 1e-12:  # every positive-negative pair tied: 0.5 by construction
+            out[key] = result.model_copy(
+                update={
+                    "rows": rows,
+                    "positives": positives,
+                    "binning_bound": r.binning_bound,
+                    "note": "the sites' minimums merged every score into one cell: no ranking left to pool",
+                }
+            )
+            continue
         out[key] = result.model_copy(
             update={
                 "auroc": r.auroc,
