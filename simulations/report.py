@@ -329,7 +329,11 @@ def run(cfg: DictConfig) -> Path:
             per_site[name]["oracle"] = r
     # The sites' privacy minimum, as their own evaluation applies it: a pair it withholds is
     # shown as withheld (with min_report_subjects and its value), its scores in no table or mean.
-    statuses = site_pairs.pair_statuses(per_site_data, int(cfg.federation.site.min_report_subjects))
+    statuses = site_pairs.pair_statuses(
+        per_site_data,
+        int(cfg.federation.site.min_report_subjects),
+        int(cfg.federation.site.get("min_report_positives", 1)),
+    )
     site_pairs.withhold(per_site, statuses)
     clock.lap("evaluation (per site, every onset task and horizon)")
 

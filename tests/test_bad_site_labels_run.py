@@ -99,6 +99,7 @@ def test_bad_label_files_refuse_their_tasks_not_the_site(tmp_path: Path) -> None
         "federation.vocab_min_subjects=5",
         "federation.site.min_code_subjects=5",
         "federation.site.min_report_subjects=3",
+        "federation.site.min_report_positives=1",
         "federation.eval_n_boot=10",
         f"hydra.run.dir={out}",
     ]

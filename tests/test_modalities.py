@@ -335,6 +335,7 @@ def test_three_ehr_only_sites_run_end_to_end(tmp_path: Path) -> None:
         "federation.vocab_min_subjects=5",
         "federation.site.min_code_subjects=5",
         "federation.site.min_report_subjects=2",
+        "federation.site.min_report_positives=1",
         "federation.eval_n_boot=10",
         f"hydra.run.dir={out}",
     ]

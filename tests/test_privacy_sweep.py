@@ -149,6 +149,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "federation.vocab_min_subjects=5",
             "federation.site.min_code_subjects=5",
             "federation.site.min_report_subjects=2",
+            "federation.site.min_report_positives=1",
             "federation.eval_tasks=[onset_hypertension_365d]",
             "eval.n_boot=20",
             "eval.n_per_subject=4",

@@ -90,6 +90,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "federation.vocab_min_subjects=5",
             "federation.site.min_code_subjects=5",
             "federation.site.min_report_subjects=2",
+            "federation.site.min_report_positives=1",
             "federation.eval_tasks=[onset_hypertension_365d]",
         ]
     )
@@ -217,6 +218,7 @@ def test_ehr_only_sites_without_truth_get_no_oracle(tmp_path: Path) -> None:
             "federation.vocab_min_subjects=5",
             "federation.site.min_code_subjects=5",
             "federation.site.min_report_subjects=2",
+            "federation.site.min_report_positives=1",
         ]
     )
     assert rc == 0

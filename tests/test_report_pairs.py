@@ -110,7 +110,10 @@ def test_a_withheld_pair_stays_in_the_table_with_the_minimum_and_its_reason(per_
     per_site = _fake_results(per_site_data)
     statuses = site_pairs.pair_statuses(per_site_data, min_subjects=1000)
     assert set(statuses) == {(s, k) for s, d in per_site_data.items() for k in d.tasks}
-    assert all("withheld (min_report_subjects=1000): too few subjects" in str(s.withheld) for s in statuses.values())
+    assert all(
+        "withheld (min_report_subjects=1000, min_report_positives=1): too few subjects" in str(s.withheld)
+        for s in statuses.values()
+    )
     site_pairs.withhold(per_site, statuses)
     for res in per_site.values():
         for r in res.values():

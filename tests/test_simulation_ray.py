@@ -80,6 +80,7 @@ def _sim_args(data: Path, out: Path) -> list[str]:
         "federation.vocab_min_subjects=5",
         "federation.site.min_code_subjects=5",
         "federation.site.min_report_subjects=2",
+        "federation.site.min_report_positives=1",
     ]
 
 

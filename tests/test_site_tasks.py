@@ -262,6 +262,7 @@ def test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_tas
         "federation.vocab_min_subjects=5",
         "federation.site.min_code_subjects=5",
         "federation.site.min_report_subjects=3",
+        "federation.site.min_report_positives=1",
         "federation.eval_n_boot=10",
         f"hydra.run.dir={out}",
     ]
@@ -317,6 +318,7 @@ def test_own_sites_everywhere_run_pretrain_report(tmp_path: Path) -> None:
         "federation.vocab_min_subjects=5",
         "federation.site.min_code_subjects=5",
         "federation.site.min_report_subjects=5",
+        "federation.site.min_report_positives=1",
         "federation.eval_n_boot=10",
     ]
 

@@ -25,6 +25,7 @@ from healthfm_core.eval.site_eval import withheld_reason
 from healthfm_core.federation import SMALL_CELL, SplitCount
 
 PRIVACY_KEY = "min_report_subjects"  # the site setting (federation.site.min_report_subjects) the minimum comes from
+POSITIVES_KEY = "min_report_positives"  # the site setting of the held-out positives' (and negatives') minimum
 
 
 class PairStatus(BaseModel):
@@ -54,14 +55,17 @@ def split_counts(data: EvalSet, key: str) -> dict[str, SplitCount]:
     return out
 
 
-def pair_statuses(sites: Mapping[str, EvalSet], min_subjects: int) -> dict[tuple[str, str], PairStatus]:
+def pair_statuses(
+    sites: Mapping[str, EvalSet], min_subjects: int, min_positives: int = 1
+) -> dict[tuple[str, str], PairStatus]:
     """Every (site, task key) of the per-site EvalSets with its counts and, where the sites'
-    rule (site_eval.withheld_reason) gives no reportable metric, the reason."""
+    rule (site_eval.withheld_reason, with both of the sites' minimums) gives no reportable
+    metric, the reason."""
     out: dict[tuple[str, str], PairStatus] = {}
     for site, data in sites.items():
         for key, task in data.tasks.items():
             counts = split_counts(data, key)
-            reason = withheld_reason(counts, min_subjects, binary=True)
+            reason = withheld_reason(counts, min_subjects, binary=True, min_positives=min_positives)
             name, horizon = task_display(task)
             out[(site, key)] = PairStatus(
                 site=site,
@@ -70,7 +74,9 @@ def pair_statuses(sites: Mapping[str, EvalSet], min_subjects: int) -> dict[tuple
                 horizon=horizon,
                 splits=counts,
                 minimum=min_subjects,
-                withheld=None if reason is None else f"withheld ({PRIVACY_KEY}={min_subjects}): {reason.describe()}",
+                withheld=None
+                if reason is None
+                else f"withheld ({PRIVACY_KEY}={min_subjects}, {POSITIVES_KEY}={min_positives}): {reason.describe()}",
             )
     return out
 
