@@ -1,0 +1,22 @@
+"""SecAgg+ (Bell et al. 2020) under modality-aware weights: the protocol's steps for both sides.
+
+The coordinator learns, per parameter group, only the sums over the sites holding it of
+w_k * x_k and of w_k (x_k a site's clipped update, w_k its count), and only for a group with at
+least `min_holders` surviving holders. Each step is a pure function of a message and the side's
+own round state; nothing here does I/O, so the same steps run under Flower's Message API, in
+simulation and in tests.
+
+Stages of one round (the server relays every message; sites never talk to each other directly):
+  0  server -> sites  SecAggConfig                 (config.py)
+  1  site -> server   PublicKeys                   SiteRound.advertise     (site.py)
+     server -> sites  KeyDirectory                 ServerRound.key_directory (server.py)
+  2  site -> server   EncryptedShares              SiteRound.share_keys
+     server -> site   ShareInbox                   ServerRound.route_shares
+  3  site -> server   MaskedInput                  SiteRound.mask
+     server -> sites  UnmaskRequest                ServerRound.unmask_request
+  4  site -> server   UnmaskShares                 SiteRound.unmask
+     server           SecureAggregate              ServerRound.aggregate
+
+Imports: flwr.common.secure_aggregation (Shamir, Fernet encryption, quantisation), numpy,
+cryptography, pydantic and healthfm_core; never client/ or server/ (both of them call this room).
+"""

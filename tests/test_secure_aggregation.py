@@ -1,0 +1,202 @@
+"""SecAgg+ under modality-aware weights (secure_aggregation/): the unmasked averages equal
+ModalityAwareFedAvg's within the stated quantisation bound, dropouts before and after masking are
+recovered, too few survivors fail loudly, a group with too few holders is never unmasked, and a
+site refuses what it must not mask or reveal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.errors import SecAggError, SecAggRefusal
+from secure_aggregation.messages import ShareInbox, UnmaskRequest
+from secure_aggregation.server import SecureAggregate, ServerRound
+from secure_aggregation.simulate import run_secure_round
+from secure_aggregation.site import SiteRound
+from tests.secure_aggregation_fixtures import (
+    MIXES,
+    clipped,
+    global_arrays,
+    group_of,
+    make_config,
+    plain_average,
+    seeded_bytes,
+    site_updates,
+)
+
+
+def _assert_matches_plain(
+    result: SecureAggregate,
+    reference: dict[str, np.ndarray],
+    updates: dict[int, dict[str, np.ndarray]],
+    counts: dict[int, dict[str, int]],
+    config: SecAggConfig,
+    nodes: list[int],
+) -> None:
+    """Every key equals ModalityAwareFedAvg's average within the group's bound (plus float32
+    rounding of both results: a few ulps of the value); withheld groups keep their values."""
+    plain = plain_average(reference, {n: clipped(updates[n], config) for n in nodes}, counts, nodes, config.min_holders)
+    secure = result.new_arrays(reference, group_of)
+    for key, value in plain.items():
+        group = group_of(key)
+        ulps = 4 * float(np.spacing(np.float32(np.abs(value).max())))
+        if group in result.withheld:
+            np.testing.assert_array_equal(secure[key], reference[key])
+            np.testing.assert_array_equal(value, reference[key])  # plain keeps it too (too few sites)
+            continue
+        error = float(np.abs(secure[key].astype(np.float64) - value.astype(np.float64)).max())
+        assert error <= result.error_bounds[group] + ulps, (key, error, result.error_bounds[group])
+
+
+def test_the_secure_average_is_modality_aware_fedavg_within_the_quantisation_bound() -> None:
+    np.random.seed(0)  # Flower's quantiser rounds with numpy's global generator
+    config = make_config(MIXES, threshold=3)
+    reference = global_arrays()
+    updates, counts = site_updates(MIXES)
+    result, _, _ = run_secure_round(config, updates, counts, group_of=group_of, randbytes=seeded_bytes(0))
+    assert result.unmasked == {"shared": [1, 2, 3, 4], "ehr": [1, 2, 3, 4]}
+    assert set(result.withheld) == {"wearables", "genomics"}
+    assert result.withheld["genomics"].startswith("1 surviving holder(s) < min_holders 3")
+    assert result.withheld["wearables"].startswith("2 surviving holder(s) < min_holders 3")
+    for group in ("shared", "ehr"):
+        assert result.weights[group] == sum(counts[n][group] for n in MIXES)
+        # Delta = 2 c / L with L = (2^16 - 1) // 4 holders, scaled by n W / sum w.
+        delta = 2 * config.value_range[group] / ((2**16 - 1) // 4)
+        assert result.error_bounds[group] == pytest.approx(delta * 4 * config.weight_max / result.weights[group])
+    _assert_matches_plain(result, reference, updates, counts, config, [1, 2, 3, 4])
+
+
+def test_a_site_clips_before_masking_and_the_average_is_that_of_the_clipped_updates() -> None:
+    np.random.seed(1)
+    config = make_config(MIXES, threshold=3)
+    reference = global_arrays()
+    updates, counts = site_updates(MIXES, scale=0.2)  # norms ~ 10 > clip 5, values beyond c = 0.05
+    result, _, _ = run_secure_round(config, updates, counts, group_of=group_of, randbytes=seeded_bytes(1))
+    _assert_matches_plain(result, reference, updates, counts, config, [1, 2, 3, 4])
+
+
+SIX = {1: ["shared", "ehr", "wearables"], 2: ["shared", "ehr"], 3: ["shared", "ehr", "wearables"],
+       4: ["shared", "ehr", "wearables"], 5: ["shared", "ehr", "genomics"], 6: ["shared", "ehr", "wearables"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [([3], []), ([], [4]), ([3], [4])],
+    ids=["dropped-before-masking", "dropped-after-masking", "both"],
+)
+def test_dropouts_before_and_after_masking_are_recovered(before: list[int], after: list[int]) -> None:
+    np.random.seed(2)
+    config = make_config(SIX, threshold=4)
+    reference = global_arrays()
+    updates, counts = site_updates(SIX, seed=3)
+    result, _, _ = run_secure_round(
+        config,
+        updates,
+        counts,
+        drop_before_masking=before,
+        drop_after_masking=after,
+        group_of=group_of,
+        randbytes=seeded_bytes(2),
+    )
+    survivors = [n for n in SIX if n not in before]  # a site gone after masking is in the sum
+    assert result.dropped_before_masking == before and result.dropped_after_masking == after
+    assert result.unmasked["shared"] == survivors
+    # wearables: 4 holders (1, 3, 4, 6), 3 of them when site 3 is gone: unmasked either way.
+    assert result.unmasked["wearables"] == [n for n in survivors if "wearables" in SIX[n]]
+    assert set(result.withheld) == {"genomics"}
+    _assert_matches_plain(result, reference, updates, counts, config, survivors)
+
+
+def test_too_few_sites_masking_fails_the_round_loudly() -> None:
+    config = make_config(SIX, threshold=4)
+    updates, counts = site_updates(SIX)
+    with pytest.raises(SecAggError, match="3 site\\(s\\) sent a masked vector < threshold 4"):
+        run_secure_round(config, updates, counts, drop_before_masking=[1, 2, 3], group_of=group_of)
+
+
+def test_too_few_sites_unmasking_fails_the_round_loudly() -> None:
+    config = make_config(SIX, threshold=4)
+    updates, counts = site_updates(SIX)
+    with pytest.raises(SecAggError, match="3 site\\(s\\) sent unmask shares < threshold 4"):
+        run_secure_round(config, updates, counts, drop_before_masking=[1], drop_after_masking=[2, 3], group_of=group_of)
+
+
+def test_a_single_holders_group_is_never_unmasked_and_sites_refuse_to_open_it() -> None:
+    config = make_config(MIXES, threshold=3)
+    updates, counts = site_updates(MIXES)
+    result, server, transcript = run_secure_round(config, updates, counts, group_of=group_of)
+    assert "genomics" not in result.means and "genomics" in result.withheld
+    assert server.request is not None and "genomics" not in server.request.groups
+    # No site sent a share of site 3's genomics seed: the server holds fewer than t of them (it
+    # holds none), so the segment stays masked by a seed it cannot rebuild.
+    assert not any("genomics" in shares for reply in transcript.unmask for shares in reply.seed_shares.values())
+
+    # A server that asks anyway is refused by every site, whatever it claims.
+    sites = {n: SiteRound(config, n) for n in config.sample}
+    honest = ServerRound(config)
+    directory = honest.key_directory([s.advertise() for s in sites.values()])
+    inboxes = honest.route_shares([s.share_keys(directory) for s in sites.values()])
+    honest.unmask_request([sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in sites])
+    forged = UnmaskRequest(round=config.round, survivors=[1, 2, 3, 4], groups=["shared", "genomics"])
+    for site in sites.values():
+        with pytest.raises(SecAggRefusal, match="group 'genomics' has 1 surviving holder"):
+            site.unmask(forged)
+
+
+def test_min_holders_is_counted_over_survivors() -> None:
+    # wearables at 1, 2 and 3: unmasked with all three, withheld when 3 is gone before masking.
+    mixes = {1: ["shared", "wearables"], 2: ["shared", "wearables"], 3: ["shared", "wearables"], 4: ["shared"]}
+    config = make_config(mixes, threshold=3)
+    updates, counts = site_updates(mixes)
+    full, _, _ = run_secure_round(config, updates, counts, group_of=group_of)
+    assert full.unmasked["wearables"] == [1, 2, 3]
+    partial, _, _ = run_secure_round(config, updates, counts, drop_before_masking=[3], group_of=group_of)
+    assert "wearables" in partial.withheld and partial.unmasked["shared"] == [1, 2, 4]
+
+
+def _masking_site(config: SecAggConfig) -> tuple[SiteRound, ShareInbox]:
+    sites = {n: SiteRound(config, n) for n in config.sample}
+    server = ServerRound(config)
+    directory = server.key_directory([s.advertise() for s in sites.values()])
+    inboxes = server.route_shares([s.share_keys(directory) for s in sites.values()])
+    return sites[1], inboxes[1]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda u, c: u["backbone.norm.b"].__setitem__(3, np.nan), "non-finite"),
+        (lambda u, c: c.__setitem__("shared", 10_000), "count 10000 is not an integer in \\[1, 320\\]"),
+        (lambda u, c: c.__setitem__("shared", 0), "count 0"),
+        (lambda u, c: u.pop("ehr_encoder.embed.w"), "update holds groups"),
+    ],
+    ids=["nan", "count-too-large", "count-zero", "missing-group"],
+)
+def test_a_site_refuses_to_mask_what_the_server_could_not_check(
+    spoil: Callable[[dict[str, np.ndarray], dict[str, int]], object], message: str
+) -> None:
+    config = make_config(MIXES, threshold=3)
+    updates, counts = site_updates(MIXES)
+    site, inbox = _masking_site(config)
+    update, count = dict(updates[1]), dict(counts[1])
+    update = {k: v.copy() for k, v in update.items()}
+    spoil(update, count)
+    with pytest.raises(SecAggRefusal, match=message):
+        site.mask(inbox, update, count, group_of)
+
+
+def test_the_config_refuses_a_threshold_of_half_the_sample_or_less() -> None:
+    with pytest.raises(ValueError, match="threshold 2: expected in \\(2, 4\\]"):
+        make_config(MIXES, threshold=2)
+
+
+def test_a_masked_vector_is_two_bytes_a_value() -> None:
+    config = make_config(MIXES, threshold=3)
+    updates, counts = site_updates(MIXES)
+    _, _, transcript = run_secure_round(config, updates, counts, group_of=group_of)
+    for masked in transcript.masked:
+        values = sum(config.group_sizes[g] for g in masked.groups)
+        assert len(masked.vector) == 2 * (values + config.weight_digits * len(masked.groups))
