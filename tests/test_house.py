@@ -1,7 +1,8 @@
 """House rules on imports, read from the source (ast), so a function-level import counts too.
 
-- healthfm_core never imports flwr, server, client or simulations;
+- healthfm_core never imports flwr, server, client, simulations or secure_aggregation;
 - client and server never import each other;
+- secure_aggregation (the SecAgg+ steps both sides call) never imports client, server or simulations;
 - the project's modules import each other without a cycle (module-level and function-level
   imports alike; ``from pkg import mod`` is an import of the module pkg.mod).
 """
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("healthfm_core", "client", "server", "simulations")
+PACKAGES = ("healthfm_core", "client", "server", "simulations", "secure_aggregation")
 FORBIDDEN = {
-    "healthfm_core": ("flwr", "server", "client", "simulations"),
+    "healthfm_core": ("flwr", "server", "client", "simulations", "secure_aggregation"),
     "client": ("server",),
     "server": ("client",),
+    "secure_aggregation": ("client", "server", "simulations"),
 }
 
 
@@ -145,7 +147,13 @@ def _cycle_in(component: set[str], graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_sources_found() -> None:
-    assert {"healthfm_core.model.healthfm", "client.client", "server.strategy", "simulations.run"} <= set(SOURCES)
+    assert {
+        "healthfm_core.model.healthfm",
+        "client.client",
+        "server.strategy",
+        "simulations.run",
+        "secure_aggregation.site",
+    } <= set(SOURCES)
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
