@@ -73,10 +73,13 @@ class SecAggConfig(BaseModel):
         return [node for node in self.sample if group in self.groups[node]]
 
     def levels(self, group: str) -> int:
-        """L_g: a value of `group` is quantised to an integer in [0, L_g]. As many levels as the
-        field allows with every holder's maximum summed without wrapping (holders x L_g < 2^bits)."""
+        """L_g: a value of `group` is quantised to an integer in [0, L_g], L_g = floor((2^bits - 1)
+        / (2 x holders)). The holders' largest sum fills half the field and never wraps; the other
+        half is headroom where garbage lands (a wrong share, a site sending integers out of range):
+        each such value exceeds the bound the server checks with probability about 1/2, so over a
+        group's values the check all but surely fires. The price is one bit of resolution."""
         # Flower's quantiser rounds in int32, hence the cap (it binds only for a 32-bit field).
-        return min((self.modulus - 1) // max(1, len(self.holders(group))), 2**31 - 1)
+        return min((self.modulus - 1) // (2 * max(1, len(self.holders(group)))), 2**31 - 1)
 
     def step(self, group: str) -> float:
         """Delta_g = 2 c_g / L_g, the quantisation step of `group`."""

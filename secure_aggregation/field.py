@@ -14,8 +14,9 @@ Error bound (per value, of the average against sum_k w_k x_k / W_g on the same c
 stochastic rounding leaves each site's e_k = (q_k Delta_g - c_g) - y_k in (-Delta_g, Delta_g),
 so the average is off by W |sum_k e_k| / W_g < n_g W Delta_g / W_g = Delta_g / a_mean, with
 a_mean = W_g / (n_g W) the holders' mean count fraction: below Delta_g = 2 c_g / L_g when every
-holder trains the full round (w = W). L_g = floor((2^bits - 1) / holders in the sample), so the
-largest sum fits the field: e.g. 16 bits, 4 holders: L = 16383, Delta = 2 c / 16383. The rounding
+holder trains the full round (w = W). L_g = floor((2^bits - 1) / (2 x holders in the sample)), so
+the largest sum fits half the field (config.py says why half): e.g. 16 bits, 4 holders: L = 8191,
+Delta = 2 c / 8191 (int8's step is 2 max|d| / 254 per tensor). The rounding
 is unbiased (E e_k = 0), so the typical error is ~ Delta_g sqrt(n_g) / (sqrt(6) n_g a_mean).
 """
 

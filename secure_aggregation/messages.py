@@ -105,16 +105,19 @@ class MaskedInput(BaseModel):
 
 
 class UnmaskRequest(BaseModel):
-    """Stage 4, server -> sites: who sent a masked vector (U3) and which groups to unmask."""
+    """Stage 4, server -> sites: who sent a masked vector (U3), which groups to unmask, and which
+    are withheld this round and why (so the sites are told, and log it)."""
 
     model_config = _FROZEN
 
     round: int
     survivors: list[int]
     groups: list[str]
+    withheld: dict[str, str] = Field(default_factory=dict)
 
     def wire_bytes(self) -> int:
-        return 8 + 8 * len(self.survivors) + sum(len(g) for g in self.groups)
+        withheld = sum(len(g) + len(r) for g, r in self.withheld.items())
+        return 8 + 8 * len(self.survivors) + sum(len(g) for g in self.groups) + withheld
 
 
 class UnmaskShares(BaseModel):

@@ -165,7 +165,9 @@ class ServerRound:
                     f"{len(holders)} surviving holder(s) < min_holders {config.min_holders}: "
                     "not unmasked, carried forward"
                 )
-        self.request = UnmaskRequest(round=config.round, survivors=survivors, groups=groups)
+        self.request = UnmaskRequest(
+            round=config.round, survivors=survivors, groups=groups, withheld=dict(self.withheld)
+        )
         return self.request
 
     # ------------------------------------------------------------------ stage 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +31,13 @@ class Transcript:
     unmask: list[UnmaskShares] = field(default_factory=list)
 
 
+class SimulatedRound(NamedTuple):
+    result: SecureAggregate
+    server: ServerRound
+    transcript: Transcript
+    sites: dict[int, SiteRound]  # with their secrets: for tests that play a leak on purpose
+
+
 def run_secure_round(
     config: SecAggConfig,
     updates: Mapping[int, Mapping[str, np.ndarray]],
@@ -39,8 +47,8 @@ def run_secure_round(
     drop_after_masking: Collection[int] = (),
     group_of: Callable[[str], str] = parameter_group,
     randbytes: Callable[[int], bytes] = os.urandom,
-) -> tuple[SecureAggregate, ServerRound, Transcript]:
-    """The round's aggregate, the server's state and the transcript. A site in
+) -> SimulatedRound:
+    """The round's aggregate, the server's state, the transcript and the sites. A site in
     `drop_before_masking` shares its keys and is gone before sending its masked vector; one in
     `drop_after_masking` sends its masked vector and is gone before unmasking. Raises
     SecAggError when too few sites remain (the server's own check)."""
@@ -58,4 +66,4 @@ def run_secure_round(
     ]
     request = server.unmask_request(transcript.masked)
     transcript.unmask = [sites[node].unmask(request) for node in request.survivors if node not in drop_after_masking]
-    return server.aggregate(transcript.unmask), server, transcript
+    return SimulatedRound(server.aggregate(transcript.unmask), server, transcript, sites)

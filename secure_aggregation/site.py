@@ -65,6 +65,7 @@ class SiteRound:
         self._own: SharePlaintext | None = None
         self._masked = False
         self._answered = False
+        self.withheld: dict[str, str] = {}  # what the unmask request said was withheld, and why (to log)
 
     # ------------------------------------------------------------------ stage 1
     def advertise(self) -> PublicKeys:
@@ -155,7 +156,8 @@ class SiteRound:
         self._received = received
         self._masked = True
         dtype = field_dtype(config.field_bits)
-        peers = sorted(received)
+        # One agreement per peer, its streams told apart by group (masks.py's labels).
+        secrets = {peer: agree(self._mask, directory.keys[peer].mask_key) for peer in sorted(received)}
         segments = []
         for group in self.groups:
             values = clip_update(
@@ -165,11 +167,11 @@ class SiteRound:
             segment = segment + mask_stream(
                 self._seeds[group], mask_label(config.round, "self", group), segment.size, config.field_bits
             )
-            for peer in peers:
+            for peer, secret in secrets.items():
                 if group not in config.groups[peer]:
                     continue
                 pairwise = mask_stream(
-                    agree(self._mask, directory.keys[peer].mask_key),
+                    secret,
                     mask_label(config.round, "pair", group),
                     segment.size,
                     config.field_bits,
@@ -195,6 +197,8 @@ class SiteRound:
             raise SecAggRefusal(f"unmask request: survivors {request.survivors} are not sites that shared keys with us")
         if len(survivors) < config.threshold:
             raise SecAggRefusal(f"unmask request: {len(survivors)} survivors < threshold {config.threshold}")
+        if set(request.groups) & set(request.withheld):
+            raise SecAggRefusal("unmask request: a group both to unmask and withheld")
         for group in request.groups:
             holding = [n for n in survivors if group in config.groups[n]]
             if len(holding) < config.min_holders:
@@ -203,6 +207,7 @@ class SiteRound:
                     f"unmask request: group {group!r} has {len(holding)} surviving holder(s) < min_holders {config.min_holders}"
                 )
         self._answered = True
+        self.withheld = dict(request.withheld)
         plains = {**self._received, self.node_id: self._own}
         seed_shares = {
             node: {g: plains[node].seed_shares[g] for g in request.groups if g in config.groups[node]}

@@ -34,6 +34,15 @@ MIXES = {
     3: ["shared", "ehr", "genomics"],
     4: ["shared", "ehr"],
 }
+# Six sites: wearables at four, genomics at one (the dropout tests).
+SIX = {
+    1: ["shared", "ehr", "wearables"],
+    2: ["shared", "ehr"],
+    3: ["shared", "ehr", "wearables"],
+    4: ["shared", "ehr", "wearables"],
+    5: ["shared", "ehr", "genomics"],
+    6: ["shared", "ehr", "wearables"],
+}
 WEIGHT_MAX = 320  # local steps x batch size
 VALUE_RANGE = 0.05
 

@@ -18,6 +18,7 @@ from secure_aggregation.simulate import run_secure_round
 from secure_aggregation.site import SiteRound
 from tests.secure_aggregation_fixtures import (
     MIXES,
+    SIX,
     clipped,
     global_arrays,
     group_of,
@@ -56,15 +57,15 @@ def test_the_secure_average_is_modality_aware_fedavg_within_the_quantisation_bou
     config = make_config(MIXES, threshold=3)
     reference = global_arrays()
     updates, counts = site_updates(MIXES)
-    result, _, _ = run_secure_round(config, updates, counts, group_of=group_of, randbytes=seeded_bytes(0))
+    result, *_ = run_secure_round(config, updates, counts, group_of=group_of, randbytes=seeded_bytes(0))
     assert result.unmasked == {"shared": [1, 2, 3, 4], "ehr": [1, 2, 3, 4]}
     assert set(result.withheld) == {"wearables", "genomics"}
     assert result.withheld["genomics"].startswith("1 surviving holder(s) < min_holders 3")
     assert result.withheld["wearables"].startswith("2 surviving holder(s) < min_holders 3")
     for group in ("shared", "ehr"):
         assert result.weights[group] == sum(counts[n][group] for n in MIXES)
-        # Delta = 2 c / L with L = (2^16 - 1) // 4 holders, scaled by n W / sum w.
-        delta = 2 * config.value_range[group] / ((2**16 - 1) // 4)
+        # Delta = 2 c / L with L = (2^16 - 1) // (2 x 4 holders), scaled by n W / sum w.
+        delta = 2 * config.value_range[group] / ((2**16 - 1) // 8)
         assert result.error_bounds[group] == pytest.approx(delta * 4 * config.weight_max / result.weights[group])
     _assert_matches_plain(result, reference, updates, counts, config, [1, 2, 3, 4])
 
@@ -74,12 +75,8 @@ def test_a_site_clips_before_masking_and_the_average_is_that_of_the_clipped_upda
     config = make_config(MIXES, threshold=3)
     reference = global_arrays()
     updates, counts = site_updates(MIXES, scale=0.2)  # norms ~ 10 > clip 5, values beyond c = 0.05
-    result, _, _ = run_secure_round(config, updates, counts, group_of=group_of, randbytes=seeded_bytes(1))
+    result, *_ = run_secure_round(config, updates, counts, group_of=group_of, randbytes=seeded_bytes(1))
     _assert_matches_plain(result, reference, updates, counts, config, [1, 2, 3, 4])
-
-
-SIX = {1: ["shared", "ehr", "wearables"], 2: ["shared", "ehr"], 3: ["shared", "ehr", "wearables"],
-       4: ["shared", "ehr", "wearables"], 5: ["shared", "ehr", "genomics"], 6: ["shared", "ehr", "wearables"]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -92,7 +89,7 @@ def test_dropouts_before_and_after_masking_are_recovered(before: list[int], afte
     config = make_config(SIX, threshold=4)
     reference = global_arrays()
     updates, counts = site_updates(SIX, seed=3)
-    result, _, _ = run_secure_round(
+    result, *_ = run_secure_round(
         config,
         updates,
         counts,
@@ -127,12 +124,14 @@ def test_too_few_sites_unmasking_fails_the_round_loudly() -> None:
 def test_a_single_holders_group_is_never_unmasked_and_sites_refuse_to_open_it() -> None:
     config = make_config(MIXES, threshold=3)
     updates, counts = site_updates(MIXES)
-    result, server, transcript = run_secure_round(config, updates, counts, group_of=group_of)
+    result, server, transcript, sites_of_round = run_secure_round(config, updates, counts, group_of=group_of)
     assert "genomics" not in result.means and "genomics" in result.withheld
     assert server.request is not None and "genomics" not in server.request.groups
     # No site sent a share of site 3's genomics seed: the server holds fewer than t of them (it
     # holds none), so the segment stays masked by a seed it cannot rebuild.
     assert not any("genomics" in shares for reply in transcript.unmask for shares in reply.seed_shares.values())
+    # The sites are told which groups were withheld and why.
+    assert all(site.withheld == result.withheld for site in sites_of_round.values())
 
     # A server that asks anyway is refused by every site, whatever it claims.
     sites = {n: SiteRound(config, n) for n in config.sample}
@@ -151,9 +150,9 @@ def test_min_holders_is_counted_over_survivors() -> None:
     mixes = {1: ["shared", "wearables"], 2: ["shared", "wearables"], 3: ["shared", "wearables"], 4: ["shared"]}
     config = make_config(mixes, threshold=3)
     updates, counts = site_updates(mixes)
-    full, _, _ = run_secure_round(config, updates, counts, group_of=group_of)
+    full, *_ = run_secure_round(config, updates, counts, group_of=group_of)
     assert full.unmasked["wearables"] == [1, 2, 3]
-    partial, _, _ = run_secure_round(config, updates, counts, drop_before_masking=[3], group_of=group_of)
+    partial, *_ = run_secure_round(config, updates, counts, drop_before_masking=[3], group_of=group_of)
     assert "wearables" in partial.withheld and partial.unmasked["shared"] == [1, 2, 4]
 
 
@@ -196,7 +195,58 @@ def test_the_config_refuses_a_threshold_of_half_the_sample_or_less() -> None:
 def test_a_masked_vector_is_two_bytes_a_value() -> None:
     config = make_config(MIXES, threshold=3)
     updates, counts = site_updates(MIXES)
-    _, _, transcript = run_secure_round(config, updates, counts, group_of=group_of)
+    _, _, transcript, _ = run_secure_round(config, updates, counts, group_of=group_of)
     for masked in transcript.masked:
         values = sum(config.group_sizes[g] for g in masked.groups)
         assert len(masked.vector) == 2 * (values + config.weight_digits * len(masked.groups))
+
+
+def test_garbage_in_the_sum_fails_the_round_instead_of_averaging_it() -> None:
+    # A site (or a relay) that sends integers outside the round's range: half the field is
+    # headroom, so the unmasked sum leaves its bound and the round fails, naming the group.
+    config = make_config(MIXES, threshold=3)
+    updates, counts = site_updates(MIXES)
+    sites = {n: SiteRound(config, n) for n in config.sample}
+    server = ServerRound(config)
+    directory = server.key_directory([s.advertise() for s in sites.values()])
+    inboxes = server.route_shares([s.share_keys(directory) for s in sites.values()])
+    masked = [sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in sites]
+    noise = np.random.default_rng(5).integers(0, 2**16, len(masked[0].vector) // 2, dtype=np.uint16)
+    tampered = (np.frombuffer(masked[0].vector, dtype=np.uint16) + noise).tobytes()
+    masked[0] = masked[0].model_copy(update={"vector": tampered})
+    request = server.unmask_request(masked)
+    with pytest.raises(SecAggError, match="group 'shared': unmasked sum outside its bound"):
+        server.aggregate([s.unmask(request) for s in sites.values()])
+
+
+def test_a_wrong_share_is_caught_by_the_seed_commitment() -> None:
+    config = make_config(MIXES, threshold=3)
+    updates, counts = site_updates(MIXES)
+    sites = {n: SiteRound(config, n) for n in config.sample}
+    server = ServerRound(config)
+    directory = server.key_directory([s.advertise() for s in sites.values()])
+    inboxes = server.route_shares([s.share_keys(directory) for s in sites.values()])
+    request = server.unmask_request([sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in sites])
+    replies = [s.unmask(request) for s in sites.values()]
+    share = bytearray(replies[0].seed_shares[2]["shared"])
+    share[-1] ^= 1
+    bad = {**replies[0].seed_shares, 2: {**replies[0].seed_shares[2], "shared": bytes(share)}}
+    replies[0] = replies[0].model_copy(update={"seed_shares": bad})
+    with pytest.raises(SecAggError, match="node 2's seed of 'shared'"):
+        server.aggregate(replies)
+
+
+def test_the_server_leaves_out_messages_of_other_rounds_duplicates_and_strangers() -> None:
+    config = make_config(MIXES, threshold=3)
+    sites = {n: SiteRound(config, n) for n in config.sample}
+    keys = [s.advertise() for s in sites.values()]
+    server = ServerRound(config)
+    stranger = keys[0].model_copy(update={"node_id": 99})
+    stale = keys[1].model_copy(update={"round": config.round - 1})
+    directory = server.key_directory([*keys, keys[2], stranger, stale])
+    assert sorted(directory.keys) == [1, 2, 3, 4]  # each site's first, valid message
+    assert server.rejected == {
+        2: "keys: round 6, expected 7",
+        3: "keys: a second message",
+        99: "keys: not expected at this stage",
+    }

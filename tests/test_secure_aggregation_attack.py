@@ -28,13 +28,9 @@ from secure_aggregation.config import SecAggConfig
 from secure_aggregation.keys import agree, private_bytes, private_from_bytes
 from secure_aggregation.layout import group_vector
 from secure_aggregation.masks import field_dtype, mask_label, mask_stream
-from secure_aggregation.server import SecureAggregate, ServerRound
-from secure_aggregation.simulate import Transcript
-from secure_aggregation.site import SiteRound
-from tests.secure_aggregation_fixtures import MIXES, clipped, group_of, make_config, seeded_bytes, site_updates
-
-SIX = {1: ["shared", "ehr", "wearables"], 2: ["shared", "ehr"], 3: ["shared", "ehr", "wearables"],
-       4: ["shared", "ehr", "wearables"], 5: ["shared", "ehr", "genomics"], 6: ["shared", "ehr", "wearables"]}  # fmt: skip
+from secure_aggregation.server import ServerRound
+from secure_aggregation.simulate import SimulatedRound, Transcript, run_secure_round
+from tests.secure_aggregation_fixtures import MIXES, SIX, clipped, group_of, make_config, seeded_bytes, site_updates
 
 
 def attack(
@@ -95,34 +91,27 @@ def _z(estimate: np.ndarray, truth: np.ndarray) -> float:
     return math.atanh(max(min(r, 0.999999), -0.999999)) * math.sqrt(truth.size - 3)
 
 
-_Round = tuple[
-    dict[int, SiteRound],
-    ServerRound,
-    Transcript,
-    SecureAggregate,
-    dict[tuple[int, str], np.ndarray],
-    dict[int, dict[str, int]],
-]
+_Truths = dict[tuple[int, str], np.ndarray]
 
 
-def _run(config: SecAggConfig, before: list[int], after: list[int], seed: int) -> _Round:
-    np.random.seed(seed)
-    mixes = config.groups
-    updates, counts = site_updates(mixes, seed=seed)
-    randbytes = seeded_bytes(seed)
-    sites = {n: SiteRound(config, n, randbytes) for n in config.sample}
-    server = ServerRound(config)
-    transcript = Transcript()
-    transcript.keys = [s.advertise() for s in sites.values()]
-    directory = server.key_directory(transcript.keys)
-    transcript.shares = [s.share_keys(directory) for s in sites.values()]
-    inboxes = server.route_shares(transcript.shares)
-    transcript.masked = [sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in inboxes if n not in before]
-    request = server.unmask_request(transcript.masked)
-    transcript.unmask = [sites[n].unmask(request) for n in request.survivors if n not in after]
-    result = server.aggregate(transcript.unmask)
-    truths = {(n, g): group_vector(clipped(updates[n], config), g, group_of) for n in config.sample for g in mixes[n]}
-    return sites, server, transcript, result, truths, counts
+def _run(
+    config: SecAggConfig, before: list[int], after: list[int], seed: int
+) -> tuple[SimulatedRound, _Truths, dict[int, dict[str, int]]]:
+    np.random.seed(seed)  # Flower's quantiser rounds with numpy's global generator
+    updates, counts = site_updates(config.groups, seed=seed)
+    played = run_secure_round(
+        config,
+        updates,
+        counts,
+        drop_before_masking=before,
+        drop_after_masking=after,
+        group_of=group_of,
+        randbytes=seeded_bytes(seed),
+    )
+    truths = {
+        (n, g): group_vector(clipped(updates[n], config), g, group_of) for n in config.sample for g in config.groups[n]
+    }
+    return played, truths, counts
 
 
 @pytest.mark.parametrize(
@@ -134,7 +123,7 @@ def test_the_servers_view_does_not_reveal_any_sites_update(
     mixes: dict[int, list[str]], threshold: int, before: list[int], after: list[int]
 ) -> None:
     config = make_config(mixes, threshold=threshold)
-    sites, server, transcript, result, truths, counts = _run(config, before, after, seed=11)
+    (result, server, transcript, sites), truths, counts = _run(config, before, after, seed=11)
     estimates = attack(transcript, server)
     assert set(estimates) == {(n, g) for n in config.sample if n not in before for g in mixes[n]}
     zs = {key: _z(estimate, truths[key]) for key, estimate in estimates.items()}
@@ -161,7 +150,7 @@ def test_the_servers_view_does_not_reveal_any_sites_update(
 def test_with_one_holder_the_groups_segment_stays_masked() -> None:
     # Genomics at site 3 alone: its sum would be site 3's update; the server never gets its seed.
     config = make_config(MIXES, threshold=3)
-    _, server, transcript, result, truths, _ = _run(config, [], [], seed=12)
+    (result, server, transcript, _), truths, _ = _run(config, [], [], seed=12)
     assert "genomics" in result.withheld and "genomics" not in result.means
     estimate = attack(transcript, server)[(3, "genomics")]
     assert abs(_z(estimate, truths[(3, "genomics")])) < 4.5
