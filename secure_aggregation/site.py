@@ -148,13 +148,14 @@ class SiteRound:
             received[src] = plain
         if len(received) + 1 < config.threshold:
             raise SecAggRefusal(f"{len(received) + 1} sites shared keys < threshold {config.threshold}")
-        held = {group_of(k) for k in update}
+        try:
+            held = {group_of(k) for k in update}
+        except KeyError as err:
+            raise SecAggRefusal(f"update: {err.args[0]}") from None
         if held != set(self.groups) or set(counts) != set(self.groups):
             raise SecAggRefusal(
                 f"update holds groups {sorted(held)}, counts {sorted(counts)}; the round expects {self.groups}"
             )
-        self._received = received
-        self._masked = True
         dtype = field_dtype(config.field_bits)
         # One agreement per peer, its streams told apart by group (masks.py's labels).
         secrets = {peer: agree(self._mask, directory.keys[peer].mask_key) for peer in sorted(received)}
@@ -180,6 +181,9 @@ class SiteRound:
                 segment = segment + pairwise if self.node_id < peer else segment - pairwise
             segments.append(segment.astype(dtype, copy=False))
         vector = np.concatenate(segments).astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+        # Only now: a site that refused its own update above sent nothing and is a dropout.
+        self._received = received
+        self._masked = True
         return MaskedInput(node_id=self.node_id, round=config.round, groups=self.groups, vector=vector.tobytes())
 
     # ------------------------------------------------------------------ stage 4

@@ -171,8 +171,9 @@ def _masking_site(config: SecAggConfig) -> tuple[SiteRound, ShareInbox]:
         (lambda u, c: c.__setitem__("shared", 10_000), "count 10000 is not an integer in \\[1, 320\\]"),
         (lambda u, c: c.__setitem__("shared", 0), "count 0"),
         (lambda u, c: u.pop("ehr_encoder.embed.w"), "update holds groups"),
+        (lambda u, c: u.__setitem__("mystery.w", u["backbone.norm.b"]), "update: .*mystery"),
     ],
-    ids=["nan", "count-too-large", "count-zero", "missing-group"],
+    ids=["nan", "count-too-large", "count-zero", "missing-group", "unknown-key"],
 )
 def test_a_site_refuses_to_mask_what_the_server_could_not_check(
     spoil: Callable[[dict[str, np.ndarray], dict[str, int]], object], message: str
@@ -185,6 +186,9 @@ def test_a_site_refuses_to_mask_what_the_server_could_not_check(
     spoil(update, count)
     with pytest.raises(SecAggRefusal, match=message):
         site.mask(inbox, update, count, group_of)
+    # Refused, it sent nothing: it cannot take part in unmasking as if it had.
+    with pytest.raises(SecAggRefusal, match="unmask: expected once, after mask"):
+        site.unmask(UnmaskRequest(round=config.round, survivors=[1, 2, 3, 4], groups=["shared"]))
 
 
 def test_the_config_refuses_a_threshold_of_half_the_sample_or_less() -> None:
