@@ -17,6 +17,11 @@ Stages of one round (the server relays every message; sites never talk to each o
   4  site -> server   UnmaskShares                 SiteRound.unmask
      server           SecureAggregate              ServerRound.aggregate
 
+Beside the steps: field.py (clipping, quantisation, the error bound), masks.py and keys.py (the
+PRG and the X25519 agreement), layout.py (a group's update as one vector), records.py (each
+message's flat form for a ConfigRecord), simulate.py (one round in process, with the transcript
+of what the server received).
+
 Imports: flwr.common.secure_aggregation (Shamir, Fernet encryption, quantisation), numpy,
 cryptography, pydantic and healthfm_core; never client/ or server/ (both of them call this room).
 """
