@@ -6,6 +6,12 @@ least `min_holders` surviving holders. Each step is a pure function of a message
 own round state; nothing here does I/O, so the same steps run under Flower's Message API, in
 simulation and in tests.
 
+The share graph is complete (SecAgg+ with k = n - 1 neighbours: every site shares with and masks
+against every other): at the federation's scale (3-12 sites) its O(n) shares a site are a few kB
+(docs/performance.md), and a sparse graph would need per-group neighbourhoods, or a site could be
+left with no pairwise mask on a group none of its neighbours holds, and that group's unmasking
+would expose it.
+
 Stages of one round (the server relays every message; sites never talk to each other directly):
   0  server -> sites  SecAggConfig                 (config.py)
   1  site -> server   PublicKeys                   SiteRound.advertise     (site.py)
