@@ -17,7 +17,7 @@ import numpy as np
 from cryptography.fernet import InvalidToken
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from healthfm_core.model.groups import parameter_group
 from secure_aggregation.config import SecAggConfig
@@ -45,6 +45,26 @@ def seed_commitment(round_: int, node: int, group: str, seed: bytes) -> bytes:
     return hashlib.sha256(f"healthfm-secagg/{round_}/{node}/{group}/".encode() + seed).digest()
 
 
+class SiteState(BaseModel):
+    """A SiteRound between two messages, for a ClientApp that does not live through the round
+    (Flower's Context.state, which stays on the site's SuperNode). It holds the site's private keys
+    and seeds: it must never be sent anywhere."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    config: SecAggConfig
+    node_id: int
+    enc_key: bytes
+    mask_key: bytes
+    seeds: dict[str, bytes]
+    directory: KeyDirectory | None = None
+    received: dict[int, SharePlaintext] = Field(default_factory=dict)
+    own: SharePlaintext | None = None
+    masked: bool = False
+    answered: bool = False
+    withheld: dict[str, str] = Field(default_factory=dict)
+
+
 class SiteRound:
     """One site's secure-aggregation round (stages 1-4; see secure_aggregation/__init__.py)."""
 
@@ -66,6 +86,36 @@ class SiteRound:
         self._masked = False
         self._answered = False
         self.withheld: dict[str, str] = {}  # what the unmask request said was withheld, and why (to log)
+
+    def to_state(self) -> bytes:
+        """The round's state as bytes, secrets included (see SiteState)."""
+        return (
+            SiteState(
+                config=self.config,
+                node_id=self.node_id,
+                enc_key=private_bytes(self._enc),
+                mask_key=private_bytes(self._mask),
+                seeds=self._seeds,
+                directory=self._directory,
+                received=self._received,
+                own=self._own,
+                masked=self._masked,
+                answered=self._answered,
+                withheld=self.withheld,
+            )
+            .model_dump_json()
+            .encode()
+        )
+
+    @classmethod
+    def from_state(cls, raw: bytes) -> SiteRound:
+        """The SiteRound `to_state` saved, at the stage it had reached."""
+        state = SiteState.model_validate_json(raw)
+        keys = iter([state.enc_key, state.mask_key, *(state.seeds[g] for g in state.config.segments(state.node_id))])
+        site = cls(state.config, state.node_id, lambda _: next(keys))
+        site._directory, site._received, site._own = state.directory, dict(state.received), state.own
+        site._masked, site._answered, site.withheld = state.masked, state.answered, dict(state.withheld)
+        return site
 
     # ------------------------------------------------------------------ stage 1
     def advertise(self) -> PublicKeys:

@@ -254,3 +254,31 @@ def test_the_server_leaves_out_messages_of_other_rounds_duplicates_and_strangers
         3: "keys: a second message",
         99: "keys: not expected at this stage",
     }
+
+
+def test_a_site_saved_and_restored_between_every_stage_takes_part_as_if_it_had_stayed() -> None:
+    # A cold ClientApp keeps its round in Context.state between messages (SiteRound.to_state).
+    np.random.seed(3)
+    config = make_config(MIXES, threshold=3)
+    reference = global_arrays()
+    updates, counts = site_updates(MIXES)
+    sites = {n: SiteRound(config, n) for n in config.sample}
+
+    def reload() -> None:
+        for node in sites:
+            sites[node] = SiteRound.from_state(sites[node].to_state())
+
+    server = ServerRound(config)
+    reload()
+    directory = server.key_directory([s.advertise() for s in sites.values()])
+    reload()
+    inboxes = server.route_shares([s.share_keys(directory) for s in sites.values()])
+    reload()
+    request = server.unmask_request([sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in sites])
+    reload()
+    result = server.aggregate([s.unmask(request) for s in sites.values()])
+    reload()
+    assert all(s.withheld == result.withheld for s in sites.values())
+    _assert_matches_plain(result, reference, updates, counts, config, [1, 2, 3, 4])
+    with pytest.raises(SecAggRefusal, match="unmask: expected once"):
+        sites[1].unmask(request)  # a restored site still answers once
