@@ -3,7 +3,7 @@ counts, a seeded source of keys, and the plain ModalityAwareFedAvg rule on the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +11,7 @@ import numpy as np
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.field import clip_update
 from secure_aggregation.layout import group_vector, split_group_vector
+from secure_aggregation.simulate import SimulatedRound, run_secure_round
 from server.strategy import ModalityAwareFedAvg
 
 # One key or two per group, named as HealthFM's state_dict names them (parameter_group reads them).
@@ -127,3 +128,22 @@ def plain_average(
     ]
     arrays, _ = strategy.average(accepted, reference)
     return arrays
+
+
+def play(
+    config: SecAggConfig, seed: int, before: Sequence[int] = (), after: Sequence[int] = ()
+) -> tuple[SimulatedRound, dict[int, dict[str, np.ndarray]], dict[int, dict[str, int]]]:
+    """One secure round at fixed seeds (keys, updates, rounding), sites dropping where asked:
+    the round, the sites' updates and their counts."""
+    np.random.seed(seed)  # Flower's quantiser rounds with numpy's global generator
+    updates, counts = site_updates(config.groups, seed=seed)
+    played = run_secure_round(
+        config,
+        updates,
+        counts,
+        drop_before_masking=before,
+        drop_after_masking=after,
+        group_of=group_of,
+        randbytes=seeded_bytes(seed),
+    )
+    return played, updates, counts

@@ -24,6 +24,7 @@ from tests.secure_aggregation_fixtures import (
     group_of,
     make_config,
     plain_average,
+    play,
     seeded_bytes,
     site_updates,
 )
@@ -89,19 +90,9 @@ def test_a_site_clips_before_masking_and_the_average_is_that_of_the_clipped_upda
     ids=["dropped-before-masking", "dropped-after-masking", "both"],
 )
 def test_dropouts_before_and_after_masking_are_recovered(before: list[int], after: list[int]) -> None:
-    np.random.seed(2)
     config = make_config(SIX, threshold=4)
     reference = global_arrays()
-    updates, counts = site_updates(SIX, seed=3)
-    result, *_ = run_secure_round(
-        config,
-        updates,
-        counts,
-        drop_before_masking=before,
-        drop_after_masking=after,
-        group_of=group_of,
-        randbytes=seeded_bytes(2),
-    )
+    (result, *_), updates, counts = play(config, 2, before, after)
     survivors = [n for n in SIX if n not in before]  # a site gone after masking is in the sum
     assert result.dropped_before_masking == before and result.dropped_after_masking == after
     assert result.unmasked["shared"] == survivors
@@ -138,10 +129,7 @@ def test_a_single_holders_group_is_never_unmasked_and_sites_refuse_to_open_it() 
     assert all(site.withheld == result.withheld for site in sites_of_round.values())
 
     # A server that asks anyway is refused by every site, whatever it claims.
-    sites = {n: SiteRound(config, n) for n in config.sample}
-    honest = ServerRound(config)
-    directory = honest.key_directory([s.advertise() for s in sites.values()])
-    inboxes = honest.route_shares([s.share_keys(directory) for s in sites.values()])
+    sites, honest, inboxes = _keys_shared(config)
     honest.unmask_request([sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in sites])
     forged = UnmaskRequest(round=config.round, survivors=[1, 2, 3, 4], groups=["shared", "genomics"])
     for site in sites.values():
@@ -160,11 +148,16 @@ def test_min_holders_is_counted_over_survivors() -> None:
     assert "wearables" in partial.withheld and partial.unmasked["shared"] == [1, 2, 4]
 
 
-def _masking_site(config: SecAggConfig) -> tuple[SiteRound, ShareInbox]:
+def _keys_shared(config: SecAggConfig) -> tuple[dict[int, SiteRound], ServerRound, dict[int, ShareInbox]]:
+    """Every site through stages 1 and 2 (keys, shares): ready to mask."""
     sites = {n: SiteRound(config, n) for n in config.sample}
     server = ServerRound(config)
     directory = server.key_directory([s.advertise() for s in sites.values()])
-    inboxes = server.route_shares([s.share_keys(directory) for s in sites.values()])
+    return sites, server, server.route_shares([s.share_keys(directory) for s in sites.values()])
+
+
+def _masking_site(config: SecAggConfig) -> tuple[SiteRound, ShareInbox]:
+    sites, _, inboxes = _keys_shared(config)
     return sites[1], inboxes[1]
 
 
@@ -214,10 +207,7 @@ def test_garbage_in_the_sum_fails_the_round_instead_of_averaging_it() -> None:
     # headroom, so the unmasked sum leaves its bound and the round fails, naming the group.
     config = make_config(MIXES, threshold=3)
     updates, counts = site_updates(MIXES)
-    sites = {n: SiteRound(config, n) for n in config.sample}
-    server = ServerRound(config)
-    directory = server.key_directory([s.advertise() for s in sites.values()])
-    inboxes = server.route_shares([s.share_keys(directory) for s in sites.values()])
+    sites, server, inboxes = _keys_shared(config)
     masked = [sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in sites]
     noise = np.random.default_rng(5).integers(0, 2**16, len(masked[0].vector) // 2, dtype=np.uint16)
     tampered = (np.frombuffer(masked[0].vector, dtype=np.uint16) + noise).tobytes()
@@ -230,10 +220,7 @@ def test_garbage_in_the_sum_fails_the_round_instead_of_averaging_it() -> None:
 def test_a_wrong_share_is_caught_by_the_seed_commitment() -> None:
     config = make_config(MIXES, threshold=3)
     updates, counts = site_updates(MIXES)
-    sites = {n: SiteRound(config, n) for n in config.sample}
-    server = ServerRound(config)
-    directory = server.key_directory([s.advertise() for s in sites.values()])
-    inboxes = server.route_shares([s.share_keys(directory) for s in sites.values()])
+    sites, server, inboxes = _keys_shared(config)
     request = server.unmask_request([sites[n].mask(inboxes[n], updates[n], counts[n], group_of) for n in sites])
     replies = [s.unmask(request) for s in sites.values()]
     share = bytearray(replies[0].seed_shares[2]["shared"])

@@ -29,8 +29,8 @@ from secure_aggregation.keys import agree, private_bytes, private_from_bytes
 from secure_aggregation.layout import group_vector
 from secure_aggregation.masks import field_dtype, mask_label, mask_stream
 from secure_aggregation.server import ServerRound
-from secure_aggregation.simulate import SimulatedRound, Transcript, run_secure_round
-from tests.secure_aggregation_fixtures import MIXES, SIX, clipped, group_of, make_config, seeded_bytes, site_updates
+from secure_aggregation.simulate import SimulatedRound, Transcript
+from tests.secure_aggregation_fixtures import MIXES, SIX, clipped, group_of, make_config, play
 
 
 def attack(
@@ -97,17 +97,7 @@ _Truths = dict[tuple[int, str], np.ndarray]
 def _run(
     config: SecAggConfig, before: list[int], after: list[int], seed: int
 ) -> tuple[SimulatedRound, _Truths, dict[int, dict[str, int]]]:
-    np.random.seed(seed)  # Flower's quantiser rounds with numpy's global generator
-    updates, counts = site_updates(config.groups, seed=seed)
-    played = run_secure_round(
-        config,
-        updates,
-        counts,
-        drop_before_masking=before,
-        drop_after_masking=after,
-        group_of=group_of,
-        randbytes=seeded_bytes(seed),
-    )
+    played, updates, counts = play(config, seed, before, after)
     truths = {
         (n, g): group_vector(clipped(updates[n], config), g, group_of) for n in config.sample for g in config.groups[n]
     }
