@@ -30,8 +30,8 @@ def pooled_standardizer(stats: Sequence[SiteStats]) -> Standardizer:
         raise ValueError("federated head: no train rows at any site")
     total = sum(s.total for s in stats)
     squares = sum(s.squares for s in stats)
-    mean = total / n
-    var = np.maximum(squares / n - mean**2, 0.0)
+    mean = np.asarray(total) / n
+    var = np.maximum(np.asarray(squares) / n - mean**2, 0.0)
     scale = np.sqrt(var)
     return Standardizer(mean, np.where(scale > 1e-12, scale, 1.0))
 
