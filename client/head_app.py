@@ -50,9 +50,9 @@ log = logging.getLogger("healthfm.client")
 # The site's rows of a request's tasks (client/head_rows.load_head_rows; tests give synthetic ones).
 RowsOf = Callable[[Mapping[str, Any], Sequence[str]], HeadRows]
 
-# Standardised train and tuning rows per (site, release, key), kept between stages in this
-# process: Flower's Context.state would copy them with every message.
-_STANDARDISED: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+# Standardised train and tuning rows per (site, release, key) with their mean and scale, kept
+# between stages in this process: Flower's Context.state would copy them with every message.
+_STANDARDISED: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 _LOCK = threading.Lock()
 
 
@@ -83,6 +83,31 @@ def _splits(rows: HeadRows, task: HeadTask) -> SiteSplits | str:
     return f"site {rows.site}: {task.key}: {got.describe()}"
 
 
+def _width_problem(request: StandardizerRequest, splits: SiteSplits) -> str | None:
+    """Why the request's vectors do not fit this site's embeddings (None: they do)."""
+    width = splits.x_train.shape[1]
+    for name in type(request)._vectors:
+        if (got := len(getattr(request, name))) != width:
+            return f"field {name} of {got} values, embeddings of width {width}"
+    return None
+
+
+# Module-level (not inside make_head_client_app): Ray pickles the app's handlers by value, and
+# with them any lock they name; a module's function travels by reference.
+def standardised(rows: HeadRows, request: StandardizerRequest, splits: SiteSplits) -> tuple[np.ndarray, np.ndarray]:
+    """The site's train and tuning rows under the request's standardisation, computed once per
+    process and standardisation. Every stage after the stats carries the standardisation, so any
+    process of the site (Ray runs a node's messages on any actor; a SuperNode may restart) answers."""
+    mean, scale = np.asarray(request.mean), np.asarray(request.scale)
+    with _LOCK:
+        got = _STANDARDISED.get((rows.site, request.setup_sha256, request.key))
+        if got is None or not (np.array_equal(got[0], mean) and np.array_equal(got[1], scale)):
+            std = Standardizer(mean, scale)
+            got = (mean, scale, std.transform(splits.x_train), std.transform(splits.x_tune))
+            _STANDARDISED[(rows.site, request.setup_sha256, request.key)] = got
+    return got[2], got[3]
+
+
 def make_head_client_app(
     node_configs: Sequence[Mapping[str, Any]] | None = None, rows_of: RowsOf = load_head_rows
 ) -> ClientApp:
@@ -98,13 +123,6 @@ def make_head_client_app(
         log.info("site %s: head: %s", rows.site, reason)
         return _reply(msg, HeadRefusal(refused=reason).to_flat())
 
-    def standardised(rows: HeadRows, task: HeadTask) -> tuple[np.ndarray, np.ndarray]:
-        with _LOCK:
-            got = _STANDARDISED.get((rows.site, task.setup_sha256, task.key))
-        if got is None:
-            raise ValueError(f"site {rows.site}: {task.key}: no standardisation received (query.head_setup first)")
-        return got
-
     @app.query("head_stats")
     def stats(msg: Message, context: Context) -> Message:
         _, rows, splits = site_of(msg, context, HeadTask)
@@ -118,13 +136,9 @@ def make_head_client_app(
         request, rows, splits = site_of(msg, context, StandardizerRequest)
         if isinstance(splits, str):
             return refuse(msg, rows, splits)
-        width = splits.x_train.shape[1]
-        if len(request.mean) != width:
-            return refuse(msg, rows, f"standardisation of width {len(request.mean)}, embeddings of {width}")
-        std = Standardizer(np.asarray(request.mean), np.asarray(request.scale))
-        xs, xt = std.transform(splits.x_train), std.transform(splits.x_tune)
-        with _LOCK:
-            _STANDARDISED[(rows.site, request.setup_sha256, request.key)] = (xs, xt)
+        if problem := _width_problem(request, splits):
+            return refuse(msg, rows, problem)
+        xs, _ = standardised(rows, request, splits)
         return _reply(msg, HeadSmoothness(smoothness=site_smoothness(xs)).to_flat())
 
     @app.train("head")
@@ -132,9 +146,9 @@ def make_head_client_app(
         request, rows, splits = site_of(msg, context, HeadRoundRequest)
         if isinstance(splits, str):
             return refuse(msg, rows, splits)
-        xs, _ = standardised(rows, request)
-        if len(request.weight) != xs.shape[1]:
-            return refuse(msg, rows, f"a head of width {len(request.weight)}, embeddings of {xs.shape[1]}")
+        if problem := _width_problem(request, splits):
+            return refuse(msg, rows, problem)
+        xs, _ = standardised(rows, request, splits)
         y = np.asarray(splits.y_train, np.float64)
         w, b = local_steps(xs, y, np.asarray(request.weight), request.bias, request.penalty, request.steps, request.lr)
         return _reply(msg, HeadUpdate(weight=w.tolist(), bias=float(b), n=len(y)).to_flat())
@@ -144,9 +158,9 @@ def make_head_client_app(
         request, rows, splits = site_of(msg, context, HeadTuneRequest)
         if isinstance(splits, str):
             return refuse(msg, rows, splits)
-        _, xt = standardised(rows, request)
-        if len(request.weight) != xt.shape[1]:
-            return refuse(msg, rows, f"a head of width {len(request.weight)}, embeddings of {xt.shape[1]}")
+        if problem := _width_problem(request, splits):
+            return refuse(msg, rows, problem)
+        _, xt = standardised(rows, request, splits)
         y = np.asarray(splits.y_tune, np.float64)
         loss = tuning_loss(xt, y, np.asarray(request.weight), request.bias) if len(y) else 0.0
         return _reply(msg, HeadTuning(loss_sum=loss, n=len(y)).to_flat())

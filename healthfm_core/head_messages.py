@@ -13,6 +13,10 @@ the site embeds and the label key the head is for:
                     -> HeadUpdate: its head after its local steps, and its train rows
   evaluate.head     HeadTuneRequest (a head) -> HeadTuning: its tuning log-loss sum and count
 
+Every request after the stats carries the standardisation, so that a site answers from whichever
+of its processes gets the message (Flower's simulation runs a node's messages on any Ray actor; a
+SuperNode may restart): the site keeps no state between stages that it cannot rebuild.
+
 Any stage may be answered by a HeadRefusal (a reason, no number): the site's minimums (subjects
 per split, positives; healthfm_core/eval/site_eval.withheld_reason) are not met, the release is
 not the site's, or it has no rows for the key.
@@ -90,13 +94,13 @@ class HeadTask(_Head):
 
 
 class StandardizerRequest(HeadTask):
-    _vectors = ("mean", "scale")
+    _vectors: ClassVar[tuple[str, ...]] = ("mean", "scale")
     mean: list[Finite]
     scale: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
 
 
-class HeadRoundRequest(HeadTask):
-    _vectors = ("weight",)
+class HeadRoundRequest(StandardizerRequest):
+    _vectors = ("mean", "scale", "weight")
     round: int = Field(ge=1)
     weight: list[Finite]
     bias: Finite
@@ -105,8 +109,8 @@ class HeadRoundRequest(HeadTask):
     lr: float = Field(gt=0, allow_inf_nan=False)
 
 
-class HeadTuneRequest(HeadTask):
-    _vectors = ("weight",)
+class HeadTuneRequest(StandardizerRequest):
+    _vectors = ("mean", "scale", "weight")
     weight: list[Finite]
     bias: Finite
 

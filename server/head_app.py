@@ -98,6 +98,9 @@ class FlowerSites:
         self.counts: dict[int, int] = {}  # node id -> train rows (as sent in its stats)
         self.max_events = self.max_patches = 0
         self.round = 0
+        # The standardisation, carried by every later request.
+        self.mean: list[float] = []
+        self.scale: list[float] = []
 
     def _ask(self, message_type: str, flat: Mapping[int, Mapping[str, Any]], kind: type[Any]) -> dict[int, Any]:
         """Each node's parsed reply; refusals, errors and replies that do not parse are logged and
@@ -169,14 +172,15 @@ class FlowerSites:
         return {self.names[n]: s.stats() for n, s in sorted(got.items())}
 
     def setup(self, std: Standardizer) -> dict[str, float]:
-        request = StandardizerRequest(**self.task.model_dump(), mean=std.mean.tolist(), scale=std.scale.tolist())
+        self.mean, self.scale = std.mean.tolist(), std.scale.tolist()
+        request = StandardizerRequest(**self.task.model_dump(), mean=self.mean, scale=self.scale)
         got = self._ask(MSG_SETUP, self._to_sites(request.to_flat()), HeadSmoothness)
         return {self._name(n): r.smoothness for n, r in sorted(got.items()) if n in self.names}
 
     def train(self, w: np.ndarray, b: float, penalty: float, steps: int, lr: float) -> dict[str, SiteHead]:
         self.round += 1
         request = HeadRoundRequest(
-            **self.task.model_dump(), round=self.round, weight=w.tolist(), bias=float(b),
+            **self.task.model_dump(), mean=self.mean, scale=self.scale, round=self.round, weight=w.tolist(), bias=float(b),
             penalty=penalty, steps=steps, lr=lr,
         )  # fmt: skip
         got = self._ask(MSG_TRAIN, self._to_sites(request.to_flat()), HeadUpdate)
@@ -190,7 +194,9 @@ class FlowerSites:
         return out
 
     def tune(self, w: np.ndarray, b: float) -> dict[str, tuple[float, int]]:
-        request = HeadTuneRequest(**self.task.model_dump(), weight=w.tolist(), bias=float(b))
+        request = HeadTuneRequest(
+            **self.task.model_dump(), mean=self.mean, scale=self.scale, weight=w.tolist(), bias=float(b)
+        )
         got = self._ask(MSG_TUNE, self._to_sites(request.to_flat()), HeadTuning)
         return {self.names[n]: (r.loss_sum, r.n) for n, r in sorted(got.items()) if n in self.names}
 
