@@ -80,7 +80,7 @@ def _splits(rows: HeadRows, task: HeadTask) -> SiteSplits | str:
         return f"site {rows.site}: no labels for {task.key}"
     if isinstance(got, SiteSplits):
         return got
-    return f"site {rows.site}: {task.key}: {got.describe()}"
+    return f"site {rows.site}: {task.key}: {got if isinstance(got, str) else got.describe()}"
 
 
 def _width_problem(request: StandardizerRequest, splits: SiteSplits) -> str | None:

@@ -5,9 +5,9 @@ site; the ClientApp sends only the aggregates of healthfm_core/eval/head_site.py
 The rows are the evaluation's (client/model_use.py: the release's evaluation settings, its
 subject sample, its path through the model), embedded with the release once per process and
 kept (`load_head_rows` caches by node config and tasks), or read from the site's own
-`client.py embed` file (node config `embeddings`). A key whose splits fall below the site's
-minimums (min_report_subjects per split, min_report_positives; each raised by its policy: the
-evaluation's rule, healthfm_core/eval/site_eval.withheld_reason) gives a reason, never rows.
+`client.py embed` file (node config `embeddings`). A key whose train or tuning split falls below
+the site's minimums (min_report_subjects subjects, min_report_positives positive and negative
+train rows; each raised by its policy) gives a reason, never rows.
 
 Node config keys beside the site's (client/site_runtime.SiteConfig): `model`, the release folder
 the site holds; `embeddings` (optional), its embed file of the tasks' rows.
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
 from healthfm_core.eval.head_site import SiteSplits
-from healthfm_core.eval.site_eval import task_split_counts, withheld_reason
+from healthfm_core.eval.site_eval import task_split_counts
 from healthfm_core.federation import EvalConfig, TaskReason
 from healthfm_core.release import ModelRelease, load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
@@ -47,22 +47,27 @@ class HeadRows:
     setup_sha256: str
     max_events: int
     max_patches: int
-    keys: dict[str, SiteSplits | TaskReason] = field(default_factory=dict)
+    keys: dict[str, SiteSplits | TaskReason | str] = field(default_factory=dict)
 
 
 def head_splits(
     labels: pa.Table, x: np.ndarray, split: np.ndarray, min_subjects: int, min_positives: int
-) -> SiteSplits | TaskReason:
+) -> SiteSplits | str:
     """A key's train and tuning rows (x: each label row's embedding; split: each row's split), or
-    the reason (small counts suppressed) when the site's minimums are not met."""
-    reason = withheld_reason(
-        task_split_counts(labels, lambda sids: split), min_subjects, binary=True, min_positives=min_positives
-    )
-    if reason is not None:
-        return reason
+    why the site takes no part. What would leave is the train rows' count, positives and sums and
+    the tuning rows' log-loss: each split behind them needs `min_subjects` subjects, and the train
+    split `min_positives` positive and negative rows (the held-out split is not used). The reason
+    names no count."""
+    counts = task_split_counts(labels, lambda sids: split)
+    for name in ("train", "tuning"):
+        if counts[name].subjects < min_subjects:
+            return f"fewer than {min_subjects} subjects (min_report_subjects) in {name}"
+    train = counts["train"]
+    if min(train.positives, train.rows - train.positives) < min_positives:
+        return f"fewer than {min_positives} positive or negative train rows (min_report_positives)"
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
-    train, tune = split == "train", split == "tuning"
-    return SiteSplits(x[train], y[train], x[tune], y[tune])
+    is_train, is_tune = split == "train", split == "tuning"
+    return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune])
 
 
 _LOCK = threading.Lock()
@@ -130,7 +135,7 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
             "site %s: head rows of %s: %s",
             runtime.name,
             list(tasks),
-            {k: "ok" if isinstance(v, SiteSplits) else v.kind for k, v in out.keys.items()},
+            {k: "ok" if isinstance(v, SiteSplits) else getattr(v, "kind", v) for k, v in out.keys.items()},
         )
         _ROWS[cache_key] = out
         return out

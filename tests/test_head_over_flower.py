@@ -45,7 +45,7 @@ class HeadGrid(InProcessGrid):
         return replies
 
 
-def _grid(sites: Mapping[str, SiteSplits | TaskReason], corrupt: tuple[int, Any] | None = None) -> HeadGrid:
+def _grid(sites: Mapping[str, SiteSplits | TaskReason | str], corrupt: tuple[int, Any] | None = None) -> HeadGrid:
     def rows_of(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         name = str(config["site-name"])
         return HeadRows(name, SHA, 64, 8, {KEY: sites[name]})
@@ -74,8 +74,8 @@ def test_the_flower_head_is_the_one_process_head(tmp_path) -> None:
 
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_site_below_its_minimum_sends_no_number(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    sites: dict[str, SiteSplits | TaskReason] = dict(_sites())
-    sites["site2"] = TaskReason(kind="too_few_subjects", minimum=20)
+    sites: dict[str, SiteSplits | str] = dict(_sites())
+    sites["site2"] = "fewer than 20 subjects (min_report_subjects) in train"
     grid = _grid(sites)
     with caplog.at_level(logging.INFO, logger="healthfm"):
         result, _ = fit_head(grid, HeadTask(setup_sha256=SHA, tasks=[], key=KEY), 5, _cfg(tmp_path, 5))
@@ -83,7 +83,7 @@ def test_a_site_below_its_minimum_sends_no_number(tmp_path, caplog: pytest.LogCa
     refusals = [r for r in grid.replies if r.metadata.src_node_id == 102]
     assert len(refusals) == 1  # asked once (stats), never again
     assert dict(refusals[0].content.config_records[HEAD_RECORD]).keys() == {"refused"}
-    assert "too few subjects" in str(refusals[0].content.config_records[HEAD_RECORD]["refused"])
+    assert "fewer than 20 subjects" in str(refusals[0].content.config_records[HEAD_RECORD]["refused"])
     assert any("node 102 takes no part" in r.getMessage() for r in caplog.records)
 
 
@@ -92,9 +92,10 @@ def test_head_splits_below_the_minimum_give_a_reason_not_rows() -> None:
     labels = pa.table({"subject_id": np.arange(n, dtype=np.int64), "boolean_value": np.arange(n) % 2 == 0})
     split = np.array(["train"] * 6 + ["tuning"] * 3 + ["held_out"] * 3, dtype=object)
     x = np.ones((n, 4))
-    assert isinstance(head_splits(labels, x, split, 3, 1), SiteSplits)
-    reason = head_splits(labels, x, split, 4, 1)  # 3 tuning subjects < 4
-    assert isinstance(reason, TaskReason) and reason.kind == "too_few_subjects"
+    got = head_splits(labels, x, split, 3, 3)
+    assert isinstance(got, SiteSplits) and len(got.y_train) == 6 and len(got.y_tune) == 3
+    assert head_splits(labels, x, split, 4, 1) == "fewer than 4 subjects (min_report_subjects) in tuning"
+    assert "positive or negative train rows" in str(head_splits(labels, x, split, 2, 4))  # 3 positives
 
 
 @pytest.mark.parametrize(
