@@ -131,36 +131,40 @@ def make_head_client_app(
         out = HeadStats.of(rows.site, site_stats(splits.x_train, splits.y_train), rows.max_events, rows.max_patches)
         return _reply(msg, out.to_flat())
 
-    @app.query("head_setup")
-    def setup(msg: Message, context: Context) -> Message:
-        request, rows, splits = site_of(msg, context, StandardizerRequest)
+    def prepared(
+        msg: Message, context: Context, kind: type[StandardizerRequest]
+    ) -> Message | tuple[Any, SiteSplits, np.ndarray, np.ndarray]:
+        """The request, the key's splits and its standardised train and tuning rows; or the
+        refusal to send."""
+        request, rows, splits = site_of(msg, context, kind)
         if isinstance(splits, str):
             return refuse(msg, rows, splits)
         if problem := _width_problem(request, splits):
             return refuse(msg, rows, problem)
-        xs, _ = standardised(rows, request, splits)
+        xs, xt = standardised(rows, request, splits)
+        return request, splits, xs, xt
+
+    @app.query("head_setup")
+    def setup(msg: Message, context: Context) -> Message:
+        if isinstance(got := prepared(msg, context, StandardizerRequest), Message):
+            return got
+        xs = got[2]
         return _reply(msg, HeadSmoothness(smoothness=site_smoothness(xs)).to_flat())
 
     @app.train("head")
     def train(msg: Message, context: Context) -> Message:
-        request, rows, splits = site_of(msg, context, HeadRoundRequest)
-        if isinstance(splits, str):
-            return refuse(msg, rows, splits)
-        if problem := _width_problem(request, splits):
-            return refuse(msg, rows, problem)
-        xs, _ = standardised(rows, request, splits)
+        if isinstance(got := prepared(msg, context, HeadRoundRequest), Message):
+            return got
+        request, splits, xs, _ = got
         y = np.asarray(splits.y_train, np.float64)
         w, b = local_steps(xs, y, np.asarray(request.weight), request.bias, request.penalty, request.steps, request.lr)
         return _reply(msg, HeadUpdate(weight=w.tolist(), bias=float(b), n=len(y)).to_flat())
 
     @app.evaluate("head")
     def tune(msg: Message, context: Context) -> Message:
-        request, rows, splits = site_of(msg, context, HeadTuneRequest)
-        if isinstance(splits, str):
-            return refuse(msg, rows, splits)
-        if problem := _width_problem(request, splits):
-            return refuse(msg, rows, problem)
-        _, xt = standardised(rows, request, splits)
+        if isinstance(got := prepared(msg, context, HeadTuneRequest), Message):
+            return got
+        request, splits, _, xt = got
         y = np.asarray(splits.y_tune, np.float64)
         loss = tuning_loss(xt, y, np.asarray(request.weight), request.bias) if len(y) else 0.0
         return _reply(msg, HeadTuning(loss_sum=loss, n=len(y)).to_flat())
