@@ -19,7 +19,15 @@ from client.head_app import make_head_client_app
 from client.head_rows import HeadRows, head_splits
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.federation import TaskReason
-from healthfm_core.head_messages import HEAD_RECORD, MSG_TRAIN, HeadTask
+from healthfm_core.head_messages import (
+    HEAD_RECORD,
+    MSG_TRAIN,
+    HeadMessageError,
+    HeadRefusal,
+    HeadStats,
+    HeadTask,
+    parse_reply,
+)
 from server.head_app import HeadRunConfig, fit_head
 
 SHA = "ab" * 32
@@ -119,3 +127,22 @@ def test_a_malformed_head_reply_is_rejected_with_a_log_line(tmp_path, caplog, co
     assert np.isfinite(result.probe.weight).all()
     # site1 is out from its rejected reply on: only one train.head message reached it.
     assert sum(1 for r in grid.replies if r.metadata.src_node_id == 101) == 2 + 1  # stats, setup, one round
+
+
+def test_head_stats_from_a_peer_are_checked() -> None:
+    good = {"site": "a", "n": 10, "positives": 3, "total": [1.0, 2.0], "squares": [1.0, 4.0]}
+    good |= {"max-events": 64, "max-patches": 8}
+    assert isinstance(parse_reply(good, HeadStats, 2), HeadStats)
+    for bad, field in (
+        ({"positives": 11}, "positives"),  # more positives than rows
+        ({"squares": [1.0, -4.0]}, "squares.1"),
+        ({"total": [1.0, float("inf")]}, "total.1"),
+        ({"total": [1.0, 2.0, 3.0]}, "total: 3 values, expected 2"),
+        ({"n": 10.0}, "field n"),  # strict: a float is not a count
+        ({"rows": [[1.0]]}, "rows"),  # no other field
+    ):
+        with pytest.raises(HeadMessageError, match=field.replace("[", r"\[")):
+            parse_reply(good | bad, HeadStats, 2)
+    assert parse_reply({"refused": "fewer than 20 subjects"}, HeadStats, 2) == HeadRefusal(
+        refused="fewer than 20 subjects"
+    )
