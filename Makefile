@@ -71,7 +71,8 @@ test-slow: setup
 # cold sites running the approved bundle's code (tests/test_warm_site.py, 5 min 40 s, shared).
 # Issue 27: one bad site label file in a simulation (about 50 s), the guarded onset configs against
 # aces-cli, the pooled AUROC's interval coverage (25 s), the report on EHR-only sites without truth
-# (60 s); issue 30: a release from a real federation used at each site (90 s); issue 28: a smoke run
+# (60 s); issue 30: a release from a real federation used at each site (90 s; plus 80 s for the task
+# head over Flower's simulation engine); issue 28: a smoke run
 # of benchmarks/site_scale.py on tiny sites (55 s idle).
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \

@@ -3,7 +3,7 @@ embeddings, per site and task with subject-bootstrap intervals.
 
     python -m simulations.task_head --model model/ --sites runs/data/default-seed0-nNone/sites/* \
         [--embeddings emb-SITE.parquet ...] [--tasks onset_t2d_365d ...] [--min-subjects 20] \
-        [--rounds 200] --out task_head.md
+        [--rounds 200] [--over-flower HEADS_DIR] --out task_head.md
 
 Each site embeds its rows of the run's evaluation tasks with the release (client/model_use.py:
 the evaluation's rows and path). Per binary task key:
@@ -17,7 +17,11 @@ the evaluation's rows and path). Per binary task key:
 each scored on each site's held-out rows: AUROC with a 95% subject-bootstrap interval on the same
 rows. A site whose splits are below the minimum (or one class) is neither scored nor gives a local
 head (its reason is printed), but its train rows still join the federated and pooled heads.
-This runs the sites in one process (a simulation of the protocol, not over Flower).
+By default the federated head runs the sites in one process (the protocol's site and server
+steps called directly). With `--over-flower DIR` it comes from Flower's simulation engine
+instead (simulations/federated_head_run.py: the head's ServerApp and one ClientApp per site,
+heads saved under DIR); there a site below its minimums takes no part at all (it sends no number),
+so its train rows do not join the federated head. Both paths call the same site and server steps.
 """
 
 from __future__ import annotations
@@ -36,13 +40,16 @@ import pyarrow.parquet as pq
 
 from client.model_use import embed_rows_at_site, eval_config, open_site_runtime, splits_of, task_rows
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
-from healthfm_core.eval.probes import binary_row, fit_logistic_probe
+from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_probe
 from healthfm_core.eval.report import ResultRow
+from healthfm_core.eval.saved_head import load_head
 from healthfm_core.eval.site_eval import task_split_counts, withheld_reason
 from healthfm_core.federation import TaskReason
 from healthfm_core.files import atomic_write_text
 from healthfm_core.release import load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
+from server.head_app import HeadRunConfig
+from simulations.federated_head_run import head_node_configs, run_head_simulation
 
 METHODS = ("federated head", "local head", "pooled head")
 
@@ -54,6 +61,13 @@ def _cell(row: ResultRow | None) -> str:
     return f"{row.auroc:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _logistic(path: Path) -> LogisticProbe:
+    probe = load_head(path).probe
+    if not isinstance(probe, LogisticProbe):
+        raise ValueError(f"{path}: not a logistic head")
+    return probe
+
+
 def compare_heads(
     model: Path,
     sites: Sequence[Path],
@@ -62,7 +76,10 @@ def compare_heads(
     rounds: int,
     max_subjects: int | None = None,
     embeddings: Sequence[Path] | None = None,
+    over_flower: Path | None = None,
 ) -> dict:
+    if over_flower is not None and max_subjects is not None:
+        raise ValueError("--over-flower: the sites embed the release's own subject sample (no --max-subjects)")
     release = load_release(model)
     per_site: dict[str, dict] = {}
     cfg = None
@@ -97,6 +114,12 @@ def compare_heads(
         per_site[runtime.name] = per_key
     assert cfg is not None
     keys = [k for spec in cfg.tasks for k in spec.keys() if any(k in v for v in per_site.values())]
+    flower_heads: dict[str, Path] = {}
+    if over_flower is not None:
+        flower_heads = run_head_simulation(
+            HeadRunConfig(model=model, out_dir=over_flower, tasks=list(tasks or []), keys=keys, rounds=rounds),
+            head_node_configs(model, sites, min_subjects, embeddings),
+        )
     results: dict[str, dict] = {}
     for key in keys:
         data = {s: v[key] for s, v in per_site.items() if key in v}
@@ -109,7 +132,10 @@ def compare_heads(
             )
             for s, d in data.items()
         }
-        fed, _ = fit_federated_logistic(splits, rounds=rounds)
+        if over_flower is None:
+            fed: LogisticProbe | None = fit_federated_logistic(splits, rounds=rounds)[0]
+        else:  # no head: no site (or one class) took part over Flower; see OVER_FLOWER/heads.json
+            fed = _logistic(flower_heads[key]) if key in flower_heads else None
         pooled = fit_logistic_probe(
             np.concatenate([s.x_train for s in splits.values()]),
             np.concatenate([s.y_train for s in splits.values()]),
@@ -126,14 +152,23 @@ def compare_heads(
             local = fit_logistic_probe(
                 splits[site].x_train, splits[site].y_train, splits[site].x_tune, splits[site].y_tune
             )
-            row = {}
+            row: dict[str, dict | None] = {}
             for method, probe in zip(METHODS, (fed, local, pooled), strict=True):
+                if probe is None:
+                    row[method] = None
+                    continue
                 scored = binary_row(
                     method, key, None, y_held, probe.predict_proba(x_held), cfg.n_boot, cfg.seed, groups
                 )
                 row[method] = scored.model_dump()
             results[key][site] = {"n": int(held.sum()), "subjects": int(len(np.unique(groups))), **row}
-    return {"release": str(model), "min_subjects": min_subjects, "rounds": rounds, "results": results}
+    return {
+        "release": str(model),
+        "min_subjects": min_subjects,
+        "rounds": rounds,
+        "federated": "flower" if over_flower is not None else "in-process",
+        "results": results,
+    }
 
 
 def markdown(report: dict) -> str:
@@ -150,7 +185,7 @@ def markdown(report: dict) -> str:
             if "reason" in r:
                 lines.append(f"| {key} | {site} | - | not scored: {r['reason']} | | |")
                 continue
-            cells = [_cell(ResultRow.model_validate(r[m])) for m in METHODS]
+            cells = [_cell(ResultRow.model_validate(r[m]) if r.get(m) else None) for m in METHODS]
             lines.append(f"| {key} | {site} | {r['n']} ({r['subjects']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -168,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="`client.py embed` files of the sites' task rows, in --sites order (else embedded here)",
     )
     parser.add_argument("--rounds", type=int, default=200, help="FedAvg rounds of the federated head per C")
+    parser.add_argument(
+        "--over-flower",
+        metavar="DIR",
+        help="fit the federated head on Flower's simulation engine (heads and head.log under DIR)",
+    )
     parser.add_argument("--out", required=True, help="the markdown report (JSON beside it)")
     args = parser.parse_args(argv)
     report = compare_heads(
@@ -178,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rounds,
         args.max_subjects,
         [Path(e) for e in args.embeddings] if args.embeddings else None,
+        Path(args.over_flower) if args.over_flower else None,
     )
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1))

@@ -14,12 +14,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_hardening import InProcessGrid, fed_config, tiny_nodes
 
 from client.client import main as client_main
+from client.head_rows import load_head_rows
 from client.model_use import eval_config, open_site_runtime
+from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import fit_logistic_probe
+from healthfm_core.eval.saved_head import load_head
 from healthfm_core.federation import EvalReply
 from healthfm_core.release import load_release
 from server.coordinator import main as coordinator_main
 from server.server_app import FederationServer
+from simulations.federated_head_run import head_node_configs
 from simulations.task_head import compare_heads, markdown
 
 pytestmark = pytest.mark.slow
@@ -164,3 +168,42 @@ def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
             assert 0 <= low <= high <= 1
     text = markdown(report)
     assert all(f"| {KEY} | {s} |" in text for s in table)
+
+
+def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(run, tmp_path: Path) -> None:
+    """simulations.task_head --over-flower: the federated head from Flower's simulation engine (the
+    head's ServerApp, one ClientApp per site) equals the one-process driver's on the same rows and
+    sites, to 1e-9; `client.py predict --head` applies it."""
+    _, nodes, model = run
+    roots = [Path(n["site-root"]) for n in nodes.values()]
+    embs = []
+    for root in roots:  # each site's embed file: both paths read the same embeddings
+        emb = tmp_path / f"emb-{root.name}.parquet"
+        argv = ["embed", str(root), "--model", str(model), "--min-subjects", "2", "--no-progress"]
+        assert client_main([*argv, "--out", str(emb)]) == 0
+        embs.append(emb)
+    out = tmp_path / "flower"
+    report = compare_heads(model, roots, None, 2, rounds=30, embeddings=embs, over_flower=out)
+    assert report["federated"] == "flower"
+    summary = json.loads((out / "heads.json").read_text())
+    fitted = summary["heads"][KEY]
+    splits = {}
+    for node in head_node_configs(model, roots, 2, embs):
+        rows = load_head_rows(node, [])
+        if isinstance(got := rows.keys.get(KEY), SiteSplits):
+            splits[rows.site] = got
+    assert fitted["train_rows"] == {s: len(v.y_train) for s, v in splits.items()}
+    expected, _ = fit_federated_logistic(splits, rounds=30)
+    head = load_head(fitted["head"])
+    assert head.meta.regularisation == expected.c
+    np.testing.assert_allclose(head.probe.weight, expected.weight, rtol=0, atol=1e-9)
+    assert head.probe.bias == pytest.approx(expected.bias, abs=1e-9)
+    assert "federated head: C=" in (out / "head.log").read_text()
+    scored = [s for s, r in report["results"][KEY].items() if "reason" not in r]
+    assert scored and all(report["results"][KEY][s]["federated head"] is not None for s in scored)
+    rows = pq.read_table(embs[0]).select(["subject_id", "prediction_time"]).slice(0, 5)
+    pq.write_table(rows, tmp_path / "rows.parquet")
+    argv = ["predict", str(roots[0]), "--model", str(model), "--min-subjects", "2", "--no-progress"]
+    argv += ["--head", fitted["head"], "--prediction-times", str(tmp_path / "rows.parquet")]
+    assert client_main([*argv, "--out", str(tmp_path / "pred.parquet")]) == 0
+    assert pq.read_table(tmp_path / "pred.parquet").num_rows == 5

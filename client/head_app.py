@@ -1,0 +1,178 @@
+"""The site's Flower ClientApp for the federated task head (Message API, flwr 1.41): the site's
+side of healthfm_core/eval/federated_head.py, one handler per stage (the messages:
+healthfm_core/head_messages.py).
+
+  query.head_stats  -> HeadStats (its train rows' count, positives, sums, sums of squares)
+  query.head_setup  -> HeadSmoothness (the pooled standardisation applied to its rows, kept)
+  train.head        -> HeadUpdate (its head after the local steps from the global head)
+  evaluate.head     -> HeadTuning (its tuning log-loss sum and count)
+
+Each handler calls healthfm_core/eval/head_site.py, the functions the one-process driver calls.
+The site's rows (client/head_rows.py) are embedded with the release once per process; labels and
+rows never leave. A site below its minimums, holding another release, or without labels for the
+key answers any stage with a HeadRefusal (its reason, no number). Anything raised reaches the
+server as an error reply and the head goes on without this site.
+
+Node config: the site's (`site-root`, its minimums, `policy`), `model` (the release folder) and
+optionally `embeddings`; in simulation `make_head_client_app(node_configs)` overlays each
+partition's entry, as client/client_app.py does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.head_rows import HeadRows, load_head_rows
+from healthfm_core.eval.head_site import SiteSplits, local_steps, site_smoothness, site_stats, tuning_loss
+from healthfm_core.eval.probes import Standardizer
+from healthfm_core.head_messages import (
+    HEAD_RECORD,
+    HeadRefusal,
+    HeadRoundRequest,
+    HeadSmoothness,
+    HeadStats,
+    HeadTask,
+    HeadTuneRequest,
+    HeadTuning,
+    HeadUpdate,
+    StandardizerRequest,
+)
+
+log = logging.getLogger("healthfm.client")
+
+# The site's rows of a request's tasks (client/head_rows.load_head_rows; tests give synthetic ones).
+RowsOf = Callable[[Mapping[str, Any], Sequence[str]], HeadRows]
+
+# Standardised train and tuning rows per (site, release, key) with their mean and scale, kept
+# between stages in this process: Flower's Context.state would copy them with every message.
+_STANDARDISED: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+_LOCK = threading.Lock()
+
+
+def node_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
+    """The node's config, overlaid in simulation by its partition's entry."""
+    merged = dict(context.node_config)
+    if node_configs is not None:
+        pid = int(merged.get("partition-id", -1))
+        if not 0 <= pid < len(node_configs):
+            raise ValueError(f"partition-id {pid} has no node config ({len(node_configs)} given)")
+        merged.update(node_configs[pid])
+    return merged
+
+
+def _reply(msg: Message, flat: Mapping[str, Any]) -> Message:
+    return Message(RecordDict({HEAD_RECORD: ConfigRecord(dict(flat))}), reply_to=msg)
+
+
+def _splits(rows: HeadRows, task: HeadTask) -> SiteSplits | str:
+    """The key's splits at this site, or why it takes no part (a reason that may leave)."""
+    if task.setup_sha256 != rows.setup_sha256:
+        return f"site {rows.site} holds release {rows.setup_sha256[:12]}..., not {task.setup_sha256[:12]}..."
+    got = rows.keys.get(task.key)
+    if got is None:
+        return f"site {rows.site}: no labels for {task.key}"
+    if isinstance(got, SiteSplits):
+        return got
+    return f"site {rows.site}: {task.key}: {got if isinstance(got, str) else got.describe()}"
+
+
+def _width_problem(request: StandardizerRequest, splits: SiteSplits) -> str | None:
+    """Why the request's vectors do not fit this site's embeddings (None: they do)."""
+    width = splits.x_train.shape[1]
+    for name in type(request)._vectors:
+        if (got := len(getattr(request, name))) != width:
+            return f"field {name} of {got} values, embeddings of width {width}"
+    return None
+
+
+# Module-level (not inside make_head_client_app): Ray pickles the app's handlers by value, and
+# with them any lock they name; a module's function travels by reference.
+def standardised(rows: HeadRows, request: StandardizerRequest, splits: SiteSplits) -> tuple[np.ndarray, np.ndarray]:
+    """The site's train and tuning rows under the request's standardisation, computed once per
+    process and standardisation. Every stage after the stats carries the standardisation, so any
+    process of the site (Ray runs a node's messages on any actor; a SuperNode may restart) answers."""
+    mean, scale = np.asarray(request.mean), np.asarray(request.scale)
+    with _LOCK:
+        got = _STANDARDISED.get((rows.site, request.setup_sha256, request.key))
+        if got is None or not (np.array_equal(got[0], mean) and np.array_equal(got[1], scale)):
+            std = Standardizer(mean, scale)
+            got = (mean, scale, std.transform(splits.x_train), std.transform(splits.x_tune))
+            _STANDARDISED[(rows.site, request.setup_sha256, request.key)] = got
+    return got[2], got[3]
+
+
+def make_head_client_app(
+    node_configs: Sequence[Mapping[str, Any]] | None = None, rows_of: RowsOf = load_head_rows
+) -> ClientApp:
+    """The head's ClientApp; `node_configs[partition-id]` overlays each simulated node's config."""
+    app = ClientApp()
+
+    def site_of(msg: Message, context: Context, kind: type[HeadTask]) -> tuple[Any, HeadRows, SiteSplits | str]:
+        request = kind.from_flat(msg.content.config_records[HEAD_RECORD])
+        rows = rows_of(node_config(context, node_configs), request.tasks)
+        return request, rows, _splits(rows, request)
+
+    def refuse(msg: Message, rows: HeadRows, reason: str) -> Message:
+        log.info("site %s: head: %s", rows.site, reason)
+        return _reply(msg, HeadRefusal(refused=reason).to_flat())
+
+    @app.query("head_stats")
+    def stats(msg: Message, context: Context) -> Message:
+        _, rows, splits = site_of(msg, context, HeadTask)
+        if isinstance(splits, str):
+            return refuse(msg, rows, splits)
+        out = HeadStats.of(rows.site, site_stats(splits.x_train, splits.y_train), rows.max_events, rows.max_patches)
+        return _reply(msg, out.to_flat())
+
+    def prepared(
+        msg: Message, context: Context, kind: type[StandardizerRequest]
+    ) -> Message | tuple[Any, SiteSplits, np.ndarray, np.ndarray]:
+        """The request, the key's splits and its standardised train and tuning rows; or the
+        refusal to send."""
+        request, rows, splits = site_of(msg, context, kind)
+        if isinstance(splits, str):
+            return refuse(msg, rows, splits)
+        if problem := _width_problem(request, splits):
+            return refuse(msg, rows, problem)
+        xs, xt = standardised(rows, request, splits)
+        return request, splits, xs, xt
+
+    @app.query("head_setup")
+    def setup(msg: Message, context: Context) -> Message:
+        if isinstance(got := prepared(msg, context, StandardizerRequest), Message):
+            return got
+        xs = got[2]
+        return _reply(msg, HeadSmoothness(smoothness=site_smoothness(xs)).to_flat())
+
+    @app.train("head")
+    def train(msg: Message, context: Context) -> Message:
+        if isinstance(got := prepared(msg, context, HeadRoundRequest), Message):
+            return got
+        request, splits, xs, _ = got
+        y = np.asarray(splits.y_train, np.float64)
+        w, b = local_steps(xs, y, np.asarray(request.weight), request.bias, request.penalty, request.steps, request.lr)
+        return _reply(msg, HeadUpdate(weight=w.tolist(), bias=float(b), n=len(y)).to_flat())
+
+    @app.evaluate("head")
+    def tune(msg: Message, context: Context) -> Message:
+        if isinstance(got := prepared(msg, context, HeadTuneRequest), Message):
+            return got
+        request, splits, _, xt = got
+        y = np.asarray(splits.y_tune, np.float64)
+        loss = tuning_loss(xt, y, np.asarray(request.weight), request.bias) if len(y) else 0.0
+        return _reply(msg, HeadTuning(loss_sum=loss, n=len(y)).to_flat())
+
+    return app
+
+
+# Deployment: a SuperNode loads `client.head_app:app`; the site and its release from the node config.
+app = make_head_client_app()
+
+__all__ = ["RowsOf", "app", "make_head_client_app", "node_config"]

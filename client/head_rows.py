@@ -1,0 +1,144 @@
+"""A site's rows for the federated task head (client/head_app.py): each asked task key's train
+and tuning embeddings and labels, or the reason the site takes no part. Nothing here leaves the
+site; the ClientApp sends only the aggregates of healthfm_core/eval/head_site.py.
+
+The rows are the evaluation's (client/model_use.py: the release's evaluation settings, its
+subject sample, its path through the model), embedded with the release once per process and
+kept (`load_head_rows` caches by node config and tasks), or read from the site's own
+`client.py embed` file (node config `embeddings`). A key whose train or tuning split falls below
+the site's minimums (min_report_subjects subjects, min_report_positives positive and negative
+train rows; each raised by its policy) gives a reason, never rows.
+
+Node config keys beside the site's (client/site_runtime.SiteConfig): `model`, the release folder
+the site holds; `embeddings` (optional), its embed file of the tasks' rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of, task_rows
+from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
+from healthfm_core.eval.head_site import SiteSplits
+from healthfm_core.eval.site_eval import task_split_counts
+from healthfm_core.federation import EvalConfig, TaskReason
+from healthfm_core.release import ModelRelease, load_release
+from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
+
+log = logging.getLogger("healthfm.client")
+
+
+@dataclass
+class HeadRows:
+    """One site's rows of the asked tasks: per label key its splits, or why it takes no part."""
+
+    site: str
+    setup_sha256: str
+    max_events: int
+    max_patches: int
+    keys: dict[str, SiteSplits | TaskReason | str] = field(default_factory=dict)
+
+
+def head_splits(
+    labels: pa.Table, x: np.ndarray, split: np.ndarray, min_subjects: int, min_positives: int
+) -> SiteSplits | str:
+    """A key's train and tuning rows (x: each label row's embedding; split: each row's split), or
+    why the site takes no part. What would leave is the train rows' count, positives and sums and
+    the tuning rows' log-loss: each split behind them needs `min_subjects` subjects, and the train
+    split `min_positives` positive and negative rows (the held-out split is not used). The reason
+    names no count."""
+    counts = task_split_counts(labels, lambda sids: split)
+    for name in ("train", "tuning"):
+        if counts[name].subjects < min_subjects:
+            return f"fewer than {min_subjects} subjects (min_report_subjects) in {name}"
+    train = counts["train"]
+    if min(train.positives, train.rows - train.positives) < min_positives:
+        return f"fewer than {min_positives} positive or negative train rows (min_report_positives)"
+    y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+    is_train, is_tune = split == "train", split == "tuning"
+    return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune])
+
+
+_LOCK = threading.Lock()
+_RELEASES: dict[str, ModelRelease] = {}
+_ROWS: dict[tuple[str, tuple[str, ...]], HeadRows] = {}
+
+
+def _release(path: str) -> ModelRelease:
+    if path not in _RELEASES:
+        _RELEASES[path] = load_release(path)
+    return _RELEASES[path]
+
+
+def _embedded(
+    config: Mapping[str, Any], release: ModelRelease, runtime: SiteRuntime, cfg: EvalConfig
+) -> tuple[pa.Table, np.ndarray]:
+    """The tasks' rows and their embeddings: the site's embed file, else embedded here."""
+    if config.get("embeddings"):
+        table = pq.read_table(str(config["embeddings"]))
+        x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
+        return table.select(["subject_id", "prediction_time"]), x
+    rows = task_rows(runtime, cfg)
+    return rows, embed_rows_at_site(runtime, release, rows, cfg.max_events, cfg.max_patches, cfg.batch_size).x
+
+
+def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
+    """The site's rows of `tasks` under its node config (cached for the process)."""
+    cache_key = (json.dumps(dict(config), sort_keys=True, default=str), tuple(tasks))
+    with _LOCK:
+        if cache_key in _ROWS:
+            return _ROWS[cache_key]
+        if not config.get("model"):
+            raise ValueError("node config has no 'model' (the release folder this site holds)")
+        site_config = SiteConfig.from_node_config(config)
+        release = _release(str(config["model"]))
+        runtime = get_runtime(site_config)
+        require_fit(runtime.site, release.setup, DEFAULT_MAX_UNKNOWN_SHARE, where=f"site {site_config.site_root}")
+        cfg = eval_config(release, list(tasks) or None)
+        labels = runtime.labels(cfg)
+        out = HeadRows(runtime.name, release.setup.sha256, cfg.max_events, cfg.max_patches)
+        try:
+            rows, x_all = _embedded(config, release, runtime, cfg)
+        except NoRows:  # no labels for any asked task: every key is then refused
+            _ROWS[cache_key] = out
+            return out
+        pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
+        index = {k: i for i, k in enumerate(zip(rows["subject_id"].to_numpy().tolist(), pt.tolist(), strict=True))}
+        split_of = partial(splits_of, runtime)
+        for key, table in labels.items():
+            if isinstance(table, TaskReason):
+                out.keys[key] = table
+                continue
+            if "boolean_value" not in table.column_names:
+                continue  # a numeric task: the federated head is logistic
+            sids = table["subject_id"].to_numpy()
+            tpt = pc.cast(table["prediction_time"], pa.int64()).to_numpy()
+            try:
+                idx = np.array([index[k] for k in zip(sids.tolist(), tpt.tolist(), strict=True)], dtype=np.int64)
+            except KeyError as err:
+                raise ValueError(f"site {runtime.name}: the embeddings lack the labelled row {err}") from None
+            out.keys[key] = head_splits(
+                table, x_all[idx], split_of(sids), runtime.min_report_subjects, runtime.min_report_positives
+            )
+        log.info(
+            "site %s: head rows of %s: %s",
+            runtime.name,
+            list(tasks),
+            {k: "ok" if isinstance(v, SiteSplits) else getattr(v, "kind", v) for k, v in out.keys.items()},
+        )
+        _ROWS[cache_key] = out
+        return out
+
+
+__all__ = ["HeadRows", "head_splits", "load_head_rows"]

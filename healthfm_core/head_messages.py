@@ -1,0 +1,197 @@
+"""The federated task head's messages (server/head_app.py <-> client/head_app.py): pydantic
+models with a flat form for one Flower ConfigRecord (HEAD_RECORD), as healthfm_core/federation.py
+does for the pretraining's messages. This module does not import flwr.
+
+Stages (message types), each request naming the release (`setup_sha256`), the tasks whose rows
+the site embeds and the label key the head is for:
+
+  query.head_stats  -> HeadStats: the site's train rows' count, positives, feature sums and sums
+                       of squares, and the embedding settings it used (no row, no label)
+  query.head_setup  StandardizerRequest (the pooled mean and scale)
+                    -> HeadSmoothness: the mean squared norm of its standardised train rows
+  train.head        HeadRoundRequest (the global head, penalty, steps, step size)
+                    -> HeadUpdate: its head after its local steps, and its train rows
+  evaluate.head     HeadTuneRequest (a head) -> HeadTuning: its tuning log-loss sum and count
+
+Every request after the stats carries the standardisation, so that a site answers from whichever
+of its processes gets the message (Flower's simulation runs a node's messages on any Ray actor; a
+SuperNode may restart): the site keeps no state between stages that it cannot rebuild.
+
+Any stage may be answered by a HeadRefusal (a reason, no number): the site's minimums (subjects
+per split, positives; healthfm_core/eval/site_eval.withheld_reason) are not met, the release is
+not the site's, or it has no rows for the key.
+
+Replies are untrusted: `parse_reply` checks the record's keys, types (strict: a peer's 2.0 is not
+a count), every vector's width against the head's, finiteness, counts (positives <= n, n >= 1)
+and non-negative sums of squares, and raises HeadMessageError naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from healthfm_core.eval.head_site import SiteStats
+
+HEAD_RECORD = "head"  # the one ConfigRecord of every head message, request or reply
+REFUSED_KEY = "refused"  # a HeadRefusal's reason
+
+MSG_STATS = "query.head_stats"
+MSG_SETUP = "query.head_setup"
+MSG_TRAIN = "train.head"
+MSG_TUNE = "evaluate.head"
+
+MAX_WIDTH = 65536  # no release embeds wider; bounds what a peer can make the other side allocate
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class HeadMessageError(ValueError):
+    """A head message that does not parse (the message names the field)."""
+
+
+class _Head(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # The fields holding one number per embedding dimension (checked against the head's width).
+    _vectors: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _widths(self, info: ValidationInfo) -> Any:
+        width = (info.context or {}).get("width")
+        for name in self._vectors:
+            got = len(getattr(self, name))
+            if got > MAX_WIDTH or (width is not None and got != width):
+                raise ValueError(f"field {name}: {got} values, expected {width if width is not None else '<= max'}")
+        return self
+
+    def to_flat(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+    @classmethod
+    def from_flat(cls: type[_M], record: Mapping[str, Any], width: int | None = None) -> _M:
+        data = {k.replace("-", "_"): v for k, v in record.items()}
+        try:
+            return cls.model_validate(data, context={"width": width})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ())) or "<record>"
+            raise HeadMessageError(f"{cls.__name__}: field {where}: {first.get('msg')}") from None
+
+
+_M = TypeVar("_M", bound=_Head)
+
+
+class HeadTask(_Head):
+    """Which head a request is for: the release, the tasks the site embeds rows of, the key."""
+
+    setup_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tasks: list[str]  # empty: the release's own evaluation tasks
+    key: str = Field(min_length=1)
+
+
+class StandardizerRequest(HeadTask):
+    _vectors: ClassVar[tuple[str, ...]] = ("mean", "scale")
+    mean: list[Finite]
+    scale: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+
+
+class HeadRoundRequest(StandardizerRequest):
+    _vectors = ("mean", "scale", "weight")
+    round: int = Field(ge=1)
+    weight: list[Finite]
+    bias: Finite
+    penalty: NonNegative
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0, allow_inf_nan=False)
+
+
+class HeadTuneRequest(StandardizerRequest):
+    _vectors = ("mean", "scale", "weight")
+    weight: list[Finite]
+    bias: Finite
+
+
+class HeadRefusal(_Head):
+    """A site that takes no part in this head (or this stage), and why; no number."""
+
+    refused: str = Field(min_length=1, max_length=2000)
+
+
+class HeadStats(_Head):
+    _vectors = ("total", "squares")
+    site: str = Field(min_length=1, max_length=200)
+    n: int = Field(ge=1)
+    positives: int = Field(ge=0)
+    total: list[Finite]
+    squares: list[NonNegative]
+    max_events: int = Field(gt=0)  # the embedding settings of its rows (the saved head's)
+    max_patches: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _counts(self) -> HeadStats:
+        if self.positives > self.n:
+            raise ValueError(f"field positives: {self.positives} > n {self.n}")
+        return self
+
+    @classmethod
+    def of(cls, site: str, stats: SiteStats, max_events: int, max_patches: int) -> HeadStats:
+        return cls(
+            site=site,
+            n=stats.n,
+            positives=stats.positives,
+            total=stats.total.tolist(),
+            squares=stats.squares.tolist(),
+            max_events=max_events,
+            max_patches=max_patches,
+        )
+
+    def stats(self) -> SiteStats:
+        return SiteStats(self.n, self.positives, np.asarray(self.total), np.asarray(self.squares))
+
+
+class HeadSmoothness(_Head):
+    smoothness: NonNegative
+
+
+class HeadUpdate(_Head):
+    _vectors = ("weight",)
+    weight: list[Finite]
+    bias: Finite
+    n: int = Field(ge=1)
+
+
+class HeadTuning(_Head):
+    loss_sum: NonNegative
+    n: int = Field(ge=0)
+
+
+def parse_reply(record: Mapping[str, Any], model: type[_M], width: int | None) -> _M | HeadRefusal:
+    """A site's reply record as `model` or as its refusal; HeadMessageError when neither."""
+    if REFUSED_KEY in record:
+        return HeadRefusal.from_flat(record)
+    return model.from_flat(record, width)
+
+
+__all__ = [
+    "HEAD_RECORD",
+    "MAX_WIDTH",
+    "MSG_SETUP",
+    "MSG_STATS",
+    "MSG_TRAIN",
+    "MSG_TUNE",
+    "HeadMessageError",
+    "HeadRefusal",
+    "HeadRoundRequest",
+    "HeadSmoothness",
+    "HeadStats",
+    "HeadTask",
+    "HeadTuneRequest",
+    "HeadTuning",
+    "HeadUpdate",
+    "StandardizerRequest",
+    "parse_reply",
+]

@@ -1,0 +1,292 @@
+"""The coordinator's side of the federated task head: a Flower ServerApp (Message API, flwr 1.41)
+that, after pretraining, trains a task's logistic head across the sites on the release's frozen
+embeddings; labels and rows never leave a site.
+
+For each label key, healthfm_core/eval/federated_head.run_federated_head drives the stages over
+`FlowerSites` (messages: healthfm_core/head_messages.py; the site's handlers: client/head_app.py):
+
+  1. query.head_stats: each site's train count, positives, sums -> the pooled standardiser;
+  2. query.head_setup: the standardiser -> each site's smoothness -> the step size of each C;
+  3. for each C of the grid (strongest penalty first, warm-started), `rounds` rounds of
+     train.head: the global head out, each site's head back, averaged with ModalityAwareFedAvg's
+     rule (server/head_average.py);
+  4. evaluate.head: each site's tuning log-loss -> the C with the lowest pooled loss is kept.
+
+A site that refuses (its minimums, another release, no labels) or errs is left out of that stage
+and logged; a reply that does not parse (wrong width, NaN, a count that changed) is rejected with
+one log line naming the site and field, and the head goes on without it. Each head is written to
+OUT/heads/<key>.json (+ .safetensors) in healthfm_core/eval/saved_head.py's format, so a site's
+`client.py predict --head` applies it; OUT/heads.json summarises the sites, counts and tuning
+losses per C; OUT/head.log holds the rounds.
+
+Run on Flower's simulation engine: `python -m simulations.federated_head_run` (or
+`python -m simulations.task_head ... --over-flower`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from pydantic import BaseModel, ConfigDict, Field
+
+from healthfm_core.data.task_spec import resolve_tasks
+from healthfm_core.eval.federated_head import FederatedHeadResult, SiteHead, run_federated_head
+from healthfm_core.eval.head_site import SiteStats
+from healthfm_core.eval.probes import DEFAULT_C_GRID, Standardizer
+from healthfm_core.eval.saved_head import save_head
+from healthfm_core.files import atomic_write_text
+from healthfm_core.head_messages import (
+    HEAD_RECORD,
+    MSG_SETUP,
+    MSG_STATS,
+    MSG_TRAIN,
+    MSG_TUNE,
+    HeadMessageError,
+    HeadRefusal,
+    HeadRoundRequest,
+    HeadSmoothness,
+    HeadStats,
+    HeadTask,
+    HeadTuneRequest,
+    HeadTuning,
+    HeadUpdate,
+    StandardizerRequest,
+    parse_reply,
+)
+from healthfm_core.release import load_release
+from server.head_average import fedavg_heads
+
+log = logging.getLogger("healthfm.server.head")
+
+HEADS_DIR = "heads"
+SUMMARY_FILE = "heads.json"
+LOG_FILE = "head.log"
+
+
+class HeadRunConfig(BaseModel):
+    """What the coordinator asks for: the release, the tasks and keys, the head's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path  # the release folder (the sites hold the same release)
+    out_dir: Path
+    tasks: list[str] = Field(default_factory=list)  # empty: the release's evaluation tasks
+    keys: list[str] | None = None  # label keys to fit (None: every key of the tasks)
+    c_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_C_GRID), min_length=1)
+    rounds: int = Field(default=200, ge=1)  # FedAvg rounds per C
+    local_steps: int = Field(default=5, ge=1)
+    lr: float = Field(default=1.0, gt=0)
+    min_sites: int = Field(default=1, ge=1)  # sites connected before the first stage
+    timeout_s: float = Field(default=120.0, gt=0)  # per stage's replies, and for min_sites
+
+
+class FlowerSites:
+    """The sites of one head over Flower's Grid (the driver's HeadSites): each call sends one
+    stage's message to the sites taking part and parses their replies."""
+
+    def __init__(self, grid: Grid, task: HeadTask, width: int, timeout_s: float) -> None:
+        self.grid, self.task, self.width, self.timeout_s = grid, task, width, timeout_s
+        self.names: dict[int, str] = {}  # node id -> site name, the sites taking part
+        self.counts: dict[int, int] = {}  # node id -> train rows (as sent in its stats)
+        self.max_events = self.max_patches = 0
+        self.round = 0
+        # The standardisation, carried by every later request.
+        self.mean: list[float] = []
+        self.scale: list[float] = []
+
+    def _ask(self, message_type: str, flat: Mapping[int, Mapping[str, Any]], kind: type[Any]) -> dict[int, Any]:
+        """Each node's parsed reply; refusals, errors and replies that do not parse are logged and
+        left out (a refusing or rejected node takes no further part in this head)."""
+        messages = [
+            Message(RecordDict({HEAD_RECORD: ConfigRecord(dict(f))}), dst_node_id=node, message_type=message_type)
+            for node, f in flat.items()
+        ]
+        out: dict[int, Any] = {}
+        answered: set[int] = set()
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s):
+            node = reply.metadata.src_node_id
+            who = self.names.get(node, f"node {node}")
+            if node not in flat or node in answered:
+                log.warning("head %s: %s: an unasked or repeated reply to %s ignored", self.task.key, who, message_type)
+                continue
+            answered.add(node)
+            if reply.has_error():
+                log.warning("head %s: %s: error on %s: %s", self.task.key, who, message_type, reply.error.reason)
+                self._drop(node)
+                continue
+            record = reply.content.config_records.get(HEAD_RECORD)
+            try:
+                if record is None:
+                    raise HeadMessageError(f"no {HEAD_RECORD!r} record")
+                parsed = parse_reply(record, kind, self.width)
+            except HeadMessageError as err:
+                log.warning("head %s: %s: %s reply rejected: %s", self.task.key, who, message_type, err)
+                self._drop(node)
+                continue
+            if isinstance(parsed, HeadRefusal):
+                log.info("head %s: %s takes no part: %s", self.task.key, who, parsed.refused)
+                self._drop(node)
+                continue
+            out[node] = parsed
+        for node in sorted(set(flat) - answered):
+            log.warning(
+                "head %s: %s: no reply to %s", self.task.key, self.names.get(node, f"node {node}"), message_type
+            )
+            self._drop(node)
+        return out
+
+    def _drop(self, node: int) -> None:
+        self.names.pop(node, None)
+
+    def _name(self, node: int) -> str:
+        return self.names[node]
+
+    def _to_sites(self, flat: Mapping[str, Any]) -> dict[int, Mapping[str, Any]]:
+        return {node: flat for node in sorted(self.names)}
+
+    def stats(self) -> dict[str, SiteStats]:
+        nodes = sorted(self.grid.get_node_ids())
+        got = self._ask(MSG_STATS, {n: self.task.to_flat() for n in nodes}, HeadStats)
+        settings = {(s.max_events, s.max_patches) for s in got.values()}
+        if len(settings) > 1:  # a head is saved with one embedding setting: the most common one
+            common = max(settings, key=lambda st: sum((s.max_events, s.max_patches) == st for s in got.values()))
+            for node, s in list(got.items()):
+                if (s.max_events, s.max_patches) != common:
+                    log.warning("head %s: %s embedded with other settings %s, left out", self.task.key, s.site, (s.max_events, s.max_patches))  # fmt: skip
+                    del got[node]
+        seen: set[str] = set()
+        for node, s in sorted(got.items()):
+            name = s.site if s.site not in seen else f"{s.site}@{node}"
+            seen.add(name)
+            self.names[node], self.counts[node] = name, s.n
+            self.max_events, self.max_patches = s.max_events, s.max_patches
+        log.info("head %s: %d of %d site(s) take part: %s", self.task.key, len(got), len(nodes), sorted(seen))
+        return {self.names[n]: s.stats() for n, s in sorted(got.items())}
+
+    def setup(self, std: Standardizer) -> dict[str, float]:
+        self.mean, self.scale = std.mean.tolist(), std.scale.tolist()
+        request = StandardizerRequest(**self.task.model_dump(), mean=self.mean, scale=self.scale)
+        got = self._ask(MSG_SETUP, self._to_sites(request.to_flat()), HeadSmoothness)
+        return {self._name(n): r.smoothness for n, r in sorted(got.items()) if n in self.names}
+
+    def train(self, w: np.ndarray, b: float, penalty: float, steps: int, lr: float) -> dict[str, SiteHead]:
+        self.round += 1
+        request = HeadRoundRequest(
+            **self.task.model_dump(), mean=self.mean, scale=self.scale, round=self.round, weight=w.tolist(), bias=float(b),
+            penalty=penalty, steps=steps, lr=lr,
+        )  # fmt: skip
+        got = self._ask(MSG_TRAIN, self._to_sites(request.to_flat()), HeadUpdate)
+        out: dict[str, SiteHead] = {}
+        for node, r in sorted(got.items()):
+            if r.n != self.counts[node]:  # its weight in the average is the count it declared
+                log.warning("head %s: %s: train.head reply rejected: n %d, its stats said %d", self.task.key, self.names[node], r.n, self.counts[node])  # fmt: skip
+                self._drop(node)
+                continue
+            out[self.names[node]] = (np.asarray(r.weight), r.bias, r.n)
+        return out
+
+    def tune(self, w: np.ndarray, b: float) -> dict[str, tuple[float, int]]:
+        request = HeadTuneRequest(
+            **self.task.model_dump(), mean=self.mean, scale=self.scale, weight=w.tolist(), bias=float(b)
+        )
+        got = self._ask(MSG_TUNE, self._to_sites(request.to_flat()), HeadTuning)
+        return {self.names[n]: (r.loss_sum, r.n) for n, r in sorted(got.items()) if n in self.names}
+
+
+def head_keys(cfg: HeadRunConfig, release_tasks: Sequence[Any]) -> list[str]:
+    """The label keys to fit: the asked ones, else every key of the asked (or the release's) tasks."""
+    if cfg.keys:
+        return list(cfg.keys)
+    specs = resolve_tasks(cfg.tasks) if cfg.tasks else list(release_tasks)
+    return [k for spec in specs for k in spec.keys()]
+
+
+def wait_for_sites(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    """The connected nodes once at least `minimum` are (or when `timeout_s` passed)."""
+    end = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < minimum and time.monotonic() < end:
+        time.sleep(0.5)
+    return nodes
+
+
+def fit_head(grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig) -> tuple[FederatedHeadResult, FlowerSites]:
+    """One key's federated head over the grid's sites (ValueError: no head, e.g. no site takes part)."""
+    sites = FlowerSites(grid, task, width, cfg.timeout_s)
+    result = run_federated_head(sites, cfg.c_grid, cfg.rounds, cfg.local_steps, cfg.lr, average=fedavg_heads)
+    return result, sites
+
+
+def fit_heads(grid: Grid, cfg: HeadRunConfig) -> dict[str, Path]:
+    """Every asked key's federated head, saved under OUT/heads; returns key -> head file."""
+    release = load_release(cfg.model)
+    sha, width = release.setup.sha256, release.setup.model.d_model
+    evaluation = release.meta.evaluation
+    keys = head_keys(cfg, evaluation.tasks if evaluation is not None else [])
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.timeout_s)
+    log.info("federated heads of release %s (setup %s...): keys %s, %d site(s) connected", cfg.model, sha[:12], keys, len(nodes))  # fmt: skip
+    out: dict[str, Path] = {}
+    summary: dict[str, Any] = {"release": str(cfg.model), "setup_sha256": sha, "heads": {}}
+    for key in keys:
+        try:
+            result, sites = fit_head(grid, HeadTask(setup_sha256=sha, tasks=cfg.tasks, key=key), width, cfg)
+        except ValueError as err:
+            log.warning("head %s: not fitted: %s", key, err)
+            summary["heads"][key] = {"reason": str(err)}
+            continue
+        path = Path(cfg.out_dir) / HEADS_DIR / f"{key}.json"
+        out[key] = save_head(path, key, result.probe, sha, sites.max_events, sites.max_patches)
+        summary["heads"][key] = {
+            "head": str(path),
+            "c": result.probe.c,
+            "tuning_log_loss": result.probe.tuning_log_loss,
+            "tuning_by_c": {str(c): v for c, v in result.tuning.items()},
+            "train_rows": result.train_rows,
+        }
+        log.info("head %s: written to %s (C=%g, sites %s)", key, path, result.probe.c, sorted(result.train_rows))
+    atomic_write_text(Path(cfg.out_dir) / SUMMARY_FILE, json.dumps(summary, indent=1))
+    return out
+
+
+def _log_to_file(out_dir: Path) -> logging.Handler:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(out_dir) / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("healthfm")
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    return handler
+
+
+def make_head_server_app(config: HeadRunConfig) -> ServerApp:
+    """The head's ServerApp for `config`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        handler = _log_to_file(config.out_dir)
+        try:
+            fit_heads(grid, config)
+        finally:
+            logging.getLogger("healthfm").removeHandler(handler)
+            handler.close()
+
+    return app
+
+
+__all__ = [
+    "FlowerSites",
+    "HeadRunConfig",
+    "fit_head",
+    "fit_heads",
+    "head_keys",
+    "make_head_server_app",
+    "wait_for_sites",
+]
