@@ -330,7 +330,12 @@ def _use_release(args: argparse.Namespace) -> tuple[ModelRelease, SiteRuntime]:
     if args.policy:
         min_subjects = max(min_subjects, load_policy(args.policy).min_subjects)
     runtime, _ = open_site_runtime(
-        Path(args.site_root), release, min_subjects, Path(args.policy) if args.policy else None, args.max_unknown_share
+        Path(args.site_root),
+        release,
+        min_subjects,
+        Path(args.policy) if args.policy else None,
+        args.max_unknown_share,
+        min_positives=args.min_positives,
     )
     return release, runtime
 
@@ -586,6 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=DEFAULT_MIN_SUBJECTS,
             metavar="N",
             help=f"fewest subjects per split for a probe (default {DEFAULT_MIN_SUBJECTS}, the runtime's)",
+        )
+        q.add_argument(
+            "--min-positives",
+            type=int,
+            default=DEFAULT_MIN_POSITIVES,
+            metavar="N",
+            help=f"fewest positive (and negative) held-out rows for a probe's metric "
+            f"(default {DEFAULT_MIN_POSITIVES}, the runtime's; the policy's min_positives raises it)",
         )
         q.add_argument(
             "--max-unknown-share",

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.task_check import DEFAULT_MIN_POSITIVES
 from healthfm_core.data.task_spec import resolve_tasks
 from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL
 from healthfm_core.eval.outcomes import outcome_table
@@ -58,11 +59,20 @@ class NoRows(UseError):
 
 
 def open_site_runtime(
-    site_root: Path, release: ModelRelease, min_subjects: int, policy: Path | None, max_unknown_share: float
+    site_root: Path,
+    release: ModelRelease,
+    min_subjects: int,
+    policy: Path | None,
+    max_unknown_share: float,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
 ) -> tuple[SiteRuntime, ReleaseFit]:
-    """The site's runtime (data checked and opened, its policy applied), refused when the site
-    does not fit the release."""
-    runtime = SiteRuntime(SiteConfig(site_root=site_root, min_report_subjects=min_subjects, policy=policy))
+    """The site's runtime (data checked and opened, its policy applied: the stricter minimums
+    hold), refused when the site does not fit the release."""
+    runtime = SiteRuntime(
+        SiteConfig(
+            site_root=site_root, min_report_subjects=min_subjects, min_report_positives=min_positives, policy=policy
+        )
+    )
     fit = require_fit(runtime.site, release.setup, max_unknown_share, where=f"site {site_root}")
     if fit.unknown_rows:
         log.warning("site %s: %s (read as the unknown code)", site_root, fit.describe_unknown())

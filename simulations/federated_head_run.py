@@ -33,9 +33,13 @@ log = logging.getLogger("healthfm.simulations")
 
 
 def head_node_configs(
-    model: Path, sites: Sequence[Path], min_subjects: int | None, embeddings: Sequence[Path] | None
+    model: Path,
+    sites: Sequence[Path],
+    min_subjects: int | None,
+    embeddings: Sequence[Path] | None,
+    min_positives: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One node config per site: its root, the release it holds, its minimum, its embed file."""
+    """One node config per site: its root, the release it holds, its minimums, its embed file."""
     if embeddings is not None and len(embeddings) != len(sites):
         raise ValueError(f"--embeddings: {len(embeddings)} files for {len(sites)} sites")
     out = []
@@ -43,6 +47,8 @@ def head_node_configs(
         node: dict[str, Any] = {"site-root": str(Path(root).resolve()), "model": str(Path(model).resolve())}
         if min_subjects is not None:
             node["min-report-subjects"] = min_subjects
+        if min_positives is not None:
+            node["min-report-positives"] = min_positives
         if embeddings is not None:
             node["embeddings"] = str(Path(embeddings[i]).resolve())
         out.append(node)

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from client.model_use import embed_rows_at_site, eval_config, open_site_runtime, splits_of, task_rows
+from healthfm_core.data.task_check import DEFAULT_MIN_POSITIVES
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_probe
 from healthfm_core.eval.report import ResultRow
@@ -77,6 +78,7 @@ def compare_heads(
     max_subjects: int | None = None,
     embeddings: Sequence[Path] | None = None,
     over_flower: Path | None = None,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
 ) -> dict:
     if over_flower is not None and max_subjects is not None:
         raise ValueError("--over-flower: the sites embed the release's own subject sample (no --max-subjects)")
@@ -86,7 +88,9 @@ def compare_heads(
     if embeddings is not None and len(embeddings) != len(sites):
         raise ValueError(f"--embeddings: {len(embeddings)} files for {len(sites)} sites")
     for i, root in enumerate(sites):
-        runtime, _ = open_site_runtime(Path(root), release, min_subjects, None, DEFAULT_MAX_UNKNOWN_SHARE)
+        runtime, _ = open_site_runtime(
+            Path(root), release, min_subjects, None, DEFAULT_MAX_UNKNOWN_SHARE, min_positives=min_positives
+        )
         cfg = eval_config(release, tasks, max_subjects)
         labels = runtime.labels(cfg)
         if embeddings is not None:  # `client.py embed`'s file of this site's task rows
@@ -107,7 +111,7 @@ def compare_heads(
             tpt = pc.cast(table["prediction_time"], pa.int64()).to_numpy()
             idx = np.array([index[k] for k in zip(sids.tolist(), tpt.tolist(), strict=True)], dtype=np.int64)
             split = split_of(sids)
-            reason = withheld_reason(task_split_counts(table, split_of), min_subjects, binary=True)
+            reason = withheld_reason(task_split_counts(table, split_of), min_subjects, True, min_positives)
             y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             x = x_all[idx]
             per_key[key] = {"x": x, "y": y, "split": split, "sids": sids, "reason": reason}
@@ -118,7 +122,7 @@ def compare_heads(
     if over_flower is not None:
         flower_heads = run_head_simulation(
             HeadRunConfig(model=model, out_dir=over_flower, tasks=list(tasks or []), keys=keys, rounds=rounds),
-            head_node_configs(model, sites, min_subjects, embeddings),
+            head_node_configs(model, sites, min_subjects, embeddings, min_positives),
         )
     results: dict[str, dict] = {}
     for key in keys:
@@ -165,6 +169,7 @@ def compare_heads(
     return {
         "release": str(model),
         "min_subjects": min_subjects,
+        "min_positives": min_positives,
         "rounds": rounds,
         "federated": "flower" if over_flower is not None else "in-process",
         "results": results,
@@ -196,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sites", nargs="+", required=True, help="site roots")
     parser.add_argument("--tasks", nargs="+", help="task names (default: the run's evaluation tasks)")
     parser.add_argument("--min-subjects", type=int, default=20)
+    parser.add_argument(
+        "--min-positives", type=int, default=DEFAULT_MIN_POSITIVES, help="positive and negative held-out rows"
+    )
     parser.add_argument("--max-subjects", type=int, default=None, help="per split (default: the run's; 0: all)")
     parser.add_argument(
         "--embeddings",
@@ -219,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_subjects,
         [Path(e) for e in args.embeddings] if args.embeddings else None,
         Path(args.over_flower) if args.over_flower else None,
+        args.min_positives,
     )
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1))

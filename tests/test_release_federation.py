@@ -35,6 +35,8 @@ KEY = "onset_hypertension_365d"
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
     tmp = tmp_path_factory.mktemp("released")
     _, nodes = tiny_nodes(tmp)
+    for node in nodes.values():  # 30-subject sites: a held-out positive is enough (mechanics, not a floor)
+        node["min-report-positives"] = 1
     cfg = fed_config(
         tmp / "run",
         local_steps=1,
@@ -66,7 +68,19 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
         site, root = node["site-name"], node["site-root"]
         out = tmp_path / site
         code = client_main(
-            ["probe", root, "--model", str(model), "--min-subjects", "2", "--no-progress", "--out", str(out)]
+            [
+                "probe",
+                root,
+                "--model",
+                str(model),
+                "--min-subjects",
+                "2",
+                "--min-positives",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
         )
         reported = EvalReply.from_records(evaluation["sites"][site])
         if KEY not in reported.tasks:  # withheld in the run (one class): withheld at home too, same reason
@@ -95,7 +109,7 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
         # predict with the saved head on those rows: the probe's probabilities.
         pq.write_table(ours.select(["subject_id", "prediction_time"]), tmp_path / f"{site}-rows.parquet")
         pred = tmp_path / f"{site}-pred.parquet"
-        argv = ["predict", root, "--model", str(model), "--min-subjects", "2", "--no-progress"]
+        argv = ["predict", root, "--model", str(model), "--min-subjects", "2", "--min-positives", "1", "--no-progress"]
         argv += [
             "--head",
             str(out / "heads" / f"{KEY}.json"),
@@ -120,7 +134,19 @@ def test_embed_gives_the_evaluations_embeddings(run, tmp_path: Path) -> None:
     node = next(n for n in nodes.values() if KEY in EvalReply.from_records(evaluation["sites"][n["site-name"]]).tasks)
     site, root = node["site-name"], node["site-root"]
     out = tmp_path / "emb.parquet"
-    argv = ["embed", root, "--model", str(model), "--min-subjects", "2", "--no-progress", "--tasks", KEY]
+    argv = [
+        "embed",
+        root,
+        "--model",
+        str(model),
+        "--min-subjects",
+        "2",
+        "--min-positives",
+        "1",
+        "--no-progress",
+        "--tasks",
+        KEY,
+    ]
     assert client_main([*argv, "--out", str(out)]) == 0
     emb = pq.read_table(out)
     labels = pq.read_table(Path(node["state-dir"]) / "evaluation" / site / f"{KEY}.parquet")
@@ -155,7 +181,7 @@ def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
     same held-out rows with intervals; the local head is the run's own probe (same AUROC)."""
     run_dir, nodes, model = run
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    report = compare_heads(model, [Path(n["site-root"]) for n in nodes.values()], None, 2, rounds=50)
+    report = compare_heads(model, [Path(n["site-root"]) for n in nodes.values()], None, 2, rounds=50, min_positives=1)
     table = report["results"][KEY]
     scored = [s for s, r in table.items() if "reason" not in r]
     assert scored and all("reason" in table[s] for s in table if s not in scored)
@@ -165,7 +191,8 @@ def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
         assert table[site]["n"] == reported.n
         for method in ("federated head", "pooled head"):
             low, high = table[site][method]["auroc_ci"]
-            assert 0 <= low <= high <= 1
+            # An interval, or none with its reason (one class in the held-out rows' resamples).
+            assert 0 <= low <= high <= 1 or (np.isnan([low, high]).all() and table[site][method]["auroc_ci_undefined"])
     text = markdown(report)
     assert all(f"| {KEY} | {s} |" in text for s in table)
 
@@ -179,16 +206,26 @@ def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(run, tm
     embs = []
     for root in roots:  # each site's embed file: both paths read the same embeddings
         emb = tmp_path / f"emb-{root.name}.parquet"
-        argv = ["embed", str(root), "--model", str(model), "--min-subjects", "2", "--no-progress"]
+        argv = [
+            "embed",
+            str(root),
+            "--model",
+            str(model),
+            "--min-subjects",
+            "2",
+            "--min-positives",
+            "1",
+            "--no-progress",
+        ]
         assert client_main([*argv, "--out", str(emb)]) == 0
         embs.append(emb)
     out = tmp_path / "flower"
-    report = compare_heads(model, roots, None, 2, rounds=30, embeddings=embs, over_flower=out)
+    report = compare_heads(model, roots, None, 2, rounds=30, embeddings=embs, over_flower=out, min_positives=1)
     assert report["federated"] == "flower"
     summary = json.loads((out / "heads.json").read_text())
     fitted = summary["heads"][KEY]
     splits = {}
-    for node in head_node_configs(model, roots, 2, embs):
+    for node in head_node_configs(model, roots, 2, embs, 1):
         rows = load_head_rows(node, [])
         if isinstance(got := rows.keys.get(KEY), SiteSplits):
             splits[rows.site] = got
@@ -203,7 +240,17 @@ def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(run, tm
     assert scored and all(report["results"][KEY][s]["federated head"] is not None for s in scored)
     rows = pq.read_table(embs[0]).select(["subject_id", "prediction_time"]).slice(0, 5)
     pq.write_table(rows, tmp_path / "rows.parquet")
-    argv = ["predict", str(roots[0]), "--model", str(model), "--min-subjects", "2", "--no-progress"]
+    argv = [
+        "predict",
+        str(roots[0]),
+        "--model",
+        str(model),
+        "--min-subjects",
+        "2",
+        "--min-positives",
+        "1",
+        "--no-progress",
+    ]
     argv += ["--head", fitted["head"], "--prediction-times", str(tmp_path / "rows.parquet")]
     assert client_main([*argv, "--out", str(tmp_path / "pred.parquet")]) == 0
     assert pq.read_table(tmp_path / "pred.parquet").num_rows == 5
