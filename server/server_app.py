@@ -5,10 +5,8 @@ the vocabulary agreed from their code statistics (fresh runs; a resumed run take
 its checkpoint), the setup delivered to every site.
 Rounds r = 1..R are server/round.py's (run_round: messages, exchange, the one retry, checks and
 average in one pass); here each round's record is checkpointed, then logged.
-Federated evaluation every `evaluate_every` rounds and after the last: each site probes its own
-splits and reports held-out metrics with their intervals, and per binary task a histogram of its
-held-out scores (small cells merged); the server takes n-weighted means and pools the histograms
-into a federation-wide AUROC per task (healthfm_core/eval/federation_auroc.py).
+Federated evaluation every `evaluate_every` rounds and after the last is server/evaluation.py's.
+Here: the run's claim on its out-dir, resume, the order of things, checkpoints, the run's records.
 
 Outputs under out_dir: rounds.jsonl (one JSON object per event: setup, round, evaluate, resume),
 server.log (the run's INFO log, in simulation and deployment), outcome.json (how the run ended,
@@ -35,7 +33,6 @@ on disk (rounds.jsonl, summary.md) is written by server/runlog.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -44,24 +41,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from healthfm_core.data.task_spec import task_keys
-from healthfm_core.eval.federation_auroc import FederationAUROC, binary_keys, federation_aurocs
-from healthfm_core.eval.outcomes import outcome_lines, scored_of_available
-from healthfm_core.federation import (
-    ARRAYS_RECORD,
-    CONFIG_RECORD,
-    METRICS_RECORD,
-    SETUP_NEEDED_RECORD,
-    EvalReply,
-    FederationSetup,
-    aggregate_site_metrics,
-)
-from healthfm_core.files import atomic_write_text
+from healthfm_core.federation import FederationSetup
 from server.audit import AUDIT_FILE, AuditLog
 from server.checkpoint import (
     ServerState,
@@ -70,6 +54,7 @@ from server.checkpoint import (
     save_server_checkpoint,
 )
 from server.config import FederationConfig, resume_conflicts
+from server.evaluation import evaluate
 from server.flower_patches import set_reply_pull_backoff
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
@@ -331,7 +316,9 @@ class FederationServer:
             write_outcome(self.out_dir, self.outcome.model_copy(update=dict(rounds_done=rnd)))  # still running
             due = rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0)
             if due and cfg.eval_tasks:  # an empty task list asks for no federated evaluation
-                self.evaluate(rnd, setup, arrays)
+                evaluate(
+                    cfg, rnd, setup, arrays, roster=roster, strategy=self.strategy, events=self.events, audit=self.audit
+                )
             elif due:
                 log.info("evaluation after round %d: skipped (eval_tasks is empty)", rnd)
         write_summary(self.out_dir)
@@ -461,118 +448,6 @@ class FederationServer:
                 "round %d: cumulative epsilon per site: %s", rnd, ", ".join(f"{s} {v:.3f}" for s, v in epsilon.items())
             )
         return epsilon
-
-    def evaluate(self, rnd: int, setup: FederationSetup, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        eval_cfg = cfg.eval_config(rnd, setup.sha256)
-        if cfg.eval_max_subjects:
-            log.info(
-                "evaluation after round %d: each site scores a fixed subject sample, at most %d subjects per task "
-                "and split (eval_max_subjects; 0 scores every subject)",
-                rnd,
-                cfg.eval_max_subjects,
-            )
-        roster = self.roster
-        connected = set(roster.wait_for_nodes(f"evaluation after round {rnd}"))
-        # One packed part per message, packed once per distinct group set (strategy.records_for_nodes).
-        records = self.strategy.records_for_nodes(
-            arrays, {node: groups for node, groups in sorted(roster.node_groups.items()) if node in connected}
-        )
-        contents = {
-            node: RecordDict({ARRAYS_RECORD: record, CONFIG_RECORD: ConfigRecord(eval_cfg.to_flat())})
-            for node, record in records.items()
-        }
-        replies = roster.ask(MessageType.EVALUATE, contents)
-        need = {n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records}
-        if need:  # restarted sites: the setup again, then one more evaluate message each
-            for node in need:
-                replies.pop(node)
-            accepted = roster.resend_setup(need, f"evaluation after round {rnd}")
-            replies.update(roster.ask(MessageType.EVALUATE, {n: contents[n] for n in sorted(accepted)}))
-            for node in [n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records]:
-                replies.pop(node)
-        per_site: dict[str, EvalReply] = {}
-        for node, reply in sorted(replies.items(), key=lambda kv: roster.site(kv[0])):
-            try:
-                metrics = reply.content.metric_records.get(METRICS_RECORD)
-                if metrics is None:
-                    raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
-                per_site[roster.site(node)] = EvalReply.from_records(
-                    dict(metrics), expected=task_keys(eval_cfg.tasks), score_bins=eval_cfg.score_bins
-                )
-            except ValueError as err:
-                log.warning("evaluate: the reply of site %s is left out: %s", roster.site(node), err)
-        aggregated = aggregate_site_metrics(per_site)
-        seconds = time.perf_counter() - t0
-        flat = {site: reply.to_records() for site, reply in per_site.items()}
-        absent = {
-            caps.site: (
-                "did not accept the run's setup in round 0"
-                if node not in roster.node_groups
-                else "not connected to the SuperLink"
-                if node not in contents
-                else "lost the setup and did not take it again"
-                if node in need and node not in replies
-                else "no usable evaluation reply (see server.log)"
-            )
-            for node, caps in sorted(roster.sites.items())
-            if caps.site not in per_site
-        }
-        asked_sites = sorted(roster.site(n) for n in roster.node_groups)
-        binary = binary_keys(eval_cfg.tasks)
-        asked = {
-            "tasks": task_keys(eval_cfg.tasks),
-            "binary_tasks": binary,
-            "asked_sites": asked_sites,
-            "max_subjects": cfg.eval_max_subjects,
-            "score_bins": eval_cfg.score_bins,
-            "score_scale": eval_cfg.score_scale,
-        }
-        # Per binary task, the sites' histograms pooled (healthfm_core/eval/federation_auroc.py).
-        pooled = {key: f.model_dump() for key, f in federation_aurocs(binary, per_site, asked_sites, absent).items()}
-        self.events.write(
-            "evaluate",
-            round=rnd,
-            sites=flat,
-            aggregated=aggregated,
-            federation=pooled,
-            seconds=seconds,
-            absent=absent,
-            **asked,
-        )
-        self.audit.write_evaluation(rnd, sorted(per_site), absent)
-        atomic_write_text(
-            self.out_dir / "evaluation.json",
-            json.dumps(
-                {"round": rnd, "sites": flat, "aggregated": aggregated, "federation": pooled, **asked}, indent=1
-            ),
-        )
-        log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
-        for line in outcome_lines(
-            task_keys(eval_cfg.tasks), per_site, [roster.site(n) for n in sorted(roster.node_groups)], absent
-        ):
-            log.info("  %s", line)
-        for key, f in pooled.items():
-            log.info("  %-28s federation-wide AUROC: %s", key, FederationAUROC.model_validate(f).describe())
-        scope = scored_of_available(per_site)
-        for key, value in aggregated.items():
-            if key.endswith(".auroc") or key.endswith(".r2"):
-                task = key.rsplit(".", 1)[0]
-                sampled = ""
-                if task in scope:
-                    n, subjects, avail_subjects = scope[task]
-                    sampled = f"; a subject sample: rows of {subjects} of {avail_subjects} held-out subjects"
-                n_task = aggregated.get(f"{task}.n", 0)
-                log.info(
-                    "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s)",
-                    task,
-                    key.rsplit(".", 1)[1],
-                    value,
-                    n_task,
-                    sampled,
-                )
-        return aggregated
 
 
 # ---------------------------------------------------------------------------- the ServerApp
