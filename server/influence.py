@@ -168,7 +168,8 @@ def drop_norm_outliers(
     bounds: dict[str, float] = {}
     bad: dict[int, str] = {}
     for group, by_node in norms.items():
-        limits = norm_limits(group, previous, server_round, round_config, settings, history, group_of)
+        values = [previous[k] for k in sorted(previous) if group_of(k) == group]
+        limits = norm_limits(values, round_config, settings, history.reference(group, server_round))
         # The group's bound is the tightest; a rejection names it and what set it.
         how, limit = min(limits.items(), key=lambda kv: kv[1]) if limits else ("", math.inf)
         if limits:
@@ -201,18 +202,12 @@ def drop_norm_outliers(
 
 
 def norm_limits(
-    group: str,
-    previous: Mapping[str, np.ndarray],
-    server_round: int,
-    round_config: RoundConfig | None,
-    settings: NormBounds,
-    history: NormHistory,
-    group_of: Callable[[str], str],
+    values: list[np.ndarray], round_config: RoundConfig | None, settings: NormBounds, reference: float | None
 ) -> dict[str, float]:
-    """The bounds on one group's update norm this round, by what sets each."""
+    """The bounds on the update norm of one group (its global `values`, in sorted key order) this
+    round, by what sets each; `reference`: the median of its accepted norms in earlier rounds."""
     limits: dict[str, float] = {}
     if round_config is not None:
-        values = [previous[k] for k in sorted(previous) if group_of(k) == group]
         size = sum(v.size for v in values)
         weight_norm = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in values) ** 0.5
         how = (
@@ -220,7 +215,6 @@ def norm_limits(
             f"{round_config.local_steps} x (sqrt of {size:,} values + weight-decay x weight norm {weight_norm:.3g})"
         )
         limits[how] = step_bound(round_config, size, weight_norm, settings.step_factor)
-    reference = history.reference(group, server_round)
     if reference is not None and reference > 0:
         how = (
             f"history bound: norm-history-factor {settings.history_factor:g} x median {reference:.3g} of the "
