@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -39,6 +39,9 @@ from server.runlog import message_bytes, message_size
 from server.strategy import ModalityAwareFedAvg
 
 log = logging.getLogger("healthfm.server.round")
+
+# A site's part in a round: trained and averaged, or why not ("absent": not even addressed).
+SiteStatus = Literal["ok", "no reply", "no setup", "error", "refused", "rejected", "absent"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,7 @@ class SiteOutcome:
     Fields left None are not written."""
 
     node_id: int
-    # ok | no reply | no setup | error | refused | rejected | absent
-    status: str = "no reply"
+    status: SiteStatus = "no reply"
     reason: str | None = None
     groups_sent: list[str] | None = None
     keys_sent: int | None = None
@@ -345,7 +347,7 @@ def _record_verdicts(
     for r in outcome.rejected:
         entry = sites.get(roster.site(r.node_id))
         if entry is None:
-            entry = sites[roster.site(r.node_id)] = SiteOutcome(node_id=r.node_id, status="")
+            entry = sites[roster.site(r.node_id)] = SiteOutcome(node_id=r.node_id)
         elif r.kind in ("duplicate", "unsolicited") and entry.status != "no reply":
             continue  # the node's own reply decided its status
         if r.kind == "error":
