@@ -376,7 +376,7 @@ class LocalSuperNode:
 
 
 REPO = Path(__file__).resolve().parents[1]
-CAPABILITIES_REPLY = 'return Message(RecordDict({"capabilities": ConfigRecord(caps.to_flat())}), reply_to=msg)'
+CAPABILITIES_REPLY = "return Message(RecordDict({CAPABILITIES_RECORD: ConfigRecord(caps.to_flat())}), reply_to=msg)"
 
 
 def _free_port() -> int:
