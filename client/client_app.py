@@ -1,13 +1,13 @@
 """The site's Flower ClientApp (Message API, flwr 1.41): decodes messages, calls the site runtime.
 
 Handlers (message types, see healthfm_core/federation.py for the records they carry):
-  query.capabilities  -> ConfigRecord "capabilities"  (modalities, subjects per modality)
-  query.code_stats    -> ConfigRecord "code-stats"    {"json": SiteCodeStats} (suppressed)
-  query.setup         -> ConfigRecord "setup"         {"sha256"}; the setup is kept in the
+  query.capabilities  -> ConfigRecord CAPABILITIES_RECORD (modalities, subjects per modality)
+  query.code_stats    -> ConfigRecord CODE_STATS_RECORD {JSON_FIELD: SiteCodeStats} (suppressed)
+  query.setup         -> ConfigRecord SETUP_RECORD {SHA256_FIELD}; the setup is kept in the
                          node's Context.state for the run
   train / evaluate under a setup this node does not hold (its SuperNode restarted: Context.state
                       is gone) -> only ConfigRecord "setup-needed" {"wanted", "held"}; the server
-                         sends query.setup again and retries (server/server_app.py)
+                         sends query.setup again and retries (server/round.py)
   train               -> a TrainReply's records (TrainReply.to_records): ArrayRecord "arrays" (packed
                          as one part, healthfm_core/packing.py, as every message's arrays are; the
                          groups trained, less those the site's policy keeps local, in the round's
@@ -40,6 +40,7 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -49,9 +50,17 @@ from client.memory import release_memory
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
 from healthfm_core.federation import (
     ARRAYS_RECORD,
+    CAPABILITIES,
+    CAPABILITIES_RECORD,
+    CODE_STATS,
+    CODE_STATS_RECORD,
+    JSON_FIELD,
     METRICS_RECORD,
     SCALES_RECORD,
+    SETUP,
     SETUP_NEEDED_RECORD,
+    SETUP_RECORD,
+    SHA256_FIELD,
     STATUS_RECORD,
     EvalConfig,
     EvalReply,
@@ -90,17 +99,17 @@ def stored_setup(context: Context, sha256: str) -> FederationSetup:
     record = context.state.config_records.get(SETUP_STATE_KEY)
     if record is None:
         raise ValueError("no setup received in this run: the server must send query.setup before train/evaluate")
-    if record["sha256"] != sha256:
-        raise ValueError(f"server names setup {sha256[:12]}..., this site holds {str(record['sha256'])[:12]}...")
+    if record[SHA256_FIELD] != sha256:
+        raise ValueError(f"server names setup {sha256[:12]}..., this site holds {str(record[SHA256_FIELD])[:12]}...")
     if sha256 not in _SETUPS:
-        _SETUPS[sha256] = FederationSetup.from_json(str(record["json"]))
+        _SETUPS[sha256] = FederationSetup.from_json(str(record[JSON_FIELD]))
     return _SETUPS[sha256]
 
 
 def setup_needed(msg: Message, context: Context, sha256: str) -> Message | None:
     """The typed "setup needed" reply when this node does not hold setup `sha256`, else None."""
     record = context.state.config_records.get(SETUP_STATE_KEY)
-    held = str(record["sha256"]) if record is not None else ""
+    held = str(record[SHA256_FIELD]) if record is not None else ""
     if held == sha256:
         return None
     log.warning(
@@ -144,7 +153,7 @@ def stored_residual(context: Context, sha256: str) -> dict[str, np.ndarray]:
     none, or if it was kept under another setup)."""
     held = context.state.config_records.get(RESIDUAL_SETUP_STATE_KEY)
     record = context.state.array_records.get(RESIDUAL_STATE_KEY)
-    if record is None or held is None or held.get("sha256") != sha256:
+    if record is None or held is None or held.get(SHA256_FIELD) != sha256:
         return {}
     return {k: v.numpy() for k, v in record.items()}
 
@@ -160,12 +169,17 @@ def keep_residual(context: Context, sha256: str, residual: Mapping[str, np.ndarr
     context.state.array_records[RESIDUAL_STATE_KEY] = ArrayRecord(
         {k: Array(np.ascontiguousarray(v)) for k, v in residual.items()}
     )
-    context.state.config_records[RESIDUAL_SETUP_STATE_KEY] = ConfigRecord({"sha256": sha256})
+    context.state.config_records[RESIDUAL_SETUP_STATE_KEY] = ConfigRecord({SHA256_FIELD: sha256})
 
 
 def eval_reply_content(reply: EvalReply) -> RecordDict:
     """An EvalReply as the records of a reply message."""
     return RecordDict({METRICS_RECORD: MetricRecord(dict(reply.to_records()))})
+
+
+def _action(message_type: str) -> str:
+    """The action Flower's @app.query registers for a message type "query.<action>"."""
+    return message_type.removeprefix(f"{MessageType.QUERY}.")
 
 
 def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> ClientApp:
@@ -175,28 +189,30 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     def runtime(context: Context) -> SiteRuntime:
         return get_runtime(site_config(context, node_configs))
 
-    @app.query("capabilities")
+    @app.query(_action(CAPABILITIES))
     def capabilities(msg: Message, context: Context) -> Message:
         caps = runtime(context).capabilities()
-        return Message(RecordDict({"capabilities": ConfigRecord(caps.to_flat())}), reply_to=msg)
+        return Message(RecordDict({CAPABILITIES_RECORD: ConfigRecord(caps.to_flat())}), reply_to=msg)
 
-    @app.query("code_stats")
+    @app.query(_action(CODE_STATS))
     def code_stats(msg: Message, context: Context) -> Message:
         stats = runtime(context).code_stats()
-        return Message(RecordDict({"code-stats": ConfigRecord({"json": stats.model_dump_json()})}), reply_to=msg)
+        record = ConfigRecord({JSON_FIELD: stats.model_dump_json()})
+        return Message(RecordDict({CODE_STATS_RECORD: record}), reply_to=msg)
 
-    @app.query("setup")
+    @app.query(_action(SETUP))
     def setup(msg: Message, context: Context) -> Message:
-        record = msg.content.config_records["setup"]
-        parsed = FederationSetup.from_json(str(record["json"]))
-        if parsed.sha256 != record["sha256"]:
+        record = msg.content.config_records[SETUP_RECORD]
+        parsed = FederationSetup.from_json(str(record[JSON_FIELD]))
+        if parsed.sha256 != record[SHA256_FIELD]:
             raise ValueError(
-                f"setup does not match its sha256 ({parsed.sha256[:12]}... != {str(record['sha256'])[:12]}...)"
+                f"setup does not match its sha256 ({parsed.sha256[:12]}... != {str(record[SHA256_FIELD])[:12]}...)"
             )
         runtime(context).check_setup(parsed)
-        context.state.config_records[SETUP_STATE_KEY] = ConfigRecord({"json": record["json"], "sha256": parsed.sha256})
+        state = ConfigRecord({JSON_FIELD: record[JSON_FIELD], SHA256_FIELD: parsed.sha256})
+        context.state.config_records[SETUP_STATE_KEY] = state
         _SETUPS[parsed.sha256] = parsed
-        return Message(RecordDict({"setup": ConfigRecord({"sha256": parsed.sha256})}), reply_to=msg)
+        return Message(RecordDict({SETUP_RECORD: ConfigRecord({SHA256_FIELD: parsed.sha256})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -15,90 +15,25 @@ and one line saying so, and `client.py join` (client/join.py) restarts it.
 A signal (SIGINT/SIGTERM) still ends it the way Flower does (its handler raises SystemExit, after
 the node said goodbye to the SuperLink), never through the line below.
 
-Pace (client/supernode_pace.py says why): `set_pace` changes Flower's loop in this process only,
-without touching Flower's files. Its `_pull_and_store_message` is wrapped so that it returns only
-once a message came, polling at the PollSchedule's interval (fast for a while after a reply left,
-idle otherwise; Flower's 3 s sleep after an empty pull is then never reached); its
-`_push_messages` is wrapped to tell the schedule when a reply left; its `time` name is bound to a
-`time` whose sleep is capped at `reply_poll` (the 0.5 s steps in which `_push_messages` waits for
-the ClientApp's reply and its objects); its `pull_objects` name is bound to Flower's own function
-with a short backoff. tests/test_supernode_pace.py fails if Flower's loop stops calling any of
-these names. Flower's log lines get timestamps: when a message came and when its reply left is
-where a round's time went.
+Pace (client/supernode_pace.py says why): `set_pace` (client/flower_patches.py, where every
+change to Flower's code on the site's side is) changes Flower's loop in this process only, once,
+before Flower's SuperNode starts. Flower's log lines get timestamps: when a message came and when
+its reply left is where a round's time went.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import flwr.supernode.start_client_internal as flower_loop
-from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supercore.logger import update_console_handler
 from flwr.supernode.cli import flower_supernode
 
+from client.flower_patches import set_pace
 from client.join import ENDED_LINE, EXIT_CONNECTION_ENDED
-from client.supernode_pace import CappedSleepTime, PollSchedule, SupernodePace
-
-WRAPPED = "__healthfm_pace__"  # marks our wrappers of Flower's functions
-
-
-def until_message(
-    pull_and_store: Callable[..., int | None],
-    interval: Callable[[], float],
-    sleep: Callable[[float], None] = time.sleep,
-) -> Callable[..., int | None]:
-    """`pull_and_store` that returns only once it pulled a message (its run id), trying again
-    after `interval()` s; an exception still leaves at once (the SuperNode's loop ends on it)."""
-
-    @functools.wraps(pull_and_store)
-    def pull(*args: Any, **kwargs: Any) -> int | None:
-        while (run_id := pull_and_store(*args, **kwargs)) is None:
-            sleep(interval())
-        return run_id
-
-    setattr(pull, WRAPPED, True)
-    return pull
-
-
-def telling(push_messages: Callable[..., None], schedule: PollSchedule) -> Callable[..., None]:
-    """`push_messages` (Flower's: waits for the reply, sends it) that tells `schedule` when it is
-    done, even on an error (a reply that failed to leave still ends the site's part of the round)."""
-
-    @functools.wraps(push_messages)
-    def push(*args: Any, **kwargs: Any) -> None:
-        try:
-            push_messages(*args, **kwargs)
-        finally:
-            schedule.reply_sent()
-
-    setattr(push, WRAPPED, True)
-    return push
-
-
-def _flowers(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Flower's function behind our wrapper, if it is one (set twice, the pace wraps Flower's again)."""
-    return fn.__wrapped__ if getattr(fn, WRAPPED, False) else fn  # type: ignore[attr-defined]
-
-
-def set_pace(pace: SupernodePace, sleep: Callable[[float], None] = time.sleep) -> PollSchedule:
-    """Set `pace` in Flower's SuperNode loop of this process (before flower_supernode() runs);
-    the schedule it polls by. `sleep` is what the waits call (tests record them)."""
-    schedule = PollSchedule(pace.poll_interval, pace.fast_poll_interval, pace.fast_window)
-    flower_loop._pull_and_store_message = until_message(
-        _flowers(flower_loop._pull_and_store_message), schedule.interval, sleep
-    )
-    flower_loop._push_messages = telling(_flowers(flower_loop._push_messages), schedule)
-    flower_loop.time = CappedSleepTime(pace.reply_poll, sleep)  # type: ignore[assignment]
-    flower_loop.pull_objects = functools.partial(
-        pull_objects, initial_backoff=pace.pull_initial_backoff, backoff_cap=pace.pull_backoff_cap
-    )
-    return schedule
+from client.supernode_pace import SupernodePace
 
 
 def parse(argv: Sequence[str]) -> tuple[SupernodePace, list[str]]:

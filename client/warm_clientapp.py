@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import functools
 import gc
 import logging
 import os
@@ -55,35 +54,18 @@ from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.approved_code import BundleCode, module_files
+from client.flower_patches import set_pull_backoff
 from client.memory import release_memory
 
 log = logging.getLogger("healthfm.client.warm")
 
 DONE = "done"
-# The guard hands a task over as soon as the SuperNode created it, which is before the SuperNode
-# has pulled the message's objects from the SuperLink (flwr/supernode/start_client_internal.py);
-# Flower's pull retries an object not there yet after 1, 2, 4, 8, 10 s (flwr/supercore/constant.py),
-# so a message arriving over a few seconds was read up to twice as late. The SuperNode is local:
-# asking again soon costs one local HTTP call, so the cap is short too: the ClientApp has the
-# message at most 0.1 s after its SuperNode does (with a 0.5 s cap, 0.25 s on average).
-PULL_INITIAL_BACKOFF_S = 0.05
-PULL_BACKOFF_CAP_S = 0.1
-
-
-def set_pull_backoff(initial: float = PULL_INITIAL_BACKOFF_S, cap: float = PULL_BACKOFF_CAP_S) -> None:
-    """Flower's `pull_task_input` in this process retries a message's objects after `initial`
-    s, doubling up to `cap` (tests/test_warm_site.py fails if it stops calling that name)."""
-    run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
-        pull_and_inflate_object_from_tree, initial_backoff=initial, backoff_cap=cap
-    )
 
 
 def collect_between_tasks() -> None:
@@ -252,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # The guard hands a task over as soon as the SuperNode created it, before the SuperNode has
+    # pulled the message's objects; Flower's pull retries an object not there yet after 1, 2, 4,
+    # 8, 10 s, so a message arriving over a few seconds was read up to twice as late.
     set_pull_backoff()
     log.info("warm ClientApp for run %d, app bundle %s: serving its tasks", args.run_id, args.fab_hash[:12])
     run(args.runtime_api_address, args.run_id, args.fab_hash, replies)

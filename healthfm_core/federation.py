@@ -67,9 +67,22 @@ from healthfm_core.model.healthfm import HealthFM, model_modalities
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.transport import SCALES_RECORD, Rounding, Transport
 
+# Round 0's message types (Flower's "query.<action>"; the ClientApp registers each <action>).
 CAPABILITIES = "query.capabilities"
 CODE_STATS = "query.code_stats"
 SETUP = "query.setup"
+
+# Round 0's records (RecordDict keys) and their fields: a capabilities reply holds one ConfigRecord
+# CAPABILITIES_RECORD (SiteCapabilities.to_flat); a code-stats reply CODE_STATS_RECORD
+# {JSON_FIELD: SiteCodeStats as JSON}; a setup message SETUP_RECORD {JSON_FIELD: the setup's JSON,
+# SHA256_FIELD: its sha256}, and its reply SETUP_RECORD {SHA256_FIELD} (the acknowledgement).
+CAPABILITIES_RECORD = "capabilities"
+CODE_STATS_RECORD = "code-stats"
+SETUP_RECORD = "setup"
+JSON_FIELD = "json"
+SHA256_FIELD = "sha256"
+# A train or evaluate message's ConfigRecord (RoundConfig / EvalConfig flat; Flower FedAvg's name).
+CONFIG_RECORD = "config"
 
 MODALITY_GROUP = {"ehr": "ehr", "wearables": "wearables", "genomics": "genomics"}
 WEIGHT_PREFIX = "weight."
@@ -1087,8 +1100,14 @@ def round_metrics(num_examples: int, losses: Mapping[str, float]) -> dict[str, i
 __all__ = [
     "ARRAYS_RECORD",
     "CAPABILITIES",
+    "CAPABILITIES_RECORD",
     "CODE_STATS",
+    "CODE_STATS_RECORD",
+    "CONFIG_RECORD",
     "EVAL_METRICS",
+    "JSON_FIELD",
+    "SETUP_RECORD",
+    "SHA256_FIELD",
     "MEDS_TAB_METRICS",
     "METRICS_RECORD",
     "SETUP",

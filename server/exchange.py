@@ -5,10 +5,8 @@ a few seconds' training spent a third of its time there. Here the same push and 
 POLL_SECONDS pause. Any other grid (Flower's in-memory simulation grid, which polls at 0.1 s;
 tests' in-process grids) keeps its own send_and_receive.
 
-A reply's objects are pulled with a short backoff too: a SuperNode pushes its reply message
-before the reply's objects (flwr/supernode/start_client_internal.py, _push_messages), so the
-ServerApp often sees a reply whose arrays are still uploading, and Flower's pull retries them
-after 1, 2, 4, 8, 10 s (flwr/supercore/constant.py): seconds past the upload's end per round.
+A reply's objects are pulled with a short backoff too (server/flower_patches.py, set once as the
+ServerApp starts).
 
 `ExchangeTimes` records when the messages left and each reply came (wall clock, so that a site's
 own log lines can be set beside them): the per-round timing line of the ServerApp's log.
@@ -23,22 +21,17 @@ site's reply, so that site's message goes out first and the others' pushes overl
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import flwr.superlink.grid.http_grid as flower_http_grid
 from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.superlink.grid.http_grid import HttpGrid
 
 # One small HTTP call to the local SuperLink (a read of its state) per pause, ten a second while a
 # round's replies are out; the last reply of a round waits half a pause on average.
 POLL_SECONDS = 0.1
-PULL_INITIAL_BACKOFF_S = 0.05  # a reply object still uploading is asked for again this soon (Flower: 1 s)
-PULL_BACKOFF_CAP_S = 0.1  # and never waited for longer than this between tries (Flower: 10 s); local calls
 
 
 @dataclass
@@ -49,12 +42,6 @@ class ExchangeTimes:
     push_start: float = 0.0
     push_end: float = 0.0
     arrivals: dict[str, float] = field(default_factory=dict)
-
-
-def set_reply_pull_backoff(initial: float = PULL_INITIAL_BACKOFF_S, cap: float = PULL_BACKOFF_CAP_S) -> None:
-    """HttpGrid.pull_messages in this process retries a reply's objects after `initial` s,
-    doubling up to `cap` (tests/test_exchange.py fails if it stops calling that name)."""
-    flower_http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=initial, backoff_cap=cap)
 
 
 def slowest_first(messages: Sequence[Message], lags: Mapping[int, float]) -> list[Message]:
@@ -78,7 +65,6 @@ def send_and_receive(
         now = time.time()
         times.arrivals.update({m.metadata.reply_to_message_id: now for m in answered})
         return answered
-    set_reply_pull_backoff()
     pending = set(grid.push_messages(messages))
     times.push_end = time.time()
     end = time.monotonic() + (timeout if timeout is not None else 0.0)

@@ -25,12 +25,17 @@ the same federations: an honest norm was at most 1.27x that median (at least 0.6
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from healthfm_core.federation import RoundConfig, TrainReply
+
+# Under "healthfm": the ServerApp's server.log (server_app.py) keeps each group's norm bound.
+log = logging.getLogger("healthfm.server.influence")
 
 # max over t of sqrt(sum_i a_i^2 / b_i), a_i, b_i Adam's bias-corrected moment weights (betas 0.9,
 # 0.999): the most one Adam step moves a parameter, in units of lr (t = 1: 1.0; t = 10: 1.04).
@@ -40,6 +45,9 @@ DEFAULT_NORM_STEP_FACTOR = 10.0
 DEFAULT_NORM_HISTORY_FACTOR = 10.0
 DEFAULT_NORM_HISTORY_ROUNDS = 5
 _HISTORY_PREFIX = "norms."  # state_dict entries: norms.<group> -> float64 [[round, norm], ...]
+
+# A reply that parsed and may be averaged: (node, its parsed reply, its example count per group).
+Accepted = tuple[int, TrainReply, dict[str, float]]
 
 
 def max_examples(cfg: RoundConfig) -> int:
@@ -123,8 +131,107 @@ class NormHistory:
         return name.startswith(_HISTORY_PREFIX)
 
 
+@dataclass(frozen=True)
+class NormBounds:
+    """The coordinator's settings of the update-norm bounds (ModalityAwareFedAvg's docstring)."""
+
+    step_factor: float = DEFAULT_NORM_STEP_FACTOR
+    history_factor: float = DEFAULT_NORM_HISTORY_FACTOR
+    outlier_factor: float = 10.0
+    max_update_norm: float | None = None
+
+
+def drop_norm_outliers(
+    accepted: list[Accepted],
+    previous: Mapping[str, np.ndarray],
+    server_round: int,
+    round_config: RoundConfig | None,
+    settings: NormBounds,
+    history: NormHistory,
+    group_of: Callable[[str], str],
+) -> tuple[list[Accepted], dict[int, str], dict[str, float]]:
+    """Leave out replies whose update norm in some group is over the group's bound (step,
+    history, max_update_norm) or absurd against the round's others. Returns the replies kept,
+    why each other was left out (by node) and each group's bound; the kept replies' norms join
+    `history`."""
+    norms: dict[str, dict[int, float]] = {}
+    for node_id, reply, counts in accepted:
+        for group in counts:
+            # Summed in sorted key order: a reply's (or a checkpoint's) key order may differ
+            # between processes, and the history must be bit for bit a resumed run's.
+            sq = sum(
+                float(np.sum((reply.arrays[k].astype(np.float64) - previous[k]) ** 2))
+                for k in sorted(reply.arrays)
+                if group_of(k) == group
+            )
+            norms.setdefault(group, {})[node_id] = sq**0.5
+    bounds: dict[str, float] = {}
+    bad: dict[int, str] = {}
+    for group, by_node in norms.items():
+        values = [previous[k] for k in sorted(previous) if group_of(k) == group]
+        limits = norm_limits(values, round_config, settings, history.reference(group, server_round))
+        # The group's bound is the tightest; a rejection names it and what set it.
+        how, limit = min(limits.items(), key=lambda kv: kv[1]) if limits else ("", math.inf)
+        if limits:
+            bounds[group] = limit
+        for node_id, norm in by_node.items():
+            if norm > limit:
+                bad.setdefault(node_id, f"group {group!r} update norm {norm:.3g} > {limit:.3g} ({how})")
+            others = [n for other, n in by_node.items() if other != node_id]
+            if len(others) >= 2:
+                median = float(np.median(others))
+                if median > 0 and norm > settings.outlier_factor * median:
+                    bad.setdefault(
+                        node_id,
+                        f"group {group!r} update norm {norm:.3g} > {settings.outlier_factor:g} x "
+                        f"median of the others ({median:.3g})",
+                    )
+    kept = [a for a in accepted if a[0] not in bad]
+    for group, by_node in sorted(norms.items()):
+        kept_norms = [by_node[node_id] for node_id, _, counts in kept if group in counts]
+        history.record(server_round, group, kept_norms)
+        log.info(
+            "round %d: group %r: %d accepted update norms up to %s, bound %s",
+            server_round,
+            group,
+            len(kept_norms),
+            f"{max(kept_norms):.3g}" if kept_norms else "-",
+            f"{bounds[group]:.3g}" if group in bounds else "none",
+        )
+    return kept, bad, bounds
+
+
+def norm_limits(
+    values: list[np.ndarray], round_config: RoundConfig | None, settings: NormBounds, reference: float | None
+) -> dict[str, float]:
+    """The bounds on the update norm of one group (its global `values`, in sorted key order) this
+    round, by what sets each; `reference`: the median of its accepted norms in earlier rounds."""
+    limits: dict[str, float] = {}
+    if round_config is not None:
+        size = sum(v.size for v in values)
+        weight_norm = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in values) ** 0.5
+        how = (
+            f"step bound: norm-step-factor {settings.step_factor:g} x lr {round_config.lr:g} x local-steps "
+            f"{round_config.local_steps} x (sqrt of {size:,} values + weight-decay x weight norm {weight_norm:.3g})"
+        )
+        limits[how] = step_bound(round_config, size, weight_norm, settings.step_factor)
+    if reference is not None and reference > 0:
+        how = (
+            f"history bound: norm-history-factor {settings.history_factor:g} x median {reference:.3g} of the "
+            "group's accepted norms in earlier rounds"
+        )
+        limits[how] = settings.history_factor * reference
+    if settings.max_update_norm is not None:
+        limits["max-update-norm"] = settings.max_update_norm
+    return limits
+
+
 __all__ = [
     "ADAM_STEP_RATIO",
+    "Accepted",
+    "NormBounds",
+    "drop_norm_outliers",
+    "norm_limits",
     "DEFAULT_NORM_HISTORY_FACTOR",
     "DEFAULT_NORM_HISTORY_ROUNDS",
     "DEFAULT_NORM_STEP_FACTOR",

@@ -22,12 +22,12 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from flwr.supercore import sql_mixin
 from flwr.superlink.cli import flower_superlink
 from sqlalchemy import Engine, event
+
+from server.flower_patches import set_sqlite_busy_timeout
 
 BUSY_TIMEOUT_MS = 120_000
 SLOW_STATEMENT_S = 5.0
@@ -73,20 +73,11 @@ def log_slow_database_work() -> None:
     event.listen(Engine, "rollback", _end)
 
 
-def with_busy_timeout(pragmas: Sequence[tuple[str, str]], ms: int) -> tuple[tuple[str, str], ...]:
-    """Flower's pragmas with busy_timeout set to `ms`; ValueError if Flower no longer sets one
-    (then this wrapper no longer knows what it changes)."""
-    if not any(name == "busy_timeout" for name, _ in pragmas):
-        raise ValueError(f"flwr's SQLITE_PRAGMAS {pragmas!r} set no busy_timeout: update server/superlink_main.py")
-    return tuple((name, str(ms)) if name == "busy_timeout" else (name, value) for name, value in pragmas)
-
-
 def main() -> None:
     if len(sys.argv) < 2:
         print("usage: python -m server.superlink_main PATH/TO/flower-superlink [options]", file=sys.stderr)
         raise SystemExit(2)
-    # A module attribute Flower reads at every new connection (flwr 1.41: _set_sqlite_pragmas).
-    sql_mixin.SQLITE_PRAGMAS = with_busy_timeout(sql_mixin.SQLITE_PRAGMAS, BUSY_TIMEOUT_MS)  # type: ignore[assignment]
+    set_sqlite_busy_timeout(BUSY_TIMEOUT_MS)  # server/flower_patches.py
     log_slow_database_work()
     # Flower reads its options from sys.argv and names itself after argv[0].
     sys.argv = [sys.argv[1], *sys.argv[2:]]

@@ -55,6 +55,7 @@ from healthfm_core.packing import PACKED_PART, pack_arrays, unpack_record
 from server.coordinator import report_outcome
 from server.flwr_control import EXIT_SITE_LOST
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
+from server.round import aggregate_replies
 from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, pack_record
 
@@ -300,8 +301,8 @@ def test_malformed_replies_are_rejected_and_the_rest_averaged(round_: tuple[list
     replies, others = round_
     messages = [m for m, *_ in replies] + others  # a second reply arrives after the first
     sent = _sent(sorted(_node_groups(replies)))
-    outcome = _strategy().aggregate(
-        1, messages, current_arrays=PREVIOUS, node_groups=_node_groups(replies), sent=sent
+    outcome = aggregate_replies(
+        _strategy(), 1, messages, current_arrays=PREVIOUS, node_groups=_node_groups(replies), sent=sent
     )  # never raises
 
     bad_nodes = {node for node, (_, bad, _, _) in enumerate(replies, start=10) if bad is not None}
@@ -342,8 +343,13 @@ def test_with_every_group_everywhere_it_is_plain_fedavg(sites: list[tuple[int, i
         arrays = {k: (1 + rng.random(s)).astype(np.float32) for k, s in SHAPES.items()}
         reply = _train_reply(arrays, {g: n for g in GROUP_KEYS}, losses={"total": float(rng.random())})
         replies.append(Message(train_reply_content(reply), metadata=_metadata(node)))
-    outcome = _strategy().aggregate(
-        1, replies, current_arrays=PREVIOUS, node_groups=None, sent=_sent([10 + i for i in range(len(sites))])
+    outcome = aggregate_replies(
+        _strategy(),
+        1,
+        replies,
+        current_arrays=PREVIOUS,
+        node_groups=None,
+        sent=_sent([10 + i for i in range(len(sites))]),
     )
     # Flower's stock FedAvg reads one Array per key: the same replies, unpacked.
     stock, _ = FedAvg().aggregate_train(1, [_per_key(m) for m in replies])

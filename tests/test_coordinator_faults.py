@@ -50,6 +50,7 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 
 from healthfm_core.model.config import load_model_config
 from server.audit import AUDIT_FILE, read_audit_log, verify_audit_log
+from server.config import FederationConfig
 from server.coordinator import main as coordinator_main
 from server.coordinator import read_launches, report_outcome, resume_command
 from server.flwr_control import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, write_connection
@@ -65,7 +66,7 @@ from server.run_claim import (
     release,
     set_run_id,
 )
-from server.server_app import FederationConfig, FederationServer
+from server.server_app import FederationServer
 
 # ---------------------------------------------------------------------------- nginx (break 9)
 

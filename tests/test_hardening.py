@@ -64,9 +64,11 @@ from server.flwr_control import (
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
 from server.provision import ProvisionConfig, provision
+from server.replies import origin
+from server.round import aggregate_replies
 from server.runlog import read_events
 from server.server_app import FederationServer
-from server.strategy import ModalityAwareFedAvg, origin, pack_record
+from server.strategy import ModalityAwareFedAvg, pack_record
 
 # ---------------------------------------------------------------------------- audit log
 
@@ -311,7 +313,7 @@ def test_a_reply_over_the_size_limit_is_rejected_and_the_round_goes_on() -> None
     huge = _reply(2, {k: v + 5 for k, v in glob.items()})
     arr = next(iter(huge.content.array_records.values()))[PACKED_PART]
     arr.data = arr.data + b"\0" * (10 * limit)
-    outcome = s.aggregate(1, [ok, huge], current_arrays=glob, node_groups=None, sent=_sent(1, 2))
+    outcome = aggregate_replies(s, 1, [ok, huge], current_arrays=glob, node_groups=None, sent=_sent(1, 2))
     assert outcome.arrays is not None
     np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 1)  # the ok reply alone
     (rejected,) = outcome.rejected
@@ -331,7 +333,9 @@ def test_error_replies_from_the_superlink_are_attributed_to_the_silent_node() ->
         Error(code=3, reason="Error: Node Unavailable"), metadata=train_metadata("e1", src=1, dst=0, reply_to="m1")
     )
     assert origin(alive, sent) == 5 and origin(dead, sent) == 6
-    outcome = s.aggregate(1, [alive, dead], current_arrays=glob, node_groups={5: ["shared"], 6: ["shared"]}, sent=sent)
+    outcome = aggregate_replies(
+        s, 1, [alive, dead], current_arrays=glob, node_groups={5: ["shared"], 6: ["shared"]}, sent=sent
+    )
     np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 2)
     (rejected,) = outcome.rejected
     assert rejected.node_id == 6 and "Node Unavailable" in rejected.reason and rejected.kind == "error"
@@ -342,7 +346,9 @@ def test_a_reply_to_no_message_sent_and_a_second_reply_are_rejected() -> None:
     sent = _sent(5)
     first, again = _reply(5, {"shared.w": glob["shared.w"] + 2}), _reply(5, {"shared.w": glob["shared.w"] + 9})
     stranger = _reply(8, {"shared.w": glob["shared.w"] + 4})
-    outcome = _strategy().aggregate(1, [first, stranger, again], current_arrays=glob, node_groups=None, sent=sent)
+    outcome = aggregate_replies(
+        _strategy(), 1, [first, stranger, again], current_arrays=glob, node_groups=None, sent=sent
+    )
     np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 2)  # the first reply alone
     assert outcome.accepted == [5]
     assert [(r.node_id, r.kind) for r in outcome.rejected] == [(8, "unsolicited"), (5, "duplicate")]

@@ -46,7 +46,8 @@ from healthfm_core.model.groups import parameter_group
 from healthfm_core.packing import unpack_record
 from server.config import RESUMABLE_CHANGES, FederationConfig
 from server.influence import ADAM_STEP_RATIO, NormHistory, max_examples
-from server.strategy import ModalityAwareFedAvg, RoundOutcome, pack_record
+from server.round import RoundOutcome, aggregate_replies
+from server.strategy import ModalityAwareFedAvg, pack_record
 
 SHAPES = {"shared.w": (8, 16), "shared.b": (16,), "ehr.w": (32,), "wearables.w": (4, 4), "genomics.w": (6,)}
 SHAPES_GROUPS = sorted({k.split(".")[0] for k in SHAPES})
@@ -135,7 +136,7 @@ def aggregate(
     inputs = dict(
         current_arrays=previous, node_groups=NODE_GROUPS, sent=sent_to(replies), round_config=round_config(rnd)
     )
-    return s.aggregate(rnd, replies, **{**inputs, **kw})
+    return aggregate_replies(s, rnd, replies, **{**inputs, **kw})
 
 
 def honest_average(rnd: int, previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -497,7 +498,9 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
             sent.append(message)
             answer = apps[n](message, contexts[n])
             replies.append(Message(answer.content, metadata=train_metadata(f"r-{rnd}-{n}", n, 0, f"train-{rnd}-{n}")))
-        outcome = s.aggregate(rnd, replies, current_arrays=arrays, node_groups=node_groups, sent=sent, round_config=cfg)
+        outcome = aggregate_replies(
+            s, rnd, replies, current_arrays=arrays, node_groups=node_groups, sent=sent, round_config=cfg
+        )
         assert outcome.rejected == [], outcome.rejected
         assert outcome.accepted == [1, 2] and outcome.replies[2].dp is not None  # the DP site
         assert set(outcome.norm_bounds) == {"shared", "ehr", "wearables", "genomics"}

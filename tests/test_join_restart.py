@@ -33,9 +33,10 @@ from client.join import (
     restart_delay,
     restartable,
 )
+from server.flower_patches import with_busy_timeout
 from server.flwr_control import SuperLinkBusy, SuperLinkUnreachable, check_reachable, write_connection
 from server.provision import FederationPaths
-from server.superlink_main import BUSY_TIMEOUT_MS, with_busy_timeout
+from server.superlink_main import BUSY_TIMEOUT_MS
 
 
 def config(tmp_path: Path, **kw: object) -> JoinConfig:

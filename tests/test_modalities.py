@@ -42,6 +42,8 @@ from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.model.testing import random_batch
 from healthfm_core.train.trainer import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
+from server.replies import groups_for_node
+from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +248,7 @@ def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> N
     outcomes = {}
     for node, name in enumerate(names, start=1):
         mixed[name].check_setup(setup)
-        wanted = ModalityAwareFedAvg.groups_for_node(node, node_groups)
+        wanted = groups_for_node(node, node_groups)
         outcomes[node] = mixed[name].train(
             setup, {k: v for k, v in initial.items() if parameter_group(k) in wanted}, cfg
         )
@@ -255,7 +257,9 @@ def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> N
     assert "genomics" not in outcomes[1].group_examples and outcomes[2].group_examples["genomics"] > 0
 
     replies = [_reply(n, o) for n, o in outcomes.items()]
-    outcome = strategy.aggregate(1, replies, current_arrays=initial, node_groups=node_groups, sent=_sent(replies))
+    outcome = aggregate_replies(
+        strategy, 1, replies, current_arrays=initial, node_groups=node_groups, sent=_sent(replies)
+    )
     assert outcome.rejected == []
     assert outcome.contributors == {"shared": [1, 2], "ehr": [1, 2], "genomics": [2]}
     arrays = outcome.arrays

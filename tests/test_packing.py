@@ -29,6 +29,7 @@ from healthfm_core.packing import (
     unpack_record,
 )
 from server.limits import array_record_bytes
+from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
 
 SHAPES = {"shared.w": (2, 3), "shared.b": (3,), "ehr.w": (4,)}
@@ -182,7 +183,7 @@ def test_a_malformed_packed_reply_is_rejected_with_its_reason_and_the_round_goes
     limit = array_record_bytes(pack_record(PREVIOUS, group_of)) * 4
     strategy = ModalityAwareFedAvg(group_of=group_of, max_reply_bytes=limit)
     replies = [reply_with(1, value=1.0), reply_with(2, make()), reply_with(3, value=3.0)]
-    outcome = strategy.aggregate(1, replies, current_arrays=PREVIOUS, node_groups=None, sent=sent(1, 2, 3))
+    outcome = aggregate_replies(strategy, 1, replies, current_arrays=PREVIOUS, node_groups=None, sent=sent(1, 2, 3))
     assert outcome.accepted == [1, 3]
     np.testing.assert_allclose(outcome.arrays["ehr.w"], 2.0)  # the two good replies, averaged
     [rejected] = outcome.rejected
@@ -316,7 +317,7 @@ def test_a_round_averages_to_the_same_bits_as_with_one_part_per_group() -> None:
                 )
             )
         outcomes.append(
-            strategy.aggregate(1, replies, current_arrays=previous, node_groups=NODE_GROUPS, sent=sent_msgs)
+            aggregate_replies(strategy, 1, replies, current_arrays=previous, node_groups=NODE_GROUPS, sent=sent_msgs)
         )
     a, b = outcomes
     assert a.accepted == b.accepted == [1, 2, 3, 4] and not a.rejected and not b.rejected

@@ -53,6 +53,7 @@ from healthfm_core.privacy.engine import (
     StreamingDPOptimizer,
 )
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
 
 BASE = {"min-code-subjects": 5, "min-report-subjects": 2}
@@ -344,8 +345,8 @@ def test_a_request_over_the_cap_is_refused_and_no_update_leaves(federation, setu
 
     # The server counts the site out of the round and says why.
     sent = message(RecordDict(), MessageType.TRAIN)  # to node 7, whom `second` answers
-    outcome = ModalityAwareFedAvg().aggregate(
-        2, [second], current_arrays=own_arrays(setup, groups), node_groups=None, sent=[sent]
+    outcome = aggregate_replies(
+        ModalityAwareFedAvg(), 2, [second], current_arrays=own_arrays(setup, groups), node_groups=None, sent=[sent]
     )
     assert outcome.arrays is None
     [rejected] = outcome.rejected

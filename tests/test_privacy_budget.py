@@ -29,7 +29,7 @@ from healthfm_core.model.groups import parameter_group
 from healthfm_core.privacy.budget_record import read_record, record_path
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from server.audit import site_round_records
-from server.server_app import site_entry
+from server.round import SiteOutcome
 
 SITE = "genomics"
 POLICY = """
@@ -145,7 +145,9 @@ def test_a_site_rejoining_with_another_state_dir_is_refused_dp_until_a_new_budge
     assert records.metrics["dp.new-budget-at"] == reply.dp.new_budget_at
     parsed = TrainReply.from_records(records.arrays, records.metrics, records.status)
     assert parsed.dp == reply.dp
-    [audit] = site_round_records({"round": 2, "sites": {SITE: {"status": "ok", **site_entry(parsed)}}})
+    [audit] = site_round_records(
+        {"round": 2, "sites": {SITE: SiteOutcome(node_id=1, status="ok").take_reply(parsed).to_event()}}
+    )
     assert audit["new_privacy_budget"] == {
         "started_at": reply.dp.new_budget_at,
         "replaced_epsilon": spent.dp.epsilon,

@@ -30,7 +30,7 @@ from server.registry import (
     read_registry,
     write_registry,
 )
-from server.server_app import FederationServer
+from server.roster import Roster
 
 
 def _registry() -> SiteRegistry:
@@ -136,12 +136,12 @@ def test_the_server_asks_only_registered_nodes_and_binds_their_names(
     )
     # Node 22 is registered as biobank but claims to be the hospital; 33 is not registered.
     grid = _Grid({11: "hospital", 22: "hospital", 33: "rogue"})
-    server = FederationServer(grid, cfg)
-    nodes = server._wait_for_nodes()
-    assert nodes == [11, 22] and server.refused_nodes == {33}
-    server.query_capabilities(nodes)
+    roster = Roster(grid, cfg)
+    nodes = roster.wait_for_nodes()
+    assert nodes == [11, 22] and roster.refused_nodes == {33}
+    roster.query_capabilities(nodes)
     assert 33 not in grid.sent_to  # the unregistered node was asked nothing
-    assert {n: c.site for n, c in server.sites.items()} == {11: "hospital"}  # 22's false name refused
-    assert server._site(22) == "biobank" and server._site(33) == "node-33"
+    assert {n: c.site for n, c in roster.sites.items()} == {11: "hospital"}  # 22's false name refused
+    assert roster.site(22) == "biobank" and roster.site(33) == "node-33"
     # Without a registry (simulation) every node takes part.
-    assert FederationServer(grid, cfg.model_copy(update={"registry": None}))._wait_for_nodes() == [11, 22, 33]
+    assert Roster(grid, cfg.model_copy(update={"registry": None})).wait_for_nodes() == [11, 22, 33]

@@ -23,7 +23,8 @@ from client.client_app import train_reply_content
 from healthfm_core.federation import ARRAYS_RECORD, SCALES_RECORD, TrainReply
 from healthfm_core.packing import PACKED_PART, unpack_record
 from healthfm_core.transport import dequantise, encode_update
-from server.strategy import GroupAdam, ModalityAwareFedAvg, RoundOutcome, pack_record
+from server.round import RoundOutcome, aggregate_replies, train_messages
+from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
 
 # Keys named after their group keep the arithmetic of these tests readable; the real
 # mapping (healthfm_core.model.groups.parameter_group) is exercised in test_groups.py.
@@ -120,7 +121,7 @@ def sent_to(replies: list[Message]) -> list[Message]:
 
 def aggregate(s: ModalityAwareFedAvg, rnd: int, replies: list[Message], **kwargs) -> RoundOutcome:
     inputs = {"current_arrays": global_arrays(-1.0), "node_groups": None, "sent": sent_to(replies), **kwargs}
-    return s.aggregate(rnd, replies, **inputs)
+    return aggregate_replies(s, rnd, replies, **inputs)
 
 
 def result(arrays: ArrayRecord | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -260,8 +261,9 @@ def test_the_strategy_keeps_no_round_state() -> None:
     assert vars(shared).keys() == vars(strategy()).keys()
 
 
-def test_flowers_own_loop_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
-    """configure_train -> aggregate_train as Flower's Strategy.start() calls them."""
+def test_the_round_sends_every_node_its_groups_and_averages_their_replies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_messages -> aggregate_replies as server/round.py calls them (the strategy is no
+    Flower Strategy: docs/architecture.md, "Names other tools rely on")."""
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # as inside a ServerApp run
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
@@ -271,15 +273,13 @@ def test_flowers_own_loop_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
             return [1, 2]
 
     s = strategy()
-    record = ArrayRecord({k: Array(v) for k, v in global_arrays(-1.0).items()})
-    messages = list(s.configure_train(1, record, ConfigRecord({}), Grid()))
+    messages = train_messages(s, 1, global_arrays(-1.0), ConfigRecord({}), Grid())
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
-    arrays, metrics = s.aggregate_train(1, [good(1, 1.0), good(2, 3.0)])
-    np.testing.assert_allclose(arrays["ehr.w"].numpy(), 2.0)
-    np.testing.assert_array_equal(arrays["genomics.w"].numpy(), -1.0)
-    assert metrics is not None and len(metrics) == 2  # examples and the mean total loss
-    with pytest.raises(RuntimeError, match="configure_train"):
-        s.aggregate_train(2, [good(1, 1.0)])  # each round is handed over once
+    outcome = aggregate(s, 1, [good(1, 1.0), good(2, 3.0)], sent=messages)
+    assert outcome.arrays is not None
+    np.testing.assert_allclose(outcome.arrays["ehr.w"], 2.0)
+    np.testing.assert_array_equal(outcome.arrays["genomics.w"], -1.0)
+    assert outcome.accepted == [1, 2] and outcome.losses == {"total": 1.0}
 
 
 # ------------------------------------------------------------------------ int8 transport

@@ -17,8 +17,9 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.flower_patches import set_pace, telling, until_message
 from client.join import JoinConfig, supernode_command
-from client.supernode_main import parse, set_pace, telling, until_message
+from client.supernode_main import parse
 from client.supernode_pace import POLL_INTERVAL_S, CappedSleepTime, PollSchedule, SupernodePace
 
 

@@ -61,10 +61,11 @@ from client.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECOND
 from client.approval import approve, inspect_bundle
 from client.client import build_parser
 from client.client_app import make_client_app
+from client.flower_patches import set_pull_backoff
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
-from client.warm_clientapp import WarmWorker, collect_between_tasks, set_pull_backoff
+from client.warm_clientapp import WarmWorker, collect_between_tasks
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
@@ -375,7 +376,7 @@ class LocalSuperNode:
 
 
 REPO = Path(__file__).resolve().parents[1]
-CAPABILITIES_REPLY = 'return Message(RecordDict({"capabilities": ConfigRecord(caps.to_flat())}), reply_to=msg)'
+CAPABILITIES_REPLY = "return Message(RecordDict({CAPABILITIES_RECORD: ConfigRecord(caps.to_flat())}), reply_to=msg)"
 
 
 def _free_port() -> int:

@@ -1,0 +1,100 @@
+"""Every change this site makes to Flower's own code, in one place: names in Flower's modules
+rebound in this process only (Flower's files are never touched), each applied once, at the start
+of the process that needs it. Read from flwr 1.41 (FLWR_VERSION); tests/test_flower_patches.py
+fails when Flower changes under one of them (a name gone, a signature changed, a function that
+stops calling the name rebound here).
+
+The SuperNode (`python -m client.supernode_main`, `set_pace`; client/supernode_pace.py says why):
+- `start_client_internal._pull_and_store_message`: returns only once a message came, polling at
+  the PollSchedule's interval (Flower sleeps 3 s after every empty pull);
+- `start_client_internal._push_messages`: tells the schedule when a reply left;
+- `start_client_internal.time`: its sleep capped at `reply_poll` (Flower waits for the
+  ClientApp's reply and its objects in 0.5 s steps);
+- `start_client_internal.pull_objects`: Flower's own function with a short backoff (Flower
+  retries a message's objects after 1, 2, 4, 8, 10 s).
+The warm ClientApp (`python -m client.warm_clientapp`, `set_pull_backoff`):
+- `run_clientapp.pull_and_inflate_object_from_tree`: a short backoff too (client/warm_clientapp.py
+  says why: the guard hands a task over before the SuperNode has the message's objects).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flwr.supernode.start_client_internal as flower_loop
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree, pull_objects
+from flwr.supernode.runtime import run_clientapp
+
+from client.supernode_pace import CappedSleepTime, PollSchedule, SupernodePace
+
+FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
+WRAPPED = "__healthfm_pace__"  # marks our wrappers of Flower's functions
+
+# The warm ClientApp's retries of a message's objects (client/warm_clientapp.py says why): the
+# SuperNode is local, so asking again soon costs one local HTTP call.
+PULL_INITIAL_BACKOFF_S = 0.05
+PULL_BACKOFF_CAP_S = 0.1
+
+
+def until_message(
+    pull_and_store: Callable[..., int | None],
+    interval: Callable[[], float],
+    sleep: Callable[[float], None] = time.sleep,
+) -> Callable[..., int | None]:
+    """`pull_and_store` that returns only once it pulled a message (its run id), trying again
+    after `interval()` s; an exception still leaves at once (the SuperNode's loop ends on it)."""
+
+    @functools.wraps(pull_and_store)
+    def pull(*args: Any, **kwargs: Any) -> int | None:
+        while (run_id := pull_and_store(*args, **kwargs)) is None:
+            sleep(interval())
+        return run_id
+
+    setattr(pull, WRAPPED, True)
+    return pull
+
+
+def telling(push_messages: Callable[..., None], schedule: PollSchedule) -> Callable[..., None]:
+    """`push_messages` (Flower's: waits for the reply, sends it) that tells `schedule` when it is
+    done, even on an error (a reply that failed to leave still ends the site's part of the round)."""
+
+    @functools.wraps(push_messages)
+    def push(*args: Any, **kwargs: Any) -> None:
+        try:
+            push_messages(*args, **kwargs)
+        finally:
+            schedule.reply_sent()
+
+    setattr(push, WRAPPED, True)
+    return push
+
+
+def _flowers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's function behind our wrapper, if it is one (set twice, the pace wraps Flower's again)."""
+    return fn.__wrapped__ if getattr(fn, WRAPPED, False) else fn  # type: ignore[attr-defined]
+
+
+def set_pace(pace: SupernodePace, sleep: Callable[[float], None] = time.sleep) -> PollSchedule:
+    """Set `pace` in Flower's SuperNode loop of this process (before flower_supernode() runs);
+    the schedule it polls by. `sleep` is what the waits call (tests record them)."""
+    schedule = PollSchedule(pace.poll_interval, pace.fast_poll_interval, pace.fast_window)
+    flower_loop._pull_and_store_message = until_message(
+        _flowers(flower_loop._pull_and_store_message), schedule.interval, sleep
+    )
+    flower_loop._push_messages = telling(_flowers(flower_loop._push_messages), schedule)
+    flower_loop.time = CappedSleepTime(pace.reply_poll, sleep)  # type: ignore[assignment]
+    flower_loop.pull_objects = functools.partial(
+        pull_objects, initial_backoff=pace.pull_initial_backoff, backoff_cap=pace.pull_backoff_cap
+    )
+    return schedule
+
+
+def set_pull_backoff(initial: float = PULL_INITIAL_BACKOFF_S, cap: float = PULL_BACKOFF_CAP_S) -> None:
+    """Flower's `pull_task_input` in this process retries a message's objects after `initial`
+    s, doubling up to `cap`."""
+    run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
+        pull_and_inflate_object_from_tree, initial_backoff=initial, backoff_cap=cap
+    )

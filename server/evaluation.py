@@ -1,0 +1,159 @@
+"""Federated evaluation: every `evaluate_every` rounds and after the last, each site probes its own
+splits and reports held-out metrics with their intervals, and per binary task a histogram of its
+held-out scores (small cells merged); the server takes n-weighted means and pools the histograms
+into a federation-wide AUROC per task (healthfm_core/eval/federation_auroc.py). A site that lost
+the run's setup gets it again and one more evaluate message. Written to rounds.jsonl (`evaluate`),
+the audit log, evaluation.json and server.log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, MessageType, RecordDict
+
+from healthfm_core.data.task_spec import task_keys
+from healthfm_core.eval.federation_auroc import FederationAUROC, binary_keys, federation_aurocs
+from healthfm_core.eval.outcomes import outcome_lines, scored_of_available
+from healthfm_core.federation import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    SETUP_NEEDED_RECORD,
+    EvalReply,
+    FederationSetup,
+    aggregate_site_metrics,
+)
+from healthfm_core.files import atomic_write_text
+from server.audit import AuditLog
+from server.config import FederationConfig
+from server.roster import Roster
+from server.runlog import EventLog
+from server.strategy import ModalityAwareFedAvg
+
+log = logging.getLogger("healthfm.server")
+
+
+def evaluate(
+    cfg: FederationConfig,
+    rnd: int,
+    setup: FederationSetup,
+    arrays: dict[str, np.ndarray],
+    *,
+    roster: Roster,
+    strategy: ModalityAwareFedAvg,
+    events: EventLog,
+    audit: AuditLog,
+) -> dict[str, float]:
+    """Evaluate the global `arrays` after round `rnd` at every site (the module docstring);
+    returns the n-weighted means."""
+    t0 = time.perf_counter()
+    eval_cfg = cfg.eval_config(rnd, setup.sha256)
+    if cfg.eval_max_subjects:
+        log.info(
+            "evaluation after round %d: each site scores a fixed subject sample, at most %d subjects per task "
+            "and split (eval_max_subjects; 0 scores every subject)",
+            rnd,
+            cfg.eval_max_subjects,
+        )
+    connected = set(roster.wait_for_nodes(f"evaluation after round {rnd}"))
+    # One packed part per message, packed once per distinct group set (strategy.records_for_nodes).
+    records = strategy.records_for_nodes(
+        arrays, {node: groups for node, groups in sorted(roster.node_groups.items()) if node in connected}
+    )
+    contents = {
+        node: RecordDict({ARRAYS_RECORD: record, CONFIG_RECORD: ConfigRecord(eval_cfg.to_flat())})
+        for node, record in records.items()
+    }
+    replies = roster.ask(MessageType.EVALUATE, contents)
+    need = {n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records}
+    if need:  # restarted sites: the setup again, then one more evaluate message each
+        for node in need:
+            replies.pop(node)
+        accepted = roster.resend_setup(need, f"evaluation after round {rnd}")
+        replies.update(roster.ask(MessageType.EVALUATE, {n: contents[n] for n in sorted(accepted)}))
+        for node in [n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records]:
+            replies.pop(node)
+    per_site: dict[str, EvalReply] = {}
+    for node, reply in sorted(replies.items(), key=lambda kv: roster.site(kv[0])):
+        try:
+            metrics = reply.content.metric_records.get(METRICS_RECORD)
+            if metrics is None:
+                raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
+            per_site[roster.site(node)] = EvalReply.from_records(
+                dict(metrics), expected=task_keys(eval_cfg.tasks), score_bins=eval_cfg.score_bins
+            )
+        except ValueError as err:
+            log.warning("evaluate: the reply of site %s is left out: %s", roster.site(node), err)
+    aggregated = aggregate_site_metrics(per_site)
+    seconds = time.perf_counter() - t0
+    flat = {site: reply.to_records() for site, reply in per_site.items()}
+    absent = {
+        caps.site: (
+            "did not accept the run's setup in round 0"
+            if node not in roster.node_groups
+            else "not connected to the SuperLink"
+            if node not in contents
+            else "lost the setup and did not take it again"
+            if node in need and node not in replies
+            else "no usable evaluation reply (see server.log)"
+        )
+        for node, caps in sorted(roster.sites.items())
+        if caps.site not in per_site
+    }
+    asked_sites = sorted(roster.site(n) for n in roster.node_groups)
+    binary = binary_keys(eval_cfg.tasks)
+    asked = {
+        "tasks": task_keys(eval_cfg.tasks),
+        "binary_tasks": binary,
+        "asked_sites": asked_sites,
+        "max_subjects": cfg.eval_max_subjects,
+        "score_bins": eval_cfg.score_bins,
+        "score_scale": eval_cfg.score_scale,
+    }
+    # Per binary task, the sites' histograms pooled (healthfm_core/eval/federation_auroc.py).
+    pooled = {key: f.model_dump() for key, f in federation_aurocs(binary, per_site, asked_sites, absent).items()}
+    events.write(
+        "evaluate",
+        round=rnd,
+        sites=flat,
+        aggregated=aggregated,
+        federation=pooled,
+        seconds=seconds,
+        absent=absent,
+        **asked,
+    )
+    audit.write_evaluation(rnd, sorted(per_site), absent)
+    atomic_write_text(
+        Path(cfg.out_dir) / "evaluation.json",
+        json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated, "federation": pooled, **asked}, indent=1),
+    )
+    log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
+    for line in outcome_lines(
+        task_keys(eval_cfg.tasks), per_site, [roster.site(n) for n in sorted(roster.node_groups)], absent
+    ):
+        log.info("  %s", line)
+    for key, f in pooled.items():
+        log.info("  %-28s federation-wide AUROC: %s", key, FederationAUROC.model_validate(f).describe())
+    scope = scored_of_available(per_site)
+    for key, value in aggregated.items():
+        if key.endswith(".auroc") or key.endswith(".r2"):
+            task = key.rsplit(".", 1)[0]
+            sampled = ""
+            if task in scope:
+                n, subjects, avail_subjects = scope[task]
+                sampled = f"; a subject sample: rows of {subjects} of {avail_subjects} held-out subjects"
+            n_task = aggregated.get(f"{task}.n", 0)
+            log.info(
+                "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s)",
+                task,
+                key.rsplit(".", 1)[1],
+                value,
+                n_task,
+                sampled,
+            )
+    return aggregated
