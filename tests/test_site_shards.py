@@ -29,7 +29,7 @@ from healthfm_core.data.layout import DATA_SUBDIRECTORY, parquet_files
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.synthetic.scenario import load_scenario
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.tokens import US_PER_DAY, PretrainingDataset, SiteSequences, bucket_offsets, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
 
 
@@ -61,16 +61,18 @@ def test_sorted_code_slots_is_the_rule(chunk_rows: int) -> None:
     priority = rng.integers(0, 5, 12)  # ties in priority: the code id decides
     priority[0] = np.iinfo(np.int64).max
     want = code_slots(token, codes, values, has_value, time_us, priority)
-    got = sorted_code_slots(token, codes, values, has_value, time_us, priority, chunk_rows=chunk_rows)
+    offsets = np.searchsorted(token, np.arange(token[-1] + 2))  # CSR, empty tokens included
+    got = sorted_code_slots(offsets, codes, values, has_value, time_us, priority, chunk_rows=chunk_rows)
     for w, g, name in zip(want, got, ("kept", "token", "slot")):
         assert w.dtype == g.dtype and np.array_equal(w, g), name
     assert len(want[0]) < n  # the data did have duplicate codes to pool
 
 
-def test_sorted_code_slots_refuses_unsorted_tokens() -> None:
+@pytest.mark.parametrize("offsets", [[0, 2, 1, 2], [1, 2], [0, 1]])
+def test_sorted_code_slots_refuses_offsets_that_are_not_csr(offsets: list[int]) -> None:
     a = np.array([1, 0])
-    with pytest.raises(ValueError, match="not sorted by token"):
-        sorted_code_slots(a, a, a.astype(np.float32), a > 0, a, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="offsets must rise"):
+        sorted_code_slots(np.array(offsets), a, a.astype(np.float32), a > 0, a, np.zeros(2, np.int64))
 
 
 # ------------------------------------------------------------------------------- shards
@@ -158,3 +160,21 @@ def test_loading_by_shard_equals_loading_at_once(hospital, tmp_path: Path, varia
     # (the rows kept per row may differ in the order of rows with equal times, the tokens not).
     original = SiteSequences.from_site(open_site(src), vocab)
     assert_same_batches(SiteSequences.from_site(site, vocab), original)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 7, 1 << 20])
+@pytest.mark.parametrize("window_days", [0.0, 1.0, 0.25])
+def test_bucket_offsets_chunk_by_chunk_are_the_rule(chunk_rows: int, window_days: float) -> None:
+    """Buckets found a chunk of rows at a time (subjects straddling chunks) are the rule's: a new
+    token where the subject changes or (time - subject's first time) // window changes."""
+    rng = np.random.default_rng(chunk_rows)
+    subject = np.sort(rng.integers(0, 9, 400))
+    time_us = rng.integers(0, 5 * US_PER_DAY, 400)
+    time_us = time_us[np.lexsort((time_us, subject))]
+    new = np.r_[True, subject[1:] != subject[:-1]]
+    starts = np.flatnonzero(new)
+    first = np.repeat(time_us[starts], np.diff(np.r_[starts, len(subject)]))
+    key = (time_us - first) // int(window_days * US_PER_DAY) if window_days else time_us
+    new[1:] |= key[1:] != key[:-1]
+    want = np.r_[np.flatnonzero(new), len(subject)]
+    assert np.array_equal(bucket_offsets(subject, time_us, window_days, chunk_rows=chunk_rows), want)

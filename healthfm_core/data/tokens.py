@@ -58,7 +58,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.batch_gather import TokenSlices, gather_patches, gather_tokens, ranges, segment_searchsorted
-from healthfm_core.data.code_slots import code_slots, sorted_code_slots
+from healthfm_core.data.code_slots import CHUNK_ROWS, code_slots, slots_of, sorted_slot_chunks
 from healthfm_core.data.code_stats import unique_inverse
 from healthfm_core.data.event_rows import EventRows, merge_rows, shard_rows, to_us, us_arrow
 from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike
@@ -92,32 +92,50 @@ def _run_offsets(sorted_ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarra
     return offsets
 
 
-def _offsets(sorted_group: np.ndarray, n_groups: int) -> np.ndarray:
-    """CSR offsets [n_groups + 1] of a sorted group-index array."""
-    return np.searchsorted(sorted_group, np.arange(n_groups + 1), side="left").astype(np.int64)
+def _bucket_starts(
+    subject: np.ndarray, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
+    """Whether each timed row (rows sorted by subject, then time) starts a token: the subject
+    changes or the row leaves its bucket. A bucket is one exact timestamp (window 0) or [k, k+1)
+    windows after the subject's first row, so shifting every date leaves the buckets unchanged.
+    One byte a row: the windows' keys are computed a chunk of rows at a time."""
+    n = len(time_us)
+    new = np.ones(n, dtype=bool)
+    if n == 0:
+        return new
+    np.not_equal(subject[1:], subject[:-1], out=new[1:])
+    if window_days <= 0:
+        new[1:] |= time_us[1:] != time_us[:-1]
+        return new
+    width = max(1, int(round(window_days * US_PER_DAY)))
+    starts = np.flatnonzero(new)  # subject starts (before bucket starts are added)
+    for a in range(0, n, max(1, chunk_rows)):
+        lo, b = max(a - 1, 0), min(n, a + max(1, chunk_rows))  # lo: the pair (a - 1, a) too
+        s0 = int(np.searchsorted(starts, lo, side="right")) - 1
+        own = starts[s0 : int(np.searchsorted(starts, b, side="left"))]
+        # Each row's subject's first time, repeated over the chunk's rows of that subject.
+        first = np.repeat(time_us[own], np.diff(np.r_[np.maximum(own, lo), b]))
+        key = time_us[lo:b] - first
+        key //= width
+        new[lo + 1 : b] |= key[1:] != key[:-1]
+    return new
 
 
 def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) -> np.ndarray:
     """Token ordinal of each timed row (rows sorted by subject, then time): consecutive integers,
-    a new one where the subject changes or the row leaves its bucket. A bucket is one exact
-    timestamp (window 0) or [k, k+1) windows after the subject's first row, so shifting every
-    date leaves the buckets unchanged."""
-    n = len(time_us)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    new = np.ones(n, dtype=bool)
-    np.not_equal(subject[1:], subject[:-1], out=new[1:])
-    if window_days > 0:
-        # Each row's subject's first time, repeated over the subject's rows (one pass).
-        starts = np.flatnonzero(new)
-        key = time_us - np.repeat(time_us[starts], np.diff(np.r_[starts, n]))
-        key //= max(1, int(round(window_days * US_PER_DAY)))
-    else:
-        key = time_us
-    new[1:] |= key[1:] != key[:-1]
-    bucket = np.cumsum(new, dtype=np.int64)
+    a new one where `_bucket_starts` says a token starts."""
+    bucket = np.cumsum(_bucket_starts(subject, time_us, window_days), dtype=np.int64)
     bucket -= 1
     return bucket
+
+
+def bucket_offsets(
+    subject: np.ndarray, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
+    """CSR offsets [n_buckets + 1] of the tokens `token_buckets` numbers: the rows of bucket k are
+    offsets[k]:offsets[k + 1]. What a site keeps instead of a per-row ordinal (8 bytes a row)."""
+    starts = _bucket_starts(subject, time_us, window_days, chunk_rows)
+    return np.r_[np.flatnonzero(starts), len(time_us)].astype(np.int64)
 
 
 def pool_token_rows(
@@ -176,18 +194,30 @@ class _PooledTokens:
     @classmethod
     def build(
         cls,
-        group: np.ndarray,
-        n_groups: int,
+        offsets: np.ndarray,
         codes: np.ndarray,
         values: np.ndarray,
         has_value: np.ndarray,
         time_us: np.ndarray,
         priority: np.ndarray,
     ) -> _PooledTokens:
-        kept, tk, slot = sorted_code_slots(group, codes, values, has_value, time_us, priority)
-        offsets = np.zeros(n_groups + 1, np.int64)
-        np.cumsum(np.bincount(tk, minlength=n_groups), out=offsets[1:])
-        return cls(offsets, codes[kept], values[kept], has_value[kept], slot.astype(np.int32))
+        """Pool rows grouped as CSR `offsets` (sorted by time within a group), chunk by chunk into
+        arrays of the rows' length: a site has about one entry per row (hospital: 0.99), and the
+        pages past the last entry are never written, so they never become resident."""
+        n, n_groups = len(codes), len(offsets) - 1
+        out_codes, out_values = np.empty(n, codes.dtype), np.empty(n, values.dtype)
+        out_has, out_slot = np.empty(n, has_value.dtype), np.empty(n, np.int32)
+        counts = np.zeros(n_groups, np.int64)
+        end = 0
+        for a, g0, g1, kept, tk in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority):
+            rows, stop = a + kept, end + len(kept)
+            out_codes[end:stop], out_values[end:stop], out_has[end:stop] = codes[rows], values[rows], has_value[rows]
+            out_slot[end:stop] = slots_of(tk)
+            counts[g0:g1] = np.bincount(tk - g0, minlength=g1 - g0)
+            end = stop
+        pooled = np.zeros(n_groups + 1, np.int64)
+        np.cumsum(counts, out=pooled[1:])
+        return cls(pooled, out_codes[:end], out_values[:end], out_has[:end], out_slot[:end])
 
 
 @dataclass
@@ -277,11 +307,15 @@ class SiteSequences:
         self.ev_has_value = rows.t_has_value
         self.token_window_days = self.tokens.token_window_days
         self.max_codes_per_token = self.tokens.max_codes_per_token
-        self.ev_bucket = (
-            np.arange(len(rows.t_subject), dtype=np.int64)
+        # Bucket k's rows: _bucket_rows[k]:_bucket_rows[k + 1] (per_event: one row each).
+        self._bucket_rows = (
+            np.arange(len(rows.t_subject) + 1, dtype=np.int64)
             if self.per_event
-            else token_buckets(rows.t_subject, rows.t_time_us, self.token_window_days)
+            else bucket_offsets(rows.t_subject, rows.t_time_us, self.token_window_days)
         )
+        # Consumed (every EventRows here is this load's own): the subjects are in ev_offsets now,
+        # and the pooling below is the load's peak.
+        rows.t_subject = rows.t_subject[:0]
         # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
         self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
         self.code_priority[N_SPECIAL_CODES:] = np.asarray(vocab.code_events, dtype=np.int64)
@@ -334,26 +368,21 @@ class SiteSequences:
     def _pool_tokens(self, n_subj: int) -> None:
         """Pool every bucket and every subject's static token once, uncapped (a bucket pools
         the same whatever the sample, unless the prediction time cuts it: see `_tokens`)."""
-        n_buckets = int(self.ev_bucket[-1]) + 1 if len(self.ev_bucket) else 0
-        self._bucket_rows = _offsets(self.ev_bucket, n_buckets)
         self._bucket_time_us = self.ev_time_us[self._bucket_rows[1:] - 1]  # rows are time-sorted
         self._bucket_pool = _PooledTokens.build(
-            self.ev_bucket,
-            n_buckets,
+            self._bucket_rows,
             self.ev_codes,
             self.ev_values,
             self.ev_has_value,
             self.ev_time_us,
             self.code_priority,
         )
-        st_subject = np.repeat(np.arange(n_subj, dtype=np.int64), np.diff(self.st_offsets))
         self._static_pool = _PooledTokens.build(
-            st_subject,
-            n_subj,
+            self.st_offsets,
             self.st_codes,
             self.st_values,
             self.st_has_value,
-            np.zeros(len(st_subject), np.int64),  # one time for all: the subject's t0
+            np.zeros(len(self.st_codes), np.int64),  # one time for all: the subject's t0
             self.code_priority,
         )
 
@@ -367,8 +396,8 @@ class SiteSequences:
         b_first = b_end = 0
         cut = np.zeros(0, np.int64)
         if visible > a and n_timed > 0:
-            b_last = int(self.ev_bucket[visible - 1])
-            b_first = max(b_last - n_timed + 1, int(self.ev_bucket[a]))
+            b_last = int(self.bucket_of(visible - 1))
+            b_first = max(b_last - n_timed + 1, int(self.bucket_of(a)))
             b_end = b_last + 1
             if visible < self._bucket_rows[b_end]:  # the prediction time falls inside b_last
                 b_end = b_last
@@ -528,6 +557,16 @@ class SiteSequences:
             )
         return idx_c
 
+    def bucket_of(self, row: Any) -> Any:
+        """The bucket (token ordinal) of timed row(s) `row`: a binary search of the buckets' rows."""
+        return np.searchsorted(self._bucket_rows, row, side="right") - 1
+
+    @property
+    def ev_bucket(self) -> np.ndarray:
+        """Every timed row's bucket, built on each call (O(rows)): for tests and small sites; a
+        site keeps only the buckets' rows (`bucket_of`)."""
+        return np.repeat(np.arange(len(self._bucket_rows) - 1, dtype=np.int64), np.diff(self._bucket_rows))
+
     def event_times_us(self, index: int) -> np.ndarray:
         return self.ev_time_us[self.ev_offsets[index] : self.ev_offsets[index + 1]]
 
@@ -567,10 +606,10 @@ class SiteSequences:
             n_timed = max_events - n_static
             if visible > a and n_timed > 0:
                 # Buckets are consecutive ordinals: the last n_timed of them start at this row.
-                first = int(self.ev_bucket[visible - 1]) - n_timed + 1
-                start = a + int(np.searchsorted(self.ev_bucket[a:visible], first, side="left"))
+                first = int(self.bucket_of(visible - 1)) - n_timed + 1
+                start = int(self._bucket_rows[max(first, int(self.bucket_of(a)))])
             ev = slice(start, visible)
-            bucket = self.ev_bucket[ev]
+            bucket = self.bucket_of(np.arange(start, visible))
             token = np.concatenate([st_token, bucket - (bucket[0] if len(bucket) else 0) + n_static])
             codes, values, has_value, token_us = pool_token_rows(
                 token,
@@ -633,8 +672,8 @@ class SiteSequences:
         timed = (visible > a) & (n_timed > 0)
         h = np.flatnonzero(timed)
         if len(h):
-            b_last = self.ev_bucket[visible[h] - 1]
-            b_first[h] = np.maximum(b_last - n_timed[h] + 1, self.ev_bucket[a[h]])
+            b_last = self.bucket_of(visible[h] - 1)
+            b_first[h] = np.maximum(b_last - n_timed[h] + 1, self.bucket_of(a[h]))
             cut[h] = visible[h] < self._bucket_rows[b_last + 1]  # the prediction time falls inside b_last
             b_end[h] = b_last + 1 - cut[h]
         # Wearable patches with at least one epoch ending at or before pt.
