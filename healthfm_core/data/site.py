@@ -106,10 +106,13 @@ class Site:
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
         return self._modality_subjects[modality]
 
-    def iter_event_shards(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    def iter_event_shards(
+        self, columns: Sequence[str] | None = None, paths: Sequence[Path] | None = None
+    ) -> Iterator[pa.Table]:
         """One MEDS shard at a time (all columns by default, numeric_value always present), in file
-        order (use `read_events` for the reading order)."""
-        for path in self.data_files:
+        order or in the order of `paths` (some of data_files; use `read_events` for the reading
+        order)."""
+        for path in self.data_files if paths is None else paths:
             table = read_parquet(path, self.root, columns=self._present(path, columns))
             yield self._shape(table, columns)
 
