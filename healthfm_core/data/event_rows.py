@@ -119,12 +119,18 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
         else np.full(n, np.nan)
     )
     code = events["code"].combine_chunks() if n else pa.array([], pa.string())
+    if pa.types.is_dictionary(code.type) and code.dictionary.null_count:
+        code = code.cast(code.type.value_type)  # a null among the values: counted below, per row
     if code.null_count:
         raise ValueError(f"events column 'code' has {code.null_count} null values")
-    # The shard's distinct codes are looked up once; rows carry indices into them.
-    enc = pc.dictionary_encode(code)
+    # The shard's distinct codes are looked up once; rows carry indices into them (a dictionary
+    # column as read from parquet (Site.iter_event_shards) already is that; its unused or
+    # repeated values are harmless: only the entries rows point at are read).
+    enc = code if pa.types.is_dictionary(code.type) else pc.dictionary_encode(code)
     dictionary = enc.dictionary
-    row_entry = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if not pa.types.is_string(dictionary.type):
+        dictionary = dictionary.cast(pa.string())  # the vocabulary's lookup is of strings
+    row_entry = enc.indices.to_numpy(zero_copy_only=False)  # int32: an index needs no widening
     dtype = code_dtype(vocab.vocab_size)
     ids = vocab.encode(dictionary).astype(dtype)[row_entry] if n else np.zeros(0, dtype)
     entry_prs = pc.fill_null(pc.starts_with(dictionary, PRS_PREFIX), False).to_numpy(zero_copy_only=False)

@@ -796,7 +796,7 @@ def site_event_rows(
     columns = ["subject_id", "time", "code", "numeric_value"]
     order = disjoint_subject_order(files) if len(files) > 1 else None
     n_shards = 0
-    for shard in site.iter_event_shards(columns, order):
+    for shard in site.iter_event_shards(columns, order, dictionary_code=True):
         if wanted is not None:
             shard = shard.filter(pc.is_in(shard["subject_id"], value_set=wanted))
         sink.add(shard_rows(shard, vocab, reading_order=True))
