@@ -95,20 +95,12 @@ def sorted_slot_chunks(
 
 
 def sorted_code_slots(
-    offsets: np.ndarray,
-    codes: np.ndarray,
-    values: np.ndarray,
-    has_value: np.ndarray,
-    time_us: np.ndarray,
-    priority: np.ndarray,
-    chunk_rows: int = CHUNK_ROWS,
+    offsets: np.ndarray, *columns: np.ndarray, chunk_rows: int = CHUNK_ROWS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`code_slots` (kept row, token, slot) of rows grouped by token as CSR `offsets` and sorted by
-    time within each token, whole (the reference for `sorted_slot_chunks`; tokens.py streams)."""
-    parts = [
-        (a + kept, tk)
-        for a, _, _, kept, tk in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority, chunk_rows)
-    ]
+    time within each token, whole: `columns` are `sorted_slot_chunks`'s (codes, values,
+    has_value, time_us, priority). The reference for the chunks, which tokens.py streams."""
+    parts = [(a + kept, tk) for a, _, _, kept, tk in sorted_slot_chunks(offsets, *columns, chunk_rows=chunk_rows)]
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     tk = np.concatenate([t for _, t in parts])
