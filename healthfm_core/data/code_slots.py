@@ -69,6 +69,7 @@ def sorted_slot_chunks(
     has_value: np.ndarray,
     time_us: np.ndarray,
     priority: np.ndarray,
+    *,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
     """`code_slots` of rows grouped by token as CSR `offsets` (token g: rows offsets[g]:offsets[g + 1],
