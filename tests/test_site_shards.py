@@ -216,3 +216,19 @@ def test_row_sink_places_parts_out_of_subject_order(hospital, capacity: int) -> 
         if f.name in ("prs_subject", "prs_trait", "prs_raw", "prs_timed", "birth_subject", "birth_time_us"):
             continue  # kept in reading order, as they always were (SiteSequences orders them)
         assert np.array_equal(want, got), f.name
+
+
+def test_shards_of_many_row_groups_load_as_their_table(hospital, tmp_path: Path) -> None:
+    """A shard read with its codes dictionary-encoded holds one dictionary per row group (each its
+    own codes, in its own order): the rows are those of the table read as strings."""
+    src, vocab = hospital
+    root = tmp_path / "site"
+    shutil.copytree(src, root)
+    site = open_site(root)
+    for path in parquet_files(root, DATA_SUBDIRECTORY):
+        pq.write_table(pq.read_table(path), path, row_group_size=97)
+    assert pq.ParquetFile(site.data_files[0]).metadata.num_row_groups > 2
+    shard = next(site.iter_event_shards(["subject_id", "time", "code", "numeric_value"], dictionary_code=True))
+    assert shard["code"].num_chunks > 2 and pa.types.is_dictionary(shard["code"].type)
+    events = site.read_events(columns=["subject_id", "time", "code", "numeric_value"])
+    assert_same_sequences(SiteSequences.from_site(site, vocab), SiteSequences(events, None, vocab))
