@@ -25,11 +25,12 @@ import pytest
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.code_slots import code_slots, sorted_code_slots
 from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.layout import DATA_SUBDIRECTORY, parquet_files
+from healthfm_core.data.event_rows import RowSink, shard_rows
+from healthfm_core.data.layout import DATA_SUBDIRECTORY, disjoint_subject_order, parquet_files
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.synthetic.scenario import load_scenario
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.tokens import US_PER_DAY, PretrainingDataset, SiteSequences, bucket_offsets, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
 
 
@@ -61,16 +62,18 @@ def test_sorted_code_slots_is_the_rule(chunk_rows: int) -> None:
     priority = rng.integers(0, 5, 12)  # ties in priority: the code id decides
     priority[0] = np.iinfo(np.int64).max
     want = code_slots(token, codes, values, has_value, time_us, priority)
-    got = sorted_code_slots(token, codes, values, has_value, time_us, priority, chunk_rows=chunk_rows)
+    offsets = np.searchsorted(token, np.arange(token[-1] + 2))  # CSR, empty tokens included
+    got = sorted_code_slots(offsets, codes, values, has_value, time_us, priority, chunk_rows=chunk_rows)
     for w, g, name in zip(want, got, ("kept", "token", "slot")):
         assert w.dtype == g.dtype and np.array_equal(w, g), name
     assert len(want[0]) < n  # the data did have duplicate codes to pool
 
 
-def test_sorted_code_slots_refuses_unsorted_tokens() -> None:
+@pytest.mark.parametrize("offsets", [[0, 2, 1, 2], [1, 2], [0, 1]])
+def test_sorted_code_slots_refuses_offsets_that_are_not_csr(offsets: list[int]) -> None:
     a = np.array([1, 0])
-    with pytest.raises(ValueError, match="not sorted by token"):
-        sorted_code_slots(a, a, a.astype(np.float32), a > 0, a, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="offsets must rise"):
+        sorted_code_slots(np.array(offsets), a, a.astype(np.float32), a > 0, a, np.zeros(2, np.int64))
 
 
 # ------------------------------------------------------------------------------- shards
@@ -158,3 +161,74 @@ def test_loading_by_shard_equals_loading_at_once(hospital, tmp_path: Path, varia
     # (the rows kept per row may differ in the order of rows with equal times, the tokens not).
     original = SiteSequences.from_site(open_site(src), vocab)
     assert_same_batches(SiteSequences.from_site(site, vocab), original)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 7, 1 << 20])
+@pytest.mark.parametrize("window_days", [0.0, 1.0, 0.25])
+def test_bucket_offsets_chunk_by_chunk_are_the_rule(chunk_rows: int, window_days: float) -> None:
+    """Buckets found a chunk of rows at a time (subjects straddling chunks) are the rule's: a new
+    token where the subject changes or (time - subject's first time) // window changes."""
+    rng = np.random.default_rng(chunk_rows)
+    subject = np.sort(rng.integers(0, 9, 400))
+    time_us = rng.integers(0, 5 * US_PER_DAY, 400)
+    time_us = time_us[np.lexsort((time_us, subject))]
+    new = np.r_[True, subject[1:] != subject[:-1]]
+    starts = np.flatnonzero(new)
+    first = np.repeat(time_us[starts], np.diff(np.r_[starts, len(subject)]))
+    key = (time_us - first) // int(window_days * US_PER_DAY) if window_days else time_us
+    new[1:] |= key[1:] != key[:-1]
+    want = np.r_[np.flatnonzero(new), len(subject)]
+    assert np.array_equal(bucket_offsets(subject, time_us, window_days, chunk_rows=chunk_rows), want)
+
+
+def test_disjoint_subject_order_reads_footers(hospital, tmp_path: Path) -> None:
+    """Shards named out of subject order are put in it; two files sharing a subject give None."""
+    src, _ = hospital
+    table = pa.concat_tables(pq.read_table(f) for f in parquet_files(src, DATA_SUBDIRECTORY))
+    for variant in ("shards", "split_subject"):
+        data = tmp_path / variant
+        data.mkdir()
+        write_shards(table, data, variant, np.random.default_rng(0))
+        order = disjoint_subject_order(sorted(data.glob("*.parquet")))
+        if variant == "shards":
+            assert order is not None and [p.stem for p in order] == ["10", "2", "0", "1"]
+        else:
+            assert order is None
+
+
+@pytest.mark.parametrize("capacity", [0, 10**6])
+def test_row_sink_places_parts_out_of_subject_order(hospital, capacity: int) -> None:
+    """Parts added out of subject order (no footers: a SiteLike without data_files) and a sink
+    that must grow give the rows the parts in subject order give."""
+    src, vocab = hospital
+    table = pa.concat_tables(pq.read_table(f) for f in parquet_files(src, DATA_SUBDIRECTORY))
+    sid = table["subject_id"].to_numpy()
+    cuts = np.searchsorted(sid, np.unique(sid)[[10, 20]])
+    pieces = [table.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, table.num_rows])]
+    rows = []
+    for parts in (pieces, pieces[::-1]):
+        sink = RowSink(capacity)
+        for piece in parts:
+            sink.add(shard_rows(piece, vocab, reading_order=True))
+        rows.append(sink.rows())
+    for f in fields(rows[0]):
+        want, got = getattr(rows[0], f.name), getattr(rows[1], f.name)
+        if f.name in ("prs_subject", "prs_trait", "prs_raw", "prs_timed", "birth_subject", "birth_time_us"):
+            continue  # kept in reading order, as they always were (SiteSequences orders them)
+        assert np.array_equal(want, got), f.name
+
+
+def test_shards_of_many_row_groups_load_as_their_table(hospital, tmp_path: Path) -> None:
+    """A shard read with its codes dictionary-encoded holds one dictionary per row group (each its
+    own codes, in its own order): the rows are those of the table read as strings."""
+    src, vocab = hospital
+    root = tmp_path / "site"
+    shutil.copytree(src, root)
+    site = open_site(root)
+    for path in parquet_files(root, DATA_SUBDIRECTORY):
+        pq.write_table(pq.read_table(path), path, row_group_size=97)
+    assert pq.ParquetFile(site.data_files[0]).metadata.num_row_groups > 2
+    shard = next(site.iter_event_shards(["subject_id", "time", "code", "numeric_value"], dictionary_code=True))
+    assert shard["code"].num_chunks > 2 and pa.types.is_dictionary(shard["code"].type)
+    events = site.read_events(columns=["subject_id", "time", "code", "numeric_value"])
+    assert_same_sequences(SiteSequences.from_site(site, vocab), SiteSequences(events, None, vocab))

@@ -61,7 +61,6 @@ def gather_tokens(
     bp_codes: np.ndarray,
     bp_values: np.ndarray,
     bp_has: np.ndarray,
-    bp_slot: np.ndarray,
     max_codes: int,
     cut_width: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,7 +90,7 @@ def gather_tokens(
     e_owner, _, entry = ranges(bp_offsets[slices.b_first], bp_offsets[slices.b_end])
     e_bucket = np.searchsorted(bp_offsets, entry, side="right") - 1
     row = slices.n_static[e_owner] + e_bucket - slices.b_first[e_owner]
-    slot = bp_slot[entry]
+    slot = entry - bp_offsets[e_bucket]  # entries of a bucket are stored in slot order
     keep = slot < k[e_owner]
     e_owner, row, slot, entry = e_owner[keep], row[keep], slot[keep], entry[keep]
     codes[e_owner, row, slot] = bp_codes[entry]

@@ -5,8 +5,9 @@ code) keeps its latest row (ties: the row with a value, then the larger value, t
 row), and a token's kept codes are ranked by priority, then code id. It pools one sample's cut
 bucket and is the reference.
 
-`sorted_code_slots` gives the same result, element for element, for a whole site's rows, which
-arrive sorted by token and by time within a token (the order SiteSequences keeps them in): one
+`sorted_slot_chunks` gives the same result, element for element, for a whole site's rows, which
+arrive grouped by token (CSR offsets, no per-row token array) and sorted by time within a token
+(the order SiteSequences keeps them in), one chunk of tokens at a time: one
 stable sort of one int64 key (token, rank of the code) per chunk of whole tokens replaces the
 lexsort of every row (24 s of a 10^7-row load), and only the (token, code) groups whose latest
 time is shared by two rows are settled by the reference rule. Chunks keep the sort's working set
@@ -14,6 +15,8 @@ small; results are concatenated, so the output does not depend on the chunk size
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -40,10 +43,10 @@ def code_slots(
     tk, cd = token[kept], codes[kept]
     rank_order = np.lexsort((cd, priority[cd], tk))
     kept, tk = kept[rank_order], tk[rank_order]
-    return kept, tk, _slots(tk)
+    return kept, tk, slots_of(tk)
 
 
-def _slots(tk: np.ndarray) -> np.ndarray:
+def slots_of(tk: np.ndarray) -> np.ndarray:
     """Position of each entry within its run of equal (sorted) tokens."""
     if not len(tk):
         return np.zeros(0, np.int64)
@@ -59,31 +62,50 @@ def code_rank(priority: np.ndarray) -> np.ndarray:
     return rank
 
 
-def sorted_code_slots(
-    token: np.ndarray,
+def sorted_slot_chunks(
+    offsets: np.ndarray,
     codes: np.ndarray,
     values: np.ndarray,
     has_value: np.ndarray,
     time_us: np.ndarray,
     priority: np.ndarray,
+    *,
     chunk_rows: int = CHUNK_ROWS,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`code_slots` of rows sorted by token (non-decreasing) and by time within each token."""
-    n = len(token)
+) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
+    """`code_slots` of rows grouped by token as CSR `offsets` (token g: rows offsets[g]:offsets[g + 1],
+    sorted by time within a token), one chunk of whole tokens at a time: (first row, first token,
+    end token, kept rows (chunk-local), their tokens (global)), in (token, slot) order. No per-row
+    token array is ever built: a site pools in the memory of one chunk beyond its rows."""
+    n = len(codes)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n or np.any(offsets[1:] < offsets[:-1]):
+        raise ValueError("sorted_slot_chunks: offsets must rise from 0 to the number of rows")
     if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if np.any(token[1:] < token[:-1]):
-        raise ValueError("sorted_code_slots: rows are not sorted by token")
+        return
     rank = code_rank(priority)
+    n_groups = len(offsets) - 1
     # Chunk bounds at token starts, about chunk_rows apart (a token never straddles two).
-    bounds = np.r_[np.flatnonzero(np.r_[True, token[1:] != token[:-1]]), n]
-    cuts = np.unique(np.r_[bounds[np.searchsorted(bounds, np.arange(0, n, max(1, chunk_rows)))], n])
-    kept_parts = []
-    for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-        kept_parts.append(a + _chunk_kept(token[a:b], codes[a:b], values[a:b], has_value[a:b], time_us[a:b], rank))
-    kept = np.concatenate(kept_parts)
-    tk = token[kept]
-    return kept, tk, _slots(tk)
+    cuts = np.unique(np.r_[np.searchsorted(offsets, np.arange(0, n, max(1, chunk_rows)), side="left"), n_groups])
+    for g0, g1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        a, b = int(offsets[g0]), int(offsets[g1])
+        if a == b:
+            continue
+        token = np.repeat(np.arange(g1 - g0, dtype=np.int64), np.diff(offsets[g0 : g1 + 1]))
+        kept = _chunk_kept(token, codes[a:b], values[a:b], has_value[a:b], time_us[a:b], rank)
+        yield a, g0, g1, kept, token[kept] + g0
+
+
+def sorted_code_slots(
+    offsets: np.ndarray, *columns: np.ndarray, chunk_rows: int = CHUNK_ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`code_slots` (kept row, token, slot) of rows grouped by token as CSR `offsets` and sorted by
+    time within each token, whole: `columns` are `sorted_slot_chunks`'s (codes, values,
+    has_value, time_us, priority). The reference for the chunks, which tokens.py streams."""
+    parts = [(a + kept, tk) for a, _, _, kept, tk in sorted_slot_chunks(offsets, *columns, chunk_rows=chunk_rows)]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    tk = np.concatenate([t for _, t in parts])
+    return np.concatenate([k for k, _ in parts]), tk, slots_of(tk)
 
 
 def _chunk_kept(
@@ -120,4 +142,4 @@ def _chunk_kept(
     return kept
 
 
-__all__ = ["CHUNK_ROWS", "code_rank", "code_slots", "sorted_code_slots"]
+__all__ = ["CHUNK_ROWS", "code_rank", "code_slots", "slots_of", "sorted_code_slots", "sorted_slot_chunks"]

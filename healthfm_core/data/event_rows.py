@@ -7,7 +7,7 @@ tested for PRS// and MEDS_BIRTH), never every row's string. What is kept per row
 time, code id, normalised value and has_value (timed rows), or the same without time (static
 rows); PRS rows and birth rows, a few per subject, apart.
 
-`merge_rows` joins the shards' rows: timed rows sorted by (subject, time), ties in reading order
+`RowSink` joins the shards' rows: timed rows sorted by (subject, time), ties in reading order
 (shard order, then file order), static rows grouped by subject in reading order. Each shard is
 checked for that order in O(n) and sorted only if it is not in it (a MEDS shard is sorted by
 subject and time, a static row may sit anywhere in its subject's rows); shards are then placed by
@@ -30,6 +30,13 @@ from healthfm_core.data.vocab import Vocabulary
 
 NO_TIME = np.iinfo(np.int64).max  # no time (static rows)
 _STATIC_FIRST = np.iinfo(np.int64).min  # a static row's place in reading order: before any time
+
+
+def code_dtype(vocab_size: int) -> type[np.unsignedinteger] | type[np.signedinteger]:
+    """The narrowest dtype of a site's per-row code ids: uint16 while the vocabulary fits (every
+    federation so far: 10^3-10^4 codes), 2 bytes a row and a pooled entry instead of 4; int32
+    past that. Batches widen ids to int64 whatever this is."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
 def us_arrow(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array | pa.ChunkedArray:
@@ -56,11 +63,11 @@ def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
 
 @dataclass
 class EventRows:
-    """Rows of one shard (or a whole site, `merge_rows`), split by kind; ids are subject ids."""
+    """Rows of one shard (or a whole site, `RowSink.rows`), split by kind; ids are subject ids."""
 
     t_subject: np.ndarray  # [timed] int64, sorted by (subject, time)
     t_time_us: np.ndarray  # [timed] int64
-    t_codes: np.ndarray  # [timed] int32 vocabulary ids
+    t_codes: np.ndarray  # [timed] vocabulary ids, code_dtype
     t_values: np.ndarray  # [timed] float32 normalised (0 without a value)
     t_has_value: np.ndarray  # [timed] bool
     s_subject: np.ndarray  # [static] int64, grouped by subject (non-decreasing)
@@ -112,14 +119,20 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
         else np.full(n, np.nan)
     )
     code = events["code"].combine_chunks() if n else pa.array([], pa.string())
+    if pa.types.is_dictionary(code.type) and code.dictionary.null_count:
+        code = code.cast(code.type.value_type)  # a null among the values: counted below, per row
     if code.null_count:
         raise ValueError(f"events column 'code' has {code.null_count} null values")
-    # The shard's distinct codes are looked up once; rows carry indices into them.
-    enc = pc.dictionary_encode(code)
+    # The shard's distinct codes are looked up once; rows carry indices into them (a dictionary
+    # column as read from parquet (Site.iter_event_shards) already is that; its unused or
+    # repeated values are harmless: only the entries rows point at are read).
+    enc = code if pa.types.is_dictionary(code.type) else pc.dictionary_encode(code)
     dictionary = enc.dictionary
-    row_entry = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    # int32 ids: half the memory of a site's largest per-row column (a vocabulary is far smaller).
-    ids = vocab.encode(dictionary).astype(np.int32)[row_entry] if n else np.zeros(0, np.int32)
+    if not pa.types.is_string(dictionary.type):
+        dictionary = dictionary.cast(pa.string())  # the vocabulary's lookup is of strings
+    row_entry = enc.indices.to_numpy(zero_copy_only=False)  # int32: an index needs no widening
+    dtype = code_dtype(vocab.vocab_size)
+    ids = vocab.encode(dictionary).astype(dtype)[row_entry] if n else np.zeros(0, dtype)
     entry_prs = pc.fill_null(pc.starts_with(dictionary, PRS_PREFIX), False).to_numpy(zero_copy_only=False)
     entry_birth = pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False)
     is_prs = entry_prs[row_entry] if n else np.zeros(0, bool)
@@ -182,54 +195,93 @@ def _by_subject_runs(subject: np.ndarray) -> np.ndarray | None:
     return ranges(starts[run_order], stops[run_order])[2]
 
 
-def _part_order(subjects: list[np.ndarray]) -> list[int] | None:
-    """Order of the parts (each sorted by subject) whose concatenation is sorted by subject, when
-    their subjects do not overlap (shards by subject, named in any order); None when they do."""
-    full = [i for i, s in enumerate(subjects) if len(s)]
-    order = sorted(full, key=lambda i: int(subjects[i][0]))
-    for i, j in zip(order[:-1], order[1:]):
-        if subjects[i][-1] >= subjects[j][0]:
-            return None
-    return order + [i for i, s in enumerate(subjects) if not len(s)]
-
-
-def _merge_kind(parts: list[EventRows], names: list[str]) -> dict[str, np.ndarray]:
-    """Concatenate one kind of rows (timed or static; names[0] its subject column) of every part
-    into subject order, releasing each part's column once it is copied."""
-    order = _part_order([getattr(p, names[0]) for p in parts])
-    out = {}
-    for name in names:
-        out[name] = np.concatenate([getattr(parts[i], name) for i in (order or range(len(parts)))])
-        for p in parts:
-            setattr(p, name, getattr(p, name)[:0])
-    if order is None:  # subjects overlap between shards: move their runs
-        perm = _by_subject_runs(out[names[0]])
-        if perm is not None:
-            out = {name: a[perm] for name, a in out.items()}
-    return out
-
-
 _TIMED = ["t_subject", "t_time_us", "t_codes", "t_values", "t_has_value"]
 _STATIC = ["s_subject", "s_codes", "s_values", "s_has_value"]
+_REST = [f.name for f in fields(EventRows) if f.name not in ("n_rows", *_TIMED, *_STATIC)]
 
 
-def merge_rows(parts: list[EventRows]) -> EventRows:
-    """One EventRows of the shards' rows, in reading order (see the module docstring). The parts
-    are consumed: their arrays are released as they are copied, so a site is held about once."""
-    if len(parts) == 1:
-        return parts[0]
-    timed = _merge_kind(parts, _TIMED)
-    # A subject in two shards whose times interleave: sort, stably (reading order kept in ties).
-    order = _by_subject_time(timed["t_subject"], timed["t_time_us"])
-    if order is not None:
-        timed = {name: a[order] for name, a in timed.items()}
-    static = _merge_kind(parts, _STATIC)
-    rest = {
-        f.name: np.concatenate([getattr(p, f.name) for p in parts])
-        for f in fields(EventRows)
-        if f.name not in ("n_rows", *_TIMED, *_STATIC)
-    }
-    return EventRows(**timed, **static, **rest, n_rows=sum(p.n_rows for p in parts))
+class RowSink:
+    """The shards' EventRows, copied as they come into arrays sized once for the whole site
+    (`capacity`: the shards' rows from their parquet footers), so that a site is never held twice:
+    no list of parts joined at the end (whose copy doubled the load's peak), and the capacity's
+    pages past the last row are never written, so never resident. An underestimate only grows
+    the arrays (a copy). `rows()` gives the order the module docstring spells."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        self._capacity = max(int(capacity), 0)
+        self._arrays: dict[str, np.ndarray] = {}
+        self._used = {"t": 0, "s": 0}
+        self._rest: dict[str, list[np.ndarray]] = {name: [] for name in _REST}
+        self._in_order = {"t": True, "s": True}  # parts so far by subject, none overlapping
+        self._blocks: dict[str, list[tuple[int, int, int, int]]] = {"t": [], "s": []}  # rows, subjects
+        self._n_rows = 0
+
+    def add(self, part: EventRows) -> None:
+        for kind, names in (("t", _TIMED), ("s", _STATIC)):
+            subject, at = getattr(part, names[0]), self._used[kind]
+            k = len(subject)
+            if k and at and self._arrays[names[0]][at - 1] >= subject[0]:
+                self._in_order[kind] = False
+            if k:
+                self._blocks[kind].append((at, at + k, int(subject[0]), int(subject[-1])))
+            for name in names:
+                column = getattr(part, name)
+                buffer = self._arrays.get(name)
+                if buffer is None or len(buffer) < at + k:
+                    buffer = self._grow(buffer, at, max(self._capacity, 2 * at + k), column.dtype)
+                    self._arrays[name] = buffer
+                buffer[at : at + k] = column
+                setattr(part, name, column[:0].copy())  # released once copied (a view would keep it)
+            self._used[kind] = at + k
+        for name in _REST:
+            self._rest[name].append(getattr(part, name))
+        self._n_rows += part.n_rows
+
+    @staticmethod
+    def _grow(buffer: np.ndarray | None, used: int, size: int, dtype: np.dtype) -> np.ndarray:
+        grown = np.empty(size, dtype)
+        if buffer is not None:
+            grown[:used] = buffer[:used]
+        return grown
+
+    def _placed(self, kind: str, names: list[str]) -> dict[str, np.ndarray]:
+        """One kind's columns by subject, each column moved on its own (a site plus one column
+        at the peak): parts whose subjects do not overlap (shards named out of subject order) as
+        blocks, others (a subject in two shards) by moving the runs of a subject."""
+        used = self._used[kind]
+        blocks = sorted(self._blocks[kind], key=lambda blk: blk[2])
+        disjoint = all(x[3] < y[2] for x, y in zip(blocks[:-1], blocks[1:]))
+        perm = None if disjoint else _by_subject_runs(self._arrays[names[0]][:used])
+        out = {}
+        for name in names:
+            column = self._arrays.pop(name)[:used]
+            if disjoint:
+                placed, at = np.empty_like(column), 0
+                for start, stop, _, _ in blocks:
+                    placed[at : at + stop - start] = column[start:stop]
+                    at += stop - start
+                out[name] = placed
+            else:
+                out[name] = column if perm is None else column[perm]
+            del column
+        return out
+
+    def rows(self) -> EventRows:
+        """Every row added, in the order the module docstring spells (the sink is consumed)."""
+        if not self._arrays:
+            raise ValueError("RowSink.rows: no part was added")
+        out: dict[str, np.ndarray] = {}
+        for kind, names in (("t", _TIMED), ("s", _STATIC)):
+            if self._in_order[kind]:
+                out.update({name: self._arrays.pop(name)[: self._used[kind]] for name in names})
+            else:
+                out.update(self._placed(kind, names))
+        # A subject in two shards whose times interleave: sort, stably (reading order kept in ties).
+        order = None if self._in_order["t"] else _by_subject_time(out["t_subject"], out["t_time_us"])
+        for name in _TIMED if order is not None else ():
+            out[name] = out[name][order]  # column by column: one copy at a time
+        rest = {name: np.concatenate(parts) for name, parts in self._rest.items()}
+        return EventRows(**out, **rest, n_rows=self._n_rows)
 
 
-__all__ = ["NO_TIME", "EventRows", "merge_rows", "shard_rows", "to_us", "us_arrow"]
+__all__ = ["NO_TIME", "EventRows", "RowSink", "code_dtype", "shard_rows", "to_us", "us_arrow"]

@@ -78,7 +78,9 @@ class SiteLike(Protocol):
     @property
     def wearable_files(self) -> list[Path]: ...
 
-    def iter_event_shards(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]: ...
+    def iter_event_shards(
+        self, columns: Sequence[str] | None = None, paths: Sequence[Path] | None = None, dictionary_code: bool = False
+    ) -> Iterator[pa.Table]: ...
 
     def read_events(self, subject_ids: Any = None, columns: Sequence[str] | None = None) -> pa.Table: ...
 
@@ -121,6 +123,33 @@ def in_subject_order(paths: Sequence[Path]) -> list[Path]:
             return (1, 0, 0, path.as_posix())
 
     return sorted(paths, key=key)
+
+
+def disjoint_subject_order(paths: Sequence[Path]) -> list[Path] | None:
+    """The files in subject order when their parquet statistics (footers only) say that no two
+    hold the same subject; None when two may (or a file has no statistics). Why: read in that
+    order, shards named 0, 1, 10, ..., 2 join without moving a row, and the order among files
+    that share no subject decides nothing (ties are only ever within one subject)."""
+    by_file: dict[Path, tuple[int, int]] = {}
+    try:
+        for path in paths:
+            meta = pq.ParquetFile(path).metadata
+            names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+            sid = names.index("subject_id")
+            for g in range(meta.num_row_groups):
+                if meta.row_group(g).num_rows == 0:
+                    continue
+                stats = meta.row_group(g).column(sid).statistics
+                if stats is None or not stats.has_min_max:
+                    return None
+                lo, hi = by_file.get(path, (int(stats.min_raw), int(stats.max_raw)))
+                by_file[path] = (min(lo, int(stats.min_raw)), max(hi, int(stats.max_raw)))
+    except (OSError, ValueError, TypeError, pa.ArrowException):  # the readers report a bad file
+        return None
+    order = sorted(by_file, key=lambda path: by_file[path])
+    if any(by_file[a][1] >= by_file[b][0] for a, b in zip(order[:-1], order[1:])):
+        return None
+    return order + [path for path in paths if path not in by_file]  # empty files: nothing to place
 
 
 def hash_splits(subject_ids: np.ndarray) -> pa.Table:
@@ -168,6 +197,7 @@ __all__ = [
     "WEARABLES_SUBDIRECTORY",
     "WEARABLE_CHANNELS",
     "SiteLike",
+    "disjoint_subject_order",
     "hash_splits",
     "parquet_files",
 ]

@@ -65,7 +65,7 @@ def shared_passes(
     # A row without visible events has no EHR window of its own: it may join an untruncated pass.
     a, b = seqs.ev_offsets[idx], seqs.ev_offsets[idx + 1]
     no_ev = np.flatnonzero(~w.timed & (b > a))
-    b_first[no_ev] = seqs.ev_bucket[a[no_ev]]
+    b_first[no_ev] = seqs.bucket_of(a[no_ev])
     cut, p_start, p_vis = w.cut, w.p_start, w.p_vis
     # Its last visible patch straddles the prediction time (its late epochs hidden).
     straddle = np.zeros(len(idx), bool)

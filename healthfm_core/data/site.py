@@ -72,6 +72,20 @@ def _normalise_events(table: pa.Table, want_numeric: bool = True) -> pa.Table:
     return table
 
 
+def _text_dictionary(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """A dictionary column of text as dictionary<string> (its values cast, its indices kept);
+    None for anything else (then the column is cast as any other)."""
+    kind = column.type
+    if not pa.types.is_dictionary(kind) or not (
+        pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+    ):
+        return None
+    return pa.chunked_array(
+        [pa.DictionaryArray.from_arrays(c.indices, c.dictionary.cast(pa.string())) for c in column.chunks],
+        pa.dictionary(kind.index_type, pa.string()),
+    )
+
+
 class Site:
     """A validated site root. Build with `open_site`; reads go to parquet on each call."""
 
@@ -106,12 +120,18 @@ class Site:
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
         return self._modality_subjects[modality]
 
-    def iter_event_shards(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    def iter_event_shards(
+        self, columns: Sequence[str] | None = None, paths: Sequence[Path] | None = None, dictionary_code: bool = False
+    ) -> Iterator[pa.Table]:
         """One MEDS shard at a time (all columns by default, numeric_value always present), in file
-        order (use `read_events` for the reading order)."""
-        for path in self.data_files:
-            table = read_parquet(path, self.root, columns=self._present(path, columns))
-            yield self._shape(table, columns)
+        order or in the order of `paths` (some of data_files; use `read_events` for the reading
+        order). `dictionary_code`: the code column comes dictionary-encoded (dictionary<string>),
+        as parquet stores it: a shard's few distinct codes are not expanded into a string a row
+        (the tokeniser looks up the dictionary only)."""
+        read_dictionary = ["code"] if dictionary_code and (columns is None or "code" in columns) else None
+        for path in self.data_files if paths is None else paths:
+            table = read_parquet(path, self.root, columns=self._present(path, columns), read_dictionary=read_dictionary)
+            yield self._shape(table, columns, keep_dictionary=dictionary_code)
 
     def read_events(self, subject_ids: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         """Events of the given subjects (all if None), shards in path order; within a shard each
@@ -183,8 +203,14 @@ class Site:
         return [c for c in columns if c in names]
 
     @staticmethod
-    def _shape(table: pa.Table, columns: Sequence[str] | None) -> pa.Table:
+    def _shape(table: pa.Table, columns: Sequence[str] | None, keep_dictionary: bool = False) -> pa.Table:
+        at = table.schema.get_field_index("code")
+        code = _text_dictionary(table.column(at)) if keep_dictionary and at >= 0 else None
+        if code is not None:  # MEDS's string type on the dictionary's values, not on every row
+            table = table.remove_column(at)
         table = _normalise_events(table, want_numeric=columns is None or "numeric_value" in columns)
+        if code is not None:
+            table = table.add_column(at, "code", code)
         return table if columns is None else table.select(list(columns))
 
 

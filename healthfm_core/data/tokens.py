@@ -48,20 +48,21 @@ import logging
 from collections.abc import Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.batch_gather import TokenSlices, gather_patches, gather_tokens, ranges, segment_searchsorted
-from healthfm_core.data.code_slots import code_slots, sorted_code_slots
-from healthfm_core.data.code_stats import unique_inverse
-from healthfm_core.data.event_rows import EventRows, merge_rows, shard_rows, to_us, us_arrow
-from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike
+from healthfm_core.data.code_slots import CHUNK_ROWS, code_slots, sorted_slot_chunks
+from healthfm_core.data.event_rows import EventRows, RowSink, shard_rows, to_us, us_arrow
+from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order
 from healthfm_core.data.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
@@ -92,32 +93,58 @@ def _run_offsets(sorted_ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarra
     return offsets
 
 
-def _offsets(sorted_group: np.ndarray, n_groups: int) -> np.ndarray:
-    """CSR offsets [n_groups + 1] of a sorted group-index array."""
-    return np.searchsorted(sorted_group, np.arange(n_groups + 1), side="left").astype(np.int64)
+def _run_values(grouped: np.ndarray) -> np.ndarray:
+    """The value of each run of equal values (ids grouped by subject): a site's distinct subjects
+    in O(n) with one byte a row of scratch (np.unique's inverse took 8)."""
+    if len(grouped) == 0:
+        return grouped[:0].copy()
+    return grouped[np.r_[0, np.flatnonzero(grouped[1:] != grouped[:-1]) + 1]]
+
+
+def _bucket_starts(
+    subject: np.ndarray, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
+    """Whether each timed row (rows sorted by subject, then time) starts a token: the subject
+    changes or the row leaves its bucket. A bucket is one exact timestamp (window 0) or [k, k+1)
+    windows after the subject's first row, so shifting every date leaves the buckets unchanged.
+    One byte a row: the windows' keys are computed a chunk of rows at a time."""
+    n = len(time_us)
+    new = np.ones(n, dtype=bool)
+    if n == 0:
+        return new
+    np.not_equal(subject[1:], subject[:-1], out=new[1:])
+    if window_days <= 0:
+        new[1:] |= time_us[1:] != time_us[:-1]
+        return new
+    width = max(1, int(round(window_days * US_PER_DAY)))
+    starts = np.flatnonzero(new)  # subject starts (before bucket starts are added)
+    for a in range(0, n, max(1, chunk_rows)):
+        lo, b = max(a - 1, 0), min(n, a + max(1, chunk_rows))  # lo: the pair (a - 1, a) too
+        s0 = int(np.searchsorted(starts, lo, side="right")) - 1
+        own = starts[s0 : int(np.searchsorted(starts, b, side="left"))]
+        # Each row's subject's first time, repeated over the chunk's rows of that subject.
+        first = np.repeat(time_us[own], np.diff(np.r_[np.maximum(own, lo), b]))
+        key = time_us[lo:b] - first
+        key //= width
+        new[lo + 1 : b] |= key[1:] != key[:-1]
+    return new
 
 
 def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) -> np.ndarray:
     """Token ordinal of each timed row (rows sorted by subject, then time): consecutive integers,
-    a new one where the subject changes or the row leaves its bucket. A bucket is one exact
-    timestamp (window 0) or [k, k+1) windows after the subject's first row, so shifting every
-    date leaves the buckets unchanged."""
-    n = len(time_us)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    new = np.ones(n, dtype=bool)
-    np.not_equal(subject[1:], subject[:-1], out=new[1:])
-    if window_days > 0:
-        # Each row's subject's first time, repeated over the subject's rows (one pass).
-        starts = np.flatnonzero(new)
-        key = time_us - np.repeat(time_us[starts], np.diff(np.r_[starts, n]))
-        key //= max(1, int(round(window_days * US_PER_DAY)))
-    else:
-        key = time_us
-    new[1:] |= key[1:] != key[:-1]
-    bucket = np.cumsum(new, dtype=np.int64)
+    a new one where `_bucket_starts` says a token starts."""
+    bucket = np.cumsum(_bucket_starts(subject, time_us, window_days), dtype=np.int64)
     bucket -= 1
     return bucket
+
+
+def bucket_offsets(
+    subject: np.ndarray, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
+    """CSR offsets [n_buckets + 1] of the tokens `token_buckets` numbers: the rows of bucket k are
+    offsets[k]:offsets[k + 1]. What a site keeps instead of a per-row ordinal (8 bytes a row)."""
+    starts = _bucket_starts(subject, time_us, window_days, chunk_rows)
+    return np.r_[np.flatnonzero(starts), len(time_us)].astype(np.int64)
 
 
 def pool_token_rows(
@@ -168,26 +195,37 @@ class _PooledTokens:
     instead of pooling per sample."""
 
     offsets: np.ndarray  # [G + 1] entries of group g: offsets[g]:offsets[g + 1]
-    codes: np.ndarray  # [entries] int32 vocabulary ids, in slot order
+    codes: np.ndarray  # [entries] vocabulary ids (event_rows.code_dtype), in slot order
     values: np.ndarray  # [entries] float32
     has_value: np.ndarray  # [entries] bool
-    slot: np.ndarray  # [entries] int32
+    # An entry's slot is its place in its group (entry - offsets[group]): not stored (4 B a row).
 
     @classmethod
     def build(
         cls,
-        group: np.ndarray,
-        n_groups: int,
+        offsets: np.ndarray,
         codes: np.ndarray,
         values: np.ndarray,
         has_value: np.ndarray,
         time_us: np.ndarray,
         priority: np.ndarray,
     ) -> _PooledTokens:
-        kept, tk, slot = sorted_code_slots(group, codes, values, has_value, time_us, priority)
-        offsets = np.zeros(n_groups + 1, np.int64)
-        np.cumsum(np.bincount(tk, minlength=n_groups), out=offsets[1:])
-        return cls(offsets, codes[kept], values[kept], has_value[kept], slot.astype(np.int32))
+        """Pool rows grouped as CSR `offsets` (sorted by time within a group), chunk by chunk into
+        arrays of the rows' length: a site has about one entry per row (hospital: 0.99), and the
+        pages past the last entry are never written, so they never become resident."""
+        n, n_groups = len(codes), len(offsets) - 1
+        out_codes, out_values = np.empty(n, codes.dtype), np.empty(n, values.dtype)
+        out_has = np.empty(n, has_value.dtype)
+        counts = np.zeros(n_groups, np.int64)
+        end = 0
+        for a, g0, g1, kept, tk in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority):
+            rows, stop = a + kept, end + len(kept)
+            out_codes[end:stop], out_values[end:stop], out_has[end:stop] = codes[rows], values[rows], has_value[rows]
+            counts[g0:g1] = np.bincount(tk - g0, minlength=g1 - g0)
+            end = stop
+        pooled = np.zeros(n_groups + 1, np.int64)
+        np.cumsum(counts, out=pooled[1:])
+        return cls(pooled, out_codes[:end], out_values[:end], out_has[:end])
 
 
 @dataclass
@@ -260,9 +298,7 @@ class SiteSequences:
         wr_subj = patches.subject_ids if patches is not None else np.zeros(0, np.int64)
         # Timed and static rows are grouped by subject: their distinct ids cost O(n), no sort.
         self.subject_ids = np.unique(
-            np.concatenate(
-                [unique_inverse(rows.t_subject)[0], unique_inverse(rows.s_subject)[0], rows.prs_subject, wr_subj]
-            )
+            np.concatenate([_run_values(rows.t_subject), _run_values(rows.s_subject), rows.prs_subject, wr_subj])
         ).astype(np.int64)
         n_subj = len(self.subject_ids)
         n_prs_timed = int(np.sum(rows.prs_timed))
@@ -277,11 +313,15 @@ class SiteSequences:
         self.ev_has_value = rows.t_has_value
         self.token_window_days = self.tokens.token_window_days
         self.max_codes_per_token = self.tokens.max_codes_per_token
-        self.ev_bucket = (
-            np.arange(len(rows.t_subject), dtype=np.int64)
+        # Bucket k's rows: _bucket_rows[k]:_bucket_rows[k + 1] (per_event: one row each).
+        self._bucket_rows = (
+            np.arange(len(rows.t_subject) + 1, dtype=np.int64)
             if self.per_event
-            else token_buckets(rows.t_subject, rows.t_time_us, self.token_window_days)
+            else bucket_offsets(rows.t_subject, rows.t_time_us, self.token_window_days)
         )
+        # Consumed (every EventRows here is this load's own): the subjects are in ev_offsets now,
+        # and the pooling below is the load's peak.
+        rows.t_subject = rows.t_subject[:0].copy()  # a copy: a view would keep the buffer
         # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
         self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
         self.code_priority[N_SPECIAL_CODES:] = np.asarray(vocab.code_events, dtype=np.int64)
@@ -334,26 +374,21 @@ class SiteSequences:
     def _pool_tokens(self, n_subj: int) -> None:
         """Pool every bucket and every subject's static token once, uncapped (a bucket pools
         the same whatever the sample, unless the prediction time cuts it: see `_tokens`)."""
-        n_buckets = int(self.ev_bucket[-1]) + 1 if len(self.ev_bucket) else 0
-        self._bucket_rows = _offsets(self.ev_bucket, n_buckets)
         self._bucket_time_us = self.ev_time_us[self._bucket_rows[1:] - 1]  # rows are time-sorted
         self._bucket_pool = _PooledTokens.build(
-            self.ev_bucket,
-            n_buckets,
+            self._bucket_rows,
             self.ev_codes,
             self.ev_values,
             self.ev_has_value,
             self.ev_time_us,
             self.code_priority,
         )
-        st_subject = np.repeat(np.arange(n_subj, dtype=np.int64), np.diff(self.st_offsets))
         self._static_pool = _PooledTokens.build(
-            st_subject,
-            n_subj,
+            self.st_offsets,
             self.st_codes,
             self.st_values,
             self.st_has_value,
-            np.zeros(len(st_subject), np.int64),  # one time for all: the subject's t0
+            np.zeros(len(self.st_codes), np.int64),  # one time for all: the subject's t0
             self.code_priority,
         )
 
@@ -367,8 +402,8 @@ class SiteSequences:
         b_first = b_end = 0
         cut = np.zeros(0, np.int64)
         if visible > a and n_timed > 0:
-            b_last = int(self.ev_bucket[visible - 1])
-            b_first = max(b_last - n_timed + 1, int(self.ev_bucket[a]))
+            b_last = int(self.bucket_of(visible - 1))
+            b_first = max(b_last - n_timed + 1, int(self.bucket_of(a)))
             b_end = b_last + 1
             if visible < self._bucket_rows[b_end]:  # the prediction time falls inside b_last
                 b_end = b_last
@@ -405,7 +440,7 @@ class SiteSequences:
             )
         if e1 > e0:
             row = np.repeat(np.arange(n_static, n_static + len(counts), dtype=np.int64), counts)
-            slot = bp.slot[e0:e1]
+            slot = np.arange(e0, e1) - np.repeat(bp.offsets[b_first:b_end], counts)
             entries: slice | np.ndarray = slice(e0, e1)
             if k < counts.max():
                 keep = slot < k
@@ -528,6 +563,16 @@ class SiteSequences:
             )
         return idx_c
 
+    def bucket_of(self, row: Any) -> Any:
+        """The bucket (token ordinal) of timed row(s) `row`: a binary search of the buckets' rows."""
+        return np.searchsorted(self._bucket_rows, row, side="right") - 1
+
+    @property
+    def ev_bucket(self) -> np.ndarray:
+        """Every timed row's bucket, built on each call (O(rows)): for tests and small sites; a
+        site keeps only the buckets' rows (`bucket_of`)."""
+        return np.repeat(np.arange(len(self._bucket_rows) - 1, dtype=np.int64), np.diff(self._bucket_rows))
+
     def event_times_us(self, index: int) -> np.ndarray:
         return self.ev_time_us[self.ev_offsets[index] : self.ev_offsets[index + 1]]
 
@@ -567,10 +612,10 @@ class SiteSequences:
             n_timed = max_events - n_static
             if visible > a and n_timed > 0:
                 # Buckets are consecutive ordinals: the last n_timed of them start at this row.
-                first = int(self.ev_bucket[visible - 1]) - n_timed + 1
-                start = a + int(np.searchsorted(self.ev_bucket[a:visible], first, side="left"))
+                first = int(self.bucket_of(visible - 1)) - n_timed + 1
+                start = int(self._bucket_rows[max(first, int(self.bucket_of(a)))])
             ev = slice(start, visible)
-            bucket = self.ev_bucket[ev]
+            bucket = self.bucket_of(np.arange(start, visible))
             token = np.concatenate([st_token, bucket - (bucket[0] if len(bucket) else 0) + n_static])
             codes, values, has_value, token_us = pool_token_rows(
                 token,
@@ -633,8 +678,8 @@ class SiteSequences:
         timed = (visible > a) & (n_timed > 0)
         h = np.flatnonzero(timed)
         if len(h):
-            b_last = self.ev_bucket[visible[h] - 1]
-            b_first[h] = np.maximum(b_last - n_timed[h] + 1, self.ev_bucket[a[h]])
+            b_last = self.bucket_of(visible[h] - 1)
+            b_first[h] = np.maximum(b_last - n_timed[h] + 1, self.bucket_of(a[h]))
             cut[h] = visible[h] < self._bucket_rows[b_last + 1]  # the prediction time falls inside b_last
             b_end[h] = b_last + 1 - cut[h]
         # Wearable patches with at least one epoch ending at or before pt.
@@ -698,7 +743,6 @@ class SiteSequences:
             bp.codes,
             bp.values,
             bp.has_value,
-            bp.slot,
             max_codes_per_token,
             cut_width,
         )
@@ -745,15 +789,22 @@ def site_event_rows(
 ) -> EventRows:
     """A site's events (optionally only some subjects) as EventRows, read shard by shard."""
     wanted = None if subject_ids is None else pa.array(np.asarray(list(subject_ids), dtype=np.int64))
-    parts = []
-    for shard in site.iter_event_shards(columns=["subject_id", "time", "code", "numeric_value"]):
+    # Sized from the footers (a Site's files; any other SiteLike grows the sink as it goes), and
+    # read in subject order where the footers say no subject sits in two files: no row moves.
+    files: list[Path] = list(getattr(site, "data_files", []))
+    sink = RowSink(sum(pq.read_metadata(path).num_rows for path in files))
+    columns = ["subject_id", "time", "code", "numeric_value"]
+    order = disjoint_subject_order(files) if len(files) > 1 else None
+    n_shards = 0
+    for shard in site.iter_event_shards(columns, order, dictionary_code=True):
         if wanted is not None:
             shard = shard.filter(pc.is_in(shard["subject_id"], value_set=wanted))
-        parts.append(shard_rows(shard, vocab, reading_order=True))
+        sink.add(shard_rows(shard, vocab, reading_order=True))
+        n_shards += 1
         del shard
-    if not parts:
+    if not n_shards:
         raise ValueError("the site has no MEDS data shard")
-    return merge_rows(parts)
+    return sink.rows()
 
 
 # ---------------------------------------------------------------------------------- collation

@@ -186,10 +186,19 @@ class Vocabulary(BaseModel):
         ok &= np.isfinite(v)
         # Only the rows with a value are computed (most rows of a site have none).
         rows = np.flatnonzero(ok)
-        code, v = ids[rows], v[rows]
-        x = np.where(log1p[code], np.log1p(np.maximum(v, 0.0)), v)
+        code, x = ids[rows], v[rows]  # x: a copy, worked in place below
+        # The same float64 operations as np.clip((where(log1p, log1p(max(v, 0)), v) - center) /
+        # scale, -clip, clip), bit for bit, without a temporary per step: log1p only where asked.
+        logged = np.flatnonzero(log1p[code])
+        if len(logged):
+            x[logged] = np.log1p(np.maximum(x[logged], 0.0))
+        x -= center[code]
+        x /= scale[code]
+        limit = clip[code]
+        np.maximum(x, np.negative(limit), out=x)
+        np.minimum(x, limit, out=x)
         out = np.zeros(len(ok), dtype=np.float32)
-        out[rows] = np.clip((x - center[code]) / scale[code], -clip[code], clip[code])
+        out[rows] = x
         return out, ok
 
     def save(self, path: str | Path) -> None:
