@@ -284,8 +284,12 @@ def test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_tas
         assert sorted(pooled["sites"] + list(pooled["not_pooled"])) == sorted(asked), key
         assert (pooled["auroc"] is None) == (not pooled["sites"] or bool(pooled["note"])), key
     assert "### Federation-wide AUROC per task" in summary and (out / "evaluation_auroc.png").is_file()
-    predictions = list((out / "sites").rglob("*.parquet"))
-    assert len(predictions) == sum(len(r.tasks) for r in replies.values())
+    # One predictions file per scored (site, task) for the probe, and one for MEDS-Tab beside it
+    # where the site scored MEDS-Tab on the same rows.
+    files = [p.name for p in (out / "sites").rglob("*.parquet")]
+    meds_tab = [f for f in files if f.endswith(".meds_tab.parquet")]
+    assert len(files) - len(meds_tab) == sum(len(r.tasks) for r in replies.values())
+    assert len(meds_tab) == sum(m.meds_tab_auroc is not None for r in replies.values() for m in r.tasks.values())
 
 
 def test_unknown_plus_override_is_an_error() -> None:
