@@ -55,6 +55,7 @@ from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
     MethodResult,
+    PooledEmbedder,
     evaluate_method,
     paired_items,
     subsample_train,
@@ -64,6 +65,7 @@ from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
+from simulations.evidence_genomics import run_diagnosis
 from simulations.evidence_units import (
     DONE,
     Evidence,
@@ -90,6 +92,7 @@ QUESTIONS: dict[str, str] = {
     "q4": "Privacy cost: utility against epsilon",
     "q5": "Each modality and the decay kernel",
     "q6": "Calibration of the federated model's probes per horizon",
+    "g": "Genomics diagnosis: where the PRS signal is lost (one disease's onset, sites with genomics)",
 }
 PRESET_FLAGS = {"--quick": "preset=quick", "--medium": "preset=medium", "--full": "preset=full"}
 
@@ -118,15 +121,20 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
             stages.append((f"{unit}: kernel variants", len(cfg.decay.variants) * fed_steps * step_s))
             stages.append((f"{unit}: per-site evaluation", n_models * rows * float(c.eval_seconds_per_row)))
             stages.append((f"{unit}: label shares and ablations", rows * float(c.ablation_seconds_per_row)))
+            if bool(cfg.genomics_diagnosis.enabled):
+                # One more pooled training (genomics hidden) and five feature passes over the cohort.
+                t = 2 * fed_steps * step_s * bool(cfg.genomics_diagnosis.train_without)
+                stages.append((f"{unit}: genomics diagnosis", t + rows * float(c.ablation_seconds_per_row)))
             if str(scenario) in dp.scenarios and int(seed) in dp.seeds:
                 dp_steps = int(dp.federation.rounds) * int(dp.federation.local_steps) * n_sites
-                n_dp = sum(e is not None for e in dp.epsilons)
+                n_dp = sum(e is not None for e in dp.epsilons) * int(dp.draws)
                 n_plain = len(dp.epsilons) - n_dp
-                t = len(dp.epsilons) * float(c.flower_run_seconds)
+                n_fed = n_dp + n_plain
+                t = n_fed * float(c.flower_run_seconds)
                 t += dp_steps * dp.federation.batch_size * (n_dp * float(c.dp_sample_seconds))
                 t += n_plain * dp_steps * float(c.step_seconds) * dp.federation.batch_size / 16
-                t += len(dp.epsilons) * rows * float(c.eval_seconds_per_row)
-                stages.append((f"{unit}: privacy ({len(dp.epsilons)} federations)", t))
+                t += n_fed * rows * float(c.eval_seconds_per_row)
+                stages.append((f"{unit}: privacy ({n_fed} federations)", t))
     stages.append(("comparisons, report and plots", float(c.report_seconds)))
     return stages
 
@@ -228,6 +236,14 @@ def pooled_eval(
 # ---------------------------------------------------------------- one scenario and seed
 
 
+def probe_view(cfg: DictConfig, model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """What the job's probes read of a pretrained model: eval.probe_poolings of runner.PooledEmbedder
+    ([query, genomics]: the query state and the genomics encoder's output, issue 31)."""
+    if model is None:
+        return None
+    return PooledEmbedder(model, list(cfg.eval.probe_poolings))
+
+
 def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictConfig:
     """The config of one (scenario, seed): what simulations.run and the evaluation read."""
     sc = load_scenario(scenario).model_dump(mode="json")
@@ -291,13 +307,14 @@ def run_unit(
     ev = {**eval_settings(ucfg), "n_boot": n_boot}
     per_site: compare.PerSite = {name: {} for name in sites}
     features: dict[str, dict[str, MethodFeatures]] = {}
+    view = functools.partial(probe_view, cfg)
     models: dict[str, Any] = {
-        "federated": fed_model,
-        "pooled": regimes.central_model,
-        "random init": setup.init_model(),
+        "federated": view(fed_model),
+        "pooled": view(regimes.central_model),
+        "random init": view(setup.init_model()),
         "tabular": TabularFeaturizer(vocab.vocab_size),
-        "local-only": lambda s: regimes.local_models[s],
-        **variants,
+        "local-only": lambda s: view(regimes.local_models[s]),
+        **{k: view(v) for k, v in variants.items()},
     }
     for method, model in models.items():
         res, features[method] = compare.evaluate_per_site(method, per_site_data, model, progress=show, **ev)
@@ -375,14 +392,14 @@ def run_unit(
     # Q5 (modalities): the test-time ablation on the federated model.
     tasks = dict(next(iter(per_site_data.values())).tasks)
     for spec_name, spec in cfg.eval.modality_ablation.items():
-        view = OmegaConf.create(
+        ablation_cfg = OmegaConf.create(
             {
                 "seed": seed,
                 "progress": False,
                 "data": {"max_events": fed.max_events, "max_patches": fed.max_patches},
                 "eval": {
                     "batch_size": cfg.eval.batch_size,
-                    "ablation_pooling": "query",
+                    "ablation_pooling": list(cfg.eval.probe_poolings),
                     "n_boot": n_boot,
                     "summary_min_positives": int(cfg.eval.ablation_min_positives),
                     "modality_ablation": OmegaConf.to_container(spec, resolve=True),
@@ -392,7 +409,7 @@ def run_unit(
         if not any(s.wearable_files for s in sites.values()):
             ev_out.notes[scenario].append(f"seed {seed}: modality ablation {spec_name}: no site has wearables")
             continue
-        abl = modality_ablation(view, sites, seqs, fed_model, tasks, vocab)
+        abl = modality_ablation(ablation_cfg, sites, seqs, fed_model, tasks, vocab)
         for cohort in spec.cohorts:
             labels = [k for k in abl.results if k.startswith(f"{cohort}:")]
             for other in labels[1:]:
@@ -406,18 +423,49 @@ def run_unit(
                 )
     progress.finish(f"{unit}: label shares and ablations")
 
+    # The genomics diagnosis (evidence_genomics): the world, the tabular read, the model at test
+    # and at train time, the encoder; needs the truth (synthetic sites only).
+    if bool(cfg.genomics_diagnosis.enabled):
+        if truth_dir is not None and sc is not None:
+            run_diagnosis(
+                ucfg,
+                scenario,
+                seed,
+                per_site_data,
+                sites,
+                sc,
+                truth_dir,
+                setup,
+                fed_model,
+                regimes.central_model,
+                regimes.datasets,
+                regimes.central_steps,
+                ev_out,
+                view,
+            )
+        progress.finish(f"{unit}: genomics diagnosis")
+
     # Q4: the federation at each target epsilon on the DP budget.
     dp = cfg.privacy_budget
     if scenario in dp.scenarios and seed in dp.seeds:
         dcfg = OmegaConf.merge(ucfg, {"federation": OmegaConf.to_container(dp.federation, resolve=True)})
         settings = privacy_sweep.Settings()
+        # k independent noise draws per DP setting (each a federation trained anew: the noise is
+        # secret and unseeded, so the draws differ); no DP is deterministic at a seed: one run.
+        n_draws = int(dp.draws)
+        draw_ids: list[int | None] = [None] if n_draws == 1 else list(range(1, n_draws + 1))
+        by_draw: dict[int | None, list[tuple[float, str]]] = {d: [] for d in draw_ids}
         for epsilon in privacy_sweep.parse_epsilons(list(dp.epsilons)):
-            privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings)
-        per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show)
+            for d in draw_ids if epsilon is not None else [None]:
+                label = privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings, d)
+                if epsilon is not None:
+                    by_draw[d].append((epsilon, label))
+        per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show, view)
         labels = list(settings.epsilon)
         base = compare.epsilon_label(None)
         for label in labels:
             if label != base and base in labels:
+                # "eps=8 draw 2 - no DP": Evidence.compare adds "eps=8 - no DP" over the draws.
                 ev_out.add(
                     scenario,
                     f"q4|{label} - no DP",
@@ -426,9 +474,10 @@ def run_unit(
                     seed,
                     site_items(per_site_data, per_site_dp, label, base),
                 )
-        finite = sorted((e, lab) for lab, e in settings.epsilon.items() if e is not None)
-        for (_, lo), (_, hi) in zip(finite, finite[1:]):
-            ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
+        for finite in by_draw.values():  # neighbouring epsilons within a draw
+            finite.sort()
+            for (_, lo), (_, hi) in zip(finite, finite[1:]):
+                ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
         steps = int(dp.federation.rounds) * int(dp.federation.local_steps)
         noise = {
             compare.epsilon_label(e): {
@@ -454,7 +503,7 @@ def run_unit(
             ev_out.privacy[scenario][seed]["plot"] = compare.privacy_plot(
                 rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
             ).name
-        progress.finish(f"{unit}: privacy ({len(dp.epsilons)} federations)")
+        progress.finish(f"{unit}: privacy ({len(settings.epsilon)} federations)")
     if fingerprint is not None:
         seconds = {k: progress.actual[k] for k in progress.unit_stages(scenario, seed) if k in progress.actual}
         log.info("%s: evidence written to %s", unit, save_unit(out, ev_out, scenario, seed, fingerprint, seconds))
@@ -589,7 +638,31 @@ def verdicts(
             detail="not measured" if not calib else f"worst horizon ECE {_f(worst)}",
         )
     )
+    out.append(genomics_verdict(cfg, comps))
     return out
+
+
+def genomics_verdict(cfg: DictConfig, comps: Mapping[str, Comparison]) -> Verdict:
+    """g: the model's test-time gain from genomics against the target, or against the world's own
+    gain where the world carries less than the target (issue 31's rule)."""
+    gain = float(cfg.targets.genomics_gain)
+    model = comps.get("g|federated, test time: ehr+genomics - ehr")
+    world = comps.get("g|world: oracle - oracle without PRS")
+    target = (
+        f"{cfg.genomics_diagnosis.disease} onset, sites with genomics: ehr+genomics - ehr >= {gain:+.2f} with "
+        "its interval above 0 (or the world's own gain, where the oracle's is smaller)"
+    )
+    if model is None:
+        return Verdict(question="g", target=target, met=None, detail="not measured")
+    goal = gain if world is None or world.difference >= gain else world.difference
+    detail = f"ehr+genomics - ehr {_f(model.difference, True)} {_ci(model.difference_ci, True)}"
+    if world is not None:
+        detail += (
+            f"; the world's (oracle - oracle without PRS) {_f(world.difference, True)} {_ci(world.difference_ci, True)}"
+        )
+    return Verdict(
+        question="g", target=target, met=bool(model.difference >= goal and model.difference_ci[0] > 0), detail=detail
+    )
 
 
 def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progress, clock: Clock) -> Path:
@@ -703,6 +776,16 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                         {m: c for m, c in ev_out.curves[scenario].items() if c},
                         out / f"q3_label_efficiency_{scenario}.png",
                     )
+            if q == "g" and ev_out.diagnostics.get(scenario):
+                entry["diagnostics"] = ev_out.diagnostics[scenario]
+                for seed, d in sorted(ev_out.diagnostics[scenario].items()):
+                    r2 = ", ".join(f"{k} {v:.3f}" for k, v in d.get("r2_prs", {}).items()) or "not measured"
+                    counts = ", ".join(f"{k}: {c['positives']}/{c['rows']}" for k, c in d.get("per_task", {}).items())
+                    lines += [
+                        "",
+                        f"Seed {seed}: {d['rows']} rows of {d['subjects']} subjects at {', '.join(d['sites'])} "
+                        f"(positives / rows per task: {counts}). Cross-fitted R^2 of the {d['disease']} PRS from: {r2}.",
+                    ]
             if q == "q4" and ev_out.privacy.get(scenario):
                 entry["runs"] = ev_out.privacy[scenario]
                 for seed, p in ev_out.privacy[scenario].items():

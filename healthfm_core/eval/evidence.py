@@ -84,6 +84,58 @@ def compare_paired(
     )
 
 
+def compare_draws(
+    draws: Sequence[Sequence[Item]], a: str, b: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> Comparison:
+    """The comparison of a with b over k independent draws of a (e.g. k DP noise draws, each a
+    model trained anew) on the same rows, with an interval that covers the draws and the subjects.
+
+    Two-way bootstrap: each resample draws the subjects once for every item of every draw (the
+    draws are scored on the same people, so their subject sampling is shared, as in
+    compare_paired) and, independently, k draws with replacement; its statistic is the mean over
+    the drawn draws of each draw's mean difference. With k = 1 it is compare_paired. The point
+    estimate is the mean over the draws. k is small (5): the interval's draw component is then
+    itself rough, which is why the per-draw differences are reported beside it."""
+    draws = [list(d) for d in draws if len(d)]
+    if not draws:
+        raise ValueError("compare_draws needs at least one draw with items")
+    flat = [it for d in draws for it in d]
+    owner = np.repeat(np.arange(len(draws)), [len(d) for d in draws])
+    point_a, point_b, boot_a, boot_b = paired_resamples(flat, n_boot=n_boot, seed=seed)
+    both = np.isfinite(boot_a) & np.isfinite(boot_b)
+    k = len(draws)
+    # [n_boot, k] each draw's mean AUROC of a and of b in each resample (items scored there only).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_a = np.stack([np.where(both & (owner == d), boot_a, 0.0).sum(1) for d in range(k)], 1)
+        per_b = np.stack([np.where(both & (owner == d), boot_b, 0.0).sum(1) for d in range(k)], 1)
+        n_d = np.stack([(both & (owner == d)).sum(1) for d in range(k)], 1)
+        per_a, per_b = per_a / n_d, per_b / n_d
+    pick = np.random.default_rng([seed, 31]).integers(0, k, size=(n_boot, k))
+    rows = np.arange(n_boot)[:, None]
+    with np.errstate(invalid="ignore"):
+        mean_a, mean_b = per_a[rows, pick].mean(1), per_b[rows, pick].mean(1)
+    ok = np.isfinite(mean_a) & np.isfinite(mean_b)
+    diff, ratio = (mean_a - mean_b)[ok], (mean_a / mean_b)[ok]
+    pa = np.mean([point_a[owner == d].mean() for d in range(k)])
+    pb = np.mean([point_b[owner == d].mean() for d in range(k)])
+    q = [alpha / 2, 1 - alpha / 2]
+    nan2 = (float("nan"), float("nan"))
+    return Comparison(
+        a=a,
+        b=b,
+        n_items=len(flat),
+        n_rows=int(sum(len(it[0]) for it in flat)),
+        n_subjects=len(np.unique(np.concatenate([np.asarray(it[3]).astype(str) for it in flat]))),
+        mean_a=float(pa),
+        mean_b=float(pb),
+        difference=float(pa - pb),
+        difference_ci=tuple(float(v) for v in np.quantile(diff, q)) if len(diff) else nan2,  # type: ignore[arg-type]
+        ratio=float(pa / pb),
+        ratio_ci=tuple(float(v) for v in np.quantile(ratio, q)) if len(ratio) else nan2,  # type: ignore[arg-type]
+        fraction_at_or_below_zero=float(np.mean(diff <= 0)) if len(diff) else float("nan"),
+    )
+
+
 class Verdict(BaseModel):
     """A target and whether the evidence meets it: met is None when it could not be measured."""
 
@@ -132,6 +184,7 @@ __all__ = [
     "Comparison",
     "Item",
     "Verdict",
+    "compare_draws",
     "compare_paired",
     "comparison_plot",
     "not_clearly_below",
