@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shutil
 import sys
 import time
@@ -49,7 +50,14 @@ from healthfm_core.data.synthetic import load_scenario, oracle_risk
 from healthfm_core.data.tasks import OnsetTask
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare, plots
-from healthfm_core.eval.evidence import Comparison, Item, Verdict, comparison_plot, not_clearly_below
+from healthfm_core.eval.evidence import (
+    Comparison,
+    Item,
+    Verdict,
+    comparison_plot,
+    not_clearly_below,
+    ratio_curve_plot,
+)
 from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
 from healthfm_core.eval.runner import (
     EvalSet,
@@ -117,8 +125,8 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
             stages.append((f"{unit}: data", float(c.data_seconds_per_1000_subjects) * subjects / 1000))
             stages.append((f"{unit}: federation", float(c.flower_run_seconds) + fed_steps * step_s))
             stages.append((f"{unit}: pooled and local-only", 2 * fed_steps * step_s))
-            n_models = 5 + len(cfg.decay.variants)  # fed, pooled, local, random, tabular + variants
-            stages.append((f"{unit}: kernel variants", len(cfg.decay.variants) * fed_steps * step_s))
+            n_models = 5 + len(cfg.decay.variants or {})  # fed, pooled, local, random, tabular + variants
+            stages.append((f"{unit}: kernel variants", len(cfg.decay.variants or {}) * fed_steps * step_s))
             stages.append((f"{unit}: per-site evaluation", n_models * rows * float(c.eval_seconds_per_row)))
             stages.append((f"{unit}: label shares and ablations", rows * float(c.ablation_seconds_per_row)))
             if bool(cfg.genomics_diagnosis.enabled):
@@ -128,15 +136,38 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
             if str(scenario) in dp.scenarios and int(seed) in dp.seeds:
                 dp_steps = int(dp.federation.rounds) * int(dp.federation.local_steps) * n_sites
                 n_dp = sum(e is not None for e in dp.epsilons) * int(dp.draws)
-                n_plain = len(dp.epsilons) - n_dp
+                n_plain = sum(e is None for e in dp.epsilons)
                 n_fed = n_dp + n_plain
                 t = n_fed * float(c.flower_run_seconds)
                 t += dp_steps * dp.federation.batch_size * (n_dp * float(c.dp_sample_seconds))
                 t += n_plain * dp_steps * float(c.step_seconds) * dp.federation.batch_size / 16
                 t += n_fed * rows * float(c.eval_seconds_per_row)
                 stages.append((f"{unit}: privacy ({n_fed} federations)", t))
+            bc = cfg.budget_curve
+            if str(scenario) in bc.scenarios and int(seed) in bc.seeds:
+                per_round = int(fed.local_steps) * n_sites * step_s  # one round, over all sites
+                n_fed = sum(budget_runs(cfg, int(r)) for r in bc.rounds)
+                t = sum(int(r) * per_round for r in bc.rounds)  # pooled at each budget
+                t += sum(
+                    budget_runs(cfg, int(r)) * (float(c.flower_run_seconds) + int(r) * per_round) for r in bc.rounds
+                )
+                t += (n_fed + len(bc.rounds)) * rows * float(c.eval_seconds_per_row)
+                stages.append((f"{unit}: budget curve ({n_fed} federations)", t))
     stages.append(("comparisons, report and plots", float(c.report_seconds)))
     return stages
+
+
+def budget_runs(cfg: DictConfig, rounds: int) -> int:
+    """Federations the budget curve trains at `rounds` (FedAvg at the main federation's rounds is
+    the main federation itself, reused)."""
+    return sum(not reuses_main(cfg, name, rounds) for name in cfg.budget_curve.strategies)
+
+
+def reuses_main(cfg: DictConfig, strategy: str, rounds: int) -> bool:
+    return rounds == int(cfg.federation.rounds) and not cfg.budget_curve.strategies[strategy]
+
+
+BUDGET_KEY = re.compile(r"^q1\|budget: (?P<strategy>.+), (?P<rounds>\d+) rounds$")
 
 
 class Progress:
@@ -288,7 +319,7 @@ def run_unit(
     progress.finish(f"{unit}: pooled and local-only")
 
     variants: dict[str, torch.nn.Module] = {}
-    for name, change in cfg.decay.variants.items():
+    for name, change in (cfg.decay.variants or {}).items():  # decay.variants=null: none
         vcfg = model_config_from_dict(
             {**setup.model.model_dump(), **OmegaConf.to_container(change, resolve=True)}, source=f"decay.{name}"
         )
@@ -504,6 +535,37 @@ def run_unit(
                 rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
             ).name
         progress.finish(f"{unit}: privacy ({len(settings.epsilon)} federations)")
+    # Q1 as the budget grows: federated (each strategy) against pooled at equal compute, per rounds.
+    bc = cfg.budget_curve
+    if scenario in bc.scenarios and seed in bc.seeds:
+        datasets = PooledPretrainingDataset(list(regimes.datasets.values()))
+        n_fed = 0
+        for r in (int(x) for x in bc.rounds):
+            pooled_label = f"pooled at {r} rounds' compute"
+            if r == int(fed.rounds):
+                pooled_model = regimes.central_model
+            else:
+                steps = r * int(fed.local_steps) * len(sites)  # the federation's samples seen at r rounds
+                pooled_model, _ = train_baseline(setup, datasets, steps, fed, seed, None, show)
+            res, _ = compare.evaluate_per_site(pooled_label, per_site_data, view(pooled_model), progress=show, **ev)
+            budget: compare.PerSite = {name: {pooled_label: rr} for name, rr in res.items()}
+            for strategy, change in bc.strategies.items():
+                label = f"{strategy}, {r} rounds"
+                if reuses_main(cfg, strategy, r):
+                    model = fed_model
+                else:
+                    scfg = OmegaConf.merge(
+                        ucfg, {"federation": {**OmegaConf.to_container(change, resolve=True), "rounds": r}}
+                    )
+                    _, model, _ = run_federation(scfg, out / "budget" / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}")
+                    n_fed += 1
+                res, _ = compare.evaluate_per_site(label, per_site_data, view(model), progress=show, **ev)
+                for name, rr in res.items():
+                    budget[name][label] = rr
+                items = site_items(per_site_data, budget, label, pooled_label)
+                ev_out.add(scenario, f"q1|budget: {strategy}, {r} rounds", label, pooled_label, seed, items)
+        progress.finish(f"{unit}: budget curve ({n_fed} federations)")
+
     if fingerprint is not None:
         seconds = {k: progress.actual[k] for k in progress.unit_stages(scenario, seed) if k in progress.actual}
         log.info("%s: evidence written to %s", unit, save_unit(out, ev_out, scenario, seed, fingerprint, seconds))
@@ -758,6 +820,21 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                     else "no task had enough held-out positives for both methods"
                 )
                 lines.append(f"Not measured: {entry['reason']}.")
+            curves: dict[str, dict[int, Comparison]] = {}
+            for k, c in mine.items():
+                if q == "q1" and (m := BUDGET_KEY.match(f"q1|{k}")) is not None:
+                    curves.setdefault(m["strategy"], {})[int(m["rounds"])] = c
+            if curves:
+                figs[f"q1 federated / pooled against rounds, {scenario}"] = ratio_curve_plot(
+                    curves,
+                    out / f"q1_budget_curve_{scenario}.png",
+                    f"Federated / pooled at equal compute as rounds grow ({scenario})",
+                    reference=float(cfg.targets.federated_ratio),
+                )
+                entry["budget_curve"] = {
+                    s: {r: {"ratio": c.ratio, "ratio_ci": c.ratio_ci} for r, c in sorted(pts.items())}
+                    for s, pts in curves.items()
+                }
             if q == "q1" and ev_out.summaries.get(scenario):
                 lines += [
                     "",

@@ -23,10 +23,18 @@ from hydra import compose, initialize_config_dir
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.synthetic import load_scenario
-from healthfm_core.eval.evidence import Comparison, compare_draws, compare_paired, comparison_plot, with_prefix
+from healthfm_core.eval.evidence import (
+    Comparison,
+    compare_draws,
+    compare_paired,
+    comparison_plot,
+    ratio_curve_plot,
+    with_prefix,
+)
 from healthfm_core.eval.metrics import paired_difference
 from healthfm_core.eval.tabular import NEVER_DAYS, tabular_features
 from simulations.evidence import (
+    BUDGET_KEY,
     QUESTIONS,
     calibration_rows,
     finished_unit,
@@ -122,6 +130,14 @@ def test_evidence_combines_a_settings_draws() -> None:
     assert (both.a, both.b, both.n_items) == ("eps=8", "no DP", 9)
     assert comps[("default", "q4|eps=3 - eps=8")].b == "eps=8"
     assert ("default", "q4|eps=8 draw 2 - no DP") in comps
+
+
+def test_budget_curve_keys_and_plot(tmp_path: Path) -> None:
+    m = BUDGET_KEY.match("q1|budget: FedProx, 16 rounds")
+    assert m is not None and (m["strategy"], int(m["rounds"])) == ("FedProx", 16)
+    c = compare_paired(_items(0), "good", "bad", n_boot=50)
+    path = ratio_curve_plot({"FedAvg": {4: c, 8: c}, "FedAdam": {4: c}}, tmp_path / "curve.png", "t", reference=0.98)
+    assert path.is_file()
 
 
 def test_tabular_features_last_value_time_since_age_prs() -> None:

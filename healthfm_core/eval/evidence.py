@@ -180,6 +180,42 @@ def comparison_plot(
     return save_figure(fig, path)
 
 
+def ratio_curve_plot(
+    curves: Mapping[str, Mapping[int, Comparison]],
+    path: str | Path,
+    title: str,
+    reference: float = 1.0,
+    xlabel: str = "rounds (pooled: the same samples seen)",
+) -> Path:
+    """One line per curve (e.g. a federated strategy): the ratio of mean AUROC a / b at each
+    budget, with its interval, and a reference line (e.g. the 0.98 target)."""
+    if not curves:
+        raise ValueError(f"{title}: no curve to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, points) in enumerate(curves.items()):
+        xs = sorted(points)
+        ys = [points[x].ratio for x in xs]
+        lo = [points[x].ratio_ci[0] for x in xs]
+        hi = [points[x].ratio_ci[1] for x in xs]
+        shift = [x * (1 + 0.03 * (i - (len(curves) - 1) / 2)) for x in xs]  # curves side by side
+        ax.plot(shift, ys, "o-", color=f"C{i}", label=name)
+        for x, a, b in zip(shift, lo, hi):
+            if np.isfinite(a) and np.isfinite(b):
+                ax.plot([x, x], [a, b], color=f"C{i}", linewidth=1)
+    ax.axhline(reference, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(
+        sorted({x for p in curves.values() for x in p}),
+        [str(x) for x in sorted({x for p in curves.values() for x in p})],
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("federated / pooled mean AUROC (95% CI)")
+    ax.set_title(title, fontsize="small")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 __all__ = [
     "Comparison",
     "Item",
@@ -188,5 +224,6 @@ __all__ = [
     "compare_paired",
     "comparison_plot",
     "not_clearly_below",
+    "ratio_curve_plot",
     "with_prefix",
 ]
