@@ -73,7 +73,7 @@ from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
-from simulations.evidence_genomics import run_diagnosis
+from simulations.evidence_genomics import UnitModels, run_diagnosis
 from simulations.evidence_units import (
     DONE,
     Evidence,
@@ -458,22 +458,8 @@ def run_unit(
     # and at train time, the encoder; needs the truth (synthetic sites only).
     if bool(cfg.genomics_diagnosis.enabled):
         if truth_dir is not None and sc is not None:
-            run_diagnosis(
-                ucfg,
-                scenario,
-                seed,
-                per_site_data,
-                sites,
-                sc,
-                truth_dir,
-                setup,
-                fed_model,
-                regimes.central_model,
-                regimes.datasets,
-                regimes.central_steps,
-                ev_out,
-                view,
-            )
+            unit_models = UnitModels(per_site_data, sites, sc, truth_dir, setup, fed_model, regimes)
+            run_diagnosis(ucfg, scenario, seed, unit_models, ev_out, view)
         progress.finish(f"{unit}: genomics diagnosis")
 
     # Q4: the federation at each target epsilon on the DP budget.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from healthfm_core.data.batch import Batch
 from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk
 from healthfm_core.data.tasks import OnsetTask
-from healthfm_core.data.tokens import make_loader
 from healthfm_core.eval.probes import fit_ridge, subject_folds
-from healthfm_core.eval.row_embeddings import restrict_modalities
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
@@ -52,9 +49,8 @@ from healthfm_core.eval.runner import (
 )
 from healthfm_core.eval.tabular import TabularFeaturizer
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import curriculum_weights
-from healthfm_core.train.trainer import TrainConfig, train_local
 from simulations.evidence_units import Evidence
+from simulations.report import Regimes, train_baseline
 
 log = logging.getLogger("healthfm.simulations.evidence")
 
@@ -90,45 +86,11 @@ def genomics_cohort(
     return Cohort(data=data, rows=np.flatnonzero(keep), tasks=list(tasks))
 
 
-class _Hidden:
-    """A loader whose batches have genomics removed (restrict_modalities): training without it."""
-
-    def __init__(self, loader: Any, keep: tuple[str, ...]) -> None:
-        self.loader, self.keep = loader, keep
-
-    def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
-            yield restrict_modalities(batch, self.keep)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
 def train_without_genomics(setup: Any, datasets: Mapping[str, Any], steps: int, fed: DictConfig, seed: int) -> HealthFM:
     """simulations.report.train_baseline's pooled training (same init, loader seed, optimiser,
     curriculum and steps) with the PRS hidden from every batch: the train-time ablation."""
-    model = setup.init_model()
     dataset = PooledPretrainingDataset(list(datasets.values()))
-    loader = make_loader(
-        dataset, batch_size=fed.batch_size, shuffle=True, seed=seed, drop_last=len(dataset) > fed.batch_size
-    )
-    tcfg = TrainConfig(
-        steps=steps,
-        lr=fed.lr,
-        weight_decay=fed.weight_decay,
-        batch_size=fed.batch_size,
-        seed=seed,
-        progress=False,
-        log_every=max(1, steps // 5),
-    )
-    keep = ("ehr", "wearables")
-    train_local(
-        model,
-        _Hidden(loader, keep),
-        tcfg,
-        groups=None,
-        weights_fn=lambda step: curriculum_weights(step, steps, setup.model),
-    )
+    model, _ = train_baseline(setup, dataset, steps, fed, seed, None, False, keep=("ehr", "wearables"))
     return model
 
 
@@ -183,24 +145,31 @@ def encoder_output(model: HealthFM, prs: np.ndarray, valid: np.ndarray) -> np.nd
     return cond.numpy().astype(np.float64)
 
 
+@dataclass
+class UnitModels:
+    """What a unit of the evidence job has trained and evaluates, as the diagnosis reads it."""
+
+    per_site_data: Mapping[str, EvalSet]
+    sites: Mapping[str, Any]
+    sc: ScenarioConfig
+    truth_dir: Path
+    setup: Any
+    fed_model: HealthFM
+    regimes: Regimes  # the pooled model and its budget
+
+
 def run_diagnosis(
     cfg: DictConfig,
     scenario: str,
     seed: int,
-    per_site_data: Mapping[str, EvalSet],
-    sites: Mapping[str, Any],
-    sc: ScenarioConfig,
-    truth_dir: Path,
-    setup: Any,
-    fed_model: HealthFM,
-    pooled_model: HealthFM,
-    datasets: Mapping[str, Any],
-    central_steps: int,
+    unit: UnitModels,
     ev_out: Evidence,
     view: Callable[[HealthFM], Any] = lambda m: m,
 ) -> None:
     """The diagnosis's comparisons and R^2 into ev_out (module docstring); `view`: what the
     probes read of a model (the job's probe_view)."""
+    per_site_data, sites, sc, truth_dir = unit.per_site_data, unit.sites, unit.sc, unit.truth_dir
+    setup, fed_model, regimes = unit.setup, unit.fed_model, unit.regimes
     g = cfg.genomics_diagnosis
     disease = str(g.disease)
     code_to_disease = {d.code: name for name, d in sc.diseases.items()}
@@ -222,9 +191,9 @@ def run_diagnosis(
     feats["federated[ehr]"] = method_features(data, view(fed_model), rows=rows, keep=WITHOUT, **kw)
     fe = feats["federated[ehr]"]
     feats["federated[ehr] + PRS in probe"] = MethodFeatures(np.hstack([fe.x, prs_cols]), fe.present, fe.rows)
-    feats["pooled[ehr+genomics]"] = method_features(data, view(pooled_model), rows=rows, keep=WITH, **kw)
+    feats["pooled[ehr+genomics]"] = method_features(data, view(regimes.central_model), rows=rows, keep=WITH, **kw)
     if bool(g.train_without):
-        blind = train_without_genomics(setup, datasets, central_steps, fed, seed)
+        blind = train_without_genomics(setup, regimes.datasets, regimes.central_steps, fed, seed)
         feats["pooled trained without genomics[ehr+genomics]"] = method_features(
             data, view(blind), rows=rows, keep=WITH, **kw
         )

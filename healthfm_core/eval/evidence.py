@@ -64,24 +64,7 @@ def compare_paired(
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_a = np.where(both, boot_a, 0.0).sum(axis=1) / n_scored
         mean_b = np.where(both, boot_b, 0.0).sum(axis=1) / n_scored
-    ok = (n_scored > 0) & np.isfinite(mean_a) & np.isfinite(mean_b)
-    diff, ratio = (mean_a - mean_b)[ok], (mean_a / mean_b)[ok]
-    q = [alpha / 2, 1 - alpha / 2]
-    nan2 = (float("nan"), float("nan"))
-    return Comparison(
-        a=a,
-        b=b,
-        n_items=len(items),
-        n_rows=int(sum(len(it[0]) for it in items)),
-        n_subjects=len(np.unique(np.concatenate([np.asarray(it[3]).astype(str) for it in items]))),
-        mean_a=float(point_a.mean()),
-        mean_b=float(point_b.mean()),
-        difference=float(point_a.mean() - point_b.mean()),
-        difference_ci=tuple(float(v) for v in np.quantile(diff, q)) if len(diff) else nan2,  # type: ignore[arg-type]
-        ratio=float(point_a.mean() / point_b.mean()),
-        ratio_ci=tuple(float(v) for v in np.quantile(ratio, q)) if len(ratio) else nan2,  # type: ignore[arg-type]
-        fraction_at_or_below_zero=float(np.mean(diff <= 0)) if len(diff) else float("nan"),
-    )
+    return _comparison(items, a, b, float(point_a.mean()), float(point_b.mean()), mean_a, mean_b, alpha)
 
 
 def compare_draws(
@@ -114,23 +97,37 @@ def compare_draws(
     rows = np.arange(n_boot)[:, None]
     with np.errstate(invalid="ignore"):
         mean_a, mean_b = per_a[rows, pick].mean(1), per_b[rows, pick].mean(1)
-    ok = np.isfinite(mean_a) & np.isfinite(mean_b)
-    diff, ratio = (mean_a - mean_b)[ok], (mean_a / mean_b)[ok]
-    pa = np.mean([point_a[owner == d].mean() for d in range(k)])
-    pb = np.mean([point_b[owner == d].mean() for d in range(k)])
+    pa = float(np.mean([point_a[owner == d].mean() for d in range(k)]))
+    pb = float(np.mean([point_b[owner == d].mean() for d in range(k)]))
+    return _comparison(flat, a, b, pa, pb, mean_a, mean_b, alpha)
+
+
+def _comparison(
+    items: Sequence[Item],
+    a: str,
+    b: str,
+    point_a: float,
+    point_b: float,
+    boot_a: np.ndarray,
+    boot_b: np.ndarray,
+    alpha: float,
+) -> Comparison:
+    """The Comparison from the point means and each resample's means (NaN: not estimable there)."""
+    ok = np.isfinite(boot_a) & np.isfinite(boot_b)
+    diff, ratio = (boot_a - boot_b)[ok], (boot_a / boot_b)[ok]
     q = [alpha / 2, 1 - alpha / 2]
     nan2 = (float("nan"), float("nan"))
     return Comparison(
         a=a,
         b=b,
-        n_items=len(flat),
-        n_rows=int(sum(len(it[0]) for it in flat)),
-        n_subjects=len(np.unique(np.concatenate([np.asarray(it[3]).astype(str) for it in flat]))),
-        mean_a=float(pa),
-        mean_b=float(pb),
-        difference=float(pa - pb),
+        n_items=len(items),
+        n_rows=int(sum(len(it[0]) for it in items)),
+        n_subjects=len(np.unique(np.concatenate([np.asarray(it[3]).astype(str) for it in items]))),
+        mean_a=point_a,
+        mean_b=point_b,
+        difference=point_a - point_b,
         difference_ci=tuple(float(v) for v in np.quantile(diff, q)) if len(diff) else nan2,  # type: ignore[arg-type]
-        ratio=float(pa / pb),
+        ratio=point_a / point_b,
         ratio_ci=tuple(float(v) for v in np.quantile(ratio, q)) if len(ratio) else nan2,  # type: ignore[arg-type]
         fraction_at_or_below_zero=float(np.mean(diff <= 0)) if len(diff) else float("nan"),
     )
