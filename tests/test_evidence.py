@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.synthetic import load_scenario
+from healthfm_core.eval.compare import privacy_table
 from healthfm_core.eval.evidence import (
     Comparison,
     compare_draws,
@@ -449,3 +450,8 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     for key in ("questions", "verdicts"):  # NaN included: compared as written
         assert json.dumps(again[key]) == json.dumps(dump[key]), key
     assert (fed / "rounds.jsonl").stat().st_mtime_ns == rounds_mtime
+
+
+def test_privacy_table_names_each_draw() -> None:
+    table = privacy_table([], {"eps=8 draw 2": 8.0, "eps=8": 8.0, "no DP": None}, {})
+    assert "| 8 (draw 2) |" in table and "| 8 |" in table and "| none (no DP) |" in table
