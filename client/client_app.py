@@ -82,8 +82,12 @@ _SETUPS: dict[str, FederationSetup] = {}
 
 
 def site_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | None = None) -> SiteConfig:
-    """The node's SiteConfig: its node config, overlaid in simulation by its partition's entry."""
+    """The node's SiteConfig: its node config, overlaid in simulation by its partition's entry.
+    The run config's `proximal-mu` (FedProx, the same for every site of a run) is taken unless the
+    node config sets its own."""
     merged = dict(context.node_config)
+    if "proximal-mu" in context.run_config and "proximal-mu" not in merged:
+        merged["proximal-mu"] = context.run_config["proximal-mu"]
     if node_configs is not None:
         if "partition-id" not in merged:
             raise ValueError("simulation node configs given, but the node has no partition-id")

@@ -92,6 +92,9 @@ class SiteConfig(BaseModel):
     # torch threads (client/threads.py): N, "auto" (the free cores; `join`'s default), or None:
     # the policy's `threads`, else torch's default (simulation).
     threads: int | Literal["auto"] | None = None
+    # FedProx's proximal term in the site's local loss (TrainConfig.proximal_mu): run config or
+    # node config key `proximal-mu`; 0 (default) trains exactly as without it.
+    proximal_mu: float = Field(default=0.0, ge=0)
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -392,6 +395,7 @@ class SiteRuntime:
             seed=seed,
             progress=False,
             log_every=cfg.local_steps,
+            proximal_mu=self.config.proximal_mu,
         )
         result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
         losses: dict[str, float] = {}

@@ -280,6 +280,9 @@ class FederationSetup(_Strict):
         data = json.loads(self.to_json())
         if self.modalities == list(model_modalities(self.vocabulary.n_prs_traits)):
             data.pop("modalities")
+        pretraining = data["model"]["pretraining"]
+        if not pretraining.get("prs_reconstruct_shown", False):  # issue 31's option, off: as before it
+            pretraining.pop("prs_reconstruct_shown", None)
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shutil
 import sys
 import time
@@ -49,12 +50,20 @@ from healthfm_core.data.synthetic import load_scenario, oracle_risk
 from healthfm_core.data.tasks import OnsetTask
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare, plots
-from healthfm_core.eval.evidence import Comparison, Item, Verdict, comparison_plot, not_clearly_below
+from healthfm_core.eval.evidence import (
+    Comparison,
+    Item,
+    Verdict,
+    comparison_plot,
+    not_clearly_below,
+    ratio_curve_plot,
+)
 from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
     MethodResult,
+    PooledEmbedder,
     evaluate_method,
     paired_items,
     subsample_train,
@@ -64,6 +73,7 @@ from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
+from simulations.evidence_genomics import UnitModels, run_diagnosis
 from simulations.evidence_units import (
     DONE,
     Evidence,
@@ -90,6 +100,7 @@ QUESTIONS: dict[str, str] = {
     "q4": "Privacy cost: utility against epsilon",
     "q5": "Each modality and the decay kernel",
     "q6": "Calibration of the federated model's probes per horizon",
+    "g": "Genomics diagnosis: where the PRS signal is lost (one disease's onset, sites with genomics)",
 }
 PRESET_FLAGS = {"--quick": "preset=quick", "--medium": "preset=medium", "--full": "preset=full"}
 
@@ -114,21 +125,49 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
             stages.append((f"{unit}: data", float(c.data_seconds_per_1000_subjects) * subjects / 1000))
             stages.append((f"{unit}: federation", float(c.flower_run_seconds) + fed_steps * step_s))
             stages.append((f"{unit}: pooled and local-only", 2 * fed_steps * step_s))
-            n_models = 5 + len(cfg.decay.variants)  # fed, pooled, local, random, tabular + variants
-            stages.append((f"{unit}: kernel variants", len(cfg.decay.variants) * fed_steps * step_s))
+            n_models = 5 + len(cfg.decay.variants or {})  # fed, pooled, local, random, tabular + variants
+            stages.append((f"{unit}: kernel variants", len(cfg.decay.variants or {}) * fed_steps * step_s))
             stages.append((f"{unit}: per-site evaluation", n_models * rows * float(c.eval_seconds_per_row)))
             stages.append((f"{unit}: label shares and ablations", rows * float(c.ablation_seconds_per_row)))
+            if bool(cfg.genomics_diagnosis.enabled):
+                # One more pooled training (genomics hidden) and five feature passes over the cohort.
+                t = 2 * fed_steps * step_s * bool(cfg.genomics_diagnosis.train_without)
+                stages.append((f"{unit}: genomics diagnosis", t + rows * float(c.ablation_seconds_per_row)))
             if str(scenario) in dp.scenarios and int(seed) in dp.seeds:
                 dp_steps = int(dp.federation.rounds) * int(dp.federation.local_steps) * n_sites
-                n_dp = sum(e is not None for e in dp.epsilons)
-                n_plain = len(dp.epsilons) - n_dp
-                t = len(dp.epsilons) * float(c.flower_run_seconds)
+                n_dp = sum(e is not None for e in dp.epsilons) * int(dp.draws)
+                n_plain = sum(e is None for e in dp.epsilons)
+                n_fed = n_dp + n_plain
+                t = n_fed * float(c.flower_run_seconds)
                 t += dp_steps * dp.federation.batch_size * (n_dp * float(c.dp_sample_seconds))
                 t += n_plain * dp_steps * float(c.step_seconds) * dp.federation.batch_size / 16
-                t += len(dp.epsilons) * rows * float(c.eval_seconds_per_row)
-                stages.append((f"{unit}: privacy ({len(dp.epsilons)} federations)", t))
+                t += n_fed * rows * float(c.eval_seconds_per_row)
+                stages.append((f"{unit}: privacy ({n_fed} federations)", t))
+            bc = cfg.budget_curve
+            if str(scenario) in bc.scenarios and int(seed) in bc.seeds:
+                per_round = int(fed.local_steps) * n_sites * step_s  # one round, over all sites
+                n_fed = sum(budget_runs(cfg, int(r)) for r in bc.rounds)
+                t = sum(int(r) * per_round for r in bc.rounds)  # pooled at each budget
+                t += sum(
+                    budget_runs(cfg, int(r)) * (float(c.flower_run_seconds) + int(r) * per_round) for r in bc.rounds
+                )
+                t += (n_fed + len(bc.rounds)) * rows * float(c.eval_seconds_per_row)
+                stages.append((f"{unit}: budget curve ({n_fed} federations)", t))
     stages.append(("comparisons, report and plots", float(c.report_seconds)))
     return stages
+
+
+def budget_runs(cfg: DictConfig, rounds: int) -> int:
+    """Federations the budget curve trains at `rounds` (FedAvg at the main federation's rounds is
+    the main federation itself, reused)."""
+    return sum(not reuses_main(cfg, name, rounds) for name in cfg.budget_curve.strategies)
+
+
+def reuses_main(cfg: DictConfig, strategy: str, rounds: int) -> bool:
+    return rounds == int(cfg.federation.rounds) and not cfg.budget_curve.strategies[strategy]
+
+
+BUDGET_KEY = re.compile(r"^q1\|budget: (?P<strategy>.+), (?P<rounds>\d+) rounds$")
 
 
 class Progress:
@@ -228,6 +267,14 @@ def pooled_eval(
 # ---------------------------------------------------------------- one scenario and seed
 
 
+def probe_view(cfg: DictConfig, model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """What the job's probes read of a pretrained model: eval.probe_poolings of runner.PooledEmbedder
+    ([query, genomics]: the query state and the genomics encoder's output, issue 31)."""
+    if model is None:
+        return None
+    return PooledEmbedder(model, list(cfg.eval.probe_poolings))
+
+
 def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictConfig:
     """The config of one (scenario, seed): what simulations.run and the evaluation read."""
     sc = load_scenario(scenario).model_dump(mode="json")
@@ -272,7 +319,7 @@ def run_unit(
     progress.finish(f"{unit}: pooled and local-only")
 
     variants: dict[str, torch.nn.Module] = {}
-    for name, change in cfg.decay.variants.items():
+    for name, change in (cfg.decay.variants or {}).items():  # decay.variants=null: none
         vcfg = model_config_from_dict(
             {**setup.model.model_dump(), **OmegaConf.to_container(change, resolve=True)}, source=f"decay.{name}"
         )
@@ -291,13 +338,14 @@ def run_unit(
     ev = {**eval_settings(ucfg), "n_boot": n_boot}
     per_site: compare.PerSite = {name: {} for name in sites}
     features: dict[str, dict[str, MethodFeatures]] = {}
+    view = functools.partial(probe_view, cfg)
     models: dict[str, Any] = {
-        "federated": fed_model,
-        "pooled": regimes.central_model,
-        "random init": setup.init_model(),
+        "federated": view(fed_model),
+        "pooled": view(regimes.central_model),
+        "random init": view(setup.init_model()),
         "tabular": TabularFeaturizer(vocab.vocab_size),
-        "local-only": lambda s: regimes.local_models[s],
-        **variants,
+        "local-only": lambda s: view(regimes.local_models[s]),
+        **{k: view(v) for k, v in variants.items()},
     }
     for method, model in models.items():
         res, features[method] = compare.evaluate_per_site(method, per_site_data, model, progress=show, **ev)
@@ -375,14 +423,14 @@ def run_unit(
     # Q5 (modalities): the test-time ablation on the federated model.
     tasks = dict(next(iter(per_site_data.values())).tasks)
     for spec_name, spec in cfg.eval.modality_ablation.items():
-        view = OmegaConf.create(
+        ablation_cfg = OmegaConf.create(
             {
                 "seed": seed,
                 "progress": False,
                 "data": {"max_events": fed.max_events, "max_patches": fed.max_patches},
                 "eval": {
                     "batch_size": cfg.eval.batch_size,
-                    "ablation_pooling": "query",
+                    "ablation_pooling": list(cfg.eval.probe_poolings),
                     "n_boot": n_boot,
                     "summary_min_positives": int(cfg.eval.ablation_min_positives),
                     "modality_ablation": OmegaConf.to_container(spec, resolve=True),
@@ -392,7 +440,7 @@ def run_unit(
         if not any(s.wearable_files for s in sites.values()):
             ev_out.notes[scenario].append(f"seed {seed}: modality ablation {spec_name}: no site has wearables")
             continue
-        abl = modality_ablation(view, sites, seqs, fed_model, tasks, vocab)
+        abl = modality_ablation(ablation_cfg, sites, seqs, fed_model, tasks, vocab)
         for cohort in spec.cohorts:
             labels = [k for k in abl.results if k.startswith(f"{cohort}:")]
             for other in labels[1:]:
@@ -406,18 +454,35 @@ def run_unit(
                 )
     progress.finish(f"{unit}: label shares and ablations")
 
+    # The genomics diagnosis (evidence_genomics): the world, the tabular read, the model at test
+    # and at train time, the encoder; needs the truth (synthetic sites only).
+    if bool(cfg.genomics_diagnosis.enabled):
+        if truth_dir is not None and sc is not None:
+            unit_models = UnitModels(per_site_data, sites, sc, truth_dir, setup, fed_model, regimes)
+            run_diagnosis(ucfg, scenario, seed, unit_models, ev_out, view)
+        progress.finish(f"{unit}: genomics diagnosis")
+
     # Q4: the federation at each target epsilon on the DP budget.
     dp = cfg.privacy_budget
     if scenario in dp.scenarios and seed in dp.seeds:
         dcfg = OmegaConf.merge(ucfg, {"federation": OmegaConf.to_container(dp.federation, resolve=True)})
         settings = privacy_sweep.Settings()
+        # k independent noise draws per DP setting (each a federation trained anew: the noise is
+        # secret and unseeded, so the draws differ); no DP is deterministic at a seed: one run.
+        n_draws = int(dp.draws)
+        draw_ids: list[int | None] = [None] if n_draws == 1 else list(range(1, n_draws + 1))
+        by_draw: dict[int | None, list[tuple[float, str]]] = {d: [] for d in draw_ids}
         for epsilon in privacy_sweep.parse_epsilons(list(dp.epsilons)):
-            privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings)
-        per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show)
+            for d in draw_ids if epsilon is not None else [None]:
+                label = privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings, d)
+                if epsilon is not None:
+                    by_draw[d].append((epsilon, label))
+        per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show, view)
         labels = list(settings.epsilon)
         base = compare.epsilon_label(None)
         for label in labels:
             if label != base and base in labels:
+                # "eps=8 draw 2 - no DP": Evidence.compare adds "eps=8 - no DP" over the draws.
                 ev_out.add(
                     scenario,
                     f"q4|{label} - no DP",
@@ -426,9 +491,10 @@ def run_unit(
                     seed,
                     site_items(per_site_data, per_site_dp, label, base),
                 )
-        finite = sorted((e, lab) for lab, e in settings.epsilon.items() if e is not None)
-        for (_, lo), (_, hi) in zip(finite, finite[1:]):
-            ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
+        for finite in by_draw.values():  # neighbouring epsilons within a draw
+            finite.sort()
+            for (_, lo), (_, hi) in zip(finite, finite[1:]):
+                ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
         steps = int(dp.federation.rounds) * int(dp.federation.local_steps)
         noise = {
             compare.epsilon_label(e): {
@@ -454,7 +520,38 @@ def run_unit(
             ev_out.privacy[scenario][seed]["plot"] = compare.privacy_plot(
                 rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
             ).name
-        progress.finish(f"{unit}: privacy ({len(dp.epsilons)} federations)")
+        progress.finish(f"{unit}: privacy ({len(settings.epsilon)} federations)")
+    # Q1 as the budget grows: federated (each strategy) against pooled at equal compute, per rounds.
+    bc = cfg.budget_curve
+    if scenario in bc.scenarios and seed in bc.seeds:
+        datasets = PooledPretrainingDataset(list(regimes.datasets.values()))
+        n_fed = 0
+        for r in (int(x) for x in bc.rounds):
+            pooled_label = f"pooled at {r} rounds' compute"
+            if r == int(fed.rounds):
+                pooled_model = regimes.central_model
+            else:
+                steps = r * int(fed.local_steps) * len(sites)  # the federation's samples seen at r rounds
+                pooled_model, _ = train_baseline(setup, datasets, steps, fed, seed, None, show)
+            res, _ = compare.evaluate_per_site(pooled_label, per_site_data, view(pooled_model), progress=show, **ev)
+            budget: compare.PerSite = {name: {pooled_label: rr} for name, rr in res.items()}
+            for strategy, change in bc.strategies.items():
+                label = f"{strategy}, {r} rounds"
+                if reuses_main(cfg, strategy, r):
+                    model = fed_model
+                else:
+                    scfg = OmegaConf.merge(
+                        ucfg, {"federation": {**OmegaConf.to_container(change, resolve=True), "rounds": r}}
+                    )
+                    _, model, _ = run_federation(scfg, out / "budget" / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}")
+                    n_fed += 1
+                res, _ = compare.evaluate_per_site(label, per_site_data, view(model), progress=show, **ev)
+                for name, rr in res.items():
+                    budget[name][label] = rr
+                items = site_items(per_site_data, budget, label, pooled_label)
+                ev_out.add(scenario, f"q1|budget: {strategy}, {r} rounds", label, pooled_label, seed, items)
+        progress.finish(f"{unit}: budget curve ({n_fed} federations)")
+
     if fingerprint is not None:
         seconds = {k: progress.actual[k] for k in progress.unit_stages(scenario, seed) if k in progress.actual}
         log.info("%s: evidence written to %s", unit, save_unit(out, ev_out, scenario, seed, fingerprint, seconds))
@@ -589,7 +686,31 @@ def verdicts(
             detail="not measured" if not calib else f"worst horizon ECE {_f(worst)}",
         )
     )
+    out.append(genomics_verdict(cfg, comps))
     return out
+
+
+def genomics_verdict(cfg: DictConfig, comps: Mapping[str, Comparison]) -> Verdict:
+    """g: the model's test-time gain from genomics against the target, or against the world's own
+    gain where the world carries less than the target (issue 31's rule)."""
+    gain = float(cfg.targets.genomics_gain)
+    model = comps.get("g|federated, test time: ehr+genomics - ehr")
+    world = comps.get("g|world: oracle - oracle without PRS")
+    target = (
+        f"{cfg.genomics_diagnosis.disease} onset, sites with genomics: ehr+genomics - ehr >= {gain:+.2f} with "
+        "its interval above 0 (or the world's own gain, where the oracle's is smaller)"
+    )
+    if model is None:
+        return Verdict(question="g", target=target, met=None, detail="not measured")
+    goal = gain if world is None or world.difference >= gain else world.difference
+    detail = f"ehr+genomics - ehr {_f(model.difference, True)} {_ci(model.difference_ci, True)}"
+    if world is not None:
+        detail += (
+            f"; the world's (oracle - oracle without PRS) {_f(world.difference, True)} {_ci(world.difference_ci, True)}"
+        )
+    return Verdict(
+        question="g", target=target, met=bool(model.difference >= goal and model.difference_ci[0] > 0), detail=detail
+    )
 
 
 def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progress, clock: Clock) -> Path:
@@ -685,6 +806,21 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                     else "no task had enough held-out positives for both methods"
                 )
                 lines.append(f"Not measured: {entry['reason']}.")
+            curves: dict[str, dict[int, Comparison]] = {}
+            for k, c in mine.items():
+                if q == "q1" and (m := BUDGET_KEY.match(f"q1|{k}")) is not None:
+                    curves.setdefault(m["strategy"], {})[int(m["rounds"])] = c
+            if curves:
+                figs[f"q1 federated / pooled against rounds, {scenario}"] = ratio_curve_plot(
+                    curves,
+                    out / f"q1_budget_curve_{scenario}.png",
+                    f"Federated / pooled at equal compute as rounds grow ({scenario})",
+                    reference=float(cfg.targets.federated_ratio),
+                )
+                entry["budget_curve"] = {
+                    s: {r: {"ratio": c.ratio, "ratio_ci": c.ratio_ci} for r, c in sorted(pts.items())}
+                    for s, pts in curves.items()
+                }
             if q == "q1" and ev_out.summaries.get(scenario):
                 lines += [
                     "",
@@ -703,6 +839,16 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                         {m: c for m, c in ev_out.curves[scenario].items() if c},
                         out / f"q3_label_efficiency_{scenario}.png",
                     )
+            if q == "g" and ev_out.diagnostics.get(scenario):
+                entry["diagnostics"] = ev_out.diagnostics[scenario]
+                for seed, d in sorted(ev_out.diagnostics[scenario].items()):
+                    r2 = ", ".join(f"{k} {v:.3f}" for k, v in d.get("r2_prs", {}).items()) or "not measured"
+                    counts = ", ".join(f"{k}: {c['positives']}/{c['rows']}" for k, c in d.get("per_task", {}).items())
+                    lines += [
+                        "",
+                        f"Seed {seed}: {d['rows']} rows of {d['subjects']} subjects at {', '.join(d['sites'])} "
+                        f"(positives / rows per task: {counts}). Cross-fitted R^2 of the {d['disease']} PRS from: {r2}.",
+                    ]
             if q == "q4" and ev_out.privacy.get(scenario):
                 entry["runs"] = ev_out.privacy[scenario]
                 for seed, p in ev_out.privacy[scenario].items():

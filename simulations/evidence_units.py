@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from healthfm_core.eval.evidence import Comparison, Item, compare_paired, with_prefix
+from healthfm_core.eval.evidence import Comparison, Item, compare_draws, compare_paired, with_prefix
 from healthfm_core.eval.metrics import auroc
 from healthfm_core.files import atomic_write_bytes, atomic_write_text
 
@@ -53,6 +54,11 @@ NOT_FINGERPRINTED += ("scenarios", "seeds", "cost", "targets", "eval.n_boot")
 NOT_FINGERPRINTED += ("federation.eval_max_subjects",)
 
 
+# A comparison of one of k independent draws (q4's DP noise draws): "<head> draw <i> - <b>[ draw <i>]".
+# Evidence.compare also gives "<head> - <b>" over all the draws (compare_draws).
+DRAW_KEY = re.compile(r"^(?P<head>.+?) draw (?P<draw>\d+)(?P<rest> - .+?)(?: draw \d+)?$")
+
+
 class UnitFileError(ValueError):
     """A unit's evidence file that cannot be read as one (names the file and the field)."""
 
@@ -74,6 +80,9 @@ class Evidence:
         self.summaries: dict[str, dict[int, list[dict]]] = defaultdict(dict)  # scenario -> seed -> rows
         self.curves: dict[str, dict[str, dict[float, list[float]]]] = {}  # scenario -> method -> share -> per seed
         self.privacy: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        # Per scenario and seed: a stage's own numbers that are not paired items (the genomics
+        # diagnosis's R^2 and counts; the privacy draws' per-draw summaries).
+        self.diagnostics: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
         self.notes: dict[str, list[str]] = defaultdict(list)
 
     def add(self, scenario: str, key: str, a: str, b: str, seed: int, items: Sequence[Item]) -> None:
@@ -106,11 +115,26 @@ class Evidence:
                     dst.setdefault(share, []).extend(values)
         for s, runs in other.privacy.items():
             self.privacy[s].update(runs)
+        for s, runs in other.diagnostics.items():
+            self.diagnostics[s].update(runs)
         for s, notes in other.notes.items():
             self.notes[s] += notes
 
     def compare(self, n_boot: int) -> dict[tuple[str, str], Comparison]:
-        return {k: compare_paired(items, *self.methods[k], n_boot=n_boot) for k, items in self.items.items()}
+        """Every key's paired comparison; and for keys of independent draws (DRAW_KEY), the
+        comparison over all of a setting's draws, whose interval covers draws and subjects."""
+        out = {k: compare_paired(items, *self.methods[k], n_boot=n_boot) for k, items in self.items.items()}
+        draws: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+        for scenario, key in self.items:
+            if (m := DRAW_KEY.match(key)) is not None:
+                draws[(scenario, m["head"] + m["rest"])].append((scenario, key))
+        for (scenario, key), keys in draws.items():
+            m = DRAW_KEY.match(keys[0][1])
+            assert m is not None
+            a = m["head"].split("|", 1)[1]
+            b = m["rest"][3:]
+            out[(scenario, key)] = compare_draws([self.items[k] for k in keys], a, b, n_boot=n_boot)
+        return out
 
 
 # ---------------------------------------------------------------- the unit file
@@ -163,6 +187,8 @@ class UnitFile(_Model):
     curves: dict[str, dict[str, dict[float, list[float]]]]
     privacy: dict[str, dict[int, dict[str, Any]]]
     notes: dict[str, list[str]]
+    # Absent in units written before the genomics diagnosis existed: empty.
+    diagnostics: dict[str, dict[int, dict[str, Any]]] = {}
 
 
 def unit_fingerprint(ucfg: DictConfig, scenario: str) -> dict[str, Any]:
@@ -264,6 +290,7 @@ def save_unit(
         curves=ev.curves,
         privacy=dict(ev.privacy),
         notes=dict(ev.notes),
+        diagnostics=dict(ev.diagnostics),
     )
     return atomic_write_text(unit_dir / DONE, doc.model_dump_json(indent=1))
 
@@ -336,6 +363,8 @@ def load_unit(unit_dir: Path, doc: UnitFile | None = None) -> Evidence:
         ev.privacy[s] = dict(runs)
     for s, notes in doc.notes.items():
         ev.notes[s] = list(notes)
+    for s, runs in doc.diagnostics.items():
+        ev.diagnostics[s] = dict(runs)
     return ev
 
 

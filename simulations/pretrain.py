@@ -311,7 +311,8 @@ def modality_ablation(
     for cohort, c in spec.cohorts.items():
         for keep in c.conditions:
             by_keep.setdefault(tuple(m for m in order if m in keep), set()).update(cohorts[cohort].tolist())
-    embedder = PooledEmbedder(model, [cfg.eval.ablation_pooling])
+    pooling = cfg.eval.ablation_pooling  # one pooling, or a list of them (the evidence job's probe_poolings)
+    embedder = PooledEmbedder(model, [pooling] if isinstance(pooling, str) else list(pooling))
     feats = {
         key: method_features(
             data,

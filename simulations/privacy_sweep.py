@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,8 @@ MARKER = "privacy_sweep.json"  # present once a sweep has finished in out_dir
 STARTED = ".privacy_sweep.started"  # present once a sweep has begun writing in out_dir
 
 
-def setting_dir(epsilon: float | None) -> str:
-    return "no-dp" if epsilon is None else f"eps-{epsilon:g}"
+def setting_dir(epsilon: float | None, draw: int | None = None) -> str:
+    return ("no-dp" if epsilon is None else f"eps-{epsilon:g}") + ("" if draw is None else f"-draw{draw}")
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -115,8 +115,16 @@ class Settings:
         self.dirs: dict[str, Path] = {}
         self.setup: FederationSetup | None = None
 
-    def add(self, epsilon: float | None, setup: FederationSetup, model: HealthFM, fed_dir: Path, seconds: float) -> str:
-        label = compare.epsilon_label(epsilon)
+    def add(
+        self,
+        epsilon: float | None,
+        setup: FederationSetup,
+        model: HealthFM,
+        fed_dir: Path,
+        seconds: float,
+        draw: int | None = None,
+    ) -> str:
+        label = compare.epsilon_label(epsilon) + ("" if draw is None else f" draw {draw}")
         if self.setup is not None and setup.sha256 != self.setup.sha256:
             # Different vocabulary or initialisation: the settings would not be comparable.
             raise RuntimeError(
@@ -132,21 +140,30 @@ class Settings:
         return label
 
 
-def run_setting(cfg: DictConfig, runs: Path, epsilon: float | None, settings: Settings) -> str:
-    """One federation with the server asking for `epsilon` (None: no DP), into runs/<setting>."""
+def run_setting(cfg: DictConfig, runs: Path, epsilon: float | None, settings: Settings, draw: int | None = None) -> str:
+    """One federation with the server asking for `epsilon` (None: no DP), into runs/<setting>;
+    `draw`: one of several runs of the same setting (each its own secret noise draw: the privacy
+    engine's noise is unseeded whatever the run's seed), labelled "<setting> draw <draw>"."""
     t0 = time.perf_counter()
-    fed_dir = runs / setting_dir(epsilon)
+    fed_dir = runs / setting_dir(epsilon, draw)
     log.info("federation at %s into %s", compare.epsilon_label(epsilon), fed_dir)
     setup, model, _ = run_federation(OmegaConf.merge(cfg, {"privacy": {"target_epsilon": epsilon}}), fed_dir)
-    return settings.add(epsilon, setup, model, fed_dir, time.perf_counter() - t0)
+    return settings.add(epsilon, setup, model, fed_dir, time.perf_counter() - t0, draw)
 
 
 def evaluate_settings(
-    settings: Settings, per_site_data: Mapping, ev: Mapping[str, Any], progress: bool
+    settings: Settings,
+    per_site_data: Mapping,
+    ev: Mapping[str, Any],
+    progress: bool,
+    view: Callable[[HealthFM], Any] | None = None,
 ) -> compare.PerSite:
+    """Each setting's per-site probes; `view` (e.g. the evidence job's probe_view) is what the
+    probes read of a model (default: the model's own embedding)."""
     per_site: compare.PerSite = {name: {} for name in per_site_data}
     for label, model in settings.models.items():
-        res, _ = compare.evaluate_per_site(label, per_site_data, model, progress=progress, **ev)
+        shown = model if view is None else view(model)
+        res, _ = compare.evaluate_per_site(label, per_site_data, shown, progress=progress, **ev)
         for name, r in res.items():
             per_site[name][label] = r
     return per_site

@@ -27,7 +27,7 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES
 from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
@@ -44,6 +45,7 @@ from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_lo
 from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
 from healthfm_core.eval.report import auroc_cell
+from healthfm_core.eval.row_embeddings import restrict_modalities
 from healthfm_core.eval.runner import EvalSet, MethodResult
 from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.model.groups import parameter_group
@@ -96,14 +98,25 @@ def train_ids(site: Site) -> np.ndarray:
 
 
 def train_baseline(
-    setup: FederationSetup, dataset, steps: int, fed: DictConfig, seed: int, groups: list[str] | None, progress: bool
+    setup: FederationSetup,
+    dataset,
+    steps: int,
+    fed: DictConfig,
+    seed: int,
+    groups: list[str] | None,
+    progress: bool,
+    keep: Sequence[str] | None = None,
 ) -> tuple[HealthFM, list[dict[str, float]]]:
     """From the federation's initial weights: `steps` steps of the federation's optimiser
-    settings over `groups` (None: all), the curriculum laid over the steps."""
+    settings over `groups` (None: all), the curriculum laid over the steps. `keep`: every batch
+    restricted to these modalities (runner.restrict_modalities; e.g. the genomics diagnosis's
+    training without genomics); None: as the data come."""
     model = setup.init_model()
-    loader = make_loader(
+    loader: Any = make_loader(
         dataset, batch_size=fed.batch_size, shuffle=True, seed=seed, drop_last=len(dataset) > fed.batch_size
     )
+    if keep is not None:
+        loader = Restricted(loader, tuple(keep))
     tcfg = TrainConfig(
         steps=steps,
         lr=fed.lr,
@@ -117,6 +130,20 @@ def train_baseline(
         model, loader, tcfg, groups=groups, weights_fn=lambda step: curriculum_weights(step, steps, setup.model)
     )
     return model, result.history
+
+
+class Restricted:
+    """A loader whose batches keep only some modalities (re-iterable, like the loader)."""
+
+    def __init__(self, loader: Any, keep: tuple[str, ...]) -> None:
+        self.loader, self.keep = loader, keep
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            yield restrict_modalities(batch, self.keep)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 @dataclasses.dataclass

@@ -23,10 +23,19 @@ from hydra import compose, initialize_config_dir
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.synthetic import load_scenario
-from healthfm_core.eval.evidence import Comparison, compare_paired, comparison_plot, with_prefix
+from healthfm_core.eval.compare import privacy_table
+from healthfm_core.eval.evidence import (
+    Comparison,
+    compare_draws,
+    compare_paired,
+    comparison_plot,
+    ratio_curve_plot,
+    with_prefix,
+)
 from healthfm_core.eval.metrics import paired_difference
 from healthfm_core.eval.tabular import NEVER_DAYS, tabular_features
 from simulations.evidence import (
+    BUDGET_KEY,
     QUESTIONS,
     calibration_rows,
     finished_unit,
@@ -90,6 +99,46 @@ def test_thin_items_leave_only_their_own_resamples() -> None:
 def test_runs_never_share_a_subject() -> None:
     both = with_prefix(_items(0), "s|0|") + with_prefix(_items(1), "s|1|")
     assert compare_paired(both, "good", "bad", n_boot=20).n_subjects == 300
+
+
+def test_compare_draws_covers_the_draws_and_is_compare_paired_for_one() -> None:
+    items = _items(0)
+    one = compare_draws([items], "good", "bad", n_boot=200, seed=3)
+    assert one == compare_paired(items, "good", "bad", n_boot=200, seed=3)
+    # Five draws of `good` on the same rows and subjects: three as good, two much worse. The
+    # interval over draws and subjects is wider than any one draw's subject-only interval.
+    rng = np.random.default_rng(9)
+    draws = []
+    for k in range(5):
+        noise = 0.8 if k < 3 else 2.5
+        draws.append([(y, y + rng.normal(0, noise, len(y)), b, g) for y, _, b, g in items])
+    c = compare_draws(draws, "good", "bad", n_boot=400, seed=1)
+    singles = [compare_paired(d, "good", "bad", n_boot=400, seed=1) for d in draws]
+    assert c.difference == pytest.approx(np.mean([s.difference for s in singles]))
+    width = c.difference_ci[1] - c.difference_ci[0]
+    assert width > max(s.difference_ci[1] - s.difference_ci[0] for s in singles)
+    assert c.n_items == 15 and c.n_subjects == 150  # the draws share their subjects
+
+
+def test_evidence_combines_a_settings_draws() -> None:
+    ev = Evidence()
+    items = _items(0)
+    for d in (1, 2, 3):
+        ev.add("default", f"q4|eps=8 draw {d} - no DP", f"eps=8 draw {d}", "no DP", 0, items)
+        ev.add("default", f"q4|eps=3 draw {d} - eps=8 draw {d}", f"eps=3 draw {d}", f"eps=8 draw {d}", 0, items)
+    comps = ev.compare(50)
+    both = comps[("default", "q4|eps=8 - no DP")]
+    assert (both.a, both.b, both.n_items) == ("eps=8", "no DP", 9)
+    assert comps[("default", "q4|eps=3 - eps=8")].b == "eps=8"
+    assert ("default", "q4|eps=8 draw 2 - no DP") in comps
+
+
+def test_budget_curve_keys_and_plot(tmp_path: Path) -> None:
+    m = BUDGET_KEY.match("q1|budget: FedProx, 16 rounds")
+    assert m is not None and (m["strategy"], int(m["rounds"])) == ("FedProx", 16)
+    c = compare_paired(_items(0), "good", "bad", n_boot=50)
+    path = ratio_curve_plot({"FedAvg": {4: c, 8: c}, "FedAdam": {4: c}}, tmp_path / "curve.png", "t", reference=0.98)
+    assert path.is_file()
 
 
 def test_tabular_features_last_value_time_since_age_prs() -> None:
@@ -401,3 +450,8 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     for key in ("questions", "verdicts"):  # NaN included: compared as written
         assert json.dumps(again[key]) == json.dumps(dump[key]), key
     assert (fed / "rounds.jsonl").stat().st_mtime_ns == rounds_mtime
+
+
+def test_privacy_table_names_each_draw() -> None:
+    table = privacy_table([], {"eps=8 draw 2": 8.0, "eps=8": 8.0, "no DP": None}, {})
+    assert "| 8 (draw 2) |" in table and "| 8 |" in table and "| none (no DP) |" in table

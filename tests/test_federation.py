@@ -261,6 +261,31 @@ def test_site_training_is_deterministic_and_fp16_transport_halves_the_payload(ru
     assert site_seed(5, 2, "genomics") != site_seed(5, 3, "genomics") != site_seed(5, 2, "hospital")
 
 
+def test_site_proximal_mu_zero_is_unchanged_and_positive_stays_near_the_global_model(federation, setup) -> None:
+    # FedProx (issue 31): node / run config key proximal-mu; 0 trains bit for bit as without it.
+    s = next(x for x in federation.sites if x.name == "genomics")
+
+    def site(**extra: object) -> SiteRuntime:
+        return SiteRuntime(
+            SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **POLICY, **extra})
+        )
+
+    plain, zero, prox = site(), site(**{"proximal-mu": 0.0}), site(**{"proximal-mu": 50.0})
+    assert prox.config.proximal_mu == 50.0
+    arrays = own_arrays(setup, plain.groups)
+    cfg = RoundConfig(
+        round=1, rounds=1, local_steps=3, lr=1e-2, batch_size=4, max_events=32, seed=5, setup_sha256=setup.sha256
+    )
+    a, b, c = plain.train(setup, arrays, cfg), zero.train(setup, arrays, cfg), prox.train(setup, arrays, cfg)
+    for k in a.arrays:
+        np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+
+    def moved(reply) -> float:
+        return float(sum(((reply.arrays[k] - arrays[k]) ** 2).sum() for k in reply.arrays) ** 0.5)
+
+    assert moved(c) < moved(a)
+
+
 def test_evaluation_withholds_metrics_below_the_site_minimum(federation, setup) -> None:
     site = federation.site("biobank")
     strict = SiteRuntime(SiteConfig(site_root=site.root, site_name="biobank", min_report_subjects=10_000))

@@ -25,6 +25,7 @@ from healthfm_core.model.objectives import (
     next_visit_loss,
     predictive_coding_loss,
     pretraining_losses,
+    prs_reconstruction_loss,
     sample_future_anchors,
     sample_masks,
 )
@@ -435,3 +436,29 @@ def test_pretraining_places_the_query_at_the_anchor() -> None:
     expected = future_codes_loss(model, model(batch, masks=masks, query_time=anchor), batch, anchor, has_anchor, cfg)
     got = model.pretraining_losses(batch, ObjectiveWeights(), torch.Generator().manual_seed(5))
     torch.testing.assert_close(got["future_codes"], expected["future_codes"])
+
+
+def test_prs_reconstruct_shown_scores_every_trait() -> None:
+    # Issue 31: with prs_reconstruct_shown the PRS loss covers the visible traits too (the masked
+    # term alone is minimised by a constant when traits are independent, and erases the scores).
+    batch = random_batch(vocab_size=VOCAB, seed=2)
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny")
+    plain = HealthFM(cfg, vocab_size=VOCAB, n_prs_traits=batch.prs.shape[1]).eval()
+    both = HealthFM(
+        cfg.model_copy(update={"pretraining": cfg.pretraining.model_copy(update={"prs_reconstruct_shown": True})}),
+        vocab_size=VOCAB,
+        n_prs_traits=batch.prs.shape[1],
+    ).eval()
+    both.load_state_dict(plain.state_dict())
+    hidden = torch.zeros_like(batch.prs_valid)
+    hidden[:, 0] = batch.prs_valid[:, 0] & (batch.prs_valid.sum(1) >= 2)
+    masks = ReconstructionMasks(prs=hidden)
+    out = plain(batch, masks)
+    assert out.genomics_cond is not None
+    err = (plain.heads["prs_recon"](out.genomics_cond).float() - batch.prs.float()) ** 2
+    seen = batch.prs_valid & out.present["genomics"][:, None]
+    masked_only = prs_reconstruction_loss(plain, out, batch, masks)["prs_masked"]
+    every = prs_reconstruction_loss(both, out, batch, masks)["prs_masked"]
+    assert torch.allclose(masked_only, err[hidden & seen].mean())
+    assert torch.allclose(every, err[seen].mean())

@@ -281,3 +281,29 @@ def test_pooled_embedder_query_block_is_the_models_embedding() -> None:
     assert torch.allclose(both[:, d:], (out.states * w).sum(1) / w.sum(1), atol=1e-6)
     with pytest.raises(ValueError, match="poolings"):
         PooledEmbedder(model, ["max"])
+
+
+def test_pooled_embedder_genomics_block_is_the_encoders_output_and_zero_without_it() -> None:
+    # Issue 31: the probes read the genomics encoder's output beside the query state.
+    batch = random_batch(batch_size=3, seed=5)
+    torch.manual_seed(0)
+    model = HealthFM(load_model_config("tiny"), vocab_size=40, n_prs_traits=4).eval()
+    d, h = model.cfg.d_model, model.cfg.genomics.d_hidden
+    view = PooledEmbedder(model, ["query", "genomics"])
+    with torch.no_grad():
+        x = view.embed(batch)
+        out = model(batch)
+        blind = view.embed(restrict_modalities(batch, ["ehr", "wearables"]))
+    assert x.shape == (3, d + h)
+    assert torch.allclose(x[:, :d], model.embed(batch).detach())
+    has = out.present["genomics"]
+    assert has.any()
+    assert out.genomics_cond is not None
+    assert torch.allclose(x[has, d:], out.genomics_cond[has])
+    assert torch.equal(x[~has, d:], torch.zeros_like(x[~has, d:]))
+    assert blind.shape == (3, d + h) and torch.equal(blind[:, d:], torch.zeros(3, h))
+    # A model without genomics gives the block no columns (every batch the same width).
+    plain = HealthFM(load_model_config("tiny"), vocab_size=40, n_prs_traits=0).eval()
+    with torch.no_grad():
+        got = PooledEmbedder(plain, ["query", "genomics"]).embed(restrict_modalities(batch, ["ehr", "wearables"]))
+    assert got.shape == (3, d)

@@ -411,6 +411,27 @@ def test_truth_risk_is_calibrated_and_discriminates(fed: FederationManifest, sce
     assert auroc > 0.75
 
 
+def test_oracle_without_prs_takes_out_the_hazards_prs_term(fed: FederationManifest, scenario: ScenarioConfig) -> None:
+    # Issue 31's "oracle without PRS": the hazard divided by exp(beta_prs * PRS); where the
+    # subject is still healthy and the risk small, the risk scales by about that factor.
+    site = fed.sites[0].name
+    risk = _truth(fed, site, "risk").filter(pl.col("at_risk_T2D")).head(300)
+    prs = _truth(fed, site, "subjects").select("subject_id", "prs_T2D")
+    sub = risk.join(prs, on="subject_id")
+    args = (fed.truth_dir, site, "T2D", sub["subject_id"].to_numpy(), sub["prediction_time"].to_numpy(), 365)
+    with_prs, without = oracle_risk(*args), oracle_risk(*args, with_prs=False)
+    beta = scenario.diseases["T2D"].beta_prs
+    assert beta > 0
+    ok = np.isfinite(with_prs) & (with_prs > 1e-6) & (with_prs < 0.02)
+    assert ok.sum() > 50
+    ratio = without[ok] / with_prs[ok]
+    expected = np.exp(-beta * sub["prs_T2D"].to_numpy()[ok])
+    # Small risks ~ proportional to the hazard; a subclinical subject's risk is the lag's alone.
+    close = np.abs(np.log(ratio / expected)) < 0.05
+    assert close.mean() > 0.8, close.mean()
+    np.testing.assert_array_equal(np.isnan(with_prs), np.isnan(without))
+
+
 # ------------------------------------------------------------------------------------------
 # Configs, CLI, atomic writes
 

@@ -267,3 +267,22 @@ def test_config_validation_and_schedule() -> None:
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0.1
     assert set(GROUPS) == {"shared", "ehr", "wearables", "genomics"}
+
+
+def test_proximal_mu_zero_is_the_plain_step_and_positive_pulls_toward_the_start() -> None:
+    # FedProx (issue 31): mu=0 trains bit for bit as before; mu>0 ends nearer the weights it
+    # started from (the global model of a round), and further mu nearer still.
+    def run(**extra: float) -> dict[str, torch.Tensor]:
+        model = toy_model()
+        train_local(model, toy_data(), TrainConfig(steps=30, **CFG, **extra), weights_fn=Weights())
+        return snapshot(model)
+
+    start = snapshot(toy_model())
+    plain, zero = run(), run(proximal_mu=0.0)
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+
+    def distance(w: dict[str, torch.Tensor]) -> float:
+        return float(sum(((w[k] - start[k]) ** 2).sum() for k in w if w[k].is_floating_point()) ** 0.5)
+
+    d0, d1, d10 = distance(plain), distance(run(proximal_mu=1.0)), distance(run(proximal_mu=10.0))
+    assert d10 < d1 < d0, (d0, d1, d10)

@@ -271,8 +271,10 @@ def privacy_table(
         mine = {r.horizon: r for r in rows if r.method == method}
         cells = [f"{_f(mine[h].auroc)} / {_f(mine[h].ece)}" if h in mine else "-" for h in horizons]
         eps = [_f(spent.get(method, {})[s]) if s in spent.get(method, {}) else "-" for s in sites]
+        # A setting run several times (noise draws: "eps=8 draw 2") keeps its draw in the row's name.
+        draw = f" (draw {method.split(' draw ', 1)[1]})" if " draw " in method else ""
         lines.append(
-            f"| {'none (no DP)' if target is None else f'{target:g}'} | "
+            f"| {'none (no DP)' if target is None else f'{target:g}'}{draw} | "
             + " | ".join(cells)
             + "".join(f" | {e}" for e in eps)
             + " |"

@@ -64,8 +64,57 @@ def compare_paired(
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_a = np.where(both, boot_a, 0.0).sum(axis=1) / n_scored
         mean_b = np.where(both, boot_b, 0.0).sum(axis=1) / n_scored
-    ok = (n_scored > 0) & np.isfinite(mean_a) & np.isfinite(mean_b)
-    diff, ratio = (mean_a - mean_b)[ok], (mean_a / mean_b)[ok]
+    return _comparison(items, a, b, float(point_a.mean()), float(point_b.mean()), mean_a, mean_b, alpha)
+
+
+def compare_draws(
+    draws: Sequence[Sequence[Item]], a: str, b: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> Comparison:
+    """The comparison of a with b over k independent draws of a (e.g. k DP noise draws, each a
+    model trained anew) on the same rows, with an interval that covers the draws and the subjects.
+
+    Two-way bootstrap: each resample draws the subjects once for every item of every draw (the
+    draws are scored on the same people, so their subject sampling is shared, as in
+    compare_paired) and, independently, k draws with replacement; its statistic is the mean over
+    the drawn draws of each draw's mean difference. With k = 1 it is compare_paired. The point
+    estimate is the mean over the draws. k is small (5): the interval's draw component is then
+    itself rough, which is why the per-draw differences are reported beside it."""
+    draws = [list(d) for d in draws if len(d)]
+    if not draws:
+        raise ValueError("compare_draws needs at least one draw with items")
+    flat = [it for d in draws for it in d]
+    owner = np.repeat(np.arange(len(draws)), [len(d) for d in draws])
+    point_a, point_b, boot_a, boot_b = paired_resamples(flat, n_boot=n_boot, seed=seed)
+    both = np.isfinite(boot_a) & np.isfinite(boot_b)
+    k = len(draws)
+    # [n_boot, k] each draw's mean AUROC of a and of b in each resample (items scored there only).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_a = np.stack([np.where(both & (owner == d), boot_a, 0.0).sum(1) for d in range(k)], 1)
+        per_b = np.stack([np.where(both & (owner == d), boot_b, 0.0).sum(1) for d in range(k)], 1)
+        n_d = np.stack([(both & (owner == d)).sum(1) for d in range(k)], 1)
+        per_a, per_b = per_a / n_d, per_b / n_d
+    pick = np.random.default_rng([seed, 31]).integers(0, k, size=(n_boot, k))
+    rows = np.arange(n_boot)[:, None]
+    with np.errstate(invalid="ignore"):
+        mean_a, mean_b = per_a[rows, pick].mean(1), per_b[rows, pick].mean(1)
+    pa = float(np.mean([point_a[owner == d].mean() for d in range(k)]))
+    pb = float(np.mean([point_b[owner == d].mean() for d in range(k)]))
+    return _comparison(flat, a, b, pa, pb, mean_a, mean_b, alpha)
+
+
+def _comparison(
+    items: Sequence[Item],
+    a: str,
+    b: str,
+    point_a: float,
+    point_b: float,
+    boot_a: np.ndarray,
+    boot_b: np.ndarray,
+    alpha: float,
+) -> Comparison:
+    """The Comparison from the point means and each resample's means (NaN: not estimable there)."""
+    ok = np.isfinite(boot_a) & np.isfinite(boot_b)
+    diff, ratio = (boot_a - boot_b)[ok], (boot_a / boot_b)[ok]
     q = [alpha / 2, 1 - alpha / 2]
     nan2 = (float("nan"), float("nan"))
     return Comparison(
@@ -74,11 +123,11 @@ def compare_paired(
         n_items=len(items),
         n_rows=int(sum(len(it[0]) for it in items)),
         n_subjects=len(np.unique(np.concatenate([np.asarray(it[3]).astype(str) for it in items]))),
-        mean_a=float(point_a.mean()),
-        mean_b=float(point_b.mean()),
-        difference=float(point_a.mean() - point_b.mean()),
+        mean_a=point_a,
+        mean_b=point_b,
+        difference=point_a - point_b,
         difference_ci=tuple(float(v) for v in np.quantile(diff, q)) if len(diff) else nan2,  # type: ignore[arg-type]
-        ratio=float(point_a.mean() / point_b.mean()),
+        ratio=point_a / point_b,
         ratio_ci=tuple(float(v) for v in np.quantile(ratio, q)) if len(ratio) else nan2,  # type: ignore[arg-type]
         fraction_at_or_below_zero=float(np.mean(diff <= 0)) if len(diff) else float("nan"),
     )
@@ -128,12 +177,50 @@ def comparison_plot(
     return save_figure(fig, path)
 
 
+def ratio_curve_plot(
+    curves: Mapping[str, Mapping[int, Comparison]],
+    path: str | Path,
+    title: str,
+    reference: float = 1.0,
+    xlabel: str = "rounds (pooled: the same samples seen)",
+) -> Path:
+    """One line per curve (e.g. a federated strategy): the ratio of mean AUROC a / b at each
+    budget, with its interval, and a reference line (e.g. the 0.98 target)."""
+    if not curves:
+        raise ValueError(f"{title}: no curve to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, points) in enumerate(curves.items()):
+        xs = sorted(points)
+        ys = [points[x].ratio for x in xs]
+        lo = [points[x].ratio_ci[0] for x in xs]
+        hi = [points[x].ratio_ci[1] for x in xs]
+        shift = [x * (1 + 0.03 * (i - (len(curves) - 1) / 2)) for x in xs]  # curves side by side
+        ax.plot(shift, ys, "o-", color=f"C{i}", label=name)
+        for x, a, b in zip(shift, lo, hi):
+            if np.isfinite(a) and np.isfinite(b):
+                ax.plot([x, x], [a, b], color=f"C{i}", linewidth=1)
+    ax.axhline(reference, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(
+        sorted({x for p in curves.values() for x in p}),
+        [str(x) for x in sorted({x for p in curves.values() for x in p})],
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("federated / pooled mean AUROC (95% CI)")
+    ax.set_title(title, fontsize="small")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 __all__ = [
     "Comparison",
     "Item",
     "Verdict",
+    "compare_draws",
     "compare_paired",
     "comparison_plot",
     "not_clearly_below",
+    "ratio_curve_plot",
     "with_prefix",
 ]

@@ -60,6 +60,7 @@ from healthfm_core.eval.probes import (
 )
 from healthfm_core.eval.report import RegressionRow, ResultRow
 from healthfm_core.eval.row_embeddings import embed_rows, restrict_modalities
+from healthfm_core.model.outputs import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,21 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- poolings
 
 
-POOLINGS = ("query", "mean")
+# "genomics": the genomics encoder's conditioning vector (zeros where the row has no genomics or
+# it was removed): the static PRS path beside the query state. Issue 31's diagnosis found the
+# query state carries no PRS after the evidence job's budget (R^2 ~ 0: the FiLM path starts at
+# identity and the pretraining losses barely move it) while the encoder's output carries it (R^2
+# ~ 0.9), so a probe that reads both gets what the world puts in the PRS.
+POOLINGS = ("query", "mean", "genomics")
 
 
 class PooledEmbedder(torch.nn.Module):
     """A frozen model whose `embed` concatenates several poolings of its final token states:
     "query" is the model's own embedding (the query token at prediction_time, model.embed);
-    "mean" averages the states of the history tokens it may attend to. One forward pass gives
-    every pooling, so comparing them costs no extra compute."""
+    "mean" averages the states of the history tokens it may attend to; "genomics" is the
+    genomics encoder's conditioning (not a token state: static per subject; no columns for a
+    model without genomics). One forward pass gives every pooling, so comparing them costs no
+    extra compute."""
 
     def __init__(self, model: torch.nn.Module, poolings: Sequence[str] = ("query",)) -> None:
         super().__init__()
@@ -93,11 +101,24 @@ class PooledEmbedder(torch.nn.Module):
         for pooling in self.poolings:
             if pooling == "query":
                 parts.append(out.queries)
+            elif pooling == "genomics":
+                parts.append(self._genomics(out, query_time.shape[1]))
             else:
                 seen = out.key_valid[:, None, :] & (out.times[:, None, :] <= query_time.float()[:, :, None])
                 w = seen.to(out.states.dtype)  # [B, Q, L]
                 parts.append(torch.bmm(w, out.states) / w.sum(2, keepdim=True).clamp_min(1.0))
         return torch.cat(parts, dim=-1)
+
+    def _genomics(self, out: ModelOutput, n_query: int) -> torch.Tensor:
+        """[B, Q, d_hidden] the genomics conditioning, zero where the row kept no genomics (the
+        width is fixed by the model, so batches without any genomics still line up)."""
+        b = out.states.shape[0]
+        enc = getattr(self.model, "genomics_encoder", None)
+        width = int(enc.film_final.in_features) if enc is not None else 0  # the encoder's d_hidden
+        if out.genomics_cond is None or width == 0:
+            return out.states.new_zeros(b, n_query, width)
+        gate = out.present["genomics"].to(out.genomics_cond.dtype)[:, None]
+        return (out.genomics_cond * gate)[:, None, :].expand(b, n_query, width)
 
 
 # ---------------------------------------------------------------- the evaluation rows

@@ -50,6 +50,12 @@ class PretrainingConfig(_Strict):
     ehr_mask_prob: float = Field(default=0.15, ge=0, le=1)
     wear_mask_prob: float = Field(default=0.15, ge=0, le=1)
     prs_mask_prob: float = Field(default=0.25, ge=0, le=1)
+    # prs_masked also scores the traits left visible (an autoencoder's term beside the masked
+    # one). Why: PRS traits are nearly independent, so a hidden trait cannot be predicted from the
+    # others; the masked term alone is minimised by a constant and drives the encoder to discard
+    # the scores (issue 31: the cross-fitted R^2 of the T2D PRS from the encoder's output fell
+    # from 0.95 at init to ~0.5). False: the masked term only, as before.
+    prs_reconstruct_shown: bool = False
     # Predictive coding: codes occurring in (anchor, anchor + horizon] after a wearable patch.
     predictive_horizon_days: float = Field(default=180.0, gt=0)
     max_anchors_per_sample: int = Field(default=8, ge=1)

@@ -236,6 +236,8 @@ def prs_reconstruction_loss(
     if out.genomics_cond is None or masks.prs is None or "prs_recon" not in model.heads:
         return {}
     hidden = masks.prs & batch.prs_valid & out.present["genomics"][:, None]
+    if model.cfg.pretraining.prs_reconstruct_shown:
+        hidden = batch.prs_valid & out.present["genomics"][:, None]  # every trait: hidden and shown
     if not bool(hidden.any()):
         return {}
     predicted = model.heads["prs_recon"](out.genomics_cond).float()

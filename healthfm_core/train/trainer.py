@@ -63,6 +63,11 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(default=0, ge=0)  # 0 = only at the end when a directory is given
     keep_checkpoints: int = Field(default=2, ge=1)
     progress: bool = True
+    # FedProx's proximal term mu * ||w - w0||^2 / 2, w0 the trained weights at the call's start (in
+    # a federated round: the global model the site received). Its gradient mu * (w - w0) is added
+    # after clipping (and after DP's clip and noise: it reads no data, so the privacy accounting is
+    # unchanged). 0: the step is exactly the plain one.
+    proximal_mu: float = Field(default=0.0, ge=0)
 
 
 @dataclass
@@ -245,6 +250,17 @@ def _names_in_optimizer_order(named: list[tuple[str, torch.nn.Parameter]]) -> li
 # ---------------------------------------------------------------- the loop
 
 
+@torch.no_grad()
+def _add_proximal_gradient(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> None:
+    """p.grad += mu * (p - p0): the gradient of FedProx's mu * ||w - w0||^2 / 2."""
+    for p, p0 in zip(params, anchor):
+        pull = (p.detach() - p0) * mu
+        if p.grad is None:
+            p.grad = pull
+        else:
+            p.grad.add_(pull)
+
+
 def train_local(
     model: torch.nn.Module,
     data: Iterable[Batch],
@@ -315,6 +331,7 @@ def train_local(
         # A CPU generator: HealthFM draws its masks and modality dropout on the CPU and moves them.
         generator = torch.Generator()
         params = [p for _, p in named]
+        anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
         history: list[dict[str, float]] = []
         examples = 0
         per_group = {g: 0 for g in chosen}
@@ -366,6 +383,8 @@ def train_local(
                         if any(p.grad is not None for p in params)
                         else 0.0
                     )
+            if anchor is not None:
+                _add_proximal_gradient(params, anchor, cfg.proximal_mu)
             opt.step()
 
             record = {"step": float(step), **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm}

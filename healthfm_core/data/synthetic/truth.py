@@ -182,6 +182,26 @@ def risk_table(cohort: Cohort, scenario: ScenarioConfig) -> pa.Table:
     return pa.table(cols)
 
 
+def _prs_log_hazard(
+    truth_dir: Path, site: str, scenario: ScenarioConfig, disease: str, subject_ids: np.ndarray, n_steps: int
+) -> np.ndarray:
+    """[n, n_steps] the PRS terms of the disease's log-hazard (cohort.simulate_cohort's
+    beta_prs * PRS + PRS * beta_prs_latent . x(t)) for the sorted subject_ids of latent.parquet."""
+    spec = scenario.diseases[disease]
+    subj = pq.read_table(truth_dir / site / "subjects.parquet", columns=["subject_id", f"prs_{spec.prs_trait}"])
+    sid = subj.column("subject_id").to_numpy()
+    order = np.argsort(sid)
+    at = order[np.searchsorted(sid[order], subject_ids)]
+    prs = subj.column(f"prs_{spec.prs_trait}").to_numpy().astype(np.float64)[at]
+    out = np.repeat((spec.beta_prs * prs)[:, None], n_steps, axis=1)
+    dims = [d for d in LATENT_DIMS if spec.beta_prs_latent.get(d, 0.0) != 0.0]
+    if dims:
+        lat = pq.read_table(truth_dir / site / "latent.parquet", columns=dims)
+        x = sum(spec.beta_prs_latent[d] * lat.column(d).to_numpy().astype(np.float64) for d in dims)
+        out = out + prs[:, None] * np.asarray(x).reshape(len(subject_ids), n_steps)
+    return out
+
+
 def oracle_risk(
     truth_dir: str | Path,
     site: str,
@@ -189,11 +209,16 @@ def oracle_risk(
     subject_ids: np.ndarray,
     prediction_times: np.ndarray,
     horizon_days: float,
+    with_prs: bool = True,
 ) -> np.ndarray:
     """True risk at arbitrary prediction times (timestamps, e.g. a LabelSchema's prediction_time).
 
     Reads truth/<site>/{latent,onsets}.parquet and truth/scenario.json; NaN where the subject
-    was already diagnosed, and for unknown subjects.
+    was already diagnosed, and for unknown subjects. with_prs=False: the risk under the hazard
+    with the disease's PRS terms taken out (beta_prs * PRS and PRS * beta_prs_latent . x(t)),
+    everything else (the latent path, which PRS also shifts, and the onsets) unchanged: the
+    genomics diagnosis's "oracle without PRS", whose gap to the oracle is what the direct PRS
+    terms of the world can add to a model that already sees the state perfectly.
     """
     truth_dir = Path(truth_dir)
     scenario = ScenarioConfig.model_validate(json.loads((truth_dir / "scenario.json").read_text()))
@@ -205,6 +230,8 @@ def oracle_risk(
     uniq, first = np.unique(sid_all, return_index=True)
     n_steps = len(sid_all) // len(uniq)
     hazard = lat.column(f"hazard_{disease}").to_numpy().reshape(len(uniq), n_steps)
+    if not with_prs:
+        hazard = hazard * np.exp(-_prs_log_hazard(truth_dir, site, scenario, disease, uniq, n_steps))
     t0_us = lat.column("time").cast(pa.int64()).to_numpy()[first]  # each subject's grid start
     ons_sid = ons.column("subject_id").to_numpy()
     pos = np.searchsorted(uniq, ons_sid)
