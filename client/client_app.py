@@ -81,13 +81,9 @@ RESIDUAL_SETUP_STATE_KEY = "healthfm.int8-residual-setup"
 _SETUPS: dict[str, FederationSetup] = {}
 
 
-def site_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | None = None) -> SiteConfig:
-    """The node's SiteConfig: its node config, overlaid in simulation by its partition's entry.
-    The run config's `proximal-mu` (FedProx, the same for every site of a run) is taken unless the
-    node config sets its own."""
+def node_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The node's config, overlaid in simulation by its partition's entry (every ClientApp of a site)."""
     merged = dict(context.node_config)
-    if "proximal-mu" in context.run_config and "proximal-mu" not in merged:
-        merged["proximal-mu"] = context.run_config["proximal-mu"]
     if node_configs is not None:
         if "partition-id" not in merged:
             raise ValueError("simulation node configs given, but the node has no partition-id")
@@ -95,6 +91,15 @@ def site_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | No
         if not 0 <= pid < len(node_configs):
             raise ValueError(f"partition-id {pid} has no node config ({len(node_configs)} given)")
         merged.update(node_configs[pid])
+    return merged
+
+
+def site_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | None = None) -> SiteConfig:
+    """The node's SiteConfig from its (overlaid) node config. The run config's `proximal-mu`
+    (FedProx, the same for every site of a run) is taken unless the node config sets its own."""
+    merged = node_config(context, node_configs)
+    if "proximal-mu" in context.run_config and "proximal-mu" not in merged:
+        merged["proximal-mu"] = context.run_config["proximal-mu"]
     return SiteConfig.from_node_config(merged)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.client_app import node_config
 from client.head_rows import HeadRows, load_head_rows
 from healthfm_core.eval.head_site import SiteSplits, local_steps, site_smoothness, site_stats, tuning_loss
 from healthfm_core.eval.probes import Standardizer
@@ -54,17 +55,6 @@ RowsOf = Callable[[Mapping[str, Any], Sequence[str]], HeadRows]
 # between stages in this process: Flower's Context.state would copy them with every message.
 _STANDARDISED: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 _LOCK = threading.Lock()
-
-
-def node_config(context: Context, node_configs: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
-    """The node's config, overlaid in simulation by its partition's entry."""
-    merged = dict(context.node_config)
-    if node_configs is not None:
-        pid = int(merged.get("partition-id", -1))
-        if not 0 <= pid < len(node_configs):
-            raise ValueError(f"partition-id {pid} has no node config ({len(node_configs)} given)")
-        merged.update(node_configs[pid])
-    return merged
 
 
 def _reply(msg: Message, flat: Mapping[str, Any]) -> Message:

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,16 +82,29 @@ def _release(path: str) -> ModelRelease:
     return _RELEASES[path]
 
 
-def _embedded(
-    config: Mapping[str, Any], release: ModelRelease, runtime: SiteRuntime, cfg: EvalConfig
+def embedded_task_rows(
+    runtime: SiteRuntime, release: ModelRelease, cfg: EvalConfig, embeddings: str | Path | None
 ) -> tuple[pa.Table, np.ndarray]:
-    """The tasks' rows and their embeddings: the site's embed file, else embedded here."""
-    if config.get("embeddings"):
-        table = pq.read_table(str(config["embeddings"]))
+    """The tasks' rows (subject_id, prediction_time) and their embeddings: the site's
+    `client.py embed` file when given, else embedded here with the release."""
+    if embeddings:
+        table = pq.read_table(str(embeddings))
         x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
         return table.select(["subject_id", "prediction_time"]), x
     rows = task_rows(runtime, cfg)
     return rows, embed_rows_at_site(runtime, release, rows, cfg.max_events, cfg.max_patches, cfg.batch_size).x
+
+
+def label_row_index(rows: pa.Table, labels: pa.Table, site: str) -> np.ndarray:
+    """For each label row, its row in `rows` (same subject and prediction time)."""
+    pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
+    index = {k: i for i, k in enumerate(zip(rows["subject_id"].to_numpy().tolist(), pt.tolist(), strict=True))}
+    tpt = pc.cast(labels["prediction_time"], pa.int64()).to_numpy()
+    try:
+        keys = zip(labels["subject_id"].to_numpy().tolist(), tpt.tolist(), strict=True)
+        return np.array([index[k] for k in keys], dtype=np.int64)
+    except KeyError as err:
+        raise ValueError(f"site {site}: the embeddings lack the labelled row {err}") from None
 
 
 def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
@@ -109,12 +123,10 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         labels = runtime.labels(cfg)
         out = HeadRows(runtime.name, release.setup.sha256, cfg.max_events, cfg.max_patches)
         try:
-            rows, x_all = _embedded(config, release, runtime, cfg)
+            rows, x_all = embedded_task_rows(runtime, release, cfg, config.get("embeddings"))
         except NoRows:  # no labels for any asked task: every key is then refused
             _ROWS[cache_key] = out
             return out
-        pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
-        index = {k: i for i, k in enumerate(zip(rows["subject_id"].to_numpy().tolist(), pt.tolist(), strict=True))}
         split_of = partial(splits_of, runtime)
         for key, table in labels.items():
             if isinstance(table, TaskReason):
@@ -123,11 +135,7 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
             if "boolean_value" not in table.column_names:
                 continue  # a numeric task: the federated head is logistic
             sids = table["subject_id"].to_numpy()
-            tpt = pc.cast(table["prediction_time"], pa.int64()).to_numpy()
-            try:
-                idx = np.array([index[k] for k in zip(sids.tolist(), tpt.tolist(), strict=True)], dtype=np.int64)
-            except KeyError as err:
-                raise ValueError(f"site {runtime.name}: the embeddings lack the labelled row {err}") from None
+            idx = label_row_index(rows, table, runtime.name)
             out.keys[key] = head_splits(
                 table, x_all[idx], split_of(sids), runtime.min_report_subjects, runtime.min_report_positives
             )
@@ -141,4 +149,4 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         return out
 
 
-__all__ = ["HeadRows", "head_splits", "load_head_rows"]
+__all__ = ["HeadRows", "embedded_task_rows", "head_splits", "label_row_index", "load_head_rows"]

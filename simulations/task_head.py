@@ -34,11 +34,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from client.model_use import embed_rows_at_site, eval_config, open_site_runtime, splits_of, task_rows
+from client.head_rows import embedded_task_rows, label_row_index
+from client.model_use import eval_config, open_site_runtime, splits_of
 from healthfm_core.data.task_check import DEFAULT_MIN_POSITIVES
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_probe
@@ -93,23 +91,15 @@ def compare_heads(
         )
         cfg = eval_config(release, tasks, max_subjects)
         labels = runtime.labels(cfg)
-        if embeddings is not None:  # `client.py embed`'s file of this site's task rows
-            table = pq.read_table(embeddings[i])
-            rows = table.select(["subject_id", "prediction_time"])
-            x_all = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
-        else:
-            rows = task_rows(runtime, cfg)
-            x_all = embed_rows_at_site(runtime, release, rows, cfg.max_events, cfg.max_patches, cfg.batch_size).x
-        pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
-        index = {k: i for i, k in enumerate(zip(rows["subject_id"].to_numpy().tolist(), pt.tolist(), strict=True))}
+        # `client.py embed`'s file of this site's task rows, else embedded here
+        rows, x_all = embedded_task_rows(runtime, release, cfg, embeddings[i] if embeddings is not None else None)
         split_of = partial(splits_of, runtime)
         per_key = {}
         for key, table in labels.items():
             if isinstance(table, TaskReason) or "boolean_value" not in table.column_names or table.num_rows == 0:
                 continue
             sids = table["subject_id"].to_numpy()
-            tpt = pc.cast(table["prediction_time"], pa.int64()).to_numpy()
-            idx = np.array([index[k] for k in zip(sids.tolist(), tpt.tolist(), strict=True)], dtype=np.int64)
+            idx = label_row_index(rows, table, runtime.name)
             split = split_of(sids)
             reason = withheld_reason(task_split_counts(table, split_of), min_subjects, True, min_positives)
             y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
