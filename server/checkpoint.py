@@ -6,7 +6,8 @@ One checkpoint per completed round, plain arrays and JSON (no model is built to 
     strategy.safetensors    the strategy's state (server-optimiser moments; may be empty)
     checkpoint.json         format/version, the round completed, the run config, the federation
                             setup (vocabulary, model config, init seed), Python's and torch's RNG
-                            states, and the sha256 and size of each file above
+                            states, the round's rounds.jsonl event, and the sha256 and size of
+                            each file above
     checkpoint.json.sha256  the sha256 of checkpoint.json, so that every byte of the checkpoint is
                             covered by a hash
 
@@ -68,6 +69,9 @@ class ServerState:
     run_config: dict[str, Any]
     python_random: Any = None  # random.getstate(): Flower samples nodes with `random`
     torch_random: torch.Tensor | None = None
+    # The round's rounds.jsonl event (JSON values), saved with the arrays: a server killed between
+    # its checkpoint and its log line writes the line on resume (server/server_app.py).
+    round_event: dict[str, Any] | None = None
 
 
 class _FileRecord(BaseModel):
@@ -89,6 +93,7 @@ class ServerCheckpointMeta(BaseModel):
     python_random: list[Any]
     torch_random: str | None  # base64 of torch.get_rng_state()
     files: dict[str, _FileRecord]
+    round_event: dict[str, Any] | None = None
 
 
 def _random_state_to_json(state: Any) -> list:
@@ -130,6 +135,7 @@ def save_server_checkpoint(root: str | Path, state: ServerState, keep: int = 2) 
             setup_sha256=state.setup.sha256,
             python_random=_random_state_to_json(state.python_random or random.getstate()),
             torch_random=base64.b64encode(rng.numpy().tobytes()).decode("ascii"),
+            round_event=state.round_event,
             files={
                 name: _FileRecord(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
                 for name in _DATA_FILES
@@ -241,6 +247,7 @@ def _load_server_checkpoint(path: Path) -> ServerState:
         run_config=meta.run_config,
         python_random=_random_state_from_json(meta.python_random),
         torch_random=torch_random,
+        round_event=meta.round_event,
     )
 
 

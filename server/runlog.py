@@ -59,6 +59,11 @@ class EventLog:
             os.fsync(fh.fileno())
 
 
+def json_values(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields as rounds.jsonl would read them back (numpy scalars and paths as JSON values)."""
+    return json.loads(json.dumps(fields, default=_json_default))
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer, np.floating)):
         return value.item()

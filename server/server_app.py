@@ -46,7 +46,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from healthfm_core.federation import FederationSetup
-from server.audit import AUDIT_FILE, AuditLog
+from server.audit import AUDIT_FILE, AuditLog, read_audit_lines, site_round_records
 from server.checkpoint import (
     ServerState,
     latest_server_checkpoint,
@@ -61,7 +61,7 @@ from server.outcome import sites_lost, started, write_outcome
 from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
 from server.run_claim import Holder, adopt_for_serverapp, release
-from server.runlog import EventLog, read_events, write_summary
+from server.runlog import EventLog, json_values, read_events, write_summary
 from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
 
 log = logging.getLogger("healthfm.server")
@@ -133,6 +133,32 @@ class FederationServer:
                 "or choose another output directory"
             )
         return None, None
+
+    def _recover_round_event(self, state: ServerState, ckpt_path: Path) -> None:
+        """The checkpoint's round missing from rounds.jsonl (the server died after writing the
+        checkpoint, before its log line): write the event the checkpoint carries, marked
+        `recovered`, and the audit records of it that the audit log lacks."""
+        if state.round_event is None or state.round == 0:
+            return
+        logged = read_events(self.events.path) if self.events.path.is_file() else []
+        if any(e.get("event") == "round" and e.get("round") == state.round for e in logged):
+            return
+        self.events.write("round", **state.round_event, checkpoint=str(ckpt_path), recovered=True)
+        audited = {
+            (r.get("round"), r.get("site"))
+            for r in read_audit_lines(self.audit.path)
+            if r.get("record") == "site-round"
+        }
+        for record in site_round_records(state.round_event):
+            if (record["round"], record["site"]) not in audited:
+                self.audit.write(record)
+        log.warning(
+            "round %d is in checkpoint %s but was not in %s (the server stopped between the two): "
+            "its event is written from the checkpoint",
+            state.round,
+            ckpt_path,
+            self.events.path,
+        )
 
     def _set_aside_after(self, rnd: int) -> None:
         """Resuming from an earlier checkpoint (resume-from): later ones under checkpoints/ belong to
@@ -234,6 +260,8 @@ class FederationServer:
     def _run(self) -> Path | None:
         cfg, roster = self.cfg, self.roster
         state, ckpt_path = self.initial_state()
+        if state is not None and ckpt_path is not None:
+            self._recover_round_event(state, ckpt_path)
         t0 = time.perf_counter()
         nodes = self.roster.wait_for_nodes()
         self.roster.query_capabilities(nodes)
@@ -325,9 +353,48 @@ class FederationServer:
         return last
 
     def _finish_round(self, record: RoundRecord, setup: FederationSetup) -> Path:
-        """Checkpoint the round, then write it to rounds.jsonl, the audit log and server.log."""
+        """Checkpoint the round with its event, then write the event to rounds.jsonl, the audit log
+        and server.log. The event travels in the checkpoint so that a server killed between the
+        two writes loses no round from the record: resume writes it then (_recover_round_event)."""
         cfg, rnd, sites = self.cfg, record.config.round, record.sites
         t_ckpt = time.perf_counter()
+        train_max = max((e.train_seconds or 0.0 for e in sites.values()), default=0.0)
+        timed = any(e.train_seconds is not None for e in sites.values())
+        exchange = record.exchange
+        timings: dict[str, Any] = {
+            "round_seconds": t_ckpt - record.started,
+            "configure_seconds": record.configure_seconds,
+            "wait_seconds": record.wait_seconds,
+            "push_seconds": exchange.push_end - exchange.push_start,
+            "sent_at": exchange.push_start,  # wall clock: beside the sites' own log lines
+            "aggregate_seconds": record.aggregate_seconds,
+            "checkpoint_seconds": None,  # known once it is written (below)
+            "local_train_seconds_max": train_max,
+            "local_train_seconds_sum": sum(e.train_seconds or 0.0 for e in sites.values()),
+            "other_seconds": (t_ckpt - record.started) - train_max,
+        }
+        epsilon = self.check_privacy(rnd, sites)
+        losses = record.outcome.losses
+        event_sites = record.sites_event()
+        event = json_values(
+            dict(
+                time=time.time(),
+                round=rnd,
+                rounds=cfg.rounds,
+                weights=record.config.weights.model_dump(),
+                sites=event_sites,
+                privacy=cfg.privacy.model_dump(),
+                epsilon=epsilon,
+                rejected=record.rejected,
+                contributors=record.contributors,
+                losses=losses,
+                absent={n: f"{e.status}: {e.reason or ''}" for n, e in sorted(sites.items()) if e.status != "ok"},
+                updated=record.outcome.arrays is not None,
+                bytes_sent=sum(e.bytes_sent or 0 for e in sites.values()),
+                bytes_received=sum(e.bytes_received or 0 for e in sites.values()),
+                timings=timings,
+            )
+        )
         path = save_server_checkpoint(
             self.ckpt_dir,
             ServerState(
@@ -338,49 +405,19 @@ class FederationServer:
                 run_config=cfg.model_dump(mode="json"),
                 python_random=random.getstate(),
                 torch_random=torch.get_rng_state(),
+                round_event=event,
             ),
             keep=cfg.keep_checkpoints,
         )
         t_end = time.perf_counter()
-        train_max = max((e.train_seconds or 0.0 for e in sites.values()), default=0.0)
-        timed = any(e.train_seconds is not None for e in sites.values())
-        exchange = record.exchange
-        timings = {
-            "round_seconds": t_end - record.started,
-            "configure_seconds": record.configure_seconds,
-            "wait_seconds": record.wait_seconds,
-            "push_seconds": exchange.push_end - exchange.push_start,
-            "sent_at": exchange.push_start,  # wall clock: beside the sites' own log lines
-            "aggregate_seconds": record.aggregate_seconds,
-            "checkpoint_seconds": t_end - t_ckpt,
-            "local_train_seconds_max": train_max,
-            "local_train_seconds_sum": sum(e.train_seconds or 0.0 for e in sites.values()),
-            "other_seconds": (t_end - record.started) - train_max,
-        }
-        epsilon = self.check_privacy(rnd, sites)
-        losses = record.outcome.losses
-        event_sites = record.sites_event()
-        self.events.write(
-            "round",
-            round=rnd,
-            rounds=cfg.rounds,
-            weights=record.config.weights.model_dump(),
-            sites=event_sites,
-            privacy=cfg.privacy.model_dump(),
-            epsilon=epsilon,
-            rejected=record.rejected,
-            contributors=record.contributors,
-            losses=losses,
-            absent={n: f"{e.status}: {e.reason or ''}" for n, e in sorted(sites.items()) if e.status != "ok"},
-            updated=record.outcome.arrays is not None,
-            bytes_sent=sum(e.bytes_sent or 0 for e in sites.values()),
-            bytes_received=sum(e.bytes_received or 0 for e in sites.values()),
-            timings=timings,
-            checkpoint=str(path),
+        timings.update(
+            round_seconds=t_end - record.started,
+            checkpoint_seconds=t_end - t_ckpt,
+            other_seconds=(t_end - record.started) - train_max,
         )
-        self.audit.write_round(
-            {"round": rnd, "sites": event_sites, "rejected": record.rejected, "contributors": record.contributors}
-        )
+        event["timings"] = timings
+        self.events.write("round", **event, checkpoint=str(path))
+        self.audit.write_round(event)
         ok = sum(e.status == "ok" for e in sites.values())
         loss = losses.get("total")
         log.info(

@@ -27,6 +27,7 @@ from healthfm_core.federation import (
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.train.checkpoint import CheckpointError
+from server.audit import audit_from_rounds, read_audit_log, verify_audit_log
 from server.checkpoint import (
     ARRAYS_FILE,
     latest_server_checkpoint,
@@ -189,6 +190,41 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_an_used_directory(full_
         FederationServer(grid=None, cfg=fed_config(full_run, resume=True, lr=1e-2)).run()
     with pytest.raises(FileExistsError, match="resume"):
         FederationServer(grid=None, cfg=fed_config(full_run)).run()
+
+
+def test_a_round_checkpointed_but_not_logged_is_logged_on_resume(full_run: Path, tmp_path: Path) -> None:
+    """The server killed after round 2's checkpoint, before its rounds.jsonl line and audit
+    records: resume writes them from the checkpoint, once, and the audit chain stays whole."""
+    import shutil
+
+    out = tmp_path / "killed"
+    shutil.copytree(full_run, out)
+    lines = (out / "rounds.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, ln in enumerate(lines) if json.loads(ln)["event"] == "round" and json.loads(ln)["round"] == 2)
+    (out / "rounds.jsonl").write_text("".join(lines[:cut]))
+    audit = (out / "audit.jsonl").read_bytes().splitlines(keepends=True)
+    first = next(i for i, ln in enumerate(audit) if json.loads(ln).get("round") == 2)
+    (out / "audit.jsonl").write_bytes(b"".join(audit[:first]))
+
+    server = FederationServer(grid=None, cfg=fed_config(out, resume=True))
+    state, path = server.initial_state()
+    assert state is not None and path is not None and state.round == 2
+    for _ in range(2):  # a second resume finds the round logged and writes nothing more
+        server._recover_round_event(state, path)
+    original = json.loads(lines[cut])
+    recovered = round_events(out)[2]
+    assert (
+        recovered.pop("recovered") is True
+        and [e["event"] for e in read_events(out / "rounds.jsonl")].count("round") == 2
+    )
+    assert Path(recovered["checkpoint"]).name == Path(original["checkpoint"]).name == "step-00000002"
+    for key in ("sites", "losses", "contributors", "rejected", "epsilon", "weights", "bytes_received", "time"):
+        assert recovered[key] == original[key], key
+    verify_audit_log(out / "audit.jsonl")
+    logged = [r for r in read_audit_log(out / "audit.jsonl") if r["record"] == "site-round"]
+    implied = audit_from_rounds(out / "rounds.jsonl")
+    assert [{k: r[k] for k in implied[0]} for r in logged] == implied
+    assert {r["site"] for r in logged if r["round"] == 2} == set(EXPECTED_GROUPS)
 
 
 def test_corrupted_server_checkpoint_is_refused(full_run: Path, tmp_path: Path) -> None:
