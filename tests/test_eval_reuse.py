@@ -57,7 +57,11 @@ def _rows(rt: SiteRuntime) -> pa.Table:
     return rows.append_column("boolean_value", pa.array(np.zeros(rows.num_rows, dtype=bool)))
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 32])
+# Batch sizes 1 and 5 (a patch shared across batches; 80 s of the default suite) run in CI's slow
+# stage (Makefile SLOW_CI); 32 runs everywhere.
+@pytest.mark.parametrize(
+    "batch_size", [pytest.param(1, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow), 32]
+)
 def test_reused_patch_encodings_equal_the_straightforward_embeddings_bit_for_bit(runtimes, setup, batch_size) -> None:
     model = setup.init_model()
     for name in ("biobank", "hospital"):  # with and without heart rate
