@@ -10,7 +10,9 @@ the site's minimums (min_report_subjects subjects, min_report_positives positive
 train rows; each raised by its policy) gives a reason, never rows.
 
 Node config keys beside the site's (client/site_runtime.SiteConfig): `model`, the release folder
-the site holds; `embeddings` (optional), its embed file of the tasks' rows.
+the site holds; `embeddings` (optional), its embed file of the tasks' rows. The site's `policy`
+(its DP budget) and `state-dir` (its durable privacy ledger) are the pretraining's own, so the
+head's DP rounds (healthfm_core/privacy/head.py) spend from the same ledger under the same cap.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
 from healthfm_core.eval.head_site import SiteSplits
 from healthfm_core.eval.site_eval import task_split_counts
 from healthfm_core.federation import EvalConfig, TaskReason
+from healthfm_core.privacy.ledger import PrivacyLedger
+from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.release import ModelRelease, load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
 
@@ -49,6 +53,11 @@ class HeadRows:
     max_events: int
     max_patches: int
     keys: dict[str, SiteSplits | TaskReason | str] = field(default_factory=dict)
+    # The site's DP budget (its policy's `dp:`) and its durable privacy ledger (node config
+    # `state-dir`), the pretraining's own (client/site_runtime.SiteRuntime): the head's DP rounds
+    # spend from the same ledger under the same cap. None: no budget / no state directory.
+    dp_policy: DPPolicy | None = None
+    ledger: PrivacyLedger | None = None
 
 
 def head_splits(
@@ -68,7 +77,8 @@ def head_splits(
         return f"fewer than {min_positives} positive or negative train rows (min_report_positives)"
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
     is_train, is_tune = split == "train", split == "tuning"
-    return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune])
+    sids = labels["subject_id"].to_numpy()
+    return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune], train_subjects=sids[is_train])
 
 
 _LOCK = threading.Lock()
@@ -122,6 +132,8 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         cfg = eval_config(release, list(tasks) or None)
         labels = runtime.labels(cfg)
         out = HeadRows(runtime.name, release.setup.sha256, cfg.max_events, cfg.max_patches)
+        out.dp_policy = runtime.policy.dp if runtime.policy is not None else None
+        out.ledger = runtime.ledger
         try:
             rows, x_all = embedded_task_rows(runtime, release, cfg, config.get("embeddings"))
         except NoRows:  # no labels for any asked task: every key is then refused
