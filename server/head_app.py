@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -355,15 +355,19 @@ def _log_to_file(out_dir: Path) -> logging.Handler:
     return handler
 
 
-def make_head_server_app(config: HeadRunConfig) -> ServerApp:
-    """The head's ServerApp for `config`."""
+# What the ServerApp runs: fit_heads (the release's keys); tests give synthetic sites' keys.
+FitHeads = Callable[[Grid, HeadRunConfig], Mapping[str, Path]]
+
+
+def make_head_server_app(config: HeadRunConfig, fit: FitHeads | None = None) -> ServerApp:
+    """The head's ServerApp for `config` (`fit`: default fit_heads)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         handler = _log_to_file(config.out_dir)
         try:
-            fit_heads(grid, config)
+            (fit or fit_heads)(grid, config)
         finally:
             logging.getLogger("healthfm").removeHandler(handler)
             handler.close()
@@ -373,6 +377,7 @@ def make_head_server_app(config: HeadRunConfig) -> ServerApp:
 
 __all__ = [
     "ROUNDS_FILE",
+    "FitHeads",
     "FlowerSites",
     "HeadRunConfig",
     "fit_head",

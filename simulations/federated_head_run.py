@@ -36,7 +36,7 @@ from typing import Any
 from client.head_app import RowsOf, make_head_client_app
 from client.head_rows import load_head_rows
 from server.config import PrivacyRequest
-from server.head_app import HEADS_DIR, SUMMARY_FILE, HeadRunConfig, make_head_server_app
+from server.head_app import HEADS_DIR, SUMMARY_FILE, FitHeads, HeadRunConfig, make_head_server_app
 from simulations.logs import setup_job_logging
 from simulations.ray_start import RaySettings, RayStartError, start_ray
 
@@ -120,16 +120,18 @@ def run_head_simulation(
     num_cpus: int = 2,
     client_num_cpus: float = 1,
     rows_of: RowsOf = load_head_rows,
+    fit: FitHeads | None = None,
 ) -> dict[str, Path]:
     """The heads of `config` over Flower's simulation engine; returns key -> saved head file
     (keys without a head are in OUT/heads.json with their reason). `rows_of`: the sites' rows
-    (tests give synthetic ones; a module-level function, which Ray pickles by reference)."""
+    (tests give synthetic ones; a module-level function, which Ray pickles by reference) and
+    `fit` the ServerApp's work (default: server.head_app.fit_heads, the release's keys)."""
     from flwr.simulation import run_simulation
 
     settings = RaySettings(num_cpus=num_cpus, client_num_cpus=client_num_cpus)
     start_ray(settings)
     run_simulation(
-        server_app=make_head_server_app(config.model_copy(update={"min_sites": len(node_configs)})),
+        server_app=make_head_server_app(config.model_copy(update={"min_sites": len(node_configs)}), fit),
         client_app=make_head_client_app(node_configs, rows_of),
         num_supernodes=len(node_configs),
         backend_config=settings.backend_config(),

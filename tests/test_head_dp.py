@@ -222,3 +222,57 @@ def test_a_site_whose_policy_makes_dp_mandatory_trains_under_dp_unasked(tmp_path
         assert len(rounds) == ROUNDS * len(C_GRID) and {r.noise_multiplier for r in rounds} == {2.0}
     plain, _ = fit_head(in_process_grid([{"site-name": n["site-name"]} for n in nodes]), _task(), 5, head_config(tmp_path / "p"))  # fmt: skip
     assert not np.array_equal(result.probe.weight, plain.probe.weight)
+
+
+def synthetic_heads(grid: Any, cfg: HeadRunConfig) -> dict[str, Path]:
+    """The ServerApp's work over the synthetic sites (no release folder: its setup and width)."""
+    return fit_keys(grid, cfg, SHA, 5, [KEY])
+
+
+@pytest.fixture
+def ray_started() -> Any:
+    from simulations.ray_start import RaySettings, start_ray
+
+    start_ray(RaySettings(num_cpus=2))
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_started")
+def test_dp_head_on_flowers_simulation_engine_spends_from_the_durable_ledgers_across_runs(tmp_path: Path) -> None:
+    """Flower's simulation engine (the head's ServerApp, one ClientApp per site in Ray actor
+    processes), three sites, DP asked, run twice: each site's ledger on disk holds every DP
+    round of both runs (the second run's actors start from what the first wrote, so its epsilon
+    is larger); site2's cap admits the first run but not all of the second: it refuses there (fail
+    closed), heads.json says why, and its ledger never passes its cap."""
+    from simulations.federated_head_run import run_head_simulation
+
+    planned = ROUNDS * len(C_GRID)
+    first_cap = PrivacyLedger(tmp_path / "probe")  # the epsilon of one run's rounds at site2's rate
+    subjects2 = len(np.unique(site_splits("site2").train_subjects))
+    one_run = first_cap.projected_epsilon(DELTA, 1.0, BATCH / subjects2, planned * STEPS)
+    nodes = site_nodes(tmp_path, [20.0, 20.0, one_run * 1.2])
+    privacy = PrivacyRequest(noise_multiplier=1.0, delta=DELTA)
+    spent: list[dict[str, Any]] = []
+    for run in ("run1", "run2"):
+        out = tmp_path / run
+        heads = run_head_simulation(
+            head_config(out, privacy), nodes, num_cpus=2, rows_of=synthetic_rows, fit=synthetic_heads
+        )
+        assert KEY in heads and heads[KEY].is_file()
+        spent.append(json.loads((out / SUMMARY_FILE).read_text())["heads"][KEY])
+    for i, node in enumerate(nodes[:2]):
+        rounds = ledger_rounds(node)
+        assert len(rounds) == 2 * planned and all(r.status == "trained" for r in rounds)
+        ledger = PrivacyLedger(node["state-dir"])
+        assert spent[1]["epsilon"][f"site{i}"]["epsilon"] == pytest.approx(ledger.epsilon(DELTA))
+        assert spent[1]["epsilon"][f"site{i}"]["epsilon"] > spent[0]["epsilon"][f"site{i}"]["epsilon"]
+    assert "site2" not in spent[0]["refused"] and len(spent[0]["epsilon"]) == 3
+    refusal = spent[1]["refused"]["site2"]
+    assert refusal["stage"] == MSG_TRAIN and refusal["refused"].startswith("DP refused: epsilon after this round")
+    site2 = PrivacyLedger(nodes[2]["state-dir"])
+    assert planned < len(site2.data.rounds) < 2 * planned
+    assert site2.epsilon(DELTA) <= one_run * 1.2 and refusal["epsilon"] == pytest.approx(site2.epsilon(DELTA))
