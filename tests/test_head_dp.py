@@ -276,3 +276,29 @@ def test_dp_head_on_flowers_simulation_engine_spends_from_the_durable_ledgers_ac
     site2 = PrivacyLedger(nodes[2]["state-dir"])
     assert planned < len(site2.data.rounds) < 2 * planned
     assert site2.epsilon(DELTA) <= one_run * 1.2 and refusal["epsilon"] == pytest.approx(site2.epsilon(DELTA))
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_sites_whose_budget_runs_out_mid_grid_stop_the_grid_and_the_best_c_so_far_is_kept(tmp_path: Path) -> None:
+    """Each site's cap admits the first C's rounds but not the second's: every site refuses during
+    C=1.0, the grid stops there (no tuning loss of a C no site scored) and the head is C=0.1's;
+    heads.json names every refusal, and no ledger passed its cap."""
+    per_c = ROUNDS * STEPS
+    spend = {}
+    for i in range(3):
+        rate = BATCH / len(np.unique(site_splits(f"site{i}").train_subjects))
+        fresh = PrivacyLedger(tmp_path / f"probe{i}")
+        spend[i] = (
+            fresh.projected_epsilon(DELTA, 1.0, rate, per_c),
+            fresh.projected_epsilon(DELTA, 1.0, rate, 2 * per_c),
+        )
+    caps = [spend[i][0] * 1.01 for i in range(3)]
+    assert all(cap < spend[i][1] for i, cap in enumerate(caps))  # the test's premise
+    nodes = site_nodes(tmp_path, caps)
+    out = tmp_path / "out"
+    fit_keys(in_process_grid(nodes), head_config(out, PrivacyRequest(noise_multiplier=1.0, delta=DELTA)), SHA, 5, [KEY])
+    fitted = json.loads((out / SUMMARY_FILE).read_text())["heads"][KEY]
+    assert fitted["c"] == 0.1 and list(fitted["tuning_by_c"]) == ["0.1"]
+    assert set(fitted["refused"]) == {"site0", "site1", "site2"}
+    for node, cap in zip(nodes, caps, strict=True):
+        assert PrivacyLedger(node["state-dir"]).epsilon(DELTA) <= cap
