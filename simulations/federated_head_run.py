@@ -4,7 +4,7 @@
 
     python -m simulations.federated_head_run --model model/ --sites SITE ... \
         [--embeddings emb-SITE.parquet ...] [--tasks onset_t2d ...] [--keys onset_t2d_365d ...] \
-        [--min-subjects 20] [--rounds 200] [--c-grid 0.1 1] [--local-steps 5] \
+        [--min-subjects 20] [--max-subjects N] [--rounds 200] [--c-grid 0.1 1] [--local-steps 5] \
         [--dp-target-epsilon 3 | --dp-noise-multiplier 1.1] [--dp-max-grad-norm 1] [--dp-delta 1e-5] \
         [--dp-batch-size 64] [--policies policy.yaml ...] [--state-dirs STATE ...] --out heads/
 
@@ -62,6 +62,7 @@ def head_node_configs(
     min_positives: int | None = None,
     policies: Sequence[Path] | None = None,
     state_dirs: Sequence[Path] | None = None,
+    max_subjects: int | None = None,
 ) -> list[dict[str, Any]]:
     """One node config per site: its root, the release it holds, its minimums, its embed file,
     its policy (its DP budget) and its state directory (its durable privacy ledger)."""
@@ -83,6 +84,8 @@ def head_node_configs(
             node["policy"] = str(Path(policy_of[i]).resolve())
         if state_dirs is not None:
             node["state-dir"] = str(Path(state_dirs[i]).resolve())
+        if max_subjects is not None:
+            node["max-subjects"] = max_subjects
         out.append(node)
     return out
 
@@ -154,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keys", nargs="+", help="label keys to fit (default: every key of the tasks)")
     parser.add_argument("--min-subjects", type=int, default=None, help="the sites' min_report_subjects (default 20)")
     parser.add_argument("--rounds", type=int, default=200, help="FedAvg rounds per C")
+    parser.add_argument(
+        "--max-subjects",
+        type=int,
+        default=None,
+        help="subjects per split of each site's rows (default: the run's; 0: all)",
+    )
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     parser.add_argument("--c-grid", nargs="+", type=float, help="the head's C values (default: the probe's grid)")
     parser.add_argument("--local-steps", type=int, default=5, help="each site's steps per round")
@@ -171,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.model), [Path(s) for s in args.sites], args.min_subjects,
         [Path(e) for e in args.embeddings] if args.embeddings else None, None,
         [Path(p) for p in args.policies] if args.policies else None,
-        [Path(d) for d in args.state_dirs] if args.state_dirs else None,
+        [Path(d) for d in args.state_dirs] if args.state_dirs else None, args.max_subjects,
     )  # fmt: skip
     try:
         heads = run_head_simulation(cfg, nodes, num_cpus=args.num_cpus)

@@ -3,7 +3,7 @@ embeddings, per site and task with subject-bootstrap intervals.
 
     python -m simulations.task_head --model model/ --sites runs/data/default-seed0-nNone/sites/* \
         [--embeddings emb-SITE.parquet ...] [--tasks onset_t2d_365d ...] [--min-subjects 20] \
-        [--rounds 200] [--over-flower HEADS_DIR [--dp-target-epsilon 3 | --dp-noise-multiplier 1.1] \
+        [--max-subjects N] [--rounds 200] [--over-flower HEADS_DIR [--dp-target-epsilon 3 | --dp-noise-multiplier 1.1] \
         [--dp-max-grad-norm 1] [--dp-delta 1e-5] [--dp-batch-size 64] [--policies policy.yaml ...] \
         [--state-dirs STATE ...]] --out task_head.md
 
@@ -24,6 +24,7 @@ steps called directly). With `--over-flower DIR` it comes from Flower's simulati
 instead (simulations/federated_head_run.py: the head's ServerApp and one ClientApp per site,
 heads saved under DIR); there a site below its minimums takes no part at all (it sends no number),
 so its train rows do not join the federated head. Both paths call the same site and server steps.
+`--max-subjects` applies to both (over Flower each site's node config `max-subjects`).
 With `--over-flower`, `--dp-*` asks the sites for DP-SGD per subject (server/head_app.py,
 healthfm_core/privacy/head.py); the report then states the DP asked and each site's cumulative
 epsilon from its durable ledger, or why it refused (the local and pooled heads are not private).
@@ -92,8 +93,6 @@ def compare_heads(
     ledgers: only with `over_flower` (the in-process driver has no DP)."""
     if over_flower is None and (dp or policies or state_dirs):
         raise ValueError("DP of the federated head (--dp-*, --policies, --state-dirs) needs --over-flower")
-    if over_flower is not None and max_subjects is not None:
-        raise ValueError("--over-flower: the sites embed the release's own subject sample (no --max-subjects)")
     release = load_release(model)
     per_site: dict[str, dict] = {}
     cfg = None
@@ -129,7 +128,10 @@ def compare_heads(
             model=model, out_dir=over_flower, tasks=list(tasks or []), keys=keys, rounds=rounds, **(dp or {})
         )
         flower_heads = run_head_simulation(
-            head_cfg, head_node_configs(model, sites, min_subjects, embeddings, min_positives, policies, state_dirs)
+            head_cfg,
+            head_node_configs(
+                model, sites, min_subjects, embeddings, min_positives, policies, state_dirs, max_subjects
+            ),
         )
         flower = json.loads((over_flower / SUMMARY_FILE).read_text())
     results: dict[str, dict] = {}

@@ -302,3 +302,21 @@ def test_sites_whose_budget_runs_out_mid_grid_stop_the_grid_and_the_best_c_so_fa
     assert set(fitted["refused"]) == {"site0", "site1", "site2"}
     for node, cap in zip(nodes, caps, strict=True):
         assert PrivacyLedger(node["state-dir"]).epsilon(DELTA) <= cap
+
+
+def test_head_node_configs_carry_policies_ledgers_and_max_subjects(tmp_path: Path) -> None:
+    from client.head_rows import max_subjects_of
+    from simulations.federated_head_run import head_node_configs
+
+    sites = [tmp_path / "a", tmp_path / "b"]
+    nodes = head_node_configs(
+        tmp_path / "model", sites, 5, None, 1, [tmp_path / "p.yaml"], [tmp_path / "sa", tmp_path / "sb"], 12
+    )
+    assert [n["policy"] for n in nodes] == [str((tmp_path / "p.yaml").resolve())] * 2  # one policy for every site
+    assert [n["state-dir"] for n in nodes] == [str((tmp_path / s).resolve()) for s in ("sa", "sb")]
+    assert [max_subjects_of(n) for n in nodes] == [12, 12] and max_subjects_of({}) is None
+    with pytest.raises(ValueError, match="--state-dirs: 1 directories for 2 sites"):  # a ledger is never shared
+        head_node_configs(tmp_path / "model", sites, 5, None, 1, None, [tmp_path / "s"])
+    for bad in (-1, "12", 1.5):
+        with pytest.raises(ValueError, match=f"node config field max-subjects: value {bad!r}"):
+            max_subjects_of({"max-subjects": bad})
