@@ -320,3 +320,15 @@ def test_head_node_configs_carry_policies_ledgers_and_max_subjects(tmp_path: Pat
     for bad in (-1, "12", 1.5):
         with pytest.raises(ValueError, match=f"node config field max-subjects: value {bad!r}"):
             max_subjects_of({"max-subjects": bad})
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_target_epsilon_is_spent_over_the_heads_planned_steps(tmp_path: Path) -> None:
+    """--dp-target-epsilon 2: the noise that reaches 2 over rounds x C grid x local steps at the
+    site's subject sampling rate; a fresh ledger ends at about 2, never above it."""
+    nodes = site_nodes(tmp_path, [20.0, 20.0])
+    _, sites = fit_head(in_process_grid(nodes), _task(), 5, head_config(tmp_path / "out", PrivacyRequest(target_epsilon=2.0, delta=DELTA)))  # fmt: skip
+    for node in nodes:
+        spent = PrivacyLedger(node["state-dir"]).epsilon(DELTA)
+        assert 1.9 < spent <= 2.0 + 1e-6 and sites.epsilon[node["site-name"]]["epsilon"] == pytest.approx(spent)
+        assert sum(r.steps for r in ledger_rounds(node)) == ROUNDS * len(C_GRID) * STEPS
