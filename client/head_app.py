@@ -4,7 +4,8 @@ healthfm_core/head_messages.py).
 
   query.head_stats  -> HeadStats (its train rows' count, positives, sums, sums of squares)
   query.head_setup  -> HeadSmoothness (the pooled standardisation applied to its rows, kept)
-  train.head        -> HeadUpdate (its head after the local steps from the global head)
+  train.head        -> HeadUpdate (its head after the local steps from the global head; under
+                       DP its cumulative epsilon and delta from the site's durable ledger)
   evaluate.head     -> HeadTuning (its tuning log-loss sum and count)
 
 Each handler calls healthfm_core/eval/head_site.py, the functions the one-process driver calls.
@@ -13,7 +14,15 @@ rows never leave. A site below its minimums, holding another release, or without
 key answers any stage with a HeadRefusal (its reason, no number). Anything raised reaches the
 server as an error reply and the head goes on without this site.
 
-Node config: the site's (`site-root`, its minimums, `policy`), `model` (the release folder) and
+DP (healthfm_core/privacy/head.py): a train.head round runs DP-SGD per subject when the server
+asks (`dp`) or the site's policy makes DP mandatory. Its steps are reserved in the site's
+durable ledger (node config `state-dir`, the pretraining's ledger, shared by every process of
+the site under a file lock) against the policy's epsilon cap before any step; the site fails
+closed: DP asked without a budget or ledger, a ledger it cannot trust, or a round that would pass
+the cap is answered with a HeadRefusal ("DP refused: ...", with its epsilon so far), never with
+an update trained without DP.
+
+Node config: the site's (`site-root`, its minimums, `policy`, `state-dir`), `model` (the release folder) and
 optionally `embeddings`; in simulation `make_head_client_app(node_configs)` overlays each
 partition's entry, as client/client_app.py does.
 """
@@ -45,6 +54,9 @@ from healthfm_core.head_messages import (
     HeadUpdate,
     StandardizerRequest,
 )
+from healthfm_core.privacy.head import PrivateHeadRound, private_local_steps, reserve_head_round, subject_index
+from healthfm_core.privacy.ledger import LedgerError
+from healthfm_core.privacy.training import DPRequest, PrivacyRefused
 
 log = logging.getLogger("healthfm.client")
 
@@ -98,6 +110,43 @@ def standardised(rows: HeadRows, request: StandardizerRequest, splits: SiteSplit
     return got[2], got[3]
 
 
+def spend_of(rows: HeadRows) -> tuple[float, float] | None:
+    """The site's cumulative (epsilon, delta) from its ledger; None without a budget, a ledger,
+    or a ledger to trust (its refusal says why)."""
+    if rows.dp_policy is None or rows.ledger is None:
+        return None
+    try:
+        return rows.ledger.epsilon(rows.dp_policy.delta), rows.dp_policy.delta
+    except LedgerError:
+        return None
+
+
+def private_round(
+    rows: HeadRows, request: HeadRoundRequest, splits: SiteSplits
+) -> tuple[PrivateHeadRound, np.ndarray] | None:
+    """This round under DP (its steps reserved in the site's durable ledger) and each train row's
+    subject as 0..S-1; None: no DP (not asked, not mandatory). PrivacyRefused: DP needed but not
+    possible (no budget, no ledger, the cap, no subject ids); nothing reserved then."""
+    if not request.dp and (rows.dp_policy is None or not rows.dp_policy.mandatory):
+        return None
+    if splits.train_subjects is None:
+        raise PrivacyRefused("the train rows carry no subject ids: the head's DP is per subject")
+    subject, n_subjects = subject_index(splits.train_subjects)
+    dp = DPRequest(
+        asked=request.dp,
+        noise_multiplier=request.dp_noise_multiplier,
+        target_epsilon=request.dp_target_epsilon,
+        max_grad_norm=request.dp_max_grad_norm,
+        batch_size=request.dp_batch_size,
+        steps=request.steps,
+        planned_steps=request.dp_planned_steps or request.steps,
+        round=request.round,
+        run=f"head:{request.key}:{request.setup_sha256[:12]}",
+    )
+    got = reserve_head_round(dp, rows.dp_policy, rows.ledger, n_subjects)
+    return None if got is None else (got, subject)
+
+
 def make_head_client_app(
     node_configs: Sequence[Mapping[str, Any]] | None = None, rows_of: RowsOf = load_head_rows
 ) -> ClientApp:
@@ -109,9 +158,10 @@ def make_head_client_app(
         rows = rows_of(node_config(context, node_configs), request.tasks)
         return request, rows, _splits(rows, request)
 
-    def refuse(msg: Message, rows: HeadRows, reason: str) -> Message:
+    def refuse(msg: Message, rows: HeadRows, reason: str, spend: tuple[float, float] | None = None) -> Message:
         log.info("site %s: head: %s", rows.site, reason)
-        return _reply(msg, HeadRefusal(refused=reason).to_flat())
+        epsilon, delta = spend if spend is not None else (None, None)
+        return _reply(msg, HeadRefusal(refused=reason, epsilon=epsilon, delta=delta).to_flat())
 
     @app.query("head_stats")
     def stats(msg: Message, context: Context) -> Message:
@@ -123,38 +173,52 @@ def make_head_client_app(
 
     def prepared(
         msg: Message, context: Context, kind: type[StandardizerRequest]
-    ) -> Message | tuple[Any, SiteSplits, np.ndarray, np.ndarray]:
-        """The request, the key's splits and its standardised train and tuning rows; or the
-        refusal to send."""
+    ) -> Message | tuple[Any, HeadRows, SiteSplits, np.ndarray, np.ndarray]:
+        """The request, the site's rows, the key's splits and its standardised train and tuning
+        rows; or the refusal to send."""
         request, rows, splits = site_of(msg, context, kind)
         if isinstance(splits, str):
             return refuse(msg, rows, splits)
         if problem := _width_problem(request, splits):
             return refuse(msg, rows, problem)
         xs, xt = standardised(rows, request, splits)
-        return request, splits, xs, xt
+        return request, rows, splits, xs, xt
 
     @app.query("head_setup")
     def setup(msg: Message, context: Context) -> Message:
         if isinstance(got := prepared(msg, context, StandardizerRequest), Message):
             return got
-        xs = got[2]
+        xs = got[3]
         return _reply(msg, HeadSmoothness(smoothness=site_smoothness(xs)).to_flat())
 
     @app.train("head")
     def train(msg: Message, context: Context) -> Message:
         if isinstance(got := prepared(msg, context, HeadRoundRequest), Message):
             return got
-        request, splits, xs, _ = got
+        request, rows, splits, xs, _ = got
         y = np.asarray(splits.y_train, np.float64)
-        w, b = local_steps(xs, y, np.asarray(request.weight), request.bias, request.penalty, request.steps, request.lr)
-        return _reply(msg, HeadUpdate(weight=w.tolist(), bias=float(b), n=len(y)).to_flat())
+        try:  # under DP the round's steps are reserved in the site's ledger before any step
+            private = private_round(rows, request, splits)
+        except PrivacyRefused as err:
+            return refuse(msg, rows, f"DP refused: {err.reason}", spend_of(rows))
+        if private is None:
+            w, b = local_steps(xs, y, np.asarray(request.weight), request.bias, request.penalty, request.steps, request.lr)  # fmt: skip
+            return _reply(msg, HeadUpdate(weight=w.tolist(), bias=float(b), n=len(y)).to_flat())
+        round_, subject = private
+        w, b, taken = private_local_steps(
+            xs, y, subject, np.asarray(request.weight), request.bias, request.penalty, request.steps, request.lr,
+            round_.settings,
+        )  # fmt: skip
+        epsilon = round_.commit(taken)
+        log.info("site %s: head %s round %d under DP: epsilon %.4f at delta %g", rows.site, request.key, request.round, epsilon, round_.settings.delta)  # fmt: skip
+        out = HeadUpdate(weight=w.tolist(), bias=float(b), n=len(y), epsilon=epsilon, delta=round_.settings.delta)
+        return _reply(msg, out.to_flat())
 
     @app.evaluate("head")
     def tune(msg: Message, context: Context) -> Message:
         if isinstance(got := prepared(msg, context, HeadTuneRequest), Message):
             return got
-        request, splits, _, xt = got
+        request, _, splits, _, xt = got
         y = np.asarray(splits.y_tune, np.float64)
         loss = tuning_loss(xt, y, np.asarray(request.weight), request.bias) if len(y) else 0.0
         return _reply(msg, HeadTuning(loss_sum=loss, n=len(y)).to_flat())

@@ -10,7 +10,10 @@ the site's minimums (min_report_subjects subjects, min_report_positives positive
 train rows; each raised by its policy) gives a reason, never rows.
 
 Node config keys beside the site's (client/site_runtime.SiteConfig): `model`, the release folder
-the site holds; `embeddings` (optional), its embed file of the tasks' rows.
+the site holds; `embeddings` (optional), its embed file of the tasks' rows; `max-subjects`
+(optional), the subject budget per split of its rows (the release's own sample when absent). The site's `policy`
+(its DP budget) and `state-dir` (its durable privacy ledger) are the pretraining's own, so the
+head's DP rounds (healthfm_core/privacy/head.py) spend from the same ledger under the same cap.
 """
 
 from __future__ import annotations
@@ -22,18 +25,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field, TypeAdapter, ValidationError
 
 from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
 from healthfm_core.eval.head_site import SiteSplits
 from healthfm_core.eval.site_eval import task_split_counts
 from healthfm_core.federation import EvalConfig, TaskReason
+from healthfm_core.privacy.ledger import PrivacyLedger
+from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.release import ModelRelease, load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
 
@@ -49,6 +55,11 @@ class HeadRows:
     max_events: int
     max_patches: int
     keys: dict[str, SiteSplits | TaskReason | str] = field(default_factory=dict)
+    # The site's DP budget (its policy's `dp:`) and its durable privacy ledger (node config
+    # `state-dir`), the pretraining's own (client/site_runtime.SiteRuntime): the head's DP rounds
+    # spend from the same ledger under the same cap. None: no budget / no state directory.
+    dp_policy: DPPolicy | None = None
+    ledger: PrivacyLedger | None = None
 
 
 def head_splits(
@@ -68,7 +79,8 @@ def head_splits(
         return f"fewer than {min_positives} positive or negative train rows (min_report_positives)"
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
     is_train, is_tune = split == "train", split == "tuning"
-    return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune])
+    sids = labels["subject_id"].to_numpy()
+    return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune], train_subjects=sids[is_train])
 
 
 _LOCK = threading.Lock()
@@ -107,6 +119,19 @@ def label_row_index(rows: pa.Table, labels: pa.Table, site: str) -> np.ndarray:
         raise ValueError(f"site {site}: the embeddings lack the labelled row {err}") from None
 
 
+_MAX_SUBJECTS = TypeAdapter(Annotated[int, Field(ge=0, strict=True)] | None)
+
+
+def max_subjects_of(config: Mapping[str, Any]) -> int | None:
+    """Node config `max-subjects`: the evaluation's subject budget per split for the head's rows
+    (0: every subject; absent: the release's own sample)."""
+    value = config.get("max-subjects")
+    try:
+        return _MAX_SUBJECTS.validate_python(value)
+    except ValidationError:
+        raise ValueError(f"node config field max-subjects: value {value!r} is not a whole number >= 0") from None
+
+
 def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
     """The site's rows of `tasks` under its node config (cached for the process)."""
     cache_key = (json.dumps(dict(config), sort_keys=True, default=str), tuple(tasks))
@@ -119,9 +144,11 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         release = _release(str(config["model"]))
         runtime = get_runtime(site_config)
         require_fit(runtime.site, release.setup, DEFAULT_MAX_UNKNOWN_SHARE, where=f"site {site_config.site_root}")
-        cfg = eval_config(release, list(tasks) or None)
+        cfg = eval_config(release, list(tasks) or None, max_subjects_of(config))
         labels = runtime.labels(cfg)
         out = HeadRows(runtime.name, release.setup.sha256, cfg.max_events, cfg.max_patches)
+        out.dp_policy = runtime.policy.dp if runtime.policy is not None else None
+        out.ledger = runtime.ledger
         try:
             rows, x_all = embedded_task_rows(runtime, release, cfg, config.get("embeddings"))
         except NoRows:  # no labels for any asked task: every key is then refused
@@ -149,4 +176,4 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         return out
 
 
-__all__ = ["HeadRows", "embedded_task_rows", "head_splits", "label_row_index", "load_head_rows"]
+__all__ = ["HeadRows", "embedded_task_rows", "head_splits", "label_row_index", "load_head_rows", "max_subjects_of"]

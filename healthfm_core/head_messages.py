@@ -69,7 +69,9 @@ class _Head(BaseModel):
         return self
 
     def to_flat(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+        # Fields left at their default (the optional DP fields) are not sent: a ConfigRecord holds
+        # no None, and a request or reply without DP is the same record as before DP existed.
+        return {k.replace("_", "-"): v for k, v in self.model_dump(exclude_defaults=True).items()}
 
     @classmethod
     def from_flat(cls: type[_M], record: Mapping[str, Any], width: int | None = None) -> _M:
@@ -107,6 +109,22 @@ class HeadRoundRequest(StandardizerRequest):
     penalty: NonNegative
     steps: int = Field(ge=1)
     lr: float = Field(gt=0, allow_inf_nan=False)
+    # DP asked by the server (healthfm_core/privacy/head.py); absent: not asked (a site whose
+    # policy makes DP mandatory trains under DP all the same).
+    dp: bool = False
+    dp_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    dp_target_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # over dp_planned_steps
+    dp_max_grad_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    dp_batch_size: int = Field(default=64, ge=1)  # expected subjects per DP step
+    dp_planned_steps: int | None = Field(default=None, ge=1)  # the head run's rounds x C grid x steps
+
+    @model_validator(mode="after")
+    def _dp_fields(self) -> HeadRoundRequest:
+        if self.dp and self.dp_noise_multiplier is None and self.dp_target_epsilon is None:
+            raise ValueError("field dp: DP asked without dp-noise-multiplier or dp-target-epsilon")
+        if self.dp_target_epsilon is not None and self.dp_planned_steps is None:
+            raise ValueError("field dp-planned-steps: missing beside dp-target-epsilon")
+        return self
 
 
 class HeadTuneRequest(StandardizerRequest):
@@ -116,9 +134,12 @@ class HeadTuneRequest(StandardizerRequest):
 
 
 class HeadRefusal(_Head):
-    """A site that takes no part in this head (or this stage), and why; no number."""
+    """A site that takes no part in this head (or this stage), and why; no number but, when its
+    DP budget refused a round, its cumulative epsilon (and delta) so far."""
 
     refused: str = Field(min_length=1, max_length=2000)
+    epsilon: NonNegative | None = None
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
 
 
 class HeadStats(_Head):
@@ -162,6 +183,16 @@ class HeadUpdate(_Head):
     weight: list[Finite]
     bias: Finite
     n: int = Field(ge=1)
+    # Under DP: the site's cumulative epsilon from its durable ledger (this round counted), at
+    # its policy's delta. Absent: trained without DP.
+    epsilon: NonNegative | None = None
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _epsilon_with_delta(self) -> HeadUpdate:
+        if (self.epsilon is None) != (self.delta is None):
+            raise ValueError("fields epsilon and delta: one without the other")
+        return self
 
 
 class HeadTuning(_Head):

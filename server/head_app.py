@@ -17,7 +17,14 @@ and logged; a reply that does not parse (wrong width, NaN, a count that changed)
 one log line naming the site and field, and the head goes on without it. Each head is written to
 OUT/heads/<key>.json (+ .safetensors) in healthfm_core/eval/saved_head.py's format, so a site's
 `client.py predict --head` applies it; OUT/heads.json summarises the sites, counts and tuning
-losses per C; OUT/head.log holds the rounds.
+losses per C, the DP asked, each site's refusal and its cumulative epsilon; OUT/head.log holds
+the rounds; OUT/head_rounds.jsonl one line per train.head round (its sites, their epsilon).
+
+DP (`HeadRunConfig.privacy`, the pretraining's PrivacyRequest): every train.head request asks
+for DP-SGD per subject at the site (healthfm_core/privacy/head.py), spending from its durable
+ledger under its policy's cap. A site refuses a round it cannot train under DP (no budget, the
+cap reached): it takes no further part, and heads.json names it, the reason and its epsilon. A
+reply without its epsilon while DP was asked is rejected (never averaged).
 
 Run on Flower's simulation engine: `python -m simulations.federated_head_run` (or
 `python -m simulations.task_head ... --over-flower`).
@@ -28,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +69,14 @@ from healthfm_core.head_messages import (
     parse_reply,
 )
 from healthfm_core.release import load_release
+from server.config import PrivacyRequest
 from server.head_average import fedavg_heads
 
 log = logging.getLogger("healthfm.server.head")
 
 HEADS_DIR = "heads"
 SUMMARY_FILE = "heads.json"
+ROUNDS_FILE = "head_rounds.jsonl"
 LOG_FILE = "head.log"
 
 
@@ -86,14 +95,49 @@ class HeadRunConfig(BaseModel):
     lr: float = Field(default=1.0, gt=0)
     min_sites: int = Field(default=1, ge=1)  # sites connected before the first stage
     timeout_s: float = Field(default=120.0, gt=0)  # per stage's replies, and for min_sites
+    # The DP asked of every site's train.head rounds (the pretraining's PrivacyRequest: target
+    # epsilon over the head's planned steps, or noise multiplier; clipping norm; delta). A
+    # site's policy still rules (healthfm_core/privacy/head.py).
+    privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
+    dp_batch_size: int = Field(default=64, ge=1)  # expected subjects per DP step at each site
+
+    def planned_dp_steps(self) -> int:
+        """Every train.head round's local steps over the C grid: the steps a target epsilon spans."""
+        return self.rounds * len(self.c_grid) * self.local_steps
+
+    def dp_fields(self) -> dict[str, Any]:
+        """The HeadRoundRequest fields of the DP asked (none when DP is not asked)."""
+        p = self.privacy
+        if not p.requested:
+            return {}
+        return {
+            "dp": True,
+            "dp_noise_multiplier": p.noise_multiplier,
+            "dp_target_epsilon": p.target_epsilon,
+            "dp_max_grad_norm": p.max_grad_norm,
+            "dp_batch_size": self.dp_batch_size,
+            "dp_planned_steps": self.planned_dp_steps(),
+        }
 
 
 class FlowerSites:
     """The sites of one head over Flower's Grid (the driver's HeadSites): each call sends one
     stage's message to the sites taking part and parses their replies."""
 
-    def __init__(self, grid: Grid, task: HeadTask, width: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        task: HeadTask,
+        width: int,
+        timeout_s: float,
+        dp: Mapping[str, Any] | None = None,
+        rounds_log: Path | None = None,
+    ) -> None:
         self.grid, self.task, self.width, self.timeout_s = grid, task, width, timeout_s
+        self.dp = dict(dp or {})  # HeadRoundRequest's DP fields (HeadRunConfig.dp_fields)
+        self.rounds_log = rounds_log  # one JSON line per train.head round (each site's epsilon)
+        self.refused: dict[str, dict[str, Any]] = {}  # site -> its refusal (stage, reason, epsilon)
+        self.epsilon: dict[str, dict[str, float]] = {}  # site -> its latest cumulative epsilon and delta
         self.names: dict[int, str] = {}  # node id -> site name, the sites taking part
         self.counts: dict[int, int] = {}  # node id -> train rows (as sent in its stats)
         self.max_events = self.max_patches = 0
@@ -133,6 +177,7 @@ class FlowerSites:
                 continue
             if isinstance(parsed, HeadRefusal):
                 log.info("head %s: %s takes no part: %s", self.task.key, who, parsed.refused)
+                self.refused[who] = {"stage": message_type, **parsed.model_dump(exclude_none=True)}
                 self._drop(node)
                 continue
             out[node] = parsed
@@ -181,7 +226,7 @@ class FlowerSites:
         self.round += 1
         request = HeadRoundRequest(
             **self.task.model_dump(), mean=self.mean, scale=self.scale, round=self.round, weight=w.tolist(), bias=float(b),
-            penalty=penalty, steps=steps, lr=lr,
+            penalty=penalty, steps=steps, lr=lr, **self.dp,
         )  # fmt: skip
         got = self._ask(MSG_TRAIN, self._to_sites(request.to_flat()), HeadUpdate)
         out: dict[str, SiteHead] = {}
@@ -190,8 +235,27 @@ class FlowerSites:
                 log.warning("head %s: %s: train.head reply rejected: n %d, its stats said %d", self.task.key, self.names[node], r.n, self.counts[node])  # fmt: skip
                 self._drop(node)
                 continue
-            out[self.names[node]] = (np.asarray(r.weight), r.bias, r.n)
+            if self.dp and r.epsilon is None:  # DP asked: an update without its spend is not averaged
+                log.warning("head %s: %s: train.head reply rejected: DP was asked but it reports no epsilon", self.task.key, self.names[node])  # fmt: skip
+                self._drop(node)
+                continue
+            name = self.names[node]
+            if r.epsilon is not None and r.delta is not None:
+                self.epsilon[name] = {"epsilon": r.epsilon, "delta": r.delta}
+            out[name] = (np.asarray(r.weight), r.bias, r.n)
+        self._log_round(out)
         return out
+
+    def _log_round(self, heads: Mapping[str, SiteHead]) -> None:
+        """The round's sites and each one's cumulative epsilon (as the pretraining's rounds.jsonl)."""
+        spent = {s: self.epsilon[s] for s in heads if s in self.epsilon}
+        if spent:
+            log.info("head %s: round %d: cumulative epsilon per site: %s", self.task.key, self.round, ", ".join(f"{s} {v['epsilon']:.3f}" for s, v in spent.items()))  # fmt: skip
+        if self.rounds_log is not None:
+            line = {"key": self.task.key, "round": self.round, "sites": sorted(heads), "epsilon": spent}
+            self.rounds_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.rounds_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
 
     def tune(self, w: np.ndarray, b: float) -> dict[str, tuple[float, int]]:
         request = HeadTuneRequest(
@@ -217,29 +281,53 @@ def wait_for_sites(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
     return nodes
 
 
+def fit_head_on(sites: FlowerSites, cfg: HeadRunConfig) -> FederatedHeadResult:
+    """One key's federated head over `sites` (ValueError: no head, e.g. no site takes part)."""
+    return run_federated_head(sites, cfg.c_grid, cfg.rounds, cfg.local_steps, cfg.lr, average=fedavg_heads)
+
+
 def fit_head(grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig) -> tuple[FederatedHeadResult, FlowerSites]:
     """One key's federated head over the grid's sites (ValueError: no head, e.g. no site takes part)."""
-    sites = FlowerSites(grid, task, width, cfg.timeout_s)
-    result = run_federated_head(sites, cfg.c_grid, cfg.rounds, cfg.local_steps, cfg.lr, average=fedavg_heads)
-    return result, sites
+    sites = FlowerSites(grid, task, width, cfg.timeout_s, cfg.dp_fields(), Path(cfg.out_dir) / ROUNDS_FILE)
+    return fit_head_on(sites, cfg), sites
+
+
+def privacy_summary(cfg: HeadRunConfig) -> dict[str, Any]:
+    """The DP asked of the head's rounds, as heads.json and the task_head report show it."""
+    return {
+        **cfg.privacy.model_dump(),
+        "requested": cfg.privacy.requested,
+        "batch_size": cfg.dp_batch_size,
+        "planned_steps": cfg.planned_dp_steps(),
+        "describe": cfg.privacy.describe(),
+    }
 
 
 def fit_heads(grid: Grid, cfg: HeadRunConfig) -> dict[str, Path]:
     """Every asked key's federated head, saved under OUT/heads; returns key -> head file."""
     release = load_release(cfg.model)
-    sha, width = release.setup.sha256, release.setup.model.d_model
     evaluation = release.meta.evaluation
     keys = head_keys(cfg, evaluation.tasks if evaluation is not None else [])
+    return fit_keys(grid, cfg, release.setup.sha256, release.setup.model.d_model, keys)
+
+
+def fit_keys(grid: Grid, cfg: HeadRunConfig, sha: str, width: int, keys: Sequence[str]) -> dict[str, Path]:
+    """The heads of `keys` for the release of setup `sha` and embedding `width` (fit_heads)."""
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.timeout_s)
     log.info("federated heads of release %s (setup %s...): keys %s, %d site(s) connected", cfg.model, sha[:12], keys, len(nodes))  # fmt: skip
     out: dict[str, Path] = {}
-    summary: dict[str, Any] = {"release": str(cfg.model), "setup_sha256": sha, "heads": {}}
+    log.info("head privacy: %s", cfg.privacy.describe())
+    summary: dict[str, Any] = {"release": str(cfg.model), "setup_sha256": sha, "heads": {}, "privacy": privacy_summary(cfg)}  # fmt: skip
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out_dir) / ROUNDS_FILE).unlink(missing_ok=True)
     for key in keys:
+        task = HeadTask(setup_sha256=sha, tasks=cfg.tasks, key=key)
+        sites = FlowerSites(grid, task, width, cfg.timeout_s, cfg.dp_fields(), Path(cfg.out_dir) / ROUNDS_FILE)
         try:
-            result, sites = fit_head(grid, HeadTask(setup_sha256=sha, tasks=cfg.tasks, key=key), width, cfg)
+            result = fit_head_on(sites, cfg)
         except ValueError as err:
             log.warning("head %s: not fitted: %s", key, err)
-            summary["heads"][key] = {"reason": str(err)}
+            summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "epsilon": sites.epsilon}
             continue
         path = Path(cfg.out_dir) / HEADS_DIR / f"{key}.json"
         out[key] = save_head(path, key, result.probe, sha, sites.max_events, sites.max_patches)
@@ -249,6 +337,8 @@ def fit_heads(grid: Grid, cfg: HeadRunConfig) -> dict[str, Path]:
             "tuning_log_loss": result.probe.tuning_log_loss,
             "tuning_by_c": {str(c): v for c, v in result.tuning.items()},
             "train_rows": result.train_rows,
+            "refused": sites.refused,  # site -> the stage it refused, why (and its epsilon under DP)
+            "epsilon": sites.epsilon,  # site -> its cumulative epsilon and delta after its last round
         }
         log.info("head %s: written to %s (C=%g, sites %s)", key, path, result.probe.c, sorted(result.train_rows))
     atomic_write_text(Path(cfg.out_dir) / SUMMARY_FILE, json.dumps(summary, indent=1))
@@ -265,15 +355,19 @@ def _log_to_file(out_dir: Path) -> logging.Handler:
     return handler
 
 
-def make_head_server_app(config: HeadRunConfig) -> ServerApp:
-    """The head's ServerApp for `config`."""
+# What the ServerApp runs: fit_heads (the release's keys); tests give synthetic sites' keys.
+FitHeads = Callable[[Grid, HeadRunConfig], Mapping[str, Path]]
+
+
+def make_head_server_app(config: HeadRunConfig, fit: FitHeads | None = None) -> ServerApp:
+    """The head's ServerApp for `config` (`fit`: default fit_heads)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         handler = _log_to_file(config.out_dir)
         try:
-            fit_heads(grid, config)
+            (fit or fit_heads)(grid, config)
         finally:
             logging.getLogger("healthfm").removeHandler(handler)
             handler.close()
@@ -282,10 +376,15 @@ def make_head_server_app(config: HeadRunConfig) -> ServerApp:
 
 
 __all__ = [
+    "ROUNDS_FILE",
+    "FitHeads",
     "FlowerSites",
     "HeadRunConfig",
     "fit_head",
+    "fit_head_on",
     "fit_heads",
+    "fit_keys",
+    "privacy_summary",
     "head_keys",
     "make_head_server_app",
     "wait_for_sites",

@@ -3,7 +3,9 @@ embeddings, per site and task with subject-bootstrap intervals.
 
     python -m simulations.task_head --model model/ --sites runs/data/default-seed0-nNone/sites/* \
         [--embeddings emb-SITE.parquet ...] [--tasks onset_t2d_365d ...] [--min-subjects 20] \
-        [--rounds 200] [--over-flower HEADS_DIR] --out task_head.md
+        [--max-subjects N] [--rounds 200] [--over-flower HEADS_DIR [--dp-target-epsilon 3 | --dp-noise-multiplier 1.1] \
+        [--dp-max-grad-norm 1] [--dp-delta 1e-5] [--dp-batch-size 64] [--policies policy.yaml ...] \
+        [--state-dirs STATE ...]] --out task_head.md
 
 Each site embeds its rows of the run's evaluation tasks with the release (client/model_use.py:
 the evaluation's rows and path). Per binary task key:
@@ -22,6 +24,10 @@ steps called directly). With `--over-flower DIR` it comes from Flower's simulati
 instead (simulations/federated_head_run.py: the head's ServerApp and one ClientApp per site,
 heads saved under DIR); there a site below its minimums takes no part at all (it sends no number),
 so its train rows do not join the federated head. Both paths call the same site and server steps.
+`--max-subjects` applies to both (over Flower each site's node config `max-subjects`).
+With `--over-flower`, `--dp-*` asks the sites for DP-SGD per subject (server/head_app.py,
+healthfm_core/privacy/head.py); the report then states the DP asked and each site's cumulative
+epsilon from its durable ledger, or why it refused (the local and pooled heads are not private).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +54,8 @@ from healthfm_core.federation import TaskReason
 from healthfm_core.files import atomic_write_text
 from healthfm_core.release import load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
-from server.head_app import HeadRunConfig
-from simulations.federated_head_run import head_node_configs, run_head_simulation
+from server.head_app import SUMMARY_FILE, HeadRunConfig
+from simulations.federated_head_run import add_dp_args, dp_config, head_node_configs, run_head_simulation
 
 METHODS = ("federated head", "local head", "pooled head")
 
@@ -77,9 +84,15 @@ def compare_heads(
     embeddings: Sequence[Path] | None = None,
     over_flower: Path | None = None,
     min_positives: int = DEFAULT_MIN_POSITIVES,
+    dp: dict[str, Any] | None = None,
+    policies: Sequence[Path] | None = None,
+    state_dirs: Sequence[Path] | None = None,
 ) -> dict:
-    if over_flower is not None and max_subjects is not None:
-        raise ValueError("--over-flower: the sites embed the release's own subject sample (no --max-subjects)")
+    """The three heads per site and key (module docstring). `dp`: HeadRunConfig's DP fields
+    (federated_head_run.dp_config), with `policies` and `state_dirs` the sites' DP budgets and
+    ledgers: only with `over_flower` (the in-process driver has no DP)."""
+    if over_flower is None and (dp or policies or state_dirs):
+        raise ValueError("DP of the federated head (--dp-*, --policies, --state-dirs) needs --over-flower")
     release = load_release(model)
     per_site: dict[str, dict] = {}
     cfg = None
@@ -109,11 +122,18 @@ def compare_heads(
     assert cfg is not None
     keys = [k for spec in cfg.tasks for k in spec.keys() if any(k in v for v in per_site.values())]
     flower_heads: dict[str, Path] = {}
+    flower: dict[str, Any] = {}
     if over_flower is not None:
-        flower_heads = run_head_simulation(
-            HeadRunConfig(model=model, out_dir=over_flower, tasks=list(tasks or []), keys=keys, rounds=rounds),
-            head_node_configs(model, sites, min_subjects, embeddings, min_positives),
+        head_cfg = HeadRunConfig(
+            model=model, out_dir=over_flower, tasks=list(tasks or []), keys=keys, rounds=rounds, **(dp or {})
         )
+        flower_heads = run_head_simulation(
+            head_cfg,
+            head_node_configs(
+                model, sites, min_subjects, embeddings, min_positives, policies, state_dirs, max_subjects
+            ),
+        )
+        flower = json.loads((over_flower / SUMMARY_FILE).read_text())
     results: dict[str, dict] = {}
     for key in keys:
         data = {s: v[key] for s, v in per_site.items() if key in v}
@@ -156,31 +176,65 @@ def compare_heads(
                 )
                 row[method] = scored.model_dump()
             results[key][site] = {"n": int(held.sum()), "subjects": int(len(np.unique(groups))), **row}
+            if over_flower is not None:  # the site's spend after the head's rounds, or why it refused
+                fitted = flower.get("heads", {}).get(key, {})
+                results[key][site]["dp"] = fitted.get("epsilon", {}).get(site)
+                if site in fitted.get("refused", {}):
+                    results[key][site]["refused"] = fitted["refused"][site]["refused"]
     return {
         "release": str(model),
         "min_subjects": min_subjects,
         "min_positives": min_positives,
         "rounds": rounds,
         "federated": "flower" if over_flower is not None else "in-process",
+        "privacy": flower.get("privacy"),  # the DP asked of the federated head (None: in-process)
         "results": results,
     }
 
 
+def _spend(r: dict) -> str:
+    """The site's DP cell: its cumulative epsilon (delta) after the head, or its refusal."""
+    if r.get("refused"):
+        return f"refused: {r['refused']}"
+    dp = r.get("dp")
+    return f"{dp['epsilon']:.3f} ({dp['delta']:g})" if dp else "no DP"
+
+
 def markdown(report: dict) -> str:
+    privacy = report.get("privacy") or {}
+    dp = bool(privacy.get("requested"))
     lines = [
         f"# Task heads on release {report['release']}: federated vs local vs pooled",
         "",
         "Held-out AUROC at each site [95% subject-bootstrap interval], the same rows for the three heads.",
+    ]
+    if privacy:
+        lines += [
+            "",
+            f"Federated head: {privacy['describe']}"
+            + (
+                f"; expected {privacy['batch_size']} subjects per step, {privacy['planned_steps']} steps planned; "
+                "epsilon: each site's cumulative epsilon (delta) in its durable ledger after the head "
+                "(pretraining's spend included), or why it refused"
+                if dp
+                else ""
+            )
+            + ".",
+        ]
+    extra = " epsilon (delta) |" if dp else ""
+    lines += [
         "",
-        "| task | site | n (subjects) | " + " | ".join(METHODS) + " |",
-        "|---|---|---|---|---|---|",
+        "| task | site | n (subjects) | " + " | ".join(METHODS) + " |" + extra,
+        "|---|---|---|---|---|---|" + ("---|" if dp else ""),
     ]
     for key, sites in report["results"].items():
         for site, r in sites.items():
             if "reason" in r:
-                lines.append(f"| {key} | {site} | - | not scored: {r['reason']} | | |")
+                lines.append(f"| {key} | {site} | - | not scored: {r['reason']} | | |" + (" |" if dp else ""))
                 continue
             cells = [_cell(ResultRow.model_validate(r[m]) if r.get(m) else None) for m in METHODS]
+            if dp:
+                cells.append(_spend(r))
             lines.append(f"| {key} | {site} | {r['n']} ({r['subjects']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -207,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fit the federated head on Flower's simulation engine (heads and head.log under DIR)",
     )
     parser.add_argument("--out", required=True, help="the markdown report (JSON beside it)")
+    add_dp_args(parser)
     args = parser.parse_args(argv)
     report = compare_heads(
         Path(args.model),
@@ -218,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         [Path(e) for e in args.embeddings] if args.embeddings else None,
         Path(args.over_flower) if args.over_flower else None,
         args.min_positives,
+        dp_config(args) if args.dp_target_epsilon is not None or args.dp_noise_multiplier is not None else None,
+        [Path(p) for p in args.policies] if args.policies else None,
+        [Path(d) for d in args.state_dirs] if args.state_dirs else None,
     )
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1))

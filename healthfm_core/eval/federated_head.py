@@ -15,7 +15,9 @@ federated averaging instead of on pooled rows:
   tuning log-loss sum and count; the C with the lowest pooled tuning log-loss is kept.
 
 What leaves a site: those sums and counts, its smoothness bound, and its head's d + 1 numbers per
-round (no DP here).
+round (over Flower the rounds may run DP-SGD at each site: healthfm_core/privacy/head.py). When
+no site scores a C's head on its tuning rows (every site refused, e.g. its DP budget ran out) the
+grid stops and the best C so far is kept; with none, no head.
 
 `run_federated_head` is the protocol's one driver, over any `HeadSites`: the sites' steps are
 healthfm_core/eval/head_site.py, the server's healthfm_core/eval/head_server.py. In one process
@@ -114,12 +116,17 @@ def run_federated_head(
             if r == 0 or (r + 1) % max(rounds // 4, 1) == 0:
                 log.info("federated head: C=%g round %d/%d: %d site(s), |w| %.4g, b %.4g",
                          c, r + 1, rounds, len(heads), float(np.linalg.norm(w)), b)  # fmt: skip
-        loss = pooled_tuning_loss(list(sites.tune(w, b).values()))
+        scored = sites.tune(w, b)
+        if not scored:  # every site refused or left (e.g. its DP budget ran out): no C from here is comparable
+            log.warning("federated head: C=%g: no site scored the head on its tuning rows; the C grid stops here", c)
+            break
+        loss = pooled_tuning_loss(list(scored.values()))
         tuning[c] = loss
         log.info("federated head: C=%g pooled tuning log-loss %.6f", c, loss)
         if best is None or loss < best.tuning_log_loss:
             best = LogisticProbe(std, w.copy(), b, c, float("nan"), loss)
-    assert best is not None
+    if best is None:
+        raise ValueError("federated head: no site scored a head on its tuning rows (every site refused or left)")
     log.info("federated head: C=%g chosen (tuning log-loss %.6f)", best.c, best.tuning_log_loss)
     return FederatedHeadResult(best, n, tuning)
 

@@ -27,6 +27,9 @@ class SiteSplits:
     y_train: np.ndarray
     x_tune: np.ndarray
     y_tune: np.ndarray
+    # Each train row's subject (the privacy unit of the head's DP rounds); None: not known, and
+    # the site then refuses a DP round.
+    train_subjects: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

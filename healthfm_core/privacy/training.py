@@ -111,14 +111,14 @@ class PrivateTraining:
         return self.ledger.commit(self.reservation, self.local_step.steps_taken)
 
 
-def make_private_training(
-    dataset: Dataset, collate: Any, request: DPRequest, budget: DPPolicy | None, ledger: PrivacyLedger | None
-) -> PrivateTraining | None:
-    """The round's DP training under the site's budget, its spend reserved in the ledger; None
-    when the round trains without DP. Raises PrivacyRefused (nothing reserved): DP needed but no
-    budget, no ledger, an unreadable ledger, too large a delta, no noise level, or the cap."""
-    n = len(dataset)  # type: ignore[arg-type]
-    settings = dp_settings(request, budget, n)
+def reserve_private_round(
+    request: DPRequest, budget: DPPolicy | None, ledger: PrivacyLedger | None, n_samples: int
+) -> tuple[DPSettings, Reservation] | None:
+    """The round's DP settings under the site's budget, its `request.steps` steps reserved in the
+    ledger; None when the round trains without DP. Raises PrivacyRefused (nothing reserved): DP
+    needed but no budget, no ledger, an unreadable ledger, too large a delta, no noise level, or
+    the cap. `n_samples`: the privacy units Poisson sampling draws from (subjects)."""
+    settings = dp_settings(request, budget, n_samples)
     if settings is None:
         return None
     assert budget is not None  # dp_settings refuses DP without a budget
@@ -137,6 +137,20 @@ def make_private_training(
         )
     except (BudgetExceeded, LedgerError) as err:
         raise PrivacyRefused(str(err)) from None
+    return settings, reservation
+
+
+def make_private_training(
+    dataset: Dataset, collate: Any, request: DPRequest, budget: DPPolicy | None, ledger: PrivacyLedger | None
+) -> PrivateTraining | None:
+    """The round's DP training under the site's budget, its spend reserved in the ledger; None
+    when the round trains without DP. Raises PrivacyRefused (nothing reserved): DP needed but no
+    budget, no ledger, an unreadable ledger, too large a delta, no noise level, or the cap."""
+    reserved = reserve_private_round(request, budget, ledger, len(dataset))  # type: ignore[arg-type]
+    if reserved is None:
+        return None
+    settings, reservation = reserved
+    assert ledger is not None
     # Opacus only under DP: its import costs a process ~2 s and ~115 MB (healthfm_core.privacy.ledger).
     from opacus.accountants import RDPAccountant
 
@@ -148,4 +162,11 @@ def make_private_training(
     )
 
 
-__all__ = ["DPRequest", "PrivacyRefused", "PrivateTraining", "dp_settings", "make_private_training"]
+__all__ = [
+    "DPRequest",
+    "PrivacyRefused",
+    "PrivateTraining",
+    "dp_settings",
+    "make_private_training",
+    "reserve_private_round",
+]
