@@ -51,7 +51,8 @@ from healthfm_core.federation import FederationSetup, groups_for_modalities, sit
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
-from healthfm_core.train import TrainConfig, train_local
+from healthfm_core.train import train_local
+from healthfm_core.train.local_run import LocalRun
 from server.runlog import read_events
 from simulations import privacy_sweep
 from simulations.common import (
@@ -117,15 +118,7 @@ def train_baseline(
     )
     if keep is not None:
         loader = Restricted(loader, tuple(keep))
-    tcfg = TrainConfig(
-        steps=steps,
-        lr=fed.lr,
-        weight_decay=fed.weight_decay,
-        batch_size=fed.batch_size,
-        seed=seed,
-        progress=progress,
-        log_every=max(1, steps // 5),
-    )
+    tcfg = LocalRun.of(fed).train_config(steps, seed, log_every=max(1, steps // 5), progress=progress)
     result = train_local(
         model, loader, tcfg, groups=groups, weights_fn=lambda step: curriculum_weights(step, steps, setup.model)
     )
@@ -163,17 +156,8 @@ def train_datasets(
     sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences], fed: DictConfig, seed: int
 ) -> dict[str, PretrainingDataset]:
     """Each site's train split as its pretraining dataset (the federation's sampling settings)."""
-    return {
-        name: PretrainingDataset(
-            seqs[name],
-            subject_ids=train_ids(site),
-            time_mode="random",
-            max_events=fed.max_events,
-            max_patches=fed.max_patches,
-            seed=site_seed(seed, 0, name),
-        )
-        for name, site in sites.items()
-    }
+    run = LocalRun.of(fed)
+    return {name: run.dataset(seqs[name], train_ids(site), site_seed(seed, 0, name)) for name, site in sites.items()}
 
 
 def train_regimes(
