@@ -190,7 +190,7 @@ class FederationConfig(BaseModel):
     vocab_min_subjects: int = Field(default=10, ge=1)
     evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round
     # Task files (configs/tasks/<name>.yaml by name, or a path), `site:<name>` for labels the sites
-    # supply, or the old synthetic names (onset_t2d_365d: t2d.yaml at 365 days; wearable_*).
+    # supply, or the synthetic tasks' names (onset_t2d_365d: t2d.yaml at 365 days; wearable_*).
     # Empty: no federated evaluation (a job that probes the model itself skips its cost).
     eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     eval_n_boot: int = Field(default=100, ge=10)
