@@ -30,6 +30,7 @@ resume=true loads the finished units instead of running them (docs/evidence.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -50,7 +51,6 @@ from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import load_scenario, oracle_risk
 from healthfm_core.data.tasks import OnsetTask
 from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.eval import compare, plots
 from healthfm_core.eval.evidence import (
     Comparison,
@@ -294,6 +294,41 @@ def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictCon
     )
 
 
+@dataclasses.dataclass
+class UnitRun:
+    """A unit (one scenario, one seed) as it runs: its configs, where it writes, and what its first
+    stages built (the sites and their sequences, the federation's setup and model, the baselines)."""
+
+    cfg: DictConfig
+    ucfg: DictConfig  # the unit's own config (unit_config)
+    scenario: str
+    seed: int
+    out: Path
+    ev_out: Evidence
+    progress: Progress
+    sites: Mapping[str, Site]
+    seqs: Mapping[str, SiteSequences]
+    setup: FederationSetup
+    fed_model: torch.nn.Module
+    regimes: Regimes
+
+    @property
+    def name(self) -> str:
+        return f"{self.scenario} seed {self.seed}"
+
+    @property
+    def show(self) -> bool:
+        return bool(self.cfg.progress)
+
+    @property
+    def n_boot(self) -> int:
+        return int(self.cfg.eval.n_boot_per_run)
+
+    @property
+    def fed(self) -> DictConfig:
+        return self.ucfg.federation
+
+
 def run_unit(
     cfg: DictConfig,
     scenario: str,
@@ -309,7 +344,6 @@ def run_unit(
     unit = f"{scenario} seed {seed}"
     show = bool(cfg.progress)
     fed = ucfg.federation
-    n_boot = int(cfg.eval.n_boot_per_run)
     sites, truth_dir, sc = open_sites(ucfg.scenario, ucfg.data_dir, seed, ucfg.n_subjects)
     progress.finish(f"{unit}: data")
 
@@ -321,17 +355,16 @@ def run_unit(
     regimes = train_regimes(setup, sites, seqs, fed, seed, rounds, show)
     progress.finish(f"{unit}: pooled and local-only")
 
+    u = UnitRun(cfg, ucfg, scenario, seed, out, ev_out, progress, sites, seqs, setup, fed_model, regimes)
     variants = kernel_variants(cfg, setup, regimes, fed, seed, show)
     progress.finish(f"{unit}: kernel variants")
 
-    per_site_data, ev, per_site, features, view = evaluate_unit(
-        cfg, ucfg, sites, seqs, setup, fed_model, regimes, variants, truth_dir, sc, seed, n_boot, show
-    )
+    per_site_data, ev, per_site, features, view = evaluate_unit(u, variants, truth_dir, sc)
     progress.finish(f"{unit}: per-site evaluation")
 
-    horizons = site_comparisons(ev_out, scenario, seed, sites, per_site_data, per_site, variants)
-    label_shares(cfg, ev_out, scenario, seed, per_site_data, features, horizons)
-    modality_ablations(cfg, ev_out, scenario, seed, fed, n_boot, sites, seqs, fed_model, vocab, per_site_data, horizons)
+    horizons = site_comparisons(u, per_site_data, per_site, variants)
+    label_shares(u, per_site_data, features, horizons)
+    modality_ablations(u, per_site_data, horizons)
     progress.finish(f"{unit}: label shares and ablations")
 
     # The genomics diagnosis (evidence_genomics): the world, the tabular read, the model at test
@@ -342,24 +375,8 @@ def run_unit(
             run_diagnosis(ucfg, scenario, seed, unit_models, ev_out, view)
         progress.finish(f"{unit}: genomics diagnosis")
 
-    privacy_budget(cfg, ucfg, ev_out, scenario, seed, out, per_site_data, ev, show, view, regimes, progress)
-    budget_curve(
-        cfg,
-        ucfg,
-        ev_out,
-        scenario,
-        seed,
-        out,
-        sites,
-        setup,
-        fed_model,
-        regimes,
-        per_site_data,
-        ev,
-        show,
-        view,
-        progress,
-    )
+    privacy_budget(u, per_site_data, ev, view)
+    budget_curve(u, per_site_data, ev, view)
 
     if fingerprint is not None:
         seconds = {k: progress.actual[k] for k in progress.unit_stages(scenario, seed) if k in progress.actual}
@@ -388,22 +405,12 @@ def kernel_variants(
 
 
 def evaluate_unit(
-    cfg: DictConfig,
-    ucfg: DictConfig,
-    sites: Mapping[str, Site],
-    seqs: Mapping[str, SiteSequences],
-    setup: FederationSetup,
-    fed_model: torch.nn.Module,
-    regimes: Regimes,
-    variants: Mapping[str, torch.nn.Module],
-    truth_dir: Path | None,
-    sc: Any,
-    seed: int,
-    n_boot: int,
-    show: bool,
+    u: UnitRun, variants: Mapping[str, torch.nn.Module], truth_dir: Path | None, sc: Any
 ) -> tuple[dict[str, EvalSet], dict[str, Any], compare.PerSite, dict[str, dict[str, MethodFeatures]], Callable]:
     """Every method's probes on every site's onset rows (the oracle's true risk where the truth is
     known): the rows, the evaluation settings, the results, each method's features, the probe view."""
+    cfg, ucfg, sites, seqs, setup, fed_model, regimes = u.cfg, u.ucfg, u.sites, u.seqs, u.setup, u.fed_model, u.regimes
+    seed, n_boot, show = u.seed, u.n_boot, u.show
     vocab = setup.vocabulary
     per_site_data = onset_eval_data(ucfg, sites, seqs)
     ev = {**eval_settings(ucfg), "n_boot": n_boot}
@@ -432,16 +439,11 @@ def evaluate_unit(
 
 
 def site_comparisons(
-    ev_out: Evidence,
-    scenario: str,
-    seed: int,
-    sites: Mapping[str, Site],
-    per_site_data: Mapping[str, EvalSet],
-    per_site: compare.PerSite,
-    variants: Mapping[str, torch.nn.Module],
+    u: UnitRun, per_site_data: Mapping[str, EvalSet], per_site: compare.PerSite, variants: Mapping[str, Any]
 ) -> dict[str, int]:
     """Q1, Q2, Q5 (kernel) and Q6 from the per-site results, and the unit's summary; the task
     keys' horizons."""
+    ev_out, scenario, seed, sites = u.ev_out, u.scenario, u.seed, u.sites
     horizons = horizon_of(per_site_data)
     # Q1: federated against pooled, overall and per horizon.
     ev_out.add(
@@ -481,15 +483,13 @@ def site_comparisons(
 
 
 def label_shares(
-    cfg: DictConfig,
-    ev_out: Evidence,
-    scenario: str,
-    seed: int,
+    u: UnitRun,
     per_site_data: Mapping[str, EvalSet],
     features: Mapping[str, Mapping[str, MethodFeatures]],
     horizons: Mapping[str, int],
 ) -> None:
     """Q3: one probe over every site's rows, with the labels of a share of the train subjects."""
+    cfg, ev_out, scenario, seed = u.cfg, u.ev_out, u.scenario, u.seed
     shares = [float(f) for f in cfg.eval.label_shares]
     pooled: dict[str, tuple[EvalSet, MethodFeatures]] = {
         m: pooled_eval(per_site_data, features[m]) for m in ("federated", "random init", "tabular")
@@ -516,21 +516,10 @@ def label_shares(
             ev_out.add(scenario, f"q3|pretrained - {other}, {share:.0%} of labels", "federated", other, seed, items)
 
 
-def modality_ablations(
-    cfg: DictConfig,
-    ev_out: Evidence,
-    scenario: str,
-    seed: int,
-    fed: DictConfig,
-    n_boot: int,
-    sites: Mapping[str, Site],
-    seqs: Mapping[str, SiteSequences],
-    fed_model: torch.nn.Module,
-    vocab: Vocabulary,
-    per_site_data: Mapping[str, EvalSet],
-    horizons: Mapping[str, int],
-) -> None:
+def modality_ablations(u: UnitRun, per_site_data: Mapping[str, EvalSet], horizons: Mapping[str, int]) -> None:
     """Q5 (modalities): the test-time modality ablation on the federated model, per cohort."""
+    cfg, ev_out, scenario, seed, fed, n_boot = u.cfg, u.ev_out, u.scenario, u.seed, u.fed, u.n_boot
+    sites, seqs, fed_model, vocab = u.sites, u.seqs, u.fed_model, u.setup.vocabulary
     tasks = dict(next(iter(per_site_data.values())).tasks)
     for spec_name, spec in cfg.eval.modality_ablation.items():
         ablation_cfg = OmegaConf.create(
@@ -564,22 +553,10 @@ def modality_ablations(
                 )
 
 
-def privacy_budget(
-    cfg: DictConfig,
-    ucfg: DictConfig,
-    ev_out: Evidence,
-    scenario: str,
-    seed: int,
-    out: Path,
-    per_site_data: Mapping[str, EvalSet],
-    ev: Mapping[str, Any],
-    show: bool,
-    view: Callable,
-    regimes: Regimes,
-    progress: Progress,
-) -> None:
+def privacy_budget(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping[str, Any], view: Callable) -> None:
     """Q4: the federation at each target epsilon on the DP budget (privacy_budget's scenarios and seeds)."""
-    unit = f"{scenario} seed {seed}"
+    cfg, ucfg, ev_out, scenario, seed, out = u.cfg, u.ucfg, u.ev_out, u.scenario, u.seed, u.out
+    show, regimes, progress, unit = u.show, u.regimes, u.progress, u.name
     dp = cfg.privacy_budget
     if not (scenario in dp.scenarios and seed in dp.seeds):
         return
@@ -641,27 +618,20 @@ def privacy_budget(
     progress.finish(f"{unit}: privacy ({len(settings.epsilon)} federations)")
 
 
-def budget_curve(
-    cfg: DictConfig,
-    ucfg: DictConfig,
-    ev_out: Evidence,
-    scenario: str,
-    seed: int,
-    out: Path,
-    sites: Mapping[str, Site],
-    setup: FederationSetup,
-    fed_model: torch.nn.Module,
-    regimes: Regimes,
-    per_site_data: Mapping[str, EvalSet],
-    ev: Mapping[str, Any],
-    show: bool,
-    view: Callable,
-    progress: Progress,
-) -> None:
+def budget_curve(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping[str, Any], view: Callable) -> None:
     """Q1 as the budget grows: federated (each strategy) against pooled at equal compute, per
     number of rounds (budget_curve's scenarios and seeds)."""
-    unit = f"{scenario} seed {seed}"
-    fed = ucfg.federation
+    cfg, ucfg, ev_out, scenario, seed, out = u.cfg, u.ucfg, u.ev_out, u.scenario, u.seed, u.out
+    sites, setup, fed_model, regimes, show, progress, unit, fed = (
+        u.sites,
+        u.setup,
+        u.fed_model,
+        u.regimes,
+        u.show,
+        u.progress,
+        u.name,
+        u.fed,
+    )
     bc = cfg.budget_curve
     if not (scenario in bc.scenarios and seed in bc.seeds):
         return
