@@ -1,7 +1,7 @@
 """Federated evaluation against a training round, per site, on one machine, in one run.
 
     python -m healthfm_core.data.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
-    python benchmarks/eval_cost.py /tmp/fed/sites                           # configs/federation/default.yaml's eval_tasks
+    python benchmarks/eval_cost.py /tmp/fed/sites                           # the federation's default eval_tasks (server/config.py)
     python benchmarks/eval_cost.py /tmp/fed/sites --tasks wearable_resting_hr --sites wearable_clinic,biobank
 
 For each site (the site runtime the ClientApp uses, sequences prepared first and not timed):
@@ -48,8 +48,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
@@ -61,12 +59,9 @@ from healthfm_core.eval.site_eval import _may_hold_heart_rate, task_labels_at_si
 from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
-from server.config import DEFAULT_EVAL_MAX_SUBJECTS  # noqa: E402
+from server.config import DEFAULT_EVAL_MAX_SUBJECTS, DEFAULT_EVAL_TASKS  # noqa: E402
 
-# The simulation's default tasks (configs/federation/default.yaml, eval_tasks).
-DEFAULT_TASKS = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/federation/default.yaml").read_text())[
-    "eval_tasks"
-]
+DEFAULT_TASKS = list(DEFAULT_EVAL_TASKS)  # the federation's default tasks (server/config.py)
 
 
 def per_task_labels(site, specs: list[TaskSpec], n_per_subject: int, seed: int) -> dict:
@@ -115,7 +110,9 @@ def main() -> None:
     ap.add_argument("sites_dir", type=Path, help="a directory of MEDS site roots")
     ap.add_argument("--sites", default="", help="comma-separated site names (default: all)")
     ap.add_argument(
-        "--tasks", default="", help="comma-separated task names (default: configs/federation/default.yaml eval_tasks)"
+        "--tasks",
+        default="",
+        help="comma-separated task names (default: the federation's, server/config.py DEFAULT_EVAL_TASKS)",
     )
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--local-steps", type=int, default=30)

@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--large", action="store_true", help="add 256,000 hospital subjects (a manual run)")
     p.add_argument("--stages", type=lambda s: s.split(","), default=STAGES, help=f"of {','.join(STAGES)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--local-steps", type=int, default=10, help="one round (configs/federation/default.yaml)")
+    p.add_argument(
+        "--local-steps", type=int, default=10, help="one round (FederationConfig.local_steps, server/config.py)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-events", type=int, default=256)
     p.add_argument("--max-patches", type=int, default=32)

@@ -38,7 +38,7 @@ from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_cache import cached_sequences, cached_site
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate, make_loader
+from healthfm_core.data.tokens import SiteSequences, collate, make_loader
 from healthfm_core.eval.site_eval import SiteTaskResults, evaluate_site_tasks, task_labels_at_site
 from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
 from healthfm_core.federation import (
@@ -60,7 +60,8 @@ from healthfm_core.model.groups import group_state_dict, parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
-from healthfm_core.train.trainer import TrainConfig, train_local
+from healthfm_core.train.local_run import LocalRun
+from healthfm_core.train.trainer import train_local
 from healthfm_core.transport import encode_update
 
 log = logging.getLogger("healthfm.client")
@@ -359,14 +360,8 @@ class SiteRuntime:
         self.threads_for(setup.sha256)
         received = sorted({parameter_group(k) for k in arrays})
         seed = site_seed(cfg.seed, cfg.round, self.name)
-        dataset = PretrainingDataset(
-            self.sequences(setup),
-            self.split_ids()["train"],
-            time_mode="random",
-            max_events=cfg.max_events,
-            max_patches=cfg.max_patches,
-            seed=seed,
-        )
+        run = LocalRun.of(cfg)  # the federation's settings as every local run maps them
+        dataset = run.dataset(self.sequences(setup), self.split_ids()["train"], seed)
         if len(dataset) == 0:
             raise ValueError(f"site {self.name}: no train-split subject has a timed observation")
         if self.policy is not None and len(dataset) < self.policy.min_subjects:
@@ -387,15 +382,8 @@ class SiteRuntime:
             loader, local_step = private.loader, private.local_step
         else:
             loader, local_step = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed), None
-        train_cfg = TrainConfig(
-            steps=cfg.local_steps,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            progress=False,
-            log_every=cfg.local_steps,
-            proximal_mu=self.config.proximal_mu,
+        train_cfg = run.train_config(
+            cfg.local_steps, seed, log_every=cfg.local_steps, proximal_mu=self.config.proximal_mu
         )
         result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
         losses: dict[str, float] = {}

@@ -52,7 +52,14 @@ from server.limits import DEFAULT_REPLY_SIZE_MARGIN
 # every subject (a coordinator asking for metrics expects all of them); a budget is for watching
 # training every few rounds (docs/coordinator.md).
 DEFAULT_EVAL_MAX_SUBJECTS = 0
-DEFAULT_EVAL_TASKS = [f"onset_{d}_{h}d" for d in ("t2d", "cad", "hypertension", "copd") for h in (30, 90, 180, 365)]
+# The federated evaluation's default tasks, defined here only (the simulations' configs and the
+# deployed ServerApp's run config take FederationConfig's default): each onset at 365 and 90 days,
+# then the wearable regression (the order the sites receive them in).
+DEFAULT_EVAL_TASKS = (
+    *(f"onset_{d}_365d" for d in ("t2d", "cad", "hypertension", "copd")),
+    *(f"onset_{d}_90d" for d in ("t2d", "cad", "hypertension", "copd")),
+    "wearable_resting_hr",
+)
 # Config keys a resumed run may change; any other difference from the checkpoint's is refused.
 RESUMABLE_CHANGES = {
     "rounds",
@@ -164,7 +171,6 @@ class FederationConfig(BaseModel):
     transport: Transport = "fp32"
     int8_rounding: Rounding = "stochastic"
     error_feedback: bool = True  # int8: each site carries its rounding residual to its next round
-    fp16_transport: bool = False  # the older spelling of transport=fp16 (kept equal to it)
     min_nodes: int = Field(default=1, ge=1)  # wait for this many sites before round 0
     min_sites_per_group: int = Field(default=1, ge=1)
     # Bounded influence (ModalityAwareFedAvg's docstring, server/influence.py): a reply's counts are
@@ -184,7 +190,7 @@ class FederationConfig(BaseModel):
     vocab_min_subjects: int = Field(default=10, ge=1)
     evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round
     # Task files (configs/tasks/<name>.yaml by name, or a path), `site:<name>` for labels the sites
-    # supply, or the old synthetic names (onset_t2d_365d: t2d.yaml at 365 days; wearable_*).
+    # supply, or the synthetic tasks' names (onset_t2d_365d: t2d.yaml at 365 days; wearable_*).
     # Empty: no federated evaluation (a job that probes the model itself skips its cost).
     eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     eval_n_boot: int = Field(default=100, ge=10)
@@ -210,21 +216,6 @@ class FederationConfig(BaseModel):
     # The coordinator's site registry (server/registry.py): only its node ids take part, each under
     # its registered name. None (simulation): every node the grid has.
     registry: Path | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fp16_alias(cls, data: Any) -> Any:
-        # fp16_transport=true is transport=fp16; either spelling sets both, a contradiction is refused.
-        if not isinstance(data, Mapping):
-            return data
-        data = dict(data)
-        transport = data.get("transport", "fp32")
-        if data.get("fp16_transport"):
-            if transport not in ("fp32", "fp16"):
-                raise ValueError(f"fp16_transport: value true contradicts transport: value {transport!r}")
-            data["transport"] = "fp16"
-        data["fp16_transport"] = data.get("transport") == "fp16"
-        return data
 
     @field_validator("eval_tasks")
     @classmethod
@@ -306,15 +297,23 @@ def _field_defaults() -> dict[str, Any]:
     return out
 
 
+# Keys a checkpoint's saved run config may hold that FederationConfig no longer has, each implied
+# by a field it still has: fp16_transport always equalled transport == "fp16".
+REMOVED_FIELDS = frozenset({"fp16_transport"})
+
+
+def saved_run_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved run config as FederationConfig reads it now (REMOVED_FIELDS dropped)."""
+    return {k: v for k, v in saved.items() if k not in REMOVED_FIELDS}
+
+
 def resume_conflicts(config: FederationConfig, saved: Mapping[str, Any]) -> list[str]:
     """The fields a resumed run changes that it may not (RESUMABLE_CHANGES may change), against
     the run config saved in the checkpoint."""
     now = config.model_dump(mode="json")
-    # A checkpoint written before a field existed ran with that field's default (before
-    # `transport` existed, fp16_transport alone said fp16).
+    # A checkpoint written before a field existed ran with that field's default.
+    saved = saved_run_config(saved)
     saved = {**{k: v for k, v in _field_defaults().items() if k not in saved}, **saved}
-    if saved.get("fp16_transport") and saved.get("transport") == "fp32":
-        saved["transport"] = "fp16"
     return sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
 
 
@@ -326,4 +325,5 @@ __all__ = [
     "PrivacyRequest",
     "ServerOptimizerConfig",
     "resume_conflicts",
+    "saved_run_config",
 ]

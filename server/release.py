@@ -16,7 +16,7 @@ from typing import Any
 
 from healthfm_core.release import FORMAT, GROUPS, VERSION, ReleaseMeta, write_release
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
-from server.config import FederationConfig
+from server.config import FederationConfig, saved_run_config
 from server.model_card import model_card
 from server.runlog import read_events
 
@@ -35,7 +35,7 @@ def release_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         raise RunNotReleasable(f"{run_dir / 'checkpoints'}: no checkpoint (did the run complete a round?)")
     state = load_server_checkpoint(ckpt)
     try:
-        cfg = FederationConfig.model_validate(state.run_config)
+        cfg = FederationConfig.model_validate(saved_run_config(state.run_config))
     except ValueError as err:
         raise RunNotReleasable(f"{ckpt}: run config does not validate: {' '.join(str(err).split())[:300]}") from None
     events_path = run_dir / "rounds.jsonl"

@@ -112,13 +112,13 @@ def task_entries(cfg: DictConfig) -> list[str] | None:
     return with_dataset(entries, cfg.get("dataset"))
 
 
-def job_task_specs(cfg: DictConfig, legacy: Sequence[str]) -> list[TaskSpec]:
+def job_task_specs(cfg: DictConfig, synthetic: Sequence[str]) -> list[TaskSpec]:
     """The job's tasks as the federation's evaluation resolves them (resolve_tasks): `tasks=`;
     unset, the ACES configs of configs/tasks/ on your own sites and the built-in synthetic task
-    names `legacy` on synthetic sites (onset_t2d_365d: configs/tasks/t2d.yaml at 365 days)."""
+    names `synthetic` on synthetic sites (onset_t2d_365d: configs/tasks/t2d.yaml at 365 days)."""
     entries = task_entries(cfg)
     if entries is None:
-        entries = [p.stem for p in sorted(TASK_DIR.glob("*.yaml"))] if cfg.get("site_roots") else list(legacy)
+        entries = [p.stem for p in sorted(TASK_DIR.glob("*.yaml"))] if cfg.get("site_roots") else list(synthetic)
     return resolve_tasks(entries)
 
 
@@ -127,15 +127,15 @@ def site_labelled(specs: Sequence[TaskSpec]) -> list[str]:
     return [f"{SITE_PREFIX}{s.name}" for s in specs if s.kind == "site"]
 
 
-def job_tasks(cfg: DictConfig, legacy: Sequence[str]) -> dict[str, Task]:
+def job_tasks(cfg: DictConfig, synthetic: Sequence[str]) -> dict[str, Task]:
     """The tasks a job's own evaluation probes, by key: `tasks=` resolved (ACES, one per horizon);
     unset, the ACES configs of configs/tasks/ on your own sites, and the built-in synthetic
-    tasks `legacy` on synthetic sites. Site-labelled tasks are evaluated only by the sites in
+    tasks `synthetic` on synthetic sites. Site-labelled tasks are evaluated only by the sites in
     the federation's evaluation (their labels never leave a site)."""
     entries = task_entries(cfg)
     if entries is None and not cfg.get("site_roots"):
-        return {k: TASKS[k] for k in legacy}
-    specs = job_task_specs(cfg, legacy)
+        return {k: TASKS[k] for k in synthetic}
+    specs = job_task_specs(cfg, synthetic)
     if site_only := site_labelled(specs):
         log.info("tasks %s: site-supplied labels, evaluated only in the federation's evaluation", site_only)
     return runner_tasks(specs)

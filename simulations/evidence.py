@@ -30,6 +30,7 @@ resume=true loads the finished units instead of running them (docs/evidence.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -46,6 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.pooled import PooledPretrainingDataset
+from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import load_scenario, oracle_risk
 from healthfm_core.data.tasks import OnsetTask
 from healthfm_core.data.tokens import SiteSequences
@@ -69,6 +71,7 @@ from healthfm_core.eval.runner import (
     subsample_train,
 )
 from healthfm_core.eval.tabular import TabularFeaturizer
+from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from simulations import privacy_sweep
@@ -86,7 +89,7 @@ from simulations.evidence_units import (
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides
 from simulations.pretrain import modality_ablation
-from simulations.report import train_baseline, train_regimes
+from simulations.report import Regimes, train_baseline, train_regimes
 from simulations.run import run_federation
 
 log = logging.getLogger("healthfm.simulations.evidence")
@@ -291,6 +294,41 @@ def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictCon
     )
 
 
+@dataclasses.dataclass
+class UnitRun:
+    """A unit (one scenario, one seed) as it runs: its configs, where it writes, and what its first
+    stages built (the sites and their sequences, the federation's setup and model, the baselines)."""
+
+    cfg: DictConfig
+    ucfg: DictConfig  # the unit's own config (unit_config)
+    scenario: str
+    seed: int
+    out: Path
+    ev_out: Evidence
+    progress: Progress
+    sites: Mapping[str, Site]
+    seqs: Mapping[str, SiteSequences]
+    setup: FederationSetup
+    fed_model: torch.nn.Module
+    regimes: Regimes
+
+    @property
+    def name(self) -> str:
+        return f"{self.scenario} seed {self.seed}"
+
+    @property
+    def show(self) -> bool:
+        return bool(self.cfg.progress)
+
+    @property
+    def n_boot(self) -> int:
+        return int(self.cfg.eval.n_boot_per_run)
+
+    @property
+    def fed(self) -> DictConfig:
+        return self.ucfg.federation
+
+
 def run_unit(
     cfg: DictConfig,
     scenario: str,
@@ -306,7 +344,6 @@ def run_unit(
     unit = f"{scenario} seed {seed}"
     show = bool(cfg.progress)
     fed = ucfg.federation
-    n_boot = int(cfg.eval.n_boot_per_run)
     sites, truth_dir, sc = open_sites(ucfg.scenario, ucfg.data_dir, seed, ucfg.n_subjects)
     progress.finish(f"{unit}: data")
 
@@ -318,6 +355,38 @@ def run_unit(
     regimes = train_regimes(setup, sites, seqs, fed, seed, rounds, show)
     progress.finish(f"{unit}: pooled and local-only")
 
+    u = UnitRun(cfg, ucfg, scenario, seed, out, ev_out, progress, sites, seqs, setup, fed_model, regimes)
+    variants = kernel_variants(cfg, setup, regimes, fed, seed, show)
+    progress.finish(f"{unit}: kernel variants")
+
+    per_site_data, ev, per_site, features, view = evaluate_unit(u, variants, truth_dir, sc)
+    progress.finish(f"{unit}: per-site evaluation")
+
+    horizons = site_comparisons(u, per_site_data, per_site, variants)
+    label_shares(u, per_site_data, features, horizons)
+    modality_ablations(u, per_site_data, horizons)
+    progress.finish(f"{unit}: label shares and ablations")
+
+    # The genomics diagnosis (evidence_genomics): the world, the tabular read, the model at test
+    # and at train time, the encoder; needs the truth (synthetic sites only).
+    if bool(cfg.genomics_diagnosis.enabled):
+        if truth_dir is not None and sc is not None:
+            unit_models = UnitModels(per_site_data, sites, sc, truth_dir, setup, fed_model, regimes)
+            run_diagnosis(ucfg, scenario, seed, unit_models, ev_out, view)
+        progress.finish(f"{unit}: genomics diagnosis")
+
+    privacy_budget(u, per_site_data, ev, view)
+    budget_curve(u, per_site_data, ev, view)
+
+    if fingerprint is not None:
+        seconds = {k: progress.actual[k] for k in progress.unit_stages(scenario, seed) if k in progress.actual}
+        log.info("%s: evidence written to %s", unit, save_unit(out, ev_out, scenario, seed, fingerprint, seconds))
+
+
+def kernel_variants(
+    cfg: DictConfig, setup: FederationSetup, regimes: Regimes, fed: DictConfig, seed: int, show: bool
+) -> dict[str, torch.nn.Module]:
+    """Q5 (kernel): pooled training at the pooled budget with each decay.variants change to the model."""
     variants: dict[str, torch.nn.Module] = {}
     for name, change in (cfg.decay.variants or {}).items():  # decay.variants=null: none
         vcfg = model_config_from_dict(
@@ -332,8 +401,17 @@ def run_unit(
             None,
             show,
         )
-    progress.finish(f"{unit}: kernel variants")
+    return variants
 
+
+def evaluate_unit(
+    u: UnitRun, variants: Mapping[str, torch.nn.Module], truth_dir: Path | None, sc: Any
+) -> tuple[dict[str, EvalSet], dict[str, Any], compare.PerSite, dict[str, dict[str, MethodFeatures]], Callable]:
+    """Every method's probes on every site's onset rows (the oracle's true risk where the truth is
+    known): the rows, the evaluation settings, the results, each method's features, the probe view."""
+    cfg, ucfg, sites, seqs, setup, fed_model, regimes = u.cfg, u.ucfg, u.sites, u.seqs, u.setup, u.fed_model, u.regimes
+    seed, n_boot, show = u.seed, u.n_boot, u.show
+    vocab = setup.vocabulary
     per_site_data = onset_eval_data(ucfg, sites, seqs)
     ev = {**eval_settings(ucfg), "n_boot": n_boot}
     per_site: compare.PerSite = {name: {} for name in sites}
@@ -357,8 +435,15 @@ def run_unit(
             per_site_data, functools.partial(oracle_risk, truth_dir), code_to_disease, n_boot=n_boot, seed=seed
         ).items():
             per_site[name]["oracle"] = r
-    progress.finish(f"{unit}: per-site evaluation")
+    return per_site_data, ev, per_site, features, view
 
+
+def site_comparisons(
+    u: UnitRun, per_site_data: Mapping[str, EvalSet], per_site: compare.PerSite, variants: Mapping[str, Any]
+) -> dict[str, int]:
+    """Q1, Q2, Q5 (kernel) and Q6 from the per-site results, and the unit's summary; the task
+    keys' horizons."""
+    ev_out, scenario, seed, sites = u.ev_out, u.scenario, u.seed, u.sites
     horizons = horizon_of(per_site_data)
     # Q1: federated against pooled, overall and per horizon.
     ev_out.add(
@@ -394,7 +479,17 @@ def run_unit(
     methods = ["federated", "pooled", "local-only", "random init", "tabular", *variants, "oracle"]
     ev_out.summaries[scenario][seed] = [r.model_dump() for r in compare.summarize(per_site, methods)]
 
-    # Q3: one probe over every site's rows, with the labels of a share of the train subjects.
+    return horizons
+
+
+def label_shares(
+    u: UnitRun,
+    per_site_data: Mapping[str, EvalSet],
+    features: Mapping[str, Mapping[str, MethodFeatures]],
+    horizons: Mapping[str, int],
+) -> None:
+    """Q3: one probe over every site's rows, with the labels of a share of the train subjects."""
+    cfg, ev_out, scenario, seed = u.cfg, u.ev_out, u.scenario, u.seed
     shares = [float(f) for f in cfg.eval.label_shares]
     pooled: dict[str, tuple[EvalSet, MethodFeatures]] = {
         m: pooled_eval(per_site_data, features[m]) for m in ("federated", "random init", "tabular")
@@ -420,7 +515,11 @@ def run_unit(
             items = paired_items(data, results["federated"], results[other], list(horizons))
             ev_out.add(scenario, f"q3|pretrained - {other}, {share:.0%} of labels", "federated", other, seed, items)
 
-    # Q5 (modalities): the test-time ablation on the federated model.
+
+def modality_ablations(u: UnitRun, per_site_data: Mapping[str, EvalSet], horizons: Mapping[str, int]) -> None:
+    """Q5 (modalities): the test-time modality ablation on the federated model, per cohort."""
+    cfg, ev_out, scenario, seed, fed, n_boot = u.cfg, u.ev_out, u.scenario, u.seed, u.fed, u.n_boot
+    sites, seqs, fed_model, vocab = u.sites, u.seqs, u.fed_model, u.setup.vocabulary
     tasks = dict(next(iter(per_site_data.values())).tasks)
     for spec_name, spec in cfg.eval.modality_ablation.items():
         ablation_cfg = OmegaConf.create(
@@ -452,109 +551,117 @@ def run_unit(
                     f"seed {seed}: modality cohort {cohort} ({abl.cohorts.get(cohort, 0)} rows): "
                     "too few positives for a cross-fitted probe in some condition"
                 )
-    progress.finish(f"{unit}: label shares and ablations")
 
-    # The genomics diagnosis (evidence_genomics): the world, the tabular read, the model at test
-    # and at train time, the encoder; needs the truth (synthetic sites only).
-    if bool(cfg.genomics_diagnosis.enabled):
-        if truth_dir is not None and sc is not None:
-            unit_models = UnitModels(per_site_data, sites, sc, truth_dir, setup, fed_model, regimes)
-            run_diagnosis(ucfg, scenario, seed, unit_models, ev_out, view)
-        progress.finish(f"{unit}: genomics diagnosis")
 
-    # Q4: the federation at each target epsilon on the DP budget.
+def privacy_budget(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping[str, Any], view: Callable) -> None:
+    """Q4: the federation at each target epsilon on the DP budget (privacy_budget's scenarios and seeds)."""
+    cfg, ucfg, ev_out, scenario, seed, out = u.cfg, u.ucfg, u.ev_out, u.scenario, u.seed, u.out
+    show, regimes, progress, unit = u.show, u.regimes, u.progress, u.name
     dp = cfg.privacy_budget
-    if scenario in dp.scenarios and seed in dp.seeds:
-        dcfg = OmegaConf.merge(ucfg, {"federation": OmegaConf.to_container(dp.federation, resolve=True)})
-        settings = privacy_sweep.Settings()
-        # k independent noise draws per DP setting (each a federation trained anew: the noise is
-        # secret and unseeded, so the draws differ); no DP is deterministic at a seed: one run.
-        n_draws = int(dp.draws)
-        draw_ids: list[int | None] = [None] if n_draws == 1 else list(range(1, n_draws + 1))
-        by_draw: dict[int | None, list[tuple[float, str]]] = {d: [] for d in draw_ids}
-        for epsilon in privacy_sweep.parse_epsilons(list(dp.epsilons)):
-            for d in draw_ids if epsilon is not None else [None]:
-                label = privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings, d)
-                if epsilon is not None:
-                    by_draw[d].append((epsilon, label))
-        per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show, view)
-        labels = list(settings.epsilon)
-        base = compare.epsilon_label(None)
-        for label in labels:
-            if label != base and base in labels:
-                # "eps=8 draw 2 - no DP": Evidence.compare adds "eps=8 - no DP" over the draws.
-                ev_out.add(
-                    scenario,
-                    f"q4|{label} - no DP",
-                    label,
-                    base,
-                    seed,
-                    site_items(per_site_data, per_site_dp, label, base),
-                )
-        for finite in by_draw.values():  # neighbouring epsilons within a draw
-            finite.sort()
-            for (_, lo), (_, hi) in zip(finite, finite[1:]):
-                ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
-        steps = int(dp.federation.rounds) * int(dp.federation.local_steps)
-        noise = {
-            compare.epsilon_label(e): {
-                s: noise_for_target(
-                    e, float(ucfg.privacy.delta), sample_rate_for(int(dp.federation.batch_size), len(d)), steps
-                )
-                for s, d in regimes.datasets.items()
-                if len(d)
-            }
-            for e in settings.epsilon.values()
-            if e is not None
+    if not (scenario in dp.scenarios and seed in dp.seeds):
+        return
+    dcfg = OmegaConf.merge(ucfg, {"federation": OmegaConf.to_container(dp.federation, resolve=True)})
+    settings = privacy_sweep.Settings()
+    # k independent noise draws per DP setting (each a federation trained anew: the noise is
+    # secret and unseeded, so the draws differ); no DP is deterministic at a seed: one run.
+    n_draws = int(dp.draws)
+    draw_ids: list[int | None] = [None] if n_draws == 1 else list(range(1, n_draws + 1))
+    by_draw: dict[int | None, list[tuple[float, str]]] = {d: [] for d in draw_ids}
+    for epsilon in privacy_sweep.parse_epsilons(list(dp.epsilons)):
+        for d in draw_ids if epsilon is not None else [None]:
+            label = privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings, d)
+            if epsilon is not None:
+                by_draw[d].append((epsilon, label))
+    per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show, view)
+    labels = list(settings.epsilon)
+    base = compare.epsilon_label(None)
+    for label in labels:
+        if label != base and base in labels:
+            # "eps=8 draw 2 - no DP": Evidence.compare adds "eps=8 - no DP" over the draws.
+            ev_out.add(
+                scenario,
+                f"q4|{label} - no DP",
+                label,
+                base,
+                seed,
+                site_items(per_site_data, per_site_dp, label, base),
+            )
+    for finite in by_draw.values():  # neighbouring epsilons within a draw
+        finite.sort()
+        for (_, lo), (_, hi) in zip(finite, finite[1:]):
+            ev_out.add(scenario, f"q4|{lo} - {hi}", lo, hi, seed, site_items(per_site_data, per_site_dp, lo, hi))
+    steps = int(dp.federation.rounds) * int(dp.federation.local_steps)
+    noise = {
+        compare.epsilon_label(e): {
+            s: noise_for_target(
+                e, float(ucfg.privacy.delta), sample_rate_for(int(dp.federation.batch_size), len(d)), steps
+            )
+            for s, d in regimes.datasets.items()
+            if len(d)
         }
-        rows = compare.summarize(per_site_dp, labels)
-        ev_out.privacy[scenario][seed] = {
-            "settings": dict(settings.epsilon),
-            "summary": [r.model_dump() for r in rows],
-            "spent": settings.spent,
-            "noise_multiplier": noise,
-            "steps_per_site": steps,
-            "table": compare.privacy_table(rows, settings.epsilon, settings.spent) if rows else "",
-        }
-        if rows:
-            ev_out.privacy[scenario][seed]["plot"] = compare.privacy_plot(
-                rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
-            ).name
-        progress.finish(f"{unit}: privacy ({len(settings.epsilon)} federations)")
-    # Q1 as the budget grows: federated (each strategy) against pooled at equal compute, per rounds.
-    bc = cfg.budget_curve
-    if scenario in bc.scenarios and seed in bc.seeds:
-        datasets = PooledPretrainingDataset(list(regimes.datasets.values()))
-        n_fed = 0
-        for r in (int(x) for x in bc.rounds):
-            pooled_label = f"pooled at {r} rounds' compute"
-            if r == int(fed.rounds):
-                pooled_model = regimes.central_model
-            else:
-                steps = r * int(fed.local_steps) * len(sites)  # the federation's samples seen at r rounds
-                pooled_model, _ = train_baseline(setup, datasets, steps, fed, seed, None, show)
-            res, _ = compare.evaluate_per_site(pooled_label, per_site_data, view(pooled_model), progress=show, **ev)
-            budget: compare.PerSite = {name: {pooled_label: rr} for name, rr in res.items()}
-            for strategy, change in bc.strategies.items():
-                label = f"{strategy}, {r} rounds"
-                if reuses_main(cfg, strategy, r):
-                    model = fed_model
-                else:
-                    scfg = OmegaConf.merge(
-                        ucfg, {"federation": {**OmegaConf.to_container(change, resolve=True), "rounds": r}}
-                    )
-                    _, model, _ = run_federation(scfg, out / "budget" / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}")
-                    n_fed += 1
-                res, _ = compare.evaluate_per_site(label, per_site_data, view(model), progress=show, **ev)
-                for name, rr in res.items():
-                    budget[name][label] = rr
-                items = site_items(per_site_data, budget, label, pooled_label)
-                ev_out.add(scenario, f"q1|budget: {strategy}, {r} rounds", label, pooled_label, seed, items)
-        progress.finish(f"{unit}: budget curve ({n_fed} federations)")
+        for e in settings.epsilon.values()
+        if e is not None
+    }
+    rows = compare.summarize(per_site_dp, labels)
+    ev_out.privacy[scenario][seed] = {
+        "settings": dict(settings.epsilon),
+        "summary": [r.model_dump() for r in rows],
+        "spent": settings.spent,
+        "noise_multiplier": noise,
+        "steps_per_site": steps,
+        "table": compare.privacy_table(rows, settings.epsilon, settings.spent) if rows else "",
+    }
+    if rows:
+        ev_out.privacy[scenario][seed]["plot"] = compare.privacy_plot(
+            rows, settings.epsilon, Path(cfg.out_dir) / f"q4_utility_vs_epsilon_{scenario}.png"
+        ).name
+    progress.finish(f"{unit}: privacy ({len(settings.epsilon)} federations)")
 
-    if fingerprint is not None:
-        seconds = {k: progress.actual[k] for k in progress.unit_stages(scenario, seed) if k in progress.actual}
-        log.info("%s: evidence written to %s", unit, save_unit(out, ev_out, scenario, seed, fingerprint, seconds))
+
+def budget_curve(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping[str, Any], view: Callable) -> None:
+    """Q1 as the budget grows: federated (each strategy) against pooled at equal compute, per
+    number of rounds (budget_curve's scenarios and seeds)."""
+    cfg, ucfg, ev_out, scenario, seed, out = u.cfg, u.ucfg, u.ev_out, u.scenario, u.seed, u.out
+    sites, setup, fed_model, regimes, show, progress, unit, fed = (
+        u.sites,
+        u.setup,
+        u.fed_model,
+        u.regimes,
+        u.show,
+        u.progress,
+        u.name,
+        u.fed,
+    )
+    bc = cfg.budget_curve
+    if not (scenario in bc.scenarios and seed in bc.seeds):
+        return
+    datasets = PooledPretrainingDataset(list(regimes.datasets.values()))
+    n_fed = 0
+    for r in (int(x) for x in bc.rounds):
+        pooled_label = f"pooled at {r} rounds' compute"
+        if r == int(fed.rounds):
+            pooled_model = regimes.central_model
+        else:
+            steps = r * int(fed.local_steps) * len(sites)  # the federation's samples seen at r rounds
+            pooled_model, _ = train_baseline(setup, datasets, steps, fed, seed, None, show)
+        res, _ = compare.evaluate_per_site(pooled_label, per_site_data, view(pooled_model), progress=show, **ev)
+        budget: compare.PerSite = {name: {pooled_label: rr} for name, rr in res.items()}
+        for strategy, change in bc.strategies.items():
+            label = f"{strategy}, {r} rounds"
+            if reuses_main(cfg, strategy, r):
+                model = fed_model
+            else:
+                scfg = OmegaConf.merge(
+                    ucfg, {"federation": {**OmegaConf.to_container(change, resolve=True), "rounds": r}}
+                )
+                _, model, _ = run_federation(scfg, out / "budget" / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}")
+                n_fed += 1
+            res, _ = compare.evaluate_per_site(label, per_site_data, view(model), progress=show, **ev)
+            for name, rr in res.items():
+                budget[name][label] = rr
+            items = site_items(per_site_data, budget, label, pooled_label)
+            ev_out.add(scenario, f"q1|budget: {strategy}, {r} rounds", label, pooled_label, seed, items)
+    progress.finish(f"{unit}: budget curve ({n_fed} federations)")
 
 
 # ---------------------------------------------------------------- the report

@@ -453,9 +453,26 @@ def summary_notes(
     """The report's computed lines, each with a short caption; NOTES_DOC explains them."""
     # Summaries count only pairs with enough held_out positives: an AUROC over 1-3 positives is noise.
     k = int(cfg.eval.summary_min_positives)
-    rows = [r for res in results.values() for r in res.rows if r.n_pos >= k]
-    means = mean_auroc(rows)
-    notes = [
+    notes = run_notes(cfg, clock, sites, vocab, model)
+    if history:
+        notes += training_notes(history, model)
+    notes += result_notes(cfg, k, results, tuning, differences, curves)
+    if ablation is not None:
+        notes += ablation_notes(cfg, k, ablation)
+    abl_results = ablation.results if ablation is not None else {}
+    skipped = {f"{m}/{k}": why for m, res in {**results, **abl_results}.items() for k, why in res.skipped.items()}
+    if skipped:
+        notes.append(
+            "Not evaluated (too few rows or positives): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        )
+    return notes
+
+
+def run_notes(
+    cfg: DictConfig, clock: Clock, sites: Mapping[str, Site], vocab: Vocabulary, model: HealthFM
+) -> list[str]:
+    """What ran: the command, the time, the sites, the vocabulary, the model and its training."""
+    return [
         f"Command: `python -m simulations.pretrain {' '.join(sys.argv[1:])}`. How to read this report: `{NOTES_DOC}`.",
         f"Wall time {clock.total / 60:.1f} min on {torch.get_num_threads()} torch thread(s): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items())
@@ -472,33 +489,53 @@ def summary_notes(
         f"lr {cfg.train.lr} ({cfg.train.schedule}), samples capped at {cfg.data.max_events} EHR tokens "
         f"({token_settings(cfg).describe()}) / {cfg.data.max_patches} one-hour patches.",
     ]
-    if history:
-        window = max(1, min(50, len(history) // 2))
-        first, tail = history[:window], history[-window:]
-        keys = [k for k in history[0] if k not in ("step", "lr", "grad_norm", "rate_min", "rate_max")]
 
-        def mean_present(part: list[dict[str, float]], key: str) -> float:
-            # 0 is a step whose batch had no data for the loss (pretraining_losses' convention).
-            vals = [h[key] for h in part if key == "total" or h[key] != 0.0]
-            return float(np.mean(vals)) if vals else float("nan")
 
-        # An objective with no data in the whole run (the wearable losses at EHR-only sites) is named, not shown as n/a.
-        empty = [k for k in keys if not np.isfinite(mean_present(history, k))]
-        notes.append(
-            f"Pretraining losses (mean of the first -> last {window} steps that have each loss): "
-            + ", ".join(
-                f"{k} {_fmt(mean_present(first, k))} -> {_fmt(mean_present(tail, k))}" for k in keys if k not in empty
-            )
-            + "."
-            + (f" No data in this run for: {', '.join(empty)}." if empty else "")
+def training_notes(history: list[dict[str, float]], model: HealthFM) -> list[str]:
+    """The pretraining losses, first steps against last, and the decay rates after training."""
+    notes: list[str] = []
+    window = max(1, min(50, len(history) // 2))
+    first, tail = history[:window], history[-window:]
+    keys = [k for k in history[0] if k not in ("step", "lr", "grad_norm", "rate_min", "rate_max")]
+
+    def mean_present(part: list[dict[str, float]], key: str) -> float:
+        # 0 is a step whose batch had no data for the loss (pretraining_losses' convention).
+        vals = [h[key] for h in part if key == "total" or h[key] != 0.0]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    # An objective with no data in the whole run (the wearable losses at EHR-only sites) is named, not shown as n/a.
+    empty = [k for k in keys if not np.isfinite(mean_present(history, k))]
+    notes.append(
+        f"Pretraining losses (mean of the first -> last {window} steps that have each loss): "
+        + ", ".join(
+            f"{k} {_fmt(mean_present(first, k))} -> {_fmt(mean_present(tail, k))}" for k in keys if k not in empty
         )
-        rates = model.decay_rate_summary()
-        if rates:
-            notes.append(
-                f"Decay rates after training: {rates['rate_min_per_day']:.3g} .. "
-                f"{rates['rate_max_per_day']:.3g} per day (timescales {rates['timescale_min_days']:.3g} .. "
-                f"{rates['timescale_max_days']:.3g} days), {rates['rate_at_bound_fraction']:.0%} at a bound."
-            )
+        + "."
+        + (f" No data in this run for: {', '.join(empty)}." if empty else "")
+    )
+    rates = model.decay_rate_summary()
+    if rates:
+        notes.append(
+            f"Decay rates after training: {rates['rate_min_per_day']:.3g} .. "
+            f"{rates['rate_max_per_day']:.3g} per day (timescales {rates['timescale_min_days']:.3g} .. "
+            f"{rates['timescale_max_days']:.3g} days), {rates['rate_at_bound_fraction']:.0%} at a bound."
+        )
+    return notes
+
+
+def result_notes(
+    cfg: DictConfig,
+    k: int,
+    results: Mapping[str, MethodResult],
+    tuning: Mapping[str, MethodResult],
+    differences: Mapping[str, PairedDifference | None],
+    curves: Mapping[str, Mapping[float, Sequence[float]]],
+) -> list[str]:
+    """The summary: mean AUROCs over the pairs with >= k held_out positives (and on tuning), wins,
+    paired differences, label efficiency, the oracle's gap."""
+    rows = [r for res in results.values() for r in res.rows if r.n_pos >= k]
+    means = mean_auroc(rows)
+    notes: list[str] = []
     notes.append("## Summary")
     means = {m: v for m, v in means.items() if np.isfinite(v)}
     if means:
@@ -540,38 +577,37 @@ def summary_notes(
             if n
             else f"No pair with >= {k} held_out positives has both the oracle and pretrained: no gap to give."
         )
-    if ablation is not None:
-        spec = cfg.eval.modality_ablation
-        notes.append("## Test-time modality ablation (pretrained model)")
+    return notes
+
+
+def ablation_notes(cfg: DictConfig, k: int, ablation: Ablation) -> list[str]:
+    """The test-time modality ablation per cohort: means, wins, paired differences, the table."""
+    notes: list[str] = []
+    spec = cfg.eval.modality_ablation
+    notes.append("## Test-time modality ablation (pretrained model)")
+    notes.append(
+        f"Rows: onset tasks at {spec.prediction_times.replace('_', ' ')} of the sites with wearables "
+        f"({len(ablation.data)} rows, all splits); probes cross-fitted over {spec.n_folds} folds by "
+        f"subject; a task needs {k} positives in the cohort."
+    )
+    abl_rows = [r for res in ablation.results.values() for r in res.rows]
+    for cohort in spec.cohorts:
+        shown = [r for r in abl_rows if r.method.startswith(f"{cohort}:")]
+        if not shown:
+            notes.append(f"Cohort {cohort} ({ablation.cohorts.get(cohort, 0)} rows): no task had {k} positives.")
+            continue
+        m = mean_auroc(shown)
         notes.append(
-            f"Rows: onset tasks at {spec.prediction_times.replace('_', ' ')} of the sites with wearables "
-            f"({len(ablation.data)} rows, all splits); probes cross-fitted over {spec.n_folds} folds by "
-            f"subject; a task needs {k} positives in the cohort."
+            f"Cohort {cohort} ({ablation.cohorts[cohort]} rows), mean AUROC over the tasks every condition "
+            "has: " + ", ".join(f"{name.split(': ')[1]} {_fmt(v)}" for name, v in m.items()) + "."
         )
-        abl_rows = [r for res in ablation.results.values() for r in res.rows]
-        for cohort in spec.cohorts:
-            shown = [r for r in abl_rows if r.method.startswith(f"{cohort}:")]
-            if not shown:
-                notes.append(f"Cohort {cohort} ({ablation.cohorts.get(cohort, 0)} rows): no task had {k} positives.")
-                continue
-            m = mean_auroc(shown)
-            notes.append(
-                f"Cohort {cohort} ({ablation.cohorts[cohort]} rows), mean AUROC over the tasks every condition "
-                "has: " + ", ".join(f"{name.split(': ')[1]} {_fmt(v)}" for name, v in m.items()) + "."
-            )
-            methods = sorted({r.method for r in shown}, key=len)
-            for a in methods[1:]:
-                notes.append(wins_line(shown, a, methods[0], k).replace(f"{cohort}: ", ""))
-            mine = {d: v for d, v in ablation.differences.items() if d.startswith(f"{cohort}:")}
-            if mine:
-                notes += difference_lines(mine)
-            notes.append(results_table(shown))
-    abl_results = ablation.results if ablation is not None else {}
-    skipped = {f"{m}/{k}": why for m, res in {**results, **abl_results}.items() for k, why in res.skipped.items()}
-    if skipped:
-        notes.append(
-            "Not evaluated (too few rows or positives): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
-        )
+        methods = sorted({r.method for r in shown}, key=len)
+        for a in methods[1:]:
+            notes.append(wins_line(shown, a, methods[0], k).replace(f"{cohort}: ", ""))
+        mine = {d: v for d, v in ablation.differences.items() if d.startswith(f"{cohort}:")}
+        if mine:
+            notes += difference_lines(mine)
+        notes.append(results_table(shown))
     return notes
 
 

@@ -51,7 +51,8 @@ from healthfm_core.federation import FederationSetup, groups_for_modalities, sit
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
-from healthfm_core.train import TrainConfig, train_local
+from healthfm_core.train import train_local
+from healthfm_core.train.local_run import LocalRun
 from server.runlog import read_events
 from simulations import privacy_sweep
 from simulations.common import (
@@ -117,15 +118,7 @@ def train_baseline(
     )
     if keep is not None:
         loader = Restricted(loader, tuple(keep))
-    tcfg = TrainConfig(
-        steps=steps,
-        lr=fed.lr,
-        weight_decay=fed.weight_decay,
-        batch_size=fed.batch_size,
-        seed=seed,
-        progress=progress,
-        log_every=max(1, steps // 5),
-    )
+    tcfg = LocalRun.of(fed).train_config(steps, seed, log_every=max(1, steps // 5), progress=progress)
     result = train_local(
         model, loader, tcfg, groups=groups, weights_fn=lambda step: curriculum_weights(step, steps, setup.model)
     )
@@ -163,17 +156,8 @@ def train_datasets(
     sites: Mapping[str, Site], seqs: Mapping[str, SiteSequences], fed: DictConfig, seed: int
 ) -> dict[str, PretrainingDataset]:
     """Each site's train split as its pretraining dataset (the federation's sampling settings)."""
-    return {
-        name: PretrainingDataset(
-            seqs[name],
-            subject_ids=train_ids(site),
-            time_mode="random",
-            max_events=fed.max_events,
-            max_patches=fed.max_patches,
-            seed=site_seed(seed, 0, name),
-        )
-        for name, site in sites.items()
-    }
+    run = LocalRun.of(fed)
+    return {name: run.dataset(seqs[name], train_ids(site), site_seed(seed, 0, name)) for name, site in sites.items()}
 
 
 def train_regimes(
@@ -453,6 +437,7 @@ def write_comparison(
     central_steps: int,
     privacy: list[str] | None = None,
 ) -> Path:
+    """report.md (what was compared, the tables, the plots), comparison.json and the PNGs in out."""
     methods = [m for m in METHODS if any(m in r for r in per_site.values())]
     min_positives = int(cfg.eval.summary_min_positives)
     task_rows, not_summarized = site_pairs.task_summary(
@@ -460,7 +445,62 @@ def write_comparison(
     )
     events = read_events(fed_dir / "rounds.jsonl")
     fed_curve, traffic, timing = federated_curves(events)
+    figs = comparison_figures(out, fed_curve, central_history, local_histories, task_rows, traffic, timing)
+    lines = [
+        *comparison_setup(cfg, clock, sites, setup, methods, per_site_steps, central_steps),
+        "",
+        *comparison_tables(
+            cfg,
+            per_site,
+            statuses,
+            methods,
+            task_rows,
+            not_summarized,
+            min_positives,
+            ablation,
+            traffic,
+            timing,
+            privacy,
+        ),
+    ]
+    evaluation = (
+        json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
+    )
+    skipped = {
+        f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()
+    }
+    lines += comparison_tail(out, fed_dir, evaluation, skipped, figs)
+    dump = {
+        "main": [r.model_dump() for r in task_rows],
+        "main_not_summarized": not_summarized,
+        "pairs": [s.model_dump() for s in statuses.values()],
+        "rows": {
+            s: {m: [r.model_dump() for r in res.rows] for m, res in methods_.items()}
+            for s, methods_ in per_site.items()
+        },
+        "skipped": skipped,
+        "missing_modality": {
+            f"{s}|{d}|{m}": {"with": [r.model_dump() for r in a.rows], "without": [r.model_dump() for r in b.rows]}
+            for (s, d, m), (a, b) in ablation.items()
+        },
+        "bytes": {str(r): v for r, v in traffic.items()},
+        "timings": {str(r): v for r, v in timing.items()},
+        "phases_seconds": clock.phases,
+        "budgets": {"per_site_steps": per_site_steps, "centralized_steps": central_steps},
+    }
+    return write_outputs(out, MARKER, dump, "report.md", lines, clock)
 
+
+def comparison_figures(
+    out: Path,
+    fed_curve: list[dict[str, float]],
+    central_history: list,
+    local_histories: Mapping[str, list],
+    task_rows: list,
+    traffic: Mapping,
+    timing: Mapping,
+) -> dict[str, Path]:
+    """The report's PNGs in out, by caption: losses per regime, AUROC per task, bytes and time per round."""
     figs: dict[str, Path] = {}
     curves = {"federated (per round)": fed_curve, "centralized (per step)": step_curve(central_history)}
     curves.update({f"local-only {s} (per step)": step_curve(h) for s, h in local_histories.items()})
@@ -473,18 +513,28 @@ def write_comparison(
         figs["Bytes per site per round"] = compare.bytes_plot(traffic, out / "bytes_per_round.png")
         figs["Round time split"] = compare.time_split_plot(timing, out / "round_time_split.png")
 
+    return figs
+
+
+def comparison_setup(
+    cfg: DictConfig,
+    clock: Clock,
+    sites: Mapping[str, Site],
+    setup: FederationSetup,
+    methods: list[str],
+    per_site_steps: int,
+    central_steps: int,
+) -> list[str]:
+    """The report's opening: its time, the sites, the model, the matched budgets, how it evaluates."""
     fed = cfg.federation
     model = setup.init_model()
     n_groups = {s: site_groups(site) for s, site in sites.items()}
     params_by_group: dict[str, int] = {}
     for k, v in model.state_dict().items():
         params_by_group[parameter_group(k)] = params_by_group.get(parameter_group(k), 0) + v.numel()
-    evaluation = (
-        json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
-    )
     oracle = "oracle" in methods
     site_only = site_labelled(job_task_specs(cfg, []))
-    lines = [
+    return [
         f"# HealthFM: {' vs '.join(methods)} (model {setup.model.name})",
         "",
         f"Wall time {clock.total / 60:.1f} min on {torch.get_num_threads()} torch thread(s) here, Ray with "
@@ -532,7 +582,26 @@ def write_comparison(
             if site_only
             else []
         ),
-        "",
+    ]
+
+
+def comparison_tables(
+    cfg: DictConfig,
+    per_site: compare.PerSite,
+    statuses: Mapping[tuple[str, str], site_pairs.PairStatus],
+    methods: list[str],
+    task_rows: list,
+    not_summarized: Any,
+    min_positives: int,
+    ablation: Mapping,
+    traffic: Mapping,
+    timing: Mapping,
+    privacy: list[str] | None,
+) -> list[str]:
+    """The report's tables: the main table, per site and task, missing modalities, the federation's
+    bytes and time per round, utility against epsilon."""
+    fed = cfg.federation
+    return [
         "## Main table (per task: mean over the sites, 95% subject-bootstrap CI)",
         "",
         f"Sites count for a task where every method scored it and it has >= {min_positives} held-out positives "
@@ -582,6 +651,13 @@ def write_comparison(
         "",
         *(privacy or ["Not run in this report."]),
     ]
+
+
+def comparison_tail(
+    out: Path, fed_dir: Path, evaluation: Any, skipped: Mapping[str, str], figs: Mapping[str, Path]
+) -> list[str]:
+    """The report's end: the run's own federated evaluation, what was not evaluated, the plots."""
+    lines: list[str] = []
     if evaluation:
         # Per site, with positives and intervals: a mean over sites would weigh a site's AUROC on
         # one held-out positive like any other.
@@ -595,9 +671,6 @@ def write_comparison(
             "",
             outcome_table(keys, replies, asked),
         ]
-    skipped = {
-        f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()
-    }
     # Withheld pairs have their line and reason in the per-site table; the rest are listed here.
     others = {k: v for k, v in skipped.items() if not v.startswith("withheld")}
     if others:
@@ -615,26 +688,7 @@ def write_comparison(
         f"Federated run: `{_rel(fed_dir, out)}/` (rounds.jsonl, summary.md, checkpoints). "
         f"Every number above: `{MARKER}`.",
     ]
-
-    dump = {
-        "main": [r.model_dump() for r in task_rows],
-        "main_not_summarized": not_summarized,
-        "pairs": [s.model_dump() for s in statuses.values()],
-        "rows": {
-            s: {m: [r.model_dump() for r in res.rows] for m, res in methods_.items()}
-            for s, methods_ in per_site.items()
-        },
-        "skipped": skipped,
-        "missing_modality": {
-            f"{s}|{d}|{m}": {"with": [r.model_dump() for r in a.rows], "without": [r.model_dump() for r in b.rows]}
-            for (s, d, m), (a, b) in ablation.items()
-        },
-        "bytes": {str(r): v for r, v in traffic.items()},
-        "timings": {str(r): v for r, v in timing.items()},
-        "phases_seconds": clock.phases,
-        "budgets": {"per_site_steps": per_site_steps, "centralized_steps": central_steps},
-    }
-    return write_outputs(out, MARKER, dump, "report.md", lines, clock)
+    return lines
 
 
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")

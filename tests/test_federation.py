@@ -339,13 +339,13 @@ def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:
             "model": "tiny",
             "rounds": 4,
             "local-steps": 3,
-            "fp16-transport": True,
+            "transport": "fp16",
             "eval-tasks": "onset_t2d_365d, onset_cad_90d",
             "server-optimizer-lr": 0.02,
             "stop-after-round": 0,
         }
     )
-    assert (cfg.rounds, cfg.local_steps, cfg.fp16_transport, cfg.stop_after_round) == (4, 3, True, None)
+    assert (cfg.rounds, cfg.local_steps, cfg.transport, cfg.stop_after_round) == (4, 3, "fp16", None)
     assert cfg.eval_tasks == ["onset_t2d_365d", "onset_cad_90d"] and cfg.server_optimizer.lr == 0.02
     with pytest.raises(ValueError, match="local_stepz"):
         FederationConfig.from_run_config({"out-dir": str(tmp_path), "model": "tiny", "local-stepz": 3})
@@ -365,10 +365,10 @@ def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:
                 "federation.rounds=5",
                 "model=tiny",
                 f"out_dir={tmp_path}",
-                "federation.fp16_transport=true",
+                "federation.transport=fp16",
             ],
         )
     fed = federation_config(hcfg, n_sites=3)
-    assert (fed.rounds, fed.min_nodes, fed.fp16_transport, fed.model.name) == (5, 3, True, "tiny")
+    assert (fed.rounds, fed.min_nodes, fed.transport, fed.model.name) == (5, 3, "fp16", "tiny")
     assert fed.server_optimizer is not None and fed.server_optimizer.lr == 0.01
     assert hcfg.federation.site.min_report_subjects == 20

@@ -13,8 +13,8 @@ a peer's input there (names restricted to a safe alphabet, sizes bounded, the AC
 and checked by ACES at the site before use).
 
 `resolve_tasks(entries, dataset)` turns what a user writes (`tasks=[t2d, configs/tasks/cad.yaml,
-site:readmission, meds-dev:mortality/in_icu/first_24h]`, or the old synthetic names
-`onset_t2d_365d`, `wearable_resting_hr`) into specs; entries naming the same ACES task merge
+site:readmission, meds-dev:mortality/in_icu/first_24h]`, or the synthetic tasks' names
+`onset_t2d_365d` (an ACES task at one horizon), `wearable_resting_hr`) into specs; entries naming the same ACES task merge
 their horizons. A `meds-dev:<task>[@<dataset>]` entry is resolved with the dataset's predicates
 (healthfm_core.data.meds_dev_tasks) here, at the coordinator: the sites get the resolved text.
 """
@@ -36,7 +36,8 @@ from healthfm_core.data.tasks import DISEASES, TASKS, OnsetTask, Task, WearableT
 TASK_NAME = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"  # also a file name and a metric-key prefix: no dots, no slashes
 MAX_ACES_BYTES = 64 * 1024
 SITE_PREFIX = "site:"
-_LEGACY_ONSET = re.compile(r"^onset_(?P<disease>[a-z0-9]+)_(?P<h>\d+)d$")
+# A synthetic onset task's name: configs/tasks/<disease>.yaml at one horizon.
+_ONSET_NAME = re.compile(r"^onset_(?P<disease>[a-z0-9]+)_(?P<h>\d+)d$")
 
 Horizon = Annotated[int, Field(ge=1, le=36500)]
 
@@ -125,7 +126,7 @@ def _aces_spec(task: AcesTask, text: str, horizons: Iterable[int] | None = None)
 def resolve_task(entry: str | Path, dataset: str | Path | None = None) -> TaskSpec:
     """One user entry: a task file path, a name in configs/tasks/, `site:<name>`,
     `meds-dev:<task>[@<dataset>]` (with `dataset`: a MEDS-DEV dataset name or a predicates file),
-    or an old synthetic task name (onset_<disease>_<h>d -> configs/tasks/<disease>.yaml at
+    or a synthetic task's name (onset_<disease>_<h>d -> configs/tasks/<disease>.yaml at
     horizon h; wearable_*: the built-in wearable regression)."""
     text = str(entry).strip()
     if text.startswith(MEDS_DEV_PREFIX):
@@ -135,10 +136,10 @@ def resolve_task(entry: str | Path, dataset: str | Path | None = None) -> TaskSp
         return TaskSpec(name=text[len(SITE_PREFIX) :], kind="site")
     if isinstance(TASKS.get(text), WearableTask):
         return TaskSpec(name=text, kind="wearable")
-    legacy = _LEGACY_ONSET.match(text)
-    if legacy and isinstance(TASKS.get(text), OnsetTask):
-        task = load_task(legacy["disease"])
-        return _aces_spec(task, task.path.read_text(), [int(legacy["h"])])
+    onset = _ONSET_NAME.match(text)
+    if onset and isinstance(TASKS.get(text), OnsetTask):
+        task = load_task(onset["disease"])
+        return _aces_spec(task, task.path.read_text(), [int(onset["h"])])
     task = load_task(text)
     return _aces_spec(task, task.path.read_text())
 

@@ -299,29 +299,13 @@ def train_local(
     autocast_dtype = resolve_precision(cfg.precision, device)
 
     all_named = list(model.named_parameters())
-    known = sorted({group_of(n) for n, _ in all_named})
-    chosen = list(known) if groups is None else list(dict.fromkeys(groups))
-    group_names = _valid_group_names(group_of, known)
-    if unknown := [g for g in chosen if g not in group_names]:
-        raise ValueError(f"unknown parameter group(s) {unknown}; groups are {sorted(group_names)}")
-    named = [(n, p) for n, p in all_named if group_of(n) in chosen and p.requires_grad]
-    if not named:
-        raise ValueError(f"no trainable parameters in groups {chosen} (model groups: {known})")
-
+    chosen, named = _trained_parameters(all_named, groups, group_of)
     saved_requires_grad = {n: p.requires_grad for n, p in all_named}
     was_training = model.training
     trained = {n for n, _ in named}
     for n, p in all_named:
         p.requires_grad_(n in trained)
-
-    if state is None:
-        torch.manual_seed(cfg.seed)
-        state = TrainState(step=start_step)
-    else:
-        if state.rng_cpu is not None:
-            torch.set_rng_state(state.rng_cpu)
-        if state.rng_cuda is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state.rng_cuda)
+    state = _start_state(cfg, state, start_step)
 
     try:
         opt: torch.optim.Optimizer = _build_optimizer(named, cfg, state)
@@ -345,52 +329,22 @@ def train_local(
             for param_group in opt.param_groups:
                 param_group["lr"] = lr
             generator.manual_seed(step_seed(cfg.seed, step))
-            if local_step is not None:
+            if local_step is not None:  # a step the LocalStep takes whole (forward, backward, clipping)
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    step_losses, grad_norm = local_step(model, batch, weights, generator)
-                names = sorted(step_losses)
-                values = [float(step_losses[k]) for k in names]
-                if "total" not in step_losses or not math.isfinite(step_losses["total"]):
-                    raise FloatingPointError(f"step {step}: local step returned losses {step_losses}")
-            else:  # the default step: one loss over the batch, backward, clipping
-                if not isinstance(model, Pretrainable):
-                    raise TypeError(f"train_local: model {type(model).__name__} has no pretraining_losses method")
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    losses = model.pretraining_losses(batch, weights, generator=generator)
-                if "total" not in losses:
-                    raise KeyError(f"pretraining_losses returned {sorted(losses)} without 'total'")
-                names = sorted(losses)
-                values = torch.stack([losses[k].detach().float() for k in names]).cpu().tolist()
-                if not math.isfinite(values[names.index("total")]):
-                    bad = [k for k, v in zip(names, values) if not math.isfinite(v)]
-                    raise FloatingPointError(f"step {step}: non-finite loss {bad} (values {dict(zip(names, values))})")
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                if local_step is not None:
+                    names, values, grad_norm = _replaced_step(local_step, model, batch, weights, generator, step)
+                else:
+                    names, values, losses = _losses(model, batch, weights, generator, step)
+            if local_step is None:  # the default step: one loss over the batch, backward, clipping
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
-                if cfg.grad_clip is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-                else:
-                    grad_norm = (
-                        float(
-                            torch.linalg.vector_norm(
-                                torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
-                            )
-                        )
-                        if any(p.grad is not None for p in params)
-                        else 0.0
-                    )
+                grad_norm = _clip(params, cfg.grad_clip)
             if anchor is not None:
                 _add_proximal_gradient(params, anchor, cfg.proximal_mu)
             opt.step()
 
-            record = {"step": float(step), **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm}
-            rates = decay_rate_summary(model)  # empty for a model without DecayKernels
-            if rates:
-                record["rate_min"], record["rate_max"] = rates["rate_min_per_day"], rates["rate_max_per_day"]
+            record = _step_record(model, step, names, values, lr, grad_norm)
             history.append(record)
             examples += batch.batch_size
             present = batch.has_modality()
@@ -435,6 +389,84 @@ def train_local(
         for n, p in all_named:
             p.requires_grad_(saved_requires_grad[n])
         model.train(was_training)
+
+
+def _trained_parameters(
+    all_named: list[tuple[str, torch.nn.Parameter]], groups: Sequence[str] | None, group_of: Callable[[str], str]
+) -> tuple[list[str], list[tuple[str, torch.nn.Parameter]]]:
+    """The groups a call trains (None: every group of the model) and their trainable parameters."""
+    known = sorted({group_of(n) for n, _ in all_named})
+    chosen = list(known) if groups is None else list(dict.fromkeys(groups))
+    group_names = _valid_group_names(group_of, known)
+    if unknown := [g for g in chosen if g not in group_names]:
+        raise ValueError(f"unknown parameter group(s) {unknown}; groups are {sorted(group_names)}")
+    named = [(n, p) for n, p in all_named if group_of(n) in chosen and p.requires_grad]
+    if not named:
+        raise ValueError(f"no trainable parameters in groups {chosen} (model groups: {known})")
+    return chosen, named
+
+
+def _start_state(cfg: TrainConfig, state: TrainState | None, start_step: int) -> TrainState:
+    """A fresh run seeds torch's RNG from cfg.seed; a resumed one restores the saved RNG states."""
+    if state is None:
+        torch.manual_seed(cfg.seed)
+        return TrainState(step=start_step)
+    if state.rng_cpu is not None:
+        torch.set_rng_state(state.rng_cpu)
+    if state.rng_cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state.rng_cuda)
+    return state
+
+
+def _replaced_step(
+    local_step: LocalStep, model: torch.nn.Module, batch: Batch, weights: Any, generator: torch.Generator, step: int
+) -> tuple[list[str], list[float], float]:
+    """A step the caller's LocalStep takes whole (e.g. DP-SGD): its losses' names and values and
+    its gradient norm."""
+    step_losses, grad_norm = local_step(model, batch, weights, generator)
+    names = sorted(step_losses)
+    values = [float(step_losses[k]) for k in names]
+    if "total" not in step_losses or not math.isfinite(step_losses["total"]):
+        raise FloatingPointError(f"step {step}: local step returned losses {step_losses}")
+    return names, values, grad_norm
+
+
+def _losses(
+    model: torch.nn.Module, batch: Batch, weights: Any, generator: torch.Generator, step: int
+) -> tuple[list[str], list[float], dict[str, torch.Tensor]]:
+    """The default step's forward: the model's pretraining losses (names, values, and the tensors
+    to backpropagate); a non-finite total is refused."""
+    if not isinstance(model, Pretrainable):
+        raise TypeError(f"train_local: model {type(model).__name__} has no pretraining_losses method")
+    losses = model.pretraining_losses(batch, weights, generator=generator)
+    if "total" not in losses:
+        raise KeyError(f"pretraining_losses returned {sorted(losses)} without 'total'")
+    names = sorted(losses)
+    values = torch.stack([losses[k].detach().float() for k in names]).cpu().tolist()
+    if not math.isfinite(values[names.index("total")]):
+        bad = [k for k, v in zip(names, values) if not math.isfinite(v)]
+        raise FloatingPointError(f"step {step}: non-finite loss {bad} (values {dict(zip(names, values))})")
+    return names, values, losses
+
+
+def _clip(params: Sequence[torch.Tensor], grad_clip: float | None) -> float:
+    """Clip the gradients' joint norm to grad_clip (None: no clipping); the norm before clipping."""
+    if grad_clip is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    if not any(p.grad is not None for p in params):
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])))
+
+
+def _step_record(
+    model: torch.nn.Module, step: int, names: list[str], values: list[float], lr: float, grad_norm: float
+) -> dict[str, float]:
+    """One step's history entry: its losses, lr, gradient norm and the decay rates' range."""
+    record = {"step": float(step), **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm}
+    rates = decay_rate_summary(model)  # empty for a model without DecayKernels
+    if rates:
+        record["rate_min"], record["rate_max"] = rates["rate_min_per_day"], rates["rate_max_per_day"]
+    return record
 
 
 def _valid_group_names(group_of: Callable[[str], str], known: list[str]) -> set[str]:
