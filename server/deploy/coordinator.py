@@ -21,12 +21,12 @@ How this maps onto flwr 1.41 (read from its source): `flower-superlink` serves t
 and Runtime APIs on one HTTPS port (`--host/--port`), with TLS from `--ssl-ca-certfile/
 --ssl-certfile/--ssl-keyfile` and node authentication from `--enable-supernode-auth`. `superlink`
 binds it to 127.0.0.1 (a private port) and exposes only the Fleet API on the public host/port
-through nginx (server.proxy), its state in Flower's in-memory store unless `--state file`, so at
+through nginx (server.deploy.proxy), its state in Flower's in-memory store unless `--state file`, so at
 each start it registers the registry's sites again before nginx opens; `register` records each
-site's node id in FED/server/registry.json (server.registry), which the ServerApp reads; `bundle`
-builds the app bundle sites approve (server.bundle). The `flwr` CLI's connection and commands:
-server.flwr_control; the generated app and its run config:
-server.flwr_app. Resume: the ServerApp continues from the latest checkpoint under the run's
+site's node id in FED/server/registry.json (server.deploy.registry), which the ServerApp reads; `bundle`
+builds the app bundle sites approve (server.deploy.bundle). The `flwr` CLI's connection and commands:
+server.deploy.flwr_control; the generated app and its run config:
+server.deploy.flwr_app. Resume: the ServerApp continues from the latest checkpoint under the run's
 out-dir when the run config says `resume=true` (or from `--from CHECKPOINT`: run config
 `resume-from`); `resume` relaunches with the config of the latest launch of that out-dir that got
 through round 0 (rounds.jsonl has its setup/resume event): a later launch that failed before
@@ -64,9 +64,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError
 from healthfm_core.train.checkpoint import CheckpointError
-from server.bundle import build_bundle, write_bundle
-from server.flwr_app import check_run_config, parse_overrides, write_app
-from server.flwr_control import (
+from server.deploy.bundle import build_bundle, write_bundle
+from server.deploy.flwr_app import check_run_config, parse_overrides, write_app
+from server.deploy.flwr_control import (
     CONNECTION,
     EXIT_FAILED,
     EXIT_INTERNAL,
@@ -88,8 +88,7 @@ from server.flwr_control import (
     wait_for_run,
     write_connection,
 )
-from server.outcome import RunOutcome, read_outcome, settle_outcome
-from server.provision import (
+from server.deploy.provision import (
     FederationPaths,
     ProvisionConfig,
     ProvisionError,
@@ -97,15 +96,16 @@ from server.provision import (
     provision,
     read_manifest,
 )
-from server.proxy import start_proxy, wait_listening
-from server.registry import RegisteredSite, RegistryError, read_registry, registry_path, write_registry
+from server.deploy.proxy import start_proxy, wait_listening
+from server.deploy.registry import RegisteredSite, RegistryError, read_registry, registry_path, write_registry
+from server.outcome import RunOutcome, read_outcome, settle_outcome
 from server.release import RunNotReleasable, release_run
 from server.run_claim import OutDirInUse, claim_for_launch, process_start, release, set_run_id
 
 log = logging.getLogger("healthfm.coordinator")
 
 DEFAULT_PORT = 9093
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class LaunchRecord(BaseModel):
@@ -222,12 +222,12 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     link_host, link_port = (host, port) if args.insecure else ("127.0.0.1", args.internal_port or _free_loopback_port())
     # --isolation process: the SuperLink starts no SuperExec; `superlink` runs it and restarts it if it
     # stops (Flower's own exits on one failed Runtime API call, e.g. a busy database, and no run
-    # would start again). Through server.superlink_main: SQLite waits longer for its lock than
+    # would start again). Through server.deploy.superlink_main: SQLite waits longer for its lock than
     # Flower's 5 s, so a loaded machine delays calls instead of failing them.
     cmd = [
         sys.executable,
         "-m",
-        "server.superlink_main",
+        "server.deploy.superlink_main",
         flower_bin("flower-superlink"),
         "--host",
         link_host,
@@ -269,7 +269,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     env = flower_env(paths)
     for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
         env.pop(legacy, None)  # Flower's legacy gRPC servers bind 0.0.0.0, past the proxy
-    # This checkout importable for `-m server.superlink_main`, wherever the coordinator runs from.
+    # This checkout importable for `-m server.deploy.superlink_main`, wherever the coordinator runs from.
     link_env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])}
     link = subprocess.Popen(cmd, env=link_env, stdin=subprocess.DEVNULL)
     connect = f"[{connect_host}]:{link_port}" if ":" in connect_host else f"{connect_host}:{link_port}"
@@ -649,7 +649,7 @@ def _launch(
         print(f"note: out-dir {out_dir} was claimed by {stale.describe()}, which is gone: taking it over", flush=True)
     try:
         app_dir = write_app(paths)
-        if not run_config.get("registry"):  # only the registered sites take part (server.registry)
+        if not run_config.get("registry"):  # only the registered sites take part (server.deploy.registry)
             run_config = {**run_config, "registry": str(registry_path(paths))}
         print(
             f"app bundle sha256 {build_bundle(app_dir)[1]} (each site runs it only if its policy approved it)",
