@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # System packages: nginx, the reverse proxy `coordinator superlink` puts in front of the SuperLink
-# (server/proxy.py), and tinyproxy, the forward proxy the slow test of a site behind its hospital's
+# (server/deploy/proxy.py), and tinyproxy, the forward proxy the slow test of a site behind its hospital's
 # proxy runs (tests/test_forward_proxy.py). Idempotent: only what is missing is installed; where
 # apt is not available it says so and leaves it to the admin.
 setup-system:

@@ -10,7 +10,7 @@ in front of the Fleet API), `coordinator register`, the federation's bundle appr
 policy (`client.py approve`), and three synthetic `tiny`-scenario sites (biobank, hospital,
 genomics) joined with `client.py join`. For each mode in --modes the sites join with
 `--clientapp MODE` (cold: a new flwr-clientapp per message, Flower's way; warm: one ClientApp
-process per run, client/warm_clientapp.py), one run of --rounds rounds of the `tiny` model at
+process per run, client/deploy/warm_clientapp.py), one run of --rounds rounds of the `tiny` model at
 --local-steps is launched and waited for, and the sites leave. For each SuperLink store in
 --states (`coordinator superlink --state`: memory, the default, Flower's in-memory store; file,
 FED/server/superlink.db through Flower's SQL layer) a SuperLink is started and the modes run
@@ -59,8 +59,8 @@ from deploy_fixtures import (  # noqa: E402
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
 
 from healthfm_core.data.synthetic import generate_federation  # noqa: E402
-from server.coordinator import main as coordinator_main  # noqa: E402
-from server.provision import FederationPaths  # noqa: E402
+from server.deploy.coordinator import main as coordinator_main  # noqa: E402
+from server.deploy.provision import FederationPaths  # noqa: E402
 
 
 def run_config(local_steps: int, eval_tasks: str) -> list[str]:

@@ -4,10 +4,10 @@ Sources (all on one machine's wall clock, so their times line up):
 - the ServerApp's rounds.jsonl (server/server_app.py): the round's start, its push of the train
   messages (`timings.sent_at`, `timings.push_seconds`), when each site's reply came
   (`sites.*.reply_after_seconds`), its training (`train_seconds`), the round's end;
-- each site's SuperNode log (client/supernode_main.py gives Flower's lines timestamps):
+- each site's SuperNode log (client/deploy/supernode_main.py gives Flower's lines timestamps):
   "Receiving: train message", "Received successfully", "Sending: train message", "Sent successfully";
 - each site's app-guard log: the guard's hand-over ("task N of run R: ... approved") and the warm
-  ClientApp's line per task (client/warm_clientapp.py: "train completed in T s (pull P s,
+  ClientApp's line per task (client/deploy/warm_clientapp.py: "train completed in T s (pull P s,
   ClientApp A s, push U s; ...)").
 
 Hops of the site whose reply came last (the round's critical path), in order; they sum to the round:

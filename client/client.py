@@ -44,8 +44,9 @@ import json  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
-from client.approval import ApprovalError, approve, read_bundle  # noqa: E402
-from client.join import JoinConfig, JoinError, join  # noqa: E402
+from client.deploy.approval import ApprovalError, approve, read_bundle  # noqa: E402
+from client.deploy.join import JoinConfig, JoinError, join  # noqa: E402
+from client.deploy.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from client.model_use import (  # noqa: E402
     NoRows,
     UseError,
@@ -62,7 +63,6 @@ from client.model_use import (  # noqa: E402
 )
 from client.policy import PolicyError, load_policy  # noqa: E402
 from client.site_runtime import SiteRuntime  # noqa: E402
-from client.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from client.threads import parse_threads  # noqa: E402
 from healthfm_core.data.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402

@@ -13,7 +13,7 @@ Example (YAML or JSON; every key optional except where noted):
       max_grad_norm: 1.0
       noise_multiplier: 1.1     # or target_epsilon (the epsilon one run's planned steps may reach)
     approved_apps:              # sha256 of each app bundle (.fab) this site runs; no other runs here
-      - 3f7a...                 # added by `client.py approve BUNDLE.fab --policy FILE` (client/approval.py)
+      - 3f7a...                 # added by `client.py approve BUNDLE.fab --policy FILE` (client/deploy/approval.py)
     threads: 4                  # torch threads of the site's training (default: its free cores,
                                 # client/threads.py); `join --threads N` overrides it
 
@@ -66,7 +66,7 @@ class SitePolicy(BaseModel):
     min_positives: int = Field(default=1, ge=1)
     groups_allowed: list[str] = Field(default_factory=lambda: list(GROUPS))
     dp: DPPolicy | None = None
-    approved_apps: list[str] = Field(default_factory=list)  # app bundle sha256s (client/app_guard.py)
+    approved_apps: list[str] = Field(default_factory=list)  # app bundle sha256s (client/deploy/app_guard.py)
     # torch threads of the ClientApp (client/threads.py); None: the cores free when it starts.
     # Strict: "4", 4.0 or true are refused, not read as a number.
     threads: int | None = Field(default=None, ge=1, strict=True)

@@ -637,7 +637,7 @@ def _modality_of(group: str) -> str:
 
 
 # One runtime per site root and process: a simulation's worker process serves several sites,
-# a deployed site's warm ClientApp (client/warm_clientapp.py) every message of a run; data is
+# a deployed site's warm ClientApp (client/deploy/warm_clientapp.py) every message of a run; data is
 # loaded once, not per message. Keyed by the policy file's content too: an edited policy takes
 # effect at the next message (the runtime is rebuilt; the ledger is on disk).
 _RUNTIMES: dict[tuple[str, str, str], SiteRuntime] = {}

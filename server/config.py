@@ -213,7 +213,7 @@ class FederationConfig(BaseModel):
     stop_after_round: int | None = Field(default=None, ge=1)  # stop early (resume later)
     keep_checkpoints: int = Field(default=2, ge=1)
     privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
-    # The coordinator's site registry (server/registry.py): only its node ids take part, each under
+    # The coordinator's site registry (server/deploy/registry.py): only its node ids take part, each under
     # its registered name. None (simulation): every node the grid has.
     registry: Path | None = None
 

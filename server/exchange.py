@@ -5,7 +5,7 @@ a few seconds' training spent a third of its time there. Here the same push and 
 POLL_SECONDS pause. Any other grid (Flower's in-memory simulation grid, which polls at 0.1 s;
 tests' in-process grids) keeps its own send_and_receive.
 
-A reply's objects are pulled with a short backoff too (server/flower_patches.py, set once as the
+A reply's objects are pulled with a short backoff too (server/deploy/flower_patches.py, set once as the
 ServerApp starts).
 
 `ExchangeTimes` records when the messages left and each reply came (wall clock, so that a site's

@@ -9,7 +9,7 @@ Round 0 (every run, resumed or not):
   3. the setup goes to every site (query.setup); sites acknowledge its sha256.
 A SuperNode restarted mid-run has lost the setup; the round (server/round.py) and the evaluation
 send it again through `resend_setup`. Deployed runs admit only the coordinator's registered nodes
-(server/registry.py).
+(server/deploy/registry.py).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from healthfm_core.federation import (
     federation_modalities,
 )
 from server.config import FederationConfig
+from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
 from server.exchange import send_and_receive
-from server.registry import SiteRegistry, admit, name_mismatch, read_registry
 
 log = logging.getLogger("healthfm.server")
 # Before each round after round 0, how long the server waits for min_nodes sites (a SuperNode
@@ -54,7 +54,7 @@ class Roster:
         self.sites: dict[int, SiteCapabilities] = {}  # node id -> capabilities
         self.node_groups: dict[int, list[str]] = {}  # node id -> groups it trains (this run's sites)
         self.setup: FederationSetup | None = None  # the run's setup, once agreed (re-sent to a restarted site)
-        # Deployed runs: only the coordinator's registered nodes take part (server/registry.py).
+        # Deployed runs: only the coordinator's registered nodes take part (server/deploy/registry.py).
         self.registry: SiteRegistry | None = read_registry(cfg.registry) if cfg.registry else None
         self.errors: dict[int, str] = {}  # node id -> the last error a site replied (its reason)
         self.refused_nodes: set[int] = set()  # connected nodes the registry does not know

@@ -54,8 +54,8 @@ from server.checkpoint import (
     save_server_checkpoint,
 )
 from server.config import FederationConfig, resume_conflicts
+from server.deploy.flower_patches import set_reply_pull_backoff
 from server.evaluation import evaluate
-from server.flower_patches import set_reply_pull_backoff
 from server.limits import default_max_reply_bytes, describe_limits
 from server.outcome import sites_lost, started, write_outcome
 from server.roster import Roster
@@ -496,7 +496,7 @@ def make_server_app(config: FederationConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        set_reply_pull_backoff()  # once, as the ServerApp starts (server/flower_patches.py)
+        set_reply_pull_backoff()  # once, as the ServerApp starts (server/deploy/flower_patches.py)
         cfg = config if config is not None else FederationConfig.from_run_config(context.run_config)
         FederationServer(grid, cfg, run_id=context.run_id).run()
 

@@ -3,8 +3,8 @@ tests/test_faults.py): a provisioned federation, a SuperLink with TLS + SuperNod
 SuperNodes started with `client.py join`, and helpers to run the coordinator and read a run's log.
 
 The SuperLink listens on 127.0.0.1 only and sites reach its Fleet API through the nginx proxy that
-`coordinator superlink` starts on the public port (server/proxy.py). Every site runs only app
-bundles its policy approved (client/app_guard.py): the `superlink` fixture builds the federation's
+`coordinator superlink` starts on the public port (server/deploy/proxy.py). Every site runs only app
+bundles its policy approved (client/deploy/app_guard.py): the `superlink` fixture builds the federation's
 bundle (`coordinator bundle`) and approves it (`client.py approve`) in the sites' policy file
 (`site_policy(federation)`), which `join_args` passes.
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from client.join import probe_superlink
-from server.coordinator import main as coordinator_main
-from server.provision import FederationPaths
+from client.deploy.join import probe_superlink
+from server.deploy.coordinator import main as coordinator_main
+from server.deploy.provision import FederationPaths
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT = REPO / "client" / "client.py"

@@ -13,14 +13,14 @@ import yaml
 from flwr.clientapp.client_app import LoadClientAppError
 
 import client.memory as site_memory
-from client.app_guard import REFUSED_PREFIX, refusal_reason
-from client.approval import ApprovalError, approve, approved_apps, inspect_bundle, read_bundle
-from client.approved_code import BundleCode, check_loaded_from_bundle, module_files, shipped_names
 from client.client import main as client_main
+from client.deploy.app_guard import REFUSED_PREFIX, refusal_reason
+from client.deploy.approval import ApprovalError, approve, approved_apps, inspect_bundle, read_bundle
+from client.deploy.approved_code import BundleCode, check_loaded_from_bundle, module_files, shipped_names
 from client.policy import PolicyError, load_policy
-from server.bundle import build_bundle
-from server.flwr_app import write_app
-from server.provision import ProvisionConfig, provision
+from server.deploy.bundle import build_bundle
+from server.deploy.flwr_app import write_app
+from server.deploy.provision import ProvisionConfig, provision
 
 
 @pytest.fixture

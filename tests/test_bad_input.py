@@ -52,8 +52,8 @@ from healthfm_core.federation import (
     TrainReply,
 )
 from healthfm_core.packing import PACKED_PART, pack_arrays, unpack_record
-from server.coordinator import report_outcome
-from server.flwr_control import EXIT_SITE_LOST
+from server.deploy.coordinator import report_outcome
+from server.deploy.flwr_control import EXIT_SITE_LOST
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
 from server.round import aggregate_replies
 from server.server_app import FederationServer

@@ -51,12 +51,12 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 from healthfm_core.model.config import load_model_config
 from server.audit import AUDIT_FILE, read_audit_log, verify_audit_log
 from server.config import FederationConfig
-from server.coordinator import main as coordinator_main
-from server.coordinator import read_launches, report_outcome, resume_command
-from server.flwr_control import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, write_connection
+from server.deploy.coordinator import main as coordinator_main
+from server.deploy.coordinator import read_launches, report_outcome, resume_command
+from server.deploy.flwr_control import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, write_connection
+from server.deploy.provision import FederationPaths, ProvisionConfig, provision
+from server.deploy.proxy import find_nginx, start_proxy, wait_listening
 from server.outcome import RunOutcome, checkpointed_round, read_outcome, settle_outcome, write_outcome
-from server.provision import FederationPaths, ProvisionConfig, provision
-from server.proxy import find_nginx, start_proxy, wait_listening
 from server.run_claim import (
     CLAIM_FILE,
     OutDirInUse,
@@ -96,7 +96,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def proxied(tmp_path: Path) -> Iterator[tuple[FederationPaths, int, list[tuple[str, str]]]]:
-    """The real nginx (server.proxy's config) on a free port, in front of a TLS server with the
+    """The real nginx (server.deploy.proxy's config) on a free port, in front of a TLS server with the
     SuperLink's certificate that records every request reaching it."""
     try:
         find_nginx()
@@ -479,7 +479,7 @@ def test_nginx_killed_is_restarted_and_the_superlink_killed_stops_all_in_one_lin
     wait_until(lambda: checkpointed_round(out) >= done + 1, HANG_S, "a round after nginx came back")
     assert read_outcome(out).status == "running" and wrapper.proc.poll() is None
 
-    link = _pid_of(wrapper.proc.pid, "server.superlink_main")
+    link = _pid_of(wrapper.proc.pid, "server.deploy.superlink_main")
     tree = descendants(wrapper.proc.pid)
     assert any("flwr-serverapp" in command(p) for p in tree)
     os.kill(link, signal.SIGKILL)

@@ -46,11 +46,11 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     superlink,
 )
 
-from client.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, JoinError, probe_superlink
-from server.coordinator import IN_MEMORY_STATE, CoordinatorError, register_known_sites, superlink_database
-from server.coordinator import main as coordinator_main
-from server.flwr_app import default_run_config
-from server.provision import (
+from client.deploy.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, JoinError, probe_superlink
+from server.deploy.coordinator import IN_MEMORY_STATE, CoordinatorError, register_known_sites, superlink_database
+from server.deploy.coordinator import main as coordinator_main
+from server.deploy.flwr_app import default_run_config
+from server.deploy.provision import (
     FederationPaths,
     ProvisionConfig,
     ProvisionError,
@@ -59,7 +59,7 @@ from server.provision import (
     provision,
     verify_chain,
 )
-from server.registry import read_registry, registry_path
+from server.deploy.registry import read_registry, registry_path
 
 # ---------------------------------------------------------------------------- provisioning
 

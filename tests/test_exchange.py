@@ -18,8 +18,8 @@ from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
 
+from server.deploy.flower_patches import set_reply_pull_backoff
 from server.exchange import ExchangeTimes, send_and_receive, slowest_first
-from server.flower_patches import set_reply_pull_backoff
 
 
 class EchoGrid:

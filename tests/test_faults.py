@@ -49,11 +49,11 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 
 from server.audit import AUDIT_FILE, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
-from server.coordinator import read_launches
-from server.flwr_control import CONNECTION, EXIT_SITE_LOST, EXIT_UNREACHABLE, run_flwr
+from server.deploy.coordinator import read_launches
+from server.deploy.flwr_control import CONNECTION, EXIT_SITE_LOST, EXIT_UNREACHABLE, run_flwr
+from server.deploy.provision import FederationPaths
+from server.deploy.registry import read_registry, registry_path
 from server.outcome import read_outcome
-from server.provision import FederationPaths
-from server.registry import read_registry, registry_path
 
 pytestmark = pytest.mark.slow
 

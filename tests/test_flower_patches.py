@@ -1,4 +1,4 @@
-"""client/flower_patches.py and server/flower_patches.py rebind names in Flower's modules, read
+"""client/deploy/flower_patches.py and server/deploy/flower_patches.py rebind names in Flower's modules, read
 from flwr 1.41. These tests fail when Flower changes under a patch: another minor version, a name
 gone, a signature without the keywords passed, or a function that no longer calls the name
 rebound (then the patch would silently stop taking effect). The behaviour of each patch is
@@ -21,8 +21,8 @@ from flwr.supercore.inflatable import inflatable_utils
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.supernode.runtime import run_clientapp
 
-from client import flower_patches as client_patches
-from server import flower_patches as server_patches
+from client.deploy import flower_patches as client_patches
+from server.deploy import flower_patches as server_patches
 
 
 def _flowers(fn: Any) -> Callable[..., Any]:

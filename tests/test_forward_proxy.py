@@ -42,9 +42,9 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     sites,
 )
 
-from client.join import EXIT_NO_CONNECTION, probe_superlink
-from server.coordinator import main as coordinator_main
-from server.provision import FederationPaths
+from client.deploy.join import EXIT_NO_CONNECTION, probe_superlink
+from server.deploy.coordinator import main as coordinator_main
+from server.deploy.provision import FederationPaths
 
 pytestmark = pytest.mark.slow
 

@@ -50,10 +50,10 @@ from server.checkpoint import (
     save_server_checkpoint,
 )
 from server.config import FederationConfig
-from server.coordinator import LaunchRecord, launch_to_resume, report_outcome
-from server.coordinator import main as coordinator_main
-from server.flwr_app import default_run_config
-from server.flwr_control import (
+from server.deploy.coordinator import LaunchRecord, launch_to_resume, report_outcome
+from server.deploy.coordinator import main as coordinator_main
+from server.deploy.flwr_app import default_run_config
+from server.deploy.flwr_control import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_SITE_LOST,
@@ -61,9 +61,9 @@ from server.flwr_control import (
     CoordinatorError,
     write_connection,
 )
+from server.deploy.provision import ProvisionConfig, provision
 from server.limits import array_record_bytes, default_max_reply_bytes
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
-from server.provision import ProvisionConfig, provision
 from server.replies import origin
 from server.round import aggregate_replies
 from server.runlog import read_events

@@ -3,6 +3,9 @@
 - healthfm_core never imports flwr, server, client, simulations or secure_aggregation;
 - client and server never import each other;
 - secure_aggregation (the SecAgg+ steps both sides call) never imports client, server or simulations;
+- client/ and server/ each keep their learning code at the top and their process supervision and
+  Flower surgery in deploy/ (docs/architecture.md, "Folders"): deploy/ imports the learning
+  rooms, never the other way, but for the few doors named in DEPLOY_DOORS;
 - the project's modules import each other without a cycle (module-level and function-level
   imports alike; ``from pkg import mod`` is an import of the module pkg.mod).
 """
@@ -22,6 +25,18 @@ FORBIDDEN = {
     "client": ("server",),
     "server": ("client",),
     "secure_aggregation": ("client", "server", "simulations"),
+}
+DEPLOY = ("client.deploy", "server.deploy")
+# The only learning-room modules that import their side's deploy/, and what each may import there.
+DEPLOY_DOORS = {
+    # the site's command line: `join` and `approve` are deployment commands
+    "client.client": {"client.deploy.approval", "client.deploy.join", "client.deploy.supernode_pace"},
+    # the coordinator's command line (`python -m server.coordinator`)
+    "server.coordinator": {"server.deploy.coordinator"},
+    # the ServerApp applies the server's Flower patch as its process starts
+    "server.server_app": {"server.deploy.flower_patches"},
+    # admission reads the coordinator's site registry
+    "server.roster": {"server.deploy.registry"},
 }
 
 
@@ -150,7 +165,9 @@ def test_sources_found() -> None:
     assert {
         "healthfm_core.model.healthfm",
         "client.client",
+        "client.deploy.join",
         "server.strategy",
+        "server.deploy.coordinator",
         "simulations.run",
         "secure_aggregation.site",
     } <= set(SOURCES)
@@ -167,6 +184,27 @@ def test_forbidden_imports(package: str) -> None:
             if top in FORBIDDEN[package]:
                 bad.append(f"{path.relative_to(REPO)}:{line} imports {name}")
     assert not bad, "\n".join(sorted(set(bad)))
+
+
+def _in_deploy(module: str) -> bool:
+    return any(module == d or module.startswith(f"{d}.") for d in DEPLOY)
+
+
+def test_learning_rooms_do_not_import_deploy() -> None:
+    bad = []
+    for module, targets in _graph().items():
+        if module.split(".")[0] not in ("client", "server") or _in_deploy(module):
+            continue
+        extra = {t for t in targets if _in_deploy(t)} - DEPLOY_DOORS.get(module, set())
+        bad += [f"{SOURCES[module][0].relative_to(REPO)} imports {t}" for t in sorted(extra)]
+    assert not bad, "\n".join(bad)
+
+
+def test_deploy_doors_are_used() -> None:
+    # An entry that no longer matches an import would silently widen the rule.
+    graph = _graph()
+    for module, allowed in DEPLOY_DOORS.items():
+        assert allowed <= graph[module], f"{module}: {sorted(allowed - graph[module])} not imported"
 
 
 def test_no_import_cycles() -> None:

@@ -1,6 +1,6 @@
 """A site behind a forward proxy (issue 26, break 10), without Flower processes: the proxy `join`'s
-preflight picks is the one the SuperNode's httpx picks (client/proxy_route.py), local traffic never
-goes to a proxy, and every way a proxy fails is one line naming it (client/join.py probe_superlink).
+preflight picks is the one the SuperNode's httpx picks (client/deploy/proxy_route.py), local traffic never
+goes to a proxy, and every way a proxy fails is one line naming it (client/deploy/join.py probe_superlink).
 
 The proxies here are sockets on 127.0.0.1 that fail in each way (nothing listening, silent,
 refusing with 403 or 407) and a small CONNECT relay for the working tunnel, verified end to end
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.join import (
+from client.deploy.join import (
     EXIT_NO_CONNECTION,
     EXIT_USAGE,
     JoinConfig,
@@ -29,7 +29,7 @@ from client.join import (
     site_process_env,
     superlink_route,
 )
-from client.proxy_route import (
+from client.deploy.proxy_route import (
     LOCAL_HOSTS,
     ProxyError,
     ProxyRoute,
@@ -39,7 +39,7 @@ from client.proxy_route import (
     site_proxy_env,
     with_local_no_proxy,
 )
-from server.provision import FederationPaths, ProvisionConfig, provision
+from server.deploy.provision import FederationPaths, ProvisionConfig, provision
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "REQUEST_METHOD")
 

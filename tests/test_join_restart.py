@@ -1,6 +1,6 @@
 """The decisions behind fault recovery, without processes: which stopped SuperNode `join` restarts
-and how long it waits (client/join.py), read from that SuperNode's own lines only (issue 26, break 3), the SuperLink's longer SQLite wait (server/superlink_main.py)
-and a busy SuperLink told apart from one that knows no run (server/flwr_control.py).
+and how long it waits (client/deploy/join.py), read from that SuperNode's own lines only (issue 26, break 3), the SuperLink's longer SQLite wait (server/deploy/superlink_main.py)
+and a busy SuperLink told apart from one that knows no run (server/deploy/flwr_control.py).
 
 The processes themselves (a SuperNode restarted, a site rejoining, a SuperLink restarted) are in
 tests/test_faults.py (slow)."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from flwr.supercore import sql_mixin
 
-from client.join import (
+from client.deploy.join import (
     ENDED_LINE,
     EXIT_CONNECTION_ENDED,
     EXIT_NOT_REGISTERED,
@@ -33,10 +33,10 @@ from client.join import (
     restart_delay,
     restartable,
 )
-from server.flower_patches import with_busy_timeout
-from server.flwr_control import SuperLinkBusy, SuperLinkUnreachable, check_reachable, write_connection
-from server.provision import FederationPaths
-from server.superlink_main import BUSY_TIMEOUT_MS
+from server.deploy.flower_patches import with_busy_timeout
+from server.deploy.flwr_control import SuperLinkBusy, SuperLinkUnreachable, check_reachable, write_connection
+from server.deploy.provision import FederationPaths
+from server.deploy.superlink_main import BUSY_TIMEOUT_MS
 
 
 def config(tmp_path: Path, **kw: object) -> JoinConfig:
@@ -111,14 +111,14 @@ def test_a_refused_key_is_retried_only_when_it_connected_before(tmp_path: Path) 
 # ClientApp's old task token refused by the SuperNode's local Runtime API after a restart, and even
 # an activation refused while the SuperLink still counted the killed node as online.
 EARLIER_PROCESS = [
-    "--- join 2026-11-20T10:00:00: python -m client.supernode_main ...",
+    "--- join 2026-11-20T10:00:00: python -m client.deploy.supernode_main ...",
     "INFO :      SuperNode ID: 7",
     "ERROR :     [/v1/runtime/acquire-task][ApiError:1008] Runtime task-token authentication failed.",
-    "--- join 2026-11-20T10:01:00: python -m client.supernode_main ...",
+    "--- join 2026-11-20T10:01:00: python -m client.deploy.supernode_main ...",
     "ERROR :     Failed to initialize the connection to the SuperLink.",
     "[code: 2004] Failed to activate SuperNode.",
 ]
-HEADER = "--- join 2026-11-20T10:05:00: python -m client.supernode_main ...\n"
+HEADER = "--- join 2026-11-20T10:05:00: python -m client.deploy.supernode_main ...\n"
 PULL_401 = (
     "httpx.HTTPStatusError: Client error '401 Unauthorized' for url 'https://127.0.0.1:9093/v1/fleet/pull-messages'"
 )

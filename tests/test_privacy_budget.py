@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.client import EXIT_USAGE, main
-from client.join import EXIT_NO_CONNECTION, free_port
-from client.privacy_budget import check_privacy_budget, key_binding
+from client.deploy.join import EXIT_NO_CONNECTION, free_port
+from client.deploy.privacy_budget import check_privacy_budget, key_binding
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary

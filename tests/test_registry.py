@@ -18,10 +18,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from healthfm_core.federation import SiteCapabilities
 from healthfm_core.model.config import load_model_config
 from server.config import FederationConfig
-from server.flwr_app import default_run_config
-from server.provision import ProvisionConfig, provision
-from server.proxy import FLEET_ROUTES, UPSTREAM_IDLE_S, nginx_config, write_nginx_config
-from server.registry import (
+from server.deploy.flwr_app import default_run_config
+from server.deploy.provision import ProvisionConfig, provision
+from server.deploy.proxy import FLEET_ROUTES, UPSTREAM_IDLE_S, nginx_config, write_nginx_config
+from server.deploy.registry import (
     RegisteredSite,
     RegistryError,
     SiteRegistry,

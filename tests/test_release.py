@@ -37,7 +37,7 @@ from healthfm_core.release_fit import SiteDoesNotFit, release_fit, require_fit
 from healthfm_core.train.checkpoint import sha256_file
 from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig
-from server.coordinator import main as coordinator_main
+from server.deploy.coordinator import main as coordinator_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN = {"min-code-subjects": 5, "min-report-subjects": 2}

@@ -21,7 +21,7 @@ from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import load_head
 from healthfm_core.federation import EvalReply
 from healthfm_core.release import load_release
-from server.coordinator import main as coordinator_main
+from server.deploy.coordinator import main as coordinator_main
 from server.server_app import FederationServer
 from simulations.federated_head_run import head_node_configs
 from simulations.task_head import compare_heads, markdown

@@ -1,5 +1,5 @@
 """benchmarks/round_hops.py: a deployed round's hops from the ServerApp's rounds.jsonl and a site's
-SuperNode and app-guard log lines (as client/supernode_main.py and client/warm_clientapp.py write
+SuperNode and app-guard log lines (as client/deploy/supernode_main.py and client/deploy/warm_clientapp.py write
 them); the hops of the path sum to the round."""
 
 from __future__ import annotations

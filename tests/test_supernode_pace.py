@@ -1,4 +1,4 @@
-"""The SuperNode's pace (client/supernode_pace.py, set by client/supernode_main.py): it pulls again
+"""The SuperNode's pace (client/deploy/supernode_pace.py, set by client/deploy/supernode_main.py): it pulls again
 every poll interval instead of Flower's 3 s (faster for a while after a reply left), sees its
 ClientApp's reply within a short step instead of Flower's 0.5 s, and retries a message's objects
 with a short backoff. These fail if Flower's loop stops calling the names the launcher rebinds
@@ -17,10 +17,10 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.flower_patches import set_pace, telling, until_message
-from client.join import JoinConfig, supernode_command
-from client.supernode_main import parse
-from client.supernode_pace import POLL_INTERVAL_S, CappedSleepTime, PollSchedule, SupernodePace
+from client.deploy.flower_patches import set_pace, telling, until_message
+from client.deploy.join import JoinConfig, supernode_command
+from client.deploy.supernode_main import parse
+from client.deploy.supernode_pace import POLL_INTERVAL_S, CappedSleepTime, PollSchedule, SupernodePace
 
 
 @pytest.fixture

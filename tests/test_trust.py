@@ -2,7 +2,7 @@
 sites take part, and a site runs only app bundles it approved.
 
 - The rogue-site replay (issue 12, finding 1): an outsider holding only the public ca.pem, at the
-  public port (nginx, server/proxy.py), tries the Control API the way the `flwr` CLI does and by
+  public port (nginx, server/deploy/proxy.py), tries the Control API the way the `flwr` CLI does and by
   hand: list runs and nodes, read a run's log, stop a run, register its own key; every request is
   answered 403 by the proxy and never reaches the SuperLink, while a Fleet API call passes through
   (and meets the SuperLink's own node authentication). Then the outsider's best case: its key
@@ -45,11 +45,11 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 )
 
 from healthfm_core.files import write_flat_toml
-from server.bundle import build_bundle
-from server.flwr_app import parse_overrides
-from server.flwr_control import CONNECTION, flwr_home, run_flwr, start_run, wait_for_run
-from server.provision import FederationPaths
-from server.registry import read_registry, registry_path
+from server.deploy.bundle import build_bundle
+from server.deploy.flwr_app import parse_overrides
+from server.deploy.flwr_control import CONNECTION, flwr_home, run_flwr, start_run, wait_for_run
+from server.deploy.provision import FederationPaths
+from server.deploy.registry import read_registry, registry_path
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""How `coordinator launch` waits for its run (server/flwr_control.py wait_for_run): every status
+"""How `coordinator launch` waits for its run (server/deploy/flwr_control.py wait_for_run): every status
 is Flower's (`flwr ls`, a new ~1.2 CPU-second process each), so while the run's outcome.json says
 nothing of an end the CLI is asked only every slow_poll seconds, and every `poll` seconds once
 it does. A virtual clock replaces time: the test counts the asks, it does not time them. The
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import server.flwr_control as control
-from server.coordinator import _ending
+import server.deploy.flwr_control as control
+from server.deploy.coordinator import _ending
 from server.outcome import started, write_outcome
 
 

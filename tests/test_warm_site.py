@@ -1,7 +1,7 @@
 """Warm sites and their threads: what a long-lived ClientApp process keeps between messages, when
 it lets go, and the site's torch thread setting.
 
-The warm ClientApp (client/warm_clientapp.py) is the same ClientApp called again in one process:
+The warm ClientApp (client/deploy/warm_clientapp.py) is the same ClientApp called again in one process:
 the tests call client.client_app's real app with real Flower messages and one Context, as the
 warm process does for a run's messages. The process handling (tokens, idle stop) runs the real
 warm process; the whole path with a SuperNode is benchmarks/federation_round.py's.
@@ -57,26 +57,26 @@ from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.start_client_internal import _pull_and_store_message
 
 from client import site_runtime
-from client.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECONDS, AppGuard
-from client.approval import approve, inspect_bundle
 from client.client import build_parser
 from client.client_app import make_client_app
-from client.flower_patches import set_pull_backoff
+from client.deploy.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECONDS, AppGuard
+from client.deploy.approval import approve, inspect_bundle
+from client.deploy.flower_patches import set_pull_backoff
+from client.deploy.warm_clientapp import WarmWorker, collect_between_tasks
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
-from client.warm_clientapp import WarmWorker, collect_between_tasks
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
 from healthfm_core.files import write_flat_toml
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
-from server.bundle import build_bundle
-from server.flwr_app import parse_overrides, write_app
-from server.flwr_control import start_run, wait_for_run
-from server.provision import FederationPaths
-from server.registry import registry_path
+from server.deploy.bundle import build_bundle
+from server.deploy.flwr_app import parse_overrides, write_app
+from server.deploy.flwr_control import start_run, wait_for_run
+from server.deploy.provision import FederationPaths
+from server.deploy.registry import registry_path
 from server.strategy import ModalityAwareFedAvg, pack_record
 
 
@@ -232,7 +232,7 @@ def test_a_warm_clientapp_stopped_in_a_task_whose_supernode_is_gone_exits() -> N
     of the task retries without end (Flower's HTTP retry has no limit). SIGTERM (the guard stops
     it, or died: PR_SET_PDEATHSIG) must end the process, not start the task's reply and retry
     that forever too (tests/test_faults.py's frozen site found it)."""
-    cmd = [sys.executable, "-m", "client.warm_clientapp", "--runtime-api-address", "127.0.0.1:9"]
+    cmd = [sys.executable, "-m", "client.deploy.warm_clientapp", "--runtime-api-address", "127.0.0.1:9"]
     proc = subprocess.Popen(
         [*cmd, "--run-id", "7", "--fab-hash", "a" * 64],
         stdin=subprocess.PIPE,
@@ -299,7 +299,7 @@ class LocalSuperNode:
     """Flower's SuperNode state and its Runtime API (the real FastAPI app, on 127.0.0.1) with the
     SuperLink's side played here: a message is stored by Flower's own `_pull_and_store_message`
     (run, FAB and context as the SuperNode stores them), the site's real app guard takes the task
-    and runs it warm (client/warm_clientapp.py) or cold (flwr-clientapp), and the reply is read
+    and runs it warm (client/deploy/warm_clientapp.py) or cold (flwr-clientapp), and the reply is read
     back from the node's state. The deployed path is tests/test_trust.py's."""
 
     NODE_ID = 42

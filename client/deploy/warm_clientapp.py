@@ -3,7 +3,7 @@
 Flower 1.41's `flwr-clientapp` serves exactly one task and exits (flwr/supernode/runtime/
 run_clientapp.py), so a new process per message imported torch, opened the site, mapped its
 sequences to the vocabulary and built the model again: 47-127 s rounds for 5-9 s of training.
-Here the site's app guard (client/app_guard.py), which already decides per task whether a
+Here the site's app guard (client/deploy/app_guard.py), which already decides per task whether a
 bundle may run, hands the task's token to this process instead; it does for each task what
 `flwr-clientapp` does (pull the message, context and FAB from the SuperNode's Runtime API, call
 the ClientApp, push the reply and the context), but stays, so that client/site_runtime.py's
@@ -23,9 +23,9 @@ Scope and lifetime, so that nothing of a run outlives it:
 Code: the ClientApp is imported from the approved bundle's own files, unpacked and hash-checked by
 this process, exactly the code `flwr-clientapp` (`--clientapp cold`) runs for that bundle; this
 process's own modules (imported from the site's checkout) never stand in for the bundle's
-(client/approved_code.py). An approval pins the same code in both modes.
+(client/deploy/approved_code.py). An approval pins the same code in both modes.
 
-    python -m client.warm_clientapp --runtime-api-address 127.0.0.1:PORT --run-id N --fab-hash SHA256 [--parent-pid PID]
+    python -m client.deploy.warm_clientapp --runtime-api-address 127.0.0.1:PORT --run-id N --fab-hash SHA256 [--parent-pid PID]
 
 Protocol with the guard: one task token per line on stdin; after each task, one line
 `done N STATUS` on stdout (N tasks served so far); EOF on stdin stops it. Its log goes to stderr.
@@ -59,8 +59,8 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from client.approved_code import BundleCode, module_files
-from client.flower_patches import set_pull_backoff
+from client.deploy.approved_code import BundleCode, module_files
+from client.deploy.flower_patches import set_pull_backoff
 from client.memory import release_memory
 
 log = logging.getLogger("healthfm.client.warm")
@@ -108,7 +108,7 @@ class WarmClientApp:
 
     def load(self, fab_id: str, fab_version: str, fab_content: bytes) -> ClientApp:
         """Unpack the approved FAB and import its ClientApp from the FAB's own files, once: the
-        code flwr-clientapp runs for that bundle in a fresh process (client/approved_code.py)."""
+        code flwr-clientapp runs for that bundle in a fresh process (client/deploy/approved_code.py)."""
         if self.app is None:
             if self.bundle is None:
                 self.bundle = BundleCode(fab_content, self.fab_hash)
@@ -219,7 +219,9 @@ def run(runtime_api_address: str, run_id: int, fab_hash: str, replies: TextIO) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.warm_clientapp", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m client.deploy.warm_clientapp", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's local Runtime API (HOST:PORT)")
     parser.add_argument("--run-id", type=int, required=True, help="the only run this process serves")
     parser.add_argument("--fab-hash", required=True, help="the only app bundle (sha256) this process runs")
@@ -265,7 +267,7 @@ class WarmWorker:
             sys.executable,
             "-P",
             "-m",
-            "client.warm_clientapp",
+            "client.deploy.warm_clientapp",
             "--runtime-api-address",
             runtime_api_address,
             "--run-id",
@@ -281,7 +283,7 @@ class WarmWorker:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         self.sent = 0

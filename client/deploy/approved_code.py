@@ -1,5 +1,5 @@
 """The ClientApp of an approved app bundle, imported from the bundle's own files in a process that
-already runs this package (the warm ClientApp, client/warm_clientapp.py).
+already runs this package (the warm ClientApp, client/deploy/warm_clientapp.py).
 
 Flower's `flwr-clientapp` (`--clientapp cold`) unpacks the bundle, puts its directory first on
 sys.path and imports the `clientapp` component in a fresh process: whatever module the bundle
@@ -21,7 +21,7 @@ been loaded from that file; if one was not (a bundle shipping `flwr/` or `numpy/
 ClientApp process has imported before the app), the ClientApp is refused, naming the file and
 what ran instead.
 
-A bundle that ships no code (the federation's, server/bundle.py) names `client.client_app:app`:
+A bundle that ships no code (the federation's, server/deploy/bundle.py) names `client.client_app:app`:
 nothing is forgotten and the ClientApp is the site's installed healthfm, as in cold mode.
 """
 

@@ -10,7 +10,7 @@ The ServerApp (`set_reply_pull_backoff`, from make_server_app's main, server/ser
   start_client_internal.py, _push_messages), so the ServerApp often sees a reply whose arrays are
   still uploading, and HttpGrid.pull_messages retried them after 1, 2, 4, 8, 10 s
   (flwr/supercore/constant.py): seconds past the upload's end per round.
-The SuperLink (`set_sqlite_busy_timeout`, from server/superlink_main.py, which says why):
+The SuperLink (`set_sqlite_busy_timeout`, from server/deploy/superlink_main.py, which says why):
 - `flwr.supercore.sql_mixin.SQLITE_PRAGMAS`: busy_timeout raised from Flower's 5000 ms, read by
   Flower at every new connection (_set_sqlite_pragmas).
 """
@@ -39,7 +39,9 @@ def with_busy_timeout(pragmas: Sequence[tuple[str, str]], ms: int) -> tuple[tupl
     """Flower's pragmas with busy_timeout set to `ms`; ValueError if Flower no longer sets one
     (then this patch no longer knows what it changes)."""
     if not any(name == "busy_timeout" for name, _ in pragmas):
-        raise ValueError(f"flwr's SQLITE_PRAGMAS {pragmas!r} set no busy_timeout: update server/flower_patches.py")
+        raise ValueError(
+            f"flwr's SQLITE_PRAGMAS {pragmas!r} set no busy_timeout: update server/deploy/flower_patches.py"
+        )
     return tuple((name, str(ms)) if name == "busy_timeout" else (name, value) for name, value in pragmas)
 
 

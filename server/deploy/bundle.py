@@ -2,7 +2,7 @@
 
 `flwr run APP_DIR` builds the FAB from FED/server/app with Flower's own builder (fixed zip
 timestamps, sorted files: the same files give the same bytes, so the same sha256). A site runs a
-run's ClientApp only if that sha256 is in its policy's `approved_apps` (client/app_guard.py), so
+run's ClientApp only if that sha256 is in its policy's `approved_apps` (client/deploy/app_guard.py), so
 the coordinator builds the bundle with `coordinator bundle FED`, sends the .fab to the sites'
 admins, who inspect and approve it (`client.py approve`), and `launch` prints the hash it ships.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
 
-from server.flwr_app import APP_NAME, write_app
-from server.provision import FederationPaths
+from server.deploy.flwr_app import APP_NAME, write_app
+from server.deploy.provision import FederationPaths
 
 
 def build_bundle(app_dir: Path) -> tuple[bytes, str]:

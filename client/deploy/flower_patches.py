@@ -4,7 +4,7 @@ of the process that needs it. Read from flwr 1.41 (FLWR_VERSION); tests/test_flo
 fails when Flower changes under one of them (a name gone, a signature changed, a function that
 stops calling the name rebound here).
 
-The SuperNode (`python -m client.supernode_main`, `set_pace`; client/supernode_pace.py says why):
+The SuperNode (`python -m client.deploy.supernode_main`, `set_pace`; client/deploy/supernode_pace.py says why):
 - `start_client_internal._pull_and_store_message`: returns only once a message came, polling at
   the PollSchedule's interval (Flower sleeps 3 s after every empty pull);
 - `start_client_internal._push_messages`: tells the schedule when a reply left;
@@ -12,8 +12,8 @@ The SuperNode (`python -m client.supernode_main`, `set_pace`; client/supernode_p
   ClientApp's reply and its objects in 0.5 s steps);
 - `start_client_internal.pull_objects`: Flower's own function with a short backoff (Flower
   retries a message's objects after 1, 2, 4, 8, 10 s).
-The warm ClientApp (`python -m client.warm_clientapp`, `set_pull_backoff`):
-- `run_clientapp.pull_and_inflate_object_from_tree`: a short backoff too (client/warm_clientapp.py
+The warm ClientApp (`python -m client.deploy.warm_clientapp`, `set_pull_backoff`):
+- `run_clientapp.pull_and_inflate_object_from_tree`: a short backoff too (client/deploy/warm_clientapp.py
   says why: the guard hands a task over before the SuperNode has the message's objects).
 """
 
@@ -28,12 +28,12 @@ import flwr.supernode.start_client_internal as flower_loop
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree, pull_objects
 from flwr.supernode.runtime import run_clientapp
 
-from client.supernode_pace import CappedSleepTime, PollSchedule, SupernodePace
+from client.deploy.supernode_pace import CappedSleepTime, PollSchedule, SupernodePace
 
 FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
 WRAPPED = "__healthfm_pace__"  # marks our wrappers of Flower's functions
 
-# The warm ClientApp's retries of a message's objects (client/warm_clientapp.py says why): the
+# The warm ClientApp's retries of a message's objects (client/deploy/warm_clientapp.py says why): the
 # SuperNode is local, so asking again soon costs one local HTTP call.
 PULL_INITIAL_BACKOFF_S = 0.05
 PULL_BACKOFF_CAP_S = 0.1

@@ -28,8 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from server.flwr_control import EXIT_USAGE, CoordinatorError
-from server.provision import FederationPaths
+from server.deploy.flwr_control import EXIT_USAGE, CoordinatorError
+from server.deploy.provision import FederationPaths
 
 # The Fleet API's routes (flwr/superlink/routers/fleet/router.py, what flwr/supernode/
 # fleet_http_client.py calls). Listed one by one rather than as a prefix so that a route Flower

@@ -12,7 +12,7 @@ which `coordinator launch` sets) and
   be that name, or the node is refused for the run.
 
 The SuperLink itself only admits keys registered through its Control API, which only the
-coordinator's machine reaches (server/proxy.py); the registry is the second lock, held by the
+coordinator's machine reaches (server/deploy/proxy.py); the registry is the second lock, held by the
 ServerApp, and binds a key to a name.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from server.provision import FederationPaths
+from server.deploy.provision import FederationPaths
 
 REGISTRY_FILE = "registry.json"
 

@@ -1,7 +1,7 @@
 """Flower's `flower-supernode`, made to exit when its connection to the SuperLink ends, and paced
 for rounds of seconds.
 
-    python -m client.supernode_main [--poll-interval S] [--pull-backoff S] [--pull-backoff-cap S] \
+    python -m client.deploy.supernode_main [--poll-interval S] [--pull-backoff S] [--pull-backoff-cap S] \
         PATH/TO/flower-supernode [flower-supernode options]
 
 Why (read from flwr 1.41, flwr/supernode/fleet_http_connection.py and start_client_internal.py):
@@ -10,12 +10,12 @@ when a Fleet API call fails with a status Flower does not retry (e.g. the SuperL
 SuperNode's pull loop, Flower logs it, deactivates the node and `flower_supernode()` returns; but
 its Runtime API server runs in a non-daemon thread, so the process never exits: a SuperNode that
 looks alive and will never pull again. Here that return ends the process with EXIT_CONNECTION_ENDED
-and one line saying so, and `client.py join` (client/join.py) restarts it.
+and one line saying so, and `client.py join` (client/deploy/join.py) restarts it.
 
 A signal (SIGINT/SIGTERM) still ends it the way Flower does (its handler raises SystemExit, after
 the node said goodbye to the SuperLink), never through the line below.
 
-Pace (client/supernode_pace.py says why): `set_pace` (client/flower_patches.py, where every
+Pace (client/deploy/supernode_pace.py says why): `set_pace` (client/deploy/flower_patches.py, where every
 change to Flower's code on the site's side is) changes Flower's loop in this process only, once,
 before Flower's SuperNode starts. Flower's log lines get timestamps: when a message came and when
 its reply left is where a round's time went.
@@ -31,14 +31,16 @@ from collections.abc import Sequence
 from flwr.supercore.logger import update_console_handler
 from flwr.supernode.cli import flower_supernode
 
-from client.flower_patches import set_pace
-from client.join import ENDED_LINE, EXIT_CONNECTION_ENDED
-from client.supernode_pace import SupernodePace
+from client.deploy.flower_patches import set_pace
+from client.deploy.join import ENDED_LINE, EXIT_CONNECTION_ENDED
+from client.deploy.supernode_pace import SupernodePace
 
 
 def parse(argv: Sequence[str]) -> tuple[SupernodePace, list[str]]:
     """Our options, then Flower's argv (its executable first)."""
-    parser = argparse.ArgumentParser(prog="python -m client.supernode_main", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m client.deploy.supernode_main", description=__doc__.split("\n\n")[0]
+    )
     defaults = SupernodePace()
     parser.add_argument("--poll-interval", type=float, default=defaults.poll_interval, metavar="S")
     parser.add_argument("--fast-poll-interval", type=float, default=defaults.fast_poll_interval, metavar="S")

@@ -9,7 +9,7 @@ the site's policy keys, see client.site_runtime.SiteConfig), which stays on the 
 Before starting it, `join` probes the SuperLink itself (TCP, then a TLS handshake against the
 CA) so that an unreachable server or a wrong certificate is one clear line within seconds
 instead of a SuperNode retrying forever. The probe goes the way the SuperNode will: through the
-forward proxy its environment (or `--proxy`) names, with HTTP CONNECT (client/proxy_route.py).
+forward proxy its environment (or `--proxy`) names, with HTTP CONNECT (client/deploy/proxy_route.py).
 
 Why a SuperNode stopped is read from that process alone: its exit status and the lines it wrote
 to STATE/supernode.log since it started (`fresh_lines`), never an earlier process's. A key the
@@ -45,9 +45,9 @@ from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from client.approval import approved_apps
-from client.privacy_budget import check_privacy_budget
-from client.proxy_route import (
+from client.deploy.approval import approved_apps
+from client.deploy.privacy_budget import check_privacy_budget
+from client.deploy.proxy_route import (
     ProxyError,
     ProxyRoute,
     open_tunnel,
@@ -57,7 +57,7 @@ from client.proxy_route import (
     site_proxy_env,
     tls_through,
 )
-from client.supernode_pace import POLL_INTERVAL_S, SupernodePace
+from client.deploy.supernode_pace import POLL_INTERVAL_S, SupernodePace
 from healthfm_core.files import write_flat_toml
 
 log = logging.getLogger("healthfm.client.join")
@@ -67,7 +67,7 @@ EXIT_NO_CONNECTION = 4  # unreachable, or TLS failed (wrong certificate)
 EXIT_NOT_REGISTERED = 5  # the SuperLink refused this site's key
 EXIT_SUPERNODE_FAILED = 6  # the SuperNode stopped for another reason
 
-# How client/supernode_main.py ends a SuperNode whose pull loop stopped (it never exits by itself).
+# How client/deploy/supernode_main.py ends a SuperNode whose pull loop stopped (it never exits by itself).
 EXIT_CONNECTION_ENDED = 75
 ENDED_LINE = "healthfm: the SuperNode's connection to the SuperLink ended"
 # Restarting such a SuperNode: waits between restarts (the last one repeats), reset once it has run
@@ -84,7 +84,7 @@ TAIL_BYTES = 262144  # read at most this much of them back from its log
 # Lines of the SuperNode's local Runtime API (its ClientApps, the app guard): never about the SuperLink.
 RUNTIME_LINE = re.compile(r"/v1/runtime/|runtime task-token|\[ApiError:1008\]", re.IGNORECASE)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NODE_ID_LINE = re.compile(r"SuperNode ID:\s*(\d+)")
 ConfigValue = str | int | float | bool
 
@@ -112,12 +112,12 @@ class JoinConfig(BaseModel):
     connect_timeout: float = Field(default=10.0, gt=0)
     runtime_port: int | None = Field(default=None, ge=1, le=65535)  # the SuperNode's local API
     max_wait_time: float | None = Field(default=None, gt=0)  # give up reconnecting after this
-    # How approved ClientApp tasks run (client/app_guard.py): warm = one process per run.
+    # How approved ClientApp tasks run (client/deploy/app_guard.py): warm = one process per run.
     clientapp: Literal["warm", "cold"] = "warm"
     warm_idle: float = Field(default=600.0, gt=0)  # stop a run's warm ClientApp after this idle time
-    # The SuperNode's idle pull interval (client/supernode_pace.py; Flower's own is 3 s).
+    # The SuperNode's idle pull interval (client/deploy/supernode_pace.py; Flower's own is 3 s).
     poll_interval: float = Field(default=POLL_INTERVAL_S, gt=0, le=60)
-    # Start a new privacy ledger where the state dir's is refused (client/privacy_budget.py).
+    # Start a new privacy ledger where the state dir's is refused (client/deploy/privacy_budget.py).
     new_privacy_budget: bool = False
     # A forward proxy to the SuperLink (http://HOST:PORT), else the environment's (HTTPS_PROXY, ...).
     proxy: str | None = None
@@ -310,14 +310,14 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int) -> list[str]:
-    # Through client/supernode_main.py: a SuperNode whose connection ended exits (and is restarted)
-    # instead of idling forever, and it pulls at the site's pace (client/supernode_pace.py).
+    # Through client/deploy/supernode_main.py: a SuperNode whose connection ended exits (and is restarted)
+    # instead of idling forever, and it pulls at the site's pace (client/deploy/supernode_pace.py).
     # --isolation process: the SuperNode starts no SuperExec; the site's app guard takes that place
-    # and starts a ClientApp only for an approved bundle (client/app_guard.py).
+    # and starts a ClientApp only for an approved bundle (client/deploy/app_guard.py).
     cmd = [
         sys.executable,
         "-m",
-        "client.supernode_main",
+        "client.deploy.supernode_main",
         *SupernodePace(poll_interval=cfg.poll_interval).args(),
         flower_executable("flower-supernode"),
         "--superlink",
@@ -345,7 +345,7 @@ def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int
 
 def site_process_env(cfg: JoinConfig) -> dict[str, str]:
     """flower_env, and this checkout importable: the SuperNode and the app guard run modules of
-    this package (client.supernode_main, client.app_guard). --proxy as HTTPS_PROXY, and NO_PROXY
+    this package (client.deploy.supernode_main, client.deploy.app_guard). --proxy as HTTPS_PROXY, and NO_PROXY
     extended to 127.0.0.1, localhost and ::1: the Runtime API's callers never go to a proxy."""
     env = site_proxy_env(flower_env(cfg.state_dir.resolve() / "flwr-home"), cfg.proxy)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
@@ -353,14 +353,14 @@ def site_process_env(cfg: JoinConfig) -> dict[str, str]:
 
 
 def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    """The site's app guard (client/app_guard.py) on the SuperNode's local Runtime API; it dies
+    """The site's app guard (client/deploy/app_guard.py) on the SuperNode's local Runtime API; it dies
     with `join`. Its log: STATE/app-guard.log."""
     policy = cfg.node_config.get("policy")
     site = str(cfg.node_config.get("site-name", cfg.site_root.name))
     cmd = [
         sys.executable,
         "-m",
-        "client.app_guard",
+        "client.deploy.app_guard",
         "--runtime-api-address",
         f"127.0.0.1:{runtime_port}",
         "--site",
@@ -767,7 +767,7 @@ def lost_connection_cause(attempt: Attempt) -> str:
 
 def restartable(attempt: Attempt, error: JoinError, cfg: JoinConfig) -> bool:
     """Whether a SuperNode that connected and then stopped is worth starting again: yes when its
-    connection ended (client/supernode_main.py) or it crashed; no when the site admin's
+    connection ended (client/deploy/supernode_main.py) or it crashed; no when the site admin's
     --max-wait-time ran out or the cause is in this site's own setup."""
     if attempt.returncode == EXIT_CONNECTION_ENDED:
         return True
@@ -788,7 +788,7 @@ def join(cfg: JoinConfig, out: TextIO = sys.stdout, echo: bool = False) -> int:
             raise JoinError(f"--root-cert {cfg.root_cert} does not exist", EXIT_USAGE)
     public_key = check_auth_key(cfg.auth_key) if cfg.auth_key is not None else None
     validate_node_config(cfg.node_config)
-    try:  # the privacy ledger must be the site key's (client/privacy_budget.py)
+    try:  # the privacy ledger must be the site key's (client/deploy/privacy_budget.py)
         cfg.node_config.update(
             check_privacy_budget(cfg.node_config, cfg.auth_key, public_key, cfg.new_privacy_budget, out)
         )

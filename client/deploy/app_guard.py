@@ -20,15 +20,15 @@ runs this guard in the SuperExec's place. For each task the guard reads the poli
 Only ClientApp tasks are taken: agent, model and connector tasks are never started here.
 
 An approved task runs (`--clientapp`):
-- `warm` (join's default): in the run's long-lived ClientApp process (client/warm_clientapp.py),
+- `warm` (join's default): in the run's long-lived ClientApp process (client/deploy/warm_clientapp.py),
   started for the run's first task and stopped when a task of another run or bundle arrives, after
   `--warm-idle` seconds without a task, or with this guard; the site's data, sequences and model
   stay loaded between the run's messages. The approval is still checked here for every task.
 - `cold`: a new `flwr-clientapp` process per task, as Flower's SuperExec does.
 Both run the same code for an approved bundle: the files it ships (unpacked from the approved
-bytes; warm: client/approved_code.py), the site's installed packages for the rest.
+bytes; warm: client/deploy/approved_code.py), the site's installed packages for the rest.
 
-    python -m client.app_guard --runtime-api-address 127.0.0.1:PORT --policy FILE --site NAME \
+    python -m client.deploy.app_guard --runtime-api-address 127.0.0.1:PORT --policy FILE --site NAME \
         [--clientapp warm|cold] [--warm-idle S] [--parent-pid PID]
 """
 
@@ -56,8 +56,8 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from client.approval import approved_apps
-from client.warm_clientapp import WarmWorker, task_client
+from client.deploy.approval import approved_apps
+from client.deploy.warm_clientapp import WarmWorker, task_client
 
 log = logging.getLogger("healthfm.client.app_guard")
 
@@ -247,7 +247,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.app_guard", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m client.deploy.app_guard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's local Runtime API (HOST:PORT)")
     parser.add_argument("--policy", type=Path, default=None, help="the site policy holding approved_apps")
     parser.add_argument("--site", required=True, help="the site's name (in refusals)")

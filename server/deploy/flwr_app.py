@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from healthfm_core.files import write_flat_toml
 from server.config import FederationConfig, PrivacyRequest, ServerOptimizerConfig
-from server.flwr_control import EXIT_INTERNAL, EXIT_USAGE, CoordinatorError
-from server.provision import FederationPaths
+from server.deploy.flwr_control import EXIT_INTERNAL, EXIT_USAGE, CoordinatorError
+from server.deploy.provision import FederationPaths
 
 APP_NAME = "healthfm-federation"
 

@@ -4,11 +4,11 @@ sha256 to the site policy's `approved_apps`.
 A Flower app bundle (FAB) is a zip: pyproject.toml (the app's name, publisher, version and its
 components, `serverapp`/`clientapp` as "module:attribute"), the files it ships, and Flower's
 manifest .info/CONTENT. The site runs a run's ClientApp only if the bundle's sha256 is approved
-(client/app_guard.py); this is where the site admin looks before approving. The bundle is only
+(client/deploy/app_guard.py); this is where the site admin looks before approving. The bundle is only
 read here, never unpacked to disk nor imported.
 
 What an approval stands for is the same in both `--clientapp` modes: the code a bundle ships runs
-from the bundle's own files (cold: flwr-clientapp; warm: client/approved_code.py), anything it
+from the bundle's own files (cold: flwr-clientapp; warm: client/deploy/approved_code.py), anything it
 does not ship from the site's installed packages.
 """
 

@@ -1,12 +1,12 @@
 """Flower's `flower-superlink`, with SQLite waiting longer for its database lock.
 
-    python -m server.superlink_main PATH/TO/flower-superlink [flower-superlink options]
+    python -m server.deploy.superlink_main PATH/TO/flower-superlink [flower-superlink options]
 
 Why (flwr 1.41, flwr/supercore/sql_mixin.py and constant.py): the SuperLink keeps its state and
 objects in SQLite and sets `PRAGMA busy_timeout = 5000` on every connection; each API call runs in
 a thread of one process, so on a loaded coordinator a write waiting more than 5 s for the lock
 fails with "database is locked" and the call answers 500. A SuperNode's pull loop stops on that
-error (client/supernode_main.py), a ServerApp call fails its run, and `flwr ls` fails. Waiting
+error (client/deploy/supernode_main.py), a ServerApp call fails its run, and `flwr ls` fails. Waiting
 longer costs nothing when the machine is idle and turns those failures into delays when it is
 not. BUSY_TIMEOUT_MS is that wait; everything else is Flower's own. It matters with
 `coordinator superlink --state file`; the default in-memory store opens no database.
@@ -27,7 +27,7 @@ from typing import Any
 from flwr.superlink.cli import flower_superlink
 from sqlalchemy import Engine, event
 
-from server.flower_patches import set_sqlite_busy_timeout
+from server.deploy.flower_patches import set_sqlite_busy_timeout
 
 BUSY_TIMEOUT_MS = 120_000
 SLOW_STATEMENT_S = 5.0
@@ -75,9 +75,9 @@ def log_slow_database_work() -> None:
 
 def main() -> None:
     if len(sys.argv) < 2:
-        print("usage: python -m server.superlink_main PATH/TO/flower-superlink [options]", file=sys.stderr)
+        print("usage: python -m server.deploy.superlink_main PATH/TO/flower-superlink [options]", file=sys.stderr)
         raise SystemExit(2)
-    set_sqlite_busy_timeout(BUSY_TIMEOUT_MS)  # server/flower_patches.py
+    set_sqlite_busy_timeout(BUSY_TIMEOUT_MS)  # server/deploy/flower_patches.py
     log_slow_database_work()
     # Flower reads its options from sys.argv and names itself after argv[0].
     sys.argv = [sys.argv[1], *sys.argv[2:]]

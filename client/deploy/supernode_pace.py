@@ -1,6 +1,6 @@
 """How often a site's SuperNode asks the SuperLink for work, how soon it sees its ClientApp's
 reply, and how soon it retries a message's objects: the settings `join --poll-interval` passes to
-client/supernode_main.py, which sets them in Flower's SuperNode loop.
+client/deploy/supernode_main.py, which sets them in Flower's SuperNode loop.
 
 Flower 1.41 fixes all of them, and all sit on every round's path (flwr/supernode/start_client_internal.py):
 - its pull loop sleeps `time.sleep(3)` each time the SuperLink has no message for it, so a round's
@@ -50,7 +50,7 @@ class SupernodePace(BaseModel):
     pull_backoff_cap: float = Field(default=PULL_BACKOFF_CAP_S, gt=0, le=60)
 
     def args(self) -> list[str]:
-        """As client/supernode_main.py's options."""
+        """As client/deploy/supernode_main.py's options."""
         return [
             "--poll-interval",
             str(self.poll_interval),
@@ -85,7 +85,7 @@ class PollSchedule:
 
 class CappedSleepTime:
     """The `time` module, but `sleep` waits at most `cap` s: bound as Flower's SuperNode loop's
-    `time`, it shortens the fixed waits of that module only (client/supernode_main.py)."""
+    `time`, it shortens the fixed waits of that module only (client/deploy/supernode_main.py)."""
 
     def __init__(self, cap: float, sleep: Callable[[float], None] = time.sleep) -> None:
         self.cap, self._sleep = cap, sleep

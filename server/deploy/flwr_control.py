@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.provision import FederationPaths
+from server.deploy.provision import FederationPaths
 
 log = logging.getLogger("healthfm.coordinator")
 
