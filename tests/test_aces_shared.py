@@ -52,6 +52,7 @@ def test_predicates_from_a_read_frame_equal_aces_own_loader(site_roots: list[Pat
     assert compared >= 2 * len(TASKS) * len(site_roots)
 
 
+@pytest.mark.slow  # 30 s of the default suite; CI's slow stage runs it (Makefile SLOW_CI)
 def test_shared_labels_equal_the_per_task_labels_and_read_each_shard_once(site_roots, monkeypatch) -> None:
     reads: list[Path] = []
     real = aces_tasks._meds_frame

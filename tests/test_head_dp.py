@@ -322,6 +322,7 @@ def test_head_node_configs_carry_policies_ledgers_and_max_subjects(tmp_path: Pat
             max_subjects_of({"max-subjects": bad})
 
 
+@pytest.mark.slow  # 12 s of the default suite; CI's slow stage runs it (Makefile SLOW_CI)
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_target_epsilon_is_spent_over_the_heads_planned_steps(tmp_path: Path) -> None:
     """--dp-target-epsilon 2: the noise that reaches 2 over rounds x C grid x local steps at the

@@ -447,6 +447,7 @@ def metadata(message_id: str, src: int, dst: int, message_type: str) -> Metadata
 DP_POLICY = "min_subjects: 3\ndp:\n  mandatory: true\n  epsilon_cap: 100\n  delta: 1.0e-5\n  noise_multiplier: 1.1\n"
 
 
+@pytest.mark.slow  # 21 s of the default suite; CI's slow stage runs it (Makefile SLOW_CI)
 def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_path: Path) -> None:
     """Two real ClientApps (the genomics cohort under DP: Poisson batches, expected counts) over
     two rounds: both replies are averaged in each round, under the count, step and history bounds."""
