@@ -143,7 +143,7 @@ def read_parquet(path: Path, root: Path | None = None, **kwargs: Any) -> pa.Tabl
     return pq.read_table(path, **kwargs)
 
 
-def _is_text(kind: pa.DataType) -> bool:
+def is_text(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
@@ -166,7 +166,7 @@ def invalid_utf8_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
             return bad_items
         parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
         return np.unique(parents[bad_items])
-    if not _is_text(kind):
+    if not is_text(kind):
         return np.zeros(0, np.int64)
     try:
         array.validate(full=True)  # the fast path: checks every value's UTF-8 in C++
@@ -208,6 +208,7 @@ __all__ = [
     "ParquetFooterError",
     "check_footer",
     "invalid_utf8_rows",
+    "is_text",
     "open_parquet",
     "read_parquet",
     "show_bytes",

@@ -76,9 +76,10 @@ from healthfm_core.data.layout import (
     WEARABLES_SCHEMA,
     WEARABLES_SUBDIRECTORY,
     hash_splits,
+    run_values,
 )
 from healthfm_core.data.meds_align import CastError, align_table, cast_problem
-from healthfm_core.data.parquet_guard import ParquetFooterError, invalid_utf8_rows, open_parquet, show_bytes
+from healthfm_core.data.parquet_guard import ParquetFooterError, invalid_utf8_rows, is_text, open_parquet, show_bytes
 from healthfm_core.data.site_labels import check_site_labels, site_tasks
 from healthfm_core.data.site_paths import OutsideRoot, list_files, outside_root
 
@@ -440,10 +441,6 @@ def _rows_as_claimed(log: _ProblemLog, file: str, handle: pq.ParquetFile, rows: 
         )
 
 
-def _is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
-
-
 def _escaped(array: pa.Array) -> pa.Array:
     """Text whose bytes are not UTF-8 shown with those bytes escaped (\\xNN)."""
     view = pa.large_binary() if pa.types.is_large_string(array.type) else pa.binary()
@@ -474,11 +471,11 @@ def _text_problems(
                 value=show_bytes(column, int(i)),
             )
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        if _is_text(array.type):
+        if is_text(array.type):
             fixed = _escaped(array)
             if shown is not None:
                 shown.update(str(fixed[int(i)].as_py()) for i in rows)
-        elif pa.types.is_dictionary(array.type) and _is_text(array.type.value_type):
+        elif pa.types.is_dictionary(array.type) and is_text(array.type.value_type):
             fixed = pa.DictionaryArray.from_arrays(array.indices, _escaped(array.dictionary))
             if shown is not None:
                 shown.update(str(fixed[int(i)].as_py()) for i in rows)
@@ -695,15 +692,9 @@ def _check_event_batch(
     ehr_np = np.asarray(pc.fill_null(ehr_mask, False).to_numpy(zero_copy_only=False), dtype=bool)
     prs_np = np.asarray(pc.fill_null(is_prs_kept, False).to_numpy(zero_copy_only=False), dtype=bool)
     if ehr_np.any():
-        agg.ehr_subjects.append(_run_values(sid[ehr_np]))
+        agg.ehr_subjects.append(run_values(sid[ehr_np]))
     if prs_np.any():
-        agg.prs_subjects.append(_run_values(sid[prs_np]))
-
-
-def _run_values(ids: np.ndarray) -> np.ndarray:
-    """The first id of each run of equal ids: a subject's rows are contiguous, so this is nearly
-    np.unique at a fraction of its cost (the union at the end deduplicates the rest)."""
-    return ids[np.concatenate([[True], ids[1:] != ids[:-1]])]
+        agg.prs_subjects.append(run_values(sid[prs_np]))
 
 
 def _code_mask(code: pa.Array | pa.ChunkedArray, test: Callable[[pa.Array], pa.Array]) -> pa.Array:

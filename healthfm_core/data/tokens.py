@@ -62,7 +62,7 @@ from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.batch_gather import TokenSlices, gather_patches, gather_tokens, ranges, segment_searchsorted
 from healthfm_core.data.code_slots import CHUNK_ROWS, code_slots, sorted_slot_chunks
 from healthfm_core.data.event_rows import EventRows, RowSink, shard_rows, to_us, us_arrow
-from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order
+from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order, run_values
 from healthfm_core.data.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
@@ -91,14 +91,6 @@ def _run_offsets(sorted_ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarra
     offsets = np.zeros(len(sorted_unique) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     return offsets
-
-
-def _run_values(grouped: np.ndarray) -> np.ndarray:
-    """The value of each run of equal values (ids grouped by subject): a site's distinct subjects
-    in O(n) with one byte a row of scratch (np.unique's inverse took 8)."""
-    if len(grouped) == 0:
-        return grouped[:0].copy()
-    return grouped[np.r_[0, np.flatnonzero(grouped[1:] != grouped[:-1]) + 1]]
 
 
 def _bucket_starts(
@@ -298,7 +290,7 @@ class SiteSequences:
         wr_subj = patches.subject_ids if patches is not None else np.zeros(0, np.int64)
         # Timed and static rows are grouped by subject: their distinct ids cost O(n), no sort.
         self.subject_ids = np.unique(
-            np.concatenate([_run_values(rows.t_subject), _run_values(rows.s_subject), rows.prs_subject, wr_subj])
+            np.concatenate([run_values(rows.t_subject), run_values(rows.s_subject), rows.prs_subject, wr_subj])
         ).astype(np.int64)
         n_subj = len(self.subject_ids)
         n_prs_timed = int(np.sum(rows.prs_timed))
