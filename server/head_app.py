@@ -71,6 +71,7 @@ from healthfm_core.head_messages import (
 from healthfm_core.release import load_release
 from server.config import PrivacyRequest
 from server.head_average import fedavg_heads
+from server.runlog import EventLog
 
 log = logging.getLogger("healthfm.server.head")
 
@@ -251,11 +252,10 @@ class FlowerSites:
         spent = {s: self.epsilon[s] for s in heads if s in self.epsilon}
         if spent:
             log.info("head %s: round %d: cumulative epsilon per site: %s", self.task.key, self.round, ", ".join(f"{s} {v['epsilon']:.3f}" for s, v in spent.items()))  # fmt: skip
-        if self.rounds_log is not None:
-            line = {"key": self.task.key, "round": self.round, "sites": sorted(heads), "epsilon": spent}
-            self.rounds_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.rounds_log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+        if self.rounds_log is not None:  # the pretraining's event log: a line per round, fsynced
+            EventLog(self.rounds_log).write(
+                "head_round", key=self.task.key, round=self.round, sites=sorted(heads), epsilon=spent
+            )
 
     def tune(self, w: np.ndarray, b: float) -> dict[str, tuple[float, int]]:
         request = HeadTuneRequest(
