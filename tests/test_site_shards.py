@@ -25,7 +25,7 @@ import pytest
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.code_slots import code_slots, sorted_code_slots
 from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.event_rows import RowSink, shard_rows
+from healthfm_core.data.event_rows import RowSink, SubjectRuns, shard_rows
 from healthfm_core.data.layout import DATA_SUBDIRECTORY, disjoint_subject_order, parquet_files
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
@@ -109,7 +109,8 @@ def state(seqs: SiteSequences) -> dict[str, np.ndarray]:
         if isinstance(value, np.ndarray):
             out[name] = value
         elif is_dataclass(value):
-            out.update({f"{name}.{f.name}": getattr(value, f.name) for f in fields(value)})
+            arrays = {f.name: getattr(value, f.name) for f in fields(value)}  # a pool's source: the rows'
+            out.update({f"{name}.{k}": v for k, v in arrays.items() if isinstance(v, np.ndarray)})
     return out
 
 
@@ -181,6 +182,24 @@ def test_bucket_offsets_chunk_by_chunk_are_the_rule(chunk_rows: int, window_days
     assert np.array_equal(bucket_offsets(subject, time_us, window_days, chunk_rows=chunk_rows), want)
 
 
+def test_subject_runs_keep_every_row_subject_and_join_a_subject_split_between_parts() -> None:
+    """Runs against the per-row column they replace: the same subject per row, CSR offsets as a
+    count per subject, and a subject that ends one part and starts the next is one run."""
+    rng = np.random.default_rng(3)
+    subject = np.repeat(np.array([4, 9, 10, 31, 77]), rng.integers(1, 6, 5))
+    runs = SubjectRuns.of(subject)
+    assert np.array_equal(runs.per_row(), subject) and len(runs) == len(subject)
+    assert runs.ids.tolist() == [4, 9, 10, 31, 77]
+    universe = np.array([1, 4, 9, 10, 20, 31, 77])
+    want = np.r_[0, np.cumsum([np.sum(subject == u) for u in universe])]
+    assert np.array_equal(runs.offsets_in(universe), want)
+    cut = int(runs.starts[2]) + 1  # inside subject 10's rows
+    joined = SubjectRuns.join([SubjectRuns.of(subject[:cut]), SubjectRuns.of(subject[cut:])])
+    assert np.array_equal(joined.ids, runs.ids) and np.array_equal(joined.starts, runs.starts)
+    empty = SubjectRuns.of(np.zeros(0, np.int64))
+    assert len(empty) == 0 and len(SubjectRuns.join([empty, runs, empty])) == len(subject)
+
+
 def test_disjoint_subject_order_reads_footers(hospital, tmp_path: Path) -> None:
     """Shards named out of subject order are put in it; two files sharing a subject give None."""
     src, _ = hospital
@@ -215,6 +234,10 @@ def test_row_sink_places_parts_out_of_subject_order(hospital, capacity: int) -> 
         want, got = getattr(rows[0], f.name), getattr(rows[1], f.name)
         if f.name in ("prs_subject", "prs_trait", "prs_raw", "prs_timed", "birth_subject", "birth_time_us"):
             continue  # kept in reading order, as they always were (SiteSequences orders them)
+        if f.name == "t_subject":  # runs: one per subject, whichever part it came in
+            assert np.array_equal(want.ids, got.ids) and np.array_equal(want.starts, got.starts)
+            assert np.array_equal(want.ids, np.unique(want.ids))
+            continue
         assert np.array_equal(want, got), f.name
 
 

@@ -41,6 +41,25 @@ def segment_searchsorted(values: np.ndarray, start: np.ndarray, stop: np.ndarray
 
 
 @dataclass
+class PooledEntries:
+    """Tokens pooled once per site (tokens.py), CSR over groups (buckets, or subjects for the
+    static token): an entry is the index of the row it keeps (uint32 while the rows fit), in slot
+    order. About one entry per row (hospital: 0.99), so a copy of the rows' code, value and
+    has_value would cost 7 B a row where the index costs 4. An entry's slot is its place in its
+    group (entry - offsets[group]): not stored."""
+
+    offsets: np.ndarray  # [G + 1] entries of group g: offsets[g]:offsets[g + 1]
+    rows: np.ndarray  # [entries] the row each entry keeps
+
+    def take(
+        self, entries: np.ndarray | slice, columns: tuple[np.ndarray, np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows' codes, values and has_value (`columns`) at `entries`."""
+        rows = self.rows[entries]
+        return columns[0][rows], columns[1][rows], columns[2][rows]
+
+
+@dataclass
 class TokenSlices:
     """Per sample of a batch: which pooled rows make its EHR tokens (tokens.py's `_tokens`)."""
 
@@ -52,15 +71,11 @@ class TokenSlices:
 
 def gather_tokens(
     slices: TokenSlices,
-    st_offsets: np.ndarray,
-    st_codes: np.ndarray,
-    st_values: np.ndarray,
-    st_has: np.ndarray,
+    static: PooledEntries,
+    static_rows: tuple[np.ndarray, np.ndarray, np.ndarray],
     static_index: np.ndarray,
-    bp_offsets: np.ndarray,
-    bp_codes: np.ndarray,
-    bp_values: np.ndarray,
-    bp_has: np.ndarray,
+    buckets: PooledEntries,
+    bucket_rows: tuple[np.ndarray, np.ndarray, np.ndarray],
     max_codes: int,
     cut_width: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,6 +83,7 @@ def gather_tokens(
     bucket's row, the last, is left for the caller). K as collate makes it: the widest sample,
     each sample min(max_codes, its widest token), 1 for a sample without tokens."""
     B = len(slices.n_tok)
+    st_offsets, bp_offsets = static.offsets, buckets.offsets
     n_static_codes = (st_offsets[static_index + 1] - st_offsets[static_index]) * slices.n_static
     counts = np.diff(bp_offsets)
     owner, _, bucket = ranges(slices.b_first, slices.b_end)
@@ -83,9 +99,9 @@ def gather_tokens(
     has_value = np.zeros((B, N, K), dtype=bool)
     # Static token: its first min(count, k) codes in slot order.
     s_owner, s_pos, s_entry = ranges(st_offsets[static_index], st_offsets[static_index] + np.minimum(n_static_codes, k))
-    codes[s_owner, 0, s_pos] = st_codes[s_entry]
-    values[s_owner, 0, s_pos] = st_values[s_entry]
-    has_value[s_owner, 0, s_pos] = st_has[s_entry]
+    codes[s_owner, 0, s_pos], values[s_owner, 0, s_pos], has_value[s_owner, 0, s_pos] = static.take(
+        s_entry, static_rows
+    )
     # Whole buckets: entry e of bucket b goes to row n_static + (b - b_first), its slot, if < k.
     e_owner, _, entry = ranges(bp_offsets[slices.b_first], bp_offsets[slices.b_end])
     e_bucket = np.searchsorted(bp_offsets, entry, side="right") - 1
@@ -93,9 +109,9 @@ def gather_tokens(
     slot = entry - bp_offsets[e_bucket]  # entries of a bucket are stored in slot order
     keep = slot < k[e_owner]
     e_owner, row, slot, entry = e_owner[keep], row[keep], slot[keep], entry[keep]
-    codes[e_owner, row, slot] = bp_codes[entry]
-    values[e_owner, row, slot] = bp_values[entry]
-    has_value[e_owner, row, slot] = bp_has[entry]
+    codes[e_owner, row, slot], values[e_owner, row, slot], has_value[e_owner, row, slot] = buckets.take(
+        entry, bucket_rows
+    )
     return codes, values, has_value
 
 

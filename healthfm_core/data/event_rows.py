@@ -62,10 +62,55 @@ def to_us(column: pa.Array | pa.ChunkedArray, name: str = "time") -> np.ndarray:
 
 
 @dataclass
+class SubjectRuns:
+    """Rows grouped by subject, kept as runs: run r is subject `ids[r]`, its rows
+    `starts[r]:starts[r + 1]`. A site's timed rows hold a few hundred rows a subject, so 16 bytes
+    a run replace 8 bytes a row (the largest array a load held while reading)."""
+
+    ids: np.ndarray  # [runs] int64, no two adjacent runs of one subject
+    starts: np.ndarray  # [runs + 1] int64, starts[0] = 0, starts[-1] = rows
+
+    @classmethod
+    def of(cls, subject: np.ndarray) -> SubjectRuns:
+        """The runs of a per-row subject column."""
+        n = len(subject)
+        first = np.r_[0, np.flatnonzero(subject[1:] != subject[:-1]) + 1] if n else np.zeros(0, np.int64)
+        return cls(np.asarray(subject[first], np.int64), np.r_[first, n].astype(np.int64))
+
+    @classmethod
+    def join(cls, parts: list[SubjectRuns]) -> SubjectRuns:
+        """Parts one after another (rows of part i follow those of part i - 1); a subject that
+        ends one part and starts the next is one run."""
+        ids = np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64)
+        lengths = np.concatenate([np.diff(p.starts) for p in parts]) if parts else np.zeros(0, np.int64)
+        if len(ids) > 1:
+            first = np.r_[True, ids[1:] != ids[:-1]]
+            lengths = np.add.reduceat(lengths, np.flatnonzero(first))
+            ids = ids[first]
+        return cls(ids, np.r_[0, np.cumsum(lengths)].astype(np.int64))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1]) if len(self.starts) else 0
+
+    def per_row(self) -> np.ndarray:
+        """The subject of every row (8 bytes a row: only where rows must be re-sorted)."""
+        return np.repeat(self.ids, np.diff(self.starts))
+
+    def offsets_in(self, sorted_unique: np.ndarray) -> np.ndarray:
+        """CSR offsets [len(sorted_unique) + 1] of the rows per subject of `sorted_unique` (every
+        run's subject is in it; runs sorted by subject)."""
+        counts = np.zeros(len(sorted_unique), np.int64)
+        np.add.at(counts, np.searchsorted(sorted_unique, self.ids), np.diff(self.starts))
+        offsets = np.zeros(len(sorted_unique) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return offsets
+
+
+@dataclass
 class EventRows:
     """Rows of one shard (or a whole site, `RowSink.rows`), split by kind; ids are subject ids."""
 
-    t_subject: np.ndarray  # [timed] int64, sorted by (subject, time)
+    t_subject: SubjectRuns  # [timed] sorted by (subject, time)
     t_time_us: np.ndarray  # [timed] int64
     t_codes: np.ndarray  # [timed] vocabulary ids, code_dtype
     t_values: np.ndarray  # [timed] float32 normalised (0 without a value)
@@ -165,7 +210,7 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
         prs_trait = np.full(len(prs_rows), -1, np.int64)
     is_birth = (entry_birth[row_entry] if n else np.zeros(0, bool)) & timed
     return EventRows(
-        t_subject=t_sub,
+        t_subject=SubjectRuns.of(t_sub),
         t_time_us=t_time,
         t_codes=t_cols[0],
         t_values=t_cols[1],
@@ -211,19 +256,28 @@ class RowSink:
         self._capacity = max(int(capacity), 0)
         self._arrays: dict[str, np.ndarray] = {}
         self._used = {"t": 0, "s": 0}
+        self._runs: list[SubjectRuns] = []  # the timed rows' subjects, part by part
+        self._last: dict[str, int] = {}  # the last subject added, per kind
         self._rest: dict[str, list[np.ndarray]] = {name: [] for name in _REST}
         self._in_order = {"t": True, "s": True}  # parts so far by subject, none overlapping
         self._blocks: dict[str, list[tuple[int, int, int, int]]] = {"t": [], "s": []}  # rows, subjects
         self._n_rows = 0
 
     def add(self, part: EventRows) -> None:
-        for kind, names in (("t", _TIMED), ("s", _STATIC)):
-            subject, at = getattr(part, names[0]), self._used[kind]
-            k = len(subject)
-            if k and at and self._arrays[names[0]][at - 1] >= subject[0]:
+        for kind, names in (("t", _TIMED[1:]), ("s", _STATIC)):
+            at = self._used[kind]
+            if kind == "t":
+                runs = part.t_subject
+                self._runs.append(runs)
+                k, ids = len(runs), runs.ids
+            else:
+                ids = part.s_subject
+                k = len(ids)
+            if k and at and self._last[kind] >= ids[0]:
                 self._in_order[kind] = False
             if k:
-                self._blocks[kind].append((at, at + k, int(subject[0]), int(subject[-1])))
+                self._blocks[kind].append((at, at + k, int(ids[0]), int(ids[-1])))
+                self._last[kind] = int(ids[-1])
             for name in names:
                 column = getattr(part, name)
                 buffer = self._arrays.get(name)
@@ -271,17 +325,21 @@ class RowSink:
         if not self._arrays:
             raise ValueError("RowSink.rows: no part was added")
         out: dict[str, np.ndarray] = {}
+        t_runs = SubjectRuns.join(self._runs)
+        if not self._in_order["t"]:  # rows to re-sort: only they need a subject per row
+            self._arrays["t_subject"] = t_runs.per_row()
         for kind, names in (("t", _TIMED), ("s", _STATIC)):
             if self._in_order[kind]:
-                out.update({name: self._arrays.pop(name)[: self._used[kind]] for name in names})
+                out.update({name: self._arrays.pop(name)[: self._used[kind]] for name in names if name in self._arrays})
             else:
                 out.update(self._placed(kind, names))
         # A subject in two shards whose times interleave: sort, stably (reading order kept in ties).
         order = None if self._in_order["t"] else _by_subject_time(out["t_subject"], out["t_time_us"])
         for name in _TIMED if order is not None else ():
             out[name] = out[name][order]  # column by column: one copy at a time
+        subjects = t_runs if self._in_order["t"] else SubjectRuns.of(out.pop("t_subject"))
         rest = {name: np.concatenate(parts) for name, parts in self._rest.items()}
-        return EventRows(**out, **rest, n_rows=self._n_rows)
+        return EventRows(t_subject=subjects, **out, **rest, n_rows=self._n_rows)
 
 
-__all__ = ["NO_TIME", "EventRows", "RowSink", "code_dtype", "shard_rows", "to_us", "us_arrow"]
+__all__ = ["NO_TIME", "EventRows", "RowSink", "SubjectRuns", "code_dtype", "shard_rows", "to_us", "us_arrow"]

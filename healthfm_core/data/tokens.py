@@ -59,9 +59,16 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
-from healthfm_core.data.batch_gather import TokenSlices, gather_patches, gather_tokens, ranges, segment_searchsorted
+from healthfm_core.data.batch_gather import (
+    PooledEntries,
+    TokenSlices,
+    gather_patches,
+    gather_tokens,
+    ranges,
+    segment_searchsorted,
+)
 from healthfm_core.data.code_slots import CHUNK_ROWS, code_slots, sorted_slot_chunks
-from healthfm_core.data.event_rows import EventRows, RowSink, shard_rows, to_us, us_arrow
+from healthfm_core.data.event_rows import EventRows, RowSink, SubjectRuns, shard_rows, to_us, us_arrow
 from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order, run_values
 from healthfm_core.data.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
@@ -80,36 +87,24 @@ DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
 _NO_TIME = NO_TIME  # int64 max: no time (static rows, subjects without one)
 
 
-def _run_offsets(sorted_ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
-    """CSR offsets [len(sorted_unique) + 1] of ids sorted ascending (each id in sorted_unique):
-    one pass to find the runs, no per-row index."""
-    n = len(sorted_ids)
-    starts = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1 if n else np.zeros(0, np.int64)
-    starts = np.r_[0, starts] if n else starts
-    counts = np.zeros(len(sorted_unique), np.int64)
-    counts[np.searchsorted(sorted_unique, sorted_ids[starts])] = np.diff(np.r_[starts, n])
-    offsets = np.zeros(len(sorted_unique) + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    return offsets
-
-
 def _bucket_starts(
-    subject: np.ndarray, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+    subject: np.ndarray | SubjectRuns, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
 ) -> np.ndarray:
     """Whether each timed row (rows sorted by subject, then time) starts a token: the subject
     changes or the row leaves its bucket. A bucket is one exact timestamp (window 0) or [k, k+1)
     windows after the subject's first row, so shifting every date leaves the buckets unchanged.
     One byte a row: the windows' keys are computed a chunk of rows at a time."""
     n = len(time_us)
-    new = np.ones(n, dtype=bool)
+    runs = subject if isinstance(subject, SubjectRuns) else SubjectRuns.of(subject)
+    starts = runs.starts[:-1]  # subject starts (before bucket starts are added)
+    new = np.zeros(n, dtype=bool)
     if n == 0:
         return new
-    np.not_equal(subject[1:], subject[:-1], out=new[1:])
+    new[starts] = True
     if window_days <= 0:
         new[1:] |= time_us[1:] != time_us[:-1]
         return new
     width = max(1, int(round(window_days * US_PER_DAY)))
-    starts = np.flatnonzero(new)  # subject starts (before bucket starts are added)
     for a in range(0, n, max(1, chunk_rows)):
         lo, b = max(a - 1, 0), min(n, a + max(1, chunk_rows))  # lo: the pair (a - 1, a) too
         s0 = int(np.searchsorted(starts, lo, side="right")) - 1
@@ -122,7 +117,7 @@ def _bucket_starts(
     return new
 
 
-def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) -> np.ndarray:
+def token_buckets(subject: np.ndarray | SubjectRuns, time_us: np.ndarray, window_days: float) -> np.ndarray:
     """Token ordinal of each timed row (rows sorted by subject, then time): consecutive integers,
     a new one where `_bucket_starts` says a token starts."""
     bucket = np.cumsum(_bucket_starts(subject, time_us, window_days), dtype=np.int64)
@@ -131,7 +126,7 @@ def token_buckets(subject: np.ndarray, time_us: np.ndarray, window_days: float) 
 
 
 def bucket_offsets(
-    subject: np.ndarray, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+    subject: np.ndarray | SubjectRuns, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
 ) -> np.ndarray:
     """CSR offsets [n_buckets + 1] of the tokens `token_buckets` numbers: the rows of bucket k are
     offsets[k]:offsets[k + 1]. What a site keeps instead of a per-row ordinal (8 bytes a row)."""
@@ -180,44 +175,30 @@ def _no_tokens() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-@dataclass
-class _PooledTokens:
-    """Tokens pooled once per site (code_slots.py's entries, uncapped), CSR over groups (buckets,
-    or subjects for the static token, rows sorted by group and time); `sample` slices them
-    instead of pooling per sample."""
-
-    offsets: np.ndarray  # [G + 1] entries of group g: offsets[g]:offsets[g + 1]
-    codes: np.ndarray  # [entries] vocabulary ids (event_rows.code_dtype), in slot order
-    values: np.ndarray  # [entries] float32
-    has_value: np.ndarray  # [entries] bool
-    # An entry's slot is its place in its group (entry - offsets[group]): not stored (4 B a row).
-
-    @classmethod
-    def build(
-        cls,
-        offsets: np.ndarray,
-        codes: np.ndarray,
-        values: np.ndarray,
-        has_value: np.ndarray,
-        time_us: np.ndarray,
-        priority: np.ndarray,
-    ) -> _PooledTokens:
-        """Pool rows grouped as CSR `offsets` (sorted by time within a group), chunk by chunk into
-        arrays of the rows' length: a site has about one entry per row (hospital: 0.99), and the
-        pages past the last entry are never written, so they never become resident."""
-        n, n_groups = len(codes), len(offsets) - 1
-        out_codes, out_values = np.empty(n, codes.dtype), np.empty(n, values.dtype)
-        out_has = np.empty(n, has_value.dtype)
-        counts = np.zeros(n_groups, np.int64)
-        end = 0
-        for a, g0, g1, kept, tk in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority):
-            rows, stop = a + kept, end + len(kept)
-            out_codes[end:stop], out_values[end:stop], out_has[end:stop] = codes[rows], values[rows], has_value[rows]
-            counts[g0:g1] = np.bincount(tk - g0, minlength=g1 - g0)
-            end = stop
-        pooled = np.zeros(n_groups + 1, np.int64)
-        np.cumsum(counts, out=pooled[1:])
-        return cls(pooled, out_codes[:end], out_values[:end], out_has[:end])
+def _pooled_entries(
+    offsets: np.ndarray,
+    codes: np.ndarray,
+    values: np.ndarray,
+    has_value: np.ndarray,
+    time_us: np.ndarray,
+    priority: np.ndarray,
+) -> PooledEntries:
+    """Every group's tokens pooled once, uncapped (rows grouped as CSR `offsets`, sorted by time
+    within a group), chunk by chunk into an index array of the rows' length whose pages past the
+    last entry are never written, so never resident."""
+    n, n_groups = len(codes), len(offsets) - 1
+    out_rows = np.empty(n, np.uint32 if n <= np.iinfo(np.uint32).max else np.int64)
+    counts = np.zeros(n_groups, np.int64)
+    end = 0
+    for a, g0, g1, kept, tk in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority):
+        stop = end + len(kept)
+        out_rows[end:stop] = kept
+        out_rows[end:stop] += a
+        counts[g0:g1] = np.bincount(tk - g0, minlength=g1 - g0)
+        end = stop
+    pooled = np.zeros(n_groups + 1, np.int64)
+    np.cumsum(counts, out=pooled[1:])
+    return PooledEntries(pooled, out_rows[:end])
 
 
 @dataclass
@@ -290,7 +271,7 @@ class SiteSequences:
         wr_subj = patches.subject_ids if patches is not None else np.zeros(0, np.int64)
         # Timed and static rows are grouped by subject: their distinct ids cost O(n), no sort.
         self.subject_ids = np.unique(
-            np.concatenate([run_values(rows.t_subject), run_values(rows.s_subject), rows.prs_subject, wr_subj])
+            np.concatenate([rows.t_subject.ids, run_values(rows.s_subject), rows.prs_subject, wr_subj])
         ).astype(np.int64)
         n_subj = len(self.subject_ids)
         n_prs_timed = int(np.sum(rows.prs_timed))
@@ -298,7 +279,7 @@ class SiteSequences:
             log.warning("%d PRS rows carry a time; they are used as static", n_prs_timed)
 
         # ---- Timed events, sorted by (subject, time) (EventRows keeps them so), CSR offsets.
-        self.ev_offsets = _run_offsets(rows.t_subject, self.subject_ids)
+        self.ev_offsets = rows.t_subject.offsets_in(self.subject_ids)
         self.ev_time_us = rows.t_time_us
         self.ev_codes = rows.t_codes
         self.ev_values = rows.t_values
@@ -307,19 +288,16 @@ class SiteSequences:
         self.max_codes_per_token = self.tokens.max_codes_per_token
         # Bucket k's rows: _bucket_rows[k]:_bucket_rows[k + 1] (per_event: one row each).
         self._bucket_rows = (
-            np.arange(len(rows.t_subject) + 1, dtype=np.int64)
+            np.arange(len(rows.t_time_us) + 1, dtype=np.int64)
             if self.per_event
             else bucket_offsets(rows.t_subject, rows.t_time_us, self.token_window_days)
         )
-        # Consumed (every EventRows here is this load's own): the subjects are in ev_offsets now,
-        # and the pooling below is the load's peak.
-        rows.t_subject = rows.t_subject[:0].copy()  # a copy: a view would keep the buffer
         # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
         self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
         self.code_priority[N_SPECIAL_CODES:] = np.asarray(vocab.code_events, dtype=np.int64)
 
         # Static (non-PRS) rows, grouped by subject.
-        self.st_offsets = _run_offsets(rows.s_subject, self.subject_ids)
+        self.st_offsets = SubjectRuns.of(rows.s_subject).offsets_in(self.subject_ids)
         self.st_codes = rows.s_codes
         self.st_values = rows.s_values
         self.st_has_value = rows.s_has_value
@@ -366,8 +344,7 @@ class SiteSequences:
     def _pool_tokens(self, n_subj: int) -> None:
         """Pool every bucket and every subject's static token once, uncapped (a bucket pools
         the same whatever the sample, unless the prediction time cuts it: see `_tokens`)."""
-        self._bucket_time_us = self.ev_time_us[self._bucket_rows[1:] - 1]  # rows are time-sorted
-        self._bucket_pool = _PooledTokens.build(
+        self._bucket_pool = _pooled_entries(
             self._bucket_rows,
             self.ev_codes,
             self.ev_values,
@@ -375,7 +352,7 @@ class SiteSequences:
             self.ev_time_us,
             self.code_priority,
         )
-        self._static_pool = _PooledTokens.build(
+        self._static_pool = _pooled_entries(
             self.st_offsets,
             self.st_codes,
             self.st_values,
@@ -425,11 +402,7 @@ class SiteSequences:
         if n_static:
             s0 = int(st.offsets[index])
             m = min(n_static_codes, k)
-            codes[0, :m], values[0, :m], has_value[0, :m] = (
-                st.codes[s0 : s0 + m],
-                st.values[s0 : s0 + m],
-                st.has_value[s0 : s0 + m],
-            )
+            codes[0, :m], values[0, :m], has_value[0, :m] = st.take(slice(s0, s0 + m), self._static_rows)
         if e1 > e0:
             row = np.repeat(np.arange(n_static, n_static + len(counts), dtype=np.int64), counts)
             slot = np.arange(e0, e1) - np.repeat(bp.offsets[b_first:b_end], counts)
@@ -437,10 +410,8 @@ class SiteSequences:
             if k < counts.max():
                 keep = slot < k
                 row, slot, entries = row[keep], slot[keep], np.flatnonzero(keep) + e0
-            codes[row, slot] = bp.codes[entries]
-            values[row, slot] = bp.values[entries]
-            has_value[row, slot] = bp.has_value[entries]
-        parts = [np.full(n_static, t0, np.int64), self._bucket_time_us[b_first:b_end]]
+            codes[row, slot], values[row, slot], has_value[row, slot] = bp.take(entries, self._event_rows)
+        parts = [np.full(n_static, t0, np.int64), self._bucket_time_us(np.arange(b_first, b_end))]
         if len(cut):
             m = c_codes.shape[1]
             codes[-1, :m], values[-1, :m], has_value[-1, :m] = c_codes[0], c_values[0], c_has[0]
@@ -554,6 +525,20 @@ class SiteSequences:
                 f"not present in the site ({len(missing)} unknown subjects)"
             )
         return idx_c
+
+    @property
+    def _event_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The timed rows' codes, values and has_value, which the bucket pool's entries index."""
+        return self.ev_codes, self.ev_values, self.ev_has_value
+
+    @property
+    def _static_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.st_codes, self.st_values, self.st_has_value
+
+    def _bucket_time_us(self, bucket: np.ndarray) -> np.ndarray:
+        """Each bucket's time: its latest row's (rows are time-sorted within a subject); read from
+        the rows rather than stored (8 B a bucket)."""
+        return self.ev_time_us[self._bucket_rows[bucket + 1] - 1]
 
     def bucket_of(self, row: Any) -> Any:
         """The bucket (token ordinal) of timed row(s) `row`: a binary search of the buckets' rows."""
@@ -723,25 +708,20 @@ class SiteSequences:
                 max_codes_per_token,
             )
             cut_width[i] = cut_pools[i][0].shape[1]
-        bp = self._bucket_pool
         codes, values, has_value = gather_tokens(
             TokenSlices(n_static, b_first, b_end, n_tok),
-            self._static_pool.offsets,
-            self._static_pool.codes,
-            self._static_pool.values,
-            self._static_pool.has_value,
+            self._static_pool,
+            self._static_rows,
             idx,
-            bp.offsets,
-            bp.codes,
-            bp.values,
-            bp.has_value,
+            self._bucket_pool,
+            self._event_rows,
             max_codes_per_token,
             cut_width,
         )
         N = codes.shape[1]
         tok_us = np.repeat(t0[:, None], N, axis=1)  # the static token's time is t0
         owner, pos, bucket = ranges(b_first, b_end)
-        tok_us[owner, n_static[owner] + pos] = self._bucket_time_us[bucket]
+        tok_us[owner, n_static[owner] + pos] = self._bucket_time_us(bucket)
         for i, (c_codes, c_values, c_has, c_time) in cut_pools.items():
             m, last = c_codes.shape[1], int(n_tok[i]) - 1
             codes[i, last, :m], values[i, last, :m], has_value[i, last, :m] = c_codes[0], c_values[0], c_has[0]
