@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.code_slots import code_slots, sorted_code_slots
 from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.event_rows import RowSink, SubjectRuns, shard_rows
+from healthfm_core.data.event_rows import SECOND_US, RowSink, RowTimes, SubjectRuns, shard_rows
 from healthfm_core.data.layout import DATA_SUBDIRECTORY, disjoint_subject_order, parquet_files
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
@@ -100,7 +101,11 @@ def write_shards(table: pa.Table, data_dir: Path, variant: str, rng: np.random.G
         idx = np.flatnonzero(group == g)
         if variant == "unsorted" and g == 1:
             idx = rng.permutation(idx)
-        pq.write_table(table.take(pa.array(idx)), data_dir / f"{name}.parquet")
+        shard = table.take(pa.array(idx))
+        if variant == "microseconds" and g == 0:  # read third: after two shards of whole seconds
+            us = pc.add(shard["time"].cast(pa.int64()), 1).cast(shard["time"].type)
+            shard = shard.set_column(shard.schema.get_field_index("time"), "time", us)
+        pq.write_table(shard, data_dir / f"{name}.parquet")
 
 
 def state(seqs: SiteSequences) -> dict[str, np.ndarray]:
@@ -139,7 +144,7 @@ def assert_same_batches(got: SiteSequences, want: SiteSequences) -> None:
         assert n > 1
 
 
-@pytest.mark.parametrize("variant", ["shards", "split_subject", "unsorted"])
+@pytest.mark.parametrize("variant", ["shards", "split_subject", "unsorted", "microseconds"])
 def test_loading_by_shard_equals_loading_at_once(hospital, tmp_path: Path, variant: str) -> None:
     src, vocab = hospital
     root = tmp_path / "site"
@@ -155,9 +160,13 @@ def test_loading_by_shard_equals_loading_at_once(hospital, tmp_path: Path, varia
             events = site.read_events(subject_ids=subject_ids, columns=["subject_id", "time", "code", "numeric_value"])
             at_once = SiteSequences(events, None, vocab, per_event=per_event)
             assert streamed.n_events == events.num_rows > 0
+            # Times of whole seconds are kept as RowTimes; one shard with microseconds: int64.
+            assert isinstance(streamed.ev_time_us, np.ndarray) == (variant == "microseconds")
             assert_same_sequences(streamed, at_once)
             if not per_event:
                 assert_same_batches(streamed, at_once)
+    if variant == "microseconds":
+        return  # its times are not the generated site's
     # And against the site as generated (its own shards): the same batches, whatever the sharding
     # (the rows kept per row may differ in the order of rows with equal times, the tokens not).
     original = SiteSequences.from_site(open_site(src), vocab)
@@ -198,6 +207,32 @@ def test_subject_runs_keep_every_row_subject_and_join_a_subject_split_between_pa
     assert np.array_equal(joined.ids, runs.ids) and np.array_equal(joined.starts, runs.starts)
     empty = SubjectRuns.of(np.zeros(0, np.int64))
     assert len(empty) == 0 and len(SubjectRuns.join([empty, runs, empty])) == len(subject)
+
+
+def test_row_times_read_back_the_microseconds_they_keep() -> None:
+    """RowTimes against the int64 array it replaces, for every kind of index the loader uses,
+    with segments that start before 1970 and cross slice bounds; times it cannot keep exactly
+    (a microsecond, a subject spanning 137 years) are refused."""
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 9, 12)
+    starts = np.r_[0, np.cumsum(lengths)]
+    first = rng.integers(-2 * 10**9, 4 * 10**9, 12) * SECOND_US  # seconds from 1906 to 2096
+    time_us = np.concatenate([f + np.sort(rng.integers(0, 10**8, n)) * SECOND_US for f, n in zip(first, lengths)])
+    kept = RowTimes.of(time_us, starts)
+    assert kept is not None and kept.offset.dtype == np.uint32
+    n = len(time_us)
+    for a, b in [(0, n), (3, 17), (starts[4], starts[6]), (5, 5), (n - 1, n), (-7, None), (None, 2)]:
+        assert np.array_equal(kept[a:b], time_us[a:b]) and kept[a:b].dtype == np.int64, (a, b)
+    assert np.array_equal(kept[1::3], time_us[1::3])
+    for i in (0, 7, n - 1, -1):
+        assert kept[i] == time_us[i]
+    picks = rng.integers(0, n, 40)
+    assert np.array_equal(kept[picks], time_us[picks]) and np.array_equal(np.asarray(kept), time_us)
+    assert kept[[]].shape == (0,) and len(kept) == n
+    assert RowTimes.of(time_us + np.r_[np.zeros(n - 1, np.int64), 1], starts) is None  # a microsecond
+    span = time_us.copy()
+    span[starts[1] - 1] = span[0] + 137 * 365 * 86_400 * SECOND_US  # subject 0 spans 137 years
+    assert RowTimes.of(span, starts) is None
 
 
 def test_disjoint_subject_order_reads_footers(hospital, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ for element the same operations, so a batch is bit for bit `collate([sample(...)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,9 +29,9 @@ def ranges(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return owner, pos, start[owner] + pos
 
 
-def segment_searchsorted(values: np.ndarray, start: np.ndarray, stop: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def segment_searchsorted(values: Any, start: np.ndarray, stop: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """start[i] + searchsorted(values[start[i]:stop[i]], keys[i], side="right") for every i
-    (each segment sorted)."""
+    (each segment sorted; `values` an array, or anything sliced into one, as RowTimes)."""
     return np.array(
         [
             a + int(np.searchsorted(values[a:b], k, side="right"))

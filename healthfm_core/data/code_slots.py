@@ -17,6 +17,7 @@ small; results are concatenated, so the output does not depend on the chunk size
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def sorted_slot_chunks(
     codes: np.ndarray,
     values: np.ndarray,
     has_value: np.ndarray,
-    time_us: np.ndarray,
+    time_us: Any,
     priority: np.ndarray,
     *,
     chunk_rows: int = CHUNK_ROWS,

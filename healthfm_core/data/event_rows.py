@@ -18,13 +18,14 @@ two shards with interleaved times costs a sort of the whole.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from meds import birth_code as BIRTH_CODE
 
-from healthfm_core.data.batch_gather import ranges
+from healthfm_core.data.batch_gather import ranges, segment_searchsorted
 from healthfm_core.data.layout import PRS_PREFIX
 from healthfm_core.data.vocab import Vocabulary
 
@@ -106,12 +107,108 @@ class SubjectRuns:
         return offsets
 
 
+SECOND_US = 1_000_000
+_MAX_OFFSET = int(np.iinfo(np.uint32).max)
+
+
+@dataclass
+class RowTimes:
+    """Timed rows' times, kept as uint32 whole seconds after their segment's first row (a
+    segment: one subject's rows), read back as int64 microseconds exactly: 4 bytes a row where
+    int64 microseconds cost 8. Only for rows whose times are all whole seconds (MEDS exports of
+    EHR carry seconds or minutes) and whose segments each span under 136 years; `of` says None
+    otherwise and the rows keep int64 microseconds. Indexing (an int, a slice, an index array)
+    and `np.asarray` give int64 microseconds, as the array it replaces."""
+
+    starts: np.ndarray  # [segments + 1] int64 row bounds, starts[0] = 0
+    base: np.ndarray  # [segments] int64 microseconds: each segment's first (earliest) time
+    offset: np.ndarray  # [rows] uint32 seconds after the row's segment's base
+
+    @classmethod
+    def of(cls, time_us: np.ndarray, starts: np.ndarray) -> RowTimes | None:
+        """The rows' times (int64 microseconds, ascending within each segment) as RowTimes, or
+        None when they are not all whole seconds or a segment spans too long."""
+        starts = np.asarray(starts, np.int64)
+        if len(time_us) and np.any(time_us % SECOND_US):
+            return None
+        base = np.asarray(time_us[starts[:-1]], np.int64)
+        offset = time_us - np.repeat(base, np.diff(starts))
+        offset //= SECOND_US
+        if len(offset) and (int(offset.min()) < 0 or int(offset.max()) > _MAX_OFFSET):
+            return None
+        return cls(starts, base, offset.astype(np.uint32))
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.int64)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[0 : len(self)]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    @overload
+    def __getitem__(self, index: int | np.integer) -> np.int64: ...
+
+    @overload
+    def __getitem__(self, index: slice | np.ndarray | list[int]) -> np.ndarray: ...
+
+    def __getitem__(self, index: int | np.integer | slice | np.ndarray | list[int]) -> np.ndarray | np.int64:
+        if isinstance(index, slice):
+            a, b, step = index.indices(len(self))
+            if step != 1:
+                return self[np.arange(a, b, step)]
+            if b <= a:
+                return np.zeros(0, np.int64)
+            s0 = int(np.searchsorted(self.starts, a, side="right")) - 1
+            s1 = int(np.searchsorted(self.starts, b, side="left"))
+            bounds = np.clip(self.starts[s0 : s1 + 1], a, b)
+            out = self.offset[a:b].astype(np.int64)
+            out *= SECOND_US
+            out += np.repeat(self.base[s0:s1], np.diff(bounds))
+            return out
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (len(self) if int(index) < 0 else 0)
+            segment = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return np.int64(int(self.base[segment]) + int(self.offset[i]) * SECOND_US)
+        rows = np.asarray(index)
+        if rows.size == 0:  # an empty list indexes as an array does
+            return np.zeros(rows.shape, np.int64)
+        at = np.searchsorted(self.starts, rows, side="right") - 1
+        return self.base[at] + self.offset[rows].astype(np.int64) * SECOND_US
+
+
+def search_times(time_us: np.ndarray | RowTimes, start: np.ndarray, stop: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """segment_searchsorted over the timed rows: how many of a subject's rows (each range
+    time-sorted) are at or before a prediction time. On RowTimes ranges inside one segment each
+    are searched in their uint32 seconds, not read back: time <= key exactly when
+    offset <= floor((key - base) / 1 s)."""
+    if isinstance(time_us, RowTimes) and len(start) and len(time_us.base):
+        start, stop = np.asarray(start, np.int64), np.asarray(stop, np.int64)
+        segment = np.searchsorted(time_us.starts, start, side="right") - 1
+        segment = np.clip(segment, 0, len(time_us.base) - 1)
+        if np.all((stop <= start) | (stop <= time_us.starts[segment + 1])):
+            second = (np.asarray(keys, np.int64) - time_us.base[segment]) // SECOND_US
+            return segment_searchsorted(time_us.offset, start, stop, np.clip(second, -1, _MAX_OFFSET))
+    return segment_searchsorted(time_us, start, stop, keys)
+
+
+def kept_times(time_us: np.ndarray | RowTimes, runs: SubjectRuns) -> np.ndarray | RowTimes:
+    """The timed rows' times as a site keeps them: RowTimes over the subjects' runs where they
+    fit, int64 microseconds otherwise (the same rule however the rows were read)."""
+    if isinstance(time_us, RowTimes):
+        return time_us
+    return RowTimes.of(time_us, runs.starts) or time_us
+
+
 @dataclass
 class EventRows:
     """Rows of one shard (or a whole site, `RowSink.rows`), split by kind; ids are subject ids."""
 
     t_subject: SubjectRuns  # [timed] sorted by (subject, time)
-    t_time_us: np.ndarray  # [timed] int64
+    t_time_us: np.ndarray | RowTimes  # [timed] int64 microseconds (RowTimes from RowSink where they fit)
     t_codes: np.ndarray  # [timed] vocabulary ids, code_dtype
     t_values: np.ndarray  # [timed] float32 normalised (0 without a value)
     t_has_value: np.ndarray  # [timed] bool
@@ -257,6 +354,10 @@ class RowSink:
         self._arrays: dict[str, np.ndarray] = {}
         self._used = {"t": 0, "s": 0}
         self._runs: list[SubjectRuns] = []  # the timed rows' subjects, part by part
+        # Times as RowTimes (uint32 seconds after each part's subject runs' first row) while every
+        # part's fit; the first that does not turns them all into int64 microseconds.
+        self._compact_times = True
+        self._time_bases: list[np.ndarray] = []
         self._last: dict[str, int] = {}  # the last subject added, per kind
         self._rest: dict[str, list[np.ndarray]] = {name: [] for name in _REST}
         self._in_order = {"t": True, "s": True}  # parts so far by subject, none overlapping
@@ -280,6 +381,8 @@ class RowSink:
                 self._last[kind] = int(ids[-1])
             for name in names:
                 column = getattr(part, name)
+                if name == "t_time_us":
+                    column = self._time_column(part)
                 buffer = self._arrays.get(name)
                 if buffer is None or len(buffer) < at + k:
                     buffer = self._grow(buffer, at, max(self._capacity, 2 * at + k), column.dtype)
@@ -290,6 +393,31 @@ class RowSink:
         for name in _REST:
             self._rest[name].append(getattr(part, name))
         self._n_rows += part.n_rows
+
+    def _time_column(self, part: EventRows) -> np.ndarray:
+        """What the sink stores of a part's times: its RowTimes offsets while they fit."""
+        time_us = np.asarray(part.t_time_us, np.int64)
+        if self._compact_times:
+            kept = RowTimes.of(time_us, part.t_subject.starts)
+            if kept is not None:
+                self._time_bases.append(kept.base)
+                return kept.offset
+            stored = self._arrays.get("t_time_us")  # this part's do not fit: every part's in int64
+            if stored is not None:
+                before = np.asarray(self._stored_times(stored[: self._used["t"]], self._runs[:-1]))
+                self._arrays["t_time_us"] = self._grow(before, len(before), len(stored), np.dtype(np.int64))
+            self._compact_times = False
+        return time_us
+
+    def _stored_times(self, stored: np.ndarray, runs: list[SubjectRuns]) -> np.ndarray | RowTimes:
+        """The stored times of the parts of `runs`, as RowTimes (segments: each part's runs) or
+        int64 microseconds."""
+        if not self._compact_times:
+            return stored
+        lengths = [np.diff(r.starts) for r in runs]
+        starts = np.r_[0, np.cumsum(np.concatenate(lengths))] if lengths else np.zeros(1)
+        bases = np.concatenate(self._time_bases) if self._time_bases else np.zeros(0, np.int64)
+        return RowTimes(starts.astype(np.int64), bases, stored)
 
     @staticmethod
     def _grow(buffer: np.ndarray | None, used: int, size: int, dtype: np.dtype) -> np.ndarray:
@@ -324,10 +452,14 @@ class RowSink:
         """Every row added, in the order the module docstring spells (the sink is consumed)."""
         if not self._arrays:
             raise ValueError("RowSink.rows: no part was added")
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Any] = {}
         t_runs = SubjectRuns.join(self._runs)
-        if not self._in_order["t"]:  # rows to re-sort: only they need a subject per row
+        times = self._stored_times(self._arrays.pop("t_time_us")[: self._used["t"]], self._runs)
+        if self._in_order["t"]:  # each part's runs are the site's: the times are kept as they are
+            out["t_time_us"] = times
+        else:  # rows to re-sort: only they need a subject and a time per row
             self._arrays["t_subject"] = t_runs.per_row()
+            self._arrays["t_time_us"] = np.asarray(times)
         for kind, names in (("t", _TIMED), ("s", _STATIC)):
             if self._in_order[kind]:
                 out.update({name: self._arrays.pop(name)[: self._used[kind]] for name in names if name in self._arrays})
@@ -338,8 +470,21 @@ class RowSink:
         for name in _TIMED if order is not None else ():
             out[name] = out[name][order]  # column by column: one copy at a time
         subjects = t_runs if self._in_order["t"] else SubjectRuns.of(out.pop("t_subject"))
+        out["t_time_us"] = kept_times(out["t_time_us"], subjects)
         rest = {name: np.concatenate(parts) for name, parts in self._rest.items()}
         return EventRows(t_subject=subjects, **out, **rest, n_rows=self._n_rows)
 
 
-__all__ = ["NO_TIME", "EventRows", "RowSink", "SubjectRuns", "code_dtype", "shard_rows", "to_us", "us_arrow"]
+__all__ = [
+    "NO_TIME",
+    "SECOND_US",
+    "EventRows",
+    "RowSink",
+    "RowTimes",
+    "SubjectRuns",
+    "kept_times",
+    "code_dtype",
+    "shard_rows",
+    "to_us",
+    "us_arrow",
+]

@@ -68,7 +68,17 @@ from healthfm_core.data.batch_gather import (
     segment_searchsorted,
 )
 from healthfm_core.data.code_slots import CHUNK_ROWS, code_slots, sorted_slot_chunks
-from healthfm_core.data.event_rows import EventRows, RowSink, SubjectRuns, shard_rows, to_us, us_arrow
+from healthfm_core.data.event_rows import (
+    EventRows,
+    RowSink,
+    RowTimes,
+    SubjectRuns,
+    kept_times,
+    search_times,
+    shard_rows,
+    to_us,
+    us_arrow,
+)
 from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order, run_values
 from healthfm_core.data.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
@@ -88,7 +98,7 @@ _NO_TIME = NO_TIME  # int64 max: no time (static rows, subjects without one)
 
 
 def _bucket_starts(
-    subject: np.ndarray | SubjectRuns, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+    subject: np.ndarray | SubjectRuns, time_us: np.ndarray | RowTimes, window_days: float, chunk_rows: int = CHUNK_ROWS
 ) -> np.ndarray:
     """Whether each timed row (rows sorted by subject, then time) starts a token: the subject
     changes or the row leaves its bucket. A bucket is one exact timestamp (window 0) or [k, k+1)
@@ -117,7 +127,7 @@ def _bucket_starts(
     return new
 
 
-def token_buckets(subject: np.ndarray | SubjectRuns, time_us: np.ndarray, window_days: float) -> np.ndarray:
+def token_buckets(subject: np.ndarray | SubjectRuns, time_us: np.ndarray | RowTimes, window_days: float) -> np.ndarray:
     """Token ordinal of each timed row (rows sorted by subject, then time): consecutive integers,
     a new one where `_bucket_starts` says a token starts."""
     bucket = np.cumsum(_bucket_starts(subject, time_us, window_days), dtype=np.int64)
@@ -126,7 +136,7 @@ def token_buckets(subject: np.ndarray | SubjectRuns, time_us: np.ndarray, window
 
 
 def bucket_offsets(
-    subject: np.ndarray | SubjectRuns, time_us: np.ndarray, window_days: float, chunk_rows: int = CHUNK_ROWS
+    subject: np.ndarray | SubjectRuns, time_us: np.ndarray | RowTimes, window_days: float, chunk_rows: int = CHUNK_ROWS
 ) -> np.ndarray:
     """CSR offsets [n_buckets + 1] of the tokens `token_buckets` numbers: the rows of bucket k are
     offsets[k]:offsets[k + 1]. What a site keeps instead of a per-row ordinal (8 bytes a row)."""
@@ -180,7 +190,7 @@ def _pooled_entries(
     codes: np.ndarray,
     values: np.ndarray,
     has_value: np.ndarray,
-    time_us: np.ndarray,
+    time_us: np.ndarray | RowTimes,
     priority: np.ndarray,
 ) -> PooledEntries:
     """Every group's tokens pooled once, uncapped (rows grouped as CSR `offsets`, sorted by time
@@ -192,8 +202,7 @@ def _pooled_entries(
     end = 0
     for a, g0, g1, kept, tk in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority):
         stop = end + len(kept)
-        out_rows[end:stop] = kept
-        out_rows[end:stop] += a
+        out_rows[end:stop] = kept + a
         counts[g0:g1] = np.bincount(tk - g0, minlength=g1 - g0)
         end = stop
     pooled = np.zeros(n_groups + 1, np.int64)
@@ -280,7 +289,7 @@ class SiteSequences:
 
         # ---- Timed events, sorted by (subject, time) (EventRows keeps them so), CSR offsets.
         self.ev_offsets = rows.t_subject.offsets_in(self.subject_ids)
-        self.ev_time_us = rows.t_time_us
+        self.ev_time_us = kept_times(rows.t_time_us, rows.t_subject)
         self.ev_codes = rows.t_codes
         self.ev_values = rows.t_values
         self.ev_has_value = rows.t_has_value
@@ -290,7 +299,7 @@ class SiteSequences:
         self._bucket_rows = (
             np.arange(len(rows.t_time_us) + 1, dtype=np.int64)
             if self.per_event
-            else bucket_offsets(rows.t_subject, rows.t_time_us, self.token_window_days)
+            else bucket_offsets(rows.t_subject, self.ev_time_us, self.token_window_days)
         )
         # Cap priority: rarer codes (fewer events federation-wide) first, UNK and specials last.
         self.code_priority = np.full(vocab.vocab_size, np.iinfo(np.int64).max, dtype=np.int64)
@@ -647,7 +656,7 @@ class SiteSequences:
         # EHR tokens: the static token, then the last buckets up to the visible row (`_tokens`).
         n_static = ((self.st_offsets[idx + 1] > self.st_offsets[idx]) & (max_events >= 1)).astype(np.int64)
         a, b = self.ev_offsets[idx], self.ev_offsets[idx + 1]
-        visible = segment_searchsorted(self.ev_time_us, a, b, pt)
+        visible = search_times(self.ev_time_us, a, b, pt)
         n_timed = max_events - n_static
         b_first = np.zeros(B, np.int64)
         b_end = np.zeros(B, np.int64)
