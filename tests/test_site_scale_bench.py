@@ -33,7 +33,9 @@ def test_every_stage_runs_and_the_cache_is_reused(tmp_path: Path) -> None:
         assert list(rows) == STAGES, lines[start : start + 2 + len(STAGES)]
         for line in rows.values():
             assert "failed" not in line and "killed" not in line, line
-            assert float(line.split()[4].replace(",", "")) > 0, line  # a peak RSS in MiB
+            assert float(line.split()[6].replace(",", "")) > 0, (
+                line
+            )  # a peak RSS in MiB (stage, s, cpu s, per row, x raw, x cpu, RSS)
         assert "errors 0" in rows["check"]
     assert "targets (issue 28)" in first
     assert "generated hospital site at 60 subjects" in first and "generated wearables site at 30" in first
