@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling data_pipeline ("benchmarks" is taken)
 
-from data_pipeline import raw_read_seconds  # noqa: E402
+from data_pipeline import raw_read_times  # noqa: E402
 
 from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.site import open_site  # noqa: E402
@@ -86,8 +86,8 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
     if name == "base":
         t, cpu = time.perf_counter(), time.process_time()
     elif name == "raw":
-        seconds, rows = raw_read_seconds(root)
-        return {"seconds": seconds, "cpu": time.process_time() - cpu, "rows": rows}
+        seconds, cpu, rows = raw_read_times(root)
+        return {"seconds": seconds, "cpu": cpu, "rows": rows}
     elif name == "check":
         t, cpu = time.perf_counter(), time.process_time()
         report = check_site(root)
