@@ -35,8 +35,9 @@ DEPLOY_DOORS = {
     "server.coordinator": {"server.deploy.coordinator"},
     # the ServerApp applies the server's Flower patch as its process starts
     "server.server_app": {"server.deploy.flower_patches"},
-    # admission reads the coordinator's site registry
+    # admission reads the coordinator's site registry (pretraining's roster, the task head's sites)
     "server.roster": {"server.deploy.registry"},
+    "server.head_app": {"server.deploy.registry"},
 }
 
 
