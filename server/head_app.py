@@ -71,6 +71,7 @@ from healthfm_core.head_messages import (
 )
 from healthfm_core.release import load_release
 from server.config import PrivacyRequest
+from server.deploy.flower_patches import set_reply_pull_backoff
 from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
 from server.head_average import fedavg_heads
 from server.runlog import EventLog
@@ -444,6 +445,7 @@ def make_head_server_app(config: HeadRunConfig | None = None, fit: FitHeads | No
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        set_reply_pull_backoff()  # as the pretraining's ServerApp: a round waits no 1-2 s backoff for its replies
         cfg = config if config is not None else HeadRunConfig.from_run_config(context.run_config)
         cfg = cfg.model_copy(update={"run_id": context.run_id})
         handler = _log_to_file(cfg.out_dir)

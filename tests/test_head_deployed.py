@@ -42,7 +42,8 @@ pytestmark = pytest.mark.slow
 
 KEY = "onset_hypertension_365d"
 UNAPPROVED = "genomics"  # approved the pretraining's bundle only
-ROUNDS = 30
+ROUNDS = 20
+C_GRID = (0.1, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,7 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
         out = tmp_path / "heads"
         result = run_coordinator(
             "head", str(federation.root), "--model", str(model), "--keys", KEY, "--rounds", str(ROUNDS),
+            "--c-grid", *map(str, C_GRID),
             "--stage-timeout", "300", "--out", str(out), timeout=1800,
         )  # fmt: skip
     finally:
@@ -134,7 +136,7 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
         if isinstance(got := rows.keys.get(KEY), SiteSplits):
             splits[rows.site] = got
     assert splits and fitted["train_rows"] == {s: len(v.y_train) for s, v in splits.items()}
-    expected, _ = fit_federated_logistic(splits, rounds=ROUNDS)
+    expected, _ = fit_federated_logistic(splits, C_GRID, ROUNDS)
     head = load_head(fitted["head"])
     assert head.meta.regularisation == expected.c
     np.testing.assert_allclose(head.probe.weight, expected.weight, rtol=0, atol=1e-9)
