@@ -73,6 +73,7 @@ from healthfm_core.release import load_release
 from server.config import PrivacyRequest
 from server.deploy.flower_patches import set_reply_pull_backoff
 from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
+from server.exchange import send_and_receive
 from server.head_average import fedavg_heads
 from server.runlog import EventLog
 
@@ -208,7 +209,8 @@ class FlowerSites:
         ]
         out: dict[int, Any] = {}
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s):
+        # server/exchange.py's: deployed, Flower's HttpGrid pauses 3 s between pulls (3 s a round).
+        for reply in send_and_receive(self.grid, messages, self.timeout_s):
             node = reply.metadata.src_node_id
             who = self._who(node)
             if node not in flat or node in answered:
