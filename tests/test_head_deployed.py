@@ -2,8 +2,9 @@
 nginx) and three SuperNodes started with `client.py join` on 127.0.0.1, each holding the release
 and its `client.py embed` file in its node config. The head's own app bundle is approved at two
 sites; the third approved only the pretraining's bundle and its app guard refuses the head's.
-The heads written equal the one-process federated head on the two sites' rows (slow: a two-round
-pretraining run in this process, then the real processes)."""
+The heads written equal the one-process federated head on the two sites' rows; DP asked of sites
+without a DP budget is refused at each site, and no head is written (slow: a two-round pretraining
+run in this process, then the real processes)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,13 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     site_policy,
     superlink,
 )
-from flwr.supercore.task_identity import TaskIdentity
-from test_hardening import InProcessGrid, fed_config, tiny_nodes
+from test_release_federation import run  # noqa: F401 - the fixture: a two-round run and its release
 
 from client.client import main as client_main
 from client.head_rows import load_head_rows
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.saved_head import load_head
-from server.deploy.coordinator import main as coordinator_main
 from server.deploy.provision import FederationPaths
-from server.server_app import FederationServer
 from simulations.federated_head_run import head_node_configs
 
 pytestmark = pytest.mark.slow
@@ -47,27 +45,13 @@ C_GRID = (0.1, 1.0)
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], Path, dict[str, Path]]:
-    """The tiny scenario's sites, a two-round run's release, and each site's embed file."""
-    tmp = tmp_path_factory.mktemp("released")
-    manifest, nodes = tiny_nodes(tmp)
-    for node in nodes.values():  # 30-subject sites: a held-out positive is enough (mechanics, not a floor)
-        node["min-report-positives"] = 1
-    cfg = fed_config(
-        tmp / "run", local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=3,
-        vocab_min_subjects=5, eval_n_boot=10, timeout_s=60, rounds=2,
-    )  # fmt: skip
-    mp = pytest.MonkeyPatch()  # what Flower sets in a ServerApp process
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        mp.setattr(TaskIdentity, name, value)
-    try:
-        FederationServer(InProcessGrid(nodes), cfg, run_id=1).run()
-    finally:
-        mp.undo()
-    model = tmp / "model"
-    assert coordinator_main(["release", str(tmp), "--run", str(tmp / "run"), "--out", str(model)]) == 0
-    roots = {s.name: Path(s.root) for s in manifest.sites}
+def released(run, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], Path, dict[str, Path]]:
+    """The tiny scenario's sites, a two-round run's release (test_release_federation's), and each
+    site's embed file."""
+    _, nodes, model = run
+    roots = {n["site-name"]: Path(n["site-root"]) for n in nodes.values()}
     assert set(roots) == set(SITES)
+    tmp = tmp_path_factory.mktemp("embeddings")
     embs = {}
     for site, root in roots.items():
         embs[site] = tmp / f"emb-{site}.parquet"
@@ -117,6 +101,12 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
             "--c-grid", *map(str, C_GRID),
             "--stage-timeout", "300", "--out", str(out), timeout=1800,
         )  # fmt: skip
+        # DP asked of sites whose policy holds no DP budget: each refuses its first round, no head.
+        dp_out = tmp_path / "dp-heads"
+        dp = run_coordinator(
+            "head", str(federation.root), "--model", str(model), "--keys", KEY, "--rounds", "1", "--c-grid", "1",
+            "--dp-noise-multiplier", "1.0", "--stage-timeout", "300", "--out", str(dp_out), timeout=1800,
+        )  # fmt: skip
     finally:
         for proc in procs.values():
             proc.stop()
@@ -144,6 +134,13 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
     rounds = [json.loads(ln) for ln in (out / "head_rounds.jsonl").read_text().splitlines()]
     assert rounds and all(set(r["sites"]) == set(splits) for r in rounds)
     assert "federated head: C=" in (out / "head.log").read_text()
+    assert dp.returncode == 1, dp.stdout + dp.stderr
+    dp_summary = json.loads((dp_out / "heads.json").read_text())
+    assert dp_summary["privacy"]["noise_multiplier"] == 1.0 and "head" not in dp_summary["heads"][KEY]
+    refused = dp_summary["heads"][KEY]["refused"]
+    assert set(refused) == set(splits) and all(r["stage"] == "train.head" for r in refused.values())
+    assert all(r["refused"].startswith("DP refused: ") for r in refused.values()), refused
+    assert not (dp_out / "heads").exists()
     # A site applies the saved head with `client.py predict --head`.
     site = approving[0]
     pq.write_table(pq.read_table(embs[site]).select(["subject_id", "prediction_time"]).slice(0, 5), tmp_path / "rows.parquet")  # fmt: skip

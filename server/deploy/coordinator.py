@@ -111,7 +111,7 @@ from server.head_app import SUMMARY_FILE, HeadRunConfig, head_keys
 from server.head_options import add_head_dp_args, head_dp_config
 from server.outcome import RunOutcome, read_outcome, settle_outcome
 from server.release import RunNotReleasable, release_run
-from server.run_claim import OutDirInUse, claim_for_launch, process_start, release, set_run_id
+from server.run_claim import Holder, OutDirInUse, claim_for_launch, process_start, release, set_run_id
 
 log = logging.getLogger("healthfm.coordinator")
 
@@ -634,12 +634,7 @@ def cmd_head(args: argparse.Namespace) -> int:
     if not keys:
         raise CoordinatorError(f"no label key to fit: give --tasks or --keys (the release {model} names no task)", EXIT_USAGE)  # fmt: skip
     out_dir = cfg.out_dir
-    try:  # the out-dir is this run's alone while it runs (server/run_claim.py)
-        claim, stale = claim_for_launch(out_dir, _run_live(paths))
-    except OutDirInUse as err:
-        raise CoordinatorError(str(err), EXIT_USAGE) from None
-    if stale is not None:
-        print(f"note: out-dir {out_dir} was claimed by {stale.describe()}, which is gone: taking it over", flush=True)
+    claim = _claim_out_dir(paths, out_dir)
     try:
         app_dir = write_head_app(paths)
         print(
@@ -756,17 +751,23 @@ def _run_config_file(paths: FederationPaths, run_config: dict[str, str | int | f
     return write_flat_toml(name, run_config)
 
 
-def _launch(
-    paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace, resumed: bool
-) -> int:
-    check_run_config(run_config)
-    out_dir = Path(str(run_config["out-dir"]))
-    try:  # the out-dir is this run's alone (server/run_claim.py), before anything starts
+def _claim_out_dir(paths: FederationPaths, out_dir: Path) -> Holder:
+    """Claim out_dir for a run before anything starts (server/run_claim.py): it is the run's alone."""
+    try:
         claim, stale = claim_for_launch(out_dir, _run_live(paths))
     except OutDirInUse as err:
         raise CoordinatorError(str(err), EXIT_USAGE) from None
     if stale is not None:
         print(f"note: out-dir {out_dir} was claimed by {stale.describe()}, which is gone: taking it over", flush=True)
+    return claim
+
+
+def _launch(
+    paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace, resumed: bool
+) -> int:
+    check_run_config(run_config)
+    out_dir = Path(str(run_config["out-dir"]))
+    claim = _claim_out_dir(paths, out_dir)
     try:
         app_dir = write_app(paths)
         if not run_config.get("registry"):  # only the registered sites take part (server.deploy.registry)
@@ -1091,6 +1092,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", action="store_true", help="the federated task head's bundle (what `head` ships)")
     p.set_defaults(func=cmd_bundle)
 
+    def wait_limits(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the run")
+        q.add_argument(
+            "--unreachable-grace",
+            type=float,
+            default=120.0,
+            help="seconds to keep retrying a SuperLink that does not answer while waiting (then exit 5)",
+        )
+
     def run_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out-dir", required=True, help="where the ServerApp writes logs and checkpoints")
         q.add_argument("--rounds", type=int)
@@ -1108,13 +1118,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="wait until the run finishes; exit 0 only if it completed with every site "
             "(1 failed, 4 a site was lost, 5 the SuperLink stopped answering)",
         )
-        q.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
-        q.add_argument(
-            "--unreachable-grace",
-            type=float,
-            default=120.0,
-            help="seconds --wait keeps retrying a SuperLink that does not answer (then exit 5)",
-        )
+        wait_limits(q)
 
     p = sub.add_parser("launch", help="start a run")
     connection_options(p)
@@ -1159,13 +1163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-sites", type=int, default=None, help="sites connected before the first stage (default: the registry's)"
     )
     p.add_argument("--stage-timeout", type=float, default=600.0, help="seconds each stage waits for the sites' replies")
-    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the run")
-    p.add_argument(
-        "--unreachable-grace",
-        type=float,
-        default=120.0,
-        help="seconds to keep retrying a SuperLink that does not answer (then exit 5)",
-    )
+    wait_limits(p)
     add_head_dp_args(p)
     p.set_defaults(func=cmd_head)
     return parser
