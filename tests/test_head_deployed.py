@@ -34,6 +34,7 @@ from client.head_rows import load_head_rows
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.saved_head import load_head
 from server.deploy.provision import FederationPaths
+from server.head_app import HeadRunConfig, fit_heads
 from simulations.federated_head_run import head_node_configs
 
 pytestmark = pytest.mark.slow
@@ -148,3 +149,14 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
     argv += ["--no-progress", "--head", fitted["head"], "--prediction-times", str(tmp_path / "rows.parquet")]
     assert client_main([*argv, "--out", str(tmp_path / "pred.parquet")]) == 0
     assert pq.read_table(tmp_path / "pred.parquet").num_rows == 5
+
+
+def test_the_head_server_app_refuses_a_release_that_changed_since_the_launch(released, tmp_path: Path) -> None:
+    """The run config carries the setup hash `coordinator head` read; a ServerApp that loads
+    another release from that folder stops before any message, naming both."""
+    _, model, _ = released
+    cfg = HeadRunConfig(model=model, out_dir=tmp_path, setup_sha256="0" * 64)
+    with pytest.raises(
+        ValueError, match=r"has setup [0-9a-f]{12}\.\.\., the run config's setup-sha256 is 000000000000"
+    ):
+        fit_heads(None, cfg)  # type: ignore[arg-type]  # refused before the grid is used
