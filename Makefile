@@ -106,7 +106,8 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_influence.py::test_real_sites_one_under_dp_over_int8_are_never_rejected \
 	tests/test_faults.py::test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind \
 	tests/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
-	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical
+	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical \
+	tests/test_head_deployed.py
 
 test-slow-ci: setup
 	$(PY) -m pytest -q -m slow $(SLOW_CI)

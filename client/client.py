@@ -382,7 +382,7 @@ def _probe(args: argparse.Namespace) -> int:
     release, runtime = _use_release(args)
     cfg = eval_config(release, args.tasks, args.max_subjects)
     out = Path(args.out) if args.out else Path(f"probe-{runtime.name}")
-    result = probe_at_site(runtime, release, cfg, out, runtime.name)
+    result = probe_at_site(runtime, release, cfg, out, runtime.name, progress=_progress(args))
     print(result.report.read_text(encoding="utf-8"))
     print(f"report, heads, predictions and plots in {out}")
     return EXIT_OK if result.reply.tasks else EXIT_INVALID

@@ -211,11 +211,19 @@ class ProbeResult:
 
 
 def probe_at_site(
-    runtime: SiteRuntime, release: ModelRelease, cfg: EvalConfig, out_dir: Path, site_name: str
+    runtime: SiteRuntime,
+    release: ModelRelease,
+    cfg: EvalConfig,
+    out_dir: Path,
+    site_name: str,
+    progress: bool = False,
 ) -> ProbeResult:
     """The evaluation's probes on this site (SiteRuntime.evaluate_tasks with the release's model),
-    each head saved, a report and reliability plots under out_dir."""
-    result = runtime.evaluate_tasks(release.setup, release.model, cfg, out_dir=out_dir / "predictions")
+    each head saved, a report and reliability plots under out_dir; `progress`: bars for the
+    embedding and the fits."""
+    result = runtime.evaluate_tasks(
+        release.setup, release.model, cfg, out_dir=out_dir / "predictions", progress=progress
+    )
     heads = {
         key: save_head(
             out_dir / "heads" / f"{key}.json", key, probe, release.setup.sha256, cfg.max_events, cfg.max_patches

@@ -585,13 +585,15 @@ class SiteRuntime:
         sampled: bool = True,
         reuse_patches: bool = True,
         shared_passes: bool = True,
+        progress: bool = False,
     ) -> SiteTaskResults:
         """evaluate_site_tasks on this site with `cfg`'s settings: the one place a runtime's data,
         splits, minimum and eval directory meet a request. `labels` default to self.labels(cfg);
         `sampled` False evaluates without a subject sample, `reuse_patches` False encodes every
         patch where asked and `shared_passes` False runs one forward pass per row (all three: the
         straightforward paths tests and benchmarks compare against); `out_dir` defaults to
-        eval_dir() (None: scored in memory, nothing written)."""
+        eval_dir() (None: scored in memory, nothing written); `progress`: bars for the embedding
+        and the fits."""
         return evaluate_site_tasks(
             self.name,
             self.site,
@@ -615,6 +617,7 @@ class SiteRuntime:
             sample=self.eval_sample(cfg) if sampled else None,
             shared_passes=shared_passes,
             min_positives=self.min_report_positives,
+            progress=progress,
         )
 
     def _split_lookup(self):

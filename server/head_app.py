@@ -42,9 +42,10 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from healthfm_core.data.task_spec import resolve_tasks
+from healthfm_core.data.token_settings import one_line_error
 from healthfm_core.eval.federated_head import FederatedHeadResult, SiteHead, run_federated_head
 from healthfm_core.eval.head_site import SiteStats
 from healthfm_core.eval.probes import DEFAULT_C_GRID, Standardizer
@@ -70,6 +71,9 @@ from healthfm_core.head_messages import (
 )
 from healthfm_core.release import load_release
 from server.config import PrivacyRequest
+from server.deploy.flower_patches import set_reply_pull_backoff
+from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
+from server.exchange import send_and_receive
 from server.head_average import fedavg_heads
 from server.runlog import EventLog
 
@@ -101,6 +105,49 @@ class HeadRunConfig(BaseModel):
     # site's policy still rules (healthfm_core/privacy/head.py).
     privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
     dp_batch_size: int = Field(default=64, ge=1)  # expected subjects per DP step at each site
+    # Deployed (`coordinator head`): the release's setup hash the coordinator read, which the
+    # ServerApp's release must still have (""/None: not checked); the coordinator's site registry
+    # (server/deploy/registry.py: only its nodes take part, named by it); the Flower run id.
+    setup_sha256: str | None = None
+    registry: Path | None = None
+    run_id: int | None = None
+
+    def to_run_config(self) -> dict[str, str | int | float | bool]:
+        """This config as a Flower run config (flat, kebab-case; lists comma-separated; "" or 0
+        for an unset field); from_run_config reads it back. `run_id` is Flower's, never sent."""
+        flat: dict[str, str | int | float | bool] = {}
+        for name, value in self.model_dump(mode="json", exclude={"run_id", "privacy"}).items():
+            key = name.replace("_", "-")
+            if isinstance(value, list):
+                flat[key] = ",".join(str(v) for v in value)
+            else:
+                flat[key] = "" if value is None else value
+        for name, value in self.privacy.model_dump(mode="json").items():
+            flat[f"privacy-{name.replace('_', '-')}"] = 0.0 if value is None else value
+        return flat
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> HeadRunConfig:
+        """The deployed head's config from Flower's run config (to_run_config's format);
+        ValueError naming the field and value."""
+        data: dict[str, Any] = {}
+        privacy: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name.startswith("privacy_"):
+                if value not in (0, ""):  # a run config holds no null: 0 leaves it unset
+                    privacy[name[len("privacy_") :]] = value
+            elif name in ("tasks", "keys", "c_grid"):
+                items = [v.strip() for v in str(value).split(",") if v.strip()]
+                data[name] = items if items or name == "tasks" else None
+            elif value != "" or name not in ("setup_sha256", "registry"):
+                data[name] = value
+        if data.get("c_grid") is None:
+            data.pop("c_grid", None)
+        try:
+            return cls.model_validate({**data, "privacy": PrivacyRequest.model_validate(privacy)})
+        except ValidationError as err:
+            raise ValueError(one_line_error(err, "invalid head run config")) from None
 
     def planned_dp_steps(self) -> int:
         """Every train.head round's local steps over the C grid: the steps a target epsilon spans."""
@@ -133,11 +180,17 @@ class FlowerSites:
         timeout_s: float,
         dp: Mapping[str, Any] | None = None,
         rounds_log: Path | None = None,
+        registry: SiteRegistry | None = None,
     ) -> None:
         self.grid, self.task, self.width, self.timeout_s = grid, task, width, timeout_s
+        # Deployed: the coordinator's registry (None: every connected node takes part, by its own name).
+        self.registry = registry
         self.dp = dict(dp or {})  # HeadRoundRequest's DP fields (HeadRunConfig.dp_fields)
         self.rounds_log = rounds_log  # one JSON line per train.head round (each site's epsilon)
         self.refused: dict[str, dict[str, Any]] = {}  # site -> its refusal (stage, reason, epsilon)
+        # site (or "node N") -> the stage and the error it answered (e.g. its app guard's refusal of
+        # an unapproved bundle, a node config without the release), or "no reply".
+        self.errors: dict[str, dict[str, str]] = {}
         self.epsilon: dict[str, dict[str, float]] = {}  # site -> its latest cumulative epsilon and delta
         self.names: dict[int, str] = {}  # node id -> site name, the sites taking part
         self.counts: dict[int, int] = {}  # node id -> train rows (as sent in its stats)
@@ -156,15 +209,17 @@ class FlowerSites:
         ]
         out: dict[int, Any] = {}
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s):
+        # server/exchange.py's: deployed, Flower's HttpGrid pauses 3 s between pulls (3 s a round).
+        for reply in send_and_receive(self.grid, messages, self.timeout_s):
             node = reply.metadata.src_node_id
-            who = self.names.get(node, f"node {node}")
+            who = self._who(node)
             if node not in flat or node in answered:
                 log.warning("head %s: %s: an unasked or repeated reply to %s ignored", self.task.key, who, message_type)
                 continue
             answered.add(node)
             if reply.has_error():
                 log.warning("head %s: %s: error on %s: %s", self.task.key, who, message_type, reply.error.reason)
+                self.errors[who] = {"stage": message_type, "error": str(reply.error.reason)}
                 self._drop(node)
                 continue
             record = reply.content.config_records.get(HEAD_RECORD)
@@ -183,11 +238,15 @@ class FlowerSites:
                 continue
             out[node] = parsed
         for node in sorted(set(flat) - answered):
-            log.warning(
-                "head %s: %s: no reply to %s", self.task.key, self.names.get(node, f"node {node}"), message_type
-            )
+            log.warning("head %s: %s: no reply to %s", self.task.key, self._who(node), message_type)
+            self.errors[self._who(node)] = {"stage": message_type, "error": "no reply"}
             self._drop(node)
         return out
+
+    def _who(self, node: int) -> str:
+        """The node's site: the name it took part under, else its registered one, else "node N"."""
+        registered = self.registry.by_node() if self.registry is not None else {}
+        return self.names.get(node) or registered.get(node) or f"node {node}"
 
     def _drop(self, node: int) -> None:
         self.names.pop(node, None)
@@ -200,6 +259,10 @@ class FlowerSites:
 
     def stats(self) -> dict[str, SiteStats]:
         nodes = sorted(self.grid.get_node_ids())
+        if self.registry is not None:  # a node the coordinator did not register gets nothing
+            nodes, unknown = admit(nodes, self.registry)
+            for node in unknown:
+                log.warning("head %s: node %d is not in the coordinator's registry: left out", self.task.key, node)
         got = self._ask(MSG_STATS, {n: self.task.to_flat() for n in nodes}, HeadStats)
         settings = {(s.max_events, s.max_patches) for s in got.values()}
         if len(settings) > 1:  # a head is saved with one embedding setting: the most common one
@@ -210,6 +273,12 @@ class FlowerSites:
                     del got[node]
         seen: set[str] = set()
         for node, s in sorted(got.items()):
+            mismatch = name_mismatch(node, s.site, self.registry) if self.registry is not None else None
+            if mismatch:  # the registry binds a key to a name (server/deploy/registry.py)
+                log.warning("head %s: %s: left out", self.task.key, mismatch)
+                self.errors[self._who(node)] = {"stage": MSG_STATS, "error": mismatch}
+                del got[node]
+                continue
             name = s.site if s.site not in seen else f"{s.site}@{node}"
             seen.add(name)
             self.names[node], self.counts[node] = name, s.n
@@ -288,8 +357,14 @@ def fit_head_on(sites: FlowerSites, cfg: HeadRunConfig) -> FederatedHeadResult:
 
 def fit_head(grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig) -> tuple[FederatedHeadResult, FlowerSites]:
     """One key's federated head over the grid's sites (ValueError: no head, e.g. no site takes part)."""
-    sites = FlowerSites(grid, task, width, cfg.timeout_s, cfg.dp_fields(), Path(cfg.out_dir) / ROUNDS_FILE)
+    sites = head_sites(grid, task, width, cfg)
     return fit_head_on(sites, cfg), sites
+
+
+def head_sites(grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig) -> FlowerSites:
+    """The sites of one key's head under `cfg` (its DP, its rounds log, its registry if any)."""
+    registry = read_registry(cfg.registry) if cfg.registry is not None else None
+    return FlowerSites(grid, task, width, cfg.timeout_s, cfg.dp_fields(), Path(cfg.out_dir) / ROUNDS_FILE, registry)
 
 
 def privacy_summary(cfg: HeadRunConfig) -> dict[str, Any]:
@@ -306,6 +381,11 @@ def privacy_summary(cfg: HeadRunConfig) -> dict[str, Any]:
 def fit_heads(grid: Grid, cfg: HeadRunConfig) -> dict[str, Path]:
     """Every asked key's federated head, saved under OUT/heads; returns key -> head file."""
     release = load_release(cfg.model)
+    if cfg.setup_sha256 and release.setup.sha256 != cfg.setup_sha256:
+        raise ValueError(
+            f"the release {cfg.model} has setup {release.setup.sha256[:12]}..., the run config's setup-sha256 is "
+            f"{cfg.setup_sha256[:12]}... (the folder changed since the head was launched)"
+        )
     evaluation = release.meta.evaluation
     keys = head_keys(cfg, evaluation.tasks if evaluation is not None else [])
     return fit_keys(grid, cfg, release.setup.sha256, release.setup.model.d_model, keys)
@@ -317,17 +397,17 @@ def fit_keys(grid: Grid, cfg: HeadRunConfig, sha: str, width: int, keys: Sequenc
     log.info("federated heads of release %s (setup %s...): keys %s, %d site(s) connected", cfg.model, sha[:12], keys, len(nodes))  # fmt: skip
     out: dict[str, Path] = {}
     log.info("head privacy: %s", cfg.privacy.describe())
-    summary: dict[str, Any] = {"release": str(cfg.model), "setup_sha256": sha, "heads": {}, "privacy": privacy_summary(cfg)}  # fmt: skip
+    summary: dict[str, Any] = {"release": str(cfg.model), "setup_sha256": sha, "run_id": cfg.run_id, "heads": {}, "privacy": privacy_summary(cfg)}  # fmt: skip
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / ROUNDS_FILE).unlink(missing_ok=True)
     for key in keys:
         task = HeadTask(setup_sha256=sha, tasks=cfg.tasks, key=key)
-        sites = FlowerSites(grid, task, width, cfg.timeout_s, cfg.dp_fields(), Path(cfg.out_dir) / ROUNDS_FILE)
+        sites = head_sites(grid, task, width, cfg)
         try:
             result = fit_head_on(sites, cfg)
         except ValueError as err:
             log.warning("head %s: not fitted: %s", key, err)
-            summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "epsilon": sites.epsilon}
+            summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "errors": sites.errors, "epsilon": sites.epsilon}  # fmt: skip
             continue
         path = Path(cfg.out_dir) / HEADS_DIR / f"{key}.json"
         out[key] = save_head(path, key, result.probe, sha, sites.max_events, sites.max_patches)
@@ -338,6 +418,7 @@ def fit_keys(grid: Grid, cfg: HeadRunConfig, sha: str, width: int, keys: Sequenc
             "tuning_by_c": {str(c): v for c, v in result.tuning.items()},
             "train_rows": result.train_rows,
             "refused": sites.refused,  # site -> the stage it refused, why (and its epsilon under DP)
+            "errors": sites.errors,  # site (or "node N") -> the stage it answered with an error, the error
             "epsilon": sites.epsilon,  # site -> its cumulative epsilon and delta after its last round
         }
         log.info("head %s: written to %s (C=%g, sites %s)", key, path, result.probe.c, sorted(result.train_rows))
@@ -359,15 +440,22 @@ def _log_to_file(out_dir: Path) -> logging.Handler:
 FitHeads = Callable[[Grid, HeadRunConfig], Mapping[str, Path]]
 
 
-def make_head_server_app(config: HeadRunConfig, fit: FitHeads | None = None) -> ServerApp:
-    """The head's ServerApp for `config` (`fit`: default fit_heads)."""
+def make_head_server_app(config: HeadRunConfig | None = None, fit: FitHeads | None = None) -> ServerApp:
+    """The head's ServerApp for `config` (None, deployed: from the run config `coordinator head`
+    sends; `fit`: default fit_heads)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        handler = _log_to_file(config.out_dir)
+        set_reply_pull_backoff()  # as the pretraining's ServerApp: a round waits no 1-2 s backoff for its replies
+        cfg = config if config is not None else HeadRunConfig.from_run_config(context.run_config)
+        cfg = cfg.model_copy(update={"run_id": context.run_id})
+        handler = _log_to_file(cfg.out_dir)
         try:
-            (fit or fit_heads)(grid, config)
+            (fit or fit_heads)(grid, cfg)
+        except Exception as err:  # in head.log too: the coordinator points there
+            log.error("the head's ServerApp stopped: %s: %s", type(err).__name__, err)
+            raise
         finally:
             logging.getLogger("healthfm").removeHandler(handler)
             handler.close()
@@ -375,8 +463,14 @@ def make_head_server_app(config: HeadRunConfig, fit: FitHeads | None = None) -> 
     return app
 
 
+# Deployment (`coordinator head`): the SuperLink's SuperExec runs `server.head_app:app`, its
+# HeadRunConfig from the run config.
+app = make_head_server_app()
+
 __all__ = [
     "ROUNDS_FILE",
+    "app",
+    "head_sites",
     "FitHeads",
     "FlowerSites",
     "HeadRunConfig",

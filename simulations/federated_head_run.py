@@ -35,8 +35,8 @@ from typing import Any
 
 from client.head_app import RowsOf, make_head_client_app
 from client.head_rows import load_head_rows
-from server.config import PrivacyRequest
 from server.head_app import HEADS_DIR, SUMMARY_FILE, FitHeads, HeadRunConfig, make_head_server_app
+from server.head_options import add_head_dp_args, head_dp_config
 from simulations.logs import setup_job_logging
 from simulations.ray_start import RaySettings, RayStartError, start_ray
 
@@ -91,30 +91,12 @@ def head_node_configs(
 
 
 def add_dp_args(parser: argparse.ArgumentParser) -> None:
-    """The head's DP flags: the pretraining run config's `privacy` fields (target_epsilon or
-    noise_multiplier, delta, max_grad_norm), and the sites' policies and ledgers."""
-    dp = parser.add_argument_group("differential privacy (healthfm_core/privacy/head.py; docs/researcher.md)")
-    level = dp.add_mutually_exclusive_group()
-    level.add_argument("--dp-target-epsilon", type=float, help="ask DP-SGD reaching this epsilon over the head's steps")
-    level.add_argument("--dp-noise-multiplier", type=float, help="ask DP-SGD at this noise multiplier")
-    dp.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-subject clipping norm (default 1)")
-    dp.add_argument("--dp-delta", type=float, default=1e-5, help="the delta asked (a site accounts at its policy's)")
-    dp.add_argument("--dp-batch-size", type=int, default=64, help="expected subjects per DP step (default 64)")
+    """The head's DP flags (server/head_options.py), and the sites' policies and ledgers."""
+    dp = add_head_dp_args(parser)
     dp.add_argument("--policies", nargs="+", help="site policy files (their dp: budget): one, or one per site")
     dp.add_argument(
         "--state-dirs", nargs="+", help="each site's state directory (its durable privacy ledger), in --sites order"
     )
-
-
-def dp_config(args: argparse.Namespace) -> dict[str, Any]:
-    """HeadRunConfig's DP fields from `add_dp_args`'s flags."""
-    privacy = PrivacyRequest(
-        target_epsilon=args.dp_target_epsilon,
-        noise_multiplier=args.dp_noise_multiplier,
-        delta=args.dp_delta,
-        max_grad_norm=args.dp_max_grad_norm,
-    )
-    return {"privacy": privacy, "dp_batch_size": args.dp_batch_size}
 
 
 def run_head_simulation(
@@ -174,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = {"c_grid": args.c_grid} if args.c_grid else {}
     cfg = HeadRunConfig(
         model=Path(args.model), out_dir=Path(args.out), tasks=args.tasks, keys=args.keys, rounds=args.rounds,
-        local_steps=args.local_steps, **grid, **dp_config(args),
+        local_steps=args.local_steps, **grid, **head_dp_config(args),
     )  # fmt: skip
     nodes = head_node_configs(
         Path(args.model), [Path(s) for s in args.sites], args.min_subjects,

@@ -55,7 +55,8 @@ from healthfm_core.files import atomic_write_text
 from healthfm_core.release import load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
 from server.head_app import SUMMARY_FILE, HeadRunConfig
-from simulations.federated_head_run import add_dp_args, dp_config, head_node_configs, run_head_simulation
+from server.head_options import head_dp_config
+from simulations.federated_head_run import add_dp_args, head_node_configs, run_head_simulation
 
 METHODS = ("federated head", "local head", "pooled head")
 
@@ -89,7 +90,7 @@ def compare_heads(
     state_dirs: Sequence[Path] | None = None,
 ) -> dict:
     """The three heads per site and key (module docstring). `dp`: HeadRunConfig's DP fields
-    (federated_head_run.dp_config), with `policies` and `state_dirs` the sites' DP budgets and
+    (server/head_options.head_dp_config), with `policies` and `state_dirs` the sites' DP budgets and
     ledgers: only with `over_flower` (the in-process driver has no DP)."""
     if over_flower is None and (dp or policies or state_dirs):
         raise ValueError("DP of the federated head (--dp-*, --policies, --state-dirs) needs --over-flower")
@@ -273,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [Path(e) for e in args.embeddings] if args.embeddings else None,
         Path(args.over_flower) if args.over_flower else None,
         args.min_positives,
-        dp_config(args) if args.dp_target_epsilon is not None or args.dp_noise_multiplier is not None else None,
+        head_dp_config(args) if args.dp_target_epsilon is not None or args.dp_noise_multiplier is not None else None,
         [Path(p) for p in args.policies] if args.policies else None,
         [Path(d) for d in args.state_dirs] if args.state_dirs else None,
     )

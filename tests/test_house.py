@@ -33,10 +33,11 @@ DEPLOY_DOORS = {
     "client.client": {"client.deploy.approval", "client.deploy.join", "client.deploy.supernode_pace"},
     # the coordinator's command line (`python -m server.coordinator`)
     "server.coordinator": {"server.deploy.coordinator"},
-    # the ServerApp applies the server's Flower patch as its process starts
+    # the ServerApp (and the task head's, below) applies the server's Flower patch as its process starts
     "server.server_app": {"server.deploy.flower_patches"},
-    # admission reads the coordinator's site registry
+    # admission reads the coordinator's site registry (pretraining's roster, the task head's sites)
     "server.roster": {"server.deploy.registry"},
+    "server.head_app": {"server.deploy.registry", "server.deploy.flower_patches"},
 }
 
 

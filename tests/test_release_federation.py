@@ -60,13 +60,18 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
     return tmp / "run", nodes, model
 
 
-def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(run, tmp_path: Path) -> None:
+def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
+    run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(One scored site's probe shows its progress bars: its numbers are the same.)"""
     run_dir, nodes, model = run
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     scored = 0
+    shown = next(n["site-name"] for n in nodes.values() if KEY in EvalReply.from_records(evaluation["sites"][n["site-name"]]).tasks)  # fmt: skip
     for node in nodes.values():
         site, root = node["site-name"], node["site-root"]
         out = tmp_path / site
+        capsys.readouterr()
         code = client_main(
             [
                 "probe",
@@ -77,11 +82,12 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
                 "2",
                 "--min-positives",
                 "1",
-                "--no-progress",
+                "--progress" if site == shown else "--no-progress",
                 "--out",
                 str(out),
             ]
         )
+        assert ("task fits" in capsys.readouterr().err) == (site == shown)
         reported = EvalReply.from_records(evaluation["sites"][site])
         if KEY not in reported.tasks:  # withheld in the run (one class): withheld at home too, same reason
             assert code == 1

@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from healthfm_core.data.aces_tasks import aces_labels_shared
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, WEARABLES_SCHEMA
@@ -264,8 +265,10 @@ def evaluate_site_tasks(
     meds_tab: bool = True,
     score_bins: int = 0,
     score_scale: ScoreScale = "logit",
+    progress: bool = False,
 ) -> SiteTaskResults:
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
+    `progress`: bars for the embedding and the per-task fits (`client.py probe` at a terminal).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
     scores the predictions in memory and writes nothing; `reuse_patches`
     False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
@@ -319,6 +322,7 @@ def evaluate_site_tasks(
             max_patches,
             batch_size=batch_size,
             shared=shared_passes,
+            progress=progress,
         )
     x_all = embedded.x
     out.seconds["forward"] = time.perf_counter() - start
@@ -334,7 +338,7 @@ def evaluate_site_tasks(
     out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
     binary_keys = {k: t for k, t in usable.items() if "boolean_value" in t.column_names}
     tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if meds_tab and binary_keys else None
-    for key, table in usable.items():
+    for key, table in tqdm(usable.items(), desc="task fits", total=len(usable), disable=not progress, leave=False):
         idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
         split = split_of(table["subject_id"].to_numpy())
         x = {s: x_all[idx[split == s]] for s in SPLITS}

@@ -5,6 +5,8 @@ timestamps, sorted files: the same files give the same bytes, so the same sha256
 run's ClientApp only if that sha256 is in its policy's `approved_apps` (client/deploy/app_guard.py), so
 the coordinator builds the bundle with `coordinator bundle FED`, sends the .fab to the sites'
 admins, who inspect and approve it (`client.py approve`), and `launch` prints the hash it ships.
+The federated task head is another app with another bundle (`coordinator bundle FED --head`,
+shipped by `coordinator head`): a site that approved only the pretraining's refuses it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
 
-from server.deploy.flwr_app import APP_NAME, write_app
+from server.deploy.flwr_app import APP_NAME, HEAD_APP_NAME, write_app, write_head_app
 from server.deploy.provision import FederationPaths
 
 
@@ -24,10 +26,11 @@ def build_bundle(app_dir: Path) -> tuple[bytes, str]:
     return fab, hashlib.sha256(fab).hexdigest()
 
 
-def write_bundle(paths: FederationPaths) -> tuple[Path, str]:
-    """Regenerate FED/server/app and write its FAB to FED/server/<app>.<sha256[:8]>.fab."""
-    fab, digest = build_bundle(write_app(paths))
-    path = paths.server_dir / f"{APP_NAME}.{digest[:8]}.fab"
+def write_bundle(paths: FederationPaths, head: bool = False) -> tuple[Path, str]:
+    """Regenerate FED/server/app (head: FED/server/head-app, the federated task head's) and write
+    its FAB to FED/server/<app>.<sha256[:8]>.fab."""
+    fab, digest = build_bundle(write_head_app(paths) if head else write_app(paths))
+    path = paths.server_dir / f"{HEAD_APP_NAME if head else APP_NAME}.{digest[:8]}.fab"
     path.write_bytes(fab)
     return path, digest
 

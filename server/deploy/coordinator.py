@@ -5,11 +5,20 @@ resume runs. All of them take the federation directory FED that `provision` crea
     python -m server.coordinator superlink FED [--host 127.0.0.1] [--port 9093] [--internal-port N]
         [--state memory|file] [--insecure]
     python -m server.coordinator register  FED [--site NAME ...]
-    python -m server.coordinator bundle    FED
+    python -m server.coordinator bundle    FED [--head]
     python -m server.coordinator launch    FED --out-dir RUN_DIR [--model tiny] [--rounds 3] [-c KEY=VALUE ...] [--wait]
     python -m server.coordinator resume    FED --out-dir RUN_DIR [--from CHECKPOINT] [--rounds N] [--wait]
     python -m server.coordinator status    FED [--run-id ID]
     python -m server.coordinator release   FED --run RUN_DIR --out MODEL_DIR [--force]
+    python -m server.coordinator head      FED --model MODEL_DIR --out HEADS_DIR [--tasks T ...] [--keys K ...]
+        [--rounds 200] [--c-grid C ...] [--local-steps 5] [--min-sites N] [--dp-target-epsilon E |
+        --dp-noise-multiplier Z] [--dp-max-grad-norm 1] [--dp-delta 1e-5] [--dp-batch-size 64]
+
+`head` trains a release's federated task head across the joined sites (server/head_app.py,
+client/head_app.py) as its own run with its own app bundle (`bundle --head`, which sites approve
+apart from the pretraining's), waits for it, and prints each head and the sites that took no part:
+exit 0 when every key got a head with every site that answered, 4 when a site answered with an
+error (e.g. it did not approve the head's bundle), 1 when the run failed or no head was fitted.
 
 `launch --wait`, `resume --wait` and `status --run-id` read how the run ended from RUN_DIR/
 outcome.json (server/outcome.py) and print it: exit 0 only when the run completed without losing a
@@ -62,10 +71,10 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.files import write_flat_toml
-from healthfm_core.release import ReleaseError
+from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.train.checkpoint import CheckpointError
 from server.deploy.bundle import build_bundle, write_bundle
-from server.deploy.flwr_app import check_run_config, parse_overrides, write_app
+from server.deploy.flwr_app import check_run_config, parse_overrides, write_app, write_head_app
 from server.deploy.flwr_control import (
     CONNECTION,
     EXIT_FAILED,
@@ -98,9 +107,11 @@ from server.deploy.provision import (
 )
 from server.deploy.proxy import start_proxy, wait_listening
 from server.deploy.registry import RegisteredSite, RegistryError, read_registry, registry_path, write_registry
+from server.head_app import SUMMARY_FILE, HeadRunConfig, head_keys
+from server.head_options import add_head_dp_args, head_dp_config
 from server.outcome import RunOutcome, read_outcome, settle_outcome
 from server.release import RunNotReleasable, release_run
-from server.run_claim import OutDirInUse, claim_for_launch, process_start, release, set_run_id
+from server.run_claim import Holder, OutDirInUse, claim_for_launch, process_start, release, set_run_id
 
 log = logging.getLogger("healthfm.coordinator")
 
@@ -575,9 +586,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    """Build the app bundle a launch ships, for the sites to inspect and approve."""
+    """Build the app bundle a launch (with --head: `head`) ships, for the sites to inspect and approve."""
     paths = _paths(args)
-    path, digest = write_bundle(paths)
+    path, digest = write_bundle(paths, head=args.head)
     print(f"app bundle {path}")
     print(f"sha256 {digest}")
     print(
@@ -585,6 +596,110 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         "it holds and approves it; a site runs no other bundle"
     )
     return EXIT_OK
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    """Train the release's federated task head across the joined sites (server/head_app.py): its
+    own run and app bundle; the ServerApp writes OUT/heads/, heads.json, head_rounds.jsonl and
+    head.log. Waits for the run, then prints each head and the sites that took no part."""
+    paths = _paths(args)
+    _apply_superlink_option(paths, args)
+    model = Path(args.model).resolve()
+    try:
+        model_release = load_release(model)
+    except (ReleaseError, OSError) as err:
+        raise CoordinatorError(f"--model {args.model}: {err}", EXIT_USAGE) from None
+    registry = registry_path(paths)
+    try:
+        registered = read_registry(registry).sites
+        cfg = HeadRunConfig(
+            model=model,
+            out_dir=Path(args.out).resolve(),
+            tasks=args.tasks,
+            keys=args.keys,
+            rounds=args.rounds,
+            local_steps=args.local_steps,
+            min_sites=args.min_sites if args.min_sites is not None else max(1, len(registered)),
+            timeout_s=args.stage_timeout,
+            setup_sha256=model_release.setup.sha256,
+            registry=registry if registered else None,  # only the registered sites take part, by name
+            **({"c_grid": args.c_grid} if args.c_grid else {}),
+            **head_dp_config(args),
+        )
+        evaluation = model_release.meta.evaluation
+        keys = head_keys(cfg, evaluation.tasks if evaluation is not None else [])
+    except (ValidationError, ValueError) as err:  # RegistryError and an unknown task name are ValueErrors
+        text = str(err).split("For further information")[0]
+        raise CoordinatorError(" ".join(text.split())[:600], EXIT_USAGE) from None
+    if not keys:
+        raise CoordinatorError(f"no label key to fit: give --tasks or --keys (the release {model} names no task)", EXIT_USAGE)  # fmt: skip
+    out_dir = cfg.out_dir
+    claim = _claim_out_dir(paths, out_dir)
+    try:
+        app_dir = write_head_app(paths)
+        print(
+            f"head app bundle sha256 {build_bundle(app_dir)[1]} (each site runs it only if its policy approved it: "
+            f"`coordinator bundle {paths.root} --head`)",
+            flush=True,
+        )
+        config_file = _run_config_file(paths, cfg.to_run_config())
+        run_id = start_run(paths, app_dir, config_file)
+        config_file.rename(config_file.with_name(f"head-run-{run_id}.toml"))
+        claim = set_run_id(out_dir, claim, run_id)
+        print(f"launched head run {run_id}: release {model} (setup {model_release.setup.sha256[:12]}...), keys {keys}, out {out_dir}", flush=True)  # fmt: skip
+        status = wait_for_run(
+            paths,
+            run_id,
+            args.timeout,
+            unreachable_grace=args.unreachable_grace,
+            ending=lambda: heads_summary(out_dir, run_id) is not None,
+        )
+    finally:
+        release(out_dir, claim)
+    return report_heads(run_id, status, out_dir, keys)
+
+
+def heads_summary(out_dir: Path, run_id: int) -> dict[str, Any] | None:
+    """OUT/heads.json when the head run `run_id` wrote it (its last act), else None."""
+    try:
+        summary = json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("run_id") == run_id else None
+
+
+def report_heads(run_id: int, status: str, out_dir: Path, keys: Sequence[str]) -> int:
+    """Print each key's head (or why none) and the sites that took no part; the exit status:
+    0 every key has a head and no site erred, EXIT_SITE_LOST a site answered with an error (or a
+    key got no head), EXIT_FAILED the run failed or fitted no head."""
+    summary = heads_summary(out_dir, run_id)
+    if summary is None:
+        print(
+            f"error: head run {run_id} {status}, and {out_dir / SUMMARY_FILE} records nothing for it; "
+            f"see {out_dir}/head.log and `flwr log {run_id}`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    heads = summary.get("heads", {})
+    erred = False
+    for key in keys:
+        got = heads.get(key, {"reason": "not in heads.json"})
+        if "head" in got:
+            rows = ", ".join(f"{site} {n}" for site, n in sorted(got["train_rows"].items()))
+            print(f"{key}: head {got['head']} (C={got['c']:g}; train rows per site: {rows})", flush=True)
+        else:
+            print(f"{key}: no head: {got['reason']}", file=sys.stderr)
+        for site, why in sorted(got.get("refused", {}).items()):
+            print(f"  {site} took no part: refused at {why.get('stage')}: {why.get('refused')}", flush=True)
+        for site, why in sorted(got.get("errors", {}).items()):
+            erred = True
+            print(f"  {site} took no part: error at {why.get('stage')}: {why.get('error')}", file=sys.stderr)
+    print(f"summary {out_dir / SUMMARY_FILE}; rounds {out_dir / 'head_rounds.jsonl'}; log {out_dir / 'head.log'}")
+    fitted = [k for k in keys if "head" in heads.get(k, {})]
+    if status != "finished:completed" or not fitted:
+        print(f"error: head run {run_id} {status}: {len(fitted)} of {len(keys)} head(s) fitted", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_SITE_LOST if erred or len(fitted) < len(keys) else EXIT_OK
 
 
 def _launches_path(paths: FederationPaths) -> Path:
@@ -636,17 +751,23 @@ def _run_config_file(paths: FederationPaths, run_config: dict[str, str | int | f
     return write_flat_toml(name, run_config)
 
 
-def _launch(
-    paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace, resumed: bool
-) -> int:
-    check_run_config(run_config)
-    out_dir = Path(str(run_config["out-dir"]))
-    try:  # the out-dir is this run's alone (server/run_claim.py), before anything starts
+def _claim_out_dir(paths: FederationPaths, out_dir: Path) -> Holder:
+    """Claim out_dir for a run before anything starts (server/run_claim.py): it is the run's alone."""
+    try:
         claim, stale = claim_for_launch(out_dir, _run_live(paths))
     except OutDirInUse as err:
         raise CoordinatorError(str(err), EXIT_USAGE) from None
     if stale is not None:
         print(f"note: out-dir {out_dir} was claimed by {stale.describe()}, which is gone: taking it over", flush=True)
+    return claim
+
+
+def _launch(
+    paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace, resumed: bool
+) -> int:
+    check_run_config(run_config)
+    out_dir = Path(str(run_config["out-dir"]))
+    claim = _claim_out_dir(paths, out_dir)
     try:
         app_dir = write_app(paths)
         if not run_config.get("registry"):  # only the registered sites take part (server.deploy.registry)
@@ -968,7 +1089,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bundle", help="build the app bundle (.fab) sites approve before it runs there")
     p.add_argument("federation_dir", metavar="FED")
+    p.add_argument("--head", action="store_true", help="the federated task head's bundle (what `head` ships)")
     p.set_defaults(func=cmd_bundle)
+
+    def wait_limits(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the run")
+        q.add_argument(
+            "--unreachable-grace",
+            type=float,
+            default=120.0,
+            help="seconds to keep retrying a SuperLink that does not answer while waiting (then exit 5)",
+        )
 
     def run_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out-dir", required=True, help="where the ServerApp writes logs and checkpoints")
@@ -987,13 +1118,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="wait until the run finishes; exit 0 only if it completed with every site "
             "(1 failed, 4 a site was lost, 5 the SuperLink stopped answering)",
         )
-        q.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
-        q.add_argument(
-            "--unreachable-grace",
-            type=float,
-            default=120.0,
-            help="seconds --wait keeps retrying a SuperLink that does not answer (then exit 5)",
-        )
+        wait_limits(q)
 
     p = sub.add_parser("launch", help="start a run")
     connection_options(p)
@@ -1024,6 +1149,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="the release folder to write")
     p.add_argument("--force", action="store_true", help="replace MODEL_DIR if it exists")
     p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("head", help="train a release's federated task head across the joined sites")
+    connection_options(p)
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="the release (each site holds the same)")
+    p.add_argument("--out", required=True, metavar="HEADS_DIR", help="where heads/, heads.json and the logs go")
+    p.add_argument("--tasks", nargs="+", default=[], help="task names (default: the release's evaluation tasks)")
+    p.add_argument("--keys", nargs="+", help="label keys to fit (default: every key of the tasks)")
+    p.add_argument("--rounds", type=int, default=200, help="FedAvg rounds per C (default 200)")
+    p.add_argument("--c-grid", nargs="+", type=float, help="the head's C values (default: the probe's grid)")
+    p.add_argument("--local-steps", type=int, default=5, help="each site's steps per round (default 5)")
+    p.add_argument(
+        "--min-sites", type=int, default=None, help="sites connected before the first stage (default: the registry's)"
+    )
+    p.add_argument("--stage-timeout", type=float, default=600.0, help="seconds each stage waits for the sites' replies")
+    wait_limits(p)
+    add_head_dp_args(p)
+    p.set_defaults(func=cmd_head)
     return parser
 
 

@@ -4,7 +4,8 @@ of the process that needs it. Read from flwr 1.41 (FLWR_VERSION); tests/test_flo
 fails when Flower changes under one of them (a name gone, a signature changed, a function that
 stops calling the name rebound here).
 
-The ServerApp (`set_reply_pull_backoff`, from make_server_app's main, server/server_app.py):
+The ServerApp (`set_reply_pull_backoff`, from make_server_app's main, server/server_app.py, and the
+task head's, server/head_app.py):
 - `flwr.superlink.grid.http_grid.pull_objects`: Flower's own function with a short backoff. A
   SuperNode pushes its reply message before the reply's objects (flwr/supernode/
   start_client_internal.py, _push_messages), so the ServerApp often sees a reply whose arrays are
