@@ -318,6 +318,9 @@ class RoundConfig(_Strict):
     dp_noise_multiplier: float | None = Field(default=None, gt=0)
     dp_target_epsilon: float | None = Field(default=None, gt=0)  # over this run's planned steps
     dp_max_grad_norm: float | None = Field(default=None, gt=0)
+    # The round's update leaves the site only masked (secure aggregation, issue 32); a site whose
+    # policy requires it refuses a round without it.
+    secure_aggregation: bool = False
 
     def to_flat(self) -> dict[str, Any]:
         # ConfigRecord holds no None: unset optional fields are left out.

@@ -1,0 +1,175 @@
+"""Secure aggregation wired into the federated round (issue 32): the real FederationServer and each
+site's real ClientApp (in this process: tests/in_process_grid.py; in Flower's simulation engine:
+the slow test at the end), four sites of different modality mixes.
+
+The reference is a plain run of the same federation with the same seeds: every site trains the same
+round on the same global arrays, so the secure run's global arrays must equal the plain run's
+(ModalityAwareFedAvg on the sites' real replies) within the quantisation bound the secure round
+states per group, in every group unmasked; the group two sites hold (genomics, min_holders 3) is
+withheld: carried forward, and said so in rounds.jsonl and the audit log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from in_process_grid import InProcessGrid, set_serverapp_identity
+
+from client.policy import PolicyError, load_policy
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.federation import RoundConfig
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import parameter_group
+from server.audit import AUDIT_FILE, audit_from_rounds, read_audit_log
+from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
+from server.config import FederationConfig
+from server.runlog import read_events
+from server.server_app import FederationServer
+
+REPO = Path(__file__).resolve().parents[1]
+# Four sites, four modality mixes: genomics is held by two of them (withheld at min_holders 3),
+# wearables by three (unmasked).
+MODALITIES = {
+    "biobank": {"ehr": 1.0, "wearables": 1.0, "genomics": 1.0},
+    "hospital": {"ehr": 1.0, "wearables": 1.0},
+    "genomics": {"ehr": 1.0, "genomics": 1.0},
+    "clinic": {"ehr": 1.0, "wearables": 1.0},
+}
+
+
+def four_site_scenario() -> dict[str, Any]:
+    scenario = yaml.safe_load((REPO / "configs" / "scenario" / "tiny.yaml").read_text())
+    hospital = next(s for s in scenario["sites"] if s["name"] == "hospital")
+    scenario["sites"].append({**hospital, "name": "clinic", "date_offset_years": 0})
+    for site in scenario["sites"]:
+        site["modalities"] = MODALITIES[site["name"]]
+    scenario["name"] = "tiny-four-mixes"
+    return scenario
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("secagg-fed")
+    manifest = generate_federation(root, four_site_scenario(), seed=0, n_subjects=30, progress=False)
+    return {
+        100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2}
+        for i, s in enumerate(manifest.sites)
+    }
+
+
+def fed_config(out: Path, **overrides: Any) -> FederationConfig:
+    base: dict[str, Any] = dict(
+        out_dir=out,
+        model=load_model_config("tiny"),
+        rounds=1,
+        local_steps=2,
+        lr=3e-3,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        seed=3,
+        min_nodes=4,
+        vocab_min_subjects=5,
+        eval_tasks=[],
+        timeout_s=60,
+    )
+    return FederationConfig(**{**base, **overrides})
+
+
+def final_arrays(out: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The run's global arrays after its last round, and the initial ones (from its setup)."""
+    path = latest_server_checkpoint(out / "checkpoints")
+    assert path is not None
+    state = load_server_checkpoint(path)
+    initial = {k: v.numpy() for k, v in state.setup.init_model().state_dict().items()}
+    return state.arrays, initial
+
+
+def the_round(out: Path) -> dict[str, Any]:
+    [event] = [e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"]
+    return event
+
+
+@pytest.fixture(scope="module")
+def plain_and_secure(sites: dict[int, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    with pytest.MonkeyPatch.context() as mp:
+        set_serverapp_identity(mp)
+        plain, secure = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("secure")
+        FederationServer(InProcessGrid(sites), fed_config(plain), run_id=1).run()
+        FederationServer(InProcessGrid(sites), fed_config(secure, secure_aggregation=True), run_id=2).run()
+    return plain, secure
+
+
+def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_and_secure: tuple[Path, Path]) -> None:
+    plain_out, secure_out = plain_and_secure
+    plain, initial = final_arrays(plain_out)
+    secure, initial_again = final_arrays(secure_out)
+    assert all(np.array_equal(initial[k], initial_again[k]) for k in initial)  # the same setup
+    info = the_round(secure_out)["secure_aggregation"]
+    assert "error" not in info, info
+    assert info["unmasked"] == {
+        "shared": ["biobank", "clinic", "genomics", "hospital"],
+        "ehr": ["biobank", "clinic", "genomics", "hospital"],
+        "wearables": ["biobank", "clinic", "hospital"],
+    }
+    for group in ("shared", "ehr", "wearables"):
+        bound = info["error_bounds"][group]
+        keys = [k for k in initial if parameter_group(k) == group]
+        worst = max(float(np.abs(secure[k].astype(np.float64) - plain[k]).max()) for k in keys)
+        moved = max(float(np.abs(plain[k].astype(np.float64) - initial[k]).max()) for k in keys)
+        # float32 storage of both results adds at most a rounding of each weight (~6e-8 relative)
+        assert worst <= bound + 1e-6, (group, worst, bound)
+        assert moved > 20 * bound, (group, moved, bound)  # the round moved the group well past the bound
+
+
+def test_a_group_with_too_few_holders_is_carried_forward_and_recorded(plain_and_secure: tuple[Path, Path]) -> None:
+    plain_out, secure_out = plain_and_secure
+    plain, initial = final_arrays(plain_out)
+    secure, _ = final_arrays(secure_out)
+    genomics = [k for k in initial if parameter_group(k) == "genomics"]
+    assert all(np.array_equal(secure[k], initial[k]) for k in genomics)  # carried forward
+    assert any(not np.array_equal(plain[k], initial[k]) for k in genomics)  # the plain run averaged two sites
+    event = the_round(secure_out)
+    withheld = event["secure_aggregation"]["withheld"]
+    assert list(withheld) == ["genomics"] and "2 surviving holder(s) < min_holders 3" in withheld["genomics"]
+    assert "genomics" not in event["contributors"]
+    assert all(e["status"] == "ok" for e in event["sites"].values()), event["sites"]
+    [record] = [r for r in read_audit_log(secure_out / AUDIT_FILE) if r["record"] == "secure-aggregation"]
+    assert record["round"] == 1 and record["withheld"] == withheld
+    # the audit log's round records are exactly those rounds.jsonl implies
+    implied = [r for r in audit_from_rounds(secure_out / "rounds.jsonl") if r["record"] == "secure-aggregation"]
+    assert implied == [{k: v for k, v in record.items() if k not in ("time", "prev_sha256")}]
+    assert "withheld (carried forward)" in (secure_out / "server.log").read_text()
+
+
+def test_a_site_requiring_secure_aggregation_refuses_a_plain_round(
+    sites: dict[int, dict[str, Any]], tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 2\nrequire_secure_aggregation: true\n")
+    nodes = {n: ({**c, "policy": str(policy)} if c["site-name"] == "clinic" else c) for n, c in sites.items()}
+    grid = InProcessGrid(nodes)
+    with pytest.MonkeyPatch.context() as mp:
+        set_serverapp_identity(mp)
+        FederationServer(grid, fed_config(tmp_path / "run", local_steps=1), run_id=3).run()
+    clinic = the_round(tmp_path / "run")["sites"]["clinic"]
+    assert clinic["status"] == "refused" and "requires secure aggregation" in clinic["reason"], clinic
+
+
+def test_the_policy_key_and_the_run_config_key_parse_strictly(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("require_secure_aggregation: true\n")
+    assert load_policy(path).require_secure_aggregation is True
+    path.write_text("require_secure_aggregation: 'yes'\n")
+    with pytest.raises(PolicyError, match="require_secure_aggregation"):
+        load_policy(path)
+    cfg = FederationConfig.from_run_config(
+        {"out-dir": str(tmp_path), "model": "tiny", "secure-aggregation": True, "secagg-min-holders": 4}
+    )
+    assert cfg.secure_aggregation and cfg.secagg_min_holders == 4
+    flat = RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, setup_sha256="x", secure_aggregation=True).to_flat()
+    assert RoundConfig.from_flat(flat).secure_aggregation is True
