@@ -24,6 +24,7 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.federation import RoundConfig
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from secure_aggregation.records import MASK_MESSAGE, UNMASK_MESSAGE
 from server.audit import AUDIT_FILE, audit_from_rounds, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig
@@ -89,6 +90,47 @@ def final_arrays(out: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     return state.arrays, initial
 
 
+class DroppingGrid(InProcessGrid):
+    """InProcessGrid where the named sites' replies to one message type never arrive (the site
+    died after receiving it)."""
+
+    def __init__(self, node_configs: dict[int, dict], drop: dict[str, set[str]]) -> None:
+        super().__init__(node_configs)
+        self.drop = drop
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:  # noqa: ANN001
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        gone = {
+            n
+            for n, c in self.node_configs.items()
+            if c["site-name"] in self.drop.get(messages[0].metadata.message_type, set())
+        }
+        return [r for r in replies if r.metadata.src_node_id not in gone]
+
+
+def run(grid: InProcessGrid, out: Path, **overrides: Any) -> Path:
+    with pytest.MonkeyPatch.context() as mp:
+        set_serverapp_identity(mp)
+        FederationServer(grid, fed_config(out, **overrides), run_id=1).run()
+    return out
+
+
+def assert_within_bounds(secure_out: Path, plain_out: Path, groups: list[str]) -> None:
+    """The secure run's arrays equal the plain run's within each group's stated bound, and moved."""
+    plain, initial = final_arrays(plain_out)
+    secure, _ = final_arrays(secure_out)
+    bounds = the_round(secure_out)["secure_aggregation"]["error_bounds"]
+    assert sorted(bounds) == sorted(groups)
+    for group in groups:
+        keys = [k for k in initial if parameter_group(k) == group]
+        worst = max(float(np.abs(secure[k].astype(np.float64) - plain[k]).max()) for k in keys)
+        moved = max(float(np.abs(plain[k].astype(np.float64) - initial[k]).max()) for k in keys)
+        # float32 storage of both results adds at most a rounding of each weight (~6e-8 relative)
+        assert worst <= bounds[group] + 1e-6, (group, worst, bounds[group])
+        assert moved > 20 * bounds[group], (group, moved, bounds[group])  # moved well past the bound
+
+
 def the_round(out: Path) -> dict[str, Any]:
     [event] = [e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"]
     return event
@@ -96,19 +138,13 @@ def the_round(out: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def plain_and_secure(sites: dict[int, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    with pytest.MonkeyPatch.context() as mp:
-        set_serverapp_identity(mp)
-        plain, secure = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("secure")
-        FederationServer(InProcessGrid(sites), fed_config(plain), run_id=1).run()
-        FederationServer(InProcessGrid(sites), fed_config(secure, secure_aggregation=True), run_id=2).run()
-    return plain, secure
+    plain = run(InProcessGrid(sites), tmp_path_factory.mktemp("plain"))
+    return plain, run(InProcessGrid(sites), tmp_path_factory.mktemp("secure"), secure_aggregation=True)
 
 
 def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_and_secure: tuple[Path, Path]) -> None:
     plain_out, secure_out = plain_and_secure
-    plain, initial = final_arrays(plain_out)
-    secure, initial_again = final_arrays(secure_out)
-    assert all(np.array_equal(initial[k], initial_again[k]) for k in initial)  # the same setup
+    assert_within_bounds(secure_out, plain_out, ["shared", "ehr", "wearables"])
     info = the_round(secure_out)["secure_aggregation"]
     assert "error" not in info, info
     assert info["unmasked"] == {
@@ -116,14 +152,47 @@ def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_a
         "ehr": ["biobank", "clinic", "genomics", "hospital"],
         "wearables": ["biobank", "clinic", "hospital"],
     }
-    for group in ("shared", "ehr", "wearables"):
-        bound = info["error_bounds"][group]
-        keys = [k for k in initial if parameter_group(k) == group]
-        worst = max(float(np.abs(secure[k].astype(np.float64) - plain[k]).max()) for k in keys)
-        moved = max(float(np.abs(plain[k].astype(np.float64) - initial[k]).max()) for k in keys)
-        # float32 storage of both results adds at most a rounding of each weight (~6e-8 relative)
-        assert worst <= bound + 1e-6, (group, worst, bound)
-        assert moved > 20 * bound, (group, moved, bound)  # the round moved the group well past the bound
+
+
+@pytest.mark.slow
+def test_a_site_lost_after_masking_is_recovered_and_still_counted(
+    sites: dict[int, dict[str, Any]], plain_and_secure: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plain_out, _ = plain_and_secure
+    out = run(DroppingGrid(sites, {UNMASK_MESSAGE: {"clinic"}}), tmp_path / "run", secure_aggregation=True)
+    info = the_round(out)["secure_aggregation"]
+    assert info["dropped_after_masking"] == ["clinic"] and info["dropped_before_masking"] == []
+    assert_within_bounds(out, plain_out, ["shared", "ehr", "wearables"])  # its masked update is in the sum
+
+
+@pytest.mark.slow
+def test_a_site_lost_before_masking_is_recovered_and_left_out(sites: dict[int, dict[str, Any]], tmp_path: Path) -> None:
+    plain = run(DroppingGrid(sites, {"train": {"hospital"}}), tmp_path / "plain")
+    out = run(DroppingGrid(sites, {MASK_MESSAGE: {"hospital"}}), tmp_path / "secure", secure_aggregation=True)
+    event = the_round(out)
+    info = event["secure_aggregation"]
+    assert info["dropped_before_masking"] == ["hospital"]
+    assert event["sites"]["hospital"]["status"] == "no reply"
+    # wearables: two surviving holders now, withheld; shared and ehr over the three others
+    assert sorted(info["withheld"]) == ["genomics", "wearables"]
+    assert_within_bounds(out, plain, ["shared", "ehr"])
+
+
+@pytest.mark.slow
+def test_too_few_survivors_fail_the_round_loudly_and_change_nothing(
+    sites: dict[int, dict[str, Any]], tmp_path: Path
+) -> None:
+    out = run(DroppingGrid(sites, {MASK_MESSAGE: {"hospital", "clinic"}}), tmp_path / "run", secure_aggregation=True)
+    secure, initial = final_arrays(out)
+    assert all(np.array_equal(secure[k], initial[k]) for k in initial)
+    event = the_round(out)
+    assert (
+        event["updated"] is False
+        and "2 site(s) sent a masked vector < threshold 3" in event["secure_aggregation"]["error"]
+    )
+    [record] = [r for r in read_audit_log(out / AUDIT_FILE) if r["record"] == "secure-aggregation"]
+    assert record["error"] == event["secure_aggregation"]["error"]
+    assert "ERROR healthfm.server.secure_round: round 1: secure aggregation failed" in (out / "server.log").read_text()
 
 
 def test_a_group_with_too_few_holders_is_carried_forward_and_recorded(plain_and_secure: tuple[Path, Path]) -> None:
@@ -152,11 +221,7 @@ def test_a_site_requiring_secure_aggregation_refuses_a_plain_round(
     policy = tmp_path / "policy.yaml"
     policy.write_text("min_subjects: 2\nrequire_secure_aggregation: true\n")
     nodes = {n: ({**c, "policy": str(policy)} if c["site-name"] == "clinic" else c) for n, c in sites.items()}
-    grid = InProcessGrid(nodes)
-    with pytest.MonkeyPatch.context() as mp:
-        set_serverapp_identity(mp)
-        FederationServer(grid, fed_config(tmp_path / "run", local_steps=1), run_id=3).run()
-    clinic = the_round(tmp_path / "run")["sites"]["clinic"]
+    clinic = the_round(run(InProcessGrid(nodes), tmp_path / "run", local_steps=1))["sites"]["clinic"]
     assert clinic["status"] == "refused" and "requires secure aggregation" in clinic["reason"], clinic
 
 
@@ -173,3 +238,21 @@ def test_the_policy_key_and_the_run_config_key_parse_strictly(tmp_path: Path) ->
     assert cfg.secure_aggregation and cfg.secagg_min_holders == 4
     flat = RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, setup_sha256="x", secure_aggregation=True).to_flat()
     assert RoundConfig.from_flat(flat).secure_aggregation is True
+
+
+@pytest.mark.slow
+def test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one(
+    sites: dict[int, dict[str, Any]], plain_and_secure: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The same round in Flower's simulation engine (Ray actors, each site's SiteRound kept in its
+    node's Context.state between the four stages) against the plain run of the same seeds."""
+    from simulations.run import run_federation_simulation
+
+    plain_out, _ = plain_and_secure
+    out = run_federation_simulation(
+        fed_config(tmp_path / "sim", secure_aggregation=True), list(sites.values()), num_cpus=2
+    )
+    event = the_round(out)
+    assert all(e["status"] == "ok" for e in event["sites"].values()), event["sites"]
+    assert list(event["secure_aggregation"]["withheld"]) == ["genomics"]
+    assert_within_bounds(out, plain_out, ["shared", "ehr", "wearables"])
