@@ -301,6 +301,10 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     @app.query(_action(KEYS_MESSAGE))
     def secagg_keys(msg: Message, context: Context) -> Message:
         site = SiteRound(from_flat(SecAggConfig, secagg_record(msg)), context.node_id)
+        policy = runtime(context).policy
+        kept = [g for g in site.groups if policy is not None and not policy.allows(g)]
+        if kept:  # the round lays them out for this site; masking without them would be refused later
+            raise SecAggRefusal(f"the site policy keeps group(s) {kept} local: this site sits the secure round out")
         keep_secure_round(context, site)
         return secagg_reply(msg, site.advertise())
 
@@ -335,7 +339,10 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         masked = secure.mask(inbox, update, {g: int(n) for g, n in reply.group_examples.items()})
         keep_secure_round(context, secure)
         release_memory()
-        return secagg_reply(msg, masked)
+        out = secagg_reply(msg, masked)
+        if reply.dp is not None:  # the site's cumulative spend, as a plain reply reports it (no counts)
+            out.content[METRICS_RECORD] = MetricRecord(dict(reply.dp.to_metrics()))
+        return out
 
     @app.query(_action(UNMASK_MESSAGE))
     def secagg_unmask(msg: Message, context: Context) -> Message:

@@ -433,6 +433,18 @@ class PrivacySpend(_Reply):
     new_budget_at: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # unix time
     replaced_epsilon: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
+    def to_metrics(self) -> dict[str, float]:
+        """Its MetricRecord entries (`dp.*`), as a train reply carries them."""
+        return {key: value for key, name in _DP_FIELDS.items() if (value := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> PrivacySpend:
+        """From a peer's `dp.*` MetricRecord entries alone; ValueError naming an unknown key."""
+        unknown = sorted(set(metrics) - set(_DP_FIELDS))
+        if unknown:
+            raise ValueError(f"privacy spend: unknown metric {unknown[0]!r}")
+        return cls.model_validate({_DP_FIELDS[k]: v for k, v in metrics.items()})
+
 
 class TrainRecords(NamedTuple):
     """A TrainReply as plain structures (the ClientApp wraps them into Flower records)."""
@@ -552,9 +564,7 @@ class TrainReply(_Reply):
                 if (value := getattr(self, name)) is not None:
                     metrics[key] = value
         if self.dp is not None:
-            for key, name in _DP_FIELDS.items():
-                if (value := getattr(self.dp, name)) is not None:
-                    metrics[key] = value
+            metrics.update(self.dp.to_metrics())
         if self.status == STATUS_REFUSED:
             return TrainRecords(None, metrics, {"status": STATUS_REFUSED, "reason": self.reason})
         return TrainRecords(dict(self.arrays), metrics, None)

@@ -40,7 +40,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from pydantic import BaseModel
 
-from healthfm_core.federation import STATUS_RECORD, FederationSetup, RoundConfig
+from healthfm_core.federation import METRICS_RECORD, STATUS_RECORD, FederationSetup, PrivacySpend, RoundConfig
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggError
 from secure_aggregation.layout import group_vector
@@ -181,8 +181,15 @@ class _Stages:
                 self.rejected.append(RejectedReply(node, f"{stage}: a second reply", "duplicate"))
                 continue
             try:
-                if set(records) != {SECAGG_RECORD}:
-                    raise ValueError(f"records {sorted(records)}, expected only {SECAGG_RECORD!r}")
+                if set(records) != {SECAGG_RECORD} or set(reply.content.array_records):
+                    raise ValueError(
+                        f"records {sorted(reply.content)}, expected {SECAGG_RECORD!r} (and {METRICS_RECORD!r})"
+                    )
+                metrics = reply.content.metric_records
+                if set(metrics) - {METRICS_RECORD}:
+                    raise ValueError(f"metric records {sorted(metrics)}, expected at most {METRICS_RECORD!r}")
+                if METRICS_RECORD in metrics:  # a DP site's cumulative spend (its counts stay masked)
+                    entry.dp = PrivacySpend.from_metrics(metrics[METRICS_RECORD]).model_dump(exclude_none=True)
                 message = from_flat(reply_type, records[SECAGG_RECORD], self.max_bytes)
                 claimed = getattr(message, "node_id", node)
                 if claimed != node:

@@ -256,3 +256,27 @@ def test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one(
     assert all(e["status"] == "ok" for e in event["sites"].values()), event["sites"]
     assert list(event["secure_aggregation"]["withheld"]) == ["genomics"]
     assert_within_bounds(out, plain_out, ["shared", "ehr", "wearables"])
+
+
+@pytest.mark.slow
+def test_dp_sites_report_their_spend_under_secure_aggregation(sites: dict[int, dict[str, Any]], tmp_path: Path) -> None:
+    """DP-SGD at each site is unchanged by secure aggregation: its ledger spends, and the round
+    records each site's cumulative epsilon as without it (counts stay masked)."""
+    from server.config import PrivacyRequest
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 2\nrequire_secure_aggregation: true\ndp:\n  epsilon_cap: 50\n  delta: 1.0e-2\n")
+    nodes = {n: {**c, "policy": str(policy), "state-dir": str(tmp_path / f"state-{n}")} for n, c in sites.items()}
+    out = run(
+        InProcessGrid(nodes),
+        tmp_path / "run",
+        secure_aggregation=True,
+        privacy=PrivacyRequest(noise_multiplier=1.0, delta=1e-2),
+    )
+    event = the_round(out)
+    assert "error" not in event["secure_aggregation"], event["secure_aggregation"]
+    assert sorted(event["epsilon"]) == ["biobank", "clinic", "genomics", "hospital"]
+    for site, entry in event["sites"].items():
+        assert entry["status"] == "ok" and entry["dp"]["epsilon"] > 0 and entry["dp"]["delta"] == 1e-2, (site, entry)
+        assert "num_examples" not in entry and "losses" not in entry  # masked, or not sent
+    assert event["updated"] is True
