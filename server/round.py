@@ -216,6 +216,21 @@ def aggregate_replies(
     )
 
 
+def start_round(
+    cfg: FederationConfig,
+    rnd: int,
+    setup: FederationSetup,
+    arrays: Mapping[str, np.ndarray],
+    grid: Grid,
+    strategy: ModalityAwareFedAvg,
+    roster: Roster,
+) -> tuple[RoundConfig, list[Message]]:
+    """The round's RoundConfig and train messages, once the run's sites are there (or waited for)."""
+    config = round_config(cfg, rnd, setup)
+    roster.wait_for_nodes(f"round {rnd}")
+    return config, train_messages(strategy, rnd, arrays, ConfigRecord(config.to_flat()), grid, roster.node_groups)
+
+
 def sent_outcomes(
     strategy: ModalityAwareFedAvg, arrays: Mapping[str, np.ndarray], roster: Roster, messages: Iterable[Message]
 ) -> dict[str, SiteOutcome]:
@@ -248,11 +263,8 @@ def run_round(
 ) -> RoundRecord:
     """Round `rnd` from the global `arrays` (the module docstring); `reply_lags`: last round's."""
     t_start = time.perf_counter()
-    config = round_config(cfg, rnd, setup)
-    roster.wait_for_nodes(f"round {rnd}")
-    messages = slowest_first(
-        train_messages(strategy, rnd, arrays, ConfigRecord(config.to_flat()), grid, roster.node_groups), reply_lags
-    )
+    config, messages = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
+    messages = slowest_first(messages, reply_lags)
     sites = sent_outcomes(strategy, arrays, roster, messages)
     t_sent = time.perf_counter()
     exchange = ExchangeTimes()

@@ -73,9 +73,8 @@ from server.round import (
     SiteOutcome,
     SiteStatus,
     record_absent,
-    round_config,
     sent_outcomes,
-    train_messages,
+    start_round,
 )
 from server.runlog import message_size
 from server.strategy import ModalityAwareFedAvg
@@ -249,18 +248,15 @@ def run_secure_round(
 ) -> RoundRecord:
     """Round `rnd` under secure aggregation (the module docstring); run_round's signature and record."""
     t_start = time.perf_counter()
-    config = round_config(cfg, rnd, setup)
-    roster.wait_for_nodes(f"round {rnd}")
-    trains = {
-        m.metadata.dst_node_id: m
-        for m in train_messages(strategy, rnd, arrays, ConfigRecord(config.to_flat()), grid, roster.node_groups)
-    }
+    config, messages = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
+    trains = {m.metadata.dst_node_id: m for m in messages}
     node_groups = {node: groups_for_node(node, roster.node_groups) for node in trains}  # as train_messages sent
     sites = sent_outcomes(strategy, arrays, roster, trains.values())
     for entry in sites.values():
         entry.bytes_sent = 0  # counted per stage below (the train records go in stage 3's message)
     stages = _Stages(cfg, grid, roster, sites, strategy.max_reply_bytes)
     masked: dict[int, MaskedInput] = {}
+    masks: list[Message] = []
     survivors: list[int] = []
     secure: dict[str, Any] = {}
     result: SecureAggregate | None = None
@@ -278,7 +274,6 @@ def run_secure_round(
             [_secagg_message(n, directory, SHARES_MESSAGE) for n in directory.keys], EncryptedShares, "shares"
         )
         inboxes: dict[int, ShareInbox] = server.route_shares(shares.values())
-        masks = []
         for node, inbox in inboxes.items():
             content = trains[node].content
             content[SECAGG_RECORD] = ConfigRecord(to_flat(inbox))
@@ -300,11 +295,13 @@ def run_secure_round(
         log.error("round %d: secure aggregation failed, global arrays unchanged: %s", rnd, err)
         secure["error"] = str(err)
         result = None
-    lags = {
+    lags = {  # from the training stage's push to each masked reply: next round's push order
         m.metadata.dst_node_id: arrived - stages.exchange.push_start
-        for m in trains.values()
+        for m in masks
         if (arrived := stages.exchange.arrivals.get(m.metadata.message_id)) is not None
     }
+    for node, lag in lags.items():
+        sites[roster.site(node)].reply_after_seconds = lag
     contributors: dict[str, list[int]] = {}
     if result is not None:
         contributors = result.unmasked
