@@ -335,6 +335,15 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
             keep_secure_round(context, None)
             return Message(train_reply_content(refused.reply), reply_to=msg)
         reply = site.release(reply)  # the policy's local groups never leave, masked or not
+        untrained = [g for g in secure.groups if g not in reply.group_examples]
+        if untrained:
+            # The round's layout has this site in those groups; leaving one out would leave its
+            # peers' pairwise masks uncancelled, and a zero-count stand-in would count towards
+            # min_holders without contributing. The site sits the round out (a dropout).
+            keep_secure_round(context, None)
+            why = f"no sample of group(s) {untrained} this round: the secure round's layout needs every group it holds"
+            log.warning("site %s round %d: %s", site.name, cfg.round, why)
+            return Message(train_reply_content(TrainReply.refused(why, reply.dp)), reply_to=msg)
         update = {k: np.asarray(v, np.float64) - np.asarray(arrays[k], np.float64) for k, v in reply.arrays.items()}
         masked = secure.mask(inbox, update, {g: int(n) for g, n in reply.group_examples.items()})
         keep_secure_round(context, secure)
