@@ -268,3 +268,24 @@ def test_dp_sites_report_their_spend_under_secure_aggregation(sites: dict[int, d
         assert entry["status"] == "ok" and entry["dp"]["epsilon"] > 0 and entry["dp"]["delta"] == 1e-2, (site, entry)
         assert "num_examples" not in entry and "losses" not in entry  # masked, or not sent
     assert event["updated"] is True
+
+
+@pytest.mark.slow
+def test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out(tmp_path: Path) -> None:
+    """The tiny hospital (30% of subjects with wearables) draws no wearable sample in 2 steps x 8
+    at seed 0 (as the deployed test saw): it refuses the secure round, saying why, and is a
+    dropout; its peers' round still completes without a wrong average."""
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes = {
+        100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2}
+        for i, s in enumerate(manifest.sites)
+    }
+    out = run(
+        InProcessGrid(nodes), tmp_path / "run", secure_aggregation=True, seed=0, min_nodes=3, secagg_min_holders=2
+    )
+    event = the_round(out)
+    hospital = event["sites"]["hospital"]
+    assert hospital["status"] == "refused" and "no sample of group(s) ['wearables']" in hospital["reason"], hospital
+    info = event["secure_aggregation"]
+    assert info["dropped_before_masking"] == ["hospital"] and "error" not in info, info
+    assert info["unmasked"]["shared"] == ["biobank", "genomics"]
