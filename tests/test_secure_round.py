@@ -6,25 +6,45 @@ The reference is a plain run of the same federation with the same seeds: every s
 round on the same global arrays, so the secure run's global arrays must equal the plain run's
 (ModalityAwareFedAvg on the sites' real replies) within the quantisation bound the secure round
 states per group, in every group unmasked; the group two sites hold (genomics, min_holders 3) is
-withheld: carried forward, and said so in rounds.jsonl and the audit log.
+withheld: carried forward, and said so in rounds.jsonl and the audit log. The attack replay runs on
+every message the secure run's server received. Slow (SLOW_CI): dropouts before and after masking,
+too few survivors, DP sites, a site without a sample of one of its groups, and the round in Flower's
+simulation engine (tests/test_secure_deployment.py: the deployed round).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 import yaml
+from flwr.app import Message
 from in_process_grid import InProcessGrid, set_serverapp_identity
+from scipy import stats
 from test_federation import fed_config as federation_config
+from test_secure_aggregation_attack import _z, attack
 
 from client.policy import PolicyError, load_policy
 from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.federation import RoundConfig
+from healthfm_core.federation import ARRAYS_RECORD, METRICS_RECORD, RoundConfig, TrainReply
 from healthfm_core.model.groups import parameter_group
-from secure_aggregation.records import MASK_MESSAGE, UNMASK_MESSAGE
+from healthfm_core.packing import unpack_record
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.field import clip_update
+from secure_aggregation.layout import group_vector
+from secure_aggregation.messages import EncryptedShares, KeyDirectory, MaskedInput, PublicKeys, UnmaskShares
+from secure_aggregation.records import (
+    KEYS_MESSAGE,
+    MASK_MESSAGE,
+    SECAGG_RECORD,
+    SHARES_MESSAGE,
+    UNMASK_MESSAGE,
+    from_flat,
+)
+from secure_aggregation.server import ServerRound
+from secure_aggregation.simulate import Transcript
 from server.audit import AUDIT_FILE, audit_from_rounds, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig
@@ -124,14 +144,42 @@ def the_round(out: Path) -> dict[str, Any]:
     return event
 
 
+class RecordingGrid(InProcessGrid):
+    """InProcessGrid keeping every exchange: what the server sent and every reply it received."""
+
+    def __init__(self, node_configs: dict[int, dict]) -> None:
+        super().__init__(node_configs)
+        self.exchanges: list[tuple[list[Message], list[Message]]] = []
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.exchanges.append((messages, replies))
+        return replies
+
+    def exchange(self, message_type: str) -> tuple[list[Message], list[Message]]:
+        [found] = [(m, r) for m, r in self.exchanges if m and m[0].metadata.message_type == message_type]
+        return found
+
+
+class Runs(NamedTuple):
+    plain: Path
+    secure: Path
+    plain_grid: RecordingGrid
+    secure_grid: RecordingGrid
+
+
 @pytest.fixture(scope="module")
-def plain_and_secure(sites: dict[int, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    plain = run(InProcessGrid(sites), tmp_path_factory.mktemp("plain"))
-    return plain, run(InProcessGrid(sites), tmp_path_factory.mktemp("secure"), secure_aggregation=True)
+def plain_and_secure(sites: dict[int, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    plain_grid, secure_grid = RecordingGrid(sites), RecordingGrid(sites)
+    plain = run(plain_grid, tmp_path_factory.mktemp("plain"))
+    return Runs(
+        plain, run(secure_grid, tmp_path_factory.mktemp("secure"), secure_aggregation=True), plain_grid, secure_grid
+    )
 
 
-def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_and_secure: tuple[Path, Path]) -> None:
-    plain_out, secure_out = plain_and_secure
+def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_and_secure: Runs) -> None:
+    plain_out, secure_out = plain_and_secure.plain, plain_and_secure.secure
     assert_within_bounds(secure_out, plain_out, ["shared", "ehr", "wearables"])
     info = the_round(secure_out)["secure_aggregation"]
     assert "error" not in info, info
@@ -144,9 +192,9 @@ def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_a
 
 @pytest.mark.slow
 def test_a_site_lost_after_masking_is_recovered_and_still_counted(
-    sites: dict[int, dict[str, Any]], plain_and_secure: tuple[Path, Path], tmp_path: Path
+    sites: dict[int, dict[str, Any]], plain_and_secure: Runs, tmp_path: Path
 ) -> None:
-    plain_out, _ = plain_and_secure
+    plain_out = plain_and_secure.plain
     out = run(DroppingGrid(sites, {UNMASK_MESSAGE: {"clinic"}}), tmp_path / "run", secure_aggregation=True)
     info = the_round(out)["secure_aggregation"]
     assert info["dropped_after_masking"] == ["clinic"] and info["dropped_before_masking"] == []
@@ -183,8 +231,8 @@ def test_too_few_survivors_fail_the_round_loudly_and_change_nothing(
     assert "ERROR healthfm.server.secure_round: round 1: secure aggregation failed" in (out / "server.log").read_text()
 
 
-def test_a_group_with_too_few_holders_is_carried_forward_and_recorded(plain_and_secure: tuple[Path, Path]) -> None:
-    plain_out, secure_out = plain_and_secure
+def test_a_group_with_too_few_holders_is_carried_forward_and_recorded(plain_and_secure: Runs) -> None:
+    plain_out, secure_out = plain_and_secure.plain, plain_and_secure.secure
     plain, initial = final_arrays(plain_out)
     secure, _ = final_arrays(secure_out)
     genomics = [k for k in initial if parameter_group(k) == "genomics"]
@@ -230,13 +278,13 @@ def test_the_policy_key_and_the_run_config_key_parse_strictly(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one(
-    sites: dict[int, dict[str, Any]], plain_and_secure: tuple[Path, Path], tmp_path: Path
+    sites: dict[int, dict[str, Any]], plain_and_secure: Runs, tmp_path: Path
 ) -> None:
     """The same round in Flower's simulation engine (Ray actors, each site's SiteRound kept in its
     node's Context.state between the four stages) against the plain run of the same seeds."""
     from simulations.run import run_federation_simulation
 
-    plain_out, _ = plain_and_secure
+    plain_out = plain_and_secure.plain
     out = run_federation_simulation(
         fed_config(tmp_path / "sim", secure_aggregation=True), list(sites.values()), num_cpus=2
     )
@@ -289,3 +337,56 @@ def test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out(
     info = event["secure_aggregation"]
     assert info["dropped_before_masking"] == ["hospital"] and "error" not in info, info
     assert info["unmasked"]["shared"] == ["biobank", "genomics"]
+
+
+def test_an_attacker_given_every_message_the_server_received_learns_no_sites_update(plain_and_secure: Runs) -> None:
+    """The attack replay on the wired round: every reply of the secure run's four exchanges (what the
+    server, and the SuperLink relaying them, received) and the server's own messages (its config and
+    key directory), handed to tests/test_secure_aggregation_attack.py's attacker (which recovers a
+    site's update once given its secrets: that test's positive control). Its estimate of each
+    site's update of each group is no closer to the truth than a random guess. The truth: the same
+    site's update in the plain run of the same seeds (its reply's arrays less the initial ones,
+    clipped as the secure round clips)."""
+    grid = plain_and_secure.secure_grid
+
+    def replies(message_type: str, cls: type[Any]) -> list[Any]:
+        return [from_flat(cls, r.content.config_records[SECAGG_RECORD]) for r in grid.exchange(message_type)[1]]
+
+    keys_sent, _ = grid.exchange(KEYS_MESSAGE)
+    config = from_flat(SecAggConfig, keys_sent[0].content.config_records[SECAGG_RECORD])
+    shares_sent, _ = grid.exchange(SHARES_MESSAGE)
+    server = ServerRound(config)
+    server.directory = from_flat(KeyDirectory, shares_sent[0].content.config_records[SECAGG_RECORD])
+    transcript = Transcript(
+        keys=replies(KEYS_MESSAGE, PublicKeys),
+        shares=replies(SHARES_MESSAGE, EncryptedShares),
+        masked=replies(MASK_MESSAGE, MaskedInput),
+        unmask=replies(UNMASK_MESSAGE, UnmaskShares),
+    )
+    estimates = attack(transcript, server)
+
+    _, initial = final_arrays(plain_and_secure.plain)
+    truths, counts = {}, {}
+    for reply in plain_and_secure.plain_grid.exchange("train")[1]:
+        trained = unpack_record(reply.content.array_records[ARRAYS_RECORD], where="plain reply")
+        metrics = reply.content.metric_records[METRICS_RECORD]
+        counts[reply.metadata.src_node_id] = TrainReply.from_records(trained, metrics).group_examples
+        update = {k: v.astype(np.float64) - initial[k] for k, v in trained.items()}
+        node = reply.metadata.src_node_id
+        for group in config.groups[node]:
+            truths[(node, group)] = clip_update(
+                group_vector(update, group), config.clip_norm[group], config.value_range[group]
+            )
+    assert set(estimates) == set(truths) and len(truths) == 13  # 4 + 4 + 3 + 2 (site, group) updates
+    zs = {key: _z(estimates[key], truths[key]) for key in truths}
+    assert all(abs(z) < 4.5 for z in zs.values()), zs
+    assert sum(z * z for z in zs.values()) < stats.chi2.ppf(0.999, df=len(zs)), zs
+    # The truths are the right ones: their count-weighted average is the secure round's update of
+    # `shared` (the aggregate the server is entitled to).
+    secure, _ = final_arrays(plain_and_secure.secure)
+    holders = [n for n in config.sample if "shared" in config.groups[n]]
+    average = sum(counts[n]["shared"] * truths[(n, "shared")] for n in holders) / sum(
+        counts[n]["shared"] for n in holders
+    )
+    applied = group_vector({k: secure[k].astype(np.float64) - initial[k] for k in initial}, "shared")
+    assert float(np.corrcoef(average, applied)[0, 1]) > 0.999
