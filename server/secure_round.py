@@ -295,6 +295,9 @@ def run_secure_round(
         log.error("round %d: secure aggregation failed, global arrays unchanged: %s", rnd, err)
         secure["error"] = str(err)
         result = None
+        for entry in sites.values():  # a site still waiting on a later stage: the failure is why
+            if entry.status == "no reply" and entry.reason is None:
+                entry.reason = f"the secure round failed: {err}"
     lags = {  # from the training stage's push to each masked reply: next round's push order
         m.metadata.dst_node_id: arrived - stages.exchange.push_start
         for m in masks

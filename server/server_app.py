@@ -318,6 +318,11 @@ class FederationServer:
                 "norm_history_rounds": cfg.norm_history_rounds,
                 "norm_outlier_factor": cfg.norm_outlier_factor,
                 "max_update_norm": cfg.max_update_norm,
+                # secure aggregation (server/secure_round.py): no site's update is seen in the clear
+                "secure_aggregation": cfg.secure_aggregation,
+                "secagg_min_holders": cfg.secagg_min_holders,
+                "secagg_threshold_fraction": cfg.secagg_threshold_fraction,
+                "secagg_field_bits": cfg.secagg_field_bits,
             },
         )
         log.info(describe_limits(max_reply_bytes, cfg.timeout_s))

@@ -226,6 +226,8 @@ def test_too_few_survivors_fail_the_round_loudly_and_change_nothing(
         event["updated"] is False
         and "2 site(s) sent a masked vector < threshold 3" in event["secure_aggregation"]["error"]
     )
+    assert event["sites"]["biobank"]["reason"].startswith("the secure round failed:"), event["sites"]
+    assert event["sites"]["hospital"]["reason"].startswith("mask: no reply"), event["sites"]
     [record] = [r for r in read_audit_log(out / AUDIT_FILE) if r["record"] == "secure-aggregation"]
     assert record["error"] == event["secure_aggregation"]["error"]
     assert "ERROR healthfm.server.secure_round: round 1: secure aggregation failed" in (out / "server.log").read_text()
@@ -245,6 +247,8 @@ def test_a_group_with_too_few_holders_is_carried_forward_and_recorded(plain_and_
     assert all(e["status"] == "ok" and e["reply_after_seconds"] >= 0 for e in event["sites"].values()), event["sites"]
     [record] = [r for r in read_audit_log(secure_out / AUDIT_FILE) if r["record"] == "secure-aggregation"]
     assert record["round"] == 1 and record["withheld"] == withheld
+    [start] = [r for r in read_audit_log(secure_out / AUDIT_FILE) if r["record"] == "run"]
+    assert start["limits"]["secure_aggregation"] is True and start["limits"]["secagg_min_holders"] == 3
     # the audit log's round records are exactly those rounds.jsonl implies
     implied = [r for r in audit_from_rounds(secure_out / "rounds.jsonl") if r["record"] == "secure-aggregation"]
     assert implied == [{k: v for k, v in record.items() if k not in ("time", "prev_sha256")}]
