@@ -16,6 +16,15 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
                          MetricRecord, no arrays, no training. With int8 and error feedback the
                          rounding residual is kept in Context.state ("healthfm.int8-residual"),
                          never sent
+  query.secagg_keys, query.secagg_shares, train.secagg_mask, query.secagg_unmask
+                      -> a secure-aggregation round's stages (secure_aggregation/records.py; the
+                         server's side is server/secure_round.py): each message and reply one
+                         ConfigRecord "secagg" (records.to_flat). The site's SiteRound (its keys,
+                         seeds and the shares it holds) lives in Context.state
+                         ("healthfm.secagg") from the keys stage to the unmask stage, never sent;
+                         a stage without it (out of order, or a restarted SuperNode) is refused.
+                         train.secagg_mask trains exactly as train, then masks the released
+                         update (trained - received) with its per-group counts
   evaluate            -> an EvalReply's MetricRecord "metrics" (held-out metrics per task, small
                          ones withheld)
 
@@ -40,7 +49,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -54,6 +62,7 @@ from healthfm_core.federation import (
     CAPABILITIES_RECORD,
     CODE_STATS,
     CODE_STATS_RECORD,
+    CONFIG_RECORD,
     JSON_FIELD,
     METRICS_RECORD,
     SCALES_RECORD,
@@ -70,6 +79,19 @@ from healthfm_core.federation import (
     TrainReply,
 )
 from healthfm_core.packing import pack_arrays, unpack_record
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.errors import SecAggRefusal
+from secure_aggregation.messages import KeyDirectory, ShareInbox, UnmaskRequest
+from secure_aggregation.records import (
+    KEYS_MESSAGE,
+    MASK_MESSAGE,
+    SECAGG_RECORD,
+    SHARES_MESSAGE,
+    UNMASK_MESSAGE,
+    from_flat,
+    to_flat,
+)
+from secure_aggregation.site import SiteRound
 
 log = logging.getLogger("healthfm.client")
 
@@ -77,6 +99,8 @@ SETUP_STATE_KEY = "healthfm.setup"
 # Error feedback of int8 transport: the rounding residual (ArrayRecord) and the setup it is for.
 RESIDUAL_STATE_KEY = "healthfm.int8-residual"
 RESIDUAL_SETUP_STATE_KEY = "healthfm.int8-residual-setup"
+# A secure round's SiteRound between its stages (SiteRound.to_state: the site's secrets; never sent).
+SECAGG_STATE_KEY = "healthfm.secagg"
 # Parsed setups by sha256, per process (parsing a large vocabulary every round is wasteful).
 _SETUPS: dict[str, FederationSetup] = {}
 
@@ -187,8 +211,39 @@ def eval_reply_content(reply: EvalReply) -> RecordDict:
 
 
 def _action(message_type: str) -> str:
-    """The action Flower's @app.query registers for a message type "query.<action>"."""
-    return message_type.removeprefix(f"{MessageType.QUERY}.")
+    """The action Flower's @app.query / @app.train registers for a message type "<category>.<action>"."""
+    return message_type.partition(".")[2]
+
+
+def stored_secure_round(context: Context, stage: str) -> SiteRound:
+    """The secure round this node is in (kept by the previous stage), or a refusal."""
+    record = context.state.config_records.get(SECAGG_STATE_KEY)
+    if record is None:
+        raise SecAggRefusal(
+            f"secure aggregation, {stage} stage: this site holds no secure round (a stage out of order, "
+            "or its SuperNode restarted); refused"
+        )
+    return SiteRound.from_state(bytes(record["state"]))  # type: ignore[arg-type]
+
+
+def keep_secure_round(context: Context, site: SiteRound | None) -> None:
+    """Keep the round's state for the next stage (None: the round is over, its secrets dropped)."""
+    if site is None:
+        if SECAGG_STATE_KEY in context.state:
+            del context.state[SECAGG_STATE_KEY]
+        return
+    context.state.config_records[SECAGG_STATE_KEY] = ConfigRecord({"state": site.to_state()})
+
+
+def secagg_reply(msg: Message, payload: Any) -> Message:
+    return Message(RecordDict({SECAGG_RECORD: ConfigRecord(to_flat(payload))}), reply_to=msg)
+
+
+def secagg_record(msg: Message) -> Mapping[str, Any]:
+    records = msg.content.config_records
+    if SECAGG_RECORD not in records:
+        raise ValueError(f"{msg.metadata.message_type} message without its {SECAGG_RECORD!r} record")
+    return records[SECAGG_RECORD]
 
 
 def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> ClientApp:
@@ -242,6 +297,72 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         content = train_reply_content(records, scales)
         release_memory()  # what training freed goes back to the system before the next message
         return Message(content, reply_to=msg)
+
+    @app.query(_action(KEYS_MESSAGE))
+    def secagg_keys(msg: Message, context: Context) -> Message:
+        site = SiteRound(from_flat(SecAggConfig, secagg_record(msg)), context.node_id)
+        policy = runtime(context).policy
+        kept = [g for g in site.groups if policy is not None and not policy.allows(g)]
+        if kept:  # the round lays them out for this site; masking without them would be refused later
+            raise SecAggRefusal(f"the site policy keeps group(s) {kept} local: this site sits the secure round out")
+        keep_secure_round(context, site)
+        return secagg_reply(msg, site.advertise())
+
+    @app.query(_action(SHARES_MESSAGE))
+    def secagg_shares(msg: Message, context: Context) -> Message:
+        site = stored_secure_round(context, "shares")
+        shares = site.share_keys(from_flat(KeyDirectory, secagg_record(msg)))
+        keep_secure_round(context, site)
+        return secagg_reply(msg, shares)
+
+    @app.train(_action(MASK_MESSAGE))
+    def secagg_mask(msg: Message, context: Context) -> Message:
+        records = msg.content.config_records
+        if CONFIG_RECORD not in records:
+            raise ValueError(f"{MASK_MESSAGE} message without its {CONFIG_RECORD!r} record")
+        cfg = RoundConfig.from_flat(records[CONFIG_RECORD])
+        inbox = from_flat(ShareInbox, secagg_record(msg))
+        arrays = message_arrays(msg)
+        if (need := setup_needed(msg, context, cfg.setup_sha256)) is not None:
+            return need
+        secure = stored_secure_round(context, "mask")
+        if not cfg.secure_aggregation or secure.config.round != cfg.round:
+            raise SecAggRefusal(f"mask stage of round {cfg.round}: this site's secure round is {secure.config.round}")
+        site = runtime(context)
+        try:
+            reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+        except TrainRefused as refused:
+            keep_secure_round(context, None)
+            return Message(train_reply_content(refused.reply), reply_to=msg)
+        reply = site.release(reply)  # the policy's local groups never leave, masked or not
+        untrained = [g for g in secure.groups if g not in reply.group_examples]
+        if untrained:
+            # The round's layout has this site in those groups; leaving one out would leave its
+            # peers' pairwise masks uncancelled, and a zero-count stand-in would count towards
+            # min_holders without contributing. The site sits the round out (a dropout).
+            keep_secure_round(context, None)
+            why = f"no sample of group(s) {untrained} this round: the secure round's layout needs every group it holds"
+            log.warning("site %s round %d: %s", site.name, cfg.round, why)
+            return Message(train_reply_content(TrainReply.refused(why, reply.dp)), reply_to=msg)
+        update = {k: np.asarray(v, np.float64) - np.asarray(arrays[k], np.float64) for k, v in reply.arrays.items()}
+        masked = secure.mask(inbox, update, {g: int(n) for g, n in reply.group_examples.items()})
+        keep_secure_round(context, secure)
+        release_memory()
+        out = secagg_reply(msg, masked)
+        if reply.dp is not None:  # the site's cumulative spend, as a plain reply reports it (no counts)
+            out.content[METRICS_RECORD] = MetricRecord(dict(reply.dp.to_metrics()))
+        return out
+
+    @app.query(_action(UNMASK_MESSAGE))
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        site = stored_secure_round(context, "unmask")
+        shares = site.unmask(from_flat(UnmaskRequest, secagg_record(msg)))
+        for group, why in sorted(site.withheld.items()):
+            log.warning(
+                "round %d: group %r withheld by the server (carried forward): %s", site.config.round, group, why
+            )
+        keep_secure_round(context, None)  # answered once: its secrets are no longer needed
+        return secagg_reply(msg, shares)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

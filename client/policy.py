@@ -14,6 +14,7 @@ Example (YAML or JSON; every key optional except where noted):
       noise_multiplier: 1.1     # or target_epsilon (the epsilon one run's planned steps may reach)
     approved_apps:              # sha256 of each app bundle (.fab) this site runs; no other runs here
       - 3f7a...                 # added by `client.py approve BUNDLE.fab --policy FILE` (client/deploy/approval.py)
+    require_secure_aggregation: true   # train only in rounds whose update leaves masked (SecAgg+)
     threads: 4                  # torch threads of the site's training (default: its free cores,
                                 # client/threads.py); `join --threads N` overrides it
 
@@ -70,6 +71,9 @@ class SitePolicy(BaseModel):
     # torch threads of the ClientApp (client/threads.py); None: the cores free when it starts.
     # Strict: "4", 4.0 or true are refused, not read as a number.
     threads: int | None = Field(default=None, ge=1, strict=True)
+    # Refuse any round whose update would leave the site in the clear (the run config's
+    # `secure-aggregation` off): the coordinator then sees only sums over at least min_holders sites.
+    require_secure_aggregation: bool = Field(default=False, strict=True)
 
     @field_validator("approved_apps")
     @classmethod

@@ -357,6 +357,11 @@ class SiteRuntime:
         """One round of local training. Raises TrainRefused (nothing trained) when the site's
         policy refuses the request: DP impossible, too few subjects, or the epsilon cap."""
         t0 = time.perf_counter()
+        if self.policy is not None and self.policy.require_secure_aggregation and not cfg.secure_aggregation:
+            raise self.refuse(
+                cfg,
+                "the site policy requires secure aggregation (require_secure_aggregation) and this run does not ask for it",
+            )
         self.threads_for(setup.sha256)
         received = sorted({parameter_group(k) for k in arrays})
         seed = site_seed(cfg.seed, cfg.round, self.name)

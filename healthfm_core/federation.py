@@ -318,6 +318,9 @@ class RoundConfig(_Strict):
     dp_noise_multiplier: float | None = Field(default=None, gt=0)
     dp_target_epsilon: float | None = Field(default=None, gt=0)  # over this run's planned steps
     dp_max_grad_norm: float | None = Field(default=None, gt=0)
+    # The round's update leaves the site only masked (secure aggregation, issue 32); a site whose
+    # policy requires it refuses a round without it.
+    secure_aggregation: bool = False
 
     def to_flat(self) -> dict[str, Any]:
         # ConfigRecord holds no None: unset optional fields are left out.
@@ -429,6 +432,18 @@ class PrivacySpend(_Reply):
     noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     new_budget_at: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # unix time
     replaced_epsilon: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    def to_metrics(self) -> dict[str, float]:
+        """Its MetricRecord entries (`dp.*`), as a train reply carries them."""
+        return {key: value for key, name in _DP_FIELDS.items() if (value := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> PrivacySpend:
+        """From a peer's `dp.*` MetricRecord entries alone; ValueError naming an unknown key."""
+        unknown = sorted(set(metrics) - set(_DP_FIELDS))
+        if unknown:
+            raise ValueError(f"privacy spend: unknown metric {unknown[0]!r}")
+        return cls.model_validate({_DP_FIELDS[k]: v for k, v in metrics.items()})
 
 
 class TrainRecords(NamedTuple):
@@ -549,9 +564,7 @@ class TrainReply(_Reply):
                 if (value := getattr(self, name)) is not None:
                     metrics[key] = value
         if self.dp is not None:
-            for key, name in _DP_FIELDS.items():
-                if (value := getattr(self.dp, name)) is not None:
-                    metrics[key] = value
+            metrics.update(self.dp.to_metrics())
         if self.status == STATUS_REFUSED:
             return TrainRecords(None, metrics, {"status": STATUS_REFUSED, "reason": self.reason})
         return TrainRecords(dict(self.arrays), metrics, None)

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 JSON_KEY = "secagg.json"
+
+# A secure round's Flower message types (server/secure_round.py sends them in this order,
+# client/client_app.py handles them) and the ConfigRecord each message and reply carries.
+KEYS_MESSAGE = "query.secagg_keys"  # SecAggConfig -> PublicKeys
+SHARES_MESSAGE = "query.secagg_shares"  # KeyDirectory -> EncryptedShares
+MASK_MESSAGE = "train.secagg_mask"  # the train message's records + ShareInbox -> MaskedInput
+UNMASK_MESSAGE = "query.secagg_unmask"  # UnmaskRequest -> UnmaskShares
+SECAGG_RECORD = "secagg"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -24,9 +32,10 @@ def _bytes_fields(cls: type[BaseModel]) -> list[str]:
     return [name for name, info in cls.model_fields.items() if info.annotation is bytes]
 
 
-def to_flat(message: BaseModel) -> dict[str, str | bytes]:
+def to_flat(message: BaseModel) -> dict[str, Any]:
+    """The message's ConfigRecord values (str and bytes: Any, as a ConfigRecord takes them)."""
     raw = _bytes_fields(type(message))
-    out: dict[str, str | bytes] = {name: getattr(message, name) for name in raw}
+    out: dict[str, Any] = {name: getattr(message, name) for name in raw}
     out[JSON_KEY] = message.model_dump_json(exclude=set(raw))
     return out
 

@@ -15,6 +15,10 @@ Records:
                                  the site's admin started its privacy ledger anew (`join
                                  --new-privacy-budget`): its epsilon counts from then
 
+  {"record": "secure-aggregation", ...}  per round under secure aggregation: the groups unmasked
+                                 (and their sites), the groups withheld (carried forward) and why,
+                                 the sites that dropped out before / after masking, and the error
+                                 that failed the round, if one did (server/secure_round.py)
   {"record": "evaluation", ...}  per federated evaluation: the sites that reported, and every
                                  site of the run that did not, with why (`absent`)
 
@@ -78,6 +82,16 @@ def site_round_records(event: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def round_records(event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every audit record of one round event: its site-round records, then (secure aggregation)
+    its secure-aggregation record."""
+    out = site_round_records(event)
+    secure = event.get("secure_aggregation")
+    if secure is not None:
+        out.append({"record": "secure-aggregation", "round": int(event["round"]), **dict(secure)})
+    return out
+
+
 def run_record(event: Mapping[str, Any], limits: Mapping[str, Any]) -> dict[str, Any]:
     """The audit record of a run's start (a rounds.jsonl `setup` or `resume` event) and its limits."""
     return {
@@ -126,7 +140,7 @@ class AuditLog:
         self.write(run_record(event, limits))
 
     def write_round(self, event: Mapping[str, Any]) -> None:
-        for record in site_round_records(event):
+        for record in round_records(event):
             self.write(record)
 
     def write_evaluation(self, rnd: int, reported: list[str], absent: Mapping[str, str]) -> None:
@@ -190,13 +204,13 @@ def verify_audit_log(path: str | Path) -> int:
 
 
 def audit_from_rounds(rounds_path: str | Path) -> list[dict[str, Any]]:
-    """The site-round records that rounds.jsonl implies (without time and chain fields), in order."""
+    """The round records (round_records) that rounds.jsonl implies (without time and chain fields), in order."""
     out: list[dict[str, Any]] = []
     for line in Path(rounds_path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             event = json.loads(line)
             if event.get("event") == "round":
-                out.extend(site_round_records(event))
+                out.extend(round_records(event))
     return out
 
 
@@ -207,6 +221,7 @@ __all__ = [
     "audit_from_rounds",
     "read_audit_lines",
     "read_audit_log",
+    "round_records",
     "run_record",
     "site_round_records",
     "verify_audit_log",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -216,6 +216,17 @@ class FederationConfig(BaseModel):
     # The coordinator's site registry (server/deploy/registry.py): only its node ids take part, each under
     # its registered name. None (simulation): every node the grid has.
     registry: Path | None = None
+    # Secure aggregation (SecAgg+, secure_aggregation/; server/secure_round.py): the server learns
+    # only per-group sums, never one site's update. `secure-aggregation` in the run config. A group
+    # with fewer surviving holders than secagg_min_holders (at least min_sites_per_group) is not
+    # unmasked that round: carried forward. The Shamir threshold is the smallest majority of the
+    # sampled sites at least secagg_threshold_fraction of them (more dropouts fail the round). Each
+    # site clips a group's update to the step bound (norm_step_factor; max_update_norm where set)
+    # before masking. The field: 16 bits (2 bytes a value) or 32 (finer quantisation, twice the bytes).
+    secure_aggregation: bool = False
+    secagg_min_holders: int = Field(default=3, ge=1)
+    secagg_threshold_fraction: float = Field(default=0.5, ge=0.5, le=1.0, allow_inf_nan=False)
+    secagg_field_bits: Literal[16, 32] = 16
 
     @field_validator("eval_tasks")
     @classmethod

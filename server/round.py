@@ -59,8 +59,9 @@ class RoundOutcome:
 
     @property
     def losses(self) -> dict[str, float]:
-        """The accepted replies' losses, each weighted by num_examples over the sites reporting it."""
-        return mean_losses(self.replies[n] for n in self.accepted)
+        """The accepted replies' losses, each weighted by num_examples over the sites reporting it
+        (none under secure aggregation: no reply is parsed in the clear)."""
+        return mean_losses(self.replies[n] for n in self.accepted if n in self.replies)
 
 
 @dataclass
@@ -124,6 +125,9 @@ class RoundRecord:
     wait_seconds: float
     aggregate_seconds: float
     exchange: ExchangeTimes
+    # Under secure aggregation (server/secure_round.py): what the round unmasked, withheld and why,
+    # its error bounds, dropouts, and the error that failed it (rounds.jsonl `secure_aggregation`).
+    secure: dict[str, Any] | None = None
 
     def sites_event(self) -> dict[str, dict[str, Any]]:
         return {name: entry.to_event() for name, entry in self.sites.items()}
@@ -147,6 +151,7 @@ def round_config(cfg: FederationConfig, rnd: int, setup: FederationSetup) -> Rou
         error_feedback=cfg.error_feedback,
         setup_sha256=setup.sha256,
         weights=curriculum_weights(rnd - 1, cfg.rounds, cfg.model),
+        secure_aggregation=cfg.secure_aggregation,
         **cfg.privacy.round_fields(),
     )
 
@@ -211,6 +216,40 @@ def aggregate_replies(
     )
 
 
+def start_round(
+    cfg: FederationConfig,
+    rnd: int,
+    setup: FederationSetup,
+    arrays: Mapping[str, np.ndarray],
+    grid: Grid,
+    strategy: ModalityAwareFedAvg,
+    roster: Roster,
+) -> tuple[RoundConfig, list[Message]]:
+    """The round's RoundConfig and train messages, once the run's sites are there (or waited for)."""
+    config = round_config(cfg, rnd, setup)
+    roster.wait_for_nodes(f"round {rnd}")
+    return config, train_messages(strategy, rnd, arrays, ConfigRecord(config.to_flat()), grid, roster.node_groups)
+
+
+def sent_outcomes(
+    strategy: ModalityAwareFedAvg, arrays: Mapping[str, np.ndarray], roster: Roster, messages: Iterable[Message]
+) -> dict[str, SiteOutcome]:
+    """Each addressed site's outcome as its train message left: groups, keys and bytes sent."""
+    sites: dict[str, SiteOutcome] = {}
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        groups = set(groups_for_node(node, roster.node_groups))  # as train_messages sent
+        size, objects = message_size(msg)
+        sites[roster.site(node)] = SiteOutcome(
+            node_id=node,
+            groups_sent=sorted(groups),
+            keys_sent=sum(strategy.group_of(k) in groups for k in arrays),
+            bytes_sent=size,
+            objects_sent=objects,
+        )
+    return sites
+
+
 def run_round(
     cfg: FederationConfig,
     rnd: int,
@@ -224,23 +263,9 @@ def run_round(
 ) -> RoundRecord:
     """Round `rnd` from the global `arrays` (the module docstring); `reply_lags`: last round's."""
     t_start = time.perf_counter()
-    config = round_config(cfg, rnd, setup)
-    roster.wait_for_nodes(f"round {rnd}")
-    messages = slowest_first(
-        train_messages(strategy, rnd, arrays, ConfigRecord(config.to_flat()), grid, roster.node_groups), reply_lags
-    )
-    sites: dict[str, SiteOutcome] = {}
-    for msg in messages:
-        node = msg.metadata.dst_node_id
-        groups = set(groups_for_node(node, roster.node_groups))  # as train_messages sent
-        size, objects = message_size(msg)
-        sites[roster.site(node)] = SiteOutcome(
-            node_id=node,
-            groups_sent=sorted(groups),
-            keys_sent=sum(strategy.group_of(k) in groups for k in arrays),
-            bytes_sent=size,
-            objects_sent=objects,
-        )
+    config, messages = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
+    messages = slowest_first(messages, reply_lags)
+    sites = sent_outcomes(strategy, arrays, roster, messages)
     t_sent = time.perf_counter()
     exchange = ExchangeTimes()
     replies = send_and_receive(grid, messages, cfg.timeout_s, exchange)
@@ -272,7 +297,7 @@ def run_round(
         round_config=config,
     )
     _record_verdicts(roster, sites, outcome, replies, messages)
-    _record_absent(grid, cfg.timeout_s, roster, sites)
+    record_absent(grid, cfg.timeout_s, roster, sites)
     return RoundRecord(
         config=config,
         arrays=outcome.arrays if outcome.arrays is not None else arrays,
@@ -358,7 +383,7 @@ def _record_verdicts(
             entry.status, entry.reason = "rejected", r.reason
 
 
-def _record_absent(grid: Grid, timeout_s: float, roster: Roster, sites: dict[str, SiteOutcome]) -> None:
+def record_absent(grid: Grid, timeout_s: float, roster: Roster, sites: dict[str, SiteOutcome]) -> None:
     """Every site of the run appears in the round: one not addressed is "absent", with why;
     one addressed that never answered says how long it was waited for."""
     for node, caps in roster.sites.items():

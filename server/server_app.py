@@ -46,7 +46,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from healthfm_core.federation import FederationSetup
-from server.audit import AUDIT_FILE, AuditLog, read_audit_lines, site_round_records
+from server.audit import AUDIT_FILE, AuditLog, read_audit_lines, round_records
 from server.checkpoint import (
     ServerState,
     latest_server_checkpoint,
@@ -62,6 +62,7 @@ from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
 from server.run_claim import Holder, adopt_for_serverapp, release
 from server.runlog import EventLog, json_values, read_events, write_summary
+from server.secure_round import run_secure_round
 from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
 
 log = logging.getLogger("healthfm.server")
@@ -145,12 +146,12 @@ class FederationServer:
             return
         self.events.write("round", **state.round_event, checkpoint=str(ckpt_path), recovered=True)
         audited = {
-            (r.get("round"), r.get("site"))
+            (r.get("round"), r.get("record"), r.get("site"))
             for r in read_audit_lines(self.audit.path)
-            if r.get("record") == "site-round"
+            if r.get("record") in ("site-round", "secure-aggregation")
         }
-        for record in site_round_records(state.round_event):
-            if (record["round"], record["site"]) not in audited:
+        for record in round_records(state.round_event):
+            if (record["round"], record["record"], record.get("site")) not in audited:
                 self.audit.write(record)
         log.warning(
             "round %d is in checkpoint %s but was not in %s (the server stopped between the two): "
@@ -317,6 +318,11 @@ class FederationServer:
                 "norm_history_rounds": cfg.norm_history_rounds,
                 "norm_outlier_factor": cfg.norm_outlier_factor,
                 "max_update_norm": cfg.max_update_norm,
+                # secure aggregation (server/secure_round.py): no site's update is seen in the clear
+                "secure_aggregation": cfg.secure_aggregation,
+                "secagg_min_holders": cfg.secagg_min_holders,
+                "secagg_threshold_fraction": cfg.secagg_threshold_fraction,
+                "secagg_field_bits": cfg.secagg_field_bits,
             },
         )
         log.info(describe_limits(max_reply_bytes, cfg.timeout_s))
@@ -327,8 +333,10 @@ class FederationServer:
         end = cfg.rounds if cfg.stop_after_round is None else min(cfg.rounds, cfg.stop_after_round)
         if start >= end:
             log.info("nothing to do: %d of %d rounds already done", start, cfg.rounds)
+        # Secure aggregation: its own round (server/secure_round.py), the same inputs and record.
+        play_round = run_secure_round if cfg.secure_aggregation else run_round
         for rnd in range(start + 1, end + 1):
-            record = run_round(
+            record = play_round(
                 cfg,
                 rnd,
                 setup,
@@ -395,6 +403,8 @@ class FederationServer:
                 timings=timings,
             )
         )
+        if record.secure is not None:
+            event["secure_aggregation"] = json_values(record.secure)
         path = save_server_checkpoint(
             self.ckpt_dir,
             ServerState(

@@ -41,7 +41,7 @@ from flwr.clientapp.utils import get_load_client_app_fn
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".pyd")
 # pyproject.toml's packages: what a warm process may have imported before the ClientApp and a
 # fresh flwr-clientapp process has not (its own code, client/, and what that imports).
-PROJECT_PACKAGES = ("client", "healthfm_core", "server", "simulations")
+PROJECT_PACKAGES = ("client", "healthfm_core", "secure_aggregation", "server", "simulations")
 
 
 def shipped_names(app_dir: Path) -> set[str]:

@@ -1,0 +1,343 @@
+"""One training round under secure aggregation (run config `secure-aggregation`; issue 32): the
+server learns, per parameter group, only the sum over the sites holding it of their weighted
+updates and counts, never one site's update.
+
+`run_secure_round` is run_round's counterpart (server/round.py), the same Grid, four exchanges
+instead of one (secure_aggregation/__init__.py has the protocol, records.py the message types):
+  1. KEYS_MESSAGE   SecAggConfig (who takes part, which groups each holds, threshold, clipping,
+                    field) -> each site's PublicKeys; the server forms the KeyDirectory;
+  2. SHARES_MESSAGE KeyDirectory -> each site's EncryptedShares; the server routes them (ShareInbox);
+  3. MASK_MESSAGE   the plain train message's records (arrays, RoundConfig) + the site's ShareInbox
+                    -> the site trains exactly as for a plain round, clips, quantises and masks its
+                    update with its per-group counts -> MaskedInput;
+  4. UNMASK_MESSAGE UnmaskRequest (survivors, groups to unmask, groups withheld and why) -> each
+                    survivor's UnmaskShares; ServerRound.aggregate removes the masks.
+The new global arrays: each unmasked group's weighted average update added to the round's arrays
+(ModalityAwareFedAvg's average, within the quantisation bound recorded per group; the server
+optimiser, where set, steps on it as on a plain average); a withheld group keeps its values
+(carried forward). A site that stops answering after stage 2 is a dropout, recovered while at least
+the threshold remain; fewer, or any sum that does not decode within its bounds, fail the round:
+the global arrays stay unchanged, the error is in server.log (ERROR), rounds.jsonl and the audit
+log. Never a wrong or partial average.
+
+What the server can no longer check per reply (server/replies.py, server/influence.py): values,
+norms, counts. The site clips each group to the round's clip norm (the influence step bound) and
+refuses non-finite values before masking (secure_aggregation/field.py); the server checks every
+unmasked sum (within the field's bound, finite, the total count within the holders' bound) and each
+average's norm against the clip norm (docs/coordinator.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from pydantic import BaseModel
+
+from healthfm_core.federation import METRICS_RECORD, STATUS_RECORD, FederationSetup, PrivacySpend, RoundConfig
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.errors import SecAggError
+from secure_aggregation.layout import group_vector
+from secure_aggregation.messages import (
+    EncryptedShares,
+    MaskedInput,
+    PublicKeys,
+    ShareInbox,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from secure_aggregation.records import (
+    KEYS_MESSAGE,
+    MASK_MESSAGE,
+    SECAGG_RECORD,
+    SHARES_MESSAGE,
+    UNMASK_MESSAGE,
+    from_flat,
+    to_flat,
+)
+from secure_aggregation.server import SecureAggregate, ServerRound
+from server.config import FederationConfig
+from server.exchange import ExchangeTimes, send_and_receive, slowest_first
+from server.influence import ADAM_STEP_RATIO, max_examples, step_bound
+from server.replies import RejectedReply, groups_for_node, origin, setup_needed
+from server.roster import Roster
+from server.round import (
+    RoundOutcome,
+    RoundRecord,
+    SiteOutcome,
+    SiteStatus,
+    record_absent,
+    sent_outcomes,
+    start_round,
+)
+from server.runlog import message_size
+from server.strategy import ModalityAwareFedAvg
+
+log = logging.getLogger("healthfm.server.secure_round")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def secagg_config(
+    cfg: FederationConfig,
+    config: RoundConfig,
+    arrays: Mapping[str, np.ndarray],
+    node_groups: Mapping[int, Sequence[str]],
+    strategy: ModalityAwareFedAvg,
+) -> SecAggConfig:
+    """The round's SecAggConfig. Per group: the clip norm is the influence step bound (what the
+    server bounds a plain reply's update norm by; max_update_norm where smaller), the value range
+    what AdamW moves one value by at most in the round (ADAM_STEP_RATIO x lr x steps, plus the
+    decay of the group's largest weight), never above the clip norm. Raises SecAggError when the
+    sample cannot run a secure round (fewer than two sites)."""
+    sample = sorted(node_groups)
+    held = {g for groups in node_groups.values() for g in groups}
+    sizes = {g: int(group_vector(arrays, g, strategy.group_of).size) for g in held}
+    clip, value_range = {}, {}
+    for group in held:
+        weights = group_vector(arrays, group, strategy.group_of)
+        bound = step_bound(config, sizes[group], float(np.linalg.norm(weights)), cfg.norm_step_factor)
+        if cfg.max_update_norm is not None:
+            bound = min(bound, cfg.max_update_norm)
+        largest = float(np.abs(weights).max()) if weights.size else 0.0
+        per_value = config.lr * config.local_steps * (ADAM_STEP_RATIO + config.weight_decay * largest)
+        clip[group], value_range[group] = bound, min(bound, per_value)
+    n = len(sample)
+    threshold = min(n, max(n // 2 + 1, math.ceil(cfg.secagg_threshold_fraction * n)))
+    try:
+        return SecAggConfig(
+            round=config.round,
+            sample=sample,
+            groups={node: list(groups) for node, groups in node_groups.items()},
+            group_sizes=sizes,
+            threshold=threshold,
+            min_holders=max(cfg.secagg_min_holders, cfg.min_sites_per_group),
+            clip_norm=clip,
+            value_range=value_range,
+            weight_max=max_examples(config),
+            field_bits=cfg.secagg_field_bits,
+        )
+    except ValueError as err:  # pydantic's: e.g. one site sampled
+        raise SecAggError(f"round {config.round}: no secure round possible with sample {sample}: {err}") from None
+
+
+class _Stages:
+    """The exchanges of one secure round and what each site did in them."""
+
+    def __init__(
+        self, cfg: FederationConfig, grid: Grid, roster: Roster, sites: dict[str, SiteOutcome], max_bytes: int | None
+    ) -> None:
+        self.cfg, self.grid, self.roster, self.sites, self.max_bytes = cfg, grid, roster, sites, max_bytes
+        self.rejected: list[RejectedReply] = []
+        self.exchange = ExchangeTimes()  # the training exchange's (stage 3), as a plain round's
+
+    def fail(self, node: int, status: SiteStatus, reason: str) -> None:
+        entry = self.sites.setdefault(self.roster.site(node), SiteOutcome(node_id=node))
+        entry.status, entry.reason = status, reason
+        if status == "rejected":
+            self.rejected.append(RejectedReply(node, reason))
+
+    def exchange_stage(
+        self, messages: list[Message], reply_type: type[M], stage: str, times: ExchangeTimes | None = None
+    ) -> dict[int, M]:
+        """Send one stage's messages, parse the replies (each a peer's: checked, its node id the
+        sender's); a site whose reply is missing, an error, refused or does not parse is out of
+        the round from here on (a dropout, with why)."""
+        for msg in messages:
+            entry = self.sites.setdefault(self.roster.site(msg.metadata.dst_node_id), SiteOutcome(node_id=0))
+            entry.bytes_sent = (entry.bytes_sent or 0) + message_size(msg)[0]
+        replies = send_and_receive(self.grid, messages, self.cfg.timeout_s, times)
+        parsed: dict[int, M] = {}
+        answered = set()
+        for need in setup_needed(replies, messages):
+            # Its SuperNode restarted: its secure-aggregation state is gone with the setup; it is
+            # sent the setup again (next round) and is a dropout of this one.
+            self.fail(need, "no setup", f"{stage}: lost the run's setup (SuperNode restarted?); a dropout this round")
+            self.roster.resend_setup({need}, f"secure round, {stage}")
+        for reply in replies:
+            node = origin(reply, messages)
+            answered.add(node)
+            entry = self.sites.setdefault(self.roster.site(node), SiteOutcome(node_id=node))
+            size, objects = message_size(reply)
+            entry.bytes_received = (entry.bytes_received or 0) + size
+            entry.objects_received = (entry.objects_received or 0) + objects
+            if reply.has_error():
+                self.fail(node, "error", f"{stage}: {reply.error.reason}")
+                continue
+            if entry.status == "no setup":
+                continue
+            records = reply.content.config_records
+            if STATUS_RECORD in records:
+                self.fail(node, "refused", f"{stage}: {records[STATUS_RECORD].get('reason', '')!s}")
+                continue
+            if node in parsed:
+                self.rejected.append(RejectedReply(node, f"{stage}: a second reply", "duplicate"))
+                continue
+            try:
+                if set(records) != {SECAGG_RECORD} or set(reply.content.array_records):
+                    raise ValueError(
+                        f"records {sorted(reply.content)}, expected {SECAGG_RECORD!r} (and {METRICS_RECORD!r})"
+                    )
+                metrics = reply.content.metric_records
+                if set(metrics) - {METRICS_RECORD}:
+                    raise ValueError(f"metric records {sorted(metrics)}, expected at most {METRICS_RECORD!r}")
+                if METRICS_RECORD in metrics:  # a DP site's cumulative spend (its counts stay masked)
+                    entry.dp = PrivacySpend.from_metrics(metrics[METRICS_RECORD]).model_dump(exclude_none=True)
+                message = from_flat(reply_type, records[SECAGG_RECORD], self.max_bytes)
+                claimed = getattr(message, "node_id", node)
+                if claimed != node:
+                    raise ValueError(f"field node_id: value {claimed}, the reply came from node {node}")
+            except ValueError as err:
+                self.fail(node, "rejected", f"{stage}: {' '.join(str(err).split())[:500]}")
+                continue
+            parsed[node] = message
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                self.fail(node, "no reply", f"{stage}: no reply within timeout-s {self.cfg.timeout_s:g} s")
+        return parsed
+
+
+def _secagg_message(node: int, payload: BaseModel, message_type: str) -> Message:
+    content = RecordDict({SECAGG_RECORD: ConfigRecord(to_flat(payload))})
+    return Message(content=content, message_type=message_type, dst_node_id=node)
+
+
+def secure_arrays(
+    result: SecureAggregate, arrays: Mapping[str, np.ndarray], config: SecAggConfig, strategy: ModalityAwareFedAvg
+) -> dict[str, np.ndarray]:
+    """The new global arrays from the unmasked averages; a withheld group keeps its values. Each
+    average is checked first: an average of clipped updates is no longer than the clip norm (plus
+    the quantisation error); anything else is a wrong sum (SecAggError), never applied."""
+    for group, mean in result.means.items():
+        slack = result.error_bounds[group] * math.sqrt(mean.size)
+        if not float(np.linalg.norm(mean)) <= config.clip_norm[group] + slack:
+            raise SecAggError(
+                f"group {group!r}: the unmasked average's norm {np.linalg.norm(mean):.4g} exceeds the clip norm "
+                f"{config.clip_norm[group]:.4g}: a sum no honest sites send"
+            )
+    updates = result.updates(arrays, strategy.group_of)
+    out: dict[str, np.ndarray] = {}
+    for key, old in arrays.items():
+        if key not in updates:
+            out[key] = old
+            continue
+        value = (old.astype(np.float64) + updates[key]).astype(old.dtype)
+        if strategy.server_optimizer is not None:
+            value = strategy.server_optimizer.step(key, old, value)
+        out[key] = value
+    return out
+
+
+def run_secure_round(
+    cfg: FederationConfig,
+    rnd: int,
+    setup: FederationSetup,
+    arrays: dict[str, np.ndarray],
+    *,
+    grid: Grid,
+    strategy: ModalityAwareFedAvg,
+    roster: Roster,
+    reply_lags: Mapping[int, float],
+) -> RoundRecord:
+    """Round `rnd` under secure aggregation (the module docstring); run_round's signature and record."""
+    t_start = time.perf_counter()
+    config, messages = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
+    trains = {m.metadata.dst_node_id: m for m in messages}
+    node_groups = {node: groups_for_node(node, roster.node_groups) for node in trains}  # as train_messages sent
+    sites = sent_outcomes(strategy, arrays, roster, trains.values())
+    for entry in sites.values():
+        entry.bytes_sent = 0  # counted per stage below (the train records go in stage 3's message)
+    stages = _Stages(cfg, grid, roster, sites, strategy.max_reply_bytes)
+    masked: dict[int, MaskedInput] = {}
+    masks: list[Message] = []
+    survivors: list[int] = []
+    secure: dict[str, Any] = {}
+    result: SecureAggregate | None = None
+    new_arrays: dict[str, np.ndarray] | None = None
+    t_sent = t_replied = time.perf_counter()
+    try:
+        sa_config = secagg_config(cfg, config, arrays, node_groups, strategy)
+        secure.update(threshold=sa_config.threshold, min_holders=sa_config.min_holders, field_bits=sa_config.field_bits)
+        server = ServerRound(sa_config)
+        keys = stages.exchange_stage(
+            [_secagg_message(n, sa_config, KEYS_MESSAGE) for n in sa_config.sample], PublicKeys, "keys"
+        )
+        directory = server.key_directory(keys.values())
+        shares = stages.exchange_stage(
+            [_secagg_message(n, directory, SHARES_MESSAGE) for n in directory.keys], EncryptedShares, "shares"
+        )
+        inboxes: dict[int, ShareInbox] = server.route_shares(shares.values())
+        for node, inbox in inboxes.items():
+            content = trains[node].content
+            content[SECAGG_RECORD] = ConfigRecord(to_flat(inbox))
+            masks.append(Message(content=content, message_type=MASK_MESSAGE, dst_node_id=node))
+        masks = slowest_first(masks, reply_lags)
+        t_sent = time.perf_counter()
+        masked = stages.exchange_stage(masks, MaskedInput, "mask", stages.exchange)
+        t_replied = time.perf_counter()
+        request: UnmaskRequest = server.unmask_request(masked.values())
+        survivors = request.survivors
+        for group, why in request.withheld.items():
+            log.warning("round %d: group %r withheld (carried forward): %s", rnd, group, why)
+        unmask = stages.exchange_stage(
+            [_secagg_message(n, request, UNMASK_MESSAGE) for n in request.survivors], UnmaskShares, "unmask"
+        )
+        result = server.aggregate(unmask.values())
+        new_arrays = secure_arrays(result, arrays, sa_config, strategy)
+    except SecAggError as err:
+        log.error("round %d: secure aggregation failed, global arrays unchanged: %s", rnd, err)
+        secure["error"] = str(err)
+        result = None
+        for entry in sites.values():  # a site still waiting on a later stage: the failure is why
+            if entry.status == "no reply" and entry.reason is None:
+                entry.reason = f"the secure round failed: {err}"
+    lags = {  # from the training stage's push to each masked reply: next round's push order
+        m.metadata.dst_node_id: arrived - stages.exchange.push_start
+        for m in masks
+        if (arrived := stages.exchange.arrivals.get(m.metadata.message_id)) is not None
+    }
+    for node, lag in lags.items():
+        sites[roster.site(node)].reply_after_seconds = lag
+    contributors: dict[str, list[int]] = {}
+    if result is not None:
+        contributors = result.unmasked
+        secure.update(
+            unmasked={g: sorted(roster.site(n) for n in nodes) for g, nodes in result.unmasked.items()},
+            withheld=dict(result.withheld),
+            error_bounds=dict(result.error_bounds),
+            dropped_before_masking=sorted(roster.site(n) for n in result.dropped_before_masking),
+            dropped_after_masking=sorted(roster.site(n) for n in result.dropped_after_masking),
+        )
+        for node in survivors:
+            entry = sites[roster.site(node)]
+            entry.status, entry.reason = "ok", None
+            entry.groups_received = sorted(g for g in node_groups[node] if node in result.unmasked.get(g, []))
+        for node in result.dropped_after_masking:
+            sites[roster.site(node)].reason = "sent its masked update, then dropped out (recovered)"
+        for node, why in result.rejected.items():
+            stages.fail(node, "rejected", why)
+    rejected = stages.rejected
+    outcome = RoundOutcome(rnd, new_arrays, contributors, rejected, {}, survivors if result is not None else [])
+    record_absent(grid, cfg.timeout_s, roster, sites)
+    return RoundRecord(
+        config=config,
+        arrays=new_arrays if new_arrays is not None else arrays,
+        outcome=outcome,
+        sites=sites,
+        rejected=[{"site": roster.site(r.node_id), "node_id": r.node_id, "reason": r.reason} for r in rejected],
+        contributors={g: sorted(roster.site(n) for n in nodes) for g, nodes in contributors.items()},
+        reply_lags=lags,
+        started=t_start,
+        configure_seconds=t_sent - t_start,
+        wait_seconds=t_replied - t_sent,
+        aggregate_seconds=time.perf_counter() - t_replied,
+        exchange=stages.exchange,
+        secure=secure,
+    )

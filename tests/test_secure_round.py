@@ -1,0 +1,396 @@
+"""Secure aggregation wired into the federated round (issue 32): the real FederationServer and each
+site's real ClientApp (in this process: tests/in_process_grid.py; in Flower's simulation engine:
+the slow test at the end), four sites of different modality mixes.
+
+The reference is a plain run of the same federation with the same seeds: every site trains the same
+round on the same global arrays, so the secure run's global arrays must equal the plain run's
+(ModalityAwareFedAvg on the sites' real replies) within the quantisation bound the secure round
+states per group, in every group unmasked; the group two sites hold (genomics, min_holders 3) is
+withheld: carried forward, and said so in rounds.jsonl and the audit log. The attack replay runs on
+every message the secure run's server received. Slow (SLOW_CI): dropouts before and after masking,
+too few survivors, DP sites, a site without a sample of one of its groups, and the round in Flower's
+simulation engine (tests/test_secure_deployment.py: the deployed round).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import Message
+from in_process_grid import InProcessGrid, set_serverapp_identity
+from scipy import stats
+from test_federation import fed_config as federation_config
+from test_secure_aggregation_attack import _z, attack
+
+from client.policy import PolicyError, load_policy
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.federation import ARRAYS_RECORD, METRICS_RECORD, RoundConfig, TrainReply
+from healthfm_core.model.groups import parameter_group
+from healthfm_core.packing import unpack_record
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.field import clip_update
+from secure_aggregation.layout import group_vector
+from secure_aggregation.messages import EncryptedShares, KeyDirectory, MaskedInput, PublicKeys, UnmaskShares
+from secure_aggregation.records import (
+    KEYS_MESSAGE,
+    MASK_MESSAGE,
+    SECAGG_RECORD,
+    SHARES_MESSAGE,
+    UNMASK_MESSAGE,
+    from_flat,
+)
+from secure_aggregation.server import ServerRound
+from secure_aggregation.simulate import Transcript
+from server.audit import AUDIT_FILE, audit_from_rounds, read_audit_log
+from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
+from server.config import FederationConfig
+from server.runlog import read_events
+from server.server_app import FederationServer
+
+REPO = Path(__file__).resolve().parents[1]
+# Four sites, four modality mixes: genomics is held by two of them (withheld at min_holders 3),
+# wearables by three (unmasked).
+MODALITIES = {
+    "biobank": {"ehr": 1.0, "wearables": 1.0, "genomics": 1.0},
+    "hospital": {"ehr": 1.0, "wearables": 1.0},
+    "genomics": {"ehr": 1.0, "genomics": 1.0},
+    "clinic": {"ehr": 1.0, "wearables": 1.0},
+}
+
+
+def four_site_scenario() -> dict[str, Any]:
+    scenario = yaml.safe_load((REPO / "configs" / "scenario" / "tiny.yaml").read_text())
+    hospital = next(s for s in scenario["sites"] if s["name"] == "hospital")
+    scenario["sites"].append({**hospital, "name": "clinic", "date_offset_years": 0})
+    for site in scenario["sites"]:
+        site["modalities"] = MODALITIES[site["name"]]
+    scenario["name"] = "tiny-four-mixes"
+    return scenario
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("secagg-fed")
+    manifest = generate_federation(root, four_site_scenario(), seed=0, n_subjects=30, progress=False)
+    return {
+        100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2}
+        for i, s in enumerate(manifest.sites)
+    }
+
+
+def fed_config(out: Path, **overrides: Any) -> FederationConfig:
+    """test_federation's run (tiny, 2 steps x 8, seed 3), one round, no server optimiser (its first
+    step is about lr x sign(average): it would magnify the quantisation error it is compared by)."""
+    base: dict[str, Any] = dict(rounds=1, min_nodes=4, eval_tasks=[], timeout_s=60, server_optimizer=None)
+    return federation_config(out, **{**base, **overrides})
+
+
+def final_arrays(out: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The run's global arrays after its last round, and the initial ones (from its setup)."""
+    path = latest_server_checkpoint(out / "checkpoints")
+    assert path is not None
+    state = load_server_checkpoint(path)
+    initial = {k: v.numpy() for k, v in state.setup.init_model().state_dict().items()}
+    return state.arrays, initial
+
+
+class DroppingGrid(InProcessGrid):
+    """InProcessGrid where the named sites' replies to one message type never arrive (the site
+    died after receiving it)."""
+
+    def __init__(self, node_configs: dict[int, dict], drop: dict[str, set[str]]) -> None:
+        super().__init__(node_configs)
+        self.drop = drop
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:  # noqa: ANN001
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        gone = {
+            n
+            for n, c in self.node_configs.items()
+            if c["site-name"] in self.drop.get(messages[0].metadata.message_type, set())
+        }
+        return [r for r in replies if r.metadata.src_node_id not in gone]
+
+
+def run(grid: InProcessGrid, out: Path, **overrides: Any) -> Path:
+    with pytest.MonkeyPatch.context() as mp:
+        set_serverapp_identity(mp)
+        FederationServer(grid, fed_config(out, **overrides), run_id=1).run()
+    return out
+
+
+def assert_within_bounds(secure_out: Path, plain_out: Path, groups: list[str]) -> None:
+    """The secure run's arrays equal the plain run's within each group's stated bound, and moved."""
+    plain, initial = final_arrays(plain_out)
+    secure, _ = final_arrays(secure_out)
+    bounds = the_round(secure_out)["secure_aggregation"]["error_bounds"]
+    assert sorted(bounds) == sorted(groups)
+    for group in groups:
+        keys = [k for k in initial if parameter_group(k) == group]
+        worst = max(float(np.abs(secure[k].astype(np.float64) - plain[k]).max()) for k in keys)
+        moved = max(float(np.abs(plain[k].astype(np.float64) - initial[k]).max()) for k in keys)
+        # float32 storage of both results adds at most a rounding of each weight (~6e-8 relative)
+        assert worst <= bounds[group] + 1e-6, (group, worst, bounds[group])
+        assert moved > 20 * bounds[group], (group, moved, bounds[group])  # moved well past the bound
+
+
+def the_round(out: Path) -> dict[str, Any]:
+    [event] = [e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"]
+    return event
+
+
+class RecordingGrid(InProcessGrid):
+    """InProcessGrid keeping every exchange: what the server sent and every reply it received."""
+
+    def __init__(self, node_configs: dict[int, dict]) -> None:
+        super().__init__(node_configs)
+        self.exchanges: list[tuple[list[Message], list[Message]]] = []
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.exchanges.append((messages, replies))
+        return replies
+
+    def exchange(self, message_type: str) -> tuple[list[Message], list[Message]]:
+        [found] = [(m, r) for m, r in self.exchanges if m and m[0].metadata.message_type == message_type]
+        return found
+
+
+class Runs(NamedTuple):
+    plain: Path
+    secure: Path
+    plain_grid: RecordingGrid
+    secure_grid: RecordingGrid
+
+
+@pytest.fixture(scope="module")
+def plain_and_secure(sites: dict[int, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    plain_grid, secure_grid = RecordingGrid(sites), RecordingGrid(sites)
+    plain = run(plain_grid, tmp_path_factory.mktemp("plain"))
+    return Runs(
+        plain, run(secure_grid, tmp_path_factory.mktemp("secure"), secure_aggregation=True), plain_grid, secure_grid
+    )
+
+
+def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_and_secure: Runs) -> None:
+    plain_out, secure_out = plain_and_secure.plain, plain_and_secure.secure
+    assert_within_bounds(secure_out, plain_out, ["shared", "ehr", "wearables"])
+    info = the_round(secure_out)["secure_aggregation"]
+    assert "error" not in info, info
+    assert info["unmasked"] == {
+        "shared": ["biobank", "clinic", "genomics", "hospital"],
+        "ehr": ["biobank", "clinic", "genomics", "hospital"],
+        "wearables": ["biobank", "clinic", "hospital"],
+    }
+
+
+@pytest.mark.slow
+def test_a_site_lost_after_masking_is_recovered_and_still_counted(
+    sites: dict[int, dict[str, Any]], plain_and_secure: Runs, tmp_path: Path
+) -> None:
+    plain_out = plain_and_secure.plain
+    out = run(DroppingGrid(sites, {UNMASK_MESSAGE: {"clinic"}}), tmp_path / "run", secure_aggregation=True)
+    info = the_round(out)["secure_aggregation"]
+    assert info["dropped_after_masking"] == ["clinic"] and info["dropped_before_masking"] == []
+    assert_within_bounds(out, plain_out, ["shared", "ehr", "wearables"])  # its masked update is in the sum
+
+
+@pytest.mark.slow
+def test_a_site_lost_before_masking_is_recovered_and_left_out(sites: dict[int, dict[str, Any]], tmp_path: Path) -> None:
+    plain = run(DroppingGrid(sites, {"train": {"hospital"}}), tmp_path / "plain")
+    out = run(DroppingGrid(sites, {MASK_MESSAGE: {"hospital"}}), tmp_path / "secure", secure_aggregation=True)
+    event = the_round(out)
+    info = event["secure_aggregation"]
+    assert info["dropped_before_masking"] == ["hospital"]
+    assert event["sites"]["hospital"]["status"] == "no reply"
+    # wearables: two surviving holders now, withheld; shared and ehr over the three others
+    assert sorted(info["withheld"]) == ["genomics", "wearables"]
+    assert_within_bounds(out, plain, ["shared", "ehr"])
+
+
+@pytest.mark.slow
+def test_too_few_survivors_fail_the_round_loudly_and_change_nothing(
+    sites: dict[int, dict[str, Any]], tmp_path: Path
+) -> None:
+    out = run(DroppingGrid(sites, {MASK_MESSAGE: {"hospital", "clinic"}}), tmp_path / "run", secure_aggregation=True)
+    secure, initial = final_arrays(out)
+    assert all(np.array_equal(secure[k], initial[k]) for k in initial)
+    event = the_round(out)
+    assert (
+        event["updated"] is False
+        and "2 site(s) sent a masked vector < threshold 3" in event["secure_aggregation"]["error"]
+    )
+    assert event["sites"]["biobank"]["reason"].startswith("the secure round failed:"), event["sites"]
+    assert event["sites"]["hospital"]["reason"].startswith("mask: no reply"), event["sites"]
+    [record] = [r for r in read_audit_log(out / AUDIT_FILE) if r["record"] == "secure-aggregation"]
+    assert record["error"] == event["secure_aggregation"]["error"]
+    assert "ERROR healthfm.server.secure_round: round 1: secure aggregation failed" in (out / "server.log").read_text()
+
+
+def test_a_group_with_too_few_holders_is_carried_forward_and_recorded(plain_and_secure: Runs) -> None:
+    plain_out, secure_out = plain_and_secure.plain, plain_and_secure.secure
+    plain, initial = final_arrays(plain_out)
+    secure, _ = final_arrays(secure_out)
+    genomics = [k for k in initial if parameter_group(k) == "genomics"]
+    assert all(np.array_equal(secure[k], initial[k]) for k in genomics)  # carried forward
+    assert any(not np.array_equal(plain[k], initial[k]) for k in genomics)  # the plain run averaged two sites
+    event = the_round(secure_out)
+    withheld = event["secure_aggregation"]["withheld"]
+    assert list(withheld) == ["genomics"] and "2 surviving holder(s) < min_holders 3" in withheld["genomics"]
+    assert "genomics" not in event["contributors"]
+    assert all(e["status"] == "ok" and e["reply_after_seconds"] >= 0 for e in event["sites"].values()), event["sites"]
+    [record] = [r for r in read_audit_log(secure_out / AUDIT_FILE) if r["record"] == "secure-aggregation"]
+    assert record["round"] == 1 and record["withheld"] == withheld
+    [start] = [r for r in read_audit_log(secure_out / AUDIT_FILE) if r["record"] == "run"]
+    assert start["limits"]["secure_aggregation"] is True and start["limits"]["secagg_min_holders"] == 3
+    # the audit log's round records are exactly those rounds.jsonl implies
+    implied = [r for r in audit_from_rounds(secure_out / "rounds.jsonl") if r["record"] == "secure-aggregation"]
+    assert implied == [{k: v for k, v in record.items() if k not in ("time", "prev_sha256")}]
+    assert "withheld (carried forward)" in (secure_out / "server.log").read_text()
+
+
+def test_a_site_requiring_secure_aggregation_refuses_a_plain_round(
+    sites: dict[int, dict[str, Any]], tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 2\nrequire_secure_aggregation: true\n")
+    nodes = {n: ({**c, "policy": str(policy)} if c["site-name"] == "clinic" else c) for n, c in sites.items()}
+    clinic = the_round(run(InProcessGrid(nodes), tmp_path / "run", local_steps=1))["sites"]["clinic"]
+    assert clinic["status"] == "refused" and "requires secure aggregation" in clinic["reason"], clinic
+
+
+def test_the_policy_key_and_the_run_config_key_parse_strictly(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("require_secure_aggregation: true\n")
+    assert load_policy(path).require_secure_aggregation is True
+    path.write_text("require_secure_aggregation: 'yes'\n")
+    with pytest.raises(PolicyError, match="require_secure_aggregation"):
+        load_policy(path)
+    cfg = FederationConfig.from_run_config(
+        {"out-dir": str(tmp_path), "model": "tiny", "secure-aggregation": True, "secagg-min-holders": 4}
+    )
+    assert cfg.secure_aggregation and cfg.secagg_min_holders == 4
+    flat = RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, setup_sha256="x", secure_aggregation=True).to_flat()
+    assert RoundConfig.from_flat(flat).secure_aggregation is True
+
+
+@pytest.mark.slow
+def test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one(
+    sites: dict[int, dict[str, Any]], plain_and_secure: Runs, tmp_path: Path
+) -> None:
+    """The same round in Flower's simulation engine (Ray actors, each site's SiteRound kept in its
+    node's Context.state between the four stages) against the plain run of the same seeds."""
+    from simulations.run import run_federation_simulation
+
+    plain_out = plain_and_secure.plain
+    out = run_federation_simulation(
+        fed_config(tmp_path / "sim", secure_aggregation=True), list(sites.values()), num_cpus=2
+    )
+    event = the_round(out)
+    assert all(e["status"] == "ok" for e in event["sites"].values()), event["sites"]
+    assert list(event["secure_aggregation"]["withheld"]) == ["genomics"]
+    assert_within_bounds(out, plain_out, ["shared", "ehr", "wearables"])
+
+
+@pytest.mark.slow
+def test_dp_sites_report_their_spend_under_secure_aggregation(sites: dict[int, dict[str, Any]], tmp_path: Path) -> None:
+    """DP-SGD at each site is unchanged by secure aggregation: its ledger spends, and the round
+    records each site's cumulative epsilon as without it (counts stay masked)."""
+    from server.config import PrivacyRequest
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 2\nrequire_secure_aggregation: true\ndp:\n  epsilon_cap: 50\n  delta: 1.0e-2\n")
+    nodes = {n: {**c, "policy": str(policy), "state-dir": str(tmp_path / f"state-{n}")} for n, c in sites.items()}
+    out = run(
+        InProcessGrid(nodes),
+        tmp_path / "run",
+        secure_aggregation=True,
+        privacy=PrivacyRequest(noise_multiplier=1.0, delta=1e-2),
+    )
+    event = the_round(out)
+    assert "error" not in event["secure_aggregation"], event["secure_aggregation"]
+    assert sorted(event["epsilon"]) == ["biobank", "clinic", "genomics", "hospital"]
+    for site, entry in event["sites"].items():
+        assert entry["status"] == "ok" and entry["dp"]["epsilon"] > 0 and entry["dp"]["delta"] == 1e-2, (site, entry)
+        assert "num_examples" not in entry and "losses" not in entry  # masked, or not sent
+    assert event["updated"] is True
+
+
+@pytest.mark.slow
+def test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out(tmp_path: Path) -> None:
+    """The tiny hospital (30% of subjects with wearables) draws no wearable sample in 2 steps x 8
+    at seed 0 (as the deployed test saw): it refuses the secure round, saying why, and is a
+    dropout; its peers' round still completes without a wrong average."""
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes = {
+        100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2}
+        for i, s in enumerate(manifest.sites)
+    }
+    out = run(
+        InProcessGrid(nodes), tmp_path / "run", secure_aggregation=True, seed=0, min_nodes=3, secagg_min_holders=2
+    )
+    event = the_round(out)
+    hospital = event["sites"]["hospital"]
+    assert hospital["status"] == "refused" and "no sample of group(s) ['wearables']" in hospital["reason"], hospital
+    info = event["secure_aggregation"]
+    assert info["dropped_before_masking"] == ["hospital"] and "error" not in info, info
+    assert info["unmasked"]["shared"] == ["biobank", "genomics"]
+
+
+def test_an_attacker_given_every_message_the_server_received_learns_no_sites_update(plain_and_secure: Runs) -> None:
+    """The attack replay on the wired round: every reply of the secure run's four exchanges (what the
+    server, and the SuperLink relaying them, received) and the server's own messages (its config and
+    key directory), handed to tests/test_secure_aggregation_attack.py's attacker (which recovers a
+    site's update once given its secrets: that test's positive control). Its estimate of each
+    site's update of each group is no closer to the truth than a random guess. The truth: the same
+    site's update in the plain run of the same seeds (its reply's arrays less the initial ones,
+    clipped as the secure round clips)."""
+    grid = plain_and_secure.secure_grid
+
+    def replies(message_type: str, cls: type[Any]) -> list[Any]:
+        return [from_flat(cls, r.content.config_records[SECAGG_RECORD]) for r in grid.exchange(message_type)[1]]
+
+    keys_sent, _ = grid.exchange(KEYS_MESSAGE)
+    config = from_flat(SecAggConfig, keys_sent[0].content.config_records[SECAGG_RECORD])
+    shares_sent, _ = grid.exchange(SHARES_MESSAGE)
+    server = ServerRound(config)
+    server.directory = from_flat(KeyDirectory, shares_sent[0].content.config_records[SECAGG_RECORD])
+    transcript = Transcript(
+        keys=replies(KEYS_MESSAGE, PublicKeys),
+        shares=replies(SHARES_MESSAGE, EncryptedShares),
+        masked=replies(MASK_MESSAGE, MaskedInput),
+        unmask=replies(UNMASK_MESSAGE, UnmaskShares),
+    )
+    estimates = attack(transcript, server)
+
+    _, initial = final_arrays(plain_and_secure.plain)
+    truths, counts = {}, {}
+    for reply in plain_and_secure.plain_grid.exchange("train")[1]:
+        trained = unpack_record(reply.content.array_records[ARRAYS_RECORD], where="plain reply")
+        metrics = reply.content.metric_records[METRICS_RECORD]
+        counts[reply.metadata.src_node_id] = TrainReply.from_records(trained, metrics).group_examples
+        update = {k: v.astype(np.float64) - initial[k] for k, v in trained.items()}
+        node = reply.metadata.src_node_id
+        for group in config.groups[node]:
+            truths[(node, group)] = clip_update(
+                group_vector(update, group), config.clip_norm[group], config.value_range[group]
+            )
+    assert set(estimates) == set(truths) and len(truths) == 13  # 4 + 4 + 3 + 2 (site, group) updates
+    zs = {key: _z(estimates[key], truths[key]) for key in truths}
+    assert all(abs(z) < 4.5 for z in zs.values()), zs
+    assert sum(z * z for z in zs.values()) < stats.chi2.ppf(0.999, df=len(zs)), zs
+    # The truths are the right ones: their count-weighted average is the secure round's update of
+    # `shared` (the aggregate the server is entitled to).
+    secure, _ = final_arrays(plain_and_secure.secure)
+    holders = [n for n in config.sample if "shared" in config.groups[n]]
+    average = sum(counts[n]["shared"] * truths[(n, "shared")] for n in holders) / sum(
+        counts[n]["shared"] for n in holders
+    )
+    applied = group_vector({k: secure[k].astype(np.float64) - initial[k] for k in initial}, "shared")
+    assert float(np.corrcoef(average, applied)[0, 1]) > 0.999
