@@ -44,8 +44,9 @@ Rules (the model relies on them):
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ from healthfm_core.data.event_rows import (
     us_arrow,
 )
 from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order, run_values
+from healthfm_core.data.read_ahead import read_ahead
 from healthfm_core.data.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
@@ -765,6 +767,10 @@ class SiteSequences:
         )
 
 
+def _one_shard(site: SiteLike, columns: list[str], path: Path) -> pa.Table:
+    return next(iter(site.iter_event_shards(columns, [path], dictionary_code=True)))
+
+
 def site_event_rows(
     site: SiteLike, vocab: Vocabulary, subject_ids: Sequence[int] | np.ndarray | None = None
 ) -> EventRows:
@@ -777,7 +783,12 @@ def site_event_rows(
     columns = ["subject_id", "time", "code", "numeric_value"]
     order = disjoint_subject_order(files) if len(files) > 1 else None
     n_shards = 0
-    for shard in site.iter_event_shards(columns, order, dictionary_code=True):
+    if files:  # the next shard read (parquet, off the GIL) while this one is encoded
+        reads = [functools.partial(_one_shard, site, columns, path) for path in order or files]
+        shards: Iterable[pa.Table] = read_ahead(reads, "shard-read")
+    else:
+        shards = site.iter_event_shards(columns, order, dictionary_code=True)
+    for shard in shards:
         if wanted is not None:
             shard = shard.filter(pc.is_in(shard["subject_id"], value_set=wanted))
         sink.add(shard_rows(shard, vocab, reading_order=True))

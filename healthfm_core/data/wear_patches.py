@@ -20,21 +20,20 @@ input order (an unsorted table is sorted once first); of epochs sharing a slot t
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from healthfm_core.data.layout import EPOCH_US
+from healthfm_core.data.read_ahead import read_ahead
 from healthfm_core.data.vocab import Normalizer
 
 NO_TIME = np.iinfo(np.int64).max  # "no epoch" in first_us (tokens.py's _NO_TIME)
 _NO_END = np.iinfo(np.int64).min
 _CHUNK_ROWS = 1 << 20  # rows per streamed piece: temporaries of ~8 MiB per int64 array
-T = TypeVar("T")
 
 
 @dataclass
@@ -289,7 +288,7 @@ def plan_patches(parts: Sequence[PatchPart], patch_epochs: int, normalisers: Seq
     p_k: list[np.ndarray] = []
     p_time: list[np.ndarray] = []
     carry, n_patch, n_rows = _Carry(), 0, 0
-    for keys in _read_ahead([part.keys for part in parts]):
+    for keys in read_ahead([part.keys for part in parts], "wear-read"):
         placed = _place_part(_pieces(keys), carry, n_patch, E, p_sid, p_k, p_time)
         del keys  # its buffers go back to the pool before the next part is read
         info.append(placed)
@@ -319,7 +318,7 @@ def plan_patches(parts: Sequence[PatchPart], patch_epochs: int, normalisers: Seq
 
     def fill() -> None:
         reads = [functools.partial(part.channels, with_time) for part, _, with_time in todo]  # off grid: by time
-        for (_, placed, with_time), channels in zip(todo, _read_ahead(reads)):
+        for (_, placed, with_time), channels in zip(todo, read_ahead(reads, "wear-read")):
             for piece in placed:
                 _write_piece(channels.slice(piece.row0, piece.n_rows), piece, with_time, E, normalisers, epochs, mask)
             del channels
@@ -360,22 +359,6 @@ def _place_part(
         p_k.append(k)
         p_time.append(t[rows])
     return placed
-
-
-def _read_ahead(reads: Sequence[Callable[[], T]]) -> Iterator[T]:
-    """The reads' results in order, the next one running in a worker thread meanwhile: parquet
-    decoding releases the GIL, so reading part i + 1 overlaps the numpy work on part i (at most
-    two parts are held)."""
-    if len(reads) < 2:
-        yield from (read() for read in reads)
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="wear-read") as pool:
-        ahead = pool.submit(reads[0])
-        for read in reads[1:]:
-            current, ahead = ahead.result(), pool.submit(read)
-            yield current
-            del current
-        yield ahead.result()
 
 
 def _column(table: pa.Table, i: int) -> pa.Array:
