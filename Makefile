@@ -83,6 +83,7 @@ test-slow: setup
 # simulation engine against the plain round (36 s, shared machine); a deployed secure round, three
 # real sites joined through `client.py join` (96 s with its SuperLink and joins).
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
+	tests/test_aces_tasks.py::test_aces_equals_onset_labels \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
 	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
 	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line \

@@ -71,6 +71,7 @@ def _old_events(events: pa.Table, scenario: str, task_name: str) -> tuple[pa.Tab
     return events.set_column(2, "code", pc.if_else(hit, pa.scalar("OUTCOME"), events["code"])), "OUTCOME"
 
 
+@pytest.mark.slow  # 22 s: CI's slow stage (Makefile SLOW_CI) keeps it gating
 def test_aces_equals_onset_labels(federations: dict[str, Path]) -> None:
     rows = []
     for scenario, sites_dir in federations.items():
