@@ -156,6 +156,10 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
                 )
                 seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
                 out["emb_mib"] = round(emb.x.nbytes / 2**20, 1)
+                # Where the resident pages are as the passes end: a mapped file's count as RssFile
+                # (page cache the kernel may write back and drop), held arrays as RssAnon.
+                for key in ("RssAnon", "RssFile"):
+                    out[key] = f"{_status_bytes('self', key) / 2**20:.0f} MiB"
         out["passes"], out["label_rows"], out["subjects"] = emb.passes, table.num_rows, len(sample)
         out["rows_to"], out["seconds"], out["cpu"] = args.forward_to, seconds, cpu
         return out

@@ -260,10 +260,6 @@ def test_a_full_evaluation_streamed_to_disk_equals_the_in_memory_one_bit_for_bit
     assert streamed.predictions and streamed.predictions.keys() == in_memory_run.predictions.keys()
     for key, path in streamed.predictions.items():
         assert pq.read_table(path).equals(pq.read_table(in_memory_run.predictions[key])), key
-    # Without a directory: in memory, as before, the same metrics.
-    no_dir = SiteRuntime(site.config)
-    assert no_dir.eval_dir() is None
-    assert no_dir.evaluate_tasks(setup, model, cfg, labels=site.labels(cfg)).metrics == streamed.metrics
 
 
 def test_embeddings_streamed_to_disk_hold_no_memory_that_grows_with_the_rows(biobank, setup, tmp_path: Path) -> None:
