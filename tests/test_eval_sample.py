@@ -309,3 +309,15 @@ def test_embeddings_streamed_to_disk_hold_no_memory_that_grows_with_the_rows(bio
     assert grown["memory"] - grown["disk"] >= 0.75 * embeddings, (grown, embeddings)
     # ... whose peak is the batch's: 4x the rows, not 4x the peak (the row indices still grow).
     assert peaks["disk"][1] < 1.2 * peaks["disk"][0], peaks
+
+
+def test_the_embeddings_file_is_named_apart_and_removed_when_the_evaluation_fails(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="a probe failed"), embeddings_file(tmp_path / "site") as rows_to:
+        with embeddings_file(tmp_path / "site") as other:  # a second evaluation of the same directory
+            a, b = rows_to(10, 4, np.float32), other(10, 4, np.float64)
+            assert a.filename != b.filename and (a.dtype, b.dtype) == (np.float32, np.float64)
+            a[:] = 1.5
+            np.testing.assert_array_equal(np.load(a.filename), a)  # a .npy any reader opens
+        assert Path(a.filename).exists() and not Path(b.filename).exists()
+        raise RuntimeError("a probe failed")
+    assert not list((tmp_path / "site").iterdir())
