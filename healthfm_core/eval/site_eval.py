@@ -314,9 +314,9 @@ def evaluate_site_tasks(
     union = union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     index = {k: i for i, k in enumerate(_pair_keys(union))}
     # With a directory, the rows land in a memory-mapped file beside the predictions, removed at
-    # the end (eval/embedding_file.py): memory no longer grows with the rows of a full evaluation.
-    rows_file = embeddings_file(Path(pred_dir) / site_name) if pred_dir is not None else None
-    with rows_file if rows_file is not None else contextlib.nullcontext(in_memory) as rows_to:
+    # the end (eval/embedding_file.py): the embeddings of a full evaluation hold no memory.
+    site_dir = None if pred_dir is None else Path(pred_dir) / site_name
+    with contextlib.nullcontext(in_memory) if site_dir is None else embeddings_file(site_dir) as rows_to:
         # embed_rows runs the model in eval mode without gradients, as patch reuse needs.
         start = time.perf_counter()
         with reused_patch_encodings(model) if reuse_patches else contextlib.nullcontext(PatchReuse()) as reuse:
