@@ -273,7 +273,8 @@ def evaluate_site_tasks(
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `progress`: bars for the embedding and the per-task fits (`client.py probe` at a terminal).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
-    scores the predictions in memory and writes nothing; `reuse_patches`
+    scores the predictions in memory and writes nothing (and holds the embeddings in memory; with
+    a `pred_dir` they are a memory-mapped file there while the evaluation runs); `reuse_patches`
     False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
     baseline of benchmarks/eval_cost.py); `shared_passes` False runs one forward pass per row instead
     of one per group of a subject's rows (eval/row_embeddings.py; the same numbers to float rounding).
