@@ -19,8 +19,10 @@ and the `default` scenario's wearable_clinic (nearly every subject wears a devic
             over the PretrainingDataset (the time printed is the batches' alone; RSS is load + round)
   labels    the ACES labels of --task (a shipped onset task) for every subject (task_labels_at_site)
   forward   the evaluation's forward passes (eval/row_embeddings.embed_rows, the tiny model) over
-            the labelled rows of a sample of at most --eval-subjects subjects (sample_subjects);
-            its load and labels are not in the time, are in the RSS
+            the labelled rows of a sample of at most --eval-subjects subjects (sample_subjects; 0:
+            every subject, a full evaluation), the rows landing in memory or (--forward-to disk) in
+            a memory-mapped file (eval/embedding_file.py); its load and labels are not in the time,
+            are in the RSS
 
 Per stage: seconds, CPU seconds (every thread's: pyarrow reads on several), seconds per MEDS row
 (per wearable epoch at the wearable site), the ratio to the raw read of the same size measured in
@@ -32,12 +34,14 @@ The targets of issue 28 are printed beside the numbers. OMP_NUM_THREADS=1 unless
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +61,8 @@ from healthfm_core.data.synthetic.generate import select_sites  # noqa: E402
 from healthfm_core.data.task_spec import resolve_tasks  # noqa: E402
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader, to_us  # noqa: E402
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary  # noqa: E402
-from healthfm_core.eval.row_embeddings import embed_rows  # noqa: E402
+from healthfm_core.eval.embedding_file import embeddings_file  # noqa: E402
+from healthfm_core.eval.row_embeddings import embed_rows, in_memory  # noqa: E402
 from healthfm_core.eval.site_eval import task_labels_at_site  # noqa: E402
 from healthfm_core.eval.subject_sample import sample_subjects  # noqa: E402
 from healthfm_core.federation import FederationSetup  # noqa: E402
@@ -135,17 +140,29 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
         seqs = SiteSequences.from_site(site, vocab, subject_ids=sample)
         model = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0).init_model()
         table = labels[0]
-        t, cpu = time.perf_counter(), time.process_time()
-        emb = embed_rows(
-            model,
-            seqs,
-            table["subject_id"].to_numpy(),
-            to_us(table["prediction_time"]),
-            args.max_events,
-            args.max_patches,
-            batch_size=max(args.batch_size, 32),
-        )
+        # --forward-to disk: the rows land in a memory-mapped file, as an evaluation with an eval directory has them.
+        with tempfile.TemporaryDirectory() as tmp:
+            with embeddings_file(tmp) if args.forward_to == "disk" else contextlib.nullcontext(in_memory) as rows_to:
+                t, cpu = time.perf_counter(), time.process_time()
+                emb = embed_rows(
+                    model,
+                    seqs,
+                    table["subject_id"].to_numpy(),
+                    to_us(table["prediction_time"]),
+                    args.max_events,
+                    args.max_patches,
+                    batch_size=max(args.batch_size, 32),
+                    rows_to=rows_to,
+                )
+                seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+                out["emb_mib"] = round(emb.x.nbytes / 2**20, 1)
+                # Where the resident pages are as the passes end: a mapped file's count as RssFile
+                # (page cache the kernel may write back and drop), held arrays as RssAnon.
+                for key in ("RssAnon", "RssFile"):
+                    out[key] = f"{_status_bytes('self', key) / 2**20:.0f} MiB"
         out["passes"], out["label_rows"], out["subjects"] = emb.passes, table.num_rows, len(sample)
+        out["rows_to"], out["seconds"], out["cpu"] = args.forward_to, seconds, cpu
+        return out
     else:
         raise SystemExit(f"unknown stage {name!r}; stages: {STAGES}")
     out["seconds"] = time.perf_counter() - t
@@ -340,7 +357,7 @@ def targets(hosp: dict[int, dict[str, Result]], wear: dict[int, dict[str, Result
             )
 
 
-CHILD_ARGS = ["max_events", "max_patches", "batch_size", "local_steps", "task", "eval_subjects"]
+CHILD_ARGS = ["max_events", "max_patches", "batch_size", "local_steps", "task", "eval_subjects", "forward_to"]
 
 
 def _sizes(text: str) -> list[int]:
@@ -362,7 +379,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-events", type=int, default=256)
     p.add_argument("--max-patches", type=int, default=32)
     p.add_argument("--task", default="onset_t2d_365d", help="the ACES task labelled")
-    p.add_argument("--eval-subjects", type=int, default=1000, help="the capped evaluation sample (forward)")
+    p.add_argument(
+        "--eval-subjects", type=int, default=1000, help="the capped evaluation sample (forward; 0: every subject)"
+    )
+    p.add_argument(
+        "--forward-to",
+        choices=["memory", "disk"],
+        default="memory",
+        help="where forward's embeddings land: in memory, or a memory-mapped file in a temporary directory",
+    )
     p.add_argument("--max-rss-gb", type=float, default=10.0, help="kill a stage whose RSS passes this")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per stage")
     p.add_argument("--child", help=argparse.SUPPRESS)

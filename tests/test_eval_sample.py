@@ -6,6 +6,9 @@ evaluation scores exactly the sampled subjects' rows; bad budgets are refused by
 
 from __future__ import annotations
 
+import contextlib
+import tracemalloc
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,11 @@ from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.eval import site_eval
+from healthfm_core.eval.embedding_file import embeddings_file
 from healthfm_core.eval.meds_eval import prediction_path
 from healthfm_core.eval.outcomes import outcome, scored_of_available
+from healthfm_core.eval.row_embeddings import embed_rows, in_memory
 from healthfm_core.eval.subject_sample import draw_sample, sample_subjects
 from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, TaskMetrics
 from healthfm_core.model.config import load_model_config
@@ -218,3 +224,100 @@ def test_the_evidence_job_runs_no_federated_evaluation() -> None:
     # ... and a unit written before the setting existed still resumes: it is not fingerprinted.
     unit = OmegaConf.create({"federation": {"rounds": 1, "eval_max_subjects": 7}, "seed": 0})
     assert unit_fingerprint(unit, "default")["federation"] == {"rounds": 1}
+
+
+# ------------------------------------------------------------- the embeddings streamed to disk
+
+
+def test_a_full_evaluation_streamed_to_disk_equals_the_in_memory_one_bit_for_bit(
+    biobank, setup, tmp_path: Path, monkeypatch
+) -> None:
+    site = SiteRuntime(biobank.config.model_copy(update={"min_report_positives": 1}))  # binary tasks report too
+    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10, meds_tab=False)
+    model = site.model(setup, _arrays(site, setup, 3))
+    files: list[np.ndarray] = []
+
+    @contextlib.contextmanager
+    def watched(directory):  # the real file, its array recorded
+        with embeddings_file(directory) as rows_to:
+            yield lambda n, d, exact: files.append(rows_to(n, d, exact)) or files[-1]
+
+    monkeypatch.setattr(site_eval, "embeddings_file", watched)
+    streamed = site.evaluate_tasks(setup, model, cfg, out_dir=tmp_path / "disk")
+    monkeypatch.setattr(site_eval, "embeddings_file", lambda directory: contextlib.nullcontext(in_memory))
+    in_memory_run = site.evaluate_tasks(setup, model, cfg, out_dir=tmp_path / "memory")
+    # The rows went to a float32 memory-mapped file beside the predictions, removed afterwards.
+    (array,) = files
+    assert isinstance(array, np.memmap) and array.dtype == np.float32
+    assert array.shape[0] == streamed.num_examples and Path(array.filename).parent == tmp_path / "disk" / "biobank"
+    assert not Path(array.filename).exists() and not list((tmp_path / "disk").rglob("*.npy"))
+    assert streamed.metrics and streamed.metrics == in_memory_run.metrics and streamed.reasons == in_memory_run.reasons
+    assert streamed.probes.keys() == in_memory_run.probes.keys()
+    for key, probe in streamed.probes.items():
+        other = in_memory_run.probes[key]
+        for a, b in zip(astuple(probe), astuple(other), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert streamed.predictions and streamed.predictions.keys() == in_memory_run.predictions.keys()
+    for key, path in streamed.predictions.items():
+        assert pq.read_table(path).equals(pq.read_table(in_memory_run.predictions[key])), key
+
+
+def test_embeddings_streamed_to_disk_hold_no_memory_that_grows_with_the_rows(biobank, setup, tmp_path: Path) -> None:
+    """Peak traced memory (numpy reports its allocations to tracemalloc) while N and 4N rows are
+    embedded, from the first pass on: the in-memory rows grow it by their bytes, the file's do not."""
+    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256)
+    table = biobank.labels(cfg)["onset_hypertension_365d"]
+    seqs, model = biobank.sequences(setup), setup.init_model()
+    n = 48  # rows; one pass per row and the same passes repeated, so every batch is alike
+    sid, pt = table["subject_id"].to_numpy()[:n], pc.cast(table["prediction_time"], "int64").to_numpy()[:n]
+
+    def peak(times: int, rows_to) -> tuple[int, np.ndarray]:
+        def landed(*shape) -> np.ndarray:  # the peak from here on: the passes, not their index arrays
+            x = rows_to(*shape)
+            tracemalloc.reset_peak()
+            return x
+
+        tracemalloc.start()
+        try:
+            x = embed_rows(
+                model,
+                seqs,
+                np.tile(sid, times),
+                np.tile(pt, times),
+                256,
+                32,
+                batch_size=16,
+                shared=False,
+                rows_to=landed,
+            ).x
+            return tracemalloc.get_traced_memory()[1], x
+        finally:
+            tracemalloc.stop()
+
+    peak(1, in_memory)  # warm: what the first pass ever allocates (torch's, numpy's caches) is not the rows'
+    peaks: dict[str, list[int]] = {}
+    for where in ("memory", "disk"):
+        for times in (1, 4):
+            with embeddings_file(tmp_path) if where == "disk" else contextlib.nullcontext(in_memory) as rows_to:
+                bytes_, x = peak(times, rows_to)
+            peaks.setdefault(where, []).append(bytes_)
+            assert x.shape == (times * n, 32) and isinstance(x, np.memmap) == (where == "disk")
+    grown = {where: p[1] - p[0] for where, p in peaks.items()}
+    embeddings = 3 * n * 32 * 8  # the in-memory rows added from N to 4N (float64)
+    # The in-memory peak grows by the rows' bytes more than the streamed one (measured 1.1-1.2x
+    # them: the allocator's own bytes), ...
+    assert grown["memory"] - grown["disk"] >= 0.75 * embeddings, (grown, embeddings)
+    # ... whose peak is the batch's: 4x the rows, not 4x the peak (the row indices still grow).
+    assert peaks["disk"][1] < 1.2 * peaks["disk"][0], peaks
+
+
+def test_the_embeddings_file_is_named_apart_and_removed_when_the_evaluation_fails(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="a probe failed"), embeddings_file(tmp_path / "site") as rows_to:
+        with embeddings_file(tmp_path / "site") as other:  # a second evaluation of the same directory
+            a, b = rows_to(10, 4, np.float32), other(10, 4, np.float64)
+            assert a.filename != b.filename and (a.dtype, b.dtype) == (np.float32, np.float64)
+            a[:] = 1.5
+            np.testing.assert_array_equal(np.load(a.filename), a)  # a .npy any reader opens
+        assert Path(a.filename).exists() and not Path(b.filename).exists()
+        raise RuntimeError("a probe failed")
+    assert not list((tmp_path / "site").iterdir())

@@ -17,7 +17,7 @@ passes, every cut row its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,12 +31,22 @@ from healthfm_core.data.tokens import US_PER_DAY, SiteSequences
 from healthfm_core.data.wear_patches import NO_TIME
 from healthfm_core.model.capabilities import Embedder, QueryEmbedder
 
+# Where embed_rows lands its rows: (rows, width, the narrowest float dtype that holds the model's
+# output exactly) -> an [rows, width] array. The default keeps them in memory (float64, as always);
+# eval/embedding_file.py streams them to a memory-mapped file instead.
+RowArray = Callable[[int, int, type[np.floating]], np.ndarray]
+
+
+def in_memory(n: int, d: int, exact: type[np.floating]) -> np.ndarray:
+    """The rows in memory, float64 whatever the model's precision (today's RowEmbeddings.x)."""
+    return np.zeros((n, d), np.float64)
+
 
 @dataclass
 class RowEmbeddings:
     """One row per asked (subject, prediction_time), in the order asked."""
 
-    x: np.ndarray  # [n, d] float64
+    x: np.ndarray  # [n, d] float64 in memory (default), or where `rows_to` put them
     present: np.ndarray  # [n, len(MODALITIES)] bool: the row has a token of that modality
     passes: int  # forward passes run
 
@@ -81,10 +91,12 @@ def embed_rows(
     shared: bool = True,
     max_queries: int = MAX_QUERIES,
     progress: bool = False,
+    rows_to: RowArray = in_memory,
 ) -> RowEmbeddings:
     """The model's embedding of every row (`keep`: the modalities left in each pass, the
     test-time ablation; presence is recorded before it); at most `max_queries` rows per pass. The model runs in eval mode under
-    torch.inference_mode and gets its training mode back afterwards."""
+    torch.inference_mode and gets its training mode back afterwards. `rows_to` gives the array
+    the rows land in, batch by batch (called once, at the first pass: the width is the model's)."""
     if not isinstance(model, Embedder):
         raise TypeError(f"embed_rows: model {type(model).__name__} has no embed method")
     if batch_size < 1:
@@ -131,9 +143,9 @@ def embed_rows(
                     out = model.embed_at(fed, query_time.to(device))
                 else:
                     out = model.embed(fed)[:, None]
-                emb = out.detach().to("cpu", torch.float64).numpy()
                 if x is None:
-                    x = np.zeros((n, emb.shape[-1]), np.float64)
+                    x = rows_to(n, out.shape[-1], np.float64 if out.dtype == torch.float64 else np.float32)
+                emb = out.detach().to("cpu", torch.float64).numpy()
                 real = rows >= 0
                 x[rows[real]] = emb[real]
                 present[rows[real]] = got[real]
@@ -143,4 +155,4 @@ def embed_rows(
     return RowEmbeddings(x=x, present=present, passes=len(leads))
 
 
-__all__ = ["RowEmbeddings", "embed_rows", "restrict_modalities"]
+__all__ = ["RowArray", "RowEmbeddings", "embed_rows", "in_memory", "restrict_modalities"]

@@ -11,7 +11,9 @@ For each TaskSpec (healthfm_core.data.task_spec):
   wearable regressions from the site's wearables;
 - with a subject budget (EvalConfig.max_subjects), only a fixed keyed-hash sample of at most that
   many subjects per split (healthfm_core/eval/subject_sample.py) is labelled and evaluated;
-- every labelled (subject, prediction_time) is embedded once by the frozen model;
+- every labelled (subject, prediction_time) is embedded once by the frozen model: with a PRED_DIR
+  into a memory-mapped file there, removed when the evaluation ends (eval/embedding_file.py), so
+  a full evaluation's memory does not grow with its rows; without one, in memory;
 - per task key: a linear probe fitted on the train split (C from tuning), the held_out
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
   without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation
@@ -62,12 +64,13 @@ from healthfm_core.data.tasks import (
     wearable_regression_labels,
 )
 from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.eval.embedding_file import embeddings_file
 from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
 from healthfm_core.eval.meds_tab import EVENT_COLUMNS, describe_codes, fit_xgboost, tabularize
 from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, fit_logistic_probe, fit_ridge_probe
-from healthfm_core.eval.row_embeddings import embed_rows
+from healthfm_core.eval.row_embeddings import embed_rows, in_memory
 from healthfm_core.eval.score_histogram import ScoreScale, WithheldKind
 from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
@@ -270,7 +273,8 @@ def evaluate_site_tasks(
     """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
     `progress`: bars for the embedding and the per-task fits (`client.py probe` at a terminal).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
-    scores the predictions in memory and writes nothing; `reuse_patches`
+    scores the predictions in memory and writes nothing (and holds the embeddings in memory; with
+    a `pred_dir` they are a memory-mapped file there while the evaluation runs); `reuse_patches`
     False encodes every wearable patch where a sample asks for it (the same numbers, slower: the
     baseline of benchmarks/eval_cost.py); `shared_passes` False runs one forward pass per row instead
     of one per group of a subject's rows (eval/row_embeddings.py; the same numbers to float rounding).
@@ -310,108 +314,115 @@ def evaluate_site_tasks(
     union = union.group_by(["subject_id", "prediction_time"]).aggregate([])
     union = union.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     index = {k: i for i, k in enumerate(_pair_keys(union))}
-    # embed_rows runs the model in eval mode without gradients, as patch reuse needs.
-    start = time.perf_counter()
-    with reused_patch_encodings(model) if reuse_patches else contextlib.nullcontext(PatchReuse()) as reuse:
-        embedded = embed_rows(
-            model,
-            seqs,
-            union["subject_id"].to_numpy(),
-            pc.cast(union["prediction_time"], pa.int64()).to_numpy(),
-            max_events,
-            max_patches,
-            batch_size=batch_size,
-            shared=shared_passes,
-            progress=progress,
+    # With a directory, the rows land in a memory-mapped file beside the predictions, removed at
+    # the end (eval/embedding_file.py): the embeddings of a full evaluation hold no memory.
+    site_dir = None if pred_dir is None else Path(pred_dir) / site_name
+    with contextlib.nullcontext(in_memory) if site_dir is None else embeddings_file(site_dir) as rows_to:
+        # embed_rows runs the model in eval mode without gradients, as patch reuse needs.
+        start = time.perf_counter()
+        with reused_patch_encodings(model) if reuse_patches else contextlib.nullcontext(PatchReuse()) as reuse:
+            embedded = embed_rows(
+                model,
+                seqs,
+                union["subject_id"].to_numpy(),
+                pc.cast(union["prediction_time"], pa.int64()).to_numpy(),
+                max_events,
+                max_patches,
+                batch_size=batch_size,
+                shared=shared_passes,
+                progress=progress,
+                rows_to=rows_to,
+            )
+        x_all = embedded.x
+        out.seconds["forward"] = time.perf_counter() - start
+        log.info(
+            "site %s: %d rows embedded in %d passes (%.1f s)",
+            site_name,
+            len(x_all),
+            embedded.passes,
+            out.seconds["forward"],
         )
-    x_all = embedded.x
-    out.seconds["forward"] = time.perf_counter() - start
-    log.info(
-        "site %s: %d rows embedded in %d passes (%.1f s)",
-        site_name,
-        len(x_all),
-        embedded.passes,
-        out.seconds["forward"],
-    )
-    if reuse.asked:
-        log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
-    out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
-    binary_keys = {k: t for k, t in usable.items() if "boolean_value" in t.column_names}
-    tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if meds_tab and binary_keys else None
-    for key, table in tqdm(usable.items(), desc="task fits", total=len(usable), disable=not progress, leave=False):
-        idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
-        split = split_of(table["subject_id"].to_numpy())
-        x = {s: x_all[idx[split == s]] for s in SPLITS}
-        held = np.flatnonzero(split == HELD_OUT_SPLIT)
-        # Scored: the held-out subjects with rows, of the held-out subjects the site has.
-        scope = {
-            "subjects": len(np.unique(table["subject_id"].to_numpy()[held])),
-            "available_subjects": None if sample is None else sample.available[HELD_OUT_SPLIT],
-        }
-        if "boolean_value" in table.column_names:
-            y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
-            y = {s: y_all[split == s] for s in SPLITS}
-            start = time.perf_counter()
-            probe = out.probes[key] = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
-            held_rows, p_held = table.take(pa.array(held)), probe.predict_proba(x["held_out"])
-            probe_seconds = time.perf_counter() - start
-            out.seconds["probes"] += probe_seconds
-            start = time.perf_counter()
-            if pred_dir is None:
-                scored: Path | pa.Table = predictions_table(held_rows, p_held)
-            else:
-                scored = out.predictions[key] = write_predictions(
-                    prediction_path(pred_dir, site_name, key), held_rows, p_held
-                )
-            scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
-            # The interval on the same rows as the point estimate, whole subjects resampled.
-            low, high = bootstrap_ci(
-                auroc, y["held_out"], p_held, n_boot=n_boot, seed=seed, groups=held_rows["subject_id"].to_numpy()
-            )
-            out.seconds["scoring"] += time.perf_counter() - start
-            positives = int(y["held_out"].sum())
-            baseline: tuple[float | None, ...] = (None, None, None, None)
-            if tab is not None:
+        if reuse.asked:
+            log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
+        out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
+        binary_keys = {k: t for k, t in usable.items() if "boolean_value" in t.column_names}
+        tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if meds_tab and binary_keys else None
+        for key, table in tqdm(usable.items(), desc="task fits", total=len(usable), disable=not progress, leave=False):
+            idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
+            split = split_of(table["subject_id"].to_numpy())
+            x = {s: x_all[idx[split == s]] for s in SPLITS}
+            held = np.flatnonzero(split == HELD_OUT_SPLIT)
+            # Scored: the held-out subjects with rows, of the held-out subjects the site has.
+            scope = {
+                "subjects": len(np.unique(table["subject_id"].to_numpy()[held])),
+                "available_subjects": None if sample is None else sample.available[HELD_OUT_SPLIT],
+            }
+            if "boolean_value" in table.column_names:
+                y_all = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+                y = {s: y_all[split == s] for s in SPLITS}
                 start = time.perf_counter()
-                baseline = _meds_tab_metrics(key, table, split, tab, site_name, pred_dir, out, n_boot=n_boot, seed=seed)
-                log.info(
-                    "site %s: %s: probe %.2f s, MEDS-Tab %.2f s (fit, predict, score)",
-                    site_name,
-                    key,
-                    probe_seconds,
-                    time.perf_counter() - start,
-                )
-            out.metrics[key] = TaskMetrics(
-                n=len(held),
-                auroc=float(scores["roc_auc_score"]),
-                auprc=float(scores["average_precision_score"]),
-                ece=float(scores["calibration_error"]),
-                positives=SMALL_CELL if 0 < positives < min_subjects else positives,
-                auroc_low=low,
-                auroc_high=high,
-                meds_tab_auroc=baseline[0],
-                meds_tab_auprc=baseline[1],
-                meds_tab_auroc_low=baseline[2],
-                meds_tab_auroc_high=baseline[3],
-                **scope,
-            )
-            if score_bins:  # merged to the stricter of the site's minimums, as the positives above
-                released = release_histogram(
-                    y["held_out"], p_held, score_bins, score_scale, max(min_subjects, min_positives)
-                )
-                if isinstance(released, ScoreHistogram):
-                    out.histograms[key] = released
+                probe = out.probes[key] = fit_logistic_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+                held_rows, p_held = table.take(pa.array(held)), probe.predict_proba(x["held_out"])
+                probe_seconds = time.perf_counter() - start
+                out.seconds["probes"] += probe_seconds
+                start = time.perf_counter()
+                if pred_dir is None:
+                    scored: Path | pa.Table = predictions_table(held_rows, p_held)
                 else:
-                    out.histograms_withheld[key] = released
-        else:
-            y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
-            y = {s: y_all[split == s] for s in SPLITS}
-            start = time.perf_counter()
-            ridge = out.probes[key] = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
-            out.seconds["probes"] += time.perf_counter() - start
-            out.metrics[key] = TaskMetrics(
-                n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))), **scope
-            )
+                    scored = out.predictions[key] = write_predictions(
+                        prediction_path(pred_dir, site_name, key), held_rows, p_held
+                    )
+                scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
+                # The interval on the same rows as the point estimate, whole subjects resampled.
+                low, high = bootstrap_ci(
+                    auroc, y["held_out"], p_held, n_boot=n_boot, seed=seed, groups=held_rows["subject_id"].to_numpy()
+                )
+                out.seconds["scoring"] += time.perf_counter() - start
+                positives = int(y["held_out"].sum())
+                baseline: tuple[float | None, ...] = (None, None, None, None)
+                if tab is not None:
+                    start = time.perf_counter()
+                    baseline = _meds_tab_metrics(
+                        key, table, split, tab, site_name, pred_dir, out, n_boot=n_boot, seed=seed
+                    )
+                    log.info(
+                        "site %s: %s: probe %.2f s, MEDS-Tab %.2f s (fit, predict, score)",
+                        site_name,
+                        key,
+                        probe_seconds,
+                        time.perf_counter() - start,
+                    )
+                out.metrics[key] = TaskMetrics(
+                    n=len(held),
+                    auroc=float(scores["roc_auc_score"]),
+                    auprc=float(scores["average_precision_score"]),
+                    ece=float(scores["calibration_error"]),
+                    positives=SMALL_CELL if 0 < positives < min_subjects else positives,
+                    auroc_low=low,
+                    auroc_high=high,
+                    meds_tab_auroc=baseline[0],
+                    meds_tab_auprc=baseline[1],
+                    meds_tab_auroc_low=baseline[2],
+                    meds_tab_auroc_high=baseline[3],
+                    **scope,
+                )
+                if score_bins:  # merged to the stricter of the site's minimums, as the positives above
+                    released = release_histogram(
+                        y["held_out"], p_held, score_bins, score_scale, max(min_subjects, min_positives)
+                    )
+                    if isinstance(released, ScoreHistogram):
+                        out.histograms[key] = released
+                    else:
+                        out.histograms_withheld[key] = released
+            else:
+                y_all = table["float_value"].to_numpy(zero_copy_only=False).astype(np.float64)
+                y = {s: y_all[split == s] for s in SPLITS}
+                start = time.perf_counter()
+                ridge = out.probes[key] = fit_ridge_probe(x["train"], y["train"], x["tuning"], y["tuning"])
+                out.seconds["probes"] += time.perf_counter() - start
+                out.metrics[key] = TaskMetrics(
+                    n=len(held), r2=float(r2_score(y["held_out"], ridge.predict(x["held_out"]))), **scope
+                )
     log.info(
         "site %s: probes %.1f s, scoring %.1f s for %d task keys",
         site_name,
