@@ -67,10 +67,10 @@ from server.deploy.coordinator import main as coordinator_main  # noqa: E402
 from server.deploy.provision import FederationPaths  # noqa: E402
 
 
-def run_config(local_steps: int, eval_tasks: str) -> list[str]:
+def run_config(local_steps: int, eval_tasks: str, model: str = "tiny") -> list[str]:
     return [
         "--model",
-        "tiny",
+        model,
         "-c",
         f"local-steps={local_steps}",
         "-c",
@@ -126,7 +126,7 @@ def one_mode(
             str(out),
             "--rounds",
             str(args.rounds),
-            *run_config(args.local_steps, args.eval_tasks),
+            *run_config(args.local_steps, args.eval_tasks, args.model),
             *(["-c", "secure-aggregation=true", "-c", "secagg-min-holders=2"] if mode.endswith("-secure") else []),
             "--wait",
             "--timeout",
@@ -228,6 +228,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="join --threads (default: the sites' auto)")
     p.add_argument("--eval-tasks", default="onset_hypertension_365d")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--model", default="tiny", help="the run's model (configs/model/)")
     p.add_argument("--secure", action="store_true", help="each mode also under secure aggregation (docstring)")
     args = p.parse_args()
     if args.rounds < 2 or args.local_steps < 1:
@@ -238,7 +239,7 @@ def main() -> int:
     manifest = generate_federation(work / "data", scenario="tiny", seed=0, n_subjects=args.subjects, progress=False)
     roots = {s.name: Path(s.root) for s in manifest.sites}
     print(
-        f"federation on 127.0.0.1: {len(SITES)} sites ({args.subjects} subjects each), model tiny, "
+        f"federation on 127.0.0.1: {len(SITES)} sites ({args.subjects} subjects each), model {args.model}, "
         f"{args.rounds} rounds x {args.local_steps} local steps per mode; cores {len(os.sched_getaffinity(0))}, "
         f"load {os.getloadavg()[0]:.1f}",
         flush=True,
