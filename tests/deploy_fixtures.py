@@ -129,17 +129,17 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return roots
 
 
-@pytest.fixture(scope="module")
-def site_names() -> tuple[str, ...]:
-    """The sites the federation provisions, registers and joins (a test module with other sites
-    overrides this and `sites`)."""
-    return SITES
+def module_sites(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The sites the fixtures provision, register and join: the test module's SITE_NAMES (a module
+    with other sites also overrides the `sites` fixture), else SITES."""
+    return tuple(getattr(request.module, "SITE_NAMES", SITES))
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory, site_names: tuple[str, ...]) -> FederationPaths:
+def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> FederationPaths:
     root = tmp_path_factory.mktemp("deploy") / "fed"
-    rc = coordinator_main(["provision", str(root), *[a for s in (*site_names, "intruder") for a in ("--site", s)]])
+    names = (*module_sites(request), "intruder")
+    rc = coordinator_main(["provision", str(root), *[a for s in names for a in ("--site", s)]])
     assert rc == 0
     return FederationPaths(root=root)
 
@@ -186,11 +186,11 @@ def start_registered_superlink(
 
 
 @pytest.fixture(scope="module")
-def superlink(federation: FederationPaths, site_names: tuple[str, ...]) -> Iterator[str]:
+def superlink(federation: FederationPaths, request: pytest.FixtureRequest) -> Iterator[str]:
     """A SuperLink with TLS and SuperNode authentication on 127.0.0.1 behind its nginx proxy (the
     address yielded is the proxy's); every site but `intruder` registered; the federation's app
     bundle approved in site_policy(federation)."""
-    proc, address = start_registered_superlink(federation, names=site_names)
+    proc, address = start_registered_superlink(federation, names=module_sites(request))
     try:
         yield address
     finally:
@@ -244,12 +244,16 @@ def join_args(
 
 @pytest.fixture
 def joined(
-    superlink: str, federation: FederationPaths, sites: dict[str, Path], site_names: tuple[str, ...], tmp_path: Path
+    superlink: str,
+    federation: FederationPaths,
+    sites: dict[str, Path],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[dict[str, Process]]:
     """The sites joined through `client.py join`, each with its own key."""
     procs: dict[str, Process] = {}
     try:
-        for name in site_names:
+        for name in module_sites(request):
             procs[name] = Process(
                 [
                     sys.executable,

@@ -33,12 +33,7 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.model.groups import parameter_group
 from server.audit import AUDIT_FILE, read_audit_log
 
-SITE_NAMES = ("biobank", "hospital", "genomics", "clinic")
-
-
-@pytest.fixture(scope="module")
-def site_names() -> tuple[str, ...]:
-    return SITE_NAMES
+SITE_NAMES = ("biobank", "hospital", "genomics", "clinic")  # what deploy_fixtures provisions and joins
 
 
 @pytest.fixture(scope="module")
