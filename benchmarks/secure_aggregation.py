@@ -17,6 +17,18 @@ directory, share inbox, unmask request). Server: all four stages.
 
 Only compute is measured: the protocol's three extra message exchanges (keys, shares, unmask)
 each cost a SuperLink round trip in a deployment, which this script cannot see.
+
+    nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/secure_aggregation.py --rounds
+
+--rounds: the wired round end to end instead (server/secure_round.py against server/round.py): the
+real FederationServer and each site's real ClientApp called in this process (tests/in_process_grid.py,
+the grid the secure round's default tests use; no SuperLink, so no network round trips: sites run one
+after another and a round's wall time is the sum of theirs plus the server's). N synthetic sites of
+every modality (the `tiny` scenario's biobank, --n-subjects each), --train-rounds rounds of
+`tiny`/`small` at 2 local steps x batch 8, seed 3, no evaluation. Per configuration (plain fp32,
+plain int8, secure) and --repeats, alternating so drift hits all alike: the last round's wall and CPU
+time (process CPU: sites and server, both in this process) and, per site, the bytes the server
+received from it and sent to it (rounds.jsonl, Flower's message framing included).
 """
 
 from __future__ import annotations
@@ -25,12 +37,15 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
@@ -135,12 +150,163 @@ def secure_round(received: dict[str, np.ndarray], trained: dict[int, dict[str, n
     }
 
 
+def every_modality_scenario(count: int) -> dict[str, Any]:
+    """`count` copies of the tiny scenario's biobank, each holding every modality (so every group is
+    unmasked: the largest round the protocol runs)."""
+    import yaml
+
+    scenario = yaml.safe_load((REPO / "configs" / "scenario" / "tiny.yaml").read_text())
+    biobank = next(s for s in scenario["sites"] if s["name"] == "biobank")
+    modalities = {"ehr": 1.0, "wearables": 1.0, "genomics": 1.0}
+    sites = [{**biobank, "name": f"site{i:02d}", "modalities": modalities} for i in range(1, count + 1)]
+    return {**scenario, "name": f"tiny-every-modality-{count}", "sites": sites}
+
+
+def timed_rounds(module: Any, names: list[str]) -> tuple[list[dict[str, float]], Callable[[], None]]:
+    """Wrap `module`'s round functions to record each call's wall and process CPU time; the list
+    filled and a function that puts the originals back."""
+    calls: list[dict[str, float]] = []
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = fn(*args, **kwargs)
+            calls.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu})
+            return out
+
+        return timed
+
+    def restore() -> None:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+    for name, fn in originals.items():
+        setattr(module, name, wrap(fn))
+    return calls, restore
+
+
+def federation_round(
+    model: str, node_configs: dict[int, dict[str, Any]], out: Path, train_rounds: int, **settings: Any
+) -> dict[str, Any]:
+    """One run of the real FederationServer over an in-process grid; its last round's times and
+    the per-site bytes from rounds.jsonl."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import pytest
+    from in_process_grid import InProcessGrid, set_serverapp_identity
+
+    import server.server_app as server_app
+    from server.config import FederationConfig
+    from server.runlog import read_events
+
+    cfg = FederationConfig(
+        out_dir=out,
+        model=load_model_config(model),
+        rounds=train_rounds,
+        local_steps=2,
+        batch_size=8,
+        max_events=64,
+        max_patches=8,
+        seed=3,
+        min_nodes=len(node_configs),
+        vocab_min_subjects=5,
+        eval_tasks=[],
+        timeout_s=600,
+        server_optimizer=None,
+        **settings,
+    )
+    calls, restore = timed_rounds(server_app, ["run_round", "run_secure_round"])
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            set_serverapp_identity(mp)
+            server_app.FederationServer(InProcessGrid(node_configs), cfg, run_id=1).run()
+    finally:
+        restore()
+    events = [e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"]
+    last = events[-1]
+    assert len(calls) == train_rounds and last.get("updated", True) is not False, last
+    assert all(e["status"] == "ok" for e in last["sites"].values()), last["sites"]
+    if settings.get("secure_aggregation"):
+        assert "error" not in last["secure_aggregation"] and not last["secure_aggregation"]["withheld"], last
+    return {
+        **calls[-1],
+        "bytes_in": statistics.median(e["bytes_received"] for e in last["sites"].values()),
+        "bytes_out": statistics.median(e["bytes_sent"] for e in last["sites"].values()),
+    }
+
+
+ROUND_SETTINGS: dict[str, dict[str, Any]] = {
+    "fp32": {"transport": "fp32"},
+    "int8": {"transport": "int8"},
+    "secure": {"secure_aggregation": True},
+}
+
+
+def rounds_main(args: argparse.Namespace) -> None:
+    from healthfm_core.data.synthetic import generate_federation
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="secagg-rounds-") as tmp:
+        work = Path(tmp)
+        manifest = generate_federation(
+            work / "data", every_modality_scenario(max(args.sites)), seed=0, n_subjects=args.n_subjects, progress=False
+        )
+        node_configs = {
+            100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2}
+            for i, s in enumerate(manifest.sites)
+        }
+        for model in args.models:
+            for count in args.sites:
+                nodes = dict(list(node_configs.items())[:count])
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ROUND_SETTINGS}
+                for rep in range(args.repeats):
+                    order = list(ROUND_SETTINGS) if rep % 2 == 0 else list(reversed(ROUND_SETTINGS))
+                    for name in order:
+                        out = work / f"{model}-{count}-{name}-{rep}"
+                        runs[name].append(
+                            federation_round(model, nodes, out, args.train_rounds, **ROUND_SETTINGS[name])
+                        )
+                row = {
+                    "model": model,
+                    "sites": count,
+                    **{name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()},
+                }
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    print(
+        "| model | sites | round wall fp32 / int8 / secure (s) | secure / int8 wall | round CPU int8 / secure (s) "
+        "| secure / int8 CPU | bytes from a site fp32 / int8 / secure | secure / int8 | bytes to a site int8 / secure |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        f, i, s = row["fp32"], row["int8"], row["secure"]
+        print(
+            f"| {row['model']} | {row['sites']} | {f['wall_s']:.2f} / {i['wall_s']:.2f} / {s['wall_s']:.2f} "
+            f"| x{s['wall_s'] / i['wall_s']:.2f} | {i['cpu_s']:.2f} / {s['cpu_s']:.2f} | x{s['cpu_s'] / i['cpu_s']:.2f} "
+            f"| {f['bytes_in']:,.0f} / {i['bytes_in']:,.0f} / {s['bytes_in']:,.0f} | x{s['bytes_in'] / i['bytes_in']:.2f} "
+            f"| {i['bytes_out']:,.0f} / {s['bytes_out']:,.0f} |"
+        )
+    print(
+        "targets (issue 32): round time <= 1.25 x plain at 4 sites with `small` (wall and CPU above, against "
+        "int8); bytes from a site <= 2 x int8 transport"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "small"])
     parser.add_argument("--sites", nargs="+", type=int, default=[3, 4, 6, 12])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--rounds", action="store_true", help="time the wired round end to end (module docstring)")
+    parser.add_argument("--train-rounds", type=int, default=2, help="--rounds: rounds per run (the last is timed)")
+    parser.add_argument("--repeats", type=int, default=2, help="--rounds: runs per configuration")
+    parser.add_argument("--n-subjects", type=int, default=20, help="--rounds: subjects per site")
     args = parser.parse_args()
+    if args.rounds:
+        rounds_main(args)
+        return
     rows = []
     for name in args.models:
         received = model_arrays(name)

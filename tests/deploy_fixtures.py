@@ -129,10 +129,17 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return roots
 
 
+def module_sites(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The sites the fixtures provision, register and join: the test module's SITE_NAMES (a module
+    with other sites also overrides the `sites` fixture), else SITES."""
+    return tuple(getattr(request.module, "SITE_NAMES", SITES))
+
+
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
+def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> FederationPaths:
     root = tmp_path_factory.mktemp("deploy") / "fed"
-    rc = coordinator_main(["provision", str(root), *[a for s in (*SITES, "intruder") for a in ("--site", s)]])
+    names = (*module_sites(request), "intruder")
+    rc = coordinator_main(["provision", str(root), *[a for s in names for a in ("--site", s)]])
     assert rc == 0
     return FederationPaths(root=root)
 
@@ -157,19 +164,19 @@ def start_superlink(federation: FederationPaths, *options: str, out: Path | None
 
 
 def start_registered_superlink(
-    federation: FederationPaths, *options: str, out: Path | None = None
+    federation: FederationPaths, *options: str, out: Path | None = None, names: tuple[str, ...] = SITES
 ) -> tuple[Process, str]:
-    """start_superlink, then every site but `intruder` registered (`coordinator register`) and the
+    """start_superlink, then the sites `names` registered (`coordinator register`) and the
     federation's app bundle approved in site_policy(federation). Stops it on any failure."""
     proc, address = start_superlink(federation, *options, out=out)
     try:
         result = run_coordinator(
-            "register", str(federation.root), *[a for s in SITES for a in ("--site", s)], timeout=1800
+            "register", str(federation.root), *[a for s in names for a in ("--site", s)], timeout=1800
         )
         assert result.returncode == 0, result.stderr
         # "(already)": an in-memory SuperLink registered the registry's sites itself at its start.
         assert [ln.removesuffix(" (already)") for ln in result.stdout.splitlines() if ln.startswith("registered")] == [
-            f"registered {s}" for s in SITES
+            f"registered {s}" for s in names
         ]
         approve_federation_bundle(federation, site_policy(federation))
     except BaseException:
@@ -179,11 +186,11 @@ def start_registered_superlink(
 
 
 @pytest.fixture(scope="module")
-def superlink(federation: FederationPaths) -> Iterator[str]:
+def superlink(federation: FederationPaths, request: pytest.FixtureRequest) -> Iterator[str]:
     """A SuperLink with TLS and SuperNode authentication on 127.0.0.1 behind its nginx proxy (the
     address yielded is the proxy's); every site but `intruder` registered; the federation's app
     bundle approved in site_policy(federation)."""
-    proc, address = start_registered_superlink(federation)
+    proc, address = start_registered_superlink(federation, names=module_sites(request))
     try:
         yield address
     finally:
@@ -237,12 +244,16 @@ def join_args(
 
 @pytest.fixture
 def joined(
-    superlink: str, federation: FederationPaths, sites: dict[str, Path], tmp_path: Path
+    superlink: str,
+    federation: FederationPaths,
+    sites: dict[str, Path],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[dict[str, Process]]:
-    """The three sites joined through `client.py join`, each with its own key."""
+    """The sites joined through `client.py join`, each with its own key."""
     procs: dict[str, Process] = {}
     try:
-        for name in SITES:
+        for name in module_sites(request):
             procs[name] = Process(
                 [
                     sys.executable,

@@ -9,7 +9,7 @@ states per group, in every group unmasked; the group two sites hold (genomics, m
 withheld: carried forward, and said so in rounds.jsonl and the audit log. The attack replay runs on
 every message the secure run's server received. Slow (SLOW_CI): dropouts before and after masking,
 too few survivors, DP sites, a site without a sample of one of its groups, and the round in Flower's
-simulation engine (tests/test_secure_deployment.py: the deployed round).
+simulation engine (tests/test_secure_deployment.py: the same four sites deployed).
 """
 
 from __future__ import annotations
