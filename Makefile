@@ -83,6 +83,11 @@ test-slow: setup
 # simulation engine against the plain round (36 s, shared machine); a deployed secure round, three
 # real sites joined through `client.py join` (96 s with its SuperLink and joins).
 SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
+	tests/test_site_check.py::test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error \
+	tests/test_client_check.py::test_script_accepts_the_meds_sample_datasets \
+	tests/test_simulation_ray.py::test_the_cli_says_in_one_line_that_ray_did_not_start \
+	tests/test_hardening.py::test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round \
+	tests/test_bad_input.py::test_a_site_whose_data_its_reader_refuses_is_reported_lost_by_the_server \
 	tests/test_aces_tasks.py::test_aces_equals_onset_labels \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
 	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \

@@ -561,6 +561,7 @@ def test_a_site_whose_every_message_fails_is_lost_and_the_run_does_not_exit_0(
     assert "lost site(s): hospital (never trained (round 2: error: ArrowMemoryError" in err, err
 
 
+@pytest.mark.slow  # CI's slow stage (Makefile SLOW_CI): the default suite's 6 minutes
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_site_whose_data_its_reader_refuses_is_reported_lost_by_the_server(tmp_path: Path) -> None:
     """A real server over the real ClientApps: the hospital's shard has the forged footer, so its

@@ -59,6 +59,7 @@ def test_script_accepts_a_valid_site_with_a_readable_summary(site_tables, write_
     assert out.strip().splitlines()[-1].startswith("OK")
 
 
+@pytest.mark.slow  # CI's slow stage (Makefile SLOW_CI): the default suite's 6 minutes
 def test_script_accepts_the_meds_sample_datasets(meds_sample_sites):
     for name, root in meds_sample_sites.items():
         result = run_cli("check", str(root))

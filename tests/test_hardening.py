@@ -511,6 +511,7 @@ def tiny_nodes(tmp_path: Path) -> tuple[FederationManifest, dict[int, dict[str, 
     return manifest, nodes
 
 
+@pytest.mark.slow  # CI's slow stage (Makefile SLOW_CI): the default suite's 6 minutes
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_path: Path) -> None:
     manifest, nodes = tiny_nodes(tmp_path)

@@ -84,6 +84,7 @@ def _sim_args(data: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # CI's slow stage (Makefile SLOW_CI): the default suite's 6 minutes
 def test_the_cli_says_in_one_line_that_ray_did_not_start(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = _closed_port()

@@ -876,6 +876,7 @@ def test_a_forged_parquet_footer_is_refused_naming_the_file(case: str, site_tabl
         open_site(root)
 
 
+@pytest.mark.slow  # CI's slow stage (Makefile SLOW_CI): the default suite's 6 minutes
 def test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error(site_tables, write_site):
     """The break: `check` exited 3 "internal error: ArrowMemoryError: malloc of size 17179869184
     failed" without naming the file (its streaming pass read the true rows, then the coverage
