@@ -3,7 +3,7 @@
 The coordinator learns, per parameter group, only the sums over the sites holding it of
 w_k * x_k and of w_k (x_k a site's clipped update, w_k its count), and only for a group with at
 least `min_holders` surviving holders. Each step is a pure function of a message and the side's
-own round state; nothing here does I/O, so the same steps run under Flower's Message API, in
+own round state; no step does I/O, so the same steps run under Flower's Message API, in
 simulation and in tests.
 
 The share graph is complete (SecAgg+ with k = n - 1 neighbours: every site shares with and masks
@@ -26,7 +26,8 @@ Stages of one round (the server relays every message; sites never talk to each o
 Beside the steps: field.py (clipping, quantisation, the error bound), masks.py and keys.py (the
 PRG and the X25519 agreement), layout.py (a group's update as one vector), records.py (each
 message's flat form for a ConfigRecord), simulate.py (one round in process, with the transcript
-of what the server received).
+of what the server received), transcript.py (a recorded round on disk: the only module here
+that does I/O, with replay.py, the attack replay a privacy officer runs on one).
 
 Imports: flwr.common.secure_aggregation (Shamir, Fernet encryption, quantisation), numpy,
 cryptography, pydantic and healthfm_core; never client/ or server/ (both of them call this room).

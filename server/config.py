@@ -87,6 +87,8 @@ RESUMABLE_CHANGES = {
     "norm_step_factor",
     "norm_history_factor",
     "norm_history_rounds",
+    # What the server writes down, not what the run computes.
+    "record_transcript",
 }
 
 
@@ -227,6 +229,11 @@ class FederationConfig(BaseModel):
     secagg_min_holders: int = Field(default=3, ge=1)
     secagg_threshold_fraction: float = Field(default=0.5, ge=0.5, le=1.0, allow_inf_nan=False)
     secagg_field_bits: Literal[16, 32] = 16
+    # Every message the ServerApp receives in a round, and the state it keeps, written under
+    # out_dir/transcript/round-<n>/ (server/transcript.py) for the attack replay
+    # (`python -m secure_aggregation.replay`). `record-transcript` in the run config; off by default:
+    # a plain round's transcript holds every site's update in the clear.
+    record_transcript: bool = Field(default=False, strict=True)
 
     @field_validator("eval_tasks")
     @classmethod

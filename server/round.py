@@ -31,6 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from healthfm_core.federation import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
 from healthfm_core.model.objectives import curriculum_weights
+from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, send_and_receive, slowest_first
 from server.replies import RejectedReply, groups_for_node, judge_replies, origin, setup_needed
@@ -128,6 +129,9 @@ class RoundRecord:
     # Under secure aggregation (server/secure_round.py): what the round unmasked, withheld and why,
     # its error bounds, dropouts, and the error that failed it (rounds.jsonl `secure_aggregation`).
     secure: dict[str, Any] | None = None
+    # Under secure aggregation: every message the server received and the state it kept (written
+    # by server/transcript.py when the run config sets record-transcript).
+    transcript: SecureTranscript | None = None
 
     def sites_event(self) -> dict[str, dict[str, Any]]:
         return {name: entry.to_event() for name, entry in self.sites.items()}

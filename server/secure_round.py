@@ -62,6 +62,7 @@ from secure_aggregation.records import (
     to_flat,
 )
 from secure_aggregation.server import SecureAggregate, ServerRound
+from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, send_and_receive, slowest_first
 from server.influence import ADAM_STEP_RATIO, max_examples, step_bound
@@ -261,18 +262,22 @@ def run_secure_round(
     secure: dict[str, Any] = {}
     result: SecureAggregate | None = None
     new_arrays: dict[str, np.ndarray] | None = None
+    recorded = SecureTranscript()  # what the server received, stage by stage (server/transcript.py)
     t_sent = t_replied = time.perf_counter()
     try:
         sa_config = secagg_config(cfg, config, arrays, node_groups, strategy)
         secure.update(threshold=sa_config.threshold, min_holders=sa_config.min_holders, field_bits=sa_config.field_bits)
         server = ServerRound(sa_config)
+        recorded.config = sa_config
         keys = stages.exchange_stage(
             [_secagg_message(n, sa_config, KEYS_MESSAGE) for n in sa_config.sample], PublicKeys, "keys"
         )
-        directory = server.key_directory(keys.values())
+        recorded.received.keys = list(keys.values())
+        directory = recorded.directory = server.key_directory(keys.values())
         shares = stages.exchange_stage(
             [_secagg_message(n, directory, SHARES_MESSAGE) for n in directory.keys], EncryptedShares, "shares"
         )
+        recorded.received.shares = list(shares.values())
         inboxes: dict[int, ShareInbox] = server.route_shares(shares.values())
         for node, inbox in inboxes.items():
             content = trains[node].content
@@ -282,13 +287,16 @@ def run_secure_round(
         t_sent = time.perf_counter()
         masked = stages.exchange_stage(masks, MaskedInput, "mask", stages.exchange)
         t_replied = time.perf_counter()
+        recorded.received.masked = list(masked.values())
         request: UnmaskRequest = server.unmask_request(masked.values())
+        recorded.request = request
         survivors = request.survivors
         for group, why in request.withheld.items():
             log.warning("round %d: group %r withheld (carried forward): %s", rnd, group, why)
         unmask = stages.exchange_stage(
             [_secagg_message(n, request, UNMASK_MESSAGE) for n in request.survivors], UnmaskShares, "unmask"
         )
+        recorded.received.unmask = list(unmask.values())
         result = server.aggregate(unmask.values())
         new_arrays = secure_arrays(result, arrays, sa_config, strategy)
     except SecAggError as err:
@@ -340,4 +348,5 @@ def run_secure_round(
         aggregate_seconds=time.perf_counter() - t_replied,
         exchange=stages.exchange,
         secure=secure,
+        transcript=recorded,
     )

@@ -11,7 +11,8 @@ Here: the run's claim on its out-dir, resume, the order of things, checkpoints, 
 Outputs under out_dir: rounds.jsonl (one JSON object per event: setup, round, evaluate, resume),
 server.log (the run's INFO log, in simulation and deployment), outcome.json (how the run ended,
 server/outcome.py), audit.jsonl, checkpoints/step-NNNNNNNN, vocabulary.json, evaluation.json,
-summary.md, evaluation_auroc.png (server/runlog.py).
+summary.md, evaluation_auroc.png (server/runlog.py); with record-transcript, transcript/round-<n>/
+(server/transcript.py).
 
 A site that comes back: a SuperNode restarted mid-run has lost the setup (it lives in the node's
 Context.state); asked to train or evaluate, it answers "setup-needed" (SETUP_NEEDED_RECORD). The
@@ -64,6 +65,7 @@ from server.run_claim import Holder, adopt_for_serverapp, release
 from server.runlog import EventLog, json_values, read_events, write_summary
 from server.secure_round import run_secure_round
 from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
+from server.transcript import write_round_transcript
 
 log = logging.getLogger("healthfm.server")
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -347,6 +349,8 @@ class FederationServer:
                 reply_lags=self.reply_lags,
             )
             arrays, self.reply_lags = record.arrays, record.reply_lags
+            if cfg.record_transcript:  # before the checkpoint: a round checkpointed has its transcript
+                write_round_transcript(self.out_dir, record)
             last = self._finish_round(record, setup)
             self.rounds_done = rnd
             write_outcome(self.out_dir, self.outcome.model_copy(update=dict(rounds_done=rnd)))  # still running

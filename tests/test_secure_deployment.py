@@ -9,7 +9,10 @@ trains the same update in both runs, and the plain run's ModalityAwareFedAvg (se
 not the secure path) must equal the secure run's global arrays within the quantisation bound the
 secure round records per group. shared, ehr (four holders) and wearables (three) are unmasked;
 genomics (two holders, min_holders 3) is withheld: carried forward, recorded in rounds.jsonl and
-the audit log. Slow (real processes, two runs).
+the audit log. Both runs record their transcripts (record-transcript): the attack replay
+(secure_aggregation/replay.py) on every message the secure run's ServerApp received estimates no
+site's update closer than random, the truth being the plain run's recorded replies. Slow (real
+processes, two runs).
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ from test_secure_round import assert_within_bounds, final_arrays, four_site_scen
 
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.model.groups import parameter_group
+from secure_aggregation.layout import group_vector
+from secure_aggregation.replay import attack, fisher_z, looks_random, true_updates
+from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, read_audit_log
+from server.transcript import read_plain_round
 
 SITE_NAMES = ("biobank", "hospital", "genomics", "clinic")  # what deploy_fixtures provisions and joins
 
@@ -75,8 +82,8 @@ def test_a_deployed_secure_round_of_four_modality_mixes_equals_the_plain_one_wit
     tmp_path: Path,
 ) -> None:
     plain_out, secure_out = tmp_path / "plain", tmp_path / "secure"
-    launch(federation, plain_out, joined)
-    launch(federation, secure_out, joined, "-c", "secure-aggregation=true")
+    launch(federation, plain_out, joined, "-c", "record-transcript=true")
+    launch(federation, secure_out, joined, "-c", "secure-aggregation=true", "-c", "record-transcript=true")
 
     _, plain_rounds = round_events(plain_out)
     assert all(e["status"] == "ok" for e in plain_rounds[1]["sites"].values()), plain_rounds[1]["sites"]
@@ -104,3 +111,31 @@ def test_a_deployed_secure_round_of_four_modality_mixes_equals_the_plain_one_wit
     genomics = [k for k in initial if parameter_group(k) == "genomics"]
     assert all(np.array_equal(secure[k], initial[k]) for k in genomics)
     assert any(not np.array_equal(plain[k], initial[k]) for k in genomics)
+
+    # The attack replay on what the deployed ServerApp received (record-transcript: every reply the
+    # SuperLink relayed, and the server's own config, key directory and unmask request). The truth:
+    # each site's reply in the plain run of the same seeds (the plain coordinator's view), less the
+    # initial arrays, clipped as the site clipped it before masking.
+    header, recorded = read_secure_round(secure_out / "transcript" / "round-1")
+    plain_header, plain_replies = read_plain_round(plain_out / "transcript" / "round-1")
+    assert recorded.config is not None and recorded.request is not None
+    by_site = {plain_header.sites[n]: reply for n, reply in plain_replies.items()}
+    trained = {n: by_site[site].arrays for n, site in header.sites.items()}
+    truths = true_updates(trained, initial, recorded.config)
+    estimates = attack(recorded)
+    assert set(estimates) == set(truths) and len(truths) == 13  # 4 + 4 + 3 + 2 (site, group) updates
+    zs = {key: fisher_z(estimates[key].values, truths[key]) for key in truths}
+    assert looks_random(zs), zs
+    # genomics (two holders) was never unmasked: not asked for, no share of a seed of it received.
+    assert "genomics" in recorded.request.withheld and "genomics" not in recorded.request.groups
+    assert not any("genomics" in by_group for r in recorded.received.unmask for by_group in r.seed_shares.values())
+    assert not any(e.self_mask_removed for (_, group), e in estimates.items() if group == "genomics")
+    # Control: the truths are the sites' real updates: per unmasked group their count-weighted
+    # average is the update the secure round applied, within its bound.
+    for group in ("shared", "ehr", "wearables"):
+        holders = recorded.config.holders(group)
+        counts = {n: by_site[header.sites[n]].group_examples[group] for n in holders}
+        average = sum(counts[n] * truths[(n, group)] for n in holders) / sum(counts.values())
+        applied = group_vector({k: secure[k].astype(np.float64) - initial[k] for k in initial}, group)
+        assert float(np.corrcoef(average, applied)[0, 1]) > 0.999, group
+        assert float(np.abs(average - applied).max()) <= info["error_bounds"][group] + 1e-6, group

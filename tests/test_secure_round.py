@@ -22,17 +22,14 @@ import pytest
 import yaml
 from flwr.app import Message
 from in_process_grid import InProcessGrid, set_serverapp_identity
-from scipy import stats
 from test_federation import fed_config as federation_config
-from test_secure_aggregation_attack import _z, attack
 
 from client.policy import PolicyError, load_policy
 from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.federation import ARRAYS_RECORD, METRICS_RECORD, RoundConfig, TrainReply
+from healthfm_core.federation import ARRAYS_RECORD, RoundConfig
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.packing import unpack_record
 from secure_aggregation.config import SecAggConfig
-from secure_aggregation.field import clip_update
 from secure_aggregation.layout import group_vector
 from secure_aggregation.messages import EncryptedShares, KeyDirectory, MaskedInput, PublicKeys, UnmaskShares
 from secure_aggregation.records import (
@@ -43,13 +40,15 @@ from secure_aggregation.records import (
     UNMASK_MESSAGE,
     from_flat,
 )
-from secure_aggregation.server import ServerRound
+from secure_aggregation.replay import attack, fisher_z, looks_random, true_updates
 from secure_aggregation.simulate import Transcript
+from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, audit_from_rounds, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig
 from server.runlog import read_events
 from server.server_app import FederationServer
+from server.transcript import read_plain_round
 
 REPO = Path(__file__).resolve().parents[1]
 # Four sites, four modality mixes: genomics is held by two of them (withheld at min_holders 3),
@@ -172,10 +171,9 @@ class Runs(NamedTuple):
 @pytest.fixture(scope="module")
 def plain_and_secure(sites: dict[int, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Runs:
     plain_grid, secure_grid = RecordingGrid(sites), RecordingGrid(sites)
-    plain = run(plain_grid, tmp_path_factory.mktemp("plain"))
-    return Runs(
-        plain, run(secure_grid, tmp_path_factory.mktemp("secure"), secure_aggregation=True), plain_grid, secure_grid
-    )
+    plain = run(plain_grid, tmp_path_factory.mktemp("plain"), record_transcript=True)
+    secure = run(secure_grid, tmp_path_factory.mktemp("secure"), secure_aggregation=True, record_transcript=True)
+    return Runs(plain, secure, plain_grid, secure_grid)
 
 
 def test_the_secure_average_equals_the_plain_one_within_its_stated_bound(plain_and_secure: Runs) -> None:
@@ -344,47 +342,48 @@ def test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out(
 
 
 def test_an_attacker_given_every_message_the_server_received_learns_no_sites_update(plain_and_secure: Runs) -> None:
-    """The attack replay on the wired round: every reply of the secure run's four exchanges (what the
-    server, and the SuperLink relaying them, received) and the server's own messages (its config and
-    key directory), handed to tests/test_secure_aggregation_attack.py's attacker (which recovers a
-    site's update once given its secrets: that test's positive control). Its estimate of each
-    site's update of each group is no closer to the truth than a random guess. The truth: the same
-    site's update in the plain run of the same seeds (its reply's arrays less the initial ones,
-    clipped as the secure round clips)."""
+    """The attack replay on the wired round's recorded transcript (record-transcript): it holds every
+    reply of the secure run's four exchanges (what the server, and the SuperLink relaying them,
+    received; checked against the grid's own record) and the server's own messages (its config,
+    key directory and unmask request). secure_aggregation/replay.py's attacker (which recovers a
+    site's update once given its secrets: tests/test_secure_aggregation_attack.py's positive
+    control) estimates each site's update of each group no closer to the truth than a random
+    guess. The truth: the same site's update in the plain run of the same seeds (its recorded
+    reply's arrays less the initial ones, clipped as the secure round clips)."""
     grid = plain_and_secure.secure_grid
 
     def replies(message_type: str, cls: type[Any]) -> list[Any]:
         return [from_flat(cls, r.content.config_records[SECAGG_RECORD]) for r in grid.exchange(message_type)[1]]
 
+    header, recorded = read_secure_round(plain_and_secure.secure / "transcript" / "round-1")
     keys_sent, _ = grid.exchange(KEYS_MESSAGE)
     config = from_flat(SecAggConfig, keys_sent[0].content.config_records[SECAGG_RECORD])
     shares_sent, _ = grid.exchange(SHARES_MESSAGE)
-    server = ServerRound(config)
-    server.directory = from_flat(KeyDirectory, shares_sent[0].content.config_records[SECAGG_RECORD])
-    transcript = Transcript(
-        keys=replies(KEYS_MESSAGE, PublicKeys),
-        shares=replies(SHARES_MESSAGE, EncryptedShares),
-        masked=replies(MASK_MESSAGE, MaskedInput),
-        unmask=replies(UNMASK_MESSAGE, UnmaskShares),
+    assert recorded.config == config
+    assert recorded.directory == from_flat(KeyDirectory, shares_sent[0].content.config_records[SECAGG_RECORD])
+    assert recorded.request is not None and list(recorded.request.withheld) == ["genomics"]
+    assert recorded.received == Transcript(
+        keys=sorted(replies(KEYS_MESSAGE, PublicKeys), key=lambda m: m.node_id),
+        shares=sorted(replies(SHARES_MESSAGE, EncryptedShares), key=lambda m: m.node_id),
+        masked=sorted(replies(MASK_MESSAGE, MaskedInput), key=lambda m: m.node_id),
+        unmask=sorted(replies(UNMASK_MESSAGE, UnmaskShares), key=lambda m: m.node_id),
     )
-    estimates = attack(transcript, server)
+    assert sorted(header.sites.values()) == ["biobank", "clinic", "genomics", "hospital"]
+    estimates = attack(recorded)
 
+    # The plain run's transcript holds each site's reply as the server parsed it (the grid's).
     _, initial = final_arrays(plain_and_secure.plain)
-    truths, counts = {}, {}
+    _, plain_replies = read_plain_round(plain_and_secure.plain / "transcript" / "round-1")
     for reply in plain_and_secure.plain_grid.exchange("train")[1]:
         trained = unpack_record(reply.content.array_records[ARRAYS_RECORD], where="plain reply")
-        metrics = reply.content.metric_records[METRICS_RECORD]
-        counts[reply.metadata.src_node_id] = TrainReply.from_records(trained, metrics).group_examples
-        update = {k: v.astype(np.float64) - initial[k] for k, v in trained.items()}
-        node = reply.metadata.src_node_id
-        for group in config.groups[node]:
-            truths[(node, group)] = clip_update(
-                group_vector(update, group), config.clip_norm[group], config.value_range[group]
-            )
+        kept = plain_replies[reply.metadata.src_node_id].arrays
+        assert sorted(kept) == sorted(trained) and all(np.array_equal(kept[k], trained[k]) for k in trained)
+    truths = true_updates({n: r.arrays for n, r in plain_replies.items()}, initial, config)
+    counts = {n: r.group_examples for n, r in plain_replies.items()}
     assert set(estimates) == set(truths) and len(truths) == 13  # 4 + 4 + 3 + 2 (site, group) updates
-    zs = {key: _z(estimates[key], truths[key]) for key in truths}
-    assert all(abs(z) < 4.5 for z in zs.values()), zs
-    assert sum(z * z for z in zs.values()) < stats.chi2.ppf(0.999, df=len(zs)), zs
+    assert not any(e.self_mask_removed for (_, g), e in estimates.items() if g == "genomics")
+    zs = {key: fisher_z(estimates[key].values, truths[key]) for key in truths}
+    assert looks_random(zs), zs
     # The truths are the right ones: their count-weighted average is the secure round's update of
     # `shared` (the aggregate the server is entitled to).
     secure, _ = final_arrays(plain_and_secure.secure)
