@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from healthfm_core.data.token_settings import one_line_error
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.masks import field_dtype
 from secure_aggregation.messages import (
@@ -111,8 +112,7 @@ def _read_flat(cls: type[M], directory: Path, name: str) -> M:
     except (OSError, UnicodeDecodeError) as err:
         raise TranscriptError(f"{path}: cannot read ({err})") from None
     except ValidationError as err:
-        problems = "; ".join(f"field {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise TranscriptError(f"{path}: {cls.__name__}: {problems}") from None
+        raise TranscriptError(one_line_error(err, f"{path}: {cls.__name__}")) from None
     except ValueError as err:  # from_flat's own, json's
         raise TranscriptError(f"{path}: {' '.join(str(err).split())}") from None
 
@@ -121,15 +121,18 @@ def write_header(directory: Path, header: TranscriptHeader) -> None:
     (directory / HEADER_FILE).write_text(header.model_dump_json(indent=1) + "\n", encoding="utf-8")
 
 
-def read_header(directory: Path) -> TranscriptHeader:
-    path = directory / HEADER_FILE
+def read_model(cls: type[M], path: Path) -> M:
+    """A JSON file of the transcript parsed by its model; TranscriptError naming the file and field."""
     try:
-        return TranscriptHeader.model_validate_json(path.read_bytes())
+        return cls.model_validate_json(path.read_bytes())
     except OSError as err:
         raise TranscriptError(f"{path}: cannot read ({err})") from None
     except ValidationError as err:
-        problems = "; ".join(f"field {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise TranscriptError(f"{path}: {problems}") from None
+        raise TranscriptError(one_line_error(err, f"{path}: {cls.__name__}")) from None
+
+
+def read_header(directory: Path) -> TranscriptHeader:
+    return read_model(TranscriptHeader, directory / HEADER_FILE)
 
 
 def write_secure_round(directory: Path, transcript: SecureTranscript) -> None:

@@ -33,6 +33,7 @@ from secure_aggregation.transcript import (
     TranscriptHeader,
     read_header,
     read_json,
+    read_model,
     write_header,
     write_secure_round,
 )
@@ -87,13 +88,7 @@ def _json(value: Mapping[str, object]) -> str:
 
 
 def read_round_config(directory: Path) -> RoundConfig:
-    path = directory / ROUND_CONFIG_FILE
-    try:
-        return RoundConfig.model_validate_json(path.read_bytes())
-    except OSError as err:
-        raise TranscriptError(f"{path}: cannot read ({err})") from None
-    except ValueError as err:  # pydantic's ValidationError is one
-        raise TranscriptError(f"{path}: {' '.join(str(err).split())[:500]}") from None
+    return read_model(RoundConfig, directory / ROUND_CONFIG_FILE)
 
 
 def read_plain_round(directory: Path) -> tuple[TranscriptHeader, dict[int, TrainReply]]:

@@ -48,7 +48,7 @@ from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig
 from server.runlog import read_events
 from server.server_app import FederationServer
-from server.transcript import read_plain_round
+from server.transcript import read_plain_round, read_round_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Four sites, four modality mixes: genomics is held by two of them (withheld at min_holders 3),
@@ -369,6 +369,7 @@ def test_an_attacker_given_every_message_the_server_received_learns_no_sites_upd
         unmask=sorted(replies(UNMASK_MESSAGE, UnmaskShares), key=lambda m: m.node_id),
     )
     assert sorted(header.sites.values()) == ["biobank", "clinic", "genomics", "hospital"]
+    assert read_round_config(plain_and_secure.secure / "transcript" / "round-1").secure_aggregation is True
     estimates = attack(recorded)
 
     # The plain run's transcript holds each site's reply as the server parsed it (the grid's).
