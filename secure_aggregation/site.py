@@ -134,6 +134,10 @@ class SiteRound:
         """t-of-n Shamir shares of each self-mask seed and of the mask key, one ciphertext per
         other site of the directory (encrypted with the pairwise `enc` agreement)."""
         config = self.config
+        if self._directory is not None:
+            # One directory a round: a second would have the site share the same seeds again,
+            # fresh Shamir shares under keys the server may have swapped since the first.
+            raise SecAggRefusal(f"share_keys: expected once a round; a second key directory of round {directory.round}")
         if directory.round != config.round:
             raise SecAggRefusal(f"key directory of round {directory.round}, this is round {config.round}")
         if directory.keys.get(self.node_id) != self.advertise():

@@ -273,3 +273,16 @@ def test_a_site_saved_and_restored_between_every_stage_takes_part_as_if_it_had_s
     _assert_matches_plain(result, reference, updates, counts, config, [1, 2, 3, 4])
     with pytest.raises(SecAggRefusal, match="unmask: expected once"):
         sites[1].unmask(request)  # a restored site still answers once
+
+
+def test_a_site_shares_its_keys_once_a_round() -> None:
+    # A repeated key directory (the same or another) would have the site share its seeds again.
+    config = make_config(MIXES, threshold=3)
+    sites = {n: SiteRound(config, n) for n in config.sample}
+    directory = ServerRound(config).key_directory([s.advertise() for s in sites.values()])
+    sites[1].share_keys(directory)
+    with pytest.raises(SecAggRefusal, match="share_keys: expected once a round"):
+        sites[1].share_keys(directory)
+    restored = SiteRound.from_state(sites[1].to_state())  # as the ClientApp keeps it between messages
+    with pytest.raises(SecAggRefusal, match="share_keys: expected once a round"):
+        restored.share_keys(directory)
