@@ -27,7 +27,10 @@ and the `default` scenario's wearable_clinic (nearly every subject wears a devic
 Per stage: seconds, CPU seconds (every thread's: pyarrow reads on several), seconds per MEDS row
 (per wearable epoch at the wearable site), the ratio to the raw read of the same size measured in
 the same run by the wall clock and by CPU time (on a shared machine only the second stands), and
-peak RSS (VmHWM of the stage's process; ru_maxrss would carry the parent's across exec). A stage whose RSS passes --max-rss-gb is killed and printed as such (a shared machine).
+peak RSS (VmHWM of the stage's process; ru_maxrss would carry the parent's across exec). The
+targets add the ratio by user CPU time: CPU time counts the kernel's too, mostly first touches of
+the memory a stage keeps (a load keeps the site, a raw read one file's table at a time), which
+on a virtual machine can cost more than the work (0.4 GB/s measured on the machine CI runs on). A stage whose RSS passes --max-rss-gb is killed and printed as such (a shared machine).
 The targets of issue 28 are printed beside the numbers. OMP_NUM_THREADS=1 unless set.
 """
 
@@ -91,8 +94,8 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
     if name == "base":
         t, cpu = time.perf_counter(), time.process_time()
     elif name == "raw":
-        seconds, cpu, rows = raw_read_times(root)
-        return {"seconds": seconds, "cpu": cpu, "rows": rows}
+        seconds, cpu, user, rows = raw_read_times(root)
+        return {"seconds": seconds, "cpu": cpu, "user": user, "rows": rows}
     elif name == "check":
         t, cpu = time.perf_counter(), time.process_time()
         report = check_site(root)
@@ -107,9 +110,10 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
     elif name in ("load", "round"):
         vocab = Vocabulary.load(vocab_path)
         site = open_site(root)  # its check is the check stage's, as benchmarks/data_pipeline.py times a load
-        t, cpu = time.perf_counter(), time.process_time()
+        t, cpu, user = time.perf_counter(), time.process_time(), os.times().user
         seqs = SiteSequences.from_site(site, vocab)
         out["load_seconds"], out["load_cpu"] = time.perf_counter() - t, time.process_time() - cpu
+        out["user"] = os.times().user - user
         out["events"], out["epochs"] = int(seqs.n_events), int(seqs.n_epochs)
         if name == "round":
             ds = PretrainingDataset(seqs, max_events=args.max_events, max_patches=args.max_patches)
@@ -327,9 +331,11 @@ def targets(hosp: dict[int, dict[str, Result]], wear: dict[int, dict[str, Result
         if raw.seconds == raw.seconds:
             x = hosp[n]["load"].extra["load_seconds"] / raw.seconds
             x_cpu = hosp[n]["load"].extra.get("load_cpu", float("nan")) / raw.extra.get("cpu", float("nan"))
+            x_user = hosp[n]["load"].extra.get("user", float("nan")) / raw.extra.get("user", float("nan"))
             print(
-                f"  load / raw read at {n:,}: x{x:.1f} wall, x{x_cpu:.1f} CPU time "
-                f"(target <= x{LOAD_VS_RAW:g}: {ok(x <= LOAD_VS_RAW)} by the wall clock, {ok(x_cpu <= LOAD_VS_RAW)} by CPU time)"
+                f"  load / raw read at {n:,}: x{x:.1f} wall, x{x_cpu:.1f} CPU time, x{x_user:.1f} user CPU time "
+                f"(target <= x{LOAD_VS_RAW:g}: {ok(x <= LOAD_VS_RAW)} by the wall clock, {ok(x_cpu <= LOAD_VS_RAW)} by "
+                f"CPU time, {ok(x_user <= LOAD_VS_RAW)} by user CPU time)"
             )
     rounds = sorted(n for n in hosp if "round" in hosp[n] and hosp[n]["round"].rss)
     for n in rounds:

@@ -23,10 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from healthfm_core.data import event_rows
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.code_slots import code_slots, sorted_code_slots
 from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.event_rows import SECOND_US, RowSink, RowTimes, SubjectRuns, shard_rows
+from healthfm_core.data.event_rows import SECOND_US, RowSink, RowTimes, SubjectRuns, shard_rows, subject_slices
 from healthfm_core.data.layout import DATA_SUBDIRECTORY, disjoint_subject_order, parquet_files
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
@@ -144,8 +145,15 @@ def assert_same_batches(got: SiteSequences, want: SiteSequences) -> None:
         assert n > 1
 
 
+@pytest.mark.parametrize("slice_rows", [None, 37])
 @pytest.mark.parametrize("variant", ["shards", "split_subject", "unsorted", "microseconds"])
-def test_loading_by_shard_equals_loading_at_once(hospital, tmp_path: Path, variant: str) -> None:
+def test_loading_by_shard_equals_loading_at_once(
+    hospital, tmp_path: Path, variant: str, slice_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """slice_rows 37: each shard encoded in slices of whole subjects (subject_slices), most a
+    subject each, some subjects longer than a slice."""
+    if slice_rows is not None:
+        monkeypatch.setattr(event_rows, "SLICE_ROWS", slice_rows)
     src, vocab = hospital
     root = tmp_path / "site"
     shutil.copytree(src, root)
@@ -171,6 +179,24 @@ def test_loading_by_shard_equals_loading_at_once(hospital, tmp_path: Path, varia
     # (the rows kept per row may differ in the order of rows with equal times, the tokens not).
     original = SiteSequences.from_site(open_site(src), vocab)
     assert_same_batches(SiteSequences.from_site(site, vocab), original)
+
+
+def test_subject_slices_cut_a_shard_between_subjects() -> None:
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 30, 60)
+    sizes[7] = 200  # a subject longer than a slice: a slice of its own
+    subject = np.repeat(np.arange(100, 160), sizes)
+    table = pa.table({"subject_id": subject, "x": np.arange(len(subject))})
+    slices = list(subject_slices(table, rows=50))
+    assert pa.concat_tables(slices).equals(table)  # every row once, in order
+    firsts = [s["subject_id"][0].as_py() for s in slices]
+    lasts = [s["subject_id"][-1].as_py() for s in slices]
+    assert all(a < b for a, b in zip(lasts[:-1], firsts[1:]))  # no subject in two slices
+    assert len(slices) > 10 and max(s.num_rows for s in slices) == 200
+    assert all(s.num_rows < 50 + 30 for s in slices if s.num_rows != 200)
+    # Not grouped by subject (ascending): one slice, sorted as a whole by shard_rows.
+    shuffled = table.take(pa.array(rng.permutation(len(subject))))
+    assert [s.num_rows for s in subject_slices(shuffled, rows=50)] == [len(subject)]
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 2, 7, 1 << 20])

@@ -75,7 +75,8 @@ def sorted_slot_chunks(
 ) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
     """`code_slots` of rows grouped by token as CSR `offsets` (token g: rows offsets[g]:offsets[g + 1],
     sorted by time within a token), one chunk of whole tokens at a time: (first row, first token,
-    end token, kept rows (chunk-local), their tokens (global)), in (token, slot) order. No per-row
+    end token, kept rows (chunk-local), how many each token of the chunk keeps), in (token, slot)
+    order. No per-row
     token array is ever built: a site pools in the memory of one chunk beyond its rows."""
     n = len(codes)
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -91,9 +92,13 @@ def sorted_slot_chunks(
         a, b = int(offsets[g0]), int(offsets[g1])
         if a == b:
             continue
-        token = np.repeat(np.arange(g1 - g0, dtype=np.int64), np.diff(offsets[g0 : g1 + 1]))
-        kept = _chunk_kept(token, codes[a:b], values[a:b], has_value[a:b], time_us[a:b], rank)
-        yield a, g0, g1, kept, token[kept] + g0
+        sizes = np.diff(offsets[g0 : g1 + 1])
+        # (token, rank of the code) as one int64, token chunk-local: no per-row token array.
+        key = np.repeat(np.arange(0, (g1 - g0) * len(rank), len(rank), dtype=np.int64), sizes)
+        key += rank[codes[a:b]]
+        kept, dropped_tokens = _chunk_kept(key, len(rank), codes[a:b], values[a:b], has_value[a:b], time_us, a)
+        sizes -= np.bincount(dropped_tokens, minlength=g1 - g0)
+        yield a, g0, g1, kept, sizes
 
 
 def sorted_code_slots(
@@ -102,7 +107,8 @@ def sorted_code_slots(
     """`code_slots` (kept row, token, slot) of rows grouped by token as CSR `offsets` and sorted by
     time within each token, whole: `columns` are `sorted_slot_chunks`'s (codes, values,
     has_value, time_us, priority). The reference for the chunks, which tokens.py streams."""
-    parts = [(a + kept, tk) for a, _, _, kept, tk in sorted_slot_chunks(offsets, *columns, chunk_rows=chunk_rows)]
+    chunks = sorted_slot_chunks(offsets, *columns, chunk_rows=chunk_rows)
+    parts = [(a + kept, np.repeat(np.arange(g0, g1), counts)) for a, g0, g1, kept, counts in chunks]
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     tk = np.concatenate([t for _, t in parts])
@@ -110,37 +116,46 @@ def sorted_code_slots(
 
 
 def _chunk_kept(
-    token: np.ndarray,
+    key: np.ndarray,
+    n_codes: int,
     codes: np.ndarray,
     values: np.ndarray,
     has_value: np.ndarray,
-    time_us: np.ndarray,
-    rank: np.ndarray,
-) -> np.ndarray:
-    """Kept rows of one chunk of whole tokens, in (token, slot) order (chunk-local indices)."""
-    n_codes = len(rank)
-    key = (token - token[0]) * n_codes + rank[codes]
+    time_us: Any,
+    first_row: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows in (token, slot) order, the token of each row not kept) of one chunk of whole
+    tokens, chunk-local: `key` is token * n_codes + the code's rank, `codes`, `values`,
+    `has_value` the chunk's; `time_us` the whole site's, the chunk starting at `first_row`."""
     # Stable: within a (token, code) group rows stay in time order, ties in row order.
     order = np.argsort(key, kind="stable")
     k = key[order]
-    t = time_us[order]
+    same = k[1:] == k[:-1]  # sorted position i and i + 1 in one group
     last = np.ones(len(k), dtype=bool)
-    last[:-1] = k[1:] != k[:-1]
-    # A group whose latest time is shared by two rows: the rule's tie-breaks decide.
-    tied = np.zeros(len(k), dtype=bool)
-    tied[1:] = last[1:] & (k[1:] == k[:-1]) & (t[1:] == t[:-1])
+    last[:-1] = ~same
     kept = order[last]
-    if np.any(tied):
-        tied_keys = k[tied]
-        rows = np.sort(order[np.isin(k, tied_keys)])  # every row of those groups, in row order
-        sub = np.lexsort((values[rows], has_value[rows], time_us[rows], codes[rows], token[rows]))
-        sk = key[rows][sub]
+    # Only groups of two or more rows (a few percent of a site's rows) are looked at again.
+    pairs = np.flatnonzero(same)
+    dropped_tokens = k[pairs] // n_codes
+    # A group whose latest time is shared by two rows: the rule's tie-breaks decide. Rows are
+    # time-sorted within a group, so its last two rows say.
+    pairs = pairs[last[pairs + 1]]  # i: the next-to-last row of its group, i + 1 the last
+    if not len(pairs):
+        return kept, dropped_tokens
+    tied_pairs = pairs[time_us[first_row + order[pairs]] == time_us[first_row + order[pairs + 1]]]
+    if len(tied_pairs):
+        rows = np.sort(order[np.isin(k, k[tied_pairs])])  # every row of those groups, in row order
+        rk = key[rows]
+        sub = np.lexsort((values[rows], has_value[rows], time_us[first_row + rows], codes[rows], rk // n_codes))
+        sk = rk[sub]
         sub_last = np.ones(len(sub), dtype=bool)
         sub_last[:-1] = sk[1:] != sk[:-1]
         winners = rows[sub][sub_last]  # sorted by (token, code) = by key within a token
         winners = winners[np.argsort(key[winners], kind="stable")]
+        tied = np.zeros(len(k), dtype=bool)
+        tied[tied_pairs + 1] = True
         kept[np.flatnonzero(tied[last])] = winners
-    return kept
+    return kept, dropped_tokens
 
 
 __all__ = ["CHUNK_ROWS", "code_rank", "code_slots", "slots_of", "sorted_code_slots", "sorted_slot_chunks"]

@@ -17,6 +17,7 @@ two shards with interleaved times costs a sort of the whole.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, overload
 
@@ -129,11 +130,12 @@ class RowTimes:
         """The rows' times (int64 microseconds, ascending within each segment) as RowTimes, or
         None when they are not all whole seconds or a segment spans too long."""
         starts = np.asarray(starts, np.int64)
-        if len(time_us) and np.any(time_us % SECOND_US):
-            return None
         base = np.asarray(time_us[starts[:-1]], np.int64)
-        offset = time_us - np.repeat(base, np.diff(starts))
-        offset //= SECOND_US
+        # Every time a whole second exactly when every base is and every row's distance from its
+        # base is: one division a row gives both the offset and that test.
+        offset, part_second = np.divmod(time_us - np.repeat(base, np.diff(starts)), SECOND_US)
+        if np.any(base % SECOND_US) or np.any(part_second):
+            return None
         if len(offset) and (int(offset.min()) < 0 or int(offset.max()) > _MAX_OFFSET):
             return None
         return cls(starts, base, offset.astype(np.uint32))
@@ -246,6 +248,40 @@ def _by_subject(subject: np.ndarray) -> np.ndarray | None:
     return np.argsort(subject, kind="stable")
 
 
+SLICE_ROWS = 1 << 16  # rows encoded at a time: every per-row temporary stays in the CPU's cache
+
+
+def subject_slices(events: pa.Table, rows: int | None = None) -> Iterator[pa.Table]:
+    """A shard as zero-copy slices of about `rows` rows (default SLICE_ROWS), each of whole
+    subjects, in order: what
+    `shard_rows` gives for the slices one after another equals what it gives for the shard,
+    since it never looks across subjects. A shard not grouped by subject (ascending) is one
+    slice (its rows are sorted as a whole)."""
+    n, rows = events.num_rows, SLICE_ROWS if rows is None else max(int(rows), 1)
+    subject = events["subject_id"]
+    if n <= rows or subject.null_count:
+        yield events
+        return
+    ids = np.asarray(subject.to_numpy(), np.int64)
+    if np.any(ids[1:] < ids[:-1]):
+        yield events
+        return
+    # Each cut at the first row of the subject found `rows` past the last cut (past that
+    # subject, if it began before the last cut: a subject of more than `rows` rows).
+    cuts = [0]
+    while cuts[-1] + rows < n:
+        subject_there = ids[cuts[-1] + rows]
+        cut = int(np.searchsorted(ids, subject_there, side="left"))
+        if cut <= cuts[-1]:
+            cut = int(np.searchsorted(ids, subject_there, side="right"))
+        if cut >= n:
+            break
+        cuts.append(cut)
+    cuts.append(n)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        yield events.slice(a, b - a)
+
+
 def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False) -> EventRows:
     """EventRows of one events table (subject_id, time, code, optional numeric_value).
 
@@ -255,8 +291,10 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
     n = events.num_rows
     subject = np.asarray(events["subject_id"].to_numpy(), dtype=np.int64)
     time_us = to_us(events["time"], "time")
+    # As stored (MEDS: float32, nulls read as NaN): only the rows with a value are widened to
+    # float64 (normalise_values), which a float32 gives back exactly.
     raw = (
-        events["numeric_value"].to_numpy(zero_copy_only=False).astype(np.float64)
+        events["numeric_value"].to_numpy(zero_copy_only=False)
         if "numeric_value" in events.column_names
         else np.full(n, np.nan)
     )
@@ -277,19 +315,25 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
     ids = vocab.encode(dictionary).astype(dtype)[row_entry] if n else np.zeros(0, dtype)
     entry_prs = pc.fill_null(pc.starts_with(dictionary, PRS_PREFIX), False).to_numpy(zero_copy_only=False)
     entry_birth = pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False)
-    is_prs = entry_prs[row_entry] if n else np.zeros(0, bool)
+    # A per-row pass only for the kinds the shard's dictionary holds (an EHR shard has no PRS).
+    is_prs = entry_prs[row_entry] if n and entry_prs.any() else np.zeros(n, bool)
     values, has_value = vocab.normalise_values(ids, raw)
 
     timed = time_us != NO_TIME
     static = ~timed & ~is_prs
-    t_sub, t_time = subject[timed], time_us[timed]
-    t_cols = [ids[timed], values[timed], has_value[timed]]
+    # Row indices once, not a boolean mask per column (each would count its rows again).
+    timed_rows = np.flatnonzero(timed)
+    # Every row timed (a slice of an EHR shard, as a rule): views, copied once by the sink.
+    t_rows: np.ndarray | slice = slice(None) if len(timed_rows) == n else timed_rows
+    t_sub, t_time = subject[t_rows], time_us[t_rows]
+    t_cols = [ids[t_rows], values[t_rows], has_value[t_rows]]
     order = _by_subject_time(t_sub, t_time)
     if order is not None:
         t_sub, t_time = t_sub[order], t_time[order]
         t_cols = [c[order] for c in t_cols]
-    s_sub = subject[static]
-    s_cols = [ids[static], values[static], has_value[static]]
+    s_rows = np.flatnonzero(static)
+    s_sub = subject[s_rows]
+    s_cols = [ids[s_rows], values[s_rows], has_value[s_rows]]
     order = _by_subject(s_sub)
     if order is not None:
         s_sub = s_sub[order]
@@ -305,7 +349,9 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
         prs_trait = entry_trait.to_numpy(zero_copy_only=False).astype(np.int64)[row_entry[prs_rows]]
     else:
         prs_trait = np.full(len(prs_rows), -1, np.int64)
-    is_birth = (entry_birth[row_entry] if n else np.zeros(0, bool)) & timed
+    birth_entries = np.flatnonzero(entry_birth)
+    is_birth = (row_entry == birth_entries[0]) if n and len(birth_entries) == 1 else entry_birth[row_entry]
+    is_birth &= timed
     return EventRows(
         t_subject=SubjectRuns.of(t_sub),
         t_time_us=t_time,
@@ -318,7 +364,7 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
         s_has_value=s_cols[2],
         prs_subject=subject[prs_rows],
         prs_trait=prs_trait,
-        prs_raw=raw[prs_rows],
+        prs_raw=raw[prs_rows].astype(np.float64),
         prs_timed=timed[prs_rows],
         birth_subject=subject[is_birth],
         birth_time_us=time_us[is_birth],
@@ -485,6 +531,7 @@ __all__ = [
     "kept_times",
     "code_dtype",
     "shard_rows",
+    "subject_slices",
     "to_us",
     "us_arrow",
 ]

@@ -77,6 +77,7 @@ from healthfm_core.data.event_rows import (
     kept_times,
     search_times,
     shard_rows,
+    subject_slices,
     to_us,
     us_arrow,
 )
@@ -202,10 +203,12 @@ def _pooled_entries(
     out_rows = np.empty(n, np.uint32 if n <= np.iinfo(np.uint32).max else np.int64)
     counts = np.zeros(n_groups, np.int64)
     end = 0
-    for a, g0, g1, kept, tk in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority):
+    for a, g0, g1, kept, kept_per_token in sorted_slot_chunks(offsets, codes, values, has_value, time_us, priority):
         stop = end + len(kept)
-        out_rows[end:stop] = kept + a
-        counts[g0:g1] = np.bincount(tk - g0, minlength=g1 - g0)
+        placed = out_rows[end:stop]
+        placed[:] = kept
+        np.add(placed, a, out=placed, casting="unsafe")  # in place: no int64 copy of the chunk
+        counts[g0:g1] = kept_per_token
         end = stop
     pooled = np.zeros(n_groups + 1, np.int64)
     np.cumsum(counts, out=pooled[1:])
@@ -791,7 +794,8 @@ def site_event_rows(
     for shard in shards:
         if wanted is not None:
             shard = shard.filter(pc.is_in(shard["subject_id"], value_set=wanted))
-        sink.add(shard_rows(shard, vocab, reading_order=True))
+        for part in subject_slices(shard):
+            sink.add(shard_rows(part, vocab, reading_order=True))
         n_shards += 1
         del shard
     if not n_shards:

@@ -181,12 +181,15 @@ class Vocabulary(BaseModel):
         codes and codes whose values were suppressed carry no value).
         """
         has, log1p, center, scale, clip = self.numeric_tables()
-        v = np.asarray(values, dtype=np.float64)
+        v = np.asarray(values)
+        if not np.issubdtype(v.dtype, np.floating):
+            v = v.astype(np.float64)
         ok = has[ids]
         ok &= np.isfinite(v)
-        # Only the rows with a value are computed (most rows of a site have none).
+        # Only the rows with a value are computed (most rows of a site have none), in float64
+        # (a float32 value widens exactly).
         rows = np.flatnonzero(ok)
-        code, x = ids[rows], v[rows]  # x: a copy, worked in place below
+        code, x = ids[rows], v[rows].astype(np.float64)  # x: a copy, worked in place below
         # The same float64 operations as np.clip((where(log1p, log1p(max(v, 0)), v) - center) /
         # scale, -clip, clip), bit for bit, without a temporary per step: log1p only where asked.
         logged = np.flatnonzero(log1p[code])
