@@ -96,6 +96,9 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \
 	tests/test_deployment.py::test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only \
 	tests/test_forward_proxy.py \
+	tests/test_report.py::test_report_compares_every_method_per_site_and_task \
+	tests/test_report.py::test_budgets_bytes_and_timings_come_from_the_run \
+	tests/test_eval_reuse.py::test_site_metrics_equal_the_straightforward_path \
 	tests/test_meds_dev_tasks.py tests/test_mimic_scenario.py \
 	tests/test_warm_site.py tests/test_privacy_budget.py \
 	tests/test_bad_site_labels_run.py \

@@ -90,6 +90,7 @@ def test_patch_reuse_refuses_training_mode_and_gradients(runtimes, setup) -> Non
     assert "pool" not in vars(model.wearable_encoder)
 
 
+@pytest.mark.slow  # ~10 s idle: CI's slow stage (SLOW_CI)
 def test_site_metrics_equal_the_straightforward_path(runtimes, setup, tmp_path: Path, monkeypatch) -> None:
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
     reported: set[str] = set()

@@ -78,10 +78,22 @@ class SiteNetwork:
         ]
 
 
+def remove_stale_networks() -> None:
+    """The namespace and veth of an earlier run of this test whose process is gone (killed by a
+    signal, its `finally` never ran): else their addresses would make every later run skip."""
+    for line in ip("netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        pid = name.removeprefix("hfm-site-")
+        if name.startswith("hfm-site-") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            ip("netns", "del", name)
+            ip("link", "del", f"hfm{int(pid) % 100000}h")
+
+
 @pytest.fixture(scope="module")
 def site_network() -> Iterator[SiteNetwork]:
     if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("a network namespace needs Linux, root and iproute2's `ip`")
+    remove_stale_networks()
     if HOST_IP.rsplit(".", 1)[0] + "." in ip("-4", "addr").stdout:
         pytest.skip(f"the test's addresses {HOST_IP}/{PREFIX} are already in use on this machine")
     namespace = f"hfm-site-{os.getpid()}"

@@ -98,6 +98,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "run"
 
 
+@pytest.mark.slow  # the demo run's fixture: ~30 s idle (CI's slow stage, SLOW_CI)
 def test_report_compares_every_method_per_site_and_task(demo_run: Path) -> None:
     report = (demo_run / "report.md").read_text()
     data = json.loads((demo_run / "comparison.json").read_text())
@@ -160,6 +161,7 @@ def _matches_the_runs_own_evaluation(run: Path) -> int:
     return compared
 
 
+@pytest.mark.slow  # the demo run's fixture: ~30 s idle (CI's slow stage, SLOW_CI)
 def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
     data = json.loads((demo_run / "comparison.json").read_text())
     assert data["budgets"] == {
