@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    TINY_RUN,
     Process,
     federation,
     joined,
+    launch_args,
     round_events,
     superlink,
 )
@@ -81,26 +81,8 @@ class SupernodeLog:
 
 def launch(federation: FederationPaths, out: Path, *config: str) -> Background:  # noqa: F811
     """One round, the four sites, no evaluation, in the background."""
-    return Background(
-        "launch",
-        str(federation.root),
-        "--out-dir",
-        str(out),
-        "--rounds",
-        "1",
-        *TINY_RUN,
-        "-c",
-        "min-nodes=4",
-        "-c",
-        "eval-tasks=",
-        "-c",
-        f"timeout-s={STAGE_TIMEOUT_S}",
-        *config,
-        "--wait",
-        "--timeout",
-        str(HANG_S),
-        timeout=HANG_S + 60,
-    )
+    four = ("-c", "min-nodes=4", "-c", "eval-tasks=", "-c", f"timeout-s={STAGE_TIMEOUT_S}")
+    return Background(*launch_args(federation, out, *four, *config, wait_s=HANG_S), timeout=HANG_S + 60)
 
 
 def kill_when(joined: dict[str, Process], logs: dict[str, SupernodeLog], run: Background, *lines: str) -> None:  # noqa: F811
@@ -122,6 +104,23 @@ def kill_when(joined: dict[str, Process], logs: dict[str, SupernodeLog], run: Ba
 def finished(run: Background, *codes: int) -> None:
     run.join(HANG_S + 120)
     assert run.result is not None and run.result.returncode in codes, (run.result.stdout, run.result.stderr)
+
+
+def killed_secure_round(
+    federation: FederationPaths,  # noqa: F811
+    joined: dict[str, Process],  # noqa: F811
+    tmp_path: Path,
+    victims: tuple[str, ...],
+    lines: tuple[str, ...],
+    *codes: int,
+) -> tuple[Background, dict, dict]:
+    """A secure round into tmp_path/secure, `victims` killed once their SuperNodes logged `lines`;
+    the finished launch (exit status one of `codes`), the round's event and its secure_aggregation."""
+    run = launch(federation, tmp_path / "secure", "-c", "secure-aggregation=true")
+    kill_when(joined, logs_of(tmp_path, *victims), run, *lines)
+    finished(run, *codes)
+    _, rounds = round_events(tmp_path / "secure")
+    return run, rounds[1], rounds[1]["secure_aggregation"]
 
 
 def bring_back(
@@ -159,13 +158,9 @@ def test_a_site_killed_after_sending_its_masked_vector_is_recovered_and_counted(
     plain_out, secure_out = tmp_path / "plain", tmp_path / "secure"
     finished(launch(federation, plain_out), 0)
 
-    run = launch(federation, secure_out, "-c", "secure-aggregation=true")
-    kill_when(joined, logs_of(tmp_path, "clinic"), run, MASK_SENT, "Sent successfully")
-    finished(run, 0, EXIT_SITE_LOST)
-
-    _, rounds = round_events(secure_out)
-    event = rounds[1]
-    info = event["secure_aggregation"]
+    _, event, info = killed_secure_round(
+        federation, joined, tmp_path, ("clinic",), (MASK_SENT, "Sent successfully"), 0, EXIT_SITE_LOST
+    )
     assert "error" not in info, info
     # The server's records say where the kill landed: after its masked vector, before unmasking.
     assert info["dropped_after_masking"] == ["clinic"] and info["dropped_before_masking"] == [], info
@@ -200,13 +195,7 @@ def test_a_site_killed_before_masking_is_left_out_and_the_survivors_average_as_p
     assert sorted(plain_rounds[1]["contributors"]["shared"]) == ["biobank", "clinic", "genomics"], plain_rounds[1]
     bring_back(joined, ["hospital"], federation, sites, superlink, tmp_path)
 
-    run = launch(federation, secure_out, "-c", "secure-aggregation=true")
-    kill_when(joined, logs_of(tmp_path, "hospital"), run, MASK_RECEIVED)
-    finished(run, EXIT_SITE_LOST)
-
-    _, rounds = round_events(secure_out)
-    event = rounds[1]
-    info = event["secure_aggregation"]
+    _, event, info = killed_secure_round(federation, joined, tmp_path, ("hospital",), (MASK_RECEIVED,), EXIT_SITE_LOST)
     assert "error" not in info, info
     # Lost after the keys and shares stages, before its masked vector: left out of every sum.
     assert info["dropped_before_masking"] == ["hospital"] and info["dropped_after_masking"] == [], info
@@ -230,17 +219,15 @@ def test_too_few_survivors_fail_the_deployed_round_loudly_and_change_nothing(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "secure"
-    run = launch(federation, out, "-c", "secure-aggregation=true")
-    # Threshold 3 of 4: two sites lost before masking leave two.
-    kill_when(joined, logs_of(tmp_path, "hospital", "clinic"), run, MASK_RECEIVED)
-    finished(run, EXIT_SITE_LOST)  # the coordinator is told: no site trained in the run, and why
+    # Threshold 3 of 4: two sites lost before masking leave two. The coordinator is told: no site
+    # trained in the run, and why.
+    run, event, info = killed_secure_round(
+        federation, joined, tmp_path, ("hospital", "clinic"), (MASK_RECEIVED,), EXIT_SITE_LOST
+    )
     assert "the secure round failed" in run.result.stderr, run.result.stderr
-
-    _, rounds = round_events(out)
-    event = rounds[1]
     assert event["updated"] is False
-    assert "2 site(s) sent a masked vector < threshold 3" in event["secure_aggregation"]["error"], event
-    assert secure_record(out)["error"] == event["secure_aggregation"]["error"]
+    assert "2 site(s) sent a masked vector < threshold 3" in info["error"], event
+    assert secure_record(out)["error"] == info["error"]
     for name in ("hospital", "clinic"):
         assert event["sites"][name]["reason"].startswith("mask:"), event["sites"]
     assert "ERROR healthfm.server.secure_round: round 1: secure aggregation failed" in (out / "server.log").read_text()
