@@ -116,7 +116,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_secure_round.py::test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one \
 	tests/test_secure_round.py::test_dp_sites_report_their_spend_under_secure_aggregation \
 	tests/test_secure_round.py::test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out \
-	tests/test_secure_deployment.py \
+	tests/test_secure_deployment.py tests/test_secure_dropout_deployed.py \
 	tests/test_privacy_sweep.py::test_the_server_asks_for_dp_and_each_site_reports_its_spend \
 	tests/test_privacy_sweep.py::test_sweep_writes_table_and_plot_on_one_setup \
 	tests/test_transport.py::test_a_two_site_simulation_under_int8 \

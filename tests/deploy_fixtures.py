@@ -299,6 +299,13 @@ TINY_RUN = [
 ]
 
 
+def launch_args(federation: FederationPaths, out: Path, *config: str, rounds: int = 1, wait_s: int = 900) -> list[str]:
+    """`coordinator launch` of TINY_RUN into `out` with `config` (run config options) added, waiting
+    for the run's end at most `wait_s` seconds."""
+    wait = ["--wait", "--timeout", str(wait_s)]
+    return ["launch", str(federation.root), "--out-dir", str(out), "--rounds", str(rounds), *TINY_RUN, *config, *wait]
+
+
 def check_rounds(rounds: dict[int, dict], expected: list[int]) -> None:
     assert sorted(rounds) == expected
     for rnd, event in rounds.items():
