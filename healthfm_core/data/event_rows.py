@@ -282,6 +282,12 @@ def subject_slices(events: pa.Table, rows: int | None = None) -> Iterator[pa.Tab
         yield events.slice(a, b - a)
 
 
+def _rows_of(entry_flag: np.ndarray, row_entry: np.ndarray) -> np.ndarray:
+    """Per row, its dictionary entry's flag; no per-row pass when no entry has it (an EHR shard
+    has no PRS code)."""
+    return entry_flag[row_entry] if entry_flag.any() else np.zeros(len(row_entry), bool)
+
+
 def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False) -> EventRows:
     """EventRows of one events table (subject_id, time, code, optional numeric_value).
 
@@ -315,8 +321,7 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
     ids = vocab.encode(dictionary).astype(dtype)[row_entry] if n else np.zeros(0, dtype)
     entry_prs = pc.fill_null(pc.starts_with(dictionary, PRS_PREFIX), False).to_numpy(zero_copy_only=False)
     entry_birth = pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False)
-    # A per-row pass only for the kinds the shard's dictionary holds (an EHR shard has no PRS).
-    is_prs = entry_prs[row_entry] if n and entry_prs.any() else np.zeros(n, bool)
+    is_prs = _rows_of(entry_prs, row_entry)
     values, has_value = vocab.normalise_values(ids, raw)
 
     timed = time_us != NO_TIME
@@ -349,9 +354,7 @@ def shard_rows(events: pa.Table, vocab: Vocabulary, reading_order: bool = False)
         prs_trait = entry_trait.to_numpy(zero_copy_only=False).astype(np.int64)[row_entry[prs_rows]]
     else:
         prs_trait = np.full(len(prs_rows), -1, np.int64)
-    birth_entries = np.flatnonzero(entry_birth)
-    is_birth = (row_entry == birth_entries[0]) if n and len(birth_entries) == 1 else entry_birth[row_entry]
-    is_birth &= timed
+    is_birth = _rows_of(entry_birth, row_entry) & timed
     return EventRows(
         t_subject=SubjectRuns.of(t_sub),
         t_time_us=t_time,

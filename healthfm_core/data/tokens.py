@@ -207,7 +207,7 @@ def _pooled_entries(
         stop = end + len(kept)
         placed = out_rows[end:stop]
         placed[:] = kept
-        np.add(placed, a, out=placed, casting="unsafe")  # in place: no int64 copy of the chunk
+        np.add(placed, a, out=placed)  # in place: no int64 copy of the chunk
         counts[g0:g1] = kept_per_token
         end = stop
     pooled = np.zeros(n_groups + 1, np.int64)
