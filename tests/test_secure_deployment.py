@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    TINY_RUN,
     Process,
     federation,
     joined,
+    launch_args,
     round_events,
     run_coordinator,
     superlink,
@@ -55,22 +55,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def launch(federation, out: Path, joined: dict[str, Process], *config: str) -> None:  # noqa: ANN001, F811
     result = run_coordinator(
-        "launch",
-        str(federation.root),
-        "--out-dir",
-        str(out),
-        "--rounds",
-        "1",
-        *TINY_RUN,
-        "-c",
-        "min-nodes=4",
-        "-c",
-        "eval-tasks=",
-        *config,
-        "--wait",
-        "--timeout",
-        "900",
-        timeout=1200,
+        *launch_args(federation, out, "-c", "min-nodes=4", "-c", "eval-tasks=", *config), timeout=1200
     )
     assert result.returncode == 0, (result.stdout, result.stderr, {n: p.output()[-2000:] for n, p in joined.items()})
 
