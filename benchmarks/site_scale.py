@@ -54,7 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling data_pipeline ("benchmarks" is taken)
 
-from data_pipeline import raw_read_times  # noqa: E402
+from data_pipeline import raw_read_times, user_seconds  # noqa: E402
 
 from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.site import open_site  # noqa: E402
@@ -110,10 +110,10 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
     elif name in ("load", "round"):
         vocab = Vocabulary.load(vocab_path)
         site = open_site(root)  # its check is the check stage's, as benchmarks/data_pipeline.py times a load
-        t, cpu, user = time.perf_counter(), time.process_time(), os.times().user
+        t, cpu, user = time.perf_counter(), time.process_time(), user_seconds()
         seqs = SiteSequences.from_site(site, vocab)
         out["load_seconds"], out["load_cpu"] = time.perf_counter() - t, time.process_time() - cpu
-        out["user"] = os.times().user - user
+        out["user"] = user_seconds() - user
         out["events"], out["epochs"] = int(seqs.n_events), int(seqs.n_epochs)
         if name == "round":
             ds = PretrainingDataset(seqs, max_events=args.max_events, max_patches=args.max_patches)
@@ -331,7 +331,8 @@ def targets(hosp: dict[int, dict[str, Result]], wear: dict[int, dict[str, Result
         if raw.seconds == raw.seconds:
             x = hosp[n]["load"].extra["load_seconds"] / raw.seconds
             x_cpu = hosp[n]["load"].extra.get("load_cpu", float("nan")) / raw.extra.get("cpu", float("nan"))
-            x_user = hosp[n]["load"].extra.get("user", float("nan")) / raw.extra.get("user", float("nan"))
+            raw_user = raw.extra.get("user", float("nan"))
+            x_user = hosp[n]["load"].extra.get("user", float("nan")) / raw_user if raw_user > 0 else float("nan")
             print(
                 f"  load / raw read at {n:,}: x{x:.1f} wall, x{x_cpu:.1f} CPU time, x{x_user:.1f} user CPU time "
                 f"(target <= x{LOAD_VS_RAW:g}: {ok(x <= LOAD_VS_RAW)} by the wall clock, {ok(x_cpu <= LOAD_VS_RAW)} by "
