@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import logging
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +75,7 @@ from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
+from simulations.evidence_federations import clear_unfinished_unit, federation
 from simulations.evidence_genomics import UnitModels, run_diagnosis
 from simulations.evidence_units import (
     DONE,
@@ -90,7 +90,6 @@ from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides
 from simulations.pretrain import modality_ablation
 from simulations.report import Regimes, train_baseline, train_regimes
-from simulations.run import run_federation
 
 log = logging.getLogger("healthfm.simulations.evidence")
 
@@ -347,7 +346,7 @@ def run_unit(
     sites, truth_dir, sc = open_sites(ucfg.scenario, ucfg.data_dir, seed, ucfg.n_subjects)
     progress.finish(f"{unit}: data")
 
-    setup, fed_model, rounds = run_federation(ucfg, out / "federation")
+    setup, fed_model, rounds = federation(ucfg, out / "federation", scenario)
     vocab = setup.vocabulary
     seqs = {name: SiteSequences.from_site(site, vocab, tokens=setup.tokens) for name, site in sites.items()}
     progress.finish(f"{unit}: federation")
@@ -569,7 +568,9 @@ def privacy_budget(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping
     by_draw: dict[int | None, list[tuple[float, str]]] = {d: [] for d in draw_ids}
     for epsilon in privacy_sweep.parse_epsilons(list(dp.epsilons)):
         for d in draw_ids if epsilon is not None else [None]:
-            label = privacy_sweep.run_setting(dcfg, out / "privacy", epsilon, settings, d)
+            label = privacy_sweep.run_setting(
+                dcfg, out / "privacy", epsilon, settings, d, functools.partial(federation, scenario=scenario)
+            )
             if epsilon is not None:
                 by_draw[d].append((epsilon, label))
     per_site_dp = privacy_sweep.evaluate_settings(settings, per_site_data, ev, show, view)
@@ -654,7 +655,9 @@ def budget_curve(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping[s
                 scfg = OmegaConf.merge(
                     ucfg, {"federation": {**OmegaConf.to_container(change, resolve=True), "rounds": r}}
                 )
-                _, model, _ = run_federation(scfg, out / "budget" / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}")
+                _, model, _ = federation(
+                    scfg, out / "budget" / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}", scenario
+                )
                 n_fed += 1
             res, _ = compare.evaluate_per_site(label, per_site_data, view(model), progress=show, **ev)
             for name, rr in res.items():
@@ -1043,8 +1046,7 @@ def run(cfg: DictConfig) -> Path:
             fingerprint = unit_fingerprint(unit_config(cfg, scenario, seed, unit_dir), scenario)
             done = finished_unit(unit_dir, fingerprint) if resume else None
             if done is None:
-                if unit_dir.exists():
-                    shutil.rmtree(unit_dir)
+                clear_unfinished_unit(unit_dir)  # its finished federations stay (evidence_federations)
                 run_unit(cfg, scenario, seed, unit_dir, Evidence(), progress, fingerprint)
                 # Merge what was written, not what was held: a resumed job reads the same bytes.
                 unit_ev = load_unit(unit_dir)

@@ -310,10 +310,16 @@ def read_unit_file(unit_dir: Path) -> UnitFile:
 
 def check_fingerprint(unit_dir: Path, doc: UnitFile, fingerprint: Mapping[str, Any]) -> None:
     """Refuse a finished unit whose config differs from the job's, naming the first field."""
-    if (field := _difference(doc.fingerprint, dict(fingerprint))) is not None:
+    refuse_another_config(unit_dir / DONE, "unit", doc.fingerprint, fingerprint)
+
+
+def refuse_another_config(path: Path, what: str, recorded: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
+    """UnitConfigMismatch naming the first field where the fingerprint `path` records for a
+    finished `what` (a unit, a federation) differs from the job's."""
+    if (field := _difference(dict(recorded), dict(fingerprint))) is not None:
         raise UnitConfigMismatch(
-            f"{unit_dir / DONE}: config field {field} is {_get(doc.fingerprint, field)!r} in the finished unit "
-            f"but {_get(dict(fingerprint), field)!r} now: resume=true reuses a unit only with the config it "
+            f"{path}: config field {field} is {_get(dict(recorded), field)!r} in the finished {what} "
+            f"but {_get(dict(fingerprint), field)!r} now: resume=true reuses a {what} only with the config it "
             "ran with (rerun it with resume=false, or move it away)"
         )
 
@@ -378,6 +384,7 @@ __all__ = [
     "check_fingerprint",
     "load_unit",
     "read_unit_file",
+    "refuse_another_config",
     "save_unit",
     "unit_fingerprint",
 ]

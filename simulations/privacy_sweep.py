@@ -140,14 +140,22 @@ class Settings:
         return label
 
 
-def run_setting(cfg: DictConfig, runs: Path, epsilon: float | None, settings: Settings, draw: int | None = None) -> str:
+def run_setting(
+    cfg: DictConfig,
+    runs: Path,
+    epsilon: float | None,
+    settings: Settings,
+    draw: int | None = None,
+    federate: Callable[[DictConfig, Path], tuple[FederationSetup, HealthFM, int]] = run_federation,
+) -> str:
     """One federation with the server asking for `epsilon` (None: no DP), into runs/<setting>;
     `draw`: one of several runs of the same setting (each its own secret noise draw: the privacy
-    engine's noise is unseeded whatever the run's seed), labelled "<setting> draw <draw>"."""
+    engine's noise is unseeded whatever the run's seed), labelled "<setting> draw <draw>";
+    `federate(cfg, fed_dir)`: what trains it (the evidence job's loads a finished one instead)."""
     t0 = time.perf_counter()
     fed_dir = runs / setting_dir(epsilon, draw)
     log.info("federation at %s into %s", compare.epsilon_label(epsilon), fed_dir)
-    setup, model, _ = run_federation(OmegaConf.merge(cfg, {"privacy": {"target_epsilon": epsilon}}), fed_dir)
+    setup, model, _ = federate(OmegaConf.merge(cfg, {"privacy": {"target_epsilon": epsilon}}), fed_dir)
     return settings.add(epsilon, setup, model, fed_dir, time.perf_counter() - t0, draw)
 
 

@@ -256,6 +256,11 @@ def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, Hea
         node_configs,
         **ray_arguments(cfg),
     )
+    return final_model(fed_dir)
+
+
+def final_model(fed_dir: Path) -> tuple[FederationSetup, HealthFM, int]:
+    """The setup, the global model and the round of the last server checkpoint in fed_dir."""
     ckpt = latest_server_checkpoint(fed_dir / "checkpoints")
     if ckpt is None:
         raise RuntimeError(

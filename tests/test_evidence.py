@@ -43,6 +43,7 @@ from simulations.evidence import (
     unit_config,
     with_preset_flags,
 )
+from simulations.evidence_federations import FED_DONE, clear_unfinished_unit, federation
 from simulations.evidence_units import (
     ARRAYS,
     DONE,
@@ -368,6 +369,46 @@ def test_resume_keeps_only_an_evidence_jobs_units(tmp_path: Path) -> None:
     assert not (tmp_path / "units").exists()  # as before: a fresh run clears the previous one
 
 
+def test_a_stopped_unit_keeps_only_its_finished_federations(tmp_path: Path) -> None:
+    unit_dir = tmp_path / "units" / "default-seed0"
+    for fed in ("federation", "privacy/eps-8-draw1", "privacy/eps-8-draw2", "budget/fedavg-8-rounds"):
+        (unit_dir / fed / "checkpoints").mkdir(parents=True)
+        (unit_dir / fed / "server.log").write_text("...")
+    for fed in ("federation", "privacy/eps-8-draw1"):  # finished; the others stopped midway
+        (unit_dir / fed / FED_DONE).write_text("{}")
+    (unit_dir / ARRAYS).write_bytes(b"partial")
+    clear_unfinished_unit(unit_dir)
+    left = sorted(str(p.relative_to(unit_dir)) for p in unit_dir.rglob("*"))
+    assert left == sorted(
+        ["federation", "privacy", "privacy/eps-8-draw1"]
+        + [
+            f"{fed}/{name}"
+            for fed in ("federation", "privacy/eps-8-draw1")
+            for name in ("checkpoints", "server.log", FED_DONE)
+        ]
+    )
+    clear_unfinished_unit(tmp_path / "never-ran")  # nothing there: nothing to do
+
+
+def test_a_finished_federation_of_another_config_or_a_damaged_marker_is_refused(tmp_path: Path) -> None:
+    cfg = unit_config(_job_config(), "default", 0, tmp_path)
+    fed_dir = tmp_path / "federation"
+    fed_dir.mkdir()
+    recorded = unit_fingerprint(unit_config(_job_config("federation.lr=0.01"), "default", 0, tmp_path), "default")
+    doc = {"format": 1, "fingerprint": recorded, "round": 2, "seconds": 41.5}
+    (fed_dir / FED_DONE).write_text(json.dumps(doc))
+    # Refused before anything is loaded or trained, naming the file and the field.
+    with pytest.raises(UnitConfigMismatch, match=rf"{FED_DONE}: config field federation.lr is 0.01 .* but 0.003 now"):
+        federation(cfg, fed_dir, "default")
+    (fed_dir / FED_DONE).write_text(json.dumps({**doc, "round": "two"}))
+    with pytest.raises(UnitFileError, match=rf"{FED_DONE}: not a valid finished-federation file \(round: "):
+        federation(cfg, fed_dir, "default")
+    (fed_dir / FED_DONE).write_text(json.dumps({**doc, "format": 7}))
+    with pytest.raises(UnitFileError, match=rf"{FED_DONE}: field format is 7"):
+        federation(cfg, fed_dir, "default")
+    assert sorted(p.name for p in fed_dir.iterdir()) == [FED_DONE]  # nothing removed or written
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("evidence")
@@ -450,6 +491,36 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     for key in ("questions", "verdicts"):  # NaN included: compared as written
         assert json.dumps(again[key]) == json.dumps(dump[key]), key
     assert (fed / "rounds.jsonl").stat().st_mtime_ns == rounds_mtime
+
+    # A unit stopped after some of its federations (its done-marker gone, and the no-DP
+    # federation's, which stopped midway): resumed, it loads the finished federations, trains the
+    # other again, and the report's numbers are the same (training is deterministic at the seed).
+    unit = quick / "units" / "default-seed0"
+    (unit / "evidence_unit.json").unlink()
+    (unit / "privacy" / "no-dp" / FED_DONE).unlink()
+    dp_rounds = unit / "privacy" / "eps-8" / "rounds.jsonl"
+    dp_mtime = dp_rounds.stat().st_mtime_ns
+    resumed = subprocess.run(
+        [sys.executable, "-m", "simulations.evidence", "--quick", f"out_dir={quick}", f"data_root={quick / 'data'}"]
+        + ["resume=true"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=1800,
+        capture_output=True,
+        text=True,
+    )
+    logged = resumed.stdout + resumed.stderr
+    for fed_dir in (fed, unit / "privacy" / "eps-8"):
+        assert f"{fed_dir}: finished federation loaded" in logged
+    assert "trajectories seed 0: federation: loaded from" in logged
+    assert "default seed 0: federation: loaded from" not in logged
+    assert (fed / "rounds.jsonl").stat().st_mtime_ns == rounds_mtime
+    assert dp_rounds.stat().st_mtime_ns == dp_mtime
+    assert (unit / "privacy" / "no-dp" / FED_DONE).is_file()  # trained again, and marked
+    again = json.loads((quick / "evidence.json").read_text())
+    for key in ("questions", "verdicts"):
+        assert json.dumps(again[key]) == json.dumps(dump[key]), key
 
 
 def test_privacy_table_names_each_draw() -> None:
