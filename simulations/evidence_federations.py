@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.healthfm import HealthFM
-from simulations.evidence_units import UnitFileError, refuse_another_config, unit_fingerprint
+from simulations.evidence_units import Marker, UnitFileError, read_marker, refuse_another_config, unit_fingerprint
 from simulations.run import final_model, run_federation
 
 log = logging.getLogger("healthfm.simulations.evidence")
@@ -39,27 +38,16 @@ FED_DONE = "evidence_federation.json"
 FED_FORMAT = 1
 
 
-class FederationFile(BaseModel):
+class FederationFile(Marker):
     """evidence_federation.json."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: int
     fingerprint: dict[str, Any]
     round: int
     seconds: float
 
 
 def read_federation_file(fed_dir: Path) -> FederationFile:
-    path = fed_dir / FED_DONE
-    try:
-        doc = FederationFile.model_validate_json(path.read_bytes())
-    except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}" for e in exc.errors())
-        raise UnitFileError(f"{path}: not a valid finished-federation file ({fields})") from None
-    if doc.format != FED_FORMAT:
-        raise UnitFileError(f"{path}: field format is {doc.format}, this job reads format {FED_FORMAT}")
-    return doc
+    return read_marker(fed_dir / FED_DONE, FederationFile, "finished-federation file", FED_FORMAT)
 
 
 def federation(cfg: DictConfig, fed_dir: Path, scenario: str) -> tuple[FederationSetup, HealthFM, int]:

@@ -23,7 +23,7 @@ import zipfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -170,10 +170,18 @@ class CalibrationEntry(_Model):
     n_parts: int  # arrays c<index>_<j>_{y,p,groups} in the npz
 
 
-class UnitFile(_Model):
-    """evidence_unit.json: the unit's evidence other than arrays, in insertion order."""
+class Marker(_Model):
+    """A file the job writes when a piece of it has finished (read back by read_marker)."""
 
     format: int
+
+
+M = TypeVar("M", bound=Marker)
+
+
+class UnitFile(Marker):
+    """evidence_unit.json: the unit's evidence other than arrays, in insertion order."""
+
     scenario: str
     seed: int
     fingerprint: dict[str, Any]
@@ -297,14 +305,19 @@ def save_unit(
 
 def read_unit_file(unit_dir: Path) -> UnitFile:
     """evidence_unit.json, validated (UnitFileError names the file and the field)."""
-    path = unit_dir / DONE
+    return read_marker(unit_dir / DONE, UnitFile, "evidence unit file", FORMAT)
+
+
+def read_marker(path: Path, model: type[M], what: str, fmt: int) -> M:
+    """A marker file the job wrote (a unit's, a federation's), validated by its pydantic `model`
+    and its `format` field; UnitFileError names the file and the field."""
     try:
-        doc = UnitFile.model_validate_json(path.read_bytes())
+        doc = model.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}" for e in exc.errors())
-        raise UnitFileError(f"{path}: not a valid evidence unit file ({fields})") from None
-    if doc.format != FORMAT:
-        raise UnitFileError(f"{path}: field format is {doc.format}, this job reads format {FORMAT}")
+        raise UnitFileError(f"{path}: not a valid {what} ({fields})") from None
+    if (found := doc.format) != fmt:
+        raise UnitFileError(f"{path}: field format is {found}, this job reads format {fmt}")
     return doc
 
 
@@ -378,11 +391,13 @@ __all__ = [
     "ARRAYS",
     "DONE",
     "Evidence",
+    "Marker",
     "UnitConfigMismatch",
     "UnitFile",
     "UnitFileError",
     "check_fingerprint",
     "load_unit",
+    "read_marker",
     "read_unit_file",
     "refuse_another_config",
     "save_unit",

@@ -423,6 +423,22 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _resume_quick(out: Path) -> str:
+    """The quick job again in out with resume=true; its log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "simulations.evidence", "--quick", f"out_dir={out}", f"data_root={out / 'data'}"]
+        + ["resume=true"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=1800,
+        capture_output=True,
+        text=True,
+    )
+    return resumed.stdout + resumed.stderr
+
+
 def _ordered(lo: float, point: float, hi: float) -> bool:
     # A percentile bootstrap interval is ordered; it need not contain the point estimate.
     if not all(np.isfinite([lo, hi])):
@@ -471,18 +487,7 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     for unit in ("default-seed0", "trajectories-seed0"):
         assert (quick / "units" / unit / "evidence_unit.json").is_file()
     rounds_mtime = (fed / "rounds.jsonl").stat().st_mtime_ns
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    resumed = subprocess.run(
-        [sys.executable, "-m", "simulations.evidence", "--quick", f"out_dir={quick}", f"data_root={quick / 'data'}"]
-        + ["resume=true"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=900,
-        capture_output=True,
-        text=True,
-    )
-    logged = resumed.stdout + resumed.stderr
+    logged = _resume_quick(quick)
     stages = [s for s in dump["plan_seconds"] if s != "comparisons, report and plots"]
     for stage in stages:
         assert f"{stage}: loaded from" in logged, stage
@@ -500,17 +505,7 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     (unit / "privacy" / "no-dp" / FED_DONE).unlink()
     dp_rounds = unit / "privacy" / "eps-8" / "rounds.jsonl"
     dp_mtime = dp_rounds.stat().st_mtime_ns
-    resumed = subprocess.run(
-        [sys.executable, "-m", "simulations.evidence", "--quick", f"out_dir={quick}", f"data_root={quick / 'data'}"]
-        + ["resume=true"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=1800,
-        capture_output=True,
-        text=True,
-    )
-    logged = resumed.stdout + resumed.stderr
+    logged = _resume_quick(quick)
     for fed_dir in (fed, unit / "privacy" / "eps-8"):
         assert f"{fed_dir}: finished federation loaded" in logged
     assert "trajectories seed 0: federation: loaded from" in logged
