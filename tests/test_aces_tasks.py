@@ -18,12 +18,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.aces_tasks import aces_labels, load_task
+from healthfm_core.data.aces_tasks import PREDICTION_TIME_CODE, aces_labels, aces_labels_shared, load_task
+from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import (
     DISEASES,
     onset_labels_from_events,
     visit_prediction_times,
+    wear_period_end_times,
 )
 
 TASK_NAMES = list(DISEASES)  # t2d, cad, hypertension, copd: one configs/tasks/<name>.yaml each
@@ -171,3 +173,39 @@ def test_rules_on_hand_made_subjects(tmp_path: Path) -> None:
     got = aces_labels("t2d", _write_site(tmp_path / "site", rows), horizons_days=[90])[90]
     first = pl.from_arrow(got).filter(pl.col("prediction_time") == d(2110, 1, 1)).sort("subject_id")
     assert first.select("subject_id", "boolean_value").rows() == [(2, True), (3, False), (5, False)]
+
+
+def test_times_as_events_label_wear_period_ends_as_the_event_rules_do(federations: dict[str, Path]) -> None:
+    """The modality ablation asks at wear-period ends, where the MEDS events have no event: ACES,
+    triggered at every timed event, gives no row there. With times_as_events the times join the
+    record as events, and the labels equal the event rules' (onset_labels_from_events) on the same
+    record with those events added."""
+    checked = positives = 0
+    for scenario, sites_dir in federations.items():
+        for site_root in sorted(p for p in sites_dir.iterdir() if p.is_dir()):
+            site = open_site(site_root)
+            if not site.wearable_files:
+                continue
+            times = wear_period_end_times(site.read_wearables())
+            events = _events(site_root)
+            marks = pa.table(
+                {
+                    "subject_id": times["subject_id"],
+                    "time": times["prediction_time"].cast(events.schema.field("time").type),
+                    "code": pa.array([PREDICTION_TIME_CODE] * times.num_rows, pa.string()),
+                }
+            )
+            with_marks = pa.concat_tables([events, marks])
+            for name in TASK_NAMES:
+                task = load_task(name)
+                (plain,) = aces_labels_shared([task], site_root, prediction_times=times)
+                (asked,) = aces_labels_shared([task], site_root, prediction_times=times, times_as_events=True)
+                old_events, prefix = _old_events(with_marks, scenario, name)
+                for h in task.horizons:
+                    ref = _sorted(onset_labels_from_events(old_events, prefix, h, times))
+                    assert _sorted(asked[h]).equals(ref), (scenario, site_root.name, name, h)
+                    assert plain[h].num_rows < asked[h].num_rows  # without: only where an event falls
+                    checked += asked[h].num_rows
+                    positives += int(pc.sum(asked[h]["boolean_value"]).as_py() or 0)
+    print(f"\n{checked} rows at wear-period ends, {positives} positive")
+    assert checked > 0 and positives > 0

@@ -325,6 +325,19 @@ def _predicates_from_frame(cfg: TaskExtractorConfig, data: pl.DataFrame) -> pl.D
     return data
 
 
+PREDICTION_TIME_CODE = "HEALTHFM//PREDICTION_TIME"  # aces_labels_shared(times_as_events=True)
+
+
+def _time_events(prediction_times: pa.Table | None) -> pl.DataFrame:
+    """The prediction times as MEDS events of code PREDICTION_TIME_CODE (timestamp, as ACES names it)."""
+    keep = _keep_times(prediction_times)
+    if keep is None:
+        raise ValueError("times_as_events needs prediction_times")
+    return keep.select(
+        "subject_id", pl.col("prediction_time").alias("timestamp"), pl.lit(PREDICTION_TIME_CODE).alias("code")
+    )
+
+
 def _keep_times(prediction_times: pa.Table | None) -> pl.DataFrame | None:
     if prediction_times is None:
         return None
@@ -418,20 +431,34 @@ def aces_labels_shared(
     site_root: str | Path,
     prediction_times: pa.Table | None = None,
     subjects: np.ndarray | None = None,
+    times_as_events: bool = False,
 ) -> list[dict[int, pa.Table]]:
     """`aces_labels(task, site_root, prediction_times=...)` for each task (its metadata's
     horizons), with each shard read once for all of them instead of once per task and variant
     (an evaluation asks for many tasks; tests/test_aces_shared.py checks the tables are equal).
     `subjects`: only these subjects' events are queried, and so only their labels come out;
     exact, since ACES finds a subject's windows in that subject's own events (a capped
-    evaluation's sample: tests/test_eval_sample.py checks the rows equal theirs among all)."""
+    evaluation's sample: tests/test_eval_sample.py checks the rows equal theirs among all).
+
+    `times_as_events`: each prediction time joins its subject's record as a timed event of code
+    PREDICTION_TIME_CODE, which no task predicate reads. A task triggered at every timed event
+    (`_ANY_EVENT`, as configs/tasks/ are) then predicts at times where the record has no event
+    of its own, e.g. the end of a wear period (the wearable table is not in the MEDS events).
+    Such an event is an observation of the subject at that time, and counts as one for every
+    window (a censoring window that asks for any event after the horizon sees it)."""
     from aces import query as aces_query
 
     parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.horizons} for t in tasks]
     wanted = None if subjects is None else pl.Series(np.asarray(subjects, dtype=np.int64))
+    marks = _time_events(prediction_times) if times_as_events else None
     with _quiet_one_shard_cohorts():
         for shard in _shards(Path(site_root)):
             frame = _meds_frame(shard)
+            if marks is not None:
+                own = marks.join(frame.select("subject_id").unique(), on="subject_id", how="semi")
+                frame = pl.concat([frame, own], how="diagonal_relaxed").sort(
+                    ["subject_id", "timestamp"], maintain_order=True
+                )
             if wanted is not None:
                 frame = frame.filter(pl.col("subject_id").is_in(wanted.implode()))
                 if frame.is_empty():  # none of the sample's subjects is in this shard
@@ -506,6 +533,7 @@ def unmatched_predicates(task: AcesTask, site_root: str | Path) -> list[str]:
 
 __all__ = [
     "OWN_WINDOWS",
+    "PREDICTION_TIME_CODE",
     "TASK_DIR",
     "AcesTask",
     "TaskMetadata",

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from healthfm_core.data.aces_tasks import AcesTask, aces_labels
+from healthfm_core.data.aces_tasks import AcesTask, aces_labels, aces_labels_shared
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES, SPLITS
 from healthfm_core.data.prediction_times import PredictionTimesDataset
@@ -236,8 +236,9 @@ def build_site_rows(
                 # As the sites evaluate: ACES's rows, at most n_per_subject of a subject's per key.
                 found = aces_labels(aces, site.root, list(keys))
                 found = {h: cap_rows_per_subject(t, n_per_subject, seed) for h, t in found.items()}
-            else:  # the ablation asks at wear-period ends, where ACES has a row there
-                found = aces_labels(aces, site.root, list(keys), prediction_times=times)
+            else:  # the ablation asks at wear-period ends: the MEDS events have none there
+                (every,) = aces_labels_shared([aces], site.root, prediction_times=times, times_as_events=True)
+                found = {h: t for h, t in every.items() if h in keys}
             for h, table in found.items():
                 per_task[keys[h]] = table
                 if onset_times == "visits":
