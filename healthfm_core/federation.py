@@ -63,7 +63,7 @@ from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.eval.score_histogram import DEFAULT_SCORE_BINS, WITHHELD_KINDS, ScoreScale, WithheldKind
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
-from healthfm_core.model.healthfm import HealthFM, model_modalities
+from healthfm_core.model.healthfm import HealthFM, embedding_width, model_modalities
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.transport import SCALES_RECORD, Rounding, Transport
 
@@ -285,6 +285,11 @@ class FederationSetup(_Strict):
             pretraining.pop("prs_reconstruct_shown", None)
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of this setup's model's embedding (HealthFM.embed): what a task head reads."""
+        return embedding_width(self.model, self.modalities)
 
     def init_model(self) -> HealthFM:
         """The model at its seeded initialisation (server and sites get the same weights), built

@@ -388,7 +388,7 @@ def fit_heads(grid: Grid, cfg: HeadRunConfig) -> dict[str, Path]:
         )
     evaluation = release.meta.evaluation
     keys = head_keys(cfg, evaluation.tasks if evaluation is not None else [])
-    return fit_keys(grid, cfg, release.setup.sha256, release.setup.model.d_model, keys)
+    return fit_keys(grid, cfg, release.setup.sha256, release.setup.embedding_width, keys)
 
 
 def fit_keys(grid: Grid, cfg: HeadRunConfig, sha: str, width: int, keys: Sequence[str]) -> dict[str, Path]:

@@ -105,6 +105,7 @@ def model_card(
         "model": {
             "name": setup.model.name,
             "d_model": setup.model.d_model,
+            "embedding_width": setup.embedding_width,
             "n_layers": setup.model.n_layers,
             "n_heads": setup.model.n_heads,
             "parameters": n_params,
@@ -158,6 +159,8 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
         "",
         f"- Architecture: continuous-time transformer, d_model {m['d_model']}, {m['n_layers']} layers, "
         f"{m['n_heads']} heads, {m['parameters']:,} parameters",
+        f"- Embedding: {m['embedding_width']} values per (subject, time): the query state ({m['d_model']})"
+        + (", then the genomics encoder's output (zero without PRS)" if m["embedding_width"] > m["d_model"] else ""),
         f"- Modalities: {', '.join(m['modalities'])}; parameter groups trained by some site: "
         f"{', '.join(m['groups_trained'])}",
         f"- Vocabulary: {m['vocab_size']} codes; PRS traits: {', '.join(m['prs_traits']) or 'none'}",

@@ -318,7 +318,7 @@ def test_embeddings_use_eval_mode_and_keep_labels() -> None:
     batches = [(random_batch(3, seed=i), torch.tensor([0.0, 1.0, float(i)])) for i in range(2)]
     a = compute_embeddings(model, batches)
     b = compute_embeddings(model, batches)
-    assert a.x.shape == (6, model.cfg.d_model) and np.isfinite(a.x).all()
+    assert a.x.shape == (6, model.embedding_width) and np.isfinite(a.x).all()
     np.testing.assert_array_equal(a.x, b.x)  # eval mode: no modality dropout, deterministic
     assert model.training  # restored
     np.testing.assert_array_equal(a.y, [0, 1, 0, 0, 1, 1])

@@ -228,10 +228,39 @@ def test_genomics_does_not_decay_with_time() -> None:
             birth_time=b.birth_time + days,
         )
 
-    effect_now = model.embed(batch) - model.embed(no_prs)
-    effect_later = model.embed(shift(batch, 3000.0)) - model.embed(shift(no_prs, 3000.0))
+    def query_state(b):  # type: ignore[no-untyped-def]
+        return model(b).embedding  # the FiLM path (embed also carries the static conditioning itself)
+
+    effect_now = query_state(batch) - query_state(no_prs)
+    effect_later = query_state(shift(batch, 3000.0)) - query_state(shift(no_prs, 3000.0))
     assert effect_now.abs().max() > 1e-3
     torch.testing.assert_close(effect_later, effect_now, atol=2e-4, rtol=1e-3)
+
+
+def test_embedding_is_the_query_state_then_the_genomics_conditioning() -> None:
+    """HealthFM.embed, what every probe, `client.py embed` and a task head read (issue 31): the
+    query state, then on a model with genomics the encoder's conditioning, zero without PRS."""
+    model = tiny_model()
+    batch = random_batch(vocab_size=VOCAB, seed=13)
+    batch = replace(batch, prs_valid=batch.prs_valid & (torch.arange(len(batch.prs_valid)) > 0)[:, None])
+    has = batch.prs_valid.any(dim=-1)
+    assert has.any() and (~has).any()
+    d, h = model.cfg.d_model, model.cfg.genomics.d_hidden
+    x = model.embed(batch)
+    assert x.shape == (len(has), model.embedding_width) and model.embedding_width == d + h
+    torch.testing.assert_close(x[:, :d], model(batch).embedding)
+    mask = batch.prs_valid.float()
+    by_hand = model.genomics_encoder.mlp(torch.cat([batch.prs * mask, mask], dim=-1))
+    torch.testing.assert_close(x[has, d:], by_hand[has])
+    assert torch.equal(x[~has, d:], torch.zeros_like(x[~has, d:]))
+    at = model.embed_at(batch, batch.prediction_time.float()[:, None])[:, 0]
+    torch.testing.assert_close(at, x, atol=1e-5, rtol=1e-5)
+    # Without genomics the embedding is the query state alone.
+    torch.manual_seed(0)
+    plain = HealthFM(load_model_config("tiny"), VOCAB, 0).eval()
+    no_prs = replace(batch, prs_valid=torch.zeros_like(batch.prs_valid))
+    assert plain.embedding_width == d
+    torch.testing.assert_close(plain.embed(no_prs), plain(no_prs).embedding)
 
 
 # ----------------------------------------------------------------------------- dropout, decay

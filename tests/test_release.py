@@ -346,7 +346,12 @@ def test_embed_cli_writes_one_row_per_prediction_time(release_dir: Path, biobank
     assert client_main([*argv, "--prediction-times", str(tmp_path / "times.parquet"), "--out", str(out)]) == 0
     table = pq.read_table(out)
     assert table.num_rows == 3 and table["subject_id"].to_pylist() == times["subject_id"].to_pylist()
-    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    setup = load_release(release_dir).setup
+    assert setup.embedding_width == setup.model.d_model + setup.model.genomics.d_hidden  # the biobank has PRS
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), setup.embedding_width)
+    emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    has = np.asarray(table["has_genomics"].to_pylist())
+    assert np.all((np.abs(emb[:, setup.model.d_model :]).sum(1) > 0) == has)  # the genomics block: zero without PRS
     assert set(table["split"].to_pylist()) <= {"train", "tuning", "held_out"}
     # A file without prediction_time is refused by name.
     pq.write_table(times.drop(["prediction_time"]), tmp_path / "bad.parquet")

@@ -123,11 +123,13 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
             str(tmp_path / f"{site}-rows.parquet"),
         ]
         assert client_main([*argv, "--out", str(pred)]) == 0
+        # Its rows embedded in other batches: float32 rounding of an embedding times the probe's
+        # weight per unit, which reaches ~3,600 on a genomics column spread 3e-4 over these subjects.
         np.testing.assert_allclose(
             pq.read_table(pred)["predicted_boolean_probability"].to_numpy(),
             ours["predicted_boolean_probability"].to_numpy(),
             rtol=0,
-            atol=1e-6,
+            atol=1e-5,
         )
     assert scored >= 1
 

@@ -60,7 +60,7 @@ from healthfm_core.eval.probes import (
 )
 from healthfm_core.eval.report import RegressionRow, ResultRow
 from healthfm_core.eval.row_embeddings import embed_rows, restrict_modalities
-from healthfm_core.model.outputs import ModelOutput
+from healthfm_core.model.healthfm import genomics_features
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,16 @@ log = logging.getLogger(__name__)
 
 # "genomics": the genomics encoder's conditioning vector (zeros where the row has no genomics or
 # it was removed): the static PRS path beside the query state. Issue 31's diagnosis found the
-# query state carries no PRS after the evidence job's budget (R^2 ~ 0: the FiLM path starts at
-# identity and the pretraining losses barely move it) while the encoder's output carries it (R^2
-# ~ 0.9), so a probe that reads both gets what the world puts in the PRS.
+# query state carries almost no PRS at the evidence job's budget (R^2 ~ 0.03-0.12: the FiLM path
+# starts at identity and the pretraining losses barely move it) while the encoder's output carries
+# it (R^2 ~ 0.5-0.9); HealthFM.embed is therefore [query, genomics] (model/healthfm.py).
 POOLINGS = ("query", "mean", "genomics")
 
 
 class PooledEmbedder(torch.nn.Module):
     """A frozen model whose `embed` concatenates several poolings of its final token states:
-    "query" is the model's own embedding (the query token at prediction_time, model.embed);
+    "query" is the query token's final state at prediction_time (model.embed without its genomics
+    columns: [query, genomics] is exactly model.embed);
     "mean" averages the states of the history tokens it may attend to; "genomics" is the
     genomics encoder's conditioning (not a token state: static per subject; no columns for a
     model without genomics). One forward pass gives every pooling, so comparing them costs no
@@ -102,23 +103,12 @@ class PooledEmbedder(torch.nn.Module):
             if pooling == "query":
                 parts.append(out.queries)
             elif pooling == "genomics":
-                parts.append(self._genomics(out, query_time.shape[1]))
+                parts.append(genomics_features(out, getattr(self.model, "genomics_encoder", None), query_time.shape[1]))
             else:
                 seen = out.key_valid[:, None, :] & (out.times[:, None, :] <= query_time.float()[:, :, None])
                 w = seen.to(out.states.dtype)  # [B, Q, L]
                 parts.append(torch.bmm(w, out.states) / w.sum(2, keepdim=True).clamp_min(1.0))
         return torch.cat(parts, dim=-1)
-
-    def _genomics(self, out: ModelOutput, n_query: int) -> torch.Tensor:
-        """[B, Q, d_hidden] the genomics conditioning, zero where the row kept no genomics (the
-        width is fixed by the model, so batches without any genomics still line up)."""
-        b = out.states.shape[0]
-        enc = getattr(self.model, "genomics_encoder", None)
-        width = int(enc.film_final.in_features) if enc is not None else 0  # the encoder's d_hidden
-        if out.genomics_cond is None or width == 0:
-            return out.states.new_zeros(b, n_query, width)
-        gate = out.present["genomics"].to(out.genomics_cond.dtype)[:, None]
-        return (out.genomics_cond * gate)[:, None, :].expand(b, n_query, width)
 
 
 # ---------------------------------------------------------------- the evaluation rows

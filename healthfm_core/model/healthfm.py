@@ -317,6 +317,29 @@ class GenomicsEncoder(nn.Module):
         film = [layer(cond) * gate for layer in [*self.film_blocks, self.film_final]]
         return cond, film
 
+    @property
+    def width(self) -> int:
+        """d_hidden: the width of the conditioning vector."""
+        return int(self.film_final.in_features)
+
+
+def genomics_features(out: ModelOutput, encoder: GenomicsEncoder | None, n_query: int) -> Tensor:
+    """[B, Q, d_hidden] the genomics encoder's conditioning at each of Q queries (static per
+    subject), zero where the sample kept no genomics (none, dropped or removed); width 0 without
+    an encoder, so batches with and without any genomics line up."""
+    b = out.states.shape[0]
+    width = 0 if encoder is None else encoder.width
+    if out.genomics_cond is None or width == 0:
+        return out.states.new_zeros(b, n_query, width)
+    gate = out.present["genomics"].to(out.genomics_cond.dtype)[:, None]
+    return (out.genomics_cond * gate)[:, None, :].expand(b, n_query, width)
+
+
+def embedding_width(cfg: ModelConfig, modalities: Collection[str]) -> int:
+    """Width of HealthFM.embed for a model of these modalities: the query state (d_model), then
+    the genomics conditioning (genomics.d_hidden) on a model with genomics."""
+    return cfg.d_model + (cfg.genomics.d_hidden if "genomics" in modalities else 0)
+
 
 # ----------------------------------------------------------------------------- heads
 
@@ -667,15 +690,31 @@ class HealthFM(nn.Module):
             shown = shown & ~hidden
         return self.genomics_encoder(batch.prs.float(), shown, present)
 
+    @property
+    def embedding_width(self) -> int:
+        return embedding_width(self.cfg, self.modalities)
+
     def embed(self, batch: Batch) -> Tensor:
-        """[B, d] representation at prediction_time (the query token's final state)."""
-        return self.forward(batch).embedding
+        """[B, embedding_width] representation at prediction_time: the query token's final state,
+        then (on a model with genomics) the genomics encoder's conditioning, zero where the sample
+        has no PRS. Why both: genomics reaches the query state only through FiLM, which starts at
+        identity, and at a federation's budget the query state holds almost none of the PRS while
+        the conditioning holds it (issue 31's diagnosis, docs/evidence.md "Genomics")."""
+        out = self.forward(batch)
+        return self._with_genomics(out, out.embedding[:, None])[:, 0]
 
     def embed_at(self, batch: Batch, query_time: Tensor) -> Tensor:
-        """[B, Q, d] representations at query_time [B, Q] (at or before each prediction_time), one
-        pass: what `embed` gives for a sample whose tokens are this one's up to that time
-        (healthfm_core/data/shared_passes.py says when that is the sample cut at that time)."""
-        return self.forward(batch, query_time=query_time).queries
+        """[B, Q, embedding_width] representations at query_time [B, Q] (at or before each
+        prediction_time), one pass: what `embed` gives for a sample whose tokens are this one's up
+        to that time (healthfm_core/data/shared_passes.py says when that is the sample cut at that
+        time)."""
+        out = self.forward(batch, query_time=query_time)
+        return self._with_genomics(out, out.queries)
+
+    def _with_genomics(self, out: ModelOutput, queries: Tensor) -> Tensor:
+        if self.genomics_encoder is None:
+            return queries
+        return torch.cat([queries, genomics_features(out, self.genomics_encoder, queries.shape[1])], dim=-1)
 
     def pretraining_losses(
         self,
