@@ -301,9 +301,9 @@ def test_embeddings_streamed_to_disk_hold_no_memory_that_grows_with_the_rows(bio
             with embeddings_file(tmp_path) if where == "disk" else contextlib.nullcontext(in_memory) as rows_to:
                 bytes_, x = peak(times, rows_to)
             peaks.setdefault(where, []).append(bytes_)
-            assert x.shape == (times * n, 32) and isinstance(x, np.memmap) == (where == "disk")
+            assert x.shape == (times * n, model.embedding_width) and isinstance(x, np.memmap) == (where == "disk")
     grown = {where: p[1] - p[0] for where, p in peaks.items()}
-    embeddings = 3 * n * 32 * 8  # the in-memory rows added from N to 4N (float64)
+    embeddings = 3 * n * model.embedding_width * 8  # the in-memory rows added from N to 4N (float64)
     # The in-memory peak grows by the rows' bytes more than the streamed one (measured 1.1-1.2x
     # them: the allocator's own bytes), ...
     assert grown["memory"] - grown["disk"] >= 0.75 * embeddings, (grown, embeddings)
