@@ -79,6 +79,7 @@ from simulations.evidence_federations import clear_unfinished_unit, federation
 from simulations.evidence_genomics import UnitModels, run_diagnosis
 from simulations.evidence_units import (
     DONE,
+    DRAW_KEY,
     Evidence,
     check_fingerprint,
     load_unit,
@@ -756,7 +757,13 @@ def verdicts(
         )
     )
     q4 = comps.get(f"q4|{compare.epsilon_label(8.0)} - no DP")
-    steps = [c for k, c in comps.items() if k.startswith("q4|eps=") and "no DP" not in k]
+    # Neighbouring epsilons over all their draws ("eps=3 - eps=8"): draw i of one epsilon and draw
+    # i of the next are independent federations, so a pairing by draw index says nothing alone.
+    steps = [
+        c
+        for k, c in comps.items()
+        if k.startswith("q4|eps=") and "no DP" not in k and not DRAW_KEY.match(k.split("|", 1)[1])
+    ]
     inverted = [f"{c.a} vs {c.b}" for c in steps if c.difference_ci[0] > 0]  # lower epsilon clearly better
     out.append(
         Verdict(

@@ -41,6 +41,7 @@ from simulations.evidence import (
     finished_unit,
     prepare_out_dir,
     unit_config,
+    verdicts,
     with_preset_flags,
 )
 from simulations.evidence_federations import FED_DONE, clear_unfinished_unit, federation
@@ -521,3 +522,25 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
 def test_privacy_table_names_each_draw() -> None:
     table = privacy_table([], {"eps=8 draw 2": 8.0, "eps=8": 8.0, "no DP": None}, {})
     assert "| 8 (draw 2) |" in table and "| 8 |" in table and "| none (no DP) |" in table
+
+
+def test_q4_monotonicity_reads_epsilons_over_their_draws_not_draws_paired_by_index() -> None:
+    # Draw i of eps=3 and draw i of eps=8 are independent federations: one such pair clearly
+    # apart (the full job's eps=3 draw 3 vs eps=8 draw 3) is no inversion; the pooled step is.
+    def comp(a: str, b: str, ci: tuple[float, float]) -> Comparison:
+        d = (ci[0] + ci[1]) / 2
+        return Comparison(a=a, b=b, n_items=50, n_rows=500, n_subjects=400, mean_a=0.7 + d, mean_b=0.7,
+                          difference=d, difference_ci=ci, ratio=1 + d / 0.7, ratio_ci=(1 + ci[0] / 0.7, 1 + ci[1] / 0.7),
+                          fraction_at_or_below_zero=0.5)  # fmt: skip
+
+    cfg = _job_config()
+    comps = {
+        "q4|eps=8 - no DP": comp("eps=8", "no DP", (-0.03, 0.01)),
+        "q4|eps=3 draw 3 - eps=8 draw 3": comp("eps=3 draw 3", "eps=8 draw 3", (0.005, 0.041)),
+        "q4|eps=3 - eps=8": comp("eps=3", "eps=8", (-0.022, 0.019)),
+    }
+    (q4,) = [v for v in verdicts(cfg, "default", comps, []) if v.question == "q4"]
+    assert q4.met is True and "monotone within intervals" in q4.detail
+    comps["q4|eps=3 - eps=8"] = comp("eps=3", "eps=8", (0.004, 0.03))
+    (q4,) = [v for v in verdicts(cfg, "default", comps, []) if v.question == "q4"]
+    assert q4.met is False and q4.detail.endswith("inverted: eps=3 vs eps=8")
