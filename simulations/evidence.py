@@ -844,7 +844,9 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
         "difference itself. Probes: L2 logistic regression on frozen features, fitted on train rows, C chosen "
         "on tuning rows, scored on held_out rows.",
         "",
-        f"Wall time {clock.total / 60:.1f} min (plan {sum(s for _, s in progress.stages) / 60:.1f} min): "
+        f"Wall time {clock.total / 60:.1f} min"
+        + (" for this run, the units loaded" if progress.loaded else "")
+        + f" (plan {sum(s for _, s in progress.stages) / 60:.1f} min; stage times {sum(progress.actual.values()) / 60:.1f} min): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in progress.actual.items())
         + "."
         + (

@@ -292,16 +292,21 @@ def privacy_plot(
     title: str = "Held-out utility against the target epsilon",
 ):
     """Mean AUROC (left) and ECE (right) against the target epsilon (log axis), one line per
-    horizon; the no-DP setting is drawn at the right end of the axis, past the largest epsilon."""
+    horizon; the no-DP setting is drawn at the right end of the axis, past the largest epsilon.
+    Settings of one epsilon (independent noise draws) are each a dot, the line their mean."""
     finite = sorted(e for e in settings.values() if e is not None)
     none_x = (finite[-1] * 3.0) if finite else 1.0
     x_of = {m: (none_x if e is None else e) for m, e in settings.items()}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for horizon in sorted({r.horizon for r in rows if r.horizon is not None}):
-        mine = sorted((r for r in rows if r.horizon == horizon and r.method in x_of), key=lambda r: x_of[r.method])
-        xs = [x_of[r.method] for r in mine]
-        a1.plot(xs, [r.auroc for r in mine], marker="o", label=f"{horizon} d")
-        a2.plot(xs, [r.ece for r in mine], marker="o", label=f"{horizon} d")
+        mine = [r for r in rows if r.horizon == horizon and r.method in x_of]
+        xs = sorted({x_of[r.method] for r in mine})
+        for ax, value in ((a1, lambda r: r.auroc), (a2, lambda r: r.ece)):
+            at = {x: [value(r) for r in mine if x_of[r.method] == x] for x in xs}
+            (line,) = ax.plot(xs, [float(np.mean(at[x])) for x in xs], marker="o", label=f"{horizon} d")
+            if any(len(v) > 1 for v in at.values()):
+                ax.scatter([x for x in xs for _ in at[x]], [v for x in xs for v in at[x]], s=12, alpha=0.5,
+                           color=line.get_color(), linewidths=0)  # fmt: skip
     ticks = sorted(set(x_of.values()))
     labels = ["no DP" if x == none_x and None in settings.values() else f"{x:g}" for x in ticks]
     for ax, name in ((a1, "mean AUROC"), (a2, "mean ECE")):
