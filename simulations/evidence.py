@@ -734,6 +734,7 @@ def verdicts(
             detail="not measured" if q1 is None else f"ratio {_f(q1.ratio)} {_ci(q1.ratio_ci)}",
         )
     )
+    out.append(budget_verdict(cfg, comps))
     q2 = {k: c for k, c in comps.items() if k.startswith("q2|")}
     below = [k.split("|", 1)[1] for k, c in q2.items() if not not_clearly_below(c)]
     out.append(
@@ -805,6 +806,36 @@ def verdicts(
     )
     out.append(genomics_verdict(cfg, comps))
     return out
+
+
+def budget_verdict(cfg: DictConfig, comps: Mapping[str, Comparison]) -> Verdict:
+    """q1 as the budget grows: each strategy's federated / pooled ratio at every number of rounds,
+    the first budget where it reaches the target, or where it flattens below it (issue 31's rule:
+    the curve reaches the target at some budget, or the report shows where it flattens)."""
+    t = float(cfg.targets.federated_ratio)
+    target = f"as rounds grow (budget curve): federated / pooled >= {t:.0%} at some budget"
+    curves: dict[str, dict[int, Comparison]] = {}
+    for k, c in comps.items():
+        m = BUDGET_KEY.match(k)
+        if m:
+            curves.setdefault(m["strategy"], {})[int(m["rounds"])] = c
+    if not curves:
+        why = "not run for this scenario: budget_curve.scenarios / seeds"
+        return Verdict(question="q1", target=target, met=None, detail=f"not measured ({why})")
+    parts = []
+    for strategy, by_rounds in curves.items():
+        rounds = sorted(by_rounds)
+        ratios = " / ".join(_f(by_rounds[r].ratio) for r in rounds)
+        reached = [r for r in rounds if by_rounds[r].ratio >= t]
+        best = max(rounds, key=lambda r: by_rounds[r].ratio)
+        where = (
+            f"reaches it at {reached[0]} rounds"
+            if reached
+            else f"below it; best {_f(by_rounds[best].ratio)} {_ci(by_rounds[best].ratio_ci)} at {best} rounds"
+        )
+        parts.append(f"{strategy} {ratios} at {' / '.join(map(str, rounds))} rounds: {where}")
+    met = any(c.ratio >= t for by_rounds in curves.values() for c in by_rounds.values())
+    return Verdict(question="q1", target=target, met=met, detail="; ".join(parts))
 
 
 def genomics_verdict(cfg: DictConfig, comps: Mapping[str, Comparison]) -> Verdict:

@@ -469,7 +469,10 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
     # Privacy ran for default only in the quick preset: trajectories states why.
     assert "not run" in dump["questions"]["q4"]["trajectories"]["reason"]
     for scenario in scenarios:
-        assert [v["question"] for v in dump["verdicts"][scenario]] == list(QUESTIONS)
+        # Every question in order; q1 has a second verdict, the budget curve's (not run at CI size).
+        asked = [v["question"] for v in dump["verdicts"][scenario]]
+        assert list(dict.fromkeys(asked)) == list(QUESTIONS) and asked.count("q1") == 2
+        assert "not measured" in dump["verdicts"][scenario][1]["detail"]
     report = (quick / "report.md").read_text()
     for q in QUESTIONS:
         assert f"## {q}:" in report
@@ -544,3 +547,29 @@ def test_q4_monotonicity_reads_epsilons_over_their_draws_not_draws_paired_by_ind
     comps["q4|eps=3 - eps=8"] = comp("eps=3", "eps=8", (0.004, 0.03))
     (q4,) = [v for v in verdicts(cfg, "default", comps, []) if v.question == "q4"]
     assert q4.met is False and q4.detail.endswith("inverted: eps=3 vs eps=8")
+
+
+def test_budget_verdict_reads_each_strategy_curve() -> None:
+    def comp(ratio: float) -> Comparison:
+        return Comparison(a="fed", b="pooled", n_items=50, n_rows=500, n_subjects=400, mean_a=0.7 * ratio, mean_b=0.7,
+                          difference=0.7 * ratio - 0.7, difference_ci=(-0.05, 0.05), ratio=ratio,
+                          ratio_ci=(ratio - 0.04, ratio + 0.04), fraction_at_or_below_zero=0.5)  # fmt: skip
+
+    cfg = _job_config()
+    comps = {
+        "q1|all horizons": comp(0.99),
+        "q1|budget: FedAvg, 4 rounds": comp(0.95),
+        "q1|budget: FedAvg, 8 rounds": comp(0.985),
+        "q1|budget: FedAvg, 16 rounds": comp(0.97),
+        "q1|budget: FedAdam, 4 rounds": comp(0.93),
+        "q1|budget: FedAdam, 16 rounds": comp(0.96),
+    }
+    (_, budget) = [v for v in verdicts(cfg, "default", comps, []) if v.question == "q1"]
+    assert budget.met is True
+    assert "FedAvg 0.950 / 0.985 / 0.970 at 4 / 8 / 16 rounds: reaches it at 8 rounds" in budget.detail
+    assert "FedAdam 0.930 / 0.960 at 4 / 16 rounds: below it; best 0.960 [0.920, 1.000] at 16 rounds" in budget.detail
+    del comps["q1|budget: FedAvg, 8 rounds"]
+    (_, budget) = [v for v in verdicts(cfg, "default", comps, []) if v.question == "q1"]
+    assert budget.met is False  # no strategy at any budget: the curve flattens below the target
+    (_, budget) = [v for v in verdicts(cfg, "default", {"q1|all horizons": comp(0.99)}, []) if v.question == "q1"]
+    assert budget.met is None and budget.detail.startswith("not measured")
