@@ -173,6 +173,15 @@ def reuses_main(cfg: DictConfig, strategy: str, rounds: int) -> bool:
 BUDGET_KEY = re.compile(r"^q1\|budget: (?P<strategy>.+), (?P<rounds>\d+) rounds$")
 
 
+def budget_curves(comps: Mapping[str, Comparison]) -> dict[str, dict[int, Comparison]]:
+    """The budget curve's comparisons ("q1|budget: <strategy>, <R> rounds") by strategy, then rounds."""
+    curves: dict[str, dict[int, Comparison]] = {}
+    for k, c in comps.items():
+        if (m := BUDGET_KEY.match(k)) is not None:
+            curves.setdefault(m["strategy"], {})[int(m["rounds"])] = c
+    return curves
+
+
 class Progress:
     """Logs each stage against the plan: done / total, elapsed, estimated time left."""
 
@@ -814,11 +823,7 @@ def budget_verdict(cfg: DictConfig, comps: Mapping[str, Comparison]) -> Verdict:
     the curve reaches the target at some budget, or the report shows where it flattens)."""
     t = float(cfg.targets.federated_ratio)
     target = f"as rounds grow (budget curve): federated / pooled >= {t:.0%} at some budget"
-    curves: dict[str, dict[int, Comparison]] = {}
-    for k, c in comps.items():
-        m = BUDGET_KEY.match(k)
-        if m:
-            curves.setdefault(m["strategy"], {})[int(m["rounds"])] = c
+    curves = budget_curves(comps)
     if not curves:
         why = "not run for this scenario: budget_curve.scenarios / seeds"
         return Verdict(question="q1", target=target, met=None, detail=f"not measured ({why})")
@@ -956,10 +961,7 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                     else "no task had enough held-out positives for both methods"
                 )
                 lines.append(f"Not measured: {entry['reason']}.")
-            curves: dict[str, dict[int, Comparison]] = {}
-            for k, c in mine.items():
-                if q == "q1" and (m := BUDGET_KEY.match(f"q1|{k}")) is not None:
-                    curves.setdefault(m["strategy"], {})[int(m["rounds"])] = c
+            curves = budget_curves({f"{q}|{k}": c for k, c in mine.items()})
             if curves:
                 figs[f"q1 federated / pooled against rounds, {scenario}"] = ratio_curve_plot(
                     curves,
