@@ -168,7 +168,8 @@ def make_head_client_app(
         _, rows, splits = site_of(msg, context, HeadTask)
         if isinstance(splits, str):
             return refuse(msg, rows, splits)
-        out = HeadStats.of(rows.site, site_stats(splits.x_train, splits.y_train), rows.max_events, rows.max_patches)
+        stats = site_stats(splits.x_train, splits.y_train)
+        out = HeadStats.of(rows.site, stats, rows.max_events, rows.max_patches, len(splits.y_tune))
         return _reply(msg, out.to_flat())
 
     def prepared(

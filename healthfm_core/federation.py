@@ -357,7 +357,9 @@ class EvalConfig(_Strict):
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
     n_boot: int = Field(default=100, ge=10)
-    n_per_subject: int = Field(default=4, ge=1, le=64)  # at most this many of a subject's ACES rows per task key
+    n_per_subject: int = Field(
+        default=4, ge=1, le=64
+    )  # at most this many of a subject's rows per task key (every kind)
     seed: int = 0  # also the key of the subject sample's hash (healthfm_core/eval/subject_sample.py)
     # Per task and split, score (and fit the probe on) every row of at most this many subjects, a
     # fixed keyed-hash sample (0: every subject): the federation's eval_max_subjects.
@@ -1081,22 +1083,50 @@ def aggregate_site_metrics(per_site: Mapping[str, EvalReply]) -> dict[str, float
     An n-weighted mean of per-site AUROCs is not the AUROC of the pooled data (that needs the
     scores, which never leave a site); it is what a federation can compute from site summaries.
     """
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
+    out: dict[str, float] = {}
+    for key, values in site_metric_values(per_site).items():
+        task = key.partition(".")[0]  # task keys hold no dot
+        weights = {site: per_site[site].tasks[task].n for site in values}
+        out[key] = sum(weights[s] * v for s, v in values.items()) / sum(weights.values())
     counts: dict[str, float] = {}
     for reply in per_site.values():
         for task, m in reply.tasks.items():
+            counts[f"{task}.{_TASK_N}"] = counts.get(f"{task}.{_TASK_N}", 0.0) + float(m.n)
+    out.update({k: counts[k] for k in sorted(counts)})
+    return out
+
+
+def site_metric_values(per_site: Mapping[str, EvalReply]) -> dict[str, dict[str, float]]:
+    """Each "<task>.<metric>" (aggregate_site_metrics's keys, without "<task>.n") by site: the
+    finite values the sites reported."""
+    out: dict[str, dict[str, float]] = {}
+    for site, reply in sorted(per_site.items()):
+        for task, m in reply.tasks.items():
             for name in EVAL_METRICS + MEDS_TAB_METRICS:
                 value = getattr(m, _TASK_SCOPE.get(name, name))
-                if value is None or not np.isfinite(value):
-                    continue
-                key = f"{task}.{name}"
-                sums[key] = sums.get(key, 0.0) + m.n * float(value)
-                weights[key] = weights.get(key, 0.0) + m.n
-            key = f"{task}.{_TASK_N}"
-            counts[key] = counts.get(key, 0.0) + float(m.n)
-    out = {k: sums[k] / weights[k] for k in sorted(sums)}
-    out.update({k: counts[k] for k in sorted(counts)})
+                if value is not None and np.isfinite(value):
+                    out.setdefault(f"{task}.{name}", {})[site] = float(value)
+    return {k: out[k] for k in sorted(out)}
+
+
+def median_site_metrics(per_site: Mapping[str, EvalReply]) -> dict[str, float]:
+    """The robust summary beside the n-weighted mean: per "<task>.<metric>" the median over sites,
+    unweighted. One site's claims (its n, its value) move it no further than to a neighbouring
+    site's value: with k sites it stays between the honest sites' values while fewer than half lie."""
+    return {key: float(np.median(list(values.values()))) for key, values in site_metric_values(per_site).items()}
+
+
+def largest_row_share(per_site: Mapping[str, EvalReply]) -> dict[str, dict[str, Any]]:
+    """Per task, the site with the most held-out rows and its share of the task's rows: the weight
+    it has in the n-weighted mean (and in the pooled AUROC), named beside it."""
+    rows: dict[str, dict[str, int]] = {}
+    for site, reply in sorted(per_site.items()):
+        for task, m in reply.tasks.items():
+            rows.setdefault(task, {})[site] = m.n
+    out: dict[str, dict[str, Any]] = {}
+    for task, by_site in sorted(rows.items()):
+        site = max(by_site, key=lambda s: (by_site[s], s))
+        out[task] = {"site": site, "rows": by_site[site], "share": by_site[site] / sum(by_site.values())}
     return out
 
 
@@ -1155,6 +1185,9 @@ __all__ = [
     "TrainRecords",
     "TrainReply",
     "aggregate_site_metrics",
+    "largest_row_share",
+    "median_site_metrics",
+    "site_metric_values",
     "federation_modalities",
     "groups_for_modalities",
     "mean_losses",

@@ -6,7 +6,8 @@ Stages (message types), each request naming the release (`setup_sha256`), the ta
 the site embeds and the label key the head is for:
 
   query.head_stats  -> HeadStats: the site's train rows' count, positives, feature sums and sums
-                       of squares, and the embedding settings it used (no row, no label)
+                       of squares, its tuning rows' count, and the embedding settings it used
+                       (no row, no label); with DP asked, its planned epsilon for the run
   query.head_setup  StandardizerRequest (the pooled mean and scale)
                     -> HeadSmoothness: the mean squared norm of its standardised train rows
   train.head        HeadRoundRequest (the global head, penalty, steps, step size)
@@ -151,6 +152,7 @@ class HeadStats(_Head):
     squares: list[NonNegative]
     max_events: int = Field(gt=0)  # the embedding settings of its rows (the saved head's)
     max_patches: int = Field(gt=0)
+    n_tuning: int = Field(ge=0)  # its tuning rows: every evaluate.head reply's count
 
     @model_validator(mode="after")
     def _counts(self) -> HeadStats:
@@ -159,9 +161,10 @@ class HeadStats(_Head):
         return self
 
     @classmethod
-    def of(cls, site: str, stats: SiteStats, max_events: int, max_patches: int) -> HeadStats:
+    def of(cls, site: str, stats: SiteStats, max_events: int, max_patches: int, n_tuning: int) -> HeadStats:
         return cls(
             site=site,
+            n_tuning=n_tuning,
             n=stats.n,
             positives=stats.positives,
             total=stats.total.tolist(),

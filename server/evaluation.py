@@ -1,7 +1,11 @@
 """Federated evaluation: every `evaluate_every` rounds and after the last, each site probes its own
 splits and reports held-out metrics with their intervals, and per binary task a histogram of its
-held-out scores (small cells merged); the server takes n-weighted means and pools the histograms
-into a federation-wide AUROC per task (healthfm_core/eval/federation_auroc.py). A site that lost
+held-out scores (small cells merged). Each reply's counts are bounded by what the site declared
+at setup and what the evaluation asked (server/eval_counts.py); a reply over a bound is rejected,
+named with its reason (`rejected`, and the site's line in `absent`). Of the accepted replies the
+server takes n-weighted means, beside them the median over sites (unweighted) and the site with
+the largest share of each task's rows, and pools the histograms into a federation-wide AUROC per
+task (healthfm_core/eval/federation_auroc.py). A site that lost
 the run's setup gets it again and one more evaluate message. Written to rounds.jsonl (`evaluate`),
 the audit log, evaluation.json and server.log.
 """
@@ -11,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, MessageType, RecordDict
@@ -24,13 +30,17 @@ from healthfm_core.federation import (
     CONFIG_RECORD,
     METRICS_RECORD,
     SETUP_NEEDED_RECORD,
+    EvalConfig,
     EvalReply,
     FederationSetup,
     aggregate_site_metrics,
+    largest_row_share,
+    median_site_metrics,
 )
 from healthfm_core.files import atomic_write_text
 from server.audit import AuditLog
 from server.config import FederationConfig
+from server.eval_counts import declared_subjects, eval_count_problem
 from server.roster import Roster
 from server.runlog import EventLog
 from server.strategy import ModalityAwareFedAvg
@@ -78,18 +88,17 @@ def evaluate(
         replies.update(roster.ask(MessageType.EVALUATE, {n: contents[n] for n in sorted(accepted)}))
         for node in [n for n, r in replies.items() if SETUP_NEEDED_RECORD in r.content.config_records]:
             replies.pop(node)
-    per_site: dict[str, EvalReply] = {}
-    for node, reply in sorted(replies.items(), key=lambda kv: roster.site(kv[0])):
-        try:
-            metrics = reply.content.metric_records.get(METRICS_RECORD)
-            if metrics is None:
-                raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
-            per_site[roster.site(node)] = EvalReply.from_records(
-                dict(metrics), expected=task_keys(eval_cfg.tasks), score_bins=eval_cfg.score_bins
-            )
-        except ValueError as err:
-            log.warning("evaluate: the reply of site %s is left out: %s", roster.site(node), err)
+    # Each reply parsed and its counts bounded; rejected: site -> why its reply is left out.
+    answered = {node: reply for node, reply in replies.items() if not reply.has_error()}
+    per_site, rejected = judge_eval_replies(
+        {roster.site(node): reply.content.metric_records.get(METRICS_RECORD) for node, reply in answered.items()},
+        eval_cfg,
+        {roster.site(node): declared_subjects(roster.sites.get(node)) for node in answered},
+    )
+    for node in sorted(set(replies) - set(answered)):
+        rejected[roster.site(node)] = f"error reply: {replies[node].error.reason}"
     aggregated = aggregate_site_metrics(per_site)
+    robust = {"median": median_site_metrics(per_site), "largest_share": largest_row_share(per_site)}
     seconds = time.perf_counter() - t0
     flat = {site: reply.to_records() for site, reply in per_site.items()}
     absent = {
@@ -100,6 +109,8 @@ def evaluate(
             if node not in contents
             else "lost the setup and did not take it again"
             if node in need and node not in replies
+            else f"evaluation reply rejected: {rejected[caps.site]}"
+            if caps.site in rejected
             else "no usable evaluation reply (see server.log)"
         )
         for node, caps in sorted(roster.sites.items())
@@ -114,6 +125,7 @@ def evaluate(
         "max_subjects": cfg.eval_max_subjects,
         "score_bins": eval_cfg.score_bins,
         "score_scale": eval_cfg.score_scale,
+        "n_per_subject": eval_cfg.n_per_subject,
     }
     # Per binary task, the sites' histograms pooled (healthfm_core/eval/federation_auroc.py).
     pooled = {key: f.model_dump() for key, f in federation_aurocs(binary, per_site, asked_sites, absent).items()}
@@ -122,15 +134,28 @@ def evaluate(
         round=rnd,
         sites=flat,
         aggregated=aggregated,
+        **robust,
         federation=pooled,
         seconds=seconds,
         absent=absent,
+        rejected=rejected,
         **asked,
     )
     audit.write_evaluation(rnd, sorted(per_site), absent)
     atomic_write_text(
         Path(cfg.out_dir) / "evaluation.json",
-        json.dumps({"round": rnd, "sites": flat, "aggregated": aggregated, "federation": pooled, **asked}, indent=1),
+        json.dumps(
+            {
+                "round": rnd,
+                "sites": flat,
+                "aggregated": aggregated,
+                **robust,
+                "federation": pooled,
+                "rejected": rejected,
+                **asked,
+            },
+            indent=1,
+        ),
     )
     log.info("evaluation after round %d (%.1f s): %d sites reported", rnd, seconds, len(per_site))
     for line in outcome_lines(
@@ -148,12 +173,44 @@ def evaluate(
                 n, subjects, avail_subjects = scope[task]
                 sampled = f"; a subject sample: rows of {subjects} of {avail_subjects} held-out subjects"
             n_task = aggregated.get(f"{task}.n", 0)
+            largest = robust["largest_share"].get(task, {})
             log.info(
-                "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s)",
+                "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s); median over sites %.3f; largest share: %s %.0f%%",
                 task,
                 key.rsplit(".", 1)[1],
                 value,
                 n_task,
                 sampled,
+                robust["median"].get(key, float("nan")),
+                largest.get("site", "-"),
+                100 * largest.get("share", 0.0),
             )
     return aggregated
+
+
+def judge_eval_replies(
+    metrics: Mapping[str, Mapping[str, Any] | None], cfg: EvalConfig, declared: Mapping[str, int | None]
+) -> tuple[dict[str, EvalReply], dict[str, str]]:
+    """Each site's evaluate reply (its MetricRecord, by site) parsed and bounded by what the site
+    `declared` at setup (its subjects) and what `cfg` asked: the accepted replies by site, and
+    why each other site's is rejected (logged)."""
+    per_site: dict[str, EvalReply] = {}
+    rejected: dict[str, str] = {}
+    for site, record in sorted(metrics.items()):
+        try:
+            per_site[site] = judge_eval_reply(record, cfg, declared.get(site))
+        except ValueError as err:
+            log.warning("evaluate: the reply of site %s is rejected: %s", site, err)
+            rejected[site] = str(err)
+    return per_site, rejected
+
+
+def judge_eval_reply(metrics: Mapping[str, Any] | None, cfg: EvalConfig, declared: int | None) -> EvalReply:
+    """A site's evaluate reply (its MetricRecord) parsed and its counts bounded
+    (server/eval_counts.py); ValueError naming the field, the value and the bound."""
+    if metrics is None:
+        raise ValueError(f"no MetricRecord {METRICS_RECORD!r}")
+    parsed = EvalReply.from_records(dict(metrics), expected=task_keys(cfg.tasks), score_bins=cfg.score_bins)
+    if problem := eval_count_problem(parsed, cfg, declared):
+        raise ValueError(problem)
+    return parsed

@@ -50,6 +50,7 @@ from healthfm_core.eval.federated_head import FederatedHeadResult, SiteHead, run
 from healthfm_core.eval.head_site import SiteStats
 from healthfm_core.eval.probes import DEFAULT_C_GRID, Standardizer
 from healthfm_core.eval.saved_head import save_head
+from healthfm_core.federation import EvalConfig
 from healthfm_core.files import atomic_write_text
 from healthfm_core.head_messages import (
     HEAD_RECORD,
@@ -69,12 +70,13 @@ from healthfm_core.head_messages import (
     StandardizerRequest,
     parse_reply,
 )
-from healthfm_core.release import load_release
+from healthfm_core.release import CARD_JSON_FILE, ModelRelease, load_release
 from server.config import PrivacyRequest
 from server.deploy.flower_patches import set_reply_pull_backoff
 from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
 from server.exchange import send_and_receive
-from server.head_average import fedavg_heads
+from server.head_average import bound_heads, fedavg_heads, head_strategy
+from server.head_bounds import declared_head_rows, smoothness_bound, stats_problem, step_bound
 from server.runlog import EventLog
 
 log = logging.getLogger("healthfm.server.head")
@@ -181,8 +183,12 @@ class FlowerSites:
         dp: Mapping[str, Any] | None = None,
         rounds_log: Path | None = None,
         registry: SiteRegistry | None = None,
+        declared_rows: Mapping[str, int] | None = None,
     ) -> None:
         self.grid, self.task, self.width, self.timeout_s = grid, task, width, timeout_s
+        # Site -> the most rows it can hold by what it declared at the release's setup
+        # (server/head_bounds.py; None: no release read, e.g. synthetic sites in tests).
+        self.declared_rows = declared_rows
         # Deployed: the coordinator's registry (None: every connected node takes part, by its own name).
         self.registry = registry
         self.dp = dict(dp or {})  # HeadRoundRequest's DP fields (HeadRunConfig.dp_fields)
@@ -194,6 +200,12 @@ class FlowerSites:
         self.epsilon: dict[str, dict[str, float]] = {}  # site -> its latest cumulative epsilon and delta
         self.names: dict[int, str] = {}  # node id -> site name, the sites taking part
         self.counts: dict[int, int] = {}  # node id -> train rows (as sent in its stats)
+        self.tuning_counts: dict[int, int] = {}  # node id -> tuning rows (as sent in its stats)
+        self.smoothness: dict[int, float] = {}  # node id -> its smoothness (as sent in its setup reply)
+        # Site (or "node N") -> each reply rejected by a bound: stage, round, reason (heads.json).
+        self.rejected: dict[str, list[dict[str, Any]]] = {}
+        self.strategy = head_strategy()  # the update-norm history of the current C's rounds
+        self.penalty: float | None = None
         self.max_events = self.max_patches = 0
         self.round = 0
         # The standardisation, carried by every later request.
@@ -251,6 +263,14 @@ class FlowerSites:
     def _drop(self, node: int) -> None:
         self.names.pop(node, None)
 
+    def _reject(self, who: str, stage: str, reason: str, *, drop: int | None = None) -> None:
+        """A reply over a bound (server/head_bounds.py): logged, recorded; `drop`: the node takes
+        no further part (its counts or standardisation cannot be trusted)."""
+        log.warning("head %s: %s: %s reply rejected: %s", self.task.key, who, stage, reason)
+        self.rejected.setdefault(who, []).append({"stage": stage, "round": self.round, "reason": reason})
+        if drop is not None:
+            self._drop(drop)
+
     def _name(self, node: int) -> str:
         return self.names[node]
 
@@ -279,9 +299,13 @@ class FlowerSites:
                 self.errors[self._who(node)] = {"stage": MSG_STATS, "error": mismatch}
                 del got[node]
                 continue
+            if problem := stats_problem(s, self.declared_rows):
+                self._reject(s.site, MSG_STATS, problem)
+                del got[node]
+                continue
             name = s.site if s.site not in seen else f"{s.site}@{node}"
             seen.add(name)
-            self.names[node], self.counts[node] = name, s.n
+            self.names[node], self.counts[node], self.tuning_counts[node] = name, s.n, s.n_tuning
             self.max_events, self.max_patches = s.max_events, s.max_patches
         log.info("head %s: %d of %d site(s) take part: %s", self.task.key, len(got), len(nodes), sorted(seen))
         return {self.names[n]: s.stats() for n, s in sorted(got.items())}
@@ -290,6 +314,13 @@ class FlowerSites:
         self.mean, self.scale = std.mean.tolist(), std.scale.tolist()
         request = StandardizerRequest(**self.task.model_dump(), mean=self.mean, scale=self.scale)
         got = self._ask(MSG_SETUP, self._to_sites(request.to_flat()), HeadSmoothness)
+        n_total = sum(self.counts[n] for n in self.names)
+        for node, r in sorted(got.items()):
+            limit = smoothness_bound(self.width, n_total, self.counts[node])
+            if node in self.names and not r.smoothness <= limit:
+                reason = f"field smoothness: value {r.smoothness:.6g} > {limit:.6g}, the most rows of unit pooled variance allow (width {self.width} x {n_total} rows / its {self.counts[node]})"  # fmt: skip
+                self._reject(self.names[node], MSG_SETUP, reason, drop=node)
+        self.smoothness = {n: r.smoothness for n, r in got.items() if n in self.names}
         return {self._name(n): r.smoothness for n, r in sorted(got.items()) if n in self.names}
 
     def train(self, w: np.ndarray, b: float, penalty: float, steps: int, lr: float) -> dict[str, SiteHead]:
@@ -299,6 +330,8 @@ class FlowerSites:
             penalty=penalty, steps=steps, lr=lr, **self.dp,
         )  # fmt: skip
         got = self._ask(MSG_TRAIN, self._to_sites(request.to_flat()), HeadUpdate)
+        if penalty != self.penalty:  # a new C: its own norm history (server/head_bounds.py)
+            self.strategy, self.penalty = head_strategy(), penalty
         out: dict[str, SiteHead] = {}
         for node, r in sorted(got.items()):
             if r.n != self.counts[node]:  # its weight in the average is the count it declared
@@ -312,18 +345,32 @@ class FlowerSites:
             name = self.names[node]
             if r.epsilon is not None and r.delta is not None:
                 self.epsilon[name] = {"epsilon": r.epsilon, "delta": r.delta}
+            moved = float(np.linalg.norm(np.append(np.asarray(r.weight) - w, r.bias - b)))
+            limit = step_bound(self.smoothness[node], steps, lr, penalty, float(np.linalg.norm(w)))
+            if r.epsilon is None and not moved <= limit:  # without DP: the exact step bound
+                self._reject(name, MSG_TRAIN, f"update norm {moved:.4g} > {limit:.4g}, the most {steps} step(s) of size {lr:.4g} move a head on its rows (smoothness {self.smoothness[node]:.4g})")  # fmt: skip
+                continue
             out[name] = (np.asarray(r.weight), r.bias, r.n)
-        self._log_round(out)
+        out, bad = bound_heads(self.strategy, out, w, b, self.round)
+        for name, reason in sorted(bad.items()):
+            self._reject(name, MSG_TRAIN, reason)
+        self._log_round(out, bad)
         return out
 
-    def _log_round(self, heads: Mapping[str, SiteHead]) -> None:
-        """The round's sites and each one's cumulative epsilon (as the pretraining's rounds.jsonl)."""
+    def _log_round(self, heads: Mapping[str, SiteHead], rejected: Mapping[str, str]) -> None:
+        """The round's sites, each one's cumulative epsilon (as the pretraining's rounds.jsonl) and
+        the updates rejected by a bound."""
         spent = {s: self.epsilon[s] for s in heads if s in self.epsilon}
         if spent:
             log.info("head %s: round %d: cumulative epsilon per site: %s", self.task.key, self.round, ", ".join(f"{s} {v['epsilon']:.3f}" for s, v in spent.items()))  # fmt: skip
         if self.rounds_log is not None:  # the pretraining's event log: a line per round, fsynced
             EventLog(self.rounds_log).write(
-                "head_round", key=self.task.key, round=self.round, sites=sorted(heads), epsilon=spent
+                "head_round",
+                key=self.task.key,
+                round=self.round,
+                sites=sorted(heads),
+                epsilon=spent,
+                rejected=dict(rejected),
             )
 
     def tune(self, w: np.ndarray, b: float) -> dict[str, tuple[float, int]]:
@@ -331,6 +378,9 @@ class FlowerSites:
             **self.task.model_dump(), mean=self.mean, scale=self.scale, weight=w.tolist(), bias=float(b)
         )
         got = self._ask(MSG_TUNE, self._to_sites(request.to_flat()), HeadTuning)
+        for node, r in sorted(got.items()):
+            if node in self.names and r.n != self.tuning_counts[node]:  # its weight in the pooled loss
+                self._reject(self.names[node], MSG_TUNE, f"n {r.n}, its stats said {self.tuning_counts[node]} tuning rows", drop=node)  # fmt: skip
         return {self.names[n]: (r.loss_sum, r.n) for n, r in sorted(got.items()) if n in self.names}
 
 
@@ -355,16 +405,35 @@ def fit_head_on(sites: FlowerSites, cfg: HeadRunConfig) -> FederatedHeadResult:
     return run_federated_head(sites, cfg.c_grid, cfg.rounds, cfg.local_steps, cfg.lr, average=fedavg_heads)
 
 
-def fit_head(grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig) -> tuple[FederatedHeadResult, FlowerSites]:
+def fit_head(
+    grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig, declared_rows: Mapping[str, int] | None = None
+) -> tuple[FederatedHeadResult, FlowerSites]:
     """One key's federated head over the grid's sites (ValueError: no head, e.g. no site takes part)."""
-    sites = head_sites(grid, task, width, cfg)
+    sites = head_sites(grid, task, width, cfg, declared_rows)
     return fit_head_on(sites, cfg), sites
 
 
-def head_sites(grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig) -> FlowerSites:
-    """The sites of one key's head under `cfg` (its DP, its rounds log, its registry if any)."""
+def head_sites(
+    grid: Grid, task: HeadTask, width: int, cfg: HeadRunConfig, declared_rows: Mapping[str, int] | None = None
+) -> FlowerSites:
+    """The sites of one key's head under `cfg` (its DP, its rounds log, its registry if any) and
+    the rows each site declared at the release's setup (None: not bounded by a release)."""
     registry = read_registry(cfg.registry) if cfg.registry is not None else None
-    return FlowerSites(grid, task, width, cfg.timeout_s, cfg.dp_fields(), Path(cfg.out_dir) / ROUNDS_FILE, registry)
+    rounds = Path(cfg.out_dir) / ROUNDS_FILE
+    return FlowerSites(grid, task, width, cfg.timeout_s, cfg.dp_fields(), rounds, registry, declared_rows)
+
+
+def release_declared_rows(release: ModelRelease) -> dict[str, int]:
+    """Per site of the release's model card, the most rows it can hold (server/head_bounds.py);
+    ValueError naming the file when the card does not parse."""
+    path = release.path / CARD_JSON_FILE
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+        evaluation = release.meta.evaluation
+        n_per_subject = evaluation.n_per_subject if evaluation is not None else EvalConfig.model_fields["n_per_subject"].default  # fmt: skip
+        return declared_head_rows(card, n_per_subject)
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def privacy_summary(cfg: HeadRunConfig) -> dict[str, Any]:
@@ -388,11 +457,20 @@ def fit_heads(grid: Grid, cfg: HeadRunConfig) -> dict[str, Path]:
         )
     evaluation = release.meta.evaluation
     keys = head_keys(cfg, evaluation.tasks if evaluation is not None else [])
-    return fit_keys(grid, cfg, release.setup.sha256, release.setup.embedding_width, keys)
+    declared = release_declared_rows(release)
+    return fit_keys(grid, cfg, release.setup.sha256, release.setup.embedding_width, keys, declared)
 
 
-def fit_keys(grid: Grid, cfg: HeadRunConfig, sha: str, width: int, keys: Sequence[str]) -> dict[str, Path]:
-    """The heads of `keys` for the release of setup `sha` and embedding `width` (fit_heads)."""
+def fit_keys(
+    grid: Grid,
+    cfg: HeadRunConfig,
+    sha: str,
+    width: int,
+    keys: Sequence[str],
+    declared_rows: Mapping[str, int] | None = None,
+) -> dict[str, Path]:
+    """The heads of `keys` for the release of setup `sha` and embedding `width` (fit_heads), each
+    site's counts within `declared_rows` (release_declared_rows; None: not bounded by a release)."""
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.timeout_s)
     log.info("federated heads of release %s (setup %s...): keys %s, %d site(s) connected", cfg.model, sha[:12], keys, len(nodes))  # fmt: skip
     out: dict[str, Path] = {}
@@ -402,12 +480,12 @@ def fit_keys(grid: Grid, cfg: HeadRunConfig, sha: str, width: int, keys: Sequenc
     (Path(cfg.out_dir) / ROUNDS_FILE).unlink(missing_ok=True)
     for key in keys:
         task = HeadTask(setup_sha256=sha, tasks=cfg.tasks, key=key)
-        sites = head_sites(grid, task, width, cfg)
+        sites = head_sites(grid, task, width, cfg, declared_rows)
         try:
             result = fit_head_on(sites, cfg)
         except ValueError as err:
             log.warning("head %s: not fitted: %s", key, err)
-            summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "errors": sites.errors, "epsilon": sites.epsilon}  # fmt: skip
+            summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "errors": sites.errors, "rejected": sites.rejected, "epsilon": sites.epsilon}  # fmt: skip
             continue
         path = Path(cfg.out_dir) / HEADS_DIR / f"{key}.json"
         out[key] = save_head(path, key, result.probe, sha, sites.max_events, sites.max_patches)
@@ -419,6 +497,7 @@ def fit_keys(grid: Grid, cfg: HeadRunConfig, sha: str, width: int, keys: Sequenc
             "train_rows": result.train_rows,
             "refused": sites.refused,  # site -> the stage it refused, why (and its epsilon under DP)
             "errors": sites.errors,  # site (or "node N") -> the stage it answered with an error, the error
+            "rejected": sites.rejected,  # site -> each reply over a bound: stage, round, reason (server/head_bounds.py)
             "epsilon": sites.epsilon,  # site -> its cumulative epsilon and delta after its last round
         }
         log.info("head %s: written to %s (C=%g, sites %s)", key, path, result.probe.c, sorted(result.train_rows))
@@ -480,6 +559,7 @@ __all__ = [
     "fit_keys",
     "privacy_summary",
     "head_keys",
+    "release_declared_rows",
     "make_head_server_app",
     "wait_for_sites",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
-from healthfm_core.federation import EvalConfig, FederationSetup
+from healthfm_core.federation import EvalConfig, FederationSetup, largest_row_share, median_site_metrics
 from server.config import FederationConfig
 
 # TRIPOD+AI (Collins et al., BMJ 2024) items a federated pretraining run cannot know.
@@ -209,19 +209,27 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
             "",
             outcome_table(keys, per_site, asked),
             "",
-            "n-weighted mean over sites:",
+            "n-weighted mean over sites, and beside it the median over sites (each site once, whatever rows it "
+            "claims: the robust summary) and the site with the largest share of the rows:",
             "",
-            "| task | AUROC | AUPRC | ECE | n |",
-            "|---|---|---|---|---|",
+            "| task | AUROC | AUPRC | ECE | n | median AUROC over sites | largest share |",
+            "|---|---|---|---|---|---|---|",
         ]
         agg = evaluation.get("aggregated", {})
+        median, largest = median_site_metrics(per_site), largest_row_share(per_site)
         for key in keys:
             if f"{key}.auroc" in agg or f"{key}.r2" in agg:
-                first = f"R2 {_f(agg[key + '.r2'])}" if f"{key}.r2" in agg else _f(agg.get(f"{key}.auroc"))
+                metric = "r2" if f"{key}.r2" in agg else "auroc"
+                first = f"R2 {_f(agg[key + '.r2'])}" if metric == "r2" else _f(agg.get(f"{key}.auroc"))
+                big = largest.get(key)
+                share = f"{big['site']} {100 * big['share']:.0f}%" if big else "-"
                 lines.append(
                     f"| {key} | {first} | {_f(agg.get(f'{key}.auprc'))} | {_f(agg.get(f'{key}.ece'))} "
-                    f"| {int(agg.get(f'{key}.n', 0))} |"
+                    f"| {int(agg.get(f'{key}.n', 0))} | {_f(median.get(f'{key}.{metric}'))} | {share} |"
                 )
+        if rejected := evaluation.get("rejected") or {}:
+            lines += ["", "Evaluation replies rejected (in no number above):", ""]
+            lines += [f"- site {site}: {why}" for site, why in sorted(rejected.items())]
     lines += [
         "",
         "## TRIPOD+AI",

@@ -23,7 +23,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from healthfm_core.eval.federation_auroc import FederationAUROC, federation_aurocs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event, scored_counts
 from healthfm_core.eval.plots import IntervalPoint, auroc_forest_plot
-from healthfm_core.federation import SMALL_CELL, EvalReply
+from healthfm_core.federation import SMALL_CELL, EvalReply, largest_row_share, median_site_metrics
 from healthfm_core.files import atomic_write_text
 from server.config import PrivacyRequest
 
@@ -202,20 +202,30 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
                 "ask for more bins (eval_score_bins) only where sites are large.",
             ]
         lines.append("")
+    median, largest = median_site_metrics(per_site), largest_row_share(per_site)
     lines += [
-        "### n-weighted mean of the sites' values (a mean of per-site numbers, not a pooled AUROC)",
+        "### The sites' values: n-weighted mean and median over sites (means of per-site numbers, not a pooled AUROC)",
         "",
-        "| task | metric | value | rows | positives | sites |",
-        "|---|---|---|---|---|---|",
+        "The median counts every site once, whatever rows it claims: the robust summary. The largest share "
+        "names the site with the most rows, its weight in the mean and in the pooled AUROC.",
+        "",
+        "| task | metric | n-weighted mean | median over sites | rows | largest share | positives | sites |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, value in ev.get("aggregated", {}).items():
         task, _, metric = key.rpartition(".")
         if metric in ("auroc", "r2", "meds-tab-auroc"):  # MEDS-Tab: the tabular baseline, same rows
             n_sites = sum(key in m for m in ev["sites"].values())
+            mid = f"{median[key]:.3f}" if key in median else "-"
+            big = largest.get(task)
+            share = f"{big['site']} {100 * big['share']:.0f}%" if big else "-"
             lines.append(
-                f"| {task} | {metric} | {value:.3f} | {int(ev['aggregated'].get(task + '.n', 0))} | "
+                f"| {task} | {metric} | {value:.3f} | {mid} | {int(ev['aggregated'].get(task + '.n', 0))} | {share} | "
                 f"{positives_over_sites(task, per_site)} | {n_sites} |"
             )
+    if rejected := ev.get("rejected") or {}:
+        lines += ["", "### Rejected evaluation replies (not in any number above)", ""]
+        lines += [f"- site {site}: {why}" for site, why in sorted(rejected.items())]
     if per_site or asked or absent:
         lines += [
             "",

@@ -41,6 +41,10 @@ class FederationAUROC(BaseModel):
     rows: int = 0
     positives: int = 0
     sites: list[str] = []  # pooled
+    # The pooled site with the most rows and its share of the pooled rows: its weight here (each
+    # site's rows are bounded by the server before pooling, server/eval_counts.py).
+    largest_site: str = ""
+    largest_share: float | None = None
     not_pooled: dict[str, str] = {}  # asked site -> why its rows are not in the pooled AUROC
     note: str = ""
 
@@ -51,9 +55,14 @@ class FederationAUROC(BaseModel):
         interval = (
             f" [{self.low:.3f}, {self.high:.3f}]" if self.low is not None and self.high is not None else " [undefined]"
         )
+        largest = (
+            f"; largest share {self.largest_site} {100 * self.largest_share:.0f}% of rows"
+            if self.largest_share is not None
+            else ""
+        )
         return (
             f"{self.auroc:.3f}{interval} over {len(self.sites)} site(s), {self.rows} rows, {self.positives} positives"
-            f" (binned: the exact pooled AUROC is within {self.binning_bound:.3f})"
+            f" (binned: the exact pooled AUROC is within {self.binning_bound:.3f}{largest})"
         )
 
 
@@ -111,6 +120,8 @@ def federation_aurocs(
         hists = [per_site[s].histograms[key] for s in pooled]
         metrics = [per_site[s].tasks[key] for s in pooled]
         rows = sum(m.n for m in metrics)
+        largest = max(zip(pooled, metrics, strict=True), key=lambda sm: (sm[1].n, sm[0]))
+        result = result.model_copy(update={"largest_site": largest[0], "largest_share": largest[1].n / rows})
         subjects = [m.subjects for m in metrics]
         # A subject's rows are correlated: the variance grows by rows per subject (docstring of
         # pooled_auroc); a site that does not say how many subjects it scored counts as one row each.

@@ -5,10 +5,11 @@ For each TaskSpec (healthfm_core.data.task_spec):
 - labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) as written:
   the trigger, windows, gaps and exclusions decide rows, labels and prediction times (ACES's
   index timestamps); each MEDS shard is read once for all ACES tasks (aces_labels_shared); then
-  at most `n_per_subject` of a subject's rows per task key are kept, drawn by a seeded hash
-  (`cap_rows_per_subject`: a cost knob on ACES's rows, never a filter on which times exist);
   `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
-  wearable regressions from the site's wearables;
+  wearable regressions from the site's wearables; of every kind at most `n_per_subject` of a
+  subject's rows per task key are kept, drawn by a seeded hash (`cap_rows_per_subject`: a cost
+  knob, never a filter on which times exist; it also bounds what a reply may claim, rows <=
+  n_per_subject x subjects, server/eval_counts.py);
 - with a subject budget (EvalConfig.max_subjects), only a fixed keyed-hash sample of at most that
   many subjects per split (healthfm_core/eval/subject_sample.py) is labelled and evaluated;
 - every labelled (subject, prediction_time) is embedded once by the frozen model: with a PRED_DIR
@@ -139,7 +140,9 @@ def task_labels_at_site(
             table = table.filter(pc.is_valid(table["boolean_value"]))
             if subjects is not None:
                 table = table.filter(pa.array(np.isin(table["subject_id"].to_numpy(), subjects)))
-            out[spec.name] = table.select(["subject_id", "prediction_time", "boolean_value"]).cast(LABEL_SCHEMA_BOOL)
+            table = table.select(["subject_id", "prediction_time", "boolean_value"]).cast(LABEL_SCHEMA_BOOL)
+            # Capped as ACES's rows are: a reply's counts are then bounded by its subjects (server/eval_counts.py).
+            out[spec.name] = cap_rows_per_subject(table, n_per_subject, seed)
         else:
             if not site.wearable_files:
                 out[spec.name] = TaskReason(kind="no_labels")
@@ -152,7 +155,8 @@ def task_labels_at_site(
                 out[spec.name] = wearable_regression_labels(WEARABLES_SCHEMA.empty_table(), target=wear_task.target)
                 continue
             # A subject's labels come from its own epochs: reading only the sample's is exact.
-            out[spec.name] = wearable_regression_labels(site.read_wearables(subjects), target=wear_task.target)
+            labels = wearable_regression_labels(site.read_wearables(subjects), target=wear_task.target)
+            out[spec.name] = cap_rows_per_subject(labels, n_per_subject, seed)
     return out
 
 
