@@ -121,6 +121,18 @@ def spend_of(rows: HeadRows) -> tuple[float, float] | None:
         return None
 
 
+def head_run_label(request: HeadRoundRequest) -> str:
+    """The ledger's run of a head round: the head run (when the server names it), the key, the release."""
+    head = f"{request.key}:{request.setup_sha256[:12]}"
+    return f"head:{request.dp_run}:{head}" if request.dp_run else f"head:{head}"
+
+
+def head_run_prefix(request: HeadRoundRequest) -> str:
+    """What the ledger runs of this head run's rounds start with (this key's head alone when the
+    server names no run): the per-run limit is over those rounds."""
+    return f"head:{request.dp_run}:" if request.dp_run else head_run_label(request)
+
+
 def private_round(
     rows: HeadRows, request: HeadRoundRequest, splits: SiteSplits
 ) -> tuple[PrivateHeadRound, np.ndarray] | None:
@@ -141,7 +153,8 @@ def private_round(
         steps=request.steps,
         planned_steps=request.dp_planned_steps or request.steps,
         round=request.round,
-        run=f"head:{request.key}:{request.setup_sha256[:12]}",
+        run=head_run_label(request),
+        run_limit=None if request.dp_run_epsilon is None else (head_run_prefix(request), request.dp_run_epsilon),
     )
     got = reserve_head_round(dp, rows.dp_policy, rows.ledger, n_subjects)
     return None if got is None else (got, subject)
@@ -169,7 +182,9 @@ def make_head_client_app(
         if isinstance(splits, str):
             return refuse(msg, rows, splits)
         stats = site_stats(splits.x_train, splits.y_train)
-        out = HeadStats.of(rows.site, stats, rows.max_events, rows.max_patches, len(splits.y_tune))
+        y = splits.y_train
+        subjects = len(y) if (ids := splits.train_subjects) is None else subject_index(ids)[1]
+        out = HeadStats.of(rows.site, stats, rows.max_events, rows.max_patches, len(splits.y_tune), max(1, subjects))
         return _reply(msg, out.to_flat())
 
     def prepared(

@@ -118,6 +118,10 @@ class HeadRoundRequest(StandardizerRequest):
     dp_max_grad_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     dp_batch_size: int = Field(default=64, ge=1)  # expected subjects per DP step
     dp_planned_steps: int | None = Field(default=None, ge=1)  # the head run's rounds x C grid x steps
+    # The head run (its id; "": this key's head alone) and its per-run epsilon limit: the site
+    # refuses a round that would take the run's own spend in its ledger past it.
+    dp_run: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
+    dp_run_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _dp_fields(self) -> HeadRoundRequest:
@@ -153,18 +157,24 @@ class HeadStats(_Head):
     max_events: int = Field(gt=0)  # the embedding settings of its rows (the saved head's)
     max_patches: int = Field(gt=0)
     n_tuning: int = Field(ge=0)  # its tuning rows: every evaluate.head reply's count
+    subjects: int = Field(ge=1)  # its train rows' subjects (the DP plan's sampling rate)
 
     @model_validator(mode="after")
     def _counts(self) -> HeadStats:
         if self.positives > self.n:
             raise ValueError(f"field positives: {self.positives} > n {self.n}")
+        if self.subjects > self.n:
+            raise ValueError(f"field subjects: {self.subjects} > n {self.n}")
         return self
 
     @classmethod
-    def of(cls, site: str, stats: SiteStats, max_events: int, max_patches: int, n_tuning: int) -> HeadStats:
+    def of(
+        cls, site: str, stats: SiteStats, max_events: int, max_patches: int, n_tuning: int, subjects: int
+    ) -> HeadStats:
         return cls(
             site=site,
             n_tuning=n_tuning,
+            subjects=subjects,
             n=stats.n,
             positives=stats.positives,
             total=stats.total.tolist(),

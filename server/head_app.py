@@ -70,6 +70,7 @@ from healthfm_core.head_messages import (
     StandardizerRequest,
     parse_reply,
 )
+from healthfm_core.privacy.head import planned_head_epsilon
 from healthfm_core.release import CARD_JSON_FILE, ModelRelease, load_release
 from server.config import PrivacyRequest
 from server.deploy.flower_patches import set_reply_pull_backoff
@@ -107,6 +108,9 @@ class HeadRunConfig(BaseModel):
     # site's policy still rules (healthfm_core/privacy/head.py).
     privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
     dp_batch_size: int = Field(default=64, ge=1)  # expected subjects per DP step at each site
+    # The most epsilon this head run may spend at a site (its rounds of every key, by its own
+    # ledger): a site refuses a round past it. None: only the site's lifetime cap.
+    dp_run_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # Deployed (`coordinator head`): the release's setup hash the coordinator read, which the
     # ServerApp's release must still have (""/None: not checked); the coordinator's site registry
     # (server/deploy/registry.py: only its nodes take part, named by it); the Flower run id.
@@ -142,7 +146,7 @@ class HeadRunConfig(BaseModel):
             elif name in ("tasks", "keys", "c_grid"):
                 items = [v.strip() for v in str(value).split(",") if v.strip()]
                 data[name] = items if items or name == "tasks" else None
-            elif value != "" or name not in ("setup_sha256", "registry"):
+            elif value != "" or name not in ("setup_sha256", "registry", "dp_run_epsilon"):
                 data[name] = value
         if data.get("c_grid") is None:
             data.pop("c_grid", None)
@@ -167,6 +171,9 @@ class HeadRunConfig(BaseModel):
             "dp_max_grad_norm": p.max_grad_norm,
             "dp_batch_size": self.dp_batch_size,
             "dp_planned_steps": self.planned_dp_steps(),
+            "dp_run": "" if self.run_id is None else str(self.run_id),
+            "dp_run_epsilon": self.dp_run_epsilon,
+            "dp_delta": p.delta,  # the plan's (FlowerSites.dp_plan); not sent: a site accounts at its policy's
         }
 
 
@@ -205,6 +212,9 @@ class FlowerSites:
         # Site (or "node N") -> each reply rejected by a bound: stage, round, reason (heads.json).
         self.rejected: dict[str, list[dict[str, Any]]] = {}
         self.strategy = head_strategy()  # the update-norm history of the current C's rounds
+        self.subjects: dict[int, int] = {}  # node id -> its train subjects (as sent in its stats)
+        # Site -> its planned epsilon for this head under the DP asked (dp_plan), before any round.
+        self.plan: dict[str, dict[str, float]] = {}
         self.penalty: float | None = None
         self.max_events = self.max_patches = 0
         self.round = 0
@@ -306,6 +316,7 @@ class FlowerSites:
             name = s.site if s.site not in seen else f"{s.site}@{node}"
             seen.add(name)
             self.names[node], self.counts[node], self.tuning_counts[node] = name, s.n, s.n_tuning
+            self.subjects[node] = s.subjects
             self.max_events, self.max_patches = s.max_events, s.max_patches
         log.info("head %s: %d of %d site(s) take part: %s", self.task.key, len(got), len(nodes), sorted(seen))
         return {self.names[n]: s.stats() for n, s in sorted(got.items())}
@@ -321,13 +332,34 @@ class FlowerSites:
                 reason = f"field smoothness: value {r.smoothness:.6g} > {limit:.6g}, the most rows of unit pooled variance allow (width {self.width} x {n_total} rows / its {self.counts[node]})"  # fmt: skip
                 self._reject(self.names[node], MSG_SETUP, reason, drop=node)
         self.smoothness = {n: r.smoothness for n, r in got.items() if n in self.names}
+        if self.dp:
+            self.plan = self.dp_plan()
         return {self._name(n): r.smoothness for n, r in sorted(got.items()) if n in self.names}
+
+    def dp_plan(self) -> dict[str, dict[str, float]]:
+        """Each taking part site's planned epsilon for this head under the DP asked (the
+        accountant over the run's planned steps at its subjects' sampling rate), logged before
+        the first round: a site's policy may add noise (spending less), and it refuses a round
+        past the run's limit (dp_run_epsilon) or its cap."""
+        out: dict[str, dict[str, float]] = {}
+        steps, delta = int(self.dp["dp_planned_steps"]), float(self.dp["dp_delta"])
+        for node in sorted(self.names):
+            sigma, rate, epsilon = planned_head_epsilon(
+                self.dp.get("dp_noise_multiplier"), self.dp.get("dp_target_epsilon"), delta,
+                int(self.dp["dp_batch_size"]), self.subjects[node], steps,
+            )  # fmt: skip
+            out[self.names[node]] = {"epsilon": epsilon, "noise_multiplier": sigma, "sample_rate": rate, "steps": steps, "delta": delta}  # fmt: skip
+        limit = self.dp.get("dp_run_epsilon")
+        for site, p in out.items():
+            over = f"; OVER the run's limit {limit:g}: the site will refuse the rounds past it" if limit is not None and p["epsilon"] > limit else ""  # fmt: skip
+            log.info("head %s: DP plan: %s: epsilon %.3f over this head's %d steps (noise %.3g, rate %.3g, delta %g)%s", self.task.key, site, p["epsilon"], steps, p["noise_multiplier"], p["sample_rate"], delta, over)  # fmt: skip
+        return out
 
     def train(self, w: np.ndarray, b: float, penalty: float, steps: int, lr: float) -> dict[str, SiteHead]:
         self.round += 1
         request = HeadRoundRequest(
             **self.task.model_dump(), mean=self.mean, scale=self.scale, round=self.round, weight=w.tolist(), bias=float(b),
-            penalty=penalty, steps=steps, lr=lr, **self.dp,
+            penalty=penalty, steps=steps, lr=lr, **{k: v for k, v in self.dp.items() if k != "dp_delta"},
         )  # fmt: skip
         got = self._ask(MSG_TRAIN, self._to_sites(request.to_flat()), HeadUpdate)
         if penalty != self.penalty:  # a new C: its own norm history (server/head_bounds.py)
@@ -443,6 +475,7 @@ def privacy_summary(cfg: HeadRunConfig) -> dict[str, Any]:
         "requested": cfg.privacy.requested,
         "batch_size": cfg.dp_batch_size,
         "planned_steps": cfg.planned_dp_steps(),
+        "run_epsilon_limit": cfg.dp_run_epsilon,
         "describe": cfg.privacy.describe(),
     }
 
@@ -485,7 +518,7 @@ def fit_keys(
             result = fit_head_on(sites, cfg)
         except ValueError as err:
             log.warning("head %s: not fitted: %s", key, err)
-            summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "errors": sites.errors, "rejected": sites.rejected, "epsilon": sites.epsilon}  # fmt: skip
+            summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "errors": sites.errors, "rejected": sites.rejected, "dp_plan": sites.plan, "epsilon": sites.epsilon}  # fmt: skip
             continue
         path = Path(cfg.out_dir) / HEADS_DIR / f"{key}.json"
         out[key] = save_head(path, key, result.probe, sha, sites.max_events, sites.max_patches)
@@ -498,6 +531,7 @@ def fit_keys(
             "refused": sites.refused,  # site -> the stage it refused, why (and its epsilon under DP)
             "errors": sites.errors,  # site (or "node N") -> the stage it answered with an error, the error
             "rejected": sites.rejected,  # site -> each reply over a bound: stage, round, reason (server/head_bounds.py)
+            "dp_plan": sites.plan,  # site -> its planned epsilon for this head (before any round)
             "epsilon": sites.epsilon,  # site -> its cumulative epsilon and delta after its last round
         }
         log.info("head %s: written to %s (C=%g, sites %s)", key, path, result.probe.c, sorted(result.train_rows))

@@ -21,6 +21,12 @@ def add_head_dp_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     dp.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-subject clipping norm (default 1)")
     dp.add_argument("--dp-delta", type=float, default=1e-5, help="the delta asked (a site accounts at its policy's)")
     dp.add_argument("--dp-batch-size", type=int, default=64, help="expected subjects per DP step (default 64)")
+    dp.add_argument(
+        "--dp-run-epsilon",
+        type=float,
+        help="the most epsilon this head run may spend at each site (a site refuses a round past it; default: "
+        "only each site's lifetime cap)",
+    )
     return dp
 
 
@@ -33,7 +39,7 @@ def head_dp_config(args: argparse.Namespace) -> dict[str, Any]:
         delta=args.dp_delta,
         max_grad_norm=args.dp_max_grad_norm,
     )
-    return {"privacy": privacy, "dp_batch_size": args.dp_batch_size}
+    return {"privacy": privacy, "dp_batch_size": args.dp_batch_size, "dp_run_epsilon": args.dp_run_epsilon}
 
 
 __all__ = ["add_head_dp_args", "head_dp_config"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from healthfm_core.privacy.engine import DPLocalStep, DPSettings, secret_generator
+from healthfm_core.privacy.engine import DPLocalStep, DPSettings, noise_for_target, sample_rate_for, secret_generator
 from healthfm_core.privacy.ledger import PrivacyLedger, Reservation
 from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, reserve_private_round
@@ -68,6 +68,30 @@ def reserve_head_round(
         return None
     assert ledger is not None
     return PrivateHeadRound(settings=reserved[0], reservation=reserved[1], ledger=ledger)
+
+
+def planned_head_epsilon(
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    delta: float,
+    batch_size: int,
+    subjects: int,
+    steps: int,
+) -> tuple[float, float, float]:
+    """A head run's plan at a site of `subjects` train subjects: the noise multiplier asked (or the
+    one reaching `target_epsilon` over `steps`), the sampling rate, and the epsilon of the run's
+    `steps` DP steps at `delta` by Opacus's RDP accountant (the run's own spend; a site's policy
+    may add noise, never remove it, so the run spends at most this)."""
+    from opacus.accountants import RDPAccountant
+
+    rate = sample_rate_for(batch_size, subjects)
+    if noise_multiplier is None:
+        if target_epsilon is None:
+            raise ValueError("a DP plan needs a noise multiplier or a target epsilon")
+        noise_multiplier = noise_for_target(target_epsilon, delta, rate, steps)
+    acc = RDPAccountant()
+    acc.history = [(float(noise_multiplier), rate, int(steps))]
+    return float(noise_multiplier), rate, float(acc.get_epsilon(delta))
 
 
 def private_local_steps(
@@ -116,4 +140,4 @@ def private_local_steps(
     return weight.detach().numpy().copy(), float(bias.detach()[0]), local.steps_taken
 
 
-__all__ = ["PrivateHeadRound", "private_local_steps", "reserve_head_round", "subject_index"]
+__all__ = ["PrivateHeadRound", "planned_head_epsilon", "private_local_steps", "reserve_head_round", "subject_index"]

@@ -623,9 +623,13 @@ class PrivacyLedger:
         max_grad_norm: float,
         delta: float,
         epsilon_cap: float,
+        run_limit: tuple[str, float] | None = None,
     ) -> Reservation:
         """Check the cap and count the round's `steps` in one step under the lock, before training.
-        Raises BudgetExceeded (nothing written) when epsilon would pass `epsilon_cap`."""
+        Raises BudgetExceeded (nothing written) when epsilon would pass `epsilon_cap`, or, with
+        `run_limit` (a run label prefix, a limit), when the epsilon of the rounds whose run starts
+        with that prefix, this one included, would pass the limit (one run's own spend: the
+        accountant over those rounds alone)."""
         if steps <= 0:
             raise ValueError(f"cannot reserve {steps} steps")
         with self._locked():
@@ -642,6 +646,17 @@ class PrivacyLedger:
                     f"epsilon after this round would be {projected:.4g} > the policy's cap "
                     f"{epsilon_cap:g} (spent {spent:.4g} at delta {delta:g})"
                 )
+            if run_limit is not None:
+                prefix, limit = run_limit
+                mine = [
+                    (r.noise_multiplier, r.sample_rate, r.steps) for r in current.rounds if r.run.startswith(prefix)
+                ]
+                run_spend = _epsilon([*mine, (noise_multiplier, sample_rate, steps)], delta)
+                if not (math.isfinite(run_spend) and run_spend <= limit):
+                    raise BudgetExceeded(
+                        f"this run's epsilon after this round would be {run_spend:.4g} > its limit {limit:g} "
+                        f"(spent {_epsilon(mine, delta) if mine else 0.0:.4g} in this run at delta {delta:g})"
+                    )
             entry = LedgerRound(
                 round=round,
                 run=run,

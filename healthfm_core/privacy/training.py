@@ -57,6 +57,9 @@ class DPRequest(BaseModel):
     planned_steps: int = Field(gt=0)  # the run's rounds x local steps
     round: int = Field(ge=0)
     run: str  # which federation run (its setup sha256 prefix), for the ledger
+    # (a run label prefix, an epsilon): the site refuses a round that would take the epsilon of
+    # the ledger's rounds under that prefix past it (a head run's per-run limit). None: no limit.
+    run_limit: tuple[str, float] | None = None
 
 
 def dp_settings(request: DPRequest, budget: DPPolicy | None, n_samples: int) -> DPSettings | None:
@@ -134,6 +137,7 @@ def reserve_private_round(
             max_grad_norm=settings.max_grad_norm,
             delta=settings.delta,
             epsilon_cap=budget.epsilon_cap,
+            run_limit=request.run_limit,
         )
     except (BudgetExceeded, LedgerError) as err:
         raise PrivacyRefused(str(err)) from None

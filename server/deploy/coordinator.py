@@ -634,6 +634,14 @@ def cmd_head(args: argparse.Namespace) -> int:
     if not keys:
         raise CoordinatorError(f"no label key to fit: give --tasks or --keys (the release {model} names no task)", EXIT_USAGE)  # fmt: skip
     out_dir = cfg.out_dir
+    if cfg.privacy.requested:  # the plan before anything starts; each site's own once it sent its stats
+        limit = f"at most {cfg.dp_run_epsilon:g} per site (each site refuses a round past it)" if cfg.dp_run_epsilon else "none (each site's lifetime cap only)"  # fmt: skip
+        print(
+            f"DP plan: {cfg.privacy.describe()}; {cfg.planned_dp_steps()} DP steps per key and site "
+            f"({len(keys)} key(s)); the run's epsilon limit: {limit}; each site's planned epsilon goes to "
+            f"{out_dir / 'head.log'} before its first round and to heads.json (dp_plan)",
+            flush=True,
+        )
     claim = _claim_out_dir(paths, out_dir)
     try:
         app_dir = write_head_app(paths)
@@ -689,8 +697,14 @@ def report_heads(run_id: int, status: str, out_dir: Path, keys: Sequence[str]) -
             print(f"{key}: head {got['head']} (C={got['c']:g}; train rows per site: {rows})", flush=True)
         else:
             print(f"{key}: no head: {got['reason']}", file=sys.stderr)
+        for site, plan in sorted(got.get("dp_plan", {}).items()):
+            print(f"  {site}: DP plan epsilon {plan['epsilon']:.3f} over {plan['steps']} steps", flush=True)
         for site, why in sorted(got.get("refused", {}).items()):
             print(f"  {site} took no part: refused at {why.get('stage')}: {why.get('refused')}", flush=True)
+        for site, rejected in sorted(got.get("rejected", {}).items()):
+            print(
+                f"  {site}: {len(rejected)} repl(ies) rejected by a bound, first: {rejected[0]['reason']}", flush=True
+            )
         for site, why in sorted(got.get("errors", {}).items()):
             erred = True
             print(f"  {site} took no part: error at {why.get('stage')}: {why.get('error')}", file=sys.stderr)
