@@ -98,7 +98,7 @@ def evaluate(
     for node in sorted(set(replies) - set(answered)):
         rejected[roster.site(node)] = f"error reply: {replies[node].error.reason}"
     aggregated = aggregate_site_metrics(per_site)
-    robust = {"median": median_site_metrics(per_site), "largest_share": largest_row_share(per_site)}
+    robust: dict[str, Any] = {"median": median_site_metrics(per_site), "largest_share": largest_row_share(per_site)}
     seconds = time.perf_counter() - t0
     flat = {site: reply.to_records() for site, reply in per_site.items()}
     absent = {

@@ -144,7 +144,7 @@ def test_the_history_and_outlier_bounds_apply_to_head_updates() -> None:
 
 def test_stats_are_bounded_by_the_declared_rows_and_by_sums_real_rows_can_have() -> None:
     x = np.random.default_rng(1).normal(size=(40, 3))
-    stats = HeadStats.of("a", site_stats(x, np.arange(40) % 2 == 0), 64, 8, 10)
+    stats = HeadStats.of("a", site_stats(x, np.arange(40) % 2 == 0), 64, 8, 10, 20)
     assert stats_problem(stats, {"a": 50}) is None and stats_problem(stats, None) is None
     assert "field n + n-tuning: value 50 > 49" in str(stats_problem(stats, {"a": 49}))
     assert "declared no subject count" in str(stats_problem(stats, {"b": 50}))

@@ -131,7 +131,7 @@ def test_a_malformed_head_reply_is_rejected_with_a_log_line(tmp_path, caplog, co
 
 def test_head_stats_from_a_peer_are_checked() -> None:
     good = {"site": "a", "n": 10, "positives": 3, "total": [1.0, 2.0], "squares": [1.0, 4.0]}
-    good |= {"max-events": 64, "max-patches": 8, "n-tuning": 5}
+    good |= {"max-events": 64, "max-patches": 8, "n-tuning": 5, "subjects": 8}
     assert isinstance(parse_reply(good, HeadStats, 2), HeadStats)
     for bad, field in (
         ({"positives": 11}, "positives"),  # more positives than rows
