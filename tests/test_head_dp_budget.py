@@ -32,7 +32,7 @@ def _run_epsilon(state_dir: str, prefix: str) -> float:
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_dp_head_run_logs_each_sites_planned_epsilon_before_it_starts_and_spends_it(tmp_path: Path, caplog) -> None:  # noqa: ANN001
     nodes = site_nodes(tmp_path, [50.0, 50.0])
-    cfg = head_config(tmp_path / "out", PrivacyRequest(target_epsilon=4.0, delta=DELTA)).model_copy(
+    cfg = head_config(tmp_path / "out", PrivacyRequest(noise_multiplier=1.1, delta=DELTA)).model_copy(
         update={"run_id": 7}
     )
     with caplog.at_level(logging.INFO, logger="healthfm"):
