@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from client.policy import MAX_THREADS
 from healthfm_core.files import atomic_write_text
 
 log = logging.getLogger("healthfm.client.threads")
@@ -259,10 +260,10 @@ def parse_threads(value: object, name: str | None = "threads") -> int | Literal[
             return "auto"
         if text.isdigit():
             value = int(text)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_THREADS:
         return value
     prefix = f"{name}: " if name else ""
-    raise ValueError(f"{prefix}value {value!r}: a whole number of at least 1, or auto")
+    raise ValueError(f"{prefix}value {value!r}: a whole number from 1 to {MAX_THREADS}, or auto")
 
 
 def apply_threads(n: int) -> int:

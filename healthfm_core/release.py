@@ -3,7 +3,8 @@
 
     release.json          format/version, the run it came from (run id, round), the federation's
                           setup hash, model seed, modalities, token settings, the model's parameter
-                          groups and those some site trained, the run's evaluation settings
+                          groups and those some site trained (and each untrained one with why),
+                          the run's evaluation settings
                           (an EvalConfig: task definitions, max_events, ...), the site minimum
     model_config.json     the ModelConfig
     vocabulary.json       the agreed Vocabulary (codes, normalisers, PRS traits)
@@ -75,6 +76,8 @@ class ReleaseMeta(BaseModel):
     tokens: TokenSettings
     groups: list[str]
     groups_trained: list[str]
+    # group -> why no round of the run trained it (its weights are the initialisation)
+    untrained_groups: dict[str, str] = Field(default_factory=dict)
     min_report_subjects: int = Field(ge=1)  # the card's counts below it are not shown
     evaluation: EvalConfig | None = None  # the run's own evaluation (None: the run evaluated nothing)
 
@@ -217,6 +220,10 @@ def load_release(path: str | Path, device: str | torch.device = "cpu") -> ModelR
         )
     if unknown := sorted(set(meta.groups_trained) - set(meta.groups)):
         raise ReleaseError(f"{path / RELEASE_FILE}: field groups_trained names groups the model lacks: {unknown}")
+    if wrong := sorted(
+        (set(meta.untrained_groups) & set(meta.groups_trained)) | (set(meta.untrained_groups) - set(meta.groups))
+    ):
+        raise ReleaseError(f"{path / RELEASE_FILE}: field untrained_groups: {wrong} are trained, or not the model's")
     model_config = _validated(path / MODEL_CONFIG_FILE, ModelConfig)
     vocabulary = _validated(path / VOCABULARY_FILE, Vocabulary)
     try:

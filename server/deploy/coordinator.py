@@ -863,6 +863,9 @@ def report_outcome(run_id: int, status: str, out_dir: Path, paths: FederationPat
         return EXIT_FAILED
     if outcome.ok and status == "finished:completed":
         print(f"run {run_id}: {outcome.describe()}", flush=True)
+        for group, why in sorted(outcome.untrained_groups.items()):
+            # Completed, but its release would carry this group's initial weights.
+            print(f"warning: run {run_id}: group {group} was never trained: {why}", file=sys.stderr)
         return EXIT_OK
     print(f"error: run {run_id} {status}: {outcome.describe()}", file=sys.stderr)
     if outcome.status == "completed" and outcome.sites_lost:
