@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from client.policy import MAX_THREADS
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger("healthfm.client.threads")
 
@@ -306,8 +307,8 @@ def setup_threads(state_dir: Path, setup_sha256: str, measured: int) -> tuple[in
     record = ThreadsRecord()
     if path.exists():
         try:
-            record = ThreadsRecord.model_validate_json(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValidationError) as err:
+            record = strict_model(ThreadsRecord, path.read_text(encoding="utf-8"), path)
+        except (OSError, ValueError) as err:  # ValidationError, UnicodeDecodeError, StrictFileError
             reason = (
                 "; ".join(
                     f"field {'.'.join(str(x)[:16] for x in e['loc']) or '-'}: {e['msg']}" for e in err.errors()[:3]

@@ -42,6 +42,7 @@ from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.federation import EvalConfig, FederationSetup
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.strict_files import StrictFileError, strict_model
 from healthfm_core.train.checkpoint import sha256_file
 
 FORMAT = "healthfm-model-release"
@@ -176,7 +177,9 @@ def verify_release_files(path: str | Path) -> None:
 
 def _validated(file: Path, model: type[_M]) -> _M:
     try:
-        return model.model_validate_json(file.read_text(encoding="utf-8"))
+        return strict_model(model, file.read_text(encoding="utf-8"), file)
+    except StrictFileError as err:
+        raise ReleaseError(str(err)) from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"

@@ -42,6 +42,11 @@ class StrictFileError(ValueError):
     """A file (or a peer's JSON) that a strict reader refuses: names the file, field and value."""
 
 
+class DuplicateKeyError(StrictFileError):
+    """A key twice in one mapping: not a file cut short but one written (or edited) so, which a
+    reader that skips damaged lines (rounds.jsonl) must not skip."""
+
+
 def _where(where: str | Path) -> str:
     return str(where)
 
@@ -77,7 +82,7 @@ class StrictLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: PyYAML's own error below names it
                     first = None
                 if first is not None:
-                    raise StrictFileError(
+                    raise DuplicateKeyError(
                         f"{self.where}: line {line}: field {key}: duplicated key (first at line {first}); "
                         "a second value would silently replace the first"
                     )
@@ -117,7 +122,7 @@ def _refuse_duplicates(where: str) -> Any:
         out: dict[str, Any] = {}
         for key, value in items:
             if key in out:
-                raise StrictFileError(
+                raise DuplicateKeyError(
                     f"{where}: field {key}: duplicated key in one object; a second value would silently replace the first"
                 )
             out[key] = value
@@ -165,6 +170,7 @@ def _read_bytes(path: str | Path) -> bytes:
 
 
 __all__ = [
+    "DuplicateKeyError",
     "StrictFileError",
     "StrictLoader",
     "read_config_file",

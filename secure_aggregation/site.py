@@ -20,9 +20,10 @@ import numpy as np
 from cryptography.fernet import InvalidToken
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from healthfm_core.model.groups import parameter_group
+from healthfm_core.strict_files import strict_model
 from secure_aggregation.config import DEFAULT_MIN_HOLDERS, SecAggConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.field import clip_update, encode_segment
@@ -211,8 +212,8 @@ class SiteRound:
                 raise SecAggRefusal(f"share inbox: sender {src} is not another site of the key directory")
             key = fernet_key(agree(self._enc, directory.keys[src].enc_key))
             try:
-                plain = SharePlaintext.model_validate_json(decrypt(key, token))
-            except (InvalidToken, ValidationError) as err:
+                plain = strict_model(SharePlaintext, decrypt(key, token), f"share inbox: the shares from {src}")
+            except (InvalidToken, ValueError) as err:  # ValueError: pydantic's, or a duplicated key
                 raise SecAggRefusal(f"share inbox: the ciphertext from {src} does not decrypt to shares") from err
             expected_groups = sorted(config.groups[src])
             if (plain.src, plain.dst, plain.round) != (src, self.node_id, config.round) or sorted(

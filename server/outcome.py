@@ -28,9 +28,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 from healthfm_core.train.checkpoint import latest_checkpoint
 from server.run_claim import guarded, holder_alive, read_claim, serverapp_gone
 
@@ -94,8 +95,8 @@ def read_outcome(out_dir: str | Path) -> RunOutcome | None:
     if not path.is_file():
         return None
     try:
-        return RunOutcome.model_validate_json(path.read_text(encoding="utf-8"))
-    except (ValidationError, OSError) as err:
+        return strict_model(RunOutcome, path.read_text(encoding="utf-8"), path)
+    except (ValueError, OSError) as err:  # ValidationError, StrictFileError (a duplicated key)
         raise ValueError(f"{path}: not a run outcome ({' '.join(str(err).split())[:300]})") from None
 
 

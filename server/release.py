@@ -9,12 +9,12 @@ run's evaluation on the same rows, and carries the model card (server/model_card
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from healthfm_core.release import FORMAT, GROUPS, VERSION, ReleaseMeta, write_release
+from healthfm_core.strict_files import read_json
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig, saved_run_config
 from server.model_card import model_card
@@ -56,7 +56,7 @@ def release_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     evaluation: dict[str, Any] | None = None
     eval_path = run_dir / "evaluation.json"
     if eval_path.is_file():
-        evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
+        evaluation = read_json(eval_path)
         if evaluation.get("round") != state.round:
             log.warning(
                 "%s is of round %s, the checkpoint of round %d: the release carries no evaluation",
