@@ -72,9 +72,12 @@ class StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)  # merge keys (`<<`) resolved first, as PyYAML does
             seen: dict[Hashable, int] = {}
+            # The mapping's own keys, before merge keys (`<<`) are resolved: a key written beside a
+            # merge overrides the merged one, which YAML allows and is no duplicate.
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 try:
