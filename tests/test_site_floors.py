@@ -30,6 +30,7 @@ from secure_aggregation.replay import main as replay
 from secure_aggregation.site import SiteRound
 from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, read_audit_log
+from server.outcome import read_outcome
 from tests.secure_aggregation_fixtures import MIXES, make_config
 
 
@@ -82,6 +83,10 @@ def test_a_coordinator_asking_min_holders_1_is_refused_by_every_site_and_nothing
     assert transcript.received.keys == [] and transcript.received.masked == [] and transcript.received.unmask == []
     refused = [r for r in read_audit_log(out / AUDIT_FILE) if r.get("status") == "refused"]
     assert refused and all("below this site's floor 3" in r["reason"] for r in refused), refused
+    outcome = read_outcome(out)  # every site refused every round: the run says it trained none of them
+    assert outcome is not None and sorted(outcome.sites_lost) == sorted(c["site-name"] for c in sites.values())
+    assert all("below this site's floor 3" in why for why in outcome.sites_lost.values()), outcome.sites_lost
+    assert sorted(outcome.untrained_groups) == ["ehr", "genomics", "shared", "wearables"]
 
 
 @pytest.mark.slow
