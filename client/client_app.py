@@ -17,7 +17,9 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
                          rounding residual is kept in Context.state ("healthfm.int8-residual"),
                          never sent
   query.secagg_keys, query.secagg_shares, train.secagg_mask, query.secagg_unmask
-                      -> a secure-aggregation round's stages (secure_aggregation/records.py; the
+                      -> a secure-aggregation round's stages (the site's floor: its policy's
+                         secagg_min_holders, default 3, refuses a config below it at the keys
+                         stage and an unmask request below it) (secure_aggregation/records.py; the
                          server's side is server/secure_round.py): each message and reply one
                          ConfigRecord "secagg" (records.to_flat). The site's SiteRound (its keys,
                          seeds and the shares it holds) lives in Context.state
@@ -55,6 +57,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.memory import release_memory
+from client.policy import SECAGG_MIN_HOLDERS
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
 from healthfm_core.federation import (
     ARRAYS_RECORD,
@@ -71,6 +74,7 @@ from healthfm_core.federation import (
     SETUP_RECORD,
     SHA256_FIELD,
     STATUS_RECORD,
+    STATUS_REFUSED,
     EvalConfig,
     EvalReply,
     FederationSetup,
@@ -239,6 +243,15 @@ def secagg_reply(msg: Message, payload: Any) -> Message:
     return Message(RecordDict({SECAGG_RECORD: ConfigRecord(to_flat(payload))}), reply_to=msg)
 
 
+def secagg_refusal(msg: Message, reason: str) -> Message:
+    """The site refuses a secure round's stage (its floor, or a request that would expose a
+    site): a "refused" status with the reason, as a refused train request; nothing else."""
+    log.warning("secure aggregation: refused: %s", reason)
+    return Message(
+        RecordDict({STATUS_RECORD: ConfigRecord({"status": STATUS_REFUSED, "reason": reason})}), reply_to=msg
+    )
+
+
 def secagg_record(msg: Message) -> Mapping[str, Any]:
     records = msg.content.config_records
     if SECAGG_RECORD not in records:
@@ -286,7 +299,8 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
             return need
         site = runtime(context)
         try:
-            reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+            # A plain reply leaves in the clear, whatever the config's secure_aggregation says.
+            reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg, masked=False)
         except TrainRefused as refused:
             return Message(train_reply_content(refused.reply), reply_to=msg)
         reply = site.release(reply)  # the policy's local groups never leave: filtered last
@@ -300,8 +314,13 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
 
     @app.query(_action(KEYS_MESSAGE))
     def secagg_keys(msg: Message, context: Context) -> Message:
-        site = SiteRound(from_flat(SecAggConfig, secagg_record(msg)), context.node_id)
         policy = runtime(context).policy
+        floor = policy.secagg_min_holders if policy is not None else SECAGG_MIN_HOLDERS
+        config = from_flat(SecAggConfig, secagg_record(msg))
+        try:  # the site's own floor, whatever the server's config says (SiteRound checks it)
+            site = SiteRound(config, context.node_id, site_min_holders=floor)
+        except SecAggRefusal as refused:
+            return secagg_refusal(msg, f"round {config.round}: {refused}")
         kept = [g for g in site.groups if policy is not None and not policy.allows(g)]
         if kept:  # the round lays them out for this site; masking without them would be refused later
             raise SecAggRefusal(f"the site policy keeps group(s) {kept} local: this site sits the secure round out")
@@ -330,7 +349,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
             raise SecAggRefusal(f"mask stage of round {cfg.round}: this site's secure round is {secure.config.round}")
         site = runtime(context)
         try:
-            reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg)
+            reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg, masked=True)
         except TrainRefused as refused:
             keep_secure_round(context, None)
             return Message(train_reply_content(refused.reply), reply_to=msg)
@@ -356,7 +375,11 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     @app.query(_action(UNMASK_MESSAGE))
     def secagg_unmask(msg: Message, context: Context) -> Message:
         site = stored_secure_round(context, "unmask")
-        shares = site.unmask(from_flat(UnmaskRequest, secagg_record(msg)))
+        try:
+            shares = site.unmask(from_flat(UnmaskRequest, secagg_record(msg)))
+        except SecAggRefusal as refused:
+            keep_secure_round(context, None)  # no second chance to ask: its secrets are dropped
+            return secagg_refusal(msg, f"round {site.config.round}: {refused}")
         for group, why in sorted(site.withheld.items()):
             log.warning(
                 "round %d: group %r withheld by the server (carried forward): %s", site.config.round, group, why

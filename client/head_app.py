@@ -75,6 +75,11 @@ def _reply(msg: Message, flat: Mapping[str, Any]) -> Message:
 
 def _splits(rows: HeadRows, task: HeadTask) -> SiteSplits | str:
     """The key's splits at this site, or why it takes no part (a reason that may leave)."""
+    if rows.require_secure_aggregation:
+        return (
+            f"site {rows.site}: the site policy requires secure aggregation (require_secure_aggregation); "
+            "a head run's statistics and head would leave in the clear"
+        )
     if task.setup_sha256 != rows.setup_sha256:
         return f"site {rows.site} holds release {rows.setup_sha256[:12]}..., not {task.setup_sha256[:12]}..."
     got = rows.keys.get(task.key)

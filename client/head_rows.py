@@ -60,6 +60,9 @@ class HeadRows:
     # spend from the same ledger under the same cap. None: no budget / no state directory.
     dp_policy: DPPolicy | None = None
     ledger: PrivacyLedger | None = None
+    # The policy's require_secure_aggregation: a head run's statistics and head leave in the clear,
+    # so such a site answers every stage with a refusal (client/head_app.py).
+    require_secure_aggregation: bool = False
 
 
 def head_splits(
@@ -149,6 +152,7 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         out = HeadRows(runtime.name, release.setup.sha256, cfg.max_events, cfg.max_patches)
         out.dp_policy = runtime.policy.dp if runtime.policy is not None else None
         out.ledger = runtime.ledger
+        out.require_secure_aggregation = runtime.policy is not None and runtime.policy.require_secure_aggregation
         try:
             rows, x_all = embedded_task_rows(runtime, release, cfg, config.get("embeddings"))
         except NoRows:  # no labels for any asked task: every key is then refused

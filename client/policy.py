@@ -15,6 +15,8 @@ Example (YAML or JSON; every key optional except where noted):
     approved_apps:              # sha256 of each app bundle (.fab) this site runs; no other runs here
       - 3f7a...                 # added by `client.py approve BUNDLE.fab --policy FILE` (client/deploy/approval.py)
     require_secure_aggregation: true   # train only in rounds whose update leaves masked (SecAgg+)
+    secagg_min_holders: 3       # the fewest holders of a group for which this site takes part in
+                                # opening its sum, whatever the run config's secagg-min-holders
     threads: 4                  # torch threads of the site's training (default: its free cores,
                                 # client/threads.py); `join --threads N` overrides it
 
@@ -22,36 +24,30 @@ The `dp:` section is healthfm_core.privacy.policy.DPPolicy (numbers strict and f
 epsilon_cap at most EPSILON_CAP_MAX = 100; delta at most 1/n when the caller passes n, the site's
 train subjects).
 
-YAML numbers are read as YAML 1.2 reads them: PyYAML follows YAML 1.1, where a float needs a dot
-(`1e308`, `1e-5` and `5e0` are strings there, `1.0e+308` a float), so a cap or delta written in
-scientific notation was refused as "a string"; `_PolicyLoader` reads every spelling as the number
-it is (`1e308`, `1.0e+308`, `5`, `5.0`, `.5`, `5e0`, `1e-5`), and the range checks then apply.
+The file is read strictly (healthfm_core/strict_files.py): a duplicated key (two `dp:` blocks)
+is refused, a boolean is `true` or `false` only (`yes`, `on` are refused), and numbers are read
+as YAML 1.2 reads them (`1e-5`, `5e0` are numbers, not strings). Every number has a range, checked
+here (docs/site-admin.md, "Write your policy").
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from healthfm_core.model.groups import GROUPS
 from healthfm_core.privacy.policy import TRAIN_SUBJECTS, DPPolicy
+from healthfm_core.strict_files import StrictFileError, strict_json, strict_yaml
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
-# YAML 1.2's float forms missing from YAML 1.1 (PyYAML): an exponent without a dot, an exponent
-# without a sign. Tried after PyYAML's own int and float patterns, so `5` stays an int.
-_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
-
-
-class _PolicyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, reading YAML 1.2 floats (`1e308`, `5e0`) as numbers."""
-
-
-_PolicyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+# The ranges of the policy's numbers (docs/site-admin.md): generous, but a typo is refused.
+MAX_SUBJECTS = 1_000_000  # min_subjects, min_positives: more than any site holds
+MAX_THREADS = 1024  # threads: more cores than a site's machine has
+SECAGG_MIN_HOLDERS = 3  # secagg_min_holders' default: a sum over fewer is one or two sites' updates
+MAX_SECAGG_HOLDERS = 257  # the most sites a secure round's 16-bit field holds (secure_aggregation/config.py)
 
 
 class PolicyError(ValueError):
@@ -61,19 +57,24 @@ class PolicyError(ValueError):
 class SitePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_subjects: int = Field(default=10, ge=1)
+    min_subjects: int = Field(default=10, ge=1, le=MAX_SUBJECTS, strict=True)
     # Raises the runtime's min_report_positives (the stricter holds): a held-out split with fewer
     # positive (or negative) rows gives no metric, since a metric on a few cases describes them.
-    min_positives: int = Field(default=1, ge=1)
+    min_positives: int = Field(default=1, ge=1, le=MAX_SUBJECTS, strict=True)
     groups_allowed: list[str] = Field(default_factory=lambda: list(GROUPS))
     dp: DPPolicy | None = None
     approved_apps: list[str] = Field(default_factory=list)  # app bundle sha256s (client/deploy/app_guard.py)
     # torch threads of the ClientApp (client/threads.py); None: the cores free when it starts.
     # Strict: "4", 4.0 or true are refused, not read as a number.
-    threads: int | None = Field(default=None, ge=1, strict=True)
+    threads: int | None = Field(default=None, ge=1, le=MAX_THREADS, strict=True)
     # Refuse any round whose update would leave the site in the clear (the run config's
     # `secure-aggregation` off): the coordinator then sees only sums over at least min_holders sites.
     require_secure_aggregation: bool = Field(default=False, strict=True)
+    # The site's own floor under secure aggregation (secure_aggregation/site.py): it takes part in
+    # no round whose config lets the server open a group over fewer holders (the run config's
+    # secagg-min-holders may raise it, never lower it), and reveals no share for such a group.
+    # 1 would let a group one site holds be opened: that site's update exactly.
+    secagg_min_holders: int = Field(default=SECAGG_MIN_HOLDERS, ge=1, le=MAX_SECAGG_HOLDERS, strict=True)
 
     @field_validator("approved_apps")
     @classmethod
@@ -103,13 +104,13 @@ def load_policy(path: str | Path, train_subjects: int | None = None) -> SitePoli
     train-split subject count, when the caller knows it) a DP delta above 1/n is refused too."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes()
     except OSError as err:
         raise PolicyError(f"{path}: cannot read the site policy ({err.strerror or err})") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_PolicyLoader)  # noqa: S506 - a SafeLoader
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise PolicyError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} ({err})") from None
+        data = strict_json(text, path) if path.suffix.lower() == ".json" else strict_yaml(text, path)
+    except StrictFileError as err:
+        raise PolicyError(f"invalid site policy: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -126,4 +127,4 @@ def load_policy(path: str | Path, train_subjects: int | None = None) -> SitePoli
         raise PolicyError("invalid site policy:\n  " + "\n  ".join(problems)) from None
 
 
-__all__ = ["DPPolicy", "PolicyError", "SitePolicy", "load_policy"]
+__all__ = ["MAX_THREADS", "SECAGG_MIN_HOLDERS", "DPPolicy", "PolicyError", "SitePolicy", "load_policy"]

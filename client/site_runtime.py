@@ -353,14 +353,22 @@ class SiteRuntime:
         log.warning("site %s round %d: train request refused: %s", self.name, cfg.round, reason)
         return TrainRefused(reason, self.privacy_spend())
 
-    def train(self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: RoundConfig) -> TrainReply:
+    def train(
+        self, setup: FederationSetup, arrays: Mapping[str, np.ndarray], cfg: RoundConfig, *, masked: bool = False
+    ) -> TrainReply:
         """One round of local training. Raises TrainRefused (nothing trained) when the site's
-        policy refuses the request: DP impossible, too few subjects, or the epsilon cap."""
+        policy refuses the request: DP impossible, too few subjects, the epsilon cap, or a reply
+        that would leave in the clear (`masked` False: a plain round's, whatever the config's
+        secure_aggregation says) under require_secure_aggregation."""
         t0 = time.perf_counter()
-        if self.policy is not None and self.policy.require_secure_aggregation and not cfg.secure_aggregation:
+        if self.policy is not None and self.policy.require_secure_aggregation and not masked:
+            said = (
+                "this run does not ask for it" if not cfg.secure_aggregation else "this round's message is a plain one"
+            )
             raise self.refuse(
                 cfg,
-                "the site policy requires secure aggregation (require_secure_aggregation) and this run does not ask for it",
+                f"the site policy requires secure aggregation (require_secure_aggregation) and {said}: "
+                "its update would leave in the clear",
             )
         self.threads_for(setup.sha256)
         received = sorted({parameter_group(k) for k in arrays})

@@ -41,7 +41,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from client.policy import MAX_THREADS
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger("healthfm.client.threads")
 
@@ -259,10 +261,10 @@ def parse_threads(value: object, name: str | None = "threads") -> int | Literal[
             return "auto"
         if text.isdigit():
             value = int(text)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_THREADS:
         return value
     prefix = f"{name}: " if name else ""
-    raise ValueError(f"{prefix}value {value!r}: a whole number of at least 1, or auto")
+    raise ValueError(f"{prefix}value {value!r}: a whole number from 1 to {MAX_THREADS}, or auto")
 
 
 def apply_threads(n: int) -> int:
@@ -305,8 +307,8 @@ def setup_threads(state_dir: Path, setup_sha256: str, measured: int) -> tuple[in
     record = ThreadsRecord()
     if path.exists():
         try:
-            record = ThreadsRecord.model_validate_json(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValidationError) as err:
+            record = strict_model(ThreadsRecord, path.read_text(encoding="utf-8"), path)
+        except (OSError, ValueError) as err:  # ValidationError, UnicodeDecodeError, StrictFileError
             reason = (
                 "; ".join(
                     f"field {'.'.join(str(x)[:16] for x in e['loc']) or '-'}: {e['msg']}" for e in err.errors()[:3]

@@ -44,6 +44,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -65,6 +66,7 @@ from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM, embedding_width, model_modalities
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
+from healthfm_core.strict_files import StrictFileError, strict_json, strict_model
 from healthfm_core.transport import SCALES_RECORD, Rounding, Transport
 
 # Round 0's message types (Flower's "query.<action>"; the ClientApp registers each <action>).
@@ -264,7 +266,7 @@ class FederationSetup(_Strict):
     def from_json(cls, text: str) -> FederationSetup:
         """A setup as a peer sent it; a bad field raises a one-line ValueError naming it and its value."""
         try:
-            return cls.model_validate_json(text)
+            return strict_model(cls, text, "federation setup")
         except ValidationError as err:
             first = err.errors()[0]
             loc = ".".join(str(x) for x in first.get("loc", ()))
@@ -314,18 +316,18 @@ class RoundConfig(_Strict):
     # How the site's reply carries its arrays (healthfm_core/transport.py); the server asks it.
     transport: Transport = "fp32"
     int8_rounding: Rounding = "stochastic"
-    error_feedback: bool = True  # int8: the site carries its rounding residual to its next round
+    error_feedback: StrictBool = True  # int8: the site carries its rounding residual to its next round
     setup_sha256: str
     weights: ObjectiveWeights = ObjectiveWeights()
     # Differential privacy asked by the server; a site's policy may still demand it, raise the
     # noise or refuse the round (the site decides).
-    dp: bool = False
+    dp: StrictBool = False
     dp_noise_multiplier: float | None = Field(default=None, gt=0)
     dp_target_epsilon: float | None = Field(default=None, gt=0)  # over this run's planned steps
     dp_max_grad_norm: float | None = Field(default=None, gt=0)
     # The round's update leaves the site only masked (secure aggregation, issue 32); a site whose
     # policy requires it refuses a round without it.
-    secure_aggregation: bool = False
+    secure_aggregation: StrictBool = False
 
     def to_flat(self) -> dict[str, Any]:
         # ConfigRecord holds no None: unset optional fields are left out.
@@ -366,7 +368,7 @@ class EvalConfig(_Strict):
     max_subjects: int = Field(default=0, ge=0)
     # Also fit and score MEDS-Tab (healthfm_core/eval/meds_tab.py) on each binary task's rows: the
     # federation's eval_meds_tab (it costs a site more than the probe).
-    meds_tab: bool = True
+    meds_tab: StrictBool = True
     # Per binary task, each site also releases its held-out scores' histogram per class on this
     # grid, small cells merged (healthfm_core/eval/score_histogram.py): the federation-wide
     # AUROC's input (healthfm_core/eval/pooled_auroc.py). 0: no histograms.
@@ -403,8 +405,8 @@ class EvalConfig(_Strict):
         if not isinstance(tasks, str):
             raise ValueError(f"evaluate config: field tasks: value {str(tasks)[:80]!r}: expected a JSON list of tasks")
         try:
-            data["tasks"] = json.loads(tasks)
-        except json.JSONDecodeError as err:
+            data["tasks"] = strict_json(tasks, "evaluate config: field tasks")
+        except StrictFileError as err:
             raise ValueError(f"evaluate config: field tasks: not JSON: {err}") from None
         try:
             return cls.model_validate(data, context={"peer": True})

@@ -3,7 +3,8 @@
 
     release.json          format/version, the run it came from (run id, round), the federation's
                           setup hash, model seed, modalities, token settings, the model's parameter
-                          groups and those some site trained, the run's evaluation settings
+                          groups and those some site trained (and each untrained one with why),
+                          the run's evaluation settings
                           (an EvalConfig: task definitions, max_events, ...), the site minimum
     model_config.json     the ModelConfig
     vocabulary.json       the agreed Vocabulary (codes, normalisers, PRS traits)
@@ -41,6 +42,7 @@ from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.federation import EvalConfig, FederationSetup
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.strict_files import StrictFileError, strict_model
 from healthfm_core.train.checkpoint import sha256_file
 
 FORMAT = "healthfm-model-release"
@@ -75,6 +77,8 @@ class ReleaseMeta(BaseModel):
     tokens: TokenSettings
     groups: list[str]
     groups_trained: list[str]
+    # group -> why no round of the run trained it (its weights are the initialisation)
+    untrained_groups: dict[str, str] = Field(default_factory=dict)
     min_report_subjects: int = Field(ge=1)  # the card's counts below it are not shown
     evaluation: EvalConfig | None = None  # the run's own evaluation (None: the run evaluated nothing)
 
@@ -173,7 +177,9 @@ def verify_release_files(path: str | Path) -> None:
 
 def _validated(file: Path, model: type[_M]) -> _M:
     try:
-        return model.model_validate_json(file.read_text(encoding="utf-8"))
+        return strict_model(model, file.read_text(encoding="utf-8"), file)
+    except StrictFileError as err:
+        raise ReleaseError(str(err)) from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"
@@ -217,6 +223,10 @@ def load_release(path: str | Path, device: str | torch.device = "cpu") -> ModelR
         )
     if unknown := sorted(set(meta.groups_trained) - set(meta.groups)):
         raise ReleaseError(f"{path / RELEASE_FILE}: field groups_trained names groups the model lacks: {unknown}")
+    if wrong := sorted(
+        (set(meta.untrained_groups) & set(meta.groups_trained)) | (set(meta.untrained_groups) - set(meta.groups))
+    ):
+        raise ReleaseError(f"{path / RELEASE_FILE}: field untrained_groups: {wrong} are trained, or not the model's")
     model_config = _validated(path / MODEL_CONFIG_FILE, ModelConfig)
     vocabulary = _validated(path / VOCABULARY_FILE, Vocabulary)
     try:

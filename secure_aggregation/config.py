@@ -18,6 +18,10 @@ from healthfm_core.model.groups import GROUPS
 # A count w <= weight_max travels as base-256 digits, each summed on its own: with at most 257
 # holders a digit's sum stays below 2^16, so the weights' sum is exact in the smallest field.
 WEIGHT_DIGIT_BASE = 256
+# The fewest surviving holders of a group whose sum is opened, by default: the server's
+# (run config secagg-min-holders) and each site's own floor (its policy's secagg_min_holders).
+# One holder's sum is its update exactly, two holders' each other's by subtraction.
+DEFAULT_MIN_HOLDERS = 3
 
 
 class SecAggConfig(BaseModel):
@@ -30,7 +34,7 @@ class SecAggConfig(BaseModel):
     groups: dict[int, list[str]]  # node id -> the parameter groups it holds this round
     group_sizes: dict[str, int]  # group -> its number of values (the flattened update's length)
     threshold: int = Field(ge=2)  # t: shares needed to reconstruct a secret; more than half the sample
-    min_holders: int = Field(default=3, ge=1)  # fewer surviving holders: the group is not unmasked
+    min_holders: int = Field(default=DEFAULT_MIN_HOLDERS, ge=1)  # fewer surviving holders: the group is not unmasked
     clip_norm: dict[str, float]  # group -> the L2 norm a site clips its update of the group to
     value_range: dict[str, float]  # group -> c: each value clipped to [-c, c] and quantised there
     weight_max: int = Field(ge=1)  # the round's largest count (local steps x batch size)

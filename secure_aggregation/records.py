@@ -9,11 +9,12 @@ Parsing goes through the pydantic model, so a peer's flat record is validated li
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
+
+from healthfm_core.strict_files import strict_json
 
 JSON_KEY = "secagg.json"
 
@@ -53,7 +54,7 @@ def from_flat(cls: type[M], record: Mapping[str, object], max_bytes: int | None 
     size = len(text) + sum(len(v) for k, v in record.items() if k != JSON_KEY and isinstance(v, bytes))
     if max_bytes is not None and size > max_bytes:
         raise ValueError(f"{cls.__name__}: {size} bytes > limit {max_bytes}")
-    data = json.loads(text)
+    data = strict_json(text, f"{cls.__name__} record")
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}: {JSON_KEY!r} is not a JSON object")
     for name in raw:

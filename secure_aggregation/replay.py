@@ -2,12 +2,15 @@
 relaying it) received in a secure round, and the server's own state, tries to rebuild each
 site's update. A privacy officer runs it on a recorded round (`record-transcript`):
 
-    python -m secure_aggregation.replay RUN_DIR/transcript [--truth TRUTH.npz]
+    python -m secure_aggregation.replay RUN_DIR/transcript [--truth TRUTH.npz] [--min-holders N]
 
 It prints, per (site, group), which masks it could remove and, given the true updates (an npz
 of `<node>.<group>` -> the clipped update as the site masked it), its estimate's correlation with
-the truth as Fisher's z; under "no closer than random" each z ~ N(0, 1). Exit 1 when the
-estimates are closer than random (`looks_random`), 2 when the transcript does not parse.
+the truth as Fisher's z; under "no closer than random" each z ~ N(0, 1). It also checks, without
+the truth, that no group's sum was opened over fewer holders than the floor (--min-holders, the
+sites' default 3: a sum over one holder is its update, over two each other's), nor any one site's
+update with every mask removed (`exposed`). Exit 1 when either happened or the estimates are
+closer than random (`looks_random`), 2 when the transcript does not parse.
 
 The attacker, honest to the transcript: it splits each masked vector into its groups' segments;
 removes every mask it can rebuild from the unmask shares it received (self-masks of seeds with at
@@ -32,7 +35,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from scipy import stats
 
 from healthfm_core.model.groups import parameter_group
-from secure_aggregation.config import SecAggConfig
+from secure_aggregation.config import DEFAULT_MIN_HOLDERS, SecAggConfig
 from secure_aggregation.field import clip_update
 from secure_aggregation.keys import agree, private_from_bytes
 from secure_aggregation.layout import group_vector
@@ -112,6 +115,27 @@ def attack(
     return estimates
 
 
+def exposed(estimates: Mapping[tuple[int, str], Estimate], floor: int) -> list[str]:
+    """What the transcript opened that no honest round opens: a group whose sum is readable over
+    fewer holders than `floor` (each of them had its self-mask removed), or one site's update with
+    its self-mask and every pairwise mask removed (its seed and its key both revealed). One line
+    each; empty when nothing was."""
+    problems = []
+    opened: dict[str, list[int]] = {}
+    for (node, group), estimate in sorted(estimates.items()):
+        if estimate.self_mask_removed:
+            opened.setdefault(group, []).append(node)
+            if 0 < estimate.pair_masks == estimate.pair_masks_removed:  # a lone holder: the floor's case
+                problems.append(f"node {node}'s update of {group!r}: every mask removed (its update in the clear)")
+    for group, nodes in sorted(opened.items()):
+        if len(nodes) < floor:
+            problems.append(
+                f"group {group!r} opened over {len(nodes)} holder(s) (nodes {nodes}) < min_holders {floor}: "
+                "its sum is those sites' update(s)"
+            )
+    return problems
+
+
 def true_updates(
     trained: Mapping[int, Mapping[str, np.ndarray]],
     initial: Mapping[str, np.ndarray],
@@ -162,7 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m secure_aggregation.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("transcript", type=Path, help="a run's transcript/ directory, or one round-<n>/ of it")
     parser.add_argument("--truth", type=Path, help="npz of <node>.<group> -> the site's clipped update")
+    parser.add_argument(
+        "--min-holders",
+        type=int,
+        default=DEFAULT_MIN_HOLDERS,
+        help=f"the fewest holders a group may be opened over (default {DEFAULT_MIN_HOLDERS}, the sites' own floor)",
+    )
     args = parser.parse_args(argv)
+    if args.min_holders < 1:
+        parser.error(f"--min-holders: value {args.min_holders}: must be at least 1")
     try:
         truths = _truths(args.truth) if args.truth else {}
         rounds = [read_secure_round(d) for d in round_dirs(args.transcript)]
@@ -172,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     zs: dict[tuple[int, int, str], float] = {}
+    problems: list[str] = []
     for header, transcript in rounds:
         estimates = attack(transcript)
         withheld = transcript.request.withheld if transcript.request is not None else {}
         print(f"round {header.round}: {len(estimates)} (site, group) segments; withheld: {sorted(withheld) or 'none'}")
+        for problem in exposed(estimates, args.min_holders):
+            problems.append(f"round {header.round}: {problem}")
+            print(f"  EXPOSED: {problem}")
         for (node, group), estimate in sorted(estimates.items()):
             line = (
                 f"  {header.sites.get(node, '?')} (node {node}) {group}: self-mask "
@@ -187,11 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                 z = zs[(header.round, node, group)] = fisher_z(estimate.values, truth)
                 line += f"; correlation with the truth: Fisher z {z:+.2f}"
             print(line)
+    verdict = True
     if zs:
         verdict = looks_random(zs)
         print(f"{len(zs)} estimates against the truth: {'no closer than random' if verdict else 'CLOSER THAN RANDOM'}")
-        return 0 if verdict else 1
-    return 0
+    if problems:
+        print(f"{len(problems)} exposure(s) below the floor of {args.min_holders} holders", file=sys.stderr)
+    return 0 if verdict and not problems else 1
 
 
 if __name__ == "__main__":

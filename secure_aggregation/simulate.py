@@ -47,12 +47,15 @@ def run_secure_round(
     drop_after_masking: Collection[int] = (),
     group_of: Callable[[str], str] = parameter_group,
     randbytes: Callable[[int], bytes] = os.urandom,
+    site_min_holders: int | None = None,
 ) -> SimulatedRound:
     """The round's aggregate, the server's state, the transcript and the sites. A site in
     `drop_before_masking` shares its keys and is gone before sending its masked vector; one in
     `drop_after_masking` sends its masked vector and is gone before unmasking. Raises
-    SecAggError when too few sites remain (the server's own check)."""
-    sites = {node: SiteRound(config, node, randbytes) for node in config.sample}
+    SecAggError when too few sites remain (the server's own check). `site_min_holders`: every
+    site's own floor (None: the config's min_holders, sites that accept the server's)."""
+    floor = config.min_holders if site_min_holders is None else site_min_holders
+    sites = {node: SiteRound(config, node, randbytes, floor) for node in config.sample}
     server = ServerRound(config)
     transcript = Transcript()
     transcript.keys = [site.advertise() for site in sites.values()]

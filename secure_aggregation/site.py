@@ -3,8 +3,11 @@
 The state (private keys, self-mask seeds, the shares other sites sent) never leaves the site; each
 method takes the server's message, checks it, and returns the site's reply. The site enforces the
 protocol's guarantees itself rather than trusting the server: it answers an unmask request only
-if the survivors are at least the threshold and every group asked for has at least
-`min_holders` surviving holders, and it never reveals both a site's seed and its key.
+if the survivors are at least the threshold and every group asked for has at least `min_holders`
+surviving holders, and it never reveals both a site's seed and its key. `min_holders` is the
+stricter of the round's (the server's word) and the site's own floor (`site_min_holders`, its
+policy's secagg_min_holders): a round whose config lets the server open a group over fewer
+holders than the floor is refused at its first stage, before any key or update is made.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import numpy as np
 from cryptography.fernet import InvalidToken
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from healthfm_core.model.groups import parameter_group
-from secure_aggregation.config import SecAggConfig
+from healthfm_core.strict_files import strict_model
+from secure_aggregation.config import DEFAULT_MIN_HOLDERS, SecAggConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.field import clip_update, encode_segment
 from secure_aggregation.keys import KEY_BYTES, agree, fernet_key, private_bytes, private_from_bytes, public_bytes
@@ -54,6 +58,7 @@ class SiteState(BaseModel):
 
     config: SecAggConfig
     node_id: int
+    site_min_holders: int = Field(default=DEFAULT_MIN_HOLDERS, ge=1)
     enc_key: bytes
     mask_key: bytes
     seeds: dict[str, bytes]
@@ -68,12 +73,27 @@ class SiteState(BaseModel):
 class SiteRound:
     """One site's secure-aggregation round (stages 1-4; see secure_aggregation/__init__.py)."""
 
-    def __init__(self, config: SecAggConfig, node_id: int, randbytes: Callable[[int], bytes] = os.urandom) -> None:
-        """`randbytes`: the source of the keys and seeds (the OS's; tests pass a seeded one)."""
+    def __init__(
+        self,
+        config: SecAggConfig,
+        node_id: int,
+        randbytes: Callable[[int], bytes] = os.urandom,
+        site_min_holders: int = DEFAULT_MIN_HOLDERS,
+    ) -> None:
+        """`randbytes`: the source of the keys and seeds (the OS's; tests pass a seeded one).
+        `site_min_holders`: the site's own floor (its policy's secagg_min_holders); a config whose
+        min_holders is below it is refused here (SecAggRefusal), whatever the server asks."""
         if node_id not in config.sample:
             raise SecAggRefusal(f"node {node_id} is not in the round's sample")
+        if config.min_holders < site_min_holders:
+            raise SecAggRefusal(
+                f"the round's min_holders {config.min_holders} is below this site's floor {site_min_holders} "
+                "(its policy's secagg_min_holders): the server could open a group over fewer holders; "
+                "this site takes no part in the round"
+            )
         self.config = config
         self.node_id = node_id
+        self.site_min_holders = site_min_holders
         self.groups = config.segments(node_id)
         self._enc = private_from_bytes(randbytes(KEY_BYTES))
         self._mask = private_from_bytes(randbytes(KEY_BYTES))
@@ -93,6 +113,7 @@ class SiteRound:
             SiteState(
                 config=self.config,
                 node_id=self.node_id,
+                site_min_holders=self.site_min_holders,
                 enc_key=private_bytes(self._enc),
                 mask_key=private_bytes(self._mask),
                 seeds=self._seeds,
@@ -112,7 +133,7 @@ class SiteRound:
         """The SiteRound `to_state` saved, at the stage it had reached."""
         state = SiteState.model_validate_json(raw)
         keys = iter([state.enc_key, state.mask_key, *(state.seeds[g] for g in state.config.segments(state.node_id))])
-        site = cls(state.config, state.node_id, lambda _: next(keys))
+        site = cls(state.config, state.node_id, lambda _: next(keys), state.site_min_holders)
         site._directory, site._received, site._own = state.directory, dict(state.received), state.own
         site._masked, site._answered, site.withheld = state.masked, state.answered, dict(state.withheld)
         return site
@@ -191,8 +212,8 @@ class SiteRound:
                 raise SecAggRefusal(f"share inbox: sender {src} is not another site of the key directory")
             key = fernet_key(agree(self._enc, directory.keys[src].enc_key))
             try:
-                plain = SharePlaintext.model_validate_json(decrypt(key, token))
-            except (InvalidToken, ValidationError) as err:
+                plain = strict_model(SharePlaintext, decrypt(key, token), f"share inbox: the shares from {src}")
+            except (InvalidToken, ValueError) as err:  # ValueError: pydantic's, or a duplicated key
                 raise SecAggRefusal(f"share inbox: the ciphertext from {src} does not decrypt to shares") from err
             expected_groups = sorted(config.groups[src])
             if (plain.src, plain.dst, plain.round) != (src, self.node_id, config.round) or sorted(
@@ -257,12 +278,14 @@ class SiteRound:
             raise SecAggRefusal(f"unmask request: {len(survivors)} survivors < threshold {config.threshold}")
         if set(request.groups) & set(request.withheld):
             raise SecAggRefusal("unmask request: a group both to unmask and withheld")
+        floor = max(config.min_holders, self.site_min_holders)
         for group in request.groups:
             holding = [n for n in survivors if group in config.groups[n]]
-            if len(holding) < config.min_holders:
+            if len(holding) < floor:
                 # One or two holders' sum is their own update(s): refuse to open it whatever the server says.
                 raise SecAggRefusal(
-                    f"unmask request: group {group!r} has {len(holding)} surviving holder(s) < min_holders {config.min_holders}"
+                    f"unmask request: group {group!r} has {len(holding)} surviving holder(s) < min_holders {floor} "
+                    f"(the round's {config.min_holders}, this site's floor {self.site_min_holders}): refused"
                 )
         self._answered = True
         self.withheld = dict(request.withheld)

@@ -17,7 +17,6 @@ Beside the steps of this room, this module does I/O; nothing here is sent to any
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.data.token_settings import one_line_error
+from healthfm_core.strict_files import StrictFileError, strict_json, strict_model
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.masks import field_dtype
 from secure_aggregation.messages import (
@@ -124,7 +124,7 @@ def write_header(directory: Path, header: TranscriptHeader) -> None:
 def read_model(cls: type[M], path: Path) -> M:
     """A JSON file of the transcript parsed by its model; TranscriptError naming the file and field."""
     try:
-        return cls.model_validate_json(path.read_bytes())
+        return strict_model(cls, path.read_bytes(), path)
     except OSError as err:
         raise TranscriptError(f"{path}: cannot read ({err})") from None
     except ValidationError as err:
@@ -223,6 +223,6 @@ def read_secure_round(directory: Path) -> tuple[TranscriptHeader, SecureTranscri
 def read_json(path: Path) -> object:
     """A JSON file of the transcript, with the file named when it does not parse."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return strict_json(path.read_bytes(), path)
+    except (OSError, StrictFileError) as err:
         raise TranscriptError(f"{path}: cannot read ({err})") from None

@@ -41,6 +41,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, strict_json
+
 AUDIT_FILE = "audit.jsonl"
 
 
@@ -169,9 +171,9 @@ def read_audit_log(path: str | Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AuditLogError(f"{path} line {number}: not JSON ({err.msg})") from None
+                record = strict_json(line, f"{path} line {number}")
+            except StrictFileError as err:
+                raise AuditLogError(str(err)) from None
             if record.get("prev_sha256") != prev:
                 raise AuditLogError(
                     f"{path} line {number}: field prev_sha256 {str(record.get('prev_sha256'))[:12]!r} "
@@ -190,8 +192,10 @@ def read_audit_lines(path: str | Path) -> list[dict[str, Any]]:
     out = []
     for line in path.read_bytes().splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = strict_json(line, path)
+        except DuplicateKeyError:  # not a line cut short: one written so
+            raise
+        except StrictFileError:
             continue
         if isinstance(record, dict):
             out.append(record)
@@ -208,7 +212,7 @@ def audit_from_rounds(rounds_path: str | Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for line in Path(rounds_path).read_text(encoding="utf-8").splitlines():
         if line.strip():
-            event = json.loads(line)
+            event = strict_json(line, rounds_path)
             if event.get("event") == "round":
                 out.extend(round_records(event))
     return out

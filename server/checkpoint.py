@@ -39,6 +39,7 @@ from safetensors.numpy import load_file, save_file
 
 from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 from healthfm_core.train.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -213,8 +214,8 @@ def _load_server_checkpoint(path: Path) -> ServerState:
     _verify_meta_hash(path)
     meta_path = path / META_FILE
     try:
-        meta = ServerCheckpointMeta.model_validate_json(meta_path.read_text(encoding="utf-8"))
-    except (ValidationError, UnicodeDecodeError) as exc:
+        meta = strict_model(ServerCheckpointMeta, meta_path.read_text(encoding="utf-8"), meta_path)
+    except ValueError as exc:  # ValidationError, UnicodeDecodeError, StrictFileError (a duplicated key)
         raise CheckpointError(f"{meta_path}: invalid checkpoint metadata: {exc}") from exc
     if meta.format != FORMAT or meta.version != VERSION:
         raise CheckpointError(

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -172,7 +173,7 @@ class FederationConfig(BaseModel):
     # int8 (per-tensor scaled updates; the strategy de-quantises before averaging).
     transport: Transport = "fp32"
     int8_rounding: Rounding = "stochastic"
-    error_feedback: bool = True  # int8: each site carries its rounding residual to its next round
+    error_feedback: StrictBool = True  # int8: each site carries its rounding residual to its next round
     min_nodes: int = Field(default=1, ge=1)  # wait for this many sites before round 0
     min_sites_per_group: int = Field(default=1, ge=1)
     # Bounded influence (ModalityAwareFedAvg's docstring, server/influence.py): a reply's counts are
@@ -197,7 +198,7 @@ class FederationConfig(BaseModel):
     eval_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     eval_n_boot: int = Field(default=100, ge=10)
     # Each site also fits MEDS-Tab (XGBoost on tabularised windows) beside the probe, on the same rows.
-    eval_meds_tab: bool = True
+    eval_meds_tab: StrictBool = True
     # The federated evaluation's subject budget: each site scores, per task and split, every row of
     # at most this many subjects (a fixed keyed-hash sample, the same every round; the probe is
     # fitted on the train split's sample). 0: every subject (e.g. a final evaluation).
@@ -210,7 +211,7 @@ class FederationConfig(BaseModel):
     timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
     max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
     reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)
-    resume: bool = False
+    resume: StrictBool = False
     resume_from: str = ""  # with resume: this checkpoint directory ("" = the latest under out_dir)
     stop_after_round: int | None = Field(default=None, ge=1)  # stop early (resume later)
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -225,8 +226,8 @@ class FederationConfig(BaseModel):
     # sampled sites at least secagg_threshold_fraction of them (more dropouts fail the round). Each
     # site clips a group's update to the step bound (norm_step_factor; max_update_norm where set)
     # before masking. The field: 16 bits (2 bytes a value) or 32 (finer quantisation, twice the bytes).
-    secure_aggregation: bool = False
-    secagg_min_holders: int = Field(default=3, ge=1)
+    secure_aggregation: StrictBool = False
+    secagg_min_holders: int = Field(default=3, ge=1, le=257)  # each site's own floor may refuse it (client/policy.py)
     secagg_threshold_fraction: float = Field(default=0.5, ge=0.5, le=1.0, allow_inf_nan=False)
     secagg_field_bits: Literal[16, 32] = 16
     # Every message the ServerApp receives in a round, and the state it keeps, written under

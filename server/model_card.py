@@ -66,8 +66,10 @@ def model_card(
     run_id: str,
     round_done: int,
     groups_trained: Sequence[str],
+    untrained_groups: Mapping[str, str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """(markdown, JSON data) of the card (see the module docstring)."""
+    """(markdown, JSON data) of the card (see the module docstring). `untrained_groups`: group ->
+    why no round trained it (server/outcome.py untrained_groups), named on the card."""
     minimum = cfg.vocab_min_subjects
     start = [e for e in events if e["event"] in ("setup", "resume")]
     rounds = {e["round"]: e for e in events if e["event"] == "round" and e["round"] <= round_done}
@@ -111,6 +113,7 @@ def model_card(
             "parameters": n_params,
             "modalities": setup.modalities,
             "groups_trained": list(groups_trained),
+            "untrained_groups": dict(untrained_groups or {}),
             "vocab_size": setup.vocabulary.vocab_size,
             "prs_traits": setup.vocabulary.prs_traits,
             "tokens": setup.tokens.model_dump(),
@@ -163,6 +166,15 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
         + (", then the genomics encoder's output (zero without PRS)" if m["embedding_width"] > m["d_model"] else ""),
         f"- Modalities: {', '.join(m['modalities'])}; parameter groups trained by some site: "
         f"{', '.join(m['groups_trained'])}",
+        *(
+            [
+                "- **Untrained parameter groups** (no round averaged an update into them: their weights are "
+                "the initialisation, and what the model computes from them is not learned): "
+                + "; ".join(f"{g} ({why})" for g, why in sorted(m["untrained_groups"].items()))
+            ]
+            if m.get("untrained_groups")
+            else []
+        ),
         f"- Vocabulary: {m['vocab_size']} codes; PRS traits: {', '.join(m['prs_traits']) or 'none'}",
         f"- Tokens: window {m['tokens']['token_window_days']:g} day(s), at most "
         f"{m['tokens']['max_codes_per_token']} codes per token",

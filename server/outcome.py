@@ -10,6 +10,12 @@ server/run_claim.py, names a dead process) or that Flower reports finished is re
 `status` and `superlink` (server/deploy/coordinator.py) do so and print it, and exit non-zero unless the
 run completed without losing a site.
 
+A parameter group is *untrained* when no round of the run averaged an update into it (under
+secure aggregation: withheld in every round, e.g. fewer holders than min_holders; or no site holds
+it): the run "completed", but the model's weights of that group are still its initialisation.
+outcome.json names each with why (`untrained_groups`), `describe` says so, and the release marks it
+(server/release.py).
+
 A site is *lost* when it trained (status ok) in the run's first round and did not train in its
 final round or sent no evaluation after it, or when it never trained in any round (every message
 to it failed, or it refused the setup): the run "completed", but without that site's data.
@@ -22,9 +28,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 from healthfm_core.train.checkpoint import latest_checkpoint
 from server.run_claim import guarded, holder_alive, read_claim, serverapp_gone
 
@@ -40,6 +47,7 @@ class RunOutcome(BaseModel):
     status: Literal["running", "completed", "failed", "interrupted"]
     reason: str = ""  # failed, interrupted: why (one line)
     sites_lost: dict[str, str] = {}  # site -> why it is counted lost
+    untrained_groups: dict[str, str] = {}  # group -> why no round updated it (untrained_groups)
     rounds_done: int = 0
     rounds: int = 0
     started_at: float
@@ -67,6 +75,10 @@ class RunOutcome(BaseModel):
         text = f"completed {self.rounds_done} of {self.rounds} rounds"
         if self.sites_lost:
             text += "; lost site(s): " + "; ".join(f"{s} ({why})" for s, why in sorted(self.sites_lost.items()))
+        if self.untrained_groups:
+            text += "; untrained group(s), their weights the initialisation: " + "; ".join(
+                f"{g} ({why})" for g, why in sorted(self.untrained_groups.items())
+            )
         return text
 
 
@@ -83,8 +95,8 @@ def read_outcome(out_dir: str | Path) -> RunOutcome | None:
     if not path.is_file():
         return None
     try:
-        return RunOutcome.model_validate_json(path.read_text(encoding="utf-8"))
-    except (ValidationError, OSError) as err:
+        return strict_model(RunOutcome, path.read_text(encoding="utf-8"), path)
+    except (ValueError, OSError) as err:  # ValidationError, StrictFileError (a duplicated key)
         raise ValueError(f"{path}: not a run outcome ({' '.join(str(err).split())[:300]})") from None
 
 
@@ -167,6 +179,38 @@ def sites_lost(events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {**lost, **never}
 
 
+def untrained_groups(
+    events: Sequence[Mapping[str, Any]], groups: Sequence[str], up_to_round: int | None = None
+) -> dict[str, str]:
+    """The groups of `groups` no round (up to `up_to_round`) updated: in no round's `contributors`
+    (rounds.jsonl, every launch of the run; a re-run round counts once, its last record). Each
+    with why: the reason of its last withholding under secure aggregation, else that no round
+    averaged any site's update of it."""
+    rounds = {
+        int(e["round"]): e
+        for e in events
+        if e.get("event") == "round" and (up_to_round is None or int(e["round"]) <= up_to_round)
+    }
+    trained = {g for e in rounds.values() for g, sites in (e.get("contributors") or {}).items() if sites}
+    out: dict[str, str] = {}
+    for group in groups:
+        if group in trained:
+            continue
+        withheld = [
+            (rnd, str(why))
+            for rnd, e in sorted(rounds.items())
+            if (why := ((e.get("secure_aggregation") or {}).get("withheld") or {}).get(group)) is not None
+        ]
+        if withheld:
+            rnd, why = withheld[-1]
+            out[group] = (
+                f"withheld in {len(withheld)} of {len(rounds)} round(s); round {rnd}: {' '.join(why.split())[:300]}"
+            )
+        else:
+            out[group] = f"no site's update of it was averaged in any of {len(rounds)} round(s)"
+    return out
+
+
 def never_trained(events: Sequence[Mapping[str, Any]], rounds: Mapping[int, Mapping[str, Any]]) -> dict[str, str]:
     """Sites of the run that trained in no round: every message to them failed (a site whose
     data its reader refuses answers each one with an error), they refused the run's setup, or
@@ -200,5 +244,6 @@ __all__ = [
     "settle_outcome",
     "sites_lost",
     "started",
+    "untrained_groups",
     "write_outcome",
 ]

@@ -9,15 +9,16 @@ run's evaluation on the same rows, and carries the model card (server/model_card
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from healthfm_core.release import FORMAT, GROUPS, VERSION, ReleaseMeta, write_release
+from healthfm_core.strict_files import read_json
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig, saved_run_config
 from server.model_card import model_card
+from server.outcome import untrained_groups
 from server.runlog import read_events
 
 log = logging.getLogger("healthfm.server")
@@ -51,10 +52,11 @@ def release_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         if sites
     }
     groups_trained = [g for g in GROUPS if g in trained]
+    untrained = untrained_groups(events, state.setup.groups, state.round)
     evaluation: dict[str, Any] | None = None
     eval_path = run_dir / "evaluation.json"
     if eval_path.is_file():
-        evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
+        evaluation = read_json(eval_path)
         if evaluation.get("round") != state.round:
             log.warning(
                 "%s is of round %s, the checkpoint of round %d: the release carries no evaluation",
@@ -65,7 +67,9 @@ def release_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
             evaluation = None
     eval_config = cfg.eval_config(state.round, state.setup.sha256) if cfg.eval_tasks else None
     run_id = str(start[-1].get("run_id")) if start and start[-1].get("run_id") is not None else run_dir.name
-    markdown, card = model_card(state.setup, cfg, events, evaluation, eval_config, run_id, state.round, groups_trained)
+    markdown, card = model_card(
+        state.setup, cfg, events, evaluation, eval_config, run_id, state.round, groups_trained, untrained
+    )
     meta = ReleaseMeta(
         format=FORMAT,
         version=VERSION,
@@ -77,6 +81,7 @@ def release_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         tokens=state.setup.tokens,
         groups=state.setup.groups,
         groups_trained=groups_trained,
+        untrained_groups=untrained,
         min_report_subjects=cfg.vocab_min_subjects,
         evaluation=eval_config,
     )

@@ -36,6 +36,7 @@ from healthfm_core.federation import (
     SiteCapabilities,
     federation_modalities,
 )
+from healthfm_core.strict_files import strict_model
 from server.config import FederationConfig
 from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
 from server.exchange import send_and_receive
@@ -170,7 +171,7 @@ class Roster:
         for node, reply in sorted(replies.items(), key=lambda kv: self.site(kv[0])):
             try:
                 record = reply.content.config_records[CODE_STATS_RECORD]
-                stats.append(SiteCodeStats.model_validate_json(str(record[JSON_FIELD])))
+                stats.append(strict_model(SiteCodeStats, str(record[JSON_FIELD]), "a site's code statistics"))
             except (KeyError, ValueError) as err:
                 log.warning("code statistics of site %s rejected: %s", self.site(node), err)
         if not stats:

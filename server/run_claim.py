@@ -29,9 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger("healthfm.server")
 
@@ -119,8 +120,8 @@ def read_claim(out_dir: Path) -> Holder | None:
     except (OSError, UnicodeDecodeError) as err:
         raise OutDirInUse(f"{path}: unreadable claim ({err}); remove it if no run uses {out_dir}") from None
     try:
-        return Holder.model_validate_json(text)
-    except ValidationError as err:
+        return strict_model(Holder, text, path)
+    except ValueError as err:  # pydantic's ValidationError, or a duplicated key (StrictFileError)
         why = " ".join(str(err).split())[:200]
         raise OutDirInUse(f"{path}: not a run claim ({why}); remove it if no run uses {out_dir}") from None
 

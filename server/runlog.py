@@ -25,6 +25,7 @@ from healthfm_core.eval.outcomes import outcome_table, replies_from_event, score
 from healthfm_core.eval.plots import IntervalPoint, auroc_forest_plot
 from healthfm_core.federation import SMALL_CELL, EvalReply, largest_row_share, median_site_metrics
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, strict_json
 from server.config import PrivacyRequest
 
 log = logging.getLogger("healthfm.server")
@@ -79,8 +80,10 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            out.append(strict_json(line, f"{path} line {i}"))
+        except DuplicateKeyError:  # not a line cut short: one written so
+            raise
+        except StrictFileError:
             log.warning("%s line %d is not JSON (cut short?); skipped", path, i)
     return out
 

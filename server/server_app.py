@@ -58,7 +58,7 @@ from server.config import FederationConfig, resume_conflicts
 from server.deploy.flower_patches import set_reply_pull_backoff
 from server.evaluation import evaluate
 from server.limits import default_max_reply_bytes, describe_limits
-from server.outcome import sites_lost, started, write_outcome
+from server.outcome import sites_lost, started, untrained_groups, write_outcome
 from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
 from server.run_claim import Holder, adopt_for_serverapp, release
@@ -103,6 +103,7 @@ class FederationServer:
         self.strategy: ModalityAwareFedAvg
         self.roster = Roster(grid, cfg)  # the run's sites, round 0 and the setup (server/roster.py)
         self.rounds_done = 0
+        self.model_groups: list[str] = []  # the setup's parameter groups, once agreed
         # node id -> seconds from last round's push to its reply: this round's push order (slowest_first).
         self.reply_lags: dict[int, float] = {}
 
@@ -243,14 +244,22 @@ class FederationServer:
             raise
         else:
             events_path = self.out_dir / "rounds.jsonl"
-            lost = sites_lost(read_events(events_path)) if events_path.is_file() else {}
+            events = read_events(events_path) if events_path.is_file() else []
+            lost = sites_lost(events)
             for site, why in sorted(lost.items()):
                 log.error("site %s was lost: %s", site, why)
+            untrained = untrained_groups(events, self.model_groups)
+            for group, why in sorted(untrained.items()):
+                log.error("group %s was never trained (its weights are the initialisation): %s", group, why)
             write_outcome(
                 self.out_dir,
                 outcome.model_copy(
                     update=dict(
-                        status="completed", sites_lost=lost, rounds_done=self.rounds_done, finished_at=time.time()
+                        status="completed",
+                        sites_lost=lost,
+                        untrained_groups=untrained,
+                        rounds_done=self.rounds_done,
+                        finished_at=time.time(),
                     )
                 ),
             )
@@ -284,6 +293,7 @@ class FederationServer:
         if state is not None:
             self.strategy.load_state_dict(state.strategy)
         setup.vocabulary.save(self.out_dir / "vocabulary.json")
+        self.model_groups = setup.groups  # the groups the outcome says were never trained, if any
         self.roster.send_setup(setup)
         round0 = time.perf_counter() - t0
         self.rounds_done = start

@@ -25,6 +25,7 @@ from healthfm_core.eval import compare
 from healthfm_core.eval.runner import EvalSet, build_eval_set
 from healthfm_core.federation import EvalConfig
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger("healthfm.simulations")
 
@@ -68,7 +69,7 @@ def open_sites(
     return (
         {s.name: open_site(s.root) for s in manifest.sites},
         truth,
-        ScenarioConfig.model_validate_json((truth / "scenario.json").read_text()),
+        strict_model(ScenarioConfig, (truth / "scenario.json").read_text(), truth / "scenario.json"),
     )
 
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from healthfm_core.eval.evidence import Comparison, Item, compare_draws, compare_paired, with_prefix
 from healthfm_core.eval.metrics import auroc
 from healthfm_core.files import atomic_write_bytes, atomic_write_text
+from healthfm_core.strict_files import StrictFileError, strict_model
 
 ARRAYS = "evidence.npz"
 DONE = "evidence_unit.json"  # written last: the unit's done-marker
@@ -312,7 +313,9 @@ def read_marker(path: Path, model: type[M], what: str, fmt: int) -> M:
     """A marker file the job wrote (a unit's, a federation's), validated by its pydantic `model`
     and its `format` field; UnitFileError names the file and the field."""
     try:
-        doc = model.model_validate_json(path.read_bytes())
+        doc = strict_model(model, path.read_bytes(), path)
+    except StrictFileError as exc:
+        raise UnitFileError(str(exc)) from None
     except ValidationError as exc:
         fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}" for e in exc.errors())
         raise UnitFileError(f"{path}: not a valid {what} ({fields})") from None

@@ -26,7 +26,6 @@ pooled ones.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from typing import Any
 
 from client.head_app import RowsOf, make_head_client_app
 from client.head_rows import load_head_rows
+from healthfm_core.strict_files import read_json
 from server.head_app import HEADS_DIR, SUMMARY_FILE, FitHeads, HeadRunConfig, make_head_server_app
 from server.head_options import add_head_dp_args, head_dp_config
 from simulations.logs import setup_job_logging
@@ -124,7 +124,7 @@ def run_head_simulation(
     summary_path = Path(config.out_dir) / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the head's ServerApp wrote no {summary_path} (see {Path(config.out_dir) / 'head.log'})")
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path)
     return {key: Path(h["head"]) for key, h in summary["heads"].items() if "head" in h}
 
 

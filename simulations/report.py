@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,6 +50,7 @@ from healthfm_core.federation import FederationSetup, groups_for_modalities, sit
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
+from healthfm_core.strict_files import read_json
 from healthfm_core.train import train_local
 from healthfm_core.train.local_run import LocalRun
 from server.runlog import read_events
@@ -463,9 +463,7 @@ def write_comparison(
             privacy,
         ),
     ]
-    evaluation = (
-        json.loads((fed_dir / "evaluation.json").read_text()) if (fed_dir / "evaluation.json").is_file() else None
-    )
+    evaluation = read_json(fed_dir / "evaluation.json") if (fed_dir / "evaluation.json").is_file() else None
     skipped = {
         f"{s}/{m}/{k}": why for s, res in per_site.items() for m, r in res.items() for k, why in r.skipped.items()
     }

@@ -54,6 +54,7 @@ from healthfm_core.federation import TaskReason
 from healthfm_core.files import atomic_write_text
 from healthfm_core.release import load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
+from healthfm_core.strict_files import read_json
 from server.head_app import SUMMARY_FILE, HeadRunConfig
 from server.head_options import head_dp_config
 from simulations.federated_head_run import add_dp_args, head_node_configs, run_head_simulation
@@ -134,7 +135,7 @@ def compare_heads(
                 model, sites, min_subjects, embeddings, min_positives, policies, state_dirs, max_subjects
             ),
         )
-        flower = json.loads((over_flower / SUMMARY_FILE).read_text())
+        flower = read_json(over_flower / SUMMARY_FILE)
     results: dict[str, dict] = {}
     for key in keys:
         data = {s: v[key] for s, v in per_site.items() if key in v}

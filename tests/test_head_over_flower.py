@@ -95,6 +95,24 @@ def test_a_site_below_its_minimum_sends_no_number(tmp_path, caplog: pytest.LogCa
     assert any("node 102 takes no part" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_site_requiring_secure_aggregation_sends_no_head_number(tmp_path) -> None:
+    """Issue 40: the policy's require_secure_aggregation holds for the head too (its statistics and
+    head are sent in the clear): the site refuses at the first stage, naming the policy."""
+    sites = _sites()
+
+    def rows_of(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
+        name = str(config["site-name"])
+        return HeadRows(name, SHA, 64, 8, {KEY: sites[name]}, require_secure_aggregation=name == "site2")
+
+    grid = HeadGrid({100 + i: {"site-name": n} for i, n in enumerate(sites)}, make_head_client_app(rows_of=rows_of))
+    result, _ = fit_head(grid, HeadTask(setup_sha256=SHA, tasks=[], key=KEY), 5, _cfg(tmp_path, 5))
+    assert set(result.train_rows) == {"site0", "site1"}
+    [refusal] = [r for r in grid.replies if r.metadata.src_node_id == 102]
+    assert dict(refusal.content.config_records[HEAD_RECORD]).keys() == {"refused"}
+    assert "requires secure aggregation" in str(refusal.content.config_records[HEAD_RECORD]["refused"])
+
+
 def test_head_splits_below_the_minimum_give_a_reason_not_rows() -> None:
     n = 12
     labels = pa.table({"subject_id": np.arange(n, dtype=np.int64), "boolean_value": np.arange(n) % 2 == 0})

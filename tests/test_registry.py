@@ -64,6 +64,11 @@ def test_the_registry_file_round_trips_and_refuses_duplicates(tmp_path: Path) ->
     path.write_text("{not json")
     with pytest.raises(RegistryError, match="registry.json"):
         read_registry(path)
+    # issue 40: a second "sites" would replace the first without a word (the last key wins)
+    write_registry(path, reg)
+    path.write_text(path.read_text().rstrip().removesuffix("}") + ', "sites": []}')
+    with pytest.raises(RegistryError, match=r"registry.json: field sites: duplicated key"):
+        read_registry(path)
 
 
 def test_the_run_config_carries_the_registry_path() -> None:

@@ -213,6 +213,8 @@ def test_release_refuses_a_run_without_checkpoint_and_an_existing_out(
         ("other_seed", ["release.json", "field setup_sha256"]),
         ("bad_field", ["release.json", "field round"]),
         ("extra_file", ["notes.txt", "SHA256SUMS"]),
+        # issue 40: a second "groups_trained" would silently replace the first (sums rewritten)
+        ("duplicate_key", ["release.json", "field groups_trained", "duplicated key"]),
     ],
 )
 def test_a_damaged_or_mismatched_release_is_refused_naming_file_and_field(
@@ -248,6 +250,10 @@ def test_a_damaged_or_mismatched_release_is_refused_naming_file_and_field(
         _resum(path)
     elif damage == "extra_file":
         (path / "notes.txt").write_text("hi")
+    elif damage == "duplicate_key":
+        text = (path / "release.json").read_text().rstrip().removesuffix("}")
+        (path / "release.json").write_text(text + ', "groups_trained": ["shared", "ehr", "wearables", "genomics"]}')
+        _resum(path)
     with pytest.raises(ReleaseError) as info:
         load_release(path)
     message = str(info.value)

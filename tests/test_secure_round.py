@@ -14,6 +14,7 @@ simulation engine (tests/test_secure_deployment.py: the same four sites deployed
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +30,7 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.federation import ARRAYS_RECORD, RoundConfig
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.packing import unpack_record
+from healthfm_core.release import CARD_MD_FILE, RELEASE_FILE, load_release
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.layout import group_vector
 from secure_aggregation.messages import EncryptedShares, KeyDirectory, MaskedInput, PublicKeys, UnmaskShares
@@ -41,11 +43,16 @@ from secure_aggregation.records import (
     from_flat,
 )
 from secure_aggregation.replay import attack, fisher_z, looks_random, true_updates
+from secure_aggregation.replay import main as replay
 from secure_aggregation.simulate import Transcript
 from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, audit_from_rounds, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig
+from server.deploy.coordinator import report_outcome
+from server.deploy.flwr_control import EXIT_OK
+from server.outcome import read_outcome
+from server.release import release_run
 from server.runlog import read_events
 from server.server_app import FederationServer
 from server.transcript import read_plain_round, read_round_config
@@ -253,6 +260,41 @@ def test_a_group_with_too_few_holders_is_carried_forward_and_recorded(plain_and_
     assert "withheld (carried forward)" in (secure_out / "server.log").read_text()
 
 
+def test_the_replay_finds_nothing_opened_below_the_floor_in_an_honest_round(plain_and_secure: Runs) -> None:
+    """`python -m secure_aggregation.replay` on the secure run's transcript: genomics (two holders)
+    was withheld, nothing was opened over fewer than 3 holders (tests/test_site_floors.py: a
+    transcript where it was is exit 1)."""
+    assert replay([str(plain_and_secure.secure / "transcript")]) == 0
+    assert replay([str(plain_and_secure.secure / "transcript"), "--min-holders", "5"]) == 1  # 4 holders < 5
+
+
+def test_a_group_withheld_in_every_round_is_reported_untrained_in_the_outcome_and_the_release(
+    plain_and_secure: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 40: genomics (two holders < min_holders 3) was withheld in every round, one WARNING a
+    round, and the run said "completed", exit 0, its release carrying genomics' initial weights
+    unmarked. Now launch's result, outcome.json, release.json and the model card name it."""
+    secure, plain = plain_and_secure.secure, plain_and_secure.plain
+    outcome = read_outcome(secure)
+    assert outcome is not None and outcome.status == "completed"
+    assert list(outcome.untrained_groups) == ["genomics"]
+    assert outcome.untrained_groups["genomics"].startswith(
+        "withheld in 1 of 1 round(s); round 1: 2 surviving holder(s)"
+    )
+    assert "untrained group(s), their weights the initialisation: genomics (withheld in 1 of 1" in outcome.describe()
+    assert report_outcome(1, "finished:completed", secure) == EXIT_OK
+    said = capsys.readouterr()
+    assert "untrained group(s)" in said.out and "warning: run 1: group genomics was never trained" in said.err
+    assert read_outcome(plain) is not None and read_outcome(plain).untrained_groups == {}  # type: ignore[union-attr]
+
+    release = release_run(secure, tmp_path / "model")
+    meta = json.loads((release / RELEASE_FILE).read_text())
+    assert list(meta["untrained_groups"]) == ["genomics"] and "genomics" not in meta["groups_trained"]
+    card = (release / CARD_MD_FILE).read_text()
+    assert "**Untrained parameter groups**" in card and "genomics (withheld in 1 of 1 round(s)" in card
+    assert load_release(release).meta.untrained_groups == meta["untrained_groups"]
+
+
 def test_a_site_requiring_secure_aggregation_refuses_a_plain_round(
     sites: dict[int, dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -326,8 +368,16 @@ def test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out(
     at seed 0 (as the deployed test saw): it refuses the secure round, saying why, and is a
     dropout; its peers' round still completes without a wrong average."""
     manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    policy = tmp_path / "policy.yaml"  # the sites accept the coordinator's min_holders 2
+    policy.write_text("min_subjects: 2\nsecagg_min_holders: 2\n")
     nodes = {
-        100 + i: {"site-root": str(s.root), "site-name": s.name, "min-code-subjects": 5, "min-report-subjects": 2}
+        100 + i: {
+            "site-root": str(s.root),
+            "site-name": s.name,
+            "min-code-subjects": 5,
+            "min-report-subjects": 2,
+            "policy": str(policy),
+        }
         for i, s in enumerate(manifest.sites)
     }
     out = run(

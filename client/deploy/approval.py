@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from client.policy import PolicyError, load_policy
+from healthfm_core.strict_files import read_config_file
 
 
 class ApprovalError(ValueError):
@@ -131,7 +132,7 @@ def approve(bundle: BundleInfo, policy_path: Path) -> bool:
     Rewriting the YAML drops its comments."""
     if policy_path.exists():
         load_policy(policy_path)  # a broken policy is reported as such, not rewritten
-        data = yaml.safe_load(policy_path.read_text(encoding="utf-8")) or {}
+        data = read_config_file(policy_path) or {}
     else:
         data = {}
     approved = list(data.get("approved_apps") or [])

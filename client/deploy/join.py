@@ -59,6 +59,7 @@ from client.deploy.proxy_route import (
 )
 from client.deploy.supernode_pace import POLL_INTERVAL_S, SupernodePace
 from healthfm_core.files import write_flat_toml
+from healthfm_core.strict_files import strict_json
 
 log = logging.getLogger("healthfm.client.join")
 
@@ -604,7 +605,7 @@ def restart_delay(restarts: int) -> float:
 def connected_before(state: Path, public_key: str | None) -> bool:
     """Whether a SuperNode of this site connected with this key before (STATE/node.json)."""
     try:
-        record = json.loads((state / NODE_RECORD).read_text())
+        record = strict_json((state / NODE_RECORD).read_bytes(), state / NODE_RECORD)
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("public_key") == public_key

@@ -58,6 +58,7 @@ from healthfm_core.data.frames import to_polars
 from healthfm_core.data.layout import parquet_files
 from healthfm_core.data.parquet_guard import open_parquet
 from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, validate_labels
+from healthfm_core.strict_files import StrictFileError, strict_yaml
 
 # ACES is imported where a task is parsed or extracted: with its networkx, bigtree and matplotlib
 # it costs a process ~0.9 s and ~70 MB, and a site's process needs it only to evaluate.
@@ -211,9 +212,9 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
     task without horizons accepts none). Validated by ACES for every horizon."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not YAML: {exc}") from None
+        raw = strict_yaml(text, path)
+    except StrictFileError as exc:
+        raise ValueError(str(exc)) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     meta_raw = dict(raw.pop("metadata", None) or {})

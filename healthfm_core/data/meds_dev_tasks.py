@@ -45,6 +45,7 @@ import ruamel.yaml
 import yaml
 
 from healthfm_core.data.aces_tasks import AcesTask, aces_config, task_from_text
+from healthfm_core.strict_files import strict_yaml
 
 MEDS_DEV_PREFIX = "meds-dev:"
 MEDS_DEV_DIR_ENV = "HEALTHFM_MEDS_DEV_DIR"
@@ -212,7 +213,7 @@ def _check_against_aces(text: str, task_path: Path, predicates_path: Path, where
     """ACES parses our merged config to the config its own loader makes of the two files."""
     from aces.config import TaskExtractorConfig
 
-    mine = aces_config(yaml.safe_load(text), where)
+    mine = aces_config(strict_yaml(text, where), where)
     theirs = TaskExtractorConfig.load(config_path=task_path, predicates_path=predicates_path)
     if repr(mine) != repr(theirs):
         raise ValueError(f"{where}: the merged config differs from ACES's own merge of the two files")

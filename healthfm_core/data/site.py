@@ -14,7 +14,6 @@ pyarrow allocates for it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from healthfm_core.data.site_check import (
 )
 from healthfm_core.data.site_paths import require_inside
 from healthfm_core.data.wear_patches import sorted_by_subject_time
+from healthfm_core.strict_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class Site:
 
     def dataset_metadata(self) -> dict[str, Any]:
         path = self.root / DATASET_METADATA_FILEPATH
-        return json.loads(require_inside(self.root, path).read_text(encoding="utf-8")) if path.is_file() else {}
+        return read_json(require_inside(self.root, path)) if path.is_file() else {}
 
     def _present(self, path: Path, columns: Sequence[str] | None) -> list[str] | None:
         """Requested columns that the shard has (numeric_value is added later if missing)."""

@@ -51,6 +51,7 @@ from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.token_settings import DEFAULT_TOKENS, TokenSettings
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.strict_files import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def sequence_loads(cache_dir: str | Path) -> dict[str, Counter[str]]:
     out: dict[str, Counter[str]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
-            row = json.loads(line)
+            row = strict_json(line, path)
             out.setdefault(row["site"], Counter())[row["what"]] += 1
     return out
 

@@ -39,7 +39,6 @@ that records only birth dates beside its scores has nothing for the EHR encoder 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -82,6 +81,7 @@ from healthfm_core.data.meds_align import CastError, align_table, cast_problem
 from healthfm_core.data.parquet_guard import ParquetFooterError, invalid_utf8_rows, is_text, open_parquet, show_bytes
 from healthfm_core.data.site_labels import check_site_labels, site_tasks
 from healthfm_core.data.site_paths import OutsideRoot, list_files, outside_root
+from healthfm_core.strict_files import StrictFileError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -1007,8 +1007,8 @@ def _check_dataset_metadata(log: _ProblemLog, root: Path) -> set[str]:
         _outside_root(log, root, escape)
         return set()
     try:
-        blob = json.loads(path.read_text(encoding="utf-8"))
-    except Exception as e:
+        blob = read_json(path)
+    except StrictFileError as e:
         log.add("bad_json", file, f"not valid JSON: {e}")
         return set()
     try:

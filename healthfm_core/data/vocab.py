@@ -29,6 +29,7 @@ from healthfm_core.data.batch import N_SPECIAL_CODES, UNK_CODE
 from healthfm_core.data.code_stats import NumericStats, SiteCodeStats, merge_site_stats
 from healthfm_core.data.layout import PRS_PREFIX, WEARABLE_CHANNELS
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 
 
 class Normalizer(BaseModel):
@@ -211,7 +212,7 @@ class Vocabulary(BaseModel):
     def load(cls, path: str | Path) -> Vocabulary:
         path = Path(path)
         try:
-            return cls.model_validate_json(path.read_text())
+            return strict_model(cls, path.read_text(), path)
         except ValueError as e:
             raise ValueError(f"{path}: not a valid vocabulary: {e}") from e
 

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, Standardizer
 from healthfm_core.files import atomic_path, atomic_write_text
+from healthfm_core.strict_files import StrictFileError, strict_model
 from healthfm_core.train.checkpoint import sha256_file
 
 FORMAT = "healthfm-task-head"
@@ -102,7 +103,9 @@ def load_head(path: str | Path, setup_sha256: str | None = None) -> SavedHead:
     if not path.is_file():
         raise HeadError(f"{path}: no such head file (the .json that `client.py probe` wrote)")
     try:
-        meta = HeadMeta.model_validate_json(path.read_text(encoding="utf-8"))
+        meta = strict_model(HeadMeta, path.read_text(encoding="utf-8"), path)
+    except StrictFileError as err:
+        raise HeadError(str(err)) from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"

@@ -10,8 +10,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+from healthfm_core.strict_files import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -55,7 +56,7 @@ class PretrainingConfig(_Strict):
     # others; the masked term alone is minimised by a constant and drives the encoder to discard
     # the scores (issue 31: the cross-fitted R^2 of the T2D PRS from the encoder's output fell
     # from 0.95 at init to ~0.5). False: the masked term only, as before.
-    prs_reconstruct_shown: bool = False
+    prs_reconstruct_shown: StrictBool = False
     # Predictive coding: codes occurring in (anchor, anchor + horizon] after a wearable patch.
     predictive_horizon_days: float = Field(default=180.0, gt=0)
     max_anchors_per_sample: int = Field(default=8, ge=1)
@@ -176,8 +177,7 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         raise FileNotFoundError(
             f"model config {str(name_or_path)!r} not found at {path} (known: {', '.join(available_model_configs())})"
         )
-    with path.open() as handle:
-        data = yaml.safe_load(handle)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"invalid model config {path}: expected a mapping at top level, got {type(data).__name__}")
     return model_config_from_dict(data, source=str(path))

@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import StrictFileError, strict_model
 
 RECORD_SUFFIX = ".privacy.json"
 RECORD_VERSION = 1
@@ -95,7 +96,9 @@ def read_record(path: Path) -> BudgetRecord | None:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: the key's privacy budget record is not UTF-8 text ({err})") from None
     try:
-        record = BudgetRecord.model_validate_json(text)
+        record = strict_model(BudgetRecord, text, path)
+    except StrictFileError as err:
+        raise ValueError(f"{err} (the key's privacy budget record)") from None
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(x) for x in first["loc"]) or "(file)"

@@ -76,6 +76,7 @@ from healthfm_core.privacy.budget_record import (
     read_record,
     write_record,
 )
+from healthfm_core.strict_files import StrictFileError, strict_model
 
 if TYPE_CHECKING:
     from opacus.accountants import RDPAccountant
@@ -379,7 +380,9 @@ class PrivacyLedger:
         if text is None:
             return None
         try:
-            return LedgerMark.model_validate_json(text)
+            return strict_model(LedgerMark, text, self.mark_path)
+        except StrictFileError as err:
+            raise LedgerError(f"privacy ledger mark unreadable; refusing DP training: {err}") from None
         except ValidationError as err:
             raise LedgerError(
                 f"privacy ledger mark unreadable; refusing DP training:\n  {_problems(self.mark_path, err)}"
@@ -413,7 +416,9 @@ class PrivacyLedger:
                 )
             return _fresh()
         try:
-            data = LedgerFile.model_validate_json(text)
+            data = strict_model(LedgerFile, text, self.path)
+        except StrictFileError as err:  # a duplicated key: which value did it spend? Never guess
+            raise LedgerError(f"privacy ledger unreadable; refusing DP training: {err}") from None
         except ValidationError as err:
             # Never start afresh over a damaged ledger: that would reset the spent budget to 0.
             raise LedgerError(

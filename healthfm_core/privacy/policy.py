@@ -26,6 +26,10 @@ from pydantic import (
 # The largest epsilon_cap a policy may set (docs/site-admin.md, "Write your policy").
 EPSILON_CAP_MAX = 100.0
 
+# The largest max_grad_norm and noise_multiplier (docs/site-admin.md): far above any useful value
+# (a clip of 1000 clips nothing; a multiplier of 1000 leaves no signal), so a typo is refused.
+DP_SETTING_MAX = 1000.0
+
 # The validation context key under which a caller who knows the site's train subjects passes
 # their count, so that delta is checked against 1/n at load time.
 TRAIN_SUBJECTS = "train_subjects"
@@ -48,8 +52,8 @@ class DPPolicy(BaseModel):
     mandatory: bool = False
     epsilon_cap: float = Field(gt=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1, allow_inf_nan=False)
-    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=DP_SETTING_MAX, allow_inf_nan=False)
+    noise_multiplier: float | None = Field(default=None, gt=0, le=DP_SETTING_MAX, allow_inf_nan=False)
     target_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @field_validator("epsilon_cap")

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_model, save_model
+
+from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +180,8 @@ def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: no checkpoint metadata (is {path} a checkpoint directory?)")
     try:
-        meta = CheckpointMeta.model_validate_json(meta_path.read_text(encoding="utf-8"))
-    except (ValidationError, UnicodeDecodeError) as exc:
+        meta = strict_model(CheckpointMeta, meta_path.read_text(encoding="utf-8"), meta_path)
+    except ValueError as exc:  # ValidationError, UnicodeDecodeError, StrictFileError (a duplicated key)
         raise CheckpointError(f"{meta_path}: invalid checkpoint metadata: {exc}") from exc
     if meta.format != FORMAT or meta.version != VERSION:
         raise CheckpointError(

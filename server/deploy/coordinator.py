@@ -72,6 +72,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError, load_release
+from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, read_json, strict_json, strict_model
 from healthfm_core.train.checkpoint import CheckpointError
 from server.deploy.bundle import build_bundle, write_bundle
 from server.deploy.flwr_app import check_run_config, parse_overrides, write_app, write_head_app
@@ -670,7 +671,7 @@ def cmd_head(args: argparse.Namespace) -> int:
 def heads_summary(out_dir: Path, run_id: int) -> dict[str, Any] | None:
     """OUT/heads.json when the head run `run_id` wrote it (its last act), else None."""
     try:
-        summary = json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        summary = read_json(out_dir / SUMMARY_FILE)
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and summary.get("run_id") == run_id else None
@@ -733,7 +734,11 @@ def read_launches(paths: FederationPaths) -> list[LaunchRecord]:
     path = _launches_path(paths)
     if not path.is_file():
         return []
-    return [LaunchRecord.model_validate_json(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [
+        strict_model(LaunchRecord, ln, f"{path}, line {i}")
+        for i, ln in enumerate(path.read_text().splitlines(), 1)
+        if ln.strip()
+    ]
 
 
 def resume_command(paths: FederationPaths, out_dir: str | Path) -> str:
@@ -877,6 +882,9 @@ def report_outcome(run_id: int, status: str, out_dir: Path, paths: FederationPat
         return EXIT_FAILED
     if outcome.ok and status == "finished:completed":
         print(f"run {run_id}: {outcome.describe()}", flush=True)
+        for group, why in sorted(outcome.untrained_groups.items()):
+            # Completed, but its release would carry this group's initial weights.
+            print(f"warning: run {run_id}: group {group} was never trained: {why}", file=sys.stderr)
         return EXIT_OK
     print(f"error: run {run_id} {status}: {outcome.describe()}", file=sys.stderr)
     if outcome.status == "completed" and outcome.sites_lost:
@@ -963,8 +971,10 @@ def started_run_ids(out_dir: Path) -> set[int]:
     found = set()
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
+            event = strict_json(line, path)
+        except DuplicateKeyError:  # not a line cut short by a crash: one written so
+            raise
+        except StrictFileError:
             continue  # a line cut short by a crash
         if isinstance(event, dict) and event.get("event") in ("setup", "resume") and event.get("run_id") is not None:
             found.add(int(event["run_id"]))

@@ -45,6 +45,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from healthfm_core.files import atomic_write_bytes
+from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger("healthfm.provision")
 
@@ -372,7 +373,7 @@ def read_manifest(root: Path) -> FederationManifest:
     if not path.is_file():
         raise ProvisionError(f"{path} not found: provision the federation first (coordinator.py provision {root})")
     try:
-        return FederationManifest.model_validate_json(path.read_text())
+        return strict_model(FederationManifest, path.read_text(), path)
     except ValueError as err:
         raise ProvisionError(f"{path}: not a federation manifest ({err})") from None
 

@@ -18,13 +18,13 @@ ServerApp, and binds a key to a name.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from healthfm_core.strict_files import StrictFileError, read_json
 from server.deploy.provision import FederationPaths
 
 REGISTRY_FILE = "registry.json"
@@ -76,8 +76,8 @@ def read_registry(path: Path) -> SiteRegistry:
     if not path.exists():
         return SiteRegistry()
     try:
-        return SiteRegistry.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError) as err:
+        return SiteRegistry.model_validate(read_json(path))
+    except StrictFileError as err:
         raise RegistryError(f"{path}: cannot read the site registry ({err})") from None
     except ValidationError as err:
         problems = "; ".join(f"field {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())

@@ -49,6 +49,7 @@ from healthfm_core.data.synthetic.wearables import (
     wear_periods,
 )
 from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +353,8 @@ def synthetic_sites(
     manifest_path, scenario_path = data_dir / "manifest.json", data_dir / "truth" / "scenario.json"
     if manifest_path.is_file() and scenario_path.is_file():
         try:
-            manifest = FederationManifest.model_validate_json(manifest_path.read_text())
-            saved = ScenarioConfig.model_validate_json(scenario_path.read_text())
+            manifest = strict_model(FederationManifest, manifest_path.read_text(), manifest_path)
+            saved = strict_model(ScenarioConfig, scenario_path.read_text(), scenario_path)
         except ValueError as err:
             logger.warning("%s: cannot reuse (%s); generating again", data_dir, err)
         else:

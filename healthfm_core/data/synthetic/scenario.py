@@ -12,10 +12,10 @@ import datetime as _dt
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from healthfm_core.data.layout import MODALITIES
+from healthfm_core.strict_files import StrictFileError, read_yaml
 
 LATENT_DIMS: tuple[str, ...] = ("metabolic", "fitness", "regularity")
 
@@ -54,7 +54,7 @@ class SiteSpec(_Strict):
     # Fraction of subjects having each modality. Every subject has an EHR record (MEDS needs
     # events), so ehr must be 1.0; wearables and genomics may be any fraction, 0 = absent.
     modalities: dict[str, float] = Field(default_factory=lambda: {"ehr": 1.0})
-    ppg: bool = True  # devices with a PPG sensor record heart rate; without it hr_bpm is null
+    ppg: StrictBool = True  # devices with a PPG sensor record heart rate; without it hr_bpm is null
     wear_days: int = Field(default=7, ge=1, le=28)
     wear_periods: int = Field(default=1, ge=1, le=8)  # wear periods per subject with wearables
     date_offset_years: int = Field(default=0, ge=-200, le=200)  # MIMIC-style shift of every date
@@ -298,8 +298,8 @@ def load_scenario(scenario: str | Path | ScenarioConfig | dict) -> ScenarioConfi
         known = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml")) if SCENARIO_DIR.is_dir() else []
         raise FileNotFoundError(f"scenario {str(scenario)!r}: no file {path} (known scenarios: {known})")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = read_yaml(path)
+    except StrictFileError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")

@@ -14,7 +14,6 @@ diagnosis had the subject lived; deaths are rare within a horizon).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 
 from healthfm_core.data.synthetic.cohort import DAYS_PER_YEAR, US_PER_DAY, Cohort
 from healthfm_core.data.synthetic.scenario import LATENT_DIMS, ScenarioConfig
+from healthfm_core.strict_files import read_json
 
 SUBSTEP_DAYS = 2.5  # quadrature resolution of the hazard integral (midpoint rule)
 
@@ -221,7 +221,7 @@ def oracle_risk(
     terms of the world can add to a model that already sees the state perfectly.
     """
     truth_dir = Path(truth_dir)
-    scenario = ScenarioConfig.model_validate(json.loads((truth_dir / "scenario.json").read_text()))
+    scenario = ScenarioConfig.model_validate(read_json(truth_dir / "scenario.json"))
     if disease not in scenario.diseases:
         raise ValueError(f"disease {disease!r} is not in the scenario (known: {sorted(scenario.diseases)})")
     lat = pq.read_table(truth_dir / site / "latent.parquet", columns=["subject_id", "time", f"hazard_{disease}"])
