@@ -226,7 +226,13 @@ def probe_at_site(
     )
     heads = {
         key: save_head(
-            out_dir / "heads" / f"{key}.json", key, probe, release.setup.sha256, cfg.max_events, cfg.max_patches
+            out_dir / "heads" / f"{key}.json",
+            key,
+            probe,
+            release.setup.sha256,
+            cfg.max_events,
+            cfg.max_patches,
+            release.weights_sha256,
         )
         for key, probe in result.probes.items()
     }
@@ -290,7 +296,7 @@ def predict_at_site(
     progress: bool = False,
 ) -> pa.Table:
     """A saved head's predictions for rows, embedded as the head's probe was."""
-    head = load_head(head_path, release.setup.sha256)
+    head = load_head(head_path, release.setup.sha256, release.weights_sha256)
     embedded = embed_rows_at_site(
         runtime, release, rows, head.meta.max_events, head.meta.max_patches, batch_size, progress
     )
