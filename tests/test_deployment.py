@@ -97,7 +97,12 @@ def test_provision_writes_private_keys_only_where_they_belong(fed: FederationPat
     # certificate and the federation's public release key: no server key, no other site's key.
     for name in ("north", "south"):
         site = fed.site(name)
-        assert sorted(p.name for p in site.dir.iterdir()) == ["auth_key", "auth_key.pub", "ca.pem", "release_signing.pem"]
+        assert sorted(p.name for p in site.dir.iterdir()) == [
+            "auth_key",
+            "auth_key.pub",
+            "ca.pem",
+            "release_signing.pem",
+        ]
         assert site.release_key.read_bytes() == fed.release_public_key.read_bytes()
     assert fed.site("north").private_key.read_bytes() != fed.site("south").private_key.read_bytes()
     manifest = json.loads(fed.manifest.read_text())

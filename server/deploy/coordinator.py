@@ -75,6 +75,7 @@ from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_signing import SignatureError, load_signing_key
 from healthfm_core.train.checkpoint import CheckpointError
+from server.deploy.body_limit import MIB
 from server.deploy.bundle import build_bundle, write_bundle
 from server.deploy.flwr_app import check_run_config, parse_overrides, write_app, write_head_app
 from server.deploy.flwr_control import (
@@ -227,6 +228,13 @@ def register_known_sites(paths: FederationPaths) -> int:
     return failed
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
     """Run the SuperLink (and, with TLS, its nginx proxy) in the foreground until stopped."""
     paths = _paths(args)
@@ -295,7 +303,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         str(link.pid),
         *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)]),
     ]
-    sup = _Supervised(link=link)
+    sup = _Supervised(link=link, push_body_bytes=args.max_body_mib * MIB if args.max_body_mib else None)
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
@@ -318,7 +326,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                 # Before the proxy opens the Fleet API: a site reconnecting after a restart finds its
                 # key registered again, never a SuperLink that refuses it.
                 register_known_sites(paths)  # names each failure; the SuperLink serves the others
-            sup.nginx = start_proxy(paths, host, port, link_port)
+            sup.nginx = start_proxy(paths, host, port, link_port, sup.push_body_bytes)
             wait_listening(host, port, sup.nginx)
             print(
                 f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
@@ -412,8 +420,9 @@ class _Supervised:
     """The processes `superlink` runs: the SuperLink, its nginx (restarted when it stops) and the
     SuperExec (restarted when it stops)."""
 
-    def __init__(self, link: subprocess.Popen[bytes]) -> None:
+    def __init__(self, link: subprocess.Popen[bytes], push_body_bytes: int | None = None) -> None:
         self.link = link
+        self.push_body_bytes = push_body_bytes  # nginx's push-object body limit (None: body_limit.py's)
         self.nginx: subprocess.Popen[bytes] | None = None
         self.superexec: subprocess.Popen[bytes] | None = None
         self.nginx_workers: set[int] = set()
@@ -456,7 +465,7 @@ class _Supervised:
         self.nginx_restarts.append(now)
         print(f"{what}; restarting it (sites reconnect by themselves)", file=sys.stderr, flush=True)
         try:
-            self.nginx = start_proxy(paths, host, port, link_port)
+            self.nginx = start_proxy(paths, host, port, link_port, self.push_body_bytes)
             wait_listening(host, port, self.nginx)
         except CoordinatorError as err:
             return f"{what} and did not start again: {err} (see {paths.server_dir}/nginx-error.log)"
@@ -1095,6 +1104,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="the SuperLink's own port on 127.0.0.1, behind nginx (default: a free one)",
+    )
+    p.add_argument(
+        "--max-body-mib",
+        type=_positive_int,
+        default=None,
+        metavar="MIB",
+        help="the largest push-object body nginx forwards, in MiB (default: the paper model's secure-round "
+        "message x 1.25, server/deploy/body_limit.py; raise it for secagg-field-bits=32 on a model that size)",
     )
     p.add_argument(
         "--state",
