@@ -87,16 +87,17 @@ def eval_config(release: ModelRelease, tasks: Sequence[str] | None, max_subjects
     """The run's evaluation settings from the release; `tasks` (names, ACES files, site:NAME)
     replace its tasks; `max_subjects` its subject budget (0: every subject)."""
     base = release.meta.evaluation
-    if base is None:
-        if not tasks:
-            raise UseError(f"{release.path}: the release's run evaluated no task: name the tasks (--tasks)")
-        base = EvalConfig(round=release.meta.round, tasks=resolve_tasks(tasks), setup_sha256=release.setup.sha256)
     update: dict[str, object] = {}
-    if tasks:
-        try:
-            update["tasks"] = resolve_tasks(tasks)
-        except (ValueError, FileNotFoundError) as err:
-            raise UseError(f"--tasks: {err}") from None
+    try:
+        specs = resolve_tasks(tasks) if tasks else []
+    except (ValueError, FileNotFoundError) as err:  # an unknown name: UnknownTask, both
+        raise UseError(f"--tasks: {err}") from None
+    if specs:
+        update["tasks"] = specs
+    if base is None:
+        if not specs:
+            raise UseError(f"{release.path}: the release's run evaluated no task: name the tasks (--tasks)")
+        base = EvalConfig(round=release.meta.round, tasks=specs, setup_sha256=release.setup.sha256)
     if max_subjects is not None:
         update["max_subjects"] = max_subjects
     return base.model_copy(update=update)

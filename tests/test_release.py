@@ -460,6 +460,21 @@ def test_provision_makes_the_release_key_and_a_rotation_keeps_the_old_public_key
     assert load_release(release_dir, trusted_keys=[new_pem, retired]).meta.run_id == "7"
 
 
+def test_an_unknown_task_in_probe_and_embed_is_a_usage_error_naming_the_known_ones(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 40, break 8: `--tasks onset_t2d` (the docs' error; the task is `t2d`) ended
+    "internal error: FileNotFoundError", exit 3. Now exit 2, naming the known tasks."""
+    use = ["--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
+    for argv in (
+        ["probe", str(biobank), *use, "--tasks", "onset_t2d", "--out", str(tmp_path / "p")],
+        ["embed", str(biobank), *use, "--tasks", "onset_t2d", "--out", str(tmp_path / "e.parquet")],
+    ):
+        assert client_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--tasks: task 'onset_t2d' is unknown" in err and "cad, copd, hypertension, t2d" in err
+
+
 # ---------------------------------------------------------------------------- the model card
 
 

@@ -71,6 +71,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from healthfm_core.data.task_spec import resolve_tasks
 from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_signing import SignatureError, load_signing_key
@@ -614,6 +615,10 @@ def cmd_head(args: argparse.Namespace) -> int:
     """Train the release's federated task head across the joined sites (server/head_app.py): its
     own run and app bundle; the ServerApp writes OUT/heads/, heads.json, head_rounds.jsonl and
     head.log. Waits for the run, then prints each head and the sites that took no part."""
+    try:  # an unknown task name is a usage error, named with the known ones, before anything runs
+        resolve_tasks(args.tasks)
+    except ValueError as err:
+        raise CoordinatorError(f"--tasks: {err}", EXIT_USAGE) from None
     paths = _paths(args)
     _apply_superlink_option(paths, args)
     model = Path(args.model).resolve()
