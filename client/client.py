@@ -51,6 +51,7 @@ from client.deploy.approval import ApprovalError, approve, read_bundle  # noqa: 
 from client.deploy.join import JoinConfig, JoinError, join  # noqa: E402
 from client.deploy.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from client.model_use import (  # noqa: E402
+    PREDICTION_TIMES_SCHEMA,
     NoRows,
     UseError,
     embed_rows_at_site,
@@ -396,6 +397,11 @@ def _probe(args: argparse.Namespace) -> int:
     result = probe_at_site(runtime, release, cfg, out, runtime.name, progress=_progress(args))
     print(result.report.read_text(encoding="utf-8"))
     print(f"report, heads, predictions and plots in {out}")
+    if not result.reply.tasks:
+        print(
+            "no task has a head at this site: why, and how to get one, under 'Tasks without a head here' above",
+            file=sys.stderr,
+        )
     return EXIT_OK if result.reply.tasks else EXIT_INVALID
 
 
@@ -662,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--prediction-times",
         metavar="FILE",
-        help="parquet with subject_id, prediction_time: embed these rows (instead of the tasks' labelled rows)",
+        help=f"embed these rows instead of the tasks' labelled rows: {PREDICTION_TIMES_SCHEMA}",
     )
     embed.add_argument("--out", required=True, metavar="FILE", help="the parquet file to write")
     embed.set_defaults(func=cmd_embed)
@@ -676,9 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="a saved head's predictions for new (subject, prediction time) rows")
     use_options(predict)
     predict.add_argument("--head", required=True, metavar="HEAD.json", help="a head `probe` saved (heads/TASK.json)")
-    predict.add_argument(
-        "--prediction-times", required=True, metavar="FILE", help="parquet: subject_id, prediction_time"
-    )
+    predict.add_argument("--prediction-times", required=True, metavar="FILE", help=PREDICTION_TIMES_SCHEMA)
     predict.add_argument("--out", required=True, metavar="FILE", help="the parquet file to write")
     predict.set_defaults(func=cmd_predict)
     return parser

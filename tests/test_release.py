@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from client.client import build_parser
 from client.client import main as client_main
-from client.model_use import embed_rows_at_site, open_site_runtime, task_rows
+from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, open_site_runtime, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
@@ -473,6 +474,81 @@ def test_an_unknown_task_in_probe_and_embed_is_a_usage_error_naming_the_known_on
         assert client_main(argv) == 2
         err = capsys.readouterr().err
         assert "--tasks: task 'onset_t2d' is unknown" in err and "cad, copd, hypertension, t2d" in err
+
+
+def test_probe_at_a_small_site_says_why_every_head_is_withheld_and_how_to_get_one(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 40, break 8: `probe` at a 150-subject site withheld every head without saying how to
+    get one. (This 30-subject site under a minimum of 40 subjects per split stands in for it.)"""
+    argv = ["probe", str(biobank), "--model", str(release_dir), "--release-key", str(release_key)]
+    assert client_main([*argv, "--min-subjects", "40", "--no-progress", "--out", str(tmp_path / "p")]) == 1
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Tasks without a head here" in out and "onset_hypertension_365d: no head here: too few subjects" in out
+    assert "at least 40 subjects in each of train, tuning and held_out" in out
+    assert "python -m server.coordinator head FED --model" in out and "client.py predict" in out
+    assert "no task has a head at this site" in captured.err
+    assert not (tmp_path / "p" / "heads").exists()
+
+
+def test_the_prediction_times_file_is_read_as_documented(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 40, break 8: the --prediction-times schema was nowhere. What docs/researcher.md and the
+    CLI help say: integer subject ids, a timestamp (a date is its midnight, ISO text parsed), other
+    columns ignored; a missing column or a null is refused naming file and column (exit 2)."""
+    doc = (ROOT / "docs" / "researcher.md").read_text()
+    assert "**The `--prediction-times` file**" in doc and "| `subject_id` | integer" in doc
+    parser = build_parser()
+    helps = {
+        a.dest: a.help
+        for sub in parser._subparsers._group_actions[0].choices.values()
+        for a in sub._actions
+        if a.dest == "prediction_times"
+    }
+    assert helps and all(h is not None and PREDICTION_TIMES_SCHEMA in h for h in helps.values())
+    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:2]
+    rows = {
+        "int32_date_extra": pa.table(
+            {
+                "subject_id": pa.array(sid, pa.int32()),
+                "prediction_time": pa.array([18262, 18263], pa.date32()),
+                "note": ["a", "b"],
+            }
+        ),  # fmt: skip
+        "iso_text": pa.table(
+            {"subject_id": pa.array(sid, pa.int64()), "prediction_time": ["2020-01-01", "2020-01-02"]}
+        ),  # fmt: skip
+    }
+    use = ["--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
+    results = []
+    for name, table in rows.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        out = tmp_path / f"{name}-emb.parquet"
+        assert client_main(["embed", str(biobank), *use, "--prediction-times", str(tmp_path / f"{name}.parquet"), "--out", str(out)]) == 0  # fmt: skip
+        got = pq.read_table(out)
+        assert got["subject_id"].to_pylist() == [int(s) for s in sid]
+        assert [t.isoformat() for t in got["prediction_time"].to_pylist()] == ["2020-01-01T00:00:00", "2020-01-02T00:00:00"]  # fmt: skip
+        results.append(np.stack(got["embedding"].to_numpy(zero_copy_only=False)))
+    np.testing.assert_array_equal(results[0], results[1])  # the date and its ISO text are one time
+    bad = {
+        "missing": (pa.table({"subject_id": pa.array(sid, pa.int64())}), "no column 'prediction_time'"),
+        "null": (
+            pa.table(
+                {
+                    "subject_id": pa.array([sid[0], None], pa.int64()),
+                    "prediction_time": pa.array([0, 0], pa.timestamp("us")),
+                }
+            ),
+            "column 'subject_id' has 1 null",
+        ),  # fmt: skip
+    }
+    for name, (table, says) in bad.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        assert client_main(["embed", str(biobank), *use, "--prediction-times", str(tmp_path / f"{name}.parquet"), "--out", str(tmp_path / "x.parquet")]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert f"{name}.parquet" in err and says in err
 
 
 # ---------------------------------------------------------------------------- the model card
