@@ -123,19 +123,8 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
         # predict with the saved head on those rows: the probe's probabilities.
         pq.write_table(ours.select(["subject_id", "prediction_time"]), tmp_path / f"{site}-rows.parquet")
         pred = tmp_path / f"{site}-pred.parquet"
-        argv = [
-            "predict",
-            root,
-            "--model",
-            str(model),
-            "--release-key",
-            key_of(model),
-            "--min-subjects",
-            "2",
-            "--min-positives",
-            "1",
-            "--no-progress",
-        ]
+        argv = ["predict", root, "--model", str(model), "--release-key", key_of(model), "--min-subjects", "2"]
+        argv += ["--min-positives", "1", "--no-progress"]
         argv += [
             "--head",
             str(out / "heads" / f"{KEY}.json"),
