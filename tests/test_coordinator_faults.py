@@ -150,10 +150,15 @@ def raw_request(
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
             conn.sendall(f"{method} {target} HTTP/1.1\r\n{head_text}\r\n".encode("latin-1") + body)
+            # The answer as soon as it is whole (its Content-Length), not the close: after a refusal
+            # nginx lingers a few seconds for the body it will discard.
             data = b""
-            while chunk := conn.recv(65536):
+            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                 data += chunk
-    head, _, answer = data.partition(b"\r\n\r\n")
+            head, _, answer = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            while (length is None or len(answer) < int(length[1])) and (chunk := conn.recv(65536)):
+                answer += chunk
     return int(head.split()[1]), answer.decode(errors="replace")
 
 

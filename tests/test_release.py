@@ -40,6 +40,7 @@ from healthfm_core.train.checkpoint import sha256_file
 from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig
 from server.deploy.coordinator import main as coordinator_main
+from server.head_app import HeadRunConfig, fit_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN = {"min-code-subjects": 5, "min-report-subjects": 2}
@@ -433,6 +434,21 @@ def test_a_head_probed_on_one_release_is_refused_on_another_runs_release(
     assert str(head) in err and "field weights_sha256" in err and not (tmp_path / "b.parquet").exists()
     assert client_main([*argv, "--model", str(release_dir), "--out", str(tmp_path / "a.parquet")]) == 0
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 2
+
+
+def test_the_head_server_app_verifies_the_release_and_refuses_other_weights_than_launched(
+    release_dir: Path, other_release: Path, release_key: Path, tmp_path: Path
+) -> None:
+    """`coordinator head` passes the release key and the weights' sha256 it read in the run config;
+    the ServerApp refuses an unsigned folder and one whose weights changed since (another run's
+    release of the same setup in that folder), before any message."""
+    weights = load_release(release_dir, trusted_keys=[release_key]).weights_sha256
+    cfg = HeadRunConfig(model=other_release, out_dir=tmp_path, weights_sha256=weights, release_key=release_key)
+    assert HeadRunConfig.from_run_config(cfg.to_run_config()) == cfg
+    with pytest.raises(ValueError, match=r"has weights [0-9a-f]{12}\.\.\., the run config's weights-sha256 is"):
+        fit_heads(None, cfg)  # type: ignore[arg-type]  # refused before the grid is used
+    with pytest.raises(ReleaseError, match="no public key to verify the release against"):
+        fit_heads(None, cfg.model_copy(update={"release_key": None}))  # type: ignore[arg-type]
 
 
 def test_provision_makes_the_release_key_and_a_rotation_keeps_the_old_public_key(

@@ -22,6 +22,7 @@ run id, object ids): SMALL_BODY_BYTES.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
@@ -40,6 +41,7 @@ MIB = 1 << 20
 SMALL_BODY_BYTES = 1 * MIB  # every other Fleet route: ids and metadata, an object tree
 
 
+@lru_cache(maxsize=8)  # a model build per nginx (re)start otherwise
 def model_parameters(model: str = REFERENCE_MODEL, vocab_size: int = REFERENCE_VOCABULARY) -> int:
     """The parameter count of a model config over `vocab_size` codes, every modality (built on
     torch's meta device: no memory)."""
