@@ -6,9 +6,9 @@
                                  [--state-dir DIR] [--site-name NAME] [--policy FILE] [--node-config KEY=VALUE ...]
                                  [--new-privacy-budget]
     python client/client.py approve BUNDLE.fab --policy FILE [--show]
-    python client/client.py embed SITE_ROOT --model DIR [--tasks ... | --prediction-times FILE] --out FILE
-    python client/client.py probe SITE_ROOT --model DIR [--tasks ...] [--out DIR]
-    python client/client.py predict SITE_ROOT --model DIR --head HEAD.json --prediction-times FILE --out FILE
+    python client/client.py embed SITE_ROOT --model DIR --release-key PEM [--tasks ... | --prediction-times FILE] --out FILE
+    python client/client.py probe SITE_ROOT --model DIR --release-key PEM [--tasks ...] [--out DIR]
+    python client/client.py predict SITE_ROOT --model DIR --release-key PEM --head HEAD.json --prediction-times FILE --out FILE
 
 Exit status of `check`: 0 the site is usable (warnings may be printed), 1 the site has errors
 (one line per problem), 2 the command could not run (no such site root, bad arguments),
@@ -25,6 +25,9 @@ its sha256 to the policy's approved_apps (`--show`: print only); the site runs n
 `embed`, `probe` and `predict` use a model release (`coordinator release`) on the site's own data
 (client/model_use.py): 0 done, 1 the site does not fit the release (modalities, unknown codes)
 or has no rows to use, 2 bad arguments or a release/head that is refused, 3 an internal error.
+Each verifies the release's signature against the federation's public key the site holds
+(`--release-key release_signing.pem` from its startup files); `--trust-unsigned` loads an
+unsigned or unverifiable release (a local simulation's) with a warning.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from client.deploy.approval import ApprovalError, approve, read_bundle  # noqa: 
 from client.deploy.join import JoinConfig, JoinError, join  # noqa: E402
 from client.deploy.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from client.model_use import (  # noqa: E402
+    PREDICTION_TIMES_SCHEMA,
     NoRows,
     UseError,
     embed_rows_at_site,
@@ -265,6 +269,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         node_config["site-name"] = args.site_name
     if args.policy:
         node_config["policy"] = str(Path(args.policy).resolve())
+    if args.release_key:  # a task head's release is verified against it (client/head_rows.py)
+        node_config["release-key"] = str(Path(args.release_key).resolve())
     if args.threads is not None:  # else the policy's threads, else the cores free (client/threads.py)
         node_config["threads"] = args.threads
     else:
@@ -325,7 +331,13 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def _use_release(args: argparse.Namespace) -> tuple[ModelRelease, SiteRuntime]:
     """The release (verified) and the site's runtime (checked, fitted to it), for embed/probe/predict."""
-    release = load_release(args.model)
+    if args.trust_unsigned:
+        print(
+            f"WARNING: --trust-unsigned: the release {args.model} is loaded without verifying its signature; "
+            "nothing shows it is the federation's model",
+            file=sys.stderr,
+        )
+    release = load_release(args.model, trusted_keys=args.release_key or [], trust_unsigned=args.trust_unsigned)
     min_subjects = args.min_subjects
     if args.policy:
         min_subjects = max(min_subjects, load_policy(args.policy).min_subjects)
@@ -385,6 +397,11 @@ def _probe(args: argparse.Namespace) -> int:
     result = probe_at_site(runtime, release, cfg, out, runtime.name, progress=_progress(args))
     print(result.report.read_text(encoding="utf-8"))
     print(f"report, heads, predictions and plots in {out}")
+    if not result.reply.tasks:
+        print(
+            "no task has a head at this site: why, and how to get one, under 'Tasks without a head here' above",
+            file=sys.stderr,
+        )
     return EXIT_OK if result.reply.tasks else EXIT_INVALID
 
 
@@ -493,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument("--site-name", help="the site's name in the federation (default: the site root's name)")
     join.add_argument(
+        "--release-key",
+        metavar="PEM",
+        help="the federation's public release key (release_signing.pem from the coordinator): a task head run's "
+        "release (node config model=DIR) is verified against it",
+    )
+    join.add_argument(
         "--policy", metavar="FILE", help="this site's policy file (what it allows, whatever the server asks)"
     )
     join.add_argument(
@@ -584,6 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
     def use_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("site_root", metavar="SITE_ROOT", help="the site root (holds data/, metadata/, ...)")
         q.add_argument("--model", required=True, metavar="DIR", help="the model release folder (coordinator release)")
+        q.add_argument(
+            "--release-key",
+            action="append",
+            metavar="PEM",
+            help="the federation's public release key (release_signing.pem in the startup files the coordinator "
+            "handed over); the release's signature must verify against it (repeat to trust a rotated key too)",
+        )
+        q.add_argument(
+            "--trust-unsigned",
+            action="store_true",
+            help="load an unsigned or unverifiable release (e.g. a local simulation's) without checking its "
+            "signature: only for a release whose origin you trust",
+        )
         q.add_argument("--policy", metavar="FILE", help="this site's policy file: its min_subjects raises the minimum")
         q.add_argument(
             "--min-subjects",
@@ -632,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--prediction-times",
         metavar="FILE",
-        help="parquet with subject_id, prediction_time: embed these rows (instead of the tasks' labelled rows)",
+        help=f"embed these rows instead of the tasks' labelled rows: {PREDICTION_TIMES_SCHEMA}",
     )
     embed.add_argument("--out", required=True, metavar="FILE", help="the parquet file to write")
     embed.set_defaults(func=cmd_embed)
@@ -646,9 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="a saved head's predictions for new (subject, prediction time) rows")
     use_options(predict)
     predict.add_argument("--head", required=True, metavar="HEAD.json", help="a head `probe` saved (heads/TASK.json)")
-    predict.add_argument(
-        "--prediction-times", required=True, metavar="FILE", help="parquet: subject_id, prediction_time"
-    )
+    predict.add_argument("--prediction-times", required=True, metavar="FILE", help=PREDICTION_TIMES_SCHEMA)
     predict.add_argument("--out", required=True, metavar="FILE", help="the parquet file to write")
     predict.set_defaults(func=cmd_predict)
     return parser

@@ -10,7 +10,9 @@ the site's minimums (min_report_subjects subjects, min_report_positives positive
 train rows; each raised by its policy) gives a reason, never rows.
 
 Node config keys beside the site's (client/site_runtime.SiteConfig): `model`, the release folder
-the site holds; `embeddings` (optional), its embed file of the tasks' rows; `max-subjects`
+the site holds; `release-key`, the federation's public release key from the site's startup files
+(release_signing.pem: the release's signature is verified against it), or `trust-unsigned-release`
+true for a release the site loads unverified (a local simulation's); `embeddings` (optional), its embed file of the tasks' rows; `max-subjects`
 (optional), the subject budget per split of its rows (the release's own sample when absent). The site's `policy`
 (its DP budget) and `state-dir` (its durable privacy ledger) are the pretraining's own, so the
 head's DP rounds (healthfm_core/privacy/head.py) spend from the same ledger under the same cap.
@@ -91,10 +93,11 @@ _RELEASES: dict[str, ModelRelease] = {}
 _ROWS: dict[tuple[str, tuple[str, ...]], HeadRows] = {}
 
 
-def _release(path: str) -> ModelRelease:
-    if path not in _RELEASES:
-        _RELEASES[path] = load_release(path)
-    return _RELEASES[path]
+def _release(path: str, key: str | None, trust_unsigned: bool) -> ModelRelease:
+    cache_key = json.dumps([path, key, trust_unsigned])
+    if cache_key not in _RELEASES:
+        _RELEASES[cache_key] = load_release(path, trusted_keys=[key] if key else [], trust_unsigned=trust_unsigned)
+    return _RELEASES[cache_key]
 
 
 def embedded_task_rows(
@@ -144,7 +147,11 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         if not config.get("model"):
             raise ValueError("node config has no 'model' (the release folder this site holds)")
         site_config = SiteConfig.from_node_config(config)
-        release = _release(str(config["model"]))
+        trust_unsigned = config.get("trust-unsigned-release", False)
+        if not isinstance(trust_unsigned, bool):
+            raise ValueError(f"node config field trust-unsigned-release: value {trust_unsigned!r} is not true or false")
+        key = config.get("release-key")
+        release = _release(str(config["model"]), str(key) if key else None, trust_unsigned)
         runtime = get_runtime(site_config)
         require_fit(runtime.site, release.setup, DEFAULT_MAX_UNKNOWN_SHARE, where=f"site {site_config.site_root}")
         cfg = eval_config(release, list(tasks) or None, max_subjects_of(config))

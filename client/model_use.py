@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,14 @@ from healthfm_core.release_fit import ReleaseFit, require_fit
 log = logging.getLogger("healthfm.client")
 
 ROW_SCHEMA = LABEL_SCHEMA_BOOL.remove(2)  # subject_id int64, prediction_time timestamp[us]
+# The --prediction-times file, as read_prediction_times reads it (the CLI's help and the docs say it).
+PREDICTION_TIMES_SCHEMA = (
+    "a parquet file with one row per (subject, time) to score: column subject_id (integers, the site's own "
+    "MEDS subject ids, cast to int64) and column prediction_time (a timestamp, cast to timestamp[us]; a date "
+    "is its midnight, a time zone's value is read as UTC, ISO text is parsed); no nulls; other columns are "
+    "ignored; a subject may have several rows, a subject id the site does not have is refused. The model "
+    "sees the subject's data up to and including prediction_time"
+)
 
 
 class UseError(ValueError):
@@ -87,16 +95,17 @@ def eval_config(release: ModelRelease, tasks: Sequence[str] | None, max_subjects
     """The run's evaluation settings from the release; `tasks` (names, ACES files, site:NAME)
     replace its tasks; `max_subjects` its subject budget (0: every subject)."""
     base = release.meta.evaluation
-    if base is None:
-        if not tasks:
-            raise UseError(f"{release.path}: the release's run evaluated no task: name the tasks (--tasks)")
-        base = EvalConfig(round=release.meta.round, tasks=resolve_tasks(tasks), setup_sha256=release.setup.sha256)
     update: dict[str, object] = {}
-    if tasks:
-        try:
-            update["tasks"] = resolve_tasks(tasks)
-        except (ValueError, FileNotFoundError) as err:
-            raise UseError(f"--tasks: {err}") from None
+    try:
+        specs = resolve_tasks(tasks) if tasks else []
+    except (ValueError, FileNotFoundError) as err:  # an unknown name: UnknownTask, both
+        raise UseError(f"--tasks: {err}") from None
+    if specs:
+        update["tasks"] = specs
+    if base is None:
+        if not specs:
+            raise UseError(f"{release.path}: the release's run evaluated no task: name the tasks (--tasks)")
+        base = EvalConfig(round=release.meta.round, tasks=specs, setup_sha256=release.setup.sha256)
     if max_subjects is not None:
         update["max_subjects"] = max_subjects
     return base.model_copy(update=update)
@@ -202,6 +211,33 @@ def write_parquet(table: pa.Table, path: str | Path) -> Path:
     return Path(path)
 
 
+def withheld_advice(
+    reasons: Mapping[str, TaskReason], min_subjects: int, min_positives: int, release: Path
+) -> list[str]:
+    """Why each withheld task has no head here and how to get one (a small site withholds them
+    all): the site's minimums, and the head trained across the sites, which it can apply."""
+    if not reasons:
+        return []
+    small = [k for k, r in reasons.items() if r.kind in ("too_few_subjects", "too_few_positives", "one_class")]
+    lines = [f"- {key}: no head here: {reason.describe()}" for key, reason in reasons.items()]
+    if small:
+        lines += [
+            "",
+            f"A probe's head needs, at this site, at least {min_subjects} subjects in each of train, tuning and "
+            f"held_out and {min_positives} positive and {min_positives} negative held-out rows "
+            "(min_report_subjects, min_report_positives; your policy may raise them). To get a head for "
+            f"{', '.join(small)}:",
+            "  1. the head trained across the sites (labels stay at each site): the coordinator runs "
+            f"`python -m server.coordinator head FED --model {release} --tasks TASK --out heads/` with the sites "
+            "that have enough rows (docs/coordinator.md, 'Train a task head across the sites'), then sends you "
+            "heads/<key>.json and .safetensors;",
+            f"  2. apply it here: `python client/client.py predict SITE_ROOT --model {release} --release-key "
+            "release_signing.pem --head heads/<key>.json --prediction-times rows.parquet --out predictions.parquet`;",
+            "  3. or probe on more of your own data (more subjects or labelled rows per split).",
+        ]
+    return lines
+
+
 @dataclass
 class ProbeResult:
     reply: EvalReply
@@ -226,7 +262,13 @@ def probe_at_site(
     )
     heads = {
         key: save_head(
-            out_dir / "heads" / f"{key}.json", key, probe, release.setup.sha256, cfg.max_events, cfg.max_patches
+            out_dir / "heads" / f"{key}.json",
+            key,
+            probe,
+            release.setup.sha256,
+            cfg.max_events,
+            cfg.max_patches,
+            release.weights_sha256,
         )
         for key, probe in result.probes.items()
     }
@@ -262,6 +304,9 @@ def probe_at_site(
         outcome_table(keys, {site_name: reply}),
         "",
     ]
+    advice = withheld_advice(result.reasons, runtime.min_report_subjects, runtime.min_report_positives, release.path)
+    if advice:
+        md += ["## Tasks without a head here", "", *advice, ""]
     path = atomic_write_text(out_dir / "report.md", "\n".join(md))
     return ProbeResult(reply=reply, heads=heads, predictions=dict(result.predictions), report=path)
 
@@ -290,7 +335,7 @@ def predict_at_site(
     progress: bool = False,
 ) -> pa.Table:
     """A saved head's predictions for rows, embedded as the head's probe was."""
-    head = load_head(head_path, release.setup.sha256)
+    head = load_head(head_path, release.setup.sha256, release.weights_sha256)
     embedded = embed_rows_at_site(
         runtime, release, rows, head.meta.max_events, head.meta.max_patches, batch_size, progress
     )
@@ -299,6 +344,7 @@ def predict_at_site(
 
 __all__ = [
     "Embedded",
+    "PREDICTION_TIMES_SCHEMA",
     "NoRows",
     "ProbeResult",
     "UseError",
@@ -309,6 +355,7 @@ __all__ = [
     "predict_at_site",
     "predictions_for_rows",
     "probe_at_site",
+    "withheld_advice",
     "read_prediction_times",
     "splits_of",
     "task_rows",

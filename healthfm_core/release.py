@@ -12,9 +12,18 @@
     MODEL_CARD.md         the model card (server/model_card.py), and the same as data:
     model_card.json
     SHA256SUMS            `sha256  name` of every file above (`sha256sum -c SHA256SUMS` checks it)
+    SIGNATURE.json        the federation's Ed25519 signature over the sha256 of every file above and of
+                          SHA256SUMS (healthfm_core/release_signing.py); absent from an unsigned release
+
+release.json also records the weights' sha256 and the run id, so a saved head (eval/saved_head.py)
+names the exact weights it was fitted on.
 
 The release is written into a temporary sibling folder and renamed into place: a reader sees a
-whole release or none. Loading verifies every hash before parsing anything, validates each JSON
+whole release or none. Loading first verifies the signature against the federation's public key the
+reader holds (`trusted_keys`: release_signing.pem from a site's startup files, never a key inside
+the folder); an unsigned or unverifiable release is refused unless the reader says
+`trust_unsigned=True` (a local simulation's release), which is logged as a warning. Then it
+verifies every hash before parsing anything, validates each JSON
 file with its pydantic model, checks the weights' keys and shapes against the model the config and
 vocabulary build, and that the setup rebuilt from the parts has the recorded hash; a damaged or
 mismatched release is refused with one line naming the file and the field (ReleaseError).
@@ -23,16 +32,18 @@ mismatched release is refused with one line naming the file and the field (Relea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
@@ -42,6 +53,14 @@ from healthfm_core.data.vocab import Vocabulary
 from healthfm_core.federation import EvalConfig, FederationSetup
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.release_signing import (
+    SIGNATURE_FILE,
+    SignatureError,
+    TrustedKey,
+    load_public_key,
+    sign_folder,
+    verify_folder,
+)
 from healthfm_core.strict_files import StrictFileError, strict_model
 from healthfm_core.train.checkpoint import sha256_file
 
@@ -57,6 +76,7 @@ SUMS_FILE = "SHA256SUMS"
 RELEASE_FILES = (RELEASE_FILE, MODEL_CONFIG_FILE, VOCABULARY_FILE, WEIGHTS_FILE, CARD_MD_FILE, CARD_JSON_FILE)
 GROUPS = ("shared", *MODALITIES)
 _M = TypeVar("_M", bound=BaseModel)
+log = logging.getLogger("healthfm.release")
 
 
 class ReleaseError(ValueError):
@@ -81,6 +101,9 @@ class ReleaseMeta(BaseModel):
     untrained_groups: dict[str, str] = Field(default_factory=dict)
     min_report_subjects: int = Field(ge=1)  # the card's counts below it are not shown
     evaluation: EvalConfig | None = None  # the run's own evaluation (None: the run evaluated nothing)
+    # sha256 of weights.safetensors, filled by write_release ("" in a release made before it was
+    # recorded: refused on load). A saved head records it and is refused on other weights.
+    weights_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
 
 
 @dataclass
@@ -96,6 +119,10 @@ class ModelRelease:
     def vocabulary(self) -> Vocabulary:
         return self.setup.vocabulary
 
+    @property
+    def weights_sha256(self) -> str:
+        return self.meta.weights_sha256
+
 
 def write_release(
     out: str | Path,
@@ -105,9 +132,12 @@ def write_release(
     card_markdown: str,
     card: Mapping[str, Any],
     overwrite: bool = False,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Path:
     """Write a release folder at `out` (refused when it exists, unless `overwrite`); the weights
-    are checked against the model the setup builds before anything is written."""
+    are checked against the model the setup builds before anything is written. With `signing_key`
+    (the federation's, server/deploy/provision.py) the release is signed; without, it is unsigned
+    and loads only with trust_unsigned=True."""
     out = Path(out)
     if meta.setup_sha256 != setup.sha256:
         raise ReleaseError(f"release: field setup_sha256 {meta.setup_sha256[:16]}... is not the setup's {setup.sha256}")
@@ -118,6 +148,7 @@ def write_release(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}, str(tmp / WEIGHTS_FILE))
+        meta = meta.model_copy(update={"weights_sha256": sha256_file(tmp / WEIGHTS_FILE)})
         (tmp / RELEASE_FILE).write_text(meta.model_dump_json(indent=1), encoding="utf-8")
         (tmp / MODEL_CONFIG_FILE).write_text(setup.model.model_dump_json(indent=1), encoding="utf-8")
         (tmp / VOCABULARY_FILE).write_text(setup.vocabulary.model_dump_json(indent=1), encoding="utf-8")
@@ -128,6 +159,8 @@ def write_release(
         for name in (*RELEASE_FILES, SUMS_FILE):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
+        if signing_key is not None:
+            sign_folder(tmp, (*RELEASE_FILES, SUMS_FILE), signing_key)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -170,7 +203,7 @@ def verify_release_files(path: str | Path) -> None:
                 f"{file}: sha256 {digest[:16]}... does not match {sums[name][:16]}... in {SUMS_FILE} "
                 "(damaged or edited)"
             )
-    extra = sorted(p.name for p in path.iterdir() if p.name not in (*RELEASE_FILES, SUMS_FILE))
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*RELEASE_FILES, SUMS_FILE, SIGNATURE_FILE))
     if extra:
         raise ReleaseError(f"{path}: files not in {SUMS_FILE}: {', '.join(extra[:5])}")
 
@@ -211,15 +244,61 @@ def _check_weights(file: Path, arrays: Mapping[str, np.ndarray], model: torch.nn
         raise ReleaseError(f"{file}: key {key!r}: shape {got}, the model built from the release expects {want}")
 
 
-def load_release(path: str | Path, device: str | torch.device = "cpu") -> ModelRelease:
-    """Verify and load a release folder: the model with the released weights, in eval mode.
-    Raises ReleaseError (one line naming the file and field) for a damaged or mismatched release."""
+def trusted(keys: Sequence[str | Path | TrustedKey]) -> list[TrustedKey]:
+    """Public keys from PEM files (or already loaded); ReleaseError naming a bad file."""
+    try:
+        return [k if isinstance(k, TrustedKey) else load_public_key(k) for k in keys]
+    except SignatureError as err:
+        raise ReleaseError(str(err)) from None
+
+
+def verify_release_signature(
+    path: str | Path, trusted_keys: Sequence[str | Path | TrustedKey] = (), trust_unsigned: bool = False
+) -> bool:
+    """The release's SIGNATURE.json made by one of `trusted_keys` over every file as it is on disk
+    (ReleaseError naming the file otherwise); True when verified. With `trust_unsigned` the
+    signature is not checked (a warning is logged) and False returned."""
     path = Path(path)
+    if trust_unsigned:
+        log.warning(
+            "release %s loaded WITHOUT verifying its signature (trust_unsigned): nothing shows it is the "
+            "federation's model",
+            path,
+        )
+        return False
+    if not path.is_dir():
+        raise ReleaseError(f"{path}: not a folder (a model release is a folder)")
+    try:
+        verify_folder(path, (*RELEASE_FILES, SUMS_FILE), trusted(trusted_keys))
+    except SignatureError as err:
+        raise ReleaseError(str(err)) from None
+    return True
+
+
+def load_release(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    trusted_keys: Sequence[str | Path | TrustedKey] = (),
+    trust_unsigned: bool = False,
+) -> ModelRelease:
+    """Verify and load a release folder: the model with the released weights, in eval mode.
+    `trusted_keys`: the federation's public release key(s) (PEM files); the signature must be one
+    of theirs, unless `trust_unsigned` (logged as a warning; for a local simulation's release).
+    Raises ReleaseError (one line naming the file and field) for an unsigned, damaged or
+    mismatched release."""
+    path = Path(path)
+    verify_release_signature(path, trusted_keys, trust_unsigned)
     verify_release_files(path)
     meta = _validated(path / RELEASE_FILE, ReleaseMeta)
     if meta.format != FORMAT or meta.version != VERSION:
         raise ReleaseError(
             f"{path / RELEASE_FILE}: field format/version is {meta.format!r}/{meta.version}, expected {FORMAT!r}/{VERSION}"
+        )
+    if (digest := sha256_file(path / WEIGHTS_FILE)) != meta.weights_sha256:
+        raise ReleaseError(
+            f"{path / RELEASE_FILE}: field weights_sha256 {meta.weights_sha256[:16] or '(empty)'}... is not the "
+            f"sha256 of {WEIGHTS_FILE} ({digest[:16]}...)"
         )
     if unknown := sorted(set(meta.groups_trained) - set(meta.groups)):
         raise ReleaseError(f"{path / RELEASE_FILE}: field groups_trained names groups the model lacks: {unknown}")
@@ -270,6 +349,8 @@ __all__ = [
     "ReleaseError",
     "ReleaseMeta",
     "load_release",
+    "trusted",
     "verify_release_files",
+    "verify_release_signature",
     "write_release",
 ]

@@ -117,6 +117,12 @@ class HeadRunConfig(BaseModel):
     setup_sha256: str | None = None
     registry: Path | None = None
     run_id: int | None = None
+    # The release's weights' sha256 the coordinator read (""/None: not checked), and the federation's
+    # public release key its signature is verified against (healthfm_core/release_signing.py);
+    # without a key the release is loaded only with `trust_unsigned` (a local simulation's).
+    weights_sha256: str | None = None
+    release_key: Path | None = None
+    trust_unsigned: bool = False
 
     def to_run_config(self) -> dict[str, str | int | float | bool]:
         """This config as a Flower run config (flat, kebab-case; lists comma-separated; "" or 0
@@ -146,7 +152,13 @@ class HeadRunConfig(BaseModel):
             elif name in ("tasks", "keys", "c_grid"):
                 items = [v.strip() for v in str(value).split(",") if v.strip()]
                 data[name] = items if items or name == "tasks" else None
-            elif value != "" or name not in ("setup_sha256", "registry", "dp_run_epsilon"):
+            elif value != "" or name not in (
+                "setup_sha256",
+                "registry",
+                "dp_run_epsilon",
+                "weights_sha256",
+                "release_key",
+            ):
                 data[name] = value
         if data.get("c_grid") is None:
             data.pop("c_grid", None)
@@ -482,16 +494,25 @@ def privacy_summary(cfg: HeadRunConfig) -> dict[str, Any]:
 
 def fit_heads(grid: Grid, cfg: HeadRunConfig) -> dict[str, Path]:
     """Every asked key's federated head, saved under OUT/heads; returns key -> head file."""
-    release = load_release(cfg.model)
+    release = load_release(
+        cfg.model, trusted_keys=[cfg.release_key] if cfg.release_key else [], trust_unsigned=cfg.trust_unsigned
+    )
     if cfg.setup_sha256 and release.setup.sha256 != cfg.setup_sha256:
         raise ValueError(
             f"the release {cfg.model} has setup {release.setup.sha256[:12]}..., the run config's setup-sha256 is "
             f"{cfg.setup_sha256[:12]}... (the folder changed since the head was launched)"
         )
+    if cfg.weights_sha256 and release.weights_sha256 != cfg.weights_sha256:
+        raise ValueError(
+            f"the release {cfg.model} has weights {release.weights_sha256[:12]}..., the run config's weights-sha256 "
+            f"is {cfg.weights_sha256[:12]}... (the folder changed since the head was launched)"
+        )
     evaluation = release.meta.evaluation
     keys = head_keys(cfg, evaluation.tasks if evaluation is not None else [])
     declared = release_declared_rows(release)
-    return fit_keys(grid, cfg, release.setup.sha256, release.setup.embedding_width, keys, declared)
+    return fit_keys(
+        grid, cfg, release.setup.sha256, release.setup.embedding_width, keys, release.weights_sha256, declared
+    )
 
 
 def fit_keys(
@@ -500,10 +521,12 @@ def fit_keys(
     sha: str,
     width: int,
     keys: Sequence[str],
+    weights_sha256: str,
     declared_rows: Mapping[str, int] | None = None,
 ) -> dict[str, Path]:
-    """The heads of `keys` for the release of setup `sha` and embedding `width` (fit_heads), each
-    site's counts within `declared_rows` (release_declared_rows; None: not bounded by a release)."""
+    """The heads of `keys` for the release of setup `sha`, embedding `width` and weights
+    `weights_sha256` (fit_heads), each site's counts within `declared_rows`
+    (release_declared_rows; None: not bounded by a release)."""
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.timeout_s)
     log.info("federated heads of release %s (setup %s...): keys %s, %d site(s) connected", cfg.model, sha[:12], keys, len(nodes))  # fmt: skip
     out: dict[str, Path] = {}
@@ -521,7 +544,7 @@ def fit_keys(
             summary["heads"][key] = {"reason": str(err), "refused": sites.refused, "errors": sites.errors, "rejected": sites.rejected, "dp_plan": sites.plan, "epsilon": sites.epsilon}  # fmt: skip
             continue
         path = Path(cfg.out_dir) / HEADS_DIR / f"{key}.json"
-        out[key] = save_head(path, key, result.probe, sha, sites.max_events, sites.max_patches)
+        out[key] = save_head(path, key, result.probe, sha, sites.max_events, sites.max_patches, weights_sha256)
         summary["heads"][key] = {
             "head": str(path),
             "c": result.probe.c,

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from healthfm_core.release import FORMAT, GROUPS, VERSION, ReleaseMeta, write_release
 from healthfm_core.strict_files import read_json
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
@@ -28,8 +30,11 @@ class RunNotReleasable(ValueError):
     """The run directory holds nothing to release (no checkpoint), or its record is unusable."""
 
 
-def release_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the release of the run in `run_dir` (its latest checkpoint) to `out`."""
+def release_run(
+    run_dir: str | Path, out: str | Path, overwrite: bool = False, signing_key: Ed25519PrivateKey | None = None
+) -> Path:
+    """Write the release of the run in `run_dir` (its latest checkpoint) to `out`, signed with
+    `signing_key` (the federation's; None: unsigned)."""
     run_dir = Path(run_dir)
     ckpt = latest_server_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
@@ -85,7 +90,9 @@ def release_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         min_report_subjects=cfg.vocab_min_subjects,
         evaluation=eval_config,
     )
-    path = write_release(out, state.arrays, state.setup, meta, markdown, card, overwrite=overwrite)
+    path = write_release(
+        out, state.arrays, state.setup, meta, markdown, card, overwrite=overwrite, signing_key=signing_key
+    )
     log.info("release of %s (round %d) written to %s", ckpt, state.round, path)
     return path
 

@@ -63,9 +63,12 @@ def head_node_configs(
     policies: Sequence[Path] | None = None,
     state_dirs: Sequence[Path] | None = None,
     max_subjects: int | None = None,
+    release_key: Path | None = None,
+    trust_unsigned: bool = False,
 ) -> list[dict[str, Any]]:
-    """One node config per site: its root, the release it holds, its minimums, its embed file,
-    its policy (its DP budget) and its state directory (its durable privacy ledger)."""
+    """One node config per site: its root, the release it holds and the key it verifies it with
+    (or trust-unsigned-release), its minimums, its embed file, its policy (its DP budget) and its
+    state directory (its durable privacy ledger)."""
     if embeddings is not None and len(embeddings) != len(sites):
         raise ValueError(f"--embeddings: {len(embeddings)} files for {len(sites)} sites")
     policy_of = _per_site("--policies", policies, len(sites))
@@ -74,6 +77,10 @@ def head_node_configs(
     out = []
     for i, root in enumerate(sites):
         node: dict[str, Any] = {"site-root": str(Path(root).resolve()), "model": str(Path(model).resolve())}
+        if release_key is not None:
+            node["release-key"] = str(Path(release_key).resolve())
+        if trust_unsigned:
+            node["trust-unsigned-release"] = True
         if min_subjects is not None:
             node["min-report-subjects"] = min_subjects
         if min_positives is not None:
@@ -88,6 +95,18 @@ def head_node_configs(
             node["max-subjects"] = max_subjects
         out.append(node)
     return out
+
+
+def add_release_trust_args(parser: argparse.ArgumentParser) -> None:
+    """How the sites and the server verify the release (healthfm_core/release_signing.py)."""
+    parser.add_argument(
+        "--release-key", metavar="PEM", help="the public key the release is signed with (release_signing.pem)"
+    )
+    parser.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="load an unsigned release (`coordinator release --unsigned` of a simulation's run) unverified",
+    )
 
 
 def add_dp_args(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=5, help="each site's steps per round")
     parser.add_argument("--out", required=True, help="output folder")
     add_dp_args(parser)
+    add_release_trust_args(parser)
     args = parser.parse_args(argv)
     setup_job_logging()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -157,12 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = HeadRunConfig(
         model=Path(args.model), out_dir=Path(args.out), tasks=args.tasks, keys=args.keys, rounds=args.rounds,
         local_steps=args.local_steps, **grid, **head_dp_config(args),
+        release_key=args.release_key, trust_unsigned=args.trust_unsigned,
     )  # fmt: skip
     nodes = head_node_configs(
         Path(args.model), [Path(s) for s in args.sites], args.min_subjects,
         [Path(e) for e in args.embeddings] if args.embeddings else None, None,
         [Path(p) for p in args.policies] if args.policies else None,
         [Path(d) for d in args.state_dirs] if args.state_dirs else None, args.max_subjects,
+        Path(args.release_key) if args.release_key else None, args.trust_unsigned,
     )  # fmt: skip
     try:
         heads = run_head_simulation(cfg, nodes, num_cpus=args.num_cpus)

@@ -57,7 +57,7 @@ from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
 from healthfm_core.strict_files import read_json
 from server.head_app import SUMMARY_FILE, HeadRunConfig
 from server.head_options import head_dp_config
-from simulations.federated_head_run import add_dp_args, head_node_configs, run_head_simulation
+from simulations.federated_head_run import add_dp_args, add_release_trust_args, head_node_configs, run_head_simulation
 
 METHODS = ("federated head", "local head", "pooled head")
 
@@ -89,13 +89,15 @@ def compare_heads(
     dp: dict[str, Any] | None = None,
     policies: Sequence[Path] | None = None,
     state_dirs: Sequence[Path] | None = None,
+    release_key: Path | None = None,
+    trust_unsigned: bool = False,
 ) -> dict:
     """The three heads per site and key (module docstring). `dp`: HeadRunConfig's DP fields
     (server/head_options.head_dp_config), with `policies` and `state_dirs` the sites' DP budgets and
     ledgers: only with `over_flower` (the in-process driver has no DP)."""
     if over_flower is None and (dp or policies or state_dirs):
         raise ValueError("DP of the federated head (--dp-*, --policies, --state-dirs) needs --over-flower")
-    release = load_release(model)
+    release = load_release(model, trusted_keys=[release_key] if release_key else [], trust_unsigned=trust_unsigned)
     per_site: dict[str, dict] = {}
     cfg = None
     if embeddings is not None and len(embeddings) != len(sites):
@@ -127,12 +129,28 @@ def compare_heads(
     flower: dict[str, Any] = {}
     if over_flower is not None:
         head_cfg = HeadRunConfig(
-            model=model, out_dir=over_flower, tasks=list(tasks or []), keys=keys, rounds=rounds, **(dp or {})
+            model=model,
+            out_dir=over_flower,
+            tasks=list(tasks or []),
+            keys=keys,
+            rounds=rounds,
+            release_key=release_key,
+            trust_unsigned=trust_unsigned,
+            **(dp or {}),
         )
         flower_heads = run_head_simulation(
             head_cfg,
             head_node_configs(
-                model, sites, min_subjects, embeddings, min_positives, policies, state_dirs, max_subjects
+                model,
+                sites,
+                min_subjects,
+                embeddings,
+                min_positives,
+                policies,
+                state_dirs,
+                max_subjects,
+                release_key,
+                trust_unsigned,
             ),
         )
         flower = read_json(over_flower / SUMMARY_FILE)
@@ -264,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="the markdown report (JSON beside it)")
     add_dp_args(parser)
+    add_release_trust_args(parser)
     args = parser.parse_args(argv)
     report = compare_heads(
         Path(args.model),
@@ -278,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         head_dp_config(args) if args.dp_target_epsilon is not None or args.dp_noise_multiplier is not None else None,
         [Path(p) for p in args.policies] if args.policies else None,
         [Path(d) for d in args.state_dirs] if args.state_dirs else None,
+        Path(args.release_key) if args.release_key else None,
+        args.trust_unsigned,
     )
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1))

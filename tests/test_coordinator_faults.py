@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import http.server
 import os
+import pwd
+import re
 import signal
 import socket
 import ssl
@@ -51,11 +53,12 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 from healthfm_core.model.config import load_model_config
 from server.audit import AUDIT_FILE, read_audit_log, verify_audit_log
 from server.config import FederationConfig
+from server.deploy.body_limit import largest_push_bytes, model_parameters, push_body_limit_bytes
 from server.deploy.coordinator import main as coordinator_main
 from server.deploy.coordinator import read_launches, report_outcome, resume_command
 from server.deploy.flwr_control import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, write_connection
 from server.deploy.provision import FederationPaths, ProvisionConfig, provision
-from server.deploy.proxy import find_nginx, start_proxy, wait_listening
+from server.deploy.proxy import PUSH_CONNECTIONS, WORKER_USERS, find_nginx, start_proxy, wait_listening, worker_user
 from server.outcome import RunOutcome, checkpointed_round, read_outcome, settle_outcome, write_outcome
 from server.run_claim import (
     CLAIM_FILE,
@@ -121,21 +124,42 @@ def proxied(tmp_path: Path) -> Iterator[tuple[FederationPaths, int, list[tuple[s
         server.shutdown()
 
 
-def raw_request(fed: FederationPaths, port: int, method: str, target: str) -> tuple[int, str]:
-    """Send exactly `METHOD TARGET` (no client-side normalisation) over TLS; status and body."""
+# What Flower's node authentication sends on every Fleet call (nginx checks they are there; the
+# SuperLink checks the signature).
+AUTH = {"flwr-public-key": "a2V5", "flwr-signature": "c2ln", "flwr-timestamp": "2026-01-01T00:00:00+00:00"}
+
+
+def raw_request(
+    fed: FederationPaths,
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    length: str | None = None,
+) -> tuple[int, str]:
+    """Send exactly `METHOD TARGET` (no client-side normalisation) over TLS with the node
+    authentication headers (or `headers`) and `body` (Content-Length: `length`, default the
+    body's; "" sends none); status and body."""
     ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
+    sent = {**(AUTH if headers is None else headers), "Host": "localhost", "Connection": "close"}
+    length = str(len(body)) if length is None else length
+    if length:
+        sent["Content-Length"] = length
+    head_text = "".join(f"{k}: {v}\r\n" for k, v in sent.items())
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
-            conn.sendall(
-                f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode(
-                    "latin-1"
-                )
-            )
+            conn.sendall(f"{method} {target} HTTP/1.1\r\n{head_text}\r\n".encode("latin-1") + body)
+            # The answer as soon as it is whole (its Content-Length), not the close: after a refusal
+            # nginx lingers a few seconds for the body it will discard.
             data = b""
-            while chunk := conn.recv(65536):
+            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                 data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode(errors="replace")
+            head, _, answer = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            while (length is None or len(answer) < int(length[1])) and (chunk := conn.recv(65536)):
+                answer += chunk
+    return int(head.split()[1]), answer.decode(errors="replace")
 
 
 TRAVERSALS = [
@@ -173,6 +197,75 @@ def test_nginx_refuses_dot_segments_and_encoded_slashes_and_forwards_only_canoni
     assert seen == [("POST", "/v1/fleet/get-run"), ("POST", "/v1/fleet/push-messages")]
     log = (fed.server_dir / "nginx-access.log").read_text()
     assert '"POST /v1/control/list-runs/../../fleet/get-run HTTP/1.1" 400' in log
+
+
+def test_nginx_refuses_a_body_too_large_unauthenticated_or_unsized_before_the_superlink(
+    proxied: tuple[FederationPaths, int, list[tuple[str, str]]],
+) -> None:
+    """Issue 40, break 7: an unauthenticated 300 MB POST to push-object streamed through nginx
+    (client_max_body_size 2g) into the SuperLink. Now a body over the limit is refused with 413 from
+    its Content-Length, a call without Flower's node authentication headers with 401, a chunked body
+    with 411: none reaches the SuperLink, and nginx answers before the body is sent."""
+    fed, port, seen = proxied
+    limit = push_body_limit_bytes()
+    # The paper model's secure round (its largest message) fits; twice the old 2 GB does not.
+    assert largest_push_bytes(model_parameters()) < limit < 2 * 1024**3
+    too_big = str(limit + 1)
+    # The headers alone: nginx decides from Content-Length and never waits for the body.
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", length=too_big)[0] == 413
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", length=str(300 * 1024**2), headers={})[0] == 401
+    for header in AUTH:  # each of the three is required
+        partial = {k: v for k, v in AUTH.items() if k != header}
+        status, body = raw_request(fed, port, "POST", "/v1/fleet/pull-messages", headers=partial, body=b"x")
+        assert status == 401 and header in body
+    # Every other route: small bodies only (1 MiB).
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-messages", length=str(2 * 1024**2))[0] == 413
+    chunked = {**AUTH, "Transfer-Encoding": "chunked"}
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", headers=chunked, body=b"5\r\nhello\r\n0\r\n\r\n", length="")[0] == 411  # fmt: skip
+    assert raw_request(fed, port, "GET", "/v1/fleet/push-object")[0] == 403
+    assert seen == []
+    # A legitimate object (authenticated, sized) goes through: the refusals above were nginx's.
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", body=b"\0" * 70_000) == (200, "upstream\n")
+    assert seen == [("POST", "/v1/fleet/push-object")]
+    log = (fed.server_dir / "nginx-access.log").read_text()
+    assert '"POST /v1/fleet/push-object HTTP/1.1" 413' in log
+
+
+def test_nginx_limits_each_address_and_never_runs_its_workers_as_root(
+    proxied: tuple[FederationPaths, int, list[tuple[str, str]]],
+) -> None:
+    """nginx.conf never says `user root;` (break 7): started by root, its workers run as an
+    unprivileged user, seen in the process table. One address holds at most PUSH_CONNECTIONS
+    object pushes in progress at once: the next is refused with 429, never forwarded."""
+    fed, port, seen = proxied
+    text = (fed.server_dir / "nginx.conf").read_text()
+    assert not re.search(r"^\s*user\s+root\s*;", text, re.M)
+    if os.geteuid() == 0:
+        user = worker_user()
+        assert user in WORKER_USERS and user != "root" and f"user {user};" in text
+        master = int((fed.server_dir / "nginx.pid").read_text())
+        workers = descendants(master)
+        assert workers and all(Path(f"/proc/{pid}").stat().st_uid == pwd.getpwnam(user).pw_uid for pid in workers)
+    assert re.search(r"limit_req zone=fleet_requests burst=\d+ nodelay;", text)
+    ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
+    held = []
+    head = "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
+    try:
+        for _ in range(PUSH_CONNECTIONS):  # bodies announced but not sent: each push stays in progress
+            conn = ctx.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="localhost"
+            )
+            conn.sendall(
+                f"POST /v1/fleet/push-object HTTP/1.1\r\nHost: localhost\r\n{head}Content-Length: 1000\r\n\r\nxx".encode()
+            )
+            held.append(conn)
+        while len(seen) < PUSH_CONNECTIONS:  # each reached the upstream
+            time.sleep(0.05)
+        assert raw_request(fed, port, "POST", "/v1/fleet/push-object", body=b"x")[0] == 429
+        assert len(seen) == PUSH_CONNECTIONS
+    finally:
+        for conn in held:
+            conn.close()
 
 
 # ---------------------------------------------------------------------------- one run per out-dir (break 7)

@@ -79,19 +79,31 @@ def _mode(path: Path) -> int:
 
 
 def test_provision_writes_private_keys_only_where_they_belong(fed: FederationPaths) -> None:
-    private_keys = {fed.ca_key, fed.superlink_key, fed.site("north").private_key, fed.site("south").private_key}
+    private_keys = {
+        fed.ca_key,
+        fed.superlink_key,
+        fed.release_signing_key,
+        fed.site("north").private_key,
+        fed.site("south").private_key,
+    }
     for path in private_keys:
         assert _mode(path) == 0o600, path
     for d in (fed.server_dir, fed.root / "sites", fed.site("north").dir, fed.site("south").dir):
         assert _mode(d) == 0o700, d
-    # Whatever holds key material is one of those four files, and nothing else anywhere is.
+    # Whatever holds key material is one of those five files, and nothing else anywhere is.
     holders = {p for p in fed.root.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
     assert holders == private_keys
-    # A site's directory (what its admin receives) holds its own key, its public key and the CA
-    # certificate: no server key, no other site's key.
+    # A site's directory (what its admin receives) holds its own key, its public key, the CA
+    # certificate and the federation's public release key: no server key, no other site's key.
     for name in ("north", "south"):
         site = fed.site(name)
-        assert sorted(p.name for p in site.dir.iterdir()) == ["auth_key", "auth_key.pub", "ca.pem"]
+        assert sorted(p.name for p in site.dir.iterdir()) == [
+            "auth_key",
+            "auth_key.pub",
+            "ca.pem",
+            "release_signing.pem",
+        ]
+        assert site.release_key.read_bytes() == fed.release_public_key.read_bytes()
     assert fed.site("north").private_key.read_bytes() != fed.site("south").private_key.read_bytes()
     manifest = json.loads(fed.manifest.read_text())
     assert [s["name"] for s in manifest["sites"]] == ["north", "south"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_hardening import serverapp_identity  # noqa: F401 - the fixture
 from test_head_dp import head_config, in_process_grid, site_nodes
-from test_head_over_flower import KEY, SHA
+from test_head_over_flower import KEY, SHA, WEIGHTS
 
 from server.config import PrivacyRequest
 from server.deploy.bundle import build_bundle
@@ -66,7 +66,7 @@ def test_only_registered_nodes_take_part_under_their_registered_names(tmp_path: 
     )  # node 103 (site3) is not registered
     out = tmp_path / "out"
     cfg = head_config(out).model_copy(update={"registry": registry, "run_id": 7})
-    fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY])
+    fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY], WEIGHTS)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["run_id"] == 7
     fitted = summary["heads"][KEY]
@@ -78,7 +78,7 @@ def test_only_registered_nodes_take_part_under_their_registered_names(tmp_path: 
         }
     }
     plain = tmp_path / "plain"
-    fit_keys(in_process_grid(nodes[:2]), head_config(plain), SHA, 5, [KEY])
+    fit_keys(in_process_grid(nodes[:2]), head_config(plain), SHA, 5, [KEY], WEIGHTS)
     assert (out / "heads" / f"{KEY}.safetensors").read_bytes() == (plain / "heads" / f"{KEY}.safetensors").read_bytes()
 
 

@@ -33,6 +33,7 @@ from client.client import main as client_main
 from client.head_rows import load_head_rows
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.saved_head import load_head
+from server.deploy.coordinator import main as coordinator_main
 from server.deploy.provision import FederationPaths
 from server.head_app import HeadRunConfig, fit_heads
 from simulations.federated_head_run import head_node_configs
@@ -46,17 +47,22 @@ C_GRID = (0.1, 1.0)
 
 
 @pytest.fixture(scope="module")
-def released(run, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], Path, dict[str, Path]]:
-    """The tiny scenario's sites, a two-round run's release (test_release_federation's), and each
-    site's embed file."""
-    _, nodes, model = run
+def released(
+    run, federation: FederationPaths, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Path], Path, dict[str, Path]]:
+    """The tiny scenario's sites, a two-round run's release (test_release_federation's run,
+    released by this federation: signed with its key), and each site's embed file."""
+    run_dir, nodes, _ = run
+    model = tmp_path_factory.mktemp("release") / "model"
+    assert coordinator_main(["release", str(federation.root), "--run", str(run_dir), "--out", str(model)]) == 0
     roots = {n["site-name"]: Path(n["site-root"]) for n in nodes.values()}
     assert set(roots) == set(SITES)
     tmp = tmp_path_factory.mktemp("embeddings")
     embs = {}
     for site, root in roots.items():
         embs[site] = tmp / f"emb-{site}.parquet"
-        argv = ["embed", str(root), "--model", str(model), "--min-subjects", "2", "--min-positives", "1"]
+        argv = ["embed", str(root), "--model", str(model), "--release-key", str(federation.site(site).release_key)]
+        argv += ["--min-subjects", "2", "--min-positives", "1"]
         assert client_main([*argv, "--no-progress", "--out", str(embs[site])]) == 0
     return roots, model, embs
 
@@ -92,6 +98,7 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
                 policy=pretrain_only if site == UNAPPROVED else policy,
             )  # fmt: skip
             args += ["--node-config", f"model={model}", "--node-config", f"embeddings={embs[site]}"]
+            args += ["--release-key", str(federation.site(site).release_key)]
             args += ["--node-config", "min-report-positives=1"]
             procs[site] = Process([sys.executable, str(CLIENT), *args], tmp_path / f"join-{site}.out")
         for proc in procs.values():
@@ -122,7 +129,10 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
     # The one-process head on the approving sites' rows (the same embed files).
     approving = [s for s in SITES if s != UNAPPROVED]
     splits = {}
-    for node in head_node_configs(model, [roots[s] for s in approving], 2, [embs[s] for s in approving], 1):
+    key = federation.release_public_key
+    for node in head_node_configs(
+        model, [roots[s] for s in approving], 2, [embs[s] for s in approving], 1, release_key=key
+    ):
         rows = load_head_rows(node, [])
         if isinstance(got := rows.keys.get(KEY), SiteSplits):
             splits[rows.site] = got
@@ -145,17 +155,21 @@ def test_the_coordinators_head_over_real_supernodes_is_the_one_process_head(
     # A site applies the saved head with `client.py predict --head`.
     site = approving[0]
     pq.write_table(pq.read_table(embs[site]).select(["subject_id", "prediction_time"]).slice(0, 5), tmp_path / "rows.parquet")  # fmt: skip
-    argv = ["predict", str(roots[site]), "--model", str(model), "--min-subjects", "2", "--min-positives", "1"]
+    argv = ["predict", str(roots[site]), "--model", str(model), "--release-key", str(federation.site(site).release_key)]
+    argv += ["--min-subjects", "2", "--min-positives", "1"]
     argv += ["--no-progress", "--head", fitted["head"], "--prediction-times", str(tmp_path / "rows.parquet")]
     assert client_main([*argv, "--out", str(tmp_path / "pred.parquet")]) == 0
     assert pq.read_table(tmp_path / "pred.parquet").num_rows == 5
 
 
-def test_the_head_server_app_refuses_a_release_that_changed_since_the_launch(released, tmp_path: Path) -> None:
+def test_the_head_server_app_refuses_a_release_that_changed_since_the_launch(
+    released, federation: FederationPaths, tmp_path: Path
+) -> None:
     """The run config carries the setup hash `coordinator head` read; a ServerApp that loads
     another release from that folder stops before any message, naming both."""
     _, model, _ = released
-    cfg = HeadRunConfig(model=model, out_dir=tmp_path, setup_sha256="0" * 64)
+    key = federation.release_public_key
+    cfg = HeadRunConfig(model=model, out_dir=tmp_path, setup_sha256="0" * 64, release_key=key)
     with pytest.raises(
         ValueError, match=r"has setup [0-9a-f]{12}\.\.\., the run config's setup-sha256 is 000000000000"
     ):

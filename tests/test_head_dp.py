@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from test_hardening import serverapp_identity  # noqa: F401 - the fixture
-from test_head_over_flower import KEY, SHA, HeadGrid
+from test_head_over_flower import KEY, SHA, WEIGHTS, HeadGrid
 
 from client.head_app import make_head_client_app
 from client.head_rows import HeadRows
@@ -148,7 +148,7 @@ def test_dp_head_spends_from_each_sites_ledger_and_a_site_over_its_cap_refuses(t
     before = PrivacyLedger(nodes[0]["state-dir"]).epsilon(DELTA)
     out = tmp_path / "out"
     cfg = head_config(out, PrivacyRequest(noise_multiplier=1.0, delta=DELTA))
-    fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY])
+    fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY], WEIGHTS)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     fitted = summary["heads"][KEY]
     assert set(fitted["train_rows"]) == {"site0", "site1", "site2"}  # site2 sent its stats
@@ -226,7 +226,7 @@ def test_a_site_whose_policy_makes_dp_mandatory_trains_under_dp_unasked(tmp_path
 
 def synthetic_heads(grid: Any, cfg: HeadRunConfig) -> dict[str, Path]:
     """The ServerApp's work over the synthetic sites (no release folder: its setup and width)."""
-    return fit_keys(grid, cfg, SHA, 5, [KEY])
+    return fit_keys(grid, cfg, SHA, 5, [KEY], WEIGHTS)
 
 
 @pytest.fixture
@@ -296,7 +296,14 @@ def test_sites_whose_budget_runs_out_mid_grid_stop_the_grid_and_the_best_c_so_fa
     assert all(cap < spend[i][1] for i, cap in enumerate(caps))  # the test's premise
     nodes = site_nodes(tmp_path, caps)
     out = tmp_path / "out"
-    fit_keys(in_process_grid(nodes), head_config(out, PrivacyRequest(noise_multiplier=1.0, delta=DELTA)), SHA, 5, [KEY])
+    fit_keys(
+        in_process_grid(nodes),
+        head_config(out, PrivacyRequest(noise_multiplier=1.0, delta=DELTA)),
+        SHA,
+        5,
+        [KEY],
+        WEIGHTS,
+    )
     fitted = json.loads((out / SUMMARY_FILE).read_text())["heads"][KEY]
     assert fitted["c"] == 0.1 and list(fitted["tuning_by_c"]) == ["0.1"]
     assert set(fitted["refused"]) == {"site0", "site1", "site2"}

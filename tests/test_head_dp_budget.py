@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 from test_hardening import serverapp_identity  # noqa: F401 - the fixture
-from test_head_dp import BATCH, DELTA, KEY, SHA, head_config, in_process_grid, site_nodes, site_splits
+from test_head_dp import BATCH, DELTA, KEY, SHA, WEIGHTS, head_config, in_process_grid, site_nodes, site_splits
 
 from healthfm_core.privacy.head import subject_index
 from healthfm_core.privacy.ledger import PrivacyLedger
@@ -36,7 +36,7 @@ def test_a_dp_head_run_logs_each_sites_planned_epsilon_before_it_starts_and_spen
         update={"run_id": 7}
     )
     with caplog.at_level(logging.INFO, logger="healthfm"):
-        fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY])
+        fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY], WEIGHTS)
     messages = [r.getMessage() for r in caplog.records]
     first_round = next(i for i, m in enumerate(messages) if "round 1: cumulative epsilon" in m)
     plans = [i for i, m in enumerate(messages) if "DP plan: site" in m]
@@ -63,7 +63,7 @@ def test_a_site_refuses_the_rounds_past_the_runs_epsilon_limit(tmp_path: Path, c
     cfg = head_config(tmp_path / "out", PrivacyRequest(noise_multiplier=0.7, delta=DELTA))
     cfg = cfg.model_copy(update={"run_id": 9, "dp_run_epsilon": limit})
     with caplog.at_level(logging.INFO, logger="healthfm"):
-        fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY])
+        fit_keys(in_process_grid(nodes), cfg, SHA, 5, [KEY], WEIGHTS)
     summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
     head = summary["heads"][KEY]
     assert summary["privacy"]["run_epsilon_limit"] == limit

@@ -31,6 +31,7 @@ from healthfm_core.head_messages import (
 from server.head_app import HeadRunConfig, fit_head
 
 SHA = "ab" * 32
+WEIGHTS = "cd" * 32  # the release weights' sha256 a saved head records
 KEY = "onset_x_365d"
 C_GRID = (0.01, 0.1, 1.0)
 

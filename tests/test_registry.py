@@ -83,9 +83,11 @@ def test_the_proxy_forwards_only_the_fleet_routes(tmp_path: Path) -> None:
     paths = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["a"])).paths
     text = nginx_config(paths, "0.0.0.0", 9093, 41000)
     locations = re.findall(r"location (.*?) \{", text)
-    assert locations == [f"~ ^/v1/fleet/({'|'.join(FLEET_ROUTES)})$", "/"]
+    small = [r for r in FLEET_ROUTES if r != "push-object"]
+    assert locations == [f"~ ^/v1/fleet/({'|'.join(small)})$", "= /v1/fleet/push-object", "/"]
     # the route's canonical path, rebuilt by nginx: never the client's raw request target
-    assert text.count("proxy_pass") == 1 and "proxy_pass https://superlink/v1/fleet/$1;" in text
+    assert text.count("proxy_pass") == 2 and "proxy_pass https://superlink/v1/fleet/$1;" in text
+    assert "proxy_pass https://superlink/v1/fleet/push-object;" in text
     # ... the one upstream, the loopback SuperLink, with connections kept open for reuse.
     upstream = re.findall(r"upstream superlink \{\s*server (\S+);\s*keepalive \d+;\s*keepalive_timeout (\d+)s;", text)
     assert upstream == [("127.0.0.1:41000", str(UPSTREAM_IDLE_S))]

@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from client.client import build_parser
 from client.client import main as client_main
-from client.model_use import embed_rows_at_site, open_site_runtime, task_rows
+from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, open_site_runtime, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
@@ -34,10 +35,12 @@ from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_fit import SiteDoesNotFit, release_fit, require_fit
+from healthfm_core.release_signing import load_public_key, load_signing_key, make_signing_key, sign_folder
 from healthfm_core.train.checkpoint import sha256_file
 from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig
 from server.deploy.coordinator import main as coordinator_main
+from server.head_app import HeadRunConfig, fit_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN = {"min-code-subjects": 5, "min-report-subjects": 2}
@@ -61,8 +64,11 @@ def setup(federation) -> FederationSetup:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, setup: FederationSetup) -> Path:
     """A run directory as the ServerApp leaves one: checkpoint of round 2, events, evaluation."""
-    out = tmp_path_factory.mktemp("run")
-    gen = torch.Generator().manual_seed(3)
+    return _write_run(tmp_path_factory.mktemp("run"), setup, seed=3, run_id=7)
+
+
+def _write_run(out: Path, setup: FederationSetup, seed: int, run_id: int) -> Path:
+    gen = torch.Generator().manual_seed(seed)
     arrays = {
         k: (v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v).numpy()
         for k, v in setup.init_model().state_dict().items()
@@ -82,7 +88,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, setup: FederationSetup) ->
         {
             "event": "setup",
             "round": 0,
-            "run_id": 7,
+            "run_id": run_id,
             "setup_sha256": setup.sha256,
             "sites": {s: {"modalities": [m for m, n in c.items() if n], "subjects": c} for s, c in subjects.items()},
         },
@@ -125,9 +131,23 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, setup: FederationSetup) ->
 
 
 @pytest.fixture(scope="module")
-def release_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A provisioned federation: its release signing key, and the public key each site holds."""
+    fed = tmp_path_factory.mktemp("federation")
+    assert coordinator_main(["provision", str(fed), "--site", "biobank"]) == 0
+    return fed
+
+
+@pytest.fixture(scope="module")
+def release_key(fed_dir: Path) -> Path:
+    """The federation's public release key from the biobank's startup files."""
+    return fed_dir / "sites" / "biobank" / "release_signing.pem"
+
+
+@pytest.fixture(scope="module")
+def release_dir(run_dir: Path, fed_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rel") / "model"
-    assert coordinator_main(["release", str(run_dir), "--run", str(run_dir), "--out", str(out)]) == 0
+    assert coordinator_main(["release", str(fed_dir), "--run", str(run_dir), "--out", str(out)]) == 0
     return out
 
 
@@ -137,18 +157,21 @@ def _copy(release_dir: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def _resum(path: Path) -> None:
-    """Recompute SHA256SUMS, as someone editing a file and its hash would."""
+def _resum(path: Path, sign_with: Path | None = None) -> None:
+    """Recompute SHA256SUMS, as someone editing a file and its hash would; with `sign_with` (a
+    private key file) also sign the folder again, as a coordinator releasing that folder would."""
     lines = (path / "SHA256SUMS").read_text().splitlines()
     names = [ln.split("  ", 1)[1] for ln in lines]
     (path / "SHA256SUMS").write_text("".join(f"{sha256_file(path / n)}  {n}\n" for n in names))
+    if sign_with is not None:
+        sign_folder(path, [*names, "SHA256SUMS"], load_signing_key(sign_with))
 
 
 # ---------------------------------------------------------------------------- the release
 
 
 def test_release_holds_the_checkpoint_weights_and_loads_in_a_fresh_process_with_only_healthfm_core(
-    release_dir: Path, run_dir: Path
+    release_dir: Path, run_dir: Path, release_key: Path
 ) -> None:
     files = sorted(p.name for p in release_dir.iterdir())
     assert files == sorted(
@@ -160,6 +183,7 @@ def test_release_holds_the_checkpoint_weights_and_loads_in_a_fresh_process_with_
             "MODEL_CARD.md",
             "model_card.json",
             "SHA256SUMS",
+            "SIGNATURE.json",
         ]
     )
     # sha256sum's own format: the tool a site admin has verifies it.
@@ -168,7 +192,7 @@ def test_release_holds_the_checkpoint_weights_and_loads_in_a_fresh_process_with_
     code = (
         "import json, sys, hashlib\n"
         "from healthfm_core.release import load_release\n"
-        f"r = load_release({str(release_dir)!r})\n"
+        f"r = load_release({str(release_dir)!r}, trusted_keys=[{str(release_key)!r}])\n"
         "state = r.model.state_dict()\n"
         "digest = hashlib.sha256(b''.join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()\n"
         "print(json.dumps({'leaked': [m for m in ('flwr', 'server', 'client', 'ray') if m in sys.modules],"
@@ -188,17 +212,19 @@ def test_release_holds_the_checkpoint_weights_and_loads_in_a_fresh_process_with_
     assert got["digest"] == expect
     meta = json.loads((release_dir / "release.json").read_text())
     assert got["setup"] == meta["setup_sha256"]
+    # release.json names the run and the exact weights.
+    assert meta["run_id"] == "7" and meta["weights_sha256"] == sha256_file(release_dir / "weights.safetensors")
 
 
 def test_release_refuses_a_run_without_checkpoint_and_an_existing_out(
-    tmp_path: Path, release_dir: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, release_dir: Path, run_dir: Path, capsys: pytest.CaptureFixture[str], fed_dir: Path
 ) -> None:
     (tmp_path / "empty").mkdir()
-    assert coordinator_main(["release", str(tmp_path), "--run", str(tmp_path / "empty"), "--out", "x"]) == 1
+    assert coordinator_main(["release", str(fed_dir), "--run", str(tmp_path / "empty"), "--out", "x"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
     assert coordinator_main(["release", str(tmp_path), "--run", str(tmp_path / "nope"), "--out", "x"]) == 2
     before = sha256_file(release_dir / "SHA256SUMS")
-    assert coordinator_main(["release", str(tmp_path), "--run", str(run_dir), "--out", str(release_dir)]) == 1
+    assert coordinator_main(["release", str(fed_dir), "--run", str(run_dir), "--out", str(release_dir)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert sha256_file(release_dir / "SHA256SUMS") == before and not (tmp_path / "x").exists()
 
@@ -218,8 +244,11 @@ def test_release_refuses_a_run_without_checkpoint_and_an_existing_out(
     ],
 )
 def test_a_damaged_or_mismatched_release_is_refused_naming_file_and_field(
-    release_dir: Path, tmp_path: Path, damage: str, names: list[str]
+    release_dir: Path, tmp_path: Path, damage: str, names: list[str], fed_dir: Path, release_key: Path
 ) -> None:
+    """Damage the signature cannot see (a folder signed again after the edit, as a coordinator
+    releasing a broken folder would) is still refused by name."""
+    signing_key = fed_dir / "server" / "release_signing.key"
     path = _copy(release_dir, tmp_path)
     if damage == "flip_weights":
         data = bytearray((path / "weights.safetensors").read_bytes())
@@ -237,17 +266,17 @@ def test_a_damaged_or_mismatched_release_is_refused_naming_file_and_field(
             vocab[key] = vocab[key][:-1]
         vocab["numeric"].pop(json.loads((release_dir / "vocabulary.json").read_text())["codes"][-1], None)
         (path / "vocabulary.json").write_text(json.dumps(vocab))
-        _resum(path)
+        _resum(path, signing_key)
     elif damage == "other_seed":
         meta = json.loads((path / "release.json").read_text())
         meta["model_seed"] = 99
         (path / "release.json").write_text(json.dumps(meta))
-        _resum(path)
+        _resum(path, signing_key)
     elif damage == "bad_field":
         meta = json.loads((path / "release.json").read_text())
         meta["round"] = -1
         (path / "release.json").write_text(json.dumps(meta))
-        _resum(path)
+        _resum(path, signing_key)
     elif damage == "extra_file":
         (path / "notes.txt").write_text("hi")
     elif damage == "duplicate_key":
@@ -255,11 +284,293 @@ def test_a_damaged_or_mismatched_release_is_refused_naming_file_and_field(
         (path / "release.json").write_text(text + ', "groups_trained": ["shared", "ehr", "wearables", "genomics"]}')
         _resum(path)
     with pytest.raises(ReleaseError) as info:
-        load_release(path)
+        load_release(path, trusted_keys=[release_key])
     message = str(info.value)
     assert "\n" not in message
     for name in names:
         assert name in message, message
+
+
+# ---------------------------------------------------------------------------- signed releases
+
+
+@pytest.fixture(scope="module")
+def other_release(setup: FederationSetup, fed_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Release B: another run (run 8, other weights) of the same federation and setup."""
+    run = _write_run(tmp_path_factory.mktemp("run8"), setup, seed=4, run_id=8)
+    out = tmp_path_factory.mktemp("relB") / "model"
+    assert coordinator_main(["release", str(fed_dir), "--run", str(run), "--out", str(out)]) == 0
+    return out
+
+
+SIGNED = "not the file the federation signed"
+
+
+@pytest.mark.parametrize(
+    ("attack", "names"),
+    [
+        ("swap_weights", ["weights.safetensors", SIGNED]),
+        ("edit_card", ["MODEL_CARD.md", SIGNED]),
+        ("edit_release_json", ["release.json", SIGNED]),
+        ("edit_signed_list", ["SIGNATURE.json", "field signature does not verify"]),
+        ("sign_with_own_key", ["SIGNATURE.json", "field key_sha256", "not by the federation's key"]),
+        ("unsigned", ["SIGNATURE.json", "missing", "unsigned", "--trust-unsigned"]),
+    ],
+)
+def test_an_edited_release_with_its_sums_rewritten_is_refused_naming_the_file(
+    release_dir: Path,
+    other_release: Path,
+    release_key: Path,
+    biobank: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    attack: str,
+    names: list[str],
+) -> None:
+    """Issue 40, break 6: weights of another run of the same federation with their SHA256SUMS line
+    rewritten, an edited model card or release.json with its sum rewritten, a forged or missing
+    signature: refused by load_release and by embed, probe and predict (exit 2), naming the file."""
+    path = _copy(release_dir, tmp_path)
+    if attack in ("swap_weights", "edit_signed_list", "sign_with_own_key"):
+        shutil.copyfile(other_release / "weights.safetensors", path / "weights.safetensors")
+        meta = json.loads((path / "release.json").read_text())
+        meta["weights_sha256"] = sha256_file(path / "weights.safetensors")
+        (path / "release.json").write_text(json.dumps(meta))
+        _resum(path)
+    if attack == "edit_card":
+        with open(path / "MODEL_CARD.md", "a") as fh:
+            fh.write("\nHeld-out AUROC 0.99 at every site.\n")
+        _resum(path)
+    elif attack == "edit_release_json":
+        meta = json.loads((path / "release.json").read_text())
+        meta["run_id"] = "8"
+        (path / "release.json").write_text(json.dumps(meta))
+        _resum(path)
+    elif attack == "edit_signed_list":  # the signed list made to match the swap, the signature kept
+        sig = json.loads((path / "SIGNATURE.json").read_text())
+        for name in ("weights.safetensors", "release.json", "SHA256SUMS"):
+            sig["signed"]["files"][name] = sha256_file(path / name)
+        (path / "SIGNATURE.json").write_text(json.dumps(sig))
+    elif attack == "sign_with_own_key":  # a key shipped with a release would authenticate nothing
+        private, _ = make_signing_key()
+        (tmp_path / "own.key").write_bytes(private)
+        _resum(path, tmp_path / "own.key")
+    elif attack == "unsigned":
+        (path / "SIGNATURE.json").unlink()
+    with pytest.raises(ReleaseError) as info:
+        load_release(path, trusted_keys=[release_key])
+    message = str(info.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message, message
+    times = tmp_path / "times.parquet"
+    pq.write_table(pa.table({"subject_id": pa.array([1], pa.int64()), "prediction_time": pa.array([0], pa.timestamp("us"))}), times)  # fmt: skip
+    use = ["--model", str(path), "--release-key", str(release_key), "--no-progress"]
+    for argv in (
+        ["embed", str(biobank), *use, "--prediction-times", str(times), "--out", str(tmp_path / "e.parquet")],
+        ["probe", str(biobank), *use, "--out", str(tmp_path / "probe")],
+        ["predict", str(biobank), *use, "--head", str(tmp_path / "h.json"), "--prediction-times", str(times)]
+        + ["--out", str(tmp_path / "p.parquet")],
+    ):
+        assert client_main(argv) == 2
+        err = capsys.readouterr().err
+        for name in names:
+            assert name in err, err
+    assert not any((tmp_path / n).exists() for n in ("e.parquet", "probe", "p.parquet"))
+
+
+def test_a_release_without_a_key_to_verify_is_refused_and_trust_unsigned_loads_it_with_a_warning(
+    release_dir: Path,
+    run_dir: Path,
+    biobank: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No key, no load; a local simulation's release (`release --unsigned`, no federation) loads
+    only with trust_unsigned / --trust-unsigned, and says so."""
+    with pytest.raises(ReleaseError, match="no public key to verify the release against"):
+        load_release(release_dir)
+    assert client_main(["embed", str(biobank), "--model", str(release_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "--release-key" in capsys.readouterr().err
+    # A folder without a provisioned federation: refused unless --unsigned.
+    assert coordinator_main(["release", str(tmp_path), "--run", str(run_dir), "--out", str(tmp_path / "m")]) == 2
+    assert "release_signing.key" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert coordinator_main(["release", str(tmp_path), "--run", str(run_dir), "--out", str(tmp_path / "m"), "--unsigned"]) == 0  # fmt: skip
+    assert "WARNING: --unsigned" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "SIGNATURE.json").exists()
+    with caplog.at_level("WARNING", logger="healthfm.release"):
+        release = load_release(tmp_path / "m", trust_unsigned=True)
+    assert release.meta.run_id == "7" and "WITHOUT verifying its signature" in caplog.text
+    times = tmp_path / "times.parquet"
+    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:1]
+    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0], pa.timestamp("us"))}), times)  # fmt: skip
+    argv = ["embed", str(biobank), "--model", str(tmp_path / "m"), "--min-subjects", "2", "--no-progress"]
+    argv += ["--prediction-times", str(times), "--out", str(tmp_path / "e.parquet")]
+    assert client_main(argv) == 2  # unsigned, no key: refused
+    assert client_main([*argv, "--trust-unsigned"]) == 0
+    assert "WARNING: --trust-unsigned" in capsys.readouterr().err
+
+
+def test_a_head_probed_on_one_release_is_refused_on_another_runs_release(
+    release_dir: Path,
+    other_release: Path,
+    release_key: Path,
+    biobank: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 40, break 6: release A and B of two runs of one federation share the setup hash; a head
+    fitted on A's embeddings records A's weights and is refused on B, naming the head file."""
+    a = load_release(release_dir, trusted_keys=[release_key])
+    b = load_release(other_release, trusted_keys=[release_key])
+    assert a.setup.sha256 == b.setup.sha256 and a.weights_sha256 != b.weights_sha256
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, a.setup.embedding_width))
+    y = x[:, 0] > 0
+    probe = fit_logistic_probe(x[:40], y[:40], x[40:], y[40:])
+    head = save_head(tmp_path / "t.json", "t", probe, a.setup.sha256, 64, 8, a.weights_sha256)
+    times = tmp_path / "times.parquet"
+    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:2]
+    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0, 0], pa.timestamp("us"))}), times)  # fmt: skip
+    argv = ["predict", str(biobank), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
+    argv += ["--head", str(head), "--prediction-times", str(times)]
+    assert client_main([*argv, "--model", str(other_release), "--out", str(tmp_path / "b.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert str(head) in err and "field weights_sha256" in err and not (tmp_path / "b.parquet").exists()
+    assert client_main([*argv, "--model", str(release_dir), "--out", str(tmp_path / "a.parquet")]) == 0
+    assert pq.read_table(tmp_path / "a.parquet").num_rows == 2
+
+
+def test_the_head_server_app_verifies_the_release_and_refuses_other_weights_than_launched(
+    release_dir: Path, other_release: Path, release_key: Path, tmp_path: Path
+) -> None:
+    """`coordinator head` passes the release key and the weights' sha256 it read in the run config;
+    the ServerApp refuses an unsigned folder and one whose weights changed since (another run's
+    release of the same setup in that folder), before any message."""
+    weights = load_release(release_dir, trusted_keys=[release_key]).weights_sha256
+    cfg = HeadRunConfig(model=other_release, out_dir=tmp_path, weights_sha256=weights, release_key=release_key)
+    assert HeadRunConfig.from_run_config(cfg.to_run_config()) == cfg
+    with pytest.raises(ValueError, match=r"has weights [0-9a-f]{12}\.\.\., the run config's weights-sha256 is"):
+        fit_heads(None, cfg)  # type: ignore[arg-type]  # refused before the grid is used
+    with pytest.raises(ReleaseError, match="no public key to verify the release against"):
+        fit_heads(None, cfg.model_copy(update={"release_key": None}))  # type: ignore[arg-type]
+
+
+def test_provision_makes_the_release_key_and_a_rotation_keeps_the_old_public_key(
+    fed_dir: Path, release_dir: Path, tmp_path: Path
+) -> None:
+    """The private key stays with the coordinator (0600), each site's startup files hold the public
+    key; after `provision --new-release-key` a release signed before is refused with the new key
+    alone and verifies with the retired one beside it."""
+    key = fed_dir / "server" / "release_signing.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    site_pem = fed_dir / "sites" / "biobank" / "release_signing.pem"
+    assert site_pem.read_bytes() == (fed_dir / "server" / "release_signing.pem").read_bytes()
+    manifest = json.loads((fed_dir / "federation.json").read_text())
+    assert manifest["release_key_sha256"] == load_public_key(site_pem).sha256
+    fed = tmp_path / "fed"
+    shutil.copytree(fed_dir, fed)
+    assert coordinator_main(["provision", str(fed)]) == 0  # again: the key is kept
+    assert (fed / "server" / "release_signing.key").read_bytes() == key.read_bytes()
+    assert coordinator_main(["provision", str(fed), "--new-release-key"]) == 0
+    new_pem = fed / "sites" / "biobank" / "release_signing.pem"
+    assert new_pem.read_bytes() != site_pem.read_bytes()
+    retired = fed / "server" / "release-keys-retired" / f"{load_public_key(site_pem).sha256[:16]}.pem"
+    assert retired.read_bytes() == site_pem.read_bytes()
+    with pytest.raises(ReleaseError, match="field key_sha256"):
+        load_release(release_dir, trusted_keys=[new_pem])
+    assert load_release(release_dir, trusted_keys=[new_pem, retired]).meta.run_id == "7"
+
+
+def test_an_unknown_task_in_probe_and_embed_is_a_usage_error_naming_the_known_ones(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 40, break 8: `--tasks onset_t2d` (the docs' error; the task is `t2d`) ended
+    "internal error: FileNotFoundError", exit 3. Now exit 2, naming the known tasks."""
+    use = ["--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
+    for argv in (
+        ["probe", str(biobank), *use, "--tasks", "onset_t2d", "--out", str(tmp_path / "p")],
+        ["embed", str(biobank), *use, "--tasks", "onset_t2d", "--out", str(tmp_path / "e.parquet")],
+    ):
+        assert client_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--tasks: task 'onset_t2d' is unknown" in err and "cad, copd, hypertension, t2d" in err
+
+
+def test_probe_at_a_small_site_says_why_every_head_is_withheld_and_how_to_get_one(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 40, break 8: `probe` at a 150-subject site withheld every head without saying how to
+    get one. (This 30-subject site under a minimum of 40 subjects per split stands in for it.)"""
+    argv = ["probe", str(biobank), "--model", str(release_dir), "--release-key", str(release_key)]
+    assert client_main([*argv, "--min-subjects", "40", "--no-progress", "--out", str(tmp_path / "p")]) == 1
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Tasks without a head here" in out and "onset_hypertension_365d: no head here: too few subjects" in out
+    assert "at least 40 subjects in each of train, tuning and held_out" in out
+    assert "python -m server.coordinator head FED --model" in out and "client.py predict" in out
+    assert "no task has a head at this site" in captured.err
+    assert not (tmp_path / "p" / "heads").exists()
+
+
+def test_the_prediction_times_file_is_read_as_documented(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 40, break 8: the --prediction-times schema was nowhere. What docs/researcher.md and the
+    CLI help say: integer subject ids, a timestamp (a date is its midnight, ISO text parsed), other
+    columns ignored; a missing column or a null is refused naming file and column (exit 2)."""
+    doc = (ROOT / "docs" / "researcher.md").read_text()
+    assert "**The `--prediction-times` file**" in doc and "| `subject_id` | integer" in doc
+    parser = build_parser()
+    helps = {
+        a.dest: a.help
+        for sub in parser._subparsers._group_actions[0].choices.values()
+        for a in sub._actions
+        if a.dest == "prediction_times"
+    }
+    assert helps and all(h is not None and PREDICTION_TIMES_SCHEMA in h for h in helps.values())
+    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:2]
+    rows = {
+        "int32_date_extra": pa.table(
+            {
+                "subject_id": pa.array(sid, pa.int32()),
+                "prediction_time": pa.array([18262, 18263], pa.date32()),
+                "note": ["a", "b"],
+            }
+        ),  # fmt: skip
+        "iso_text": pa.table(
+            {"subject_id": pa.array(sid, pa.int64()), "prediction_time": ["2020-01-01", "2020-01-02"]}
+        ),  # fmt: skip
+    }
+    use = ["--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
+    results = []
+    for name, table in rows.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        out = tmp_path / f"{name}-emb.parquet"
+        assert client_main(["embed", str(biobank), *use, "--prediction-times", str(tmp_path / f"{name}.parquet"), "--out", str(out)]) == 0  # fmt: skip
+        got = pq.read_table(out)
+        assert got["subject_id"].to_pylist() == [int(s) for s in sid]
+        assert [t.isoformat() for t in got["prediction_time"].to_pylist()] == ["2020-01-01T00:00:00", "2020-01-02T00:00:00"]  # fmt: skip
+        results.append(np.stack(got["embedding"].to_numpy(zero_copy_only=False)))
+    np.testing.assert_array_equal(results[0], results[1])  # the date and its ISO text are one time
+    bad = {
+        "missing": (pa.table({"subject_id": pa.array(sid, pa.int64())}), "no column 'prediction_time'"),
+        "null": (
+            pa.table(
+                {
+                    "subject_id": pa.array([sid[0], None], pa.int64()),
+                    "prediction_time": pa.array([0, 0], pa.timestamp("us")),
+                }
+            ),
+            "column 'subject_id' has 1 null",
+        ),  # fmt: skip
+    }
+    for name, (table, says) in bad.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        assert client_main(["embed", str(biobank), *use, "--prediction-times", str(tmp_path / f"{name}.parquet"), "--out", str(tmp_path / "x.parquet")]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert f"{name}.parquet" in err and says in err
 
 
 # ---------------------------------------------------------------------------- the model card
@@ -291,9 +602,9 @@ def biobank(federation) -> Path:
 
 
 def test_embeddings_equal_a_per_row_forward_pass_and_are_time_shift_invariant(
-    release_dir: Path, biobank: Path, tmp_path: Path
+    release_dir: Path, biobank: Path, tmp_path: Path, release_key: Path
 ) -> None:
-    release = load_release(release_dir)
+    release = load_release(release_dir, trusted_keys=[release_key])
     runtime, _ = open_site_runtime(biobank, release, 2, None, 0.5)
     cfg = release.meta.evaluation
     assert cfg is not None
@@ -338,7 +649,9 @@ def _shifted_site(root: Path, dest: Path, days: int) -> Path:
     return dest
 
 
-def test_embed_cli_writes_one_row_per_prediction_time(release_dir: Path, biobank: Path, tmp_path: Path) -> None:
+def test_embed_cli_writes_one_row_per_prediction_time(
+    release_dir: Path, biobank: Path, tmp_path: Path, release_key: Path
+) -> None:
     times = pa.table(
         {"subject_id": pa.array([0, 1, 1], pa.int64()), "prediction_time": pa.array([0, 0, 0], pa.timestamp("us"))}
     )
@@ -348,11 +661,21 @@ def test_embed_cli_writes_one_row_per_prediction_time(release_dir: Path, biobank
     times = times.set_column(1, "prediction_time", pa.array(when, pa.timestamp("us")))
     pq.write_table(times, tmp_path / "times.parquet")
     out = tmp_path / "emb.parquet"
-    argv = ["embed", str(biobank), "--model", str(release_dir), "--min-subjects", "2", "--no-progress"]
+    argv = [
+        "embed",
+        str(biobank),
+        "--model",
+        str(release_dir),
+        "--release-key",
+        str(release_key),
+        "--min-subjects",
+        "2",
+    ]
+    argv += ["--no-progress"]
     assert client_main([*argv, "--prediction-times", str(tmp_path / "times.parquet"), "--out", str(out)]) == 0
     table = pq.read_table(out)
     assert table.num_rows == 3 and table["subject_id"].to_pylist() == times["subject_id"].to_pylist()
-    setup = load_release(release_dir).setup
+    setup = load_release(release_dir, trusted_keys=[release_key]).setup
     assert setup.embedding_width == setup.model.d_model + setup.model.genomics.d_hidden  # the biobank has PRS
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), setup.embedding_width)
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
@@ -365,7 +688,7 @@ def test_embed_cli_writes_one_row_per_prediction_time(release_dir: Path, biobank
 
 
 def test_a_site_in_another_coding_is_refused_naming_codes_and_share(
-    release_dir: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    release_dir: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], release_key: Path
 ) -> None:
     other = tmp_path / "other"
     shutil.copytree(biobank, other)
@@ -378,14 +701,15 @@ def test_a_site_in_another_coding_is_refused_naming_codes_and_share(
         )
         pq.write_table(table, path)
     (other / "metadata" / "codes.parquet").unlink()
-    release = load_release(release_dir)
+    release = load_release(release_dir, trusted_keys=[release_key])
     fit = release_fit(SiteRuntime(SiteConfig(site_root=other, min_report_subjects=2)).site, release.setup)
     assert fit.rows > 0 and fit.unknown_rows == fit.rows  # every EHR row's code is unknown
     assert fit.top_unknown[0][0].startswith("LOCAL//")
     with pytest.raises(SiteDoesNotFit):
         open_site_runtime(other, release, 2, None, 0.5)
     code = client_main(
-        ["embed", str(other), "--model", str(release_dir), "--min-subjects", "2", "--out", str(tmp_path / "x")]
+        ["embed", str(other), "--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2"]
+        + ["--out", str(tmp_path / "x")]
     )
     err = capsys.readouterr().err
     assert code == 1 and "100.0%" in err and "LOCAL//" in err and "outside the release's vocabulary" in err
@@ -402,11 +726,13 @@ def test_a_saved_head_predicts_as_the_probe_and_is_refused_on_another_model(tmp_
     x = rng.normal(size=(200, 6))
     y = x[:, 0] + 0.5 * rng.normal(size=200) > 0
     probe = fit_logistic_probe(x[:120], y[:120], x[120:160], y[120:160])
-    path = save_head(tmp_path / "h.json", "t", probe, "a" * 64, 64, 8)
-    head = load_head(path, "a" * 64)
+    path = save_head(tmp_path / "h.json", "t", probe, "a" * 64, 64, 8, "c" * 64)
+    head = load_head(path, "a" * 64, "c" * 64)
     np.testing.assert_array_equal(head.predict(x[160:]), probe.predict_proba(x[160:]))
     with pytest.raises(HeadError, match="field setup_sha256"):
         load_head(path, "b" * 64)
+    with pytest.raises(HeadError, match="field weights_sha256"):  # same setup, another run's weights
+        load_head(path, "a" * 64, "d" * 64)
     data = bytearray((tmp_path / "h.safetensors").read_bytes())
     data[-1] ^= 1
     (tmp_path / "h.safetensors").write_bytes(bytes(data))

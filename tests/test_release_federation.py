@@ -56,8 +56,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
     finally:
         mp.undo()
     model = tmp / "model"
-    assert coordinator_main(["release", str(tmp), "--run", str(tmp / "run"), "--out", str(model)]) == 0
+    assert coordinator_main(["provision", str(tmp / "fed")]) == 0  # the federation's release signing key
+    assert coordinator_main(["release", str(tmp / "fed"), "--run", str(tmp / "run"), "--out", str(model)]) == 0
     return tmp / "run", nodes, model
+
+
+def key_of(model: Path) -> str:
+    """The public key the `run` fixture's release verifies with (release_signing.pem)."""
+    return str(model.parent / "fed" / "server" / "release_signing.pem")
 
 
 def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
@@ -78,6 +84,8 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
                 root,
                 "--model",
                 str(model),
+                "--release-key",
+                key_of(model),
                 "--min-subjects",
                 "2",
                 "--min-positives",
@@ -115,7 +123,8 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
         # predict with the saved head on those rows: the probe's probabilities.
         pq.write_table(ours.select(["subject_id", "prediction_time"]), tmp_path / f"{site}-rows.parquet")
         pred = tmp_path / f"{site}-pred.parquet"
-        argv = ["predict", root, "--model", str(model), "--min-subjects", "2", "--min-positives", "1", "--no-progress"]
+        argv = ["predict", root, "--model", str(model), "--release-key", key_of(model), "--min-subjects", "2"]
+        argv += ["--min-positives", "1", "--no-progress"]
         argv += [
             "--head",
             str(out / "heads" / f"{KEY}.json"),
@@ -147,6 +156,8 @@ def test_embed_gives_the_evaluations_embeddings(run, tmp_path: Path) -> None:
         root,
         "--model",
         str(model),
+        "--release-key",
+        key_of(model),
         "--min-subjects",
         "2",
         "--min-positives",
@@ -159,7 +170,7 @@ def test_embed_gives_the_evaluations_embeddings(run, tmp_path: Path) -> None:
     emb = pq.read_table(out)
     labels = pq.read_table(Path(node["state-dir"]) / "evaluation" / site / f"{KEY}.parquet")
     # The task's labelled rows with their labels, as the evaluation drew them at the site.
-    release = load_release(model)
+    release = load_release(model, trusted_keys=[key_of(model)])
     runtime, _ = open_site_runtime(Path(root), release, 2, None, 0.5)
     table = runtime.labels(eval_config(release, [KEY]))[KEY]
     key = {(s, t): i for i, (s, t) in enumerate(zip(emb["subject_id"].to_pylist(), emb["prediction_time"].to_pylist()))}
@@ -189,7 +200,15 @@ def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
     same held-out rows with intervals; the local head is the run's own probe (same AUROC)."""
     run_dir, nodes, model = run
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    report = compare_heads(model, [Path(n["site-root"]) for n in nodes.values()], None, 2, rounds=50, min_positives=1)
+    report = compare_heads(
+        model,
+        [Path(n["site-root"]) for n in nodes.values()],
+        None,
+        2,
+        rounds=50,
+        min_positives=1,
+        release_key=Path(key_of(model)),
+    )
     table = report["results"][KEY]
     scored = [s for s, r in table.items() if "reason" not in r]
     assert scored and all("reason" in table[s] for s in table if s not in scored)
@@ -219,6 +238,8 @@ def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(run, tm
             str(root),
             "--model",
             str(model),
+            "--release-key",
+            key_of(model),
             "--min-subjects",
             "2",
             "--min-positives",
@@ -228,12 +249,22 @@ def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(run, tm
         assert client_main([*argv, "--out", str(emb)]) == 0
         embs.append(emb)
     out = tmp_path / "flower"
-    report = compare_heads(model, roots, None, 2, rounds=30, embeddings=embs, over_flower=out, min_positives=1)
+    report = compare_heads(
+        model,
+        roots,
+        None,
+        2,
+        rounds=30,
+        embeddings=embs,
+        over_flower=out,
+        min_positives=1,
+        release_key=Path(key_of(model)),
+    )
     assert report["federated"] == "flower"
     summary = json.loads((out / "heads.json").read_text())
     fitted = summary["heads"][KEY]
     splits = {}
-    for node in head_node_configs(model, roots, 2, embs, 1):
+    for node in head_node_configs(model, roots, 2, embs, 1, release_key=Path(key_of(model))):
         rows = load_head_rows(node, [])
         if isinstance(got := rows.keys.get(KEY), SiteSplits):
             splits[rows.site] = got
@@ -253,6 +284,8 @@ def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(run, tm
         str(roots[0]),
         "--model",
         str(model),
+        "--release-key",
+        key_of(model),
         "--min-subjects",
         "2",
         "--min-positives",

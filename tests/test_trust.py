@@ -172,7 +172,7 @@ def test_an_outsider_with_the_ca_reaches_only_the_fleet_api(
         assert status == 400 and b"request path refused" in body, (path, status, body[:200])
     status, _ = raw_post(superlink, ca, "/v1/fleet/get-run", method="GET")
     assert status == 403
-    # A Fleet call goes through to the SuperLink, whose node authentication refuses an unsigned one.
+    # A Fleet call without node authentication headers: nginx refuses it (401) before the SuperLink reads it.
     status, body = raw_post(superlink, ca, "/v1/fleet/get-run")
     print(f"outsider: POST /v1/fleet/get-run (unsigned) -> {status}")
     assert status in (400, 401, 422) and CONTROL_REFUSED.encode() not in body, (status, body[:200])

@@ -29,7 +29,14 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
-from healthfm_core.data.aces_tasks import OWN_WINDOWS, AcesTask, aces_labels, load_task, unmatched_predicates
+from healthfm_core.data.aces_tasks import (
+    OWN_WINDOWS,
+    TASK_DIR,
+    AcesTask,
+    aces_labels,
+    load_task,
+    unmatched_predicates,
+)
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
 from healthfm_core.data.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
 from healthfm_core.data.site import Site
@@ -93,8 +100,13 @@ def task_files(paths: Sequence[str | Path]) -> list[Path]:
             out += found
         elif path.is_file():
             out.append(path)
+        elif (TASK_DIR / f"{raw}.yaml").is_file():  # a task's name, as `head` and `probe` take it
+            out.append(TASK_DIR / f"{raw}.yaml")
         else:
-            raise FileNotFoundError(f"--tasks {raw}: no such file or directory")
+            known = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
+            raise FileNotFoundError(
+                f"--tasks {raw}: no such file or directory, nor a task name of {TASK_DIR} (known: {', '.join(known)})"
+            )
     return list(dict.fromkeys(out))
 
 

@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from healthfm_core.data.aces_tasks import OWN_WINDOWS, AcesTask, load_task, task_from_text
+from healthfm_core.data.aces_tasks import OWN_WINDOWS, TASK_DIR, AcesTask, load_task, task_from_text
 from healthfm_core.data.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
 from healthfm_core.data.tasks import DISEASES, TASKS, OnsetTask, Task, WearableTask
 
@@ -38,6 +38,25 @@ MAX_ACES_BYTES = 64 * 1024
 SITE_PREFIX = "site:"
 # A synthetic onset task's name: configs/tasks/<disease>.yaml at one horizon.
 _ONSET_NAME = re.compile(r"^onset_(?P<disease>[a-z0-9]+)_(?P<h>\d+)d$")
+
+
+class UnknownTask(FileNotFoundError, ValueError):
+    """A task entry that names no task: a usage error (callers catching either kind see it); the
+    message names the entry and the known names."""
+
+
+def known_task_names() -> list[str]:
+    """What a bare name may be: a file of configs/tasks/ (by its stem) or a built-in synthetic task."""
+    files = sorted(p.stem for p in TASK_DIR.glob("*.yaml")) if TASK_DIR.is_dir() else []
+    return [*files, *sorted(TASKS)]
+
+
+def unknown_task(entry: str) -> UnknownTask:
+    return UnknownTask(
+        f"task {entry!r} is unknown (known names: {', '.join(known_task_names())}; or an ACES file's path, "
+        f"{SITE_PREFIX}<name> for a site's own labels under SITE_ROOT/tasks/, {MEDS_DEV_PREFIX}<task>)"
+    )
+
 
 Horizon = Annotated[int, Field(ge=1, le=36500)]
 
@@ -140,7 +159,10 @@ def resolve_task(entry: str | Path, dataset: str | Path | None = None) -> TaskSp
     if onset and isinstance(TASKS.get(text), OnsetTask):
         task = load_task(onset["disease"])
         return _aces_spec(task, task.path.read_text(), [int(onset["h"])])
-    task = load_task(text)
+    try:
+        task = load_task(text)
+    except FileNotFoundError:
+        raise unknown_task(text) from None
     return _aces_spec(task, task.path.read_text())
 
 
@@ -173,6 +195,8 @@ __all__ = [
     "SITE_PREFIX",
     "TASK_NAME",
     "TaskSpec",
+    "UnknownTask",
+    "known_task_names",
     "horizon_key",
     "resolve_task",
     "resolve_tasks",

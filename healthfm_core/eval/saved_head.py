@@ -3,7 +3,8 @@
 `client.py predict` applies to new rows.
 
     HEAD.json          format/version, the task key, kind (logistic | ridge), the release's setup
-                       sha256 (a head is refused on another model), the regularisation chosen on
+                       sha256 and its weights' sha256 (a head is refused on another model, and on
+                       another run's weights of the same setup), the regularisation chosen on
                        tuning, the embedding settings (max_events, max_patches), the width, and
                        the sha256 of:
     HEAD.safetensors   mean, scale (the standardisation fitted on train), weight, bias (float64)
@@ -40,6 +41,7 @@ class HeadMeta(BaseModel):
     task: str
     kind: Literal["logistic", "ridge"]
     setup_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the release's weights.safetensors
     regularisation: float = Field(gt=0)  # C (logistic) or alpha (ridge), chosen on tuning
     max_events: int = Field(gt=0)
     max_patches: int = Field(gt=0)
@@ -67,9 +69,16 @@ def arrays_path(json_path: str | Path) -> Path:
 
 
 def save_head(
-    path: str | Path, task: str, probe: LogisticProbe | RidgeProbe, setup_sha256: str, max_events: int, max_patches: int
+    path: str | Path,
+    task: str,
+    probe: LogisticProbe | RidgeProbe,
+    setup_sha256: str,
+    max_events: int,
+    max_patches: int,
+    weights_sha256: str,
 ) -> Path:
-    """Write HEAD.json and HEAD.safetensors (`path` is the .json); returns the .json path."""
+    """Write HEAD.json and HEAD.safetensors (`path` is the .json) of a head fitted on the
+    embeddings of the release with `setup_sha256` and `weights_sha256`; returns the .json path."""
     path = Path(path)
     arrays = {
         "mean": probe.standardizer.mean,
@@ -86,6 +95,7 @@ def save_head(
         task=task,
         kind="logistic" if logistic else "ridge",
         setup_sha256=setup_sha256,
+        weights_sha256=weights_sha256,
         regularisation=probe.c if isinstance(probe, LogisticProbe) else probe.alpha,
         max_events=max_events,
         max_patches=max_patches,
@@ -96,9 +106,10 @@ def save_head(
     return path
 
 
-def load_head(path: str | Path, setup_sha256: str | None = None) -> SavedHead:
+def load_head(path: str | Path, setup_sha256: str | None = None, weights_sha256: str | None = None) -> SavedHead:
     """Read a saved head; refused (HeadError naming file and field) when damaged, of another
-    format, or (with `setup_sha256`) fitted on another model's embeddings."""
+    format, or (with `setup_sha256`, `weights_sha256`) fitted on another model's embeddings: another
+    setup, or the same setup's weights of another run or round."""
     path = Path(path)
     if not path.is_file():
         raise HeadError(f"{path}: no such head file (the .json that `client.py probe` wrote)")
@@ -118,6 +129,12 @@ def load_head(path: str | Path, setup_sha256: str | None = None) -> SavedHead:
         raise HeadError(
             f"{path}: field setup_sha256 {meta.setup_sha256[:16]}...: the head was fitted on another model's "
             f"embeddings than this release's ({setup_sha256[:16]}...)"
+        )
+    if weights_sha256 is not None and meta.weights_sha256 != weights_sha256:
+        raise HeadError(
+            f"{path}: field weights_sha256 {meta.weights_sha256[:16]}...: the head was fitted on other weights "
+            f"than this release's ({weights_sha256[:16]}...; another run or round of the federation): probe this "
+            "release again"
         )
     file = arrays_path(path)
     if not file.is_file():

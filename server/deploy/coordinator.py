@@ -9,7 +9,7 @@ resume runs. All of them take the federation directory FED that `provision` crea
     python -m server.coordinator launch    FED --out-dir RUN_DIR [--model tiny] [--rounds 3] [-c KEY=VALUE ...] [--wait]
     python -m server.coordinator resume    FED --out-dir RUN_DIR [--from CHECKPOINT] [--rounds N] [--wait]
     python -m server.coordinator status    FED [--run-id ID]
-    python -m server.coordinator release   FED --run RUN_DIR --out MODEL_DIR [--force]
+    python -m server.coordinator release   FED --run RUN_DIR --out MODEL_DIR [--force] [--unsigned]
     python -m server.coordinator head      FED --model MODEL_DIR --out HEADS_DIR [--tasks T ...] [--keys K ...]
         [--rounds 200] [--c-grid C ...] [--local-steps 5] [--min-sites N] [--dp-target-epsilon E |
         --dp-noise-multiplier Z] [--dp-max-grad-norm 1] [--dp-delta 1e-5] [--dp-batch-size 64]
@@ -67,13 +67,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from healthfm_core.data.task_spec import resolve_tasks
 from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError, load_release
+from healthfm_core.release_signing import SignatureError, load_signing_key
 from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, read_json, strict_json, strict_model
 from healthfm_core.train.checkpoint import CheckpointError
+from server.deploy.body_limit import MIB
 from server.deploy.bundle import build_bundle, write_bundle
 from server.deploy.flwr_app import check_run_config, parse_overrides, write_app, write_head_app
 from server.deploy.flwr_control import (
@@ -144,6 +148,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
             ca_days=args.ca_days,
             cert_days=args.cert_days,
             force=args.force,
+            new_release_key=args.new_release_key,
         )
     except ValidationError as err:
         raise CoordinatorError("; ".join(e["msg"] for e in err.errors()), EXIT_USAGE) from None
@@ -225,6 +230,13 @@ def register_known_sites(paths: FederationPaths) -> int:
     return failed
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
     """Run the SuperLink (and, with TLS, its nginx proxy) in the foreground until stopped."""
     paths = _paths(args)
@@ -293,7 +305,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         str(link.pid),
         *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)]),
     ]
-    sup = _Supervised(link=link)
+    sup = _Supervised(link=link, push_body_bytes=args.max_body_mib * MIB if args.max_body_mib else None)
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
@@ -316,7 +328,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                 # Before the proxy opens the Fleet API: a site reconnecting after a restart finds its
                 # key registered again, never a SuperLink that refuses it.
                 register_known_sites(paths)  # names each failure; the SuperLink serves the others
-            sup.nginx = start_proxy(paths, host, port, link_port)
+            sup.nginx = start_proxy(paths, host, port, link_port, sup.push_body_bytes)
             wait_listening(host, port, sup.nginx)
             print(
                 f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
@@ -410,8 +422,9 @@ class _Supervised:
     """The processes `superlink` runs: the SuperLink, its nginx (restarted when it stops) and the
     SuperExec (restarted when it stops)."""
 
-    def __init__(self, link: subprocess.Popen[bytes]) -> None:
+    def __init__(self, link: subprocess.Popen[bytes], push_body_bytes: int | None = None) -> None:
         self.link = link
+        self.push_body_bytes = push_body_bytes  # nginx's push-object body limit (None: body_limit.py's)
         self.nginx: subprocess.Popen[bytes] | None = None
         self.superexec: subprocess.Popen[bytes] | None = None
         self.nginx_workers: set[int] = set()
@@ -454,7 +467,7 @@ class _Supervised:
         self.nginx_restarts.append(now)
         print(f"{what}; restarting it (sites reconnect by themselves)", file=sys.stderr, flush=True)
         try:
-            self.nginx = start_proxy(paths, host, port, link_port)
+            self.nginx = start_proxy(paths, host, port, link_port, self.push_body_bytes)
             wait_listening(host, port, self.nginx)
         except CoordinatorError as err:
             return f"{what} and did not start again: {err} (see {paths.server_dir}/nginx-error.log)"
@@ -603,11 +616,15 @@ def cmd_head(args: argparse.Namespace) -> int:
     """Train the release's federated task head across the joined sites (server/head_app.py): its
     own run and app bundle; the ServerApp writes OUT/heads/, heads.json, head_rounds.jsonl and
     head.log. Waits for the run, then prints each head and the sites that took no part."""
+    try:  # an unknown task name is a usage error, named with the known ones, before anything runs
+        resolve_tasks(args.tasks)
+    except ValueError as err:
+        raise CoordinatorError(f"--tasks: {err}", EXIT_USAGE) from None
     paths = _paths(args)
     _apply_superlink_option(paths, args)
     model = Path(args.model).resolve()
     try:
-        model_release = load_release(model)
+        model_release = load_release(model, trusted_keys=[paths.release_public_key])
     except (ReleaseError, OSError) as err:
         raise CoordinatorError(f"--model {args.model}: {err}", EXIT_USAGE) from None
     registry = registry_path(paths)
@@ -623,6 +640,8 @@ def cmd_head(args: argparse.Namespace) -> int:
             min_sites=args.min_sites if args.min_sites is not None else max(1, len(registered)),
             timeout_s=args.stage_timeout,
             setup_sha256=model_release.setup.sha256,
+            weights_sha256=model_release.weights_sha256,
+            release_key=paths.release_public_key,
             registry=registry if registered else None,  # only the registered sites take part, by name
             **({"c_grid": args.c_grid} if args.c_grid else {}),
             **head_dp_config(args),
@@ -911,12 +930,40 @@ def cmd_release(args: argparse.Namespace) -> int:
         run = Path(launches[-1].out_dir)
     if not run.is_dir():
         raise CoordinatorError(f"--run {args.run}: no such run directory", EXIT_USAGE)
+    key = _release_signing_key(args)
     try:
-        path = release_run(run, args.out, overwrite=args.force)
+        path = release_run(run, args.out, overwrite=args.force, signing_key=key)
     except (RunNotReleasable, CheckpointError, ReleaseError) as err:
         raise CoordinatorError(str(err), EXIT_FAILED) from None
-    print(f"release of {run} written to {path} (check it with `sha256sum -c SHA256SUMS` in that folder)", flush=True)
+    signed = (
+        f"signed with {FederationPaths(root=Path(args.federation_dir).resolve()).release_public_key} (sites verify "
+        "it with the release_signing.pem of their startup files)"
+        if key is not None
+        else "UNSIGNED: it loads only with --trust-unsigned"
+    )
+    print(f"release of {run} written to {path}, {signed}", flush=True)
     return EXIT_OK
+
+
+def _release_signing_key(args: argparse.Namespace) -> Ed25519PrivateKey | None:
+    """FED's release signing key; None with --unsigned (a local simulation's run, no federation)."""
+    paths = FederationPaths(root=Path(args.federation_dir).resolve())
+    if args.unsigned:
+        print(
+            "WARNING: --unsigned: the release carries no signature; a site loads it only with --trust-unsigned",
+            file=sys.stderr,
+        )
+        return None
+    if not paths.release_signing_key.is_file():
+        raise CoordinatorError(
+            f"{paths.release_signing_key}: no release signing key: `provision {args.federation_dir}` makes one "
+            "(sites verify releases with its public key), or pass --unsigned for a local simulation's run",
+            EXIT_USAGE,
+        )
+    try:
+        return load_signing_key(paths.release_signing_key)
+    except SignatureError as err:
+        raise CoordinatorError(str(err), EXIT_USAGE) from None
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -1067,6 +1114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-days", type=int, default=3650)
     p.add_argument("--cert-days", type=int, default=825)
     p.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    p.add_argument(
+        "--new-release-key",
+        action="store_true",
+        help="rotate the release signing key: a new key pair, its public key in every site's folder, the old "
+        "public key kept in server/release-keys-retired/",
+    )
     p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser(
@@ -1080,6 +1133,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="the SuperLink's own port on 127.0.0.1, behind nginx (default: a free one)",
+    )
+    p.add_argument(
+        "--max-body-mib",
+        type=_positive_int,
+        default=None,
+        metavar="MIB",
+        help="the largest push-object body nginx forwards, in MiB (default: the paper model's secure-round "
+        "message x 1.25, server/deploy/body_limit.py; raise it for secagg-field-bits=32 on a model that size)",
     )
     p.add_argument(
         "--state",
@@ -1172,6 +1233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="RUN", help="the run's out-dir (or its run id in FED)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="the release folder to write")
     p.add_argument("--force", action="store_true", help="replace MODEL_DIR if it exists")
+    p.add_argument(
+        "--unsigned",
+        action="store_true",
+        help="write the release without a signature (FED need not be provisioned; sites load it only with "
+        "--trust-unsigned): for a local simulation's run",
+    )
     p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("head", help="train a release's federated task head across the joined sites")

@@ -18,10 +18,16 @@ Layout of a federation directory (FED):
         superlink.key    0600   the SuperLink's TLS private key
         superlink.pem           the SuperLink's TLS certificate (SANs: 127.0.0.1, localhost, ...)
         site-keys/<site>.pub    each site's public key, kept for `register`
+        release_signing.key 0600  the federation's Ed25519 release signing key (`coordinator release`
+                                signs each release with it; healthfm_core/release_signing.py)
+        release_signing.pem     its public key
+        release-keys-retired/   public keys replaced by --new-release-key (<sha256[:16]>.pem)
     FED/sites/<site>/    0700   what the coordinator hands to that site's admin (then deletes)
         auth_key         0600   the site's SuperNode private key (OpenSSH, EC P-384)
         auth_key.pub            its public key (OpenSSH)
         ca.pem                  the CA certificate, to verify the SuperLink
+        release_signing.pem     the federation's public release key, to verify a model release
+                                (`client.py embed|probe|predict --release-key`)
 
 Private keys are written only there, through a temporary file that is 0600 from the start, and
 never replaced unless `force`: provisioning again adds what is missing and keeps the rest.
@@ -45,6 +51,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from healthfm_core.files import atomic_write_bytes
+from healthfm_core.release_signing import (
+    SignatureError,
+    load_public_key,
+    load_signing_key,
+    make_signing_key,
+)
+from healthfm_core.release_signing import public_key_sha256 as public_key_sha256_of
 from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger("healthfm.provision")
@@ -72,6 +85,7 @@ class ProvisionConfig(BaseModel):
     ca_days: int = Field(default=3650, ge=1)
     cert_days: int = Field(default=825, ge=1)
     force: bool = False
+    new_release_key: bool = False  # rotate the release signing key (the old public key is kept, retired)
 
     @field_validator("sites")
     @classmethod
@@ -100,6 +114,7 @@ class SitePaths(BaseModel):
     private_key: Path
     public_key: Path
     ca_cert: Path
+    release_key: Path  # the federation's public release key (release_signing.pem)
 
 
 class FederationPaths(BaseModel):
@@ -130,6 +145,18 @@ class FederationPaths(BaseModel):
         return self.server_dir / "superlink.pem"
 
     @property
+    def release_signing_key(self) -> Path:
+        return self.server_dir / "release_signing.key"
+
+    @property
+    def release_public_key(self) -> Path:
+        return self.server_dir / "release_signing.pem"
+
+    @property
+    def retired_release_keys_dir(self) -> Path:
+        return self.server_dir / "release-keys-retired"
+
+    @property
     def site_keys_dir(self) -> Path:
         return self.server_dir / "site-keys"
 
@@ -143,7 +170,12 @@ class FederationPaths(BaseModel):
     def site(self, name: str) -> SitePaths:
         d = self.root / "sites" / name
         return SitePaths(
-            name=name, dir=d, private_key=d / "auth_key", public_key=d / "auth_key.pub", ca_cert=d / "ca.pem"
+            name=name,
+            dir=d,
+            private_key=d / "auth_key",
+            public_key=d / "auth_key.pub",
+            ca_cert=d / "ca.pem",
+            release_key=d / "release_signing.pem",
         )
 
 
@@ -161,6 +193,8 @@ class FederationManifest(BaseModel):
     ca_sha256: str  # fingerprint of the CA certificate (DER)
     superlink_cert_sha256: str
     sites: list[SiteEntry]
+    # sha256 of the release signing key's raw public bytes (None: provisioned before releases were signed)
+    release_key_sha256: str | None = None
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
@@ -436,7 +470,13 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
             )
         kept += [paths.superlink_key, paths.superlink_cert]
 
-    # Each site's authentication key pair, plus the CA certificate it needs.
+    release_public, new_release_key = _release_key(paths, config)
+    if new_release_key:
+        created += [paths.release_signing_key, paths.release_public_key]
+    else:
+        kept += [paths.release_signing_key, paths.release_public_key]
+
+    # Each site's authentication key pair, plus the CA certificate and release key it needs.
     _make_private_dir(paths.site_keys_dir)
     entries: list[SiteEntry] = []
     for name in sites:
@@ -462,13 +502,49 @@ def provision(config: ProvisionConfig) -> ProvisionResult:
         if new_ca or config.force or not site.ca_cert.exists():
             _write_atomic(site.ca_cert, _pem_cert(ca_cert), 0o644, overwrite=True)
             created.append(site.ca_cert)
+        if new_release_key or not site.release_key.exists() or site.release_key.read_bytes() != release_public:
+            _write_atomic(site.release_key, release_public, 0o644, overwrite=True)
+            created.append(site.release_key)
         entries.append(SiteEntry(name=name, public_key_sha256=public_key_sha256(public)))
 
     manifest = FederationManifest(
-        hostnames=hostnames, ca_sha256=cert_sha256(ca_cert), superlink_cert_sha256=cert_sha256(sl_cert), sites=entries
+        hostnames=hostnames,
+        ca_sha256=cert_sha256(ca_cert),
+        superlink_cert_sha256=cert_sha256(sl_cert),
+        sites=entries,
+        release_key_sha256=load_public_key(paths.release_public_key).sha256,
     )
     _write_atomic(paths.manifest, (manifest.model_dump_json(indent=2) + "\n").encode(), 0o644, overwrite=True)
     return ProvisionResult(paths=paths, manifest=manifest, created=created, kept=kept)
+
+
+def _release_key(paths: FederationPaths, config: ProvisionConfig) -> tuple[bytes, bool]:
+    """The federation's release signing key pair, made when missing (or asked anew: the old public
+    key is kept under release-keys-retired/); returns (public key PEM, whether it is new)."""
+    key_file, public_file = paths.release_signing_key, paths.release_public_key
+    if key_file.exists() and not (config.force or config.new_release_key):
+        try:
+            key = load_signing_key(key_file)
+            public = load_public_key(public_file)
+        except SignatureError as err:
+            raise ProvisionError(f"{err}; rerun with --new-release-key to make a new release key") from None
+        if public.sha256 != public_key_sha256_of(key.public_key()):
+            raise ProvisionError(f"{key_file} does not belong to {public_file}; rerun with --new-release-key")
+        return public_file.read_bytes(), False
+    if public_file.exists():
+        try:
+            old = load_public_key(public_file)
+            paths.retired_release_keys_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(
+                paths.retired_release_keys_dir / f"{old.sha256[:16]}.pem", public_file.read_bytes(), 0o644, True
+            )
+        except SignatureError:
+            log.warning("%s is unreadable: not kept among the retired release keys", public_file)
+    private, public_pem = make_signing_key()
+    _write_atomic(key_file, private, PRIVATE_FILE_MODE, overwrite=True)
+    _write_atomic(public_file, public_pem, 0o644, overwrite=True)
+    log.info("created release signing key %s", key_file)
+    return public_pem, True
 
 
 def describe(result: ProvisionResult) -> str:
@@ -478,8 +554,11 @@ def describe(result: ProvisionResult) -> str:
         f"federation      {p.root}",
         f"SuperLink names {', '.join(cert_hostnames(load_cert(p.superlink_cert)))}",
         f"CA sha256       {result.manifest.ca_sha256}",
+        f"release key     {p.release_public_key} (sha256 {result.manifest.release_key_sha256})",
         f"created         {len(result.created)} file(s), kept {len(result.kept)}",
     ]
     for site in result.manifest.sites:
-        lines.append(f"site {site.name:<10} hand over {p.site(site.name).dir}/ (auth_key, auth_key.pub, ca.pem)")
+        lines.append(
+            f"site {site.name:<10} hand over {p.site(site.name).dir}/ (auth_key, auth_key.pub, ca.pem, release_signing.pem)"
+        )
     return "\n".join(lines)

@@ -14,8 +14,22 @@ Runtime request never reaches the SuperLink. A request target nginx would have t
 (dot segments, `//`, encoded dots and slashes) is refused with 400, and the SuperLink is sent the
 matched route's canonical path, never the client's raw one.
 
-nginx runs as a child of the coordinator (`daemon off`), with its configuration, pid file,
-temporary files and logs under FED/server/ (nginx.conf, nginx-access.log, nginx-error.log).
+The port is public, so nginx also bounds what an unauthenticated client can make the SuperLink
+hold (issue 40, break 7): a request body larger than the largest message a site sends plus a
+margin is refused with 413 from its Content-Length, before a byte reaches the SuperLink
+(server/deploy/body_limit.py: push-object sized from the `paper` model, every other route 1 MiB);
+a body without a Content-Length (chunked) is refused with 411, so the size is always known up
+front; a request without the SuperNode authentication headers Flower's node auth reads
+(flwr-public-key, flwr-signature, flwr-timestamp) is refused with 401 by nginx itself (nginx
+cannot verify the signature: the SuperLink still does); and per client address at most
+REQUESTS_PER_S requests a second (burst REQUEST_BURST) and CONNECTIONS requests in progress
+(PUSH_CONNECTIONS for push-object; Flower pushes 2 objects at a time per SuperNode), 429 beyond.
+
+nginx runs as a child of the coordinator (`daemon off`), with its configuration, pid file and
+logs under FED/server/ (nginx.conf, nginx-access.log, nginx-error.log). Started by root, its
+workers run as an unprivileged user (www-data, else nobody; never root): they need no file of
+FED/server (the master reads the certificates and opens the logs), only their temporary folder
+FED/nginx-tmp, which is theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from server.deploy.body_limit import SMALL_BODY_BYTES, push_body_limit_bytes
 from server.deploy.flwr_control import EXIT_USAGE, CoordinatorError
 from server.deploy.provision import FederationPaths
 
@@ -55,9 +70,20 @@ REFUSED_URI = r"(/\.|//|%2e|%2f|%5c|\x5c|%00)"  # written into a quoted nginx st
 NGINX_CONF = "nginx.conf"
 NGINX_ERROR_LOG = "nginx-error.log"
 NGINX_ACCESS_LOG = "nginx-access.log"
-# Model weights travel in push-object/pull-object bodies; a round can wait long for replies.
-MAX_BODY = "2g"
+# A round can wait long for replies.
 TIMEOUT = "3600s"
+PUSH_ROUTE = "push-object"  # the one route with large request bodies (body_limit.py)
+# Per client address (several sites may share one, behind a NAT or on 127.0.0.1 in tests): a
+# SuperNode polls every 0.1-0.5 s and pushes and pulls 2 objects at a time.
+REQUESTS_PER_S = 100
+REQUEST_BURST = 1000
+CONNECTIONS = 32
+PUSH_CONNECTIONS = 8
+# The headers Flower's node authentication reads (flwr/superlink/routers/fleet/node_auth.py); nginx
+# sees them as $http_flwr_public_key and so on.
+AUTH_HEADERS = ("flwr-public-key", "flwr-signature", "flwr-timestamp")
+# nginx's workers when it is started by root, the first that exists.
+WORKER_USERS = ("www-data", "nobody")
 UPSTREAM_KEEPALIVE = 32  # idle connections to the SuperLink kept for reuse (a few per site)
 UPSTREAM_IDLE_S = 3  # below uvicorn's timeout_keep_alive (5 s), which Flower leaves at its default
 
@@ -81,17 +107,77 @@ def _listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def nginx_config(paths: FederationPaths, host: str, port: int, upstream_port: int) -> str:
+def worker_user() -> str | None:
+    """The unprivileged user nginx's workers run as when the coordinator is root (None: not root,
+    the workers keep the coordinator's own identity); CoordinatorError when none exists."""
+    if os.geteuid() != 0:
+        return None
+    for name in WORKER_USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    raise CoordinatorError(
+        f"none of the users {', '.join(WORKER_USERS)} exists for nginx's workers (never root): create one "
+        "(`useradd --system --no-create-home www-data`) or run the coordinator as an unprivileged user",
+        EXIT_USAGE,
+    )
+
+
+def temp_dir(paths: FederationPaths) -> Path:
+    """nginx's temporary files: outside FED/server (0700), the workers' own."""
+    return paths.root / "nginx-tmp"
+
+
+def _proxied(route: str) -> str:
+    """One location's forwarding to the SuperLink (`route`: the path after FLEET_PREFIX)."""
+    return f"""            limit_except POST {{ deny all; }}
+            proxy_pass https://superlink{FLEET_PREFIX}{route};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";  # keep the upstream connection (HTTP/1.1 keep-alive)
+            proxy_ssl_trusted_certificate {{ca}};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;  # a DNS name of the certificate (nginx checks no IP SANs)
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_read_timeout {TIMEOUT};
+            proxy_send_timeout {TIMEOUT};"""
+
+
+def nginx_config(
+    paths: FederationPaths, host: str, port: int, upstream_port: int, push_body_bytes: int | None = None
+) -> str:
     """nginx.conf: TLS on host:port, the Fleet routes proxied to the SuperLink on
-    127.0.0.1:upstream_port, everything else 403."""
+    127.0.0.1:upstream_port, everything else 403; request bodies bounded (push-object at
+    `push_body_bytes`, default body_limit.push_body_limit_bytes()), requests without node
+    authentication headers refused, per-address request and connection limits."""
     server = paths.server_dir
-    tmp = server / "nginx-tmp"
-    routes = "|".join(FLEET_ROUTES)
-    # Workers keep the coordinator's identity: nginx started by root would otherwise switch them
-    # to `nobody`, who cannot read FED/server (0700).
-    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    tmp = temp_dir(paths)
+    routes = "|".join(r for r in FLEET_ROUTES if r != PUSH_ROUTE)
+    push_body = push_body_limit_bytes() if push_body_bytes is None else push_body_bytes
+    user = worker_user()
+    user_line = f"user {user};\n" if user is not None else ""
+    # Flower's node authentication headers, on every call of an authenticated SuperNode; without
+    # them the SuperLink would read the whole body before its 401. (`if` with `return` only.)
+    auth = "\n".join(
+        f"""            if ($http_{h.replace("-", "_")} = "") {{
+                return 401 "SuperNode authentication header {h} missing\\n";
+            }}"""
+        for h in AUTH_HEADERS
+    )
+    checks = f"""            if ($request_method != POST) {{
+                return 403 "only POST is served here\\n";
+            }}
+{auth}
+            # Flower's SuperNode always sends a Content-Length: the size is checked before the body.
+            if ($http_content_length = "") {{
+                return 411 "a Content-Length is required\\n";
+            }}"""
+    proxied = _proxied("$1").replace("{ca}", str(paths.ca_cert))
+    proxied_push = _proxied(PUSH_ROUTE).replace("{ca}", str(paths.ca_cert))
     return f"""# Generated by `python -m server.coordinator superlink`; rewritten at every start.
-{user}daemon off;
+{user_line}daemon off;
 worker_processes 1;
 pid {server / "nginx.pid"};
 error_log {server / NGINX_ERROR_LOG} notice;
@@ -109,7 +195,15 @@ http {{
     uwsgi_temp_path {tmp / "uwsgi"};
     scgi_temp_path {tmp / "scgi"};
     server_tokens off;
-    client_max_body_size {MAX_BODY};
+    # Bounds for what any client address can make nginx and the SuperLink hold (module docstring).
+    client_max_body_size {SMALL_BODY_BYTES};
+    client_header_timeout 10s;
+    client_body_timeout 60s;
+    limit_req_zone $binary_remote_addr zone=fleet_requests:10m rate={REQUESTS_PER_S}r/s;
+    limit_conn_zone $binary_remote_addr zone=fleet_connections:10m;
+    limit_req_status 429;
+    limit_conn_status 429;
+
     # Connections to the SuperLink are kept open and reused: without this nginx opened a new TCP
     # connection and TLS session to it for every request (every poll, every object), a handshake
     # each time on both sides (benchmarks/federation_round.py). nginx drops an idle one before the
@@ -125,6 +219,8 @@ http {{
         ssl_certificate {paths.superlink_cert};
         ssl_certificate_key {paths.superlink_key};
         ssl_protocols TLSv1.2 TLSv1.3;
+        limit_req zone=fleet_requests burst={REQUEST_BURST} nodelay;
+        limit_conn fleet_connections {CONNECTIONS};
 
         # A request target nginx would have to normalise is refused before any location is
         # chosen: nginx matches locations against the normalised path ($uri: `..` and `.`
@@ -137,17 +233,15 @@ http {{
         # The Fleet API, and only its routes, only POST: what a SuperNode calls. The SuperLink is
         # sent the route's canonical path, rebuilt here, never the client's request target.
         location ~ ^{FLEET_PREFIX}({routes})$ {{
-            limit_except POST {{ deny all; }}
-            proxy_pass https://superlink{FLEET_PREFIX}$1;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";  # keep the upstream connection (HTTP/1.1 keep-alive)
-            proxy_ssl_trusted_certificate {paths.ca_cert};
-            proxy_ssl_verify on;
-            proxy_ssl_name localhost;  # a DNS name of the certificate (nginx checks no IP SANs)
-            proxy_request_buffering off;
-            proxy_buffering off;
-            proxy_read_timeout {TIMEOUT};
-            proxy_send_timeout {TIMEOUT};
+{checks}
+{proxied}
+        }}
+        # Objects (model chunks, the secure round's masked vector): the one large body.
+        location = {FLEET_PREFIX}{PUSH_ROUTE} {{
+            client_max_body_size {push_body};
+            limit_conn fleet_connections {PUSH_CONNECTIONS};
+{checks}
+{proxied_push}
         }}
         # The Control API (runs, nodes, logs, key registration), the Runtime API, /docs,
         # /health: refused here, never forwarded.
@@ -159,18 +253,30 @@ http {{
 """
 
 
-def write_nginx_config(paths: FederationPaths, host: str, port: int, upstream_port: int) -> Path:
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (paths.server_dir / "nginx-tmp" / sub).mkdir(parents=True, exist_ok=True)
+def write_nginx_config(
+    paths: FederationPaths, host: str, port: int, upstream_port: int, push_body_bytes: int | None = None
+) -> Path:
+    """nginx.conf under FED/server, and the workers' temporary folders (theirs, 0700)."""
+    text = nginx_config(paths, host, port, upstream_port, push_body_bytes)
+    user = worker_user()
+    owner = pwd.getpwnam(user) if user is not None else None
+    tmp = temp_dir(paths)
+    for folder in (tmp, *(tmp / sub for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"))):
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        if owner is not None:
+            os.chown(folder, owner.pw_uid, owner.pw_gid)
     path = paths.server_dir / NGINX_CONF
-    path.write_text(nginx_config(paths, host, port, upstream_port))
+    path.write_text(text)
     return path
 
 
-def start_proxy(paths: FederationPaths, host: str, port: int, upstream_port: int) -> subprocess.Popen[bytes]:
+def start_proxy(
+    paths: FederationPaths, host: str, port: int, upstream_port: int, push_body_bytes: int | None = None
+) -> subprocess.Popen[bytes]:
     """Check the configuration (`nginx -t`), then start nginx in the foreground as a child."""
     nginx = find_nginx()
-    conf = write_nginx_config(paths, host, port, upstream_port)
+    conf = write_nginx_config(paths, host, port, upstream_port, push_body_bytes)
     error_log = paths.server_dir / NGINX_ERROR_LOG
     base = [nginx, "-p", str(paths.server_dir), "-e", str(error_log), "-c", str(conf)]
     check = subprocess.run([*base, "-t"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -201,7 +307,10 @@ __all__ = [
     "FLEET_PREFIX",
     "FLEET_ROUTES",
     "REFUSED_URI",
+    "AUTH_HEADERS",
     "find_nginx",
+    "temp_dir",
+    "worker_user",
     "nginx_config",
     "start_proxy",
     "wait_listening",
