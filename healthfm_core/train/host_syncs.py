@@ -21,7 +21,9 @@ would count too. One such read is known and left out (counted as `host_reads`): 
 step counters (``state["step"]``), which live on the host on CUDA unless the optimizer is
 capturable or fused, read with ``.item()`` once per parameter by Adam(W). Any other is counted
 (conservative). ``ops`` counts every non-view aten op: a proxy for kernel launches, as CUDA may
-fuse some ops or split a foreach op into several launches.
+fuse some ops or split a foreach op into several launches; ``optimizer_ops`` says how many of
+them torch.optim dispatched (on CPU AdamW loops over the parameters, ~10 ops each; on CUDA its
+foreach path launches a few kernels per group of tensors).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class StepCount:
     ops: int = 0
     sites: Counter[str] = field(default_factory=Counter)
     host_reads: int = 0  # torch.optim step counters read (host tensors on CUDA: no sync there)
+    optimizer_ops: int = 0  # of `ops`, those inside torch.optim (a for-loop per parameter on CPU)
 
     @property
     def n_syncs(self) -> int:
@@ -107,16 +110,19 @@ def _project_line() -> str:
     return "<outside the project>"
 
 
-def _optimizer_step_counter(func: torch._ops.OpOverload, args: tuple[Any, ...]) -> bool:
-    """A 0-dim tensor read inside torch.optim: an optimizer's step counter."""
-    if func is not _ops._local_scalar_dense.default or args[0].dim() != 0:
-        return False
+def _in_optimizer() -> bool:
+    """Called from inside torch.optim."""
     frame = sys._getframe()
     while frame is not None:
-        if _OPTIM in frame.f_code.co_filename:
+        if frame.f_code.co_filename.startswith(_OPTIM):
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
+
+
+def _optimizer_step_counter(func: torch._ops.OpOverload, args: tuple[Any, ...], in_optimizer: bool) -> bool:
+    """A 0-dim tensor read inside torch.optim: an optimizer's step counter."""
+    return in_optimizer and func is _ops._local_scalar_dense.default and args[0].dim() == 0
 
 
 def _record(count: StepCount, name: str, where: bool) -> None:
@@ -131,15 +137,17 @@ class _CountingMode(TorchDispatchMode):
         self.count = count
         self.where = where
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _sync_name(func, args, kwargs)
-        if name is not None and _optimizer_step_counter(func, args):
+        in_optimizer = _in_optimizer()
+        if name is not None and _optimizer_step_counter(func, args, in_optimizer):
             self.count.host_reads += 1
         elif name is not None:
             _record(self.count, name, self.where)
         if not _is_view(func):
             self.count.ops += 1
+            self.count.optimizer_ops += in_optimizer
         return func(*args, **kwargs)
 
 
