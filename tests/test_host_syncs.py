@@ -67,7 +67,7 @@ def test_counter_sees_backward_and_names_the_line() -> None:
 def test_one_training_step_stays_under_the_sync_bound(name: str, monkeypatch) -> None:
     # The reference attention: the CPU kernels are host code with no GPU counterpart.
     monkeypatch.setenv("HEALTHFM_CT_ATTENTION", "reference")
-    batch = random_batch(batch_size=16, n_events=48, n_patches=8, epochs_per_patch=16, vocab_size=200, seed=1)
+    batch = random_batch(batch_size=8, n_events=32, n_patches=6, epochs_per_patch=8, vocab_size=200, seed=1)
     torch.manual_seed(0)
     model = HealthFM(load_model_config(name), 200, 4)
     cfg = TrainConfig(steps=1, progress=False)
