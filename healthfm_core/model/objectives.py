@@ -168,25 +168,39 @@ def sample_masks(batch: Batch, cfg: PretrainingConfig, generator: torch.Generato
 # ----------------------------------------------------------------------------- loss pieces
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask.to(x.dtype)).sum() / mask.sum().clamp_min(1)
+def _masked_mean(x: Tensor, mask: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+    """Mean of x where mask, over `dims` (None: all), 0 where the mask is empty."""
+    if dims is None:
+        return (x * mask.to(x.dtype)).sum() / mask.sum().clamp_min(1)
+    return (x * mask.to(x.dtype)).sum(dims) / mask.sum(dims).clamp_min(1)
+
+
+def _group_dims(x: Tensor, per_group: bool) -> tuple[int, ...] | None:
+    """The dimensions a per-group reduction sums over (all but the first), or None (all)."""
+    return tuple(range(1, x.dim())) if per_group else None
 
 
 def _mean_of_present(terms: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean of the terms [T] whose `present` [T] is True, whether any is): decided on the
-    device, where a Python list of the present terms would read each flag on the host."""
+    """(mean over dim 0 of the terms [T, ..] whose `present` [T, ..] is True, whether any is):
+    decided on the device, where a Python list of the present terms would read each flag on
+    the host."""
     weight = present.to(terms.dtype)
-    return (terms * weight).sum() / weight.sum().clamp_min(1), present.any()
+    return (terms * weight).sum(0) / weight.sum(0).clamp_min(1), present.any(0)
 
 
-def balanced_bce_terms(logits: Tensor, targets: Tensor, include: Tensor) -> tuple[Tensor, Tensor]:
+def balanced_bce_terms(
+    logits: Tensor, targets: Tensor, include: Tensor, per_group: bool = False
+) -> tuple[Tensor, Tensor]:
     """(mean BCE over included positives plus mean over included negatives, halved, or the one
-    that has entries; whether any entry is included) without a host sync."""
+    that has entries; whether any entry is included) without a host sync. `per_group`: one
+    such pair per index of the first dimension ([G] each) instead of one over everything."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     positive = include & (targets > 0.5)
     negative = include & (targets <= 0.5)
-    means = torch.stack([_masked_mean(bce, positive), _masked_mean(bce, negative)])
-    return _mean_of_present(means, torch.stack([positive.any(), negative.any()]))
+    dims = _group_dims(bce, per_group)
+    means = torch.stack([_masked_mean(bce, positive, dims), _masked_mean(bce, negative, dims)])
+    has = [m.any(dims) if dims is not None else m.any() for m in (positive, negative)]
+    return _mean_of_present(means, torch.stack(has))
 
 
 def balanced_bce(logits: Tensor, targets: Tensor, include: Tensor) -> Tensor | None:
@@ -278,19 +292,25 @@ def prs_reconstruction_loss(
 
 
 def onset_repeat_terms(
-    logits: Tensor, targets: Tensor, seen: Tensor, repeat_weight: float, include: Tensor | None = None
+    logits: Tensor,
+    targets: Tensor,
+    seen: Tensor,
+    repeat_weight: float,
+    include: Tensor | None = None,
+    per_group: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Balanced BCE over real codes with new onsets (codes not `seen` in the history) and repeats as
     separate terms, the repeat term scaled by `repeat_weight` (the guard that keeps copying the
     history from dominating). `include` [A, V] further restricts the entries (None: all).
-    -> (the sum of the terms that have entries, whether any has), without a host sync."""
+    -> (the sum of the terms that have entries, whether any has), without a host sync; per index
+    of the first dimension with `per_group` (see balanced_bce_terms)."""
     real = (torch.arange(logits.shape[-1], device=logits.device) >= N_SPECIAL_CODES)[None, :]
     allowed = real if include is None else real & include
-    new_onset, has_new = balanced_bce_terms(logits, targets, allowed & ~seen)
-    repeat, has_repeat = balanced_bce_terms(logits, targets, allowed & seen)
+    new_onset, has_new = balanced_bce_terms(logits, targets, allowed & ~seen, per_group)
+    repeat, has_repeat = balanced_bce_terms(logits, targets, allowed & seen, per_group)
     terms = torch.stack([new_onset, repeat_weight * repeat])
     present = torch.stack([has_new, has_repeat])
-    return (terms * present.to(terms.dtype)).sum(), present.any()
+    return (terms * present.to(terms.dtype)).sum(0), present.any(0)
 
 
 def onset_repeat_bce(
@@ -378,22 +398,36 @@ def future_window_targets(
     to prediction_time, whatever modality dropout hid from the model."""
     single = anchor.dim() == 1
     at = anchor[:, None] if single else anchor  # [B, Q]
-    events = _events_up_to_prediction(batch)[:, None, :]  # [B, 1, N]
-    times = batch.times[:, None, :]
-    n_query, n_slots = at.shape[1], batch.codes.shape[1] * batch.codes.shape[2]
-    codes = batch.codes.clamp_min(0).reshape(batch.batch_size, 1, n_slots).expand(-1, n_query, -1)
-    slots = batch.code_valid[:, None]  # [B, 1, N, K]
-    in_window = (events & (times > at[..., None]) & (times <= at[..., None] + horizon_days))[..., None] & slots
-    in_history = (events & (times <= at[..., None]))[..., None] & slots
-    shape = (*at.shape, vocab_size)
-    targets = (
-        torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_window.flatten(2).float()).clamp_max(1.0)
-    )
-    seen = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_history.flatten(2).float()) > 0
-    record_end = batch.times.masked_fill(~events[:, 0], -float("inf")).max(dim=1).values
-    covered = record_end[:, None] > at + horizon_days
+    targets, seen, covered = _future_windows(batch, at, (horizon_days,), vocab_size)
+    targets, covered = targets[:, :, 0], covered[:, :, 0]
     if single:
         return targets[:, 0], seen[:, 0], covered[:, 0]
+    return targets, seen, covered
+
+
+def _future_windows(
+    batch: Batch, at: Tensor, horizons_days: tuple[float, ...], vocab_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """future_window_targets for anchors at [B, Q] and H horizons at once: (targets [B, Q, H, V],
+    seen [B, Q, V], covered [B, Q, H])."""
+    b, n_query = at.shape
+    horizons = torch.tensor(horizons_days, device=at.device, dtype=at.dtype)  # [H]
+    events = _events_up_to_prediction(batch)  # [B, N]
+    n_slots = batch.codes.shape[1] * batch.codes.shape[2]
+    slots = batch.code_valid[:, None, None]  # [B, 1, 1, N, K]
+    times, start = batch.times[:, None, None, :], at[:, :, None, None]  # [B, 1, 1, N], [B, Q, 1, 1]
+    end = start + horizons[None, None, :, None]  # [B, Q, H, 1]
+    in_window = (events[:, None, None, :] & (times > start) & (times <= end))[..., None] & slots  # [B, Q, H, N, K]
+    in_history = (events[:, None, None, :] & (times <= start))[..., None] & slots  # [B, Q, 1, N, K]
+    codes = batch.codes.clamp_min(0).reshape(b, 1, n_slots)
+    rows = n_query * len(horizons_days)
+    targets = torch.zeros(b, rows, vocab_size, device=at.device)
+    targets = targets.scatter_add_(2, codes.expand(-1, rows, -1), in_window.reshape(b, rows, n_slots).float())
+    targets = targets.clamp_max(1.0).view(b, n_query, len(horizons_days), vocab_size)
+    seen = torch.zeros(b, n_query, vocab_size, device=at.device)
+    seen = seen.scatter_add_(2, codes.expand(-1, n_query, -1), in_history.reshape(b, n_query, n_slots).float()) > 0
+    record_end = batch.times.masked_fill(~events, -float("inf")).max(dim=1).values
+    covered = record_end[:, None, None] > at[..., None] + horizons  # [B, Q, H]
     return targets, seen, covered
 
 
@@ -411,14 +445,22 @@ def future_codes_loss(
     if batch.codes.shape[1] == 0:
         return {}
     logits = model.heads["ehr_future_codes"](out.queries.flatten(0, 1)).unflatten(0, anchor.shape)  # [B, Q, H, V]
-    terms, present = [], []
-    for h, horizon in enumerate(cfg.future_horizons_days):
-        targets, seen, covered = future_window_targets(batch, anchor, horizon, model.vocab_size)
-        include = (covered[..., None] | (targets > 0.5)) & has_anchor[..., None]
-        loss, has = onset_repeat_terms(logits[:, :, h], targets, seen, cfg.future_codes_repeat_weight, include)
-        terms.append(loss)
-        present.append(has)
-    return _present("future_codes", *_mean_of_present(torch.stack(terms), torch.stack(present)))
+    targets, seen, covered = _future_windows(batch, anchor, tuple(cfg.future_horizons_days), model.vocab_size)
+    include = (covered[..., None] | (targets > 0.5)) & has_anchor[:, :, None, None]
+
+    def by_horizon(x: Tensor) -> Tensor:  # [B, Q, H, V] -> [H, B * Q, V]: a loss per horizon at once
+        return x.permute(2, 0, 1, 3).flatten(1, 2)
+
+    seen = seen[:, :, None].expand_as(targets)
+    terms, present = onset_repeat_terms(
+        by_horizon(logits),
+        by_horizon(targets),
+        by_horizon(seen),
+        cfg.future_codes_repeat_weight,
+        by_horizon(include),
+        per_group=True,
+    )
+    return _present("future_codes", *_mean_of_present(terms, present))
 
 
 def predictive_coding_loss(
