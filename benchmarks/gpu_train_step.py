@@ -319,16 +319,25 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or (["tiny", "small", "paper"] if device.type == "cuda" else ["tiny", "small"])
     with tempfile.TemporaryDirectory(prefix="healthfm-gpu-step-") as tmp:
         native, vocab, traits = site_batch(args, Path(tmp))
-    rows = []
+    rows: list[Row] = []
+    missing: list[str] = []
     for text, shape in shapes:
         batch = native if shape is None else lengthen(native, *shape)
         label = f"native ({native.codes.shape[1]} x {native.batch_size})" if shape is None else text
         for model_name in models:
             for attention in args.attention:
-                row = run_row(args, model_name, attention, label, batch, vocab, traits, device)
+                try:
+                    row = run_row(args, model_name, attention, label, batch, vocab, traits, device)
+                except torch.OutOfMemoryError:  # the reference at long histories (issue 41: from 1,024 x 8)
+                    print(f"{model_name} {attention} {label}: out of memory", flush=True)
+                    missing.append(f"{model_name} {attention} {label}")
+                    torch.cuda.empty_cache()
+                    continue
                 print(f"{model_name} {attention} {label}: {row.ms:.1f} ms/step", flush=True)
                 rows.append(row)
     print_table(rows, device)
+    for what in missing:
+        print(f"{what}: out of memory")
     return 0
 
 

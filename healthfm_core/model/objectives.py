@@ -444,8 +444,11 @@ def future_codes_loss(
         anchor, has_anchor = anchor[:, None], has_anchor[:, None]
     if batch.codes.shape[1] == 0:
         return {}
-    logits = model.heads["ehr_future_codes"](out.queries.flatten(0, 1)).unflatten(0, anchor.shape)  # [B, Q, H, V]
-    targets, seen, covered = _future_windows(batch, anchor, tuple(cfg.future_horizons_days), model.vocab_size)
+    horizons = tuple(cfg.future_horizons_days)  # the head's first len(horizons) outputs, in order
+    logits = model.heads["ehr_future_codes"](out.queries.flatten(0, 1)).unflatten(0, anchor.shape)[
+        :, :, : len(horizons)
+    ]
+    targets, seen, covered = _future_windows(batch, anchor, horizons, model.vocab_size)  # [B, Q, H, V], ..
     include = (covered[..., None] | (targets > 0.5)) & has_anchor[:, :, None, None]
 
     def by_horizon(x: Tensor) -> Tensor:  # [B, Q, H, V] -> [H, B * Q, V]: a loss per horizon at once
