@@ -45,13 +45,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from synthetic_site import site_dataset  # noqa: E402
 
 from healthfm_core.data.batch import Batch  # noqa: E402
-from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
-from healthfm_core.data.site import open_site  # noqa: E402
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.tokens import collate  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
@@ -100,17 +97,7 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def site_batch(args: argparse.Namespace, tmp: Path) -> tuple[Batch, int, int]:
     """(the native batch, vocabulary size, PRS traits) of the chosen synthetic site."""
-    manifest = generate_federation(tmp, scenario=args.scenario, seed=0, n_subjects=args.subjects, progress=False)
-    site = open_site(manifest.site(args.site).root)
-    vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
-    ids = site.subject_splits()["subject_id"].to_numpy()
-    dataset = PretrainingDataset(
-        SiteSequences.from_site(site, vocab),
-        ids,
-        time_mode="last",
-        max_events=args.max_events,
-        max_patches=args.max_patches,
-    )
+    dataset, vocab = site_dataset(tmp, args.scenario, args.site, args.subjects, args.max_events, args.max_patches)
     batch = collate([dataset[i % len(dataset)] for i in range(args.batch)])
     return batch, vocab.vocab_size, vocab.n_prs_traits
 
