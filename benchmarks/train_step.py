@@ -37,15 +37,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from synthetic_site import site_dataset  # noqa: E402
 from torch import nn  # noqa: E402
 
 from client.threads import measure as measure_auto  # noqa: E402
 from client.threads import usable_cores  # noqa: E402
-from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
-from healthfm_core.data.site import open_site  # noqa: E402
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.tokens import collate  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.dropout import Dropout  # noqa: E402
@@ -63,17 +60,7 @@ def torch_dropout(model: HealthFM, on: bool) -> None:
 
 
 def build(args: argparse.Namespace, tmp: Path):
-    manifest = generate_federation(tmp, scenario=args.scenario, seed=0, n_subjects=args.subjects, progress=False)
-    site = open_site(manifest.site(args.site).root)
-    vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
-    ids = site.subject_splits()["subject_id"].to_numpy()
-    dataset = PretrainingDataset(
-        SiteSequences.from_site(site, vocab),
-        ids,
-        time_mode="last",
-        max_events=args.max_events,
-        max_patches=args.max_patches,
-    )
+    dataset, vocab = site_dataset(tmp, args.scenario, args.site, args.subjects, args.max_events, args.max_patches)
     batch = collate([dataset[i] for i in range(min(args.batch_size, len(dataset)))])
     torch.manual_seed(0)
     model = HealthFM(load_model_config(args.model), vocab.vocab_size, vocab.n_prs_traits)

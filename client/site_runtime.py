@@ -60,6 +60,7 @@ from healthfm_core.model.groups import group_state_dict, parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
+from healthfm_core.train.device import check_device_setting, resolve_device
 from healthfm_core.train.local_run import LocalRun
 from healthfm_core.train.trainer import train_local
 from healthfm_core.transport import encode_update
@@ -81,7 +82,10 @@ class SiteConfig(BaseModel):
     min_report_subjects: int = Field(default=20, ge=1)  # no metric on fewer subjects leaves the site
     # no metric leaves whose held_out split has fewer positive (or negative) rows
     min_report_positives: int = Field(default=5, ge=1)
-    device: str = "cpu"
+    # The torch device local training and evaluation run on (healthfm_core/train/device.py): auto
+    # (a GPU when this process sees one), cpu, cuda or cuda:N. A site's own setting: the server
+    # does not choose a site's hardware. On CUDA training uses bf16 autocast where the GPU has it.
+    device: str = "auto"
     policy: Path | None = None  # the site admin's policy file (client/policy.py); None: no policy
     state_dir: Path | None = None  # durable site state (the privacy ledger); required for DP
     # The site key's budget record and fingerprint (healthfm_core/privacy/budget_record.py), set by
@@ -96,6 +100,11 @@ class SiteConfig(BaseModel):
     # FedProx's proximal term in the site's local loss (TrainConfig.proximal_mu): run config or
     # node config key `proximal-mu`; 0 (default) trains exactly as without it.
     proximal_mu: float = Field(default=0.0, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device_setting(v, "node config device")
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -156,6 +165,8 @@ class SiteRuntime:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.name = config.name
+        # Resolved once, at start: `cuda` on a machine without a GPU fails here, before any round.
+        self.device = resolve_device(config.device, "node config device")
         self.site: Site = cached_site(config.site_root, config.sequence_cache)
         # The site's train subjects bound the policy's DP delta (at most 1/n), checked at load.
         n_train = int(np.sum(np.asarray(self.site.subject_splits()["split"].to_pylist()) == "train"))
@@ -288,7 +299,7 @@ class SiteRuntime:
         receive keep their initial values; a key of a group the site does not hold is refused."""
         key = setup.sha256
         if key not in self._models:
-            model = setup.init_model().to(self.config.device)
+            model = setup.init_model().to(self.device)
             init = {k: v.detach().clone() for k, v in model.state_dict().items()}
             self._models = {key: (model, init)}
         model, init = self._models[key]

@@ -550,8 +550,8 @@ class HealthFM(nn.Module):
                 f"batch.wear_valid: {n} sample(s) carry wearable patches but the model has no "
                 f"wearables (built with modalities {list(self.modalities)})"
             )
-        if batch.codes.numel() and int(batch.codes.max()) >= self.vocab_size:
-            raise ValueError(f"batch.codes holds id {int(batch.codes.max())} >= vocab_size={self.vocab_size}")
+        if batch.codes.numel() and (top := int(batch.codes.max())) >= self.vocab_size:
+            raise ValueError(f"batch.codes holds id {top} >= vocab_size={self.vocab_size}")
 
     def _modality_dropout(self, present: Tensor, generator: torch.Generator | None) -> Tensor:
         """present [B,3] -> kept [B,3]: drop each whole modality of a sample with prob p, never all."""
@@ -562,7 +562,10 @@ class HealthFM(nn.Module):
         kept = present & (draw >= p)
         # A sample that would lose everything keeps the present modality with the highest draw.
         lost_all = present.any(dim=1) & ~kept.any(dim=1)
-        rescue = F.one_hot(torch.where(present, draw, -1.0).argmax(dim=1), present.shape[1]).bool()
+        # Compared with arange, not F.one_hot: that reads its input's range on the host.
+        rescue = torch.arange(present.shape[1], device=present.device) == torch.where(present, draw, -1.0).argmax(
+            dim=1, keepdim=True
+        )
         return kept | (rescue & lost_all[:, None])
 
     # -- forward -----------------------------------------------------------------------------
@@ -659,10 +662,13 @@ class HealthFM(nn.Module):
         """One token per visible patch, at the time the patch is complete (capped at
         prediction_time); masked patches fed as the mask token. None when no sample has any."""
         valid = seen.wear
-        if self.wearable_encoder is None or not bool(valid.any()):
+        if self.wearable_encoder is None:
             return None
-        flat = self.wearable_encoder(batch.wear_epochs[valid].float(), seen.epochs[valid])
-        tokens = flat.new_zeros(*valid.shape, flat.shape[-1]).index_put((*valid.nonzero(as_tuple=True),), flat)
+        patches = valid.nonzero(as_tuple=True)  # read once: the patches to encode, and whether any
+        if patches[0].numel() == 0:
+            return None
+        flat = self.wearable_encoder(batch.wear_epochs[patches].float(), seen.epochs[patches])
+        tokens = flat.new_zeros(*valid.shape, flat.shape[-1]).index_put(patches, flat)
         fed = tokens
         if hidden is not None:
             hide = (hidden & valid)[..., None]

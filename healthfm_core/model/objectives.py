@@ -129,7 +129,12 @@ def _at_least_one(mask: Tensor, valid: Tensor, draw: Tensor) -> Tensor:
         return mask
     rows = valid.any(dim=1) & ~mask.any(dim=1)
     pick = torch.where(valid, draw, -1.0).argmax(dim=1)
-    return mask | (F.one_hot(pick, mask.shape[1]).bool() & rows[:, None])
+    return mask | (_one_hot(pick, mask.shape[1]) & rows[:, None])
+
+
+def _one_hot(index: Tensor, n: int) -> Tensor:
+    """[..] -> [.., n] bool; F.one_hot checks its input's range on the host (a sync a call)."""
+    return torch.arange(n, device=index.device) == index[..., None]
 
 
 def sample_masks(batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None = None) -> ReconstructionMasks:
@@ -155,7 +160,7 @@ def sample_masks(batch: Batch, cfg: PretrainingConfig, generator: torch.Generato
     prs = _at_least_one((draw < cfg.prs_mask_prob) & maskable, maskable, draw)
     # Keep the highest-draw valid trait visible where everything got masked.
     all_hidden = maskable.any(dim=1) & ~(maskable & ~prs).any(dim=1)
-    keep = F.one_hot(torch.where(maskable, draw, -1.0).argmax(dim=1), prs.shape[1]).bool()
+    keep = _one_hot(torch.where(maskable, draw, -1.0).argmax(dim=1), prs.shape[1])
     prs = prs & ~(keep & all_hidden[:, None])
     return ReconstructionMasks(ehr=ehr, wear=wear, prs=prs)
 
@@ -163,55 +168,99 @@ def sample_masks(batch: Batch, cfg: PretrainingConfig, generator: torch.Generato
 # ----------------------------------------------------------------------------- loss pieces
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask.to(x.dtype)).sum() / mask.sum().clamp_min(1)
+def _masked_mean(x: Tensor, mask: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+    """Mean of x where mask, over `dims` (None: all), 0 where the mask is empty."""
+    if dims is None:
+        return (x * mask.to(x.dtype)).sum() / mask.sum().clamp_min(1)
+    return (x * mask.to(x.dtype)).sum(dims) / mask.sum(dims).clamp_min(1)
 
 
-def balanced_bce(logits: Tensor, targets: Tensor, include: Tensor) -> Tensor | None:
-    """Mean BCE over included positives plus mean over included negatives, halved; None if nothing included."""
+def _group_dims(x: Tensor, per_group: bool) -> tuple[int, ...] | None:
+    """The dimensions a per-group reduction sums over (all but the first), or None (all)."""
+    return tuple(range(1, x.dim())) if per_group else None
+
+
+def _mean_of_present(terms: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean over dim 0 of the terms [T, ..] whose `present` [T, ..] is True, whether any is):
+    decided on the device, where a Python list of the present terms would read each flag on
+    the host."""
+    weight = present.to(terms.dtype)
+    return (terms * weight).sum(0) / weight.sum(0).clamp_min(1), present.any(0)
+
+
+def balanced_bce_terms(
+    logits: Tensor, targets: Tensor, include: Tensor, per_group: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(mean BCE over included positives plus mean over included negatives, halved, or the one
+    that has entries; whether any entry is included) without a host sync. `per_group`: one
+    such pair per index of the first dimension ([G] each) instead of one over everything."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     positive = include & (targets > 0.5)
     negative = include & (targets <= 0.5)
-    terms = [_masked_mean(bce, m) for m in (positive, negative) if bool(m.any())]
-    return torch.stack(terms).mean() if terms else None
+    dims = _group_dims(bce, per_group)
+    means = torch.stack([_masked_mean(bce, positive, dims), _masked_mean(bce, negative, dims)])
+    has = [m.any(dims) if dims is not None else m.any() for m in (positive, negative)]
+    return _mean_of_present(means, torch.stack(has))
 
 
-def _multi_hot(code_lists: list[Tensor], vocab_size: int, device: torch.device) -> Tensor:
-    out = torch.zeros(len(code_lists), vocab_size, device=device)
-    for row, codes in enumerate(code_lists):
-        out[row, codes] = 1.0
-    return out
+def balanced_bce(logits: Tensor, targets: Tensor, include: Tensor) -> Tensor | None:
+    """balanced_bce_terms' loss; None if nothing included."""
+    loss, present = balanced_bce_terms(logits, targets, include)
+    return loss if bool(present) else None
+
+
+def _present(name: str, loss: Tensor, present: Tensor) -> dict[str, Tensor]:
+    """{name: loss} when `present` (one host read per objective), else {} (the loss is left out
+    of the total, so its head gets no gradient)."""
+    return {name: loss} if bool(present) else {}
+
+
+def _multi_hot(codes: Tensor, include: Tensor, vocab_size: int) -> Tensor:
+    """codes [B, N, K] and include [B, R, N] (tokens of each of R rows) -> [B, R, V] float: 1 at
+    every code of an included token (PAD too: the losses read only real codes)."""
+    b, r, n = include.shape
+    k = codes.shape[2]
+    weight = include[..., None].expand(b, r, n, k).reshape(b, r, n * k).to(torch.float32)
+    index = codes.reshape(b, 1, n * k).expand(b, r, n * k)
+    return torch.zeros(b, r, vocab_size, device=codes.device).scatter_add_(2, index, weight).clamp_max(1.0)
+
+
+def _random_subset(candidates: Tensor, cap: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Up to `cap` positions of each row of candidates [B, N], uniformly at random without
+    replacement: (positions [B, c], chosen [B, c] bool), c = min(cap, N). The top-c of uniform
+    keys drawn for every position, so the draw has one shape whatever the data."""
+    keys = _rand(candidates.shape, generator, candidates.device)
+    top = torch.where(candidates, keys, -1.0).topk(min(cap, candidates.shape[1]), dim=1)
+    return top.indices, top.values >= 0
 
 
 def ehr_reconstruction_losses(
     model: PretrainingModel, out: ModelOutput, batch: Batch, masks: ReconstructionMasks
 ) -> dict[str, Tensor]:
     """Per token with hidden code slots: its state -> the set of hidden codes (balanced BCE over
-    real codes, the token's visible codes excluded) and, per hidden code with a value, the value."""
+    real codes, the token's visible codes excluded) and, per hidden code with a value, the value.
+    The tokens and slots are gathered by index (one nonzero each, read once)."""
     if out.n_ehr == 0 or masks.ehr is None:
         return {}
-    codes = batch.codes[:, : out.n_ehr]
-    hidden = masks.ehr[:, : out.n_ehr] & batch.code_valid[:, : out.n_ehr] & out.ehr_valid[..., None]
-    tokens = hidden.any(dim=-1)
-    if not bool(tokens.any()):
+    code_valid = batch.code_valid[:, : out.n_ehr]
+    hidden = masks.ehr[:, : out.n_ehr] & code_valid & out.ehr_valid[..., None]
+    tokens = hidden.any(dim=-1).nonzero(as_tuple=True)
+    if tokens[0].numel() == 0:
         return {}
     states = out.ehr_states[tokens]  # [t, d]
     vocab = model.vocab_size
-    token_codes, token_hidden = codes[tokens], hidden[tokens]  # [t, K]
-    shown = batch.code_valid[:, : out.n_ehr][tokens] & ~token_hidden
+    token_codes, token_hidden = batch.codes[:, : out.n_ehr][tokens], hidden[tokens]  # [t, K]
+    shown = code_valid[tokens] & ~token_hidden
     targets = torch.zeros(len(states), vocab, device=states.device).scatter_add_(1, token_codes, token_hidden.float())
     targets = targets.clamp_max(1.0)
     visible = torch.zeros(len(states), vocab, device=states.device).scatter_add_(1, token_codes, shown.float()) > 0
     real = (torch.arange(vocab, device=states.device) >= N_SPECIAL_CODES)[None, :]
-    losses: dict[str, Tensor] = {}
-    code_loss = balanced_bce(model.heads["ehr_code"](states), targets, real & ~visible)
-    if code_loss is not None:
-        losses["ehr_masked_code"] = code_loss
-    with_value = token_hidden & batch.has_value[:, : out.n_ehr][tokens]
-    if bool(with_value.any()):
-        row = torch.arange(len(states), device=states.device)[:, None].expand_as(with_value)[with_value]
-        predicted = model.heads["ehr_value"](states[row], token_codes[with_value]).float()
-        losses["ehr_masked_value"] = F.mse_loss(predicted, batch.values[:, : out.n_ehr][tokens][with_value].float())
+    losses = _present("ehr_masked_code", *balanced_bce_terms(model.heads["ehr_code"](states), targets, real & ~visible))
+    row, slot = (token_hidden & batch.has_value[:, : out.n_ehr][tokens]).nonzero(as_tuple=True)
+    if row.numel():
+        predicted = model.heads["ehr_value"](states[row], token_codes[row, slot]).float()
+        target = batch.values[:, : out.n_ehr][tokens][row, slot].float()
+        losses["ehr_masked_value"] = F.mse_loss(predicted, target)
     return losses
 
 
@@ -220,8 +269,8 @@ def wearable_reconstruction_loss(
 ) -> dict[str, Tensor]:
     if out.n_wear == 0 or masks.wear is None or "wear_recon" not in model.heads:
         return {}
-    hidden = masks.wear[:, : out.n_wear] & out.wear_valid
-    if not bool(hidden.any()):
+    hidden = (masks.wear[:, : out.n_wear] & out.wear_valid).nonzero(as_tuple=True)
+    if hidden[0].numel() == 0:
         return {}
     n_epochs = batch.wear_epochs.shape[2]
     predicted = model.heads["wear_recon"](out.wear_states[hidden], n_epochs).float()
@@ -238,67 +287,74 @@ def prs_reconstruction_loss(
     hidden = masks.prs & batch.prs_valid & out.present["genomics"][:, None]
     if model.cfg.pretraining.prs_reconstruct_shown:
         hidden = batch.prs_valid & out.present["genomics"][:, None]  # every trait: hidden and shown
-    if not bool(hidden.any()):
-        return {}
     predicted = model.heads["prs_recon"](out.genomics_cond).float()
-    return {"prs_masked": _masked_mean((predicted - batch.prs.float()) ** 2, hidden)}
+    return _present("prs_masked", _masked_mean((predicted - batch.prs.float()) ** 2, hidden), hidden.any())
+
+
+def onset_repeat_terms(
+    logits: Tensor,
+    targets: Tensor,
+    seen: Tensor,
+    repeat_weight: float,
+    include: Tensor | None = None,
+    per_group: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Balanced BCE over real codes with new onsets (codes not `seen` in the history) and repeats as
+    separate terms, the repeat term scaled by `repeat_weight` (the guard that keeps copying the
+    history from dominating). `include` [A, V] further restricts the entries (None: all).
+    -> (the sum of the terms that have entries, whether any has), without a host sync; per index
+    of the first dimension with `per_group` (see balanced_bce_terms)."""
+    real = (torch.arange(logits.shape[-1], device=logits.device) >= N_SPECIAL_CODES)[None, :]
+    allowed = real if include is None else real & include
+    new_onset, has_new = balanced_bce_terms(logits, targets, allowed & ~seen, per_group)
+    repeat, has_repeat = balanced_bce_terms(logits, targets, allowed & seen, per_group)
+    terms = torch.stack([new_onset, repeat_weight * repeat])
+    present = torch.stack([has_new, has_repeat])
+    return (terms * present.to(terms.dtype)).sum(0), present.any(0)
 
 
 def onset_repeat_bce(
     logits: Tensor, targets: Tensor, seen: Tensor, repeat_weight: float, include: Tensor | None = None
 ) -> Tensor | None:
-    """Balanced BCE over real codes with new onsets (codes not `seen` in the history) and repeats as
-    separate terms, the repeat term scaled by `repeat_weight` (the guard that keeps copying the
-    history from dominating). `include` [A, V] further restricts the entries (None: all)."""
-    real = (torch.arange(logits.shape[-1], device=logits.device) >= N_SPECIAL_CODES)[None, :]
-    allowed = real if include is None else real & include
-    new_onset = balanced_bce(logits, targets, allowed & ~seen)
-    repeat = balanced_bce(logits, targets, allowed & seen)
-    terms = [t for t in (new_onset, None if repeat is None else repeat_weight * repeat) if t is not None]
-    return torch.stack(terms).sum() if terms else None
+    """onset_repeat_terms' loss; None when neither term has entries."""
+    loss, present = onset_repeat_terms(logits, targets, seen, repeat_weight, include)
+    return loss if bool(present) else None
 
 
 def next_visit_loss(
     model: PretrainingModel, out: ModelOutput, batch: Batch, cfg: PretrainingConfig, generator: torch.Generator | None
 ) -> dict[str, Tensor]:
     """For up to max_visits_per_sample visits after a sample's first, the latest token strictly
-    before the visit predicts the visit's codes; new-onset and repeat codes are separate terms."""
+    before the visit predicts the visit's codes; new-onset and repeat codes are separate terms.
+
+    A visit is the events of one day window (floor of the time). Every sample's visits are laid
+    out at once ([B, visits] with a mask), so no shape depends on the data."""
     if out.n_ehr == 0:
         return {}
-    contexts: list[tuple[int, int]] = []
-    visit_codes: list[Tensor] = []
-    history_codes: list[Tensor] = []
-    for b in range(batch.batch_size):
-        valid = out.ehr_valid[b]
-        if int(valid.sum()) < 2:
-            continue
-        times = batch.times[b, : out.n_ehr][valid]
-        codes = batch.codes[b, : out.n_ehr][valid]  # [n, K] (PAD slots fall outside the real codes)
-        days = torch.floor(times)
-        later_days = torch.unique(days)[1:]  # a visit = the events of one day window
-        if later_days.numel() == 0:
-            continue
-        order = torch.randperm(later_days.numel(), generator=generator)[: cfg.max_visits_per_sample]
-        key_times = out.times[b].masked_fill(~out.key_valid[b], float("inf"))
-        for day in later_days[order.to(later_days.device)]:
-            in_visit = days == day
-            start = times[in_visit].min()
-            before = key_times < start
-            if not bool(before.any()):
-                continue
-            context = int(torch.where(before, key_times, -float("inf")).argmax())
-            contexts.append((b, context))
-            visit_codes.append(codes[in_visit].flatten())
-            history_codes.append(codes[times < start].flatten())
-    if not contexts:
-        return {}
-    device = out.states.device
-    index = torch.tensor(contexts, device=device)
-    logits = model.heads["ehr_next_visit"](out.states[index[:, 0], index[:, 1]])
-    targets = _multi_hot(visit_codes, model.vocab_size, device)
-    seen = _multi_hot(history_codes, model.vocab_size, device).bool()
-    loss = onset_repeat_bce(logits, targets, seen, cfg.next_visit_repeat_weight)
-    return {"next_visit": loss} if loss is not None else {}
+    valid = out.ehr_valid
+    times = batch.times[:, : out.n_ehr]
+    codes = batch.codes[:, : out.n_ehr]  # [B, N, K] (PAD slots fall outside the real codes)
+    days = torch.floor(times).masked_fill(~valid, float("inf"))
+    # A visit's first token in day order stands for it; the first visit of a sample has no context.
+    ordered, order = days.sort(dim=1, stable=True)
+    opens = torch.ones_like(valid)
+    opens[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    opens[:, 0] = False
+    later = torch.zeros_like(valid).scatter(1, order, opens & torch.isfinite(ordered))
+    position, chosen = _random_subset(later, cfg.max_visits_per_sample, generator)  # [B, R]
+    day = days.gather(1, position)
+    in_visit = valid[:, None, :] & (days[:, None, :] == day[..., None])  # [B, R, N]
+    start = times[:, None, :].masked_fill(~in_visit, float("inf")).amin(dim=2)  # [B, R]
+    key_times = out.times.masked_fill(~out.key_valid, float("inf"))[:, None, :]  # [B, 1, L]
+    before = key_times < start[..., None]
+    context = torch.where(before, key_times, -float("inf")).argmax(dim=2)  # the latest, first on ties
+    rows = chosen & before.any(dim=2)
+    history = valid[:, None, :] & (times[:, None, :] < start[..., None])
+    logits = model.heads["ehr_next_visit"](out.states.gather(1, context[..., None].expand(-1, -1, out.states.shape[2])))
+    targets = _multi_hot(codes, in_visit, model.vocab_size)
+    seen = _multi_hot(codes, history, model.vocab_size) > 0
+    loss = onset_repeat_terms(logits, targets, seen, cfg.next_visit_repeat_weight, rows[..., None])
+    return _present("next_visit", *loss)
 
 
 def _events_up_to_prediction(batch: Batch) -> Tensor:
@@ -342,22 +398,36 @@ def future_window_targets(
     to prediction_time, whatever modality dropout hid from the model."""
     single = anchor.dim() == 1
     at = anchor[:, None] if single else anchor  # [B, Q]
-    events = _events_up_to_prediction(batch)[:, None, :]  # [B, 1, N]
-    times = batch.times[:, None, :]
-    n_query, n_slots = at.shape[1], batch.codes.shape[1] * batch.codes.shape[2]
-    codes = batch.codes.clamp_min(0).reshape(batch.batch_size, 1, n_slots).expand(-1, n_query, -1)
-    slots = batch.code_valid[:, None]  # [B, 1, N, K]
-    in_window = (events & (times > at[..., None]) & (times <= at[..., None] + horizon_days))[..., None] & slots
-    in_history = (events & (times <= at[..., None]))[..., None] & slots
-    shape = (*at.shape, vocab_size)
-    targets = (
-        torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_window.flatten(2).float()).clamp_max(1.0)
-    )
-    seen = torch.zeros(shape, device=times.device).scatter_add_(2, codes, in_history.flatten(2).float()) > 0
-    record_end = batch.times.masked_fill(~events[:, 0], -float("inf")).max(dim=1).values
-    covered = record_end[:, None] > at + horizon_days
+    targets, seen, covered = _future_windows(batch, at, (horizon_days,), vocab_size)
+    targets, covered = targets[:, :, 0], covered[:, :, 0]
     if single:
         return targets[:, 0], seen[:, 0], covered[:, 0]
+    return targets, seen, covered
+
+
+def _future_windows(
+    batch: Batch, at: Tensor, horizons_days: tuple[float, ...], vocab_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """future_window_targets for anchors at [B, Q] and H horizons at once: (targets [B, Q, H, V],
+    seen [B, Q, V], covered [B, Q, H])."""
+    b, n_query = at.shape
+    horizons = torch.tensor(horizons_days, device=at.device, dtype=at.dtype)  # [H]
+    events = _events_up_to_prediction(batch)  # [B, N]
+    n_slots = batch.codes.shape[1] * batch.codes.shape[2]
+    slots = batch.code_valid[:, None, None]  # [B, 1, 1, N, K]
+    times, start = batch.times[:, None, None, :], at[:, :, None, None]  # [B, 1, 1, N], [B, Q, 1, 1]
+    end = start + horizons[None, None, :, None]  # [B, Q, H, 1]
+    in_window = (events[:, None, None, :] & (times > start) & (times <= end))[..., None] & slots  # [B, Q, H, N, K]
+    in_history = (events[:, None, None, :] & (times <= start))[..., None] & slots  # [B, Q, 1, N, K]
+    codes = batch.codes.clamp_min(0).reshape(b, 1, n_slots)
+    rows = n_query * len(horizons_days)
+    targets = torch.zeros(b, rows, vocab_size, device=at.device)
+    targets = targets.scatter_add_(2, codes.expand(-1, rows, -1), in_window.reshape(b, rows, n_slots).float())
+    targets = targets.clamp_max(1.0).view(b, n_query, len(horizons_days), vocab_size)
+    seen = torch.zeros(b, n_query, vocab_size, device=at.device)
+    seen = seen.scatter_add_(2, codes.expand(-1, n_query, -1), in_history.reshape(b, n_query, n_slots).float()) > 0
+    record_end = batch.times.masked_fill(~events, -float("inf")).max(dim=1).values
+    covered = record_end[:, None, None] > at[..., None] + horizons  # [B, Q, H]
     return targets, seen, covered
 
 
@@ -372,18 +442,28 @@ def future_codes_loss(
     """
     if anchor.dim() == 1:  # one query per sample
         anchor, has_anchor = anchor[:, None], has_anchor[:, None]
-    if batch.codes.shape[1] == 0 or not bool(has_anchor.any()):
+    if batch.codes.shape[1] == 0:
         return {}
-    logits = model.heads["ehr_future_codes"](out.queries[has_anchor])  # [k, H, V]
-    terms = []
-    for h, horizon in enumerate(cfg.future_horizons_days):
-        targets, seen, covered = future_window_targets(batch, anchor, horizon, model.vocab_size)
-        targets, seen, covered = targets[has_anchor], seen[has_anchor], covered[has_anchor]
-        include = covered[:, None] | (targets > 0.5)
-        loss = onset_repeat_bce(logits[:, h], targets, seen, cfg.future_codes_repeat_weight, include)
-        if loss is not None:
-            terms.append(loss)
-    return {"future_codes": torch.stack(terms).mean()} if terms else {}
+    horizons = tuple(cfg.future_horizons_days)  # the head's first len(horizons) outputs, in order
+    logits = model.heads["ehr_future_codes"](out.queries.flatten(0, 1)).unflatten(0, anchor.shape)[
+        :, :, : len(horizons)
+    ]
+    targets, seen, covered = _future_windows(batch, anchor, horizons, model.vocab_size)  # [B, Q, H, V], ..
+    include = (covered[..., None] | (targets > 0.5)) & has_anchor[:, :, None, None]
+
+    def by_horizon(x: Tensor) -> Tensor:  # [B, Q, H, V] -> [H, B * Q, V]: a loss per horizon at once
+        return x.permute(2, 0, 1, 3).flatten(1, 2)
+
+    seen = seen[:, :, None].expand_as(targets)
+    terms, present = onset_repeat_terms(
+        by_horizon(logits),
+        by_horizon(targets),
+        by_horizon(seen),
+        cfg.future_codes_repeat_weight,
+        by_horizon(include),
+        per_group=True,
+    )
+    return _present("future_codes", *_mean_of_present(terms, present))
 
 
 def predictive_coding_loss(
@@ -397,38 +477,25 @@ def predictive_coding_loss(
     """State at a wearable patch -> codes in (patch time, patch time + horizon]. Targets come from
     the batch's EHR events (also when EHR was dropped from the model's input), and an anchor
     counts only if the record continues after it (else absence of codes is censoring)."""
-    if out.n_wear == 0 or "wear_predictive" not in model.heads:
+    if out.n_wear == 0 or batch.codes.shape[1] == 0 or "wear_predictive" not in model.heads:
         return {}
     events = batch.ehr_valid & (batch.times <= batch.prediction_time[:, None])
     anchors_ok = out.wear_valid.clone()
     if masks.wear is not None:
         anchors_ok &= ~masks.wear[:, : out.n_wear]
-    anchors: list[tuple[int, int]] = []
-    window_codes: list[Tensor] = []
-    for b in range(batch.batch_size):
-        if not bool(events[b].any()):
-            continue
-        times = batch.times[b][events[b]]
-        codes = batch.codes[b][events[b]]  # [n, K]
-        patch_times = out.times[b, out.n_ehr : out.n_ehr + out.n_wear]
-        candidates = (anchors_ok[b] & (patch_times < times.max())).nonzero().flatten()
-        if candidates.numel() == 0:
-            continue
-        order = torch.randperm(candidates.numel(), generator=generator)[: cfg.max_anchors_per_sample]
-        for patch in candidates[order.to(candidates.device)]:
-            start = patch_times[patch]
-            in_window = (times > start) & (times <= start + cfg.predictive_horizon_days)
-            anchors.append((b, out.n_ehr + int(patch)))
-            window_codes.append(codes[in_window].flatten())
-    if not anchors:
-        return {}
-    device = out.states.device
-    index = torch.tensor(anchors, device=device)
-    logits = model.heads["wear_predictive"](out.states[index[:, 0], index[:, 1]])
-    targets = _multi_hot(window_codes, model.vocab_size, device)
-    real = (torch.arange(model.vocab_size, device=device) >= N_SPECIAL_CODES)[None, :].expand_as(targets)
-    loss = balanced_bce(logits, targets, real)
-    return {"predictive": loss} if loss is not None else {}
+    record_end = batch.times.masked_fill(~events, -float("inf")).amax(dim=1)
+    patch_times = out.times[:, out.n_ehr : out.n_ehr + out.n_wear]
+    patch, chosen = _random_subset(
+        anchors_ok & (patch_times < record_end[:, None]), cfg.max_anchors_per_sample, generator
+    )
+    start = patch_times.gather(1, patch)[..., None]  # [B, R, 1]
+    times = batch.times[:, None, :]
+    in_window = events[:, None, :] & (times > start) & (times <= start + cfg.predictive_horizon_days)
+    states = out.wear_states.gather(1, patch[..., None].expand(-1, -1, out.states.shape[2]))
+    logits = model.heads["wear_predictive"](states)
+    targets = _multi_hot(batch.codes, in_window, model.vocab_size)
+    real = torch.arange(model.vocab_size, device=logits.device) >= N_SPECIAL_CODES
+    return _present("predictive", *balanced_bce_terms(logits, targets, real & chosen[..., None]))
 
 
 def alignment_loss(
@@ -451,8 +518,8 @@ def alignment_loss(
     )
     ehr_w = near.to(out.ehr_tokens.dtype)[..., None]
     ehr_summary = (out.ehr_tokens * ehr_w).sum(1) / ehr_w.sum(1).clamp_min(1)
-    rows = out.wear_valid.any(1) & near.any(1)
-    if int(rows.sum()) < 2:
+    (rows,) = (out.wear_valid.any(1) & near.any(1)).nonzero(as_tuple=True)
+    if rows.numel() < 2:
         return {}
     z_wear = F.normalize(model.heads["wear_align"](wear_summary[rows]).float(), dim=-1)
     z_ehr = F.normalize(model.heads["wear_align_ehr"](ehr_summary[rows]).float(), dim=-1)

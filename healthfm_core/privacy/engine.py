@@ -215,6 +215,25 @@ def streaming_dp_optimizer() -> type[DPOptimizer]:
             # the sample rate by this.
             return 1
 
+        def add_noise(self) -> None:
+            """Opacus's add_noise, with the noise drawn on the host and moved to the parameter's
+            device: Opacus draws it on the parameter's device from `self.generator`, which is a
+            CPU generator (its state comes from os.urandom, `secret_generator`), so a CUDA
+            parameter would fail in torch.normal. On the CPU the draws are Opacus's own."""
+            from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                host = torch.empty(p.summed_grad.shape, dtype=p.summed_grad.dtype)  # its shape and dtype
+                noise = _generate_noise(
+                    std=self.noise_multiplier * self.max_grad_norm,
+                    reference=host,
+                    generator=self.generator,
+                    secure_mode=self.secure_mode,
+                )
+                p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
         def pre_step(self, closure: Any = None) -> bool:
             for p in self.params:  # an empty batch, or a parameter no sample reached: noise only
                 if p.summed_grad is None:

@@ -323,7 +323,8 @@ def train_local(
         model.train()
         bar = tqdm(range(start_step, stop_step), desc="train", disable=not cfg.progress, leave=False)
         for step in bar:
-            batch = stream.next().to(device)
+            host_batch = stream.next()
+            batch = host_batch.to(device)
             weights = _weights_at(weights_fn, step)
             lr = learning_rate(cfg, step)
             for param_group in opt.param_groups:
@@ -347,9 +348,12 @@ def train_local(
             record = _step_record(model, step, names, values, lr, grad_norm)
             history.append(record)
             examples += batch.batch_size
-            present = batch.has_modality()
+            # Counted on the batch as the data gave it (the host, where a loader gives CPU tensors),
+            # in one read.
+            present = host_batch.has_modality()
+            counts = dict(zip(present, torch.stack(list(present.values())).sum(dim=1).tolist()))
             for g in chosen:
-                per_group[g] += int(present[g].sum()) if g in present else batch.batch_size
+                per_group[g] += counts.get(g, batch.batch_size)
             if cfg.progress:
                 bar.set_postfix(loss=f"{values[names.index('total')]:.4f}")
             if (step + 1) % cfg.log_every == 0 or step == start_step or step + 1 == stop_step:
@@ -442,7 +446,7 @@ def _losses(
     if "total" not in losses:
         raise KeyError(f"pretraining_losses returned {sorted(losses)} without 'total'")
     names = sorted(losses)
-    values = torch.stack([losses[k].detach().float() for k in names]).cpu().tolist()
+    values = torch.stack([losses[k].detach().float() for k in names]).tolist()  # one host read
     if not math.isfinite(values[names.index("total")]):
         bad = [k for k, v in zip(names, values) if not math.isfinite(v)]
         raise FloatingPointError(f"step {step}: non-finite loss {bad} (values {dict(zip(names, values))})")
