@@ -282,7 +282,7 @@ def test_a_damaged_or_mismatched_release_is_refused_naming_file_and_field(
     elif damage == "duplicate_key":
         text = (path / "release.json").read_text().rstrip().removesuffix("}")
         (path / "release.json").write_text(text + ', "groups_trained": ["shared", "ehr", "wearables", "genomics"]}')
-        _resum(path)
+        _resum(path, signing_key)
     with pytest.raises(ReleaseError) as info:
         load_release(path, trusted_keys=[release_key])
     message = str(info.value)
