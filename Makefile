@@ -22,12 +22,14 @@ setup: $(VENV)/.installed
 
 # System packages: nginx, the reverse proxy `coordinator superlink` puts in front of the SuperLink
 # (server/deploy/proxy.py), and tinyproxy, the forward proxy the slow test of a site behind its hospital's
-# proxy runs (tests/test_forward_proxy.py). Idempotent: only what is missing is installed; where
-# apt is not available it says so and leaves it to the admin.
+# proxy runs (tests/test_forward_proxy.py), and Debian's chromium with its chromedriver, the browser
+# the dashboard's slow test drives (tests/test_dashboard_browser.py). Idempotent: only what is missing
+# is installed; where apt is not available it says so and leaves it to the admin.
 setup-system:
 	@missing=""; \
-	for pkg in nginx tinyproxy; do \
-		if command -v $$pkg >/dev/null 2>&1 || [ -x /usr/sbin/$$pkg ] || [ -x /usr/bin/$$pkg ]; then \
+	for entry in nginx:nginx tinyproxy:tinyproxy chromium:chromium chromium-driver:chromedriver; do \
+		pkg=$${entry%%:*}; cmd=$${entry#*:}; \
+		if command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -x /usr/bin/$$cmd ]; then \
 			echo "$$pkg: installed"; \
 		else \
 			missing="$$missing $$pkg"; \
@@ -40,7 +42,7 @@ setup-system:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else \
 		echo "setup-system: apt-get not available: install$$missing with this system's package manager" \
-		     "(coordinator superlink needs nginx; the slow tests need nginx and tinyproxy)"; \
+		     "(coordinator superlink needs nginx; the slow tests need nginx, tinyproxy, chromium and chromium-driver)"; \
 	fi
 
 lint: setup

@@ -192,7 +192,10 @@ def round_view(event: Mapping[str, Any]) -> RoundView:
     return RoundView(
         round=int(event["round"]),
         seconds=_number(timings.get("round_seconds")),
-        training=_number(timings.get("local_train_seconds_max")),
+        # Reported only where some site sent its training time (DP sites and secure rounds do not).
+        training=_number(timings.get("local_train_seconds_max"))
+        if any((e or {}).get("train_seconds") is not None for e in (event.get("sites") or {}).values())
+        else None,
         waiting=_number(timings.get("wait_seconds")),
         aggregation=_number(timings.get("aggregate_seconds")),
         sites=sites,
