@@ -128,7 +128,8 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_faults.py::test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind \
 	tests/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
 	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical \
-	tests/test_head_deployed.py
+	tests/test_head_deployed.py \
+	tests/test_dashboard_browser.py
 
 test-slow-ci: setup
 	$(PY) -m pytest -q -m slow $(SLOW_CI)

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from server.audit import AUDIT_FILE
 from server.deploy.coordinator import LaunchRecord, _record_launch, main, read_launches, resume_command
 from server.deploy.dashboard.app import create_app, state_for
-from server.deploy.dashboard.nodes import NodesAnswer, NodeState, list_nodes
+from server.deploy.dashboard.nodes import NodesAnswer, NodeState, list_nodes, utc_text
 from server.deploy.dashboard.serve import check_address, read_token
 from server.deploy.dashboard.view import Launch
 from server.deploy.flwr_control import EXIT_USAGE, CoordinatorError, write_connection
@@ -69,7 +69,10 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
 
 def online(*up: str) -> NodesAnswer:
     return NodesAnswer(
-        {i: NodeState("online" if n in up else "offline", "2026-11-25 13:00:00+00:00", 0.0) for n, i in NODES.items()},
+        {
+            i: NodeState("online" if n in up else "offline", utc_text("2026-11-25T13:00:00.5+00:00"), 0.0)
+            for n, i in NODES.items()
+        },
         asked_at=1.0,
     )
 
@@ -102,7 +105,7 @@ def test_each_panel_shows_what_the_run_recorded(fed: FederationPaths) -> None:
     sites = section(html, "sites")
     biobank, hospital, genomics = (row(sites, "data-site", n) for n in ("biobank", "hospital", "genomics"))
     assert "online" in biobank and "ehr, wearables, genomics" in biobank
-    assert "offline" in hospital and "last seen 2026-11-25 13:00:00" in hospital
+    assert "offline" in hospital and "last seen 2026-11-25 13:00:00 UTC" in hospital
     assert "run 7, round 2" in biobank and "run 7, round 1" in hospital  # the killed site's last round
     assert re.search(r'class="dp">yes<', genomics) and re.search(r'class="dp">no<', biobank)
     assert "ran the bundle of run 7" in genomics
@@ -254,3 +257,22 @@ def test_beyond_loopback_it_needs_a_token_and_never_the_sites_port(
     # Through the command line: refused before anything listens.
     assert main(["dashboard", str(fed.root), "--host", "0.0.0.0"]) == EXIT_USAGE
     assert main(["dashboard", str(fed.root), "--port", "9093"]) == EXIT_USAGE
+
+
+def test_a_file_that_does_not_parse_is_named_on_the_page(fed: FederationPaths) -> None:
+    launches = fed.server_dir / "launches.jsonl"
+    run = Path(read_launches(fed)[0].out_dir)
+    kept = launches.read_bytes(), (run / "evaluation.json").read_bytes()
+    try:
+        launches.write_bytes(kept[0] + b'{"run_id": "nine"}\n')
+        page = client(fed).get("/")
+        assert page.status_code == 200 and f'class="problem">{launches}: ' in page.text and "run_id" in page.text
+        launches.write_bytes(kept[0])
+        (run / "evaluation.json").write_text(
+            '{"round": 2, "sites": {"biobank": {"onset_hypertension_365d.n": "many"}}}'
+        )
+        runs = section(client(fed).get("/").text, "runs")
+        assert f"{run / 'evaluation.json'}: not an evaluation" in runs
+    finally:
+        launches.write_bytes(kept[0])
+        (run / "evaluation.json").write_bytes(kept[1])

@@ -168,7 +168,16 @@ def shows(driver: object, what: str, check: Callable[[], bool], shots: Path | No
         assert time.monotonic() < deadline, f"the page never showed {what}:\n{panel(driver, 'panels')[:4000]}"
         time.sleep(0.5)
     if shots is not None and shot:
-        driver.save_screenshot(str(shots / shot))  # type: ignore[attr-defined]
+        screenshot(driver, shots / shot)
+
+
+def screenshot(driver: object, path: Path) -> None:
+    """Once every plot on the page has loaded (the panels were just swapped in)."""
+    loaded = "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+    deadline = time.monotonic() + 60
+    while not driver.execute_script(loaded) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.2)
+    driver.save_screenshot(str(path))  # type: ignore[attr-defined]
 
 
 def site_row(driver: object, site: str) -> str:
@@ -255,7 +264,7 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
     assert "federated evaluation after round 2" in results and "no reply from this site" in results
     if shots is not None:
         browser.execute_script("document.getElementById('privacy').scrollIntoView()")  # type: ignore[attr-defined]
-        browser.save_screenshot(str(shots / "dashboard-privacy-results.png"))  # type: ignore[attr-defined]
+        screenshot(browser, shots / "dashboard-privacy-results.png")
 
     status, text = fetch(dashboard + "/metrics")
     assert status == 200

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -90,11 +90,18 @@ class DashboardState:
 
     def snapshot(self) -> Snapshot:
         with self._lock:
-            launches = list(self.launches())
+            problems = []
+            try:
+                launches = list(self.launches())
+            except (OSError, ValueError) as err:  # launches.jsonl unreadable or a line that does not parse
+                launches, problems = (
+                    [],
+                    [f"{self.root / 'server' / 'launches.jsonl'}: {' '.join(str(err).split())[:400]}"],
+                )
             nodes = self.nodes()
             key = (self.fingerprint(launches), nodes.asked_at, int(time.time() // REFRESH_S))
             if self._snapshot is None or key != self._key:
-                view = federation_view(self.root, launches, self.resume, self.releases)
+                view = federation_view(self.root, launches, self.resume, self.releases, problems)
                 node_text = sorted((n, s.status, s.since) for n, s in nodes.nodes.items())
                 digest = hashlib.sha256(repr((key[0], node_text, nodes.problem, _view_text(view))).encode())
                 version = digest.hexdigest()[:16]
@@ -192,7 +199,7 @@ def create_app(state: DashboardState, token: str | None = None) -> ASGIApp:
     templates = make_templates()
 
     def context(request: Request, snap: Snapshot) -> dict[str, Any]:
-        token = request.query_params.get("token", "")
+        token = quote(request.query_params.get("token", ""), safe="")
         suffix = f"?v={snap.version}" + (f"&token={token}" if token else "")
         return {
             "auth": f"?token={token}" if token else "",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from flwr.proto.control_pb2 import ListNodesRequest
 from flwr.supercore.control import ControlHttpClient
@@ -64,8 +65,19 @@ def list_nodes(paths: FederationPaths, timeout: float = ASK_TIMEOUT_S) -> NodesA
     nodes = {}
     for info in answer.nodes_info:
         since = info.last_activated_at if info.status == "online" else info.last_deactivated_at
-        nodes[int(info.node_id)] = NodeState(str(info.status), str(since or ""), float(info.online_until or 0.0))
+        nodes[int(info.node_id)] = NodeState(str(info.status), utc_text(since), float(info.online_until or 0.0))
     return NodesAnswer(nodes, now)
+
+
+def utc_text(iso: str) -> str:
+    """Flower's ISO time (2026-11-25T13:46:17.181298+00:00) as 2026-11-25 13:46:17 UTC; "" if none."""
+    if not iso:
+        return ""
+    try:
+        when = datetime.fromisoformat(iso).astimezone(UTC)
+    except ValueError:
+        return iso
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class NodesCache:

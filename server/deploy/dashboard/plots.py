@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+from matplotlib.ticker import MaxNLocator
+
 from healthfm_core.eval.plots import IntervalPoint, auroc_forest_figure, plt
 from server.deploy.dashboard.view import PrivacyView
 
@@ -39,6 +41,7 @@ def epsilon_svg(privacy: Sequence[PrivacyView]) -> bytes:
     ax.set_xlabel("DP rounds at the site, in order (o pretraining, s task head)")
     ax.set_ylabel("cumulative epsilon")
     ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if privacy or target is not None:
         ax.legend(fontsize="small")

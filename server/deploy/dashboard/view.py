@@ -327,7 +327,9 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
                     if eps is None:
                         continue
                     label = f"run {launch.run_id} round {event.get('round')}"
-                    points.setdefault(site, []).append(EpsilonPoint(float(event["time"]), eps, label, launch.kind))
+                    points.setdefault(site, []).append(
+                        EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, launch.kind)
+                    )
                     delta[site], noise[site] = _number(dp.get("delta")), _number(dp.get("noise_multiplier"))
                     if dp.get("new_budget_at") is not None:
                         new_budget[site] = (
@@ -340,7 +342,9 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
                     if eps is None:
                         continue
                     label = f"head run {launch.run_id} {event.get('key')} round {event.get('round')}"
-                    points.setdefault(site, []).append(EpsilonPoint(float(event["time"]), eps, label, launch.kind))
+                    points.setdefault(site, []).append(
+                        EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, launch.kind)
+                    )
                     delta[site] = _number(spent.get("delta"))
     return [
         PrivacyView(
@@ -415,16 +419,22 @@ def release_view(path: Path) -> ReleaseView:
 
 
 def federation_view(
-    root: Path, launches: Sequence[Launch], resume: Callable[[Path], str], releases: Sequence[Path] = ()
+    root: Path,
+    launches: Sequence[Launch],
+    resume: Callable[[Path], str],
+    releases: Sequence[Path] = (),
+    problems: Sequence[str] = (),
 ) -> FederationView:
     """Everything the page shows. `launches`: launches.jsonl's, oldest first (the caller reads
-    them: server.deploy.coordinator.read_launches); the head runs are found here."""
+    them: server.deploy.coordinator.read_launches); the head runs are found here. `problems`: the
+    caller's, shown first (e.g. launches.jsonl does not parse)."""
     server_dir = root / "server"
-    problems: list[str] = []
+    problems = list(problems)
     try:
         registry = read_registry(server_dir / "registry.json")
     except RegistryError as err:
-        registry, problems = SiteRegistry(), [str(err)]
+        registry = SiteRegistry()
+        problems.append(str(err))
     every = [*launches, *read_head_launches(server_dir)]
     by_dir: dict[Path, list[int]] = {}
     for launch in every:
@@ -432,8 +442,14 @@ def federation_view(
     runs = []
     for launch in sorted(every, key=lambda x: x.run_id, reverse=True):
         if launch.kind == "pretraining":
-            runs.append(run_view(launch, by_dir[launch.out_dir], resume))
-    privacy = privacy_views(every)
+            try:
+                runs.append(run_view(launch, by_dir[launch.out_dir], resume))
+            except (OSError, ValueError) as err:  # e.g. a file the coordinator cannot read
+                problems.append(f"run {launch.run_id} ({launch.out_dir}): {err}")
+    try:
+        privacy = privacy_views(every)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        privacy, problems = [], [*problems, f"privacy: a DP record does not parse ({err})"]
     sites = site_views(registry, runs, privacy)
     modalities = setup_modalities(list(dict.fromkeys(launch.out_dir for launch in launches)))
     for site in sites:
