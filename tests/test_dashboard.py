@@ -276,3 +276,14 @@ def test_a_file_that_does_not_parse_is_named_on_the_page(fed: FederationPaths) -
     finally:
         launches.write_bytes(kept[0])
         (run / "evaluation.json").write_bytes(kept[1])
+
+
+def test_the_bundles_built_are_listed_with_their_sha256(fed: FederationPaths) -> None:
+    bundle = fed.server_dir / "healthfm-federation.0123abcd.fab"
+    bundle.write_bytes(b"not a real bundle: only its hash is read")
+    try:
+        sites = section(client(fed).get("/").text, "sites")
+        digest = __import__("hashlib").sha256(bundle.read_bytes()).hexdigest()
+        assert f'<code>{bundle.name}</code> sha256 <code class="bundle">{digest}</code>' in sites
+    finally:
+        bundle.unlink()

@@ -11,6 +11,7 @@ intervals. A file that does not parse is named on the page with its error, never
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tomllib
@@ -153,7 +154,7 @@ class FederationView:
     runs: list[RunView]
     privacy: list[PrivacyView]
     releases: list[ReleaseView]
-    bundles: list[str]  # the app bundles built in FED/server (file names carry their sha256)
+    bundles: list[tuple[str, str]]  # the app bundles built in FED/server: (file name, sha256)
     problems: list[str]
 
 
@@ -454,7 +455,7 @@ def federation_view(
     modalities = setup_modalities(list(dict.fromkeys(launch.out_dir for launch in launches)))
     for site in sites:
         site.modalities = modalities.get(site.name, [])
-    bundles = sorted(p.name for p in server_dir.glob("*.fab"))
+    bundles = [(p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(server_dir.glob("*.fab"))]
     return FederationView(
         root=root,
         sites=sites,
