@@ -161,10 +161,20 @@ def panel(driver: object, name: str) -> str:
         return ""
 
 
-def shows(driver: object, what: str, check: Callable[[], bool], shots: Path | None, shot: str = "") -> None:
-    """Wait until the page (updating itself) passes `check`; a screenshot then, when asked."""
+def shows(
+    driver: object,
+    what: str,
+    check: Callable[[], bool],
+    shots: Path | None,
+    shot: str = "",
+    run: Background | None = None,
+) -> None:
+    """Wait until the page (updating itself) passes `check`; a screenshot then, when asked. With
+    `run`: a launch that has ended without the page showing it fails the test at once."""
     deadline = time.monotonic() + WAIT_S
     while not check():
+        ended = run is not None and not run.thread.is_alive()
+        assert not ended or check(), f"the run ended ({run.result}) before the page showed {what}"  # type: ignore[union-attr]
         assert time.monotonic() < deadline, f"the page never showed {what}:\n{panel(driver, 'panels')[:4000]}"
         time.sleep(0.5)
     if shots is not None and shot:
@@ -220,7 +230,7 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
             "-c",
             "secagg-min-holders=2",
             "-c",
-            "timeout-s=30",
+            "timeout-s=120",
             "-c",
             "min-nodes=2",
             rounds=2,
@@ -233,10 +243,12 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
         runs = panel(browser, "runs")
         return "running" in runs and f"Rounds: {rnd} of 2 done" in runs
 
-    shows(browser, "round 1 of the running run", lambda: round_on_page(1), shots)
+    shows(browser, "round 1 of the running run", lambda: round_on_page(1), shots, run=run)
     runs = panel(browser, "runs")
     assert "unmasked: shared (biobank, genomics, hospital)" in runs, runs
-    shows(browser, "genomics' epsilon", lambda: DP_SITE in panel(browser, "privacy"), shots, "dashboard-running.png")
+    shows(
+        browser, "genomics' epsilon", lambda: DP_SITE in panel(browser, "privacy"), shots, "dashboard-running.png", run
+    )
     assert "yes" in site_row(browser, DP_SITE).split()[-1:] and "no" in site_row(browser, "biobank").split()[-1:]
 
     killer.join(WAIT_S)
