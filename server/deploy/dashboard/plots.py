@@ -40,8 +40,11 @@ def epsilon_svg(privacy: Sequence[PrivacyView]) -> bytes:
         ax.text(0.5, 0.5, "no site has trained under DP", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("DP rounds at the site, in order (o pretraining, s task head)")
     ax.set_ylabel("cumulative epsilon")
-    ax.set_ylim(bottom=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top = max([p.epsilon for v in privacy for p in v.points] + [target or 0.0, 1e-9])
+    ax.set_ylim(0, top * 1.12)  # the last point clear of the frame
+    longest = max((len(v.points) for v in privacy), default=1)
+    ax.set_xlim(0.5, longest + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
     if privacy or target is not None:
         ax.legend(fontsize="small")
