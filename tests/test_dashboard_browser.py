@@ -15,7 +15,6 @@ DASHBOARD_SCREENSHOTS=DIR saves the page's screenshots there (docs/coordinator.m
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 import time
@@ -27,16 +26,14 @@ from pathlib import Path
 import pytest
 import yaml
 from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    CLIENT,
     REPO,
     SITES,
     Process,
     federation,
     free_port,
-    join_args,
+    joined,
     launch_args,
     round_events,
-    site_policy,
     superlink,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,7 +51,8 @@ DP_SITE, KILLED = "genomics", "hospital"
 TOKEN = "browser-test-token-0123456789abcdef"
 KEYS_RECEIVED = "Receiving: query.secagg_keys message"  # a secure round's first message at a site
 WAIT_S = 900  # only catches a hang: each wait ends as soon as the page shows its state
-DP_POLICY = "dp:\n  mandatory: true\n  epsilon_cap: 50.0\n  delta: 1.0e-3\n  noise_multiplier: 1.0\n"
+# genomics joins with the sites' policy plus this (deploy_fixtures.joined): a DP site by its own policy.
+SITE_POLICY_EXTRA = {DP_SITE: "dp:\n  mandatory: true\n  epsilon_cap: 50.0\n  delta: 1.0e-3\n  noise_multiplier: 1.0\n"}
 FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -98,30 +96,6 @@ def browser(tmp_path: Path) -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture
-def dp_joined(
-    superlink: str,  # noqa: F811
-    federation: FederationPaths,  # noqa: F811
-    sites: dict[str, Path],  # noqa: F811
-    tmp_path: Path,
-) -> Iterator[dict[str, Process]]:
-    """The three sites joined; genomics' policy (the federation's, plus DP mandatory) makes it a DP site."""
-    dp_policy = tmp_path / "dp-policy.yaml"
-    dp_policy.write_text(site_policy(federation).read_text() + DP_POLICY)
-    procs: dict[str, Process] = {}
-    try:
-        for name in SITES:
-            policy = dp_policy if name == DP_SITE else None
-            args = join_args(federation, sites[name], name, superlink, tmp_path / f"state-{name}", policy)
-            procs[name] = Process([sys.executable, str(CLIENT), *args], tmp_path / f"join-{name}.out")
-        for proc in procs.values():
-            assert proc.wait_for("joined: SuperNode", 600), proc.output()[-3000:]
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 @pytest.fixture
@@ -203,7 +177,7 @@ def site_row(driver: object, site: str) -> str:
 def test_the_page_follows_a_deployed_run_as_it_happens(
     browser: object,
     dashboard: str,
-    dp_joined: dict[str, Process],
+    joined: dict[str, Process],  # noqa: F811
     federation: FederationPaths,  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -219,7 +193,7 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
     # hospital dies as round 2's first message reaches it (its SuperNode's log says so): after round 1
     # is on the page, before it can train again; the server hears of it from the SuperLink.
     hospital_log = SupernodeLog(tmp_path / f"state-{KILLED}")
-    killer = threading.Thread(target=kill_at_round_2, args=(hospital_log, dp_joined[KILLED]), daemon=True)
+    killer = threading.Thread(target=kill_at_round_2, args=(hospital_log, joined[KILLED]), daemon=True)
     killer.start()
     run = Background(
         *launch_args(
@@ -252,7 +226,7 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
     assert "yes" in site_row(browser, DP_SITE).split()[-1:] and "no" in site_row(browser, "biobank").split()[-1:]
 
     killer.join(WAIT_S)
-    assert dp_joined[KILLED].proc.poll() is not None, "hospital was not killed"
+    assert joined[KILLED].proc.poll() is not None, "hospital was not killed"
     # The SuperLink counts the node offline once its heartbeat expires; the page asks its Control API.
     shows(browser, "hospital offline", lambda: " offline" in site_row(browser, KILLED), shots)
 
@@ -290,8 +264,6 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
     assert samples[("healthfm_run_rounds_done", run_id)] == 2
     assert samples[("healthfm_site_epsilon", (("site", DP_SITE),))] == epsilon
     assert fetch(dashboard + "/", token=None)[0] == 401
-    if shots is not None:
-        shutil.copy(tmp_path / "dashboard.out", shots / "dashboard.out")
 
 
 def kill_at_round_2(log: SupernodeLog, site: Process) -> None:

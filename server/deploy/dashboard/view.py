@@ -311,6 +311,10 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
     asked, target = "no DP asked by the server", None
     seen: set[tuple[Path, str]] = set()
     for launch in launches:
+
+        def add(site: str, eps: float, label: str, event: Mapping[str, Any], kind: str = launch.kind) -> None:
+            points.setdefault(site, []).append(EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, kind))
+
         name = "rounds.jsonl" if launch.kind == "pretraining" else HEAD_ROUNDS_FILE
         path = launch.out_dir / name
         if (launch.out_dir, name) in seen or not path.is_file():
@@ -327,10 +331,7 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
                     eps = _number(dp.get("epsilon"))
                     if eps is None:
                         continue
-                    label = f"run {launch.run_id} round {event.get('round')}"
-                    points.setdefault(site, []).append(
-                        EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, launch.kind)
-                    )
+                    add(site, eps, f"run {launch.run_id} round {event.get('round')}", event)
                     delta[site], noise[site] = _number(dp.get("delta")), _number(dp.get("noise_multiplier"))
                     if dp.get("new_budget_at") is not None:
                         new_budget[site] = (
@@ -342,10 +343,7 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
                     eps = _number(spent.get("epsilon"))
                     if eps is None:
                         continue
-                    label = f"head run {launch.run_id} {event.get('key')} round {event.get('round')}"
-                    points.setdefault(site, []).append(
-                        EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, launch.kind)
-                    )
+                    add(site, eps, f"head run {launch.run_id} {event.get('key')} round {event.get('round')}", event)
                     delta[site] = _number(spent.get("delta"))
     return [
         PrivacyView(
