@@ -22,12 +22,14 @@ setup: $(VENV)/.installed
 
 # System packages: nginx, the reverse proxy `coordinator superlink` puts in front of the SuperLink
 # (server/deploy/proxy.py), and tinyproxy, the forward proxy the slow test of a site behind its hospital's
-# proxy runs (tests/test_forward_proxy.py). Idempotent: only what is missing is installed; where
-# apt is not available it says so and leaves it to the admin.
+# proxy runs (tests/test_forward_proxy.py), and Debian's chromium with its chromedriver, the browser
+# the dashboard's slow test drives (tests/test_dashboard_browser.py). Idempotent: only what is missing
+# is installed; where apt is not available it says so and leaves it to the admin.
 setup-system:
 	@missing=""; \
-	for pkg in nginx tinyproxy; do \
-		if command -v $$pkg >/dev/null 2>&1 || [ -x /usr/sbin/$$pkg ] || [ -x /usr/bin/$$pkg ]; then \
+	for entry in nginx:nginx tinyproxy:tinyproxy chromium:chromium chromium-driver:chromedriver; do \
+		pkg=$${entry%%:*}; cmd=$${entry#*:}; \
+		if command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -x /usr/bin/$$cmd ]; then \
 			echo "$$pkg: installed"; \
 		else \
 			missing="$$missing $$pkg"; \
@@ -40,7 +42,7 @@ setup-system:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else \
 		echo "setup-system: apt-get not available: install$$missing with this system's package manager" \
-		     "(coordinator superlink needs nginx; the slow tests need nginx and tinyproxy)"; \
+		     "(coordinator superlink needs nginx; the slow tests need nginx, tinyproxy, chromium and chromium-driver)"; \
 	fi
 
 lint: setup
@@ -126,7 +128,8 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_faults.py::test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind \
 	tests/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
 	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical \
-	tests/test_head_deployed.py
+	tests/test_head_deployed.py \
+	tests/test_dashboard_browser.py
 
 test-slow-ci: setup
 	$(PY) -m pytest -q -m slow $(SLOW_CI)

@@ -250,15 +250,21 @@ def joined(
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> Iterator[dict[str, Process]]:
-    """The sites joined through `client.py join`, each with its own key."""
+    """The sites joined through `client.py join`, each with its own key. A site the test module's
+    SITE_POLICY_EXTRA names joins with the sites' policy plus that YAML (e.g. a `dp:` section)."""
+    extra: dict[str, str] = getattr(request.module, "SITE_POLICY_EXTRA", {})
     procs: dict[str, Process] = {}
     try:
         for name in module_sites(request):
+            policy = None
+            if name in extra:
+                policy = tmp_path / f"policy-{name}.yaml"
+                policy.write_text(site_policy(federation).read_text() + extra[name])
             procs[name] = Process(
                 [
                     sys.executable,
                     str(CLIENT),
-                    *join_args(federation, sites[name], name, superlink, tmp_path / f"state-{name}"),
+                    *join_args(federation, sites[name], name, superlink, tmp_path / f"state-{name}", policy),
                 ],
                 tmp_path / f"join-{name}.out",
             )

@@ -182,9 +182,14 @@ class IntervalPoint(NamedTuple):
 def auroc_forest_plot(
     points: Sequence[IntervalPoint], path: str | Path, title: str = "Held-out AUROC (95% CI)"
 ) -> Path:
+    """auroc_forest_figure saved as a PNG at `path`."""
+    return save_figure(auroc_forest_figure(points, title), path)
+
+
+def auroc_forest_figure(points: Sequence[IntervalPoint], title: str = "Held-out AUROC (95% CI)") -> plt.Figure:
     """One row per (task, site) and per task's federation-wide value, AUROC with its interval as
     a horizontal bar (an undefined interval: the point alone, marked in the label; a NaN value:
-    the row's label only, "no metric")."""
+    the row's label only, "no metric"). The caller saves and closes it."""
     if not points:
         raise ValueError("no AUROC to plot")
     tasks = list(dict.fromkeys(p.task for p in points))
@@ -209,4 +214,4 @@ def auroc_forest_plot(
     ax.set_xlabel("AUROC (95% CI)")
     ax.set_title(title, fontsize="small")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig

@@ -9,6 +9,7 @@ resume runs. All of them take the federation directory FED that `provision` crea
     python -m server.coordinator launch    FED --out-dir RUN_DIR [--model tiny] [--rounds 3] [-c KEY=VALUE ...] [--wait]
     python -m server.coordinator resume    FED --out-dir RUN_DIR [--from CHECKPOINT] [--rounds N] [--wait]
     python -m server.coordinator status    FED [--run-id ID]
+    python -m server.coordinator dashboard FED [--port 8765] [--host 127.0.0.1 --token-file FILE] [--release MODEL_DIR ...]
     python -m server.coordinator release   FED --run RUN_DIR --out MODEL_DIR [--force] [--unsigned]
     python -m server.coordinator head      FED --model MODEL_DIR --out HEADS_DIR [--tasks T ...] [--keys K ...]
         [--rounds 200] [--c-grid C ...] [--local-steps 5] [--min-sites N] [--dp-target-epsilon E |
@@ -79,6 +80,8 @@ from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, read_
 from healthfm_core.train.checkpoint import CheckpointError
 from server.deploy.body_limit import MIB
 from server.deploy.bundle import build_bundle, write_bundle
+from server.deploy.dashboard.serve import DEFAULT_DASHBOARD_PORT, serve_dashboard
+from server.deploy.dashboard.view import Launch
 from server.deploy.flwr_app import check_run_config, parse_overrides, write_app, write_head_app
 from server.deploy.flwr_control import (
     CONNECTION,
@@ -1092,6 +1095,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The read-only live page and /metrics (server/deploy/dashboard/)."""
+    paths = _paths(args)
+
+    def launches() -> list[Launch]:
+        return [
+            Launch(run_id=r.run_id, out_dir=Path(r.out_dir), launched_at=r.launched_at, resumed=r.resumed)
+            for r in read_launches(paths)
+        ]
+
+    return serve_dashboard(
+        paths,
+        args.host,
+        args.port,
+        args.token_file,
+        launches,
+        lambda out_dir: resume_command(paths, out_dir),
+        args.release,
+    )
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -1227,6 +1251,18 @@ def build_parser() -> argparse.ArgumentParser:
     connection_options(p)
     p.add_argument("--run-id", type=int)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("dashboard", help="a read-only live web page of the sites, runs, privacy, results, audit")
+    p.add_argument("federation_dir", metavar="FED")
+    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; another needs a token)")
+    p.add_argument("--port", type=int, default=DEFAULT_DASHBOARD_PORT, help=f"port (default {DEFAULT_DASHBOARD_PORT})")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the access token every request must carry (or $HEALTHFM_DASHBOARD_TOKEN); required beyond 127.0.0.1",
+    )
+    p.add_argument("--release", action="append", default=[], metavar="MODEL_DIR", help="a release to show (repeatable)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("release", help="write a run's final model as a release folder sites load")
     p.add_argument("federation_dir", metavar="FED")
