@@ -194,7 +194,7 @@ class SiteRuntime:
         self.threads = self._apply_threads()
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
-        self._labels: dict[tuple[str, int, int, int], dict[str, pa.Table | TaskReason]] = {}
+        self._labels: dict[tuple[str, int, int | str, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)

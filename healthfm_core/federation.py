@@ -357,7 +357,9 @@ class EvalConfig(_Strict):
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
     n_boot: int = Field(default=100, ge=10)
-    n_per_subject: int = Field(default=4, ge=1, le=64)  # at most this many of a subject's ACES rows per task key
+    # At most this many of a subject's ACES rows per task key in the train and tuning splits (what
+    # probes are fitted and tuned on), or "all"; held_out is scored on every labelled row (MEDS-DEV's way).
+    n_per_subject: Annotated[int, Field(ge=1, le=64)] | Literal["all"] = 4
     seed: int = 0  # also the key of the subject sample's hash (healthfm_core/eval/subject_sample.py)
     # Per task and split, score (and fit the probe on) every row of at most this many subjects, a
     # fixed keyed-hash sample (0: every subject): the federation's eval_max_subjects.

@@ -5,8 +5,10 @@ For each TaskSpec (healthfm_core.data.task_spec):
 - labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) as written:
   the trigger, windows, gaps and exclusions decide rows, labels and prediction times (ACES's
   index timestamps); each MEDS shard is read once for all ACES tasks (aces_labels_shared); then
-  at most `n_per_subject` of a subject's rows per task key are kept, drawn by a seeded hash
-  (`cap_rows_per_subject`: a cost knob on ACES's rows, never a filter on which times exist);
+  in the train and tuning splits at most `n_per_subject` of a subject's rows per task key are
+  kept, drawn by a seeded hash (`cap_rows_per_subject`: a cost knob on what probes are fitted
+  and tuned on, never a filter on which times exist; "all" keeps every row); the held_out split
+  keeps every labelled row, as MEDS-DEV scores;
   `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
   wearable regressions from the site's wearables;
 - with a subject budget (EvalConfig.max_subjects), only a fixed keyed-hash sample of at most that
@@ -61,6 +63,7 @@ from healthfm_core.data.tasks import (
     TASKS,
     WearableTask,
     cap_rows_per_subject,
+    rows_per_subject,
     wearable_regression_labels,
 )
 from healthfm_core.data.tokens import SiteSequences
@@ -106,16 +109,18 @@ class SiteTaskResults:
 def task_labels_at_site(
     site: Site,
     specs: Sequence[TaskSpec],
-    n_per_subject: int = 4,
+    n_per_subject: int | str | None = 4,
     seed: int = 0,
     subjects: np.ndarray | None = None,
 ) -> dict[str, pa.Table | TaskReason]:
     """Per task key, its labels (subject_id, prediction_time, boolean_value or float_value) or the
-    reason there are none (the task did not parse, the site has no labels for it). `subjects`:
+    reason there are none (the task did not parse, the site has no labels for it). ACES tasks'
+    train and tuning rows capped at `n_per_subject` a subject ("all" or None: every row), held_out
+    rows all kept. `subjects`:
     only these subjects' labels (the same rows as theirs among all), their wearable epochs only
     read; None: every subject."""
     out: dict[str, pa.Table | TaskReason] = {}
-    aces = _aces_labels(site, specs, n_per_subject, seed, subjects)
+    aces = _aces_labels(site, specs, rows_per_subject(n_per_subject), seed, subjects)
     own = set(site_tasks(site.root))
     for spec in specs:
         if spec.kind == "aces":
@@ -157,10 +162,11 @@ def task_labels_at_site(
 
 
 def _aces_labels(
-    site: Site, specs: Sequence[TaskSpec], n_per_subject: int, seed: int, subjects: np.ndarray | None = None
+    site: Site, specs: Sequence[TaskSpec], n_per_subject: int | None, seed: int, subjects: np.ndarray | None = None
 ) -> dict[str, dict[str, pa.Table | TaskReason]]:
     """Per ACES task name, its keys' labels (or the invalid_task reason): the site's shards are
-    read once for all of them (aces_labels_shared), ACES's rows capped per subject."""
+    read once for all of them (aces_labels_shared), ACES's train and tuning rows capped per
+    subject, every held_out row kept."""
     out: dict[str, dict[str, pa.Table | TaskReason]] = {}
     tasks = []
     for spec in specs:
@@ -175,9 +181,10 @@ def _aces_labels(
         # A subject's rows and its draws among them depend on its own events only: labelling the
         # sample's subjects alone gives the same rows as labelling all and keeping theirs.
         labels = aces_labels_shared([t for _, t in tasks], site.root, subjects=subjects)
+        held_out = site.held_out_subjects()
         for (spec, _), by_horizon in zip(tasks, labels, strict=True):
             out[spec.name] = {
-                horizon_key(spec.name, h): cap_rows_per_subject(table, n_per_subject, seed)
+                horizon_key(spec.name, h): cap_rows_per_subject(table, n_per_subject, seed, every_row_of=held_out)
                 for h, table in by_horizon.items()
             }
     return out
@@ -257,7 +264,7 @@ def evaluate_site_tasks(
     batch_size: int = 64,
     max_events: int = 256,
     max_patches: int = 32,
-    n_per_subject: int = 4,
+    n_per_subject: int | str | None = 4,
     seed: int = 0,
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
     reuse_patches: bool = True,
