@@ -18,7 +18,9 @@ For each TaskSpec (healthfm_core.data.task_spec):
   a full evaluation's memory does not grow with its rows; without one, in memory;
 - per task key: a linear probe fitted on the train split (C from tuning), the held_out
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
-  without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation
+  without a PRED_DIR the same table, kept in memory only; a `meds-dev:` task's also as MEDS-DEV's
+  pipeline writes them, with results.json and a packed result.json: eval/meds_dev_result.py)
+  and scored with meds-evaluation
   (AUROC, AUPRC, calibration error over samples), with the held-out positives (small-cell
   suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows, and (with
   EvalConfig.score_bins) the held-out scores' per-class histogram on the server's grid, merged
@@ -51,6 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from healthfm_core.data.aces_tasks import aces_labels_shared
@@ -68,6 +71,7 @@ from healthfm_core.data.tasks import (
 )
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval.embedding_file import embeddings_file
+from healthfm_core.eval.meds_dev_result import meds_dev_result_dir, write_meds_dev_result
 from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
 from healthfm_core.eval.meds_tab import EVENT_COLUMNS, describe_codes, fit_xgboost, tabularize
 from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
@@ -93,6 +97,7 @@ class SiteTaskResults:
     reasons: dict[str, TaskReason] = field(default_factory=dict)
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
     meds_tab_predictions: dict[str, Path] = field(default_factory=dict)  # key -> MEDS-Tab's, if written
+    meds_dev_results: dict[str, Path] = field(default_factory=dict)  # meds-dev: key -> its MEDS-DEV folder, if written
     # Per binary task with a metric: its held-out scores' histogram (score_bins > 0), or why withheld.
     histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
     histograms_withheld: dict[str, WithheldKind] = field(default_factory=dict)
@@ -187,6 +192,23 @@ def _aces_labels(
                 horizon_key(spec.name, h): cap_rows_per_subject(table, n_per_subject, seed, every_row_of=held_out)
                 for h, table in by_horizon.items()
             }
+    return out
+
+
+def _meds_dev_keys(specs: Sequence[TaskSpec]) -> dict[str, tuple[str, str]]:
+    """Task key -> (MEDS-DEV task, dataset) of each `meds-dev:` task (its metadata.meds_dev)."""
+    out = {}
+    for spec in specs:
+        if spec.kind != "aces" or not spec.aces_yaml:
+            continue
+        try:
+            meta = (yaml.safe_load(spec.aces_yaml) or {}).get("metadata") or {}
+        except yaml.YAMLError:
+            continue  # the task itself is refused elsewhere (invalid_task)
+        origin = meta.get("meds_dev") if isinstance(meta, dict) else None
+        if isinstance(origin, dict) and isinstance(origin.get("task"), str):
+            for key in spec.keys():
+                out[key] = (origin["task"], str(origin.get("dataset", "")))
     return out
 
 
@@ -353,6 +375,7 @@ def evaluate_site_tasks(
             log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
         out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
         binary_keys = {k: t for k, t in usable.items() if "boolean_value" in t.column_names}
+        meds_dev = _meds_dev_keys(specs)
         tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if meds_tab and binary_keys else None
         for key, table in tqdm(usable.items(), desc="task fits", total=len(usable), disable=not progress, leave=False):
             idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
@@ -379,6 +402,11 @@ def evaluate_site_tasks(
                     scored = out.predictions[key] = write_predictions(
                         prediction_path(pred_dir, site_name, key), held_rows, p_held
                     )
+                    if key in meds_dev:
+                        task, dataset = meds_dev[key]
+                        out.meds_dev_results[key] = write_meds_dev_result(
+                            meds_dev_result_dir(pred_dir, site_name, task), scored, dataset, task
+                        )
                 scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
                 # The interval on the same rows as the point estimate, whole subjects resampled.
                 low, high = bootstrap_ci(
