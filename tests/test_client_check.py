@@ -462,7 +462,13 @@ def test_a_task_whose_trigger_matches_a_birth_row_gets_a_warning(hospital_site, 
     timed MEDS_BIRTH: check --tasks says so; the shipped task (clinical_event) gets no such warning."""
     any_event = tmp_path / "t2d_any_event.yaml"
     text = T2D.read_text().replace("trigger: clinical_event", "trigger: _ANY_EVENT")
-    any_event.write_text(text.replace("  history_window: history\n  min_history_events: 1\n", ""))
+    text = text.replace("  history_window: history\n  min_history_events: 1\n", "")
+    text = text.replace(
+        "  history:\n    start: null\n    end: trigger\n    start_inclusive: true\n    end_inclusive: false\n"
+        "    has:\n      clinical_event: (1, None)\n",
+        "",
+    )
+    any_event.write_text(text)
     assert main(["check", str(hospital_site), "--tasks", str(any_event), str(T2D), "--json", "--no-progress"]) == 0
     blob = json.loads(capsys.readouterr().out)
     at_birth = [p for p in blob["tasks"]["problems"] if p["kind"] == "trigger_at_birth"]
