@@ -38,7 +38,9 @@ def main() -> None:
     args = ap.parse_args()
     before = [load_task(args.before_dir / f"{t}.yaml") for t in TASKS]
     after = [load_task(TASK_DIR / f"{t}.yaml") for t in TASKS]
-    print("| scenario | task | horizon | rows before | rows after | at birth before | positives before | positives after | held_out rows before | held_out rows after |")
+    print(
+        "| scenario | task | horizon | rows before | rows after | at birth before | positives before | positives after | held_out rows before | held_out rows after |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for scenario in args.scenarios:
         out = args.out / scenario
@@ -61,7 +63,10 @@ def main() -> None:
                             acc[i * 2 + which] += v
         for (name, h), a in total.items():
             # a: rows b/a, pos b/a, birth b/a, held rows b/a, held pos b/a
-            print(f"| {scenario} | {name} | {h} | {a[0]} | {a[1]} | {a[4]} | {a[2]} | {a[3]} | {a[6]} | {a[7]} |", flush=True)
+            print(
+                f"| {scenario} | {name} | {h} | {a[0]} | {a[1]} | {a[4]} | {a[2]} | {a[3]} | {a[6]} | {a[7]} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
