@@ -474,15 +474,15 @@ def test_a_task_whose_trigger_matches_a_birth_row_gets_a_warning(hospital_site, 
     at_birth = [p for p in blob["tasks"]["problems"] if p["kind"] == "trigger_at_birth"]
     assert [p["file"] for p in at_birth] == [str(any_event)]
     assert "_ANY_EVENT" in at_birth[0]["message"] and "MEDS_BIRTH" in at_birth[0]["message"]
-    # The shipped task's counted rows hold no birth (the hospital site's births come decades before
-    # its first stay; tests/test_aces_tasks.py checks rows at birth where they would be close).
+    # ... and it does predict at each birth there, where the shipped task does not.
     births = pl.from_arrow(open_site(hospital_site).read_events(columns=["subject_id", "time", "code"])).filter(
         pl.col("code") == "MEDS_BIRTH"
     )
     counted = {(t["file"], t["horizon_days"]): t for t in blob["tasks"]["tasks"]}
-    labels = aces_labels(load_task(T2D), hospital_site, [365])[365]
-    hit = pl.from_arrow(labels).join(
-        births.select("subject_id", pl.col("time").alias("prediction_time")), on=["subject_id", "prediction_time"]
-    )
-    assert births.height > 0 and hit.height == 0
-    assert sum(s["rows"] for s in counted[(str(T2D), 365)]["splits"].values()) == labels.num_rows
+    for file, predicts_at_birth in ((str(any_event), True), (str(T2D), False)):
+        labels = aces_labels(load_task(file), hospital_site, [365])[365]
+        hit = pl.from_arrow(labels).join(
+            births.select("subject_id", pl.col("time").alias("prediction_time")), on=["subject_id", "prediction_time"]
+        )
+        assert (hit.height == births.height > 0) if predicts_at_birth else hit.height == 0, file
+        assert sum(s["rows"] for s in counted[(file, 365)]["splits"].values()) == labels.num_rows
