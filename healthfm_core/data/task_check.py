@@ -160,6 +160,17 @@ def _label(counts: TaskCounts) -> str:
     return f"{counts.task} {counts.horizon_days}d"
 
 
+_AT_BIRTH = (
+    "{}: its trigger ({}) matches a timed MEDS_BIRTH row: the task predicts at birth, a negative with no "
+    "history that nobody would predict, which pads a sparse site's rows. Trigger at clinical events with a "
+    "minimum history, as the shipped onset tasks do (their clinical_event predicate and history window)."
+)
+
+
+def _warning(path: Path, kind: str, message: str) -> SiteProblem:
+    return SiteProblem(severity="warning", file=str(path), kind=kind, message=message)
+
+
 def _load(entry: Path) -> AcesTask:
     text = str(entry)
     if text.startswith(MEDS_DEV_PREFIX):
@@ -204,17 +215,7 @@ def count_tasks(
             )
             continue
         if trigger_matches_birth(task):
-            problems.append(
-                SiteProblem(
-                    severity="warning",
-                    file=str(path),
-                    kind="trigger_at_birth",
-                    message=f"{task.name}: its trigger ({task.config.get('trigger')}) matches a timed MEDS_BIRTH row: "
-                    "the task predicts at birth, a negative with no history that nobody would predict, "
-                    "which pads a sparse site's rows. Trigger at clinical events with a minimum history, "
-                    "as the shipped onset tasks do (their clinical_event predicate and history window).",
-                )
-            )
+            problems.append(_warning(path, "trigger_at_birth", _AT_BIRTH.format(task.name, task.config.get("trigger"))))
         leakage = task_stay_leakage(task, labels, site.root)
         for horizon, (same, positives) in sorted(leakage.items()):
             if positives and same > LEAKY_SHARE * positives:
