@@ -72,6 +72,7 @@ def test_a_task_at_every_event_would_predict_at_birth_here(site_root: Path, tmp_
     assert _births(site_root, old) > 0 and _too_early(site_root, old).height > 0
 
 
+@pytest.mark.slow  # 26 s on the shared 2-core machine: CI's slow stage (Makefile SLOW_CI)
 def test_no_shipped_task_predicts_at_birth_or_without_history_on_any_path(site_root: Path) -> None:
     site = open_site(site_root)
     names = list(DISEASES)
