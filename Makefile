@@ -91,6 +91,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_hardening.py::test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round \
 	tests/test_bad_input.py::test_a_site_whose_data_its_reader_refuses_is_reported_lost_by_the_server \
 	tests/test_aces_tasks.py::test_aces_equals_onset_labels \
+	tests/test_no_birth_rows.py::test_no_shipped_task_predicts_at_birth_or_without_history_on_any_path \
 	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
 	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
 	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line \

@@ -52,8 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
 from healthfm_core.data.aces_tasks import aces_labels  # noqa: E402
-from healthfm_core.data.task_spec import TaskSpec  # noqa: E402
-from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels  # noqa: E402
+from healthfm_core.data.task_spec import TaskSpec, horizon_key  # noqa: E402
+from healthfm_core.data.tasks import (  # noqa: E402
+    cap_rows_per_subject,
+    rows_per_subject,
+    wearable_regression_labels,
+)
 from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.eval.site_eval import _may_hold_heart_rate, task_labels_at_site  # noqa: E402
 from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
@@ -64,17 +68,20 @@ from server.config import DEFAULT_EVAL_MAX_SUBJECTS, DEFAULT_EVAL_TASKS  # noqa:
 DEFAULT_TASKS = list(DEFAULT_EVAL_TASKS)  # the federation's default tasks (server/config.py)
 
 
-def per_task_labels(site, specs: list[TaskSpec], n_per_subject: int, seed: int) -> dict:
-    """The labels with ACES reading every shard per task and variant (aces_labels), the rest as
-    task_labels_at_site gives them, in the same key order."""
+def per_task_labels(site, specs: list[TaskSpec], n_per_subject: int | str, seed: int) -> dict:
+    """The labels with ACES reading every shard per task and variant (aces_labels), capped as the
+    evaluation caps them (train and tuning, held_out whole), the rest as task_labels_at_site gives
+    them, in the same key order."""
     rest = task_labels_at_site(site, [s for s in specs if s.kind != "aces"], n_per_subject=n_per_subject, seed=seed)
-    events = site.read_events(columns=["subject_id", "time", "code"])
-    times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+    cap, held = rows_per_subject(n_per_subject), site.held_out_subjects()
     out = {}
     for spec in specs:
         if spec.kind == "aces":
             out.update(
-                {f"{spec.name}_{h}d": t for h, t in aces_labels(spec.aces(), site.root, prediction_times=times).items()}
+                {
+                    horizon_key(spec.name, h): cap_rows_per_subject(t, cap, seed, every_row_of=held)
+                    for h, t in aces_labels(spec.aces(), site.root).items()
+                }
             )
         else:
             out[spec.name] = rest[spec.name]

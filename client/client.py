@@ -85,6 +85,7 @@ from healthfm_core.data.task_check import (  # noqa: E402
     format_tasks,
     task_files,
 )
+from healthfm_core.data.tasks import rows_per_subject  # noqa: E402
 from healthfm_core.data.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
 from healthfm_core.eval.saved_head import HeadError  # noqa: E402
 from healthfm_core.release import ModelRelease, ReleaseError, load_release  # noqa: E402
@@ -128,11 +129,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     for flag, value in (
         ("--min-subjects", args.min_subjects),
         ("--min-positives", args.min_positives),
-        ("--n-per-subject", args.n_per_subject),
     ):
         if value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return EXIT_USAGE
+    try:
+        n_per_subject = rows_per_subject(args.n_per_subject)
+    except ValueError as err:
+        print(f"error: --n-per-subject: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         window = TokenSettings.parse({"token_window_days": args.token_window_days}, "--token-window-days")
     except ValueError as err:
@@ -169,7 +174,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 site,
                 files,
                 min_subjects=min_subjects,
-                n_per_subject=args.n_per_subject,
+                n_per_subject=n_per_subject,
                 seed=args.seed,
                 min_positives=min_positives,
             )
@@ -464,10 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--n-per-subject",
-        type=int,
-        default=4,
+        default="4",
         metavar="K",
-        help="at most K of a subject's ACES rows per task, as the evaluation draws them (default 4)",
+        help="at most K of a subject's ACES rows per task in train and tuning, as the evaluation draws "
+        "them (default 4; 'all': every row); held_out is always scored on every labelled row",
     )
     check.add_argument(
         "--seed", type=int, default=0, help="the evaluation's seed for drawing a subject's rows (default 0)"

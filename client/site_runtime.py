@@ -205,7 +205,7 @@ class SiteRuntime:
         self.threads = self._apply_threads()
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
-        self._labels: dict[tuple[str, int, int, int], dict[str, pa.Table | TaskReason]] = {}
+        self._labels: dict[tuple[str, int, int | str, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
@@ -244,7 +244,13 @@ class SiteRuntime:
     # ------------------------------------------------------------------ round 0
 
     def capabilities(self) -> SiteCapabilities:
-        return SiteCapabilities(site=self.name, modalities=self.site.modalities, subjects=self.subject_counts)
+        summary = self.site.summary
+        return SiteCapabilities(
+            site=self.name,
+            modalities=self.site.modalities,
+            subjects=self.subject_counts,
+            rows=summary.n_events + summary.n_wearable_epochs,
+        )
 
     def code_stats(self) -> SiteCodeStats:
         stats = site_code_stats(self.site, min_subjects=self.min_code_subjects)

@@ -175,6 +175,9 @@ class SiteCapabilities(_Strict):
     site: str = Field(min_length=1)
     modalities: list[str]
     subjects: dict[str, int] = Field(default_factory=dict)  # per modality
+    # Timed event rows plus wearable epochs: the most prediction times any task can have here, so
+    # the bound on an evaluate reply's held-out rows, scored every one (server/eval_counts.py).
+    rows: int = Field(default=0, ge=0)
 
     @field_validator("modalities")
     @classmethod
@@ -189,12 +192,18 @@ class SiteCapabilities(_Strict):
     def to_flat(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site": self.site, "modalities": list(self.modalities)}
         out.update({f"subjects.{m}": int(n) for m, n in self.subjects.items()})
+        out["rows"] = int(self.rows)
         return out
 
     @classmethod
     def from_flat(cls, record: Mapping[str, Any]) -> SiteCapabilities:
         subjects = {k[len("subjects.") :]: v for k, v in record.items() if k.startswith("subjects.")}
-        return cls(site=record.get("site", ""), modalities=list(record.get("modalities", [])), subjects=subjects)
+        return cls(
+            site=record.get("site", ""),
+            modalities=list(record.get("modalities", [])),
+            subjects=subjects,
+            rows=record.get("rows", 0),
+        )
 
 
 def federation_modalities(site_modalities: Iterable[Sequence[str]], vocabulary: Vocabulary) -> list[str]:
@@ -359,9 +368,9 @@ class EvalConfig(_Strict):
     max_events: int = Field(default=256, gt=0)
     max_patches: int = Field(default=32, gt=0)
     n_boot: int = Field(default=100, ge=10)
-    n_per_subject: int = Field(
-        default=4, ge=1, le=64
-    )  # at most this many of a subject's rows per task key (every kind)
+    # At most this many of a subject's ACES rows per task key in the train and tuning splits (what
+    # probes are fitted and tuned on), or "all"; held_out is scored on every labelled row (MEDS-DEV's way).
+    n_per_subject: Annotated[int, Field(ge=1, le=64)] | Literal["all"] = 4
     seed: int = 0  # also the key of the subject sample's hash (healthfm_core/eval/subject_sample.py)
     # Per task and split, score (and fit the probe on) every row of at most this many subjects, a
     # fixed keyed-hash sample (0: every subject): the federation's eval_max_subjects.

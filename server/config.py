@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -76,6 +76,7 @@ RESUMABLE_CHANGES = {
     "eval_max_subjects",
     "eval_score_bins",
     "eval_score_scale",
+    "eval_n_per_subject",
     "keep_checkpoints",
     "min_nodes",
     "max_reply_bytes",
@@ -208,6 +209,9 @@ class FederationConfig(BaseModel):
     # per task (healthfm_core/eval/federation_auroc.py). 0: no histograms, no pooled AUROC.
     eval_score_bins: int = Field(default=DEFAULT_SCORE_BINS, ge=0, le=MAX_SCORE_BINS)
     eval_score_scale: ScoreScale = "logit"
+    # Per task key, at most this many of a subject's ACES rows in train and tuning (what the probe is
+    # fitted and tuned on), or "all"; held_out is scored on every labelled row (EvalConfig.n_per_subject).
+    eval_n_per_subject: Annotated[int, Field(ge=1, le=64)] | Literal["all"] = 4
     timeout_s: float = Field(default=3600.0, gt=0)  # the most any exchange (a round) waits for replies
     max_reply_bytes: int = Field(default=0, ge=0)  # 0: reply_size_margin x the model's bytes (server/limits.py)
     reply_size_margin: float = Field(default=DEFAULT_REPLY_SIZE_MARGIN, ge=1)
@@ -270,6 +274,7 @@ class FederationConfig(BaseModel):
             max_subjects=self.eval_max_subjects,
             score_bins=self.eval_score_bins,
             score_scale=self.eval_score_scale,
+            n_per_subject=self.eval_n_per_subject,
         )
 
     @classmethod

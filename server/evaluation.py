@@ -40,7 +40,7 @@ from healthfm_core.federation import (
 from healthfm_core.files import atomic_write_text
 from server.audit import AuditLog
 from server.config import FederationConfig
-from server.eval_counts import declared_subjects, eval_count_problem
+from server.eval_counts import DeclaredCounts, declared_counts, eval_count_problem
 from server.roster import Roster
 from server.runlog import EventLog
 from server.strategy import ModalityAwareFedAvg
@@ -93,7 +93,7 @@ def evaluate(
     per_site, rejected = judge_eval_replies(
         {roster.site(node): reply.content.metric_records.get(METRICS_RECORD) for node, reply in answered.items()},
         eval_cfg,
-        {roster.site(node): declared_subjects(roster.sites.get(node)) for node in answered},
+        {roster.site(node): declared_counts(roster.sites.get(node)) for node in answered},
     )
     for node in sorted(set(replies) - set(answered)):
         rejected[roster.site(node)] = f"error reply: {replies[node].error.reason}"
@@ -189,23 +189,23 @@ def evaluate(
 
 
 def judge_eval_replies(
-    metrics: Mapping[str, Mapping[str, Any] | None], cfg: EvalConfig, declared: Mapping[str, int | None]
+    metrics: Mapping[str, Mapping[str, Any] | None], cfg: EvalConfig, declared: Mapping[str, DeclaredCounts]
 ) -> tuple[dict[str, EvalReply], dict[str, str]]:
     """Each site's evaluate reply (its MetricRecord, by site) parsed and bounded by what the site
-    `declared` at setup (its subjects) and what `cfg` asked: the accepted replies by site, and
+    `declared` at setup (its subjects and timed rows) and what `cfg` asked: the accepted replies by site, and
     why each other site's is rejected (logged)."""
     per_site: dict[str, EvalReply] = {}
     rejected: dict[str, str] = {}
     for site, record in sorted(metrics.items()):
         try:
-            per_site[site] = judge_eval_reply(record, cfg, declared.get(site))
+            per_site[site] = judge_eval_reply(record, cfg, declared.get(site, DeclaredCounts(None, None)))
         except ValueError as err:
             log.warning("evaluate: the reply of site %s is rejected: %s", site, err)
             rejected[site] = str(err)
     return per_site, rejected
 
 
-def judge_eval_reply(metrics: Mapping[str, Any] | None, cfg: EvalConfig, declared: int | None) -> EvalReply:
+def judge_eval_reply(metrics: Mapping[str, Any] | None, cfg: EvalConfig, declared: DeclaredCounts) -> EvalReply:
     """A site's evaluate reply (its MetricRecord) parsed and its counts bounded
     (server/eval_counts.py); ValueError naming the field, the value and the bound."""
     if metrics is None:

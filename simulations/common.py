@@ -19,7 +19,7 @@ from healthfm_core.data.meds_dev_tasks import with_dataset
 from healthfm_core.data.site import Site, open_site
 from healthfm_core.data.synthetic import ScenarioConfig, synthetic_sites
 from healthfm_core.data.task_spec import SITE_PREFIX, TaskSpec, resolve_tasks, runner_tasks
-from healthfm_core.data.tasks import TASKS, OnsetTask, Task
+from healthfm_core.data.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
 from healthfm_core.eval.runner import EvalSet, build_eval_set
@@ -142,12 +142,13 @@ def job_tasks(cfg: DictConfig, synthetic: Sequence[str]) -> dict[str, Task]:
     return runner_tasks(specs)
 
 
-def site_eval_rows_per_subject(cfg: DictConfig) -> int:
+def site_eval_rows_per_subject(cfg: DictConfig) -> int | None:
     """`eval.n_per_subject`, or (null) the sites' own evaluation's (EvalConfig.n_per_subject): the
-    cap on a subject's ACES rows per task key, so that a report scores the rows the run's in-site
-    evaluation scores for the same site, task and split."""
+    cap on a subject's ACES rows per task key in train and tuning ("all": None, every row; held_out
+    is scored whole), so that a report scores the rows the run's in-site evaluation scores for the
+    same site, task and split."""
     value = cfg.eval.get("n_per_subject")
-    return int(EvalConfig.model_fields["n_per_subject"].default if value is None else value)
+    return rows_per_subject(EvalConfig.model_fields["n_per_subject"].default if value is None else value)
 
 
 def onset_eval_data(

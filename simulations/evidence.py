@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import load_scenario, oracle_risk
-from healthfm_core.data.tasks import OnsetTask
+from healthfm_core.data.tasks import OnsetTask, rows_per_subject
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare, plots
 from healthfm_core.eval.evidence import (
@@ -105,6 +105,7 @@ QUESTIONS: dict[str, str] = {
     "q6": "Calibration of the federated model's probes per horizon",
     "g": "Genomics diagnosis: where the PRS signal is lost (one disease's onset, sites with genomics)",
 }
+ALL_ROWS_PER_SUBJECT = 16  # the cost estimate's rows a subject with n_per_subject: all (a guess, not a cap)
 PRESET_FLAGS = {"--quick": "preset=quick", "--medium": "preset=medium", "--full": "preset=full"}
 
 
@@ -121,7 +122,7 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
         n_sites = len(sc.sites)
         subjects = sum(s.n_subjects for s in sc.sites)
         fed_steps = int(fed.rounds) * int(fed.local_steps) * n_sites  # local steps over all sites
-        rows = subjects * int(cfg.eval.n_per_subject)
+        rows = subjects * (rows_per_subject(cfg.eval.n_per_subject) or ALL_ROWS_PER_SUBJECT)
         step_s = float(c.step_seconds) * fed.batch_size / 16
         for seed in cfg.seeds:
             unit = f"{scenario} seed {seed}"

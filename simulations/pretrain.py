@@ -35,7 +35,7 @@ from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
 from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.tasks import TASKS, OnsetTask, Task
+from healthfm_core.data.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.token_settings import TokenSettings
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
@@ -690,7 +690,10 @@ def run(cfg: DictConfig) -> Path:
     if "wearables" not in modalities:  # no site has wearables: no rows for the wearable regressions
         tasks = {k: t for k, t in tasks.items() if isinstance(t, OnsetTask)}
     data = build_eval_set(
-        {n: (sites[n], seqs[n]) for n in sites}, tasks, n_per_subject=int(cfg.eval.n_per_subject), seed=int(cfg.seed)
+        {n: (sites[n], seqs[n]) for n in sites},
+        tasks,
+        n_per_subject=rows_per_subject(cfg.eval.n_per_subject),
+        seed=int(cfg.seed),
     )
     random_model = HealthFM(mcfg, vocab.vocab_size, vocab.n_prs_traits, modalities).to(device)
     random_model.load_state_dict(init_state)

@@ -223,6 +223,10 @@ def step_curve(history: list[dict[str, float]]) -> list[dict[str, float]]:
 # ---------------------------------------------------------------- report text
 
 
+def _fit_rows(cap: int | None) -> str:
+    return "every row" if cap is None else f"at most {cap} rows"
+
+
 def _mb(b: int) -> str:
     return f"{b / 1e6:.2f}"
 
@@ -558,8 +562,10 @@ def comparison_setup(
         "Evaluation: for each site, frozen linear probes fitted on the site's train rows (C from its tuning rows) "
         "and scored on its held_out rows, per new-onset task and horizon"
         + ("; the oracle scores the generator's true risk on the same held_out rows" if oracle else "")
-        + f". The rows are those the sites' own evaluation labels (ACES's rows, at most "
-        f"{site_eval_rows_per_subject(cfg)} per subject and task, seed {cfg.seed}). Intervals are 95% subject "
+        + ". The rows are those the sites' own evaluation labels: ACES's rows (never at birth: a clinical event "
+        "with a clinical history before it); held_out scored on every labelled row, as MEDS-DEV scores; train and "
+        f"tuning, which the probe is fitted and tuned on, {_fit_rows(site_eval_rows_per_subject(cfg))} per subject "
+        f"and task (seed {cfg.seed}). Intervals are 95% subject "
         "bootstrap intervals on the same rows; where one is undefined (a single class, or fewer than 2 subjects "
         "with a positive) the table says why. A pair the sites' privacy minimum withholds "
         f"(federation.site.{site_pairs.PRIVACY_KEY}={cfg.federation.site.min_report_subjects} subjects per split, "

@@ -34,15 +34,16 @@ def site_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(manifest.sites[0].root)
 
 
-def _reference_cap(labels: pa.Table, n: int, seed: int) -> set[tuple[int, int]]:
-    """The cap by hand: per subject, the n rows whose draw key is smallest (python loop)."""
+def _reference_cap(labels: pa.Table, n: int, seed: int, held_out: set[int] = frozenset()) -> set[tuple[int, int]]:  # type: ignore[assignment]
+    """The cap by hand: per subject, the n rows whose draw key is smallest (python loop); every
+    row of a `held_out` subject."""
     sid = labels["subject_id"].to_numpy()
     t = labels["prediction_time"].cast(pa.int64()).to_numpy()
     keys = _draw_key(sid, t, seed)
     kept: set[tuple[int, int]] = set()
     for s in np.unique(sid):
         rows = sorted((int(keys[i]), int(t[i])) for i in np.flatnonzero(sid == s))
-        kept.update((int(s), ti) for _, ti in rows[:n])
+        kept.update((int(s), ti) for _, ti in (rows if int(s) in held_out else rows[:n]))
     return kept
 
 
@@ -67,14 +68,26 @@ def test_the_cap_keeps_n_rows_per_subject_by_the_seeded_draw_in_check_and_evalua
     (aces_all,) = aces_labels(spec.aces(), site_root).values()
     counts = pl.from_arrow(aces_all.select(["subject_id"])).group_by("subject_id").len()  # type: ignore[union-attr]
     assert counts["len"].max() > 2  # some subjects have more rows than the cap
+    held_out = set(site.held_out_subjects().tolist())
+    held_rows = {p for p in _pairs(aces_all) if p[0] in held_out}
+    assert len(held_rows) > 2 * len(held_out & {p[0] for p in held_rows})  # held_out has subjects above the cap
     for seed in (0, 7):
         (capped,) = task_labels_at_site(site, [spec], n_per_subject=2, seed=seed).values()
         assert isinstance(capped, pa.Table)
-        assert _pairs(capped) == _reference_cap(aces_all, 2, seed)
+        # train and tuning at the cap, held_out scored on every labelled row
+        assert _pairs(capped) == _reference_cap(aces_all, 2, seed, held_out)
+        assert {p for p in _pairs(capped) if p[0] in held_out} == held_rows
         report = count_tasks(
             site, [Path("meds-dev:readmission/general_hospital/30d@MIMIC-IV")], n_per_subject=2, seed=seed
         )
-        assert sum(s.rows for s in report.tasks[0].splits.values()) == capped.num_rows
+        (counted,) = report.tasks
+        assert sum(s.rows for s in counted.splits.values()) == aces_all.num_rows  # ACES's full counts
+        assert counted.evaluated is not None
+        assert sum(s.rows for s in counted.evaluated.values()) == capped.num_rows  # what the evaluation takes
+        assert counted.evaluated["held_out"] == counted.splits["held_out"]
+    # "all": every row in every split
+    (every,) = task_labels_at_site(site, [spec], n_per_subject="all").values()
+    assert isinstance(every, pa.Table) and _pairs(every) == _pairs(aces_all)
     # a subject sample gets exactly its subjects' rows among all
     (capped,) = task_labels_at_site(site, [spec], n_per_subject=2).values()
     assert isinstance(capped, pa.Table)

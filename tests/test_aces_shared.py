@@ -122,6 +122,7 @@ def test_a_sites_task_labels_follow_the_spec_order_with_an_invalid_task_kept_apa
     for spec in specs:
         if spec.kind != "aces":
             continue
-        for h, table in aces_labels(spec.aces(), root).items():  # ACES's rows, capped as the site caps them
-            assert labels[f"{spec.name}_{h}d"].equals(cap_rows_per_subject(table, 4, seed=0))
+        held = open_site(root).held_out_subjects()
+        for h, table in aces_labels(spec.aces(), root).items():  # ACES's rows: train and tuning capped, held_out whole
+            assert labels[f"{spec.name}_{h}d"].equals(cap_rows_per_subject(table, 4, seed=0, every_row_of=held))
     assert list(labels) == [*bad.keys(), *[k for s in specs for k in s.keys()]]

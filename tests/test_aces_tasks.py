@@ -1,8 +1,8 @@
 """ACES task configs (configs/tasks/) give the same new-onset labels as tasks.onset_labels_from_events.
 
-ACES predicts at every timed event (trigger _ANY_EVENT); today's pipeline at visit_prediction_times.
-Both are compared at every timed event of every subject (old rules given ACES's times) and at the
-visit times (ACES output restricted with prediction_times=). On the hospital scenario the old
+ACES predicts at every clinical event after the first (trigger clinical_event, history window);
+today's pipeline at visit_prediction_times. Both are compared at every such event of every subject
+(old rules given ACES's times) and at the visit times (ACES output restricted with prediction_times=). On the hospital scenario the old
 function cannot match two coding systems with one prefix, so the events it sees have the task's
 outcome codes (ICD-9 and ICD-10) renamed to one code first.
 """
@@ -39,14 +39,25 @@ def _events(root: Path) -> pa.Table:
     return t.set_column(2, "code", t["code"].cast(pa.string()))
 
 
-def _all_event_times(events: pa.Table) -> pa.Table:
-    df = (
-        pl.from_arrow(events)
-        .filter(pl.col("time").is_not_null())
-        .select("subject_id", pl.col("time").alias("prediction_time"))
-        .unique()
+def _clinical(events: pa.Table) -> pl.DataFrame:
+    """Timed events that are neither a birth nor a death (nor a prediction-time mark)."""
+    return pl.from_arrow(events).filter(
+        pl.col("time").is_not_null() & ~pl.col("code").is_in(["MEDS_BIRTH", "MEDS_DEATH", PREDICTION_TIME_CODE])
     )
-    return df.sort("subject_id", "prediction_time").to_arrow()
+
+
+def _with_history(times: pa.Table, events: pa.Table) -> pa.Table:
+    """The (subject_id, prediction_time) rows with a clinical event strictly before them: where
+    the shipped tasks may predict (min_history_events 1)."""
+    first = _clinical(events).group_by("subject_id").agg(pl.col("time").min().alias("first"))
+    df = pl.from_arrow(times).join(first, on="subject_id", how="inner")
+    return df.filter(pl.col("prediction_time") > pl.col("first")).drop("first").to_arrow()
+
+
+def _all_event_times(events: pa.Table) -> pa.Table:
+    """Every clinical event's time with a clinical history before it: the shipped tasks' triggers."""
+    df = _clinical(events).select("subject_id", pl.col("time").alias("prediction_time")).unique()
+    return _with_history(df.sort("subject_id", "prediction_time").to_arrow(), events)
 
 
 def _sorted(t: pa.Table) -> pl.DataFrame:
@@ -90,7 +101,7 @@ def test_aces_equals_onset_labels(federations: dict[str, Path]) -> None:
                     old_all = onset_labels_from_events(old_events, prefix, h, all_times)
                     # Every timed event: identical rows and labels.
                     assert _sorted(new_h).equals(_sorted(old_all)), (scenario, site_root.name, name, h)
-                    old_v = _sorted(onset_labels_from_events(old_events, prefix, h, visits))
+                    old_v = _sorted(onset_labels_from_events(old_events, prefix, h, _with_history(visits, events)))
                     new_v = _sorted(new_h).join(visit_df, on=["subject_id", "prediction_time"], how="inner")
                     assert new_v.equals(old_v)
                     rows.append((scenario, site_root.name, name, h, old_v, new_v))
@@ -170,9 +181,52 @@ def test_rules_on_hand_made_subjects(tmp_path: Path) -> None:
         (5, d(2110, 4, 1), "X"),
         (5, None, "GENDER//F"),  # observed through 90 d: negative
     ]
-    got = aces_labels("t2d", _write_site(tmp_path / "site", rows), horizons_days=[90])[90]
+    # Each subject born (a timed MEDS_BIRTH, as MIMIC-IV writes it) and seen once before 2110:
+    # the minimum history the shipped tasks ask for at a prediction time.
+    history = [(s, d(2060, 1, 1), "MEDS_BIRTH") for s in range(1, 6)]
+    history += [(s, d(2109, 6, 1), "VISIT") for s in range(1, 6)]
+    got = aces_labels("t2d", _write_site(tmp_path / "site", history + rows), horizons_days=[90])[90]
     first = pl.from_arrow(got).filter(pl.col("prediction_time") == d(2110, 1, 1)).sort("subject_id")
     assert first.select("subject_id", "boolean_value").rows() == [(2, True), (3, False), (5, False)]
+    # Never at birth, nor at the first clinical event (no history before it).
+    assert not pl.from_arrow(got)["prediction_time"].is_in([d(2060, 1, 1), d(2109, 6, 1)]).any()
+
+
+def test_no_prediction_at_birth_or_without_history(tmp_path: Path) -> None:
+    """The shipped onset tasks predict at clinical events with at least min_history_events clinical
+    events strictly before: not at a timed birth, a death, a static row, nor a subject's first
+    visit; a file's metadata.min_history_events raises the minimum. Every task, every horizon."""
+    d = dt.datetime
+    rows = [
+        (1, None, "GENDER//F"),
+        (1, d(2050, 1, 1), "MEDS_BIRTH"),
+        (1, d(2100, 1, 1), "VISIT"),  # first clinical event: no history
+        (1, d(2100, 1, 1), "LAB//1//x"),  # the same time: still the first
+        (1, d(2100, 6, 1), "VISIT"),  # one clinical event before: a row
+        (1, d(2101, 1, 1), "VISIT"),  # two before
+        (1, d(2103, 1, 1), "VISIT"),  # the record goes on past every horizon
+        (2, d(2060, 1, 1), "MEDS_BIRTH"),
+        (2, d(2060, 1, 1), "VISIT"),  # at birth time but clinical: the first, no history
+        (2, d(2100, 1, 1), "VISIT"),
+        (2, d(2103, 1, 1), "VISIT"),
+    ]
+    root = _write_site(tmp_path / "site", rows)
+    tasks = [load_task(name) for name in TASK_NAMES]
+    for task, labels in zip(tasks, aces_labels_shared(tasks, root), strict=True):
+        for h, table in labels.items():
+            got = pl.from_arrow(table).select("subject_id", "prediction_time").rows()
+            assert (1, d(2050, 1, 1)) not in got and (2, d(2060, 1, 1)) not in got, (task.name, h)
+            assert (1, d(2100, 1, 1)) not in got, (task.name, h)
+            assert {(1, d(2100, 6, 1)), (1, d(2101, 1, 1)), (2, d(2100, 1, 1))} <= set(got), (task.name, h)
+        if task.name == "onset_t2d":  # ACES's own loader gives the same rows
+            assert aces_labels(task, root, [90])[90].equals(labels[90])
+    text = (Path(load_task("t2d").path)).read_text().replace("min_history_events: 1", "min_history_events: 2")
+    stricter = tmp_path / "t2d_2.yaml"
+    stricter.write_text(text)
+    got = set(pl.from_arrow(aces_labels(stricter, root, [90])[90]).select("subject_id", "prediction_time").rows())
+    # ACES counts a window's rows: subject 1's first visit has two (VISIT and LAB), subject 2's one.
+    assert (2, d(2100, 1, 1)) not in got
+    assert {(1, d(2100, 6, 1)), (1, d(2101, 1, 1))} <= got
 
 
 def test_times_as_events_label_wear_period_ends_as_the_event_rules_do(federations: dict[str, Path]) -> None:
@@ -202,7 +256,7 @@ def test_times_as_events_label_wear_period_ends_as_the_event_rules_do(federation
                 (asked,) = aces_labels_shared([task], site_root, prediction_times=times, times_as_events=True)
                 old_events, prefix = _old_events(with_marks, scenario, name)
                 for h in task.horizons:
-                    ref = _sorted(onset_labels_from_events(old_events, prefix, h, times))
+                    ref = _sorted(onset_labels_from_events(old_events, prefix, h, _with_history(times, events)))
                     assert _sorted(asked[h]).equals(ref), (scenario, site_root.name, name, h)
                     assert plain[h].num_rows < asked[h].num_rows  # without: only where an event falls
                     checked += asked[h].num_rows

@@ -20,7 +20,7 @@ import pytest
 
 import client.client as client_module
 from client.client import EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
-from healthfm_core.data.aces_tasks import load_task
+from healthfm_core.data.aces_tasks import aces_labels, load_task
 from healthfm_core.data.layout import SPLITS
 from healthfm_core.data.site import open_site
 from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteReport, check_site
@@ -240,19 +240,25 @@ def hospital_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "sites" / "general_hospital"
 
 
-def _first_four_draws(rows: pa.Table) -> pa.Table:
-    """The evaluation's cap by hand: per subject, the 4 rows of smallest draw key (seed 0)."""
+def _first_four_draws(rows: pa.Table, held_out: set[int]) -> pa.Table:
+    """The evaluation's cap by hand: per subject, the 4 rows of smallest draw key (seed 0); every
+    row of a held_out subject."""
     sid = rows["subject_id"].to_numpy()
     t = rows["prediction_time"].cast(pa.int64()).to_numpy()
     key = _draw_key(sid, t, 0)
-    keep = [i for s in np.unique(sid) for i in sorted(np.flatnonzero(sid == s), key=lambda i: int(key[i]))[:4]]
+    keep = [
+        i
+        for s in np.unique(sid)
+        for i in sorted(np.flatnonzero(sid == s), key=lambda i: int(key[i]))[: None if int(s) in held_out else 4]
+    ]
     return rows.take(pa.array(sorted(keep), pa.int64()))
 
 
-def _expected_t2d_counts(root: Path) -> dict[int, dict[str, tuple[int, int, int]]]:
-    """What the evaluation would see, by onset_labels_from_events (the task's ICD-9 and ICD-10
-    outcome codes renamed to one code) at every event, capped at 4 rows a subject, split by the
-    site's splits."""
+def _expected_t2d_counts(root: Path, evaluated: bool = False) -> dict[int, dict[str, tuple[int, int, int]]]:
+    """By onset_labels_from_events (the task's ICD-9 and ICD-10 outcome codes renamed to one code)
+    at every clinical event after the subject's first (never at birth or death), split by the
+    site's splits: every row, or (`evaluated`) what the evaluation takes: at most 4 rows a subject
+    in train and tuning, held_out whole."""
     events = pa.concat_tables(
         pq.read_table(p, columns=["subject_id", "time", "code"]) for p in sorted((root / "data").glob("*.parquet"))
     )
@@ -262,19 +268,26 @@ def _expected_t2d_counts(root: Path) -> dict[int, dict[str, tuple[int, int, int]
         2, "code", pc.if_else(pc.match_substring_regex(events["code"], regex), pa.scalar("OUTCOME"), events["code"])
     )
     events = pl.from_arrow(events).sort("subject_id", "time", nulls_last=False).to_arrow()
-    # ACES's rows: the onset rules asked at every timed event (the task's trigger, _ANY_EVENT)
+    # ACES's rows: the onset rules asked at every clinical event with one before it (the task's
+    # trigger, clinical_event, and its history window)
+    clinical = pl.from_arrow(events).filter(
+        pl.col("time").is_not_null() & ~pl.col("code").is_in(["MEDS_BIRTH", "MEDS_DEATH"])
+    )
     every_event = (
-        pl.from_arrow(events)
-        .filter(pl.col("time").is_not_null())
+        clinical.filter(pl.col("time") > pl.col("time").min().over("subject_id"))
         .select("subject_id", pl.col("time").alias("prediction_time"))
         .unique()
         .to_arrow()
     )
-    splits = pl.from_arrow(open_site(root).subject_splits())
+    site = open_site(root)
+    splits = pl.from_arrow(site.subject_splits())
+    held_out = set(site.held_out_subjects().tolist())
     out = {}
     for h in load_task(T2D).metadata.horizons_days:
         rows = onset_labels_from_events(events, "OUTCOME", h, every_event)
-        df = pl.from_arrow(_first_four_draws(rows)).join(splits, on="subject_id")
+        if evaluated:
+            rows = _first_four_draws(rows, held_out)
+        df = pl.from_arrow(rows).join(splits, on="subject_id")
         out[h] = {
             s: (g.height, g["subject_id"].n_unique(), int(g["boolean_value"].sum()))
             for s in SPLITS
@@ -287,30 +300,39 @@ def test_tasks_counts_are_those_the_evaluation_would_see(hospital_site, capsys):
     assert main(["check", str(hospital_site), "--tasks", str(T2D), "--json", "--no-progress"]) == EXIT_OK
     blob = json.loads(capsys.readouterr().out)
     assert blob["ok"] and blob["tasks"]["min_subjects"] == 20
-    got = {
-        t["horizon_days"]: {s: (c["rows"], c["subjects"], c["positives"]) for s, c in t["splits"].items()}
-        for t in blob["tasks"]["tasks"]
-    }
-    expected = _expected_t2d_counts(hospital_site)
-    assert got == expected
-    assert sum(v[2] for per in expected.values() for v in per.values()) > 0  # positives were seen
+    for key, evaluated in (("splits", False), ("evaluated", True)):
+        got = {
+            t["horizon_days"]: {s: (c["rows"], c["subjects"], c["positives"]) for s, c in t[key].items()}
+            for t in blob["tasks"]["tasks"]
+        }
+        expected = _expected_t2d_counts(hospital_site, evaluated)
+        assert got == expected, key
+        assert sum(v[2] for per in expected.values() for v in per.values()) > 0  # positives were seen
+    # held_out: every labelled row in both; train: the cap drops rows
+    full, taken = _expected_t2d_counts(hospital_site), _expected_t2d_counts(hospital_site, True)
+    assert all(full[h]["held_out"] == taken[h]["held_out"] for h in full)
+    assert any(full[h]["train"][0] > taken[h]["train"][0] for h in full)
     assert {t["task"] for t in blob["tasks"]["tasks"]} == {"onset_t2d"}
 
 
 def test_tasks_table_and_a_warning_per_split_below_the_minimum(hospital_site, capsys):
     assert main(["check", str(hospital_site), "--tasks", str(T2D), "--no-progress"]) == EXIT_OK
     out = capsys.readouterr().out
-    expected = _expected_t2d_counts(hospital_site)
     header = [line for line in out.splitlines() if line.startswith("  task ")]
-    assert [re.split(r"\s{2,}", line.strip()) for line in header] == [["task", *SPLITS]]
-    rows = {
-        line.split()[1]: re.split(r"\s{2,}", line.strip())
-        for line in out.splitlines()
-        if line.startswith("  onset_t2d ")
-    }
-    assert sorted(rows) == ["180d", "30d", "365d", "90d"]
-    for h, per in expected.items():
-        assert rows[f"{h}d"] == [f"onset_t2d {h}d", *(" / ".join(map(str, per[s])) for s in SPLITS)]
+    assert [re.split(r"\s{2,}", line.strip()) for line in header] == [["task", *SPLITS]] * 2
+    # The first table: every labelled row; the second (after the "evaluated" line): what the evaluation takes.
+    first, second = out.split("\nevaluated ", 1)
+    assert "train and tuning up to 4 rows per subject" in second and "held_out every labelled row" in second
+    for block, evaluated in ((first, False), (second, True)):
+        expected = _expected_t2d_counts(hospital_site, evaluated)
+        rows = {
+            line.split()[1]: re.split(r"\s{2,}", line.strip())
+            for line in block.splitlines()
+            if line.startswith("  onset_t2d ")
+        }
+        assert sorted(rows) == ["180d", "30d", "365d", "90d"]
+        for h, per in expected.items():
+            assert rows[f"{h}d"] == [f"onset_t2d {h}d", *(" / ".join(map(str, per[s])) for s in SPLITS)]
     tuning = expected[365]["tuning"][1]
     assert tuning < 20
     warn = [line for line in out.splitlines() if line.startswith(f"WARNING {T2D}: onset_t2d 365d:")]
@@ -323,7 +345,7 @@ def test_tasks_table_and_a_warning_per_split_below_the_minimum(hospital_site, ca
 def test_tasks_minimum_from_the_flag_and_the_policy(hospital_site, tmp_path, capsys):
     assert main(["check", str(hospital_site), "--tasks", str(T2D), "--json", "--min-subjects", "1"]) == EXIT_OK
     blob = json.loads(capsys.readouterr().out)
-    below = [p for p in blob["tasks"]["problems"] if "below the minimum" in p["message"]]
+    below = [p for p in blob["tasks"]["problems"] if "(min_report_subjects; " in p["message"]]
     assert blob["tasks"]["min_subjects"] == 1 and below == []
     policy = tmp_path / "policy.yaml"
     policy.write_text("min_subjects: 35\n")
@@ -335,6 +357,7 @@ def test_tasks_minimum_from_the_flag_and_the_policy(hospital_site, tmp_path, cap
     )
     blob = json.loads(capsys.readouterr().out)
     assert blob["tasks"]["min_subjects"] == 35
+    assert blob["tasks"]["problems"]
     assert all("below the minimum 35 (min_report_subjects; " in p["message"] for p in blob["tasks"]["problems"])
 
 
@@ -432,3 +455,34 @@ def test_tasks_minimum_of_positives_from_the_flag_and_the_policy(hospital_site, 
         f"held_out has {held['positives']} positive and {held['rows'] - held['positives']} negative rows, below the "
         f"minimum {held['rows']} (min_report_positives; small cells re-identify patients)"
     ) in problem["message"]
+
+
+def test_a_task_whose_trigger_matches_a_birth_row_gets_a_warning(hospital_site, tmp_path, capsys):
+    """A task triggered at every event (`_ANY_EVENT`, as the onset tasks were) predicts at each
+    timed MEDS_BIRTH: check --tasks says so; the shipped task (clinical_event) gets no such warning."""
+    any_event = tmp_path / "t2d_any_event.yaml"
+    text = T2D.read_text().replace("trigger: clinical_event", "trigger: _ANY_EVENT")
+    text = text.replace("  history_window: history\n  min_history_events: 1\n", "")
+    text = text.replace(
+        "  history:\n    start: null\n    end: trigger\n    start_inclusive: true\n    end_inclusive: false\n"
+        "    has:\n      clinical_event: (1, None)\n",
+        "",
+    )
+    any_event.write_text(text)
+    assert main(["check", str(hospital_site), "--tasks", str(any_event), str(T2D), "--json", "--no-progress"]) == 0
+    blob = json.loads(capsys.readouterr().out)
+    at_birth = [p for p in blob["tasks"]["problems"] if p["kind"] == "trigger_at_birth"]
+    assert [p["file"] for p in at_birth] == [str(any_event)]
+    assert "_ANY_EVENT" in at_birth[0]["message"] and "MEDS_BIRTH" in at_birth[0]["message"]
+    # ... and it does predict at each birth there, where the shipped task does not.
+    births = pl.from_arrow(open_site(hospital_site).read_events(columns=["subject_id", "time", "code"])).filter(
+        pl.col("code") == "MEDS_BIRTH"
+    )
+    counted = {(t["file"], t["horizon_days"]): t for t in blob["tasks"]["tasks"]}
+    for file, predicts_at_birth in ((str(any_event), True), (str(T2D), False)):
+        labels = aces_labels(load_task(file), hospital_site, [365])[365]
+        hit = pl.from_arrow(labels).join(
+            births.select("subject_id", pl.col("time").alias("prediction_time")), on=["subject_id", "prediction_time"]
+        )
+        assert (hit.height == births.height > 0) if predicts_at_birth else hit.height == 0, file
+        assert sum(s["rows"] for s in counted[(file, 365)]["splits"].values()) == labels.num_rows

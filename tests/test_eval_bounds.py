@@ -24,7 +24,7 @@ from healthfm_core.federation import (
     aggregate_site_metrics,
     median_site_metrics,
 )
-from server.eval_counts import declared_subjects, eval_count_problem
+from server.eval_counts import DeclaredCounts, declared_counts, eval_count_problem
 from server.evaluation import judge_eval_replies
 from server.runlog import EventLog, write_summary
 
@@ -64,7 +64,7 @@ def _sites(attacker: EvalReply) -> dict[str, EvalReply]:
 
 
 def _judge(per_site: dict[str, EvalReply], cfg: EvalConfig) -> tuple[dict[str, EvalReply], dict[str, str]]:
-    declared = {s: declared_subjects(SiteCapabilities(site=s, modalities=["ehr"], subjects={"ehr": SUBJECTS})) for s in per_site}  # fmt: skip
+    declared = {s: declared_counts(SiteCapabilities(site=s, modalities=["ehr"], subjects={"ehr": SUBJECTS})) for s in per_site}  # fmt: skip
     return judge_eval_replies({s: r.to_records() for s, r in per_site.items()}, cfg, declared)
 
 
@@ -104,12 +104,18 @@ def test_counts_are_bounded_by_the_subject_budget_asked_and_the_subjects_declare
 
 def test_more_subjects_than_declared_or_no_declared_count_is_rejected() -> None:
     over = EvalReply(tasks={KEY: TaskMetrics(n=100, auroc=0.8, subjects=40, available_subjects=151)})
-    assert "field onset_t2d_365d.subjects-available: value 151 > 150" in str(eval_count_problem(over, _cfg(), SUBJECTS))
+    assert "field onset_t2d_365d.subjects-available: value 151 > 150" in str(
+        eval_count_problem(over, _cfg(), DeclaredCounts(SUBJECTS, None))
+    )
     over = EvalReply(tasks={KEY: TaskMetrics(n=100, auroc=0.8, subjects=31)})
-    assert "field onset_t2d_365d.subjects: value 31 > 30" in str(eval_count_problem(over, _cfg(30), SUBJECTS))
+    assert "field onset_t2d_365d.subjects: value 31 > 30" in str(
+        eval_count_problem(over, _cfg(30), DeclaredCounts(SUBJECTS, None))
+    )
     fine = EvalReply(tasks={KEY: TaskMetrics(n=100, auroc=0.8, subjects=30)})
-    assert "declared no subject count" in str(eval_count_problem(fine, _cfg(), None))  # fails closed
-    assert eval_count_problem(fine, _cfg(30), None) is None  # the budget bounds it alone
+    assert "declared no subject count" in str(
+        eval_count_problem(fine, _cfg(), DeclaredCounts(None, None))
+    )  # fails closed
+    assert eval_count_problem(fine, _cfg(30), DeclaredCounts(None, None)) is None  # the budget bounds it alone
 
 
 def test_a_plausible_inflation_moves_the_weighted_mean_but_not_the_median_and_is_named() -> None:
@@ -157,3 +163,21 @@ def test_the_summary_shows_the_median_the_largest_share_and_the_rejected_reply(t
     assert f"| {median_site_metrics(accepted)[f'{KEY}.auroc']:.3f} | 270 |" in row
     assert "- site z: field onset_t2d_365d.n: value 1,000,000,000 > 600" in summary
     assert "1,000,000,000" not in summary.split("### Federation-wide AUROC per task")[1].split("z:")[0]
+
+
+def test_held_out_rows_scored_every_one_are_bounded_by_the_rows_declared_at_setup() -> None:
+    """Held-out rows are all scored (issue 42), so n is bounded by the site's timed rows declared
+    at setup, not by n_per_subject x subjects; with "all" and no declared rows: rejected."""
+    caps = SiteCapabilities(site="z", modalities=["ehr"], subjects={"ehr": SUBJECTS}, rows=5_000)
+    assert SiteCapabilities.from_flat(caps.to_flat()) == caps  # the declaration travels
+    declared = declared_counts(caps)
+    assert declared == DeclaredCounts(SUBJECTS, 5_000)
+    every_row = _cfg().model_copy(update={"n_per_subject": "all"})
+    honest = EvalReply(tasks={KEY: TaskMetrics(n=2_400, auroc=0.8, subjects=SUBJECTS)})  # 16 rows a subject
+    assert eval_count_problem(honest, every_row, declared) is None
+    assert eval_count_problem(honest, _cfg(), declared) is None  # the cap no longer bounds held_out
+    over = EvalReply(tasks={KEY: TaskMetrics(n=5_001, auroc=0.8, subjects=SUBJECTS)})
+    assert "field onset_t2d_365d.n: value 5,001 > 5,000, the timed rows the site declared at setup" in str(
+        eval_count_problem(over, every_row, declared)
+    )
+    assert "declared no row count" in str(eval_count_problem(honest, every_row, DeclaredCounts(SUBJECTS, None)))

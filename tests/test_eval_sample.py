@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS
 from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.tasks import rows_per_subject
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
 from healthfm_core.eval.embedding_file import embeddings_file
@@ -32,6 +33,7 @@ from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, Tas
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from server.config import DEFAULT_EVAL_MAX_SUBJECTS, RESUMABLE_CHANGES, FederationConfig
+from simulations.common import site_eval_rows_per_subject
 from simulations.evidence_units import unit_fingerprint
 from simulations.run import federation_config
 from tests.test_token_settings import compose_cfg
@@ -187,6 +189,29 @@ def test_the_sample_is_the_same_every_round_and_for_any_model(biobank, setup, tm
 
 
 # ------------------------------------------------------------------------- the setting
+
+
+def test_n_per_subject_all_is_possible_in_every_config_and_a_bad_value_is_refused() -> None:
+    """Every labelled row (held_out always; train and tuning with `all`): the run config, the
+    evaluate message (round trip through its flat record), the simulations' configs."""
+    base = {"out-dir": "/tmp/x", "model": "tiny"}
+    for value, expect in (("all", "all"), (3, 3), (None, 4)):
+        run = {**base, "eval-n-per-subject": value} if value is not None else base
+        cfg = FederationConfig.from_run_config(run).eval_config(1, "x")
+        assert cfg.n_per_subject == expect
+        assert EvalConfig.from_flat(cfg.to_flat()).n_per_subject == expect
+    assert "eval_n_per_subject" in RESUMABLE_CHANGES  # a final evaluation may ask for every row
+    for bad in ("some", 0, 65):
+        with pytest.raises(ValueError, match="eval_n_per_subject"):
+            FederationConfig.from_run_config({**base, "eval-n-per-subject": bad})
+    flat = {**EvalConfig(round=1, tasks=[], setup_sha256="x").to_flat(), "n-per-subject": "every"}
+    with pytest.raises(ValueError, match=r"field n_per_subject"):
+        EvalConfig.from_flat(flat)
+    assert site_eval_rows_per_subject(OmegaConf.create({"eval": {"n_per_subject": "all"}})) is None
+    assert site_eval_rows_per_subject(OmegaConf.create({"eval": {"n_per_subject": None}})) == 4
+    assert rows_per_subject("all") is None and rows_per_subject(2) == 2
+    with pytest.raises(ValueError, match="n_per_subject"):
+        rows_per_subject("most")
 
 
 @pytest.mark.parametrize("value", [-1, 2.5, "20", True, None])

@@ -8,6 +8,7 @@ included.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -318,3 +319,92 @@ def test_all_nine_tasks_label_as_aces_cli_on_every_site(sites: dict[str, Path], 
             assert mine == _rows(pl.from_arrow(aces_labels(task, root)[OWN_WINDOWS])), (name, key)  # type: ignore[arg-type]
             if key in {_cli_name(t, True) for t in ABNORMAL} or not key.startswith("abnormal"):
                 assert any(r[2] for r in mine), (name, key)  # positives at every site
+
+
+# ----------------------------------------------------------------------- scored as MEDS-DEV scores
+
+
+def _per_split(rows: list[tuple], split_of: dict[int, str]) -> dict[str, tuple[int, int]]:
+    """(rows, positives) per split of (subject_id, prediction_time, boolean_value) rows."""
+    out: dict[str, tuple[int, int]] = {}
+    for sid, _, y in rows:
+        n, pos = out.get(split_of[int(sid)], (0, 0))
+        out[split_of[int(sid)]] = (n + 1, pos + int(bool(y)))
+    return out
+
+
+@pytest.mark.slow  # the mimic sites, aces-cli and a site's evaluation of nine tasks
+def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
+    sites: dict[str, Path], tmp_path: Path
+) -> None:
+    """On a site shaped like MIMIC-IV's export (timed births, several admissions a subject, two
+    shards), MEDS-DEV's nine tasks: check --tasks counts exactly aces-cli's rows and positives per
+    split; the site's evaluation scores every one of aces-cli's held_out rows (nothing capped, no
+    row at birth); and each scored task's MEDS-DEV folder holds those predictions, meds-evaluation-cli's
+    own results.json for them, and a packed result as meds-dev-pack-result writes it."""
+    from client.site_runtime import SiteConfig, SiteRuntime
+    from healthfm_core.data.code_stats import site_code_stats
+    from healthfm_core.data.vocab import build_vocabulary
+    from healthfm_core.eval.meds_dev_result import MAX_RESULT_BYTES, meds_dev_result_dir
+    from healthfm_core.federation import EvalConfig, FederationSetup
+    from healthfm_core.model.config import load_model_config
+
+    root = sites[MULTI_SHARD]
+    site = open_site(root)
+    splits = site.subject_splits()
+    split_of = dict(zip(splits["subject_id"].to_pylist(), splits["split"].to_pylist(), strict=True))
+    theirs = aces_cli(root, NINE, ABNORMAL, tmp_path / "cli")
+    cli = {t: _rows(theirs[_cli_name(t, t in ABNORMAL)]) for t in NINE}  # the tasks as the platform resolves them
+    births = {
+        (int(s), t)
+        for s, t, c in pl.read_parquet(root / "data", columns=["subject_id", "time", "code"]).iter_rows()
+        if c == "MEDS_BIRTH"
+    }
+    entries = [Path(f"meds-dev:{t}@MIMIC-IV") for t in NINE]
+    report = count_tasks(site, entries, min_subjects=1)
+    assert [c.task for c in report.tasks] == [t.replace("/", "-") for t in NINE]
+    for task, counted in zip(NINE, report.tasks, strict=True):
+        expected = _per_split(cli[task], split_of)
+        got = {s: (c.rows, c.positives) for s, c in counted.splits.items() if c.rows}
+        assert got == expected, task
+        assert counted.evaluated is not None and counted.evaluated["held_out"] == counted.splits["held_out"], task
+        assert not births & {(int(r[0]), r[1]) for r in cli[task]}, task  # no row at birth
+    vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
+    setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
+    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    cfg = EvalConfig(
+        round=1, tasks=[str(e) for e in entries], setup_sha256=setup.sha256, n_boot=10, meds_tab=False, score_bins=0
+    )
+    eval_dir = tmp_path / "eval"
+    rt = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=1, min_report_positives=1, eval_dir=eval_dir))
+    reply = rt.evaluate(setup, arrays, cfg)
+    assert len(reply.tasks) >= 5, reply.reasons  # most of the nine have both classes in held_out here
+    held = {t: [r for r in cli[t] if split_of[int(r[0])] == "held_out"] for t in NINE}
+    for task in NINE:
+        key = task.replace("/", "-")
+        if key not in reply.tasks:
+            continue
+        written = pl.read_parquet(eval_dir / rt.name / f"{key}.parquet")
+        assert _rows(written) == held[task], task  # every held_out row aces-cli gives, nothing else
+        assert reply.tasks[key].n == len(held[task])
+        folder = meds_dev_result_dir(eval_dir, rt.name, task)
+        assert _rows(pl.read_parquet(folder / "predictions.parquet")) == held[task]
+        out = tmp_path / "mev" / key
+        done = subprocess.run(
+            [
+                str(BIN / "meds-evaluation-cli"),
+                f"predictions_path={folder / 'predictions.parquet'}",
+                f"output_file={out}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,  # a hang guard only
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads((folder / "results.json").read_text()) == json.loads(out.read_text()), task
+        packed = json.loads((folder / "result.json").read_text())
+        assert (folder / "result.json").stat().st_size <= MAX_RESULT_BYTES
+        assert set(packed) == {"dataset", "task", "model", "timestamp", "result", "version"}
+        assert (packed["dataset"], packed["task"], packed["model"]) == ("MIMIC-IV", task, "healthfm")
+        assert packed["result"] == json.loads(out.read_text())
+        assert packed["result"]["samples_equally_weighted"]["roc_auc_score"] == pytest.approx(reply.tasks[key].auroc)

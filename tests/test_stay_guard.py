@@ -156,6 +156,11 @@ def test_the_guarded_configs_label_as_aces_cli(mimic_site: Path, tmp_path: Path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)  # a hang guard only
     assert done.returncode == 0, done.stderr[-4000:]
+    events = pl.read_parquet(mimic_site / "data", columns=["subject_id", "time", "code"])
+    births = {
+        (int(s), w) for s, w in events.filter(pl.col("code") == "MEDS_BIRTH").select("subject_id", "time").iter_rows()
+    }
+    assert births
     for name in names:
         task = load_task(name)
         theirs = pl.concat([pl.read_parquet(f) for f in sorted((out / name).glob("*.parquet"))])
@@ -173,6 +178,7 @@ def test_the_guarded_configs_label_as_aces_cli(mimic_site: Path, tmp_path: Path)
         mine = pl.from_arrow(aces_labels(as_written, mimic_site, [365])[365])
         assert isinstance(mine, pl.DataFrame)
         assert sorted(mine.iter_rows()) == theirs_rows, name
+        assert theirs_rows and not births & {r[:2] for r in theirs_rows}, name  # aces-cli: no row at birth either
         union = pl.from_arrow(aces_labels(task, mimic_site, [365])[365])
         assert isinstance(union, pl.DataFrame)
         assert set(theirs_rows) <= set(union.iter_rows()) and union.height > len(theirs_rows), name

@@ -12,6 +12,8 @@ A task file may add, in `metadata` (which ACES ignores), what ACES cannot say (c
       complete_on: outcome_or_death       # ... unless this predicate occurs in the horizon window
       stay_window: rest_of_stay           # optional: an event-bound window `start -> <edge>` ...
                                           # ... that also holds when no <edge> follows at all
+      history_window: history             # optional: a window up to the trigger, with one `has` ...
+      min_history_events: 1               # ... predicate, which must hold at least this often in it
 
 An ACES window tree is a conjunction, so "followed up through the horizon OR the outcome/death
 happened inside it" is the union of two ACES queries: the config as written, and the config without
@@ -26,6 +28,12 @@ drop every prediction time after a subject's last stay (and every row of a site 
 the loader adds the query where that window runs to the end of the record with no edge in it, so
 those rows are kept as they were. The two are disjoint (an edge follows or none does). With both
 rules a task runs up to four queries; aces-cli on the file gives the first (as written).
+
+`history_window` is the onset tasks' minimum history: the shipped files trigger at a clinical
+event (any code but MEDS_BIRTH / MEDS_DEATH: never at a birth, death or static row) and require
+at least `min_history_events` clinical events (MEDS rows, as ACES counts a window) strictly
+before the prediction time (a window from the record's start to the trigger, end exclusive). The loader writes the count into that window's
+one `has` predicate, so the file as written (1) is what aces-cli runs.
 
     task = load_task("configs/tasks/t2d.yaml")          # or load_task("t2d")
     labels = aces_labels(task, site_root)               # {horizon_days: LabelSchema table}
@@ -84,6 +92,8 @@ class TaskMetadata(BaseModel):
     censoring_window: str | None = None
     complete_on: str | None = None
     stay_window: str | None = None
+    history_window: str | None = None
+    min_history_events: int | None = Field(default=None, ge=1)
     description: str | None = None
     links: list[str] = Field(default_factory=list)
     contacts: list[dict[str, Any]] = Field(default_factory=list)
@@ -100,7 +110,19 @@ class TaskMetadata(BaseModel):
             raise ValueError("censoring_window needs horizons (horizons_days, horizon_window)")
         if self.horizons_days is not None and any(h < 1 for h in self.horizons_days):
             raise ValueError(f"horizons_days {self.horizons_days}: a horizon is at least 1 day")
+        if self.min_history_events is not None and self.history_window is None:
+            raise ValueError("min_history_events needs history_window (the window it counts in)")
         return self
+
+
+def history_predicate(window: dict, path: Path) -> str:
+    """The one predicate a history window counts (its `has`); ValueError naming the file."""
+    has = window.get("has") or {}
+    if len(has) != 1:
+        raise ValueError(
+            f"{path}, field metadata.history_window: its window must have exactly one `has` predicate, got {sorted(has)}"
+        )
+    return str(next(iter(has)))
 
 
 def stay_edge(window: dict, path: Path) -> str:
@@ -133,6 +155,9 @@ class AcesTask(BaseModel):
         docstring). A task without horizons has one config, its own (horizon_days OWN_WINDOWS)."""
         cfg = copy.deepcopy(self.config)
         windows = cfg.get("windows") or {}
+        if self.metadata.min_history_events is not None and self.metadata.history_window is not None:
+            history = windows[self.metadata.history_window]
+            history["has"] = {history_predicate(history, self.path): f"({self.metadata.min_history_events}, None)"}
         if open_stay:
             if self.metadata.stay_window is None:
                 raise ValueError(f"{self.path}: task {self.name!r} has no metadata.stay_window")
@@ -151,6 +176,9 @@ class AcesTask(BaseModel):
             windows[self.metadata.horizon_window]["has"] = has
         return cfg
 
+
+PREDICTION_TIME_CODE = "HEALTHFM//PREDICTION_TIME"  # aces_labels_shared(times_as_events=True)
+MARK_PREDICATE = "healthfm_prediction_time"  # the trigger of a times_as_events query: PREDICTION_TIME_CODE
 
 # Parsed ACES configs by their YAML text: ACES parses with ruamel from a file (~7 ms a config on
 # a quiet machine, far more on a busy one) and an evaluation asks for the same few configs again
@@ -184,11 +212,18 @@ def aces_config(cfg: dict, where: str) -> TaskExtractorConfig:
     return _parse(cfg, where)
 
 
-def _query_config(task: AcesTask, horizon_days: int, variant: tuple[bool, bool]) -> TaskExtractorConfig:
+def _query_config(
+    task: AcesTask, horizon_days: int, variant: tuple[bool, bool], at_marks: bool = False
+) -> TaskExtractorConfig:
     """A fresh parsed config for one ACES query (`variant`: config_for's complete_variant,
     open_stay): a config that was queried once is not the config any more (see _PARSED), and
-    reusing it made a site's k-th shard ask for k extra horizons of follow-up."""
-    return _parse(task.config_for(horizon_days, *variant), _where(task.path, horizon_days))
+    reusing it made a site's k-th shard ask for k extra horizons of follow-up. `at_marks`: triggered
+    at the PREDICTION_TIME_CODE events instead of the task's own trigger (times_as_events)."""
+    cfg = task.config_for(horizon_days, *variant)
+    if at_marks:
+        cfg["predicates"] = {**(cfg.get("predicates") or {}), MARK_PREDICATE: {"code": PREDICTION_TIME_CODE}}
+        cfg["trigger"] = MARK_PREDICATE
+    return _parse(cfg, _where(task.path, horizon_days))
 
 
 def _where(path: Path, horizon_days: int) -> str:
@@ -234,6 +269,7 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
         ("horizon_window", meta.horizon_window),
         ("censoring_window", meta.censoring_window),
         ("stay_window", meta.stay_window),
+        ("history_window", meta.history_window),
     ):
         if value is not None and value not in windows:
             raise ValueError(f"{path}, field metadata.{field}: no window {value!r} (windows: {sorted(windows)})")
@@ -246,6 +282,8 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
         raise ValueError(f"{path}, field metadata.complete_on: no predicate {meta.complete_on!r}")
     if meta.stay_window is not None:
         stay_edge(windows[meta.stay_window], path)
+    if meta.history_window is not None:
+        history_predicate(windows[meta.history_window], path)
     out = AcesTask(name=meta.task or path.stem, path=path, metadata=meta, config=raw)
     for h in out.horizons:
         for v in _variants(out):
@@ -281,14 +319,19 @@ def _meds_frame(shard: Path) -> pl.DataFrame:
 def _predicates_from_frame(cfg: TaskExtractorConfig, data: pl.DataFrame) -> pl.DataFrame:
     """What aces.predicates.get_predicates_df gives for a MEDS shard (es-aces 0.7), from the
     shard's frame already in memory: one read serves every task and variant of an evaluation.
-    tests/test_aces_shared.py checks it against get_predicates_df on the synthetic sites."""
+    tests/test_aces_shared.py checks it against get_predicates_df on the synthetic sites.
+    A PREDICTION_TIME_CODE event (times_as_events) holds only MARK_PREDICATE: it is where to
+    predict, not a clinical event a task's own predicates (its history) may count."""
     from aces.predicates import PRED_CNT_TYPE
     from aces.types import ANY_EVENT_COLUMN, END_OF_RECORD_KEY, START_OF_RECORD_KEY
 
     plain = cfg.plain_predicates
     for name, p in plain.items():  # one column at a time, as ACES adds them
         data = data.with_columns(data["code"].cast(pl.Utf8).alias("code"))
-        data = data.with_columns(p.MEDS_eval_expr().cast(PRED_CNT_TYPE).alias(name))
+        expr = p.MEDS_eval_expr()
+        if name != MARK_PREDICATE:
+            expr = expr & (pl.col("code") != PREDICTION_TIME_CODE).fill_null(True)
+        data = data.with_columns(expr.cast(PRED_CNT_TYPE).alias(name))
     cols = list(plain)
     data = (
         data.select(["subject_id", "timestamp", *cols])
@@ -324,9 +367,6 @@ def _predicates_from_frame(cfg: TaskExtractorConfig, data: pl.DataFrame) -> pl.D
             edge = getattr(pl.col("timestamp"), agg)().over("subject_id")
             data = data.with_columns([(pl.col("timestamp") == edge).cast(PRED_CNT_TYPE).alias(key)])
     return data
-
-
-PREDICTION_TIME_CODE = "HEALTHFM//PREDICTION_TIME"  # aces_labels_shared(times_as_events=True)
 
 
 def _time_events(prediction_times: pa.Table | None) -> pl.DataFrame:
@@ -445,8 +485,10 @@ def aces_labels_shared(
     PREDICTION_TIME_CODE, which no task predicate reads. A task triggered at every timed event
     (`_ANY_EVENT`, as configs/tasks/ are) then predicts at times where the record has no event
     of its own, e.g. the end of a wear period (the wearable table is not in the MEDS events).
-    Such an event is an observation of the subject at that time, and counts as one for every
-    window (a censoring window that asks for any event after the horizon sees it)."""
+    The query is then triggered at those events (MARK_PREDICATE) instead of the task's trigger,
+    and the task's own predicates do not hold at them: a time with no clinical history before it
+    still gets no row. Such an event is an observation of the subject at that time for
+    `_ANY_EVENT` (a censoring window that asks for any event after the horizon sees it)."""
     from aces import query as aces_query
 
     parts: list[dict[int, list[pl.DataFrame]]] = [{h: [] for h in t.horizons} for t in tasks]
@@ -471,12 +513,13 @@ def aces_labels_shared(
                     if task.metadata.stay_window
                     else None
                 )
+                at_marks = marks is not None
                 for v in _variants(task):
-                    preds = _predicates_from_frame(_query_config(task, horizons[0], v), frame)
+                    preds = _predicates_from_frame(_query_config(task, horizons[0], v, at_marks), frame)
                     if edge is not None and not v[1] and not (preds[edge] > 0).any():
                         continue  # no stay edge in this shard: the bounded query finds no row (the open one finds them)
                     for h in horizons:
-                        out[h].append(_labels(aces_query.query(_query_config(task, h, v), preds)))
+                        out[h].append(_labels(aces_query.query(_query_config(task, h, v, at_marks), preds)))
     keep = _keep_times(prediction_times)
     return [{h: _finish(t, h, p[h], keep) for h in t.horizons} for t, p in zip(tasks, parts, strict=True)]
 
@@ -498,6 +541,27 @@ def predicate_rows(task: AcesTask, site_root: str | Path) -> dict[str, int]:
                     seen.add(name)
                     counts[name] = counts.get(name, 0) + int((preds[name] > 0).sum())
     return counts
+
+
+def trigger_matches_birth(task: AcesTask) -> bool:
+    """Whether the task's trigger holds at a timed MEDS_BIRTH row (alone at its time), as ACES
+    computes it: such a task predicts at birth, a negative with an empty history (`_ANY_EVENT`
+    and `_RECORD_START` do; the shipped onset tasks' clinical_event does not)."""
+    import datetime as dt
+
+    cfg = _query_config(task, task.horizons[0], (False, False))
+    extra = {c for p in cfg.plain_predicates.values() for c in p.other_cols}
+    birth = pl.DataFrame(
+        {
+            "subject_id": [1],
+            "timestamp": [dt.datetime(2000, 1, 1)],
+            "code": [meds.birth_code],
+            "numeric_value": pl.Series([None], dtype=pl.Float32),
+            **{c: pl.Series([None], dtype=pl.Utf8) for c in sorted(extra)},
+        }
+    )
+    preds = _predicates_from_frame(cfg, birth)
+    return bool((preds[cfg.trigger.predicate].fill_null(0) > 0).any())
 
 
 def label_event_times(task: AcesTask, site_root: str | Path) -> pl.DataFrame:
@@ -545,5 +609,6 @@ __all__ = [
     "load_task",
     "predicate_rows",
     "task_from_text",
+    "trigger_matches_birth",
     "unmatched_predicates",
 ]

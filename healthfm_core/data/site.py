@@ -28,6 +28,7 @@ from healthfm_core.data.layout import (
     CODE_METADATA_FILEPATH,
     DATA_SUBDIRECTORY,
     DATASET_METADATA_FILEPATH,
+    HELD_OUT_SPLIT,
     MODALITIES,
     SUBJECT_SPLITS_FILEPATH,
     WEARABLES_SCHEMA,
@@ -180,6 +181,12 @@ class Site:
             table = read_parquet(path, self.root, columns=["subject_id", "split"])
             return align_table(table, SubjectSplitSchema.schema())
         return hash_splits(self.subject_ids)
+
+    def held_out_subjects(self) -> np.ndarray:
+        """The subject ids of the held_out split (subject_splits): scored on every labelled row."""
+        splits = self.subject_splits()
+        held = pc.equal(splits["split"], HELD_OUT_SPLIT)
+        return splits.filter(held)["subject_id"].to_numpy(zero_copy_only=False).astype(np.int64)
 
     def code_metadata(self) -> pa.Table:
         """metadata/codes.parquet, or an empty table with the MEDS schema if absent."""

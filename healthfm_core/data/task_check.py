@@ -2,10 +2,11 @@
 
 For each task, an ACES config (healthfm_core.data.aces_tasks) or the site's own labels under
 SITE_ROOT/tasks/<task>/ (healthfm_core.data.site_labels), and each horizon: rows, subjects and
-positives per split. ACES tasks give the rows ACES gives (trigger, windows, gaps, exclusions),
-capped as the evaluation caps them (`cap_rows_per_subject`: up to `n_per_subject` rows per
-subject, drawn with `seed`; the site runtime uses 4 and 0). A (task, horizon) that the runtime
-would withhold gets one warning saying why, naming the key that withholds it and what it protects:
+positives per split. ACES tasks: the rows ACES gives (trigger, windows, gaps, exclusions), all of
+them, per split (what aces-cli gives, and what held_out is scored on); apart, what the evaluation
+takes: train and tuning capped (`cap_rows_per_subject`: up to `n_per_subject` rows per subject,
+drawn with `seed`; the site runtime uses 4 and 0; "all": every row), held_out whole. A (task,
+horizon) that the runtime would withhold (judged on what the evaluation takes) gets one warning saying why, naming the key that withholds it and what it protects:
 a split (train, tuning, held_out) with fewer subjects than `min_report_subjects`, a train or
 held_out split with a single class, or a held_out split with fewer positive (or negative) rows
 than `min_report_positives`. Each predicate
@@ -14,14 +15,16 @@ it is a `code: null` range): a task whose label predicate never holds has no pos
 reason that is not the patients. An ACES task whose positives are mostly its own stay's discharge
 codes (a prediction time inside a hospital stay, the outcome within a day of that stay's
 discharge: healthfm_core.data.stay_leakage) gets a warning: leakage by design in exports that
-time diagnoses at discharge (MIMIC-IV); the shipped onset tasks exclude such prediction times. `meds-dev:<task>@<dataset or predicates file>` entries are
+time diagnoses at discharge (MIMIC-IV); the shipped onset tasks exclude such prediction times. An
+ACES task whose trigger matches a timed MEDS_BIRTH row (`_ANY_EVENT`, `_RECORD_START`) gets a
+warning: it predicts at birth. `meds-dev:<task>@<dataset or predicates file>` entries are
 MEDS-DEV tasks (healthfm_core.data.meds_dev_tasks). Labels never leave the site: this is the site
 admin's view.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +38,7 @@ from healthfm_core.data.aces_tasks import (
     AcesTask,
     aces_labels,
     load_task,
+    trigger_matches_birth,
     unmatched_predicates,
 )
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
@@ -47,7 +51,7 @@ from healthfm_core.data.site_labels import (
     read_site_labels,
 )
 from healthfm_core.data.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
-from healthfm_core.data.tasks import cap_rows_per_subject
+from healthfm_core.data.tasks import cap_rows_per_subject, rows_per_subject
 from healthfm_core.federation import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
@@ -66,7 +70,9 @@ class TaskCounts(BaseModel):
     source: Literal["aces", "site"]
     file: str  # the ACES config, or the site's labels folder relative to the site root
     horizon_days: int | None  # None: the site's own labels (their horizon is theirs); 0: the ACES task's own windows
-    splits: dict[str, SplitCounts]  # train, tuning, held_out, then any other split name
+    splits: dict[str, SplitCounts]  # train, tuning, held_out, then any other split name: every row
+    # What the evaluation takes (train and tuning capped per subject, held_out whole); None: as `splits`.
+    evaluated: dict[str, SplitCounts] | None = None
     # ACES tasks: positives whose outcome is their own stay's discharge codes (stay_leakage)
     same_stay_positives: int | None = None
 
@@ -74,7 +80,7 @@ class TaskCounts(BaseModel):
 class TasksReport(BaseModel):
     min_subjects: int
     min_positives: int = DEFAULT_MIN_POSITIVES
-    n_per_subject: int
+    n_per_subject: int | None  # None: every row
     seed: int
     tasks: list[TaskCounts]
     problems: list[SiteProblem]
@@ -130,19 +136,21 @@ def _split_counts(table: pa.Table, split_of: dict[int, str]) -> dict[str, SplitC
 
 def _why_withheld(counts: TaskCounts, min_subjects: int, min_positives: int = DEFAULT_MIN_POSITIVES) -> str | None:
     """Why the runtime would withhold this (task, horizon)'s metrics, or None: each reason names
-    the key behind it, its value, and what the privacy floor protects."""
+    the key behind it, its value, and what the privacy floor protects; judged on the rows the
+    evaluation takes."""
     reasons = []
-    small = [f"{s} {counts.splits[s].subjects}" for s in SPLITS if counts.splits[s].subjects < min_subjects]
+    splits = counts.evaluated if counts.evaluated is not None else counts.splits
+    small = [f"{s} {splits[s].subjects}" for s in SPLITS if splits[s].subjects < min_subjects]
     if small:
         reasons.append(
             f"subjects per split below the minimum {min_subjects} ({MIN_SUBJECTS_KEY}; {SMALL_CELL_RISK}): "
             f"{', '.join(small)}"
         )
     for s in (TRAIN_SPLIT, HELD_OUT_SPLIT):
-        c = counts.splits[s]
+        c = splits[s]
         if c.positives is not None and c.rows and c.positives in (0, c.rows):
             reasons.append(f"{s} has a single class ({c.positives} positive of {c.rows} rows)")
-    held = counts.splits[HELD_OUT_SPLIT]
+    held = splits[HELD_OUT_SPLIT]
     if held.positives is not None and held.rows and 0 < min(held.positives, held.rows - held.positives) < min_positives:
         reasons.append(
             f"{HELD_OUT_SPLIT} has {held.positives} positive and {held.rows - held.positives} negative rows, below "
@@ -158,6 +166,17 @@ def _label(counts: TaskCounts) -> str:
     return f"{counts.task} {counts.horizon_days}d"
 
 
+_AT_BIRTH = (
+    "{}: its trigger ({}) matches a timed MEDS_BIRTH row: the task predicts at birth, a negative with no "
+    "history that nobody would predict, which pads a sparse site's rows. Trigger at clinical events with a "
+    "minimum history, as the shipped onset tasks do (their clinical_event predicate and history window)."
+)
+
+
+def _warning(path: Path, kind: str, message: str) -> SiteProblem:
+    return SiteProblem(severity="warning", file=str(path), kind=kind, message=message)
+
+
 def _load(entry: Path) -> AcesTask:
     text = str(entry)
     if text.startswith(MEDS_DEV_PREFIX):
@@ -169,7 +188,7 @@ def count_tasks(
     site: Site,
     files: Sequence[Path],
     min_subjects: int = DEFAULT_MIN_SUBJECTS,
-    n_per_subject: int = 4,
+    n_per_subject: int | str | None = 4,
     seed: int = 0,
     site_tasks: Sequence[str] | None = None,
     min_positives: int = DEFAULT_MIN_POSITIVES,
@@ -178,6 +197,7 @@ def count_tasks(
     docstring). `site_tasks`: the site's own tasks to count (default: all under SITE_ROOT/tasks/)."""
     splits = site.subject_splits()
     split_of = dict(zip(splits.column("subject_id").to_pylist(), splits.column("split").to_pylist()))
+    cap, held_out = rows_per_subject(n_per_subject), site.held_out_subjects()
     problems: list[SiteProblem] = []
     counted: list[TaskCounts] = []
     for path in files:
@@ -189,8 +209,7 @@ def count_tasks(
             )
             continue
         try:
-            # ACES's rows, capped per subject as the evaluation caps them (one helper for both)
-            labels = {h: cap_rows_per_subject(t, n_per_subject, seed) for h, t in aces_labels(task, site.root).items()}
+            labels = aces_labels(task, site.root)  # every row ACES gives
         except Exception as e:  # ACES on data it cannot query: one line, the task's file named
             problems.append(
                 SiteProblem(
@@ -201,6 +220,8 @@ def count_tasks(
                 )
             )
             continue
+        if trigger_matches_birth(task):
+            problems.append(_warning(path, "trigger_at_birth", _AT_BIRTH.format(task.name, task.config.get("trigger"))))
         leakage = task_stay_leakage(task, labels, site.root)
         for horizon, (same, positives) in sorted(leakage.items()):
             if positives and same > LEAKY_SHARE * positives:
@@ -237,6 +258,8 @@ def count_tasks(
                     file=str(path),
                     horizon_days=horizon,
                     splits=_split_counts(table, split_of),
+                    # as the evaluation takes them (one helper for both)
+                    evaluated=_split_counts(cap_rows_per_subject(table, cap, seed, every_row_of=held_out), split_of),
                     same_stay_positives=leakage[horizon][0],
                 )
             )
@@ -271,7 +294,7 @@ def count_tasks(
     return TasksReport(
         min_subjects=min_subjects,
         min_positives=min_positives,
-        n_per_subject=n_per_subject,
+        n_per_subject=cap,
         seed=seed,
         tasks=counted,
         problems=problems,
@@ -279,29 +302,40 @@ def count_tasks(
 
 
 def format_tasks(report: TasksReport) -> str:
-    """A table: one line per task and horizon, rows / subjects / positives per split."""
+    """Two tables, one line per task and horizon, rows / subjects / positives per split: every
+    labelled row (ACES's, as aces-cli counts them), then what the evaluation takes."""
+    cap = "every row" if report.n_per_subject is None else f"up to {report.n_per_subject} rows per subject"
     head = (
-        f"tasks           rows / subjects / positives per split; ACES's rows as the evaluation takes them "
-        f"(up to {report.n_per_subject} rows per subject, seed {report.seed}); minimum {report.min_subjects} "
-        f"subjects per split ({MIN_SUBJECTS_KEY}), {report.min_positives} positive and negative rows in "
-        f"{HELD_OUT_SPLIT} ({MIN_POSITIVES_KEY})"
+        f"tasks           rows / subjects / positives per split: every labelled row (ACES's rows, as aces-cli "
+        f"gives them); minimum {report.min_subjects} subjects per split ({MIN_SUBJECTS_KEY}), "
+        f"{report.min_positives} positive and negative rows in {HELD_OUT_SPLIT} ({MIN_POSITIVES_KEY})"
     )
     if not report.tasks:
         return head + "\n  (no task counted)"
-    names = [f"{_label(c)}{' (site labels)' if c.source == 'site' else ''}" for c in report.tasks]
+    lines = [head, *_count_lines(report.tasks, lambda c: c.splits)]
+    lines.append(
+        f"evaluated       the rows the site's evaluation takes: train and tuning {cap} (seed {report.seed}: "
+        f"what probes are fitted and tuned on), {HELD_OUT_SPLIT} every labelled row (what is scored)"
+    )
+    lines += _count_lines(report.tasks, lambda c: c.evaluated if c.evaluated is not None else c.splits)
+    return "\n".join(lines)
+
+
+def _count_lines(tasks: Sequence[TaskCounts], splits_of: Callable[[TaskCounts], dict[str, SplitCounts]]) -> list[str]:
+    names = [f"{_label(c)}{' (site labels)' if c.source == 'site' else ''}" for c in tasks]
     width = max(len(n) for n in names + ["task"])
     cells = [
         [
             " / ".join(str(v) if v is not None else "-" for v in (s.rows, s.subjects, s.positives))
-            for s in (c.splits[k] for k in SPLITS)
+            for s in (splits_of(c)[k] for k in SPLITS)
         ]
-        for c in report.tasks
+        for c in tasks
     ]
     cw = [max(len(row[i]) for row in cells + [list(SPLITS)]) for i in range(len(SPLITS))]
-    lines = [head, "  " + "task".ljust(width) + "  " + "  ".join(s.ljust(w) for s, w in zip(SPLITS, cw)).rstrip()]
+    lines = ["  " + "task".ljust(width) + "  " + "  ".join(s.ljust(w) for s, w in zip(SPLITS, cw)).rstrip()]
     for name, row in zip(names, cells):
         lines.append("  " + name.ljust(width) + "  " + "  ".join(v.ljust(w) for v, w in zip(row, cw)).rstrip())
-    return "\n".join(lines)
+    return lines
 
 
 __all__ = [

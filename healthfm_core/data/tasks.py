@@ -143,13 +143,33 @@ def _draw_key(subject_id: np.ndarray, time_us: np.ndarray, seed: int) -> np.ndar
     return _mix64(mixed_subject ^ time_us.astype(np.uint64))
 
 
-def cap_rows_per_subject(labels: pa.Table, n_per_subject: int | None, seed: int = 0) -> pa.Table:
+ALL_ROWS = "all"  # n_per_subject's spelling of "every row" in a config (None in Python)
+
+
+def rows_per_subject(value: int | str | None) -> int | None:
+    """A config's n_per_subject as cap_rows_per_subject takes it: an int, or None for "all"/null."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == ALL_ROWS):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"n_per_subject: {value!r} is neither a number of rows nor {ALL_ROWS!r}") from None
+    if n < 1:
+        raise ValueError(f"n_per_subject must be >= 1 (or {ALL_ROWS!r} for every row), got {n}")
+    return n
+
+
+def cap_rows_per_subject(
+    labels: pa.Table, n_per_subject: int | None, seed: int = 0, every_row_of: np.ndarray | None = None
+) -> pa.Table:
     """At most `n_per_subject` of each subject's label rows, drawn by `_draw_key` (None: all).
 
     A task's rows are ACES's (trigger, windows, gaps and exclusions decide them); this is the
     evaluation's cost knob applied to those rows afterwards, never a filter that decides which
     times a task may have. Tasks triggered at every event draw mostly the same times (the
     same hash ranks a subject's times in every task), so their union stays near the cap.
+    `every_row_of`: subjects whose rows are all kept (the held-out split: scored on every
+    labelled row, as MEDS-DEV scores; the cap only bounds what probes are fitted and tuned on).
     Returns the kept rows, all columns, sorted by subject and prediction time.
     """
     if n_per_subject is not None and n_per_subject < 1:
@@ -163,20 +183,24 @@ def cap_rows_per_subject(labels: pa.Table, n_per_subject: int | None, seed: int 
         order = np.lexsort((key, sid))
         grouped = sid[order]
         rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
-        keep = order[rank < n_per_subject]
+        kept = rank < n_per_subject
+        if every_row_of is not None:
+            kept |= np.isin(grouped, np.asarray(every_row_of, dtype=np.int64))
+        keep = order[kept]
     keep = keep[np.lexsort((t[keep], sid[keep]))]
     return labels.take(pa.array(keep, pa.int64()))
 
 
 def visit_prediction_times(
-    events: pa.Table, n_per_subject: int = 4, seed: int = 0, min_history_days: float = 0.0
+    events: pa.Table, n_per_subject: int | None = 4, seed: int = 0, min_history_days: float = 0.0
 ) -> pa.Table:
-    """Up to `n_per_subject` distinct timed-event times per subject (not its last), hash-sampled.
+    """Up to `n_per_subject` distinct timed-event times per subject (not its last), hash-sampled
+    (None: every one).
 
     Times earlier than `min_history_days` after the subject's first timed event are skipped.
     Returns (subject_id int64, prediction_time timestamp[us]) sorted by subject and time.
     """
-    if n_per_subject < 1:
+    if n_per_subject is not None and n_per_subject < 1:
         raise ValueError(f"n_per_subject must be >= 1, got {n_per_subject}")
     subjects, inv, time_us, code = _subject_arrays(events)
     # Birth and death rows are not visits: no prediction is made at them.
@@ -194,7 +218,7 @@ def visit_prediction_times(
     order = np.lexsort((key, g))
     g, t = g[order], t[order]
     rank = np.arange(len(g)) - np.searchsorted(g, g, side="left")
-    sel = rank < n_per_subject
+    sel = rank < (len(g) if n_per_subject is None else n_per_subject)
     g, t = g[sel], t[sel]
     order = np.lexsort((t, g))
     return pa.table(

@@ -43,6 +43,7 @@ from healthfm_core.data.tasks import (
     WearableTask,
     cap_rows_per_subject,
     onset_labels_from_events,
+    rows_per_subject,
     visit_prediction_times,
     wear_period_end_times,
     wearable_regression_labels,
@@ -188,15 +189,17 @@ def build_site_rows(
     site: Site,
     seqs: SiteSequences,
     tasks: Mapping[str, Task],
-    n_per_subject: int = 4,
+    n_per_subject: int | str | None = 4,
     seed: int = 0,
     onset_times: OnsetTimes = "visits",
 ) -> SiteRows:
     """The union of the evaluation rows of `tasks` at one site, with per-task labels. ACES tasks
     give ACES's rows, capped per subject exactly as a site's evaluation caps them
-    (`cap_rows_per_subject`), or, with `onset_times="wear_period_ends"`, ACES's rows at the end of
+    (`cap_rows_per_subject`: train and tuning at `n_per_subject` a subject, held_out whole),
+    or, with `onset_times="wear_period_ends"`, ACES's rows at the end of
     every wear period (`wear_period_end_times`: only subjects with wearables, the modality
     ablation's rows). Event-table onset tasks are asked at `visit_prediction_times`."""
+    cap = rows_per_subject(n_per_subject)
     onset = {k: t for k, t in tasks.items() if isinstance(t, OnsetTask)}
     wear = {k: t for k, t in tasks.items() if isinstance(t, WearableTask)}
     tables: list[pa.Table] = []
@@ -216,16 +219,18 @@ def build_site_rows(
         if event_table:
             events = site.read_events(columns=["subject_id", "time", "code"])
             if times is None:  # ACES tasks make their own rows (below)
-                times = visit_prediction_times(events, n_per_subject=n_per_subject, seed=seed)
+                times = visit_prediction_times(events, n_per_subject=cap, seed=seed)
             for key, task in event_table.items():
                 per_task[key] = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
         if times is not None:
             tables.append(times)  # the rows asked at these times, labelled or not (as always)
         for aces, keys in by_aces.values():
             if onset_times == "visits":
-                # As the sites evaluate: ACES's rows, at most n_per_subject of a subject's per key.
+                # As the sites evaluate: ACES's rows, at most n_per_subject of a subject's per key
+                # in train and tuning, every held_out row.
                 found = aces_labels(aces, site.root, list(keys))
-                found = {h: cap_rows_per_subject(t, n_per_subject, seed) for h, t in found.items()}
+                held = site.held_out_subjects()
+                found = {h: cap_rows_per_subject(t, cap, seed, every_row_of=held) for h, t in found.items()}
             else:  # the ablation asks at wear-period ends: the MEDS events have none there
                 (every,) = aces_labels_shared([aces], site.root, prediction_times=times, times_as_events=True)
                 found = {h: t for h, t in every.items() if h in keys}
@@ -275,7 +280,7 @@ def build_site_rows(
 def build_eval_set(
     sites: Mapping[str, tuple[Site, SiteSequences]],
     tasks: Mapping[str, Task],
-    n_per_subject: int = 4,
+    n_per_subject: int | str | None = 4,
     seed: int = 0,
     onset_times: OnsetTimes = "visits",
 ) -> EvalSet:

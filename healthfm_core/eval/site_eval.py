@@ -5,11 +5,14 @@ For each TaskSpec (healthfm_core.data.task_spec):
 - labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) as written:
   the trigger, windows, gaps and exclusions decide rows, labels and prediction times (ACES's
   index timestamps); each MEDS shard is read once for all ACES tasks (aces_labels_shared); then
+  in the train and tuning splits at most `n_per_subject` of a subject's rows per task key are
+  kept, drawn by a seeded hash (`cap_rows_per_subject`: a cost knob on what probes are fitted
+  and tuned on, never a filter on which times exist; "all" keeps every row); the held_out split
+  keeps every labelled row, as MEDS-DEV scores;
   `site` tasks from the site's own SITE_ROOT/tasks/<name>/ (checked by site_labels); the built-in
-  wearable regressions from the site's wearables; of every kind at most `n_per_subject` of a
-  subject's rows per task key are kept, drawn by a seeded hash (`cap_rows_per_subject`: a cost
-  knob, never a filter on which times exist; it also bounds what a reply may claim, rows <=
-  n_per_subject x subjects, server/eval_counts.py);
+  wearable regressions from the site's wearables; every kind capped as ACES's rows are (train
+  and tuning at most `n_per_subject` a subject, held_out every row), so a reply's held-out rows
+  are at most the site's timed rows it declared at setup (server/eval_counts.py);
 - with a subject budget (EvalConfig.max_subjects), only a fixed keyed-hash sample of at most that
   many subjects per split (healthfm_core/eval/subject_sample.py) is labelled and evaluated;
 - every labelled (subject, prediction_time) is embedded once by the frozen model: with a PRED_DIR
@@ -17,7 +20,9 @@ For each TaskSpec (healthfm_core.data.task_spec):
   a full evaluation's memory does not grow with its rows; without one, in memory;
 - per task key: a linear probe fitted on the train split (C from tuning), the held_out
   predictions written to PRED_DIR/<site>/<key>.parquet (meds_evaluation.schema.PredictionSchema;
-  without a PRED_DIR the same table, kept in memory only) and scored with meds-evaluation
+  without a PRED_DIR the same table, kept in memory only; a `meds-dev:` task's also as MEDS-DEV's
+  pipeline writes them, with results.json and a packed result.json: eval/meds_dev_result.py)
+  and scored with meds-evaluation
   (AUROC, AUPRC, calibration error over samples), with the held-out positives (small-cell
   suppressed) and a 95% subject-bootstrap interval of the AUROC on the same rows, and (with
   EvalConfig.score_bins) the held-out scores' per-class histogram on the server's grid, merged
@@ -50,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from healthfm_core.data.aces_tasks import aces_labels_shared
@@ -62,10 +68,12 @@ from healthfm_core.data.tasks import (
     TASKS,
     WearableTask,
     cap_rows_per_subject,
+    rows_per_subject,
     wearable_regression_labels,
 )
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval.embedding_file import embeddings_file
+from healthfm_core.eval.meds_dev_result import meds_dev_result_dir, write_meds_dev_result
 from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
 from healthfm_core.eval.meds_tab import EVENT_COLUMNS, describe_codes, fit_xgboost, tabularize
 from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
@@ -91,6 +99,7 @@ class SiteTaskResults:
     reasons: dict[str, TaskReason] = field(default_factory=dict)
     predictions: dict[str, Path] = field(default_factory=dict)  # key -> its held_out predictions file, if written
     meds_tab_predictions: dict[str, Path] = field(default_factory=dict)  # key -> MEDS-Tab's, if written
+    meds_dev_results: dict[str, Path] = field(default_factory=dict)  # meds-dev: key -> its MEDS-DEV folder, if written
     # Per binary task with a metric: its held-out scores' histogram (score_bins > 0), or why withheld.
     histograms: dict[str, ScoreHistogram] = field(default_factory=dict)
     histograms_withheld: dict[str, WithheldKind] = field(default_factory=dict)
@@ -107,16 +116,20 @@ class SiteTaskResults:
 def task_labels_at_site(
     site: Site,
     specs: Sequence[TaskSpec],
-    n_per_subject: int = 4,
+    n_per_subject: int | str | None = 4,
     seed: int = 0,
     subjects: np.ndarray | None = None,
 ) -> dict[str, pa.Table | TaskReason]:
     """Per task key, its labels (subject_id, prediction_time, boolean_value or float_value) or the
-    reason there are none (the task did not parse, the site has no labels for it). `subjects`:
+    reason there are none (the task did not parse, the site has no labels for it). ACES tasks'
+    train and tuning rows (of every kind) capped at `n_per_subject` a subject ("all" or None: every
+    row), held_out rows all kept. `subjects`:
     only these subjects' labels (the same rows as theirs among all), their wearable epochs only
     read; None: every subject."""
     out: dict[str, pa.Table | TaskReason] = {}
-    aces = _aces_labels(site, specs, n_per_subject, seed, subjects)
+    cap = rows_per_subject(n_per_subject)
+    held_out = site.held_out_subjects()
+    aces = _aces_labels(site, specs, cap, seed, subjects)
     own = set(site_tasks(site.root))
     for spec in specs:
         if spec.kind == "aces":
@@ -141,8 +154,8 @@ def task_labels_at_site(
             if subjects is not None:
                 table = table.filter(pa.array(np.isin(table["subject_id"].to_numpy(), subjects)))
             table = table.select(["subject_id", "prediction_time", "boolean_value"]).cast(LABEL_SCHEMA_BOOL)
-            # Capped as ACES's rows are: a reply's counts are then bounded by its subjects (server/eval_counts.py).
-            out[spec.name] = cap_rows_per_subject(table, n_per_subject, seed)
+            # Capped as ACES's rows are (held_out every row).
+            out[spec.name] = cap_rows_per_subject(table, cap, seed, every_row_of=held_out)
         else:
             if not site.wearable_files:
                 out[spec.name] = TaskReason(kind="no_labels")
@@ -156,15 +169,16 @@ def task_labels_at_site(
                 continue
             # A subject's labels come from its own epochs: reading only the sample's is exact.
             labels = wearable_regression_labels(site.read_wearables(subjects), target=wear_task.target)
-            out[spec.name] = cap_rows_per_subject(labels, n_per_subject, seed)
+            out[spec.name] = cap_rows_per_subject(labels, cap, seed, every_row_of=held_out)
     return out
 
 
 def _aces_labels(
-    site: Site, specs: Sequence[TaskSpec], n_per_subject: int, seed: int, subjects: np.ndarray | None = None
+    site: Site, specs: Sequence[TaskSpec], n_per_subject: int | None, seed: int, subjects: np.ndarray | None = None
 ) -> dict[str, dict[str, pa.Table | TaskReason]]:
     """Per ACES task name, its keys' labels (or the invalid_task reason): the site's shards are
-    read once for all of them (aces_labels_shared), ACES's rows capped per subject."""
+    read once for all of them (aces_labels_shared), ACES's train and tuning rows capped per
+    subject, every held_out row kept."""
     out: dict[str, dict[str, pa.Table | TaskReason]] = {}
     tasks = []
     for spec in specs:
@@ -179,11 +193,29 @@ def _aces_labels(
         # A subject's rows and its draws among them depend on its own events only: labelling the
         # sample's subjects alone gives the same rows as labelling all and keeping theirs.
         labels = aces_labels_shared([t for _, t in tasks], site.root, subjects=subjects)
+        held_out = site.held_out_subjects()
         for (spec, _), by_horizon in zip(tasks, labels, strict=True):
             out[spec.name] = {
-                horizon_key(spec.name, h): cap_rows_per_subject(table, n_per_subject, seed)
+                horizon_key(spec.name, h): cap_rows_per_subject(table, n_per_subject, seed, every_row_of=held_out)
                 for h, table in by_horizon.items()
             }
+    return out
+
+
+def _meds_dev_keys(specs: Sequence[TaskSpec]) -> dict[str, tuple[str, str]]:
+    """Task key -> (MEDS-DEV task, dataset) of each `meds-dev:` task (its metadata.meds_dev)."""
+    out = {}
+    for spec in specs:
+        if spec.kind != "aces" or not spec.aces_yaml:
+            continue
+        try:
+            meta = (yaml.safe_load(spec.aces_yaml) or {}).get("metadata") or {}
+        except yaml.YAMLError:
+            continue  # the task itself is refused elsewhere (invalid_task)
+        origin = meta.get("meds_dev") if isinstance(meta, dict) else None
+        if isinstance(origin, dict) and isinstance(origin.get("task"), str):
+            for key in spec.keys():
+                out[key] = (origin["task"], str(origin.get("dataset", "")))
     return out
 
 
@@ -261,7 +293,7 @@ def evaluate_site_tasks(
     batch_size: int = 64,
     max_events: int = 256,
     max_patches: int = 32,
-    n_per_subject: int = 4,
+    n_per_subject: int | str | None = 4,
     seed: int = 0,
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
     reuse_patches: bool = True,
@@ -350,6 +382,7 @@ def evaluate_site_tasks(
             log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
         out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
         binary_keys = {k: t for k, t in usable.items() if "boolean_value" in t.column_names}
+        meds_dev = _meds_dev_keys(specs)
         tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if meds_tab and binary_keys else None
         for key, table in tqdm(usable.items(), desc="task fits", total=len(usable), disable=not progress, leave=False):
             idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
@@ -376,6 +409,11 @@ def evaluate_site_tasks(
                     scored = out.predictions[key] = write_predictions(
                         prediction_path(pred_dir, site_name, key), held_rows, p_held
                     )
+                    if key in meds_dev:
+                        task, dataset = meds_dev[key]
+                        out.meds_dev_results[key] = write_meds_dev_result(
+                            meds_dev_result_dir(pred_dir, site_name, task), scored, dataset, task
+                        )
                 scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
                 # The interval on the same rows as the point estimate, whole subjects resampled.
                 low, high = bootstrap_ci(

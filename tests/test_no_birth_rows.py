@@ -1,0 +1,95 @@
+"""No row at birth or before the first clinical event from any shipped task, on every path that
+makes rows (issue 42): `aces_labels`, the site evaluation's labels, `check --tasks`, `client.py
+embed/probe` (model_use.task_rows) and the simulations' and evidence job's evaluation rows
+(runner.build_site_rows). The default scenario's sites time MEDS_BIRTH and start the records near
+it, so a task triggered at every event (as the onset tasks were) does predict at birth there:
+the same task with `trigger: _ANY_EVENT` is the check that each path could fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+import yaml
+
+from client.model_use import task_rows
+from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.aces_tasks import TASK_DIR, aces_labels, load_task
+from healthfm_core.data.site import open_site
+from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.task_check import count_tasks
+from healthfm_core.data.task_spec import resolve_tasks, runner_tasks
+from healthfm_core.data.tasks import DISEASES
+from healthfm_core.eval.runner import build_site_rows
+from healthfm_core.eval.site_eval import task_labels_at_site
+from healthfm_core.federation import EvalConfig
+
+
+@pytest.fixture(scope="module")
+def site_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("default")
+    manifest = generate_federation(out, "default", seed=0, n_subjects=40, progress=False, sites=["city_hospital"])
+    return Path(manifest.sites[0].root)
+
+
+def _too_early(root: Path, rows: pa.Table) -> pl.DataFrame:
+    """The rows at or before the subject's first clinical event (a birth row is one)."""
+    events = pl.from_arrow(open_site(root).read_events(columns=["subject_id", "time", "code"]))
+    first = (
+        events.filter(pl.col("time").is_not_null() & ~pl.col("code").is_in(["MEDS_BIRTH", "MEDS_DEATH"]))
+        .group_by("subject_id")
+        .agg(pl.col("time").min().cast(pl.Datetime("us")).alias("first"))
+    )
+    df = pl.from_arrow(rows.select(["subject_id", "prediction_time"]))
+    return df.join(first, on="subject_id", how="left").filter(
+        pl.col("first").is_null() | (pl.col("prediction_time") <= pl.col("first"))
+    )
+
+
+def _births(root: Path, rows: pa.Table) -> int:
+    events = pl.from_arrow(open_site(root).read_events(columns=["subject_id", "time", "code"]))
+    born = events.filter(pl.col("code") == "MEDS_BIRTH").select(
+        "subject_id", pl.col("time").cast(pl.Datetime("us")).alias("prediction_time")
+    )
+    return pl.from_arrow(rows.select(["subject_id", "prediction_time"])).join(born, on=born.columns).height
+
+
+def test_a_task_at_every_event_would_predict_at_birth_here(site_root: Path, tmp_path: Path) -> None:
+    any_event = tmp_path / "t2d_any_event.yaml"
+    text = (TASK_DIR / "t2d.yaml").read_text().replace("trigger: clinical_event", "trigger: _ANY_EVENT")
+    text = text.replace("  history_window: history\n  min_history_events: 1\n", "")
+    text = text.replace(
+        "  history:\n    start: null\n    end: trigger\n    start_inclusive: true\n    end_inclusive: false\n"
+        "    has:\n      clinical_event: (1, None)\n",
+        "",
+    )
+    assert "history" not in yaml.safe_load(text)["windows"]
+    any_event.write_text(text)
+    old = aces_labels(load_task(any_event), site_root, [365])[365]
+    assert _births(site_root, old) > 0 and _too_early(site_root, old).height > 0
+
+
+@pytest.mark.slow  # 26 s on the shared 2-core machine: CI's slow stage (Makefile SLOW_CI)
+def test_no_shipped_task_predicts_at_birth_or_without_history_on_any_path(site_root: Path) -> None:
+    site = open_site(site_root)
+    names = list(DISEASES)
+    specs = resolve_tasks(names)
+    labels = task_labels_at_site(site, specs, n_per_subject="all")  # the site evaluation, every task
+    for key, table in labels.items():
+        assert isinstance(table, pa.Table) and table.num_rows > 0 and _too_early(site_root, table).height == 0, key
+    t2d = aces_labels(load_task("t2d"), site_root)  # aces_labels: the reference of the shared read
+    assert all(labels[f"onset_t2d_{h}d"].equals(table) for h, table in t2d.items())
+    report = count_tasks(site, [TASK_DIR / "t2d.yaml"], n_per_subject="all")  # check --tasks
+    assert not [p for p in report.problems if p.kind == "trigger_at_birth"]
+    assert [sum(s.rows for s in c.splits.values()) for c in report.tasks] == [t.num_rows for t in t2d.values()]
+    runtime = SiteRuntime(SiteConfig(site_root=site_root))  # client.py embed / probe
+    rows = task_rows(runtime, EvalConfig(round=0, tasks=names, setup_sha256="x", n_per_subject="all"))
+    assert rows.num_rows > 0 and _too_early(site_root, rows).height == 0
+    built = build_site_rows(site_root.name, site, None, runner_tasks(specs[:1]), n_per_subject="all")  # type: ignore[arg-type]
+    sampled = pa.table(
+        {"subject_id": built.subject_id, "prediction_time": pa.array(built.prediction_time_us).cast(pa.timestamp("us"))}
+    )
+    assert sampled.num_rows > 0 and _too_early(site_root, sampled).height == 0  # simulations, evidence job
