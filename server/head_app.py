@@ -72,6 +72,7 @@ from healthfm_core.head_messages import (
 )
 from healthfm_core.privacy.head import planned_head_epsilon
 from healthfm_core.release import CARD_JSON_FILE, ModelRelease, load_release
+from healthfm_core.strict_files import read_json
 from server.config import PrivacyRequest
 from server.deploy.flower_patches import set_reply_pull_backoff
 from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
@@ -472,7 +473,7 @@ def release_declared_rows(release: ModelRelease) -> dict[str, int]:
     ValueError naming the file when the card does not parse."""
     path = release.path / CARD_JSON_FILE
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
+        card = read_json(path)
         evaluation = release.meta.evaluation
         n_per_subject = evaluation.n_per_subject if evaluation is not None else EvalConfig.model_fields["n_per_subject"].default  # fmt: skip
         return declared_head_rows(card, n_per_subject)

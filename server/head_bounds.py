@@ -51,9 +51,15 @@ def card_count(value: Any) -> int:
     raise ValueError(f"subject count {value!r} is neither a count nor '<minimum'")
 
 
-def declared_head_rows(card: Mapping[str, Any], n_per_subject: int) -> dict[str, int]:
+def declared_head_rows(card: Mapping[str, Any], n_per_subject: int | str) -> dict[str, int]:
     """Per site of the release's model card, the most rows it can hold: n_per_subject x its
-    declared subjects (ValueError naming the site and the value the card does not parse)."""
+    declared subjects (ValueError naming the site and the value the card does not parse). A
+    release whose evaluation kept every row ("all") gives no such bound: refused (fails closed)."""
+    if not isinstance(n_per_subject, int):
+        raise ValueError(
+            f"field evaluation.n_per_subject: value {n_per_subject!r}: a head's train and tuning rows have no "
+            "per-subject bound, so a site's counts cannot be checked; release a run evaluated with a number"
+        )
     out: dict[str, int] = {}
     for site, entry in dict(card.get("sites") or {}).items():
         try:
