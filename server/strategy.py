@@ -122,6 +122,8 @@ class ModalityAwareFedAvg:
 
     State: configuration, the server optimiser's moments and the groups' accepted update norms
     (both checkpointed: ``state_dict``); no round in flight: each round's inputs are arguments.
+    The clip keeps no state (it reads only the round's replies), so a resumed run clips as the
+    uninterrupted one.
     Not a Flower ``Strategy``: docs/architecture.md ("Names other tools rely on") says why and
     how to reuse it.
     """
