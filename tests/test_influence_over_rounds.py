@@ -32,9 +32,12 @@ from test_influence import (
     round_config,
 )
 
+from server.audit import site_round_records
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR, few_holders
+from server.config import RESUMABLE_CHANGES, FederationConfig
 from server.influence import NormBounds, norm_limits
 from server.round import RoundOutcome
+from server.server_app import make_strategy
 from server.strategy import ModalityAwareFedAvg
 
 ROUNDS = 20
@@ -228,3 +231,28 @@ def test_honest_coherent_rounds_are_fedavg_bit_for_bit_with_the_clip_on() -> Non
         runs.append(arrays)
     for key in runs[0]:
         np.testing.assert_array_equal(runs[0][key], runs[1][key], err_msg=key)
+
+
+def test_the_clip_is_a_run_config_key_a_resume_may_change_and_0_turns_it_off() -> None:
+    base = {"out-dir": "/tmp/x", "model": "tiny"}
+    assert FederationConfig.from_run_config(base).norm_clip_factor == DEFAULT_NORM_CLIP_FACTOR == 1.5
+    assert FederationConfig.from_run_config({**base, "norm-clip-factor": 0}).norm_clip_factor is None
+    assert FederationConfig.from_run_config({**base, "norm-clip-factor": 2}).norm_clip_factor == 2
+    with pytest.raises(ValueError, match="norm_clip_factor"):
+        FederationConfig.from_run_config({**base, "norm-clip-factor": 0.5})  # would clip the median site
+    assert "norm_clip_factor" in RESUMABLE_CHANGES
+    assert make_strategy(FederationConfig.from_run_config(base), None).norm_clip_factor == 1.5
+
+
+def test_a_clipped_update_is_in_the_sites_audit_record() -> None:
+    """rounds.jsonl `sites.<site>.clipped` (the round's SiteOutcome) reaches the audit log."""
+    pushes, outcomes = replay(strategy(), "tightest")
+    clip = outcomes[0].clipped[ATTACKER]
+    event = {
+        "round": 1,
+        "sites": {"attacker": {"node_id": ATTACKER, "status": "ok", "clipped": clip}, "honest": {"status": "ok"}},
+        "contributors": {"shared": ["attacker", "honest"]},
+    }
+    by_site = {r["site"]: r for r in site_round_records(event)}
+    assert by_site["attacker"]["clipped"]["shared"]["clipped_to"] < by_site["attacker"]["clipped"]["shared"]["norm"]
+    assert "clipped" not in by_site["honest"]
