@@ -17,22 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+# The repository first: this folder's secure_aggregation.py would shadow the package.
+REPO = Path(__file__).resolve().parents[1]
+sys.path[0:0] = [str(REPO), str(REPO / "tests")]
 
-from client.client_app import make_client_app
-from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
-from server.round import aggregate_replies
-from server.strategy import ModalityAwareFedAvg, pack_record
+import numpy as np  # noqa: E402
+from flower_messages import train_metadata  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
+
+from client.client_app import make_client_app  # noqa: E402
+from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
+from healthfm_core.data.synthetic import generate_federation  # noqa: E402
+from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.federation import SETUP, FederationSetup, RoundConfig  # noqa: E402
+from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.groups import parameter_group  # noqa: E402
+from server.round import aggregate_replies  # noqa: E402
+from server.strategy import ModalityAwareFedAvg, pack_record  # noqa: E402
 
 SITES = {
     "biobank": ["shared", "ehr", "wearables", "genomics"],
@@ -43,18 +48,11 @@ SITES = {
 DP_POLICY = "min_subjects: 3\ndp:\n  mandatory: true\n  epsilon_cap: 100\n  delta: 1.0e-5\n  noise_multiplier: 1.1\n"
 
 
-def metadata(message_id: str, src: int, dst: int, message_type: str, reply_to: str = "") -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=message_id,
-        src_node_id=src,
-        dst_node_id=dst,
-        reply_to_message_id=reply_to,
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
+def setup_metadata(node: int) -> Metadata:
+    """The run's setup message to `node`, as the SuperLink delivers it (run 1)."""
+    md = train_metadata(f"setup-{node}", 0, node)
+    md.message_type = SETUP
+    return md
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -113,7 +111,7 @@ def main() -> None:
     }
     for n in nodes:
         record = ConfigRecord({"json": setup.to_json(), "sha256": setup.sha256})
-        app(Message(RecordDict({"setup": record}), metadata=metadata(f"setup-{n}", 0, n, SETUP)), contexts[n])
+        app(Message(RecordDict({"setup": record}), metadata=setup_metadata(n)), contexts[n])
     arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
     strategy = ModalityAwareFedAvg()
     records: list[dict[str, Any]] = []
@@ -126,11 +124,10 @@ def main() -> None:
         for n in nodes:
             own = {k: v for k, v in arrays.items() if parameter_group(k) in node_groups[n]}
             content = RecordDict({"arrays": pack_record(own), "config": ConfigRecord(cfg.to_flat())})
-            message = Message(content, metadata=metadata(f"train-{rnd}-{n}", 0, n, MessageType.TRAIN))
+            message = Message(content, metadata=train_metadata(f"train-{rnd}-{n}", 0, n))
             sent.append(message)
             answer = app(message, contexts[n])
-            reply_md = metadata(f"r-{rnd}-{n}", n, 0, MessageType.TRAIN, reply_to=f"train-{rnd}-{n}")
-            replies.append(Message(answer.content, metadata=reply_md))
+            replies.append(Message(answer.content, metadata=train_metadata(f"r-{rnd}-{n}", n, 0, f"train-{rnd}-{n}")))
         outcome = aggregate_replies(
             strategy, rnd, replies, current_arrays=arrays, node_groups=node_groups, sent=sent, round_config=cfg
         )
