@@ -193,8 +193,9 @@ class FederationConfig(BaseModel):
     # Influence over rounds (server/clipping.py): in a group with 3+ holders an update over
     # norm_clip_factor x the median of the other holders' norms is scaled down to it (honest:
     # measured 0.62-1.62 x, above 1.5 in 2 of 48, a DP site's; a site pushing one way every round
-    # then adds up to about this factor x a coherent honest site). None (0 in a run config): off, every round
-    # FedAvg of what passed the bounds above. At least 1: below, the median honest site is clipped.
+    # then adds up to about this factor x a coherent honest site). None (0 in a run config): off,
+    # every round FedAvg of what passed the bounds above. At least 1: below, the median honest
+    # site is clipped.
     norm_clip_factor: float | None = Field(default=DEFAULT_NORM_CLIP_FACTOR, ge=1, allow_inf_nan=False)
     server_optimizer: ServerOptimizerConfig | None = None
     vocab_min_subjects: int = Field(default=10, ge=1)
