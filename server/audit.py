@@ -78,6 +78,8 @@ def site_round_records(event: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "epsilon": dp.get("epsilon"),
                 "delta": dp.get("delta"),
                 "bytes_received": entry.get("bytes_received", 0),
+                # its update scaled down to the other holders' median (server/clipping.py)
+                **({"clipped": dict(entry["clipped"])} if entry.get("clipped") else {}),
                 **budget,
             }
         )

@@ -141,6 +141,24 @@ class NormBounds:
     max_update_norm: float | None = None
 
 
+def update_norms(
+    accepted: list[Accepted], previous: Mapping[str, np.ndarray], group_of: Callable[[str], str]
+) -> dict[str, dict[int, float]]:
+    """Each reply's update norm per group it returned: group -> node -> ||w_{r,g} - w_g||."""
+    norms: dict[str, dict[int, float]] = {}
+    for node_id, reply, counts in accepted:
+        for group in counts:
+            # Summed in sorted key order: a reply's (or a checkpoint's) key order may differ
+            # between processes, and the history must be bit for bit a resumed run's.
+            sq = sum(
+                float(np.sum((reply.arrays[k].astype(np.float64) - previous[k]) ** 2))
+                for k in sorted(reply.arrays)
+                if group_of(k) == group
+            )
+            norms.setdefault(group, {})[node_id] = sq**0.5
+    return norms
+
+
 def drop_norm_outliers(
     accepted: list[Accepted],
     previous: Mapping[str, np.ndarray],
@@ -154,17 +172,7 @@ def drop_norm_outliers(
     history, max_update_norm) or absurd against the round's others. Returns the replies kept,
     why each other was left out (by node) and each group's bound; the kept replies' norms join
     `history`."""
-    norms: dict[str, dict[int, float]] = {}
-    for node_id, reply, counts in accepted:
-        for group in counts:
-            # Summed in sorted key order: a reply's (or a checkpoint's) key order may differ
-            # between processes, and the history must be bit for bit a resumed run's.
-            sq = sum(
-                float(np.sum((reply.arrays[k].astype(np.float64) - previous[k]) ** 2))
-                for k in sorted(reply.arrays)
-                if group_of(k) == group
-            )
-            norms.setdefault(group, {})[node_id] = sq**0.5
+    norms = update_norms(accepted, previous, group_of)
     bounds: dict[str, float] = {}
     bad: dict[int, str] = {}
     for group, by_node in norms.items():

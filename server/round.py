@@ -6,8 +6,9 @@
   2. exchanges them (server/exchange.py);
   3. a site that lost the run's setup (its SuperNode restarted) gets it again and one more train
      message this round (the roster's resend_setup); a second "setup-needed" leaves it out;
-  4. parses and checks every reply (server/replies.py), bounds the update norms and averages
-     (the strategy, server/strategy.py), in one pass: `aggregate_replies`;
+  4. parses and checks every reply (server/replies.py), bounds the update norms, clips them to
+     the other holders' median and averages (the strategy, server/strategy.py), in one pass:
+     `aggregate_replies`;
   5. returns a `RoundRecord`: the new global arrays, the strategy's verdicts (`RoundOutcome`), one
      typed `SiteOutcome` per site of the run ("absent" with why where it was not addressed), and
      the round's times. The ServerApp checkpoints it and writes it to rounds.jsonl and the audit log.
@@ -57,6 +58,8 @@ class RoundOutcome:
     accepted: list[int]  # nodes whose reply was averaged
     # group -> the update norm bound this round applied to it (groups some reply trained)
     norm_bounds: dict[str, float] = field(default_factory=dict)
+    # node -> group -> {norm, clipped_to, median}: updates scaled down to the clip (server/clipping.py)
+    clipped: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     @property
     def losses(self) -> dict[str, float]:
@@ -91,6 +94,8 @@ class SiteOutcome:
     rate_min: float | None = None
     rate_max: float | None = None
     dp: dict[str, Any] | None = None
+    # group -> {norm, clipped_to, median}: its update scaled down to the clip (server/clipping.py)
+    clipped: dict[str, dict[str, float]] | None = None
 
     def take_reply(self, reply: TrainReply) -> SiteOutcome:
         """What its parsed train reply says (a DP site sends no timings: they would reveal its
@@ -202,7 +207,7 @@ def aggregate_replies(
     sent: Sequence[Message],
     round_config: RoundConfig | None = None,
 ) -> RoundOutcome:
-    """Parse, check, bound and average one round's replies. Never raises for anything in a reply.
+    """Parse, check, bound, clip and average one round's replies. Never raises for anything in a reply.
     `round_config`: what the server asked of every site this round (the counts and step bounds
     follow from it); None only for callers that configured no round (tests with synthetic arrays)."""
     previous = dict(current_arrays)
@@ -214,9 +219,10 @@ def aggregate_replies(
     if not accepted:
         log.warning("round %d: no acceptable reply; global arrays unchanged", server_round)
         return RoundOutcome(server_round, None, {}, rejected, judged.parsed, [], bounds)
+    accepted, clipped = strategy.clip_updates(accepted, previous, server_round)
     new_arrays, contributors = strategy.average(accepted, previous)
     return RoundOutcome(
-        server_round, new_arrays, contributors, rejected, judged.parsed, [a[0] for a in accepted], bounds
+        server_round, new_arrays, contributors, rejected, judged.parsed, [a[0] for a in accepted], bounds, clipped
     )
 
 
@@ -372,6 +378,8 @@ def _record_verdicts(
         sites.setdefault(roster.site(node), SiteOutcome(node_id=node)).take_reply(reply)
     for node in outcome.accepted:
         sites[roster.site(node)].status = "ok"
+    for node, groups in outcome.clipped.items():
+        sites[roster.site(node)].clipped = groups
     errors = {origin(m, sent): m.error.reason for m in replies if m.has_error()}
     for r in outcome.rejected:
         entry = sites.get(roster.site(r.node_id))

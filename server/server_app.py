@@ -54,6 +54,7 @@ from server.checkpoint import (
     load_server_checkpoint,
     save_server_checkpoint,
 )
+from server.clipping import ROBUST_MIN_HOLDERS, few_holders
 from server.config import FederationConfig, resume_conflicts
 from server.deploy.flower_patches import set_reply_pull_backoff
 from server.evaluation import evaluate
@@ -82,6 +83,7 @@ def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> Modalit
         norm_step_factor=cfg.norm_step_factor,
         norm_history_factor=cfg.norm_history_factor,
         norm_history_rounds=cfg.norm_history_rounds,
+        norm_clip_factor=cfg.norm_clip_factor,
         max_reply_bytes=max_reply_bytes,
         server_optimizer=GroupAdam(**opt.model_dump()) if opt else None,
     )
@@ -330,6 +332,7 @@ class FederationServer:
                 "norm_history_rounds": cfg.norm_history_rounds,
                 "norm_outlier_factor": cfg.norm_outlier_factor,
                 "max_update_norm": cfg.max_update_norm,
+                "norm_clip_factor": cfg.norm_clip_factor,
                 # secure aggregation (server/secure_round.py): no site's update is seen in the clear
                 "secure_aggregation": cfg.secure_aggregation,
                 "secagg_min_holders": cfg.secagg_min_holders,
@@ -409,6 +412,8 @@ class FederationServer:
                 epsilon=epsilon,
                 rejected=record.rejected,
                 contributors=record.contributors,
+                # Groups of 1-2 holders: no aggregation rule bounds them against those holders.
+                under_holders_control=few_holders(record.contributors),
                 losses=losses,
                 absent={n: f"{e.status}: {e.reason or ''}" for n, e in sorted(sites.items()) if e.status != "ok"},
                 updated=record.outcome.arrays is not None,
@@ -462,6 +467,16 @@ class FederationServer:
             timings["aggregate_seconds"],
             timings["checkpoint_seconds"],
         )
+        for group, holders in event["under_holders_control"].items():
+            log.warning(
+                "round %d: group %r was averaged from %d site(s) (%s): under their control; no aggregation "
+                "rule bounds a group of fewer than %d holders beyond the per-reply bounds",
+                rnd,
+                group,
+                len(holders),
+                ", ".join(holders),
+                ROBUST_MIN_HOLDERS,
+            )
         for name, e in sorted(sites.items()):
             log.info(
                 "  %-12s %-9s groups %s, sent %s B, received %s B%s%s",

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord
 from healthfm_core.federation import RoundConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.packing import pack_arrays, pack_group_sets
+from server.clipping import DEFAULT_NORM_CLIP_FACTOR, Clipped, clip_to_holders
 from server.influence import (
     DEFAULT_NORM_HISTORY_FACTOR,
     DEFAULT_NORM_HISTORY_ROUNDS,
@@ -58,8 +59,9 @@ def pack_record(arrays: Mapping[str, np.ndarray], part_of: Callable[[str], str] 
 
 
 class ModalityAwareFedAvg:
-    """FedAvg where each parameter is averaged only over the sites that trained it, and where no
-    reply weighs or moves the model more than an honest site could.
+    """FedAvg where each parameter is averaged only over the sites that trained it, where no
+    reply weighs or moves the model more than an honest site could in one round, and where over
+    rounds no site pushes a group of 3+ holders much further than a coherent honest site.
 
     Every state_dict key belongs to one group (``shared``, ``ehr``, ``wearables``,
     ``genomics``; see ``healthfm_core.model.groups.parameter_group``). A site receives and
@@ -70,8 +72,8 @@ class ModalityAwareFedAvg:
         w_k <- sum_{r in R_k} n_{r,g} w_{r,k} / sum_{r in R_k} n_{r,g}
 
     A key no accepted reply holds, or whose group has fewer than ``min_sites_per_group``
-    contributing sites, keeps its previous value. With every site holding every group (and
-    each group's count equal to ``num_examples``) this is FedAvg exactly.
+    contributing sites, keeps its previous value. With every site holding every group (each
+    group's count equal to ``num_examples``, and no update clipped: below) this is FedAvg exactly.
 
     Bounded influence (server/influence.py has the arithmetic and the measurements). Of round t's
     RoundConfig (the server's own: local_steps S, batch_size B, lr, weight_decay wd), a reply is
@@ -95,20 +97,33 @@ class ModalityAwareFedAvg:
          and, with at least two other replies holding g, ``norm_outlier_factor`` (default 10) x
          the median of theirs. Any reply that breaks one is rejected ("outlier") whatever the
          number of g's holders: one holder alone cannot move g further than the bounds.
-    Rejection, never rescaling: an accepted reply is averaged as it came (so FedAvg stays FedAvg
-    to the last bit). The accepted norms of round t join the history. A caller that passes no
-    RoundConfig (tests with synthetic arrays) gets neither the count nor the step bound.
+    Rejection, not rescaling, for a reply over these bounds. The accepted norms of round t join
+    the history. A caller that passes no RoundConfig (tests with synthetic arrays) gets neither
+    the count nor the step bound.
+
+    Influence over rounds (server/clipping.py has the arithmetic and the measurements): the
+    bounds above let a reply move a group by up to 10x an honest one, every round; a site doing
+    so always in one direction adds up to ~9x a coherent honest site's push. So, with
+    c = ``norm_clip_factor`` (default 1.5; None: off), in a group with at least 3 accepted
+    holders an update over c x the median of the other holders' norms is scaled down to it
+    (``clip_updates``, after ``bound_updates``): over any number of rounds a site then pushes
+    a group about c times as far as a coherent honest site at most. An update within it is
+    averaged as it came, so honest rounds within c x the median stay FedAvg to the last bit.
+    Groups with 1-2 holders in a round are under those holders' control: no rule here bounds
+    them beyond the per-reply bounds (the round record names them every round).
 
     Arrays travel packed (``healthfm_core/packing.py``): the global arrays go out as one packed
     part per message, packed once per distinct group set (``records_for_nodes``). Before the
     bounds, every reply has been parsed and checked (server/replies.py: size, the packed blobs,
     keys, shapes, dtypes, int8 scales, groups sent, values, counts; fp16 upcast and int8
     de-quantised against the round's global arrays); the round (server/round.py) calls
-    ``bound_updates`` then ``average``. Optionally a FedAdam-style server step is applied to the
+    ``bound_updates``, ``clip_updates``, then ``average``. Optionally a FedAdam-style server step is applied to the
     averaged pseudo-gradient.
 
     State: configuration, the server optimiser's moments and the groups' accepted update norms
     (both checkpointed: ``state_dict``); no round in flight: each round's inputs are arguments.
+    The clip keeps no state (it reads only the round's replies), so a resumed run clips as the
+    uninterrupted one.
     Not a Flower ``Strategy``: docs/architecture.md ("Names other tools rely on") says why and
     how to reuse it.
     """
@@ -122,6 +137,7 @@ class ModalityAwareFedAvg:
         norm_step_factor: float = DEFAULT_NORM_STEP_FACTOR,
         norm_history_factor: float = DEFAULT_NORM_HISTORY_FACTOR,
         norm_history_rounds: int = DEFAULT_NORM_HISTORY_ROUNDS,
+        norm_clip_factor: float | None = DEFAULT_NORM_CLIP_FACTOR,
         max_reply_bytes: int | None = None,
         max_abs_value: float | None = 1e6,
         server_optimizer: GroupAdam | None = None,
@@ -133,6 +149,7 @@ class ModalityAwareFedAvg:
         self.norm_step_factor = norm_step_factor
         self.norm_history_factor = norm_history_factor
         self.norm_history = NormHistory(norm_history_rounds)  # checkpointed (state_dict)
+        self.norm_clip_factor = norm_clip_factor
         # Checked before any array is decoded (server/limits.py; None: no limit).
         self.max_reply_bytes = max_reply_bytes
         # No trained weight is anywhere near this; values near float32's max would overflow the
@@ -209,6 +226,16 @@ class ModalityAwareFedAvg:
         return drop_norm_outliers(
             accepted, previous, server_round, round_config, settings, self.norm_history, self.group_of
         )
+
+    def clip_updates(
+        self, accepted: list[Accepted], previous: Mapping[str, np.ndarray], server_round: int
+    ) -> tuple[list[Accepted], Clipped]:
+        """The replies with every update over norm_clip_factor x the median of its group's other
+        holders' norms scaled down to it (groups of 3+ holders; the class docstring), and what was
+        clipped, by node; the replies unchanged when norm_clip_factor is None."""
+        if self.norm_clip_factor is None:
+            return accepted, {}
+        return clip_to_holders(accepted, previous, self.norm_clip_factor, self.group_of, server_round)
 
     def average(
         self, accepted: list[Accepted], previous: Mapping[str, np.ndarray]

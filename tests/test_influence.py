@@ -245,15 +245,23 @@ def test_honest_dp_counts_and_small_sites_are_accepted() -> None:
 
 def test_honest_sites_under_the_bounds_are_stock_fedavg_bit_for_bit() -> None:
     """Rejection, never rescaling: with the round's bounds on, honest sites holding every group
-    average exactly as Flower's FedAvg does."""
+    average exactly as Flower's FedAvg does. With the clip to the other holders' median on
+    (server/clipping.py, the default), so does every group where no update is over it: here the
+    6 values of `genomics` spread 1.64x (a norm of 6 random values), node 1's is clipped, and the
+    other groups are FedAvg's to the last bit."""
     previous = initial_arrays()
     every = ["shared", "ehr", "wearables", "genomics"]
     replies = [
         reply(node, trained(previous, every, seed=node), dict.fromkeys(every, n))
         for node, n in zip([1, 2, 3, 4], [17, 160, 5, 64])
     ]
-    ours = aggregate(strategy(), 1, replies, previous, node_groups=None)
+    ours = aggregate(strategy(norm_clip_factor=None), 1, replies, previous, node_groups=None)
     assert ours.rejected == [] and ours.arrays is not None and set(ours.norm_bounds) == set(every)
+    clipped = aggregate(strategy(), 1, replies, previous, node_groups=None)
+    assert {n: sorted(g) for n, g in clipped.clipped.items()} == {1: ["genomics"]} and clipped.arrays is not None
+    for key, value in clipped.arrays.items():
+        same = np.array_equal(value, ours.arrays[key])
+        assert same == (group_of(key) != "genomics"), key
     per_key = [
         Message(
             RecordDict(

@@ -292,7 +292,18 @@ def test_a_group_withheld_in_every_round_is_reported_untrained_in_the_outcome_an
     assert list(meta["untrained_groups"]) == ["genomics"] and "genomics" not in meta["groups_trained"]
     card = (release / CARD_MD_FILE).read_text()
     assert "**Untrained parameter groups**" in card and "genomics (withheld in 1 of 1 round(s)" in card
-    assert load_release(release).meta.untrained_groups == meta["untrained_groups"]
+    assert load_release(release, trust_unsigned=True).meta.untrained_groups == meta["untrained_groups"]
+
+
+def test_groups_of_one_or_two_holders_are_named_in_the_round_record_and_the_log(plain_and_secure: Runs) -> None:
+    """Issue 40: no aggregation rule bounds a group against its 1-2 holders, so every round says
+    who holds it: the plain run averaged genomics from biobank and genomics; the secure run
+    withheld it (fewer than 3 holders) and names nothing."""
+    plain = the_round(plain_and_secure.plain)
+    assert plain["under_holders_control"] == {"genomics": ["biobank", "genomics"]}
+    log = (plain_and_secure.plain / "server.log").read_text()
+    assert "round 1: group 'genomics' was averaged from 2 site(s) (biobank, genomics): under their control" in log
+    assert the_round(plain_and_secure.secure)["under_holders_control"] == {}
 
 
 def test_a_site_requiring_secure_aggregation_refuses_a_plain_round(

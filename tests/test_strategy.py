@@ -95,7 +95,10 @@ def site_arrays(groups: list[str], value: float) -> dict[str, np.ndarray]:
 
 
 def strategy(**kwargs) -> ModalityAwareFedAvg:
-    return ModalityAwareFedAvg(group_of=group_of, **kwargs)
+    """The averaging arithmetic alone: these sites' "updates" are whole weights (1.0 and 4.0
+    against a global of -1.0), not training steps, so the clip to the other holders' median
+    (server/clipping.py; tests/test_influence_over_rounds.py) is off unless a test sets it."""
+    return ModalityAwareFedAvg(group_of=group_of, **{"norm_clip_factor": None, **kwargs})
 
 
 def sent_to(replies: list[Message]) -> list[Message]:
