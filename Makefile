@@ -130,7 +130,10 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
 	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical \
 	tests/test_head_deployed.py \
-	tests/test_dashboard_browser.py
+	tests/test_dashboard_browser.py \
+	tests/test_site_floors.py::test_the_single_holder_protects_itself_when_the_other_sites_accept \
+	tests/test_head_dp_budget.py \
+	tests/test_gpu_train_step_bench.py::test_a_small_cpu_run_prints_every_row_with_its_counts
 
 test-slow-ci: setup
 	$(PY) -m pytest -q -m slow $(SLOW_CI)
