@@ -4,9 +4,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# The oldest triton the GPU kernels are compiled with (tests/test_ct_attention_aot.py), installed
+# beside the project, not into it: torch 2.11's CUDA wheels bring this one.
+TRITON_OLDEST ?= 3.6.0
+TRITON_OLDEST_DIR := .cache/triton-$(TRITON_OLDEST)
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup setup-system lint format test test-slow test-slow-ci test-all demo bench clean
+.PHONY: setup setup-system triton-oldest lint format test test-slow test-slow-ci test-all demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +23,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Installed into a temporary folder and renamed: an interrupted download leaves no half folder.
+$(TRITON_OLDEST_DIR)/.installed: | $(VENV)/.installed
+	rm -rf $(TRITON_OLDEST_DIR) $(TRITON_OLDEST_DIR).tmp
+	$(PY) -m pip install -q --no-deps --target $(TRITON_OLDEST_DIR).tmp "triton==$(TRITON_OLDEST)"
+	touch $(TRITON_OLDEST_DIR).tmp/.installed
+	mv $(TRITON_OLDEST_DIR).tmp $(TRITON_OLDEST_DIR)
+
+triton-oldest: $(TRITON_OLDEST_DIR)/.installed
 
 # System packages: nginx, the reverse proxy `coordinator superlink` puts in front of the SuperLink
 # (server/deploy/proxy.py), and tinyproxy, the forward proxy the slow test of a site behind its hospital's
@@ -128,7 +141,7 @@ SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical \
 	tests/test_head_deployed.py
 
-test-slow-ci: setup
+test-slow-ci: setup triton-oldest
 	$(PY) -m pytest -q -m slow $(SLOW_CI)
 
 test-all: setup

@@ -320,8 +320,9 @@ def _ct_fwd(
             m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
             e = tl.where(mask, tl.exp(z - m_ref[:, None]) * kn, 0.0)
             r = tl.max(e, 1)
-            # Exact tile max of the score: the bound qk + U is off by the kernel factor.
-            s_tile = tl.where(r > 0.0, m_ref + tl.log(tl.maximum(r, 1e-38)), float("-inf"))
+            # Exact tile max of the score: the bound qk + U is off by the kernel factor. (No
+            # clamp literal such as 1e-38: below fp32's smallest normal, triton 3.6 types it fp64.)
+            s_tile = tl.where(r > 0.0, m_ref + tl.log(tl.where(r > 0.0, r, 1.0)), float("-inf"))
             m_new = tl.maximum(m_i, s_tile)
             empty = m_new == float("-inf")
             m_new_s = tl.where(empty, 0.0, m_new)
@@ -723,6 +724,11 @@ def _tile_plan(
     }
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact fp32 products for fp32 inputs (the reference's accuracy)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -762,7 +768,7 @@ class _CTAttention(torch.autograd.Function):
         lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
         nqt = _cdiv(nq, config.block_m)
         nkt = _cdiv(nk, config.block_n)
-        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        dot_prec = dot_precision(q.dtype)
         block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         _ct_fwd[(nqt, b * h)](
@@ -823,7 +829,7 @@ class _CTAttention(torch.autograd.Function):
         plan = _tile_plan(tq, tk, kv != 0, config.bwd_block_m, config.bwd_block_n, causal)
         nqt = _cdiv(nq, config.bwd_block_m)
         nkt = _cdiv(nk, config.bwd_block_n)
-        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        dot_prec = dot_precision(q.dtype)
         block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         dq = torch.empty_like(q)
