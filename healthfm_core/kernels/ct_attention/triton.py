@@ -51,7 +51,7 @@ of the P @ V product. The backward recomputes p from the saved log-normaliser L_
 
 Gradients of the (H, M) mixture parameters are accumulated per program in registers and
 written to a [B*H, n_tiles, M] buffer that torch sums: deterministic, no float atomics.
-Times are not differentiated (``ct_attention`` routes to the reference when they need grad).
+Times are not differentiated (the entry, ``contract.py``, refuses times that need a gradient).
 
 Triton features used are limited to those of triton 3.6 (the GPU image) and 3.9 (CPU CI).
 
@@ -264,6 +264,12 @@ def _key_tile(K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, 
 
 
 @_device
+def _tile_pair(A, B, i):
+    """Entry i of two per-tile arrays of the host's plan (time bounds, loop ranges)."""
+    return tl.load(A + i), tl.load(B + i)
+
+
+@_device
 def _visible(kmin, kmax, qmax, CAUSAL: tl.constexpr):
     """Whether a key tile with valid-key time bounds [kmin, kmax] can be seen by a query tile whose
     latest query is at qmax (kmin > kmax: no valid key)."""
@@ -359,18 +365,15 @@ def _ct_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
-    qmin = tl.load(QMIN + b * NQT + qt)
-    qmax = tl.load(QMAX + b * NQT + qt)
+    qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
     lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_lo = tl.load(KLO + b * NQT + qt)
-    k_hi = tl.load(KHI + b * NQT + qt)
+    k_lo, k_hi = _tile_pair(KLO, KHI, b * NQT + qt)
     for kt in range(k_lo, k_hi):
-        kmin = tl.load(KMIN + b * NKT + kt)
-        kmax = tl.load(KMAX + b * NKT + kt)
+        kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
         if _visible(kmin, kmax, qmax, CAUSAL):
             k, v, t_k, kval, offs_n, col_ok = _key_tile(
                 K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
@@ -462,17 +465,14 @@ def _ct_bwd_dkdv(
     k, v, t_k, kval, offs_n, col_ok = _key_tile(
         K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
     )
-    kmin = tl.load(KMIN + b * NKT + kt)
-    kmax = tl.load(KMAX + b * NKT + kt)
+    kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
     lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    q_lo = tl.load(QLO + b * NKT + kt)
-    q_hi = tl.load(QHI + b * NKT + kt)
+    q_lo, q_hi = _tile_pair(QLO, QHI, b * NKT + kt)
     for qt in range(q_lo, q_hi):
-        qmin = tl.load(QMIN + b * NQT + qt)
-        qmax = tl.load(QMAX + b * NQT + qt)
+        qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
         if _visible(kmin, kmax, qmax, CAUSAL):
             q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
             do, lse, delta = _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok, offs_d, d_ok)
@@ -553,18 +553,15 @@ def _ct_bwd_dq(
     d_ok = offs_d < D
     q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
     do, lse, delta = _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok, offs_d, d_ok)
-    qmin = tl.load(QMIN + b * NQT + qt)
-    qmax = tl.load(QMAX + b * NQT + qt)
+    qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
     lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     g_lw = tl.zeros((M_POW2,), dtype=tl.float32)
     g_rate = tl.zeros((M_POW2,), dtype=tl.float32)
-    k_lo = tl.load(KLO + b * NQT + qt)
-    k_hi = tl.load(KHI + b * NQT + qt)
+    k_lo, k_hi = _tile_pair(KLO, KHI, b * NQT + qt)
     for kt in range(k_lo, k_hi):
-        kmin = tl.load(KMIN + b * NKT + kt)
-        kmax = tl.load(KMAX + b * NKT + kt)
+        kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
         if _visible(kmin, kmax, qmax, CAUSAL):
             k, v, t_k, kval, offs_n, col_ok = _key_tile(
                 K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
@@ -966,3 +963,46 @@ class TritonAttention(AttentionBackend):
 
 
 ct_attention_triton = TritonAttention()
+
+
+def tile_paths(
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    key_valid: torch.Tensor,
+    rates: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    causal: bool = True,
+) -> dict[str, int]:
+    """How many (head, query tile, key tile) pairs the forward kernel scores on each path, from the
+    host's tile plan and the rule of ``_plan``: no GPU needed (benchmarks/ct_attention.py --paths).
+
+    skipped: outside the trimmed loop range or not visible; separated: every valid key at or
+    before (after) every query, factorised; small_span: overlapping, lambda_max * span <= SPAN_LIMIT,
+    factorised around the middle; log: overlapping otherwise, M exponentials and a log per score.
+    """
+    plan = _tile_plan(t_q.float(), t_k.float(), key_valid.bool(), block_m, block_n, causal)
+    qmin, qmax = plan["qmin"][:, :, None], plan["qmax"][:, :, None]  # [B, NQT, 1]
+    kmin, kmax = plan["kmin"][:, None, :], plan["kmax"][:, None, :]  # [B, 1, NKT]
+    kt = torch.arange(kmin.shape[-1])
+    in_range = (kt >= plan["k_lo"][:, :, None]) & (kt < plan["k_hi"][:, :, None])
+    visible = in_range & (kmin <= kmax)
+    if causal:
+        visible = visible & (kmin <= qmax)
+    separated = (kmax <= qmin) | (kmin >= qmax)
+    span = torch.maximum(qmax, kmax) - torch.minimum(qmin, kmin)
+    lam_max = rates.float().amax(-1)  # [H]
+    small = (
+        (lam_max[:, None, None, None] * span[None] <= SPAN_LIMIT)
+        if causal
+        else torch.zeros_like(span[None], dtype=torch.bool)
+    )
+    vis, sep = visible[None], separated[None]
+    heads = rates.shape[0]
+    counts = {
+        "skipped": int((~vis).sum()) * heads,
+        "separated": int((vis & sep).sum()) * heads,
+        "small_span": int((vis & ~sep & small).sum()),
+        "log": int((vis & ~sep & ~small).sum()),
+    }
+    return counts
