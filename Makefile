@@ -94,8 +94,11 @@ test-slow: setup
 # which CI ran in 6 min 3 s idle before. Issue 32: secure aggregation's dropouts before and after
 # masking, too few survivors, DP sites' spend (real sites in process, 2-9 s each) and its round in Flower's
 # simulation engine against the plain round (36 s, shared machine); a deployed secure round, three
-# real sites joined through `client.py join` (96 s with its SuperLink and joins).
-SLOW_CI ?= tests/test_trust.py tests/test_site_tasks.py \
+# real sites joined through `client.py join` (96 s with its SuperLink and joins). Issue 41: the
+# Triton kernels compiled to cubin for sm_80/sm_90 with the venv's triton and the oldest supported
+# (tests/test_ct_attention_aot.py, 72 specialisations each, the two in parallel; needs
+# `make triton-oldest`, which this target runs first).
+SLOW_CI ?= tests/test_ct_attention_aot.py tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_site_check.py::test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error \
 	tests/test_client_check.py::test_script_accepts_the_meds_sample_datasets \
 	tests/test_simulation_ray.py::test_the_cli_says_in_one_line_that_ray_did_not_start \

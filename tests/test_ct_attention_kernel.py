@@ -276,3 +276,16 @@ def test_one_component_gets_exactly_zero_log_weight_gradient(dtype: torch.dtype)
     d_lw, d_rate = torch.autograd.grad(out, leaves[3:], torch.randn_like(out))
     assert torch.equal(d_lw, torch.zeros_like(d_lw))
     assert float(d_rate.abs().amax()) > 0
+
+
+@pytest.mark.parametrize(("rate", "overlap_path"), [(10.0, "small_span"), (20.0, "log")])
+def test_tile_paths_counts_the_plan_of_each_tile_pair(rate: float, overlap_path: str) -> None:
+    # Two visits of four events, 100 days apart, in tiles of four: the first visit's queries cannot
+    # see the second's keys (skipped), the second sees the first's whole (separated), and each visit
+    # sees itself over a span of 3 days: factorised while lambda x 3 <= SPAN_LIMIT (40), else log.
+    t = torch.tensor([[0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0]])
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    counts = kernel.tile_paths(t, t, valid, torch.tensor([[rate, 0.001]]), 4, 4, causal=True)
+    want = {"skipped": 1, "separated": 1, "small_span": 0, "log": 0}
+    want[overlap_path] = 2
+    assert counts == want

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ def compile_one(spec: Specialisation) -> dict[str, Any]:
     dtype = DTYPES[spec.dtype]
     constexprs, options = _constexprs(fn, spec, dtype)
     src = ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     result: dict[str, Any] = {"spec": spec.label(), "triton": triton.__version__}
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", spec.arch, 32), options=options)
@@ -158,8 +159,15 @@ def compile_one(spec: Specialisation) -> dict[str, Any]:
             shared_bytes=compiled.metadata.shared,
         )
     result["seconds"] = round(time.perf_counter() - start, 2)
+    result["cpu_seconds"] = round(_cpu_seconds() - cpu_start, 2)  # with ptxas: steadier than wall on a loaded machine
     result["ptxas"] = _ptxas(spec.arch)
     return result
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ptxas)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _ptxas(arch: int) -> str:
@@ -190,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result), flush=True)
         else:
             status = "ok " + "/".join(result["stages"]) if result["ok"] else "FAILED " + result["error"][-300:]
-            print(f"{result['triton']} {result['spec']}: {status} ({result['seconds']} s)", flush=True)
+            print(
+                f"{result['triton']} {result['spec']}: {status} ({result['seconds']} s, {result['cpu_seconds']} s CPU)",
+                flush=True,
+            )
     return 1 if failed else 0
 
 
