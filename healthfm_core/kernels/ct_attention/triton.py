@@ -314,6 +314,24 @@ def _score_tile(
 
 
 @_device
+def _scored_key_tile(
+    K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok,
+    q, t_q, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+    CAUSAL: tl.constexpr, SPAN: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Key tile ``kt`` loaded and scored against the query tile: the step of the key loops (forward, dQ)."""
+    k, v, t_k, kval, offs_n, col_ok = _key_tile(
+        K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
+    )
+    z, kn, mask, fast, a, sigma = _score_tile(
+        q, k, t_q, t_k, kval, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+        CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    return k, v, t_k, kval, z, kn, mask, fast, a, sigma
+
+
+@_device
 def _ct_fwd(
     Q,
     K,
@@ -375,11 +393,9 @@ def _ct_fwd(
     for kt in range(k_lo, k_hi):
         kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
         if _visible(kmin, kmax, qmax, CAUSAL):
-            k, v, t_k, kval, offs_n, col_ok = _key_tile(
-                K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
-            )
-            z, kn, mask, fast, a, sigma = _score_tile(
-                q, k, t_q, t_k, kval, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+            k, v, t_k, kval, z, kn, mask, fast, a, sigma = _scored_key_tile(
+                K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok,
+                q, t_q, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
                 CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
             )  # fmt: skip
             z = tl.where(mask, z, float("-inf"))
@@ -563,11 +579,9 @@ def _ct_bwd_dq(
     for kt in range(k_lo, k_hi):
         kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
         if _visible(kmin, kmax, qmax, CAUSAL):
-            k, v, t_k, kval, offs_n, col_ok = _key_tile(
-                K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
-            )
-            z, kn, mask, fast, a, sigma = _score_tile(
-                q, k, t_q, t_k, kval, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+            k, v, t_k, kval, z, kn, mask, fast, a, sigma = _scored_key_tile(
+                K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok,
+                q, t_q, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
                 CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
             )  # fmt: skip
             e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
