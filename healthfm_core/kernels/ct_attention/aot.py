@@ -32,7 +32,7 @@ from healthfm_core.kernels.ct_attention import triton as kernels
 # newest is the project's own. pyproject's triton range is these two.
 OLDEST_TRITON = "3.6.0"
 ARCHES = (80, 90)  # Ampere (A100), Hopper (H100)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 COMPONENTS = (1, 4)
 HEAD_DIM = 64
 KERNELS = ("_ct_fwd", "_ct_bwd_dkdv", "_ct_bwd_dq")
@@ -79,8 +79,10 @@ class Specialisation:
 def all_specialisations(
     arches: tuple[int, ...] = ARCHES, dtypes: tuple[str, ...] = tuple(DTYPES)
 ) -> list[Specialisation]:
-    """Every kernel x architecture x dtype x M x causal the launches can produce."""
-    return [Specialisation(*combo) for combo in itertools.product(KERNELS, arches, dtypes, COMPONENTS, (True, False))]
+    """Every kernel x architecture x dtype x M x causal the launches can produce, the training
+    dtype (bf16) first: a run cut short has then covered every kernel on every architecture."""
+    combos = itertools.product(dtypes, arches, KERNELS, COMPONENTS, (True, False))
+    return [Specialisation(kernel, arch, dtype, m, causal) for dtype, arch, kernel, m, causal in combos]
 
 
 def _signature(fn: Any, dtype: torch.dtype) -> dict[str, str]:
