@@ -97,7 +97,7 @@ test-slow: setup
 # real sites joined through `client.py join` (96 s with its SuperLink and joins). Issue 41: the
 # Triton kernels compiled to cubin for sm_80/sm_90 with the venv's triton and the oldest supported
 # (tests/test_ct_attention_aot.py, 72 specialisations each, the two in parallel; needs
-# `make triton-oldest`, which this target runs first).
+# `make triton-oldest`, which this target runs first): 495 + 548 CPU s, ~9-10 min on 2 idle cores.
 SLOW_CI ?= tests/test_ct_attention_aot.py tests/test_trust.py tests/test_site_tasks.py \
 	tests/test_site_check.py::test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error \
 	tests/test_client_check.py::test_script_accepts_the_meds_sample_datasets \
