@@ -9,7 +9,8 @@ forward and forward+backward of
   kernel     the fused Triton kernel (healthfm_core.kernels.ct_attention.triton)
   reference  the PyTorch reference (materialises [B,H,N,N,M]; skipped when it runs out of memory)
   flex       torch FlexAttention, compiled, with the same math as a score_mod over learnable
-             log_weights / rates tensors (gradients flow to them) and a time-causal block mask
+             log_weights / rates tensors (gradients flow to them) and a time-causal block mask;
+             tests/test_ct_attention_flex.py checks its gradients against the reference on CPU
   sdpa       F.scaled_dot_product_attention(is_causal=True), no decay: the speed ceiling
 and reports the peak memory of one forward+backward, achieved TFLOP/s (FlashAttention's count:
 causal forward 2*B*H*N^2*D, forward+backward 3.5x that), and the ratios measured in this run.
@@ -58,15 +59,25 @@ def make_inputs(b: int, h: int, n: int, d: int, m: int, device: str, dtype: torc
     )
 
 
-def flex_fn(t: torch.Tensor, log_w: torch.Tensor, rates: torch.Tensor, b: int, n: int) -> Callable:
-    """FlexAttention with the math of docs/architecture.md: score + log sum_m pi_m exp(-lambda_m dt)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_mods(t: torch.Tensor, log_w: torch.Tensor, rates: torch.Tensor) -> tuple[Callable, Callable]:
+    """FlexAttention's score_mod and mask_mod with the math of docs/architecture.md:
+    score + log sum_m pi_m exp(-lambda_m dt), time-causal; gradients reach log_w and rates.
 
+    Written for what FlexAttention's compiled backward accepts: each captured tensor that
+    requires grad is indexed once (indexing log_w[h, c] for every c failed on torch 2.11 with
+    "Using multiple indexing operations on the same tensor that requires gradients"), so the
+    parameters are split into one [H] view per component (``unbind``: autograd sums the views'
+    gradients back into log_w and rates). At M = 1 the score is the single term, with no
+    logsumexp around it (log K = log pi - lambda dt)."""
     m = log_w.shape[1]
+    lw_c = log_w.unbind(1)
+    rate_c = rates.unbind(1)
 
     def score_mod(score, bi, hi, qi, ki):
         dt = torch.clamp(t[bi, qi] - t[bi, ki], min=0.0)
-        terms = [log_w[hi, c] - rates[hi, c] * dt for c in range(m)]
+        terms = [lw_c[c][hi] - rate_c[c][hi] * dt for c in range(m)]
+        if m == 1:
+            return score + terms[0]
         top = terms[0]
         for x in terms[1:]:
             top = torch.maximum(top, x)
@@ -78,11 +89,22 @@ def flex_fn(t: torch.Tensor, log_w: torch.Tensor, rates: torch.Tensor, b: int, n
     def mask_mod(bi, hi, qi, ki):
         return t[bi, ki] <= t[bi, qi]
 
+    return score_mod, mask_mod
+
+
+def flex_fn(
+    t: torch.Tensor, log_w: torch.Tensor, rates: torch.Tensor, b: int, n: int, compiled: bool = True
+) -> Callable:
+    """FlexAttention over ``flex_mods`` with a time-causal block mask (compiled: the GPU baseline;
+    eager: the form the CPU test checks, as torch's CPU FlexAttention has no backward for q, k, v)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    score_mod, mask_mod = flex_mods(t, log_w, rates)
     block_mask = create_block_mask(mask_mod, b, None, n, n, device=t.device)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    attend = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
     def run(q, k, v):
-        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        return attend(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
     return run
 
@@ -257,6 +279,50 @@ def smoke() -> int:
     return 0 if err < 1e-4 else 1
 
 
+def visit_times(b: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Hospital-like times [B, N] in days: visits ~ every 30 days (exponential gaps), each a burst
+    of 1-64 events within a few hours, rounded to the minute, over as many visits as N needs."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(b):
+        times: list[torch.Tensor] = []
+        start, total = 0.0, 0
+        while total < n:
+            size = int(torch.randint(1, 65, (1,), generator=g))
+            times.append(start + torch.rand(size, generator=g).sort().values * 0.2)
+            total += size
+            start += float(-30.0 * torch.log(torch.rand(1, generator=g)))
+        rows.append(torch.cat(times)[:n])
+    return torch.round(torch.stack(rows) * 1440) / 1440
+
+
+def paths(args: argparse.Namespace) -> int:
+    """CPU only: how often the forward kernel takes each path, per (head, query tile, key tile)."""
+    print(
+        "tile pairs the forward kernel scores, by path (time-causal, forward tiles "
+        f"{kernel.default_config(64).block_m} x {kernel.default_config(64).block_n}, rates 1/hour .. 1/5 years)"
+    )
+    print(
+        f"{'times':>12} {'N':>6} {'M':>2} {'visible':>9} {'separated':>10} {'small span':>11} {'log':>9} {'log %':>6}"
+    )
+    for name in ("exponential", "visits"):
+        for n in args.n:
+            for m in args.m:
+                b, h = 4, 2
+                q, k, v, t, log_w, rates = make_inputs(b, h, n, 64, m, "cpu", torch.float32)
+                if name == "visits":
+                    t = visit_times(b, n)
+                cfg = kernel.default_config(64)
+                valid = torch.ones(b, n, dtype=torch.bool)
+                c = kernel.tile_paths(t, t, valid, rates, cfg.block_m, cfg.block_n, causal=True)
+                vis = c["separated"] + c["small_span"] + c["log"]
+                print(
+                    f"{name:>12} {n:>6} {m:>2} {vis:>9} {c['separated']:>10} {c['small_span']:>11} {c['log']:>9} "
+                    f"{100 * c['log'] / max(vis, 1):>6.1f}"
+                )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
@@ -268,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-m", type=int, default=0, help="override the kernel's forward BLOCK_M")
     p.add_argument("--block-n", type=int, default=0, help="override the kernel's forward BLOCK_N")
     p.add_argument("--smoke", action="store_true", help="tiny correctness check (works on CPU)")
+    p.add_argument("--paths", action="store_true", help="count the kernel's tile paths (CPU, no kernel run)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if "kernel" in args.impl:
         args.impl = ["kernel"] + [i for i in args.impl if i != "kernel"]  # kernel first: the others diff against it
     if args.smoke:
         return smoke()
+    if args.paths:
+        return paths(args)
     if not torch.cuda.is_available():
         print(
             "ct_attention benchmark: no CUDA GPU here, nothing to measure. Run it on a GPU machine; "

@@ -310,3 +310,20 @@ def test_native_builds_into_a_fresh_cache(tmp_path: Path) -> None:
     assert not isinstance(lib, str), lib
     assert len(list(tmp_path.glob("ct_attention_cpu_*.so"))) == 1
     assert not isinstance(load_native(cache_dir=tmp_path), str)  # cached: loads, no rebuild
+
+
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_component_gets_exactly_zero_log_weight_gradient(impl: str, dtype: torch.dtype) -> None:
+    # At M = 1 the weight is a per-head constant in every score, which the softmax cancels: its
+    # gradient is 0, exactly (issue 41: 7e-3 of the largest gradient in fp32 on a GPU).
+    fn = ct_attention_reference if impl == "reference" else _impl(impl, 8)
+    args = _inputs(b=2, h=3, nq=40, nk=40, d=8, m=1, span=400.0, dtype=dtype, shared_times=True)
+    _, grads = _run(fn, *args, True)
+    assert torch.equal(grads[3], torch.zeros_like(grads[3]))
+    assert grads[4].abs().amax() > 0  # the rate still learns
+    # With several components only the sum over them vanishes (shift invariance).
+    args = _inputs(b=2, h=3, nq=40, nk=40, d=8, m=4, span=400.0, dtype=dtype, shared_times=True)
+    _, grads = _run(fn, *args, False)
+    tiny = 8 * torch.finfo(dtype).eps * float(grads[3].abs().amax())
+    assert float(grads[3].sum(-1).abs().amax()) <= tiny

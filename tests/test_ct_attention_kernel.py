@@ -261,3 +261,31 @@ def test_half_precision_inputs_accumulate_in_fp32() -> None:
         out = _run(q.to(dtype), k.to(dtype), v.to(dtype), t, t, log_w, rates, valid, True).cpu()
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_component_gets_exactly_zero_log_weight_gradient(dtype: torch.dtype) -> None:
+    # Issue 41: at M = 1 the kernel gave 7e-3 of the largest gradient (fp32) and 0.25 (bf16) where
+    # the answer is 0: one component's weight is a per-head constant the softmax cancels.
+    q, k, v, t, log_w, rates, valid = _make(b=2, h=2, n=40, d=16, m=1, seed=19, span_days=365.0, rate_scale=5.0)
+    leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)] + [
+        x.to(DEVICE).requires_grad_() for x in (log_w, rates)
+    ]
+    out = _run(leaves[0], leaves[1], leaves[2], t, t, leaves[3], leaves[4], valid, True)
+    d_lw, d_rate = torch.autograd.grad(out, leaves[3:], torch.randn_like(out))
+    assert torch.equal(d_lw, torch.zeros_like(d_lw))
+    assert float(d_rate.abs().amax()) > 0
+
+
+@pytest.mark.parametrize(("rate", "overlap_path"), [(10.0, "small_span"), (20.0, "log")])
+def test_tile_paths_counts_the_plan_of_each_tile_pair(rate: float, overlap_path: str) -> None:
+    # Two visits of four events, 100 days apart, in tiles of four: the first visit's queries cannot
+    # see the second's keys (skipped), the second sees the first's whole (separated), and each visit
+    # sees itself over a span of 3 days: factorised while lambda x 3 <= SPAN_LIMIT (40), else log.
+    t = torch.tensor([[0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0]])
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    counts = kernel.tile_paths(t, t, valid, torch.tensor([[rate, 0.001]]), 4, 4, causal=True)
+    want = {"skipped": 1, "separated": 1, "small_span": 0, "log": 0}
+    want[overlap_path] = 2
+    assert counts == want

@@ -52,7 +52,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from healthfm_core.kernels.ct_attention.reference import check_shapes
+from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
 
 # Scores per batch chunk (b * H * Nq * Nk): small enough that a chunk's [.., Nq, Nk] tensors
 # stay in cache, large enough that per-op overhead does not dominate.
@@ -313,37 +313,31 @@ class _CTAttentionCPU(torch.autograd.Function):
         return dq, dk, dvv, None, None, d_lw, d_rate, None, None, None, None
 
 
-def ct_attention_cpu(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    t_q: torch.Tensor,
-    t_k: torch.Tensor,
-    log_weights: torch.Tensor,
-    rates: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-    causal: bool = True,
-    block: int | None = None,
-    chunk: int | None = None,
-) -> torch.Tensor:
+class CPUAttention(AttentionBackend):
     """Continuous-time attention for CPU tensors (same contract as ``ct_attention_reference``).
 
-    Differentiable in q, k, v, log_weights and rates; the times get no gradient (route inputs
-    whose times need one to the reference). ``block``: keys per anchor block; ``chunk``: batch
-    elements processed together (default: ``batch_chunk``).
+    Differentiable in q, k, v, log_weights and rates; the times get no gradient. Options:
+    ``block``, keys per anchor block (default ``default_block``); ``chunk``, batch elements
+    processed together (default ``batch_chunk``).
     """
-    check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
-    why = check_supported(q, k, v)
-    if why is not None:
-        raise ValueError(f"ct_attention_cpu does not support {why}")
-    if block is None:
-        block = default_block(k.shape[2])
-    if block < 1:
-        raise ValueError(f"ct_attention_cpu: block must be >= 1, got {block}")
-    if key_valid is None:
-        key_valid = torch.ones(t_k.shape, dtype=torch.bool, device=t_k.device)
-    if chunk is None:
-        chunk = batch_chunk(q.shape[1], q.shape[2], k.shape[2])
-    if chunk < 1:
-        raise ValueError(f"ct_attention_cpu: chunk must be >= 1, got {chunk}")
-    return _CTAttentionCPU.apply(q, k, v, t_q, t_k, log_weights, rates, key_valid, bool(causal), int(block), chunk)
+
+    name = "ct_attention_cpu"
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weights: torch.Tensor) -> str | None:
+        return check_supported(q, k, v)
+
+    def run(self, call: AttentionCall, block: int | None = None, chunk: int | None = None) -> torch.Tensor:
+        q, k = call.q, call.k
+        if block is None:
+            block = default_block(k.shape[2])
+        if block < 1:
+            raise ValueError(f"ct_attention_cpu: block must be >= 1, got {block}")
+        if chunk is None:
+            chunk = batch_chunk(q.shape[1], q.shape[2], k.shape[2])
+        if chunk < 1:
+            raise ValueError(f"ct_attention_cpu: chunk must be >= 1, got {chunk}")
+        out: torch.Tensor = _CTAttentionCPU.apply(*astuple_shallow(call), int(block), chunk)
+        return out
+
+
+ct_attention_cpu = CPUAttention()

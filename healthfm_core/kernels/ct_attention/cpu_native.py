@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
 from healthfm_core.kernels.ct_attention.cpu import check_supported
-from healthfm_core.kernels.ct_attention.reference import check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -314,30 +314,27 @@ class _CTAttentionNative(torch.autograd.Function):
         return dq, dk, dv, None, None, d_lw, d_rate, None, None, None
 
 
-def ct_attention_cpu_native(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    t_q: torch.Tensor,
-    t_k: torch.Tensor,
-    log_weights: torch.Tensor,
-    rates: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-    causal: bool = True,
-    rows: int | None = None,
-) -> torch.Tensor:
+class NativeCPUAttention(AttentionBackend):
     """Continuous-time attention with the compiled CPU kernel (same contract as
-    ``ct_attention_reference``; no gradient for the times). Raises RuntimeError when the kernel
-    is unavailable (``native_unavailable_reason``), ValueError on inputs it cannot take.
-    ``rows``: query rows per chunk (default ``default_rows``)."""
-    check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
-    why = check_supported(q, k, v)
-    if why is not None:
-        raise ValueError(f"ct_attention_cpu_native does not support {why}")
-    if key_valid is None:
-        key_valid = torch.ones(t_k.shape, dtype=torch.bool)
-    if rows is None:
-        rows = default_rows(q.shape[2])
-    if rows < 1:
-        raise ValueError(f"ct_attention_cpu_native: rows must be >= 1, got {rows}")
-    return _CTAttentionNative.apply(q, k, v, t_q, t_k, log_weights, rates, key_valid, bool(causal), int(rows))
+    ``ct_attention_reference``; no gradient for the times). A RuntimeError when the kernel is
+    unavailable (``native_unavailable_reason``). Option ``rows``: query rows per chunk (default
+    ``default_rows``)."""
+
+    name = "ct_attention_cpu_native"
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weights: torch.Tensor) -> str | None:
+        return check_supported(q, k, v)
+
+    def unavailable(self, q: torch.Tensor) -> str | None:
+        return native_unavailable_reason()
+
+    def run(self, call: AttentionCall, rows: int | None = None) -> torch.Tensor:
+        if rows is None:
+            rows = default_rows(call.q.shape[2])
+        if rows < 1:
+            raise ValueError(f"ct_attention_cpu_native: rows must be >= 1, got {rows}")
+        out: torch.Tensor = _CTAttentionNative.apply(*astuple_shallow(call), int(rows))
+        return out
+
+
+ct_attention_cpu_native = NativeCPUAttention()

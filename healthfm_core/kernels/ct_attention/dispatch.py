@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 
-from healthfm_core.kernels.ct_attention.cpu import check_supported as cpu_unsupported
 from healthfm_core.kernels.ct_attention.cpu import ct_attention_cpu
-from healthfm_core.kernels.ct_attention.cpu_native import ct_attention_cpu_native, native_unavailable_reason
+from healthfm_core.kernels.ct_attention.cpu_native import ct_attention_cpu_native
 from healthfm_core.kernels.ct_attention.reference import (
     check_shapes,
     ct_attention_reference,
 )
-from healthfm_core.kernels.ct_attention.triton import (
-    check_supported,
-    ct_attention_triton,
-    unavailable_reason,
-)
+from healthfm_core.kernels.ct_attention.triton import ct_attention_triton, unavailable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -32,51 +27,14 @@ IMPL_ENV = "HEALTHFM_CT_ATTENTION"
 AUTO = "auto"
 
 
-class CTAttentionFn(Protocol):
-    """The contract every path implements (docs/architecture.md, "Continuous-time attention")."""
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        t_q: torch.Tensor,
-        t_k: torch.Tensor,
-        log_weights: torch.Tensor,
-        rates: torch.Tensor,
-        key_valid: torch.Tensor | None = None,
-        causal: bool = True,
-    ) -> torch.Tensor: ...
-
-
-def _fixed_times(name: str, what: str, fn: CTAttentionFn) -> CTAttentionFn:
-    """`fn` as a forced path: it refuses inputs whose times need gradients (the fused paths do
-    not differentiate the times) rather than silently dropping a gradient."""
-
-    def path(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        t_q: torch.Tensor,
-        t_k: torch.Tensor,
-        log_weights: torch.Tensor,
-        rates: torch.Tensor,
-        key_valid: torch.Tensor | None = None,
-        causal: bool = True,
-    ) -> torch.Tensor:
-        if t_q.requires_grad or t_k.requires_grad:
-            raise ValueError(f"ct_attention(impl={name!r}): {what} does not differentiate the times")
-        return fn(q, k, v, t_q, t_k, log_weights, rates, key_valid, causal)
-
-    return path
-
-
 # name -> implementation; "auto" is not a path but a choice among these.
-IMPLEMENTATIONS: dict[str, CTAttentionFn] = {
+# Each takes the reference's arguments (docs/architecture.md, "Continuous-time attention").
+IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": ct_attention_reference,
-    "triton": _fixed_times("triton", "the kernel", ct_attention_triton),
-    "cpu": _fixed_times("cpu", "the fused CPU path", ct_attention_cpu),
-    "cpu_native": _fixed_times("cpu_native", "the compiled CPU kernel", ct_attention_cpu_native),
+    # The fused paths refuse times that need a gradient (contract.py): forced, they say so.
+    "triton": ct_attention_triton,
+    "cpu": ct_attention_cpu,
+    "cpu_native": ct_attention_cpu_native,
 }
 
 
@@ -90,16 +48,16 @@ def auto_choice(
     if t_q.requires_grad or t_k.requires_grad:
         return "reference"
     if q.device.type == "cpu":
-        if cpu_unsupported(q, k, v) is not None:
+        if ct_attention_cpu.unsupported(q, k, v, log_weights) is not None:
             return "reference"
-        return "cpu_native" if native_unavailable_reason() is None else "cpu"
+        return "cpu_native" if ct_attention_cpu_native.unavailable(q) is None else "cpu"
     if not q.is_cuda:
         return "reference"
     why = unavailable_reason()
     if why is not None:  # a CUDA machine without triton: still correct, just slower
         logger.warning("ct_attention: triton unavailable (%s); using the reference", why)
         return "reference"
-    if check_supported(q, k, v, log_weights) is not None:
+    if ct_attention_triton.unsupported(q, k, v, log_weights) is not None:
         return "reference"
     return "triton"
 

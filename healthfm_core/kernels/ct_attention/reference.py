@@ -4,6 +4,10 @@ dt_ij = t_q_i - t_k_j (causal) or |t_q_i - t_k_j| (non-causal)
 K(dt) = sum_m pi_hm exp(-lambda_hm dt)
 s_ij  = q_i . k_j / sqrt(D) + log K(dt_ij)
 masked: key_valid false, or (causal and t_k_j > t_q_i); an all-masked row gives 0.
+
+Adding a constant to a head's log_weights shifts every score of a row alike, which the softmax
+cancels: the log-weights' gradient sums to zero over the components. Every path returns it so
+(``shift_free``), and at M = 1 it is exactly 0.
 """
 
 from __future__ import annotations
@@ -37,6 +41,32 @@ def log_decay_kernel(dt: torch.Tensor, log_weights: torch.Tensor, rates: torch.T
     return torch.addcmul(lw_max[None, :, None, None], -lam_min[None, :, None, None], gap) + total.clamp_min(tiny).log()
 
 
+class _ShiftFree(torch.autograd.Function):
+    generate_vmap_rule = True  # torch.func (vmap, per-sample gradients) can batch it
+
+    @staticmethod
+    def forward(log_weights: torch.Tensor) -> torch.Tensor:
+        return log_weights.clone()
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: object, output: object) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad - grad.mean(dim=-1, keepdim=True)
+
+
+def shift_free(log_weights: torch.Tensor) -> torch.Tensor:
+    """``log_weights`` unchanged (bit for bit, -inf included), with its gradient projected to zero
+    sum over the components: g - mean_m(g). The true gradient has zero sum (shift invariance);
+    this removes the rounding along that direction, and at M = 1 leaves exactly g - g = 0."""
+    if not log_weights.requires_grad:
+        return log_weights
+    out: torch.Tensor = _ShiftFree.apply(log_weights)
+    return out
+
+
 def ct_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,7 +94,7 @@ def ct_attention_reference(
         dt = dt.abs()
     if key_valid is not None:
         masked = masked | ~key_valid[:, None, :]
-    log_kernel = log_decay_kernel(dt, log_weights.to(compute), rates.to(compute))  # [B,H,Nq,Nk]
+    log_kernel = log_decay_kernel(dt, shift_free(log_weights).to(compute), rates.to(compute))  # [B,H,Nq,Nk]
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(compute), k.to(compute)) / math.sqrt(d)
     scores = (scores + log_kernel).masked_fill(masked[:, None], float("-inf"))
     # Rows with no unmasked key: softmax over all -inf is NaN; give them zero weights instead.

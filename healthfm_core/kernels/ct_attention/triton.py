@@ -51,7 +51,7 @@ of the P @ V product. The backward recomputes p from the saved log-normaliser L_
 
 Gradients of the (H, M) mixture parameters are accumulated per program in registers and
 written to a [B*H, n_tiles, M] buffer that torch sums: deterministic, no float atomics.
-Times are not differentiated (``ct_attention`` routes to the reference when they need grad).
+Times are not differentiated (the entry, ``contract.py``, refuses times that need a gradient).
 
 Triton features used are limited to those of triton 3.6 (the GPU image) and 3.9 (CPU CI).
 
@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from healthfm_core.kernels.ct_attention.reference import check_shapes
+from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
 
 # The modules triton and triton.language, bound by _import_triton when a kernel first runs; the
 # device functions read ``tl`` from these module globals.
@@ -126,11 +126,14 @@ def _device(fn: Callable[..., Any]) -> Any:
 
 
 @_device
-def _lam_max(rate_ptr, M: tl.constexpr):
+def _head_mixture(LW, RATE, h, M: tl.constexpr):
+    """Head h's mixture: pointers to its M log-weights and rates, and its fastest rate."""
+    lw_ptr = LW + h * M
+    rate_ptr = RATE + h * M
     lam_max = tl.load(rate_ptr)
     for m in tl.static_range(1, M):
         lam_max = tl.maximum(lam_max, tl.load(rate_ptr + m))
-    return lam_max
+    return lw_ptr, rate_ptr, lam_max
 
 
 @_device
@@ -220,6 +223,115 @@ def _logits(
 
 
 @_device
+def _tile(PTR, b, h, sb, sh, sn, offs, ok, offs_d, d_ok):
+    """Pointers and mask of the [rows, BLOCK_D] tile at rows ``offs`` of a [B, H, N, D] tensor."""
+    return PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], ok[:, None] & d_ok[None, :]
+
+
+@_device
+def _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M: tl.constexpr):
+    """Query tile ``qt``: q, its times, its row offsets and which rows exist."""
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < NQ
+    ptrs, ok = _tile(Q, b, h, sqb, sqh, sqn, offs_m, row_ok, offs_d, d_ok)
+    q = tl.load(ptrs, mask=ok, other=0.0)
+    t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
+    return q, t_q, offs_m, row_ok
+
+
+@_device
+def _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok, offs_d, d_ok):
+    """What the backward reads per query row besides q: dO, the log-normaliser, delta = dO . O."""
+    ptrs, ok = _tile(DO, b, h, sdb, sdh, sdn, offs_m, row_ok, offs_d, d_ok)
+    do = tl.load(ptrs, mask=ok, other=0.0)
+    lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
+    return do, lse, delta
+
+
+@_device
+def _key_tile(K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N: tl.constexpr):
+    """Key tile ``kt``: k, v, their times, which keys are valid, the key offsets and which exist."""
+    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < NK
+    k_ptrs, ok = _tile(K, b, h, skb, skh, skn, offs_n, col_ok, offs_d, d_ok)
+    v_ptrs, ok = _tile(V, b, h, svb, svh, svn, offs_n, col_ok, offs_d, d_ok)
+    k = tl.load(k_ptrs, mask=ok, other=0.0)
+    v = tl.load(v_ptrs, mask=ok, other=0.0)
+    t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
+    kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
+    return k, v, t_k, kval, offs_n, col_ok
+
+
+@_device
+def _tile_pair(A, B, i):
+    """Entry i of two per-tile arrays of the host's plan (time bounds, loop ranges)."""
+    return tl.load(A + i), tl.load(B + i)
+
+
+@_device
+def _visible(kmin, kmax, qmax, CAUSAL: tl.constexpr):
+    """Whether a key tile with valid-key time bounds [kmin, kmax] can be seen by a query tile whose
+    latest query is at qmax (kmin > kmax: no valid key)."""
+    visible = kmin <= kmax
+    if CAUSAL:
+        visible = visible & (kmin <= qmax)
+    return visible
+
+
+@_device
+def _score_tile(
+    q,
+    k,
+    t_q,
+    t_k,
+    kval,
+    row_ok,
+    qmin,
+    qmax,
+    kmin,
+    kmax,
+    lam_max,
+    lw_ptr,
+    rate_ptr,
+    sm_scale,
+    CAUSAL: tl.constexpr,
+    SPAN: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One tile pair scored, as every kernel scores it: (z, kn, mask, fast, a, sigma) with the
+    score s = z + log(kn) where ``mask`` holds, and the tile's plan (``_plan``)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+    mask = kval[None, :] & row_ok[:, None]
+    if CAUSAL:
+        mask = mask & (t_k[None, :] <= t_q[:, None])
+    fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
+    z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr, CAUSAL, M, BLOCK_M, BLOCK_N)
+    return z, kn, mask, fast, a, sigma
+
+
+@_device
+def _scored_key_tile(
+    K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok,
+    q, t_q, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+    CAUSAL: tl.constexpr, SPAN: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Key tile ``kt`` loaded and scored against the query tile: the step of the key loops (forward, dQ)."""
+    k, v, t_k, kval, offs_n, col_ok = _key_tile(
+        K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
+    )
+    z, kn, mask, fast, a, sigma = _score_tile(
+        q, k, t_q, t_k, kval, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+        CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    return k, v, t_k, kval, z, kn, mask, fast, a, sigma
+
+
+@_device
 def _ct_fwd(
     Q,
     K,
@@ -268,60 +380,32 @@ def _ct_fwd(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < NQ
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-    )
-    t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
-    qmin = tl.load(QMIN + b * NQT + qt)
-    qmax = tl.load(QMAX + b * NQT + qt)
-    lw_ptr = LW + h * M
-    rate_ptr = RATE + h * M
-    lam_max = _lam_max(rate_ptr, M)
+    q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
+    qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
+    lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_lo = tl.load(KLO + b * NQT + qt)
-    k_hi = tl.load(KHI + b * NQT + qt)
+    k_lo, k_hi = _tile_pair(KLO, KHI, b * NQT + qt)
     for kt in range(k_lo, k_hi):
-        kmin = tl.load(KMIN + b * NKT + kt)
-        kmax = tl.load(KMAX + b * NKT + kt)
-        visible = kmin <= kmax
-        if CAUSAL:
-            visible = visible & (kmin <= qmax)
-        if visible:
-            offs_n = kt * BLOCK_N + offs_n0
-            col_ok = offs_n < NK
-            k = tl.load(
-                K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
-            kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
-            mask = kval[None, :] & row_ok[:, None]
-            if CAUSAL:
-                mask = mask & (t_k[None, :] <= t_q[:, None])
-            fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
-            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr, CAUSAL, M, BLOCK_M, BLOCK_N)
+        kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
+        if _visible(kmin, kmax, qmax, CAUSAL):
+            k, v, t_k, kval, z, kn, mask, fast, a, sigma = _scored_key_tile(
+                K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok,
+                q, t_q, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+                CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
+            )  # fmt: skip
             z = tl.where(mask, z, float("-inf"))
             m_ref = tl.maximum(m_i, tl.max(z, 1))
             m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
             e = tl.where(mask, tl.exp(z - m_ref[:, None]) * kn, 0.0)
             r = tl.max(e, 1)
-            # Exact tile max of the score: the bound qk + U is off by the kernel factor.
-            s_tile = tl.where(r > 0.0, m_ref + tl.log(tl.maximum(r, 1e-38)), float("-inf"))
+            # Exact tile max of the score: the bound qk + U is off by the kernel factor. (No
+            # clamp literal such as 1e-38: below fp32's smallest normal, triton 3.6 types it fp64.)
+            s_tile = tl.where(r > 0.0, m_ref + tl.log(tl.where(r > 0.0, r, 1.0)), float("-inf"))
             m_new = tl.maximum(m_i, s_tile)
             empty = m_new == float("-inf")
             m_new_s = tl.where(empty, 0.0, m_new)
@@ -335,11 +419,8 @@ def _ct_fwd(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
-    tl.store(
-        O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
-        out.to(O.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    o_ptrs, o_ok = _tile(O, b, h, sob, soh, son, offs_m, row_ok, offs_d, d_ok)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_ok)
     tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
 
 
@@ -395,57 +476,26 @@ def _ct_bwd_dkdv(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    col_ok = offs_n < NK
     d_ok = offs_d < D
-    k = tl.load(
-        K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+    k, v, t_k, kval, offs_n, col_ok = _key_tile(
+        K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
     )
-    v = tl.load(
-        V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
-    )
-    t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
-    kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
-    kmin = tl.load(KMIN + b * NKT + kt)
-    kmax = tl.load(KMAX + b * NKT + kt)
-    lw_ptr = LW + h * M
-    rate_ptr = RATE + h * M
-    lam_max = _lam_max(rate_ptr, M)
+    kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
+    lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    q_lo = tl.load(QLO + b * NKT + kt)
-    q_hi = tl.load(QHI + b * NKT + kt)
+    q_lo, q_hi = _tile_pair(QLO, QHI, b * NKT + kt)
     for qt in range(q_lo, q_hi):
-        qmin = tl.load(QMIN + b * NQT + qt)
-        qmax = tl.load(QMAX + b * NQT + qt)
-        visible = kmin <= kmax
-        if CAUSAL:
-            visible = visible & (kmin <= qmax)
-        if visible:
-            offs_m = qt * BLOCK_M + offs_m0
-            row_ok = offs_m < NQ
-            q = tl.load(
-                Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            do = tl.load(
-                DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
-            lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
-            mask = kval[None, :] & row_ok[:, None]
-            if CAUSAL:
-                mask = mask & (t_k[None, :] <= t_q[:, None])
-            fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
-            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr, CAUSAL, M, BLOCK_M, BLOCK_N)
+        qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
+        if _visible(kmin, kmax, qmax, CAUSAL):
+            q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
+            do, lse, delta = _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok, offs_d, d_ok)
+            z, kn, mask, fast, a, sigma = _score_tile(
+                q, k, t_q, t_k, kval, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+                CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
+            )  # fmt: skip
             e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
             p = e * kn
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -453,16 +503,10 @@ def _ct_bwd_dkdv(
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
-    tl.store(
-        DK + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=col_ok[:, None] & d_ok[None, :],
-    )
-    tl.store(
-        DV + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=col_ok[:, None] & d_ok[None, :],
-    )
+    dk_ptrs, ok = _tile(DK, b, h, skb, skh, skn, offs_n, col_ok, offs_d, d_ok)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=ok)
+    dv_ptrs, ok = _tile(DV, b, h, svb, svh, svn, offs_n, col_ok, offs_d, d_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @_device
@@ -520,61 +564,26 @@ def _ct_bwd_dq(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, M_POW2)
-    row_ok = offs_m < NQ
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-    )
-    do = tl.load(
-        DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    t_q = tl.load(TQ + b * NQ + offs_m, mask=row_ok, other=0.0)
-    lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
-    qmin = tl.load(QMIN + b * NQT + qt)
-    qmax = tl.load(QMAX + b * NQT + qt)
-    lw_ptr = LW + h * M
-    rate_ptr = RATE + h * M
-    lam_max = _lam_max(rate_ptr, M)
+    q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
+    do, lse, delta = _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok, offs_d, d_ok)
+    qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
+    lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     g_lw = tl.zeros((M_POW2,), dtype=tl.float32)
     g_rate = tl.zeros((M_POW2,), dtype=tl.float32)
-    k_lo = tl.load(KLO + b * NQT + qt)
-    k_hi = tl.load(KHI + b * NQT + qt)
+    k_lo, k_hi = _tile_pair(KLO, KHI, b * NQT + qt)
     for kt in range(k_lo, k_hi):
-        kmin = tl.load(KMIN + b * NKT + kt)
-        kmax = tl.load(KMAX + b * NKT + kt)
-        visible = kmin <= kmax
-        if CAUSAL:
-            visible = visible & (kmin <= qmax)
-        if visible:
-            offs_n = kt * BLOCK_N + offs_n0
-            col_ok = offs_n < NK
-            k = tl.load(
-                K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            t_k = tl.load(TK + b * NK + offs_n, mask=col_ok, other=0.0)
-            kval = tl.load(KV + b * NK + offs_n, mask=col_ok, other=0) != 0
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
-            mask = kval[None, :] & row_ok[:, None]
-            if CAUSAL:
-                mask = mask & (t_k[None, :] <= t_q[:, None])
-            fast, a, sigma = _plan(qmin, qmax, kmin, kmax, lam_max, CAUSAL, SPAN)
-            z, kn = _logits(qk, t_q, t_k, kval, fast, a, sigma, lw_ptr, rate_ptr, CAUSAL, M, BLOCK_M, BLOCK_N)
+        kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
+        if _visible(kmin, kmax, qmax, CAUSAL):
+            k, v, t_k, kval, z, kn, mask, fast, a, sigma = _scored_key_tile(
+                K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok,
+                q, t_q, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
+                CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
+            )  # fmt: skip
             e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             g = e * (dp - delta[:, None])  # dS / kn
@@ -609,11 +618,8 @@ def _ct_bwd_dq(
                         g_lw += tl.where(offs_c == m, d_lw, 0.0)
                         g_rate += tl.where(offs_c == m, d_rate, 0.0)
     dq = dq * sm_scale
-    tl.store(
-        DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    dq_ptrs, ok = _tile(DQ, b, h, sqb, sqh, sqn, offs_m, row_ok, offs_d, d_ok)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=ok)
     if PARAM_GRAD:
         part = (bh * NQT + qt) * M_POW2 + offs_c
         tl.store(GLW + part, g_lw)
@@ -723,6 +729,11 @@ def _tile_plan(
     }
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact fp32 products for fp32 inputs (the reference's accuracy)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -762,7 +773,7 @@ class _CTAttention(torch.autograd.Function):
         lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
         nqt = _cdiv(nq, config.block_m)
         nkt = _cdiv(nk, config.block_n)
-        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        dot_prec = dot_precision(q.dtype)
         block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         _ct_fwd[(nqt, b * h)](
@@ -823,7 +834,7 @@ class _CTAttention(torch.autograd.Function):
         plan = _tile_plan(tq, tk, kv != 0, config.bwd_block_m, config.bwd_block_n, causal)
         nqt = _cdiv(nq, config.bwd_block_m)
         nkt = _cdiv(nk, config.bwd_block_n)
-        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        dot_prec = dot_precision(q.dtype)
         block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         dq = torch.empty_like(q)
@@ -936,34 +947,76 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weigh
     return None
 
 
-def ct_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    t_q: torch.Tensor,
-    t_k: torch.Tensor,
-    log_weights: torch.Tensor,
-    rates: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-    causal: bool = True,
-    config: KernelConfig | None = None,
-) -> torch.Tensor:
+class TritonAttention(AttentionBackend):
     """Fused continuous-time attention (same contract as ``ct_attention_reference``).
 
     Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1. Differentiable in q, k, v,
-    log_weights and rates (not in the times).
+    log_weights and rates (not in the times). Option ``config``: a ``KernelConfig`` (default
+    ``default_config``).
     """
-    check_shapes(q, k, v, t_q, t_k, log_weights, rates, key_valid)
-    why = check_supported(q, k, v, log_weights)
-    if why is not None:
-        raise ValueError(f"ct_attention_triton does not support {why}")
-    if q.device.type != "cuda" and not interpreting():
-        raise RuntimeError(
-            "ct_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton "
-            f"interpreter on CPU); got tensors on {q.device}"
-        )
-    if key_valid is None:
-        key_valid = torch.ones(t_k.shape, dtype=torch.bool, device=t_k.device)
-    if config is None:
-        config = default_config(q.shape[-1])
-    return _CTAttention.apply(q, k, v, t_q, t_k, log_weights, rates, key_valid, bool(causal), config)
+
+    name = "ct_attention_triton"
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weights: torch.Tensor) -> str | None:
+        return check_supported(q, k, v, log_weights)
+
+    def unavailable(self, q: torch.Tensor) -> str | None:
+        why = unavailable_reason()
+        if why is None and q.device.type != "cuda" and not interpreting():
+            why = (
+                "needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton interpreter on CPU); "
+                f"got tensors on {q.device}"
+            )
+        return why
+
+    def run(self, call: AttentionCall, config: KernelConfig | None = None) -> torch.Tensor:
+        if config is None:
+            config = default_config(call.q.shape[-1])
+        out: torch.Tensor = _CTAttention.apply(*astuple_shallow(call), config)
+        return out
+
+
+ct_attention_triton = TritonAttention()
+
+
+def tile_paths(
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    key_valid: torch.Tensor,
+    rates: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    causal: bool = True,
+) -> dict[str, int]:
+    """How many (head, query tile, key tile) pairs the forward kernel scores on each path, from the
+    host's tile plan and the rule of ``_plan``: no GPU needed (benchmarks/ct_attention.py --paths).
+
+    skipped: outside the trimmed loop range or not visible; separated: every valid key at or
+    before (after) every query, factorised; small_span: overlapping, lambda_max * span <= SPAN_LIMIT,
+    factorised around the middle; log: overlapping otherwise, M exponentials and a log per score.
+    """
+    plan = _tile_plan(t_q.float(), t_k.float(), key_valid.bool(), block_m, block_n, causal)
+    qmin, qmax = plan["qmin"][:, :, None], plan["qmax"][:, :, None]  # [B, NQT, 1]
+    kmin, kmax = plan["kmin"][:, None, :], plan["kmax"][:, None, :]  # [B, 1, NKT]
+    kt = torch.arange(kmin.shape[-1])
+    in_range = (kt >= plan["k_lo"][:, :, None]) & (kt < plan["k_hi"][:, :, None])
+    visible = in_range & (kmin <= kmax)
+    if causal:
+        visible = visible & (kmin <= qmax)
+    separated = (kmax <= qmin) | (kmin >= qmax)
+    span = torch.maximum(qmax, kmax) - torch.minimum(qmin, kmin)
+    lam_max = rates.float().amax(-1)  # [H]
+    small = (
+        (lam_max[:, None, None, None] * span[None] <= SPAN_LIMIT)
+        if causal
+        else torch.zeros_like(span[None], dtype=torch.bool)
+    )
+    vis, sep = visible[None], separated[None]
+    heads = rates.shape[0]
+    counts = {
+        "skipped": int((~vis).sum()) * heads,
+        "separated": int((vis & sep).sum()) * heads,
+        "small_span": int((vis & ~sep & small).sum()),
+        "log": int((vis & ~sep & ~small).sum()),
+    }
+    return counts

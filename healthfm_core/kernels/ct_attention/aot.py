@@ -1,0 +1,211 @@
+"""Compile the Triton kernels ahead of time for NVIDIA targets, without a GPU.
+
+    python -m healthfm_core.kernels.ct_attention.aot            # every specialisation, sm_80 and sm_90
+    python -m healthfm_core.kernels.ct_attention.aot --json     # one JSON line per specialisation
+
+``triton.compile`` with a ``GPUTarget`` runs triton's whole pipeline (Python AST -> TTIR ->
+TTGIR -> LLVM IR -> PTX) and then ``ptxas`` (shipped in triton's wheel) to a cubin: every stage a
+launch on that architecture would run, except loading the cubin onto a device. Type errors of
+the kind the interpreter cannot see (a literal typed fp64, a loop-carried value changing type)
+fail here. tests/test_ct_attention_aot.py runs this with the project's triton and with the
+oldest supported one, each in its own process.
+
+Run with TRITON_INTERPRET unset: the kernels must be jitted in compiled mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from healthfm_core.kernels.ct_attention import triton as kernels
+
+# The oldest triton the kernels are compiled with in CI (torch 2.11's CUDA wheels pin it); the
+# newest is the project's own. pyproject's triton range is these two.
+OLDEST_TRITON = "3.6.0"
+ARCHES = (80, 90)  # Ampere (A100), Hopper (H100)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+COMPONENTS = (1, 4)
+HEAD_DIM = 64
+KERNELS = ("_ct_fwd", "_ct_bwd_dkdv", "_ct_bwd_dq")
+
+# Pointer arguments by name: the tensors of the model's dtype, and the fixed-type ones the host
+# code builds (times, mixture parameters, tile plan). Everything else not constexpr is a scalar.
+_DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+_FIXED_POINTERS = {
+    "TQ": "*fp32",
+    "TK": "*fp32",
+    "LW": "*fp32",
+    "RATE": "*fp32",
+    "LSE": "*fp32",
+    "DELTA": "*fp32",
+    "GLW": "*fp32",
+    "GRATE": "*fp32",
+    "QMIN": "*fp32",
+    "QMAX": "*fp32",
+    "KMIN": "*fp32",
+    "KMAX": "*fp32",
+    "KV": "*i8",
+    "KLO": "*i32",
+    "KHI": "*i32",
+    "QLO": "*i32",
+    "QHI": "*i32",
+}
+_FLOAT_SCALARS = {"sm_scale"}
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Specialisation:
+    kernel: str
+    arch: int
+    dtype: str
+    components: int
+    causal: bool
+
+    def label(self) -> str:
+        mode = "causal" if self.causal else "full"
+        return f"{self.kernel} sm_{self.arch} {self.dtype} M={self.components} {mode}"
+
+
+def all_specialisations(
+    arches: tuple[int, ...] = ARCHES, dtypes: tuple[str, ...] = tuple(DTYPES)
+) -> list[Specialisation]:
+    """Every kernel x architecture x dtype x M x causal the launches can produce, the training
+    dtype (bf16) first: a run cut short has then covered every kernel on every architecture."""
+    combos = itertools.product(dtypes, arches, KERNELS, COMPONENTS, (True, False))
+    return [Specialisation(kernel, arch, dtype, m, causal) for dtype, arch, kernel, m, causal in combos]
+
+
+def _signature(fn: Any, dtype: torch.dtype) -> dict[str, str]:
+    """Triton's type string per parameter of ``fn`` (a JITFunction): an unknown name is an error,
+    so a parameter added to a kernel must be typed here before the compile check passes."""
+    data = "*" + _TRITON_DTYPE[dtype]
+    sig = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in _DATA_POINTERS:
+            sig[name] = data
+        elif name in _FIXED_POINTERS:
+            sig[name] = _FIXED_POINTERS[name]
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        elif name.islower() and name.startswith("s") or name in {"H", "NQ", "NK", "NQT", "NKT"}:
+            sig[name] = "i32"  # strides and sizes
+        else:
+            raise TypeError(f"aot: no type for parameter {name!r} of {fn.__name__}; add it to aot.py")
+    return sig
+
+
+def _constexprs(fn: Any, spec: Specialisation, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, int]]:
+    """The constexpr values and launch options the host code (``_CTAttention``) would use."""
+    config = kernels.default_config(HEAD_DIM)
+    forward = spec.kernel == "_ct_fwd"
+    values: dict[str, Any] = {
+        "D": HEAD_DIM,
+        "BLOCK_D": max(16, kernels._next_power_of_2(HEAD_DIM)),
+        "BLOCK_M": config.block_m if forward else config.bwd_block_m,
+        "BLOCK_N": config.block_n if forward else config.bwd_block_n,
+        "M": spec.components,
+        "M_POW2": kernels._next_power_of_2(spec.components),
+        "CAUSAL": spec.causal,
+        "SPAN": kernels.SPAN_LIMIT,
+        "DOT_PREC": kernels.dot_precision(dtype),
+        "PARAM_GRAD": True,
+    }
+    names = [p.name for p in fn.params if p.is_constexpr]
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise TypeError(f"aot: no value for constexpr {missing} of {fn.__name__}; add it to aot.py")
+    options = (
+        {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if forward
+        else {"num_warps": config.bwd_num_warps, "num_stages": config.bwd_num_stages}
+    )
+    return {n: values[n] for n in names}, options
+
+
+def compile_one(spec: Specialisation) -> dict[str, Any]:
+    """Compile one specialisation to a cubin; returns what ran (stages, sizes) or the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels._ensure_built()
+    fn = getattr(kernels, spec.kernel)
+    dtype = DTYPES[spec.dtype]
+    constexprs, options = _constexprs(fn, spec, dtype)
+    src = ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    result: dict[str, Any] = {"spec": spec.label(), "triton": triton.__version__}
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", spec.arch, 32), options=options)
+    except Exception as exc:  # every failure is reported, the sweep goes on
+        # triton's CompilationError puts the source excerpt first and the cause last.
+        result.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[-1500:]}")
+    else:
+        result.update(
+            ok=True,
+            stages=[s for s in ("ttir", "ttgir", "llir", "ptx", "cubin") if s in compiled.asm],
+            cubin_bytes=len(compiled.asm.get("cubin", b"")),
+            shared_bytes=compiled.metadata.shared,
+        )
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["cpu_seconds"] = round(_cpu_seconds() - cpu_start, 2)  # with ptxas: steadier than wall on a loaded machine
+    result["ptxas"] = _ptxas(spec.arch)
+    return result
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ptxas)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas triton used for the cubin stage: its own, shipped in the wheel, unless
+    TRITON_PTXAS_PATH names another."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return str(get_ptxas(arch).path)
+    except (ImportError, RuntimeError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", type=int, choices=ARCHES, default=list(ARCHES))
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--json", action="store_true", help="one JSON object per specialisation")
+    args = parser.parse_args(argv)
+    if kernels.interpreting():
+        print("aot: TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
+        return 2
+    failed = 0
+    for spec in all_specialisations(tuple(args.arch), tuple(args.dtype)):
+        result = compile_one(spec)
+        failed += not result["ok"]
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            status = "ok " + "/".join(result["stages"]) if result["ok"] else "FAILED " + result["error"][-300:]
+            print(
+                f"{result['triton']} {result['spec']}: {status} ({result['seconds']} s, {result['cpu_seconds']} s CPU)",
+                flush=True,
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
