@@ -353,7 +353,7 @@ class SiteRuntime:
         except LedgerError as err:  # no figure to trust; the refusal's reason says why
             log.error("site %s: %s", self.name, err)
             return None
-        return PrivacySpend(epsilon=epsilon, delta=dp.delta, **started)
+        return PrivacySpend(epsilon=epsilon, delta=dp.delta, epsilon_cap=dp.epsilon_cap, **started)
 
     def new_budget(self) -> dict[str, float]:
         """PrivacySpend's new_budget_at and replaced_epsilon, when the ledger was started anew
@@ -435,7 +435,11 @@ class SiteRuntime:
                 share = 1.0 if g == "shared" else self.subject_counts.get(_modality_of(g), 0) / largest
                 group_examples[g] = max(1, round(expected * min(1.0, share)))
             spend = PrivacySpend(
-                epsilon=epsilon, delta=dp.delta, noise_multiplier=dp.noise_multiplier, **self.new_budget()
+                epsilon=epsilon,
+                delta=dp.delta,
+                noise_multiplier=dp.noise_multiplier,
+                epsilon_cap=self.policy.dp.epsilon_cap if self.policy is not None and self.policy.dp else None,
+                **self.new_budget(),
             )
         else:
             # A group none of this round's samples carried did not train: it is not sent back.

@@ -66,6 +66,7 @@ from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM, embedding_width, model_modalities
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
+from healthfm_core.privacy.policy import EPSILON_CAP_MAX
 from healthfm_core.strict_files import StrictFileError, strict_json, strict_model
 from healthfm_core.transport import SCALES_RECORD, Rounding, Transport
 
@@ -110,6 +111,7 @@ _DP_FIELDS = {
     "dp.noise-multiplier": "noise_multiplier",
     "dp.new-budget-at": "new_budget_at",
     "dp.replaced-epsilon": "replaced_epsilon",
+    "dp.epsilon-cap": "epsilon_cap",
 }
 _TRAIN_SCALARS = {
     "grad-norm": "grad_norm",
@@ -443,13 +445,16 @@ class PrivacySpend(_Reply):
     `noise_multiplier` is set only when this round trained under DP. `new_budget_at` is set when
     the site's ledger was started anew by its admin (`join --new-privacy-budget`): its epsilon
     then counts from that time, and `replaced_epsilon` is what the given-up ledger had spent,
-    where the site knows it; the server writes both into its audit log."""
+    where the site knows it; the server writes both into its audit log. `epsilon_cap` is the site
+    policy's `dp.epsilon_cap` (finite, at most EPSILON_CAP_MAX), so the coordinator sees the spend
+    against it; absent in replies from sites that predate it."""
 
     epsilon: float = Field(ge=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
     noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     new_budget_at: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # unix time
     replaced_epsilon: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    epsilon_cap: float | None = Field(default=None, gt=0, le=EPSILON_CAP_MAX, allow_inf_nan=False)
 
     def to_metrics(self) -> dict[str, float]:
         """Its MetricRecord entries (`dp.*`), as a train reply carries them."""

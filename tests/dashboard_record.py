@@ -28,7 +28,11 @@ from server.server_app import FederationServer
 REPO = Path(__file__).resolve().parents[1]
 KEPT = ("rounds.jsonl", "audit.jsonl", "outcome.json", "evaluation.json")
 DP_SITE, KILLED_SITE = "genomics", "hospital"
-DP_POLICY = """dp:
+# The run's groups open over 2 holders (one is withheld when the killed site leaves 1): every
+# site's policy lowers its own floor (secagg_min_holders, default 3) to that.
+PLAIN_POLICY = "secagg_min_holders: 2\n"
+DP_POLICY = """secagg_min_holders: 2
+dp:
   mandatory: true
   epsilon_cap: 40.0
   delta: 1.0e-3
@@ -58,16 +62,16 @@ def record(dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         manifest = generate_federation(root / "sites", "tiny", seed=0, n_subjects=240, progress=False)
-        policy = root / "dp-policy.yaml"
+        policy, plain = root / "dp-policy.yaml", root / "policy.yaml"
         policy.write_text(DP_POLICY)
+        plain.write_text(PLAIN_POLICY)
         nodes = {}
         for i, site in enumerate(manifest.sites):
             config = {"site-root": str(site.root), "site-name": site.name, "min-code-subjects": 5}
             config["min-report-subjects"] = 5
             config["min-report-positives"] = 2
             config["state-dir"] = str(root / f"state-{site.name}")
-            if site.name == DP_SITE:
-                config["policy"] = str(policy)
+            config["policy"] = str(policy if site.name == DP_SITE else plain)
             nodes[100 + i] = config
         out = root / "run"
         cfg = fed_config(

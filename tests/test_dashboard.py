@@ -22,8 +22,9 @@ from server.audit import AUDIT_FILE
 from server.deploy.coordinator import LaunchRecord, _record_launch, main, read_launches, resume_command
 from server.deploy.dashboard.app import create_app, state_for
 from server.deploy.dashboard.nodes import NodesAnswer, NodeState, list_nodes, utc_text
+from server.deploy.dashboard.plots import epsilon_svg
 from server.deploy.dashboard.serve import check_address, read_token
-from server.deploy.dashboard.view import Launch
+from server.deploy.dashboard.view import Launch, privacy_views
 from server.deploy.flwr_control import EXIT_USAGE, CoordinatorError, write_connection
 from server.deploy.provision import FederationPaths, ProvisionConfig, provision
 from server.deploy.registry import RegisteredSite, SiteRegistry, registry_path, write_registry
@@ -125,10 +126,16 @@ def test_each_panel_shows_what_the_run_recorded(fed: FederationPaths) -> None:
     privacy = section(html, "privacy")
     events = [json.loads(x) for x in (RECORDED / "rounds.jsonl").read_text().splitlines()]
     spent = [e["sites"]["genomics"]["dp"]["epsilon"] for e in events if e["event"] == "round"]
-    assert f'class="num epsilon">{spent[-1]:.3f}<' in row(privacy, "data-site", "genomics")
+    # The cap the DP site's policy sets (tests/dashboard_record.py's 40), as its replies reported it.
+    [cap] = {e["sites"]["genomics"]["dp"]["epsilon_cap"] for e in events if e["event"] == "round"}
+    assert cap == 40.0
+    assert f'class="num epsilon">{spent[-1]:.3f} / <span class="cap">40<' in row(privacy, "data-site", "genomics")
     assert "biobank" not in privacy  # no DP there
     svg = client(fed).get("/plots/epsilon.svg")
     assert svg.status_code == 200 and svg.text.lstrip().startswith("<?xml") and "genomics" in svg.text
+    assert "genomics's cap (40)" in svg.text
+    # The cap's line: dashed, in the colour of the site's curve (the first site's, C0).
+    assert re.search(r"stroke-dasharray: [\d.,]+; stroke-dashoffset: [\d.]+; stroke: #1f77b4", svg.text)
 
     results = section(html, "results")
     evaluation = json.loads((RECORDED / "evaluation.json").read_text())
@@ -179,8 +186,27 @@ def test_metrics_parse_with_prometheus_client(fed: FederationPaths) -> None:
     assert samples[("healthfm_bytes_received_total", run)] == sum(e["bytes_received"] for e in rounds)
     assert samples[("healthfm_replies_rejected_total", run)] == sum(len(e["rejected"]) for e in rounds)
     assert samples[("healthfm_site_epsilon", (("site", "genomics"),))] == rounds[-1]["epsilon"]["genomics"]
+    assert samples[("healthfm_site_epsilon_cap", (("site", "genomics"),))] == 40.0
+    assert not any(
+        name == "healthfm_site_epsilon_cap" and labels != (("site", "genomics"),) for name, labels in samples
+    )
     assert samples[("healthfm_audit_chain_ok", run)] == 1
     assert samples[("healthfm_run_status", (("run_id", "8"), ("status", "interrupted")))] == 1
+
+
+def test_a_site_that_reports_no_cap_is_drawn_without_one(tmp_path: Path) -> None:
+    """Replies of sites older than dp.epsilon-cap: the spend still shows, the cap says so, no gauge."""
+    lines = []
+    for line in (RECORDED / "rounds.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        for entry in (event.get("sites") or {}).values():
+            if isinstance(entry, dict) and isinstance(entry.get("dp"), dict):
+                entry["dp"].pop("epsilon_cap", None)
+        lines.append(json.dumps(event))
+    (tmp_path / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+    [view] = privacy_views([Launch(7, tmp_path)])
+    assert view.site == "genomics" and view.points and view.epsilon_cap is None
+    assert "cap (" not in epsilon_svg([view]).decode()
 
 
 def test_the_token_is_required_and_only_get_is_answered(fed: FederationPaths) -> None:

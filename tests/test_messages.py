@@ -145,3 +145,17 @@ def test_site_metrics_and_losses_are_weighted_by_their_counts() -> None:
     assert out["onset_t2d_30d.n"] == 40
     one, two = trained(), trained(num_examples=36, losses={"total": 0.5})
     assert mean_losses([one, two]) == pytest.approx({"total": (12 * 1.5 + 36 * 0.5) / 48, "align": 0.25})
+
+
+@pytest.mark.parametrize("cap", [float("nan"), float("inf"), -1.0, 0.0, 100.5])
+def test_a_dp_reply_whose_epsilon_cap_is_not_a_policy_cap_is_refused(cap: float) -> None:
+    """The cap the dashboard draws is a peer's figure: finite, > 0 and at most the policy maximum."""
+    dp = {"epsilon": 1.25, "delta": 1e-5, "noise_multiplier": 1.1, "epsilon_cap": 8.0}
+    arrays, metrics, _ = trained(dp=dp).to_records()
+    assert metrics["dp.epsilon-cap"] == 8.0
+    assert TrainReply.from_records(arrays, metrics, group_of=group_of).dp == PrivacySpend(**dp)
+    with pytest.raises(ValueError) as info:
+        TrainReply.from_records(arrays, {**metrics, "dp.epsilon-cap": cap}, group_of=group_of)
+    assert f"field dp.epsilon-cap: value {cap!r}" in str(info.value)
+    refused = TrainReply.refused("epsilon cap 8", PrivacySpend(epsilon=2.9, delta=1e-5))
+    assert "dp.epsilon-cap" not in refused.to_records().metrics  # optional: older sites send none

@@ -333,6 +333,7 @@ def test_a_request_over_the_cap_is_refused_and_no_update_leaves(federation, setu
     assert not first.has_error() and len(first.content.array_records) == 1
     epsilon = parsed(first).dp.epsilon
     assert 0 < epsilon <= 3.0
+    assert parsed(first).dp.epsilon_cap == 3.0  # the policy's cap travels with the spend
     ledger_before = (state / LEDGER_FILE).read_bytes()
 
     second = node.train(setup, groups, round_cfg(setup, 2))
@@ -340,7 +341,7 @@ def test_a_request_over_the_cap_is_refused_and_no_update_leaves(federation, setu
     assert len(second.content.array_records) == 0  # no update leaves the site
     refused = parsed(second)
     assert refused.status == "refused" and "cap 3" in refused.reason
-    assert refused.dp == PrivacySpend(epsilon=epsilon, delta=DELTA)
+    assert refused.dp == PrivacySpend(epsilon=epsilon, delta=DELTA, epsilon_cap=3.0)
     assert (state / LEDGER_FILE).read_bytes() == ledger_before  # nothing trained, nothing spent
 
     # The server counts the site out of the round and says why.
@@ -424,6 +425,7 @@ def test_under_dp_no_timing_or_actual_count_leaves_and_without_dp_no_epsilon(fed
         "dp.epsilon",
         "dp.delta",
         "dp.noise-multiplier",
+        "dp.epsilon-cap",  # the policy's, a constant: nothing of the data
         "rate-min",
         "rate-max",
     } | {f"num-examples.{g}" for g in rt.groups}

@@ -14,6 +14,7 @@ monitoring a hospital's IT team already runs. One scrape reads the same view as 
     healthfm_bytes_received_total{run_id}         counter (from the sites)
     healthfm_audit_chain_ok{run_id}               gauge 1 whole, 0 broken
     healthfm_site_epsilon{site}                   gauge, the site's cumulative epsilon (its last DP round)
+    healthfm_site_epsilon_cap{site}               gauge, its policy's epsilon cap (sites that report one)
     healthfm_site_delta{site}                     gauge
 """
 
@@ -89,11 +90,14 @@ class FederationCollector(Collector):
         yield from (done, planned, status, seconds, rejected, sent, received, audit)
         epsilon = GaugeMetricFamily("healthfm_site_epsilon", "The site's cumulative epsilon", labels=["site"])
         delta = GaugeMetricFamily("healthfm_site_delta", "The delta of the site's epsilon", labels=["site"])
+        cap = GaugeMetricFamily("healthfm_site_epsilon_cap", "The site policy's epsilon cap", labels=["site"])
         for p in view.privacy:
             epsilon.add_metric([p.site], p.points[-1].epsilon)
             if p.delta is not None:
                 delta.add_metric([p.site], p.delta)
-        yield from (epsilon, delta)
+            if p.epsilon_cap is not None:
+                cap.add_metric([p.site], p.epsilon_cap)
+        yield from (epsilon, delta, cap)
 
 
 def metrics_text(view: FederationView, nodes: NodesAnswer) -> bytes:

@@ -123,6 +123,7 @@ class PrivacyView:
     asked: str  # what the server asked (the run's privacy request), described
     target_epsilon: float | None
     new_budget: str = ""  # the site's admin started its ledger anew: when, and what it replaced
+    epsilon_cap: float | None = None  # its policy's cap, as its latest pretraining reply gave it
 
 
 @dataclass
@@ -307,6 +308,7 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
     points: dict[str, list[EpsilonPoint]] = {}
     delta: dict[str, float | None] = {}
     noise: dict[str, float | None] = {}
+    cap: dict[str, float | None] = {}
     new_budget: dict[str, str] = {}
     asked, target = "no DP asked by the server", None
     seen: set[tuple[Path, str]] = set()
@@ -333,6 +335,7 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
                         continue
                     add(site, eps, f"run {launch.run_id} round {event.get('round')}", event)
                     delta[site], noise[site] = _number(dp.get("delta")), _number(dp.get("noise_multiplier"))
+                    cap[site] = _number(dp.get("epsilon_cap"))  # None from sites that predate it
                     if dp.get("new_budget_at") is not None:
                         new_budget[site] = (
                             f"ledger started anew at {dp['new_budget_at']:.0f} (replaced epsilon "
@@ -354,6 +357,7 @@ def privacy_views(launches: Sequence[Launch]) -> list[PrivacyView]:
             asked=asked,
             target_epsilon=target,
             new_budget=new_budget.get(site, ""),
+            epsilon_cap=cap.get(site),
         )
         for site, pts in sorted(points.items())
     ]
