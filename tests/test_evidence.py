@@ -316,7 +316,7 @@ def test_a_damaged_unit_is_refused_naming_its_file(tmp_path: Path) -> None:
 
     (unit_dir / ARRAYS).write_bytes(npz)
     (unit_dir / DONE).write_text(doc[: len(doc) // 2])  # truncated
-    with pytest.raises(UnitFileError, match=rf"{DONE}: not a valid evidence unit file"):
+    with pytest.raises(UnitFileError, match=rf"{DONE}: not valid JSON"):
         load_unit(unit_dir)
     (unit_dir / DONE).write_text(doc.replace('"seed": 0', '"seed": "zero"', 1))
     with pytest.raises(UnitFileError, match=rf"{DONE}: .*seed: Input should be a valid integer"):

@@ -261,7 +261,7 @@ def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarra
 def test_capabilities_carry_counts_only(runtimes) -> None:
     caps = runtimes["hospital"].capabilities()
     flat = caps.to_flat()
-    assert set(flat) == {"site", "modalities", "subjects.ehr", "subjects.wearables", "subjects.genomics"}
+    assert set(flat) == {"site", "modalities", "subjects.ehr", "subjects.wearables", "subjects.genomics", "rows"}
     assert SiteCapabilities.from_flat(flat) == caps
     assert sorted(caps.groups) == EXPECTED_GROUPS["hospital"]
 

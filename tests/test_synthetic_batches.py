@@ -85,6 +85,14 @@ def _digests(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): _content_digest(p) for p in sorted(out.rglob("*.parquet"))}
 
 
+# The same file as written on another CPU: at bcbcb45, on an AMD EPYC with AVX2 only, `tiny`'s
+# biobank onsets (event times integrated from the hazards in float64) came out with this digest
+# while every data file matched; the digests above came from a machine where they matched. The
+# onset table alone depends on the CPU's floating point (numpy's SIMD paths), as the evidence
+# job's training does (docs/evidence/full/README.md).
+ALSO_SEEN = {"tiny": {"truth/biobank/onsets.parquet": "840738722505f313"}}
+
+
 @pytest.mark.parametrize(
     ("scenario", "n", "sites"),
     [("tiny", 40, None), ("hospital", 30, ["general_hospital"]), ("mimic", 30, ["tertiary_icu"])],
@@ -93,7 +101,11 @@ def test_one_batch_writes_the_files_of_before(tmp_path: Path, scenario: str, n: 
     # A site of at most one batch draws exactly the numbers it drew before batching; a site
     # generated alone (`sites`) is the site it is in the whole federation (same ids, same seed).
     generate_federation(tmp_path, scenario, seed=0, n_subjects=n, progress=False, sites=sites)
-    assert _digests(tmp_path) == BEFORE[scenario]
+    got = _digests(tmp_path)
+    for path, digest in ALSO_SEEN.get(scenario, {}).items():
+        if got.get(path) == digest:
+            got[path] = BEFORE[scenario][path]
+    assert got == BEFORE[scenario]
 
 
 def _scenario(n_subjects: int, ehr_format: str = "synthetic", wearables: bool = True) -> dict:
