@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -408,3 +409,41 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
         assert (packed["dataset"], packed["task"], packed["model"]) == ("MIMIC-IV", task, "healthfm")
         assert packed["result"] == json.loads(out.read_text())
         assert packed["result"]["samples_equally_weighted"]["roc_auc_score"] == pytest.approx(reply.tasks[key].auroc)
+        _assert_meds_dev_validates(folder / "result.json", tmp_path / "meds_dev_registered")
+
+
+MODEL_ENTRY = Path(__file__).resolve().parents[1] / "docs" / "meds-dev" / "models" / "healthfm"
+
+
+def _validate(result: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from MEDS_DEV.results.__main__ import validate_result; validate_result()",
+            f"result_fp={result}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,  # a hang guard only
+    )
+
+
+def _assert_meds_dev_validates(result: Path, registered: Path) -> None:
+    """MEDS-DEV's own validator (`meds-dev-validate-result`) refuses the packed result while
+    healthfm is not a registered model, and accepts it once docs/meds-dev/models/healthfm is
+    added to a copy of the installed package."""
+    import MEDS_DEV
+
+    refused = _validate(result)
+    assert refused.returncode != 0 and "Unknown model: healthfm" in refused.stderr, refused.stderr[-2000:]
+    package = registered / "MEDS_DEV"
+    if not package.exists():
+        shutil.copytree(Path(MEDS_DEV.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(MODEL_ENTRY, package / "models" / "healthfm")
+    accepted = _validate(result, str(registered))
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
