@@ -20,7 +20,7 @@ mid-run and joined again takes part again: its first secure round after it is a 
 and secure-round state died with its SuperNode: "no setup"), the next one it holds its groups.
 
 A dead site is named within seconds (issue 45): the SuperLink answers "Node Unavailable" for it 2 x
-its heartbeat interval after its last heartbeat (`join`'s 5 s: within 10 s, not Flower's minute),
+its heartbeat interval after its last heartbeat (`join`'s 4 s: within 8 s, not Flower's minute),
 and the stage that waited for it records so: the mask stage when its reply came
 (`reply_after_seconds` from `sent_at`), every stage its wait (`secure_aggregation.stage_seconds`).
 Slow: real processes.
@@ -53,7 +53,7 @@ from server.deploy.provision import FederationPaths
 pytestmark = pytest.mark.slow
 
 # Each exchange waits at most this long; a dead site is answered for earlier by the SuperLink
-# ("Node Unavailable", once its heartbeat expired: within 10 s of its death at join's 5 s interval).
+# ("Node Unavailable", once its heartbeat expired: within 8 s of its death at join's 4 s interval).
 STAGE_TIMEOUT_S = 120
 HANG_S = 1500  # only catches a hang
 

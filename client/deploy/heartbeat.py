@@ -8,12 +8,12 @@ the SuperLink counts it dead HEARTBEAT_PATIENCE (2) intervals after its last hea
 site was noticed 54-57 s after it died, and every stage of a round that waited for it waited that
 long. The interval a SuperNode sends is what the SuperLink expires it by, so the site sets it;
 the SuperLink must accept it (`coordinator superlink --min-heartbeat-interval`, Flower refuses
-intervals under 10 s). At HEARTBEAT_INTERVAL_S = 5 a dead site is noticed within 10 s.
+intervals under 10 s). At HEARTBEAT_INTERVAL_S = 4 a dead site is noticed within 8 s.
 
 Flower sends the next heartbeat (interval - call budget) x 0.7-0.9 s after the last one answered,
-the call budget being HEARTBEAT_CALL_TIMEOUT (5 s): at an interval of 5 s that is no pause at all.
-`call_budget` keeps Flower's 5 s from 10 s up and half the interval below (at 5 s: a heartbeat every
-1.75-2.25 s, four or five within the SuperLink's 10 s). The HTTP call itself keeps Flower's 5 s
+the call budget being HEARTBEAT_CALL_TIMEOUT (5 s): at an interval of 5 s or less, no pause at all.
+`call_budget` keeps Flower's 5 s from 10 s up and half the interval below (at 4 s: a heartbeat every
+1.4-1.8 s, four or five within the SuperLink's 8 s). The HTTP call itself keeps Flower's 5 s
 timeout, and a failed one is retried after a random wait of up to 1, 2, 4 s: a site is counted dead
 by mistake only when no heartbeat reached the SuperLink for 2 x interval (docs/coordinator.md, "A
 dead site").
@@ -21,7 +21,7 @@ dead site").
 
 from __future__ import annotations
 
-HEARTBEAT_INTERVAL_S = 5.0  # a dead site noticed within 2 x this (Flower: 30 s, so 60 s)
+HEARTBEAT_INTERVAL_S = 4.0  # a dead site noticed within 2 x this (Flower: 30 s, so 60 s)
 MIN_HEARTBEAT_INTERVAL_S = 2.0  # below: heartbeats every second, a false "dead" from one slow call
 MAX_HEARTBEAT_INTERVAL_S = 1800.0  # Flower's HEARTBEAT_MAX_INTERVAL: the SuperLink refuses more
 FLOWER_CALL_BUDGET_S = 5.0  # Flower's HEARTBEAT_CALL_TIMEOUT, kept from an interval of 10 s up

@@ -74,7 +74,7 @@ EXIT_CONNECTION_ENDED = 75
 ENDED_LINE = "healthfm: the SuperNode's connection to the SuperLink ended"
 # Restarting such a SuperNode: waits between restarts (the last one repeats), reset once it has run
 # STABLE_SECONDS; a SuperLink that counts a killed SuperNode as online refuses its key until the
-# node misses its heartbeats (2 x its heartbeat interval: 10 s at `--heartbeat-interval` 5, a minute
+# node misses its heartbeats (2 x its heartbeat interval: 8 s at `--heartbeat-interval` 4, a minute
 # at Flower's 30), so a refused key that connected before is retried for REJOIN_WINDOW_SECONDS.
 RESTART_BACKOFF = (5, 10, 20, 40, 60)
 STABLE_SECONDS = 300.0

@@ -1190,7 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=MIN_HEARTBEAT_INTERVAL_S,
         metavar="S",
         help=f"the shortest heartbeat interval a site's SuperNode may send (`join --heartbeat-interval`, default "
-        f"5): a dead site is noticed 2 x its interval after its last heartbeat (default {MIN_HEARTBEAT_INTERVAL_S:g}; "
+        f"4): a dead site is noticed 2 x its interval after its last heartbeat (default {MIN_HEARTBEAT_INTERVAL_S:g}; "
         "Flower's own: 10)",
     )
     p.add_argument("--log-file")

@@ -16,7 +16,7 @@ which says why):
 - `flwr.supercore.sql_mixin.SQLITE_PRAGMAS`: busy_timeout raised from Flower's 5000 ms, read by
   Flower at every new connection (_set_sqlite_pragmas).
 - `flwr.superlink.servicer.fleet.fleet_handlers.HEARTBEAT_MIN_INTERVAL`: the shortest heartbeat
-  interval a SuperNode may send (Flower: 10 s; a site's `join --heartbeat-interval`, default 5 s,
+  interval a SuperNode may send (Flower: 10 s; a site's `join --heartbeat-interval`, default 4 s,
   client/deploy/heartbeat.py). Flower imports it by name, so that module's binding is the one read;
   if it is gone, the SuperLink refuses to start rather than refuse every site's heartbeat.
 """

@@ -16,7 +16,7 @@ not. BUSY_TIMEOUT_MS is that wait; everything else is Flower's own. It matters w
 Heartbeats (flwr 1.41, flwr/superlink/servicer/fleet/fleet_handlers.py): the SuperLink counts a
 SuperNode dead 2 x the interval the node sends after its last heartbeat, and refuses an interval
 under HEARTBEAT_MIN_INTERVAL = 10 s, so a crashed site is noticed after 20 s at best (60 s at
-Flower's 30 s). Sites send 5 s by default (`join --heartbeat-interval`, client/deploy/heartbeat.py);
+Flower's 30 s). Sites send 4 s by default (`join --heartbeat-interval`, client/deploy/heartbeat.py);
 `--min-heartbeat-interval` (default MIN_HEARTBEAT_INTERVAL_S) is the shortest this SuperLink accepts.
 
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
