@@ -48,7 +48,6 @@ import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from client.deploy.approval import ApprovalError, approve, read_bundle  # noqa: E402
-from client.deploy.heartbeat import HEARTBEAT_INTERVAL_S  # noqa: E402
 from client.deploy.join import JoinConfig, JoinError, join  # noqa: E402
 from client.deploy.supernode_pace import POLL_INTERVAL_S  # noqa: E402
 from client.model_use import (  # noqa: E402
@@ -584,13 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the SuperNode asks the SuperLink for work every S seconds while idle (default {POLL_INTERVAL_S:g}; "
         "Flower's own: 3)",
     )
+    heartbeat_default = JoinConfig.model_fields["heartbeat_interval"].default  # client/deploy/heartbeat.py
     join.add_argument(
         "--heartbeat-interval",
         type=float,
-        default=HEARTBEAT_INTERVAL_S,
+        default=heartbeat_default,
         metavar="S",
         help=f"the SuperNode tells the SuperLink it is alive every S/2 seconds or so; the SuperLink counts the "
-        f"site dead (and its rounds go on without it) 2 x S after the last one (default {HEARTBEAT_INTERVAL_S:g}; "
+        f"site dead (and its rounds go on without it) 2 x S after the last one (default {heartbeat_default:g}; "
         "Flower's own: 30). Raise it on a link where a call can stall for seconds; the coordinator's "
         "`superlink --min-heartbeat-interval` must allow it",
     )

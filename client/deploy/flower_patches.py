@@ -19,7 +19,10 @@ says why): Flower imports its constants by name, so each module's own binding is
 - `heartbeat.HEARTBEAT_DEFAULT_INTERVAL` and `heartbeat.HEARTBEAT_CALL_TIMEOUT`: how soon
   HeartbeatSender sends the next one (the HTTP call's own timeout, fleet_http_client's, stays 5 s).
 A name gone in another Flower fails `set_heartbeat` (the SuperNode does not start): never a site
-silently back on Flower's 60 s.
+silently back on Flower's 60 s. Left at Flower's 30 s on purpose: `flwr.supercore.corestate`'s
+HEARTBEAT_DEFAULT_INTERVAL (the SuperNode's expiry of its ClientApps' task claims), since the
+ClientApp processes (Flower's, client/deploy/warm_clientapp.py) send their task heartbeats at
+Flower's default, and one side changed alone would expire them.
 The warm ClientApp (`python -m client.deploy.warm_clientapp`, `set_pull_backoff`):
 - `run_clientapp.pull_and_inflate_object_from_tree`: a short backoff too (client/deploy/warm_clientapp.py
   says why: the guard hands a task over before the SuperNode has the message's objects).
