@@ -4,6 +4,8 @@
     nice -n 5 python benchmarks/federation_round.py --modes warm --rounds 4 --local-steps 50
     python benchmarks/federation_round.py --modes warm --states file memory --rounds 5
     nice -n 5 python benchmarks/federation_round.py --modes warm --secure --rounds 3 --local-steps 10 --eval-tasks ""
+    nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/federation_round.py --modes warm --secure --dead-site \
+        --model small --rounds 4 --local-steps 10 --eval-tasks "" --threads 1     # issue 45's three targets
 
 A real deployment on 127.0.0.1, started as the slow tests start it (tests/deploy_fixtures.py):
 `coordinator provision`, `coordinator superlink` (TLS, SuperNode authentication, the nginx proxy
@@ -26,8 +28,14 @@ printed is other / round. --secure: each mode runs a second time under secure ag
 (`secure-aggregation=true`, `secagg-min-holders=2` so that the groups two of the three sites hold
 are unmasked too: every group's protocol runs; the sites' policy lowers their own floor,
 `secagg_min_holders: 2`, to accept it), its label suffixed `-secure`; the summary gives
-its round time over the plain run's (issue 32: <= 1.25). Target (issue 13): other <= 10% of a round after the first, at 50
-local steps on tiny.
+its round time over the plain run's (issue 45: <= 1.15 at `small`, 10 local steps). --dead-site: one
+more warm plain run of 2 rounds in which hospital's `join` and everything below it are killed
+(SIGKILL, no goodbye) as its SuperNode logs round 2's train message; the time from the kill to the
+server naming it (the SuperLink's "Node Unavailable" reply: rounds.jsonl `sent_at` +
+`reply_after_seconds`) is a dead site's cost to a round (issue 45: <= 10 s; the SuperLink expires a
+site 2 x its heartbeat interval after its last heartbeat, 8 s at `join`'s 4 s, client/deploy/heartbeat.py). Targets:
+other <= 5% of a warm plain round after the first (issue 45; issue 13 asked 10% at 50 local steps
+on tiny). The last lines put the three side by side.
 
 Then "other" by hop, for the site whose reply came last (benchmarks/round_hops.py: from the
 ServerApp's rounds.jsonl and the sites' SuperNode and app-guard logs, on this machine's clock):
@@ -58,11 +66,11 @@ from deploy_fixtures import (  # noqa: E402
     Process,
     join_args,
     round_events,
-    run_coordinator,
     site_policy,
     start_registered_superlink,
 )
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
+from test_faults import Background, kill_hard  # noqa: E402
 
 from healthfm_core.data.synthetic import generate_federation  # noqa: E402
 from server.deploy.coordinator import main as coordinator_main  # noqa: E402
@@ -99,11 +107,47 @@ def provision(work: Path) -> FederationPaths:
     return fed
 
 
+TRAIN_RECEIVED = "Receiving: train message"  # a SuperNode's line as a round's train message arrives
+DEAD_SITE = "hospital"
+DEAD_ROUND = 2  # killed as this round's train message arrives: it trained the round before
+
+
+def kill_in_round(proc: Process, state: Path, run: Background, rnd: int) -> float:
+    """SIGKILL `proc` (a site's join) once its SuperNode log (STATE/supernode.log, from now on)
+    shows round `rnd`'s train message arriving; the wall clock of the kill."""
+    log = state / "supernode.log"
+    offset = log.stat().st_size if log.is_file() else 0
+    while True:
+        text = log.read_text(errors="replace")[offset:] if log.is_file() else ""
+        if text.count(TRAIN_RECEIVED) >= rnd:
+            killed_at = time.time()
+            kill_hard(proc)
+            return killed_at
+        if not run.thread.is_alive():
+            raise SystemExit(f"the run ended before {DEAD_SITE} got round {rnd}'s train message")
+        time.sleep(0.02)
+
+
+def noticed_after(event: dict, site: str, killed_at: float) -> float | None:
+    """Seconds from the kill to the server having the SuperLink's answer for the dead site."""
+    entry = event["sites"].get(site, {})
+    if "reply_after_seconds" not in entry or "sent_at" not in event.get("timings", {}):
+        return None
+    return float(event["timings"]["sent_at"] + entry["reply_after_seconds"] - killed_at)
+
+
 def one_mode(
-    mode: str, fed: FederationPaths, address: str, roots: dict[str, Path], work: Path, args: argparse.Namespace
+    mode: str,
+    fed: FederationPaths,
+    address: str,
+    roots: dict[str, Path],
+    work: Path,
+    args: argparse.Namespace,
+    dead: dict[str, float] | None = None,
 ) -> list[dict]:
     """One run of `mode` sites against the SuperLink at `address`; `mode` also names the log files
-    under `work` (e.g. warm-memory)."""
+    under `work` (e.g. warm-memory). With `dead` (a dict to fill), DEAD_SITE is killed in round
+    DEAD_ROUND and `dead` gets how soon the server named it and that round's wait."""
     clientapp = mode.split("-")[0]
     joins: dict[str, Process] = {}
     try:
@@ -124,13 +168,13 @@ def one_mode(
                 raise SystemExit(f"{name} did not join:\n{proc.output()[-3000:]}")
         out = work / f"run-{mode}"
         t0 = time.perf_counter()
-        result = run_coordinator(
+        launch = Background(
             "launch",
             str(fed.root),
             "--out-dir",
             str(out),
             "--rounds",
-            str(args.rounds),
+            str(DEAD_ROUND if dead is not None else args.rounds),
             *run_config(args.local_steps, args.eval_tasks, args.model),
             *(["-c", "secure-aggregation=true", "-c", "secagg-min-holders=2"] if mode.endswith("-secure") else []),
             "--wait",
@@ -138,14 +182,27 @@ def one_mode(
             "3000",
             timeout=3300,
         )
+        if dead is not None:
+            dead["killed_at"] = kill_in_round(joins[DEAD_SITE], work / f"state-{mode}-{DEAD_SITE}", launch, DEAD_ROUND)
+        launch.join(3400)
+        result = launch.result
+        assert result is not None
         wall = time.perf_counter() - t0
-        if result.returncode != 0:  # the rounds it did finish are still reported
+        if result.returncode != 0 and not (dead is not None and result.returncode == 4):  # 4: the killed site is lost
             print(
                 f"\n{mode}: the run failed ({result.returncode}): {(result.stdout + result.stderr)[-1500:]}", flush=True
             )
         if not (out / "rounds.jsonl").is_file():
             return []
         events, rounds = round_events(out)
+        if dead is not None and DEAD_ROUND in rounds:
+            event = rounds[DEAD_ROUND]
+            dead["wait_s"] = float(event["timings"]["wait_seconds"])
+            if (after := noticed_after(event, DEAD_SITE, dead["killed_at"])) is not None:
+                dead["noticed_s"] = after
+            entry = event["sites"].get(DEAD_SITE, {})
+            print(f"\n{mode}: {DEAD_SITE} killed in round {DEAD_ROUND}: {entry.get('status')} ({entry.get('reason')})")
+            return []  # its rounds are not the plain ones
         logs = {name: site_logs(work / f"state-{mode}-{name}") for name in SITES}
         setup = next((e for e in events if e["event"] == "setup"), {})
         evaluation = next((e for e in events if e["event"] == "evaluate"), {})
@@ -177,6 +234,8 @@ def one_mode(
             }
             if not mode.endswith("-secure"):  # round_hops reads one train exchange; a secure round has four
                 row.update(critical_path(rnd, rounds[rnd], logs))
+            else:  # each stage's messages out to its last reply (server/secure_round.py)
+                row["stages"] = (rounds[rnd].get("secure_aggregation") or {}).get("stage_seconds") or {}
             rows.append(row)
         if args.keep:
             print(f"{mode}: logs under {work}")
@@ -235,6 +294,9 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument("--model", default="tiny", help="the run's model (configs/model/)")
     p.add_argument("--secure", action="store_true", help="each mode also under secure aggregation (docstring)")
+    p.add_argument(
+        "--dead-site", action="store_true", help="one more warm run in which a site is killed mid-round (docstring)"
+    )
     args = p.parse_args()
     if args.rounds < 2 or args.local_steps < 1:
         p.error("--rounds >= 2 (the target is about rounds after the first), --local-steps >= 1")
@@ -252,6 +314,7 @@ def main() -> int:
     fed = provision(work)
     rows: list[dict] = []
     labels: list[str] = []
+    dead: dict[str, float] = {}
     try:
         for state in args.states:
             superlink, address = start_registered_superlink(fed, "--state", state, out=work / f"superlink-{state}.out")
@@ -260,6 +323,8 @@ def main() -> int:
                     for secure in ("", "-secure") if args.secure else ("",):
                         labels.append(label := f"{mode}-{state}{secure}")
                         rows += one_mode(label, fed, address, roots, work, args)
+                if args.dead_site and state == args.states[0]:
+                    one_mode(f"warm-{state}-dead", fed, address, roots, work, args, dead)
             finally:
                 superlink.stop()
     finally:
@@ -286,9 +351,11 @@ def main() -> int:
     print("\nFlower objects per message (each moved by its own request; largest over the sites):")
     for r in rows:
         print(f"  {r['mode']} round {r['round']}: train message {r['objects_sent']}, reply {r['objects_received']}")
-    print("\nafter the first round (median other share; target <= 10%):")
+    print("\nafter the first round (median other share; target <= 5% warm, issue 45):")
     summary = {}
     for mode in labels:
+        if mode.endswith("-secure"):  # its replies carry no training time: no "other" to tell
+            continue
         later = [r for r in rows if r["mode"] == mode and r["round"] > 1]
         if not later:
             print(f"  {mode}: no round after the first completed")
@@ -297,23 +364,72 @@ def main() -> int:
         other = statistics.median(r["other_s"] for r in later)
         summary[mode] = other
         print(
-            f"  {mode}: other {other:.1f} s per round, {share:.1%} of a round ({'met' if share <= 0.10 else 'NOT met'})"
+            f"  {mode}: other {other:.1f} s per round, {share:.1%} of a round ({'met' if share <= 0.05 else 'NOT met'})"
         )
     for state in args.states:  # ratios within this run
         cold, warm = summary.get(f"cold-{state}"), summary.get(f"warm-{state}")
         if cold and warm:
             print(f"  {state}: warm/cold other time x{warm / cold:.2f}")
-    for label in labels:  # issue 32: a secure round <= 1.25 x the plain one
-        later = [r["round_s"] for r in rows if r["mode"] == f"{label}-secure" and r["round"] > 1]
-        plain = [r["round_s"] for r in rows if r["mode"] == label and r["round"] > 1]
-        if later and plain:
-            ratio = statistics.median(later) / statistics.median(plain)
-            print(f"  {label}: secure/plain round time x{ratio:.2f} ({'met' if ratio <= 1.25 else 'NOT met'}: <= 1.25)")
+    for label in labels:  # issue 45: a secure round <= 1.15 x the plain one
+        if (ratio := secure_ratio(rows, label)) is not None:
+            print(f"  {label}: secure/plain round time x{ratio:.2f} ({'met' if ratio <= 1.15 else 'NOT met'}: <= 1.15)")
     for mode in args.modes:
         file, memory = summary.get(f"{mode}-file"), summary.get(f"{mode}-memory")
         if file and memory:
             print(f"  {mode}: memory/file other time x{memory / file:.2f}")
+    print_targets(rows, dead, args)
     return 0
+
+
+def secure_ratio(rows: list[dict], label: str) -> float | None:
+    """Median secure round over median plain round of `label`, rounds after the first."""
+    secure = [r["round_s"] for r in rows if r["mode"] == f"{label}-secure" and r["round"] > 1]
+    plain = [r["round_s"] for r in rows if r["mode"] == label and r["round"] > 1]
+    return statistics.median(secure) / statistics.median(plain) if secure and plain else None
+
+
+def print_targets(rows: list[dict], dead: dict[str, float], args: argparse.Namespace) -> None:
+    """Issue 45's three targets, side by side (warm sites, the first SuperLink store)."""
+    label = f"warm-{args.states[0]}"
+    plain = [r for r in rows if r["mode"] == label and r["round"] > 1]
+    secure = [r for r in rows if r["mode"] == f"{label}-secure" and r["round"] > 1]
+    ratio = secure_ratio(rows, label)
+    overhead = statistics.median(r["other_s"] / r["round_s"] for r in plain) if plain else None
+
+    def verdict(value: float | None, target: float) -> str:
+        return "-" if value is None else ("met" if value <= target else "NOT met")
+
+    print(
+        f"\nissue 45, {label}, model {args.model}, {args.local_steps} local steps (medians of rounds after the first):"
+    )
+    print(f"{'':<46}{'plain':>8}{'secure':>8}   {'measured':<19}{'target':<10}")
+    ratio_text = f"secure/plain x{ratio:.2f}" if ratio is not None else "-"
+    print(
+        f"{'round (s)':<46}{cell(plain, 'round_s')}{cell(secure, 'round_s')}   {ratio_text:<19}{'<= x1.15':<10}{verdict(ratio, 1.15)}"
+    )
+    print(f"{'  the slowest site training (s)':<46}{cell(plain, 'train_max_s')}{'-':>8}")
+    share_text = f"plain {overhead:.1%}" if overhead is not None else "-"
+    print(
+        # a secure reply carries no training time (server/secure_round.py): its rest is not known
+        f"{'  the rest: configure, push, pull, aggr., ckpt':<46}{cell(plain, 'other_s')}{'-':>8}   "
+        f"{share_text:<19}{'<= 5%':<10}{verdict(overhead, 0.05)}"
+    )
+    stages = [r["stages"] for r in secure if r.get("stages")]
+    if stages:
+        medians = {k: statistics.median(st[k] for st in stages if k in st) for k in stages[0]}
+        print(f"{'  secure stages (s): ' + ', '.join(f'{k} {v:.2f}' for k, v in medians.items())}")
+    noticed = dead.get("noticed_s")
+    noticed_text = f"{noticed:.1f} s" if noticed is not None else "-"
+    print(
+        f"{'a dead site named, after its kill':<46}{'':>16}   {noticed_text:<19}{'<= 10 s':<10}{verdict(noticed, 10.0)}"
+    )
+    if "wait_s" in dead:
+        print(f"{'  its round: messages out to the end (s)':<46}{dead['wait_s']:8.2f}")
+
+
+def cell(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{statistics.median(values):8.2f}" if values else f"{'-':>8}"
 
 
 if __name__ == "__main__":

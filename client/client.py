@@ -299,6 +299,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             clientapp=args.clientapp,
             warm_idle=args.warm_idle,
             poll_interval=args.poll_interval,
+            heartbeat_interval=args.heartbeat_interval,
             new_privacy_budget=args.new_privacy_budget,
             proxy=args.proxy,
         )
@@ -581,6 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"the SuperNode asks the SuperLink for work every S seconds while idle (default {POLL_INTERVAL_S:g}; "
         "Flower's own: 3)",
+    )
+    heartbeat_default = JoinConfig.model_fields["heartbeat_interval"].default  # client/deploy/heartbeat.py
+    join.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=heartbeat_default,
+        metavar="S",
+        help=f"the SuperNode tells the SuperLink it is alive every S/2 seconds or so; the SuperLink counts the "
+        f"site dead (and its rounds go on without it) 2 x S after the last one (default {heartbeat_default:g}; "
+        "Flower's own: 30). Raise it on a link where a call can stall for seconds; the coordinator's "
+        "`superlink --min-heartbeat-interval` must allow it",
     )
     join.add_argument(
         "--proxy",

@@ -20,8 +20,9 @@ Round wait. Every server -> sites exchange (capabilities, setup, each training r
 waits at most FederationConfig.timeout_s for replies (Grid.send_and_receive(timeout=...)); the
 round then completes with the replies that arrived, and a site that stayed silent is recorded as
 "no reply". A SuperNode that dies stops sending heartbeats; after 2 x its heartbeat interval
-(Flower's HEARTBEAT_PATIENCE; the interval is 30 s by default) the SuperLink answers for it with
-an error reply (NODE_UNAVAILABLE, sent from the SuperLink's node id), which ends the wait early.
+(Flower's HEARTBEAT_PATIENCE; the interval is the site's `join --heartbeat-interval`, 4 s by default,
+client/deploy/heartbeat.py; Flower's own 30 s) the SuperLink answers for it with an error reply
+(NODE_UNAVAILABLE, sent from the SuperLink's node id), which ends the wait early.
 """
 
 from __future__ import annotations

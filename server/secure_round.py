@@ -137,6 +137,8 @@ class _Stages:
         self.cfg, self.grid, self.roster, self.sites, self.max_bytes = cfg, grid, roster, sites, max_bytes
         self.rejected: list[RejectedReply] = []
         self.exchange = ExchangeTimes()  # the training exchange's (stage 3), as a plain round's
+        # Each stage's messages out to its last reply (or a dead site's "Node Unavailable", or timeout-s).
+        self.seconds: dict[str, float] = {}
 
     def fail(self, node: int, status: SiteStatus, reason: str) -> None:
         entry = self.sites.setdefault(self.roster.site(node), SiteOutcome(node_id=node))
@@ -153,7 +155,9 @@ class _Stages:
         for msg in messages:
             entry = self.sites.setdefault(self.roster.site(msg.metadata.dst_node_id), SiteOutcome(node_id=0))
             entry.bytes_sent = (entry.bytes_sent or 0) + message_size(msg)[0]
+        times = times if times is not None else ExchangeTimes()
         replies = send_and_receive(self.grid, messages, self.cfg.timeout_s, times)
+        self.seconds[stage] = time.time() - times.push_start
         parsed: dict[int, M] = {}
         answered = set()
         for need in setup_needed(replies, messages):
@@ -306,6 +310,7 @@ def run_secure_round(
         for entry in sites.values():  # a site still waiting on a later stage: the failure is why
             if entry.status == "no reply" and entry.reason is None:
                 entry.reason = f"the secure round failed: {err}"
+    secure["stage_seconds"] = dict(stages.seconds)
     lags = {  # from the training stage's push to each masked reply: next round's push order
         m.metadata.dst_node_id: arrived - stages.exchange.push_start
         for m in masks

@@ -236,7 +236,8 @@ def test_nginx_limits_each_address_and_never_runs_its_workers_as_root(
 ) -> None:
     """nginx.conf never says `user root;` (break 7): started by root, its workers run as an
     unprivileged user, seen in the process table. One address holds at most PUSH_CONNECTIONS
-    object pushes in progress at once: the next is refused with 429, never forwarded."""
+    object pushes in progress at once: the next is refused with 503 (what Flower's SuperNode retries),
+    never forwarded."""
     fed, port, seen = proxied
     text = (fed.server_dir / "nginx.conf").read_text()
     assert not re.search(r"^\s*user\s+root\s*;", text, re.M)
@@ -261,7 +262,7 @@ def test_nginx_limits_each_address_and_never_runs_its_workers_as_root(
             held.append(conn)
         while len(seen) < PUSH_CONNECTIONS:  # each reached the upstream
             time.sleep(0.05)
-        assert raw_request(fed, port, "POST", "/v1/fleet/push-object", body=b"x")[0] == 429
+        assert raw_request(fed, port, "POST", "/v1/fleet/push-object", body=b"x")[0] == 503
         assert len(seen) == PUSH_CONNECTIONS
     finally:
         for conn in held:

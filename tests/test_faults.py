@@ -8,7 +8,8 @@ three SuperNodes started with `client.py join` (fixtures in tests/deploy_fixture
 - A SuperNode killed mid-round and restarted (same key, same node id): it gets the setup again
   and trains in a later round of the same run; every round it missed is in the audit log.
 - A SuperNode killed (SIGKILL) as round 1 starts: the round completes with the other two sites,
-  the dead site is recorded (rounds.jsonl and the audit log) and contributes nothing; the site
+  the dead site is recorded (rounds.jsonl and the audit log) and contributes nothing, answered for
+  by the SuperLink within seconds of the kill (its 4 s heartbeat, not Flower's 30 s); the site
   then rejoins with the same key and takes part in the next run.
 - The SuperLink killed mid-run (with its ServerApp): `launch --wait` says it is unreachable (exit
   5, not "no such run"); restarted on the same database, `resume` ends with the weights of an
@@ -62,6 +63,12 @@ pytestmark = pytest.mark.slow
 RUN_TIMEOUT = "2400"  # the coordinator's own `--wait --timeout`
 HANG_S = 2500  # the test's limit around a coordinator command or a wait
 ROUND_TIMEOUT_S = 1200  # timeout-s where a test shows a round did not wait it out
+# A killed site is answered for by the SuperLink 2 x its heartbeat interval after its last heartbeat:
+# within 8 s at `join`'s 4 s (client/deploy/heartbeat.py). At Flower's own 30 s no heartbeat is more
+# than 27.5 s old at the kill, so not before 32.5 s after it. This bound tells the two apart with
+# 22 s to spare for a loaded machine's late pull (it is not a speed target: that is
+# benchmarks/federation_round.py's).
+NOTICED_WITHIN_S = 30.0
 
 
 # One uninterrupted run, shared by the tests that resume (its out-dir outlives the test that made it).
@@ -355,6 +362,7 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
     )
     # Round 0 is over (setup logged): round 1's train messages are being sent now.
     wait_until(lambda: has_event(out, "setup"), HANG_S, "round 0")
+    killed_at = time.time()
     kill_hard(joined[victim])
     launch.join(HANG_S)
     # The run completes without the site; killed in the run's only round, it never trained in
@@ -364,12 +372,13 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
 
     _, rounds = round_events(out)
     event = rounds[1]
-    # The round did not wait out its timeout: the SuperLink answered for the dead node (once its
-    # heartbeat expired, about a minute). Measured by the round itself, not by this test's clock.
-    assert event["timings"]["wait_seconds"] < ROUND_TIMEOUT_S - 60, event["timings"]
+    # The round did not wait out its timeout: the SuperLink answered for the dead node once its
+    # heartbeat expired, and the round recorded when that answer came (wall clock, as sent_at).
     assert set(event["sites"]) == set(SITES)
     dead = event["sites"][victim]
-    assert dead["status"] in ("error", "no reply"), dead
+    assert dead["status"] == "error" and "Node Unavailable" in dead["reason"], dead
+    noticed_at = event["timings"]["sent_at"] + dead["reply_after_seconds"]
+    assert noticed_at - killed_at < NOTICED_WITHIN_S, (noticed_at - killed_at, event["timings"], dead)
     for name in set(SITES) - {victim}:
         assert event["sites"][name]["status"] == "ok", (name, event["sites"][name])
     assert event["updated"] is True
@@ -381,8 +390,7 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
     by_site = {r["site"]: r for r in records}
     assert set(by_site) == set(SITES)
     assert by_site[victim]["status"] == dead["status"] and by_site[victim]["groups_contributed"] == []
-    if dead["status"] == "error":
-        assert "Node Unavailable" in by_site[victim]["reason"]
+    assert "Node Unavailable" in by_site[victim]["reason"]
     assert by_site["biobank"]["groups_contributed"] == ["ehr", "genomics", "shared", "wearables"]
 
     # The site rejoins (same key, same state) and takes part in the next run.

@@ -18,6 +18,7 @@ from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.deploy.flower_patches import set_pace, telling, until_message
+from client.deploy.heartbeat import HEARTBEAT_INTERVAL_S
 from client.deploy.join import JoinConfig, supernode_command
 from client.deploy.supernode_main import parse
 from client.deploy.supernode_pace import POLL_INTERVAL_S, CappedSleepTime, PollSchedule, SupernodePace
@@ -166,35 +167,49 @@ def test_the_capped_time_is_the_time_module_but_for_sleep() -> None:
 
 
 def test_the_launcher_reads_its_options_then_hands_flower_its_own() -> None:
-    pace, argv = parse(
+    pace, heartbeat, argv = parse(
         [
             "--poll-interval",
             "0.3",
             "--reply-poll",
             "0.1",
+            "--heartbeat-interval",
+            "7",
             "/venv/bin/flower-supernode",
             "--superlink",
             "h:1",
             "--insecure",
         ]
     )
-    assert pace == SupernodePace(poll_interval=0.3, reply_poll=0.1)
+    assert pace == SupernodePace(poll_interval=0.3, reply_poll=0.1) and heartbeat == 7
     assert argv == ["/venv/bin/flower-supernode", "--superlink", "h:1", "--insecure"]
-    pace, argv = parse(["/venv/bin/flower-supernode", "--poll-interval", "9"])  # after the path: Flower's
-    assert pace == SupernodePace() and argv == ["/venv/bin/flower-supernode", "--poll-interval", "9"]
+    pace, heartbeat, argv = parse(["/venv/bin/flower-supernode", "--poll-interval", "9"])  # after the path: Flower's
+    assert pace == SupernodePace() and heartbeat == HEARTBEAT_INTERVAL_S
+    assert argv == ["/venv/bin/flower-supernode", "--poll-interval", "9"]
 
 
 @pytest.mark.parametrize(
     "args",
-    [["--poll-interval", "0"], ["--pull-backoff", "-1"], ["--reply-poll", "0"], ["--fast-poll-interval", "0.001"], []],
+    [
+        ["--poll-interval", "0"],
+        ["--pull-backoff", "-1"],
+        ["--reply-poll", "0"],
+        ["--fast-poll-interval", "0.001"],
+        ["--heartbeat-interval", "1"],
+        ["--heartbeat-interval", "2000"],
+        [],
+    ],
 )
 def test_the_launcher_refuses_a_bad_pace_or_no_flower(args: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
         parse([*args, *(["/venv/bin/flower-supernode"] if args else [])])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
+    named = args[0] if args and args[0] == "--heartbeat-interval" else None  # ours, not a pace field
     assert (
-        (args[0].lstrip("-").replace("-", "_").replace("pull_backoff", "pull_initial_backoff") in err)
+        (f"{named} {float(args[1]):g}" in err)
+        if named
+        else (args[0].lstrip("-").replace("-", "_").replace("pull_backoff", "pull_initial_backoff") in err)
         if args
         else ("flower-supernode" in err)
     )

@@ -12,6 +12,17 @@ The SuperNode (`python -m client.deploy.supernode_main`, `set_pace`; client/depl
   ClientApp's reply and its objects in 0.5 s steps);
 - `start_client_internal.pull_objects`: Flower's own function with a short backoff (Flower
   retries a message's objects after 1, 2, 4, 8, 10 s).
+The SuperNode's heartbeat (`set_heartbeat`, from client/deploy/supernode_main.py; client/deploy/heartbeat.py
+says why): Flower imports its constants by name, so each module's own binding is set:
+- `fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL`: the interval the node sends when it activates
+  and with every heartbeat (the SuperLink expires it after 2 x this);
+- `heartbeat.HEARTBEAT_DEFAULT_INTERVAL` and `heartbeat.HEARTBEAT_CALL_TIMEOUT`: how soon
+  HeartbeatSender sends the next one (the HTTP call's own timeout, fleet_http_client's, stays 5 s).
+A name gone in another Flower fails `set_heartbeat` (the SuperNode does not start): never a site
+silently back on Flower's 60 s. Left at Flower's 30 s on purpose: `flwr.supercore.corestate`'s
+HEARTBEAT_DEFAULT_INTERVAL (the SuperNode's expiry of its ClientApps' task claims), since the
+ClientApp processes (Flower's, client/deploy/warm_clientapp.py) send their task heartbeats at
+Flower's default, and one side changed alone would expire them.
 The warm ClientApp (`python -m client.deploy.warm_clientapp`, `set_pull_backoff`):
 - `run_clientapp.pull_and_inflate_object_from_tree`: a short backoff too (client/deploy/warm_clientapp.py
   says why: the guard hands a task over before the SuperNode has the message's objects).
@@ -24,11 +35,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flwr.supercore.heartbeat as flower_heartbeat
+import flwr.supernode.fleet_http_connection as flower_connection
 import flwr.supernode.start_client_internal as flower_loop
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree, pull_objects
 from flwr.supernode.runtime import run_clientapp
 
+from client.deploy.heartbeat import call_budget
 from client.deploy.supernode_pace import CappedSleepTime, PollSchedule, SupernodePace
+from healthfm_core.rebind import rebind
 
 FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
 WRAPPED = "__healthfm_pace__"  # marks our wrappers of Flower's functions
@@ -97,4 +112,17 @@ def set_pull_backoff(initial: float = PULL_INITIAL_BACKOFF_S, cap: float = PULL_
     s, doubling up to `cap`."""
     run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
         pull_and_inflate_object_from_tree, initial_backoff=initial, backoff_cap=cap
+    )
+
+
+def set_heartbeat(interval: float) -> None:
+    """This process's SuperNode sends `interval` as its heartbeat interval (the SuperLink counts it
+    dead 2 x `interval` after its last heartbeat) and beats often enough for it
+    (client/deploy/heartbeat.py). Before flower_supernode() runs."""
+    here = "client/deploy/flower_patches.py set_heartbeat"
+    rebind(flower_connection, {"HEARTBEAT_DEFAULT_INTERVAL": interval}, here)
+    rebind(
+        flower_heartbeat,
+        {"HEARTBEAT_DEFAULT_INTERVAL": interval, "HEARTBEAT_CALL_TIMEOUT": call_budget(interval)},
+        here,
     )

@@ -46,6 +46,7 @@ from typing import Any, Literal, TextIO
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from client.deploy.approval import approved_apps
+from client.deploy.heartbeat import HEARTBEAT_INTERVAL_S, MAX_HEARTBEAT_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S
 from client.deploy.privacy_budget import check_privacy_budget
 from client.deploy.proxy_route import (
     ProxyError,
@@ -73,8 +74,8 @@ EXIT_CONNECTION_ENDED = 75
 ENDED_LINE = "healthfm: the SuperNode's connection to the SuperLink ended"
 # Restarting such a SuperNode: waits between restarts (the last one repeats), reset once it has run
 # STABLE_SECONDS; a SuperLink that counts a killed SuperNode as online refuses its key until the
-# node misses its heartbeats (flwr 1.41: 2 x 30 s), so a refused key that connected before is
-# retried for REJOIN_WINDOW_SECONDS.
+# node misses its heartbeats (2 x its heartbeat interval: 8 s at `--heartbeat-interval` 4, a minute
+# at Flower's 30), so a refused key that connected before is retried for REJOIN_WINDOW_SECONDS.
 RESTART_BACKOFF = (5, 10, 20, 40, 60)
 STABLE_SECONDS = 300.0
 REJOIN_RETRY_SECONDS = 10.0
@@ -118,6 +119,10 @@ class JoinConfig(BaseModel):
     warm_idle: float = Field(default=600.0, gt=0)  # stop a run's warm ClientApp after this idle time
     # The SuperNode's idle pull interval (client/deploy/supernode_pace.py; Flower's own is 3 s).
     poll_interval: float = Field(default=POLL_INTERVAL_S, gt=0, le=60)
+    # The SuperLink counts the site dead 2 x this after its last heartbeat (client/deploy/heartbeat.py).
+    heartbeat_interval: float = Field(
+        default=HEARTBEAT_INTERVAL_S, ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S
+    )
     # Start a new privacy ledger where the state dir's is refused (client/deploy/privacy_budget.py).
     new_privacy_budget: bool = False
     # A forward proxy to the SuperLink (http://HOST:PORT), else the environment's (HTTPS_PROXY, ...).
@@ -320,6 +325,8 @@ def supernode_command(cfg: JoinConfig, node_config_file: Path, runtime_port: int
         "-m",
         "client.deploy.supernode_main",
         *SupernodePace(poll_interval=cfg.poll_interval).args(),
+        "--heartbeat-interval",
+        str(cfg.heartbeat_interval),
         flower_executable("flower-supernode"),
         "--superlink",
         cfg.superlink,

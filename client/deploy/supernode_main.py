@@ -2,7 +2,7 @@
 for rounds of seconds.
 
     python -m client.deploy.supernode_main [--poll-interval S] [--pull-backoff S] [--pull-backoff-cap S] \
-        PATH/TO/flower-supernode [flower-supernode options]
+        [--heartbeat-interval S] PATH/TO/flower-supernode [flower-supernode options]
 
 Why (read from flwr 1.41, flwr/supernode/fleet_http_connection.py and start_client_internal.py):
 when a Fleet API call fails with a status Flower does not retry (e.g. the SuperLink answers
@@ -17,7 +17,9 @@ the node said goodbye to the SuperLink), never through the line below.
 
 Pace (client/deploy/supernode_pace.py says why): `set_pace` (client/deploy/flower_patches.py, where every
 change to Flower's code on the site's side is) changes Flower's loop in this process only, once,
-before Flower's SuperNode starts. Flower's log lines get timestamps: when a message came and when
+before Flower's SuperNode starts. Heartbeat (client/deploy/heartbeat.py says why): `set_heartbeat`, the
+same file, the same way: the SuperLink counts this site dead 2 x `--heartbeat-interval` after its
+last heartbeat (Flower: 2 x 30 s). Flower's log lines get timestamps: when a message came and when
 its reply left is where a round's time went.
 """
 
@@ -31,13 +33,14 @@ from collections.abc import Sequence
 from flwr.supercore.logger import update_console_handler
 from flwr.supernode.cli import flower_supernode
 
-from client.deploy.flower_patches import set_pace
+from client.deploy.flower_patches import set_heartbeat, set_pace
+from client.deploy.heartbeat import HEARTBEAT_INTERVAL_S, MAX_HEARTBEAT_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S
 from client.deploy.join import ENDED_LINE, EXIT_CONNECTION_ENDED
 from client.deploy.supernode_pace import SupernodePace
 
 
-def parse(argv: Sequence[str]) -> tuple[SupernodePace, list[str]]:
-    """Our options, then Flower's argv (its executable first)."""
+def parse(argv: Sequence[str]) -> tuple[SupernodePace, float, list[str]]:
+    """Our options (the pace, the heartbeat interval), then Flower's argv (its executable first)."""
     parser = argparse.ArgumentParser(
         prog="python -m client.deploy.supernode_main", description=__doc__.split("\n\n")[0]
     )
@@ -48,6 +51,7 @@ def parse(argv: Sequence[str]) -> tuple[SupernodePace, list[str]]:
     parser.add_argument("--reply-poll", type=float, default=defaults.reply_poll, metavar="S")
     parser.add_argument("--pull-backoff", type=float, default=defaults.pull_initial_backoff, metavar="S")
     parser.add_argument("--pull-backoff-cap", type=float, default=defaults.pull_backoff_cap, metavar="S")
+    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S, metavar="S")
     parser.add_argument("flower", nargs=argparse.REMAINDER, help="PATH/TO/flower-supernode and its options")
     args = parser.parse_args(argv)
     if not args.flower:
@@ -63,12 +67,18 @@ def parse(argv: Sequence[str]) -> tuple[SupernodePace, list[str]]:
         )
     except ValueError as err:  # pydantic names the field and value
         parser.error(str(err))
-    return pace, list(args.flower)
+    if not MIN_HEARTBEAT_INTERVAL_S <= args.heartbeat_interval <= MAX_HEARTBEAT_INTERVAL_S:
+        parser.error(
+            f"--heartbeat-interval {args.heartbeat_interval:g}: must be from {MIN_HEARTBEAT_INTERVAL_S:g} to "
+            f"{MAX_HEARTBEAT_INTERVAL_S:g} s"
+        )
+    return pace, args.heartbeat_interval, list(args.flower)
 
 
 def main() -> None:
-    pace, flower_argv = parse(sys.argv[1:])
+    pace, heartbeat_interval, flower_argv = parse(sys.argv[1:])
     set_pace(pace)
+    set_heartbeat(heartbeat_interval)
     update_console_handler(timestamps=True)
     # Flower reads its options from sys.argv and names itself after argv[0] (telemetry, messages).
     sys.argv = flower_argv

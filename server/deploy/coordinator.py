@@ -115,6 +115,7 @@ from server.deploy.provision import (
 )
 from server.deploy.proxy import start_proxy, wait_listening
 from server.deploy.registry import RegisteredSite, RegistryError, read_registry, registry_path, write_registry
+from server.deploy.superlink_main import MAX_HEARTBEAT_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S
 from server.head_app import SUMMARY_FILE, HeadRunConfig, head_keys
 from server.head_options import add_head_dp_args, head_dp_config
 from server.outcome import RunOutcome, read_outcome, settle_outcome
@@ -245,6 +246,12 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     paths = _paths(args)
     host, port = args.host, args.port
     database = superlink_database(paths, args.state, args.database)
+    if not 0 < args.min_heartbeat_interval <= MAX_HEARTBEAT_INTERVAL_S:
+        raise CoordinatorError(
+            f"--min-heartbeat-interval {args.min_heartbeat_interval:g}: must be above 0 and at most "
+            f"{MAX_HEARTBEAT_INTERVAL_S:g} s",
+            EXIT_USAGE,
+        )
     # The SuperLink only on loopback behind the proxy; with --insecure (local tests) on host:port itself.
     link_host, link_port = (host, port) if args.insecure else ("127.0.0.1", args.internal_port or _free_loopback_port())
     # --isolation process: the SuperLink starts no SuperExec; `superlink` runs it and restarts it if it
@@ -255,6 +262,8 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         sys.executable,
         "-m",
         "server.deploy.superlink_main",
+        "--min-heartbeat-interval",
+        str(args.min_heartbeat_interval),
         flower_bin("flower-superlink"),
         "--host",
         link_host,
@@ -1175,6 +1184,15 @@ def build_parser() -> argparse.ArgumentParser:
         "FED/server/superlink.db, registrations and runs outlive a restart",
     )
     p.add_argument("--database", help="SuperLink state file (implies --state file; default FED/server/superlink.db)")
+    p.add_argument(
+        "--min-heartbeat-interval",
+        type=float,
+        default=MIN_HEARTBEAT_INTERVAL_S,
+        metavar="S",
+        help=f"the shortest heartbeat interval a site's SuperNode may send (`join --heartbeat-interval`, default "
+        f"4): a dead site is noticed 2 x its interval after its last heartbeat (default {MIN_HEARTBEAT_INTERVAL_S:g}; "
+        "Flower's own: 10)",
+    )
     p.add_argument("--log-file")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local tests only)")
     p.add_argument(

@@ -11,9 +11,14 @@ task head's, server/head_app.py):
   start_client_internal.py, _push_messages), so the ServerApp often sees a reply whose arrays are
   still uploading, and HttpGrid.pull_messages retried them after 1, 2, 4, 8, 10 s
   (flwr/supercore/constant.py): seconds past the upload's end per round.
-The SuperLink (`set_sqlite_busy_timeout`, from server/deploy/superlink_main.py, which says why):
+The SuperLink (`set_sqlite_busy_timeout`, `set_min_heartbeat_interval`, from server/deploy/superlink_main.py,
+which says why):
 - `flwr.supercore.sql_mixin.SQLITE_PRAGMAS`: busy_timeout raised from Flower's 5000 ms, read by
   Flower at every new connection (_set_sqlite_pragmas).
+- `flwr.superlink.servicer.fleet.fleet_handlers.HEARTBEAT_MIN_INTERVAL`: the shortest heartbeat
+  interval a SuperNode may send (Flower: 10 s; a site's `join --heartbeat-interval`, default 4 s,
+  client/deploy/heartbeat.py). Flower imports it by name, so that module's binding is the one read;
+  if it is gone, the SuperLink refuses to start rather than refuse every site's heartbeat.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import functools
 from collections.abc import Sequence
 
 import flwr.superlink.grid.http_grid as flower_http_grid
+import flwr.superlink.servicer.fleet.fleet_handlers as flower_fleet
 from flwr.supercore import sql_mixin
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+from healthfm_core.rebind import rebind
 
 FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
 PULL_INITIAL_BACKOFF_S = 0.05  # a reply object still uploading is asked for again this soon (Flower: 1 s)
@@ -49,3 +57,9 @@ def with_busy_timeout(pragmas: Sequence[tuple[str, str]], ms: int) -> tuple[tupl
 def set_sqlite_busy_timeout(ms: int) -> None:
     """Every SQLite connection the SuperLink of this process opens waits up to `ms` for a lock."""
     sql_mixin.SQLITE_PRAGMAS = with_busy_timeout(sql_mixin.SQLITE_PRAGMAS, ms)  # type: ignore[assignment]
+
+
+def set_min_heartbeat_interval(seconds: float) -> None:
+    """The SuperLink of this process accepts SuperNode heartbeat intervals from `seconds` up
+    (Flower's maximum, 30 minutes, stays). Before flower_superlink() runs."""
+    rebind(flower_fleet, {"HEARTBEAT_MIN_INTERVAL": seconds}, "server/deploy/flower_patches.py")

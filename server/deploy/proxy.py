@@ -23,7 +23,10 @@ front; a request without the SuperNode authentication headers Flower's node auth
 (flwr-public-key, flwr-signature, flwr-timestamp) is refused with 401 by nginx itself (nginx
 cannot verify the signature: the SuperLink still does); and per client address at most
 REQUESTS_PER_S requests a second (burst REQUEST_BURST) and CONNECTIONS requests in progress
-(PUSH_CONNECTIONS for push-object; Flower pushes 2 objects at a time per SuperNode), 429 beyond.
+(PUSH_CONNECTIONS for push-object; Flower pushes 2 objects at a time per SuperNode), 503 beyond:
+Flower's SuperNode retries a 503 with backoff (flwr/supercore/retry/http_retry.py) but gives up at
+once on a 429, so a reply caught by the limit (several sites behind one address replying at the
+same moment: 4 sites' setup replies on 127.0.0.1 met it) was lost.
 
 nginx runs as a child of the coordinator (`daemon off`), with its configuration, pid file and
 logs under FED/server/ (nginx.conf, nginx-access.log, nginx-error.log). Started by root, its
@@ -201,8 +204,8 @@ http {{
     client_body_timeout 60s;
     limit_req_zone $binary_remote_addr zone=fleet_requests:10m rate={REQUESTS_PER_S}r/s;
     limit_conn_zone $binary_remote_addr zone=fleet_connections:10m;
-    limit_req_status 429;
-    limit_conn_status 429;
+    limit_req_status 503;
+    limit_conn_status 503;
 
     # Connections to the SuperLink are kept open and reused: without this nginx opened a new TCP
     # connection and TLS session to it for every request (every poll, every object), a handshake

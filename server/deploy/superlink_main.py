@@ -1,6 +1,8 @@
-"""Flower's `flower-superlink`, with SQLite waiting longer for its database lock.
+"""Flower's `flower-superlink`, with SQLite waiting longer for its database lock and sites allowed
+heartbeats shorter than Flower's 10 s.
 
-    python -m server.deploy.superlink_main PATH/TO/flower-superlink [flower-superlink options]
+    python -m server.deploy.superlink_main [--min-heartbeat-interval S] PATH/TO/flower-superlink \
+        [flower-superlink options]
 
 Why (flwr 1.41, flwr/supercore/sql_mixin.py and constant.py): the SuperLink keeps its state and
 objects in SQLite and sets `PRAGMA busy_timeout = 5000` on every connection; each API call runs in
@@ -11,6 +13,12 @@ longer costs nothing when the machine is idle and turns those failures into dela
 not. BUSY_TIMEOUT_MS is that wait; everything else is Flower's own. It matters with
 `coordinator superlink --state file`; the default in-memory store opens no database.
 
+Heartbeats (flwr 1.41, flwr/superlink/servicer/fleet/fleet_handlers.py): the SuperLink counts a
+SuperNode dead 2 x the interval the node sends after its last heartbeat, and refuses an interval
+under HEARTBEAT_MIN_INTERVAL = 10 s, so a crashed site is noticed after 20 s at best (60 s at
+Flower's 30 s). Sites send 4 s by default (`join --heartbeat-interval`, client/deploy/heartbeat.py);
+`--min-heartbeat-interval` (default MIN_HEARTBEAT_INTERVAL_S) is the shortest this SuperLink accepts.
+
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
 transaction held longer than that are logged (WARNING, with the thread and the statement), so a
 coordinator sees what the database waited for.
@@ -18,6 +26,7 @@ coordinator sees what the database waited for.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import threading
@@ -27,9 +36,11 @@ from typing import Any
 from flwr.superlink.cli import flower_superlink
 from sqlalchemy import Engine, event
 
-from server.deploy.flower_patches import set_sqlite_busy_timeout
+from server.deploy.flower_patches import set_min_heartbeat_interval, set_sqlite_busy_timeout
 
 BUSY_TIMEOUT_MS = 120_000
+MIN_HEARTBEAT_INTERVAL_S = 2.0  # the shortest heartbeat interval a site may send (Flower: 10 s)
+MAX_HEARTBEAT_INTERVAL_S = 1800.0  # Flower's own maximum; a floor above it would refuse every site
 SLOW_STATEMENT_S = 5.0
 
 log = logging.getLogger("healthfm.superlink")
@@ -73,14 +84,31 @@ def log_slow_database_work() -> None:
     event.listen(Engine, "rollback", _end)
 
 
+def parse(argv: list[str]) -> tuple[float, list[str]]:
+    """Our option (the heartbeat floor), then Flower's argv (its executable first)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server.deploy.superlink_main", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--min-heartbeat-interval", type=float, default=MIN_HEARTBEAT_INTERVAL_S, metavar="S")
+    parser.add_argument("flower", nargs=argparse.REMAINDER, help="PATH/TO/flower-superlink and its options")
+    args = parser.parse_args(argv)
+    if not args.flower:
+        parser.error("PATH/TO/flower-superlink is required")
+    if not 0 < args.min_heartbeat_interval <= MAX_HEARTBEAT_INTERVAL_S:
+        parser.error(
+            f"--min-heartbeat-interval {args.min_heartbeat_interval:g}: must be above 0 and at most "
+            f"{MAX_HEARTBEAT_INTERVAL_S:g} s"
+        )
+    return args.min_heartbeat_interval, list(args.flower)
+
+
 def main() -> None:
-    if len(sys.argv) < 2:
-        print("usage: python -m server.deploy.superlink_main PATH/TO/flower-superlink [options]", file=sys.stderr)
-        raise SystemExit(2)
+    min_heartbeat, flower_argv = parse(sys.argv[1:])
     set_sqlite_busy_timeout(BUSY_TIMEOUT_MS)  # server/deploy/flower_patches.py
+    set_min_heartbeat_interval(min_heartbeat)
     log_slow_database_work()
     # Flower reads its options from sys.argv and names itself after argv[0].
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    sys.argv = flower_argv
     flower_superlink()
 
 
