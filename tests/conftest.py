@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -187,3 +188,13 @@ def meds_sample_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
         sites[name] = out / name
     assert sites, "meds-testing-helpers ships no static sample datasets"
     return sites
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs two workers, one a core) each worker keeps torch to
+    one thread: two workers of two threads each on two cores would make OpenMP's threads wait
+    on each other. Tests that need more threads set them and restore them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
