@@ -60,9 +60,10 @@ from healthfm_core.data.tasks import (  # noqa: E402
 )
 from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.eval.site_eval import _may_hold_heart_rate, task_labels_at_site  # noqa: E402
-from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
+from healthfm_core.model.healthfm import init_model  # noqa: E402
+from healthfm_core.protocol import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from server.config import DEFAULT_EVAL_MAX_SUBJECTS, DEFAULT_EVAL_TASKS  # noqa: E402
 
 DEFAULT_TASKS = list(DEFAULT_EVAL_TASKS)  # the federation's default tasks (server/config.py)
@@ -151,7 +152,7 @@ def main() -> None:
         setup_sha256=setup.sha256,
     )
     capped_cfg = cfg.model_copy(update={"max_subjects": args.max_subjects})
-    init = setup.init_model().state_dict()
+    init = init_model(setup).state_dict()
     names = args.sites.split(",") if args.sites else list(rts)
     # Once per process, not per evaluation: imported before anything is timed, so the first
     # variant measured does not carry it (score_predictions imports it lazily).

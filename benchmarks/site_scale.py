@@ -68,8 +68,9 @@ from healthfm_core.eval.embedding_file import embeddings_file  # noqa: E402
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory  # noqa: E402
 from healthfm_core.eval.site_eval import task_labels_at_site  # noqa: E402
 from healthfm_core.eval.subject_sample import sample_subjects  # noqa: E402
-from healthfm_core.federation import FederationSetup  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.healthfm import init_model  # noqa: E402
+from healthfm_core.protocol import FederationSetup  # noqa: E402
 
 STAGES = ["base", "raw", "check", "stats", "load", "round", "labels", "forward"]
 SITES = {"hospital": ("hospital", "general_hospital"), "wearables": ("default", "wearable_clinic")}
@@ -142,7 +143,7 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
         if not labels:
             return {"seconds": float("nan"), "note": "no labelled rows"}
         seqs = SiteSequences.from_site(site, vocab, subject_ids=sample)
-        model = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0).init_model()
+        model = init_model(FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0))
         table = labels[0]
         # --forward-to disk: the rows land in a memory-mapped file, as an evaluation with an eval directory has them.
         with tempfile.TemporaryDirectory() as tmp:

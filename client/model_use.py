@@ -40,8 +40,8 @@ from healthfm_core.eval.patch_reuse import reused_patch_encodings
 from healthfm_core.eval.plots import reliability_diagram
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.saved_head import load_head, save_head
-from healthfm_core.federation import EvalConfig, EvalReply, TaskReason
 from healthfm_core.files import atomic_path, atomic_write_text
+from healthfm_core.protocol import EvalConfig, EvalReply, TaskReason
 from healthfm_core.release import ModelRelease
 from healthfm_core.release_fit import ReleaseFit, require_fit
 

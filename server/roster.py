@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from healthfm_core.data.code_stats import SiteCodeStats
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import (
+from healthfm_core.protocol import (
     CAPABILITIES,
     CAPABILITIES_RECORD,
     CODE_STATS,

@@ -23,8 +23,8 @@ from healthfm_core.data.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare
 from healthfm_core.eval.runner import EvalSet, build_eval_set
-from healthfm_core.federation import EvalConfig
 from healthfm_core.files import atomic_write_text
+from healthfm_core.protocol import EvalConfig
 from healthfm_core.strict_files import strict_model
 
 log = logging.getLogger("healthfm.simulations")

@@ -70,9 +70,10 @@ from healthfm_core.eval.runner import (
     subsample_train,
 )
 from healthfm_core.eval.tabular import TabularFeaturizer
-from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import model_config_from_dict
+from healthfm_core.model.healthfm import init_model
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
+from healthfm_core.protocol import FederationSetup
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
 from simulations.evidence_federations import clear_unfinished_unit, federation
@@ -430,7 +431,7 @@ def evaluate_unit(
     models: dict[str, Any] = {
         "federated": view(fed_model),
         "pooled": view(regimes.central_model),
-        "random init": view(setup.init_model()),
+        "random init": view(init_model(setup)),
         "tabular": TabularFeaturizer(vocab.vocab_size),
         "local-only": lambda s: view(regimes.local_models[s]),
         **{k: view(v) for k, v in variants.items()},

@@ -54,10 +54,10 @@ from client.client_app import make_client_app
 from healthfm_core.data.site_cache import log_sequence_loads
 from healthfm_core.data.synthetic import synthetic_sites
 from healthfm_core.data.token_settings import one_line_error
-from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
-from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.model.healthfm import HealthFM, init_model
+from healthfm_core.protocol import FederationSetup
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig, PrivacyRequest
 from server.server_app import make_server_app
@@ -267,7 +267,7 @@ def final_model(fed_dir: Path) -> tuple[FederationSetup, HealthFM, int]:
             f"the federation wrote no checkpoint in {fed_dir / 'checkpoints'}; see {fed_dir / 'server.log'}"
         )
     state = load_server_checkpoint(ckpt)
-    model = state.setup.init_model()
+    model = init_model(state.setup)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.arrays.items()})
     return state.setup, model, state.round
 

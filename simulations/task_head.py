@@ -50,8 +50,8 @@ from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_pr
 from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.saved_head import load_head
 from healthfm_core.eval.site_eval import task_split_counts, withheld_reason
-from healthfm_core.federation import TaskReason
 from healthfm_core.files import atomic_write_text
+from healthfm_core.protocol import TaskReason
 from healthfm_core.release import load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
 from healthfm_core.strict_files import read_json

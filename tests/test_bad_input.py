@@ -43,7 +43,7 @@ from test_hardening import InProcessGrid, fed_config, serverapp_identity, tiny_n
 from client.client_app import train_reply_content
 from healthfm_core.data.site import open_site
 from healthfm_core.data.site_check import check_site
-from healthfm_core.federation import (
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
     METRICS_RECORD,
     STATUS_RECORD,
@@ -51,7 +51,7 @@ from healthfm_core.federation import (
     PrivacySpend,
     TrainReply,
 )
-from healthfm_core.packing import PACKED_PART, pack_arrays, unpack_record
+from healthfm_core.protocol.packing import PACKED_PART, pack_arrays, unpack_record
 from server.deploy.coordinator import report_outcome
 from server.deploy.flwr_control import EXIT_SITE_LOST
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
@@ -81,7 +81,7 @@ ARRAY_FAULTS = [
     "partial_group",
     "empty_record",
     "group_not_sent",
-    # the packed form itself (healthfm_core/packing.py; every case in tests/test_packing.py)
+    # the packed form itself (healthfm_core/protocol/packing.py; every case in tests/test_packing.py)
     "truncated_blob",
     "trailing_bytes",
     "per_key_record",

@@ -17,15 +17,16 @@ import pytest
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import (
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import (
     EvalConfig,
     FederationSetup,
     RoundConfig,
     SiteCapabilities,
     site_seed,
 )
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import audit_from_rounds, read_audit_log, verify_audit_log
 from server.checkpoint import (
@@ -152,7 +153,7 @@ def test_each_site_is_opened_and_prepared_once_per_run(full_run: Path) -> None:
 def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
     state = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
     assert state.round == 2
-    initial = {k: v.numpy() for k, v in state.setup.init_model().state_dict().items()}
+    initial = {k: v.numpy() for k, v in init_model(state.setup).state_dict().items()}
     changed = {g: False for g in GROUPS}
     for key, value in state.arrays.items():
         assert np.isfinite(value).all()
@@ -255,7 +256,7 @@ def setup(runtimes) -> FederationSetup:
 
 
 def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in groups}
+    return {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in groups}
 
 
 def test_capabilities_carry_counts_only(runtimes) -> None:

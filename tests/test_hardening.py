@@ -28,9 +28,10 @@ from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import FederationManifest, generate_federation
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import FederationSetup, TrainReply
 from healthfm_core.model.config import load_model_config
-from healthfm_core.packing import PACKED_PART
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import FederationSetup, TrainReply
+from healthfm_core.protocol.packing import PACKED_PART
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import (
     AUDIT_FILE,
@@ -224,7 +225,7 @@ def fed_config(out_dir: Path, **overrides) -> FederationConfig:
 
 
 def write_checkpoint(out_dir: Path, setup: FederationSetup) -> Path:
-    arrays = {k: v.numpy() + 0.5 for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() + 0.5 for k, v in init_model(setup).state_dict().items()}
     state = ServerState(
         round=1, arrays=arrays, strategy={}, setup=setup, run_config=fed_config(out_dir).model_dump(mode="json")
     )
@@ -356,7 +357,7 @@ def test_a_reply_to_no_message_sent_and_a_second_reply_are_rejected() -> None:
 def test_server_checkpoints_are_plain_arrays_and_resume_bit_for_bit(setup: FederationSetup, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arrays = {
-        k: rng.standard_normal(v.shape).astype(v.numpy().dtype) for k, v in setup.init_model().state_dict().items()
+        k: rng.standard_normal(v.shape).astype(v.numpy().dtype) for k, v in init_model(setup).state_dict().items()
     }
     moments = {"m.a": rng.standard_normal(3).astype(np.float32), "v.a": rng.random(3).astype(np.float32)}
     state = ServerState(

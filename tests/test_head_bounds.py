@@ -20,7 +20,7 @@ from client.head_app import make_head_client_app
 from client.head_rows import HeadRows
 from healthfm_core.eval.federated_head import SiteSplits
 from healthfm_core.eval.head_site import site_stats
-from healthfm_core.head_messages import HEAD_RECORD, MSG_SETUP, MSG_STATS, MSG_TRAIN, MSG_TUNE, HeadStats, HeadTask
+from healthfm_core.protocol.head import HEAD_RECORD, MSG_SETUP, MSG_STATS, MSG_TRAIN, MSG_TUNE, HeadStats, HeadTask
 from server.head_app import HeadRunConfig, fit_head
 from server.head_average import bound_heads, head_strategy
 from server.head_bounds import declared_head_rows, stats_problem

@@ -25,8 +25,8 @@ from client.head_app import make_head_client_app
 from client.head_rows import HeadRows
 from client.policy import load_policy
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
-from healthfm_core.head_messages import HEAD_RECORD, MSG_TRAIN, HeadRoundRequest
 from healthfm_core.privacy.ledger import PrivacyLedger
+from healthfm_core.protocol.head import HEAD_RECORD, MSG_TRAIN, HeadRoundRequest
 from server.config import PrivacyRequest
 from server.head_app import ROUNDS_FILE, SUMMARY_FILE, HeadRunConfig, fit_head, fit_keys
 
@@ -124,7 +124,7 @@ def test_dp_off_is_the_head_without_dp_and_spends_nothing(tmp_path: Path) -> Non
 
 
 def _task():  # noqa: ANN202
-    from healthfm_core.head_messages import HeadTask
+    from healthfm_core.protocol.head import HeadTask
 
     return HeadTask(setup_sha256=SHA, tasks=[], key=KEY)
 

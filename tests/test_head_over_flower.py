@@ -18,8 +18,8 @@ from test_hardening import InProcessGrid, serverapp_identity  # noqa: F401 - the
 from client.head_app import make_head_client_app
 from client.head_rows import HeadRows, head_splits
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
-from healthfm_core.federation import TaskReason
-from healthfm_core.head_messages import (
+from healthfm_core.protocol import TaskReason
+from healthfm_core.protocol.head import (
     HEAD_RECORD,
     MSG_TRAIN,
     HeadMessageError,

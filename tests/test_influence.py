@@ -33,7 +33,10 @@ from client.client_app import make_client_app
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import (
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
     METRICS_RECORD,
     SCALES_RECORD,
@@ -41,9 +44,7 @@ from healthfm_core.federation import (
     FederationSetup,
     RoundConfig,
 )
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
-from healthfm_core.packing import unpack_record
+from healthfm_core.protocol.packing import unpack_record
 from server.config import RESUMABLE_CHANGES, FederationConfig
 from server.influence import ADAM_STEP_RATIO, NormHistory, max_examples
 from server.round import RoundOutcome, aggregate_replies
@@ -481,7 +482,7 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
         n: Context(run_id=1, node_id=n, node_config=configs[name], state=RecordDict(), run_config={})
         for n, name in nodes.items()
     }
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     node_groups = {1: ["shared", "ehr", "wearables", "genomics"], 2: ["shared", "ehr", "genomics"]}
     s = ModalityAwareFedAvg()  # the real parameter groups
     for n in nodes:

@@ -40,6 +40,7 @@ from healthfm_core.data.site import open_site
 from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.task_check import count_tasks
 from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, runner_tasks
+from healthfm_core.model.healthfm import init_model
 
 NINE = [
     "abnormal_lab/blood_chemistry/elevated_creatinine/first_24h",
@@ -347,8 +348,8 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
     from healthfm_core.data.code_stats import site_code_stats
     from healthfm_core.data.vocab import build_vocabulary
     from healthfm_core.eval.meds_dev_result import MAX_RESULT_BYTES, meds_dev_result_dir
-    from healthfm_core.federation import EvalConfig, FederationSetup
     from healthfm_core.model.config import load_model_config
+    from healthfm_core.protocol import EvalConfig, FederationSetup
 
     root = sites[MULTI_SHARD]
     site = open_site(root)
@@ -372,7 +373,7 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
         assert not births & {(int(r[0]), r[1]) for r in cli[task]}, task  # no row at birth
     vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1, tasks=[str(e) for e in entries], setup_sha256=setup.sha256, n_boot=10, meds_tab=False, score_bins=0
     )

@@ -25,7 +25,7 @@ from healthfm_core.data.task_spec import resolve_tasks, runner_tasks
 from healthfm_core.data.tasks import DISEASES
 from healthfm_core.eval.runner import build_site_rows
 from healthfm_core.eval.site_eval import task_labels_at_site
-from healthfm_core.federation import EvalConfig
+from healthfm_core.protocol import EvalConfig
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,9 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import HeadError, load_head, save_head
-from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import FederationSetup
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_fit import SiteDoesNotFit, release_fit, require_fit
 from healthfm_core.release_signing import load_public_key, load_signing_key, make_signing_key, sign_folder
@@ -71,7 +72,7 @@ def _write_run(out: Path, setup: FederationSetup, seed: int, run_id: int) -> Pat
     gen = torch.Generator().manual_seed(seed)
     arrays = {
         k: (v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v).numpy()
-        for k, v in setup.init_model().state_dict().items()
+        for k, v in init_model(setup).state_dict().items()
     }
     cfg = FederationConfig(
         out_dir=out, model=setup.model, rounds=2, vocab_min_subjects=5, eval_tasks=["onset_hypertension_365d"]

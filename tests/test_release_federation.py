@@ -19,7 +19,7 @@ from client.model_use import eval_config, open_site_runtime
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import load_head
-from healthfm_core.federation import EvalReply
+from healthfm_core.protocol import EvalReply
 from healthfm_core.release import load_release
 from server.deploy.coordinator import main as coordinator_main
 from server.server_app import FederationServer

@@ -23,7 +23,7 @@ from healthfm_core.eval import compare, plots, site_pairs
 from healthfm_core.eval.probes import binary_row
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
 from healthfm_core.eval.site_eval import task_labels_at_site
-from healthfm_core.federation import EvalConfig, SplitCount
+from healthfm_core.protocol import EvalConfig, SplitCount
 from simulations.common import onset_eval_data
 from simulations.pretrain import refuse_site_labelled_tasks
 from simulations.report import ablation_table

@@ -27,9 +27,10 @@ from test_federation import fed_config as federation_config
 
 from client.policy import PolicyError, load_policy
 from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.federation import ARRAYS_RECORD, RoundConfig
 from healthfm_core.model.groups import parameter_group
-from healthfm_core.packing import unpack_record
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import ARRAYS_RECORD, RoundConfig
+from healthfm_core.protocol.packing import unpack_record
 from healthfm_core.release import CARD_MD_FILE, RELEASE_FILE, load_release
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.layout import group_vector
@@ -100,7 +101,7 @@ def final_arrays(out: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     path = latest_server_checkpoint(out / "checkpoints")
     assert path is not None
     state = load_server_checkpoint(path)
-    initial = {k: v.numpy() for k, v in state.setup.init_model().state_dict().items()}
+    initial = {k: v.numpy() for k, v in init_model(state.setup).state_dict().items()}
     return state.arrays, initial
 
 

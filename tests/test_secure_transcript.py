@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from healthfm_core.federation import TrainReply
+from healthfm_core.protocol import TrainReply
 from secure_aggregation.layout import group_vector
 from secure_aggregation.replay import attack, main
 from secure_aggregation.transcript import (

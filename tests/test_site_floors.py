@@ -24,7 +24,7 @@ from in_process_grid import InProcessGrid
 from test_secure_round import run, sites, the_round  # noqa: F401 - `sites` is a fixture
 
 from client.policy import PolicyError, load_policy
-from healthfm_core.federation import RoundConfig
+from healthfm_core.protocol import RoundConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.replay import main as replay
 from secure_aggregation.site import SiteRound

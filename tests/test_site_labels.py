@@ -18,7 +18,7 @@ from healthfm_core.data.site_labels import (
 )
 from healthfm_core.data.task_spec import resolve_tasks
 from healthfm_core.eval.site_eval import task_labels_at_site
-from healthfm_core.federation import TaskReason
+from healthfm_core.protocol import TaskReason
 
 D = dt.datetime
 

@@ -32,7 +32,9 @@ from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome_rows, outcome_table, replies_from_event
 from healthfm_core.eval.score_histogram import score_bin_index
-from healthfm_core.federation import (
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import (
     SMALL_CELL,
     EvalConfig,
     EvalReply,
@@ -41,7 +43,6 @@ from healthfm_core.federation import (
     TaskMetrics,
     TaskReason,
 )
-from healthfm_core.model.config import load_model_config
 from simulations.overrides import unknown_override, with_task_alias
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
         root / "tasks" / "readmit" / "0.parquet",
     )
     setup = _setup([root])
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1,
         tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],

@@ -23,8 +23,8 @@ from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.token_settings import DEFAULT_TOKENS, TokenSettings
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, to_us
 from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
+from healthfm_core.protocol import FederationSetup
 from server.config import FederationConfig
 from simulations.pretrain import token_settings
 from simulations.run import federation_config

@@ -43,6 +43,7 @@ from healthfm_core.data.aces_tasks import (
 )
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
 from healthfm_core.data.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
+from healthfm_core.data.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 from healthfm_core.data.site import Site
 from healthfm_core.data.site_check import SiteProblem
 from healthfm_core.data.site_labels import (
@@ -52,7 +53,6 @@ from healthfm_core.data.site_labels import (
 )
 from healthfm_core.data.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
 from healthfm_core.data.tasks import cap_rows_per_subject, rows_per_subject
-from healthfm_core.federation import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
 DEFAULT_MIN_POSITIVES = 5  # the site runtime's min_report_positives

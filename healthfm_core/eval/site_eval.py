@@ -80,10 +80,17 @@ from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory
-from healthfm_core.eval.score_histogram import ScoreScale, WithheldKind
 from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
-from healthfm_core.federation import SMALL_CELL, ScoreHistogram, SplitCount, TaskMetrics, TaskReason
+from healthfm_core.protocol import (
+    SMALL_CELL,
+    ScoreHistogram,
+    ScoreScale,
+    SplitCount,
+    TaskMetrics,
+    TaskReason,
+    WithheldKind,
+)
 
 if TYPE_CHECKING:  # scipy loads with MEDS-Tab's features, when a site evaluates
     import scipy.sparse as sp

@@ -1,5 +1,5 @@
 """The federated task head's messages (server/head_app.py <-> client/head_app.py): pydantic
-models with a flat form for one Flower ConfigRecord (HEAD_RECORD), as healthfm_core/federation.py
+models with a flat form for one Flower ConfigRecord (HEAD_RECORD), as the rest of healthfm_core/protocol/
 does for the pretraining's messages. This module does not import flwr.
 
 Stages (message types), each request naming the release (`setup_sha256`), the tasks whose rows
@@ -30,12 +30,11 @@ and non-negative sums of squares, and raises HeadMessageError naming the field.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
-
-from healthfm_core.eval.head_site import SiteStats
 
 HEAD_RECORD = "head"  # the one ConfigRecord of every head message, request or reply
 REFUSED_KEY = "refused"  # a HeadRefusal's reason
@@ -49,6 +48,16 @@ MAX_WIDTH = 65536  # no release embeds wider; bounds what a peer can make the ot
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """What a site sends for the standardisation: aggregates of its train rows, no row."""
+
+    n: int
+    positives: int
+    total: np.ndarray  # [d] float64: the sum of each feature
+    squares: np.ndarray  # [d] float64: the sum of each feature's squares
 
 
 class HeadMessageError(ValueError):
