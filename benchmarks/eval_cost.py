@@ -1,6 +1,6 @@
 """Federated evaluation against a training round, per site, on one machine, in one run.
 
-    python -m healthfm_core.data.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
+    python -m simulations.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
     python benchmarks/eval_cost.py /tmp/fed/sites                           # the federation's default eval_tasks (server/config.py)
     python benchmarks/eval_cost.py /tmp/fed/sites --tasks wearable_resting_hr --sites wearable_clinic,biobank
 

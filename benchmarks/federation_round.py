@@ -64,9 +64,9 @@ from deploy_fixtures import (  # noqa: E402
 )
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
 
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
 from server.deploy.coordinator import main as coordinator_main  # noqa: E402
 from server.deploy.provision import FederationPaths  # noqa: E402
+from simulations.synthetic import generate_federation  # noqa: E402
 
 
 def run_config(local_steps: int, eval_tasks: str, model: str = "tiny") -> list[str]:

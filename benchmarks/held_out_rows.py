@@ -6,7 +6,7 @@ Before, held_out was capped as well. This times one site's evaluation (the model
 over the rows, the probes, meds-evaluation's scoring and MEDS-Tab) both ways, on the same labels,
 and prints the rows, forward passes and seconds of each.
 
-    python -m healthfm_core.data.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
+    python -m simulations.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
     python benchmarks/held_out_rows.py /tmp/fed/sites/city_hospital [--tasks onset_t2d_90d,...]
 """
 

@@ -243,7 +243,7 @@ ROUND_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def rounds_main(args: argparse.Namespace) -> None:
-    from healthfm_core.data.synthetic import generate_federation
+    from simulations.synthetic import generate_federation
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="secagg-rounds-") as tmp:

@@ -59,8 +59,6 @@ from data_pipeline import raw_read_times, user_seconds  # noqa: E402
 from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.site import open_site  # noqa: E402
 from healthfm_core.data.site_check import check_site  # noqa: E402
-from healthfm_core.data.synthetic import load_scenario, synthetic_sites  # noqa: E402
-from healthfm_core.data.synthetic.generate import select_sites  # noqa: E402
 from healthfm_core.data.task_spec import resolve_tasks  # noqa: E402
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader, to_us  # noqa: E402
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary  # noqa: E402
@@ -71,6 +69,8 @@ from healthfm_core.eval.subject_sample import sample_subjects  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import init_model  # noqa: E402
 from healthfm_core.protocol import FederationSetup  # noqa: E402
+from simulations.synthetic import load_scenario, synthetic_sites  # noqa: E402
+from simulations.synthetic.generate import select_sites  # noqa: E402
 
 STAGES = ["base", "raw", "check", "stats", "load", "round", "labels", "forward"]
 SITES = {"hospital": ("hospital", "general_hospital"), "wearables": ("default", "wearable_clinic")}

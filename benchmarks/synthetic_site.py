@@ -6,9 +6,9 @@ from pathlib import Path
 
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+from simulations.synthetic import generate_federation
 
 
 def site_dataset(

@@ -41,7 +41,6 @@ import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
@@ -51,6 +50,7 @@ from server.limits import array_record_bytes  # noqa: E402
 from server.runlog import read_events  # noqa: E402
 from server.strategy import ModalityAwareFedAvg, pack_record  # noqa: E402
 from simulations.run import run_federation_simulation  # noqa: E402
+from simulations.synthetic import generate_federation  # noqa: E402
 
 SITES = ("biobank", "hospital")
 # The tiny scenario's sites and their groups (tests/deploy_fixtures.py EXPECTED_GROUPS).

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from healthfm_core.data.aces_tasks import TASK_DIR
 from healthfm_core.data.meds_dev_tasks import with_dataset
 from healthfm_core.data.site import Site, open_site
-from healthfm_core.data.synthetic import ScenarioConfig, synthetic_sites
 from healthfm_core.data.task_spec import SITE_PREFIX, TaskSpec, resolve_tasks, runner_tasks
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.tokens import SiteSequences
@@ -26,6 +25,7 @@ from healthfm_core.eval.runner import EvalSet, build_eval_set
 from healthfm_core.files import atomic_write_text
 from healthfm_core.protocol import EvalConfig
 from healthfm_core.strict_files import strict_model
+from simulations.synthetic import ScenarioConfig, synthetic_sites
 
 log = logging.getLogger("healthfm.simulations")
 

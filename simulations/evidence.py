@@ -47,7 +47,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
-from healthfm_core.data.synthetic import load_scenario, oracle_risk
 from healthfm_core.data.tasks import OnsetTask, rows_per_subject
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.eval import compare, plots
@@ -92,6 +91,7 @@ from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides
 from simulations.pretrain import modality_ablation
 from simulations.report import Regimes, train_baseline, train_regimes
+from simulations.synthetic import load_scenario, oracle_risk
 
 log = logging.getLogger("healthfm.simulations.evidence")
 

@@ -33,7 +33,6 @@ from omegaconf import DictConfig, OmegaConf
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
-from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.task_spec import resolve_tasks
 from healthfm_core.data.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.token_settings import TokenSettings
@@ -67,6 +66,7 @@ from healthfm_core.protocol import federation_modalities
 from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
 from simulations.common import Clock, job_tasks, open_sites, site_labelled, task_entries
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
+from simulations.synthetic import oracle_risk
 
 log = logging.getLogger("healthfm.simulations.pretrain")
 

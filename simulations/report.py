@@ -39,7 +39,6 @@ from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES
 from healthfm_core.data.pooled import PooledPretrainingDataset
 from healthfm_core.data.site import Site
-from healthfm_core.data.synthetic import oracle_risk
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
 from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
@@ -70,6 +69,7 @@ from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
 from simulations.ray_start import RayStartError
 from simulations.run import privacy_request, run_federation
+from simulations.synthetic import oracle_risk
 
 log = logging.getLogger("healthfm.simulations.report")
 

@@ -52,7 +52,6 @@ from pydantic import ValidationError
 
 from client.client_app import make_client_app
 from healthfm_core.data.site_cache import log_sequence_loads
-from healthfm_core.data.synthetic import synthetic_sites
 from healthfm_core.data.token_settings import one_line_error
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
@@ -65,6 +64,7 @@ from simulations.common import site_root_list, task_entries
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
 from simulations.ray_start import RaySettings, RayStartError, start_ray
+from simulations.synthetic import synthetic_sites
 
 log = logging.getLogger("healthfm.simulations")
 

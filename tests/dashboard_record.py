@@ -22,8 +22,8 @@ from flwr.app import Message
 from in_process_grid import InProcessGrid, set_serverapp_identity
 from test_federation import fed_config
 
-from healthfm_core.data.synthetic import generate_federation
 from server.server_app import FederationServer
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 KEPT = ("rounds.jsonl", "audit.jsonl", "outcome.json", "evaluation.json")

@@ -119,7 +119,7 @@ def run_coordinator(*args: str, timeout: float = 1800) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from healthfm_core.data.synthetic import generate_federation
+    from simulations.synthetic import generate_federation
 
     manifest = generate_federation(
         tmp_path_factory.mktemp("data"), scenario="tiny", seed=0, n_subjects=30, progress=False

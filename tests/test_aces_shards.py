@@ -23,7 +23,7 @@ from aces.config import TaskExtractorConfig
 from omegaconf import DictConfig
 
 from healthfm_core.data.aces_tasks import aces_labels, aces_labels_shared, load_task
-from healthfm_core.data.synthetic import generate_federation
+from simulations.synthetic import generate_federation
 
 N_SHARDS = 3
 OFFSET = 1_000_000  # subject ids of shard k: 1..n + k * OFFSET

@@ -40,9 +40,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_faults import Background, kill_hard
 from test_secure_dropout_deployed import SupernodeLog
 
-from healthfm_core.data.synthetic import generate_federation
 from server.deploy.flwr_control import EXIT_SITE_LOST
 from server.deploy.provision import FederationPaths
+from simulations.synthetic import generate_federation
 
 pytestmark = pytest.mark.slow
 

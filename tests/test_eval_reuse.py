@@ -17,7 +17,6 @@ import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.aces_tasks import aces_labels
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
 from healthfm_core.data.tokens import LabelledDataset, make_loader
 from healthfm_core.data.vocab import build_vocabulary
@@ -28,6 +27,7 @@ from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup
+from simulations.synthetic import generate_federation
 
 TASKS = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_resting_hr", "wearable_mean_enmo"]
 

@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import rows_per_subject
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
@@ -37,6 +36,7 @@ from server.config import DEFAULT_EVAL_MAX_SUBJECTS, RESUMABLE_CHANGES, Federati
 from simulations.common import site_eval_rows_per_subject
 from simulations.evidence_units import unit_fingerprint
 from simulations.run import federation_config
+from simulations.synthetic import generate_federation
 from tests.test_token_settings import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from healthfm_core.data.batch import Batch
-from healthfm_core.data.synthetic import load_scenario
 from healthfm_core.eval.compare import privacy_table
 from healthfm_core.eval.evidence import (
     Comparison,
@@ -55,6 +54,7 @@ from simulations.evidence_units import (
     save_unit,
     unit_fingerprint,
 )
+from simulations.synthetic import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
@@ -38,6 +37,7 @@ from server.config import DEFAULT_EVAL_MAX_SUBJECTS, FederationConfig, ServerOpt
 from server.runlog import read_events
 from server.server_app import FederationServer
 from simulations.run import run_federation_simulation
+from simulations.synthetic import generate_federation
 
 EXPECTED_GROUPS = {
     "biobank": ["ehr", "genomics", "shared", "wearables"],

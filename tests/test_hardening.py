@@ -26,7 +26,6 @@ from in_process_grid import InProcessGrid, serverapp_identity  # noqa: F401 - a 
 from client.client_app import train_reply_content
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import FederationManifest, generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
@@ -69,6 +68,7 @@ from server.round import aggregate_replies
 from server.runlog import read_events
 from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import FederationManifest, generate_federation
 
 # ---------------------------------------------------------------------------- audit log
 

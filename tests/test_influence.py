@@ -31,7 +31,6 @@ from safetensors.numpy import load_file, save_file
 
 from client.client_app import make_client_app
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
@@ -49,6 +48,7 @@ from server.config import RESUMABLE_CHANGES, FederationConfig
 from server.influence import ADAM_STEP_RATIO, NormHistory, max_examples
 from server.round import RoundOutcome, aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import generate_federation
 
 SHAPES = {"shared.w": (8, 16), "shared.b": (16,), "ehr.w": (32,), "wearables.w": (4, 4), "genomics.w": (6,)}
 SHAPES_GROUPS = sorted({k.split(".")[0] for k in SHAPES})

@@ -17,7 +17,6 @@ import healthfm_core.train.local_run as local_run
 import simulations.report as report
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
@@ -29,6 +28,7 @@ from healthfm_core.train.trainer import TrainConfig
 from server.config import FederationConfig
 from server.round import round_config
 from simulations.run import federation_config
+from simulations.synthetic import generate_federation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The federation's settings a local run takes, away from their defaults (the expectation below).

@@ -37,10 +37,10 @@ from healthfm_core.data.meds_dev_tasks import (
     task_file,
 )
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.task_check import count_tasks
 from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, runner_tasks
 from healthfm_core.model.healthfm import init_model
+from simulations.synthetic import generate_federation
 
 NINE = [
     "abnormal_lab/blood_chemistry/elevated_creatinine/first_24h",

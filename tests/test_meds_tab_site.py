@@ -16,7 +16,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.task_spec import task_keys
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.metrics import bootstrap_counts
@@ -25,6 +24,7 @@ from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, TaskMetrics, aggregate_site_metrics
 from server.runlog import EventLog, write_summary
+from simulations.synthetic import generate_federation
 
 TASKS = ["onset_hypertension_365d", "site:readmit"]
 

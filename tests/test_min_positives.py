@@ -16,13 +16,13 @@ import pytest
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.outcomes import outcome
 from healthfm_core.eval.site_eval import withheld_reason
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, SplitCount, TaskMetrics, TaskReason
+from simulations.synthetic import generate_federation
 
 
 def _counts(held_positives: int, held_rows: int = 40) -> dict[str, SplitCount]:

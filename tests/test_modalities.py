@@ -24,11 +24,11 @@ from flwr.app import (
     Metadata,
     RecordDict,
 )
+from helpers.random_batch import random_batch
 
 from client.client_app import train_reply_content
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import TASKS
 from healthfm_core.data.tokens import PretrainingDataset, collate
 from healthfm_core.data.vocab import Vocabulary, build_vocabulary
@@ -38,13 +38,13 @@ from healthfm_core.model.config import load_model_config, model_modalities
 from healthfm_core.model.groups import GROUPS, group_sizes, parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
-from healthfm_core.model.testing import random_batch
 from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply, federation_modalities
 from healthfm_core.train.trainer import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.replies import groups_for_node
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES_LIST = list(MODALITIES)

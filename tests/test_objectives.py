@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.layout import MODALITIES
@@ -29,7 +30,6 @@ from healthfm_core.model.objectives import (
     sample_future_anchors,
     sample_masks,
 )
-from healthfm_core.model.testing import random_batch
 
 VOCAB, TRAITS = 40, 4
 SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]

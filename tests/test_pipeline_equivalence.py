@@ -29,8 +29,6 @@ from healthfm_core.data.batch import Batch
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, WEARABLES_SCHEMA, WEARABLES_SUBDIRECTORY
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.synthetic.scenario import load_scenario
 from healthfm_core.data.token_settings import TokenSettings
 from healthfm_core.data.tokens import (
     US_PER_DAY,
@@ -51,6 +49,8 @@ from healthfm_core.data.wear_patches import (
     sorted_by_subject_time,
 )
 from healthfm_core.data.wear_stream import WearableFilePart, wearable_key_table
+from simulations.synthetic import generate_federation
+from simulations.synthetic.scenario import load_scenario
 
 SITES = ("biobank", "city_hospital")
 

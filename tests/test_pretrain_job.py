@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import (
     TASKS,
     OnsetTask,
@@ -37,7 +37,7 @@ from healthfm_core.eval.runner import (
 )
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.testing import random_batch
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 ONSET = [k for k, t in TASKS.items() if isinstance(t, OnsetTask)]

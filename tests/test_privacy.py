@@ -29,7 +29,6 @@ from opacus.optimizers import DPOptimizer
 from client.client_app import make_client_app
 from client.policy import PolicyError
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tokens import PretrainingDataset, collate
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
@@ -56,6 +55,7 @@ from healthfm_core.protocol import (
 from healthfm_core.protocol.packing import unpack_record
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import generate_federation
 
 BASE = {"min-code-subjects": 5, "min-report-subjects": 2}
 DELTA = 1e-5

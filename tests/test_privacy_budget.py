@@ -21,7 +21,6 @@ from client.client import EXIT_USAGE, main
 from client.deploy.join import EXIT_NO_CONNECTION, free_port
 from client.deploy.privacy_budget import check_privacy_budget, key_binding
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
@@ -31,6 +30,7 @@ from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply
 from server.audit import site_round_records
 from server.round import SiteOutcome
+from simulations.synthetic import generate_federation
 
 SITE = "genomics"
 POLICY = """

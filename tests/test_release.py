@@ -27,7 +27,6 @@ from client.client import build_parser
 from client.client import main as client_main
 from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, open_site_runtime, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import HeadError, load_head, save_head
@@ -42,6 +41,7 @@ from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig
 from server.deploy.coordinator import main as coordinator_main
 from server.head_app import HeadRunConfig, fit_heads
+from simulations.synthetic import generate_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN = {"min-code-subjects": 5, "min-report-subjects": 2}

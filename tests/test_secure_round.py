@@ -26,7 +26,6 @@ from in_process_grid import InProcessGrid, set_serverapp_identity
 from test_federation import fed_config as federation_config
 
 from client.policy import PolicyError, load_policy
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import ARRAYS_RECORD, RoundConfig
@@ -57,6 +56,7 @@ from server.release import release_run
 from server.runlog import read_events
 from server.server_app import FederationServer
 from server.transcript import read_plain_round, read_round_config
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 # Four sites, four modality mixes: genomics is held by two of them (withheld at min_holders 3),

@@ -16,7 +16,6 @@ import torch
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.batch import Batch
 from healthfm_core.data.shared_passes import shared_passes
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
 from healthfm_core.data.tokens import US_PER_DAY
 from healthfm_core.data.vocab import build_vocabulary
@@ -25,6 +24,7 @@ from healthfm_core.eval.runner import PooledEmbedder
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import FederationSetup
+from simulations.synthetic import generate_federation
 
 
 @pytest.fixture(scope="module")

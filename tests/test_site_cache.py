@@ -20,9 +20,9 @@ from healthfm_core.data.site_cache import (
     sequence_loads,
     site_key,
 )
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tokens import SiteSequences
 from healthfm_core.data.vocab import build_vocabulary
+from simulations.synthetic import generate_federation
 
 
 @pytest.fixture(scope="module")

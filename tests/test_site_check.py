@@ -218,7 +218,7 @@ def test_hospital_scenario_sites_pass_check(tmp_path):
         [
             sys.executable,
             "-m",
-            "healthfm_core.data.synthetic",
+            "simulations.synthetic",
             str(tmp_path / "fed"),
             "--scenario",
             "hospital",

@@ -26,7 +26,6 @@ from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.aces_tasks import TASK_DIR
 from healthfm_core.data.code_stats import site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, task_keys
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.eval.metrics import bootstrap_counts
@@ -44,6 +43,7 @@ from healthfm_core.protocol import (
     TaskReason,
 )
 from simulations.overrides import unknown_override, with_task_alias
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 ONSET = ["onset_t2d", "onset_cad", "onset_hypertension", "onset_copd"]

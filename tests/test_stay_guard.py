@@ -22,8 +22,8 @@ import yaml
 
 from healthfm_core.data.aces_tasks import TASK_DIR, AcesTask, aces_labels, load_task, task_from_text
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.task_check import count_tasks
+from simulations.synthetic import generate_federation
 
 HORIZONS = [30, 365]
 

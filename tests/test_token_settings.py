@@ -19,7 +19,6 @@ from client.client import EXIT_USAGE, main
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.code_stats import events_code_stats, site_code_stats
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.token_settings import DEFAULT_TOKENS, TokenSettings
 from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, to_us
 from healthfm_core.data.vocab import build_vocabulary
@@ -28,6 +27,7 @@ from healthfm_core.protocol import FederationSetup
 from server.config import FederationConfig
 from simulations.pretrain import token_settings
 from simulations.run import federation_config
+from simulations.synthetic import generate_federation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 T0 = datetime(2150, 1, 1)

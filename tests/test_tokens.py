@@ -17,7 +17,6 @@ from healthfm_core.data.batch import PAD_CODE, UNK_CODE, Batch
 from healthfm_core.data.code_stats import events_code_stats, site_code_stats, wearable_stats
 from healthfm_core.data.layout import EPOCH_US
 from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.tasks import task_labels
 from healthfm_core.data.tokens import (
     LabelledDataset,
@@ -28,6 +27,7 @@ from healthfm_core.data.tokens import (
     to_us,
 )
 from healthfm_core.data.vocab import build_vocabulary
+from simulations.synthetic import generate_federation
 
 T0 = datetime(2150, 1, 1)
 US = timedelta(microseconds=1)

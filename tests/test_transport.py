@@ -14,7 +14,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import RESIDUAL_STATE_KEY, make_client_app, stored_residual
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
@@ -26,6 +25,7 @@ from server.config import FederationConfig
 from server.runlog import read_events
 from server.strategy import pack_record
 from simulations.run import run_federation_simulation
+from simulations.synthetic import generate_federation
 
 POLICY = {"min-code-subjects": 5, "min-report-subjects": 2}
 

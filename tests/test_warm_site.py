@@ -66,7 +66,6 @@ from client.deploy.warm_clientapp import WarmWorker, collect_between_tasks
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.data.vocab import build_vocabulary
 from healthfm_core.files import write_flat_toml
 from healthfm_core.model.config import load_model_config
@@ -79,6 +78,7 @@ from server.deploy.flwr_control import start_run, wait_for_run
 from server.deploy.provision import FederationPaths
 from server.deploy.registry import registry_path
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import generate_federation
 
 
 @pytest.fixture(scope="module")

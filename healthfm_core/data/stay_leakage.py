@@ -1,6 +1,6 @@
 """Positives that are their own stay's discharge codes: the leakage `check --tasks` warns about.
 
-MIMIC-IV (and the mimic scenario, healthfm_core/data/synthetic/mimic.py) times a stay's
+MIMIC-IV (and the mimic scenario, simulations/synthetic/mimic.py) times a stay's
 diagnoses at its discharge. An onset task asked during a stay then finds the stay's own billing
 codes in its horizon and calls them a new onset. A stay runs from a `HOSPITAL_ADMISSION//...`
 event to the next `HOSPITAL_DISCHARGE//...` event of the subject; a prediction time is inside it

@@ -20,7 +20,7 @@ from healthfm_core.strict_files import StrictFileError, read_yaml
 LATENT_DIMS: tuple[str, ...] = ("metabolic", "fitness", "regularity")
 
 # The repository's configs/scenario, where scenario names resolve to files.
-SCENARIO_DIR = Path(__file__).resolve().parents[3] / "configs" / "scenario"
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "configs" / "scenario"
 
 
 class _Strict(BaseModel):

@@ -29,14 +29,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from healthfm_core.data.synthetic.cohort import (
+from simulations.synthetic.cohort import (
     Cohort,
     _to_minute,
     disease_presence,
     site_start_date,
 )
-from healthfm_core.data.synthetic.ehr import _visits
-from healthfm_core.data.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
+from simulations.synthetic.ehr import _visits
+from simulations.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
 
 ICD10_SWITCH = _dt.date(2015, 10, 1)  # US hospitals moved from ICD-9-CM to ICD-10-CM on this day
 MET, FIT = LATENT_DIMS.index("metabolic"), LATENT_DIMS.index("fitness")

@@ -34,8 +34,8 @@ from __future__ import annotations
 import meds
 import numpy as np
 
-from healthfm_core.data.synthetic.cohort import DAYS_PER_YEAR, Cohort, _to_minute
-from healthfm_core.data.synthetic.hospital import (
+from simulations.synthetic.cohort import DAYS_PER_YEAR, Cohort, _to_minute
+from simulations.synthetic.hospital import (
     DIAGNOSES,
     VITALS,
     HospitalEHR,
@@ -46,7 +46,7 @@ from healthfm_core.data.synthetic.hospital import (
     lab,
     switch_days,
 )
-from healthfm_core.data.synthetic.scenario import ScenarioConfig, SiteSpec
+from simulations.synthetic.scenario import ScenarioConfig, SiteSpec
 
 HOUR = 1.0 / 24.0
 ADMISSION_TYPES = [  # (admission_type//admission_location, share)

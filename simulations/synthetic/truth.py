@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from healthfm_core.data.synthetic.cohort import DAYS_PER_YEAR, US_PER_DAY, Cohort
-from healthfm_core.data.synthetic.scenario import LATENT_DIMS, ScenarioConfig
 from healthfm_core.strict_files import read_json
+from simulations.synthetic.cohort import DAYS_PER_YEAR, US_PER_DAY, Cohort
+from simulations.synthetic.scenario import LATENT_DIMS, ScenarioConfig
 
 SUBSTEP_DAYS = 2.5  # quadrature resolution of the hazard integral (midpoint rule)
 

@@ -1,6 +1,6 @@
 """Synthetic multi-site cohorts with EHR (MEDS), wearables and PRS, carrying known signal.
 
-    python -m healthfm_core.data.synthetic OUT_DIR [--scenario NAME] [--seed N] [--n-subjects N]
+    python -m simulations.synthetic OUT_DIR [--scenario NAME] [--seed N] [--n-subjects N]
         [--sites A,B] [--batch-subjects N]
     generate_federation(out_dir, scenario="default", seed=0, n_subjects=None, sites=None,
                         batch_subjects=2000) -> FederationManifest
@@ -55,21 +55,21 @@ Output:
         subject_id int64, start timestamp[us], end timestamp[us] (exclusive)
 """
 
-from healthfm_core.data.synthetic.generate import (
+from simulations.synthetic.generate import (
     FederationManifest,
     SiteManifest,
     generate_federation,
     generate_site,
     synthetic_sites,
 )
-from healthfm_core.data.synthetic.scenario import (
+from simulations.synthetic.scenario import (
     DiseaseSpec,
     LatentSpec,
     ScenarioConfig,
     SiteSpec,
     load_scenario,
 )
-from healthfm_core.data.synthetic.truth import onset_risk, oracle_risk
+from simulations.synthetic.truth import onset_risk, oracle_risk
 
 __all__ = [
     "synthetic_sites",

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from healthfm_core.data.layout import EPOCH_SECONDS, WEARABLES_SCHEMA
-from healthfm_core.data.synthetic.cohort import US_PER_DAY, Cohort
-from healthfm_core.data.synthetic.ehr import FIT, MET, REG
-from healthfm_core.data.synthetic.scenario import ScenarioConfig, SiteSpec
+from simulations.synthetic.cohort import US_PER_DAY, Cohort
+from simulations.synthetic.ehr import FIT, MET, REG
+from simulations.synthetic.scenario import ScenarioConfig, SiteSpec
 
 EPOCHS_PER_DAY = 86_400 // EPOCH_SECONDS
 MAX_ENMO_MG = 2000.0

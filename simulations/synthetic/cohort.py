@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from healthfm_core.data.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
+from simulations.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
 
 DAYS_PER_YEAR = 365.25
 MINUTES_PER_DAY = 1440.0

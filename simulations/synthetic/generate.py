@@ -21,35 +21,35 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from healthfm_core.data.layout import WEARABLES_SUBDIRECTORY
-from healthfm_core.data.synthetic.appender import ParquetAppender
-from healthfm_core.data.synthetic.cohort import Cohort, simulate_cohort
-from healthfm_core.data.synthetic.ehr import code_catalogue, simulate_ehr
-from healthfm_core.data.synthetic.hospital import (
+from healthfm_core.files import atomic_write_text
+from healthfm_core.strict_files import strict_model
+from simulations.synthetic.appender import ParquetAppender
+from simulations.synthetic.cohort import Cohort, simulate_cohort
+from simulations.synthetic.ehr import code_catalogue, simulate_ehr
+from simulations.synthetic.hospital import (
     hospital_onsets_table,
     simulate_hospital_ehr,
     used_codes,
     write_hospital_codes,
     write_hospital_shards,
 )
-from healthfm_core.data.synthetic.mimic import simulate_mimic_ehr
-from healthfm_core.data.synthetic.scenario import (
+from simulations.synthetic.mimic import simulate_mimic_ehr
+from simulations.synthetic.scenario import (
     ScenarioConfig,
     SiteSpec,
     load_scenario,
 )
-from healthfm_core.data.synthetic.truth import (
+from simulations.synthetic.truth import (
     latent_table,
     onsets_table,
     risk_table,
     subjects_table,
 )
-from healthfm_core.data.synthetic.wearables import (
+from simulations.synthetic.wearables import (
     simulate_wearables,
     wear_period_table,
     wear_periods,
 )
-from healthfm_core.files import atomic_write_text
-from healthfm_core.strict_files import strict_model
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _write_dataset_metadata(scenario: ScenarioConfig, site: SiteSpec, seed: int,
     blob = {
         "dataset_name": f"healthfm-synthetic/{scenario.name}/{site.name}",
         "dataset_version": f"seed-{seed}",
-        "etl_name": "healthfm_core.data.synthetic",
+        "etl_name": "simulations.synthetic",
         "etl_version": _etl_version(),
         "meds_version": meds.__version__,
         "license": "CC0-1.0 (synthetic data, no real person)",

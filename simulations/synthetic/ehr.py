@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from healthfm_core.data.layout import PRS_PREFIX
-from healthfm_core.data.synthetic.cohort import DAYS_PER_YEAR, US_PER_DAY, Cohort, _to_minute, disease_presence
-from healthfm_core.data.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
+from simulations.synthetic.cohort import DAYS_PER_YEAR, US_PER_DAY, Cohort, _to_minute, disease_presence
+from simulations.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
 
 MET, FIT, REG = (LATENT_DIMS.index(d) for d in ("metabolic", "fitness", "regularity"))
 

@@ -1,4 +1,4 @@
-"""python -m healthfm_core.data.synthetic OUT_DIR [--scenario NAME] [--seed N] [--n-subjects N] [--sites A,B]
+"""python -m simulations.synthetic OUT_DIR [--scenario NAME] [--seed N] [--n-subjects N] [--sites A,B]
 [--batch-subjects N]"""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import logging
 import sys
 import time
 
-from healthfm_core.data.synthetic.generate import BATCH_SUBJECTS, generate_federation
+from simulations.synthetic.generate import BATCH_SUBJECTS, generate_federation
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m healthfm_core.data.synthetic", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m simulations.synthetic", description=__doc__)
     parser.add_argument("out_dir", help="output directory: sites/<site>/ and truth/ are written here")
     parser.add_argument(
         "--scenario", default="default", help="scenario name (configs/scenario/<name>.yaml) or a YAML path"
