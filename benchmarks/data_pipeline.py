@@ -42,10 +42,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
-from healthfm_core.data.site import open_site  # noqa: E402
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sequences.code_stats import site_code_stats  # noqa: E402
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sites.site import open_site  # noqa: E402
 from simulations.synthetic import generate_federation  # noqa: E402
 from simulations.synthetic.scenario import load_scenario  # noqa: E402
 

@@ -51,14 +51,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
-from healthfm_core.data.aces_tasks import aces_labels  # noqa: E402
-from healthfm_core.data.task_spec import TaskSpec, horizon_key  # noqa: E402
-from healthfm_core.data.tasks import (  # noqa: E402
+from healthfm_core.data.labels.aces_tasks import aces_labels  # noqa: E402
+from healthfm_core.data.labels.task_spec import TaskSpec, horizon_key  # noqa: E402
+from healthfm_core.data.labels.tasks import (  # noqa: E402
     cap_rows_per_subject,
     rows_per_subject,
     wearable_regression_labels,
 )
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.eval.site_eval import _may_hold_heart_rate, task_labels_at_site  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402

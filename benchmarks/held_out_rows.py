@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
-from healthfm_core.data.tasks import cap_rows_per_subject  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.labels.tasks import cap_rows_per_subject  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import init_model  # noqa: E402

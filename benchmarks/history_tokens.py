@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from healthfm_core.data.code_stats import events_code_stats
-from healthfm_core.data.coverage import history_coverage_days
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.checks.coverage import history_coverage_days
+from healthfm_core.data.sequences.code_stats import events_code_stats
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, collate
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import ObjectiveWeights

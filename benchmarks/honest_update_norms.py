@@ -31,7 +31,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict  # noq
 
 from client.client_app import make_client_app  # noqa: E402
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import init_model  # noqa: E402

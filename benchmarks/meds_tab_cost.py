@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.meds_dev_tasks import meds_dev_task_names
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task_names
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup

@@ -34,11 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from client.policy import SitePolicy, load_policy
 from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
-from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
-from healthfm_core.data.layout import SPLITS
-from healthfm_core.data.site import Site
-from healthfm_core.data.site_cache import cached_sequences, cached_site
-from healthfm_core.data.tokens import SiteSequences, collate, make_loader
+from healthfm_core.data.files.layout import SPLITS
+from healthfm_core.data.sequences.code_stats import SiteCodeStats, site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences, collate, make_loader
+from healthfm_core.data.sites.site import Site
+from healthfm_core.data.sites.site_cache import cached_sequences, cached_site
 from healthfm_core.eval.site_eval import SiteTaskResults, evaluate_site_tasks, task_labels_at_site
 from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
 from healthfm_core.model.groups import group_state_dict, parameter_group
@@ -112,7 +112,7 @@ class SiteConfig(BaseModel):
         # Node config values arrive as TOML scalars: an int, or a string ("auto", "4").
         return None if v is None else parse_threads(v)
 
-    # A run's shared cache of the opened site and its sequences (healthfm_core.data.site_cache):
+    # A run's shared cache of the opened site and its sequences (healthfm_core.data.sites.site_cache):
     # the simulation sets a temporary directory per run so every actor reads one preparation.
     sequence_cache: Path | None = None
 

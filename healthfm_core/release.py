@@ -47,9 +47,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.token_settings import TokenSettings
-from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.token_settings import TokenSettings
+from healthfm_core.data.sequences.vocab import Vocabulary
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup

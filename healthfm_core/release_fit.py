@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthfm_core.data.layout import PRS_PREFIX
-from healthfm_core.data.site import Site
+from healthfm_core.data.files.layout import PRS_PREFIX
+from healthfm_core.data.sites.site import Site
 from healthfm_core.protocol import FederationSetup
 
 DEFAULT_MAX_UNKNOWN_SHARE = 0.5

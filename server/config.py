@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from healthfm_core.data.task_spec import TaskSpec, resolve_tasks
-from healthfm_core.data.token_settings import (
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks
+from healthfm_core.data.sequences.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
     MaxCodesPerToken,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from healthfm_core.data.task_spec import task_keys
+from healthfm_core.data.labels.task_spec import task_keys
 from healthfm_core.eval.federation_auroc import FederationAUROC, binary_keys, federation_aurocs
 from healthfm_core.eval.outcomes import outcome_lines, scored_of_available
 from healthfm_core.files import atomic_write_text

@@ -44,8 +44,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.token_settings import one_line_error
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.sequences.token_settings import one_line_error
 from healthfm_core.eval.federated_head import FederatedHeadResult, SiteHead, run_federated_head
 from healthfm_core.eval.probes import DEFAULT_C_GRID, Standardizer
 from healthfm_core.eval.saved_head import save_head

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.site import Site
-from healthfm_core.data.tasks import OnsetTask, rows_per_subject
-from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.labels.tasks import OnsetTask, rows_per_subject
+from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare, plots
 from healthfm_core.eval.evidence import (
     Comparison,

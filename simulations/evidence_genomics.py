@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.tasks import OnsetTask
+from healthfm_core.data.labels.tasks import OnsetTask
+from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
 from healthfm_core.eval.probes import fit_ridge, subject_folds
 from healthfm_core.eval.runner import (
     EvalSet,

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.site import Site
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
 from healthfm_core.eval.report import auroc_cell

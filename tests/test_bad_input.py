@@ -41,8 +41,8 @@ from parquet_footer import set_row_counts, set_value_counts
 from test_hardening import InProcessGrid, fed_config, serverapp_identity, tiny_nodes  # noqa: F401 - a fixture
 
 from client.client_app import train_reply_content
-from healthfm_core.data.site import open_site
-from healthfm_core.data.site_check import check_site
+from healthfm_core.data.checks.site_check import check_site
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.protocol import (
     ARRAYS_RECORD,
     METRICS_RECORD,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.data.layout import SPLITS
+from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.plots import horizon_auroc_plot, reliability_diagram, training_curves
 from healthfm_core.eval.probes import (

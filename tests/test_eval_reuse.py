@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.aces_tasks import aces_labels
-from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
-from healthfm_core.data.tokens import LabelledDataset, make_loader
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.aces_tasks import aces_labels
+from healthfm_core.data.labels.tasks import visit_prediction_times, wearable_regression_labels
+from healthfm_core.data.sequences.tokens import LabelledDataset, make_loader
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import compute_embeddings

@@ -19,9 +19,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS
-from healthfm_core.data.tasks import rows_per_subject
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
+from healthfm_core.data.labels.tasks import rows_per_subject
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
 from healthfm_core.eval.embedding_file import embeddings_file
 from healthfm_core.eval.meds_eval import prediction_path

@@ -21,7 +21,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from healthfm_core.data.batch import Batch
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.eval.compare import privacy_table
 from healthfm_core.eval.evidence import (
     Comparison,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import init_model

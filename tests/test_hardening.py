@@ -24,9 +24,9 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from in_process_grid import InProcessGrid, serverapp_identity  # noqa: F401 - a fixture
 
 from client.client_app import train_reply_content
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import FederationSetup, TrainReply

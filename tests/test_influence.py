@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from client.client_app import make_client_app
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model

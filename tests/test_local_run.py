@@ -16,9 +16,9 @@ import client.site_runtime as site_runtime
 import healthfm_core.train.local_run as local_run
 import simulations.report as report
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.site import open_site
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model

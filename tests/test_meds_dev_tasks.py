@@ -20,7 +20,8 @@ import pytest
 import yaml
 from aces.config import PlainPredicateConfig, TaskExtractorConfig
 
-from healthfm_core.data.aces_tasks import (
+from healthfm_core.data.checks.task_check import count_tasks
+from healthfm_core.data.labels.aces_tasks import (
     OWN_WINDOWS,
     aces_config,
     aces_labels,
@@ -29,16 +30,15 @@ from healthfm_core.data.aces_tasks import (
     task_from_text,
     unmatched_predicates,
 )
-from healthfm_core.data.meds_dev_tasks import (
+from healthfm_core.data.labels.meds_dev_tasks import (
     meds_dev_dir,
     meds_dev_task,
     meds_dev_task_names,
     predicates_file,
     task_file,
 )
-from healthfm_core.data.site import open_site
-from healthfm_core.data.task_check import count_tasks
-from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_task, resolve_tasks, runner_tasks
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.healthfm import init_model
 from simulations.synthetic import generate_federation
 
@@ -345,8 +345,8 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
     row at birth); and each scored task's MEDS-DEV folder holds those predictions, meds-evaluation-cli's
     own results.json for them, and a packed result as meds-dev-pack-result writes it."""
     from client.site_runtime import SiteConfig, SiteRuntime
-    from healthfm_core.data.code_stats import site_code_stats
-    from healthfm_core.data.vocab import build_vocabulary
+    from healthfm_core.data.sequences.code_stats import site_code_stats
+    from healthfm_core.data.sequences.vocab import build_vocabulary
     from healthfm_core.eval.meds_dev_result import MAX_RESULT_BYTES, meds_dev_result_dir
     from healthfm_core.model.config import load_model_config
     from healthfm_core.protocol import EvalConfig, FederationSetup

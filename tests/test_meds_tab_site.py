@@ -14,10 +14,10 @@ from meds_evaluation.schema import PredictionSchema
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.task_spec import task_keys
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.task_spec import task_keys
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome
 from healthfm_core.model.config import load_model_config

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.outcomes import outcome
 from healthfm_core.eval.site_eval import withheld_reason
 from healthfm_core.model.config import load_model_config

@@ -28,10 +28,10 @@ from helpers.random_batch import random_batch
 
 from client.client_app import train_reply_content
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.tasks import TASKS
-from healthfm_core.data.tokens import PretrainingDataset, collate
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.labels.tasks import TASKS
+from healthfm_core.data.sequences.tokens import PretrainingDataset, collate
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
 from healthfm_core.eval.probes import compute_embeddings
 from healthfm_core.eval.runner import build_eval_set, method_features
 from healthfm_core.model.config import load_model_config, model_modalities

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
 from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM, ReconstructionMasks
 from healthfm_core.model.objectives import (

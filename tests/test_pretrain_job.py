@@ -14,17 +14,17 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.tasks import (
+from healthfm_core.data.labels.tasks import (
     TASKS,
     OnsetTask,
     onset_labels_from_events,
     visit_prediction_times,
     wear_period_end_times,
 )
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.runner import (
     MethodFeatures,
     PooledEmbedder,

@@ -29,8 +29,8 @@ from opacus.optimizers import DPOptimizer
 from client.client_app import make_client_app
 from client.policy import PolicyError
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused
-from healthfm_core.data.tokens import PretrainingDataset, collate
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.tokens import PretrainingDataset, collate
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model

@@ -21,7 +21,7 @@ from client.client import EXIT_USAGE, main
 from client.deploy.join import EXIT_NO_CONNECTION, free_port
 from client.deploy.privacy_budget import check_privacy_budget, key_binding
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model

@@ -27,7 +27,7 @@ from client.client import build_parser
 from client.client import main as client_main
 from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, open_site_runtime, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import HeadError, load_head, save_head
 from healthfm_core.model.config import load_model_config

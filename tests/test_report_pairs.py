@@ -13,11 +13,11 @@ import pytest
 from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval import compare, plots, site_pairs
 from healthfm_core.eval.probes import binary_row
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display

@@ -1,4 +1,4 @@
-"""One forward pass serves several evaluation rows of a subject (healthfm_core/data/shared_passes.py,
+"""One forward pass serves several evaluation rows of a subject (healthfm_core/data/sequences/shared_passes.py,
 healthfm_core/eval/row_embeddings.py): every row's embedding and modality presence equal those of
 its own pass, on synthetic sites with wearables, genomics and EHR only, with the windows cut short
 (truncation), rows whose prediction time cuts a day's bucket or a wearable patch, rows before the
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.shared_passes import shared_passes
-from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
-from healthfm_core.data.tokens import US_PER_DAY
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.tasks import visit_prediction_times, wearable_regression_labels
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.shared_passes import shared_passes
+from healthfm_core.data.sequences.tokens import US_PER_DAY
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.runner import PooledEmbedder
 from healthfm_core.model.config import load_model_config

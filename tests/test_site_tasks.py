@@ -23,11 +23,11 @@ from meds_evaluation.schema import PredictionSchema
 from sklearn.metrics import roc_auc_score
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.aces_tasks import TASK_DIR
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, task_keys
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.aces_tasks import TASK_DIR
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_task, resolve_tasks, task_keys
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome_rows, outcome_table, replies_from_event
 from healthfm_core.eval.score_histogram import score_bin_index

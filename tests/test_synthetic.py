@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.layout import WEARABLES_SCHEMA
-from healthfm_core.data.site_check import check_site
+from healthfm_core.data.checks.site_check import check_site
+from healthfm_core.data.files.layout import WEARABLES_SCHEMA
 from simulations.synthetic import (
     FederationManifest,
     ScenarioConfig,

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.site_check import check_site
+from healthfm_core.data.checks.site_check import check_site
 from simulations.synthetic import generate_federation, load_scenario
 from simulations.synthetic.generate import batch_size, select_sites
 

@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 
 from client.client import EXIT_USAGE, main
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.code_stats import events_code_stats, site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.token_settings import DEFAULT_TOKENS, TokenSettings
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, to_us
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.code_stats import events_code_stats, site_code_stats
+from healthfm_core.data.sequences.token_settings import DEFAULT_TOKENS, TokenSettings
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, to_us
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.config import load_model_config
 from healthfm_core.protocol import FederationSetup
 from server.config import FederationConfig

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
-from healthfm_core.data.batch import Batch
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import RESIDUAL_STATE_KEY, make_client_app, stored_residual
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model

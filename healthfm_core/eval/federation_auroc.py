@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from healthfm_core.data.task_spec import TaskSpec
+from healthfm_core.data.labels.task_spec import TaskSpec
 from healthfm_core.eval.pooled_auroc import cells_of, pooled_auroc
 from healthfm_core.protocol import EvalReply
 

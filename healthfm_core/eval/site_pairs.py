@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS
+from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
 from healthfm_core.eval.metrics import MIN_INTERVAL_SUBJECTS, paired_resamples
 from healthfm_core.eval.report import ResultRow, auroc_cell
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display

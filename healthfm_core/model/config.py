@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.strict_files import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from healthfm_core.data.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
-from healthfm_core.data.layout import MODALITIES, WEARABLE_CHANNELS
+from healthfm_core.data.files.layout import MODALITIES, WEARABLE_CHANNELS
+from healthfm_core.data.sequences.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
 from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
 from healthfm_core.model.dropout import Dropout
@@ -678,7 +678,7 @@ class HealthFM(nn.Module):
     def embed_at(self, batch: Batch, query_time: Tensor) -> Tensor:
         """[B, Q, embedding_width] representations at query_time [B, Q] (at or before each
         prediction_time), one pass: what `embed` gives for a sample whose tokens are this one's up
-        to that time (healthfm_core/data/shared_passes.py says when that is the sample cut at that
+        to that time (healthfm_core/data/sequences/shared_passes.py says when that is the sample cut at that
         time)."""
         out = self.forward(batch, query_time=query_time)
         return self._with_genomics(out, out.queries)

@@ -47,7 +47,7 @@ before TrainReply.from_records. Below that, every message's arrays travel packed
 safetensors blobs (protocol/packing.py), not one Flower Array per key.
 """
 
-from healthfm_core.data.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
+from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 from healthfm_core.protocol.capabilities import MODALITY_GROUP, SiteCapabilities, groups_for_modalities
 from healthfm_core.protocol.eval_config import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, SCORE_SCALES, EvalConfig, ScoreScale
 from healthfm_core.protocol.eval_reply import (

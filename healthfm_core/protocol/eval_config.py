@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, ValidationError, ValidationInfo, field_validator
 
-from healthfm_core.data.task_spec import TaskSpec, resolve_tasks, task_keys
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks, task_keys
 from healthfm_core.protocol.wire import StrictMessage, flat_fields, unflat_fields
 from healthfm_core.strict_files import StrictFileError, strict_json
 
@@ -24,7 +24,7 @@ class EvalConfig(StrictMessage):
     """The evaluate message's config: which tasks (their definitions: `TaskSpec`, the ACES text
     itself, so a site needs none of the server's files), how to build samples, the probe's
     bootstrap. Built in Python, `tasks` may also hold names (resolved by
-    healthfm_core.data.task_spec.resolve_tasks, here); from a peer (`from_flat`) only definitions."""
+    healthfm_core.data.labels.task_spec.resolve_tasks, here); from a peer (`from_flat`) only definitions."""
 
     round: int = Field(ge=0)
     tasks: list[TaskSpec] = Field(max_length=64)

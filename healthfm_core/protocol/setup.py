@@ -10,15 +10,15 @@ from typing import Any
 
 from pydantic import ValidationError, model_validator
 
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.token_settings import (
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
     MaxCodesPerToken,
     TokenSettings,
     TokenWindowDays,
 )
-from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.data.sequences.vocab import Vocabulary
 from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
 from healthfm_core.protocol.capabilities import groups_for_modalities
 from healthfm_core.protocol.wire import StrictMessage

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from healthfm_core.data.layout import SPLITS
-from healthfm_core.data.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
+from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
+from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.protocol.wire import PeerReply
 
 # Why a (site, task) has no number: a few fixed kinds (no free text from a site's data).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from healthfm_core.data.layout import PRS_PREFIX
+from healthfm_core.data.files.layout import PRS_PREFIX
 from simulations.synthetic.cohort import DAYS_PER_YEAR, US_PER_DAY, Cohort, _to_minute, disease_presence
 from simulations.synthetic.scenario import LATENT_DIMS, ScenarioConfig, SiteSpec
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from healthfm_core.data.layout import WEARABLES_SUBDIRECTORY
+from healthfm_core.data.files.layout import WEARABLES_SUBDIRECTORY
 from healthfm_core.files import atomic_write_text
 from healthfm_core.strict_files import strict_model
 from simulations.synthetic.appender import ParquetAppender

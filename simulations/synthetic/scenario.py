@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.strict_files import StrictFileError, read_yaml
 
 LATENT_DIMS: tuple[str, ...] = ("metabolic", "fitness", "regularity")

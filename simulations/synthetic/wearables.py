@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from healthfm_core.data.layout import EPOCH_SECONDS, WEARABLES_SCHEMA
+from healthfm_core.data.files.layout import EPOCH_SECONDS, WEARABLES_SCHEMA
 from simulations.synthetic.cohort import US_PER_DAY, Cohort
 from simulations.synthetic.ehr import FIT, MET, REG
 from simulations.synthetic.scenario import ScenarioConfig, SiteSpec

@@ -1,12 +1,12 @@
 """A task as the server sends it to the sites: its definition as data, and how a user names one.
 
 A `TaskSpec` is one of
-- `aces`: the text of an ACES task file (configs/tasks/*.yaml, healthfm_core.data.aces_tasks) and
+- `aces`: the text of an ACES task file (configs/tasks/*.yaml, healthfm_core.data.labels.aces_tasks) and
   its horizons; evaluated at each site under one key per horizon, `<name>_<h>d`; a task without
   horizons (a MEDS-DEV task, any plain ACES file) has no horizons_days and one key, `<name>`;
 - `site`: a task whose labels each site supplies itself (SITE_ROOT/tasks/<name>/, MEDS
-  LabelSchema, healthfm_core.data.site_labels); key `<name>`;
-- `wearable`: one of the built-in wearable regression tasks (healthfm_core.data.tasks); key `<name>`.
+  LabelSchema, healthfm_core.data.labels.site_labels); key `<name>`;
+- `wearable`: one of the built-in wearable regression tasks (healthfm_core.data.labels.tasks); key `<name>`.
 
 The site never needs the server's files: the ACES text travels in the message, and a TaskSpec is
 a peer's input there (names restricted to a safe alphabet, sizes bounded, the ACES text parsed
@@ -16,7 +16,7 @@ and checked by ACES at the site before use).
 site:readmission, meds-dev:mortality/in_icu/first_24h]`, or the synthetic tasks' names
 `onset_t2d_365d` (an ACES task at one horizon), `wearable_resting_hr`) into specs; entries naming the same ACES task merge
 their horizons. A `meds-dev:<task>[@<dataset>]` entry is resolved with the dataset's predicates
-(healthfm_core.data.meds_dev_tasks) here, at the coordinator: the sites get the resolved text.
+(healthfm_core.data.labels.meds_dev_tasks) here, at the coordinator: the sites get the resolved text.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from healthfm_core.data.aces_tasks import OWN_WINDOWS, TASK_DIR, AcesTask, load_task, task_from_text
-from healthfm_core.data.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
-from healthfm_core.data.tasks import DISEASES, TASKS, OnsetTask, Task, WearableTask
+from healthfm_core.data.labels.aces_tasks import OWN_WINDOWS, TASK_DIR, AcesTask, load_task, task_from_text
+from healthfm_core.data.labels.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
+from healthfm_core.data.labels.tasks import DISEASES, TASKS, OnsetTask, Task, WearableTask
 
 TASK_NAME = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"  # also a file name and a metric-key prefix: no dots, no slashes
 MAX_ACES_BYTES = 64 * 1024

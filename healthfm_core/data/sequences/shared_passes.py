@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from healthfm_core.data.layout import EPOCH_US
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.wear_patches import NO_TIME
+from healthfm_core.data.files.layout import EPOCH_US
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.wear_patches import NO_TIME
 
 # Rows one pass serves at most: each is a query token in the pass's sequence.
 MAX_QUERIES = 32

@@ -62,10 +62,10 @@ import yaml
 from omegaconf import DictConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from healthfm_core.data.frames import to_polars
-from healthfm_core.data.layout import parquet_files
-from healthfm_core.data.parquet_guard import open_parquet
-from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL, validate_labels
+from healthfm_core.data.files.frames import to_polars
+from healthfm_core.data.files.layout import parquet_files
+from healthfm_core.data.files.parquet_guard import open_parquet
+from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL, validate_labels
 from healthfm_core.strict_files import StrictFileError, strict_yaml
 
 # ACES is imported where a task is parsed or extracted: with its networkx, bigtree and matplotlib
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+TASK_DIR = Path(__file__).resolve().parents[3] / "configs" / "tasks"
 # The key of the one label table of a task without horizons (its own windows decide everything).
 OWN_WINDOWS = 0
 
@@ -98,7 +98,7 @@ class TaskMetadata(BaseModel):
     links: list[str] = Field(default_factory=list)
     contacts: list[dict[str, Any]] = Field(default_factory=list)
     supported_datasets: list[str] | None = None
-    meds_dev: dict[str, Any] | None = None  # where a MEDS-DEV task came from (healthfm_core.data.meds_dev_tasks)
+    meds_dev: dict[str, Any] | None = None  # where a MEDS-DEV task came from (healthfm_core.data.labels.meds_dev_tasks)
 
     @model_validator(mode="after")
     def _horizons_together(self) -> TaskMetadata:

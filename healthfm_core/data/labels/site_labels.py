@@ -27,10 +27,10 @@ import polars as pl
 import pyarrow as pa
 from flexible_schema import SchemaValidationError, TableValidationError
 
-from healthfm_core.data.frames import to_polars
-from healthfm_core.data.layout import parquet_files
-from healthfm_core.data.parquet_guard import ParquetFooterError, read_parquet
-from healthfm_core.data.site_paths import OutsideRootError, list_files
+from healthfm_core.data.files.frames import to_polars
+from healthfm_core.data.files.layout import parquet_files
+from healthfm_core.data.files.parquet_guard import ParquetFooterError, read_parquet
+from healthfm_core.data.files.site_paths import OutsideRootError, list_files
 
 TASKS_SUBDIR = "tasks"
 MAX_EXAMPLES = 3  # offending values quoted per (file, column, problem)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.tokens import Sample, SiteSequences
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.tokens import Sample, SiteSequences
 
 
 class PredictionTimesDataset(Dataset):

@@ -59,8 +59,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from healthfm_core.data.batch import N_SPECIAL_CODES, PAD_CODE, Batch
-from healthfm_core.data.batch_gather import (
+from healthfm_core.data.files.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order, run_values
+from healthfm_core.data.files.read_ahead import read_ahead
+from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, PAD_CODE, Batch
+from healthfm_core.data.sequences.batch_gather import (
     PooledEntries,
     TokenSlices,
     gather_patches,
@@ -68,8 +70,8 @@ from healthfm_core.data.batch_gather import (
     ranges,
     segment_searchsorted,
 )
-from healthfm_core.data.code_slots import CHUNK_ROWS, code_slots, sorted_slot_chunks
-from healthfm_core.data.event_rows import (
+from healthfm_core.data.sequences.code_slots import CHUNK_ROWS, code_slots, sorted_slot_chunks
+from healthfm_core.data.sequences.event_rows import (
     EventRows,
     RowSink,
     RowTimes,
@@ -81,17 +83,15 @@ from healthfm_core.data.event_rows import (
     to_us,
     us_arrow,
 )
-from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order, run_values
-from healthfm_core.data.read_ahead import read_ahead
-from healthfm_core.data.token_settings import (
+from healthfm_core.data.sequences.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
     DEFAULT_TOKENS,
     TokenSettings,
 )
-from healthfm_core.data.vocab import Normalizer, Vocabulary
-from healthfm_core.data.wear_patches import NO_TIME, UnplacedPatches, patches_of_table
-from healthfm_core.data.wear_stream import site_patch_plan
+from healthfm_core.data.sequences.vocab import Normalizer, Vocabulary
+from healthfm_core.data.sequences.wear_patches import NO_TIME, UnplacedPatches, patches_of_table
+from healthfm_core.data.sequences.wear_stream import site_patch_plan
 
 log = logging.getLogger(__name__)
 

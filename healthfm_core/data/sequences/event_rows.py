@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from meds import birth_code as BIRTH_CODE
 
-from healthfm_core.data.batch_gather import ranges, segment_searchsorted
-from healthfm_core.data.layout import PRS_PREFIX
-from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.data.files.layout import PRS_PREFIX
+from healthfm_core.data.sequences.batch_gather import ranges, segment_searchsorted
+from healthfm_core.data.sequences.vocab import Vocabulary
 
 NO_TIME = np.iinfo(np.int64).max  # no time (static rows)
 _STATIC_FIRST = np.iinfo(np.int64).min  # a static row's place in reading order: before any time

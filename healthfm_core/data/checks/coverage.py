@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from meds import birth_code as BIRTH_CODE
 
-from healthfm_core.data.layout import PRS_PREFIX
-from healthfm_core.data.tokens import DEFAULT_TOKEN_WINDOW_DAYS, US_PER_DAY, to_us, token_buckets
+from healthfm_core.data.files.layout import PRS_PREFIX
+from healthfm_core.data.sequences.tokens import DEFAULT_TOKEN_WINDOW_DAYS, US_PER_DAY, to_us, token_buckets
 
 _NO_TIME = np.iinfo(np.int64).max  # what to_us gives a null time (static rows)
 

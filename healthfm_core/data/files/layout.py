@@ -11,7 +11,7 @@ A site root, as docs/architecture.md lays it out::
 The MEDS paths and split names come from the `meds` package, so they follow the standard.
 Polygenic risk scores are MEDS rows with code `PRS//<trait>` and the standardised score in
 numeric_value. A site's modalities: `wearables` when wearables/ holds rows, `genomics` when any
-`PRS//` code exists, `ehr` when any other clinical code exists (healthfm_core.data.site_check).
+`PRS//` code exists, `ehr` when any other clinical code exists (healthfm_core.data.checks.site_check).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from meds import (
     tuning_split,
 )
 
-from healthfm_core.data.site_paths import OutsideRootError, list_files
+from healthfm_core.data.files.site_paths import OutsideRootError, list_files
 
 # Folders and files under a site root (relative, posix separators).
 DATA_SUBDIRECTORY: str = data_subdirectory  # "data"
@@ -73,7 +73,7 @@ WEARABLES_SCHEMA = pa.schema(
 
 
 class SiteLike(Protocol):
-    """What the data pipeline reads from a site; healthfm_core.data.site.Site is the real one."""
+    """What the data pipeline reads from a site; healthfm_core.data.sites.site.Site is the real one."""
 
     @property
     def wearable_files(self) -> list[Path]: ...
@@ -89,7 +89,7 @@ class SiteLike(Protocol):
 
 def parquet_files(root: Path, subdirectory: str) -> list[Path]:
     """`root/subdirectory/**/*.parquet`, sorted by path (absent folder: none); OutsideRootError
-    for a symbolic link among them that leaves the site root (healthfm_core.data.site_paths)."""
+    for a symbolic link among them that leaves the site root (healthfm_core.data.files.site_paths)."""
     files, escapes = list_files(root, subdirectory, ".parquet")
     if escapes:
         raise OutsideRootError(root, escapes[0])

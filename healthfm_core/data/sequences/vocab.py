@@ -1,6 +1,6 @@
 """The federation's shared vocabulary and numeric normalisation, from merged site statistics.
 
-`build_vocabulary` merges the sites' `SiteCodeStats` (healthfm_core.data.code_stats; aggregates
+`build_vocabulary` merges the sites' `SiteCodeStats` (healthfm_core.data.sequences.code_stats; aggregates
 only, already suppressed at each site) and agrees on code ids and normalisation. The resulting
 `Vocabulary` (JSON) maps codes to ids and carries the per-code normalisation, the PRS trait
 order and the wearable channel normalisation that tokens.py applies.
@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-from healthfm_core.data.batch import N_SPECIAL_CODES, UNK_CODE
-from healthfm_core.data.code_stats import NumericStats, SiteCodeStats, merge_site_stats
-from healthfm_core.data.layout import PRS_PREFIX, WEARABLE_CHANNELS
+from healthfm_core.data.files.layout import PRS_PREFIX, WEARABLE_CHANNELS
+from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, UNK_CODE
+from healthfm_core.data.sequences.code_stats import NumericStats, SiteCodeStats, merge_site_stats
 from healthfm_core.files import atomic_write_text
 from healthfm_core.strict_files import strict_model
 

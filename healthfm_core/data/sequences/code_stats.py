@@ -5,7 +5,7 @@
    mergeable quantile sketch; codes seen in fewer than k subjects are dropped *at the site* (their
    name is never revealed), and so are numeric summaries backed by fewer than k subjects;
 2. the coordinator merges the `SiteCodeStats` of all sites (`merge_site_stats`): counts add,
-   moments merge exactly (Chan et al.), sketches add bucket by bucket; healthfm_core.data.vocab
+   moments merge exactly (Chan et al.), sketches add bucket by bucket; healthfm_core.data.sequences.vocab
    turns the result into the `Vocabulary`.
 
 The quantile sketch is DDSketch-like: a value x != 0 falls in bucket ceil(log_gamma |x|) with
@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from healthfm_core.data.layout import PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
-from healthfm_core.data.parquet_guard import read_parquet
+from healthfm_core.data.files.layout import PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
+from healthfm_core.data.files.parquet_guard import read_parquet
 
 log = logging.getLogger(__name__)
 

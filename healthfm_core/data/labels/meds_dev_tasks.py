@@ -2,7 +2,7 @@
 
     task = meds_dev_task("mortality/in_icu/first_24h", dataset="MIMIC-IV")
     task = meds_dev_task("readmission/general_hospital/30d", dataset="/site/predicates.yaml")
-    resolve_task("meds-dev:mortality/in_icu/first_24h@MIMIC-IV")   # healthfm_core.data.task_spec
+    resolve_task("meds-dev:mortality/in_icu/first_24h@MIMIC-IV")   # healthfm_core.data.labels.task_spec
 
 Where the files come from: the `meds-dev` package (installed by `make setup` without its
 dependencies: its pins are older than ours, and we read only its YAML), or a MEDS-DEV checkout
@@ -44,7 +44,7 @@ from typing import Any
 import ruamel.yaml
 import yaml
 
-from healthfm_core.data.aces_tasks import AcesTask, aces_config, task_from_text
+from healthfm_core.data.labels.aces_tasks import AcesTask, aces_config, task_from_text
 from healthfm_core.strict_files import strict_yaml
 
 MEDS_DEV_PREFIX = "meds-dev:"

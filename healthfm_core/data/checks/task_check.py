@@ -1,7 +1,7 @@
 """Counting a site's task labels before a run: what `client.py check SITE --tasks ...` prints.
 
-For each task, an ACES config (healthfm_core.data.aces_tasks) or the site's own labels under
-SITE_ROOT/tasks/<task>/ (healthfm_core.data.site_labels), and each horizon: rows, subjects and
+For each task, an ACES config (healthfm_core.data.labels.aces_tasks) or the site's own labels under
+SITE_ROOT/tasks/<task>/ (healthfm_core.data.labels.site_labels), and each horizon: rows, subjects and
 positives per split. ACES tasks: the rows ACES gives (trigger, windows, gaps, exclusions), all of
 them, per split (what aces-cli gives, and what held_out is scored on); apart, what the evaluation
 takes: train and tuning capped (`cap_rows_per_subject`: up to `n_per_subject` rows per subject,
@@ -14,11 +14,11 @@ of an ACES task that matches no row at the site gets a warning naming it (and AC
 it is a `code: null` range): a task whose label predicate never holds has no positives for a
 reason that is not the patients. An ACES task whose positives are mostly its own stay's discharge
 codes (a prediction time inside a hospital stay, the outcome within a day of that stay's
-discharge: healthfm_core.data.stay_leakage) gets a warning: leakage by design in exports that
+discharge: healthfm_core.data.checks.stay_leakage) gets a warning: leakage by design in exports that
 time diagnoses at discharge (MIMIC-IV); the shipped onset tasks exclude such prediction times. An
 ACES task whose trigger matches a timed MEDS_BIRTH row (`_ANY_EVENT`, `_RECORD_START`) gets a
 warning: it predicts at birth. `meds-dev:<task>@<dataset or predicates file>` entries are
-MEDS-DEV tasks (healthfm_core.data.meds_dev_tasks). Labels never leave the site: this is the site
+MEDS-DEV tasks (healthfm_core.data.labels.meds_dev_tasks). Labels never leave the site: this is the site
 admin's view.
 """
 
@@ -26,13 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
-from healthfm_core.data.aces_tasks import (
+from healthfm_core.data.checks.problem_log import SiteProblem, SiteSummary
+from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
+from healthfm_core.data.checks.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
+from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
+from healthfm_core.data.labels.aces_tasks import (
     OWN_WINDOWS,
     TASK_DIR,
     AcesTask,
@@ -41,18 +45,28 @@ from healthfm_core.data.aces_tasks import (
     trigger_matches_birth,
     unmatched_predicates,
 )
-from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
-from healthfm_core.data.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
-from healthfm_core.data.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
-from healthfm_core.data.site import Site
-from healthfm_core.data.site_check import SiteProblem
-from healthfm_core.data.site_labels import (
+from healthfm_core.data.labels.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
+from healthfm_core.data.labels.site_labels import (
     TASKS_SUBDIR,
     SiteLabelError,
     read_site_labels,
 )
-from healthfm_core.data.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
-from healthfm_core.data.tasks import cap_rows_per_subject, rows_per_subject
+from healthfm_core.data.labels.tasks import cap_rows_per_subject, rows_per_subject
+
+
+class SplitSite(Protocol):
+    """What counting a site's tasks reads of an opened site (healthfm_core.data.sites.site.Site)."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def summary(self) -> SiteSummary: ...
+
+    def subject_splits(self) -> pa.Table: ...
+
+    def held_out_subjects(self) -> np.ndarray: ...
+
 
 DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
 DEFAULT_MIN_POSITIVES = 5  # the site runtime's min_report_positives
@@ -185,7 +199,7 @@ def _load(entry: Path) -> AcesTask:
 
 
 def count_tasks(
-    site: Site,
+    site: SplitSite,
     files: Sequence[Path],
     min_subjects: int = DEFAULT_MIN_SUBJECTS,
     n_per_subject: int | str | None = 4,

@@ -27,9 +27,9 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from healthfm_core.data.layout import EPOCH_US
-from healthfm_core.data.read_ahead import read_ahead
-from healthfm_core.data.vocab import Normalizer
+from healthfm_core.data.files.layout import EPOCH_US
+from healthfm_core.data.files.read_ahead import read_ahead
+from healthfm_core.data.sequences.vocab import Normalizer
 
 NO_TIME = np.iinfo(np.int64).max  # "no epoch" in first_us (tokens.py's _NO_TIME)
 _NO_END = np.iinfo(np.int64).min

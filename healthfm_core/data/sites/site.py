@@ -1,13 +1,13 @@
-"""Reading one site's data (a MEDS root plus the wearables sidecar, healthfm_core.data.layout).
+"""Reading one site's data (a MEDS root plus the wearables sidecar, healthfm_core.data.files.layout).
 
-`open_site` runs the check (healthfm_core.data.site_check) and returns a `Site` to read from,
+`open_site` runs the check (healthfm_core.data.checks.site_check) and returns a `Site` to read from,
 or raises `SiteDataError` listing every error; errors confined to the site's own task labels
 (tasks/<task>/) are logged and leave the site open (those tasks answer `invalid_labels`). Reads go to parquet on each call.
 
 The reader, not the file, guarantees what the pipeline relies on: columns of MEDS's types
-(a polars or pandas export is read cast, healthfm_core.data.meds_align) and, in `read_events`,
+(a polars or pandas export is read cast, healthfm_core.data.files.meds_align) and, in `read_events`,
 each subject's rows contiguous with its static rows (null time) first, then in time order.
-Every file is opened as untrusted input (healthfm_core.data.parquet_guard, site_paths): a footer
+Every file is opened as untrusted input (healthfm_core.data.files.parquet_guard, site_paths): a footer
 claiming rows its bytes cannot hold, or a link out of the site root, is refused by name, before
 pyarrow allocates for it.
 """
@@ -24,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from meds import CodeMetadataSchema, DataSchema, SubjectSplitSchema
 
-from healthfm_core.data.layout import (
+from healthfm_core.data.checks.problem_log import LABEL_ERROR_KINDS, SiteProblem, SiteReport, SiteSummary
+from healthfm_core.data.checks.site_check import run_check
+from healthfm_core.data.files.layout import (
     CODE_METADATA_FILEPATH,
     DATA_SUBDIRECTORY,
     DATASET_METADATA_FILEPATH,
@@ -37,17 +39,10 @@ from healthfm_core.data.layout import (
     in_subject_order,
     parquet_files,
 )
-from healthfm_core.data.meds_align import align_table, sort_events
-from healthfm_core.data.parquet_guard import open_parquet, read_parquet
-from healthfm_core.data.site_check import (
-    LABEL_ERROR_KINDS,
-    SiteProblem,
-    SiteReport,
-    SiteSummary,
-    run_check,
-)
-from healthfm_core.data.site_paths import require_inside
-from healthfm_core.data.wear_patches import sorted_by_subject_time
+from healthfm_core.data.files.meds_align import align_table, sort_events
+from healthfm_core.data.files.parquet_guard import open_parquet, read_parquet
+from healthfm_core.data.files.site_paths import require_inside
+from healthfm_core.data.sequences.wear_patches import sorted_by_subject_time
 from healthfm_core.strict_files import read_json
 
 logger = logging.getLogger(__name__)

@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from healthfm_core.data.site import Site, open_site
-from healthfm_core.data.token_settings import DEFAULT_TOKENS, TokenSettings
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import Vocabulary
+from healthfm_core.data.sequences.token_settings import DEFAULT_TOKENS, TokenSettings
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import Vocabulary
+from healthfm_core.data.sites.site import Site, open_site
 from healthfm_core.strict_files import strict_json
 
 log = logging.getLogger(__name__)

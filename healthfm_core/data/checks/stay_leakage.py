@@ -19,9 +19,9 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from healthfm_core.data.aces_tasks import AcesTask, label_event_times
-from healthfm_core.data.layout import ADMISSION_PREFIX, DISCHARGE_PREFIX, parquet_files
-from healthfm_core.data.parquet_guard import read_parquet
+from healthfm_core.data.files.layout import ADMISSION_PREFIX, DISCHARGE_PREFIX, parquet_files
+from healthfm_core.data.files.parquet_guard import read_parquet
+from healthfm_core.data.labels.aces_tasks import AcesTask, label_event_times
 
 STAY_END_DAYS = 1.0
 LEAKY_SHARE = 0.5  # warn when more than this share of a task's positives are same-stay positives

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthfm_core.data.layout import WEARABLE_CHANNELS, WEARABLES_SCHEMA, SiteLike
-from healthfm_core.data.parquet_guard import read_parquet
-from healthfm_core.data.vocab import Normalizer
-from healthfm_core.data.wear_patches import (
+from healthfm_core.data.files.layout import WEARABLE_CHANNELS, WEARABLES_SCHEMA, SiteLike
+from healthfm_core.data.files.parquet_guard import read_parquet
+from healthfm_core.data.sequences.vocab import Normalizer
+from healthfm_core.data.sequences.wear_patches import (
     PatchPlan,
     UnplacedPatches,
     UnsortedWearables,

@@ -5,7 +5,7 @@ pyarrow's reader reserves memory for as many rows as a row group's footer claims
 decodes a page: a 130 KB shard whose footer claimed 5e9 rows made `read_table` ask for 16 GiB
 (`ArrowMemoryError: malloc of size 17179869184 failed`, no file named), while the check, which
 streams batches, saw the true 49,519 rows and passed it. Every reader of a site's parquet files
-(healthfm_core.data.site, site_check, site_labels, wear_stream, code_stats, aces_tasks) opens them
+(healthfm_core.data.sites.site, site_check, site_labels, wear_stream, code_stats, aces_tasks) opens them
 through `open_parquet` / `read_parquet`, which refuse, naming the file, the row group and the
 column, a footer that
 
@@ -20,7 +20,7 @@ MAX_ROWS_PER_BYTE is generous: the project's synthetic sites hold at most 0.4 ro
 MEDS export about as many, and the most compressible table written for the measurement (4 million
 rows of one subject, a constant value and nulls, zstd, one row group) about 1,000 (polars;
 pyarrow: 114). A footer within these limits that still lies is caught by `client.py check`, which
-decodes every row and compares the count (healthfm_core.data.site_check).
+decodes every row and compares the count (healthfm_core.data.checks.site_check).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from healthfm_core.data.site_paths import require_inside
+from healthfm_core.data.files.site_paths import require_inside
 
 MAX_ROWS_PER_BYTE = 4096
 ROWS_ALWAYS_PLAUSIBLE = 1 << 20

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch.utils.data import ConcatDataset
 
-from healthfm_core.data.tokens import PretrainingDataset
+from healthfm_core.data.sequences.tokens import PretrainingDataset
 
 
 class PooledPretrainingDataset(ConcatDataset):
