@@ -22,7 +22,7 @@ cannot capture; docs/evidence.md) and each seed (its own synthetic world and tra
    sinusoidal time embedding, at the pooled model's budget): question 5.
 
 Every comparison pools its items over seeds and sites and draws subjects once for all of them
-(healthfm_core.eval.evidence). Writes report.md (tables, verdicts, plots) and evidence.json
+(healthfm_core.eval.paired_comparison). Writes report.md (tables, verdicts, plots) and evidence.json
 (every number) to out_dir; prints the plan with its estimated time first and logs each stage.
 Each unit writes its evidence to units/<scenario>-seed<seed>/ when it ends (evidence_units);
 resume=true loads the finished units instead of running them (docs/evidence.md).
@@ -50,7 +50,8 @@ from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
 from healthfm_core.data.sequences.tokens import SiteSequences
 from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare, plots
-from healthfm_core.eval.evidence import (
+from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
+from healthfm_core.eval.paired_comparison import (
     Comparison,
     Item,
     Verdict,
@@ -58,7 +59,6 @@ from healthfm_core.eval.evidence import (
     not_clearly_below,
     ratio_curve_plot,
 )
-from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
