@@ -5,7 +5,7 @@
     python benchmarks/federation_round.py --modes warm --states file memory --rounds 5
     nice -n 5 python benchmarks/federation_round.py --modes warm --secure --rounds 3 --local-steps 10 --eval-tasks ""
 
-A real deployment on 127.0.0.1, started as the slow tests start it (tests/deploy_fixtures.py):
+A real deployment on 127.0.0.1, started as the slow tests start it (tests/helpers/deploy_fixtures.py):
 `coordinator provision`, `coordinator superlink` (TLS, SuperNode authentication, the nginx proxy
 in front of the Fleet API), `coordinator register`, the federation's bundle approved in the sites'
 policy (`client.py approve`), and three synthetic `tiny`-scenario sites (biobank, hospital,
@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from deploy_fixtures import (  # noqa: E402
+from helpers.deploy_fixtures import (  # noqa: E402
     CLIENT,
     SITES,
     Process,

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[0:0] = [str(REPO), str(REPO / "tests")]
 
 import numpy as np  # noqa: E402
-from flower_messages import train_metadata  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
+from helpers.flower_messages import train_metadata  # noqa: E402
 
 from client.client_app import make_client_app  # noqa: E402
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402

@@ -53,7 +53,7 @@ from simulations.run import run_federation_simulation  # noqa: E402
 from simulations.synthetic import generate_federation  # noqa: E402
 
 SITES = ("biobank", "hospital")
-# The tiny scenario's sites and their groups (tests/deploy_fixtures.py EXPECTED_GROUPS).
+# The tiny scenario's sites and their groups (tests/helpers/deploy_fixtures.py EXPECTED_GROUPS).
 SCENARIO_GROUPS = {
     "biobank": ["shared", "ehr", "wearables", "genomics"],
     "hospital": ["shared", "ehr", "wearables"],

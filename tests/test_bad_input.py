@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_site_tables, write_site_tables
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -35,10 +34,12 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
+from helpers.in_process_grid import InProcessGrid, tiny_nodes
+from helpers.parquet_footer import set_row_counts, set_value_counts
+from helpers.run_configs import fed_config
+from helpers.site_tables import make_site_tables, write_site_tables
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parquet_footer import set_row_counts, set_value_counts
-from test_hardening import InProcessGrid, fed_config, serverapp_identity, tiny_nodes  # noqa: F401 - a fixture
 
 from client.client_app import train_reply_content
 from healthfm_core.data.checks.site_check import check_site

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers.hydra_configs import compose_cfg
 from omegaconf import OmegaConf
 
 from client.site_runtime import SiteConfig, SiteRuntime
@@ -37,7 +38,6 @@ from simulations.common import site_eval_rows_per_subject
 from simulations.evidence_units import unit_fingerprint
 from simulations.run import federation_config
 from simulations.synthetic import generate_federation
-from tests.test_token_settings import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_mean_enmo"]

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Message
-from test_federated_head import _sites
-from test_hardening import InProcessGrid, serverapp_identity  # noqa: F401 - the fixture
+from helpers.head_sites import head_sites
+from helpers.in_process_grid import InProcessGrid
 
 from client.head_app import make_head_client_app
 from client.head_rows import HeadRows
@@ -50,7 +50,7 @@ class AttackGrid(InProcessGrid):
 
 
 def _grid(corrupt: Mapping[str, Corrupt]) -> AttackGrid:
-    sites: dict[str, SiteSplits] = _sites()
+    sites: dict[str, SiteSplits] = head_sites()
 
     def rows_of(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         name = str(config["site-name"])

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import EVENT_SCHEMA
 from helpers.random_batch import random_batch
+from helpers.site_tables import EVENT_SCHEMA
 
 from healthfm_core.data.checks.coverage import history_coverage_days
 from healthfm_core.data.sequences.batch import MASK_CODE, N_SPECIAL_CODES, PAD_CODE, UNK_CODE

@@ -10,9 +10,9 @@ import struct
 
 import numpy as np
 import pytest
-from flower_messages import train_metadata
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from helpers.flower_messages import train_metadata
 from safetensors.numpy import save
 
 from client.client_app import message_arrays, train_reply_content

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_hardening import InProcessGrid, fed_config, serverapp_identity, tiny_nodes  # noqa: F401 - a fixture
+from helpers.in_process_grid import InProcessGrid, tiny_nodes
+from helpers.run_configs import fed_config
 
 from healthfm_core.model.healthfm import init_model
 from server.roster import Roster

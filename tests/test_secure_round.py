@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import yaml
 from flwr.app import Message
-from in_process_grid import InProcessGrid, set_serverapp_identity
-from test_federation import fed_config as federation_config
+from helpers.in_process_grid import InProcessGrid, set_serverapp_identity
+from helpers.run_configs import three_site_config as federation_config
 
 from client.policy import PolicyError, load_policy
 from healthfm_core.model.groups import parameter_group

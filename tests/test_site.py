@@ -7,7 +7,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
+from helpers.site_tables import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
 
 from healthfm_core.data.files.layout import PRS_PREFIX, WEARABLES_SCHEMA, hash_splits
 from healthfm_core.data.sequences.code_stats import site_code_stats

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
-from parquet_footer import set_compressed_sizes, set_row_counts, set_value_counts
+from helpers.parquet_footer import set_compressed_sizes, set_row_counts, set_value_counts
+from helpers.site_tables import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
 
 from healthfm_core.data.checks import event_checks
 from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteProblem, SiteReport

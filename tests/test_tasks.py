@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
+from helpers.site_tables import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
 from meds import LabelSchema
 
 from healthfm_core.data.labels.tasks import (

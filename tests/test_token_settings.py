@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import EVENT_SCHEMA
-from hydra import compose, initialize_config_dir
+from helpers.hydra_configs import compose_cfg
+from helpers.site_tables import EVENT_SCHEMA
 
 from client.client import EXIT_USAGE, main
 from client.site_runtime import SiteConfig, SiteRuntime
@@ -29,13 +29,7 @@ from simulations.pretrain import token_settings
 from simulations.run import federation_config
 from simulations.synthetic import generate_federation
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 T0 = datetime(2150, 1, 1)
-
-
-def compose_cfg(name: str, overrides: list[str]):  # type: ignore[no-untyped-def]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 @pytest.fixture(scope="module")

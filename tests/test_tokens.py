@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
+from helpers.site_tables import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
 
 from healthfm_core.data.files.layout import EPOCH_US
 from healthfm_core.data.labels.tasks import task_labels

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, SiteTables, write_site_tables
+from helpers.site_tables import EVENT_SCHEMA, WEAR_SCHEMA, SiteTables, write_site_tables
 from pydantic import ValidationError
 
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, UNK_CODE

@@ -28,18 +28,6 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    CLIENT,
-    SITES,
-    TINY_RUN,
-    Process,
-    federation,
-    join_args,
-    round_events,
-    site_policy,
-    sites,
-    superlink,
-)
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 from flwr.common.config import get_metadata_from_config
@@ -55,6 +43,7 @@ from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
 from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.start_client_internal import _pull_and_store_message
+from helpers.deploy_fixtures import CLIENT, SITES, TINY_RUN, Process, join_args, round_events, site_policy
 
 from client import site_runtime
 from client.client import build_parser

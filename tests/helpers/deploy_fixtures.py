@@ -31,7 +31,7 @@ from client.deploy.join import probe_superlink
 from server.deploy.coordinator import main as coordinator_main
 from server.deploy.provision import FederationPaths
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "client" / "client.py"
 SITES = ("biobank", "hospital", "genomics")
 EXPECTED_GROUPS = {

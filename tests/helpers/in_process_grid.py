@@ -3,12 +3,16 @@ the real FederationServer against real sites in a few seconds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
+from simulations.synthetic import FederationManifest, generate_federation
 
 
 class InProcessGrid(Grid):
@@ -71,3 +75,20 @@ def set_serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     set_serverapp_identity(monkeypatch)
+
+
+def tiny_nodes(tmp_path: Path) -> tuple[FederationManifest, dict[int, dict[str, Any]]]:
+    """The tiny scenario's three sites (30 subjects each) as InProcessGrid node configs, node ids
+    100.., each with its own state dir under tmp_path."""
+    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    nodes: dict[int, dict[str, Any]] = {
+        100 + i: {
+            "site-root": str(s.root),
+            "site-name": s.name,
+            "min-code-subjects": 5,
+            "min-report-subjects": 2,
+            "state-dir": str(tmp_path / f"state-{s.name}"),
+        }
+        for i, s in enumerate(manifest.sites)
+    }
+    return manifest, nodes
