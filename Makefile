@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# MEDS-DEV's task and predicate files are data (healthfm_core/data/meds_dev_tasks.py); its pins
+	# MEDS-DEV's task and predicate files are data (healthfm_core/data/labels/meds_dev_tasks.py); its pins
 	# (meds 0.3.3, es-aces 0.6.1, meds-evaluation 0.0.3) are older than ours: no dependencies;
 	# `validators` is the one its import needs (MEDS_DEV.utils; meds-dev-validate-result).
 	$(PY) -m pip install -q --no-deps "meds-dev==0.0.14" "validators==0.36.0"

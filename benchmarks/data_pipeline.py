@@ -6,7 +6,7 @@
 
 Without --site, one site of the `default` synthetic scenario (biobank: EHR, wearables for a third
 of the subjects, PRS) is generated into a temporary directory (or --out) with
-healthfm_core.data.synthetic. Stages timed:
+simulations.synthetic. Stages timed:
 
   stats    site_code_stats + build_vocabulary (what a federation does once)
   load     SiteSequences.from_site: parquet -> columnar arrays, ids, normalisation, patches
@@ -42,12 +42,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
-from healthfm_core.data.site import open_site  # noqa: E402
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
-from healthfm_core.data.synthetic.scenario import load_scenario  # noqa: E402
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sequences.code_stats import site_code_stats  # noqa: E402
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sites.site import open_site  # noqa: E402
+from simulations.synthetic import generate_federation  # noqa: E402
+from simulations.synthetic.scenario import load_scenario  # noqa: E402
 
 log = logging.getLogger("benchmarks.data_pipeline")
 

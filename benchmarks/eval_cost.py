@@ -1,6 +1,6 @@
 """Federated evaluation against a training round, per site, on one machine, in one run.
 
-    python -m healthfm_core.data.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
+    python -m simulations.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
     python benchmarks/eval_cost.py /tmp/fed/sites                           # the federation's default eval_tasks (server/config.py)
     python benchmarks/eval_cost.py /tmp/fed/sites --tasks wearable_resting_hr --sites wearable_clinic,biobank
 
@@ -51,18 +51,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
-from healthfm_core.data.aces_tasks import aces_labels  # noqa: E402
-from healthfm_core.data.task_spec import TaskSpec, horizon_key  # noqa: E402
-from healthfm_core.data.tasks import (  # noqa: E402
+from healthfm_core.data.labels.aces_tasks import aces_labels  # noqa: E402
+from healthfm_core.data.labels.task_spec import TaskSpec, horizon_key  # noqa: E402
+from healthfm_core.data.labels.tasks import (  # noqa: E402
     cap_rows_per_subject,
     rows_per_subject,
     wearable_regression_labels,
 )
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.eval.site_eval import _may_hold_heart_rate, task_labels_at_site  # noqa: E402
-from healthfm_core.federation import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
+from healthfm_core.model.healthfm import init_model  # noqa: E402
+from healthfm_core.protocol import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
 from server.config import DEFAULT_EVAL_MAX_SUBJECTS, DEFAULT_EVAL_TASKS  # noqa: E402
 
 DEFAULT_TASKS = list(DEFAULT_EVAL_TASKS)  # the federation's default tasks (server/config.py)
@@ -151,7 +152,7 @@ def main() -> None:
         setup_sha256=setup.sha256,
     )
     capped_cfg = cfg.model_copy(update={"max_subjects": args.max_subjects})
-    init = setup.init_model().state_dict()
+    init = init_model(setup).state_dict()
     names = args.sites.split(",") if args.sites else list(rts)
     # Once per process, not per evaluation: imported before anything is timed, so the first
     # variant measured does not carry it (score_predictions imports it lazily).

@@ -7,7 +7,7 @@
     nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/federation_round.py --modes warm --secure --dead-site \
         --model small --rounds 4 --local-steps 10 --eval-tasks "" --threads 1     # issue 45's three targets
 
-A real deployment on 127.0.0.1, started as the slow tests start it (tests/deploy_fixtures.py):
+A real deployment on 127.0.0.1, started as the slow tests start it (tests/helpers/deploy_fixtures.py):
 `coordinator provision`, `coordinator superlink` (TLS, SuperNode authentication, the nginx proxy
 in front of the Fleet API), `coordinator register`, the federation's bundle approved in the sites'
 policy (`client.py approve`), and three synthetic `tiny`-scenario sites (biobank, hospital,
@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from deploy_fixtures import (  # noqa: E402
+from helpers.deploy_fixtures import (  # noqa: E402
     CLIENT,
     SITES,
     Process,
@@ -72,9 +72,9 @@ from deploy_fixtures import (  # noqa: E402
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
 from test_faults import Background, kill_hard  # noqa: E402
 
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
 from server.deploy.coordinator import main as coordinator_main  # noqa: E402
 from server.deploy.provision import FederationPaths  # noqa: E402
+from simulations.synthetic import generate_federation  # noqa: E402
 
 
 def run_config(local_steps: int, eval_tasks: str, model: str = "tiny") -> list[str]:

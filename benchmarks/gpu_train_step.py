@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from synthetic_site import site_dataset  # noqa: E402
 
-from healthfm_core.data.batch import Batch  # noqa: E402
-from healthfm_core.data.tokens import collate  # noqa: E402
+from healthfm_core.data.sequences.batch import Batch  # noqa: E402
+from healthfm_core.data.sequences.tokens import collate  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402

@@ -6,7 +6,7 @@ Before, held_out was capped as well. This times one site's evaluation (the model
 over the rows, the probes, meds-evaluation's scoring and MEDS-Tab) both ways, on the same labels,
 and prints the rows, forward passes and seconds of each.
 
-    python -m healthfm_core.data.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
+    python -m simulations.synthetic /tmp/fed --scenario default      # 4 sites x 2000 subjects
     python benchmarks/held_out_rows.py /tmp/fed/sites/city_hospital [--tasks onset_t2d_90d,...]
 """
 
@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
-from healthfm_core.data.tasks import cap_rows_per_subject  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
-from healthfm_core.federation import EvalConfig, FederationSetup  # noqa: E402
+from healthfm_core.data.labels.tasks import cap_rows_per_subject  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
+from healthfm_core.model.healthfm import init_model  # noqa: E402
+from healthfm_core.protocol import EvalConfig, FederationSetup  # noqa: E402
 
 DEFAULT_TASKS = ("onset_t2d_90d", "onset_cad_90d", "onset_hypertension_90d", "onset_copd_90d")
 
@@ -48,7 +49,7 @@ def main() -> None:
         model_seed=0,
     )
     cfg = EvalConfig(round=1, tasks=args.tasks.split(","), setup_sha256=setup.sha256, n_boot=100)
-    init = setup.init_model().state_dict()
+    init = init_model(setup).state_dict()
     model = rt.model(setup, {k: v.numpy() for k, v in init.items() if parameter_group(k) in rt.groups})
     rt.sequences(setup)
     every_held = rt.labels(cfg)  # held_out whole (the evaluation now)

@@ -2,7 +2,7 @@
 
     python benchmarks/history_tokens.py SITE_ROOT [--model small] [--max-events 256] [--steps 4]
 
-Run from the repository root with PYTHONPATH=. . SITE_ROOT is a MEDS site (e.g. one of `python -m healthfm_core.data.synthetic OUT --scenario
+Run from the repository root with PYTHONPATH=. . SITE_ROOT is a MEDS site (e.g. one of `python -m simulations.synthetic OUT --scenario
 hospital`). Prints the history coverage at `--max-events` tokens per event, per timestamp and
 per day, then times `--steps` pretraining steps (batch `--batch-size`, the federation default)
 of the model on the pipeline's batches: set OMP_NUM_THREADS=1 for comparable numbers. The parquet
@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from healthfm_core.data.code_stats import events_code_stats
-from healthfm_core.data.coverage import history_coverage_days
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.checks.coverage import history_coverage_days
+from healthfm_core.data.sequences.code_stats import events_code_stats
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, collate
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import ObjectiveWeights

@@ -26,18 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[0:0] = [str(REPO), str(REPO / "tests")]
 
 import numpy as np  # noqa: E402
-from flower_messages import train_metadata  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
+from helpers.flower_messages import train_metadata  # noqa: E402
 
 from client.client_app import make_client_app  # noqa: E402
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
-from healthfm_core.federation import SETUP, FederationSetup, RoundConfig  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
+from healthfm_core.model.healthfm import init_model  # noqa: E402
+from healthfm_core.protocol import SETUP, FederationSetup, RoundConfig  # noqa: E402
 from server.round import aggregate_replies  # noqa: E402
 from server.strategy import ModalityAwareFedAvg, pack_record  # noqa: E402
+from simulations.synthetic import generate_federation  # noqa: E402
 
 SITES = {
     "biobank": ["shared", "ehr", "wearables", "genomics"],
@@ -112,7 +113,7 @@ def main() -> None:
     for n in nodes:
         record = ConfigRecord({"json": setup.to_json(), "sha256": setup.sha256})
         app(Message(RecordDict({"setup": record}), metadata=setup_metadata(n)), contexts[n])
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     strategy = ModalityAwareFedAvg()
     records: list[dict[str, Any]] = []
     previous_update: dict[tuple[int, str], np.ndarray] = {}

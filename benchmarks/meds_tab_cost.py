@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.meds_dev_tasks import meds_dev_task_names
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import EvalConfig, FederationSetup
+from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task_names
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import EvalConfig, FederationSetup
 
 PER_KEY = re.compile(r"site \S+: (\S+): probe ([\d.]+) s, MEDS-Tab ([\d.]+) s")
 
@@ -51,7 +52,7 @@ def main() -> None:
     setup = FederationSetup(
         vocabulary=build_vocabulary([rt.code_stats()], min_subjects=10), model=load_model_config(args.model)
     )
-    model = setup.init_model()
+    model = init_model(setup)
     cfg = EvalConfig(round=1, tasks=tasks, setup_sha256=setup.sha256, n_boot=100)
     labels = rt.labels(cfg)  # once, outside both timings
     for meds_tab in (False, True):

@@ -31,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from opacus.accountants import RDPAccountant  # noqa: E402
 
-from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
-from healthfm_core.data.site import open_site  # noqa: E402
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, collate, make_loader  # noqa: E402
-from healthfm_core.data.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sequences.code_stats import site_code_stats  # noqa: E402
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, collate, make_loader  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
+from healthfm_core.data.sites.site import open_site  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
 from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, sample_rate_for  # noqa: E402
 from healthfm_core.train.trainer import TrainConfig, train_local  # noqa: E402
+from simulations.synthetic import generate_federation  # noqa: E402
 
 
 def _rss() -> int:

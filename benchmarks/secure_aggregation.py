@@ -21,7 +21,7 @@ each cost a SuperLink round trip in a deployment, which this script cannot see.
     nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/secure_aggregation.py --rounds
 
 --rounds: the wired round end to end instead (server/secure_round.py against server/round.py): the
-real FederationServer and each site's real ClientApp called in this process (tests/in_process_grid.py,
+real FederationServer and each site's real ClientApp called in this process (tests/helpers/in_process_grid.py,
 the grid the secure round's default tests use; no SuperLink, so no network round trips: sites run one
 after another and a round's wall time is the sum of theirs plus the server's). N synthetic sites of
 every modality (the `tiny` scenario's biobank, --n-subjects each), --train-rounds rounds of
@@ -52,8 +52,8 @@ import numpy as np  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import GROUPS, parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
-from healthfm_core.packing import pack_arrays  # noqa: E402
-from healthfm_core.transport import decode_update, encode_update  # noqa: E402
+from healthfm_core.protocol.packing import pack_arrays  # noqa: E402
+from healthfm_core.protocol.transport import decode_update, encode_update  # noqa: E402
 from secure_aggregation.config import SecAggConfig  # noqa: E402
 from secure_aggregation.server import ServerRound  # noqa: E402
 from secure_aggregation.site import SiteRound  # noqa: E402
@@ -193,7 +193,7 @@ def federation_round(
     the per-site bytes from rounds.jsonl."""
     sys.path.insert(0, str(REPO / "tests"))
     import pytest
-    from in_process_grid import InProcessGrid, set_serverapp_identity
+    from helpers.in_process_grid import InProcessGrid, set_serverapp_identity
 
     import server.server_app as server_app
     from server.config import FederationConfig
@@ -243,7 +243,7 @@ ROUND_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def rounds_main(args: argparse.Namespace) -> None:
-    from healthfm_core.data.synthetic import generate_federation
+    from simulations.synthetic import generate_federation
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="secagg-rounds-") as tmp:

@@ -57,7 +57,7 @@ except ImportError:  # Ray ships its own copy
     sys.path.append(str(Path(ray.__file__).parent / "thirdparty_files"))
     import psutil
 
-from healthfm_core.data.synthetic import synthetic_sites  # noqa: E402
+from simulations.synthetic import synthetic_sites  # noqa: E402
 
 # Site-side INFO lines reach the driver's output only when the actors log at INFO: a
 # sitecustomize on the variants' PYTHONPATH turns it on in the actors, old code too.

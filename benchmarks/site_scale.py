@@ -11,7 +11,7 @@ and the `default` scenario's wearable_clinic (nearly every subject wears a devic
 (so a stage's peak RSS is its own; `base` is the process with the imports and nothing done):
 
   raw       pyarrow.parquet.read_table of every data/ and wearables/ file (the floor any loader pays)
-  check     healthfm_core.data.site_check.check_site (what `client.py check` runs)
+  check     healthfm_core.data.checks.site_check.check_site (what `client.py check` runs)
   stats     site_code_stats + build_vocabulary (saves the vocabulary the later stages use)
   load      SiteSequences.from_site of a site opened (checked) before the clock starts: the check
             is the check stage, as benchmarks/data_pipeline.py times a load
@@ -56,20 +56,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling data_pip
 
 from data_pipeline import raw_read_times, user_seconds  # noqa: E402
 
-from healthfm_core.data.code_stats import site_code_stats  # noqa: E402
-from healthfm_core.data.site import open_site  # noqa: E402
-from healthfm_core.data.site_check import check_site  # noqa: E402
-from healthfm_core.data.synthetic import load_scenario, synthetic_sites  # noqa: E402
-from healthfm_core.data.synthetic.generate import select_sites  # noqa: E402
-from healthfm_core.data.task_spec import resolve_tasks  # noqa: E402
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader, to_us  # noqa: E402
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary  # noqa: E402
+from healthfm_core.data.checks.site_check import check_site  # noqa: E402
+from healthfm_core.data.labels.task_spec import resolve_tasks  # noqa: E402
+from healthfm_core.data.sequences.code_stats import site_code_stats  # noqa: E402
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader, to_us  # noqa: E402
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary  # noqa: E402
+from healthfm_core.data.sites.site import open_site  # noqa: E402
 from healthfm_core.eval.embedding_file import embeddings_file  # noqa: E402
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory  # noqa: E402
 from healthfm_core.eval.site_eval import task_labels_at_site  # noqa: E402
 from healthfm_core.eval.subject_sample import sample_subjects  # noqa: E402
-from healthfm_core.federation import FederationSetup  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.healthfm import init_model  # noqa: E402
+from healthfm_core.protocol import FederationSetup  # noqa: E402
+from simulations.synthetic import load_scenario, synthetic_sites  # noqa: E402
+from simulations.synthetic.generate import select_sites  # noqa: E402
 
 STAGES = ["base", "raw", "check", "stats", "load", "round", "labels", "forward"]
 SITES = {"hospital": ("hospital", "general_hospital"), "wearables": ("default", "wearable_clinic")}
@@ -142,7 +143,7 @@ def _stage(name: str, root: Path, vocab_path: Path, args: argparse.Namespace) ->
         if not labels:
             return {"seconds": float("nan"), "note": "no labelled rows"}
         seqs = SiteSequences.from_site(site, vocab, subject_ids=sample)
-        model = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0).init_model()
+        model = init_model(FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0))
         table = labels[0]
         # --forward-to disk: the rows land in a memory-mapped file, as an evaluation with an eval directory has them.
         with tempfile.TemporaryDirectory() as tmp:

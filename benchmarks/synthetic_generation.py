@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from healthfm_core.data.synthetic import generate_federation, load_scenario
-from healthfm_core.data.synthetic.generate import generate_site
+from simulations.synthetic import generate_federation, load_scenario
+from simulations.synthetic.generate import generate_site
 
 
 def main() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
 
 
 def site_dataset(

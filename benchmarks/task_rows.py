@@ -15,9 +15,9 @@ from pathlib import Path
 
 import polars as pl
 
-from healthfm_core.data.aces_tasks import TASK_DIR, aces_labels_shared, load_task
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.labels.aces_tasks import TASK_DIR, aces_labels_shared, load_task
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
 
 TASKS = ("t2d", "cad", "hypertension", "copd")
 

@@ -4,9 +4,9 @@
     python benchmarks/update_transport.py --rounds 6 --local-steps 10 --json out.json
 
 Part 1, payload: the bytes of one site's ArrayRecord (every group of the model, packed as a site
-sends it, healthfm_core/packing.py, Flower's own serialisation, headers included) under each
+sends it, healthfm_core/protocol/packing.py, Flower's own serialisation, headers included) under each
 transport, for the `tiny` and `small` models, with a random update of the initial weights
-(healthfm_core/transport.py encodes; the ratio is to fp32; NVFlare's 8-bit messages are 25% of
+(healthfm_core/protocol/transport.py encodes; the ratio is to fp32; NVFlare's 8-bit messages are 25% of
 fp32); beside it the same arrays as one Flower Array per key (the format before packing) and the
 number of Flower objects (each moved by its own request) either way.
 
@@ -41,19 +41,19 @@ import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 
-from healthfm_core.data.synthetic import generate_federation  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
-from healthfm_core.transport import TRANSPORTS, encode_update  # noqa: E402
+from healthfm_core.protocol.transport import TRANSPORTS, encode_update  # noqa: E402
 from server.config import FederationConfig  # noqa: E402
 from server.limits import array_record_bytes  # noqa: E402
 from server.runlog import read_events  # noqa: E402
 from server.strategy import ModalityAwareFedAvg, pack_record  # noqa: E402
 from simulations.run import run_federation_simulation  # noqa: E402
+from simulations.synthetic import generate_federation  # noqa: E402
 
 SITES = ("biobank", "hospital")
-# The tiny scenario's sites and their groups (tests/deploy_fixtures.py EXPECTED_GROUPS).
+# The tiny scenario's sites and their groups (tests/helpers/deploy_fixtures.py EXPECTED_GROUPS).
 SCENARIO_GROUPS = {
     "biobank": ["shared", "ehr", "wearables", "genomics"],
     "hospital": ["shared", "ehr", "wearables"],

@@ -16,7 +16,7 @@ Exit status of `check`: 0 the site is usable (warnings may be printed), 1 the si
 repeated problems of one kind in one file print at most 5 lines plus an "and N more" line.
 With `--tasks` (ACES configs or directories of them) and for the site's own labels under
 SITE_ROOT/tasks/, `check` also prints each task's rows, subjects and positives per split, and
-warns where the runtime would withhold the task's metrics (healthfm_core.data.task_check).
+warns where the runtime would withhold the task's metrics (healthfm_core.data.checks.task_check).
 `join` checks the site the same way (1 and the check's lines if it is not usable), then runs a
 SuperNode until stopped (0 after Ctrl-C/SIGTERM); 4 the SuperLink is unreachable or its
 certificate does not verify, 5 it refused the site's key, 6 the SuperNode stopped otherwise.
@@ -68,16 +68,10 @@ from client.model_use import (  # noqa: E402
 from client.policy import PolicyError, load_policy  # noqa: E402
 from client.site_runtime import SiteRuntime  # noqa: E402
 from client.threads import parse_threads  # noqa: E402
-from healthfm_core.data.coverage import history_coverage_days  # noqa: E402
-from healthfm_core.data.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
-from healthfm_core.data.site import Site, SiteDataError  # noqa: E402
-from healthfm_core.data.site_check import (  # noqa: E402
-    MAX_PROBLEMS_PER_KIND,
-    SiteReport,
-    check_site,
-    run_check,
-)
-from healthfm_core.data.task_check import (  # noqa: E402
+from healthfm_core.data.checks.coverage import history_coverage_days  # noqa: E402
+from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteReport  # noqa: E402
+from healthfm_core.data.checks.site_check import check_site, run_check  # noqa: E402
+from healthfm_core.data.checks.task_check import (  # noqa: E402
     DEFAULT_MIN_POSITIVES,
     DEFAULT_MIN_SUBJECTS,
     TasksReport,
@@ -85,8 +79,10 @@ from healthfm_core.data.task_check import (  # noqa: E402
     format_tasks,
     task_files,
 )
-from healthfm_core.data.tasks import rows_per_subject  # noqa: E402
-from healthfm_core.data.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
+from healthfm_core.data.files.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
+from healthfm_core.data.labels.tasks import rows_per_subject  # noqa: E402
+from healthfm_core.data.sequences.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
+from healthfm_core.data.sites.site import Site, SiteDataError  # noqa: E402
 from healthfm_core.eval.saved_head import HeadError  # noqa: E402
 from healthfm_core.release import ModelRelease, ReleaseError, load_release  # noqa: E402
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, SiteDoesNotFit  # noqa: E402

@@ -1,6 +1,6 @@
 """The site's Flower ClientApp (Message API, flwr 1.41): decodes messages, calls the site runtime.
 
-Handlers (message types, see healthfm_core/federation.py for the records they carry):
+Handlers (message types, see healthfm_core/protocol/ for the records they carry):
   query.capabilities  -> ConfigRecord CAPABILITIES_RECORD (modalities, subjects per modality)
   query.code_stats    -> ConfigRecord CODE_STATS_RECORD {JSON_FIELD: SiteCodeStats} (suppressed)
   query.setup         -> ConfigRecord SETUP_RECORD {SHA256_FIELD}; the setup is kept in the
@@ -9,7 +9,7 @@ Handlers (message types, see healthfm_core/federation.py for the records they ca
                       is gone) -> only ConfigRecord "setup-needed" {"wanted", "held"}; the server
                          sends query.setup again and retries (server/round.py)
   train               -> a TrainReply's records (TrainReply.to_records): ArrayRecord "arrays" (packed
-                         as one part, healthfm_core/packing.py, as every message's arrays are; the
+                         as one part, healthfm_core/protocol/packing.py, as every message's arrays are; the
                          groups trained, less those the site's policy keeps local, in the round's
                          transport: fp32, fp16, or int8 with MetricRecord "scales") + MetricRecord
                          "metrics"; a request the policy refuses -> ConfigRecord "status" + the
@@ -59,7 +59,7 @@ from flwr.clientapp import ClientApp
 from client.memory import release_memory
 from client.policy import SECAGG_MIN_HOLDERS
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
-from healthfm_core.federation import (
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
     CAPABILITIES,
     CAPABILITIES_RECORD,
@@ -82,7 +82,7 @@ from healthfm_core.federation import (
     TrainRecords,
     TrainReply,
 )
-from healthfm_core.packing import pack_arrays, unpack_record
+from healthfm_core.protocol.packing import pack_arrays, unpack_record
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.messages import KeyDirectory, ShareInbox, UnmaskRequest
@@ -176,7 +176,7 @@ def train_reply_content(reply: TrainReply | TrainRecords, scales: Mapping[str, f
     arrays, metrics, status = reply.to_records() if isinstance(reply, TrainReply) else reply
     content = RecordDict({METRICS_RECORD: MetricRecord(dict(metrics))})
     if arrays is not None:
-        # Packed (healthfm_core/packing.py): one Flower Array, not one per key.
+        # Packed (healthfm_core/protocol/packing.py): one Flower Array, not one per key.
         content[ARRAYS_RECORD] = ArrayRecord({label: Array(blob) for label, blob in pack_arrays(arrays).items()})
     if scales is not None:
         content[SCALES_RECORD] = MetricRecord({k: float(v) for k, v in scales.items()})
@@ -304,7 +304,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         except TrainRefused as refused:
             return Message(train_reply_content(refused.reply), reply_to=msg)
         reply = site.release(reply)  # the policy's local groups never leave: filtered last
-        # Encoded last, on what leaves (fp16 / int8: healthfm_core/transport.py); the int8
+        # Encoded last, on what leaves (fp16 / int8: healthfm_core/protocol/transport.py); the int8
         # residual stays in this node's state.
         records, scales, residual = site.encode(reply, arrays, cfg, stored_residual(context, cfg.setup_sha256))
         keep_residual(context, cfg.setup_sha256, residual)

@@ -1,6 +1,6 @@
 """The site's Flower ClientApp for the federated task head (Message API, flwr 1.41): the site's
 side of healthfm_core/eval/federated_head.py, one handler per stage (the messages:
-healthfm_core/head_messages.py).
+healthfm_core/protocol/head.py).
 
   query.head_stats  -> HeadStats (its train rows' count, positives, sums, sums of squares)
   query.head_setup  -> HeadSmoothness (the pooled standardisation applied to its rows, kept)
@@ -42,7 +42,10 @@ from client.client_app import node_config
 from client.head_rows import HeadRows, load_head_rows
 from healthfm_core.eval.head_site import SiteSplits, local_steps, site_smoothness, site_stats, tuning_loss
 from healthfm_core.eval.probes import Standardizer
-from healthfm_core.head_messages import (
+from healthfm_core.privacy.head import PrivateHeadRound, private_local_steps, reserve_head_round, subject_index
+from healthfm_core.privacy.ledger import LedgerError
+from healthfm_core.privacy.training import DPRequest, PrivacyRefused
+from healthfm_core.protocol.head import (
     HEAD_RECORD,
     HeadRefusal,
     HeadRoundRequest,
@@ -54,9 +57,6 @@ from healthfm_core.head_messages import (
     HeadUpdate,
     StandardizerRequest,
 )
-from healthfm_core.privacy.head import PrivateHeadRound, private_local_steps, reserve_head_round, subject_index
-from healthfm_core.privacy.ledger import LedgerError
-from healthfm_core.privacy.training import DPRequest, PrivacyRefused
 
 log = logging.getLogger("healthfm.client")
 

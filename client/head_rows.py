@@ -39,9 +39,9 @@ from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of,
 from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
 from healthfm_core.eval.head_site import SiteSplits
 from healthfm_core.eval.site_eval import task_split_counts
-from healthfm_core.federation import EvalConfig, TaskReason
 from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.privacy.policy import DPPolicy
+from healthfm_core.protocol import EvalConfig, TaskReason
 from healthfm_core.release import ModelRelease, load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
 

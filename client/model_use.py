@@ -31,17 +31,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.task_check import DEFAULT_MIN_POSITIVES
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.tasks import LABEL_SCHEMA_BOOL
+from healthfm_core.data.checks.task_check import DEFAULT_MIN_POSITIVES
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL
 from healthfm_core.eval.outcomes import outcome_table
 from healthfm_core.eval.patch_reuse import reused_patch_encodings
 from healthfm_core.eval.plots import reliability_diagram
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.saved_head import load_head, save_head
-from healthfm_core.federation import EvalConfig, EvalReply, TaskReason
 from healthfm_core.files import atomic_path, atomic_write_text
+from healthfm_core.protocol import EvalConfig, EvalReply, TaskReason
 from healthfm_core.release import ModelRelease
 from healthfm_core.release_fit import ReleaseFit, require_fit
 

@@ -34,14 +34,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from client.policy import SitePolicy, load_policy
 from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
-from healthfm_core.data.code_stats import SiteCodeStats, site_code_stats
-from healthfm_core.data.layout import SPLITS
-from healthfm_core.data.site import Site
-from healthfm_core.data.site_cache import cached_sequences, cached_site
-from healthfm_core.data.tokens import SiteSequences, collate, make_loader
+from healthfm_core.data.files.layout import SPLITS
+from healthfm_core.data.sequences.code_stats import SiteCodeStats, site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences, collate, make_loader
+from healthfm_core.data.sites.site import Site
+from healthfm_core.data.sites.site_cache import cached_sequences, cached_site
 from healthfm_core.eval.site_eval import SiteTaskResults, evaluate_site_tasks, task_labels_at_site
 from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
-from healthfm_core.federation import (
+from healthfm_core.model.groups import group_state_dict, parameter_group
+from healthfm_core.model.healthfm import HealthFM, init_model
+from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
+from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
+from healthfm_core.protocol import (
     MODALITY_GROUP,
     TRAIN_LOSSES,
     EvalConfig,
@@ -56,14 +60,10 @@ from healthfm_core.federation import (
     groups_for_modalities,
     site_seed,
 )
-from healthfm_core.model.groups import group_state_dict, parameter_group
-from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
-from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
+from healthfm_core.protocol.transport import encode_update
 from healthfm_core.train.device import check_device_setting, resolve_device
 from healthfm_core.train.local_run import LocalRun
 from healthfm_core.train.trainer import train_local
-from healthfm_core.transport import encode_update
 
 log = logging.getLogger("healthfm.client")
 
@@ -112,7 +112,7 @@ class SiteConfig(BaseModel):
         # Node config values arrive as TOML scalars: an int, or a string ("auto", "4").
         return None if v is None else parse_threads(v)
 
-    # A run's shared cache of the opened site and its sequences (healthfm_core.data.site_cache):
+    # A run's shared cache of the opened site and its sequences (healthfm_core.data.sites.site_cache):
     # the simulation sets a temporary directory per run so every actor reads one preparation.
     sequence_cache: Path | None = None
 
@@ -305,7 +305,7 @@ class SiteRuntime:
         receive keep their initial values; a key of a group the site does not hold is refused."""
         key = setup.sha256
         if key not in self._models:
-            model = setup.init_model().to(self.device)
+            model = init_model(setup).to(self.device)
             init = {k: v.detach().clone() for k, v in model.state_dict().items()}
             self._models = {key: (model, init)}
         model, init = self._models[key]
@@ -523,7 +523,7 @@ class SiteRuntime:
         residual: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[TrainRecords, dict[str, float] | None, dict[str, np.ndarray]]:
         """A released reply's records as they leave the site, its arrays in the round's transport
-        (healthfm_core/transport.py); the int8 scales (the reply's SCALES_RECORD; None unless
+        (healthfm_core/protocol/transport.py); the int8 scales (the reply's SCALES_RECORD; None unless
         int8); and the int8 residual to keep for the next round (error feedback; empty
         otherwise). Called after `release`, on what leaves: post-processing of any DP output, so
         it costs no privacy. `residual` never leaves the site."""

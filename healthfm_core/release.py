@@ -47,12 +47,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.token_settings import TokenSettings
-from healthfm_core.data.vocab import Vocabulary
-from healthfm_core.federation import EvalConfig, FederationSetup
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.token_settings import TokenSettings
+from healthfm_core.data.sequences.vocab import Vocabulary
 from healthfm_core.model.config import ModelConfig
-from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.model.healthfm import HealthFM, init_model
+from healthfm_core.protocol import EvalConfig, FederationSetup
 from healthfm_core.release_signing import (
     SIGNATURE_FILE,
     SignatureError,
@@ -141,7 +141,7 @@ def write_release(
     out = Path(out)
     if meta.setup_sha256 != setup.sha256:
         raise ReleaseError(f"release: field setup_sha256 {meta.setup_sha256[:16]}... is not the setup's {setup.sha256}")
-    _check_weights(Path(WEIGHTS_FILE), arrays, setup.init_model(), setup.vocabulary.vocab_size)
+    _check_weights(Path(WEIGHTS_FILE), arrays, init_model(setup), setup.vocabulary.vocab_size)
     if out.exists() and not overwrite:
         raise ReleaseError(f"{out}: already exists (choose another --out, or remove it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +325,7 @@ def load_release(
         arrays = load_file(str(path / WEIGHTS_FILE))
     except Exception as err:  # safetensors raises several types for a bad header
         raise ReleaseError(f"{path / WEIGHTS_FILE}: unreadable ({err})") from err
-    model = setup.init_model()
+    model = init_model(setup)
     _check_weights(path / WEIGHTS_FILE, arrays, model, vocabulary.vocab_size)
     if setup.sha256 != meta.setup_sha256:
         raise ReleaseError(

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthfm_core.data.layout import PRS_PREFIX
-from healthfm_core.data.site import Site
-from healthfm_core.federation import FederationSetup
+from healthfm_core.data.files.layout import PRS_PREFIX
+from healthfm_core.data.sites.site import Site
+from healthfm_core.protocol import FederationSetup
 
 DEFAULT_MAX_UNKNOWN_SHARE = 0.5
 TOP_UNKNOWN = 5

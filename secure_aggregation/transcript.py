@@ -25,7 +25,7 @@ from typing import Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from healthfm_core.data.token_settings import one_line_error
+from healthfm_core.data.sequences.token_settings import one_line_error
 from healthfm_core.strict_files import StrictFileError, strict_json, strict_model
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.masks import field_dtype

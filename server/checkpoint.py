@@ -37,8 +37,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
-from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
+from healthfm_core.protocol import FederationSetup
 from healthfm_core.strict_files import strict_model
 from healthfm_core.train.checkpoint import (
     CheckpointError,

@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from healthfm_core.data.task_spec import TaskSpec, resolve_tasks
-from healthfm_core.data.token_settings import (
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks
+from healthfm_core.data.sequences.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
     MaxCodesPerToken,
@@ -31,10 +31,9 @@ from healthfm_core.data.token_settings import (
     TokenWindowDays,
     one_line_error,
 )
-from healthfm_core.eval.score_histogram import DEFAULT_SCORE_BINS, ScoreScale
-from healthfm_core.federation import MAX_SCORE_BINS, EvalConfig
 from healthfm_core.model.config import ModelConfig, load_model_config
-from healthfm_core.transport import Rounding, Transport
+from healthfm_core.protocol import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, EvalConfig, ScoreScale
+from healthfm_core.protocol.transport import Rounding, Transport
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR
 from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
@@ -172,7 +171,7 @@ class FederationConfig(BaseModel):
     token_window_days: TokenWindowDays = DEFAULT_TOKEN_WINDOW_DAYS
     max_codes_per_token: MaxCodesPerToken = DEFAULT_MAX_CODES_PER_TOKEN
     seed: int = 0
-    # How sites send their arrays (healthfm_core/transport.py): fp32, fp16 (the server upcasts),
+    # How sites send their arrays (healthfm_core/protocol/transport.py): fp32, fp16 (the server upcasts),
     # int8 (per-tensor scaled updates; the strategy de-quantises before averaging).
     transport: Transport = "fp32"
     int8_rounding: Rounding = "stochastic"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from healthfm_core.federation import EvalConfig, EvalReply, SiteCapabilities
+from healthfm_core.protocol import EvalConfig, EvalReply, SiteCapabilities
 
 
 class DeclaredCounts(NamedTuple):

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from healthfm_core.data.task_spec import task_keys
+from healthfm_core.data.labels.task_spec import task_keys
 from healthfm_core.eval.federation_auroc import FederationAUROC, binary_keys, federation_aurocs
 from healthfm_core.eval.outcomes import outcome_lines, scored_of_available
-from healthfm_core.federation import (
+from healthfm_core.files import atomic_write_text
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
     METRICS_RECORD,
@@ -37,7 +38,6 @@ from healthfm_core.federation import (
     largest_row_share,
     median_site_metrics,
 )
-from healthfm_core.files import atomic_write_text
 from server.audit import AuditLog
 from server.config import FederationConfig
 from server.eval_counts import DeclaredCounts, declared_counts, eval_count_problem

@@ -3,7 +3,7 @@ that, after pretraining, trains a task's logistic head across the sites on the r
 embeddings; labels and rows never leave a site.
 
 For each label key, healthfm_core/eval/federated_head.run_federated_head drives the stages over
-`FlowerSites` (messages: healthfm_core/head_messages.py; the site's handlers: client/head_app.py):
+`FlowerSites` (messages: healthfm_core/protocol/head.py; the site's handlers: client/head_app.py):
 
   1. query.head_stats: each site's train count, positives, sums -> the pooled standardiser;
   2. query.head_setup: the standardiser -> each site's smoothness -> the step size of each C;
@@ -44,15 +44,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.token_settings import one_line_error
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.sequences.token_settings import one_line_error
 from healthfm_core.eval.federated_head import FederatedHeadResult, SiteHead, run_federated_head
-from healthfm_core.eval.head_site import SiteStats
 from healthfm_core.eval.probes import DEFAULT_C_GRID, Standardizer
 from healthfm_core.eval.saved_head import save_head
-from healthfm_core.federation import EvalConfig
 from healthfm_core.files import atomic_write_text
-from healthfm_core.head_messages import (
+from healthfm_core.privacy.head import planned_head_epsilon
+from healthfm_core.protocol import EvalConfig
+from healthfm_core.protocol.head import (
     HEAD_RECORD,
     MSG_SETUP,
     MSG_STATS,
@@ -67,10 +67,10 @@ from healthfm_core.head_messages import (
     HeadTuneRequest,
     HeadTuning,
     HeadUpdate,
+    SiteStats,
     StandardizerRequest,
     parse_reply,
 )
-from healthfm_core.privacy.head import planned_head_epsilon
 from healthfm_core.release import CARD_JSON_FILE, ModelRelease, load_release
 from healthfm_core.strict_files import read_json
 from server.config import PrivacyRequest

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from healthfm_core.eval.federated_head import SiteHead
-from healthfm_core.federation import TrainReply
+from healthfm_core.protocol import TrainReply
 from server.influence import Accepted
 from server.strategy import ModalityAwareFedAvg
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from healthfm_core.head_messages import HeadStats
+from healthfm_core.protocol.head import HeadStats
 
 # Float rounding between the site's arithmetic and the server's bound (relative).
 _ROUNDING = 1e-6

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from healthfm_core.federation import RoundConfig, TrainReply
+from healthfm_core.protocol import RoundConfig, TrainReply
 
 # Under "healthfm": the ServerApp's server.log (server_app.py) keeps each group's norm bound.
 log = logging.getLogger("healthfm.server.influence")

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
-from healthfm_core.federation import EvalConfig, FederationSetup, largest_row_share, median_site_metrics
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import EvalConfig, FederationSetup, largest_row_share, median_site_metrics
 from server.config import FederationConfig
 
 # TRIPOD+AI (Collins et al., BMJ 2024) items a federated pretraining run cannot know.
@@ -93,7 +94,7 @@ def model_card(
         }
         for name, caps in sorted(site_caps.items())
     }
-    n_params = sum(int(np.prod(v.shape)) for v in setup.init_model().state_dict().values())
+    n_params = sum(int(np.prod(v.shape)) for v in init_model(setup).state_dict().values())
     tasks: dict[str, Any] = {}
     if eval_config is not None:
         for spec in eval_config.tasks:

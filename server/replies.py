@@ -18,7 +18,8 @@ from typing import Literal
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from healthfm_core.federation import (
+from healthfm_core.model.groups import GROUPS
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
     METRICS_RECORD,
     SETUP_NEEDED_RECORD,
@@ -26,9 +27,8 @@ from healthfm_core.federation import (
     RoundConfig,
     TrainReply,
 )
-from healthfm_core.model.groups import GROUPS
-from healthfm_core.packing import unpack_record
-from healthfm_core.transport import SCALES_RECORD, decode_update, wire_dtype_ok
+from healthfm_core.protocol.packing import unpack_record
+from healthfm_core.protocol.transport import SCALES_RECORD, decode_update, wire_dtype_ok
 from server.influence import Accepted, count_problem
 from server.limits import array_record_bytes
 
@@ -194,7 +194,7 @@ def parse_reply(
 
 def _check_wire(key: str, value: np.ndarray, previous: Mapping[str, np.ndarray]) -> np.ndarray:
     """One unpacked array of a reply as it travelled, against the global model's: a key it has,
-    its shape, a dtype healthfm_core.transport accepts for it."""
+    its shape, a dtype healthfm_core.protocol.transport accepts for it."""
     if key not in previous:
         raise ValueError(f"unknown key {key!r}")
     expected = previous[key]

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from healthfm_core.data.code_stats import SiteCodeStats
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import (
+from healthfm_core.data.sequences.code_stats import SiteCodeStats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.protocol import (
     CAPABILITIES,
     CAPABILITIES_RECORD,
     CODE_STATS,

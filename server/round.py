@@ -30,8 +30,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from healthfm_core.federation import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
 from healthfm_core.model.objectives import curriculum_weights
+from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, send_and_receive, slowest_first

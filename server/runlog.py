@@ -23,8 +23,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from healthfm_core.eval.federation_auroc import FederationAUROC, federation_aurocs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event, scored_counts
 from healthfm_core.eval.plots import IntervalPoint, auroc_forest_plot
-from healthfm_core.federation import SMALL_CELL, EvalReply, largest_row_share, median_site_metrics
 from healthfm_core.files import atomic_write_text
+from healthfm_core.protocol import SMALL_CELL, EvalReply, largest_row_share, median_site_metrics
 from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, strict_json
 from server.config import PrivacyRequest
 
@@ -40,7 +40,7 @@ def message_bytes(message: Message) -> int:
 
 def message_size(message: Message) -> tuple[int, int]:
     """(bytes, objects) of a message: Flower moves each object with a request of its own, so the
-    count says how many round trips a hop costs (healthfm_core/packing.py keeps it small)."""
+    count says how many round trips a hop costs (healthfm_core/protocol/packing.py keeps it small)."""
     objects = get_all_nested_objects(message)
     return sum(len(obj.deflate()) for obj in objects.values()), len(objects)
 

@@ -40,7 +40,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from pydantic import BaseModel
 
-from healthfm_core.federation import METRICS_RECORD, STATUS_RECORD, FederationSetup, PrivacySpend, RoundConfig
+from healthfm_core.protocol import METRICS_RECORD, STATUS_RECORD, FederationSetup, PrivacySpend, RoundConfig
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggError
 from secure_aggregation.layout import group_vector

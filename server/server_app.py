@@ -46,7 +46,8 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from healthfm_core.federation import FederationSetup
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import FederationSetup
 from server.audit import AUDIT_FILE, AuditLog, read_audit_lines, round_records
 from server.checkpoint import (
     ServerState,
@@ -281,7 +282,7 @@ class FederationServer:
         self.roster.query_capabilities(nodes)
         if state is None:
             setup = self.roster.agree_vocabulary()
-            arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+            arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
             start = 0
         else:
             setup, arrays, start = state.setup, state.arrays, state.round

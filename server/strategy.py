@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from healthfm_core.federation import RoundConfig
 from healthfm_core.model.groups import GROUPS, parameter_group
-from healthfm_core.packing import pack_arrays, pack_group_sets
+from healthfm_core.protocol import RoundConfig
+from healthfm_core.protocol.packing import pack_arrays, pack_group_sets
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR, Clipped, clip_to_holders
 from server.influence import (
     DEFAULT_NORM_HISTORY_FACTOR,
@@ -54,7 +54,7 @@ class GroupAdam:
 
 
 def pack_record(arrays: Mapping[str, np.ndarray], part_of: Callable[[str], str] | None = None) -> ArrayRecord:
-    """Arrays as a message carries them (healthfm_core/packing.py): one Flower Array per part."""
+    """Arrays as a message carries them (healthfm_core/protocol/packing.py): one Flower Array per part."""
     return ArrayRecord({label: Array(blob) for label, blob in pack_arrays(arrays, part_of).items()})
 
 
@@ -112,7 +112,7 @@ class ModalityAwareFedAvg:
     Groups with 1-2 holders in a round are under those holders' control: no rule here bounds
     them beyond the per-reply bounds (the round record names them every round).
 
-    Arrays travel packed (``healthfm_core/packing.py``): the global arrays go out as one packed
+    Arrays travel packed (``healthfm_core/protocol/packing.py``): the global arrays go out as one packed
     part per message, packed once per distinct group set (``records_for_nodes``). Before the
     bounds, every reply has been parsed and checked (server/replies.py: size, the packed blobs,
     keys, shapes, dtypes, int8 scales, groups sent, values, counts; fp16 upcast and int8
@@ -203,7 +203,7 @@ class ModalityAwareFedAvg:
         self, arrays: Mapping[str, np.ndarray], node_groups: Mapping[int, Sequence[str]]
     ) -> dict[int, ArrayRecord]:
         """Each node's ArrayRecord of the global arrays: its groups' arrays as one packed part
-        (healthfm_core/packing.py pack_group_sets), packed once per distinct group set. Nodes of
+        (healthfm_core/protocol/packing.py pack_group_sets), packed once per distinct group set. Nodes of
         one set carry the same blob (its bytes shared, not copied: one content-addressed object,
         pushed and stored once); each gets its own ArrayRecord (Flower's copies the Array, not
         its bytes)."""

@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from healthfm_core.federation import RoundConfig, TrainReply
+from healthfm_core.protocol import RoundConfig, TrainReply
 from secure_aggregation.transcript import (
     ROUND_CONFIG_FILE,
     TranscriptError,

@@ -14,18 +14,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from healthfm_core.data.aces_tasks import TASK_DIR
-from healthfm_core.data.meds_dev_tasks import with_dataset
-from healthfm_core.data.site import Site, open_site
-from healthfm_core.data.synthetic import ScenarioConfig, synthetic_sites
-from healthfm_core.data.task_spec import SITE_PREFIX, TaskSpec, resolve_tasks, runner_tasks
-from healthfm_core.data.tasks import TASKS, OnsetTask, Task, rows_per_subject
-from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.labels.aces_tasks import TASK_DIR
+from healthfm_core.data.labels.meds_dev_tasks import with_dataset
+from healthfm_core.data.labels.task_spec import SITE_PREFIX, TaskSpec, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.tasks import TASKS, OnsetTask, Task, rows_per_subject
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sites.site import Site, open_site
 from healthfm_core.eval import compare
 from healthfm_core.eval.runner import EvalSet, build_eval_set
-from healthfm_core.federation import EvalConfig
 from healthfm_core.files import atomic_write_text
+from healthfm_core.protocol import EvalConfig
 from healthfm_core.strict_files import strict_model
+from simulations.synthetic import ScenarioConfig, synthetic_sites
 
 log = logging.getLogger("healthfm.simulations")
 

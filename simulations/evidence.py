@@ -22,7 +22,7 @@ cannot capture; docs/evidence.md) and each seed (its own synthetic world and tra
    sinusoidal time embedding, at the pooled model's budget): question 5.
 
 Every comparison pools its items over seeds and sites and draws subjects once for all of them
-(healthfm_core.eval.evidence). Writes report.md (tables, verdicts, plots) and evidence.json
+(healthfm_core.eval.paired_comparison). Writes report.md (tables, verdicts, plots) and evidence.json
 (every number) to out_dir; prints the plan with its estimated time first and logs each stage.
 Each unit writes its evidence to units/<scenario>-seed<seed>/ when it ends (evidence_units);
 resume=true loads the finished units instead of running them (docs/evidence.md).
@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.site import Site
-from healthfm_core.data.synthetic import load_scenario, oracle_risk
-from healthfm_core.data.tasks import OnsetTask, rows_per_subject
-from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.labels.tasks import OnsetTask, rows_per_subject
+from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare, plots
-from healthfm_core.eval.evidence import (
+from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
+from healthfm_core.eval.paired_comparison import (
     Comparison,
     Item,
     Verdict,
@@ -59,7 +59,6 @@ from healthfm_core.eval.evidence import (
     not_clearly_below,
     ratio_curve_plot,
 )
-from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
 from healthfm_core.eval.runner import (
     EvalSet,
     MethodFeatures,
@@ -70,9 +69,10 @@ from healthfm_core.eval.runner import (
     subsample_train,
 )
 from healthfm_core.eval.tabular import TabularFeaturizer
-from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import model_config_from_dict
+from healthfm_core.model.healthfm import init_model
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
+from healthfm_core.protocol import FederationSetup
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
 from simulations.evidence_federations import clear_unfinished_unit, federation
@@ -91,6 +91,7 @@ from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides
 from simulations.pretrain import modality_ablation
 from simulations.report import Regimes, train_baseline, train_regimes
+from simulations.synthetic import load_scenario, oracle_risk
 
 log = logging.getLogger("healthfm.simulations.evidence")
 
@@ -430,7 +431,7 @@ def evaluate_unit(
     models: dict[str, Any] = {
         "federated": view(fed_model),
         "pooled": view(regimes.central_model),
-        "random init": view(setup.init_model()),
+        "random init": view(init_model(setup)),
         "tabular": TabularFeaturizer(vocab.vocab_size),
         "local-only": lambda s: view(regimes.local_models[s]),
         **{k: view(v) for k, v in variants.items()},

@@ -26,9 +26,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from healthfm_core.federation import FederationSetup
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.protocol import FederationSetup
 from simulations.evidence_units import Marker, UnitFileError, read_marker, refuse_another_config, unit_fingerprint
 from simulations.run import final_model, run_federation
 

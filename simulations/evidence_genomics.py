@@ -35,9 +35,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.synthetic import ScenarioConfig, oracle_risk
-from healthfm_core.data.tasks import OnsetTask
+from healthfm_core.data.labels.tasks import OnsetTask
+from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
 from healthfm_core.eval.probes import fit_ridge, subject_folds
 from healthfm_core.eval.runner import (
     EvalSet,
@@ -51,6 +50,7 @@ from healthfm_core.eval.tabular import TabularFeaturizer
 from healthfm_core.model.healthfm import HealthFM
 from simulations.evidence_units import Evidence
 from simulations.report import Regimes, train_baseline
+from simulations.synthetic import ScenarioConfig, oracle_risk
 
 log = logging.getLogger("healthfm.simulations.evidence")
 

@@ -29,8 +29,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from healthfm_core.eval.evidence import Comparison, Item, compare_draws, compare_paired, with_prefix
 from healthfm_core.eval.metrics import auroc
+from healthfm_core.eval.paired_comparison import Comparison, Item, compare_draws, compare_paired, with_prefix
 from healthfm_core.files import atomic_write_bytes, atomic_write_text
 from healthfm_core.strict_files import StrictFileError, strict_model
 

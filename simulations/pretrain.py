@@ -30,15 +30,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.site import Site
-from healthfm_core.data.synthetic import oracle_risk
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.tasks import TASKS, OnsetTask, Task, rows_per_subject
-from healthfm_core.data.token_settings import TokenSettings
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.labels.tasks import TASKS, OnsetTask, Task, rows_per_subject
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
+from healthfm_core.data.sequences.token_settings import TokenSettings
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import plots
 from healthfm_core.eval.metrics import PairedDifference
 from healthfm_core.eval.report import ResultRow, results_table, write_report
@@ -59,14 +58,15 @@ from healthfm_core.eval.runner import (
     task_display,
     wins,
 )
-from healthfm_core.federation import federation_modalities
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import curriculum_weights
+from healthfm_core.protocol import federation_modalities
 from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
 from simulations.common import Clock, job_tasks, open_sites, site_labelled, task_entries
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
+from simulations.synthetic import oracle_risk
 
 log = logging.getLogger("healthfm.simulations.pretrain")
 

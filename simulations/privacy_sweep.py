@@ -35,10 +35,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.sequences.tokens import SiteSequences
 from healthfm_core.eval import compare
-from healthfm_core.federation import FederationSetup
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.protocol import FederationSetup
 from server.runlog import read_events
 from simulations.common import (
     Clock,

@@ -35,21 +35,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.pooled import PooledPretrainingDataset
-from healthfm_core.data.site import Site
-from healthfm_core.data.synthetic import oracle_risk
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader
+from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
 from healthfm_core.eval.report import auroc_cell
 from healthfm_core.eval.row_embeddings import restrict_modalities
 from healthfm_core.eval.runner import EvalSet, MethodResult
-from healthfm_core.federation import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.model.groups import parameter_group
-from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
+from healthfm_core.protocol import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.strict_files import read_json
 from healthfm_core.train import train_local
 from healthfm_core.train.local_run import LocalRun
@@ -70,6 +69,7 @@ from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
 from simulations.ray_start import RayStartError
 from simulations.run import privacy_request, run_federation
+from simulations.synthetic import oracle_risk
 
 log = logging.getLogger("healthfm.simulations.report")
 
@@ -112,7 +112,7 @@ def train_baseline(
     settings over `groups` (None: all), the curriculum laid over the steps. `keep`: every batch
     restricted to these modalities (runner.restrict_modalities; e.g. the genomics diagnosis's
     training without genomics); None: as the data come."""
-    model = setup.init_model()
+    model = init_model(setup)
     loader: Any = make_loader(
         dataset, batch_size=fed.batch_size, shuffle=True, seed=seed, drop_last=len(dataset) > fed.batch_size
     )
@@ -529,7 +529,7 @@ def comparison_setup(
 ) -> list[str]:
     """The report's opening: its time, the sites, the model, the matched budgets, how it evaluates."""
     fed = cfg.federation
-    model = setup.init_model()
+    model = init_model(setup)
     n_groups = {s: site_groups(site) for s, site in sites.items()}
     params_by_group: dict[str, int] = {}
     for k, v in model.state_dict().items():

@@ -22,7 +22,7 @@ Ray (simulations/ray_start.py): by default a private local instance, never a clu
 on the machine; to use an existing Ray cluster set `ray.address` (e.g. "auto"): Flower's engine
 then runs the sites' ClientApps as actors on that cluster. Ray that cannot start is one line and
 exit status 1. Each site's sequences are prepared once per run and shared by the actors through
-a temporary cache (healthfm_core/data/site_cache.py).
+a temporary cache (healthfm_core/data/sites/site_cache.py).
 
 Privacy (configs/privacy/*.yaml): the server's DP request goes into every round's config. A site
 trains under DP only with a DP budget in its own policy, so when DP is asked each simulated site
@@ -51,13 +51,12 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import ValidationError
 
 from client.client_app import make_client_app
-from healthfm_core.data.site_cache import log_sequence_loads
-from healthfm_core.data.synthetic import synthetic_sites
-from healthfm_core.data.token_settings import one_line_error
-from healthfm_core.federation import FederationSetup
+from healthfm_core.data.sequences.token_settings import one_line_error
+from healthfm_core.data.sites.site_cache import log_sequence_loads
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import model_config_from_dict
-from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.model.healthfm import HealthFM, init_model
+from healthfm_core.protocol import FederationSetup
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig, PrivacyRequest
 from server.server_app import make_server_app
@@ -65,6 +64,7 @@ from simulations.common import site_root_list, task_entries
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
 from simulations.ray_start import RaySettings, RayStartError, start_ray
+from simulations.synthetic import synthetic_sites
 
 log = logging.getLogger("healthfm.simulations")
 
@@ -85,7 +85,7 @@ def run_federation_simulation(
     Ray is started here first (simulations.ray_start: a private local instance unless
     `ray_address` names a cluster; a failure raises RayStartError before any thread waits).
     Each site's prepared sequences are cached for the run in a temporary directory the sites'
-    actors share (healthfm_core.data.site_cache), removed when the run ends."""
+    actors share (healthfm_core.data.sites.site_cache), removed when the run ends."""
     from flwr.simulation import run_simulation
 
     settings = RaySettings(
@@ -267,7 +267,7 @@ def final_model(fed_dir: Path) -> tuple[FederationSetup, HealthFM, int]:
             f"the federation wrote no checkpoint in {fed_dir / 'checkpoints'}; see {fed_dir / 'server.log'}"
         )
     state = load_server_checkpoint(ckpt)
-    model = state.setup.init_model()
+    model = init_model(state.setup)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.arrays.items()})
     return state.setup, model, state.round
 

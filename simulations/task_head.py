@@ -44,14 +44,14 @@ import numpy as np
 
 from client.head_rows import embedded_task_rows, label_row_index
 from client.model_use import eval_config, open_site_runtime, splits_of
-from healthfm_core.data.task_check import DEFAULT_MIN_POSITIVES
+from healthfm_core.data.checks.task_check import DEFAULT_MIN_POSITIVES
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_probe
 from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.saved_head import load_head
 from healthfm_core.eval.site_eval import task_split_counts, withheld_reason
-from healthfm_core.federation import TaskReason
 from healthfm_core.files import atomic_write_text
+from healthfm_core.protocol import TaskReason
 from healthfm_core.release import load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
 from healthfm_core.strict_files import read_json

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Message
-from in_process_grid import InProcessGrid, set_serverapp_identity
-from test_federation import fed_config
+from helpers.in_process_grid import InProcessGrid, set_serverapp_identity
+from helpers.run_configs import three_site_config
 
-from healthfm_core.data.synthetic import generate_federation
 from server.server_app import FederationServer
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 KEPT = ("rounds.jsonl", "audit.jsonl", "outcome.json", "evaluation.json")
@@ -74,7 +74,7 @@ def record(dest: Path) -> None:
             config["policy"] = str(policy if site.name == DP_SITE else plain)
             nodes[100 + i] = config
         out = root / "run"
-        cfg = fed_config(
+        cfg = three_site_config(
             out,
             rounds=2,
             min_nodes=3,

@@ -16,14 +16,14 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from healthfm_core.data.aces_tasks import aces_labels
-from healthfm_core.data.meds_dev_tasks import meds_dev_task
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_check import count_tasks
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.tasks import _draw_key, cap_rows_per_subject
+from healthfm_core.data.checks.task_check import count_tasks
+from healthfm_core.data.labels.aces_tasks import aces_labels
+from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.labels.tasks import _draw_key, cap_rows_per_subject
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.site_eval import task_labels_at_site
+from simulations.synthetic import generate_federation
 
 MORTALITY = "meds-dev:mortality/in_icu/first_24h@MIMIC-IV"
 

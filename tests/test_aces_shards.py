@@ -22,8 +22,8 @@ from aces import query as aces_query
 from aces.config import TaskExtractorConfig
 from omegaconf import DictConfig
 
-from healthfm_core.data.aces_tasks import aces_labels, aces_labels_shared, load_task
-from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.labels.aces_tasks import aces_labels, aces_labels_shared, load_task
+from simulations.synthetic import generate_federation
 
 N_SHARDS = 3
 OFFSET = 1_000_000  # subject ids of shard k: 1..n + k * OFFSET

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pytest
 from omegaconf import DictConfig
 
-from healthfm_core.data import aces_tasks
-from healthfm_core.data.aces_tasks import TASK_DIR, aces_labels, aces_labels_shared, load_task
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.tasks import cap_rows_per_subject, visit_prediction_times
+from healthfm_core.data.labels import aces_tasks
+from healthfm_core.data.labels.aces_tasks import TASK_DIR, aces_labels, aces_labels_shared, load_task
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.labels.tasks import cap_rows_per_subject, visit_prediction_times
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.site_eval import task_labels_at_site
+from simulations.synthetic import generate_federation
 
 TASKS = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
 

@@ -18,15 +18,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.aces_tasks import PREDICTION_TIME_CODE, aces_labels, aces_labels_shared, load_task
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import (
+from healthfm_core.data.labels.aces_tasks import PREDICTION_TIME_CODE, aces_labels, aces_labels_shared, load_task
+from healthfm_core.data.labels.tasks import (
     DISEASES,
     onset_labels_from_events,
     visit_prediction_times,
     wear_period_end_times,
 )
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
 
 TASK_NAMES = list(DISEASES)  # t2d, cad, hypertension, copd: one configs/tasks/<name>.yaml each
 N_SUBJECTS = 60

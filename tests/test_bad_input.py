@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_site_tables, write_site_tables
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -35,15 +34,17 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
+from helpers.in_process_grid import InProcessGrid, tiny_nodes
+from helpers.parquet_footer import set_row_counts, set_value_counts
+from helpers.run_configs import fed_config
+from helpers.site_tables import make_site_tables, write_site_tables
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parquet_footer import set_row_counts, set_value_counts
-from test_hardening import InProcessGrid, fed_config, serverapp_identity, tiny_nodes  # noqa: F401 - a fixture
 
 from client.client_app import train_reply_content
-from healthfm_core.data.site import open_site
-from healthfm_core.data.site_check import check_site
-from healthfm_core.federation import (
+from healthfm_core.data.checks.site_check import check_site
+from healthfm_core.data.sites.site import open_site
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
     METRICS_RECORD,
     STATUS_RECORD,
@@ -51,7 +52,7 @@ from healthfm_core.federation import (
     PrivacySpend,
     TrainReply,
 )
-from healthfm_core.packing import PACKED_PART, pack_arrays, unpack_record
+from healthfm_core.protocol.packing import PACKED_PART, pack_arrays, unpack_record
 from server.deploy.coordinator import report_outcome
 from server.deploy.flwr_control import EXIT_SITE_LOST
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
@@ -81,7 +82,7 @@ ARRAY_FAULTS = [
     "partial_group",
     "empty_record",
     "group_not_sent",
-    # the packed form itself (healthfm_core/packing.py; every case in tests/test_packing.py)
+    # the packed form itself (healthfm_core/protocol/packing.py; every case in tests/test_packing.py)
     "truncated_blob",
     "trailing_bytes",
     "per_key_record",

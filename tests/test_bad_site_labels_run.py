@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.eval.outcomes import replies_from_event
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = ("wrongtypes", "floaty", "categorical", "unreadable")

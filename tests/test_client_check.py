@@ -20,12 +20,13 @@ import pytest
 
 import client.client as client_module
 from client.client import EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
-from healthfm_core.data.aces_tasks import aces_labels, load_task
-from healthfm_core.data.layout import SPLITS
-from healthfm_core.data.site import open_site
-from healthfm_core.data.site_check import MAX_PROBLEMS_PER_KIND, SiteReport, check_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import _draw_key, onset_labels_from_events
+from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteReport
+from healthfm_core.data.checks.site_check import check_site
+from healthfm_core.data.files.layout import SPLITS
+from healthfm_core.data.labels.aces_tasks import aces_labels, load_task
+from healthfm_core.data.labels.tasks import _draw_key, onset_labels_from_events
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "client" / "client.py"
@@ -150,9 +151,9 @@ def test_an_internal_failure_is_one_line_not_a_traceback(site_tables, write_site
 
 
 def test_every_generated_synthetic_site_passes_check(tmp_path):
-    synthetic = pytest.importorskip("healthfm_core.data.synthetic")
+    synthetic = pytest.importorskip("simulations.synthetic")
     if not hasattr(synthetic, "generate_federation"):
-        pytest.skip("healthfm_core.data.synthetic.generate_federation not there yet")
+        pytest.skip("simulations.synthetic.generate_federation not there yet")
     synthetic.generate_federation(tmp_path / "fed", scenario="default", seed=0, n_subjects=30)
     sites = sorted(p for p in (tmp_path / "fed" / "sites").iterdir() if p.is_dir())
     assert len(sites) >= 4

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+from helpers.deploy_fixtures import (
     CLIENT,
     SITES,
     TINY_RUN,
@@ -41,12 +41,10 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     command,
     descendants,
     env,
-    federation,
     free_port,
     join_args,
     round_events,
     run_coordinator,
-    sites,
     start_registered_superlink,
 )
 

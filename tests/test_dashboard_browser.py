@@ -25,24 +25,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    REPO,
-    SITES,
-    Process,
-    federation,
-    free_port,
-    joined,
-    launch_args,
-    round_events,
-    superlink,
-)
+from helpers.deploy_fixtures import REPO, SITES, Process, free_port, launch_args, round_events
 from prometheus_client.parser import text_string_to_metric_families
 from test_faults import Background, kill_hard
 from test_secure_dropout_deployed import SupernodeLog
 
-from healthfm_core.data.synthetic import generate_federation
 from server.deploy.flwr_control import EXIT_SITE_LOST
 from server.deploy.provision import FederationPaths
+from simulations.synthetic import generate_federation
 
 pytestmark = pytest.mark.slow
 

@@ -26,24 +26,20 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+from helpers.deploy_fixtures import (
     CLIENT,
     EXPECTED_GROUPS,
     SITES,
     TINY_RUN,
     Process,
     check_rounds,
-    federation,
     free_port,
     join_args,
-    joined,
     round_events,
     run_client,
     run_coordinator,
-    sites,
     start_registered_superlink,
     start_superlink,
-    superlink,
 )
 
 from client.deploy.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, JoinError, probe_superlink

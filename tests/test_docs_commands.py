@@ -17,8 +17,8 @@ import pytest
 
 from client.client import build_parser as client_parser
 from client.client import main as client_main
-from healthfm_core.data.task_check import task_files
-from healthfm_core.data.task_spec import UnknownTask, resolve_task
+from healthfm_core.data.checks.task_check import task_files
+from healthfm_core.data.labels.task_spec import UnknownTask, resolve_task
 from server.deploy.coordinator import build_parser as coordinator_parser
 from server.deploy.coordinator import main as coordinator_main
 

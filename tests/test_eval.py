@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
-from healthfm_core.data.layout import SPLITS
+from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.plots import horizon_auroc_plot, reliability_diagram, training_curves
 from healthfm_core.eval.probes import (
@@ -26,7 +27,6 @@ from healthfm_core.eval.probes import (
 from healthfm_core.eval.report import ResultRow, write_report
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.testing import random_batch
 
 # ---------------------------------------------------------------- metrics
 

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from healthfm_core.eval.federation_auroc import federation_aurocs
 from healthfm_core.eval.site_histogram import release_histogram
-from healthfm_core.federation import (
+from healthfm_core.protocol import (
     EvalConfig,
     EvalReply,
     ScoreHistogram,

@@ -16,17 +16,18 @@ import pytest
 import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.aces_tasks import aces_labels
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
-from healthfm_core.data.tokens import LabelledDataset, make_loader
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.aces_tasks import aces_labels
+from healthfm_core.data.labels.tasks import visit_prediction_times, wearable_regression_labels
+from healthfm_core.data.sequences.tokens import LabelledDataset, make_loader
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import compute_embeddings
-from healthfm_core.federation import EvalConfig, FederationSetup
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import EvalConfig, FederationSetup
+from simulations.synthetic import generate_federation
 
 TASKS = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_resting_hr", "wearable_mean_enmo"]
 
@@ -63,7 +64,7 @@ def _rows(rt: SiteRuntime) -> pa.Table:
     "batch_size", [pytest.param(1, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow), 32]
 )
 def test_reused_patch_encodings_equal_the_straightforward_embeddings_bit_for_bit(runtimes, setup, batch_size) -> None:
-    model = setup.init_model()
+    model = init_model(setup)
     for name in ("biobank", "hospital"):  # with and without heart rate
         rt = runtimes[name]
         dataset = LabelledDataset(rt.sequences(setup), _rows(rt), max_events=256, max_patches=32)
@@ -77,7 +78,7 @@ def test_reused_patch_encodings_equal_the_straightforward_embeddings_bit_for_bit
 
 
 def test_patch_reuse_refuses_training_mode_and_gradients(runtimes, setup) -> None:
-    model = setup.init_model()
+    model = init_model(setup)
     rt = runtimes["biobank"]
     dataset = LabelledDataset(rt.sequences(setup), _rows(rt), max_events=256, max_patches=32)
     batch, _ = next(iter(make_loader(dataset, batch_size=8, shuffle=False)))
@@ -95,7 +96,7 @@ def test_site_metrics_equal_the_straightforward_path(runtimes, setup, tmp_path: 
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
     reported: set[str] = set()
     for name, rt in runtimes.items():
-        arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in rt.groups}
+        arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in rt.groups}
         rt.config = rt.config.model_copy(update={"eval_dir": tmp_path / "reuse"})
         rt._eval_dir = None
         fast = rt.evaluate(setup, arrays, cfg)

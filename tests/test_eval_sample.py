@@ -16,27 +16,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers.hydra_configs import compose_cfg
 from omegaconf import OmegaConf
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import rows_per_subject
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
+from healthfm_core.data.labels.tasks import rows_per_subject
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
 from healthfm_core.eval.embedding_file import embeddings_file
 from healthfm_core.eval.meds_eval import prediction_path
 from healthfm_core.eval.outcomes import outcome, scored_of_available
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory
 from healthfm_core.eval.subject_sample import draw_sample, sample_subjects
-from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, TaskMetrics
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, TaskMetrics
 from server.config import DEFAULT_EVAL_MAX_SUBJECTS, RESUMABLE_CHANGES, FederationConfig
 from simulations.common import site_eval_rows_per_subject
 from simulations.evidence_units import unit_fingerprint
 from simulations.run import federation_config
-from tests.test_token_settings import compose_cfg
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_mean_enmo"]
@@ -57,7 +58,7 @@ def setup(biobank: SiteRuntime) -> FederationSetup:
 
 
 def _arrays(rt: SiteRuntime, setup: FederationSetup, seed: int) -> dict[str, np.ndarray]:
-    model = setup.model_copy(update={"model_seed": seed}).init_model()
+    model = init_model(setup.model_copy(update={"model_seed": seed}))
     return {k: v.numpy() for k, v in model.state_dict().items() if parameter_group(k) in rt.groups}
 
 
@@ -292,7 +293,7 @@ def test_embeddings_streamed_to_disk_hold_no_memory_that_grows_with_the_rows(bio
     embedded, from the first pass on: the in-memory rows grow it by their bytes, the file's do not."""
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256)
     table = biobank.labels(cfg)["onset_hypertension_365d"]
-    seqs, model = biobank.sequences(setup), setup.init_model()
+    seqs, model = biobank.sequences(setup), init_model(setup)
     n = 48  # rows; one pass per row and the same passes repeated, so every batch is alike
     sid, pt = table["subject_id"].to_numpy()[:n], pc.cast(table["prediction_time"], "int64").to_numpy()[:n]
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.synthetic import load_scenario
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.eval.compare import privacy_table
-from healthfm_core.eval.evidence import (
+from healthfm_core.eval.metrics import paired_difference
+from healthfm_core.eval.paired_comparison import (
     Comparison,
     compare_draws,
     compare_paired,
@@ -32,7 +32,6 @@ from healthfm_core.eval.evidence import (
     ratio_curve_plot,
     with_prefix,
 )
-from healthfm_core.eval.metrics import paired_difference
 from healthfm_core.eval.tabular import NEVER_DAYS, tabular_features
 from simulations.evidence import (
     BUDGET_KEY,
@@ -55,6 +54,7 @@ from simulations.evidence_units import (
     save_unit,
     unit_fingerprint,
 )
+from simulations.synthetic import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+from helpers.deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     CLIENT,
     SITES,
     TINY_RUN,

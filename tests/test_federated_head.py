@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.head_sites import head_sites
 
-from healthfm_core.eval.federated_head import SiteSplits, federated_standardizer, fit_federated_logistic
+from healthfm_core.eval.federated_head import federated_standardizer, fit_federated_logistic
 from healthfm_core.eval.probes import Standardizer, fit_logistic
 
 
-def _sites(seed: int = 0) -> dict[str, SiteSplits]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i, (n, shift) in enumerate(((300, 0.0), (120, 0.5), (60, -0.3))):
-        x = rng.normal(size=(n + 40, 5)) * (1 + i) + shift
-        y = (x[:, 0] - 0.5 * x[:, 1] + rng.normal(size=n + 40)) > shift
-        out[f"site{i}"] = SiteSplits(x[:n], y[:n], x[n:], y[n:])
-    return out
-
-
 def test_federated_standardisation_is_the_pooled_one() -> None:
-    sites = _sites()
+    sites = head_sites()
     pooled = Standardizer.fit(np.concatenate([s.x_train for s in sites.values()]))
     fed = federated_standardizer(list(sites.values()))
     np.testing.assert_allclose(fed.mean, pooled.mean, rtol=1e-12)
@@ -29,7 +20,7 @@ def test_federated_standardisation_is_the_pooled_one() -> None:
 
 
 def test_federated_head_converges_to_the_pooled_optimum() -> None:
-    sites = _sites()
+    sites = head_sites()
     head, n = fit_federated_logistic(sites, c_grid=(0.1,), rounds=1500, local_steps=1)
     assert n == {"site0": 300, "site1": 120, "site2": 60}
     x = np.concatenate([s.x_train for s in sites.values()])
@@ -43,7 +34,7 @@ def test_federated_head_converges_to_the_pooled_optimum() -> None:
 
 
 def test_federated_head_refuses_one_class() -> None:
-    sites = _sites()
+    sites = head_sites()
     for s in sites.values():
         s.y_train[:] = False
     with pytest.raises(ValueError, match="one class"):

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.run_configs import three_site_config
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import (
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import (
     EvalConfig,
     FederationSetup,
     RoundConfig,
     SiteCapabilities,
     site_seed,
 )
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import audit_from_rounds, read_audit_log, verify_audit_log
 from server.checkpoint import (
@@ -33,10 +34,11 @@ from server.checkpoint import (
     latest_server_checkpoint,
     load_server_checkpoint,
 )
-from server.config import DEFAULT_EVAL_MAX_SUBJECTS, FederationConfig, ServerOptimizerConfig
+from server.config import DEFAULT_EVAL_MAX_SUBJECTS, FederationConfig
 from server.runlog import read_events
 from server.server_app import FederationServer
 from simulations.run import run_federation_simulation
+from simulations.synthetic import generate_federation
 
 EXPECTED_GROUPS = {
     "biobank": ["ehr", "genomics", "shared", "wearables"],
@@ -56,31 +58,10 @@ def node_configs(federation) -> list[dict]:
     return [{"site-root": str(s.root), "site-name": s.name, **POLICY} for s in federation.sites]
 
 
-def fed_config(out_dir: Path, **overrides) -> FederationConfig:
-    base = dict(
-        out_dir=out_dir,
-        model=load_model_config("tiny"),
-        rounds=2,
-        local_steps=2,
-        lr=3e-3,
-        batch_size=8,
-        max_events=64,
-        max_patches=8,
-        seed=3,
-        min_nodes=3,
-        vocab_min_subjects=5,
-        server_optimizer=ServerOptimizerConfig(lr=0.01),  # its moments must survive a resume
-        eval_tasks=["onset_hypertension_365d", "wearable_resting_hr"],
-        eval_n_boot=10,
-    )
-    base.update(overrides)
-    return FederationConfig(**base)
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory, node_configs) -> Path:
     out = tmp_path_factory.mktemp("full")
-    run_federation_simulation(fed_config(out), node_configs, num_cpus=2)
+    run_federation_simulation(three_site_config(out), node_configs, num_cpus=2)
     return out
 
 
@@ -152,7 +133,7 @@ def test_each_site_is_opened_and_prepared_once_per_run(full_run: Path) -> None:
 def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
     state = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
     assert state.round == 2
-    initial = {k: v.numpy() for k, v in state.setup.init_model().state_dict().items()}
+    initial = {k: v.numpy() for k, v in init_model(state.setup).state_dict().items()}
     changed = {g: False for g in GROUPS}
     for key, value in state.arrays.items():
         assert np.isfinite(value).all()
@@ -166,9 +147,9 @@ def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
 @pytest.mark.slow  # two more Flower simulations (~2 min on a loaded machine); CI runs it (Makefile SLOW_CI)
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, node_configs, full_run: Path) -> None:
     out = tmp_path / "resumed"
-    run_federation_simulation(fed_config(out, stop_after_round=1), node_configs, num_cpus=2)
+    run_federation_simulation(three_site_config(out, stop_after_round=1), node_configs, num_cpus=2)
     assert latest_server_checkpoint(out / "checkpoints").name == "step-00000001"
-    run_federation_simulation(fed_config(out, resume=True), node_configs, num_cpus=2)
+    run_federation_simulation(three_site_config(out, resume=True), node_configs, num_cpus=2)
     resumed = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))
     straight = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
     assert resumed.round == straight.round == 2
@@ -187,9 +168,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, node_configs, full
 
 def test_resume_refuses_a_changed_config_and_a_fresh_run_an_used_directory(full_run: Path) -> None:
     with pytest.raises(ValueError, match="lr"):
-        FederationServer(grid=None, cfg=fed_config(full_run, resume=True, lr=1e-2)).run()
+        FederationServer(grid=None, cfg=three_site_config(full_run, resume=True, lr=1e-2)).run()
     with pytest.raises(FileExistsError, match="resume"):
-        FederationServer(grid=None, cfg=fed_config(full_run)).run()
+        FederationServer(grid=None, cfg=three_site_config(full_run)).run()
 
 
 def test_a_round_checkpointed_but_not_logged_is_logged_on_resume(full_run: Path, tmp_path: Path) -> None:
@@ -206,7 +187,7 @@ def test_a_round_checkpointed_but_not_logged_is_logged_on_resume(full_run: Path,
     first = next(i for i, ln in enumerate(audit) if json.loads(ln).get("round") == 2)
     (out / "audit.jsonl").write_bytes(b"".join(audit[:first]))
 
-    server = FederationServer(grid=None, cfg=fed_config(out, resume=True))
+    server = FederationServer(grid=None, cfg=three_site_config(out, resume=True))
     state, path = server.initial_state()
     assert state is not None and path is not None and state.round == 2
     for _ in range(2):  # a second resume finds the round logged and writes nothing more
@@ -255,7 +236,7 @@ def setup(runtimes) -> FederationSetup:
 
 
 def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in groups}
+    return {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in groups}
 
 
 def test_capabilities_carry_counts_only(runtimes) -> None:
@@ -350,7 +331,7 @@ def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="local_stepz"):
         FederationConfig.from_run_config({"out-dir": str(tmp_path), "model": "tiny", "local-stepz": 3})
     with pytest.raises(ValueError, match="onset_nothing"):
-        fed_config(tmp_path, eval_tasks=["onset_nothing_30d"])
+        three_site_config(tmp_path, eval_tasks=["onset_nothing_30d"])
 
     from hydra import compose, initialize_config_dir
 

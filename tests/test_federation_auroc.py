@@ -1,7 +1,7 @@
 """The federation-wide AUROC from what sites may release: per-class score histograms on the
 server's grid with small cells merged (healthfm_core/eval/score_histogram.py), pooled by the
 server (healthfm_core/eval/pooled_auroc.py, federation_auroc.py); the reply's checks on a peer's
-histograms (federation.py); the run's summary.md and forest plot from a recorded evaluation
+histograms (healthfm_core/protocol/eval_reply.py); the run's summary.md and forest plot from a recorded evaluation
 (server/runlog.py); loss panels only for objectives with data (eval/plots.py, compare.py)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from healthfm_core.eval.score_histogram import (
     score_histogram,
 )
 from healthfm_core.eval.site_histogram import release_histogram
-from healthfm_core.federation import SMALL_CELL, EvalReply, ScoreHistogram, SplitCount, TaskMetrics, TaskReason
+from healthfm_core.protocol import SMALL_CELL, EvalReply, ScoreHistogram, SplitCount, TaskMetrics, TaskReason
 from server.runlog import EVAL_PLOT, EventLog, write_summary
 
 

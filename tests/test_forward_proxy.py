@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+from helpers.deploy_fixtures import (
     CLIENT,
     TINY_RUN,
     Process,
@@ -39,7 +39,6 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     round_events,
     run_coordinator,
     site_policy,
-    sites,
 )
 
 from client.deploy.join import EXIT_NO_CONNECTION, probe_superlink

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from healthfm_core.model.testing import random_batch
+from helpers.random_batch import random_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

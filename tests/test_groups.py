@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.groups import (
@@ -15,7 +16,6 @@ from healthfm_core.model.groups import (
 )
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import ObjectiveWeights
-from healthfm_core.model.testing import random_batch
 
 VOCAB, TRAITS = 40, 4
 # Paper-size vocabulary for the reported parameter count (a realistic MEDS code vocabulary).

@@ -13,24 +13,24 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from deploy_fixtures import Process, alive, command, descendants, free_port
-from flower_messages import train_metadata
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from in_process_grid import InProcessGrid, serverapp_identity  # noqa: F401 - a fixture
+from helpers.deploy_fixtures import Process, alive, command, descendants, free_port
+from helpers.flower_messages import train_metadata
+from helpers.in_process_grid import InProcessGrid, tiny_nodes
+from helpers.run_configs import fed_config
 
 from client.client_app import train_reply_content
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import FederationManifest, generate_federation
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import FederationSetup, TrainReply
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.config import load_model_config
-from healthfm_core.packing import PACKED_PART
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import FederationSetup, TrainReply
+from healthfm_core.protocol.packing import PACKED_PART
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import (
     AUDIT_FILE,
@@ -68,6 +68,7 @@ from server.round import aggregate_replies
 from server.runlog import read_events
 from server.server_app import FederationServer
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import generate_federation
 
 # ---------------------------------------------------------------------------- audit log
 
@@ -216,15 +217,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> FederationSetup:
     )
 
 
-def fed_config(out_dir: Path, **overrides) -> FederationConfig:
-    base = dict(
-        out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1, eval_tasks=["onset_hypertension_365d"]
-    )
-    return FederationConfig(**{**base, **overrides})
-
-
 def write_checkpoint(out_dir: Path, setup: FederationSetup) -> Path:
-    arrays = {k: v.numpy() + 0.5 for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() + 0.5 for k, v in init_model(setup).state_dict().items()}
     state = ServerState(
         round=1, arrays=arrays, strategy={}, setup=setup, run_config=fed_config(out_dir).model_dump(mode="json")
     )
@@ -356,7 +350,7 @@ def test_a_reply_to_no_message_sent_and_a_second_reply_are_rejected() -> None:
 def test_server_checkpoints_are_plain_arrays_and_resume_bit_for_bit(setup: FederationSetup, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arrays = {
-        k: rng.standard_normal(v.shape).astype(v.numpy().dtype) for k, v in setup.init_model().state_dict().items()
+        k: rng.standard_normal(v.shape).astype(v.numpy().dtype) for k, v in init_model(setup).state_dict().items()
     }
     moments = {"m.a": rng.standard_normal(3).astype(np.float32), "v.a": rng.random(3).astype(np.float32)}
     state = ServerState(
@@ -492,23 +486,6 @@ def test_an_unreachable_superlink_is_not_an_unknown_run_and_a_one_off_address_is
 
 
 # ---------------------------------------------------------------------------- a site that comes back
-
-
-def tiny_nodes(tmp_path: Path) -> tuple[FederationManifest, dict[int, dict[str, Any]]]:
-    """The tiny scenario's three sites (30 subjects each) as InProcessGrid node configs, node ids
-    100.., each with its own state dir under tmp_path."""
-    manifest = generate_federation(tmp_path / "data", scenario="tiny", seed=0, n_subjects=30, progress=False)
-    nodes: dict[int, dict[str, Any]] = {
-        100 + i: {
-            "site-root": str(s.root),
-            "site-name": s.name,
-            "min-code-subjects": 5,
-            "min-report-subjects": 2,
-            "state-dir": str(tmp_path / f"state-{s.name}"),
-        }
-        for i, s in enumerate(manifest.sites)
-    }
-    return manifest, nodes
 
 
 @pytest.mark.slow  # CI's slow stage (Makefile SLOW_CI): the default suite's 6 minutes

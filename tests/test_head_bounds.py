@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Message
-from test_federated_head import _sites
-from test_hardening import InProcessGrid, serverapp_identity  # noqa: F401 - the fixture
+from helpers.head_sites import head_sites
+from helpers.in_process_grid import InProcessGrid
 
 from client.head_app import make_head_client_app
 from client.head_rows import HeadRows
 from healthfm_core.eval.federated_head import SiteSplits
 from healthfm_core.eval.head_site import site_stats
-from healthfm_core.head_messages import HEAD_RECORD, MSG_SETUP, MSG_STATS, MSG_TRAIN, MSG_TUNE, HeadStats, HeadTask
+from healthfm_core.protocol.head import HEAD_RECORD, MSG_SETUP, MSG_STATS, MSG_TRAIN, MSG_TUNE, HeadStats, HeadTask
 from server.head_app import HeadRunConfig, fit_head
 from server.head_average import bound_heads, head_strategy
 from server.head_bounds import declared_head_rows, stats_problem
@@ -50,7 +50,7 @@ class AttackGrid(InProcessGrid):
 
 
 def _grid(corrupt: Mapping[str, Corrupt]) -> AttackGrid:
-    sites: dict[str, SiteSplits] = _sites()
+    sites: dict[str, SiteSplits] = head_sites()
 
     def rows_of(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         name = str(config["site-name"])

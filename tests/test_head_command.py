@@ -9,9 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from test_hardening import serverapp_identity  # noqa: F401 - the fixture
-from test_head_dp import head_config, in_process_grid, site_nodes
-from test_head_over_flower import KEY, SHA, WEIGHTS
+from helpers.head_grid import KEY, SHA, WEIGHTS, head_config, in_process_grid, site_nodes
 
 from server.config import PrivacyRequest
 from server.deploy.bundle import build_bundle

@@ -16,18 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    CLIENT,
-    SITES,
-    Process,
-    federation,
-    join_args,
-    run_client,
-    run_coordinator,
-    site_policy,
-    superlink,
-)
-from test_release_federation import run  # noqa: F401 - the fixture: a two-round run and its release
+from helpers.deploy_fixtures import CLIENT, SITES, Process, join_args, run_client, run_coordinator, site_policy
 
 from client.client import main as client_main
 from client.head_rows import load_head_rows
@@ -48,11 +37,11 @@ C_GRID = (0.1, 1.0)
 
 @pytest.fixture(scope="module")
 def released(
-    run, federation: FederationPaths, tmp_path_factory: pytest.TempPathFactory
+    released_run, federation: FederationPaths, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Path], Path, dict[str, Path]]:
     """The tiny scenario's sites, a two-round run's release (test_release_federation's run,
     released by this federation: signed with its key), and each site's embed file."""
-    run_dir, nodes, _ = run
+    run_dir, nodes, _ = released_run
     model = tmp_path_factory.mktemp("release") / "model"
     assert coordinator_main(["release", str(federation.root), "--run", str(run_dir), "--out", str(model)]) == 0
     roots = {n["site-name"]: Path(n["site-root"]) for n in nodes.values()}

@@ -11,88 +11,33 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
-from test_hardening import serverapp_identity  # noqa: F401 - the fixture
-from test_head_over_flower import KEY, SHA, WEIGHTS, HeadGrid
+from helpers.head_grid import (
+    BATCH,
+    C_GRID,
+    DELTA,
+    KEY,
+    ROUNDS,
+    SHA,
+    STEPS,
+    WEIGHTS,
+    head_config,
+    in_process_grid,
+    site_nodes,
+    site_splits,
+    synthetic_rows,
+)
 
-from client.head_app import make_head_client_app
-from client.head_rows import HeadRows
-from client.policy import load_policy
-from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
-from healthfm_core.head_messages import HEAD_RECORD, MSG_TRAIN, HeadRoundRequest
+from healthfm_core.eval.federated_head import fit_federated_logistic
 from healthfm_core.privacy.ledger import PrivacyLedger
+from healthfm_core.protocol.head import HEAD_RECORD, MSG_TRAIN, HeadRoundRequest
 from server.config import PrivacyRequest
 from server.head_app import ROUNDS_FILE, SUMMARY_FILE, HeadRunConfig, fit_head, fit_keys
-
-C_GRID = (0.1, 1.0)
-ROUNDS = 3
-STEPS = 2
-BATCH = 16  # expected subjects per DP step
-DELTA = 1e-3
-
-
-def site_splits(name: str) -> SiteSplits:
-    """A site's train and tuning rows: 2 or 3 rows (prediction times) per subject."""
-    i = int(name[-1])
-    rng = np.random.default_rng(i)
-    subjects = np.repeat(np.arange(80 + 40 * i), 2 + i % 2)
-    x = rng.normal(size=(len(subjects), 5)) + rng.normal(size=(len(np.unique(subjects)), 5))[subjects]
-    y = (x[:, 0] - 0.5 * x[:, 1] + rng.normal(size=len(x))) > 0
-    n_tune = 40
-    return SiteSplits(x[n_tune:], y[n_tune:], x[:n_tune], y[:n_tune], train_subjects=1000 * i + subjects[n_tune:])
-
-
-def synthetic_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
-    """The head's rows of a site named in its node config, with the site's real DP budget (its
-    policy file) and its real durable ledger (its state directory), as load_head_rows gives them.
-    Module-level: Ray pickles it by reference (tests/ is on the actors' PYTHONPATH)."""
-    name = str(config["site-name"])
-    policy = load_policy(config["policy"]) if config.get("policy") else None
-    ledger = PrivacyLedger(config["state-dir"]) if config.get("state-dir") else None
-    return HeadRows(name, SHA, 64, 8, {KEY: site_splits(name)}, policy.dp if policy else None, ledger)
-
-
-def site_nodes(tmp: Path, caps: Sequence[float | None], mandatory: bool = False) -> list[dict[str, Any]]:
-    """One node config per site: its policy (a DP budget with `cap`; None: a policy without one)
-    and its own state directory."""
-    out = []
-    for i, cap in enumerate(caps):
-        policy: dict[str, Any] = {"min_subjects": 5}
-        if cap is not None:
-            policy["dp"] = {"epsilon_cap": cap, "delta": DELTA, "max_grad_norm": 1.0, "mandatory": mandatory}
-            if mandatory:
-                policy["dp"]["noise_multiplier"] = 2.0
-        path = tmp / f"site{i}" / "policy.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(policy))
-        out.append({"site-name": f"site{i}", "policy": str(path), "state-dir": str(tmp / f"site{i}" / "state")})
-    return out
-
-
-def head_config(out: Path, privacy: PrivacyRequest | None = None) -> HeadRunConfig:
-    return HeadRunConfig(
-        model=out,
-        out_dir=out,
-        keys=[KEY],
-        c_grid=list(C_GRID),
-        rounds=ROUNDS,
-        local_steps=STEPS,
-        timeout_s=30,
-        privacy=privacy or PrivacyRequest(),
-        dp_batch_size=BATCH,
-    )
-
-
-def in_process_grid(nodes: Sequence[Mapping[str, Any]], corrupt: tuple[int, Any] | None = None) -> HeadGrid:
-    return HeadGrid(
-        {100 + i: dict(n) for i, n in enumerate(nodes)}, make_head_client_app(rows_of=synthetic_rows), corrupt
-    )
 
 
 def ledger_rounds(node: Mapping[str, Any]) -> list:
@@ -124,7 +69,7 @@ def test_dp_off_is_the_head_without_dp_and_spends_nothing(tmp_path: Path) -> Non
 
 
 def _task():  # noqa: ANN202
-    from healthfm_core.head_messages import HeadTask
+    from healthfm_core.protocol.head import HeadTask
 
     return HeadTask(setup_sha256=SHA, tasks=[], key=KEY)
 

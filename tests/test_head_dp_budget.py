@@ -11,9 +11,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from helpers.head_grid import BATCH, DELTA, KEY, SHA, WEIGHTS, head_config, in_process_grid, site_nodes, site_splits
 from opacus.accountants import RDPAccountant
-from test_hardening import serverapp_identity  # noqa: F401 - the fixture
-from test_head_dp import BATCH, DELTA, KEY, SHA, WEIGHTS, head_config, in_process_grid, site_nodes, site_splits
 
 from healthfm_core.privacy.head import subject_index
 from healthfm_core.privacy.ledger import PrivacyLedger

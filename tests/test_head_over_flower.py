@@ -11,15 +11,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from flwr.app import Message
-from test_federated_head import _sites
-from test_hardening import InProcessGrid, serverapp_identity  # noqa: F401 - the fixture
+from helpers.head_grid import KEY, SHA, HeadGrid
+from helpers.head_sites import head_sites
 
 from client.head_app import make_head_client_app
 from client.head_rows import HeadRows, head_splits
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
-from healthfm_core.federation import TaskReason
-from healthfm_core.head_messages import (
+from healthfm_core.protocol import TaskReason
+from healthfm_core.protocol.head import (
     HEAD_RECORD,
     MSG_TRAIN,
     HeadMessageError,
@@ -30,28 +29,7 @@ from healthfm_core.head_messages import (
 )
 from server.head_app import HeadRunConfig, fit_head
 
-SHA = "ab" * 32
-WEIGHTS = "cd" * 32  # the release weights' sha256 a saved head records
-KEY = "onset_x_365d"
 C_GRID = (0.01, 0.1, 1.0)
-
-
-class HeadGrid(InProcessGrid):
-    """InProcessGrid with the head's ClientApp; `corrupt` rewrites one node's train.head replies."""
-
-    def __init__(self, node_configs: dict[int, dict], app: Any, corrupt: tuple[int, Any] | None = None) -> None:
-        super().__init__(node_configs)
-        self.app, self.corrupt = app, corrupt
-        self.replies: list[Message] = []
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
-        replies = super().send_and_receive(messages, timeout=timeout)
-        for reply in replies:
-            if self.corrupt is not None and reply.metadata.src_node_id == self.corrupt[0] and not reply.has_error():
-                if messages[0].metadata.message_type == MSG_TRAIN:
-                    self.corrupt[1](reply.content.config_records[HEAD_RECORD])
-        self.replies.extend(replies)
-        return replies
 
 
 def _grid(sites: Mapping[str, SiteSplits | TaskReason | str], corrupt: tuple[int, Any] | None = None) -> HeadGrid:
@@ -69,7 +47,7 @@ def _cfg(tmp_path: Any, rounds: int) -> HeadRunConfig:
 
 @pytest.mark.usefixtures("serverapp_identity")
 def test_the_flower_head_is_the_one_process_head(tmp_path) -> None:
-    sites = _sites()
+    sites = head_sites()
     expected, n = fit_federated_logistic(sites, c_grid=C_GRID, rounds=40)
     result, flower = fit_head(_grid(sites), HeadTask(setup_sha256=SHA, tasks=[], key=KEY), 5, _cfg(tmp_path, 40))
     assert result.train_rows == n
@@ -83,7 +61,7 @@ def test_the_flower_head_is_the_one_process_head(tmp_path) -> None:
 
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_site_below_its_minimum_sends_no_number(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    sites: dict[str, SiteSplits | str] = dict(_sites())
+    sites: dict[str, SiteSplits | str] = dict(head_sites())
     sites["site2"] = "fewer than 20 subjects (min_report_subjects) in train"
     grid = _grid(sites)
     with caplog.at_level(logging.INFO, logger="healthfm"):
@@ -100,7 +78,7 @@ def test_a_site_below_its_minimum_sends_no_number(tmp_path, caplog: pytest.LogCa
 def test_a_site_requiring_secure_aggregation_sends_no_head_number(tmp_path) -> None:
     """Issue 40: the policy's require_secure_aggregation holds for the head too (its statistics and
     head are sent in the clear): the site refuses at the first stage, naming the policy."""
-    sites = _sites()
+    sites = head_sites()
 
     def rows_of(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         name = str(config["site-name"])
@@ -138,7 +116,7 @@ def test_head_splits_below_the_minimum_give_a_reason_not_rows() -> None:
 )
 @pytest.mark.usefixtures("serverapp_identity")
 def test_a_malformed_head_reply_is_rejected_with_a_log_line(tmp_path, caplog, corrupt, field) -> None:  # noqa: ANN001
-    grid = _grid(_sites(), corrupt=(101, corrupt))
+    grid = _grid(head_sites(), corrupt=(101, corrupt))
     with caplog.at_level(logging.INFO, logger="healthfm"):
         result, _ = fit_head(grid, HeadTask(setup_sha256=SHA, tasks=[], key=KEY), 5, _cfg(tmp_path, 5))
     lines = [r.getMessage() for r in caplog.records if "reply rejected" in r.getMessage()]

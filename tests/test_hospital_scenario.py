@@ -17,7 +17,7 @@ def test_cli_writes_realistic_hospital_sites(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "healthfm_core.data.synthetic",
+            "simulations.synthetic",
             str(out),
             "--scenario",
             "hospital",

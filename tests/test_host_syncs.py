@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.testing import random_batch
 from healthfm_core.train.host_syncs import count_host_syncs
 from healthfm_core.train.trainer import TrainConfig, train_local
 

@@ -7,7 +7,13 @@
   Flower surgery in deploy/ (docs/architecture.md, "Folders"): deploy/ imports the learning
   rooms, never the other way, but for the few doors named in DEPLOY_DOORS;
 - the project's modules import each other without a cycle (module-level and function-level
-  imports alike; ``from pkg import mod`` is an import of the module pkg.mod).
+  imports alike; ``from pkg import mod`` is an import of the module pkg.mod);
+- healthfm_core's own rooms are layered (CORE_ROOMS, and data/'s rooms in DATA_ROOMS): no module
+  imports a room above its own; the wire protocol (healthfm_core/protocol/) imports nothing above
+  it, neither eval/ nor the torch model;
+- neither healthfm_core, client nor server imports simulations/ (the synthetic generator lives there);
+- no test module imports another test module or conftest: what tests share is in tests/helpers/,
+  imported as ``helpers.<module>``, and fixtures are registered in conftest.py.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("healthfm_core", "client", "server", "simulations", "secure_aggregation")
 FORBIDDEN = {
     "healthfm_core": ("flwr", "server", "client", "simulations", "secure_aggregation"),
-    "client": ("server",),
-    "server": ("client",),
+    "client": ("server", "simulations"),
+    "server": ("client", "simulations"),
     "secure_aggregation": ("client", "server", "simulations"),
 }
 DEPLOY = ("client.deploy", "server.deploy")
@@ -39,6 +45,39 @@ DEPLOY_DOORS = {
     "server.roster": {"server.deploy.registry"},
     "server.head_app": {"server.deploy.registry", "server.deploy.flower_patches"},
 }
+
+
+# healthfm_core's rooms, lowest first: a module may import its own room and those before it. A
+# top-level module of healthfm_core in no room counts as the lowest (a plain utility).
+CORE_ROOMS: tuple[tuple[str, ...], ...] = (
+    ("healthfm_core.files", "healthfm_core.strict_files"),
+    ("healthfm_core.kernels",),
+    ("healthfm_core.data",),
+    ("healthfm_core.model",),
+    ("healthfm_core.privacy", "healthfm_core.train"),
+    ("healthfm_core.protocol",),  # the wire protocol: what client/ and server/ exchange
+    ("healthfm_core.eval",),
+    ("healthfm_core.release", "healthfm_core.release_fit", "healthfm_core.release_signing"),
+)
+# healthfm_core/data/'s rooms, lowest first (docs/architecture.md, "Site data on disk").
+DATA_ROOMS: tuple[tuple[str, ...], ...] = (
+    ("healthfm_core.data.files",),
+    ("healthfm_core.data.sequences",),
+    ("healthfm_core.data.labels",),
+    ("healthfm_core.data.checks",),
+    ("healthfm_core.data.sites",),
+)
+# The torch model, which the protocol may not import: a setup builds it (model/healthfm.py init_model).
+TORCH_MODEL = "healthfm_core.model.healthfm"
+# Test modules that still import another test module: their helpers live in files issue 45 (round
+# latency) edits at the same time, so they move to tests/helpers/ after it merges.
+PENDING_TEST_IMPORTS = {
+    "test_dashboard_browser": {"test_faults", "test_secure_dropout_deployed"},
+    "test_secure_deployment": {"test_secure_round"},
+    "test_secure_dropout_deployed": {"test_faults", "test_secure_deployment", "test_secure_round"},
+    "test_site_floors": {"test_secure_round"},
+}
+TESTS = REPO / "tests"
 
 
 def _module_name(path: Path) -> str:
@@ -226,3 +265,90 @@ def test_from_package_import_module_is_an_edge_to_the_module() -> None:
     tree = ast.parse("def f():\n    from healthfm_core.kernels.ct_attention import triton\n")
     names = [n for n, _ in _imported_names("x", REPO / "x.py", tree)]
     assert _project_target(names[-1]) == "healthfm_core.kernels.ct_attention.triton"
+
+
+def _level(module: str, rooms: tuple[tuple[str, ...], ...]) -> int | None:
+    """The index of the module's room (the longest prefix that names one), None outside them."""
+    for level, room in enumerate(rooms):
+        if any(module == r or module.startswith(f"{r}.") for r in room):
+            return level
+    return None
+
+
+def _upward_imports(rooms: tuple[tuple[str, ...], ...], within: str) -> list[str]:
+    bad = []
+    for module, targets in _graph().items():
+        if not module.startswith(f"{within}.") and module != within:
+            continue
+        mine = _level(module, rooms)
+        for target in sorted(targets):
+            theirs = _level(target, rooms)
+            if theirs is None or not target.startswith(f"{within}."):
+                continue
+            if (mine if mine is not None else 0) < theirs:
+                bad.append(f"{SOURCES[module][0].relative_to(REPO)} imports {target}, a room above its own")
+    return bad
+
+
+def test_healthfm_core_rooms_import_only_below() -> None:
+    assert not (bad := _upward_imports(CORE_ROOMS, "healthfm_core")), "\n".join(bad)
+
+
+def test_data_rooms_import_only_below() -> None:
+    assert not (bad := _upward_imports(DATA_ROOMS, "healthfm_core.data")), "\n".join(bad)
+
+
+def test_every_room_is_a_package_of_the_project() -> None:
+    # A room renamed or removed would silently widen the rules above.
+    for room in (*CORE_ROOMS, *DATA_ROOMS):
+        for name in room:
+            assert name in SOURCES, f"{name} names no module or package"
+
+
+def test_protocol_imports_no_torch_model_and_nothing_above() -> None:
+    graph = _graph()
+    protocol = [m for m in graph if m.startswith("healthfm_core.protocol")]
+    assert len(protocol) > 5, protocol
+    for module in protocol:
+        assert TORCH_MODEL not in graph[module], f"{module} imports the torch model ({TORCH_MODEL})"
+
+
+def _test_imports(path: Path) -> Iterator[tuple[str, int]]:
+    """Imports in a file of tests/ that name a test module, conftest, or tests.<anything>."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        for name in names:
+            top = name.split(".")[0]
+            if top.startswith("test_") or top in ("conftest", "tests"):
+                yield name, node.lineno
+
+
+def test_no_test_module_imports_another() -> None:
+    bad = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for name, line in _test_imports(path):
+            if name.split(".")[0] in PENDING_TEST_IMPORTS.get(path.stem, set()):
+                continue
+            bad.append(f"{path.relative_to(REPO)}:{line} imports {name} (move what it needs to tests/helpers/)")
+    assert not bad, "\n".join(bad)
+
+
+def test_pending_test_imports_are_used() -> None:
+    # An entry that no longer matches an import would silently widen the rule.
+    for stem, allowed in PENDING_TEST_IMPORTS.items():
+        found = {name.split(".")[0] for name, _ in _test_imports(TESTS / f"{stem}.py")}
+        assert allowed <= found, f"{stem}: {sorted(allowed - found)} not imported"
+
+
+def test_the_test_import_rule_finds_a_test_module_import(tmp_path: Path) -> None:
+    source = tmp_path / "test_y.py"
+    source.write_text(
+        "from test_x import y\nimport conftest\nfrom tests.helpers.a import b\nfrom helpers.a import b\n"
+        "def f():\n    from test_z import w\n"
+    )
+    assert [name for name, _ in _test_imports(source)] == ["test_x", "conftest", "tests.helpers.a", "test_z"]

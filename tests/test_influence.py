@@ -23,64 +23,51 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_messages import train_metadata
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.app import ConfigRecord as FlowerConfig
 from flwr.serverapp.strategy import FedAvg
+from helpers.flower_messages import train_metadata
+from helpers.influence_rounds import (
+    ATTACKER,
+    HONEST_COUNTS,
+    HONEST_STEP,
+    NODE_GROUPS,
+    SHAPES,
+    aggregate,
+    initial_arrays,
+    reply,
+    round_config,
+)
 from safetensors.numpy import load_file, save_file
 
 from client.client_app import make_client_app
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import (
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
-    METRICS_RECORD,
-    SCALES_RECORD,
     SETUP,
     FederationSetup,
     RoundConfig,
 )
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
-from healthfm_core.packing import unpack_record
+from healthfm_core.protocol.packing import unpack_record
 from server.config import RESUMABLE_CHANGES, FederationConfig
 from server.influence import ADAM_STEP_RATIO, NormHistory, max_examples
-from server.round import RoundOutcome, aggregate_replies
+from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import generate_federation
 
-SHAPES = {"shared.w": (8, 16), "shared.b": (16,), "ehr.w": (32,), "wearables.w": (4, 4), "genomics.w": (6,)}
 SHAPES_GROUPS = sorted({k.split(".")[0] for k in SHAPES})
-HONEST_STEP = 0.004  # per value: 0.4 x lr 1e-3 x 10 local steps, the measured honest ratio
-ATTACKER = 9
-# Honest sites 1-3; the attacker holds every group: wearables has one holder (the attacker),
-# genomics two (node 1 and the attacker), shared and ehr four.
-NODE_GROUPS = {
-    1: ["shared", "ehr", "genomics"],
-    2: ["shared", "ehr"],
-    3: ["shared", "ehr"],
-    ATTACKER: ["shared", "ehr", "wearables", "genomics"],
-}
-HONEST_COUNTS = {1: 152, 2: 160, 3: 144}
 
 
 def group_of(key: str) -> str:
     return key.split(".")[0]
 
 
-def round_config(rnd: int, **kw) -> RoundConfig:
-    """What the server asks of every site: 10 local steps of batch 16 (at most 160 samples)."""
-    base = dict(round=rnd, rounds=8, local_steps=10, lr=1e-3, batch_size=16, setup_sha256="0" * 64)
-    return RoundConfig(**{**base, **kw})
-
-
 def strategy(**kw) -> ModalityAwareFedAvg:
     return ModalityAwareFedAvg(group_of=group_of, **kw)
-
-
-def initial_arrays() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
 
 
 def trained(previous: dict[str, np.ndarray], groups: list[str], seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -93,28 +80,6 @@ def trained(previous: dict[str, np.ndarray], groups: list[str], seed: int, scale
     }
 
 
-def reply(
-    node: int,
-    arrays: dict[str, np.ndarray],
-    counts: dict[str, object],
-    num_examples: object = None,
-    scales: dict[str, float] | None = None,
-    dp: bool = False,
-) -> Message:
-    """A real Flower train reply from `node`, its records written as they travel (any value, as a
-    dishonest site may send it): packed arrays, the metrics, int8 scales."""
-    metrics: dict = {"num-examples": max(counts.values()) if num_examples is None else num_examples}
-    metrics.update({f"num-examples.{g}": n for g, n in counts.items()})
-    if dp:  # a DP reply: expected counts and the spend, no losses
-        metrics.update({"dp.epsilon": 0.8, "dp.delta": 1e-5, "dp.noise-multiplier": 1.1})
-    else:
-        metrics["loss.total"] = 1.0
-    content = RecordDict({METRICS_RECORD: MetricRecord(metrics), ARRAYS_RECORD: pack_record(arrays)})
-    if scales is not None:
-        content[SCALES_RECORD] = MetricRecord(scales)
-    return Message(content, metadata=train_metadata(f"reply-{node}", src=node, dst=0, reply_to=f"train-{node}"))
-
-
 def honest_reply(node: int, previous: dict[str, np.ndarray], rnd: int) -> Message:
     groups = NODE_GROUPS[node]
     return reply(node, trained(previous, groups, seed=100 * rnd + node), dict.fromkeys(groups, HONEST_COUNTS[node]))
@@ -122,21 +87,6 @@ def honest_reply(node: int, previous: dict[str, np.ndarray], rnd: int) -> Messag
 
 def honest_replies(previous: dict[str, np.ndarray], rnd: int) -> list[Message]:
     return [honest_reply(n, previous, rnd) for n in (1, 2, 3)]
-
-
-def sent_to(replies: list[Message]) -> list[Message]:
-    """The train messages the replies answer (one per node, as the Grid addresses them)."""
-    nodes = sorted({r.metadata.src_node_id for r in replies})
-    return [Message(RecordDict(), metadata=train_metadata(f"train-{n}", src=0, dst=n)) for n in nodes]
-
-
-def aggregate(
-    s: ModalityAwareFedAvg, rnd: int, replies: list[Message], previous: dict[str, np.ndarray], **kw
-) -> RoundOutcome:
-    inputs = dict(
-        current_arrays=previous, node_groups=NODE_GROUPS, sent=sent_to(replies), round_config=round_config(rnd)
-    )
-    return aggregate_replies(s, rnd, replies, **{**inputs, **kw})
 
 
 def honest_average(rnd: int, previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -481,7 +431,7 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
         n: Context(run_id=1, node_id=n, node_config=configs[name], state=RecordDict(), run_config={})
         for n, name in nodes.items()
     }
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     node_groups = {1: ["shared", "ehr", "wearables", "genomics"], 2: ["shared", "ehr", "genomics"]}
     s = ModalityAwareFedAvg()  # the real parameter groups
     for n in nodes:

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 import pytest
-from test_influence import (
+from helpers.influence_rounds import (
     ATTACKER,
     HONEST_COUNTS,
     HONEST_STEP,

@@ -16,18 +16,19 @@ import client.site_runtime as site_runtime
 import healthfm_core.train.local_run as local_run
 import simulations.report as report
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import FederationSetup
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import FederationSetup
 from healthfm_core.train.local_run import LocalRun
 from healthfm_core.train.trainer import TrainConfig
 from server.config import FederationConfig
 from server.round import round_config
 from simulations.run import federation_config
+from simulations.synthetic import generate_federation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The federation's settings a local run takes, away from their defaults (the expectation below).
@@ -112,7 +113,7 @@ def test_a_site_and_the_baselines_train_with_the_same_settings(tmp_path: Path, r
     setup = FederationSetup(
         vocabulary=build_vocabulary([runtime.code_stats()], min_subjects=5), model=fed.model, model_seed=1
     )
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in runtime.groups}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in runtime.groups}
 
     # A site's round, as the server asks it (server/round.py round_config).
     runtime.train(setup, arrays, round_config(fed, 1, setup))

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from aces.config import PlainPredicateConfig, TaskExtractorConfig
 
-from healthfm_core.data.aces_tasks import (
+from healthfm_core.data.checks.task_check import count_tasks
+from healthfm_core.data.labels.aces_tasks import (
     OWN_WINDOWS,
     aces_config,
     aces_labels,
@@ -29,17 +30,17 @@ from healthfm_core.data.aces_tasks import (
     task_from_text,
     unmatched_predicates,
 )
-from healthfm_core.data.meds_dev_tasks import (
+from healthfm_core.data.labels.meds_dev_tasks import (
     meds_dev_dir,
     meds_dev_task,
     meds_dev_task_names,
     predicates_file,
     task_file,
 )
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_check import count_tasks
-from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_task, resolve_tasks, runner_tasks
+from healthfm_core.data.sites.site import open_site
+from healthfm_core.model.healthfm import init_model
+from simulations.synthetic import generate_federation
 
 NINE = [
     "abnormal_lab/blood_chemistry/elevated_creatinine/first_24h",
@@ -344,11 +345,11 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
     row at birth); and each scored task's MEDS-DEV folder holds those predictions, meds-evaluation-cli's
     own results.json for them, and a packed result as meds-dev-pack-result writes it."""
     from client.site_runtime import SiteConfig, SiteRuntime
-    from healthfm_core.data.code_stats import site_code_stats
-    from healthfm_core.data.vocab import build_vocabulary
+    from healthfm_core.data.sequences.code_stats import site_code_stats
+    from healthfm_core.data.sequences.vocab import build_vocabulary
     from healthfm_core.eval.meds_dev_result import MAX_RESULT_BYTES, meds_dev_result_dir
-    from healthfm_core.federation import EvalConfig, FederationSetup
     from healthfm_core.model.config import load_model_config
+    from healthfm_core.protocol import EvalConfig, FederationSetup
 
     root = sites[MULTI_SHARD]
     site = open_site(root)
@@ -372,7 +373,7 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
         assert not births & {(int(r[0]), r[1]) for r in cli[task]}, task  # no row at birth
     vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1, tasks=[str(e) for e in entries], setup_sha256=setup.sha256, n_boot=10, meds_tab=False, score_bins=0
     )

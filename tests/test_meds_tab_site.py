@@ -14,16 +14,17 @@ from meds_evaluation.schema import PredictionSchema
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_spec import task_keys
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.task_spec import task_keys
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome
-from healthfm_core.federation import EvalConfig, EvalReply, FederationSetup, TaskMetrics, aggregate_site_metrics
 from healthfm_core.model.config import load_model_config
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, TaskMetrics, aggregate_site_metrics
 from server.runlog import EventLog, write_summary
+from simulations.synthetic import generate_federation
 
 TASKS = ["onset_hypertension_365d", "site:readmit"]
 
@@ -57,7 +58,7 @@ def site_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_meds_tab_is_scored_on_the_probes_rows_and_can_be_switched_off(site_root: Path, tmp_path: Path) -> None:
     vocab = build_vocabulary([site_code_stats(open_site(site_root), min_subjects=5)], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
     rt = SiteRuntime(
         SiteConfig(site_root=site_root, min_report_subjects=2, min_report_positives=1, eval_dir=tmp_path / "eval")

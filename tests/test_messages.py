@@ -1,4 +1,4 @@
-"""The reply schema (healthfm_core.federation): TrainReply and EvalReply round-trip through their
+"""The reply schema (healthfm_core.protocol): TrainReply and EvalReply round-trip through their
 wire form, and a peer's records that do not parse are refused with the field and value named."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from healthfm_core.federation import (
+from healthfm_core.protocol import (
     EvalReply,
     PrivacySpend,
     TaskMetrics,

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from healthfm_core.data.aces_tasks import OWN_WINDOWS, aces_labels_shared
-from healthfm_core.data.meds_dev_tasks import meds_dev_task, meds_dev_task_names, predicates_file
-from healthfm_core.data.synthetic import generate_federation
+from healthfm_core.data.labels.aces_tasks import OWN_WINDOWS, aces_labels_shared
+from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task, meds_dev_task_names, predicates_file
+from simulations.synthetic import generate_federation
 
 pytestmark = pytest.mark.slow  # the default-size scenario and check on it (~15 s): CI's slow stage
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ LABS = {
 
 @pytest.fixture(scope="module")
 def mimic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The scenario at its default size, as `python -m healthfm_core.data.synthetic OUT --scenario mimic`."""
+    """The scenario at its default size, as `python -m simulations.synthetic OUT --scenario mimic`."""
     out = tmp_path_factory.mktemp("mimic")
     manifest = generate_federation(out, "mimic", seed=0, progress=False)
     return {s.name: Path(s.root) for s in manifest.sites}

@@ -24,27 +24,27 @@ from flwr.app import (
     Metadata,
     RecordDict,
 )
+from helpers.random_batch import random_batch
 
 from client.client_app import train_reply_content
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import TASKS
-from healthfm_core.data.tokens import PretrainingDataset, collate
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.labels.tasks import TASKS
+from healthfm_core.data.sequences.tokens import PretrainingDataset, collate
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
 from healthfm_core.eval.probes import compute_embeddings
 from healthfm_core.eval.runner import build_eval_set, method_features
-from healthfm_core.federation import FederationSetup, RoundConfig, TrainReply, federation_modalities
-from healthfm_core.model.config import load_model_config
+from healthfm_core.model.config import load_model_config, model_modalities
 from healthfm_core.model.groups import GROUPS, group_sizes, parameter_group
-from healthfm_core.model.healthfm import HealthFM, model_modalities
+from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
-from healthfm_core.model.testing import random_batch
+from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply, federation_modalities
 from healthfm_core.train.trainer import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.replies import groups_for_node
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES_LIST = list(MODALITIES)
@@ -150,7 +150,7 @@ def test_setup_modalities_from_capabilities_and_vocabulary() -> None:
     setup = FederationSetup(vocabulary=vocab, model=cfg, modalities=["ehr"])
     assert setup.groups == ["shared", "ehr"]
     assert FederationSetup.model_validate_json(setup.to_json()) == setup
-    assert {parameter_group(k) for k in setup.init_model().state_dict()} == {"shared", "ehr"}
+    assert {parameter_group(k) for k in init_model(setup).state_dict()} == {"shared", "ehr"}
     # Left out: what the vocabulary supports (the model every setup built before the field had).
     assert FederationSetup(vocabulary=with_prs, model=cfg).modalities == MODALITIES_LIST
     assert FederationSetup(vocabulary=vocab, model=cfg).modalities == ["ehr", "wearables"]
@@ -243,7 +243,7 @@ def test_ehr_only_and_genomics_sites_train_and_are_averaged_by_group(mixed) -> N
     setup = _setup(mixed, names)
     assert setup.modalities == ["ehr", "genomics"]  # nobody has wearables: no wearable module
     assert [mixed[n].groups for n in names] == [["shared", "ehr"], ["shared", "ehr", "genomics"]]
-    initial = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    initial = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     assert {parameter_group(k) for k in initial} == {"shared", "ehr", "genomics"}
 
     strategy = ModalityAwareFedAvg()  # the real parameter_group
@@ -289,7 +289,7 @@ def test_wearable_site_beside_a_genomics_site_and_setup_refusal(mixed) -> None:
     cfg = RoundConfig(
         round=1, rounds=1, local_steps=3, lr=1e-2, batch_size=8, max_events=32, max_patches=4, setup_sha256=setup.sha256
     )
-    init = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    init = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     hospital = mixed["hospital"].train(
         setup, {k: v for k, v in init.items() if parameter_group(k) in mixed["hospital"].groups}, cfg
     )
@@ -307,7 +307,7 @@ def test_frozen_embeddings_and_eval_rows_of_an_ehr_only_site(mixed) -> None:
     rt = mixed["biobank"]
     setup = _setup(mixed, ["biobank"])
     assert setup.modalities == ["ehr"]
-    model = setup.init_model().eval()
+    model = init_model(setup).eval()
     seqs = rt.sequences(setup)
     ds = PretrainingDataset(seqs, rt.split_ids()["train"], time_mode="last", max_events=32, max_patches=4)
     feats = compute_embeddings(model, [collate([ds[i] for i in range(5)])])

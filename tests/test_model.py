@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
-from healthfm_core.data.batch import N_SPECIAL_CODES
-from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.batch import N_SPECIAL_CODES
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM
-from healthfm_core.model.testing import random_batch
 
 VOCAB, TRAITS = 40, 4
 SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]

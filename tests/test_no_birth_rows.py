@@ -17,15 +17,15 @@ import yaml
 
 from client.model_use import task_rows
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.aces_tasks import TASK_DIR, aces_labels, load_task
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_check import count_tasks
-from healthfm_core.data.task_spec import resolve_tasks, runner_tasks
-from healthfm_core.data.tasks import DISEASES
+from healthfm_core.data.checks.task_check import count_tasks
+from healthfm_core.data.labels.aces_tasks import TASK_DIR, aces_labels, load_task
+from healthfm_core.data.labels.task_spec import resolve_tasks, runner_tasks
+from healthfm_core.data.labels.tasks import DISEASES
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.runner import build_site_rows
 from healthfm_core.eval.site_eval import task_labels_at_site
-from healthfm_core.federation import EvalConfig
+from healthfm_core.protocol import EvalConfig
+from simulations.synthetic import generate_federation
 
 
 @pytest.fixture(scope="module")

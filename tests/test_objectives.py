@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
 from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM, ReconstructionMasks
 from healthfm_core.model.objectives import (
@@ -29,7 +30,6 @@ from healthfm_core.model.objectives import (
     sample_future_anchors,
     sample_masks,
 )
-from healthfm_core.model.testing import random_batch
 
 VOCAB, TRAITS = 40, 4
 SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]

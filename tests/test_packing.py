@@ -1,4 +1,4 @@
-"""Packed messages (healthfm_core/packing.py): a model message is a handful of Flower objects,
+"""Packed messages (healthfm_core/protocol/packing.py): a model message is a handful of Flower objects,
 arrays come back exactly as sent, and a malformed packed reply - replayed as a hostile site would
 send it - is rejected with a reason naming the record, the part and the problem while the round
 goes on with the good replies."""
@@ -10,17 +10,17 @@ import struct
 
 import numpy as np
 import pytest
-from flower_messages import train_metadata
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from helpers.flower_messages import train_metadata
 from safetensors.numpy import save
 
 from client.client_app import message_arrays, train_reply_content
-from healthfm_core.federation import ARRAYS_RECORD, TrainReply
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.packing import (
+from healthfm_core.protocol import ARRAYS_RECORD, TrainReply
+from healthfm_core.protocol.packing import (
     MAX_PARTS,
     PACKED_PART,
     pack_arrays,

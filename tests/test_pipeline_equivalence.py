@@ -24,15 +24,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from healthfm_core.data import wear_patches
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.layout import EPOCH_US, WEARABLE_CHANNELS, WEARABLES_SCHEMA, WEARABLES_SUBDIRECTORY
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.synthetic.scenario import load_scenario
-from healthfm_core.data.token_settings import TokenSettings
-from healthfm_core.data.tokens import (
+from healthfm_core.data.files.layout import EPOCH_US, WEARABLE_CHANNELS, WEARABLES_SCHEMA, WEARABLES_SUBDIRECTORY
+from healthfm_core.data.sequences import wear_patches
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.token_settings import TokenSettings
+from healthfm_core.data.sequences.tokens import (
     US_PER_DAY,
     LabelledDataset,
     PretrainingDataset,
@@ -42,15 +39,18 @@ from healthfm_core.data.tokens import (
     make_loader,
     pool_token_rows,
 )
-from healthfm_core.data.vocab import Normalizer, Vocabulary, build_vocabulary
-from healthfm_core.data.wear_patches import (
+from healthfm_core.data.sequences.vocab import Normalizer, Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.wear_patches import (
     NO_TIME,
     UnsortedWearables,
     build_patches,
     patches_of_parts,
     sorted_by_subject_time,
 )
-from healthfm_core.data.wear_stream import WearableFilePart, wearable_key_table
+from healthfm_core.data.sequences.wear_stream import WearableFilePart, wearable_key_table
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
+from simulations.synthetic.scenario import load_scenario
 
 SITES = ("biobank", "city_hospital")
 

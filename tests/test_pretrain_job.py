@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.random_batch import random_batch
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import (
+from healthfm_core.data.labels.tasks import (
     TASKS,
     OnsetTask,
     onset_labels_from_events,
     visit_prediction_times,
     wear_period_end_times,
 )
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.runner import (
     MethodFeatures,
     PooledEmbedder,
@@ -37,7 +37,7 @@ from healthfm_core.eval.runner import (
 )
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.testing import random_batch
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 ONSET = [k for k, t in TASKS.items() if isinstance(t, OnsetTask)]

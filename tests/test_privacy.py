@@ -29,10 +29,20 @@ from opacus.optimizers import DPOptimizer
 from client.client_app import make_client_app
 from client.policy import PolicyError
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tokens import PretrainingDataset, collate
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import (
+from healthfm_core.data.sequences.tokens import PretrainingDataset, collate
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.privacy.engine import (
+    DPLocalStep,
+    DPSettings,
+    PoissonBatches,
+    StreamingDPOptimizer,
+)
+from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+from healthfm_core.protocol import (
     ARRAYS_RECORD,
     METRICS_RECORD,
     STATUS_RECORD,
@@ -42,19 +52,10 @@ from healthfm_core.federation import (
     RoundConfig,
     TrainReply,
 )
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
-from healthfm_core.model.objectives import ObjectiveWeights
-from healthfm_core.packing import unpack_record
-from healthfm_core.privacy.engine import (
-    DPLocalStep,
-    DPSettings,
-    PoissonBatches,
-    StreamingDPOptimizer,
-)
-from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+from healthfm_core.protocol.packing import unpack_record
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import generate_federation
 
 BASE = {"min-code-subjects": 5, "min-report-subjects": 2}
 DELTA = 1e-5
@@ -93,7 +94,7 @@ def runtime(federation, name: str, policy: Path | None = None, state_dir: Path |
 
 
 def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in groups}
+    return {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in groups}
 
 
 def round_cfg(setup: FederationSetup, rnd: int, **kw) -> RoundConfig:
@@ -156,7 +157,7 @@ def test_every_healthfm_parameter_gets_a_clipped_per_sample_gradient(federation,
     """Per-sample gradients reach the whole model, including the continuous-time attention's
     mixture log-weights and decay rates; each sample's contribution is clipped."""
     rt = runtime(federation, "biobank")
-    model = setup.init_model()
+    model = init_model(setup)
     model.train()
     ds = PretrainingDataset(
         rt.sequences(setup), rt.split_ids()["train"], time_mode="last", max_events=32, max_patches=4

@@ -21,15 +21,16 @@ from client.client import EXIT_USAGE, main
 from client.deploy.join import EXIT_NO_CONNECTION, free_port
 from client.deploy.privacy_budget import check_privacy_budget, key_binding
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import FederationSetup, RoundConfig, TrainReply
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.healthfm import init_model
 from healthfm_core.privacy.budget_record import read_record, record_path
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply
 from server.audit import site_round_records
 from server.round import SiteOutcome
+from simulations.synthetic import generate_federation
 
 SITE = "genomics"
 POLICY = """
@@ -93,7 +94,7 @@ def node_config(federation, tmp_path: Path, state: Path, key: tuple[Path, str]) 
 
 
 def train_dp(runtime: SiteRuntime, setup: FederationSetup, rnd: int) -> TrainReply:
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in runtime.groups}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in runtime.groups}
     cfg = RoundConfig(
         round=rnd,
         rounds=3,

@@ -18,7 +18,6 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from healthfm_core.federation import PrivacySpend, TrainReply
 from healthfm_core.privacy.budget_record import KeyBinding, read_record, record_path
 from healthfm_core.privacy.engine import (
     DPLocalStep,
@@ -42,6 +41,7 @@ from healthfm_core.privacy.training import (
     dp_settings,
     make_private_training,
 )
+from healthfm_core.protocol import PrivacySpend, TrainReply
 
 DELTA = 1e-5
 SPEND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}

@@ -15,8 +15,8 @@ import uvicorn
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from healthfm_core.federation import SiteCapabilities
 from healthfm_core.model.config import load_model_config
+from healthfm_core.protocol import SiteCapabilities
 from server.config import FederationConfig
 from server.deploy.flwr_app import default_run_config
 from server.deploy.provision import ProvisionConfig, provision

@@ -27,12 +27,12 @@ from client.client import build_parser
 from client.client import main as client_main
 from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, open_site_runtime, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import HeadError, load_head, save_head
-from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import FederationSetup
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_fit import SiteDoesNotFit, release_fit, require_fit
 from healthfm_core.release_signing import load_public_key, load_signing_key, make_signing_key, sign_folder
@@ -41,6 +41,7 @@ from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig
 from server.deploy.coordinator import main as coordinator_main
 from server.head_app import HeadRunConfig, fit_heads
+from simulations.synthetic import generate_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN = {"min-code-subjects": 5, "min-report-subjects": 2}
@@ -71,7 +72,7 @@ def _write_run(out: Path, setup: FederationSetup, seed: int, run_id: int) -> Pat
     gen = torch.Generator().manual_seed(seed)
     arrays = {
         k: (v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v).numpy()
-        for k, v in setup.init_model().state_dict().items()
+        for k, v in init_model(setup).state_dict().items()
     }
     cfg = FederationConfig(
         out_dir=out, model=setup.model, rounds=2, vocab_min_subjects=5, eval_tasks=["onset_hypertension_365d"]

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
-from test_hardening import InProcessGrid, fed_config, tiny_nodes
 
 from client.client import main as client_main
 from client.head_rows import load_head_rows
@@ -19,10 +17,8 @@ from client.model_use import eval_config, open_site_runtime
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import load_head
-from healthfm_core.federation import EvalReply
+from healthfm_core.protocol import EvalReply
 from healthfm_core.release import load_release
-from server.deploy.coordinator import main as coordinator_main
-from server.server_app import FederationServer
 from simulations.federated_head_run import head_node_configs
 from simulations.task_head import compare_heads, markdown
 
@@ -31,46 +27,16 @@ pytestmark = pytest.mark.slow
 KEY = "onset_hypertension_365d"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
-    tmp = tmp_path_factory.mktemp("released")
-    _, nodes = tiny_nodes(tmp)
-    for node in nodes.values():  # 30-subject sites: a held-out positive is enough (mechanics, not a floor)
-        node["min-report-positives"] = 1
-    cfg = fed_config(
-        tmp / "run",
-        local_steps=1,
-        batch_size=8,
-        max_events=64,
-        max_patches=8,
-        min_nodes=3,
-        vocab_min_subjects=5,
-        eval_n_boot=10,
-        timeout_s=60,
-    )
-    mp = pytest.MonkeyPatch()  # what Flower sets in a ServerApp process (module scope: no fixture)
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        mp.setattr(TaskIdentity, name, value)
-    try:
-        FederationServer(InProcessGrid(nodes), cfg, run_id=1).run()
-    finally:
-        mp.undo()
-    model = tmp / "model"
-    assert coordinator_main(["provision", str(tmp / "fed")]) == 0  # the federation's release signing key
-    assert coordinator_main(["release", str(tmp / "fed"), "--run", str(tmp / "run"), "--out", str(model)]) == 0
-    return tmp / "run", nodes, model
-
-
 def key_of(model: Path) -> str:
     """The public key the `run` fixture's release verifies with (release_signing.pem)."""
     return str(model.parent / "fed" / "server" / "release_signing.pem")
 
 
 def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
-    run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    released_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """(One scored site's probe shows its progress bars: its numbers are the same.)"""
-    run_dir, nodes, model = run
+    run_dir, nodes, model = released_run
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     scored = 0
     shown = next(n["site-name"] for n in nodes.values() if KEY in EvalReply.from_records(evaluation["sites"][n["site-name"]]).tasks)  # fmt: skip
@@ -143,10 +109,10 @@ def test_probe_at_each_site_equals_the_runs_evaluation_and_predict_equals_probe(
     assert scored >= 1
 
 
-def test_embed_gives_the_evaluations_embeddings(run, tmp_path: Path) -> None:
+def test_embed_gives_the_evaluations_embeddings(released_run, tmp_path: Path) -> None:
     """A probe refitted here on `embed`'s output (train, tuning) scores the held-out rows as the
     run's evaluation did: the embeddings are the evaluation's."""
-    run_dir, nodes, model = run
+    run_dir, nodes, model = released_run
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     node = next(n for n in nodes.values() if KEY in EvalReply.from_records(evaluation["sites"][n["site-name"]]).tasks)
     site, root = node["site-name"], node["site-root"]
@@ -183,8 +149,8 @@ def test_embed_gives_the_evaluations_embeddings(run, tmp_path: Path) -> None:
     np.testing.assert_allclose(p, labels["predicted_boolean_probability"].to_numpy(), rtol=0, atol=1e-5)
 
 
-def test_model_card_numbers_are_the_reports(run) -> None:
-    run_dir, _, model = run
+def test_model_card_numbers_are_the_reports(released_run) -> None:
+    run_dir, _, model = released_run
     card = json.loads((model / "model_card.json").read_text())
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert card["evaluation"] == evaluation
@@ -195,10 +161,10 @@ def test_model_card_numbers_are_the_reports(run) -> None:
     assert rows and all(r in md for r in rows)
 
 
-def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
+def test_task_heads_table_local_head_is_the_runs_probe(released_run) -> None:
     """simulations.task_head: per site and task the federated, local and pooled heads scored on the
     same held-out rows with intervals; the local head is the run's own probe (same AUROC)."""
-    run_dir, nodes, model = run
+    run_dir, nodes, model = released_run
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     report = compare_heads(
         model,
@@ -224,11 +190,11 @@ def test_task_heads_table_local_head_is_the_runs_probe(run) -> None:
     assert all(f"| {KEY} | {s} |" in text for s in table)
 
 
-def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(run, tmp_path: Path) -> None:
+def test_the_head_over_flowers_simulation_engine_is_the_one_process_head(released_run, tmp_path: Path) -> None:
     """simulations.task_head --over-flower: the federated head from Flower's simulation engine (the
     head's ServerApp, one ClientApp per site) equals the one-process driver's on the same rows and
     sites, to 1e-9; `client.py predict --head` applies it."""
-    _, nodes, model = run
+    _, nodes, model = released_run
     roots = [Path(n["site-root"]) for n in nodes.values()]
     embs = []
     for root in roots:  # each site's embed file: both paths read the same embeddings

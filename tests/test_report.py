@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.eval import compare
 from healthfm_core.eval.outcomes import replies_from_event
 from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.runner import MethodResult
-from healthfm_core.federation import SMALL_CELL
+from healthfm_core.protocol import SMALL_CELL
 from server.runlog import read_events
 from simulations import demo
 from simulations.report import METHODS, prepare_out_dir
+from simulations.synthetic import generate_federation
 
 SITES = ("biobank", "hospital", "genomics")
 ROUNDS, LOCAL_STEPS = 2, 3

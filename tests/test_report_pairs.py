@@ -13,20 +13,20 @@ import pytest
 from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_spec import resolve_tasks
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval import compare, plots, site_pairs
 from healthfm_core.eval.probes import binary_row
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
 from healthfm_core.eval.site_eval import task_labels_at_site
-from healthfm_core.federation import EvalConfig, SplitCount
+from healthfm_core.protocol import EvalConfig, SplitCount
 from simulations.common import onset_eval_data
 from simulations.pretrain import refuse_site_labelled_tasks
 from simulations.report import ablation_table
+from simulations.synthetic import generate_federation
 
 TASK = "onset_t2d_365d"  # the federation's name; resolved to configs/tasks/t2d.yaml at 365 days
 

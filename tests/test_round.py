@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_hardening import InProcessGrid, fed_config, serverapp_identity, tiny_nodes  # noqa: F401 - a fixture
+from helpers.in_process_grid import InProcessGrid, tiny_nodes
+from helpers.run_configs import fed_config
 
+from healthfm_core.model.healthfm import init_model
 from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
 from server.server_app import make_strategy
@@ -26,7 +28,7 @@ def test_a_round_retries_a_restarted_site_and_records_every_site(tmp_path: Path)
     roster.query_capabilities(roster.wait_for_nodes())
     setup = roster.agree_vocabulary()
     roster.send_setup(setup)
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     strategy = make_strategy(cfg, None)
     before = vars(strategy).keys()
 

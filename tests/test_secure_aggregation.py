@@ -9,14 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-
-from secure_aggregation.config import SecAggConfig
-from secure_aggregation.errors import SecAggError, SecAggRefusal
-from secure_aggregation.messages import ShareInbox, UnmaskRequest
-from secure_aggregation.server import SecureAggregate, ServerRound
-from secure_aggregation.simulate import run_secure_round
-from secure_aggregation.site import SiteRound
-from tests.secure_aggregation_fixtures import (
+from helpers.secure_aggregation_fixtures import (
     MIXES,
     SIX,
     clipped,
@@ -28,6 +21,13 @@ from tests.secure_aggregation_fixtures import (
     seeded_bytes,
     site_updates,
 )
+
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.errors import SecAggError, SecAggRefusal
+from secure_aggregation.messages import ShareInbox, UnmaskRequest
+from secure_aggregation.server import SecureAggregate, ServerRound
+from secure_aggregation.simulate import run_secure_round
+from secure_aggregation.site import SiteRound
 
 
 def _assert_matches_plain(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.secure_aggregation_fixtures import MIXES, SIX, clipped, group_of, make_config, play
 
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.keys import private_bytes
@@ -23,7 +24,6 @@ from secure_aggregation.layout import group_vector
 from secure_aggregation.replay import attack, fisher_z, looks_random
 from secure_aggregation.simulate import SimulatedRound
 from secure_aggregation.transcript import SecureTranscript
-from tests.secure_aggregation_fixtures import MIXES, SIX, clipped, group_of, make_config, play
 
 _Truths = dict[tuple[int, str], np.ndarray]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+from helpers.deploy_fixtures import (  # noqa: F401 - fixtures are used by name
     Process,
     federation,
     joined,
@@ -32,13 +32,13 @@ from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 )
 from test_secure_round import assert_within_bounds, final_arrays, four_site_scenario
 
-from healthfm_core.data.synthetic import generate_federation
 from healthfm_core.model.groups import parameter_group
 from secure_aggregation.layout import group_vector
 from secure_aggregation.replay import attack, fisher_z, looks_random, true_updates
 from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, read_audit_log
 from server.transcript import read_plain_round
+from simulations.synthetic import generate_federation
 
 SITE_NAMES = ("biobank", "hospital", "genomics", "clinic")  # what deploy_fixtures provisions and joins
 

@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import yaml
 from flwr.app import Message
-from in_process_grid import InProcessGrid, set_serverapp_identity
-from test_federation import fed_config as federation_config
+from helpers.in_process_grid import InProcessGrid, set_serverapp_identity
+from helpers.run_configs import three_site_config as federation_config
 
 from client.policy import PolicyError, load_policy
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.federation import ARRAYS_RECORD, RoundConfig
 from healthfm_core.model.groups import parameter_group
-from healthfm_core.packing import unpack_record
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import ARRAYS_RECORD, RoundConfig
+from healthfm_core.protocol.packing import unpack_record
 from healthfm_core.release import CARD_MD_FILE, RELEASE_FILE, load_release
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.layout import group_vector
@@ -56,6 +56,7 @@ from server.release import release_run
 from server.runlog import read_events
 from server.server_app import FederationServer
 from server.transcript import read_plain_round, read_round_config
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 # Four sites, four modality mixes: genomics is held by two of them (withheld at min_holders 3),
@@ -100,7 +101,7 @@ def final_arrays(out: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     path = latest_server_checkpoint(out / "checkpoints")
     assert path is not None
     state = load_server_checkpoint(path)
-    initial = {k: v.numpy() for k, v in state.setup.init_model().state_dict().items()}
+    initial = {k: v.numpy() for k, v in init_model(state.setup).state_dict().items()}
     return state.arrays, initial
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.secure_aggregation_fixtures import MIXES, clipped, group_of, make_config, play
 
-from healthfm_core.federation import TrainReply
+from healthfm_core.protocol import TrainReply
 from secure_aggregation.layout import group_vector
 from secure_aggregation.replay import attack, main
 from secure_aggregation.transcript import (
@@ -26,7 +27,6 @@ from secure_aggregation.transcript import (
 )
 from server.config import FederationConfig
 from server.transcript import read_plain_round
-from tests.secure_aggregation_fixtures import MIXES, clipped, group_of, make_config, play
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""One forward pass serves several evaluation rows of a subject (healthfm_core/data/shared_passes.py,
+"""One forward pass serves several evaluation rows of a subject (healthfm_core/data/sequences/shared_passes.py,
 healthfm_core/eval/row_embeddings.py): every row's embedding and modality presence equal those of
 its own pass, on synthetic sites with wearables, genomics and EHR only, with the windows cut short
 (truncation), rows whose prediction time cuts a day's bucket or a wearable patch, rows before the
@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.shared_passes import shared_passes
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import visit_prediction_times, wearable_regression_labels
-from healthfm_core.data.tokens import US_PER_DAY
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.tasks import visit_prediction_times, wearable_regression_labels
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.shared_passes import shared_passes
+from healthfm_core.data.sequences.tokens import US_PER_DAY
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.runner import PooledEmbedder
-from healthfm_core.federation import FederationSetup
 from healthfm_core.model.config import load_model_config
-from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.model.healthfm import HealthFM, init_model
+from healthfm_core.protocol import FederationSetup
+from simulations.synthetic import generate_federation
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_shared_passes_give_every_row_its_own_embedding_and_presence(
     runtimes, setup, windows, pooling, max_queries
 ) -> None:
     max_events, max_patches = windows
-    model = setup.init_model()
+    model = init_model(setup)
     embedder = model if pooling is None else PooledEmbedder(model, pooling)
     for name, rt in runtimes.items():
         sid, pt = _rows(rt)
@@ -118,7 +118,7 @@ def _refused_rows_in_the_latest_pass(rt: SiteRuntime, setup: FederationSetup, mo
 
 
 def test_rows_a_shared_pass_refuses_would_get_another_embedding_in_it(runtimes, setup) -> None:
-    model = setup.init_model()
+    model = init_model(setup)
     # The wearable site: rows that cut a patch or a bucket, and rows before the first event.
     assert _refused_rows_in_the_latest_pass(runtimes["biobank"], setup, model) > 1e-3
 
@@ -130,4 +130,4 @@ def test_shared_passes_checks_its_rows(runtimes, setup) -> None:
     with pytest.raises(ValueError, match="2 subject rows but 1 prediction times"):
         shared_passes(seqs, np.array([0, 1]), np.array([0]), 256, 32)
     with pytest.raises(ValueError, match="not present in the site"):
-        embed_rows(setup.init_model(), seqs, np.array([10**12]), np.array([0]), 256, 32)
+        embed_rows(init_model(setup), seqs, np.array([10**12]), np.array([0]), 256, 32)

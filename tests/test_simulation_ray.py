@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from healthfm_core.data.synthetic import generate_federation
 from simulations.ray_start import RaySettings, RayStartError, start_ray
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")

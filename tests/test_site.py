@@ -1,4 +1,4 @@
-"""Reading a valid site (healthfm_core.data.site); the check itself is in test_site_check.py."""
+"""Reading a valid site (healthfm_core.data.sites.site); the check itself is in test_site_check.py."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
+from helpers.site_tables import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.layout import PRS_PREFIX, WEARABLES_SCHEMA, hash_splits
-from healthfm_core.data.site import Site, SiteDataError, open_site
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.files.layout import PRS_PREFIX, WEARABLES_SCHEMA, hash_splits
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import Site, SiteDataError, open_site
 
 
 def test_open_site_reads_events_wearables_splits_and_codes(site_tables, write_site):

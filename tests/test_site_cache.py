@@ -1,4 +1,4 @@
-"""The run's on-disk cache of sites (healthfm_core.data.site_cache): a site is opened and its
+"""The run's on-disk cache of sites (healthfm_core.data.sites.site_cache): a site is opened and its
 sequences prepared once per cache directory, whatever the number of processes asking, and the
 cached sequences give the very samples a fresh preparation gives."""
 
@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.site_cache import (
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
+from healthfm_core.data.sites.site_cache import (
     LOADS_FILE,
     cached_sequences,
     cached_site,
     sequence_loads,
     site_key,
 )
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tokens import SiteSequences
-from healthfm_core.data.vocab import build_vocabulary
+from simulations.synthetic import generate_federation
 
 
 @pytest.fixture(scope="module")

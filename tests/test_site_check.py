@@ -1,4 +1,4 @@
-"""Validating a site (healthfm_core.data.site_check): a valid site's summary, broken sites' problems."""
+"""Validating a site (healthfm_core.data.checks.site_check): a valid site's summary, broken sites' problems."""
 
 from __future__ import annotations
 
@@ -17,26 +17,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
-from parquet_footer import set_compressed_sizes, set_row_counts, set_value_counts
+from helpers.parquet_footer import set_compressed_sizes, set_row_counts, set_value_counts
+from helpers.site_tables import HELD, TRAIN, make_site_tables, set_cell, write_site_tables
 
-from healthfm_core.data import site_check as site_check_module
-from healthfm_core.data.layout import EPOCH_SECONDS, PRS_PREFIX
-from healthfm_core.data.parquet_guard import (
+from healthfm_core.data.checks import event_checks
+from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteProblem, SiteReport
+from healthfm_core.data.checks.site_check import check_site
+from healthfm_core.data.files.layout import EPOCH_SECONDS, PRS_PREFIX
+from healthfm_core.data.files.parquet_guard import (
     MAX_ROWS_PER_BYTE,
     ROWS_ALWAYS_PLAUSIBLE,
     ParquetFooterError,
     open_parquet,
 )
-from healthfm_core.data.site import Site, SiteDataError, open_site
-from healthfm_core.data.site_check import (
-    MAX_PROBLEMS_PER_KIND,
-    SiteProblem,
-    SiteReport,
-    check_site,
-)
-from healthfm_core.data.site_paths import OutsideRootError
-from healthfm_core.data.wear_stream import site_patches
+from healthfm_core.data.files.site_paths import OutsideRootError
+from healthfm_core.data.sequences.wear_stream import site_patches
+from healthfm_core.data.sites.site import Site, SiteDataError, open_site
 
 
 def retype(table: pa.Table, column: str, type_: pa.DataType) -> pa.Table:
@@ -218,7 +214,7 @@ def test_hospital_scenario_sites_pass_check(tmp_path):
         [
             sys.executable,
             "-m",
-            "healthfm_core.data.synthetic",
+            "simulations.synthetic",
             str(tmp_path / "fed"),
             "--scenario",
             "hospital",
@@ -770,7 +766,7 @@ def test_repeated_problems_are_capped(site_tables, write_site):
 
 def test_rows_are_counted_across_record_batches(site_tables, write_site, monkeypatch):
     """Sorting, contiguity and row numbers hold across batch boundaries within a shard."""
-    monkeypatch.setattr(site_check_module, "BATCH_ROWS", 3)
+    monkeypatch.setattr(event_checks, "BATCH_ROWS", 3)
     root = write_site(site_tables)
     assert check_site(root).ok
     site_tables.shards[TRAIN] = _swap_rows(site_tables.shards[TRAIN], 5, 6)  # same time: still sorted
@@ -818,7 +814,7 @@ def test_large_shard_in_bounded_batches_is_checked(site_tables, write_site):
     site_tables.splits = None
     site_tables.wearables = {}
     root = write_site(site_tables)
-    assert n_subj * per > site_check_module.BATCH_ROWS
+    assert n_subj * per > event_checks.BATCH_ROWS
     report = check_site(root, progress=False)
     assert report.ok, [str(p) for p in report.problems]
     assert report.summary.n_subjects == n_subj and report.summary.n_events == n_subj * per
@@ -891,7 +887,7 @@ def test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error(s
 
 
 def test_a_file_forged_after_the_site_opened_is_refused_by_its_reader_before_allocating(site_tables, write_site):
-    """Every reader checks the footer (healthfm_core.data.parquet_guard): a shard replaced after
+    """Every reader checks the footer (healthfm_core.data.files.parquet_guard): a shard replaced after
     open_site's check is refused by name, and Arrow's pool never grows by the footer's claim."""
     root = write_site(site_tables)
     site = open_site(root)

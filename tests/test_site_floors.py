@@ -20,18 +20,18 @@ from typing import Any
 
 import pytest
 from flwr.app import ConfigRecord, Message
-from in_process_grid import InProcessGrid
+from helpers.in_process_grid import InProcessGrid
+from helpers.secure_aggregation_fixtures import MIXES, make_config
 from test_secure_round import run, sites, the_round  # noqa: F401 - `sites` is a fixture
 
 from client.policy import PolicyError, load_policy
-from healthfm_core.federation import RoundConfig
+from healthfm_core.protocol import RoundConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.replay import main as replay
 from secure_aggregation.site import SiteRound
 from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, read_audit_log
 from server.outcome import read_outcome
-from tests.secure_aggregation_fixtures import MIXES, make_config
 
 
 def test_a_round_config_below_the_site_floor_is_refused_before_any_key() -> None:

@@ -8,17 +8,17 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from healthfm_core.data.site import SiteDataError, open_site
-from healthfm_core.data.site_check import check_site
-from healthfm_core.data.site_labels import (
+from healthfm_core.data.checks.site_check import check_site
+from healthfm_core.data.labels.site_labels import (
     SiteLabelError,
     check_site_labels,
     read_site_labels,
     site_tasks,
 )
-from healthfm_core.data.task_spec import resolve_tasks
+from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.sites.site import SiteDataError, open_site
 from healthfm_core.eval.site_eval import task_labels_at_site
-from healthfm_core.federation import TaskReason
+from healthfm_core.protocol import TaskReason
 
 D = dt.datetime
 

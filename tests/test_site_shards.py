@@ -23,17 +23,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data import event_rows
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.code_slots import code_slots, sorted_code_slots
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.event_rows import SECOND_US, RowSink, RowTimes, SubjectRuns, shard_rows, subject_slices
-from healthfm_core.data.layout import DATA_SUBDIRECTORY, disjoint_subject_order, parquet_files
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.synthetic.scenario import load_scenario
-from healthfm_core.data.tokens import US_PER_DAY, PretrainingDataset, SiteSequences, bucket_offsets, make_loader
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.files.layout import DATA_SUBDIRECTORY, disjoint_subject_order, parquet_files
+from healthfm_core.data.sequences import event_rows
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.code_slots import code_slots, sorted_code_slots
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.event_rows import (
+    SECOND_US,
+    RowSink,
+    RowTimes,
+    SubjectRuns,
+    shard_rows,
+    subject_slices,
+)
+from healthfm_core.data.sequences.tokens import (
+    US_PER_DAY,
+    PretrainingDataset,
+    SiteSequences,
+    bucket_offsets,
+    make_loader,
+)
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
+from simulations.synthetic.scenario import load_scenario
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,17 @@ from meds_evaluation.schema import PredictionSchema
 from sklearn.metrics import roc_auc_score
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.aces_tasks import TASK_DIR
-from healthfm_core.data.code_stats import site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_spec import TaskSpec, resolve_task, resolve_tasks, task_keys
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.labels.aces_tasks import TASK_DIR
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_task, resolve_tasks, task_keys
+from healthfm_core.data.sequences.code_stats import site_code_stats
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome_rows, outcome_table, replies_from_event
 from healthfm_core.eval.score_histogram import score_bin_index
-from healthfm_core.federation import (
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import (
     SMALL_CELL,
     EvalConfig,
     EvalReply,
@@ -41,8 +42,8 @@ from healthfm_core.federation import (
     TaskMetrics,
     TaskReason,
 )
-from healthfm_core.model.config import load_model_config
 from simulations.overrides import unknown_override, with_task_alias
+from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 ONSET = ["onset_t2d", "onset_cad", "onset_hypertension", "onset_copd"]
@@ -186,7 +187,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
         root / "tasks" / "readmit" / "0.parquet",
     )
     setup = _setup([root])
-    arrays = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1,
         tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],

@@ -4,7 +4,7 @@ codes as a new onset. The shipped configs exclude prediction times inside a stay
 `rest_of_stay` window); `check --tasks` warns about a task whose positives are mostly such codes.
 
 The reference here is computed from the events alone (stays paired admission -> next discharge in
-plain Python), not with healthfm_core.data.stay_leakage's helpers."""
+plain Python), not with healthfm_core.data.checks.stay_leakage's helpers."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import polars as pl
 import pytest
 import yaml
 
-from healthfm_core.data.aces_tasks import TASK_DIR, AcesTask, aces_labels, load_task, task_from_text
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.task_check import count_tasks
+from healthfm_core.data.checks.task_check import count_tasks
+from healthfm_core.data.labels.aces_tasks import TASK_DIR, AcesTask, aces_labels, load_task, task_from_text
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
 
 HORIZONS = [30, 365]
 

@@ -20,9 +20,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train_reply_content
-from healthfm_core.federation import ARRAYS_RECORD, SCALES_RECORD, TrainReply
-from healthfm_core.packing import PACKED_PART, unpack_record
-from healthfm_core.transport import dequantise, encode_update
+from healthfm_core.protocol import ARRAYS_RECORD, SCALES_RECORD, TrainReply
+from healthfm_core.protocol.packing import PACKED_PART, unpack_record
+from healthfm_core.protocol.transport import dequantise, encode_update
 from server.round import RoundOutcome, aggregate_replies, train_messages
 from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
 

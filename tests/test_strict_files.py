@@ -14,8 +14,8 @@ import pytest
 
 from client.policy import PolicyError, load_policy
 from client.threads import parse_threads
-from healthfm_core.data.aces_tasks import task_from_text
-from healthfm_core.federation import RoundConfig
+from healthfm_core.data.labels.aces_tasks import task_from_text
+from healthfm_core.protocol import RoundConfig
 from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, strict_json, strict_yaml
 from secure_aggregation.messages import UnmaskRequest
 from secure_aggregation.records import JSON_KEY, from_flat, to_flat

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.layout import WEARABLES_SCHEMA
-from healthfm_core.data.site_check import check_site
-from healthfm_core.data.synthetic import (
+from healthfm_core.data.checks.site_check import check_site
+from healthfm_core.data.files.layout import WEARABLES_SCHEMA
+from simulations.synthetic import (
     FederationManifest,
     ScenarioConfig,
     generate_federation,
@@ -22,8 +22,8 @@ from healthfm_core.data.synthetic import (
     onset_risk,
     oracle_risk,
 )
-from healthfm_core.data.synthetic.__main__ import main as cli_main
-from healthfm_core.data.synthetic.generate import _atomic_dir
+from simulations.synthetic.__main__ import main as cli_main
+from simulations.synthetic.generate import _atomic_dir
 
 MEDS_DATA_SCHEMA = pa.schema(
     [("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code", pa.string()), ("numeric_value", pa.float32())]

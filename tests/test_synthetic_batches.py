@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from healthfm_core.data.site_check import check_site
-from healthfm_core.data.synthetic import generate_federation, load_scenario
-from healthfm_core.data.synthetic.generate import batch_size, select_sites
+from healthfm_core.data.checks.site_check import check_site
+from simulations.synthetic import generate_federation, load_scenario
+from simulations.synthetic.generate import batch_size, select_sites
 
 # Content digests (sha256 of the Arrow IPC stream of each file's table, 16 hex digits) of the
 # files main's generator wrote before batching (commit ca981cb) at seed 0: `tiny` at 40 subjects,

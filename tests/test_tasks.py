@@ -9,11 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
+from helpers.site_tables import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
 from meds import LabelSchema
 
-from healthfm_core.data.site import open_site
-from healthfm_core.data.tasks import (
+from healthfm_core.data.labels.tasks import (
     TASKS,
     OnsetTask,
     onset_labels,
@@ -26,6 +25,7 @@ from healthfm_core.data.tasks import (
     write_labels,
     write_task_labels,
 )
+from healthfm_core.data.sites.site import open_site
 
 T0 = datetime(2150, 1, 1)
 
@@ -288,7 +288,7 @@ def test_task_labels_on_a_site_and_atomic_write(tmp_path: Path) -> None:
 def test_visit_prediction_times_do_not_depend_on_the_events_order() -> None:
     """Sorted events (a MEDS shard) take the checked fast path, shuffled ones are sorted first: the
     same distinct (subject, time) pairs either way, equal to numpy's unique rows."""
-    from healthfm_core.data.tasks import _distinct_pairs, visit_prediction_times
+    from healthfm_core.data.labels.tasks import _distinct_pairs, visit_prediction_times
 
     rng = np.random.default_rng(4)
     n = 5000

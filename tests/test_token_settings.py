@@ -12,30 +12,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import EVENT_SCHEMA
-from hydra import compose, initialize_config_dir
+from helpers.hydra_configs import compose_cfg
+from helpers.site_tables import EVENT_SCHEMA
 
 from client.client import EXIT_USAGE, main
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.code_stats import events_code_stats, site_code_stats
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.token_settings import DEFAULT_TOKENS, TokenSettings
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences, to_us
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import FederationSetup
+from healthfm_core.data.sequences.code_stats import events_code_stats, site_code_stats
+from healthfm_core.data.sequences.token_settings import DEFAULT_TOKENS, TokenSettings
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, to_us
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.config import load_model_config
+from healthfm_core.protocol import FederationSetup
 from server.config import FederationConfig
 from simulations.pretrain import token_settings
 from simulations.run import federation_config
+from simulations.synthetic import generate_federation
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 T0 = datetime(2150, 1, 1)
-
-
-def compose_cfg(name: str, overrides: list[str]):  # type: ignore[no-untyped-def]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 @pytest.fixture(scope="module")

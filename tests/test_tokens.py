@@ -11,15 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
+from helpers.site_tables import EVENT_SCHEMA, WEAR_SCHEMA, make_site_tables, write_site_tables
 
-from healthfm_core.data.batch import PAD_CODE, UNK_CODE, Batch
-from healthfm_core.data.code_stats import events_code_stats, site_code_stats, wearable_stats
-from healthfm_core.data.layout import EPOCH_US
-from healthfm_core.data.site import open_site
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.tasks import task_labels
-from healthfm_core.data.tokens import (
+from healthfm_core.data.files.layout import EPOCH_US
+from healthfm_core.data.labels.tasks import task_labels
+from healthfm_core.data.sequences.batch import PAD_CODE, UNK_CODE, Batch
+from healthfm_core.data.sequences.code_stats import events_code_stats, site_code_stats, wearable_stats
+from healthfm_core.data.sequences.tokens import (
     LabelledDataset,
     PretrainingDataset,
     SiteSequences,
@@ -27,7 +25,9 @@ from healthfm_core.data.tokens import (
     make_loader,
     to_us,
 )
-from healthfm_core.data.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sites.site import open_site
+from simulations.synthetic import generate_federation
 
 T0 = datetime(2150, 1, 1)
 US = timedelta(microseconds=1)

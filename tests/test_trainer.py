@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
+from helpers.random_batch import random_batch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
-from healthfm_core.data.batch import Batch
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import ObjectiveWeights
-from healthfm_core.model.testing import random_batch
 from healthfm_core.train.checkpoint import (
     CheckpointError,
     TrainState,

@@ -1,4 +1,4 @@
-"""The uplink's wire encoding (healthfm_core/transport.py): int8 round trips, stochastic rounding's
+"""The uplink's wire encoding (healthfm_core/protocol/transport.py): int8 round trips, stochastic rounding's
 unbiasedness, error feedback, the site's encoding and residual state, and a federated simulation
 under int8. Malformed int8 replies against the strategy: tests/test_strategy.py."""
 
@@ -14,17 +14,18 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import RESIDUAL_STATE_KEY, make_client_app, stored_residual
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD, FederationSetup, RoundConfig
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
-from healthfm_core.packing import unpack_record
-from healthfm_core.transport import INT8_MAX, decode_update, encode_update, quantise
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD, FederationSetup, RoundConfig
+from healthfm_core.protocol.packing import unpack_record
+from healthfm_core.protocol.transport import INT8_MAX, decode_update, encode_update, quantise
 from server.config import FederationConfig
 from server.runlog import read_events
 from server.strategy import pack_record
 from simulations.run import run_federation_simulation
+from simulations.synthetic import generate_federation
 
 POLICY = {"min-code-subjects": 5, "min-report-subjects": 2}
 
@@ -169,7 +170,7 @@ def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
     site = SiteRuntime(SiteConfig.from_node_config(config))
     vocab = build_vocabulary([site.code_stats()], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
-    received = {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in site.groups}
+    received = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in site.groups}
     app = make_client_app()
     context = Context(run_id=1, node_id=7, node_config=dict(config), state=RecordDict(), run_config={})
     app(

@@ -31,18 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    CLIENT,
-    SITES,
-    TINY_RUN,
-    Process,
-    federation,
-    join_args,
-    round_events,
-    run_coordinator,
-    sites,
-    superlink,
-)
+from helpers.deploy_fixtures import CLIENT, SITES, TINY_RUN, Process, join_args, round_events, run_coordinator
 
 from healthfm_core.files import write_flat_toml
 from server.deploy.bundle import build_bundle

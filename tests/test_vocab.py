@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import EVENT_SCHEMA, WEAR_SCHEMA, SiteTables, write_site_tables
+from helpers.site_tables import EVENT_SCHEMA, WEAR_SCHEMA, SiteTables, write_site_tables
 from pydantic import ValidationError
 
-from healthfm_core.data.batch import N_SPECIAL_CODES, UNK_CODE
-from healthfm_core.data.code_stats import (
+from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, UNK_CODE
+from healthfm_core.data.sequences.code_stats import (
     NumericStats,
     QuantileSketch,
     SiteCodeStats,
@@ -23,8 +23,8 @@ from healthfm_core.data.code_stats import (
     merge_site_stats,
     site_code_stats,
 )
-from healthfm_core.data.site import open_site
-from healthfm_core.data.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sites.site import open_site
 
 
 def random_events(n_subjects: int, seed: int, first_id: int = 0) -> pa.Table:

@@ -28,18 +28,6 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
-from deploy_fixtures import (  # noqa: F401 - fixtures are used by name
-    CLIENT,
-    SITES,
-    TINY_RUN,
-    Process,
-    federation,
-    join_args,
-    round_events,
-    site_policy,
-    sites,
-    superlink,
-)
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 from flwr.common.config import get_metadata_from_config
@@ -55,6 +43,7 @@ from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
 from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.start_client_internal import _pull_and_store_message
+from helpers.deploy_fixtures import CLIENT, SITES, TINY_RUN, Process, join_args, round_events, site_policy
 
 from client import site_runtime
 from client.client import build_parser
@@ -66,18 +55,19 @@ from client.deploy.warm_clientapp import WarmWorker, collect_between_tasks
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
-from healthfm_core.data.synthetic import generate_federation
-from healthfm_core.data.vocab import build_vocabulary
-from healthfm_core.federation import SETUP, FederationSetup, RoundConfig
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.files import write_flat_toml
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.model.healthfm import init_model
+from healthfm_core.protocol import SETUP, FederationSetup, RoundConfig
 from server.deploy.bundle import build_bundle
 from server.deploy.flwr_app import parse_overrides, write_app
 from server.deploy.flwr_control import start_run, wait_for_run
 from server.deploy.provision import FederationPaths
 from server.deploy.registry import registry_path
 from server.strategy import ModalityAwareFedAvg, pack_record
+from simulations.synthetic import generate_federation
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +117,7 @@ def test_a_runs_train_messages_reuse_the_sites_state_and_a_new_setup_replaces_it
     def train(setup: FederationSetup, rnd: int) -> Message:
         runtime = get_runtime(config)
         arrays = pack_record(  # as the server sends them: its groups' arrays, one packed part
-            {k: v.numpy() for k, v in setup.init_model().state_dict().items() if parameter_group(k) in runtime.groups}
+            {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in runtime.groups}
         )
         cfg = RoundConfig(
             round=rnd, rounds=3, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256
@@ -172,7 +162,7 @@ def test_a_train_message_packed_for_another_group_set_is_refused(hospital: dict)
     setup_record = ConfigRecord({"json": setup.to_json(), "sha256": setup.sha256})
     assert not app(_message(RecordDict({"setup": setup_record}), SETUP, 1), context).has_error()
     assert "genomics" not in get_runtime(SiteConfig.from_node_config(hospital)).groups
-    every_group = {k: v.numpy() for k, v in setup.init_model().state_dict().items()}
+    every_group = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     record = ModalityAwareFedAvg().records_for_nodes(every_group, {1: list(GROUPS)})[1]
     cfg = RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, batch_size=4, max_events=32, setup_sha256=setup.sha256)
     train = RecordDict({"arrays": record, "config": ConfigRecord(cfg.to_flat())})

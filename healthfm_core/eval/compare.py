@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from matplotlib.artist import Artist  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
-from healthfm_core.data.layout import MODALITIES  # noqa: E402
+from healthfm_core.data.files.layout import MODALITIES  # noqa: E402
 from healthfm_core.eval.plots import save_figure  # noqa: E402
 from healthfm_core.eval.report import ResultRow  # noqa: E402
 from healthfm_core.eval.runner import (  # noqa: E402

@@ -42,15 +42,9 @@ from healthfm_core.eval.head_server import (
     step_size,
     weighted_mean_head,
 )
-from healthfm_core.eval.head_site import (
-    SiteSplits,
-    SiteStats,
-    local_steps,
-    site_smoothness,
-    site_stats,
-    tuning_loss,
-)
+from healthfm_core.eval.head_site import SiteSplits, local_steps, site_smoothness, site_stats, tuning_loss
 from healthfm_core.eval.probes import DEFAULT_C_GRID, LogisticProbe, Standardizer
+from healthfm_core.protocol.head import SiteStats
 
 log = logging.getLogger("healthfm.head")
 

@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from healthfm_core.data.task_spec import TaskSpec
+from healthfm_core.data.labels.task_spec import TaskSpec
 from healthfm_core.eval.pooled_auroc import cells_of, pooled_auroc
-from healthfm_core.federation import EvalReply
+from healthfm_core.protocol import EvalReply
 
 # The minimum behind a histogram is the stricter of the site's min_report_subjects and
 # min_report_positives (site_eval.py).

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from healthfm_core.eval.head_site import SiteStats
 from healthfm_core.eval.probes import Standardizer
+from healthfm_core.protocol.head import SiteStats
 
 
 def pooled_standardizer(stats: Sequence[SiteStats]) -> Standardizer:

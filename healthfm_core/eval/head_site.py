@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from healthfm_core.protocol.head import SiteStats
+
 
 @dataclass
 class SiteSplits:
@@ -30,16 +32,6 @@ class SiteSplits:
     # Each train row's subject (the privacy unit of the head's DP rounds); None: not known, and
     # the site then refuses a DP round.
     train_subjects: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class SiteStats:
-    """What a site sends for the standardisation: aggregates of its train rows, no row."""
-
-    n: int
-    positives: int
-    total: np.ndarray  # [d] float64: the sum of each feature
-    squares: np.ndarray  # [d] float64: the sum of each feature's squares
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -83,7 +75,6 @@ def tuning_loss(xs: np.ndarray, y: np.ndarray, w: np.ndarray, b: float) -> float
 
 __all__ = [
     "SiteSplits",
-    "SiteStats",
     "local_steps",
     "sigmoid",
     "site_smoothness",

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from healthfm_core.federation import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL, EvalReply, TaskMetrics
+from healthfm_core.protocol import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL, EvalReply, TaskMetrics
 
 NOT_REPLIED = "no reply from this site (see the server log)"
 NOT_REPORTED = "not in the site's reply"

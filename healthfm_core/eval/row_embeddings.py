@@ -2,7 +2,7 @@
 
 An evaluation row is a (subject, prediction_time); a subject has several. A time-causal model
 (`QueryEmbedder`: HealthFM, the pooling wrapper) embeds all the rows of one group, those
-`healthfm_core/data/shared_passes.py` finds its pass answers exactly, in the pass of the group's
+`healthfm_core/data/sequences/shared_passes.py` finds its pass answers exactly, in the pass of the group's
 latest row, with one query token per row. Any other model (the tabular baseline), or
 `shared=False`, gets one pass per row, as a loader of the rows would give. Either way the rows
 come back in the order asked, with the modalities each row has at its own prediction time.
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.layout import MODALITIES
-from healthfm_core.data.shared_passes import MAX_QUERIES, shared_passes
-from healthfm_core.data.tokens import US_PER_DAY, SiteSequences
-from healthfm_core.data.wear_patches import NO_TIME
+from healthfm_core.data.files.layout import MODALITIES
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.shared_passes import MAX_QUERIES, shared_passes
+from healthfm_core.data.sequences.tokens import US_PER_DAY, SiteSequences
+from healthfm_core.data.sequences.wear_patches import NO_TIME
 from healthfm_core.model.capabilities import Embedder, QueryEmbedder
 
 # Where embed_rows lands its rows: (rows, width, the narrowest float dtype that holds the model's

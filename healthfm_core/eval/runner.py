@@ -31,13 +31,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from healthfm_core.data.aces_tasks import AcesTask, aces_labels, aces_labels_shared
-from healthfm_core.data.batch import Batch
-from healthfm_core.data.layout import MODALITIES, SPLITS
-from healthfm_core.data.prediction_times import PredictionTimesDataset
-from healthfm_core.data.site import Site
-from healthfm_core.data.task_spec import AcesOnsetTask
-from healthfm_core.data.tasks import (
+from healthfm_core.data.files.layout import MODALITIES, SPLITS
+from healthfm_core.data.labels.aces_tasks import AcesTask, aces_labels, aces_labels_shared
+from healthfm_core.data.labels.task_spec import AcesOnsetTask
+from healthfm_core.data.labels.tasks import (
     OnsetTask,
     Task,
     WearableTask,
@@ -48,7 +45,10 @@ from healthfm_core.data.tasks import (
     wear_period_end_times,
     wearable_regression_labels,
 )
-from healthfm_core.data.tokens import SiteSequences, make_loader, to_us
+from healthfm_core.data.sequences.batch import Batch
+from healthfm_core.data.sequences.prediction_times import PredictionTimesDataset
+from healthfm_core.data.sequences.tokens import SiteSequences, make_loader, to_us
+from healthfm_core.data.sites.site import Site
 from healthfm_core.eval.metrics import PairedDifference, paired_difference
 from healthfm_core.eval.probes import (
     binary_row,

@@ -1,7 +1,7 @@
 """What a site may release of its held-out probe scores: per class, counts on the server's grid.
 
-The server fixes a grid of `n_bins` score bins (EvalConfig.score_bins, .score_scale); a site
-counts its held-out positives and negatives per bin and merges adjacent bins (small-cell
+The server fixes a grid of `n_bins` score bins (EvalConfig.score_bins, .score_scale; the grid's
+names and the ScoreHistogram message: healthfm_core/protocol/); a site counts its held-out positives and negatives per bin and merges adjacent bins (small-cell
 protection) until every count it releases is 0 or at least its minimum: no cell describes 1 to
 minimum-1 subjects' rows. A released histogram is a list of cells, each a run of base bins
 [bounds[i], bounds[i+1]) with its counts. When a class has fewer rows than the minimum in total,
@@ -17,13 +17,12 @@ bins; `probability` spaces them evenly on [0, 1].
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-ScoreScale = Literal["logit", "probability"]
-SCORE_SCALES: tuple[ScoreScale, ...] = ("logit", "probability")
-DEFAULT_SCORE_BINS = 50  # on the logit: binning costs <= 0.03 AUROC at 500 positives a site (docs/coordinator.md)
+from healthfm_core.protocol import SCORE_SCALES, ScoreScale, WithheldKind
+
 LOGIT_RANGE = 6.0  # interior edges from sigmoid(-6) = 0.0025 to sigmoid(6) = 0.9975
 
 
@@ -107,10 +106,6 @@ def merge_small_cells(hist: BinnedScores, minimum: int) -> BinnedScores | None:
     )
 
 
-WithheldKind = Literal["positives_below_minimum", "negatives_below_minimum"]
-WITHHELD_KINDS: tuple[WithheldKind, ...] = ("positives_below_minimum", "negatives_below_minimum")
-
-
 def withheld_kind(hist: BinnedScores, minimum: int) -> WithheldKind | None:
     """Why a histogram may not leave the site (None: it may, once merged)."""
     if _small(sum(hist.positives), minimum):
@@ -121,13 +116,8 @@ def withheld_kind(hist: BinnedScores, minimum: int) -> WithheldKind | None:
 
 
 __all__ = [
-    "DEFAULT_SCORE_BINS",
     "LOGIT_RANGE",
-    "SCORE_SCALES",
-    "WITHHELD_KINDS",
     "BinnedScores",
-    "ScoreScale",
-    "WithheldKind",
     "merge_small_cells",
     "score_bin_edges",
     "score_bin_index",

@@ -1,8 +1,8 @@
 """A site's evaluation of the tasks the server defined: labels at the site, predictions in the
 meds-evaluation format at the site, scored by meds-evaluation; only aggregates come out.
 
-For each TaskSpec (healthfm_core.data.task_spec):
-- labels are extracted here: ACES tasks with ACES (healthfm_core.data.aces_tasks) as written:
+For each TaskSpec (healthfm_core.data.labels.task_spec):
+- labels are extracted here: ACES tasks with ACES (healthfm_core.data.labels.aces_tasks) as written:
   the trigger, windows, gaps and exclusions decide rows, labels and prediction times (ACES's
   index timestamps); each MEDS shard is read once for all ACES tasks (aces_labels_shared); then
   in the train and tuning splits at most `n_per_subject` of a subject's rows per task key are
@@ -58,12 +58,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from healthfm_core.data.aces_tasks import aces_labels_shared
-from healthfm_core.data.layout import HELD_OUT_SPLIT, SPLITS, WEARABLES_SCHEMA
-from healthfm_core.data.site import Site
-from healthfm_core.data.site_labels import SiteLabelError, read_site_labels, site_tasks
-from healthfm_core.data.task_spec import TaskSpec, horizon_key
-from healthfm_core.data.tasks import (
+from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS, WEARABLES_SCHEMA
+from healthfm_core.data.labels.aces_tasks import aces_labels_shared
+from healthfm_core.data.labels.site_labels import SiteLabelError, read_site_labels, site_tasks
+from healthfm_core.data.labels.task_spec import TaskSpec, horizon_key
+from healthfm_core.data.labels.tasks import (
     LABEL_SCHEMA_BOOL,
     TASKS,
     WearableTask,
@@ -71,7 +70,8 @@ from healthfm_core.data.tasks import (
     rows_per_subject,
     wearable_regression_labels,
 )
-from healthfm_core.data.tokens import SiteSequences
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sites.site import Site
 from healthfm_core.eval.embedding_file import embeddings_file
 from healthfm_core.eval.meds_dev_result import meds_dev_result_dir, write_meds_dev_result
 from healthfm_core.eval.meds_eval import prediction_path, predictions_table, score_predictions, write_predictions
@@ -80,10 +80,17 @@ from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory
-from healthfm_core.eval.score_histogram import ScoreScale, WithheldKind
 from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
-from healthfm_core.federation import SMALL_CELL, ScoreHistogram, SplitCount, TaskMetrics, TaskReason
+from healthfm_core.protocol import (
+    SMALL_CELL,
+    ScoreHistogram,
+    ScoreScale,
+    SplitCount,
+    TaskMetrics,
+    TaskReason,
+    WithheldKind,
+)
 
 if TYPE_CHECKING:  # scipy loads with MEDS-Tab's features, when a site evaluates
     import scipy.sparse as sp

@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from healthfm_core.eval.score_histogram import (
-    ScoreScale,
-    WithheldKind,
-    merge_small_cells,
-    score_histogram,
-    withheld_kind,
-)
-from healthfm_core.federation import ScoreHistogram
+from healthfm_core.eval.score_histogram import merge_small_cells, score_histogram, withheld_kind
+from healthfm_core.protocol import ScoreHistogram, ScoreScale, WithheldKind
 
 
 def release_histogram(

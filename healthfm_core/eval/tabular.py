@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from healthfm_core.data.batch import Batch
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.eval.probes import count_features
 
 NEVER_DAYS = 100 * 365.25  # "time since last" of a code the window never holds

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from healthfm_core.data.batch import Batch
+from healthfm_core.data.sequences.batch import Batch
 
 
 @runtime_checkable

@@ -7,11 +7,13 @@ healthfm_core package); Hydra composes the same files under the `model` group.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
+from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.strict_files import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -181,3 +183,38 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise ValueError(f"invalid model config {path}: expected a mapping at top level, got {type(data).__name__}")
     return model_config_from_dict(data, source=str(path))
+
+
+def model_modalities(n_prs_traits: int, modalities: Collection[str] | None = None) -> tuple[str, ...]:
+    """The modalities a model is built with, in MODALITIES order, checked against the vocabulary.
+
+    None: EHR and wearables, plus genomics when the vocabulary has PRS traits (n_prs_traits >= 1).
+    EHR is required: the event stream is what every MEDS site has, what the vocabulary, the
+    ages and the EHR objectives come from (an EHR-free model is not supported). Genomics needs
+    at least one PRS trait.
+    """
+    if n_prs_traits < 0:
+        raise ValueError(f"n_prs_traits={n_prs_traits} must be >= 0")
+    if modalities is None:
+        wanted = {"ehr", "wearables"} | ({"genomics"} if n_prs_traits >= 1 else set())
+    else:
+        wanted = set(modalities)
+        if isinstance(modalities, str) or wanted - set(MODALITIES):
+            raise ValueError(f"modalities={modalities!r}: expected a subset of {list(MODALITIES)}")
+        if "ehr" not in wanted:
+            raise ValueError(
+                f"modalities={sorted(wanted)} lack 'ehr': a model without the EHR stream is not "
+                "supported (the vocabulary, ages and EHR objectives come from it)"
+            )
+        if "genomics" in wanted and n_prs_traits < 1:
+            raise ValueError(
+                f"modalities include 'genomics' but n_prs_traits={n_prs_traits}: the vocabulary "
+                "agreed no PRS trait (leave 'genomics' out)"
+            )
+    return tuple(m for m in MODALITIES if m in wanted)
+
+
+def embedding_width(cfg: ModelConfig, modalities: Collection[str]) -> int:
+    """Width of HealthFM.embed for a model of these modalities: the query state (d_model), then
+    the genomics conditioning (genomics.d_hidden) on a model with genomics."""
+    return cfg.d_model + (cfg.genomics.d_hidden if "genomics" in modalities else 0)

@@ -25,15 +25,16 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from healthfm_core.data.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
-from healthfm_core.data.layout import MODALITIES, WEARABLE_CHANNELS
+from healthfm_core.data.files.layout import MODALITIES, WEARABLE_CHANNELS
+from healthfm_core.data.sequences.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
-from healthfm_core.model.config import ModelConfig
+from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
 from healthfm_core.model.dropout import Dropout
 from healthfm_core.model.objectives import ObjectiveWeights, pretraining_losses
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
@@ -335,12 +336,6 @@ def genomics_features(out: ModelOutput, encoder: GenomicsEncoder | None, n_query
     return (out.genomics_cond * gate)[:, None, :].expand(b, n_query, width)
 
 
-def embedding_width(cfg: ModelConfig, modalities: Collection[str]) -> int:
-    """Width of HealthFM.embed for a model of these modalities: the query state (d_model), then
-    the genomics conditioning (genomics.d_hidden) on a model with genomics."""
-    return cfg.d_model + (cfg.genomics.d_hidden if "genomics" in modalities else 0)
-
-
 # ----------------------------------------------------------------------------- heads
 
 
@@ -422,35 +417,6 @@ def build_heads(
     if "genomics" in modalities:
         heads["prs_recon"] = nn.Linear(cfg.genomics.d_hidden, n_prs_traits)
     return nn.ModuleDict(heads)
-
-
-def model_modalities(n_prs_traits: int, modalities: Collection[str] | None = None) -> tuple[str, ...]:
-    """The modalities a model is built with, in MODALITIES order, checked against the vocabulary.
-
-    None: EHR and wearables, plus genomics when the vocabulary has PRS traits (n_prs_traits >= 1).
-    EHR is required: the event stream is what every MEDS site has, what the vocabulary, the
-    ages and the EHR objectives come from (an EHR-free model is not supported). Genomics needs
-    at least one PRS trait.
-    """
-    if n_prs_traits < 0:
-        raise ValueError(f"n_prs_traits={n_prs_traits} must be >= 0")
-    if modalities is None:
-        wanted = {"ehr", "wearables"} | ({"genomics"} if n_prs_traits >= 1 else set())
-    else:
-        wanted = set(modalities)
-        if isinstance(modalities, str) or wanted - set(MODALITIES):
-            raise ValueError(f"modalities={modalities!r}: expected a subset of {list(MODALITIES)}")
-        if "ehr" not in wanted:
-            raise ValueError(
-                f"modalities={sorted(wanted)} lack 'ehr': a model without the EHR stream is not "
-                "supported (the vocabulary, ages and EHR objectives come from it)"
-            )
-        if "genomics" in wanted and n_prs_traits < 1:
-            raise ValueError(
-                f"modalities include 'genomics' but n_prs_traits={n_prs_traits}: the vocabulary "
-                "agreed no PRS trait (leave 'genomics' out)"
-            )
-    return tuple(m for m in MODALITIES if m in wanted)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -712,7 +678,7 @@ class HealthFM(nn.Module):
     def embed_at(self, batch: Batch, query_time: Tensor) -> Tensor:
         """[B, Q, embedding_width] representations at query_time [B, Q] (at or before each
         prediction_time), one pass: what `embed` gives for a sample whose tokens are this one's up
-        to that time (healthfm_core/data/shared_passes.py says when that is the sample cut at that
+        to that time (healthfm_core/data/sequences/shared_passes.py says when that is the sample cut at that
         time)."""
         out = self.forward(batch, query_time=query_time)
         return self._with_genomics(out, out.queries)
@@ -739,3 +705,33 @@ class HealthFM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class ModelSetup(Protocol):
+    """What building the federation's model reads of its setup (protocol/setup.py FederationSetup)."""
+
+    @property
+    def model(self) -> ModelConfig: ...
+    @property
+    def model_seed(self) -> int: ...
+    @property
+    def modalities(self) -> list[str]: ...
+    @property
+    def vocabulary(self) -> VocabularySize: ...
+
+
+class VocabularySize(Protocol):
+    """What the model's shape reads of the agreed vocabulary (data/vocab.py Vocabulary)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def n_prs_traits(self) -> int: ...
+
+
+def init_model(setup: ModelSetup) -> HealthFM:
+    """The setup's model at its seeded initialisation (server and sites get the same weights),
+    built without disturbing the caller's global torch RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(setup.model_seed)
+        return HealthFM(setup.model, setup.vocabulary.vocab_size, setup.vocabulary.n_prs_traits, setup.modalities)

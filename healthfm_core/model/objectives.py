@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from healthfm_core.data.batch import N_SPECIAL_CODES, Batch
+from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, Batch
 from healthfm_core.model.config import CurriculumConfig, ModelConfig, PretrainingConfig
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
 

@@ -47,7 +47,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
-from healthfm_core.data.batch import Batch
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.capabilities import Pretrainable
 
 # Opacus is imported where DP is first used, not with this module: it costs every process that

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from healthfm_core.data.tokens import PretrainingDataset, SiteSequences
+from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences
 from healthfm_core.train.trainer import TrainConfig
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from healthfm_core.data.batch import Batch
+from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.attention import decay_rate_summary
 from healthfm_core.model.capabilities import Pretrainable
 from healthfm_core.model.groups import GROUPS, group_state_dict, parameter_group

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
-from healthfm_core.data.layout import MODALITIES
+from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
 

@@ -72,7 +72,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from healthfm_core.data.task_spec import resolve_tasks
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_signing import SignatureError, load_signing_key

@@ -1,0 +1,66 @@
+"""train: the round's config the server sends each site (ConfigRecord CONFIG_RECORD), and the seed
+of a site's local work in a round."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from pydantic import Field, StrictBool
+
+from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.protocol.transport import Rounding, Transport
+from healthfm_core.protocol.wire import StrictMessage, flat_fields, unflat_fields
+
+WEIGHT_PREFIX = "weight."
+
+
+def site_seed(seed: int, round: int, site: str) -> int:
+    """Seed of one site's local work in one round: differs by round and site, never by process
+    (a site's name, not its node id, which changes when a run is resumed)."""
+    digest = zlib.crc32(site.encode("utf-8"))
+    return int(np.random.SeedSequence([seed, round, digest]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class RoundConfig(StrictMessage):
+    """The train message's config (ConfigRecord) of one round, to one site."""
+
+    round: int = Field(ge=1)
+    rounds: int = Field(ge=1)
+    local_steps: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    batch_size: int = Field(default=16, gt=0)
+    max_events: int = Field(default=256, gt=0)
+    max_patches: int = Field(default=32, gt=0)
+    seed: int = 0
+    # How the site's reply carries its arrays (healthfm_core/protocol/transport.py); the server asks it.
+    transport: Transport = "fp32"
+    int8_rounding: Rounding = "stochastic"
+    error_feedback: StrictBool = True  # int8: the site carries its rounding residual to its next round
+    setup_sha256: str
+    weights: ObjectiveWeights = ObjectiveWeights()
+    # Differential privacy asked by the server; a site's policy may still demand it, raise the
+    # noise or refuse the round (the site decides).
+    dp: StrictBool = False
+    dp_noise_multiplier: float | None = Field(default=None, gt=0)
+    dp_target_epsilon: float | None = Field(default=None, gt=0)  # over this run's planned steps
+    dp_max_grad_norm: float | None = Field(default=None, gt=0)
+    # The round's update leaves the site only masked (secure aggregation, issue 32); a site whose
+    # policy requires it refuses a round without it.
+    secure_aggregation: StrictBool = False
+
+    def to_flat(self) -> dict[str, Any]:
+        # ConfigRecord holds no None: unset optional fields are left out.
+        out = {k: v for k, v in flat_fields(self, exclude={"weights"}).items() if v is not None}
+        out.update(self.weights.to_flat(WEIGHT_PREFIX))
+        return out
+
+    @classmethod
+    def from_flat(cls, record: Mapping[str, Any]) -> RoundConfig:
+        """From a received ConfigRecord; keys added by the strategy (server-round, groups) ignored."""
+        data = unflat_fields(record, [f for f in cls.model_fields if f != "weights"])
+        data["weights"] = ObjectiveWeights.from_flat(record, WEIGHT_PREFIX)
+        return cls.model_validate(data)

@@ -1,0 +1,110 @@
+"""Why a (site, task) has no number in an evaluate reply, with the counts that may leave a site
+(small cells suppressed)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
+from healthfm_core.data.files.layout import SPLITS
+from healthfm_core.protocol.wire import PeerReply
+
+# Why a (site, task) has no number: a few fixed kinds (no free text from a site's data).
+REASON_KINDS = (
+    "no_labels",  # the site has no labels for the task (no SITE_ROOT/tasks/<name>/, no wearables)
+    "no_rows",  # labels extracted, none at the evaluation's prediction times
+    "too_few_subjects",  # a split has fewer subjects than the site's minimum
+    "one_class",  # the train or held_out split has a single class
+    "invalid_task",  # the task definition did not parse at the site
+    "invalid_labels",  # the site's own label files fail their checks
+    "too_few_positives",  # held_out has fewer positives (or negatives) than the site's min_report_positives
+)
+SPLIT_COUNTS = ("rows", "subjects", "positives")
+
+
+SMALL_CELL = -1  # a count in 1..minimum-1: not disclosed (it would describe too few subjects)
+
+
+class SplitCount(PeerReply):
+    """Rows, distinct subjects and positives of one split; SMALL_CELL where the true count is
+    between 1 and the site's minimum (small-cell suppression, `suppress_small_cells`)."""
+
+    rows: int = Field(ge=SMALL_CELL)
+    subjects: int = Field(ge=SMALL_CELL)
+    positives: int = Field(default=0, ge=SMALL_CELL)
+
+    def suppressed(self, minimum: int) -> SplitCount:
+        """This count as it may leave a site whose minimum is `minimum`: every count in
+        1..minimum-1 becomes SMALL_CELL, and so do the positives when the negatives (rows minus
+        positives) are such a count, since they would give the negatives away."""
+
+        def cell(n: int) -> int:
+            return SMALL_CELL if 0 < n < minimum else n
+
+        negatives = self.rows - self.positives
+        positives = SMALL_CELL if 0 < negatives < minimum else cell(self.positives)
+        return SplitCount(rows=cell(self.rows), subjects=cell(self.subjects), positives=positives)
+
+
+class TaskReason(PeerReply):
+    """Why a task has no metric at a site: the kind, the site's minimum subjects per split, and
+    the rows, subjects and positives of each split (those the site computed)."""
+
+    kind: Literal[REASON_KINDS]  # type: ignore[valid-type]
+    minimum: int = Field(default=0, ge=0)
+    min_positives: int = Field(default=0, ge=0)  # the site's min_report_positives (0: not said)
+    splits: dict[str, SplitCount] = Field(default_factory=dict)
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, v: dict[str, SplitCount]) -> dict[str, SplitCount]:
+        if unknown := sorted(set(v) - set(SPLITS)):
+            raise ValueError(f"unknown split {unknown[0]!r} (known: {', '.join(SPLITS)})")
+        return v
+
+    @model_validator(mode="after")
+    def _no_small_cell(self) -> TaskReason:
+        # Fails closed: a reason that would disclose a count on fewer subjects than the site's
+        # minimum cannot even be built (the site suppresses them first).
+        for split, count in self.splits.items():
+            for name in ("rows", "subjects", "positives"):
+                n = getattr(count, name)
+                if 0 < n < self.minimum:
+                    raise ValueError(
+                        f"split {split}: {name} {n} is below the minimum {self.minimum}: "
+                        f"a small cell that may not leave the site (SplitCount.suppressed)"
+                    )
+        return self
+
+    def describe(self) -> str:
+        """One line for a report: the kind and, per split, what fell short."""
+        what = {
+            "no_labels": "no labels at this site",
+            "no_rows": "no rows",
+            "too_few_subjects": "too few subjects",
+            "one_class": "a single class",
+            "invalid_task": "the task definition did not parse at the site",
+            "invalid_labels": "the site's label files failed their checks",
+            "too_few_positives": "too few positives or negatives in held_out",
+        }[self.kind]
+        if self.kind == "too_few_positives":
+            minimum = f" (minimum {self.min_positives} positive and negative rows in held_out, {MIN_POSITIVES_KEY}: "
+            minimum += f"{SMALL_CELL_RISK})"
+        elif self.minimum:
+            minimum = f" (minimum {self.minimum} subjects per split"
+            minimum += f", {MIN_SUBJECTS_KEY}: {SMALL_CELL_RISK})" if self.kind == "too_few_subjects" else ")"
+        else:
+            minimum = ""
+        if not self.splits:
+            return what + (minimum if self.kind == "too_few_positives" else "")
+
+        def n(value: int) -> str:
+            return f"<{self.minimum}" if value == SMALL_CELL else str(value)
+
+        parts = [
+            f"{s} {n(c.rows)} rows / {n(c.subjects)} subjects / {n(c.positives)} positives"
+            for s, c in self.splits.items()
+        ]
+        return f"{what}{minimum}: " + ", ".join(parts)
