@@ -72,7 +72,7 @@ from helpers.deploy_fixtures import (  # noqa: E402
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
 from test_faults import Background, kill_hard  # noqa: E402
 
-from server.deploy.coordinator import main as coordinator_main  # noqa: E402
+from server.deploy.commands import main as coordinator_main  # noqa: E402
 from server.deploy.provision import FederationPaths  # noqa: E402
 from simulations.synthetic import generate_federation  # noqa: E402
 

@@ -19,7 +19,7 @@ Handlers (message types, see healthfm_core/protocol/ for the records they carry)
   query.secagg_keys, query.secagg_shares, train.secagg_mask, query.secagg_unmask
                       -> a secure-aggregation round's stages (the site's floor: its policy's
                          secagg_min_holders, default 3, refuses a config below it at the keys
-                         stage and an unmask request below it) (secure_aggregation/records.py; the
+                         stage and an unmask request below it) (healthfm_core/protocol/secure_records.py; the
                          server's side is server/secure_round.py): each message and reply one
                          ConfigRecord "secagg" (records.to_flat). The site's SiteRound (its keys,
                          seeds and the shares it holds) lives in Context.state
@@ -83,10 +83,7 @@ from healthfm_core.protocol import (
     TrainReply,
 )
 from healthfm_core.protocol.packing import pack_arrays, unpack_record
-from secure_aggregation.config import SecAggConfig
-from secure_aggregation.errors import SecAggRefusal
-from secure_aggregation.messages import KeyDirectory, ShareInbox, UnmaskRequest
-from secure_aggregation.records import (
+from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
     MASK_MESSAGE,
     SECAGG_RECORD,
@@ -95,6 +92,9 @@ from secure_aggregation.records import (
     from_flat,
     to_flat,
 )
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.errors import SecAggRefusal
+from secure_aggregation.messages import KeyDirectory, ShareInbox, UnmaskRequest
 from secure_aggregation.site import SiteRound
 
 log = logging.getLogger("healthfm.client")

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.data.sequences.token_settings import one_line_error
+from healthfm_core.protocol.secure_records import JSON_KEY, from_flat, to_flat
 from healthfm_core.strict_files import StrictFileError, strict_json, strict_model
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.masks import field_dtype
@@ -37,7 +38,6 @@ from secure_aggregation.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
-from secure_aggregation.records import JSON_KEY, from_flat, to_flat
 from secure_aggregation.server import ServerRound
 from secure_aggregation.simulate import Transcript
 

@@ -7,7 +7,7 @@ killed outright records nothing; `running` is then a lie, so whoever reads the o
 (settle_outcome): a `running` run whose ServerApp is gone (its claim on the out-dir,
 server/run_claim.py, names a dead process) or that Flower reports finished is rewritten as
 `interrupted`, with the rounds checkpointed and the command that resumes it. `launch --wait`,
-`status` and `superlink` (server/deploy/coordinator.py) do so and print it, and exit non-zero unless the
+`status` and `superlink` (server/deploy/commands.py) do so and print it, and exit non-zero unless the
 run completed without losing a site.
 
 A parameter group is *untrained* when no round of the run averaged an update into it (under

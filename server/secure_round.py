@@ -41,6 +41,15 @@ from flwr.serverapp import Grid
 from pydantic import BaseModel
 
 from healthfm_core.protocol import METRICS_RECORD, STATUS_RECORD, FederationSetup, PrivacySpend, RoundConfig
+from healthfm_core.protocol.secure_records import (
+    KEYS_MESSAGE,
+    MASK_MESSAGE,
+    SECAGG_RECORD,
+    SHARES_MESSAGE,
+    UNMASK_MESSAGE,
+    from_flat,
+    to_flat,
+)
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggError
 from secure_aggregation.layout import group_vector
@@ -51,15 +60,6 @@ from secure_aggregation.messages import (
     ShareInbox,
     UnmaskRequest,
     UnmaskShares,
-)
-from secure_aggregation.records import (
-    KEYS_MESSAGE,
-    MASK_MESSAGE,
-    SECAGG_RECORD,
-    SHARES_MESSAGE,
-    UNMASK_MESSAGE,
-    from_flat,
-    to_flat,
 )
 from secure_aggregation.server import SecureAggregate, ServerRound
 from secure_aggregation.transcript import SecureTranscript

@@ -53,7 +53,7 @@ from healthfm_core.protocol import (
     TrainReply,
 )
 from healthfm_core.protocol.packing import PACKED_PART, pack_arrays, unpack_record
-from server.deploy.coordinator import report_outcome
+from server.deploy.commands import report_outcome
 from server.deploy.flwr_control import EXIT_SITE_LOST
 from server.outcome import RunOutcome, read_outcome, sites_lost, write_outcome
 from server.round import aggregate_replies

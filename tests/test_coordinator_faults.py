@@ -52,8 +52,8 @@ from healthfm_core.model.config import load_model_config
 from server.audit import AUDIT_FILE, read_audit_log, verify_audit_log
 from server.config import FederationConfig
 from server.deploy.body_limit import largest_push_bytes, model_parameters, push_body_limit_bytes
-from server.deploy.coordinator import main as coordinator_main
-from server.deploy.coordinator import read_launches, report_outcome, resume_command
+from server.deploy.commands import main as coordinator_main
+from server.deploy.commands import read_launches, report_outcome, resume_command
 from server.deploy.flwr_control import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, write_connection
 from server.deploy.provision import FederationPaths, ProvisionConfig, provision
 from server.deploy.proxy import PUSH_CONNECTIONS, WORKER_USERS, find_nginx, start_proxy, wait_listening, worker_user

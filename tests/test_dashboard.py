@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from server.audit import AUDIT_FILE
-from server.deploy.coordinator import LaunchRecord, _record_launch, main, read_launches, resume_command
+from server.deploy.commands import LaunchRecord, _record_launch, main, read_launches, resume_command
 from server.deploy.dashboard.app import create_app, state_for
 from server.deploy.dashboard.nodes import NodesAnswer, NodeState, list_nodes, utc_text
 from server.deploy.dashboard.plots import epsilon_svg

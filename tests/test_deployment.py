@@ -43,8 +43,8 @@ from helpers.deploy_fixtures import (
 )
 
 from client.deploy.join import EXIT_NO_CONNECTION, EXIT_NOT_REGISTERED, JoinError, probe_superlink
-from server.deploy.coordinator import IN_MEMORY_STATE, CoordinatorError, register_known_sites, superlink_database
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import IN_MEMORY_STATE, CoordinatorError, register_known_sites, superlink_database
+from server.deploy.commands import main as coordinator_main
 from server.deploy.flwr_app import default_run_config
 from server.deploy.provision import (
     FederationPaths,

@@ -19,8 +19,8 @@ from client.client import build_parser as client_parser
 from client.client import main as client_main
 from healthfm_core.data.checks.task_check import task_files
 from healthfm_core.data.labels.task_spec import UnknownTask, resolve_task
-from server.deploy.coordinator import build_parser as coordinator_parser
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import build_parser as coordinator_parser
+from server.deploy.commands import main as coordinator_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -50,7 +50,7 @@ from helpers.deploy_fixtures import (  # noqa: F401 - fixtures are used by name
 
 from server.audit import AUDIT_FILE, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
-from server.deploy.coordinator import read_launches
+from server.deploy.commands import read_launches
 from server.deploy.flwr_control import CONNECTION, EXIT_SITE_LOST, EXIT_UNREACHABLE, run_flwr
 from server.deploy.provision import FederationPaths
 from server.deploy.registry import read_registry, registry_path

@@ -42,7 +42,7 @@ from helpers.deploy_fixtures import (
 )
 
 from client.deploy.join import EXIT_NO_CONNECTION, probe_superlink
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import main as coordinator_main
 from server.deploy.provision import FederationPaths
 
 pytestmark = pytest.mark.slow

@@ -49,8 +49,8 @@ from server.checkpoint import (
     save_server_checkpoint,
 )
 from server.config import FederationConfig
-from server.deploy.coordinator import LaunchRecord, launch_to_resume, report_outcome
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import LaunchRecord, launch_to_resume, report_outcome
+from server.deploy.commands import main as coordinator_main
 from server.deploy.flwr_app import default_run_config
 from server.deploy.flwr_control import (
     EXIT_FAILED,

@@ -13,7 +13,7 @@ from helpers.head_grid import KEY, SHA, WEIGHTS, head_config, in_process_grid, s
 
 from server.config import PrivacyRequest
 from server.deploy.bundle import build_bundle
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import main as coordinator_main
 from server.deploy.flwr_app import write_app, write_head_app
 from server.deploy.provision import FederationPaths
 from server.deploy.registry import RegisteredSite, SiteRegistry, write_registry

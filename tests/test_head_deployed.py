@@ -22,7 +22,7 @@ from client.client import main as client_main
 from client.head_rows import load_head_rows
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.saved_head import load_head
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import main as coordinator_main
 from server.deploy.provision import FederationPaths
 from server.head_app import HeadRunConfig, fit_heads
 from simulations.federated_head_run import head_node_configs

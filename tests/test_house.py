@@ -38,7 +38,7 @@ DEPLOY_DOORS = {
     # the site's command line: `join` and `approve` are deployment commands
     "client.client": {"client.deploy.approval", "client.deploy.join", "client.deploy.supernode_pace"},
     # the coordinator's command line (`python -m server.coordinator`)
-    "server.coordinator": {"server.deploy.coordinator"},
+    "server.coordinator": {"server.deploy.commands"},
     # the ServerApp (and the task head's, below) applies the server's Flower patch as its process starts
     "server.server_app": {"server.deploy.flower_patches"},
     # admission reads the coordinator's site registry (pretraining's roster, the task head's sites)
@@ -207,7 +207,7 @@ def test_sources_found() -> None:
         "client.client",
         "client.deploy.join",
         "server.strategy",
-        "server.deploy.coordinator",
+        "server.deploy.commands",
         "simulations.run",
         "secure_aggregation.site",
     } <= set(SOURCES)

@@ -39,7 +39,7 @@ from healthfm_core.release_signing import load_public_key, load_signing_key, mak
 from healthfm_core.train.checkpoint import sha256_file
 from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import main as coordinator_main
 from server.head_app import HeadRunConfig, fit_heads
 from simulations.synthetic import generate_federation
 

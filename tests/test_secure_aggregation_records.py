@@ -8,9 +8,9 @@ from flwr.app import ConfigRecord
 from helpers.secure_aggregation_fixtures import MIXES, group_of, make_config, site_updates
 from pydantic import BaseModel
 
+from healthfm_core.protocol.secure_records import JSON_KEY, from_flat, to_flat
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.messages import KeyDirectory, MaskedInput, ShareInbox
-from secure_aggregation.records import JSON_KEY, from_flat, to_flat
 from secure_aggregation.simulate import run_secure_round
 
 

@@ -30,11 +30,7 @@ from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import ARRAYS_RECORD, RoundConfig
 from healthfm_core.protocol.packing import unpack_record
-from healthfm_core.release import CARD_MD_FILE, RELEASE_FILE, load_release
-from secure_aggregation.config import SecAggConfig
-from secure_aggregation.layout import group_vector
-from secure_aggregation.messages import EncryptedShares, KeyDirectory, MaskedInput, PublicKeys, UnmaskShares
-from secure_aggregation.records import (
+from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
     MASK_MESSAGE,
     SECAGG_RECORD,
@@ -42,6 +38,10 @@ from secure_aggregation.records import (
     UNMASK_MESSAGE,
     from_flat,
 )
+from healthfm_core.release import CARD_MD_FILE, RELEASE_FILE, load_release
+from secure_aggregation.config import SecAggConfig
+from secure_aggregation.layout import group_vector
+from secure_aggregation.messages import EncryptedShares, KeyDirectory, MaskedInput, PublicKeys, UnmaskShares
 from secure_aggregation.replay import attack, fisher_z, looks_random, true_updates
 from secure_aggregation.replay import main as replay
 from secure_aggregation.simulate import Transcript
@@ -49,7 +49,7 @@ from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, audit_from_rounds, read_audit_log
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig
-from server.deploy.coordinator import report_outcome
+from server.deploy.commands import report_outcome
 from server.deploy.flwr_control import EXIT_OK
 from server.outcome import read_outcome
 from server.release import release_run

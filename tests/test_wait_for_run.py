@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import server.deploy.flwr_control as control
-from server.deploy.coordinator import _ending
+from server.deploy.commands import _ending
 from server.outcome import started, write_outcome
 
 

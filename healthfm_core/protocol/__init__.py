@@ -18,6 +18,8 @@ eval/ (which reads these messages), not train/.
   transport.py      the uplink's array encoding (fp32, fp16, int8)
   packing.py        every message's arrays as a few safetensors blobs
   head.py           the federated task head's four stages (imported as healthfm_core.protocol.head)
+  secure_records.py the secure rounds' message types and flat ConfigRecord form (imported as
+                    healthfm_core.protocol.secure_records; the messages' models: secure_aggregation/)
 
 The names below are the package's; import them from it (`from healthfm_core.protocol import
 TrainReply`).

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from client.deploy.join import probe_superlink
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import main as coordinator_main
 from server.deploy.provision import FederationPaths
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from helpers.in_process_grid import InProcessGrid, tiny_nodes
 from helpers.run_configs import fed_config
-from server.deploy.coordinator import main as coordinator_main
+from server.deploy.commands import main as coordinator_main
 from server.server_app import FederationServer
 
 

@@ -1,7 +1,7 @@
 """What the dashboard shows, read from the files the coordinator holds (never written to).
 
 FED/server/registry.json (the sites, server.deploy.registry), launches.jsonl (each launch's run id
-and out-dir, read by the caller with server.deploy.coordinator.read_launches), run-configs/head-
+and out-dir, read by the caller with server.deploy.commands.read_launches), run-configs/head-
 run-*.toml (each task-head run's out-dir), and per run: rounds.jsonl (server.runlog.read_events),
 outcome.json (server.outcome.read_outcome), audit.jsonl (server.audit.read_audit_log: the chain
 verified), evaluation.json; per release given: model_card.json. Every figure on the page is one a
@@ -429,7 +429,7 @@ def federation_view(
     problems: Sequence[str] = (),
 ) -> FederationView:
     """Everything the page shows. `launches`: launches.jsonl's, oldest first (the caller reads
-    them: server.deploy.coordinator.read_launches); the head runs are found here. `problems`: the
+    them: server.deploy.commands.read_launches); the head runs are found here. `problems`: the
     caller's, shown first (e.g. launches.jsonl does not parse)."""
     server_dir = root / "server"
     problems = list(problems)
