@@ -68,9 +68,10 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Two workers (pytest-xdist), one a core of CI's two: the default suite in about half the wall time.
+# Two workers (pytest-xdist), one a core of CI's two: the default suite in about half the wall time;
+# a test file stays on one worker, so a module-scoped fixture (a whole simulated federation) runs once.
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The tests marked slow (real SuperLink and SuperNode processes). pytest exits 5 when it collects
 # no test: nothing to run is not a failure.
