@@ -28,7 +28,7 @@ from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequence
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objective_weights import ObjectiveWeights
 
 
 def read_events(site_root: Path) -> pa.Table:

@@ -47,7 +47,7 @@ from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
 from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.dropout import Dropout  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
-from healthfm_core.model.objectives import ObjectiveWeights  # noqa: E402
+from healthfm_core.model.objective_weights import ObjectiveWeights  # noqa: E402
 
 SETUPS = ("before", "reference", "auto")
 

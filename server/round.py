@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from healthfm_core.model.objectives import curriculum_weights
+from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig

@@ -61,7 +61,7 @@ from healthfm_core.eval.runner import (
 from healthfm_core.files import atomic_write_text
 from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import curriculum_weights
+from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import federation_modalities
 from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
 from simulations.common import Clock, job_tasks, open_sites, site_labelled, task_entries

@@ -47,7 +47,7 @@ from healthfm_core.eval.row_embeddings import restrict_modalities
 from healthfm_core.eval.runner import EvalSet, MethodResult
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
-from healthfm_core.model.objectives import LOSS_NAMES, curriculum_weights
+from healthfm_core.model.objective_weights import LOSS_NAMES, curriculum_weights
 from healthfm_core.protocol import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.strict_files import read_json
 from healthfm_core.train import train_local

@@ -15,7 +15,7 @@ from healthfm_core.model.groups import (
     parameter_group,
 )
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objective_weights import ObjectiveWeights
 
 VOCAB, TRAITS = 40, 4
 # Paper-size vocabulary for the reported parameter count (a realistic MEDS code vocabulary).

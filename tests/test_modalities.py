@@ -37,7 +37,7 @@ from healthfm_core.eval.runner import build_eval_set, method_features
 from healthfm_core.model.config import load_model_config, model_modalities
 from healthfm_core.model.groups import GROUPS, group_sizes, parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
-from healthfm_core.model.objectives import LOSS_NAMES, ObjectiveWeights
+from healthfm_core.model.objective_weights import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply, federation_modalities
 from healthfm_core.train.trainer import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint

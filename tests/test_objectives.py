@@ -14,13 +14,15 @@ from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
 from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM, ReconstructionMasks
-from healthfm_core.model.objectives import (
+from healthfm_core.model.objective_weights import (
     CROSS_MODAL,
     INTRA_MODAL,
     LOSS_NAMES,
     ObjectiveWeights,
-    combine_losses,
     curriculum_weights,
+)
+from healthfm_core.model.objectives import (
+    combine_losses,
     future_codes_loss,
     future_window_targets,
     next_visit_loss,

@@ -34,7 +34,7 @@ from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
-from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objective_weights import ObjectiveWeights
 from healthfm_core.privacy.engine import (
     DPLocalStep,
     DPSettings,

@@ -24,7 +24,7 @@ from helpers.random_batch import random_batch
 
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objective_weights import ObjectiveWeights
 
 RECORD = Path(__file__).parent / "data" / "train_step_before.json"
 VOCAB, TRAITS = 60, 4

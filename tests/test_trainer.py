@@ -16,7 +16,7 @@ from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objective_weights import ObjectiveWeights
 from healthfm_core.train.checkpoint import (
     CheckpointError,
     TrainState,

@@ -36,7 +36,8 @@ from healthfm_core.data.sequences.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, 
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
 from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
 from healthfm_core.model.dropout import Dropout
-from healthfm_core.model.objectives import ObjectiveWeights, pretraining_losses
+from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.model.objectives import pretraining_losses
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
 
 N_CHANNELS = len(WEARABLE_CHANNELS)

@@ -44,16 +44,12 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, Batch
-from healthfm_core.model.config import CurriculumConfig, ModelConfig, PretrainingConfig
+from healthfm_core.model.config import ModelConfig, PretrainingConfig
+from healthfm_core.model.objective_weights import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
-
-INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit", "future_codes")
-CROSS_MODAL = ("predictive", "align")
-LOSS_NAMES = INTRA_MODAL + CROSS_MODAL
 
 
 class PretrainingModel(Protocol):
@@ -70,50 +66,6 @@ class PretrainingModel(Protocol):
         generator: torch.Generator | None = None,
         query_time: Tensor | None = None,
     ) -> ModelOutput: ...
-
-
-class ObjectiveWeights(BaseModel):
-    """One non-negative weight per objective (a server sends these each round)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ehr_masked_code: float = Field(default=1.0, ge=0)
-    ehr_masked_value: float = Field(default=1.0, ge=0)
-    wear_masked: float = Field(default=1.0, ge=0)
-    prs_masked: float = Field(default=1.0, ge=0)
-    next_visit: float = Field(default=1.0, ge=0)
-    future_codes: float = Field(default=1.0, ge=0)
-    predictive: float = Field(default=1.0, ge=0)
-    align: float = Field(default=1.0, ge=0)
-
-    def to_flat(self, prefix: str = "weight.") -> dict[str, float]:
-        """Flat float mapping, e.g. for a Flower ConfigRecord."""
-        return {f"{prefix}{name}": float(value) for name, value in self.model_dump().items()}
-
-    @classmethod
-    def from_flat(cls, record: Mapping[str, object], prefix: str = "weight.") -> ObjectiveWeights:
-        """Inverse of to_flat; keys without the prefix are ignored, unknown weight names rejected."""
-        return cls.model_validate({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
-
-
-def curriculum_weights(step: int, total: int, cfg: ModelConfig | CurriculumConfig) -> ObjectiveWeights:
-    """Weights at `step` of `total` (steps or rounds): intra-modal objectives first, cross-modal rising.
-
-    With progress s = step/total, the cross-modal weight ramps linearly from 0 (s <= cross_start) to
-    1 (s >= cross_end); the intra-modal weight falls over the same ramp from 1 to intra_floor.
-    """
-    cur = cfg.curriculum if isinstance(cfg, ModelConfig) else cfg
-    if total <= 0:
-        raise ValueError(f"curriculum total={total} must be positive")
-    if step < 0:
-        raise ValueError(f"curriculum step={step} must be >= 0")
-    progress = min(step / total, 1.0)
-    if cur.cross_end > cur.cross_start:
-        ramp = min(max((progress - cur.cross_start) / (cur.cross_end - cur.cross_start), 0.0), 1.0)
-    else:
-        ramp = 1.0 if progress >= cur.cross_start else 0.0
-    intra = 1.0 - (1.0 - cur.intra_floor) * ramp
-    return ObjectiveWeights(**dict.fromkeys(INTRA_MODAL, intra), **dict.fromkeys(CROSS_MODAL, ramp))
 
 
 # ----------------------------------------------------------------------------- masks

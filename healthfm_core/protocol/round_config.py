@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool
 
-from healthfm_core.model.objectives import ObjectiveWeights
+from healthfm_core.model.objective_weights import ObjectiveWeights
 from healthfm_core.protocol.transport import Rounding, Transport
 from healthfm_core.protocol.wire import StrictMessage, flat_fields, unflat_fields
 

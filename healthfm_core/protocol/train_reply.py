@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
 from healthfm_core.model.groups import GROUPS, parameter_group
-from healthfm_core.model.objectives import LOSS_NAMES
+from healthfm_core.model.objective_weights import LOSS_NAMES
 from healthfm_core.protocol.privacy_spend import DP_FIELDS, PrivacySpend
 from healthfm_core.protocol.wire import STATUS_REFUSED, Count, FiniteFloat, PeerReply, validate_peer
 
