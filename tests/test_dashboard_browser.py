@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.deploy_fixtures import REPO, SITES, Process, free_port, launch_args, round_events
+from helpers.process_faults import Background, kill_hard
+from helpers.supernode_log import SupernodeLog
 from prometheus_client.parser import text_string_to_metric_families
-from test_faults import Background, kill_hard
-from test_secure_dropout_deployed import SupernodeLog
 
 from server.deploy.flwr_control import EXIT_SITE_LOST
 from server.deploy.provision import FederationPaths
@@ -100,7 +100,7 @@ def browser(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def dashboard(federation: FederationPaths, tmp_path: Path) -> Iterator[str]:  # noqa: F811
+def dashboard(federation: FederationPaths, tmp_path: Path) -> Iterator[str]:
     """`coordinator dashboard FED` with an access token; its base URL."""
     token_file = tmp_path / "dashboard-token"
     token_file.write_text(TOKEN + "\n")
@@ -178,8 +178,8 @@ def site_row(driver: object, site: str) -> str:
 def test_the_page_follows_a_deployed_run_as_it_happens(
     browser: object,
     dashboard: str,
-    joined: dict[str, Process],  # noqa: F811
-    federation: FederationPaths,  # noqa: F811
+    joined: dict[str, Process],
+    federation: FederationPaths,
     tmp_path: Path,
 ) -> None:
     shots = Path(os.environ["DASHBOARD_SCREENSHOTS"]) if os.environ.get("DASHBOARD_SCREENSHOTS") else None

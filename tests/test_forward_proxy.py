@@ -182,7 +182,7 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 def test_a_site_behind_a_forward_proxy_joins_trains_and_is_averaged(
     site_network: SiteNetwork,
     superlink_on_second_loopback: tuple[FederationPaths, str],
-    sites: dict[str, Path],  # noqa: F811 - the fixture imported from deploy_fixtures
+    sites: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     fed, address = superlink_on_second_loopback

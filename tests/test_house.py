@@ -76,14 +76,6 @@ PROTOCOL_MODEL_DEFINITIONS = {
     "healthfm_core.model.groups",
     "healthfm_core.model.objective_weights",
 }
-# Test modules that still import another test module: their helpers live in files issue 45 (round
-# latency) edits at the same time, so they move to tests/helpers/ after it merges.
-PENDING_TEST_IMPORTS = {
-    "test_dashboard_browser": {"test_faults", "test_secure_dropout_deployed"},
-    "test_secure_deployment": {"test_secure_round"},
-    "test_secure_dropout_deployed": {"test_faults", "test_secure_deployment", "test_secure_round"},
-    "test_site_floors": {"test_secure_round"},
-}
 TESTS = REPO / "tests"
 
 
@@ -319,7 +311,9 @@ def test_protocol_imports_no_torch_model_and_nothing_above() -> None:
     for module in protocol:
         assert TORCH_MODEL not in graph[module], f"{module} imports the torch model ({TORCH_MODEL})"
         of_model = {m for m in graph[module] if m.startswith("healthfm_core.model.")}
-        assert of_model <= PROTOCOL_MODEL_DEFINITIONS, f"{module} imports model code: {of_model - PROTOCOL_MODEL_DEFINITIONS}"
+        assert of_model <= PROTOCOL_MODEL_DEFINITIONS, (
+            f"{module} imports model code: {of_model - PROTOCOL_MODEL_DEFINITIONS}"
+        )
 
 
 def _test_imports(path: Path) -> Iterator[tuple[str, int]]:
@@ -341,17 +335,8 @@ def test_no_test_module_imports_another() -> None:
     bad = []
     for path in sorted(TESTS.rglob("*.py")):
         for name, line in _test_imports(path):
-            if name.split(".")[0] in PENDING_TEST_IMPORTS.get(path.stem, set()):
-                continue
             bad.append(f"{path.relative_to(REPO)}:{line} imports {name} (move what it needs to tests/helpers/)")
     assert not bad, "\n".join(bad)
-
-
-def test_pending_test_imports_are_used() -> None:
-    # An entry that no longer matches an import would silently widen the rule.
-    for stem, allowed in PENDING_TEST_IMPORTS.items():
-        found = {name.split(".")[0] for name, _ in _test_imports(TESTS / f"{stem}.py")}
-        assert allowed <= found, f"{stem}: {sorted(allowed - found)} not imported"
 
 
 def test_the_test_import_rule_finds_a_test_module_import(tmp_path: Path) -> None:

@@ -21,16 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+from helpers.deploy_fixtures import (
     Process,
-    federation,
-    joined,
     launch_args,
     round_events,
     run_coordinator,
-    superlink,
 )
-from test_secure_round import assert_within_bounds, final_arrays, four_site_scenario
+from helpers.secure_round_runs import (
+    SITE_NAMES,
+    assert_within_bounds,
+    final_arrays,
+    four_site_roots,
+)
 
 from healthfm_core.model.groups import parameter_group
 from secure_aggregation.layout import group_vector
@@ -38,19 +40,12 @@ from secure_aggregation.replay import attack, fisher_z, looks_random, true_updat
 from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, read_audit_log
 from server.transcript import read_plain_round
-from simulations.synthetic import generate_federation
-
-SITE_NAMES = ("biobank", "hospital", "genomics", "clinic")  # what deploy_fixtures provisions and joins
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    manifest = generate_federation(
-        tmp_path_factory.mktemp("data"), four_site_scenario(), seed=0, n_subjects=30, progress=False
-    )
-    roots = {s.name: Path(s.root) for s in manifest.sites}
-    assert set(roots) == set(SITE_NAMES)
-    return roots
+    """The four sites of helpers/secure_round_runs.py (deploy_fixtures joins them: this overrides its `sites`)."""
+    return four_site_roots(tmp_path_factory)
 
 
 def launch(federation, out: Path, joined: dict[str, Process], *config: str) -> None:  # noqa: ANN001, F811
@@ -62,7 +57,7 @@ def launch(federation, out: Path, joined: dict[str, Process], *config: str) -> N
 
 @pytest.mark.slow
 def test_a_deployed_secure_round_of_four_modality_mixes_equals_the_plain_one_within_its_bound(
-    joined: dict[str, Process],  # noqa: F811 - the fixture
+    joined: dict[str, Process],
     federation,  # noqa: ANN001, F811 - the fixture
     tmp_path: Path,
 ) -> None:

@@ -34,17 +34,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.deploy_fixtures import (  # noqa: F401 - fixtures are used by name
+from helpers.deploy_fixtures import (
     Process,
-    federation,
-    joined,
     launch_args,
     round_events,
-    superlink,
 )
-from test_faults import NOTICED_WITHIN_S, Background, kill_hard, rejoin
-from test_secure_deployment import SITE_NAMES, sites  # noqa: F401 - the four sites; `sites` is a fixture
-from test_secure_round import assert_within_bounds, final_arrays
+from helpers.process_faults import NOTICED_WITHIN_S, Background, kill_hard, rejoin
+from helpers.secure_round_runs import (
+    SITE_NAMES,
+    assert_within_bounds,
+    final_arrays,
+    four_site_roots,
+)
+from helpers.supernode_log import SupernodeLog
 
 from server.audit import AUDIT_FILE, read_audit_log
 from server.deploy.flwr_control import EXIT_SITE_LOST
@@ -62,28 +64,10 @@ MASK_SENT = "Sending: train.secagg_mask message"
 PLAIN_TRAIN_RECEIVED = "Receiving: train message"
 
 
-class SupernodeLog:
-    """A site's SuperNode log (STATE/supernode.log) from the moment this is made: only the lines
-    of the run about to start count."""
-
-    def __init__(self, state: Path) -> None:
-        self.path = state / "supernode.log"
-        self.offset = self.path.stat().st_size
-
-    def text(self) -> str:
-        with open(self.path, errors="replace") as f:
-            f.seek(self.offset)
-            return f.read()
-
-    def has(self, *lines: str) -> bool:
-        """Whether `lines` appear in this order."""
-        text, at = self.text(), 0
-        for line in lines:
-            at = text.find(line, at)
-            if at < 0:
-                return False
-            at += len(line)
-        return True
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The four sites of helpers/secure_round_runs.py (deploy_fixtures joins them: this overrides its `sites`)."""
+    return four_site_roots(tmp_path_factory)
 
 
 @dataclass
@@ -139,10 +123,10 @@ class Deployment:
 
 @pytest.fixture
 def deployment(
-    joined: dict[str, Process],  # noqa: F811
-    federation: FederationPaths,  # noqa: F811
-    sites: dict[str, Path],  # noqa: F811
-    superlink: str,  # noqa: F811
+    joined: dict[str, Process],
+    federation: FederationPaths,
+    sites: dict[str, Path],
+    superlink: str,
     tmp_path: Path,
 ) -> Deployment:
     return Deployment(federation, joined, sites, superlink, tmp_path)

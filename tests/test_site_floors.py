@@ -22,7 +22,11 @@ import pytest
 from flwr.app import ConfigRecord, Message
 from helpers.in_process_grid import InProcessGrid
 from helpers.secure_aggregation_fixtures import MIXES, make_config
-from test_secure_round import run, sites, the_round  # noqa: F401 - `sites` is a fixture
+from helpers.secure_round_runs import (
+    four_site_node_configs,
+    run,
+    the_round,
+)
 
 from client.policy import PolicyError, load_policy
 from healthfm_core.protocol import RoundConfig
@@ -32,6 +36,12 @@ from secure_aggregation.site import SiteRound
 from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, read_audit_log
 from server.outcome import read_outcome
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+    """The four sites of helpers/secure_round_runs.py, as the in-process grid's node configs."""
+    return four_site_node_configs(tmp_path_factory)
 
 
 def test_a_round_config_below_the_site_floor_is_refused_before_any_key() -> None:
@@ -62,7 +72,7 @@ def _policy(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_coordinator_asking_min_holders_1_is_refused_by_every_site_and_nothing_is_unmasked(
-    sites: dict[int, dict[str, Any]],  # noqa: F811
+    sites: dict[int, dict[str, Any]],
     tmp_path: Path,
 ) -> None:
     """The red team's attack: `-c secagg-min-holders=1`. Every site (no policy: the default floor
@@ -91,7 +101,7 @@ def test_a_coordinator_asking_min_holders_1_is_refused_by_every_site_and_nothing
 
 @pytest.mark.slow
 def test_the_single_holder_protects_itself_when_the_other_sites_accept(
-    sites: dict[int, dict[str, Any]],  # noqa: F811
+    sites: dict[int, dict[str, Any]],
     tmp_path: Path,
 ) -> None:
     """Only the genomics site keeps the default floor; the others lower theirs to 1 and take part.
@@ -130,7 +140,7 @@ class ClaimingSecureGrid(InProcessGrid):
 
 
 def test_a_site_requiring_secure_aggregation_refuses_a_plain_message_claiming_it(
-    sites: dict[int, dict[str, Any]],  # noqa: F811
+    sites: dict[int, dict[str, Any]],
     tmp_path: Path,
 ) -> None:
     policy = _policy(tmp_path, "min_subjects: 2\nrequire_secure_aggregation: true\n")

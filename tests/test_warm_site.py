@@ -494,10 +494,10 @@ def _marking_app(paths: FederationPaths, app: Path, marks: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_deployed_sites_run_the_approved_bundles_code_warm_and_cold(  # noqa: F811 - fixtures by name
-    superlink: str,  # noqa: F811
-    federation: FederationPaths,  # noqa: F811
-    sites: dict[str, Path],  # noqa: F811
+def test_deployed_sites_run_the_approved_bundles_code_warm_and_cold(
+    superlink: str,
+    federation: FederationPaths,
+    sites: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     """Issue 26, break 6, deployed: three sites (biobank and genomics warm, hospital cold) approve a
