@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# The oldest triton the GPU kernels are compiled with (tests/test_ct_attention_aot.py), installed
+# The oldest triton the GPU kernels are compiled with (tests/unit/test_ct_attention_aot.py), installed
 # beside the project, not into it: torch 2.11's CUDA wheels bring this one.
 TRITON_OLDEST ?= 3.6.0
 TRITON_OLDEST_DIR := .cache/triton-$(TRITON_OLDEST)
@@ -36,8 +36,8 @@ triton-oldest: $(TRITON_OLDEST_DIR)/.installed
 
 # System packages: nginx, the reverse proxy `coordinator superlink` puts in front of the SuperLink
 # (server/deploy/proxy.py), and tinyproxy, the forward proxy the slow test of a site behind its hospital's
-# proxy runs (tests/test_forward_proxy.py), and Debian's chromium with its chromedriver, the browser
-# the dashboard's slow test drives (tests/test_dashboard_browser.py). Idempotent: only what is missing
+# proxy runs (tests/deploy/test_forward_proxy.py), and Debian's chromium with its chromedriver, the browser
+# the dashboard's slow test drives (tests/deploy/test_dashboard_browser.py). Idempotent: only what is missing
 # is installed; where apt is not available it says so and leaves it to the admin.
 setup-system:
 	@missing=""; \
@@ -79,20 +79,20 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 # The slow tests CI gates on: those verified green (twice) on the merged tree so far. From
-# tests/test_faults.py the three faults issue 12 names, in file order: the killed-SuperLink test
+# tests/deploy/test_faults.py the three faults issue 12 names, in file order: the killed-SuperLink test
 # replaces the module's SuperLink and must run last. Still only in `make test-slow`: the
 # stopped-run resume (10 min), the restarted SuperNode and the end-to-end deployment test (CI must
 # stay under 60 minutes). The evidence job's quick run took 2 min 56 s on an idle 2-core machine.
-# tests/test_coordinator_faults.py (issue 26: nginx and the SuperLink killed mid-run, two concurrent
+# tests/deploy/test_coordinator_faults.py (issue 26: nginx and the SuperLink killed mid-run, two concurrent
 # launches): its two slow tests took 5 min 36 s on a shared 2-core machine (18 min 53 s at load 8).
 # MEDS-DEV's nine tasks against aces-cli on every mimic site (about 2 min); the deployed warm and
-# cold sites running the approved bundle's code (tests/test_warm_site.py, 5 min 40 s, shared).
+# cold sites running the approved bundle's code (tests/deploy/test_warm_site.py, 5 min 40 s, shared).
 # Issue 27: one bad site label file in a simulation (about 50 s), the guarded onset configs against
 # aces-cli, the pooled AUROC's interval coverage (25 s), the report on EHR-only sites without truth
 # (60 s); issue 30: a release from a real federation used at each site (90 s; plus 80 s for the task
 # head over Flower's simulation engine); issue 28: a smoke run
 # of benchmarks/site_scale.py on tiny sites (55 s idle). Patch reuse at batch sizes 1 and 5
-# (tests/test_eval_reuse.py's slow cases: 80 s on a shared machine, moved out of the default suite);
+# (tests/unit/test_eval_reuse.py's slow cases: 80 s on a shared machine, moved out of the default suite);
 # the federated head under DP over Ray, two runs against one set of ledgers (53 s), and its
 # target-epsilon case (12 s); ACES reading each shard once for all tasks (30 s); real sites, one
 # under DP over int8, never rejected by the norm bounds (21 s): moved out of the default suite,
@@ -101,58 +101,58 @@ test-slow: setup
 # simulation engine against the plain round (36 s, shared machine); a deployed secure round, three
 # real sites joined through `client.py join` (96 s with its SuperLink and joins). Issue 41: the
 # Triton kernels compiled to cubin for sm_80/sm_90 with the venv's triton and the oldest supported
-# (tests/test_ct_attention_aot.py, the 48 bf16 and fp32 specialisations each, the two in parallel; needs
+# (tests/unit/test_ct_attention_aot.py, the 48 bf16 and fp32 specialisations each, the two in parallel; needs
 # `make triton-oldest`, which this target runs first): about 2/3 of 495 + 548 CPU s, ~6-7 min on 2 idle cores.
-SLOW_CI ?= tests/test_ct_attention_aot.py tests/test_trust.py tests/test_site_tasks.py \
-	tests/test_site_check.py::test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error \
-	tests/test_client_check.py::test_script_accepts_the_meds_sample_datasets \
-	tests/test_simulation_ray.py::test_the_cli_says_in_one_line_that_ray_did_not_start \
-	tests/test_hardening.py::test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round \
-	tests/test_bad_input.py::test_a_site_whose_data_its_reader_refuses_is_reported_lost_by_the_server \
-	tests/test_aces_tasks.py::test_aces_equals_onset_labels \
-	tests/test_no_birth_rows.py::test_no_shipped_task_predicts_at_birth_or_without_history_on_any_path \
-	tests/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
-	tests/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
-	tests/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line \
-	tests/test_deployment.py::test_join_with_the_wrong_certificate_is_refused \
-	tests/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \
-	tests/test_deployment.py::test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only \
-	tests/test_forward_proxy.py \
-	tests/test_report.py::test_report_compares_every_method_per_site_and_task \
-	tests/test_report.py::test_budgets_bytes_and_timings_come_from_the_run \
-	tests/test_eval_reuse.py::test_site_metrics_equal_the_straightforward_path \
-	tests/test_meds_dev_tasks.py tests/test_mimic_scenario.py \
-	tests/test_warm_site.py tests/test_privacy_budget.py \
-	tests/test_bad_site_labels_run.py \
-	tests/test_stay_guard.py::test_the_guarded_configs_label_as_aces_cli \
-	tests/test_federation_auroc.py::test_the_interval_covers_the_pooled_auroc_when_subjects_have_several_rows \
-	tests/test_report.py::test_ehr_only_sites_without_truth_get_no_oracle \
-	tests/test_release_federation.py tests/test_site_scale_bench.py \
-	tests/test_hardening.py::test_insecure_superlink_warns_loudly \
-	tests/test_hardening.py::test_superlink_stops_with_its_parent_process \
-	tests/test_evidence.py::test_quick_report_answers_every_question \
-	tests/test_federation.py::test_resumed_run_equals_uninterrupted_run \
-	tests/test_secure_round.py::test_a_site_lost_after_masking_is_recovered_and_still_counted \
-	tests/test_secure_round.py::test_a_site_lost_before_masking_is_recovered_and_left_out \
-	tests/test_secure_round.py::test_too_few_survivors_fail_the_round_loudly_and_change_nothing \
-	tests/test_secure_round.py::test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one \
-	tests/test_secure_round.py::test_dp_sites_report_their_spend_under_secure_aggregation \
-	tests/test_secure_round.py::test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out \
-	tests/test_secure_deployment.py tests/test_secure_dropout_deployed.py \
-	tests/test_privacy_sweep.py::test_the_server_asks_for_dp_and_each_site_reports_its_spend \
-	tests/test_privacy_sweep.py::test_sweep_writes_table_and_plot_on_one_setup \
-	tests/test_transport.py::test_a_two_site_simulation_under_int8 \
-	tests/test_coordinator_faults.py \
-	tests/test_eval_reuse.py tests/test_head_dp.py tests/test_aces_shared.py \
-	tests/test_influence.py::test_real_sites_one_under_dp_over_int8_are_never_rejected \
-	tests/test_faults.py::test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind \
-	tests/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
-	tests/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical \
-	tests/test_head_deployed.py \
-	tests/test_dashboard_browser.py \
-	tests/test_site_floors.py::test_the_single_holder_protects_itself_when_the_other_sites_accept \
-	tests/test_head_dp_budget.py \
-	tests/test_gpu_train_step_bench.py::test_a_small_cpu_run_prints_every_row_with_its_counts
+SLOW_CI ?= tests/unit/test_ct_attention_aot.py tests/deploy/test_trust.py tests/unit/test_site_tasks.py \
+	tests/unit/test_site_check.py::test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error \
+	tests/unit/test_client_check.py::test_script_accepts_the_meds_sample_datasets \
+	tests/federation/test_simulation_ray.py::test_the_cli_says_in_one_line_that_ray_did_not_start \
+	tests/deploy/test_hardening.py::test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round \
+	tests/federation/test_bad_input.py::test_a_site_whose_data_its_reader_refuses_is_reported_lost_by_the_server \
+	tests/unit/test_aces_tasks.py::test_aces_equals_onset_labels \
+	tests/unit/test_no_birth_rows.py::test_no_shipped_task_predicts_at_birth_or_without_history_on_any_path \
+	tests/federation/test_modalities.py::test_three_ehr_only_sites_run_end_to_end \
+	tests/federation/test_pretrain_job.py::test_pretrain_job_writes_report_plots_and_the_full_table \
+	tests/deploy/test_deployment.py::test_join_to_an_unreachable_server_fails_fast_in_one_line \
+	tests/deploy/test_deployment.py::test_join_with_the_wrong_certificate_is_refused \
+	tests/deploy/test_deployment.py::test_a_node_with_an_unregistered_key_cannot_join \
+	tests/deploy/test_deployment.py::test_a_restarted_superlink_registers_the_registry_again_and_admits_those_sites_only \
+	tests/deploy/test_forward_proxy.py \
+	tests/federation/test_report.py::test_report_compares_every_method_per_site_and_task \
+	tests/federation/test_report.py::test_budgets_bytes_and_timings_come_from_the_run \
+	tests/unit/test_eval_reuse.py::test_site_metrics_equal_the_straightforward_path \
+	tests/unit/test_meds_dev_tasks.py tests/unit/test_mimic_scenario.py \
+	tests/deploy/test_warm_site.py tests/federation/test_privacy_budget.py \
+	tests/federation/test_bad_site_labels_run.py \
+	tests/unit/test_stay_guard.py::test_the_guarded_configs_label_as_aces_cli \
+	tests/unit/test_federation_auroc.py::test_the_interval_covers_the_pooled_auroc_when_subjects_have_several_rows \
+	tests/federation/test_report.py::test_ehr_only_sites_without_truth_get_no_oracle \
+	tests/federation/test_release_federation.py tests/unit/test_site_scale_bench.py \
+	tests/deploy/test_hardening.py::test_insecure_superlink_warns_loudly \
+	tests/deploy/test_hardening.py::test_superlink_stops_with_its_parent_process \
+	tests/federation/test_evidence.py::test_quick_report_answers_every_question \
+	tests/federation/test_federation.py::test_resumed_run_equals_uninterrupted_run \
+	tests/federation/test_secure_round.py::test_a_site_lost_after_masking_is_recovered_and_still_counted \
+	tests/federation/test_secure_round.py::test_a_site_lost_before_masking_is_recovered_and_left_out \
+	tests/federation/test_secure_round.py::test_too_few_survivors_fail_the_round_loudly_and_change_nothing \
+	tests/federation/test_secure_round.py::test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one \
+	tests/federation/test_secure_round.py::test_dp_sites_report_their_spend_under_secure_aggregation \
+	tests/federation/test_secure_round.py::test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out \
+	tests/deploy/test_secure_deployment.py tests/deploy/test_secure_dropout_deployed.py \
+	tests/federation/test_privacy_sweep.py::test_the_server_asks_for_dp_and_each_site_reports_its_spend \
+	tests/federation/test_privacy_sweep.py::test_sweep_writes_table_and_plot_on_one_setup \
+	tests/federation/test_transport.py::test_a_two_site_simulation_under_int8 \
+	tests/deploy/test_coordinator_faults.py \
+	tests/unit/test_eval_reuse.py tests/federation/test_head_dp.py tests/unit/test_aces_shared.py \
+	tests/federation/test_influence.py::test_real_sites_one_under_dp_over_int8_are_never_rejected \
+	tests/deploy/test_faults.py::test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind \
+	tests/deploy/test_faults.py::test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins \
+	tests/deploy/test_faults.py::test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_identical \
+	tests/deploy/test_head_deployed.py \
+	tests/deploy/test_dashboard_browser.py \
+	tests/federation/test_site_floors.py::test_the_single_holder_protects_itself_when_the_other_sites_accept \
+	tests/federation/test_head_dp_budget.py \
+	tests/unit/test_gpu_train_step_bench.py::test_a_small_cpu_run_prints_every_row_with_its_counts
 
 test-slow-ci: setup triton-oldest
 	$(PY) -m pytest -q -m slow $(SLOW_CI)

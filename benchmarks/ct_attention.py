@@ -10,7 +10,7 @@ forward and forward+backward of
   reference  the PyTorch reference (materialises [B,H,N,N,M]; skipped when it runs out of memory)
   flex       torch FlexAttention, compiled, with the same math as a score_mod over learnable
              log_weights / rates tensors (gradients flow to them) and a time-causal block mask;
-             tests/test_ct_attention_flex.py checks its gradients against the reference on CPU
+             tests/unit/test_ct_attention_flex.py checks its gradients against the reference on CPU
   sdpa       F.scaled_dot_product_attention(is_causal=True), no decay: the speed ceiling
 and reports the peak memory of one forward+backward, achieved TFLOP/s (FlashAttention's count:
 causal forward 2*B*H*N^2*D, forward+backward 3.5x that), and the ratios measured in this run.

@@ -22,7 +22,7 @@ Over rounds. A clipped site moves the average by at most (n_r / N_t) c m_t in ro
 its direction; a coherent honest site of norm h_t (one that moves the same way every round: the
 most an honest site adds up to) by (n_h / N_t) h_t. So over any number of rounds the dishonest
 site's cumulative push is at most c x (S x B / n_h) x max_t (m_t / h_t) times that honest site's:
-about c with full-count sites of similar norms. Measured in tests/test_influence.py (the replay):
+about c with full-count sites of similar norms. Measured in tests/federation/test_influence.py (the replay):
 docs/coordinator.md ("Influence") has the figures.
 
 What it costs honest rounds. An honest reply within c x the others' median is averaged as it came:
@@ -66,7 +66,7 @@ log = logging.getLogger("healthfm.server.clipping")
 # 8% in round 6: 2 of the 48 shared and ehr updates, both the DP site's, which a longer run may
 # see more of).
 # 1.5 holds a site that pushes one way every round to 1.6x the median coherent honest site's
-# cumulative push in the replay (tests/test_influence_over_rounds.py; 2x the target); 2 would have
+# cumulative push in the replay (tests/federation/test_influence_over_rounds.py; 2x the target); 2 would have
 # clipped none of these and lets that site reach about 2.1x.
 DEFAULT_NORM_CLIP_FACTOR = 1.5
 # Fewest holders of a group for the clip: a median of at least two others.

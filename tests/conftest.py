@@ -17,7 +17,7 @@ from helpers.site_tables import SiteTables, make_site_tables, write_site_tables
 pytest_plugins = ("helpers.deploy_fixtures", "helpers.in_process_grid", "helpers.release_run")
 
 # --------------------------------------------------------------------------------------------
-# Site data (tests/test_site.py, tests/test_site_check.py, tests/test_client_check.py): a small
+# Site data (tests/unit/test_site.py, tests/unit/test_site_check.py, tests/unit/test_client_check.py): a small
 # valid site written with pyarrow, to be broken one way at a time.
 
 

@@ -1,5 +1,5 @@
-"""A run recorded by the real server for the dashboard's fast test (tests/test_dashboard.py): the
-FederationServer over tests/in_process_grid.py (each site's real ClientApp in this process), three
+"""A run recorded by the real server for the dashboard's fast test (tests/deploy/test_dashboard.py): the
+FederationServer over tests/helpers/in_process_grid.py (each site's real ClientApp in this process), three
 tiny synthetic sites, one of them under DP by its own policy, secure aggregation, a site whose
 replies stop arriving after round 1 (killed), and a federated evaluation. What it writes is what a
 deployed run writes (rounds.jsonl, audit.jsonl, outcome.json, evaluation.json); the test copies

@@ -9,7 +9,7 @@ one cancelling; `https_proxy` for an https:// SuperLink, else `all_proxy`; a pro
 scheme is http://; NO_PROXY entries bypass the proxy (`*`: everything; an IP address, `localhost`
 or `::1`: that host exactly; `.example.org`: its subdomains; `example.org`: it and its subdomains;
 `HOST:PORT`: that port only). `route_for` applies the same rules to the environment `join` gives
-the SuperNode, so the preflight goes where the SuperNode will go; tests/test_join_proxy.py checks
+the SuperNode, so the preflight goes where the SuperNode will go; tests/deploy/test_join_proxy.py checks
 it against httpx's own choice.
 
 The site's local traffic never goes to a proxy: the ClientApp and the app guard call the

@@ -29,7 +29,7 @@ aggregation is what its name says over the window's events: code/count the event
 value/count those with a value, value/sum, value/sum_sqd (sum of squares), value/min, value/max of
 their values; static/first averages the subject's static rows of the code only (0.2.0 also
 averages any timed rows of a code that is static too). As in meds-tab, an aggregate of 0 is not
-stored (sparse), and XGBoost reads a missing entry as missing. Run on tests/test_meds_tab.py's
+stored (sparse), and XGBoost reads a missing entry as missing. Run on tests/unit/test_meds_tab.py's
 events (the wheel unpacked, not installed), 0.2.0's own get_flat_ts_rep + generate_summary gave
 no value feature at all (get_long_value_df matches codes against feature names such as
 "L/value") and code/count totals of 58 where the events number 795 (its per-timestamp step slices

@@ -11,7 +11,7 @@ What is reused is the encoder's `pool` (a patch's pooled epoch states); the outp
 still runs on every patch of the call, as without reuse: a matrix product's rounding on CPU can
 depend on its number of rows when they are few (here, a call's patch count), while `pool`'s
 products have E rows per patch. Measured bit for bit against the straightforward path
-(tests/test_eval_reuse.py); patches shorter than MIN_EPOCHS are not reused (cheap to encode,
+(tests/unit/test_eval_reuse.py); patches shorter than MIN_EPOCHS are not reused (cheap to encode,
 and their products are few rows).
 
 The lookup key is a 128-bit BLAKE2b digest of the patch's epoch values and mask bytes, so a

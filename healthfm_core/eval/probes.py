@@ -225,7 +225,7 @@ def _lbfgs_logistic(xs: np.ndarray, ys: np.ndarray, penalty: float, theta0: np.n
         return loss, np.append(xs.T @ residual + (2.0 * penalty) * theta[:d], residual.sum())
 
     # Imported here, not with the module: a site process loads this module at start and scipy only
-    # when it evaluates (tests/test_lean_site_process.py).
+    # when it evaluates (tests/unit/test_lean_site_process.py).
     from scipy.optimize import minimize
 
     fit = minimize(

@@ -1,6 +1,6 @@
 """Every change the server makes to Flower's own code, in one place: names in Flower's modules
 rebound in this process only (Flower's files are never touched), each applied once, at the start
-of the process that needs it. Read from flwr 1.41 (FLWR_VERSION); tests/test_flower_patches.py
+of the process that needs it. Read from flwr 1.41 (FLWR_VERSION); tests/unit/test_flower_patches.py
 fails when Flower changes under one of them (a name gone, a signature changed, a function that
 stops calling the name rebound here).
 

@@ -1,5 +1,5 @@
-"""Real Flower processes on 127.0.0.1 for the deployment and fault tests (tests/test_deployment.py,
-tests/test_faults.py): a provisioned federation, a SuperLink with TLS + SuperNode authentication,
+"""Real Flower processes on 127.0.0.1 for the deployment and fault tests (tests/deploy/test_deployment.py,
+tests/deploy/test_faults.py): a provisioned federation, a SuperLink with TLS + SuperNode authentication,
 SuperNodes started with `client.py join`, and helpers to run the coordinator and read a run's log.
 
 The SuperLink listens on 127.0.0.1 only and sites reach its Fleet API through the nginx proxy that

@@ -1,6 +1,6 @@
 """What the deployed fault tests do to real processes: run a coordinator command in the
 background, wait for a condition, kill a site with no goodbye, start it again with the same key
-(tests/test_faults.py, tests/test_secure_dropout_deployed.py, tests/test_dashboard_browser.py)."""
+(tests/deploy/test_faults.py, tests/deploy/test_secure_dropout_deployed.py, tests/deploy/test_dashboard_browser.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The secure round's four sites of different modality mixes, and how its tests run and read a round
-(tests/test_secure_round.py in this process, tests/test_site_floors.py, and deployed:
-tests/test_secure_deployment.py, tests/test_secure_dropout_deployed.py)."""
+(tests/federation/test_secure_round.py in this process, tests/federation/test_site_floors.py, and deployed:
+tests/deploy/test_secure_deployment.py, tests/deploy/test_secure_dropout_deployed.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A site's SuperNode log read from a moment on: the deployed tests time a kill on Flower's own
-log lines, never by a sleep (tests/test_secure_dropout_deployed.py, tests/test_dashboard_browser.py)."""
+log lines, never by a sleep (tests/deploy/test_secure_dropout_deployed.py, tests/deploy/test_dashboard_browser.py)."""
 
 from __future__ import annotations
 

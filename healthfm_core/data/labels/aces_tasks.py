@@ -319,7 +319,7 @@ def _meds_frame(shard: Path) -> pl.DataFrame:
 def _predicates_from_frame(cfg: TaskExtractorConfig, data: pl.DataFrame) -> pl.DataFrame:
     """What aces.predicates.get_predicates_df gives for a MEDS shard (es-aces 0.7), from the
     shard's frame already in memory: one read serves every task and variant of an evaluation.
-    tests/test_aces_shared.py checks it against get_predicates_df on the synthetic sites.
+    tests/unit/test_aces_shared.py checks it against get_predicates_df on the synthetic sites.
     A PREDICTION_TIME_CODE event (times_as_events) holds only MARK_PREDICATE: it is where to
     predict, not a clinical event a task's own predicates (its history) may count."""
     from aces.predicates import PRED_CNT_TYPE
@@ -476,10 +476,10 @@ def aces_labels_shared(
 ) -> list[dict[int, pa.Table]]:
     """`aces_labels(task, site_root, prediction_times=...)` for each task (its metadata's
     horizons), with each shard read once for all of them instead of once per task and variant
-    (an evaluation asks for many tasks; tests/test_aces_shared.py checks the tables are equal).
+    (an evaluation asks for many tasks; tests/unit/test_aces_shared.py checks the tables are equal).
     `subjects`: only these subjects' events are queried, and so only their labels come out;
     exact, since ACES finds a subject's windows in that subject's own events (a capped
-    evaluation's sample: tests/test_eval_sample.py checks the rows equal theirs among all).
+    evaluation's sample: tests/federation/test_eval_sample.py checks the rows equal theirs among all).
 
     `times_as_events`: each prediction time joins its subject's record as a timed event of code
     PREDICTION_TIME_CODE, which no task predicate reads. A task triggered at every timed event

@@ -5,7 +5,7 @@ copies it into the padded batch: at 2,000 samples that per-call overhead is most
 stage. Here every sample's slices are turned into flat index arrays (`ranges`) and scattered
 straight into the padded arrays. The rules are those of `sample` + `collate` (tokens.py), element
 for element the same operations, so a batch is bit for bit `collate([sample(...) ...])`
-(tests/test_pipeline_equivalence.py checks it).
+(tests/unit/test_pipeline_equivalence.py checks it).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ pass's tokens up to t are the tokens of row t's own sample (tokens.py's rules):
 Rows that satisfy these join the pass of the latest row with the same windows; every other row
 is its own pass. The wearable and genomics encoders see each patch and each subject alone, so
 nothing else differs. Checked against one pass per row, embedding for embedding, in
-tests/test_shared_passes.py; the per-event comparison layout (`per_event`) always gets one pass
+tests/unit/test_shared_passes.py; the per-event comparison layout (`per_event`) always gets one pass
 per row.
 """
 

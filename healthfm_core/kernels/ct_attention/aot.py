@@ -7,7 +7,7 @@
 TTGIR -> LLVM IR -> PTX) and then ``ptxas`` (shipped in triton's wheel) to a cubin: every stage a
 launch on that architecture would run, except loading the cubin onto a device. Type errors of
 the kind the interpreter cannot see (a literal typed fp64, a loop-carried value changing type)
-fail here. tests/test_ct_attention_aot.py runs this with the project's triton and with the
+fail here. tests/unit/test_ct_attention_aot.py runs this with the project's triton and with the
 oldest supported one, each in its own process.
 
 Run with TRITON_INTERPRET unset: the kernels must be jitted in compiled mode.

@@ -1,0 +1,374 @@
+"""House rules on imports, read from the source (ast), so a function-level import counts too.
+
+- healthfm_core never imports flwr, server, client, simulations or secure_aggregation;
+- client and server never import each other;
+- secure_aggregation (the SecAgg+ steps both sides call) never imports client, server or simulations;
+- client/ and server/ each keep their learning code at the top and their process supervision and
+  Flower surgery in deploy/ (docs/architecture.md, "Folders"): deploy/ imports the learning
+  rooms, never the other way, but for the few doors named in DEPLOY_DOORS;
+- the project's modules import each other without a cycle (module-level and function-level
+  imports alike; ``from pkg import mod`` is an import of the module pkg.mod);
+- healthfm_core's own rooms are layered (CORE_ROOMS, and data/'s rooms in DATA_ROOMS): no module
+  imports a room above its own; the wire protocol (healthfm_core/protocol/) imports nothing above
+  it, neither eval/ nor the torch model;
+- neither healthfm_core, client nor server imports simulations/ (the synthetic generator lives there);
+- no test module imports another test module or conftest: what tests share is in tests/helpers/,
+  imported as ``helpers.<module>``, and fixtures are registered in conftest.py;
+- every test module sits in a folder of its level (TEST_LEVELS), and only deploy/ starts real
+  processes through the deployed federation's helpers (DEPLOY_HELPERS).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("healthfm_core", "client", "server", "simulations", "secure_aggregation")
+FORBIDDEN = {
+    "healthfm_core": ("flwr", "server", "client", "simulations", "secure_aggregation"),
+    "client": ("server", "simulations"),
+    "server": ("client", "simulations"),
+    "secure_aggregation": ("client", "server", "simulations"),
+}
+DEPLOY = ("client.deploy", "server.deploy")
+# The only learning-room modules that import their side's deploy/, and what each may import there.
+DEPLOY_DOORS = {
+    # the site's command line: `join` and `approve` are deployment commands
+    "client.client": {"client.deploy.approval", "client.deploy.join", "client.deploy.supernode_pace"},
+    # the coordinator's command line (`python -m server.coordinator`)
+    "server.coordinator": {"server.deploy.commands"},
+    # the ServerApp (and the task head's, below) applies the server's Flower patch as its process starts
+    "server.server_app": {"server.deploy.flower_patches"},
+    # admission reads the coordinator's site registry (pretraining's roster, the task head's sites)
+    "server.roster": {"server.deploy.registry"},
+    "server.head_app": {"server.deploy.registry", "server.deploy.flower_patches"},
+}
+
+
+# healthfm_core's rooms, lowest first: a module may import its own room and those before it. A
+# top-level module of healthfm_core in no room counts as the lowest (a plain utility).
+CORE_ROOMS: tuple[tuple[str, ...], ...] = (
+    ("healthfm_core.files", "healthfm_core.strict_files"),
+    ("healthfm_core.kernels",),
+    ("healthfm_core.data",),
+    ("healthfm_core.model",),
+    ("healthfm_core.privacy", "healthfm_core.train"),
+    ("healthfm_core.protocol",),  # the wire protocol: what client/ and server/ exchange
+    ("healthfm_core.eval",),
+    ("healthfm_core.release", "healthfm_core.release_fit", "healthfm_core.release_signing"),
+)
+# healthfm_core/data/'s rooms, lowest first (docs/architecture.md, "Site data on disk").
+DATA_ROOMS: tuple[tuple[str, ...], ...] = (
+    ("healthfm_core.data.files",),
+    ("healthfm_core.data.sequences",),
+    ("healthfm_core.data.labels",),
+    ("healthfm_core.data.checks",),
+    ("healthfm_core.data.sites",),
+)
+# The torch model, which the protocol may not import: a setup builds it (model/healthfm.py init_model).
+TORCH_MODEL = "healthfm_core.model.healthfm"
+# What the protocol may read of model/: its definitions (the config, the parameter groups, the
+# objectives' names and weights), never the code that computes (the model, the losses).
+PROTOCOL_MODEL_DEFINITIONS = {
+    "healthfm_core.model.config",
+    "healthfm_core.model.groups",
+    "healthfm_core.model.objective_weights",
+}
+TESTS = REPO / "tests"
+# The tests' folders by level (docs/architecture.md, "Folders").
+TEST_LEVELS = ("unit", "federation", "deploy")
+# The helpers that start and stop real SuperLink, SuperNode and nginx processes: deploy/'s alone.
+DEPLOY_HELPERS = ("helpers.deploy_fixtures", "helpers.process_faults", "helpers.supernode_log")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _sources() -> dict[str, tuple[Path, ast.Module]]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            found[_module_name(path)] = (path, ast.parse(path.read_text(), filename=str(path)))
+    return found
+
+
+SOURCES = _sources()
+
+
+def _imported_names(module: str, path: Path, tree: ast.Module) -> Iterator[tuple[str, int]]:
+    """The dotted name of every import in the file, with its line; relative imports resolved.
+
+    ``from a.b import c`` gives a.b.c: the module a.b.c where there is one, else a name defined
+    in a.b (``_project_target`` takes the longest prefix that is a module). Parent packages,
+    which Python initialises first, are not counted: a package's __init__ that re-exports its
+    modules would otherwise form a "cycle" with every module that imports a sibling.
+    """
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                yield f"{base}.{alias.name}", node.lineno
+
+
+def _project_target(name: str) -> str | None:
+    """The project module an imported name refers to: the longest prefix that is one."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in SOURCES:
+            return candidate
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {m: set() for m in SOURCES}
+    for module, (path, tree) in SOURCES.items():
+        for name, _ in _imported_names(module, path, tree):
+            target = _project_target(name)
+            if target is not None and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def _components(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[set[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(component)
+    return found
+
+
+def _cycle_in(component: set[str], graph: dict[str, set[str]]) -> list[str]:
+    """One concrete cycle through the component's first module, as a -> b -> ... -> a."""
+    start = min(component)
+    parents: dict[str, str] = {}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for child in sorted(graph[node] & component):
+            if child == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(parents[path[-1]])
+                return [*reversed(path), start]
+            if child not in parents:
+                parents[child] = node
+                queue.append(child)
+    raise AssertionError(f"{sorted(component)} is not strongly connected")
+
+
+def test_sources_found() -> None:
+    assert {
+        "healthfm_core.model.healthfm",
+        "client.client",
+        "client.deploy.join",
+        "server.strategy",
+        "server.deploy.commands",
+        "simulations.run",
+        "secure_aggregation.site",
+    } <= set(SOURCES)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_forbidden_imports(package: str) -> None:
+    bad = []
+    for module, (path, tree) in SOURCES.items():
+        if module.split(".")[0] != package:
+            continue
+        for name, line in _imported_names(module, path, tree):
+            top = name.split(".")[0]
+            if top in FORBIDDEN[package]:
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def _in_deploy(module: str) -> bool:
+    return any(module == d or module.startswith(f"{d}.") for d in DEPLOY)
+
+
+def test_learning_rooms_do_not_import_deploy() -> None:
+    bad = []
+    for module, targets in _graph().items():
+        if module.split(".")[0] not in ("client", "server") or _in_deploy(module):
+            continue
+        extra = {t for t in targets if _in_deploy(t)} - DEPLOY_DOORS.get(module, set())
+        bad += [f"{SOURCES[module][0].relative_to(REPO)} imports {t}" for t in sorted(extra)]
+    assert not bad, "\n".join(bad)
+
+
+def test_deploy_doors_are_used() -> None:
+    # An entry that no longer matches an import would silently widen the rule.
+    graph = _graph()
+    for module, allowed in DEPLOY_DOORS.items():
+        assert allowed <= graph[module], f"{module}: {sorted(allowed - graph[module])} not imported"
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    components = _components(graph)
+    assert not components, "import cycles:\n" + "\n".join(" -> ".join(_cycle_in(c, graph)) for c in components)
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
+    assert _components(graph) == [{"a", "b", "c"}]
+    assert _cycle_in({"a", "b", "c"}, graph) == ["a", "b", "c", "a"]
+    assert _components({"a": {"b"}, "b": set()}) == []
+
+
+def test_from_package_import_module_is_an_edge_to_the_module() -> None:
+    # "from healthfm_core.kernels.ct_attention import triton" names a module of the project.
+    tree = ast.parse("def f():\n    from healthfm_core.kernels.ct_attention import triton\n")
+    names = [n for n, _ in _imported_names("x", REPO / "x.py", tree)]
+    assert _project_target(names[-1]) == "healthfm_core.kernels.ct_attention.triton"
+
+
+def _level(module: str, rooms: tuple[tuple[str, ...], ...]) -> int | None:
+    """The index of the module's room (the longest prefix that names one), None outside them."""
+    for level, room in enumerate(rooms):
+        if any(module == r or module.startswith(f"{r}.") for r in room):
+            return level
+    return None
+
+
+def _upward_imports(rooms: tuple[tuple[str, ...], ...], within: str) -> list[str]:
+    bad = []
+    for module, targets in _graph().items():
+        if not module.startswith(f"{within}.") and module != within:
+            continue
+        mine = _level(module, rooms)
+        for target in sorted(targets):
+            theirs = _level(target, rooms)
+            if theirs is None or not target.startswith(f"{within}."):
+                continue
+            if (mine if mine is not None else 0) < theirs:
+                bad.append(f"{SOURCES[module][0].relative_to(REPO)} imports {target}, a room above its own")
+    return bad
+
+
+def test_healthfm_core_rooms_import_only_below() -> None:
+    assert not (bad := _upward_imports(CORE_ROOMS, "healthfm_core")), "\n".join(bad)
+
+
+def test_data_rooms_import_only_below() -> None:
+    assert not (bad := _upward_imports(DATA_ROOMS, "healthfm_core.data")), "\n".join(bad)
+
+
+def test_every_room_is_a_package_of_the_project() -> None:
+    # A room renamed or removed would silently widen the rules above.
+    for room in (*CORE_ROOMS, *DATA_ROOMS):
+        for name in room:
+            assert name in SOURCES, f"{name} names no module or package"
+
+
+def test_protocol_imports_no_torch_model_and_nothing_above() -> None:
+    graph = _graph()
+    protocol = [m for m in graph if m.startswith("healthfm_core.protocol")]
+    assert len(protocol) > 5, protocol
+    for module in protocol:
+        assert TORCH_MODEL not in graph[module], f"{module} imports the torch model ({TORCH_MODEL})"
+        of_model = {m for m in graph[module] if m.startswith("healthfm_core.model.")}
+        assert of_model <= PROTOCOL_MODEL_DEFINITIONS, (
+            f"{module} imports model code: {of_model - PROTOCOL_MODEL_DEFINITIONS}"
+        )
+
+
+def _test_imports(path: Path) -> Iterator[tuple[str, int]]:
+    """Imports in a file of tests/ that name a test module, conftest, or tests.<anything>."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        for name in names:
+            top = name.split(".")[0]
+            if top.startswith("test_") or top in ("conftest", "tests"):
+                yield name, node.lineno
+
+
+def test_no_test_module_imports_another() -> None:
+    bad = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for name, line in _test_imports(path):
+            bad.append(f"{path.relative_to(REPO)}:{line} imports {name} (move what it needs to tests/helpers/)")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_test_import_rule_finds_a_test_module_import(tmp_path: Path) -> None:
+    source = tmp_path / "test_y.py"
+    source.write_text(
+        "from test_x import y\nimport conftest\nfrom tests.helpers.a import b\nfrom helpers.a import b\n"
+        "def f():\n    from test_z import w\n"
+    )
+    assert [name for name, _ in _test_imports(source)] == ["test_x", "conftest", "tests.helpers.a", "test_z"]
+
+
+def test_every_test_module_sits_in_the_folder_of_its_level() -> None:
+    modules = sorted(TESTS.rglob("test_*.py"))
+    assert len(modules) > 100, len(modules)
+    misplaced = [
+        str(p.relative_to(TESTS)) for p in modules if p.parent.parent != TESTS or p.parent.name not in TEST_LEVELS
+    ]
+    assert not misplaced, f"not in tests/{{{','.join(TEST_LEVELS)}}}/: {misplaced}"
+
+
+def test_only_deploy_tests_use_the_deployed_federations_helpers() -> None:
+    bad = []
+    for level in ("unit", "federation"):
+        for path in sorted((TESTS / level).glob("test_*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(DEPLOY_HELPERS):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {node.module}")
+    assert not bad, "\n".join(bad)

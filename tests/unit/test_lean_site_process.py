@@ -1,0 +1,57 @@
+"""A site's process stays lean: its code imports no heavy library it may not need, and the memory
+a message freed goes back to the system (client/memory.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.memory import _MALLOC_TRIM, release_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Imported where they are used: Opacus under DP, meds-evaluation's scorer (scikit-learn, scipy)
+# and ACES when a site evaluates.
+NOT_AT_IMPORT = ["opacus", "sympy", "sklearn", "scipy", "aces", "meds_evaluation.evaluate"]
+
+
+def test_the_site_code_imports_no_dp_or_evaluation_library_before_it_is_used() -> None:
+    code = "import json, sys, client.client_app, simulations.run; print(json.dumps(sorted(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert "client.site_runtime" in loaded
+    assert [m for m in NOT_AT_IMPORT if m in loaded] == []
+
+
+def _rss_anon_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(_MALLOC_TRIM is None or not Path("/proc/self/status").exists(), reason="glibc on Linux only")
+def test_memory_a_message_freed_goes_back_to_the_system() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 200 MB in small blocks (from malloc's heap, not mmap), the last one kept: free() alone cannot
+    # shrink the heap below it, so the freed pages stay with the process until a trim.
+    blocks = [libc.malloc(4096) for _ in range(50_000)]
+    for b in blocks:
+        ctypes.memset(b, 1, 4096)
+    for b in blocks[:-1]:
+        libc.free(b)
+    held = _rss_anon_mb()
+    release_memory()
+    after = _rss_anon_mb()
+    libc.free(blocks[-1])
+    assert held - after > 100, f"RssAnon {held:.0f} MB before the release, {after:.0f} MB after"
