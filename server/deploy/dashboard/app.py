@@ -59,6 +59,9 @@ class Snapshot:
     view: FederationView
     nodes: NodesAnswer
     version: str
+    # When this version was first read: the panels are a function of the version (their ETag), so
+    # two requests of one version get the same bytes whatever the clock says between them.
+    since: str
 
 
 class DashboardState:
@@ -107,7 +110,10 @@ class DashboardState:
                 version = digest.hexdigest()[:16]
                 if self._snapshot is None or version != self._snapshot.version:
                     self._plots = {}
-                self._snapshot, self._key = Snapshot(view, nodes, version), key
+                    since = time.strftime("%Y-%m-%d %H:%M:%S")
+                else:
+                    since = self._snapshot.since
+                self._snapshot, self._key = Snapshot(view, nodes, version, since), key
             return self._snapshot
 
     def plot(self, name: str, snap: Snapshot) -> bytes | None:
@@ -208,7 +214,7 @@ def create_app(state: DashboardState, token: str | None = None) -> ASGIApp:
             "version": snap.version,
             "suffix": suffix,
             "poll_ms": int(POLL_S * 1000),
-            "now": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "since": snap.since,
         }
 
     def page(request: Request) -> Response:
