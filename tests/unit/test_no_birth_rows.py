@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import yaml
 
@@ -25,6 +26,7 @@ from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.runner import build_site_rows
 from healthfm_core.eval.site_eval import task_labels_at_site
 from healthfm_core.protocol import EvalConfig
+from simulations.rows_at_birth import early_rows, main, onset_tasks
 from simulations.synthetic import generate_federation
 
 
@@ -57,7 +59,9 @@ def _births(root: Path, rows: pa.Table) -> int:
     return pl.from_arrow(rows.select(["subject_id", "prediction_time"])).join(born, on=born.columns).height
 
 
-def test_a_task_at_every_event_would_predict_at_birth_here(site_root: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def any_event_task(tmp_path: Path) -> Path:
+    """t2d.yaml as the onset tasks were before issue 42: triggered at every event, no history."""
     any_event = tmp_path / "t2d_any_event.yaml"
     text = (TASK_DIR / "t2d.yaml").read_text().replace("trigger: clinical_event", "trigger: _ANY_EVENT")
     text = text.replace("  history_window: history\n  min_history_events: 1\n", "")
@@ -68,8 +72,31 @@ def test_a_task_at_every_event_would_predict_at_birth_here(site_root: Path, tmp_
     )
     assert "history" not in yaml.safe_load(text)["windows"]
     any_event.write_text(text)
-    old = aces_labels(load_task(any_event), site_root, [365])[365]
+    return any_event
+
+
+def test_a_task_at_every_event_would_predict_at_birth_here(site_root: Path, any_event_task: Path) -> None:
+    old = aces_labels(load_task(any_event_task), site_root, [365])[365]
     assert _births(site_root, old) > 0 and _too_early(site_root, old).height > 0
+
+
+def test_the_evidence_rows_count_names_the_rows_at_birth(
+    site_root: Path, any_event_task: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """simulations.rows_at_birth (the evidence job's share, docs/evidence.md) counts what this
+    module's reference counts: the any-event task's held-out rows at birth, and none of t2d's."""
+    site = open_site(site_root)
+    old = {k: t for k, t in onset_tasks([str(any_event_task)]).items() if k.endswith("_365d")}
+    (count,) = early_rows("city_hospital", site, old, 2, 0, "held_out")
+    held = set(site.held_out_subjects().tolist())
+    table = aces_labels(load_task(any_event_task), site_root, [365])[365]
+    table = table.filter(pc.is_in(table["subject_id"], pa.array(sorted(held), pa.int64())))
+    assert count.rows == table.num_rows > 0
+    assert count.at_birth == _births(site_root, table) > 0
+    assert count.without_history == _too_early(site_root, table).height >= count.at_birth
+    assert main([str(site_root), "--tasks", "t2d", "--n-per-subject", "all"]) == 0
+    total = capsys.readouterr().out.strip().splitlines()[-1]
+    assert total.startswith("| all | all |") and total.endswith("| 0 (0.0%) | 0 |"), total
 
 
 @pytest.mark.slow  # 26 s on the shared 2-core machine: CI's slow stage (Makefile SLOW_CI)
