@@ -26,11 +26,11 @@ import numpy as np
 import polars as pl
 
 from healthfm_core.data.labels.task_spec import resolve_tasks, runner_tasks
-from healthfm_core.data.labels.tasks import TASKS, OnsetTask, Task, rows_per_subject
+from healthfm_core.data.labels.tasks import BIRTH_CODE, DEATH_CODE, TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.sites.site import Site, open_site
 from healthfm_core.eval.runner import build_site_rows
 
-NOT_CLINICAL = ("MEDS_BIRTH", "MEDS_DEATH")  # the event codes that are not a clinical event
+NOT_CLINICAL = (BIRTH_CODE, DEATH_CODE)  # the event codes that are not a clinical event
 SPLITS = ("train", "tuning", "held_out")
 
 
@@ -53,7 +53,7 @@ def subject_landmarks(site: Site) -> pl.DataFrame:
     timed = events.filter(pl.col("time").is_not_null()).with_columns(
         pl.col("time").cast(pl.Datetime("us")).dt.epoch("us").alias("t")
     )
-    birth = timed.filter(pl.col("code") == "MEDS_BIRTH").group_by("subject_id").agg(pl.col("t").min().alias("birth"))
+    birth = timed.filter(pl.col("code") == BIRTH_CODE).group_by("subject_id").agg(pl.col("t").min().alias("birth"))
     first = (
         timed.filter(~pl.col("code").is_in(NOT_CLINICAL))
         .group_by("subject_id")
