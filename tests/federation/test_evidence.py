@@ -3,7 +3,8 @@ structure is checked (every question answered with a number or a reason, every i
 ordered, the JSON's keys). The numbers of a quick run are not evidence and are not asserted.
 The quick run is four Flower simulations plus training and probes: 2 min 56 s on an idle 2-core
 machine (25 min at load ~30); the slow test then resumes it (resume=true: every unit loaded, only
-the report redrawn) and checks the numbers are the same. CI runs it (Makefile SLOW_CI)."""
+the report redrawn) and checks the numbers are the same. `make test-slow` runs it (6.4 min on the
+project's 2-core machine, too long for CI's 60 minutes: Makefile, SLOW_CI)."""
 
 from __future__ import annotations
 
