@@ -58,8 +58,8 @@ def _rows(rt: SiteRuntime) -> pa.Table:
     return rows.append_column("boolean_value", pa.array(np.zeros(rows.num_rows, dtype=bool)))
 
 
-# Batch sizes 1 and 5 (a patch shared across batches; 80 s of the default suite) run in CI's slow
-# stage (Makefile SLOW_CI); 32 runs everywhere.
+# Batch sizes 1 and 5 (a patch shared across batches; 80 s of the default suite) run in
+# `make test-slow`; 32 runs everywhere.
 @pytest.mark.parametrize(
     "batch_size", [pytest.param(1, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow), 32]
 )

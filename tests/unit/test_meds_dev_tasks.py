@@ -137,7 +137,7 @@ def test_resolution_is_aces_own_merge_of_task_and_dataset_predicates(task: str) 
     assert "???" not in yaml.safe_dump(resolved.config)
 
 
-@pytest.mark.slow  # the mimic sites (module fixture): CI's slow stage
+@pytest.mark.slow  # the mimic sites (module fixture): make test-slow
 def test_a_plain_aces_file_without_horizons_is_a_task_with_its_own_windows(
     sites: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -230,7 +230,7 @@ def test_a_code_null_range_predicate_matches_no_row_in_this_aces() -> None:
     assert frame.select(coded.MEDS_eval_expr().sum()).item() == 1
 
 
-@pytest.mark.slow  # the mimic sites (module fixture): CI's slow stage
+@pytest.mark.slow  # the mimic sites (module fixture): make test-slow
 def test_as_written_abnormal_lab_tasks_get_no_positive_and_check_says_why(sites: dict[str, Path]) -> None:
     root = sites[MULTI_SHARD]
     for task in ABNORMAL:
@@ -245,7 +245,7 @@ def test_as_written_abnormal_lab_tasks_get_no_positive_and_check_says_why(sites:
     assert unmatched_predicates(meds_dev_task("abnormal_lab/cbc/anemia/first_24h", "MIMIC-IV"), root) == []
 
 
-@pytest.mark.slow  # the mimic sites (module fixture): CI's slow stage
+@pytest.mark.slow  # the mimic sites (module fixture): make test-slow
 def test_check_tasks_names_the_predicates_that_match_nothing(sites: dict[str, Path], tmp_path: Path) -> None:
     as_written = tmp_path / "anemia.yaml"
     task = meds_dev_task("abnormal_lab/cbc/anemia/first_24h", "MIMIC-IV", rewrite=False)
@@ -259,7 +259,7 @@ def test_check_tasks_names_the_predicates_that_match_nothing(sites: dict[str, Pa
     assert [c.task for c in report.tasks] == ["anemia", "abnormal_lab-cbc-anemia-first_24h"]
 
 
-@pytest.mark.slow  # the mimic sites (module fixture): CI's slow stage
+@pytest.mark.slow  # the mimic sites (module fixture): make test-slow
 def test_the_rewrite_equals_a_working_code_null_range_where_the_lab_is_alone(
     sites: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -293,7 +293,7 @@ def test_the_rewrite_equals_a_working_code_null_range_where_the_lab_is_alone(
 # ----------------------------------------------------------------------- labels == aces-cli
 
 
-@pytest.mark.slow  # the mimic sites (module fixture): CI's slow stage
+@pytest.mark.slow  # the mimic sites (module fixture): make test-slow
 def test_mortality_labels_equal_aces_cli_on_the_multi_shard_site(sites: dict[str, Path], tmp_path: Path) -> None:
     task = "mortality/in_icu/first_24h"
     theirs = aces_cli(sites[MULTI_SHARD], [task], [], tmp_path / "cli")

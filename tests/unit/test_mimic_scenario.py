@@ -18,7 +18,7 @@ from healthfm_core.data.labels.aces_tasks import OWN_WINDOWS, aces_labels_shared
 from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task, meds_dev_task_names, predicates_file
 from simulations.synthetic import generate_federation
 
-pytestmark = pytest.mark.slow  # the default-size scenario and check on it (~15 s): CI's slow stage
+pytestmark = pytest.mark.slow  # the default-size scenario and check on it (~15 s): make test-slow
 REPO = Path(__file__).resolve().parents[2]
 NINE = meds_dev_task_names()  # the nine tasks MEDS-DEV 0.0.14 ships (test_meds_dev_tasks.py checks the list)
 # The lab codes the brief's MIMIC-IV predicates name, with a plausible range and the abnormal side.

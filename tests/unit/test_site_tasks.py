@@ -244,7 +244,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
     assert reply.reasons["broken_30d"].kind == "invalid_task"
 
 
-@pytest.mark.slow  # a whole simulation (19 s): in CI's slow stage (SLOW_CI lists this file)
+@pytest.mark.slow  # a whole simulation (19 s): in CI's slow stage (Makefile SLOW_CI names it)
 def test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_task(hospital, tmp_path: Path) -> None:
     """Done means (issue 11), small: three EHR-only hospital sites, ACES tasks, 1 round of 2 steps."""
     roots = ",".join(str(s.root) for s in hospital.sites)
