@@ -69,8 +69,8 @@ from helpers.deploy_fixtures import (  # noqa: E402
     site_policy,
     start_registered_superlink,
 )
+from helpers.process_faults import Background, kill_hard  # noqa: E402
 from round_hops import HOPS, round_hops, site_logs  # noqa: E402
-from test_faults import Background, kill_hard  # noqa: E402
 
 from server.deploy.commands import main as coordinator_main  # noqa: E402
 from server.deploy.provision import FederationPaths  # noqa: E402

@@ -485,8 +485,8 @@ class SiteRuntime:
             train_seconds=train_seconds,
             client_seconds=client_seconds,
         )
-        log.info(
-            "site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s",
+        log.info(  # the times stay in this log (a DP or secure reply carries none)
+            "site %s round %d: %d steps, %d samples, loss %.4f, groups %s%s; %.2f s (training loop %.2f s)",
             self.name,
             cfg.round,
             cfg.local_steps,
@@ -494,6 +494,8 @@ class SiteRuntime:
             losses.get("total", float("nan")),
             trained,
             f", DP epsilon {spend.epsilon:.4g}" if spend is not None else "",
+            time.perf_counter() - t0,
+            float(result.seconds),
         )
         return reply
 
