@@ -469,10 +469,9 @@ class SiteRuntime:
         out = {name: value.numpy() for name, value in group_state_dict(result.group_state, trained).items()}
         last = result.history[-1] if result.history else {}
         rate_min, rate_max = (float(last[key]) if key in last else None for key in ("rate_min", "rate_max"))
+        loop_seconds, elapsed = float(result.seconds), time.perf_counter() - t0
         # Under DP no timing leaves: it grows with the secret Poisson batch sizes (TrainReply refuses it).
-        train_seconds, client_seconds = (
-            (None, None) if private is not None else (float(result.seconds), time.perf_counter() - t0)
-        )
+        train_seconds, client_seconds = (None, None) if private is not None else (loop_seconds, elapsed)
         reply = TrainReply(
             arrays=out,
             num_examples=num_examples,
@@ -494,8 +493,8 @@ class SiteRuntime:
             losses.get("total", float("nan")),
             trained,
             f", DP epsilon {spend.epsilon:.4g}" if spend is not None else "",
-            time.perf_counter() - t0,
-            float(result.seconds),
+            elapsed,
+            loop_seconds,
         )
         return reply
 
