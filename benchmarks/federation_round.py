@@ -28,7 +28,9 @@ printed is other / round. --secure: each mode runs a second time under secure ag
 (`secure-aggregation=true`, `secagg-min-holders=2` so that the groups two of the three sites hold
 are unmasked too: every group's protocol runs; the sites' policy lowers their own floor,
 `secagg_min_holders: 2`, to accept it), its label suffixed `-secure`; the summary gives
-its round time over the plain run's (issue 45: <= 1.15 at `small`, 10 local steps). --dead-site: one
+its round time over the plain run's (issue 45: <= 1.15 at `small`, 10 local steps; with
+`secagg-key-rounds`, default 8, the rounds after the first run on keys the first round made: two
+exchanges more than a plain round's one; --secagg-key-rounds 1 times every round with its own keys). --dead-site: one
 more warm plain run of 2 rounds in which hospital's `join` and everything below it are killed
 (SIGKILL, no goodbye) as its SuperNode logs round 2's train message; the time from the kill to the
 server naming it (the SuperLink's "Node Unavailable" reply: rounds.jsonl `sent_at` +
@@ -176,7 +178,7 @@ def one_mode(
             "--rounds",
             str(DEAD_ROUND if dead is not None else args.rounds),
             *run_config(args.local_steps, args.eval_tasks, args.model),
-            *(["-c", "secure-aggregation=true", "-c", "secagg-min-holders=2"] if mode.endswith("-secure") else []),
+            *(secure_config(args.secagg_key_rounds) if mode.endswith("-secure") else []),
             "--wait",
             "--timeout",
             "3000",
@@ -276,6 +278,12 @@ def print_hops(rows: list[dict]) -> None:
         print(f"{r['mode']:<11} {r['round']:>5}  {r['last_site']:<10} {cells}")
 
 
+def secure_config(key_rounds: int | None) -> list[str]:
+    """A secure run's run config: every group's protocol runs (secagg-min-holders=2, the docstring)."""
+    rounds = ["-c", f"secagg-key-rounds={key_rounds}"] if key_rounds is not None else []
+    return ["-c", "secure-aggregation=true", "-c", "secagg-min-holders=2", *rounds]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
@@ -294,6 +302,12 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument("--model", default="tiny", help="the run's model (configs/model/)")
     p.add_argument("--secure", action="store_true", help="each mode also under secure aggregation (docstring)")
+    p.add_argument(
+        "--secagg-key-rounds",
+        type=int,
+        default=None,
+        help="the secure runs' secagg-key-rounds (default: the run config's, 8; 1: every round its own keys)",
+    )
     p.add_argument(
         "--dead-site", action="store_true", help="one more warm run in which a site is killed mid-round (docstring)"
     )

@@ -20,11 +20,15 @@ Handlers (message types, see healthfm_core/protocol/ for the records they carry)
                       -> a secure-aggregation round's stages (the site's floor: its policy's
                          secagg_min_holders, default 3, refuses a config below it at the keys
                          stage and an unmask request below it) (healthfm_core/protocol/secure_records.py; the
-                         server's side is server/secure_round.py): each message and reply one
-                         ConfigRecord "secagg" (records.to_flat). The site's SiteRound (its keys,
-                         seeds and the shares it holds) lives in Context.state
-                         ("healthfm.secagg") from the keys stage to the unmask stage, never sent;
-                         a stage without it (out of order, or a restarted SuperNode) is refused.
+                         server's side is server/secure_round.py): each payload one ConfigRecord
+                         (records.to_flat); the keys and shares messages one per key round
+                         ("secagg", "secagg+1", ...: this round's and the rounds' after it), the
+                         mask message the round's own SecAggConfig ("secagg.config"), which may
+                         change only what the keys do not fix (SiteRound.finalise). Each round's
+                         SiteRound (its keys, seeds and the shares it holds) lives in Context.state
+                         ("healthfm.secagg", one entry per round) from the keys stage to its
+                         unmask stage, never sent; a stage without it (out of order, or a
+                         restarted SuperNode) is refused.
                          train.secagg_mask trains exactly as train, then masks the released
                          update (trained - received) with its per-group counts
   evaluate            -> an EvalReply's MetricRecord "metrics" (held-out metrics per task, small
@@ -86,16 +90,19 @@ from healthfm_core.protocol.packing import pack_arrays, unpack_record
 from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
     MASK_MESSAGE,
+    SECAGG_CONFIG_RECORD,
     SECAGG_RECORD,
     SHARES_MESSAGE,
     UNMASK_MESSAGE,
     from_flat,
+    key_round_record,
+    key_round_records,
     to_flat,
 )
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.messages import KeyDirectory, ShareInbox, UnmaskRequest
-from secure_aggregation.site import SiteRound
+from secure_aggregation.site import SiteRound, key_rounds
 
 log = logging.getLogger("healthfm.client")
 
@@ -219,24 +226,31 @@ def _action(message_type: str) -> str:
     return message_type.partition(".")[2]
 
 
-def stored_secure_round(context: Context, stage: str) -> SiteRound:
-    """The secure round this node is in (kept by the previous stage), or a refusal."""
+def stored_secure_round(context: Context, stage: str, round_: int) -> SiteRound:
+    """This node's secure round `round_` (its keys kept by an earlier stage), or a refusal."""
     record = context.state.config_records.get(SECAGG_STATE_KEY)
-    if record is None:
+    raw = record.get(str(round_)) if record is not None else None
+    if raw is None:
         raise SecAggRefusal(
-            f"secure aggregation, {stage} stage: this site holds no secure round (a stage out of order, "
-            "or its SuperNode restarted); refused"
+            f"secure aggregation, {stage} stage of round {round_}: this site holds no keys for that round "
+            "(a stage out of order, or its SuperNode restarted); refused"
         )
-    return SiteRound.from_state(bytes(record["state"]))  # type: ignore[arg-type]
+    return SiteRound.from_state(bytes(raw))  # type: ignore[arg-type]
 
 
-def keep_secure_round(context: Context, site: SiteRound | None) -> None:
-    """Keep the round's state for the next stage (None: the round is over, its secrets dropped)."""
-    if site is None:
-        if SECAGG_STATE_KEY in context.state:
-            del context.state[SECAGG_STATE_KEY]
-        return
-    context.state.config_records[SECAGG_STATE_KEY] = ConfigRecord({"state": site.to_state()})
+def keep_secure_round(context: Context, round_: int, site: SiteRound | None, *, drop_earlier: bool = False) -> None:
+    """Keep round `round_`'s state for its next stage (None: that round is over, its secrets
+    dropped). `drop_earlier`: every round before it is dropped too (a mask stage: those rounds
+    were left behind)."""
+    record = context.state.config_records.get(SECAGG_STATE_KEY)
+    held = {k: v for k, v in record.items() if not (drop_earlier and int(k) < round_)} if record is not None else {}
+    held.pop(str(round_), None)
+    if site is not None:
+        held[str(round_)] = site.to_state()
+    if held:
+        context.state.config_records[SECAGG_STATE_KEY] = ConfigRecord(held)
+    elif SECAGG_STATE_KEY in context.state:
+        del context.state[SECAGG_STATE_KEY]
 
 
 def secagg_reply(msg: Message, payload: Any) -> Message:
@@ -316,42 +330,61 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     def secagg_keys(msg: Message, context: Context) -> Message:
         policy = runtime(context).policy
         floor = policy.secagg_min_holders if policy is not None else SECAGG_MIN_HOLDERS
-        config = from_flat(SecAggConfig, secagg_record(msg))
+        records = key_round_records(msg.content.config_records, KEYS_MESSAGE)
+        configs = [from_flat(SecAggConfig, record) for record in records]
         try:  # the site's own floor, whatever the server's config says (SiteRound checks it)
-            site = SiteRound(config, context.node_id, site_min_holders=floor)
+            rounds = key_rounds(configs, context.node_id, site_min_holders=floor)
         except SecAggRefusal as refused:
-            return secagg_refusal(msg, f"round {config.round}: {refused}")
-        kept = [g for g in site.groups if policy is not None and not policy.allows(g)]
+            return secagg_refusal(msg, f"round {configs[0].round}: {refused}")
+        kept = [g for g in rounds[0].groups if policy is not None and not policy.allows(g)]
         if kept:  # the round lays them out for this site; masking without them would be refused later
             raise SecAggRefusal(f"the site policy keeps group(s) {kept} local: this site sits the secure round out")
-        keep_secure_round(context, site)
-        return secagg_reply(msg, site.advertise())
+        # A keys message starts the server's key rounds over: keys it made before are dropped.
+        if SECAGG_STATE_KEY in context.state:
+            del context.state[SECAGG_STATE_KEY]
+        for site in rounds:
+            keep_secure_round(context, site.config.round, site)
+        content = RecordDict(
+            {key_round_record(i): ConfigRecord(to_flat(site.advertise())) for i, site in enumerate(rounds)}
+        )
+        return Message(content, reply_to=msg)
 
     @app.query(_action(SHARES_MESSAGE))
     def secagg_shares(msg: Message, context: Context) -> Message:
-        site = stored_secure_round(context, "shares")
-        shares = site.share_keys(from_flat(KeyDirectory, secagg_record(msg)))
-        keep_secure_round(context, site)
-        return secagg_reply(msg, shares)
+        records = key_round_records(msg.content.config_records, SHARES_MESSAGE)
+        directories = [from_flat(KeyDirectory, record) for record in records]
+        content = RecordDict()
+        for offset, directory in enumerate(directories):
+            if directory.round != directories[0].round + offset:
+                raise SecAggRefusal(f"{SHARES_MESSAGE}: key directories of rounds {[d.round for d in directories]}")
+            site = stored_secure_round(context, "shares", directory.round)
+            content[key_round_record(offset)] = ConfigRecord(to_flat(site.share_keys(directory)))
+            keep_secure_round(context, directory.round, site)
+        return Message(content, reply_to=msg)
 
     @app.train(_action(MASK_MESSAGE))
     def secagg_mask(msg: Message, context: Context) -> Message:
         records = msg.content.config_records
         if CONFIG_RECORD not in records:
             raise ValueError(f"{MASK_MESSAGE} message without its {CONFIG_RECORD!r} record")
+        if SECAGG_CONFIG_RECORD not in records:
+            raise ValueError(f"{MASK_MESSAGE} message without its {SECAGG_CONFIG_RECORD!r} record")
         cfg = RoundConfig.from_flat(records[CONFIG_RECORD])
         inbox = from_flat(ShareInbox, secagg_record(msg))
+        final = from_flat(SecAggConfig, records[SECAGG_CONFIG_RECORD])
         arrays = message_arrays(msg)
         if (need := setup_needed(msg, context, cfg.setup_sha256)) is not None:
             return need
-        secure = stored_secure_round(context, "mask")
-        if not cfg.secure_aggregation or secure.config.round != cfg.round:
-            raise SecAggRefusal(f"mask stage of round {cfg.round}: this site's secure round is {secure.config.round}")
+        if not cfg.secure_aggregation or final.round != cfg.round:
+            raise SecAggRefusal(f"mask stage of round {cfg.round}: a secure config of round {final.round}")
+        secure = stored_secure_round(context, "mask", cfg.round)
+        secure.finalise(final)  # the round's own clip norms; nothing the keys were made for may change
+        keep_secure_round(context, cfg.round, secure, drop_earlier=True)  # earlier rounds were left behind
         site = runtime(context)
         try:
             reply = site.train(stored_setup(context, cfg.setup_sha256), arrays, cfg, masked=True)
         except TrainRefused as refused:
-            keep_secure_round(context, None)
+            keep_secure_round(context, cfg.round, None)
             return Message(train_reply_content(refused.reply), reply_to=msg)
         reply = site.release(reply)  # the policy's local groups never leave, masked or not
         untrained = [g for g in secure.groups if g not in reply.group_examples]
@@ -359,13 +392,13 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
             # The round's layout has this site in those groups; leaving one out would leave its
             # peers' pairwise masks uncancelled, and a zero-count stand-in would count towards
             # min_holders without contributing. The site sits the round out (a dropout).
-            keep_secure_round(context, None)
+            keep_secure_round(context, cfg.round, None)
             why = f"no sample of group(s) {untrained} this round: the secure round's layout needs every group it holds"
             log.warning("site %s round %d: %s", site.name, cfg.round, why)
             return Message(train_reply_content(TrainReply.refused(why, reply.dp)), reply_to=msg)
         update = {k: np.asarray(v, np.float64) - np.asarray(arrays[k], np.float64) for k, v in reply.arrays.items()}
         masked = secure.mask(inbox, update, {g: int(n) for g, n in reply.group_examples.items()})
-        keep_secure_round(context, secure)
+        keep_secure_round(context, cfg.round, secure)
         release_memory()
         out = secagg_reply(msg, masked)
         if reply.dp is not None:  # the site's cumulative spend, as a plain reply reports it (no counts)
@@ -374,17 +407,18 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
 
     @app.query(_action(UNMASK_MESSAGE))
     def secagg_unmask(msg: Message, context: Context) -> Message:
-        site = stored_secure_round(context, "unmask")
+        request = from_flat(UnmaskRequest, secagg_record(msg))
+        site = stored_secure_round(context, "unmask", request.round)
         try:
-            shares = site.unmask(from_flat(UnmaskRequest, secagg_record(msg)))
+            shares = site.unmask(request)
         except SecAggRefusal as refused:
-            keep_secure_round(context, None)  # no second chance to ask: its secrets are dropped
+            keep_secure_round(context, request.round, None)  # no second chance to ask: its secrets are dropped
             return secagg_refusal(msg, f"round {site.config.round}: {refused}")
         for group, why in sorted(site.withheld.items()):
             log.warning(
                 "round %d: group %r withheld by the server (carried forward): %s", site.config.round, group, why
             )
-        keep_secure_round(context, None)  # answered once: its secrets are no longer needed
+        keep_secure_round(context, request.round, None)  # answered once: its secrets are no longer needed
         return secagg_reply(msg, shares)
 
     @app.evaluate()

@@ -23,6 +23,11 @@ Stages of one round (the server relays every message; sites never talk to each o
   4  site -> server   UnmaskShares                 SiteRound.unmask
      server           SecureAggregate              ServerRound.aggregate
 
+Key rounds (`key_rounds`): stages 0-2 of several consecutive rounds may run at once, each round
+with its own keys, seeds and shares; a later round's mask stage then brings its own config, which
+may differ from the one its keys were made for only in MASK_TIME_FIELDS (`SiteRound.finalise`,
+`ServerRound.finalise`, config.py).
+
 Beside the steps: field.py (clipping, quantisation, the error bound), masks.py and keys.py (the
 PRG and the X25519 agreement), layout.py (a group's update as one vector), records.py (each
 message's flat form for a ConfigRecord), simulate.py (one round in process, with the transcript

@@ -22,6 +22,11 @@ WEIGHT_DIGIT_BASE = 256
 # (run config secagg-min-holders) and each site's own floor (its policy's secagg_min_holders).
 # One holder's sum is its update exactly, two holders' each other's by subtraction.
 DEFAULT_MIN_HOLDERS = 3
+# What a round's masking needs and only the round's arrays fix (the clip norms come from the
+# weights' norm): a config sent with the keys of a round ahead (KEY_ROUNDS) may differ from the
+# round's own, sent with its mask message, in these fields only. Every other field is fixed when
+# the keys are made, and a site refuses a mask message whose config changes one.
+MASK_TIME_FIELDS = frozenset({"clip_norm", "value_range", "weight_max"})
 
 
 class SecAggConfig(BaseModel):
@@ -67,6 +72,14 @@ class SecAggConfig(BaseModel):
         if len(self.sample) * (WEIGHT_DIGIT_BASE - 1) > self.modulus - 1:
             raise ValueError(f"{len(self.sample)} sites: a weight digit's sum would wrap 2^{self.field_bits}")
         return self
+
+    def key_time_difference(self, other: SecAggConfig) -> list[str]:
+        """The fields other than MASK_TIME_FIELDS in which `other` differs from this config."""
+        return [
+            name
+            for name in type(self).model_fields
+            if name not in MASK_TIME_FIELDS and getattr(self, name) != getattr(other, name)
+        ]
 
     @property
     def modulus(self) -> int:

@@ -82,6 +82,16 @@ class ServerRound:
         self.request: UnmaskRequest | None = None
         self.withheld: dict[str, str] = {}
 
+    def finalise(self, config: SecAggConfig) -> None:
+        """The round's own config in place of the provisional one its keys were made with, rounds
+        before (SiteRound.finalise: only MASK_TIME_FIELDS may differ)."""
+        if self.masked:
+            raise SecAggError(f"round {self.config.round}: finalise after masked inputs arrived")
+        changed = self.config.key_time_difference(config)
+        if changed:
+            raise SecAggError(f"round {self.config.round}: its config differs in {', '.join(changed)} from its keys'")
+        self.config = config
+
     def _accept(self, node: int, round_: int, allowed: Iterable[int], seen: Iterable[int], stage: str) -> bool:
         if round_ != self.config.round:
             self.rejected[node] = f"{stage}: round {round_}, expected {self.config.round}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from cryptography.fernet import InvalidToken
@@ -68,6 +68,30 @@ class SiteState(BaseModel):
     masked: bool = False
     answered: bool = False
     withheld: dict[str, str] = Field(default_factory=dict)
+
+
+def key_rounds(
+    configs: Sequence[SecAggConfig],
+    node_id: int,
+    randbytes: Callable[[int], bytes] = os.urandom,
+    site_min_holders: int = DEFAULT_MIN_HOLDERS,
+) -> list[SiteRound]:
+    """One SiteRound per config of a keys message: rounds r, r + 1, ... in sequence, each config
+    the first's but for the round and MASK_TIME_FIELDS (a round ahead's clip norms are provisional:
+    its mask message brings its own, `SiteRound.finalise`). Every round has its own keys and
+    seeds, so what the server learns in one round (a dropped site's mask key, a survivor's seed)
+    opens nothing of another."""
+    if not configs:
+        raise SecAggRefusal("a keys message without a round")
+    first = configs[0]
+    for offset, config in enumerate(configs):
+        changed = [name for name in first.key_time_difference(config) if name != "round"]
+        if config.round != first.round + offset or changed:
+            raise SecAggRefusal(
+                f"key round {offset}: round {config.round}, differs in {changed or 'nothing'}; expected round "
+                f"{first.round + offset} with round {first.round}'s sample, groups, threshold and min_holders"
+            )
+    return [SiteRound(config, node_id, randbytes, site_min_holders) for config in configs]
 
 
 class SiteRound:
@@ -191,6 +215,21 @@ class SiteRound:
         return EncryptedShares(node_id=self.node_id, round=config.round, ciphertexts=ciphertexts)
 
     # ------------------------------------------------------------------ stage 3
+    def finalise(self, config: SecAggConfig) -> None:
+        """The round's own config, sent with its mask message, in place of the one the keys were
+        made for (a round whose keys were exchanged ahead: its clip norms were not known then).
+        Only MASK_TIME_FIELDS may change; anything else (the sample, the groups, the threshold,
+        min_holders) is what the site agreed to when it made and shared its keys."""
+        if self._masked:
+            raise SecAggRefusal("finalise: the round is already masked")
+        changed = self.config.key_time_difference(config)
+        if changed:
+            raise SecAggRefusal(
+                f"round {self.config.round}: the mask message's config changes {', '.join(changed)} "
+                "from the config this site made its keys for"
+            )
+        self.config = config
+
     def mask(
         self,
         inbox: ShareInbox,

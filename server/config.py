@@ -33,6 +33,7 @@ from healthfm_core.data.sequences.token_settings import (
 )
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.protocol import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, EvalConfig, ScoreScale
+from healthfm_core.protocol.secure_records import MAX_KEY_ROUNDS
 from healthfm_core.protocol.transport import Rounding, Transport
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR
 from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
@@ -242,6 +243,11 @@ class FederationConfig(BaseModel):
     secagg_min_holders: int = Field(default=3, ge=1, le=257)  # each site's own floor may refuse it (client/policy.py)
     secagg_threshold_fraction: float = Field(default=0.5, ge=0.5, le=1.0, allow_inf_nan=False)
     secagg_field_bits: Literal[16, 32] = 16
+    # The rounds one keys-and-shares exchange makes keys for: this round and the next
+    # secagg_key_rounds - 1 (each its own keys), so a steady run's secure round has two exchanges
+    # (mask, unmask) instead of four; a change of sample or a site missing a stage starts afresh
+    # (server/secure_round.py, KeyRounds). 1: every round exchanges its own keys.
+    secagg_key_rounds: int = Field(default=8, ge=1, le=MAX_KEY_ROUNDS)
     # Every message the ServerApp receives in a round, and the state it keeps, written under
     # out_dir/transcript/round-<n>/ (server/transcript.py) for the attack replay
     # (`python -m secure_aggregation.replay`). `record-transcript` in the run config; off by default:

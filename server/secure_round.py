@@ -3,13 +3,17 @@ server learns, per parameter group, only the sum over the sites holding it of th
 updates and counts, never one site's update.
 
 `run_secure_round` is run_round's counterpart (server/round.py), the same Grid, four exchanges
-instead of one (secure_aggregation/__init__.py has the protocol, records.py the message types):
+instead of one, two in a round whose keys an earlier round made (secure_aggregation/__init__.py
+has the protocol, healthfm_core/protocol/secure_records.py the message types):
   1. KEYS_MESSAGE   SecAggConfig (who takes part, which groups each holds, threshold, clipping,
-                    field) -> each site's PublicKeys; the server forms the KeyDirectory;
-  2. SHARES_MESSAGE KeyDirectory -> each site's EncryptedShares; the server routes them (ShareInbox);
+                    field) per key round: this round and up to secagg-key-rounds - 1 after it
+                    (KeyRounds) -> each site's PublicKeys per key round; a KeyDirectory per round;
+  2. SHARES_MESSAGE KeyDirectory per key round -> each site's EncryptedShares per key round; the
+                    server routes them (a ShareInbox per site and round);
   3. MASK_MESSAGE   the plain train message's records (arrays, RoundConfig) + the site's ShareInbox
-                    -> the site trains exactly as for a plain round, clips, quantises and masks its
-                    update with its per-group counts -> MaskedInput;
+                    + the round's own SecAggConfig (its clip norms) -> the site trains exactly as
+                    for a plain round, clips, quantises and masks its update with its per-group
+                    counts -> MaskedInput;
   4. UNMASK_MESSAGE UnmaskRequest (survivors, groups to unmask, groups withheld and why) -> each
                     survivor's UnmaskShares; ServerRound.aggregate removes the masks.
 The new global arrays: each unmasked group's weighted average update added to the round's arrays
@@ -29,10 +33,12 @@ average's norm against the clip norm (docs/coordinator.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,10 +50,12 @@ from healthfm_core.protocol import METRICS_RECORD, STATUS_RECORD, FederationSetu
 from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
     MASK_MESSAGE,
+    SECAGG_CONFIG_RECORD,
     SECAGG_RECORD,
     SHARES_MESSAGE,
     UNMASK_MESSAGE,
     from_flat,
+    key_round_record,
     to_flat,
 )
 from secure_aggregation.config import SecAggConfig
@@ -83,6 +91,7 @@ from server.strategy import ModalityAwareFedAvg
 log = logging.getLogger("healthfm.server.secure_round")
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def secagg_config(
@@ -147,19 +156,26 @@ class _Stages:
             self.rejected.append(RejectedReply(node, reason))
 
     def exchange_stage(
-        self, messages: list[Message], reply_type: type[M], stage: str, times: ExchangeTimes | None = None
-    ) -> dict[int, M]:
+        self,
+        messages: list[Message],
+        reply_type: type[M],
+        stage: str,
+        times: ExchangeTimes | None = None,
+        key_rounds: int = 1,
+    ) -> dict[int, list[M]]:
         """Send one stage's messages, parse the replies (each a peer's: checked, its node id the
-        sender's); a site whose reply is missing, an error, refused or does not parse is out of
-        the round from here on (a dropout, with why)."""
+        sender's), `key_rounds` messages a reply (one per key round: key_round_record(i)); a site
+        whose reply is missing, an error, refused or does not parse is out of the round from here
+        on (a dropout, with why)."""
         for msg in messages:
             entry = self.sites.setdefault(self.roster.site(msg.metadata.dst_node_id), SiteOutcome(node_id=0))
             entry.bytes_sent = (entry.bytes_sent or 0) + message_size(msg)[0]
         times = times if times is not None else ExchangeTimes()
         replies = send_and_receive(self.grid, messages, self.cfg.timeout_s, times)
         self.seconds[stage] = time.time() - times.push_start
-        parsed: dict[int, M] = {}
+        parsed: dict[int, list[M]] = {}
         answered = set()
+        expected = {key_round_record(i) for i in range(key_rounds)}
         for need in setup_needed(replies, messages):
             # Its SuperNode restarted: its secure-aggregation state is gone with the setup; it is
             # sent the setup again (next round) and is a dropout of this one.
@@ -185,23 +201,26 @@ class _Stages:
                 self.rejected.append(RejectedReply(node, f"{stage}: a second reply", "duplicate"))
                 continue
             try:
-                if set(records) != {SECAGG_RECORD} or set(reply.content.array_records):
+                if set(records) != expected or set(reply.content.array_records):
                     raise ValueError(
-                        f"records {sorted(reply.content)}, expected {SECAGG_RECORD!r} (and {METRICS_RECORD!r})"
+                        f"records {sorted(reply.content)[:20]}, expected {sorted(expected)} (and {METRICS_RECORD!r})"
                     )
                 metrics = reply.content.metric_records
                 if set(metrics) - {METRICS_RECORD}:
                     raise ValueError(f"metric records {sorted(metrics)}, expected at most {METRICS_RECORD!r}")
                 if METRICS_RECORD in metrics:  # a DP site's cumulative spend (its counts stay masked)
                     entry.dp = PrivacySpend.from_metrics(metrics[METRICS_RECORD]).model_dump(exclude_none=True)
-                message = from_flat(reply_type, records[SECAGG_RECORD], self.max_bytes)
-                claimed = getattr(message, "node_id", node)
-                if claimed != node:
-                    raise ValueError(f"field node_id: value {claimed}, the reply came from node {node}")
+                payloads = [
+                    from_flat(reply_type, records[key_round_record(i)], self.max_bytes) for i in range(key_rounds)
+                ]
+                for message in payloads:
+                    claimed = getattr(message, "node_id", node)
+                    if claimed != node:
+                        raise ValueError(f"field node_id: value {claimed}, the reply came from node {node}")
             except ValueError as err:
                 self.fail(node, "rejected", f"{stage}: {' '.join(str(err).split())[:500]}")
                 continue
-            parsed[node] = message
+            parsed[node] = payloads
         for msg in messages:
             node = msg.metadata.dst_node_id
             if node not in answered:
@@ -209,9 +228,107 @@ class _Stages:
         return parsed
 
 
-def _secagg_message(node: int, payload: BaseModel, message_type: str) -> Message:
-    content = RecordDict({SECAGG_RECORD: ConfigRecord(to_flat(payload))})
+def _secagg_message(node: int, payloads: Sequence[BaseModel], message_type: str) -> Message:
+    """One message of a stage: payload i (round r + i's, in the keys and shares stages) under
+    key_round_record(i)."""
+    content = RecordDict({key_round_record(i): ConfigRecord(to_flat(p)) for i, p in enumerate(payloads)})
     return Message(content=content, message_type=message_type, dst_node_id=node)
+
+
+def _first(replies: Mapping[int, list[M]]) -> dict[int, M]:
+    return {node: payloads[0] for node, payloads in replies.items()}
+
+
+@dataclass
+class KeyRound:
+    """A round whose keys and shares are exchanged (in round `exchanged_in`): the server's state
+    after the shares stage, each site's inbox, and the replies its transcript records."""
+
+    server: ServerRound
+    inboxes: dict[int, ShareInbox]
+    keys: list[PublicKeys]
+    shares: list[EncryptedShares]
+    exchanged_in: int
+
+
+@dataclass
+class KeyRounds:
+    """The run's rounds ahead whose keys and shares are already exchanged (run config
+    `secagg-key-rounds`). Each round keeps its own keys, seeds and threshold; a round whose
+    sample, groups, threshold or min_holders differ from what its keys were made for, and every
+    round after one in which a site did not take part to the end, has its keys made afresh (a
+    keys message makes the sites drop the keys they held)."""
+
+    ahead: dict[int, KeyRound] = field(default_factory=dict)
+
+    def take(self, config: SecAggConfig) -> KeyRound | None:
+        """The round's keys, if made ahead for this config's key-time fields (the server's round
+        state takes the config: its clip norms); else None, and every round ahead is dropped."""
+        held = self.ahead.pop(config.round, None)
+        if held is None or held.server.config.key_time_difference(config):
+            self.ahead.clear()
+            return None
+        held.server.finalise(config)
+        return held
+
+
+def _exchange_keys(cfg: FederationConfig, config: SecAggConfig, stages: _Stages, key_rounds: KeyRounds) -> KeyRound:
+    """The keys and shares stages for this round and up to `secagg-key-rounds` - 1 rounds after it
+    (the run's last round at most), one exchange each; the rounds ahead go to `key_rounds`. A round
+    ahead is kept only while its directory and its sites that shared (U2) are this round's: a site
+    that left something out for one round ahead drops that round and the rounds after it."""
+    count = max(1, min(cfg.secagg_key_rounds, cfg.rounds - config.round + 1))
+    configs = [config] + [config.model_copy(update={"round": config.round + i}) for i in range(1, count)]
+    servers = [ServerRound(c) for c in configs]
+    keys = stages.exchange_stage(
+        [_secagg_message(n, configs, KEYS_MESSAGE) for n in config.sample], PublicKeys, "keys", key_rounds=count
+    )
+    directories = _while_made(
+        [functools.partial(s.key_directory, [r[i] for r in keys.values()]) for i, s in enumerate(servers)]
+    )
+    count = _agreeing(directories, lambda d: sorted(d.keys))
+    shares = stages.exchange_stage(
+        [_secagg_message(n, directories[:count], SHARES_MESSAGE) for n in directories[0].keys],
+        EncryptedShares,
+        "shares",
+        key_rounds=count,
+    )
+    inboxes = _while_made(
+        [functools.partial(s.route_shares, [r[i] for r in shares.values()]) for i, s in enumerate(servers[:count])]
+    )
+    count = _agreeing([s.shared for s in servers[: len(inboxes)]], lambda shared: shared)
+    made = [
+        KeyRound(
+            servers[i],
+            inboxes[i],
+            [reply[i] for reply in keys.values()],
+            [reply[i] for reply in shares.values()],
+            config.round,
+        )
+        for i in range(count)
+    ]
+    key_rounds.ahead = {k.server.config.round: k for k in made[1:]}
+    return made[0]
+
+
+def _while_made(steps: Sequence[Callable[[], T]]) -> list[T]:
+    """Each key round's step while it succeeds: this round's failure (SecAggError) fails the round,
+    a round ahead's drops it and the rounds after it."""
+    made: list[T] = []
+    for i, step in enumerate(steps):
+        try:
+            made.append(step())
+        except SecAggError:
+            if i == 0:
+                raise
+            break
+    return made
+
+
+def _agreeing(items: Sequence[Any], view: Callable[[Any], Any]) -> int:
+    """How many of `items`, from the first on, look (`view`) as the first does."""
+    first = view(items[0])
+    return next((i for i, item in enumerate(items) if view(item) != first), len(items))
 
 
 def secure_arrays(
@@ -250,8 +367,11 @@ def run_secure_round(
     strategy: ModalityAwareFedAvg,
     roster: Roster,
     reply_lags: Mapping[int, float],
+    key_rounds: KeyRounds | None = None,
 ) -> RoundRecord:
-    """Round `rnd` under secure aggregation (the module docstring); run_round's signature and record."""
+    """Round `rnd` under secure aggregation (the module docstring); run_round's signature and record,
+    and the run's `key_rounds` (rounds ahead whose keys are exchanged; None: a round of its own)."""
+    key_rounds = key_rounds if key_rounds is not None else KeyRounds()
     t_start = time.perf_counter()
     config, messages = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
     trains = {m.metadata.dst_node_id: m for m in messages}
@@ -271,25 +391,22 @@ def run_secure_round(
     try:
         sa_config = secagg_config(cfg, config, arrays, node_groups, strategy)
         secure.update(threshold=sa_config.threshold, min_holders=sa_config.min_holders, field_bits=sa_config.field_bits)
-        server = ServerRound(sa_config)
         recorded.config = sa_config
-        keys = stages.exchange_stage(
-            [_secagg_message(n, sa_config, KEYS_MESSAGE) for n in sa_config.sample], PublicKeys, "keys"
-        )
-        recorded.received.keys = list(keys.values())
-        directory = recorded.directory = server.key_directory(keys.values())
-        shares = stages.exchange_stage(
-            [_secagg_message(n, directory, SHARES_MESSAGE) for n in directory.keys], EncryptedShares, "shares"
-        )
-        recorded.received.shares = list(shares.values())
-        inboxes: dict[int, ShareInbox] = server.route_shares(shares.values())
+        held = key_rounds.take(sa_config)
+        if held is None:
+            held = _exchange_keys(cfg, sa_config, stages, key_rounds)
+        secure["keys_exchanged_in_round"] = held.exchanged_in
+        server, inboxes = held.server, held.inboxes
+        recorded.received.keys, recorded.received.shares = held.keys, held.shares
+        recorded.directory = server.directory
         for node, inbox in inboxes.items():
             content = trains[node].content
             content[SECAGG_RECORD] = ConfigRecord(to_flat(inbox))
+            content[SECAGG_CONFIG_RECORD] = ConfigRecord(to_flat(sa_config))
             masks.append(Message(content=content, message_type=MASK_MESSAGE, dst_node_id=node))
         masks = slowest_first(masks, reply_lags)
         t_sent = time.perf_counter()
-        masked = stages.exchange_stage(masks, MaskedInput, "mask", stages.exchange)
+        masked = _first(stages.exchange_stage(masks, MaskedInput, "mask", stages.exchange))
         t_replied = time.perf_counter()
         recorded.received.masked = list(masked.values())
         request: UnmaskRequest = server.unmask_request(masked.values())
@@ -297,13 +414,16 @@ def run_secure_round(
         survivors = request.survivors
         for group, why in request.withheld.items():
             log.warning("round %d: group %r withheld (carried forward): %s", rnd, group, why)
-        unmask = stages.exchange_stage(
-            [_secagg_message(n, request, UNMASK_MESSAGE) for n in request.survivors], UnmaskShares, "unmask"
+        unmask = _first(
+            stages.exchange_stage(
+                [_secagg_message(n, [request], UNMASK_MESSAGE) for n in request.survivors], UnmaskShares, "unmask"
+            )
         )
         recorded.received.unmask = list(unmask.values())
         result = server.aggregate(unmask.values())
         new_arrays = secure_arrays(result, arrays, sa_config, strategy)
     except SecAggError as err:
+        key_rounds.ahead.clear()
         log.error("round %d: secure aggregation failed, global arrays unchanged: %s", rnd, err)
         secure["error"] = str(err)
         result = None
@@ -336,6 +456,12 @@ def run_secure_round(
             sites[roster.site(node)].reason = "sent its masked update, then dropped out (recovered)"
         for node, why in result.rejected.items():
             stages.fail(node, "rejected", why)
+    if any(entry.status not in ("ok", "refused") for entry in sites.values()):
+        # A site that did not answer, failed or was rejected (dead, restarted, tampered with): the
+        # next round makes its keys afresh with the sample it has then, rather than carry a dropout
+        # through the rounds ahead. A site that refused (its policy, no sample of a group) is alive
+        # and keeps the keys of the rounds ahead.
+        key_rounds.ahead.clear()
     rejected = stages.rejected
     outcome = RoundOutcome(rnd, new_arrays, contributors, rejected, {}, survivors if result is not None else [])
     record_absent(grid, cfg.timeout_s, roster, sites)

@@ -34,6 +34,7 @@ on disk (rounds.jsonl, summary.md) is written by server/runlog.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -65,7 +66,7 @@ from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
 from server.run_claim import Holder, adopt_for_serverapp, release
 from server.runlog import EventLog, json_values, read_events, write_summary
-from server.secure_round import run_secure_round
+from server.secure_round import KeyRounds, run_secure_round
 from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
 from server.transcript import write_round_transcript
 
@@ -350,7 +351,10 @@ class FederationServer:
         if start >= end:
             log.info("nothing to do: %d of %d rounds already done", start, cfg.rounds)
         # Secure aggregation: its own round (server/secure_round.py), the same inputs and record.
-        play_round = run_secure_round if cfg.secure_aggregation else run_round
+        # The run's rounds ahead whose keys are exchanged (secagg-key-rounds): from this process on.
+        play_round = (
+            functools.partial(run_secure_round, key_rounds=KeyRounds()) if cfg.secure_aggregation else run_round
+        )
         for rnd in range(start + 1, end + 1):
             record = play_round(
                 cfg,

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from helpers.in_process_grid import InProcessGrid
 from helpers.secure_round_runs import (
     DroppingGrid,
@@ -39,10 +39,13 @@ from healthfm_core.protocol.packing import unpack_record
 from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
     MASK_MESSAGE,
+    SECAGG_CONFIG_RECORD,
     SECAGG_RECORD,
     SHARES_MESSAGE,
     UNMASK_MESSAGE,
     from_flat,
+    key_round_records,
+    to_flat,
 )
 from healthfm_core.release import CARD_MD_FILE, RELEASE_FILE, load_release
 from secure_aggregation.config import SecAggConfig
@@ -58,6 +61,7 @@ from server.deploy.commands import report_outcome
 from server.deploy.flwr_control import EXIT_OK
 from server.outcome import read_outcome
 from server.release import release_run
+from server.runlog import read_events
 from server.transcript import read_plain_round, read_round_config
 from simulations.synthetic import generate_federation
 
@@ -373,3 +377,67 @@ def test_an_attacker_given_every_message_the_server_received_learns_no_sites_upd
     )
     applied = group_vector({k: secure[k].astype(np.float64) - initial[k] for k in initial}, "shared")
     assert float(np.corrcoef(average, applied)[0, 1]) > 0.999
+
+
+class LoweringGrid(RecordingGrid):
+    """RecordingGrid whose coordinator lowers min_holders to 1 in the mask messages of one round: a
+    round whose keys were made ahead, under min_holders 3."""
+
+    def __init__(self, node_configs: dict[int, dict], round_: int) -> None:
+        super().__init__(node_configs)
+        self.round = round_
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        messages = list(messages)
+        for msg in messages:
+            records = msg.content.config_records
+            if (
+                msg.metadata.message_type == MASK_MESSAGE
+                and RoundConfig.from_flat(records["config"]).round == self.round
+            ):
+                config = from_flat(SecAggConfig, records[SECAGG_CONFIG_RECORD])
+                records[SECAGG_CONFIG_RECORD] = ConfigRecord(to_flat(config.model_copy(update={"min_holders": 1})))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_keys_made_once_serve_the_rounds_ahead_and_a_changed_config_makes_them_afresh(
+    sites: dict[int, dict[str, Any]], tmp_path: Path
+) -> None:
+    """secagg-key-rounds (default 8): round 1's keys and shares exchange makes the keys of rounds 1-4,
+    one key pair set and seed set each; round 2 runs on them with its own clip norms (two exchanges:
+    mask, unmask), and its masks cancel (an uncancelled mask is a sum outside its bound: the round
+    would fail). In round 3 the coordinator lowers min_holders in the mask messages, which would open
+    genomics over its two holders: every site refuses (its keys were made for min_holders 3), the
+    round fails and changes nothing, and round 4 makes its keys afresh."""
+    grid = LoweringGrid(sites, round_=3)
+    out = run(grid, tmp_path / "run", secure_aggregation=True, rounds=4, record_transcript=True)
+    types = [sent[0].metadata.message_type for sent, _ in grid.exchanges if sent]
+    secure_types = [t for t in types if t in (KEYS_MESSAGE, SHARES_MESSAGE, MASK_MESSAGE, UNMASK_MESSAGE)]
+    keys_and_shares, mask_and_unmask = [KEYS_MESSAGE, SHARES_MESSAGE], [MASK_MESSAGE, UNMASK_MESSAGE]
+    # round 1: keys and shares for rounds 1-4; round 2: on them; round 3: refused at the mask stage;
+    # round 4: afresh
+    expected = [*keys_and_shares, *mask_and_unmask, *mask_and_unmask, MASK_MESSAGE, *keys_and_shares, *mask_and_unmask]
+    assert secure_types == expected
+    keys_sent, _ = grid.exchanges[types.index(KEYS_MESSAGE)]
+    configs = [from_flat(SecAggConfig, r) for r in key_round_records(keys_sent[0].content.config_records, "keys")]
+    assert [c.round for c in configs] == [1, 2, 3, 4]
+    rounds = {e["round"]: e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"}
+    info = {r: e["secure_aggregation"] for r, e in rounds.items()}
+    assert [info[r]["keys_exchanged_in_round"] for r in (1, 2, 4)] == [1, 1, 4]
+    assert sorted(info[1]["stage_seconds"]) == ["keys", "mask", "shares", "unmask"]
+    assert sorted(info[2]["stage_seconds"]) == ["mask", "unmask"]  # two exchanges, as the issue asks
+    for r in (1, 2, 4):
+        assert rounds[r]["updated"] is True and "error" not in info[r], info[r]
+        assert info[r]["unmasked"]["wearables"] == ["biobank", "clinic", "hospital"]
+        assert list(info[r]["withheld"]) == ["genomics"]
+    assert rounds[3]["updated"] is False and "sent a masked vector < threshold" in info[3]["error"]
+    for entry in rounds[3]["sites"].values():
+        assert "changes min_holders from the config this site made its keys for" in entry["reason"], entry
+    # Each round's transcript holds the keys and shares its round ran on (made in round 1 for round 2)
+    # and replays: nothing opened over fewer than 3 holders.
+    _, second = read_secure_round(out / "transcript" / "round-2")
+    assert second.config is not None and second.config.round == 2 and second.directory is not None
+    assert second.config.clip_norm != configs[1].clip_norm  # its own clip norms, not round 1's provisional ones
+    assert {k.round for k in second.received.keys} == {2} and second.directory.round == 2
+    assert len(second.received.shares) == 4 and len(second.received.masked) == 4
+    assert replay([str(out / "transcript")]) == 0

@@ -27,7 +27,7 @@ from secure_aggregation.errors import SecAggError, SecAggRefusal
 from secure_aggregation.messages import ShareInbox, UnmaskRequest
 from secure_aggregation.server import SecureAggregate, ServerRound
 from secure_aggregation.simulate import run_secure_round
-from secure_aggregation.site import SiteRound
+from secure_aggregation.site import SiteRound, key_rounds
 
 
 def _assert_matches_plain(
@@ -286,3 +286,74 @@ def test_a_site_shares_its_keys_once_a_round() -> None:
     restored = SiteRound.from_state(sites[1].to_state())  # as the ClientApp keeps it between messages
     with pytest.raises(SecAggRefusal, match="share_keys: expected once a round"):
         restored.share_keys(directory)
+
+
+def _key_rounds_played(configs: list[SecAggConfig]) -> tuple[dict[int, list[SiteRound]], list[ServerRound], list]:
+    """Every site's and the server's keys and shares of `configs`' rounds, exchanged at once (as a
+    keys and a shares message of several key rounds do)."""
+    sites = {n: key_rounds(configs, n, seeded_bytes(n), configs[0].min_holders) for n in configs[0].sample}
+    servers = [ServerRound(c) for c in configs]
+    directories = [s.key_directory([sites[n][i].advertise() for n in sites]) for i, s in enumerate(servers)]
+    inboxes = [s.route_shares([sites[n][i].share_keys(directories[i]) for n in sites]) for i, s in enumerate(servers)]
+    return sites, servers, inboxes
+
+
+def test_a_round_whose_keys_were_made_ahead_masks_with_its_own_config_and_equals_fedavg() -> None:
+    """Round r + 1's keys and shares made in round r, under a provisional config (round r's clip
+    norms); its mask stage brings its own (other clip norms, value ranges and largest count), both
+    sides take it, and the average is ModalityAwareFedAvg's within its bound. Each key round has
+    its own keys."""
+    np.random.seed(3)
+    first = make_config(MIXES, threshold=3)
+    configs = [first, first.model_copy(update={"round": first.round + 1})]
+    sites, servers, inboxes = _key_rounds_played(configs)
+    assert len({sites[1][i].advertise().enc_key for i in range(2)}) == 2
+    final = configs[1].model_copy(
+        update={
+            "clip_norm": {g: 0.5 * v for g, v in first.clip_norm.items()},
+            "value_range": {g: 2 * v for g, v in first.value_range.items()},
+            "weight_max": 2 * first.weight_max,
+        }
+    )
+    servers[1].finalise(final)
+    for node in sites:
+        sites[node][1].finalise(final)
+    updates, counts = site_updates(MIXES, scale=0.2)
+    masked = [sites[n][1].mask(inboxes[1][n], updates[n], counts[n], group_of) for n in MIXES]
+    request = servers[1].unmask_request(masked)
+    result = servers[1].aggregate([sites[n][1].unmask(request) for n in request.survivors])
+    assert result.unmasked == {"shared": [1, 2, 3, 4], "ehr": [1, 2, 3, 4]}
+    _assert_matches_plain(result, global_arrays(), updates, counts, final, [1, 2, 3, 4])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("min_holders", 1), ("threshold", 4), ("sample", [1, 2, 3]), ("groups", {**MIXES, 4: ["shared"]})],
+)
+def test_a_mask_stage_config_that_changes_what_the_keys_were_made_for_is_refused(field: str, value: object) -> None:
+    """Only the clip norms, value ranges and largest count may change between the keys stage and
+    the mask stage: a coordinator lowering min_holders or the threshold, or changing who takes part,
+    after the keys were shared, is refused by every site (and by the server's own round state)."""
+    first = make_config(MIXES, threshold=3)
+    configs = [first, first.model_copy(update={"round": first.round + 1})]
+    sites, servers, _ = _key_rounds_played(configs)
+    changed = configs[1].model_copy(update={field: value})
+    with pytest.raises(SecAggRefusal, match=f"changes {field} from the config this site made its keys for"):
+        sites[1][1].finalise(changed)
+    with pytest.raises(SecAggError, match=f"differs in {field}"):
+        servers[1].finalise(changed)
+
+
+def test_key_rounds_are_consecutive_rounds_of_one_sample_threshold_and_floor() -> None:
+    first = make_config(MIXES, threshold=3)
+    ahead = first.model_copy(update={"round": first.round + 1})
+    assert [s.config.round for s in key_rounds([first, ahead], 1)] == [first.round, first.round + 1]
+    for bad in (
+        first.model_copy(update={"round": first.round + 2}),  # a gap
+        ahead.model_copy(update={"threshold": 4}),
+        ahead.model_copy(update={"min_holders": 4}),
+    ):
+        with pytest.raises(SecAggRefusal, match="key round 1"):
+            key_rounds([first, bad], 1)
+    with pytest.raises(SecAggRefusal, match="below this site's floor 4"):
+        key_rounds([first, ahead], 1, site_min_holders=4)  # the site's floor holds for every key round
