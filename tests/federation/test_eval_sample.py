@@ -69,6 +69,12 @@ def _evaluate(rt: SiteRuntime, setup: FederationSetup, out: Path, max_subjects: 
     return rt.evaluate_tasks(setup, model, cfg, out_dir=out, sampled=max_subjects is not None)
 
 
+@pytest.fixture(scope="module")
+def full_evaluation(biobank, setup, tmp_path_factory: pytest.TempPathFactory):
+    """The evaluation with budget 0 (every subject): the reference of two tests, computed once."""
+    return _evaluate(biobank, setup, tmp_path_factory.mktemp("full"), 0)
+
+
 def _scored(out: Path, site: str, key: str) -> set[tuple[int, int]]:
     table = pq.read_table(prediction_path(out, site, key))
     times = pc.cast(table["prediction_time"], "int64").to_pylist()
@@ -116,9 +122,9 @@ def test_the_sample_draws_whole_subjects_per_split(biobank: SiteRuntime) -> None
 # ----------------------------------------------------------------------- the site's evaluation
 
 
-def test_budget_zero_is_the_full_evaluation_exactly(biobank, setup, tmp_path: Path) -> None:
+def test_budget_zero_is_the_full_evaluation_exactly(biobank, setup, full_evaluation, tmp_path: Path) -> None:
     default = _evaluate(biobank, setup, tmp_path / "default", None)
-    zero = _evaluate(biobank, setup, tmp_path / "zero", 0)
+    zero = full_evaluation
     above = _evaluate(biobank, setup, tmp_path / "above", 10_000)  # a budget above every split's size
     strip = {"available_subjects": None}  # what only a sampled evaluation says
     for other in (zero, above):
@@ -128,12 +134,14 @@ def test_budget_zero_is_the_full_evaluation_exactly(biobank, setup, tmp_path: Pa
     assert zero.metrics == above.metrics
 
 
-def test_a_capped_evaluation_scores_exactly_the_sampled_subjects_rows(biobank, setup, tmp_path: Path) -> None:
+def test_a_capped_evaluation_scores_exactly_the_sampled_subjects_rows(
+    biobank, setup, full_evaluation, tmp_path: Path
+) -> None:
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256)
     labels = biobank.labels(cfg)  # every subject's
     split_of = biobank._split_lookup()
     n_held = len(biobank.split_ids()[HELD_OUT_SPLIT])
-    full = _evaluate(biobank, setup, tmp_path / "full", 0)
+    full = full_evaluation
     capped = _evaluate(biobank, setup, tmp_path / "capped", CAP)
     assert capped.metrics and set(capped.metrics) <= set(full.metrics)
     # The sample's labels, extracted for its subjects only, are every subject's labels of those subjects.

@@ -70,32 +70,34 @@ def test_script_accepts_the_meds_sample_datasets(meds_sample_sites):
         assert "WARNING" in result.stdout and "not listed in metadata/codes.parquet" in result.stdout
 
 
-def test_script_strict_rejects_unlisted_codes(meds_sample_sites):
+# In this process: the script's own run (exit code, output streams, from another directory) is
+# test_script_accepts_a_valid_site_with_a_readable_summary's and test_script_on_a_missing_root_is_one_line_exit_2's.
+def test_strict_rejects_unlisted_codes(meds_sample_sites, capsys):
     root = next(iter(meds_sample_sites.values()))
-    result = run_cli("check", str(root), "--strict")
-    assert result.returncode == EXIT_INVALID
-    lines = result.stdout.strip().splitlines()
+    assert main(["check", str(root), "--strict"]) == EXIT_INVALID
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
     assert lines and all(line.startswith("ERROR ") for line in lines)
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
 
 
-def test_script_rejects_a_broken_site_one_line_per_problem(site_tables, write_site):
+def test_a_broken_site_is_rejected_one_line_per_problem(site_tables, write_site, capsys):
     t = site_tables.shards["train/0.parquet"]
     values = t.column("numeric_value").to_pylist()
     values[4] = float("nan")
     site_tables.shards["train/0.parquet"] = t.set_column(3, "numeric_value", pa.array(values, pa.float32()))
     site_tables.splits = site_tables.splits.slice(0, 2)
     root = write_site(site_tables)
-    result = run_cli("check", str(root))
-    assert result.returncode == EXIT_INVALID
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stdout.strip().splitlines()
+    assert main(["check", str(root)]) == EXIT_INVALID
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = out.strip().splitlines()
     assert len(lines) == 2
     assert any(
         "data/train/0.parquet, column numeric_value, row 4, subject 1" in line and "'nan'" in line for line in lines
     )
     assert any("metadata/subject_splits.parquet" in line and "subject 3" in line for line in lines)
-    assert "FAILED: 2 error(s)" in result.stderr
+    assert "FAILED: 2 error(s)" in err
 
 
 def test_script_on_a_missing_root_is_one_line_exit_2(tmp_path):

@@ -186,25 +186,34 @@ MARK_PREDICATE = "healthfm_prediction_time"  # the trigger of a times_as_events 
 # changes the config it queries with (es-aces 0.7 `extract_subtree` adds each window's root
 # offset to the parsed endpoint in place), so every query needs its own copy: `_parse` returns a
 # deepcopy (~1/20 of a parse), and callers call it once per query, never once per task.
+# Keyed by the config's repr, not its YAML text: dumping it took ~4 ms a call (as long as the
+# rest of a cache hit five times over, and load_task validates every horizon and variant), repr
+# ~0.03 ms; for the plain values a YAML config holds, equal reprs are equal configs.
 _PARSED: dict[str, TaskExtractorConfig] = {}
 
 
-def _parse(cfg: dict, where: str) -> TaskExtractorConfig:
-    """ACES loads configs from files only; each distinct config is parsed once per process."""
+def _parsed(cfg: dict, where: str) -> TaskExtractorConfig:
+    """ACES loads configs from files only; each distinct config is parsed once per process. The
+    cached parse itself: never to be queried with (see _PARSED)."""
     from aces.config import TaskExtractorConfig
 
-    text = yaml.safe_dump(cfg, sort_keys=False)
-    if text not in _PARSED:
+    key = repr(cfg)
+    if key not in _PARSED:
         if len(_PARSED) >= 256:  # a long-lived process asked for many tasks: start afresh
             _PARSED.clear()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "task.yaml"
-            path.write_text(text)
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             try:
-                _PARSED[text] = TaskExtractorConfig.load(path)
+                _PARSED[key] = TaskExtractorConfig.load(path)
             except (KeyError, ValueError, TypeError) as exc:
                 raise ValueError(f"{where}: not a valid ACES task config: {exc}") from exc
-    return copy.deepcopy(_PARSED[text])
+    return _PARSED[key]
+
+
+def _parse(cfg: dict, where: str) -> TaskExtractorConfig:
+    """A private copy of ACES's parse of `cfg`, to query with."""
+    return copy.deepcopy(_parsed(cfg, where))
 
 
 def aces_config(cfg: dict, where: str) -> TaskExtractorConfig:
@@ -287,7 +296,7 @@ def task_from_text(text: str, path: str | Path, horizons_days: Sequence[int] | N
     out = AcesTask(name=meta.task or path.stem, path=path, metadata=meta, config=raw)
     for h in out.horizons:
         for v in _variants(out):
-            _parse(out.config_for(h, *v), _where(path, h))
+            _parsed(out.config_for(h, *v), _where(path, h))  # validation only: no copy to query with
     return out
 
 
