@@ -131,6 +131,7 @@ SLOW_CI ?= tests/unit/test_ct_attention_aot.py tests/deploy/test_trust.py tests/
 	tests/federation/test_secure_round.py::test_in_flowers_simulation_engine_the_secure_round_equals_the_plain_one \
 	tests/federation/test_secure_round.py::test_dp_sites_report_their_spend_under_secure_aggregation \
 	tests/federation/test_secure_round.py::test_a_site_without_a_sample_of_one_of_its_groups_sits_the_secure_round_out \
+	tests/federation/test_secure_round.py::test_keys_made_once_serve_the_rounds_ahead_and_a_changed_config_makes_them_afresh \
 	tests/deploy/test_secure_deployment.py \
 	tests/federation/test_privacy_sweep.py::test_the_server_asks_for_dp_and_each_site_reports_its_spend \
 	tests/federation/test_privacy_sweep.py::test_sweep_writes_table_and_plot_on_one_setup \

@@ -249,6 +249,9 @@ class KeyRound:
     keys: list[PublicKeys]
     shares: list[EncryptedShares]
     exchanged_in: int
+    # Sampled sites that did not share keys (U2) in that exchange: their status and why (a site
+    # that refused there is alive, and is not asked again in the rounds its keys were made for).
+    left_out: dict[int, tuple[SiteStatus, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -297,6 +300,11 @@ def _exchange_keys(cfg: FederationConfig, config: SecAggConfig, stages: _Stages,
         [functools.partial(s.route_shares, [r[i] for r in shares.values()]) for i, s in enumerate(servers[:count])]
     )
     count = _agreeing([s.shared for s in servers[: len(inboxes)]], lambda shared: shared)
+    left_out: dict[int, tuple[SiteStatus, str]] = {}
+    for node in config.sample:
+        entry = stages.sites.get(stages.roster.site(node))
+        if node not in servers[0].shared and entry is not None:
+            left_out[node] = (entry.status, entry.reason or "")
     made = [
         KeyRound(
             servers[i],
@@ -304,6 +312,7 @@ def _exchange_keys(cfg: FederationConfig, config: SecAggConfig, stages: _Stages,
             [reply[i] for reply in keys.values()],
             [reply[i] for reply in shares.values()],
             config.round,
+            left_out,
         )
         for i in range(count)
     ]
@@ -396,6 +405,9 @@ def run_secure_round(
         if held is None:
             held = _exchange_keys(cfg, sa_config, stages, key_rounds)
         secure["keys_exchanged_in_round"] = held.exchanged_in
+        for node, (status, reason) in held.left_out.items():
+            if held.exchanged_in != rnd:  # as it was left out of the exchange its keys come from
+                stages.fail(node, status, f"{reason} (the keys exchange of round {held.exchanged_in})")
         server, inboxes = held.server, held.inboxes
         recorded.received.keys, recorded.received.shares = held.keys, held.shares
         recorded.directory = server.directory

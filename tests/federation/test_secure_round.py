@@ -8,8 +8,9 @@ round on the same global arrays, so the secure run's global arrays must equal th
 states per group, in every group unmasked; the group two sites hold (genomics, min_holders 3) is
 withheld: carried forward, and said so in rounds.jsonl and the audit log. The attack replay runs on
 every message the secure run's server received. Slow (SLOW_CI): dropouts before and after masking,
-too few survivors, DP sites, a site without a sample of one of its groups, and the round in Flower's
-simulation engine (tests/deploy/test_secure_deployment.py: the same four sites deployed).
+too few survivors, DP sites, a site without a sample of one of its groups, four rounds on keys made
+once (secagg-key-rounds) with a coordinator changing a round's config after its keys, and the
+round in Flower's simulation engine (tests/deploy/test_secure_deployment.py: the same four sites deployed).
 """
 
 from __future__ import annotations
@@ -400,6 +401,7 @@ class LoweringGrid(RecordingGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
+@pytest.mark.slow  # 8-18 s: four trained rounds; tests/unit/test_secure_aggregation.py: the protocol's side
 def test_keys_made_once_serve_the_rounds_ahead_and_a_changed_config_makes_them_afresh(
     sites: dict[int, dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -36,6 +36,7 @@ from secure_aggregation.site import SiteRound
 from secure_aggregation.transcript import read_secure_round
 from server.audit import AUDIT_FILE, read_audit_log
 from server.outcome import read_outcome
+from server.runlog import read_events
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +108,26 @@ def test_the_single_holder_protects_itself_when_the_other_sites_accept(
     """Only the genomics site keeps the default floor; the others lower theirs to 1 and take part.
     The genomics site sits the round out (refused, named); its update is in no masked vector the
     server received, and the replay, run on the round's transcript, flags what the others let open
-    (biobank's genomics alone) against the default floor: exit 1."""
+    (biobank's genomics alone) against the default floor: exit 1. Round 2 runs on the keys round 1's
+    exchange made (secagg-key-rounds): the genomics site is not asked again, and round 2 says it
+    refused, and where."""
     lenient = _policy(tmp_path, "min_subjects: 2\nsecagg_min_holders: 1\n")
     nodes = {n: (c if c["site-name"] == "genomics" else {**c, "policy": str(lenient)}) for n, c in sites.items()}
     out = run(
-        InProcessGrid(nodes), tmp_path / "run", secure_aggregation=True, secagg_min_holders=1, record_transcript=True
+        InProcessGrid(nodes),
+        tmp_path / "run",
+        secure_aggregation=True,
+        secagg_min_holders=1,
+        record_transcript=True,
+        rounds=2,
     )
-    event = the_round(out)
+    rounds = {e["round"]: e for e in read_events(out / "rounds.jsonl") if e["event"] == "round"}
+    second = rounds[2]
+    assert second["secure_aggregation"]["keys_exchanged_in_round"] == 1 and second["updated"] is True, second
+    assert second["sites"]["genomics"]["status"] == "refused", second["sites"]
+    assert second["sites"]["genomics"]["reason"].endswith("(the keys exchange of round 1)"), second["sites"]
+    assert "below this site's floor 3" in second["sites"]["genomics"]["reason"]
+    event = rounds[1]
     genomics = event["sites"]["genomics"]
     assert genomics["status"] == "refused" and "below this site's floor 3" in genomics["reason"], genomics
     node = next(n for n, c in nodes.items() if c["site-name"] == "genomics")
