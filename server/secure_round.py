@@ -56,6 +56,7 @@ from healthfm_core.protocol.secure_records import (
     UNMASK_MESSAGE,
     from_flat,
     key_round_record,
+    key_round_records,
     to_flat,
 )
 from secure_aggregation.config import SecAggConfig
@@ -175,7 +176,6 @@ class _Stages:
         self.seconds[stage] = time.time() - times.push_start
         parsed: dict[int, list[M]] = {}
         answered = set()
-        expected = {key_round_record(i) for i in range(key_rounds)}
         for need in setup_needed(replies, messages):
             # Its SuperNode restarted: its secure-aggregation state is gone with the setup; it is
             # sent the setup again (next round) and is a dropout of this one.
@@ -201,18 +201,17 @@ class _Stages:
                 self.rejected.append(RejectedReply(node, f"{stage}: a second reply", "duplicate"))
                 continue
             try:
-                if set(records) != expected or set(reply.content.array_records):
-                    raise ValueError(
-                        f"records {sorted(reply.content)[:20]}, expected {sorted(expected)} (and {METRICS_RECORD!r})"
-                    )
+                if set(reply.content.array_records):
+                    raise ValueError(f"records {sorted(reply.content)[:20]}: a secure stage's reply carries no arrays")
+                payload_records = key_round_records(records, stage)  # the one schema check of these names
+                if len(payload_records) != key_rounds:
+                    raise ValueError(f"{len(payload_records)} key round(s) in the reply, expected {key_rounds}")
                 metrics = reply.content.metric_records
                 if set(metrics) - {METRICS_RECORD}:
                     raise ValueError(f"metric records {sorted(metrics)}, expected at most {METRICS_RECORD!r}")
                 if METRICS_RECORD in metrics:  # a DP site's cumulative spend (its counts stay masked)
                     entry.dp = PrivacySpend.from_metrics(metrics[METRICS_RECORD]).model_dump(exclude_none=True)
-                payloads = [
-                    from_flat(reply_type, records[key_round_record(i)], self.max_bytes) for i in range(key_rounds)
-                ]
+                payloads = [from_flat(reply_type, record, self.max_bytes) for record in payload_records]
                 for message in payloads:
                     claimed = getattr(message, "node_id", node)
                     if claimed != node:
