@@ -17,12 +17,20 @@ message by message, two at a time), and each object is its own request to the Su
 ms each on a loaded machine): the last site in the batch waits for every other site's objects
 before its own, e.g. 18 objects for three tiny sites, 0.6-1.0 s. A round ends with its slowest
 site's reply, so that site's message goes out first and the others' pushes overlap its training.
+It goes out alone (`push_first_alone`): Flower registers a batch's messages together, so every
+SuperNode of the batch starts pulling its objects (and asking again for those not uploaded yet)
+while the first site's are still uploading, through the same single-process SuperLink. Alone,
+the first message's objects have the SuperLink to themselves; the others follow at once.
+
+`on_pushed` and `on_reply` let the caller work while the replies are out instead of after the
+last one: a round counts the bytes it sent and reads each reply as it arrives (server/round.py),
+so only the slowest site's reply is read after it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -52,21 +60,45 @@ def slowest_first(messages: Sequence[Message], lags: Mapping[int, float]) -> lis
     return known + [m for m in messages if m.metadata.dst_node_id not in lags]
 
 
+def push_first_alone(grid: HttpGrid, messages: Sequence[Message]) -> list[str]:
+    """Push `messages[0]` and its objects, then the rest as one batch; the message ids in order
+    (Flower's, None for a message the SuperLink did not take)."""
+    if len(messages) <= 1:
+        return list(grid.push_messages(list(messages)))
+    return [*grid.push_messages([messages[0]]), *grid.push_messages(list(messages[1:]))]
+
+
 def send_and_receive(
-    grid: Grid, messages: Iterable[Message], timeout: float | None, times: ExchangeTimes | None = None
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    times: ExchangeTimes | None = None,
+    *,
+    on_pushed: Callable[[], None] | None = None,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> list[Message]:
     """Push `messages`, pull their replies until all arrived or `timeout` seconds passed; `times`,
-    when given, gets the push's and the replies' times."""
+    when given, gets the push's and the replies' times. `on_pushed()` runs once the messages have
+    left, `on_reply(reply)` as each reply arrives (a grid that exchanges in one call, e.g. the
+    simulation's: after it, in reply order)."""
     times = times if times is not None else ExchangeTimes()
     times.push_start = time.time()
+    messages = list(messages)
     if not isinstance(grid, HttpGrid):
         answered = list(grid.send_and_receive(messages, timeout=timeout))
         times.push_end = times.push_start  # such a grid pushes and pulls in one call: no times inside it
         now = time.time()
         times.arrivals.update({m.metadata.reply_to_message_id: now for m in answered})
+        if on_pushed is not None:
+            on_pushed()
+        if on_reply is not None:
+            for m in answered:
+                on_reply(m)
         return answered
-    pending = set(grid.push_messages(messages))
+    pending = {m for m in push_first_alone(grid, messages) if m}  # None: a message the SuperLink refused
     times.push_end = time.time()
+    if on_pushed is not None:
+        on_pushed()
     end = time.monotonic() + (timeout if timeout is not None else 0.0)
     replies: list[Message] = []
     while True:
@@ -76,6 +108,9 @@ def send_and_receive(
         for m in got:
             times.arrivals[m.metadata.reply_to_message_id] = now
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if on_reply is not None:
+            for m in got:
+                on_reply(m)
         if not pending or (timeout is not None and time.monotonic() >= end):
             return replies
         time.sleep(POLL_SECONDS)

@@ -100,9 +100,10 @@ def judge_replies(
     sent: Sequence[Message],
     round_config: RoundConfig | None,
     limits: ReplyLimits,
+    read: EarlyReads | None = None,
 ) -> JudgedReplies:
     """Parse and check one round's replies against the messages sent. Never raises for anything
-    in a reply."""
+    in a reply. `read`: the replies already parsed as they arrived (`EarlyReads`), not parsed again."""
     addressed = {m.metadata.dst_node_id for m in sent}
     out = JudgedReplies()
     seen: set[int] = set()
@@ -122,14 +123,11 @@ def judge_replies(
         if msg.has_error():
             out.rejected.append(RejectedReply(node_id, f"error reply: {msg.error.reason}", "error"))
             continue
-        allowed = groups_for_node(node_id, node_groups)
-        try:
-            reply = parse_reply(msg.content, previous, allowed, round_config, limits)
-        except Exception as err:  # a peer's reply: nothing in it may stop the round
-            if not isinstance(err, ValueError):
-                log.exception("round %d: unexpected error parsing node %d's reply", server_round, node_id)
-                err = ValueError(f"invalid reply ({type(err).__name__}: {err})")
-            out.rejected.append(RejectedReply(node_id, str(err)))
+        reply = read.get(msg) if read is not None else None
+        if reply is None:
+            reply = read_reply(server_round, msg, node_id, previous, node_groups, round_config, limits)
+        if isinstance(reply, RejectedReply):
+            out.rejected.append(reply)
             continue
         out.parsed[node_id] = reply
         if reply.status == "refused":
@@ -138,6 +136,60 @@ def judge_replies(
             continue
         out.accepted.append((node_id, reply, {g: float(n) for g, n in reply.group_examples.items()}))
     return out
+
+
+def read_reply(
+    server_round: int,
+    msg: Message,
+    node_id: int,
+    previous: Mapping[str, np.ndarray],
+    node_groups: Mapping[int, Sequence[str]] | None,
+    round_config: RoundConfig | None,
+    limits: ReplyLimits,
+) -> TrainReply | RejectedReply:
+    """One reply (not an error reply) of `node_id` parsed, or why it does not parse. Never raises."""
+    try:
+        return parse_reply(msg.content, previous, groups_for_node(node_id, node_groups), round_config, limits)
+    except Exception as err:  # a peer's reply: nothing in it may stop the round
+        if not isinstance(err, ValueError):
+            log.exception("round %d: unexpected error parsing node %d's reply", server_round, node_id)
+            err = ValueError(f"invalid reply ({type(err).__name__}: {err})")
+        return RejectedReply(node_id, str(err))
+
+
+class EarlyReads:
+    """A round's replies read the moment each arrives (server/exchange.py's `on_reply`), while the
+    server waits for the slowest site: after the last reply only that one is parsed and checked
+    (`judge_replies`), not all of them. Replies that judge_replies leaves out before parsing
+    (error replies, replies to no message sent) are not read here either. What is read is exactly
+    what judge_replies would read: the same function (`read_reply`) on the same inputs."""
+
+    def __init__(
+        self,
+        server_round: int,
+        previous: Mapping[str, np.ndarray],
+        node_groups: Mapping[int, Sequence[str]] | None,
+        sent: Sequence[Message],
+        round_config: RoundConfig | None,
+        limits: ReplyLimits,
+    ) -> None:
+        self.server_round, self.previous, self.node_groups = server_round, previous, node_groups
+        self.sent, self.round_config, self.limits = sent, round_config, limits
+        self._read: dict[int, tuple[Message, TrainReply | RejectedReply]] = {}  # by id(): Message is unhashable
+
+    def __call__(self, msg: Message) -> None:
+        node_id = origin(msg, self.sent)
+        if msg.has_error() or all(m.metadata.dst_node_id != node_id for m in self.sent):
+            return
+        result = read_reply(
+            self.server_round, msg, node_id, self.previous, self.node_groups, self.round_config, self.limits
+        )
+        self._read[id(msg)] = (msg, result)
+
+    def get(self, msg: Message) -> TrainReply | RejectedReply | None:
+        """`msg` as it was read on arrival; None if it was not (the message itself, not one alike)."""
+        entry = self._read.get(id(msg))
+        return entry[1] if entry is not None and entry[0] is msg else None
 
 
 def parse_reply(

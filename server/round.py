@@ -35,7 +35,7 @@ from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, send_and_receive, slowest_first
-from server.replies import RejectedReply, groups_for_node, judge_replies, origin, setup_needed
+from server.replies import EarlyReads, RejectedReply, groups_for_node, judge_replies, origin, setup_needed
 from server.roster import Roster
 from server.runlog import message_bytes, message_size
 from server.strategy import ModalityAwareFedAvg
@@ -206,12 +206,16 @@ def aggregate_replies(
     node_groups: Mapping[int, Sequence[str]] | None,
     sent: Sequence[Message],
     round_config: RoundConfig | None = None,
+    read: EarlyReads | None = None,
 ) -> RoundOutcome:
     """Parse, check, bound, clip and average one round's replies. Never raises for anything in a reply.
     `round_config`: what the server asked of every site this round (the counts and step bounds
-    follow from it); None only for callers that configured no round (tests with synthetic arrays)."""
+    follow from it); None only for callers that configured no round (tests with synthetic arrays).
+    `read`: replies already read as they arrived (not read again)."""
     previous = dict(current_arrays)
-    judged = judge_replies(server_round, replies, previous, node_groups, sent, round_config, strategy.reply_limits)
+    judged = judge_replies(
+        server_round, replies, previous, node_groups, sent, round_config, strategy.reply_limits, read
+    )
     accepted, outliers, bounds = strategy.bound_updates(judged.accepted, previous, server_round, round_config)
     rejected = [*judged.rejected, *(RejectedReply(node, why, "outlier") for node, why in outliers.items())]
     for r in rejected:
@@ -275,10 +279,26 @@ def run_round(
     t_start = time.perf_counter()
     config, messages = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
     messages = slowest_first(messages, reply_lags)
-    sites = sent_outcomes(strategy, arrays, roster, messages)
     t_sent = time.perf_counter()
     exchange = ExchangeTimes()
-    replies = send_and_receive(grid, messages, cfg.timeout_s, exchange)
+    # While the replies are out: the bytes sent, then each reply's size and parse as it arrives, so
+    # that after the slowest site's reply only that one is read (server/replies.py EarlyReads).
+    sites: dict[str, SiteOutcome] = {}
+    read = EarlyReads(rnd, arrays, roster.node_groups, messages, config, strategy.reply_limits)
+    sizes: dict[int, tuple[Message, tuple[int, int]]] = {}  # by id(reply); the reply kept so the id stays its
+
+    def on_reply(reply: Message) -> None:
+        sizes[id(reply)] = (reply, message_size(reply))
+        read(reply)
+
+    replies = send_and_receive(
+        grid,
+        messages,
+        cfg.timeout_s,
+        exchange,
+        on_pushed=lambda: sites.update(sent_outcomes(strategy, arrays, roster, messages)),
+        on_reply=on_reply,
+    )
     lags: dict[int, float] = {}
     for msg in messages:  # when each site's reply came, from the push's start
         arrived = exchange.arrivals.get(msg.metadata.message_id)
@@ -293,7 +313,8 @@ def run_round(
     for reply in replies:
         node = origin(reply, messages)
         entry = sites.setdefault(roster.site(node), SiteOutcome(node_id=node))
-        size, objects = message_size(reply)
+        measured = sizes.get(id(reply))
+        size, objects = measured[1] if measured is not None and measured[0] is reply else message_size(reply)
         entry.bytes_received = (entry.bytes_received or 0) + size
         entry.objects_received = (entry.objects_received or 0) + objects
     # config: what the server asked of every site; the counts and norms it allows follow from it.
@@ -305,6 +326,7 @@ def run_round(
         node_groups=roster.node_groups,
         sent=messages,
         round_config=config,
+        read=read,
     )
     _record_verdicts(roster, sites, outcome, replies, messages)
     record_absent(grid, cfg.timeout_s, roster, sites)

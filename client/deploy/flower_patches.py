@@ -11,7 +11,12 @@ The SuperNode (`python -m client.deploy.supernode_main`, `set_pace`; client/depl
 - `start_client_internal.time`: its sleep capped at `reply_poll` (Flower waits for the
   ClientApp's reply and its objects in 0.5 s steps);
 - `start_client_internal.pull_objects`: Flower's own function with a short backoff (Flower
-  retries a message's objects after 1, 2, 4, 8, 10 s).
+  retries a message's objects after 1, 2, 4, 8, 10 s); called once the message's task exists and
+  the message is stored, it first wakes the app guard's held call below;
+- `flwr.supernode.servicer.runtime.runtime_handlers.acquire_task` (the app guard asking its
+  SuperNode for a task; flwr/supernode/main.py's _RUNTIME_HANDLERS is that module): held up to
+  TASK_HOLD_S until a task is there (healthfm_core/long_poll.py says why), so an idle guard asks
+  once per hold, not twenty times a second, and a task waits for no poll.
 The SuperNode's heartbeat (`set_heartbeat`, from client/deploy/supernode_main.py; client/deploy/heartbeat.py
 says why): Flower imports its constants by name, so each module's own binding is set:
 - `fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL`: the interval the node sends when it activates
@@ -31,18 +36,21 @@ The warm ClientApp (`python -m client.deploy.warm_clientapp`, `set_pull_backoff`
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import flwr.supercore.heartbeat as flower_heartbeat
 import flwr.supernode.fleet_http_connection as flower_connection
+import flwr.supernode.servicer.runtime.runtime_handlers as flower_node_runtime
 import flwr.supernode.start_client_internal as flower_loop
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree, pull_objects
 from flwr.supernode.runtime import run_clientapp
 
 from client.deploy.heartbeat import call_budget
 from client.deploy.supernode_pace import CappedSleepTime, PollSchedule, SupernodePace
+from healthfm_core.long_poll import Waker, held, notifying, unwrapped
 from healthfm_core.rebind import rebind
 
 FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
@@ -52,6 +60,10 @@ WRAPPED = "__healthfm_pace__"  # marks our wrappers of Flower's functions
 # SuperNode is local, so asking again soon costs one local HTTP call.
 PULL_INITIAL_BACKOFF_S = 0.05
 PULL_BACKOFF_CAP_S = 0.1
+# The app guard's call for a task waits this long (its HTTP client gives up after 30 s); one guard
+# per SuperNode (two slots: Flower's own SuperExec, if a site runs it instead, holds the same way).
+TASK_HOLD_S = 2.0
+TASK_HOLD_SLOTS = 2
 
 
 def until_message(
@@ -101,8 +113,24 @@ def set_pace(pace: SupernodePace, sleep: Callable[[float], None] = time.sleep) -
     )
     flower_loop._push_messages = telling(_flowers(flower_loop._push_messages), schedule)
     flower_loop.time = CappedSleepTime(pace.reply_poll, sleep)  # type: ignore[assignment]
-    flower_loop.pull_objects = functools.partial(
-        pull_objects, initial_backoff=pace.pull_initial_backoff, backoff_cap=pace.pull_backoff_cap
+    tasks = Waker()
+    flower_loop.pull_objects = notifying(
+        functools.partial(pull_objects, initial_backoff=pace.pull_initial_backoff, backoff_cap=pace.pull_backoff_cap),
+        tasks,
+        first=True,
+    )
+    rebind(
+        flower_node_runtime,
+        {
+            "acquire_task": held(
+                unwrapped(flower_node_runtime.acquire_task),
+                lambda res: res.HasField("task"),
+                TASK_HOLD_S,
+                tasks,
+                threading.Semaphore(TASK_HOLD_SLOTS),
+            )
+        },
+        "client/deploy/flower_patches.py set_pace",
     )
     return schedule
 

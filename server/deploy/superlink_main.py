@@ -1,5 +1,5 @@
-"""Flower's `flower-superlink`, with SQLite waiting longer for its database lock and sites allowed
-heartbeats shorter than Flower's 10 s.
+"""Flower's `flower-superlink`, with SQLite waiting longer for its database lock, sites allowed
+heartbeats shorter than Flower's 10 s, and pulls held until there is an answer.
 
     python -m server.deploy.superlink_main [--min-heartbeat-interval S] PATH/TO/flower-superlink \
         [flower-superlink options]
@@ -19,6 +19,11 @@ under HEARTBEAT_MIN_INTERVAL = 10 s, so a crashed site is noticed after 20 s at 
 Flower's 30 s). Sites send 4 s by default (`join --heartbeat-interval`, client/deploy/heartbeat.py);
 `--min-heartbeat-interval` (default MIN_HEARTBEAT_INTERVAL_S) is the shortest this SuperLink accepts.
 
+Pulls (server/deploy/flower_patches.py `hold_pulls`, healthfm_core/long_poll.py): a SuperNode's
+pull for its next message and the ServerApp's pull for replies are answered as soon as there is
+something to answer, or empty after a hold of a second or two, instead of at once: the sites and
+the ServerApp then ask about once per hold, not ten times a second, and a message waits for no poll.
+
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
 transaction held longer than that are logged (WARNING, with the thread and the statement), so a
 coordinator sees what the database waited for.
@@ -36,7 +41,7 @@ from typing import Any
 from flwr.superlink.cli import flower_superlink
 from sqlalchemy import Engine, event
 
-from server.deploy.flower_patches import set_min_heartbeat_interval, set_sqlite_busy_timeout
+from server.deploy.flower_patches import hold_pulls, set_min_heartbeat_interval, set_sqlite_busy_timeout
 
 BUSY_TIMEOUT_MS = 120_000
 MIN_HEARTBEAT_INTERVAL_S = 2.0  # the shortest heartbeat interval a site may send (Flower: 10 s)
@@ -106,6 +111,7 @@ def main() -> None:
     min_heartbeat, flower_argv = parse(sys.argv[1:])
     set_sqlite_busy_timeout(BUSY_TIMEOUT_MS)  # server/deploy/flower_patches.py
     set_min_heartbeat_interval(min_heartbeat)
+    hold_pulls()
     log_slow_database_work()
     # Flower reads its options from sys.argv and names itself after argv[0].
     sys.argv = flower_argv

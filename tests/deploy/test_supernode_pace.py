@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import flwr.supernode.servicer.runtime.runtime_handlers as flower_node_runtime
 import flwr.supernode.start_client_internal as flower_loop
 import pytest
 from flwr.app import Message, RecordDict
@@ -22,6 +23,7 @@ from client.deploy.heartbeat import HEARTBEAT_INTERVAL_S
 from client.deploy.join import JoinConfig, supernode_command
 from client.deploy.supernode_main import parse
 from client.deploy.supernode_pace import POLL_INTERVAL_S, CappedSleepTime, PollSchedule, SupernodePace
+from healthfm_core.long_poll import MARK
 
 
 @pytest.fixture
@@ -54,9 +56,12 @@ def test_set_pace_rebinds_the_pull_the_push_the_waits_and_the_object_backoff_onc
     assert wrapped is not flower_pull and wrapped.__wrapped__ is flower_pull  # not wrapped twice
     assert flower_loop._push_messages.__wrapped__ is flower_push
     assert isinstance(flower_loop.time, CappedSleepTime) and flower_loop.time.cap == 0.03
-    assert isinstance(flower_loop.pull_objects, functools.partial)
-    assert flower_loop.pull_objects.func is pull_objects
-    assert flower_loop.pull_objects.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.4}
+    backoff = flower_loop.pull_objects.__wrapped__  # the app guard's held call is woken first
+    assert getattr(flower_loop.pull_objects, MARK) and isinstance(backoff, functools.partial)
+    assert backoff.func is pull_objects
+    assert backoff.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.4}
+    acquire = flower_node_runtime.acquire_task  # held once, over Flower's handler
+    assert getattr(acquire, MARK) and not getattr(acquire.__wrapped__, MARK, False)
 
 
 def test_the_pull_returns_only_once_a_message_came_and_waits_the_interval_between() -> None:

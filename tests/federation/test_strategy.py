@@ -19,10 +19,12 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+import server.replies as replies_module
 from client.client_app import train_reply_content
 from healthfm_core.protocol import ARRAYS_RECORD, SCALES_RECORD, TrainReply
 from healthfm_core.protocol.packing import PACKED_PART, unpack_record
 from healthfm_core.protocol.transport import dequantise, encode_update
+from server.replies import EarlyReads
 from server.round import RoundOutcome, aggregate_replies, train_messages
 from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
 
@@ -211,6 +213,37 @@ def test_bad_reply_is_dropped_and_round_goes_on(kind: str, caplog: pytest.LogCap
     assert rejected.node_id == bad.metadata.src_node_id
     assert kind.split()[0].lower() in rejected.reason.lower()
     assert f"node {rejected.node_id}" in caplog.text
+
+
+def test_replies_read_as_they_arrive_are_judged_as_if_read_after_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The round reads each reply the moment it arrives (EarlyReads) and judges them all after the
+    # last: the outcome must be the one judge_replies reaches reading them all then, and no reply
+    # read early is parsed a second time.
+    bad = bad_replies()
+    replies = [good(1, 1.0), bad["NaN"], good(2, 3.0), bad["partial group"], good(3, 2.0)]
+    s, previous = strategy(), global_arrays(-1.0)
+    alone = aggregate(s, 3, replies)
+    parsed: list[int] = []
+    real_parse = replies_module.parse_reply
+
+    def counting(content, *args, **kwargs):  # noqa: ANN001, ANN202
+        parsed.append(id(content))
+        return real_parse(content, *args, **kwargs)
+
+    monkeypatch.setattr(replies_module, "parse_reply", counting)
+    sent = sent_to(replies)
+    read = EarlyReads(3, previous, None, sent, None, s.reply_limits)
+    for msg in replies[:4]:  # the last one "arrives" after the wait: judge_replies reads it
+        read(msg)
+    assert len(parsed) == 4
+    early = aggregate_replies(s, 3, replies, current_arrays=previous, node_groups=None, sent=sent, read=read)
+    assert len(parsed) == 5 and parsed[-1] == id(replies[4].content)
+    assert early.accepted == alone.accepted and early.rejected == alone.rejected
+    for key, value in result(alone.arrays).items():
+        np.testing.assert_array_equal(result(early.arrays)[key], value)
+    # A reply alike but not the one read (another Message object) is read again, not looked up.
+    again = Message(replies[0].content, metadata=replies[0].metadata)
+    assert read.get(again) is None and read.get(replies[0]) is not None
 
 
 def test_fp16_transport_is_upcast_before_averaging() -> None:

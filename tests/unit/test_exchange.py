@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from server.deploy.flower_patches import set_reply_pull_backoff
-from server.exchange import ExchangeTimes, send_and_receive, slowest_first
+from server.exchange import ExchangeTimes, push_first_alone, send_and_receive, slowest_first
 
 
 class EchoGrid:
@@ -80,37 +80,84 @@ def test_the_site_that_replied_last_goes_first_and_unknown_sites_keep_their_orde
     assert sorted(id(m) for m in slowest_first(messages, lags)) == sorted(id(m) for m in messages)
 
 
-@pytest.mark.usefixtures("identity")
-def test_flower_pushes_a_batch_of_messages_objects_in_message_order() -> None:
-    # slowest_first only helps because HttpGrid pushes the first message's objects first: if
-    # Flower stops doing so, this fails and the order has to be made another way.
-    class RecordingClient:
-        def __init__(self) -> None:
-            self.pushed: list[str] = []
-            self.lock = threading.Lock()
+class RecordingClient:
+    """The Runtime API as HttpGrid's push sees it: every message registered (each of its objects
+    asked for), every object stored; `events` in order: ("register", message ids), ("object", id)."""
 
-        def PushMessages(self, request: PushAppMessagesRequest) -> PushAppMessagesResponse:  # noqa: N802
-            ids = [obj for tree in request.message_object_trees for obj in _tree_ids(tree)]
-            return PushAppMessagesResponse(
-                message_ids=[t.object_id for t in request.message_object_trees], objects_to_push=ids, session_id="s"
-            )
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str | list[str]]] = []
+        self.lock = threading.Lock()
 
-        def PushObject(self, request: PushObjectRequest) -> PushObjectResponse:  # noqa: N802
-            with self.lock:
-                self.pushed.append(request.object_id)
-            time.sleep(0.002)  # a request's time, so that the two pushing threads interleave
-            return PushObjectResponse(stored=True)
+    def PushMessages(self, request: PushAppMessagesRequest) -> PushAppMessagesResponse:  # noqa: N802
+        ids = [obj for tree in request.message_object_trees for obj in _tree_ids(tree)]
+        with self.lock:
+            self.events.append(("register", [t.object_id for t in request.message_object_trees]))
+        return PushAppMessagesResponse(
+            message_ids=[t.object_id for t in request.message_object_trees], objects_to_push=ids, session_id="s"
+        )
 
-    messages = _messages([21, 22, 23])
+    def PushObject(self, request: PushObjectRequest) -> PushObjectResponse:  # noqa: N802
+        with self.lock:
+            self.events.append(("object", request.object_id))
+        time.sleep(0.002)  # a request's time, so that the two pushing threads interleave
+        return PushObjectResponse(stored=True)
+
+
+def _grid_and_objects(nodes: list[int]) -> tuple[HttpGrid, RecordingClient, list[Message], list[set[str]]]:
+    """An HttpGrid of run 7 over a RecordingClient, messages to `nodes` with their ids set as
+    HttpGrid sets them, and each message's object ids."""
+    messages = _messages(nodes)
     own = []
     for m in messages:
         m.metadata.__dict__["_message_id"] = m.object_id
         own.append(set(get_all_nested_objects(m)))
+    grid, client = HttpGrid(token="t"), RecordingClient()
+    grid._client = client  # type: ignore[assignment]
+    grid._run = type("Run", (), {"run_id": 7})()  # type: ignore[assignment]
+    return grid, client, messages, own
+
+
+@pytest.mark.usefixtures("identity")
+def test_flower_pushes_a_batch_of_messages_objects_in_message_order() -> None:
+    # slowest_first only helps because HttpGrid pushes the first message's objects first: if
+    # Flower stops doing so, this fails and the order has to be made another way.
+    grid, client, messages, own = _grid_and_objects([21, 22, 23])
     first, last = own[0] - own[1] - own[2], own[2] - own[0] - own[1]
     assert first and last
-    grid = HttpGrid(token="t")
-    client = RecordingClient()
-    grid._client = client  # type: ignore[assignment]
     grid._try_push_messages(7, messages)
-    position = {obj: i for i, obj in enumerate(client.pushed)}
-    assert max(position[o] for o in first) < min(position[o] for o in last), client.pushed
+    pushed = [obj for kind, obj in client.events if kind == "object"]
+    position = {obj: i for i, obj in enumerate(pushed)}
+    assert max(position[o] for o in first) < min(position[o] for o in last), pushed
+
+
+@pytest.mark.usefixtures("identity")
+def test_the_slowest_sites_message_is_registered_and_uploaded_before_the_others_are_registered() -> None:
+    # push_first_alone: while the first message's objects upload, no other SuperNode has a message
+    # to pull objects for (Flower registers a batch's messages in one call, then uploads).
+    grid, client, messages, own = _grid_and_objects([31, 32, 33])
+    ids = push_first_alone(grid, messages)
+    assert ids == [m.metadata.message_id for m in messages]
+    events = client.events
+    registers = [i for i, (kind, _) in enumerate(events) if kind == "register"]
+    assert len(registers) == 2
+    assert events[registers[0]][1] == [messages[0].metadata.message_id]
+    assert events[registers[1]][1] == [m.metadata.message_id for m in messages[1:]]
+    only_first = own[0] - own[1] - own[2]
+    first_objects = {i for i, (kind, obj) in enumerate(events) if kind == "object" and obj in only_first}
+    assert len(first_objects) == len(only_first) and max(first_objects) < registers[1]
+    assert push_first_alone(grid, messages[:1]) == [messages[0].metadata.message_id]
+
+
+@pytest.mark.usefixtures("identity")
+def test_the_caller_works_once_the_messages_left_and_on_each_reply_as_it_comes() -> None:
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12, 13)]
+    calls: list[str] = []
+    replies = send_and_receive(
+        EchoGrid(),  # type: ignore[arg-type]
+        messages,
+        timeout=5,
+        on_pushed=lambda: calls.append("pushed"),
+        on_reply=lambda m: calls.append(m.metadata.reply_to_message_id),
+    )
+    assert calls == ["pushed", "m0", "m1", "m2"]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m1", "m2"]

@@ -8,28 +8,41 @@ test_join_restart.py)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import flwr
 import flwr.superlink.grid.http_grid as flower_http_grid
+import flwr.superlink.main as flower_superlink_app
+import flwr.superlink.routers.fleet.router as fleet_router
+import flwr.superlink.servicer.fleet.fleet_handlers as flower_fleet
+import flwr.superlink.servicer.runtime.runtime_handlers as flower_runtime
+import flwr.supernode.main as flower_supernode_app
+import flwr.supernode.servicer.runtime.runtime_handlers as flower_node_runtime
 import flwr.supernode.start_client_internal as flower_loop
 import pytest
+from flwr.proto.message_pb2 import PullObjectResponse
 from flwr.supercore import sql_mixin
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.supernode.runtime import run_clientapp
 
 from client.deploy import flower_patches as client_patches
+from healthfm_core.long_poll import MARK, unwrapped
 from server.deploy import flower_patches as server_patches
 
 
 def _flowers(fn: Any) -> Callable[..., Any]:
-    """Flower's function behind one of our patches (a wrapper or a partial), else fn itself."""
-    if isinstance(fn, functools.partial):
-        return fn.func
-    return getattr(fn, "__wrapped__", fn)
+    """Flower's function behind our patches (wrappers and partials, nested), else fn itself."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        else:
+            return fn
 
 
 def _parameters(fn: Callable[..., Any]) -> list[str]:
@@ -81,3 +94,46 @@ def test_flowers_sqlite_connections_still_read_the_pragmas_set_sqlite_busy_timeo
     # Flower reads the module attribute at every new connection: a copy taken at import would not.
     assert "SQLITE_PRAGMAS" in sql_mixin._set_sqlite_pragmas.__code__.co_names
     assert "busy_timeout" in dict(sql_mixin.SQLITE_PRAGMAS)
+
+
+def test_flowers_routers_still_look_up_the_handlers_hold_pulls_and_set_pace_rebind() -> None:
+    # Each router must call the handler through the module whose name the patches rebind, at each
+    # call: a router that kept a reference of its own would never see a held or notifying handler.
+    assert fleet_router.fleet_handlers is flower_fleet
+    assert "pull_messages" in fleet_router.fleet_pull_messages.__code__.co_names
+    assert "push_messages" in fleet_router.fleet_push_messages.__code__.co_names
+    assert "pull_object" in fleet_router.fleet_pull_object.__code__.co_names
+    assert "push_object" in fleet_router.fleet_push_object.__code__.co_names
+    assert flower_superlink_app._RUNTIME_HANDLERS is flower_runtime
+    assert flower_supernode_app._RUNTIME_HANDLERS is flower_node_runtime
+    # the Runtime API's endpoints (the package exports its APIRouter under the module's name)
+    runtime_router = importlib.import_module("flwr.supercore.routers.runtime.router")
+    for name in ("pull_messages", "push_messages", "pull_object", "push_object", "acquire_task"):
+        endpoint = getattr(runtime_router, name)
+        assert "handlers" in inspect.signature(endpoint).parameters, name
+        assert name in endpoint.__code__.co_names, (name, endpoint.__code__.co_names)
+
+
+def test_the_supernode_stores_a_message_and_its_task_before_pulling_its_objects() -> None:
+    # set_pace wakes the app guard's held call for a task when pull_objects starts: the task must
+    # exist by then (else the guard finds none and waits out its hold).
+    source = inspect.getsource(_flowers(flower_loop._pull_and_store_message))
+    assert source.index("state.create_task(") < source.index("state.store_message(") < source.index("pull_objects(")
+
+
+def test_hold_pulls_wraps_flowers_own_handlers_once_and_waits_only_for_objects_still_uploading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = ("pull_messages", "pull_object", "push_messages", "push_object")
+    flowers = {(m, n): unwrapped(getattr(m, n)) for m in (flower_fleet, flower_runtime) for n in names}
+    for (module, name), fn in flowers.items():
+        monkeypatch.setattr(module, name, fn)  # restored after the test: this process is no SuperLink
+    server_patches.hold_pulls()
+    server_patches.hold_pulls()  # set twice: still one layer over Flower's handler
+    for (module, name), fn in flowers.items():
+        patched = getattr(module, name)
+        assert getattr(patched, MARK, False) and patched.__wrapped__ is fn, (module.__name__, name)
+    uploading = PullObjectResponse(object_found=True, object_available=False)
+    assert not server_patches._object_there(uploading)
+    assert server_patches._object_there(PullObjectResponse(object_found=True, object_available=True))
+    assert server_patches._object_there(PullObjectResponse(object_found=False, object_available=False))
