@@ -31,6 +31,7 @@ from healthfm_core.protocol.packing import unpack_record
 from healthfm_core.protocol.transport import SCALES_RECORD, decode_update, wire_dtype_ok
 from server.influence import Accepted, count_problem
 from server.limits import array_record_bytes
+from server.runlog import message_size
 
 # Under "healthfm": the ServerApp's server.log (server_app.py) keeps its rejections.
 log = logging.getLogger("healthfm.server.replies")
@@ -158,11 +159,12 @@ def read_reply(
 
 
 class EarlyReads:
-    """A round's replies read the moment each arrives (server/exchange.py's `on_reply`), while the
-    server waits for the slowest site: after the last reply only that one is parsed and checked
-    (`judge_replies`), not all of them. Replies that judge_replies leaves out before parsing
-    (error replies, replies to no message sent) are not read here either. What is read is exactly
-    what judge_replies would read: the same function (`read_reply`) on the same inputs."""
+    """A round's replies taken in the moment each arrives (server/exchange.py's `on_reply`), while
+    the server waits for the slowest site: each reply's size (server/runlog.py `message_size`) and
+    its reading, so that after the last reply only that one is sized, parsed and checked
+    (`judge_replies`). Replies that judge_replies leaves out before parsing (error replies,
+    replies to no message sent) are sized but not read. What is read is exactly what
+    judge_replies would read: the same function (`read_reply`) on the same inputs."""
 
     def __init__(
         self,
@@ -175,21 +177,31 @@ class EarlyReads:
     ) -> None:
         self.server_round, self.previous, self.node_groups = server_round, previous, node_groups
         self.sent, self.round_config, self.limits = sent, round_config, limits
-        self._read: dict[int, tuple[Message, TrainReply | RejectedReply]] = {}  # by id(): Message is unhashable
+        # by id(): Message is unhashable; the message is kept, so that its id stays its own
+        self._taken: dict[int, tuple[Message, tuple[int, int], TrainReply | RejectedReply | None]] = {}
 
     def __call__(self, msg: Message) -> None:
         node_id = origin(msg, self.sent)
-        if msg.has_error() or all(m.metadata.dst_node_id != node_id for m in self.sent):
-            return
-        result = read_reply(
-            self.server_round, msg, node_id, self.previous, self.node_groups, self.round_config, self.limits
-        )
-        self._read[id(msg)] = (msg, result)
+        result = None
+        if not msg.has_error() and any(m.metadata.dst_node_id == node_id for m in self.sent):
+            result = read_reply(
+                self.server_round, msg, node_id, self.previous, self.node_groups, self.round_config, self.limits
+            )
+        self._taken[id(msg)] = (msg, message_size(msg), result)
+
+    def _entry(self, msg: Message) -> tuple[Message, tuple[int, int], TrainReply | RejectedReply | None] | None:
+        entry = self._taken.get(id(msg))
+        return entry if entry is not None and entry[0] is msg else None  # the message itself, not one alike
 
     def get(self, msg: Message) -> TrainReply | RejectedReply | None:
-        """`msg` as it was read on arrival; None if it was not (the message itself, not one alike)."""
-        entry = self._read.get(id(msg))
-        return entry[1] if entry is not None and entry[0] is msg else None
+        """`msg` as it was read on arrival; None if it was not."""
+        entry = self._entry(msg)
+        return entry[2] if entry is not None else None
+
+    def size(self, msg: Message) -> tuple[int, int]:
+        """(bytes, objects) of `msg`, as taken on arrival or now."""
+        entry = self._entry(msg)
+        return entry[1] if entry is not None else message_size(msg)
 
 
 def parse_reply(

@@ -281,23 +281,17 @@ def run_round(
     messages = slowest_first(messages, reply_lags)
     t_sent = time.perf_counter()
     exchange = ExchangeTimes()
-    # While the replies are out: the bytes sent, then each reply's size and parse as it arrives, so
-    # that after the slowest site's reply only that one is read (server/replies.py EarlyReads).
+    # While the replies are out: the bytes sent, then each reply's size and reading as it arrives,
+    # so that after the slowest site's reply only that one is taken (server/replies.py EarlyReads).
     sites: dict[str, SiteOutcome] = {}
     read = EarlyReads(rnd, arrays, roster.node_groups, messages, config, strategy.reply_limits)
-    sizes: dict[int, tuple[Message, tuple[int, int]]] = {}  # by id(reply); the reply kept so the id stays its
-
-    def on_reply(reply: Message) -> None:
-        sizes[id(reply)] = (reply, message_size(reply))
-        read(reply)
-
     replies = send_and_receive(
         grid,
         messages,
         cfg.timeout_s,
         exchange,
         on_pushed=lambda: sites.update(sent_outcomes(strategy, arrays, roster, messages)),
-        on_reply=on_reply,
+        on_reply=read,
     )
     lags: dict[int, float] = {}
     for msg in messages:  # when each site's reply came, from the push's start
@@ -313,8 +307,7 @@ def run_round(
     for reply in replies:
         node = origin(reply, messages)
         entry = sites.setdefault(roster.site(node), SiteOutcome(node_id=node))
-        measured = sizes.get(id(reply))
-        size, objects = measured[1] if measured is not None and measured[0] is reply else message_size(reply)
+        size, objects = read.size(reply)
         entry.bytes_received = (entry.bytes_received or 0) + size
         entry.objects_received = (entry.objects_received or 0) + objects
     # config: what the server asked of every site; the counts and norms it allows follow from it.

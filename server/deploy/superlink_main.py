@@ -20,9 +20,10 @@ Flower's 30 s). Sites send 4 s by default (`join --heartbeat-interval`, client/d
 `--min-heartbeat-interval` (default MIN_HEARTBEAT_INTERVAL_S) is the shortest this SuperLink accepts.
 
 Pulls (server/deploy/flower_patches.py `hold_pulls`, healthfm_core/long_poll.py): a SuperNode's
-pull for its next message and the ServerApp's pull for replies are answered as soon as there is
-something to answer, or empty after a hold of a second or two, instead of at once: the sites and
-the ServerApp then ask about once per hold, not ten times a second, and a message waits for no poll.
+pull for its next message, the ServerApp's for replies, and either's for an object still uploading
+are answered as soon as there is something to answer, or empty after a hold of a second or two,
+instead of at once: the sites and the ServerApp then ask about once per hold, not ten times a
+second, and a message waits for no poll.
 
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
 transaction held longer than that are logged (WARNING, with the thread and the statement), so a

@@ -26,6 +26,7 @@ from healthfm_core.protocol.packing import PACKED_PART, unpack_record
 from healthfm_core.protocol.transport import dequantise, encode_update
 from server.replies import EarlyReads
 from server.round import RoundOutcome, aggregate_replies, train_messages
+from server.runlog import message_size
 from server.strategy import GroupAdam, ModalityAwareFedAvg, pack_record
 
 # Keys named after their group keep the arithmetic of these tests readable; the real
@@ -244,6 +245,7 @@ def test_replies_read_as_they_arrive_are_judged_as_if_read_after_the_last(monkey
     # A reply alike but not the one read (another Message object) is read again, not looked up.
     again = Message(replies[0].content, metadata=replies[0].metadata)
     assert read.get(again) is None and read.get(replies[0]) is not None
+    assert read.size(replies[0]) == message_size(replies[0]) == read.size(again)  # sized on arrival, or now
 
 
 def test_fp16_transport_is_upcast_before_averaging() -> None:
