@@ -10,7 +10,7 @@ TRITON_OLDEST ?= 3.6.0
 TRITON_OLDEST_DIR := .cache/triton-$(TRITON_OLDEST)
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup setup-system triton-oldest lint format test test-slow test-slow-ci test-all demo bench clean
+.PHONY: setup setup-system triton-oldest lint format test test-slow test-slow-ci test-all demo bench gpu-bundle clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -156,6 +156,19 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/ct_attention.py
+
+# What benchmarks/gpu_checks.sh needs on a GPU machine that has torch and triton but none of the
+# project's other packages and no registry (the lent H100s): the small packages healthfm_core
+# imports, as Python 3.12 wheels at this venv's versions, and a saved native batch (the synthetic
+# federation that makes it needs polars, flwr and hydra). Carry .whl to the machine.
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions meds flexible_schema \
+	jsonschema jsonschema-specifications referencing rpds-py
+gpu-bundle: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -c "import importlib.metadata as m, sys; print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))" $(GPU_WHEELS))
+	mkdir -p .whl/batches
+	$(PY) benchmarks/gpu_train_step.py --device cpu --save-native-batch .whl/batches/hospital_native.pt
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

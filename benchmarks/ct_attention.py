@@ -303,7 +303,8 @@ def paths(args: argparse.Namespace) -> int:
         f"{kernel.default_config(64).block_m} x {kernel.default_config(64).block_n}, rates 1/hour .. 1/5 years)"
     )
     print(
-        f"{'times':>12} {'N':>6} {'M':>2} {'visible':>9} {'separated':>10} {'small span':>11} {'log':>9} {'log %':>6}"
+        f"{'times':>12} {'N':>6} {'M':>2} {'visible':>9} {'separated':>10} {'of them bulk':>13} {'small span':>11} "
+        f"{'log':>9} {'log %':>6}"
     )
     for name in ("exponential", "visits"):
         for n in args.n:
@@ -317,7 +318,8 @@ def paths(args: argparse.Namespace) -> int:
                 c = kernel.tile_paths(t, t, valid, rates, cfg.block_m, cfg.block_n, causal=True)
                 vis = c["separated"] + c["small_span"] + c["log"]
                 print(
-                    f"{name:>12} {n:>6} {m:>2} {vis:>9} {c['separated']:>10} {c['small_span']:>11} {c['log']:>9} "
+                    f"{name:>12} {n:>6} {m:>2} {vis:>9} {c['separated']:>10} {c['bulk']:>13} {c['small_span']:>11} "
+                    f"{c['log']:>9} "
                     f"{100 * c['log'] / max(vis, 1):>6.1f}"
                 )
     return 0

@@ -45,7 +45,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from synthetic_site import site_dataset  # noqa: E402
 
 from healthfm_core.data.sequences.batch import Batch  # noqa: E402
 from healthfm_core.data.sequences.tokens import collate  # noqa: E402
@@ -97,9 +96,25 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def site_batch(args: argparse.Namespace, tmp: Path) -> tuple[Batch, int, int]:
     """(the native batch, vocabulary size, PRS traits) of the chosen synthetic site."""
+    # Imported here: the synthetic federation needs the data tooling (polars, flwr, hydra), which a
+    # GPU machine given a saved batch (--native-batch) does not need.
+    from synthetic_site import site_dataset
+
     dataset, vocab = site_dataset(tmp, args.scenario, args.site, args.subjects, args.max_events, args.max_patches)
     batch = collate([dataset[i % len(dataset)] for i in range(args.batch)])
     return batch, vocab.vocab_size, vocab.n_prs_traits
+
+
+def save_native(path: Path, batch: Batch, vocab: int, traits: int) -> None:
+    """The native batch as tensors in one file (torch.save of plain tensors and ints)."""
+    tensors = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    torch.save({"batch": tensors, "vocab_size": vocab, "n_prs_traits": traits}, path)
+
+
+def load_native(path: Path) -> tuple[Batch, int, int]:
+    """A batch written by --save-native-batch (weights_only: plain tensors and ints, nothing executed)."""
+    saved = torch.load(path, weights_only=True)
+    return Batch(**saved["batch"]), int(saved["vocab_size"]), int(saved["n_prs_traits"])
 
 
 def lengthen(batch: Batch, tokens: int, subjects: int) -> Batch:
@@ -298,14 +313,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--save-native-batch", type=Path, default=None, help="write the native batch to FILE and stop")
+    p.add_argument(
+        "--native-batch", type=Path, default=None, help="read the native batch from FILE (no synthetic federation)"
+    )
     args = p.parse_args(argv)
     shapes = [(text, parse_shape(text)) for text in args.shapes]
     device = resolve_device(args.device, "--device")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = args.models or (["tiny", "small", "paper"] if device.type == "cuda" else ["tiny", "small"])
-    with tempfile.TemporaryDirectory(prefix="healthfm-gpu-step-") as tmp:
-        native, vocab, traits = site_batch(args, Path(tmp))
+    if args.native_batch is not None:
+        native, vocab, traits = load_native(args.native_batch)
+    else:
+        with tempfile.TemporaryDirectory(prefix="healthfm-gpu-step-") as tmp:
+            native, vocab, traits = site_batch(args, Path(tmp))
+    if args.save_native_batch is not None:
+        save_native(args.save_native_batch, native, vocab, traits)
+        print(f"wrote the native batch ({native.codes.shape[1]} x {native.batch_size}) to {args.save_native_batch}")
+        return 0
     rows: list[Row] = []
     missing: list[str] = []
     for text, shape in shapes:

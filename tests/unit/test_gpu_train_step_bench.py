@@ -14,7 +14,7 @@ from helpers.random_batch import random_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu_train_step import lengthen, step_tokens  # noqa: E402
+from gpu_train_step import lengthen, load_native, save_native, step_tokens  # noqa: E402
 
 
 def test_longer_histories_repeat_each_subjects_tokens_at_shifted_times() -> None:
@@ -35,6 +35,17 @@ def test_longer_histories_repeat_each_subjects_tokens_at_shifted_times() -> None
         # Nothing after the prediction time (the batch contract).
         assert float(long.times[s].max()) <= float(long.prediction_time[s])
     assert step_tokens(long)[1] == 25 + batch.wear_valid.shape[1] + 1
+
+
+def test_a_saved_native_batch_comes_back_whole(tmp_path: Path) -> None:
+    # A GPU machine without the data tooling runs from a batch written elsewhere (--native-batch).
+    batch = random_batch(batch_size=3, n_events=10, modalities=[["ehr"], ["ehr", "wearables"], ["genomics"]])
+    save_native(tmp_path / "batch.pt", batch, 321, 7)
+    back, vocab, traits = load_native(tmp_path / "batch.pt")
+    assert (vocab, traits) == (321, 7)
+    for name in batch.__dataclass_fields__:
+        got, want = getattr(back, name), getattr(batch, name)
+        assert got.dtype == want.dtype and torch.equal(torch.nan_to_num(got), torch.nan_to_num(want)), name
 
 
 @pytest.mark.slow

@@ -56,8 +56,10 @@ _FIXED_POINTERS = {
     "KMAX": "*fp32",
     "KV": "*i8",
     "KLO": "*i32",
+    "KSEP": "*i32",
     "KHI": "*i32",
     "QLO": "*i32",
+    "QSEP": "*i32",
     "QHI": "*i32",
 }
 _FLOAT_SCALARS = {"sm_scale"}

@@ -38,6 +38,22 @@ tile, min/max time of the *valid* keys of the key tile), computed on the host:
   log K per score with the max-component trick (M exponentials and one log per score). With
   time-sorted tokens this is at most the diagonal tiles.
 
+The bulk
+--------
+With time-sorted tokens almost every visible tile pair is separated, keys before queries. Each
+kernel walks those first, in one loop without a branch or a causal mask: per query tile (forward,
+dQ) the run of key tiles from the first visible one whose valid keys all lie at or before the
+tile's earliest query (``k_lo .. k_sep``, from the host's plan); per key tile (dK/dV) the run of
+query tiles up to the last visible one that lie wholly at or after it (``q_sep .. q_hi``). Such a
+pair is factorised at the key tile's latest valid time a = kmax, from (t_i, a, t_j) alone so that
+the backward rebuilds the forward's scores bit for bit (``_bulk_scores``):
+r_i = max_c (log pi_c - lambda_c (t_i - a)), w_ic = exp(log pi_c - lambda_c (t_i - a) - r_i),
+b_jc = exp(-lambda_c (a - t_j)), s_ij = q.k/sqrt(D) + r_i + log sum_c w_ic b_jc (M = 1: the exact
+sum of a row and a key term). The online softmax's running max is the bound q.k/sqrt(D) + r_i
+(s is at most log M above it), so probabilities may sit below 1 before the P @ V cast: fine in
+bf16 and fp32, not fp16, whose pairs all take the planned path below. The remaining pairs
+(at most the one or two key tiles a query tile overlaps) are planned one by one:
+
 On the fast paths a score costs one exponential (the softmax one) plus M multiply-adds:
 ``p_ij = exp(q.k/sqrt(D) + U_i - m_i) * sum_m w_im b_jm``. The per-row and per-key factors
 cost M exponentials per row and per key of a tile pair, i.e. a fraction M/BLOCK of a score.
@@ -105,9 +121,12 @@ class KernelConfig:
 
 
 def default_config(head_dim: int) -> KernelConfig:
-    """A reasonable tiling for Hopper/Ampere; larger head dims need more warps per tile."""
+    """The tiling for Hopper/Ampere. Head dim <= 64: forward 64 x 64 (4 warps, 3 stages), the
+    fastest forward of benchmarks/ct_attention_tune.py's sweep on an H100 (2026-11-26, N 4,096,
+    M 4: 1.37 ms against 1.66 for 128 x 64; the backward's 64 x 64 within 3% of the best);
+    larger head dims need more warps per tile."""
     if head_dim <= 64:
-        return KernelConfig(128, 64, 4, 3, 64, 64, 4, 2)
+        return KernelConfig(64, 64, 4, 3, 64, 64, 4, 2)
     return KernelConfig(128, 64, 8, 2, 64, 64, 8, 1)
 
 
@@ -331,6 +350,60 @@ def _scored_key_tile(
     return k, v, t_k, kval, z, kn, mask, fast, a, sigma
 
 
+# --- the bulk: key tiles wholly at or before the query tile (see "Bulk tiles" above)
+
+
+@_device
+def _bulk_scores(qk, t_q, row_ok, t_k, kval, a, lw_ptr, rate_ptr, M: tl.constexpr):
+    """A bulk tile pair: every valid key at or before the anchor a = kmax <= every query. Built
+    from (t_i, a, t_j) alone, so the backward rebuilds the forward's scores bit for bit (both
+    walk the same key tiles). Returns (z, kn, r, alpha, beta): s = z + log kn, z = -inf at
+    invalid keys, alpha_i = t_i - a >= 0, beta_j = a - t_j >= 0.
+
+    M = 1: z = qk + (log pi - lambda alpha_i) - lambda beta_j, exact (kn unused).
+    M > 1: r_i = max_c (log pi_c - lambda_c alpha_i), z = qk + r_i, and
+    kn_ij = sum_c w_ic b_jc <= M with w_ic = exp(log pi_c - lambda_c alpha_i - r_i) in (0, 1] and
+    b_jc = exp(-lambda_c beta_j) <= 1: M exponentials per row and per key of the tile pair and M
+    multiply-adds per score, on the ALUs (fp32 throughout; no fp32 matrix product)."""
+    a = tl.where(a > float("-inf"), a, 0.0)  # a key tile without valid keys: any finite anchor
+    alpha = tl.where(row_ok, t_q - a, 0.0)
+    beta = tl.where(kval, a - t_k, 0.0)
+    if M == 1:
+        lw0 = tl.load(lw_ptr)
+        lam0 = tl.load(rate_ptr)
+        z = tl.where(kval[None, :], qk + (lw0 - lam0 * alpha)[:, None] - (lam0 * beta)[None, :], float("-inf"))
+        r = alpha  # unused at M = 1
+        kn = z  # unused at M = 1
+    else:
+        r = tl.load(lw_ptr) - tl.load(rate_ptr) * alpha
+        for c in tl.static_range(1, M):
+            r = tl.maximum(r, tl.load(lw_ptr + c) - tl.load(rate_ptr + c) * alpha)
+        kn = tl.zeros_like(qk)
+        for c in tl.static_range(M):
+            lam_c = tl.load(rate_ptr + c)
+            w_c = tl.exp(tl.load(lw_ptr + c) - lam_c * alpha - r)
+            b_c = tl.where(kval, tl.exp(-lam_c * beta), 0.0)
+            kn += w_c[:, None] * b_c[None, :]
+        z = tl.where(kval[None, :], qk + r[:, None], float("-inf"))
+    return z, kn, r, alpha, beta
+
+
+@_device
+def _bulk_key_tile(
+    K, V, TK, KV, KMAX, b, h, kt, skb, skh, skn, svb, svh, svn, NK, NKT, offs_d, d_ok,
+    q, t_q, row_ok, lw_ptr, rate_ptr, sm_scale, M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Key tile ``kt`` of a query tile's bulk, loaded and scored (``_bulk_scores``, anchored at the
+    tile's kmax): the step of the bulk's key loops (forward, dQ)."""
+    k, v, t_k, kval, offs_n, col_ok = _key_tile(
+        K, V, TK, KV, b, h, kt, skb, skh, skn, svb, svh, svn, NK, offs_d, d_ok, BLOCK_N
+    )
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+    a = tl.load(KMAX + b * NKT + kt)
+    z, kn, r_b, alpha_b, beta_b = _bulk_scores(qk, t_q, row_ok, t_k, kval, a, lw_ptr, rate_ptr, M)
+    return k, v, kval, z, kn, r_b, alpha_b, beta_b
+
+
 @_device
 def _ct_fwd(
     Q,
@@ -348,6 +421,7 @@ def _ct_fwd(
     KMIN,
     KMAX,
     KLO,
+    KSEP,
     KHI,
     sqb,
     sqh,
@@ -390,7 +464,27 @@ def _ct_fwd(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     k_lo, k_hi = _tile_pair(KLO, KHI, b * NQT + qt)
-    for kt in range(k_lo, k_hi):
+    k_sep = tl.load(KSEP + b * NQT + qt)
+
+    # The bulk, [k_lo, k_sep): factorised scores, no causal mask, no branch.
+    # The running max is a bound (s <= z + log M), enough for bf16 / fp32 (_bulk_allowed).
+    for kt in range(k_lo, k_sep):
+        k, v, kval, z, kn, r_b, alpha_b, beta_b = _bulk_key_tile(
+            K, V, TK, KV, KMAX, b, h, kt, skb, skh, skn, svb, svh, svn, NK, NKT, offs_d, d_ok,
+            q, t_q, row_ok, lw_ptr, rate_ptr, sm_scale, M, BLOCK_N, DOT_PREC,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(z - m_s[:, None])
+        if M > 1:
+            p = p * kn
+        alpha_row = tl.exp(m_i - m_s)
+        l_i = l_i * alpha_row + tl.sum(p, 1)
+        acc = acc * alpha_row[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    # The rest, [k_sep, k_hi): each tile pair planned on its own (module docstring).
+    for kt in range(k_sep, k_hi):
         kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
         if _visible(kmin, kmax, qmax, CAUSAL):
             k, v, t_k, kval, z, kn, mask, fast, a, sigma = _scored_key_tile(
@@ -444,6 +538,7 @@ def _ct_bwd_dkdv(
     KMIN,
     KMAX,
     QLO,
+    QSEP,
     QHI,
     sqb,
     sqh,
@@ -487,7 +582,9 @@ def _ct_bwd_dkdv(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     q_lo, q_hi = _tile_pair(QLO, QHI, b * NKT + kt)
-    for qt in range(q_lo, q_hi):
+    q_sep = tl.load(QSEP + b * NKT + kt)
+    # The rest first, [q_lo, q_sep): query tiles that overlap this key tile in time.
+    for qt in range(q_lo, q_sep):
         qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
         if _visible(kmin, kmax, qmax, CAUSAL):
             q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
@@ -502,6 +599,21 @@ def _ct_bwd_dkdv(
             ds = p * (dp - delta[:, None])
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+
+    # The bulk, [q_sep, q_hi): query tiles wholly at or after this key tile (anchor a = kmax).
+    for qt in range(q_sep, q_hi):
+        q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
+        do, lse, delta = _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok, offs_d, d_ok)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+        z, kn, r_b, alpha_b, beta_b = _bulk_scores(qk, t_q, row_ok, t_k, kval, kmax, lw_ptr, rate_ptr, M)
+        # lse: a per-row constant, subtracted after the scores (as the forward's max was)
+        p = tl.exp(tl.minimum(z - lse[:, None], 80.0))
+        if M > 1:
+            p = p * kn
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
     dk_ptrs, ok = _tile(DK, b, h, skb, skh, skn, offs_n, col_ok, offs_d, d_ok)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=ok)
@@ -530,6 +642,7 @@ def _ct_bwd_dq(
     KMIN,
     KMAX,
     KLO,
+    KSEP,
     KHI,
     sqb,
     sqh,
@@ -576,7 +689,40 @@ def _ct_bwd_dq(
     g_lw = tl.zeros((M_POW2,), dtype=tl.float32)
     g_rate = tl.zeros((M_POW2,), dtype=tl.float32)
     k_lo, k_hi = _tile_pair(KLO, KHI, b * NQT + qt)
-    for kt in range(k_lo, k_hi):
+    k_sep = tl.load(KSEP + b * NQT + qt)
+
+    # The bulk, [k_lo, k_sep), as in the forward. A bulk tile pair's mixture gradients:
+    # d log pi_c = sum_ij g_ij w_ic b_jc and d lambda_c = -sum_ij g_ij w_ic b_jc (alpha_i + beta_j)
+    # with g = dS / kn (the component's responsibility is w_ic b_jc / kn_ij).
+    for kt in range(k_lo, k_sep):
+        k, v, kval, z, kn, r_b, alpha_b, beta_b = _bulk_key_tile(
+            K, V, TK, KV, KMAX, b, h, kt, skb, skh, skn, svb, svh, svn, NK, NKT, offs_d, d_ok,
+            q, t_q, row_ok, lw_ptr, rate_ptr, sm_scale, M, BLOCK_N, DOT_PREC,
+        )  # fmt: skip
+        e = tl.exp(tl.minimum(z - lse[:, None], 80.0))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        g = e * (dp - delta[:, None])
+        if M > 1:
+            ds = g * kn
+        else:
+            ds = g
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if PARAM_GRAD:
+            for c in tl.static_range(M):
+                lam_c = tl.load(rate_ptr + c)
+                if M == 1:  # the key factor is inside z: w = b = 1
+                    w_c = tl.where(row_ok, 1.0, 0.0)
+                    b_c = tl.where(kval, 1.0, 0.0)
+                else:
+                    w_c = tl.where(row_ok, tl.exp(tl.load(lw_ptr + c) - lam_c * alpha_b - r_b), 0.0)
+                    b_c = tl.where(kval, tl.exp(-lam_c * beta_b), 0.0)
+                g_b = tl.sum(g * b_c[None, :], 1)
+                g_b_beta = tl.sum(g * (b_c * beta_b)[None, :], 1)
+                g_lw += tl.where(offs_c == c, tl.sum(w_c * g_b, 0), 0.0)
+                g_rate -= tl.where(offs_c == c, tl.sum(w_c * (alpha_b * g_b + g_b_beta), 0), 0.0)
+
+    # The rest, [k_sep, k_hi): each tile pair planned on its own.
+    for kt in range(k_sep, k_hi):
         kmin, kmax = _tile_pair(KMIN, KMAX, b * NKT + kt)
         if _visible(kmin, kmax, qmax, CAUSAL):
             k, v, t_k, kval, z, kn, mask, fast, a, sigma = _scored_key_tile(
@@ -690,17 +836,27 @@ def _tile_bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[torc
     pad = n_tiles * block - n
     t = torch.nn.functional.pad(t, (0, pad)).view(b, n_tiles, block)
     valid = torch.nn.functional.pad(valid, (0, pad), value=False).view(b, n_tiles, block)
-    inf = torch.tensor(float("inf"), device=t.device, dtype=t.dtype)
-    tmin = torch.where(valid, t, inf).amin(-1)
-    tmax = torch.where(valid, t, -inf).amax(-1)
+    # Python scalars, not device tensors: torch.tensor(x, device="cuda") is a host sync.
+    tmin = torch.where(valid, t, float("inf")).amin(-1)
+    tmax = torch.where(valid, t, float("-inf")).amax(-1)
     return tmin.contiguous(), tmax.contiguous()
 
 
 def _tile_plan(
-    t_q: torch.Tensor, t_k: torch.Tensor, kv: torch.Tensor, block_m: int, block_n: int, causal: bool
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    kv: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    causal: bool,
+    bulk: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Tile bounds plus, per query tile, the [lo, hi) range of key tiles that can be visible
-    (and per key tile the range of query tiles): exact, from the bounds alone."""
+    (and per key tile the range of query tiles): exact, from the bounds alone. And where the
+    bulk ends: per query tile k_sep, the end of the run of key tiles from k_lo whose valid keys
+    are all at or before the tile's earliest query (kmax <= qmin; a tile without valid keys
+    too); per key tile q_sep, the start of the run of query tiles up to q_hi for which that
+    holds. ``bulk=False``: no bulk (k_sep = k_lo, q_sep = q_hi). No host sync."""
     q_ok = torch.ones_like(t_q, dtype=torch.bool)
     qmin, qmax = _tile_bounds(t_q, q_ok, block_m)
     kmin, kmax = _tile_bounds(t_k, kv, block_n)
@@ -709,24 +865,38 @@ def _tile_plan(
         vis = vis & (kmin[:, None, :] <= qmax[:, :, None])
     nqt, nkt = vis.shape[1], vis.shape[2]
     kidx = torch.arange(nkt, device=vis.device, dtype=torch.int32)
-    qidx = torch.arange(nqt, device=vis.device, dtype=torch.int32)
-    big_k = torch.tensor(nkt, device=vis.device, dtype=torch.int32)
-    big_q = torch.tensor(nqt, device=vis.device, dtype=torch.int32)
-    zero = torch.tensor(0, device=vis.device, dtype=torch.int32)
-    k_lo = torch.where(vis, kidx, big_k).amin(-1)
-    k_hi = torch.where(vis, kidx + 1, zero).amax(-1)
-    q_lo = torch.where(vis, qidx[:, None], big_q).amin(1)
-    q_hi = torch.where(vis, qidx[:, None] + 1, zero).amax(1)
+    qidx = torch.arange(nqt, device=vis.device, dtype=torch.int32)[:, None]
+    k_lo = torch.where(vis, kidx, nkt).amin(-1).int()
+    k_hi = torch.where(vis, kidx + 1, 0).amax(-1).int()
+    q_lo = torch.where(vis, qidx, nqt).amin(1).int()
+    q_hi = torch.where(vis, qidx + 1, 0).amax(1).int()
+    if bulk:
+        before = kmax[:, None, :] <= qmin[:, :, None]  # [B, NQT, NKT]
+        k_in = (kidx >= k_lo[:, :, None]) & (kidx < k_hi[:, :, None])
+        k_sep = torch.minimum(torch.where(k_in & ~before, kidx, nkt).amin(-1).int(), k_hi)
+        q_in = (qidx >= q_lo[:, None, :]) & (qidx < q_hi[:, None, :])
+        q_sep = torch.maximum(torch.where(q_in & ~before, qidx + 1, 0).amax(1).int(), q_lo)
+    else:
+        k_sep, q_sep = k_lo, q_hi
     return {
         "qmin": qmin,
         "qmax": qmax,
         "kmin": kmin,
         "kmax": kmax,
-        "k_lo": k_lo.int().contiguous(),
-        "k_hi": k_hi.int().contiguous(),
-        "q_lo": q_lo.int().contiguous(),
-        "q_hi": q_hi.int().contiguous(),
+        "k_lo": k_lo.contiguous(),
+        "k_sep": k_sep.contiguous(),
+        "k_hi": k_hi.contiguous(),
+        "q_lo": q_lo.contiguous(),
+        "q_sep": q_sep.contiguous(),
+        "q_hi": q_hi.contiguous(),
     }
+
+
+def _bulk_allowed(dtype: torch.dtype) -> bool:
+    """The bulk's running max is a bound, not the exact max, so its probabilities may sit well
+    below 1 before the cast for P @ V: fine in bf16 and fp32 (fp32's exponent range), not in
+    fp16, whose tile pairs all take the planned path (exact max)."""
+    return dtype != torch.float16
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -768,7 +938,7 @@ class _CTAttention(torch.autograd.Function):
         kv = kv_bool.to(torch.int8).contiguous()
         lw = log_weights.detach().to(torch.float32).contiguous()
         rate = rates.detach().to(torch.float32).contiguous()
-        plan = _tile_plan(tq, tk, kv_bool, config.block_m, config.block_n, causal)
+        plan = _tile_plan(tq, tk, kv_bool, config.block_m, config.block_n, causal, bulk=_bulk_allowed(q.dtype))
         o = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
         lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
         nqt = _cdiv(nq, config.block_m)
@@ -792,6 +962,7 @@ class _CTAttention(torch.autograd.Function):
             plan["kmin"],
             plan["kmax"],
             plan["k_lo"],
+            plan["k_sep"],
             plan["k_hi"],
             *_strides(q),
             *_strides(k),
@@ -817,6 +988,9 @@ class _CTAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse, tq, tk, kv, lw, rate)
         ctx.causal = causal
         ctx.config = config
+        # The backward walks the same plan when its tiles are the forward's (the default): one
+        # plan a call instead of two (each ~25 small launches on a GPU).
+        ctx.plan = plan if (config.bwd_block_m, config.bwd_block_n) == (config.block_m, config.block_n) else None
         ctx.param_dtypes = (log_weights.dtype, rates.dtype)
         return o
 
@@ -831,7 +1005,11 @@ class _CTAttention(torch.autograd.Function):
         m = lw.shape[1]
         do = _last_dim_contiguous(do.to(q.dtype))
         delta = (do.float() * o.float()).sum(-1).contiguous()  # [B,H,NQ]
-        plan = _tile_plan(tq, tk, kv != 0, config.bwd_block_m, config.bwd_block_n, causal)
+        plan = ctx.plan
+        if plan is None:
+            plan = _tile_plan(
+                tq, tk, kv != 0, config.bwd_block_m, config.bwd_block_n, causal, bulk=_bulk_allowed(q.dtype)
+            )
         nqt = _cdiv(nq, config.bwd_block_m)
         nkt = _cdiv(nk, config.bwd_block_n)
         dot_prec = dot_precision(q.dtype)
@@ -857,38 +1035,6 @@ class _CTAttention(torch.autograd.Function):
             num_warps=config.bwd_num_warps,
             num_stages=config.bwd_num_stages,
         )
-        _ct_bwd_dkdv[(nkt, b * h)](
-            q,
-            k,
-            v,
-            tq,
-            tk,
-            kv,
-            lw,
-            rate,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            plan["qmin"],
-            plan["qmax"],
-            plan["kmin"],
-            plan["kmax"],
-            plan["q_lo"],
-            plan["q_hi"],
-            *_strides(q),
-            *_strides(k),
-            *_strides(v),
-            *_strides(do),
-            h,
-            nq,
-            nk,
-            nqt,
-            nkt,
-            sm_scale,
-            **common,
-        )
         _ct_bwd_dq[(nqt, b * h)](
             q,
             k,
@@ -909,6 +1055,7 @@ class _CTAttention(torch.autograd.Function):
             plan["kmin"],
             plan["kmax"],
             plan["k_lo"],
+            plan["k_sep"],
             plan["k_hi"],
             *_strides(q),
             *_strides(k),
@@ -922,6 +1069,39 @@ class _CTAttention(torch.autograd.Function):
             sm_scale,
             M_POW2=m_pow2,
             PARAM_GRAD=param_grad,
+            **common,
+        )
+        _ct_bwd_dkdv[(nkt, b * h)](
+            q,
+            k,
+            v,
+            tq,
+            tk,
+            kv,
+            lw,
+            rate,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            plan["qmin"],
+            plan["qmax"],
+            plan["kmin"],
+            plan["kmax"],
+            plan["q_lo"],
+            plan["q_sep"],
+            plan["q_hi"],
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(do),
+            h,
+            nq,
+            nk,
+            nqt,
+            nkt,
+            sm_scale,
             **common,
         )
         d_lw = d_rate = None
@@ -994,6 +1174,7 @@ def tile_paths(
     skipped: outside the trimmed loop range or not visible; separated: every valid key at or
     before (after) every query, factorised; small_span: overlapping, lambda_max * span <= SPAN_LIMIT,
     factorised around the middle; log: overlapping otherwise, M exponentials and a log per score.
+    bulk: of the separated, those in the query tile's bulk (scored without a mask or a branch).
     """
     plan = _tile_plan(t_q.float(), t_k.float(), key_valid.bool(), block_m, block_n, causal)
     qmin, qmax = plan["qmin"][:, :, None], plan["qmax"][:, :, None]  # [B, NQT, 1]
@@ -1013,8 +1194,10 @@ def tile_paths(
     )
     vis, sep = visible[None], separated[None]
     heads = rates.shape[0]
+    bulk = (kt < plan["k_sep"][:, :, None]) & in_range
     counts = {
         "skipped": int((~vis).sum()) * heads,
+        "bulk": int((visible & bulk).sum()) * heads,
         "separated": int((vis & sep).sum()) * heads,
         "small_span": int((vis & ~sep & small).sum()),
         "log": int((vis & ~sep & ~small).sum()),

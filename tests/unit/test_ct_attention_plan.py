@@ -1,0 +1,87 @@
+"""The fused kernel's host plan (healthfm_core/kernels/ct_attention/triton.py ``_tile_plan``):
+which key tiles each query tile visits, and where its bulk (key tiles wholly at or before the
+query tile, scored without a mask or a branch) ends. Torch only: no triton, no GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from healthfm_core.kernels.ct_attention import triton as kernel
+
+
+def _bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[list[float], list[float]]:
+    lo, hi = [], []
+    for start in range(0, t.shape[0], block):
+        own = t[start : start + block][valid[start : start + block]]
+        lo.append(float(own.min()) if len(own) else float("inf"))
+        hi.append(float(own.max()) if len(own) else float("-inf"))
+    return lo, hi
+
+
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_bulk_is_the_longest_run_of_key_tiles_at_or_before_the_query_tile(sort: bool, causal: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    b, n, bm, bn = 3, 200, 32, 16
+    t = torch.round(torch.rand(b, n, generator=g) * 300)  # whole days: many duplicate times
+    if sort:
+        t = t.sort(dim=1).values
+    valid = torch.rand(b, n, generator=g) > 0.2
+    valid[1, 40:90] = False  # whole key tiles without a valid key
+    plan = kernel._tile_plan(t, t, valid, bm, bn, causal)
+    for s in range(b):
+        qmin, _ = _bounds(t[s], torch.ones(n, dtype=torch.bool), bm)
+        kmin, kmax = _bounds(t[s], valid[s], bn)
+        for qt in range(len(qmin)):
+            lo, sep, hi = (int(plan[x][s, qt]) for x in ("k_lo", "k_sep", "k_hi"))
+            if lo >= hi:
+                continue
+            assert lo <= sep <= hi
+            assert all(kmax[kt] <= qmin[qt] for kt in range(lo, sep))
+            assert sep == hi or kmax[sep] > qmin[qt]  # the run is as long as it can be
+        for kt in range(len(kmin)):
+            lo, sep, hi = (int(plan[x][s, kt]) for x in ("q_lo", "q_sep", "q_hi"))
+            if lo >= hi:
+                continue
+            assert lo <= sep <= hi
+            assert all(kmax[kt] <= qmin[qt] for qt in range(sep, hi))
+            assert sep == lo or kmax[kt] > qmin[sep - 1]
+
+
+def test_sorted_histories_are_nearly_all_bulk_and_no_bulk_means_none() -> None:
+    # A time-sorted history of 1,024 events over 5 years in tiles of 128 x 64: every key tile
+    # before the diagonal is bulk; only the two key tiles a query tile overlaps are not.
+    g = torch.Generator().manual_seed(0)
+    t = torch.sort(torch.rand(2, 1024, generator=g) * 1826, dim=1).values
+    valid = torch.ones(2, 1024, dtype=torch.bool)
+    plan = kernel._tile_plan(t, t, valid, 128, 64, True)
+    visited = int((plan["k_hi"] - plan["k_lo"]).sum())
+    planned = int((plan["k_hi"] - plan["k_sep"]).sum())
+    assert planned == 2 * plan["k_lo"].numel() and visited == 144
+    off = kernel._tile_plan(t, t, valid, 128, 64, True, bulk=False)
+    assert torch.equal(off["k_sep"], off["k_lo"]) and torch.equal(off["q_sep"], off["q_hi"])
+    assert not kernel._bulk_allowed(torch.float16) and kernel._bulk_allowed(torch.bfloat16)
+
+
+def test_the_plan_never_waits_for_the_device() -> None:
+    # Issue 41's GPU run: the plan built 5 tensors from Python numbers (torch.tensor(x, device=...):
+    # a copy from host memory after which the host waits), forward and backward, in every layer:
+    # 240 of a paper step's 273 host syncs. No op of the plan may read a value or build from host data.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    t = torch.sort(torch.rand(2, 300) * 100, dim=1).values
+    valid = torch.rand(2, 300) > 0.1
+    with Ops() as ops:
+        kernel._tile_plan(t, t, valid, 64, 64, True)
+    waits = {"lift_fresh", "_local_scalar_dense", "nonzero", "_to_copy", "item", "masked_select"}
+    assert ops.names and not waits & set(ops.names), sorted(waits & set(ops.names))
