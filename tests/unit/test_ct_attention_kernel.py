@@ -332,3 +332,37 @@ def test_backward_with_tiles_of_its_own_matches_reference() -> None:
     ref, ref_grads = _reference(q, k, v, t, t, log_w, rates, valid, True, grad_out, torch.float64)
     for got, want in zip((out, *grads), (ref, *ref_grads)):
         assert float((got.detach().cpu().double() - want).abs().max()) <= 2e-4 * max(1.0, float(want.abs().max()))
+
+
+@here
+def test_layers_sharing_a_plan_match_reference_and_a_rewritten_batch_is_planned_again() -> None:
+    # Two layers on one batch's times and key mask (the second reuses the first's plan:
+    # kernel.planned_inputs), forward and backward through both against the reference; then
+    # the same tensors rewritten in place (as a reused batch buffer would be) and run again.
+    q, k, v, t, log_w, rates, valid = _make(b=2, h=2, n=48, d=16, m=4, seed=31, span_days=300.0)
+    t, valid = t.to(DEVICE), valid.to(DEVICE)
+
+    def two_layers(attention, leaves, times, mask):  # type: ignore[no-untyped-def]
+        first = attention(leaves[0], leaves[1], leaves[2], times, times, leaves[3], leaves[4], mask, True)
+        return attention(first + leaves[0], leaves[1], first, times, times, leaves[3], leaves[4], mask, True)
+
+    def triton(*args):  # type: ignore[no-untyped-def]
+        return kernel.ct_attention_triton(*args, config=CFG)
+
+    def reference(q, k, v, t_q, t_k, lw, rate, mask, causal):  # type: ignore[no-untyped-def]
+        d = torch.float64
+        return ct_attention_reference(q, k, v, t_q.to(d), t_k.to(d), lw, rate, mask, causal)
+
+    for _ in range(2):
+        leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, log_w, rates)]
+        out = two_layers(triton, leaves, t, valid)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, log_w, rates)]
+        ref = two_layers(reference, ref_leaves, t.cpu(), valid.cpu())
+        ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+        for got, want in zip((out, *grads), (ref, *ref_grads)):
+            got = got.detach().cpu().double()
+            want = want.detach()
+            assert float((got - want).abs().max()) <= 2e-4 * max(1.0, float(want.abs().max()))
+        t.copy_(torch.flip(t, dims=[1]).neg() + 400.0)  # same objects, other times: a stale plan would skip tiles
+        valid[0, 20:] = False

@@ -19,6 +19,24 @@ def _bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[list[floa
     return lo, hi
 
 
+def _ops_in(fn) -> list[str]:  # type: ignore[no-untyped-def]
+    """The aten ops ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        fn()
+    return ops.names
+
+
 @pytest.mark.parametrize("sort", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
 def test_bulk_is_the_longest_run_of_key_tiles_at_or_before_the_query_tile(sort: bool, causal: bool) -> None:
@@ -68,20 +86,46 @@ def test_the_plan_never_waits_for_the_device() -> None:
     # Issue 41's GPU run: the plan built 5 tensors from Python numbers (torch.tensor(x, device=...):
     # a copy from host memory after which the host waits), forward and backward, in every layer:
     # 240 of a paper step's 273 host syncs. No op of the plan may read a value or build from host data.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     t = torch.sort(torch.rand(2, 300) * 100, dim=1).values
     valid = torch.rand(2, 300) > 0.1
-    with Ops() as ops:
-        kernel._tile_plan(t, t, valid, 64, 64, True)
+    names = _ops_in(lambda: kernel._tile_plan(t, t, valid, 64, 64, True))
     waits = {"lift_fresh", "_local_scalar_dense", "nonzero", "_to_copy", "item", "masked_select"}
-    assert ops.names and not waits & set(ops.names), sorted(waits & set(ops.names))
+    assert names and not waits & set(names), sorted(waits & set(names))
+
+
+def test_layers_on_one_batch_share_one_plan_and_a_changed_batch_gets_its_own() -> None:
+    # A model's layers pass the same times and key mask: the second layer dispatches no op for
+    # its plan. Anything that could change the plan (a write to the times or the mask, another
+    # tensor, other tiles) gets a fresh one, equal to the plan made from scratch.
+    g = torch.Generator().manual_seed(3)
+    t = torch.sort(torch.rand(2, 300, generator=g) * 100, dim=1).values.double()  # converted to fp32 once
+    valid = torch.rand(2, 300, generator=g) > 0.1
+    first = kernel.planned_inputs(t, t, valid, 64, 64, True, True)
+    again: list[kernel.PlannedInputs] = []
+    assert _ops_in(lambda: again.append(kernel.planned_inputs(t, t, valid, 64, 64, True, True))) == []
+    assert again[0] is first
+
+    def fresh(times: torch.Tensor, mask: torch.Tensor, bm: int = 64, bn: int = 64) -> dict[str, torch.Tensor]:
+        return kernel._tile_plan(times.float(), times.float(), mask, bm, bn, True)
+
+    def same(planned: kernel.PlannedInputs, want: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(planned.plan[name], want[name]) for name in want)
+
+    t.mul_(3.0)  # in place: same object, new version
+    after_write = kernel.planned_inputs(t, t, valid, 64, 64, True, True)
+    assert after_write is not first and same(after_write, fresh(t, valid))
+    assert torch.equal(after_write.t_q, t.float())
+    valid[:, :64] = False
+    after_mask = kernel.planned_inputs(t, t, valid, 64, 64, True, True)
+    assert after_mask is not after_write and same(after_mask, fresh(t, valid))
+    assert torch.equal(after_mask.key_valid, valid.to(torch.int8))
+    other_tiles = kernel.planned_inputs(t, t, valid, 32, 64, True, True)
+    assert same(other_tiles, fresh(t, valid, 32, 64))
+    copy = t.clone()
+    assert kernel.planned_inputs(copy, copy, valid, 32, 64, True, True) is not other_tiles
+    with torch.inference_mode():  # no version counter: never memoised
+        u, mask = t.clone(), valid.clone()
+        one = kernel.planned_inputs(u, u, mask, 64, 64, True, True)
+        u.add_(1.0)
+        two = kernel.planned_inputs(u, u, mask, 64, 64, True, True)
+        assert one is not two and same(two, fresh(u, mask))
