@@ -16,7 +16,10 @@ The SuperNode (`python -m client.deploy.supernode_main`, `set_pace`; client/depl
 - `flwr.supernode.servicer.runtime.runtime_handlers.acquire_task` (the app guard asking its
   SuperNode for a task; flwr/supernode/main.py's _RUNTIME_HANDLERS is that module): held up to
   TASK_HOLD_S until a task is there (healthfm_core/long_poll.py says why), so an idle guard asks
-  once per hold, not twenty times a second, and a task waits for no poll.
+  once per hold, not twenty times a second, and a task waits for no poll;
+- `...runtime_handlers.pull_object` (the ClientApp pulling the message's objects): held up to
+  OBJECT_HOLD_S while the object is known but not stored yet, answered when the pull loop above
+  has stored the message's objects.
 The SuperNode's heartbeat (`set_heartbeat`, from client/deploy/supernode_main.py; client/deploy/heartbeat.py
 says why): Flower imports its constants by name, so each module's own binding is set:
 - `fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL`: the interval the node sends when it activates
@@ -64,20 +67,29 @@ PULL_BACKOFF_CAP_S = 0.1
 # per SuperNode (two slots: Flower's own SuperExec, if a site runs it instead, holds the same way).
 TASK_HOLD_S = 2.0
 TASK_HOLD_SLOTS = 2
+# The ClientApp's pull of an object its SuperNode has not stored yet waits this long (its retries
+# then take over); a message's objects are pulled by a few threads at once.
+OBJECT_HOLD_S = 2.0
+OBJECT_HOLD_SLOTS = 8
 
 
 def until_message(
     pull_and_store: Callable[..., int | None],
     interval: Callable[[], float],
     sleep: Callable[[float], None] = time.sleep,
+    stored: Waker | None = None,
 ) -> Callable[..., int | None]:
     """`pull_and_store` that returns only once it pulled a message (its run id), trying again
-    after `interval()` s; an exception still leaves at once (the SuperNode's loop ends on it)."""
+    after `interval()` s, and then wakes `stored` (the message's objects are in the node's store:
+    Flower's function puts them there before it returns); an exception still leaves at once (the
+    SuperNode's loop ends on it)."""
 
     @functools.wraps(pull_and_store)
     def pull(*args: Any, **kwargs: Any) -> int | None:
         while (run_id := pull_and_store(*args, **kwargs)) is None:
             sleep(interval())
+        if stored is not None:
+            stored.notify()
         return run_id
 
     setattr(pull, WRAPPED, True)
@@ -108,8 +120,9 @@ def set_pace(pace: SupernodePace, sleep: Callable[[float], None] = time.sleep) -
     """Set `pace` in Flower's SuperNode loop of this process (before flower_supernode() runs);
     the schedule it polls by. `sleep` is what the waits call (tests record them)."""
     schedule = PollSchedule(pace.poll_interval, pace.fast_poll_interval, pace.fast_window)
+    objects = Waker()
     flower_loop._pull_and_store_message = until_message(
-        _flowers(flower_loop._pull_and_store_message), schedule.interval, sleep
+        _flowers(flower_loop._pull_and_store_message), schedule.interval, sleep, stored=objects
     )
     flower_loop._push_messages = telling(_flowers(flower_loop._push_messages), schedule)
     flower_loop.time = CappedSleepTime(pace.reply_poll, sleep)  # type: ignore[assignment]
@@ -128,7 +141,17 @@ def set_pace(pace: SupernodePace, sleep: Callable[[float], None] = time.sleep) -
                 TASK_HOLD_S,
                 tasks,
                 threading.Semaphore(TASK_HOLD_SLOTS),
-            )
+            ),
+            # The guard hands the task over before the SuperNode has the message's objects: the
+            # ClientApp's pull of one not stored yet (found, not available) waits for the store
+            # instead of retrying 0.05-0.1 s later. An unknown object is answered at once.
+            "pull_object": held(
+                unwrapped(flower_node_runtime.pull_object),
+                lambda res: res.object_available or not res.object_found,
+                OBJECT_HOLD_S,
+                objects,
+                threading.Semaphore(OBJECT_HOLD_SLOTS),
+            ),
         },
         "client/deploy/flower_patches.py set_pace",
     )

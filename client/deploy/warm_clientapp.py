@@ -39,12 +39,13 @@ import ctypes
 import gc
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -68,15 +69,85 @@ log = logging.getLogger("healthfm.client.warm")
 DONE = "done"
 
 
-def collect_between_tasks() -> None:
-    """A full garbage collection (and heap trim) after a task's reply left, then everything left
-    frozen: the ClientApp's own `release_memory` at the end of its next handler, on the round's
-    path, then scans only what that task made instead of the whole process (torch, the site's
-    data and model: a few hundred thousand objects, 0.1-0.3 s a collection). Frozen objects are
-    unfrozen and collected again here after every task, so nothing is held past the next one."""
-    gc.unfreeze()
+# The full collection rescans every frozen object (the process's torch, data and model: 340-470
+# thousand objects, 0.3-0.8 s with `tiny` and `small`, measured in benchmarks/federation_round.py's
+# sites); it waits for a moment without a task, since the site whose reply ends a round gets its next
+# task ~0.15 s after it (it used to wait out the collection: 0.15-0.35 s of each round there). A site
+# that is never idle that long still gets one every FULL_COLLECTION_EVERY tasks.
+IDLE_BEFORE_FULL_COLLECTION_S = 1.0
+FULL_COLLECTION_EVERY = 16
+
+
+def collect_between_tasks(full: bool = True) -> None:
+    """Garbage collection (and a heap trim) after a task's reply left, then everything left frozen:
+    the ClientApp's own `release_memory` at the end of its next handler, on the round's path, then
+    scans only what that task made instead of the whole process.
+
+    full=False collects what was made since the last freeze (about 1 ms): in steady state that is
+    all the garbage there is (a task's cycles, 280-640 objects a task in a 3-site run, were all
+    found there; a full collection right after found none more, except 20 once after the first
+    task). full=True first unfreezes, so that cycles among objects frozen by an earlier task are
+    found too (`run` schedules it: IDLE_BEFORE_FULL_COLLECTION_S)."""
+    if full:
+        gc.unfreeze()
     release_memory()
     gc.freeze()
+
+
+class TaskTokens:
+    """The guard's task tokens, one a line on `stream`, read by a thread so that the wait for the
+    next one can end after a while (`next`). None at the end of the stream."""
+
+    IDLE = object()  # `next` found no token within its timeout
+
+    def __init__(self, stream: TextIO) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True, name="task-tokens").start()
+
+    def _read(self, stream: TextIO) -> None:
+        try:
+            for line in stream:
+                if line.strip():
+                    self._lines.put(line.strip())
+        finally:
+            self._lines.put(None)
+
+    def next(self, timeout: float | None) -> object:
+        """The next token, None at the end, or IDLE when `timeout` s passed without one."""
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            return self.IDLE
+
+
+def serve_tasks(
+    tokens: TaskTokens,
+    serve: Callable[[str], str],
+    replies: TextIO,
+    collect: Callable[[bool], None] = collect_between_tasks,
+    idle_s: float = IDLE_BEFORE_FULL_COLLECTION_S,
+    every: int = FULL_COLLECTION_EVERY,
+) -> int:
+    """Serve each token as it comes, `done N STATUS` on `replies` after each; after each task the
+    quick collection, and the full one once no task came for `idle_s` s or every `every` tasks
+    (`collect_between_tasks`). Returns the tasks served."""
+    served = since_full = 0
+    owed = False  # a full collection waits for an idle moment
+    while True:
+        token = tokens.next(idle_s if owed else None)
+        if token is TaskTokens.IDLE:
+            collect(True)
+            owed, since_full = False, 0
+            continue
+        if token is None:
+            return served
+        status = serve(str(token))
+        served += 1
+        since_full += 1
+        print(f"{DONE} {served} {status}", file=replies, flush=True)
+        full = since_full >= every
+        collect(full)  # the reply has left: off the round's path, and ~1 ms unless full
+        owed, since_full = (False, 0) if full else (True, since_full)
 
 
 def task_client(runtime_api_address: str, token: str) -> RuntimeHttpClient:
@@ -207,13 +278,7 @@ class WarmClientApp:
 def run(runtime_api_address: str, run_id: int, fab_hash: str, replies: TextIO) -> None:
     worker = WarmClientApp(runtime_api_address, run_id, fab_hash)
     try:
-        for line in sys.stdin:
-            token = line.strip()
-            if not token:
-                continue
-            status = worker.serve(token)
-            print(f"{DONE} {worker.served} {status}", file=replies, flush=True)
-            collect_between_tasks()  # the reply has left: off the round's path
+        serve_tasks(TaskTokens(sys.stdin), worker.serve, replies)
     finally:
         worker.close()
 

@@ -23,7 +23,7 @@ from client.deploy.heartbeat import HEARTBEAT_INTERVAL_S
 from client.deploy.join import JoinConfig, supernode_command
 from client.deploy.supernode_main import parse
 from client.deploy.supernode_pace import POLL_INTERVAL_S, CappedSleepTime, PollSchedule, SupernodePace
-from healthfm_core.long_poll import MARK
+from healthfm_core.long_poll import MARK, Waker
 
 
 @pytest.fixture
@@ -33,6 +33,8 @@ def flower_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flower_loop, "pull_objects", flower_loop.pull_objects)
     monkeypatch.setattr(flower_loop, "_push_messages", flower_loop._push_messages)
     monkeypatch.setattr(flower_loop, "time", flower_loop.time)
+    monkeypatch.setattr(flower_node_runtime, "acquire_task", flower_node_runtime.acquire_task)
+    monkeypatch.setattr(flower_node_runtime, "pull_object", flower_node_runtime.pull_object)
 
 
 def test_flowers_loop_still_calls_the_names_the_launcher_rebinds() -> None:
@@ -62,6 +64,8 @@ def test_set_pace_rebinds_the_pull_the_push_the_waits_and_the_object_backoff_onc
     assert backoff.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.4}
     acquire = flower_node_runtime.acquire_task  # held once, over Flower's handler
     assert getattr(acquire, MARK) and not getattr(acquire.__wrapped__, MARK, False)
+    pull_object = flower_node_runtime.pull_object  # the ClientApp's object pulls: held once too
+    assert getattr(pull_object, MARK) and not getattr(pull_object.__wrapped__, MARK, False)
 
 
 def test_the_pull_returns_only_once_a_message_came_and_waits_the_interval_between() -> None:
@@ -77,6 +81,19 @@ def test_the_pull_returns_only_once_a_message_came_and_waits_the_interval_betwee
     assert pull("state", receive="fn") == 42
     assert calls == [(("state",), {"receive": "fn"})] * 3
     assert slept == [0.2, 0.2]
+
+
+def test_a_pulled_message_wakes_the_held_object_pulls_and_an_empty_pull_does_not() -> None:
+    answers = iter([None, 7])
+    stored = Waker()
+    wakes: list[int] = []
+
+    def pull_and_store() -> int | None:
+        wakes.append(stored.generation)  # Flower stores the objects inside this call
+        return next(answers)
+
+    assert until_message(pull_and_store, lambda: 0.0, sleep=lambda s: None, stored=stored)() == 7
+    assert wakes == [0, 0] and stored.generation == 1  # woken once, after the message's store
 
 
 def test_an_error_still_ends_the_pull_at_once() -> None:

@@ -13,6 +13,7 @@ import functools
 import gc
 import hashlib
 import io
+import os
 import shutil
 import signal
 import socket
@@ -23,7 +24,9 @@ import time
 import tomllib
 import weakref
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -51,7 +54,7 @@ from client.client_app import make_client_app
 from client.deploy.app_guard import FAST_POLL_SECONDS, FAST_WINDOW_SECONDS, POLL_SECONDS, AppGuard
 from client.deploy.approval import approve, inspect_bundle
 from client.deploy.flower_patches import set_pull_backoff
-from client.deploy.warm_clientapp import WarmWorker, collect_between_tasks
+from client.deploy.warm_clientapp import TaskTokens, WarmWorker, collect_between_tasks, serve_tasks
 from client.policy import PolicyError, load_policy
 from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
@@ -273,6 +276,95 @@ def test_between_tasks_garbage_is_collected_and_the_rest_frozen() -> None:
         collect_between_tasks()
         assert gone() is None  # ...but not the one between tasks
         assert gc.get_freeze_count() > 0  # the survivors: the next handler's collection skips them
+    finally:
+        gc.unfreeze()
+
+
+def test_the_quick_collection_frees_a_tasks_own_cycles_and_the_full_one_the_frozen_too() -> None:
+    class Cycle:
+        pass
+
+    def cycle() -> weakref.ref[Cycle]:
+        c = Cycle()
+        c.me = c  # type: ignore[attr-defined]
+        return weakref.ref(c)
+
+    try:
+        frozen = cycle()
+        gc.freeze()  # made garbage while frozen: only a full collection finds it
+        fresh = cycle()  # made by this task, after the last freeze
+        assert frozen() is not None and fresh() is not None
+        collect_between_tasks(full=False)
+        assert fresh() is None and frozen() is not None
+        collect_between_tasks(full=True)
+        assert frozen() is None
+    finally:
+        gc.unfreeze()
+
+
+def _tokens(*lines: str) -> tuple[TaskTokens, io.TextIOWrapper]:
+    """TaskTokens on a real pipe with `lines` already written; the writing end, to write more or close."""
+    read_fd, write_fd = os.pipe()
+    writer = os.fdopen(write_fd, "w", buffering=1)
+    for line in lines:
+        writer.write(line + "\n")
+    return TaskTokens(os.fdopen(read_fd)), writer
+
+
+def _serving(tokens: TaskTokens, events: list[str], **kwargs: Any) -> tuple[threading.Thread, io.StringIO]:
+    replies = io.StringIO()
+
+    def serve(token: str) -> str:
+        events.append(f"serve {token}")
+        return "COMPLETED"
+
+    def collect(full: bool) -> None:
+        events.append("full" if full else "quick")
+        collect_between_tasks(full)
+
+    thread = threading.Thread(target=serve_tasks, args=(tokens, serve, replies, collect), kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread, replies
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(6000):  # a safety net of 60 s, not a speed limit
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the warm loop never got there")
+
+
+def test_a_task_that_follows_at_once_waits_for_no_full_collection_and_an_idle_moment_gets_it() -> None:
+    # The site whose reply ends a round gets its next task ~0.15 s later: it is served after the
+    # quick collection; the full one waits until no task came for idle_s.
+    events: list[str] = []
+    tokens, writer = _tokens("a", "b")
+    try:
+        thread, replies = _serving(tokens, events, idle_s=0.2, every=16)
+        _until(lambda: "full" in events)
+        assert events == ["serve a", "quick", "serve b", "quick", "full"]
+        writer.write("c\n")
+        _until(lambda: events.count("quick") == 3)
+        writer.close()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert events == ["serve a", "quick", "serve b", "quick", "full", "serve c", "quick"]
+        assert replies.getvalue().splitlines() == ["done 1 COMPLETED", "done 2 COMPLETED", "done 3 COMPLETED"]
+    finally:
+        gc.unfreeze()
+        writer.close()
+
+
+def test_a_site_never_idle_still_gets_a_full_collection_every_few_tasks() -> None:
+    events: list[str] = []
+    tokens, writer = _tokens("a", "b", "c")
+    writer.close()
+    try:
+        thread, _ = _serving(tokens, events, idle_s=60.0, every=2)
+        thread.join(60)
+        assert not thread.is_alive()
+        assert events == ["serve a", "quick", "serve b", "full", "serve c", "quick"]
     finally:
         gc.unfreeze()
 
