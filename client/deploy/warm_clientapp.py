@@ -87,7 +87,7 @@ def collect_between_tasks(full: bool = True) -> None:
     all the garbage there is (a task's cycles, 280-640 objects a task in a 3-site run, were all
     found there; a full collection right after found none more, except 20 once after the first
     task). full=True first unfreezes, so that cycles among objects frozen by an earlier task are
-    found too (`run` schedules it: IDLE_BEFORE_FULL_COLLECTION_S)."""
+    found too (`serve_tasks` schedules it)."""
     if full:
         gc.unfreeze()
     release_memory()
@@ -107,8 +107,8 @@ class TaskTokens:
     def _read(self, stream: TextIO) -> None:
         try:
             for line in stream:
-                if line.strip():
-                    self._lines.put(line.strip())
+                if token := line.strip():
+                    self._lines.put(token)
         finally:
             self._lines.put(None)
 
@@ -131,23 +131,21 @@ def serve_tasks(
     """Serve each token as it comes, `done N STATUS` on `replies` after each; after each task the
     quick collection, and the full one once no task came for `idle_s` s or every `every` tasks
     (`collect_between_tasks`). Returns the tasks served."""
-    served = since_full = 0
-    owed = False  # a full collection waits for an idle moment
+    served = since_full = 0  # tasks served; of them, since the last full collection
     while True:
-        token = tokens.next(idle_s if owed else None)
-        if token is TaskTokens.IDLE:
-            collect(True)
-            owed, since_full = False, 0
-            continue
+        # A full collection is owed once a task ran since the last one: it waits for an idle moment.
+        token = tokens.next(idle_s if since_full else None)
         if token is None:
             return served
-        status = serve(str(token))
-        served += 1
-        since_full += 1
-        print(f"{DONE} {served} {status}", file=replies, flush=True)
-        full = since_full >= every
+        if token is not TaskTokens.IDLE:
+            served += 1
+            since_full += 1
+            status = serve(str(token))
+            print(f"{DONE} {served} {status}", file=replies, flush=True)
+        full = token is TaskTokens.IDLE or since_full >= every
         collect(full)  # the reply has left: off the round's path, and ~1 ms unless full
-        owed, since_full = (False, 0) if full else (True, since_full)
+        if full:
+            since_full = 0
 
 
 def task_client(runtime_api_address: str, token: str) -> RuntimeHttpClient:

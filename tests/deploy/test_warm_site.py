@@ -24,7 +24,6 @@ import time
 import tomllib
 import weakref
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from flwr.supernode.nodestate import NodeStateFactory
 from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.start_client_internal import _pull_and_store_message
 from helpers.deploy_fixtures import CLIENT, SITES, TINY_RUN, Process, join_args, round_events, site_policy
+from helpers.process_faults import wait_until
 
 from client import site_runtime
 from client.client import build_parser
@@ -327,14 +327,6 @@ def _serving(tokens: TaskTokens, events: list[str], **kwargs: Any) -> tuple[thre
     return thread, replies
 
 
-def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(6000):  # a safety net of 60 s, not a speed limit
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError("the warm loop never got there")
-
-
 def test_a_task_that_follows_at_once_waits_for_no_full_collection_and_an_idle_moment_gets_it() -> None:
     # The site whose reply ends a round gets its next task ~0.15 s later: it is served after the
     # quick collection; the full one waits until no task came for idle_s.
@@ -342,11 +334,10 @@ def test_a_task_that_follows_at_once_waits_for_no_full_collection_and_an_idle_mo
     tokens, writer = _tokens("a", "b")
     try:
         thread, replies = _serving(tokens, events, idle_s=0.2, every=16)
-        _until(lambda: "full" in events)
+        wait_until(lambda: "full" in events, 60, "the full collection")
         assert events == ["serve a", "quick", "serve b", "quick", "full"]
         writer.write("c\n")
-        _until(lambda: events.count("quick") == 3)
-        writer.close()
+        writer.close()  # c, then the end: the loop ends after c's quick collection
         thread.join(60)
         assert not thread.is_alive()
         assert events == ["serve a", "quick", "serve b", "quick", "full", "serve c", "quick"]
