@@ -60,7 +60,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.memory import release_memory
+from client.memory import release_after_message
 from client.policy import SECAGG_MIN_HOLDERS
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
 from healthfm_core.protocol import (
@@ -323,7 +323,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         records, scales, residual = site.encode(reply, arrays, cfg, stored_residual(context, cfg.setup_sha256))
         keep_residual(context, cfg.setup_sha256, residual)
         content = train_reply_content(records, scales)
-        release_memory()  # what training freed goes back to the system before the next message
+        release_after_message()  # what training freed goes back to the system before the next message
         return Message(content, reply_to=msg)
 
     @app.query(_action(KEYS_MESSAGE))
@@ -399,7 +399,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
         update = {k: np.asarray(v, np.float64) - np.asarray(arrays[k], np.float64) for k, v in reply.arrays.items()}
         masked = secure.mask(inbox, update, {g: int(n) for g, n in reply.group_examples.items()})
         keep_secure_round(context, cfg.round, secure)
-        release_memory()
+        release_after_message()
         out = secagg_reply(msg, masked)
         if reply.dp is not None:  # the site's cumulative spend, as a plain reply reports it (no counts)
             out.content[METRICS_RECORD] = MetricRecord(dict(reply.dp.to_metrics()))
@@ -428,7 +428,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
             return need
         arrays = message_arrays(msg)
         reply = runtime(context).evaluate(stored_setup(context, cfg.setup_sha256), arrays, cfg)
-        release_memory()
+        release_after_message()
         return Message(eval_reply_content(reply), reply_to=msg)
 
     return app

@@ -59,6 +59,11 @@ class Waker:
         with self._cond:
             self._cond.wait_for(lambda: self._generation != seen, timeout)
 
+    def sleep(self, seconds: float) -> None:
+        """`time.sleep(seconds)` that a notify ends early: for a loop that looks, then sleeps
+        (a notify between its look and this call is missed: that wait is the full `seconds`)."""
+        self.wait(self._generation, seconds)
+
 
 def held(
     handler: Callable[..., R],

@@ -6,10 +6,13 @@ stops calling the name rebound here).
 
 The SuperNode (`python -m client.deploy.supernode_main`, `set_pace`; client/deploy/supernode_pace.py says why):
 - `start_client_internal._pull_and_store_message`: returns only once a message came, polling at
-  the PollSchedule's interval (Flower sleeps 3 s after every empty pull);
+  the PollSchedule's interval (Flower sleeps 3 s after every empty pull); it wakes the ClientApp's
+  held object pulls (below) once the message's objects are stored, before Flower confirms the
+  message to the SuperLink (a Fleet API round trip, 0.03-0.05 s on the round's path);
 - `start_client_internal._push_messages`: tells the schedule when a reply left;
-- `start_client_internal.time`: its sleep capped at `reply_poll` (Flower waits for the
-  ClientApp's reply and its objects in 0.5 s steps);
+- `start_client_internal.time`: its sleep capped at `reply_poll` and ended early by the ClientApp
+  pushing a message or an object (`...runtime_handlers.push_messages`, `push_object`): Flower
+  waits for the ClientApp's reply and then for each of its objects in 0.5 s steps;
 - `start_client_internal.pull_objects`: Flower's own function with a short backoff (Flower
   retries a message's objects after 1, 2, 4, 8, 10 s); called once the message's task exists and
   the message is stored, it first wakes the app guard's held call below;
@@ -80,12 +83,16 @@ def until_message(
     stored: Waker | None = None,
 ) -> Callable[..., int | None]:
     """`pull_and_store` that returns only once it pulled a message (its run id), trying again
-    after `interval()` s, and then wakes `stored` (the message's objects are in the node's store:
-    Flower's function puts them there before it returns); an exception still leaves at once (the
-    SuperNode's loop ends on it)."""
+    after `interval()` s, and wakes `stored` once the message's objects are in the node's store:
+    when Flower's function calls its `confirm_message_received` (after its puts, before that
+    call's round trip to the SuperLink), and again as it returns. An exception still leaves at
+    once (the SuperNode's loop ends on it)."""
 
     @functools.wraps(pull_and_store)
     def pull(*args: Any, **kwargs: Any) -> int | None:
+        confirm = kwargs.get("confirm_message_received")
+        if stored is not None and confirm is not None:
+            kwargs["confirm_message_received"] = _after_notify(stored, confirm)
         while (run_id := pull_and_store(*args, **kwargs)) is None:
             sleep(interval())
         if stored is not None:
@@ -94,6 +101,16 @@ def until_message(
 
     setattr(pull, WRAPPED, True)
     return pull
+
+
+def _after_notify(waker: Waker, confirm: Callable[..., None]) -> Callable[..., None]:
+    """`confirm` (Flower calls it once it stored the message's objects) that first wakes `waker`."""
+
+    def call(*args: Any, **kwargs: Any) -> None:
+        waker.notify()
+        confirm(*args, **kwargs)
+
+    return call
 
 
 def telling(push_messages: Callable[..., None], schedule: PollSchedule) -> Callable[..., None]:
@@ -116,16 +133,17 @@ def _flowers(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn.__wrapped__ if getattr(fn, WRAPPED, False) else fn  # type: ignore[attr-defined]
 
 
-def set_pace(pace: SupernodePace, sleep: Callable[[float], None] = time.sleep) -> PollSchedule:
+def set_pace(pace: SupernodePace, sleep: Callable[[float], None] | None = None) -> PollSchedule:
     """Set `pace` in Flower's SuperNode loop of this process (before flower_supernode() runs);
-    the schedule it polls by. `sleep` is what the waits call (tests record them)."""
+    the schedule it polls by. `sleep`, when given, is what every wait calls (tests record them);
+    by default the polls sleep and the reply's waits end early when the ClientApp pushes."""
     schedule = PollSchedule(pace.poll_interval, pace.fast_poll_interval, pace.fast_window)
-    objects = Waker()
+    objects, replies = Waker(), Waker()  # the message's objects stored / the ClientApp pushed
     flower_loop._pull_and_store_message = until_message(
-        _flowers(flower_loop._pull_and_store_message), schedule.interval, sleep, stored=objects
+        _flowers(flower_loop._pull_and_store_message), schedule.interval, sleep or time.sleep, stored=objects
     )
     flower_loop._push_messages = telling(_flowers(flower_loop._push_messages), schedule)
-    flower_loop.time = CappedSleepTime(pace.reply_poll, sleep)  # type: ignore[assignment]
+    flower_loop.time = CappedSleepTime(pace.reply_poll, sleep or replies.sleep)  # type: ignore[assignment]
     tasks = Waker()
     flower_loop.pull_objects = notifying(
         functools.partial(pull_objects, initial_backoff=pace.pull_initial_backoff, backoff_cap=pace.pull_backoff_cap),
@@ -152,6 +170,9 @@ def set_pace(pace: SupernodePace, sleep: Callable[[float], None] = time.sleep) -
                 objects,
                 threading.Semaphore(OBJECT_HOLD_SLOTS),
             ),
+            # The reply and its objects, stored: Flower's _push_messages looks again at once.
+            "push_messages": notifying(unwrapped(flower_node_runtime.push_messages), replies),
+            "push_object": notifying(unwrapped(flower_node_runtime.push_object), replies),
         },
         "client/deploy/flower_patches.py set_pace",
     )

@@ -62,7 +62,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from client.deploy.approved_code import BundleCode, module_files
 from client.deploy.flower_patches import set_pull_backoff
-from client.memory import release_memory
+from client.memory import release_after_reply, release_memory
 
 log = logging.getLogger("healthfm.client.warm")
 
@@ -79,11 +79,12 @@ FULL_COLLECTION_EVERY = 16
 
 
 def collect_between_tasks(full: bool = True) -> None:
-    """Garbage collection (and a heap trim) after a task's reply left, then everything left frozen:
-    the ClientApp's own `release_memory` at the end of its next handler, on the round's path, then
-    scans only what that task made instead of the whole process.
+    """Garbage collection (and a heap trim) after a task's reply left, then everything left frozen.
+    The ClientApp's handlers leave their own release to this (`release_after_reply`, set by `run`):
+    it came before the reply left, on the round's path.
 
-    full=False collects what was made since the last freeze (about 1 ms): in steady state that is
+    full=False collects what was made since the last freeze (the task's own objects: ~0.05 s after a
+    `small` training task, while the next message is still on its way): in steady state that is
     all the garbage there is (a task's cycles, 280-640 objects a task in a 3-site run, were all
     found there; a full collection right after found none more, except 20 once after the first
     task). full=True first unfreezes, so that cycles among objects frozen by an earlier task are
@@ -143,7 +144,7 @@ def serve_tasks(
             status = serve(str(token))
             print(f"{DONE} {served} {status}", file=replies, flush=True)
         full = token is TaskTokens.IDLE or since_full >= every
-        collect(full)  # the reply has left: off the round's path, and ~1 ms unless full
+        collect(full)  # the reply has left: off the round's path (what the task made, unless full)
         if full:
             since_full = 0
 
@@ -274,6 +275,7 @@ class WarmClientApp:
 
 
 def run(runtime_api_address: str, run_id: int, fab_hash: str, replies: TextIO) -> None:
+    release_after_reply()  # serve_tasks collects once each reply has left, not the handler before it
     worker = WarmClientApp(runtime_api_address, run_id, fab_hash)
     try:
         serve_tasks(TaskTokens(sys.stdin), worker.serve, replies)

@@ -190,7 +190,7 @@ http {{
     # SuperLink (uct; "-" when a kept-alive connection was reused) and waiting for it (urt).
     log_format timed '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
                      '"$http_referer" "$http_user_agent" rt=$request_time uct=$upstream_connect_time '
-                     'urt=$upstream_response_time';
+                     'urt=$upstream_response_time msec=$msec';
     access_log {server / NGINX_ACCESS_LOG} timed;
     client_body_temp_path {tmp / "body"};
     proxy_temp_path {tmp / "proxy"};

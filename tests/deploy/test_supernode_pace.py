@@ -7,9 +7,11 @@ with a short backoff. These fail if Flower's loop stops calling the names the la
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import flwr.supernode.servicer.runtime.runtime_handlers as flower_node_runtime
 import flwr.supernode.start_client_internal as flower_loop
@@ -35,6 +37,8 @@ def flower_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flower_loop, "time", flower_loop.time)
     monkeypatch.setattr(flower_node_runtime, "acquire_task", flower_node_runtime.acquire_task)
     monkeypatch.setattr(flower_node_runtime, "pull_object", flower_node_runtime.pull_object)
+    monkeypatch.setattr(flower_node_runtime, "push_messages", flower_node_runtime.push_messages)
+    monkeypatch.setattr(flower_node_runtime, "push_object", flower_node_runtime.push_object)
 
 
 def test_flowers_loop_still_calls_the_names_the_launcher_rebinds() -> None:
@@ -94,6 +98,25 @@ def test_a_pulled_message_wakes_the_held_object_pulls_and_an_empty_pull_does_not
 
     assert until_message(pull_and_store, lambda: 0.0, sleep=lambda s: None, stored=stored)() == 7
     assert wakes == [0, 0] and stored.generation == 1  # woken once, after the message's store
+
+
+def test_the_held_object_pulls_wake_before_the_message_is_confirmed_to_the_superlink() -> None:
+    # Flower stores the message's objects, then confirms the message with a round trip to the
+    # SuperLink: the ClientApp's held pulls are woken before that round trip, not after it.
+    stored = Waker()
+    at_confirm: list[tuple] = []
+
+    def confirm(run_id: int, message_id: str) -> None:
+        at_confirm.append((run_id, message_id, stored.generation))
+
+    def pull_and_store(*, confirm_message_received: object) -> int | None:
+        confirm_message_received(7, "m")  # type: ignore[operator]
+        return 7
+
+    pull = until_message(pull_and_store, lambda: 0.0, sleep=lambda s: None, stored=stored)
+    assert pull(confirm_message_received=confirm) == 7
+    assert at_confirm == [(7, "m", 1)]  # woken once before the confirm ran, and once more after
+    assert stored.generation == 2
 
 
 def test_an_error_still_ends_the_pull_at_once() -> None:
@@ -177,6 +200,35 @@ def test_flowers_push_waits_for_the_clientapps_reply_and_its_objects_in_short_st
     assert pushed == [reply.object_id]
     assert slept == [0.03, 0.03, 0.03]  # two looks for the reply, one for its object
     assert schedule.last_reply is not None and schedule.interval() == SupernodePace().fast_poll_interval
+
+
+@pytest.mark.usefixtures("flower_names")
+def test_the_reply_waits_end_when_the_clientapp_pushes_its_reply_or_an_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real waits (no `sleep` given): Flower's _push_messages sleeps through the loop's `time`;
+    # a push by the ClientApp into the SuperNode's runtime ends that sleep long before its cap.
+    calls: list[str] = []
+    for name in ("push_messages", "push_object"):
+        monkeypatch.setattr(flower_node_runtime, name, lambda *a, _n=name: calls.append(_n) or _n)
+    set_pace(SupernodePace(reply_poll=0.5))
+    set_pace(SupernodePace(reply_poll=0.5))  # set twice: one layer over the handler
+    for name in ("push_messages", "push_object"):
+        handler = getattr(flower_node_runtime, name)
+        assert getattr(handler, MARK) and not getattr(handler.__wrapped__, MARK, False)
+        done = threading.Event()
+
+        def push(handler: Any = handler, done: threading.Event = done) -> None:
+            while not done.wait(0.01):  # until the sleeper returns: a notify before its wait is missed
+                handler("request", "state")
+
+        started = time.monotonic()
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        for _ in range(20):  # capped at 0.5 s each: woken, twenty sleeps take far less than 10 s
+            flower_loop.time.sleep(60)
+        done.set()
+        pusher.join()
+        assert time.monotonic() - started < 10 * 0.5, name
+    assert set(calls) == {"push_messages", "push_object"}
 
 
 def test_the_capped_time_is_the_time_module_but_for_sleep() -> None:

@@ -121,6 +121,15 @@ def test_the_supernode_stores_a_message_and_its_task_before_pulling_its_objects(
     assert source.index("state.create_task(") < source.index("state.store_message(") < source.index("pull_objects(")
 
 
+def test_the_supernode_confirms_a_message_after_storing_its_objects_and_gets_confirm_by_keyword() -> None:
+    # until_message wakes the ClientApp's held object pulls when Flower calls its
+    # confirm_message_received: the objects must be in the store by then, and the loop must pass
+    # that callable by keyword (the wrapper swaps it there).
+    source = inspect.getsource(_flowers(flower_loop._pull_and_store_message))
+    assert source.index("object_store.put(") < source.index("confirm_message_received(run_id")
+    assert "confirm_message_received=confirm_message_received" in inspect.getsource(flower_loop.start_client_internal)
+
+
 def test_hold_pulls_wraps_flowers_own_handlers_once_and_waits_only_for_objects_still_uploading(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

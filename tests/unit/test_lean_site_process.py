@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 
+from client import memory
 from client.memory import _MALLOC_TRIM, release_memory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,3 +58,32 @@ def test_memory_a_message_freed_goes_back_to_the_system() -> None:
     after = _rss_anon_mb()
     libc.free(blocks[-1])
     assert held - after > 100, f"RssAnon {held:.0f} MB before the release, {after:.0f} MB after"
+
+
+def test_a_handler_leaves_the_release_to_a_process_that_releases_after_each_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The warm ClientApp collects once each reply has left (client/deploy/warm_clientapp.py): a
+    # handler's release, before its reply leaves, then does nothing. Elsewhere it collects.
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref[Node]:
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]  # unreachable once dropped, but for a collection
+        return weakref.ref(node)
+
+    monkeypatch.setattr(memory, "_RELEASED_AFTER_REPLY", False)  # restored: the flag is per process
+    gc.disable()
+    try:
+        garbage = cycle()
+        memory.release_after_message()
+        assert garbage() is None  # collected by the handler's release
+        memory.release_after_reply()
+        garbage = cycle()
+        memory.release_after_message()
+        assert garbage() is not None  # left for the loop
+        memory.release_memory()
+        assert garbage() is None
+    finally:
+        gc.enable()
