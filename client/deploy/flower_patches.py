@@ -92,7 +92,7 @@ def until_message(
     def pull(*args: Any, **kwargs: Any) -> int | None:
         confirm = kwargs.get("confirm_message_received")
         if stored is not None and confirm is not None:
-            kwargs["confirm_message_received"] = _after_notify(stored, confirm)
+            kwargs["confirm_message_received"] = notifying(confirm, stored, first=True)
         while (run_id := pull_and_store(*args, **kwargs)) is None:
             sleep(interval())
         if stored is not None:
@@ -101,16 +101,6 @@ def until_message(
 
     setattr(pull, WRAPPED, True)
     return pull
-
-
-def _after_notify(waker: Waker, confirm: Callable[..., None]) -> Callable[..., None]:
-    """`confirm` (Flower calls it once it stored the message's objects) that first wakes `waker`."""
-
-    def call(*args: Any, **kwargs: Any) -> None:
-        waker.notify()
-        confirm(*args, **kwargs)
-
-    return call
 
 
 def telling(push_messages: Callable[..., None], schedule: PollSchedule) -> Callable[..., None]:
