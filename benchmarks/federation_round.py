@@ -179,6 +179,7 @@ def one_mode(
             str(DEAD_ROUND if dead is not None else args.rounds),
             *run_config(args.local_steps, args.eval_tasks, args.model),
             *(secure_config(args.secagg_key_rounds) if mode.endswith("-secure") else []),
+            *[arg for item in args.run_config for arg in ("-c", item)],
             "--wait",
             "--timeout",
             "3000",
@@ -233,6 +234,9 @@ def one_mode(
                 "objects_received": max(
                     (e.get("objects_received", 0) for e in rounds[rnd]["sites"].values()), default=0
                 ),
+                # The slowest site's message alone (server/exchange.py push_first_alone)
+                "alone_s": float(t.get("first_alone_seconds") or 0.0),
+                "delivered": t.get("first_delivered"),
             }
             if not mode.endswith("-secure"):  # round_hops reads one train exchange; a secure round has four
                 row.update(critical_path(rnd, rounds[rnd], logs))
@@ -309,6 +313,14 @@ def main() -> int:
         help="the secure runs' secagg-key-rounds (default: the run config's, 8; 1: every round its own keys)",
     )
     p.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more run config entry for every run (coordinator launch -c), e.g. transport=fp16",
+    )
+    p.add_argument(
         "--dead-site", action="store_true", help="one more warm run in which a site is killed mid-round (docstring)"
     )
     args = p.parse_args()
@@ -365,6 +377,10 @@ def main() -> int:
     print("\nFlower objects per message (each moved by its own request; largest over the sites):")
     for r in rows:
         print(f"  {r['mode']} round {r['round']}: train message {r['objects_sent']}, reply {r['objects_received']}")
+    print("\nthe slowest site's message alone before the others were pushed (server/exchange.py head_start):")
+    for r in rows:
+        how = {None: "nobody held back", True: "until its site had it", False: "until the bound"}[r["delivered"]]
+        print(f"  {r['mode']} round {r['round']}: {r['alone_s']:.2f} s, {how}")
     print("\nafter the first round (median other share; target <= 5% warm, issue 45):")
     summary = {}
     for mode in labels:

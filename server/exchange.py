@@ -20,7 +20,12 @@ site's reply, so that site's message goes out first and the others' pushes overl
 It goes out alone (`push_first_alone`): Flower registers a batch's messages together, so every
 SuperNode of the batch starts pulling its objects (and asking again for those not uploaded yet)
 while the first site's are still uploading, through the same single-process SuperLink. Alone,
-the first message's objects have the SuperLink to themselves; the others follow at once.
+the first message's objects have the SuperLink to themselves. With a `head_start` the others
+also wait until that site has the message (`delivered`: its SuperNode confirmed it), so that its
+download through the SuperLink and nginx is not shared with theirs either; `head_start` bounds
+the wait by half the gap between the two latest replies of last round, so a site that waits
+still replies before the slowest one (on the 2-core VM, `small` with 10 local steps: the
+slowest site's download 0.18-0.42 s shared, 0.12-0.25 s alone, docs/performance.md).
 
 `on_pushed` and `on_reply` let the caller work while the replies are out instead of after the
 last one: a round counts the bytes it sent and reads each reply as it arrives (server/round.py),
@@ -34,12 +39,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import Message
+from flwr.proto.message_pb2 import PullObjectRequest
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 # One small HTTP call to the local SuperLink (a read of its state) per pause, ten a second while a
 # round's replies are out; the last reply of a round waits half a pause on average.
 POLL_SECONDS = 0.1
+# The slowest site's message goes alone for at most this long (head_start), the ServerApp asking
+# whether it arrived every DELIVERY_POLL_SECONDS meanwhile (a read of the local SuperLink's store).
+HEAD_START_CAP_SECONDS = 2.0
+DELIVERY_POLL_SECONDS = 0.02
 
 
 @dataclass
@@ -50,6 +60,10 @@ class ExchangeTimes:
     push_start: float = 0.0
     push_end: float = 0.0
     arrivals: dict[str, float] = field(default_factory=dict)
+    # The first message alone (push_first_alone's head start): how long the others waited after
+    # its push, and whether its site had it by then (None: they did not wait).
+    alone_seconds: float = 0.0
+    first_delivered: bool | None = None
 
 
 def slowest_first(messages: Sequence[Message], lags: Mapping[int, float]) -> list[Message]:
@@ -60,10 +74,55 @@ def slowest_first(messages: Sequence[Message], lags: Mapping[int, float]) -> lis
     return known + [m for m in messages if m.metadata.dst_node_id not in lags]
 
 
-def push_first_alone(grid: HttpGrid, messages: Sequence[Message]) -> list[str]:
-    """Push `messages[0]` and its objects, then the rest as one batch; the message ids in order
-    (Flower's, None for a message the SuperLink did not take). An empty batch sends nothing."""
-    return [*grid.push_messages(list(messages[:1])), *grid.push_messages(list(messages[1:]))]
+def head_start(messages: Sequence[Message], lags: Mapping[int, float]) -> float:
+    """How long the first of `messages` (in slowest_first's order) may travel alone: half the gap
+    between the latest and the second-latest reply of last time (`lags` as slowest_first's), at
+    most HEAD_START_CAP_SECONDS. 0 for a single message, or when a site has no lag (it may be the
+    slowest)."""
+    if len(messages) < 2 or any(m.metadata.dst_node_id not in lags for m in messages):
+        return 0.0
+    latest, second = sorted((lags[m.metadata.dst_node_id] for m in messages), reverse=True)[:2]
+    return min(HEAD_START_CAP_SECONDS, max(0.0, (latest - second) / 2))
+
+
+def delivered(grid: HttpGrid, message_id: str) -> bool:
+    """Whether the SuperNode of message `message_id` has it and every object of it. Flower's
+    SuperLink deletes a message's object when its SuperNode confirms that (the Fleet API's
+    ConfirmMessageReceived: ObjectStore.delete), and not before, so the Runtime API's PullObject
+    stops finding it. HttpGrid keeps its Runtime API client private (`_runtime_client`);
+    tests/unit/test_exchange.py fails if Flower changes any of this."""
+    request = PullObjectRequest(node=grid.node, run_id=grid.run.run_id, object_id=message_id)
+    return not grid._runtime_client.PullObject(request).object_found
+
+
+def wait_delivered(grid: HttpGrid, message_id: str, seconds: float) -> bool:
+    """Until message `message_id` is `delivered` or `seconds` passed; whether it was. A failed
+    look ends the wait (False): the wait only orders the pushes, the round goes on without it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if delivered(grid, message_id):
+                return True
+        except Exception:  # noqa: BLE001  # any failure of the look: push the rest now
+            return False
+        if time.monotonic() + DELIVERY_POLL_SECONDS > deadline:
+            return False
+        time.sleep(DELIVERY_POLL_SECONDS)
+
+
+def push_first_alone(
+    grid: HttpGrid, messages: Sequence[Message], head_start: float = 0.0, times: ExchangeTimes | None = None
+) -> list[str]:
+    """Push `messages[0]` and its objects, then (once its site has it, or after `head_start`
+    seconds; at once when 0) the rest as one batch; the message ids in order (Flower's, None for a
+    message the SuperLink did not take). An empty batch sends nothing. `times` gets the wait."""
+    first = list(grid.push_messages(list(messages[:1])))
+    if head_start > 0 and len(messages) > 1 and first and first[0]:
+        waited = time.monotonic()
+        arrived = wait_delivered(grid, first[0], head_start)
+        if times is not None:
+            times.alone_seconds, times.first_delivered = time.monotonic() - waited, arrived
+    return [*first, *grid.push_messages(list(messages[1:]))]
 
 
 def send_and_receive(
@@ -74,11 +133,12 @@ def send_and_receive(
     *,
     on_pushed: Callable[[], None] | None = None,
     on_reply: Callable[[Message], None] | None = None,
+    head_start: float = 0.0,
 ) -> list[Message]:
     """Push `messages`, pull their replies until all arrived or `timeout` seconds passed; `times`,
     when given, gets the push's and the replies' times. `on_pushed()` runs once the messages have
     left, `on_reply(reply)` as each reply arrives (a grid that exchanges in one call, e.g. the
-    simulation's: after it, in reply order)."""
+    simulation's: after it, in reply order). `head_start`: push_first_alone's (an HttpGrid's)."""
     times = times if times is not None else ExchangeTimes()
     times.push_start = time.time()
     messages = list(messages)
@@ -93,7 +153,8 @@ def send_and_receive(
             for m in answered:
                 on_reply(m)
         return answered
-    pending = {m for m in push_first_alone(grid, messages) if m}  # None: a message the SuperLink refused
+    # None: a message the SuperLink refused
+    pending = {m for m in push_first_alone(grid, messages, head_start, times) if m}
     times.push_end = time.time()
     if on_pushed is not None:
         on_pushed()

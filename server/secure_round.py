@@ -73,7 +73,7 @@ from secure_aggregation.messages import (
 from secure_aggregation.server import SecureAggregate, ServerRound
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
-from server.exchange import ExchangeTimes, send_and_receive, slowest_first
+from server.exchange import ExchangeTimes, head_start, send_and_receive, slowest_first
 from server.influence import ADAM_STEP_RATIO, max_examples, step_bound
 from server.replies import RejectedReply, groups_for_node, origin, setup_needed
 from server.roster import Roster
@@ -163,16 +163,17 @@ class _Stages:
         stage: str,
         times: ExchangeTimes | None = None,
         key_rounds: int = 1,
+        head_start: float = 0.0,
     ) -> dict[int, list[M]]:
         """Send one stage's messages, parse the replies (each a peer's: checked, its node id the
         sender's), `key_rounds` messages a reply (one per key round: key_round_record(i)); a site
         whose reply is missing, an error, refused or does not parse is out of the round from here
-        on (a dropout, with why)."""
+        on (a dropout, with why). `head_start`: server/exchange.py's, for the first message."""
         for msg in messages:
             entry = self.sites.setdefault(self.roster.site(msg.metadata.dst_node_id), SiteOutcome(node_id=0))
             entry.bytes_sent = (entry.bytes_sent or 0) + message_size(msg)[0]
         times = times if times is not None else ExchangeTimes()
-        replies = send_and_receive(self.grid, messages, self.cfg.timeout_s, times)
+        replies = send_and_receive(self.grid, messages, self.cfg.timeout_s, times, head_start=head_start)
         self.seconds[stage] = time.time() - times.push_start
         parsed: dict[int, list[M]] = {}
         answered = set()
@@ -417,7 +418,9 @@ def run_secure_round(
             masks.append(Message(content=content, message_type=MASK_MESSAGE, dst_node_id=node))
         masks = slowest_first(masks, reply_lags)
         t_sent = time.perf_counter()
-        masked = _first(stages.exchange_stage(masks, MaskedInput, "mask", stages.exchange))
+        masked = _first(
+            stages.exchange_stage(masks, MaskedInput, "mask", stages.exchange, head_start=head_start(masks, reply_lags))
+        )
         t_replied = time.perf_counter()
         recorded.received.masked = list(masked.values())
         request: UnmaskRequest = server.unmask_request(masked.values())

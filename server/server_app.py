@@ -396,6 +396,9 @@ class FederationServer:
             "configure_seconds": record.configure_seconds,
             "wait_seconds": record.wait_seconds,
             "push_seconds": exchange.push_end - exchange.push_start,
+            # Of it, the slowest site's message alone (server/exchange.py push_first_alone).
+            "first_alone_seconds": exchange.alone_seconds,
+            "first_delivered": exchange.first_delivered,
             "sent_at": exchange.push_start,  # wall clock: beside the sites' own log lines
             "aggregate_seconds": record.aggregate_seconds,
             "checkpoint_seconds": None,  # known once it is written (below)

@@ -4,22 +4,47 @@ line), and a short backoff for reply objects still uploading."""
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
 
 import flwr.superlink.grid.http_grid as flower_http_grid
+import flwr.superlink.servicer.fleet.fleet_handlers as flower_fleet
+import flwr.superlink.servicer.runtime.runtime_handlers as flower_runtime
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.proto.message_pb2 import ObjectTree, PushObjectRequest, PushObjectResponse
+from flwr.proto.message_pb2 import (
+    ObjectTree,
+    PullObjectRequest,
+    PullObjectResponse,
+    PushObjectRequest,
+    PushObjectResponse,
+)
 from flwr.proto.runtime_pb2 import PushAppMessagesRequest, PushAppMessagesResponse
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
+from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+from flwr.supercore.object_store.object_store import ObjectStore
+from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid.http_grid import HttpGrid
 
+from healthfm_core.long_poll import unwrapped
 from server.deploy.flower_patches import set_reply_pull_backoff
-from server.exchange import ExchangeTimes, push_first_alone, send_and_receive, slowest_first
+from server.exchange import (
+    HEAD_START_CAP_SECONDS,
+    ExchangeTimes,
+    head_start,
+    push_first_alone,
+    send_and_receive,
+    slowest_first,
+)
 
 
 class EchoGrid:
@@ -82,11 +107,25 @@ def test_the_site_that_replied_last_goes_first_and_unknown_sites_keep_their_orde
 
 class RecordingClient:
     """The Runtime API as HttpGrid's push sees it: every message registered (each of its objects
-    asked for), every object stored; `events` in order: ("register", message ids), ("object", id)."""
+    asked for), every object stored; `events` in order: ("register", message ids), ("object", id),
+    ("look", id) for each PullObject. A message's object is found until `delivered_after` looks
+    (None: always found); `look_error` makes PullObject raise."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str | list[str]]] = []
         self.lock = threading.Lock()
+        self.delivered_after: int | None = None
+        self.look_error: Exception | None = None
+
+    def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802
+        with self.lock:
+            self.events.append(("look", request.object_id))
+            looks = sum(kind == "look" for kind, _ in self.events)
+        if self.look_error is not None:
+            raise self.look_error
+        if self.delivered_after is not None and looks >= self.delivered_after:
+            return PullObjectResponse(object_found=False, object_available=False)
+        return PullObjectResponse(object_found=True, object_available=True, object_content=b"message")
 
     def PushMessages(self, request: PushAppMessagesRequest) -> PushAppMessagesResponse:  # noqa: N802
         ids = [obj for tree in request.message_object_trees for obj in _tree_ids(tree)]
@@ -113,7 +152,7 @@ def _grid_and_objects(nodes: list[int]) -> tuple[HttpGrid, RecordingClient, list
         own.append(set(get_all_nested_objects(m)))
     grid, client = HttpGrid(token="t"), RecordingClient()
     grid._client = client  # type: ignore[assignment]
-    grid._run = type("Run", (), {"run_id": 7})()  # type: ignore[assignment]
+    grid._run = Run.create_empty(7)
     return grid, client, messages, own
 
 
@@ -161,3 +200,69 @@ def test_the_caller_works_once_the_messages_left_and_on_each_reply_as_it_comes()
     )
     assert calls == ["pushed", "m0", "m1", "m2"]
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m1", "m2"]
+
+
+@pytest.mark.usefixtures("identity")
+def test_the_first_message_goes_alone_for_half_the_gap_between_the_two_latest_replies() -> None:
+    messages = slowest_first(_messages([11, 12, 13]), {11: 3.0, 12: 1.0, 13: 4.0})
+    assert head_start(messages, {11: 3.0, 12: 1.0, 13: 4.0}) == pytest.approx(0.5)  # (4 - 3) / 2
+    assert head_start(messages, {11: 1.0, 12: 1.0, 13: 40.0}) == HEAD_START_CAP_SECONDS
+    assert head_start(messages, {11: 3.0, 12: 1.0, 13: 3.0}) == 0.0  # a tie: no site is the slowest
+    assert head_start(messages, {11: 3.0, 13: 4.0}) == 0.0  # 12 has no lag: it may be the slowest
+    assert head_start(messages[:1], {11: 3.0, 12: 1.0, 13: 4.0}) == 0.0  # nothing to hold back
+
+
+def _registers(client: RecordingClient) -> list[int]:
+    return [i for i, (kind, _) in enumerate(client.events) if kind == "register"]
+
+
+@pytest.mark.usefixtures("identity")
+def test_with_a_head_start_the_others_are_registered_once_the_first_sites_supernode_has_its_message() -> None:
+    grid, client, messages, _ = _grid_and_objects([41, 42, 43])
+    client.delivered_after = 3  # found twice, then gone: its SuperNode confirmed it
+    ids = push_first_alone(grid, messages, head_start=60.0)
+    assert ids == [m.metadata.message_id for m in messages]
+    registers = _registers(client)
+    looks = [i for i, (kind, _) in enumerate(client.events) if kind == "look"]
+    assert len(registers) == 2 and len(looks) == 3  # no look once it was delivered
+    assert {client.events[i][1] for i in looks} == {messages[0].metadata.message_id}
+    last_object_of_first = max(i for i, (kind, _) in enumerate(client.events[: registers[1]]) if kind == "object")
+    assert last_object_of_first < looks[0] and looks[-1] < registers[1]
+
+
+@pytest.mark.usefixtures("identity")
+def test_the_others_go_when_the_head_start_ends_or_a_look_fails() -> None:
+    grid, client, messages, _ = _grid_and_objects([51, 52])
+    push_first_alone(grid, messages, head_start=0.1)  # never delivered (a dead site): the bound ends it
+    assert len(_registers(client)) == 2 and sum(kind == "look" for kind, _ in client.events) >= 1
+    grid, client, messages, _ = _grid_and_objects([61, 62])
+    client.look_error = ConnectionError("runtime api")
+    push_first_alone(grid, messages, head_start=60.0)
+    assert len(_registers(client)) == 2 and sum(kind == "look" for kind, _ in client.events) == 1
+    grid, client, messages, _ = _grid_and_objects([71, 72])
+    push_first_alone(grid, messages)  # no head start: no look
+    assert len(_registers(client)) == 2 and not any(kind == "look" for kind, _ in client.events)
+
+
+@pytest.mark.usefixtures("identity")
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_flowers_superlink_finds_a_message_until_its_supernode_confirms_it(store: str, tmp_path: Path) -> None:
+    # What server/exchange.py `delivered` reads: the Runtime API's PullObject (Flower's own
+    # handler, in Flower's own in-memory state) finds the message's object until the Fleet API's
+    # ConfirmMessageReceived deletes it from the object store, in both of Flower's stores.
+    objects: ObjectStore = InMemoryObjectStore() if store == "memory" else SqlObjectStore(str(tmp_path / "o.db"))
+    if isinstance(objects, SqlObjectStore):
+        objects.initialize()
+    state = InMemoryLinkState(NoOpFederationManager(), objects)
+    message = _messages([81])[0]
+    run_id = 5
+    objects.preregister(run_id, get_object_tree(message))
+    for object_id, obj in get_all_nested_objects(message).items():
+        objects.put(object_id, obj.deflate())
+    pull = unwrapped(flower_runtime.pull_object)
+    request = PullObjectRequest(node=HttpGrid(token="t").node, run_id=run_id, object_id=message.object_id)
+    task = SimpleNamespace(run_id=run_id)
+    assert pull(request, state, task).object_found
+    assert "store.delete(request.message_object_id)" in inspect.getsource(flower_fleet.confirm_message_received)
+    objects.delete(message.object_id)  # what ConfirmMessageReceived does
+    assert not pull(request, state, task).object_found
