@@ -25,7 +25,7 @@ also wait until that site has the message (`delivered`: its SuperNode confirmed 
 download through the SuperLink and nginx is not shared with theirs either; `head_start` bounds
 the wait by half the gap between the two latest replies of last round, so a site that waits
 still replies before the slowest one (on the 2-core VM, `small` with 10 local steps: the
-slowest site's download 0.18-0.42 s shared, 0.12-0.25 s alone, docs/performance.md).
+slowest site's download 0.15-0.42 s shared, 0.11-0.27 s alone, docs/performance.md).
 
 `on_pushed` and `on_reply` let the caller work while the replies are out instead of after the
 last one: a round counts the bytes it sent and reads each reply as it arrives (server/round.py),
