@@ -11,6 +11,7 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh                    # every stage
 #   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh tests train       # some
+#   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh compile           # torch.compile's rows (not by default)
 set -u
 OUT=${OUT:-/tmp/healthfm-gpu-checks}
 mkdir -p "$OUT"
@@ -69,6 +70,12 @@ run_train() {
     stage train 150 python3 benchmarks/gpu_train_step.py --native-batch "$BATCH" --models small paper \
         --attention auto --shapes 2048x8 --warmup 2 --repeats 3
     grep "^|\|device:\|out of memory\|Error" "$OUT/train.log" | tail -n 40
+}
+
+run_compile() {  # the backbone under torch.compile beside eager (not in the default stages: compiles take minutes)
+    stage compile 300 python3 benchmarks/gpu_train_step.py --native-batch "$BATCH" --models small paper \
+        --attention auto --compile --shapes native 2048x8 --warmup 2 --repeats 3
+    grep "^|\|device:\|out of memory\|Error" "$OUT/compile.log" | tail -n 40
 }
 
 STAGES=${*:-tests tune attention train flex}

@@ -17,6 +17,14 @@ pretraining losses under bf16 autocast on CUDA (fp32 on CPU), backward, gradient
 an AdamW step, the step's log record. ``--attention`` sets HEALTHFM_CT_ATTENTION per row:
 ``reference`` (the PyTorch formula) and ``auto`` (the Triton kernel on CUDA; on CPU the fused
 CPU path). Each row: ``--warmup`` untimed steps, then the median of ``--repeats`` timed steps.
+``--compile`` adds a row per path with the backbone under ``torch.compile(dynamic=True)`` (its
+label ``+compile``): the eager backbone's ~90 elementwise launches a layer are what issue 41's
+launch target needs fused. The attention call itself stays eager (``compiled_around_attention``:
+a graph break at each layer's call; dynamo tracing into the Triton path fails, as it did under the
+interpreter). Its first step compiles (give ``--warmup`` at least 1); a row whose compile fails
+prints why and the run goes on. Not yet measured on a GPU. The dispatch-mode count below is the same
+for a compiled row as for its eager one (1,515 ops for `tiny` on CPU): it says nothing of fusion;
+on CUDA the profiler's launches do.
 
 Counts a step:
   CUDA  torch.profiler over one step: launches = the runtime's kernel launch calls
@@ -34,11 +42,13 @@ PV over the time-causal half of the L x L pairs, L the padded sequence).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -46,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import healthfm_core.model.healthfm as healthfm_model  # noqa: E402
 from healthfm_core.data.sequences.batch import Batch  # noqa: E402
 from healthfm_core.data.sequences.tokens import collate  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
@@ -81,6 +92,7 @@ LAUNCH_CALLS = (
     "cuLaunchKernelEx",
     "cudaLaunchCooperativeKernel",
 )
+COMPILED = "+compile"  # a row's attention label with the backbone under torch.compile (--compile)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -230,11 +242,44 @@ def measure(stepper: Stepper, warmup: int, repeats: int) -> tuple[float, dict[st
     return statistics.median(times), counts
 
 
+@contextlib.contextmanager
+def compiled_around_attention(on: bool) -> Iterator[None]:
+    """While `on`: the model's ct_attention calls are opaque to torch.compile (a graph break at
+    each: the Triton launch, its tile-plan memo and the C extension stay eager, dynamo compiles the
+    block around them); the model's own name for it is restored after."""
+    if not on:
+        yield
+        return
+    eager = healthfm_model.ct_attention
+    healthfm_model.ct_attention = torch.compiler.disable(eager)
+    try:
+        yield
+    finally:
+        healthfm_model.ct_attention = eager
+
+
+def compiled_graphs() -> str:
+    """torch.compile's graphs and graph breaks so far in this process ("" before any compile)."""
+    if "torch._dynamo" not in sys.modules:
+        return ""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    return f" (torch.compile so far: {counters['stats']['unique_graphs']} graphs, {breaks} graph breaks)"
+
+
 def run_row(args, model_name, attention, shape, batch, vocab, traits, device) -> Row:  # type: ignore[no-untyped-def]
-    os.environ[IMPL_ENV] = attention
+    with compiled_around_attention(attention.endswith(COMPILED)):
+        return _run_row(args, model_name, attention, shape, batch, vocab, traits, device)
+
+
+def _run_row(args, model_name, attention, shape, batch, vocab, traits, device) -> Row:  # type: ignore[no-untyped-def]
+    os.environ[IMPL_ENV] = attention.removesuffix(COMPILED)
     cfg = load_model_config(model_name)
     torch.manual_seed(0)
     model = HealthFM(cfg, vocab, traits)
+    if attention.endswith(COMPILED):
+        model.backbone = torch.compile(model.backbone, dynamic=True)  # type: ignore[assignment]
     stepper = Stepper(model, batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -313,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--compile", action="store_true", help="also each path with the backbone under torch.compile (docstring)"
+    )
     p.add_argument("--save-native-batch", type=Path, default=None, help="write the native batch to FILE and stop")
     p.add_argument(
         "--native-batch", type=Path, default=None, help="read the native batch from FILE (no synthetic federation)"
@@ -334,23 +382,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows: list[Row] = []
     missing: list[str] = []
+    suffixes = ("", COMPILED) if args.compile else ("",)
     for text, shape in shapes:
         batch = native if shape is None else lengthen(native, *shape)
         label = f"native ({native.codes.shape[1]} x {native.batch_size})" if shape is None else text
         for model_name in models:
-            for attention in args.attention:
+            for attention in [a + suffix for a in args.attention for suffix in suffixes]:
                 try:
                     row = run_row(args, model_name, attention, label, batch, vocab, traits, device)
                 except torch.OutOfMemoryError:  # the reference at long histories (issue 41: from 1,024 x 8)
                     print(f"{model_name} {attention} {label}: out of memory", flush=True)
-                    missing.append(f"{model_name} {attention} {label}")
+                    missing.append(f"{model_name} {attention} {label}: out of memory")
                     torch.cuda.empty_cache()
                     continue
-                print(f"{model_name} {attention} {label}: {row.ms:.1f} ms/step", flush=True)
+                except Exception as exc:  # noqa: BLE001  # a compile that fails is a finding, not the end of the run
+                    if not attention.endswith(COMPILED):
+                        raise
+                    print(f"{model_name} {attention} {label}: failed: {exc!r}"[:2000], flush=True)
+                    missing.append(f"{model_name} {attention} {label}: failed ({type(exc).__name__})")
+                    continue
+                print(f"{model_name} {attention} {label}: {row.ms:.1f} ms/step{compiled_graphs()}", flush=True)
                 rows.append(row)
     print_table(rows, device)
     for what in missing:
-        print(f"{what}: out of memory")
+        print(what)
     return 0
 
 

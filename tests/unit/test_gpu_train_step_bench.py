@@ -14,7 +14,18 @@ from helpers.random_batch import random_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu_train_step import lengthen, load_native, save_native, step_tokens  # noqa: E402
+from gpu_train_step import (  # noqa: E402
+    Stepper,
+    compiled_around_attention,
+    lengthen,
+    load_native,
+    save_native,
+    step_tokens,
+)
+
+from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
+from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.model.healthfm import HealthFM  # noqa: E402
 
 
 def test_longer_histories_repeat_each_subjects_tokens_at_shifted_times() -> None:
@@ -69,3 +80,37 @@ def test_a_small_cpu_run_prints_every_row_with_its_counts() -> None:
         counted_syncs = int(row[12].split("/")[0])
         assert 0 < counted_syncs <= 24, row  # the bound of tests/unit/test_host_syncs.py
         assert row[9].strip() == "n/a"  # no MFU without a GPU's peak
+
+
+@pytest.mark.slow
+def test_the_backbone_under_torch_compile_trains_as_eager_with_attention_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # --compile's rows: the backbone compiled (on CPU: inductor's C++), each layer's fused attention
+    # call a graph break (compiled_around_attention), and after three AdamW steps every parameter
+    # where eager's are.
+    from torch._dynamo.utils import counters
+
+    # The reference path is plain torch that dynamo could trace: a graph break at each layer is the
+    # opaque call's, not an extension's.
+    monkeypatch.setenv(IMPL_ENV, "reference")
+    counters.clear()
+    batch = random_batch(batch_size=3, n_events=12, modalities=[["ehr"], ["ehr", "wearables"], ["ehr", "genomics"]])
+    cfg = load_model_config("tiny")
+    trained = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = HealthFM(cfg, 40, 4)  # random_batch's vocabulary and traits
+        with compiled_around_attention(compiled):
+            if compiled:
+                model.backbone = torch.compile(model.backbone, dynamic=True)  # type: ignore[assignment]
+            stepper = Stepper(model, batch, torch.device("cpu"))
+            for _ in range(3):
+                stepper()
+        trained[compiled] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert sum(counters["graph_break"].values()) >= cfg.n_layers  # at each layer's attention call
+    eager, compiled_params = trained[False], {k.replace("_orig_mod.", ""): v for k, v in trained[True].items()}
+    assert eager.keys() == compiled_params.keys()
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled_params[key], value, atol=1e-4, rtol=1e-4, msg=key)
