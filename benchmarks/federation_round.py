@@ -377,7 +377,7 @@ def main() -> int:
     print("\nFlower objects per message (each moved by its own request; largest over the sites):")
     for r in rows:
         print(f"  {r['mode']} round {r['round']}: train message {r['objects_sent']}, reply {r['objects_received']}")
-    print("\nthe slowest site's message alone before the others were pushed (server/exchange.py head_start):")
+    print("\nthe slowest site's message alone before the others were pushed (server/exchange.py head_start_seconds):")
     for r in rows:
         how = {None: "nobody held back", True: "until its site had it", False: "until the bound"}[r["delivered"]]
         print(f"  {r['mode']} round {r['round']}: {r['alone_s']:.2f} s, {how}")

@@ -259,10 +259,8 @@ def compiled_around_attention(on: bool) -> Iterator[None]:
 
 
 def compiled_graphs() -> str:
-    """torch.compile's graphs and graph breaks so far in this process ("" before any compile)."""
-    if "torch._dynamo" not in sys.modules:
-        return ""
-    from torch._dynamo.utils import counters
+    """torch.compile's graphs and graph breaks so far in this process (a compiled row's line)."""
+    from torch._dynamo.utils import counters  # imported by torch.compile already
 
     breaks = sum(counters["graph_break"].values())
     return f" (torch.compile so far: {counters['stats']['unique_graphs']} graphs, {breaks} graph breaks)"
@@ -401,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{model_name} {attention} {label}: failed: {exc!r}"[:2000], flush=True)
                     missing.append(f"{model_name} {attention} {label}: failed ({type(exc).__name__})")
                     continue
-                print(f"{model_name} {attention} {label}: {row.ms:.1f} ms/step{compiled_graphs()}", flush=True)
+                graphs = compiled_graphs() if attention.endswith(COMPILED) else ""
+                print(f"{model_name} {attention} {label}: {row.ms:.1f} ms/step{graphs}", flush=True)
                 rows.append(row)
     print_table(rows, device)
     for what in missing:

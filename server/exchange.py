@@ -22,7 +22,7 @@ SuperNode of the batch starts pulling its objects (and asking again for those no
 while the first site's are still uploading, through the same single-process SuperLink. Alone,
 the first message's objects have the SuperLink to themselves. With a `head_start` the others
 also wait until that site has the message (`delivered`: its SuperNode confirmed it), so that its
-download through the SuperLink and nginx is not shared with theirs either; `head_start` bounds
+download through the SuperLink and nginx is not shared with theirs either; `head_start_seconds` bounds
 the wait by half the gap between the two latest replies of last round, so a site that waits
 still replies before the slowest one (on the 2-core VM, `small` with 10 local steps: the
 slowest site's download 0.15-0.42 s shared, 0.11-0.27 s alone, docs/performance.md).
@@ -74,7 +74,7 @@ def slowest_first(messages: Sequence[Message], lags: Mapping[int, float]) -> lis
     return known + [m for m in messages if m.metadata.dst_node_id not in lags]
 
 
-def head_start(messages: Sequence[Message], lags: Mapping[int, float]) -> float:
+def head_start_seconds(messages: Sequence[Message], lags: Mapping[int, float]) -> float:
     """How long the first of `messages` (in slowest_first's order) may travel alone: half the gap
     between the latest and the second-latest reply of last time (`lags` as slowest_first's), at
     most HEAD_START_CAP_SECONDS. 0 for a single message, or when a site has no lag (it may be the

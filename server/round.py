@@ -34,7 +34,7 @@ from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
-from server.exchange import ExchangeTimes, head_start, send_and_receive, slowest_first
+from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
 from server.replies import EarlyReads, RejectedReply, groups_for_node, judge_replies, origin, setup_needed
 from server.roster import Roster
 from server.runlog import message_bytes, message_size
@@ -292,7 +292,7 @@ def run_round(
         exchange,
         on_pushed=lambda: sites.update(sent_outcomes(strategy, arrays, roster, messages)),
         on_reply=read,
-        head_start=head_start(messages, reply_lags),
+        head_start=head_start_seconds(messages, reply_lags),
     )
     lags: dict[int, float] = {}
     for msg in messages:  # when each site's reply came, from the push's start

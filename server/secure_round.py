@@ -73,7 +73,7 @@ from secure_aggregation.messages import (
 from secure_aggregation.server import SecureAggregate, ServerRound
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
-from server.exchange import ExchangeTimes, head_start, send_and_receive, slowest_first
+from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
 from server.influence import ADAM_STEP_RATIO, max_examples, step_bound
 from server.replies import RejectedReply, groups_for_node, origin, setup_needed
 from server.roster import Roster
@@ -419,7 +419,9 @@ def run_secure_round(
         masks = slowest_first(masks, reply_lags)
         t_sent = time.perf_counter()
         masked = _first(
-            stages.exchange_stage(masks, MaskedInput, "mask", stages.exchange, head_start=head_start(masks, reply_lags))
+            stages.exchange_stage(
+                masks, MaskedInput, "mask", stages.exchange, head_start=head_start_seconds(masks, reply_lags)
+            )
         )
         t_replied = time.perf_counter()
         recorded.received.masked = list(masked.values())

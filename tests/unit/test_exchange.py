@@ -40,7 +40,7 @@ from server.deploy.flower_patches import set_reply_pull_backoff
 from server.exchange import (
     HEAD_START_CAP_SECONDS,
     ExchangeTimes,
-    head_start,
+    head_start_seconds,
     push_first_alone,
     send_and_receive,
     slowest_first,
@@ -205,11 +205,11 @@ def test_the_caller_works_once_the_messages_left_and_on_each_reply_as_it_comes()
 @pytest.mark.usefixtures("identity")
 def test_the_first_message_goes_alone_for_half_the_gap_between_the_two_latest_replies() -> None:
     messages = slowest_first(_messages([11, 12, 13]), {11: 3.0, 12: 1.0, 13: 4.0})
-    assert head_start(messages, {11: 3.0, 12: 1.0, 13: 4.0}) == pytest.approx(0.5)  # (4 - 3) / 2
-    assert head_start(messages, {11: 1.0, 12: 1.0, 13: 40.0}) == HEAD_START_CAP_SECONDS
-    assert head_start(messages, {11: 3.0, 12: 1.0, 13: 3.0}) == 0.0  # a tie: no site is the slowest
-    assert head_start(messages, {11: 3.0, 13: 4.0}) == 0.0  # 12 has no lag: it may be the slowest
-    assert head_start(messages[:1], {11: 3.0, 12: 1.0, 13: 4.0}) == 0.0  # nothing to hold back
+    assert head_start_seconds(messages, {11: 3.0, 12: 1.0, 13: 4.0}) == pytest.approx(0.5)  # (4 - 3) / 2
+    assert head_start_seconds(messages, {11: 1.0, 12: 1.0, 13: 40.0}) == HEAD_START_CAP_SECONDS
+    assert head_start_seconds(messages, {11: 3.0, 12: 1.0, 13: 3.0}) == 0.0  # a tie: no site is the slowest
+    assert head_start_seconds(messages, {11: 3.0, 13: 4.0}) == 0.0  # 12 has no lag: it may be the slowest
+    assert head_start_seconds(messages[:1], {11: 3.0, 12: 1.0, 13: 4.0}) == 0.0  # nothing to hold back
 
 
 def _registers(client: RecordingClient) -> list[int]:
