@@ -1,4 +1,5 @@
-"""Upload size and training loss of a federated run under each uplink transport (fp32, fp16, int8).
+"""Upload size and training loss of a federated run under each uplink transport (fp32, fp16, int8),
+and the download size and loss under the fp16 downlink.
 
     nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/update_transport.py
     python benchmarks/update_transport.py --rounds 6 --local-steps 10 --json out.json
@@ -19,9 +20,11 @@ bytes a site downloads; per round: the distinct objects and bytes the ServerApp 
 SuperLink (content-addressed: an object in several messages is pushed once).
 
 Part 2, a run: the same small federated run (two synthetic sites, `tiny` model, same seeds) in
-Flower's simulation engine once per transport. Per round: the bytes the sites uploaded (whole
-reply messages as the server's run log measures them: arrays, metrics, int8 scales) and the
-n-weighted mean training loss the sites reported, so int8 can be read against fp32.
+Flower's simulation engine once per transport, and once more with fp32 replies and the fp16
+downlink (`downlink=fp16`: the global weights sent in float16, the server's float32 master kept).
+Per round: the bytes the sites uploaded and downloaded (whole messages as the server's run log
+measures them: arrays, metrics, int8 scales, the round's config) and the n-weighted mean training
+loss the sites reported, so int8 and the fp16 downlink can be read against fp32.
 """
 
 from __future__ import annotations
@@ -115,7 +118,10 @@ def train_messages(model_name: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def federated_run(transport: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+DOWN16 = "fp32, fp16 downlink"  # the fp32 reply with the global weights sent in float16
+
+
+def federated_run(transport: str, out: Path, args: argparse.Namespace, downlink: str = "fp32") -> dict[str, Any]:
     config = FederationConfig(
         out_dir=out,
         model=load_model_config("tiny"),
@@ -129,6 +135,7 @@ def federated_run(transport: str, out: Path, args: argparse.Namespace) -> dict[s
         min_nodes=len(SITES),
         vocab_min_subjects=5,
         transport=transport,  # type: ignore[arg-type]
+        downlink=downlink,  # type: ignore[arg-type]
         eval_tasks=["onset_hypertension_365d"],
         eval_n_boot=10,
     )
@@ -200,26 +207,38 @@ def main() -> None:
             if s.name in SITES
         ]
         runs = {t: federated_run(t, Path(tmp) / f"run-{t}", args) for t in TRANSPORTS}
+        runs[DOWN16] = federated_run("fp32", Path(tmp) / "run-downlink-fp16", args, downlink="fp16")
 
     base = runs["fp32"]
     print(
         f"\n## A run: {len(SITES)} sites ({', '.join(SITES)}), tiny model, {args.rounds} rounds x "
         f"{args.local_steps} local steps, same seeds\n"
     )
-    print("| transport | upload bytes / round (mean) | ratio to fp32 | rejected replies | run s |")
-    print("|---|---|---|---|---|")
-    for t, r in runs.items():
-        up = float(np.mean(r["upload_bytes"]))
-        print(f"| {t} | {up:,.0f} | {up / np.mean(base['upload_bytes']):.1%} | {r['rejected']} | {r['seconds']:.0f} |")
     print(
-        "\nWhole reply messages (packed arrays, metrics, int8 scales); the payload tables above are the arrays alone."
+        "| transport | upload bytes / round (mean) | ratio to fp32 | download bytes / round (mean) | ratio to fp32 "
+        "| rejected replies | run s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for t, r in runs.items():
+        up, down = float(np.mean(r["upload_bytes"])), float(np.mean(r["download_bytes"]))
+        print(
+            f"| {t} | {up:,.0f} | {up / np.mean(base['upload_bytes']):.1%} | {down:,.0f} | "
+            f"{down / np.mean(base['download_bytes']):.1%} | {r['rejected']} | {r['seconds']:.0f} |"
+        )
+    print(
+        "\nWhole messages (packed arrays, metrics, int8 scales; a train message's config); the payload tables above are "
+        "the arrays alone."
     )
     print("\nTraining loss per round (n-weighted mean of the sites' total loss):\n")
-    print("| round | " + " | ".join(TRANSPORTS) + " | int8 - fp32 |")
-    print("|---" * (len(TRANSPORTS) + 2) + "|")
+    print("| round | " + " | ".join(runs) + " | int8 - fp32 | fp16 downlink - fp32 |")
+    print("|---" * (len(runs) + 3) + "|")
     for i in range(args.rounds):
-        losses = [runs[t]["loss"][i] for t in TRANSPORTS]
-        print(f"| {i + 1} | " + " | ".join(f"{v:.4f}" for v in losses) + f" | {losses[2] - losses[0]:+.4f} |")
+        losses = [runs[t]["loss"][i] for t in runs]
+        print(
+            f"| {i + 1} | "
+            + " | ".join(f"{v:.4f}" for v in losses)
+            + f" | {runs['int8']['loss'][i] - losses[0]:+.4f} | {runs[DOWN16]['loss'][i] - losses[0]:+.4f} |"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps({"payload": payload, "train_messages": messages, "runs": runs}, indent=2))
 

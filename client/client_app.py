@@ -171,10 +171,15 @@ def _only_record(records: Mapping[str, Any], what: str) -> Any:
 
 
 def message_arrays(msg: Message) -> dict[str, np.ndarray]:
-    """The arrays of a train or evaluate message (its one ArrayRecord, packed parts)."""
+    """The arrays of a train or evaluate message (its one ArrayRecord, packed parts). float16 ones
+    come from an fp16 downlink (healthfm_core/protocol/transport.py): upcast to float32 here, the
+    values the server runs the round against, so that everything the site computes from what it
+    received (its update, the int8 residual, the secure round's masked update) agrees with the
+    server's to the bit."""
     records = msg.content.array_records
     record = _only_record(records, "ArrayRecord")
-    return unpack_record(record, where=f"{msg.metadata.message_type} message, record {next(iter(records))!r}")
+    arrays = unpack_record(record, where=f"{msg.metadata.message_type} message, record {next(iter(records))!r}")
+    return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
 
 
 def train_reply_content(reply: TrainReply | TrainRecords, scales: Mapping[str, float] | None = None) -> RecordDict:

@@ -34,7 +34,7 @@ from healthfm_core.data.sequences.token_settings import (
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.protocol import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, EvalConfig, ScoreScale
 from healthfm_core.protocol.secure_records import MAX_KEY_ROUNDS
-from healthfm_core.protocol.transport import Rounding, Transport
+from healthfm_core.protocol.transport import Downlink, Rounding, Transport
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR
 from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
@@ -177,6 +177,9 @@ class FederationConfig(BaseModel):
     transport: Transport = "fp32"
     int8_rounding: Rounding = "stochastic"
     error_feedback: StrictBool = True  # int8: each site carries its rounding residual to its next round
+    # How train messages carry the global arrays (healthfm_core/protocol/transport.py): fp32, or fp16
+    # (half the bytes; the server keeps the float32 master and runs each round against the fp16 values).
+    downlink: Downlink = "fp32"
     min_nodes: int = Field(default=1, ge=1)  # wait for this many sites before round 0
     min_sites_per_group: int = Field(default=1, ge=1)
     # Bounded influence (ModalityAwareFedAvg's docstring, server/influence.py): a reply's counts are

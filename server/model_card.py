@@ -129,6 +129,7 @@ def model_card(
             "max_events": cfg.max_events,
             "max_patches": cfg.max_patches,
             "transport": cfg.transport,
+            "downlink": cfg.downlink,
             "server_optimizer": None if cfg.server_optimizer is None else cfg.server_optimizer.model_dump(),
         },
         "privacy": {
@@ -192,7 +193,8 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
         "## Training",
         "",
         f"- {t['rounds']} federated round(s) of {card['run']['rounds_planned']} planned, {t['local_steps']} local "
-        f"step(s) of batch {t['batch_size']} per site and round, lr {t['lr']:g}, transport {t['transport']}",
+        f"step(s) of batch {t['batch_size']} per site and round, lr {t['lr']:g}, transport {t['transport']} "
+        f"(downlink {t.get('downlink', 'fp32')})",
         f"- Differential privacy: {p['described']}",
         "",
         f"## Sites (data sources; subject counts below {minimum} not shown)",

@@ -2,16 +2,19 @@
 
 `run_round`:
   1. waits (briefly) for the run's sites, builds one train message per site holding a group (only
-     its groups' arrays, packed once per group set, and the round's RoundConfig), slowest site first;
+     its groups' arrays in the run's downlink, packed once per group set, and the round's
+     RoundConfig), slowest site first;
   2. exchanges them (server/exchange.py);
   3. a site that lost the run's setup (its SuperNode restarted) gets it again and one more train
      message this round (the roster's resend_setup); a second "setup-needed" leaves it out;
   4. parses and checks every reply (server/replies.py), bounds the update norms, clips them to
      the other holders' median and averages (the strategy, server/strategy.py), in one pass:
-     `aggregate_replies`;
-  5. returns a `RoundRecord`: the new global arrays, the strategy's verdicts (`RoundOutcome`), one
-     typed `SiteOutcome` per site of the run ("absent" with why where it was not addressed), and
-     the round's times. The ServerApp checkpoints it and writes it to rounds.jsonl and the audit log.
+     `aggregate_replies`; all against the arrays as the sites received them;
+  5. returns a `RoundRecord`: the new global arrays (with an fp16 downlink, step 4's result moved
+     onto the float32 master: healthfm_core/protocol/transport.py), the strategy's verdicts
+     (`RoundOutcome`), one typed `SiteOutcome` per site of the run ("absent" with why where it was
+     not addressed), and the round's times. The ServerApp checkpoints it and writes it to
+     rounds.jsonl and the audit log.
 
 Replies are sorted by site name before they are averaged: node ids change across runs, and a
 fixed order keeps the floating-point sums, and so a resumed run, bit for bit equal.
@@ -32,6 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
+from healthfm_core.protocol.transport import downlink_arrays, onto_master
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
@@ -239,7 +243,8 @@ def start_round(
     strategy: ModalityAwareFedAvg,
     roster: Roster,
 ) -> tuple[RoundConfig, list[Message]]:
-    """The round's RoundConfig and train messages, once the run's sites are there (or waited for)."""
+    """The round's RoundConfig and train messages, once the run's sites are there (or waited for);
+    `arrays` as the messages carry them (the downlink's wire form, downlink_arrays)."""
     config = round_config(cfg, rnd, setup)
     roster.wait_for_nodes(f"round {rnd}")
     return config, train_messages(strategy, rnd, arrays, ConfigRecord(config.to_flat()), grid, roster.node_groups)
@@ -277,14 +282,17 @@ def run_round(
 ) -> RoundRecord:
     """Round `rnd` from the global `arrays` (the module docstring); `reply_lags`: last round's."""
     t_start = time.perf_counter()
-    config, messages = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
+    # The global as the train messages carry it, and as the sites read it (the downlink); the round
+    # runs against what they read, and its result moves onto the master `arrays` at the end.
+    sent = downlink_arrays(arrays, cfg.downlink)
+    config, messages = start_round(cfg, rnd, setup, sent.wire, grid, strategy, roster)
     messages = slowest_first(messages, reply_lags)
     t_sent = time.perf_counter()
     exchange = ExchangeTimes()
     # While the replies are out: the bytes sent, then each reply's size and reading as it arrives,
     # so that after the slowest site's reply only that one is taken (server/replies.py EarlyReads).
     sites: dict[str, SiteOutcome] = {}
-    read = EarlyReads(rnd, arrays, roster.node_groups, messages, config, strategy.reply_limits)
+    read = EarlyReads(rnd, sent.received, roster.node_groups, messages, config, strategy.reply_limits)
     replies = send_and_receive(
         grid,
         messages,
@@ -316,7 +324,7 @@ def run_round(
         strategy,
         rnd,
         replies,
-        current_arrays=arrays,
+        current_arrays=sent.received,
         node_groups=roster.node_groups,
         sent=messages,
         round_config=config,
@@ -326,7 +334,7 @@ def run_round(
     record_absent(grid, cfg.timeout_s, roster, sites)
     return RoundRecord(
         config=config,
-        arrays=outcome.arrays if outcome.arrays is not None else arrays,
+        arrays=onto_master(outcome.arrays, arrays, sent.received) if outcome.arrays is not None else arrays,
         outcome=outcome,
         sites=sites,
         rejected=[{"site": roster.site(r.node_id), "node_id": r.node_id, "reason": r.reason} for r in outcome.rejected],

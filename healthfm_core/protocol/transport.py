@@ -1,6 +1,7 @@
-"""How a site's trained arrays travel to the server: the one place the uplink's wire encoding is
-spelled, on both sides (the site encodes with `encode_update`, the server decodes with
-`decode_update`, which treats a reply as untrusted input).
+"""How arrays travel: the one place the wire encoding of both directions is spelled. The uplink
+(a site's trained arrays to the server): the site encodes with `encode_update`, the server
+decodes with `decode_update`, which treats a reply as untrusted input. The downlink (the global
+arrays to the sites): `downlink_arrays` and `onto_master`, below the uplink's.
 
 Transports (RoundConfig.transport, FederationConfig.transport):
   fp32  the arrays as trained (their own dtype).
@@ -27,6 +28,19 @@ never travels to the server) and is discarded with the run.
 Privacy: encoding happens after training (and after any DP mechanism) on the released weights;
 it is post-processing of the DP output (its randomness and the residual depend on no data but
 that output), so it costs no privacy budget.
+
+Downlinks (FederationConfig.downlink; train messages only, evaluation always gets the global arrays
+as they are):
+  fp32  the global arrays as they are.
+  fp16  each floating tensor whose values float16 holds (finite, |x| <= 65504) cast to float16,
+        the others as they are (2 bytes a value). The server keeps the float32 global as the
+        *master* copy, as mixed-precision training keeps fp32 master weights: the round runs
+        against what the sites received (`received`: the float16 values back in the tensor's
+        dtype, the very values a site's model loads), every reply is judged, bounded and averaged
+        against it, and the round's result moves onto the master (`onto_master`: new + (master -
+        received)), so the rounding never accumulates over rounds and a group no reply updates
+        keeps its master values to the bit. A site trains from weights within 2^-11 of each
+        value (float16's relative precision; values below 6e-8 become 0).
 """
 
 from __future__ import annotations
@@ -39,6 +53,9 @@ import numpy as np
 
 Transport = Literal["fp32", "fp16", "int8"]
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
+Downlink = Literal["fp32", "fp16"]
+DOWNLINKS: tuple[str, ...] = get_args(Downlink)
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504: a larger value would travel as Inf
 Rounding = Literal["stochastic", "nearest"]
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
@@ -181,6 +198,55 @@ def decode_update(
     return out
 
 
+class Downlinked(NamedTuple):
+    """The global arrays as a round's train messages carry them, and as the sites read them."""
+
+    wire: dict[str, np.ndarray]  # what the messages carry (float16 where the downlink casts)
+    received: dict[str, np.ndarray]  # what a site loads: the wire values back in each tensor's dtype
+
+
+def downlink_arrays(arrays: Mapping[str, np.ndarray], downlink: Downlink) -> Downlinked:
+    """The global `arrays` in `downlink` (the module docstring): a floating tensor goes as float16
+    when every value of it is finite and within float16's range, else as it is."""
+    if downlink == "fp32":
+        same = {k: np.asarray(v) for k, v in arrays.items()}
+        return Downlinked(same, same)
+    if downlink != "fp16":
+        raise ValueError(f"downlink {downlink!r}: expected one of {', '.join(DOWNLINKS)}")
+    wire, received = {}, {}
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        fits = _floating(value) and value.dtype.itemsize > 2 and _within_fp16(value)
+        wire[key] = value.astype(np.float16) if fits else value
+        received[key] = wire[key].astype(value.dtype) if fits else value
+    return Downlinked(wire, received)
+
+
+def onto_master(
+    new: Mapping[str, np.ndarray], master: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A round's result `new`, computed against what the sites `received`, moved onto the server's
+    `master` arrays: new + (master - received) per key. master - received is exact in floating
+    point (the two are within a factor of two, or received is 0), so a key the round left at its
+    received values comes back as the master's, to the bit. Keys whose received arrays are the
+    master's own values come back as `new` itself."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in new.items():
+        m, r = np.asarray(master[key]), np.asarray(received[key])
+        if r is m or not _floating(m) or np.array_equal(r, m):
+            out[key] = np.asarray(value)
+            continue
+        out[key] = (np.asarray(value, dtype=m.dtype) + (m - r)).astype(m.dtype)
+    return out
+
+
+def _within_fp16(value: np.ndarray) -> bool:
+    if not value.size:
+        return True
+    peak = float(np.max(np.abs(value)))
+    return math.isfinite(peak) and peak <= FP16_MAX
+
+
 def _scale(key: str, value: Any) -> float:
     # A MetricRecord value may be an int, a float or a list of them; only a number is a scale.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -196,16 +262,22 @@ def _floating(value: np.ndarray) -> bool:
 
 
 __all__ = [
+    "DOWNLINKS",
+    "FP16_MAX",
     "INT8_MAX",
     "ROUNDINGS",
     "SCALES_RECORD",
     "TRANSPORTS",
+    "Downlink",
+    "Downlinked",
     "Encoded",
     "Rounding",
     "Transport",
     "decode_update",
     "dequantise",
+    "downlink_arrays",
     "encode_update",
+    "onto_master",
     "quantise",
     "wire_dtype_ok",
 ]

@@ -20,7 +20,14 @@ from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD, FederationSetup, RoundConfig
 from healthfm_core.protocol.packing import unpack_record
-from healthfm_core.protocol.transport import INT8_MAX, decode_update, encode_update, quantise
+from healthfm_core.protocol.transport import (
+    INT8_MAX,
+    decode_update,
+    downlink_arrays,
+    encode_update,
+    onto_master,
+    quantise,
+)
 from server.config import FederationConfig
 from server.runlog import read_events
 from server.strategy import pack_record
@@ -129,6 +136,67 @@ def test_fp16_and_fp32_and_non_floating_arrays() -> None:
         encode_update(arrays, {}, "int8", rng=np.random.default_rng(0))
 
 
+# ------------------------------------------------------------------------------ the downlink
+
+
+def test_the_fp16_downlink_casts_what_float16_holds_and_nothing_else() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.standard_normal((8, 5)).astype(np.float32),
+        "large": np.array([1.0, -7e4], np.float32),  # beyond float16's 65504: would travel as Inf
+        "nan": np.array([np.nan, 1.0], np.float32),
+        "n": np.arange(3, dtype=np.int64),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    same = downlink_arrays(arrays, "fp32")
+    assert all(same.wire[k] is same.received[k] for k in arrays)
+    half = downlink_arrays(arrays, "fp16")
+    assert {k: str(v.dtype) for k, v in half.wire.items()} == {
+        "w": "float16",
+        "large": "float32",
+        "nan": "float32",
+        "n": "int64",
+        "empty": "float16",
+    }
+    # What a site loads: the float16 values back in float32, within float16's precision of the master.
+    assert half.received["w"].dtype == np.float32
+    np.testing.assert_array_equal(half.received["w"], half.wire["w"].astype(np.float32))
+    assert not np.array_equal(half.received["w"], arrays["w"])
+    np.testing.assert_allclose(half.received["w"], arrays["w"], rtol=2.0**-11, atol=0)
+    for key in ("large", "nan", "n"):
+        assert half.received[key] is half.wire[key]
+    with pytest.raises(ValueError, match="downlink 'int8'"):
+        downlink_arrays(arrays, "int8")  # type: ignore[arg-type]
+
+
+def test_onto_master_gives_back_the_master_where_the_round_left_what_was_received() -> None:
+    rng = np.random.default_rng(1)
+    # Values across float16's normal and subnormal range and below it (those become 0 on the wire).
+    master = {
+        "w": (rng.standard_normal(4000) * np.logspace(-10, 3, 4000)).astype(np.float32),
+        "v": rng.standard_normal(50).astype(np.float32),
+        "n": np.arange(3, dtype=np.int64),
+    }
+    sent = downlink_arrays(master, "fp16")
+    assert (sent.received["w"] == 0).any() and (master["w"] != 0).all()
+    # A round that moved nothing: the master to the bit, not its float16 rounding.
+    kept = onto_master(sent.received, master, sent.received)
+    for key in master:
+        np.testing.assert_array_equal(kept[key], master[key])
+        assert kept[key].dtype == master[key].dtype
+    # A round's update lands on the master: master + update, within one float32 rounding.
+    update = (1e-3 * rng.standard_normal(50)).astype(np.float32)
+    moved = onto_master({"v": sent.received["v"] + update}, master, sent.received)["v"]
+    expected = master["v"].astype(np.float64) + (sent.received["v"] + update - sent.received["v"])
+    np.testing.assert_allclose(moved, expected, rtol=2.0**-23, atol=0)
+    # Under an fp32 downlink the round's result is the new global itself.
+    plain = downlink_arrays(master, "fp32")
+    assert onto_master({"v": master["v"] + update}, master, plain.received)["v"] is not master["v"]
+    np.testing.assert_array_equal(
+        onto_master({"v": master["v"] + update}, master, plain.received)["v"], master["v"] + update
+    )
+
+
 # ------------------------------------------------------------------------------ the site
 
 
@@ -161,8 +229,9 @@ def _message(content: RecordDict, message_type: str, node: int) -> Message:
     return Message(content, metadata=metadata)
 
 
+@pytest.mark.parametrize("downlink", ["fp32", "fp16"])
 def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
-    node_configs, monkeypatch: pytest.MonkeyPatch
+    node_configs, monkeypatch: pytest.MonkeyPatch, downlink: str
 ) -> None:
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp process
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -170,7 +239,11 @@ def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
     site = SiteRuntime(SiteConfig.from_node_config(config))
     vocab = build_vocabulary([site.code_stats()], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
-    received = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in site.groups}
+    master = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in site.groups}
+    # What the message carries, and what the server judges the reply against (the float16 values
+    # in float32 under an fp16 downlink): the site's residual must be against the same.
+    downlinked = downlink_arrays(master, downlink)  # type: ignore[arg-type]
+    received = downlinked.received
     app = make_client_app()
     context = Context(run_id=1, node_id=7, node_config=dict(config), state=RecordDict(), run_config={})
     app(
@@ -189,7 +262,7 @@ def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
         setup_sha256=setup.sha256,
         transport="int8",
     )
-    train = RecordDict({"arrays": pack_record(received), "config": ConfigRecord(cfg.to_flat())})
+    train = RecordDict({"arrays": pack_record(downlinked.wire), "config": ConfigRecord(cfg.to_flat())})
     reply = app(_message(train, MessageType.TRAIN, 7), context)
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD}  # no residual
