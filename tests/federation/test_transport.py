@@ -28,7 +28,7 @@ from healthfm_core.protocol.transport import (
     onto_master,
     quantise,
 )
-from server.config import FederationConfig
+from server.config import FederationConfig, resume_conflicts
 from server.runlog import read_events
 from server.strategy import pack_record
 from simulations.run import run_federation_simulation
@@ -319,3 +319,20 @@ def test_a_two_site_simulation_under_int8(tmp_path: Path, node_configs) -> None:
             assert entry["groups_received"] == entry["groups_sent"]
             assert entry["bytes_received"] < 0.6 * entry["bytes_sent"], entry
         assert np.isfinite(event["losses"]["total"])
+
+
+def test_the_downlink_is_a_run_config_key_checked_strictly_that_a_resume_may_not_change() -> None:
+    base = {"out-dir": "/tmp/x", "model": "tiny"}
+    assert FederationConfig.from_run_config(base).downlink == "fp32"
+    half = FederationConfig.from_run_config({**base, "downlink": "fp16"})
+    assert half.downlink == "fp16"
+    with pytest.raises(ValueError, match="downlink"):
+        FederationConfig.from_run_config({**base, "downlink": "int8"})  # the uplink's int8 is no downlink
+    # A checkpoint of an fp32 run, resumed with fp16 (or one written before the key existed): refused.
+    saved = FederationConfig.from_run_config(base).model_dump(mode="json")
+    assert resume_conflicts(half, saved) == ["downlink"]
+    assert resume_conflicts(half, {k: v for k, v in saved.items() if k != "downlink"}) == ["downlink"]
+    assert (
+        resume_conflicts(FederationConfig.from_run_config(base), {k: v for k, v in saved.items() if k != "downlink"})
+        == []
+    )
