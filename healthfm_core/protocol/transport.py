@@ -40,7 +40,8 @@ as they are):
         against it, and the round's result moves onto the master (`onto_master`: new + (master -
         received)), so the rounding never accumulates over rounds and a group no reply updates
         keeps its master values to the bit. A site trains from weights within 2^-11 of each
-        value (float16's relative precision; values below 6e-8 become 0).
+        value (float16's relative rounding), or within 3e-8 below 6.1e-5, where float16 is
+        subnormal (values below 3e-8 become 0).
 """
 
 from __future__ import annotations
