@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
-from healthfm_core.protocol.transport import downlink_arrays, onto_master
+from healthfm_core.protocol.transport import Downlinked, downlink_arrays, onto_master
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
@@ -242,12 +242,15 @@ def start_round(
     grid: Grid,
     strategy: ModalityAwareFedAvg,
     roster: Roster,
-) -> tuple[RoundConfig, list[Message]]:
-    """The round's RoundConfig and train messages, once the run's sites are there (or waited for);
-    `arrays` as the messages carry them (the downlink's wire form, downlink_arrays)."""
+) -> tuple[RoundConfig, list[Message], Downlinked]:
+    """The round's RoundConfig and train messages, once the run's sites are there (or waited for),
+    and the global `arrays` in the run's downlink: as the messages carry them and as the sites read
+    them (the round is judged against the latter; healthfm_core/protocol/transport.py)."""
     config = round_config(cfg, rnd, setup)
     roster.wait_for_nodes(f"round {rnd}")
-    return config, train_messages(strategy, rnd, arrays, ConfigRecord(config.to_flat()), grid, roster.node_groups)
+    sent = downlink_arrays(arrays, cfg.downlink)
+    config_record = ConfigRecord(config.to_flat())
+    return config, train_messages(strategy, rnd, sent.wire, config_record, grid, roster.node_groups), sent
 
 
 def sent_outcomes(
@@ -282,10 +285,9 @@ def run_round(
 ) -> RoundRecord:
     """Round `rnd` from the global `arrays` (the module docstring); `reply_lags`: last round's."""
     t_start = time.perf_counter()
-    # The global as the train messages carry it, and as the sites read it (the downlink); the round
-    # runs against what they read, and its result moves onto the master `arrays` at the end.
-    sent = downlink_arrays(arrays, cfg.downlink)
-    config, messages = start_round(cfg, rnd, setup, sent.wire, grid, strategy, roster)
+    # The round runs against what the sites read (sent.received); its result moves onto the master
+    # `arrays` at the end.
+    config, messages, sent = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
     messages = slowest_first(messages, reply_lags)
     t_sent = time.perf_counter()
     exchange = ExchangeTimes()

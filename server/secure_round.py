@@ -59,7 +59,6 @@ from healthfm_core.protocol.secure_records import (
     key_round_records,
     to_flat,
 )
-from healthfm_core.protocol.transport import downlink_arrays
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggError
 from secure_aggregation.layout import group_vector
@@ -383,9 +382,9 @@ def run_secure_round(
     and the run's `key_rounds` (rounds ahead whose keys are exchanged; None: a round of its own)."""
     key_rounds = key_rounds if key_rounds is not None else KeyRounds()
     t_start = time.perf_counter()
-    # The downlink's wire form in the training stage's messages. The sites mask their updates from
-    # what they received, and secure_arrays adds the unmasked average to the master `arrays` itself.
-    config, messages = start_round(cfg, rnd, setup, downlink_arrays(arrays, cfg.downlink).wire, grid, strategy, roster)
+    # The training stage's messages carry the run's downlink. The sites mask their updates from what
+    # they received, and secure_arrays adds the unmasked average to the master `arrays` itself.
+    config, messages, _ = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
     trains = {m.metadata.dst_node_id: m for m in messages}
     node_groups = {node: groups_for_node(node, roster.node_groups) for node in trains}  # as train_messages sent
     sites = sent_outcomes(strategy, arrays, roster, trains.values())

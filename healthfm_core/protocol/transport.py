@@ -229,15 +229,16 @@ def onto_master(
     """A round's result `new`, computed against what the sites `received`, moved onto the server's
     `master` arrays: new + (master - received) per key. master - received is exact in floating
     point (the two are within a factor of two, or received is 0), so a key the round left at its
-    received values comes back as the master's, to the bit. Keys whose received arrays are the
-    master's own values come back as `new` itself."""
+    received values comes back as the master's, to the bit. Keys sent as they are (the master's
+    own arrays, or values float16 holds exactly) come back as `new` itself."""
     out: dict[str, np.ndarray] = {}
     for key, value in new.items():
         m, r = np.asarray(master[key]), np.asarray(received[key])
-        if r is m or not _floating(m) or np.array_equal(r, m):
+        residual = m - r if r is not m and _floating(m) else None
+        if residual is None or not residual.any():
             out[key] = np.asarray(value)
-            continue
-        out[key] = (np.asarray(value, dtype=m.dtype) + (m - r)).astype(m.dtype)
+        else:
+            out[key] = np.asarray(value, dtype=m.dtype) + residual
     return out
 
 

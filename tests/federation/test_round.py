@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message, MessageType
-from helpers.in_process_grid import InProcessGrid, tiny_nodes
+from flwr.app import MessageType
+from helpers.in_process_grid import InProcessGrid, RecordingGrid, tiny_nodes
 from helpers.run_configs import fed_config, three_site_config
 
 from healthfm_core.model.healthfm import init_model
@@ -52,26 +52,13 @@ def test_a_round_retries_a_restarted_site_and_records_every_site(tmp_path: Path)
     assert vars(strategy).keys() == before  # no round kept in the strategy
 
 
-class _SentGrid(InProcessGrid):
-    """InProcessGrid keeping the train messages it carried."""
-
-    def __init__(self, node_configs: dict[int, dict]) -> None:
-        super().__init__(node_configs)
-        self.sent: list[Message] = []
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
-        messages = list(messages)
-        self.sent += messages
-        return super().send_and_receive(messages, timeout=timeout)
-
-
 @pytest.mark.usefixtures("serverapp_identity")
 def test_an_fp16_downlink_sends_float16_and_keeps_the_float32_master(tmp_path: Path) -> None:
     """With a learning rate too small to move any float32 weight (1e-30), every site sends back
     what it received: the float16 values. A round that kept them would leave the global rounded to
     float16 (2^-11 of each weight); the master must come back instead."""
     _, nodes = tiny_nodes(tmp_path)
-    grid = _SentGrid(nodes)
+    grid = RecordingGrid(nodes)
     cfg = three_site_config(tmp_path / "run", local_steps=1, lr=1e-30, server_optimizer=None, downlink="fp16")
     roster = Roster(grid, cfg)
     roster.query_capabilities(roster.wait_for_nodes())
@@ -83,7 +70,7 @@ def test_an_fp16_downlink_sends_float16_and_keeps_the_float32_master(tmp_path: P
         cfg, 1, setup, arrays, grid=grid, strategy=make_strategy(cfg, None), roster=roster, reply_lags={}
     )
 
-    trains = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    trains, _ = grid.exchange(MessageType.TRAIN)
     assert len(trains) == 3 and not record.rejected and record.outcome.arrays is not None
     for msg in trains:
         carried = unpack_record(msg.content.array_records[ARRAYS_RECORD], where="train message")

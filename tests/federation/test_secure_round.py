@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message
-from helpers.in_process_grid import InProcessGrid
+from helpers.in_process_grid import InProcessGrid, RecordingGrid
 from helpers.secure_round_runs import (
     DroppingGrid,
     assert_within_bounds,
@@ -71,24 +71,6 @@ from simulations.synthetic import generate_federation
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     """The four sites of helpers/secure_round_runs.py, as the in-process grid's node configs."""
     return four_site_node_configs(tmp_path_factory)
-
-
-class RecordingGrid(InProcessGrid):
-    """InProcessGrid keeping every exchange: what the server sent and every reply it received."""
-
-    def __init__(self, node_configs: dict[int, dict]) -> None:
-        super().__init__(node_configs)
-        self.exchanges: list[tuple[list[Message], list[Message]]] = []
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
-        self.exchanges.append((messages, replies))
-        return replies
-
-    def exchange(self, message_type: str) -> tuple[list[Message], list[Message]]:
-        [found] = [(m, r) for m, r in self.exchanges if m and m[0].metadata.message_type == message_type]
-        return found
 
 
 class Runs(NamedTuple):

@@ -66,6 +66,24 @@ class InProcessGrid(Grid):
         return replies
 
 
+class RecordingGrid(InProcessGrid):
+    """InProcessGrid keeping every exchange: what the server sent and every reply it received."""
+
+    def __init__(self, node_configs: dict[int, dict]) -> None:
+        super().__init__(node_configs)
+        self.exchanges: list[tuple[list[Message], list[Message]]] = []
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.exchanges.append((messages, replies))
+        return replies
+
+    def exchange(self, message_type: str) -> tuple[list[Message], list[Message]]:
+        [found] = [(m, r) for m, r in self.exchanges if m and m[0].metadata.message_type == message_type]
+        return found
+
+
 def set_serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """What Flower sets in a ServerApp process before main() (the Message constructor reads it)."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
