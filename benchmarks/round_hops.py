@@ -21,7 +21,8 @@ Hops of the site whose reply came last (the round's critical path), in order; th
   app_push     the reply's push from the ClientApp to its SuperNode
   node_send    -> the SuperNode has uploaded the reply to the SuperLink
   server_pull  -> the ServerApp has the reply (its poll; pulling the reply's objects)
-  after        last reply -> the round's end (aggregation, checkpoint, logs)
+  after        last reply -> the round's end (aggregation; the checkpoint and logs only after the
+               last round: the others are written while the next round is out)
 """
 
 from __future__ import annotations

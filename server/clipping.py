@@ -84,12 +84,18 @@ def clip_to_holders(
     factor: float,
     group_of: Callable[[str], str],
     server_round: int,
+    norms: Mapping[str, Mapping[int, float]] | None = None,
 ) -> tuple[list[Accepted], Clipped]:
     """The replies with each update over `factor` x the median of its group's other holders'
     norms scaled down to it (groups with at least ROBUST_MIN_HOLDERS replies), and what was
-    clipped. Replies within the bound are returned as they came (the same objects)."""
+    clipped. Replies within the bound are returned as they came (the same objects). `norms`:
+    update_norms of these replies or of more (the others' are not read), where the caller has them."""
     clipped: Clipped = {}
-    for group, by_node in sorted(update_norms(accepted, previous, group_of).items()):
+    if norms is None:
+        norms = update_norms(accepted, previous, group_of)
+    nodes = {node_id for node_id, _, _ in accepted}
+    for group, all_nodes in sorted(norms.items()):
+        by_node = {node: norm for node, norm in all_nodes.items() if node in nodes}
         if len(by_node) < ROBUST_MIN_HOLDERS:
             continue
         for node_id, norm in by_node.items():

@@ -27,9 +27,12 @@ the wait by half the gap between the two latest replies of last round, so a site
 still replies before the slowest one (on the 2-core VM, `small` with 10 local steps: the
 slowest site's download 0.15-0.42 s shared, 0.11-0.27 s alone, docs/performance.md).
 
-`on_pushed` and `on_reply` let the caller work while the replies are out instead of after the
-last one: a round counts the bytes it sent and reads each reply as it arrives (server/round.py),
-so only the slowest site's reply is read after it.
+`on_pushed`, `on_reply` and `on_idle` let the caller work while the replies are out instead of
+after the last one: a round counts the bytes it sent, reads each reply as it arrives
+(server/round.py), so only the slowest site's reply is read after it, and writes the round
+before's checkpoint and logs (server/server_app.py). `on_idle` runs at the first reply, when a
+site is done and the server has nothing else to do (on a machine the sites share, a core is
+free then), or IDLE_FALLBACK_SECONDS after the push if none came by then.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ POLL_SECONDS = 0.1
 # whether it arrived every DELIVERY_POLL_SECONDS meanwhile (a read of the local SuperLink's store).
 HEAD_START_CAP_SECONDS = 2.0
 DELIVERY_POLL_SECONDS = 0.02
+# `on_idle` runs at the first reply, or this long after the push without one (a round whose sites
+# all train longer still gets the round before checkpointed and logged within seconds).
+IDLE_FALLBACK_SECONDS = 10.0
 
 
 @dataclass
@@ -133,12 +139,15 @@ def send_and_receive(
     *,
     on_pushed: Callable[[], None] | None = None,
     on_reply: Callable[[Message], None] | None = None,
+    on_idle: Callable[[], None] | None = None,
     head_start: float = 0.0,
 ) -> list[Message]:
     """Push `messages`, pull their replies until all arrived or `timeout` seconds passed; `times`,
     when given, gets the push's and the replies' times. `on_pushed()` runs once the messages have
-    left, `on_reply(reply)` as each reply arrives (a grid that exchanges in one call, e.g. the
-    simulation's: after it, in reply order). `head_start`: push_first_alone's (an HttpGrid's)."""
+    left, `on_reply(reply)` as each reply arrives, `on_idle()` once: after the first reply's
+    `on_reply`, IDLE_FALLBACK_SECONDS after the push without a reply, or before returning
+    (a grid that exchanges in one call, e.g. the simulation's: after it, in reply order).
+    `head_start`: push_first_alone's (an HttpGrid's)."""
     times = times if times is not None else ExchangeTimes()
     times.push_start = time.time()
     messages = list(messages)
@@ -152,6 +161,8 @@ def send_and_receive(
         if on_reply is not None:
             for m in answered:
                 on_reply(m)
+        if on_idle is not None:
+            on_idle()
         return answered
     # None: a message the SuperLink refused
     pending = {m for m in push_first_alone(grid, messages, head_start, times) if m}
@@ -159,6 +170,7 @@ def send_and_receive(
     if on_pushed is not None:
         on_pushed()
     end = time.monotonic() + (timeout if timeout is not None else 0.0)
+    idle_at = time.monotonic() + IDLE_FALLBACK_SECONDS
     replies: list[Message] = []
     while True:
         got = list(grid.pull_messages(pending))
@@ -170,6 +182,10 @@ def send_and_receive(
         if on_reply is not None:
             for m in got:
                 on_reply(m)
-        if not pending or (timeout is not None and time.monotonic() >= end):
+        done = not pending or (timeout is not None and time.monotonic() >= end)
+        if on_idle is not None and (replies or done or time.monotonic() >= idle_at):
+            idle, on_idle = on_idle, None
+            idle()
+        if done:
             return replies
         time.sleep(POLL_SECONDS)

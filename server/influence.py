@@ -147,15 +147,17 @@ def update_norms(
     """Each reply's update norm per group it returned: group -> node -> ||w_{r,g} - w_g||."""
     norms: dict[str, dict[int, float]] = {}
     for node_id, reply, counts in accepted:
-        for group in counts:
-            # Summed in sorted key order: a reply's (or a checkpoint's) key order may differ
-            # between processes, and the history must be bit for bit a resumed run's.
-            sq = sum(
-                float(np.sum((reply.arrays[k].astype(np.float64) - previous[k]) ** 2))
-                for k in sorted(reply.arrays)
-                if group_of(k) == group
-            )
-            norms.setdefault(group, {})[node_id] = sq**0.5
+        # Summed in sorted key order: a reply's (or a checkpoint's) key order may differ
+        # between processes, and the history must be bit for bit a resumed run's. One pass over
+        # the reply's keys, each key's squared differences in float64, in place.
+        sq = dict.fromkeys(counts, 0.0)
+        for key in sorted(reply.arrays):
+            group = group_of(key)
+            if group in sq:
+                diff = np.subtract(reply.arrays[key], previous[key], dtype=np.float64)
+                sq[group] += float(np.sum(np.square(diff, out=diff)))
+        for group, total in sq.items():
+            norms.setdefault(group, {})[node_id] = total**0.5
     return norms
 
 
@@ -167,12 +169,13 @@ def drop_norm_outliers(
     settings: NormBounds,
     history: NormHistory,
     group_of: Callable[[str], str],
+    norms: Mapping[str, Mapping[int, float]] | None = None,
 ) -> tuple[list[Accepted], dict[int, str], dict[str, float]]:
     """Leave out replies whose update norm in some group is over the group's bound (step,
     history, max_update_norm) or absurd against the round's others. Returns the replies kept,
     why each other was left out (by node) and each group's bound; the kept replies' norms join
-    `history`."""
-    norms = update_norms(accepted, previous, group_of)
+    `history`. `norms`: update_norms of `accepted`, where the caller has them."""
+    norms = norms if norms is not None else update_norms(accepted, previous, group_of)
     bounds: dict[str, float] = {}
     bad: dict[int, str] = {}
     for group, by_node in norms.items():

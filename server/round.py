@@ -14,7 +14,8 @@
      onto the float32 master: healthfm_core/protocol/transport.py), the strategy's verdicts
      (`RoundOutcome`), one typed `SiteOutcome` per site of the run ("absent" with why where it was
      not addressed), and the round's times. The ServerApp checkpoints it and writes it to
-     rounds.jsonl and the audit log.
+     rounds.jsonl and the audit log; `while_out`, while this round's sites train, is where it
+     does that for the round before (server/server_app.py), off the round's path.
 
 Replies are sorted by site name before they are averaged: node ids change across runs, and a
 fixed order keeps the floating-point sums, and so a resumed run, bit for bit equal.
@@ -23,15 +24,15 @@ fixed order keeps the floating-point sums, and so a resumed run, bit for bit equ
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
@@ -39,6 +40,7 @@ from healthfm_core.protocol.transport import Downlinked, downlink_arrays, onto_m
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
+from server.influence import update_norms
 from server.replies import EarlyReads, RejectedReply, groups_for_node, judge_replies, origin, setup_needed
 from server.roster import Roster
 from server.runlog import message_bytes, message_size
@@ -174,14 +176,15 @@ def train_messages(
     server_round: int,
     arrays: Mapping[str, np.ndarray],
     config: ConfigRecord,
-    grid: Grid,
+    node_ids: Sequence[int],
     node_groups: Mapping[int, Sequence[str]] | None = None,
 ) -> list[Message]:
-    """One train message per connected node holding a group, with only its groups' arrays (one
-    packed part per message, packed once per distinct group set: records_for_nodes)."""
-    # Every connected node, in Flower's sampled order (random.sample: it draws on the checkpointed
-    # Python random state, so a resumed run pushes in the uninterrupted run's order).
-    node_ids, _ = sample_nodes(grid, 1, max(len(list(grid.get_node_ids())), 1))
+    """One train message per node of `node_ids` (the connected ones) holding a group, with only
+    its groups' arrays (one packed part per message, packed once per distinct group set:
+    records_for_nodes)."""
+    # In a random order (as Flower's sample_nodes takes all of them): it draws on the checkpointed
+    # Python random state, so a resumed run pushes in the uninterrupted run's order.
+    node_ids = random.sample(list(node_ids), len(node_ids))
     sampled: dict[int, list[str]] = {}
     for node_id in node_ids:
         groups = groups_for_node(node_id, node_groups)
@@ -220,14 +223,16 @@ def aggregate_replies(
     judged = judge_replies(
         server_round, replies, previous, node_groups, sent, round_config, strategy.reply_limits, read
     )
-    accepted, outliers, bounds = strategy.bound_updates(judged.accepted, previous, server_round, round_config)
+    # Each reply's update norms, once for the bounds and the clip.
+    norms = update_norms(judged.accepted, previous, strategy.group_of)
+    accepted, outliers, bounds = strategy.bound_updates(judged.accepted, previous, server_round, round_config, norms)
     rejected = [*judged.rejected, *(RejectedReply(node, why, "outlier") for node, why in outliers.items())]
     for r in rejected:
         log.warning("round %d: rejected reply from node %d: %s", server_round, r.node_id, r.reason)
     if not accepted:
         log.warning("round %d: no acceptable reply; global arrays unchanged", server_round)
         return RoundOutcome(server_round, None, {}, rejected, judged.parsed, [], bounds)
-    accepted, clipped = strategy.clip_updates(accepted, previous, server_round)
+    accepted, clipped = strategy.clip_updates(accepted, previous, server_round, norms)
     new_arrays, contributors = strategy.average(accepted, previous)
     return RoundOutcome(
         server_round, new_arrays, contributors, rejected, judged.parsed, [a[0] for a in accepted], bounds, clipped
@@ -239,7 +244,6 @@ def start_round(
     rnd: int,
     setup: FederationSetup,
     arrays: Mapping[str, np.ndarray],
-    grid: Grid,
     strategy: ModalityAwareFedAvg,
     roster: Roster,
 ) -> tuple[RoundConfig, list[Message], Downlinked]:
@@ -247,10 +251,10 @@ def start_round(
     and the global `arrays` in the run's downlink: as the messages carry them and as the sites read
     them (the round is judged against the latter; healthfm_core/protocol/transport.py)."""
     config = round_config(cfg, rnd, setup)
-    roster.wait_for_nodes(f"round {rnd}")
+    nodes = roster.wait_for_nodes(f"round {rnd}")  # the round's one look at who is connected
     sent = downlink_arrays(arrays, cfg.downlink)
     config_record = ConfigRecord(config.to_flat())
-    return config, train_messages(strategy, rnd, sent.wire, config_record, grid, roster.node_groups), sent
+    return config, train_messages(strategy, rnd, sent.wire, config_record, nodes, roster.node_groups), sent
 
 
 def sent_outcomes(
@@ -282,12 +286,15 @@ def run_round(
     strategy: ModalityAwareFedAvg,
     roster: Roster,
     reply_lags: Mapping[int, float],
+    while_out: Callable[[], None] | None = None,
 ) -> RoundRecord:
-    """Round `rnd` from the global `arrays` (the module docstring); `reply_lags`: last round's."""
+    """Round `rnd` from the global `arrays` (the module docstring); `reply_lags`: last round's;
+    `while_out()` runs while the sites train (the exchange's `on_idle`: at the first reply), not on
+    a round that sends no message."""
     t_start = time.perf_counter()
     # The round runs against what the sites read (sent.received); its result moves onto the master
     # `arrays` at the end.
-    config, messages, sent = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
+    config, messages, sent = start_round(cfg, rnd, setup, arrays, strategy, roster)
     messages = slowest_first(messages, reply_lags)
     t_sent = time.perf_counter()
     exchange = ExchangeTimes()
@@ -301,6 +308,7 @@ def run_round(
         cfg.timeout_s,
         exchange,
         on_pushed=lambda: sites.update(sent_outcomes(strategy, arrays, roster, messages)),
+        on_idle=while_out,
         on_reply=read,
         head_start=head_start_seconds(messages, reply_lags),
     )

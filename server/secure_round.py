@@ -164,16 +164,19 @@ class _Stages:
         times: ExchangeTimes | None = None,
         key_rounds: int = 1,
         head_start: float = 0.0,
+        on_idle: Callable[[], None] | None = None,
     ) -> dict[int, list[M]]:
         """Send one stage's messages, parse the replies (each a peer's: checked, its node id the
         sender's), `key_rounds` messages a reply (one per key round: key_round_record(i)); a site
         whose reply is missing, an error, refused or does not parse is out of the round from here
-        on (a dropout, with why). `head_start`: server/exchange.py's, for the first message."""
+        on (a dropout, with why). `head_start`, `on_idle`: server/exchange.py's."""
         for msg in messages:
             entry = self.sites.setdefault(self.roster.site(msg.metadata.dst_node_id), SiteOutcome(node_id=0))
             entry.bytes_sent = (entry.bytes_sent or 0) + message_size(msg)[0]
         times = times if times is not None else ExchangeTimes()
-        replies = send_and_receive(self.grid, messages, self.cfg.timeout_s, times, head_start=head_start)
+        replies = send_and_receive(
+            self.grid, messages, self.cfg.timeout_s, times, head_start=head_start, on_idle=on_idle
+        )
         self.seconds[stage] = time.time() - times.push_start
         parsed: dict[int, list[M]] = {}
         answered = set()
@@ -376,15 +379,17 @@ def run_secure_round(
     strategy: ModalityAwareFedAvg,
     roster: Roster,
     reply_lags: Mapping[int, float],
+    while_out: Callable[[], None] | None = None,
     key_rounds: KeyRounds | None = None,
 ) -> RoundRecord:
-    """Round `rnd` under secure aggregation (the module docstring); run_round's signature and record,
-    and the run's `key_rounds` (rounds ahead whose keys are exchanged; None: a round of its own)."""
+    """Round `rnd` under secure aggregation (the module docstring); run_round's signature and record
+    (`while_out` runs while its sites train: the masking stage's `on_idle`), and
+    the run's `key_rounds` (rounds ahead whose keys are exchanged; None: a round of its own)."""
     key_rounds = key_rounds if key_rounds is not None else KeyRounds()
     t_start = time.perf_counter()
     # The training stage's messages carry the run's downlink. The sites mask their updates from what
     # they received, and secure_arrays adds the unmasked average to the master `arrays` itself.
-    config, messages, _ = start_round(cfg, rnd, setup, arrays, grid, strategy, roster)
+    config, messages, _ = start_round(cfg, rnd, setup, arrays, strategy, roster)
     trains = {m.metadata.dst_node_id: m for m in messages}
     node_groups = {node: groups_for_node(node, roster.node_groups) for node in trains}  # as train_messages sent
     sites = sent_outcomes(strategy, arrays, roster, trains.values())
@@ -422,7 +427,12 @@ def run_secure_round(
         t_sent = time.perf_counter()
         masked = _first(
             stages.exchange_stage(
-                masks, MaskedInput, "mask", stages.exchange, head_start=head_start_seconds(masks, reply_lags)
+                masks,
+                MaskedInput,
+                "mask",
+                stages.exchange,
+                head_start=head_start_seconds(masks, reply_lags),
+                on_idle=while_out,
             )
         )
         t_replied = time.perf_counter()

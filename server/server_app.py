@@ -4,7 +4,9 @@ Round 0 (every run, resumed or not) is the roster's (server/roster.py): the site
 the vocabulary agreed from their code statistics (fresh runs; a resumed run takes the setup from
 its checkpoint), the setup delivered to every site.
 Rounds r = 1..R are server/round.py's (run_round: messages, exchange, the one retry, checks and
-average in one pass); here each round's record is checkpointed, then logged.
+average in one pass); here each round's record is checkpointed, then logged, while the next
+round's sites train (at its first reply: off the round's path; at once after the last round,
+before an evaluation and when the run fails).
 Federated evaluation every `evaluate_every` rounds and after the last is server/evaluation.py's.
 Here: the run's claim on its out-dir, resume, the order of things, checkpoints, the run's records.
 
@@ -41,8 +43,9 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -72,6 +75,14 @@ from server.transcript import write_round_transcript
 
 log = logging.getLogger("healthfm.server")
 _STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class RoundStates(NamedTuple):
+    """What a round's checkpoint keeps besides its record, taken as the round ended."""
+
+    python_random: Any  # random.getstate()
+    torch_random: torch.Tensor
+    strategy: dict[str, np.ndarray]
 
 
 def make_strategy(cfg: FederationConfig, max_reply_bytes: int | None) -> ModalityAwareFedAvg:
@@ -355,44 +366,84 @@ class FederationServer:
         play_round = (
             functools.partial(run_secure_round, key_rounds=KeyRounds()) if cfg.secure_aggregation else run_round
         )
-        for rnd in range(start + 1, end + 1):
-            record = play_round(
-                cfg,
-                rnd,
-                setup,
-                arrays,
-                grid=self.grid,
-                strategy=self.strategy,
-                roster=roster,
-                reply_lags=self.reply_lags,
-            )
-            arrays, self.reply_lags = record.arrays, record.reply_lags
+        # A round's checkpoint and logs are written while the next round's sites train (`while_out`:
+        # at its first reply), not between the two rounds: they are off the round's path.
+        # At once before an evaluation (its event follows the round's), after the last round, and
+        # when anything fails. `pending`: the round aggregated whose checkpoint is not written yet,
+        # with the random states and the strategy's state as the round left them (the next
+        # round's sampling draws on the random state before the checkpoint is written).
+        pending: list[tuple[RoundRecord, RoundStates]] = []
+        next_started: list[float] = []  # the next round's start, once it started
+
+        def settle() -> None:
+            nonlocal last
+            if not pending:
+                return
+            record, states = pending.pop()
             if cfg.record_transcript:  # before the checkpoint: a round checkpointed has its transcript
                 write_round_transcript(self.out_dir, record)
-            last = self._finish_round(record, setup)
-            self.rounds_done = rnd
-            write_outcome(self.out_dir, self.outcome.model_copy(update=dict(rounds_done=rnd)))  # still running
-            due = rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0)
-            if due and cfg.eval_tasks:  # an empty task list asks for no federated evaluation
-                evaluate(
-                    cfg, rnd, setup, arrays, roster=roster, strategy=self.strategy, events=self.events, audit=self.audit
+            last = self._finish_round(record, setup, states, next_started.pop() if next_started else None)
+            self.rounds_done = record.config.round
+            write_outcome(self.out_dir, self.outcome.model_copy(update=dict(rounds_done=self.rounds_done)))
+
+        try:
+            for rnd in range(start + 1, end + 1):
+                if pending:
+                    next_started.append(time.perf_counter())
+                record = play_round(
+                    cfg,
+                    rnd,
+                    setup,
+                    arrays,
+                    grid=self.grid,
+                    strategy=self.strategy,
+                    roster=roster,
+                    reply_lags=self.reply_lags,
+                    while_out=settle,
                 )
-            elif due:
-                log.info("evaluation after round %d: skipped (eval_tasks is empty)", rnd)
+                settle()  # a round that sent nothing did not
+                arrays, self.reply_lags = record.arrays, record.reply_lags
+                pending.append(
+                    (record, RoundStates(random.getstate(), torch.get_rng_state(), self.strategy.state_dict()))
+                )
+                due = rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0)
+                if (due and cfg.eval_tasks) or rnd == end:
+                    settle()
+                if due and cfg.eval_tasks:  # an empty task list asks for no federated evaluation
+                    evaluate(
+                        cfg,
+                        rnd,
+                        setup,
+                        arrays,
+                        roster=roster,
+                        strategy=self.strategy,
+                        events=self.events,
+                        audit=self.audit,
+                    )
+                elif due:
+                    log.info("evaluation after round %d: skipped (eval_tasks is empty)", rnd)
+        finally:
+            next_started.clear()
+            settle()  # a round aggregated is never lost to a later round's failure
         write_summary(self.out_dir)
         return last
 
-    def _finish_round(self, record: RoundRecord, setup: FederationSetup) -> Path:
+    def _finish_round(
+        self, record: RoundRecord, setup: FederationSetup, states: RoundStates, until: float | None = None
+    ) -> Path:
         """Checkpoint the round with its event, then write the event to rounds.jsonl, the audit log
         and server.log. The event travels in the checkpoint so that a server killed between the
-        two writes loses no round from the record: resume writes it then (_recover_round_event)."""
+        two writes loses no round from the record: resume writes it then (_recover_round_event).
+        `states`: as the round left them. `until`: the next round's start when that round has
+        started (the round's time runs to it); otherwise the round's time runs to its checkpoint."""
         cfg, rnd, sites = self.cfg, record.config.round, record.sites
         t_ckpt = time.perf_counter()
+        end = until if until is not None else t_ckpt
         train_max = max((e.train_seconds or 0.0 for e in sites.values()), default=0.0)
         timed = any(e.train_seconds is not None for e in sites.values())
         exchange = record.exchange
         timings: dict[str, Any] = {
-            "round_seconds": t_ckpt - record.started,
+            "round_seconds": end - record.started,
             "configure_seconds": record.configure_seconds,
             "wait_seconds": record.wait_seconds,
             "push_seconds": exchange.push_end - exchange.push_start,
@@ -402,9 +453,11 @@ class FederationServer:
             "sent_at": exchange.push_start,  # wall clock: beside the sites' own log lines
             "aggregate_seconds": record.aggregate_seconds,
             "checkpoint_seconds": None,  # known once it is written (below)
+            # False: written while the next round's sites trained, off the round's path
+            "checkpoint_on_path": until is None,
             "local_train_seconds_max": train_max,
             "local_train_seconds_sum": sum(e.train_seconds or 0.0 for e in sites.values()),
-            "other_seconds": (t_ckpt - record.started) - train_max,
+            "other_seconds": (end - record.started) - train_max,
         }
         epsilon = self.check_privacy(rnd, sites)
         losses = record.outcome.losses
@@ -437,20 +490,21 @@ class FederationServer:
             ServerState(
                 round=rnd,
                 arrays=record.arrays,
-                strategy=self.strategy.state_dict(),
+                strategy=states.strategy,
                 setup=setup,
                 run_config=cfg.model_dump(mode="json"),
-                python_random=random.getstate(),
-                torch_random=torch.get_rng_state(),
+                python_random=states.python_random,
+                torch_random=states.torch_random,
                 round_event=event,
             ),
             keep=cfg.keep_checkpoints,
         )
         t_end = time.perf_counter()
+        end = until if until is not None else t_end
         timings.update(
-            round_seconds=t_end - record.started,
+            round_seconds=end - record.started,
             checkpoint_seconds=t_end - t_ckpt,
-            other_seconds=(t_end - record.started) - train_max,
+            other_seconds=(end - record.started) - train_max,
         )
         event["timings"] = timings
         self.events.write("round", **event, checkpoint=str(path))

@@ -217,25 +217,32 @@ class ModalityAwareFedAvg:
         previous: Mapping[str, np.ndarray],
         server_round: int,
         round_config: RoundConfig | None,
+        norms: Mapping[str, Mapping[int, float]] | None = None,
     ) -> tuple[list[Accepted], dict[int, str], dict[str, float]]:
         """The replies within every bound of the class docstring, why each other is not (by node),
-        and each group's bound; the kept replies' norms join the history."""
+        and each group's bound; the kept replies' norms join the history. `norms`: the replies'
+        update norms (server/influence.py update_norms), where the caller has them."""
         settings = NormBounds(
             self.norm_step_factor, self.norm_history_factor, self.norm_outlier_factor, self.max_update_norm
         )
         return drop_norm_outliers(
-            accepted, previous, server_round, round_config, settings, self.norm_history, self.group_of
+            accepted, previous, server_round, round_config, settings, self.norm_history, self.group_of, norms
         )
 
     def clip_updates(
-        self, accepted: list[Accepted], previous: Mapping[str, np.ndarray], server_round: int
+        self,
+        accepted: list[Accepted],
+        previous: Mapping[str, np.ndarray],
+        server_round: int,
+        norms: Mapping[str, Mapping[int, float]] | None = None,
     ) -> tuple[list[Accepted], Clipped]:
         """The replies with every update over norm_clip_factor x the median of its group's other
         holders' norms scaled down to it (groups of 3+ holders; the class docstring), and what was
-        clipped, by node; the replies unchanged when norm_clip_factor is None."""
+        clipped, by node; the replies unchanged when norm_clip_factor is None. `norms`: as
+        bound_updates'."""
         if self.norm_clip_factor is None:
             return accepted, {}
-        return clip_to_holders(accepted, previous, self.norm_clip_factor, self.group_of, server_round)
+        return clip_to_holders(accepted, previous, self.norm_clip_factor, self.group_of, server_round, norms)
 
     def average(
         self, accepted: list[Accepted], previous: Mapping[str, np.ndarray]

@@ -306,12 +306,8 @@ def test_the_round_sends_every_node_its_groups_and_averages_their_replies(monkey
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
-    class Grid:
-        def get_node_ids(self) -> list[int]:
-            return [1, 2]
-
     s = strategy()
-    messages = train_messages(s, 1, global_arrays(-1.0), ConfigRecord({}), Grid())
+    messages = train_messages(s, 1, global_arrays(-1.0), ConfigRecord({}), [1, 2])
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
     outcome = aggregate(s, 1, [good(1, 1.0), good(2, 3.0)], sent=messages)
     assert outcome.arrays is not None

@@ -266,3 +266,65 @@ def test_flowers_superlink_finds_a_message_until_its_supernode_confirms_it(store
     assert "store.delete(request.message_object_id)" in inspect.getsource(flower_fleet.confirm_message_received)
     objects.delete(message.object_id)  # what ConfirmMessageReceived does
     assert not pull(request, state, task).object_found
+
+
+class ScriptedHttpGrid(HttpGrid):
+    """An HttpGrid whose SuperLink is a script: `arrive[i]` is the poll at which message i's reply
+    comes (None: never)."""
+
+    def __init__(self, arrive: list[int | None]) -> None:
+        super().__init__(token="t")
+        self.arrive, self.polls, self.sent = arrive, 0, {}
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:  # type: ignore[override]
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
+            ids.append(msg.metadata.message_id)
+            self.sent[msg.metadata.message_id] = msg
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:  # type: ignore[override]
+        self.polls += 1
+        return [
+            Message(RecordDict(), reply_to=self.sent[mid])
+            for mid in sorted(message_ids)
+            if self.arrive[int(mid[1:])] == self.polls
+        ]
+
+
+@pytest.mark.usefixtures("identity")
+def test_the_caller_works_while_the_sites_train_at_the_first_reply_once() -> None:
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12, 13)]
+    calls: list[str] = []
+    send_and_receive(
+        ScriptedHttpGrid([3, 2, 5]),
+        messages,
+        timeout=30,
+        on_pushed=lambda: calls.append("pushed"),
+        on_reply=lambda m: calls.append(m.metadata.reply_to_message_id),
+        on_idle=lambda: calls.append("idle"),
+    )
+    assert calls == ["pushed", "m1", "idle", "m0", "m2"]
+
+
+@pytest.mark.usefixtures("identity")
+def test_without_a_reply_the_caller_works_after_the_fallback_or_before_the_exchange_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12)]
+    calls: list[str] = []
+    record = {
+        "on_reply": lambda m: calls.append(m.metadata.reply_to_message_id),
+        "on_idle": lambda: calls.append("idle"),
+    }
+    monkeypatch.setattr("server.exchange.IDLE_FALLBACK_SECONDS", 0.0)  # at the first poll
+    send_and_receive(ScriptedHttpGrid([3, 4]), messages, timeout=30, **record)
+    assert calls == ["idle", "m0", "m1"]
+    monkeypatch.setattr("server.exchange.IDLE_FALLBACK_SECONDS", 60.0)
+    calls.clear()
+    replies = send_and_receive(ScriptedHttpGrid([None, None]), messages, timeout=0.25, **record)
+    assert replies == [] and calls == ["idle"]  # nobody answered: still once, before it returns
+    calls.clear()
+    send_and_receive(EchoGrid(), messages, timeout=5, **record)  # type: ignore[arg-type]
+    assert calls == ["m0", "m1", "idle"]
