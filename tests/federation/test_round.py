@@ -7,16 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import MessageType
+from flwr.app import Message, MessageType, RecordDict
 from helpers.in_process_grid import InProcessGrid, RecordingGrid, tiny_nodes
 from helpers.run_configs import fed_config, three_site_config
 
+from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import ARRAYS_RECORD
 from healthfm_core.protocol.packing import unpack_record
 from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
 from server.server_app import make_strategy
+from server.strategy import pack_record
 
 
 @pytest.mark.usefixtures("serverapp_identity")
@@ -82,3 +84,57 @@ def test_an_fp16_downlink_sends_float16_and_keeps_the_float32_master(tmp_path: P
         # AdamW's first step, lr x ~1, moves a zero weight to ~1e-30 and leaves every other one; the
         # weighted mean of three equal arrays may land a float32 step off (float16 is 2^-11 off).
         np.testing.assert_allclose(record.arrays[key], value, rtol=2.0**-22, atol=1e-25, err_msg=key)
+
+
+class TamperingGrid(RecordingGrid):
+    """RecordingGrid whose `victim`'s train replies come back moved by `shift` in every value of
+    the shared group (a site, or a man in the middle, sending an absurd update)."""
+
+    def __init__(self, node_configs: dict[int, dict], victim: int, shift: float) -> None:
+        super().__init__(node_configs)
+        self.victim, self.shift = victim, shift
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        replies = super().send_and_receive(messages, timeout=timeout)
+        out = []
+        for reply in replies:
+            if reply.metadata.src_node_id == self.victim and ARRAYS_RECORD in reply.content.array_records:
+                content = RecordDict(dict(reply.content))
+                moved = unpack_record(reply.content.array_records[ARRAYS_RECORD], where="test")
+                moved = {k: v + self.shift if parameter_group(k) == "shared" else v for k, v in moved.items()}
+                content[ARRAYS_RECORD] = pack_record(moved)
+                reply = Message(content, metadata=reply.metadata)
+            out.append(reply)
+        return out
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize("downlink", ["fp32", "fp16"])
+def test_an_absurd_reply_is_rejected_and_never_reaches_the_master_in_either_downlink(
+    tmp_path: Path, downlink: str
+) -> None:
+    """Under the fp16 downlink the server judges replies against what the sites received (the float16
+    values), then moves the result onto the float32 master: a rejected reply must leave no trace
+    there, and the honest sites' average must arrive as it does in fp32."""
+    _, nodes = tiny_nodes(tmp_path)
+    victim = next(n for n, c in nodes.items() if c["site-name"] == "hospital")
+    grid = TamperingGrid(nodes, victim, shift=50.0)
+    cfg = three_site_config(tmp_path / "run", local_steps=1, server_optimizer=None, downlink=downlink)
+    roster = Roster(grid, cfg)
+    roster.query_capabilities(roster.wait_for_nodes())
+    setup = roster.agree_vocabulary()
+    roster.send_setup(setup)
+    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
+
+    record = run_round(
+        cfg, 1, setup, arrays, grid=grid, strategy=make_strategy(cfg, None), roster=roster, reply_lags={}
+    )
+
+    assert [r["site"] for r in record.rejected] == ["hospital"], record.rejected
+    assert "update norm" in record.rejected[0]["reason"]
+    assert record.sites["hospital"].status == "rejected"
+    assert "hospital" not in record.contributors["shared"] and len(record.contributors["shared"]) == 2
+    assert record.outcome.arrays is not None
+    for key, value in arrays.items():
+        moved = np.abs(record.arrays[key].astype(np.float64) - value)
+        assert moved.max(initial=0.0) < 1.0, key  # the honest sites' one step; the shift was 50
