@@ -369,27 +369,27 @@ class FederationServer:
         # A round's checkpoint and logs are written while the next round's sites train (`while_out`:
         # at its first reply), not between the two rounds: they are off the round's path.
         # At once before an evaluation (its event follows the round's), after the last round, and
-        # when anything fails. `pending`: the round aggregated whose checkpoint is not written yet,
-        # with the random states and the strategy's state as the round left them (the next
-        # round's sampling draws on the random state before the checkpoint is written).
-        pending: list[tuple[RoundRecord, RoundStates]] = []
-        next_started: list[float] = []  # the next round's start, once it started
+        # when anything fails. `unwritten`: the round aggregated whose checkpoint is not written
+        # yet, with the random and strategy states as the round left them (the next round's
+        # sampling draws on the random state before that checkpoint is written); `next_start`:
+        # when the round after it started (its time runs to there).
+        unwritten: tuple[RoundRecord, RoundStates] | None = None
+        next_start: float | None = None
 
         def settle() -> None:
-            nonlocal last
-            if not pending:
+            nonlocal last, unwritten, next_start
+            if unwritten is None:
                 return
-            record, states = pending.pop()
+            (record, states), unwritten = unwritten, None
             if cfg.record_transcript:  # before the checkpoint: a round checkpointed has its transcript
                 write_round_transcript(self.out_dir, record)
-            last = self._finish_round(record, setup, states, next_started.pop() if next_started else None)
+            last = self._finish_round(record, setup, states, next_start)
             self.rounds_done = record.config.round
             write_outcome(self.out_dir, self.outcome.model_copy(update=dict(rounds_done=self.rounds_done)))
 
         try:
             for rnd in range(start + 1, end + 1):
-                if pending:
-                    next_started.append(time.perf_counter())
+                next_start = time.perf_counter() if unwritten is not None else None
                 record = play_round(
                     cfg,
                     rnd,
@@ -403,9 +403,8 @@ class FederationServer:
                 )
                 settle()  # a round that sent nothing did not
                 arrays, self.reply_lags = record.arrays, record.reply_lags
-                pending.append(
-                    (record, RoundStates(random.getstate(), torch.get_rng_state(), self.strategy.state_dict()))
-                )
+                states = RoundStates(random.getstate(), torch.get_rng_state(), self.strategy.state_dict())
+                unwritten, next_start = (record, states), None
                 due = rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0)
                 if (due and cfg.eval_tasks) or rnd == end:
                     settle()
@@ -423,7 +422,7 @@ class FederationServer:
                 elif due:
                     log.info("evaluation after round %d: skipped (eval_tasks is empty)", rnd)
         finally:
-            next_started.clear()
+            next_start = None  # a round that failed did not start the one after
             settle()  # a round aggregated is never lost to a later round's failure
         write_summary(self.out_dir)
         return last
