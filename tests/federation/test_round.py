@@ -8,17 +8,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 from helpers.in_process_grid import InProcessGrid, RecordingGrid, tiny_nodes
 from helpers.run_configs import fed_config, three_site_config
 
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
-from healthfm_core.protocol import ARRAYS_RECORD
+from healthfm_core.protocol import ARRAYS_RECORD, FederationSetup
 from healthfm_core.protocol.packing import unpack_record
+from server.config import FederationConfig
 from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
 from server.server_app import make_strategy
 from server.strategy import pack_record
+
+
+def round_zero(grid: Grid, cfg: FederationConfig) -> tuple[Roster, FederationSetup, dict[str, np.ndarray]]:
+    """What the ServerApp does before round 1: the sites' capabilities, the agreed setup sent to
+    them, and the model's initial arrays."""
+    roster = Roster(grid, cfg)
+    roster.query_capabilities(roster.wait_for_nodes())
+    setup = roster.agree_vocabulary()
+    roster.send_setup(setup)
+    return roster, setup, {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
 
 
 @pytest.mark.usefixtures("serverapp_identity")
@@ -29,11 +41,7 @@ def test_a_round_retries_a_restarted_site_and_records_every_site(tmp_path: Path)
     cfg = fed_config(
         tmp_path / "run", local_steps=1, batch_size=8, max_events=64, max_patches=8, min_nodes=3, vocab_min_subjects=5
     )
-    roster = Roster(grid, cfg)
-    roster.query_capabilities(roster.wait_for_nodes())
-    setup = roster.agree_vocabulary()
-    roster.send_setup(setup)
-    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
+    roster, setup, arrays = round_zero(grid, cfg)
     strategy = make_strategy(cfg, None)
     before = vars(strategy).keys()
 
@@ -62,11 +70,7 @@ def test_an_fp16_downlink_sends_float16_and_keeps_the_float32_master(tmp_path: P
     _, nodes = tiny_nodes(tmp_path)
     grid = RecordingGrid(nodes)
     cfg = three_site_config(tmp_path / "run", local_steps=1, lr=1e-30, server_optimizer=None, downlink="fp16")
-    roster = Roster(grid, cfg)
-    roster.query_capabilities(roster.wait_for_nodes())
-    setup = roster.agree_vocabulary()
-    roster.send_setup(setup)
-    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
+    roster, setup, arrays = round_zero(grid, cfg)
 
     record = run_round(
         cfg, 1, setup, arrays, grid=grid, strategy=make_strategy(cfg, None), roster=roster, reply_lags={}
@@ -120,11 +124,7 @@ def test_an_absurd_reply_is_rejected_and_never_reaches_the_master_in_either_down
     victim = next(n for n, c in nodes.items() if c["site-name"] == "hospital")
     grid = TamperingGrid(nodes, victim, shift=50.0)
     cfg = three_site_config(tmp_path / "run", local_steps=1, server_optimizer=None, downlink=downlink)
-    roster = Roster(grid, cfg)
-    roster.query_capabilities(roster.wait_for_nodes())
-    setup = roster.agree_vocabulary()
-    roster.send_setup(setup)
-    arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
+    roster, setup, arrays = round_zero(grid, cfg)
 
     record = run_round(
         cfg, 1, setup, arrays, grid=grid, strategy=make_strategy(cfg, None), roster=roster, reply_lags={}
