@@ -34,6 +34,10 @@ silently back on Flower's 60 s. Left at Flower's 30 s on purpose: `flwr.supercor
 HEARTBEAT_DEFAULT_INTERVAL (the SuperNode's expiry of its ClientApps' task claims), since the
 ClientApp processes (Flower's, client/deploy/warm_clientapp.py) send their task heartbeats at
 Flower's default, and one side changed alone would expire them.
+The SuperNode's Runtime API (what its app guard and ClientApps call; `gate_tracing`, from
+client/deploy/supernode_main.py): `flwr.supernode.main.RuntimeTracingMiddleware`, one of the three
+BaseHTTPMiddleware layers in front of every call, which does nothing unless FLWR_TRACING_ENABLED=1,
+behind a GatedMiddleware asking that (healthfm_core/middleware_gate.py says what a layer costs).
 The warm ClientApp (`python -m client.deploy.warm_clientapp`, `set_pull_backoff`):
 - `run_clientapp.pull_and_inflate_object_from_tree`: a short backoff too (client/deploy/warm_clientapp.py
   says why: the guard hands a task over before the SuperNode has the message's objects).
@@ -49,14 +53,18 @@ from typing import Any
 
 import flwr.supercore.heartbeat as flower_heartbeat
 import flwr.supernode.fleet_http_connection as flower_connection
+import flwr.supernode.main as flower_supernode_app
 import flwr.supernode.servicer.runtime.runtime_handlers as flower_node_runtime
 import flwr.supernode.start_client_internal as flower_loop
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree, pull_objects
+from flwr.supercore.routers.runtime.tracing import RuntimeTracingMiddleware
 from flwr.supernode.runtime import run_clientapp
+from starlette.middleware import Middleware
 
 from client.deploy.heartbeat import call_budget
 from client.deploy.supernode_pace import CappedSleepTime, PollSchedule, SupernodePace
 from healthfm_core.long_poll import Waker, held, notifying, unwrapped
+from healthfm_core.middleware_gate import GatedMiddleware, flower_tracing_enabled
 from healthfm_core.rebind import rebind
 
 FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
@@ -188,3 +196,13 @@ def set_heartbeat(interval: float) -> None:
         {"HEARTBEAT_DEFAULT_INTERVAL": interval, "HEARTBEAT_CALL_TIMEOUT": call_budget(interval)},
         here,
     )
+
+
+def gate_tracing() -> None:
+    """The SuperNode Runtime API app created in this process after this call runs Flower's tracing
+    layer only when tracing is enabled (the module docstring says why). Before flower_supernode()
+    runs; a second call keeps the first."""
+    if isinstance(flower_supernode_app.RuntimeTracingMiddleware, functools.partial):
+        return
+    gate = functools.partial(GatedMiddleware, layer=Middleware(RuntimeTracingMiddleware), acts=flower_tracing_enabled)
+    rebind(flower_supernode_app, {"RuntimeTracingMiddleware": gate}, "client/deploy/flower_patches.py gate_tracing")

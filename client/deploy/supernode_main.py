@@ -19,7 +19,8 @@ Pace (client/deploy/supernode_pace.py says why): `set_pace` (client/deploy/flowe
 change to Flower's code on the site's side is) changes Flower's loop in this process only, once,
 before Flower's SuperNode starts. Heartbeat (client/deploy/heartbeat.py says why): `set_heartbeat`, the
 same file, the same way: the SuperLink counts this site dead 2 x `--heartbeat-interval` after its
-last heartbeat (Flower: 2 x 30 s). Flower's log lines get timestamps: when a message came and when
+last heartbeat (Flower: 2 x 30 s). `gate_tracing`, the same file: Flower's tracing middleware runs on
+its Runtime API's calls only when tracing is enabled. Flower's log lines get timestamps: when a message came and when
 its reply left is where a round's time went.
 """
 
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from flwr.supercore.logger import update_console_handler
 from flwr.supernode.cli import flower_supernode
 
-from client.deploy.flower_patches import set_heartbeat, set_pace
+from client.deploy.flower_patches import gate_tracing, set_heartbeat, set_pace
 from client.deploy.heartbeat import HEARTBEAT_INTERVAL_S, MAX_HEARTBEAT_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S
 from client.deploy.join import ENDED_LINE, EXIT_CONNECTION_ENDED
 from client.deploy.supernode_pace import SupernodePace
@@ -79,6 +80,7 @@ def main() -> None:
     pace, heartbeat_interval, flower_argv = parse(sys.argv[1:])
     set_pace(pace)
     set_heartbeat(heartbeat_interval)
+    gate_tracing()
     update_console_handler(timestamps=True)
     # Flower reads its options from sys.argv and names itself after argv[0] (telemetry, messages).
     sys.argv = flower_argv

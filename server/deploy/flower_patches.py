@@ -29,22 +29,46 @@ flwr.superlink.main's _RUNTIME_HANDLERS, the runtime_handlers module):
   `push_object` (the ServerApp's messages and objects stored);
 - `runtime_handlers.pull_messages` and `pull_object` (the ServerApp asking for replies and their
   objects) held up to RUNTIME_HOLD_S, woken by `fleet_handlers.push_messages` and `push_object`.
+The SuperLink's middleware run only on the requests it acts on (`gate_middleware`), by rebinding
+`flwr.superlink.main._get_middleware` (create_app calls it once, for the app it builds):
+- Flower stacks nine Starlette BaseHTTPMiddleware layers in front of every call, each at a cost
+  whether it acts or not (healthfm_core/middleware_gate.py). Seven act on some calls only and hand
+  every other one on untouched: the four Control API ones on /v1/control/ (`_is_control_path`,
+  and route keys under it), NodeAuthMiddleware on /v1/fleet/, FleetEventLogMiddleware on
+  /v1/fleet/ with a fleet event-log plugin, RuntimeTracingMiddleware with FLWR_TRACING_ENABLED=1
+  (MIDDLEWARE_ACTS). Each is put behind a `GatedMiddleware` asking that same question of the
+  request (the same path: starlette's URL of the scope). Error and protobuf translation, and any
+  extension's layer, stay as they are. A site's Fleet call passes three layers (node
+  authentication, which still decides, among them), the ServerApp's Runtime calls two.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flwr.superlink.grid.http_grid as flower_http_grid
+import flwr.superlink.main as flower_superlink_app
 import flwr.superlink.servicer.fleet.fleet_handlers as flower_fleet
 import flwr.superlink.servicer.runtime.runtime_handlers as flower_runtime
 from flwr.supercore import sql_mixin
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
+from flwr.supercore.routers.runtime.tracing import RuntimeTracingMiddleware
+from flwr.superlink.routers.control.middlewares import (
+    ControlAuthenticationMiddleware,
+    ControlEventLogMiddleware,
+    ControlLicenseMiddleware,
+    ControlSensitiveResponseMiddleware,
+)
+from flwr.superlink.routers.fleet.middlewares import FleetEventLogMiddleware
+from flwr.superlink.routers.fleet.node_auth import NodeAuthMiddleware
+from starlette.middleware import Middleware
+from starlette.types import Scope
 
-from healthfm_core.long_poll import Waker, held, notifying, unwrapped
+from healthfm_core.long_poll import MARK, Waker, held, notifying, unwrapped
+from healthfm_core.middleware_gate import GatedMiddleware, flower_tracing_enabled, request_path
 from healthfm_core.rebind import rebind
 
 FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
@@ -138,3 +162,56 @@ def hold_pulls(
         },
         here,
     )
+
+
+CONTROL_PREFIX = "/v1/control/"  # flwr/superlink/routers/control/middlewares.py _is_control_path
+FLEET_PREFIX = "/v1/fleet/"  # node_auth.py NodeAuthMiddleware and middlewares.py FleetEventLogMiddleware
+
+
+def _on_control_path(scope: Scope) -> bool:
+    return request_path(scope).startswith(CONTROL_PREFIX)
+
+
+def _on_fleet_path(scope: Scope) -> bool:
+    return request_path(scope).startswith(FLEET_PREFIX)
+
+
+def _fleet_event_logged(scope: Scope) -> bool:
+    return _on_fleet_path(scope) and getattr(scope["app"].state, "fleet_event_log_plugin", None) is not None
+
+
+# Each path-dependent middleware of Flower 1.41's SuperLink and when it acts (otherwise it calls
+# the next layer and returns its response unchanged: read from each one's dispatch).
+MIDDLEWARE_ACTS: dict[type, Callable[[Scope], bool]] = {
+    ControlSensitiveResponseMiddleware: _on_control_path,
+    ControlAuthenticationMiddleware: _on_control_path,
+    ControlLicenseMiddleware: _on_control_path,
+    ControlEventLogMiddleware: _on_control_path,
+    NodeAuthMiddleware: _on_fleet_path,
+    FleetEventLogMiddleware: _fleet_event_logged,
+    RuntimeTracingMiddleware: flower_tracing_enabled,
+}
+
+
+def gated(layers: Sequence[Middleware]) -> list[Middleware]:
+    """`layers` with each one MIDDLEWARE_ACTS knows behind a GatedMiddleware (order kept)."""
+    out = []
+    for layer in layers:
+        acts = MIDDLEWARE_ACTS.get(layer.cls) if isinstance(layer.cls, type) else None
+        out.append(layer if acts is None else Middleware(GatedMiddleware, layer=layer, acts=acts))
+    return out
+
+
+def gate_middleware() -> None:
+    """The SuperLink app created in this process after this call runs Flower's path-dependent
+    middleware only on the requests it acts on (the module docstring says why). Before
+    flower_superlink() runs; once per process (a second call keeps the first)."""
+    build = flower_superlink_app._get_middleware
+    if getattr(build, MARK, False):
+        return
+
+    def gated_middleware() -> list[Middleware]:
+        return gated(build())
+
+    setattr(gated_middleware, MARK, True)
+    rebind(flower_superlink_app, {"_get_middleware": gated_middleware}, "server/deploy/flower_patches.py")

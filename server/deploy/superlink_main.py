@@ -1,5 +1,6 @@
 """Flower's `flower-superlink`, with SQLite waiting longer for its database lock, sites allowed
-heartbeats shorter than Flower's 10 s, and pulls held until there is an answer.
+heartbeats shorter than Flower's 10 s, pulls held until there is an answer, and middleware run only
+where it acts.
 
     python -m server.deploy.superlink_main [--min-heartbeat-interval S] PATH/TO/flower-superlink \
         [flower-superlink options]
@@ -25,6 +26,11 @@ are answered as soon as there is something to answer, or empty after a hold of a
 instead of at once: the sites and the ServerApp then ask about once per hold, not ten times a
 second, and a message waits for no poll.
 
+Middleware (server/deploy/flower_patches.py `gate_middleware`): of the nine layers Flower puts in
+front of every call, the six that act on some paths only (Control API, node authentication on
+Fleet calls, Fleet event logs, tracing) run on those paths only; a Fleet call still passes node
+authentication.
+
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
 transaction held longer than that are logged (WARNING, with the thread and the statement), so a
 coordinator sees what the database waited for.
@@ -42,7 +48,12 @@ from typing import Any
 from flwr.superlink.cli import flower_superlink
 from sqlalchemy import Engine, event
 
-from server.deploy.flower_patches import hold_pulls, set_min_heartbeat_interval, set_sqlite_busy_timeout
+from server.deploy.flower_patches import (
+    gate_middleware,
+    hold_pulls,
+    set_min_heartbeat_interval,
+    set_sqlite_busy_timeout,
+)
 
 BUSY_TIMEOUT_MS = 120_000
 MIN_HEARTBEAT_INTERVAL_S = 2.0  # the shortest heartbeat interval a site may send (Flower: 10 s)
@@ -113,6 +124,7 @@ def main() -> None:
     set_sqlite_busy_timeout(BUSY_TIMEOUT_MS)  # server/deploy/flower_patches.py
     set_min_heartbeat_interval(min_heartbeat)
     hold_pulls()
+    gate_middleware()
     log_slow_database_work()
     # Flower reads its options from sys.argv and names itself after argv[0].
     sys.argv = flower_argv
