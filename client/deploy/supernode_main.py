@@ -19,9 +19,9 @@ Pace (client/deploy/supernode_pace.py says why): `set_pace` (client/deploy/flowe
 change to Flower's code on the site's side is) changes Flower's loop in this process only, once,
 before Flower's SuperNode starts. Heartbeat (client/deploy/heartbeat.py says why): `set_heartbeat`, the
 same file, the same way: the SuperLink counts this site dead 2 x `--heartbeat-interval` after its
-last heartbeat (Flower: 2 x 30 s). `gate_tracing`, the same file: Flower's tracing middleware runs on
-its Runtime API's calls only when tracing is enabled. Flower's log lines get timestamps: when a message came and when
-its reply left is where a round's time went.
+last heartbeat (Flower: 2 x 30 s). `gate_tracing`, the same file: Flower's tracing middleware runs
+on its Runtime API's calls only when tracing is enabled. Flower's log lines get timestamps: when a
+message came and when its reply left is where a round's time went.
 """
 
 from __future__ import annotations

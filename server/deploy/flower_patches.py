@@ -67,7 +67,7 @@ from flwr.superlink.routers.fleet.node_auth import NodeAuthMiddleware
 from starlette.middleware import Middleware
 from starlette.types import Scope
 
-from healthfm_core.long_poll import MARK, Waker, held, notifying, unwrapped
+from healthfm_core.long_poll import Waker, held, notifying, unwrapped
 from healthfm_core.middleware_gate import GatedMiddleware, flower_tracing_enabled, request_path
 from healthfm_core.rebind import rebind
 
@@ -166,6 +166,7 @@ def hold_pulls(
 
 CONTROL_PREFIX = "/v1/control/"  # flwr/superlink/routers/control/middlewares.py _is_control_path
 FLEET_PREFIX = "/v1/fleet/"  # node_auth.py NodeAuthMiddleware and middlewares.py FleetEventLogMiddleware
+GATED = "__healthfm_gated__"  # on the middleware builder gate_middleware installs
 
 
 def _on_control_path(scope: Scope) -> bool:
@@ -207,11 +208,11 @@ def gate_middleware() -> None:
     middleware only on the requests it acts on (the module docstring says why). Before
     flower_superlink() runs; once per process (a second call keeps the first)."""
     build = flower_superlink_app._get_middleware
-    if getattr(build, MARK, False):
+    if getattr(build, GATED, False):
         return
 
     def gated_middleware() -> list[Middleware]:
         return gated(build())
 
-    setattr(gated_middleware, MARK, True)
+    setattr(gated_middleware, GATED, True)
     rebind(flower_superlink_app, {"_get_middleware": gated_middleware}, "server/deploy/flower_patches.py")

@@ -27,8 +27,8 @@ instead of at once: the sites and the ServerApp then ask about once per hold, no
 second, and a message waits for no poll.
 
 Middleware (server/deploy/flower_patches.py `gate_middleware`): of the nine layers Flower puts in
-front of every call, the six that act on some paths only (Control API, node authentication on
-Fleet calls, Fleet event logs, tracing) run on those paths only; a Fleet call still passes node
+front of every call, the seven that act on some calls only (Control API, node authentication on
+Fleet calls, Fleet event logs, tracing) run on those calls only; a Fleet call still passes node
 authentication.
 
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
