@@ -107,7 +107,7 @@ class TamperingGrid(RecordingGrid):
                 moved = unpack_record(reply.content.array_records[ARRAYS_RECORD], where="test")
                 moved = {k: v + self.shift if parameter_group(k) == "shared" else v for k, v in moved.items()}
                 content[ARRAYS_RECORD] = pack_record(moved)
-                reply = Message(content, metadata=reply.metadata)
+                reply.content = content  # the same reply (its metadata: the node, the message it answers)
             out.append(reply)
         return out
 
