@@ -38,7 +38,7 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_
 from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.deploy.flower_patches import gated  # noqa: E402
+from server.deploy.flower_patches import gate_middleware  # noqa: E402
 
 CHUNK_BYTES = 2_344_121  # a `small` train message's float16 blob (docs/performance.md)
 
@@ -47,7 +47,7 @@ def make_app(gate: bool, public_key: bytes) -> tuple[Any, int]:
     """Flower's SuperLink app (gated or not) and the node id of the SuperNode holding `public_key`."""
     flowers = flower_superlink_app._get_middleware
     if gate:
-        flower_superlink_app._get_middleware = lambda: gated(flowers())
+        gate_middleware()  # what superlink_main applies, undone below for the other app
     try:
         app = flower_superlink_app.create_app()
     finally:

@@ -156,9 +156,7 @@ def test_a_layer_the_gate_skips_is_not_entered_and_one_it_keeps_is() -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    gate = GatedMiddleware(
-        endpoint, layer=Middleware(Counting), acts=lambda scope: flower_patches._on_fleet_path(scope)
-    )
+    gate = GatedMiddleware(endpoint, layer=Middleware(Counting), acts=flower_patches._on_fleet_path)
 
     async def post_all() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://superlink") as c:
