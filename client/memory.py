@@ -6,8 +6,11 @@ evaluation; a warm ClientApp process the whole run). glibc's malloc keeps what a
 and after the first large free it raises its mmap threshold, so later large tensors come from
 those heaps too: without a trim such a process holds the largest footprint of every message it
 served, and the next message's peak comes on top of it. After each training or evaluation
-message the process collects garbage and, on glibc, returns free heap pages (malloc_trim).
-Nothing the site keeps on purpose (its data, sequences, model) is touched.
+message the process collects garbage and, on glibc, returns free heap pages (malloc_trim). A warm
+ClientApp trims once it is idle instead: between back-to-back tasks the next one takes the same
+pages again, and faulting them back in cost the slowest site more training time than keeping them
+cost it memory (client/deploy/warm_clientapp.py `collect_between_tasks`). Nothing the site keeps
+on purpose (its data, sequences, model) is touched.
 """
 
 from __future__ import annotations

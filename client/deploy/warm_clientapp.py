@@ -79,19 +79,28 @@ FULL_COLLECTION_EVERY = 16
 
 
 def collect_between_tasks(full: bool = True) -> None:
-    """Garbage collection (and a heap trim) after a task's reply left, then everything left frozen.
+    """Garbage collection after a task's reply left (and a heap trim if `full`), then everything
+    left frozen.
     The ClientApp's handlers leave their own release to this (`release_after_reply`, set by `run`):
     it came before the reply left, on the round's path.
 
-    full=False collects what was made since the last freeze (the task's own objects: ~0.05 s after a
-    `small` training task, while the next message is still on its way): in steady state that is
-    all the garbage there is (a task's cycles, 280-640 objects a task in a 3-site run, were all
-    found there; a full collection right after found none more, except 20 once after the first
-    task). full=True first unfreezes, so that cycles among objects frozen by an earlier task are
-    found too (`serve_tasks` schedules it)."""
+    full=False collects what was made since the last freeze (the task's own objects: under 1 ms
+    after a `small` training task): in steady state that is all the garbage there is (a task's
+    cycles, 280-640 objects a task in a 3-site run, were all found there; a full collection right
+    after found none more, except 20 once after the first task). It gives no heap pages back: a
+    site whose next task comes ~0.15 s later takes the same pages again. Trimmed after every task
+    (as before 2026-11-28), the slowest site spent 57-74 ms in malloc_trim right as its SuperNode
+    sent the reply, and its next training 0.3-0.5 s faulting the pages back in (benchmarks/
+    federation_round.py, `small`, 10 local steps: training 5.6-6.2 s against 6.1-6.7 s, rounds
+    5.8-6.5 s against 6.4-7.1 s); what it costs is that site's peak RSS, 3-12% higher (heap holes
+    that a later allocation does not fit stay resident). full=True first unfreezes, so that cycles
+    among objects frozen by an earlier task are found too, then trims (`serve_tasks` schedules it
+    for an idle moment: the sites that wait for the slowest one give their pages back then)."""
     if full:
         gc.unfreeze()
-    release_memory()
+        release_memory()
+    else:
+        gc.collect()
     gc.freeze()
 
 
