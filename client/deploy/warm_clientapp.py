@@ -71,9 +71,9 @@ DONE = "done"
 
 # The full collection rescans every frozen object (the process's torch, data and model: 340-470
 # thousand objects, 0.3-0.8 s with `tiny` and `small`, measured in benchmarks/federation_round.py's
-# sites) and trims the heap; it waits for a moment without a task, since the site whose reply ends a round gets its next
-# task ~0.15 s after it (it used to wait out the collection: 0.15-0.35 s of each round there). A site
-# that is never idle that long still gets one every FULL_COLLECTION_EVERY tasks.
+# sites) and trims the heap; it waits for a moment without a task, since the site whose reply ends a
+# round gets its next task ~0.15 s after it (it used to wait out the collection: 0.15-0.35 s of each
+# round there). A site that is never idle that long still gets one every FULL_COLLECTION_EVERY tasks.
 IDLE_BEFORE_FULL_COLLECTION_S = 1.0
 FULL_COLLECTION_EVERY = 16
 
@@ -93,9 +93,11 @@ def collect_between_tasks(full: bool = True) -> None:
     sent the reply, and its next training ran 0.23-0.74 s longer, faulting the pages back in
     (benchmarks/federation_round.py, `small`, 10 local steps, seven pairs: training 5.7-6.4 s
     against 6.1-6.7 s, rounds 6.0-6.7 s against 6.4-7.1 s); what it costs is that site's peak RSS,
-    3-12% higher (heap holes that a later allocation does not fit stay resident). full=True first unfreezes, so that cycles
-    among objects frozen by an earlier task are found too, then trims (`serve_tasks` schedules it
-    for an idle moment: the sites that wait for the slowest one give their pages back then)."""
+    3-12% higher (heap holes that a later allocation does not fit stay resident).
+
+    full=True first unfreezes, so that cycles among objects frozen by an earlier task are found
+    too, then trims (`serve_tasks` schedules it for an idle moment: the sites that wait for the
+    slowest one give their pages back then)."""
     if full:
         gc.unfreeze()
         release_memory()
