@@ -10,9 +10,10 @@ torch 2.11's CUDA wheels bring. ``make triton-oldest`` installs it beside the pr
 ``.cache/triton-<version>`` (ignored by git; CI's slow stage does this first). Each compiles in
 its own process, with a fresh triton cache so that nothing is taken from an earlier run.
 
-Every specialisation (48 a triton) by default; with ``HEALTHFM_AOT_PAIRWISE=1`` (CI's slow stage)
-the covering subset in which every pair of factor values appears for each kernel (18 a triton,
-about a third of the time).
+Every specialisation (96 a triton: each also with and without the launcher's alignment hints) by
+default; with ``HEALTHFM_AOT_PAIRWISE=1`` (CI's slow stage) the covering subset in which every
+pair of factor values appears for each kernel, the training launches among them (21 a triton).
+Each compiled kernel's exponentials are checked too: none may carry tl.exp's subnormal fix-up.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from pathlib import Path
 import pytest
 
 from healthfm_core.kernels.ct_attention.aot import (
+    ARCHES,
     KERNELS,
     OLDEST_TRITON,
+    TRAINING_LAUNCH,
+    Specialisation,
     all_specialisations,
     pairwise_specialisations,
 )
@@ -115,6 +119,11 @@ def _check(runs: dict[str, subprocess.Popen[str]], expected: list[str]) -> list[
                 failures.append(f"triton {r['triton']} {r['spec']}: {r['error'][-600:]}")
             elif r["stages"][-1] != "cubin" or r["cubin_bytes"] <= 0:
                 failures.append(f"triton {r['triton']} {r['spec']}: stopped after {r['stages']}")
+            elif r["ex2_with_fixup"]:
+                failures.append(
+                    f"triton {r['triton']} {r['spec']}: {r['ex2_with_fixup']} exponentials with the subnormal "
+                    "fix-up (tl.exp); the kernels' _exp uses exp2 (one MUFU op)"
+                )
     return failures
 
 
@@ -126,8 +135,11 @@ def test_the_pairwise_set_holds_every_pair_of_factor_values_for_each_kernel(dtyp
     assert len(chosen) < len(everything) / 2
 
     def pairs(specs: list) -> set:
-        rows = [(s.dtype, s.arch, s.components, s.causal) for s in specs]
-        return {(i, r[i], j, r[j]) for r in rows for i, j in itertools.combinations(range(4), 2)}
+        rows = [(s.dtype, s.arch, s.components, s.causal, s.aligned) for s in specs]
+        return {(i, r[i], j, r[j]) for r in rows for i, j in itertools.combinations(range(5), 2)}
 
+    dtype, components, causal, aligned = TRAINING_LAUNCH
     for kernel in KERNELS:
         assert pairs([s for s in chosen if s.kernel == kernel]) == pairs(everything), kernel
+        for arch in ARCHES:  # what a training step launches is always compiled
+            assert Specialisation(kernel, arch, dtype, components, causal, aligned) in chosen

@@ -322,7 +322,7 @@ def test_backward_with_tiles_of_its_own_matches_reference() -> None:
     # The backward reuses the forward's plan when their tiles agree (every test above); with its
     # own tiles it plans again, and its bulk anchors differ from the forward's.
     q, k, v, t, log_w, rates, valid = _make(b=1, h=1, n=48, d=16, m=4, seed=29, span_days=200.0)
-    cfg = kernel.KernelConfig(32, 16, 1, 1, 16, 16, 1, 1)
+    cfg = kernel.KernelConfig(32, 32, 1, 1, 16, 16, 1, 1)  # other key tiles: other bulk anchors
     leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, log_w, rates)]
     out = kernel.ct_attention_triton(
         *leaves[:3], t.to(DEVICE), t.to(DEVICE), *leaves[3:], valid.to(DEVICE), True, config=cfg

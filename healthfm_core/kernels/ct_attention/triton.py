@@ -69,8 +69,12 @@ The host's plan (tile time bounds, loop ranges, where each bulk ends) depends on
 key mask and the tiling only: the layers of a model share it (``planned_inputs``), and the
 backward reuses the forward's when their tiles agree.
 
-Gradients of the (H, M) mixture parameters are accumulated per program in registers and
-written to a [B*H, n_tiles, M] buffer that torch sums: deterministic, no float atomics.
+Gradients of the (H, M) mixture parameters are accumulated per program in registers, per query
+row until the program ends (a sum across warps per tile pair costs shared memory and a barrier),
+and written to a [B*H, n_tiles, M] buffer that torch sums: deterministic, no float atomics.
+
+Every exponential is ``_exp`` (exp2): one MUFU operation, where ``tl.exp`` compiles to three more
+instructions. ``benchmarks/ct_attention_sass.py`` counts what each loop compiles to, without a GPU.
 Times are not differentiated (the entry, ``contract.py``, refuses times that need a gradient).
 
 Triton features used are limited to those of triton 3.6 (the GPU image) and 3.9 (CPU CI).
@@ -150,6 +154,22 @@ def _device(fn: Callable[..., Any]) -> Any:
 
 
 @_device
+def _exp(x):
+    """e^x as 2^(x log2 e): ``tl.exp2`` lowers to one ex2.approx.ftz (a MUFU op and the multiply),
+    where ``tl.exp`` adds a fix-up for subnormal results (a compare and two multiplies a call: 22% of
+    the forward bulk's instructions at M = 4, benchmarks/ct_attention_sass.py). Results below fp32's
+    smallest normal, 1.2e-38, become 0: nothing here needs them (a probability or key factor that
+    small is 0 to the sums it enters). The compile check fails a kernel that still has the fix-up."""
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@_device
+def _decay(rate, x):
+    """e^(-rate x) for a scalar rate: the log2 e scaling folded into the rate, one multiply an element."""
+    return tl.exp2((rate * -1.4426950408889634) * x)
+
+
+@_device
 def _head_mixture(LW, RATE, h, M: tl.constexpr):
     """Head h's mixture: pointers to its M log-weights and rates, and its fastest rate."""
     lw_ptr = LW + h * M
@@ -184,14 +204,14 @@ def _row_norm(alpha, lw_ptr, rate_ptr, M: tl.constexpr):
         mx = tl.maximum(mx, tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * alpha)
     acc = tl.zeros_like(mx)
     for m in tl.static_range(M):
-        acc += tl.exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * alpha - mx)
+        acc += _exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * alpha - mx)
     return mx + tl.log(acc)
 
 
 @_device
 def _key_factor(lam, beta, kval):
     # Invalid keys may lie anywhere in time: clamp, then zero them so no inf reaches a product.
-    return tl.where(kval, tl.exp(tl.minimum(-lam * beta, 80.0)), 0.0)
+    return tl.where(kval, _exp(tl.minimum(-lam * beta, 80.0)), 0.0)
 
 
 @_device
@@ -207,7 +227,7 @@ def _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL: tl.constexpr, M: tl.constexp
         mx = tl.maximum(mx, tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * dt)
     acc = tl.zeros_like(mx)
     for m in tl.static_range(M):
-        acc += tl.exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * dt - mx)
+        acc += _exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * dt - mx)
     return mx + tl.log(acc), dt
 
 
@@ -236,7 +256,7 @@ def _logits(
         for m in tl.static_range(M):
             lw = tl.load(lw_ptr + m)
             lam = tl.load(rate_ptr + m)
-            w = tl.exp(lw - lam * alpha - u)
+            w = _exp(lw - lam * alpha - u)
             kn += w[:, None] * _key_factor(lam, beta, kval)[None, :]
         z = qk + u[:, None]
     else:
@@ -244,6 +264,12 @@ def _logits(
         z = qk + log_k
         kn = tl.full((BLOCK_M, BLOCK_N), 1.0, dtype=tl.float32)
     return z, kn
+
+
+@_device
+def _add_to_component(acc, offs_c, c, x):
+    """acc[:, c] + x: a per-row vector added to component c's column of a [rows, M_POW2] accumulator."""
+    return acc + tl.where(offs_c[None, :] == c, x[:, None], 0.0)
 
 
 @_device
@@ -386,9 +412,9 @@ def _bulk_scores(qk, t_q, row_ok, t_k, kval, a, lw_ptr, rate_ptr, M: tl.constexp
         kn = tl.zeros_like(qk)
         for c in tl.static_range(M):
             lam_c = tl.load(rate_ptr + c)
-            w_c = tl.exp(tl.load(lw_ptr + c) - lam_c * alpha - r)
-            b_c = tl.where(kval, tl.exp(-lam_c * beta), 0.0)
-            kn += w_c[:, None] * b_c[None, :]
+            w_c = _exp(tl.load(lw_ptr + c) - lam_c * alpha - r)
+            # Not masked: an invalid key has beta 0, so b = 1, and z = -inf zeroes its probability.
+            kn += w_c[:, None] * _decay(lam_c, beta)[None, :]
         z = tl.where(kval[None, :], qk + r[:, None], float("-inf"))
     return z, kn, r, alpha, beta
 
@@ -480,10 +506,10 @@ def _ct_fwd(
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(z, 1))
         m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(z - m_s[:, None])
+        p = _exp(z - m_s[:, None])
         if M > 1:
             p = p * kn
-        alpha_row = tl.exp(m_i - m_s)
+        alpha_row = _exp(m_i - m_s)
         l_i = l_i * alpha_row + tl.sum(p, 1)
         acc = acc * alpha_row[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -500,7 +526,7 @@ def _ct_fwd(
             z = tl.where(mask, z, float("-inf"))
             m_ref = tl.maximum(m_i, tl.max(z, 1))
             m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
-            e = tl.where(mask, tl.exp(z - m_ref[:, None]) * kn, 0.0)
+            e = tl.where(mask, _exp(z - m_ref[:, None]) * kn, 0.0)
             r = tl.max(e, 1)
             # Exact tile max of the score: the bound qk + U is off by the kernel factor. (No
             # clamp literal such as 1e-38: below fp32's smallest normal, triton 3.6 types it fp64.)
@@ -508,8 +534,8 @@ def _ct_fwd(
             m_new = tl.maximum(m_i, s_tile)
             empty = m_new == float("-inf")
             m_new_s = tl.where(empty, 0.0, m_new)
-            alpha_row = tl.exp(m_i - m_new_s)
-            scale_row = tl.where(empty, 0.0, tl.exp(m_ref - m_new_s))
+            alpha_row = _exp(m_i - m_new_s)
+            scale_row = tl.where(empty, 0.0, _exp(m_ref - m_new_s))
             p = e * scale_row[:, None]
             l_i = l_i * alpha_row + tl.sum(p, 1)
             acc = acc * alpha_row[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -598,7 +624,7 @@ def _ct_bwd_dkdv(
                 q, k, t_q, t_k, kval, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
                 CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
             )  # fmt: skip
-            e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
+            e = _exp(tl.where(mask, z - lse[:, None], float("-inf")))
             p = e * kn
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -612,7 +638,7 @@ def _ct_bwd_dkdv(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
         z, kn, r_b, alpha_b, beta_b = _bulk_scores(qk, t_q, row_ok, t_k, kval, kmax, lw_ptr, rate_ptr, M)
         # lse: a per-row constant, subtracted after the scores (as the forward's max was)
-        p = tl.exp(tl.minimum(z - lse[:, None], 80.0))
+        p = _exp(tl.minimum(z - lse[:, None], 80.0))
         if M > 1:
             p = p * kn
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -691,8 +717,10 @@ def _ct_bwd_dq(
     lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    g_lw = tl.zeros((M_POW2,), dtype=tl.float32)
-    g_rate = tl.zeros((M_POW2,), dtype=tl.float32)
+    # The mixture gradients per query row and component, summed over the rows once after the loops:
+    # a sum across warps in every tile pair (shared memory and a barrier) cost more than the rest.
+    lw_rows = tl.zeros((BLOCK_M, M_POW2), dtype=tl.float32)
+    rate_rows = tl.zeros((BLOCK_M, M_POW2), dtype=tl.float32)
     k_lo, k_hi = _tile_pair(KLO, KHI, b * NQT + qt)
     k_sep = tl.load(KSEP + b * NQT + qt)
 
@@ -704,7 +732,7 @@ def _ct_bwd_dq(
             K, V, TK, KV, KMAX, b, h, kt, skb, skh, skn, svb, svh, svn, NK, NKT, offs_d, d_ok,
             q, t_q, row_ok, lw_ptr, rate_ptr, sm_scale, M, BLOCK_N, DOT_PREC,
         )  # fmt: skip
-        e = tl.exp(tl.minimum(z - lse[:, None], 80.0))
+        e = _exp(tl.minimum(z - lse[:, None], 80.0))
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         g = e * (dp - delta[:, None])
         if M > 1:
@@ -719,12 +747,12 @@ def _ct_bwd_dq(
                     w_c = tl.where(row_ok, 1.0, 0.0)
                     b_c = tl.where(kval, 1.0, 0.0)
                 else:
-                    w_c = tl.where(row_ok, tl.exp(tl.load(lw_ptr + c) - lam_c * alpha_b - r_b), 0.0)
-                    b_c = tl.where(kval, tl.exp(-lam_c * beta_b), 0.0)
+                    w_c = tl.where(row_ok, _exp(tl.load(lw_ptr + c) - lam_c * alpha_b - r_b), 0.0)
+                    b_c = _decay(lam_c, beta_b)  # g is 0 at invalid keys (z = -inf there)
                 g_b = tl.sum(g * b_c[None, :], 1)
                 g_b_beta = tl.sum(g * (b_c * beta_b)[None, :], 1)
-                g_lw += tl.where(offs_c == c, tl.sum(w_c * g_b, 0), 0.0)
-                g_rate -= tl.where(offs_c == c, tl.sum(w_c * (alpha_b * g_b + g_b_beta), 0), 0.0)
+                lw_rows = _add_to_component(lw_rows, offs_c, c, w_c * g_b)
+                rate_rows = _add_to_component(rate_rows, offs_c, c, -w_c * (alpha_b * g_b + g_b_beta))
 
     # The rest, [k_sep, k_hi): each tile pair planned on its own.
     for kt in range(k_sep, k_hi):
@@ -735,7 +763,7 @@ def _ct_bwd_dq(
                 q, t_q, row_ok, qmin, qmax, kmin, kmax, lam_max, lw_ptr, rate_ptr, sm_scale,
                 CAUSAL, SPAN, M, BLOCK_M, BLOCK_N, DOT_PREC,
             )  # fmt: skip
-            e = tl.exp(tl.where(mask, z - lse[:, None], float("-inf")))
+            e = _exp(tl.where(mask, z - lse[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             g = e * (dp - delta[:, None])  # dS / kn
             ds = g * kn
@@ -750,31 +778,27 @@ def _ct_bwd_dq(
                     for m in tl.static_range(M):
                         lw = tl.load(lw_ptr + m)
                         lam = tl.load(rate_ptr + m)
-                        w = tl.where(row_ok, tl.exp(lw - lam * alpha - u), 0.0)
+                        w = tl.where(row_ok, _exp(lw - lam * alpha - u), 0.0)
                         bk = _key_factor(lam, beta, kval)
                         row = tl.sum(g * bk[None, :], 1)
-                        col = tl.sum(g * w[:, None], 0)
-                        d_lw = tl.sum(w * row, 0)
-                        d_rate = -(tl.sum(w * alpha * row, 0) + tl.sum(bk * beta * col, 0))
-                        g_lw += tl.where(offs_c == m, d_lw, 0.0)
-                        g_rate += tl.where(offs_c == m, d_rate, 0.0)
+                        row_beta = tl.sum(g * (bk * beta)[None, :], 1)
+                        lw_rows = _add_to_component(lw_rows, offs_c, m, w * row)
+                        rate_rows = _add_to_component(rate_rows, offs_c, m, -w * (alpha * row + row_beta))
                 else:
                     log_k, dt = _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL, M)
                     for m in tl.static_range(M):
                         lw = tl.load(lw_ptr + m)
                         lam = tl.load(rate_ptr + m)
-                        rho_ds = ds * tl.exp(lw - lam * dt - log_k)
-                        d_lw = tl.sum(tl.sum(rho_ds, 1), 0)
-                        d_rate = -tl.sum(tl.sum(rho_ds * dt, 1), 0)
-                        g_lw += tl.where(offs_c == m, d_lw, 0.0)
-                        g_rate += tl.where(offs_c == m, d_rate, 0.0)
+                        rho_ds = ds * _exp(lw - lam * dt - log_k)
+                        lw_rows = _add_to_component(lw_rows, offs_c, m, tl.sum(rho_ds, 1))
+                        rate_rows = _add_to_component(rate_rows, offs_c, m, -tl.sum(rho_ds * dt, 1))
     dq = dq * sm_scale
     dq_ptrs, ok = _tile(DQ, b, h, sqb, sqh, sqn, offs_m, row_ok, offs_d, d_ok)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=ok)
     if PARAM_GRAD:
         part = (bh * NQT + qt) * M_POW2 + offs_c
-        tl.store(GLW + part, g_lw)
-        tl.store(GRATE + part, g_rate)
+        tl.store(GLW + part, tl.sum(lw_rows, 0))
+        tl.store(GRATE + part, tl.sum(rate_rows, 0))
 
 
 def _import_triton() -> None:
