@@ -69,7 +69,8 @@ def _tool(name: str) -> str:
 
 
 def loops_of(sass: str) -> list[Loop]:
-    """Every loop of a SASS listing (a backward branch and the body it closes), in address order."""
+    """The two largest loops of a SASS listing (a backward branch and the body it closes), in
+    address order."""
     code = []
     for line in sass.splitlines():
         match = _INSTRUCTION.match(line)
@@ -82,8 +83,10 @@ def loops_of(sass: str) -> list[Loop]:
             continue
         body = [o for a, o, _ in code if int(target.group(1), 16) <= a <= address]
         ops = collections.Counter(o.split(".")[0] for o in body)
-        found.append(Loop(len(body), ops["MUFU"], ops["LDL"] + ops["STL"]))
-    return sorted(found, key=lambda loop: -loop.instructions)[:2] if len(found) > 2 else found
+        found.append((address, Loop(len(body), ops["MUFU"], ops["LDL"] + ops["STL"])))
+    # The two tile loops are the two largest bodies; any smaller loop ptxas made is left out.
+    largest = sorted(found, key=lambda entry: -entry[1].instructions)[:2]
+    return [loop for _, loop in sorted(largest, key=lambda entry: entry[0])]
 
 
 def count(spec: aot.Specialisation) -> KernelCount:

@@ -6,8 +6,8 @@
 
 Each kernel is compiled twice over: as triton's launcher specialises it for the model's tensors
 (``aligned``: every pointer 16-byte aligned and every stride a multiple of 16, what a training
-launch passes, as q, k, v are views of one projection with a head dim of 16 or more), and with no
-such hint (any tensor). The two are different programs: with the hints triton vectorises the loads
+launch passes: q, k, v are views of one projection, and the configs' widths are multiples of 16),
+and with no such hint (any tensor). The two are different programs: with the hints triton vectorises the loads
 and pipelines them as asynchronous copies, and register allocation (spills) differs too.
 
 ``triton.compile`` with a ``GPUTarget`` runs triton's whole pipeline (Python AST -> TTIR ->
@@ -106,14 +106,14 @@ def pairwise_specialisations(
     arches: tuple[int, ...] = ARCHES, dtypes: tuple[str, ...] = tuple(DTYPES)
 ) -> list[Specialisation]:
     """Every kernel, on a subset of the other five factors (dtype, architecture, M, causal,
-    alignment) in which every pair of their values appears at least once: 6 of 32 per kernel for
+    alignment) in which every pair of their values appears at least once: 7 of 32 per kernel for
     two dtypes.
 
     A covering array, built greedily (the combination covering most uncovered pairs next, the
     first of equals) from the launches a training step makes (``TRAINING_LAUNCH``: bf16, causal,
-    aligned, M = 4, on each architecture), in ``all_specialisations``' order. Each compile error seen so far came
-    from one factor (a literal's type on every target) or two (a dtype on an architecture), so
-    CI compiles this set and ``make test-slow`` every specialisation.
+    aligned, M = 4, on each architecture), in ``all_specialisations``' order. Each compile error
+    seen so far came from one factor (a literal's type on every target) or two (a dtype on an
+    architecture), so CI compiles this set and ``make test-slow`` every specialisation.
     """
     factors: tuple[tuple[Any, ...], ...] = (dtypes, arches, COMPONENTS, (True, False), (True, False))
     combos = list(itertools.product(*factors))
