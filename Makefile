@@ -96,7 +96,8 @@ test-slow: setup
 # this list the whole of .ci/run took 64.4 min there before the last seven were moved (slow stage 54.7
 # min, default suite 5.7 min). Only in `make test-slow` from before: the stopped-run resume (10 min),
 # the restarted SuperNode and the end-to-end deployment test.
-SLOW_CI ?= tests/unit/test_ct_attention_aot.py tests/unit/test_ct_attention_sass.py tests/deploy/test_trust.py tests/unit/test_benchmarks_load.py \
+SLOW_CI ?= tests/unit/test_ct_attention_aot.py tests/unit/test_ct_attention_sass.py tests/deploy/test_trust.py \
+	tests/unit/test_benchmarks_load.py \
 	tests/unit/test_site_tasks.py::test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_task \
 	tests/unit/test_site_check.py::test_client_check_names_the_forged_shard_and_exits_1_not_an_internal_error \
 	tests/unit/test_client_check.py::test_script_accepts_the_meds_sample_datasets \

@@ -273,6 +273,18 @@ def _add_to_component(acc, offs_c, c, x):
 
 
 @_device
+def _add_mixture_gradients(lw_rows, rate_rows, offs_c, c, g, w, b, alpha, beta):
+    """A factorised tile pair's part of component c's gradients, per query row (g = dS / kn, the
+    pair's factors w_ic b_jc with alpha_i + beta_j the time gap): d log pi_c = sum_j g_ij w_ic b_jc,
+    d lambda_c = -sum_j g_ij w_ic b_jc (alpha_i + beta_j), both as row sums (no sum across warps)."""
+    row = tl.sum(g * b[None, :], 1)
+    row_beta = tl.sum(g * (b * beta)[None, :], 1)
+    lw_rows = _add_to_component(lw_rows, offs_c, c, w * row)
+    rate_rows = _add_to_component(rate_rows, offs_c, c, -w * (alpha * row + row_beta))
+    return lw_rows, rate_rows
+
+
+@_device
 def _tile(PTR, b, h, sb, sh, sn, offs, ok, offs_d, d_ok):
     """Pointers and mask of the [rows, BLOCK_D] tile at rows ``offs`` of a [B, H, N, D] tensor."""
     return PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], ok[:, None] & d_ok[None, :]
@@ -749,10 +761,7 @@ def _ct_bwd_dq(
                 else:
                     w_c = tl.where(row_ok, _exp(tl.load(lw_ptr + c) - lam_c * alpha_b - r_b), 0.0)
                     b_c = _decay(lam_c, beta_b)  # g is 0 at invalid keys (z = -inf there)
-                g_b = tl.sum(g * b_c[None, :], 1)
-                g_b_beta = tl.sum(g * (b_c * beta_b)[None, :], 1)
-                lw_rows = _add_to_component(lw_rows, offs_c, c, w_c * g_b)
-                rate_rows = _add_to_component(rate_rows, offs_c, c, -w_c * (alpha_b * g_b + g_b_beta))
+                lw_rows, rate_rows = _add_mixture_gradients(lw_rows, rate_rows, offs_c, c, g, w_c, b_c, alpha_b, beta_b)
 
     # The rest, [k_sep, k_hi): each tile pair planned on its own.
     for kt in range(k_sep, k_hi):
@@ -780,10 +789,9 @@ def _ct_bwd_dq(
                         lam = tl.load(rate_ptr + m)
                         w = tl.where(row_ok, _exp(lw - lam * alpha - u), 0.0)
                         bk = _key_factor(lam, beta, kval)
-                        row = tl.sum(g * bk[None, :], 1)
-                        row_beta = tl.sum(g * (bk * beta)[None, :], 1)
-                        lw_rows = _add_to_component(lw_rows, offs_c, m, w * row)
-                        rate_rows = _add_to_component(rate_rows, offs_c, m, -w * (alpha * row + row_beta))
+                        lw_rows, rate_rows = _add_mixture_gradients(
+                            lw_rows, rate_rows, offs_c, m, g, w, bk, alpha, beta
+                        )
                 else:
                     log_k, dt = _log_kernel(t_q, t_k, lw_ptr, rate_ptr, CAUSAL, M)
                     for m in tl.static_range(M):
