@@ -84,7 +84,7 @@ test-slow: setup
 # Every slow test still runs in `make test-slow`. Those no longer here, with their time on the
 # project's 2-core machine (2026-11-26, `--durations`): the kernels' 48 specialisations a triton (10 min;
 # CI compiles the 18 that cover every pair of dtype, architecture, M and causal values for each kernel,
-# HEALTHFM_AOT_PAIRWISE=1, 3 min), own sites through pretrain and report (5.3 min), the evidence job's
+# HEALTHFM_AOT_PAIRWISE=1, 3 min; 7.5 min since 2026-11-28 with sm_89 and every head dim's tiling), own sites through pretrain and report (5.3 min), the evidence job's
 # quick run (6.4 min), the frozen site and the killed SuperLink of tests/deploy/test_faults.py (3.1 and
 # 3.8 min; the killed SuperNode stays, and test_coordinator_faults kills nginx and the SuperLink), the
 # coordinator's head over real SuperNodes (3.3 min; over Flower's simulation engine it stays), the

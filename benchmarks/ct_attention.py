@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from healthfm_core.kernels.ct_attention import tiling  # noqa: E402
 from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
 from healthfm_core.kernels.ct_attention.reference import ct_attention_reference  # noqa: E402
 
@@ -174,9 +175,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         for m in args.m:
             for n in args.n:
                 b = max(1, args.tokens // n)
-                config = kernel.default_config(d)
+                config = tiling.default_config(d)
                 if args.block_m or args.block_n:
-                    config = kernel.KernelConfig(
+                    config = tiling.KernelConfig(
                         args.block_m or config.block_m,
                         args.block_n or config.block_n,
                         config.num_warps,
@@ -267,7 +268,7 @@ def smoke() -> int:
     if not kernel.interpreting():
         print("--smoke on CPU needs TRITON_INTERPRET=1 set before start (the Triton interpreter).")
         return 2
-    cfg = kernel.KernelConfig(16, 16, 1, 1, 16, 16, 1, 1)
+    cfg = tiling.KernelConfig(16, 16, 1, 1, 16, 16, 1, 1)
     q, k, v, t, log_w, rates = make_inputs(1, 2, 48, 32, 4, "cpu", torch.float32)
     start = time.time()
     got = kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=cfg)
@@ -300,7 +301,7 @@ def paths(args: argparse.Namespace) -> int:
     """CPU only: how often the forward kernel takes each path, per (head, query tile, key tile)."""
     print(
         "tile pairs the forward kernel scores, by path (time-causal, forward tiles "
-        f"{kernel.default_config(64).block_m} x {kernel.default_config(64).block_n}, rates 1/hour .. 1/5 years)"
+        f"{tiling.default_config(64).block_m} x {tiling.default_config(64).block_n}, rates 1/hour .. 1/5 years)"
     )
     print(
         f"{'times':>12} {'N':>6} {'M':>2} {'visible':>9} {'separated':>10} {'of them bulk':>13} {'small span':>11} "
@@ -313,7 +314,7 @@ def paths(args: argparse.Namespace) -> int:
                 q, k, v, t, log_w, rates = make_inputs(b, h, n, 64, m, "cpu", torch.float32)
                 if name == "visits":
                     t = visit_times(b, n)
-                cfg = kernel.default_config(64)
+                cfg = tiling.default_config(64)
                 valid = torch.ones(b, n, dtype=torch.bool)
                 c = kernel.tile_paths(t, t, valid, rates, cfg.block_m, cfg.block_n, causal=True)
                 vis = c["separated"] + c["small_span"] + c["log"]

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from ct_attention import make_inputs  # noqa: E402
 
+from healthfm_core.kernels.ct_attention import tiling  # noqa: E402
 from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
 
 FORWARD_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 4, 3)]
@@ -34,20 +35,20 @@ BACKWARD_GRID = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8,
 PASSES = 10
 
 
-def configs(head_dim: int, grid: str) -> list[kernel.KernelConfig]:
-    base = kernel.default_config(head_dim)
+def configs(head_dim: int, grid: str) -> list[tiling.KernelConfig]:
+    base = tiling.default_config(head_dim)
     if grid == "default":
         return [base]
     out = [base]
     for bm, bn, w, s in FORWARD_GRID:
         out.append(
-            kernel.KernelConfig(
+            tiling.KernelConfig(
                 bm, bn, w, s, base.bwd_block_m, base.bwd_block_n, base.bwd_num_warps, base.bwd_num_stages
             )
         )
     for bm, bn, w, s in BACKWARD_GRID:
-        out.append(kernel.KernelConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, bm, bn, w, s))
-    seen: list[kernel.KernelConfig] = []
+        out.append(tiling.KernelConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, bm, bn, w, s))
+    seen: list[tiling.KernelConfig] = []
     for c in out:
         if c not in seen:
             seen.append(c)
@@ -103,7 +104,7 @@ def tune_shape(args: argparse.Namespace, m: int) -> None:
     def sdpa() -> None:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout)
 
-    def attention(cfg: kernel.KernelConfig) -> None:
+    def attention(cfg: tiling.KernelConfig) -> None:
         kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=cfg).backward(dout)
 
     sdpa()

@@ -22,6 +22,7 @@ ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
+from healthfm_core.kernels.ct_attention import tiling  # noqa: E402
 from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
 from healthfm_core.model.attention import ct_attention, ct_attention_reference  # noqa: E402
 
@@ -35,7 +36,7 @@ here = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parents[2]
 
 # One pinned, small tiling: several tiles per row so skip / separated / overlap paths all occur.
-CFG = kernel.KernelConfig(
+CFG = tiling.KernelConfig(
     block_m=16, block_n=16, num_warps=1, num_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_num_warps=1, bwd_num_stages=1
 )
 
@@ -322,7 +323,7 @@ def test_backward_with_tiles_of_its_own_matches_reference() -> None:
     # The backward reuses the forward's plan when their tiles agree (every test above); with its
     # own tiles it plans again, and its bulk anchors differ from the forward's.
     q, k, v, t, log_w, rates, valid = _make(b=1, h=1, n=48, d=16, m=4, seed=29, span_days=200.0)
-    cfg = kernel.KernelConfig(32, 32, 1, 1, 16, 16, 1, 1)  # other key tiles: other bulk anchors
+    cfg = tiling.KernelConfig(32, 32, 1, 1, 16, 16, 1, 1)  # other key tiles: other bulk anchors
     leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, log_w, rates)]
     out = kernel.ct_attention_triton(
         *leaves[:3], t.to(DEVICE), t.to(DEVICE), *leaves[3:], valid.to(DEVICE), True, config=cfg
@@ -332,6 +333,36 @@ def test_backward_with_tiles_of_its_own_matches_reference() -> None:
     ref, ref_grads = _reference(q, k, v, t, t, log_w, rates, valid, True, grad_out, torch.float64)
     for got, want in zip((out, *grads), (ref, *ref_grads)):
         assert float((got.detach().cpu().double() - want).abs().max()) <= 2e-4 * max(1.0, float(want.abs().max()))
+
+
+@here
+def test_every_tiling_a_card_can_be_given_matches_reference() -> None:
+    # tiling.fitted_config hands a card with less shared memory smaller tiles, fewer stages, fewer
+    # warps (sm_89's 99 KiB, a T4's 64 KiB): each such tiling computes what the reference does. On
+    # a GPU, the card's own tiling too (config=None: read from the device as the launcher reads it).
+    from healthfm_core.kernels.ct_attention.aot import SHARED_LIMIT
+
+    cases: list[tuple[int, tiling.KernelConfig | None]] = [(d, None) for d in (16, 128)] if ON_CUDA else []
+    for head_dim in (16, 48, 128):
+        for limit in (*SHARED_LIMIT.values(), 65_536):
+            config = tiling.fitted_config(head_dim, torch.float32, limit)
+            if config is not None and (head_dim, config) not in cases:
+                cases.append((head_dim, config))
+    assert {c.backward for _, c in cases if c is not None} >= {(64, 32, 4, 1), (16, 16, 2, 1)}
+    for i, (head_dim, config) in enumerate(cases):
+        q, k, v, t, log_w, rates, valid = _make(b=1, h=2, n=70, d=head_dim, m=4, seed=40 + i, span_days=120.0)
+        leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, log_w, rates)]
+        out = kernel.ct_attention_triton(
+            *leaves[:3], t.to(DEVICE), t.to(DEVICE), *leaves[3:], valid.to(DEVICE), True, config=config
+        )
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(i))
+        grads = torch.autograd.grad(out, leaves, grad_out.to(DEVICE))
+        ref, ref_grads = _reference(q, k, v, t, t, log_w, rates, valid, True, grad_out, torch.float64)
+        for name, got, want in zip(
+            ("output", "dq", "dk", "dv", "dlog_weights", "drates"), (out, *grads), (ref, *ref_grads)
+        ):
+            err = float((got.detach().cpu().double() - want).abs().max())
+            assert err <= 2e-4 * max(1.0, float(want.abs().max())), (head_dim, config, name, err)
 
 
 @here

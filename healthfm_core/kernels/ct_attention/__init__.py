@@ -5,7 +5,8 @@ contract.py   AttentionBackend: the one entry every fused path below implements
 cpu.py        ct_attention_cpu (fused CPU path in plain PyTorch)
 cpu_native.py ct_attention_cpu_native (cpu_native.c built on first use; optional)
 triton.py     ct_attention_triton (fused forward/backward; imports triton when it first runs)
-aot.py        the kernels compiled ahead of time for sm_80/sm_90 without a GPU (CI's check)
+tiling.py     the kernels' tilings, and the one that fits a card's shared memory
+aot.py        the kernels compiled ahead of time for sm_80/sm_89/sm_90 without a GPU (CI's check)
 dispatch.py   ct_attention (HEALTHFM_CT_ATTENTION=reference|cpu|cpu_native|triton|auto) and IMPLEMENTATIONS
 """
 

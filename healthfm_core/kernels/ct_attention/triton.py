@@ -87,6 +87,7 @@ So the device functions below are plain functions until then (``_device`` record
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -96,6 +97,7 @@ from typing import Any
 import torch
 
 from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
+from healthfm_core.kernels.ct_attention.tiling import KernelConfig, block_d, fitted_config, next_power_of_2
 
 # The modules triton and triton.language, bound by _import_triton when a kernel first runs; the
 # device functions read ``tl`` from these module globals.
@@ -107,36 +109,6 @@ tl: Any = None
 SPAN_LIMIT = 40.0
 MAX_COMPONENTS = 8
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch parameters (forward and backward)."""
-
-    block_m: int = 128
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-    bwd_block_m: int = 64
-    bwd_block_n: int = 64
-    bwd_num_warps: int = 4
-    bwd_num_stages: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "bwd_block_m", "bwd_block_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
-
-
-def default_config(head_dim: int) -> KernelConfig:
-    """The tiling for Hopper/Ampere. Head dim <= 64: forward 64 x 64 (4 warps, 3 stages), the
-    fastest forward of benchmarks/ct_attention_tune.py's sweep on an H100 (2026-11-26, N 4,096,
-    M 4: 1.37 ms against 1.66 for 128 x 64; the backward's 64 x 64 within 3% of the best);
-    larger head dims need more warps per tile."""
-    if head_dim <= 64:
-        return KernelConfig(64, 64, 4, 3, 64, 64, 4, 2)
-    return KernelConfig(128, 64, 8, 2, 64, 64, 8, 1)
 
 
 # ----------------------------------------------------------------------------- device code
@@ -1008,10 +980,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -1043,7 +1011,6 @@ class _CTAttention(torch.autograd.Function):
         nqt = _cdiv(nq, config.block_m)
         nkt = _cdiv(nk, config.block_n)
         dot_prec = dot_precision(q.dtype)
-        block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         _ct_fwd[(nqt, b * h)](
             q,
@@ -1074,7 +1041,7 @@ class _CTAttention(torch.autograd.Function):
             nkt,
             sm_scale,
             D=d,
-            BLOCK_D=block_d,
+            BLOCK_D=block_d(d),
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             M=m,
@@ -1112,19 +1079,18 @@ class _CTAttention(torch.autograd.Function):
         nqt = _cdiv(nq, config.bwd_block_m)
         nkt = _cdiv(nk, config.bwd_block_n)
         dot_prec = dot_precision(q.dtype)
-        block_d = max(16, _next_power_of_2(d))
         sm_scale = 1.0 / math.sqrt(d)
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         # empty_like keeps q's strides; the kernels index dq/dk/dv with q/k/v's strides.
         param_grad = bool(ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
-        m_pow2 = _next_power_of_2(m)
+        m_pow2 = next_power_of_2(m)
         g_lw = torch.empty((b * h, nqt, m_pow2), device=q.device, dtype=torch.float32)
         g_rate = torch.empty_like(g_lw)
         common = dict(
             D=d,
-            BLOCK_D=block_d,
+            BLOCK_D=block_d(d),
             BLOCK_M=config.bwd_block_m,
             BLOCK_N=config.bwd_block_n,
             M=m,
@@ -1223,15 +1189,38 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weigh
     m = log_weights.shape[-1]
     if not 1 <= m <= MAX_COMPONENTS:
         return f"M={m} mixture components (supported: 1..{MAX_COMPONENTS})"
+    limit = device_shared_memory(q.device)
+    if fitted_config(d, q.dtype, limit) is None:
+        return (
+            f"head dim {d} in {q.dtype} on {q.device}: no tiling fits its {limit} bytes of shared memory a block "
+            "(healthfm_core/kernels/ct_attention/tiling.py)"
+        )
     return None
+
+
+def device_shared_memory(device: torch.device) -> int | None:
+    """Bytes of shared memory one block may use on ``device``, read as triton's launcher reads it
+    before it refuses a kernel (the driver's opt-in maximum); None off CUDA (the interpreter has no
+    limit) or where triton is missing."""
+    if device.type != "cuda" or unavailable_reason() is not None:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _shared_memory_of(index)
+
+
+@functools.cache
+def _shared_memory_of(index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 class TritonAttention(AttentionBackend):
     """Fused continuous-time attention (same contract as ``ct_attention_reference``).
 
     Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1. Differentiable in q, k, v,
-    log_weights and rates (not in the times). Option ``config``: a ``KernelConfig`` (default
-    ``default_config``).
+    log_weights and rates (not in the times). Option ``config``: a ``KernelConfig`` (default: the
+    one ``tiling.fitted_config`` picks for the device's shared memory).
     """
 
     name = "ct_attention_triton"
@@ -1250,7 +1239,9 @@ class TritonAttention(AttentionBackend):
 
     def run(self, call: AttentionCall, config: KernelConfig | None = None) -> torch.Tensor:
         if config is None:
-            config = default_config(call.q.shape[-1])
+            q = call.q
+            config = fitted_config(q.shape[-1], q.dtype, device_shared_memory(q.device))
+            assert config is not None, "unsupported() refuses a head dim and dtype no tiling fits"
         out: torch.Tensor = _CTAttention.apply(*astuple_shallow(call), config)
         return out
 
