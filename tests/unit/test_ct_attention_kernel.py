@@ -365,6 +365,29 @@ def test_every_tiling_a_card_can_be_given_matches_reference() -> None:
             assert err <= 2e-4 * max(1.0, float(want.abs().max())), (head_dim, config, name, err)
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="needs a GPU: 2^31 elements a tensor (benchmarks/gpu_checks.sh runs it)")
+def test_an_evaluation_batch_past_the_grid_axis_and_int32_offsets_matches_reference() -> None:
+    # 4,200 subjects x 16 heads = 67,200 programs a tile: past CUDA's 65,535 on a grid's second
+    # axis. 4,200 x 16 x 512 x 64 = 2.2e9 elements a tensor: past int32 offsets (b * stride).
+    # Forward only, as an evaluation runs it; the first and the last subject against the reference.
+    b, h, n, d = 4_200, 16, 512, 64
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    q, k, v = (torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    assert q.numel() > 2**31
+    t = torch.sort(torch.rand(b, n, device=DEVICE, generator=g) * 365.0, dim=1).values
+    log_w = torch.log_softmax(torch.randn(h, 4, device=DEVICE, generator=g), -1)
+    rates = torch.exp(torch.randn(h, 4, device=DEVICE, generator=g))
+    with torch.no_grad():
+        out = kernel.ct_attention_triton(q, k, v, t, t, log_w, rates)
+        for i in (0, b - 1):
+            one = slice(i, i + 1)
+            want = ct_attention_reference(
+                q[one].float(), k[one].float(), v[one].float(), t[one], t[one], log_w, rates, None, True
+            )
+            err = float((out[one].float() - want).abs().max())
+            assert err <= 2e-2 * max(1.0, float(want.abs().max())), (i, err)
+
+
 @here
 def test_layers_sharing_a_plan_match_reference_and_a_rewritten_batch_is_planned_again() -> None:
     # Two layers on one batch's times and key mask (the second reuses the first's plan:

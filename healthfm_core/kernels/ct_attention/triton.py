@@ -257,9 +257,22 @@ def _add_mixture_gradients(lw_rows, rate_rows, offs_c, c, g, w, b, alpha, beta):
 
 
 @_device
+def _program(N_TILES):
+    """This program's (tile, batch x head). One grid axis, a head's tiles consecutive (the order a
+    (tiles, B x H) grid runs in): CUDA caps a grid's second axis at 65,535, which B x H passes in
+    an evaluation batch of 4,096 subjects at 16 heads, and its first at 2^31 - 1."""
+    pid = tl.program_id(0)
+    return pid % N_TILES, pid // N_TILES
+
+
+@_device
 def _tile(PTR, b, h, sb, sh, sn, offs, ok, offs_d, d_ok):
-    """Pointers and mask of the [rows, BLOCK_D] tile at rows ``offs`` of a [B, H, N, D] tensor."""
-    return PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], ok[:, None] & d_ok[None, :]
+    """Pointers and mask of the [rows, BLOCK_D] tile at rows ``offs`` of a [B, H, N, D] tensor.
+    The head's base is computed in 64 bits: ``b * sb`` overflows int32 once the tensor (or the
+    projection q, k, v are views of) holds 2^31 elements, as an evaluation batch of long histories
+    does; the offsets within a head stay 32-bit."""
+    base = PTR + (b.to(tl.int64) * sb + h.to(tl.int64) * sh)
+    return base + offs[:, None] * sn + offs_d[None, :], ok[:, None] & d_ok[None, :]
 
 
 @_device
@@ -465,8 +478,7 @@ def _ct_fwd(
     SPAN: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    qt, bh = _program(NQT)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
@@ -582,8 +594,7 @@ def _ct_bwd_dkdv(
     SPAN: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    kt = tl.program_id(0)
-    bh = tl.program_id(1)
+    kt, bh = _program(NKT)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
@@ -688,8 +699,7 @@ def _ct_bwd_dq(
     DOT_PREC: tl.constexpr,
     PARAM_GRAD: tl.constexpr,
 ):
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    qt, bh = _program(NQT)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
@@ -1012,7 +1022,7 @@ class _CTAttention(torch.autograd.Function):
         nkt = _cdiv(nk, config.block_n)
         dot_prec = dot_precision(q.dtype)
         sm_scale = 1.0 / math.sqrt(d)
-        _ct_fwd[(nqt, b * h)](
+        _ct_fwd[(nqt * b * h,)](
             q,
             k,
             v,
@@ -1100,7 +1110,7 @@ class _CTAttention(torch.autograd.Function):
             num_warps=config.bwd_num_warps,
             num_stages=config.bwd_num_stages,
         )
-        _ct_bwd_dq[(nqt, b * h)](
+        _ct_bwd_dq[(nqt * b * h,)](
             q,
             k,
             v,
@@ -1136,7 +1146,7 @@ class _CTAttention(torch.autograd.Function):
             PARAM_GRAD=param_grad,
             **common,
         )
-        _ct_bwd_dkdv[(nkt, b * h)](
+        _ct_bwd_dkdv[(nkt * b * h,)](
             q,
             k,
             v,
