@@ -175,7 +175,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         for m in args.m:
             for n in args.n:
                 b = max(1, args.tokens // n)
-                config = tiling.default_config(d)
+                # The tiling a training step launches on this card (the H100's own: default_config).
+                config = tiling.fitted_config(d, torch.bfloat16, kernel.device_shared_memory(torch.device("cuda")))
+                if config is None:
+                    print(f"{n:>6} {d:>4} {m:>2}  no tiling fits this card's shared memory", flush=True)
+                    continue
                 if args.block_m or args.block_n:
                     config = tiling.KernelConfig(
                         args.block_m or config.block_m,
