@@ -88,3 +88,21 @@ def test_cpu_tensors_have_no_shared_memory_limit() -> None:
     q = torch.zeros(1, 1, 4, 256)
     assert check_supported(q, q, q, torch.zeros(1, 4)) is None
     assert check_supported(q[..., :8], q, q, torch.zeros(1, 4)) is not None  # a v of another head dim
+
+
+def test_a_card_no_tiling_fits_or_whose_properties_cannot_be_read_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the card's limit is what triton's driver would report (kernel.device_shared_memory).
+    from healthfm_core.kernels.ct_attention import triton as kernel
+
+    q = torch.zeros(1, 1, 4, 64)
+    monkeypatch.setattr(kernel, "device_shared_memory", lambda device: 16 * 1024)
+    why = check_supported(q, q, q, torch.zeros(1, 4))
+    assert why is not None and "no tiling fits its 16384 bytes" in why
+    assert check_supported(q[..., :16], q[..., :16], q[..., :16], torch.zeros(1, 4)) is None  # 16 wide fits
+
+    def unreadable(device: torch.device) -> int:
+        raise RuntimeError("cuda_utils did not build")
+
+    monkeypatch.setattr(kernel, "device_shared_memory", unreadable)
+    why = check_supported(q, q, q, torch.zeros(1, 4))
+    assert why is not None and "could not read its properties (RuntimeError: cuda_utils did not build)" in why

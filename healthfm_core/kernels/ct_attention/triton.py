@@ -88,6 +88,7 @@ So the device functions below are plain functions until then (``_device`` record
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -98,6 +99,8 @@ import torch
 
 from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
 from healthfm_core.kernels.ct_attention.tiling import KernelConfig, block_d, fitted_config, next_power_of_2
+
+logger = logging.getLogger(__name__)
 
 # The modules triton and triton.language, bound by _import_triton when a kernel first runs; the
 # device functions read ``tl`` from these module globals.
@@ -1199,7 +1202,12 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weigh
     m = log_weights.shape[-1]
     if not 1 <= m <= MAX_COMPONENTS:
         return f"M={m} mixture components (supported: 1..{MAX_COMPONENTS})"
-    limit = device_shared_memory(q.device)
+    try:
+        limit = device_shared_memory(q.device)
+    except Exception as exc:  # triton's driver did not start here: no launch could succeed either
+        reason = f"{q.device}: triton could not read its properties ({type(exc).__name__}: {exc})"
+        _warn_once(f"ct_attention: the Triton kernel cannot run on {reason}; using the reference")
+        return reason
     if fitted_config(d, q.dtype, limit) is None:
         return (
             f"head dim {d} in {q.dtype} on {q.device}: no tiling fits its {limit} bytes of shared memory a block "
@@ -1216,6 +1224,11 @@ def device_shared_memory(device: torch.device) -> int | None:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _shared_memory_of(index)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 @functools.cache
