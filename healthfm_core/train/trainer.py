@@ -97,18 +97,26 @@ class LocalStep(Protocol):
 
 # ---------------------------------------------------------------- helpers
 
+NATIVE_BF16 = (8, 0)  # Ampere and newer: bf16 tensor cores
+
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. bf16 autocast is used on CUDA only: on CPU it is
-    slower than fp32 and changes numerics for nothing."""
+    slower than fp32 and changes numerics for nothing. ``auto`` takes it on cards with native bf16
+    (compute capability 8.0 and newer, read for ``device`` itself): torch's ``is_bf16_supported()``
+    also says yes where bf16 is only emulated (a T4), and asks the current device, not this one."""
     if precision == "fp32":
         return None
     if device.type != "cuda":
         if precision == "bf16":
             log.warning("precision=bf16 requested on %s: training in fp32 (bf16 autocast is CUDA only)", device)
         return None
-    if precision == "auto" and not torch.cuda.is_bf16_supported():
-        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < NATIVE_BF16:
+        if precision == "auto":
+            return None
+        log.warning("precision=bf16 on %s (compute capability %d.%d): bf16 is emulated there, slower than fp32",
+                    device, major, minor)  # fmt: skip
     return torch.bfloat16
 
 

@@ -19,7 +19,7 @@ from healthfm_core.kernels.ct_attention.aot import HEAD_DIMS, SHARED_LIMIT, TRAI
 from healthfm_core.kernels.ct_attention.triton import check_supported
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-T4 = 65_536  # sm_75: the smallest shared memory a block of any card triton targets
+T4 = 65_536  # the smallest limit a CUDA card since sm_75 has (sm_75 itself gets the reference: MIN_CAPABILITY)
 BACKWARD = ("_ct_bwd_dkdv", "_ct_bwd_dq")
 
 
@@ -88,6 +88,21 @@ def test_cpu_tensors_have_no_shared_memory_limit() -> None:
     q = torch.zeros(1, 1, 4, 256)
     assert check_supported(q, q, q, torch.zeros(1, 4)) is None
     assert check_supported(q[..., :8], q, q, torch.zeros(1, 4)) is not None  # a v of another head dim
+
+
+def test_a_card_older_than_ampere_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the card is what torch would report (kernel.device_capability). On sm_75 triton
+    # compiles the products to FMA loops (docs/performance.md, "Fits the card it runs on").
+    from healthfm_core.kernels.ct_attention import triton as kernel
+
+    q = torch.zeros(1, 1, 4, 16)
+    monkeypatch.setattr(kernel, "device_shared_memory", lambda device: 64 * 1024)
+    monkeypatch.setattr(kernel, "device_capability", lambda device: (7, 5))
+    why = check_supported(q, q, q, torch.zeros(1, 4))
+    assert why is not None and "compute capability 7.5; the kernel needs 8.0 or newer" in why
+    for capability in ((8, 0), (8, 6), (9, 0), (12, 0)):
+        monkeypatch.setattr(kernel, "device_capability", lambda device, c=capability: c)
+        assert check_supported(q, q, q, torch.zeros(1, 4)) is None, capability
 
 
 def test_a_card_no_tiling_fits_or_whose_properties_cannot_be_read_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

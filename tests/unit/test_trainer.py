@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from healthfm_core.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from healthfm_core.train.trainer import TrainConfig, Trainer, learning_rate, train_local
+from healthfm_core.train.trainer import TrainConfig, Trainer, learning_rate, resolve_precision, train_local
 
 VOCAB, TRAITS = 40, 4
 
@@ -267,6 +268,38 @@ def test_config_validation_and_schedule() -> None:
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0.1
     assert set(GROUPS) == {"shared", "ehr", "wearables", "genomics"}
+
+
+def test_precision_auto_takes_bf16_only_where_the_card_has_it_natively(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No GPU here: the card is what torch would report for it. A T4 (7.5) emulates bf16, and torch's
+    # is_bf16_supported() says yes there; auto must train in fp32 on it, as docs/site-admin.md says.
+    asked: list[torch.device] = []
+
+    def card(capability: tuple[int, int]) -> Callable[[torch.device], tuple[int, int]]:
+        def get_device_capability(device: torch.device) -> tuple[int, int]:
+            asked.append(device)
+            return capability
+
+        return get_device_capability
+
+    gpu = torch.device("cuda", 1)
+    for capability, auto in (
+        ((7, 5), None),
+        ((8, 0), torch.bfloat16),
+        ((8, 9), torch.bfloat16),
+        ((9, 0), torch.bfloat16),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", card(capability))
+        assert resolve_precision("auto", gpu) == auto, capability
+        assert resolve_precision("fp32", gpu) is None
+    assert set(asked) == {gpu}  # the card trained on, not the current device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", card((7, 5)))
+    with caplog.at_level("WARNING"):
+        assert resolve_precision("bf16", gpu) == torch.bfloat16  # asked for: given, with a warning
+    assert "compute capability 7.5): bf16 is emulated" in caplog.text
+    assert resolve_precision("auto", torch.device("cpu")) is None
 
 
 def test_proximal_mu_zero_is_the_plain_step_and_positive_pulls_toward_the_start() -> None:

@@ -10,7 +10,10 @@ and sm_89 (A10, A40, L4, L40S, the RTX cards many hospitals buy), 64 KiB on sm_7
 ``shared_memory_bound`` is within the device's limit, or None when none is (the dispatcher then
 uses the reference).
 
-``shared_memory_bound`` is an upper bound of what triton allocates, written from what the
+Cards below sm_80 (a T4) never get here: ``triton.check_supported`` refuses them
+(``MIN_CAPABILITY``).
+
+``shared_memory_bound`` is an upper bound of what triton allocates on sm_80 and newer, written from what the
 kernels keep in shared memory (the pipelined key or query tiles, the tiles held for a program's
 life, the score tiles converted between layouts), and checked against the compiled kernels by
 ``aot.py`` for every architecture and head dim in CI (tests/unit/test_ct_attention_aot.py) with

@@ -111,6 +111,11 @@ tl: Any = None
 # Mid-span anchoring keeps each factor within exp(+-SPAN_LIMIT / 2) = exp(+-20): safe in fp32.
 SPAN_LIMIT = 40.0
 MAX_COMPONENTS = 8
+# Ampere and newer. On sm_75 (T4) triton 3.6 and 3.9 compile every tl.dot to FMA loops (the compile
+# check at sm_75: 8,720 fma.rn.f32 and no mma instruction in the forward, fp16 and bf16 alike), and
+# bf16 is not native there. The kernel was written and checked for tensor cores: such a card gets
+# the reference (cuBLAS has fp16 tensor-core products on sm_75).
+MIN_CAPABILITY = (8, 0)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -1203,10 +1208,19 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weigh
     if not 1 <= m <= MAX_COMPONENTS:
         return f"M={m} mixture components (supported: 1..{MAX_COMPONENTS})"
     try:
+        capability = device_capability(q.device)
         limit = device_shared_memory(q.device)
     except Exception as exc:  # triton's driver did not start here: no launch could succeed either
         reason = f"{q.device}: triton could not read its properties ({type(exc).__name__}: {exc})"
         _warn_once(f"ct_attention: the Triton kernel cannot run on {reason}; using the reference")
+        return reason
+    if capability is not None and capability < MIN_CAPABILITY:
+        reason = (
+            f"{q.device}: compute capability {capability[0]}.{capability[1]}; the kernel needs "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (below it triton compiles its matrix products "
+            "to FMA loops, without tensor cores, and bf16 is emulated)"
+        )
+        _warn_once(f"ct_attention: the Triton kernel does not run on {reason}; using the reference")
         return reason
     if fitted_config(d, q.dtype, limit) is None:
         return (
@@ -1214,6 +1228,13 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weigh
             "(healthfm_core/kernels/ct_attention/tiling.py)"
         )
     return None
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of ``device`` (major, minor); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def device_shared_memory(device: torch.device) -> int | None:
@@ -1229,6 +1250,12 @@ def device_shared_memory(device: torch.device) -> int | None:
 @functools.cache
 def _warn_once(message: str) -> None:
     logger.warning(message)
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return int(major), int(minor)
 
 
 @functools.cache
