@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from healthfm_core.data.files.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.data.sequences.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
-from healthfm_core.model.attention import DecayKernel, ct_attention, decay_rate_summary
+from healthfm_core.model.attention import DecayKernel, ct_attention, decay_mixtures, decay_rate_summary
 from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
 from healthfm_core.model.dropout import Dropout
 from healthfm_core.model.objective_weights import ObjectiveWeights
@@ -101,10 +101,14 @@ class CTSelfAttention(nn.Module):
         flat_log_weights = torch.zeros(self.n_heads, 1, device=device)
         return flat_log_weights, torch.full((self.n_heads, 1), _FLAT_RATE, device=device)
 
-    def forward(self, x: Tensor, times: Tensor, key_valid: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, times: Tensor, key_valid: Tensor, mixture: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """``mixture``: this layer's (log_weights, rates) when the caller computed them (the backbone
+        does, for all its layers at once: ``decay_mixtures``); else ``self.kernel``."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        log_weights, rates = self.kernel(x.device)
+        log_weights, rates = mixture if mixture is not None else self.kernel(x.device)
         out = ct_attention(q, k, v, times, times, log_weights, rates, key_valid=key_valid, causal=True)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -131,9 +135,16 @@ class Block(nn.Module):
         self.mlp = _mlp(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, times: Tensor, key_valid: Tensor, film: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        times: Tensor,
+        key_valid: Tensor,
+        film: Tensor | None,
+        mixture: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         film_attn, film_mlp = film.chunk(2, dim=-1) if film is not None else (None, None)
-        x = x + self.drop(self.attn(_modulate(self.norm1(x), film_attn), times, key_valid))
+        x = x + self.drop(self.attn(_modulate(self.norm1(x), film_attn), times, key_valid, mixture))
         return x + self.drop(self.mlp(_modulate(self.norm2(x), film_mlp)))
 
 
@@ -157,6 +168,17 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
 
+    def decay_mixtures(self) -> list[tuple[Tensor, Tensor] | None]:
+        """Each layer's (log_weights, rates), computed for all layers in one go (``decay_mixtures``:
+        the same numbers, a few ops instead of a few a layer); None for a layer without a decay
+        kernel (the sinusoidal ablation: the layer makes its flat one)."""
+        blocks = cast(list[Block], list(self.blocks))
+        decays = [block.attn.decay for block in blocks]
+        kernels = [d for d in decays if d is not None]
+        if len(kernels) < len(decays):
+            return [None] * len(decays)
+        return list(decay_mixtures(kernels))
+
     def embed_time(self, x: Tensor, times: Tensor, birth_time: Tensor | None = None) -> Tensor:
         """Add the time inputs to tokens x [B, L, d] at times [B, L]: the age embedding where
         birth_time [B] is known (finite), and the sinusoidal encoding in that ablation."""
@@ -169,8 +191,9 @@ class Backbone(nn.Module):
         return x + self.time_embedding(sinusoidal_features(times, self.time_periods))
 
     def forward(self, x: Tensor, times: Tensor, key_valid: Tensor, film: list[Tensor] | None) -> Tensor:
+        mixtures = self.decay_mixtures()
         for i, block in enumerate(self.blocks):
-            x = block(x, times, key_valid, film[i] if film is not None else None)
+            x = block(x, times, key_valid, film[i] if film is not None else None, mixtures[i])
         return _modulate(self.final_norm(x), film[-1] if film is not None else None)
 
 

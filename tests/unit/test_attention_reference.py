@@ -12,9 +12,11 @@ from healthfm_core.model.attention import (
     DecayKernel,
     ct_attention,
     ct_attention_reference,
+    decay_mixtures,
     decay_rate_summary,
     log_decay_kernel,
 )
+from healthfm_core.train.host_syncs import count_host_syncs
 
 
 def _inputs(b=2, h=2, n=7, d=4, m=3, seed=0, dtype=torch.float64):
@@ -278,6 +280,57 @@ def test_decay_kernel_trains_through_attention() -> None:
     ct_attention(q, k, v, t, t, log_w, rates, valid).square().sum().backward()
     for p in (decay.weight_logits, decay.rate_logits):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def _kernels(n: int, seed: int = 0) -> list[DecayKernel]:
+    """n layers' kernels with random logits, two of them with other bounds and one of another width."""
+    g = torch.Generator().manual_seed(seed)
+    kernels = [DecayKernel(n_heads=3, n_components=4) for _ in range(n)]
+    kernels[1] = DecayKernel(n_heads=3, n_components=4, rate_max=48.0)
+    kernels[-1] = DecayKernel(n_heads=5, n_components=2)
+    with torch.no_grad():
+        for k in kernels:
+            k.weight_logits.copy_(torch.randn(k.weight_logits.shape, generator=g))
+            k.rate_logits.add_(torch.randn(k.rate_logits.shape, generator=g))
+    return kernels
+
+
+def test_the_layers_decay_mixtures_together_are_each_layers_own() -> None:
+    kernels = _kernels(6)
+    together = decay_mixtures(kernels)
+    weights = [torch.randn(k.weight_logits.shape) for k in kernels]
+    sum(((lw * w).sum() + (r * w).sum()) for (lw, r), w in zip(together, weights)).backward()
+    grads = [(k.weight_logits.grad.clone(), k.rate_logits.grad.clone()) for k in kernels]
+    for k in kernels:
+        k.zero_grad(set_to_none=True)
+    one_by_one = [k() for k in kernels]
+    sum(((lw * w).sum() + (r * w).sum()) for (lw, r), w in zip(one_by_one, weights)).backward()
+    for k, (lw, r), (lw1, r1), (g_lw, g_r) in zip(kernels, together, one_by_one, grads):
+        torch.testing.assert_close(lw, lw1, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r, r1, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g_lw, k.weight_logits.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g_r, k.rate_logits.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_deeper_model_adds_no_ops_to_its_decay_mixtures_or_their_summary() -> None:
+    # Computed a layer at a time they cost ops (GPU launches) a layer, forward and backward, and the
+    # trainer's log reads the summary every step (issue 41's launch count).
+    def ops(n_layers: int) -> tuple[int, int, int, int]:
+        kernels = _kernels(n_layers)
+        with count_host_syncs() as forward:
+            mixtures = [t for pair in decay_mixtures(kernels) for t in pair]
+        upstream = [torch.ones_like(t) for t in mixtures]
+        with count_host_syncs() as backward:
+            torch.autograd.backward(mixtures, upstream)
+        with count_host_syncs() as summary:
+            decay_rate_summary(torch.nn.ModuleList(kernels))
+        return forward.ops, backward.ops, summary.ops, summary.n_syncs
+
+    shallow, deep = ops(4), ops(24)
+    assert shallow[0] == deep[0] and shallow[2] == deep[2], (shallow, deep)
+    # The backward's ops are the same but where autograd hands each parameter its gradient.
+    assert deep[1] - shallow[1] <= 2 * (24 - 4), (shallow, deep)
+    assert shallow[3] == deep[3] == 1  # one read of the summary
 
 
 def test_decay_kernel_rejects_bad_configuration() -> None:
