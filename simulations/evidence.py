@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import numpy as np
@@ -294,14 +294,17 @@ def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictCon
     sc = load_scenario(scenario).model_dump(mode="json")
     n = cfg.n_subjects
     # Not struct: the jobs it calls merge keys of their own in (out_dir, privacy.target_epsilon).
-    return OmegaConf.merge(
-        OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
-        {
-            "scenario": sc,
-            "seed": int(seed),
-            "data_dir": f"{cfg.data_root}/{scenario}-seed{seed}-n{n}",
-            "out_dir": str(out),
-        },
+    return cast(
+        DictConfig,
+        OmegaConf.merge(
+            OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
+            {
+                "scenario": sc,
+                "seed": int(seed),
+                "data_dir": f"{cfg.data_root}/{scenario}-seed{seed}-n{n}",
+                "out_dir": str(out),
+            },
+        ),
     )
 
 
@@ -401,7 +404,8 @@ def kernel_variants(
     variants: dict[str, torch.nn.Module] = {}
     for name, change in (cfg.decay.variants or {}).items():  # decay.variants=null: none
         vcfg = model_config_from_dict(
-            {**setup.model.model_dump(), **OmegaConf.to_container(change, resolve=True)}, source=f"decay.{name}"
+            {**setup.model.model_dump(), **cast(dict[str, Any], OmegaConf.to_container(change, resolve=True))},
+            source=f"decay.{name}",
         )
         variants[f"kernel: {name}"], _ = train_baseline(
             setup.model_copy(update={"model": vcfg}),
@@ -466,7 +470,11 @@ def site_comparisons(
         site_items(per_site_data, per_site, "federated", "pooled"),
     )
     for h in sorted(set(horizons.values())):
-        items = site_items(per_site_data, per_site, "federated", "pooled", lambda k, h=h: horizons.get(k) == h)
+
+        def at_horizon(k: str, h: int = h) -> bool:
+            return horizons.get(k) == h
+
+        items = site_items(per_site_data, per_site, "federated", "pooled", at_horizon)
         ev_out.add(scenario, f"q1|{h} d", "federated", "pooled", seed, items)
     # Q2: each site, federated against its local-only model, on its own held-out subjects.
     for name in sites:
@@ -571,7 +579,7 @@ def privacy_budget(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping
     dp = cfg.privacy_budget
     if not (scenario in dp.scenarios and seed in dp.seeds):
         return
-    dcfg = OmegaConf.merge(ucfg, {"federation": OmegaConf.to_container(dp.federation, resolve=True)})
+    dcfg = cast(DictConfig, OmegaConf.merge(ucfg, {"federation": OmegaConf.to_container(dp.federation, resolve=True)}))
     settings = privacy_sweep.Settings()
     # k independent noise draws per DP setting (each a federation trained anew: the noise is
     # secret and unseeded, so the draws differ); no DP is deterministic at a seed: one run.
@@ -664,8 +672,17 @@ def budget_curve(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping[s
             if reuses_main(cfg, strategy, r):
                 model = fed_model
             else:
-                scfg = OmegaConf.merge(
-                    ucfg, {"federation": {**OmegaConf.to_container(change, resolve=True), "rounds": r}}
+                scfg = cast(
+                    DictConfig,
+                    OmegaConf.merge(
+                        ucfg,
+                        {
+                            "federation": {
+                                **cast(dict[str, Any], OmegaConf.to_container(change, resolve=True)),
+                                "rounds": r,
+                            }
+                        },
+                    ),
                 )
                 _, model, _ = federation(
                     scfg, out / "budget" / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}", scenario

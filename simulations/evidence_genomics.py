@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from healthfm_core.data.labels.tasks import OnsetTask
+from healthfm_core.data.labels.tasks import OnsetTask, Task
 from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
 from healthfm_core.eval.probes import fit_ridge, subject_folds
 from healthfm_core.eval.runner import (
@@ -73,7 +73,7 @@ def genomics_cohort(
     names = [n for n in per_site_data if len(sites[n].modality_subjects("genomics"))]
     if not names:
         return None
-    tasks = {
+    tasks: dict[str, Task] = {
         k: t
         for k, t in next(iter(per_site_data.values())).tasks.items()
         if isinstance(t, OnsetTask) and code_to_disease.get(t.outcome_code_prefix) == disease

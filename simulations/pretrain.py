@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 import numpy as np
@@ -665,7 +666,9 @@ def run(cfg: DictConfig) -> Path:
     refuse_site_labelled_tasks(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    mcfg = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source=f"model={cfg.model.name}")
+    mcfg = model_config_from_dict(
+        cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True)), source=f"model={cfg.model.name}"
+    )
 
     sites, truth_dir, scenario = open_sites(
         cfg.scenario, cfg.data.dir, int(cfg.seed), cfg.data.n_subjects, cfg.get("site_roots")

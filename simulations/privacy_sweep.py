@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import torch
@@ -155,7 +155,9 @@ def run_setting(
     t0 = time.perf_counter()
     fed_dir = runs / setting_dir(epsilon, draw)
     log.info("federation at %s into %s", compare.epsilon_label(epsilon), fed_dir)
-    setup, model, _ = federate(OmegaConf.merge(cfg, {"privacy": {"target_epsilon": epsilon}}), fed_dir)
+    setup, model, _ = federate(
+        cast(DictConfig, OmegaConf.merge(cfg, {"privacy": {"target_epsilon": epsilon}})), fed_dir
+    )
     return settings.add(epsilon, setup, model, fed_dir, time.perf_counter() - t0, draw)
 
 

@@ -41,7 +41,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import numpy as np
@@ -127,12 +127,14 @@ def privacy_request(cfg: DictConfig) -> PrivacyRequest:
 
 
 def federation_config(cfg: DictConfig, n_sites: int) -> FederationConfig:
-    fed = OmegaConf.to_container(cfg.federation, resolve=True)
+    fed = cast(dict[str, Any], OmegaConf.to_container(cfg.federation, resolve=True))
     assert isinstance(fed, dict)
     fed.pop("site", None)
     if (tasks := task_entries(cfg)) is not None:
         fed["eval_tasks"] = tasks  # `tasks=` names the evaluation's tasks (ACES files, site:<name>)
-    model = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model config")
+    model = model_config_from_dict(
+        cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True)), source="model config"
+    )
     try:
         return FederationConfig(
             out_dir=Path(cfg.out_dir),
@@ -185,10 +187,10 @@ def site_node_configs(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.site_roots:
         roots = [(Path(r).resolve().name, Path(r)) for r in site_root_list(cfg.site_roots)]
     else:
-        scenario = OmegaConf.to_container(cfg.scenario, resolve=True)
+        scenario = cast(dict[str, Any], OmegaConf.to_container(cfg.scenario, resolve=True))
         manifest = synthetic_sites(cfg.data_dir, scenario, cfg.seed, cfg.n_subjects)
         roots = [(s.name, Path(s.root)) for s in manifest.sites]
-    policy = OmegaConf.to_container(cfg.federation.site, resolve=True)
+    policy = cast(dict[str, Any], OmegaConf.to_container(cfg.federation.site, resolve=True))
     assert isinstance(policy, dict)
     configs = [
         {"site-root": str(root), "site-name": name, **{k.replace("_", "-"): v for k, v in policy.items()}}
@@ -249,7 +251,7 @@ def run_from_config(cfg: DictConfig) -> Path:
 def run_federation(cfg: DictConfig, fed_dir: Path) -> tuple[FederationSetup, HealthFM, int]:
     """A fresh federation of `cfg` into fed_dir (the comparison report's and the privacy sweep's
     runs); returns its setup, the final global model and its round."""
-    run_cfg = OmegaConf.merge(cfg, {"out_dir": str(fed_dir), "resume": False})
+    run_cfg = cast(DictConfig, OmegaConf.merge(cfg, {"out_dir": str(fed_dir), "resume": False}))
     node_configs = site_node_configs(run_cfg)
     run_federation_simulation(
         federation_config(run_cfg, len(node_configs)),

@@ -47,6 +47,7 @@ from helpers.deploy_fixtures import (
     run_coordinator,
     start_registered_superlink,
 )
+from helpers.narrowing import present
 
 from healthfm_core.model.config import load_model_config
 from server.audit import AUDIT_FILE, read_audit_log, verify_audit_log
@@ -163,8 +164,8 @@ def raw_request(
             while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                 data += chunk
             head, _, answer = data.partition(b"\r\n\r\n")
-            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            while (length is None or len(answer) < int(length[1])) and (chunk := conn.recv(65536)):
+            declared = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            while (declared is None or len(answer) < int(declared[1])) and (chunk := conn.recv(65536)):
                 answer += chunk
     return int(head.split()[1]), answer.decode(errors="replace")
 
@@ -297,7 +298,7 @@ def _holder_process(out: Path, run_id: int, release_it: bool = False) -> subproc
 def test_an_out_dir_is_one_runs_at_a_time_and_a_stale_claim_is_taken_over(tmp_path: Path) -> None:
     out = tmp_path / "run"
     mine, stale = claim_for_launch(out, lambda run_id: None)
-    assert stale is None and read_claim(out).role == "launch"
+    assert stale is None and present(read_claim(out)).role == "launch"
     with pytest.raises(OutDirInUse, match="in use by a run being launched"):  # a second launch, meanwhile
         claim_for_launch(out, lambda run_id: None)
     mine = set_run_id(out, mine, 12)
@@ -305,7 +306,7 @@ def test_an_out_dir_is_one_runs_at_a_time_and_a_stale_claim_is_taken_over(tmp_pa
         claim_for_launch(out, lambda run_id: None)
     # Its ServerApp takes the claim over; another run's ServerApp is refused.
     served, _ = adopt_for_serverapp(out, 12)
-    assert read_claim(out).role == "serverapp" and read_claim(out).run_id == 12
+    assert present(read_claim(out)).role == "serverapp" and present(read_claim(out)).run_id == 12
     with pytest.raises(OutDirInUse, match=r"in use by run 12 \(its ServerApp"):
         adopt_for_serverapp(out, 13, wait_s=0)
     assert not release(out, mine)  # the launch no longer holds it: it gives nothing back
@@ -325,7 +326,7 @@ def test_an_out_dir_is_one_runs_at_a_time_and_a_stale_claim_is_taken_over(tmp_pa
         claim_for_launch(out, lambda run_id: True)  # still running
     with pytest.raises(OutDirInUse, match="run 30"):
         claim_for_launch(out, lambda run_id: None)  # the SuperLink does not answer: not taken
-    assert claim_for_launch(out, lambda run_id: False)[1].run_id == 30  # finished: taken over
+    assert present(claim_for_launch(out, lambda run_id: False)[1]).run_id == 30  # finished: taken over
     # A claim file that does not parse is refused, naming it.
     (out / CLAIM_FILE).write_text("{not json")
     with pytest.raises(OutDirInUse, match=f"{out / CLAIM_FILE}: not a run claim"):
@@ -366,10 +367,10 @@ def test_a_serverapp_refuses_an_out_dir_another_live_run_holds_and_writes_nothin
     try:
         cfg = FederationConfig(out_dir=out, model=load_model_config("tiny"), rounds=2, min_nodes=1)
         with pytest.raises(OutDirInUse, match="in use by run 41"):
-            FederationServer(grid=None, cfg=cfg, run_id=42).run()
+            FederationServer(grid=None, cfg=cfg, run_id=42).run()  # type: ignore[arg-type]  # deliberately no grid
         assert read_outcome(out) == theirs  # the other run's outcome stands
         assert not (out / "server.log").exists() and not (out / AUDIT_FILE).exists()
-        assert read_claim(out).run_id == 41
+        assert present(read_claim(out)).run_id == 41
     finally:
         holder.kill()
         holder.wait()
@@ -394,7 +395,7 @@ def test_a_running_outcome_whose_serverapp_is_gone_is_settled_as_interrupted(
     _checkpoints(out, 1, 2, 3)
     living = _holder_process(out, 5)
     try:  # its ServerApp still runs: "running" is the truth
-        assert settle_outcome(out, 5, "x").status == "running"
+        assert present(settle_outcome(out, 5, "x")).status == "running"
     finally:
         living.kill()
         living.wait()
@@ -405,20 +406,20 @@ def test_a_running_outcome_whose_serverapp_is_gone_is_settled_as_interrupted(
     assert command_line == f"python -m server.coordinator resume {paths.root} --out-dir {out}"
     assert "interrupted after 3 of 6 rounds" in err and f"pid {living.pid}, is gone" in err
     assert f"3 round(s) checkpointed: resume with `{command_line}`" in err
-    settled = read_outcome(out)
+    settled = present(read_outcome(out))
     assert (settled.status, settled.rounds_done, settled.resume) == ("interrupted", 3, command_line)
     # Flower saying the run finished is enough when the ServerApp left no claim to judge by.
     other = tmp_path / "old"
     write_outcome(other, RunOutcome(run_id=6, status="running", rounds=2, started_at=1.0))
-    assert settle_outcome(other, 6).status == "running"
+    assert present(settle_outcome(other, 6)).status == "running"
     assert (
-        settle_outcome(other, 6, flower_status="finished:stopped")
+        present(settle_outcome(other, 6, flower_status="finished:stopped"))
         .describe()
         .startswith("interrupted after 0 of 2 rounds (Flower reports it finished:stopped")
     )
-    assert "no round was checkpointed: launch it again" in read_outcome(other).describe()
+    assert "no round was checkpointed: launch it again" in present(read_outcome(other)).describe()
     # Another run's outcome is never rewritten.
-    assert settle_outcome(out, 99, flower_status="finished:failed").run_id == 5
+    assert present(settle_outcome(out, 99, flower_status="finished:failed")).run_id == 5
 
 
 def test_a_serverapp_stopped_by_a_signal_records_interrupted_and_gives_the_out_dir_back(tmp_path: Path) -> None:
@@ -431,7 +432,7 @@ def test_a_serverapp_stopped_by_a_signal_records_interrupted_and_gives_the_out_d
 
     with pytest.raises(SystemExit):
         FederationServer(grid=Stopped(), cfg=cfg, run_id=9).run()  # type: ignore[arg-type]
-    outcome = read_outcome(out)
+    outcome = present(read_outcome(out))
     assert outcome.status == "interrupted" and "stopped by a signal" in outcome.reason
     assert read_claim(out) is None
 
@@ -540,7 +541,7 @@ def test_two_concurrent_launches_each_get_their_own_out_dir_config_and_audit_cha
         result = run.join()
         assert result.returncode == EXIT_OK, (out, result.stdout, result.stderr)
         run_id = launched[out.resolve()]
-        outcome = read_outcome(out)
+        outcome = present(read_outcome(out))
         assert outcome.run_id == run_id and outcome.status == "completed" and outcome.rounds_done == 2
         events, rounds = round_events(out)
         assert [e["run_id"] for e in events if e["event"] == "setup"] == [run_id]
@@ -578,7 +579,7 @@ def test_nginx_killed_is_restarted_and_the_superlink_killed_stops_all_in_one_lin
     assert f"nginx (pid {master}) stopped (exit 0); restarting it" in wrapper.output()
     done = checkpointed_round(out)
     wait_until(lambda: checkpointed_round(out) >= done + 1, HANG_S, "a round after nginx came back")
-    assert read_outcome(out).status == "running" and wrapper.proc.poll() is None
+    assert present(read_outcome(out)).status == "running" and wrapper.proc.poll() is None
 
     link = _pid_of(wrapper.proc.pid, "server.deploy.superlink_main")
     tree = descendants(wrapper.proc.pid)
@@ -592,7 +593,7 @@ def test_nginx_killed_is_restarted_and_the_superlink_killed_stops_all_in_one_lin
     assert errors[0].startswith(f"error: the SuperLink (flower-superlink, pid {link}) stopped (killed by SIGKILL)")
     assert f"interrupted after {checkpointed_round(out)} of {rounds} rounds" in errors[0] and resume in errors[0]
     assert not [p for p in tree if alive(p)], [command(p) for p in tree if alive(p)]
-    outcome = read_outcome(out)
+    outcome = present(read_outcome(out))
     assert outcome.status == "interrupted" and outcome.rounds_done == checkpointed_round(out) >= 2
     assert outcome.resume == resume
 

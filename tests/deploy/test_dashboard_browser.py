@@ -237,7 +237,8 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
 
     shows(browser, "the run completed without hospital", ended, shots, "dashboard-completed.png")
     run.join(WAIT_S + 120)
-    assert run.result is not None and run.result.returncode == EXIT_SITE_LOST, (run.result.stdout, run.result.stderr)
+    assert run.result is not None
+    assert run.result.returncode == EXIT_SITE_LOST, (run.result.stdout, run.result.stderr)
     _, rounds = round_events(out)
     second = rounds[2]["sites"][KILLED]
     assert second["status"] != "ok"

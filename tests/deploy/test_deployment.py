@@ -115,8 +115,9 @@ def test_superlink_certificate_chains_to_the_ca_with_the_right_names(fed: Federa
     assert set(cert_hostnames(cert)) == {"127.0.0.1", "localhost", "fl.example.org", "10.1.2.3"}
     # The sites received this very CA, and the SuperLink key belongs to the certificate.
     assert fed.site("north").ca_cert.read_bytes() == fed.ca_cert.read_bytes()
-    key = serialization.load_pem_private_key(fed.superlink_key.read_bytes(), None)
-    assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+    key, public = serialization.load_pem_private_key(fed.superlink_key.read_bytes(), None), cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(public, ec.EllipticCurvePublicKey)
+    assert key.public_key().public_numbers() == public.public_numbers()
     # A certificate from another CA does not verify against this one.
     other = provision(ProvisionConfig(federation_dir=fed.root.parent / "other")).paths
     with pytest.raises(ProvisionError, match="not issued by the CA"):

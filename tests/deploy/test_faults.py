@@ -89,8 +89,11 @@ def straight_run(federation: FederationPaths, tmp_path: Path) -> Path:
 
 
 def assert_same_weights(straight: Path, out: Path) -> None:
-    a = load_server_checkpoint(latest_server_checkpoint(straight / "checkpoints"))
-    b = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))
+    latest_a = latest_server_checkpoint(straight / "checkpoints")
+    latest_b = latest_server_checkpoint(out / "checkpoints")
+    assert latest_a is not None and latest_b is not None
+    a = load_server_checkpoint(latest_a)
+    b = load_server_checkpoint(latest_b)
     assert a.round == b.round == RESUME_ROUNDS and a.setup.sha256 == b.setup.sha256
     assert a.arrays.keys() == b.arrays.keys() and a.strategy and a.strategy.keys() == b.strategy.keys()
     for key in a.arrays:
@@ -124,8 +127,11 @@ def test_a_stopped_run_resumes_with_the_weights_of_an_uninterrupted_run(
     stop = run_flwr(federation, ["stop", str(run_id), CONNECTION])
     assert stop.returncode == 0, stop.stdout + stop.stderr
     launch.join(HANG_S)
+    assert launch.result is not None
     assert launch.result.returncode != 0  # stopped, not completed
-    stopped_at = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints")).round
+    latest = latest_server_checkpoint(out / "checkpoints")
+    assert latest is not None
+    stopped_at = load_server_checkpoint(latest).round
     assert 1 <= stopped_at < RESUME_ROUNDS, stopped_at
 
     resumed = run_coordinator(
@@ -172,6 +178,7 @@ def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
             except ProcessLookupError:
                 pass
     result = launch.result
+    assert result is not None
     # The run went on and completed without the frozen site, and the coordinator says it lost it.
     assert result.returncode == EXIT_SITE_LOST, (result.stdout, result.stderr)
     assert "finished:completed" in result.stdout and f"lost site(s): {victim}" in result.stderr
@@ -186,6 +193,7 @@ def test_a_frozen_site_does_not_stop_the_run_and_join_leaves_nothing_behind(
         assert last[victim]["status"] in ("error", "no reply", "absent") and last[victim]["reason"], last[victim]
     assert all(last[s]["status"] == "ok" for s in SITES if s != victim) and rounds[2]["updated"] is True
     outcome = read_outcome(out)
+    assert outcome is not None
     assert outcome.status == "completed" and set(outcome.sites_lost) == {victim}
     audit = list(read_audit_log(out / AUDIT_FILE))
     missed = [r for r in audit if r["record"] == "site-round" and r["round"] == 2 and r["site"] == victim]
@@ -237,6 +245,7 @@ def test_a_restarted_supernode_gets_the_setup_again_and_trains(
     launch.join(HANG_S)
     result = launch.result
     outcome = read_outcome(out)
+    assert result is not None and outcome is not None
     # 0; or 4 only when another site was lost meanwhile (on a machine loaded enough for the
     # SuperLink's SQLite to answer a SuperNode "500 database is locked", that SuperNode stalls).
     assert result.returncode == (EXIT_SITE_LOST if outcome.sites_lost else 0), (result.stdout, result.stderr)
@@ -283,6 +292,7 @@ def test_a_killed_supernode_does_not_stall_the_round_and_the_site_rejoins(
     launch.join(HANG_S)
     # The run completes without the site; killed in the run's only round, it never trained in
     # this run, so the coordinator names it lost (issue 26: no site drops out silently).
+    assert launch.result is not None
     assert launch.result.returncode == EXIT_SITE_LOST, (launch.result.stdout, launch.result.stderr)
     assert "finished:completed" in launch.result.stdout and f"lost site(s): {victim}" in launch.result.stderr
 
@@ -373,9 +383,12 @@ def test_a_killed_superlink_is_reported_unreachable_and_the_run_resumes_bit_iden
         os.kill(pid, signal.SIGKILL)
     launch.join(HANG_S)
     result = launch.result
+    assert result is not None
     assert result.returncode == EXIT_UNREACHABLE, (result.stdout, result.stderr)
     assert "unreachable" in result.stderr and "knows no run" not in result.stdout + result.stderr
-    stopped_at = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints")).round
+    latest = latest_server_checkpoint(out / "checkpoints")
+    assert latest is not None
+    stopped_at = load_server_checkpoint(latest).round
     assert stopped_at < RESUME_ROUNDS
 
     port = superlink.rsplit(":", 1)[1]

@@ -13,11 +13,13 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app.message import make_message
 from helpers.deploy_fixtures import Process, alive, command, descendants, free_port
 from helpers.flower_messages import train_metadata
 from helpers.in_process_grid import InProcessGrid, tiny_nodes
@@ -73,7 +75,7 @@ from simulations.synthetic import generate_federation
 # ---------------------------------------------------------------------------- audit log
 
 
-ROUND_EVENT = {
+ROUND_EVENT: dict[str, Any] = {
     "event": "round",
     "round": 3,
     "sites": {
@@ -175,7 +177,7 @@ def test_insecure_superlink_warns_loudly(tmp_path: Path) -> None:
     finally:
         proc.stop()
     # The default (no --insecure) records the CA for the flwr CLI, never insecure.
-    assert "--insecure" not in " ".join(proc.proc.args[:-1])
+    assert "--insecure" not in " ".join(cast(list[str], proc.proc.args)[:-1])
 
 
 @pytest.mark.slow  # a real SuperLink process
@@ -212,7 +214,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> FederationSetup:
         tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=12, progress=False
     )
     stats = [site_code_stats(open_site(s.root)) for s in manifest.sites]
-    return FederationSetup(
+    return FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
         vocabulary=build_vocabulary(stats, min_subjects=2), model=load_model_config("tiny"), model_seed=1
     )
 
@@ -253,7 +255,7 @@ def test_a_corrupted_checkpoint_is_refused_on_resume(corruption: str, setup: Fed
     name, corrupt = CORRUPTIONS[corruption]
     corrupt(ckpt / name)
     # The ServerApp's own resume path; grid=None: refusing must happen before any site is asked.
-    server = FederationServer(grid=None, cfg=fed_config(out, resume=True))
+    server = FederationServer(grid=None, cfg=fed_config(out, resume=True))  # type: ignore[arg-type]  # deliberately no grid
     with pytest.raises(CheckpointError) as info:
         server.run()
     message = str(info.value)
@@ -276,15 +278,13 @@ def _reply(node: int, arrays: dict[str, np.ndarray], n: int = 10) -> Message:
         {"arrays": arrays, "num_examples": n, "group_examples": {_group_of(k): n for k in arrays}},
         context={"group_of": _group_of},
     )
-    return Message(
-        train_reply_content(reply), metadata=train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}")
-    )
+    return make_message(train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"), train_reply_content(reply))
 
 
 def _sent(*nodes: int) -> list[Message]:
     """Train messages to these nodes, with the message ids the Grid sets when it pushes them."""
     return [
-        Message(RecordDict({"config": ConfigRecord({})}), metadata=train_metadata(f"m{i}", src=0, dst=n))
+        make_message(train_metadata(f"m{i}", src=0, dst=n), RecordDict({"config": ConfigRecord({})}))
         for i, n in enumerate(nodes)
     ]
 
@@ -322,13 +322,14 @@ def test_error_replies_from_the_superlink_are_attributed_to_the_silent_node() ->
     alive = _reply(5, {"shared.w": glob["shared.w"] + 2})
     alive.metadata.__dict__["_reply_to_message_id"] = "m0"
     # Flower's NODE_UNAVAILABLE reply: from the SuperLink (node 1), answering m1 (sent to node 6).
-    dead = Message(
-        Error(code=3, reason="Error: Node Unavailable"), metadata=train_metadata("e1", src=1, dst=0, reply_to="m1")
+    dead = make_message(
+        train_metadata("e1", src=1, dst=0, reply_to="m1"), error=Error(code=3, reason="Error: Node Unavailable")
     )
     assert origin(alive, sent) == 5 and origin(dead, sent) == 6
     outcome = aggregate_replies(
         s, 1, [alive, dead], current_arrays=glob, node_groups={5: ["shared"], 6: ["shared"]}, sent=sent
     )
+    assert outcome.arrays is not None
     np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 2)
     (rejected,) = outcome.rejected
     assert rejected.node_id == 6 and "Node Unavailable" in rejected.reason and rejected.kind == "error"
@@ -342,6 +343,7 @@ def test_a_reply_to_no_message_sent_and_a_second_reply_are_rejected() -> None:
     outcome = aggregate_replies(
         _strategy(), 1, [first, stranger, again], current_arrays=glob, node_groups=None, sent=sent
     )
+    assert outcome.arrays is not None
     np.testing.assert_array_equal(outcome.arrays["shared.w"], glob["shared.w"] + 2)  # the first reply alone
     assert outcome.accepted == [5]
     assert [(r.node_id, r.kind) for r in outcome.rejected] == [(8, "unsolicited"), (5, "duplicate")]
@@ -368,6 +370,7 @@ def test_server_checkpoints_are_plain_arrays_and_resume_bit_for_bit(setup: Feder
     )
     back = load_server_checkpoint(path)
     assert back.round == 4 and back.setup.sha256 == setup.sha256 and back.python_random == state.python_random
+    assert back.torch_random is not None and state.torch_random is not None
     assert torch.equal(back.torch_random, state.torch_random)
     for saved, loaded in ((arrays, back.arrays), (moments, back.strategy)):
         assert saved.keys() == loaded.keys()
@@ -400,7 +403,7 @@ def test_a_refused_checkpoint_reaches_server_log_outcome_and_the_coordinator(
     healthfm.setLevel(logging.NOTSET)
     try:
         with pytest.raises(CheckpointError):
-            FederationServer(grid=None, cfg=fed_config(out, resume=True), run_id=7).run()
+            FederationServer(grid=None, cfg=fed_config(out, resume=True), run_id=7).run()  # type: ignore[arg-type]  # deliberately no grid
     finally:
         root.setLevel(saved[0])
         healthfm.setLevel(saved[1])
@@ -511,7 +514,9 @@ def test_a_site_that_lost_its_setup_gets_it_again_and_trains_in_that_round(tmp_p
     back = rounds[2]["sites"]["hospital"]
     assert back["status"] == "ok" and back["setup_resent"] is True, back
     assert "hospital" in rounds[2]["contributors"]["shared"]
-    assert read_outcome(out).ok
+    outcome = read_outcome(out)
+    assert outcome is not None
+    assert outcome.ok
 
 
 @pytest.mark.usefixtures("serverapp_identity")
@@ -539,11 +544,13 @@ def test_every_site_absent_from_a_round_is_in_the_audit_log(tmp_path: Path) -> N
             del grid.contexts[gone]
         return replies
 
-    grid.send_and_receive = send
+    grid.send_and_receive = send  # type: ignore[method-assign]  # this grid's sites: one disconnects
     FederationServer(grid, cfg, run_id=1).run()
     records = list(read_audit_log(out / AUDIT_FILE))
     missing = [r for r in records if r["record"] == "site-round" and r["round"] == 2 and r["site"] == "genomics"]
     assert missing and missing[0]["status"] == "absent" and missing[0]["reason"] == "not connected to the SuperLink"
     evaluation = [r for r in records if r["record"] == "evaluation"][-1]
     assert evaluation["absent"] == {"genomics": "not connected to the SuperLink"}
-    assert read_outcome(out).sites_lost.keys() == {"genomics"}
+    outcome = read_outcome(out)
+    assert outcome is not None
+    assert outcome.sites_lost.keys() == {"genomics"}

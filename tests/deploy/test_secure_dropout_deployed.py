@@ -134,7 +134,8 @@ def deployment(
 
 def finished(run: Background, *codes: int) -> None:
     run.join(HANG_S + 120)
-    assert run.result is not None and run.result.returncode in codes, (run.result.stdout, run.result.stderr)
+    assert run.result is not None
+    assert run.result.returncode in codes, (run.result.stdout, run.result.stderr)
 
 
 def secure_record(out: Path) -> dict:
@@ -213,6 +214,7 @@ def test_too_few_survivors_fail_the_deployed_round_loudly_and_change_nothing(
     # Threshold 3 of 4: two sites lost before masking leave two. The coordinator is told: no site
     # trained in the run, and why.
     run, event, info = deployment.killed_secure_round(("hospital", "clinic"), (MASK_RECEIVED,), EXIT_SITE_LOST)
+    assert run.result is not None
     assert "the secure round failed" in run.result.stderr, run.result.stderr
     assert event["updated"] is False
     assert "2 site(s) sent a masked vector < threshold 3" in info["error"], event

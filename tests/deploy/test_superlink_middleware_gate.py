@@ -176,10 +176,10 @@ def test_the_supernode_runtime_api_runs_flowers_tracing_layer_only_when_tracing_
     client_patches.gate_tracing()
     client_patches.gate_tracing()
     app = flower_supernode_app.create_app(state_factory=NodeStateFactory(objectstore_factory=ObjectStoreFactory()))
-    gates = [m for m in app.user_middleware if isinstance(m.cls, functools.partial)]
-    assert len(gates) == 1 and gates[0].cls.func is GatedMiddleware
-    assert gates[0].cls.keywords["layer"].cls is RuntimeTracingMiddleware
-    acts = gates[0].cls.keywords["acts"]
+    gates = [m.cls for m in app.user_middleware if isinstance(m.cls, functools.partial)]
+    assert len(gates) == 1 and gates[0].func is GatedMiddleware
+    assert gates[0].keywords["layer"].cls is RuntimeTracingMiddleware
+    acts = gates[0].keywords["acts"]
     monkeypatch.delenv(FLOWER_TRACING_VARIABLE, raising=False)
     assert not acts({"type": "http"})
     monkeypatch.setenv(FLOWER_TRACING_VARIABLE, "1")

@@ -59,17 +59,17 @@ def test_set_pace_rebinds_the_pull_the_push_the_waits_and_the_object_backoff_onc
     set_pace(SupernodePace(poll_interval=0.2, pull_initial_backoff=0.01, pull_backoff_cap=0.3))
     set_pace(SupernodePace(poll_interval=0.2, reply_poll=0.03, pull_initial_backoff=0.02, pull_backoff_cap=0.4))
     wrapped = flower_loop._pull_and_store_message
-    assert wrapped is not flower_pull and wrapped.__wrapped__ is flower_pull  # not wrapped twice
-    assert flower_loop._push_messages.__wrapped__ is flower_push
+    assert wrapped is not flower_pull and wrapped.__wrapped__ is flower_pull  # type: ignore[attr-defined]  # not wrapped twice (set_pace's functools.wraps)
+    assert flower_loop._push_messages.__wrapped__ is flower_push  # type: ignore[attr-defined]  # set_pace's wrapper (functools.wraps)
     assert isinstance(flower_loop.time, CappedSleepTime) and flower_loop.time.cap == 0.03
-    backoff = flower_loop.pull_objects.__wrapped__  # the app guard's held call is woken first
+    backoff = flower_loop.pull_objects.__wrapped__  # type: ignore[attr-defined]  # the app guard's held call is woken first
     assert getattr(flower_loop.pull_objects, MARK) and isinstance(backoff, functools.partial)
     assert backoff.func is pull_objects
     assert backoff.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.4}
     acquire = flower_node_runtime.acquire_task  # held once, over Flower's handler
-    assert getattr(acquire, MARK) and not getattr(acquire.__wrapped__, MARK, False)
+    assert getattr(acquire, MARK) and not getattr(acquire.__wrapped__, MARK, False)  # type: ignore[attr-defined]  # set_pace's wrapper (functools.wraps)
     pull_object = flower_node_runtime.pull_object  # the ClientApp's object pulls: held once too
-    assert getattr(pull_object, MARK) and not getattr(pull_object.__wrapped__, MARK, False)
+    assert getattr(pull_object, MARK) and not getattr(pull_object.__wrapped__, MARK, False)  # type: ignore[attr-defined]  # set_pace's wrapper (functools.wraps)
 
 
 def test_the_pull_returns_only_once_a_message_came_and_waits_the_interval_between() -> None:
@@ -179,12 +179,12 @@ def test_flowers_push_waits_for_the_clientapps_reply_and_its_objects_in_short_st
     reply = _stored_reply()
     replies = iter([[], [], [reply]])
     contents = iter([b"", b"content"])
-    state = SimpleNamespace(
+    state: Any = SimpleNamespace(  # stand-ins for the SuperNode's state and object store
         get_messages_legacy=lambda is_reply: next(replies),
         get_message_processing_duration=lambda message_id: 1.0,
         delete_messages=lambda message_ids: None,
     )
-    store = SimpleNamespace(
+    store: Any = SimpleNamespace(
         get_object_tree=lambda message_id: flower_loop.get_object_tree(reply),
         get=lambda object_id: next(contents),
         delete=lambda object_id: None,
@@ -208,7 +208,12 @@ def test_the_reply_waits_end_when_the_clientapp_pushes_its_reply_or_an_object(mo
     # a push by the ClientApp into the SuperNode's runtime ends that sleep long before its cap.
     calls: list[str] = []
     for name in ("push_messages", "push_object"):
-        monkeypatch.setattr(flower_node_runtime, name, lambda *a, _n=name: calls.append(_n) or _n)
+
+        def record(*a: object, _n: str = name) -> str:
+            calls.append(_n)
+            return _n
+
+        monkeypatch.setattr(flower_node_runtime, name, record)
     set_pace(SupernodePace(reply_poll=0.5))
     set_pace(SupernodePace(reply_poll=0.5))  # set twice: one layer over the handler
     for name in ("push_messages", "push_object"):
@@ -290,7 +295,7 @@ def test_the_launcher_refuses_a_bad_pace_or_no_flower(args: list[str], capsys: p
 
 
 def test_join_starts_the_supernode_at_its_poll_interval(tmp_path: Path) -> None:
-    def command(**extra: object) -> list[str]:
+    def command(**extra: Any) -> list[str]:
         cfg = JoinConfig(site_root=tmp_path, superlink="127.0.0.1:9092", insecure=True, state_dir=tmp_path, **extra)
         return supernode_command(cfg, tmp_path / "node-config.toml", 9094)
 

@@ -29,6 +29,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from helpers.deploy_fixtures import CLIENT, SITES, TINY_RUN, Process, join_args, round_events, run_coordinator
@@ -172,8 +173,8 @@ def test_an_outsider_with_the_ca_reaches_only_the_fleet_api(
     # The SuperLink listens on loopback only; from there, the coordinator's own CLI works.
     address = tomllib.loads((flwr_home(federation) / "config.toml").read_text())["superlink"][CONNECTION]["address"]
     assert address.startswith("127.0.0.1:") and address != superlink
-    status = run_coordinator("status", str(federation.root), timeout=300)
-    assert status.returncode == 0, status.stderr
+    shown = run_coordinator("status", str(federation.root), timeout=300)
+    assert shown.returncode == 0, shown.stderr
     nodes = run_flwr(federation, ["supernode", "list", CONNECTION, "--format", "json"])
     assert nodes.returncode == 0, nodes.stderr
     listed = json.loads(nodes.stdout[nodes.stdout.index("{") :])["nodes"]
@@ -226,10 +227,11 @@ def test_an_unapproved_bundle_never_runs_at_a_site(
     for site, proc in members.items():
         reason = f"refused by site {site}: app bundle sha256 {evil_hash} is not in the approved_apps"
         assert reason in server_log, (site, server_log[-3000:])
-        guard_log = (Path(proc.proc.args[proc.proc.args.index("--state-dir") + 1]) / "app-guard.log").read_text()
+        args = cast(list[str], proc.proc.args)  # a Process starts from an argument list
+        guard_log = (Path(args[args.index("--state-dir") + 1]) / "app-guard.log").read_text()
         assert reason in guard_log and "starting flwr-clientapp" not in guard_log, guard_log[-2000:]
         # Never unpacked either: Flower installs a bundle under FLWR_HOME/apps/<...>.<sha256[:8]>.
-        home = Path(proc.proc.args[proc.proc.args.index("--state-dir") + 1]) / "flwr-home"
+        home = Path(args[args.index("--state-dir") + 1]) / "flwr-home"
         assert not any(evil_hash[:8] in p.name for p in home.rglob("*"))
     # The run's failure names every site's refusal (the ServerApp's error, in the run's log).
     logs = run_flwr(federation, ["log", str(run_id), CONNECTION, "--show"])

@@ -33,6 +33,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.app.message import make_message
 from flwr.serverapp.strategy import FedAvg
 from helpers.in_process_grid import InProcessGrid, tiny_nodes
 from helpers.parquet_footer import set_row_counts, set_value_counts
@@ -124,7 +125,7 @@ def _metadata(node: int, *, src: int | None = None, dst: int = 0, message_id: st
 
 def _sent(nodes: list[int]) -> list[Message]:
     return [
-        Message(RecordDict(), metadata=_metadata(0, src=0, dst=n, message_id=f"train-{n}", reply_to="-")) for n in nodes
+        make_message(_metadata(0, src=0, dst=n, message_id=f"train-{n}", reply_to="-"), RecordDict()) for n in nodes
     ]
 
 
@@ -175,16 +176,16 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
             optional["train_seconds"] = draw(st.floats(0, 100))
     bad = draw(st.one_of(st.none(), st.sampled_from(MALFORMATIONS + NOT_CONTRIBUTING)))
     if bad == "error":
-        return Message(Error(code=0, reason="site failed"), metadata=_metadata(node)), bad, arrays, counts
+        return make_message(_metadata(node), error=Error(code=0, reason="site failed")), bad, arrays, counts
     if bad == "refused":
         reply = TrainReply.refused("epsilon cap", PrivacySpend(epsilon=3.0, delta=1e-5))
-        return Message(train_reply_content(reply), metadata=_metadata(node)), bad, arrays, counts
+        return make_message(_metadata(node), train_reply_content(reply)), bad, arrays, counts
     _, metrics, status = _train_reply(arrays, counts, **optional).to_records()
     required = sorted(_train_reply(arrays, counts).to_records().metrics)  # the counts: never optional
     values = dict(arrays)  # what the reply packs
     key = draw(st.sampled_from(sorted(values)))
     items: ArrayRecord | None = None  # a fault in the packed record itself (else: values, packed)
-    extra: dict[str, object] = {}
+    extra: dict[str, ArrayRecord] = {}
     if bad == "dtype":
         dtype = draw(st.sampled_from([np.float64, np.int32, np.int64, np.uint8, np.bool_, np.complex64]))
         values[key] = arrays[key].astype(dtype)
@@ -243,7 +244,7 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
     elif bad == "nan_metric":
         metrics[draw(st.sampled_from(sorted(metrics)))] = float("nan")
     elif bad == "list_metric":
-        metrics[draw(st.sampled_from(sorted(metrics)))] = [1.0, 2.0]
+        metrics[draw(st.sampled_from(sorted(metrics)))] = [1.0, 2.0]  # type: ignore[assignment]  # deliberately wrong: a list metric
     elif bad == "unknown_metric":
         name = "x-" + draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz.-", max_size=12))
         metrics[name] = draw(st.one_of(st.integers(0, 10), st.floats(0, 1)))
@@ -260,14 +261,14 @@ def a_reply(draw: st.DrawFn, node: int) -> tuple[Message, str | None, dict[str, 
         content[METRICS_RECORD] = ConfigRecord(dict(metrics))
     for name, record in extra.items():
         content[name] = record
-    return Message(content, metadata=_metadata(node)), bad, arrays, counts
+    return make_message(_metadata(node), content), bad, arrays, counts
 
 
 def _per_key(msg: Message) -> Message:
     content = RecordDict(dict(msg.content))
     packed = unpack_record(msg.content.array_records[ARRAYS_RECORD], where="test")
     content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in packed.items()})
-    return Message(content, metadata=msg.metadata)
+    return make_message(msg.metadata, content)
 
 
 def _node_groups(replies: list) -> dict[int, list[str]]:
@@ -370,7 +371,7 @@ def test_with_every_group_everywhere_it_is_plain_fedavg(sites: list[tuple[int, i
         rng = np.random.default_rng(seed)
         arrays = {k: (1 + rng.random(s)).astype(np.float32) for k, s in SHAPES.items()}
         reply = _train_reply(arrays, {g: n for g in GROUP_KEYS}, losses={"total": float(rng.random())})
-        replies.append(Message(train_reply_content(reply), metadata=_metadata(node)))
+        replies.append(make_message(_metadata(node), train_reply_content(reply)))
     outcome = aggregate_replies(
         _strategy(),
         1,
@@ -381,6 +382,7 @@ def test_with_every_group_everywhere_it_is_plain_fedavg(sites: list[tuple[int, i
     )
     # Flower's stock FedAvg reads one Array per key: the same replies, unpacked.
     stock, _ = FedAvg().aggregate_train(1, [_per_key(m) for m in replies])
+    assert outcome.arrays is not None and stock is not None
     assert outcome.rejected == [] and set(outcome.arrays) == set(stock)
     for key in stock:
         np.testing.assert_array_equal(outcome.arrays[key], stock[key].numpy())  # bit for bit
@@ -397,7 +399,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @st.composite
-def a_broken_shard(draw: st.DrawFn) -> tuple[str, object]:
+def a_broken_shard(draw: st.DrawFn) -> tuple[str, pa.Table | bytes]:
     """(how it is broken, the broken shard: a pa.Table or raw bytes). Each of these is invalid."""
     table = make_site_tables().shards[SHARD]
     kind = draw(
@@ -467,7 +469,7 @@ def a_broken_shard(draw: st.DrawFn) -> tuple[str, object]:
 
 @SETTINGS
 @given(a_broken_shard())
-def test_malformed_site_files_are_reported_by_name_and_nothing_is_written(broken: tuple[str, object]) -> None:
+def test_malformed_site_files_are_reported_by_name_and_nothing_is_written(broken: tuple[str, pa.Table | bytes]) -> None:
     kind, shard = broken
     with tempfile.TemporaryDirectory() as tmp:
         root = write_site_tables(make_site_tables(), Path(tmp) / "site")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Message, MessageType
 from helpers.in_process_grid import RecordingGrid, tiny_nodes
+from helpers.narrowing import present
 from helpers.run_configs import three_site_config
 
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
@@ -62,7 +63,7 @@ def test_a_rounds_checkpoint_is_written_while_the_next_round_is_out(tmp_path: Pa
         t = e["timings"]
         assert t["round_seconds"] >= t["configure_seconds"] + t["wait_seconds"] + t["aggregate_seconds"]
         assert t["other_seconds"] == pytest.approx(t["round_seconds"] - t["local_train_seconds_max"])
-    assert read_outcome(out).rounds_done == 3
+    assert present(read_outcome(out)).rounds_done == 3
 
 
 @pytest.mark.usefixtures("serverapp_identity")
@@ -81,7 +82,7 @@ def test_a_resumed_run_samples_as_the_uninterrupted_one(tmp_path: Path) -> None:
     random.seed(5)
     with pytest.raises(ConnectionError):
         FederationServer(first, three_site_config(out, rounds=4, local_steps=1, eval_tasks=[]), run_id=1).run()
-    assert load_server_checkpoint(latest_server_checkpoint(out / "checkpoints")).round == 2
+    assert load_server_checkpoint(present(latest_server_checkpoint(out / "checkpoints"))).round == 2
     resumed = CheckpointsSeen(nodes, out / "checkpoints")
     random.seed(6)  # whatever the state before: resume restores the checkpoint's
     FederationServer(
@@ -101,7 +102,7 @@ def test_a_round_that_fails_before_its_messages_leave_keeps_the_round_before(tmp
     with pytest.raises(ConnectionError, match="went away"):
         FederationServer(grid, three_site_config(out, rounds=3, local_steps=1, eval_tasks=[]), run_id=1).run()
 
-    assert load_server_checkpoint(latest_server_checkpoint(out / "checkpoints")).round == 1
+    assert load_server_checkpoint(present(latest_server_checkpoint(out / "checkpoints"))).round == 1
     assert [e["round"] for e in read_events(out / "rounds.jsonl") if e["event"] == "round"] == [1]
-    outcome = read_outcome(out)
+    outcome = present(read_outcome(out))
     assert outcome.status == "failed" and outcome.rounds_done == 1 and "went away" in outcome.reason

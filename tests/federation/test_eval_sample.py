@@ -10,6 +10,7 @@ import contextlib
 import tracemalloc
 from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -33,6 +34,7 @@ from healthfm_core.model.config import load_model_config
 from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, TaskMetrics
+from healthfm_core.protocol.task_reason import TaskReason
 from server.config import DEFAULT_EVAL_MAX_SUBJECTS, RESUMABLE_CHANGES, FederationConfig
 from simulations.common import site_eval_rows_per_subject
 from simulations.evidence_units import unit_fingerprint
@@ -40,7 +42,8 @@ from simulations.run import federation_config
 from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_mean_enmo"]
+# Task names: EvalConfig resolves them to their definitions (its `tasks` holds TaskSpecs).
+TASKS: list[Any] = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_mean_enmo"]
 CAP = 5  # below the held-out split's 6 subjects; the wearable regression still reports
 
 
@@ -54,7 +57,7 @@ def biobank(tmp_path_factory: pytest.TempPathFactory) -> SiteRuntime:
 @pytest.fixture(scope="module")
 def setup(biobank: SiteRuntime) -> FederationSetup:
     vocab = build_vocabulary([biobank.code_stats()], min_subjects=2)
-    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=3)
+    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=3)  # type: ignore[call-arg]  # modalities: filled by its before-validator
 
 
 def _arrays(rt: SiteRuntime, setup: FederationSetup, seed: int) -> dict[str, np.ndarray]:
@@ -112,6 +115,7 @@ def test_the_sample_draws_whole_subjects_per_split(biobank: SiteRuntime) -> None
         assert sample.available[s] == len(splits[s])
     cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256="x", max_subjects=CAP)
     table = biobank.labels(cfg.model_copy(update={"max_subjects": 0}))["onset_hypertension_365d"]
+    assert not isinstance(table, TaskReason)
     kept = sample.keep(table)["subject_id"].to_numpy()
     all_ids = table["subject_id"].to_numpy()
     # Every row of a chosen subject, none of the others.
@@ -274,7 +278,12 @@ def test_a_full_evaluation_streamed_to_disk_equals_the_in_memory_one_bit_for_bit
     @contextlib.contextmanager
     def watched(directory):  # the real file, its array recorded
         with embeddings_file(directory) as rows_to:
-            yield lambda n, d, exact: files.append(rows_to(n, d, exact)) or files[-1]
+
+            def recorded(n: int, d: int, exact: type[np.floating]) -> np.ndarray:
+                files.append(rows_to(n, d, exact))
+                return files[-1]
+
+            yield recorded
 
     monkeypatch.setattr(site_eval, "embeddings_file", watched)
     streamed = site.evaluate_tasks(setup, model, cfg, out_dir=tmp_path / "disk")
@@ -283,6 +292,7 @@ def test_a_full_evaluation_streamed_to_disk_equals_the_in_memory_one_bit_for_bit
     # The rows went to a float32 memory-mapped file beside the predictions, removed afterwards.
     (array,) = files
     assert isinstance(array, np.memmap) and array.dtype == np.float32
+    assert array.filename is not None
     assert array.shape[0] == streamed.num_examples and Path(array.filename).parent == tmp_path / "disk" / "biobank"
     assert not Path(array.filename).exists() and not list((tmp_path / "disk").rglob("*.npy"))
     assert streamed.metrics and streamed.metrics == in_memory_run.metrics and streamed.reasons == in_memory_run.reasons
@@ -349,6 +359,8 @@ def test_the_embeddings_file_is_named_apart_and_removed_when_the_evaluation_fail
     with pytest.raises(RuntimeError, match="a probe failed"), embeddings_file(tmp_path / "site") as rows_to:
         with embeddings_file(tmp_path / "site") as other:  # a second evaluation of the same directory
             a, b = rows_to(10, 4, np.float32), other(10, 4, np.float64)
+            assert isinstance(a, np.memmap) and isinstance(b, np.memmap)
+            assert a.filename is not None and b.filename is not None
             assert a.filename != b.filename and (a.dtype, b.dtype) == (np.float32, np.float64)
             a[:] = 1.5
             np.testing.assert_array_equal(np.load(a.filename), a)  # a .npy any reader opens

@@ -489,8 +489,8 @@ def test_quick_report_answers_every_question(quick: Path) -> None:
 
     # resume=true on the finished run: every unit loads from its evidence file (no stage trains,
     # the Flower runs stay untouched) and the report's numbers are the same.
-    for unit in ("default-seed0", "trajectories-seed0"):
-        assert (quick / "units" / unit / "evidence_unit.json").is_file()
+    for unit_name in ("default-seed0", "trajectories-seed0"):
+        assert (quick / "units" / unit_name / "evidence_unit.json").is_file()
     rounds_mtime = (fed / "rounds.jsonl").stat().st_mtime_ns
     logged = _resume_quick(quick)
     stages = [s for s in dump["plan_seconds"] if s != "comparisons, report and plots"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.narrowing import present
 from helpers.run_configs import three_site_config
 
 from client.site_runtime import SiteConfig, SiteRuntime
@@ -131,7 +132,7 @@ def test_each_site_is_opened_and_prepared_once_per_run(full_run: Path) -> None:
 
 
 def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
-    state = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
+    state = load_server_checkpoint(present(latest_server_checkpoint(full_run / "checkpoints")))
     assert state.round == 2
     initial = {k: v.numpy() for k, v in init_model(state.setup).state_dict().items()}
     changed = {g: False for g in GROUPS}
@@ -148,10 +149,10 @@ def test_replies_are_averaged_into_the_global_model(full_run: Path) -> None:
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, node_configs, full_run: Path) -> None:
     out = tmp_path / "resumed"
     run_federation_simulation(three_site_config(out, stop_after_round=1), node_configs, num_cpus=2)
-    assert latest_server_checkpoint(out / "checkpoints").name == "step-00000001"
+    assert present(latest_server_checkpoint(out / "checkpoints")).name == "step-00000001"
     run_federation_simulation(three_site_config(out, resume=True), node_configs, num_cpus=2)
-    resumed = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))
-    straight = load_server_checkpoint(latest_server_checkpoint(full_run / "checkpoints"))
+    resumed = load_server_checkpoint(present(latest_server_checkpoint(out / "checkpoints")))
+    straight = load_server_checkpoint(present(latest_server_checkpoint(full_run / "checkpoints")))
     assert resumed.round == straight.round == 2
     assert resumed.setup.sha256 == straight.setup.sha256
     assert resumed.arrays.keys() == straight.arrays.keys()
@@ -168,9 +169,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, node_configs, full
 
 def test_resume_refuses_a_changed_config_and_a_fresh_run_an_used_directory(full_run: Path) -> None:
     with pytest.raises(ValueError, match="lr"):
-        FederationServer(grid=None, cfg=three_site_config(full_run, resume=True, lr=1e-2)).run()
+        FederationServer(grid=None, cfg=three_site_config(full_run, resume=True, lr=1e-2)).run()  # type: ignore[arg-type]  # deliberately no grid
     with pytest.raises(FileExistsError, match="resume"):
-        FederationServer(grid=None, cfg=three_site_config(full_run)).run()
+        FederationServer(grid=None, cfg=three_site_config(full_run)).run()  # type: ignore[arg-type]  # deliberately no grid
 
 
 def test_a_round_checkpointed_but_not_logged_is_logged_on_resume(full_run: Path, tmp_path: Path) -> None:
@@ -187,7 +188,7 @@ def test_a_round_checkpointed_but_not_logged_is_logged_on_resume(full_run: Path,
     first = next(i for i, ln in enumerate(audit) if json.loads(ln).get("round") == 2)
     (out / "audit.jsonl").write_bytes(b"".join(audit[:first]))
 
-    server = FederationServer(grid=None, cfg=three_site_config(out, resume=True))
+    server = FederationServer(grid=None, cfg=three_site_config(out, resume=True))  # type: ignore[arg-type]  # deliberately no grid: resume reads only the out-dir
     state, path = server.initial_state()
     assert state is not None and path is not None and state.round == 2
     for _ in range(2):  # a second resume finds the round logged and writes nothing more
@@ -211,7 +212,7 @@ def test_a_round_checkpointed_but_not_logged_is_logged_on_resume(full_run: Path,
 def test_corrupted_server_checkpoint_is_refused(full_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    src = latest_server_checkpoint(full_run / "checkpoints")
+    src = present(latest_server_checkpoint(full_run / "checkpoints"))
     copy = tmp_path / src.name
     shutil.copytree(src, copy)
     data = bytearray((copy / ARRAYS_FILE).read_bytes())
@@ -232,7 +233,7 @@ def runtimes(federation) -> dict[str, SiteRuntime]:
 @pytest.fixture(scope="module")
 def setup(runtimes) -> FederationSetup:
     vocab = build_vocabulary([r.code_stats() for r in runtimes.values()], min_subjects=5)
-    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
+    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)  # type: ignore[call-arg]  # modalities: filled by its before-validator
 
 
 def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarray]:
@@ -307,7 +308,10 @@ def test_evaluation_withholds_metrics_below_the_site_minimum(federation, setup) 
     site = federation.site("biobank")
     strict = SiteRuntime(SiteConfig(site_root=site.root, site_name="biobank", min_report_subjects=10_000))
     cfg = EvalConfig(
-        round=1, tasks=["onset_hypertension_365d", "wearable_resting_hr"], setup_sha256=setup.sha256, n_boot=10
+        round=1,
+        tasks=["onset_hypertension_365d", "wearable_resting_hr"],  # type: ignore[list-item]  # task names: EvalConfig resolves them
+        setup_sha256=setup.sha256,
+        n_boot=10,
     )
     evaluation = strict.evaluate(setup, own_arrays(setup, strict.groups), cfg)
     assert evaluation.withheld == 2 and evaluation.tasks == {}
@@ -327,7 +331,7 @@ def test_run_config_from_flower_and_hydra(tmp_path: Path) -> None:
         }
     )
     assert (cfg.rounds, cfg.local_steps, cfg.transport, cfg.stop_after_round) == (4, 3, "fp16", None)
-    assert cfg.eval_tasks == ["onset_t2d_365d", "onset_cad_90d"] and cfg.server_optimizer.lr == 0.02
+    assert cfg.eval_tasks == ["onset_t2d_365d", "onset_cad_90d"] and present(cfg.server_optimizer).lr == 0.02
     with pytest.raises(ValueError, match="local_stepz"):
         FederationConfig.from_run_config({"out-dir": str(tmp_path), "model": "tiny", "local-stepz": 3})
     with pytest.raises(ValueError, match="onset_nothing"):

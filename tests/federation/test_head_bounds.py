@@ -30,7 +30,7 @@ KEY = "onset_x_365d"
 ATTACKER = 101  # site1
 DECLARED = {"site0": 4 * 150, "site1": 4 * 150, "site2": 4 * 150}  # 150 subjects each, 4 rows a subject
 
-Corrupt = Callable[[Any], None]
+Corrupt = Callable[[Any], object]  # rewrites the record in place; what it returns is dropped
 
 
 class AttackGrid(InProcessGrid):
@@ -68,7 +68,7 @@ def _fit(tmp_path: Any, corrupt: Mapping[str, Corrupt], declared: Mapping[str, i
 def _scale_weight(norm: float) -> Corrupt:
     def corrupt(record: Any) -> None:
         w = np.asarray(list(record["weight"]), np.float64)
-        record["weight"] = list(w / max(np.linalg.norm(w), 1e-12) * norm)
+        record["weight"] = list(w / max(float(np.linalg.norm(w)), 1e-12) * norm)
 
     return corrupt
 

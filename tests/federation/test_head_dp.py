@@ -32,6 +32,7 @@ from helpers.head_grid import (
     site_splits,
     synthetic_rows,
 )
+from helpers.narrowing import present
 
 from healthfm_core.eval.federated_head import fit_federated_logistic
 from healthfm_core.privacy.ledger import PrivacyLedger
@@ -108,7 +109,7 @@ def test_dp_head_spends_from_each_sites_ledger_and_a_site_over_its_cap_refuses(t
         rounds = ledger_rounds(node)
         head = [r for r in rounds if r.run.startswith(f"head:{KEY}:")]
         assert len(head) == planned and all(r.status == "trained" and r.steps_taken == STEPS for r in head)
-        subjects = len(np.unique(site_splits(f"site{i}").train_subjects))
+        subjects = len(np.unique(present(site_splits(f"site{i}").train_subjects)))
         assert all(r.sample_rate == pytest.approx(BATCH / subjects) and r.noise_multiplier == 1.0 for r in head)
         ledger = PrivacyLedger(node["state-dir"])
         assert fitted["epsilon"][f"site{i}"] == {"epsilon": pytest.approx(ledger.epsilon(DELTA)), "delta": DELTA}
@@ -197,7 +198,7 @@ def test_dp_head_on_flowers_simulation_engine_spends_from_the_durable_ledgers_ac
 
     planned = ROUNDS * len(C_GRID)
     first_cap = PrivacyLedger(tmp_path / "probe")  # the epsilon of one run's rounds at site2's rate
-    subjects2 = len(np.unique(site_splits("site2").train_subjects))
+    subjects2 = len(np.unique(present(site_splits("site2").train_subjects)))
     one_run = first_cap.projected_epsilon(DELTA, 1.0, BATCH / subjects2, planned * STEPS)
     nodes = site_nodes(tmp_path, [20.0, 20.0, one_run * 1.2])
     privacy = PrivacyRequest(noise_multiplier=1.0, delta=DELTA)
@@ -231,7 +232,7 @@ def test_sites_whose_budget_runs_out_mid_grid_stop_the_grid_and_the_best_c_so_fa
     per_c = ROUNDS * STEPS
     spend = {}
     for i in range(3):
-        rate = BATCH / len(np.unique(site_splits(f"site{i}").train_subjects))
+        rate = BATCH / len(np.unique(present(site_splits(f"site{i}").train_subjects)))
         fresh = PrivacyLedger(tmp_path / f"probe{i}")
         spend[i] = (
             fresh.projected_epsilon(DELTA, 1.0, rate, per_c),

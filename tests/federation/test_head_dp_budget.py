@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.head_grid import BATCH, DELTA, KEY, SHA, WEIGHTS, head_config, in_process_grid, site_nodes, site_splits
+from helpers.narrowing import present
 from opacus.accountants import RDPAccountant
 
 from healthfm_core.privacy.head import subject_index
@@ -43,7 +44,7 @@ def test_a_dp_head_run_logs_each_sites_planned_epsilon_before_it_starts_and_spen
     plan = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["heads"][KEY]["dp_plan"]
     steps = cfg.planned_dp_steps()
     for i, node in enumerate(nodes):
-        subjects = subject_index(site_splits(f"site{i}").train_subjects)[1]
+        subjects = subject_index(present(site_splits(f"site{i}").train_subjects))[1]
         rate = BATCH / subjects
         acc = RDPAccountant()
         acc.history = [(1.1, rate, steps)]

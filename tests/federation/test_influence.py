@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.app import ConfigRecord as FlowerConfig
+from flwr.app.message import make_message
 from flwr.serverapp.strategy import FedAvg
 from helpers.flower_messages import train_metadata
 from helpers.influence_rounds import (
@@ -166,7 +168,7 @@ def test_int8_with_a_scale_of_7000_and_a_trillion_examples_is_rejected(honest: t
 def test_counts_that_are_not_positive_integers_are_rejected(field: str, value: object) -> None:
     previous = initial_arrays()
     counts: dict[str, object] = {"shared": 100, "ehr": 100}
-    kwargs: dict[str, object] = {"num_examples": 100}
+    kwargs: dict[str, Any] = {"num_examples": 100}
     if field == "num-examples":
         kwargs["num_examples"] = value
     else:
@@ -213,7 +215,8 @@ def test_honest_sites_under_the_bounds_are_stock_fedavg_bit_for_bit() -> None:
         same = np.array_equal(value, ours.arrays[key])
         assert same == (group_of(key) != "genomics"), key
     per_key = [
-        Message(
+        make_message(
+            m.metadata,
             RecordDict(
                 {
                     **dict(m.content),
@@ -225,7 +228,6 @@ def test_honest_sites_under_the_bounds_are_stock_fedavg_bit_for_bit() -> None:
                     ),
                 }
             ),
-            metadata=m.metadata,
         )
         for m in replies
     ]
@@ -411,7 +413,7 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
     two rounds: both replies are averaged in each round, under the count, step and history bounds."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(DP_POLICY)
-    configs = {
+    configs: dict[str, dict[str, Any]] = {
         "biobank": {"site-root": str(federation.site("biobank").root), "site-name": "biobank", **POLICY},
         "genomics": {
             "site-root": str(federation.site("genomics").root),
@@ -422,7 +424,7 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
         },
     }
     stats = [SiteRuntime(SiteConfig.from_node_config(c)).code_stats() for c in configs.values()]
-    setup = FederationSetup(
+    setup = FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
         vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"), model_seed=1
     )
     nodes = {1: "biobank", 2: "genomics"}
@@ -436,7 +438,7 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
     s = ModalityAwareFedAvg()  # the real parameter groups
     for n in nodes:
         setup_record = FlowerConfig({"json": setup.to_json(), "sha256": setup.sha256})
-        apps[n](Message(RecordDict({"setup": setup_record}), metadata=metadata(f"setup-{n}", 0, n, SETUP)), contexts[n])
+        apps[n](make_message(metadata(f"setup-{n}", 0, n, SETUP), RecordDict({"setup": setup_record})), contexts[n])
     for rnd in (1, 2):
         cfg = RoundConfig(
             round=rnd,
@@ -453,10 +455,10 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
         for n in nodes:
             own = {k: v for k, v in arrays.items() if parameter_group(k) in node_groups[n]}
             content = RecordDict({"arrays": pack_record(own), "config": FlowerConfig(cfg.to_flat())})
-            message = Message(content, metadata=metadata(f"train-{rnd}-{n}", 0, n, MessageType.TRAIN))
+            message = make_message(metadata(f"train-{rnd}-{n}", 0, n, MessageType.TRAIN), content)
             sent.append(message)
             answer = apps[n](message, contexts[n])
-            replies.append(Message(answer.content, metadata=train_metadata(f"r-{rnd}-{n}", n, 0, f"train-{rnd}-{n}")))
+            replies.append(make_message(train_metadata(f"r-{rnd}-{n}", n, 0, f"train-{rnd}-{n}"), answer.content))
         outcome = aggregate_replies(
             s, rnd, replies, current_arrays=arrays, node_groups=node_groups, sent=sent, round_config=cfg
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flwr.supercore import sql_mixin
@@ -39,7 +40,7 @@ from server.deploy.provision import FederationPaths
 from server.deploy.superlink_main import BUSY_TIMEOUT_MS
 
 
-def config(tmp_path: Path, **kw: object) -> JoinConfig:
+def config(tmp_path: Path, **kw: Any) -> JoinConfig:
     return JoinConfig(site_root=tmp_path, superlink="127.0.0.1:9093", insecure=True, state_dir=tmp_path / "s", **kw)
 
 

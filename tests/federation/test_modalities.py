@@ -24,6 +24,7 @@ from flwr.app import (
     Metadata,
     RecordDict,
 )
+from flwr.app.message import make_message
 from helpers.random_batch import random_batch
 
 from client.client_app import train_reply_content
@@ -152,19 +153,19 @@ def test_setup_modalities_from_capabilities_and_vocabulary() -> None:
     assert FederationSetup.model_validate_json(setup.to_json()) == setup
     assert {parameter_group(k) for k in init_model(setup).state_dict()} == {"shared", "ehr"}
     # Left out: what the vocabulary supports (the model every setup built before the field had).
-    assert FederationSetup(vocabulary=with_prs, model=cfg).modalities == MODALITIES_LIST
-    assert FederationSetup(vocabulary=vocab, model=cfg).modalities == ["ehr", "wearables"]
-    assert setup.sha256 != FederationSetup(vocabulary=vocab, model=cfg).sha256
+    assert FederationSetup(vocabulary=with_prs, model=cfg).modalities == MODALITIES_LIST  # type: ignore[call-arg]  # modalities left out: the default
+    assert FederationSetup(vocabulary=vocab, model=cfg).modalities == ["ehr", "wearables"]  # type: ignore[call-arg]  # modalities left out: the default
+    assert setup.sha256 != FederationSetup(vocabulary=vocab, model=cfg).sha256  # type: ignore[call-arg]  # modalities left out: the default
     # A setup written before the field existed (a server checkpoint) reads as, and hashes as, the default.
-    old = json.loads(FederationSetup(vocabulary=with_prs, model=cfg).to_json())
+    old = json.loads(FederationSetup(vocabulary=with_prs, model=cfg).to_json())  # type: ignore[call-arg]  # modalities left out: the default
     del old["modalities"]
     del old["model"]["pretraining"]["prs_reconstruct_shown"]  # issue 31's option, off by default
     canonical = json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
     assert FederationSetup.model_validate_json(json.dumps(old)).sha256 == hashlib.sha256(canonical).hexdigest()
     shown = cfg.model_copy(update={"pretraining": cfg.pretraining.model_copy(update={"prs_reconstruct_shown": True})})
     assert (
-        FederationSetup(vocabulary=with_prs, model=shown).sha256
-        != FederationSetup(vocabulary=with_prs, model=cfg).sha256
+        FederationSetup(vocabulary=with_prs, model=shown).sha256  # type: ignore[call-arg]  # modalities left out: the default
+        != FederationSetup(vocabulary=with_prs, model=cfg).sha256  # type: ignore[call-arg]  # modalities left out: the default
     )
     with pytest.raises(ValueError, match="n_prs_traits=0"):
         FederationSetup(vocabulary=vocab, model=cfg, modalities=["ehr", "genomics"])
@@ -214,15 +215,14 @@ def _reply(node_id: int, reply: TrainReply) -> Message:
         ttl=3600.0,
         message_type=MessageType.TRAIN,
     )
-    return Message(train_reply_content(reply), metadata=metadata)
+    return make_message(metadata, train_reply_content(reply))
 
 
 def _sent(replies: list[Message]) -> list[Message]:
     """The train messages the replies answer (one per node, as the Grid addresses them)."""
     return [
-        Message(
-            RecordDict(),
-            metadata=Metadata(
+        make_message(
+            Metadata(
                 run_id=1,
                 message_id=f"train-{r.metadata.src_node_id}",
                 src_node_id=0,
@@ -233,6 +233,7 @@ def _sent(replies: list[Message]) -> list[Message]:
                 ttl=3600.0,
                 message_type=MessageType.TRAIN,
             ),
+            RecordDict(),
         )
         for r in replies
     ]
@@ -351,7 +352,9 @@ def test_three_ehr_only_sites_run_end_to_end(tmp_path: Path) -> None:
     ]
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    state = load_server_checkpoint(latest_server_checkpoint(out / "checkpoints"))
+    latest = latest_server_checkpoint(out / "checkpoints")
+    assert latest is not None
+    state = load_server_checkpoint(latest)
     assert state.round == 1 and state.setup.modalities == ["ehr"]
     assert {parameter_group(k) for k in state.arrays} == {"shared", "ehr"}
     summary = (out / "summary.md").read_text()

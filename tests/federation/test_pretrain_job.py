@@ -160,6 +160,7 @@ def test_site_rows_hold_exactly_the_task_labels(federation) -> None:
     assert len(set(key)) == len(key)  # distinct rows
     for name in ("onset_t2d_365d", "onset_cad_90d"):
         task = TASKS[name]
+        assert isinstance(task, OnsetTask)
         lab = onset_labels_from_events(events, task.outcome_code_prefix, task.horizon_days, times)
         expected = dict(
             zip(
@@ -246,6 +247,7 @@ def test_restrict_modalities_removes_exactly_the_dropped_modalities() -> None:
     cfg = load_model_config("tiny")
     torch.manual_seed(0)
     model = HealthFM(cfg, vocab_size=40, n_prs_traits=4).eval()
+    assert model.genomics_encoder is not None
     with torch.no_grad():  # genomics FiLM starts at identity: give it an effect to remove
         for p in model.genomics_encoder.parameters():
             p.normal_(0.0, 0.1)

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from flwr.app import (
     Metadata,
     RecordDict,
 )
+from flwr.app.message import make_message
+from helpers.narrowing import present
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
@@ -59,7 +62,7 @@ from simulations.synthetic import generate_federation
 
 BASE = {"min-code-subjects": 5, "min-report-subjects": 2}
 DELTA = 1e-5
-SPEND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
+SPEND: dict[str, Any] = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def setup(federation) -> FederationSetup:
         SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **BASE})).code_stats()
         for s in federation.sites
     ]
-    return FederationSetup(
+    return FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
         vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"), model_seed=1
     )
 
@@ -97,8 +100,8 @@ def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarra
     return {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in groups}
 
 
-def round_cfg(setup: FederationSetup, rnd: int, **kw) -> RoundConfig:
-    base = dict(
+def round_cfg(setup: FederationSetup, rnd: int, **kw: Any) -> RoundConfig:
+    base: dict[str, Any] = dict(
         round=rnd,
         rounds=3,
         local_steps=2,
@@ -171,7 +174,7 @@ def test_every_healthfm_parameter_gets_a_clipped_per_sample_gradient(federation,
     losses, mean_norm = step(model, batch, ObjectiveWeights(), torch.Generator().manual_seed(0))
     assert np.isfinite(losses["total"]) and mean_norm > clip
     # A parameter no sample's loss reaches (e.g. a head whose objective these samples lack) has none.
-    summed = {n: p.summed_grad for n, p in model.named_parameters() if p.summed_grad is not None}
+    summed = {n: p.summed_grad for n, p in model.named_parameters() if p.summed_grad is not None}  # type: ignore[attr-defined]  # set by the DP step's per-sample hooks
     total = torch.linalg.vector_norm(torch.stack([g.norm() for g in summed.values()]))
     assert float(total) <= 4 * clip * (1 + 1e-4)
     for name in [
@@ -218,20 +221,20 @@ def test_epsilon_after_three_rounds_equals_the_accountant_and_survives_a_restart
     reference = RDPAccountant()
     reference.history = [(1.1, rate, 3 * 2)]  # total steps at the site's sampling rate
     expected = reference.get_epsilon(DELTA)
-    assert replies[-1].dp.epsilon == pytest.approx(expected, rel=1e-12)
-    assert replies[-1].dp.delta == DELTA
+    assert present(replies[-1].dp).epsilon == pytest.approx(expected, rel=1e-12)
+    assert present(replies[-1].dp).delta == DELTA
     # Epsilon grows round by round (a fresh accountant per round would report round 1's value each time).
-    eps = [r.dp.epsilon for r in replies]
+    eps = [present(r.dp).epsilon for r in replies]
     assert eps[0] < eps[1] < eps[2]
     ledger = json.loads((state / LEDGER_FILE).read_text())
     assert [r["round"] for r in ledger["rounds"]] == [1, 2, 3] and ledger["history"] == [[1.1, rate, 6]]
     assert not replies[-1].losses and replies[-1].grad_norm is None  # not covered by DP: withheld
 
     restarted = runtime(federation, "genomics", policy, state)  # a new SuperNode process on the same state
-    assert restarted.privacy_spend().epsilon == pytest.approx(expected, rel=1e-12)
+    assert present(restarted.privacy_spend()).epsilon == pytest.approx(expected, rel=1e-12)
     fourth = restarted.train(setup, arrays, round_cfg(setup, 4, rounds=4))
     reference.history = [(1.1, rate, 8)]
-    assert fourth.dp.epsilon == pytest.approx(reference.get_epsilon(DELTA), rel=1e-12)
+    assert present(fourth.dp).epsilon == pytest.approx(reference.get_epsilon(DELTA), rel=1e-12)
 
 
 def test_a_damaged_ledger_is_never_replaced_by_a_fresh_one(tmp_path) -> None:
@@ -267,8 +270,8 @@ def test_target_epsilon_is_reached_at_the_end_of_the_run(federation, setup, tmp_
     rt = runtime(federation, "genomics", policy, tmp_path / "state")
     arrays = own_arrays(setup, rt.groups)
     out = [rt.train(setup, arrays, round_cfg(setup, r, rounds=2, local_steps=1)) for r in (1, 2)]
-    assert out[0].dp.epsilon < 4.0
-    assert out[1].dp.epsilon == pytest.approx(4.0, abs=0.05)
+    assert present(out[0].dp).epsilon < 4.0
+    assert present(out[1].dp).epsilon == pytest.approx(4.0, abs=0.05)
 
 
 # ------------------------------------------------------------------------ the policy via the ClientApp
@@ -286,7 +289,7 @@ def message(content: RecordDict, message_type: str, node: int = 7) -> Message:
         ttl=3600.0,
         message_type=message_type,
     )
-    return Message(content, metadata=metadata)
+    return make_message(metadata, content)
 
 
 class Node:
@@ -332,9 +335,9 @@ def test_a_request_over_the_cap_is_refused_and_no_update_leaves(federation, setu
     groups = ["shared", "ehr", "wearables"]
     first = node.train(setup, groups, round_cfg(setup, 1))
     assert not first.has_error() and len(first.content.array_records) == 1
-    epsilon = parsed(first).dp.epsilon
+    epsilon = present(parsed(first).dp).epsilon
     assert 0 < epsilon <= 3.0
-    assert parsed(first).dp.epsilon_cap == 3.0  # the policy's cap travels with the spend
+    assert present(parsed(first).dp).epsilon_cap == 3.0  # the policy's cap travels with the spend
     ledger_before = (state / LEDGER_FILE).read_bytes()
 
     second = node.train(setup, groups, round_cfg(setup, 2))
@@ -398,7 +401,9 @@ def test_metrics_and_statistics_on_too_few_subjects_are_withheld(federation, set
     assert loose.n_wearable_subjects == 7 and min(c.n_subjects for c in loose.codes.values()) < 10
     # Evaluation: splits of 3 subjects < 10: every task withheld.
     evaluation = rt.evaluate(
-        setup, arrays, EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256, n_boot=10)
+        setup,
+        arrays,
+        EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256, n_boot=10),  # type: ignore[list-item]  # a task name: EvalConfig resolves it
     )
     assert evaluation.withheld == 1 and not evaluation.tasks
 
@@ -469,7 +474,7 @@ def test_a_round_that_fails_after_its_reservation_stays_counted(federation, setu
         rt.train(setup, bad, round_cfg(setup, 1))  # NaN weights: the loss fails during training
     ledger = PrivacyLedger(state)
     assert ledger.steps == 2 and [r.status for r in ledger.data.rounds] == ["reserved"]
-    assert rt.privacy_spend().epsilon > 0
+    assert present(rt.privacy_spend()).epsilon > 0
 
 
 def test_two_runtimes_training_at_once_record_every_step_and_stop_at_the_cap(federation, setup, tmp_path) -> None:

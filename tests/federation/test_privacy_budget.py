@@ -55,7 +55,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
 def setup(federation) -> FederationSetup:
     site = federation.site(SITE)
     config = SiteConfig.from_node_config({"site-root": str(site.root), "site-name": SITE, "min-code-subjects": 5})
-    return FederationSetup(
+    return FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
         vocabulary=build_vocabulary([SiteRuntime(config).code_stats()], min_subjects=5),
         model=load_model_config("tiny"),
         model_seed=1,
@@ -110,7 +110,7 @@ def train_dp(runtime: SiteRuntime, setup: FederationSetup, rnd: int) -> TrainRep
 
 
 def test_a_site_rejoining_with_another_state_dir_is_refused_dp_until_a_new_budget(
-    federation, setup, site_key, tmp_path
+    federation, setup, site_key: tuple[Path, str], tmp_path: Path
 ) -> None:
     """The replayed break: a DP site rejoined with another --state-dir trained again from epsilon 0."""
     first, second = tmp_path / "state-a", tmp_path / "state-b"
@@ -154,7 +154,8 @@ def test_a_site_rejoining_with_another_state_dir_is_refused_dp_until_a_new_budge
         "replaced_epsilon": spent.dp.epsilon,
     }
     # A refusal says it too (the site's spend travels with it).
-    assert runtime.privacy_spend() is not None and runtime.privacy_spend().new_budget_at == reply.dp.new_budget_at
+    spend_now = runtime.privacy_spend()
+    assert spend_now is not None and spend_now.new_budget_at == reply.dp.new_budget_at
     # The key's record now names the new ledger and keeps the one given up.
     saved = read_record(record)
     assert saved is not None and saved.current.ledger == str(second / LEDGER_FILE)

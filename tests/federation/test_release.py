@@ -59,7 +59,7 @@ def setup(federation) -> FederationSetup:
         SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **MIN})).code_stats()
         for s in federation.sites
     ]
-    return FederationSetup(vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"))
+    return FederationSetup(vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"))  # type: ignore[call-arg]  # modalities: filled by its before-validator
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +526,7 @@ def test_the_prediction_times_file_is_read_as_documented(
     parser = build_parser()
     helps = {
         a.dest: a.help
-        for sub in parser._subparsers._group_actions[0].choices.values()
+        for sub in parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]  # argparse internals: the parser has subcommands
         for a in sub._actions
         if a.dest == "prediction_times"
     }

@@ -18,6 +18,7 @@ from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import load_head
 from healthfm_core.protocol import EvalReply
+from healthfm_core.protocol.task_reason import TaskReason
 from healthfm_core.release import load_release
 from simulations.federated_head_run import head_node_configs
 from simulations.task_head import compare_heads, markdown
@@ -139,6 +140,7 @@ def test_embed_gives_the_evaluations_embeddings(released_run, tmp_path: Path) ->
     release = load_release(model, trusted_keys=[key_of(model)])
     runtime, _ = open_site_runtime(Path(root), release, 2, None, 0.5)
     table = runtime.labels(eval_config(release, [KEY]))[KEY]
+    assert not isinstance(table, TaskReason)
     key = {(s, t): i for i, (s, t) in enumerate(zip(emb["subject_id"].to_pylist(), emb["prediction_time"].to_pylist()))}
     idx = np.array([key[(s, t)] for s, t in zip(table["subject_id"].to_pylist(), table["prediction_time"].to_pylist())])
     x = np.stack(emb["embedding"].to_numpy(zero_copy_only=False))[idx].astype(np.float64)

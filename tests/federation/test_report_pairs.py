@@ -23,6 +23,7 @@ from healthfm_core.eval.probes import binary_row
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
 from healthfm_core.eval.site_eval import task_labels_at_site
 from healthfm_core.protocol import EvalConfig, SplitCount
+from healthfm_core.protocol.task_reason import TaskReason
 from simulations.common import onset_eval_data
 from simulations.pretrain import refuse_site_labelled_tasks
 from simulations.report import ablation_table
@@ -52,6 +53,7 @@ def test_report_rows_are_the_rows_the_site_evaluation_labels(sites: dict, per_si
     n_per_subject = EvalConfig.model_fields["n_per_subject"].default
     for name, (site, _) in sites.items():
         at_site = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=0)[key]
+        assert not isinstance(at_site, TaskReason)
         expected = set(
             zip(
                 at_site["subject_id"].to_pylist(),

@@ -16,6 +16,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.app.message import make_message
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -74,7 +75,7 @@ def per_key(replies: list[Message]) -> list[Message]:
         content[ARRAYS_RECORD] = ArrayRecord(
             {k: Array(v) for k, v in unpack_record(msg.content.array_records[ARRAYS_RECORD], where="test").items()}
         )
-        out.append(Message(content, metadata=msg.metadata))
+        out.append(make_message(msg.metadata, content))
     return out
 
 
@@ -90,7 +91,7 @@ def message(node_id: int, content: RecordDict) -> Message:
         ttl=3600.0,
         message_type=MessageType.TRAIN,
     )
-    return Message(content, metadata=metadata)
+    return make_message(metadata, content)
 
 
 def site_arrays(groups: list[str], value: float) -> dict[str, np.ndarray]:
@@ -107,9 +108,8 @@ def strategy(**kwargs) -> ModalityAwareFedAvg:
 def sent_to(replies: list[Message]) -> list[Message]:
     """The train messages the replies answer (one per node, as the Grid addresses them)."""
     return [
-        Message(
-            RecordDict(),
-            metadata=Metadata(
+        make_message(
+            Metadata(
                 run_id=1,
                 message_id=f"train-{r.metadata.src_node_id}",
                 src_node_id=0,
@@ -120,6 +120,7 @@ def sent_to(replies: list[Message]) -> list[Message]:
                 ttl=3600.0,
                 message_type=MessageType.TRAIN,
             ),
+            RecordDict(),
         )
         for r in replies
     ]
@@ -130,7 +131,8 @@ def aggregate(s: ModalityAwareFedAvg, rnd: int, replies: list[Message], **kwargs
     return aggregate_replies(s, rnd, replies, **inputs)
 
 
-def result(arrays: ArrayRecord | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def result(arrays: ArrayRecord | dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    assert arrays is not None
     return {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in arrays.items()}
 
 
@@ -243,7 +245,7 @@ def test_replies_read_as_they_arrive_are_judged_as_if_read_after_the_last(monkey
     for key, value in result(alone.arrays).items():
         np.testing.assert_array_equal(result(early.arrays)[key], value)
     # A reply alike but not the one read (another Message object) is read again, not looked up.
-    again = Message(replies[0].content, metadata=replies[0].metadata)
+    again = make_message(replies[0].metadata, replies[0].content)
     assert read.get(again) is None and read.get(replies[0]) is not None
     assert read.size(replies[0]) == message_size(replies[0]) == read.size(again)  # sized on arrival, or now
 
@@ -294,6 +296,7 @@ def test_the_strategy_keeps_no_round_state() -> None:
     b2, a2 = aggregate(strategy(), 2, second), aggregate(strategy(), 1, first)
     for x, y in ((a, a2), (b, b2)):
         assert x.accepted == y.accepted and x.rejected == y.rejected and x.contributors == y.contributors
+        assert x.arrays is not None and y.arrays is not None
         for k in x.arrays:
             np.testing.assert_array_equal(x.arrays[k], y.arrays[k])
     assert vars(shared).keys() == vars(strategy()).keys()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +39,7 @@ def hospital_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(generate_federation(out, "hospital", seed=0, n_subjects=12, progress=False).sites[0].root)
 
 
-def _setup(root: Path, **tokens: float) -> FederationSetup:
+def _setup(root: Path, **tokens: Any) -> FederationSetup:
     vocab = build_vocabulary([site_code_stats(open_site(root), min_subjects=1)], min_subjects=1)
     return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), modalities=["ehr"], **tokens)
 
@@ -117,7 +118,9 @@ def test_run_configs_name_the_token_settings(tmp_path: Path) -> None:
 
 
 def test_per_event_layout_is_one_token_per_row() -> None:
-    rows = [(1, T0 + timedelta(hours=h), f"LAB//{k}", float(k)) for h in (1, 5, 30) for k in range(4)]
+    rows: list[tuple[int, datetime | None, str, float | None]] = [
+        (1, T0 + timedelta(hours=h), f"LAB//{k}", float(k)) for h in (1, 5, 30) for k in range(4)
+    ]
     rows += [(1, None, "GENDER//F", None), (1, None, "RACE//X", None)]
     ev = pa.table({n: list(c) for n, c in zip(EVENT_SCHEMA.names, zip(*rows))}, schema=EVENT_SCHEMA)
     vocab = build_vocabulary([events_code_stats(ev)], min_subjects=1)

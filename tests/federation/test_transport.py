@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app.message import make_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import RESIDUAL_STATE_KEY, make_client_app, stored_residual
@@ -46,6 +47,7 @@ def test_nearest_rounding_round_trips_within_half_a_step(magnitude: float) -> No
     reference = rng.standard_normal((17, 33)).astype(np.float32)
     trained = (reference + magnitude * rng.standard_normal(reference.shape)).astype(np.float32)
     encoded = encode_update({"w": trained}, {"w": reference}, "int8", rounding="nearest")
+    assert encoded.scales is not None
     q, scale = encoded.arrays["w"], encoded.scales["w"]
     assert q.dtype == np.int8 and q.min() >= -INT8_MAX and np.abs(q.astype(int)).max() == INT8_MAX
     decoded = decode_update(encoded.arrays, encoded.scales, {"w": reference})["w"]
@@ -61,6 +63,7 @@ def test_nearest_rounding_round_trips_within_half_a_step(magnitude: float) -> No
 def test_an_unchanged_tensor_is_sent_exactly_with_a_positive_scale() -> None:
     reference = {"w": np.linspace(-1, 1, 10, dtype=np.float32)}
     encoded = encode_update(reference, reference, "int8", rng=np.random.default_rng(0))
+    assert encoded.scales is not None
     assert encoded.scales["w"] > 0 and not encoded.arrays["w"].any()
     np.testing.assert_array_equal(decode_update(encoded.arrays, encoded.scales, reference)["w"], reference["w"])
 
@@ -110,6 +113,7 @@ def test_error_feedback_keeps_the_cumulative_error_within_one_step() -> None:
         assert plain.residual == {}
         sent_without += decode_update(plain.arrays, plain.scales, reference)["w"]
     target = rounds * trained["w"].astype(np.float64)
+    assert enc.scales is not None
     step = enc.scales["w"]
     assert np.abs(sent_with - target).max() <= step  # bounded, whatever the number of rounds
     np.testing.assert_allclose(sent_with + residual["w"], target, atol=1e-5)  # nothing lost, only delayed
@@ -121,16 +125,18 @@ def test_error_feedback_keeps_the_cumulative_error_within_one_step() -> None:
         enc = encode_update(trained, reference, "int8", rng=rng, residual=residual)
         residual = enc.residual
         total += decode_update(enc.arrays, enc.scales, reference)["w"]
+    assert enc.scales is not None
     assert np.abs(total - target).max() <= 2 * enc.scales["w"]
 
 
 def test_fp16_and_fp32_and_non_floating_arrays() -> None:
-    arrays = {"w": np.full(3, 1.5, np.float32), "n": np.arange(3, dtype=np.int64)}
+    arrays: dict[str, np.ndarray] = {"w": np.full(3, 1.5, np.float32), "n": np.arange(3, dtype=np.int64)}
     assert encode_update(arrays, {}, "fp32").arrays["w"].dtype == np.float32
     half = encode_update(arrays, {}, "fp16")
     assert half.arrays["w"].dtype == np.float16 and half.arrays["n"].dtype == np.int64 and half.scales is None
     np.testing.assert_array_equal(decode_update(half.arrays, None, arrays)["w"], arrays["w"])
     int8 = encode_update(arrays, arrays, "int8", rng=np.random.default_rng(0))
+    assert int8.scales is not None
     assert int8.arrays["n"].dtype == np.int64 and set(int8.scales) == {"w"}
     with pytest.raises(ValueError, match="no received array"):
         encode_update(arrays, {}, "int8", rng=np.random.default_rng(0))
@@ -141,7 +147,7 @@ def test_fp16_and_fp32_and_non_floating_arrays() -> None:
 
 def test_the_fp16_downlink_casts_what_float16_holds_and_nothing_else() -> None:
     rng = np.random.default_rng(0)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "w": rng.standard_normal((8, 5)).astype(np.float32),
         "large": np.array([1.0, -7e4], np.float32),  # beyond float16's 65504: would travel as Inf
         "nan": np.array([np.nan, 1.0], np.float32),
@@ -172,7 +178,7 @@ def test_the_fp16_downlink_casts_what_float16_holds_and_nothing_else() -> None:
 def test_onto_master_gives_back_the_master_where_the_round_left_what_was_received() -> None:
     rng = np.random.default_rng(1)
     # Values across float16's normal and subnormal range and below it (those become 0 on the wire).
-    master = {
+    master: dict[str, np.ndarray] = {
         "w": (rng.standard_normal(4000) * np.logspace(-10, 3, 4000)).astype(np.float32),
         "v": rng.standard_normal(50).astype(np.float32),
         "n": np.arange(3, dtype=np.int64),
@@ -225,19 +231,19 @@ def _message(content: RecordDict, message_type: str, node: int) -> Message:
         ttl=3600.0,
         message_type=message_type,
     )
-    return Message(content, metadata=metadata)
+    return make_message(metadata, content)
 
 
 @pytest.mark.parametrize("downlink", ["fp32", "fp16"])
 def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
     node_configs, monkeypatch: pytest.MonkeyPatch, downlink: str
 ) -> None:
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp process
-        monkeypatch.setattr(TaskIdentity, name, value)
+    for name, ident in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, name, ident)
     config = node_configs[0]
     site = SiteRuntime(SiteConfig.from_node_config(config))
     vocab = build_vocabulary([site.code_stats()], min_subjects=5)
-    setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
+    setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)  # type: ignore[call-arg]  # modalities: filled by its before-validator
     master = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in site.groups}
     # What the message carries, and what the server judges the reply against (the float16 values
     # in float32 under an fp16 downlink): the site's residual must be against the same.

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 
-def compose_cfg(name: str, overrides: list[str]):  # type: ignore[no-untyped-def]
+def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(name, overrides=overrides)
 

@@ -3,8 +3,12 @@ aggregation over them."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app.message import make_message
+from flwr.app.typing import MetricRecordValues
 
 from healthfm_core.protocol import (
     ARRAYS_RECORD,
@@ -49,7 +53,7 @@ def initial_arrays() -> dict[str, np.ndarray]:
 def reply(
     node: int,
     arrays: dict[str, np.ndarray],
-    counts: dict[str, object],
+    counts: dict[str, Any],
     num_examples: object = None,
     scales: dict[str, float] | None = None,
     dp: bool = False,
@@ -64,8 +68,8 @@ def reply(
         metrics["loss.total"] = 1.0
     content = RecordDict({METRICS_RECORD: MetricRecord(metrics), ARRAYS_RECORD: pack_record(arrays)})
     if scales is not None:
-        content[SCALES_RECORD] = MetricRecord(scales)
-    return Message(content, metadata=train_metadata(f"reply-{node}", src=node, dst=0, reply_to=f"train-{node}"))
+        content[SCALES_RECORD] = MetricRecord(cast(dict[str, MetricRecordValues], scales))
+    return make_message(train_metadata(f"reply-{node}", src=node, dst=0, reply_to=f"train-{node}"), content)
 
 
 def aggregate(
@@ -83,4 +87,4 @@ SHAPES = {"shared.w": (8, 16), "shared.b": (16,), "ehr.w": (32,), "wearables.w":
 def sent_to(replies: list[Message]) -> list[Message]:
     """The train messages the replies answer (one per node, as the Grid addresses them)."""
     nodes = sorted({r.metadata.src_node_id for r in replies})
-    return [Message(RecordDict(), metadata=train_metadata(f"train-{n}", src=0, dst=n)) for n in nodes]
+    return [make_message(train_metadata(f"train-{n}", src=0, dst=n), RecordDict()) for n in nodes]

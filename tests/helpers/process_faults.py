@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ class Background:
     """A coordinator command (e.g. `launch --wait`) running in a thread."""
 
     def __init__(self, *args: str, timeout: float = 600) -> None:
-        self.result = None
+        self.result: subprocess.CompletedProcess[str] | None = None
         self.thread = threading.Thread(target=self._run, args=(args, timeout), daemon=True)
         self.thread.start()
 

@@ -4,20 +4,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from healthfm_core.model.config import load_model_config
 from server.config import FederationConfig, ServerOptimizerConfig
 
 
-def fed_config(out_dir: Path, **overrides) -> FederationConfig:
-    base = dict(
+def fed_config(out_dir: Path, **overrides: Any) -> FederationConfig:
+    base: dict[str, Any] = dict(
         out_dir=out_dir, model=load_model_config("tiny"), rounds=2, min_nodes=1, eval_tasks=["onset_hypertension_365d"]
     )
     return FederationConfig(**{**base, **overrides})
 
 
-def three_site_config(out_dir: Path, **overrides) -> FederationConfig:
-    base = dict(
+def three_site_config(out_dir: Path, **overrides: Any) -> FederationConfig:
+    base: dict[str, Any] = dict(
         out_dir=out_dir,
         model=load_model_config("tiny"),
         rounds=2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from secure_aggregation.config import SecAggConfig
 from secure_aggregation.field import clip_update
 from secure_aggregation.layout import group_vector, split_group_vector
 from secure_aggregation.simulate import SimulatedRound, run_secure_round
+from server.influence import Accepted
 from server.strategy import ModalityAwareFedAvg
 
 # One key or two per group, named as HealthFM's state_dict names them (parameter_group reads them).
@@ -126,7 +128,8 @@ def plain_average(
         )
         for node in nodes
     ]
-    arrays, _ = strategy.average(accepted, reference)
+    # Stand-ins for parsed replies: average reads only their arrays and the counts.
+    arrays, _ = strategy.average(cast("list[Accepted]", accepted), reference)
     return arrays
 
 

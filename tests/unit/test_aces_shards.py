@@ -10,6 +10,7 @@ they must equal ACES's own query over all events at once with a config ACES load
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 import pyarrow as pa
@@ -45,7 +46,7 @@ def sharded_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _per_shard(table: pa.Table) -> list[pl.DataFrame]:
-    df = pl.from_arrow(table)
+    df = cast(pl.DataFrame, pl.from_arrow(table))
     assert isinstance(df, pl.DataFrame)
     out = []
     for k in range(N_SHARDS):
@@ -109,6 +110,6 @@ def test_labels_are_the_same_in_every_shard_and_equal_aces_alone(
         expected = (
             pl.concat(parts).unique(subset=["subject_id", "prediction_time"]).sort("subject_id", "prediction_time")
         )
-        got = pl.from_arrow(by_reader["aces_labels"][h]).sort("subject_id", "prediction_time")
+        got = cast(pl.DataFrame, pl.from_arrow(by_reader["aces_labels"][h])).sort("subject_id", "prediction_time")
         assert isinstance(got, pl.DataFrame)
         assert got.equals(expected.select(got.columns)), f"{h}d: {got.height} rows vs ACES alone {expected.height}"

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 from omegaconf import DictConfig
@@ -42,6 +43,7 @@ def test_predicates_from_a_read_frame_equal_aces_own_loader(site_roots: list[Pat
             frame = aces_tasks._meds_frame(shard)
             for name in TASKS:
                 task = load_task(name)
+                assert task.metadata.horizons_days is not None
                 for v in aces_tasks._variants(task):
                     cfg = aces_tasks._parse(task.config_for(task.metadata.horizons_days[0], *v), name)
                     ours = aces_tasks._predicates_from_frame(cfg, frame)
@@ -56,7 +58,12 @@ def test_predicates_from_a_read_frame_equal_aces_own_loader(site_roots: list[Pat
 def test_shared_labels_equal_the_per_task_labels_and_read_each_shard_once(site_roots, monkeypatch) -> None:
     reads: list[Path] = []
     real = aces_tasks._meds_frame
-    monkeypatch.setattr(aces_tasks, "_meds_frame", lambda shard: reads.append(shard) or real(shard))
+
+    def counted_read(shard: Path) -> pl.DataFrame:
+        reads.append(shard)
+        return real(shard)
+
+    monkeypatch.setattr(aces_tasks, "_meds_frame", counted_read)
     tasks = [load_task(name) for name in TASKS]
     rows = 0
     for root in site_roots:
@@ -124,5 +131,7 @@ def test_a_sites_task_labels_follow_the_spec_order_with_an_invalid_task_kept_apa
             continue
         held = open_site(root).held_out_subjects()
         for h, table in aces_labels(spec.aces(), root).items():  # ACES's rows: train and tuning capped, held_out whole
-            assert labels[f"{spec.name}_{h}d"].equals(cap_rows_per_subject(table, 4, seed=0, every_row_of=held))
+            got = labels[f"{spec.name}_{h}d"]
+            assert isinstance(got, pa.Table)
+            assert got.equals(cap_rows_per_subject(table, 4, seed=0, every_row_of=held))
     assert list(labels) == [*bad.keys(), *[k for s in specs for k in s.keys()]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 import pyarrow as pa
@@ -41,7 +42,7 @@ def _events(root: Path) -> pa.Table:
 
 def _clinical(events: pa.Table) -> pl.DataFrame:
     """Timed events that are neither a birth nor a death (nor a prediction-time mark)."""
-    return pl.from_arrow(events).filter(
+    return cast(pl.DataFrame, pl.from_arrow(events)).filter(
         pl.col("time").is_not_null() & ~pl.col("code").is_in(["MEDS_BIRTH", "MEDS_DEATH", PREDICTION_TIME_CODE])
     )
 
@@ -50,7 +51,7 @@ def _with_history(times: pa.Table, events: pa.Table) -> pa.Table:
     """The (subject_id, prediction_time) rows with a clinical event strictly before them: where
     the shipped tasks may predict (min_history_events 1)."""
     first = _clinical(events).group_by("subject_id").agg(pl.col("time").min().alias("first"))
-    df = pl.from_arrow(times).join(first, on="subject_id", how="inner")
+    df = cast(pl.DataFrame, pl.from_arrow(times)).join(first, on="subject_id", how="inner")
     return df.filter(pl.col("prediction_time") > pl.col("first")).drop("first").to_arrow()
 
 
@@ -61,7 +62,7 @@ def _all_event_times(events: pa.Table) -> pa.Table:
 
 
 def _sorted(t: pa.Table) -> pl.DataFrame:
-    return pl.from_arrow(t).sort("subject_id", "prediction_time")
+    return cast(pl.DataFrame, pl.from_arrow(t)).sort("subject_id", "prediction_time")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_aces_equals_onset_labels(federations: dict[str, Path]) -> None:
             events = _events(site_root)
             all_times = _all_event_times(events)
             visits = visit_prediction_times(events, n_per_subject=4, seed=0)
-            visit_df = pl.from_arrow(visits)
+            visit_df = cast(pl.DataFrame, pl.from_arrow(visits))
             for name in TASK_NAMES:
                 task = load_task(name)
                 new = aces_labels(task, site_root)
@@ -128,7 +129,9 @@ def test_prediction_times_filter(federations: dict[str, Path]) -> None:
     visits = visit_prediction_times(events, n_per_subject=2, seed=3)
     full = aces_labels("t2d", root, horizons_days=[90])[90]
     kept = aces_labels("t2d", root, horizons_days=[90], prediction_times=visits)[90]
-    expect = _sorted(full).join(pl.from_arrow(visits), on=["subject_id", "prediction_time"], how="inner")
+    expect = _sorted(full).join(
+        cast(pl.DataFrame, pl.from_arrow(visits)), on=["subject_id", "prediction_time"], how="inner"
+    )
     assert 0 < kept.num_rows < full.num_rows
     assert _sorted(kept).equals(expect)
 
@@ -138,7 +141,7 @@ def test_hospital_onsets_in_both_coding_systems(federations: dict[str, Path]) ->
     truth = federations["hospital"].parent / "truth"
     seen = set()
     for site_root in sorted(p for p in federations["hospital"].iterdir() if p.is_dir()):
-        events = pl.from_arrow(_events(site_root))
+        events = cast(pl.DataFrame, pl.from_arrow(_events(site_root)))
         onsets = pl.read_parquet(truth / site_root.name / "onsets.parquet")
         for disease, name in (("T2D", "t2d"), ("CAD", "cad"), ("HTN", "hypertension"), ("COPD", "copd")):
             regex = load_task(name).config["predicates"]["outcome"]["code"]["regex"]
@@ -186,10 +189,10 @@ def test_rules_on_hand_made_subjects(tmp_path: Path) -> None:
     history = [(s, d(2060, 1, 1), "MEDS_BIRTH") for s in range(1, 6)]
     history += [(s, d(2109, 6, 1), "VISIT") for s in range(1, 6)]
     got = aces_labels("t2d", _write_site(tmp_path / "site", history + rows), horizons_days=[90])[90]
-    first = pl.from_arrow(got).filter(pl.col("prediction_time") == d(2110, 1, 1)).sort("subject_id")
+    first = cast(pl.DataFrame, pl.from_arrow(got)).filter(pl.col("prediction_time") == d(2110, 1, 1)).sort("subject_id")
     assert first.select("subject_id", "boolean_value").rows() == [(2, True), (3, False), (5, False)]
     # Never at birth, nor at the first clinical event (no history before it).
-    assert not pl.from_arrow(got)["prediction_time"].is_in([d(2060, 1, 1), d(2109, 6, 1)]).any()
+    assert not cast(pl.DataFrame, pl.from_arrow(got))["prediction_time"].is_in([d(2060, 1, 1), d(2109, 6, 1)]).any()
 
 
 def test_no_prediction_at_birth_or_without_history(tmp_path: Path) -> None:
@@ -214,7 +217,7 @@ def test_no_prediction_at_birth_or_without_history(tmp_path: Path) -> None:
     tasks = [load_task(name) for name in TASK_NAMES]
     for task, labels in zip(tasks, aces_labels_shared(tasks, root), strict=True):
         for h, table in labels.items():
-            got = pl.from_arrow(table).select("subject_id", "prediction_time").rows()
+            got = cast(pl.DataFrame, pl.from_arrow(table)).select("subject_id", "prediction_time").rows()
             assert (1, d(2050, 1, 1)) not in got and (2, d(2060, 1, 1)) not in got, (task.name, h)
             assert (1, d(2100, 1, 1)) not in got, (task.name, h)
             assert {(1, d(2100, 6, 1)), (1, d(2101, 1, 1)), (2, d(2100, 1, 1))} <= set(got), (task.name, h)
@@ -223,10 +226,14 @@ def test_no_prediction_at_birth_or_without_history(tmp_path: Path) -> None:
     text = (Path(load_task("t2d").path)).read_text().replace("min_history_events: 1", "min_history_events: 2")
     stricter = tmp_path / "t2d_2.yaml"
     stricter.write_text(text)
-    got = set(pl.from_arrow(aces_labels(stricter, root, [90])[90]).select("subject_id", "prediction_time").rows())
+    got_stricter = set(
+        cast(pl.DataFrame, pl.from_arrow(aces_labels(stricter, root, [90])[90]))
+        .select("subject_id", "prediction_time")
+        .rows()
+    )
     # ACES counts a window's rows: subject 1's first visit has two (VISIT and LAB), subject 2's one.
-    assert (2, d(2100, 1, 1)) not in got
-    assert {(1, d(2100, 6, 1)), (1, d(2101, 1, 1))} <= got
+    assert (2, d(2100, 1, 1)) not in got_stricter
+    assert {(1, d(2100, 6, 1)), (1, d(2101, 1, 1))} <= got_stricter
 
 
 def test_times_as_events_label_wear_period_ends_as_the_event_rules_do(federations: dict[str, Path]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -238,7 +239,7 @@ def test_dispatch_reference_and_bad_choices(monkeypatch: pytest.MonkeyPatch) -> 
     assert torch.equal(ct_attention(q, k, v, t_grad, t, log_w, rates, valid).detach(), want)
     assert torch.equal(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="reference"), want)
     with pytest.raises(ValueError, match="impl='fast'"):
-        ct_attention(q, k, v, t, t, log_w, rates, valid, impl="fast")  # type: ignore[arg-type]
+        ct_attention(q, k, v, t, t, log_w, rates, valid, impl="fast")
     monkeypatch.setenv("HEALTHFM_CT_ATTENTION", "cuda")
     with pytest.raises(ValueError, match="HEALTHFM_CT_ATTENTION"):
         ct_attention(q, k, v, t, t, log_w, rates, valid)
@@ -299,8 +300,11 @@ def test_the_layers_decay_mixtures_together_are_each_layers_own() -> None:
     kernels = _kernels(6)
     together = decay_mixtures(kernels)
     weights = [torch.randn(k.weight_logits.shape) for k in kernels]
-    sum(((lw * w).sum() + (r * w).sum()) for (lw, r), w in zip(together, weights)).backward()
-    grads = [(k.weight_logits.grad.clone(), k.rate_logits.grad.clone()) for k in kernels]
+    cast(torch.Tensor, sum(((lw * w).sum() + (r * w).sum()) for (lw, r), w in zip(together, weights))).backward()
+    grads = []
+    for k in kernels:
+        assert k.weight_logits.grad is not None and k.rate_logits.grad is not None
+        grads.append((k.weight_logits.grad.clone(), k.rate_logits.grad.clone()))
     for k in kernels:
         k.zero_grad(set_to_none=True)
     one_by_one = [k() for k in kernels]

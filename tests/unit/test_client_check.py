@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -114,6 +115,7 @@ def test_json_output_is_the_site_report(site_tables, write_site, capsys):
     coverage = blob.pop("history_coverage")
     report = SiteReport.model_validate(blob)
     assert report.ok and report == check_site(root)
+    assert report.summary is not None
     assert report.summary.subjects_per_modality == {"ehr": 2, "wearables": 2, "genomics": 2}
     # Days of history the model sees: every record fits in 256 day-tokens of this small site...
     assert coverage["max_tokens"] == 256 and coverage["fraction_full_history"] == 1.0
@@ -159,10 +161,11 @@ def test_every_generated_synthetic_site_passes_check(tmp_path):
     synthetic.generate_federation(tmp_path / "fed", scenario="default", seed=0, n_subjects=30)
     sites = sorted(p for p in (tmp_path / "fed" / "sites").iterdir() if p.is_dir())
     assert len(sites) >= 4
-    seen_modalities = set()
+    seen_modalities: set[str] = set()
     for root in sites:
         report = check_site(root, strict=True)
         assert report.ok, (root.name, [str(p) for p in report.problems])
+        assert report.summary is not None
         seen_modalities.update(report.summary.modalities)
         assert main(["check", str(root), "--no-progress"]) == EXIT_OK
     assert seen_modalities == {"ehr", "wearables", "genomics"}
@@ -210,9 +213,9 @@ def test_the_true_number_of_problems_is_printed_with_the_lines_not_shown(site_ta
 def test_a_polars_export_with_static_rows_last_passes(site_tables, write_site, capsys):
     root = write_site(site_tables)
     for rel, table in site_tables.shards.items():
-        pl.from_arrow(table).sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(
-            root / "data" / rel
-        )
+        cast(pl.DataFrame, pl.from_arrow(table)).sort(
+            ["subject_id", "time"], nulls_last=True, maintain_order=True
+        ).write_parquet(root / "data" / rel)
     assert main(["check", str(root)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "ERROR" not in out and "WARNING" not in out
@@ -270,10 +273,10 @@ def _expected_t2d_counts(root: Path, evaluated: bool = False) -> dict[int, dict[
     events = events.set_column(
         2, "code", pc.if_else(pc.match_substring_regex(events["code"], regex), pa.scalar("OUTCOME"), events["code"])
     )
-    events = pl.from_arrow(events).sort("subject_id", "time", nulls_last=False).to_arrow()
+    events = cast(pl.DataFrame, pl.from_arrow(events)).sort("subject_id", "time", nulls_last=False).to_arrow()
     # ACES's rows: the onset rules asked at every clinical event with one before it (the task's
     # trigger, clinical_event, and its history window)
-    clinical = pl.from_arrow(events).filter(
+    clinical = cast(pl.DataFrame, pl.from_arrow(events)).filter(
         pl.col("time").is_not_null() & ~pl.col("code").is_in(["MEDS_BIRTH", "MEDS_DEATH"])
     )
     every_event = (
@@ -283,14 +286,16 @@ def _expected_t2d_counts(root: Path, evaluated: bool = False) -> dict[int, dict[
         .to_arrow()
     )
     site = open_site(root)
-    splits = pl.from_arrow(site.subject_splits())
+    splits = cast(pl.DataFrame, pl.from_arrow(site.subject_splits()))
     held_out = set(site.held_out_subjects().tolist())
     out = {}
-    for h in load_task(T2D).metadata.horizons_days:
+    horizons = load_task(T2D).metadata.horizons_days
+    assert horizons is not None
+    for h in horizons:
         rows = onset_labels_from_events(events, "OUTCOME", h, every_event)
         if evaluated:
             rows = _first_four_draws(rows, held_out)
-        df = pl.from_arrow(rows).join(splits, on="subject_id")
+        df = cast(pl.DataFrame, pl.from_arrow(rows)).join(splits, on="subject_id")
         out[h] = {
             s: (g.height, g["subject_id"].n_unique(), int(g["boolean_value"].sum()))
             for s in SPLITS
@@ -478,13 +483,13 @@ def test_a_task_whose_trigger_matches_a_birth_row_gets_a_warning(hospital_site, 
     assert [p["file"] for p in at_birth] == [str(any_event)]
     assert "_ANY_EVENT" in at_birth[0]["message"] and "MEDS_BIRTH" in at_birth[0]["message"]
     # ... and it does predict at each birth there, where the shipped task does not.
-    births = pl.from_arrow(open_site(hospital_site).read_events(columns=["subject_id", "time", "code"])).filter(
-        pl.col("code") == "MEDS_BIRTH"
-    )
+    births = cast(
+        pl.DataFrame, pl.from_arrow(open_site(hospital_site).read_events(columns=["subject_id", "time", "code"]))
+    ).filter(pl.col("code") == "MEDS_BIRTH")
     counted = {(t["file"], t["horizon_days"]): t for t in blob["tasks"]["tasks"]}
     for file, predicts_at_birth in ((str(any_event), True), (str(T2D), False)):
         labels = aces_labels(load_task(file), hospital_site, [365])[365]
-        hit = pl.from_arrow(labels).join(
+        hit = cast(pl.DataFrame, pl.from_arrow(labels)).join(
             births.select("subject_id", pl.col("time").alias("prediction_time")), on=["subject_id", "prediction_time"]
         )
         assert (hit.height == births.height > 0) if predicts_at_birth else hit.height == 0, file

@@ -6,6 +6,7 @@ ServerApp's run config declares the same defaults, the same default task list am
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,7 +21,7 @@ from simulations.run import federation_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # Each federation config's deliberate change from FederationConfig's defaults (its file says why).
-CHANGES = {
+CHANGES: dict[str, dict[str, Any]] = {
     "default": {},
     "fedadam": {"server_optimizer": ServerOptimizerConfig()},
     "fp16": {"transport": "fp16"},

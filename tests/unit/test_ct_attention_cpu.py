@@ -49,7 +49,9 @@ def _inputs(
     rates=None,
     shared_times=False,
     invalid=0.25,
-):
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, nq, d, generator=g, dtype=dtype)
     k = torch.randn(b, h, nk, d, generator=g, dtype=dtype)
@@ -94,8 +96,8 @@ def _impl(name: str, block: int):
 
 
 def _reference64(q, k, v, t_q, t_k, log_w, rates, valid, causal):
-    as64 = [x.double() for x in (q, k, v, t_q, t_k, log_w, rates)]
-    return _run(ct_attention_reference, *as64[:5], as64[5], as64[6], valid, causal)
+    q64, k64, v64, t_q64, t_k64, log_w64, rates64 = (x.double() for x in (q, k, v, t_q, t_k, log_w, rates))
+    return _run(ct_attention_reference, q64, k64, v64, t_q64, t_k64, log_w64, rates64, valid, causal)
 
 
 def _assert_close(got, want, atol_out, rtol_grad, atol_grad=1e-12):

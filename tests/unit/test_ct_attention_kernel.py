@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_suite_in_fresh_interpreter_process() -> None:
 
 def _run(*args, **kwargs) -> torch.Tensor:
     """The kernel on DEVICE with the pinned config; tensors come back on the CPU."""
-    moved = [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in args]
+    moved: list[Any] = [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in args]
     out = kernel.ct_attention_triton(*moved, **{"config": CFG, **kwargs})
     return out
 
@@ -79,7 +80,7 @@ def _make(
     rate_scale: float = 1.0,
     sort: bool = True,
     ragged: bool = True,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
     t = _grid_times(torch.rand(b, n, generator=g) * span_days)
@@ -318,6 +319,15 @@ def test_bulk_tiles_match_the_planned_path(m: int, monkeypatch: pytest.MonkeyPat
         assert float((a - b).abs().max()) <= 2e-4 * scale, name
 
 
+def _causal_on_leaves(
+    leaves: list[torch.Tensor], t: torch.Tensor, valid: torch.Tensor, config: tiling.KernelConfig | None
+) -> torch.Tensor:
+    """The time-causal kernel on DEVICE at ``config``; ``leaves`` are (q, k, v, log_weights, rates)."""
+    q, k, v, log_w, rates = leaves
+    times = t.to(DEVICE)
+    return kernel.ct_attention_triton(q, k, v, times, times, log_w, rates, valid.to(DEVICE), True, config=config)
+
+
 @here
 def test_backward_with_tiles_of_its_own_matches_reference() -> None:
     # The backward reuses the forward's plan when their tiles agree (every test above); with its
@@ -325,9 +335,7 @@ def test_backward_with_tiles_of_its_own_matches_reference() -> None:
     q, k, v, t, log_w, rates, valid = _make(b=1, h=1, n=48, d=16, m=4, seed=29, span_days=200.0)
     cfg = tiling.KernelConfig(32, 32, 1, 1, 16, 16, 1, 1)  # other key tiles: other bulk anchors
     leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, log_w, rates)]
-    out = kernel.ct_attention_triton(
-        *leaves[:3], t.to(DEVICE), t.to(DEVICE), *leaves[3:], valid.to(DEVICE), True, config=cfg
-    )
+    out = _causal_on_leaves(leaves, t, valid, cfg)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     grads = torch.autograd.grad(out, leaves, grad_out.to(DEVICE))
     ref, ref_grads = _reference(q, k, v, t, t, log_w, rates, valid, True, grad_out, torch.float64)
@@ -352,9 +360,7 @@ def test_every_tiling_a_card_can_be_given_matches_reference() -> None:
     for i, (head_dim, config) in enumerate(cases):
         q, k, v, t, log_w, rates, valid = _make(b=1, h=2, n=70, d=head_dim, m=4, seed=40 + i, span_days=120.0)
         leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, log_w, rates)]
-        out = kernel.ct_attention_triton(
-            *leaves[:3], t.to(DEVICE), t.to(DEVICE), *leaves[3:], valid.to(DEVICE), True, config=config
-        )
+        out = _causal_on_leaves(leaves, t, valid, config)
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(i))
         grads = torch.autograd.grad(out, leaves, grad_out.to(DEVICE))
         ref, ref_grads = _reference(q, k, v, t, t, log_w, rates, valid, True, grad_out, torch.float64)
@@ -396,14 +402,14 @@ def test_layers_sharing_a_plan_match_reference_and_a_rewritten_batch_is_planned_
     q, k, v, t, log_w, rates, valid = _make(b=2, h=2, n=48, d=16, m=4, seed=31, span_days=300.0)
     t, valid = t.to(DEVICE), valid.to(DEVICE)
 
-    def two_layers(attention, leaves, times, mask):  # type: ignore[no-untyped-def]
+    def two_layers(attention, leaves, times, mask):
         first = attention(leaves[0], leaves[1], leaves[2], times, times, leaves[3], leaves[4], mask, True)
         return attention(first + leaves[0], leaves[1], first, times, times, leaves[3], leaves[4], mask, True)
 
-    def triton(*args):  # type: ignore[no-untyped-def]
+    def triton(*args):
         return kernel.ct_attention_triton(*args, config=CFG)
 
-    def reference(q, k, v, t_q, t_k, lw, rate, mask, causal):  # type: ignore[no-untyped-def]
+    def reference(q, k, v, t_q, t_k, lw, rate, mask, causal):
         d = torch.float64
         return ct_attention_reference(q, k, v, t_q.to(d), t_k.to(d), lw, rate, mask, causal)
 

@@ -19,7 +19,7 @@ def _bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[list[floa
     return lo, hi
 
 
-def _ops_in(fn) -> list[str]:  # type: ignore[no-untyped-def]
+def _ops_in(fn) -> list[str]:
     """The aten ops ``fn()`` dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,7 +28,7 @@ def _ops_in(fn) -> list[str]:  # type: ignore[no-untyped-def]
             super().__init__()
             self.names: list[str] = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.names.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 import torch
@@ -77,7 +79,7 @@ def test_weighted_metrics_equal_metrics_on_the_resampled_data() -> None:
     p = np.round(rng.random(60), 2)
     counts = M.bootstrap_counts(y, 4, rng)
     for metric in (M.auroc, M.average_precision, M.expected_calibration_error, M.brier_score):
-        batched = metric(y, p, weights=counts)
+        batched = cast(np.ndarray, metric(y, p, weights=counts))  # one value per weights row
         for row, w in zip(batched, counts):
             idx = np.repeat(np.arange(60), w.astype(int))
             assert row == pytest.approx(metric(y[idx], p[idx]), abs=1e-12), metric.__name__
@@ -398,5 +400,14 @@ def test_plots_and_report(tmp_path) -> None:
 def test_result_row_validation() -> None:
     with pytest.raises(Exception, match="auroc"):
         ResultRow(
-            method="m", task="t", horizon=30, n=1, n_pos=0, auroc="high", auroc_ci=(0, 1), auprc=0.1, ece=0.1, brier=0.1
+            method="m",
+            task="t",
+            horizon=30,
+            n=1,
+            n_pos=0,
+            auroc="high",  # type: ignore[arg-type]  # deliberately wrong: auroc must be a number
+            auroc_ci=(0, 1),
+            auprc=0.1,
+            ece=0.1,
+            brier=0.1,
         )

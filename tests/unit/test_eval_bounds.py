@@ -8,6 +8,7 @@ pooled 1.000 "over 10^9 rows") and a plausible n = 540 (0.982 weighted)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ SUBJECTS = 150  # each site declares 150 subjects at setup (the red team's feder
 
 
 def _cfg(max_subjects: int = 0) -> EvalConfig:
-    return EvalConfig(round=2, tasks=["t2d"], setup_sha256="ab" * 32, max_subjects=max_subjects, score_bins=BINS)
+    return EvalConfig(round=2, tasks=["t2d"], setup_sha256="ab" * 32, max_subjects=max_subjects, score_bins=BINS)  # type: ignore[list-item]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
 
 
 def _honest(seed: int, n: int, signal: float) -> EvalReply:
@@ -80,7 +81,8 @@ def test_an_evaluation_reply_claiming_a_billion_rows_is_rejected_and_named() -> 
     assert aggregate_site_metrics(accepted) == aggregate_site_metrics(honest)
     pooled = federation_aurocs([KEY], accepted, ["a", "b", "c", "z"], {"z": "evaluation reply rejected: " + rejected["z"]})  # fmt: skip
     assert pooled[KEY] == federation_aurocs([KEY], honest, ["a", "b", "c", "z"], {"z": "evaluation reply rejected: " + rejected["z"]})[KEY]  # fmt: skip
-    assert pooled[KEY].rows == 270 and pooled[KEY].auroc is not None and pooled[KEY].auroc < 0.9
+    pooled_auroc = pooled[KEY].auroc
+    assert pooled[KEY].rows == 270 and pooled_auroc is not None and pooled_auroc < 0.9
     assert "evaluation reply rejected: field onset_t2d_365d.n" in pooled[KEY].not_pooled["z"]
 
 
@@ -125,7 +127,7 @@ def test_a_plausible_inflation_moves_the_weighted_mean_but_not_the_median_and_is
     sites = _sites(_inflated(540))
     accepted, rejected = _judge(sites, _cfg())
     assert not rejected
-    honest = [sites[s].tasks[KEY].auroc for s in "abc"]
+    honest = cast(list[float], [sites[s].tasks[KEY].auroc for s in "abc"])  # each site's is set (_sites)
     weighted = aggregate_site_metrics(accepted)[f"{KEY}.auroc"]
     median = median_site_metrics(accepted)[f"{KEY}.auroc"]
     assert weighted > max(honest) + 0.03  # the attack on the mean, as reported

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import flwr.superlink.grid.http_grid as flower_http_grid
 import flwr.superlink.servicer.fleet.fleet_handlers as flower_fleet
@@ -274,9 +275,10 @@ class ScriptedHttpGrid(HttpGrid):
 
     def __init__(self, arrive: list[int | None]) -> None:
         super().__init__(token="t")
-        self.arrive, self.polls, self.sent = arrive, 0, {}
+        self.arrive, self.polls = arrive, 0
+        self.sent: dict[str, Message] = {}
 
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:  # type: ignore[override]
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
@@ -284,7 +286,7 @@ class ScriptedHttpGrid(HttpGrid):
             self.sent[msg.metadata.message_id] = msg
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:  # type: ignore[override]
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         self.polls += 1
         return [
             Message(RecordDict(), reply_to=self.sent[mid])
@@ -314,7 +316,7 @@ def test_without_a_reply_the_caller_works_after_the_fallback_or_before_the_excha
 ) -> None:
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12)]
     calls: list[str] = []
-    record = {
+    record: dict[str, Any] = {
         "on_reply": lambda m: calls.append(m.metadata.reply_to_message_id),
         "on_idle": lambda: calls.append("idle"),
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 from helpers.random_batch import random_batch
@@ -107,7 +109,9 @@ def _grads_by_group(model: HealthFM) -> dict[str, float]:
         ({"wearables", "genomics"}, {"ehr"}),
     ],
 )
-def test_absent_modality_gets_no_gradient(modalities: set[str], untouched: set[str], absent: str) -> None:
+def test_absent_modality_gets_no_gradient(
+    modalities: set[str], untouched: set[str], absent: Literal["padded", "empty"]
+) -> None:
     torch.manual_seed(0)
     model = build("tiny").train()  # training mode: modality dropout is on as in real training
     batch = random_batch(batch_size=6, modalities=modalities, vocab_size=VOCAB, absent=absent)

@@ -3,8 +3,10 @@ and the coverage of history on dense (~10 rows per timestamp) data."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +19,7 @@ from healthfm_core.data.checks.coverage import history_coverage_days
 from healthfm_core.data.sequences.batch import MASK_CODE, N_SPECIAL_CODES, PAD_CODE, UNK_CODE
 from healthfm_core.data.sequences.code_stats import events_code_stats
 from healthfm_core.data.sequences.tokens import SiteSequences, to_us
-from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
 from healthfm_core.model.config import PretrainingConfig, load_model_config
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import ehr_reconstruction_losses, sample_masks
@@ -27,11 +29,11 @@ T0 = datetime(2150, 1, 1)
 VOCAB = 40
 
 
-def table(rows: list[tuple[int, datetime | None, str, float | None]]) -> pa.Table:
+def table(rows: Sequence[tuple[int, datetime | None, str, float | None]]) -> pa.Table:
     return pa.table({n: list(c) for n, c in zip(EVENT_SCHEMA.names, zip(*rows))}, schema=EVENT_SCHEMA)
 
 
-def vocab_of(ev: pa.Table):  # type: ignore[no-untyped-def]
+def vocab_of(ev: pa.Table) -> Vocabulary:
     return build_vocabulary([events_code_stats(ev)], min_subjects=1)
 
 
@@ -66,7 +68,9 @@ def test_token_does_not_depend_on_the_order_of_its_codes() -> None:
 
 
 def test_pipeline_token_is_independent_of_row_order() -> None:
-    rows = [(1, T0 + timedelta(hours=h), f"LAB//{k}", float(k + h)) for h in (1, 5, 30) for k in range(6)]
+    rows: list[tuple[int, datetime | None, str, float | None]] = [
+        (1, T0 + timedelta(hours=h), f"LAB//{k}", float(k + h)) for h in (1, 5, 30) for k in range(6)
+    ]
     rows += [(1, T0 + timedelta(hours=5), "LAB//2", 99.0), (1, None, "GENDER//F", None)]
     ev = table(rows)
     vocab = vocab_of(ev)
@@ -142,6 +146,7 @@ def test_masks_are_code_slots_of_visible_tokens() -> None:
     batch = random_batch(batch_size=6, vocab_size=VOCAB, codes_per_token=4, seed=5)
     masks = sample_masks(batch, PretrainingConfig(ehr_mask_prob=0.5), torch.Generator().manual_seed(0))
     visible = batch.code_valid & (batch.times <= batch.prediction_time[:, None])[..., None]
+    assert masks.ehr is not None
     assert masks.ehr.shape == batch.codes.shape
     assert not (masks.ehr & ~visible).any() and (masks.ehr.flatten(1).sum(1) >= 1).all()
     partly = masks.ehr.any(-1) & (visible & ~masks.ehr).any(-1)
@@ -153,6 +158,7 @@ def test_hidden_codes_reach_the_targets_not_the_model() -> None:
     model = HealthFM(load_model_config("tiny"), VOCAB, 4).eval()
     batch = random_batch(batch_size=4, vocab_size=VOCAB, codes_per_token=4, seed=6)
     masks = sample_masks(batch, PretrainingConfig(ehr_mask_prob=0.3), torch.Generator().manual_seed(1))
+    assert masks.ehr is not None
     hidden = masks.ehr & batch.code_valid
     other = replace(
         batch,
@@ -196,6 +202,7 @@ def test_hand_made_code_set_target() -> None:
     )
     masks = ReconstructionMasks(ehr=torch.tensor([[[False, True, True], [False, False, False]]]))
     head = model.heads["ehr_code"]
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(-2.0)
@@ -215,7 +222,10 @@ def dense_export(n_subjects: int = 30, years: float = 4.0, rate_per_day: float =
     """A dense export like the real one: timestamps at random times (Poisson, `rate_per_day`),
     each a panel of `panel` lab rows, so the last 256 rows span about a month."""
     rng = np.random.default_rng(0)
-    sid, times, codes, values = [], [], [], []
+    sid: list[int] = []
+    times: list[datetime | None] = []
+    codes: list[str] = []
+    values: list[float | None] = []
     for s in range(n_subjects):
         n = rng.poisson(rate_per_day * 365.25 * years)
         at = np.sort(rng.uniform(0, 365.25 * years, n))
@@ -225,8 +235,14 @@ def dense_export(n_subjects: int = 30, years: float = 4.0, rate_per_day: float =
                 times.append(T0 + timedelta(days=float(t)))
                 codes.append(f"LAB//{50860 + k}//mg/dL")
                 values.append(float(rng.normal()))
-        sid.append(s), times.append(None), codes.append("GENDER//F"), values.append(None)
-        sid.append(s), times.append(T0 - timedelta(days=365.25 * 60)), codes.append("MEDS_BIRTH"), values.append(None)
+        sid.append(s)
+        times.append(None)
+        codes.append("GENDER//F")
+        values.append(None)
+        sid.append(s)
+        times.append(T0 - timedelta(days=365.25 * 60))
+        codes.append("MEDS_BIRTH")
+        values.append(None)
     return pa.table({"subject_id": sid, "time": times, "code": codes, "numeric_value": values}, schema=EVENT_SCHEMA)
 
 
@@ -236,9 +252,11 @@ def test_dense_export_history_spans_a_year_at_default_settings() -> None:
     per_stamp = history_coverage_days(ev, 256, token_window_days=0)
     per_day = history_coverage_days(ev, 256)
     assert per_stamp["mean_rows_per_token"] == pytest.approx(10, rel=0.01)  # ~10 rows per timestamp
-    assert 15 < per_event["median_days"] < 60  # the real export's month
-    assert per_stamp["median_days"] > 8 * per_event["median_days"]
-    assert per_day["median_days"] >= 365 > per_stamp["median_days"]  # why a token is a day by default
+    assert 15 < cast(float, per_event["median_days"]) < 60  # the real export's month
+    assert cast(float, per_stamp["median_days"]) > 8 * cast(float, per_event["median_days"])
+    assert (
+        cast(float, per_day["median_days"]) >= 365 > cast(float, per_stamp["median_days"])
+    )  # why a token is a day by default
     assert per_day["median_history_days"] == pytest.approx(365.25 * 4, rel=0.02)  # MEDS_BIRTH is not history
     # The summary agrees with what the pipeline hands the model at each subject's last row.
     seqs = SiteSequences(ev, None, vocab_of(ev))

@@ -326,11 +326,12 @@ def _test_imports(path: Path) -> Iterator[tuple[str, int]]:
     """Imports in a file of tests/ that name a test module, conftest, or tests.<anything>."""
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
-        names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             names = [node.module]
+        else:
+            continue
         for name in names:
             top = name.split(".")[0]
             if top.startswith("test_") or top in ("conftest", "tests"):

@@ -74,7 +74,12 @@ def test_what_arrives_between_a_look_and_the_wait_is_not_missed() -> None:
     seen = waker.generation  # a held call looked (empty) ...
     waker.notify()  # ... something arrived before it waited
     done = threading.Event()
-    threading.Thread(target=lambda: (waker.wait(seen, 120.0), done.set())).start()
+
+    def wait_then_set() -> None:
+        waker.wait(seen, 120.0)
+        done.set()
+
+    threading.Thread(target=wait_then_set).start()
     assert done.wait(60)  # the wait returns at once, not after 120 s
 
 

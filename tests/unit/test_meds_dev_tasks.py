@@ -375,7 +375,12 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
-        round=1, tasks=[str(e) for e in entries], setup_sha256=setup.sha256, n_boot=10, meds_tab=False, score_bins=0
+        round=1,
+        tasks=[str(e) for e in entries],  # type: ignore[misc]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+        setup_sha256=setup.sha256,
+        n_boot=10,
+        meds_tab=False,
+        score_bins=0,
     )
     eval_dir = tmp_path / "eval"
     rt = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=1, min_report_positives=1, eval_dir=eval_dir))

@@ -25,7 +25,7 @@ def _events(seed: int = 0) -> pa.Table:
     """Four subjects; times on whole days (window boundaries are hit exactly), several events at
     one time, codes with and without values, one rare code, static codes with and without values."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows: list[tuple[int, dt.datetime | None, str, float | None]] = []
     for s in (1, 2, 3, 4):
         for _ in range(60):
             code = str(rng.choice(["A", "B", "L"], p=[0.35, 0.3, 0.35]))

@@ -80,7 +80,7 @@ def test_a_field_that_does_not_parse_is_named_with_its_value(change: str, field:
     if change == "delete":
         del metrics[key]
     else:
-        metrics[key] = value
+        metrics[key] = value  # type: ignore[assignment]  # deliberately wrong values: the parse must name them
     with pytest.raises(ValueError) as info:
         TrainReply.from_records(arrays, metrics, group_of=group_of)
     message = str(info.value)
@@ -90,6 +90,7 @@ def test_a_field_that_does_not_parse_is_named_with_its_value(change: str, field:
 
 def test_counts_and_arrays_must_agree() -> None:
     arrays, metrics, _ = trained().to_records()
+    assert arrays is not None
     with pytest.raises(ValueError, match="ehr"):  # ehr arrays without an ehr count
         TrainReply.from_records(
             arrays,

@@ -6,6 +6,7 @@ import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal, cast
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers.random_batch import random_batch
 from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES
 from healthfm_core.model.config import ModelConfig, load_model_config
-from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM
+from healthfm_core.model.healthfm import EPOCH_DAYS, Block, HealthFM
 
 VOCAB, TRAITS = 40, 4
 SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]
@@ -81,7 +82,7 @@ def test_tiny_forward_is_fast_and_shaped() -> None:
 
 @pytest.mark.parametrize("modalities", SUBSETS, ids=lambda s: "+".join(sorted(s)))
 @pytest.mark.parametrize("absent", ["padded", "empty"])
-def test_any_modality_subset(modalities: set[str], absent: str) -> None:
+def test_any_modality_subset(modalities: set[str], absent: Literal["padded", "empty"]) -> None:
     model = tiny_model()
     batch = random_batch(modalities=modalities, vocab_size=VOCAB, absent=absent)
     out = model(batch)
@@ -109,7 +110,7 @@ def test_sample_embedding_does_not_depend_on_batch_mates() -> None:
     torch.testing.assert_close(model.embed(alone), model.embed(batch)[2:3], atol=1e-5, rtol=1e-5)
 
 
-def _take(batch, idx):  # type: ignore[no-untyped-def]
+def _take(batch, idx):
     from dataclasses import fields
 
     return replace(batch, **{f.name: getattr(batch, f.name)[idx] for f in fields(batch)})
@@ -139,7 +140,7 @@ def test_order_of_tokens_does_not_matter() -> None:
 # ----------------------------------------------------------------------------- causality
 
 
-def _add_future(batch, model_vocab: int):  # type: ignore[no-untyped-def]
+def _add_future(batch, model_vocab: int):
     """Put data after prediction_time into padding slots: an EHR event, a patch, and later epochs
     of a patch that straddles prediction_time."""
     b = replace(
@@ -200,6 +201,7 @@ def test_embed_uses_nothing_after_prediction_time(time_encoding: str) -> None:
 def test_missing_prs_traits_are_ignored() -> None:
     model = tiny_model()
     # FiLM starts at identity: give it a non-zero map so genomics matters.
+    assert model.genomics_encoder is not None
     with torch.no_grad():
         for p in model.genomics_encoder.parameters():
             p.normal_(std=0.3)
@@ -213,13 +215,14 @@ def test_missing_prs_traits_are_ignored() -> None:
 def test_genomics_does_not_decay_with_time() -> None:
     """Moving all times (and prediction_time) far later leaves the genomics effect unchanged."""
     model = tiny_model()
+    assert model.genomics_encoder is not None
     with torch.no_grad():
         for p in model.genomics_encoder.parameters():
             p.normal_(std=0.3)
     batch = random_batch(vocab_size=VOCAB, seed=12)
     no_prs = replace(batch, prs_valid=torch.zeros_like(batch.prs_valid))
 
-    def shift(b, days):  # type: ignore[no-untyped-def]
+    def shift(b, days):
         return replace(
             b,
             times=b.times + days,
@@ -228,7 +231,7 @@ def test_genomics_does_not_decay_with_time() -> None:
             birth_time=b.birth_time + days,
         )
 
-    def query_state(b):  # type: ignore[no-untyped-def]
+    def query_state(b):
         return model(b).embedding  # the FiLM path (embed also carries the static conditioning itself)
 
     effect_now = query_state(batch) - query_state(no_prs)
@@ -250,6 +253,7 @@ def test_embedding_is_the_query_state_then_the_genomics_conditioning() -> None:
     assert x.shape == (len(has), model.embedding_width) and model.embedding_width == d + h
     torch.testing.assert_close(x[:, :d], model(batch).embedding)
     mask = batch.prs_valid.float()
+    assert model.genomics_encoder is not None
     by_hand = model.genomics_encoder.mlp(torch.cat([batch.prs * mask, mask], dim=-1))
     torch.testing.assert_close(x[has, d:], by_hand[has])
     assert torch.equal(x[~has, d:], torch.zeros_like(x[~has, d:]))
@@ -293,13 +297,17 @@ def test_decay_rates_stay_within_bounds_and_report() -> None:
     assert summary["timescale_min_days"] == pytest.approx(cfg.init_timescale_min_days, rel=1e-3)
     assert summary["timescale_max_days"] == pytest.approx(cfg.init_timescale_max_days, rel=1e-3)
     with torch.no_grad():
-        for block in model.backbone.blocks:
-            block.attn.decay.rate_logits.copy_(torch.randn_like(block.attn.decay.rate_logits) * 1e3)
+        for block in cast(list[Block], list(model.backbone.blocks)):
+            decay = block.attn.decay
+            assert decay is not None
+            decay.rate_logits.copy_(torch.randn_like(decay.rate_logits) * 1e3)
     summary = model.decay_rate_summary()
     assert cfg.min_rate_per_day * (1 - 1e-5) <= summary["rate_min_per_day"]
     assert summary["rate_max_per_day"] <= cfg.max_rate_per_day * (1 + 1e-5)
     assert summary["rate_at_bound_fraction"] == 1.0
-    log_weights, _ = model.backbone.blocks[0].attn.decay()
+    first_decay = cast(Block, model.backbone.blocks[0]).attn.decay
+    assert first_decay is not None
+    log_weights, _ = first_decay()
     torch.testing.assert_close(log_weights.logsumexp(-1), torch.zeros(cfg.n_heads))
 
 
@@ -374,7 +382,8 @@ def test_age_enters_through_birth_time_and_survives_a_date_shift() -> None:
         )
         torch.testing.assert_close(model.embed(moved), base, atol=2e-4, rtol=1e-3)
         unknown = replace(batch, birth_time=torch.full_like(batch.birth_time, float("nan")))
-        model.backbone.age_embedding[-1].bias.data += 1.0  # any age term would now show
+        age_out = cast(torch.nn.Linear, model.backbone.age_embedding[-1])
+        age_out.bias.data += 1.0  # any age term would now show
         a = model.embed(unknown)
-        model.backbone.age_embedding[-1].bias.data -= 1.0
+        age_out.bias.data -= 1.0
         torch.testing.assert_close(a, model.embed(unknown))

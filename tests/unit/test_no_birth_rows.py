@@ -9,6 +9,7 @@ the same task with `trigger: _ANY_EVENT` is the check that each path could fail.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 import pyarrow as pa
@@ -39,24 +40,28 @@ def site_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _too_early(root: Path, rows: pa.Table) -> pl.DataFrame:
     """The rows at or before the subject's first clinical event (a birth row is one)."""
-    events = pl.from_arrow(open_site(root).read_events(columns=["subject_id", "time", "code"]))
+    events = cast(pl.DataFrame, pl.from_arrow(open_site(root).read_events(columns=["subject_id", "time", "code"])))
     first = (
         events.filter(pl.col("time").is_not_null() & ~pl.col("code").is_in(["MEDS_BIRTH", "MEDS_DEATH"]))
         .group_by("subject_id")
         .agg(pl.col("time").min().cast(pl.Datetime("us")).alias("first"))
     )
-    df = pl.from_arrow(rows.select(["subject_id", "prediction_time"]))
+    df = cast(pl.DataFrame, pl.from_arrow(rows.select(["subject_id", "prediction_time"])))
     return df.join(first, on="subject_id", how="left").filter(
         pl.col("first").is_null() | (pl.col("prediction_time") <= pl.col("first"))
     )
 
 
 def _births(root: Path, rows: pa.Table) -> int:
-    events = pl.from_arrow(open_site(root).read_events(columns=["subject_id", "time", "code"]))
+    events = cast(pl.DataFrame, pl.from_arrow(open_site(root).read_events(columns=["subject_id", "time", "code"])))
     born = events.filter(pl.col("code") == "MEDS_BIRTH").select(
         "subject_id", pl.col("time").cast(pl.Datetime("us")).alias("prediction_time")
     )
-    return pl.from_arrow(rows.select(["subject_id", "prediction_time"])).join(born, on=born.columns).height
+    return (
+        cast(pl.DataFrame, pl.from_arrow(rows.select(["subject_id", "prediction_time"])))
+        .join(born, on=born.columns)
+        .height
+    )
 
 
 @pytest.fixture
@@ -108,12 +113,12 @@ def test_no_shipped_task_predicts_at_birth_or_without_history_on_any_path(site_r
     for key, table in labels.items():
         assert isinstance(table, pa.Table) and table.num_rows > 0 and _too_early(site_root, table).height == 0, key
     t2d = aces_labels(load_task("t2d"), site_root)  # aces_labels: the reference of the shared read
-    assert all(labels[f"onset_t2d_{h}d"].equals(table) for h, table in t2d.items())
+    assert all(isinstance(got := labels[f"onset_t2d_{h}d"], pa.Table) and got.equals(table) for h, table in t2d.items())
     report = count_tasks(site, [TASK_DIR / "t2d.yaml"], n_per_subject="all")  # check --tasks
     assert not [p for p in report.problems if p.kind == "trigger_at_birth"]
     assert [sum(s.rows for s in c.splits.values()) for c in report.tasks] == [t.num_rows for t in t2d.values()]
     runtime = SiteRuntime(SiteConfig(site_root=site_root))  # client.py embed / probe
-    rows = task_rows(runtime, EvalConfig(round=0, tasks=names, setup_sha256="x", n_per_subject="all"))
+    rows = task_rows(runtime, EvalConfig(round=0, tasks=names, setup_sha256="x", n_per_subject="all"))  # type: ignore[arg-type]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
     assert rows.num_rows > 0 and _too_early(site_root, rows).height == 0
     built = build_site_rows(site_root.name, site, None, runner_tasks(specs[:1]), n_per_subject="all")  # type: ignore[arg-type]
     sampled = pa.table(

@@ -13,7 +13,7 @@ from helpers.random_batch import random_batch
 from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
-from healthfm_core.model.healthfm import EPOCH_DAYS, HealthFM, ReconstructionMasks
+from healthfm_core.model.healthfm import EPOCH_DAYS, FutureCodesHead, HealthFM, ReconstructionMasks
 from healthfm_core.model.objective_weights import (
     CROSS_MODAL,
     INTRA_MODAL,
@@ -152,8 +152,9 @@ def _batch(
     )
 
 
-def _constant_head(head: torch.nn.Linear, logits: dict[int, float], default: float) -> None:
+def _constant_head(head: torch.nn.Module, logits: dict[int, float], default: float) -> None:
     """Make a head output fixed logits whatever its input."""
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(default)
@@ -214,6 +215,7 @@ def test_sample_masks_cover_every_sample() -> None:
     batch = random_batch(batch_size=8, vocab_size=VOCAB, seed=2)
     cfg = PretrainingConfig(ehr_mask_prob=0.0, wear_mask_prob=0.0, prs_mask_prob=1.0)
     masks = sample_masks(batch, cfg, torch.Generator().manual_seed(0))
+    assert masks.ehr is not None and masks.wear is not None and masks.prs is not None
     assert (masks.ehr.flatten(1).sum(1) == 1).all() and not (masks.ehr & ~batch.code_valid).any()
     assert (masks.wear.sum(1) == 1).all() and not (masks.wear & ~batch.wear_valid).any()
     several = batch.prs_valid.sum(1) >= 2
@@ -238,13 +240,16 @@ def test_log_balance_divides_each_gradient_by_its_loss() -> None:
     large = torch.tensor(50.0, requires_grad=True)
     weights = ObjectiveWeights(ehr_masked_code=2.0, wear_masked=1.0)
     total = combine_losses({"ehr_masked_code": large, "wear_masked": small}, weights, cfg)
+    assert total is not None
     total.backward()
+    assert large.grad is not None and small.grad is not None
     assert float(large.grad) == pytest.approx(2.0 / 50.01)
     assert float(small.grad) == pytest.approx(1.0 / 0.51)
     assert float(total.detach()) == pytest.approx(2 * math.log(50.01) + math.log(0.51))
     plain = combine_losses(
         {"ehr_masked_code": large, "wear_masked": small}, weights, PretrainingConfig(loss_balance="none")
     )
+    assert plain is not None
     assert float(plain.detach()) == pytest.approx(100.5)
     assert combine_losses({"align": large}, ObjectiveWeights(align=0.0), cfg) is None
 
@@ -310,7 +315,8 @@ def test_future_codes_trains_the_query_token_and_its_head() -> None:
     head = model.heads["ehr_future_codes"]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     # The query reads the history: the encoder below it learns from this objective too.
-    assert model.ehr_encoder.code_embedding.weight.grad.abs().sum() > 0
+    grad = model.ehr_encoder.code_embedding.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
 
 
 def test_future_codes_is_zero_without_a_future_window() -> None:
@@ -389,6 +395,7 @@ def test_future_codes_repeats_down_weighted_and_censored_negatives_ignored(repea
     anchor, has_anchor = torch.tensor([10.0]), torch.tensor([True])
     out = model(batch, query_time=anchor)
     head = model.heads["ehr_future_codes"]
+    assert isinstance(head, FutureCodesHead)
     _constant_head(head.out, {7: 20.0, 5: -20.0}, default=-20.0)
     with torch.no_grad():
         head.horizon_bias.zero_()

@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app.message import make_message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from helpers.flower_messages import train_metadata
 from safetensors.numpy import save
@@ -54,11 +55,11 @@ def reply_with(node: int, record: ArrayRecord | None = None, value: float = 1.0)
     content = train_reply_content(reply)
     if record is not None:
         content[ARRAYS_RECORD] = record
-    return Message(content, metadata=train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"))
+    return make_message(train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"), content)
 
 
 def sent(*nodes: int) -> list[Message]:
-    return [Message(RecordDict(), metadata=train_metadata(f"m{n}", src=0, dst=n)) for n in nodes]
+    return [make_message(train_metadata(f"m{n}", src=0, dst=n), RecordDict()) for n in nodes]
 
 
 def blob_of(header: dict, data: bytes) -> np.ndarray:
@@ -185,6 +186,7 @@ def test_a_malformed_packed_reply_is_rejected_with_its_reason_and_the_round_goes
     replies = [reply_with(1, value=1.0), reply_with(2, make()), reply_with(3, value=3.0)]
     outcome = aggregate_replies(strategy, 1, replies, current_arrays=PREVIOUS, node_groups=None, sent=sent(1, 2, 3))
     assert outcome.accepted == [1, 3]
+    assert outcome.arrays is not None
     np.testing.assert_allclose(outcome.arrays["ehr.w"], 2.0)  # the two good replies, averaged
     [rejected] = outcome.rejected
     assert rejected.node_id == 2 and rejected.kind == "invalid"
@@ -196,13 +198,13 @@ def test_a_malformed_packed_reply_is_rejected_with_its_reason_and_the_round_goes
 
 def test_a_malformed_train_message_is_refused_by_the_site_naming_the_record() -> None:
     make, word = FAULTS["overlapping offsets"]
-    msg = Message(RecordDict({"arrays": make()}), metadata=train_metadata("m", src=0, dst=7))
+    msg = make_message(train_metadata("m", src=0, dst=7), RecordDict({"arrays": make()}))
     with pytest.raises(ValueError, match="train message, record 'arrays': part 'packed'.*invalid offset"):
         message_arrays(msg)
 
 
 def test_arrays_come_back_exactly_as_packed() -> None:
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "shared.f32": np.arange(12, dtype=np.float32).reshape(3, 4),
         "shared.f16": np.linspace(-1, 1, 5).astype(np.float16),
         "ehr.i8": np.array([-127, 0, 127], np.int8),
@@ -272,7 +274,7 @@ def test_sites_with_the_same_groups_carry_the_same_blob_and_others_their_own() -
     ids = {part[n].object_id for n in (1, 2, 4)}
     assert len(ids) == 3  # different sets, different blobs
     for node, groups in NODE_GROUPS.items():
-        msg = Message(RecordDict({"arrays": records[node]}), metadata=train_metadata(f"m{node}", src=0, dst=node))
+        msg = make_message(train_metadata(f"m{node}", src=0, dst=node), RecordDict({"arrays": records[node]}))
         received = message_arrays(msg)  # as the site reads it, with the site's own checks
         assert {group_of(k) for k in received} == set(groups)
         assert received.keys() == {k for k in ALL_SHAPES if group_of(k) in groups}
@@ -300,7 +302,7 @@ def test_a_round_averages_to_the_same_bits_as_with_one_part_per_group() -> None:
     for records in (before, after):
         sent_msgs, replies = [], []
         for node, groups in NODE_GROUPS.items():
-            msg = Message(RecordDict({"arrays": records[node]}), metadata=train_metadata(f"m{node}", src=0, dst=node))
+            msg = make_message(train_metadata(f"m{node}", src=0, dst=node), RecordDict({"arrays": records[node]}))
             received = message_arrays(msg)
             # A deterministic "training" of what was received, so any difference in it shows.
             trained = {k: (v * np.float32(1.0 + 0.1 * node) + np.float32(node)) for k, v in received.items()}
@@ -311,9 +313,8 @@ def test_a_round_averages_to_the_same_bits_as_with_one_part_per_group() -> None:
             )
             sent_msgs.append(msg)
             replies.append(
-                Message(
-                    train_reply_content(reply),
-                    metadata=train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"),
+                make_message(
+                    train_metadata(f"r{node}", src=node, dst=0, reply_to=f"m{node}"), train_reply_content(reply)
                 )
             )
         outcomes.append(

@@ -13,8 +13,10 @@ subjects run across piece seams.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -84,8 +86,10 @@ def reference_patches(table: pa.Table, subject_ids: np.ndarray, E: int, normalis
         v[~ok] = 0.0
         chans.append((v, ok))
     patch_of: dict[tuple[int, int], int] = {}
-    p_sub, p_k, p_first = [], [], []
-    first = {}
+    p_sub: list[int] = []
+    p_k: list[int] = []
+    p_first: list[int] = []
+    first: dict[int, int] = {}
     last_end = {}
     cells: list[tuple[int, int, int]] = []  # (patch, slot, row)
     for i in order:
@@ -462,7 +466,7 @@ def test_make_loader_yields_what_per_sample_collation_gives(sites, site_name: st
     root, vocab = sites[site_name]
     site = open_site(root)
     seqs = SiteSequences.from_site(site, vocab, patch_epochs=50)
-    datasets = {
+    datasets: dict[str, tuple[PretrainingDataset | LabelledDataset, Callable[..., Any]]] = {
         "last": (PretrainingDataset(seqs, max_events=20, max_patches=4), collate),
         "random": (PretrainingDataset(seqs, time_mode="random", seed=5, max_events=9, max_patches=2), collate),
     }
@@ -500,7 +504,7 @@ def test_make_loader_yields_what_per_sample_collation_gives(sites, site_name: st
 
 
 @pytest.mark.parametrize("transform", ["identity", "log1p"])
-def test_normalizer_out_is_apply_bit_for_bit(transform: str) -> None:
+def test_normalizer_out_is_apply_bit_for_bit(transform: Literal["identity", "log1p"]) -> None:
     """Patches are normalised in place (`out`, a strided channel view): the same float32 bits
     as `apply(x).astype(float32)`, for float32 and float64 input."""
     rng = np.random.default_rng(3)

@@ -12,11 +12,13 @@ import json
 import multiprocessing
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from torch.utils.data import Dataset
 
 from healthfm_core.privacy.budget_record import KeyBinding, read_record, record_path
 from healthfm_core.privacy.engine import (
@@ -44,7 +46,7 @@ from healthfm_core.privacy.training import (
 from healthfm_core.protocol import PrivacySpend, TrainReply
 
 DELTA = 1e-5
-SPEND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
+SPEND: dict[str, Any] = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}
 
 
 def spend(ledger: PrivacyLedger, rnd: int, steps: int = 3, cap: float = 100.0) -> float:
@@ -261,7 +263,9 @@ def test_noise_and_samples_come_from_the_os_not_from_any_seed(tmp_path: Path) ->
         opt.step()  # an empty batch: the update is the noise alone
         noises.append(model.weight.detach().clone())
         torch.manual_seed(0)
-        batches.append([b for b in PoissonBatches(list(range(64)), list, sample_rate=0.5, steps=3)])
+        batches.append(
+            [b for b in PoissonBatches(cast("Dataset[int]", list(range(64))), list, sample_rate=0.5, steps=3)]
+        )
     assert not torch.equal(noises[0], noises[1])
     assert batches[0] != batches[1]
 
@@ -291,14 +295,14 @@ def test_under_dp_no_loss_or_timing_leaves_and_without_dp_no_epsilon() -> None:
 # ------------------------------------------------------------------------ make_private_training
 
 
-def request(**kw) -> DPRequest:
-    base = {"asked": True, "batch_size": 2, "steps": 2, "planned_steps": 4, "round": 1, "run": "r"}
+def request(**kw: Any) -> DPRequest:
+    base: dict[str, Any] = {"asked": True, "batch_size": 2, "steps": 2, "planned_steps": 4, "round": 1, "run": "r"}
     base.update(kw)
     return DPRequest(**base)
 
 
 def test_make_private_training_refuses_before_reserving(tmp_path: Path) -> None:
-    data = list(range(20))
+    data = cast("Dataset[int]", list(range(20)))  # a list serves as a map-style dataset
     budget = DPPolicy(epsilon_cap=50.0, delta=DELTA, noise_multiplier=1.0)
     assert make_private_training(data, list, request(asked=False), budget, PrivacyLedger(tmp_path)) is None
     with pytest.raises(PrivacyRefused, match="no privacy budget"):

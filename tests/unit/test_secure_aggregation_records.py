@@ -15,7 +15,7 @@ from secure_aggregation.simulate import run_secure_round
 
 
 def _through_flower(message: BaseModel) -> dict[str, object]:
-    return dict(ConfigRecord(to_flat(message)))  # type: ignore[arg-type]
+    return dict(ConfigRecord(to_flat(message)))
 
 
 def test_every_message_round_trips_through_a_config_record() -> None:
@@ -47,7 +47,7 @@ def test_a_flat_record_that_does_not_parse_is_refused() -> None:
     with pytest.raises(ValueError, match="unexpected key"):
         from_flat(SecAggConfig, {**flat, "extra": b"x"})
     with pytest.raises(ValueError, match="threshold 2: expected in"):
-        from_flat(SecAggConfig, {JSON_KEY: flat[JSON_KEY].replace('"threshold":3', '"threshold":2')})  # type: ignore[union-attr]
+        from_flat(SecAggConfig, {JSON_KEY: flat[JSON_KEY].replace('"threshold":3', '"threshold":2')})
     with pytest.raises(ValueError, match="'vector' is missing"):
         from_flat(MaskedInput, {JSON_KEY: '{"node_id": 1, "round": 7, "groups": []}'})
     with pytest.raises(ValueError, match="bytes > limit 10"):

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,8 @@ def test_a_round_read_back_is_the_round_the_server_received(tmp_path: Path) -> N
 def test_the_replay_command_says_what_it_rebuilt_and_judges_against_the_truth(tmp_path: Path) -> None:
     directory, view, truths = _recorded(tmp_path)
     truth_file = tmp_path / "truth.npz"
-    np.savez(truth_file, **{f"{n}.{g}": v for (n, g), v in truths.items()})
+    truth_arrays: dict[str, Any] = {f"{n}.{g}": v for (n, g), v in truths.items()}
+    np.savez(truth_file, **truth_arrays)
     done = subprocess.run(
         [sys.executable, "-m", "secure_aggregation.replay", str(directory.parent), "--truth", str(truth_file)],
         capture_output=True,
@@ -73,7 +75,8 @@ def test_the_replay_command_says_what_it_rebuilt_and_judges_against_the_truth(tm
 
     # The verdict can fail: "truths" the attacker's own estimates are as close as can be.
     own = tmp_path / "own.npz"
-    np.savez(own, **{f"{n}.{g}": e.values for (n, g), e in attack(view).items()})
+    own_arrays: dict[str, Any] = {f"{n}.{g}": e.values for (n, g), e in attack(view).items()}
+    np.savez(own, **own_arrays)
     assert main([str(directory), "--truth", str(own)]) == 1
 
 

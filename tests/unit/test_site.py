@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -145,7 +147,7 @@ def test_a_polars_export_gives_the_same_vocabulary_and_sequences(site_tables, wr
     canonical = open_site(write_site_tables(make_site_tables(), tmp_path / "canonical"))
     root = write_site(site_tables)
     for rel, table in site_tables.shards.items():
-        df = pl.from_arrow(table).with_columns(pl.col("numeric_value").cast(pl.Float64))
+        df = cast(pl.DataFrame, pl.from_arrow(table)).with_columns(pl.col("numeric_value").cast(pl.Float64))
         df.sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
     site = open_site(root)
     vocab = build_vocabulary([site_code_stats(canonical, min_subjects=1)], min_subjects=1)

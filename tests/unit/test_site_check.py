@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -79,6 +79,7 @@ def test_modalities_follow_the_data(site_tables, write_site):
     site_tables.wearables = {}
     report = check_site(write_site(site_tables))
     assert report.ok
+    assert report.summary is not None
     assert report.summary.modalities == ["ehr"]
     assert report.summary.subjects_per_modality == {"ehr": 2, "wearables": 0, "genomics": 0}
     assert report.summary.prs_traits == []
@@ -114,6 +115,7 @@ def test_meds_sample_datasets_are_accepted(meds_sample_sites):
         assert report.ok, (name, [str(p) for p in report.errors])
         # The samples list only some codes in codes.parquet: warnings by default, errors if strict.
         assert {p.kind for p in report.warnings} == {"unlisted_code"}
+        assert report.summary is not None
         assert report.summary.modalities == ["ehr"]
         assert report.summary.n_subjects == 6
         strict = check_site(root, strict=True)
@@ -196,7 +198,7 @@ def test_a_site_written_by_polars_passes_and_reads_static_rows_first(site_tables
     root = write_site_tables(site_tables, tmp_path / "canonical")
     canonical = open_site(root)
     for rel, table in site_tables.shards.items():
-        df = pl.from_arrow(table).with_columns(pl.col("numeric_value").cast(pl.Float64))
+        df = cast(pl.DataFrame, pl.from_arrow(table)).with_columns(pl.col("numeric_value").cast(pl.Float64))
         df.sort(["subject_id", "time"], nulls_last=True, maintain_order=True).write_parquet(root / "data" / rel)
     shard = pq.read_table(root / "data" / TRAIN)
     assert shard.schema.field("code").type == pa.large_string()
@@ -236,6 +238,7 @@ def test_hospital_scenario_sites_pass_check(tmp_path):
         assert pq.read_schema(root / "data" / "0.parquet").field("code").type == pa.large_string()
         report = check_site(root)
         assert report.ok, [str(p) for p in report.problems]
+        assert report.summary is not None
         assert report.summary.modalities == ["ehr"] and report.summary.n_subjects == 30
 
 
@@ -353,6 +356,7 @@ def test_valid_site_labels_are_listed_in_the_summary(site_tables, write_site):
     _own_labels(root, [1, 2], [datetime(2150, 3, 20), datetime(2150, 3, 20)])
     report = check_site(root)
     assert report.ok, [str(p) for p in report.problems]
+    assert report.summary is not None
     assert report.summary.site_tasks == ["readmission"]
 
 
@@ -783,6 +787,8 @@ def test_far_future_and_real_codes_are_valid(site_tables, write_site):
     site_tables.shards[TRAIN] = t.set_column(1, t.schema.field(1), pa.array(times, pa.timestamp("us")))
     report = check_site(write_site(site_tables))
     assert report.ok, [str(p) for p in report.problems]
+    assert report.summary is not None
+    assert report.summary.time_max is not None
     assert report.summary.time_max.year == 2750
 
 
@@ -793,6 +799,7 @@ def test_null_hr_is_allowed_and_text_value_is_optional(site_tables, write_site):
     )
     report = check_site(write_site(site_tables))
     assert report.ok
+    assert report.summary is not None
     assert math.isclose(report.summary.wearable_days, site_tables.n_wear_epochs * EPOCH_SECONDS / 86400)
 
 
@@ -817,6 +824,7 @@ def test_large_shard_in_bounded_batches_is_checked(site_tables, write_site):
     assert n_subj * per > event_checks.BATCH_ROWS
     report = check_site(root, progress=False)
     assert report.ok, [str(p) for p in report.problems]
+    assert report.summary is not None
     assert report.summary.n_subjects == n_subj and report.summary.n_events == n_subj * per
     assert sum(report.summary.splits.values()) == n_subj
 
@@ -839,17 +847,27 @@ def _client_check(root: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _forge_rows_and_values(p: Path) -> None:
+    set_row_counts(p, FORGED_ROWS)
+    set_value_counts(p, FORGED_ROWS)
+
+
+def _forge_twice_the_rows(p: Path) -> None:
+    set_row_counts(p, 2 * pq.read_metadata(p).num_rows)
+    set_value_counts(p, 22)
+
+
 # The file of the site root, and what makes the footer lie: each must be refused naming the file.
 FOOTER_CASES = {
     "data shard, 5e9 rows": (f"data/{TRAIN}", lambda p: set_row_counts(p, FORGED_ROWS)),
     "data shard, 5e9 rows and values": (
         f"data/{TRAIN}",
-        lambda p: (set_row_counts(p, FORGED_ROWS), set_value_counts(p, FORGED_ROWS)),
+        _forge_rows_and_values,
     ),
     # Within every footer rule (2x the true rows, values agreeing): only decoding every row tells.
     "data shard, twice its rows": (
         f"data/{TRAIN}",
-        lambda p: (set_row_counts(p, 2 * pq.read_metadata(p).num_rows), set_value_counts(p, 22)),
+        _forge_twice_the_rows,
     ),
     "wearables, 5e9 rows": ("wearables/0.parquet", lambda p: set_row_counts(p, FORGED_ROWS)),
     "codes.parquet, 5e9 rows": ("metadata/codes.parquet", lambda p: set_row_counts(p, FORGED_ROWS)),
@@ -918,7 +936,9 @@ def test_honest_parquet_files_pass_the_footer_rules(tmp_path):
     )
     written = []
     for name, write in {
-        "polars": lambda p, t: pl.from_arrow(t).write_parquet(p, compression="zstd", row_group_size=n),
+        "polars": lambda p, t: cast(pl.DataFrame, pl.from_arrow(t)).write_parquet(
+            p, compression="zstd", row_group_size=n
+        ),
         "pyarrow": lambda p, t: pq.write_table(t, p, compression="zstd", row_group_size=n),
     }.items():
         for columns in (table.column_names, ["subject_id", "enmo_mg", "hr_bpm"]):
@@ -990,6 +1010,7 @@ def test_symlinks_that_stay_inside_the_site_root_are_followed(site_tables, tmp_p
     (root / "data" / "train" / "again").symlink_to(root / "data" / "train")  # a loop: each file once
     report = check_site(root)
     assert report.ok, [str(p) for p in report.problems]
+    assert report.summary is not None
     assert report.summary.n_subjects == 3
     linked_root = tmp_path / "linked-root"  # the root itself may be a link
     linked_root.symlink_to(root)

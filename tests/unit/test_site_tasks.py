@@ -68,7 +68,7 @@ def test_tasks_resolve_from_names_paths_and_old_names() -> None:
 
 
 def test_eval_config_carries_definitions_and_refuses_names_from_a_peer() -> None:
-    cfg = EvalConfig(round=1, tasks=["t2d", "site:readmit"], setup_sha256="x")
+    cfg = EvalConfig(round=1, tasks=["t2d", "site:readmit"], setup_sha256="x")  # type: ignore[list-item]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
     flat = cfg.to_flat()
     assert isinstance(flat["tasks"], str) and all(isinstance(v, (str, int, float, bool)) for v in flat.values())
     assert EvalConfig.from_flat(flat) == cfg
@@ -141,9 +141,12 @@ def test_eval_reply_reasons_round_trip_and_are_checked() -> None:
 
 def test_overrides_a_job_does_not_read_are_refused() -> None:
     assert unknown_override(["model=tiny", "site_roots=[a]"], "run") is None
-    assert "reads no key 'foo'" in unknown_override(["+foo=1"], "pretrain")
-    assert "write site_roots=... (no +)" in unknown_override(["+site_roots=[a]"], "pretrain")
-    assert "reads no key 'federation.extra'" in unknown_override(["+federation.extra=1"], "run")
+    msg = unknown_override(["+foo=1"], "pretrain")
+    assert msg is not None and "reads no key 'foo'" in msg
+    msg = unknown_override(["+site_roots=[a]"], "pretrain")
+    assert msg is not None and "write site_roots=... (no +)" in msg
+    msg = unknown_override(["+federation.extra=1"], "run")
+    assert msg is not None and "reads no key 'federation.extra'" in msg
     assert unknown_override(["++seed=3"], "demo") is None
     assert with_task_alias(["prog", "tasks=[t2d,cad]", "model=tiny"]) == ["prog", "task_list=[t2d,cad]", "model=tiny"]
 
@@ -190,7 +193,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1,
-        tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],
+        tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],  # type: ignore[list-item]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
         setup_sha256=setup.sha256,
         n_boot=10,
     )
@@ -206,6 +209,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
         path = tmp_path / "eval" / rt.name / f"{key}.parquet"
         table = pq.read_table(path)
         PredictionSchema.validate(table)
+        assert m.auroc is not None and m.auroc_low is not None and m.auroc_high is not None
         assert table.num_rows == m.n and 0 <= m.auroc <= 1
         # The interval is on the same rows as the point: a subject bootstrap of the written file
         # (sklearn's AUROC per resample, whole subjects drawn, stratified as the site draws them).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import meds
 import numpy as np
@@ -103,7 +104,7 @@ def test_site_layout_and_meds_schemas(fed: FederationManifest) -> None:
             table = pq.read_table(shard)
             assert table.schema.remove_metadata() == MEDS_DATA_SCHEMA, shard
             meds.DataSchema.validate(table)
-            df = pl.from_arrow(table)
+            df = cast(pl.DataFrame, pl.from_arrow(table))
             sid = df["subject_id"].to_numpy()
             # Contiguous subjects, each in one shard only.
             starts = np.r_[0, np.flatnonzero(np.diff(sid)) + 1]
@@ -131,13 +132,14 @@ def test_site_layout_and_meds_schemas(fed: FederationManifest) -> None:
             assert w.schema.remove_metadata() == WEARABLES_SCHEMA, path
             us = w.column("time").cast(pa.int64()).to_numpy()
             assert np.all(us % 30_000_000 == 0)
-            assert pl.from_arrow(w)["enmo_mg"].min() >= 0
+            assert cast(float, cast(pl.DataFrame, pl.from_arrow(w))["enmo_mg"].min()) >= 0
 
 
 def test_every_site_passes_check_site(fed: FederationManifest) -> None:
     for site in fed.sites:
         report = check_site(site.root)
         assert report.ok and not report.problems, [str(p) for p in report.problems]
+        assert report.summary is not None
         assert sorted(report.summary.modalities) == sorted(site.modalities)
         assert report.summary.subjects_per_modality == site.subjects_per_modality
 
@@ -169,15 +171,15 @@ def test_modality_fractions_and_ppg(fed: FederationManifest, scenario: ScenarioC
             continue
         hr = pl.concat([pl.read_parquet(p, columns=["hr_bpm"]) for p in wear_files])["hr_bpm"]
         if spec.ppg:
-            assert hr.null_count() == 0 and hr.min() >= 20 and hr.max() <= 250
+            assert hr.null_count() == 0 and cast(float, hr.min()) >= 20 and cast(float, hr.max()) <= 250
         else:
             assert hr.null_count() == len(hr)
 
 
 def test_mimic_style_dates_in_2100s(fed: FederationManifest) -> None:
     years = _events(fed.site("hospital").root)["time"].drop_nulls().dt.year()
-    assert years.max() > 2100
-    assert _events(fed.site("biobank").root)["time"].drop_nulls().dt.year().max() < 2030
+    assert cast(int, years.max()) > 2100
+    assert cast(int, _events(fed.site("biobank").root)["time"].drop_nulls().dt.year().max()) < 2030
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,7 +227,9 @@ def test_visit_rate_rises_with_morbidity(fed: FederationManifest) -> None:
         .agg(pl.col("diagnosis_time").is_not_null().sum().alias("n_dx"))
     )
     df = subjects.join(visits, on="subject_id").join(n_dx, on="subject_id")
-    assert df.filter(pl.col("n_dx") >= 2)["len"].mean() > 1.3 * df.filter(pl.col("n_dx") == 0)["len"].mean()
+    assert cast(float, df.filter(pl.col("n_dx") >= 2)["len"].mean()) > 1.3 * cast(
+        float, df.filter(pl.col("n_dx") == 0)["len"].mean()
+    )
 
 
 def test_labs_follow_the_latent_state(fed: FederationManifest) -> None:
@@ -322,13 +326,13 @@ def test_wearables_shift_before_onset(fed: FederationManifest) -> None:
     controls = p.filter(~pl.col("ever"))
     assert len(cases) >= 15 and len(controls) >= 50
     c_age, c_hr, c_enmo = (controls[c].to_numpy() for c in ("age_at_start", "hr", "enmo"))
-    d_hr, d_enmo = [], []
+    hr_rows, enmo_rows = [], []
     for age, hr, enmo in cases.select("age_at_start", "hr", "enmo").iter_rows():
         match = np.abs(c_age - age) < 5
         if match.sum() >= 5:
-            d_hr.append(hr - c_hr[match].mean())
-            d_enmo.append(np.log(enmo) - np.log(c_enmo[match]).mean())
-    d_hr, d_enmo = np.array(d_hr), np.array(d_enmo)
+            hr_rows.append(hr - c_hr[match].mean())
+            enmo_rows.append(np.log(enmo) - np.log(c_enmo[match]).mean())
+    d_hr, d_enmo = np.array(hr_rows), np.array(enmo_rows)
     assert len(d_hr) >= 10
     t_hr = d_hr.mean() / (d_hr.std(ddof=1) / np.sqrt(len(d_hr)))
     t_enmo = d_enmo.mean() / (d_enmo.std(ddof=1) / np.sqrt(len(d_enmo)))
@@ -374,7 +378,9 @@ def test_truth_risk_is_calibrated_and_discriminates(fed: FederationManifest, sce
     for site in fed.sites:
         if site.name == "hospital":  # dates shifted: another end of follow-up
             continue
-        risk = _truth(fed, site.name, "risk").filter(pl.col("prediction_time") + pl.duration(days=365) <= end)
+        risk = _truth(fed, site.name, "risk").filter(
+            cast(pl.Expr, pl.col("prediction_time") + pl.duration(days=365) <= end)
+        )
         deaths = _truth(fed, site.name, "subjects").select("subject_id", "death_time")
         dx = _truth(fed, site.name, "onsets").filter(pl.col("disease") == "T2D").select("subject_id", "diagnosis_time")
         df = (

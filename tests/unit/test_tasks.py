@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def day(d: float) -> datetime:
     return T0 + timedelta(days=d)
 
 
-def events(rows: list[tuple[int, datetime | None, str]]) -> pa.Table:
+def events(rows: Sequence[tuple[int, datetime | None, str]]) -> pa.Table:
     sid, time, code = zip(*rows)
     return pa.table(
         {"subject_id": list(sid), "time": list(time), "code": list(code), "numeric_value": [None] * len(rows)},
@@ -136,7 +137,7 @@ def test_visit_prediction_times() -> None:
     assert a.equals(visit_prediction_times(ev, n_per_subject=3, seed=0))
     assert not a.equals(visit_prediction_times(ev, n_per_subject=3, seed=1))
     rows = a.to_pylist()
-    per = {}
+    per: dict[int, list[datetime]] = {}
     for r in rows:
         per.setdefault(r["subject_id"], []).append(r["prediction_time"])
     assert all(len(v) == 3 and v == sorted(v) and day(40) not in v for s, v in per.items() if s < 30)
@@ -241,8 +242,8 @@ def test_labels_by_subject_slices_equal_the_whole_tables(rows: int) -> None:
     assert all(not (a & b) for i, a in enumerate(owners) for b in owners[i + 1 :])  # no subject split
     assert (len(slices) == 1) == (rows >= sum(n))
     for target in ("resting_hr", "mean_enmo"):
-        by_slice = pa.concat_tables([wearable_regression_labels(s, target=target) for s in slices])  # type: ignore[arg-type]
-        assert by_slice.equals(wearable_regression_labels(wear, target=target)), target  # type: ignore[arg-type]
+        by_slice = pa.concat_tables([wearable_regression_labels(s, target=target) for s in slices])
+        assert by_slice.equals(wearable_regression_labels(wear, target=target)), target
         assert by_slice.num_rows > 0
     ends = pa.concat_tables([wear_period_end_times(s, min_period_hours=0.1) for s in slices])
     assert ends.equals(wear_period_end_times(wear, min_period_hours=0.1))
@@ -252,8 +253,10 @@ def test_registry_names() -> None:
     onset = {n for n, t in TASKS.items() if isinstance(t, OnsetTask)}
     assert len(onset) == 16
     assert {"onset_t2d_365d", "onset_cad_30d", "onset_hypertension_90d", "onset_copd_180d"} <= onset
-    assert TASKS["onset_cad_90d"].outcome_code_prefix == "ICD10//I25"
-    assert TASKS["onset_t2d_365d"].horizon_days == 365
+    cad, t2d = TASKS["onset_cad_90d"], TASKS["onset_t2d_365d"]
+    assert isinstance(cad, OnsetTask) and isinstance(t2d, OnsetTask)
+    assert cad.outcome_code_prefix == "ICD10//I25"
+    assert t2d.horizon_days == 365
     assert {"wearable_resting_hr", "wearable_mean_enmo"} <= set(TASKS)
 
 

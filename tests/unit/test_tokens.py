@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,7 +38,7 @@ def day(d: float) -> datetime:
     return T0 + timedelta(days=d)
 
 
-def events(rows: list[tuple[int, datetime | None, str, float | None]]) -> pa.Table:
+def events(rows: Sequence[tuple[int, datetime | None, str, float | None]]) -> pa.Table:
     return pa.table({n: list(c) for n, c in zip(EVENT_SCHEMA.names, zip(*rows))}, schema=EVENT_SCHEMA)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from typing import Any, cast
 
 import pytest
 import torch
 from helpers.random_batch import random_batch
 from pydantic import BaseModel, ValidationError
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.config import load_model_config
@@ -72,7 +73,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-CFG = dict(lr=1e-2, progress=False, seed=3, weight_decay=0.01, grad_clip=1.0)
+CFG: dict[str, Any] = dict(lr=1e-2, progress=False, seed=3, weight_decay=0.01, grad_clip=1.0)
 
 
 def test_loss_decreases_on_a_tiny_problem() -> None:
@@ -156,7 +157,7 @@ def test_periodic_checkpoints_and_dataloader_resume(tmp_path) -> None:
 
     def loader() -> DataLoader:
         return DataLoader(
-            samples,
+            cast("Dataset[Batch]", samples),  # a list serves as a map-style dataset
             batch_size=2,
             shuffle=True,
             generator=torch.Generator().manual_seed(7),
@@ -170,11 +171,13 @@ def test_periodic_checkpoints_and_dataloader_resume(tmp_path) -> None:
     train_local(full, loader(), cfg, weights_fn=Weights(), checkpoint_dir=tmp_path / "run")
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert names == ["step-00000004", "step-00000008"]
-    assert latest_checkpoint(tmp_path / "run").name == "step-00000008"
+    latest = latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == "step-00000008"
 
     resumed = toy_model(seed=5)
     trainer = Trainer(resumed, loader(), cfg, weights_fn=Weights())
     assert trainer.resume_from(tmp_path / "run" / "step-00000004") == 4
+    assert trainer.state is not None
     assert trainer.state.epoch == 1 and trainer.state.batch_in_epoch == 1  # 3 batches per pass
     trainer.fit()
     for key, value in full.state_dict().items():
@@ -189,6 +192,7 @@ def test_optimizer_state_carries_over_by_name() -> None:
     cfg = TrainConfig(steps=2, **{**CFG, "lr": 1e-3})
     b = train_local(model, toy_data(), cfg, groups=["shared"], weights_fn=Weights(), state=a.state)
     assert set(b.state.param_names) == {n for n, _ in model.named_parameters() if parameter_group(n) == "shared"}
+    assert b.state.optimizer is not None
     assert all(g["lr"] == 1e-3 for g in b.state.optimizer["param_groups"])
     # Adam's step counter continued from the first call for the shared parameters.
     assert all(float(s["step"]) == 4 for s in b.state.optimizer["state"].values())
@@ -260,9 +264,9 @@ def test_config_validation_and_schedule() -> None:
     with pytest.raises(ValidationError):
         TrainConfig(steps=0)
     with pytest.raises(ValidationError):
-        TrainConfig(steps=10, precision="fp16")
+        TrainConfig(steps=10, precision="fp16")  # type: ignore[arg-type]  # deliberately wrong: not a precision
     with pytest.raises(ValidationError):
-        TrainConfig(steps=10, learning_rate=1.0)  # unknown field
+        TrainConfig(steps=10, learning_rate=1.0)  # type: ignore[call-arg]  # unknown field, deliberately
     cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
     lrs = [learning_rate(cfg, s) for s in range(10)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
@@ -305,7 +309,7 @@ def test_precision_auto_takes_bf16_only_where_the_card_has_it_natively(
 def test_proximal_mu_zero_is_the_plain_step_and_positive_pulls_toward_the_start() -> None:
     # FedProx (issue 31): mu=0 trains bit for bit as before; mu>0 ends nearer the weights it
     # started from (the global model of a round), and further mu nearer still.
-    def run(**extra: float) -> dict[str, torch.Tensor]:
+    def run(**extra: Any) -> dict[str, torch.Tensor]:
         model = toy_model()
         train_local(model, toy_data(), TrainConfig(steps=30, **CFG, **extra), weights_fn=Weights())
         return snapshot(model)

@@ -6,6 +6,7 @@ import itertools
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, UNK_CODE
 from healthfm_core.data.sequences.code_stats import (
+    CodeStats,
     NumericStats,
     QuantileSketch,
     SiteCodeStats,
@@ -58,6 +60,7 @@ def test_moments_and_quantiles_match_numpy() -> None:
     for g in range(3):
         xs = x[group == g]
         st = stats[g]
+        assert st is not None
         assert st.count == len(xs)
         assert st.mean == pytest.approx(xs.mean(), rel=1e-12)
         assert st.variance == pytest.approx(xs.var(), rel=1e-10)
@@ -81,6 +84,7 @@ def test_merge_of_two_halves_equals_whole() -> None:
         assert (ca.n_subjects, ca.n_events) == (cb.n_subjects, cb.n_events)
         assert (ca.numeric is None) == (cb.numeric is None)
         if ca.numeric is not None:
+            assert cb.numeric is not None
             assert ca.numeric.count == cb.numeric.count
             assert ca.numeric.n_subjects == cb.numeric.n_subjects
             assert cb.numeric.mean == pytest.approx(ca.numeric.mean, rel=1e-12)
@@ -105,7 +109,7 @@ def _site(root: Path, events: pa.Table, wearables: pa.Table | None = None) -> Pa
 def _wearables(subjects: list[int], hr: bool = True) -> pa.Table:
     n = 20
     start = datetime(2150, 6, 1)
-    rows = {"subject_id": [], "time": [], "enmo_mg": [], "hr_bpm": []}
+    rows: dict[str, list[Any]] = {"subject_id": [], "time": [], "enmo_mg": [], "hr_bpm": []}
     for s in subjects:
         for i in range(n):
             rows["subject_id"].append(s)
@@ -169,7 +173,9 @@ def test_federation_threshold_and_id_layout() -> None:
     a = events_code_stats(random_events(40, seed=3))
     b = events_code_stats(random_events(40, seed=4, first_id=1000))
     # A code seen in 2 subjects at each site passes a federation threshold of 4, not of 5.
-    rare = SiteCodeStats(min_subjects=1, n_subjects=2, n_events=2, codes={"DX//rare": {"n_subjects": 2, "n_events": 2}})
+    rare = SiteCodeStats(
+        min_subjects=1, n_subjects=2, n_events=2, codes={"DX//rare": CodeStats(n_subjects=2, n_events=2)}
+    )
     v4 = build_vocabulary([a, b, rare, rare.model_copy()], min_subjects=4)
     v5 = build_vocabulary([a, b, rare, rare.model_copy()], min_subjects=5)
     assert "DX//rare" in v4.codes and "DX//rare" not in v5.codes
@@ -236,6 +242,7 @@ def test_chan_merge_matches_direct() -> None:
     x, y = rng.normal(1e4, 3, 1000), rng.normal(1e4 + 5, 1, 10)
     sx = grouped_numeric_stats(np.zeros(1000, int), x, 1)[0]
     sy = grouped_numeric_stats(np.zeros(10, int), y, 1)[0]
+    assert sx is not None and sy is not None
     m = sx.merge(sy)
     z = np.concatenate([x, y])
     assert isinstance(m, NumericStats)
