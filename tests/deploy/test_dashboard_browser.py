@@ -204,6 +204,10 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
             "secure-aggregation=true",
             "-c",
             "secagg-min-holders=2",
+            # Keys made for one round at a time, so round 2 opens with its own keys message, the
+            # moment hospital dies (by default round 1's exchange makes round 2's keys too).
+            "-c",
+            "secagg-key-rounds=1",
             "-c",
             "timeout-s=120",
             "-c",
