@@ -242,6 +242,32 @@ def test_empty_sequences_and_low_precision_inputs(impl: str) -> None:
     torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_callers_autocast_changes_nothing(impl: str, causal: bool) -> None:
+    # bf16 inputs, as an autocast linear makes them, then the same call inside bf16 autocast: the
+    # path must compute as it does outside (a compiled kernel once wrote fp32 into the bf16
+    # buffer that autocast made of its host-side matmul: heap corruption, not an error).
+    q, k, v, t_q, t_k, log_w, rates, valid = _inputs(nq=70, nk=70, d=8, dtype=torch.float32)
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    fn = _impl(impl, 16)
+    plain = _run(fn, q, k, v, t_q, t_k, log_w, rates, valid, causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = _run(fn, q, k, v, t_q, t_k, log_w, rates, valid, causal)
+    for got, want in zip((under[0], *under[1]), (plain[0], *plain[1])):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(NATIVE_MISSING is not None, reason=f"compiled kernel: {NATIVE_MISSING}")
+def test_native_refuses_a_buffer_the_kernel_would_overrun() -> None:
+    ok = torch.zeros(2, 3, dtype=torch.float32)
+    assert cpu_native._ptr(ok, torch.float32, 2, 3) == ok.data_ptr()
+    for bad in (ok.to(torch.bfloat16), ok.t(), ok[:, :2]):
+        with pytest.raises(RuntimeError, match="ct_attention_cpu_native: the kernel needs a contiguous CPU"):
+            cpu_native._ptr(bad, torch.float32, 2, 3)
+
+
 def test_availability_and_errors() -> None:
     assert cpu_path_available()
     q, k, v, t_q, t_k, log_w, rates, valid = _inputs()

@@ -266,6 +266,25 @@ def test_half_precision_inputs_accumulate_in_fp32() -> None:
 
 
 @here
+def test_the_callers_autocast_changes_nothing() -> None:
+    # The model calls the kernel inside the trainer's autocast: the path computes in its own
+    # precision there, forward and backward, bit for bit as outside.
+    q, k, v, t, log_w, rates, valid = _make(b=2, h=2, n=40, d=16, m=4, seed=5, span_days=200.0)
+    dtype = torch.bfloat16 if ON_CUDA else torch.float16
+    results = []
+    for autocast in (False, True):
+        leaves = [x.detach().to(DEVICE, dtype if i < 3 else torch.float32).requires_grad_()
+                  for i, x in enumerate((q, k, v, log_w, rates))]  # fmt: skip
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=autocast):
+            out = _run(leaves[0], leaves[1], leaves[2], t, t, leaves[3], leaves[4], valid, True)
+            grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        results.append((out, *grads))
+    for plain, under in zip(*results):
+        assert under.dtype == plain.dtype
+        torch.testing.assert_close(under, plain, atol=0, rtol=0)
+
+
+@here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_one_component_gets_exactly_zero_log_weight_gradient(dtype: torch.dtype) -> None:
     # Issue 41: at M = 1 the kernel gave 7e-3 of the largest gradient (fp32) and 0.25 (bf16) where

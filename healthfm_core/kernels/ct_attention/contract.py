@@ -6,15 +6,18 @@ same for all, so they cannot drift apart: it checks shapes (``check_shapes``), r
 path does not support with the reason, refuses times that need a gradient (no fused path
 differentiates the times: a silent zero would be a wrong gradient), fills the default key mask and
 makes the log-weights' gradient sum to zero over the components (``shift_free``: exact 0 at M = 1).
+A path computes in its own precision: its autograd Function's forward and backward run with the
+caller's autocast off (``autocast_off``).
 The math itself is stated once, in docs/architecture.md and ``reference.py``.
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,6 +37,24 @@ class AttentionCall:
     rates: torch.Tensor
     key_valid: torch.Tensor
     causal: bool
+
+
+_Pass = TypeVar("_Pass", bound=Callable[..., Any])
+
+
+def autocast_off(compute: _Pass) -> _Pass:
+    """A path's ``forward(ctx, q, ...)`` or ``backward(ctx, grad, ...)`` run with autocast off on
+    the first tensor's device. The paths cast their inputs to their compute dtype themselves; under
+    the caller's autocast their host-side matmuls would come out in bf16 instead (on CPU a
+    compiled kernel then wrote fp32 into a bf16 buffer: heap corruption), and their results would
+    differ from the same call outside it."""
+
+    @functools.wraps(compute)
+    def without_autocast(ctx: Any, first: torch.Tensor, *rest: Any) -> Any:
+        with torch.autocast(first.device.type, enabled=False):
+            return compute(ctx, first, *rest)
+
+    return without_autocast  # type: ignore[return-value]  # same signature as compute
 
 
 def astuple_shallow(call: AttentionCall) -> tuple[Any, ...]:

@@ -52,7 +52,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
+from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow, autocast_off
 
 # Scores per batch chunk (b * H * Nq * Nk): small enough that a chunk's [.., Nq, Nk] tensors
 # stay in cache, large enough that per-op overhead does not dominate.
@@ -253,6 +253,7 @@ def batch_chunk(h: int, nq: int, nk: int, target: int = CHUNK_ELEMENTS) -> int:
 
 class _CTAttentionCPU(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, block, chunk):
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, h, nq, d = q.shape
@@ -278,6 +279,7 @@ class _CTAttentionCPU(torch.autograd.Function):
         return torch.cat(outs).to(v.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         b, h, nq, nk, d, dv, block, chunk = ctx.meta
         q_dt, k_dt, v_dt, lw_dt, rate_dt = ctx.dtypes

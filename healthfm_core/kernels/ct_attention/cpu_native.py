@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
+from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow, autocast_off
 from healthfm_core.kernels.ct_attention.cpu import check_supported
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,14 @@ def _split(n: int, kernel: Callable[..., None], *args: object) -> None:
         f.result()
 
 
-def _ptr(x: torch.Tensor) -> int:
+def _ptr(x: torch.Tensor, dtype: torch.dtype, *shape: int) -> int:
+    """The address of x for the C kernel, which reads and writes it as a dense CPU array of
+    `dtype` and `shape`: anything else is refused here, before C can write past a buffer."""
+    if x.dtype != dtype or tuple(x.shape) != shape or not x.is_contiguous() or x.device.type != "cpu":
+        raise RuntimeError(
+            f"ct_attention_cpu_native: the kernel needs a contiguous CPU {dtype} array of shape {shape}, "
+            f"got {x.dtype} {tuple(x.shape)} (contiguous: {x.is_contiguous()}) on {x.device}"
+        )
     return x.data_ptr()
 
 
@@ -190,6 +197,7 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 
 class _CTAttentionNative(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, rows):
         lib = _library()
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -225,20 +233,21 @@ class _CTAttentionNative(torch.autograd.Function):
             tq_c, tk_c, valid_c = tq[:, r0:r1].contiguous(), tk[:, :c1].contiguous(), valid[:, :c1].contiguous()
             probs = torch.matmul(qs[:, :, r0:r1], ks[:, :, :c1].transpose(-1, -2)).contiguous()  # scores -> P
             if c1:
+                rows_c = r1 - r0
                 _split(
                     b * h,
                     kernel,
-                    _ptr(probs),
-                    _ptr(tq_c),
-                    _ptr(tk_c),
-                    _ptr(valid_c),
-                    _ptr(ends),
-                    _ptr(lw),
-                    _ptr(lam),
+                    _ptr(probs, ct, b, h, rows_c, c1),
+                    _ptr(tq_c, ct, b, rows_c),
+                    _ptr(tk_c, ct, b, c1),
+                    _ptr(valid_c, torch.bool, b, c1),
+                    _ptr(ends, torch.int64, b, rows_c),
+                    _ptr(lw, ct, h, m),
+                    _ptr(lam, ct, h, m),
                     scale,
                     b,
                     h,
-                    r1 - r0,
+                    rows_c,
                     c1,
                     m,
                     int(causal),
@@ -256,6 +265,7 @@ class _CTAttentionNative(torch.autograd.Function):
         return out.to(v.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         lib = _library()
         qs, ks, vs, q_flat, q_order, k_order, lw, lam, *flat = ctx.saved_tensors
@@ -277,24 +287,25 @@ class _CTAttentionNative(torch.autograd.Function):
             ds = torch.matmul(do_c, vs[:, :, :c1].transpose(-1, -2)).contiguous()  # dP, then scale * dS
             dv[:, :, :c1] += torch.matmul(probs.transpose(-1, -2), do_c)
             if c1:
-                p_lw = _ptr(g_mix[i, 0]) if g_mix is not None else None
-                p_rate = _ptr(g_mix[i, 1]) if g_mix is not None else None
+                ct, rows_c = qs.dtype, r1 - r0
+                p_lw = _ptr(g_mix[i, 0], ct, b, h, m) if g_mix is not None else None
+                p_rate = _ptr(g_mix[i, 1], ct, b, h, m) if g_mix is not None else None
                 _split(
                     b * h,
                     kernel,
-                    _ptr(ds),
-                    _ptr(probs),
-                    _ptr(deltas),
-                    _ptr(tq_c),
-                    _ptr(tk_c),
-                    _ptr(valid_c),
-                    _ptr(ends),
-                    _ptr(lw),
-                    _ptr(lam),
+                    _ptr(ds, ct, b, h, rows_c, c1),
+                    _ptr(probs, ct, b, h, rows_c, c1),
+                    _ptr(deltas, ct, b, h, rows_c),
+                    _ptr(tq_c, ct, b, rows_c),
+                    _ptr(tk_c, ct, b, c1),
+                    _ptr(valid_c, torch.bool, b, c1),
+                    _ptr(ends, torch.int64, b, rows_c),
+                    _ptr(lw, ct, h, m),
+                    _ptr(lam, ct, h, m),
                     scale,
                     b,
                     h,
-                    r1 - r0,
+                    rows_c,
                     c1,
                     m,
                     int(causal),

@@ -97,7 +97,7 @@ from typing import Any
 
 import torch
 
-from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow
+from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow, autocast_off
 from healthfm_core.kernels.ct_attention.tiling import KernelConfig, block_d, fitted_config, next_power_of_2
 
 logger = logging.getLogger(__name__)
@@ -1012,6 +1012,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 class _CTAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, t_q, t_k, log_weights, rates, key_valid, causal, config):
         _ensure_built()
         b, h, nq, d = q.shape
@@ -1079,6 +1080,7 @@ class _CTAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do):
         _ensure_built()
         q, k, v, o, lse, tq, tk, kv, lw, rate = ctx.saved_tensors
