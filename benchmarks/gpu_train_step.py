@@ -13,15 +13,15 @@ repeated at shifted times (copy j moved j x the subject's span later, the predic
 the last copy).
 
 The step is the trainer's (healthfm_core/train/trainer.py): the batch moved to the device, the
-pretraining losses under bf16 autocast on CUDA (fp32 on CPU), backward, gradient clipping at 1,
-an AdamW step, the step's log record. ``--attention`` sets HEALTHFM_CT_ATTENTION per row:
+pretraining losses under bf16 autocast on CUDA (fp32 on CPU) with the linears' weights cast once
+(``forward_losses``), backward, gradient clipping at 1, an AdamW step, the step's log record. ``--attention`` sets HEALTHFM_CT_ATTENTION per row:
 ``reference`` (the PyTorch formula) and ``auto`` (the Triton kernel on CUDA; on CPU the fused
 CPU path). Each row: ``--warmup`` untimed steps, then the median of ``--repeats`` timed steps.
 ``--compile`` adds a row per path with the backbone under ``torch.compile(dynamic=True)`` (its
 label ``+compile``): the eager backbone's ~90 elementwise launches a layer are what issue 41's
 launch target needs fused. The attention call itself stays eager (``compiled_around_attention``:
 a graph break at each layer's call; dynamo tracing into the Triton path fails, as it did under the
-interpreter). Its first step compiles (give ``--warmup`` at least 1); a row whose compile fails
+interpreter), under plain autocast (inductor fuses the weight casts itself). Its first step compiles (give ``--warmup`` at least 1); a row whose compile fails
 prints why and the run goes on. Not yet measured on a GPU. The dispatch-mode count below is the same
 for a compiled row as for its eager one (1,515 ops for `tiny` on CPU): it says nothing of fusion;
 on CUDA the profiler's launches do.
@@ -71,6 +71,7 @@ from healthfm_core.train.trainer import (  # noqa: E402
     _clip,
     _losses,
     _step_record,
+    forward_losses,
     resolve_precision,
 )
 
@@ -184,9 +185,11 @@ class Row:
 
 
 class Stepper:
-    """The trainer's step (see train_local) on one model, batch and device."""
+    """The trainer's step (see train_local) on one model, batch and device. ``cast_once`` False:
+    plain autocast, each linear casting its own weights (a compiled row: inductor fuses those
+    casts, and the trainer's one-op cast would swap the compiled module's parameters each step)."""
 
-    def __init__(self, model: HealthFM, batch: Batch, device: torch.device) -> None:
+    def __init__(self, model: HealthFM, batch: Batch, device: torch.device, cast_once: bool = True) -> None:
         self.model = model.to(device).train()
         self.batch = batch  # on the host, moved every step as the trainer does
         self.device = device
@@ -196,13 +199,21 @@ class Stepper:
         self.autocast = resolve_precision("auto", device)
         self.generator = torch.Generator()
         self.step = 0
+        self.cast_once = cast_once
 
     def __call__(self) -> None:
         self.generator.manual_seed(self.step)
         batch = self.batch.to(self.device)
-        dtype = self.autocast or torch.float32
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast is not None):
-            names, values, losses = _losses(self.model, batch, ObjectiveWeights(), self.generator, self.step)
+        weights = ObjectiveWeights()
+        if self.cast_once:
+            names, values, losses = forward_losses(
+                self.model, batch, weights, self.generator, self.step, self.device, self.autocast
+            )
+        else:
+            with torch.autocast(
+                self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
+            ):
+                names, values, losses = _losses(self.model, batch, weights, self.generator, self.step)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         grad_norm = _clip(self.params, 1.0)
@@ -278,7 +289,7 @@ def _run_row(args, model_name, attention, shape, batch, vocab, traits, device) -
     model = HealthFM(cfg, vocab, traits)
     if attention.endswith(COMPILED):
         model.backbone = torch.compile(model.backbone, dynamic=True)  # type: ignore[assignment]
-    stepper = Stepper(model, batch, device)
+    stepper = Stepper(model, batch, device, cast_once=not attention.endswith(COMPILED))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, counts = measure(stepper, args.warmup, args.repeats)

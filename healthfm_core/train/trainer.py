@@ -37,6 +37,7 @@ from healthfm_core.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from healthfm_core.train.weight_cast import linear_weights_cast_once
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +353,12 @@ def train_local(
             generator.manual_seed(step_seed(cfg.seed, step))
             if local_step is not None:  # a step the LocalStep takes whole (forward, backward, clipping)
                 opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                if local_step is not None:
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
                     names, values, grad_norm = _replaced_step(local_step, model, batch, weights, generator, step)
-                else:
-                    names, values, losses = _losses(model, batch, weights, generator, step)
-            if local_step is None:  # the default step: one loss over the batch, backward, clipping
+            else:  # the default step: one loss over the batch, backward, clipping
+                names, values, losses = forward_losses(model, batch, weights, generator, step, device, autocast_dtype)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 grad_norm = _clip(params, cfg.grad_clip)
@@ -455,11 +456,30 @@ def _replaced_step(
     return names, values, grad_norm
 
 
+def forward_losses(
+    model: torch.nn.Module,
+    batch: Batch,
+    weights: Any,
+    generator: torch.Generator,
+    step: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[list[str], list[float], dict[str, torch.Tensor]]:
+    """The default step's forward in the step's precision: under autocast to ``autocast_dtype``
+    (None: fp32) on ``device``, the linears' weights cast once for the step
+    (``linear_weights_cast_once``); the losses as ``_losses`` gives them."""
+    with (
+        torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
+        linear_weights_cast_once(model, autocast_dtype),
+    ):
+        return _losses(model, batch, weights, generator, step)
+
+
 def _losses(
     model: torch.nn.Module, batch: Batch, weights: Any, generator: torch.Generator, step: int
 ) -> tuple[list[str], list[float], dict[str, torch.Tensor]]:
-    """The default step's forward: the model's pretraining losses (names, values, and the tensors
-    to backpropagate); a non-finite total is refused."""
+    """The model's pretraining losses (names, values, and the tensors to backpropagate); a
+    non-finite total is refused."""
     if not isinstance(model, Pretrainable):
         raise TypeError(f"train_local: model {type(model).__name__} has no pretraining_losses method")
     losses = model.pretraining_losses(batch, weights, generator=generator)
