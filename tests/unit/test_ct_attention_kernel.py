@@ -217,7 +217,39 @@ def test_cross_attention_and_strided_inputs() -> None:
     valid = torch.rand(b, nk, generator=g) > 0.2
     log_w = torch.log_softmax(torch.randn(h, m, generator=g), -1)
     rates = torch.exp(torch.randn(h, m, generator=g))
-    _compare(q, k, v, t_q, t_k, log_w, rates, valid, True)
+    out, _ = _compare(q, k, v, t_q, t_k, log_w, rates, valid, True)
+    # Laid out as [B, NQ, H, D]: the model's heads-to-features reshape is a view, not a copy.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@here
+def test_a_packed_projection_is_read_in_place_with_the_same_gradients() -> None:
+    # The model's q, k, v: three slices of one [B, N, 3, H, D] projection. The kernels read them
+    # there (no copies) and write dq, dk, dv into one buffer of that layout; the same numbers.
+    g = torch.Generator().manual_seed(21)
+    b, h, n, d, m = 2, 2, 24, 16, 3
+    qkv = torch.randn(3, b, h, n, d, generator=g)
+    t = torch.sort(_grid_times(torch.rand(b, n, generator=g) * 40), dim=1).values
+    valid = torch.rand(b, n, generator=g) > 0.2
+    log_w = torch.log_softmax(torch.randn(h, m, generator=g), -1)
+    rates = torch.exp(torch.randn(h, m, generator=g))
+    grad_out = torch.randn(b, h, n, d, generator=g)
+    q0, k0, v0 = qkv
+    want, want_grads = _reference(q0, k0, v0, t, t, log_w, rates, valid, True, grad_out, torch.float64)
+    in_place = []
+    # As the model packs them ([B, N, 3, H, D]), and interleaved otherwise ([B, N, H, 3, D]).
+    for order in ((1, 3, 0, 2, 4), (1, 3, 2, 0, 4)):
+        inverse = [order.index(i) for i in range(5)]
+        x = qkv.permute(*order).contiguous().to(DEVICE).requires_grad_()
+        q, k, v = x.permute(*inverse)
+        out = _run(q, k, v, t, t, log_w.to(DEVICE), rates.to(DEVICE), valid, True)
+        saved_qkv = out.grad_fn.saved_tensors[:3]  # type: ignore[union-attr]
+        in_place.append(all(y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for y in saved_qkv))
+        (grad,) = torch.autograd.grad(out, x, grad_out.to(DEVICE))
+        torch.testing.assert_close(out.double().cpu(), want, atol=2e-4, rtol=0)
+        for got, expected in zip(grad.permute(*inverse).cpu(), want_grads[:3]):
+            torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=0)
+    assert in_place == [True, False]  # the interleaved layout's q, k, v were copied
 
 
 @here

@@ -1010,6 +1010,23 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """q, k, v are the model's three slices of one [B, N, 3, H, D] projection
+    (``qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)``): the kernels read them where they are, and
+    their gradients are written to one buffer of that layout, instead of three copies and three
+    contiguous gradients a layer."""
+    b, h, n, d = q.shape
+    hd = h * d
+    return (
+        k.shape == q.shape
+        and v.shape == q.shape
+        and q.stride() == k.stride() == v.stride() == (n * 3 * hd, d, 3 * hd, 1)
+        and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        and k.storage_offset() - q.storage_offset() == hd
+        and v.storage_offset() - k.storage_offset() == hd
+    )
+
+
 class _CTAttention(torch.autograd.Function):
     @staticmethod
     @autocast_off
@@ -1018,14 +1035,18 @@ class _CTAttention(torch.autograd.Function):
         b, h, nq, d = q.shape
         nk = k.shape[2]
         m = log_weights.shape[1]
-        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        ctx.packed = _packed_qkv(q, k, v)
+        if not ctx.packed:
+            q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
         planned = planned_inputs(
             t_q, t_k, key_valid, config.block_m, config.block_n, causal, bulk=_bulk_allowed(q.dtype)
         )
         tq, tk, kv, plan = planned.t_q, planned.t_k, planned.key_valid, planned.plan
         lw = log_weights.detach().to(torch.float32).contiguous()
         rate = rates.detach().to(torch.float32).contiguous()
-        o = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
+        # [B, H, NQ, D] over a [B, NQ, H, D] buffer (as FlashAttention returns it): the model's
+        # heads-to-features reshape of the output is then a view, not a copy a layer.
+        o = torch.empty((b, nq, h, d), device=q.device, dtype=q.dtype).transpose(1, 2)
         lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
         nqt = _cdiv(nq, config.block_m)
         nkt = _cdiv(nk, config.block_n)
@@ -1100,10 +1121,11 @@ class _CTAttention(torch.autograd.Function):
         nkt = _cdiv(nk, config.bwd_block_n)
         dot_prec = dot_precision(q.dtype)
         sm_scale = 1.0 / math.sqrt(d)
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        # empty_like keeps q's strides; the kernels index dq/dk/dv with q/k/v's strides.
+        # The kernels index dq/dk/dv with q/k/v's strides: the same layout (empty_like keeps it).
+        if ctx.packed:
+            dq, dk, dv = torch.empty((b, nq, 3, h, d), device=q.device, dtype=q.dtype).permute(2, 0, 3, 1, 4)
+        else:
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         param_grad = bool(ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
         m_pow2 = next_power_of_2(m)
         g_lw = torch.empty((b * h, nqt, m_pow2), device=q.device, dtype=torch.float32)
