@@ -88,7 +88,7 @@ test-slow: setup
 # quick run (6.4 min), the frozen site and the killed SuperLink of tests/deploy/test_faults.py (3.1 and
 # 3.8 min; the killed SuperNode stays, and test_coordinator_faults kills nginx and the SuperLink), the
 # coordinator's head over real SuperNodes (3.3 min; over Flower's simulation engine it stays), the
-# dashboard in chromium (2.2 min), the deployed secure dropouts (3 min for the first of four; the
+# dashboard in chromium (2.2 min; back since 2026-11-28: it had gone unrun and broken), the deployed secure dropouts (3 min for the first of four; the
 # deployed secure round and the in-process dropouts stay), the restarted SuperLink's registry (1.5 min),
 # MEDS-DEV's held-out scoring against aces-cli (1.3 min; the nine tasks' labels stay), the mimic
 # scenario's own checks, the site-scale benchmark's smoke run, two concurrent launches, patch reuse at
@@ -144,6 +144,7 @@ SLOW_CI ?= tests/unit/test_ct_attention_aot.py tests/unit/test_ct_attention_sass
 	tests/federation/test_site_floors.py::test_the_single_holder_protects_itself_when_the_other_sites_accept \
 	tests/federation/test_head_dp_budget.py \
 	tests/unit/test_gpu_train_step_bench.py::test_a_small_cpu_run_prints_every_row_with_its_counts \
+	tests/deploy/test_dashboard_browser.py \
 	tests/unit/test_gpu_train_step_bench.py::test_the_backbone_under_torch_compile_trains_as_eager_with_attention_left_out
 
 test-slow-ci: setup triton-oldest

@@ -9,10 +9,10 @@ the backward turns their gradients back into fp32 with one more. The numbers are
 the same rounding of the same weights, the same fp32 gradients bit for bit.
 
 The parameters are swapped for the copies only while the forward runs; the backward reaches the
-real ones through the cast. Opacus's per-sample hooks need the modules' own parameters, so DP-SGD
-steps do not use it (the trainer's default step does). The cost: each linear's bf16 weight
-gradient waits for the end of the backward instead of being cast as it comes (paper: ~0.7 GB more
-at the peak).
+real ones through the cast. The trainer's default step uses it; a DP-SGD step
+(healthfm_core/privacy/engine.py: a forward and a backward a sample) keeps plain autocast. The
+cost: each linear's bf16 weight gradient waits for the end of the backward instead of being cast
+as it comes (paper: ~0.7 GB more at the peak).
 """
 
 from __future__ import annotations
