@@ -179,6 +179,20 @@ class PoissonBatches:
 # ---------------------------------------------------------------------------- optimizer
 
 
+def _on_devices(host: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Host tensors moved each to its partner's device: those bound for one device in one copy."""
+    out = list(host)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(like):
+        if t.device.type != "cpu":
+            by_device.setdefault(t.device, []).append(i)
+    for device, idx in by_device.items():
+        flat = torch.cat([host[i].reshape(-1) for i in idx]).to(device)
+        for i, part in zip(idx, flat.split([host[i].numel() for i in idx])):
+            out[i] = part.view(host[i].shape)
+    return out
+
+
 @functools.cache
 def streaming_dp_optimizer() -> type[DPOptimizer]:
     """The class StreamingDPOptimizer, built at its first use (Opacus is imported then); also
@@ -192,21 +206,25 @@ def streaming_dp_optimizer() -> type[DPOptimizer]:
 
         fresh_noise: bool = False
 
-        def accumulate(self, grads: list[torch.Tensor | None]) -> float:
+        def accumulate(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
             """Clip one sample's gradient (one tensor or None per parameter, in `self.params` order)
-            to max_grad_norm and add it to p.summed_grad; returns its norm before clipping."""
-            present = [g for g in grads if g is not None]
-            norm = (
-                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present])))
-                if present
-                else 0.0
-            )
-            factor = min(1.0, self.max_grad_norm / (norm + 1e-6))  # Opacus's clip factor
-            for p, g in zip(self.params, grads):
-                if g is None:
-                    continue
-                g = g.to(p.dtype) * factor
-                p.summed_grad = g if p.summed_grad is None else p.summed_grad + g
+            to max_grad_norm and add it to p.summed_grad; returns its norm before clipping, a 0-dim
+            tensor on the parameters' device. Nothing is read on the host and every step is one
+            multi-tensor op, so a GPU does not wait, nor launch per parameter, a sample at a time."""
+            pairs = [(p, g.to(p.dtype)) for p, g in zip(self.params, grads) if g is not None]
+            if not pairs:
+                return torch.zeros((), device=self.params[0].device if self.params else "cpu")
+            present = [g for _, g in pairs]
+            norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(present)]))
+            factor = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
+            # Out of place: autograd may hand two parameters the same gradient tensor (a sum's).
+            clipped = torch._foreach_mul(present, factor.to(present[0].dtype))
+            started = [(p, g) for (p, _), g in zip(pairs, clipped) if p.summed_grad is not None]
+            if started:
+                torch._foreach_add_([p.summed_grad for p, _ in started], [g for _, g in started])
+            for (p, _), g in zip(pairs, clipped):
+                if p.summed_grad is None:
+                    p.summed_grad = g
             return norm
 
         @property
@@ -216,22 +234,28 @@ def streaming_dp_optimizer() -> type[DPOptimizer]:
             return 1
 
         def add_noise(self) -> None:
-            """Opacus's add_noise, with the noise drawn on the host and moved to the parameter's
-            device: Opacus draws it on the parameter's device from `self.generator`, which is a
-            CPU generator (its state comes from os.urandom, `secret_generator`), so a CUDA
-            parameter would fail in torch.normal. On the CPU the draws are Opacus's own."""
+            """Opacus's add_noise, with the noise drawn on the host: Opacus draws it on the
+            parameter's device from `self.generator`, which is a CPU generator (its state comes
+            from os.urandom, `secret_generator`), so a CUDA parameter would fail in torch.normal. On
+            the CPU the draws are Opacus's own; for parameters on a GPU they go there in one copy
+            (one wait, not one a parameter)."""
             from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
+            noises = []
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
                 host = torch.empty(p.summed_grad.shape, dtype=p.summed_grad.dtype)  # its shape and dtype
-                noise = _generate_noise(
-                    std=self.noise_multiplier * self.max_grad_norm,
-                    reference=host,
-                    generator=self.generator,
-                    secure_mode=self.secure_mode,
+                noises.append(
+                    _generate_noise(
+                        std=self.noise_multiplier * self.max_grad_norm,
+                        reference=host,
+                        generator=self.generator,
+                        secure_mode=self.secure_mode,
+                    )
                 )
-                p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+            summed = [p.summed_grad for p in self.params]
+            for p, g in zip(self.params, torch._foreach_add(summed, _on_devices(noises, summed))):
+                p.grad = g.view_as(p)
                 _mark_as_processed(p.summed_grad)
 
         def pre_step(self, closure: Any = None) -> bool:
@@ -248,9 +272,8 @@ def streaming_dp_optimizer() -> type[DPOptimizer]:
             return True
 
         def scale_grad(self) -> None:
-            if self.loss_reduction == "mean":
-                for p in self.params:
-                    p.grad /= self.expected_batch_size
+            if self.loss_reduction == "mean" and self.params:
+                torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size)
 
         def zero_grad(self, set_to_none: bool = False) -> None:
             for p in self.params:
@@ -334,19 +357,37 @@ class DPLocalStep:
         if not isinstance(model, Pretrainable):
             raise TypeError(f"DPLocalStep: model {type(model).__name__} has no pretraining_losses method")
         params = self.optimizer.params
-        sums: dict[str, float] = {}
-        norms: list[float] = []
+        # Each sample's losses and norm stay on the device until the batch is done and are read
+        # then, at once: a GPU step does not wait for the host a sample at a time. A non-finite
+        # loss is refused then, before the optimizer step (its gradient is in summed_grad, which
+        # the next step's zero_grad clears; nothing was noised, released or accounted).
+        per_sample: list[dict[str, torch.Tensor]] = []
+        norms: list[torch.Tensor] = []
         for i in range(batch.batch_size):
             losses = model.pretraining_losses(sample_of(batch, i), weights, generator=generator)
-            total = losses["total"]
-            if not math.isfinite(float(total.detach())):
-                raise FloatingPointError(f"non-finite loss on a sample: { {k: float(v) for k, v in losses.items()} }")
-            grads = torch.autograd.grad(total, params, allow_unused=True)
+            grads = torch.autograd.grad(losses["total"], params, allow_unused=True)
             norms.append(self.optimizer.accumulate(list(grads)))
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        n = max(1, batch.batch_size)
-        return {k: v / n for k, v in sums.items()} or {"total": 0.0}, (sum(norms) / n if norms else 0.0)
+            per_sample.append({k: v.detach().float() for k, v in losses.items()})
+        if not per_sample:
+            return {"total": 0.0}, 0.0
+        return _read_batch(per_sample, norms)
+
+
+def _read_batch(per_sample: list[dict[str, torch.Tensor]], norms: list[torch.Tensor]) -> tuple[dict[str, float], float]:
+    """(mean per-sample losses, mean per-sample norm) of a DP step, read from the device at once;
+    a FloatingPointError naming the first sample whose total is not finite."""
+    names = sorted({k for losses in per_sample for k in losses})
+    zero = torch.zeros((), device=norms[0].device)
+    table = torch.stack([torch.stack([losses.get(k, zero) for k in names]) for losses in per_sample])  # [B, K]
+    values = torch.cat([table.reshape(-1), torch.stack(norms).float().to(table.device)]).tolist()  # the one read
+    rows = [values[i * len(names) : (i + 1) * len(names)] for i in range(len(per_sample))]
+    for i, row in enumerate(rows):
+        if not math.isfinite(row[names.index("total")]):
+            seen = {k: row[j] for j, k in enumerate(names) if k in per_sample[i]}
+            raise FloatingPointError(f"non-finite loss on sample {i} of {len(rows)}: {seen}")
+    n = len(rows)
+    means = {k: sum(row[j] for row in rows) / n for j, k in enumerate(names)}
+    return means, sum(values[n * len(names) :]) / n
 
 
 __all__ = [

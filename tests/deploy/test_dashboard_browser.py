@@ -3,9 +3,9 @@ headless, driven by Selenium through Debian's chromedriver (`make setup-system` 
 nothing is downloaded), watching `coordinator dashboard` while a real SuperLink (TLS, SuperNode
 authentication, nginx; tests/helpers/deploy_fixtures.py) runs three joined sites: genomics under DP by its
 own policy, every round under secure aggregation, hospital killed (SIGKILL of its `join` and
-everything below it) once round 1 is on the page. The page must show each as it happens, by
-itself (its script polls): the sites online, round 1 with its secure aggregation and genomics'
-epsilon, hospital offline and left out of round 2 with its reason, the run completed with hospital
+everything below it) as the last of three rounds opens. The page must show each as it happens, by
+itself (its script polls): the sites online, the running run's rounds with their secure aggregation
+and genomics' epsilon, hospital offline and left out of round 3 with its reason, the run completed with hospital
 lost, the audit chain verified, the evaluation's reasons. Every wait polls the page for the state
 it expects (no fixed sleep). The dashboard runs with an access token, carried by the page's URL.
 
@@ -40,6 +40,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 DP_SITE, KILLED = "genomics", "hospital"
 TOKEN = "browser-test-token-0123456789abcdef"
 KEYS_RECEIVED = "Receiving: query.secagg_keys message"  # a secure round's first message at a site
+ROUNDS = 3  # hospital is killed in the last
 WAIT_S = 900  # only catches a hang: each wait ends as soon as the page shows its state
 # genomics joins with the sites' policy plus this (deploy_fixtures.joined): a DP site by its own policy.
 # The run's secure rounds open groups of 2 holders: each site's own floor (secagg_min_holders,
@@ -191,10 +192,12 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
     shows(browser, "every site online", lambda: all(" online since " in site_row(browser, s) for s in SITES), None)
 
     out = tmp_path / "run"
-    # hospital dies as round 2's first message reaches it (its SuperNode's log says so): after round 1
-    # is on the page, before it can train again; the server hears of it from the SuperLink.
+    # hospital dies as the last round's first message reaches it (its SuperNode's log says so); the
+    # server hears of it from the SuperLink, at once or within 2 heartbeats. Round 2, whole, is the
+    # page's time to show the run running: a round without hospital can end within half a second
+    # of the one before (seen on an idle machine, where a 2-round run never showed round 1).
     hospital_log = SupernodeLog(tmp_path / f"state-{KILLED}")
-    killer = threading.Thread(target=kill_at_round_2, args=(hospital_log, joined[KILLED]), daemon=True)
+    killer = threading.Thread(target=kill_at_last_round, args=(hospital_log, joined[KILLED]), daemon=True)
     killer.start()
     run = Background(
         *launch_args(
@@ -204,25 +207,25 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
             "secure-aggregation=true",
             "-c",
             "secagg-min-holders=2",
-            # Keys made for one round at a time, so round 2 opens with its own keys message, the
-            # moment hospital dies (by default round 1's exchange makes round 2's keys too).
+            # Keys made for one round at a time, so round 3 opens with its own keys message, the
+            # moment hospital dies (by default round 1's exchange makes the later rounds' keys too).
             "-c",
             "secagg-key-rounds=1",
             "-c",
             "timeout-s=120",
             "-c",
             "min-nodes=2",
-            rounds=2,
+            rounds=ROUNDS,
             wait_s=WAIT_S,
         ),
         timeout=WAIT_S + 120,
     )
 
-    def round_on_page(rnd: int) -> bool:
+    def round_on_page() -> bool:
         runs = panel(browser, "runs")
-        return "running" in runs and f"Rounds: {rnd} of 2 done" in runs
+        return "running" in runs and any(f"Rounds: {rnd} of {ROUNDS} done" in runs for rnd in (1, 2))
 
-    shows(browser, "round 1 of the running run", lambda: round_on_page(1), shots, run=run)
+    shows(browser, "round 1 or 2 of the running run", round_on_page, shots, run=run)
     runs = panel(browser, "runs")
     assert "unmasked: shared (biobank, genomics, hospital)" in runs, runs
     shows(
@@ -237,23 +240,23 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
 
     def ended() -> bool:
         runs = panel(browser, "runs")
-        return "completed 2 of 2 rounds; lost site(s): hospital" in runs
+        return f"completed {ROUNDS} of {ROUNDS} rounds; lost site(s): hospital" in runs
 
     shows(browser, "the run completed without hospital", ended, shots, "dashboard-completed.png")
     run.join(WAIT_S + 120)
     assert run.result is not None
     assert run.result.returncode == EXIT_SITE_LOST, (run.result.stdout, run.result.stderr)
     _, rounds = round_events(out)
-    second = rounds[2]["sites"][KILLED]
-    assert second["status"] != "ok"
+    last = rounds[ROUNDS]["sites"][KILLED]
+    assert last["status"] != "ok"
     runs = panel(browser, "runs")
-    assert f"{second['status']}: {second['reason']}" in runs, runs
-    assert "withheld: wearables" in runs  # one surviving holder of two in round 2
+    assert f"{last['status']}: {last['reason']}" in runs, runs
+    assert "withheld: wearables" in runs  # one surviving holder of two in the last round
     assert "verified: " in panel(browser, "audit")
-    epsilon = rounds[2]["epsilon"][DP_SITE]
+    epsilon = rounds[ROUNDS]["epsilon"][DP_SITE]
     assert f"{epsilon:.3f}" in panel(browser, "privacy")
     results = panel(browser, "results")
-    assert "federated evaluation after round 2" in results and "no reply from this site" in results
+    assert f"federated evaluation after round {ROUNDS}" in results and "no reply from this site" in results
     if shots is not None:
         browser.execute_script("document.getElementById('privacy').scrollIntoView()")  # type: ignore[attr-defined]
         screenshot(browser, shots / "dashboard-privacy-results.png")
@@ -267,14 +270,14 @@ def test_the_page_follows_a_deployed_run_as_it_happens(
     }
     run_id = (("run_id", str(_run_id(out))),)
     assert samples[("healthfm_sites_online", ())] == 2
-    assert samples[("healthfm_run_rounds_done", run_id)] == 2
+    assert samples[("healthfm_run_rounds_done", run_id)] == ROUNDS
     assert samples[("healthfm_site_epsilon", (("site", DP_SITE),))] == epsilon
     assert fetch(dashboard + "/", token=None)[0] == 401
 
 
-def kill_at_round_2(log: SupernodeLog, site: Process) -> None:
+def kill_at_last_round(log: SupernodeLog, site: Process) -> None:
     deadline = time.monotonic() + WAIT_S
-    while not log.has(KEYS_RECEIVED, KEYS_RECEIVED) and time.monotonic() < deadline:
+    while not log.has(*[KEYS_RECEIVED] * ROUNDS) and time.monotonic() < deadline:
         time.sleep(0.02)
     kill_hard(site)
 

@@ -93,3 +93,38 @@ def test_one_training_step_stays_under_the_sync_bound(name: str, monkeypatch) ->
     model_ops = count.ops - count.optimizer_ops
     assert model_ops <= MAX_MODEL_OPS[name], f"{model_ops} ops a step (the optimizer's apart)"
     assert count.host_reads > 0  # AdamW's step counters were seen and set apart
+
+
+def test_a_dp_step_reads_the_host_once_not_a_sample_at_a_time(monkeypatch) -> None:
+    # DP-SGD takes each sample's gradient alone (healthfm_core/privacy/engine.py). Its own work
+    # around those (clipping, summing, the losses and norms it reports) must not wait for the
+    # device a sample at a time: what the samples' forward and backward sync anyway, plus one read.
+    from opacus.accountants import RDPAccountant
+
+    from healthfm_core.model.objective_weights import ObjectiveWeights
+    from healthfm_core.privacy.engine import DPLocalStep, DPSettings, sample_of
+
+    monkeypatch.setenv("HEALTHFM_CT_ATTENTION", "reference")
+    batch = random_batch(batch_size=6, n_events=16, n_patches=4, epochs_per_patch=8, vocab_size=120, seed=2)
+    torch.manual_seed(0)
+    model = HealthFM(_config("tiny"), 120, 4)
+    settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, n_samples=12, delta=1e-5)
+    step = DPLocalStep(settings, RDPAccountant())
+    opt = step.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    params = list(opt.params)
+    generator = torch.Generator().manual_seed(0)  # the samples draw their masks as the DP step's do
+    with count_host_syncs(where=True) as alone:
+        for i in range(batch.batch_size):
+            loss = model.pretraining_losses(sample_of(batch, i), ObjectiveWeights(), generator)
+            torch.autograd.grad(loss["total"], params, allow_unused=True)
+    opt.zero_grad()
+    with count_host_syncs(where=True) as dp:
+        losses, norm = step(model, batch, ObjectiveWeights(), torch.Generator().manual_seed(0))
+    where = "\n".join(f"{n} x {site}" for site, n in dp.sites.most_common())
+    assert dp.n_syncs <= alone.n_syncs + 1, (
+        f"{dp.n_syncs} syncs against {alone.n_syncs} for the samples alone:\n{where}"
+    )
+    assert set(losses) >= {"total"} and norm > 0
+    # Clipping and summing a sample's gradient: a few multi-tensor ops, not a few per parameter
+    # (tiny has 103; on a GPU each op is a launch).
+    assert len(params) > 100 and dp.ops <= alone.ops + 16 * batch.batch_size, (dp.ops, alone.ops)
