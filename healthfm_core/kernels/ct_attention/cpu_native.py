@@ -170,6 +170,38 @@ def _ptr(x: torch.Tensor, dtype: torch.dtype, *shape: int) -> int:
     return x.data_ptr()
 
 
+def _chunk_arguments(
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+    valid: torch.Tensor,
+    ends: torch.Tensor,
+    lw: torch.Tensor,
+    lam: torch.Tensor,
+    scale: float,
+    h: int,
+    causal: bool,
+) -> tuple[object, ...]:
+    """The arguments both kernels take after their own buffers, for a chunk of rows x c keys:
+    the times, the key mask, each row's visible keys, the mixture (each checked by ``_ptr``),
+    then scale, B, H, rows, c, M, causal."""
+    (b, rows), c, m, ct = tq.shape, tk.shape[1], lw.shape[1], lw.dtype
+    return (
+        _ptr(tq, ct, b, rows),
+        _ptr(tk, ct, b, c),
+        _ptr(valid, torch.bool, b, c),
+        _ptr(ends, torch.int64, b, rows),
+        _ptr(lw, ct, h, m),
+        _ptr(lam, ct, h, m),
+        scale,
+        b,
+        h,
+        rows,
+        c,
+        m,
+        int(causal),
+    )
+
+
 def default_rows(nq: int) -> int:
     """Query rows per chunk: a chunk reads only the keys up to its last query's visible ones, so
     smaller chunks skip more of the causal triangle (8 chunks: ~56% of the square) but make more,
@@ -233,25 +265,8 @@ class _CTAttentionNative(torch.autograd.Function):
             tq_c, tk_c, valid_c = tq[:, r0:r1].contiguous(), tk[:, :c1].contiguous(), valid[:, :c1].contiguous()
             probs = torch.matmul(qs[:, :, r0:r1], ks[:, :, :c1].transpose(-1, -2)).contiguous()  # scores -> P
             if c1:
-                rows_c = r1 - r0
-                _split(
-                    b * h,
-                    kernel,
-                    _ptr(probs, ct, b, h, rows_c, c1),
-                    _ptr(tq_c, ct, b, rows_c),
-                    _ptr(tk_c, ct, b, c1),
-                    _ptr(valid_c, torch.bool, b, c1),
-                    _ptr(ends, torch.int64, b, rows_c),
-                    _ptr(lw, ct, h, m),
-                    _ptr(lam, ct, h, m),
-                    scale,
-                    b,
-                    h,
-                    rows_c,
-                    c1,
-                    m,
-                    int(causal),
-                )
+                shared = _chunk_arguments(tq_c, tk_c, valid_c, ends, lw, lam, scale, h, causal)
+                _split(b * h, kernel, _ptr(probs, ct, b, h, r1 - r0, c1), *shared)
             outs.append(torch.matmul(probs, vs[:, :, :c1]))
             chunks.append((r0, r1, c1, probs, outs[-1], tq_c, tk_c, valid_c, ends))
         out = (
@@ -290,28 +305,13 @@ class _CTAttentionNative(torch.autograd.Function):
                 ct, rows_c = qs.dtype, r1 - r0
                 p_lw = _ptr(g_mix[i, 0], ct, b, h, m) if g_mix is not None else None
                 p_rate = _ptr(g_mix[i, 1], ct, b, h, m) if g_mix is not None else None
-                _split(
-                    b * h,
-                    kernel,
+                shared = _chunk_arguments(tq_c, tk_c, valid_c, ends, lw, lam, scale, h, causal)
+                buffers = (
                     _ptr(ds, ct, b, h, rows_c, c1),
                     _ptr(probs, ct, b, h, rows_c, c1),
                     _ptr(deltas, ct, b, h, rows_c),
-                    _ptr(tq_c, ct, b, rows_c),
-                    _ptr(tk_c, ct, b, c1),
-                    _ptr(valid_c, torch.bool, b, c1),
-                    _ptr(ends, torch.int64, b, rows_c),
-                    _ptr(lw, ct, h, m),
-                    _ptr(lam, ct, h, m),
-                    scale,
-                    b,
-                    h,
-                    rows_c,
-                    c1,
-                    m,
-                    int(causal),
-                    p_lw,
-                    p_rate,
                 )
+                _split(b * h, kernel, *buffers, *shared, p_lw, p_rate)
             dq[:, :, r0:r1] = torch.matmul(ds, ks[:, :, :c1])
             dk[:, :, :c1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1])
         dq = _permute(dq, _flat(_inverse(q_order))).to(q_dt)
