@@ -48,7 +48,9 @@ class FederationSetup(StrictMessage):
     vocabulary: Vocabulary
     model: ModelConfig
     model_seed: int = 0
-    modalities: list[str]
+    # Left out (None), filled from the vocabulary by _default_modalities before validation: the
+    # default lets callers leave it out; a validated setup always holds a list.
+    modalities: list[str] = None  # type: ignore[assignment]
     token_window_days: TokenWindowDays = DEFAULT_TOKEN_WINDOW_DAYS
     max_codes_per_token: MaxCodesPerToken = DEFAULT_MAX_CODES_PER_TOKEN
 

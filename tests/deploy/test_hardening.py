@@ -214,7 +214,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> FederationSetup:
         tmp_path_factory.mktemp("fed"), scenario="tiny", seed=0, n_subjects=12, progress=False
     )
     stats = [site_code_stats(open_site(s.root)) for s in manifest.sites]
-    return FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    return FederationSetup(
         vocabulary=build_vocabulary(stats, min_subjects=2), model=load_model_config("tiny"), model_seed=1
     )
 

@@ -97,7 +97,7 @@ def _message(content: RecordDict, message_type: str, n: int) -> Message:
 def _setup(config: SiteConfig, min_subjects: int) -> FederationSetup:
     runtime = get_runtime(config)
     vocab = build_vocabulary([runtime.code_stats()], min_subjects=min_subjects)
-    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
 
 
 @pytest.mark.usefixtures("identity")
@@ -159,7 +159,7 @@ def test_a_train_message_packed_for_another_group_set_is_refused(hospital: dict)
     # The federation's setup, as with a biobank beside the hospital: its model holds genomics.
     biobank = {**hospital, "site-root": str(Path(hospital["site-root"]).with_name("biobank")), "site-name": "biobank"}
     stats = [get_runtime(SiteConfig.from_node_config(c)).code_stats() for c in (hospital, biobank)]
-    setup = FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    setup = FederationSetup(
         vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"), model_seed=1
     )
     assert "genomics" in setup.groups

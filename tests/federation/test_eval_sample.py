@@ -57,7 +57,7 @@ def biobank(tmp_path_factory: pytest.TempPathFactory) -> SiteRuntime:
 @pytest.fixture(scope="module")
 def setup(biobank: SiteRuntime) -> FederationSetup:
     vocab = build_vocabulary([biobank.code_stats()], min_subjects=2)
-    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=3)  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=3)
 
 
 def _arrays(rt: SiteRuntime, setup: FederationSetup, seed: int) -> dict[str, np.ndarray]:

@@ -233,7 +233,7 @@ def runtimes(federation) -> dict[str, SiteRuntime]:
 @pytest.fixture(scope="module")
 def setup(runtimes) -> FederationSetup:
     vocab = build_vocabulary([r.code_stats() for r in runtimes.values()], min_subjects=5)
-    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
 
 
 def own_arrays(setup: FederationSetup, groups: list[str]) -> dict[str, np.ndarray]:

@@ -424,7 +424,7 @@ def test_real_sites_one_under_dp_over_int8_are_never_rejected(federation, tmp_pa
         },
     }
     stats = [SiteRuntime(SiteConfig.from_node_config(c)).code_stats() for c in configs.values()]
-    setup = FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    setup = FederationSetup(
         vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"), model_seed=1
     )
     nodes = {1: "biobank", 2: "genomics"}

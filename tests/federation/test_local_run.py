@@ -110,7 +110,7 @@ def test_a_site_and_the_baselines_train_with_the_same_settings(tmp_path: Path, r
     runtime = SiteRuntime(
         SiteConfig.from_node_config({"site-root": str(site.root), "site-name": site.name, "min-code-subjects": 5})
     )
-    setup = FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    setup = FederationSetup(
         vocabulary=build_vocabulary([runtime.code_stats()], min_subjects=5), model=fed.model, model_seed=1
     )
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in runtime.groups}

@@ -153,19 +153,19 @@ def test_setup_modalities_from_capabilities_and_vocabulary() -> None:
     assert FederationSetup.model_validate_json(setup.to_json()) == setup
     assert {parameter_group(k) for k in init_model(setup).state_dict()} == {"shared", "ehr"}
     # Left out: what the vocabulary supports (the model every setup built before the field had).
-    assert FederationSetup(vocabulary=with_prs, model=cfg).modalities == MODALITIES_LIST  # type: ignore[call-arg]  # modalities left out: the default
-    assert FederationSetup(vocabulary=vocab, model=cfg).modalities == ["ehr", "wearables"]  # type: ignore[call-arg]  # modalities left out: the default
-    assert setup.sha256 != FederationSetup(vocabulary=vocab, model=cfg).sha256  # type: ignore[call-arg]  # modalities left out: the default
+    assert FederationSetup(vocabulary=with_prs, model=cfg).modalities == MODALITIES_LIST
+    assert FederationSetup(vocabulary=vocab, model=cfg).modalities == ["ehr", "wearables"]
+    assert setup.sha256 != FederationSetup(vocabulary=vocab, model=cfg).sha256
     # A setup written before the field existed (a server checkpoint) reads as, and hashes as, the default.
-    old = json.loads(FederationSetup(vocabulary=with_prs, model=cfg).to_json())  # type: ignore[call-arg]  # modalities left out: the default
+    old = json.loads(FederationSetup(vocabulary=with_prs, model=cfg).to_json())
     del old["modalities"]
     del old["model"]["pretraining"]["prs_reconstruct_shown"]  # issue 31's option, off by default
     canonical = json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
     assert FederationSetup.model_validate_json(json.dumps(old)).sha256 == hashlib.sha256(canonical).hexdigest()
     shown = cfg.model_copy(update={"pretraining": cfg.pretraining.model_copy(update={"prs_reconstruct_shown": True})})
     assert (
-        FederationSetup(vocabulary=with_prs, model=shown).sha256  # type: ignore[call-arg]  # modalities left out: the default
-        != FederationSetup(vocabulary=with_prs, model=cfg).sha256  # type: ignore[call-arg]  # modalities left out: the default
+        FederationSetup(vocabulary=with_prs, model=shown).sha256
+        != FederationSetup(vocabulary=with_prs, model=cfg).sha256
     )
     with pytest.raises(ValueError, match="n_prs_traits=0"):
         FederationSetup(vocabulary=vocab, model=cfg, modalities=["ehr", "genomics"])

@@ -55,7 +55,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
 def setup(federation) -> FederationSetup:
     site = federation.site(SITE)
     config = SiteConfig.from_node_config({"site-root": str(site.root), "site-name": SITE, "min-code-subjects": 5})
-    return FederationSetup(  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    return FederationSetup(
         vocabulary=build_vocabulary([SiteRuntime(config).code_stats()], min_subjects=5),
         model=load_model_config("tiny"),
         model_seed=1,

@@ -59,7 +59,7 @@ def setup(federation) -> FederationSetup:
         SiteRuntime(SiteConfig.from_node_config({"site-root": str(s.root), "site-name": s.name, **MIN})).code_stats()
         for s in federation.sites
     ]
-    return FederationSetup(vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"))  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    return FederationSetup(vocabulary=build_vocabulary(stats, min_subjects=5), model=load_model_config("tiny"))
 
 
 @pytest.fixture(scope="module")

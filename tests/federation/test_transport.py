@@ -243,7 +243,7 @@ def test_the_site_sends_int8_and_keeps_its_residual_in_its_run_state(
     config = node_configs[0]
     site = SiteRuntime(SiteConfig.from_node_config(config))
     vocab = build_vocabulary([site.code_stats()], min_subjects=5)
-    setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)  # type: ignore[call-arg]  # modalities: filled by its before-validator
+    setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=1)
     master = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in site.groups}
     # What the message carries, and what the server judges the reply against (the float16 values
     # in float32 under an fp16 downlink): the site's residual must be against the same.

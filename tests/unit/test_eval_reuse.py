@@ -46,7 +46,7 @@ def runtimes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SiteRuntime]
 @pytest.fixture(scope="module")
 def setup(runtimes) -> FederationSetup:
     vocab = build_vocabulary([r.code_stats() for r in runtimes.values()], min_subjects=2)
-    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=3)  # type: ignore[call-arg]  # FederationSetup's before-validator defaults modalities (annotated as required)
+    return FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=3)
 
 
 def _rows(rt: SiteRuntime) -> pa.Table:
