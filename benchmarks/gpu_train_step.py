@@ -69,7 +69,6 @@ from healthfm_core.train.trainer import (  # noqa: E402
     TrainConfig,
     _build_optimizer,
     _clip,
-    _losses,
     _step_record,
     forward_losses,
     resolve_precision,
@@ -204,16 +203,9 @@ class Stepper:
     def __call__(self) -> None:
         self.generator.manual_seed(self.step)
         batch = self.batch.to(self.device)
-        weights = ObjectiveWeights()
-        if self.cast_once:
-            names, values, losses = forward_losses(
-                self.model, batch, weights, self.generator, self.step, self.device, self.autocast
-            )
-        else:
-            with torch.autocast(
-                self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
-            ):
-                names, values, losses = _losses(self.model, batch, weights, self.generator, self.step)
+        names, values, losses = forward_losses(
+            self.model, batch, ObjectiveWeights(), self.generator, self.step, self.device, self.autocast, self.cast_once
+        )
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         grad_norm = _clip(self.params, 1.0)

@@ -353,9 +353,7 @@ def train_local(
             generator.manual_seed(step_seed(cfg.seed, step))
             if local_step is not None:  # a step the LocalStep takes whole (forward, backward, clipping)
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
+                with step_autocast(device, autocast_dtype):
                     names, values, grad_norm = _replaced_step(local_step, model, batch, weights, generator, step)
             else:  # the default step: one loss over the batch, backward, clipping
                 names, values, losses = forward_losses(model, batch, weights, generator, step, device, autocast_dtype)
@@ -456,6 +454,11 @@ def _replaced_step(
     return names, values, grad_norm
 
 
+def step_autocast(device: torch.device, autocast_dtype: torch.dtype | None) -> torch.autocast:
+    """The step's autocast on ``device``: to ``autocast_dtype``, off where it is None (fp32)."""
+    return torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+
+
 def forward_losses(
     model: torch.nn.Module,
     batch: Batch,
@@ -464,13 +467,14 @@ def forward_losses(
     step: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    cast_weights: bool = True,
 ) -> tuple[list[str], list[float], dict[str, torch.Tensor]]:
-    """The default step's forward in the step's precision: under autocast to ``autocast_dtype``
-    (None: fp32) on ``device``, the linears' weights cast once for the step
-    (``linear_weights_cast_once``); the losses as ``_losses`` gives them."""
+    """The default step's forward in the step's precision (``step_autocast``), the linears'
+    weights cast once for the step (``linear_weights_cast_once``; ``cast_weights`` False: each
+    linear casts its own, as autocast alone does); the losses as ``_losses`` gives them."""
     with (
-        torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
-        linear_weights_cast_once(model, autocast_dtype),
+        step_autocast(device, autocast_dtype),
+        linear_weights_cast_once(model, autocast_dtype if cast_weights else None),
     ):
         return _losses(model, batch, weights, generator, step)
 

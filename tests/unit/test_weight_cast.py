@@ -4,7 +4,6 @@ autocast's own, bit for bit, in fewer ops; parameters come back whatever happens
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from torch import nn
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objective_weights import ObjectiveWeights
-from healthfm_core.train import trainer
 from healthfm_core.train.host_syncs import count_host_syncs
 from healthfm_core.train.trainer import forward_losses
 from healthfm_core.train.weight_cast import linear_weights_cast_once
@@ -24,15 +22,10 @@ from healthfm_core.train.weight_cast import linear_weights_cast_once
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
-@contextlib.contextmanager
-def _plain_autocast(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    yield  # each linear casts its own weights, as autocast alone does
-
-
 def _step(
-    cast_once: bool, monkeypatch: pytest.MonkeyPatch, freeze: str | None = None, device: torch.device = DEVICES[0]
+    cast_once: bool, freeze: str | None = None, device: torch.device = DEVICES[0]
 ) -> tuple[list[float], dict[str, torch.Tensor | None], int, set[str]]:
-    monkeypatch.setattr(trainer, "linear_weights_cast_once", linear_weights_cast_once if cast_once else _plain_autocast)
+    """One step under bf16 autocast, the weights cast once or (``cast_once`` False) by each linear."""
     batch = random_batch(batch_size=6, n_events=24, n_patches=5, epochs_per_patch=8, vocab_size=120, seed=3)
     torch.manual_seed(0)
     model = HealthFM(load_model_config("tiny"), 120, 4).to(device)
@@ -41,7 +34,7 @@ def _step(
         model.get_parameter(freeze).requires_grad_(False)
     with count_host_syncs() as count:
         names, values, losses = forward_losses(
-            model, batch, ObjectiveWeights(), torch.Generator().manual_seed(0), 0, device, torch.bfloat16
+            model, batch, ObjectiveWeights(), torch.Generator().manual_seed(0), 0, device, torch.bfloat16, cast_once
         )
         losses["total"].backward()
     linear = {
@@ -55,11 +48,9 @@ def _step(
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("freeze", [None, "backbone.blocks.0.attn.qkv.weight"])
-def test_a_step_is_autocasts_own_bit_for_bit_in_fewer_ops(
-    freeze: str | None, device: torch.device, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    values, grads, ops, linear = _step(False, monkeypatch, freeze, device)
-    values_once, grads_once, ops_once, _ = _step(True, monkeypatch, freeze, device)
+def test_a_step_is_autocasts_own_bit_for_bit_in_fewer_ops(freeze: str | None, device: torch.device) -> None:
+    values, grads, ops, linear = _step(False, freeze, device)
+    values_once, grads_once, ops_once, _ = _step(True, freeze, device)
     # Bit for bit on CPU; on CUDA within the reordering of atomic adds (embedding and scatter
     # gradients) that any two runs there show.
     exact = device.type == "cpu"
