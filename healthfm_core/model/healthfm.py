@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from healthfm_core.data.files.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.data.sequences.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
+from healthfm_core.kernels.ct_attention import split_qkv
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_mixtures, decay_rate_summary
 from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
 from healthfm_core.model.dropout import Dropout
@@ -107,7 +108,7 @@ class CTSelfAttention(nn.Module):
         """``mixture``: this layer's (log_weights, rates) when the caller computed them (the backbone
         does, for all its layers at once: ``decay_mixtures``); else ``self.kernel``."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(self.qkv(x), self.n_heads)  # views; their gradients come back without a copy
         log_weights, rates = mixture if mixture is not None else self.kernel(x.device)
         out = ct_attention(q, k, v, times, times, log_weights, rates, key_valid=key_valid, causal=True)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))

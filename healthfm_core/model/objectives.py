@@ -127,11 +127,6 @@ def _masked_mean(x: Tensor, mask: Tensor, dims: tuple[int, ...] | None = None) -
     return (x * mask.to(x.dtype)).sum(dims) / mask.sum(dims).clamp_min(1)
 
 
-def _group_dims(x: Tensor, per_group: bool) -> tuple[int, ...] | None:
-    """The dimensions a per-group reduction sums over (all but the first), or None (all)."""
-    return tuple(range(1, x.dim())) if per_group else None
-
-
 def _mean_of_present(terms: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     """(mean over dim 0 of the terms [T, ..] whose `present` [T, ..] is True, whether any is):
     decided on the device, where a Python list of the present terms would read each flag on
@@ -147,12 +142,16 @@ def balanced_bce_terms(
     that has entries; whether any entry is included) without a host sync. `per_group`: one
     such pair per index of the first dimension ([G] each) instead of one over everything."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
-    positive = include & (targets > 0.5)
-    negative = include & (targets <= 0.5)
-    dims = _group_dims(bce, per_group)
-    means = torch.stack([_masked_mean(bce, positive, dims), _masked_mean(bce, negative, dims)])
-    has = [m.any(dims) if dims is not None else m.any() for m in (positive, negative)]
-    return _mean_of_present(means, torch.stack(has))
+    positive = targets > 0.5
+    # [2, ..]: the included positives and the included negatives as weights, both sides reduced at
+    # once (on a GPU each op is a launch: a side at a time took ~27 a call, this ~17).
+    sides = (torch.stack([positive, ~positive]) & include).to(bce.dtype)
+    dims = tuple(range(2 if per_group else 1, sides.dim()))
+    counts = sides.sum(dims)
+    means = (bce * sides).sum(dims) / counts.clamp_min(1)
+    has = counts > 0
+    # An empty side's mean is 0, so the sum over the sides is the sum over those present.
+    return means.sum(0) / has.sum(0).clamp_min(1), has.any(0)
 
 
 def balanced_bce(logits: Tensor, targets: Tensor, include: Tensor) -> Tensor | None:

@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.dispatched_ops import DispatchedOps
 
 ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-from healthfm_core.kernels.ct_attention import tiling  # noqa: E402
+from healthfm_core.kernels.ct_attention import split_qkv, tiling  # noqa: E402
 from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
 from healthfm_core.model.attention import ct_attention, ct_attention_reference  # noqa: E402
 
@@ -250,6 +251,41 @@ def test_a_packed_projection_is_read_in_place_with_the_same_gradients() -> None:
         for got, expected in zip(grad.permute(*inverse).cpu(), want_grads[:3]):
             torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=0)
     assert in_place == [True, False]  # the interleaved layout's q, k, v were copied
+
+
+@here
+def test_split_qkv_takes_the_kernels_gradient_buffer_as_the_projections_gradient() -> None:
+    # The model's q, k, v come from split_qkv. The Triton backward writes dq, dk, dv into one buffer
+    # of the projection's layout; that buffer is the projection's gradient: no stack, no copy (an
+    # unbind's backward stacks the three, and the view's backward copies the stack again).
+    g = torch.Generator().manual_seed(23)
+    b, h, n, d, m = 2, 2, 24, 16, 3
+    projected = torch.randn(b, n, 3 * h * d, generator=g)
+    t = torch.sort(_grid_times(torch.rand(b, n, generator=g) * 40), dim=1).values
+    valid = torch.rand(b, n, generator=g) > 0.2
+    log_w = torch.log_softmax(torch.randn(h, m, generator=g), -1)
+    rates = torch.exp(torch.randn(h, m, generator=g))
+    grad_out = torch.randn(b, h, n, d, generator=g)
+    q0, k0, v0 = projected.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    _, want_grads = _reference(q0, k0, v0, t, t, log_w, rates, valid, True, grad_out, torch.float64)
+    want = torch.stack([w.transpose(1, 2) for w in want_grads[:3]], dim=2).reshape(b, n, 3 * h * d)
+
+    x = projected.to(DEVICE).requires_grad_()
+    params = [log_w.to(DEVICE).requires_grad_(), rates.to(DEVICE).requires_grad_()]
+    q, k, v = split_qkv(x, h)
+    out = _run(q, k, v, t, t, *params, valid, True)
+    with DispatchedOps() as ops:
+        grad, d_log_w, d_rates = torch.autograd.grad(out, [x, *params], grad_out.to(DEVICE))
+    torch.testing.assert_close(grad.double().cpu(), want, atol=2e-4, rtol=0)
+    torch.testing.assert_close(d_log_w.double().cpu(), want_grads[3], atol=2e-4, rtol=0)
+    torch.testing.assert_close(d_rates.double().cpu(), want_grads[4], atol=2e-4, rtol=0)
+    # Besides the kernels: one reduction of both parameters' partials; no dO . O on the host (the
+    # dQ kernel makes it), no shift-free projection (the dQ kernel stores its partials projected).
+    assert ops.names.count("sum") == 1 and not {"mul", "mean", "sub"} & set(ops.names), ops.names
+    # (Triton's interpreter copies each kernel's outputs back with copy_: counted on a GPU only.)
+    copy_ops = ("stack", "cat", "clone", "_to_copy") + (("copy_",) if ON_CUDA else ())
+    copies = [name for name in ops.names if name in copy_ops]
+    assert copies == [], copies
 
 
 @here

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.dispatched_ops import DispatchedOps
 
 from healthfm_core.kernels.ct_attention import triton as kernel
 
@@ -21,18 +22,7 @@ def _bounds(t: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[list[floa
 
 def _ops_in(fn) -> list[str]:
     """The aten ops ``fn()`` dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         fn()
     return ops.names
 

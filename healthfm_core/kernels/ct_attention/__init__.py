@@ -5,6 +5,7 @@ contract.py   AttentionBackend: the one entry every fused path below implements
 cpu.py        ct_attention_cpu (fused CPU path in plain PyTorch)
 cpu_native.py ct_attention_cpu_native (cpu_native.c built on first use; optional)
 triton.py     ct_attention_triton (fused forward/backward; imports triton when it first runs)
+packed.py     split_qkv: q, k, v as views of one projection, their gradients back without a copy
 tiling.py     the kernels' tilings, and the one that fits a card's shared memory
 aot.py        the kernels compiled ahead of time for sm_80/sm_89/sm_90 without a GPU (CI's check)
 dispatch.py   ct_attention (HEALTHFM_CT_ATTENTION=reference|cpu|cpu_native|triton|auto) and IMPLEMENTATIONS
@@ -16,6 +17,7 @@ from healthfm_core.kernels.ct_attention.dispatch import (
     auto_choice,
     ct_attention,
 )
+from healthfm_core.kernels.ct_attention.packed import split_qkv
 from healthfm_core.kernels.ct_attention.reference import (
     check_shapes,
     ct_attention_reference,
@@ -32,4 +34,5 @@ __all__ = [
     "ct_attention_reference",
     "ct_attention_triton",
     "log_decay_kernel",
+    "split_qkv",
 ]

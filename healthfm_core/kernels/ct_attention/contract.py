@@ -5,7 +5,9 @@ cannot take and why (``unsupported``), and computes (``run``). The entry, ``__ca
 same for all, so they cannot drift apart: it checks shapes (``check_shapes``), refuses what the
 path does not support with the reason, refuses times that need a gradient (no fused path
 differentiates the times: a silent zero would be a wrong gradient), fills the default key mask and
-makes the log-weights' gradient sum to zero over the components (``shift_free``: exact 0 at M = 1).
+makes the log-weights' gradient sum to zero over the components (``shift_free``: exact 0 at M = 1;
+a path whose backward projects it itself says so, ``projects_log_weight_gradient``, and is not
+wrapped: two launches a layer fewer on a GPU).
 A path computes in its own precision: its autograd Function's forward and backward run with the
 caller's autocast off (``autocast_off``).
 The math itself is stated once, in docs/architecture.md and ``reference.py``.
@@ -26,7 +28,8 @@ from healthfm_core.kernels.ct_attention.reference import check_shapes, shift_fre
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """The checked inputs of one call (``key_valid`` filled, ``log_weights`` shift-free)."""
+    """The checked inputs of one call (``key_valid`` filled, ``log_weights`` shift-free where the
+    path does not project their gradient itself)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -69,6 +72,9 @@ class AttentionBackend(ABC):
     tuning knobs (tile sizes, blocks)."""
 
     name: str  # how errors name the path, e.g. "ct_attention_cpu"
+    # True: the path's backward returns the log-weights' gradient already projected to zero sum over
+    # the components (exactly 0 at M = 1), so the entry does not wrap log_weights in shift_free.
+    projects_log_weight_gradient: bool = False
 
     @abstractmethod
     def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weights: torch.Tensor) -> str | None:
@@ -110,5 +116,7 @@ class AttentionBackend(ABC):
             raise RuntimeError(f"{self.name}: {why}")
         if key_valid is None:
             key_valid = torch.ones(t_k.shape, dtype=torch.bool, device=t_k.device)
-        call = AttentionCall(q, k, v, t_q, t_k, shift_free(log_weights), rates, key_valid, bool(causal))
+        if not self.projects_log_weight_gradient:
+            log_weights = shift_free(log_weights)
+        call = AttentionCall(q, k, v, t_q, t_k, log_weights, rates, key_valid, bool(causal))
         return self.run(call, **options)

@@ -46,7 +46,7 @@ class _ShiftFree(torch.autograd.Function):
 
     @staticmethod
     def forward(log_weights: torch.Tensor) -> torch.Tensor:
-        return log_weights.clone()
+        return log_weights.view_as(log_weights)  # a view: no copy (a launch a layer on a GPU)
 
     @staticmethod
     def setup_context(ctx: object, inputs: object, output: object) -> None:

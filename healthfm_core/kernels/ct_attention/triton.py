@@ -63,7 +63,10 @@ Online softmax with an inexact bound
 ``qk + U_i`` bounds the score from above only up to the kernel factor, so after each tile the
 row max of ``e_ij = exp(qk + U - m_ref) K_ij`` gives the exact tile max (one log per row);
 probabilities are rescaled so the running max is exact and p <= 1 before the fp16/bf16 cast
-of the P @ V product. The backward recomputes p from the saved log-normaliser L_i.
+of the P @ V product. The backward recomputes p from the saved log-normaliser L_i. Its two
+kernels run dQ first: each dQ program makes delta_i = dO_i . O_i (fp32) for its query rows, which
+it needs, and stores it for the dK/dV kernel, launched after it (on the host that was four launches
+a layer: two casts, a product and a sum).
 
 The host's plan (tile time bounds, loop ranges, where each bulk ends) depends on the times, the
 key mask and the tiling only: the layers of a model share it (``planned_inputs``), and the
@@ -71,7 +74,10 @@ backward reuses the forward's when their tiles agree.
 
 Gradients of the (H, M) mixture parameters are accumulated per program in registers, per query
 row until the program ends (a sum across warps per tile pair costs shared memory and a barrier),
-and written to a [B*H, n_tiles, M] buffer that torch sums: deterministic, no float atomics.
+and written to a [2, B*H, n_tiles, M] buffer (log-weights, rates) that torch sums in one
+reduction: deterministic, no float atomics. The log-weights' partials are stored projected to
+zero sum over the components, as the contract's ``shift_free`` would project their sum
+(``projects_log_weight_gradient``): exactly 0 at M = 1.
 
 Every exponential is ``_exp`` (exp2): one MUFU operation, where ``tl.exp`` compiles to three more
 instructions. ``benchmarks/ct_attention_sass.py`` counts what each loop compiles to, without a GPU.
@@ -98,6 +104,7 @@ from typing import Any
 import torch
 
 from healthfm_core.kernels.ct_attention.contract import AttentionBackend, AttentionCall, astuple_shallow, autocast_off
+from healthfm_core.kernels.ct_attention.packed import packed_layout
 from healthfm_core.kernels.ct_attention.tiling import KernelConfig, block_d, fitted_config, next_power_of_2
 
 logger = logging.getLogger(__name__)
@@ -301,6 +308,21 @@ def _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok
     do = tl.load(ptrs, mask=ok, other=0.0)
     lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
+    return do, lse, delta
+
+
+@_device
+def _query_grad_tile_delta(DO, O, LSE, DELTA, b, h, bh, sdb, sdh, sdn, sob, soh, son, NQ, offs_m, row_ok, offs_d, d_ok):  # noqa: E741
+    """``_query_grad_tile`` for the dQ kernel, which makes delta = dO . O (fp32) for its rows and
+    stores it for the dK/dV kernel, launched after it: four launches a layer fewer than the host's
+    ``(do.float() * o.float()).sum(-1)``."""
+    ptrs, ok = _tile(DO, b, h, sdb, sdh, sdn, offs_m, row_ok, offs_d, d_ok)
+    do = tl.load(ptrs, mask=ok, other=0.0)
+    o_ptrs, o_ok = _tile(O, b, h, sob, soh, son, offs_m, row_ok, offs_d, d_ok)
+    o = tl.load(o_ptrs, mask=o_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh * NQ + offs_m, delta, mask=row_ok)
+    lse = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=float("inf"))
     return do, lse, delta
 
 
@@ -666,6 +688,7 @@ def _ct_bwd_dq(
     LW,
     RATE,
     DO,
+    O,  # noqa: E741 - O: the forward output, named like Q, K, V
     LSE,
     DELTA,
     DQ,
@@ -690,6 +713,9 @@ def _ct_bwd_dq(
     sdb,
     sdh,
     sdn,
+    sob,
+    soh,
+    son,
     H,
     NQ,
     NK,
@@ -714,7 +740,9 @@ def _ct_bwd_dq(
     offs_c = tl.arange(0, M_POW2)
     d_ok = offs_d < D
     q, t_q, offs_m, row_ok = _query_tile(Q, TQ, b, h, qt, sqb, sqh, sqn, NQ, offs_d, d_ok, BLOCK_M)
-    do, lse, delta = _query_grad_tile(DO, LSE, DELTA, b, h, bh, sdb, sdh, sdn, NQ, offs_m, row_ok, offs_d, d_ok)
+    do, lse, delta = _query_grad_tile_delta(
+        DO, O, LSE, DELTA, b, h, bh, sdb, sdh, sdn, sob, soh, son, NQ, offs_m, row_ok, offs_d, d_ok
+    )
     qmin, qmax = _tile_pair(QMIN, QMAX, b * NQT + qt)
     lw_ptr, rate_ptr, lam_max = _head_mixture(LW, RATE, h, M)
 
@@ -795,7 +823,11 @@ def _ct_bwd_dq(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=ok)
     if PARAM_GRAD:
         part = (bh * NQT + qt) * M_POW2 + offs_c
-        tl.store(GLW + part, tl.sum(lw_rows, 0))
+        # The log-weights' partial projected to zero sum over the M components (the contract's
+        # shift_free, done here: their sum over the programs is projected too); at M = 1, x - x = 0.
+        lw_part = tl.sum(lw_rows, 0)
+        lw_part = tl.where(offs_c < M, lw_part - tl.sum(lw_part, 0) / M, 0.0)
+        tl.store(GLW + part, lw_part)
         tl.store(GRATE + part, tl.sum(rate_rows, 0))
 
 
@@ -1010,23 +1042,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """q, k, v are the model's three slices of one [B, N, 3, H, D] projection
-    (``qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)``): the kernels read them where they are, and
-    their gradients are written to one buffer of that layout, instead of three copies and three
-    contiguous gradients a layer."""
-    b, h, n, d = q.shape
-    hd = h * d
-    return (
-        k.shape == q.shape
-        and v.shape == q.shape
-        and q.stride() == k.stride() == v.stride() == (n * 3 * hd, d, 3 * hd, 1)
-        and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-        and k.storage_offset() - q.storage_offset() == hd
-        and v.storage_offset() - k.storage_offset() == hd
-    )
-
-
 class _CTAttention(torch.autograd.Function):
     @staticmethod
     @autocast_off
@@ -1035,7 +1050,7 @@ class _CTAttention(torch.autograd.Function):
         b, h, nq, d = q.shape
         nk = k.shape[2]
         m = log_weights.shape[1]
-        ctx.packed = _packed_qkv(q, k, v)
+        ctx.packed = packed_layout(q, k, v)
         if not ctx.packed:
             q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
         planned = planned_inputs(
@@ -1111,7 +1126,7 @@ class _CTAttention(torch.autograd.Function):
         nk = k.shape[2]
         m = lw.shape[1]
         do = _last_dim_contiguous(do.to(q.dtype))
-        delta = (do.float() * o.float()).sum(-1).contiguous()  # [B,H,NQ]
+        delta = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)  # dO . O: the dQ kernel writes it
         plan = ctx.plan
         if plan is None:
             plan = _tile_plan(
@@ -1128,8 +1143,9 @@ class _CTAttention(torch.autograd.Function):
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         param_grad = bool(ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
         m_pow2 = next_power_of_2(m)
-        g_lw = torch.empty((b * h, nqt, m_pow2), device=q.device, dtype=torch.float32)
-        g_rate = torch.empty_like(g_lw)
+        # The per-program partials of both parameters in one buffer: one reduction, not two.
+        partials = torch.empty((2, b * h, nqt, m_pow2), device=q.device, dtype=torch.float32)
+        g_lw, g_rate = partials.unbind(0)
         common = dict(
             D=d,
             BLOCK_D=block_d(d),
@@ -1152,6 +1168,7 @@ class _CTAttention(torch.autograd.Function):
             lw,
             rate,
             do,
+            o,
             lse,
             delta,
             dq,
@@ -1168,6 +1185,7 @@ class _CTAttention(torch.autograd.Function):
             *_strides(k),
             *_strides(v),
             *_strides(do),
+            *_strides(o),
             h,
             nq,
             nk,
@@ -1214,8 +1232,8 @@ class _CTAttention(torch.autograd.Function):
         d_lw = d_rate = None
         if param_grad:
             # Fixed-order reduction of the per-program partials: deterministic run to run.
-            d_lw = g_lw.view(b, h, nqt, m_pow2).sum(dim=(0, 2))[:, :m].to(ctx.param_dtypes[0])
-            d_rate = g_rate.view(b, h, nqt, m_pow2).sum(dim=(0, 2))[:, :m].to(ctx.param_dtypes[1])
+            d_lw, d_rate = partials.view(2, b, h, nqt, m_pow2).sum(dim=(1, 3))[:, :, :m].unbind(0)
+            d_lw, d_rate = d_lw.to(ctx.param_dtypes[0]), d_rate.to(ctx.param_dtypes[1])
         return dq, dk, dv, None, None, d_lw, d_rate, None, None, None
 
 
@@ -1298,6 +1316,7 @@ class TritonAttention(AttentionBackend):
     """
 
     name = "ct_attention_triton"
+    projects_log_weight_gradient = True  # the dQ kernel stores each program's partial projected
 
     def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_weights: torch.Tensor) -> str | None:
         return check_supported(q, k, v, log_weights)
