@@ -70,7 +70,11 @@ run_train() {
         --attention reference auto --shapes native --warmup 2 --repeats 3
     stage train 150 python3 benchmarks/gpu_train_step.py --native-batch "$BATCH" --models small paper \
         --attention auto --shapes 2048x8 --warmup 2 --repeats 3
-    grep "^|\|device:\|out of memory\|Error" "$OUT/train.log" | tail -n 40
+    # The CPU estimate of the same step's launches on the same batch (benchmarks/gpu_launches_on_cpu.py,
+    # what a session without a GPU counts): beside the profiler's, it calibrates that estimate.
+    TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= stage train 240 python3 benchmarks/gpu_launches_on_cpu.py \
+        --native-batch "$BATCH" --batch 8 --models small paper --d-model 0
+    grep "^|\|device:\|out of memory\|Error\| | " "$OUT/train.log" | tail -n 48
 }
 
 run_compile() {  # the backbone under torch.compile beside eager (not in the default stages: compiles take minutes)

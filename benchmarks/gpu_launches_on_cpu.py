@@ -3,6 +3,7 @@
     python benchmarks/gpu_launches_on_cpu.py                           # tiny, small, paper-structure
     python benchmarks/gpu_launches_on_cpu.py --models paper --attention triton   # paper itself (minutes)
     python benchmarks/gpu_launches_on_cpu.py --models paper --d-model 64 --by-op 30 --by-site 40
+    python benchmarks/gpu_launches_on_cpu.py --native-batch .whl/batches/hospital_native.pt   # gpu_checks.sh
 
 On a GPU, ``benchmarks/gpu_train_step.py`` counts launches with torch.profiler. Without one, this
 runs the same step (its ``Stepper``: the native batch of ``--batch`` subjects of the hospital
@@ -28,8 +29,9 @@ ops that launch more than ``SEVERAL`` says. Checked against the H100's profiler 
 2026-11-26 (docs/performance.md, "Measured on one H100", run 1, tree 43cd3d0, with ``paper`` at
 d_model 64 here): the estimate ran 4-9% under the card's count (reference attention: tiny 1,148
 against 1,235, small 1,573 against 1,669, paper 5,733 against 5,955; the kernel: 1,048 / 1,373 /
-4,533 against 1,147 / 1,493 / 4,899). ``--d-model`` narrows a model so a CPU runs it quickly: the
-ops are the same, but the multi-tensor ops launch by size (run ``--models paper`` itself for them).
+4,533 against 1,147 / 1,493 / 4,899). ``--d-model`` narrows a model so a CPU runs it quickly (``paper``
+by default, at 64): the ops are the same, but the multi-tensor ops launch by size (``--d-model 0``
+runs each model at its own width: `paper` at 1,024 adds ~55). The batch size changes no count.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import math
 import os
 import sys
@@ -289,8 +292,13 @@ def estimate(model_name: str, attention: str, args: argparse.Namespace) -> tuple
         max_patches=32,
         seed=0,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        batch, vocab, traits = bench.site_batch(batch_args, Path(tmp))
+    if args.native_batch is not None:  # the GPU benchmark's saved batch (a machine without polars)
+        batch, vocab, traits = bench.load_native(args.native_batch)
+        rows = list(range(min(args.batch, batch.batch_size)))  # its first subjects
+        batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)})
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            batch, vocab, traits = bench.site_batch(batch_args, Path(tmp))
     cfg = narrowed(load_model_config(model_name), args.d_model)
     torch.manual_seed(0)
     stepper = bench.Stepper(HealthFM(cfg, vocab, traits), batch, torch.device("cpu"))
@@ -311,10 +319,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "small", "paper"])
     p.add_argument("--attention", nargs="+", default=["reference", "triton"], choices=["reference", "triton"])
-    p.add_argument("--d-model", type=int, default=None, help="narrow each model to this width (default: 64 for paper)")
+    p.add_argument(
+        "--d-model",
+        type=int,
+        default=None,
+        help="narrow each model to this width (default: paper at 64, the others as they are; 0: each as it is)",
+    )
     p.add_argument("--subjects", type=int, default=40, help="subjects of the synthetic site")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-events", type=int, default=112)
+    p.add_argument(
+        "--native-batch", type=Path, default=None, help="a batch gpu_train_step.py --save-native-batch wrote"
+    )
     p.add_argument(
         "--optimizer",
         choices=["fused", "foreach"],
@@ -333,8 +349,10 @@ def main() -> None:
             row = argparse.Namespace(**vars(args))
             if row.d_model is None and model_name == "paper":
                 row.d_model = 64  # paper-structure: paper's layers and heads, a CPU-sized width
-            counter, kernels = estimate(model_name, attention, row)
             width = row.d_model or load_model_config(model_name).d_model
+            if width > load_model_config(model_name).d_model:
+                p.error(f"--d-model {width} is wider than {model_name}'s {load_model_config(model_name).d_model}")
+            counter, kernels = estimate(model_name, attention, row)
             print(f"{model_name} | {attention} | {width} | {counter.total + kernels:,} | {kernels}")
             for name, n in counter.by_op.most_common(args.by_op):
                 print(f"    {n:6d}  {name}")
