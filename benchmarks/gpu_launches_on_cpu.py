@@ -164,6 +164,8 @@ class CudaLaunches(TorchDispatchMode):
     def launches(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> int:
         if name.startswith(("_foreach_", "_fused_")):
             lists = [x for x in args if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor)]
+            if not lists:  # every list empty: nothing to launch
+                return 0
             depth = 4 if name.startswith("_fused_adam") else len(lists) + (0 if name.endswith("_") else 1)
             cleanup = 1 if name.startswith("_foreach_norm") else 0  # its per-tensor norms' final kernel
             return multi_tensor_launches([x.numel() for x in lists[0]], depth) + cleanup
