@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import math
 import os
 import sys
@@ -58,6 +57,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import healthfm_core.model.dropout as model_dropout  # noqa: E402
+from healthfm_core.data.sequences.batch import Batch  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
 from healthfm_core.model.config import ModelConfig, load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
@@ -282,10 +282,13 @@ def narrowed(cfg: ModelConfig, d_model: int | None) -> ModelConfig:
     return ModelConfig.model_validate(data)
 
 
-def estimate(model_name: str, attention: str, args: argparse.Namespace) -> tuple[CudaLaunches, int]:
-    """(the counter after one step, the Triton launches) for one model and attention path."""
-    os.environ[IMPL_ENV] = attention
-    batch_args = argparse.Namespace(
+def native_batch(args: argparse.Namespace) -> tuple[Batch, int, int]:
+    """(the batch, vocabulary size, PRS traits): the first ``--batch`` subjects of ``--native-batch``,
+    or the GPU benchmark's native batch of the hospital scenario's synthetic site."""
+    if args.native_batch is not None:  # the GPU benchmark's saved batch (a machine without polars)
+        batch, vocab, traits = bench.load_native(args.native_batch)
+        return batch.rows(slice(0, args.batch)), vocab, traits
+    site = argparse.Namespace(
         scenario="hospital",
         site="general_hospital",
         subjects=args.subjects,
@@ -294,13 +297,16 @@ def estimate(model_name: str, attention: str, args: argparse.Namespace) -> tuple
         max_patches=32,
         seed=0,
     )
-    if args.native_batch is not None:  # the GPU benchmark's saved batch (a machine without polars)
-        batch, vocab, traits = bench.load_native(args.native_batch)
-        rows = list(range(min(args.batch, batch.batch_size)))  # its first subjects
-        batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)})
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            batch, vocab, traits = bench.site_batch(batch_args, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        return bench.site_batch(site, Path(tmp))
+
+
+def estimate(
+    model_name: str, attention: str, data: tuple[Batch, int, int], args: argparse.Namespace
+) -> tuple[CudaLaunches, int]:
+    """(the counter after one step, the Triton launches) for one model and attention path."""
+    os.environ[IMPL_ENV] = attention
+    batch, vocab, traits = data
     cfg = narrowed(load_model_config(model_name), args.d_model)
     torch.manual_seed(0)
     stepper = bench.Stepper(HealthFM(cfg, vocab, traits), batch, torch.device("cpu"))
@@ -345,6 +351,7 @@ def main() -> None:
     if "triton" in args.attention and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--attention triton needs TRITON_INTERPRET=1 (the kernels are replaced, their host code runs)")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    data = native_batch(args)
     print("model | attention | d_model | launches a step | of them Triton kernels")
     for model_name in args.models:
         for attention in args.attention:
@@ -354,7 +361,7 @@ def main() -> None:
             width = row.d_model or load_model_config(model_name).d_model
             if width > load_model_config(model_name).d_model:
                 p.error(f"--d-model {width} is wider than {model_name}'s {load_model_config(model_name).d_model}")
-            counter, kernels = estimate(model_name, attention, row)
+            counter, kernels = estimate(model_name, attention, data, row)
             print(f"{model_name} | {attention} | {width} | {counter.total + kernels:,} | {kernels}")
             for name, n in counter.by_op.most_common(args.by_op):
                 print(f"    {n:6d}  {name}")

@@ -134,7 +134,7 @@ def lengthen(batch: Batch, tokens: int, subjects: int) -> Batch:
     valid tokens repeated, copy j at its times + j x (its span + 1 day); prediction time moved
     by as much as the last copy. A sample without EHR tokens keeps none."""
     rows = [i % batch.batch_size for i in range(subjects)]
-    b = replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
+    b = batch.rows(rows)
     k = b.codes.shape[2]
     codes = torch.zeros(subjects, tokens, k, dtype=b.codes.dtype)
     values = torch.zeros(subjects, tokens, k, dtype=b.values.dtype)

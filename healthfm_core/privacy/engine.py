@@ -40,7 +40,6 @@ import math
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,12 +130,12 @@ def secret_generator() -> torch.Generator:
 
 
 def empty_like(batch: Batch) -> Batch:
-    return replace(batch, **{f.name: getattr(batch, f.name)[:0] for f in fields(batch)})
+    return batch.rows(slice(0, 0))
 
 
 def sample_of(batch: Batch, i: int) -> Batch:
     """Sample i of a batch as a batch of one."""
-    return replace(batch, **{f.name: getattr(batch, f.name)[i : i + 1] for f in fields(batch)})
+    return batch.rows(slice(i, i + 1))
 
 
 class PoissonBatches:

@@ -56,6 +56,10 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def rows(self, index: slice | list[int] | torch.Tensor) -> Batch:
+        """The samples at ``index`` (a slice, positions or a mask over the B samples), as a batch."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
     @property
     def code_valid(self) -> torch.Tensor:
         """[B, N, K] bool: a real code in a real token."""
