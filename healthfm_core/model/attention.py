@@ -29,6 +29,7 @@ __all__ = [
     "ct_attention",
     "ct_attention_reference",
     "decay_mixtures",
+    "decay_rate_range",
     "decay_rate_summary",
     "log_decay_kernel",
 ]
@@ -151,6 +152,25 @@ def decay_mixtures(kernels: Sequence[DecayKernel]) -> list[tuple[torch.Tensor, t
         for i, lw, r in zip(group, log_weights, rates):
             out[i] = (lw, r)
     return out
+
+
+@torch.no_grad()
+def decay_rate_range(module: nn.Module) -> tuple[float, float] | None:
+    """(the smallest, the largest) decay rate per day of every DecayKernel in ``module``, in one
+    host read; None when it holds none. The trainer's record of every step: a rate is increasing
+    in its logit, so each group of alike kernels needs its extreme logits only (``paper``: 10
+    ops, where ``decay_rate_summary`` takes 25)."""
+    kernels = [k for k in module.modules() if isinstance(k, DecayKernel)]
+    if not kernels:
+        return None
+    ranges = []
+    for group in _alike(kernels):
+        first = kernels[group[0]]
+        theta = torch.cat([kernels[i].rate_logits.flatten() for i in group])
+        ranges.append(_rates(torch.stack(torch.aminmax(theta)), first.rate_min, first.rate_max).float())
+    extremes = torch.stack(ranges) if len(ranges) > 1 else ranges[0][None]
+    low, high = torch.stack([extremes[:, 0].min(), extremes[:, 1].max()]).tolist()
+    return low, high
 
 
 @torch.no_grad()

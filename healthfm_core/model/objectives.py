@@ -140,13 +140,18 @@ def balanced_bce_terms(
 ) -> tuple[Tensor, Tensor]:
     """(mean BCE over included positives plus mean over included negatives, halved, or the one
     that has entries; whether any entry is included) without a host sync. `per_group`: one
-    such pair per index of the first dimension ([G] each) instead of one over everything."""
+    such pair per index of the first dimension ([G] each) instead of one over everything.
+
+    `include` may carry leading dimensions that `logits` lacks ([S, ..] against [..]): then one
+    pair per leading index ([S] or [S, G]), all from one BCE over the logits (on a GPU each op is
+    a launch: onset_repeat_terms' two terms cost ~17 this way, ~34 a term at a time)."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     positive = targets > 0.5
-    # [2, ..]: the included positives and the included negatives as weights, both sides reduced at
-    # once (on a GPU each op is a launch: a side at a time took ~27 a call, this ~17).
-    sides = (torch.stack([positive, ~positive]) & include).to(bce.dtype)
-    dims = tuple(range(2 if per_group else 1, sides.dim()))
+    lead = include.dim() - bce.dim()
+    # [2, S.., ..]: the included positives and the included negatives as weights, both sides
+    # reduced at once (a side at a time took ~27 launches a call, this ~17).
+    sides = (torch.stack([positive, ~positive]).view(2, *(1,) * lead, *bce.shape) & include).to(bce.dtype)
+    dims = tuple(range(1 + lead + per_group, sides.dim()))
     counts = sides.sum(dims)
     means = (bce * sides).sum(dims) / counts.clamp_min(1)
     has = counts > 0
@@ -257,11 +262,10 @@ def onset_repeat_terms(
     of the first dimension with `per_group` (see balanced_bce_terms)."""
     real = (torch.arange(logits.shape[-1], device=logits.device) >= N_SPECIAL_CODES)[None, :]
     allowed = real if include is None else real & include
-    new_onset, has_new = balanced_bce_terms(logits, targets, allowed & ~seen, per_group)
-    repeat, has_repeat = balanced_bce_terms(logits, targets, allowed & seen, per_group)
-    terms = torch.stack([new_onset, repeat_weight * repeat])
-    present = torch.stack([has_new, has_repeat])
-    return (terms * present.to(terms.dtype)).sum(0), present.any(0)
+    # [2, ..]: the new onsets and the repeats, both terms from one BCE over the logits.
+    terms, present = balanced_bce_terms(logits, targets, torch.stack([~seen, seen]) & allowed, per_group)
+    weight = torch.tensor([1.0, repeat_weight], device=terms.device).view(2, *(1,) * (terms.dim() - 1))
+    return (terms * weight * present.to(terms.dtype)).sum(0), present.any(0)
 
 
 def onset_repeat_bce(
@@ -488,13 +492,16 @@ def alignment_loss(
 def combine_losses(losses: Mapping[str, Tensor], weights: ObjectiveWeights, cfg: PretrainingConfig) -> Tensor | None:
     """The balanced weighted total over the losses present with weight > 0 (None if there are none)."""
     w = weights.model_dump()
-    terms = []
-    for name, loss in losses.items():
-        if w[name] <= 0:
-            continue
-        scaled = torch.log(cfg.balance_eps + loss) if cfg.loss_balance == "log" else loss
-        terms.append(w[name] * scaled)
-    return torch.stack(terms).sum() if terms else None
+    names = [name for name in losses if w[name] > 0]
+    if not names:
+        return None
+    # All losses at once: on a GPU each op is a launch, and a loss at a time took 3 forward and 3
+    # backward a loss.
+    stacked = torch.stack([losses[name] for name in names])
+    scaled = torch.log(cfg.balance_eps + stacked) if cfg.loss_balance == "log" else stacked
+    # The weights copied without waiting: torch.tensor(.., device=cuda) waits for the device.
+    weight = torch.tensor([w[name] for name in names], dtype=scaled.dtype).to(scaled.device, non_blocking=True)
+    return (scaled * weight).sum()
 
 
 def pretraining_losses(

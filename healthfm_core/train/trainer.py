@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from healthfm_core.data.sequences.batch import Batch
-from healthfm_core.model.attention import decay_rate_summary
+from healthfm_core.model.attention import decay_rate_range
 from healthfm_core.model.capabilities import Pretrainable
 from healthfm_core.model.groups import GROUPS, group_state_dict, parameter_group
 from healthfm_core.model.objective_weights import ObjectiveWeights
@@ -511,9 +511,9 @@ def _step_record(
 ) -> dict[str, float]:
     """One step's history entry: its losses, lr, gradient norm and the decay rates' range."""
     record = {"step": float(step), **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm}
-    rates = decay_rate_summary(model)  # empty for a model without DecayKernels
-    if rates:
-        record["rate_min"], record["rate_max"] = rates["rate_min_per_day"], rates["rate_max_per_day"]
+    rates = decay_rate_range(model)  # None for a model without DecayKernels
+    if rates is not None:
+        record["rate_min"], record["rate_max"] = rates
     return record
 
 

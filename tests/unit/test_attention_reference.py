@@ -14,6 +14,7 @@ from healthfm_core.model.attention import (
     ct_attention,
     ct_attention_reference,
     decay_mixtures,
+    decay_rate_range,
     decay_rate_summary,
     log_decay_kernel,
 )
@@ -335,6 +336,28 @@ def test_a_deeper_model_adds_no_ops_to_its_decay_mixtures_or_their_summary() -> 
     # The backward's ops are the same but where autograd hands each parameter its gradient.
     assert deep[1] - shallow[1] <= 2 * (24 - 4), (shallow, deep)
     assert shallow[3] == deep[3] == 1  # one read of the summary
+
+
+def test_the_trainers_decay_rate_range_is_the_summarys_in_fewer_ops() -> None:
+    # Kernels with other bounds and widths, logits pushed to both ends: the range comes from each
+    # group's extreme logits, so it must match the summary over every rate.
+    layers = _kernels(6, seed=3)
+    with torch.no_grad():
+        layers[1].rate_logits[0, 0] = 40.0  # at its group's upper bound (rate_max 48)
+        layers[2].rate_logits[1, 2] = -40.0  # at the lower bound
+    every = torch.cat([k.rates().detach().flatten() for k in layers])
+    kernels = torch.nn.ModuleList(layers)
+    with count_host_syncs() as summary_count:
+        summary = decay_rate_summary(kernels)
+    with count_host_syncs() as range_count:
+        low, high = cast(tuple[float, float], decay_rate_range(kernels))
+    assert low == pytest.approx(summary["rate_min_per_day"], rel=1e-6)
+    assert high == pytest.approx(summary["rate_max_per_day"], rel=1e-6)
+    assert (low, high) == (pytest.approx(every.min().item(), rel=1e-6), pytest.approx(every.max().item(), rel=1e-6))
+    assert low == pytest.approx(layers[2].rate_min, rel=1e-5)
+    # Three groups of alike kernels here: 25 ops against 49 (`paper`, two groups: 10 against 25).
+    assert range_count.n_syncs == 1 and range_count.ops < summary_count.ops, (range_count.ops, summary_count.ops)
+    assert decay_rate_range(torch.nn.Linear(2, 2)) is None
 
 
 def test_decay_kernel_rejects_bad_configuration() -> None:

@@ -73,9 +73,10 @@ def test_a_tiny_run_counts_three_triton_launches_a_layer() -> None:
 
 def test_a_paper_step_with_the_kernel_stays_under_its_launch_bound() -> None:
     # paper's 24 layers and 16 heads at d_model 64: what grows a layer at a time shows 24-fold. The
-    # bound fails on the step before the host-code changes of 2026-11-29 (2,081; 1,771 since): a
-    # change that adds launches to a step fails here without a GPU (issue 41's target: 2,000 on a
-    # card, which this estimate ran ~5% under at the last calibration).
+    # bound fails on the step before the objectives' and the record's changes of 2026-11-29,
+    # later (1,771; 1,685 since; 2,081 before the host-code changes earlier that day): a change
+    # that adds launches to a step fails here without a GPU (issue 41's target: 2,000 on a card,
+    # which this estimate ran ~5% under at the last calibration).
     rows = _run("--models", "paper", "--attention", "triton", "--subjects", "12", "--batch", "8")
     assert int(rows["triton"][4]) == 3 * load_model_config("paper").n_layers
-    assert int(rows["triton"][3].replace(",", "")) <= 1_850
+    assert int(rows["triton"][3].replace(",", "")) <= 1_750
