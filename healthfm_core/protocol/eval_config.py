@@ -4,8 +4,8 @@ with the grid of the score histograms it asks for."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, ValidationError, ValidationInfo, field_validator
 
@@ -48,6 +48,10 @@ class EvalConfig(StrictMessage):
     # AUROC's input (healthfm_core/eval/pooled_auroc.py). 0: no histograms.
     score_bins: int = Field(default=DEFAULT_SCORE_BINS, ge=0, le=MAX_SCORE_BINS)
     score_scale: ScoreScale = "logit"
+
+    if TYPE_CHECKING:  # what a Python caller may pass: task names as well (``_names`` resolves them)
+
+        def __init__(self, *, tasks: Sequence[TaskSpec | str], **data: Any) -> None: ...
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -309,7 +309,7 @@ def test_evaluation_withholds_metrics_below_the_site_minimum(federation, setup) 
     strict = SiteRuntime(SiteConfig(site_root=site.root, site_name="biobank", min_report_subjects=10_000))
     cfg = EvalConfig(
         round=1,
-        tasks=["onset_hypertension_365d", "wearable_resting_hr"],  # type: ignore[list-item]  # task names: EvalConfig resolves them
+        tasks=["onset_hypertension_365d", "wearable_resting_hr"],
         setup_sha256=setup.sha256,
         n_boot=10,
     )

@@ -403,7 +403,7 @@ def test_metrics_and_statistics_on_too_few_subjects_are_withheld(federation, set
     evaluation = rt.evaluate(
         setup,
         arrays,
-        EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256, n_boot=10),  # type: ignore[list-item]  # a task name: EvalConfig resolves it
+        EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256, n_boot=10),
     )
     assert evaluation.withheld == 1 and not evaluation.tasks
 

@@ -35,7 +35,7 @@ SUBJECTS = 150  # each site declares 150 subjects at setup (the red team's feder
 
 
 def _cfg(max_subjects: int = 0) -> EvalConfig:
-    return EvalConfig(round=2, tasks=["t2d"], setup_sha256="ab" * 32, max_subjects=max_subjects, score_bins=BINS)  # type: ignore[list-item]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+    return EvalConfig(round=2, tasks=["t2d"], setup_sha256="ab" * 32, max_subjects=max_subjects, score_bins=BINS)
 
 
 def _honest(seed: int, n: int, signal: float) -> EvalReply:

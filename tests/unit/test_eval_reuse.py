@@ -93,7 +93,7 @@ def test_patch_reuse_refuses_training_mode_and_gradients(runtimes, setup) -> Non
 
 @pytest.mark.slow  # ~10 s idle: CI's slow stage (SLOW_CI)
 def test_site_metrics_equal_the_straightforward_path(runtimes, setup, tmp_path: Path, monkeypatch) -> None:
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)  # type: ignore[arg-type]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
     reported: set[str] = set()
     for name, rt in runtimes.items():
         arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in rt.groups}
@@ -131,7 +131,7 @@ def test_a_site_without_heart_rate_gives_its_empty_resting_hr_labels_without_rea
     assert expected.num_rows == 0
     with monkeypatch.context() as m:
         m.setattr(type(site), "read_wearables", lambda self, *a, **k: pytest.fail("epochs read"))
-        labels = site_eval.task_labels_at_site(site, EvalConfig(round=0, tasks=TASKS[2:3], setup_sha256="x").tasks)  # type: ignore[arg-type]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+        labels = site_eval.task_labels_at_site(site, EvalConfig(round=0, tasks=TASKS[2:3], setup_sha256="x").tasks)
     got = labels["wearable_resting_hr"]
     assert isinstance(got, pa.Table)
     assert got.equals(expected)

@@ -376,7 +376,7 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1,
-        tasks=[str(e) for e in entries],  # type: ignore[misc]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+        tasks=[str(e) for e in entries],
         setup_sha256=setup.sha256,
         n_boot=10,
         meds_tab=False,

@@ -59,7 +59,7 @@ def test_meds_tab_is_scored_on_the_probes_rows_and_can_be_switched_off(site_root
     vocab = build_vocabulary([site_code_stats(open_site(site_root), min_subjects=5)], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)  # type: ignore[arg-type]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
     rt = SiteRuntime(
         SiteConfig(site_root=site_root, min_report_subjects=2, min_report_positives=1, eval_dir=tmp_path / "eval")
     )
@@ -97,10 +97,10 @@ def test_meds_tab_is_scored_on_the_probes_rows_and_can_be_switched_off(site_root
 
 
 def test_eval_config_carries_the_switch() -> None:
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256="x", meds_tab=False)  # type: ignore[arg-type]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256="x", meds_tab=False)
     flat = cfg.to_flat()
     assert flat["meds-tab"] is False and EvalConfig.from_flat(flat).meds_tab is False
-    assert EvalConfig.from_flat(EvalConfig(round=1, tasks=TASKS, setup_sha256="x").to_flat()).meds_tab is True  # type: ignore[arg-type]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+    assert EvalConfig.from_flat(EvalConfig(round=1, tasks=TASKS, setup_sha256="x").to_flat()).meds_tab is True
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ def test_the_stricter_of_runtime_and_policy_holds_and_the_reply_says_so(hospital
     vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
-    cfg = EvalConfig(round=1, tasks=["site:readmit"], setup_sha256=setup.sha256, n_boot=10)  # type: ignore[list-item]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+    cfg = EvalConfig(round=1, tasks=["site:readmit"], setup_sha256=setup.sha256, n_boot=10)
     held = low.split_ids()["held_out"]
     floor = int(min((held % 2 == 0).sum(), (held % 2 == 1).sum()))
     assert floor >= 2

@@ -68,7 +68,7 @@ def test_tasks_resolve_from_names_paths_and_old_names() -> None:
 
 
 def test_eval_config_carries_definitions_and_refuses_names_from_a_peer() -> None:
-    cfg = EvalConfig(round=1, tasks=["t2d", "site:readmit"], setup_sha256="x")  # type: ignore[list-item]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+    cfg = EvalConfig(round=1, tasks=["t2d", "site:readmit"], setup_sha256="x")
     flat = cfg.to_flat()
     assert isinstance(flat["tasks"], str) and all(isinstance(v, (str, int, float, bool)) for v in flat.values())
     assert EvalConfig.from_flat(flat) == cfg
@@ -193,7 +193,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1,
-        tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],  # type: ignore[list-item]  # names: EvalConfig's before-validator resolves them (annotated list[TaskSpec])
+        tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],
         setup_sha256=setup.sha256,
         n_boot=10,
     )
