@@ -44,7 +44,8 @@ stage() {  # name limit_s command...: run, log to $OUT/name.log, print the log's
 
 run_tests() {
     PYTHONPATH=$PYTHONPATH:$PWD/tests stage tests 150 python3 -m pytest -q -p no:cacheprovider --noconftest -o addopts="" \
-        tests/unit/test_ct_attention_kernel.py tests/unit/test_trainer_optimizer.py tests/unit/test_weight_cast.py
+        tests/unit/test_ct_attention_kernel.py tests/unit/test_trainer_optimizer.py tests/unit/test_weight_cast.py \
+        tests/unit/test_device_copy.py
     tail -n 15 "$OUT/tests.log"
 }
 run_attention() {  # the table: kernel against SDPA (FlexAttention: stage flex)

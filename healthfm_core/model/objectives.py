@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, Batch
+from healthfm_core.device_copy import device_values
 from healthfm_core.model.config import ModelConfig, PretrainingConfig
 from healthfm_core.model.objective_weights import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
@@ -264,8 +265,8 @@ def onset_repeat_terms(
     allowed = real if include is None else real & include
     # [2, ..]: the new onsets and the repeats, both terms from one BCE over the logits.
     terms, present = balanced_bce_terms(logits, targets, torch.stack([~seen, seen]) & allowed, per_group)
-    weight = torch.tensor([1.0, repeat_weight], device=terms.device).view(2, *(1,) * (terms.dim() - 1))
-    return (terms * weight * present.to(terms.dtype)).sum(0), present.any(0)
+    new_onset, repeat = (terms * present.to(terms.dtype)).unbind(0)  # unbind's backward: one stack
+    return new_onset + repeat_weight * repeat, present.any(0)
 
 
 def onset_repeat_bce(
@@ -366,7 +367,7 @@ def _future_windows(
     """future_window_targets for anchors at [B, Q] and H horizons at once: (targets [B, Q, H, V],
     seen [B, Q, V], covered [B, Q, H])."""
     b, n_query = at.shape
-    horizons = torch.tensor(horizons_days, device=at.device, dtype=at.dtype)  # [H]
+    horizons = device_values(horizons_days, at)  # [H]
     events = _events_up_to_prediction(batch)  # [B, N]
     n_slots = batch.codes.shape[1] * batch.codes.shape[2]
     slots = batch.code_valid[:, None, None]  # [B, 1, 1, N, K]
@@ -499,9 +500,7 @@ def combine_losses(losses: Mapping[str, Tensor], weights: ObjectiveWeights, cfg:
     # backward a loss.
     stacked = torch.stack([losses[name] for name in names])
     scaled = torch.log(cfg.balance_eps + stacked) if cfg.loss_balance == "log" else stacked
-    # The weights copied without waiting: torch.tensor(.., device=cuda) waits for the device.
-    weight = torch.tensor([w[name] for name in names], dtype=scaled.dtype).to(scaled.device, non_blocking=True)
-    return (scaled * weight).sum()
+    return (scaled * device_values([w[name] for name in names], scaled)).sum()
 
 
 def pretraining_losses(

@@ -9,7 +9,12 @@ Operations that do need one stall the host until the device has finished everyth
 - a result whose shape depends on the data: ``aten.nonzero``, boolean-mask indexing
   (``x[mask]``, ``x[mask] = y``: ``aten.index`` / ``aten.index_put`` with a bool index),
   ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``, ``randperm`` of
-  a length read from a tensor (counted where that length was read).
+  a length read from a tensor (counted where that length was read);
+- a tensor made from Python data on a device: ``torch.tensor(x, device=...)``,
+  ``torch.as_tensor(x, device=...)`` (x not a tensor), ``t.new_tensor(x)``: a blocking copy from
+  pageable host memory, after everything queued (healthfm_core/device_copy.py copies
+  without waiting). On a CPU nothing dispatched shows it, so the calls themselves are counted;
+  a tensor meant for the host is made without ``device``.
 
 They are the same operations whatever the device, so counting them on CPU tells what a CUDA step
 would do (the GPU benchmark, benchmarks/gpu_train_step.py, cross-checks with torch.profiler).
@@ -62,6 +67,8 @@ _BOOL_INDEX_OPS = {_ops.index.Tensor, _ops.index_put.default, _ops.index_put_.de
 _REPEAT_INTERLEAVE = {_ops.repeat_interleave.Tensor, _ops.repeat_interleave.self_Tensor}
 # Host copies that bypass the dispatcher on a CPU tensor.
 _HOST_METHODS = ("tolist", "numpy", "cpu")
+# Tensors made from Python data, and copied to the device when given one (see the docstring).
+_DATA_FACTORIES = ("tensor", "as_tensor")
 
 
 @dataclass
@@ -159,20 +166,38 @@ def _counted(name: str, method: Callable[..., Any], count: StepCount, where: boo
     return wrapper
 
 
+def _counted_factory(name: str, factory: Callable[..., Any], count: StepCount, where: bool) -> Callable[..., Any]:
+    """``factory`` (torch.tensor, torch.as_tensor) counting a call that copies Python data to a
+    device. torch.optim's own are left out: its state's step counters, made with device="cpu"
+    when a parameter's state is built (host tensors on CUDA too, as `host_reads` says)."""
+
+    def wrapper(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("device") is not None and not isinstance(data, torch.Tensor) and not _in_optimizer():
+            _record(count, f"{name}(device=)", where)
+        return factory(data, *args, **kwargs)
+
+    return wrapper
+
+
 @contextmanager
 def count_host_syncs(where: bool = False) -> Iterator[StepCount]:
     """Count the host syncs and ops of the code in the block (forward and backward). `where`:
     also attribute each sync to a line of the project (slower: a stack walk per sync)."""
     count = StepCount()
-    saved = {name: getattr(torch.Tensor, name) for name in _HOST_METHODS}
+    saved = {name: getattr(torch.Tensor, name) for name in (*_HOST_METHODS, "new_tensor")}
+    factories = {name: getattr(torch, name) for name in _DATA_FACTORIES}
     for name, method in saved.items():
         setattr(torch.Tensor, name, _counted(name, method, count, where))
+    for name, factory in factories.items():
+        setattr(torch, name, _counted_factory(name, factory, count, where))
     try:
         with _CountingMode(count, where):
             yield count
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
+        for name, factory in factories.items():
+            setattr(torch, name, factory)
 
 
 __all__ = ["StepCount", "count_host_syncs"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
+from healthfm_core.device_copy import device_values
 from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.train.host_syncs import count_host_syncs
@@ -45,6 +46,9 @@ def test_counter_counts_each_kind_of_sync_and_nothing_else() -> None:
         y = torch.where(mask, x, 0.0) + x[index].sum() + x.masked_fill(mask, 1.0)
         y.index_put_((index,), torch.ones(2), accumulate=True)
         torch.repeat_interleave(x, torch.full((6,), 2), output_size=12)
+        torch.tensor([1.0, 2.0])  # a host tensor
+        torch.as_tensor(x, device=x.device)  # already a tensor: no copy from Python data
+        device_values([1.0, 2.0], x)  # on CUDA from pinned memory, without waiting
     assert none.n_syncs == 0 and none.ops > 0
     with count_host_syncs() as each:
         x.sum().item()
@@ -56,6 +60,10 @@ def test_counter_counts_each_kind_of_sync_and_nothing_else() -> None:
         torch.repeat_interleave(x, torch.full((6,), 2))
         x.masked_select(mask)
         x.tolist()
+        # A CPU dispatches nothing that shows these copies (issue 41's first GPU run: 240 a step).
+        torch.tensor([1.0, 2.0], device=x.device)
+        torch.as_tensor([1.0], device=x.device)
+        x.new_tensor([3.0])
     assert each.syncs == {
         "_local_scalar_dense": 2,
         "index(bool mask)": 1,
@@ -65,6 +73,9 @@ def test_counter_counts_each_kind_of_sync_and_nothing_else() -> None:
         "repeat_interleave": 1,
         "masked_select": 1,
         "tolist": 1,
+        "tensor(device=)": 1,
+        "as_tensor(device=)": 1,
+        "new_tensor": 1,
     }
 
 
