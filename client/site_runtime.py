@@ -33,8 +33,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from client.policy import SitePolicy, load_policy
+from client.released_samples import ReleasedSamples
 from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
 from healthfm_core.data.files.layout import SPLITS
+from healthfm_core.data.labels.task_spec import task_keys
 from healthfm_core.data.sequences.code_stats import SiteCodeStats, site_code_stats
 from healthfm_core.data.sequences.tokens import SiteSequences, collate, make_loader
 from healthfm_core.data.sites.site import Site
@@ -207,6 +209,7 @@ class SiteRuntime:
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
         self._labels: dict[tuple[str, int, int | str, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
+        self._released: ReleasedSamples | None = None  # opened at the first evaluation
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
         if config.eval_dir is None and config.state_dir is None:
@@ -592,10 +595,34 @@ class SiteRuntime:
         meds-evaluation format under eval_dir() and scored by meds-evaluation; with
         cfg.max_subjects, on a fixed subject sample drawn here (the ids stay here). A task key whose
         split has fewer subjects than the site's minimum, a single class, or no labels here gets
-        only its reason (counted in `withheld`)."""
+        only its reason (counted in `withheld`); every key does when the held-out subjects differ
+        from those of an earlier evaluation by 1 to minimum - 1 (client/released_samples.py)."""
         t0 = time.perf_counter()
+        held_out = self.eval_sample(cfg).chosen["held_out"]
+        if self._released is None:
+            self._released = ReleasedSamples(self.config.state_dir)
+        if 0 < (differ := self._released.closest(held_out)) < self.min_report_subjects:
+            # Refused before anything is labelled or scored (client/released_samples.py).
+            log.warning(
+                "site %s: evaluation refused: its held-out subjects differ from an earlier evaluation's by %d, "
+                "below the minimum %d (min_report_subjects): the two metrics' difference would describe them",
+                self.name,
+                differ,
+                self.min_report_subjects,
+            )
+            near = TaskReason(kind="near_earlier_sample", minimum=self.min_report_subjects)
+            keys = task_keys(cfg.tasks)
+            return EvalReply(
+                reasons=dict.fromkeys(keys, near),
+                withheld=len(keys),
+                eval_seconds=time.perf_counter() - t0,
+                max_subjects=cfg.max_subjects,
+                min_subjects=self.min_report_subjects,
+                min_positives=self.min_report_positives,
+            )
         self.threads_for(setup.sha256)
         result = self.evaluate_tasks(setup, self.model(setup, arrays), cfg)
+        self._released.record(held_out)
         return EvalReply(
             tasks=result.metrics,
             reasons=result.reasons,

@@ -20,6 +20,9 @@ REASON_KINDS = (
     "invalid_task",  # the task definition did not parse at the site
     "invalid_labels",  # the site's own label files fail their checks
     "too_few_positives",  # held_out has fewer positives (or negatives) than the site's min_report_positives
+    # held_out's subjects differ from those of an evaluation the site answered before by 1 to
+    # minimum - 1 subjects: the two metrics' difference would describe those few (client/released_samples.py)
+    "near_earlier_sample",
 )
 SPLIT_COUNTS = ("rows", "subjects", "positives")
 
@@ -88,8 +91,13 @@ class TaskReason(PeerReply):
             "invalid_task": "the task definition did not parse at the site",
             "invalid_labels": "the site's label files failed their checks",
             "too_few_positives": "too few positives or negatives in held_out",
+            "near_earlier_sample": "held_out's subjects differ from an earlier evaluation's by fewer than the minimum",
         }[self.kind]
-        if self.kind == "too_few_positives":
+        if self.kind == "near_earlier_sample":
+            minimum = (
+                f" ({self.minimum}, {MIN_SUBJECTS_KEY}: the difference of two metrics would describe those subjects)"
+            )
+        elif self.kind == "too_few_positives":
             minimum = f" (minimum {self.min_positives} positive and negative rows in held_out, {MIN_POSITIVES_KEY}: "
             minimum += f"{SMALL_CELL_RISK})"
         elif self.minimum:
@@ -98,7 +106,7 @@ class TaskReason(PeerReply):
         else:
             minimum = ""
         if not self.splits:
-            return what + (minimum if self.kind == "too_few_positives" else "")
+            return what + (minimum if self.kind in ("too_few_positives", "near_earlier_sample") else "")
 
         def n(value: int) -> str:
             return f"<{self.minimum}" if value == SMALL_CELL else str(value)
