@@ -595,19 +595,19 @@ class SiteRuntime:
         meds-evaluation format under eval_dir() and scored by meds-evaluation; with
         cfg.max_subjects, on a fixed subject sample drawn here (the ids stay here). A task key whose
         split has fewer subjects than the site's minimum, a single class, or no labels here gets
-        only its reason (counted in `withheld`); every key does when the held-out subjects differ
+        only its reason (counted in `withheld`); every key does when a split's subjects differ
         from those of an earlier evaluation by 1 to minimum - 1 (client/released_samples.py)."""
         t0 = time.perf_counter()
-        held_out = self.eval_sample(cfg).chosen["held_out"]
+        chosen = self.eval_sample(cfg).chosen
         if self._released is None:
             self._released = ReleasedSamples(self.config.state_dir)
-        if 0 < (differ := self._released.closest(held_out)) < self.min_report_subjects:
+        if (differ := self._released.closest(chosen)) is not None and differ[1] < self.min_report_subjects:
             # Refused before anything is labelled or scored (client/released_samples.py).
             log.warning(
-                "site %s: evaluation refused: its held-out subjects differ from an earlier evaluation's by %d, "
-                "below the minimum %d (min_report_subjects): the two metrics' difference would describe them",
+                "site %s: evaluation refused: its %s subjects differ from an earlier evaluation's by %d, below "
+                "the minimum %d (min_report_subjects): the two replies' difference would describe them",
                 self.name,
-                differ,
+                *differ,
                 self.min_report_subjects,
             )
             near = TaskReason(kind="near_earlier_sample", minimum=self.min_report_subjects)
@@ -622,7 +622,7 @@ class SiteRuntime:
             )
         self.threads_for(setup.sha256)
         result = self.evaluate_tasks(setup, self.model(setup, arrays), cfg)
-        self._released.record(held_out)
+        self._released.record(chosen)
         return EvalReply(
             tasks=result.metrics,
             reasons=result.reasons,

@@ -20,8 +20,8 @@ REASON_KINDS = (
     "invalid_task",  # the task definition did not parse at the site
     "invalid_labels",  # the site's own label files fail their checks
     "too_few_positives",  # held_out has fewer positives (or negatives) than the site's min_report_positives
-    # held_out's subjects differ from those of an evaluation the site answered before by 1 to
-    # minimum - 1 subjects: the two metrics' difference would describe those few (client/released_samples.py)
+    # a split's subjects differ from those of an evaluation the site answered before by 1 to
+    # minimum - 1 subjects: the two replies' difference would describe those few (client/released_samples.py)
     "near_earlier_sample",
 )
 SPLIT_COUNTS = ("rows", "subjects", "positives")
@@ -91,7 +91,7 @@ class TaskReason(PeerReply):
             "invalid_task": "the task definition did not parse at the site",
             "invalid_labels": "the site's label files failed their checks",
             "too_few_positives": "too few positives or negatives in held_out",
-            "near_earlier_sample": "held_out's subjects differ from an earlier evaluation's by fewer than the minimum",
+            "near_earlier_sample": "a split's subjects differ from an earlier evaluation's by fewer than the minimum",
         }[self.kind]
         if self.kind == "near_earlier_sample":
             minimum = (

@@ -122,8 +122,23 @@ def test_the_site_remembers_across_restarts_and_a_damaged_record_fails_closed(si
     restarted = _runtime(site_root, tmp_path)
     held_out = len(restarted.split_ids()["held_out"])
     assert _refused(_evaluate(restarted, setup, held_out - 1))  # every subject but one, after a restart
-    (tmp_path / RELEASED_SAMPLES_FILE).write_text(
-        '{"format": "healthfm-released-eval-samples", "version": 1, "held_out": [[1, 2], [3]], "held_out": []}'
-    )
+    damaged = '{"format": "healthfm-released-eval-samples", "version": 1, "samples": [], "samples": []}'
+    (tmp_path / RELEASED_SAMPLES_FILE).write_text(damaged)
     with pytest.raises(ReleasedSamplesError, match=f"{RELEASED_SAMPLES_FILE}.*duplicated key"):
         _evaluate(_runtime(site_root, tmp_path), setup, 0)
+
+
+def test_a_train_sample_one_subject_larger_is_refused_with_the_held_out_split_whole(
+    site_root: Path, tmp_path: Path
+) -> None:
+    # A budget above the held-out split's size scores every held-out subject both times, but the
+    # train sample grows by one: withheld tasks' split counts and num_examples would give that
+    # subject's rows and outcome away.
+    rt = _runtime(site_root, tmp_path)
+    setup = _setup(rt)
+    splits = rt.split_ids()
+    k = len(splits["held_out"]) + 2 * MINIMUM
+    assert len(splits["train"]) > k + 1 and len(splits["tuning"]) <= k, {s: len(v) for s, v in splits.items()}
+    assert not _refused(_evaluate(rt, setup, k))
+    assert _refused(_evaluate(rt, setup, k + 1))
+    assert not _refused(_evaluate(rt, setup, k + MINIMUM))
