@@ -38,6 +38,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
 from healthfm_core.eval.head_site import SiteSplits
+from healthfm_core.eval.score_histogram import class_subjects
 from healthfm_core.eval.site_eval import task_split_counts
 from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.privacy.policy import DPPolicy
@@ -73,18 +74,19 @@ def head_splits(
     """A key's train and tuning rows (x: each label row's embedding; split: each row's split), or
     why the site takes no part. What would leave is the train rows' count, positives and sums and
     the tuning rows' log-loss: each split behind them needs `min_subjects` subjects, and the train
-    split `min_positives` positive and negative rows (the held-out split is not used). The reason
+    split `min_positives` subjects with a positive row and as many with a negative row (the
+    held-out split is not used). The reason
     names no count."""
     counts = task_split_counts(labels, lambda sids: split)
     for name in ("train", "tuning"):
         if counts[name].subjects < min_subjects:
             return f"fewer than {min_subjects} subjects (min_report_subjects) in {name}"
-    train = counts["train"]
-    if min(train.positives, train.rows - train.positives) < min_positives:
-        return f"fewer than {min_positives} positive or negative train rows (min_report_positives)"
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
     is_train, is_tune = split == "train", split == "tuning"
     sids = labels["subject_id"].to_numpy()
+    # Subjects, not rows: a subject's several train rows are one positive (or negative).
+    if min(class_subjects(y[is_train], sids[is_train])) < min_positives:
+        return f"fewer than {min_positives} train subjects with a positive or a negative row (min_report_positives)"
     return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune], train_subjects=sids[is_train])
 
 

@@ -49,7 +49,7 @@ from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_probe
 from healthfm_core.eval.report import ResultRow
 from healthfm_core.eval.saved_head import load_head
-from healthfm_core.eval.site_eval import task_split_counts, withheld_reason
+from healthfm_core.eval.site_eval import held_out_class_subjects, task_split_counts, withheld_reason
 from healthfm_core.files import atomic_write_text
 from healthfm_core.protocol import TaskReason
 from healthfm_core.release import load_release
@@ -118,7 +118,13 @@ def compare_heads(
             sids = table["subject_id"].to_numpy()
             idx = label_row_index(rows, table, runtime.name)
             split = split_of(sids)
-            reason = withheld_reason(task_split_counts(table, split_of), min_subjects, True, min_positives)
+            reason = withheld_reason(
+                task_split_counts(table, split_of),
+                min_subjects,
+                True,
+                min_positives,
+                held_out_classes=held_out_class_subjects(table, split_of),
+            )
             y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
             x = x_all[idx]
             per_key[key] = {"x": x, "y": y, "split": split, "sids": sids, "reason": reason}

@@ -106,6 +106,50 @@ def merge_small_cells(hist: BinnedScores, minimum: int) -> BinnedScores | None:
     )
 
 
+def class_subjects(y: np.ndarray, subject: np.ndarray) -> tuple[int, int]:
+    """(subjects with a positive row, subjects with a negative row): a subject with many rows is
+    one subject, whatever a floor of rows would count."""
+    y = np.asarray(y).astype(bool)
+    subject = np.asarray(subject)
+    return len(np.unique(subject[y])), len(np.unique(subject[~y]))
+
+
+def merge_for_subjects(
+    hist: BinnedScores, bins: np.ndarray, y: np.ndarray, subject: np.ndarray, minimum: int
+) -> BinnedScores | None:
+    """`hist` (cells of base bins, merged by rows) merged further until every cell's positive rows
+    and negative rows each come from 0 or at least `minimum` distinct subjects: held_out scores
+    every labelled row, so one subject's many rows can fill a cell alone. `bins`, `y`, `subject`:
+    each row's base bin, label and subject. A cell short of subjects joins the neighbour with fewer
+    rows (the last one its left neighbour). None when a class has 1..minimum-1 subjects in all."""
+    y = np.asarray(y).astype(bool)
+    subject = np.asarray(subject)
+    if any(0 < n < minimum for n in class_subjects(y, subject)):
+        return None
+    bounds = list(hist.bounds)
+
+    def short(i: int) -> bool:
+        inside = (bins >= bounds[i]) & (bins < bounds[i + 1])
+        return any(0 < n < minimum for n in class_subjects(y[inside], subject[inside]))
+
+    i = 0
+    while i < len(bounds) - 1:
+        if len(bounds) == 2 or not short(i):
+            i += 1
+            continue
+        rows = [
+            int(((bins >= bounds[j]) & (bins < bounds[j + 1])).sum())
+            for j in (i - 1, i + 1)
+            if 0 <= j < len(bounds) - 1
+        ]
+        right = i + 1 < len(bounds) - 1 and (i == 0 or rows[-1] <= rows[0])
+        del bounds[i + 1 if right else i]  # the cut between the cell and that neighbour
+        i = max(i - 1, 0)  # the merged cell is checked again, and the one before it
+    pos = np.bincount(np.searchsorted(bounds, bins[y], side="right") - 1, minlength=len(bounds) - 1)
+    neg = np.bincount(np.searchsorted(bounds, bins[~y], side="right") - 1, minlength=len(bounds) - 1)
+    return BinnedScores(bounds, pos[: len(bounds) - 1].tolist(), neg[: len(bounds) - 1].tolist())
+
+
 def withheld_kind(hist: BinnedScores, minimum: int) -> WithheldKind | None:
     """Why a histogram may not leave the site (None: it may, once merged)."""
     if _small(sum(hist.positives), minimum):
@@ -118,6 +162,8 @@ def withheld_kind(hist: BinnedScores, minimum: int) -> WithheldKind | None:
 __all__ = [
     "LOGIT_RANGE",
     "BinnedScores",
+    "class_subjects",
+    "merge_for_subjects",
     "merge_small_cells",
     "score_bin_edges",
     "score_bin_index",

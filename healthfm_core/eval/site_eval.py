@@ -80,6 +80,7 @@ from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory
+from healthfm_core.eval.score_histogram import class_subjects
 from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
 from healthfm_core.protocol import (
@@ -263,13 +264,30 @@ def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCou
     }
 
 
+def held_out_class_subjects(labels: pa.Table, split_of: SplitOf) -> tuple[int, int]:
+    """(subjects with a positive row, subjects with a negative row) of a binary task's held_out
+    split: held_out scores every labelled row, so its rows may be many a subject."""
+    subjects = labels["subject_id"].to_numpy()
+    held = split_of(subjects) == HELD_OUT_SPLIT
+    if "boolean_value" not in labels.column_names:
+        return 0, 0
+    y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+    return class_subjects(y[held], subjects[held])
+
+
 def withheld_reason(
-    counts: Mapping[str, SplitCount], minimum: int, binary: bool, min_positives: int = 1
+    counts: Mapping[str, SplitCount],
+    minimum: int,
+    binary: bool,
+    min_positives: int = 1,
+    *,
+    held_out_classes: tuple[int, int],
 ) -> TaskReason | None:
     """Why these per-split counts give no reportable metric (None: they do); the counts in the
     reason are small-cell suppressed, since the reason leaves the site. `minimum`: subjects per
-    split (min_report_subjects); `min_positives`: positive and negative rows in held_out
-    (min_report_positives)."""
+    split (min_report_subjects); `min_positives`: subjects with a positive row and subjects with a
+    negative row in held_out (min_report_positives), `held_out_classes` (held_out_class_subjects):
+    one subject's many positive rows are one positive."""
     shown = {s: c.suppressed(minimum) for s, c in counts.items()}
     if sum(c.rows for c in counts.values()) == 0:
         return TaskReason(kind="no_rows", minimum=minimum, splits=shown)
@@ -277,8 +295,7 @@ def withheld_reason(
         return TaskReason(kind="too_few_subjects", minimum=minimum, splits=shown)
     if binary and any(counts[s].positives in (0, counts[s].rows) for s in ("train", "held_out")):
         return TaskReason(kind="one_class", minimum=minimum, splits=shown)
-    held = counts[HELD_OUT_SPLIT]
-    if binary and min(held.positives, held.rows - held.positives) < min_positives:
+    if binary and min(held_out_classes) < min_positives:
         return TaskReason(kind="too_few_positives", minimum=minimum, min_positives=min_positives, splits=shown)
     return None
 
@@ -342,7 +359,10 @@ def evaluate_site_tasks(
             table = sample.keep(table)
         binary = "boolean_value" in table.column_names
         counts = task_split_counts(table, split_of)
-        if (reason := withheld_reason(counts, min_subjects, binary, min_positives)) is not None:
+        classes = held_out_class_subjects(table, split_of)
+        if (
+            reason := withheld_reason(counts, min_subjects, binary, min_positives, held_out_classes=classes)
+        ) is not None:
             out.reasons[key] = reason
         else:
             usable[key] = table
@@ -457,7 +477,12 @@ def evaluate_site_tasks(
                 )
                 if score_bins:  # merged to the stricter of the site's minimums, as the positives above
                     released = release_histogram(
-                        y["held_out"], p_held, score_bins, score_scale, max(min_subjects, min_positives)
+                        y["held_out"],
+                        p_held,
+                        held_rows["subject_id"].to_numpy(),
+                        score_bins,
+                        score_scale,
+                        max(min_subjects, min_positives),
                     )
                     if isinstance(released, ScoreHistogram):
                         out.histograms[key] = released

@@ -21,6 +21,7 @@ from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
 from healthfm_core.eval.metrics import MIN_INTERVAL_SUBJECTS, paired_resamples
 from healthfm_core.eval.report import ResultRow, auroc_cell
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
+from healthfm_core.eval.score_histogram import class_subjects
 from healthfm_core.eval.site_eval import withheld_reason
 from healthfm_core.protocol import SMALL_CELL, SplitCount
 
@@ -55,6 +56,13 @@ def split_counts(data: EvalSet, key: str) -> dict[str, SplitCount]:
     return out
 
 
+def held_out_classes(data: EvalSet, key: str) -> tuple[int, int]:
+    """(subjects with a positive row, with a negative row) of task `key`'s held_out split."""
+    y = data.labels(key)
+    held = np.isfinite(y) & (data.column("split") == HELD_OUT_SPLIT)
+    return class_subjects(y[held] > 0.5, data.column("subject_id")[held])
+
+
 def pair_statuses(
     sites: Mapping[str, EvalSet], min_subjects: int, min_positives: int = 1
 ) -> dict[tuple[str, str], PairStatus]:
@@ -65,7 +73,13 @@ def pair_statuses(
     for site, data in sites.items():
         for key, task in data.tasks.items():
             counts = split_counts(data, key)
-            reason = withheld_reason(counts, min_subjects, binary=True, min_positives=min_positives)
+            reason = withheld_reason(
+                counts,
+                min_subjects,
+                binary=True,
+                min_positives=min_positives,
+                held_out_classes=held_out_classes(data, key),
+            )
             name, horizon = task_display(task)
             out[(site, key)] = PairStatus(
                 site=site,

@@ -98,8 +98,8 @@ class TaskReason(PeerReply):
                 f" ({self.minimum}, {MIN_SUBJECTS_KEY}: the difference of two metrics would describe those subjects)"
             )
         elif self.kind == "too_few_positives":
-            minimum = f" (minimum {self.min_positives} positive and negative rows in held_out, {MIN_POSITIVES_KEY}: "
-            minimum += f"{SMALL_CELL_RISK})"
+            minimum = f" (minimum {self.min_positives} held-out subjects with a positive row and as many with a "
+            minimum += f"negative row, {MIN_POSITIVES_KEY}: {SMALL_CELL_RISK})"
         elif self.minimum:
             minimum = f" (minimum {self.minimum} subjects per split"
             minimum += f", {MIN_SUBJECTS_KEY}: {SMALL_CELL_RISK})" if self.kind == "too_few_subjects" else ")"

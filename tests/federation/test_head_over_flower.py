@@ -100,7 +100,13 @@ def test_head_splits_below_the_minimum_give_a_reason_not_rows() -> None:
     got = head_splits(labels, x, split, 3, 3)
     assert isinstance(got, SiteSplits) and len(got.y_train) == 6 and len(got.y_tune) == 3
     assert head_splits(labels, x, split, 4, 1) == "fewer than 4 subjects (min_report_subjects) in tuning"
-    assert "positive or negative train rows" in str(head_splits(labels, x, split, 2, 4))  # 3 positives
+    assert "train subjects with a positive or a negative row" in str(head_splits(labels, x, split, 2, 4))  # 3 positives
+    # Subjects, not rows: 3 positive subjects with two rows each are still 3.
+    twice = pa.concat_tables([labels.slice(0, 6), labels.slice(0, 6), labels.slice(6)])
+    split_twice = np.array(["train"] * 12 + ["tuning"] * 3 + ["held_out"] * 3, dtype=object)
+    assert "train subjects with a positive or a negative row" in str(
+        head_splits(twice, np.ones((18, 4)), split_twice, 2, 4)
+    )  # 6 positive rows, 3 subjects
 
 
 @pytest.mark.parametrize(

@@ -415,8 +415,20 @@ def test_site_labels_are_counted(site_tables, write_site, capsys):
         "tasks/readmission",
         None,
     )
-    assert task["splits"]["train"] == {"rows": 3, "subjects": 2, "positives": 1}
-    assert task["splits"]["held_out"] == {"rows": 0, "subjects": 0, "positives": 0}
+    assert task["splits"]["train"] == {
+        "rows": 3,
+        "subjects": 2,
+        "positives": 1,
+        "positive_subjects": 1,
+        "negative_subjects": 2,
+    }
+    assert task["splits"]["held_out"] == {
+        "rows": 0,
+        "subjects": 0,
+        "positives": 0,
+        "positive_subjects": 0,
+        "negative_subjects": 0,
+    }
     assert main(["check", str(root), "--min-subjects", "2"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "readmission (site labels)  3 / 2 / 1" in out
@@ -440,8 +452,9 @@ def test_site_labels_of_an_unknown_subject_fail_check_with_one_line(site_tables,
 
 
 def test_tasks_minimum_of_positives_from_the_flag_and_the_policy(hospital_site, tmp_path, capsys):
-    """A held_out split with fewer positive (or negative) rows than min_report_positives: the
-    warning names the key, its value and what it protects; the policy's min_positives raises it."""
+    """A held_out split with fewer subjects with a positive (or a negative) row than
+    min_report_positives: the warning names the key, its value and what it protects; the policy's
+    min_positives raises it."""
     root = tmp_path / "site"
     shutil.copytree(hospital_site, root)
     events = pl.read_parquet(root / "data" / "*.parquet").filter(pl.col("time").is_not_null())
@@ -460,7 +473,8 @@ def test_tasks_minimum_of_positives_from_the_flag_and_the_policy(hospital_site, 
     (problem,) = blob["tasks"]["problems"]
     assert blob["tasks"]["min_positives"] == held["rows"]
     assert (
-        f"held_out has {held['positives']} positive and {held['rows'] - held['positives']} negative rows, below the "
+        f"held_out has {held['positive_subjects']} subjects with a positive row and {held['negative_subjects']} with a "
+        f"negative row ({held['positives']} and {held['rows'] - held['positives']} rows), below the "
         f"minimum {held['rows']} (min_report_positives; small cells re-identify patients)"
     ) in problem["message"]
 

@@ -42,7 +42,7 @@ def _honest(seed: int, n: int, signal: float) -> EvalReply:
     rng = np.random.default_rng(seed)
     y = rng.random(n) < 0.3
     p = 1.0 / (1.0 + np.exp(-(rng.normal(size=n) + signal * y - 1.0)))
-    h = release_histogram(y, p, BINS, "logit", minimum=10)
+    h = release_histogram(y, p, np.arange(n), BINS, "logit", minimum=10)
     assert isinstance(h, ScoreHistogram)
     auc = float(roc_auc_score(y, p))
     metrics = TaskMetrics(n=n, auroc=auc, positives=int(y.sum()), subjects=n // 3, auroc_low=auc - 0.1, auroc_high=auc + 0.05)  # fmt: skip

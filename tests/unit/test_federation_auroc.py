@@ -159,10 +159,38 @@ def test_a_site_releases_no_histogram_of_a_class_below_its_minimum() -> None:
     p = rng.random(60)
     y = np.zeros(60, bool)
     y[:4] = True
-    assert release_histogram(y, p, 20, "logit", minimum=5) == "positives_below_minimum"
-    assert release_histogram(~y, p, 20, "logit", minimum=5) == "negatives_below_minimum"
-    h = release_histogram(y, p, 20, "logit", minimum=4)
+    assert release_histogram(y, p, np.arange(60), 20, "logit", minimum=5) == "positives_below_minimum"
+    assert release_histogram(~y, p, np.arange(60), 20, "logit", minimum=5) == "negatives_below_minimum"
+    h = release_histogram(y, p, np.arange(60), 20, "logit", minimum=4)
     assert isinstance(h, ScoreHistogram) and sum(h.positives) == 4 and h.minimum == 4
+
+
+def test_no_cell_holds_fewer_subjects_than_the_minimum_however_many_rows_they_have() -> None:
+    # held_out scores every labelled row, so one subject can have dozens. Here subject 0 has 30
+    # negative rows, all scored near 0.99, and 40 other subjects one row each near 0.2-0.45: merged
+    # by rows alone (minimum 10) subject 0's rows would be a cell of their own.
+    rng = np.random.default_rng(8)
+    p = np.concatenate([np.full(30, 0.99), rng.uniform(0.2, 0.45, 40)])
+    y = np.concatenate([np.zeros(30, bool), rng.random(40) < 0.5])
+    subject = np.concatenate([np.zeros(30, int), np.arange(1, 41)])
+    bins = score_bin_index(p, 50, "probability")
+    by_rows = merge_small_cells(score_histogram(y, p, 50, "probability"), 10)
+    assert by_rows is not None and by_rows.negatives[-1] >= 30
+    last = bins >= by_rows.bounds[-2]
+    assert len(np.unique(subject[last])) < 10  # the leak: a released cell of one or two subjects' rows
+    h = release_histogram(y, p, subject, 50, "probability", minimum=10)
+    assert isinstance(h, ScoreHistogram) and sum(h.negatives) + sum(h.positives) == 70
+    for lo, hi in zip(h.bounds, h.bounds[1:]):
+        inside = (bins >= lo) & (bins < hi)
+        for cls in (True, False):
+            n = len(np.unique(subject[inside & (y == cls)]))
+            assert n == 0 or n >= 10, (lo, hi, cls, n)
+    # Enough positive rows (12), too few positive subjects (2): no histogram leaves.
+    y2 = np.zeros(70, bool)
+    y2[:12] = True
+    assert release_histogram(
+        y2, p, np.concatenate([np.repeat([0, 1], 6), np.arange(2, 60)]), 50, "probability", 10
+    ) == ("positives_below_minimum")
 
 
 # ---------------------------------------------------------------- the reply: a peer's claims checked
@@ -222,7 +250,7 @@ def _recorded_evaluation(tmp_path: Path) -> tuple[Path, dict[str, EvalReply], li
     cells: list[Cell] = []
     for site, shift in (("a", 0.0), ("b", 0.6)):
         y, p = _site_scores(rng, 300, shift)
-        h = release_histogram(y, p, 50, "logit", minimum=10)
+        h = release_histogram(y, p, np.arange(len(y)), 50, "logit", minimum=10)
         assert isinstance(h, ScoreHistogram)
         cells += cells_of(h.bounds, h.positives, h.negatives)
         auc = float(roc_auc_score(y, p))

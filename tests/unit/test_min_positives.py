@@ -18,7 +18,7 @@ from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.outcomes import outcome
-from healthfm_core.eval.site_eval import withheld_reason
+from healthfm_core.eval.site_eval import held_out_class_subjects, withheld_reason
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, SplitCount, TaskMetrics, TaskReason
@@ -33,26 +33,48 @@ def _counts(held_positives: int, held_rows: int = 40) -> dict[str, SplitCount]:
     }
 
 
+def _reason(held_positives: int, minimum: int = 20, binary: bool = True, **kw: int) -> TaskReason | None:
+    """withheld_reason of _counts with one held-out row a subject (its classes: the rows')."""
+    classes = (held_positives, 40 - held_positives)
+    return withheld_reason(_counts(held_positives), minimum, binary, held_out_classes=classes, **kw)
+
+
 def test_too_few_positives_or_negatives_in_held_out_withholds_naming_the_key() -> None:
-    assert withheld_reason(_counts(3), minimum=20, binary=True) is None  # default 1: today's rule
-    assert withheld_reason(_counts(5), minimum=20, binary=True, min_positives=5) is None
-    few = withheld_reason(_counts(4), minimum=20, binary=True, min_positives=5)
+    assert _reason(3) is None  # default 1: today's rule
+    assert _reason(5, min_positives=5) is None
+    few = _reason(4, min_positives=5)
     assert few is not None and (few.kind, few.minimum, few.min_positives) == ("too_few_positives", 20, 5)
     assert few.splits["held_out"].positives == -1  # 4 < 20: a small cell, not disclosed
     assert (
-        "(minimum 5 positive and negative rows in held_out, min_report_positives: small cells re-identify patients)"
-        in few.describe()
+        "(minimum 5 held-out subjects with a positive row and as many with a negative row, min_report_positives: "
+        "small cells re-identify patients)" in few.describe()
     )
     # Negatives count as much as positives (36 positives of 40 rows: 4 negatives).
-    assert withheld_reason(_counts(36), minimum=20, binary=True, min_positives=5).kind == "too_few_positives"  # type: ignore[union-attr]
+    assert _reason(36, min_positives=5).kind == "too_few_positives"  # type: ignore[union-attr]
     # Checked after the subjects and the classes: those reasons stay what they were.
-    assert withheld_reason(_counts(0), minimum=20, binary=True, min_positives=5).kind == "one_class"  # type: ignore[union-attr]
-    assert withheld_reason(_counts(3), minimum=31, binary=True, min_positives=5).kind == "too_few_subjects"  # type: ignore[union-attr]
+    assert _reason(0, min_positives=5).kind == "one_class"  # type: ignore[union-attr]
+    assert _reason(3, minimum=31, min_positives=5).kind == "too_few_subjects"  # type: ignore[union-attr]
     subjects = TaskReason(kind="too_few_subjects", minimum=31, splits={"held_out": SplitCount(rows=0, subjects=0)})
     assert (
         "(minimum 31 subjects per split, min_report_subjects: small cells re-identify patients)" in subjects.describe()
     )
-    assert withheld_reason(_counts(3), minimum=20, binary=False, min_positives=5) is None  # a regression has no classes
+    assert _reason(3, binary=False, min_positives=5) is None  # a regression has no classes
+
+
+def test_the_positives_floor_counts_subjects_not_rows() -> None:
+    # held_out scores every labelled row: 12 positive rows may be 2 patients. The floor is about
+    # patients (an AUROC that rests on one or two of them), so 12 rows of 2 subjects are too few.
+    counts = _counts(12)
+    assert withheld_reason(counts, 20, True, 5, held_out_classes=(12, 28)) is None  # 12 subjects
+    few = withheld_reason(counts, 20, True, 5, held_out_classes=(2, 28))  # the same rows, 2 subjects
+    assert few is not None and few.kind == "too_few_positives"
+    table = pa.table(
+        {
+            "subject_id": pa.array([1] * 6 + [2] * 6 + list(range(3, 31)), pa.int64()),
+            "boolean_value": [True] * 12 + [False] * 28,
+        }
+    )
+    assert held_out_class_subjects(table, lambda sids: np.full(len(sids), "held_out")) == (2, 28)
 
 
 def test_reply_carries_the_minimums_and_the_reason_round_trips() -> None:
@@ -63,8 +85,8 @@ def test_reply_carries_the_minimums_and_the_reason_round_trips() -> None:
     back = EvalReply.from_records(reply.to_records(), expected=["a", "b"])
     assert back == reply and back.reasons["b"].min_positives == 10
     assert (
-        "too few positives or negatives in held_out (minimum 10 positive and negative rows in held_out, min_report_positives"
-        in back.reasons["b"].describe()
+        "too few positives or negatives in held_out (minimum 10 held-out subjects with a positive row and as many with a "
+        "negative row, min_report_positives" in back.reasons["b"].describe()
     )
     result, detail = outcome(back, "a")
     assert result.startswith("AUROC 0.700") and detail.endswith(", min_report_subjects 20, min_report_positives 10")

@@ -77,6 +77,10 @@ class SplitCounts(BaseModel):
     rows: int
     subjects: int
     positives: int | None  # None: not a boolean task
+    # Subjects with a positive row, with a negative row (None: not a boolean task): the positives
+    # floor counts these, as one subject's many rows are one patient.
+    positive_subjects: int | None = None
+    negative_subjects: int | None = None
 
 
 class TaskCounts(BaseModel):
@@ -144,6 +148,8 @@ def _split_counts(table: pa.Table, split_of: dict[int, str]) -> dict[str, SplitC
             rows=int(sel.sum()),
             subjects=int(np.unique(sid[sel]).size),
             positives=None if positive is None else int(positive[sel].sum()),
+            positive_subjects=None if positive is None else int(np.unique(sid[sel & positive]).size),
+            negative_subjects=None if positive is None else int(np.unique(sid[sel & ~positive]).size),
         )
     return out
 
@@ -165,11 +171,13 @@ def _why_withheld(counts: TaskCounts, min_subjects: int, min_positives: int = DE
         if c.positives is not None and c.rows and c.positives in (0, c.rows):
             reasons.append(f"{s} has a single class ({c.positives} positive of {c.rows} rows)")
     held = splits[HELD_OUT_SPLIT]
-    if held.positives is not None and held.rows and 0 < min(held.positives, held.rows - held.positives) < min_positives:
-        reasons.append(
-            f"{HELD_OUT_SPLIT} has {held.positives} positive and {held.rows - held.positives} negative rows, below "
-            f"the minimum {min_positives} ({MIN_POSITIVES_KEY}; {SMALL_CELL_RISK})"
-        )
+    if held.positive_subjects is not None and held.negative_subjects is not None and held.positives is not None:
+        if held.rows and 0 < min(held.positive_subjects, held.negative_subjects) < min_positives:
+            reasons.append(
+                f"{HELD_OUT_SPLIT} has {held.positive_subjects} subjects with a positive row and "
+                f"{held.negative_subjects} with a negative row ({held.positives} and {held.rows - held.positives} "
+                f"rows), below the minimum {min_positives} ({MIN_POSITIVES_KEY}; {SMALL_CELL_RISK})"
+            )
     return "; ".join(reasons) or None
 
 
