@@ -75,8 +75,7 @@ def head_splits(
     why the site takes no part. What would leave is the train rows' count, positives and sums and
     the tuning rows' log-loss: each split behind them needs `min_subjects` subjects, and the train
     split `min_positives` subjects with a positive row and as many with a negative row (the
-    held-out split is not used). The reason
-    names no count."""
+    held-out split is not used). The reason names no count."""
     counts = task_split_counts(labels, lambda sids: split)
     for name in ("train", "tuning"):
         if counts[name].subjects < min_subjects:

@@ -1,11 +1,14 @@
 """What a site may release of its held-out probe scores: per class, counts on the server's grid.
 
 The server fixes a grid of `n_bins` score bins (EvalConfig.score_bins, .score_scale; the grid's
-names and the ScoreHistogram message: healthfm_core/protocol/); a site counts its held-out positives and negatives per bin and merges adjacent bins (small-cell
-protection) until every count it releases is 0 or at least its minimum: no cell describes 1 to
-minimum-1 subjects' rows. A released histogram is a list of cells, each a run of base bins
-[bounds[i], bounds[i+1]) with its counts. When a class has fewer rows than the minimum in total,
-no merging can protect it and nothing is released (`withheld_kind`).
+names and the ScoreHistogram message: healthfm_core/protocol/); a site counts its held-out
+positives and negatives per bin and merges adjacent bins (small-cell protection) until every
+count it releases is 0 or at least its minimum, and then (`merge_for_subjects`) until each class's
+rows in a cell come from 0 or at least the minimum of distinct subjects, as one subject may have
+many rows: no cell describes 1 to minimum-1 subjects. A released histogram is a list of cells,
+each a run of base bins [bounds[i], bounds[i+1]) with its counts. When a class has fewer rows
+(or subjects) than the minimum in total, no merging can protect it and nothing is released
+(`withheld_kind`).
 
 Only bin indices matter downstream: the AUROC of binned scores is rank-based, so the pooled
 AUROC (healthfm_core/eval/pooled_auroc.py) needs the cells, not the scores or the edges.
@@ -126,28 +129,32 @@ def merge_for_subjects(
     subject = np.asarray(subject)
     if any(0 < n < minimum for n in class_subjects(y, subject)):
         return None
+    # Rows in bin order: a cell's rows are one slice, so a check costs the cell's rows only.
+    order = np.argsort(bins, kind="stable")
+    bins, y, subject = np.asarray(bins)[order], y[order], subject[order]
     bounds = list(hist.bounds)
 
+    def rows_of(i: int) -> slice:
+        start, stop = np.searchsorted(bins, bounds[i : i + 2])
+        return slice(int(start), int(stop))
+
     def short(i: int) -> bool:
-        inside = (bins >= bounds[i]) & (bins < bounds[i + 1])
-        return any(0 < n < minimum for n in class_subjects(y[inside], subject[inside]))
+        cell = rows_of(i)
+        return any(0 < n < minimum for n in class_subjects(y[cell], subject[cell]))
 
     i = 0
     while i < len(bounds) - 1:
         if len(bounds) == 2 or not short(i):
             i += 1
             continue
-        rows = [
-            int(((bins >= bounds[j]) & (bins < bounds[j + 1])).sum())
-            for j in (i - 1, i + 1)
-            if 0 <= j < len(bounds) - 1
-        ]
-        right = i + 1 < len(bounds) - 1 and (i == 0 or rows[-1] <= rows[0])
+        sizes = [rows_of(j).stop - rows_of(j).start for j in (i - 1, i + 1) if 0 <= j < len(bounds) - 1]
+        right = i + 1 < len(bounds) - 1 and (i == 0 or sizes[-1] <= sizes[0])
         del bounds[i + 1 if right else i]  # the cut between the cell and that neighbour
         i = max(i - 1, 0)  # the merged cell is checked again, and the one before it
-    pos = np.bincount(np.searchsorted(bounds, bins[y], side="right") - 1, minlength=len(bounds) - 1)
-    neg = np.bincount(np.searchsorted(bounds, bins[~y], side="right") - 1, minlength=len(bounds) - 1)
-    return BinnedScores(bounds, pos[: len(bounds) - 1].tolist(), neg[: len(bounds) - 1].tolist())
+    cell = np.searchsorted(bounds, bins, side="right") - 1
+    pos = np.bincount(cell[y], minlength=len(bounds) - 1)
+    neg = np.bincount(cell[~y], minlength=len(bounds) - 1)
+    return BinnedScores(bounds, pos.tolist(), neg.tolist())
 
 
 def withheld_kind(hist: BinnedScores, minimum: int) -> WithheldKind | None:
