@@ -17,9 +17,11 @@ larger (the held-out split already whole) would give that subject's rows and out
 So before an evaluation the site compares its sample, split by split, with every sample it has
 released over: the same sets again are fine (every round of a run), and so are sets that differ
 by at least the minimum; a split that differs by 1 to minimum - 1 subjects refuses the whole
-evaluation for every task (`near_earlier_sample`), before anything is labelled or scored. What it does not stop: a
-combination of three or more evaluations whose pairwise differences are large (noise would; none
-is added), and two task definitions whose cohorts differ by a few subjects on one sample.
+evaluation for every task (`near_earlier_sample`), before anything is labelled or scored.
+
+What it does not stop: a combination of three or more evaluations whose pairwise differences are
+large (noise would; none is added), and two task definitions whose cohorts differ by a few
+subjects on one sample.
 
 The samples live in `state_dir`/released_eval_samples.json (the site's own file; subject ids never
 leave the site), else in memory for the process. A file that does not read fails closed: the
