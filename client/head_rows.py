@@ -37,8 +37,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
+from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.eval.head_site import SiteSplits
-from healthfm_core.eval.score_histogram import class_subjects
 from healthfm_core.eval.site_eval import task_split_counts
 from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.privacy.policy import DPPolicy

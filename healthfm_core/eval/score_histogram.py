@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.protocol import SCORE_SCALES, ScoreScale, WithheldKind
 
 LOGIT_RANGE = 6.0  # interior edges from sigmoid(-6) = 0.0025 to sigmoid(6) = 0.9975
@@ -109,14 +110,6 @@ def merge_small_cells(hist: BinnedScores, minimum: int) -> BinnedScores | None:
     )
 
 
-def class_subjects(y: np.ndarray, subject: np.ndarray) -> tuple[int, int]:
-    """(subjects with a positive row, subjects with a negative row): a subject with many rows is
-    one subject, whatever a floor of rows would count."""
-    y = np.asarray(y).astype(bool)
-    subject = np.asarray(subject)
-    return len(np.unique(subject[y])), len(np.unique(subject[~y]))
-
-
 def merge_for_subjects(
     hist: BinnedScores, bins: np.ndarray, y: np.ndarray, subject: np.ndarray, minimum: int
 ) -> BinnedScores | None:
@@ -169,7 +162,6 @@ def withheld_kind(hist: BinnedScores, minimum: int) -> WithheldKind | None:
 __all__ = [
     "LOGIT_RANGE",
     "BinnedScores",
-    "class_subjects",
     "merge_for_subjects",
     "merge_small_cells",
     "score_bin_edges",

@@ -58,6 +58,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS, WEARABLES_SCHEMA
 from healthfm_core.data.labels.aces_tasks import aces_labels_shared
 from healthfm_core.data.labels.site_labels import SiteLabelError, read_site_labels, site_tasks
@@ -80,7 +81,6 @@ from healthfm_core.eval.metrics import auroc, bootstrap_ci, r2_score
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, fit_logistic_probe, fit_ridge_probe
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory
-from healthfm_core.eval.score_histogram import class_subjects
 from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
 from healthfm_core.protocol import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.eval.score_histogram import (
-    class_subjects,
     merge_for_subjects,
     merge_small_cells,
     score_bin_index,

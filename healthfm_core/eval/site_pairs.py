@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
 from healthfm_core.eval.metrics import MIN_INTERVAL_SUBJECTS, paired_resamples
 from healthfm_core.eval.report import ResultRow, auroc_cell
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
-from healthfm_core.eval.score_histogram import class_subjects
 from healthfm_core.eval.site_eval import withheld_reason
 from healthfm_core.protocol import SMALL_CELL, SplitCount
 

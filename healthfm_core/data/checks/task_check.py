@@ -33,7 +33,7 @@ import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
 from healthfm_core.data.checks.problem_log import SiteProblem, SiteSummary
-from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
+from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK, class_subjects
 from healthfm_core.data.checks.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
 from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
 from healthfm_core.data.labels.aces_tasks import (
@@ -144,12 +144,13 @@ def _split_counts(table: pa.Table, split_of: dict[int, str]) -> dict[str, SplitC
     out = {}
     for name in names:
         sel = split == name
+        classes = None if positive is None else class_subjects(positive[sel], sid[sel])
         out[name] = SplitCounts(
             rows=int(sel.sum()),
             subjects=int(np.unique(sid[sel]).size),
             positives=None if positive is None else int(positive[sel].sum()),
-            positive_subjects=None if positive is None else int(np.unique(sid[sel & positive]).size),
-            negative_subjects=None if positive is None else int(np.unique(sid[sel & ~positive]).size),
+            positive_subjects=None if classes is None else classes[0],
+            negative_subjects=None if classes is None else classes[1],
         )
     return out
 
