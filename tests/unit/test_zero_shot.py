@@ -1,0 +1,195 @@
+"""Zero-shot onset forecasting (issue 72): the task's codes in a vocabulary, the head's any-code
+probability against a reference computed by hand, the held-out rows it scores, and the labels
+with repeats counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from helpers.random_batch import random_batch
+
+from healthfm_core.data.labels.aces_tasks import load_task
+from healthfm_core.data.labels.repeat_events import counting_repeats
+from healthfm_core.data.labels.task_spec import AcesOnsetTask, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.tasks import OnsetTask
+from healthfm_core.data.sequences.batch import N_SPECIAL_CODES
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sites.site import open_site
+from healthfm_core.eval.row_embeddings import embed_rows
+from healthfm_core.eval.runner import build_eval_set
+from healthfm_core.eval.zero_shot import (
+    NoZeroShot,
+    ZeroShotColumn,
+    ZeroShotScorer,
+    horizon_index,
+    outcome_code_ids,
+    probabilities,
+    zero_shot_columns,
+    zero_shot_rows,
+)
+from healthfm_core.model.config import load_model_config
+from healthfm_core.model.healthfm import HealthFM, init_model
+from healthfm_core.protocol import FederationSetup
+from simulations.pretrain import agree_vocabulary
+from simulations.synthetic import generate_federation
+
+CODES = [
+    "ATC//A10BA02",
+    "DIAGNOSIS//ICD//10//E119",  # MIMIC-IV's spelling of E11.9
+    "ICD10//E11",
+    "ICD10//I10",
+    "ICD9CM/250.00",  # type 2
+    "ICD9CM/250.01",  # type 1: not the task's
+]
+
+
+def _onset(name: str) -> AcesOnsetTask:
+    (task,) = runner_tasks(resolve_tasks([name])).values()
+    assert isinstance(task, AcesOnsetTask)
+    return task
+
+
+def _with_outcome(predicates: dict) -> AcesOnsetTask:
+    task = _onset("onset_t2d_90d")
+    config = {**task.aces.config, "predicates": {**task.aces.config["predicates"], **predicates}}
+    return task.model_copy(update={"aces": task.aces.model_copy(update={"config": config})})
+
+
+def test_the_shipped_tasks_codes_are_found_in_a_vocabulary_as_aces_matches_them() -> None:
+    ids = outcome_code_ids(_onset("onset_t2d_90d"), CODES)
+    assert [CODES[i - N_SPECIAL_CODES] for i in ids] == ["DIAGNOSIS//ICD//10//E119", "ICD10//E11", "ICD9CM/250.00"]
+    assert [CODES[i - N_SPECIAL_CODES] for i in outcome_code_ids(_onset("onset_hypertension_30d"), CODES)] == [
+        "ICD10//I10"
+    ]
+    # An event-table task matches its code prefix.
+    plain = OnsetTask(name="onset_x_30d", outcome_code_prefix="ICD10//E1", horizon_days=30)
+    assert outcome_code_ids(plain, CODES) == [N_SPECIAL_CODES + 2]
+    with pytest.raises(NoZeroShot, match="no code of the model's vocabulary"):
+        outcome_code_ids(_onset("onset_copd_30d"), CODES)
+
+
+def test_or_of_code_predicates_is_scored_values_and_and_are_refused() -> None:
+    task = _with_outcome(
+        {"outcome": {"expr": "or(a, b)"}, "a": {"code": "ATC//A10BA02"}, "b": {"code": {"any": ["ICD10//I10"]}}}
+    )
+    assert outcome_code_ids(task, CODES) == [N_SPECIAL_CODES + 0, N_SPECIAL_CODES + 3]
+    with pytest.raises(NoZeroShot, match=r"also constrains \['value_min'\]"):
+        outcome_code_ids(_with_outcome({"outcome": {"code": "ICD10//E11", "value_min": 5}}), CODES)
+    with pytest.raises(NoZeroShot, match=r"only or\(...\)"):
+        outcome_code_ids(_with_outcome({"outcome": {"expr": "and(death, death)"}}), CODES)
+    with pytest.raises(NoZeroShot, match="refers to itself"):
+        outcome_code_ids(_with_outcome({"outcome": {"expr": "or(outcome, death)"}}), CODES)
+
+
+def _model(vocab_size: int = 40, n_prs_traits: int = 4) -> HealthFM:
+    torch.manual_seed(0)
+    return HealthFM(load_model_config("tiny"), vocab_size, n_prs_traits).eval()
+
+
+def test_horizons_are_the_heads_own() -> None:
+    model = _model()
+    assert [horizon_index(model, h) for h in (30, 90.0, 180, 365)] == [0, 1, 2, 3]
+    with pytest.raises(NoZeroShot, match="not 45"):
+        horizon_index(model, 45)
+    columns, skipped = zero_shot_columns(model, {"t2d_90": _onset("onset_t2d_90d")}, CODES)
+    assert columns == [ZeroShotColumn("t2d_90", 1, (N_SPECIAL_CODES + 1, N_SPECIAL_CODES + 2, N_SPECIAL_CODES + 4))]
+    assert not skipped
+
+
+def test_the_score_is_the_heads_any_code_logit() -> None:
+    model = _model()
+    batch = random_batch(3, vocab_size=40, seed=1)
+    columns = [
+        ZeroShotColumn("one", 2, (7,)),
+        ZeroShotColumn("two", 0, (9, 11)),
+        ZeroShotColumn("three", 3, (5, 6, 30)),
+    ]
+    query_time = batch.prediction_time[:, None] - torch.tensor([[0.0, 40.0]])  # two queries a sample
+    with torch.no_grad():
+        got = ZeroShotScorer(model, columns).embed_at(batch, query_time)
+        out = model(batch, query_time=query_time)
+        logits = model.heads["ehr_future_codes"](out.queries.flatten(0, 1)).unflatten(0, (3, 2)).double()
+    assert got.shape == (3, 2, 3)
+    p = torch.sigmoid(logits)
+    want = []
+    for c in columns:  # noisy-OR of the columns' codes, as its logit; one code: its own logit
+        any_code = 1 - torch.prod(1 - p[:, :, c.horizon, list(c.codes)], dim=-1)
+        want.append(torch.log(any_code / (1 - any_code)))
+    assert torch.allclose(got.double(), torch.stack(want, dim=-1), atol=1e-4)
+    assert torch.allclose(got[..., 0].double(), logits[:, :, 2, 7], atol=1e-5)
+    assert np.allclose(probabilities(np.array([0.0, 2.0])), [0.5, 1 / (1 + np.exp(-2.0))])
+    with pytest.raises(NoZeroShot, match="no task"):
+        ZeroShotScorer(model, [])
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory: pytest.TempPathFactory):
+    manifest = generate_federation(
+        tmp_path_factory.mktemp("zs"), "default", seed=2, n_subjects=120, progress=False, sites=["city_hospital"]
+    )
+    sites = {s.name: open_site(s.root) for s in manifest.sites}
+    vocab = agree_vocabulary(sites, 5)
+    setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"))
+    site = sites["city_hospital"]
+    return site, SiteSequences.from_site(site, vocab, tokens=setup.tokens), init_model(setup), vocab
+
+
+def test_zero_shot_rows_score_every_held_out_row_and_nothing_else(tiny_site) -> None:
+    site, seqs, model, vocab = tiny_site
+    tasks = {
+        **runner_tasks(resolve_tasks(["t2d", "hypertension"])),
+        "wide": OnsetTask(name="wide_45d", outcome_code_prefix="ICD10//I10", horizon_days=45),
+    }
+    data = build_eval_set({"city_hospital": (site, seqs)}, tasks, n_per_subject=2, seed=0)
+    res = zero_shot_rows("zero-shot", data, model, vocab.codes, max_events=64, max_patches=8, n_boot=20)
+    assert "not 45" in res.skipped["wide"]
+    split = data.column("split")
+    assert res.rows and res.predictions
+    for key, rows in res.scored_rows.items():
+        y = data.labels(key)
+        assert set(split[rows]) == {"held_out"}
+        assert np.array_equal(rows, np.flatnonzero(np.isfinite(y) & (split == "held_out")))  # every one of them
+        assert np.array_equal(res.predictions[key][0], y[rows].astype(bool))
+    # The scores are the scorer's at each row's own prediction time, as embed_rows gives them.
+    key = next(iter(res.scored_rows))
+    rows = res.scored_rows[key][:25]
+    part = data.sites[0]
+    (column,), _ = zero_shot_columns(model, {key: data.tasks[key]}, vocab.codes)
+    ref = embed_rows(
+        ZeroShotScorer(model, [column]), seqs, part.subject_id[rows], part.prediction_time_us[rows], 64, 8, shared=False
+    )
+    assert np.allclose(res.predictions[key][1][:25], probabilities(ref.x[:, 0]), atol=1e-5)
+    for row in res.rows:
+        assert row.method == "zero-shot" and 0 <= row.auroc <= 1
+
+
+def test_counting_repeats_adds_the_prevalent_rows_and_keeps_the_others(tiny_site) -> None:
+    site, seqs, _, _ = tiny_site
+    shipped = _onset("onset_hypertension_365d")
+    counting = shipped.model_copy(update={"aces": counting_repeats(shipped.aces)})
+    assert "outcome" not in counting.aces.config["windows"]["input"]["has"]
+    assert counting.aces.config["windows"]["input"]["has"]["death"] == "(None, 0)"
+    assert shipped.aces.config["windows"]["input"]["has"]["outcome"] == "(None, 0)"  # the original untouched
+    data = build_eval_set({"c": (site, seqs)}, {"new": shipped, "any": counting}, n_per_subject=None, seed=0)
+    new, any_ = data.labels("new"), data.labels("any")
+    both = np.isfinite(new)
+    assert np.all(np.isfinite(any_[both])) and np.array_equal(new[both], any_[both])  # the same rows, same labels
+    extra = np.isfinite(any_) & ~both
+    assert extra.sum() > 0 and any_[extra].sum() > 0  # prevalent rows, some with a recurrence in the year
+    # The extra rows are of subjects diagnosed by then: their first outcome is at or before the row.
+    events = site.read_events(columns=["subject_id", "time", "code"])
+    hit = pc.starts_with(events["code"], "ICD10//I10").to_numpy(zero_copy_only=False)
+    sid = events["subject_id"].to_numpy()[hit]
+    when = pc.cast(events["time"], pa.int64()).to_numpy()[hit]
+    part = data.sites[0]
+    for i in np.flatnonzero(extra)[:20]:
+        assert when[sid == part.subject_id[i]].min() <= part.prediction_time_us[i]
+    t2d = load_task("t2d")
+    own_windows = t2d.metadata.model_copy(update={"horizon_window": None, "horizons_days": None})
+    with pytest.raises(ValueError, match="no horizon window"):
+        counting_repeats(t2d.model_copy(update={"metadata": own_windows}))
+    with pytest.raises(ValueError, match="count repeats already"):
+        counting_repeats(counting.aces)
