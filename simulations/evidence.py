@@ -162,6 +162,7 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
                     budget_runs(cfg, int(r)) * (float(c.flower_run_seconds) + int(r) * per_round) for r in bc.rounds
                 )
                 t += (n_fed + len(bc.rounds)) * rows * float(c.eval_seconds_per_row)
+                t += evidence_zero_shot.budget_plan(cfg, rows * float(c.eval_seconds_per_row))
                 stages.append((f"{unit}: budget curve ({n_fed} federations)", t))
     stages.append(("comparisons, report and plots", float(c.report_seconds)))
     return stages

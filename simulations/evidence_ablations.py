@@ -67,10 +67,12 @@ def plan(
     cfg: DictConfig, scenario: str, seed: int, unit: str, train_s: float, eval_s: float
 ) -> list[tuple[str, float]]:
     """The stage of the objective ablations for the plan: per variant one pooled training
-    (`train_s`) and its probes and zero-shot scores (`eval_s`: one model's per-site evaluation)."""
+    (`train_s`) and its probes and zero-shot scores (`cost.ablation_evaluations` of one model's
+    per-site evaluation, `eval_s`)."""
     if not runs_here(cfg, scenario, seed):
         return []
-    return [(stage_name(cfg, unit), len(variants(cfg)) * (train_s + 1.5 * eval_s))]
+    per_variant = train_s + float(cfg.cost.ablation_evaluations) * eval_s
+    return [(stage_name(cfg, unit), len(variants(cfg)) * per_variant)]
 
 
 def stage_name(cfg: DictConfig, unit: str) -> str:

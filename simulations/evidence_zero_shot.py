@@ -83,16 +83,26 @@ def stage_name(unit: str) -> str:
 def plan(
     cfg: DictConfig, scenario: str, seed: int, unit: str, train_s: float, eval_s: float
 ) -> list[tuple[str, float]]:
-    """The stage for the plan: zero-shot scores of the federated and pooled models (each about half
-    a model's per-site evaluation, `eval_s`: held-out rows only, no probe), their query-state
-    probes; and where the pitfall runs one pooled training (`train_s`) and about four evaluations
-    (the repeat-counting rows, which hold the prevalent ones too)."""
+    """The stage for the plan: zero-shot scores of the federated and pooled models and their
+    query-state probes (`cost.zero_shot_evaluations` of one model's per-site evaluation,
+    `eval_s`); where the pitfall runs, one pooled training (`train_s`) and the evaluations of the
+    repeat-counting rows, which hold the prevalent ones too (`cost.repeated_events_evaluations`)."""
     if not bool(cfg.zero_shot.enabled):
         return []
-    t = 1.5 * eval_s
+    t = float(cfg.cost.zero_shot_evaluations) * eval_s
     if pitfall_runs_here(cfg, scenario, seed):
-        t += train_s + 4 * eval_s
+        t += train_s + float(cfg.cost.repeated_events_evaluations) * eval_s
     return [(stage_name(unit), t)]
+
+
+def budget_plan(cfg: DictConfig, eval_s: float) -> float:
+    """What budget_zero_shot adds to the budget curve's stage: half of z's cost (one model's
+    held-out pass, no probe) for each FedAvg budget."""
+    bc = cfg.budget_curve
+    if not bool(cfg.zero_shot.enabled):
+        return 0.0
+    n = sum(not change for change in bc.strategies.values()) * len(bc.rounds)
+    return n * 0.5 * float(cfg.cost.zero_shot_evaluations) * eval_s
 
 
 def settings(u: Unit) -> dict[str, Any]:
@@ -341,6 +351,7 @@ __all__ = [
     "ZERO_SHOT",
     "ZERO_SHOT_POOLED",
     "add_zero_shot",
+    "budget_plan",
     "budget_zero_shot",
     "methods",
     "not_run",

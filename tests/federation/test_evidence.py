@@ -40,6 +40,7 @@ from simulations.evidence import (
     QUESTIONS,
     calibration_rows,
     finished_unit,
+    plan_stages,
     prepare_out_dir,
     unit_config,
     verdicts,
@@ -353,6 +354,28 @@ def test_a_damaged_unit_is_refused_naming_its_file(tmp_path: Path) -> None:
 def _job_config(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("evidence", overrides=["preset=quick", *overrides])
+
+
+def test_the_plan_prints_issue_72s_stages_where_they_run_and_only_refuses_an_unknown_variant() -> None:
+    stages = dict(plan_stages(_job_config()))
+    # quick: the pitfall and one ablation variant in `default`, zero-shot in every unit.
+    assert (
+        stages["default seed 0: zero-shot and repeated events"]
+        > stages["trajectories seed 0: zero-shot and repeated events"]
+        > 0
+    )
+    assert "default seed 0: objective ablations (1 pooled trainings)" in stages
+    assert not any(s.startswith("trajectories seed 0: objective ablations") for s in stages)
+    full = dict(plan_stages(_job_config("preset=full")))
+    assert [s for s in full if "objective ablations" in s] == [
+        "default seed 0: objective ablations (6 pooled trainings)",
+        "trajectories seed 0: objective ablations (6 pooled trainings)",
+    ]
+    assert sum("zero-shot and repeated events" in s for s in full) == 6
+    off = dict(plan_stages(_job_config("zero_shot.enabled=false", "objective_ablation.scenarios=[]")))
+    assert not any("zero-shot" in s or "objective" in s for s in off)
+    with pytest.raises(ValueError, match=r"objective_ablation.only names \['no such'\]"):
+        plan_stages(_job_config("objective_ablation.only=[no such]"))
 
 
 def test_resume_refuses_a_unit_of_another_config_and_reruns_an_unfinished_one(tmp_path: Path) -> None:
