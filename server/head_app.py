@@ -24,7 +24,10 @@ DP (`HeadRunConfig.privacy`, the pretraining's PrivacyRequest): every train.head
 for DP-SGD per subject at the site (healthfm_core/privacy/head.py), spending from its durable
 ledger under its policy's cap. A site refuses a round it cannot train under DP (no budget, the
 cap reached): it takes no further part, and heads.json names it, the reason and its epsilon. A
-reply without its epsilon while DP was asked is rejected (never averaged).
+reply without its epsilon while DP was asked is rejected (never averaged), and so is one with an
+epsilon where DP was not asked (its site takes no further part: a DP claim does not lift the
+step bound, server/head_bounds.py). A head averaged from 1-2 sites' updates is named under their
+control (heads.json `under_holders_control`).
 
 Run on Flower's simulation engine: `python -m simulations.federated_head_run` (or
 `python -m simulations.task_head ... --over-flower`).

@@ -157,7 +157,7 @@ def model_card(
     return _markdown(card, evaluation, minimum), card
 
 
-def _pooled_lines(evaluation: Mapping[str, Any]) -> list[str]:
+def pooled_lines(evaluation: Mapping[str, Any]) -> list[str]:
     """The federation-wide AUROC per binary task as evaluation.json records it (copied), with the
     median over sites, the share cap and the sites it capped beside it."""
     pooled = {str(k): FederationAUROC.model_validate(f) for k, f in (evaluation.get("federation") or {}).items()}
@@ -249,7 +249,7 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
             "",
             outcome_table(keys, per_site, asked),
             "",
-            *_pooled_lines(evaluation),
+            *pooled_lines(evaluation),
             f"n-weighted mean over sites ({SHARE_CAP_RULE}), and beside it the median over sites (each site "
             "once, whatever rows it claims: the robust summary), the site with the largest share of the weights "
             "and the sites the cap lowered:",
@@ -289,4 +289,4 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
     return "\n".join(lines)
 
 
-__all__ = ["model_card", "shown_count"]
+__all__ = ["model_card", "pooled_lines", "shown_count"]

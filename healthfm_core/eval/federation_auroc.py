@@ -113,7 +113,10 @@ class FederationAUROC(BaseModel):
         return "; ".join(parts) or "none"
 
     def robust(self) -> str:
-        """The robust summary and the cap, as a sentence after the pooled value."""
+        """The robust summary and the cap, as a sentence after the pooled value ("" for a record
+        from before the cap: no per-site table)."""
+        if not self.per_site:
+            return ""
         median = "n/a" if self.median_site_auroc is None else f"{self.median_site_auroc:.3f}"
         capped = ", ".join(self.capped_sites)
         cap = f"capped: {capped} ({self.share_cap})" if capped else f"no site capped ({self.share_cap})"

@@ -59,13 +59,13 @@ def free_port() -> int:
 class Process:
     """A background process in its own session, output to a file, killed with its group."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             args,
             cwd=REPO,
-            env=env(),
+            env={**env(), **(extra_env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

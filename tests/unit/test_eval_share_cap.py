@@ -10,6 +10,9 @@ the median and the cap are beside them in evaluation.json's form, summary.md and
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers.eval_replies import KEY, honest_reply, inflated_reply
@@ -20,10 +23,14 @@ from healthfm_core.protocol import (
     EvalReply,
     SiteCapabilities,
     aggregate_site_metrics,
+    largest_row_share,
     median_site_metrics,
 )
+from server.deploy.dashboard.view import evaluation_view
 from server.eval_counts import DeclaredCounts
 from server.evaluation import judge_eval_replies
+from server.model_card import pooled_lines
+from server.runlog import EventLog, read_events, write_summary
 
 SUBJECTS = 150  # every site of the red team's federation
 TIMED_ROWS = 40_000  # what a 150-subject site declares at setup (its events and epochs)
@@ -128,3 +135,39 @@ def test_a_federation_of_similar_honest_sites_gets_exactly_the_uncapped_figures(
 def test_a_site_declaring_a_billion_subjects_is_refused_at_setup() -> None:
     with pytest.raises(ValueError, match="subjects.ehr"):
         SiteCapabilities.from_flat({"site": "z", "modalities": ["ehr"], "subjects.ehr": 10**9, "rows": 0})
+
+
+def test_the_summary_the_model_card_and_the_dashboard_show_the_cap_the_median_and_each_site(tmp_path: Path) -> None:
+    """Beside every pooled figure: summary.md's pooled AUROC and n-weighted rows name the capped
+    site with its weight and the median; the model card's pooled table the same; the dashboard's
+    view the pooled line and each pooled site's claims and weights."""
+    accepted = _judge({**_honest(), "z": inflated_reply(30_399, SUBJECTS)})
+    asked = sorted(accepted)
+    pooled = {KEY: federation_aurocs([KEY], accepted, asked)[KEY].model_dump()}
+    record = {
+        "round": 2,
+        "sites": {s: r.to_records() for s, r in accepted.items()},
+        "aggregated": aggregate_site_metrics(accepted),
+        "median": median_site_metrics(accepted),
+        "largest_share": largest_row_share(accepted),
+        "federation": pooled,
+        "rejected": {},
+        "tasks": [KEY],
+        "binary_tasks": [KEY],
+        "asked_sites": asked,
+        "score_bins": 50,
+        "score_scale": "logit",
+    }
+    out = tmp_path / "run"
+    EventLog(out / "rounds.jsonl").write("evaluate", **record)
+    (out / "evaluation.json").write_text(json.dumps(record))
+    summary = write_summary(out).read_text()
+    weight = largest_row_share(accepted)[KEY]["capped"]["z"]
+    assert f"z {weight:.0f}" in summary and "2 x the median of the other sites' rows" in summary
+    line = next(ln for ln in summary.splitlines() if ln.startswith(f"| {KEY} | 0."))
+    assert f"| {pooled[KEY]['median_site_auroc']:.3f} |" in line and "z: positives 15,199 -> " in line
+    card = "\n".join(pooled_lines(record))
+    assert "z: positives 15,199 -> " in card and f"{pooled[KEY]['median_site_auroc']:.3f}" in card
+    view = evaluation_view(out, read_events(out / "rounds.jsonl"))
+    assert view is not None and view.pooled_sites[KEY]["z"].capped and "capped: z" in view.federation[KEY]
+    assert not view.pooled_sites[KEY]["a"].capped
