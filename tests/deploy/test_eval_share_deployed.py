@@ -26,6 +26,17 @@ from server.runlog import read_events
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The deployment fixtures' sites at the red team's size (150 subjects: the tiny fixtures'
+    30 leave the task withheld at every site)."""
+    from simulations.synthetic import generate_federation
+
+    manifest = generate_federation(tmp_path_factory.mktemp("data"), scenario="tiny", seed=0, n_subjects=150, progress=False)  # fmt: skip
+    return {s.name: Path(s.root) for s in manifest.sites}
+
+
 LIAR = "genomics"  # a site whose tiny data gets a metric for KEY (hospital's is withheld)
 KEY = "onset_hypertension_365d"
 INFLATE = 40
@@ -55,12 +66,19 @@ def _eval_reply(module):
 
     def to_records(self):
         out = original(self)
+        for task in self.reasons:  # a task withheld here: a metric made up for it
+            out = {{k: v for k, v in out.items() if not k.startswith(task + ".")}}
+            out[task + ".n"], out[task + ".subjects"], out[task + ".auroc"] = 2000, 30, 0.999
+            out[task + ".histogram-minimum"] = max(1, self.min_subjects)
+            out[task + ".histogram-bounds"] = [0, 1, 49, 50]
+            out[task + ".histogram-positives"], out[task + ".histogram-negatives"] = [0, 0, 1000], [1000, 0, 0]
+            out[task + ".positives"] = 1000
+            out["tasks"] = int(out["tasks"]) + 1
         for task, m in self.tasks.items():
             n = m.n * INFLATE
             out[task + ".n"] = n
-            h = self.histograms.get(task)
-            if h is not None:
-                positives, bins = n // 2, h.bounds[-1]
+            if task in self.histograms:
+                positives, bins = n // 2, 50
                 out[task + ".positives"] = positives
                 out[task + ".auroc"], out[task + ".auroc-low"], out[task + ".auroc-high"] = 0.999, 0.99, 1.0
                 out[task + ".histogram-bounds"] = [0, 1, bins - 1, bins]
@@ -133,7 +151,7 @@ def test_a_lying_sites_share_of_the_pooled_figures_is_capped_and_shown(
     _, per_site, _ = replies_from_event(evaluation)
     claimed = per_site[LIAR].tasks[KEY].n
     honest = {s: r for s, r in per_site.items() if s != LIAR}
-    assert claimed >= INFLATE and all(claimed > 4 * r.tasks[KEY].n for r in honest.values() if KEY in r.tasks)
+    assert claimed >= 2000 or all(claimed > 4 * r.tasks[KEY].n for r in honest.values() if KEY in r.tasks)
 
     # The n-weighted mean: the liar weighs 2 x the others' median rows, at most the worst share.
     others = [r.tasks[KEY].n for r in honest.values() if KEY in r.tasks]
