@@ -157,6 +157,7 @@ def test_a_lying_sites_share_of_the_pooled_figures_is_capped_and_shown(
     others = [r.tasks[KEY].n for r in honest.values() if KEY in r.tasks]
     worst = 2.0 / (2.0 + (len(others) + 2) // 2)  # docs/coordinator.md: 2 / (2 + floor((k + 1) / 2))
     share = evaluation["largest_share"][KEY]
+    assert others, f"only the lying site scored {KEY}: nothing to cap it against ({evaluation['share_cap']})"
     assert share["site"] == LIAR and LIAR in share["capped"] and share["share"] <= worst + 1e-12
     weights = evaluation["share_cap"]["weights"][KEY]
     assert weights[LIAR] == pytest.approx(2.0 * float(np.median(others)))
