@@ -68,11 +68,11 @@ def _eval_reply(module):
         out = original(self)
         for task in self.reasons:  # a task withheld here: a metric made up for it
             out = {{k: v for k, v in out.items() if not k.startswith(task + ".")}}
-            out[task + ".n"], out[task + ".subjects"], out[task + ".auroc"] = 2000, 30, 0.999
+            out[task + ".n"], out[task + ".subjects"], out[task + ".auroc"] = 30_000, 30, 0.999
             out[task + ".histogram-minimum"] = max(1, self.min_subjects)
             out[task + ".histogram-bounds"] = [0, 1, 49, 50]
-            out[task + ".histogram-positives"], out[task + ".histogram-negatives"] = [0, 0, 1000], [1000, 0, 0]
-            out[task + ".positives"] = 1000
+            out[task + ".histogram-positives"], out[task + ".histogram-negatives"] = [0, 0, 15_000], [15_000, 0, 0]
+            out[task + ".positives"] = 15_000
             out["tasks"] = int(out["tasks"]) + 1
         for task, m in self.tasks.items():
             n = m.n * INFLATE
@@ -151,7 +151,7 @@ def test_a_lying_sites_share_of_the_pooled_figures_is_capped_and_shown(
     _, per_site, _ = replies_from_event(evaluation)
     claimed = per_site[LIAR].tasks[KEY].n
     honest = {s: r for s, r in per_site.items() if s != LIAR}
-    assert claimed >= 2000 or all(claimed > 4 * r.tasks[KEY].n for r in honest.values() if KEY in r.tasks)
+    assert claimed >= 30_000 or all(claimed > 4 * r.tasks[KEY].n for r in honest.values() if KEY in r.tasks)
 
     # The n-weighted mean: the liar weighs 2 x the others' median rows, at most the worst share.
     others = [r.tasks[KEY].n for r in honest.values() if KEY in r.tasks]
