@@ -17,14 +17,15 @@ is at most
     F / (F + k - 1)                (the others all count m: sites of equal size)
 
 with F = SHARE_CAP_FACTOR: k = 2: 2/3; k = 3: 1/2; k = 4: 1/2 (2/5 with equal others); k = 5:
-2/5 (1/3). An
-n-weighted mean of values in [0, 1] then lies within that share of the other sites' mean; the
-pooled AUROC within 1 - (1 - s_pos)(1 - s_neg) of the others' pooled AUROC (the share of the
-positive-negative pairs that involve the site; s its share of each class), e.g. 3/4 with three
-equal sites. The bound is a share, not a tolerance: the robust summary beside every pooled figure
-is the median over sites (each site once, whatever it claims), and the per-site table is beside
-it too. One site alone is not capped (no others: the figure is that site's). Half the sites or
-more claiming together are not bounded by this rule.
+2/5 (1/3). An n-weighted mean of values in [0, 1] is then (1 - s) a + s v (a the other sites'
+mean at their weights in it, v the site's value, s its share): between (1 - s) a and
+(1 - s) a + s; the pooled AUROC (1 - q) t + q x (t the others' pooled AUROC at their weights in
+it, x in [0, 1], q = 1 - (1 - s_pos)(1 - s_neg) the share of the positive-negative pairs that
+involve the site, s its share of each class), q at most 3/4 among three sites. The bound is a
+share, not a tolerance: the robust summary beside every pooled figure is the median over sites
+(each site once, whatever it claims), and the per-site table is beside it too. One site alone
+is not capped (no others: the figure is that site's). Half the sites or more claiming together
+are not bounded by this rule.
 """
 
 from __future__ import annotations

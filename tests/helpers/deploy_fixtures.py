@@ -59,13 +59,13 @@ def free_port() -> int:
 class Process:
     """A background process in its own session, output to a file, killed with its group."""
 
-    def __init__(self, args: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             args,
             cwd=REPO,
-            env={**env(), **(extra_env or {})},
+            env=env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
