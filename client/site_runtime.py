@@ -207,7 +207,7 @@ class SiteRuntime:
         self.threads = self._apply_threads()
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
-        self._labels: dict[tuple[str, int, int | str, int], dict[str, pa.Table | TaskReason]] = {}
+        self._labels: dict[tuple[str, int, int | str, int, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
         self._released: ReleasedSamples | None = None  # opened at the first evaluation
         self._splits: dict[str, np.ndarray] | None = None
@@ -562,14 +562,20 @@ class SiteRuntime:
             json.dumps([t.model_dump() for t in cfg.tasks], sort_keys=True),
             cfg.seed,
             cfg.n_per_subject,
+            cfg.held_out_rows_per_subject,
             cfg.max_subjects,
         )
         if key not in self._labels:
             subjects = self.eval_sample(cfg).subjects() if cfg.max_subjects else None
             self._labels = {
                 key: task_labels_at_site(
-                    self.site, cfg.tasks, n_per_subject=cfg.n_per_subject, seed=cfg.seed, subjects=subjects
-                )
+                    self.site,
+                    cfg.tasks,
+                    n_per_subject=cfg.n_per_subject,
+                    seed=cfg.seed,
+                    subjects=subjects,
+                    held_out_rows_per_subject=cfg.held_out_rows_per_subject,
+                )  # fmt: skip
             }
         return self._labels[key]
 
@@ -669,6 +675,7 @@ class SiteRuntime:
             max_events=cfg.max_events,
             max_patches=cfg.max_patches,
             n_per_subject=cfg.n_per_subject,
+            held_out_rows_per_subject=cfg.held_out_rows_per_subject,
             seed=cfg.seed,
             n_boot=cfg.n_boot,
             meds_tab=cfg.meds_tab,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healthfm_core.eval.federation_auroc import FederationAUROC
+from healthfm_core.eval.federation_auroc import FederationAUROC, PooledSite
 from healthfm_core.eval.outcomes import outcome_rows, replies_from_event
 from healthfm_core.eval.plots import IntervalPoint
 from healthfm_core.strict_files import read_json
@@ -88,6 +88,8 @@ class EvaluationView:
     rows: list[ResultRow]
     federation: dict[str, str]  # task -> its federation-wide AUROC described, or why none
     points: list[IntervalPoint]  # the forest plot's
+    # task -> each pooled site's line: its claims, its own AUROC, its weight under the share cap
+    pooled_sites: dict[str, dict[str, PooledSite]] = field(default_factory=dict)
 
 
 @dataclass
@@ -240,6 +242,7 @@ def evaluation_view(out_dir: Path, events: Sequence[Mapping[str, Any]]) -> Evalu
         rows=rows,
         federation={k: f.describe() for k, f in pooled.items()},
         points=points,
+        pooled_sites={k: f.per_site for k, f in pooled.items() if f.per_site},
     )
 
 
