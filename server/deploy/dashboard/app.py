@@ -239,15 +239,28 @@ def create_app(state: DashboardState, token: str | None = None) -> ASGIApp:
             "connection": snap.connection,
         }
 
+    rendered: dict[tuple[str, str, str], str] = {}  # (template, version, token): its page
+    lock = threading.Lock()
+
+    def render(name: str, request: Request, snap: Snapshot) -> str:
+        """A template's page, rendered once per version (the panels are a function of it) and token."""
+        key = (name, snap.version, request.query_params.get("token", ""))
+        with lock:
+            if key in rendered:
+                return rendered[key]
+        html = templates.get_template(name).render(context(request, snap))
+        with lock:
+            if len(rendered) > 16:  # older versions
+                rendered.clear()
+            rendered[key] = html
+        return html
+
     def page(request: Request) -> Response:
-        snap = state.snapshot()
-        html = templates.get_template("page.html").render(context(request, snap))
-        return HTMLResponse(html, headers=HEADERS)
+        return HTMLResponse(render("page.html", request, state.snapshot()), headers=HEADERS)
 
     def panels(request: Request) -> Response:
         snap = state.snapshot()
-        html = templates.get_template("panels.html").render(context(request, snap))
-        return HTMLResponse(html, headers={**HEADERS, "ETag": f'"{snap.version}"'})
+        return HTMLResponse(render("panels.html", request, snap), headers={**HEADERS, "ETag": f'"{snap.version}"'})
 
     def plot(request: Request) -> Response:
         name = str(request.path_params["name"])

@@ -82,6 +82,7 @@ class RunFiles:
 
     _grown: dict[tuple[str, Path], _Grown] = field(default_factory=dict)
     _memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    _mapped: dict[tuple[Callable[..., Any], Path], tuple[list[Any], list[Any]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _read(self, kind: str, path: Path, fresh: Callable[[], Any], feed: Callable[[Any, bytes, int], None]) -> Any:
@@ -101,6 +102,19 @@ class RunFiles:
         """rounds.jsonl's events, as server.runlog.read_events reads them ([]: no file)."""
         events = self._read("events", path, list, _feed_events(path))
         return list(events) if events is not None else []
+
+    def mapped(self, path: Path, fn: Callable[[dict[str, Any]], T]) -> list[T]:
+        """fn(event) for each event of rounds.jsonl, in order: computed once per event, as the file grows."""
+        events = self._read("events", path, list, _feed_events(path))
+        if events is None:
+            return []
+        with self._lock:
+            source, done = self._mapped.get((fn, path), (None, []))
+            if source is not events:  # the file was read again from its start
+                done = []
+            done.extend(fn(event) for event in events[len(done) :])
+            self._mapped[(fn, path)] = (events, done)
+            return list(done)
 
     def audit(self, path: Path, settle: Callable[[], None] = lambda: None) -> AuditCheck | None:
         """audit.jsonl's chain against its anchor (None: no log). A log found ahead of its anchor

@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -132,6 +133,9 @@ def serve_dashboard(
             raise CoordinatorError(f"--release {release}: no such folder", EXIT_USAGE)
     state = state_for(paths.root, launches, resume, NodesCache(paths), [Path(r).resolve() for r in releases])
     sock = listening_socket(host, port)  # before the URL is said: the URL is this process's page
+    # The files read once before the first page asks (weeks of runs take seconds to parse; after
+    # that each page reads only what changed).
+    threading.Thread(target=state.snapshot, name="first-read", daemon=True).start()
     shown = f"[{host}]" if ":" in host else host
     print(
         f"dashboard of {paths.root} on http://{shown}:{port}/ (read-only; metrics at /metrics"

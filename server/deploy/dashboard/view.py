@@ -19,7 +19,7 @@ import math
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ MODEL_CARD_FILE = "model_card.json"
 ROUNDS_FILE = "rounds.jsonl"
 OUTCOME_FILE = "outcome.json"
 ROUNDS_SHOWN = 20  # the last rounds of a run in its table; every round is in rounds.jsonl and summary.md
+TABLES_SHOWN = 3  # runs with their round table: the newest launches (and any running); the others in a line
 REFUSALS_SHOWN = 5  # a site's last refusals and rejections listed (the rest counted)
 RECHECK_S = 10.0  # a running run's ServerApp is looked for at least this often (a dead one changes no file)
 
@@ -158,6 +159,7 @@ class RunView:
     trained_last: dict[str, int] = field(default_factory=dict)  # site -> the last round it trained
     refusals: dict[str, list[str]] = field(default_factory=dict)  # site -> its refusals and rejections, in order
     live: LiveView | None = None  # the round in flight (a running run)
+    evaluation_elsewhere: bool = False  # an older run's evaluation: in its evaluation.json, not on the page
 
 
 @dataclass
@@ -270,6 +272,16 @@ def round_view(event: Mapping[str, Any]) -> RoundView:
         losses={str(k): v for k, v in (event.get("losses") or {}).items() if _number(v) is not None},
         updated=bool(event.get("updated", True)),
     )
+
+
+def _round_or_problem(event: Mapping[str, Any]) -> RoundView | str | None:
+    """A `round` event's view, or why it does not parse (None: another event)."""
+    if event.get("event") != "round":
+        return None
+    try:
+        return round_view(event)
+    except (KeyError, TypeError, ValueError) as err:
+        return f"a round event does not parse ({err})"
 
 
 def audit_view(path: Path, files: RunFiles) -> AuditView | None:
@@ -391,14 +403,14 @@ def _run_view(
         later = [i for i in starts if i > begin and events[i].get("run_id") != launch.run_id]
         end = later[0] if later else len(events)
     rounds: dict[int, RoundView] = {}
-    for event in events[begin:end]:
-        try:
-            if event.get("event") == "round":
-                rounds[int(event["round"])] = round_view(event)  # a re-run round: the last one
-            elif event.get("event") in ("setup", "resume"):
-                view.refused_setup.update({str(s): str(r) for s, r in (event.get("refused") or {}).items()})
-        except (KeyError, TypeError, ValueError) as err:
-            problems.append(f"{out / ROUNDS_FILE}: a {event.get('event')} event does not parse ({err})")
+    views = files.mapped(out / ROUNDS_FILE, _round_or_problem)  # each event's, read once
+    for event, read in zip(events[begin:end], views[begin:end], strict=False):  # a line between the reads: next time
+        if isinstance(read, RoundView):
+            rounds[read.round] = read  # a re-run round: the last one
+        elif read is not None:
+            problems.append(f"{out / ROUNDS_FILE}: {read}")
+        elif event.get("event") in ("setup", "resume"):
+            view.refused_setup.update({str(s): str(r) for s, r in (event.get("refused") or {}).items()})
     ordered = [rounds[r] for r in sorted(rounds)]
     view.rounds, view.rounds_recorded = ordered[-ROUNDS_SHOWN:], len(ordered)
     for rnd in ordered:
@@ -430,6 +442,58 @@ def _run_view(
     return view
 
 
+@dataclass
+class _FilePrivacy:
+    """What one rounds file says of each DP site's spend, read once per change of the file."""
+
+    points: dict[str, list[EpsilonPoint]] = field(default_factory=dict)
+    delta: dict[str, float | None] = field(default_factory=dict)  # as of its last round trained
+    noise: dict[str, float | None] = field(default_factory=dict)
+    cap: dict[str, float | None] = field(default_factory=dict)  # its last reported (None: never)
+    refused: dict[str, list[str]] = field(default_factory=dict)
+    new_budget: dict[str, str] = field(default_factory=dict)
+    asked: tuple[str, float | None] | None = None  # the server's request, described, and its target
+
+
+def _file_privacy(launch: Launch, path: Path, files: RunFiles) -> _FilePrivacy:
+    out = _FilePrivacy()
+
+    def add(site: str, eps: float, label: str, event: Mapping[str, Any]) -> None:
+        out.points.setdefault(site, []).append(EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, launch.kind))
+
+    for event in files.events(path):
+        if event.get("event") == "round":
+            privacy = event.get("privacy") or {}
+            if privacy.get("target_epsilon") is not None or privacy.get("noise_multiplier") is not None:
+                asked = ", ".join(f"{k} {v:g}" for k, v in privacy.items() if isinstance(v, (int, float)))
+                out.asked = (asked, _number(privacy.get("target_epsilon")))
+            for site, entry in (event.get("sites") or {}).items():
+                dp = entry.get("dp") or {}
+                eps = _number(dp.get("epsilon"))
+                if eps is None:
+                    continue
+                label = f"run {launch.run_id} round {event.get('round')}"
+                if dp.get("epsilon_cap") is not None or site not in out.cap:
+                    out.cap[site] = _number(dp.get("epsilon_cap"))  # None from sites that predate it
+                if entry.get("status") == "refused":
+                    out.refused.setdefault(site, []).append(label)
+                    continue
+                add(site, eps, label, event)
+                out.delta[site], out.noise[site] = _number(dp.get("delta")), _number(dp.get("noise_multiplier"))
+                if dp.get("new_budget_at") is not None:
+                    out.new_budget[site] = (
+                        f"ledger started anew at {dp['new_budget_at']:.0f} (replaced epsilon {dp.get('replaced_epsilon')})"
+                    )
+        elif event.get("event") == "head_round":
+            for site, spent in (event.get("epsilon") or {}).items():
+                eps = _number(spent.get("epsilon"))
+                if eps is None:
+                    continue
+                add(site, eps, f"head run {launch.run_id} {event.get('key')} round {event.get('round')}", event)
+                out.delta[site] = _number(spent.get("delta"))
+    return out
+
+
 def privacy_views(launches: Sequence[Launch], files: RunFiles | None = None) -> list[PrivacyView]:
     """Each DP site's cumulative epsilon after every round it trained under DP, pretraining rounds
     (rounds.jsonl) and task-head rounds (head_rounds.jsonl) together: both spend from the site's
@@ -437,68 +501,42 @@ def privacy_views(launches: Sequence[Launch], files: RunFiles | None = None) -> 
     ledger reserves a round only when it trains): its reply's spend is the one before, it is no
     point of the curve, and the delta and noise stay those of its last round trained."""
     files = files if files is not None else RunFiles()
-    points: dict[str, list[EpsilonPoint]] = {}
-    delta: dict[str, float | None] = {}
-    noise: dict[str, float | None] = {}
-    cap: dict[str, float | None] = {}
-    refused: dict[str, list[str]] = {}
-    new_budget: dict[str, str] = {}
+    total = _FilePrivacy()
     asked, target = "no DP asked by the server", None
     seen: set[tuple[Path, str]] = set()
     for launch in launches:
-
-        def add(site: str, eps: float, label: str, event: Mapping[str, Any], kind: str = launch.kind) -> None:
-            points.setdefault(site, []).append(EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, kind))
-
         name = ROUNDS_FILE if launch.kind == "pretraining" else HEAD_ROUNDS_FILE
         path = launch.out_dir / name
         if (launch.out_dir, name) in seen:
             continue
         seen.add((launch.out_dir, name))
-        for event in files.events(path):
-            if event.get("event") == "round":
-                privacy = event.get("privacy") or {}
-                if privacy.get("target_epsilon") is not None or privacy.get("noise_multiplier") is not None:
-                    target = _number(privacy.get("target_epsilon"))
-                    asked = ", ".join(f"{k} {v:g}" for k, v in privacy.items() if isinstance(v, (int, float)))
-                for site, entry in (event.get("sites") or {}).items():
-                    dp = entry.get("dp") or {}
-                    eps = _number(dp.get("epsilon"))
-                    if eps is None:
-                        continue
-                    label = f"run {launch.run_id} round {event.get('round')}"
-                    if dp.get("epsilon_cap") is not None or site not in cap:
-                        cap[site] = _number(dp.get("epsilon_cap"))  # None from sites that predate it
-                    if entry.get("status") == "refused":
-                        refused.setdefault(site, []).append(label)
-                        continue
-                    add(site, eps, label, event)
-                    delta[site], noise[site] = _number(dp.get("delta")), _number(dp.get("noise_multiplier"))
-                    if dp.get("new_budget_at") is not None:
-                        new_budget[site] = (
-                            f"ledger started anew at {dp['new_budget_at']:.0f} (replaced epsilon "
-                            f"{dp.get('replaced_epsilon')})"
-                        )
-            elif event.get("event") == "head_round":
-                for site, spent in (event.get("epsilon") or {}).items():
-                    eps = _number(spent.get("epsilon"))
-                    if eps is None:
-                        continue
-                    add(site, eps, f"head run {launch.run_id} {event.get('key')} round {event.get('round')}", event)
-                    delta[site] = _number(spent.get("delta"))
+        key = ("privacy", launch, path, stat_key(path))
+        part = files.memo(key, partial(_file_privacy, launch, path, files))
+        for site, pts in part.points.items():
+            total.points.setdefault(site, []).extend(pts)
+        for site, labels in part.refused.items():
+            total.refused.setdefault(site, []).extend(labels)
+        for site, cap in part.cap.items():
+            if cap is not None or site not in total.cap:
+                total.cap[site] = cap
+        total.delta.update(part.delta)
+        total.noise.update(part.noise)
+        total.new_budget.update(part.new_budget)
+        if part.asked is not None:
+            asked, target = part.asked
     return [
         PrivacyView(
             site=site,
             points=sorted(pts, key=lambda p: p.time),
-            delta=delta.get(site),
-            noise_multiplier=noise.get(site),
+            delta=total.delta.get(site),
+            noise_multiplier=total.noise.get(site),
             asked=asked,
             target_epsilon=target,
-            new_budget=new_budget.get(site, ""),
-            epsilon_cap=cap.get(site),
-            refused=refused.get(site, []),
+            new_budget=total.new_budget.get(site, ""),
+            epsilon_cap=total.cap.get(site),
+            refused=total.refused.get(site, []),
         )
-        for site, pts in sorted(points.items())
+        for site, pts in sorted(total.points.items())
     ]
 
 
@@ -540,14 +578,21 @@ def setup_modalities(out_dirs: Sequence[Path], files: RunFiles) -> dict[str, lis
     """Each site's modalities, from the latest setup or resume event that names it."""
     found: dict[tuple[float, str], list[str]] = {}
     for out in out_dirs:
-        for event in files.events(out / ROUNDS_FILE):
-            if event.get("event") in ("setup", "resume"):
-                for site, caps in (event.get("sites") or {}).items():
-                    found[(float(event.get("time", 0)), site)] = list(caps.get("modalities") or [])
+        path = out / ROUNDS_FILE
+        found.update(files.memo(("modalities", path, stat_key(path)), partial(_setup_modalities, path, files)))
     out_map: dict[str, list[str]] = {}
     for (_, site), modalities in sorted(found.items()):
         out_map[site] = modalities
     return out_map
+
+
+def _setup_modalities(path: Path, files: RunFiles) -> dict[tuple[float, str], list[str]]:
+    found = {}
+    for event in files.events(path):
+        if event.get("event") in ("setup", "resume"):
+            for site, caps in (event.get("sites") or {}).items():
+                found[(float(event.get("time", 0)), site)] = list(caps.get("modalities") or [])
+    return found
 
 
 def release_view(path: Path) -> ReleaseView:
@@ -594,12 +639,18 @@ def federation_view(
     by_dir: dict[Path, list[int]] = {}
     for launch in every:
         by_dir.setdefault(launch.out_dir, []).append(launch.run_id)
-    runs = []
+    runs: list[RunView] = []
     for launch in reversed(launches):  # newest launch first: Flower's run ids are random
         try:
-            runs.append(run_view(launch, by_dir[launch.out_dir], resume, files))
+            run = run_view(launch, by_dir[launch.out_dir], resume, files)
         except (OSError, ValueError) as err:  # e.g. a file the coordinator cannot read
             problems.append(f"run {launch.run_id} ({launch.out_dir}): {err}")
+            continue
+        # A page of weeks of runs stays the size of a few: older runs' tables are in their files.
+        shown = len(runs) < TABLES_SHOWN or run.status == "running"
+        runs.append(
+            run if shown else replace(run, rounds=[], evaluation=None, evaluation_elsewhere=run.evaluation is not None)
+        )
     try:
         privacy = privacy_views(every, files)
     except (OSError, ValueError, TypeError, AttributeError) as err:
