@@ -8,7 +8,8 @@ at each change of the ServerApp's phase:
     waiting for sites   the round waits for min-nodes sites (`connected`, `required`, up to `limit_s`)
     round 0: ...        round 0's queries (capabilities, code statistics, the setup)
     training            a plain round's train messages are out (`groups`: each group's holders
-                        sent it; `waiting_for`; `replied`: seconds from the push to each reply)
+                        sent it; `waiting_for`; `replied`: seconds from the push to each reply;
+                        `errors`: the error a reply carried, e.g. Flower's for a dead node)
     secure ...          a secure round's stage (keys, mask, unmask), the same fields
     aggregating         every reply is in (or the timeout passed): checked and averaged
     evaluating          a federated evaluation
@@ -76,6 +77,9 @@ class LiveState(_Strict):
     groups: dict[str, list[str]] = Field(default_factory=dict)
     waiting_for: list[str] = Field(default_factory=list)
     replied: dict[str, float] = Field(default_factory=dict)
+    errors: dict[str, str] = Field(
+        default_factory=dict
+    )  # site -> the error its reply carried (Flower's for a dead node)
     last: AggregatedRound | None = None
 
 
@@ -128,10 +132,13 @@ class LiveRound:
                 groups.setdefault(group, []).append(site)
         self._phase(self.round, phase, groups={g: groups[g] for g in sorted(groups)}, waiting_for=sorted(holders))
 
-    def replied(self, site: str) -> None:
+    def replied(self, site: str, error: str = "") -> None:
+        """A reply for `site` arrived (`error`: the error it carried, e.g. Flower's for a node without heartbeat)."""
         if site in self.state.waiting_for:
             self.state.waiting_for.remove(site)
             self.state.replied[site] = round(time.time() - self.state.since, 3)
+            if error:
+                self.state.errors[site] = error
             self._write()
 
     def phase(self, phase: str) -> None:

@@ -78,7 +78,9 @@ class Roster:
             self.grid,
             messages,
             self.cfg.timeout_s,
-            on_reply=lambda reply: self.live.replied(self.site(reply.metadata.src_node_id)),
+            on_reply=lambda reply: self.live.replied(
+                self.site(reply.metadata.src_node_id), reply.error.reason if reply.has_error() else ""
+            ),
         )
         out: dict[int, Message] = {}
         for reply in replies:

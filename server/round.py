@@ -311,7 +311,7 @@ def run_round(
 
     def replied(reply: Message) -> None:
         read(reply)
-        roster.live.replied(roster.site(origin(reply, messages)))
+        roster.live.replied(roster.site(origin(reply, messages)), reply.error.reason if reply.has_error() else "")
 
     replies = send_and_receive(
         grid,

@@ -190,7 +190,9 @@ class _Stages:
             times,
             head_start=head_start,
             on_idle=on_idle,
-            on_reply=lambda reply: live.replied(self.roster.site(origin(reply, messages))),
+            on_reply=lambda reply: live.replied(
+                self.roster.site(origin(reply, messages)), reply.error.reason if reply.has_error() else ""
+            ),
         )
         self.seconds[stage] = time.time() - times.push_start
         parsed: dict[int, list[M]] = {}

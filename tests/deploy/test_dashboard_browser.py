@@ -177,14 +177,32 @@ def fetch(url: str, token: str | None = TOKEN) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def panel(driver: object, name: str) -> str:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.common.by import By
+def read(driver: object, css: str, attribute: str = "") -> str:
+    """The text, its blanks as single spaces (or `attribute`), of the first element `css` selects
+    ("" when there is none), read by the page's own script: atomic with the panels' swap (live.js),
+    never a stale element."""
+    script = (
+        "const e = document.querySelector(arguments[0]);"
+        "return e === null ? '' : (arguments[1] ? (e.getAttribute(arguments[1]) || '') : e.innerText);"
+    )
+    text = str(driver.execute_script(script, css, attribute))  # type: ignore[attr-defined]
+    return text if attribute else " ".join(text.split())  # cells and lines apart by one space
 
-    try:
-        return str(driver.find_element(By.ID, name).text)  # type: ignore[attr-defined]
-    except (NoSuchElementException, StaleElementReferenceException):  # swapped in while read
-        return ""
+
+def panel(driver: object, name: str) -> str:
+    return read(driver, f"#{name}")
+
+
+def site_row(driver: object, site: str) -> str:
+    return read(driver, f'#sites tr[data-site="{site}"]')
+
+
+def attribute(driver: object, css: str, name: str) -> str:
+    return read(driver, css, name)
+
+
+def text_of(driver: object, css: str) -> str:
+    return read(driver, css)
 
 
 def shows(
@@ -214,37 +232,6 @@ def screenshot(driver: object, path: Path) -> None:
     while not driver.execute_script(loaded) and time.monotonic() < deadline:  # type: ignore[attr-defined]
         time.sleep(0.2)
     driver.save_screenshot(str(path))  # type: ignore[attr-defined]
-
-
-def site_row(driver: object, site: str) -> str:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-
-    try:
-        return str(driver.find_element(By.CSS_SELECTOR, f'#sites tr[data-site="{site}"]').text)  # type: ignore[attr-defined]
-    except (NoSuchElementException, StaleElementReferenceException):
-        return ""
-
-
-def attribute(driver: object, css: str, name: str) -> str:
-    """An attribute of the first element `css` selects ("" when there is none, or it was swapped out)."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-
-    try:
-        return str(driver.find_element(By.CSS_SELECTOR, css).get_attribute(name) or "")  # type: ignore[attr-defined]
-    except (NoSuchElementException, StaleElementReferenceException):
-        return ""
-
-
-def text_of(driver: object, css: str) -> str:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-
-    try:
-        return str(driver.find_element(By.CSS_SELECTOR, css).text)  # type: ignore[attr-defined]
-    except (NoSuchElementException, StaleElementReferenceException):
-        return ""
 
 
 def metrics(dashboard: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -51,6 +51,8 @@ def test_live_json_follows_the_phases(tmp_path: Path) -> None:
     state = live(tmp_path)
     assert state.phase == TRAINING and state.groups == {"ehr": ["hospital"], "shared": ["biobank", "hospital"]}
     assert state.waiting_for == ["hospital"] and list(state.replied) == ["biobank"]
+    writer.replied("hospital", "Error: Node Unavailable")  # the SuperLink answers for a dead node
+    assert live(tmp_path).errors == {"hospital": "Error: Node Unavailable"} and live(tmp_path).waiting_for == []
     writer.phase(AGGREGATING)
     writer.aggregated(2, {"biobank": {"status": "ok"}, "hospital": {"status": "no reply", "reason": "timeout"}},
                       contributors={"shared": ["biobank"]}, under_holders_control={"shared": ["biobank"]},
