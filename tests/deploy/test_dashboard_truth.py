@@ -358,13 +358,26 @@ print("exit", rc, "torch:", "torch" in sys.modules, flush=True)
 
 
 def test_the_servers_words_for_a_lost_site_are_the_ones_the_page_reads() -> None:
+    import inspect
     from types import SimpleNamespace
 
-    from server.deploy.dashboard.states import NODE_UNAVAILABLE, round_state
+    from flwr.server.superlink.linkstate import utils as linkstate
+    from flwr.superlink.grid import http_grid
+
+    from server.deploy.dashboard.states import round_state
     from server.round import record_absent
 
-    assert NODE_UNAVAILABLE_ERROR_REASON.startswith(NODE_UNAVAILABLE)  # Flower's, for a node without heartbeat
-    assert round_state("error", f"keys: {NODE_UNAVAILABLE_ERROR_REASON}") == "lost"
+    # Flower answers for a site that delivered nothing: each of its words reads "lost".
+    for reason in (
+        linkstate.NODE_UNAVAILABLE_ERROR_REASON,
+        linkstate.MESSAGE_UNAVAILABLE_ERROR_REASON,
+        linkstate.REPLY_MESSAGE_UNAVAILABLE_ERROR_REASON,
+    ):
+        assert round_state("error", f"keys: {reason}") == "lost", reason
+    # The site died while uploading its reply (seen in tests/deploy/test_dashboard_browser.py).
+    died = "Reply message objects are unavailable. The sender may not have completed the upload"
+    assert died in " ".join(inspect.getsource(http_grid).replace('"', " ").split())
+    assert round_state("error", f"keys: {died} before the object-push session expired.") == "lost"
     assert round_state("error", "ValueError: a bug at the site") == "error"
     # A site of the run that is not connected, as the round records it.
     roster = SimpleNamespace(sites={101: SimpleNamespace(site="hospital")}, node_groups={101: ["ehr"]})

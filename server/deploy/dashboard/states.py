@@ -13,7 +13,8 @@ Its part in a round (its status and reason in the round's event, read):
 
     ok        trained; its update averaged
     lost      gone mid-run: no reply, its node unavailable (no heartbeat: Flower answers for it),
-              not connected, or restarted without the run's setup: the site is down
+              its reply never delivered (it died while sending it), not connected, or restarted
+              without the run's setup: the site is down
     refusing  its own policy refused the round (its epsilon cap, secure aggregation required,
               too few subjects): the site is up and says why; its admin decides
     rejected  the server left its reply out: it failed a check (malformed, out of bounds, an
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 CONNECTION_STATES = ("provisioned", "online", "offline", "unknown")
 ROUND_STATES = ("ok", "lost", "refusing", "rejected", "error", "absent")
-# Flower's reason for a message to a node that stopped sending heartbeats (flwr's
-# NODE_UNAVAILABLE_ERROR_REASON, "Error: Node Unavailable — ..."; tests check the two agree).
-NODE_UNAVAILABLE = "Error: Node Unavailable"
+# Flower's words (lower case) when it answers for a site that delivered nothing: its node stopped
+# sending heartbeats (NODE_UNAVAILABLE_ERROR_REASON), the message or its reply expired
+# (MESSAGE_UNAVAILABLE_ERROR_REASON, REPLY_MESSAGE_UNAVAILABLE_ERROR_REASON), or the site died
+# while uploading its reply (flwr/superlink/grid/http_grid.py); tests check each still reads so.
+UNDELIVERED = ("node unavailable", "message unavailable", "message objects are unavailable")
 # server/round.py record_absent's reason for a site of the run that is not connected.
 NOT_CONNECTED = "not connected to the SuperLink"
 
@@ -41,7 +44,7 @@ def round_state(status: str, reason: str = "") -> str:
         return "refusing"
     if status == "rejected":
         return "rejected"
-    if status in ("no reply", "no setup") or (status == "error" and NODE_UNAVAILABLE in reason):
+    if status in ("no reply", "no setup") or (status == "error" and any(w in reason.lower() for w in UNDELIVERED)):
         return "lost"
     if status == "error":
         return "error"
