@@ -132,7 +132,7 @@ class LiveRound:
                 groups.setdefault(group, []).append(site)
         self._phase(self.round, phase, groups={g: groups[g] for g in sorted(groups)}, waiting_for=sorted(holders))
 
-    def replied(self, site: str, error: str = "") -> None:
+    def replied(self, site: str, error: str | None = None) -> None:
         """A reply for `site` arrived (`error`: the error it carried, e.g. Flower's for a node without heartbeat)."""
         if site in self.state.waiting_for:
             self.state.waiting_for.remove(site)

@@ -347,6 +347,7 @@ def test_the_page_follows_deployed_runs_as_they_happen(
     assert got[("healthfm_site_epsilon", (("site", DP_SITE),))] == rounds[ROUNDS]["epsilon"][DP_SITE]
 
     # Run 2: plain rounds, min-nodes 3 with hospital down: round 0 waits for it; genomics refuses.
+    browser.execute_script("document.getElementById('runs').scrollIntoView()")  # type: ignore[attr-defined]
     second = tmp_path / "run-2"
     run = Background(
         *launch_args(
