@@ -83,13 +83,13 @@ from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_regi
 from server.exchange import send_and_receive
 from server.head_average import bound_heads, fedavg_heads, head_strategy
 from server.head_bounds import declared_head_rows, dp_step_bound, smoothness_bound, stats_problem, step_bound
-from server.runlog import EventLog
+from server.runlog import HEAD_ROUNDS_FILE, EventLog
 
 log = logging.getLogger("healthfm.server.head")
 
 HEADS_DIR = "heads"
 SUMMARY_FILE = "heads.json"
-ROUNDS_FILE = "head_rounds.jsonl"
+ROUNDS_FILE = HEAD_ROUNDS_FILE
 LOG_FILE = "head.log"
 
 

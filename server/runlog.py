@@ -31,6 +31,7 @@ from server.config import PrivacyRequest
 
 log = logging.getLogger("healthfm.server")
 EVAL_PLOT = "evaluation_auroc.png"  # summary.md's forest plot of the last evaluation
+HEAD_ROUNDS_FILE = "head_rounds.jsonl"  # a task-head run's events (server/head_app.py), written by EventLog
 
 
 def message_bytes(message: Message) -> int:
@@ -78,15 +79,24 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     """The events of a rounds.jsonl (a line cut short by a crash is skipped with a warning)."""
     out = []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(strict_json(line, f"{path} line {i}"))
-        except DuplicateKeyError:  # not a line cut short: one written so
-            raise
-        except StrictFileError:
-            log.warning("%s line %d is not JSON (cut short?); skipped", path, i)
+        event = event_of_line(line, path, i)
+        if event is not None:
+            out.append(event)
     return out
+
+
+def event_of_line(line: str, path: str | Path, number: int) -> dict[str, Any] | None:
+    """Line `number` of a rounds.jsonl as read_events reads it: None for a blank line or one cut
+    short by a crash (skipped with a warning); DuplicateKeyError for one written with a key twice."""
+    if not line.strip():
+        return None
+    try:
+        return strict_json(line, f"{path} line {number}")
+    except DuplicateKeyError:  # not a line cut short: one written so
+        raise
+    except StrictFileError:
+        log.warning("%s line %d is not JSON (cut short?); skipped", path, number)
+        return None
 
 
 def write_summary(out_dir: str | Path) -> Path:
@@ -298,8 +308,10 @@ def forest_points(
 
 __all__ = [
     "EVAL_PLOT",
+    "HEAD_ROUNDS_FILE",
     "EventLog",
     "evaluation_section",
+    "event_of_line",
     "message_bytes",
     "message_size",
     "read_events",

@@ -57,7 +57,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -70,18 +69,17 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_signing import SignatureError, load_signing_key
-from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, read_json, strict_json, strict_model
+from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, read_json, strict_json
 from healthfm_core.train.checkpoint import CheckpointError
 from server.deploy.body_limit import MIB
 from server.deploy.bundle import build_bundle, write_bundle
-from server.deploy.dashboard.serve import DEFAULT_DASHBOARD_PORT, serve_dashboard
-from server.deploy.dashboard.view import Launch
+from server.deploy.dashboard.serve import add_dashboard_arguments, cmd_dashboard
 from server.deploy.flwr_app import check_run_config, parse_overrides, write_app, write_head_app
 from server.deploy.flwr_control import (
     CONNECTION,
@@ -105,6 +103,11 @@ from server.deploy.flwr_control import (
     wait_for_run,
     write_connection,
 )
+from server.deploy.launches import LaunchRecord as LaunchRecord  # re-exported: the tests' import
+from server.deploy.launches import launches_path as _launches_path
+from server.deploy.launches import read_launches as read_launches
+from server.deploy.launches import record_launch as _record_launch
+from server.deploy.launches import resume_command as resume_command
 from server.deploy.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -126,18 +129,6 @@ log = logging.getLogger("healthfm.coordinator")
 
 DEFAULT_PORT = 9093
 REPO = Path(__file__).resolve().parents[2]
-
-
-class LaunchRecord(BaseModel):
-    """One line of FED/server/launches.jsonl: what `resume` relaunches."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_id: int
-    out_dir: str
-    run_config: dict[str, str | int | float | bool]
-    launched_at: str
-    resumed: bool = False
 
 
 # ---------------------------------------------------------------------------- commands
@@ -748,35 +739,6 @@ def report_heads(run_id: int, status: str, out_dir: Path, keys: Sequence[str]) -
     return EXIT_SITE_LOST if erred or len(fitted) < len(keys) else EXIT_OK
 
 
-def _launches_path(paths: FederationPaths) -> Path:
-    return paths.server_dir / "launches.jsonl"
-
-
-def _record_launch(paths: FederationPaths, record: LaunchRecord) -> None:
-    # One write() with O_APPEND: lines of launches made at the same time never interleave.
-    fd = os.open(_launches_path(paths), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (record.model_dump_json() + "\n").encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-def read_launches(paths: FederationPaths) -> list[LaunchRecord]:
-    path = _launches_path(paths)
-    if not path.is_file():
-        return []
-    return [
-        strict_model(LaunchRecord, ln, f"{path}, line {i}")
-        for i, ln in enumerate(path.read_text().splitlines(), 1)
-        if ln.strip()
-    ]
-
-
-def resume_command(paths: FederationPaths, out_dir: str | Path) -> str:
-    """The command that resumes the run of out_dir (what an interrupted run's outcome names)."""
-    return f"python -m server.coordinator resume {shlex.quote(str(paths.root))} --out-dir {shlex.quote(str(out_dir))}"
-
-
 def _run_live(paths: FederationPaths) -> Callable[[int], bool | None]:
     """For claim_for_launch: whether Flower still runs a run (None: the SuperLink does not answer)."""
 
@@ -1104,27 +1066,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    """The read-only live page and /metrics (server/deploy/dashboard/)."""
-    paths = _paths(args)
-
-    def launches() -> list[Launch]:
-        return [
-            Launch(run_id=r.run_id, out_dir=Path(r.out_dir), launched_at=r.launched_at, resumed=r.resumed)
-            for r in read_launches(paths)
-        ]
-
-    return serve_dashboard(
-        paths,
-        args.host,
-        args.port,
-        args.token_file,
-        launches,
-        lambda out_dir: resume_command(paths, out_dir),
-        args.release,
-    )
-
-
 # ---------------------------------------------------------------------------- command line
 
 
@@ -1271,15 +1212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("dashboard", help="a read-only live web page of the sites, runs, privacy, results, audit")
-    p.add_argument("federation_dir", metavar="FED")
-    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; another needs a token)")
-    p.add_argument("--port", type=int, default=DEFAULT_DASHBOARD_PORT, help=f"port (default {DEFAULT_DASHBOARD_PORT})")
-    p.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="the access token every request must carry (or $HEALTHFM_DASHBOARD_TOKEN); required beyond 127.0.0.1",
-    )
-    p.add_argument("--release", action="append", default=[], metavar="MODEL_DIR", help="a release to show (repeatable)")
+    add_dashboard_arguments(p)  # `python -m server.coordinator dashboard` itself goes to serve.main (no torch)
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("release", help="write a run's final model as a release folder sites load")

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from server.deploy.body_limit import SMALL_BODY_BYTES, push_body_limit_bytes
 from server.deploy.flwr_control import EXIT_USAGE, CoordinatorError
-from server.deploy.provision import FederationPaths
+from server.deploy.provision import NGINX_CONF, FederationPaths
 
 # The Fleet API's routes (flwr/superlink/routers/fleet/router.py, what flwr/supernode/
 # fleet_http_client.py calls). Listed one by one rather than as a prefix so that a route Flower
@@ -70,7 +70,6 @@ FLEET_PREFIX = "/v1/fleet/"
 # Raw request targets refused with 400 (case-insensitive): a `.` or `..` segment, an empty
 # segment (`//`), an encoded dot, slash or backslash (%2e, %2f, %5c), a backslash, an encoded NUL.
 REFUSED_URI = r"(/\.|//|%2e|%2f|%5c|\x5c|%00)"  # written into a quoted nginx string: no escape doubled
-NGINX_CONF = "nginx.conf"
 NGINX_ERROR_LOG = "nginx-error.log"
 NGINX_ACCESS_LOG = "nginx-access.log"
 # A round can wait long for replies.

@@ -39,8 +39,9 @@ DEPLOY = ("client.deploy", "server.deploy")
 DEPLOY_DOORS = {
     # the site's command line: `join` and `approve` are deployment commands
     "client.client": {"client.deploy.approval", "client.deploy.join", "client.deploy.supernode_pace"},
-    # the coordinator's command line (`python -m server.coordinator`)
-    "server.coordinator": {"server.deploy.commands"},
+    # the coordinator's command line (`python -m server.coordinator`); `dashboard` straight to its
+    # own module, which imports none of the other commands' machinery (no torch)
+    "server.coordinator": {"server.deploy.commands", "server.deploy.dashboard.serve"},
     # the ServerApp (and the task head's, below) applies the server's Flower patch as its process starts
     "server.server_app": {"server.deploy.flower_patches"},
     # admission reads the coordinator's site registry (pretraining's roster, the task head's sites)

@@ -49,7 +49,8 @@ from meds import LabelSchema, birth_code, death_code
 from pydantic import BaseModel, ConfigDict, Field
 
 from healthfm_core.data.files.layout import ADMISSION_PREFIX, DISCHARGE_PREFIX, EPOCH_US, SiteLike
-from healthfm_core.data.sequences.tokens import _NO_TIME, US_PER_DAY, to_us
+from healthfm_core.data.sequences.event_rows import NO_TIME as _NO_TIME
+from healthfm_core.data.sequences.event_rows import US_PER_DAY, to_us
 from healthfm_core.data.sequences.wear_patches import sorted_by_subject_time
 from healthfm_core.files import atomic_path
 

@@ -26,8 +26,8 @@ from pydantic import (
 )
 
 from healthfm_core.data.files.layout import PRS_PREFIX, WEARABLE_CHANNELS
-from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, UNK_CODE
 from healthfm_core.data.sequences.code_stats import NumericStats, SiteCodeStats, merge_site_stats
+from healthfm_core.data.sequences.codes import N_SPECIAL_CODES, UNK_CODE
 from healthfm_core.files import atomic_write_text
 from healthfm_core.strict_files import strict_model
 
