@@ -148,6 +148,28 @@ def max_subjects_of(config: Mapping[str, Any]) -> int | None:
         raise ValueError(f"node config field max-subjects: value {value!r} is not a whole number >= 0") from None
 
 
+def add_keys(
+    out: HeadRows, runtime: SiteRuntime, labels: Mapping[str, pa.Table | TaskReason], rows: pa.Table, x_all: np.ndarray
+) -> None:
+    """Each binary key's splits (or why the site takes no part) from its labels and the embedded
+    `rows` (x_all: their embeddings), and its train and tuning fields for the release gate."""
+    split_of = partial(splits_of, runtime)
+    for key, table in labels.items():
+        if isinstance(table, TaskReason):
+            out.keys[key] = table
+            continue
+        if "boolean_value" not in table.column_names:
+            continue  # a numeric task: the federated head is logistic
+        sids = table["subject_id"].to_numpy()
+        idx = label_row_index(rows, table, runtime.name)
+        out.keys[key] = head_splits(
+            table, x_all[idx], split_of(sids), runtime.min_report_subjects, runtime.min_report_positives
+        )
+        out.fields[key] = task_candidates(
+            {key: table}, split_of, runtime.contributions(), runtime.min_report_subjects, splits=HEAD_SPLITS
+        )
+
+
 def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
     """The site's rows of `tasks` under its node config (cached for the process)."""
     cache_key = (json.dumps(dict(config), sort_keys=True, default=str), tuple(tasks))
@@ -176,21 +198,7 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         except NoRows:  # no labels for any asked task: every key is then refused
             _ROWS[cache_key] = out
             return out
-        split_of = partial(splits_of, runtime)
-        for key, table in labels.items():
-            if isinstance(table, TaskReason):
-                out.keys[key] = table
-                continue
-            if "boolean_value" not in table.column_names:
-                continue  # a numeric task: the federated head is logistic
-            sids = table["subject_id"].to_numpy()
-            idx = label_row_index(rows, table, runtime.name)
-            out.keys[key] = head_splits(
-                table, x_all[idx], split_of(sids), runtime.min_report_subjects, runtime.min_report_positives
-            )
-            out.fields[key] = task_candidates(
-                {key: table}, split_of, runtime.contributions(), runtime.min_report_subjects, splits=HEAD_SPLITS
-            )
+        add_keys(out, runtime, labels, rows, x_all)
         log.info(
             "site %s: head rows of %s: %s",
             runtime.name,
@@ -201,4 +209,12 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         return out
 
 
-__all__ = ["HeadRows", "embedded_task_rows", "head_splits", "label_row_index", "load_head_rows", "max_subjects_of"]
+__all__ = [
+    "HeadRows",
+    "add_keys",
+    "embedded_task_rows",
+    "head_splits",
+    "label_row_index",
+    "load_head_rows",
+    "max_subjects_of",
+]
