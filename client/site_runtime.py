@@ -3,7 +3,10 @@
 The ClientApp (client/client_app.py) only decodes messages and calls this. Everything that
 leaves the site is produced here, and only as aggregates: capabilities (modalities and subject
 counts), code statistics suppressed below the site's minimum subject count, trained weights of
-the groups the site holds, and held-out metrics on at least the site's minimum of subjects.
+the groups the site holds, and held-out metrics on at least the site's minimum of subjects. The
+capabilities, the code statistics and the evaluation's figures leave through the site's release
+gate (client/release_gate.py), which holds back what would differ from an earlier release by
+fewer than the minimum of subjects.
 
 The site's policy (client/policy.py, node config `policy`) is enforced here whatever the server
 asks: its minimum subject count raises the config's minimums; DP is applied when the policy
@@ -290,6 +293,14 @@ class SiteRuntime:
         self._log_held("code statistics", decision.held)
         return released_code_stats(stats, decision)
 
+    def released_subject_counts(self) -> dict[str, int]:
+        """Subjects per modality as this site's capabilities released them last (released now
+        when the record holds none: a site that trains before any setup, as tests do)."""
+        counts = released_subject_counts(self.gate("capabilities").released())
+        if not counts:
+            counts = self.capabilities().subjects
+        return counts
+
     def contributions(self) -> SiteContributions:
         """Every subject's fingerprints of what the site releases (one pass over its data, once)."""
         if self._contributions is None:
@@ -487,7 +498,7 @@ class SiteRuntime:
             expected = dp.expected_batch_size * cfg.local_steps
             # A modality group's share: its subject count over the largest, both as the site's
             # capabilities released them (a count not released counts 0: a group of few subjects).
-            counts = released_subject_counts(self.gate("capabilities").released())
+            counts = self.released_subject_counts()
             largest = max([1, *counts.values()])
             num_examples = max(1, round(expected))
             group_examples = {}

@@ -9,6 +9,7 @@ least the minimum of subjects, so C, whose cells would leave s alone, is withhel
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pytest
 from helpers.site_export import put_back, take_out
 
+from client.legacy_samples import RELEASED_SAMPLES_FILE, LegacySamplesError
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.vocab import build_vocabulary
@@ -92,3 +94,24 @@ def test_four_evaluations_pairwise_far_apart_do_not_single_out_a_subject(export:
     assert all(TASK in r.tasks for r in (a, b, d))
     assert TASK not in c.tasks and c.reasons[TASK].kind == "near_earlier_sample" and not c.reasons[TASK].splits
     assert c.num_examples == 0  # nothing embedded: no task answered
+
+
+def test_evaluations_answered_before_the_gate_stay_covered(export: Path, tmp_path: Path) -> None:
+    """A state dir from before the release gate holds released_eval_samples.json: read, never
+    written; an evaluation whose sample differs from one of its samples by 1 to minimum - 1
+    subjects in a split is refused whole, as it was; a damaged one fails closed naming it."""
+    state = tmp_path / "state"
+    state.mkdir()
+    rt = runtime(export, state)
+    splits = {s: ids.tolist() for s, ids in rt.split_ids().items()}
+    earlier = {**splits, "held_out": splits["held_out"][1:]}  # one held-out subject fewer
+    legacy = state / RELEASED_SAMPLES_FILE
+    text = json.dumps({"format": "healthfm-released-eval-samples", "version": 1, "samples": [earlier]})
+    legacy.write_text(text)
+    cfg = EvalConfig(round=1, tasks=[TASK], setup_sha256="0" * 64, n_boot=10, meds_tab=False)
+    reply = runtime(export, state).evaluate(None, {}, cfg)  # type: ignore[arg-type] # refused before any model
+    assert not reply.tasks and reply.reasons[TASK].kind == "near_earlier_sample"
+    assert legacy.read_text() == text  # never written
+    legacy.write_text(text[:-2])
+    with pytest.raises(LegacySamplesError, match=f"{legacy}: unreadable"):
+        runtime(export, state).evaluate(None, {}, cfg)  # type: ignore[arg-type]
