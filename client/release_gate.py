@@ -350,12 +350,17 @@ def _state_problem(state: _State) -> str | None:
     cells = np.array([len(info.cells) for info in state.fields], np.int64)
     if len(state.cell) and (np.any(state.cell < 0) or np.any(state.cell >= cells[state.field])):
         return "a row in an unknown cell"
-    if len(state.field) > 1:
-        f, s, p = state.field, state.subject, state.fingerprint
-        step = (f[1:] > f[:-1]) | ((f[1:] == f[:-1]) & ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (p[1:] > p[:-1]))))
-        if not step.all():
-            return "rows out of order or repeated"
+    if not _increasing(state.field, state.subject, state.fingerprint):
+        return "rows out of order or repeated"
     return None
+
+
+def _increasing(f: np.ndarray, s: np.ndarray, p: np.ndarray) -> bool:
+    """Whether the rows are strictly increasing by (field, subject, fingerprint)."""
+    if len(f) < 2:
+        return True
+    same_f, same_s = f[1:] == f[:-1], s[1:] == s[:-1]
+    return bool(np.all((f[1:] > f[:-1]) | (same_f & ((s[1:] > s[:-1]) | (same_s & (p[1:] > p[:-1]))))))
 
 
 # ---------------------------------------------------------------------- the rule
@@ -387,6 +392,9 @@ def _decide(state: _State, cands: Candidates, minimum: int) -> tuple[Decision, _
             if i not in present:
                 present[i], value[i], group[i] = False, None, f.name
     scope = np.array(sorted(present), dtype=np.int32)
+    if _as_last_released(state, fields, cand_id, cands.pairs, present, value):
+        decision = Decision(values={fields[f].name: fields[f].released for f in scope.tolist()})
+        return decision, state, False
 
     # Every pair of the fields in scope, stored or candidate, once: its cell (-1: new), whether
     # the candidate has it.
@@ -396,7 +404,7 @@ def _decide(state: _State, cands: Candidates, minimum: int) -> tuple[Decision, _
     p_all = np.concatenate([state.fingerprint[stored], cands.pairs.fingerprint]).astype(np.uint64)
     c_all = np.concatenate([state.cell[stored], np.full(len(cands.pairs.subject), -1, np.int32)])
     in_all = np.concatenate([np.zeros(int(stored.sum()), bool), np.ones(len(cands.pairs.subject), bool)])
-    order = np.lexsort((in_all, p_all, s_all, f_all))  # a stored pair before its candidate twin
+    order = np.lexsort((p_all, s_all, f_all))  # stable: a stored pair before its candidate twin
     f_all, s_all, p_all, c_all, in_all = f_all[order], s_all[order], p_all[order], c_all[order], in_all[order]
     twin = np.zeros(len(f_all), bool)
     if len(f_all) > 1:
@@ -441,6 +449,42 @@ def _decide(state: _State, cands: Candidates, minimum: int) -> tuple[Decision, _
         decision.values[name] = fields[f].released
     new = _compact(fields, rows, touched)
     return decision, new, bool(touched) or len(new.fields) != len(state.fields)
+
+
+def _as_last_released(
+    state: _State,
+    fields: list[_Field],
+    cand_id: np.ndarray,
+    pairs: FieldPairs,
+    present: Mapping[int, bool],
+    value: Mapping[int, Any],
+) -> bool:
+    """Whether every field in scope is exactly as released last (every launch of an unchanged
+    site, every round of a run): checked in one pass, without the sort a change needs."""
+    if len(fields) != len(state.fields):
+        return False  # a field never released
+    for f, here in present.items():
+        info = fields[f]
+        if info.last is None:
+            if here or info.released != value[f]:
+                return False
+        elif info.states[info.last] != here:
+            return False
+    # Each stored pair in its field's last version, and each field's last versions' pairs only.
+    member = [
+        [info.last is not None and f in present and info.last in c for c in info.cells] for f, info in enumerate(fields)
+    ]
+    offsets = np.cumsum([0] + [len(m) for m in member])
+    flat = np.array([x for m in member for x in m], bool)
+    last = flat[offsets[state.field] + state.cell] if len(state.cell) else np.zeros(0, bool)
+    mapped = cand_id[pairs.field]
+    order = np.argsort(mapped, kind="stable")  # a field's pairs stay sorted by subject
+    return (
+        int(last.sum()) == len(mapped)
+        and np.array_equal(state.field[last], mapped[order])
+        and np.array_equal(state.subject[last], pairs.subject[order])
+        and np.array_equal(state.fingerprint[last], pairs.fingerprint[order])
+    )
 
 
 def _json(value: Any) -> Any:
@@ -505,8 +549,9 @@ def _compact(fields: list[_Field], rows: list[tuple[np.ndarray, ...]], touched: 
     s = np.concatenate([r[1] for r in rows]).astype(np.int64)
     p = np.concatenate([r[2] for r in rows]).astype(np.uint64)
     c = np.concatenate([r[3] for r in rows]).astype(np.int32)
-    order = np.lexsort((p, s, f))
-    f, s, p, c = f[order], s[order], p[order], c[order]
+    if not _increasing(f, s, p):  # a kind decided whole comes out in order already
+        order = np.lexsort((p, s, f))
+        f, s, p, c = f[order], s[order], p[order], c[order]
     for i in touched:
         a, b = np.searchsorted(f, [i, i + 1])
         used = np.unique(c[a:b])
