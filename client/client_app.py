@@ -2,7 +2,9 @@
 
 Handlers (message types, see healthfm_core/protocol/ for the records they carry):
   query.capabilities  -> ConfigRecord CAPABILITIES_RECORD (modalities, subjects per modality)
-  query.code_stats    -> ConfigRecord CODE_STATS_RECORD {JSON_FIELD: SiteCodeStats} (suppressed)
+  query.code_stats    -> ConfigRecord CODE_STATS_RECORD {JSON_FIELD: SiteCodeStats} (suppressed);
+                         both, and evaluate's figures, through the site's release gate
+                         (client/release_gate.py)
   query.setup         -> ConfigRecord SETUP_RECORD {SHA256_FIELD}; the setup is kept in the
                          node's Context.state for the run
   train / evaluate under a setup this node does not hold (its SuperNode restarted: Context.state

@@ -11,7 +11,10 @@ healthfm_core/protocol/head.py).
 Each handler calls healthfm_core/eval/head_site.py, the functions the one-process driver calls.
 The site's rows (client/head_rows.py) are embedded with the release once per process; labels and
 rows never leave. A site below its minimums, holding another release, or without labels for the
-key answers any stage with a HeadRefusal (its reason, no number). Anything raised reaches the
+key answers any stage with a HeadRefusal (its reason, no number); so does a key whose train or
+tuning rows differ from what the site released before (an evaluation of the same rows, an
+earlier head) by fewer than the minimum of subjects, decided by the site's release gate
+(client/release_gate.py) before any figure of the stage leaves. Anything raised reaches the
 server as an error reply and the head goes on without this site.
 
 DP (healthfm_core/privacy/head.py): a train.head round runs DP-SGD per subject when the server
@@ -87,9 +90,25 @@ def _splits(rows: HeadRows, task: HeadTask) -> SiteSplits | str:
     got = rows.keys.get(task.key)
     if got is None:
         return f"site {rows.site}: no labels for {task.key}"
+    if (held := _held(rows, task.key)) is not None:
+        return held
     if isinstance(got, SiteSplits):
         return got
     return f"site {rows.site}: {task.key}: {got if isinstance(got, str) else got.describe()}"
+
+
+def _held(rows: HeadRows, key: str) -> str | None:
+    """Why the key's figures may not leave now (None: they may): its train or tuning rows differ
+    from what the site released before (an evaluation, an earlier head) by fewer than the
+    minimum of subjects in a cell (client/release_gate.py). Decided and recorded before a
+    stage's reply, whatever the stage: every stage's figures read the same rows."""
+    candidates = rows.fields.get(key)
+    if rows.gate is None or candidates is None or not rows.gate.release(candidates).held:
+        return None
+    return (
+        f"site {rows.site}: {key}: its rows differ from what the site released before by fewer than the "
+        "minimum of subjects (min_report_subjects): withheld"
+    )
 
 
 def _width_problem(request: StandardizerRequest, splits: SiteSplits) -> str | None:

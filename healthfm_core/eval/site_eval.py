@@ -257,22 +257,24 @@ def _may_hold_heart_rate(files: Sequence[Path]) -> bool:
 
 
 def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCount]:
-    """Rows, distinct subjects and positives (boolean labels) of each split."""
+    """Rows, distinct subjects and positives (boolean labels) of each split, with the subjects
+    of a positive and of a negative row (kept at the site: they decide what is suppressed)."""
     subjects = labels["subject_id"].to_numpy()
     split = split_of(subjects)
-    positive = (
-        labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
-        if "boolean_value" in labels.column_names
-        else np.zeros(len(subjects), bool)
-    )
-    return {
-        s: SplitCount(
-            rows=int((split == s).sum()),
-            subjects=len(np.unique(subjects[split == s])),
-            positives=int(positive[split == s].sum()),
+    binary = "boolean_value" in labels.column_names
+    positive = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool) if binary else None
+    out = {}
+    for s in SPLITS:
+        mine = split == s
+        classes = class_subjects(positive[mine], subjects[mine]) if positive is not None else (0, 0)
+        out[s] = SplitCount(
+            rows=int(mine.sum()),
+            subjects=len(np.unique(subjects[mine])),
+            positives=int(positive[mine].sum()) if positive is not None else 0,
+            positive_subjects=classes[0] if binary else None,
+            negative_subjects=classes[1] if binary else None,
         )
-        for s in SPLITS
-    }
+    return out
 
 
 def held_out_class_subjects(labels: pa.Table, split_of: SplitOf) -> tuple[int, int]:
@@ -463,6 +465,9 @@ def evaluate_site_tasks(
                 )
                 out.seconds["scoring"] += time.perf_counter() - start
                 positives = int(y["held_out"].sum())
+                # Suppressed when fewer than the minimum of subjects have a positive row (or a
+                # negative one: n minus positives would give them away), whatever their rows.
+                classes = class_subjects(y["held_out"], held_rows["subject_id"].to_numpy())
                 baseline: tuple[float | None, ...] = (None, None, None, None)
                 if tab is not None:
                     start = time.perf_counter()
@@ -481,7 +486,7 @@ def evaluate_site_tasks(
                     auroc=float(scores["roc_auc_score"]),
                     auprc=float(scores["average_precision_score"]),
                     ece=float(scores["calibration_error"]),
-                    positives=SMALL_CELL if 0 < positives < min_subjects else positives,
+                    positives=SMALL_CELL if any(0 < c < min_subjects for c in classes) else positives,
                     auroc_low=low,
                     auroc_high=high,
                     meds_tab_auroc=baseline[0],

@@ -197,8 +197,23 @@ class EvalReply(PeerReply):
     def _disjoint(self, info: ValidationInfo) -> EvalReply:
         if both := sorted(set(self.tasks) & set(self.reasons)):
             raise ValueError(f"task {both[0]!r} has both metrics and a reason")
+        self._check_floor()
         self._check_histograms(info)
         return self
+
+    def _check_floor(self) -> None:
+        """Fails closed, like TaskReason: a metric's counts from fewer distinct subjects than the
+        site's minimum (min_subjects, when said) may not leave a site, nor be read from one."""
+        floor = self.min_subjects
+        for task, m in sorted(self.tasks.items()) if floor else ():
+            if m.subjects is not None and m.subjects < floor:
+                raise ValueError(f"field {task}.subjects: value {m.subjects}: below the site's minimum {floor}")
+            if m.positives is not None and m.positives >= 0:
+                for what, n in (("positives", m.positives), ("n less positives", m.n - m.positives)):
+                    if 0 < n < floor:
+                        raise ValueError(
+                            f"field {task}.positives: {what} {n} is below the site's minimum {floor}: a small cell"
+                        )
 
     def _check_histograms(self, info: ValidationInfo) -> None:
         """Histograms are a peer's claims: each belongs to a binary task with a metric and adds

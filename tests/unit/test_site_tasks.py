@@ -104,7 +104,7 @@ def test_eval_reply_reasons_round_trip_and_are_checked() -> None:
     # Counts on fewer subjects than the minimum never leave: the site suppresses them, and a
     # reason that holds one cannot be built (or parsed).
     raw = SplitCount(rows=30, subjects=12, positives=2)
-    assert raw.suppressed(20) == SplitCount(rows=30, subjects=-1, positives=-1)
+    assert raw.suppressed(20) == SplitCount(rows=-1, subjects=-1, positives=-1)  # 30 rows of 12 subjects
     assert SplitCount(rows=30, subjects=25, positives=25).suppressed(20).positives == -1  # 5 negatives
     with pytest.raises(ValueError, match="small cell"):
         TaskReason(kind="too_few_subjects", minimum=20, splits={"train": raw})
