@@ -665,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--tasks",
             nargs="+",
             metavar="TASK",
-            help="task names, ACES files or site:NAME (default: the tasks of the run's own evaluation)",
+            help="task names, file:PATH for an ACES file (a bare path is refused) or site:NAME (default: the tasks "
+            "of the run's own evaluation)",
         )
         q.add_argument(
             "--max-subjects",

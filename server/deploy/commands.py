@@ -1328,7 +1328,12 @@ def build_parser() -> argparse.ArgumentParser:
     connection_options(p)
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="the release (each site holds the same)")
     p.add_argument("--out", required=True, metavar="HEADS_DIR", help="where heads/, heads.json and the logs go")
-    p.add_argument("--tasks", nargs="+", default=[], help="task names (default: the release's evaluation tasks)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        help="task names, or file:PATH for an ACES file (a bare path is refused; default: the release's evaluation tasks)",
+    )
     p.add_argument("--keys", nargs="+", help="label keys to fit (default: every key of the tasks)")
     p.add_argument("--rounds", type=int, default=200, help="FedAvg rounds per C (default 200)")
     p.add_argument("--c-grid", nargs="+", type=float, help="the head's C values (default: the probe's grid)")
