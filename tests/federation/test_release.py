@@ -382,6 +382,14 @@ def test_an_edited_release_with_its_sums_rewritten_is_refused_naming_the_file(
     assert not any((tmp_path / n).exists() for n in ("e.parquet", "probe", "p.parquet"))
 
 
+def _times(biobank: Path, tmp_path: Path, n: int = 2) -> Path:
+    """The biobank's first `n` subjects at time 0: a --prediction-times file."""
+    times = tmp_path / "times.parquet"
+    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:n]
+    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0] * n, pa.timestamp("us"))}), times)  # fmt: skip
+    return times
+
+
 def test_a_release_without_a_key_to_verify_is_refused_and_trust_unsigned_loads_it_with_a_warning(
     release_dir: Path,
     run_dir: Path,
@@ -405,9 +413,7 @@ def test_a_release_without_a_key_to_verify_is_refused_and_trust_unsigned_loads_i
     with caplog.at_level("WARNING", logger="healthfm.release"):
         release = load_release(tmp_path / "m", trust_unsigned=True)
     assert release.meta.run_id == "7" and "WITHOUT verifying its signature" in caplog.text
-    times = tmp_path / "times.parquet"
-    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:1]
-    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0], pa.timestamp("us"))}), times)  # fmt: skip
+    times = _times(biobank, tmp_path, 1)
     argv = ["embed", str(biobank), "--model", str(tmp_path / "m"), "--min-subjects", "2", "--no-progress"]
     argv += ["--prediction-times", str(times), "--out", str(tmp_path / "e.parquet")]
     assert client_main(argv) == 2  # unsigned, no key: refused
@@ -433,9 +439,7 @@ def test_a_head_probed_on_one_release_is_refused_on_another_runs_release(
     y = x[:, 0] > 0
     probe = fit_logistic_probe(x[:40], y[:40], x[40:], y[40:])
     head = save_head(tmp_path / "t.json", "t", probe, a.setup.sha256, 64, 8, a.weights_sha256)
-    times = tmp_path / "times.parquet"
-    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:2]
-    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0, 0], pa.timestamp("us"))}), times)  # fmt: skip
+    times = _times(biobank, tmp_path)
     argv = ["predict", str(biobank), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
     argv += ["--head", str(head), "--prediction-times", str(times)]
     assert client_main([*argv, "--model", str(other_release), "--out", str(tmp_path / "b.parquet")]) == 2
@@ -443,14 +447,6 @@ def test_a_head_probed_on_one_release_is_refused_on_another_runs_release(
     assert str(head) in err and "field weights_sha256" in err and not (tmp_path / "b.parquet").exists()
     assert client_main([*argv, "--model", str(release_dir), "--out", str(tmp_path / "a.parquet")]) == 0
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 2
-
-
-def _times(biobank: Path, tmp_path: Path) -> Path:
-    """Two of the biobank's subjects at time 0: rows to embed."""
-    times = tmp_path / "times.parquet"
-    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:2]
-    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0, 0], pa.timestamp("us"))}), times)  # fmt: skip
-    return times
 
 
 def test_a_validly_signed_release_of_another_run_is_refused_where_a_site_expects_its_run(
