@@ -4,7 +4,7 @@ applied to the running nginx by a graceful reload (requests in progress finish; 
 - Which keys: a Fleet call is forwarded only when its flwr-public-key header is a registered
   site's (FED/server/registry.json). `superlink` writes the map before nginx opens; `register`
   rewrites it and reloads nginx, so a site is let in once it is registered and an unregistered
-  key is answered 401 before its body is read, whatever the body.
+  key is answered 412 (Flower's own answer to an unknown key) before its body is read, whatever the body.
 - How large a body: push-object's limit is what the launched runs need (server/deploy/body_limit.py),
   kept in FED/server/door.json. `superlink` opens the door at BASE_PUSH_BODY_BYTES (what any run
   without secure aggregation needs); `launch` and `resume` raise it to what their run needs

@@ -21,7 +21,7 @@ SuperLink (server/deploy/body_limit.py, kept in force by server/deploy/door.py: 
 PUSH_LIMIT_CONF, every other route 1 MiB); a body without a Content-Length (chunked) is refused with
 411, so the size is always known up front; a request without the SuperNode authentication headers
 Flower's node auth reads (flwr-public-key, flwr-signature, flwr-timestamp) is refused with 401, and
-so is one whose flwr-public-key is not a registered site's (a `map` of the registry's keys,
+one whose flwr-public-key is not a registered site's with 412 (a `map` of the registry's keys,
 NODES_MAP, rewritten at `superlink` and `register` and reloaded without a restart). Both are
 decided in nginx's rewrite phase, from the headers: the body is never buffered nor forwarded
 (nginx cannot check the signature: the SuperLink does, before it reads a large body,
@@ -109,9 +109,12 @@ AUTH_HEADERS = ("flwr-public-key", "flwr-signature", "flwr-timestamp")
 WORKER_USERS = ("www-data", "nobody")
 UPSTREAM_KEEPALIVE = 32  # idle connections to the SuperLink kept for reuse (a few per site)
 UPSTREAM_IDLE_S = 3  # below uvicorn's timeout_keep_alive (5 s), which Flower leaves at its default
-# nginx's answer to a key that is not registered: Flower's error shape with the code Flower's own
-# SuperLink answers an unknown key's activation with (FLEET_NODE_ACTIVATION_FAILED), which the
-# SuperNode prints and `client.py join` reads as "not registered" (client/deploy/join.py).
+# nginx's answer to a key that is not registered: what Flower's own SuperLink answers an unknown
+# key's activation with, 412 and Flower's error body with FLEET_NODE_ACTIVATION_FAILED (2004), which
+# the SuperNode prints and `client.py join` reads as "not registered" (client/deploy/join.py).
+# Flower's SuperNode answers a 401 by stopping itself without a word, a 403 as "run not running"
+# (flwr/supercore/retry/http_retry.py): either would hide the reason from the site.
+UNREGISTERED_STATUS = 412
 UNREGISTERED_KEY = (
     '{"code": 2004, "detail": "this SuperNode key is not registered with the federation (refused by '
     'the coordinator proxy): ask the coordinator to run `coordinator register` for this site"}'
@@ -229,7 +232,7 @@ def nginx_config(paths: FederationPaths, host: str, port: int, upstream_port: in
 {auth}
             # Only a registered site's key: decided from the header, before the body is read.
             if ($healthfm_registered_node != 1) {{
-                return 401 '{UNREGISTERED_KEY}\\n';
+                return {UNREGISTERED_STATUS} '{UNREGISTERED_KEY}\\n';
             }}
             # Flower's SuperNode always sends a Content-Length: the size is checked before the body.
             if ($http_content_length = "") {{

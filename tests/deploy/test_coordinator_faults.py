@@ -267,7 +267,7 @@ def test_nginx_forwards_only_a_registered_sites_key_and_register_lets_one_in_wit
 ) -> None:
     """Issue 67, break 4: with three made-up authentication headers a 300 MB body reached the
     SuperLink (its memory 466 -> 965 MB). Now nginx forwards a Fleet call only when its
-    flwr-public-key is a registered site's: any other key is answered 401 from the headers, before
+    flwr-public-key is a registered site's: any other key is answered 412 from the headers, before
     the body (none is sent here: nginx answers without waiting for it), with the error Flower's
     SuperNode prints and `join` reads as "not registered". `register` rewrites the map and reloads
     nginx: the new site passes, and a push in progress across the reload completes."""
@@ -276,10 +276,10 @@ def test_nginx_forwards_only_a_registered_sites_key_and_register_lets_one_in_wit
     assert reload_proxy(fed)
     forged = {"flwr-public-key": "bWFkZS11cA==", "flwr-signature": "c2ln", "flwr-timestamp": "2026-01-01T00:00:00"}
     status, body = raw_request(fed, port, "POST", "/v1/fleet/push-object", headers=forged, length=str(300 * 10**6))
-    assert status == 401 and '"code": 2004' in body and "not registered" in body, (status, body)
+    assert status == 412 and '"code": 2004' in body and "not registered" in body, (status, body)
     # A real key, provisioned but not registered: refused on every Fleet route.
     for route in FLEET_ROUTES:
-        assert raw_request(fed, port, "POST", f"/v1/fleet/{route}", headers=auth(fed, "south"))[0] == 401, route
+        assert raw_request(fed, port, "POST", f"/v1/fleet/{route}", headers=auth(fed, "south"))[0] == 412, route
     assert seen == []
     assert raw_request(fed, port, "POST", "/v1/fleet/get-run") == (200, "upstream\n")  # north, registered
     # A push of north's in progress while south is registered (map rewritten, nginx reloaded).
@@ -299,7 +299,7 @@ def test_nginx_forwards_only_a_registered_sites_key_and_register_lets_one_in_wit
         assert conn.recv(65536).split(b"\r\n", 1)[0] == b"HTTP/1.1 200 OK"
     # The push reached the upstream as it began (nginx streams bodies), before south's call.
     assert seen == [("POST", "/v1/fleet/get-run"), ("POST", "/v1/fleet/push-object"), ("POST", "/v1/fleet/get-run")]
-    assert '"POST /v1/fleet/push-object HTTP/1.1" 401' in (fed.server_dir / "nginx-access.log").read_text()
+    assert '"POST /v1/fleet/push-object HTTP/1.1" 412' in (fed.server_dir / "nginx-access.log").read_text()
 
 
 def test_a_launch_raises_the_door_to_what_its_run_sends_and_a_fixed_door_refuses_it(

@@ -28,6 +28,9 @@ from cryptography.hazmat.primitives import serialization
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 from helpers.deploy_fixtures import SITES, command, descendants, start_registered_superlink
 
+from healthfm_core.model.config import load_model_config
+from server.config import FederationConfig
+from server.deploy.body_limit import BASE_PUSH_BODY_BYTES, MIB, run_push_body_bytes
 from server.deploy.provision import FederationPaths
 
 pytestmark = pytest.mark.slow
@@ -142,7 +145,7 @@ def test_forged_headers_with_a_300_mb_body_are_refused_by_nginx_and_the_superlin
         f"one forged 300 MB push: {status} after {sent / 1e6:.0f} MB sent; SuperLink RSS {before:.0f} -> {after:.0f} MB"
     )
     assert abs(after - before) <= 5, (before, after)
-    assert status == "HTTP/1.1 401 Unauthorized" and sent < FORGED_BYTES, (status, sent)
+    assert status == "HTTP/1.1 412 Precondition Failed" and sent < FORGED_BYTES, (status, sent)
 
 
 def test_eight_concurrent_forged_pushes_are_refused_by_nginx_and_the_superlink_holds_nothing(
@@ -155,10 +158,10 @@ def test_eight_concurrent_forged_pushes_are_refused_by_nginx_and_the_superlink_h
     after = settled_rss(link, before, 5)
     print(f"8 forged 300 MB pushes: {sorted(answers)}; SuperLink RSS {before:.0f} -> {after:.0f} MB")
     assert abs(after - before) <= 5, (before, after)
-    assert [a for a, _ in answers] == ["HTTP/1.1 401 Unauthorized"] * 8
+    assert [a for a, _ in answers] == ["HTTP/1.1 412 Precondition Failed"] * 8
     assert all(sent < FORGED_BYTES for _, sent in answers)
     log = (federation.server_dir / "nginx-access.log").read_text()
-    assert log.count('"POST /v1/fleet/push-object HTTP/1.1" 401') >= 8
+    assert log.count('"POST /v1/fleet/push-object HTTP/1.1" 412') >= 8
 
 
 def test_a_registered_sites_public_key_with_a_forged_signature_is_refused_before_its_body(
@@ -195,3 +198,20 @@ def test_a_registered_sites_oversized_body_is_refused_and_the_superlinks_memory_
     print(f"{SITES[0]}, signed, 300 MB of zeros: {status}; SuperLink RSS {before:.0f} -> {after:.0f} MB")
     assert status == "HTTP/1.1 400 Bad Request" and sent == FORGED_BYTES, (status, sent, peak)
     assert after <= 1.1 * before, (before, peak, after)
+
+
+def test_the_door_is_sized_from_the_launched_model_not_the_largest_preset(tmp_path: Path) -> None:
+    """push-object's limit was the `paper` model's secure round for every federation (1,328 MiB),
+    so a forged 300 MB body passed the size check. A run without secure aggregation needs 81 MiB
+    whatever its model (a chunk, a site's setup statistics); a secure run its masked vector: `tiny`
+    and `small` fit in 81 MiB, `paper` needs 1,328 MiB (what `launch` raises the door to)."""
+    plain, secure = {}, {}
+    for name in ("tiny", "small", "paper"):
+        model = load_model_config(name)
+        plain[name] = run_push_body_bytes(FederationConfig(out_dir=tmp_path, model=model)) // MIB
+        secure[name] = (
+            run_push_body_bytes(FederationConfig(out_dir=tmp_path, model=model, secure_aggregation=True)) // MIB
+        )
+    assert plain == {"tiny": 81, "small": 81, "paper": 81} and BASE_PUSH_BODY_BYTES // MIB == 81
+    assert secure == {"tiny": 81, "small": 81, "paper": 1328}
+    assert FORGED_BYTES > BASE_PUSH_BODY_BYTES  # the issue's body is over the door a plain run opens
