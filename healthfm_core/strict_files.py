@@ -122,9 +122,25 @@ class StrictLoader(yaml.SafeLoader):
     def construct_ambiguous(self, node: yaml.ScalarNode) -> Any:
         raise self._ambiguous(node)
 
-    def construct_yaml12_int(self, node: yaml.ScalarNode) -> int:
+    def _number_text(self, node: yaml.ScalarNode, pattern: re.Pattern[str], kind: str) -> str:
+        """A number's text, refused unless YAML 1.2 writes that kind so (resolved plain scalars
+        are; `!!int VALUE` and `!!float VALUE` may be anything)."""
         value = str(self.construct_scalar(node))
+        if self.resolve(yaml.ScalarNode, value, (True, False)) == _AMBIGUOUS_TAG:
+            raise self._ambiguous(node)
+        if not pattern.match(value):
+            raise StrictFileError(
+                f"{self.where}: line {node.start_mark.line + 1}: value {value!r}: not a YAML 1.2 {kind}"
+            )
+        return value
+
+    def construct_yaml12_int(self, node: yaml.ScalarNode) -> int:
+        value = self._number_text(node, _YAML12_INT, "integer")
         return int(value, 0) if value[:2] in ("0x", "0o") else int(value, 10)
+
+    def construct_yaml12_float(self, node: yaml.ScalarNode) -> float:
+        self._number_text(node, _YAML12_FLOAT, "float")
+        return float(super().construct_yaml_float(node))
 
     def _bool_problem(self, node: yaml.Node, field: Hashable | None) -> StrictFileError:
         named = f"field {field}: " if field is not None else ""
@@ -178,6 +194,7 @@ class StrictLoader(yaml.SafeLoader):
 
 StrictLoader.add_constructor(_BOOL_TAG, StrictLoader.construct_yaml_bool)
 StrictLoader.add_constructor(_INT_TAG, StrictLoader.construct_yaml12_int)
+StrictLoader.add_constructor(_FLOAT_TAG, StrictLoader.construct_yaml12_float)
 StrictLoader.add_constructor(_AMBIGUOUS_TAG, StrictLoader.construct_ambiguous)
 StrictLoader.add_constructor("tag:yaml.org,2002:map", StrictLoader.construct_yaml_map)
 

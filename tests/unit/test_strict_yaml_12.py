@@ -91,6 +91,9 @@ def test_a_number_yaml_1_1_reads_otherwise_is_refused_naming_both_readings(
     # In a list, with no field to name, the line and value still are.
     with pytest.raises(StrictFileError, match=rf"x.yaml: line 2: value {value}: YAML 1.1 reads"):
         strict_yaml(f"a:\n  - {value}\n", "x.yaml")
+    # An explicit tag does not settle it: `!!int 020` is 16 to YAML 1.1 as well.
+    with pytest.raises(StrictFileError, match=rf"x.yaml: line 1: (field a: )?value {value}"):
+        strict_yaml(f"a: !!int {value}\n", "x.yaml")
 
 
 @pytest.mark.parametrize(
