@@ -14,7 +14,8 @@ the site holds; `release-key`, the federation's public release key from the site
 (release_signing.pem: the release's signature is verified against it), or `trust-unsigned-release`
 true for a release the site loads unverified (a local simulation's); `embeddings` (optional), its embed file of the tasks' rows; `max-subjects`
 (optional), the subject budget per split of its rows (the release's own sample when absent). The site's `policy`
-(its DP budget) and `state-dir` (its durable privacy ledger) are the pretraining's own, so the
+(its DP budget, and its expected_release: a release of another run is refused,
+healthfm_core/release_binding.py) and `state-dir` (its durable privacy ledger) are the pretraining's own, so the
 head's DP rounds (healthfm_core/privacy/head.py) spend from the same ledger under the same cap.
 """
 
@@ -46,6 +47,7 @@ from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.protocol import EvalConfig, TaskReason
 from healthfm_core.release import ModelRelease, load_release
+from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
 
 log = logging.getLogger("healthfm.client")
@@ -103,10 +105,20 @@ _RELEASES: dict[str, ModelRelease] = {}
 _ROWS: dict[tuple[str, tuple[str, ...]], HeadRows] = {}
 
 
-def _release(path: str, key: str | None, trust_unsigned: bool) -> ModelRelease:
-    cache_key = json.dumps([path, key, trust_unsigned])
+def _release(path: str, key: str | None, trust_unsigned: bool, expect: ExpectedRun | None) -> ModelRelease:
+    """The release (once per process), refused when it is not the run the site's policy expects."""
+    cache_key = json.dumps([path, key, trust_unsigned, expect.model_dump() if expect else None])
     if cache_key not in _RELEASES:
-        _RELEASES[cache_key] = load_release(path, trusted_keys=[key] if key else [], trust_unsigned=trust_unsigned)
+        _RELEASES[cache_key] = load_release(
+            path, trusted_keys=[key] if key else [], trust_unsigned=trust_unsigned, expect=[expect] if expect else []
+        )
+        if expect is None:
+            log.warning(
+                "release %s is %s; this site's policy names no expected_release, so any release the federation "
+                "signed would load",
+                path,
+                _RELEASES[cache_key].describe_run(),
+            )
     return _RELEASES[cache_key]
 
 
@@ -183,8 +195,9 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         if not isinstance(trust_unsigned, bool):
             raise ValueError(f"node config field trust-unsigned-release: value {trust_unsigned!r} is not true or false")
         key = config.get("release-key")
-        release = _release(str(config["model"]), str(key) if key else None, trust_unsigned)
-        runtime = get_runtime(site_config)
+        runtime = get_runtime(site_config)  # its policy names the run the release must be
+        expect = runtime.policy.expected_release if runtime.policy is not None else None
+        release = _release(str(config["model"]), str(key) if key else None, trust_unsigned, expect)
         require_fit(runtime.site, release.setup, DEFAULT_MAX_UNKNOWN_SHARE, where=f"site {site_config.site_root}")
         cfg = eval_config(release, list(tasks) or None, max_subjects_of(config))
         labels = runtime.labels(cfg)
