@@ -67,15 +67,16 @@ def _pair_path(bounds, lam_max, CAUSAL: tl.constexpr, SPAN: tl.constexpr):
 
 
 @device
-def _row_norm(alpha, mixture, M: tl.constexpr):
-    """U_i = log sum_m pi_m exp(-lambda_m alpha_i) (logsumexp over the components)."""
+def _log_mixture(x, mixture, M: tl.constexpr):
+    """log sum_m pi_m exp(-lambda_m x), elementwise, by the max-component trick (logsumexp over the
+    components): a row's normaliser U_i at x = alpha_i, log K(dt) at x = dt."""
     lw_ptr, rate_ptr, _ = mixture
-    mx = tl.load(lw_ptr) - tl.load(rate_ptr) * alpha
+    mx = tl.load(lw_ptr) - tl.load(rate_ptr) * x
     for m in tl.static_range(1, M):
-        mx = tl.maximum(mx, tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * alpha)
+        mx = tl.maximum(mx, tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * x)
     acc = tl.zeros_like(mx)
     for m in tl.static_range(M):
-        acc += _exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * alpha - mx)
+        acc += _exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * x - mx)
     return mx + tl.log(acc)
 
 
@@ -87,20 +88,13 @@ def _key_factor(lam, beta, kval):
 
 @device
 def _log_kernel(t_q, t_k, mixture, CAUSAL: tl.constexpr, M: tl.constexpr):
-    """log K(dt) per score with the max-component trick; returns (log K, dt)."""
-    lw_ptr, rate_ptr, _ = mixture
+    """log K(dt) per score; returns (log K, dt)."""
     dt = t_q[:, None] - t_k[None, :]
     if CAUSAL:
         dt = tl.maximum(dt, 0.0)
     else:
         dt = tl.abs(dt)
-    mx = tl.load(lw_ptr) - tl.load(rate_ptr) * dt
-    for m in tl.static_range(1, M):
-        mx = tl.maximum(mx, tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * dt)
-    acc = tl.zeros_like(mx)
-    for m in tl.static_range(M):
-        acc += _exp(tl.load(lw_ptr + m) - tl.load(rate_ptr + m) * dt - mx)
-    return mx + tl.log(acc), dt
+    return _log_mixture(dt, mixture, M), dt
 
 
 @device
@@ -114,7 +108,7 @@ def _logits(
     if fast:
         alpha = sigma * (t_q - a)
         beta = sigma * (a - t_k)
-        u = _row_norm(alpha, mixture, M)
+        u = _log_mixture(alpha, mixture, M)
         kn = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for m in tl.static_range(M):
             lw = tl.load(lw_ptr + m)
@@ -241,7 +235,7 @@ def _planned_mixture_gradients(
     if fast:
         alpha = sigma * (t_q - a)
         beta = sigma * (a - t_k)
-        u = _row_norm(alpha, mixture, M)
+        u = _log_mixture(alpha, mixture, M)
         for m in tl.static_range(M):
             lw = tl.load(lw_ptr + m)
             lam = tl.load(rate_ptr + m)
