@@ -98,23 +98,38 @@ def _log_kernel(t_q, t_k, mixture, CAUSAL: tl.constexpr, M: tl.constexpr):
 
 
 @device
+def _anchored(t_q, t_k, path, mixture, M: tl.constexpr):
+    """A factorised pair's time gaps from its anchor a, alpha_i = sigma (t_i - a) and
+    beta_j = sigma (a - t_j), and its rows' normaliser U_i (``_log_mixture`` at alpha_i)."""
+    _, a, sigma = path
+    alpha = sigma * (t_q - a)
+    beta = sigma * (a - t_k)
+    return alpha, beta, _log_mixture(alpha, mixture, M)
+
+
+@device
+def _component_factors(mixture, m, alpha, beta, u, kval):
+    """Component m's factors of a factorised pair: the rows' weights w_im = pi_m e^(-lambda_m alpha_i)
+    / c_i and the keys' b_jm = e^(-lambda_m beta_j) (0 at invalid keys), so K_ij / c_i = sum_m w_im b_jm."""
+    lw_ptr, rate_ptr, _ = mixture
+    lw = tl.load(lw_ptr + m)
+    lam = tl.load(rate_ptr + m)
+    return _exp(lw - lam * alpha - u), _key_factor(lam, beta, kval)
+
+
+@device
 def _logits(
     qk, t_q, t_k, kval, path, mixture,
     CAUSAL: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """(z, kn): the score is s = z + log(kn); fast path: z = qk + U, kn = K / c; log path: kn = 1."""
-    fast, a, sigma = path
-    lw_ptr, rate_ptr, _ = mixture
+    fast, _, _ = path
     if fast:
-        alpha = sigma * (t_q - a)
-        beta = sigma * (a - t_k)
-        u = _log_mixture(alpha, mixture, M)
+        alpha, beta, u = _anchored(t_q, t_k, path, mixture, M)
         kn = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for m in tl.static_range(M):
-            lw = tl.load(lw_ptr + m)
-            lam = tl.load(rate_ptr + m)
-            w = _exp(lw - lam * alpha - u)
-            kn += w[:, None] * _key_factor(lam, beta, kval)[None, :]
+            w, b = _component_factors(mixture, m, alpha, beta, u, kval)
+            kn += w[:, None] * b[None, :]
         z = qk + u[:, None]
     else:
         log_k, dt = _log_kernel(t_q, t_k, mixture, CAUSAL, M)
@@ -230,17 +245,13 @@ def _planned_mixture_gradients(
     rho_ijm = pi_m exp(-lambda_m dt_ij) / K_ij (the component's responsibility); g = dS / kn, ds = dS."""
     _, t_q, _, row_ok = qtile
     _, _, t_k, kval, _, _ = ktile
-    fast, a, sigma = path
+    fast, _, _ = path
     lw_ptr, rate_ptr, _ = mixture
     if fast:
-        alpha = sigma * (t_q - a)
-        beta = sigma * (a - t_k)
-        u = _log_mixture(alpha, mixture, M)
+        alpha, beta, u = _anchored(t_q, t_k, path, mixture, M)
         for m in tl.static_range(M):
-            lw = tl.load(lw_ptr + m)
-            lam = tl.load(rate_ptr + m)
-            w = tl.where(row_ok, _exp(lw - lam * alpha - u), 0.0)
-            bk = _key_factor(lam, beta, kval)
+            w, bk = _component_factors(mixture, m, alpha, beta, u, kval)
+            w = tl.where(row_ok, w, 0.0)
             lw_rows, rate_rows = _add_mixture_gradients(lw_rows, rate_rows, offs_c, m, g, w, bk, alpha, beta)
     else:
         log_k, dt = _log_kernel(t_q, t_k, mixture, CAUSAL, M)
