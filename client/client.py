@@ -74,10 +74,9 @@ from client.site_runtime import SiteRuntime  # noqa: E402
 from client.threads import parse_threads  # noqa: E402
 from healthfm_core.data.checks.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteReport  # noqa: E402
+from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS  # noqa: E402
 from healthfm_core.data.checks.site_check import check_site, run_check  # noqa: E402
 from healthfm_core.data.checks.task_check import (  # noqa: E402
-    DEFAULT_MIN_POSITIVES,
-    DEFAULT_MIN_SUBJECTS,
     TasksReport,
     count_tasks,
     format_tasks,
