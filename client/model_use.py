@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.checks.task_check import DEFAULT_MIN_POSITIVES
+from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES
 from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks, runner_tasks
 from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL
