@@ -464,7 +464,15 @@ def _predict_zero_shot(args: argparse.Namespace) -> int:
     cfg = eval_config(release, args.tasks, args.max_subjects)
     rows = read_prediction_times(args.prediction_times) if args.prediction_times else task_rows(runtime, cfg)
     result = zero_shot_at_site(
-        runtime, release, cfg.tasks, rows, cfg.max_events, cfg.max_patches, cfg.batch_size, progress=_progress(args)
+        runtime,
+        release,
+        cfg.tasks,
+        rows,
+        cfg.max_events,
+        cfg.max_patches,
+        cfg.batch_size,
+        progress=_progress(args),
+        strict_codes=bool(args.tasks),  # a task the site named must be scored, or the site is told why
     )
     write_parquet(result.table, args.out)
     keys = [c for c in result.table.column_names if c not in ("subject_id", "prediction_time")]

@@ -45,7 +45,7 @@ from healthfm_core.eval.patch_reuse import reused_patch_encodings
 from healthfm_core.eval.plots import reliability_diagram
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.saved_head import load_head, save_head
-from healthfm_core.eval.zero_shot import ZeroShotScorer, probabilities, zero_shot_columns
+from healthfm_core.eval.zero_shot import NoOutcomeCode, ZeroShotScorer, probabilities, zero_shot_columns
 from healthfm_core.files import atomic_path, atomic_write_text
 from healthfm_core.protocol import EvalConfig, EvalReply, TaskReason
 from healthfm_core.release import ModelRelease
@@ -417,18 +417,24 @@ def zero_shot_at_site(
     max_patches: int,
     batch_size: int = 64,
     progress: bool = False,
+    strict_codes: bool = False,
 ) -> ZeroShot:
     """Each onset task key's zero-shot probability for every row (the release's future_codes
     head at the task's horizon, over the vocabulary codes its outcome matches), the rows embedded
     by the evaluation's path. A key the head cannot score (no such horizon, no matching code, a
-    task without horizons, a site-labelled task) is skipped with why; none scorable: UseError."""
+    task without horizons, a site-labelled task) is skipped with why; none scorable: UseError.
+    `strict_codes` (tasks the site named): a task whose outcome codes are not in the release's
+    vocabulary is a UseError naming the task and the code, not a skip."""
     keyed = runner_tasks(tasks)
     skipped = {
         f"{t.name}": "a site-labelled task: its outcome is not a code the head predicts"
         for t in tasks
         if t.kind == "site"
     }
-    columns, why = zero_shot_columns(release.model, keyed, release.setup.vocabulary.codes)
+    try:
+        columns, why = zero_shot_columns(release.model, keyed, release.setup.vocabulary.codes, strict_codes)
+    except NoOutcomeCode as err:
+        raise UseError(f"--zero-shot: {err}") from None
     skipped.update(why)
     skipped.update({k: "not an onset task" for k in keyed if k not in why and k not in {c.key for c in columns}})
     if not columns:

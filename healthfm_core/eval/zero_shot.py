@@ -51,6 +51,11 @@ class NoZeroShot(ValueError):
     values); the message says which and why."""
 
 
+class NoOutcomeCode(NoZeroShot):
+    """A task whose outcome codes are none of the model's vocabulary: the message names the task
+    and the codes (or patterns) its outcome looks for."""
+
+
 # ---------------------------------------------------------------- the task's codes
 
 
@@ -69,7 +74,7 @@ def _label_predicate(task: AcesTask) -> str:
 def _code_matchers(task: AcesTask, predicate: str, seen: frozenset[str] = frozenset()) -> list[re.Pattern[str]]:
     """Regexes whose search over a code string says the predicate holds for an event of that code:
     `code: X` (exactly X), `code: {regex: R}` (ACES searches R), `code: {any: [..]}`, and
-    `expr: or(a, b, ..)` of those."""
+    `expr: or(a, b, ..)` of those (`_describe` gives each back as the task file spells it)."""
     predicates = task.config.get("predicates") or {}
     if predicate in seen:
         raise NoZeroShot(f"task {task.name!r}: predicate {predicate!r} refers to itself")
@@ -101,6 +106,17 @@ def _code_matchers(task: AcesTask, predicate: str, seen: frozenset[str] = frozen
     raise NoZeroShot(f"task {task.name!r}: predicate {predicate!r} has code {code!r}: not a code, regex or any-list")
 
 
+_EXACT = re.compile(r"^\^(?P<code>.*)\$$")
+
+
+def _describe(matcher: re.Pattern[str]) -> str:
+    """A matcher as the task file spells it: the code itself (`code: X`, `any`), else `regex R`."""
+    m = _EXACT.match(matcher.pattern)
+    if m is not None and re.escape(code := re.sub(r"\\(.)", r"\1", m["code"])) == m["code"]:
+        return code
+    return f"regex {matcher.pattern}"
+
+
 def outcome_code_ids(task: Task, vocabulary_codes: Sequence[str]) -> list[int]:
     """The ids (vocabulary position + N_SPECIAL_CODES, as the head's outputs) of every vocabulary
     code the task's outcome matches: an ACES task's label predicate (`AcesOnsetTask.aces`), or an
@@ -109,12 +125,17 @@ def outcome_code_ids(task: Task, vocabulary_codes: Sequence[str]) -> list[int]:
     if isinstance(aces, AcesTask):
         matchers = _code_matchers(aces, _label_predicate(aces))
         ids = [N_SPECIAL_CODES + i for i, c in enumerate(vocabulary_codes) if any(m.search(c) for m in matchers)]
+        wanted = ", ".join(_describe(m) for m in matchers)
     elif isinstance(task, OnsetTask):
         ids = [N_SPECIAL_CODES + i for i, c in enumerate(vocabulary_codes) if c.startswith(task.outcome_code_prefix)]
+        wanted = f"codes starting {task.outcome_code_prefix}"
     else:
         raise NoZeroShot(f"task {task.name!r} is not an onset task")
     if not ids:
-        raise NoZeroShot(f"task {task.name!r}: no code of the model's vocabulary matches its outcome")
+        raise NoOutcomeCode(
+            f"task {task.name!r}: its outcome code ({wanted}) is not in the model's vocabulary "
+            f"({len(vocabulary_codes)} codes): the head has no output for it"
+        )
     return ids
 
 
@@ -137,9 +158,11 @@ class ZeroShotColumn:
 
 
 def zero_shot_columns(
-    model: HealthFM, tasks: Mapping[str, Task], vocabulary_codes: Sequence[str]
+    model: HealthFM, tasks: Mapping[str, Task], vocabulary_codes: Sequence[str], strict_codes: bool = False
 ) -> tuple[list[ZeroShotColumn], dict[str, str]]:
-    """(a column per task the head can score, {task key: why not} for the others)."""
+    """(a column per task the head can score, {task key: why not} for the others);
+    `strict_codes`: a task whose outcome codes are not in the vocabulary raises NoOutcomeCode
+    (a site that asked for that task by name) instead of being skipped."""
     columns, skipped = [], {}
     for key, task in tasks.items():
         if not isinstance(task, OnsetTask):
@@ -151,6 +174,8 @@ def zero_shot_columns(
                 )
             )
         except NoZeroShot as err:
+            if strict_codes and isinstance(err, NoOutcomeCode):
+                raise
             skipped[key] = str(err)
     return columns, skipped
 
@@ -256,6 +281,7 @@ def zero_shot_rows(
 
 __all__ = [
     "FUTURE_CODES_HEAD",
+    "NoOutcomeCode",
     "NoZeroShot",
     "ZeroShotColumn",
     "ZeroShotScorer",

@@ -27,7 +27,14 @@ from safetensors.numpy import load_file
 from client.client import build_parser
 from client.client import main as client_main
 from client.head_rows import load_head_rows
-from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, eval_config, open_site_runtime, task_rows
+from client.model_use import (
+    PREDICTION_TIMES_SCHEMA,
+    embed_rows_at_site,
+    eval_config,
+    open_site_runtime,
+    task_rows,
+    zero_shot_at_site,
+)
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES
 from healthfm_core.data.sequences.vocab import build_vocabulary
@@ -833,6 +840,38 @@ def test_predict_zero_shot_gives_the_models_own_probability_per_task(
         "no task the release's future_codes head can score (readmission: a site-labelled task"
         in capsys.readouterr().err
     )
+    # A task the site names whose outcome codes the release has never seen: refused, naming both.
+    shipped = (Path(__file__).parents[2] / "configs" / "tasks" / "hypertension.yaml").read_text()
+    outcome = "code: {regex: '^(DIAGNOSIS//ICD//9//401|DIAGNOSIS//ICD//10//I10|ICD10//I10|ICD10CM/I10|ICD9CM/401)'}"
+    assert outcome in shipped and "ICD10//Z99" not in vocab
+    rare = shipped.replace(outcome, "code: ICD10//Z99").replace("task: onset_hypertension", "task: onset_rare")
+    (tmp_path / "rare.yaml").write_text(rare)
+    argv = ["predict", *use, "--zero-shot", "--tasks", "hypertension", f"file:{tmp_path / 'rare.yaml'}", *times]
+    assert client_main([*argv, "--out", str(tmp_path / "none.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "task 'onset_rare_30d': its outcome code (ICD10//Z99) is not in the model's vocabulary" in err
+    assert not (tmp_path / "none.parquet").exists()
+
+
+def test_predict_zero_shot_is_time_shift_invariant(
+    release_dir: Path, biobank: Path, tmp_path: Path, release_key: Path
+) -> None:
+    """The same site 100 years later (every event, wearable epoch and birth moved, and the rows
+    with them): the same zero-shot probabilities."""
+    release = load_release(release_dir, trusted_keys=[release_key])
+    runtime, _ = open_site_runtime(biobank, release, 2, None, 0.5)
+    cfg = eval_config(release, ["hypertension"])
+    rows = task_rows(runtime, cfg).slice(0, 12)
+    got = zero_shot_at_site(runtime, release, cfg.tasks, rows, cfg.max_events, cfg.max_patches)
+    shifted = _shifted_site(biobank, tmp_path / "shifted", days=36_524)
+    runtime2, _ = open_site_runtime(shifted, release, 2, None, 0.5)
+    pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
+    rows2 = rows.set_column(1, "prediction_time", pa.array(pt + 36_524 * US_PER_DAY, pa.timestamp("us")))
+    again = zero_shot_at_site(runtime2, release, cfg.tasks, rows2, cfg.max_events, cfg.max_patches)
+    keys = [k for k in got.table.column_names if k.startswith("onset_")]
+    assert keys and again.table.column_names == got.table.column_names
+    for key in keys:
+        np.testing.assert_allclose(again.table[key].to_numpy(), got.table[key].to_numpy(), rtol=0, atol=1e-5)
 
 
 def test_a_site_in_another_coding_is_refused_naming_codes_and_share(

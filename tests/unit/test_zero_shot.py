@@ -4,12 +4,14 @@ with repeats counted."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from helpers.random_batch import random_batch
+from helpers.random_batch import date_shifted, random_batch
 
 from healthfm_core.data.labels.aces_tasks import load_task
 from healthfm_core.data.labels.repeat_events import counting_repeats
@@ -21,6 +23,7 @@ from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.runner import build_eval_set
 from healthfm_core.eval.zero_shot import (
+    NoOutcomeCode,
     NoZeroShot,
     ZeroShotColumn,
     ZeroShotScorer,
@@ -67,8 +70,30 @@ def test_the_shipped_tasks_codes_are_found_in_a_vocabulary_as_aces_matches_them(
     # An event-table task matches its code prefix.
     plain = OnsetTask(name="onset_x_30d", outcome_code_prefix="ICD10//E1", horizon_days=30)
     assert outcome_code_ids(plain, CODES) == [N_SPECIAL_CODES + 2]
-    with pytest.raises(NoZeroShot, match="no code of the model's vocabulary"):
+    with pytest.raises(NoOutcomeCode, match=r"task 'onset_copd_30d': its outcome code \(regex \^\(DIAGNOSIS//ICD//9"):
         outcome_code_ids(_onset("onset_copd_30d"), CODES)
+
+
+def test_a_task_whose_code_is_not_in_the_vocabulary_is_named_with_its_code() -> None:
+    """Skipped with why where a run scores every task it can; raised where the task was asked
+    for by name (strict_codes: `predict --zero-shot --tasks`)."""
+    missing = _with_outcome({"outcome": {"code": {"any": ["ICD10//Z99", "ICD10//Z98"]}}})
+    want = r"task 'onset_t2d_90d': its outcome code \(ICD10//Z99, ICD10//Z98\) is not in the model's vocabulary \(6 codes\)"
+    with pytest.raises(NoOutcomeCode, match=want):
+        outcome_code_ids(missing, CODES)
+    plain = OnsetTask(name="onset_y_30d", outcome_code_prefix="ICD10//Z9", horizon_days=30)
+    with pytest.raises(NoOutcomeCode, match=r"task 'onset_y_30d': its outcome code \(codes starting ICD10//Z9\)"):
+        outcome_code_ids(plain, CODES)
+    model = _model()
+    tasks = {"z": missing, "ok": _onset("onset_hypertension_30d")}
+    columns, skipped = zero_shot_columns(model, tasks, CODES)
+    assert [c.key for c in columns] == ["ok"] and "ICD10//Z99" in skipped["z"]
+    with pytest.raises(NoOutcomeCode, match="onset_t2d_90d"):
+        zero_shot_columns(model, tasks, CODES, strict_codes=True)
+    # Other reasons stay skips even then: a horizon the head has no window for.
+    wide = OnsetTask(name="wide_45d", outcome_code_prefix="ICD10//I10", horizon_days=45)
+    _, skipped = zero_shot_columns(model, {"wide": wide}, CODES, strict_codes=True)
+    assert "not 45" in skipped["wide"]
 
 
 def test_or_of_code_predicates_is_scored_values_and_and_are_refused() -> None:
@@ -123,6 +148,20 @@ def test_the_score_is_the_heads_any_code_logit() -> None:
     assert np.allclose(probabilities(np.array([0.0, 2.0])), [0.5, 1 / (1 + np.exp(-2.0))])
     with pytest.raises(NoZeroShot, match="no task"):
         ZeroShotScorer(model, [])
+
+
+def test_the_score_survives_a_date_shift() -> None:
+    """Every time of a sample, its prediction time and its birth moved by the same days (a
+    site's date shift): the same zero-shot logits (fp32 times at 100 years: ~1e-5); the birth
+    alone moved by 10 years (a different age) changes them by 100 times more."""
+    model = _model()
+    batch = random_batch(4, vocab_size=40, seed=3)
+    scorer = ZeroShotScorer(model, [ZeroShotColumn("a", 1, (6,)), ZeroShotColumn("b", 3, (8, 12))])
+    with torch.no_grad():
+        base = scorer.embed(batch)
+        torch.testing.assert_close(scorer.embed(date_shifted(batch, 36_524.0)), base, atol=3e-5, rtol=0)
+        older = scorer.embed(replace(batch, birth_time=batch.birth_time - 3652.5))
+    assert (older - base).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="module")
