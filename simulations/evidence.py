@@ -1035,7 +1035,7 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                     ]
                     if p.get("plot"):
                         figs[f"q4 utility against epsilon, {scenario}"] = out / p["plot"]
-            lines += evidence_zero_shot.report_lines(q, scenario, ev_out)
+            lines += evidence_zero_shot.report_lines(q, scenario, ev_out, mine, float(cfg.zero_shot.far_below))
             dump["questions"][q][scenario] = entry
             lines.append("")
     for scenario, notes in ev_out.notes.items():

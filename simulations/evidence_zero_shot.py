@@ -26,6 +26,7 @@ r. The repeated-event pitfall (arXiv 2507.00574): the onset tasks with repeats c
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ from omegaconf import DictConfig
 from healthfm_core.data.labels.repeat_events import counting_repeats
 from healthfm_core.data.labels.task_spec import AcesOnsetTask
 from healthfm_core.eval import compare
+from healthfm_core.eval.metrics import auroc, log_loss
 from healthfm_core.eval.paired_comparison import Comparison, RowSetItem, Verdict
 from healthfm_core.eval.runner import EvalSet, MethodFeatures, MethodResult, build_eval_set, evaluate_method
 from healthfm_core.eval.zero_shot import zero_shot_rows
@@ -54,7 +56,8 @@ ZERO_SHOT = "zero-shot"  # the federated model's head
 ZERO_SHOT_POOLED = "zero-shot (pooled)"
 QUERY_PROBE = "federated probe [query state]"  # what the head reads: the probes' features without the genomics output
 REPEATS = "repeats pooled in pretraining"  # repeated_events.variant's model
-KEY = "issue72"  # this module's entry in a unit's diagnostics
+KEY = "issue72"  # this module's entry in a unit's diagnostics (r's counts)
+HEAD_KEY = "issue72_head"  # z's fit of the head to each task's codes (head_fit)
 
 
 def methods(cfg: DictConfig) -> list[str]:
@@ -165,6 +168,47 @@ def zero_shot_comparisons(
             per_site[name][QUERY_PROBE] = evaluate_method(QUERY_PROBE, data, query, n_boot=u.n_boot, seed=seed)
     add("federated: zero-shot - probe on the query state", ZERO_SHOT, QUERY_PROBE)
     add("federated: probe on the query state - probe", QUERY_PROBE, "federated")
+    u.ev_out.diagnostics[scenario].setdefault(seed, {})[HEAD_KEY] = head_fit(per_site_data, per_site)
+
+
+def head_fit(per_site_data: Mapping[str, EvalSet], per_site: compare.PerSite) -> dict[str, dict[str, float]]:
+    """Per task key, pooled over sites, on the rows both the zero-shot head and the federated
+    probe scored: held-out rows, positive rate, train positives (what the probe could learn
+    from), the head's mean probability and log loss against the probe's. A head whose mean
+    probability is far from the positive rate is miscalibrated for those codes (the balanced BCE
+    shifts it by design); a log loss far above the probe's on the same rows says it reads the
+    task's codes worse than a fitted read-out of the same model does."""
+    pooled: dict[str, dict[str, list[np.ndarray]]] = {}
+    train_pos: dict[str, int] = {}
+    for name, data in per_site_data.items():
+        z, probe = per_site[name].get(ZERO_SHOT), per_site[name].get("federated")
+        if z is None or probe is None:
+            continue
+        for key in z.predictions.keys() & probe.predictions.keys():
+            both, iz, ip = np.intersect1d(z.scored_rows[key], probe.scored_rows[key], return_indices=True)
+            if len(both) == 0:
+                continue
+            y, pz = z.predictions[key]
+            part = pooled.setdefault(key, {"y": [], "zero": [], "probe": []})
+            part["y"].append(y[iz].astype(float))
+            part["zero"].append(pz[iz])
+            part["probe"].append(probe.predictions[key][1][ip])
+            labels = data.labels(key)
+            train_pos[key] = train_pos.get(key, 0) + int(np.nansum(labels[data.column("split") == "train"]))
+    out: dict[str, dict[str, float]] = {}
+    for key, part in sorted(pooled.items()):
+        y, pz, pp = (np.concatenate(part[k]) for k in ("y", "zero", "probe"))
+        out[key] = {
+            "rows": float(len(y)),
+            "positive_rate": float(y.mean()),
+            "train_positives": float(train_pos[key]),
+            "zero_shot_mean_p": float(pz.mean()),
+            "zero_shot_log_loss": float(log_loss(y, pz)),
+            "probe_log_loss": float(log_loss(y, pp)),
+            "zero_shot_auroc": float(auroc(y, pz)) if 0 < y.sum() < len(y) else float("nan"),
+            "probe_auroc": float(auroc(y, pp)) if 0 < y.sum() < len(y) else float("nan"),
+        }
+    return out
 
 
 def budget_zero_shot(
@@ -325,8 +369,13 @@ def verdicts(comps: Mapping[str, Comparison]) -> list[Verdict]:
     ]
 
 
-def report_lines(question: str, scenario: str, ev_out: Evidence) -> list[str]:
-    """The r section's counts: how many of the repeat-counting positives are repeats."""
+def report_lines(
+    question: str, scenario: str, ev_out: Evidence, comps: Mapping[str, Comparison], far_below: float
+) -> list[str]:
+    """z: why the zero-shot head falls below the probe (why_lines); r: how many of the
+    repeat-counting positives are repeats."""
+    if question == "z":
+        return why_lines(scenario, ev_out, comps, far_below)
     if question != "r":
         return []
     lines = []
@@ -343,7 +392,87 @@ def report_lines(question: str, scenario: str, ev_out: Evidence) -> list[str]:
     return lines
 
 
+def why_lines(scenario: str, ev_out: Evidence, comps: Mapping[str, Comparison], far_below: float) -> list[str]:
+    """Where the federated zero-shot AUROC is more than `far_below` under its probe's: by how
+    much, and the gap split by what was measured on the same rows. Head: zero-shot against a
+    probe on the query state (the head's own input), and the head's log loss and mean probability
+    on the task's codes (head_fit). Genomics path: that probe against the full probe. World: the
+    probe against the oracle (the true risk), the most any score can reach. Budget: the budget
+    curve's zero-shot - probe as rounds grow, where it ran."""
+    gap = comps.get("federated: zero-shot - probe")
+    if gap is None:
+        return []
+    far = gap.difference < -far_below
+    lines = [
+        "",
+        f"**Zero-shot against the probe.** The federated model's head scores {_interval(gap)} AUROC "
+        f"against its own probe on the same rows: "
+        + (f"more than {far_below:.2f} below (far below)." if far else f"within {far_below:.2f}."),
+    ]
+    head = comps.get("federated: zero-shot - probe on the query state")
+    genomics = comps.get("federated: probe on the query state - probe")
+    oracle_z = comps.get("federated: zero-shot - oracle")
+    parts = []
+    if head is not None:
+        parts.append(f"the head's read-out (zero-shot - a probe on the query state it reads) {_interval(head)}")
+    if genomics is not None:
+        parts.append(f"the genomics path (query-state probe - full probe) {_interval(genomics)}")
+    if oracle_z is not None:
+        parts.append(
+            f"the world: zero-shot - oracle {_interval(oracle_z)}, so the probe sits "
+            f"{oracle_z.difference - gap.difference:+.3f} from the oracle"
+        )
+    budget = {k: c for k, c in comps.items() if k.startswith("budget: ") and k.endswith("zero-shot - probe")}
+    if budget:
+        parts.append(
+            "the budget: zero-shot - probe as rounds grow "
+            + ", ".join(f"{k.split(': ')[1]} {_interval(c)}" for k, c in sorted(budget.items()))
+        )
+    if parts:
+        lines.append("Split by what was measured on the same rows: " + "; ".join(parts) + ".")
+    for seed, d in sorted(ev_out.diagnostics.get(scenario, {}).items()):
+        fit = d.get(HEAD_KEY)
+        if not fit:
+            continue
+        lines += [
+            "",
+            f"Seed {seed}: the head on each task's codes (held-out rows both scored, pooled over sites):",
+            "",
+            "| task | rows | positive rate | train positives | head's mean p | head's log loss | probe's log loss "
+            "| zero-shot AUROC | probe AUROC |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {k} | {int(f['rows'])} | {f['positive_rate']:.3f} | {int(f['train_positives'])} | "
+            f"{f['zero_shot_mean_p']:.3f} | {f['zero_shot_log_loss']:.3f} | {f['probe_log_loss']:.3f} | "
+            f"{f['zero_shot_auroc']:.3f} | {f['probe_auroc']:.3f} |"
+            for k, f in fit.items()
+        ]
+    if far and head is not None and genomics is not None:
+        lines += ["", likely_why(gap, head, genomics, budget)]
+    return lines
+
+
+def likely_why(gap: Comparison, head: Comparison, genomics: Comparison, budget: Mapping[str, Comparison]) -> str:
+    """The measured split read as a cause: the larger share of the gap, and whether more rounds
+    close it (the budget curve's last point against its first)."""
+    shares = {"the head's read-out": head.difference, "the genomics path the head does not read": genomics.difference}
+    main = min(shares, key=lambda k: shares[k])
+    text = f"Likely why: most of the {gap.difference:+.3f} is {main} ({shares[main]:+.3f})"
+    if budget:
+        points = [c.difference for _, c in sorted(budget.items(), key=lambda kv: _rounds(kv[0]))]
+        trend = "narrows" if points[-1] > points[0] else "does not narrow"
+        text += f"; the gap {trend} as rounds grow ({points[0]:+.3f} to {points[-1]:+.3f}: budget)"
+    return text + "."
+
+
+def _rounds(key: str) -> int:
+    m = re.search(r"(\d+) rounds", key)
+    return int(m.group(1)) if m else 0
+
+
 __all__ = [
+    "HEAD_KEY",
     "KEY",
     "QUESTIONS",
     "QUERY_PROBE",
@@ -362,6 +491,9 @@ __all__ = [
     "repeat_counts",
     "repeated_events",
     "row_set_items",
+    "head_fit",
+    "likely_why",
+    "why_lines",
     "settings",
     "stage_name",
     "verdicts",

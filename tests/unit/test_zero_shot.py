@@ -4,6 +4,7 @@ with repeats counted."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -20,8 +21,9 @@ from healthfm_core.data.labels.tasks import OnsetTask
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES
 from healthfm_core.data.sequences.tokens import SiteSequences
 from healthfm_core.data.sites.site import open_site
+from healthfm_core.eval.paired_comparison import Comparison
 from healthfm_core.eval.row_embeddings import embed_rows
-from healthfm_core.eval.runner import build_eval_set
+from healthfm_core.eval.runner import MethodResult, build_eval_set
 from healthfm_core.eval.zero_shot import (
     NoOutcomeCode,
     NoZeroShot,
@@ -36,6 +38,8 @@ from healthfm_core.eval.zero_shot import (
 from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import FederationSetup
+from simulations.evidence_units import Evidence
+from simulations.evidence_zero_shot import ZERO_SHOT, head_fit, why_lines
 from simulations.pretrain import agree_vocabulary
 from simulations.synthetic import generate_federation
 
@@ -232,3 +236,58 @@ def test_counting_repeats_adds_the_prevalent_rows_and_keeps_the_others(tiny_site
         counting_repeats(t2d.model_copy(update={"metadata": own_windows}))
     with pytest.raises(ValueError, match="count repeats already"):
         counting_repeats(counting.aces)
+
+
+def test_head_fit_pools_the_rows_both_scored_and_matches_a_reference(tiny_site) -> None:
+    """The evidence job's why (simulations/evidence_zero_shot.head_fit): per task, on the rows the
+    zero-shot head and the probe both scored, the head's mean probability and log loss beside the
+    probe's, by hand."""
+    site, seqs, model, vocab = tiny_site
+    tasks = runner_tasks(resolve_tasks(["hypertension"]))
+    data = build_eval_set({"city_hospital": (site, seqs)}, tasks, n_per_subject=2, seed=0)
+    zero = zero_shot_rows(ZERO_SHOT, data, model, vocab.codes, max_events=64, max_patches=8, n_boot=10)
+    key = next(k for k in zero.predictions if 0 < zero.predictions[k][0].sum())
+    rows = zero.scored_rows[key]
+    y = zero.predictions[key][0]
+    keep = np.arange(len(rows)) % 3 != 0  # the probe scored two rows in three
+    rng = np.random.default_rng(0)
+    p_probe = np.clip(0.3 * y[keep] + 0.7 * rng.random(int(keep.sum())), 0.01, 0.99)
+    probe = MethodResult(predictions={key: (y[keep], p_probe)}, scored_rows={key: rows[keep]})
+    fit = head_fit({"city_hospital": data}, {"city_hospital": {ZERO_SHOT: zero, "federated": probe}})
+    assert list(fit) == [key]
+    f = fit[key]
+    yk, pz = y[keep].astype(float), zero.predictions[key][1][keep]
+    assert f["rows"] == keep.sum() and math.isclose(f["positive_rate"], yk.mean())
+    assert math.isclose(f["zero_shot_mean_p"], pz.mean())
+    bce = lambda p: -np.mean(yk * np.log(p) + (1 - yk) * np.log(1 - p))  # noqa: E731
+    assert math.isclose(f["zero_shot_log_loss"], bce(pz), rel_tol=1e-9)
+    assert math.isclose(f["probe_log_loss"], bce(p_probe), rel_tol=1e-9)
+    labels = data.labels(key)
+    assert f["train_positives"] == np.nansum(labels[data.column("split") == "train"])
+
+
+def _comparison(a: str, b: str, d: float, lo: float, hi: float) -> Comparison:
+    return Comparison(
+        a=a, b=b, n_items=4, n_rows=400, n_subjects=100, mean_a=0.6 + d, mean_b=0.6, difference=d,
+        difference_ci=(lo, hi), ratio=1.0, ratio_ci=(1.0, 1.0), fraction_at_or_below_zero=0.5,
+    )  # fmt: skip
+
+
+def test_the_report_says_by_how_much_and_why_where_zero_shot_is_far_below() -> None:
+    comps = {
+        "federated: zero-shot - probe": _comparison(ZERO_SHOT, "federated", -0.20, -0.25, -0.15),
+        "federated: zero-shot - probe on the query state": _comparison(ZERO_SHOT, "q", -0.15, -0.2, -0.1),
+        "federated: probe on the query state - probe": _comparison("q", "federated", -0.05, -0.08, -0.02),
+        "federated: zero-shot - oracle": _comparison(ZERO_SHOT, "oracle", -0.30, -0.35, -0.25),
+        "budget: FedAvg, 10 rounds: zero-shot - probe": _comparison("a", "b", -0.10, -0.15, -0.05),
+        "budget: FedAvg, 2 rounds: zero-shot - probe": _comparison("a", "b", -0.25, -0.3, -0.2),
+    }
+    text = "\n".join(why_lines("default", Evidence(), comps, far_below=0.05))
+    assert "-0.200 [-0.250, -0.150] AUROC against its own probe" in text and "(far below)" in text
+    assert "the probe sits -0.100 from the oracle" in text
+    assert "Likely why: most of the -0.200 is the head's read-out (-0.150)" in text
+    assert "the gap narrows as rounds grow (-0.250 to -0.100: budget)" in text  # 2 rounds before 10
+    near = {**comps, "federated: zero-shot - probe": _comparison(ZERO_SHOT, "federated", -0.02, -0.05, 0.01)}
+    text = "\n".join(why_lines("default", Evidence(), near, far_below=0.05))
+    assert "within 0.05" in text and "Likely why" not in text
+    assert why_lines("default", Evidence(), {}, far_below=0.05) == []
