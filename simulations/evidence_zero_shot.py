@@ -58,6 +58,9 @@ QUERY_PROBE = "federated probe [query state]"  # what the head reads: the probes
 REPEATS = "repeats pooled in pretraining"  # repeated_events.variant's model
 KEY = "issue72"  # this module's entry in a unit's diagnostics (r's counts)
 HEAD_KEY = "issue72_head"  # z's fit of the head to each task's codes (head_fit)
+# A head whose logits vary less than this over a task's rows (standard deviation) barely tells
+# them apart (the tiny model's head on the quick preset's rows: ~1e-4): under-trained.
+FLAT_HEAD = 0.01
 
 
 def methods(cfg: DictConfig) -> list[str]:
@@ -174,7 +177,9 @@ def zero_shot_comparisons(
 def head_fit(per_site_data: Mapping[str, EvalSet], per_site: compare.PerSite) -> dict[str, dict[str, float]]:
     """Per task key, pooled over sites, on the rows both the zero-shot head and the federated
     probe scored: held-out rows, positive rate, train positives (what the probe could learn
-    from), the head's mean probability and log loss against the probe's. A head whose mean
+    from), the head's mean probability, the spread of its logits over the rows, and its log loss
+    against the probe's. Logits that hardly vary between rows (FLAT_HEAD) are a head not yet
+    trained to tell the rows apart: the budget. A head whose mean
     probability is far from the positive rate is miscalibrated for those codes (the balanced BCE
     shifts it by design); a log loss far above the probe's on the same rows says it reads the
     task's codes worse than a fitted read-out of the same model does."""
@@ -203,6 +208,7 @@ def head_fit(per_site_data: Mapping[str, EvalSet], per_site: compare.PerSite) ->
             "positive_rate": float(y.mean()),
             "train_positives": float(train_pos[key]),
             "zero_shot_mean_p": float(pz.mean()),
+            "zero_shot_logit_sd": float(np.std(np.log(pz) - np.log1p(-pz))),
             "zero_shot_log_loss": float(log_loss(y, pz)),
             "probe_log_loss": float(log_loss(y, pp)),
             "zero_shot_auroc": float(auroc(y, pz)) if 0 < y.sum() < len(y) else float("nan"),
@@ -430,6 +436,7 @@ def why_lines(scenario: str, ev_out: Evidence, comps: Mapping[str, Comparison], 
         )
     if parts:
         lines.append("Split by what was measured on the same rows: " + "; ".join(parts) + ".")
+    n_flat = n_fit = 0
     for seed, d in sorted(ev_out.diagnostics.get(scenario, {}).items()):
         fit = d.get(HEAD_KEY)
         if not fit:
@@ -438,24 +445,40 @@ def why_lines(scenario: str, ev_out: Evidence, comps: Mapping[str, Comparison], 
             "",
             f"Seed {seed}: the head on each task's codes (held-out rows both scored, pooled over sites):",
             "",
-            "| task | rows | positive rate | train positives | head's mean p | head's log loss | probe's log loss "
-            "| zero-shot AUROC | probe AUROC |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| task | rows | positive rate | train positives | head's mean p | head's logit SD | head's log loss "
+            "| probe's log loss | zero-shot AUROC | probe AUROC |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
             f"| {k} | {int(f['rows'])} | {f['positive_rate']:.3f} | {int(f['train_positives'])} | "
-            f"{f['zero_shot_mean_p']:.3f} | {f['zero_shot_log_loss']:.3f} | {f['probe_log_loss']:.3f} | "
-            f"{f['zero_shot_auroc']:.3f} | {f['probe_auroc']:.3f} |"
+            f"{f['zero_shot_mean_p']:.3f} | {f['zero_shot_logit_sd']:.2g} | {f['zero_shot_log_loss']:.3f} | "
+            f"{f['probe_log_loss']:.3f} | {f['zero_shot_auroc']:.3f} | {f['probe_auroc']:.3f} |"
             for k, f in fit.items()
         ]
+        flat = [k for k, f in fit.items() if f["zero_shot_logit_sd"] < FLAT_HEAD]
+        n_flat, n_fit = n_flat + len(flat), n_fit + len(fit)
+        if flat:
+            lines += [
+                "",
+                f"The head's logits vary by less than {FLAT_HEAD} (SD over the rows) on {len(flat)} of {len(fit)} "
+                "tasks: it barely tells the rows apart, a head not yet trained at this budget; its AUROC there "
+                "ranks rows by differences that small.",
+            ]
     if far and head is not None and genomics is not None:
-        lines += ["", likely_why(gap, head, genomics, budget)]
+        lines += ["", likely_why(gap, head, genomics, budget, (n_flat, n_fit))]
     return lines
 
 
-def likely_why(gap: Comparison, head: Comparison, genomics: Comparison, budget: Mapping[str, Comparison]) -> str:
-    """The measured split read as a cause: the larger share of the gap, and whether more rounds
-    close it (the budget curve's last point against its first)."""
+def likely_why(
+    gap: Comparison,
+    head: Comparison,
+    genomics: Comparison,
+    budget: Mapping[str, Comparison],
+    flat: tuple[int, int] = (0, 0),
+) -> str:
+    """The measured split read as a cause: the larger share of the gap, whether more rounds
+    close it (the budget curve's last point against its first), and `flat`: (tasks whose head
+    logits hardly vary, tasks) over the seeds (an under-trained head: budget)."""
     shares = {"the head's read-out": head.difference, "the genomics path the head does not read": genomics.difference}
     main = min(shares, key=lambda k: shares[k])
     text = f"Likely why: most of the {gap.difference:+.3f} is {main} ({shares[main]:+.3f})"
@@ -463,6 +486,8 @@ def likely_why(gap: Comparison, head: Comparison, genomics: Comparison, budget: 
         points = [c.difference for _, c in sorted(budget.items(), key=lambda kv: _rounds(kv[0]))]
         trend = "narrows" if points[-1] > points[0] else "does not narrow"
         text += f"; the gap {trend} as rounds grow ({points[0]:+.3f} to {points[-1]:+.3f}: budget)"
+    if flat[0]:
+        text += f"; the head's logits hardly vary on {flat[0]} of {flat[1]} tasks (under-trained: budget)"
     return text + "."
 
 
@@ -472,6 +497,7 @@ def _rounds(key: str) -> int:
 
 
 __all__ = [
+    "FLAT_HEAD",
     "HEAD_KEY",
     "KEY",
     "QUESTIONS",

@@ -39,7 +39,7 @@ from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import FederationSetup
 from simulations.evidence_units import Evidence
-from simulations.evidence_zero_shot import ZERO_SHOT, head_fit, why_lines
+from simulations.evidence_zero_shot import FLAT_HEAD, HEAD_KEY, ZERO_SHOT, head_fit, why_lines
 from simulations.pretrain import agree_vocabulary
 from simulations.synthetic import generate_federation
 
@@ -259,6 +259,7 @@ def test_head_fit_pools_the_rows_both_scored_and_matches_a_reference(tiny_site) 
     yk, pz = y[keep].astype(float), zero.predictions[key][1][keep]
     assert f["rows"] == keep.sum() and math.isclose(f["positive_rate"], yk.mean())
     assert math.isclose(f["zero_shot_mean_p"], pz.mean())
+    assert math.isclose(f["zero_shot_logit_sd"], np.std(np.log(pz / (1 - pz))), rel_tol=1e-6, abs_tol=1e-12)
     bce = lambda p: -np.mean(yk * np.log(p) + (1 - yk) * np.log(1 - p))  # noqa: E731
     assert math.isclose(f["zero_shot_log_loss"], bce(pz), rel_tol=1e-9)
     assert math.isclose(f["probe_log_loss"], bce(p_probe), rel_tol=1e-9)
@@ -282,11 +283,24 @@ def test_the_report_says_by_how_much_and_why_where_zero_shot_is_far_below() -> N
         "budget: FedAvg, 10 rounds: zero-shot - probe": _comparison("a", "b", -0.10, -0.15, -0.05),
         "budget: FedAvg, 2 rounds: zero-shot - probe": _comparison("a", "b", -0.25, -0.3, -0.2),
     }
-    text = "\n".join(why_lines("default", Evidence(), comps, far_below=0.05))
+    ev = Evidence()
+    fit = {"flat": 1e-4, "varied": 0.8}
+    ev.diagnostics["default"][0] = {
+        HEAD_KEY: {
+            k: {"rows": 50.0, "positive_rate": 0.1, "train_positives": 9.0, "zero_shot_mean_p": 0.48,
+                "zero_shot_logit_sd": sd, "zero_shot_log_loss": 0.65, "probe_log_loss": 0.3,
+                "zero_shot_auroc": 0.6, "probe_auroc": 0.8}
+            for k, sd in fit.items()
+        }
+    }  # fmt: skip
+    text = "\n".join(why_lines("default", ev, comps, far_below=0.05))
+    assert "| flat | 50 | 0.100 | 9 | 0.480 | 0.0001 | 0.650 | 0.300 | 0.600 | 0.800 |" in text
+    assert f"vary by less than {FLAT_HEAD} (SD over the rows) on 1 of 2 tasks" in text
     assert "-0.200 [-0.250, -0.150] AUROC against its own probe" in text and "(far below)" in text
     assert "the probe sits -0.100 from the oracle" in text
     assert "Likely why: most of the -0.200 is the head's read-out (-0.150)" in text
     assert "the gap narrows as rounds grow (-0.250 to -0.100: budget)" in text  # 2 rounds before 10
+    assert "the head's logits hardly vary on 1 of 2 tasks (under-trained: budget)." in text
     near = {**comps, "federated: zero-shot - probe": _comparison(ZERO_SHOT, "federated", -0.02, -0.05, 0.01)}
     text = "\n".join(why_lines("default", Evidence(), near, far_below=0.05))
     assert "within 0.05" in text and "Likely why" not in text
