@@ -26,6 +26,7 @@ r. The repeated-event pitfall (arXiv 2507.00574): the onset tasks with repeats c
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -451,11 +452,12 @@ def why_lines(scenario: str, ev_out: Evidence, comps: Mapping[str, Comparison], 
         ]
         lines += [
             f"| {k} | {int(f['rows'])} | {f['positive_rate']:.3f} | {int(f['train_positives'])} | "
-            f"{f['zero_shot_mean_p']:.3f} | {f['zero_shot_logit_sd']:.2g} | {f['zero_shot_log_loss']:.3f} | "
+            f"{f['zero_shot_mean_p']:.3f} | {f.get('zero_shot_logit_sd', math.nan):.2g} | {f['zero_shot_log_loss']:.3f} | "
             f"{f['probe_log_loss']:.3f} | {f['zero_shot_auroc']:.3f} | {f['probe_auroc']:.3f} |"
             for k, f in fit.items()
         ]
-        flat = [k for k, f in fit.items() if f["zero_shot_logit_sd"] < FLAT_HEAD]
+        # A unit written before the spread was recorded (resume=true) has none: nan, not flat.
+        flat = [k for k, f in fit.items() if f.get("zero_shot_logit_sd", math.nan) < FLAT_HEAD]
         n_flat, n_fit = n_flat + len(flat), n_fit + len(fit)
         if flat:
             lines += [
