@@ -68,6 +68,7 @@ from client.model_use import (  # noqa: E402
     splits_of,
     task_rows,
     write_parquet,
+    zero_shot_at_site,
 )
 from client.policy import PolicyError, SitePolicy, load_policy  # noqa: E402
 from client.site_runtime import SiteRuntime  # noqa: E402
@@ -442,11 +443,42 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.zero_shot == bool(args.head):
+        raise UseError("predict: give either --head HEAD.json (a saved probe) or --zero-shot (the model's own head)")
+    if args.zero_shot:
+        return _predict_zero_shot(args)
+    if args.tasks or args.max_subjects is not None:
+        raise UseError("predict: --tasks and --max-subjects go with --zero-shot (a --head is one task's)")
+    if not args.prediction_times:
+        raise UseError("predict --head: give the rows to score (--prediction-times FILE)")
     release, runtime = _use_release(args)
     rows = read_prediction_times(args.prediction_times)
     table = predict_at_site(runtime, release, Path(args.head), rows, progress=_progress(args))
     write_parquet(table, args.out)
     print(f"{table.num_rows} predictions -> {args.out}")
+    return EXIT_OK
+
+
+def _predict_zero_shot(args: argparse.Namespace) -> int:
+    release, runtime = _use_release(args)
+    cfg = eval_config(release, args.tasks, args.max_subjects)
+    rows = read_prediction_times(args.prediction_times) if args.prediction_times else task_rows(runtime, cfg)
+    result = zero_shot_at_site(
+        runtime,
+        release,
+        cfg.tasks,
+        rows,
+        cfg.max_events,
+        cfg.max_patches,
+        cfg.batch_size,
+        progress=_progress(args),
+        strict_codes=bool(args.tasks),  # a task the site named must be scored, or the site is told why
+    )
+    write_parquet(result.table, args.out)
+    keys = [c for c in result.table.column_names if c not in ("subject_id", "prediction_time")]
+    print(f"{result.table.num_rows} rows, zero-shot probabilities of {', '.join(keys)} -> {args.out}")
+    for key, why in result.skipped.items():
+        print(f"  {key}: no zero-shot score ({why})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -737,10 +769,24 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", metavar="DIR", help="where the report, heads, predictions and plots go (probe-SITE)")
     probe.set_defaults(func=cmd_probe)
 
-    predict = sub.add_parser("predict", help="a saved head's predictions for new (subject, prediction time) rows")
+    predict = sub.add_parser(
+        "predict",
+        help="predictions for (subject, prediction time) rows: a saved head's, or zero-shot from the model's own head",
+    )
     use_options(predict)
-    predict.add_argument("--head", required=True, metavar="HEAD.json", help="a head `probe` saved (heads/TASK.json)")
-    predict.add_argument("--prediction-times", required=True, metavar="FILE", help=PREDICTION_TIMES_SCHEMA)
+    task_options(predict)
+    predict.add_argument("--head", metavar="HEAD.json", help="a head `probe` saved (heads/TASK.json)")
+    predict.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="instead of a head: each onset task's probability from the model's own future_codes head "
+        "(the codes of the task's outcome within its horizon), no labels and no fitting; one column per task key",
+    )
+    predict.add_argument(
+        "--prediction-times",
+        metavar="FILE",
+        help=f"the rows to score (with --head: required; with --zero-shot: default the tasks' rows): {PREDICTION_TIMES_SCHEMA}",
+    )
     predict.add_argument("--out", required=True, metavar="FILE", help="the parquet file to write")
     predict.set_defaults(func=cmd_predict)
     return parser

@@ -10,8 +10,11 @@ site's numbers at home are the federation's numbers on the same rows:
 - `probe_at_site`: SiteRuntime.evaluate_tasks with the release's model and evaluation settings:
   the linear probe fitted on train (C from tuning), held-out predictions in the meds-evaluation
   format, metrics with subject-bootstrap intervals; each fitted head saved
-  (healthfm_core/eval/saved_head.py), a report (markdown + JSON) and reliability plots;
-- `predict_at_site`: a saved head's predictions for new rows.
+  (healthfm_core/eval/saved_head.py), a report (markdown + JSON) and reliability plots; beside
+  each onset key's probe, the release's zero-shot score on the same held-out rows (below);
+- `predict_at_site`: a saved head's predictions for new rows;
+- `zero_shot_at_site`: each onset task's probability from the release's own future_codes head
+  (healthfm_core/eval/zero_shot.py), for any rows: no head, no label, no fitting.
 
 Before any of them, `healthfm_core/release_fit.require_fit` refuses a site whose modalities or
 codes do not fit the release. Nothing here leaves the site.
@@ -29,17 +32,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES
 from healthfm_core.data.files.layout import MODALITIES
-from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks, runner_tasks
 from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL
+from healthfm_core.eval.metrics import auroc, auroc_interval
 from healthfm_core.eval.outcomes import outcome_table
 from healthfm_core.eval.patch_reuse import reused_patch_encodings
 from healthfm_core.eval.plots import reliability_diagram
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.saved_head import load_head, save_head
+from healthfm_core.eval.zero_shot import NoOutcomeCode, ZeroShotScorer, probabilities, zero_shot_columns
 from healthfm_core.files import atomic_path, atomic_write_text
 from healthfm_core.protocol import EvalConfig, EvalReply, TaskReason
 from healthfm_core.release import ModelRelease
@@ -157,8 +163,11 @@ def embed_rows_at_site(
     max_patches: int,
     batch_size: int = 64,
     progress: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> Embedded:
-    """The release's embedding of each row, by the evaluation's path (see the module docstring)."""
+    """The release's embedding of each row, by the evaluation's path (see the module docstring);
+    `model`: what embeds them instead of the release's model (a wrapper of it: the zero-shot
+    scorer)."""
     if rows.num_rows == 0:
         raise NoRows("no rows to embed")
     seqs = runtime.sequences(release.setup)
@@ -169,7 +178,7 @@ def embed_rows_at_site(
         raise UseError(f"site {runtime.site.root}: {err}") from None
     with reused_patch_encodings(release.model):
         out = embed_rows(
-            release.model,
+            release.model if model is None else model,
             seqs,
             subject_ids,
             pc.cast(rows["prediction_time"], pa.int64()).to_numpy(),
@@ -244,6 +253,38 @@ class ProbeResult:
     heads: dict[str, Path]
     predictions: dict[str, Path]
     report: Path
+    zero_shot: dict[str, dict[str, float]]  # key -> n, auroc, auroc_low, auroc_high on the probe's held-out rows
+
+
+def zero_shot_beside_probes(
+    runtime: SiteRuntime, release: ModelRelease, cfg: EvalConfig, predictions: Mapping[str, Path]
+) -> dict[str, dict[str, float]]:
+    """Each key's zero-shot AUROC (with its subject-bootstrap interval, cfg.n_boot resamples) on
+    exactly the held-out rows its probe's predictions file scored: one pass over their union."""
+    tables = {k: pq.read_table(p) for k, p in predictions.items()}
+    if not tables:
+        return {}
+    union = pa.concat_tables([t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA) for t in tables.values()])
+    union = union.group_by(ROW_SCHEMA.names).aggregate([])
+    try:
+        scored = zero_shot_at_site(runtime, release, cfg.tasks, union, cfg.max_events, cfg.max_patches, cfg.batch_size)
+    except UseError as err:  # no key the head can score: the report says so
+        log.info("zero-shot beside the probes: %s", err)
+        return {}
+    index = {k: i for i, k in enumerate(zip(union["subject_id"].to_pylist(), union["prediction_time"].to_pylist()))}
+    out: dict[str, dict[str, float]] = {}
+    for key, table in tables.items():
+        if key not in scored.table.column_names:
+            continue
+        keyed = table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
+        rows = [index[k] for k in zip(keyed["subject_id"].to_pylist(), keyed["prediction_time"].to_pylist())]
+        p = scored.table[key].to_numpy()[rows].astype(np.float64)
+        y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+        if y.all() or not y.any():
+            continue
+        (low, high), _ = auroc_interval(y, p, n_boot=cfg.n_boot, seed=cfg.seed, groups=table["subject_id"].to_numpy())
+        out[key] = {"n": float(len(y)), "auroc": float(auroc(y, p)), "auroc_low": low, "auroc_high": high}
+    return out
 
 
 def probe_at_site(
@@ -281,6 +322,7 @@ def probe_at_site(
         y = table["boolean_value"].to_numpy(zero_copy_only=False).astype(float)
         p = table["predicted_boolean_probability"].to_numpy(zero_copy_only=False).astype(float)
         reliability_diagram({"linear probe": (y, p)}, out_dir / "plots" / f"{key}_reliability.png", title=key)
+    zero_shot = zero_shot_beside_probes(runtime, release, cfg, result.predictions)
     report = {
         "site": site_name,
         "release": str(release.path),
@@ -292,6 +334,7 @@ def probe_at_site(
         "reasons": {k: r.describe() for k, r in result.reasons.items()},
         "heads": {k: str(p) for k, p in heads.items()},
         "predictions": {k: str(p) for k, p in result.predictions.items()},
+        "zero_shot": zero_shot,
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
     md = [
@@ -304,11 +347,28 @@ def probe_at_site(
         outcome_table(keys, {site_name: reply}),
         "",
     ]
+    if zero_shot:
+        md += [
+            "## Zero-shot: the model's own future_codes head, no fitting",
+            "",
+            "Each onset key's probability that a code of its outcome occurs within its horizon, read from the "
+            "release's future_codes head, on the same held-out rows as the probe (95% subject-bootstrap interval).",
+            "",
+            "| task | held-out rows | probe AUROC | zero-shot AUROC |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, z in zero_shot.items():
+            m = reply.tasks.get(key)
+            probe = f"{m.auroc:.3f}" if m is not None and m.auroc is not None else "-"
+            md.append(
+                f"| {key} | {int(z['n'])} | {probe} | {z['auroc']:.3f} [{z['auroc_low']:.3f}, {z['auroc_high']:.3f}] |"
+            )
+        md.append("")
     advice = withheld_advice(result.reasons, runtime.min_report_subjects, runtime.min_report_positives, release.path)
     if advice:
         md += ["## Tasks without a head here", "", *advice, ""]
     path = atomic_write_text(out_dir / "report.md", "\n".join(md))
-    return ProbeResult(reply=reply, heads=heads, predictions=dict(result.predictions), report=path)
+    return ProbeResult(reply=reply, heads=heads, predictions=dict(result.predictions), report=path, zero_shot=zero_shot)
 
 
 def predictions_for_rows(rows: pa.Table, values: np.ndarray, kind: str) -> pa.Table:
@@ -342,6 +402,55 @@ def predict_at_site(
     return predictions_for_rows(rows, head.predict(embedded.x), head.meta.kind)
 
 
+@dataclass
+class ZeroShot:
+    table: pa.Table  # subject_id, prediction_time, then one probability column per scored task key
+    skipped: dict[str, str]  # task key -> why it has no zero-shot score
+
+
+def zero_shot_at_site(
+    runtime: SiteRuntime,
+    release: ModelRelease,
+    tasks: Sequence[TaskSpec],
+    rows: pa.Table,
+    max_events: int,
+    max_patches: int,
+    batch_size: int = 64,
+    progress: bool = False,
+    strict_codes: bool = False,
+) -> ZeroShot:
+    """Each onset task key's zero-shot probability for every row (the release's future_codes
+    head at the task's horizon, over the vocabulary codes its outcome matches), the rows embedded
+    by the evaluation's path. A key the head cannot score (no such horizon, no matching code, a
+    task without horizons, a site-labelled task) is skipped with why; none scorable: UseError.
+    `strict_codes` (tasks the site named): a task whose outcome codes are not in the release's
+    vocabulary is a UseError naming the task and the code, not a skip."""
+    keyed = runner_tasks(tasks)
+    skipped = {
+        f"{t.name}": "a site-labelled task: its outcome is not a code the head predicts"
+        for t in tasks
+        if t.kind == "site"
+    }
+    try:
+        columns, why = zero_shot_columns(release.model, keyed, release.setup.vocabulary.codes, strict_codes)
+    except NoOutcomeCode as err:
+        raise UseError(f"--zero-shot: {err}") from None
+    skipped.update(why)
+    skipped.update({k: "not an onset task" for k in keyed if k not in why and k not in {c.key for c in columns}})
+    if not columns:
+        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no task given"
+        raise UseError(f"--zero-shot: no task the release's future_codes head can score ({reasons})")
+    scorer = ZeroShotScorer(release.model, columns)
+    out = embed_rows_at_site(runtime, release, rows, max_events, max_patches, batch_size, progress, model=scorer)
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {
+        "subject_id": rows["subject_id"],
+        "prediction_time": rows["prediction_time"],
+    }
+    for j, c in enumerate(columns):
+        cols[c.key] = pa.array(probabilities(out.x[:, j]).astype(np.float32), pa.float32())
+    return ZeroShot(table=pa.table(cols), skipped=skipped)
+
+
 __all__ = [
     "Embedded",
     "PREDICTION_TIMES_SCHEMA",
@@ -356,6 +465,8 @@ __all__ = [
     "predictions_for_rows",
     "probe_at_site",
     "withheld_advice",
+    "ZeroShot",
+    "zero_shot_at_site",
     "read_prediction_times",
     "splits_of",
     "task_rows",

@@ -53,7 +53,6 @@ from healthfm_core.eval import compare, plots
 from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
 from healthfm_core.eval.paired_comparison import (
     Comparison,
-    Item,
     Verdict,
     comparison_plot,
     not_clearly_below,
@@ -69,14 +68,14 @@ from healthfm_core.eval.runner import (
     subsample_train,
 )
 from healthfm_core.eval.tabular import TabularFeaturizer
-from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from healthfm_core.protocol import FederationSetup
-from simulations import privacy_sweep
+from simulations import evidence_ablations, evidence_zero_shot, privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
 from simulations.evidence_federations import clear_unfinished_unit, federation
 from simulations.evidence_genomics import UnitModels, run_diagnosis
+from simulations.evidence_stage import pooled_variant, site_items
 from simulations.evidence_units import (
     DONE,
     DRAW_KEY,
@@ -105,6 +104,8 @@ QUESTIONS: dict[str, str] = {
     "q5": "Each modality and the decay kernel",
     "q6": "Calibration of the federated model's probes per horizon",
     "g": "Genomics diagnosis: where the PRS signal is lost (one disease's onset, sites with genomics)",
+    **evidence_zero_shot.QUESTIONS,
+    **evidence_ablations.QUESTIONS,
 }
 ALL_ROWS_PER_SUBJECT = 16  # the cost estimate's rows a subject with n_per_subject: all (a guess, not a cap)
 PRESET_FLAGS = {"--quick": "preset=quick", "--medium": "preset=medium", "--full": "preset=full"}
@@ -138,6 +139,10 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
                 # One more pooled training (genomics hidden) and five feature passes over the cohort.
                 t = 2 * fed_steps * step_s * bool(cfg.genomics_diagnosis.train_without)
                 stages.append((f"{unit}: genomics diagnosis", t + rows * float(c.ablation_seconds_per_row)))
+            # Issue 72: zero-shot and the repeated-event pitfall; the objective ablations.
+            train_s, eval_s = fed_steps * step_s, rows * float(c.eval_seconds_per_row)
+            for stage in (evidence_zero_shot, evidence_ablations):
+                stages += stage.plan(cfg, str(scenario), int(seed), unit, train_s, eval_s)
             if str(scenario) in dp.scenarios and int(seed) in dp.seeds:
                 dp_steps = int(dp.federation.rounds) * int(dp.federation.local_steps) * n_sites
                 n_dp = sum(e is not None for e in dp.epsilons) * int(dp.draws)
@@ -157,6 +162,7 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, float]]:
                     budget_runs(cfg, int(r)) * (float(c.flower_run_seconds) + int(r) * per_round) for r in bc.rounds
                 )
                 t += (n_fed + len(bc.rounds)) * rows * float(c.eval_seconds_per_row)
+                t += evidence_zero_shot.budget_plan(cfg, rows * float(c.eval_seconds_per_row))
                 stages.append((f"{unit}: budget curve ({n_fed} federations)", t))
     stages.append(("comparisons, report and plots", float(c.report_seconds)))
     return stages
@@ -232,24 +238,6 @@ class Progress:
 
 
 # ---------------------------------------------------------------- collecting paired items
-
-
-def site_items(
-    per_site_data: Mapping[str, EvalSet],
-    per_site: compare.PerSite,
-    a: str,
-    b: str,
-    keep: Callable[[str], bool] = lambda key: True,
-    sites: Sequence[str] | None = None,
-) -> list[Item]:
-    """Paired items of methods a and b over the sites' held-out rows (subject keys "site/id")."""
-    out: list[Item] = []
-    for name in sites or per_site_data:
-        res = per_site.get(name, {})
-        if a in res and b in res:
-            data = per_site_data[name]
-            out += paired_items(data, res[a], res[b], [k for k in data.tasks if keep(k)])
-    return out
 
 
 def horizon_of(data: Mapping[str, EvalSet]) -> dict[str, int]:
@@ -374,6 +362,7 @@ def run_unit(
     progress.finish(f"{unit}: kernel variants")
 
     per_site_data, ev, per_site, features, view = evaluate_unit(u, variants, truth_dir, sc)
+    evidence_zero_shot.add_zero_shot(u, per_site_data, per_site)
     progress.finish(f"{unit}: per-site evaluation")
 
     horizons = site_comparisons(u, per_site_data, per_site, variants)
@@ -389,6 +378,13 @@ def run_unit(
             run_diagnosis(ucfg, scenario, seed, unit_models, ev_out, view)
         progress.finish(f"{unit}: genomics diagnosis")
 
+    # Issue 72: zero-shot against the probes and the repeated-event pitfall; each objective's worth.
+    if bool(cfg.zero_shot.enabled):
+        evidence_zero_shot.zero_shot_comparisons(u, per_site_data, per_site, features, horizons)
+        evidence_zero_shot.repeated_events(u, per_site_data, per_site, ev, view)
+        progress.finish(evidence_zero_shot.stage_name(unit))
+    evidence_ablations.objective_ablations(u, per_site_data, per_site, ev, view)
+
     privacy_budget(u, per_site_data, ev, view)
     budget_curve(u, per_site_data, ev, view)
 
@@ -401,22 +397,10 @@ def kernel_variants(
     cfg: DictConfig, setup: FederationSetup, regimes: Regimes, fed: DictConfig, seed: int, show: bool
 ) -> dict[str, torch.nn.Module]:
     """Q5 (kernel): pooled training at the pooled budget with each decay.variants change to the model."""
-    variants: dict[str, torch.nn.Module] = {}
-    for name, change in (cfg.decay.variants or {}).items():  # decay.variants=null: none
-        vcfg = model_config_from_dict(
-            {**setup.model.model_dump(), **cast(dict[str, Any], OmegaConf.to_container(change, resolve=True))},
-            source=f"decay.{name}",
-        )
-        variants[f"kernel: {name}"], _ = train_baseline(
-            setup.model_copy(update={"model": vcfg}),
-            PooledPretrainingDataset(list(regimes.datasets.values())),
-            regimes.central_steps,
-            fed,
-            seed,
-            None,
-            show,
-        )
-    return variants
+    return {  # decay.variants=null: none
+        f"kernel: {name}": pooled_variant(setup, regimes, fed, seed, show, change, f"decay.{name}")
+        for name, change in (cfg.decay.variants or {}).items()
+    }
 
 
 def evaluate_unit(
@@ -495,7 +479,16 @@ def site_comparisons(
             if key in horizons:
                 groups = np.char.add(f"{scenario}|{seed}|", subjects[fr.scored_rows[key]])
                 ev_out.calibration[(scenario, horizons[key])].append((y, p, groups))
-    methods = ["federated", "pooled", "local-only", "random init", "tabular", *variants, "oracle"]
+    methods = [
+        "federated",
+        "pooled",
+        "local-only",
+        "random init",
+        "tabular",
+        *variants,
+        *evidence_zero_shot.methods(u.cfg),
+        "oracle",
+    ]
     ev_out.summaries[scenario][seed] = [r.model_dump() for r in compare.summarize(per_site, methods)]
 
     return horizons
@@ -693,6 +686,8 @@ def budget_curve(u: UnitRun, per_site_data: Mapping[str, EvalSet], ev: Mapping[s
                 budget[name][label] = rr
             items = site_items(per_site_data, budget, label, pooled_label)
             ev_out.add(scenario, f"q1|budget: {strategy}, {r} rounds", label, pooled_label, seed, items)
+            if not bc.strategies[strategy]:  # FedAvg: does the head's gap to the probe close with rounds?
+                evidence_zero_shot.budget_zero_shot(u, per_site_data, budget, label, model, f"{strategy}, {r} rounds")
     progress.finish(f"{unit}: budget curve ({n_fed} federations)")
 
 
@@ -833,7 +828,7 @@ def verdicts(
         )
     )
     out.append(genomics_verdict(cfg, comps))
-    return out
+    return out + evidence_zero_shot.verdicts(comps) + evidence_ablations.verdicts(comps)
 
 
 def budget_verdict(cfg: DictConfig, comps: Mapping[str, Comparison]) -> Verdict:
@@ -977,7 +972,9 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                 entry["reason"] = (
                     "not run for this scenario (privacy_budget.scenarios / seeds)"
                     if q == "q4" and scenario not in cfg.privacy_budget.scenarios
-                    else "no task had enough held-out positives for both methods"
+                    else evidence_zero_shot.not_run(cfg, q, scenario)
+                    or evidence_ablations.not_run(cfg, q, scenario)
+                    or "no task had enough held-out positives for both methods"
                 )
                 lines.append(f"Not measured: {entry['reason']}.")
             curves = budget_curves({f"{q}|{k}": c for k, c in mine.items()})
@@ -1013,6 +1010,8 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
             if q == "g" and ev_out.diagnostics.get(scenario):
                 entry["diagnostics"] = ev_out.diagnostics[scenario]
                 for seed, d in sorted(ev_out.diagnostics[scenario].items()):
+                    if "disease" not in d:  # a unit without the genomics diagnosis (issue 72's counts only)
+                        continue
                     r2 = ", ".join(f"{k} {v:.3f}" for k, v in d.get("r2_prs", {}).items()) or "not measured"
                     counts = ", ".join(f"{k}: {c['positives']}/{c['rows']}" for k, c in d.get("per_task", {}).items())
                     lines += [
@@ -1036,6 +1035,7 @@ def write_report(cfg: DictConfig, out: Path, ev_out: Evidence, progress: Progres
                     ]
                     if p.get("plot"):
                         figs[f"q4 utility against epsilon, {scenario}"] = out / p["plot"]
+            lines += evidence_zero_shot.report_lines(q, scenario, ev_out, mine, float(cfg.zero_shot.far_below))
             dump["questions"][q][scenario] = entry
             lines.append("")
     for scenario, notes in ev_out.notes.items():

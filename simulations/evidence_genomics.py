@@ -255,13 +255,15 @@ def run_diagnosis(
     counts = {
         k: {"rows": int(len(y)), "positives": int(np.sum(y))} for k, (y, _) in results["oracle"].predictions.items()
     }
-    ev_out.diagnostics[scenario][seed] = {
-        "disease": disease,
-        "sites": sorted({p.name for p in data.sites}),
-        "rows": int(len(rows)),
-        "subjects": int(len(np.unique(subjects))),
-        "per_task": counts,
-        "r2_prs": r2,
-        "skipped": {m: dict(r.skipped) for m, r in results.items() if r.skipped},
-    }
+    ev_out.diagnostics[scenario].setdefault(seed, {}).update(
+        {
+            "disease": disease,
+            "sites": sorted({p.name for p in data.sites}),
+            "rows": int(len(rows)),
+            "subjects": int(len(np.unique(subjects))),
+            "per_task": counts,
+            "r2_prs": r2,
+            "skipped": {m: dict(r.skipped) for m, r in results.items() if r.skipped},
+        }
+    )
     log.info("genomics diagnosis %s seed %d: %d rows, R^2 of PRS %s", scenario, seed, len(rows), r2)

@@ -30,7 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from healthfm_core.eval.metrics import auroc
-from healthfm_core.eval.paired_comparison import Comparison, Item, compare_draws, compare_paired, with_prefix
+from healthfm_core.eval.paired_comparison import (
+    Comparison,
+    Item,
+    RowSetItem,
+    compare_draws,
+    compare_paired,
+    compare_row_sets,
+    with_prefix,
+)
 from healthfm_core.files import atomic_write_bytes, atomic_write_text
 from healthfm_core.strict_files import StrictFileError, strict_model
 
@@ -55,6 +63,8 @@ NOT_FINGERPRINTED += ("scenarios", "seeds", "cost", "targets", "eval.n_boot")
 NOT_FINGERPRINTED += ("federation.eval_max_subjects",)
 
 
+ROW_SET_ARRAYS = ("ya", "pa", "ga", "yb", "pb", "gb")  # a row-set item's arrays, in RowSetItem order
+
 # A comparison of one of k independent draws (q4's DP noise draws): "<head> draw <i> - <b>[ draw <i>]".
 # Evidence.compare also gives "<head> - <b>" over all the draws (compare_draws).
 DRAW_KEY = re.compile(r"^(?P<head>.+?) draw (?P<draw>\d+)(?P<rest> - .+?)(?: draw \d+)?$")
@@ -75,6 +85,9 @@ class Evidence:
 
     def __init__(self) -> None:
         self.items: dict[tuple[str, str], list[Item]] = defaultdict(list)
+        # Comparisons whose two methods score rows of their own (compare_row_sets: the repeated-
+        # event pitfall's two label definitions); their methods and per-seed points as items'.
+        self.row_sets: dict[tuple[str, str], list[RowSetItem]] = defaultdict(list)
         self.methods: dict[tuple[str, str], tuple[str, str]] = {}
         self.per_seed: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
         self.calibration: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
@@ -96,11 +109,36 @@ class Evidence:
         self.methods[(scenario, key)] = (a, b)
         self.per_seed[(scenario, key)][seed] = float(np.mean([auroc(y, pa_) - auroc(y, pb) for y, pa_, pb, _ in items]))
 
+    def add_row_sets(self, scenario: str, key: str, a: str, b: str, seed: int, items: Sequence[RowSetItem]) -> None:
+        """add() for items whose methods score rows of their own (each side needs both classes)."""
+        items = [it for it in items if 0 < int(np.sum(it[0])) < len(it[0]) and 0 < int(np.sum(it[3])) < len(it[3])]
+        if not items:
+            self.notes[scenario].append(f"seed {seed}: {key}: no task had both {a} and {b} scored")
+            return
+        run = f"{scenario}|{seed}|"  # as with_prefix keys an item's subjects: runs never share one
+        self.row_sets[(scenario, key)] += [
+            (
+                ya,
+                pa_,
+                np.char.add(run, np.asarray(ga).astype(str)),
+                yb,
+                pb,
+                np.char.add(run, np.asarray(gb).astype(str)),
+            )
+            for ya, pa_, ga, yb, pb, gb in items
+        ]
+        self.methods[(scenario, key)] = (a, b)
+        self.per_seed[(scenario, key)][seed] = float(
+            np.mean([auroc(ya, pa_) - auroc(yb, pb) for ya, pa_, _, yb, pb, _ in items])
+        )
+
     def merge(self, other: Evidence) -> None:
         """Append `other` (a later unit): merging the units in the job's order gives what one
         Evidence filled by all of them in that order holds, key order and item order included."""
         for k, items in other.items.items():
             self.items[k] += items
+        for k, sets in other.row_sets.items():
+            self.row_sets[k] += sets
         self.methods.update(other.methods)
         for k, seeds in other.per_seed.items():
             self.per_seed[k].update(seeds)
@@ -125,6 +163,7 @@ class Evidence:
         """Every key's paired comparison; and for keys of independent draws (DRAW_KEY), the
         comparison over all of a setting's draws, whose interval covers draws and subjects."""
         out = {k: compare_paired(items, *self.methods[k], n_boot=n_boot) for k, items in self.items.items()}
+        out.update({k: compare_row_sets(sets, *self.methods[k], n_boot=n_boot) for k, sets in self.row_sets.items()})
         draws: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
         for scenario, key in self.items:
             if (m := DRAW_KEY.match(key)) is not None:
@@ -198,6 +237,8 @@ class UnitFile(Marker):
     notes: dict[str, list[str]]
     # Absent in units written before the genomics diagnosis existed: empty.
     diagnostics: dict[str, dict[int, dict[str, Any]]] = {}
+    # Absent in units written before issue 72's row-set comparisons: none (arrays r<index>_<j>_*).
+    row_sets: list[ItemsEntry] = []
 
 
 def unit_fingerprint(ucfg: DictConfig, scenario: str) -> dict[str, Any]:
@@ -249,7 +290,9 @@ def _get(cfg: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def _arrays(ev: Evidence) -> tuple[dict[str, np.ndarray], list[ItemsEntry], list[CalibrationEntry]]:
+def _arrays(
+    ev: Evidence,
+) -> tuple[dict[str, np.ndarray], list[ItemsEntry], list[CalibrationEntry], list[ItemsEntry]]:
     arrays: dict[str, np.ndarray] = {}
     items = []
     for i, ((scenario, key), its) in enumerate(ev.items.items()):
@@ -257,6 +300,12 @@ def _arrays(ev: Evidence) -> tuple[dict[str, np.ndarray], list[ItemsEntry], list
         for j, it in enumerate(its):
             for name, arr in zip(("y", "pa", "pb", "groups"), it):
                 arrays[f"i{i}_{j}_{name}"] = np.asarray(arr)
+    row_sets = []
+    for i, ((scenario, key), sets) in enumerate(ev.row_sets.items()):
+        row_sets.append(ItemsEntry(scenario=scenario, key=key, n_items=len(sets)))
+        for j, row_set in enumerate(sets):
+            for name, arr in zip(ROW_SET_ARRAYS, row_set):
+                arrays[f"r{i}_{j}_{name}"] = np.asarray(arr)
     calibration = []
     for i, ((scenario, horizon), parts) in enumerate(ev.calibration.items()):
         calibration.append(CalibrationEntry(scenario=scenario, horizon=int(horizon), n_parts=len(parts)))
@@ -266,7 +315,7 @@ def _arrays(ev: Evidence) -> tuple[dict[str, np.ndarray], list[ItemsEntry], list
     for name, arr in arrays.items():
         if arr.dtype.hasobject:  # would need pickle to write, and to read back
             raise TypeError(f"evidence array {name} has dtype {arr.dtype}: only plain numeric and string arrays")
-    return arrays, items, calibration
+    return arrays, items, calibration, row_sets
 
 
 def save_unit(
@@ -279,7 +328,7 @@ def save_unit(
 ) -> Path:
     """Write the unit's evidence to unit_dir (arrays first, then the JSON that marks it done),
     each atomically. Returns the JSON's path."""
-    arrays, items, calibration = _arrays(ev)
+    arrays, items, calibration, row_sets = _arrays(ev)
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **arrays)
     data = buf.getvalue()
@@ -300,6 +349,7 @@ def save_unit(
         privacy=dict(ev.privacy),
         notes=dict(ev.notes),
         diagnostics=dict(ev.diagnostics),
+        row_sets=row_sets,
     )
     return atomic_write_text(unit_dir / DONE, doc.model_dump_json(indent=1))
 
@@ -368,6 +418,11 @@ def load_unit(unit_dir: Path, doc: UnitFile | None = None) -> Evidence:
     for i, entry in enumerate(doc.items):
         ev.items[(entry.scenario, entry.key)] = [
             tuple(array(f"i{i}_{j}_{n}") for n in ("y", "pa", "pb", "groups"))  # type: ignore[misc]
+            for j in range(entry.n_items)
+        ]
+    for i, entry in enumerate(doc.row_sets):
+        ev.row_sets[(entry.scenario, entry.key)] = [
+            tuple(array(f"r{i}_{j}_{n}") for n in ROW_SET_ARRAYS)  # type: ignore[misc]
             for j in range(entry.n_items)
         ]
     for i, c in enumerate(doc.calibration):

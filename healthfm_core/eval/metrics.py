@@ -296,6 +296,46 @@ def paired_resamples(
     return point_a, point_b, np.concatenate(boot_a), np.concatenate(boot_b)
 
 
+def row_set_resamples(
+    items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    metric: Callable[..., np.ndarray | float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """paired_resamples for items (y_a, p_a, group_a, y_b, p_b, group_b) whose two methods score
+    rows of their own: every row of every item and both sets gets its subject's multiplicity from
+    one draw of the subjects (stratified by whether a subject has a positive row anywhere), so the
+    two metrics stay paired by subject. -> (point_a [T], point_b [T], boot_a, boot_b [n_boot, T])."""
+    metric = auroc if metric is None else metric
+    if not items:
+        raise ValueError("a row-set comparison needs at least one task")
+    sets: list[tuple[np.ndarray, np.ndarray]] = []
+    groups = []
+    for ya, pa_, ga, yb, pb, gb in items:
+        for y, p, g in ((ya, pa_, ga), (yb, pb, gb)):
+            y, p = _check_binary(y, p)
+            if len(g) != len(y):
+                raise ValueError(f"groups has {len(g)} entries for {len(y)} rows")
+            sets.append((y, p))
+            groups.append(np.asarray(g))
+    y_all = np.concatenate([y for y, _ in sets])
+    g_all = np.concatenate(groups)
+    bounds = np.cumsum([0] + [len(y) for y, _ in sets])
+
+    def scores(weights: Sequence[np.ndarray | None]) -> np.ndarray:  # [.., 2T]: a, b of each item in turn
+        return np.stack([np.asarray(metric(y, p, weights=w)) for (y, p), w in zip(sets, weights)], axis=-1)
+
+    point = scores([None] * len(sets))
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(bounds[-1], 1)))
+    boot = []
+    for start in range(0, n_boot, chunk):
+        draws = bootstrap_counts(y_all, min(chunk, n_boot - start), rng, groups=g_all)
+        boot.append(scores([draws[:, bounds[i] : bounds[i + 1]] for i in range(len(sets))]))
+    b = np.concatenate(boot)
+    return point[0::2], point[1::2], b[:, 0::2], b[:, 1::2]
+
+
 def paired_difference(
     items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
     metric: Callable[..., np.ndarray | float] | None = None,

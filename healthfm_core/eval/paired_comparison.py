@@ -20,10 +20,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
-from healthfm_core.eval.metrics import paired_resamples  # noqa: E402
+from healthfm_core.eval.metrics import paired_resamples, row_set_resamples  # noqa: E402
 from healthfm_core.eval.plots import save_figure  # noqa: E402
 
 Item = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (y, p_a, p_b, subject key)
+# Two scorings of one task on row sets of their own (e.g. two label definitions whose rows differ):
+# (y_a, p_a, subject_a, y_b, p_b, subject_b).
+RowSetItem = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class Comparison(BaseModel):
@@ -65,6 +68,24 @@ def compare_paired(
         mean_a = np.where(both, boot_a, 0.0).sum(axis=1) / n_scored
         mean_b = np.where(both, boot_b, 0.0).sum(axis=1) / n_scored
     return _comparison(items, a, b, float(point_a.mean()), float(point_b.mean()), mean_a, mean_b, alpha)
+
+
+def compare_row_sets(
+    items: Sequence[RowSetItem], a: str, b: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> Comparison:
+    """compare_paired for items whose two methods score rows of their own (a task's labels under
+    two definitions, e.g. repeats counted and new onsets only): each resample draws the subjects
+    once for every item and both row sets (metrics.row_set_resamples), so the interval is the
+    difference's own, paired by subject where the rows cannot be."""
+    point_a, point_b, boot_a, boot_b = row_set_resamples(items, n_boot=n_boot, seed=seed)
+    both = np.isfinite(boot_a) & np.isfinite(boot_b)
+    n_scored = both.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_a = np.where(both, boot_a, 0.0).sum(axis=1) / n_scored
+        mean_b = np.where(both, boot_b, 0.0).sum(axis=1) / n_scored
+    flat = [(ya, pa_, pa_, ga) for ya, pa_, ga, *_ in items] + [(yb, pb, pb, gb) for *_, yb, pb, gb in items]
+    comparison = _comparison(flat, a, b, float(point_a.mean()), float(point_b.mean()), mean_a, mean_b, alpha)
+    return comparison.model_copy(update={"n_items": len(items)})
 
 
 def compare_draws(
@@ -216,9 +237,11 @@ def ratio_curve_plot(
 __all__ = [
     "Comparison",
     "Item",
+    "RowSetItem",
     "Verdict",
     "compare_draws",
     "compare_paired",
+    "compare_row_sets",
     "comparison_plot",
     "not_clearly_below",
     "ratio_curve_plot",

@@ -18,6 +18,12 @@ from healthfm_core.strict_files import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
+# The pretraining objectives by name (objectives.py computes them; objective_weights.py weighs
+# and schedules them): the curriculum raises the cross-modal ones later than the intra-modal ones.
+INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit", "future_codes")
+CROSS_MODAL = ("predictive", "align")
+LOSS_NAMES = INTRA_MODAL + CROSS_MODAL
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,6 +75,11 @@ class PretrainingConfig(_Strict):
     max_visits_per_sample: int = Field(default=8, ge=1)
     # Weight of the repeat-code term against the new-onset term (the repeat-domination guard).
     next_visit_repeat_weight: float = Field(default=0.1, ge=0)
+    # next_visit and future_codes score codes already in the history (repeats) apart from new
+    # onsets, each term balanced on its own, the repeat term scaled by its weight. False: one
+    # balanced term over every code, repeats and new onsets alike (the naive objective, where
+    # copying the history is most of the signal; the evidence job's pitfall comparison).
+    separate_repeats: StrictBool = True
     # Future codes: the query token, placed at a random anchor event time, predicts the codes in
     # (anchor, anchor + horizon] for each horizon (one head each). This is the objective that
     # trains the state `embed` returns; the horizons match the new-onset tasks.
@@ -97,11 +108,20 @@ class CurriculumConfig(_Strict):
     cross_end: float = Field(default=0.5, ge=0, le=1)
     # Intra-modal weights decay linearly from 1 to this floor over the same ramp.
     intra_floor: float = Field(default=0.5, ge=0, le=1)
+    # False: every objective at weight 1 from the first step to the last (no schedule).
+    enabled: StrictBool = True
+    # Objectives held at weight 0 throughout (LOSS_NAMES): an objective ablation; a federation's
+    # server sends the zero weights each round like any other.
+    objectives_off: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _ordered(self) -> CurriculumConfig:
         if self.cross_end < self.cross_start:
             raise ValueError(f"curriculum.cross_end={self.cross_end} < curriculum.cross_start={self.cross_start}")
+        if unknown := [n for n in self.objectives_off if n not in LOSS_NAMES]:
+            raise ValueError(f"curriculum.objectives_off holds {unknown}, not objectives (known: {list(LOSS_NAMES)})")
+        if len(set(self.objectives_off)) != len(self.objectives_off):
+            raise ValueError(f"curriculum.objectives_off={list(self.objectives_off)} repeats a name")
         return self
 
 

@@ -11,11 +11,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthfm_core.model.config import CurriculumConfig, ModelConfig
-
-INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit", "future_codes")
-CROSS_MODAL = ("predictive", "align")
-LOSS_NAMES = INTRA_MODAL + CROSS_MODAL
+from healthfm_core.model.config import CROSS_MODAL, INTRA_MODAL, LOSS_NAMES, CurriculumConfig, ModelConfig
 
 
 class ObjectiveWeights(BaseModel):
@@ -47,16 +43,21 @@ def curriculum_weights(step: int, total: int, cfg: ModelConfig | CurriculumConfi
 
     With progress s = step/total, the cross-modal weight ramps linearly from 0 (s <= cross_start) to
     1 (s >= cross_end); the intra-modal weight falls over the same ramp from 1 to intra_floor.
+    With the curriculum off (`enabled` false) every weight is 1 throughout; the objectives of
+    `objectives_off` are 0 either way.
     """
     cur = cfg.curriculum if isinstance(cfg, ModelConfig) else cfg
     if total <= 0:
         raise ValueError(f"curriculum total={total} must be positive")
     if step < 0:
         raise ValueError(f"curriculum step={step} must be >= 0")
+    off = dict.fromkeys(cur.objectives_off, 0.0)
+    if not cur.enabled:
+        return ObjectiveWeights(**{**dict.fromkeys(LOSS_NAMES, 1.0), **off})
     progress = min(step / total, 1.0)
     if cur.cross_end > cur.cross_start:
         ramp = min(max((progress - cur.cross_start) / (cur.cross_end - cur.cross_start), 0.0), 1.0)
     else:
         ramp = 1.0 if progress >= cur.cross_start else 0.0
     intra = 1.0 - (1.0 - cur.intra_floor) * ramp
-    return ObjectiveWeights(**dict.fromkeys(INTRA_MODAL, intra), **dict.fromkeys(CROSS_MODAL, ramp))
+    return ObjectiveWeights(**{**dict.fromkeys(INTRA_MODAL, intra), **dict.fromkeys(CROSS_MODAL, ramp), **off})

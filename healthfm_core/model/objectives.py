@@ -255,14 +255,18 @@ def onset_repeat_terms(
     repeat_weight: float,
     include: Tensor | None = None,
     per_group: bool = False,
+    separate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Balanced BCE over real codes with new onsets (codes not `seen` in the history) and repeats as
     separate terms, the repeat term scaled by `repeat_weight` (the guard that keeps copying the
     history from dominating). `include` [A, V] further restricts the entries (None: all).
     -> (the sum of the terms that have entries, whether any has), without a host sync; per index
-    of the first dimension with `per_group` (see balanced_bce_terms)."""
+    of the first dimension with `per_group` (see balanced_bce_terms). `separate` False: one
+    balanced term over every code, seen or not (PretrainingConfig.separate_repeats)."""
     real = (torch.arange(logits.shape[-1], device=logits.device) >= N_SPECIAL_CODES)[None, :]
     allowed = real if include is None else real & include
+    if not separate:
+        return balanced_bce_terms(logits, targets, allowed.expand_as(targets), per_group)
     # [2, ..]: the new onsets and the repeats, both terms from one BCE over the logits.
     terms, present = balanced_bce_terms(logits, targets, torch.stack([~seen, seen]) & allowed, per_group)
     new_onset, repeat = (terms * present.to(terms.dtype)).unbind(0)  # unbind's backward: one stack
@@ -309,7 +313,9 @@ def next_visit_loss(
     logits = model.heads["ehr_next_visit"](out.states.gather(1, context[..., None].expand(-1, -1, out.states.shape[2])))
     targets = _multi_hot(codes, in_visit, model.vocab_size)
     seen = _multi_hot(codes, history, model.vocab_size) > 0
-    loss = onset_repeat_terms(logits, targets, seen, cfg.next_visit_repeat_weight, rows[..., None])
+    loss = onset_repeat_terms(
+        logits, targets, seen, cfg.next_visit_repeat_weight, rows[..., None], separate=cfg.separate_repeats
+    )
     return _present("next_visit", *loss)
 
 
@@ -418,6 +424,7 @@ def future_codes_loss(
         cfg.future_codes_repeat_weight,
         by_horizon(include),
         per_group=True,
+        separate=cfg.separate_repeats,
     )
     return _present("future_codes", *_mean_of_present(terms, present))
 

@@ -24,6 +24,15 @@ from healthfm_core.protocol.capabilities import groups_for_modalities
 from healthfm_core.protocol.wire import StrictMessage
 from healthfm_core.strict_files import strict_model
 
+# Model options added after runs existed, with the value every run before them had (JSON form):
+# left out of the setup's hash at that value, so those runs' checkpoints keep their hash.
+OPTIONS_BEFORE: dict[tuple[str, str], Any] = {
+    ("pretraining", "prs_reconstruct_shown"): False,  # issue 31
+    ("pretraining", "separate_repeats"): True,  # issue 72: the objective ablations and the pitfall
+    ("curriculum", "enabled"): True,
+    ("curriculum", "objectives_off"): [],
+}
+
 
 def federation_modalities(site_modalities: Iterable[Sequence[str]], vocabulary: Vocabulary) -> list[str]:
     """The modalities the federation's model holds: every modality some site has (the union of
@@ -112,9 +121,10 @@ class FederationSetup(StrictMessage):
         data = json.loads(self.to_json())
         if self.modalities == list(model_modalities(self.vocabulary.n_prs_traits)):
             data.pop("modalities")
-        pretraining = data["model"]["pretraining"]
-        if not pretraining.get("prs_reconstruct_shown", False):  # issue 31's option, off: as before it
-            pretraining.pop("prs_reconstruct_shown", None)
+        for (part, name), before in OPTIONS_BEFORE.items():  # later options at their defaults: as before them
+            section = data["model"][part]
+            if section.get(name, before) == before:
+                section.pop(name, None)
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

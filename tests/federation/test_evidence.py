@@ -24,11 +24,12 @@ from hydra import compose, initialize_config_dir
 
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.eval.compare import privacy_table
-from healthfm_core.eval.metrics import paired_difference
+from healthfm_core.eval.metrics import auroc, bootstrap_counts, paired_difference
 from healthfm_core.eval.paired_comparison import (
     Comparison,
     compare_draws,
     compare_paired,
+    compare_row_sets,
     comparison_plot,
     ratio_curve_plot,
     with_prefix,
@@ -39,6 +40,7 @@ from simulations.evidence import (
     QUESTIONS,
     calibration_rows,
     finished_unit,
+    plan_stages,
     prepare_out_dir,
     unit_config,
     verdicts,
@@ -102,6 +104,26 @@ def test_thin_items_leave_only_their_own_resamples() -> None:
 def test_runs_never_share_a_subject() -> None:
     both = with_prefix(_items(0), "s|0|") + with_prefix(_items(1), "s|1|")
     assert compare_paired(both, "good", "bad", n_boot=20).n_subjects == 300
+
+
+def test_compare_row_sets_is_compare_paired_on_shared_rows_and_pairs_by_subject() -> None:
+    items = _items(3)
+    same = [(y, pa_, g, y, pb, g) for y, pa_, pb, g in items]
+    assert compare_row_sets(same, "a", "b", n_boot=200).model_dump() == {
+        **compare_paired(items, "a", "b", n_boot=200).model_dump(),
+        "n_rows": 2 * sum(len(it[0]) for it in items),
+    }
+    # b scores a subset of a's rows with the same scores: every resample draws each subject once
+    # for both sets, so the difference is that of the same people's rows, by hand below.
+    y, p, _, g = items[0]
+    keep = g < 100
+    c = compare_row_sets([(y, p, g, y[keep], p[keep], g[keep])], "all rows", "subset", n_boot=300, seed=4)
+    assert math.isclose(c.difference, auroc(y, p) - auroc(y[keep], p[keep]))
+    rng = np.random.default_rng(4)
+    w = bootstrap_counts(y, 300, rng, groups=g)  # [300, rows]: one draw of the subjects per resample
+    diffs = np.asarray(auroc(y, p, weights=w)) - np.asarray(auroc(y[keep], p[keep], weights=w[:, keep]))
+    assert np.allclose(c.difference_ci, np.quantile(diffs, [0.025, 0.975]))
+    assert c.n_items == 1 and c.n_subjects == len(np.unique(g))
 
 
 def test_compare_draws_covers_the_draws_and_is_compare_paired_for_one() -> None:
@@ -218,6 +240,9 @@ def _fill(ev: Evidence, scenario: str, seed: int) -> None:
     ev.add(scenario, f"q2|site {seed}", "federated", "local-only", seed, _items(seed + 10, n=80, tasks=2))
     one_class = (np.zeros(20, bool), np.ones(20), np.ones(20), np.arange(20))
     ev.add(scenario, "q2|thin", "federated", "local-only", seed, [one_class])
+    # Issue 72: two label definitions on rows of their own (b's rows a subset of a's).
+    (y, pa_, _, g), *_ = _items(seed + 20, n=120, tasks=1)
+    ev.add_row_sets(scenario, "r|two row sets", "a", "b", seed, [(y, pa_, g, y[:80], pa_[:80], g[:80])])
     rng = np.random.default_rng(seed)
     for h in (30, 365):
         y = rng.random(60) < 0.3
@@ -259,7 +284,7 @@ def _same(a: object, b: object) -> bool:
 
 
 def _assert_same_evidence(a: Evidence, b: Evidence) -> None:
-    for field in ("items", "methods", "per_seed", "calibration", "summaries", "curves", "privacy", "notes"):
+    for field in ("items", "row_sets", "methods", "per_seed", "calibration", "summaries", "curves", "privacy", "notes"):
         assert _same(dict(getattr(a, field)), dict(getattr(b, field))), field
 
 
@@ -329,6 +354,28 @@ def test_a_damaged_unit_is_refused_naming_its_file(tmp_path: Path) -> None:
 def _job_config(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("evidence", overrides=["preset=quick", *overrides])
+
+
+def test_the_plan_prints_issue_72s_stages_where_they_run_and_only_refuses_an_unknown_variant() -> None:
+    stages = dict(plan_stages(_job_config()))
+    # quick: the pitfall and one ablation variant in `default`, zero-shot in every unit.
+    assert (
+        stages["default seed 0: zero-shot and repeated events"]
+        > stages["trajectories seed 0: zero-shot and repeated events"]
+        > 0
+    )
+    assert "default seed 0: objective ablations (1 pooled trainings)" in stages
+    assert not any(s.startswith("trajectories seed 0: objective ablations") for s in stages)
+    full = dict(plan_stages(_job_config("preset=full")))
+    assert [s for s in full if "objective ablations" in s] == [
+        "default seed 0: objective ablations (6 pooled trainings)",
+        "trajectories seed 0: objective ablations (6 pooled trainings)",
+    ]
+    assert sum("zero-shot and repeated events" in s for s in full) == 6
+    off = dict(plan_stages(_job_config("zero_shot.enabled=false", "objective_ablation.scenarios=[]")))
+    assert not any("zero-shot" in s or "objective" in s for s in off)
+    with pytest.raises(ValueError, match=r"objective_ablation.only names \['no such'\]"):
+        plan_stages(_job_config("objective_ablation.only=[no such]"))
 
 
 def test_resume_refuses_a_unit_of_another_config_and_reruns_an_unfinished_one(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from healthfm_core.model.groups import GROUPS, group_sizes, parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.model.objective_weights import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply, federation_modalities
+from healthfm_core.protocol.setup import OPTIONS_BEFORE
 from healthfm_core.train.trainer import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.replies import groups_for_node
@@ -159,14 +160,16 @@ def test_setup_modalities_from_capabilities_and_vocabulary() -> None:
     # A setup written before the field existed (a server checkpoint) reads as, and hashes as, the default.
     old = json.loads(FederationSetup(vocabulary=with_prs, model=cfg).to_json())
     del old["modalities"]
-    del old["model"]["pretraining"]["prs_reconstruct_shown"]  # issue 31's option, off by default
+    for (part, name), _ in OPTIONS_BEFORE.items():  # options added later, at their defaults
+        del old["model"][part][name]
     canonical = json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
     assert FederationSetup.model_validate_json(json.dumps(old)).sha256 == hashlib.sha256(canonical).hexdigest()
     shown = cfg.model_copy(update={"pretraining": cfg.pretraining.model_copy(update={"prs_reconstruct_shown": True})})
-    assert (
-        FederationSetup(vocabulary=with_prs, model=shown).sha256
-        != FederationSetup(vocabulary=with_prs, model=cfg).sha256
-    )
+    pooled = cfg.model_copy(update={"pretraining": cfg.pretraining.model_copy(update={"separate_repeats": False})})
+    ablated = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"objectives_off": ("align",)})})
+    flat = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"enabled": False})})
+    hashes = {FederationSetup(vocabulary=with_prs, model=m).sha256 for m in (cfg, shown, pooled, ablated, flat)}
+    assert len(hashes) == 5  # an option away from its default is another setup
     with pytest.raises(ValueError, match="n_prs_traits=0"):
         FederationSetup(vocabulary=vocab, model=cfg, modalities=["ehr", "genomics"])
     with pytest.raises(ValueError, match="order"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,18 @@ from safetensors.numpy import load_file
 from client.client import build_parser
 from client.client import main as client_main
 from client.head_rows import load_head_rows
-from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, open_site_runtime, task_rows
+from client.model_use import (
+    PREDICTION_TIMES_SCHEMA,
+    embed_rows_at_site,
+    eval_config,
+    open_site_runtime,
+    task_rows,
+    zero_shot_at_site,
+)
 from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.sequences.batch import N_SPECIAL_CODES
 from healthfm_core.data.sequences.vocab import build_vocabulary
+from healthfm_core.eval.metrics import auroc
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import HeadError, load_head, save_head
 from healthfm_core.model.config import load_model_config
@@ -579,6 +589,28 @@ def test_probe_at_a_small_site_says_why_every_head_is_withheld_and_how_to_get_on
     assert not (tmp_path / "p" / "heads").exists()
 
 
+def test_probe_reports_zero_shot_on_the_probes_own_held_out_rows(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path
+) -> None:
+    """Issue 72: beside each onset key's probe, `probe` scores the release's zero-shot head on the
+    very held-out rows of the probe's predictions file: the AUROC of `predict --zero-shot` there."""
+    use = [str(biobank), "--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2"]
+    use += ["--min-positives", "1", "--no-progress"]
+    assert client_main(["probe", *use, "--tasks", "hypertension", "--out", str(tmp_path / "p")]) == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["zero_shot"] and set(report["zero_shot"]) <= set(report["predictions"])
+    key, z = next(iter(report["zero_shot"].items()))
+    held = pq.read_table(report["predictions"][key])
+    pq.write_table(held.select(["subject_id", "prediction_time"]), tmp_path / "rows.parquet")
+    times = ["--prediction-times", str(tmp_path / "rows.parquet"), "--out", str(tmp_path / "zs.parquet")]
+    assert client_main(["predict", *use, "--zero-shot", "--tasks", "hypertension", *times]) == 0
+    p = pq.read_table(tmp_path / "zs.parquet")[key].to_numpy().astype(np.float64)
+    y = held["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+    assert z["n"] == len(y) and z["auroc"] == pytest.approx(float(auroc(y, p)), abs=1e-6)
+    assert z["auroc_low"] <= z["auroc"] <= z["auroc_high"] or math.isnan(z["auroc_low"])
+    assert "## Zero-shot: the model's own future_codes head" in (tmp_path / "p" / "report.md").read_text()
+
+
 def test_the_prediction_times_file_is_read_as_documented(
     release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -750,6 +782,96 @@ def test_embed_cli_writes_one_row_per_prediction_time(
     # A file without prediction_time is refused by name.
     pq.write_table(times.drop(["prediction_time"]), tmp_path / "bad.parquet")
     assert client_main([*argv, "--prediction-times", str(tmp_path / "bad.parquet"), "--out", str(out)]) == 2
+
+
+def test_predict_zero_shot_gives_the_models_own_probability_per_task(
+    release_dir: Path, biobank: Path, tmp_path: Path, release_key: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 72: `predict --zero-shot` scores rows without a head or a label: each onset task's
+    probability from the release's future_codes head, as a per-row forward pass computes it."""
+    release = load_release(release_dir, trusted_keys=[release_key])
+    runtime, _ = open_site_runtime(biobank, release, 2, None, 0.5)
+    cfg = release.meta.evaluation
+    assert cfg is not None
+    rows = task_rows(runtime, cfg).slice(0, 9)
+    pq.write_table(rows, tmp_path / "times.parquet")
+    use = [str(biobank), "--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2"]
+    use += ["--no-progress"]
+    out = tmp_path / "zs.parquet"
+    argv = ["predict", *use, "--zero-shot", "--tasks", "hypertension", "t2d", "site:readmission"]
+    assert client_main([*argv, "--prediction-times", str(tmp_path / "times.parquet"), "--out", str(out)]) == 0
+    table = pq.read_table(out)
+    err = capsys.readouterr().err
+    assert (
+        "site:readmission" not in table.column_names and "readmission: no zero-shot score (a site-labelled task" in err
+    )
+    keys = [k for k in table.column_names if k not in ("subject_id", "prediction_time")]
+    assert "onset_hypertension_30d" in keys and "onset_hypertension_365d" in keys  # every horizon the head has
+    assert table["subject_id"].to_pylist() == rows["subject_id"].to_pylist()
+    # The reference: per row, the model's head at the task's horizon over the vocabulary's codes of
+    # the outcome (the tiny sites have one: ICD10//I10), noisy-OR, as a probability.
+    vocab = release.setup.vocabulary.codes
+    code = N_SPECIAL_CODES + vocab.index("ICD10//I10")
+    seqs = runtime.sequences(release.setup)
+    pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
+    with torch.no_grad():
+        for i in range(rows.num_rows):
+            batch = seqs.batch(
+                seqs.index_of(rows["subject_id"].to_numpy()[i : i + 1]), pt[i : i + 1], cfg.max_events, cfg.max_patches
+            )
+            logits = release.model.heads["ehr_future_codes"](release.model(batch).embedding)[0]
+            for h, key in enumerate(
+                (
+                    "onset_hypertension_30d",
+                    "onset_hypertension_90d",
+                    "onset_hypertension_180d",
+                    "onset_hypertension_365d",
+                )
+            ):
+                assert table[key][i].as_py() == pytest.approx(float(torch.sigmoid(logits[h, code])), abs=1e-5)
+    # Without a file: the tasks' rows; a head and --zero-shot together, or neither, are usage errors.
+    assert client_main(["predict", *use, "--zero-shot", "--tasks", "hypertension", "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == task_rows(runtime, eval_config(release, ["hypertension"])).num_rows
+    assert client_main(["predict", *use, "--zero-shot", "--head", "h.json", "--out", str(out)]) == 2
+    assert client_main(["predict", *use, "--out", str(out)]) == 2
+    times = ["--prediction-times", str(tmp_path / "times.parquet")]
+    assert client_main(["predict", *use, "--zero-shot", "--tasks", "site:readmission", *times, "--out", str(out)]) == 2
+    assert (
+        "no task the release's future_codes head can score (readmission: a site-labelled task"
+        in capsys.readouterr().err
+    )
+    # A task the site names whose outcome codes the release has never seen: refused, naming both.
+    shipped = (Path(__file__).parents[2] / "configs" / "tasks" / "hypertension.yaml").read_text()
+    outcome = "code: {regex: '^(DIAGNOSIS//ICD//9//401|DIAGNOSIS//ICD//10//I10|ICD10//I10|ICD10CM/I10|ICD9CM/401)'}"
+    assert outcome in shipped and "ICD10//Z99" not in vocab
+    rare = shipped.replace(outcome, "code: ICD10//Z99").replace("task: onset_hypertension", "task: onset_rare")
+    (tmp_path / "rare.yaml").write_text(rare)
+    argv = ["predict", *use, "--zero-shot", "--tasks", "hypertension", f"file:{tmp_path / 'rare.yaml'}", *times]
+    assert client_main([*argv, "--out", str(tmp_path / "none.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "task 'onset_rare_30d': its outcome code (ICD10//Z99) is not in the model's vocabulary" in err
+    assert not (tmp_path / "none.parquet").exists()
+
+
+def test_predict_zero_shot_is_time_shift_invariant(
+    release_dir: Path, biobank: Path, tmp_path: Path, release_key: Path
+) -> None:
+    """The same site 100 years later (every event, wearable epoch and birth moved, and the rows
+    with them): the same zero-shot probabilities."""
+    release = load_release(release_dir, trusted_keys=[release_key])
+    runtime, _ = open_site_runtime(biobank, release, 2, None, 0.5)
+    cfg = eval_config(release, ["hypertension"])
+    rows = task_rows(runtime, cfg).slice(0, 12)
+    got = zero_shot_at_site(runtime, release, cfg.tasks, rows, cfg.max_events, cfg.max_patches)
+    shifted = _shifted_site(biobank, tmp_path / "shifted", days=36_524)
+    runtime2, _ = open_site_runtime(shifted, release, 2, None, 0.5)
+    pt = pc.cast(rows["prediction_time"], pa.int64()).to_numpy()
+    rows2 = rows.set_column(1, "prediction_time", pa.array(pt + 36_524 * US_PER_DAY, pa.timestamp("us")))
+    again = zero_shot_at_site(runtime2, release, cfg.tasks, rows2, cfg.max_events, cfg.max_patches)
+    keys = [k for k in got.table.column_names if k.startswith("onset_")]
+    assert keys and again.table.column_names == got.table.column_names
+    for key in keys:
+        np.testing.assert_allclose(again.table[key].to_numpy(), got.table[key].to_numpy(), rtol=0, atol=1e-5)
 
 
 def test_a_site_in_another_coding_is_refused_naming_codes_and_share(

@@ -9,6 +9,7 @@ for the whole batch or per sample.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -140,4 +141,15 @@ def random_batch(
         prs=prs,
         prs_valid=prs_valid,
         birth_time=birth_time,
+    )
+
+
+def date_shifted(batch: Batch, days: float) -> Batch:
+    """The batch with every time, prediction time and birth moved by `days` (a site's date shift)."""
+    return replace(
+        batch,
+        times=batch.times + days,
+        wear_times=batch.wear_times + days,
+        prediction_time=batch.prediction_time + days,
+        birth_time=batch.birth_time + days,
     )

@@ -179,6 +179,32 @@ def test_next_visit_repeat_codes_are_down_weighted(repeat_weight: float) -> None
     assert misses_new == pytest.approx(0.5 * 20.0, abs=1e-4)  # balanced: half from the positives
 
 
+def test_without_the_separate_repeat_term_a_repeat_costs_what_a_new_onset_does() -> None:
+    """separate_repeats=False (the pitfall's naive objective): one balanced term over every code,
+    so missing the repeat (5) or the new onset (7) costs the same: half the mean over the two
+    positives, 0.5 x 20 / 2, where the separate terms charge the repeat 0.1 x 20 and the new onset 10."""
+    model = tiny_model().eval()
+    batch = _batch([(5, 0.0), (5, 10.2), (7, 10.2)], [], prediction_time=20.0)
+    cfg = PretrainingConfig(separate_repeats=False)
+    out = model(batch)
+    for logits in ({7: 20.0, 5: -20.0}, {7: -20.0, 5: 20.0}):
+        _constant_head(model.heads["ehr_next_visit"], logits, default=-20.0)
+        loss = float(next_visit_loss(model, out, batch, cfg, None)["next_visit"].detach())
+        assert loss == pytest.approx(0.5 * 20.0 / 2, abs=1e-4)
+    future = PretrainingConfig(future_horizons_days=(30.0,), separate_repeats=False)
+    anchor, has_anchor = torch.tensor([10.0]), torch.tensor([True])
+    batch = _batch([(5, 0.0), (5, 10.0), (5, 20.0), (7, 20.0), (9, 100.0)], [], prediction_time=100.0)
+    out = model(batch, query_time=anchor)
+    head = model.heads["ehr_future_codes"]
+    assert isinstance(head, FutureCodesHead)
+    with torch.no_grad():
+        head.horizon_bias.zero_()
+    for logits in ({7: 20.0, 5: -20.0}, {7: -20.0, 5: 20.0}):
+        _constant_head(head.out, logits, default=-20.0)
+        loss = float(future_codes_loss(model, out, batch, anchor, has_anchor, future)["future_codes"].detach())
+        assert loss == pytest.approx(0.5 * 20.0 / 2, abs=1e-4)
+
+
 def test_next_visit_needs_a_second_visit() -> None:
     model = tiny_model().eval()
     batch = _batch([(5, 3.0), (6, 3.0)], [], prediction_time=20.0)
@@ -280,6 +306,27 @@ def test_curriculum_step_function_and_errors() -> None:
         curriculum_weights(1, 0, cur)
     with pytest.raises(ValueError, match="cross_end"):
         CurriculumConfig(cross_start=0.6, cross_end=0.2)
+
+
+def test_curriculum_off_and_objectives_off() -> None:
+    """The ablations' weights: the curriculum off gives every objective 1 at every step; an
+    objective off is 0 throughout, the others keep their schedule."""
+    off = CurriculumConfig(enabled=False)
+    assert {curriculum_weights(step, 10, off) for step in (0, 5, 10)} == {ObjectiveWeights()}
+    cur = CurriculumConfig(objectives_off=("align", "ehr_masked_value"))
+    plain = CurriculumConfig()
+    for step in range(11):
+        w, ref = curriculum_weights(step, 10, cur).model_dump(), curriculum_weights(step, 10, plain).model_dump()
+        assert w["align"] == w["ehr_masked_value"] == 0.0
+        assert {k: v for k, v in w.items() if k not in cur.objectives_off} == {
+            k: v for k, v in ref.items() if k not in cur.objectives_off
+        }
+    both = CurriculumConfig(enabled=False, objectives_off=("future_codes",))
+    assert curriculum_weights(0, 10, both) == ObjectiveWeights(future_codes=0.0)
+    with pytest.raises(ValueError, match=r"objectives_off holds \['alignment'\]"):
+        CurriculumConfig(objectives_off=("alignment",))
+    with pytest.raises(ValueError, match="repeats a name"):
+        CurriculumConfig(objectives_off=("align", "align"))
 
 
 def test_objective_weights_round_trip_and_validation() -> None:
