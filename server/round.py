@@ -34,9 +34,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
 from healthfm_core.protocol.transport import Downlinked, downlink_arrays, onto_master
+from healthfm_core.terms.objective_weights import curriculum_weights
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first

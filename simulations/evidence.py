@@ -69,10 +69,10 @@ from healthfm_core.eval.runner import (
     subsample_train,
 )
 from healthfm_core.eval.tabular import TabularFeaturizer
-from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.privacy.engine import noise_for_target, sample_rate_for
 from healthfm_core.protocol import FederationSetup
+from healthfm_core.terms.model_config import model_config_from_dict
 from simulations import privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
 from simulations.evidence_federations import clear_unfinished_unit, federation

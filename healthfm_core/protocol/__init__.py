@@ -51,7 +51,6 @@ before TrainReply.from_records. Below that, every message's arrays travel packed
 safetensors blobs (protocol/packing.py), not one Flower Array per key.
 """
 
-from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 from healthfm_core.protocol.capabilities import MODALITY_GROUP, SiteCapabilities, groups_for_modalities
 from healthfm_core.protocol.eval_config import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, SCORE_SCALES, EvalConfig, ScoreScale
 from healthfm_core.protocol.eval_reply import (
@@ -91,6 +90,7 @@ from healthfm_core.protocol.wire import (
     STATUS_RECORD,
     STATUS_REFUSED,
 )
+from healthfm_core.terms.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 
 __all__ = [
     "ARRAYS_RECORD",

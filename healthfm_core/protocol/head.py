@@ -36,6 +36,8 @@ from typing import Annotated, Any, ClassVar, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from healthfm_core.first_error import first_error
+
 HEAD_RECORD = "head"  # the one ConfigRecord of every head message, request or reply
 REFUSED_KEY = "refused"  # a HeadRefusal's reason
 
@@ -89,9 +91,7 @@ class _Head(BaseModel):
         try:
             return cls.model_validate(data, context={"width": width})
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ())) or "<record>"
-            raise HeadMessageError(f"{cls.__name__}: field {where}: {first.get('msg')}") from None
+            raise HeadMessageError(first_error(err, cls.__name__)) from None
 
 
 _M = TypeVar("_M", bound=_Head)

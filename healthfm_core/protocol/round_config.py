@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool
 
-from healthfm_core.model.objective_weights import ObjectiveWeights
 from healthfm_core.protocol.transport import Rounding, Transport
 from healthfm_core.protocol.wire import StrictMessage, flat_fields, unflat_fields
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 
 WEIGHT_PREFIX = "weight."
 

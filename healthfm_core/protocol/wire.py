@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Final, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from healthfm_core.first_error import first_error
 
 # Round 0's message types (Flower's "query.<action>"; the ClientApp registers each <action>).
 CAPABILITIES = "query.capabilities"
@@ -86,11 +87,4 @@ def validate_peer(
     try:
         return cls.model_validate(data, context=dict(context or {}))
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = tuple(first.get("loc", ()))
-        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-        if not loc:  # a model-level check: its message names the field
-            raise ValueError(f"{what}: {msg}") from None
-        value = first.get("input")
-        shown = f"array {value.dtype}{value.shape}" if isinstance(value, np.ndarray) else repr(value)[:80]
-        raise ValueError(f"{what}: field {wire(loc)}: value {shown}: {msg}") from None
+        raise ValueError(first_error(err, what, wire)) from None

@@ -9,8 +9,8 @@
 - the project's modules import each other without a cycle (module-level and function-level
   imports alike; ``from pkg import mod`` is an import of the module pkg.mod);
 - healthfm_core's own rooms are layered (CORE_ROOMS, and data/'s rooms in DATA_ROOMS): no module
-  imports a room above its own; the wire protocol (healthfm_core/protocol/) imports nothing above
-  it, neither eval/ nor the torch model;
+  imports a room above its own; the wire protocol (healthfm_core/protocol/) sits on the floor, on
+  terms/ alone, and importing it loads no torch, polars, pyarrow or meds;
 - neither healthfm_core, client nor server imports simulations/ (the synthetic generator lives there);
 - no test module imports another test module or conftest: what tests share is in tests/helpers/,
   imported as ``helpers.<module>``, and fixtures are registered in conftest.py;
@@ -21,10 +21,17 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import meds
 import pytest
+
+from healthfm_core.terms.site_layout import SPLITS
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("healthfm_core", "client", "server", "simulations", "secure_aggregation")
@@ -53,12 +60,13 @@ DEPLOY_DOORS = {
 # healthfm_core's rooms, lowest first: a module may import its own room and those before it. A
 # top-level module of healthfm_core in no room counts as the lowest (a plain utility).
 CORE_ROOMS: tuple[tuple[str, ...], ...] = (
-    ("healthfm_core.files", "healthfm_core.strict_files"),
+    ("healthfm_core.files", "healthfm_core.strict_files", "healthfm_core.first_error"),
+    ("healthfm_core.terms",),  # what the messages are made of: groups, objectives, the model config, task specs...
+    ("healthfm_core.protocol",),  # the wire protocol: what client/ and server/ exchange, on the floor
     ("healthfm_core.kernels",),
     ("healthfm_core.data",),
     ("healthfm_core.model",),
     ("healthfm_core.privacy", "healthfm_core.train"),
-    ("healthfm_core.protocol",),  # the wire protocol: what client/ and server/ exchange
     ("healthfm_core.eval",),
     ("healthfm_core.release", "healthfm_core.release_fit", "healthfm_core.release_signing"),
 )
@@ -70,15 +78,9 @@ DATA_ROOMS: tuple[tuple[str, ...], ...] = (
     ("healthfm_core.data.checks",),
     ("healthfm_core.data.sites",),
 )
-# The torch model, which the protocol may not import: a setup builds it (model/healthfm.py init_model).
-TORCH_MODEL = "healthfm_core.model.healthfm"
-# What the protocol may read of model/: its definitions (the config, the parameter groups, the
-# objectives' names and weights), never the code that computes (the model, the losses).
-PROTOCOL_MODEL_DEFINITIONS = {
-    "healthfm_core.model.config",
-    "healthfm_core.model.groups",
-    "healthfm_core.model.objective_weights",
-}
+# What importing the wire protocol may not load (a fresh interpreter's sys.modules): the torch
+# model, the data frames, and the site-file readers below them (test_protocol_is_on_the_floor).
+PROTOCOL_NEVER_LOADS = ("torch", "polars", "pyarrow", "meds", "omegaconf", "scipy", "pandas")
 TESTS = REPO / "tests"
 # The tests' folders by level (docs/architecture.md, "Folders").
 TEST_LEVELS = ("unit", "federation", "deploy")
@@ -311,16 +313,29 @@ def test_every_room_is_a_package_of_the_project() -> None:
             assert name in SOURCES, f"{name} names no module or package"
 
 
-def test_protocol_imports_no_torch_model_and_nothing_above() -> None:
-    graph = _graph()
-    protocol = [m for m in graph if m.startswith("healthfm_core.protocol")]
-    assert len(protocol) > 5, protocol
-    for module in protocol:
-        assert TORCH_MODEL not in graph[module], f"{module} imports the torch model ({TORCH_MODEL})"
-        of_model = {m for m in graph[module] if m.startswith("healthfm_core.model.")}
-        assert of_model <= PROTOCOL_MODEL_DEFINITIONS, (
-            f"{module} imports model code: {of_model - PROTOCOL_MODEL_DEFINITIONS}"
-        )
+def test_protocol_is_on_the_floor() -> None:
+    """Importing every module of the wire protocol, in a fresh interpreter, loads none of
+    PROTOCOL_NEVER_LOADS: a server or a site parses a message without the model or the data code
+    (CORE_ROOMS keeps its imports to the floor below it: files, strict_files, first_error, terms/)."""
+    protocol = sorted(m for m in SOURCES if m == "healthfm_core.protocol" or m.startswith("healthfm_core.protocol."))
+    assert len(protocol) > 10, protocol
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {protocol!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout))
+    assert "healthfm_core" in loaded and "pydantic" in loaded  # it did import the protocol
+    assert not (heavy := sorted(loaded & set(PROTOCOL_NEVER_LOADS))), f"importing the protocol loads {heavy}"
+
+
+def test_split_names_are_meds() -> None:
+    # terms/site_layout.py writes MEDS's split names out (the protocol loads no meds): still MEDS's.
+    assert (meds.train_split, meds.tuning_split, meds.held_out_split) == SPLITS
 
 
 def _test_imports(path: Path) -> Iterator[tuple[str, int]]:

@@ -10,17 +10,8 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import Batch
-from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
 from healthfm_core.model.healthfm import EPOCH_DAYS, FutureCodesHead, HealthFM, ReconstructionMasks
-from healthfm_core.model.objective_weights import (
-    CROSS_MODAL,
-    INTRA_MODAL,
-    LOSS_NAMES,
-    ObjectiveWeights,
-    curriculum_weights,
-)
 from healthfm_core.model.objectives import (
     combine_losses,
     future_codes_loss,
@@ -32,6 +23,15 @@ from healthfm_core.model.objectives import (
     sample_future_anchors,
     sample_masks,
 )
+from healthfm_core.terms.model_config import CurriculumConfig, PretrainingConfig, load_model_config
+from healthfm_core.terms.objective_weights import (
+    CROSS_MODAL,
+    INTRA_MODAL,
+    LOSS_NAMES,
+    ObjectiveWeights,
+    curriculum_weights,
+)
+from healthfm_core.terms.site_layout import MODALITIES
 
 VOCAB, TRAITS = 40, 4
 SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]

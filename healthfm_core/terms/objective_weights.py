@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthfm_core.model.config import CurriculumConfig, ModelConfig
+from healthfm_core.terms.model_config import CurriculumConfig, ModelConfig
 
 INTRA_MODAL = ("ehr_masked_code", "ehr_masked_value", "wear_masked", "prs_masked", "next_visit", "future_codes")
 CROSS_MODAL = ("predictive", "align")
