@@ -76,8 +76,6 @@ from healthfm_core.data.checks.coverage import history_coverage_days  # noqa: E4
 from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteReport  # noqa: E402
 from healthfm_core.data.checks.site_check import check_site, run_check  # noqa: E402
 from healthfm_core.data.checks.task_check import (  # noqa: E402
-    DEFAULT_MIN_POSITIVES,
-    DEFAULT_MIN_SUBJECTS,
     TasksReport,
     count_tasks,
     format_tasks,
@@ -91,6 +89,7 @@ from healthfm_core.first_error import first_error  # noqa: E402
 from healthfm_core.release import ModelRelease, ReleaseError, load_release  # noqa: E402
 from healthfm_core.release_binding import ExpectedRun  # noqa: E402
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, SiteDoesNotFit  # noqa: E402
+from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS  # noqa: E402
 from healthfm_core.terms.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3

@@ -31,7 +31,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.checks.task_check import DEFAULT_MIN_POSITIVES
 from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL
 from healthfm_core.eval.outcomes import outcome_table
@@ -43,6 +42,7 @@ from healthfm_core.files import atomic_path, atomic_write_text
 from healthfm_core.protocol import EvalConfig, EvalReply, TaskReason
 from healthfm_core.release import ModelRelease
 from healthfm_core.release_fit import ReleaseFit, require_fit
+from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES
 from healthfm_core.terms.site_layout import MODALITIES
 
 log = logging.getLogger("healthfm.client")

@@ -45,14 +45,13 @@ from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.strict_files import StrictFileError, strict_json, strict_yaml
 from healthfm_core.terms.dp_policy import TRAIN_SUBJECTS, DPPolicy
 from healthfm_core.terms.groups import GROUPS
+from secure_aggregation.config import DEFAULT_MIN_HOLDERS, MAX_HOLDERS
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # The ranges of the policy's numbers (docs/site-admin.md): generous, but a typo is refused.
 MAX_SUBJECTS = 1_000_000  # min_subjects, min_positives: more than any site holds
 MAX_THREADS = 1024  # threads: more cores than a site's machine has
-SECAGG_MIN_HOLDERS = 3  # secagg_min_holders' default: a sum over fewer is one or two sites' updates
-MAX_SECAGG_HOLDERS = 257  # the most sites a secure round's 16-bit field holds (secure_aggregation/config.py)
 
 
 class PolicyError(ValueError):
@@ -78,8 +77,9 @@ class SitePolicy(BaseModel):
     # The site's own floor under secure aggregation (secure_aggregation/site.py): it takes part in
     # no round whose config lets the server open a group over fewer holders (the run config's
     # secagg-min-holders may raise it, never lower it), and reveals no share for such a group.
-    # 1 would let a group one site holds be opened: that site's update exactly.
-    secagg_min_holders: int = Field(default=SECAGG_MIN_HOLDERS, ge=1, le=MAX_SECAGG_HOLDERS, strict=True)
+    # 1 would let a group one site holds be opened: that site's update exactly. The default: a sum
+    # over fewer than 3 is one or two sites' updates; the most: what a 16-bit field holds.
+    secagg_min_holders: int = Field(default=DEFAULT_MIN_HOLDERS, ge=1, le=MAX_HOLDERS, strict=True)
     # The run whose release this site uses (healthfm_core/release_binding.py): `client.py embed |
     # probe | predict` and the task-head ClientApp refuse a release of another run. None: any
     # release the federation signed loads, with a warning naming its run.
@@ -136,4 +136,4 @@ def load_policy(path: str | Path, train_subjects: int | None = None) -> SitePoli
         raise PolicyError("invalid site policy:\n  " + "\n  ".join(problems)) from None
 
 
-__all__ = ["MAX_THREADS", "SECAGG_MIN_HOLDERS", "DPPolicy", "PolicyError", "SitePolicy", "load_policy"]
+__all__ = ["MAX_THREADS", "DPPolicy", "PolicyError", "SitePolicy", "load_policy"]

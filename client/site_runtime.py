@@ -52,7 +52,7 @@ from client.release_fields import (
 )
 from client.release_gate import ReleaseGate
 from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
-from healthfm_core.data.sequences.code_stats import SiteCodeStats, site_code_stats
+from healthfm_core.data.sequences.code_stats import DEFAULT_MIN_CODE_SUBJECTS, SiteCodeStats, site_code_stats
 from healthfm_core.data.sequences.tokens import SiteSequences, collate, make_loader
 from healthfm_core.data.sites.site import Site
 from healthfm_core.data.sites.site_cache import cached_sequences, cached_site
@@ -79,6 +79,7 @@ from healthfm_core.protocol import (
 )
 from healthfm_core.protocol.transport import encode_update
 from healthfm_core.terms.groups import group_state_dict, parameter_group
+from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS
 from healthfm_core.terms.site_layout import SPLITS
 from healthfm_core.terms.task_spec import task_keys
 from healthfm_core.train.device import check_device_setting, resolve_device
@@ -98,10 +99,12 @@ class SiteConfig(BaseModel):
 
     site_root: Path
     site_name: str | None = None  # default: the site root's directory name
-    min_code_subjects: int = Field(default=10, ge=1)  # codes seen in fewer subjects are never named
-    min_report_subjects: int = Field(default=20, ge=1)  # no metric on fewer subjects leaves the site
+    min_code_subjects: int = Field(
+        default=DEFAULT_MIN_CODE_SUBJECTS, ge=1
+    )  # codes seen in fewer subjects are never named
+    min_report_subjects: int = Field(default=DEFAULT_MIN_SUBJECTS, ge=1)  # no metric on fewer subjects leaves the site
     # no metric leaves whose held_out split has fewer positive (or negative) rows
-    min_report_positives: int = Field(default=5, ge=1)
+    min_report_positives: int = Field(default=DEFAULT_MIN_POSITIVES, ge=1)
     # The torch device local training and evaluation run on (healthfm_core/train/device.py): auto
     # (a GPU when this process sees one), cpu, cuda or cuda:N. A site's own setting: the server
     # does not choose a site's hardware. On CUDA training uses bf16 autocast where the GPU has it.

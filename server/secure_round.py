@@ -373,16 +373,11 @@ def secure_arrays(
                 f"{config.clip_norm[group]:.4g}: a sum no honest sites send"
             )
     updates = result.updates(arrays, strategy.group_of)
-    out: dict[str, np.ndarray] = {}
-    for key, old in arrays.items():
-        if key not in updates:
-            out[key] = old
-            continue
-        value = (old.astype(np.float64) + updates[key]).astype(old.dtype)
-        if strategy.server_optimizer is not None:
-            value = strategy.server_optimizer.step(key, old, value)
-        out[key] = value
-    return out
+    # A key's sites' average: its global value plus their unmasked mean update (added in float64).
+    averaged = {
+        key: (arrays[key].astype(np.float64) + update).astype(arrays[key].dtype) for key, update in updates.items()
+    }
+    return strategy.apply_update(arrays, averaged)
 
 
 def run_secure_round(

@@ -49,7 +49,14 @@ from healthfm_core.data.labels.site_labels import (
     read_site_labels,
 )
 from healthfm_core.data.labels.tasks import cap_rows_per_subject, rows_per_subject
-from healthfm_core.terms.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK, class_subjects
+from healthfm_core.terms.report_floor import (
+    DEFAULT_MIN_POSITIVES,
+    DEFAULT_MIN_SUBJECTS,
+    MIN_POSITIVES_KEY,
+    MIN_SUBJECTS_KEY,
+    SMALL_CELL_RISK,
+    class_subjects,
+)
 from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
 from healthfm_core.terms.task_spec import OWN_WINDOWS
 
@@ -68,8 +75,6 @@ class SplitSite(Protocol):
     def held_out_subjects(self) -> np.ndarray: ...
 
 
-DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
-DEFAULT_MIN_POSITIVES = 5  # the site runtime's min_report_positives
 TASK_SUFFIXES = (".yaml", ".yml")
 
 

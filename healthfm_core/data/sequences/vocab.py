@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 from healthfm_core.data.files.layout import PRS_PREFIX
-from healthfm_core.data.sequences.code_stats import NumericStats, SiteCodeStats, merge_site_stats
+from healthfm_core.data.sequences.code_stats import (
+    DEFAULT_MIN_CODE_SUBJECTS,
+    NumericStats,
+    SiteCodeStats,
+    merge_site_stats,
+)
 from healthfm_core.terms.vocabulary import DEFAULT_WEARABLE_NORMALIZERS, Normalizer, Vocabulary
 
 
@@ -37,7 +42,7 @@ def normalizer_from_stats(
 
 def build_vocabulary(
     stats_list: Sequence[SiteCodeStats],
-    min_subjects: int = 10,
+    min_subjects: int = DEFAULT_MIN_CODE_SUBJECTS,
     method: Literal["robust", "standard"] = "robust",
     clip: float = 5.0,
 ) -> Vocabulary:
