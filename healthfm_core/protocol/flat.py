@@ -39,27 +39,19 @@ def wire_name(field: str) -> str:
     return field.replace("_", "-")
 
 
-def _scalar(annotation: Any) -> bool:
+def _as_it_is(annotation: Any, in_list: bool = False) -> bool:
+    """Whether a ConfigRecord holds this field's values as they are (else: as JSON text): a
+    scalar, or (not `in_list`) a list of scalars; None allowed beside either."""
     origin = get_origin(annotation)
     if origin is Annotated:
-        return _scalar(get_args(annotation)[0])
+        return _as_it_is(get_args(annotation)[0], in_list)
     if origin in (Union, types.UnionType):
-        return all(_scalar(a) for a in get_args(annotation) if a is not type(None))
+        return all(_as_it_is(a, in_list) for a in get_args(annotation) if a is not type(None))
+    if origin is list:
+        return not in_list and _as_it_is(get_args(annotation)[0], in_list=True)
     if origin is Literal:
         return all(isinstance(v, _SCALARS) for v in get_args(annotation))
     return annotation in _SCALARS
-
-
-def _as_it_is(annotation: Any) -> bool:
-    """Whether a ConfigRecord holds this field's values as they are (else: as JSON text)."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _as_it_is(get_args(annotation)[0])
-    if origin in (Union, types.UnionType):
-        return all(_as_it_is(a) for a in get_args(annotation) if a is not type(None))
-    if origin is list:
-        return _scalar(get_args(annotation)[0])
-    return _scalar(annotation)
 
 
 def json_fields(cls: type[BaseModel]) -> frozenset[str]:

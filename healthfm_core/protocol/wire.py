@@ -8,7 +8,7 @@ ServerApp wrap them into Flower's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,21 +42,6 @@ STATUS_REFUSED: Final = "refused"  # Final: typed as the literal TrainReply.stat
 # lost the run's state) answers with only this ConfigRecord: {"wanted": sha256, "held": sha256 or ""};
 # the server sends it query.setup again and retries it.
 SETUP_NEEDED_RECORD = "setup-needed"
-
-
-def flat_fields(model: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
-    """A model's fields under their wire names (underscores as dashes), for a ConfigRecord."""
-    return {k.replace("_", "-"): v for k, v in model.model_dump(exclude=exclude).items()}
-
-
-def unflat_fields(record: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-    """The inverse of flat_fields for the named fields present in the record."""
-    out = {}
-    for name in fields:
-        key = name.replace("_", "-")
-        if key in record:
-            out[name] = record[key]
-    return out
 
 
 class StrictMessage(BaseModel):
