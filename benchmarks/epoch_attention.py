@@ -35,8 +35,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import EpochBlock  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 
 N_EPOCHS = 120
 PATCHES = {"tiny": 16 * 24, "small": 16 * 32}

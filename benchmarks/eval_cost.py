@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
 from healthfm_core.data.labels.aces_tasks import aces_labels  # noqa: E402
-from healthfm_core.data.labels.task_spec import TaskSpec, horizon_key  # noqa: E402
+from healthfm_core.data.labels.task_spec import aces_task, resolve_tasks  # noqa: E402
 from healthfm_core.data.labels.tasks import (  # noqa: E402
     cap_rows_per_subject,
     rows_per_subject,
@@ -60,10 +60,11 @@ from healthfm_core.data.labels.tasks import (  # noqa: E402
 )
 from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.eval.site_eval import _may_hold_heart_rate, task_labels_at_site  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
-from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import init_model  # noqa: E402
 from healthfm_core.protocol import EvalConfig, FederationSetup, RoundConfig  # noqa: E402
+from healthfm_core.terms.groups import parameter_group  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
+from healthfm_core.terms.task_spec import TaskSpec, horizon_key  # noqa: E402
 from server.config import DEFAULT_EVAL_MAX_SUBJECTS, DEFAULT_EVAL_TASKS  # noqa: E402
 
 DEFAULT_TASKS = list(DEFAULT_EVAL_TASKS)  # the federation's default tasks (server/config.py)
@@ -81,7 +82,7 @@ def per_task_labels(site, specs: list[TaskSpec], n_per_subject: int | str, seed:
             out.update(
                 {
                     horizon_key(spec.name, h): cap_rows_per_subject(t, cap, seed, every_row_of=held)
-                    for h, t in aces_labels(spec.aces(), site.root).items()
+                    for h, t in aces_labels(aces_task(spec), site.root).items()
                 }
             )
         else:
@@ -139,7 +140,12 @@ def main() -> None:
     vocab = build_vocabulary([r.code_stats() for r in rts.values()], min_subjects=10)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config(args.model), model_seed=0)
     cfg = EvalConfig(
-        round=1, tasks=tasks, setup_sha256=setup.sha256, batch_size=max(args.batch_size, 32), n_boot=100, seed=0
+        round=1,
+        tasks=resolve_tasks(tasks),
+        setup_sha256=setup.sha256,
+        batch_size=max(args.batch_size, 32),
+        n_boot=100,
+        seed=0,
     )
     rc = RoundConfig(
         round=1,

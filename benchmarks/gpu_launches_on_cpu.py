@@ -59,8 +59,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import healthfm_core.model.dropout as model_dropout  # noqa: E402
 from healthfm_core.data.sequences.batch import Batch  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
-from healthfm_core.model.config import ModelConfig, load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
+from healthfm_core.terms.model_config import ModelConfig, load_model_config  # noqa: E402
 
 # CUDA's multi_tensor_apply (ATen/native/cuda/MultiTensorApply.cuh): 65,536-element chunks, at most
 # 320 blocks and 110/64/48/36/30 tensors a launch for 1-5 tensor lists.

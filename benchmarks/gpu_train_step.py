@@ -60,9 +60,9 @@ import healthfm_core.model.healthfm as healthfm_model  # noqa: E402
 from healthfm_core.data.sequences.batch import Batch  # noqa: E402
 from healthfm_core.data.sequences.tokens import collate  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
-from healthfm_core.model.objective_weights import ObjectiveWeights  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
+from healthfm_core.terms.objective_weights import ObjectiveWeights  # noqa: E402
 from healthfm_core.train.device import resolve_device  # noqa: E402
 from healthfm_core.train.host_syncs import count_host_syncs  # noqa: E402
 from healthfm_core.train.trainer import (  # noqa: E402

@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
+from healthfm_core.data.labels.task_spec import resolve_tasks  # noqa: E402
 from healthfm_core.data.labels.tasks import cap_rows_per_subject  # noqa: E402
 from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
-from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import init_model  # noqa: E402
 from healthfm_core.protocol import EvalConfig, FederationSetup  # noqa: E402
+from healthfm_core.terms.groups import parameter_group  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 
 DEFAULT_TASKS = ("onset_t2d_90d", "onset_cad_90d", "onset_hypertension_90d", "onset_copd_90d")
 
@@ -48,7 +49,7 @@ def main() -> None:
         model=load_model_config(args.model),
         model_seed=0,
     )
-    cfg = EvalConfig(round=1, tasks=args.tasks.split(","), setup_sha256=setup.sha256, n_boot=100)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(args.tasks.split(",")), setup_sha256=setup.sha256, n_boot=100)
     init = init_model(setup).state_dict()
     model = rt.model(setup, {k: v.numpy() for k, v in init.items() if parameter_group(k) in rt.groups})
     rt.sequences(setup)

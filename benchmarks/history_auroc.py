@@ -37,8 +37,8 @@ from healthfm_core.data.sequences.tokens import SiteSequences
 from healthfm_core.data.sites.site import Site
 from healthfm_core.eval.metrics import auroc, paired_difference
 from healthfm_core.eval.runner import EvalSet, MethodResult, build_eval_set
-from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.protocol import federation_modalities
+from healthfm_core.terms.model_config import model_config_from_dict
 from simulations.common import job_tasks, open_sites
 from simulations.pretrain import agree_vocabulary, evaluate_model_methods, pooled_train_loader, pretrain, token_settings
 

@@ -26,9 +26,9 @@ from healthfm_core.data.checks.coverage import history_coverage_days
 from healthfm_core.data.sequences.code_stats import events_code_stats
 from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, collate
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 
 
 def read_events(site_root: Path) -> pa.Table:

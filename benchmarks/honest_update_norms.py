@@ -32,10 +32,10 @@ from helpers.flower_messages import train_metadata  # noqa: E402
 from client.client_app import make_client_app  # noqa: E402
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
 from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
-from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import init_model  # noqa: E402
 from healthfm_core.protocol import SETUP, FederationSetup, RoundConfig  # noqa: E402
+from healthfm_core.terms.groups import parameter_group  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 from server.round import aggregate_replies  # noqa: E402
 from server.strategy import ModalityAwareFedAvg, pack_record  # noqa: E402
 from simulations.synthetic import generate_federation  # noqa: E402

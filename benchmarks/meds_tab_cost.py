@@ -17,10 +17,11 @@ from pathlib import Path
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task_names
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup
+from healthfm_core.terms.model_config import load_model_config
 
 PER_KEY = re.compile(r"site \S+: (\S+): probe ([\d.]+) s, MEDS-Tab ([\d.]+) s")
 
@@ -53,7 +54,7 @@ def main() -> None:
         vocabulary=build_vocabulary([rt.code_stats()], min_subjects=10), model=load_model_config(args.model)
     )
     model = init_model(setup)
-    cfg = EvalConfig(round=1, tasks=tasks, setup_sha256=setup.sha256, n_boot=100)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(tasks), setup_sha256=setup.sha256, n_boot=100)
     labels = rt.labels(cfg)  # once, outside both timings
     for meds_tab in (False, True):
         lines.lines.clear()

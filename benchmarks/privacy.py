@@ -35,9 +35,9 @@ from healthfm_core.data.sequences.code_stats import site_code_stats  # noqa: E40
 from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, collate, make_loader  # noqa: E402
 from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.data.sites.site import open_site  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
 from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, sample_rate_for  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 from healthfm_core.train.trainer import TrainConfig, train_local  # noqa: E402
 from simulations.synthetic import generate_federation  # noqa: E402
 

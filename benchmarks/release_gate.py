@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from client.release_fields import capabilities_candidates, code_stats_candidates, task_candidates  # noqa: E402
 from client.release_gate import RELEASED_DIR, ReleaseGate  # noqa: E402
 from client.site_runtime import SiteConfig, SiteRuntime  # noqa: E402
+from healthfm_core.data.labels.task_spec import resolve_tasks  # noqa: E402
 from healthfm_core.data.sequences.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.privacy.contributions import FieldPairs, site_contributions  # noqa: E402
 from healthfm_core.protocol import EvalConfig  # noqa: E402
@@ -76,7 +77,7 @@ def measure(root: Path, state: Path) -> dict[str, Any]:
         fresh.release(type(smaller)(without(smaller.pairs, first), smaller.present, smaller.values, complete=True))
         decision, out["one more"] = timed(lambda: fresh.release(cands))
         out["held fields"] = len(decision.held)
-    cfg = EvalConfig(round=1, tasks=[TASK], setup_sha256="0" * 64)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks([TASK]), setup_sha256="0" * 64)
     labels = rt.labels(cfg)
     evaluation = ReleaseGate(state, "evaluation", 20)
     candidates = task_candidates(labels, rt._split_lookup(), site, 20)

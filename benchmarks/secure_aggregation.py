@@ -49,11 +49,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from healthfm_core.model.config import load_model_config  # noqa: E402
-from healthfm_core.model.groups import GROUPS, parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
 from healthfm_core.protocol.packing import pack_arrays  # noqa: E402
 from healthfm_core.protocol.transport import decode_update, encode_update  # noqa: E402
+from healthfm_core.terms.groups import GROUPS, parameter_group  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 from secure_aggregation.config import SecAggConfig  # noqa: E402
 from secure_aggregation.server import ServerRound  # noqa: E402
 from secure_aggregation.site import SiteRound  # noqa: E402

@@ -60,15 +60,16 @@ from healthfm_core.data.checks.site_check import check_site  # noqa: E402
 from healthfm_core.data.labels.task_spec import resolve_tasks  # noqa: E402
 from healthfm_core.data.sequences.code_stats import site_code_stats  # noqa: E402
 from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader, to_us  # noqa: E402
-from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary  # noqa: E402
+from healthfm_core.data.sequences.vocab import build_vocabulary  # noqa: E402
 from healthfm_core.data.sites.site import open_site  # noqa: E402
 from healthfm_core.eval.embedding_file import embeddings_file  # noqa: E402
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory  # noqa: E402
 from healthfm_core.eval.site_eval import task_labels_at_site  # noqa: E402
 from healthfm_core.eval.subject_sample import sample_subjects  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import init_model  # noqa: E402
 from healthfm_core.protocol import FederationSetup  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
+from healthfm_core.terms.vocabulary import Vocabulary  # noqa: E402
 from simulations.synthetic import load_scenario, synthetic_sites  # noqa: E402
 from simulations.synthetic.generate import select_sites  # noqa: E402
 

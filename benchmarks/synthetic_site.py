@@ -6,8 +6,9 @@ from pathlib import Path
 
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences
-from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
+from healthfm_core.terms.vocabulary import Vocabulary
 from simulations.synthetic import generate_federation
 
 

@@ -44,10 +44,10 @@ from client.threads import measure as measure_auto  # noqa: E402
 from client.threads import usable_cores  # noqa: E402
 from healthfm_core.data.sequences.tokens import collate  # noqa: E402
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.dropout import Dropout  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
-from healthfm_core.model.objective_weights import ObjectiveWeights  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
+from healthfm_core.terms.objective_weights import ObjectiveWeights  # noqa: E402
 
 SETUPS = ("before", "reference", "auto")
 

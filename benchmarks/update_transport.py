@@ -44,10 +44,10 @@ import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 
-from healthfm_core.model.config import load_model_config  # noqa: E402
-from healthfm_core.model.groups import parameter_group  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
 from healthfm_core.protocol.transport import TRANSPORTS, encode_update  # noqa: E402
+from healthfm_core.terms.groups import parameter_group  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 from server.config import FederationConfig  # noqa: E402
 from server.limits import array_record_bytes  # noqa: E402
 from server.runlog import read_events  # noqa: E402

@@ -75,7 +75,6 @@ from client.site_runtime import SiteRuntime  # noqa: E402
 from client.threads import parse_threads  # noqa: E402
 from healthfm_core.data.checks.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteReport  # noqa: E402
-from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS  # noqa: E402
 from healthfm_core.data.checks.site_check import check_site, run_check  # noqa: E402
 from healthfm_core.data.checks.task_check import (  # noqa: E402
     TasksReport,
@@ -85,12 +84,14 @@ from healthfm_core.data.checks.task_check import (  # noqa: E402
 )
 from healthfm_core.data.files.layout import SUBJECT_SPLITS_FILEPATH  # noqa: E402
 from healthfm_core.data.labels.tasks import rows_per_subject  # noqa: E402
-from healthfm_core.data.sequences.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
 from healthfm_core.data.sites.site import Site, SiteDataError  # noqa: E402
 from healthfm_core.eval.saved_head import HeadError  # noqa: E402
+from healthfm_core.first_error import first_error  # noqa: E402
 from healthfm_core.release import ModelRelease, ReleaseError, load_release  # noqa: E402
 from healthfm_core.release_binding import ExpectedRun  # noqa: E402
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, SiteDoesNotFit  # noqa: E402
+from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS  # noqa: E402
+from healthfm_core.terms.token_settings import DEFAULT_TOKEN_WINDOW_DAYS, TokenSettings  # noqa: E402
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -378,10 +379,9 @@ def expected_runs(args: argparse.Namespace, policy: SitePolicy | None) -> list[E
         try:
             out.append(ExpectedRun(run_id=args.expect_run, setup_sha256=args.expect_setup))
         except ValidationError as err:
-            first = err.errors()[0]
-            raise UseError(
-                f"--expect-setup: value {first.get('input')!r}: a setup sha256 is 64 lowercase hex characters"
-            ) from None
+            flags = {"run_id": "--expect-run", "setup_sha256": "--expect-setup"}
+            problem = first_error(err, "expected run", lambda loc: flags.get(str(loc[0]), str(loc[0])))
+            raise UseError(f"{problem} (a setup sha256 is 64 lowercase hex characters)") from None
     return out
 
 

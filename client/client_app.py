@@ -23,7 +23,7 @@ Handlers (message types, see healthfm_core/protocol/ for the records they carry)
                          secagg_min_holders, default 3, refuses a config below it at the keys
                          stage and an unmask request below it) (healthfm_core/protocol/secure_records.py; the
                          server's side is server/secure_round.py): each payload one ConfigRecord
-                         (records.to_flat); the keys and shares messages one per key round
+                         (protocol/flat.py); the keys and shares messages one per key round
                          ("secagg", "secagg+1", ...: this round's and the rounds' after it), the
                          mask message the round's own SecAggConfig ("secagg.config"), which may
                          change only what the keys do not fix (SiteRound.finalise). Each round's
@@ -87,6 +87,7 @@ from healthfm_core.protocol import (
     TrainRecords,
     TrainReply,
 )
+from healthfm_core.protocol.flat import from_flat, to_flat
 from healthfm_core.protocol.packing import pack_arrays, unpack_record
 from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
@@ -95,10 +96,8 @@ from healthfm_core.protocol.secure_records import (
     SECAGG_RECORD,
     SHARES_MESSAGE,
     UNMASK_MESSAGE,
-    from_flat,
     key_round_record,
     key_round_records,
-    to_flat,
 )
 from secure_aggregation.config import DEFAULT_MIN_HOLDERS, SecAggConfig
 from secure_aggregation.errors import SecAggRefusal

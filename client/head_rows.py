@@ -40,15 +40,15 @@ from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of,
 from client.release_fields import task_candidates
 from client.release_gate import Candidates, ReleaseGate
 from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
-from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.eval.head_site import SiteSplits
 from healthfm_core.eval.site_eval import task_split_counts
 from healthfm_core.privacy.ledger import PrivacyLedger
-from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.protocol import EvalConfig, TaskReason
 from healthfm_core.release import ModelRelease, load_release
 from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
+from healthfm_core.terms.dp_policy import DPPolicy
+from healthfm_core.terms.report_floor import class_subjects
 
 log = logging.getLogger("healthfm.client")
 

@@ -19,8 +19,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from healthfm_core.data.files.layout import SPLITS
+from healthfm_core.first_error import first_error
 from healthfm_core.strict_files import StrictFileError, strict_model
+from healthfm_core.terms.site_layout import SPLITS
 
 RELEASED_SAMPLES_FILE = "released_eval_samples.json"
 
@@ -60,9 +61,7 @@ class LegacySamples:
         except (OSError, StrictFileError, UnicodeDecodeError) as err:
             raise LegacySamplesError(f"{self.path}: unreadable ({err})") from None
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"
-            raise LegacySamplesError(f"{self.path}: field {where}: {first.get('msg')}") from None
+            raise LegacySamplesError(first_error(err, str(self.path))) from None
         if missing := [i for i, sample in enumerate(record.samples) if set(sample) != set(SPLITS)]:
             raise LegacySamplesError(f"{self.path}: field samples.{missing[0]}: needs the splits {', '.join(SPLITS)}")
         return [_sample(sample) for sample in record.samples]

@@ -35,9 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES
-from healthfm_core.data.files.layout import MODALITIES
-from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.task_spec import resolve_tasks, runner_tasks
 from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL
 from healthfm_core.eval.metrics import auroc, auroc_interval
 from healthfm_core.eval.outcomes import outcome_table
@@ -50,6 +48,9 @@ from healthfm_core.files import atomic_path, atomic_write_text
 from healthfm_core.protocol import EvalConfig, EvalReply, TaskReason
 from healthfm_core.release import ModelRelease
 from healthfm_core.release_fit import ReleaseFit, require_fit
+from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES
+from healthfm_core.terms.site_layout import MODALITIES
+from healthfm_core.terms.task_spec import TaskSpec
 
 log = logging.getLogger("healthfm.client")
 

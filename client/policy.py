@@ -23,7 +23,7 @@ Example (YAML or JSON; every key optional except where noted):
       run_id: 9204379387354967851   # task head): another run's release is refused by name
       setup_sha256: 5c0f...     # (either or both; healthfm_core/release_binding.py)
 
-The `dp:` section is healthfm_core.privacy.policy.DPPolicy (numbers strict and finite;
+The `dp:` section is healthfm_core.terms.dp_policy.DPPolicy (numbers strict and finite;
 epsilon_cap at most EPSILON_CAP_MAX = 100; delta at most 1/n when the caller passes n, the site's
 train subjects).
 
@@ -41,10 +41,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from healthfm_core.model.groups import GROUPS
-from healthfm_core.privacy.policy import TRAIN_SUBJECTS, DPPolicy
 from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.strict_files import StrictFileError, strict_json, strict_yaml
+from healthfm_core.terms.dp_policy import TRAIN_SUBJECTS, DPPolicy
+from healthfm_core.terms.groups import GROUPS
 from secure_aggregation.config import DEFAULT_MIN_HOLDERS, MAX_HOLDERS
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")

@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 
 from client.release_gate import Candidates, Decision, candidates_of
-from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
 from healthfm_core.data.sequences.code_stats import CodeStats, NumericStats, SiteCodeStats
 from healthfm_core.privacy.contributions import (
     FieldPairs,
@@ -37,6 +36,7 @@ from healthfm_core.privacy.contributions import (
     row_fingerprints,
 )
 from healthfm_core.protocol import SiteCapabilities, TaskReason
+from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, SPLITS
 
 _CODE, _CHANNEL, _TOTALS, _WEARABLES = "code/", "channel/", "totals", "wearables"
 _SUBJECTS, _ROWS = "subjects.", "rows"

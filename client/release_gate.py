@@ -78,6 +78,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from healthfm_core.files import atomic_write_bytes
+from healthfm_core.first_error import first_error
 from healthfm_core.privacy.contributions import FieldPairs
 from healthfm_core.strict_files import StrictFileError, strict_model
 
@@ -316,8 +317,7 @@ def read_record(path: Path, kind: str) -> _State:
     except StrictFileError as err:
         raise bad(str(err)) from None
     except ValidationError as err:
-        first = err.errors()[0]
-        raise bad(f"manifest field {'.'.join(str(x) for x in first.get('loc', ()))}: {first.get('msg')}") from None
+        raise bad(first_error(err, "manifest")) from None
     if manifest.kind != kind:
         raise bad(f"a record of {manifest.kind!r}, not {kind!r}")
     state = _State(

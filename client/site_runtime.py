@@ -52,16 +52,12 @@ from client.release_fields import (
 )
 from client.release_gate import ReleaseGate
 from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
-from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS
-from healthfm_core.data.files.layout import SPLITS
-from healthfm_core.data.labels.task_spec import task_keys
 from healthfm_core.data.sequences.code_stats import DEFAULT_MIN_CODE_SUBJECTS, SiteCodeStats, site_code_stats
 from healthfm_core.data.sequences.tokens import SiteSequences, collate, make_loader
 from healthfm_core.data.sites.site import Site
 from healthfm_core.data.sites.site_cache import cached_sequences, cached_site
 from healthfm_core.eval.site_eval import SiteTaskResults, evaluate_site_tasks, task_labels_at_site
 from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
-from healthfm_core.model.groups import group_state_dict, parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.privacy.contributions import SiteContributions, site_contributions
 from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
@@ -82,6 +78,10 @@ from healthfm_core.protocol import (
     site_seed,
 )
 from healthfm_core.protocol.transport import encode_update
+from healthfm_core.terms.groups import group_state_dict, parameter_group
+from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS
+from healthfm_core.terms.site_layout import SPLITS
+from healthfm_core.terms.task_spec import task_keys
 from healthfm_core.train.device import check_device_setting, resolve_device
 from healthfm_core.train.local_run import LocalRun
 from healthfm_core.train.trainer import train_local
@@ -760,20 +760,10 @@ class SiteRuntime:
             self.site,
             self.sequences(setup),
             model,
-            cfg.tasks,
+            cfg,
             self._split_lookup(),
             self.min_report_subjects,
             out_dir if out_dir is not None else self.eval_dir(),
-            batch_size=cfg.batch_size,
-            max_events=cfg.max_events,
-            max_patches=cfg.max_patches,
-            n_per_subject=cfg.n_per_subject,
-            held_out_rows_per_subject=cfg.held_out_rows_per_subject,
-            seed=cfg.seed,
-            n_boot=cfg.n_boot,
-            meds_tab=cfg.meds_tab,
-            score_bins=cfg.score_bins,
-            score_scale=cfg.score_scale,
             labels=labels if labels is not None else self.labels(cfg),
             reuse_patches=reuse_patches,
             sample=self.eval_sample(cfg) if sampled else None,

@@ -49,10 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
-from healthfm_core.data.files.layout import MODALITIES
-from healthfm_core.data.sequences.token_settings import TokenSettings
-from healthfm_core.data.sequences.vocab import Vocabulary
-from healthfm_core.model.config import ModelConfig
+from healthfm_core.first_error import first_error
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup
 from healthfm_core.release_binding import ExpectedRun, describe_run
@@ -65,6 +62,10 @@ from healthfm_core.release_signing import (
     verify_folder,
 )
 from healthfm_core.strict_files import StrictFileError, strict_model
+from healthfm_core.terms.model_config import ModelConfig
+from healthfm_core.terms.site_layout import MODALITIES
+from healthfm_core.terms.token_settings import TokenSettings
+from healthfm_core.terms.vocabulary import Vocabulary
 from healthfm_core.train.checkpoint import sha256_file
 
 FORMAT = "healthfm-model-release"
@@ -221,10 +222,7 @@ def _validated(file: Path, model: type[_M]) -> _M:
     except StrictFileError as err:
         raise ReleaseError(str(err)) from None
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"
-        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-        raise ReleaseError(f"{file}: field {where}: value {repr(first.get('input'))[:80]}: {msg}") from None
+        raise ReleaseError(first_error(err, str(file))) from None
     except UnicodeDecodeError as err:
         raise ReleaseError(f"{file}: not UTF-8 text ({err})") from None
 
@@ -333,7 +331,7 @@ def load_release(
             max_codes_per_token=meta.tokens.max_codes_per_token,
         )
     except ValidationError as err:
-        raise ReleaseError(f"{path / RELEASE_FILE}: field modalities: {err.errors()[0].get('msg')}") from None
+        raise ReleaseError(first_error(err, str(path / RELEASE_FILE))) from None
     if setup.groups != meta.groups:
         raise ReleaseError(f"{path / RELEASE_FILE}: field groups {meta.groups} is not the model's {setup.groups}")
     try:

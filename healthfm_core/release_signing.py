@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from healthfm_core.files import atomic_write_text, sha256_file
+from healthfm_core.first_error import first_error
 from healthfm_core.strict_files import StrictFileError, strict_model
 
 SIGNATURE_FILE = "SIGNATURE.json"
@@ -142,9 +143,7 @@ def _read_signature(file: Path) -> ReleaseSignature:
     except StrictFileError as err:
         raise SignatureError(str(err)) from None
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"
-        raise SignatureError(f"{file}: field {where}: {first.get('msg')}") from None
+        raise SignatureError(first_error(err, str(file))) from None
     except UnicodeDecodeError as err:
         raise SignatureError(f"{file}: not UTF-8 text ({err})") from None
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from healthfm_core.model.groups import GROUPS
+from healthfm_core.terms.groups import GROUPS
 
 # A count w <= weight_max travels as base-256 digits, each summed on its own: with at most
 # MAX_HOLDERS holders a digit's sum stays below 2^16, so the weights' sum is exact in the smallest field.

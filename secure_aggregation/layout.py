@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from healthfm_core.model.groups import parameter_group
+from healthfm_core.terms.groups import parameter_group
 
 
 def group_keys(

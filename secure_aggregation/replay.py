@@ -34,7 +34,7 @@ import numpy as np
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from scipy import stats
 
-from healthfm_core.model.groups import parameter_group
+from healthfm_core.terms.groups import parameter_group
 from secure_aggregation.config import DEFAULT_MIN_HOLDERS, SecAggConfig
 from secure_aggregation.field import clip_update
 from secure_aggregation.keys import agree, private_from_bytes

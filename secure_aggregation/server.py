@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
-from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.terms.groups import GROUPS, parameter_group
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggError
 from secure_aggregation.field import decode_sums, error_bound

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from healthfm_core.model.groups import parameter_group
+from healthfm_core.terms.groups import parameter_group
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.messages import EncryptedShares, MaskedInput, PublicKeys, UnmaskShares
 from secure_aggregation.server import SecureAggregate, ServerRound

@@ -22,8 +22,8 @@ from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.strict_files import strict_model
+from healthfm_core.terms.groups import parameter_group
 from secure_aggregation.config import DEFAULT_MIN_HOLDERS, SecAggConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.field import clip_update, encode_segment

@@ -6,9 +6,8 @@ file and names the file and field that does not parse.
 One directory per round, `round-<n>/` (docs/architecture.md, "The transcript"):
   round.json                 TranscriptHeader: format, kind ("secure" or "plain"), round, node -> site
   round-config.json          the RoundConfig the round sent (plain and secure rounds)
-A secure round adds, each message in its flat form (healthfm_core/protocol/secure_records.py:
-`<name>.json` is the JSON string, `<name>.<field>.bin` each top-level bytes field, raw; the masked
-vector is `masked/<node>.vector.bin`):
+A secure round adds each message as `<name>.json`, its fields but the bytes ones, and
+`<name>.<field>.bin` each top-level bytes field, raw (the masked vector is `masked/<node>.vector.bin`):
   config, directory, unmask-request     the server's own: SecAggConfig, KeyDirectory, UnmaskRequest
   keys/<node>, shares/<node>, masked/<node>, unmask/<node>   every reply that parsed, per stage
 A stage the round never reached (it failed before) has no files.
@@ -26,8 +25,7 @@ from typing import Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from healthfm_core.data.sequences.token_settings import one_line_error
-from healthfm_core.protocol.secure_records import JSON_KEY, from_flat, to_flat
+from healthfm_core.first_error import first_error
 from healthfm_core.strict_files import StrictFileError, strict_json, strict_model
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.masks import field_dtype
@@ -94,27 +92,38 @@ def round_dirs(root: Path) -> list[Path]:
     return [p for _, p in found]
 
 
+def _bytes_fields(cls: type[BaseModel]) -> list[str]:
+    return [name for name, info in cls.model_fields.items() if info.annotation is bytes]
+
+
 def _write_flat(directory: Path, name: str, message: BaseModel) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for key, value in to_flat(message).items():
-        if key == JSON_KEY:
-            (directory / f"{name}.json").write_text(value, encoding="utf-8")
-        else:
-            (directory / f"{name}.{key}.bin").write_bytes(value)
+    raw = _bytes_fields(type(message))
+    (directory / f"{name}.json").write_text(message.model_dump_json(exclude=set(raw)), encoding="utf-8")
+    for key in raw:
+        (directory / f"{name}.{key}.bin").write_bytes(getattr(message, key))
 
 
 def _read_flat(cls: type[M], directory: Path, name: str) -> M:
     path = directory / f"{name}.json"
     try:
-        record: dict[str, object] = {JSON_KEY: path.read_text(encoding="utf-8")}
+        data = strict_json(path.read_text(encoding="utf-8"), f"{path}: {cls.__name__}")
+        if not isinstance(data, dict):
+            raise TranscriptError(f"{path}: {cls.__name__}: not a JSON object")
+        raw = set(_bytes_fields(cls))
         for part in sorted(directory.glob(f"{name}.*.bin")):
-            record[part.name[len(name) + 1 : -len(".bin")]] = part.read_bytes()
-        return from_flat(cls, record)
+            key = part.name[len(name) + 1 : -len(".bin")]
+            if key not in raw:
+                raise TranscriptError(f"{part}: {cls.__name__} has no bytes field {key!r}")
+            data[key] = part.read_bytes()
+        return cls.model_validate(data)
     except (OSError, UnicodeDecodeError) as err:
         raise TranscriptError(f"{path}: cannot read ({err})") from None
     except ValidationError as err:
-        raise TranscriptError(one_line_error(err, f"{path}: {cls.__name__}")) from None
-    except ValueError as err:  # from_flat's own, json's
+        raise TranscriptError(first_error(err, f"{path}: {cls.__name__}")) from None
+    except TranscriptError:
+        raise
+    except ValueError as err:  # json's
         raise TranscriptError(f"{path}: {' '.join(str(err).split())}") from None
 
 
@@ -129,7 +138,7 @@ def read_model(cls: type[M], path: Path) -> M:
     except OSError as err:
         raise TranscriptError(f"{path}: cannot read ({err})") from None
     except ValidationError as err:
-        raise TranscriptError(one_line_error(err, f"{path}: {cls.__name__}")) from None
+        raise TranscriptError(first_error(err, f"{path}: {cls.__name__}")) from None
 
 
 def read_header(directory: Path) -> TranscriptHeader:

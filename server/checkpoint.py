@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
 from healthfm_core.files import atomic_write_text
+from healthfm_core.first_error import first_error
 from healthfm_core.protocol import FederationSetup
 from healthfm_core.strict_files import strict_model
 from healthfm_core.train.checkpoint import (
@@ -187,10 +188,8 @@ def _one_line(err: Exception) -> str:
     """The error's message on one line (pydantic's validation errors: the first one, briefly)."""
     cause = err.__cause__
     if isinstance(cause, ValidationError) and cause.errors():
-        first = cause.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "the file"
         head = str(err).split(":", 1)[0]
-        return f"{head}: invalid checkpoint metadata ({where}: {first.get('msg', 'invalid')})"
+        return first_error(cause, f"{head}: invalid checkpoint metadata")
     return " ".join(str(err).split())
 
 

@@ -22,20 +22,21 @@ from pydantic import (
     model_validator,
 )
 
-from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.code_stats import DEFAULT_MIN_CODE_SUBJECTS
-from healthfm_core.data.sequences.token_settings import (
+from healthfm_core.first_error import first_error
+from healthfm_core.protocol import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, EvalConfig, ScoreScale
+from healthfm_core.protocol.secure_records import MAX_KEY_ROUNDS
+from healthfm_core.protocol.transport import Downlink, Rounding, Transport
+from healthfm_core.terms.model_config import ModelConfig, load_model_config
+from healthfm_core.terms.task_spec import TaskSpec
+from healthfm_core.terms.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
     MaxCodesPerToken,
     TokenSettings,
     TokenWindowDays,
-    one_line_error,
 )
-from healthfm_core.model.config import ModelConfig, load_model_config
-from healthfm_core.protocol import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, EvalConfig, ScoreScale
-from healthfm_core.protocol.secure_records import MAX_KEY_ROUNDS
-from healthfm_core.protocol.transport import Downlink, Rounding, Transport
 from secure_aggregation.config import DEFAULT_MIN_HOLDERS, MAX_HOLDERS
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR
 from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
@@ -330,7 +331,7 @@ class FederationConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ValueError(one_line_error(err, "invalid run config")) from None
+            raise ValueError(first_error(err, "invalid run config")) from None
 
 
 def _field_defaults() -> dict[str, Any]:

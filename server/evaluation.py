@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from healthfm_core.data.labels.task_spec import task_keys
 from healthfm_core.eval.federation_auroc import FederationAUROC, binary_keys, federation_aurocs
 from healthfm_core.eval.outcomes import outcome_lines, scored_of_available
 from healthfm_core.files import atomic_write_text
@@ -42,6 +41,7 @@ from healthfm_core.protocol import (
     task_weights,
 )
 from healthfm_core.protocol.site_share import SHARE_CAP_FACTOR, SHARE_CAP_RULE
+from healthfm_core.terms.task_spec import task_keys
 from server.audit import AuditLog
 from server.config import FederationConfig
 from server.eval_counts import DeclaredCounts, declared_counts, eval_count_problem

@@ -48,11 +48,11 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from healthfm_core.data.labels.task_spec import resolve_tasks
-from healthfm_core.data.sequences.token_settings import one_line_error
 from healthfm_core.eval.federated_head import FederatedHeadResult, SiteHead, run_federated_head
 from healthfm_core.eval.probes import DEFAULT_C_GRID, Standardizer
 from healthfm_core.eval.saved_head import save_head
 from healthfm_core.files import atomic_write_text
+from healthfm_core.first_error import first_error
 from healthfm_core.privacy.head import planned_head_epsilon
 from healthfm_core.protocol import EvalConfig
 from healthfm_core.protocol.head import (
@@ -175,7 +175,7 @@ class HeadRunConfig(BaseModel):
         try:
             return cls.model_validate({**data, "privacy": PrivacyRequest.model_validate(privacy)})
         except ValidationError as err:
-            raise ValueError(one_line_error(err, "invalid head run config")) from None
+            raise ValueError(first_error(err, "invalid head run config")) from None
 
     def planned_dp_steps(self) -> int:
         """Every train.head round's local steps over the C grid: the steps a target epsilon spans."""

@@ -18,7 +18,6 @@ from typing import Literal
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from healthfm_core.model.groups import GROUPS
 from healthfm_core.protocol import (
     ARRAYS_RECORD,
     METRICS_RECORD,
@@ -29,6 +28,7 @@ from healthfm_core.protocol import (
 )
 from healthfm_core.protocol.packing import unpack_record
 from healthfm_core.protocol.transport import SCALES_RECORD, decode_update, wire_dtype_ok
+from healthfm_core.terms.groups import GROUPS
 from server.influence import Accepted, count_problem
 from server.limits import array_record_bytes
 from server.runlog import message_size

@@ -34,9 +34,18 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from healthfm_core.model.objective_weights import curriculum_weights
-from healthfm_core.protocol import ARRAYS_RECORD, CONFIG_RECORD, FederationSetup, RoundConfig, TrainReply, mean_losses
+from healthfm_core.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    GROUPS_KEY,
+    SERVER_ROUND_KEY,
+    FederationSetup,
+    RoundConfig,
+    TrainReply,
+    mean_losses,
+)
 from healthfm_core.protocol.transport import Downlinked, downlink_arrays, onto_master
+from healthfm_core.terms.objective_weights import curriculum_weights
 from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
@@ -197,8 +206,8 @@ def train_messages(
     messages = []
     for node_id, groups in sampled.items():
         node_config = ConfigRecord(dict(config))
-        node_config["server-round"] = server_round
-        node_config["groups"] = groups
+        node_config[SERVER_ROUND_KEY] = server_round
+        node_config[GROUPS_KEY] = groups
         content = RecordDict({ARRAYS_RECORD: records[node_id], CONFIG_RECORD: node_config})
         messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
     log.info("round %d: training on %d nodes", server_round, len(messages))

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from pydantic import BaseModel
 
 from healthfm_core.protocol import METRICS_RECORD, STATUS_RECORD, FederationSetup, PrivacySpend, RoundConfig
+from healthfm_core.protocol.flat import from_flat, to_flat
 from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
     MASK_MESSAGE,
@@ -54,10 +55,8 @@ from healthfm_core.protocol.secure_records import (
     SECAGG_RECORD,
     SHARES_MESSAGE,
     UNMASK_MESSAGE,
-    from_flat,
     key_round_record,
     key_round_records,
-    to_flat,
 )
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.errors import SecAggError
@@ -232,7 +231,7 @@ class _Stages:
                     raise ValueError(f"metric records {sorted(metrics)}, expected at most {METRICS_RECORD!r}")
                 if METRICS_RECORD in metrics:  # a DP site's cumulative spend (its counts stay masked)
                     entry.dp = PrivacySpend.from_metrics(metrics[METRICS_RECORD]).model_dump(exclude_none=True)
-                payloads = [from_flat(reply_type, record, self.max_bytes) for record in payload_records]
+                payloads = [from_flat(reply_type, record, max_bytes=self.max_bytes) for record in payload_records]
                 for message in payloads:
                     claimed = getattr(message, "node_id", node)
                     if claimed != node:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.protocol import RoundConfig
 from healthfm_core.protocol.packing import pack_arrays, pack_group_sets
+from healthfm_core.terms.groups import GROUPS, parameter_group
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR, Clipped, clip_to_holders
 from server.influence import (
     DEFAULT_NORM_HISTORY_FACTOR,

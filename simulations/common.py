@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.labels.aces_tasks import TASK_DIR
 from healthfm_core.data.labels.meds_dev_tasks import with_dataset
-from healthfm_core.data.labels.task_spec import SITE_PREFIX, TaskSpec, file_entries, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.task_spec import SITE_PREFIX, file_entries, resolve_tasks, runner_tasks
 from healthfm_core.data.labels.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.sequences.tokens import SiteSequences
 from healthfm_core.data.sites.site import Site, open_site
@@ -25,6 +25,7 @@ from healthfm_core.eval.runner import EvalSet, build_eval_set
 from healthfm_core.files import atomic_write_text
 from healthfm_core.protocol import EvalConfig
 from healthfm_core.strict_files import strict_model
+from healthfm_core.terms.task_spec import TaskSpec
 from simulations.synthetic import ScenarioConfig, synthetic_sites
 
 log = logging.getLogger("healthfm.simulations")

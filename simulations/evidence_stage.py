@@ -16,8 +16,8 @@ from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare
 from healthfm_core.eval.paired_comparison import Item
 from healthfm_core.eval.runner import EvalSet, paired_items
-from healthfm_core.model.config import model_config_from_dict
 from healthfm_core.protocol import FederationSetup
+from healthfm_core.terms.model_config import model_config_from_dict
 from simulations.evidence_units import Evidence
 from simulations.report import Regimes, train_baseline
 

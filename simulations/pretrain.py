@@ -35,9 +35,8 @@ from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.labels.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
-from healthfm_core.data.sequences.token_settings import TokenSettings
 from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader
-from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import plots
 from healthfm_core.eval.metrics import PairedDifference
@@ -60,10 +59,12 @@ from healthfm_core.eval.runner import (
     wins,
 )
 from healthfm_core.files import atomic_write_text
-from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import federation_modalities
+from healthfm_core.terms.model_config import ModelConfig, model_config_from_dict
+from healthfm_core.terms.objective_weights import curriculum_weights
+from healthfm_core.terms.token_settings import TokenSettings
+from healthfm_core.terms.vocabulary import Vocabulary
 from healthfm_core.train.checkpoint_dirs import latest_checkpoint
 from healthfm_core.train.trainer import TrainConfig, Trainer
 from simulations.common import Clock, job_tasks, open_sites, site_labelled, task_entries

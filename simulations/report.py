@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
 from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, make_loader
@@ -45,11 +44,12 @@ from healthfm_core.eval.outcomes import outcome_table, replies_from_event
 from healthfm_core.eval.report import auroc_cell
 from healthfm_core.eval.row_embeddings import restrict_modalities
 from healthfm_core.eval.runner import EvalSet, MethodResult
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
-from healthfm_core.model.objective_weights import LOSS_NAMES, curriculum_weights
 from healthfm_core.protocol import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.strict_files import read_json
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.objective_weights import LOSS_NAMES, curriculum_weights
+from healthfm_core.terms.site_layout import MODALITIES
 from healthfm_core.train.local_run import LocalRun
 from healthfm_core.train.trainer import train_local
 from server.runlog import read_events

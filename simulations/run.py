@@ -51,12 +51,12 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import ValidationError
 
 from client.client_app import make_client_app
-from healthfm_core.data.sequences.token_settings import one_line_error
 from healthfm_core.data.sites.site_cache import log_sequence_loads
 from healthfm_core.files import atomic_write_text
-from healthfm_core.model.config import model_config_from_dict
+from healthfm_core.first_error import first_error
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import FederationSetup
+from healthfm_core.terms.model_config import model_config_from_dict
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.config import FederationConfig, PrivacyRequest
 from server.server_app import make_server_app
@@ -145,8 +145,8 @@ def federation_config(cfg: DictConfig, n_sites: int) -> FederationConfig:
             privacy=privacy_request(cfg),
             **fed,
         )
-    except ValidationError as err:  # e.g. federation.token_window_days=-1.0
-        raise ValueError(one_line_error(err, "invalid federation config")) from None
+    except ValidationError as err:  # e.g. federation.token_window_days -1.0
+        raise ValueError(first_error(err, "invalid federation config")) from None
 
 
 def simulated_site_policy(cfg: DictConfig, request: PrivacyRequest) -> dict[str, Any] | None:

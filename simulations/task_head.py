@@ -44,7 +44,6 @@ import numpy as np
 
 from client.head_rows import embedded_task_rows, label_row_index
 from client.model_use import eval_config, open_site_runtime, splits_of
-from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_probe
 from healthfm_core.eval.report import ResultRow
@@ -55,6 +54,7 @@ from healthfm_core.protocol import TaskReason
 from healthfm_core.release import load_release
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE
 from healthfm_core.strict_files import read_json
+from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES
 from server.head_app import SUMMARY_FILE, HeadRunConfig
 from server.head_options import head_dp_config
 from simulations.federated_head_run import add_dp_args, add_release_trust_args, head_node_configs, run_head_simulation

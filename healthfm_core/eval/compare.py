@@ -34,7 +34,6 @@ import torch  # noqa: E402
 from matplotlib.artist import Artist  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
-from healthfm_core.data.files.layout import MODALITIES  # noqa: E402
 from healthfm_core.eval.plots import save_figure  # noqa: E402
 from healthfm_core.eval.report import ResultRow  # noqa: E402
 from healthfm_core.eval.runner import (  # noqa: E402
@@ -45,6 +44,7 @@ from healthfm_core.eval.runner import (  # noqa: E402
     method_features,
     oracle_rows,
 )
+from healthfm_core.terms.site_layout import MODALITIES  # noqa: E402
 
 log = logging.getLogger(__name__)
 

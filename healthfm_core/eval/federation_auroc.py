@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from healthfm_core.data.labels.task_spec import TaskSpec
 from healthfm_core.eval.pooled_auroc import Cell, cells_of, pooled_auroc
 from healthfm_core.protocol import EvalReply
 from healthfm_core.protocol.site_share import SHARE_CAP_RULE, capped_weights
+from healthfm_core.terms.task_spec import TaskSpec
 
 # The minimum behind a histogram is the stricter of the site's min_report_subjects and
 # min_report_positives (site_eval.py).

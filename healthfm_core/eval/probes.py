@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.report import RegressionRow, ResultRow
 from healthfm_core.model.capabilities import Embedder
+from healthfm_core.terms.site_layout import SPLITS
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.data.sequences.shared_passes import MAX_QUERIES, shared_passes
 from healthfm_core.data.sequences.tokens import US_PER_DAY, SiteSequences
 from healthfm_core.data.sequences.wear_patches import NO_TIME
 from healthfm_core.model.capabilities import Embedder, QueryEmbedder
+from healthfm_core.terms.site_layout import MODALITIES
 
 # Where embed_rows lands its rows: (rows, width, the narrowest float dtype that holds the model's
 # output exactly) -> an [rows, width] array. The default keeps them in memory (float64, as always);

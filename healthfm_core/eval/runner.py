@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from healthfm_core.data.files.layout import MODALITIES, SPLITS
 from healthfm_core.data.labels.aces_tasks import AcesTask, aces_labels, aces_labels_shared
 from healthfm_core.data.labels.task_spec import AcesOnsetTask
 from healthfm_core.data.labels.tasks import (
@@ -62,6 +61,7 @@ from healthfm_core.eval.probes import (
 from healthfm_core.eval.report import RegressionRow, ResultRow
 from healthfm_core.eval.row_embeddings import embed_rows, restrict_modalities
 from healthfm_core.model.healthfm import genomics_features
+from healthfm_core.terms.site_layout import MODALITIES, SPLITS
 
 log = logging.getLogger(__name__)
 

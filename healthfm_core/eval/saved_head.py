@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from healthfm_core.eval.probes import LogisticProbe, RidgeProbe, Standardizer
 from healthfm_core.files import atomic_path, atomic_write_text
+from healthfm_core.first_error import first_error
 from healthfm_core.strict_files import StrictFileError, strict_model
 from healthfm_core.train.checkpoint import sha256_file
 
@@ -118,9 +119,7 @@ def load_head(path: str | Path, setup_sha256: str | None = None, weights_sha256:
     except StrictFileError as err:
         raise HeadError(str(err)) from None
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"
-        raise HeadError(f"{path}: field {where}: {first.get('msg')}") from None
+        raise HeadError(first_error(err, str(path))) from None
     if meta.format != FORMAT or meta.version != VERSION:
         raise HeadError(
             f"{path}: field format/version is {meta.format!r}/{meta.version}, expected {FORMAT!r}/{VERSION}"

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.protocol import SCORE_SCALES, ScoreScale, WithheldKind
+from healthfm_core.terms.report_floor import class_subjects
 
 LOGIT_RANGE = 6.0  # interior edges from sigmoid(-6) = 0.0025 to sigmoid(6) = 0.9975
 

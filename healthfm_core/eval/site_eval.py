@@ -1,7 +1,7 @@
 """A site's evaluation of the tasks the server defined: labels at the site, predictions in the
 meds-evaluation format at the site, scored by meds-evaluation; only aggregates come out.
 
-For each TaskSpec (healthfm_core.data.labels.task_spec):
+For each TaskSpec (healthfm_core.terms.task_spec):
 - labels are extracted here: ACES tasks with ACES (healthfm_core.data.labels.aces_tasks) as written:
   the trigger, windows, gaps and exclusions decide rows, labels and prediction times (ACES's
   index timestamps); each MEDS shard is read once for all ACES tasks (aces_labels_shared); then
@@ -58,13 +58,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from healthfm_core.data.checks.report_floor import class_subjects
-from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS, WEARABLES_SCHEMA
+from healthfm_core.data.files.layout import WEARABLES_SCHEMA
 from healthfm_core.data.labels.aces_tasks import aces_labels_shared
 from healthfm_core.data.labels.site_labels import SiteLabelError, read_site_labels, site_tasks
-from healthfm_core.data.labels.task_spec import TaskSpec, horizon_key
+from healthfm_core.data.labels.task_spec import aces_task
 from healthfm_core.data.labels.tasks import (
-    HELD_OUT_ROWS_PER_SUBJECT,
     LABEL_SCHEMA_BOOL,
     TASKS,
     WearableTask,
@@ -86,13 +84,16 @@ from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.eval.subject_sample import SubjectSample
 from healthfm_core.protocol import (
     SMALL_CELL,
+    EvalConfig,
     ScoreHistogram,
-    ScoreScale,
     SplitCount,
     TaskMetrics,
     TaskReason,
     WithheldKind,
 )
+from healthfm_core.terms.report_floor import class_subjects
+from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, SPLITS
+from healthfm_core.terms.task_spec import HELD_OUT_ROWS_PER_SUBJECT, TaskSpec, horizon_key
 
 if TYPE_CHECKING:  # scipy loads with MEDS-Tab's features, when a site evaluates
     import scipy.sparse as sp
@@ -202,7 +203,7 @@ def _aces_labels(
         if spec.kind != "aces":
             continue
         try:
-            tasks.append((spec, spec.aces()))
+            tasks.append((spec, aces_task(spec)))
         except ValueError as err:
             log.warning("task %s: %s", spec.name, err)
             out[spec.name] = {k: TaskReason(kind="invalid_task") for k in spec.keys()}
@@ -323,28 +324,21 @@ def evaluate_site_tasks(
     site: Site,
     seqs: SiteSequences,
     model: torch.nn.Module,
-    specs: Sequence[TaskSpec],
+    cfg: EvalConfig,
     split_of: SplitOf,
     min_subjects: int,
     pred_dir: str | Path | None,
-    batch_size: int = 64,
-    max_events: int = 256,
-    max_patches: int = 32,
-    n_per_subject: int | str | None = 4,
-    seed: int = 0,
+    *,
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
-    held_out_rows_per_subject: int = HELD_OUT_ROWS_PER_SUBJECT,
     reuse_patches: bool = True,
     sample: SubjectSample | None = None,
     shared_passes: bool = True,
-    n_boot: int = 100,
     min_positives: int = 1,
-    meds_tab: bool = True,
-    score_bins: int = 0,
-    score_scale: ScoreScale = "logit",
     progress: bool = False,
 ) -> SiteTaskResults:
-    """Every task key of `specs` at this site: a metric or a reason (see the module docstring).
+    """Every task key of `cfg.tasks` at this site, with the evaluate message's settings (its
+    samples, its probe's bootstrap, MEDS-Tab or not, its histograms' grid): a metric or a reason
+    (see the module docstring).
     `progress`: bars for the embedding and the per-task fits (`client.py probe` at a terminal).
     `labels` (from task_labels_at_site) may be passed to reuse them across calls; `pred_dir` None
     scores the predictions in memory and writes nothing (and holds the embeddings in memory; with
@@ -355,16 +349,13 @@ def evaluate_site_tasks(
     With a `sample` (draw_sample) that has a budget, only its
     subjects' rows are embedded, fitted on and scored, and the minimum-subject and class checks
     apply to them; the metrics say how many held-out subjects the sample was drawn from.
-    `n_boot`: resamples of the AUROC's subject-bootstrap interval (the EvalConfig's); `meds_tab`:
-    also MEDS-Tab on each binary key's rows (the EvalConfig's).
     `min_positives`: a binary task whose held_out split has fewer positive or negative rows is
-    withheld (too_few_positives; the site's min_report_positives).
-    `score_bins`, `score_scale`: the grid of each binary task's released score histogram (0: none)."""
+    withheld (too_few_positives; the site's min_report_positives)."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
     if labels is None:
         labels = task_labels_at_site(
-            site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects,
-            held_out_rows_per_subject=held_out_rows_per_subject,
+            site, cfg.tasks, n_per_subject=cfg.n_per_subject, seed=cfg.seed, subjects=subjects,
+            held_out_rows_per_subject=cfg.held_out_rows_per_subject,
         )  # fmt: skip
     out = SiteTaskResults()
     usable: dict[str, pa.Table] = {}
@@ -406,9 +397,9 @@ def evaluate_site_tasks(
                 seqs,
                 union["subject_id"].to_numpy(),
                 pc.cast(union["prediction_time"], pa.int64()).to_numpy(),
-                max_events,
-                max_patches,
-                batch_size=batch_size,
+                cfg.max_events,
+                cfg.max_patches,
+                batch_size=cfg.batch_size,
                 shared=shared_passes,
                 progress=progress,
                 rows_to=rows_to,
@@ -426,8 +417,8 @@ def evaluate_site_tasks(
             log.info("site %s: %d wearable patches encoded for %d asked", site_name, reuse.encoded, reuse.asked)
         out.num_examples, out.num_passes = int(len(x_all)), embedded.passes
         binary_keys = {k: t for k, t in usable.items() if "boolean_value" in t.column_names}
-        meds_dev = _meds_dev_keys(specs)
-        tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if meds_tab and binary_keys else None
+        meds_dev = _meds_dev_keys(cfg.tasks)
+        tab = _meds_tab_features(site_name, site, binary_keys, split_of, out) if cfg.meds_tab and binary_keys else None
         for key, table in tqdm(usable.items(), desc="task fits", total=len(usable), disable=not progress, leave=False):
             idx = np.array([index[k] for k in _pair_keys(table)], dtype=np.int64)
             split = split_of(table["subject_id"].to_numpy())
@@ -458,10 +449,15 @@ def evaluate_site_tasks(
                         out.meds_dev_results[key] = write_meds_dev_result(
                             meds_dev_result_dir(pred_dir, site_name, task), scored, dataset, task
                         )
-                scores = score_predictions(scored, seed=seed)["samples_equally_weighted"]
+                scores = score_predictions(scored, seed=cfg.seed)["samples_equally_weighted"]
                 # The interval on the same rows as the point estimate, whole subjects resampled.
                 low, high = bootstrap_ci(
-                    auroc, y["held_out"], p_held, n_boot=n_boot, seed=seed, groups=held_rows["subject_id"].to_numpy()
+                    auroc,
+                    y["held_out"],
+                    p_held,
+                    n_boot=cfg.n_boot,
+                    seed=cfg.seed,
+                    groups=held_rows["subject_id"].to_numpy(),
                 )
                 out.seconds["scoring"] += time.perf_counter() - start
                 positives = int(y["held_out"].sum())
@@ -472,7 +468,7 @@ def evaluate_site_tasks(
                 if tab is not None:
                     start = time.perf_counter()
                     baseline = _meds_tab_metrics(
-                        key, table, split, tab, site_name, pred_dir, out, n_boot=n_boot, seed=seed
+                        key, table, split, tab, site_name, pred_dir, out, n_boot=cfg.n_boot, seed=cfg.seed
                     )
                     log.info(
                         "site %s: %s: probe %.2f s, MEDS-Tab %.2f s (fit, predict, score)",
@@ -495,13 +491,13 @@ def evaluate_site_tasks(
                     meds_tab_auroc_high=baseline[3],
                     **scope,
                 )
-                if score_bins:  # merged to the stricter of the site's minimums, as the positives above
+                if cfg.score_bins:  # merged to the stricter of the site's minimums, as the positives above
                     released = release_histogram(
                         y["held_out"],
                         p_held,
                         held_rows["subject_id"].to_numpy(),
-                        score_bins,
-                        score_scale,
+                        cfg.score_bins,
+                        cfg.score_scale,
                         max(min_subjects, min_positives),
                     )
                     if isinstance(released, ScoreHistogram):

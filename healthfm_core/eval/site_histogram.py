@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.eval.score_histogram import (
     merge_for_subjects,
     merge_small_cells,
@@ -14,6 +13,7 @@ from healthfm_core.eval.score_histogram import (
     withheld_kind,
 )
 from healthfm_core.protocol import ScoreHistogram, ScoreScale, WithheldKind
+from healthfm_core.terms.report_floor import class_subjects
 
 
 def release_histogram(

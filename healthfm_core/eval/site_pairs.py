@@ -17,13 +17,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from healthfm_core.data.checks.report_floor import class_subjects
-from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
 from healthfm_core.eval.metrics import MIN_INTERVAL_SUBJECTS, paired_resamples
 from healthfm_core.eval.report import ResultRow, auroc_cell
 from healthfm_core.eval.runner import EvalSet, MethodResult, task_display
 from healthfm_core.eval.site_eval import withheld_reason
 from healthfm_core.protocol import SMALL_CELL, SplitCount
+from healthfm_core.terms.report_floor import class_subjects
+from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, SPLITS
 
 PRIVACY_KEY = "min_report_subjects"  # the site setting (federation.site.min_report_subjects) the minimum comes from
 POSITIVES_KEY = "min_report_positives"  # the site setting of the held-out positives' (and negatives') minimum

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.data.labels.tasks import _mix64  # the splitmix64 finaliser the visit times use
+from healthfm_core.terms.site_layout import SPLITS
 
 # Salt of the rank's hash: its own stream, apart from the visit prediction times' (same seed).
 _SAMPLE_SALT = np.uint64(0x5EED_CA95_0B1E_C7ED)

@@ -1,82 +1,17 @@
-"""Parameter groups: which part of the model a state_dict key belongs to.
-
-A site trains, sends and receives only the groups it has data for; the server averages each key
-over the sites that hold its group. The group follows from the key alone, through an explicit
-table of module prefixes; a key that matches no prefix is an error, never silently "shared".
-
-  shared     backbone.*            (blocks with their decay kernels, query token, age embedding, final norm)
-  ehr        ehr_encoder.*, heads.ehr_*
-  wearables  wearable_encoder.*, heads.wear_*   (incl. the wearable->EHR predictive and alignment
-                                                 heads: only a site with wearables trains them)
-  genomics   genomics_encoder.*, heads.prs_*
-"""
+"""A torch model's parameters per group (the groups by name: healthfm_core/terms/groups.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Iterable
 
-if TYPE_CHECKING:  # annotations only: the wire protocol reads GROUPS without loading torch
-    from torch import nn
+from torch import nn
 
-GROUPS: tuple[str, ...] = ("shared", "ehr", "wearables", "genomics")
-
-_PREFIX_GROUPS: tuple[tuple[str, str], ...] = (
-    ("backbone.", "shared"),
-    ("ehr_encoder.", "ehr"),
-    ("heads.ehr_", "ehr"),
-    ("wearable_encoder.", "wearables"),
-    ("heads.wear_", "wearables"),
-    ("genomics_encoder.", "genomics"),
-    ("heads.prs_", "genomics"),
-)
-
-# Wrappers prepend these to keys (torch.compile, DataParallel/DDP, Opacus GradSampleModule).
-_WRAPPER_PREFIXES = ("_orig_mod.", "module._module.", "_module.", "module.")
-
-V = TypeVar("V")
-
-
-def _strip_wrappers(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                stripped = True
-    return key
-
-
-def parameter_group(key: str) -> str:
-    """The group ("shared", "ehr", "wearables" or "genomics") of a HealthFM state_dict key."""
-    bare = _strip_wrappers(key)
-    for prefix, group in _PREFIX_GROUPS:
-        if bare.startswith(prefix):
-            return group
-    raise KeyError(
-        f"state_dict key {key!r} belongs to no parameter group: known prefixes are "
-        f"{', '.join(p for p, _ in _PREFIX_GROUPS)} (add the module to healthfm_core/model/groups.py)"
-    )
-
-
-def _check_groups(groups: Iterable[str]) -> frozenset[str]:
-    wanted = frozenset(groups)
-    unknown = wanted - set(GROUPS)
-    if unknown:
-        raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; groups are {list(GROUPS)}")
-    return wanted
-
-
-def group_state_dict(state_dict: Mapping[str, V], groups: Iterable[str]) -> dict[str, V]:
-    """The entries of `state_dict` whose key belongs to one of `groups` (order kept)."""
-    wanted = _check_groups(groups)
-    return {key: value for key, value in state_dict.items() if parameter_group(key) in wanted}
+from healthfm_core.terms.groups import GROUPS, check_groups, parameter_group
 
 
 def group_parameters(model: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]:
     """The parameters of `model` in `groups` (e.g. for an optimizer that trains only those)."""
-    wanted = _check_groups(groups)
+    wanted = check_groups(groups)
     return [p for name, p in model.named_parameters() if parameter_group(name) in wanted]
 
 

@@ -31,15 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from healthfm_core.data.files.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.data.sequences.batch import EPOCH_DAYS, MASK_CODE, PAD_CODE, Batch
 from healthfm_core.kernels.ct_attention import split_qkv
 from healthfm_core.model.attention import DecayKernel, ct_attention, decay_mixtures, decay_rate_summary
-from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
 from healthfm_core.model.dropout import Dropout
-from healthfm_core.model.objective_weights import ObjectiveWeights
 from healthfm_core.model.objectives import pretraining_losses
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
+from healthfm_core.terms.model_config import ModelConfig, embedding_width, model_modalities
+from healthfm_core.terms.objective_weights import ObjectiveWeights
+from healthfm_core.terms.site_layout import MODALITIES, WEARABLE_CHANNELS
 
 N_CHANNELS = len(WEARABLE_CHANNELS)
 # The "no decay" rate of the sinusoidal ablation: the contract wants lambda > 0; at 1e-9/day

@@ -48,9 +48,9 @@ from torch import Tensor, nn
 
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, Batch
 from healthfm_core.device_copy import device_values
-from healthfm_core.model.config import ModelConfig, PretrainingConfig
-from healthfm_core.model.objective_weights import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.model.outputs import ModelOutput, ReconstructionMasks
+from healthfm_core.terms.model_config import ModelConfig, PretrainingConfig
+from healthfm_core.terms.objective_weights import LOSS_NAMES, ObjectiveWeights
 
 
 class PretrainingModel(Protocol):

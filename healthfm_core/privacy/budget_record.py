@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from healthfm_core.files import atomic_write_text
+from healthfm_core.first_error import first_error
 from healthfm_core.strict_files import StrictFileError, strict_model
 
 RECORD_SUFFIX = ".privacy.json"
@@ -100,12 +101,8 @@ def read_record(path: Path) -> BudgetRecord | None:
     except StrictFileError as err:
         raise ValueError(f"{err} (the key's privacy budget record)") from None
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(x) for x in first["loc"]) or "(file)"
-        value = "(missing)" if first["type"] == "missing" else repr(first.get("input"))[:120]
         raise ValueError(
-            f"{path}: field {field}: value {value}: {first['msg']} (the key's privacy budget record; "
-            f"{err.error_count()} problem(s))"
+            f"{first_error(err, str(path))} (the key's privacy budget record; {err.error_count()} problem(s))"
         ) from None
     if record.version != RECORD_VERSION:
         raise ValueError(f"{path}: field version: value {record.version}: expected {RECORD_VERSION}")

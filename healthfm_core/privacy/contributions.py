@@ -31,9 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthfm_core.data.files.layout import WEARABLE_CHANNELS, WEARABLES_SCHEMA, SiteLike
+from healthfm_core.data.files.layout import WEARABLES_SCHEMA, SiteLike
 from healthfm_core.data.files.parquet_guard import read_parquet
 from healthfm_core.data.labels.tasks import _mix64  # the splitmix64 finaliser the visit times use
+from healthfm_core.terms.site_layout import WEARABLE_CHANNELS
 
 # One salt per kind of row: an event row and an epoch with the same numbers hash apart.
 _VALUE_SALT = np.uint64(0x243F_6A88_85A3_08D3)

@@ -34,8 +34,8 @@ import torch
 
 from healthfm_core.privacy.engine import DPLocalStep, DPSettings, noise_for_target, sample_rate_for, secret_generator
 from healthfm_core.privacy.ledger import PrivacyLedger, Reservation
-from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, dp_settings, reserve_private_round
+from healthfm_core.terms.dp_policy import DPPolicy
 
 
 @dataclass

@@ -31,7 +31,7 @@ from healthfm_core.privacy.ledger import (
     PrivacyLedger,
     Reservation,
 )
-from healthfm_core.privacy.policy import DPPolicy, delta_problem
+from healthfm_core.terms.dp_policy import DPPolicy, delta_problem
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,6 @@ before TrainReply.from_records. Below that, every message's arrays travel packed
 safetensors blobs (protocol/packing.py), not one Flower Array per key.
 """
 
-from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 from healthfm_core.protocol.capabilities import MODALITY_GROUP, SiteCapabilities, groups_for_modalities
 from healthfm_core.protocol.eval_config import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, SCORE_SCALES, EvalConfig, ScoreScale
 from healthfm_core.protocol.eval_reply import (
@@ -70,7 +69,7 @@ from healthfm_core.protocol.eval_reply import (
     task_weights,
 )
 from healthfm_core.protocol.privacy_spend import PrivacySpend
-from healthfm_core.protocol.round_config import WEIGHT_PREFIX, RoundConfig, site_seed
+from healthfm_core.protocol.round_config import GROUPS_KEY, SERVER_ROUND_KEY, RoundConfig, site_seed
 from healthfm_core.protocol.setup import FederationSetup, federation_modalities
 from healthfm_core.protocol.task_reason import REASON_KINDS, SMALL_CELL, SPLIT_COUNTS, SplitCount, TaskReason
 from healthfm_core.protocol.train_reply import TRAIN_LOSSES, TrainRecords, TrainReply, mean_losses, round_metrics
@@ -91,9 +90,12 @@ from healthfm_core.protocol.wire import (
     STATUS_RECORD,
     STATUS_REFUSED,
 )
+from healthfm_core.terms.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
 
 __all__ = [
     "ARRAYS_RECORD",
+    "GROUPS_KEY",
+    "SERVER_ROUND_KEY",
     "CAPABILITIES",
     "CAPABILITIES_RECORD",
     "CODE_STATS",
@@ -122,7 +124,6 @@ __all__ = [
     "STATUS_REFUSED",
     "TASK_KEY",
     "TRAIN_LOSSES",
-    "WEIGHT_PREFIX",
     "WITHHELD_KINDS",
     "EvalConfig",
     "EvalReply",

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from healthfm_core.model.groups import GROUPS
 from healthfm_core.protocol.wire import StrictMessage
+from healthfm_core.terms.groups import GROUPS
 
 MODALITY_GROUP = {"ehr": "ehr", "wearables": "wearables", "genomics": "genomics"}
 # The protocol's maxima on what a site declares of itself: more subjects than any health system

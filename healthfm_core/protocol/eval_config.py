@@ -3,16 +3,14 @@ with the grid of the score histograms it asks for."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, StrictBool, field_validator
 
-from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks, task_keys
-from healthfm_core.data.labels.tasks import HELD_OUT_ROWS_PER_SUBJECT
-from healthfm_core.protocol.wire import StrictMessage, flat_fields, unflat_fields
-from healthfm_core.strict_files import StrictFileError, strict_json
+from healthfm_core.protocol.flat import from_flat, to_flat
+from healthfm_core.protocol.wire import StrictMessage
+from healthfm_core.terms.task_spec import HELD_OUT_ROWS_PER_SUBJECT, TaskSpec, task_keys
 
 # The score histograms' grid (the binning itself: healthfm_core/eval/score_histogram.py).
 ScoreScale = Literal["logit", "probability"]
@@ -24,8 +22,8 @@ MAX_SCORE_BINS = 1000
 class EvalConfig(StrictMessage):
     """The evaluate message's config: which tasks (their definitions: `TaskSpec`, the ACES text
     itself, so a site needs none of the server's files), how to build samples, the probe's
-    bootstrap. Built in Python, `tasks` may also hold names (resolved by
-    healthfm_core.data.labels.task_spec.resolve_tasks, here); from a peer (`from_flat`) only definitions."""
+    bootstrap. A message is data: `tasks` holds definitions only; a caller that has names or files
+    resolves them first (healthfm_core.data.labels.task_spec.resolve_tasks), before building it."""
 
     round: int = Field(ge=0)
     tasks: list[TaskSpec] = Field(max_length=64)
@@ -54,18 +52,11 @@ class EvalConfig(StrictMessage):
     score_bins: int = Field(default=DEFAULT_SCORE_BINS, ge=0, le=MAX_SCORE_BINS)
     score_scale: ScoreScale = "logit"
 
-    if TYPE_CHECKING:  # what a Python caller may pass: task names as well (``_names`` resolves them)
-
-        def __init__(self, *, tasks: Sequence[TaskSpec | str], **data: Any) -> None: ...
-
     @field_validator("tasks", mode="before")
     @classmethod
-    def _names(cls, v: Any, info: ValidationInfo) -> Any:
+    def _definitions(cls, v: Any) -> Any:
         if isinstance(v, list) and any(isinstance(t, str) for t in v):
-            if (info.context or {}).get("peer"):
-                raise ValueError("a task must be a definition (name, kind, aces_yaml, horizons_days), not a name")
-            specs = [t for t in v if not isinstance(t, str)]
-            return specs + resolve_tasks([t for t in v if isinstance(t, str)])
+            raise ValueError("a task must be a definition (name, kind, aces_yaml, horizons_days), not a name")
         return v
 
     @field_validator("tasks")
@@ -77,25 +68,8 @@ class EvalConfig(StrictMessage):
         return v
 
     def to_flat(self) -> dict[str, Any]:
-        out = flat_fields(self, exclude={"tasks"})
-        out["tasks"] = json.dumps([t.model_dump() for t in self.tasks])  # a ConfigRecord holds strings, not objects
-        return out
+        return to_flat(self)
 
     @classmethod
     def from_flat(cls, record: Mapping[str, Any]) -> EvalConfig:
-        data = unflat_fields(record, list(cls.model_fields))
-        tasks = data.get("tasks")
-        if not isinstance(tasks, str):
-            raise ValueError(f"evaluate config: field tasks: value {str(tasks)[:80]!r}: expected a JSON list of tasks")
-        try:
-            data["tasks"] = strict_json(tasks, "evaluate config: field tasks")
-        except StrictFileError as err:
-            raise ValueError(f"evaluate config: field tasks: not JSON: {err}") from None
-        try:
-            return cls.model_validate(data, context={"peer": True})
-        except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
-            raise ValueError(
-                f"evaluate config: field {loc}: value {repr(first.get('input'))[:80]}: {first.get('msg')}"
-            ) from None
+        return from_flat(cls, record, what="evaluate config")

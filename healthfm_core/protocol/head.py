@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+from healthfm_core.protocol.flat import from_flat, to_flat
 
 HEAD_RECORD = "head"  # the one ConfigRecord of every head message, request or reply
 REFUSED_KEY = "refused"  # a HeadRefusal's reason
@@ -79,19 +81,11 @@ class _Head(BaseModel):
         return self
 
     def to_flat(self) -> dict[str, Any]:
-        # Fields left at their default (the optional DP fields) are not sent: a ConfigRecord holds
-        # no None, and a request or reply without DP is the same record as before DP existed.
-        return {k.replace("_", "-"): v for k, v in self.model_dump(exclude_defaults=True).items()}
+        return to_flat(self)
 
     @classmethod
     def from_flat(cls: type[_M], record: Mapping[str, Any], width: int | None = None) -> _M:
-        data = {k.replace("-", "_"): v for k, v in record.items()}
-        try:
-            return cls.model_validate(data, context={"width": width})
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ())) or "<record>"
-            raise HeadMessageError(f"{cls.__name__}: field {where}: {first.get('msg')}") from None
+        return from_flat(cls, record, context={"width": width}, error=HeadMessageError)
 
 
 _M = TypeVar("_M", bound=_Head)

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import Field
 
-from healthfm_core.privacy.policy import EPSILON_CAP_MAX
 from healthfm_core.protocol.wire import PeerReply
+from healthfm_core.terms.dp_policy import EPSILON_CAP_MAX
 
 # The spend's metric keys (MetricRecord) -> PrivacySpend's fields.
 DP_FIELDS = {

@@ -10,11 +10,16 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool
 
-from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.protocol.flat import from_flat, to_flat
 from healthfm_core.protocol.transport import Rounding, Transport
-from healthfm_core.protocol.wire import StrictMessage, flat_fields, unflat_fields
+from healthfm_core.protocol.wire import StrictMessage
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 
-WEIGHT_PREFIX = "weight."
+# What the server adds beside a RoundConfig in each site's train message's ConfigRecord (Flower
+# FedAvg's round key, and the groups the message carries): server/round.py train_messages.
+SERVER_ROUND_KEY = "server-round"
+GROUPS_KEY = "groups"
+STRATEGY_KEYS = (SERVER_ROUND_KEY, GROUPS_KEY)
 
 
 def site_seed(seed: int, round: int, site: str) -> int:
@@ -53,14 +58,9 @@ class RoundConfig(StrictMessage):
     secure_aggregation: StrictBool = False
 
     def to_flat(self) -> dict[str, Any]:
-        # ConfigRecord holds no None: unset optional fields are left out.
-        out = {k: v for k, v in flat_fields(self, exclude={"weights"}).items() if v is not None}
-        out.update(self.weights.to_flat(WEIGHT_PREFIX))
-        return out
+        return to_flat(self)
 
     @classmethod
     def from_flat(cls, record: Mapping[str, Any]) -> RoundConfig:
-        """From a received ConfigRecord; keys added by the strategy (server-round, groups) ignored."""
-        data = unflat_fields(record, [f for f in cls.model_fields if f != "weights"])
-        data["weights"] = ObjectiveWeights.from_flat(record, WEIGHT_PREFIX)
-        return cls.model_validate(data)
+        """From a received ConfigRecord; the keys the strategy adds beside it (STRATEGY_KEYS) ignored."""
+        return from_flat(cls, record, what="round config", beside=STRATEGY_KEYS)

@@ -1,24 +1,13 @@
-"""The flat form of every secure-aggregation message, for a Flower ConfigRecord (whose values are
-scalars, strings, bytes and lists of them, never nested dicts): the top-level bytes fields as
-bytes, everything else as one JSON string under JSON_KEY.
-
-Why not all JSON: the masked vector is the message's bulk (2 bytes a value) and base64 would make
-it 2.67 bytes, past the 2x-of-int8 budget; the rest (keys, shares, ciphertexts) is a few kB.
-Parsing goes through the pydantic model, so a peer's flat record is validated like any message.
+"""The secure rounds' message types and records: which Flower message carries which secure-aggregation
+message, in which ConfigRecord (each in the one flat form, healthfm_core/protocol/flat.py; the
+messages' models: secure_aggregation/messages.py and config.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from pydantic import BaseModel
-
-from healthfm_core.strict_files import strict_json
-
-JSON_KEY = "secagg.json"
-
-M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
 
 # A secure round's Flower message types (server/secure_round.py sends them in this order,
@@ -53,39 +42,3 @@ def key_round_records(records: Mapping[str, R], what: str) -> list[R]:
             f"{MAX_KEY_ROUNDS - 1} more named {SECAGG_RECORD}+1, {SECAGG_RECORD}+2, ... in sequence"
         )
     return [records[name] for name in expected]
-
-
-def _bytes_fields(cls: type[BaseModel]) -> list[str]:
-    return [name for name, info in cls.model_fields.items() if info.annotation is bytes]
-
-
-def to_flat(message: BaseModel) -> dict[str, Any]:
-    """The message's ConfigRecord values (str and bytes: Any, as a ConfigRecord takes them)."""
-    raw = _bytes_fields(type(message))
-    out: dict[str, Any] = {name: getattr(message, name) for name in raw}
-    out[JSON_KEY] = message.model_dump_json(exclude=set(raw))
-    return out
-
-
-def from_flat(cls: type[M], record: Mapping[str, object], max_bytes: int | None = None) -> M:
-    """The message of type `cls` from a received record; ValueError (pydantic's, or ours) when it
-    does not parse, holds other keys, or is larger than `max_bytes`."""
-    raw = _bytes_fields(cls)
-    unknown = sorted(set(record) - {JSON_KEY, *raw})
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unexpected key(s) {', '.join(unknown)}")
-    text = record.get(JSON_KEY)
-    if not isinstance(text, str):
-        raise ValueError(f"{cls.__name__}: {JSON_KEY!r} is not a string")
-    size = len(text) + sum(len(v) for k, v in record.items() if k != JSON_KEY and isinstance(v, bytes))
-    if max_bytes is not None and size > max_bytes:
-        raise ValueError(f"{cls.__name__}: {size} bytes > limit {max_bytes}")
-    data = strict_json(text, f"{cls.__name__} record")
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: {JSON_KEY!r} is not a JSON object")
-    for name in raw:
-        value = record.get(name)
-        if not isinstance(value, bytes):
-            raise ValueError(f"{cls.__name__}: {name!r} is missing or not bytes")
-        data[name] = value
-    return cls.model_validate(data)

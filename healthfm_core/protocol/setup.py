@@ -10,19 +10,20 @@ from typing import Any
 
 from pydantic import ValidationError, model_validator
 
-from healthfm_core.data.files.layout import MODALITIES
-from healthfm_core.data.sequences.token_settings import (
+from healthfm_core.first_error import first_error
+from healthfm_core.protocol.capabilities import groups_for_modalities
+from healthfm_core.protocol.wire import StrictMessage
+from healthfm_core.strict_files import strict_model
+from healthfm_core.terms.model_config import ModelConfig, embedding_width, model_modalities
+from healthfm_core.terms.site_layout import MODALITIES
+from healthfm_core.terms.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
     MaxCodesPerToken,
     TokenSettings,
     TokenWindowDays,
 )
-from healthfm_core.data.sequences.vocab import Vocabulary
-from healthfm_core.model.config import ModelConfig, embedding_width, model_modalities
-from healthfm_core.protocol.capabilities import groups_for_modalities
-from healthfm_core.protocol.wire import StrictMessage
-from healthfm_core.strict_files import strict_model
+from healthfm_core.terms.vocabulary import Vocabulary
 
 # Model options added after runs existed, with the value every run before them had (JSON form):
 # left out of the setup's hash at that value, so those runs' checkpoints keep their hash.
@@ -107,11 +108,7 @@ class FederationSetup(StrictMessage):
         try:
             return strict_model(cls, text, "federation setup")
         except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
-            msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-            where = f"field {loc}: value {repr(first.get('input'))[:80]}: " if loc else ""
-            raise ValueError(f"federation setup: {where}{msg}") from None
+            raise ValueError(first_error(err, "federation setup")) from None
 
     @property
     def sha256(self) -> str:

@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
-from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.protocol.wire import PeerReply
+from healthfm_core.terms.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK
+from healthfm_core.terms.site_layout import SPLITS
 
 # Why a (site, task) has no number: a few fixed kinds (no free text from a site's data).
 REASON_KINDS = (

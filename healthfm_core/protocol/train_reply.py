@@ -12,10 +12,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
-from healthfm_core.model.groups import GROUPS, parameter_group
-from healthfm_core.model.objective_weights import LOSS_NAMES
 from healthfm_core.protocol.privacy_spend import DP_FIELDS, PrivacySpend
 from healthfm_core.protocol.wire import STATUS_REFUSED, Count, FiniteFloat, PeerReply, validate_peer
+from healthfm_core.terms.groups import GROUPS, parameter_group
+from healthfm_core.terms.objective_weights import LOSS_NAMES
 
 # Metric keys of the wire form (MetricRecord), private to this module: everything else reads the
 # typed fields of TrainReply.

@@ -8,11 +8,12 @@ ServerApp wrap them into Flower's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from healthfm_core.first_error import first_error
 
 # Round 0's message types (Flower's "query.<action>"; the ClientApp registers each <action>).
 CAPABILITIES = "query.capabilities"
@@ -43,21 +44,6 @@ STATUS_REFUSED: Final = "refused"  # Final: typed as the literal TrainReply.stat
 SETUP_NEEDED_RECORD = "setup-needed"
 
 
-def flat_fields(model: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
-    """A model's fields under their wire names (underscores as dashes), for a ConfigRecord."""
-    return {k.replace("_", "-"): v for k, v in model.model_dump(exclude=exclude).items()}
-
-
-def unflat_fields(record: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-    """The inverse of flat_fields for the named fields present in the record."""
-    out = {}
-    for name in fields:
-        key = name.replace("_", "-")
-        if key in record:
-            out[name] = record[key]
-    return out
-
-
 class StrictMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -86,11 +72,4 @@ def validate_peer(
     try:
         return cls.model_validate(data, context=dict(context or {}))
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = tuple(first.get("loc", ()))
-        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-        if not loc:  # a model-level check: its message names the field
-            raise ValueError(f"{what}: {msg}") from None
-        value = first.get("input")
-        shown = f"array {value.dtype}{value.shape}" if isinstance(value, np.ndarray) else repr(value)[:80]
-        raise ValueError(f"{what}: field {wire(loc)}: value {shown}: {msg}") from None
+        raise ValueError(first_error(err, what, wire)) from None

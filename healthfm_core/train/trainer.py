@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.model.attention import decay_rate_range
 from healthfm_core.model.capabilities import Pretrainable
-from healthfm_core.model.groups import GROUPS, group_state_dict, parameter_group
-from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.terms.groups import GROUPS, group_state_dict, parameter_group
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 from healthfm_core.train.checkpoint import (
     TrainState,
     checkpoint_name,

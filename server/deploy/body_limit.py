@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
 if TYPE_CHECKING:
-    from healthfm_core.model.config import ModelConfig
+    from healthfm_core.terms.model_config import ModelConfig
     from server.config import FederationConfig
 
 REFERENCE_VOCABULARY = 32_768  # codes; a model's embedding and output rows grow with it
@@ -49,7 +49,7 @@ SMALL_BODY_BYTES = 1 * MIB  # every other Fleet route: ids and metadata, an obje
 def model_parameters(model: str | ModelConfig, vocab_size: int = REFERENCE_VOCABULARY) -> int:
     """The parameter count of a model config (or its name) over `vocab_size` codes, every modality
     (built on torch's meta device: no memory)."""
-    from healthfm_core.model.config import load_model_config  # the SuperLink reads this module's sizes alone
+    from healthfm_core.terms.model_config import load_model_config  # the SuperLink reads this module's sizes alone
 
     config = load_model_config(model) if isinstance(model, str) else model
     return _parameters(config.model_dump_json(), vocab_size)
@@ -61,9 +61,9 @@ def _parameters(config_json: str, vocab_size: int) -> int:
     # neither torch nor the data layer's pyarrow for them (41 MB more at import).
     import torch
 
-    from healthfm_core.data.files.layout import MODALITIES
-    from healthfm_core.model.config import ModelConfig
     from healthfm_core.model.healthfm import HealthFM
+    from healthfm_core.terms.model_config import ModelConfig
+    from healthfm_core.terms.site_layout import MODALITIES
 
     with torch.device("meta"):
         net = HealthFM(ModelConfig.model_validate_json(config_json), vocab_size, REFERENCE_PRS_TRAITS, list(MODALITIES))

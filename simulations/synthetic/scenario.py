@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.strict_files import StrictFileError, read_yaml
+from healthfm_core.terms.site_layout import MODALITIES
 
 LATENT_DIMS: tuple[str, ...] = ("metabolic", "fitness", "regularity")
 

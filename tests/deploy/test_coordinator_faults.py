@@ -49,7 +49,7 @@ from helpers.deploy_fixtures import (
 )
 from helpers.narrowing import present
 
-from healthfm_core.model.config import load_model_config
+from healthfm_core.terms.model_config import load_model_config
 from server.audit import AUDIT_FILE, read_audit_log, verify_audit_log
 from server.config import FederationConfig
 from server.deploy.body_limit import BASE_PUSH_BODY_BYTES, MIB, run_push_body_bytes

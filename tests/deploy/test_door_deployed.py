@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 from helpers.deploy_fixtures import SITES, command, descendants, start_registered_superlink
 
-from healthfm_core.model.config import load_model_config
+from healthfm_core.terms.model_config import load_model_config
 from server.config import FederationConfig
 from server.deploy.body_limit import BASE_PUSH_BODY_BYTES, MIB, run_push_body_bytes
 from server.deploy.provision import FederationPaths

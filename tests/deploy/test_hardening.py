@@ -29,10 +29,10 @@ from client.client_app import train_reply_content
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import FederationSetup, TrainReply
 from healthfm_core.protocol.packing import PACKED_PART
+from healthfm_core.terms.model_config import load_model_config
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import (
     AUDIT_FILE,

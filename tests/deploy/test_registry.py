@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from helpers.narrowing import present
 
-from healthfm_core.model.config import load_model_config
 from healthfm_core.protocol import SiteCapabilities
+from healthfm_core.terms.model_config import load_model_config
 from server.config import FederationConfig
 from server.deploy.door import open_door
 from server.deploy.flwr_app import default_run_config

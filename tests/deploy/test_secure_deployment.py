@@ -34,7 +34,7 @@ from helpers.secure_round_runs import (
     four_site_roots,
 )
 
-from healthfm_core.model.groups import parameter_group
+from healthfm_core.terms.groups import parameter_group
 from secure_aggregation.layout import group_vector
 from secure_aggregation.replay import attack, fisher_z, looks_random, true_updates
 from secure_aggregation.transcript import read_secure_round

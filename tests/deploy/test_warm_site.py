@@ -61,10 +61,10 @@ from client.site_runtime import SiteConfig, get_runtime
 from client.threads import AUTO_MAX, apply_threads, auto_threads
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.files import write_flat_toml
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import SETUP, FederationSetup, RoundConfig
+from healthfm_core.terms.groups import GROUPS, parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from server.deploy.bundle import build_bundle
 from server.deploy.flwr_app import parse_overrides, write_app
 from server.deploy.flwr_control import start_run, wait_for_run

@@ -20,13 +20,14 @@ from helpers.site_export import put_back, take_out
 
 from client.legacy_samples import RELEASED_SAMPLES_FILE, LegacySamplesError
 from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from simulations.synthetic import generate_federation
 
 TASK = "onset_hypertension_365d"
@@ -56,7 +57,7 @@ def test_four_evaluations_pairwise_far_apart_do_not_single_out_a_subject(export:
         model=load_model_config("tiny"),
         model_seed=3,
     )
-    cfg = EvalConfig(round=1, tasks=[TASK], setup_sha256=setup.sha256, n_boot=10, meds_tab=False)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks([TASK]), setup_sha256=setup.sha256, n_boot=10, meds_tab=False)
     first = runtime(root, state)
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in first.groups}
     labels = first.labels(cfg)[TASK]
@@ -108,7 +109,7 @@ def test_evaluations_answered_before_the_gate_stay_covered(export: Path, tmp_pat
     legacy = state / RELEASED_SAMPLES_FILE
     text = json.dumps({"format": "healthfm-released-eval-samples", "version": 1, "samples": [earlier]})
     legacy.write_text(text)
-    cfg = EvalConfig(round=1, tasks=[TASK], setup_sha256="0" * 64, n_boot=10, meds_tab=False)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks([TASK]), setup_sha256="0" * 64, n_boot=10, meds_tab=False)
     reply = runtime(export, state).evaluate(None, {}, cfg)  # type: ignore[arg-type] # refused before any model
     assert not reply.tasks and reply.reasons[TASK].kind == "near_earlier_sample"
     assert legacy.read_text() == text  # never written

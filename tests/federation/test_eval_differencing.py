@@ -21,12 +21,13 @@ import pytest
 
 from client.release_gate import RELEASED_DIR, ReleaseGateError
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.files.layout import SPLITS
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.site_layout import SPLITS
 from simulations.synthetic import generate_federation
 
 TASKS: list[Any] = ["onset_hypertension_365d", "onset_t2d_365d"]
@@ -57,7 +58,9 @@ def _arrays(rt: SiteRuntime, setup: FederationSetup) -> dict[str, np.ndarray]:
 
 
 def _config(setup: FederationSetup, max_subjects: int) -> EvalConfig:
-    return EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10, max_subjects=max_subjects)
+    return EvalConfig(
+        round=1, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256, n_boot=10, max_subjects=max_subjects
+    )
 
 
 def _evaluate(rt: SiteRuntime, setup: FederationSetup, max_subjects: int) -> EvalReply:

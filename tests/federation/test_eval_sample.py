@@ -21,7 +21,7 @@ from helpers.hydra_configs import compose_cfg
 from omegaconf import OmegaConf
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.labels.tasks import rows_per_subject
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
@@ -30,11 +30,12 @@ from healthfm_core.eval.meds_eval import prediction_path
 from healthfm_core.eval.outcomes import outcome, scored_of_available
 from healthfm_core.eval.row_embeddings import embed_rows, in_memory
 from healthfm_core.eval.subject_sample import draw_sample, sample_subjects
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, TaskMetrics
 from healthfm_core.protocol.task_reason import TaskReason
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, SPLITS
 from server.config import DEFAULT_EVAL_MAX_SUBJECTS, RESUMABLE_CHANGES, FederationConfig
 from simulations.common import site_eval_rows_per_subject
 from simulations.evidence_units import unit_fingerprint
@@ -67,7 +68,9 @@ def _arrays(rt: SiteRuntime, setup: FederationSetup, seed: int) -> dict[str, np.
 
 def _evaluate(rt: SiteRuntime, setup: FederationSetup, out: Path, max_subjects: int | None, model_seed: int = 3):
     """The site runtime's evaluation (None: without a subject sample, as before budgets)."""
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10, max_subjects=max_subjects or 0)
+    cfg = EvalConfig(
+        round=1, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256, n_boot=10, max_subjects=max_subjects or 0
+    )
     model = rt.model(setup, _arrays(rt, setup, model_seed))
     return rt.evaluate_tasks(setup, model, cfg, out_dir=out, sampled=max_subjects is not None)
 
@@ -113,7 +116,7 @@ def test_the_sample_draws_whole_subjects_per_split(biobank: SiteRuntime) -> None
     for s in SPLITS:
         assert len(sample.chosen[s]) == min(CAP, len(splits[s])) and set(sample.chosen[s]) <= set(splits[s])
         assert sample.available[s] == len(splits[s])
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256="x", max_subjects=CAP)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256="x", max_subjects=CAP)
     table = biobank.labels(cfg.model_copy(update={"max_subjects": 0}))["onset_hypertension_365d"]
     assert not isinstance(table, TaskReason)
     kept = sample.keep(table)["subject_id"].to_numpy()
@@ -141,7 +144,7 @@ def test_budget_zero_is_the_full_evaluation_exactly(biobank, setup, full_evaluat
 def test_a_capped_evaluation_scores_exactly_the_sampled_subjects_rows(
     biobank, setup, full_evaluation, tmp_path: Path
 ) -> None:
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256)
     labels = biobank.labels(cfg)  # every subject's
     split_of = biobank._split_lookup()
     n_held = len(biobank.split_ids()[HELD_OUT_SPLIT])
@@ -185,7 +188,7 @@ def test_the_sample_is_the_same_every_round_and_for_any_model(biobank, setup, tm
     arrays_a, arrays_b = _arrays(biobank, setup, 3), _arrays(biobank, setup, 11)
     scored = []
     for rnd, arrays in ((1, arrays_a), (2, arrays_b), (3, arrays_a)):
-        cfg = EvalConfig(round=rnd, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10, max_subjects=CAP)
+        cfg = EvalConfig(round=rnd, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256, n_boot=10, max_subjects=CAP)
         biobank.config = biobank.config.model_copy(update={"eval_dir": tmp_path / f"r{rnd}"})
         biobank._eval_dir = None
         reply = biobank.evaluate(setup, arrays, cfg)
@@ -229,7 +232,7 @@ def test_n_per_subject_all_is_possible_in_every_config_and_a_bad_value_is_refuse
 
 @pytest.mark.parametrize("value", [-1, 2.5, "20", True, None])
 def test_a_bad_budget_is_refused_naming_the_field_and_value(value) -> None:
-    with pytest.raises(ValueError, match=rf"eval_max_subjects={value!r}".replace(".", r"\.")):
+    with pytest.raises(ValueError, match=rf"field eval_max_subjects: value {value!r}".replace(".", r"\.")):
         FederationConfig.from_run_config({"out-dir": "/tmp/x", "model": "tiny", "eval-max-subjects": value})
     with pytest.raises(ValueError, match=r"field max_subjects: value -1"):
         EvalConfig.from_flat({**EvalConfig(round=1, tasks=[], setup_sha256="x").to_flat(), "max-subjects": -1})
@@ -271,7 +274,7 @@ def test_a_full_evaluation_streamed_to_disk_equals_the_in_memory_one_bit_for_bit
     biobank, setup, tmp_path: Path, monkeypatch
 ) -> None:
     site = SiteRuntime(biobank.config.model_copy(update={"min_report_positives": 1}))  # binary tasks report too
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10, meds_tab=False)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256, n_boot=10, meds_tab=False)
     model = site.model(setup, _arrays(site, setup, 3))
     files: list[np.ndarray] = []
 
@@ -309,7 +312,7 @@ def test_a_full_evaluation_streamed_to_disk_equals_the_in_memory_one_bit_for_bit
 def test_embeddings_streamed_to_disk_hold_no_memory_that_grows_with_the_rows(biobank, setup, tmp_path: Path) -> None:
     """Peak traced memory (numpy reports its allocations to tracemalloc) while N and 4N rows are
     embedded, from the first pass on: the in-memory rows grow it by their bytes, the file's do not."""
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256)
     table = biobank.labels(cfg)["onset_hypertension_365d"]
     seqs, model = biobank.sequences(setup), init_model(setup)
     n = 48  # rows; one pass per row and the same passes repeated, so every batch is alike

@@ -17,9 +17,8 @@ from helpers.narrowing import present
 from helpers.run_configs import three_site_config
 
 from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import (
     EvalConfig,
@@ -29,6 +28,8 @@ from healthfm_core.protocol import (
     site_seed,
 )
 from healthfm_core.protocol.site_share import capped_weights
+from healthfm_core.terms.groups import GROUPS, parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import audit_from_rounds, read_audit_log, verify_audit_log
 from server.checkpoint import (
@@ -314,7 +315,7 @@ def test_evaluation_withholds_metrics_below_the_site_minimum(federation, setup) 
     strict = SiteRuntime(SiteConfig(site_root=site.root, site_name="biobank", min_report_subjects=10_000))
     cfg = EvalConfig(
         round=1,
-        tasks=["onset_hypertension_365d", "wearable_resting_hr"],
+        tasks=resolve_tasks(["onset_hypertension_365d", "wearable_resting_hr"]),
         setup_sha256=setup.sha256,
         n_boot=10,
     )

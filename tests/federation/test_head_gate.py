@@ -22,6 +22,7 @@ from helpers.site_export import put_back, take_out
 from client.head_app import make_head_client_app
 from client.head_rows import HeadRows, add_keys
 from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.protocol import EvalConfig
 from healthfm_core.protocol.head import HEAD_RECORD, MSG_STATS, HeadRefusal, HeadStats, HeadTask, parse_reply
 from simulations.synthetic import generate_federation
@@ -42,7 +43,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def head_rows(root: Path, state: Path, gated: bool = True) -> HeadRows:
     """The site's head rows of KEY as load_head_rows builds them (labels, splits, fields)."""
     rt = SiteRuntime(SiteConfig(site_root=root, min_report_subjects=MINIMUM, min_report_positives=1, state_dir=state))
-    labels = rt.labels(EvalConfig(round=1, tasks=[KEY], setup_sha256=SHA, n_boot=10))
+    labels = rt.labels(EvalConfig(round=1, tasks=resolve_tasks([KEY]), setup_sha256=SHA, n_boot=10))
     table = labels[KEY]
     assert isinstance(table, pa.Table)
     when = pc.cast(table["prediction_time"], pa.int64()).to_numpy()

@@ -114,7 +114,7 @@ def test_head_splits_below_the_minimum_give_a_reason_not_rows() -> None:
     [
         (
             lambda rec: rec.__setitem__("weight", list(rec["weight"])[:-1]),
-            "field <record>: Value error, field weight: 4 values, expected 5",
+            "HeadUpdate: field weight: 4 values, expected 5",
         ),  # fmt: skip
         (lambda rec: rec.__setitem__("weight", [float("nan")] + list(rec["weight"])[1:]), "field weight.0"),
         (lambda rec: rec.__setitem__("n", 7), "n 7, its stats said"),

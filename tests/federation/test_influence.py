@@ -45,8 +45,6 @@ from safetensors.numpy import load_file, save_file
 from client.client_app import make_client_app
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import (
     ARRAYS_RECORD,
@@ -55,6 +53,8 @@ from healthfm_core.protocol import (
     RoundConfig,
 )
 from healthfm_core.protocol.packing import unpack_record
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from server.config import RESUMABLE_CHANGES, FederationConfig
 from server.influence import ADAM_STEP_RATIO, NormHistory, max_examples
 from server.round import aggregate_replies

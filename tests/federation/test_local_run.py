@@ -19,10 +19,10 @@ from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.tokens import SiteSequences
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import FederationSetup
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from healthfm_core.train.local_run import LocalRun
 from healthfm_core.train.trainer import TrainConfig
 from server.config import FederationConfig

@@ -29,18 +29,20 @@ from helpers.random_batch import random_batch
 
 from client.client_app import train_reply_content
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.labels.tasks import TASKS
 from healthfm_core.data.sequences.tokens import PretrainingDataset, collate
-from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval.probes import compute_embeddings
 from healthfm_core.eval.runner import build_eval_set, method_features
-from healthfm_core.model.config import load_model_config, model_modalities
-from healthfm_core.model.groups import GROUPS, group_sizes, parameter_group
+from healthfm_core.model.groups import group_sizes
 from healthfm_core.model.healthfm import HealthFM, init_model
-from healthfm_core.model.objective_weights import LOSS_NAMES, ObjectiveWeights
 from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply, federation_modalities
 from healthfm_core.protocol.setup import OPTIONS_BEFORE
+from healthfm_core.terms.groups import GROUPS, parameter_group
+from healthfm_core.terms.model_config import load_model_config, model_modalities
+from healthfm_core.terms.objective_weights import LOSS_NAMES, ObjectiveWeights
+from healthfm_core.terms.site_layout import MODALITIES
+from healthfm_core.terms.vocabulary import Vocabulary
 from healthfm_core.train.trainer import TrainConfig, train_local
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint
 from server.replies import groups_for_node

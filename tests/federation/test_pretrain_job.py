@@ -35,8 +35,8 @@ from healthfm_core.eval.runner import (
     restrict_modalities,
     subsample_train,
 )
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.terms.model_config import load_model_config
 from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[2]

@@ -32,12 +32,10 @@ from opacus.optimizers import DPOptimizer
 from client.client_app import make_client_app
 from client.policy import PolicyError
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.tokens import PretrainingDataset, collate
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
-from healthfm_core.model.objective_weights import ObjectiveWeights
 from healthfm_core.privacy.engine import (
     DPLocalStep,
     DPSettings,
@@ -56,6 +54,9 @@ from healthfm_core.protocol import (
     TrainReply,
 )
 from healthfm_core.protocol.packing import unpack_record
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
 from simulations.synthetic import generate_federation
@@ -406,7 +407,7 @@ def test_metrics_and_statistics_on_too_few_subjects_are_withheld(federation, set
     evaluation = rt.evaluate(
         setup,
         arrays,
-        EvalConfig(round=1, tasks=["onset_hypertension_365d"], setup_sha256=setup.sha256, n_boot=10),
+        EvalConfig(round=1, tasks=resolve_tasks(["onset_hypertension_365d"]), setup_sha256=setup.sha256, n_boot=10),
     )
     assert evaluation.withheld == 1 and not evaluation.tasks
 

@@ -22,12 +22,12 @@ from client.deploy.join import EXIT_NO_CONNECTION, free_port
 from client.deploy.privacy_budget import check_privacy_budget, key_binding
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.privacy.budget_record import read_record, record_path
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from healthfm_core.protocol import FederationSetup, RoundConfig, TrainReply
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from server.audit import site_round_records
 from server.round import SiteOutcome
 from simulations.synthetic import generate_federation

@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 
 from client.policy import load_policy
 from healthfm_core.eval import compare
-from healthfm_core.model.config import load_model_config
 from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.protocol import RoundConfig
+from healthfm_core.terms.model_config import load_model_config
 from server.config import FederationConfig, PrivacyRequest
 from server.runlog import read_events
 from server.server_app import FederationServer

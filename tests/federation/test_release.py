@@ -41,13 +41,13 @@ from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval.metrics import auroc
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import HeadError, load_head, save_head
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import FederationSetup
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.release_fit import SiteDoesNotFit, release_fit, require_fit
 from healthfm_core.release_signing import load_public_key, load_signing_key, make_signing_key, sign_folder
+from healthfm_core.terms.model_config import load_model_config
 from healthfm_core.train.checkpoint import sha256_file
 from server.checkpoint import ServerState, save_server_checkpoint
 from server.config import FederationConfig

@@ -12,10 +12,10 @@ from flwr.serverapp import Grid
 from helpers.in_process_grid import InProcessGrid, RecordingGrid, tiny_nodes
 from helpers.run_configs import fed_config, three_site_config
 
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import ARRAYS_RECORD, FederationSetup
 from healthfm_core.protocol.packing import unpack_record
+from healthfm_core.terms.groups import parameter_group
 from server.config import FederationConfig
 from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round

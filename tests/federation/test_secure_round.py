@@ -34,8 +34,8 @@ from helpers.secure_round_runs import (
 )
 
 from client.policy import PolicyError, load_policy
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.protocol import ARRAYS_RECORD, RoundConfig
+from healthfm_core.protocol.flat import from_flat, to_flat
 from healthfm_core.protocol.packing import unpack_record
 from healthfm_core.protocol.secure_records import (
     KEYS_MESSAGE,
@@ -44,11 +44,10 @@ from healthfm_core.protocol.secure_records import (
     SECAGG_RECORD,
     SHARES_MESSAGE,
     UNMASK_MESSAGE,
-    from_flat,
     key_round_records,
-    to_flat,
 )
 from healthfm_core.release import CARD_MD_FILE, RELEASE_FILE, load_release
+from healthfm_core.terms.groups import parameter_group
 from secure_aggregation.config import SecAggConfig
 from secure_aggregation.layout import group_vector
 from secure_aggregation.messages import EncryptedShares, KeyDirectory, MaskedInput, PublicKeys, UnmaskShares

@@ -19,12 +19,12 @@ from helpers.site_tables import EVENT_SCHEMA
 from client.client import EXIT_USAGE, main
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.code_stats import events_code_stats, site_code_stats
-from healthfm_core.data.sequences.token_settings import DEFAULT_TOKENS, TokenSettings
 from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequences, to_us
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
-from healthfm_core.model.config import load_model_config
 from healthfm_core.protocol import FederationSetup
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.token_settings import DEFAULT_TOKENS, TokenSettings
 from server.config import FederationConfig
 from simulations.pretrain import token_settings
 from simulations.run import federation_config
@@ -79,7 +79,7 @@ def test_bad_token_settings_are_refused_with_the_key_named(hospital_root: Path, 
     with pytest.raises(ValueError, match="token_window_days"):  # finite
         FederationSetup(**{**good, "token_window_days": float("inf")})
 
-    with pytest.raises(ValueError, match=r"invalid run config: token_window_days=-0.5: ") as err:
+    with pytest.raises(ValueError, match=r"invalid run config: field token_window_days: value -0.5: ") as err:
         FederationConfig.from_run_config({"out-dir": str(tmp_path), "model": "tiny", "token-window-days": -0.5})
     assert "\n" not in str(err.value)
     run = FederationConfig.from_run_config(
@@ -88,13 +88,13 @@ def test_bad_token_settings_are_refused_with_the_key_named(hospital_root: Path, 
     assert run.tokens == TokenSettings(token_window_days=0, max_codes_per_token=8)
 
     hcfg = compose_cfg("run", ["model=tiny", f"out_dir={tmp_path}", "federation.max_codes_per_token=0"])
-    with pytest.raises(ValueError, match=r"invalid federation config: max_codes_per_token=0: ") as err:
+    with pytest.raises(ValueError, match=r"invalid federation config: field max_codes_per_token: value 0: ") as err:
         federation_config(hcfg, n_sites=1)
     assert "\n" not in str(err.value)
     pcfg = compose_cfg("pretrain", ["model=tiny", f"out_dir={tmp_path}", "data.token_window_days=nan"])
-    with pytest.raises(ValueError, match=r"pretrain config data: token_window_days=nan: "):
+    with pytest.raises(ValueError, match=r"pretrain config data: field token_window_days: value nan: "):
         token_settings(pcfg)
-    with pytest.raises(ValueError, match=r"SiteSequences: token_window_days=-2.0"):
+    with pytest.raises(ValueError, match=r"SiteSequences: field token_window_days: value -2.0"):
         SiteSequences(
             open_site(hospital_root).read_events(), None, _setup(hospital_root).vocabulary, token_window_days=-2.0
         )

@@ -16,8 +16,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import RESIDUAL_STATE_KEY, make_client_app, stored_residual
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.vocab import build_vocabulary
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import ARRAYS_RECORD, METRICS_RECORD, SCALES_RECORD, FederationSetup, RoundConfig
 from healthfm_core.protocol.packing import unpack_record
@@ -29,6 +27,8 @@ from healthfm_core.protocol.transport import (
     onto_master,
     quantise,
 )
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from server.config import FederationConfig, resume_conflicts
 from server.runlog import read_events
 from server.strategy import pack_record

@@ -14,9 +14,9 @@ from typing import Literal
 
 import torch
 
-from healthfm_core.data.files.layout import MODALITIES, WEARABLE_CHANNELS
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.model.healthfm import EPOCH_DAYS
+from healthfm_core.terms.site_layout import MODALITIES, WEARABLE_CHANNELS
 
 
 def _modalities_per_sample(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from healthfm_core.model.config import load_model_config
+from healthfm_core.terms.model_config import load_model_config
 from server.config import FederationConfig, ServerOptimizerConfig
 
 

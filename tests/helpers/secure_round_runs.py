@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
+from healthfm_core.terms.groups import parameter_group
 from helpers.in_process_grid import InProcessGrid, set_serverapp_identity
 from helpers.run_configs import three_site_config as federation_config
 from server.checkpoint import latest_server_checkpoint, load_server_checkpoint

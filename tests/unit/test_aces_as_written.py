@@ -20,7 +20,7 @@ import pytest
 from healthfm_core.data.checks.task_check import count_tasks
 from healthfm_core.data.labels.aces_tasks import aces_labels
 from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task
-from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.labels.task_spec import aces_task, resolve_tasks
 from healthfm_core.data.labels.tasks import _draw_key, cap_rows_per_subject
 from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.site_eval import task_labels_at_site
@@ -66,7 +66,7 @@ def test_a_task_triggered_at_icu_admission_gets_rows_in_check_and_in_evaluation(
 def test_the_cap_keeps_n_rows_per_subject_by_the_seeded_draw_in_check_and_evaluation(site_root: Path) -> None:
     site = open_site(site_root)
     (spec,) = resolve_tasks(["meds-dev:readmission/general_hospital/30d@MIMIC-IV"])
-    (aces_all,) = aces_labels(spec.aces(), site_root).values()
+    (aces_all,) = aces_labels(aces_task(spec), site_root).values()
     counts = cast(pl.DataFrame, pl.from_arrow(aces_all.select(["subject_id"]))).group_by("subject_id").len()
     assert cast(int, counts["len"].max()) > 2  # some subjects have more rows than the cap
     held_out = set(site.held_out_subjects().tolist())

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from healthfm_core.data.labels import aces_tasks
 from healthfm_core.data.labels.aces_tasks import TASK_DIR, aces_labels, aces_labels_shared, load_task
-from healthfm_core.data.labels.task_spec import resolve_tasks
+from healthfm_core.data.labels.task_spec import aces_task, resolve_tasks
 from healthfm_core.data.labels.tasks import cap_rows_per_subject, visit_prediction_times
 from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.site_eval import task_labels_at_site
@@ -130,7 +130,9 @@ def test_a_sites_task_labels_follow_the_spec_order_with_an_invalid_task_kept_apa
         if spec.kind != "aces":
             continue
         held = open_site(root).held_out_subjects()
-        for h, table in aces_labels(spec.aces(), root).items():  # ACES's rows: train and tuning capped, held_out whole
+        for h, table in aces_labels(
+            aces_task(spec), root
+        ).items():  # ACES's rows: train and tuning capped, held_out whole
             got = labels[f"{spec.name}_{h}d"]
             assert isinstance(got, pa.Table)
             assert got.equals(cap_rows_per_subject(table, 4, seed=0, every_row_of=held))

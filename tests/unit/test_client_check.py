@@ -23,10 +23,10 @@ import client.client as client_module
 from client.client import EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteReport
 from healthfm_core.data.checks.site_check import check_site
-from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.data.labels.aces_tasks import aces_labels, load_task
 from healthfm_core.data.labels.tasks import _draw_key, onset_labels_from_events
 from healthfm_core.data.sites.site import open_site
+from healthfm_core.terms.site_layout import SPLITS
 from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from healthfm_core.model.config import load_model_config
+from healthfm_core.terms.model_config import load_model_config
 from server.config import DEFAULT_EVAL_TASKS, FederationConfig, PrivacyRequest, ServerOptimizerConfig
 from server.deploy.flwr_app import default_run_config
 from simulations.config_store import NOT_IN_GROUP

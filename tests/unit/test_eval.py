@@ -9,7 +9,6 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.eval import metrics as M
 from healthfm_core.eval.plots import horizon_auroc_plot, reliability_diagram, training_curves
 from healthfm_core.eval.probes import (
@@ -27,8 +26,9 @@ from healthfm_core.eval.probes import (
     subject_folds,
 )
 from healthfm_core.eval.report import ResultRow, write_report
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.site_layout import SPLITS
 
 # ---------------------------------------------------------------- metrics
 

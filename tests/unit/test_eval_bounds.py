@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers.eval_replies import BINS, KEY, honest_reply, inflated_reply
 
-from healthfm_core.data.labels.tasks import HELD_OUT_ROWS_PER_SUBJECT
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.eval.federation_auroc import federation_aurocs
 from healthfm_core.protocol import (
     EvalConfig,
@@ -23,6 +23,7 @@ from healthfm_core.protocol import (
     aggregate_site_metrics,
     median_site_metrics,
 )
+from healthfm_core.terms.task_spec import HELD_OUT_ROWS_PER_SUBJECT
 from server.eval_counts import DeclaredCounts, declared_counts, eval_count_problem
 from server.evaluation import judge_eval_replies
 from server.runlog import EventLog, write_summary
@@ -31,7 +32,9 @@ SUBJECTS = 150  # each site declares 150 subjects at setup (the red team's feder
 
 
 def _cfg(max_subjects: int = 0) -> EvalConfig:
-    return EvalConfig(round=2, tasks=["t2d"], setup_sha256="ab" * 32, max_subjects=max_subjects, score_bins=BINS)
+    return EvalConfig(
+        round=2, tasks=resolve_tasks(["t2d"]), setup_sha256="ab" * 32, max_subjects=max_subjects, score_bins=BINS
+    )
 
 
 def _honest(seed: int, n: int, signal: float) -> EvalReply:

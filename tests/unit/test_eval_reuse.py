@@ -17,16 +17,17 @@ import torch
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.labels.aces_tasks import aces_labels
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.labels.tasks import visit_prediction_times, wearable_regression_labels
 from healthfm_core.data.sequences.tokens import LabelledDataset, make_loader
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval import site_eval
 from healthfm_core.eval.patch_reuse import PatchReuse, reused_patch_encodings
 from healthfm_core.eval.probes import compute_embeddings
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup
+from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.model_config import load_model_config
 from simulations.synthetic import generate_federation
 
 TASKS = ["onset_hypertension_365d", "onset_t2d_365d", "wearable_resting_hr", "wearable_mean_enmo"]
@@ -93,7 +94,7 @@ def test_patch_reuse_refuses_training_mode_and_gradients(runtimes, setup) -> Non
 
 @pytest.mark.slow  # ~10 s idle: CI's slow stage (SLOW_CI)
 def test_site_metrics_equal_the_straightforward_path(runtimes, setup, tmp_path: Path, monkeypatch) -> None:
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256, n_boot=10)
     reported: set[str] = set()
     for name, rt in runtimes.items():
         arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items() if parameter_group(k) in rt.groups}
@@ -131,7 +132,9 @@ def test_a_site_without_heart_rate_gives_its_empty_resting_hr_labels_without_rea
     assert expected.num_rows == 0
     with monkeypatch.context() as m:
         m.setattr(type(site), "read_wearables", lambda self, *a, **k: pytest.fail("epochs read"))
-        labels = site_eval.task_labels_at_site(site, EvalConfig(round=0, tasks=TASKS[2:3], setup_sha256="x").tasks)
+        labels = site_eval.task_labels_at_site(
+            site, EvalConfig(round=0, tasks=resolve_tasks(TASKS[2:3]), setup_sha256="x").tasks
+        )
     got = labels["wearable_resting_hr"]
     assert isinstance(got, pa.Table)
     assert got.equals(expected)

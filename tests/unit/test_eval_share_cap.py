@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from helpers.eval_replies import KEY, honest_reply, inflated_reply
 
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.eval.federation_auroc import federation_aurocs
 from healthfm_core.protocol import (
     EvalConfig,
@@ -53,7 +54,7 @@ def _honest() -> dict[str, EvalReply]:
 
 
 def _cfg() -> EvalConfig:
-    return EvalConfig(round=2, tasks=["t2d"], setup_sha256="ab" * 32, score_bins=50)
+    return EvalConfig(round=2, tasks=resolve_tasks(["t2d"]), setup_sha256="ab" * 32, score_bins=50)
 
 
 def _judge(per_site: dict[str, EvalReply], declared_subjects: int = SUBJECTS) -> dict[str, EvalReply]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from gpu_launches_on_cpu import CudaLaunches, multi_tensor_launches, narrowed  # noqa: E402
 
-from healthfm_core.model.config import load_model_config  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 
 
 def test_multi_tensor_launches_follow_cudas_chunks_blocks_and_tensor_caps() -> None:

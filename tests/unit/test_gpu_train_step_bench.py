@@ -24,8 +24,8 @@ from gpu_train_step import (  # noqa: E402
 )
 
 from healthfm_core.model.attention import IMPL_ENV  # noqa: E402
-from healthfm_core.model.config import load_model_config  # noqa: E402
 from healthfm_core.model.healthfm import HealthFM  # noqa: E402
+from healthfm_core.terms.model_config import load_model_config  # noqa: E402
 
 
 def test_longer_histories_repeat_each_subjects_tokens_at_shifted_times() -> None:

@@ -8,16 +8,11 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.model.config import ModelConfig, load_model_config
-from healthfm_core.model.groups import (
-    GROUPS,
-    group_parameters,
-    group_sizes,
-    group_state_dict,
-    parameter_group,
-)
+from healthfm_core.model.groups import group_parameters, group_sizes
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.terms.groups import GROUPS, group_state_dict, parameter_group
+from healthfm_core.terms.model_config import ModelConfig, load_model_config
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 
 VOCAB, TRAITS = 40, 4
 # Paper-size vocabulary for the reported parameter count (a realistic MEDS code vocabulary).

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pytest
 
 from healthfm_core.data.labels.aces_tasks import TASK_DIR, aces_labels_shared, load_task
-from healthfm_core.data.labels.tasks import HELD_OUT_ROWS_PER_SUBJECT, cap_rows_per_subject
+from healthfm_core.data.labels.tasks import cap_rows_per_subject
 from healthfm_core.data.sites.site import open_site
+from healthfm_core.terms.task_spec import HELD_OUT_ROWS_PER_SUBJECT
 
 TASKS = ("t2d", "cad", "hypertension", "copd")
 

@@ -19,11 +19,12 @@ from healthfm_core.data.checks.coverage import history_coverage_days
 from healthfm_core.data.sequences.batch import MASK_CODE, N_SPECIAL_CODES, PAD_CODE, UNK_CODE
 from healthfm_core.data.sequences.code_stats import events_code_stats
 from healthfm_core.data.sequences.tokens import SiteSequences, to_us
-from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
-from healthfm_core.model.config import PretrainingConfig, load_model_config
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objectives import ehr_reconstruction_losses, sample_masks
 from healthfm_core.model.outputs import ReconstructionMasks
+from healthfm_core.terms.model_config import PretrainingConfig, load_model_config
+from healthfm_core.terms.vocabulary import Vocabulary
 
 T0 = datetime(2150, 1, 1)
 VOCAB = 40

@@ -13,8 +13,8 @@ import torch
 from helpers.random_batch import random_batch
 
 from healthfm_core.device_copy import device_values
-from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.healthfm import HealthFM
+from healthfm_core.terms.model_config import ModelConfig, load_model_config
 from healthfm_core.train.host_syncs import count_host_syncs
 from healthfm_core.train.trainer import TrainConfig, train_local
 
@@ -112,8 +112,8 @@ def test_a_dp_step_reads_the_host_once_not_a_sample_at_a_time(monkeypatch) -> No
     # device a sample at a time: what the samples' forward and backward sync anyway, plus one read.
     from opacus.accountants import RDPAccountant
 
-    from healthfm_core.model.objective_weights import ObjectiveWeights
     from healthfm_core.privacy.engine import DPLocalStep, DPSettings, sample_of
+    from healthfm_core.terms.objective_weights import ObjectiveWeights
 
     monkeypatch.setenv("HEALTHFM_CT_ATTENTION", "reference")
     batch = random_batch(batch_size=6, n_events=16, n_patches=4, epochs_per_patch=8, vocab_size=120, seed=2)

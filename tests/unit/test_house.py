@@ -9,8 +9,8 @@
 - the project's modules import each other without a cycle (module-level and function-level
   imports alike; ``from pkg import mod`` is an import of the module pkg.mod);
 - healthfm_core's own rooms are layered (CORE_ROOMS, and data/'s rooms in DATA_ROOMS): no module
-  imports a room above its own; the wire protocol (healthfm_core/protocol/) imports nothing above
-  it, neither eval/ nor the torch model;
+  imports a room above its own; the wire protocol (healthfm_core/protocol/) sits on the floor, on
+  terms/ alone, and importing it loads no torch, polars, pyarrow or meds;
 - neither healthfm_core, client nor server imports simulations/ (the synthetic generator lives there);
 - no test module imports another test module or conftest: what tests share is in tests/helpers/,
   imported as ``helpers.<module>``, and fixtures are registered in conftest.py;
@@ -21,10 +21,17 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import meds
 import pytest
+
+from healthfm_core.terms.site_layout import SPLITS
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("healthfm_core", "client", "server", "simulations", "secure_aggregation")
@@ -53,12 +60,13 @@ DEPLOY_DOORS = {
 # healthfm_core's rooms, lowest first: a module may import its own room and those before it. A
 # top-level module of healthfm_core in no room counts as the lowest (a plain utility).
 CORE_ROOMS: tuple[tuple[str, ...], ...] = (
-    ("healthfm_core.files", "healthfm_core.strict_files"),
+    ("healthfm_core.files", "healthfm_core.strict_files", "healthfm_core.first_error"),
+    ("healthfm_core.terms",),  # what the messages are made of: groups, objectives, the model config, task specs...
+    ("healthfm_core.protocol",),  # the wire protocol: what client/ and server/ exchange, on the floor
     ("healthfm_core.kernels",),
     ("healthfm_core.data",),
     ("healthfm_core.model",),
     ("healthfm_core.privacy", "healthfm_core.train"),
-    ("healthfm_core.protocol",),  # the wire protocol: what client/ and server/ exchange
     ("healthfm_core.eval",),
     ("healthfm_core.release", "healthfm_core.release_fit", "healthfm_core.release_signing"),
 )
@@ -70,15 +78,9 @@ DATA_ROOMS: tuple[tuple[str, ...], ...] = (
     ("healthfm_core.data.checks",),
     ("healthfm_core.data.sites",),
 )
-# The torch model, which the protocol may not import: a setup builds it (model/healthfm.py init_model).
-TORCH_MODEL = "healthfm_core.model.healthfm"
-# What the protocol may read of model/: its definitions (the config, the parameter groups, the
-# objectives' names and weights), never the code that computes (the model, the losses).
-PROTOCOL_MODEL_DEFINITIONS = {
-    "healthfm_core.model.config",
-    "healthfm_core.model.groups",
-    "healthfm_core.model.objective_weights",
-}
+# What importing the wire protocol may not load (a fresh interpreter's sys.modules): the torch
+# model, the data frames, and the site-file readers below them (test_protocol_is_on_the_floor).
+PROTOCOL_NEVER_LOADS = ("torch", "polars", "pyarrow", "meds", "omegaconf", "scipy", "pandas")
 TESTS = REPO / "tests"
 # The tests' folders by level (docs/architecture.md, "Folders").
 TEST_LEVELS = ("unit", "federation", "deploy")
@@ -311,16 +313,29 @@ def test_every_room_is_a_package_of_the_project() -> None:
             assert name in SOURCES, f"{name} names no module or package"
 
 
-def test_protocol_imports_no_torch_model_and_nothing_above() -> None:
-    graph = _graph()
-    protocol = [m for m in graph if m.startswith("healthfm_core.protocol")]
-    assert len(protocol) > 5, protocol
-    for module in protocol:
-        assert TORCH_MODEL not in graph[module], f"{module} imports the torch model ({TORCH_MODEL})"
-        of_model = {m for m in graph[module] if m.startswith("healthfm_core.model.")}
-        assert of_model <= PROTOCOL_MODEL_DEFINITIONS, (
-            f"{module} imports model code: {of_model - PROTOCOL_MODEL_DEFINITIONS}"
-        )
+def test_protocol_is_on_the_floor() -> None:
+    """Importing every module of the wire protocol, in a fresh interpreter, loads none of
+    PROTOCOL_NEVER_LOADS: a server or a site parses a message without the model or the data code
+    (CORE_ROOMS keeps its imports to the floor below it: files, strict_files, first_error, terms/)."""
+    protocol = sorted(m for m in SOURCES if m == "healthfm_core.protocol" or m.startswith("healthfm_core.protocol."))
+    assert len(protocol) > 10, protocol
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {protocol!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout))
+    assert "healthfm_core" in loaded and "pydantic" in loaded  # it did import the protocol
+    assert not (heavy := sorted(loaded & set(PROTOCOL_NEVER_LOADS))), f"importing the protocol loads {heavy}"
+
+
+def test_split_names_are_meds() -> None:
+    # terms/site_layout.py writes MEDS's split names out (the protocol loads no meds): still MEDS's.
+    assert (meds.train_split, meds.tuning_split, meds.held_out_split) == SPLITS
 
 
 def _test_imports(path: Path) -> Iterator[tuple[str, int]]:
@@ -393,14 +408,14 @@ SINGLE_SPELLINGS: tuple[tuple[str, str, int, str, tuple[str, ...]], ...] = (
     ("secure_aggregation.config", "MAX_HOLDERS", 257, "le", ("secagg_min_holders",)),
     # the report floors a metric must clear to leave a site (site runtime, `client.py check`)
     (
-        "healthfm_core.data.checks.report_floor",
+        "healthfm_core.terms.report_floor",
         "DEFAULT_MIN_SUBJECTS",
         20,
         "default",
         ("min_report_subjects", "healthfm_core.data.checks.task_check:min_subjects"),
     ),
     (
-        "healthfm_core.data.checks.report_floor",
+        "healthfm_core.terms.report_floor",
         "DEFAULT_MIN_POSITIVES",
         5,
         "default",
@@ -487,3 +502,71 @@ def test_the_secure_sums_largest_holder_count_is_no_literal() -> None:
         if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 257
     ]
     assert not found, found
+
+
+def _top_level_names(tree: ast.Module) -> set[str] | None:
+    """The names a module defines or imports at its top (in any branch of a top-level if/try);
+    None where a module-level ``__getattr__`` may supply any name."""
+    names: set[str] = set()
+    body = list(tree.body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name == "__getattr__":
+                return None
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            body.extend(node.body)
+            body.extend(getattr(node, "orelse", []))
+            body.extend(getattr(node, "finalbody", []))
+            for handler in getattr(node, "handlers", []):
+                body.extend(handler.body)
+    return names
+
+
+def _unresolved_project_imports(source: str, where_file: str) -> Iterator[str]:
+    """Every absolute import of a project module (or a name from one) that names nothing there.
+
+    mypy runs with ignore_missing_imports (for third-party packages without stubs), so a
+    moved or renamed project module would pass it and fail only when the line runs."""
+    tree = ast.parse(source, filename=where_file)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            wanted = [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            wanted = [(node.module, a.name) for a in node.names]
+        else:
+            continue
+        for module, name in wanted:
+            if module.split(".")[0] not in PACKAGES:
+                continue
+            where = f"{where_file}:{node.lineno}"
+            if module not in SOURCES:
+                yield f"{where}: no project module {module}"
+            elif name is not None and name != "*" and f"{module}.{name}" not in SOURCES:
+                defined = _top_level_names(SOURCES[module][1])
+                if defined is not None and name not in defined:
+                    yield f"{where}: {module} defines no {name}"
+
+
+def test_every_project_import_names_a_module_or_name_that_exists() -> None:
+    files = [p for folder in (*PACKAGES, "tests", "benchmarks") for p in sorted((REPO / folder).rglob("*.py"))]
+    unresolved = [
+        line for path in files for line in _unresolved_project_imports(path.read_text(), str(path.relative_to(REPO)))
+    ]
+    assert not unresolved, "\n".join(unresolved)
+
+
+def test_the_import_check_finds_a_moved_module() -> None:
+    stale = (
+        "from healthfm_core.model.config import load_model_config\nfrom healthfm_core.protocol import NoSuchMessage\n"
+    )
+    found = list(_unresolved_project_imports(stale, "stale.py"))
+    assert len(found) == 2 and "no project module healthfm_core.model.config" in found[0], found
+    assert "defines no NoSuchMessage" in found[1], found

@@ -22,7 +22,6 @@ from aces.config import PlainPredicateConfig, TaskExtractorConfig
 
 from healthfm_core.data.checks.task_check import count_tasks
 from healthfm_core.data.labels.aces_tasks import (
-    OWN_WINDOWS,
     aces_config,
     aces_labels,
     aces_labels_shared,
@@ -37,9 +36,10 @@ from healthfm_core.data.labels.meds_dev_tasks import (
     predicates_file,
     task_file,
 )
-from healthfm_core.data.labels.task_spec import TaskSpec, resolve_task, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.task_spec import aces_task, resolve_task, resolve_tasks, runner_tasks
 from healthfm_core.data.sites.site import open_site
 from healthfm_core.model.healthfm import init_model
+from healthfm_core.terms.task_spec import OWN_WINDOWS, TaskSpec
 from simulations.synthetic import generate_federation
 
 NINE = [
@@ -205,12 +205,12 @@ def test_specs_of_meds_dev_tasks_have_one_key_and_travel_as_text() -> None:
         ["readmission-general_hospital-30d"],
         ["onset_t2d_30d", "onset_t2d_90d", "onset_t2d_180d", "onset_t2d_365d"],
     ]
-    again = TaskSpec.model_validate_json(specs[0].model_dump_json()).aces()  # as a site reads it
+    again = aces_task(TaskSpec.model_validate_json(specs[0].model_dump_json()))  # as a site reads it
     assert again.config == meds_dev_task("mortality/in_icu/first_24h", "MIMIC-IV").config
     assert again.horizons == [OWN_WINDOWS] and (again.metadata.meds_dev or {})["dataset"] == "MIMIC-IV"
     assert list(runner_tasks(specs))[:2] == ["mortality-in_icu-first_24h", "readmission-general_hospital-30d"]
     with pytest.raises(ValueError, match="own windows"):
-        specs[0].model_copy(update={"horizons_days": [30]}).aces()
+        aces_task(specs[0].model_copy(update={"horizons_days": [30]}))
     half = yaml.safe_load(specs[0].aces_yaml or "") | {"metadata": {"horizons_days": [30]}}
     with pytest.raises(ValueError, match="horizons_days and horizon_window go together"):
         task_from_text(yaml.safe_dump(half), "x.yaml")
@@ -348,8 +348,8 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
     from healthfm_core.data.sequences.code_stats import site_code_stats
     from healthfm_core.data.sequences.vocab import build_vocabulary
     from healthfm_core.eval.meds_dev_result import MAX_RESULT_BYTES, meds_dev_result_dir
-    from healthfm_core.model.config import load_model_config
     from healthfm_core.protocol import EvalConfig, FederationSetup
+    from healthfm_core.terms.model_config import load_model_config
 
     root = sites[MULTI_SHARD]
     site = open_site(root)
@@ -376,7 +376,7 @@ def test_check_and_held_out_scoring_give_aces_cli_rows_and_meds_dev_results(
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1,
-        tasks=[str(e) for e in entries],
+        tasks=resolve_tasks([str(e) for e in entries]),
         setup_sha256=setup.sha256,
         n_boot=10,
         meds_tab=False,

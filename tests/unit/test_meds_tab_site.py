@@ -14,15 +14,16 @@ from meds_evaluation.schema import PredictionSchema
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.labels.task_spec import task_keys
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, TaskMetrics, aggregate_site_metrics
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.task_spec import task_keys
 from server.runlog import EventLog, write_summary
 from simulations.synthetic import generate_federation
 
@@ -59,7 +60,7 @@ def test_meds_tab_is_scored_on_the_probes_rows_and_can_be_switched_off(site_root
     vocab = build_vocabulary([site_code_stats(open_site(site_root), min_subjects=5)], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256=setup.sha256, n_boot=10)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256=setup.sha256, n_boot=10)
     rt = SiteRuntime(
         SiteConfig(site_root=site_root, min_report_subjects=2, min_report_positives=1, eval_dir=tmp_path / "eval")
     )
@@ -97,10 +98,13 @@ def test_meds_tab_is_scored_on_the_probes_rows_and_can_be_switched_off(site_root
 
 
 def test_eval_config_carries_the_switch() -> None:
-    cfg = EvalConfig(round=1, tasks=TASKS, setup_sha256="x", meds_tab=False)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256="x", meds_tab=False)
     flat = cfg.to_flat()
     assert flat["meds-tab"] is False and EvalConfig.from_flat(flat).meds_tab is False
-    assert EvalConfig.from_flat(EvalConfig(round=1, tasks=TASKS, setup_sha256="x").to_flat()).meds_tab is True
+    assert (
+        EvalConfig.from_flat(EvalConfig(round=1, tasks=resolve_tasks(TASKS), setup_sha256="x").to_flat()).meds_tab
+        is True
+    )
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from healthfm_core.data.labels.aces_tasks import OWN_WINDOWS, aces_labels_shared
+from healthfm_core.data.labels.aces_tasks import aces_labels_shared
 from healthfm_core.data.labels.meds_dev_tasks import meds_dev_task, meds_dev_task_names, predicates_file
+from healthfm_core.terms.task_spec import OWN_WINDOWS
 from simulations.synthetic import generate_federation
 
 pytestmark = pytest.mark.slow  # the default-size scenario and check on it (~15 s): make test-slow

@@ -14,14 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from client.site_runtime import SiteConfig, SiteRuntime
+from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.outcomes import outcome
 from healthfm_core.eval.site_eval import held_out_class_subjects, withheld_reason
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, EvalReply, FederationSetup, SplitCount, TaskMetrics, TaskReason
+from healthfm_core.terms.model_config import load_model_config
 from simulations.synthetic import generate_federation
 
 
@@ -129,7 +130,7 @@ def test_the_stricter_of_runtime_and_policy_holds_and_the_reply_says_so(hospital
     vocab = build_vocabulary([site_code_stats(site, min_subjects=5)], min_subjects=5)
     setup = FederationSetup(vocabulary=vocab, model=load_model_config("tiny"), model_seed=0, modalities=["ehr"])
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
-    cfg = EvalConfig(round=1, tasks=["site:readmit"], setup_sha256=setup.sha256, n_boot=10)
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(["site:readmit"]), setup_sha256=setup.sha256, n_boot=10)
     held = low.split_ids()["held_out"]
     floor = int(min((held % 2 == 0).sum(), (held % 2 == 1).sum()))
     assert floor >= 2

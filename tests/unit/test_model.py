@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers.random_batch import date_shifted, random_batch
 
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES
-from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.model.healthfm import EPOCH_DAYS, Block, HealthFM
+from healthfm_core.terms.model_config import ModelConfig, load_model_config
+from healthfm_core.terms.site_layout import MODALITIES
 
 VOCAB, TRAITS = 40, 4
 SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]

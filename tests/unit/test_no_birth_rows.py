@@ -118,7 +118,7 @@ def test_no_shipped_task_predicts_at_birth_or_without_history_on_any_path(site_r
     assert not [p for p in report.problems if p.kind == "trigger_at_birth"]
     assert [sum(s.rows for s in c.splits.values()) for c in report.tasks] == [t.num_rows for t in t2d.values()]
     runtime = SiteRuntime(SiteConfig(site_root=site_root))  # client.py embed / probe
-    rows = task_rows(runtime, EvalConfig(round=0, tasks=names, setup_sha256="x", n_per_subject="all"))
+    rows = task_rows(runtime, EvalConfig(round=0, tasks=resolve_tasks(names), setup_sha256="x", n_per_subject="all"))
     assert rows.num_rows > 0 and _too_early(site_root, rows).height == 0
     built = build_site_rows(site_root.name, site, None, runner_tasks(specs[:1]), n_per_subject="all")  # type: ignore[arg-type]
     sampled = pa.table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import replace
 
@@ -10,17 +11,8 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.sequences.batch import Batch
-from healthfm_core.model.config import CurriculumConfig, PretrainingConfig, load_model_config
 from healthfm_core.model.healthfm import EPOCH_DAYS, FutureCodesHead, HealthFM, ReconstructionMasks
-from healthfm_core.model.objective_weights import (
-    CROSS_MODAL,
-    INTRA_MODAL,
-    LOSS_NAMES,
-    ObjectiveWeights,
-    curriculum_weights,
-)
 from healthfm_core.model.objectives import (
     combine_losses,
     future_codes_loss,
@@ -32,6 +24,16 @@ from healthfm_core.model.objectives import (
     sample_future_anchors,
     sample_masks,
 )
+from healthfm_core.protocol import RoundConfig
+from healthfm_core.terms.model_config import CurriculumConfig, PretrainingConfig, load_model_config
+from healthfm_core.terms.objective_weights import (
+    CROSS_MODAL,
+    INTRA_MODAL,
+    LOSS_NAMES,
+    ObjectiveWeights,
+    curriculum_weights,
+)
+from healthfm_core.terms.site_layout import MODALITIES
 
 VOCAB, TRAITS = 40, 4
 SUBSETS = [set(c) for r in (1, 2, 3) for c in itertools.combinations(MODALITIES, r)]
@@ -331,13 +333,13 @@ def test_curriculum_off_and_objectives_off() -> None:
 
 def test_objective_weights_round_trip_and_validation() -> None:
     weights = ObjectiveWeights(align=0.25, predictive=0.5)
-    flat = weights.to_flat()
-    assert flat["weight.align"] == 0.25
-    assert ObjectiveWeights.from_flat({**flat, "lr": 0.1}) == weights
+    flat = RoundConfig(round=1, rounds=1, local_steps=1, lr=1e-3, setup_sha256="x", weights=weights).to_flat()
+    assert json.loads(flat["weights"])["align"] == 0.25
+    assert RoundConfig.from_flat({**flat, "server-round": 1}).weights == weights
     with pytest.raises(ValueError):
         ObjectiveWeights(align=-1.0)
-    with pytest.raises(ValueError):
-        ObjectiveWeights.from_flat({"weight.typo": 1.0})
+    with pytest.raises(ValueError, match="typo"):
+        RoundConfig.from_flat({**flat, "weights": '{"typo": 1.0}'})
 
 
 def test_module_function_matches_method() -> None:

@@ -17,8 +17,6 @@ from helpers.flower_messages import train_metadata
 from safetensors.numpy import save
 
 from client.client_app import message_arrays, train_reply_content
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import GROUPS
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.protocol import ARRAYS_RECORD, TrainReply
 from healthfm_core.protocol.packing import (
@@ -29,6 +27,8 @@ from healthfm_core.protocol.packing import (
     unpack_arrays,
     unpack_record,
 )
+from healthfm_core.terms.groups import GROUPS
+from healthfm_core.terms.model_config import load_model_config
 from server.limits import array_record_bytes
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record

@@ -26,11 +26,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from healthfm_core.data.files.layout import EPOCH_US, WEARABLE_CHANNELS, WEARABLES_SCHEMA, WEARABLES_SUBDIRECTORY
+from healthfm_core.data.files.layout import EPOCH_US, WEARABLES_SCHEMA, WEARABLES_SUBDIRECTORY
 from healthfm_core.data.sequences import wear_patches
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.data.sequences.code_stats import site_code_stats
-from healthfm_core.data.sequences.token_settings import TokenSettings
 from healthfm_core.data.sequences.tokens import (
     US_PER_DAY,
     LabelledDataset,
@@ -41,7 +40,7 @@ from healthfm_core.data.sequences.tokens import (
     make_loader,
     pool_token_rows,
 )
-from healthfm_core.data.sequences.vocab import Normalizer, Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sequences.wear_patches import (
     NO_TIME,
     UnsortedWearables,
@@ -51,6 +50,9 @@ from healthfm_core.data.sequences.wear_patches import (
 )
 from healthfm_core.data.sequences.wear_stream import WearableFilePart, wearable_key_table
 from healthfm_core.data.sites.site import open_site
+from healthfm_core.terms.site_layout import WEARABLE_CHANNELS
+from healthfm_core.terms.token_settings import TokenSettings
+from healthfm_core.terms.vocabulary import Normalizer, Vocabulary
 from simulations.synthetic import generate_federation
 from simulations.synthetic.scenario import load_scenario
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from client.policy import PolicyError, SitePolicy, load_policy
-from healthfm_core.model.groups import GROUPS
-from healthfm_core.privacy.policy import EPSILON_CAP_MAX
+from healthfm_core.terms.dp_policy import EPSILON_CAP_MAX
+from healthfm_core.terms.groups import GROUPS
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

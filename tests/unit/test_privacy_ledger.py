@@ -36,7 +36,6 @@ from healthfm_core.privacy.ledger import (
     PrivacyLedger,
     history_problem,
 )
-from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.privacy.training import (
     DPRequest,
     PrivacyRefused,
@@ -44,6 +43,7 @@ from healthfm_core.privacy.training import (
     make_private_training,
 )
 from healthfm_core.protocol import PrivacySpend, TrainReply
+from healthfm_core.terms.dp_policy import DPPolicy
 
 DELTA = 1e-5
 SPEND: dict[str, Any] = {"noise_multiplier": 1.0, "sample_rate": 0.1, "max_grad_norm": 1.0, "delta": DELTA}

@@ -94,12 +94,15 @@ def test_the_replay_command_says_what_it_rebuilt_and_judges_against_the_truth(tm
         (lambda d: (d / "unmask" / "notes.txt").write_text("x"), r"unmask/notes\.txt: not a file of a unmask reply"),
         (
             lambda d: (d / "config.json").write_text('{"round": 7}'),
-            r"config\.json: SecAggConfig: sample=.*Field required",
+            r"config\.json: SecAggConfig: field sample: value \(missing\): Field required",
         ),
-        (lambda d: (d / "keys" / "1.enc_key.bin").unlink(), r"keys/1\.json: PublicKeys: 'enc_key' is missing"),
+        (
+            lambda d: (d / "keys" / "1.enc_key.bin").unlink(),
+            r"keys/1\.json: PublicKeys: field enc_key: value \(missing\)",
+        ),
         (
             lambda d: (d / "round.json").write_text('{"kind": "secret", "round": 7, "sites": {}}'),
-            r"round\.json: TranscriptHeader: kind='secret'",
+            r"round\.json: TranscriptHeader: field kind: value 'secret'",
         ),
     ],
     ids=["short-vector", "wrong-sender", "stray-file", "bad-config", "missing-key", "bad-header"],

@@ -21,9 +21,9 @@ from healthfm_core.data.sequences.tokens import US_PER_DAY
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.eval.row_embeddings import embed_rows
 from healthfm_core.eval.runner import PooledEmbedder
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import FederationSetup
+from healthfm_core.terms.model_config import load_model_config
 from simulations.synthetic import generate_federation
 
 

@@ -43,8 +43,9 @@ from healthfm_core.data.sequences.tokens import (
     bucket_offsets,
     make_loader,
 )
-from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
+from healthfm_core.terms.vocabulary import Vocabulary
 from simulations.synthetic import generate_federation
 from simulations.synthetic.scenario import load_scenario
 

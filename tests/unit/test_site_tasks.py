@@ -24,14 +24,13 @@ from sklearn.metrics import roc_auc_score
 
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.labels.aces_tasks import TASK_DIR
-from healthfm_core.data.labels.task_spec import TaskSpec, resolve_task, resolve_tasks, task_keys
+from healthfm_core.data.labels.task_spec import resolve_task, resolve_tasks
 from healthfm_core.data.sequences.code_stats import site_code_stats
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.metrics import bootstrap_counts
 from healthfm_core.eval.outcomes import outcome_rows, outcome_table, replies_from_event
 from healthfm_core.eval.score_histogram import score_bin_index
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import (
     SMALL_CELL,
@@ -42,6 +41,8 @@ from healthfm_core.protocol import (
     TaskMetrics,
     TaskReason,
 )
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.task_spec import TaskSpec, task_keys
 from simulations.overrides import unknown_override, with_task_alias
 from simulations.synthetic import generate_federation
 
@@ -68,7 +69,7 @@ def test_tasks_resolve_from_names_paths_and_old_names() -> None:
 
 
 def test_eval_config_carries_definitions_and_refuses_names_from_a_peer() -> None:
-    cfg = EvalConfig(round=1, tasks=["t2d", "site:readmit"], setup_sha256="x")
+    cfg = EvalConfig(round=1, tasks=resolve_tasks(["t2d", "site:readmit"]), setup_sha256="x")
     flat = cfg.to_flat()
     assert isinstance(flat["tasks"], str) and all(isinstance(v, (str, int, float, bool)) for v in flat.values())
     assert EvalConfig.from_flat(flat) == cfg
@@ -193,7 +194,7 @@ def test_site_evaluates_aces_and_its_own_tasks_with_meds_evaluation(
     arrays = {k: v.numpy() for k, v in init_model(setup).state_dict().items()}
     cfg = EvalConfig(
         round=1,
-        tasks=["onset_hypertension_365d", "site:readmit", "site:elsewhere"],
+        tasks=resolve_tasks(["onset_hypertension_365d", "site:readmit", "site:elsewhere"]),
         setup_sha256=setup.sha256,
         n_boot=10,
     )

@@ -22,9 +22,9 @@ import pytest
 import torch
 from helpers.random_batch import random_batch
 
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 
 RECORD = Path(__file__).parents[1] / "data" / "train_step_before.json"
 VOCAB, TRAITS = 60, 4

@@ -16,7 +16,7 @@ from client.policy import PolicyError, load_policy
 from client.threads import parse_threads
 from healthfm_core.data.labels.aces_tasks import task_from_text
 from healthfm_core.protocol import RoundConfig
-from healthfm_core.protocol.secure_records import JSON_KEY, from_flat, to_flat
+from healthfm_core.protocol.flat import from_flat, to_flat
 from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, strict_json, strict_yaml
 from secure_aggregation.messages import UnmaskRequest
 from server.config import FederationConfig
@@ -145,11 +145,10 @@ def test_the_coordinators_files_refuse_duplicated_keys(tmp_path: Path) -> None:
 
 
 def test_a_peers_json_with_a_duplicated_key_is_refused() -> None:
-    """A secure round's message (healthfm_core/protocol/secure_records.py) and a task definition a peer sends."""
+    """A secure round's message (healthfm_core/protocol/flat.py) and a task definition a peer sends."""
     record = to_flat(UnmaskRequest(round=1, survivors=[1, 2, 3], groups=["shared"], withheld={}))
-    text = str(record[JSON_KEY])
-    record[JSON_KEY] = text[:-1] + ', "groups": ["shared", "genomics"]}'
-    with pytest.raises(DuplicateKeyError, match=r"UnmaskRequest record: field groups: duplicated key"):
+    record["withheld"] = '{"1": "shared", "1": "genomics"}'
+    with pytest.raises(DuplicateKeyError, match=r"UnmaskRequest: field withheld: field 1: duplicated key"):
         from_flat(UnmaskRequest, record)
     task = (REPO / "configs" / "tasks" / "cad.yaml").read_text()
     assert task_from_text(task, "cad.yaml").name

@@ -20,8 +20,8 @@ import pytest
 
 from client.policy import PolicyError, load_policy
 from healthfm_core.data.labels.aces_tasks import task_from_text
-from healthfm_core.model.config import load_model_config
 from healthfm_core.strict_files import StrictFileError, strict_yaml
+from healthfm_core.terms.model_config import load_model_config
 from simulations.synthetic.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[2]

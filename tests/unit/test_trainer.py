@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from healthfm_core.data.sequences.batch import Batch
-from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import GROUPS, parameter_group
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.terms.groups import GROUPS, parameter_group
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 from healthfm_core.train.checkpoint import (
     CheckpointError,
     TrainState,

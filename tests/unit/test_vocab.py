@@ -25,8 +25,9 @@ from healthfm_core.data.sequences.code_stats import (
     merge_site_stats,
     site_code_stats,
 )
-from healthfm_core.data.sequences.vocab import Vocabulary, build_vocabulary
+from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.data.sites.site import open_site
+from healthfm_core.terms.vocabulary import Vocabulary
 
 
 def random_events(n_subjects: int, seed: int, first_id: int = 0) -> pa.Table:

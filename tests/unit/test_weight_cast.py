@@ -10,9 +10,9 @@ import torch
 from helpers.random_batch import random_batch
 from torch import nn
 
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM
-from healthfm_core.model.objective_weights import ObjectiveWeights
+from healthfm_core.terms.model_config import load_model_config
+from healthfm_core.terms.objective_weights import ObjectiveWeights
 from healthfm_core.train.host_syncs import count_host_syncs
 from healthfm_core.train.trainer import forward_losses
 from healthfm_core.train.weight_cast import linear_weights_cast_once

@@ -35,9 +35,9 @@ from healthfm_core.eval.zero_shot import (
     zero_shot_columns,
     zero_shot_rows,
 )
-from healthfm_core.model.config import load_model_config
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import FederationSetup
+from healthfm_core.terms.model_config import load_model_config
 from simulations.evidence_units import Evidence
 from simulations.evidence_zero_shot import FLAT_HEAD, HEAD_KEY, ZERO_SHOT, head_fit, why_lines
 from simulations.pretrain import agree_vocabulary

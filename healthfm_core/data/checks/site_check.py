@@ -66,15 +66,10 @@ from healthfm_core.data.checks.problem_log import (
     to_datetime,
 )
 from healthfm_core.data.checks.wearable_checks import check_wearables_file
-from healthfm_core.data.files.layout import (
-    DATA_SUBDIRECTORY,
-    EPOCH_SECONDS,
-    MODALITIES,
-    WEARABLES_SUBDIRECTORY,
-    hash_splits,
-)
+from healthfm_core.data.files.layout import DATA_SUBDIRECTORY, EPOCH_SECONDS, WEARABLES_SUBDIRECTORY, hash_splits
 from healthfm_core.data.files.site_paths import list_files
 from healthfm_core.data.labels.site_labels import site_tasks
+from healthfm_core.terms.site_layout import MODALITIES
 
 logger = logging.getLogger(__name__)
 

@@ -33,18 +33,8 @@ import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
 from healthfm_core.data.checks.problem_log import SiteProblem, SiteSummary
-from healthfm_core.data.checks.report_floor import (
-    DEFAULT_MIN_POSITIVES,
-    DEFAULT_MIN_SUBJECTS,
-    MIN_POSITIVES_KEY,
-    MIN_SUBJECTS_KEY,
-    SMALL_CELL_RISK,
-    class_subjects,
-)
 from healthfm_core.data.checks.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
-from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
 from healthfm_core.data.labels.aces_tasks import (
-    OWN_WINDOWS,
     TASK_DIR,
     AcesTask,
     aces_labels,
@@ -59,6 +49,16 @@ from healthfm_core.data.labels.site_labels import (
     read_site_labels,
 )
 from healthfm_core.data.labels.tasks import cap_rows_per_subject, rows_per_subject
+from healthfm_core.terms.report_floor import (
+    DEFAULT_MIN_POSITIVES,
+    DEFAULT_MIN_SUBJECTS,
+    MIN_POSITIVES_KEY,
+    MIN_SUBJECTS_KEY,
+    SMALL_CELL_RISK,
+    class_subjects,
+)
+from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
+from healthfm_core.terms.task_spec import OWN_WINDOWS
 
 
 class SplitSite(Protocol):

@@ -1,4 +1,6 @@
-"""The on-disk contract of a site root, in code: every module reads names from here.
+"""The on-disk contract of a site root, in code: every module reads names from here, but for the
+few the wire protocol shares (the modalities, the split names, the wearable channels:
+healthfm_core/terms/site_layout.py).
 
 A site root, as docs/architecture.md lays it out::
 
@@ -8,7 +10,8 @@ A site root, as docs/architecture.md lays it out::
     metadata/dataset.json            MEDS DatasetMetadataSchema
     wearables/**/*.parquet           WEARABLES_SCHEMA, one row per 30-second epoch
 
-The MEDS paths and split names come from the `meds` package, so they follow the standard.
+The MEDS paths come from the `meds` package, and the split names are MEDS's, so they follow the
+standard.
 Polygenic risk scores are MEDS rows with code `PRS//<trait>` and the standardised score in
 numeric_value. A site's modalities: `wearables` when wearables/ holds rows, `genomics` when any
 `PRS//` code exists, `ehr` when any other clinical code exists (healthfm_core.data.checks.site_check).
@@ -28,13 +31,11 @@ from meds import (
     code_metadata_filepath,
     data_subdirectory,
     dataset_metadata_filepath,
-    held_out_split,
     subject_splits_filepath,
-    train_split,
-    tuning_split,
 )
 
 from healthfm_core.data.files.site_paths import OutsideRootError, list_files
+from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, TRAIN_SPLIT, TUNING_SPLIT
 
 # Folders and files under a site root (relative, posix separators).
 DATA_SUBDIRECTORY: str = data_subdirectory  # "data"
@@ -43,12 +44,6 @@ SUBJECT_SPLITS_FILEPATH: str = subject_splits_filepath  # "metadata/subject_spli
 DATASET_METADATA_FILEPATH: str = dataset_metadata_filepath  # "metadata/dataset.json"
 WEARABLES_SUBDIRECTORY = "wearables"
 
-MODALITIES = ("ehr", "wearables", "genomics")
-
-TRAIN_SPLIT: str = train_split
-TUNING_SPLIT: str = tuning_split
-HELD_OUT_SPLIT: str = held_out_split
-SPLITS = (TRAIN_SPLIT, TUNING_SPLIT, HELD_OUT_SPLIT)
 # Deterministic split used when metadata/subject_splits.parquet is absent (`hash_splits`).
 DEFAULT_SPLIT_FRACTIONS = {TRAIN_SPLIT: 0.8, TUNING_SPLIT: 0.1, HELD_OUT_SPLIT: 0.1}
 
@@ -61,7 +56,6 @@ DISCHARGE_PREFIX = "HOSPITAL_DISCHARGE//"
 # Wearables: one row per 30-second epoch, `time` its start on the 30-second grid.
 EPOCH_SECONDS = 30
 EPOCH_US = EPOCH_SECONDS * 1_000_000
-WEARABLE_CHANNELS = ("enmo_mg", "hr_bpm")  # the value columns, in Batch.wear_epochs channel order
 WEARABLES_SCHEMA = pa.schema(
     [
         pa.field("subject_id", pa.int64(), nullable=False),
@@ -195,16 +189,10 @@ __all__ = [
     "DEFAULT_SPLIT_FRACTIONS",
     "EPOCH_SECONDS",
     "EPOCH_US",
-    "HELD_OUT_SPLIT",
-    "MODALITIES",
     "PRS_PREFIX",
-    "SPLITS",
     "SUBJECT_SPLITS_FILEPATH",
-    "TRAIN_SPLIT",
-    "TUNING_SPLIT",
     "WEARABLES_SCHEMA",
     "WEARABLES_SUBDIRECTORY",
-    "WEARABLE_CHANNELS",
     "SiteLike",
     "disjoint_subject_order",
     "hash_splits",

@@ -67,6 +67,7 @@ from healthfm_core.data.files.layout import parquet_files
 from healthfm_core.data.files.parquet_guard import open_parquet
 from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL, validate_labels
 from healthfm_core.strict_files import StrictFileError, strict_yaml
+from healthfm_core.terms.task_spec import OWN_WINDOWS
 
 # ACES is imported where a task is parsed or extracted: with its networkx, bigtree and matplotlib
 # it costs a process ~0.9 s and ~70 MB, and a site's process needs it only to evaluate.
@@ -76,8 +77,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).resolve().parents[3] / "configs" / "tasks"
-# The key of the one label table of a task without horizons (its own windows decide everything).
-OWN_WINDOWS = 0
 
 
 class TaskMetadata(BaseModel):

@@ -1,16 +1,5 @@
-"""A task as the server sends it to the sites: its definition as data, and how a user names one.
-
-A `TaskSpec` is one of
-- `aces`: the text of an ACES task file (configs/tasks/*.yaml, healthfm_core.data.labels.aces_tasks) and
-  its horizons; evaluated at each site under one key per horizon, `<name>_<h>d`; a task without
-  horizons (a MEDS-DEV task, any plain ACES file) has no horizons_days and one key, `<name>`;
-- `site`: a task whose labels each site supplies itself (SITE_ROOT/tasks/<name>/, MEDS
-  LabelSchema, healthfm_core.data.labels.site_labels); key `<name>`;
-- `wearable`: one of the built-in wearable regression tasks (healthfm_core.data.labels.tasks); key `<name>`.
-
-The site never needs the server's files: the ACES text travels in the message, and a TaskSpec is
-a peer's input there (names restricted to a safe alphabet, sizes bounded, the ACES text parsed
-and checked by ACES at the site before use).
+"""How a user names a task, resolved into the `TaskSpec` the server sends (healthfm_core/terms/task_spec.py),
+and a spec's ACES task parsed at the site.
 
 `resolve_tasks(entries, dataset)` turns what a user writes (`tasks=[t2d, file:configs/tasks/cad.yaml,
 site:readmission, meds-dev:mortality/in_icu/first_24h]`, or the synthetic tasks' names
@@ -19,6 +8,7 @@ their horizons. A bare entry is a name, never a path: a task file is read only w
 `file:PATH` (or as a `Path` by a Python caller), so `--tasks ../../../../etc/passwd` or
 `-c eval-tasks=...` naming a file is refused with the form to use, not read (issue 67, break 7). A `meds-dev:<task>[@<dataset>]` entry is resolved with the dataset's predicates
 (healthfm_core.data.labels.meds_dev_tasks) here, at the coordinator: the sites get the resolved text.
+Only the caller that reads a user's input resolves it: a message holds specs, never names.
 """
 
 from __future__ import annotations
@@ -26,17 +16,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-from healthfm_core.data.labels.aces_tasks import OWN_WINDOWS, TASK_DIR, AcesTask, load_task, task_from_text
+from healthfm_core.data.labels.aces_tasks import TASK_DIR, AcesTask, load_task, task_from_text
 from healthfm_core.data.labels.meds_dev_tasks import MEDS_DEV_PREFIX, meds_dev_task, parse_entry
 from healthfm_core.data.labels.tasks import DISEASES, TASKS, OnsetTask, Task, WearableTask
+from healthfm_core.terms.task_spec import TASK_NAME, TaskSpec, horizon_key
 
-TASK_NAME = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"  # also a file name and a metric-key prefix: no dots, no slashes
-MAX_ACES_BYTES = 64 * 1024
 SITE_PREFIX = "site:"
 FILE_PREFIX = "file:"  # an ACES task file, given explicitly: file:PATH
 # A synthetic onset task's name: configs/tasks/<disease>.yaml at one horizon.
@@ -73,44 +61,11 @@ def file_entries(entries: Iterable[str]) -> list[str]:
     ]
 
 
-Horizon = Annotated[int, Field(ge=1, le=36500)]
-
-
-class TaskSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=TASK_NAME)
-    kind: Literal["aces", "site", "wearable"] = "aces"
-    aces_yaml: str | None = Field(default=None, max_length=MAX_ACES_BYTES)
-    horizons_days: list[Horizon] = Field(default_factory=list, max_length=16)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TaskSpec:
-        if self.kind == "aces":
-            if not self.aces_yaml:
-                raise ValueError(f"task {self.name!r}: an ACES task needs aces_yaml")
-            if len(set(self.horizons_days)) != len(self.horizons_days):
-                raise ValueError(
-                    f"task {self.name!r}: field horizons_days: value {self.horizons_days}: repeated horizon"
-                )
-        elif self.aces_yaml is not None or self.horizons_days:
-            raise ValueError(f"task {self.name!r}: a {self.kind} task carries no aces_yaml or horizons_days")
-        if self.kind == "wearable" and not isinstance(TASKS.get(self.name), WearableTask):
-            known = sorted(k for k, t in TASKS.items() if isinstance(t, WearableTask))
-            raise ValueError(f"task {self.name!r}: not a wearable task (known: {known})")
-        return self
-
-    def keys(self) -> list[str]:
-        """The evaluation keys of the task: one per horizon for ACES tasks with horizons."""
-        if self.kind == "aces" and self.horizons_days:
-            return [horizon_key(self.name, h) for h in self.horizons_days]
-        return [self.name]
-
-    def aces(self) -> AcesTask:
-        """The ACES task of the text (parsed and checked by ACES; ValueError naming the task)."""
-        if self.kind != "aces" or self.aces_yaml is None:
-            raise ValueError(f"task {self.name!r} is a {self.kind} task, not an ACES task")
-        return task_from_text(self.aces_yaml, f"task {self.name}", self.horizons_days)
+def aces_task(spec: TaskSpec) -> AcesTask:
+    """The ACES task of a spec's text (parsed and checked by ACES; ValueError naming the task)."""
+    if spec.kind != "aces" or spec.aces_yaml is None:
+        raise ValueError(f"task {spec.name!r} is a {spec.kind} task, not an ACES task")
+    return task_from_text(spec.aces_yaml, f"task {spec.name}", spec.horizons_days)
 
 
 class AcesOnsetTask(OnsetTask):
@@ -129,7 +84,7 @@ def runner_tasks(specs: Iterable[TaskSpec]) -> dict[str, Task]:
     out: dict[str, Task] = {}
     for spec in specs:
         if spec.kind == "aces":
-            task = spec.aces()
+            task = aces_task(spec)
             prefix = DISEASES.get(spec.name.removeprefix("onset_"), "")
             for h in task.horizons:
                 key = horizon_key(spec.name, h)
@@ -137,15 +92,6 @@ def runner_tasks(specs: Iterable[TaskSpec]) -> dict[str, Task]:
         elif spec.kind == "wearable":
             out[spec.name] = TASKS[spec.name]
     return out
-
-
-def horizon_key(name: str, horizon_days: int) -> str:
-    """`<name>_<h>d`; the task's bare name for OWN_WINDOWS (a task without horizons)."""
-    return name if int(horizon_days) == OWN_WINDOWS else f"{name}_{int(horizon_days)}d"
-
-
-def task_keys(specs: Iterable[TaskSpec]) -> list[str]:
-    return [k for s in specs for k in s.keys()]
 
 
 def _aces_spec(task: AcesTask, text: str, horizons: Iterable[int] | None = None) -> TaskSpec:
@@ -224,16 +170,12 @@ def resolve_tasks(entries: Iterable[str | Path], dataset: str | Path | None = No
 __all__ = [
     "AcesOnsetTask",
     "FILE_PREFIX",
-    "MAX_ACES_BYTES",
     "SITE_PREFIX",
-    "TASK_NAME",
-    "TaskSpec",
     "UnknownTask",
+    "aces_task",
     "file_entries",
     "known_task_names",
-    "horizon_key",
     "resolve_task",
     "resolve_tasks",
     "runner_tasks",
-    "task_keys",
 ]

@@ -53,6 +53,7 @@ from healthfm_core.data.sequences.event_rows import NO_TIME as _NO_TIME
 from healthfm_core.data.sequences.event_rows import US_PER_DAY, to_us
 from healthfm_core.data.sequences.wear_patches import sorted_by_subject_time
 from healthfm_core.files import atomic_path
+from healthfm_core.terms.task_spec import HELD_OUT_ROWS_PER_SUBJECT, WEARABLE_TASKS, WearableTarget
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +146,6 @@ def _draw_key(subject_id: np.ndarray, time_us: np.ndarray, seed: int) -> np.ndar
 
 
 ALL_ROWS = "all"  # n_per_subject's spelling of "every row" in a config (None in Python)
-# At most this many of a held-out subject's rows per task key are scored (EvalConfig's
-# held_out_rows_per_subject), drawn as n_per_subject's rows are. Far above any subject we know:
-# at most 466 rows of one task key on the generated sites (the hospital scenario at full size,
-# 1,500 subjects a site, whose onset tasks ask at every clinical event), at most 8 timed events a
-# subject on the MEDS sample datasets (tests/unit/test_held_out_cap.py), so an honest site scores
-# every labelled row as MEDS-DEV does; it bounds the rows an evaluate reply may claim
-# (server/eval_counts.py).
-HELD_OUT_ROWS_PER_SUBJECT = 1024
 
 
 def rows_per_subject(value: int | str | None) -> int | None:
@@ -442,7 +435,7 @@ def wear_period_end_times(wearables: pa.Table, max_gap_hours: float = 6.0, min_p
 
 def wearable_regression_labels(
     wearables: pa.Table,
-    target: Literal["resting_hr", "mean_enmo"] = "resting_hr",
+    target: WearableTarget = "resting_hr",
     max_gap_hours: float = 6.0,
     min_period_hours: float = 24.0,
     rest_enmo_mg: float = 10.0,
@@ -497,7 +490,7 @@ class WearableTask(BaseModel):
 
     kind: Literal["wearable_regression"] = "wearable_regression"
     name: str
-    target: Literal["resting_hr", "mean_enmo"]
+    target: WearableTarget
 
 
 Task = OnsetTask | WearableTask
@@ -510,8 +503,7 @@ def default_tasks() -> dict[str, Task]:
         for h in DEFAULT_HORIZONS_DAYS:
             name = f"onset_{short}_{h}d"
             tasks[name] = OnsetTask(name=name, outcome_code_prefix=prefix, horizon_days=h)
-    for target in ("resting_hr", "mean_enmo"):
-        name = f"wearable_{target}"
+    for name, target in WEARABLE_TASKS.items():
         tasks[name] = WearableTask(name=name, target=target)
     return tasks
 
@@ -566,7 +558,6 @@ def write_task_labels(labels: dict[str, pa.Table], out_dir: str | Path) -> list[
 
 __all__: Sequence[str] = [
     "DEATH_CODE",
-    "HELD_OUT_ROWS_PER_SUBJECT",
     "DISEASES",
     "OnsetTask",
     "TASKS",

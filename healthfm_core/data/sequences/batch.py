@@ -15,11 +15,11 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from healthfm_core.data.sequences.codes import MASK_CODE as MASK_CODE  # re-exported: the batch's codes
-from healthfm_core.data.sequences.codes import N_SPECIAL_CODES as N_SPECIAL_CODES
-from healthfm_core.data.sequences.codes import PAD_CODE as PAD_CODE
-from healthfm_core.data.sequences.codes import UNK_CODE as UNK_CODE
 from healthfm_core.device_copy import to_device
+from healthfm_core.terms.codes import MASK_CODE as MASK_CODE  # re-exported: the batch's codes
+from healthfm_core.terms.codes import N_SPECIAL_CODES as N_SPECIAL_CODES
+from healthfm_core.terms.codes import PAD_CODE as PAD_CODE
+from healthfm_core.terms.codes import UNK_CODE as UNK_CODE
 
 # Modality ids carried by every token.
 MODALITY_EHR = 0

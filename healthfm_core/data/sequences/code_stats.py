@@ -28,8 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from healthfm_core.data.files.layout import PRS_PREFIX, WEARABLE_CHANNELS, SiteLike
+from healthfm_core.data.files.layout import PRS_PREFIX, SiteLike
 from healthfm_core.data.files.parquet_guard import read_parquet
+from healthfm_core.terms.site_layout import WEARABLE_CHANNELS
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from meds import birth_code as BIRTH_CODE
 
 from healthfm_core.data.files.layout import PRS_PREFIX
 from healthfm_core.data.sequences.batch_gather import ranges, segment_searchsorted
-from healthfm_core.data.sequences.vocab import Vocabulary
+from healthfm_core.terms.vocabulary import Vocabulary
 
 US_PER_DAY = 86_400_000_000  # MEDS times are microseconds
 NO_TIME = np.iinfo(np.int64).max  # no time (static rows)

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from healthfm_core.data.files.layout import EPOCH_US, WEARABLE_CHANNELS, SiteLike, disjoint_subject_order, run_values
+from healthfm_core.data.files.layout import EPOCH_US, SiteLike, disjoint_subject_order, run_values
 from healthfm_core.data.files.read_ahead import read_ahead
 from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, PAD_CODE, Batch
 from healthfm_core.data.sequences.batch_gather import (
@@ -84,15 +84,16 @@ from healthfm_core.data.sequences.event_rows import (
     to_us,
     us_arrow,
 )
-from healthfm_core.data.sequences.token_settings import (
+from healthfm_core.data.sequences.wear_patches import NO_TIME, UnplacedPatches, patches_of_table
+from healthfm_core.data.sequences.wear_stream import site_patch_plan
+from healthfm_core.terms.site_layout import WEARABLE_CHANNELS
+from healthfm_core.terms.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
     DEFAULT_TOKENS,
     TokenSettings,
 )
-from healthfm_core.data.sequences.vocab import Normalizer, Vocabulary
-from healthfm_core.data.sequences.wear_patches import NO_TIME, UnplacedPatches, patches_of_table
-from healthfm_core.data.sequences.wear_stream import site_patch_plan
+from healthfm_core.terms.vocabulary import Normalizer, Vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from healthfm_core.data.files.layout import EPOCH_US
 from healthfm_core.data.files.read_ahead import read_ahead
-from healthfm_core.data.sequences.vocab import Normalizer
+from healthfm_core.terms.vocabulary import Normalizer
 
 NO_TIME = np.iinfo(np.int64).max  # "no epoch" in first_us (tokens.py's _NO_TIME)
 _NO_END = np.iinfo(np.int64).min

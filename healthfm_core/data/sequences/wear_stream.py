@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthfm_core.data.files.layout import WEARABLE_CHANNELS, WEARABLES_SCHEMA, SiteLike
+from healthfm_core.data.files.layout import WEARABLES_SCHEMA, SiteLike
 from healthfm_core.data.files.parquet_guard import read_parquet
-from healthfm_core.data.sequences.vocab import Normalizer
 from healthfm_core.data.sequences.wear_patches import (
     PatchPlan,
     UnplacedPatches,
@@ -30,6 +29,8 @@ from healthfm_core.data.sequences.wear_patches import (
     patches_of_table,
     plan_patches,
 )
+from healthfm_core.terms.site_layout import WEARABLE_CHANNELS
+from healthfm_core.terms.vocabulary import Normalizer
 
 
 class WearableFilePart:

@@ -30,8 +30,6 @@ from healthfm_core.data.files.layout import (
     CODE_METADATA_FILEPATH,
     DATA_SUBDIRECTORY,
     DATASET_METADATA_FILEPATH,
-    HELD_OUT_SPLIT,
-    MODALITIES,
     SUBJECT_SPLITS_FILEPATH,
     WEARABLES_SCHEMA,
     WEARABLES_SUBDIRECTORY,
@@ -44,6 +42,7 @@ from healthfm_core.data.files.parquet_guard import open_parquet, read_parquet
 from healthfm_core.data.files.site_paths import require_inside
 from healthfm_core.data.sequences.wear_patches import sorted_by_subject_time
 from healthfm_core.strict_files import read_json
+from healthfm_core.terms.site_layout import HELD_OUT_SPLIT, MODALITIES
 
 logger = logging.getLogger(__name__)
 

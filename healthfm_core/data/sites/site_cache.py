@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from healthfm_core.data.sequences.token_settings import DEFAULT_TOKENS, TokenSettings
 from healthfm_core.data.sequences.tokens import SiteSequences
-from healthfm_core.data.sequences.vocab import Vocabulary
 from healthfm_core.data.sites.site import Site, open_site
 from healthfm_core.strict_files import strict_json
+from healthfm_core.terms.token_settings import DEFAULT_TOKENS, TokenSettings
+from healthfm_core.terms.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from healthfm_core.first_error import first_error
+
 DEFAULT_TOKEN_WINDOW_DAYS = 1.0  # one EHR token per day of record (0: per exact timestamp)
 DEFAULT_MAX_CODES_PER_TOKEN = 32
 
@@ -42,16 +44,7 @@ class TokenSettings(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as err:
-            raise ValueError(one_line_error(err, source)) from None
-
-
-def one_line_error(err: ValidationError, source: str) -> str:
-    """`source: key=value: message` for the first error of a validation (pydantic's own text
-    spans several lines)."""
-    first = err.errors()[0]
-    key = ".".join(str(x) for x in first.get("loc", ()))
-    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    return f"{source}: {key}={repr(first.get('input'))[:80]}: {msg}"
+            raise ValueError(first_error(err, source)) from None
 
 
 DEFAULT_TOKENS = TokenSettings()
@@ -63,5 +56,4 @@ __all__ = [
     "MaxCodesPerToken",
     "TokenSettings",
     "TokenWindowDays",
-    "one_line_error",
 ]

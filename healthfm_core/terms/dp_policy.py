@@ -1,9 +1,10 @@
 """A site's DP budget: the `dp:` section of its policy file (client/policy.py reads the file).
 
-It lives with the privacy code, not the client, because what makes a budget valid (a finite,
-numeric cap; a delta no larger than 1/n) is privacy knowledge, and because the private-training
-entry point (healthfm_core.privacy.training) takes it as its input, which healthfm_core could
-not import from client/.
+It lives in healthfm_core, not the client, because what makes a budget valid (a finite, numeric
+cap; a delta no larger than 1/n) is privacy knowledge and the private-training entry point
+(healthfm_core.privacy.training) takes it as its input; and in terms/, below the wire protocol,
+because a train reply's spend is checked against the same largest cap (EPSILON_CAP_MAX,
+healthfm_core/protocol/privacy_spend.py).
 
 Every number is strict and finite: `epsilon_cap: .inf`, `true` or "nan" would be a budget that
 never refuses (YAML reads `.inf` as a float and `true` as 1 under lax parsing), so each is an

@@ -7,11 +7,9 @@ themselves (model/objectives.py), with no torch: the protocol reads this file, n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthfm_core.model.config import CROSS_MODAL, INTRA_MODAL, LOSS_NAMES, CurriculumConfig, ModelConfig
+from healthfm_core.terms.model_config import CROSS_MODAL, INTRA_MODAL, LOSS_NAMES, CurriculumConfig, ModelConfig
 
 
 class ObjectiveWeights(BaseModel):
@@ -27,15 +25,6 @@ class ObjectiveWeights(BaseModel):
     future_codes: float = Field(default=1.0, ge=0)
     predictive: float = Field(default=1.0, ge=0)
     align: float = Field(default=1.0, ge=0)
-
-    def to_flat(self, prefix: str = "weight.") -> dict[str, float]:
-        """Flat float mapping, e.g. for a Flower ConfigRecord."""
-        return {f"{prefix}{name}": float(value) for name, value in self.model_dump().items()}
-
-    @classmethod
-    def from_flat(cls, record: Mapping[str, object], prefix: str = "weight.") -> ObjectiveWeights:
-        """Inverse of to_flat; keys without the prefix are ignored, unknown weight names rejected."""
-        return cls.model_validate({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
 
 
 def curriculum_weights(step: int, total: int, cfg: ModelConfig | CurriculumConfig) -> ObjectiveWeights:

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.strict_files import read_yaml
+from healthfm_core.terms.site_layout import MODALITIES
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
