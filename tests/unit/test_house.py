@@ -537,6 +537,7 @@ def _unresolved_project_imports(source: str, where_file: str) -> Iterator[str]:
     moved or renamed project module would pass it and fail only when the line runs."""
     tree = ast.parse(source, filename=where_file)
     for node in ast.walk(tree):
+        wanted: list[tuple[str, str | None]]
         if isinstance(node, ast.Import):
             wanted = [(a.name, None) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
