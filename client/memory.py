@@ -11,6 +11,16 @@ ClientApp trims once it is idle instead: between back-to-back tasks the next one
 pages again, and faulting them back in cost the slowest site more training time than keeping them
 cost it memory (client/deploy/warm_clientapp.py `collect_between_tasks`). Nothing the site keeps
 on purpose (its data, sequences, model) is touched.
+
+A warm ClientApp is started without oneDNN's primitive cache (`warm_process_env`). torch's CPU GELU
+(every MLP of the model, forward and backward) runs through oneDNN, which compiles a kernel for each
+new tensor shape and keeps the last 1,024 of them. A batch's shape follows its longest history, so
+nearly every step brings new ones: 300 shapes held 20 MiB, and their small blocks, left between the
+freed activations of each step, kept glibc from reusing the holes, so the heap grew with every task.
+That was the warm ClientApp's creep (issue 69): `small`, 10 local steps, back to back, its peak RSS
+went from 1.29 to 1.85 GB over 15 tasks (in use 177 -> 194 MB, the heap's free part 0.60 -> 1.14
+GB); without the cache, flat. Each GELU call compiles its kernel again instead (about 0.3 ms, forward
+and backward each); the results are the same kernels', bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("healthfm.client")
 
@@ -69,4 +79,15 @@ def release_after_message() -> None:
         release_memory()
 
 
-__all__ = ["release_after_message", "release_after_reply", "release_memory"]
+# oneDNN's own setting (also read as DNNL_PRIMITIVE_CACHE_CAPACITY by older releases), read when
+# its cache is first used: in the environment the process starts with, before torch runs anything.
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def warm_process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` for a warm ClientApp process: oneDNN's kernel cache off, unless the site's
+    environment sets its size itself (a site with memory to spare may trade it for the compiles)."""
+    return {ONEDNN_CACHE_ENV: "0", **environ}
+
+
+__all__ = ["ONEDNN_CACHE_ENV", "release_after_message", "release_after_reply", "release_memory", "warm_process_env"]

@@ -105,6 +105,7 @@ from server.deploy.flwr_control import (
     wait_for_run,
     write_connection,
 )
+from server.deploy.nginx_logs import rotate_nginx_logs
 from server.deploy.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -359,6 +360,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             if sup.nginx is not None:
                 if sup.nginx.poll() is None:
                     sup.note_nginx_workers()
+                    rotate_nginx_logs(paths.server_dir, sup.nginx.pid)
                 else:
                     failure = sup.restart_nginx(paths, host, port, link_port)
                     if failure:
