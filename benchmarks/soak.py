@@ -98,6 +98,7 @@ from simulations.synthetic import generate_federation  # noqa: E402
 
 DP_POLICY = "dp:\n  mandatory: true\n  epsilon_cap: 100.0\n  delta: 1.0e-3\n  noise_multiplier: 2.0\n"
 PAGES = ("/", "/panels", "/metrics")
+JUDGED_PAGES = ("/", "/metrics")
 RUN_TIMEOUT_S = 24 * 3600
 
 
@@ -499,7 +500,8 @@ def analyse(
     judged = [v for v in verdicts if v.judged]
     last_sizes = watch.sizes[max(watch.sizes)] if watch.sizes else {}
     page_ms = {page: statistics.median(v) for page, v in final_pages.items() if all(x >= 0 for x in v)}
-    page_ok = len(page_ms) == len(PAGES) and all(ms <= args.page_ms for ms in page_ms.values())
+    # The page and /metrics are judged; /panels (what the page's script asks for) is timed where it is served.
+    page_ok = all(p in page_ms and page_ms[p] <= args.page_ms for p in JUDGED_PAGES)
     eps_ok = ledger is not None and metric is not None and abs(metric - ledger) <= 1e-9 * max(1.0, ledger)
     if shown is not None and ledger is not None:
         eps_ok = eps_ok and shown == f"{ledger:.3f}"
@@ -525,7 +527,10 @@ def analyse(
             "pass": page_ok,
             "detail": ", ".join(f"{p} {ms:.1f} ms" for p, ms in page_ms.items()) + f" (bound {args.page_ms:g} ms)",
         },
-        "epsilon": {"pass": eps_ok, "detail": f"ledger {ledger}, /metrics {metric}, page {shown}"},
+        "epsilon": {
+            "pass": eps_ok,
+            "detail": f"ledger {ledger}, /metrics {metric}, page {shown if shown is not None else '(no cell found)'}",
+        },
     }
     keep = FederationConfig.model_fields["keep_checkpoints"].default
     disk = judge_disk(watch.sizes, args.settle, args.rounds, args.log_max_bytes, LOG_BACKUPS, keep)

@@ -18,9 +18,10 @@ new tensor shape and keeps the last 1,024 of them. A batch's shape follows its l
 nearly every step brings new ones: 300 shapes held 20 MiB, and their small blocks, left between the
 freed activations of each step, kept glibc from reusing the holes, so the heap grew with every task.
 That was the warm ClientApp's creep (issue 69): `small`, 10 local steps, back to back, its peak RSS
-went from 1.29 to 1.85 GB over 15 tasks (in use 177 -> 194 MB, the heap's free part 0.60 -> 1.14
-GB); without the cache, flat. Each GELU call compiles its kernel again instead (about 0.3 ms, forward
-and backward each); the results are the same kernels', bit for bit.
+went from 1.23 to 1.79 GB over 15 tasks (in use 177 -> 194 MB, the heap's free part 0.59 -> 0.96
+GB); without the cache, 1.14-1.33 GB with no trend, 174 MB in use throughout. Each GELU call
+compiles its kernel again instead (about 0.3 ms, forward and backward each: no difference seen in
+a task's CPU time, 4.4-5.8 s against 4.7-6.4 s); the results are the same kernels', bit for bit.
 """
 
 from __future__ import annotations
