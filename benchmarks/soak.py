@@ -36,7 +36,9 @@ Criteria (issue 69), each printed with pass/fail and written to --out (JSON):
 - disk: every file that still grows after --settle is one that grows by design (docs/coordinator.md
   "What a run keeps on disk"); each such file's bytes per round printed; everything else stays
   within its retention (checkpoints, rotated logs);
-- page: the page and /metrics under --page-ms (100 ms) at the end (--rounds rounds and --runs runs);
+- page: the page and /metrics under --page-ms (100 ms) at the end (--rounds rounds and --runs runs),
+  the first answer after the last run (the dashboard reads the files afresh) and from its cache;
+  printed beside them, the page's first answer after each of the main run's last 20 rounds;
 - epsilon: the DP site's ledger's epsilon equals the page's (/metrics exactly, the page's 3 decimals).
 Also written: --plot (each process's peak RssAnon per tick, PNG) and the timeline of the faults.
 """
@@ -484,6 +486,27 @@ def main() -> int:
     return 0 if all(c["pass"] for c in result["criteria"].values()) else 1
 
 
+def page_times(final: dict[str, list[float]], by_tick: dict[int, dict[str, list[float]]], rounds: int) -> dict:
+    """Per page (ms): the first answer after the end and the median of the later ones (the
+    dashboard's cache), and its first answer after each of the main run's last 20 rounds (the
+    run writing meanwhile): their median and most. A failed answer counts as never (inf)."""
+
+    def ms(values: list[float]) -> list[float]:
+        return [v if v >= 0 else float("inf") for v in values]
+
+    out = {}
+    for page, values in final.items():
+        done = ms(values)
+        flight = [ms(t[page])[0] for tick, t in by_tick.items() if rounds - 20 < tick <= rounds and page in t]
+        out[page] = {
+            "first": done[0],
+            "cached": statistics.median(done[1:]) if len(done) > 1 else done[0],
+            "in_flight_median": statistics.median(flight) if flight else float("nan"),
+            "in_flight_max": max(flight, default=float("nan")),
+        }
+    return out
+
+
 def analyse(
     args: argparse.Namespace,
     watch: Watch,
@@ -499,9 +522,12 @@ def analyse(
     verdicts = judge_series(watch.series, args.settle, args.eval_every, args.rss_margin, args.rounds)
     judged = [v for v in verdicts if v.judged]
     last_sizes = watch.sizes[max(watch.sizes)] if watch.sizes else {}
-    page_ms = {page: statistics.median(v) for page, v in final_pages.items() if all(x >= 0 for x in v)}
-    # The page and /metrics are judged; /panels (what the page's script asks for) is timed where it is served.
-    page_ok = all(p in page_ms and page_ms[p] <= args.page_ms for p in JUDGED_PAGES)
+    pages = page_times(final_pages, watch.pages, args.rounds)
+    # The page and /metrics are judged, as first asked after the end (the dashboard reads the runs'
+    # files afresh) and then from its cache; /panels (what the page's script polls) is timed where served.
+    page_ok = all(
+        pages.get(p, {}).get(when, float("inf")) <= args.page_ms for p in JUDGED_PAGES for when in ("first", "cached")
+    )
     eps_ok = ledger is not None and metric is not None and abs(metric - ledger) <= 1e-9 * max(1.0, ledger)
     if shown is not None and ledger is not None:
         eps_ok = eps_ok and shown == f"{ledger:.3f}"
@@ -525,7 +551,12 @@ def analyse(
         },
         "page": {
             "pass": page_ok,
-            "detail": ", ".join(f"{p} {ms:.1f} ms" for p, ms in page_ms.items()) + f" (bound {args.page_ms:g} ms)",
+            "detail": "; ".join(
+                f"{p} {t['first']:.0f} ms first, {t['cached']:.1f} ms cached, in flight {t['in_flight_median']:.0f} "
+                f"(at most {t['in_flight_max']:.0f}) ms"
+                for p, t in pages.items()
+            )
+            + f" (bound {args.page_ms:g} ms)",
         },
         "epsilon": {
             "pass": eps_ok,
@@ -553,6 +584,7 @@ def analyse(
         "series": watch.series.to_json(),
         "pages": {str(t): v for t, v in sorted(watch.pages.items())},
         "final_pages": final_pages,
+        "page_times": pages,
         "disk": {
             "records_bytes_per_round": disk.records,
             "logs_bytes_per_round": disk.logs,
@@ -560,7 +592,7 @@ def analyse(
             "checkpoints": disk.checkpoints,
             "last": last_sizes,
         },
-        "sizes_by_tick": {str(t): sum(v.values()) for t, v in sorted(watch.sizes.items())},
+        "sizes_by_tick": {str(t): v for t, v in sorted(watch.sizes.items())},
         "round_seconds": round_s,
     }
 
