@@ -35,6 +35,15 @@ def test_the_site_code_imports_no_dp_or_evaluation_library_before_it_is_used() -
     assert [m for m in NOT_AT_IMPORT if m in loaded] == []
 
 
+def test_the_app_guard_loads_no_torch() -> None:
+    """The guard lives as long as `join` and only routes tasks: torch (~180 MB, 3 s) is the
+    ClientApp's to load (it was loaded for a type hint of healthfm_core/model/groups.py)."""
+    code = "import sys, client.deploy.app_guard; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 def _rss_anon_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
