@@ -50,8 +50,8 @@ from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.model.objective_weights import LOSS_NAMES, curriculum_weights
 from healthfm_core.protocol import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.strict_files import read_json
-from healthfm_core.train import train_local
 from healthfm_core.train.local_run import LocalRun
+from healthfm_core.train.trainer import train_local
 from server.runlog import read_events
 from simulations import privacy_sweep
 from simulations.common import (

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-if TYPE_CHECKING:  # for the hints only: a site's `join` and app guard read GROUPS without loading torch
+if TYPE_CHECKING:  # annotations only: the wire protocol reads GROUPS without loading torch
     from torch import nn
 
 GROUPS: tuple[str, ...] = ("shared", "ehr", "wearables", "genomics")
