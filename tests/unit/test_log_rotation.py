@@ -23,6 +23,7 @@ import pytest
 
 from client.deploy.join import JoinConfig, copy_to_log, run_supernode_once
 from healthfm_core.log_files import LOG_BACKUPS, RotatingLog, backup_path, rotating_handler
+from server.deploy.door import open_door
 from server.deploy.nginx_logs import rotate_nginx_logs
 from server.deploy.provision import ProvisionConfig, provision
 from server.deploy.proxy import NGINX_ACCESS_LOG, find_nginx, start_proxy, wait_listening
@@ -115,6 +116,7 @@ def test_nginx_logs_are_renamed_and_reopened_without_losing_a_line(tmp_path: Pat
     except Exception as err:  # `make setup-system` installs it
         pytest.skip(str(err))
     fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
+    open_door(fed, None)  # the door's files, as `superlink` writes them before nginx starts
     port = _free_port()
     nginx = start_proxy(fed, "127.0.0.1", port, _free_port())  # nothing behind it: nginx answers itself
     ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
