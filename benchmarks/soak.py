@@ -64,9 +64,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository before benchmarks/ (the script's own folder, where soak_watch.py is found): a
+# benchmark named like a package (secure_aggregation.py) must not hide it.
+sys.path[0:0] = [str(REPO), str(REPO / "tests")]
 
 from helpers.deploy_fixtures import (  # noqa: E402
     CLIENT,
