@@ -98,6 +98,7 @@ from server.deploy.flwr_control import (
     flower_env,
     flwr_error,
     read_connection,
+    read_flwr,
     run_flwr,
     run_status,
     start_run,
@@ -1082,7 +1083,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"run {args.run_id}: {outcome.describe() if outcome else 'no outcome recorded yet'}")
             return EXIT_OK
         return report_outcome(args.run_id, status, Path(record.out_dir), paths)
-    proc = run_flwr(paths, ["ls", CONNECTION])
+    proc = read_flwr(paths, ["ls", CONNECTION])
     check_reachable(paths, proc)
     if proc.returncode != 0:
         raise CoordinatorError(flwr_error(proc))
