@@ -168,6 +168,7 @@ class Watch:
         self.series = Series()
         self.sizes: dict[int, dict[str, int]] = {}
         self.pages: dict[int, dict[str, list[float]]] = {}
+        self.load: dict[int, float] = {}  # the 1-minute load average at each new tick: the machine's other work
         self.tick_override: int | None = None
         self.tick = 0
         self._stop = threading.Event()
@@ -196,6 +197,7 @@ class Watch:
             if tick != last:
                 self.sizes[tick] = file_sizes(self.dirs)
                 self.pages[tick] = time_pages(self.dashboard)
+                self.load[tick] = os.getloadavg()[0]
                 last = tick
             self._stop.wait(self.interval)
 
@@ -583,6 +585,7 @@ def analyse(
         "processes": [as_dict(v) for v in verdicts],
         "series": watch.series.to_json(),
         "pages": {str(t): v for t, v in sorted(watch.pages.items())},
+        "load_by_tick": {str(t): v for t, v in sorted(watch.load.items())},
         "final_pages": final_pages,
         "page_times": pages,
         "disk": {
