@@ -11,7 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.append(
+    str(Path(__file__).resolve().parents[2] / "benchmarks")
+)  # after the repository: benchmarks/secure_aggregation.py must not hide the package
 import soak_watch  # noqa: E402
 
 Peak = soak_watch.Peak
