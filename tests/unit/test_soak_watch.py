@@ -11,9 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.append(
-    str(Path(__file__).resolve().parents[2] / "benchmarks")
-)  # after the repository: benchmarks/secure_aggregation.py must not hide the package
+# After the repository: benchmarks/secure_aggregation.py must not hide the package.
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import soak_watch  # noqa: E402
 
 Peak = soak_watch.Peak
