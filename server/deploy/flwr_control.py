@@ -41,7 +41,9 @@ CONNECTION = "healthfm"
 FLWR_TIMEOUT_S = 120  # `flwr run` uploads the bundle, `supernode register` writes: given time
 # `flwr ls` only reads: a SuperLink that accepted the connection and says nothing (its process
 # stopped, its machine swapping) is not answering after this, like one that is down, and a wait
-# retries it as such. The CLI's own start is ~1.2 CPU-s, several seconds on a loaded 2-core machine.
+# retries it as such. Flower's CLI itself gives up on such a SuperLink only after its client's
+# 30 s (ProtobufClient's timeout) plus its own start (~1.2 CPU-s, several seconds on a loaded
+# 2-core machine); a healthy SuperLink answers in milliseconds.
 FLWR_READ_TIMEOUT_S = 20.0
 
 
