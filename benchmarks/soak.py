@@ -5,6 +5,7 @@ round, the coordinator's page timed, and each criterion of issue 69 judged.
     nice -n 10 python benchmarks/soak.py --rounds 10 --runs 3 --site-restart 4 --superlink-restart 7  # an estimate
     nice -n 10 python benchmarks/soak.py                          # 200 rounds, 20 runs (issue 69's soak)
     python benchmarks/soak.py --rounds 200 --out soak.json --plot soak.png --keep DIR
+    python benchmarks/soak.py --judge-disk-again soak.json         # its disk judged again from its sizes
 
 A real deployment on 127.0.0.1, started as the slow tests start one (tests/helpers/deploy_fixtures.py):
 `coordinator provision`, `coordinator superlink` (TLS, SuperNode authentication, nginx in front
@@ -450,6 +451,12 @@ class Soak:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--judge-disk-again"]:  # JSON: rewrite its disk verdict, print the summary
+        path = Path(sys.argv[2])
+        result = judge_disk_again(path)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print_summary(result)
+        return 0 if all(c["pass"] for c in result["criteria"].values()) else 1
     args = parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ[LOG_MAX_BYTES_ENV] = str(args.log_max_bytes)  # every process started below rotates its logs at it
@@ -565,9 +572,7 @@ def analyse(
             "detail": f"ledger {ledger}, /metrics {metric}, page {shown if shown is not None else '(no cell found)'}",
         },
     }
-    keep = FederationConfig.model_fields["keep_checkpoints"].default
-    disk = judge_disk(watch.sizes, args.settle, args.rounds, args.log_max_bytes, LOG_BACKUPS, keep)
-    criteria["disk"] = {"pass": disk.ok, "detail": disk.detail()}
+    criteria["disk"], disk_figures = disk_part(watch.sizes, args.settle, args.rounds, args.log_max_bytes)
     return {
         "config": vars(args),
         "machine": {
@@ -588,16 +593,37 @@ def analyse(
         "load_by_tick": {str(t): v for t, v in sorted(watch.load.items())},
         "final_pages": final_pages,
         "page_times": pages,
-        "disk": {
-            "records_bytes_per_round": disk.records,
-            "logs_bytes_per_round": disk.logs,
-            "unexpected_bytes_per_round": disk.unexpected,
-            "checkpoints": disk.checkpoints,
-            "last": last_sizes,
-        },
+        "disk": {**disk_figures, "last": last_sizes},
         "sizes_by_tick": {str(t): v for t, v in sorted(watch.sizes.items())},
         "round_seconds": round_s,
     }
+
+
+def disk_part(
+    sizes: dict[int, dict[str, int]], settle: int, rounds: int, log_max_bytes: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The disk criterion and its figures (bytes a round of each growing file, checkpoints kept)."""
+    keep = FederationConfig.model_fields["keep_checkpoints"].default
+    disk = judge_disk(sizes, settle, rounds, log_max_bytes, LOG_BACKUPS, keep)
+    figures = {
+        "records_bytes_per_round": disk.records,
+        "logs_bytes_per_round": disk.logs,
+        "unexpected_bytes_per_round": disk.unexpected,
+        "checkpoints": disk.checkpoints,
+    }
+    return {"pass": disk.ok, "detail": disk.detail()}, figures
+
+
+def judge_disk_again(path: Path) -> dict[str, Any]:
+    """A soak's JSON with its disk criterion judged again from the sizes it recorded (after a
+    change to the judging, not to what was measured): the rest is as the run wrote it."""
+    result = json.loads(path.read_text())
+    c = result["config"]
+    sizes = {int(t): v for t, v in result["sizes_by_tick"].items()}
+    result["criteria"]["disk"], figures = disk_part(sizes, c["settle"], c["rounds"], c["log_max_bytes"])
+    result["disk"] = {**figures, "last": result["disk"]["last"]}
+    result["judged_again"] = {"disk": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return result
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -66,19 +66,21 @@ def process_rows(result: Mapping[str, Any]) -> list[str]:
     rounds = int(result["config"]["rounds"])
     rows = [
         "| process (role/pid) | ticks | reference | RssAnon at reference (MiB) | at round "
-        f"{rounds} | most after | ratio | fds reference -> last | threads reference -> last | judged |",
+        f"{rounds} (or its last) | most after | ratio | fds reference -> last | threads reference -> last | judged |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted(result["processes"], key=lambda p: (p["key"].split("/")[0], p["key"])):
         if not p["judged"]:
             continue
         series = result["series"][p["key"]]
-        end = _at(series, min(int(p["last"]), rounds))
+        at = min(int(p["last"]), rounds)
+        end = _at(series, at)
         last = series[str(p["last"])]
         ok = p["rss_ok"] and p["fds_ok"] and p["threads_ok"]
         rows.append(
             f"| {p['key']} | {p['first']}-{p['last']} | {p['reference']} | {p['anon_ref_mib']:,.1f} | "
-            f"{_mib(end[1]) if end else '-'} | {p['anon_max_after_mib']:,.1f} (tick {p['anon_max_tick']}) | "
+            f"{_mib(end[1]) if end else '-'}{'' if at == rounds else f' (tick {at})'} | "
+            f"{p['anon_max_after_mib']:,.1f} (tick {p['anon_max_tick']}) | "
             f"x{p['anon_ratio']:.3f} | {p['fds_ref']} -> {last[2]} | {p['threads_ref']} -> {last[3]} | "
             f"{'pass' if ok else 'FAIL'} |"
         )
@@ -150,7 +152,6 @@ def epsilon_figures(result: Mapping[str, Any]) -> str:
 
 def figures(result: Mapping[str, Any], load_log: Path | None) -> list[str]:
     c, m = result["config"], result["machine"]
-    runs = sum(1 for t in result["timeline"] if "one-round runs" in t["what"])
     lines = [
         f"Measured {m['date']} at commit {m['commit']}, {m['cores']} cores, Python {m['python']}; "
         f"{c['rounds']} rounds, evaluation every {c['eval_every']}, {c['local_steps']} local steps, "
@@ -162,9 +163,9 @@ def figures(result: Mapping[str, Any], load_log: Path | None) -> list[str]:
         "|---|---|---|",
         *(f"| {name} | {'pass' if v['pass'] else 'FAIL'} | {v['detail']} |" for name, v in result["criteria"].items()),
         "",
-        "Timeline: " + "; ".join(f"round {t['tick']}: {t['what']}" for t in result["timeline"]) + "."
-        if runs or result["timeline"]
-        else "",
+        "Timeline (a tick is a round of the main run, then a launch): "
+        + "; ".join(f"tick {t['tick']}: {t['what']}" for t in result["timeline"])
+        + ".",
         "",
         "Every process judged (RssAnon: its own memory; VmRSS adds mapped libraries' pages):",
         "",
@@ -192,8 +193,9 @@ def summary_row(result: Mapping[str, Any]) -> str:
         "| [a soak](#a-soak) | a deployed federation for "
         f"{result['config']['rounds']} rounds and {result['config']['runs']} runs: every process's memory, "
         "descriptors and threads, disk, the page, epsilon | each process at its reference round (round 20) "
-        "| `python benchmarks/soak.py --out soak.json` | "
-        f"2-core VM: {verdicts}; RssAnon at most x{worst:.3f} of round 20; the page {end.get('first', 0):.0f} ms "
+        f"| `python benchmarks/soak.py --rounds {result['config']['rounds']} --eval-every "
+        f"{result['config']['eval_every']} --runs {result['config']['runs']}` | "
+        f"2-core VM: {verdicts}; RssAnon at most x{worst:.3f} of its reference round; the page {end.get('first', 0):.0f} ms "
         f"first, {end.get('cached', 0):.1f} ms cached after {result['config']['runs']} runs |"
     )
 

@@ -281,6 +281,9 @@ RECORD_NAME = re.compile(
     r"|privacy_ledger\.mark\.json|auth_key\.privacy\.json|released_eval_samples\.json|run-configs/run-\d+\.toml)$"
 )
 CHECKPOINT = re.compile(r"^(?P<run>.+)/checkpoints/(?P<step>step-\d+)/")
+# A file rewritten whole (outcome.json, audit.anchor.json, a site's node.json) changes size by a
+# digit or two when a count or an id does: anything else grows only past this over the ticks judged.
+REWRITTEN_SLACK_BYTES = 64
 
 
 @dataclass
@@ -322,6 +325,8 @@ def judge_disk(
     last_tick = max(sizes_by_tick)
     last = sizes_by_tick[last_tick]
     growth = growth_per_tick({t: v for t, v in sizes_by_tick.items() if t <= until}, since)
+    window = sorted(t for t in sizes_by_tick if since <= t <= until)
+    span = window[-1] - window[0] if window else 0
     logs_over = {k: v for k, v in last.items() if LOG_NAME.search(k) and v > log_max_bytes + line_slack}
     backups: dict[str, int] = {}
     for name in last:
@@ -339,7 +344,10 @@ def judge_disk(
     unexpected = {
         k: g
         for k, g in growth.items()
-        if g > 0 and not LOG_NAME.search(k) and not RECORD_NAME.search(k) and not CHECKPOINT.match(k)
+        if g * span > REWRITTEN_SLACK_BYTES
+        and not LOG_NAME.search(k)
+        and not RECORD_NAME.search(k)
+        and not CHECKPOINT.match(k)
     }
     backups_over = {k: n for k, n in backups.items() if n > log_backups}
     checkpoints_over = {k: n for k, n in checkpoints.items() if n > keep_checkpoints}

@@ -64,7 +64,11 @@ def test_the_figures_are_rewritten_between_the_markers_and_the_prose_kept(tmp_pa
     assert "old row" not in text and "old figures" not in text
     assert "prose stays" in text and text.endswith("after stays\n")
     row = next(line for line in text.splitlines() if line.startswith(soak_report.ROW))
-    assert "rss pass, epsilon pass" in row and "x1.050 of round 20" in row and "50 ms first, 21.5 ms cached" in row
+    assert (
+        "rss pass, epsilon pass" in row
+        and "x1.050 of its reference round" in row
+        and "50 ms first, 21.5 ms cached" in row
+    )
     # The process at round 20 (100 MiB), at round 200 (100) and its most after (105 at tick 150).
     assert (
         "| biobank/clientapp/7 | 0-200 | 20 | 100.0 | 100.0 | 105.0 (tick 150) | x1.050 | 12 -> 12 | 4 -> 4 | pass |"

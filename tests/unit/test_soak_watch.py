@@ -81,6 +81,9 @@ def test_the_disk_verdict_follows_the_retention() -> None:
             "run-main/checkpoints/step-00000010/arrays.safetensors": 100,
             "state-x/site-state/privacy_ledger.json": 400 * t,
             "fed/server/registry.json": 900,
+            # Rewritten whole: a count's or an id's digits move it a byte (the 200-round soak's
+            # outcome.json 223 -> 225, a site's node.json with its new node id after a restart).
+            "run-main/outcome.json": 223 + (t > 50) + (t > 90),
         }
 
     by_tick = {t: sizes(t) for t in range(0, 101)}
@@ -93,6 +96,10 @@ def test_the_disk_verdict_follows_the_retention() -> None:
     }
     assert ok.checkpoints == {"run-main": 2}
     # Something else that grows, a log past its bound, a fifth backup, a third checkpoint: each fails.
+    # A file that grows a byte a round is caught all the same (80 bytes over the 80 rounds judged).
+    creeping = {t: {**v, "state-x/node.json": 250 + max(0, t - 20)} for t, v in by_tick.items()}
+    verdict = soak_watch.judge_disk(creeping, 20, 100, log_max_bytes=10000, log_backups=3, keep_checkpoints=2)
+    assert not verdict.ok and "state-x/node.json grows 1 B a round" in verdict.detail()
     for extra, what in (
         ({"state-x/cache/blob.bin": 0}, "state-x/cache/blob.bin grows"),
         ({"fed/server/nginx-access.log": 10000 + 65536 + 1}, "log fed/server/nginx-access.log"),
