@@ -28,6 +28,7 @@ sys.path[0:0] = [str(Path(__file__).resolve().parents[1])]
 
 from healthfm_core.log_files import LOG_BACKUPS  # noqa: E402
 
+SLOPE_SHOWN_MIB = 2.0  # a trend worth a line: past 10% of ~100 MiB within ~500 rounds
 BEGIN, END = "<!-- soak figures: begin -->", "<!-- soak figures: end -->"
 ROW = "| [a soak]"
 
@@ -170,6 +171,18 @@ def figures(result: Mapping[str, Any], load_log: Path | None) -> list[str]:
         "Every process judged (RssAnon: its own memory; VmRSS adds mapped libraries' pages):",
         "",
         *process_rows(result),
+        "",
+        "Trends: RssAnon's least-squares slope from the reference round, MiB a 100 rounds, where at least "
+        f"{SLOPE_SHOWN_MIB:g}: "
+        + (
+            ", ".join(
+                f"{p['key']} {p['anon_slope_mib_per_100']:+.1f} (from {p['anon_ref_mib']:,.1f})"
+                for p in sorted(result["processes"], key=lambda p: -abs(p["anon_slope_mib_per_100"]))
+                if p["judged"] and abs(p["anon_slope_mib_per_100"]) >= SLOPE_SHOWN_MIB
+            )
+            or "none"
+        )
+        + ".",
         "",
         "Disk at the end, by kind of file:",
         "",
