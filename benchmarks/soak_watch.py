@@ -228,8 +228,12 @@ def judge_process(
     top = max(after, key=lambda t: ticks[t].anon_kib)
     judged = [t for t in order if t >= ref]
     parts = [judged] if rounds is None else [[t for t in judged if t <= rounds], [t for t in judged if t > rounds]]
-    fds_growth = max(_growth([(t, float(ticks[t].fds)) for t in part]) for part in parts)
-    threads_growth = max(_growth([(t, float(ticks[t].threads)) for t in part]) for part in parts)
+    # A part shorter than an evaluation period is not fitted: over a tick or two, a launch's
+    # ServerApp whose pipes the superexec holds looks like growth (the short soak's restarted
+    # superexec: 4 descriptors, 6 while a one-round run ran).
+    parts = [part for part in parts if len(part) >= max(every, 2)]
+    fds_growth = max((_growth([(t, float(ticks[t].fds)) for t in part]) for part in parts), default=0.0)
+    threads_growth = max((_growth([(t, float(ticks[t].threads)) for t in part]) for part in parts), default=0.0)
     ratio = ticks[top].anon_kib / base if base else float("inf")
     return ProcessVerdict(
         key=key,

@@ -63,6 +63,19 @@ def test_a_descriptor_or_thread_leak_fails_and_a_passing_spike_does_not() -> Non
     assert judge(_ticks(flat, threads=busy)).threads_ok
 
 
+def test_a_launch_or_two_after_the_main_run_is_too_short_to_call_growth_and_eighteen_are_not() -> None:
+    # The short soak's superexec, restarted at round 16 of 24: reference round 24, then two launches
+    # while whose ServerApp it holds two pipes more. Growth needs an evaluation period of ticks.
+    def superexec(fds_after: list[int]) -> soak_watch.ProcessVerdict:
+        fds = [4] * 9 + fds_after
+        ticks = _ticks([90.0] * len(fds), fds=fds, first=16)
+        return soak_watch.judge_process("coordinator/superexec/1", ticks, 8, 8, 0.10, rounds=24)
+
+    assert superexec([4, 6]).fds_ok
+    leak = superexec([4 + t // 2 for t in range(18)])  # 18 launches, a descriptor more every other one
+    assert not leak.fds_ok and leak.fds_growth > 2
+
+
 def test_a_process_started_late_is_judged_from_its_own_settling_and_a_short_one_not_at_all() -> None:
     late = judge(_ticks([200.0] * 81, first=120))  # a SuperLink restarted at round 120
     assert late.judged and late.reference == 140 and late.rss_ok
