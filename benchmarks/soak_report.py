@@ -40,6 +40,7 @@ KINDS: tuple[tuple[str, str, str], ...] = (
     (r"rounds\.jsonl$", "rounds.jsonl", "kept whole: the run's record (grows by design)"),
     (r"audit\.jsonl$", "audit.jsonl", "kept whole: the run's audit chain (grows by design)"),
     (r"privacy_ledger", "privacy ledger", "kept whole: the site's DP account (grows by design)"),
+    (r"/released/", "release record", "kept whole: what the site released (grows with subjects x fields)"),
     (r"launches\.jsonl$", "launches.jsonl", "kept whole: one line a launch"),
     (r"run-configs/", "run configs", "one file a launch"),
     (r"", "other", "fixed once written"),

@@ -282,7 +282,8 @@ def growth_per_tick(sizes_by_tick: Mapping[int, Mapping[str, int]], since: int) 
 LOG_NAME = re.compile(r"(^|/)(server|head|nginx-access|nginx-error|supernode|app-guard)\.log(\.\d+)?$")
 RECORD_NAME = re.compile(
     r"(^|/)(rounds\.jsonl|audit\.jsonl|summary\.md|evaluation\.json|launches\.jsonl|privacy_ledger\.json"
-    r"|privacy_ledger\.mark\.json|auth_key\.privacy\.json|released_eval_samples\.json|run-configs/run-\d+\.toml)$"
+    r"|privacy_ledger\.mark\.json|auth_key\.privacy\.json|released_eval_samples\.json|run-configs/run-\d+\.toml"
+    r"|released/(capabilities|code_stats|evaluation)\.parquet)$"  # the release gate's record (site-admin.md)
 )
 CHECKPOINT = re.compile(r"^(?P<run>.+)/checkpoints/(?P<step>step-\d+)/")
 # A file rewritten whole (outcome.json, audit.anchor.json, a site's node.json) changes size by a

@@ -100,12 +100,15 @@ def test_the_disk_verdict_follows_the_retention() -> None:
         }
 
     by_tick = {t: sizes(t) for t in range(0, 101)}
+    for t in range(26, 101):  # the release gate's record, first written at an evaluation after the settle
+        by_tick[t]["state-x/site-state/released/evaluation.parquet"] = 3225
     ok = soak_watch.judge_disk(by_tick, 20, 100, log_max_bytes=10000, log_backups=3, keep_checkpoints=2)
     assert ok.ok, ok.detail()
     assert ok.records == {
         "run-main/rounds.jsonl": 4000,
         "run-main/audit.jsonl": 1500,
         "state-x/site-state/privacy_ledger.json": 400,
+        "state-x/site-state/released/evaluation.parquet": 3225 / 80,
     }
     assert ok.checkpoints == {"run-main": 2}
     # Something else that grows, a log past its bound, a fifth backup, a third checkpoint: each fails.
