@@ -53,6 +53,7 @@ from healthfm_core.eval.probes import DEFAULT_C_GRID, Standardizer
 from healthfm_core.eval.saved_head import save_head
 from healthfm_core.files import atomic_write_text
 from healthfm_core.first_error import first_error
+from healthfm_core.log_files import rotating_handler
 from healthfm_core.privacy.head import planned_head_epsilon
 from healthfm_core.protocol import EvalConfig
 from healthfm_core.protocol.head import (
@@ -608,7 +609,7 @@ def fit_keys(
 
 def _log_to_file(out_dir: Path) -> logging.Handler:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(out_dir) / LOG_FILE)
+    handler = rotating_handler(Path(out_dir) / LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("healthfm")
     root.addHandler(handler)

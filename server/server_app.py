@@ -50,6 +50,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from healthfm_core.log_files import rotating_handler
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import FederationSetup
 from server.audit import AUDIT_FILE, AuditLog, read_audit_lines, round_records
@@ -213,7 +214,7 @@ class FederationServer:
 
     def _run_claimed(self, stale: Holder | None) -> Path | None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.out_dir / "server.log")
+        handler = rotating_handler(self.out_dir / "server.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
         logger = logging.getLogger("healthfm")

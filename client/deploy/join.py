@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -60,6 +60,7 @@ from client.deploy.proxy_route import (
 )
 from client.deploy.supernode_pace import POLL_INTERVAL_S, SupernodePace
 from healthfm_core.files import write_flat_toml
+from healthfm_core.log_files import LOG_MAX_BYTES, RotatingLog
 from healthfm_core.strict_files import strict_json
 
 log = logging.getLogger("healthfm.client.join")
@@ -360,9 +361,10 @@ def site_process_env(cfg: JoinConfig) -> dict[str, str]:
     return env
 
 
-def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subprocess.Popen[str]:
     """The site's app guard (client/deploy/app_guard.py) on the SuperNode's local Runtime API; it dies
-    with `join`. Its log: STATE/app-guard.log."""
+    with `join`. Its log (and its warm ClientApps', which write to the guard's output):
+    STATE/app-guard.log, copied there by a thread of `join` that rotates it (healthfm_core/log_files.py)."""
     policy = cfg.node_config.get("policy")
     site = str(cfg.node_config.get("site-name", cfg.site_root.name))
     cmd = [
@@ -381,16 +383,37 @@ def start_app_guard(cfg: JoinConfig, runtime_port: int, log_path: Path) -> subpr
         "--warm-idle",
         str(cfg.warm_idle),
     ]
-    with open(log_path, "a", encoding="utf-8") as out:
-        return subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=site_process_env(cfg),
-            cwd=REPO,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
+    guard = site_popen(cfg, cmd)
+    threading.Thread(target=copy_to_log, args=(guard.stdout, log_path), daemon=True, name="app-guard-log").start()
+    return guard
+
+
+def site_popen(cfg: JoinConfig, cmd: list[str], **options: Any) -> subprocess.Popen[str]:
+    """One of the site's processes (the SuperNode, the app guard): its output a text pipe that
+    `join` writes to a rotating log, this checkout importable (site_process_env), gone when `join` dies."""
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=site_process_env(cfg),
+        cwd=REPO,
+        text=True,
+        errors="replace",
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        **options,
+    )
+
+
+def copy_to_log(stream: Iterable[str] | None, log_path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Each line of `stream` into the rotating log at `log_path`, flushed, until the stream ends.
+    A line that cannot be written (a full disk) is dropped: the guard never blocks on its log."""
+    assert stream is not None
+    with RotatingLog(log_path, max_bytes) as log_file:
+        for line in stream:
+            with contextlib.suppress(OSError):
+                log_file.write(line)
+                log_file.flush()
 
 
 def about_the_superlink(lines: list[str]) -> list[str]:
@@ -526,7 +549,7 @@ class Attempt(BaseModel):
 def run_supernode_once(
     cfg: JoinConfig,
     cmd: list[str],
-    log_file: TextIO,
+    log_file: RotatingLog,
     stop: threading.Event,
     on_connected: Callable[[str], None],
     echo: bool = False,
@@ -537,23 +560,12 @@ def run_supernode_once(
     connected_at: float | None = None
     log_file.write(f"--- join {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(cmd)}\n")
     log_file.flush()
-    offset = os.fstat(log_file.fileno()).st_size  # this process's lines start here (fresh_lines)
+    # This process's lines start here (fresh_lines); at 0 of a later file once the log rotated.
+    offset, generation = log_file.size, log_file.generation
     # Its own session and process group: the SuperExec and every flwr-clientapp it starts
     # stay in that group (Flower does not detach them on the site side), so killing the
     # group on the way out leaves nothing behind (stop_group).
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=site_process_env(cfg),
-        cwd=REPO,
-        text=True,
-        bufsize=1,
-        errors="replace",
-        start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-    )
+    proc = site_popen(cfg, cmd, bufsize=1, start_new_session=True)
     # A reader thread, because the pipe can outlive the SuperNode: the SuperExec it starts
     # (its own session) inherits the pipe and only exits once its parent is reaped.
     lines: queue.Queue[str | None] = queue.Queue()
@@ -598,7 +610,7 @@ def run_supernode_once(
     return Attempt(
         returncode=returncode,
         node_id=node_id,
-        tail=fresh_lines(Path(log_file.name), offset),
+        tail=fresh_lines(log_file.path, offset if log_file.generation == generation else 0),
         connected_seconds=time.monotonic() - connected_at if connected_at is not None else 0.0,
         stop_requested=stop.is_set(),
     )
@@ -727,7 +739,7 @@ def run_supernode(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     guard = start_app_guard(cfg, runtime_port, state / "app-guard.log")
     try:
-        with open(log_path, "a", encoding="utf-8") as log_file:
+        with RotatingLog(log_path) as log_file:
             while True:
                 attempt = run_supernode_once(cfg, cmd, log_file, stop, on_connected, echo=echo)
                 step = rejoin.after(attempt, time.monotonic())

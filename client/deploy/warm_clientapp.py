@@ -62,7 +62,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from client.deploy.approved_code import BundleCode, module_files
 from client.deploy.flower_patches import set_pull_backoff
-from client.memory import release_after_reply, release_memory
+from client.memory import release_after_reply, release_memory, warm_process_env
 
 log = logging.getLogger("healthfm.client.warm")
 
@@ -359,6 +359,7 @@ class WarmWorker:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+            env=warm_process_env(os.environ),  # no kernel kept per tensor shape (client/memory.py)
             cwd=Path(__file__).resolve().parents[2],
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )

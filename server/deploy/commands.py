@@ -98,6 +98,7 @@ from server.deploy.flwr_control import (
     flower_env,
     flwr_error,
     read_connection,
+    read_flwr,
     run_flwr,
     run_status,
     start_run,
@@ -110,6 +111,7 @@ from server.deploy.launches import launches_path as _launches_path
 from server.deploy.launches import read_launches as read_launches
 from server.deploy.launches import record_launch as _record_launch
 from server.deploy.launches import resume_command as resume_command
+from server.deploy.nginx_logs import rotate_nginx_logs
 from server.deploy.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -356,6 +358,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             if sup.nginx is not None:
                 if sup.nginx.poll() is None:
                     sup.note_nginx_workers()
+                    rotate_nginx_logs(paths.server_dir, sup.nginx.pid)
                 else:
                     failure = sup.restart_nginx(paths, host, port, link_port)
                     if failure:
@@ -1080,7 +1083,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"run {args.run_id}: {outcome.describe() if outcome else 'no outcome recorded yet'}")
             return EXIT_OK
         return report_outcome(args.run_id, status, Path(record.out_dir), paths)
-    proc = run_flwr(paths, ["ls", CONNECTION])
+    proc = read_flwr(paths, ["ls", CONNECTION])
     check_reachable(paths, proc)
     if proc.returncode != 0:
         raise CoordinatorError(flwr_error(proc))

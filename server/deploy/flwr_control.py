@@ -38,7 +38,13 @@ EXIT_UNREACHABLE = 5  # the SuperLink did not answer: the run's state is unknown
 UNAVAILABLE = "connection to the superlink is unavailable"  # the `flwr` CLI's words, lower case
 INTERNAL_ERROR = "internal server error"  # the `flwr` CLI's words for a 500 answer, lower case
 CONNECTION = "healthfm"
-FLWR_TIMEOUT_S = 120
+FLWR_TIMEOUT_S = 120  # `flwr run` uploads the bundle, `supernode register` writes: given time
+# `flwr ls` only reads: a SuperLink that accepted the connection and says nothing (its process
+# stopped, its machine swapping) is not answering after this, like one that is down, and a wait
+# retries it as such. Flower's CLI itself gives up on such a SuperLink only after its client's
+# 30 s (ProtobufClient's timeout) plus its own start (~1.2 CPU-s, several seconds on a loaded
+# 2-core machine); a healthy SuperLink answers in milliseconds.
+FLWR_READ_TIMEOUT_S = 20.0
 
 
 class CoordinatorError(Exception):
@@ -149,6 +155,19 @@ def run_flwr(
         raise CoordinatorError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:g} s") from None
 
 
+def read_flwr(paths: FederationPaths, args: Sequence[str]) -> subprocess.CompletedProcess:
+    """A `flwr` command that only reads (ls), within FLWR_READ_TIMEOUT_S; SuperLinkUnreachable
+    past it (a timed-out write might have happened, a read never matters)."""
+    try:
+        return run_flwr(paths, args, FLWR_READ_TIMEOUT_S)
+    except CoordinatorError:
+        address = read_connection(paths).get("address", "?")
+        raise SuperLinkUnreachable(
+            f"the SuperLink at {address} did not answer `flwr {' '.join(args[:1])}` within "
+            f"{FLWR_READ_TIMEOUT_S:g} s (frozen or overloaded?)"
+        ) from None
+
+
 def flwr_error(proc: subprocess.CompletedProcess) -> str:
     """The message inside Flower's boxed error output, on one line."""
     text = proc.stderr + proc.stdout
@@ -182,7 +201,7 @@ def check_reachable(paths: FederationPaths, proc: subprocess.CompletedProcess) -
 
 
 def run_status(paths: FederationPaths, run_id: int) -> str:
-    proc = run_flwr(paths, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+    proc = read_flwr(paths, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
     check_reachable(paths, proc)
     if proc.returncode != 0:
         raise CoordinatorError(f"cannot read the status of run {run_id}: {flwr_error(proc)}")

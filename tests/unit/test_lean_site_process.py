@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from client import memory
-from client.deploy.warm_clientapp import collect_between_tasks
+from client.deploy.warm_clientapp import WarmWorker, collect_between_tasks
 from client.memory import release_memory
 from healthfm_core.memory_release import _MALLOC_TRIM
 
@@ -34,6 +34,15 @@ def test_the_site_code_imports_no_dp_or_evaluation_library_before_it_is_used() -
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert "client.site_runtime" in loaded
     assert [m for m in NOT_AT_IMPORT if m in loaded] == []
+
+
+def test_the_app_guard_loads_no_torch() -> None:
+    """The guard lives as long as `join` and only routes tasks: torch (~180 MB, 3 s) is the
+    ClientApp's to load (it was loaded for a type hint of healthfm_core/model/groups.py)."""
+    code = "import sys, client.deploy.app_guard; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def _rss_anon_mb() -> float:
@@ -119,3 +128,53 @@ def test_a_handler_leaves_the_release_to_a_process_that_releases_after_each_repl
         assert garbage() is None
     finally:
         gc.enable()
+
+
+# GELU forward and backward over histories of 300 new lengths, as a warm ClientApp's steps bring
+# them; what malloc holds in use afterwards, against before (mallinfo2, glibc).
+NEW_SHAPES = """
+import ctypes, hashlib, sys, torch
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.set_num_threads(1)
+torch.manual_seed(0)
+digest = hashlib.sha256()
+def steps(lengths):
+    for n in lengths:
+        x = torch.randn(4, n, 32, requires_grad=True)
+        y = torch.nn.functional.gelu(x)
+        y.sum().backward()
+        digest.update(y.detach().numpy().tobytes() + x.grad.numpy().tobytes())
+steps(range(1, 20))
+before = libc.mallinfo2().uordblks
+steps(range(20, 320))
+print((libc.mallinfo2().uordblks - before) / 2**20, digest.hexdigest())
+"""
+
+
+@GLIBC_ON_LINUX
+def test_a_warm_clientapp_keeps_no_kernel_per_tensor_shape() -> None:
+    """Issue 69's creep: oneDNN kept a compiled GELU kernel per new shape (up to 1,024), 20 MiB
+    for 300 shapes here, and the heap grew around them task after task. The warm process starts
+    without that cache (client/memory.py), with the same results; a site's own setting of it is kept."""
+    base = {k: v for k, v in os.environ.items() if k not in (memory.ONEDNN_CACHE_ENV, "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+
+    def run(env: dict[str, str]) -> tuple[float, str]:
+        done = subprocess.run([sys.executable, "-c", NEW_SHAPES], env=env, capture_output=True, text=True, check=True)
+        grew, digest = done.stdout.strip().splitlines()[-1].split()
+        return float(grew), digest
+
+    (cached, as_shipped), (uncached, warm) = run(base), run(memory.warm_process_env(base))
+    assert cached > 5  # the cause, as torch ships it
+    assert uncached < 0.5
+    assert warm == as_shipped  # the same kernels: every output and gradient bit for bit
+    assert memory.warm_process_env({**base, memory.ONEDNN_CACHE_ENV: "64"})[memory.ONEDNN_CACHE_ENV] == "64"
+    # The process the guard starts has it from its first instruction on (its environment at exec).
+    worker = WarmWorker("127.0.0.1:9", 7, "a" * 64)  # nothing listens there: it is never sent a task
+    try:
+        environ = Path(f"/proc/{worker.proc.pid}/environ").read_bytes().split(b"\0")
+        assert f"{memory.ONEDNN_CACHE_ENV}=0".encode() in environ
+    finally:
+        worker.stop(grace=5)
