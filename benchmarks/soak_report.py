@@ -54,37 +54,32 @@ def kind_of(name: str) -> tuple[str, str]:
     raise AssertionError("the last kind matches every name")
 
 
-def _mib(kib: float) -> str:
-    return f"{kib / 1024:,.1f}"
-
-
-def _at(series: Mapping[str, list[int]], tick: int) -> list[int] | None:
-    """A process's peaks [VmRSS KiB, RssAnon KiB, fds, threads] at `tick`, or at its last tick before."""
-    before = [int(t) for t in series if int(t) <= tick]
-    return series[str(max(before))] if before else None
-
-
 def process_rows(result: Mapping[str, Any]) -> list[str]:
-    rounds = int(result["config"]["rounds"])
+    """One row per kind of process (every pid of a role: each site's, each restart's), its worst case.
+
+    Every process's own figures stay in the run's JSON ("processes", "series")."""
     rows = [
-        "| process (role/pid) | ticks | reference | RssAnon at reference (MiB) | at round "
-        f"{rounds} (or its last) | most after | ratio | fds reference -> last | threads reference -> last | judged |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| process | pids | RssAnon at reference (MiB) | worst ratio after it | fds reference -> last "
+        "(most growth) | threads reference -> last (most growth) | judged |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for p in sorted(result["processes"], key=lambda p: (p["key"].split("/")[0], p["key"])):
-        if not p["judged"]:
-            continue
-        series = result["series"][p["key"]]
-        at = min(int(p["last"]), rounds)
-        end = _at(series, at)
-        last = series[str(p["last"])]
-        ok = p["rss_ok"] and p["fds_ok"] and p["threads_ok"]
+    kinds: dict[str, list[Mapping[str, Any]]] = {}
+    for p in result["processes"]:
+        if p["judged"]:
+            kinds.setdefault(p["key"].split("/")[1], []).append(p)
+    for kind, group in sorted(kinds.items()):
+        worst = max(group, key=lambda p: p["anon_ratio"])
+        refs = [p["anon_ref_mib"] for p in group]
+        growth: dict[str, list[tuple[int, str]]] = {"fds": [], "threads": []}
+        for p in group:
+            last = result["series"][p["key"]][str(p["last"])]
+            growth["fds"].append((last[2] - p["fds_ref"], f"{p['fds_ref']} -> {last[2]}"))
+            growth["threads"].append((last[3] - p["threads_ref"], f"{p['threads_ref']} -> {last[3]}"))
+        ok = all(p["rss_ok"] and p["fds_ok"] and p["threads_ok"] for p in group)
         rows.append(
-            f"| {p['key']} | {p['first']}-{p['last']} | {p['reference']} | {p['anon_ref_mib']:,.1f} | "
-            f"{_mib(end[1]) if end else '-'}{'' if at == rounds else f' (tick {at})'} | "
-            f"{p['anon_max_after_mib']:,.1f} (tick {p['anon_max_tick']}) | "
-            f"x{p['anon_ratio']:.3f} | {p['fds_ref']} -> {last[2]} | {p['threads_ref']} -> {last[3]} | "
-            f"{'pass' if ok else 'FAIL'} |"
+            f"| {kind} | {len(group)} | {min(refs):,.1f}-{max(refs):,.1f} | x{worst['anon_ratio']:.3f} "
+            f"({worst['key']} at tick {worst['anon_max_tick']}) | {max(growth['fds'])[1]} | "
+            f"{max(growth['threads'])[1]} | {'pass' if ok else 'FAIL'} |"
         )
     return rows
 
@@ -169,7 +164,8 @@ def figures(result: Mapping[str, Any], load_log: Path | None) -> list[str]:
         + "; ".join(f"tick {t['tick']}: {t['what']}" for t in result["timeline"])
         + ".",
         "",
-        "Every process judged (RssAnon: its own memory; VmRSS adds mapped libraries' pages):",
+        "Every process judged, by kind (RssAnon: its own memory; VmRSS adds mapped libraries' pages; "
+        "each pid's figures are in the JSON):",
         "",
         *process_rows(result),
         "",

@@ -71,8 +71,7 @@ def test_the_figures_are_rewritten_between_the_markers_and_the_prose_kept(tmp_pa
     )
     # The process at round 20 (100 MiB), at round 200 (100) and its most after (105 at tick 150).
     assert (
-        "| biobank/clientapp/7 | 0-200 | 20 | 100.0 | 100.0 | 105.0 (tick 150) | x1.050 | 12 -> 12 | 4 -> 4 | pass |"
-        in text
+        "| clientapp | 1 | 100.0-100.0 | x1.050 (biobank/clientapp/7 at tick 150) | 12 -> 12 | 4 -> 4 | pass |" in text
     )
     assert "| rounds.jsonl | 1 | 200,000 | 200,000 | 1,000 | kept whole" in text
     assert "| logs | 1 |" in text and "3 backups kept" in text
