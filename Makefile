@@ -95,7 +95,10 @@ test-slow: setup
 # batch sizes 1 and 5, the head server app refusing a changed release (about 6 min together). With
 # this list the whole of .ci/run took 64.4 min there before the last seven were moved (slow stage 54.7
 # min, default suite 5.7 min). Only in `make test-slow` from before: the stopped-run resume (10 min),
-# the restarted SuperNode and the end-to-end deployment test.
+# the restarted SuperNode and the end-to-end deployment test. Issue 67's deployed replays (a lying
+# site's share, forged headers at the door, a setup around one added subject: 4.1 min together at
+# load ~3) and the frozen SuperLink (about 4 min) were added on 2026-11-29, when .ci/run took 35 min;
+# the 24-round soak (tests/deploy/test_soak.py, 4.3 min) runs in `make test-slow` only.
 SLOW_CI ?= tests/unit/test_ct_attention_aot.py tests/unit/test_ct_attention_sass.py tests/deploy/test_trust.py \
 	tests/unit/test_benchmarks_load.py \
 	tests/unit/test_site_tasks.py::test_hospital_federation_reports_a_metric_or_a_reason_for_every_site_and_task \
@@ -145,6 +148,8 @@ SLOW_CI ?= tests/unit/test_ct_attention_aot.py tests/unit/test_ct_attention_sass
 	tests/federation/test_head_dp_budget.py \
 	tests/unit/test_gpu_train_step_bench.py::test_a_small_cpu_run_prints_every_row_with_its_counts \
 	tests/deploy/test_dashboard_browser.py \
+	tests/deploy/test_eval_share_deployed.py tests/deploy/test_door_deployed.py \
+	tests/deploy/test_setup_release_deployed.py tests/deploy/test_frozen_superlink.py \
 	tests/unit/test_gpu_train_step_bench.py::test_the_backbone_under_torch_compile_trains_as_eager_with_attention_left_out
 
 test-slow-ci: setup triton-oldest
