@@ -43,7 +43,7 @@ from healthfm_core.data.sites.site import Site
 from healthfm_core.data.sites.site_cache import cached_sequences, cached_site
 from healthfm_core.eval.site_eval import SiteTaskResults, evaluate_site_tasks, task_labels_at_site
 from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
-from healthfm_core.model.groups import group_state_dict, parameter_group
+from healthfm_core.model.groups import group_state_dict, is_encoder, parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
@@ -418,7 +418,18 @@ class SiteRuntime:
         train_cfg = run.train_config(
             cfg.local_steps, seed, log_every=cfg.local_steps, proximal_mu=self.config.proximal_mu
         )
-        result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
+        # Under DP the server may ask that only the modality encoders train (RoundConfig.dp_train):
+        # the others are sent back as received, and only the encoders' gradients are noised.
+        trainable = is_encoder if private is not None and cfg.dp_train == "encoders" else None
+        result = train_local(
+            model,
+            loader,
+            train_cfg,
+            groups=received,
+            weights_fn=cfg.weights,
+            local_step=local_step,
+            trainable=trainable,
+        )
         losses: dict[str, float] = {}
         grad_norm = None
         spend = None  # without DP the update is not private: it carries no epsilon

@@ -35,7 +35,7 @@ from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused
 from healthfm_core.data.sequences.tokens import PretrainingDataset, collate
 from healthfm_core.data.sequences.vocab import build_vocabulary
 from healthfm_core.model.config import load_model_config
-from healthfm_core.model.groups import parameter_group
+from healthfm_core.model.groups import is_encoder, parameter_group
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.model.objective_weights import ObjectiveWeights
 from healthfm_core.privacy.engine import (
@@ -56,6 +56,7 @@ from healthfm_core.protocol import (
     TrainReply,
 )
 from healthfm_core.protocol.packing import unpack_record
+from server.config import FederationConfig, PrivacyRequest
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
 from simulations.synthetic import generate_federation
@@ -520,3 +521,42 @@ def test_a_delta_above_one_over_the_train_subjects_is_refused_at_load(federation
     policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=8).replace("delta: 1.0e-5", "delta: 0.1"))
     with pytest.raises(PolicyError, match=r"policy.yaml: field dp.delta: value 0.1: .*above 1/n = 1/\d+"):
         runtime(federation, "genomics", policy, tmp_path / "state")
+
+
+def test_under_dp_the_encoders_only_round_trains_and_noises_only_the_modality_encoders(
+    federation, setup, tmp_path
+) -> None:
+    """Issue 68: a round whose config asks `dp-train: encoders` trains only the modality encoders
+    under DP (the rest is sent back exactly as received, so no noise is added there) and spends
+    as an all-parameter round does; without DP the field changes nothing."""
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=10))
+    node = Node(node_config(federation, "biobank", policy=policy, **{"state-dir": tmp_path / "state"}))
+    node.send_setup(setup)
+    groups = runtime(federation, "biobank").groups
+    sent = own_arrays(setup, groups)
+    cfg = round_cfg(setup, 1, dp=True, dp_train="encoders")
+    assert RoundConfig.from_flat(cfg.to_flat()).dp_train == "encoders"  # on the wire
+    raw = node.train(setup, groups, cfg)
+    assert not raw.has_error(), raw.error
+    reply = parsed(raw)
+    assert reply.status == "ok"
+    moved = {k for k, v in reply.arrays.items() if not np.array_equal(v, sent[k])}
+    assert moved and all(is_encoder(k) for k in moved)
+    assert any(k.startswith("ehr_encoder.") for k in moved) and any(k.startswith("genomics_encoder.") for k in moved)
+    other = Node(node_config(federation, "biobank", policy=policy, **{"state-dir": tmp_path / "other"}))
+    other.send_setup(setup)
+    same_spend = parsed(other.train(setup, groups, round_cfg(setup, 1, dp=True)))
+    # The all-parameter round spends the same: the same steps at the same rate and noise.
+    assert present(reply.dp).epsilon == pytest.approx(present(same_spend.dp).epsilon)
+    assert {k for k, v in same_spend.arrays.items() if not np.array_equal(v, sent[k])} - moved  # it moved more
+
+
+def test_the_server_asks_for_encoder_only_dp_in_every_round_config() -> None:
+    request = PrivacyRequest(target_epsilon=8.0, train="encoders")
+    assert request.round_fields()["dp_train"] == "encoders" and "only the modality encoders" in request.describe()
+    assert (
+        FederationConfig.from_run_config({"privacy-target-epsilon": 8.0, "privacy-train": "encoders"}).privacy
+        == request
+    )
+    with pytest.raises(ValueError, match="privacy.train"):
+        FederationConfig.from_run_config({"privacy-target-epsilon": 8.0, "privacy-train": "heads"})
