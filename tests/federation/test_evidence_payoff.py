@@ -5,10 +5,11 @@ world's own gain. The stages themselves run in the quick job (tests/federation/t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.eval.paired_comparison import Comparison
 from simulations.evidence import genomics_verdict
@@ -79,7 +80,7 @@ def test_the_size_curve_is_planned_in_its_unit_only_and_grows_with_the_sizes() -
 
 def test_the_dp_recipe_keeps_the_samples_a_site_sees_without_dp() -> None:
     cfg = _cfg()
-    base = OmegaConf.merge(cfg, {"federation": OmegaConf.to_container(cfg.privacy_budget.federation)})
+    base = cast(DictConfig, OmegaConf.merge(cfg, {"federation": OmegaConf.to_container(cfg.privacy_budget.federation)}))
     private = dp_recipe_config(base, cfg.privacy_budget.dp_recipe)
     f, g = base.federation, private.federation
     assert (g.local_steps, g.batch_size) == (2, 320) and g.rounds == f.rounds
