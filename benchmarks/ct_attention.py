@@ -6,7 +6,7 @@
 
 For each shape (bf16, time-causal, sorted times over ~5 years with duplicates) it times the
 forward and forward+backward of
-  kernel     the fused Triton kernel (healthfm_core.kernels.ct_attention.triton)
+  kernel     the fused Triton kernel (healthfm_core.kernels.ct_attention.launch)
   reference  the PyTorch reference (materialises [B,H,N,N,M]; skipped when it runs out of memory)
   flex       torch FlexAttention, compiled, with the same math as a score_mod over learnable
              log_weights / rates tensors (gradients flow to them) and a time-causal block mask;
@@ -33,8 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from healthfm_core.kernels.ct_attention import tiling  # noqa: E402
-from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
+from healthfm_core.kernels.ct_attention.jit import interpreting  # noqa: E402
+from healthfm_core.kernels.ct_attention.launch import ct_attention_triton  # noqa: E402
+from healthfm_core.kernels.ct_attention.plan import tile_paths  # noqa: E402
 from healthfm_core.kernels.ct_attention.reference import ct_attention_reference  # noqa: E402
+from healthfm_core.kernels.ct_attention.support import device_shared_memory  # noqa: E402
 
 IMPLS = ("kernel", "reference", "flex", "sdpa")
 
@@ -112,7 +115,7 @@ def flex_fn(
 
 def build(impl: str, t, log_w, rates, b: int, n: int, config) -> Callable:
     if impl == "kernel":
-        return lambda q, k, v: kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=config)
+        return lambda q, k, v: ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=config)
     if impl == "reference":
         return lambda q, k, v: ct_attention_reference(q, k, v, t, t, log_w, rates, None, True)
     if impl == "flex":
@@ -176,7 +179,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             for n in args.n:
                 b = max(1, args.tokens // n)
                 # The tiling a training step launches on this card (the H100's own: default_config).
-                config = tiling.fitted_config(d, torch.bfloat16, kernel.device_shared_memory(torch.device("cuda")))
+                config = tiling.fitted_config(d, torch.bfloat16, device_shared_memory(torch.device("cuda")))
                 if config is None:
                     print(f"{n:>6} {d:>4} {m:>2}  no tiling fits this card's shared memory", flush=True)
                     continue
@@ -269,13 +272,13 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def smoke() -> int:
     """CPU check through the Triton interpreter: kernel vs reference on a tiny problem."""
-    if not kernel.interpreting():
+    if not interpreting():
         print("--smoke on CPU needs TRITON_INTERPRET=1 set before start (the Triton interpreter).")
         return 2
     cfg = tiling.KernelConfig(16, 16, 1, 1, 16, 16, 1, 1)
     q, k, v, t, log_w, rates = make_inputs(1, 2, 48, 32, 4, "cpu", torch.float32)
     start = time.time()
-    got = kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=cfg)
+    got = ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=cfg)
     want = ct_attention_reference(
         q.double(), k.double(), v.double(), t.double(), t.double(), log_w.double(), rates.double(), None, True
     )
@@ -320,7 +323,7 @@ def paths(args: argparse.Namespace) -> int:
                     t = visit_times(b, n)
                 cfg = tiling.default_config(64)
                 valid = torch.ones(b, n, dtype=torch.bool)
-                c = kernel.tile_paths(t, t, valid, rates, cfg.block_m, cfg.block_n, causal=True)
+                c = tile_paths(t, t, valid, rates, cfg.block_m, cfg.block_n, causal=True)
                 vis = c["separated"] + c["small_span"] + c["log"]
                 print(
                     f"{name:>12} {n:>6} {m:>2} {vis:>9} {c['separated']:>10} {c['bulk']:>13} {c['small_span']:>11} "

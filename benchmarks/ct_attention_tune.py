@@ -27,8 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from ct_attention import make_inputs  # noqa: E402
 
-from healthfm_core.kernels.ct_attention import tiling  # noqa: E402
-from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
+from healthfm_core.kernels.ct_attention import (
+    kernels,  # noqa: E402
+    tiling,  # noqa: E402
+)
+from healthfm_core.kernels.ct_attention.launch import ct_attention_triton  # noqa: E402
 
 FORWARD_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 4, 3)]
 BACKWARD_GRID = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)]
@@ -79,7 +82,7 @@ def resources() -> dict[str, str]:
     """Registers / spills / shared memory of each compiled specialisation of the three kernels."""
     out = {}
     for name in ("_ct_fwd", "_ct_bwd_dkdv", "_ct_bwd_dq"):
-        fn = getattr(kernel, name, None)
+        fn = getattr(kernels, name, None)
         caches = getattr(fn, "device_caches", None)
         if not caches:
             continue
@@ -105,7 +108,7 @@ def tune_shape(args: argparse.Namespace, m: int) -> None:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout)
 
     def attention(cfg: tiling.KernelConfig) -> None:
-        kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=cfg).backward(dout)
+        ct_attention_triton(q, k, v, t, t, log_w, rates, None, True, config=cfg).backward(dout)
 
     sdpa()
     base = sum(device_ms_by_kernel(sdpa, PASSES).values())

@@ -236,20 +236,21 @@ class TritonLaunches:
         self.saved: dict[str, Any] = {}
 
     def __enter__(self) -> TritonLaunches:
-        import healthfm_core.kernels.ct_attention.triton as kernel
+        from healthfm_core.kernels.ct_attention import kernels
+        from healthfm_core.kernels.ct_attention.jit import ensure_built
 
-        kernel._ensure_built()
+        ensure_built()
         for name, outputs in self.OUTPUTS.items():
-            self.saved[name] = getattr(kernel, name)
+            self.saved[name] = getattr(kernels, name)
             params = list(self.saved[name].arg_names)
-            setattr(kernel, name, _CountedKernel(self, [i for i, p in enumerate(params) if p in outputs]))
+            setattr(kernels, name, _CountedKernel(self, [i for i, p in enumerate(params) if p in outputs]))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import healthfm_core.kernels.ct_attention.triton as kernel
+        from healthfm_core.kernels.ct_attention import kernels
 
         for name, original in self.saved.items():
-            setattr(kernel, name, original)
+            setattr(kernels, name, original)
 
 
 class _CountedKernel:

@@ -6,7 +6,7 @@
                                  [--state-dir DIR] [--site-name NAME] [--policy FILE] [--node-config KEY=VALUE ...]
                                  [--new-privacy-budget]
     python client/client.py approve BUNDLE.fab --policy FILE [--show]
-    python client/client.py embed SITE_ROOT --model DIR --release-key PEM [--tasks ... | --prediction-times FILE] --out FILE
+    python client/client.py embed SITE_ROOT --model DIR --release-key PEM [--expect-run ID] [--tasks ... | --prediction-times FILE] --out FILE
     python client/client.py probe SITE_ROOT --model DIR --release-key PEM [--tasks ...] [--out DIR]
     python client/client.py predict SITE_ROOT --model DIR --release-key PEM --head HEAD.json --prediction-times FILE --out FILE
 
@@ -27,7 +27,9 @@ its sha256 to the policy's approved_apps (`--show`: print only); the site runs n
 or has no rows to use, 2 bad arguments or a release/head that is refused, 3 an internal error.
 Each verifies the release's signature against the federation's public key the site holds
 (`--release-key release_signing.pem` from its startup files); `--trust-unsigned` loads an
-unsigned or unverifiable release (a local simulation's) with a warning.
+unsigned or unverifiable release (a local simulation's) with a warning. A release of another run
+than the one the site names (`--expect-run`, `--expect-setup`, the policy's expected_release;
+healthfm_core/release_binding.py) is refused (2); naming none loads it with a warning naming its run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+
+from pydantic import ValidationError  # noqa: E402
 
 from client.deploy.approval import ApprovalError, approve, read_bundle  # noqa: E402
 from client.deploy.join import JoinConfig, JoinError, join  # noqa: E402
@@ -66,15 +70,14 @@ from client.model_use import (  # noqa: E402
     write_parquet,
 )
 from client.personalise import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, describe, personalise_at_site  # noqa: E402
-from client.policy import PolicyError, load_policy  # noqa: E402
+from client.policy import PolicyError, SitePolicy, load_policy  # noqa: E402
 from client.site_runtime import SiteRuntime  # noqa: E402
 from client.threads import parse_threads  # noqa: E402
 from healthfm_core.data.checks.coverage import history_coverage_days  # noqa: E402
 from healthfm_core.data.checks.problem_log import MAX_PROBLEMS_PER_KIND, SiteReport  # noqa: E402
+from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS  # noqa: E402
 from healthfm_core.data.checks.site_check import check_site, run_check  # noqa: E402
 from healthfm_core.data.checks.task_check import (  # noqa: E402
-    DEFAULT_MIN_POSITIVES,
-    DEFAULT_MIN_SUBJECTS,
     TasksReport,
     count_tasks,
     format_tasks,
@@ -87,6 +90,7 @@ from healthfm_core.data.sites.site import Site, SiteDataError  # noqa: E402
 from healthfm_core.eval.saved_head import HeadError  # noqa: E402
 from healthfm_core.personal_weights import load_personal  # noqa: E402
 from healthfm_core.release import ModelRelease, ReleaseError, load_release  # noqa: E402
+from healthfm_core.release_binding import ExpectedRun  # noqa: E402
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, SiteDoesNotFit  # noqa: E402
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -341,12 +345,23 @@ def _use_release(args: argparse.Namespace) -> tuple[ModelRelease, SiteRuntime]:
             "nothing shows it is the federation's model",
             file=sys.stderr,
         )
-    release = load_release(args.model, trusted_keys=args.release_key or [], trust_unsigned=args.trust_unsigned)
+    policy = load_policy(args.policy) if args.policy else None
+    expect = expected_runs(args, policy)
+    release = load_release(
+        args.model, trusted_keys=args.release_key or [], trust_unsigned=args.trust_unsigned, expect=expect
+    )
+    if not expect:
+        print(
+            f"WARNING: the release {args.model} is {release.describe_run()}; this site names no expected run "
+            "(--expect-run / --expect-setup, or expected_release in its policy), so any release the federation "
+            "signed would load",
+            file=sys.stderr,
+        )
     if getattr(args, "personal", None):  # the site's own adaptation of this release (`personalise`)
         release = load_personal(args.personal, release)
     min_subjects = args.min_subjects
-    if args.policy:
-        min_subjects = max(min_subjects, load_policy(args.policy).min_subjects)
+    if policy is not None:
+        min_subjects = max(min_subjects, policy.min_subjects)
     runtime, _ = open_site_runtime(
         Path(args.site_root),
         release,
@@ -356,6 +371,21 @@ def _use_release(args: argparse.Namespace) -> tuple[ModelRelease, SiteRuntime]:
         min_positives=args.min_positives,
     )
     return release, runtime
+
+
+def expected_runs(args: argparse.Namespace, policy: SitePolicy | None) -> list[ExpectedRun]:
+    """The runs the release must be: the policy's expected_release and --expect-run/--expect-setup
+    (each named one must hold)."""
+    out = [policy.expected_release] if policy is not None and policy.expected_release is not None else []
+    if args.expect_run is not None or args.expect_setup is not None:
+        try:
+            out.append(ExpectedRun(run_id=args.expect_run, setup_sha256=args.expect_setup))
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise UseError(
+                f"--expect-setup: value {first.get('input')!r}: a setup sha256 is 64 lowercase hex characters"
+            ) from None
+    return out
 
 
 def _run_use(args: argparse.Namespace, body) -> int:  # noqa: ANN001 - body(args) -> int
@@ -652,7 +682,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="load an unsigned or unverifiable release (e.g. a local simulation's) without checking its "
             "signature: only for a release whose origin you trust",
         )
-        q.add_argument("--policy", metavar="FILE", help="this site's policy file: its min_subjects raises the minimum")
+        q.add_argument(
+            "--policy",
+            metavar="FILE",
+            help="this site's policy file: its min_subjects raises the minimum; its expected_release must hold",
+        )
+        q.add_argument(
+            "--expect-run",
+            metavar="RUN_ID",
+            help="refuse a release of any other run (the run id `coordinator launch` printed; release.json run_id)",
+        )
+        q.add_argument(
+            "--expect-setup",
+            metavar="SHA256",
+            help="refuse a release whose federation setup is not this sha256 (the model card's setup)",
+        )
         if personal:
             q.add_argument(
                 "--personal",
@@ -690,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--tasks",
             nargs="+",
             metavar="TASK",
-            help="task names, ACES files or site:NAME (default: the tasks of the run's own evaluation)",
+            help="task names, file:PATH for an ACES file (a bare path is refused) or site:NAME (default: the tasks "
+            "of the run's own evaluation)",
         )
         q.add_argument(
             "--max-subjects",

@@ -2,7 +2,9 @@
 
 Handlers (message types, see healthfm_core/protocol/ for the records they carry):
   query.capabilities  -> ConfigRecord CAPABILITIES_RECORD (modalities, subjects per modality)
-  query.code_stats    -> ConfigRecord CODE_STATS_RECORD {JSON_FIELD: SiteCodeStats} (suppressed)
+  query.code_stats    -> ConfigRecord CODE_STATS_RECORD {JSON_FIELD: SiteCodeStats} (suppressed);
+                         both, and evaluate's figures, through the site's release gate
+                         (client/release_gate.py)
   query.setup         -> ConfigRecord SETUP_RECORD {SHA256_FIELD}; the setup is kept in the
                          node's Context.state for the run
   train / evaluate under a setup this node does not hold (its SuperNode restarted: Context.state
@@ -61,7 +63,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.memory import release_after_message
-from client.policy import SECAGG_MIN_HOLDERS
 from client.site_runtime import SiteConfig, SiteRuntime, TrainRefused, get_runtime
 from healthfm_core.protocol import (
     ARRAYS_RECORD,
@@ -99,7 +100,7 @@ from healthfm_core.protocol.secure_records import (
     key_round_records,
     to_flat,
 )
-from secure_aggregation.config import SecAggConfig
+from secure_aggregation.config import DEFAULT_MIN_HOLDERS, SecAggConfig
 from secure_aggregation.errors import SecAggRefusal
 from secure_aggregation.messages import KeyDirectory, ShareInbox, UnmaskRequest
 from secure_aggregation.site import SiteRound, key_rounds
@@ -334,7 +335,7 @@ def make_client_app(node_configs: Sequence[Mapping[str, Any]] | None = None) -> 
     @app.query(_action(KEYS_MESSAGE))
     def secagg_keys(msg: Message, context: Context) -> Message:
         policy = runtime(context).policy
-        floor = policy.secagg_min_holders if policy is not None else SECAGG_MIN_HOLDERS
+        floor = policy.secagg_min_holders if policy is not None else DEFAULT_MIN_HOLDERS
         records = key_round_records(msg.content.config_records, KEYS_MESSAGE)
         configs = [from_flat(SecAggConfig, record) for record in records]
         try:  # the site's own floor, whatever the server's config says (SiteRound checks it)

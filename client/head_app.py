@@ -11,11 +11,16 @@ healthfm_core/protocol/head.py).
 Each handler calls healthfm_core/eval/head_site.py, the functions the one-process driver calls.
 The site's rows (client/head_rows.py) are embedded with the release once per process; labels and
 rows never leave. A site below its minimums, holding another release, or without labels for the
-key answers any stage with a HeadRefusal (its reason, no number). Anything raised reaches the
+key answers any stage with a HeadRefusal (its reason, no number); so does a key whose train or
+tuning rows differ from what the site released before (an evaluation of the same rows, an
+earlier head) by fewer than the minimum of subjects, decided by the site's release gate
+(client/release_gate.py) before any figure of the stage leaves. Anything raised reaches the
 server as an error reply and the head goes on without this site.
 
 DP (healthfm_core/privacy/head.py): a train.head round runs DP-SGD per subject when the server
-asks (`dp`) or the site's policy makes DP mandatory. Its steps are reserved in the site's
+asks (`dp`), at a noise no larger than the server accepts (`dp-max-noise-multiplier`); a site
+whose policy makes DP mandatory refuses a run that did not ask for DP (the server trusts a DP
+update only where it asked for one). Its steps are reserved in the site's
 durable ledger (node config `state-dir`, the pretraining's ledger, shared by every process of
 the site under a file lock) against the policy's epsilon cap before any step; the site fails
 closed: DP asked without a budget or ledger, a ledger it cannot trust, or a round that would pass
@@ -85,9 +90,25 @@ def _splits(rows: HeadRows, task: HeadTask) -> SiteSplits | str:
     got = rows.keys.get(task.key)
     if got is None:
         return f"site {rows.site}: no labels for {task.key}"
+    if (held := _held(rows, task.key)) is not None:
+        return held
     if isinstance(got, SiteSplits):
         return got
     return f"site {rows.site}: {task.key}: {got if isinstance(got, str) else got.describe()}"
+
+
+def _held(rows: HeadRows, key: str) -> str | None:
+    """Why the key's figures may not leave now (None: they may): its train or tuning rows differ
+    from what the site released before (an evaluation, an earlier head) by fewer than the
+    minimum of subjects in a cell (client/release_gate.py). Decided and recorded before a
+    stage's reply, whatever the stage: every stage's figures read the same rows."""
+    candidates = rows.fields.get(key)
+    if rows.gate is None or candidates is None or not rows.gate.release(candidates).held:
+        return None
+    return (
+        f"site {rows.site}: {key}: its rows differ from what the site released before by fewer than the "
+        "minimum of subjects (min_report_subjects): withheld"
+    )
 
 
 def _width_problem(request: StandardizerRequest, splits: SiteSplits) -> str | None:
@@ -143,12 +164,12 @@ def private_round(
 ) -> tuple[PrivateHeadRound, np.ndarray] | None:
     """This round under DP (its steps reserved in the site's durable ledger) and each train row's
     subject as 0..S-1; None: no DP (not asked, not mandatory). PrivacyRefused: DP needed but not
-    possible (no budget, no ledger, the cap, no subject ids); nothing reserved then."""
-    if not request.dp and (rows.dp_policy is None or not rows.dp_policy.mandatory):
-        return None
-    if splits.train_subjects is None:
+    possible (no budget, no ledger, the cap, no subject ids, more noise than the server accepts,
+    mandatory but not asked); nothing reserved then."""
+    ids = splits.train_subjects
+    if request.dp and ids is None:
         raise PrivacyRefused("the train rows carry no subject ids: the head's DP is per subject")
-    subject, n_subjects = subject_index(splits.train_subjects)
+    subject, n_subjects = subject_index(ids) if ids is not None and len(ids) else (np.zeros(0, np.int64), 0)
     dp = DPRequest(
         asked=request.dp,
         noise_multiplier=request.dp_noise_multiplier,
@@ -161,7 +182,7 @@ def private_round(
         run=head_run_label(request),
         run_limit=None if request.dp_run_epsilon is None else (head_run_prefix(request), request.dp_run_epsilon),
     )
-    got = reserve_head_round(dp, rows.dp_policy, rows.ledger, n_subjects)
+    got = reserve_head_round(dp, rows.dp_policy, rows.ledger, n_subjects, request.dp_max_noise_multiplier)
     return None if got is None else (got, subject)
 
 

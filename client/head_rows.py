@@ -14,7 +14,8 @@ the site holds; `release-key`, the federation's public release key from the site
 (release_signing.pem: the release's signature is verified against it), or `trust-unsigned-release`
 true for a release the site loads unverified (a local simulation's); `embeddings` (optional), its embed file of the tasks' rows; `max-subjects`
 (optional), the subject budget per split of its rows (the release's own sample when absent). The site's `policy`
-(its DP budget) and `state-dir` (its durable privacy ledger) are the pretraining's own, so the
+(its DP budget, and its expected_release: a release of another run is refused,
+healthfm_core/release_binding.py) and `state-dir` (its durable privacy ledger) are the pretraining's own, so the
 head's DP rounds (healthfm_core/privacy/head.py) spend from the same ledger under the same cap.
 """
 
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 from pydantic import Field, TypeAdapter, ValidationError
 
 from client.model_use import NoRows, embed_rows_at_site, eval_config, splits_of, task_rows
+from client.release_fields import task_candidates
+from client.release_gate import Candidates, ReleaseGate
 from client.site_runtime import SiteConfig, SiteRuntime, get_runtime
 from healthfm_core.data.checks.report_floor import class_subjects
 from healthfm_core.eval.head_site import SiteSplits
@@ -44,6 +47,7 @@ from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.privacy.policy import DPPolicy
 from healthfm_core.protocol import EvalConfig, TaskReason
 from healthfm_core.release import ModelRelease, load_release
+from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, require_fit
 
 log = logging.getLogger("healthfm.client")
@@ -66,6 +70,12 @@ class HeadRows:
     # The policy's require_secure_aggregation: a head run's statistics and head leave in the clear,
     # so such a site answers every stage with a refusal (client/head_app.py).
     require_secure_aggregation: bool = False
+    # The site's release gate of its evaluation figures (client/release_gate.py) and each key's
+    # train and tuning fields, the evaluation's own (client/release_fields.py): a stage whose
+    # key's rows differ from what the site released before by too few subjects is refused.
+    # None (rows a test builds): no gate.
+    gate: ReleaseGate | None = None
+    fields: dict[str, Candidates] = field(default_factory=dict)
 
 
 def head_splits(
@@ -89,15 +99,26 @@ def head_splits(
     return SiteSplits(x[is_train], y[is_train], x[is_tune], y[is_tune], train_subjects=sids[is_train])
 
 
+HEAD_SPLITS = ("train", "tuning")  # what the head's figures read (never held_out)
 _LOCK = threading.Lock()
 _RELEASES: dict[str, ModelRelease] = {}
 _ROWS: dict[tuple[str, tuple[str, ...]], HeadRows] = {}
 
 
-def _release(path: str, key: str | None, trust_unsigned: bool) -> ModelRelease:
-    cache_key = json.dumps([path, key, trust_unsigned])
+def _release(path: str, key: str | None, trust_unsigned: bool, expect: ExpectedRun | None) -> ModelRelease:
+    """The release (once per process), refused when it is not the run the site's policy expects."""
+    cache_key = json.dumps([path, key, trust_unsigned, expect.model_dump() if expect else None])
     if cache_key not in _RELEASES:
-        _RELEASES[cache_key] = load_release(path, trusted_keys=[key] if key else [], trust_unsigned=trust_unsigned)
+        _RELEASES[cache_key] = load_release(
+            path, trusted_keys=[key] if key else [], trust_unsigned=trust_unsigned, expect=[expect] if expect else []
+        )
+        if expect is None:
+            log.warning(
+                "release %s is %s; this site's policy names no expected_release, so any release the federation "
+                "signed would load",
+                path,
+                _RELEASES[cache_key].describe_run(),
+            )
     return _RELEASES[cache_key]
 
 
@@ -139,6 +160,28 @@ def max_subjects_of(config: Mapping[str, Any]) -> int | None:
         raise ValueError(f"node config field max-subjects: value {value!r} is not a whole number >= 0") from None
 
 
+def add_keys(
+    out: HeadRows, runtime: SiteRuntime, labels: Mapping[str, pa.Table | TaskReason], rows: pa.Table, x_all: np.ndarray
+) -> None:
+    """Each binary key's splits (or why the site takes no part) from its labels and the embedded
+    `rows` (x_all: their embeddings), and its train and tuning fields for the release gate."""
+    split_of = partial(splits_of, runtime)
+    for key, table in labels.items():
+        if isinstance(table, TaskReason):
+            out.keys[key] = table
+            continue
+        if "boolean_value" not in table.column_names:
+            continue  # a numeric task: the federated head is logistic
+        sids = table["subject_id"].to_numpy()
+        idx = label_row_index(rows, table, runtime.name)
+        out.keys[key] = head_splits(
+            table, x_all[idx], split_of(sids), runtime.min_report_subjects, runtime.min_report_positives
+        )
+        out.fields[key] = task_candidates(
+            {key: table}, split_of, runtime.contributions(), runtime.min_report_subjects, splits=HEAD_SPLITS
+        )
+
+
 def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
     """The site's rows of `tasks` under its node config (cached for the process)."""
     cache_key = (json.dumps(dict(config), sort_keys=True, default=str), tuple(tasks))
@@ -152,8 +195,9 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         if not isinstance(trust_unsigned, bool):
             raise ValueError(f"node config field trust-unsigned-release: value {trust_unsigned!r} is not true or false")
         key = config.get("release-key")
-        release = _release(str(config["model"]), str(key) if key else None, trust_unsigned)
-        runtime = get_runtime(site_config)
+        runtime = get_runtime(site_config)  # its policy names the run the release must be
+        expect = runtime.policy.expected_release if runtime.policy is not None else None
+        release = _release(str(config["model"]), str(key) if key else None, trust_unsigned, expect)
         require_fit(runtime.site, release.setup, DEFAULT_MAX_UNKNOWN_SHARE, where=f"site {site_config.site_root}")
         cfg = eval_config(release, list(tasks) or None, max_subjects_of(config))
         labels = runtime.labels(cfg)
@@ -161,23 +205,13 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         out.dp_policy = runtime.policy.dp if runtime.policy is not None else None
         out.ledger = runtime.ledger
         out.require_secure_aggregation = runtime.policy is not None and runtime.policy.require_secure_aggregation
+        out.gate = runtime.gate("evaluation")
         try:
             rows, x_all = embedded_task_rows(runtime, release, cfg, config.get("embeddings"))
         except NoRows:  # no labels for any asked task: every key is then refused
             _ROWS[cache_key] = out
             return out
-        split_of = partial(splits_of, runtime)
-        for key, table in labels.items():
-            if isinstance(table, TaskReason):
-                out.keys[key] = table
-                continue
-            if "boolean_value" not in table.column_names:
-                continue  # a numeric task: the federated head is logistic
-            sids = table["subject_id"].to_numpy()
-            idx = label_row_index(rows, table, runtime.name)
-            out.keys[key] = head_splits(
-                table, x_all[idx], split_of(sids), runtime.min_report_subjects, runtime.min_report_positives
-            )
+        add_keys(out, runtime, labels, rows, x_all)
         log.info(
             "site %s: head rows of %s: %s",
             runtime.name,
@@ -188,4 +222,12 @@ def load_head_rows(config: Mapping[str, Any], tasks: Sequence[str]) -> HeadRows:
         return out
 
 
-__all__ = ["HeadRows", "embedded_task_rows", "head_splits", "label_row_index", "load_head_rows", "max_subjects_of"]
+__all__ = [
+    "HeadRows",
+    "add_keys",
+    "embedded_task_rows",
+    "head_splits",
+    "label_row_index",
+    "load_head_rows",
+    "max_subjects_of",
+]

@@ -15,38 +15,11 @@ on purpose (its data, sequences, model) is touched.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import logging
-from collections.abc import Callable
+
+from healthfm_core.memory_release import release_memory
 
 log = logging.getLogger("healthfm.client")
-
-
-def _glibc_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library is not glibc (macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
-
-
-def release_memory() -> None:
-    """Collect garbage, then give free heap pages back to the system (glibc only)."""
-    gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 # Set in a process whose own loop releases memory once each reply has left (the warm ClientApp,

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from client.site_runtime import SiteConfig, SiteRuntime
-from healthfm_core.data.checks.task_check import DEFAULT_MIN_POSITIVES
+from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES
 from healthfm_core.data.files.layout import MODALITIES
 from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.data.labels.tasks import LABEL_SCHEMA_BOOL

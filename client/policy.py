@@ -19,14 +19,18 @@ Example (YAML or JSON; every key optional except where noted):
                                 # opening its sum, whatever the run config's secagg-min-holders
     threads: 4                  # torch threads of the site's training (default: its free cores,
                                 # client/threads.py); `join --threads N` overrides it
+    expected_release:           # the run whose release this site uses (embed, probe, predict, the
+      run_id: 9204379387354967851   # task head): another run's release is refused by name
+      setup_sha256: 5c0f...     # (either or both; healthfm_core/release_binding.py)
 
 The `dp:` section is healthfm_core.privacy.policy.DPPolicy (numbers strict and finite;
 epsilon_cap at most EPSILON_CAP_MAX = 100; delta at most 1/n when the caller passes n, the site's
 train subjects).
 
 The file is read strictly (healthfm_core/strict_files.py): a duplicated key (two `dp:` blocks)
-is refused, a boolean is `true` or `false` only (`yes`, `on` are refused), and numbers are read
-as YAML 1.2 reads them (`1e-5`, `5e0` are numbers, not strings). Every number has a range, checked
+is refused, a boolean is `true` or `false` only (`yes`, `on` are refused), numbers are YAML 1.2's
+(`1e-5`, `5e0` are numbers, not strings; `020` and `1:00`, which YAML 1.1 reads otherwise, are
+refused) and merge keys (`<<`) are refused. Every number has a range, checked
 here (docs/site-admin.md, "Write your policy").
 """
 
@@ -39,15 +43,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from healthfm_core.model.groups import GROUPS
 from healthfm_core.privacy.policy import TRAIN_SUBJECTS, DPPolicy
+from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.strict_files import StrictFileError, strict_json, strict_yaml
+from secure_aggregation.config import DEFAULT_MIN_HOLDERS, MAX_HOLDERS
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # The ranges of the policy's numbers (docs/site-admin.md): generous, but a typo is refused.
 MAX_SUBJECTS = 1_000_000  # min_subjects, min_positives: more than any site holds
 MAX_THREADS = 1024  # threads: more cores than a site's machine has
-SECAGG_MIN_HOLDERS = 3  # secagg_min_holders' default: a sum over fewer is one or two sites' updates
-MAX_SECAGG_HOLDERS = 257  # the most sites a secure round's 16-bit field holds (secure_aggregation/config.py)
 
 
 class PolicyError(ValueError):
@@ -73,8 +77,13 @@ class SitePolicy(BaseModel):
     # The site's own floor under secure aggregation (secure_aggregation/site.py): it takes part in
     # no round whose config lets the server open a group over fewer holders (the run config's
     # secagg-min-holders may raise it, never lower it), and reveals no share for such a group.
-    # 1 would let a group one site holds be opened: that site's update exactly.
-    secagg_min_holders: int = Field(default=SECAGG_MIN_HOLDERS, ge=1, le=MAX_SECAGG_HOLDERS, strict=True)
+    # 1 would let a group one site holds be opened: that site's update exactly. The default: a sum
+    # over fewer than 3 is one or two sites' updates; the most: what a 16-bit field holds.
+    secagg_min_holders: int = Field(default=DEFAULT_MIN_HOLDERS, ge=1, le=MAX_HOLDERS, strict=True)
+    # The run whose release this site uses (healthfm_core/release_binding.py): `client.py embed |
+    # probe | predict` and the task-head ClientApp refuse a release of another run. None: any
+    # release the federation signed loads, with a warning naming its run.
+    expected_release: ExpectedRun | None = None
 
     @field_validator("approved_apps")
     @classmethod
@@ -127,4 +136,4 @@ def load_policy(path: str | Path, train_subjects: int | None = None) -> SitePoli
         raise PolicyError("invalid site policy:\n  " + "\n  ".join(problems)) from None
 
 
-__all__ = ["MAX_THREADS", "SECAGG_MIN_HOLDERS", "DPPolicy", "PolicyError", "SitePolicy", "load_policy"]
+__all__ = ["MAX_THREADS", "DPPolicy", "PolicyError", "SitePolicy", "load_policy"]

@@ -3,7 +3,10 @@
 The ClientApp (client/client_app.py) only decodes messages and calls this. Everything that
 leaves the site is produced here, and only as aggregates: capabilities (modalities and subject
 counts), code statistics suppressed below the site's minimum subject count, trained weights of
-the groups the site holds, and held-out metrics on at least the site's minimum of subjects.
+the groups the site holds, and held-out metrics on at least the site's minimum of subjects. The
+capabilities, the code statistics and the evaluation's figures leave through the site's release
+gate (client/release_gate.py), which holds back what would differ from an earlier release by
+fewer than the minimum of subjects.
 
 The site's policy (client/policy.py, node config `policy`) is enforced here whatever the server
 asks: its minimum subject count raises the config's minimums; DP is applied when the policy
@@ -32,12 +35,27 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from client.legacy_samples import LegacySamples
 from client.policy import SitePolicy, load_policy
-from client.released_samples import ReleasedSamples
+from client.release_fields import (
+    HELD_OUT_FIELD,
+    ROWS_FIELD,
+    capabilities_candidates,
+    code_stats_candidates,
+    held_keys,
+    held_out_count,
+    released_capabilities,
+    released_code_stats,
+    released_subject_counts,
+    rows_count,
+    task_candidates,
+)
+from client.release_gate import ReleaseGate
 from client.threads import apply_threads, auto_threads, parse_threads, setup_threads
+from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS
 from healthfm_core.data.files.layout import SPLITS
 from healthfm_core.data.labels.task_spec import task_keys
-from healthfm_core.data.sequences.code_stats import SiteCodeStats, site_code_stats
+from healthfm_core.data.sequences.code_stats import DEFAULT_MIN_CODE_SUBJECTS, SiteCodeStats, site_code_stats
 from healthfm_core.data.sequences.tokens import SiteSequences, collate, make_loader
 from healthfm_core.data.sites.site import Site
 from healthfm_core.data.sites.site_cache import cached_sequences, cached_site
@@ -45,6 +63,7 @@ from healthfm_core.eval.site_eval import SiteTaskResults, evaluate_site_tasks, t
 from healthfm_core.eval.subject_sample import SubjectSample, draw_sample
 from healthfm_core.model.groups import group_state_dict, is_encoder, parameter_group
 from healthfm_core.model.healthfm import HealthFM, init_model
+from healthfm_core.privacy.contributions import SiteContributions, site_contributions
 from healthfm_core.privacy.ledger import KeyBinding, LedgerError, PrivacyLedger
 from healthfm_core.privacy.training import DPRequest, PrivacyRefused, make_private_training
 from healthfm_core.protocol import (
@@ -80,10 +99,12 @@ class SiteConfig(BaseModel):
 
     site_root: Path
     site_name: str | None = None  # default: the site root's directory name
-    min_code_subjects: int = Field(default=10, ge=1)  # codes seen in fewer subjects are never named
-    min_report_subjects: int = Field(default=20, ge=1)  # no metric on fewer subjects leaves the site
+    min_code_subjects: int = Field(
+        default=DEFAULT_MIN_CODE_SUBJECTS, ge=1
+    )  # codes seen in fewer subjects are never named
+    min_report_subjects: int = Field(default=DEFAULT_MIN_SUBJECTS, ge=1)  # no metric on fewer subjects leaves the site
     # no metric leaves whose held_out split has fewer positive (or negative) rows
-    min_report_positives: int = Field(default=5, ge=1)
+    min_report_positives: int = Field(default=DEFAULT_MIN_POSITIVES, ge=1)
     # The torch device local training and evaluation run on (healthfm_core/train/device.py): auto
     # (a GPU when this process sees one), cpu, cuda or cuda:N. A site's own setting: the server
     # does not choose a site's hardware. On CUDA training uses bf16 autocast where the GPU has it.
@@ -207,9 +228,11 @@ class SiteRuntime:
         self.threads = self._apply_threads()
         self._sequences: dict[str, SiteSequences] = {}
         self._models: dict[str, tuple[HealthFM, dict[str, torch.Tensor]]] = {}
-        self._labels: dict[tuple[str, int, int | str, int], dict[str, pa.Table | TaskReason]] = {}
+        self._labels: dict[tuple[str, int, int | str, int, int], dict[str, pa.Table | TaskReason]] = {}
         self._eval_dir: Path | None = None
-        self._released: ReleasedSamples | None = None  # opened at the first evaluation
+        self._legacy: LegacySamples | None = None  # opened at the first evaluation
+        self._gates: dict[str, ReleaseGate] = {}  # per kind, opened at its first release
+        self._contributions: SiteContributions | None = None
         self._splits: dict[str, np.ndarray] | None = None
         log.info("site %s opened: modalities %s, groups %s", self.name, self.site.modalities, self.groups)
         if config.eval_dir is None and config.state_dir is None:
@@ -247,20 +270,66 @@ class SiteRuntime:
     # ------------------------------------------------------------------ round 0
 
     def capabilities(self) -> SiteCapabilities:
+        """Modalities, subjects per modality and rows, through the release gate (a count whose
+        change since the last release is too few subjects goes out as it was released)."""
         summary = self.site.summary
-        return SiteCapabilities(
+        caps = SiteCapabilities(
             site=self.name,
             modalities=self.site.modalities,
             subjects=self.subject_counts,
             rows=summary.n_events + summary.n_wearable_epochs,
         )
+        candidates = capabilities_candidates(caps, self.site.modality_subjects, self.contributions())
+        decision = self.gate("capabilities").release(candidates)
+        self._log_held("capabilities", decision.held)
+        return released_capabilities(caps, decision)
 
     def code_stats(self) -> SiteCodeStats:
+        """The suppressed code statistics, through the release gate: a code, channel or total
+        whose contributions changed by fewer than min_code_subjects subjects in a cell of its
+        releases goes out as it was released last (client/release_gate.py)."""
         stats = site_code_stats(self.site, min_subjects=self.min_code_subjects)
         if 0 < stats.n_wearable_subjects < self.min_code_subjects:
             # Wearable moments over too few subjects are a statistic on too few subjects: withheld.
             stats = stats.model_copy(update={"n_wearable_subjects": 0, "wearables": {}})
-        return stats
+        decision = self.gate("code_stats").release(code_stats_candidates(stats, self.contributions()))
+        self._log_held("code statistics", decision.held)
+        return released_code_stats(stats, decision)
+
+    def released_subject_counts(self) -> dict[str, int]:
+        """Subjects per modality as this site's capabilities released them last (released now
+        when the record holds none: a site that trains before any setup, as tests do)."""
+        counts = released_subject_counts(self.gate("capabilities").released())
+        if not counts:
+            counts = self.capabilities().subjects
+        return counts
+
+    def contributions(self) -> SiteContributions:
+        """Every subject's fingerprints of what the site releases (one pass over its data, once)."""
+        if self._contributions is None:
+            t0 = time.perf_counter()
+            self._contributions = site_contributions(self.site)
+            log.info("site %s: release fingerprints in %.1f s", self.name, time.perf_counter() - t0)
+        return self._contributions
+
+    def gate(self, kind: str) -> ReleaseGate:
+        """The release gate of one kind of message (client/release_gate.py): capabilities and
+        code_stats at min_code_subjects, evaluation (and the head's figures) at min_report_subjects."""
+        if kind not in self._gates:
+            minimum = self.min_report_subjects if kind == "evaluation" else self.min_code_subjects
+            self._gates[kind] = ReleaseGate(self.config.state_dir, kind, minimum)
+        return self._gates[kind]
+
+    def _log_held(self, what: str, held: Iterable[str]) -> None:
+        if held := sorted(held):
+            log.info(
+                "site %s: %s: %d field(s) as released before (fewer than the minimum of subjects changed): %s%s",
+                self.name,
+                what,
+                len(held),
+                ", ".join(held[:5]),
+                " ..." if len(held) > 5 else "",
+            )
 
     def check_setup(self, setup: FederationSetup) -> None:
         """Refuse a setup this site cannot train under (its policy, not the server's word), or
@@ -441,12 +510,14 @@ class SiteRuntime:
             dp = private.settings
             trained = received
             expected = dp.expected_batch_size * cfg.local_steps
-            # A modality group's share: its subject count over the largest (both already public).
-            largest = max([1, *self.subject_counts.values()])
+            # A modality group's share: its subject count over the largest, both as the site's
+            # capabilities released them (a count not released counts 0: a group of few subjects).
+            counts = self.released_subject_counts()
+            largest = max([1, *counts.values()])
             num_examples = max(1, round(expected))
             group_examples = {}
             for g in trained:
-                share = 1.0 if g == "shared" else self.subject_counts.get(_modality_of(g), 0) / largest
+                share = 1.0 if g == "shared" else counts.get(_modality_of(g), 0) / largest
                 group_examples[g] = max(1, round(expected * min(1.0, share)))
             spend = PrivacySpend(
                 epsilon=epsilon,
@@ -573,14 +644,20 @@ class SiteRuntime:
             json.dumps([t.model_dump() for t in cfg.tasks], sort_keys=True),
             cfg.seed,
             cfg.n_per_subject,
+            cfg.held_out_rows_per_subject,
             cfg.max_subjects,
         )
         if key not in self._labels:
             subjects = self.eval_sample(cfg).subjects() if cfg.max_subjects else None
             self._labels = {
                 key: task_labels_at_site(
-                    self.site, cfg.tasks, n_per_subject=cfg.n_per_subject, seed=cfg.seed, subjects=subjects
-                )
+                    self.site,
+                    cfg.tasks,
+                    n_per_subject=cfg.n_per_subject,
+                    seed=cfg.seed,
+                    subjects=subjects,
+                    held_out_rows_per_subject=cfg.held_out_rows_per_subject,
+                )  # fmt: skip
             }
         return self._labels[key]
 
@@ -606,22 +683,24 @@ class SiteRuntime:
         meds-evaluation format under eval_dir() and scored by meds-evaluation; with
         cfg.max_subjects, on a fixed subject sample drawn here (the ids stay here). A task key whose
         split has fewer subjects than the site's minimum, a single class, or no labels here gets
-        only its reason (counted in `withheld`); every key does when a split's subjects differ
-        from those of an earlier evaluation by 1 to minimum - 1 (client/released_samples.py)."""
+        only its reason (counted in `withheld`). Between labelling and scoring, the release gate
+        (client/release_gate.py) withholds a task key whose rows differ from what the site
+        released before by fewer than the minimum of subjects in a cell (near_earlier_sample);
+        every key is withheld when a split's sample differs from one a site answered before the
+        gate by 1 to minimum - 1 subjects (client/legacy_samples.py)."""
         t0 = time.perf_counter()
-        chosen = self.eval_sample(cfg).chosen
-        if self._released is None:
-            self._released = ReleasedSamples(self.config.state_dir)
-        if (differ := self._released.closest(chosen)) is not None and differ[1] < self.min_report_subjects:
-            # Refused before anything is labelled or scored (client/released_samples.py).
+        sample = self.eval_sample(cfg)
+        near = TaskReason(kind="near_earlier_sample", minimum=self.min_report_subjects)
+        if self._legacy is None:
+            self._legacy = LegacySamples(self.config.state_dir)
+        if (differ := self._legacy.closest(sample.chosen)) is not None and differ[1] < self.min_report_subjects:
             log.warning(
-                "site %s: evaluation refused: its %s subjects differ from an earlier evaluation's by %d, below "
-                "the minimum %d (min_report_subjects): the two replies' difference would describe them",
+                "site %s: evaluation refused: its %s subjects differ from an evaluation answered before the release "
+                "gate by %d, below the minimum %d (min_report_subjects): the two replies' difference would describe them",
                 self.name,
                 *differ,
                 self.min_report_subjects,
             )
-            near = TaskReason(kind="near_earlier_sample", minimum=self.min_report_subjects)
             keys = task_keys(cfg.tasks)
             return EvalReply(
                 reasons=dict.fromkeys(keys, near),
@@ -631,15 +710,35 @@ class SiteRuntime:
                 min_subjects=self.min_report_subjects,
                 min_positives=self.min_report_positives,
             )
+        labels = self.labels(cfg)
+        kept = {k: t if isinstance(t, TaskReason) else sample.keep(t) for k, t in labels.items()}
+        site, gate, minimum = self.contributions(), self.gate("evaluation"), self.min_report_subjects
+        extra = {HELD_OUT_FIELD: held_out_count(self.split_ids(), minimum)}
+        decision = gate.release(task_candidates(kept, self._split_lookup(), site, minimum, extra=extra))
+        if held := held_keys(decision):
+            log.warning(
+                "site %s: %s withheld: their rows differ from what the site released before by fewer than the "
+                "minimum %d subjects (min_report_subjects) in a cell of the release gate",
+                self.name,
+                sorted(held),
+                minimum,
+            )
         self.threads_for(setup.sha256)
-        result = self.evaluate_tasks(setup, self.model(setup, arrays), cfg)
-        self._released.record(chosen)
+        gated = {k: near if k in held else t for k, t in labels.items()}
+        result = self.evaluate_tasks(setup, self.model(setup, arrays), cfg, labels=gated)
+        embedded = [t for k, t in kept.items() if k in result.metrics and not isinstance(t, TaskReason)]
+        num_examples = gate.release(rows_count(embedded, site, minimum)).values[ROWS_FIELD]
+        available = decision.values[HELD_OUT_FIELD]
+        tasks = {
+            k: m.model_copy(update={"available_subjects": _available(available, m.subjects)})
+            for k, m in result.metrics.items()
+        }
         return EvalReply(
-            tasks=result.metrics,
+            tasks=tasks,
             reasons=result.reasons,
             histograms=result.histograms,
             histograms_withheld=result.histograms_withheld,
-            num_examples=result.num_examples,
+            num_examples=int(num_examples or 0),
             withheld=len(result.reasons),
             eval_seconds=time.perf_counter() - t0,
             max_subjects=cfg.max_subjects,
@@ -680,6 +779,7 @@ class SiteRuntime:
             max_events=cfg.max_events,
             max_patches=cfg.max_patches,
             n_per_subject=cfg.n_per_subject,
+            held_out_rows_per_subject=cfg.held_out_rows_per_subject,
             seed=cfg.seed,
             n_boot=cfg.n_boot,
             meds_tab=cfg.meds_tab,
@@ -706,6 +806,14 @@ class SiteRuntime:
             return np.where(found, names[pos], "none")
 
         return lookup
+
+
+def _available(released: int | None, scored: int | None) -> int | None:
+    """The held-out subjects a sample was drawn from, as released (held: the last released
+    count, raised to the subjects scored, themselves released, when a refresh left it behind)."""
+    if released is None:
+        return None
+    return max(int(released), scored or 0)
 
 
 def _modality_of(group: str) -> str:

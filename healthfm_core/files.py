@@ -3,11 +3,13 @@ half of either), and flat TOML configs for Flower.
 
 Every file the platform writes (site labels, vocabularies, ledgers, checkpoints' hashes,
 keys, configs, reports) goes through here: a temporary file in the same folder, fsync,
-then a rename over the target.
+then a rename over the target. And a file's sha256, read in blocks (no torch, no numpy: the
+coordinator's dashboard imports it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -92,3 +94,12 @@ def write_flat_toml(path: str | Path, config: Mapping[str, str | int | float | b
     app's pyproject): no quoting problems with paths that hold spaces or quotes."""
     body = header + "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in config.items())
     return atomic_write_text(path, body)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read `chunk` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

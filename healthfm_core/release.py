@@ -26,7 +26,9 @@ the folder); an unsigned or unverifiable release is refused unless the reader sa
 verifies every hash before parsing anything, validates each JSON
 file with its pydantic model, checks the weights' keys and shapes against the model the config and
 vocabulary build, and that the setup rebuilt from the parts has the recorded hash; a damaged or
-mismatched release is refused with one line naming the file and the field (ReleaseError).
+mismatched release is refused with one line naming the file and the field (ReleaseError). With
+`expect` (the runs a site names, healthfm_core/release_binding.py), a validly signed release of
+another run is refused too, naming its run and the expected one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from healthfm_core.files import atomic_folder
 from healthfm_core.model.config import ModelConfig
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup
+from healthfm_core.release_binding import ExpectedRun, describe_run
 from healthfm_core.release_signing import (
     SIGNATURE_FILE,
     SignatureError,
@@ -120,6 +123,10 @@ class ModelRelease:
     @property
     def weights_sha256(self) -> str:
         return self.meta.weights_sha256
+
+    def describe_run(self) -> str:
+        """Its run, round, setup and weights (what a site checks it expected)."""
+        return describe_run(self.meta.run_id, self.meta.round, self.meta.setup_sha256, self.meta.weights_sha256)
 
 
 def write_release(
@@ -268,12 +275,13 @@ def load_release(
     *,
     trusted_keys: Sequence[str | Path | TrustedKey] = (),
     trust_unsigned: bool = False,
+    expect: Sequence[ExpectedRun] = (),
 ) -> ModelRelease:
     """Verify and load a release folder: the model with the released weights, in eval mode.
     `trusted_keys`: the federation's public release key(s) (PEM files); the signature must be one
     of theirs, unless `trust_unsigned` (logged as a warning; for a local simulation's release).
-    Raises ReleaseError (one line naming the file and field) for an unsigned, damaged or
-    mismatched release."""
+    `expect`: runs the release must be (each one named must hold). Raises ReleaseError (one line
+    naming the file and field) for an unsigned, damaged or mismatched release, or one of another run."""
     path = Path(path)
     verify_release_signature(path, trusted_keys, trust_unsigned)
     verify_release_files(path)
@@ -282,6 +290,13 @@ def load_release(
         raise ReleaseError(
             f"{path / RELEASE_FILE}: field format/version is {meta.format!r}/{meta.version}, expected {FORMAT!r}/{VERSION}"
         )
+    for expected in expect:
+        if why := expected.mismatch(meta.run_id, meta.setup_sha256):
+            run = describe_run(meta.run_id, meta.round, meta.setup_sha256, meta.weights_sha256)
+            raise ReleaseError(
+                f"{path / RELEASE_FILE}: the release is {run}, but {why}: a release of another run is refused "
+                f"(signed by the federation, it is still not the model this site named)"
+            )
     if (digest := sha256_file(path / WEIGHTS_FILE)) != meta.weights_sha256:
         raise ReleaseError(
             f"{path / RELEASE_FILE}: field weights_sha256 {meta.weights_sha256[:16] or '(empty)'}... is not the "

@@ -28,9 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from healthfm_core.files import atomic_write_text
+from healthfm_core.files import atomic_write_text, sha256_file
 from healthfm_core.strict_files import StrictFileError, strict_model
-from healthfm_core.train.checkpoint import sha256_file
 
 SIGNATURE_FILE = "SIGNATURE.json"
 SIGNATURE_FORMAT = "healthfm-release-signature"

@@ -29,10 +29,11 @@ may differ from the one its keys were made for only in MASK_TIME_FIELDS (`SiteRo
 `ServerRound.finalise`, config.py).
 
 Beside the steps: field.py (clipping, quantisation, the error bound), masks.py and keys.py (the
-PRG and the X25519 agreement), layout.py (a group's update as one vector), records.py (each
-message's flat form for a ConfigRecord), simulate.py (one round in process, with the transcript
-of what the server received), transcript.py (a recorded round on disk: the only module here
-that does I/O, with replay.py, the attack replay a privacy officer runs on one).
+PRG and the X25519 agreement), layout.py (a group's update as one vector), messages.py (the
+messages, whose flat form for a ConfigRecord is healthfm_core/protocol/secure_records.py),
+simulate.py (one round in process, with the transcript of what the server received),
+transcript.py (a recorded round on disk: the only module here that does I/O, with replay.py, the
+attack replay a privacy officer runs on one).
 
 Imports: flwr.common.secure_aggregation (Shamir, Fernet encryption, quantisation), numpy,
 cryptography, pydantic and healthfm_core; never client/ or server/ (both of them call this room).

@@ -15,9 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from healthfm_core.model.groups import GROUPS
 
-# A count w <= weight_max travels as base-256 digits, each summed on its own: with at most 257
-# holders a digit's sum stays below 2^16, so the weights' sum is exact in the smallest field.
+# A count w <= weight_max travels as base-256 digits, each summed on its own: with at most
+# MAX_HOLDERS holders a digit's sum stays below 2^16, so the weights' sum is exact in the smallest field.
 WEIGHT_DIGIT_BASE = 256
+# The most holders a secure round's smallest (16-bit) field holds: 257. The largest value the
+# run config's secagg-min-holders and a site policy's secagg_min_holders take.
+MAX_HOLDERS = ((1 << 16) - 1) // (WEIGHT_DIGIT_BASE - 1)
 # The fewest surviving holders of a group whose sum is opened, by default: the server's
 # (run config secagg-min-holders) and each site's own floor (its policy's secagg_min_holders).
 # One holder's sum is its update exactly, two holders' each other's by subtraction.

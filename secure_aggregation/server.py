@@ -59,16 +59,6 @@ class SecureAggregate:
             out.update(split_group_vector(mean, reference, group, group_of))
         return out
 
-    def new_arrays(
-        self, reference: Mapping[str, np.ndarray], group_of: Callable[[str], str] = parameter_group
-    ) -> dict[str, np.ndarray]:
-        """The round's global arrays plus the averaged update; a withheld group keeps its values."""
-        updates = self.updates(reference, group_of)
-        return {
-            k: (np.asarray(v) + updates[k]).astype(np.asarray(v).dtype) if k in updates else np.asarray(v)
-            for k, v in reference.items()
-        }
-
 
 class ServerRound:
     """The server's state for one secure round (stages 1-4; see secure_aggregation/__init__.py)."""

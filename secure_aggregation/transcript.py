@@ -6,8 +6,9 @@ file and names the file and field that does not parse.
 One directory per round, `round-<n>/` (docs/architecture.md, "The transcript"):
   round.json                 TranscriptHeader: format, kind ("secure" or "plain"), round, node -> site
   round-config.json          the RoundConfig the round sent (plain and secure rounds)
-A secure round adds, each message in its flat form (records.py: `<name>.json` is the JSON string,
-`<name>.<field>.bin` each top-level bytes field, raw; the masked vector is `masked/<node>.vector.bin`):
+A secure round adds, each message in its flat form (healthfm_core/protocol/secure_records.py:
+`<name>.json` is the JSON string, `<name>.<field>.bin` each top-level bytes field, raw; the masked
+vector is `masked/<node>.vector.bin`):
   config, directory, unmask-request     the server's own: SecAggConfig, KeyDirectory, UnmaskRequest
   keys/<node>, shares/<node>, masked/<node>, unmask/<node>   every reply that parsed, per stage
 A stage the round never reached (it failed before) has no files.

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks
+from healthfm_core.data.sequences.code_stats import DEFAULT_MIN_CODE_SUBJECTS
 from healthfm_core.data.sequences.token_settings import (
     DEFAULT_MAX_CODES_PER_TOKEN,
     DEFAULT_TOKEN_WINDOW_DAYS,
@@ -35,6 +36,7 @@ from healthfm_core.model.config import ModelConfig, load_model_config
 from healthfm_core.protocol import DEFAULT_SCORE_BINS, MAX_SCORE_BINS, EvalConfig, ScoreScale
 from healthfm_core.protocol.secure_records import MAX_KEY_ROUNDS
 from healthfm_core.protocol.transport import Downlink, Rounding, Transport
+from secure_aggregation.config import DEFAULT_MIN_HOLDERS, MAX_HOLDERS
 from server.clipping import DEFAULT_NORM_CLIP_FACTOR
 from server.influence import DEFAULT_NORM_HISTORY_FACTOR, DEFAULT_NORM_HISTORY_ROUNDS, DEFAULT_NORM_STEP_FACTOR
 from server.limits import DEFAULT_REPLY_SIZE_MARGIN
@@ -208,7 +210,7 @@ class FederationConfig(BaseModel):
     # site is clipped.
     norm_clip_factor: float | None = Field(default=DEFAULT_NORM_CLIP_FACTOR, ge=1, allow_inf_nan=False)
     server_optimizer: ServerOptimizerConfig | None = None
-    vocab_min_subjects: int = Field(default=10, ge=1)
+    vocab_min_subjects: int = Field(default=DEFAULT_MIN_CODE_SUBJECTS, ge=1)
     evaluate_every: int = Field(default=0, ge=0)  # 0: only after the last round
     # Task files (configs/tasks/<name>.yaml by name, or a path), `site:<name>` for labels the sites
     # supply, or the synthetic tasks' names (onset_t2d_365d: t2d.yaml at 365 days; wearable_*).
@@ -248,7 +250,8 @@ class FederationConfig(BaseModel):
     # site clips a group's update to the step bound (norm_step_factor; max_update_norm where set)
     # before masking. The field: 16 bits (2 bytes a value) or 32 (finer quantisation, twice the bytes).
     secure_aggregation: StrictBool = False
-    secagg_min_holders: int = Field(default=3, ge=1, le=257)  # each site's own floor may refuse it (client/policy.py)
+    # Each site's own floor may refuse it (client/policy.py).
+    secagg_min_holders: int = Field(default=DEFAULT_MIN_HOLDERS, ge=1, le=MAX_HOLDERS)
     secagg_threshold_fraction: float = Field(default=0.5, ge=0.5, le=1.0, allow_inf_nan=False)
     secagg_field_bits: Literal[16, 32] = 16
     # The rounds one keys-and-shares exchange makes keys for: this round and the next

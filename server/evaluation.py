@@ -3,9 +3,11 @@ splits and reports held-out metrics with their intervals, and per binary task a 
 held-out scores (small cells merged). Each reply's counts are bounded by what the site declared
 at setup and what the evaluation asked (server/eval_counts.py); a reply over a bound is rejected,
 named with its reason (`rejected`, and the site's line in `absent`). Of the accepted replies the
-server takes n-weighted means, beside them the median over sites (unweighted) and the site with
-the largest share of each task's rows, and pools the histograms into a federation-wide AUROC per
-task (healthfm_core/eval/federation_auroc.py). A site that lost
+server takes n-weighted means and pools the histograms into a federation-wide AUROC per task
+(healthfm_core/eval/federation_auroc.py), in both no site weighing more than twice the median of
+the others' (healthfm_core/protocol/site_share.py: `share_cap`, each site's weight per task);
+beside them the median over sites (unweighted), the site with the largest share of each task's
+weights and the per-site table (`sites`). A site that lost
 the run's setup gets it again and one more evaluate message. Written to rounds.jsonl (`evaluate`),
 the audit log, evaluation.json and server.log.
 """
@@ -37,7 +39,9 @@ from healthfm_core.protocol import (
     aggregate_site_metrics,
     largest_row_share,
     median_site_metrics,
+    task_weights,
 )
+from healthfm_core.protocol.site_share import SHARE_CAP_FACTOR, SHARE_CAP_RULE
 from server.audit import AuditLog
 from server.config import FederationConfig
 from server.eval_counts import DeclaredCounts, declared_counts, eval_count_problem
@@ -98,7 +102,11 @@ def evaluate(
     for node in sorted(set(replies) - set(answered)):
         rejected[roster.site(node)] = f"error reply: {replies[node].error.reason}"
     aggregated = aggregate_site_metrics(per_site)
-    robust: dict[str, Any] = {"median": median_site_metrics(per_site), "largest_share": largest_row_share(per_site)}
+    robust: dict[str, Any] = {
+        "median": median_site_metrics(per_site),
+        "largest_share": largest_row_share(per_site),
+        "share_cap": {"rule": SHARE_CAP_RULE, "factor": SHARE_CAP_FACTOR, "weights": task_weights(per_site)},
+    }
     seconds = time.perf_counter() - t0
     flat = {site: reply.to_records() for site, reply in per_site.items()}
     absent = {
@@ -126,6 +134,7 @@ def evaluate(
         "score_bins": eval_cfg.score_bins,
         "score_scale": eval_cfg.score_scale,
         "n_per_subject": eval_cfg.n_per_subject,
+        "held_out_rows_per_subject": eval_cfg.held_out_rows_per_subject,
     }
     # Per binary task, the sites' histograms pooled (healthfm_core/eval/federation_auroc.py).
     pooled = {key: f.model_dump() for key, f in federation_aurocs(binary, per_site, asked_sites, absent).items()}
@@ -174,8 +183,10 @@ def evaluate(
                 sampled = f"; a subject sample: rows of {subjects} of {avail_subjects} held-out subjects"
             n_task = aggregated.get(f"{task}.n", 0)
             largest = robust["largest_share"].get(task, {})
+            capped = ", ".join(largest.get("capped", {})) or "none"
             log.info(
-                "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s); median over sites %.3f; largest share: %s %.0f%%",
+                "  %-28s %s %.3f (n-weighted mean of sites, n=%d%s); median over sites %.3f; largest share: %s %.0f%%"
+                "; capped (%s): %s",
                 task,
                 key.rsplit(".", 1)[1],
                 value,
@@ -184,6 +195,8 @@ def evaluate(
                 robust["median"].get(key, float("nan")),
                 largest.get("site", "-"),
                 100 * largest.get("share", 0.0),
+                SHARE_CAP_RULE,
+                capped,
             )
     return aggregated
 

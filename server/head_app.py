@@ -24,7 +24,10 @@ DP (`HeadRunConfig.privacy`, the pretraining's PrivacyRequest): every train.head
 for DP-SGD per subject at the site (healthfm_core/privacy/head.py), spending from its durable
 ledger under its policy's cap. A site refuses a round it cannot train under DP (no budget, the
 cap reached): it takes no further part, and heads.json names it, the reason and its epsilon. A
-reply without its epsilon while DP was asked is rejected (never averaged).
+reply without its epsilon while DP was asked is rejected (never averaged), and so is one with an
+epsilon where DP was not asked (its site takes no further part: a DP claim does not lift the
+step bound, server/head_bounds.py). A head averaged from 1-2 sites' updates is named under their
+control (heads.json `under_holders_control`).
 
 Run on Flower's simulation engine: `python -m simulations.federated_head_run` (or
 `python -m simulations.task_head ... --over-flower`).
@@ -73,19 +76,20 @@ from healthfm_core.protocol.head import (
 )
 from healthfm_core.release import CARD_JSON_FILE, ModelRelease, load_release
 from healthfm_core.strict_files import read_json
+from server.clipping import ROBUST_MIN_HOLDERS
 from server.config import PrivacyRequest
 from server.deploy.flower_patches import set_reply_pull_backoff
 from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
 from server.exchange import send_and_receive
 from server.head_average import bound_heads, fedavg_heads, head_strategy
-from server.head_bounds import declared_head_rows, smoothness_bound, stats_problem, step_bound
-from server.runlog import EventLog
+from server.head_bounds import declared_head_rows, dp_step_bound, smoothness_bound, stats_problem, step_bound
+from server.runlog import HEAD_ROUNDS_FILE, EventLog
 
 log = logging.getLogger("healthfm.server.head")
 
 HEADS_DIR = "heads"
 SUMMARY_FILE = "heads.json"
-ROUNDS_FILE = "head_rounds.jsonl"
+ROUNDS_FILE = HEAD_ROUNDS_FILE
 LOG_FILE = "head.log"
 
 
@@ -112,6 +116,10 @@ class HeadRunConfig(BaseModel):
     # The most epsilon this head run may spend at a site (its rounds of every key, by its own
     # ledger): a site refuses a round past it. None: only the site's lifetime cap.
     dp_run_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # The most noise a site's DP round may add (a policy may add more than asked): the bound on a
+    # DP update assumes it and a site that needs more refuses (server/head_bounds.py). None: the
+    # noise asked, or for a target epsilon the largest any site's plan needs.
+    dp_max_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # Deployed (`coordinator head`): the release's setup hash the coordinator read, which the
     # ServerApp's release must still have (""/None: not checked); the coordinator's site registry
     # (server/deploy/registry.py: only its nodes take part, named by it); the Flower run id.
@@ -157,6 +165,7 @@ class HeadRunConfig(BaseModel):
                 "setup_sha256",
                 "registry",
                 "dp_run_epsilon",
+                "dp_max_noise_multiplier",
                 "weights_sha256",
                 "release_key",
             ):
@@ -186,6 +195,7 @@ class HeadRunConfig(BaseModel):
             "dp_planned_steps": self.planned_dp_steps(),
             "dp_run": "" if self.run_id is None else str(self.run_id),
             "dp_run_epsilon": self.dp_run_epsilon,
+            "dp_max_noise_multiplier": self.dp_max_noise_multiplier,  # None: set from the plan (FlowerSites.setup)
             "dp_delta": p.delta,  # the plan's (FlowerSites.dp_plan); not sent: a site accounts at its policy's
         }
 
@@ -225,6 +235,7 @@ class FlowerSites:
         # Site (or "node N") -> each reply rejected by a bound: stage, round, reason (heads.json).
         self.rejected: dict[str, list[dict[str, Any]]] = {}
         self.strategy = head_strategy()  # the update-norm history of the current C's rounds
+        self.contributors: set[str] = set()  # the sites whose update was averaged in some round
         self.subjects: dict[int, int] = {}  # node id -> its train subjects (as sent in its stats)
         # Site -> its planned epsilon for this head under the DP asked (dp_plan), before any round.
         self.plan: dict[str, dict[str, float]] = {}
@@ -347,6 +358,9 @@ class FlowerSites:
         self.smoothness = {n: r.smoothness for n, r in got.items() if n in self.names}
         if self.dp:
             self.plan = self.dp_plan()
+            if self.dp.get("dp_max_noise_multiplier") is None:  # the noise asked, or the most a site's plan needs
+                planned = [p["noise_multiplier"] for p in self.plan.values()]
+                self.dp["dp_max_noise_multiplier"] = max(planned, default=self.dp.get("dp_noise_multiplier") or 1.0)
         return {self._name(n): r.smoothness for n, r in sorted(got.items()) if n in self.names}
 
     def dp_plan(self) -> dict[str, dict[str, float]]:
@@ -388,24 +402,41 @@ class FlowerSites:
                 self._drop(node)
                 continue
             name = self.names[node]
+            if not self.dp and r.epsilon is not None:  # a DP claim is trusted only where DP was asked
+                self._reject(name, MSG_TRAIN, f"claims DP (epsilon {r.epsilon:.4g}) in a head run that did not ask for DP: its update is bounded as one without DP or not at all", drop=node)  # fmt: skip
+                continue
             if r.epsilon is not None and r.delta is not None:
                 self.epsilon[name] = {"epsilon": r.epsilon, "delta": r.delta}
             moved = float(np.linalg.norm(np.append(np.asarray(r.weight) - w, r.bias - b)))
-            limit = step_bound(self.smoothness[node], steps, lr, penalty, float(np.linalg.norm(w)))
-            if r.epsilon is None and not moved <= limit:  # without DP: the exact step bound
-                self._reject(name, MSG_TRAIN, f"update norm {moved:.4g} > {limit:.4g}, the most {steps} step(s) of size {lr:.4g} move a head on its rows (smoothness {self.smoothness[node]:.4g})")  # fmt: skip
+            limit, what = self._step_limit(node, steps, lr, penalty, float(np.linalg.norm(w)))
+            if not moved <= limit:
+                self._reject(name, MSG_TRAIN, f"update norm {moved:.4g} > {limit:.4g}, the most {steps} step(s) of size {lr:.4g} move a head on its rows ({what})")  # fmt: skip
                 continue
             out[name] = (np.asarray(r.weight), r.bias, r.n)
+            self.contributors.add(name)
         out, bad = bound_heads(self.strategy, out, w, b, self.round)
         for name, reason in sorted(bad.items()):
             self._reject(name, MSG_TRAIN, reason)
         self._log_round(out, bad)
         return out
 
+    def _step_limit(self, node: int, steps: int, lr: float, penalty: float, weight_norm: float) -> tuple[float, str]:
+        """The most a site's update may move the head this round (server/head_bounds.py), and
+        what the bound assumed: its smoothness without DP; with DP asked, the most noise the run
+        accepts, the clipping norm and the expected batch of its train subjects."""
+        if not self.dp:
+            smooth = self.smoothness[node]
+            return step_bound(smooth, steps, lr, penalty, weight_norm), f"smoothness {smooth:.4g}"
+        sigma, clip = float(self.dp["dp_max_noise_multiplier"]), float(self.dp["dp_max_grad_norm"])
+        batch, subjects = int(self.dp["dp_batch_size"]), self.subjects[node]
+        limit = dp_step_bound(self.width, steps, lr, penalty, weight_norm, noise_multiplier=sigma, max_grad_norm=clip, batch_size=batch, subjects=subjects)  # fmt: skip
+        return limit, f"under DP: noise multiplier at most {sigma:.4g}, clipping {clip:.4g}, expected batch {min(batch, subjects)} of {subjects} subjects"  # fmt: skip
+
     def _log_round(self, heads: Mapping[str, SiteHead], rejected: Mapping[str, str]) -> None:
         """The round's sites, each one's cumulative epsilon (as the pretraining's rounds.jsonl) and
         the updates rejected by a bound."""
         spent = {s: self.epsilon[s] for s in heads if s in self.epsilon}
+        few = sorted(heads) if 0 < len(heads) < ROBUST_MIN_HOLDERS else []
         if spent:
             log.info("head %s: round %d: cumulative epsilon per site: %s", self.task.key, self.round, ", ".join(f"{s} {v['epsilon']:.3f}" for s, v in spent.items()))  # fmt: skip
         if self.rounds_log is not None:  # the pretraining's event log: a line per round, fsynced
@@ -416,6 +447,7 @@ class FlowerSites:
                 sites=sorted(heads),
                 epsilon=spent,
                 rejected=dict(rejected),
+                under_holders_control=few,  # averaged from 1-2 sites: no rule bounds it against them
             )
 
     def tune(self, w: np.ndarray, b: float) -> dict[str, tuple[float, int]]:
@@ -427,6 +459,12 @@ class FlowerSites:
             if node in self.names and r.n != self.tuning_counts[node]:  # its weight in the pooled loss
                 self._reject(self.names[node], MSG_TUNE, f"n {r.n}, its stats said {self.tuning_counts[node]} tuning rows", drop=node)  # fmt: skip
         return {self.names[n]: (r.loss_sum, r.n) for n, r in sorted(got.items()) if n in self.names}
+
+
+def under_holders_control(contributors: set[str]) -> list[str]:
+    """The sites of a head fitted from fewer than ROBUST_MIN_HOLDERS sites' updates (the head is
+    theirs: the median rules need three), else []."""
+    return sorted(contributors) if 0 < len(contributors) < ROBUST_MIN_HOLDERS else []
 
 
 def head_keys(cfg: HeadRunConfig, release_tasks: Sequence[Any]) -> list[str]:
@@ -557,8 +595,13 @@ def fit_keys(
             "rejected": sites.rejected,  # site -> each reply over a bound: stage, round, reason (server/head_bounds.py)
             "dp_plan": sites.plan,  # site -> its planned epsilon for this head (before any round)
             "epsilon": sites.epsilon,  # site -> its cumulative epsilon and delta after its last round
+            # Fitted from 1-2 sites' updates: no rule bounds the head against them (as a pretraining
+            # group of 1-2 holders); [] with 3 or more.
+            "under_holders_control": under_holders_control(sites.contributors),
         }
         log.info("head %s: written to %s (C=%g, sites %s)", key, path, result.probe.c, sorted(result.train_rows))
+        if few := under_holders_control(sites.contributors):
+            log.warning("head %s: fitted from the updates of %d site(s) (%s): under their control, no rule bounds a head of fewer than %d sites against its own sites beyond the per-reply bounds", key, len(few), ", ".join(few), ROBUST_MIN_HOLDERS)  # fmt: skip
     atomic_write_text(Path(cfg.out_dir) / SUMMARY_FILE, json.dumps(summary, indent=1))
     return out
 
@@ -618,6 +661,7 @@ __all__ = [
     "privacy_summary",
     "head_keys",
     "release_declared_rows",
+    "under_holders_control",
     "make_head_server_app",
     "wait_for_sites",
 ]

@@ -12,12 +12,22 @@ named in the head's record (heads.json `rejected`, head_rounds.jsonl).
   standardisation is at most width x N / n (the pooled rows have unit variance per feature, so
   all N rows' squared norms add up to at most width x N, and the site's n rows to no more).
 - Updates (train.head): the count is the stats' n; every value finite and within the strategy's
-  magnitude limit; the update's norm ||(w', b') - (w, b)|| within
+  magnitude limit; a reply that claims DP (an epsilon) in a run that did not ask for DP is
+  rejected and the site takes no further part (a DP claim does not lift the step bound); the
+  update's norm ||(w', b') - (w, b)|| within
     - the step bound (without DP): `steps` gradient steps of size lr, each moving the head by at
-      most lr x (sqrt(s + 1) + 2 penalty ||w_t||), s the site's smoothness (its standardised rows'
-      mean squared norm bounds the mean log-loss gradient's norm, the bias's is at most 1) and
-      ||w_t|| <= ||w|| + t lr sqrt(s + 1): exact, no factor. A DP round's noise is the site's (its
-      policy may raise it): no step bound there;
+      most lr x (G + 2 penalty ||w_t||), G = sqrt(s + 1), s the site's smoothness (its
+      standardised rows' mean squared norm bounds the mean log-loss gradient's norm, the bias's
+      is at most 1) and ||w_t|| <= ||w|| + t lr G: exact, no factor;
+    - the DP step bound (DP asked): the same steps with G the most one DP-SGD step's gradient
+      can be (healthfm_core/privacy/head.py: clipped per-subject gradients summed, Gaussian noise
+      of std sigma C added, divided by the expected batch B = min(batch, S)): G = (C k + sigma C
+      (sqrt(width + 1) + sqrt(2 L))) / B, sigma the most noise the run accepts
+      (dp_max_noise_multiplier, sent with the request: a site whose policy needs more refuses),
+      C the clipping norm asked, S the train subjects of its stats, k the Poisson batch's
+      Bernstein bound mu + sqrt(2 mu L) + 2 L / 3 (at most S), L = ln(2 steps / DP_TAIL). An
+      honest DP site's update is over it with probability at most DP_TAIL a round (its noise
+      norm past sqrt(m) + sqrt(2L): exp(-L); its batch past k: exp(-L); a union over the steps);
     - the strategy's history and outlier bounds (ModalityAwareFedAvg.bound_updates, unchanged:
       10 x the median of the last 5 rounds' accepted norms, 10 x the median of the others' with
       two or more others), over the rounds of one C (a new C starts a new history: its first
@@ -38,6 +48,8 @@ from healthfm_core.protocol.head import HeadStats
 
 # Float rounding between the site's arithmetic and the server's bound (relative).
 _ROUNDING = 1e-6
+# The most often an honest DP site's update may exceed the DP step bound, per round.
+DP_TAIL = 1e-12
 
 
 def card_count(value: Any) -> int:
@@ -97,10 +109,45 @@ def smoothness_bound(width: int, n_total: int, n_site: int) -> float:
 def step_bound(smoothness: float, steps: int, lr: float, penalty: float, weight_norm: float) -> float:
     """The most `steps` gradient steps of size `lr` move a head from weights of norm
     `weight_norm` on a site of `smoothness` (module docstring; without DP)."""
-    gradient = math.sqrt(smoothness + 1.0)
+    return _steps_bound(math.sqrt(smoothness + 1.0), steps, lr, penalty, weight_norm)
+
+
+def dp_step_bound(
+    width: int,
+    steps: int,
+    lr: float,
+    penalty: float,
+    weight_norm: float,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    batch_size: int,
+    subjects: int,
+) -> float:
+    """The most `steps` DP-SGD steps move a head of `width` values (and a bias) at a site of
+    `subjects` train subjects, but with probability DP_TAIL (module docstring)."""
+    tail = math.log(2 * steps / DP_TAIL)
+    expected = min(float(batch_size), float(subjects))
+    batch = max(1, round(expected))  # what the DP optimizer divides by (engine.DPLocalStep)
+    sampled = float(subjects) if batch_size >= subjects else min(subjects, expected + math.sqrt(2 * expected * tail) + 2 * tail / 3)  # fmt: skip
+    noise = noise_multiplier * max_grad_norm * (math.sqrt(width + 1.0) + math.sqrt(2 * tail))
+    return _steps_bound((max_grad_norm * sampled + noise) / batch, steps, lr, penalty, weight_norm)
+
+
+def _steps_bound(gradient: float, steps: int, lr: float, penalty: float, weight_norm: float) -> float:
+    """The most `steps` steps of size `lr` move a head from weights of norm `weight_norm` when
+    each step's gradient has norm at most `gradient` (and the penalty's decay)."""
     growth = max(1.0, abs(1.0 - 2.0 * lr * penalty)) ** steps  # the decay's factor a step, when lr overshoots
     drift = growth * (weight_norm + steps * lr * gradient)
     return steps * lr * (gradient + 2.0 * penalty * drift) * (1 + _ROUNDING) + 1e-12
 
 
-__all__ = ["card_count", "declared_head_rows", "smoothness_bound", "stats_problem", "step_bound"]
+__all__ = [
+    "DP_TAIL",
+    "card_count",
+    "declared_head_rows",
+    "dp_step_bound",
+    "smoothness_bound",
+    "stats_problem",
+    "step_bound",
+]

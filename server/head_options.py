@@ -27,6 +27,13 @@ def add_head_dp_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
         help="the most epsilon this head run may spend at each site (a site refuses a round past it; default: "
         "only each site's lifetime cap)",
     )
+    dp.add_argument(
+        "--dp-max-noise-multiplier",
+        type=float,
+        help="the most noise a site's round may add (its policy's may be more than asked): the server's bound on a "
+        "DP update assumes it, a site needing more refuses (default: the noise asked, or the largest a site's plan "
+        "needs for --dp-target-epsilon)",
+    )
     return dp
 
 
@@ -39,7 +46,12 @@ def head_dp_config(args: argparse.Namespace) -> dict[str, Any]:
         delta=args.dp_delta,
         max_grad_norm=args.dp_max_grad_norm,
     )
-    return {"privacy": privacy, "dp_batch_size": args.dp_batch_size, "dp_run_epsilon": args.dp_run_epsilon}
+    return {
+        "privacy": privacy,
+        "dp_batch_size": args.dp_batch_size,
+        "dp_run_epsilon": args.dp_run_epsilon,
+        "dp_max_noise_multiplier": args.dp_max_noise_multiplier,
+    }
 
 
 __all__ = ["add_head_dp_args", "head_dp_config"]

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from healthfm_core.eval.federation_auroc import FederationAUROC
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
 from healthfm_core.model.healthfm import init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup, largest_row_share, median_site_metrics
+from healthfm_core.protocol.site_share import SHARE_CAP_RULE
 from server.config import FederationConfig
 
 # TRIPOD+AI (Collins et al., BMJ 2024) items a federated pretraining run cannot know.
@@ -155,6 +157,29 @@ def model_card(
     return _markdown(card, evaluation, minimum), card
 
 
+def pooled_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """The federation-wide AUROC per binary task as evaluation.json records it (copied), with the
+    median over sites, the share cap and the sites it capped beside it."""
+    pooled = {str(k): FederationAUROC.model_validate(f) for k, f in (evaluation.get("federation") or {}).items()}
+    if not pooled:
+        return []
+    lines = [
+        f"Federation-wide AUROC (the sites' score histograms pooled; {SHARE_CAP_RULE}), beside it the median "
+        "of the sites' AUROCs and the sites the cap lowered (each site's own value: the table above):",
+        "",
+        "| task | pooled AUROC (95% CI) | median over sites | capped (claimed -> weight) |",
+        "|---|---|---|---|",
+    ]
+    for key, f in pooled.items():
+        value = (
+            f"n/a: {f.note}"
+            if f.auroc is None
+            else f"{f.auroc:.3f} [{_f(f.low)}, {_f(f.high)}] over {len(f.sites)} site(s), {f.rows} rows"
+        )
+        lines.append(f"| {key} | {value} | {_f(f.median_site_auroc)} | {f.capped_text()} |")
+    return [*lines, ""]
+
+
 def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, minimum: int) -> str:
     m, t, p = card["model"], card["training"], card["privacy"]
     lines = [
@@ -224,11 +249,13 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
             "",
             outcome_table(keys, per_site, asked),
             "",
-            "n-weighted mean over sites, and beside it the median over sites (each site once, whatever rows it "
-            "claims: the robust summary) and the site with the largest share of the rows:",
+            *pooled_lines(evaluation),
+            f"n-weighted mean over sites ({SHARE_CAP_RULE}), and beside it the median over sites (each site "
+            "once, whatever rows it claims: the robust summary), the site with the largest share of the weights "
+            "and the sites the cap lowered:",
             "",
-            "| task | AUROC | AUPRC | ECE | n | median AUROC over sites | largest share |",
-            "|---|---|---|---|---|---|---|",
+            "| task | AUROC | AUPRC | ECE | n | median AUROC over sites | largest share | capped (weight) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         agg = evaluation.get("aggregated", {})
         median, largest = median_site_metrics(per_site), largest_row_share(per_site)
@@ -238,9 +265,10 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
                 first = f"R2 {_f(agg[key + '.r2'])}" if metric == "r2" else _f(agg.get(f"{key}.auroc"))
                 big = largest.get(key)
                 share = f"{big['site']} {100 * big['share']:.0f}%" if big else "-"
+                capped = ", ".join(f"{s} {w:.0f}" for s, w in (big or {}).get("capped", {}).items()) or "none"
                 lines.append(
                     f"| {key} | {first} | {_f(agg.get(f'{key}.auprc'))} | {_f(agg.get(f'{key}.ece'))} "
-                    f"| {int(agg.get(f'{key}.n', 0))} | {_f(median.get(f'{key}.{metric}'))} | {share} |"
+                    f"| {int(agg.get(f'{key}.n', 0))} | {_f(median.get(f'{key}.{metric}'))} | {share} | {capped} |"
                 )
         if rejected := evaluation.get("rejected") or {}:
             lines += ["", "Evaluation replies rejected (in no number above):", ""]
@@ -261,4 +289,4 @@ def _markdown(card: Mapping[str, Any], evaluation: Mapping[str, Any] | None, min
     return "\n".join(lines)
 
 
-__all__ = ["model_card", "shown_count"]
+__all__ = ["model_card", "pooled_lines", "shown_count"]

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from healthfm_core.files import atomic_write_text
 from healthfm_core.strict_files import strict_model
-from healthfm_core.train.checkpoint import latest_checkpoint
+from healthfm_core.train.checkpoint_dirs import latest_checkpoint
 from server.run_claim import guarded, holder_alive, read_claim, serverapp_gone
 
 OUTCOME_FILE = "outcome.json"

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from healthfm_core.data.sequences.code_stats import SiteCodeStats
@@ -40,6 +40,7 @@ from healthfm_core.strict_files import strict_model
 from server.config import FederationConfig
 from server.deploy.registry import SiteRegistry, admit, name_mismatch, read_registry
 from server.exchange import send_and_receive
+from server.live_round import EVALUATING, LiveRound
 
 log = logging.getLogger("healthfm.server")
 # Before each round after round 0, how long the server waits for min_nodes sites (a SuperNode
@@ -59,6 +60,7 @@ class Roster:
         self.registry: SiteRegistry | None = read_registry(cfg.registry) if cfg.registry else None
         self.errors: dict[int, str] = {}  # node id -> the last error a site replied (its reason)
         self.refused_nodes: set[int] = set()  # connected nodes the registry does not know
+        self.live = LiveRound()  # what the run is doing now (live.json; the ServerApp sets its own)
 
     def site(self, node_id: int) -> str:
         """A node's site name (its capabilities', else the registry's, else node-<id>)."""
@@ -70,7 +72,16 @@ class Roster:
     def ask(self, message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
         """Send one message per node, return the non-error replies by node (errors logged)."""
         messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
-        replies = send_and_receive(self.grid, messages, self.cfg.timeout_s)
+        phase = EVALUATING if message_type == MessageType.EVALUATE else message_type
+        self.live.sent(phase, {self.site(node): self.node_groups.get(node, []) for node in contents})
+        replies = send_and_receive(
+            self.grid,
+            messages,
+            self.cfg.timeout_s,
+            on_reply=lambda reply: self.live.replied(
+                self.site(reply.metadata.src_node_id), reply.error.reason if reply.has_error() else ""
+            ),
+        )
         out: dict[int, Message] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -108,6 +119,7 @@ class Roster:
             if time.monotonic() - said > 30:
                 log.info("%s: waiting for sites: %d connected, %d required", before, len(nodes), self.cfg.min_nodes)
                 said = time.monotonic()
+            self.live.waiting_for_sites([self.site(n) for n in nodes], self.cfg.min_nodes, limit)
             time.sleep(1.0)
         return nodes
 

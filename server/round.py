@@ -41,6 +41,7 @@ from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
 from server.influence import update_norms
+from server.live_round import AGGREGATING, TRAINING
 from server.replies import EarlyReads, RejectedReply, groups_for_node, judge_replies, origin, setup_needed
 from server.roster import Roster
 from server.runlog import message_bytes, message_size
@@ -251,6 +252,7 @@ def start_round(
     and the global `arrays` in the run's downlink: as the messages carry them and as the sites read
     them (the round is judged against the latter; healthfm_core/protocol/transport.py)."""
     config = round_config(cfg, rnd, setup)
+    roster.live.begin_round(rnd)
     nodes = roster.wait_for_nodes(f"round {rnd}")  # the round's one look at who is connected
     sent = downlink_arrays(arrays, cfg.downlink)
     config_record = ConfigRecord(config.to_flat())
@@ -302,14 +304,23 @@ def run_round(
     # so that after the slowest site's reply only that one is taken (server/replies.py EarlyReads).
     sites: dict[str, SiteOutcome] = {}
     read = EarlyReads(rnd, sent.received, roster.node_groups, messages, config, strategy.reply_limits)
+
+    def pushed() -> None:
+        sites.update(sent_outcomes(strategy, arrays, roster, messages))
+        roster.live.sent(TRAINING, {name: entry.groups_sent or [] for name, entry in sites.items()})
+
+    def replied(reply: Message) -> None:
+        read(reply)
+        roster.live.replied(roster.site(origin(reply, messages)), reply.error.reason if reply.has_error() else "")
+
     replies = send_and_receive(
         grid,
         messages,
         cfg.timeout_s,
         exchange,
-        on_pushed=lambda: sites.update(sent_outcomes(strategy, arrays, roster, messages)),
+        on_pushed=pushed,
         on_idle=while_out,
-        on_reply=read,
+        on_reply=replied,
         head_start=head_start_seconds(messages, reply_lags),
     )
     lags: dict[int, float] = {}
@@ -321,6 +332,7 @@ def run_round(
     if need := setup_needed(replies, messages):
         messages, replies = _retry(grid, cfg.timeout_s, roster, rnd, need, messages, replies, sites)
     t_replied = time.perf_counter()
+    roster.live.phase(AGGREGATING)
     # origin: the SuperLink answers for a dead SuperNode from its own node id.
     replies.sort(key=lambda m: roster.site(origin(m, messages)))
     for reply in replies:

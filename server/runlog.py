@@ -25,11 +25,13 @@ from healthfm_core.eval.outcomes import outcome_table, replies_from_event, score
 from healthfm_core.eval.plots import IntervalPoint, auroc_forest_plot
 from healthfm_core.files import atomic_write_text
 from healthfm_core.protocol import SMALL_CELL, EvalReply, largest_row_share, median_site_metrics
+from healthfm_core.protocol.site_share import SHARE_CAP_RULE
 from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, strict_json
 from server.config import PrivacyRequest
 
 log = logging.getLogger("healthfm.server")
 EVAL_PLOT = "evaluation_auroc.png"  # summary.md's forest plot of the last evaluation
+HEAD_ROUNDS_FILE = "head_rounds.jsonl"  # a task-head run's events (server/head_app.py), written by EventLog
 
 
 def message_bytes(message: Message) -> int:
@@ -77,15 +79,24 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     """The events of a rounds.jsonl (a line cut short by a crash is skipped with a warning)."""
     out = []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(strict_json(line, f"{path} line {i}"))
-        except DuplicateKeyError:  # not a line cut short: one written so
-            raise
-        except StrictFileError:
-            log.warning("%s line %d is not JSON (cut short?); skipped", path, i)
+        event = event_of_line(line, path, i)
+        if event is not None:
+            out.append(event)
     return out
+
+
+def event_of_line(line: str, path: str | Path, number: int) -> dict[str, Any] | None:
+    """Line `number` of a rounds.jsonl as read_events reads it: None for a blank line or one cut
+    short by a crash (skipped with a warning); DuplicateKeyError for one written with a key twice."""
+    if not line.strip():
+        return None
+    try:
+        return strict_json(line, f"{path} line {number}")
+    except DuplicateKeyError:  # not a line cut short: one written so
+        raise
+    except StrictFileError:
+        log.warning("%s line %d is not JSON (cut short?); skipped", path, number)
+        return None
 
 
 def write_summary(out_dir: str | Path) -> Path:
@@ -179,10 +190,13 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
             f"({ev.get('score_bins', '?')} bins on the {ev.get('score_scale', '?')} scale; adjacent bins merged "
             "until no count is below the site's minimum); the server pools them. 95% CI: DeLong on the "
             "binned table, variance times held-out rows per subject; binning: the AUROC of the exact "
-            "pooled scores lies within the bound of the binned one.",
+            f"pooled scores lies within the bound of the binned one. Share cap: {SHARE_CAP_RULE} (a capped "
+            "site's cells scaled down to its weight; rows and positives are the pooled weights); beside it the "
+            "median of the sites' own AUROCs (each site once, whatever it claims) and, below, each site's line.",
             "",
-            "| task | AUROC (95% CI) | sites pooled | rows | positives | binning bound | not pooled (why) |",
-            "|---|---|---|---|---|---|---|",
+            "| task | AUROC (95% CI) | median over sites | sites pooled | rows | positives | binning bound "
+            "| capped (claimed -> weight) | not pooled (why) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for key, f in pooled.items():
             value = (
@@ -193,9 +207,10 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
             )
             bound = "-" if f.binning_bound is None else f"{f.binning_bound:.3f}"
             why = "; ".join(f"{s}: {r}" for s, r in f.not_pooled.items()) or "-"
+            mid = "-" if f.median_site_auroc is None else f"{f.median_site_auroc:.3f}"
             lines.append(
-                f"| {key} | {value} | {len(f.sites)} of {len(f.sites) + len(f.not_pooled)} | {f.rows} | "
-                f"{f.positives} | {bound} | {why} |"
+                f"| {key} | {value} | {mid} | {len(f.sites)} of {len(f.sites) + len(f.not_pooled)} | {f.rows} | "
+                f"{f.positives} | {bound} | {f.capped_text()} | {why} |"
             )
         if coarse := [k for k, f in pooled.items() if f.binning_bound is not None and f.binning_bound > 0.05]:
             lines += [
@@ -210,10 +225,11 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
         "### The sites' values: n-weighted mean and median over sites (means of per-site numbers, not a pooled AUROC)",
         "",
         "The median counts every site once, whatever rows it claims: the robust summary. The largest share "
-        "names the site with the most rows, its weight in the mean and in the pooled AUROC.",
+        f"names the site with the largest weight in the mean. Share cap: {SHARE_CAP_RULE}; the sites it "
+        "capped are named with their weight.",
         "",
-        "| task | metric | n-weighted mean | median over sites | rows | largest share | positives | sites |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | metric | n-weighted mean | median over sites | rows | largest share | capped (weight) | positives | sites |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, value in ev.get("aggregated", {}).items():
         task, _, metric = key.rpartition(".")
@@ -222,9 +238,10 @@ def evaluation_section(ev: dict[str, Any], out_dir: Path) -> list[str]:
             mid = f"{median[key]:.3f}" if key in median else "-"
             big = largest.get(task)
             share = f"{big['site']} {100 * big['share']:.0f}%" if big else "-"
+            capped = ", ".join(f"{s} {w:.0f}" for s, w in (big or {}).get("capped", {}).items()) or "none"
             lines.append(
                 f"| {task} | {metric} | {value:.3f} | {mid} | {int(ev['aggregated'].get(task + '.n', 0))} | {share} | "
-                f"{positives_over_sites(task, per_site)} | {n_sites} |"
+                f"{capped} | {positives_over_sites(task, per_site)} | {n_sites} |"
             )
     if rejected := ev.get("rejected") or {}:
         lines += ["", "### Rejected evaluation replies (not in any number above)", ""]
@@ -291,8 +308,10 @@ def forest_points(
 
 __all__ = [
     "EVAL_PLOT",
+    "HEAD_ROUNDS_FILE",
     "EventLog",
     "evaluation_section",
+    "event_of_line",
     "message_bytes",
     "message_size",
     "read_events",

@@ -75,6 +75,7 @@ from secure_aggregation.transcript import SecureTranscript
 from server.config import FederationConfig
 from server.exchange import ExchangeTimes, head_start_seconds, send_and_receive, slowest_first
 from server.influence import ADAM_STEP_RATIO, max_examples, step_bound
+from server.live_round import AGGREGATING, SECURE_STAGE
 from server.replies import RejectedReply, groups_for_node, origin, setup_needed
 from server.roster import Roster
 from server.round import (
@@ -174,8 +175,24 @@ class _Stages:
             entry = self.sites.setdefault(self.roster.site(msg.metadata.dst_node_id), SiteOutcome(node_id=0))
             entry.bytes_sent = (entry.bytes_sent or 0) + message_size(msg)[0]
         times = times if times is not None else ExchangeTimes()
+        live = self.roster.live
+        live.sent(
+            SECURE_STAGE.format(stage=stage),
+            {
+                self.roster.site(m.metadata.dst_node_id): self.roster.node_groups.get(m.metadata.dst_node_id, [])
+                for m in messages
+            },
+        )
         replies = send_and_receive(
-            self.grid, messages, self.cfg.timeout_s, times, head_start=head_start, on_idle=on_idle
+            self.grid,
+            messages,
+            self.cfg.timeout_s,
+            times,
+            head_start=head_start,
+            on_idle=on_idle,
+            on_reply=lambda reply: live.replied(
+                self.roster.site(origin(reply, messages)), reply.error.reason if reply.has_error() else ""
+            ),
         )
         self.seconds[stage] = time.time() - times.push_start
         parsed: dict[int, list[M]] = {}
@@ -357,16 +374,11 @@ def secure_arrays(
                 f"{config.clip_norm[group]:.4g}: a sum no honest sites send"
             )
     updates = result.updates(arrays, strategy.group_of)
-    out: dict[str, np.ndarray] = {}
-    for key, old in arrays.items():
-        if key not in updates:
-            out[key] = old
-            continue
-        value = (old.astype(np.float64) + updates[key]).astype(old.dtype)
-        if strategy.server_optimizer is not None:
-            value = strategy.server_optimizer.step(key, old, value)
-        out[key] = value
-    return out
+    # A key's sites' average: its global value plus their unmasked mean update (added in float64).
+    averaged = {
+        key: (arrays[key].astype(np.float64) + update).astype(arrays[key].dtype) for key, update in updates.items()
+    }
+    return strategy.apply_update(arrays, averaged)
 
 
 def run_secure_round(
@@ -448,6 +460,7 @@ def run_secure_round(
             )
         )
         recorded.received.unmask = list(unmask.values())
+        roster.live.phase(AGGREGATING)
         result = server.aggregate(unmask.values())
         new_arrays = secure_arrays(result, arrays, sa_config, strategy)
     except SecAggError as err:

@@ -64,6 +64,7 @@ from server.config import FederationConfig, resume_conflicts
 from server.deploy.flower_patches import set_reply_pull_backoff
 from server.evaluation import evaluate
 from server.limits import default_max_reply_bytes, describe_limits
+from server.live_round import LiveRound
 from server.outcome import sites_lost, started, untrained_groups, write_outcome
 from server.roster import Roster
 from server.round import RoundRecord, SiteOutcome, run_round
@@ -117,6 +118,8 @@ class FederationServer:
         # Made by _run once the model's arrays are known (the reply size limit follows from them).
         self.strategy: ModalityAwareFedAvg
         self.roster = Roster(grid, cfg)  # the run's sites, round 0 and the setup (server/roster.py)
+        # What the run does now, for the coordinator's dashboard (live.json, server/live_round.py).
+        self.live = self.roster.live = LiveRound(self.out_dir, run_id, cfg.rounds)
         self.rounds_done = 0
         self.model_groups: list[str] = []  # the setup's parameter groups, once agreed
         # node id -> seconds from last round's push to its reply: this round's push order (slowest_first).
@@ -280,6 +283,7 @@ class FederationServer:
             )
             return last
         finally:
+            self.live.ended()
             logger.removeHandler(handler)
             logger.setLevel(level)
             handler.close()
@@ -402,6 +406,14 @@ class FederationServer:
                     while_out=settle,
                 )
                 settle()  # a round that sent nothing did not
+                self.live.aggregated(
+                    rnd,
+                    json_values(record.sites_event()),
+                    contributors=record.contributors,
+                    under_holders_control=few_holders(record.contributors),
+                    losses=json_values(record.outcome.losses),
+                    updated=record.outcome.arrays is not None,
+                )
                 arrays, self.reply_lags = record.arrays, record.reply_lags
                 states = RoundStates(random.getstate(), torch.get_rng_state(), self.strategy.state_dict())
                 unwritten, next_start = (record, states), None

@@ -262,7 +262,7 @@ class ModalityAwareFedAvg:
                     len(nodes),
                     self.min_sites_per_group,
                 )
-        out: dict[str, np.ndarray] = {}
+        averaged: dict[str, np.ndarray] = {}
         for key, old in previous.items():
             group = self.group_of(key)
             # Decoded replies hold the global dtype already (parse_reply); astype is a no-op guard.
@@ -272,7 +272,6 @@ class ModalityAwareFedAvg:
                 if key in reply.arrays
             ]
             if group not in updated_groups or not holders:
-                out[key] = old
                 continue
             total = sum(n for _, n in holders)
             # Same arithmetic, in the same order, as flwr's aggregate_arrayrecords, so that with
@@ -281,8 +280,25 @@ class ModalityAwareFedAvg:
             for array, n in holders:
                 term = array * (n / total)
                 value = term if value is None else value + term
-            value = np.asarray(value)
+            averaged[key] = np.asarray(value)
+        return self.apply_update(previous, averaged), {
+            g: nodes for g, nodes in contributors.items() if g in updated_groups
+        }
+
+    def apply_update(
+        self, previous: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """A round's new global arrays, plain or secure (server/secure_round.py): each key the round
+        averaged takes its sites' average, then the server optimiser's step where there is one; every
+        other key keeps its value. A plain round's average is of the sites' arrays (FedAvg's, to the
+        last bit); a secure round's is the previous arrays plus the unmasked mean update."""
+        out: dict[str, np.ndarray] = {}
+        for key, old in previous.items():
+            if key not in averaged:
+                out[key] = old
+                continue
+            value = averaged[key]
             if self.server_optimizer is not None:
                 value = self.server_optimizer.step(key, old, value)
             out[key] = value
-        return out, {g: nodes for g, nodes in contributors.items() if g in updated_groups}
+        return out

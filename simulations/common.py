@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.labels.aces_tasks import TASK_DIR
 from healthfm_core.data.labels.meds_dev_tasks import with_dataset
-from healthfm_core.data.labels.task_spec import SITE_PREFIX, TaskSpec, resolve_tasks, runner_tasks
+from healthfm_core.data.labels.task_spec import SITE_PREFIX, TaskSpec, file_entries, resolve_tasks, runner_tasks
 from healthfm_core.data.labels.tasks import TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.sequences.tokens import SiteSequences
 from healthfm_core.data.sites.site import Site, open_site
@@ -103,14 +103,16 @@ def site_root_list(site_roots: Sequence[str | Path] | str) -> list[Path]:
 
 
 def task_entries(cfg: DictConfig) -> list[str] | None:
-    """`tasks=` of a job (its `task_list`): task files or names (configs/tasks/<name>.yaml),
+    """`tasks=` of a job (its `task_list`): task files (paths, or file:PATH) or names (configs/tasks/<name>.yaml),
     `site:<name>`, `meds-dev:<task>` (the job's `dataset=` gives their predicates); None: unset."""
     tasks = cfg.get("task_list")
     if tasks is None:
         return None
     entries = [str(tasks)] if isinstance(tasks, str) else [str(t) for t in tasks]
-    # `dataset=MIMIC-IV` (or a predicates file) completes the MEDS-DEV entries that name none
-    return with_dataset(entries, cfg.get("dataset"))
+    # A job's `tasks=` takes task files as paths: made explicit (file:PATH) for resolve_tasks, which
+    # reads no bare path. `dataset=MIMIC-IV` (or a predicates file) completes the MEDS-DEV entries
+    # that name none.
+    return with_dataset(file_entries(entries), cfg.get("dataset"))
 
 
 def job_task_specs(cfg: DictConfig, synthetic: Sequence[str]) -> list[TaskSpec]:

@@ -62,8 +62,8 @@ from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, noise_for_target, sample_rate_for
 from healthfm_core.protocol import FederationSetup, federation_modalities
-from healthfm_core.train import train_local
 from healthfm_core.train.local_run import LocalRun
+from healthfm_core.train.trainer import train_local
 from simulations.common import Clock, onset_eval_data, open_sites, write_outputs
 from simulations.logs import setup_job_logging
 from simulations.pretrain import agree_vocabulary

@@ -30,12 +30,10 @@ resume=true loads the finished units instead of running them (docs/evidence.md).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import re
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -48,7 +46,6 @@ from omegaconf import DictConfig, OmegaConf
 from healthfm_core.data.labels.tasks import OnsetTask, rows_per_subject
 from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
 from healthfm_core.data.sequences.tokens import SiteSequences
-from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare, plots
 from healthfm_core.eval.metrics import bootstrap_ci, expected_calibration_error
 from healthfm_core.eval.paired_comparison import (
@@ -76,6 +73,7 @@ from simulations import evidence_dp, evidence_personal, privacy_sweep
 from simulations.common import Clock, clear_previous_runs, eval_settings, onset_eval_data, open_sites, write_outputs
 from simulations.evidence_federations import clear_unfinished_unit, federation
 from simulations.evidence_genomics import UnitModels, run_diagnosis
+from simulations.evidence_unit_run import Progress, UnitRun
 from simulations.evidence_units import (
     DONE,
     DRAW_KEY,
@@ -186,53 +184,6 @@ def budget_curves(comps: Mapping[str, Comparison]) -> dict[str, dict[int, Compar
     return curves
 
 
-class Progress:
-    """Logs each stage against the plan: done / total, elapsed, estimated time left."""
-
-    def __init__(self, stages: Sequence[tuple[str, float]]) -> None:
-        self.stages = list(stages)
-        self.done = 0
-        self.start = time.perf_counter()
-        self.actual: dict[str, float] = {}
-        self.loaded: dict[str, str] = {}  # stage -> the unit file it was loaded from (resume=true)
-        self._t = self.start
-
-    def print_plan(self) -> None:
-        total = sum(s for _, s in self.stages)
-        lines = [f"evidence plan: {len(self.stages)} stages, estimated {total / 60:.1f} min"]
-        lines += [f"  {name:<60} ~{sec:7.0f} s" for name, sec in self.stages]
-        print("\n".join(lines), flush=True)
-
-    def unit_stages(self, scenario: str, seed: int) -> list[str]:
-        return [name for name, _ in self.stages if name.startswith(f"{scenario} seed {seed}: ")]
-
-    def finish(self, name: str, loaded_from: Path | None = None, seconds: float | None = None) -> None:
-        """Stage `name` is done; loaded_from: not run but loaded from that unit file (whose
-        recorded time, `seconds`, stands for it)."""
-        now = time.perf_counter()
-        self.actual[name] = now - self._t if seconds is None else seconds
-        self._t = now
-        self.done += 1
-        if loaded_from is not None:
-            self.loaded[name] = str(loaded_from)
-            log.info("%d/%d %s: loaded from %s", self.done, len(self.stages), name, loaded_from)
-            return
-        left = sum(s for _, s in self.stages[self.done :])
-        width = 30
-        bar = "#" * int(width * self.done / max(len(self.stages), 1))
-        log.info(
-            "[%-*s] %d/%d %s: %.0f s (elapsed %.1f min, ~%.1f min left by the plan)",
-            width,
-            bar,
-            self.done,
-            len(self.stages),
-            name,
-            self.actual[name],
-            (now - self.start) / 60,
-            left / 60,
-        )
-
-
 # ---------------------------------------------------------------- collecting paired items
 
 
@@ -308,41 +259,6 @@ def unit_config(cfg: DictConfig, scenario: str, seed: int, out: Path) -> DictCon
             },
         ),
     )
-
-
-@dataclasses.dataclass
-class UnitRun:
-    """A unit (one scenario, one seed) as it runs: its configs, where it writes, and what its first
-    stages built (the sites and their sequences, the federation's setup and model, the baselines)."""
-
-    cfg: DictConfig
-    ucfg: DictConfig  # the unit's own config (unit_config)
-    scenario: str
-    seed: int
-    out: Path
-    ev_out: Evidence
-    progress: Progress
-    sites: Mapping[str, Site]
-    seqs: Mapping[str, SiteSequences]
-    setup: FederationSetup
-    fed_model: torch.nn.Module
-    regimes: Regimes
-
-    @property
-    def name(self) -> str:
-        return f"{self.scenario} seed {self.seed}"
-
-    @property
-    def show(self) -> bool:
-        return bool(self.cfg.progress)
-
-    @property
-    def n_boot(self) -> int:
-        return int(self.cfg.eval.n_boot_per_run)
-
-    @property
-    def fed(self) -> DictConfig:
-        return self.ucfg.federation
 
 
 def run_unit(

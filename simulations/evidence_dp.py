@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -35,9 +35,7 @@ from healthfm_core.eval.paired_comparison import Comparison, Verdict  # noqa: E4
 from healthfm_core.eval.plots import save_figure  # noqa: E402
 from healthfm_core.eval.runner import paired_items  # noqa: E402
 from simulations.dp_site import NO_DP, Recipe, SiteData, baseline_run, run_lever  # noqa: E402
-
-if TYPE_CHECKING:  # the unit's state; evidence.py imports this module
-    from simulations.evidence import UnitRun
+from simulations.evidence_unit_run import UnitRun  # noqa: E402
 
 log = logging.getLogger("healthfm.simulations.evidence")
 

@@ -5,7 +5,9 @@ site that joins does not have to use the federated model as it comes: as the fie
 (FedAvg followed by local fine-tuning, healthfm_core/train/adapt.py), each site here takes local
 steps on its own train split from the federated weights, keeps a snapshot at each of
 `personalisation.steps` (0 = the federated model unchanged), and keeps the count whose probes
-score best on its tuning split (healthfm_core/eval/personal_choice.py; never held_out). The
+score best on its tuning split (healthfm_core/eval/personal_choice.py; never held_out), or its
+local-only model when every adapted model is below it on tuning (so the kept model is never below
+local-only on the split it is chosen on). The
 kept model is the site's `personalised` method, scored on the same held-out rows as every other:
 
     q2|<site>, personalised     personalised - local-only, paired (the verdict's comparison)
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
@@ -31,10 +33,8 @@ from healthfm_core.eval.paired_comparison import Comparison, Verdict, not_clearl
 from healthfm_core.eval.runner import EvalSet, MethodFeatures, paired_items
 from healthfm_core.train.adapt import candidate_steps, last_round_weights
 from healthfm_core.train.local_run import LocalRun
+from simulations.evidence_unit_run import UnitRun
 from simulations.personalise import METHOD, personalise_site
-
-if TYPE_CHECKING:  # the unit's state; evidence.py imports this module
-    from simulations.evidence import UnitRun
 
 log = logging.getLogger("healthfm.simulations.evidence")
 
@@ -63,10 +63,13 @@ def personalise(
             continue
         per_site[name][METHOD], choice = personalise_site(
             u.fed_model, site, dataset, per_site_data[name], view, steps, run, weights, seed, ev, u.n_boot,
-            features["federated"][name],
+            features["federated"][name], features.get("local-only", {}).get(name),
         )  # fmt: skip
         choices[name] = choice.model_dump()
-        log.info("%s: %s keeps %d local steps (tuning AUROC %s)", u.name, name, choice.steps, choice.tuning_auroc)
+        log.info(
+            "%s: %s keeps %s (tuning AUROC %s; local-only %s)",
+            u.name, name, choice.kept, choice.tuning_auroc, choice.local_only_auroc,
+        )  # fmt: skip
     u.ev_out.diagnostics[u.scenario].setdefault(u.seed, {})["personalisation"] = choices
     for name in u.sites:
         res, data = per_site.get(name, {}), per_site_data[name]
@@ -83,7 +86,8 @@ def q2_verdict(comps: Mapping[str, Comparison]) -> Verdict:
     sites whose federated model as it comes is clearly below too."""
     target = (
         "no site clearly below its local-only AUROC (interval of the kept model - local-only not below 0; "
-        "kept: the federated model after the local steps its tuning split chose)"
+        "kept: the federated model after the local steps its tuning split chose, or its local-only model "
+        "where every adapted model is below it there)"
     )
     plain = {k.split("|", 1)[1]: c for k, c in comps.items() if k.startswith("q2|") and ", " not in k}
     kept = {
@@ -121,16 +125,20 @@ def report_lines(diagnostics: Mapping[int, Mapping[str, Any]]) -> list[str]:
                 f"{k}: {v:.3f}" if np.isfinite(v) else f"{k}: n/a"
                 for k, v in sorted(choice["tuning_auroc"].items(), key=lambda kv: int(kv[0]))
             )
-            rows.append(f"| {seed} | {site} | {choice['steps']} | {scores} | {len(choice['tasks'])} |")
+            local = choice.get("local_only_auroc")
+            kept = "local-only" if choice.get("local_only") else str(choice["steps"])
+            local_text = f"{local:.3f}" if local is not None and np.isfinite(local) else "n/a"
+            rows.append(f"| {seed} | {site} | {kept} | {scores} | {local_text} | {len(choice['tasks'])} |")
     if not rows:
         return []
     return [
         "",
-        "Personalisation: the local steps each site kept after the last round, chosen on its tuning split "
-        "(mean tuning AUROC of each candidate over the tasks every candidate scored; held_out never read):",
+        "Personalisation: the local steps each site kept after the last round (or its local-only model, kept "
+        "when every adapted model was below it), chosen on its tuning split (mean tuning AUROC of each "
+        "candidate over the tasks every candidate scored; held_out never read):",
         "",
-        "| seed | site | steps kept | tuning AUROC by steps | tasks |",
-        "|---:|---|---:|---|---:|",
+        "| seed | site | kept | tuning AUROC by steps | local-only's | tasks |",
+        "|---:|---|---:|---|---:|---:|",
         *rows,
     ]
 

@@ -6,7 +6,8 @@ for the evidence job (simulations/evidence_personal.py) and the comparison repor
 (simulations/report.py): healthfm_core/train/adapt.py trains once to the largest candidate,
 keeping a snapshot at each count; each snapshot's probes are fitted on train, C chosen on tuning,
 and scored on tuning and held_out; healthfm_core/eval/personal_choice.py keeps the count with the
-best mean tuning AUROC (the fewest steps on a tie). The held-out scores of the kept count are the
+best mean tuning AUROC (the fewest steps on a tie), or the site's local-only model where it is a
+candidate and every adapted model is below it. The held-out scores of the kept model are the
 site's `personalised` results; held_out plays no part in the choice.
 """
 
@@ -61,11 +62,14 @@ def personalise_site(
     eval_settings: Mapping[str, Any],
     n_boot: int,
     federated: MethodFeatures | None = None,
+    local_only: MethodFeatures | None = None,
 ) -> tuple[MethodResult, PersonalChoice]:
     """The site's personalised held-out results and the choice. `model`: the federated model;
     `dataset`: the site's train split; `data`: its evaluation rows; `view`: what the probes read of
     a model; `eval_settings`: method_features' max_events, max_patches, batch_size; `federated`:
-    the federated model's features on `data` where already computed (the 0-step candidate)."""
+    the federated model's features on `data` where already computed (the 0-step candidate);
+    `local_only`: the site's local-only model's features on `data`, a candidate too (kept when
+    every adapted model is below it on tuning; personal_choice.py)."""
     name = data.sites[0].name
     groups = groups_for_modalities([m for m in site.modalities if site.subject_counts.get(m, 0) > 0])
     stream = site_seed(seed, SEED_ROUND, name)
@@ -88,8 +92,15 @@ def personalise_site(
             n_boot={"held_out": n_boot, "tuning": 1},
             seed=seed,
         )
-    choice = choose_steps({k: tuning_aurocs(r["tuning"]) for k, r in results.items()})
-    kept = results[choice.steps]["held_out"]
+    splits = {"held_out": n_boot, "tuning": 1}
+    local = None
+    if local_only is not None:
+        local = evaluate_method_splits("local-only", data, local_only, tuple(splits), n_boot=splits, seed=seed)
+    choice = choose_steps(
+        {k: tuning_aurocs(r["tuning"]) for k, r in results.items()},
+        local_only=None if local is None else tuning_aurocs(local["tuning"]),
+    )
+    kept = local["held_out"] if local is not None and choice.local_only else results[choice.steps]["held_out"]
     personal = MethodResult(
         rows=[r.model_copy(update={"method": METHOD}) for r in kept.rows],
         predictions=kept.predictions,

@@ -64,7 +64,8 @@ from healthfm_core.model.config import ModelConfig, model_config_from_dict
 from healthfm_core.model.healthfm import HealthFM
 from healthfm_core.model.objective_weights import curriculum_weights
 from healthfm_core.protocol import federation_modalities
-from healthfm_core.train import TrainConfig, Trainer, latest_checkpoint
+from healthfm_core.train.checkpoint_dirs import latest_checkpoint
+from healthfm_core.train.trainer import TrainConfig, Trainer
 from simulations.common import Clock, job_tasks, open_sites, site_labelled, task_entries
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
 from simulations.synthetic import oracle_risk

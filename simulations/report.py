@@ -51,9 +51,9 @@ from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.model.objective_weights import LOSS_NAMES, curriculum_weights
 from healthfm_core.protocol import FederationSetup, groups_for_modalities, site_seed
 from healthfm_core.strict_files import read_json
-from healthfm_core.train import train_local
 from healthfm_core.train.adapt import last_round_weights
 from healthfm_core.train.local_run import LocalRun
+from healthfm_core.train.trainer import train_local
 from server.runlog import read_events
 from simulations import privacy_sweep
 from simulations.common import (
@@ -332,10 +332,12 @@ def run(cfg: DictConfig) -> Path:
         res, features[method] = compare.evaluate_per_site(method, per_site_data, model, progress=progress, **ev)
         for name, r in res.items():
             per_site[name][method] = r
-    res, _ = compare.evaluate_per_site("local-only", per_site_data, lambda s: local_models[s], progress=progress, **ev)
+    res, features["local-only"] = compare.evaluate_per_site(
+        "local-only", per_site_data, lambda s: local_models[s], progress=progress, **ev
+    )
     for name, r in res.items():
         per_site[name]["local-only"] = r
-    choices = personalised(cfg, setup, fed_model, sites, baselines, per_site_data, features["federated"], per_site)
+    choices = personalised(cfg, setup, fed_model, sites, baselines, per_site_data, features, per_site)
     if truth_dir is not None and scenario is not None:
         code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
         for name, r in compare.oracle_per_site(
@@ -403,12 +405,13 @@ def personalised(
     sites: Mapping[str, Site],
     baselines: Regimes,
     per_site_data: Mapping[str, EvalSet],
-    federated: Mapping[str, Any],
+    features: Mapping[str, Mapping[str, Any]],
     per_site: compare.PerSite,
 ) -> dict[str, PersonalChoice]:
     """Each site's personalised model (issue 68: local steps after the federation, the count
-    chosen on its tuning split; simulations/personalise.py) into per_site; the choices.
-    `personalisation.steps` empty: none."""
+    chosen on its tuning split, or its local-only model when every adapted one is below it there;
+    simulations/personalise.py) into per_site; the choices. `features`: per method ("federated",
+    "local-only") and site, the features already computed. `personalisation.steps` empty: none."""
     steps = list((cfg.get("personalisation") or {}).get("steps") or [])
     if not steps:
         return {}
@@ -417,11 +420,12 @@ def personalised(
     ev = {"max_events": fed.max_events, "max_patches": fed.max_patches, "batch_size": int(cfg.eval.batch_size)}
     choices = {}
     for name, site in sites.items():
-        if len(baselines.datasets[name]) == 0 or name not in federated:
+        if len(baselines.datasets[name]) == 0 or name not in features["federated"]:
             continue
         per_site[name]["personalised"], choices[name] = personalise_site(
             fed_model, site, baselines.datasets[name], per_site_data[name], lambda m: m, steps, LocalRun.of(fed),
-            weights, int(cfg.seed), ev, int(cfg.eval.n_boot), federated[name],
+            weights, int(cfg.seed), ev, int(cfg.eval.n_boot), features["federated"][name],
+            features.get("local-only", {}).get(name),
         )  # fmt: skip
     return choices
 
@@ -539,15 +543,17 @@ def personal_lines(choices: Mapping[str, PersonalChoice]) -> list[str]:
     if not choices:
         return []
     kept = "; ".join(
-        f"{s}: {c.steps} steps ("
+        f"{s}: {c.kept} ("
         + ", ".join(f"{k}: {v:.3f}" if np.isfinite(v) else f"{k}: n/a" for k, v in sorted(c.tuning_auroc.items()))
+        + (f"; local-only {c.local_only_auroc:.3f}" if c.local_only_auroc is not None else "")
         + ")"
         for s, c in choices.items()
     )
     return [
         "",
         "Personalised (issue 68): each site's federated model after local steps on its own train split (the run's "
-        "last-round objectives), the number of steps kept by the probes' mean tuning AUROC (held_out never read; "
+        "last-round objectives), the number of steps kept by the probes' mean tuning AUROC, or the site's local-only "
+        "model where every adapted one is below it on tuning (held_out never read; "
         f"`client.py personalise` at a real site). Kept, with each candidate's tuning AUROC: {kept}.",
     ]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from healthfm_core.data.labels.task_spec import resolve_tasks, runner_tasks
+from healthfm_core.data.labels.task_spec import file_entries, resolve_tasks, runner_tasks
 from healthfm_core.data.labels.tasks import BIRTH_CODE, DEATH_CODE, TASKS, OnsetTask, Task, rows_per_subject
 from healthfm_core.data.sites.site import Site, open_site
 from healthfm_core.eval.runner import build_site_rows
@@ -95,7 +95,7 @@ def onset_tasks(entries: Sequence[str] | None) -> dict[str, Task]:
     """The onset tasks to count: `entries` resolved as `tasks=` resolves them, or (None) the
     built-in synthetic onset tasks, as the evidence job evaluates them."""
     names = list(entries) if entries else [k for k, t in TASKS.items() if isinstance(t, OnsetTask)]
-    return {k: t for k, t in runner_tasks(resolve_tasks(names)).items() if isinstance(t, OnsetTask)}
+    return {k: t for k, t in runner_tasks(resolve_tasks(file_entries(names))).items() if isinstance(t, OnsetTask)}
 
 
 def site_roots(paths: Sequence[Path]) -> list[Path]:

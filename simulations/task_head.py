@@ -44,7 +44,7 @@ import numpy as np
 
 from client.head_rows import embedded_task_rows, label_row_index
 from client.model_use import eval_config, open_site_runtime, splits_of
-from healthfm_core.data.checks.task_check import DEFAULT_MIN_POSITIVES
+from healthfm_core.data.checks.report_floor import DEFAULT_MIN_POSITIVES
 from healthfm_core.eval.federated_head import SiteSplits, fit_federated_logistic
 from healthfm_core.eval.probes import LogisticProbe, binary_row, fit_logistic_probe
 from healthfm_core.eval.report import ResultRow

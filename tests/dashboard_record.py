@@ -26,7 +26,7 @@ from server.server_app import FederationServer
 from simulations.synthetic import generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
-KEPT = ("rounds.jsonl", "audit.jsonl", "outcome.json", "evaluation.json")
+KEPT = ("rounds.jsonl", "audit.jsonl", "audit.anchor.json", "outcome.json", "evaluation.json")
 DP_SITE, KILLED_SITE = "genomics", "hospital"
 # The run's groups open over 2 holders (one is withheld when the killed site leaves 1): every
 # site's policy lowers its own floor (secagg_min_holders, default 3) to that.

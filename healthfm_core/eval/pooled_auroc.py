@@ -38,12 +38,13 @@ Z95 = 1.959963984540054
 
 
 class Cell(NamedTuple):
-    """A run of base bins [lo, hi) of the grid and its positives and negatives."""
+    """A run of base bins [lo, hi) of the grid and its positives and negatives (a site's released
+    counts, or fewer where its share of the pool is capped: healthfm_core/protocol/site_share.py)."""
 
     lo: int
     hi: int
-    positives: int
-    negatives: int
+    positives: float
+    negatives: float
 
 
 class PooledAUROC(NamedTuple):
@@ -64,7 +65,7 @@ def cells_of(bounds: Sequence[int], positives: Sequence[int], negatives: Sequenc
 
 def pool_cells(cells: Iterable[Cell]) -> list[Cell]:
     """Cells of several sites summed where their bin runs are the same, empty cells dropped."""
-    sums: dict[tuple[int, int], list[int]] = {}
+    sums: dict[tuple[int, int], list[float]] = {}
     for c in cells:
         if c.lo >= c.hi or c.positives < 0 or c.negatives < 0:
             raise ValueError(f"cell {c}: needs lo < hi and non-negative counts")

@@ -64,6 +64,7 @@ from healthfm_core.data.labels.aces_tasks import aces_labels_shared
 from healthfm_core.data.labels.site_labels import SiteLabelError, read_site_labels, site_tasks
 from healthfm_core.data.labels.task_spec import TaskSpec, horizon_key
 from healthfm_core.data.labels.tasks import (
+    HELD_OUT_ROWS_PER_SUBJECT,
     LABEL_SCHEMA_BOOL,
     TASKS,
     WearableTask,
@@ -127,17 +128,20 @@ def task_labels_at_site(
     n_per_subject: int | str | None = 4,
     seed: int = 0,
     subjects: np.ndarray | None = None,
+    held_out_rows_per_subject: int = HELD_OUT_ROWS_PER_SUBJECT,
 ) -> dict[str, pa.Table | TaskReason]:
     """Per task key, its labels (subject_id, prediction_time, boolean_value or float_value) or the
     reason there are none (the task did not parse, the site has no labels for it). ACES tasks'
     train and tuning rows (of every kind) capped at `n_per_subject` a subject ("all" or None: every
-    row), held_out rows all kept. `subjects`:
+    row), held_out rows all kept up to `held_out_rows_per_subject` a subject (a cap honest data
+    does not reach: EvalConfig.held_out_rows_per_subject). `subjects`:
     only these subjects' labels (the same rows as theirs among all), their wearable epochs only
     read; None: every subject."""
     out: dict[str, pa.Table | TaskReason] = {}
     cap = rows_per_subject(n_per_subject)
     held_out = site.held_out_subjects()
-    aces = _aces_labels(site, specs, cap, seed, subjects)
+    held_cap = held_out_rows_per_subject
+    aces = _aces_labels(site, specs, cap, seed, subjects, held_cap)
     own = set(site_tasks(site.root))
     for spec in specs:
         if spec.kind == "aces":
@@ -163,7 +167,7 @@ def task_labels_at_site(
                 table = table.filter(pa.array(np.isin(table["subject_id"].to_numpy(), subjects)))
             table = table.select(["subject_id", "prediction_time", "boolean_value"]).cast(LABEL_SCHEMA_BOOL)
             # Capped as ACES's rows are (held_out every row).
-            out[spec.name] = cap_rows_per_subject(table, cap, seed, every_row_of=held_out)
+            out[spec.name] = cap_rows_per_subject(table, cap, seed, every_row_of=held_out, every_row_cap=held_cap)
         else:
             if not site.wearable_files:
                 out[spec.name] = TaskReason(kind="no_labels")
@@ -177,12 +181,17 @@ def task_labels_at_site(
                 continue
             # A subject's labels come from its own epochs: reading only the sample's is exact.
             labels = wearable_regression_labels(site.read_wearables(subjects), target=wear_task.target)
-            out[spec.name] = cap_rows_per_subject(labels, cap, seed, every_row_of=held_out)
+            out[spec.name] = cap_rows_per_subject(labels, cap, seed, every_row_of=held_out, every_row_cap=held_cap)
     return out
 
 
 def _aces_labels(
-    site: Site, specs: Sequence[TaskSpec], n_per_subject: int | None, seed: int, subjects: np.ndarray | None = None
+    site: Site,
+    specs: Sequence[TaskSpec],
+    n_per_subject: int | None,
+    seed: int,
+    subjects: np.ndarray | None = None,
+    held_cap: int = HELD_OUT_ROWS_PER_SUBJECT,
 ) -> dict[str, dict[str, pa.Table | TaskReason]]:
     """Per ACES task name, its keys' labels (or the invalid_task reason): the site's shards are
     read once for all of them (aces_labels_shared), ACES's train and tuning rows capped per
@@ -204,7 +213,9 @@ def _aces_labels(
         held_out = site.held_out_subjects()
         for (spec, _), by_horizon in zip(tasks, labels, strict=True):
             out[spec.name] = {
-                horizon_key(spec.name, h): cap_rows_per_subject(table, n_per_subject, seed, every_row_of=held_out)
+                horizon_key(spec.name, h): cap_rows_per_subject(
+                    table, n_per_subject, seed, every_row_of=held_out, every_row_cap=held_cap
+                )
                 for h, table in by_horizon.items()
             }
     return out
@@ -246,22 +257,24 @@ def _may_hold_heart_rate(files: Sequence[Path]) -> bool:
 
 
 def task_split_counts(labels: pa.Table, split_of: SplitOf) -> dict[str, SplitCount]:
-    """Rows, distinct subjects and positives (boolean labels) of each split."""
+    """Rows, distinct subjects and positives (boolean labels) of each split, with the subjects
+    of a positive and of a negative row (kept at the site: they decide what is suppressed)."""
     subjects = labels["subject_id"].to_numpy()
     split = split_of(subjects)
-    positive = (
-        labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
-        if "boolean_value" in labels.column_names
-        else np.zeros(len(subjects), bool)
-    )
-    return {
-        s: SplitCount(
-            rows=int((split == s).sum()),
-            subjects=len(np.unique(subjects[split == s])),
-            positives=int(positive[split == s].sum()),
+    binary = "boolean_value" in labels.column_names
+    positive = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool) if binary else None
+    out = {}
+    for s in SPLITS:
+        mine = split == s
+        classes = class_subjects(positive[mine], subjects[mine]) if positive is not None else (0, 0)
+        out[s] = SplitCount(
+            rows=int(mine.sum()),
+            subjects=len(np.unique(subjects[mine])),
+            positives=int(positive[mine].sum()) if positive is not None else 0,
+            positive_subjects=classes[0] if binary else None,
+            negative_subjects=classes[1] if binary else None,
         )
-        for s in SPLITS
-    }
+    return out
 
 
 def held_out_class_subjects(labels: pa.Table, split_of: SplitOf) -> tuple[int, int]:
@@ -320,6 +333,7 @@ def evaluate_site_tasks(
     n_per_subject: int | str | None = 4,
     seed: int = 0,
     labels: Mapping[str, pa.Table | TaskReason] | None = None,
+    held_out_rows_per_subject: int = HELD_OUT_ROWS_PER_SUBJECT,
     reuse_patches: bool = True,
     sample: SubjectSample | None = None,
     shared_passes: bool = True,
@@ -348,7 +362,10 @@ def evaluate_site_tasks(
     `score_bins`, `score_scale`: the grid of each binary task's released score histogram (0: none)."""
     subjects = None if sample is None or not sample.max_subjects else sample.subjects()
     if labels is None:
-        labels = task_labels_at_site(site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects)
+        labels = task_labels_at_site(
+            site, specs, n_per_subject=n_per_subject, seed=seed, subjects=subjects,
+            held_out_rows_per_subject=held_out_rows_per_subject,
+        )  # fmt: skip
     out = SiteTaskResults()
     usable: dict[str, pa.Table] = {}
     for key, table in labels.items():
@@ -448,6 +465,9 @@ def evaluate_site_tasks(
                 )
                 out.seconds["scoring"] += time.perf_counter() - start
                 positives = int(y["held_out"].sum())
+                # Suppressed when fewer than the minimum of subjects have a positive row (or a
+                # negative one: n minus positives would give them away), whatever their rows.
+                classes = class_subjects(y["held_out"], held_rows["subject_id"].to_numpy())
                 baseline: tuple[float | None, ...] = (None, None, None, None)
                 if tab is not None:
                     start = time.perf_counter()
@@ -466,7 +486,7 @@ def evaluate_site_tasks(
                     auroc=float(scores["roc_auc_score"]),
                     auprc=float(scores["average_precision_score"]),
                     ece=float(scores["calibration_error"]),
-                    positives=SMALL_CELL if 0 < positives < min_subjects else positives,
+                    positives=SMALL_CELL if any(0 < c < min_subjects for c in classes) else positives,
                     auroc_low=low,
                     auroc_high=high,
                     meds_tab_auroc=baseline[0],

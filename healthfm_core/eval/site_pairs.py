@@ -50,8 +50,13 @@ def split_counts(data: EvalSet, key: str) -> dict[str, SplitCount]:
     out = {}
     for s in SPLITS:
         mine = have & (split == s)
+        positive, negative = class_subjects(y[mine] > 0.5, subject[mine])
         out[s] = SplitCount(
-            rows=int(mine.sum()), subjects=len(np.unique(subject[mine])), positives=int(np.nansum(y[mine]))
+            rows=int(mine.sum()),
+            subjects=len(np.unique(subject[mine])),
+            positives=int(np.nansum(y[mine])),
+            positive_subjects=positive,
+            negative_subjects=negative,
         )
     return out
 

@@ -14,9 +14,10 @@ table of module prefixes; a key that matches no prefix is an error, never silent
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the wire protocol reads GROUPS without loading torch
+    from torch import nn
 
 GROUPS: tuple[str, ...] = ("shared", "ehr", "wearables", "genomics")
 

@@ -4,8 +4,9 @@ round's local steps of the logistic head under differential privacy, subject-lev
 The same machinery as the pretraining's DP rounds (training.py, engine.py):
 
 - the round's settings come from the site's DP budget and the server's request
-  (`training.dp_settings`: DP when the policy makes it mandatory or the server asks; the larger
-  noise; the policy's delta, checked against 1/n subjects), and its `steps` are reserved in the
+  (`training.dp_settings`: DP when the server asks; the larger noise, at most the most the server
+  accepts; the policy's delta, checked against 1/n subjects; a site whose policy makes DP
+  mandatory refuses a head run that did not ask for DP), and its `steps` are reserved in the
   site's durable ledger (`training.reserve_private_round`, ledger.py) before any step: the
   head's rounds and the pretraining's spend from one ledger per site and one epsilon cap;
 - each step is Opacus's DPOptimizer (engine.StreamingDPOptimizer, wrapped by
@@ -34,7 +35,7 @@ import torch
 from healthfm_core.privacy.engine import DPLocalStep, DPSettings, noise_for_target, sample_rate_for, secret_generator
 from healthfm_core.privacy.ledger import PrivacyLedger, Reservation
 from healthfm_core.privacy.policy import DPPolicy
-from healthfm_core.privacy.training import DPRequest, PrivacyRefused, reserve_private_round
+from healthfm_core.privacy.training import DPRequest, PrivacyRefused, dp_settings, reserve_private_round
 
 
 @dataclass
@@ -57,12 +58,34 @@ def subject_index(subjects: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def reserve_head_round(
-    request: DPRequest, budget: DPPolicy | None, ledger: PrivacyLedger | None, n_subjects: int
+    request: DPRequest,
+    budget: DPPolicy | None,
+    ledger: PrivacyLedger | None,
+    n_subjects: int,
+    max_noise_multiplier: float | None = None,
 ) -> PrivateHeadRound | None:
     """The head round's DP settings, its steps reserved in the site's ledger; None: no DP this
-    round (not asked, not mandatory). Raises PrivacyRefused (nothing reserved)."""
+    round (not asked). Raises PrivacyRefused (nothing reserved): DP not asked of a site whose
+    policy makes it mandatory (the server trusts a DP update only in a run that asked for DP,
+    server/head_bounds.py: the site takes no part rather than train unasked), or its policy's
+    noise above `max_noise_multiplier`, the most the server accepts (its bound on a DP update
+    assumes it), or reserve_private_round's reasons."""
+    if not request.asked:
+        if budget is not None and budget.mandatory:
+            raise PrivacyRefused(
+                "the site policy makes DP mandatory and this head run did not ask for DP: the server accepts "
+                "DP updates only in a run that asks for them (coordinator head --dp-noise-multiplier or "
+                "--dp-target-epsilon)"
+            )
+        return None
     if n_subjects <= 0:
         raise PrivacyRefused("no train subjects to sample under DP")
+    settings = dp_settings(request, budget, n_subjects)
+    if settings is not None and max_noise_multiplier is not None and settings.noise_multiplier > max_noise_multiplier * (1 + 1e-9):  # fmt: skip
+        raise PrivacyRefused(
+            f"the site's noise multiplier {settings.noise_multiplier:.4g} is above the most this head run accepts, "
+            f"{max_noise_multiplier:.4g} (coordinator head --dp-max-noise-multiplier)"
+        )
     reserved = reserve_private_round(request, budget, ledger, n_subjects)
     if reserved is None:
         return None

@@ -14,6 +14,8 @@ eval/ (which reads these messages), not train/.
   privacy_spend.py  a DP site's spend as a train reply carries it (PrivacySpend)
   eval_config.py    evaluate's config (EvalConfig) and the score histograms' grid
   eval_reply.py     evaluate's reply (EvalReply, TaskMetrics, ScoreHistogram) and the summaries over sites
+  site_share.py     one site's share of a figure pooled across sites, capped (imported as
+                    healthfm_core.protocol.site_share)
   task_reason.py    why a task has no number (TaskReason, SplitCount), small cells suppressed
   transport.py      the uplink's array encoding (fp32, fp16, int8)
   packing.py        every message's arrays as a few safetensors blobs
@@ -65,6 +67,7 @@ from healthfm_core.protocol.eval_reply import (
     largest_row_share,
     median_site_metrics,
     site_metric_values,
+    task_weights,
 )
 from healthfm_core.protocol.privacy_spend import PrivacySpend
 from healthfm_core.protocol.round_config import WEIGHT_PREFIX, RoundConfig, site_seed
@@ -143,5 +146,6 @@ __all__ = [
     "median_site_metrics",
     "round_metrics",
     "site_metric_values",
+    "task_weights",
     "site_seed",
 ]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, StrictBool, ValidationError, ValidationInfo, field_validator
 
 from healthfm_core.data.labels.task_spec import TaskSpec, resolve_tasks, task_keys
+from healthfm_core.data.labels.tasks import HELD_OUT_ROWS_PER_SUBJECT
 from healthfm_core.protocol.wire import StrictMessage, flat_fields, unflat_fields
 from healthfm_core.strict_files import StrictFileError, strict_json
 
@@ -36,6 +37,10 @@ class EvalConfig(StrictMessage):
     # At most this many of a subject's ACES rows per task key in the train and tuning splits (what
     # probes are fitted and tuned on), or "all"; held_out is scored on every labelled row (MEDS-DEV's way).
     n_per_subject: Annotated[int, Field(ge=1, le=64)] | Literal["all"] = 4
+    # ... and at most this many of a held-out subject's rows per task key (drawn the same way): a
+    # cap honest data does not reach (healthfm_core/data/labels/tasks.py), that bounds the rows
+    # an evaluate reply may claim, times its subjects (server/eval_counts.py).
+    held_out_rows_per_subject: int = Field(default=HELD_OUT_ROWS_PER_SUBJECT, ge=1, le=1_000_000)
     seed: int = 0  # also the key of the subject sample's hash (healthfm_core/eval/subject_sample.py)
     # Per task and split, score (and fit the probe on) every row of at most this many subjects, a
     # fixed keyed-hash sample (0: every subject): the federation's eval_max_subjects.

@@ -11,6 +11,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from healthfm_core.protocol.eval_config import MAX_SCORE_BINS
+from healthfm_core.protocol.site_share import capped_weights
 from healthfm_core.protocol.task_reason import SPLIT_COUNTS, TaskReason
 from healthfm_core.protocol.wire import PeerReply, validate_peer
 
@@ -196,8 +197,23 @@ class EvalReply(PeerReply):
     def _disjoint(self, info: ValidationInfo) -> EvalReply:
         if both := sorted(set(self.tasks) & set(self.reasons)):
             raise ValueError(f"task {both[0]!r} has both metrics and a reason")
+        self._check_floor()
         self._check_histograms(info)
         return self
+
+    def _check_floor(self) -> None:
+        """Fails closed, like TaskReason: a metric's counts from fewer distinct subjects than the
+        site's minimum (min_subjects, when said) may not leave a site, nor be read from one."""
+        floor = self.min_subjects
+        for task, m in sorted(self.tasks.items()) if floor else ():
+            if m.subjects is not None and m.subjects < floor:
+                raise ValueError(f"field {task}.subjects: value {m.subjects}: below the site's minimum {floor}")
+            if m.positives is not None and m.positives >= 0:
+                for what, n in (("positives", m.positives), ("n less positives", m.n - m.positives)):
+                    if 0 < n < floor:
+                        raise ValueError(
+                            f"field {task}.positives: {what} {n} is below the site's minimum {floor}: a small cell"
+                        )
 
     def _check_histograms(self, info: ValidationInfo) -> None:
         """Histograms are a peer's claims: each belongs to a binary task with a metric and adds
@@ -338,17 +354,31 @@ def _eval_wire_name(loc: tuple[Any, ...]) -> str:
     return next((k for k, v in _EVAL_SCALARS.items() if v == head), head)
 
 
+def task_weights(per_site: Mapping[str, EvalReply]) -> dict[str, dict[str, float]]:
+    """Per task, each site's weight in its n-weighted means: its held-out rows n, capped at
+    SHARE_CAP_FACTOR x the median of the other sites' n among the sites that scored the task
+    (healthfm_core/protocol/site_share.py)."""
+    rows: dict[str, dict[str, int]] = {}
+    for site, reply in sorted(per_site.items()):
+        for task, m in reply.tasks.items():
+            rows.setdefault(task, {})[site] = m.n
+    return {task: capped_weights(by_site) for task, by_site in sorted(rows.items())}
+
+
 def aggregate_site_metrics(per_site: Mapping[str, EvalReply]) -> dict[str, float]:
-    """n-weighted mean over sites of each "<task>.<metric>" (weight n); "<task>.n" sums.
+    """n-weighted mean over sites of each "<task>.<metric>", each site's weight its n capped
+    (task_weights: no site weighs more than SHARE_CAP_FACTOR x the others' median); "<task>.n"
+    sums the rows the sites claim.
 
     An n-weighted mean of per-site AUROCs is not the AUROC of the pooled data (that needs the
     scores, which never leave a site); it is what a federation can compute from site summaries.
     """
     out: dict[str, float] = {}
+    weights = task_weights(per_site)
     for key, values in site_metric_values(per_site).items():
         task = key.partition(".")[0]  # task keys hold no dot
-        weights = {site: per_site[site].tasks[task].n for site in values}
-        out[key] = sum(weights[s] * v for s, v in values.items()) / sum(weights.values())
+        w = {site: weights[task][site] for site in values}
+        out[key] = sum(w[s] * v for s, v in values.items()) / sum(w.values())
     counts: dict[str, float] = {}
     for reply in per_site.values():
         for task, m in reply.tasks.items():
@@ -378,14 +408,20 @@ def median_site_metrics(per_site: Mapping[str, EvalReply]) -> dict[str, float]:
 
 
 def largest_row_share(per_site: Mapping[str, EvalReply]) -> dict[str, dict[str, Any]]:
-    """Per task, the site with the most held-out rows and its share of the task's rows: the weight
-    it has in the n-weighted mean (and in the pooled AUROC), named beside it."""
-    rows: dict[str, dict[str, int]] = {}
-    for site, reply in sorted(per_site.items()):
-        for task, m in reply.tasks.items():
-            rows.setdefault(task, {})[site] = m.n
+    """Per task, the site with the largest weight in the n-weighted means (task_weights) and its
+    share of the weights, with the rows it claims and the sites whose weight the cap lowered
+    (site -> its weight): named beside every mean."""
+    rows = {
+        task: {s: r.tasks[task].n for s, r in per_site.items() if task in r.tasks} for task in task_weights(per_site)
+    }
     out: dict[str, dict[str, Any]] = {}
-    for task, by_site in sorted(rows.items()):
-        site = max(by_site, key=lambda s: (by_site[s], s))
-        out[task] = {"site": site, "rows": by_site[site], "share": by_site[site] / sum(by_site.values())}
+    for task, weights in task_weights(per_site).items():
+        site = max(weights, key=lambda s: (weights[s], rows[task][s], s))
+        out[task] = {
+            "site": site,
+            "rows": rows[task][site],
+            "weight": weights[site],
+            "share": weights[site] / sum(weights.values()),
+            "capped": {s: w for s, w in sorted(weights.items()) if w < rows[task][s]},
+        }
     return out

@@ -131,11 +131,16 @@ class HeadRoundRequest(StandardizerRequest):
     # refuses a round that would take the run's own spend in its ledger past it.
     dp_run: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     dp_run_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # The most noise the server accepts of a site's round: its bound on a DP update's step
+    # (server/head_bounds.py) assumes it, so a site whose policy needs more refuses the round.
+    dp_max_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _dp_fields(self) -> HeadRoundRequest:
         if self.dp and self.dp_noise_multiplier is None and self.dp_target_epsilon is None:
             raise ValueError("field dp: DP asked without dp-noise-multiplier or dp-target-epsilon")
+        if self.dp and self.dp_max_noise_multiplier is None:
+            raise ValueError("field dp-max-noise-multiplier: missing beside dp (the noise the server's bound assumes)")
         if self.dp_target_epsilon is not None and self.dp_planned_steps is None:
             raise ValueError("field dp-planned-steps: missing beside dp-target-epsilon")
         return self

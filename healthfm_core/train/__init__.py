@@ -1,24 +1,11 @@
-"""Local training loop (centralized baseline and each federated site) and its checkpoints."""
+"""Local training loop (centralized baseline and each federated site) and its checkpoints.
 
-from healthfm_core.train.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from healthfm_core.train.trainer import TrainConfig, Trainer, TrainResult, train_local
+    trainer.py          the loop (Trainer, train_local)
+    checkpoint.py       a checkpoint written and read back, its hashes checked
+    checkpoint_dirs.py  where checkpoints lie (step-NNNNNNNN) and the latest of them: no torch, so
+                        what only looks for a checkpoint (a run's outcome, the coordinator's
+                        dashboard) imports no torch
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "TrainConfig",
-    "TrainResult",
-    "TrainState",
-    "Trainer",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "save_checkpoint",
-    "train_local",
-]
+Import from the modules (`from healthfm_core.train.trainer import Trainer`): this package imports
+none of them, so that importing checkpoint_dirs loads no torch.
+"""

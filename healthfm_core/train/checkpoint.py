@@ -15,10 +15,8 @@ and refuses a file that does not match.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -30,7 +28,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_model, save_model
 
+from healthfm_core.files import sha256_file as sha256_file  # re-exported: its importers' old home
 from healthfm_core.strict_files import strict_model
+from healthfm_core.train.checkpoint_dirs import META_FILE
+from healthfm_core.train.checkpoint_dirs import STEP_DIR as _STEP_DIR
+from healthfm_core.train.checkpoint_dirs import checkpoint_name as checkpoint_name  # re-exported
+from healthfm_core.train.checkpoint_dirs import latest_checkpoint as latest_checkpoint  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,6 @@ FORMAT = "healthfm-train-checkpoint"
 VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
-META_FILE = "checkpoint.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -89,14 +90,6 @@ class Checkpoint:
     config: dict[str, Any]
     state: TrainState
     extra: dict[str, Any]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -238,21 +231,6 @@ def load_checkpoint(
         rng_cuda=[_unb64(s) for s in meta.rng_cuda] if meta.rng_cuda else None,
     )
     return Checkpoint(path=path, step=meta.step, config=meta.config, state=state, extra=meta.extra)
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint under root with the highest step (directories named step-NNNNNNNN)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()
-    ]
-    return max(found)[1] if found else None
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:

@@ -57,7 +57,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -70,18 +69,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from healthfm_core.data.labels.task_spec import resolve_tasks
 from healthfm_core.files import write_flat_toml
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_signing import SignatureError, load_signing_key
-from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, read_json, strict_json, strict_model
+from healthfm_core.strict_files import DuplicateKeyError, StrictFileError, read_json, strict_json
 from healthfm_core.train.checkpoint import CheckpointError
-from server.deploy.body_limit import MIB
+from server.config import FederationConfig
+from server.deploy.body_limit import MIB, run_push_body_bytes
 from server.deploy.bundle import build_bundle, write_bundle
-from server.deploy.dashboard.serve import DEFAULT_DASHBOARD_PORT, serve_dashboard
-from server.deploy.dashboard.view import Launch
+from server.deploy.dashboard.serve import add_dashboard_arguments, cmd_dashboard
+from server.deploy.door import fit_run, open_door, refresh_keys
 from server.deploy.flwr_app import check_run_config, parse_overrides, write_app, write_head_app
 from server.deploy.flwr_control import (
     CONNECTION,
@@ -105,6 +105,11 @@ from server.deploy.flwr_control import (
     wait_for_run,
     write_connection,
 )
+from server.deploy.launches import LaunchRecord as LaunchRecord  # re-exported: the tests' import
+from server.deploy.launches import launches_path as _launches_path
+from server.deploy.launches import read_launches as read_launches
+from server.deploy.launches import record_launch as _record_launch
+from server.deploy.launches import resume_command as resume_command
 from server.deploy.provision import (
     FederationPaths,
     ProvisionConfig,
@@ -126,18 +131,6 @@ log = logging.getLogger("healthfm.coordinator")
 
 DEFAULT_PORT = 9093
 REPO = Path(__file__).resolve().parents[2]
-
-
-class LaunchRecord(BaseModel):
-    """One line of FED/server/launches.jsonl: what `resume` relaunches."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_id: int
-    out_dir: str
-    run_config: dict[str, str | int | float | bool]
-    launched_at: str
-    resumed: bool = False
 
 
 # ---------------------------------------------------------------------------- commands
@@ -317,7 +310,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         str(link.pid),
         *(["--insecure"] if args.insecure else ["--root-certificates", str(paths.ca_cert)]),
     ]
-    sup = _Supervised(link=link, push_body_bytes=args.max_body_mib * MIB if args.max_body_mib else None)
+    sup = _Supervised(link=link)
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
@@ -340,11 +333,15 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                 # Before the proxy opens the Fleet API: a site reconnecting after a restart finds its
                 # key registered again, never a SuperLink that refuses it.
                 register_known_sites(paths)  # names each failure; the SuperLink serves the others
-            sup.nginx = start_proxy(paths, host, port, link_port, sup.push_body_bytes)
+            # Which keys the door lets in and how large a body (server/deploy/door.py), then nginx.
+            door = open_door(paths, args.max_body_mib * MIB if args.max_body_mib else None)
+            sup.nginx = start_proxy(paths, host, port, link_port)
             wait_listening(host, port, sup.nginx)
             print(
                 f"SuperLink on 127.0.0.1:{link_port} (TLS + SuperNode authentication; Control API only from this "
-                f"machine); nginx on {host}:{port} forwards the Fleet API only (logs {paths.server_dir}/nginx-*.log)",
+                f"machine); nginx on {host}:{port} forwards the Fleet API only, to registered sites' keys, "
+                f"push-object bodies up to {door.push_body_bytes // MIB} MiB ({door.sized_for}; logs "
+                f"{paths.server_dir}/nginx-*.log)",
                 flush=True,
             )
             print(f"SuperLink ready: sites join with --superlink <this host>:{port}", flush=True)
@@ -434,12 +431,11 @@ class _Supervised:
     """The processes `superlink` runs: the SuperLink, its nginx (restarted when it stops) and the
     SuperExec (restarted when it stops)."""
 
-    def __init__(self, link: subprocess.Popen[bytes], push_body_bytes: int | None = None) -> None:
+    def __init__(self, link: subprocess.Popen[bytes]) -> None:
         self.link = link
-        self.push_body_bytes = push_body_bytes  # nginx's push-object body limit (None: body_limit.py's)
         self.nginx: subprocess.Popen[bytes] | None = None
         self.superexec: subprocess.Popen[bytes] | None = None
-        self.nginx_workers: set[int] = set()
+        self.nginx_workers: dict[int, str] = {}  # pid -> its start (a reload replaces the workers)
         self.nginx_restarts: list[float] = []
 
     def running(self) -> list[subprocess.Popen[bytes]]:
@@ -448,17 +444,21 @@ class _Supervised:
     def note_nginx_workers(self) -> None:
         """Remember nginx's workers: a master killed outright leaves them holding the port."""
         if self.nginx is not None:
-            self.nginx_workers.update(_children(self.nginx.pid))
+            self.nginx_workers.update({pid: process_start(pid) for pid in _children(self.nginx.pid)})
 
     def _kill_orphaned_workers(self) -> None:
-        left = [pid for pid in self.nginx_workers if process_start(pid) and _cmdline(pid).startswith("nginx:")]
+        left = [
+            pid
+            for pid, started in self.nginx_workers.items()
+            if started and process_start(pid) == started and _cmdline(pid).startswith("nginx:")
+        ]
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(process_start(pid) for pid in left):
+        while time.monotonic() < deadline and any(process_start(pid) == self.nginx_workers[pid] for pid in left):
             time.sleep(0.1)
         self.nginx_workers.clear()
 
@@ -479,7 +479,7 @@ class _Supervised:
         self.nginx_restarts.append(now)
         print(f"{what}; restarting it (sites reconnect by themselves)", file=sys.stderr, flush=True)
         try:
-            self.nginx = start_proxy(paths, host, port, link_port, self.push_body_bytes)
+            self.nginx = start_proxy(paths, host, port, link_port)  # the door's files as they are now
             wait_listening(host, port, self.nginx)
         except CoordinatorError as err:
             return f"{what} and did not start again: {err} (see {paths.server_dir}/nginx-error.log)"
@@ -608,6 +608,11 @@ def cmd_register(args: argparse.Namespace) -> int:
         failed = sum(not _register_one(paths, site) for site in sites)
     except RegistryError as err:
         raise CoordinatorError(str(err)) from None
+    # The door lets the registered keys in from now on (nginx reloaded, nothing restarted).
+    if refresh_keys(paths):
+        print(
+            f"nginx reloaded: it forwards the calls of the {len(read_registry(registry_path(paths)).sites)} registered site(s)"
+        )
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -748,35 +753,6 @@ def report_heads(run_id: int, status: str, out_dir: Path, keys: Sequence[str]) -
     return EXIT_SITE_LOST if erred or len(fitted) < len(keys) else EXIT_OK
 
 
-def _launches_path(paths: FederationPaths) -> Path:
-    return paths.server_dir / "launches.jsonl"
-
-
-def _record_launch(paths: FederationPaths, record: LaunchRecord) -> None:
-    # One write() with O_APPEND: lines of launches made at the same time never interleave.
-    fd = os.open(_launches_path(paths), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (record.model_dump_json() + "\n").encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-def read_launches(paths: FederationPaths) -> list[LaunchRecord]:
-    path = _launches_path(paths)
-    if not path.is_file():
-        return []
-    return [
-        strict_model(LaunchRecord, ln, f"{path}, line {i}")
-        for i, ln in enumerate(path.read_text().splitlines(), 1)
-        if ln.strip()
-    ]
-
-
-def resume_command(paths: FederationPaths, out_dir: str | Path) -> str:
-    """The command that resumes the run of out_dir (what an interrupted run's outcome names)."""
-    return f"python -m server.coordinator resume {shlex.quote(str(paths.root))} --out-dir {shlex.quote(str(out_dir))}"
-
-
 def _run_live(paths: FederationPaths) -> Callable[[int], bool | None]:
     """For claim_for_launch: whether Flower still runs a run (None: the SuperLink does not answer)."""
 
@@ -815,10 +791,11 @@ def _claim_out_dir(paths: FederationPaths, out_dir: Path) -> Holder:
 def _launch(
     paths: FederationPaths, run_config: dict[str, str | int | float | bool], args: argparse.Namespace, resumed: bool
 ) -> int:
-    check_run_config(run_config)
+    config = check_run_config(run_config)
     out_dir = Path(str(run_config["out-dir"]))
     claim = _claim_out_dir(paths, out_dir)
     try:
+        _fit_door(paths, config)
         app_dir = write_app(paths)
         if not run_config.get("registry"):  # only the registered sites take part (server.deploy.registry)
             run_config = {**run_config, "registry": str(registry_path(paths))}
@@ -871,6 +848,19 @@ def _launch(
     finally:
         release(out_dir, claim)  # only if its ServerApp never took it over
     return report_outcome(run_id, status, out_dir, paths)
+
+
+def _fit_door(paths: FederationPaths, config: FederationConfig) -> None:
+    """The door's push-object limit raised to what this run's sites send (server/deploy/door.py),
+    before the run starts; a fixed limit below it refuses the launch."""
+    secure = (
+        f"secure aggregation, {config.secagg_field_bits}-bit field"
+        if config.secure_aggregation
+        else "no secure aggregation"
+    )
+    raised = fit_run(paths, run_push_body_bytes(config), f"a run of model {config.model.name} ({secure})")
+    if raised is not None:
+        print(f"door: push-object bodies up to {raised.push_body_bytes // MIB} MiB ({raised.sized_for})", flush=True)
 
 
 def _ending(out_dir: Path, run_id: int) -> bool:
@@ -1104,27 +1094,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    """The read-only live page and /metrics (server/deploy/dashboard/)."""
-    paths = _paths(args)
-
-    def launches() -> list[Launch]:
-        return [
-            Launch(run_id=r.run_id, out_dir=Path(r.out_dir), launched_at=r.launched_at, resumed=r.resumed)
-            for r in read_launches(paths)
-        ]
-
-    return serve_dashboard(
-        paths,
-        args.host,
-        args.port,
-        args.token_file,
-        launches,
-        lambda out_dir: resume_command(paths, out_dir),
-        args.release,
-    )
-
-
 # ---------------------------------------------------------------------------- command line
 
 
@@ -1172,8 +1141,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="MIB",
-        help="the largest push-object body nginx forwards, in MiB (default: the paper model's secure-round "
-        "message x 1.25, server/deploy/body_limit.py; raise it for secagg-field-bits=32 on a model that size)",
+        help="the largest push-object body nginx forwards, in MiB, fixed (default: what the launched runs need, "
+        "server/deploy/body_limit.py: 81 MiB, raised by a launch with secure aggregation on a large model); "
+        "a launch needing more is refused",
     )
     p.add_argument(
         "--state",
@@ -1271,15 +1241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("dashboard", help="a read-only live web page of the sites, runs, privacy, results, audit")
-    p.add_argument("federation_dir", metavar="FED")
-    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; another needs a token)")
-    p.add_argument("--port", type=int, default=DEFAULT_DASHBOARD_PORT, help=f"port (default {DEFAULT_DASHBOARD_PORT})")
-    p.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="the access token every request must carry (or $HEALTHFM_DASHBOARD_TOKEN); required beyond 127.0.0.1",
-    )
-    p.add_argument("--release", action="append", default=[], metavar="MODEL_DIR", help="a release to show (repeatable)")
+    add_dashboard_arguments(p)  # `python -m server.coordinator dashboard` itself goes to serve.main (no torch)
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("release", help="write a run's final model as a release folder sites load")
@@ -1299,7 +1261,12 @@ def build_parser() -> argparse.ArgumentParser:
     connection_options(p)
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="the release (each site holds the same)")
     p.add_argument("--out", required=True, metavar="HEADS_DIR", help="where heads/, heads.json and the logs go")
-    p.add_argument("--tasks", nargs="+", default=[], help="task names (default: the release's evaluation tasks)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        help="task names, or file:PATH for an ACES file (a bare path is refused; default: the release's evaluation tasks)",
+    )
     p.add_argument("--keys", nargs="+", help="label keys to fit (default: every key of the tasks)")
     p.add_argument("--rounds", type=int, default=200, help="FedAvg rounds per C (default 200)")
     p.add_argument("--c-grid", nargs="+", type=float, help="the head's C values (default: the probe's grid)")

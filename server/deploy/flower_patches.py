@@ -40,6 +40,10 @@ The SuperLink's middleware run only on the requests it acts on (`gate_middleware
   request (the same path: starlette's URL of the scope). Error and protobuf translation, and any
   extension's layer, stay as they are. A site's Fleet call passes three layers (node
   authentication, which still decides, among them), the ServerApp's Runtime calls two.
+The SuperLink's large request bodies (`guard_large_bodies`, server/deploy/large_bodies.py says why),
+by rebinding `flwr.superlink.main._get_middleware` again: LargeBodyGuard in front of every layer
+(outermost), which authenticates a large Fleet body's sender before Flower reads the body and
+returns a refused large body's memory to the system.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from starlette.types import Scope
 from healthfm_core.long_poll import Waker, held, notifying, unwrapped
 from healthfm_core.middleware_gate import GatedMiddleware, flower_tracing_enabled, request_path
 from healthfm_core.rebind import rebind
+from server.deploy.large_bodies import LargeBodyGuard
 
 FLWR_VERSION = "1.41"  # the Flower these patches were read from (major.minor)
 PULL_INITIAL_BACKOFF_S = 0.05  # a reply object still uploading is asked for again this soon (Flower: 1 s)
@@ -167,6 +172,7 @@ def hold_pulls(
 CONTROL_PREFIX = "/v1/control/"  # flwr/superlink/routers/control/middlewares.py _is_control_path
 FLEET_PREFIX = "/v1/fleet/"  # node_auth.py NodeAuthMiddleware and middlewares.py FleetEventLogMiddleware
 GATED = "__healthfm_gated__"  # on the middleware builder gate_middleware installs
+GUARDED = "__healthfm_guarded__"  # on the one guard_large_bodies installs
 
 
 def _on_control_path(scope: Scope) -> bool:
@@ -215,4 +221,21 @@ def gate_middleware() -> None:
         return gated(build())
 
     setattr(gated_middleware, GATED, True)
+    setattr(gated_middleware, GUARDED, getattr(build, GUARDED, False))
     rebind(flower_superlink_app, {"_get_middleware": gated_middleware}, "server/deploy/flower_patches.py")
+
+
+def guard_large_bodies() -> None:
+    """The SuperLink app created in this process after this call has LargeBodyGuard in front of
+    Flower's middleware (server/deploy/large_bodies.py). Before flower_superlink() runs; once per
+    process (a second call keeps the first); composes with gate_middleware in either order."""
+    build = flower_superlink_app._get_middleware
+    if getattr(build, GUARDED, False):
+        return
+
+    def guarded_middleware() -> list[Middleware]:
+        return [Middleware(LargeBodyGuard), *build()]
+
+    setattr(guarded_middleware, GUARDED, True)
+    setattr(guarded_middleware, GATED, getattr(build, GATED, False))
+    rebind(flower_superlink_app, {"_get_middleware": guarded_middleware}, "server/deploy/flower_patches.py")

@@ -136,14 +136,15 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str | int | float | bool]
     return out
 
 
-def check_run_config(config: Mapping[str, str | int | float | bool]) -> None:
-    """Refuse a run config the ServerApp would refuse, before anything reaches the SuperLink."""
+def check_run_config(config: Mapping[str, str | int | float | bool]) -> FederationConfig:
+    """Refuse a run config the ServerApp would refuse, before anything reaches the SuperLink; the
+    run's FederationConfig as the ServerApp will read it."""
     known = default_run_config()
     unknown = sorted(set(config) - set(known))
     if unknown:
         raise CoordinatorError(f"unknown run config key(s) {unknown}; known: {', '.join(sorted(known))}", EXIT_USAGE)
     try:
-        FederationConfig.from_run_config({**known, **config})
+        return FederationConfig.from_run_config({**known, **config})
     except (ValueError, ValidationError, OSError) as err:
         text = str(err).split("For further information")[0]  # pydantic's trailing URL
         raise CoordinatorError(" ".join(text.split())[:600], EXIT_USAGE) from None

@@ -68,6 +68,7 @@ CURVE = ec.SECP384R1  # flwr's node auth accepts NIST curves; P-384 is what its 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 MANIFEST = "federation.json"
+NGINX_CONF = "nginx.conf"  # FED/server/nginx.conf: the sites' proxy (server/deploy/proxy.py writes it)
 
 
 class ProvisionError(Exception):

@@ -31,6 +31,10 @@ front of every call, the seven that act on some calls only (Control API, node au
 Fleet calls, Fleet event logs, tracing) run on those calls only; a Fleet call still passes node
 authentication.
 
+Large bodies (`guard_large_bodies`, server/deploy/large_bodies.py): a Fleet call with a body over
+1 MiB is authenticated from its headers before Flower reads the body, and a large request that
+failed has its memory returned to the system once answered (Flower kept a refused 300 MB body's).
+
 A statement that took longer than SLOW_STATEMENT_S (mostly: waiting for the lock) and a write
 transaction held longer than that are logged (WARNING, with the thread and the statement), so a
 coordinator sees what the database waited for.
@@ -50,6 +54,7 @@ from sqlalchemy import Engine, event
 
 from server.deploy.flower_patches import (
     gate_middleware,
+    guard_large_bodies,
     hold_pulls,
     set_min_heartbeat_interval,
     set_sqlite_busy_timeout,
@@ -125,6 +130,7 @@ def main() -> None:
     set_min_heartbeat_interval(min_heartbeat)
     hold_pulls()
     gate_middleware()
+    guard_large_bodies()
     log_slow_database_work()
     # Flower reads its options from sys.argv and names itself after argv[0].
     sys.argv = flower_argv

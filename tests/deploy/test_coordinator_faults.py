@@ -52,12 +52,25 @@ from helpers.narrowing import present
 from healthfm_core.model.config import load_model_config
 from server.audit import AUDIT_FILE, read_audit_log, verify_audit_log
 from server.config import FederationConfig
-from server.deploy.body_limit import largest_push_bytes, model_parameters, push_body_limit_bytes
+from server.deploy.body_limit import BASE_PUSH_BODY_BYTES, MIB, run_push_body_bytes
 from server.deploy.commands import main as coordinator_main
 from server.deploy.commands import read_launches, report_outcome, resume_command
+from server.deploy.door import DoorState, fit_run, open_door, read_door, refresh_keys
 from server.deploy.flwr_control import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, write_connection
 from server.deploy.provision import FederationPaths, ProvisionConfig, provision
-from server.deploy.proxy import PUSH_CONNECTIONS, WORKER_USERS, find_nginx, start_proxy, wait_listening, worker_user
+from server.deploy.proxy import (
+    FLEET_ROUTES,
+    PUSH_CONNECTIONS,
+    PUSH_LIMIT_CONF,
+    WORKER_USERS,
+    find_nginx,
+    node_key_header,
+    reload_proxy,
+    start_proxy,
+    wait_listening,
+    worker_user,
+)
+from server.deploy.registry import RegisteredSite, read_registry, registry_path, write_registry
 from server.outcome import RunOutcome, checkpointed_round, read_outcome, settle_outcome, write_outcome
 from server.run_claim import (
     CLAIM_FILE,
@@ -113,7 +126,9 @@ def proxied(tmp_path: Path) -> Iterator[tuple[FederationPaths, int, list[tuple[s
         find_nginx()
     except Exception as err:  # `make setup-system` installs it; CI runs that first
         pytest.skip(str(err))
-    fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north"])).paths
+    fed = provision(ProvisionConfig(federation_dir=tmp_path / "fed", sites=["north", "south"])).paths
+    register(fed, "north", 1)  # south is provisioned, not registered
+    open_door(fed, None)  # the door's files, as `superlink` writes them before nginx starts
     upstream_port, port = free_port(), free_port()
     _Recorder.seen = []
     server = _Upstream(("127.0.0.1", upstream_port), _Recorder)
@@ -132,9 +147,18 @@ def proxied(tmp_path: Path) -> Iterator[tuple[FederationPaths, int, list[tuple[s
         server.shutdown()
 
 
-# What Flower's node authentication sends on every Fleet call (nginx checks they are there; the
-# SuperLink checks the signature).
-AUTH = {"flwr-public-key": "a2V5", "flwr-signature": "c2ln", "flwr-timestamp": "2026-01-01T00:00:00+00:00"}
+def register(fed: FederationPaths, site: str, node_id: int) -> None:
+    """`site` recorded in registry.json, as `coordinator register` records it."""
+    path = registry_path(fed)
+    key = fed.registered_public_key(site).read_text().strip()
+    write_registry(path, read_registry(path).with_site(RegisteredSite(name=site, public_key=key, node_id=node_id)))
+
+
+def auth(fed: FederationPaths, site: str = "north") -> dict[str, str]:
+    """What Flower's node authentication sends on every Fleet call (nginx checks they are there and
+    that the key is a registered site's; the SuperLink checks the signature): `site`'s key."""
+    key = node_key_header(fed.registered_public_key(site).read_text())
+    return {"flwr-public-key": key, "flwr-signature": "c2ln", "flwr-timestamp": "2026-01-01T00:00:00+00:00"}
 
 
 def raw_request(
@@ -150,7 +174,7 @@ def raw_request(
     authentication headers (or `headers`) and `body` (Content-Length: `length`, default the
     body's; "" sends none); status and body."""
     ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
-    sent = {**(AUTH if headers is None else headers), "Host": "localhost", "Connection": "close"}
+    sent = {**(auth(fed) if headers is None else headers), "Host": "localhost", "Connection": "close"}
     length = str(len(body)) if length is None else length
     if length:
         sent["Content-Length"] = length
@@ -215,20 +239,19 @@ def test_nginx_refuses_a_body_too_large_unauthenticated_or_unsized_before_the_su
     its Content-Length, a call without Flower's node authentication headers with 401, a chunked body
     with 411: none reaches the SuperLink, and nginx answers before the body is sent."""
     fed, port, seen = proxied
-    limit = push_body_limit_bytes()
-    # The paper model's secure round (its largest message) fits; twice the old 2 GB does not.
-    assert largest_push_bytes(model_parameters()) < limit < 2 * 1024**3
+    limit = BASE_PUSH_BODY_BYTES  # what `superlink` opens the door at: a run without secure aggregation
+    assert (fed.server_dir / PUSH_LIMIT_CONF).read_text() == f"client_max_body_size {limit};\n"
     too_big = str(limit + 1)
     # The headers alone: nginx decides from Content-Length and never waits for the body.
     assert raw_request(fed, port, "POST", "/v1/fleet/push-object", length=too_big)[0] == 413
-    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", length=str(300 * 1024**2), headers={})[0] == 401
-    for header in AUTH:  # each of the three is required
-        partial = {k: v for k, v in AUTH.items() if k != header}
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", length=str(limit), headers={})[0] == 401
+    for header in auth(fed):  # each of the three is required
+        partial = {k: v for k, v in auth(fed).items() if k != header}
         status, body = raw_request(fed, port, "POST", "/v1/fleet/pull-messages", headers=partial, body=b"x")
         assert status == 401 and header in body
     # Every other route: small bodies only (1 MiB).
     assert raw_request(fed, port, "POST", "/v1/fleet/push-messages", length=str(2 * 1024**2))[0] == 413
-    chunked = {**AUTH, "Transfer-Encoding": "chunked"}
+    chunked = {**auth(fed), "Transfer-Encoding": "chunked"}
     assert raw_request(fed, port, "POST", "/v1/fleet/push-object", headers=chunked, body=b"5\r\nhello\r\n0\r\n\r\n", length="")[0] == 411  # fmt: skip
     assert raw_request(fed, port, "GET", "/v1/fleet/push-object")[0] == 403
     assert seen == []
@@ -237,6 +260,82 @@ def test_nginx_refuses_a_body_too_large_unauthenticated_or_unsized_before_the_su
     assert seen == [("POST", "/v1/fleet/push-object")]
     log = (fed.server_dir / "nginx-access.log").read_text()
     assert '"POST /v1/fleet/push-object HTTP/1.1" 413' in log
+
+
+def test_nginx_forwards_only_a_registered_sites_key_and_register_lets_one_in_without_a_restart(
+    proxied: tuple[FederationPaths, int, list[tuple[str, str]]],
+) -> None:
+    """Issue 67, break 4: with three made-up authentication headers a 300 MB body reached the
+    SuperLink (its memory 466 -> 965 MB). Now nginx forwards a Fleet call only when its
+    flwr-public-key is a registered site's: any other key is answered 412 from the headers, before
+    the body (none is sent here: nginx answers without waiting for it), with the error Flower's
+    SuperNode prints and `join` reads as "not registered". `register` rewrites the map and reloads
+    nginx: the new site passes, and a push in progress across the reload completes."""
+    fed, port, seen = proxied
+    open_door(fed, 400 * MIB)  # a door larger than the forged body: the key refuses it, not the size
+    assert reload_proxy(fed)
+    forged = {"flwr-public-key": "bWFkZS11cA==", "flwr-signature": "c2ln", "flwr-timestamp": "2026-01-01T00:00:00"}
+    status, body = raw_request(fed, port, "POST", "/v1/fleet/push-object", headers=forged, length=str(300 * 10**6))
+    assert status == 412 and '"code": 2004' in body and "not registered" in body, (status, body)
+    # A real key, provisioned but not registered: refused on every Fleet route.
+    for route in FLEET_ROUTES:
+        assert raw_request(fed, port, "POST", f"/v1/fleet/{route}", headers=auth(fed, "south"))[0] == 412, route
+    assert seen == []
+    assert raw_request(fed, port, "POST", "/v1/fleet/get-run") == (200, "upstream\n")  # north, registered
+    # A push of north's in progress while south is registered (map rewritten, nginx reloaded).
+    ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
+    head = "".join(f"{k}: {v}\r\n" for k, v in auth(fed).items())
+    with ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="localhost"
+    ) as conn:
+        conn.sendall(
+            f"POST /v1/fleet/push-object HTTP/1.1\r\nHost: localhost\r\n{head}Content-Length: 1000\r\n\r\n".encode()
+        )
+        conn.sendall(b"x" * 10)
+        register(fed, "south", 2)
+        assert refresh_keys(fed)  # nginx reloaded: it said so once a worker with the new map serves
+        assert raw_request(fed, port, "POST", "/v1/fleet/get-run", headers=auth(fed, "south")) == (200, "upstream\n")
+        conn.sendall(b"x" * 990)
+        assert conn.recv(65536).split(b"\r\n", 1)[0] == b"HTTP/1.1 200 OK"
+    # The push reached the upstream as it began (nginx streams bodies), before south's call.
+    assert seen == [("POST", "/v1/fleet/get-run"), ("POST", "/v1/fleet/push-object"), ("POST", "/v1/fleet/get-run")]
+    assert '"POST /v1/fleet/push-object HTTP/1.1" 412' in (fed.server_dir / "nginx-access.log").read_text()
+
+
+def test_a_launch_raises_the_door_to_what_its_run_sends_and_a_fixed_door_refuses_it(
+    proxied: tuple[FederationPaths, int, list[tuple[str, str]]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """push-object's limit is the launched runs' largest message, not the largest preset's (a
+    secure `paper` run's, 1,328 MiB, was every federation's door): a run without secure aggregation
+    needs BASE_PUSH_BODY_BYTES whatever its model (tests/deploy/test_door_deployed.py checks a
+    secure `paper` run's size). A launch raises the door (nginx reloaded) before its run starts and
+    never lowers it; `superlink --max-body-mib` fixes it, and a launch needing more is refused
+    before anything starts, naming both sizes."""
+    fed, port, seen = proxied
+    assert (
+        run_push_body_bytes(FederationConfig(out_dir=tmp_path, model=load_model_config("tiny"))) == BASE_PUSH_BODY_BYTES
+    )
+    # Fixed below what the run needs: `launch` refuses it before claiming or starting anything.
+    open_door(fed, 8 * MIB)
+    write_connection(fed, "127.0.0.1:1", insecure=False)  # never reached
+    out = tmp_path / "run"
+    rc = coordinator_main(["launch", str(fed.root), "--out-dir", str(out), "--model", "tiny", "-c", "eval-tasks="])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{BASE_PUSH_BODY_BYTES // MIB} MiB" in err and "at most 8 MiB" in err, err
+    assert "--max-body-mib" in err
+    assert read_door(fed) == DoorState(push_body_bytes=8 * MIB, fixed=True, sized_for="superlink --max-body-mib")
+    assert read_launches(fed) == [] and not (out / CLAIM_FILE).exists()
+    # Not fixed: raised to the run's need and in force at once (nginx reloaded); never lowered.
+    open_door(fed, None)
+    assert reload_proxy(fed)
+    body = b"\0" * (BASE_PUSH_BODY_BYTES + 1)
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", body=body)[0] == 413
+    raised = fit_run(fed, BASE_PUSH_BODY_BYTES + MIB, "a test run")
+    assert raised is not None and raised.push_body_bytes == BASE_PUSH_BODY_BYTES + MIB
+    assert raw_request(fed, port, "POST", "/v1/fleet/push-object", body=body) == (200, "upstream\n")
+    assert fit_run(fed, BASE_PUSH_BODY_BYTES, "a smaller run") is None
+    assert read_door(fed) == raised
+    assert seen == [("POST", "/v1/fleet/push-object")]
 
 
 def test_nginx_limits_each_address_and_never_runs_its_workers_as_root(
@@ -258,7 +357,7 @@ def test_nginx_limits_each_address_and_never_runs_its_workers_as_root(
     assert re.search(r"limit_req zone=fleet_requests burst=\d+ nodelay;", text)
     ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
     held = []
-    head = "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
+    head = "".join(f"{k}: {v}\r\n" for k, v in auth(fed).items())
     try:
         for _ in range(PUSH_CONNECTIONS):  # bodies announced but not sent: each push stays in progress
             conn = ctx.wrap_socket(

@@ -9,51 +9,33 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from helpers.dashboard_fed import RECORDED, dashboard, launch_recorded, provisioned, row, samples, section
 from starlette.testclient import TestClient
 
 from server.audit import AUDIT_FILE
-from server.deploy.commands import LaunchRecord, _record_launch, main, read_launches, resume_command
-from server.deploy.dashboard.app import create_app, state_for
-from server.deploy.dashboard.nodes import NodesAnswer, NodeState, list_nodes, utc_text
+from server.deploy.commands import LaunchRecord, _record_launch, main, read_launches
+from server.deploy.dashboard.nodes import NodesAnswer, list_nodes
 from server.deploy.dashboard.plots import epsilon_svg
 from server.deploy.dashboard.serve import check_address, read_token
 from server.deploy.dashboard.view import Launch, privacy_views
 from server.deploy.flwr_control import EXIT_USAGE, CoordinatorError, write_connection
-from server.deploy.provision import FederationPaths, ProvisionConfig, provision
-from server.deploy.registry import RegisteredSite, SiteRegistry, registry_path, write_registry
+from server.deploy.provision import FederationPaths
 from server.outcome import RunOutcome, write_outcome
 
 REPO = Path(__file__).resolve().parents[2]
-RECORDED = REPO / "tests" / "data" / "dashboard_run"
-NODES = {"biobank": 100, "hospital": 101, "genomics": 102}  # as tests/dashboard_record.py ran them
 TOKEN = "s3cret-dashboard-token-0123456789"
 
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
     root = tmp_path_factory.mktemp("dash") / "fed"
-    paths = provision(ProvisionConfig(federation_dir=root, sites=sorted(NODES))).paths
-    write_registry(
-        registry_path(paths),
-        SiteRegistry(
-            sites=[
-                RegisteredSite(name=n, public_key=paths.registered_public_key(n).read_text().strip(), node_id=i)
-                for n, i in sorted(NODES.items())
-            ]
-        ),
-    )
-    run = root.parent / "runs" / "fed1"
-    run.mkdir(parents=True)
-    for f in RECORDED.iterdir():
-        shutil.copyfile(f, run / f.name)
-    _record_launch(paths, LaunchRecord(run_id=7, out_dir=str(run), run_config={"rounds": 2}, launched_at="T7"))
+    paths = provisioned(root)
+    launch_recorded(paths, 7, root.parent / "runs" / "fed1", launched_at="T7")
     # A second run whose ServerApp died without a word: its outcome still says running, its claim
     # names a process that is gone (a `launch` process that claimed the out-dir and exited).
     dead = root.parent / "runs" / "fed2"
@@ -68,33 +50,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
     return paths
 
 
-def online(*up: str) -> NodesAnswer:
-    return NodesAnswer(
-        {
-            i: NodeState("online" if n in up else "offline", utc_text("2026-11-25T13:00:00.5+00:00"), 0.0)
-            for n, i in NODES.items()
-        },
-        asked_at=1.0,
-    )
-
-
 def client(paths: FederationPaths, token: str | None = None, nodes: NodesAnswer | None = None) -> TestClient:
-    def launches() -> list[Launch]:
-        return [Launch(r.run_id, Path(r.out_dir), r.launched_at, r.resumed) for r in read_launches(paths)]
-
-    answer = nodes or online("biobank", "genomics")
-    state = state_for(paths.root, launches, lambda out: resume_command(paths, out), lambda: answer)
-    return TestClient(create_app(state, token), base_url="http://127.0.0.1:8765")
-
-
-def section(html: str, name: str) -> str:
-    start = html.index(f'<section id="{name}">')
-    return html[start : html.index("</section>", start)]
-
-
-def row(html: str, attribute: str, value: str) -> str:
-    start = html.index(f'<tr {attribute}="{value}"')
-    return html[start : html.index("</tr>", start)]
+    return dashboard(paths, nodes, token)
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -115,7 +72,7 @@ def test_each_panel_shows_what_the_run_recorded(fed: FederationPaths) -> None:
     assert 'data-run="7"' in runs and "completed 2 of 2 rounds; lost site(s): hospital" in runs
     second = row(runs, "data-round", "2")
     cell = second[second.index('data-site="hospital"') :]
-    assert "no reply</span>: keys: no reply within timeout-s 30 s" in cell
+    assert "lost</span> (no reply): keys: no reply within timeout-s 30 s" in cell
     assert "withheld: " in second and "wearables</span> (1 surviving holder(s) &lt; min_holders 2" in second
     assert "unmasked: " in row(runs, "data-round", "1") and "withheld: none" in row(runs, "data-round", "1")
     # The run whose ServerApp is gone: interrupted, with the command that resumes it.
@@ -150,6 +107,7 @@ def test_each_panel_shows_what_the_run_recorded(fed: FederationPaths) -> None:
     audit = section(html, "audit")
     records = len((RECORDED / AUDIT_FILE).read_text().splitlines())
     assert f"verified</span>: {records} records" in row(audit, "data-run", "7")
+    assert "the last one its anchor's" in row(audit, "data-run", "7")
 
 
 def test_a_broken_audit_chain_is_shown_where_it_breaks(fed: FederationPaths, tmp_path: Path) -> None:
@@ -161,37 +119,43 @@ def test_a_broken_audit_chain_is_shown_where_it_breaks(fed: FederationPaths, tmp
         (run / AUDIT_FILE).write_bytes(b"".join(lines))
         audit = section(client(fed).get("/").text, "audit")
         assert "broken</span> after 4 good records" in audit and "line 5: field prev_sha256" in audit
-        assert 'healthfm_audit_chain_ok{run_id="7"} 0.0' in client(fed).get("/metrics").text
+        assert "healthfm_audit_logs_unverified 1.0" in client(fed).get("/metrics").text
     finally:
         (run / AUDIT_FILE).write_bytes(original)
 
 
-def test_metrics_parse_with_prometheus_client(fed: FederationPaths) -> None:
-    response = client(fed).get("/metrics")
+def test_metrics_parse_with_prometheus_client(fed: FederationPaths, tmp_path: Path) -> None:
+    # The newest launch is the current run: run 8, whose ServerApp died after round 1.
+    got = samples(client(fed).get("/metrics").text)
+    assert got[("healthfm_run_info", (("run_id", "8"), ("status", "interrupted")))] == 1
+    assert (
+        got[("healthfm_runs", (("status", "interrupted"),))] == 1
+        and got[("healthfm_runs", (("status", "completed"),))] == 1
+    )
+    assert got[("healthfm_run_rounds_done", ())] == 1 and got[("healthfm_run_rounds_planned", ())] == 5
+
+    # A federation whose current run is the recorded one.
+    paths = provisioned(tmp_path / "fed")
+    launch_recorded(paths, 7, tmp_path / "run")
+    response = client(paths).get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(response.text)
-        for s in family.samples
-    }
+    got = samples(response.text)
     events = [json.loads(x) for x in (RECORDED / "rounds.jsonl").read_text().splitlines()]
     rounds = [e for e in events if e["event"] == "round"]
-    run = (("run_id", "7"),)
-    assert samples[("healthfm_run_rounds_done", run)] == 2
-    assert (
-        samples[("healthfm_sites_online", ())] == 2 and samples[("healthfm_site_online", (("site", "hospital"),))] == 0
-    )
-    assert samples[("healthfm_round_seconds", (("phase", "round"), *run))] == rounds[-1]["timings"]["round_seconds"]
-    assert samples[("healthfm_bytes_sent_total", run)] == sum(e["bytes_sent"] for e in rounds)
-    assert samples[("healthfm_bytes_received_total", run)] == sum(e["bytes_received"] for e in rounds)
-    assert samples[("healthfm_replies_rejected_total", run)] == sum(len(e["rejected"]) for e in rounds)
-    assert samples[("healthfm_site_epsilon", (("site", "genomics"),))] == rounds[-1]["epsilon"]["genomics"]
-    assert samples[("healthfm_site_epsilon_cap", (("site", "genomics"),))] == 40.0
-    assert not any(
-        name == "healthfm_site_epsilon_cap" and labels != (("site", "genomics"),) for name, labels in samples
-    )
-    assert samples[("healthfm_audit_chain_ok", run)] == 1
-    assert samples[("healthfm_run_status", (("run_id", "8"), ("status", "interrupted")))] == 1
+    assert got[("healthfm_run_rounds_done", ())] == 2
+    assert got[("healthfm_sites_online", ())] == 2 and got[("healthfm_site_online", (("site", "hospital"),))] == 0
+    assert got[("healthfm_site_state", (("site", "hospital"), ("state", "offline")))] == 1
+    assert got[("healthfm_round_seconds", (("phase", "round"),))] == rounds[-1]["timings"]["round_seconds"]
+    assert got[("healthfm_bytes_sent_total", ())] == sum(e["bytes_sent"] for e in rounds)
+    assert got[("healthfm_bytes_received_total", ())] == sum(e["bytes_received"] for e in rounds)
+    assert got[("healthfm_replies_rejected_total", ())] == 0  # hospital was lost, not rejected
+    assert got[("healthfm_site_round_state", (("site", "hospital"), ("state", "lost")))] == 1
+    assert got[("healthfm_site_rounds_total", (("site", "hospital"), ("state", "ok")))] == 1
+    assert got[("healthfm_site_epsilon", (("site", "genomics"),))] == rounds[-1]["epsilon"]["genomics"]
+    assert got[("healthfm_site_epsilon_cap", (("site", "genomics"),))] == 40.0
+    assert got[("healthfm_site_dp_rounds", (("site", "genomics"),))] == 2
+    assert not any(name == "healthfm_site_epsilon_cap" and labels != (("site", "genomics"),) for name, labels in got)
+    assert got[("healthfm_audit_chain_ok", ())] == 1
 
 
 def test_a_site_that_reports_no_cap_is_drawn_without_one(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from helpers.narrowing import present
 from healthfm_core.model.config import load_model_config
 from healthfm_core.protocol import SiteCapabilities
 from server.config import FederationConfig
+from server.deploy.door import open_door
 from server.deploy.flwr_app import default_run_config
 from server.deploy.provision import ProvisionConfig, provision
 from server.deploy.proxy import FLEET_ROUTES, UPSTREAM_IDLE_S, nginx_config, write_nginx_config
@@ -99,6 +100,7 @@ def test_the_proxy_forwards_only_the_fleet_routes(tmp_path: Path) -> None:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         pytest.skip("nginx is not installed (make setup-system)")
+    open_door(paths, None)  # the files nginx.conf includes: the registered keys, push-object's limit
     conf = write_nginx_config(paths, "127.0.0.1", 9093, 41000)
     check = subprocess.run(
         [nginx, "-p", str(paths.server_dir), "-e", str(tmp_path / "err.log"), "-c", str(conf), "-t"],

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from flwr.common.constant import TIMESTAMP_HEADER
 from flwr.proto.fleet_pb2 import PullMessagesRequest
+from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.proto.node_pb2 import Node
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
 from flwr.supercore.date import now
@@ -34,9 +35,11 @@ from flwr.supernode.nodestate import NodeStateFactory
 from starlette.middleware import Middleware
 
 from client.deploy import flower_patches as client_patches
+from healthfm_core import memory_release
 from healthfm_core.middleware_gate import FLOWER_TRACING_VARIABLE, GatedMiddleware
-from server.deploy import flower_patches
+from server.deploy import flower_patches, large_bodies
 from server.deploy.flower_patches import MIDDLEWARE_ACTS
+from server.deploy.large_bodies import PREAUTH_BYTES
 
 
 class Keys:
@@ -187,3 +190,134 @@ def test_the_supernode_runtime_api_runs_flowers_tracing_layer_only_when_tracing_
     # A call through the whole app still gets Flower's answer (no token: refused, as without the gate).
     status, body = _post(app, "/v1/runtime/pull-object", b"", {})
     assert status == 401, (status, body[:200])
+
+
+# ---------------------------------------------------------------------------- large bodies (issue 67, break 4)
+
+
+def _asgi_post(
+    app: Any, path: str, body: bytes, headers: dict[str, str], piece: int = 64 * 1024
+) -> tuple[int, bytes, int]:
+    """POST `body` straight to the ASGI app in pieces, as uvicorn hands them on; the status, the
+    answer and how many body bytes the app read."""
+    pieces = [body[i : i + piece] for i in range(0, len(body), piece)] or [b""]
+    read = 0
+    out: dict[str, Any] = {"body": b""}
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        if not pieces:
+            return {"type": "http.disconnect"}
+        chunk = pieces.pop(0)
+        read += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pieces)}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    sent = {"content-type": PROTOBUF_MEDIA_TYPE, "content-length": str(len(body)), **headers}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in sent.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("superlink", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["body"], read
+
+
+@pytest.fixture
+def guarded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Any, Any, dict[str, Keys], tuple[dict[str, int], dict[str, int]], list[int]]:
+    """Flower's app, and superlink_main's (gated and guarded), the same node registered in each;
+    and a record of each release_memory call (the real one runs)."""
+    monkeypatch.setattr(flower_superlink_app, "_get_middleware", flower_superlink_app._get_middleware)
+    plain = flower_superlink_app.create_app()
+    flower_patches.gate_middleware()
+    flower_patches.guard_large_bodies()
+    flower_patches.guard_large_bodies()  # twice: guarded once
+    app = flower_superlink_app.create_app()
+    nodes = {"biobank": Keys()}
+    released: list[int] = []
+    real = memory_release.release_memory
+
+    def counted() -> None:
+        released.append(1)
+        real()
+
+    monkeypatch.setattr(memory_release, "release_memory", counted)
+    return plain, app, nodes, (_register(plain, nodes), _register(app, nodes)), released
+
+
+def test_a_large_fleet_body_is_read_only_from_an_authenticated_registered_node(guarded: Any) -> None:
+    """Flower read a push-object's whole body before checking its sender: three made-up headers, or
+    a registered site's public key (no secret) with a forged signature, made the SuperLink hold 300 MB.
+    LargeBodyGuard authenticates a body over PREAUTH_BYTES from the headers first: a forged, stale or
+    unknown one is refused with Flower's 401 before a byte of the body is read; a rightly signed
+    one reaches Flower, which answers as without the guard."""
+    plain, app, nodes, (plain_ids, ids), released = guarded
+    names = [m.cls.__name__ if isinstance(m.cls, type) else "?" for m in app.user_middleware]
+    assert names[0] == "LargeBodyGuard" and names.count("LargeBodyGuard") == 1 and len(names) == 10
+    biobank, outsider = nodes["biobank"], Keys()
+
+    def push(node_id: int) -> bytes:
+        content = b"\0" * (2 * 1024 * 1024)
+        return PushObjectRequest(
+            node=Node(node_id=node_id), run_id=1, object_id="0" * 64, object_content=content
+        ).SerializeToString()
+
+    request = push(ids["biobank"])
+    assert len(request) > PREAUTH_BYTES
+    forged_signature = {**biobank.headers(), FLEET_HTTP_SIGNATURE_HEADER: b64encode(b"\1" * 96).decode()}
+    stale = biobank.headers(now() - datetime.timedelta(hours=1))
+    for what, headers in {
+        "no headers": {},
+        "made-up headers": {
+            FLEET_HTTP_PUBLIC_KEY_HEADER: "bWFkZS11cA==",
+            FLEET_HTTP_SIGNATURE_HEADER: "c2ln",
+            TIMESTAMP_HEADER: "x",
+        },
+        "a registered key, a forged signature": forged_signature,
+        "a registered key, a stale signature": stale,
+        "an unregistered key, signed": outsider.headers(),
+    }.items():
+        status, body, read = _asgi_post(app, "/v1/fleet/push-object", request, headers)
+        print(f"{what}: {status}, {read} body bytes read")
+        assert (status, read) == (401, 0), (what, status, body[:200])
+        assert body == large_bodies.REFUSED
+    assert released == []  # nothing was read, nothing to give back
+    # Rightly signed: Flower reads it and answers as it does without the guard.
+    status, body, read = _asgi_post(app, "/v1/fleet/push-object", request, biobank.headers())
+    want = _post(plain, "/v1/fleet/push-object", push(plain_ids["biobank"]), biobank.headers())
+    assert read == len(request) and status == want[0] != 401, (status, body[:200], want)
+    # Small bodies are Flower's alone (its own node authentication reads and refuses them).
+    small = PullMessagesRequest(node=Node(node_id=ids["biobank"])).SerializeToString()
+    status, _, read = _asgi_post(app, "/v1/fleet/pull-messages", small, forged_signature)
+    assert (status, read) == (401, len(small))
+
+
+def test_a_large_body_that_fails_has_its_memory_given_back(guarded: Any) -> None:
+    """A refused large body's memory stayed with the SuperLink: Flower's exception keeps the body in
+    a reference cycle and glibc keeps freed heap. After a large request that failed, the guard
+    collects and trims (release_memory); not after a small one or one that succeeded."""
+    _, app, nodes, (_, ids), released = guarded
+    garbage = b"\xff" * (3 * 1024 * 1024)  # no protobuf: Flower answers 400 after reading it all
+    status, _, read = _asgi_post(app, "/v1/fleet/push-object", garbage, nodes["biobank"].headers())
+    assert (status, read, released) == (400, len(garbage), [1])
+    status, _, _ = _asgi_post(app, "/v1/fleet/push-object", garbage[:1000], nodes["biobank"].headers())
+    assert status == 400 and released == [1]  # small: left to the collector
+    pull = PullMessagesRequest(node=Node(node_id=ids["biobank"])).SerializeToString()
+    assert _asgi_post(app, "/v1/fleet/pull-messages", pull, nodes["biobank"].headers())[0] == 200
+    assert released == [1]

@@ -4,11 +4,13 @@ sites take part, and a site runs only app bundles it approved.
 - The rogue-site replay (issue 12, finding 1): an outsider holding only the public ca.pem, at the
   public port (nginx, server/deploy/proxy.py), tries the Control API the way the `flwr` CLI does and by
   hand: list runs and nodes, read a run's log, stop a run, register its own key; every request is
-  answered 403 by the proxy and never reaches the SuperLink, while a Fleet API call passes through
-  (and meets the SuperLink's own node authentication). Then the outsider's best case: its key
-  registered with Flower behind the coordinator's back (as the open Control API used to allow), a
-  node joined as "rogue": it is not in the coordinator's registry, so the ServerApp sends it
-  nothing and it is never among the contributors.
+  answered 403 by the proxy and never reaches the SuperLink, and a Fleet API call without a
+  registered key is answered 401 by the proxy. Then the outsider's best case: its key registered
+  with Flower behind the coordinator's back (as the open Control API used to allow). At the public
+  port nginx still refuses it (its key is not in the registry the door's map is made from:
+  `join` exits "not registered"); a node joined as "rogue" past the door (at the SuperLink's loopback
+  port, from the coordinator's machine) is not in the coordinator's registry either, so the
+  ServerApp sends it nothing and it is never among the contributors.
 - The unapproved bundle (finding 2): a run whose bundle ships its own module (which would leave
   a marker file if it were ever imported) is refused by every site before any process unpacks it;
   the refusals reach the ServerApp as the sites' replies (server.log names each site and the
@@ -32,8 +34,18 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from helpers.deploy_fixtures import CLIENT, SITES, TINY_RUN, Process, join_args, round_events, run_coordinator
+from helpers.deploy_fixtures import (
+    CLIENT,
+    SITES,
+    TINY_RUN,
+    Process,
+    join_args,
+    round_events,
+    run_client,
+    run_coordinator,
+)
 
+from client.deploy.join import EXIT_NOT_REGISTERED
 from healthfm_core.files import write_flat_toml
 from server.deploy.bundle import build_bundle
 from server.deploy.flwr_app import parse_overrides
@@ -165,7 +177,7 @@ def test_an_outsider_with_the_ca_reaches_only_the_fleet_api(
     # A Fleet call without node authentication headers: nginx refuses it (401) before the SuperLink reads it.
     status, body = raw_post(superlink, ca, "/v1/fleet/get-run")
     print(f"outsider: POST /v1/fleet/get-run (unsigned) -> {status}")
-    assert status in (400, 401, 422) and CONTROL_REFUSED.encode() not in body, (status, body[:200])
+    assert status == 401 and b"authentication header" in body, (status, body[:200])
     # The proxy refused them itself: the SuperLink never saw a Control request from outside.
     access = (federation.server_dir / "nginx-access.log").read_text()
     assert '"POST /v1/control/list-runs HTTP/1.1" 403' in access
@@ -283,12 +295,22 @@ def test_a_node_outside_the_registry_is_never_averaged_in(
     assert reg.returncode == 0, reg.stdout + reg.stderr
     rogue_id = int(json.loads(reg.stdout[reg.stdout.index("{") :])["node-id"])
     assert rogue_id not in read_registry(registry_path(federation)).by_node()
+    # At the public port: nginx refuses the key (not in registry.json), whatever Flower knows.
+    refused = run_client(
+        *join_args(federation, sites["hospital"], "intruder", superlink, tmp_path / "state-door"), timeout=600
+    )
+    assert refused.returncode == EXIT_NOT_REGISTERED, (refused.stdout, refused.stderr)
+    assert "not registered" in refused.stderr
+    supernode_log = (tmp_path / "state-door" / "supernode.log").read_text()
+    assert "this SuperNode key is not registered with the federation" in supernode_log
+    # Past the door, at the SuperLink's own port (on the coordinator's machine): the registry still decides.
+    loopback = tomllib.loads((flwr_home(federation) / "config.toml").read_text())["superlink"][CONNECTION]["address"]
     state = tmp_path / "state-rogue"
     rogue = Process(
         [
             sys.executable,
             str(CLIENT),
-            *join_args(federation, sites["hospital"], "intruder", superlink, state),
+            *join_args(federation, sites["hospital"], "intruder", loopback, state),
             "--site-name",
             "rogue",
         ],

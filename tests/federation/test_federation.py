@@ -28,6 +28,7 @@ from healthfm_core.protocol import (
     SiteCapabilities,
     site_seed,
 )
+from healthfm_core.protocol.site_share import capped_weights
 from healthfm_core.train.checkpoint import CheckpointError
 from server.audit import audit_from_rounds, read_audit_log, verify_audit_log
 from server.checkpoint import (
@@ -117,8 +118,12 @@ def test_round_zero_and_evaluation_are_logged(full_run: Path) -> None:
         if key.endswith(".auroc"):
             task = key[: -len(".auroc")]
             reported = {s: m for s, m in evaluation["sites"].items() if key in m}
-            n = sum(m[f"{task}.n"] for m in reported.values())
-            assert value == pytest.approx(sum(m[key] * m[f"{task}.n"] for m in reported.values()) / n)
+            # Each site's weight: its n, at most 2 x the others' median (the share cap).
+            rows = {s: m[f"{task}.n"] for s, m in evaluation["sites"].items() if f"{task}.n" in m}
+            weights = evaluation["share_cap"]["weights"][task]
+            assert weights == pytest.approx(capped_weights(rows))
+            n = sum(weights[s] for s in reported)
+            assert value == pytest.approx(sum(m[key] * weights[s] for s, m in reported.items()) / n)
     summary = (full_run / "summary.md").read_text()
     assert "| 1 | 3/3 |" in summary and "| 2 | 3/3 |" in summary
     assert json.loads((full_run / "vocabulary.json").read_text())["codes"]

@@ -38,7 +38,7 @@ from healthfm_core.eval.federated_head import fit_federated_logistic
 from healthfm_core.privacy.ledger import PrivacyLedger
 from healthfm_core.protocol.head import HEAD_RECORD, MSG_TRAIN, HeadRoundRequest
 from server.config import PrivacyRequest
-from server.head_app import ROUNDS_FILE, SUMMARY_FILE, HeadRunConfig, fit_head, fit_keys
+from server.head_app import ROUNDS_FILE, SUMMARY_FILE, HeadRunConfig, fit_head, fit_head_on, fit_keys, head_sites
 
 
 def ledger_rounds(node: Mapping[str, Any]) -> list:
@@ -157,12 +157,22 @@ def test_a_reply_without_its_epsilon_under_dp_is_rejected(tmp_path: Path, caplog
 
 
 @pytest.mark.usefixtures("serverapp_identity")
-def test_a_site_whose_policy_makes_dp_mandatory_trains_under_dp_unasked(tmp_path: Path) -> None:
-    """No DP asked; the sites' policies make it mandatory (noise 2.0): every round is DP at the
+def test_a_site_whose_policy_makes_dp_mandatory_refuses_a_run_without_dp_and_trains_when_asked(tmp_path: Path) -> None:
+    """No DP asked; the sites' policies make it mandatory (noise 2.0): the server trusts a DP
+    update only in a run that asked for DP (issue 67), so each site refuses its first round,
+    saying why, before reserving anything. Asked for DP at that noise, every round is DP at the
     policy's noise, spent in the ledger and reported; the head differs from the non-DP one."""
     nodes = site_nodes(tmp_path, [20.0, 20.0], mandatory=True)
-    result, sites = fit_head(in_process_grid(nodes), _task(), 5, head_config(tmp_path / "out"))
-    assert set(sites.epsilon) == {"site0", "site1"}
+    sites = head_sites(in_process_grid(nodes), _task(), 5, head_config(tmp_path / "unasked"))
+    with pytest.raises(ValueError, match="no site scored a head"):
+        fit_head_on(sites, head_config(tmp_path / "unasked"))
+    for node in nodes:
+        refusal = sites.refused[node["site-name"]]
+        assert refusal["stage"] == MSG_TRAIN and "makes DP mandatory and this head run did not ask for DP" in refusal["refused"]  # fmt: skip
+        assert ledger_rounds(node) == []
+    cfg = head_config(tmp_path / "out", PrivacyRequest(noise_multiplier=2.0, delta=DELTA))
+    result, sites = fit_head(in_process_grid(nodes), _task(), 5, cfg)
+    assert set(sites.epsilon) == {"site0", "site1"} and sites.rejected == {}
     for node in nodes:
         rounds = ledger_rounds(node)
         assert len(rounds) == ROUNDS * len(C_GRID) and {r.noise_multiplier for r in rounds} == {2.0}

@@ -135,6 +135,9 @@ def test_streaming_clipping_and_noise_equal_opacus_hooks() -> None:
     Opacus supports (same per-sample losses, same noise generator seed)."""
     torch.manual_seed(0)
     x, y = torch.randn(6, 5), torch.randn(6, 1)
+    # Opacus's full backward hooks fire on the module's inputs: one that takes a gradient (torch
+    # warns otherwise); the parameters' gradients, all the test compares, are the same either way.
+    x.requires_grad_(True)
     ref_model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     ours = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     ours.load_state_dict(ref_model.state_dict())

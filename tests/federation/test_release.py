@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 
 from client.client import build_parser
 from client.client import main as client_main
+from client.head_rows import load_head_rows
 from client.model_use import PREDICTION_TIMES_SCHEMA, embed_rows_at_site, open_site_runtime, task_rows
 from client.site_runtime import SiteConfig, SiteRuntime
 from healthfm_core.data.sequences.vocab import build_vocabulary
@@ -35,6 +36,7 @@ from healthfm_core.model.healthfm import init_model
 from healthfm_core.personal_weights import load_personal, read_personal_meta
 from healthfm_core.protocol import FederationSetup
 from healthfm_core.release import ReleaseError, load_release
+from healthfm_core.release_binding import ExpectedRun
 from healthfm_core.release_fit import SiteDoesNotFit, release_fit, require_fit
 from healthfm_core.release_signing import load_public_key, load_signing_key, make_signing_key, sign_folder
 from healthfm_core.train.checkpoint import sha256_file
@@ -381,6 +383,14 @@ def test_an_edited_release_with_its_sums_rewritten_is_refused_naming_the_file(
     assert not any((tmp_path / n).exists() for n in ("e.parquet", "probe", "p.parquet"))
 
 
+def _times(biobank: Path, tmp_path: Path, n: int = 2) -> Path:
+    """The biobank's first `n` subjects at time 0: a --prediction-times file."""
+    times = tmp_path / "times.parquet"
+    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:n]
+    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0] * n, pa.timestamp("us"))}), times)  # fmt: skip
+    return times
+
+
 def test_a_release_without_a_key_to_verify_is_refused_and_trust_unsigned_loads_it_with_a_warning(
     release_dir: Path,
     run_dir: Path,
@@ -404,9 +414,7 @@ def test_a_release_without_a_key_to_verify_is_refused_and_trust_unsigned_loads_i
     with caplog.at_level("WARNING", logger="healthfm.release"):
         release = load_release(tmp_path / "m", trust_unsigned=True)
     assert release.meta.run_id == "7" and "WITHOUT verifying its signature" in caplog.text
-    times = tmp_path / "times.parquet"
-    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:1]
-    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0], pa.timestamp("us"))}), times)  # fmt: skip
+    times = _times(biobank, tmp_path, 1)
     argv = ["embed", str(biobank), "--model", str(tmp_path / "m"), "--min-subjects", "2", "--no-progress"]
     argv += ["--prediction-times", str(times), "--out", str(tmp_path / "e.parquet")]
     assert client_main(argv) == 2  # unsigned, no key: refused
@@ -432,9 +440,7 @@ def test_a_head_probed_on_one_release_is_refused_on_another_runs_release(
     y = x[:, 0] > 0
     probe = fit_logistic_probe(x[:40], y[:40], x[40:], y[40:])
     head = save_head(tmp_path / "t.json", "t", probe, a.setup.sha256, 64, 8, a.weights_sha256)
-    times = tmp_path / "times.parquet"
-    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:2]
-    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0, 0], pa.timestamp("us"))}), times)  # fmt: skip
+    times = _times(biobank, tmp_path)
     argv = ["predict", str(biobank), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
     argv += ["--head", str(head), "--prediction-times", str(times)]
     assert client_main([*argv, "--model", str(other_release), "--out", str(tmp_path / "b.parquet")]) == 2
@@ -442,6 +448,64 @@ def test_a_head_probed_on_one_release_is_refused_on_another_runs_release(
     assert str(head) in err and "field weights_sha256" in err and not (tmp_path / "b.parquet").exists()
     assert client_main([*argv, "--model", str(release_dir), "--out", str(tmp_path / "a.parquet")]) == 0
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 2
+
+
+def test_a_validly_signed_release_of_another_run_is_refused_where_a_site_expects_its_run(
+    release_dir: Path,
+    other_release: Path,
+    release_key: Path,
+    biobank: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 67, break 7: another run's validly signed release loaded; nothing bound a release to
+    the run a site expects. Release B (run 8) is signed by the same federation key as release A
+    (run 7), with the same setup. A site that names run 7 (`--expect-run`, or its policy's
+    `expected_release`) refuses B by name, before any row is embedded; A still loads. A site that
+    names nothing is told which run it loaded."""
+    argv = ["embed", str(biobank), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
+    argv += ["--prediction-times", str(_times(biobank, tmp_path))]
+    out = tmp_path / "e.parquet"
+    assert client_main([*argv, "--model", str(other_release), "--expect-run", "7", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the release is run 8 (round 2" in err and "this site expects run 7" in err and not out.exists(), err
+    # The policy says it as well; a policy's run id may be written as the number it is.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 2\nexpected_release:\n  run_id: 7\n")
+    assert client_main([*argv, "--model", str(other_release), "--policy", str(policy), "--out", str(out)]) == 2
+    assert "this site expects run 7" in capsys.readouterr().err and not out.exists()
+    # Run 7's own release loads under both, with no warning.
+    assert client_main([*argv, "--model", str(release_dir), "--policy", str(policy), "--expect-run", "7", "--out", str(out)]) == 0  # fmt: skip
+    assert "WARNING" not in capsys.readouterr().err and pq.read_table(out).num_rows == 2
+    # Each expectation named must hold: the policy's run 7 refuses B even when --expect-run names 8.
+    assert client_main([*argv, "--model", str(other_release), "--policy", str(policy), "--expect-run", "8", "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "this site expects run 7" in capsys.readouterr().err
+    # By setup: A and B share it (same federation setup), another setup refuses both.
+    with pytest.raises(ReleaseError, match=r"release.json: the release is run 7 .* this site expects setup 0{64}"):
+        load_release(release_dir, trusted_keys=[release_key], expect=[ExpectedRun(setup_sha256="0" * 64)])
+    setup_a = load_release(release_dir, trusted_keys=[release_key]).setup.sha256
+    assert load_release(other_release, trusted_keys=[release_key], expect=[ExpectedRun(setup_sha256=setup_a)])
+    assert client_main([*argv, "--model", str(release_dir), "--expect-setup", "abc", "--out", str(out)]) == 2
+    assert "a setup sha256 is 64 lowercase hex characters" in capsys.readouterr().err
+    # Nothing named: B loads, and the site is told which run it is.
+    assert client_main([*argv, "--model", str(other_release), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: the release" in err and "is run 8 (round 2, setup" in err and "names no expected run" in err
+
+
+def test_the_task_heads_clientapp_refuses_a_release_of_another_run_than_its_policy_expects(
+    release_dir: Path, other_release: Path, release_key: Path, biobank: Path, tmp_path: Path
+) -> None:
+    """The task head's ClientApp (client/head_rows.py) loads the release its node config names,
+    checked against the site policy's expected_release before anything is embedded."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("min_subjects: 2\nexpected_release:\n  run_id: '7'\n")
+    config = {"site-root": str(biobank), "site-name": "biobank", **MIN, "policy": str(policy)}
+    config |= {"release-key": str(release_key), "state-dir": str(tmp_path / "state")}
+    with pytest.raises(ReleaseError, match=r"the release is run 8 .* this site expects run 7"):
+        load_head_rows({**config, "model": str(other_release)}, ["onset_hypertension_365d"])
+    rows = load_head_rows({**config, "model": str(release_dir)}, ["onset_hypertension_365d"])
+    assert rows.setup_sha256 == load_release(release_dir, trusted_keys=[release_key]).setup.sha256
 
 
 def test_the_head_server_app_verifies_the_release_and_refuses_other_weights_than_launched(

@@ -24,12 +24,14 @@ ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-from healthfm_core.kernels.ct_attention import split_qkv, tiling  # noqa: E402
-from healthfm_core.kernels.ct_attention import triton as kernel  # noqa: E402
+from healthfm_core.kernels.ct_attention import launch, split_qkv, tiling  # noqa: E402
+from healthfm_core.kernels.ct_attention.jit import interpreting  # noqa: E402
+from healthfm_core.kernels.ct_attention.launch import ct_attention_triton  # noqa: E402
+from healthfm_core.kernels.ct_attention.plan import tile_paths, tile_plan  # noqa: E402
 from healthfm_core.model.attention import ct_attention, ct_attention_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-RUNNABLE_HERE = ON_CUDA or kernel.interpreting()
+RUNNABLE_HERE = ON_CUDA or interpreting()
 here = pytest.mark.skipif(
     not RUNNABLE_HERE,
     reason="triton was imported in compiled mode without a GPU; "
@@ -61,7 +63,7 @@ def test_suite_in_fresh_interpreter_process() -> None:
 def _run(*args, **kwargs) -> torch.Tensor:
     """The kernel on DEVICE with the pinned config; tensors come back on the CPU."""
     moved: list[Any] = [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in args]
-    out = kernel.ct_attention_triton(*moved, **{"config": CFG, **kwargs})
+    out = ct_attention_triton(*moved, **{"config": CFG, **kwargs})
     return out
 
 
@@ -291,7 +293,7 @@ def test_split_qkv_takes_the_kernels_gradient_buffer_as_the_projections_gradient
 @here
 def test_dispatch_forces_the_kernel_and_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v, t, log_w, rates, valid = (x.to(DEVICE) for x in _make(b=1, h=1, n=16, d=16, m=2, seed=2, span_days=5.0))
-    want = kernel.ct_attention_triton(q, k, v, t, t, log_w, rates, valid, True)
+    want = ct_attention_triton(q, k, v, t, t, log_w, rates, valid, True)
     torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid, impl="triton"), want)
     monkeypatch.setenv("HEALTHFM_CT_ATTENTION", "triton")
     torch.testing.assert_close(ct_attention(q, k, v, t, t, log_w, rates, valid), want)
@@ -374,7 +376,7 @@ def test_tile_paths_counts_the_plan_of_each_tile_pair(rate: float, overlap_path:
     # sees itself over a span of 3 days: factorised while lambda x 3 <= SPAN_LIMIT (40), else log.
     t = torch.tensor([[0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0]])
     valid = torch.ones(1, 8, dtype=torch.bool)
-    counts = kernel.tile_paths(t, t, valid, torch.tensor([[rate, 0.001]]), 4, 4, causal=True)
+    counts = tile_paths(t, t, valid, torch.tensor([[rate, 0.001]]), 4, 4, causal=True)
     want = {"skipped": 1, "bulk": 1, "separated": 1, "small_span": 0, "log": 0}
     want[overlap_path] = 2
     assert counts == want
@@ -390,12 +392,12 @@ def test_bulk_tiles_match_the_planned_path(m: int, monkeypatch: pytest.MonkeyPat
     q, k, v, t, log_w, rates, valid = _make(b=1, h=2, n=64, d=16, m=m, seed=23, span_days=400.0, rate_scale=3.0)
     t[:, 16] = t[:, 15]
     valid[0, 16:32] = False
-    plan = kernel._tile_plan(t, t, valid, CFG.block_m, CFG.block_n, True)
+    plan = tile_plan(t, t, valid, CFG.block_m, CFG.block_n, True)
     assert int((plan["k_sep"] - plan["k_lo"]).clamp(min=0).sum()) >= 4  # the bulk is exercised, forward and dQ
     assert int((plan["q_hi"] - plan["q_sep"]).clamp(min=0).sum()) >= 4  # and dK/dV
 
     def run(bulk: bool):
-        monkeypatch.setattr(kernel, "_bulk_allowed", lambda dtype: bulk)
+        monkeypatch.setattr(launch, "bulk_allowed", lambda dtype: bulk)
         leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, log_w, rates)]
         out = _run(leaves[0], leaves[1], leaves[2], t, t, leaves[3], leaves[4], valid, True)
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out) + out.detach())
@@ -412,7 +414,7 @@ def _causal_on_leaves(
     """The time-causal kernel on DEVICE at ``config``; ``leaves`` are (q, k, v, log_weights, rates)."""
     q, k, v, log_w, rates = leaves
     times = t.to(DEVICE)
-    return kernel.ct_attention_triton(q, k, v, times, times, log_w, rates, valid.to(DEVICE), True, config=config)
+    return ct_attention_triton(q, k, v, times, times, log_w, rates, valid.to(DEVICE), True, config=config)
 
 
 @here
@@ -471,7 +473,7 @@ def test_an_evaluation_batch_past_the_grid_axis_and_int32_offsets_matches_refere
     log_w = torch.log_softmax(torch.randn(h, 4, device=DEVICE, generator=g), -1)
     rates = torch.exp(torch.randn(h, 4, device=DEVICE, generator=g))
     with torch.no_grad():
-        out = kernel.ct_attention_triton(q, k, v, t, t, log_w, rates)
+        out = ct_attention_triton(q, k, v, t, t, log_w, rates)
         for i in (0, b - 1):
             one = slice(i, i + 1)
             want = ct_attention_reference(
@@ -484,7 +486,7 @@ def test_an_evaluation_batch_past_the_grid_axis_and_int32_offsets_matches_refere
 @here
 def test_layers_sharing_a_plan_match_reference_and_a_rewritten_batch_is_planned_again() -> None:
     # Two layers on one batch's times and key mask (the second reuses the first's plan:
-    # kernel.planned_inputs), forward and backward through both against the reference; then
+    # plan.py planned_inputs), forward and backward through both against the reference; then
     # the same tensors rewritten in place (as a reused batch buffer would be) and run again.
     q, k, v, t, log_w, rates, valid = _make(b=2, h=2, n=48, d=16, m=4, seed=31, span_days=300.0)
     t, valid = t.to(DEVICE), valid.to(DEVICE)
@@ -494,7 +496,7 @@ def test_layers_sharing_a_plan_match_reference_and_a_rewritten_batch_is_planned_
         return attention(first + leaves[0], leaves[1], first, times, times, leaves[3], leaves[4], mask, True)
 
     def triton(*args):
-        return kernel.ct_attention_triton(*args, config=CFG)
+        return ct_attention_triton(*args, config=CFG)
 
     def reference(q, k, v, t_q, t_k, lw, rate, mask, causal):
         d = torch.float64

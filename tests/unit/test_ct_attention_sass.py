@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from ct_attention_sass import Loop, count, loops_of  # noqa: E402
 
 from healthfm_core.kernels.ct_attention import aot  # noqa: E402
-from healthfm_core.kernels.ct_attention import triton as kernels  # noqa: E402
+from healthfm_core.kernels.ct_attention.jit import interpreting  # noqa: E402
 
 
 def _listing(lines: list[tuple[int, str]]) -> str:
@@ -49,7 +49,7 @@ def test_loops_are_the_two_largest_backward_branches_in_address_order() -> None:
 
 @pytest.mark.slow
 def test_a_compiled_kernel_is_counted_with_its_bulk_loop_named() -> None:
-    if kernels.interpreting():
+    if interpreting():
         pytest.skip("TRITON_INTERPRET=1: nothing is compiled")
     forward = count(aot.Specialisation("_ct_fwd", 90, "bf16", 4, True, True))
     assert forward.registers > 0 and forward.stack_bytes >= 0

@@ -14,9 +14,9 @@ import itertools
 import pytest
 import torch
 
-from healthfm_core.kernels.ct_attention import tiling
+from healthfm_core.kernels.ct_attention import support, tiling
 from healthfm_core.kernels.ct_attention.aot import HEAD_DIMS, SHARED_LIMIT, TRAINING_HEAD_DIMS
-from healthfm_core.kernels.ct_attention.triton import check_supported
+from healthfm_core.kernels.ct_attention.support import check_supported
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 T4 = 65_536  # the smallest limit a CUDA card since sm_75 has (sm_75 itself gets the reference: MIN_CAPABILITY)
@@ -91,26 +91,24 @@ def test_cpu_tensors_have_no_shared_memory_limit() -> None:
 
 
 def test_a_card_older_than_ampere_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No GPU here: the card is what torch would report (kernel.device_capability). On sm_75 triton
+    # No GPU here: the card is what torch would report (support.device_capability). On sm_75 triton
     # compiles the products to FMA loops (docs/performance.md, "Fits the card it runs on").
-    from healthfm_core.kernels.ct_attention import triton as kernel
 
     q = torch.zeros(1, 1, 4, 16)
-    monkeypatch.setattr(kernel, "device_shared_memory", lambda device: 64 * 1024)
-    monkeypatch.setattr(kernel, "device_capability", lambda device: (7, 5))
+    monkeypatch.setattr(support, "device_shared_memory", lambda device: 64 * 1024)
+    monkeypatch.setattr(support, "device_capability", lambda device: (7, 5))
     why = check_supported(q, q, q, torch.zeros(1, 4))
     assert why is not None and "compute capability 7.5; the kernel needs 8.0 or newer" in why
     for capability in ((8, 0), (8, 6), (9, 0), (12, 0)):
-        monkeypatch.setattr(kernel, "device_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(support, "device_capability", lambda device, c=capability: c)
         assert check_supported(q, q, q, torch.zeros(1, 4)) is None, capability
 
 
 def test_a_card_no_tiling_fits_or_whose_properties_cannot_be_read_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No GPU here: the card's limit is what triton's driver would report (kernel.device_shared_memory).
-    from healthfm_core.kernels.ct_attention import triton as kernel
+    # No GPU here: the card's limit is what triton's driver would report (support.device_shared_memory).
 
     q = torch.zeros(1, 1, 4, 64)
-    monkeypatch.setattr(kernel, "device_shared_memory", lambda device: 16 * 1024)
+    monkeypatch.setattr(support, "device_shared_memory", lambda device: 16 * 1024)
     why = check_supported(q, q, q, torch.zeros(1, 4))
     assert why is not None and "no tiling fits its 16384 bytes" in why
     assert check_supported(q[..., :16], q[..., :16], q[..., :16], torch.zeros(1, 4)) is None  # 16 wide fits
@@ -118,6 +116,6 @@ def test_a_card_no_tiling_fits_or_whose_properties_cannot_be_read_is_refused(mon
     def unreadable(device: torch.device) -> int:
         raise RuntimeError("cuda_utils did not build")
 
-    monkeypatch.setattr(kernel, "device_shared_memory", unreadable)
+    monkeypatch.setattr(support, "device_shared_memory", unreadable)
     why = check_supported(q, q, q, torch.zeros(1, 4))
     assert why is not None and "could not read its properties (RuntimeError: cuda_utils did not build)" in why

@@ -1,25 +1,23 @@
-"""Evaluation replies bounded (issue 40, break 3): an evaluate reply's counts within what the site
-declared at setup and what the evaluation asked (server/eval_counts.py), a reply over a bound
-rejected and named in the round's record; beside the n-weighted mean, the median over sites
-(robust to one site's claims) and the site with the largest share; the pooled AUROC only from
-bounded counts. The attacks replayed are the red team's: n = 10^9 (0.809 -> 0.999 weighted,
-pooled 1.000 "over 10^9 rows") and a plausible n = 540 (0.982 weighted)."""
+"""Evaluation replies bounded (issue 40, break 3; issue 67, break 2): an evaluate reply's counts
+within what the site declared at setup and what the evaluation asked (server/eval_counts.py:
+held_out_rows_per_subject x subjects), a reply over a bound rejected and named in the round's
+record; beside the n-weighted mean, the median over sites (robust to one site's claims) and the
+site with the largest share; the pooled AUROC only from bounded counts. The attacks replayed are
+the red team's: n = 10^9 (0.809 -> 0.999 weighted, pooled 1.000 "over 10^9 rows") and a
+plausible n = 540 (0.982 weighted; now capped: tests/unit/test_eval_share_cap.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
-import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from helpers.eval_replies import BINS, KEY, honest_reply, inflated_reply
 
+from healthfm_core.data.labels.tasks import HELD_OUT_ROWS_PER_SUBJECT
 from healthfm_core.eval.federation_auroc import federation_aurocs
-from healthfm_core.eval.site_histogram import release_histogram
 from healthfm_core.protocol import (
     EvalConfig,
     EvalReply,
-    ScoreHistogram,
     SiteCapabilities,
     TaskMetrics,
     aggregate_site_metrics,
@@ -29,8 +27,6 @@ from server.eval_counts import DeclaredCounts, declared_counts, eval_count_probl
 from server.evaluation import judge_eval_replies
 from server.runlog import EventLog, write_summary
 
-KEY = "onset_t2d_365d"
-BINS = 50
 SUBJECTS = 150  # each site declares 150 subjects at setup (the red team's federation)
 
 
@@ -39,25 +35,12 @@ def _cfg(max_subjects: int = 0) -> EvalConfig:
 
 
 def _honest(seed: int, n: int, signal: float) -> EvalReply:
-    rng = np.random.default_rng(seed)
-    y = rng.random(n) < 0.3
-    p = 1.0 / (1.0 + np.exp(-(rng.normal(size=n) + signal * y - 1.0)))
-    h = release_histogram(y, p, np.arange(n), BINS, "logit", minimum=10)
-    assert isinstance(h, ScoreHistogram)
-    auc = float(roc_auc_score(y, p))
-    metrics = TaskMetrics(n=n, auroc=auc, positives=int(y.sum()), subjects=n // 3, auroc_low=auc - 0.1, auroc_high=auc + 0.05)  # fmt: skip
-    return EvalReply(tasks={KEY: metrics}, histograms={KEY: h})
+    return honest_reply(seed, n, signal)
 
 
-def _inflated(n: int) -> EvalReply:
-    """A perfect-looking site claiming `n` held-out rows: its histogram adds up (positives in the
-    top bin, negatives in the bottom), as the red team built it."""
-    positives = n // 2
-    h = ScoreHistogram(
-        bounds=[0, 1, BINS - 1, BINS], positives=[0, 0, positives], negatives=[n - positives, 0, 0], minimum=10
-    )
-    metrics = TaskMetrics(n=n, auroc=0.999, positives=positives, subjects=min(-(-n // 4), SUBJECTS), auroc_low=0.99, auroc_high=1.0)  # fmt: skip
-    return EvalReply(tasks={KEY: metrics}, histograms={KEY: h})
+def _inflated(n: int, subjects: int = SUBJECTS) -> EvalReply:
+    """A perfect-looking site claiming `n` held-out rows of `subjects` subjects (helpers.eval_replies)."""
+    return inflated_reply(n, subjects)
 
 
 def _sites(attacker: EvalReply) -> dict[str, EvalReply]:
@@ -75,8 +58,8 @@ def test_an_evaluation_reply_claiming_a_billion_rows_is_rejected_and_named() -> 
     assert EvalReply.from_records(sites["z"].to_records()).tasks[KEY].n == 10**9
     accepted, rejected = _judge(sites, _cfg())
     assert set(accepted) == {"a", "b", "c"}
-    assert "field onset_t2d_365d.n: value 1,000,000,000 > 600" in rejected["z"]
-    assert "n_per_subject 4 x 150 subjects (the subjects the site declared at setup)" in rejected["z"]
+    assert "field onset_t2d_365d.n: value 1,000,000,000 > 153,600" in rejected["z"]
+    assert "held_out_rows_per_subject 1,024 x 150 subjects (the subjects the site declared at setup)" in rejected["z"]
     honest = {s: sites[s] for s in "abc"}
     assert aggregate_site_metrics(accepted) == aggregate_site_metrics(honest)
     pooled = federation_aurocs([KEY], accepted, ["a", "b", "c", "z"], {"z": "evaluation reply rejected: " + rejected["z"]})  # fmt: skip
@@ -91,17 +74,23 @@ def test_an_evaluation_reply_claiming_a_billion_rows_is_rejected_and_named() -> 
     [
         (
             30,
-            121,
-            "field onset_t2d_365d.n: value 121 > 120, the most rows a site scores: n_per_subject 4 x 30 subjects",
+            30 * 1024 + 1,
+            "field onset_t2d_365d.n: value 30,721 > 30,720, held_out_rows_per_subject 1,024 x 30 subjects "
+            "(the evaluation's subject budget (max_subjects))",
         ),
-        (0, 601, "field onset_t2d_365d.n: value 601 > 600"),
+        (0, 150 * 1024 + 1, "field onset_t2d_365d.n: value 153,601 > 153,600"),
     ],
 )
 def test_counts_are_bounded_by_the_subject_budget_asked_and_the_subjects_declared(max_subjects, n, field) -> None:  # noqa: ANN001
-    accepted, rejected = _judge({"z": _inflated(n)}, _cfg(max_subjects))
+    subjects = max_subjects or SUBJECTS
+    assert HELD_OUT_ROWS_PER_SUBJECT == 1024  # the cap the bounds above are written in
+    accepted, rejected = _judge({"z": _inflated(n, subjects)}, _cfg(max_subjects))
     assert not accepted and field in rejected["z"]
-    accepted, rejected = _judge({"z": _inflated(n - 1)}, _cfg(max_subjects))
+    accepted, rejected = _judge({"z": _inflated(n - 1, subjects)}, _cfg(max_subjects))
     assert set(accepted) == {"z"} and not rejected
+    # A reply is bounded by the subjects it says it scored, too.
+    accepted, rejected = _judge({"z": _inflated(10 * 1024 + 1, 10)}, _cfg(max_subjects))
+    assert "value 10,241 > 10,240, held_out_rows_per_subject 1,024 x the 10 subjects it says it scored" in rejected["z"]
 
 
 def test_more_subjects_than_declared_or_no_declared_count_is_rejected() -> None:
@@ -118,28 +107,6 @@ def test_more_subjects_than_declared_or_no_declared_count_is_rejected() -> None:
         eval_count_problem(fine, _cfg(), DeclaredCounts(None, None))
     )  # fails closed
     assert eval_count_problem(fine, _cfg(30), DeclaredCounts(None, None)) is None  # the budget bounds it alone
-
-
-def test_a_plausible_inflation_moves_the_weighted_mean_but_not_the_median_and_is_named() -> None:
-    """n = 540 is within the bounds of a 150-subject site: it still weighs 540 rows in the mean
-    (today 0.982) but the median over sites stays between the honest sites' values, and the site
-    with the largest share is named in the records."""
-    sites = _sites(_inflated(540))
-    accepted, rejected = _judge(sites, _cfg())
-    assert not rejected
-    honest = cast(list[float], [sites[s].tasks[KEY].auroc for s in "abc"])  # each site's is set (_sites)
-    weighted = aggregate_site_metrics(accepted)[f"{KEY}.auroc"]
-    median = median_site_metrics(accepted)[f"{KEY}.auroc"]
-    assert weighted > max(honest) + 0.03  # the attack on the mean, as reported
-    assert min(honest) <= median <= max(honest)
-    # With one more honest site, the median is exactly what it was without the attacker's claim,
-    # whatever n it claims (one site moves the median by at most one neighbour).
-    for n in (90, 540):
-        with_more = {**_sites(_inflated(n)), "d": _honest(4, 90, 1.4)}
-        assert median_site_metrics(with_more)[f"{KEY}.auroc"] == median_site_metrics(_sites(_inflated(90)) | {"d": _honest(4, 90, 1.4)})[f"{KEY}.auroc"]  # fmt: skip
-    pooled = federation_aurocs([KEY], accepted)[KEY]
-    assert pooled.largest_site == "z" and pooled.largest_share == pytest.approx(540 / 810)
-    assert "largest share z 67% of rows" in pooled.describe()
 
 
 def test_the_summary_shows_the_median_the_largest_share_and_the_rejected_reply(tmp_path: Path) -> None:
@@ -163,13 +130,14 @@ def test_the_summary_shows_the_median_the_largest_share_and_the_rejected_reply(t
     summary = write_summary(out).read_text()
     row = next(line for line in summary.splitlines() if line.startswith(f"| {KEY} | auroc |"))
     assert f"| {median_site_metrics(accepted)[f'{KEY}.auroc']:.3f} | 270 |" in row
-    assert "- site z: field onset_t2d_365d.n: value 1,000,000,000 > 600" in summary
+    assert "- site z: field onset_t2d_365d.n: value 1,000,000,000 > 153,600" in summary
     assert "1,000,000,000" not in summary.split("### Federation-wide AUROC per task")[1].split("z:")[0]
 
 
-def test_held_out_rows_scored_every_one_are_bounded_by_the_rows_declared_at_setup() -> None:
-    """Held-out rows are all scored (issue 42), so n is bounded by the site's timed rows declared
-    at setup, not by n_per_subject x subjects; with "all" and no declared rows: rejected."""
+def test_held_out_rows_are_bounded_by_the_rows_declared_at_setup_and_the_cap_per_subject() -> None:
+    """Held-out rows are all scored (issue 42) up to held_out_rows_per_subject a subject (issue 67),
+    so n is bounded by the cap x subjects, and by the site's timed rows declared at setup; a
+    declaration beyond the protocol's maxima is refused at setup."""
     caps = SiteCapabilities(site="z", modalities=["ehr"], subjects={"ehr": SUBJECTS}, rows=5_000)
     assert SiteCapabilities.from_flat(caps.to_flat()) == caps  # the declaration travels
     declared = declared_counts(caps)
@@ -177,9 +145,15 @@ def test_held_out_rows_scored_every_one_are_bounded_by_the_rows_declared_at_setu
     every_row = _cfg().model_copy(update={"n_per_subject": "all"})
     honest = EvalReply(tasks={KEY: TaskMetrics(n=2_400, auroc=0.8, subjects=SUBJECTS)})  # 16 rows a subject
     assert eval_count_problem(honest, every_row, declared) is None
-    assert eval_count_problem(honest, _cfg(), declared) is None  # the cap no longer bounds held_out
+    assert eval_count_problem(honest, _cfg(), declared) is None  # n_per_subject does not bound held_out
     over = EvalReply(tasks={KEY: TaskMetrics(n=5_001, auroc=0.8, subjects=SUBJECTS)})
     assert "field onset_t2d_365d.n: value 5,001 > 5,000, the timed rows the site declared at setup" in str(
         eval_count_problem(over, every_row, declared)
     )
-    assert "declared no row count" in str(eval_count_problem(honest, every_row, DeclaredCounts(SUBJECTS, None)))
+    # Without declared rows the cap per subject bounds it (n_per_subject "all" included).
+    assert eval_count_problem(honest, every_row, DeclaredCounts(SUBJECTS, None)) is None
+    over = EvalReply(tasks={KEY: TaskMetrics(n=153_601, auroc=0.8, subjects=SUBJECTS)})
+    assert "value 153,601 > 153,600" in str(eval_count_problem(over, every_row, DeclaredCounts(SUBJECTS, None)))
+    for bad in ({"subjects.ehr": 10**9}, {"subjects.ehr": 150, "rows": 150 * 2**25 + 1}, {"subjects.dna": 1}):
+        with pytest.raises(ValueError):
+            SiteCapabilities.from_flat({**caps.to_flat(), **bad})

@@ -89,10 +89,10 @@ def test_delong_variance_equals_a_pairwise_computation_on_the_rows() -> None:
     """The interval's variance against DeLong's placements computed row by row from the pairwise
     comparisons (ties one half), cells of different sites overlapping included."""
     cells = [Cell(0, 2, 3, 7), Cell(2, 5, 6, 4), Cell(5, 9, 9, 1), Cell(1, 4, 2, 5), Cell(4, 9, 5, 0)]
-    lo = np.array([c.lo for c in cells for _ in range(c.positives)])
-    hi = np.array([c.hi for c in cells for _ in range(c.positives)])
-    nlo = np.array([c.lo for c in cells for _ in range(c.negatives)])
-    nhi = np.array([c.hi for c in cells for _ in range(c.negatives)])
+    lo = np.array([c.lo for c in cells for _ in range(int(c.positives))])
+    hi = np.array([c.hi for c in cells for _ in range(int(c.positives))])
+    nlo = np.array([c.lo for c in cells for _ in range(int(c.negatives))])
+    nhi = np.array([c.hi for c in cells for _ in range(int(c.negatives))])
     k = np.full((len(lo), len(nlo)), 0.5)
     k[lo[:, None] >= nhi[None, :]] = 1.0
     k[hi[:, None] <= nlo[None, :]] = 0.0

@@ -39,8 +39,9 @@ DEPLOY = ("client.deploy", "server.deploy")
 DEPLOY_DOORS = {
     # the site's command line: `join` and `approve` are deployment commands
     "client.client": {"client.deploy.approval", "client.deploy.join", "client.deploy.supernode_pace"},
-    # the coordinator's command line (`python -m server.coordinator`)
-    "server.coordinator": {"server.deploy.commands"},
+    # the coordinator's command line (`python -m server.coordinator`); `dashboard` straight to its
+    # own module, which imports none of the other commands' machinery (no torch)
+    "server.coordinator": {"server.deploy.commands", "server.deploy.dashboard.serve"},
     # the ServerApp (and the task head's, below) applies the server's Flower patch as its process starts
     "server.server_app": {"server.deploy.flower_patches"},
     # admission reads the coordinator's site registry (pretraining's roster, the task head's sites)
@@ -59,7 +60,12 @@ CORE_ROOMS: tuple[tuple[str, ...], ...] = (
     ("healthfm_core.privacy", "healthfm_core.train"),
     ("healthfm_core.protocol",),  # the wire protocol: what client/ and server/ exchange
     ("healthfm_core.eval",),
-    ("healthfm_core.release", "healthfm_core.release_fit", "healthfm_core.release_signing"),
+    (
+        "healthfm_core.release",
+        "healthfm_core.release_fit",
+        "healthfm_core.release_signing",
+        "healthfm_core.personal_weights",
+    ),
 )
 # healthfm_core/data/'s rooms, lowest first (docs/architecture.md, "Site data on disk").
 DATA_ROOMS: tuple[tuple[str, ...], ...] = (
@@ -266,10 +272,10 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_from_package_import_module_is_an_edge_to_the_module() -> None:
-    # "from healthfm_core.kernels.ct_attention import triton" names a module of the project.
-    tree = ast.parse("def f():\n    from healthfm_core.kernels.ct_attention import triton\n")
+    # "from healthfm_core.kernels.ct_attention import kernels" names a module of the project.
+    tree = ast.parse("def f():\n    from healthfm_core.kernels.ct_attention import kernels\n")
     names = [n for n, _ in _imported_names("x", REPO / "x.py", tree)]
-    assert _project_target(names[-1]) == "healthfm_core.kernels.ct_attention.triton"
+    assert _project_target(names[-1]) == "healthfm_core.kernels.ct_attention.kernels"
 
 
 def _level(module: str, rooms: tuple[tuple[str, ...], ...]) -> int | None:
@@ -373,3 +379,116 @@ def test_only_deploy_tests_use_the_deployed_federations_helpers() -> None:
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(DEPLOY_HELPERS):
                     bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {node.module}")
     assert not bad, "\n".join(bad)
+
+
+# One spelling per rule: each privacy floor, bound and default is defined once (module, name, value)
+# and every field or parameter that takes it names it: its default (or ``le=`` bound) is that name,
+# never a literal. A field is "name" in any module or "module:name" in one (where the name means
+# other things elsewhere, e.g. ``min_subjects``).
+SINGLE_SPELLINGS: tuple[tuple[str, str, int, str, tuple[str, ...]], ...] = (
+    # the secure sum's floor (run config, site policy, the round's config, the site's own round)
+    (
+        "secure_aggregation.config",
+        "DEFAULT_MIN_HOLDERS",
+        3,
+        "default",
+        ("secagg_min_holders", "min_holders", "site_min_holders"),
+    ),
+    # the most holders the 16-bit field holds (run config and site policy)
+    ("secure_aggregation.config", "MAX_HOLDERS", 257, "le", ("secagg_min_holders",)),
+    # the report floors a metric must clear to leave a site (site runtime, `client.py check`)
+    (
+        "healthfm_core.data.checks.report_floor",
+        "DEFAULT_MIN_SUBJECTS",
+        20,
+        "default",
+        ("min_report_subjects", "healthfm_core.data.checks.task_check:min_subjects"),
+    ),
+    (
+        "healthfm_core.data.checks.report_floor",
+        "DEFAULT_MIN_POSITIVES",
+        5,
+        "default",
+        (
+            "min_report_positives",
+            "healthfm_core.data.checks.task_check:min_positives",
+            "client.model_use:min_positives",
+        ),
+    ),
+    # the fewest subjects a code is named for (site runtime, vocabulary threshold, the statistics)
+    (
+        "healthfm_core.data.sequences.code_stats",
+        "DEFAULT_MIN_CODE_SUBJECTS",
+        10,
+        "default",
+        (
+            "min_code_subjects",
+            "vocab_min_subjects",
+            "healthfm_core.data.sequences.code_stats:min_subjects",
+            "healthfm_core.data.sequences.vocab:min_subjects",
+        ),
+    ),
+)
+
+
+def _field_values(tree: ast.Module, kind: str) -> Iterator[tuple[str, ast.expr, int]]:
+    """(field or parameter name, its default or ``le=`` bound, line) of every class field and
+    function parameter in the module that has one."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            value = node.value
+            is_field = isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Field"
+            if is_field:
+                assert isinstance(value, ast.Call)
+                keywords = {k.arg: k.value for k in value.keywords}
+                found = keywords.get(kind) if kind != "default" or value.args == [] else value.args[0]
+                if found is not None:
+                    yield node.target.id, found, node.lineno
+            elif kind == "default":
+                yield node.target.id, value, node.lineno
+        elif kind == "default" and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = [*args.posonlyargs, *args.args]
+            pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            for arg, default in pairs:
+                yield arg.arg, default, node.lineno
+
+
+@pytest.mark.parametrize("rule", SINGLE_SPELLINGS, ids=lambda rule: rule[1])
+def test_each_privacy_floor_and_bound_has_one_spelling(rule: tuple[str, str, int, str, tuple[str, ...]]) -> None:
+    module, name, value, kind, fields = rule
+    import importlib
+
+    assert getattr(importlib.import_module(module), name) == value, f"{module}.{name} is not {value}"
+    defined = [m for m, (_, tree) in SOURCES.items() for n in tree.body if _assigns(n, name)]
+    assert defined == [module], f"{name} defined in {defined}, expected in {module} alone"
+    uses, bad = 0, []
+    for mod, (path, tree) in SOURCES.items():
+        for field, expr, line in _field_values(tree, kind):
+            if field not in fields and f"{mod}:{field}" not in fields:
+                continue
+            if isinstance(expr, ast.Constant) and expr.value is None:  # "not set": another value decides
+                continue
+            uses += 1
+            named = expr.id if isinstance(expr, ast.Name) else expr.attr if isinstance(expr, ast.Attribute) else None
+            if named != name:
+                bad.append(f"{path.relative_to(REPO)}:{line} {field} = {ast.unparse(expr)} (expected {name})")
+    assert not bad, "\n".join(bad)
+    assert uses >= 2, f"{name}: {uses} field(s) take it; the rule's field names are stale"
+
+
+def _assigns(node: ast.stmt, name: str) -> bool:
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return any(isinstance(t, ast.Name) and t.id == name for t in targets)
+
+
+def test_the_secure_sums_largest_holder_count_is_no_literal() -> None:
+    # 257 is what the 16-bit field holds (secure_aggregation/config.py MAX_HOLDERS, derived from it).
+    found = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path, tree in SOURCES.values()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 257
+    ]
+    assert not found, found

@@ -17,7 +17,8 @@ import pytest
 
 from client import memory
 from client.deploy.warm_clientapp import collect_between_tasks
-from client.memory import _MALLOC_TRIM, release_memory
+from client.memory import release_memory
+from healthfm_core.memory_release import _MALLOC_TRIM
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -155,8 +155,9 @@ def test_summary_shows_meds_tab_beside_the_probe(tmp_path: Path) -> None:
         asked_sites=["a", "b"],
     )
     summary = write_summary(tmp_path).read_text()
-    assert "| t | auroc | 0.525 | 0.550 | 40 | b 75% | not reported by 2 site(s) | 2 |" in summary
-    # rows: the task's rows over all sites
-    assert "| t | meds-tab-auroc | 0.700 | 0.700 | 40 | b 75% | not reported by 2 site(s) | 1 |" in summary
+    # b's 30 rows weigh 2 x a's 10 (the share cap): (10 x 0.6 + 20 x 0.5) / 30; rows: the task's
+    # rows over all sites, as claimed
+    assert "| t | auroc | 0.533 | 0.550 | 40 | b 67% | b 20 | not reported by 2 site(s) | 2 |" in summary
+    assert "| t | meds-tab-auroc | 0.700 | 0.700 | 40 | b 67% | b 20 | not reported by 2 site(s) | 1 |" in summary
     assert "| a | u | 10 | - | AUROC 0.600; MEDS-Tab AUROC 0.750 [0.500, 0.900] |" in summary
     assert "| b | t | 30 | - | AUROC 0.500 |" in summary

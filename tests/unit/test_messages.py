@@ -142,7 +142,8 @@ def test_site_metrics_and_losses_are_weighted_by_their_counts() -> None:
     b = EvalReply(tasks={"onset_t2d_30d": TaskMetrics(n=30, auroc=float("nan"), auprc=0.3, ece=0.2)})
     out = aggregate_site_metrics({"a": a, "b": b})
     assert out["onset_t2d_30d.auroc"] == pytest.approx(0.6)  # NaN (undefined) is skipped
-    assert out["onset_t2d_30d.auprc"] == pytest.approx((10 * 0.1 + 30 * 0.3) / 40)
+    # b's 30 rows weigh 2 x a's 10 (the share cap: healthfm_core/protocol/site_share.py)
+    assert out["onset_t2d_30d.auprc"] == pytest.approx((10 * 0.1 + 20 * 0.3) / 30)
     assert out["onset_t2d_30d.n"] == 40
     one, two = trained(), trained(num_examples=36, losses={"total": 0.5})
     assert mean_losses([one, two]) == pytest.approx({"total": (12 * 1.5 + 36 * 0.5) / 48, "align": 0.25})

@@ -80,7 +80,7 @@ def test_the_positives_floor_counts_subjects_not_rows() -> None:
 def test_reply_carries_the_minimums_and_the_reason_round_trips() -> None:
     shown = {s: c.suppressed(20) for s, c in _counts(25).items()}
     reason = TaskReason(kind="too_few_positives", minimum=20, min_positives=10, splits=shown)
-    metric = TaskMetrics(n=40, auroc=0.7, auprc=0.3, ece=0.1, positives=12)
+    metric = TaskMetrics(n=60, auroc=0.7, auprc=0.3, ece=0.1, positives=25)  # 25 and 35 rows: no small cell
     reply = EvalReply(tasks={"a": metric}, reasons={"b": reason}, withheld=1, min_subjects=20, min_positives=10)
     back = EvalReply.from_records(reply.to_records(), expected=["a", "b"])
     assert back == reply and back.reasons["b"].min_positives == 10

@@ -107,6 +107,34 @@ def test_the_choice_reads_tuning_auroc_on_common_tasks_and_a_tie_keeps_the_fewes
     assert c.steps == 0 and c.tasks == [] and all(math.isnan(v) for v in c.tuning_auroc.values())
 
 
+def test_the_kept_model_is_never_below_local_only_on_the_tuning_split() -> None:
+    """Issue 68: with the site's local-only model a candidate, the kept model's mean tuning AUROC
+    (on the tasks every candidate scored) is never below local-only's, whatever the scores; the
+    tie never keeps an adapted model below it; all adapted models below it: local-only is kept."""
+    rng = np.random.default_rng(68)
+    kept_local = kept_adapted = 0
+    for _ in range(2_000):
+        tasks = [f"t{i}" for i in range(int(rng.integers(1, 5)))]
+        tuning = {k: {t: float(rng.uniform(0.5, 0.9)) for t in tasks} for k in (0, 20, 80)}
+        local = {t: float(rng.uniform(0.5, 0.9)) for t in tasks}
+        c = choose_steps(tuning, local_only=local)
+        local_mean = float(np.mean([local[t] for t in c.tasks]))
+        assert c.local_only_auroc == pytest.approx(local_mean)
+        kept = local_mean if c.local_only else c.tuning_auroc[c.steps]
+        assert kept >= local_mean
+        kept_local += c.local_only
+        kept_adapted += not c.local_only
+    assert kept_local > 100 and kept_adapted > 100  # both outcomes were exercised
+    # Within the tie of the best but below local-only: the tie does not keep it.
+    c = choose_steps({0: {"a": 0.7490}, 20: {"a": 0.7505}}, local_only={"a": 0.7500})
+    assert (c.steps, c.local_only) == (20, False)
+    c = choose_steps({0: {"a": 0.70}, 20: {"a": 0.72}}, local_only={"a": 0.73})
+    assert c.local_only and c.kept == "its local-only model" and c.steps == 20
+    # A task local-only could not score is left out of every candidate's mean.
+    c = choose_steps({0: {"a": 0.70, "b": 0.9}, 20: {"a": 0.72, "b": 0.5}}, local_only={"a": 0.71, "b": float("nan")})
+    assert c.tasks == ["a"] and (c.steps, c.local_only) == (20, False)
+
+
 def _release(setup: FederationSetup, out: Path, seed: int):
     gen = torch.Generator().manual_seed(seed)
     arrays = {

@@ -28,6 +28,8 @@ from secure_aggregation.messages import ShareInbox, UnmaskRequest
 from secure_aggregation.server import SecureAggregate, ServerRound
 from secure_aggregation.simulate import run_secure_round
 from secure_aggregation.site import SiteRound, key_rounds
+from server.secure_round import secure_arrays
+from server.strategy import ModalityAwareFedAvg
 
 
 def _assert_matches_plain(
@@ -39,9 +41,11 @@ def _assert_matches_plain(
     nodes: list[int],
 ) -> None:
     """Every key equals ModalityAwareFedAvg's average within the group's bound (plus float32
-    rounding of both results: a few ulps of the value); withheld groups keep their values."""
+    rounding of both results: a few ulps of the value); withheld groups keep their values. The
+    secure arrays are the server's own (server/secure_round.py secure_arrays: the averages checked,
+    then applied as a plain round's are, ModalityAwareFedAvg.apply_update)."""
     plain = plain_average(reference, {n: clipped(updates[n], config) for n in nodes}, counts, nodes, config.min_holders)
-    secure = result.new_arrays(reference, group_of)
+    secure = secure_arrays(result, reference, config, ModalityAwareFedAvg(group_of=group_of))
     for key, value in plain.items():
         group = group_of(key)
         ulps = 4 * float(np.spacing(np.float32(np.abs(value).max())))

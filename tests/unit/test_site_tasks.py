@@ -56,7 +56,7 @@ def test_tasks_resolve_from_names_paths_and_old_names() -> None:
     t2d = resolve_task("t2d")
     assert t2d.kind == "aces" and t2d.name == "onset_t2d" and t2d.horizons_days == [30, 90, 180, 365]
     assert t2d.aces_yaml == (TASK_DIR / "t2d.yaml").read_text()  # the text travels, not the path
-    assert resolve_task(str(TASK_DIR / "t2d.yaml")) == t2d
+    assert resolve_task(f"file:{TASK_DIR / 't2d.yaml'}") == t2d == resolve_task(TASK_DIR / "t2d.yaml")
     # Old synthetic names: the ACES config at that horizon, merged per task.
     merged = resolve_tasks(["onset_t2d_365d", "onset_cad_90d", "onset_t2d_90d", "wearable_resting_hr", "site:readmit"])
     assert task_keys(merged) == ["onset_t2d_365d", "onset_t2d_90d", "onset_cad_90d", "wearable_resting_hr", "readmit"]
@@ -104,7 +104,7 @@ def test_eval_reply_reasons_round_trip_and_are_checked() -> None:
     # Counts on fewer subjects than the minimum never leave: the site suppresses them, and a
     # reason that holds one cannot be built (or parsed).
     raw = SplitCount(rows=30, subjects=12, positives=2)
-    assert raw.suppressed(20) == SplitCount(rows=30, subjects=-1, positives=-1)
+    assert raw.suppressed(20) == SplitCount(rows=-1, subjects=-1, positives=-1)  # 30 rows of 12 subjects
     assert SplitCount(rows=30, subjects=25, positives=25).suppressed(20).positives == -1  # 5 negatives
     with pytest.raises(ValueError, match="small cell"):
         TaskReason(kind="too_few_subjects", minimum=20, splits={"train": raw})

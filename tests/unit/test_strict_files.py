@@ -82,11 +82,11 @@ def test_true_and_false_are_the_booleans(tmp_path: Path) -> None:
     assert strict_yaml("country: 'no'\n", "x.yaml") == {"country": "no"}
 
 
-def test_a_key_beside_a_yaml_merge_overrides_it_and_is_no_duplicate() -> None:
-    text = "base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n"
-    assert strict_yaml(text, "x.yaml")["d"] == {"x": 3, "y": 2}
-    with pytest.raises(DuplicateKeyError, match=r"x.yaml: line 4: field x: duplicated key \(first at line 3\)"):
-        strict_yaml("d:\n  <<: {y: 1}\n  x: 1\n  x: 2\n", "x.yaml")
+def test_a_yaml_merge_key_is_refused_even_with_a_key_beside_it() -> None:
+    """A key beside a merge overrides it in YAML: what the duplicate-key check exists to stop
+    (issue 67, break 5; tests/unit/test_strict_yaml_12.py)."""
+    with pytest.raises(StrictFileError, match=r"x.yaml: line 3: merge key <<: refused"):
+        strict_yaml("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n", "x.yaml")
 
 
 @pytest.mark.parametrize(

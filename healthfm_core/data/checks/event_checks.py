@@ -27,7 +27,7 @@ from healthfm_core.data.checks.file_checks import (
     schema_problems,
     text_problems,
 )
-from healthfm_core.data.checks.problem_log import ProblemLog, int_array, rel_path, time_str, true_rows
+from healthfm_core.data.checks.problem_log import ProblemLog, int_array, time_str, true_rows
 from healthfm_core.data.files.layout import (
     CODE_METADATA_FILEPATH,
     DATASET_METADATA_FILEPATH,
@@ -285,15 +285,14 @@ def _align_keeping_code_dictionary(batch: pa.Table, target: pa.Schema) -> pa.Tab
 
 def check_event_shard(
     log: ProblemLog,
-    root: Path,
     path: Path,
     agg: SiteAggregates,
     listed_codes: set[str] | None,
     bar: tqdm,
     declared: Iterable[str] = (),
 ) -> None:
-    file = rel_path(root, path)
-    handle = open_checked_parquet(log, root, path)
+    file = log.file(path)
+    handle = open_checked_parquet(log, path)
     if handle is None:
         agg.subjects_incomplete = True
         return

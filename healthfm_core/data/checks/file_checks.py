@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from flexible_schema import SchemaValidationError, TableValidationError
 
-from healthfm_core.data.checks.problem_log import ProblemLog, rel_path, true_rows
+from healthfm_core.data.checks.problem_log import ProblemLog, true_rows
 from healthfm_core.data.files.meds_align import CastError, align_table, cast_problem
 from healthfm_core.data.files.parquet_guard import (
     ParquetFooterError,
@@ -70,16 +70,16 @@ def align_usable(log: ProblemLog, file: str, table: pa.Table, meds_schema: Any, 
         return None
 
 
-def report_outside_root(log: ProblemLog, root: Path, escape: OutsideRoot) -> None:
+def report_outside_root(log: ProblemLog, escape: OutsideRoot) -> None:
     """A link out of the root, once (metadata/ linked out leads three files out)."""
-    file = rel_path(root, escape.link)
+    file = log.file(escape.link)
     if not any(p.kind == "link_outside_root" and p.file == file for p in log.problems):
-        log.add("link_outside_root", file, escape.message(root))
+        log.add("link_outside_root", file, escape.message(log.root))
 
 
-def open_checked_parquet(log: ProblemLog, root: Path, path: Path) -> pq.ParquetFile | None:
+def open_checked_parquet(log: ProblemLog, path: Path) -> pq.ParquetFile | None:
     """The file opened as every reader opens it (parquet_guard: the footer checked first)."""
-    file = rel_path(root, path)
+    file = log.file(path)
     try:
         return open_parquet(path)
     except ParquetFooterError as e:
@@ -151,16 +151,16 @@ def _subject_at(subjects: pa.ChunkedArray | pa.Array, row: int) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def read_small_table(log: ProblemLog, root: Path, path: Path) -> pa.Table | None:
-    handle = open_checked_parquet(log, root, path)
+def read_small_table(log: ProblemLog, path: Path) -> pa.Table | None:
+    handle = open_checked_parquet(log, path)
     if handle is None:
         return None
     try:
         table = handle.read()
     except Exception as e:
-        log.add("unreadable", rel_path(root, path), f"cannot read parquet file: {type(e).__name__}: {e}")
+        log.add("unreadable", log.file(path), f"cannot read parquet file: {type(e).__name__}: {e}")
         return None
-    file = rel_path(root, path)
+    file = log.file(path)
     rows_as_claimed(log, file, handle, table.num_rows)
     return text_problems(log, file, table, 0)
 

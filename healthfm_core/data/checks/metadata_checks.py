@@ -4,8 +4,6 @@ the site supplies itself.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow.compute as pc
 from meds import (
@@ -21,7 +19,7 @@ from healthfm_core.data.checks.file_checks import (
     report_outside_root,
     schema_problems,
 )
-from healthfm_core.data.checks.problem_log import ProblemLog, int_array, rel_path, show_value
+from healthfm_core.data.checks.problem_log import ProblemLog, int_array, show_value
 from healthfm_core.data.files.layout import (
     CODE_METADATA_FILEPATH,
     DATASET_METADATA_FILEPATH,
@@ -41,9 +39,9 @@ DECLARED_COLUMN_KEYS = (
 )
 
 
-def read_code_metadata(log: ProblemLog, root: Path) -> set[str] | None:
-    path = root / CODE_METADATA_FILEPATH
-    file = rel_path(root, path)
+def read_code_metadata(log: ProblemLog) -> set[str] | None:
+    path = log.root / CODE_METADATA_FILEPATH
+    file = log.file(path)
     if not path.is_file():
         log.add(
             "missing_metadata",
@@ -53,10 +51,10 @@ def read_code_metadata(log: ProblemLog, root: Path) -> set[str] | None:
             strict_error=True,
         )
         return None
-    if (escape := outside_root(root, path)) is not None:
-        report_outside_root(log, root, escape)
+    if (escape := outside_root(log.root, path)) is not None:
+        report_outside_root(log, escape)
         return None
-    table = read_small_table(log, root, path)
+    table = read_small_table(log, path)
     if table is None:
         return None
     bad = schema_problems(log, file, table.schema, CodeMetadataSchema)
@@ -67,15 +65,15 @@ def read_code_metadata(log: ProblemLog, root: Path) -> set[str] | None:
     return set(table.column("code").drop_null().to_pylist())
 
 
-def check_dataset_metadata(log: ProblemLog, root: Path) -> set[str]:
+def check_dataset_metadata(log: ProblemLog) -> set[str]:
     """Validate dataset.json; returns the extra data columns it declares (code modifiers, ...)."""
-    path = root / DATASET_METADATA_FILEPATH
-    file = rel_path(root, path)
+    path = log.root / DATASET_METADATA_FILEPATH
+    file = log.file(path)
     if not path.is_file():
         log.add("missing_metadata", file, "dataset metadata file is missing", severity="warning", strict_error=True)
         return set()
-    if (escape := outside_root(root, path)) is not None:
-        report_outside_root(log, root, escape)
+    if (escape := outside_root(log.root, path)) is not None:
+        report_outside_root(log, escape)
         return set()
     try:
         blob = read_json(path)
@@ -101,16 +99,16 @@ def check_dataset_metadata(log: ProblemLog, root: Path) -> set[str]:
     return {c for cols in declared if isinstance(cols, list) for c in cols if isinstance(c, str)}
 
 
-def check_splits(log: ProblemLog, root: Path, subjects: np.ndarray, complete: bool) -> dict[str, int] | None:
+def check_splits(log: ProblemLog, subjects: np.ndarray, complete: bool) -> dict[str, int] | None:
     """Validate subject_splits.parquet against the data's subjects; split sizes or None."""
-    path = root / SUBJECT_SPLITS_FILEPATH
-    file = rel_path(root, path)
+    path = log.root / SUBJECT_SPLITS_FILEPATH
+    file = log.file(path)
     if not path.is_file():
         return None
-    if (escape := outside_root(root, path)) is not None:
-        report_outside_root(log, root, escape)
+    if (escape := outside_root(log.root, path)) is not None:
+        report_outside_root(log, escape)
         return {}
-    table = read_small_table(log, root, path)
+    table = read_small_table(log, path)
     if table is None:
         return {}
     bad = schema_problems(log, file, table.schema, SubjectSplitSchema)
@@ -155,17 +153,17 @@ def check_splits(log: ProblemLog, root: Path, subjects: np.ndarray, complete: bo
     return {str(k): int(v) for k, v in zip(names, sizes)}
 
 
-def check_own_labels(log: ProblemLog, root: Path, task: str) -> None:
+def check_own_labels(log: ProblemLog, task: str) -> None:
     """The site's own labels of one task (SITE_ROOT/tasks/<task>/), by healthfm_core.data.labels.site_labels."""
     try:
-        issues = check_site_labels(root, task)
+        issues = check_site_labels(log.root, task)
     except Exception as e:  # a file site_labels cannot even compare with the data
         log.add("bad_site_labels", f"tasks/{task}", f"cannot check the labels: {type(e).__name__}: {e}")
         return
     for issue in issues:
         log.add(
             "bad_site_labels" if issue.severity == "error" else "site_labels_after_last_event",
-            rel_path(root, issue.file),
+            log.file(issue.file),
             issue.message,
             column=issue.column,
             value=None if issue.value is None else str(issue.value),

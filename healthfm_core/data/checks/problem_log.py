@@ -100,9 +100,11 @@ class SiteReport(BaseModel):
 
 
 class ProblemLog:
-    """Collects problems, keeping the first MAX_PROBLEMS_PER_KIND of each (file, kind)."""
+    """Collects a site root's problems, keeping the first MAX_PROBLEMS_PER_KIND of each (file, kind).
+    Knows the root: ``file(path)`` is a path as its problems name it."""
 
-    def __init__(self, strict: bool):
+    def __init__(self, root: Path, strict: bool):
+        self.root = root
         self.strict = strict
         self.problems: list[SiteProblem] = []
         self._counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -142,6 +144,14 @@ class ProblemLog:
                 kind=kind,
             )
         )
+
+    def file(self, path: Path) -> str:
+        """``path`` as a problem names it: relative to the site root, posix separators (a path
+        outside the root, as a link's target, whole)."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
 
     @property
     def has_errors(self) -> bool:
@@ -185,13 +195,6 @@ def to_datetime(us: int) -> datetime | None:
         return datetime(1970, 1, 1) + timedelta(microseconds=int(us))
     except OverflowError:  # beyond Python's years 1..9999
         return None
-
-
-def rel_path(root: Path, path: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
 
 
 def int_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""The privacy floor's names: the site keys behind the minimums a number must clear before it
-leaves a site, named wherever a number is withheld by them (the task check, reasons, summaries);
+"""The privacy floor's names and defaults: the site keys behind the minimums a number must clear
+before it leaves a site, named wherever a number is withheld by them (the task check, reasons,
+summaries), their defaults (the site runtime's, client/site_runtime.py, and the task check's);
 and what the positives floor counts: subjects, not rows."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import numpy as np
 
 MIN_SUBJECTS_KEY = "min_report_subjects"
 MIN_POSITIVES_KEY = "min_report_positives"
+DEFAULT_MIN_SUBJECTS = 20  # min_report_subjects' default
+DEFAULT_MIN_POSITIVES = 5  # min_report_positives' default
 SMALL_CELL_RISK = "small cells re-identify patients"
 
 

@@ -100,7 +100,7 @@ class CheckedSubjects:
 def run_check(root: str | Path, progress: bool = False, strict: bool = False) -> tuple[SiteReport, CheckedSubjects]:
     """`check_site`, also returning the subjects it found (one pass over the data for both)."""
     root = Path(root)
-    log = ProblemLog(strict)
+    log = ProblemLog(root, strict)
     agg = SiteAggregates()
     report_root = str(root)
     if not root.is_dir():
@@ -111,10 +111,10 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
     data_files, data_escapes = list_files(root, DATA_SUBDIRECTORY, ".parquet")
     wear_files, wear_escapes = list_files(root, WEARABLES_SUBDIRECTORY, ".parquet")
     for escape in data_escapes + wear_escapes:
-        report_outside_root(log, root, escape)
+        report_outside_root(log, escape)
     agg.subjects_incomplete = bool(data_escapes)
-    declared = check_dataset_metadata(log, root)
-    listed_codes = read_code_metadata(log, root)
+    declared = check_dataset_metadata(log)
+    listed_codes = read_code_metadata(log)
 
     with tqdm(
         total=_total_rows(data_files + wear_files),
@@ -124,9 +124,9 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
         leave=False,
     ) as bar:
         for path in data_files:
-            check_event_shard(log, root, path, agg, listed_codes, bar, declared)
+            check_event_shard(log, path, agg, listed_codes, bar, declared)
         for path in wear_files:
-            check_wearables_file(log, root, path, agg, bar)
+            check_wearables_file(log, path, agg, bar)
 
     if not data_files and not data_escapes:
         log.add(
@@ -149,12 +149,12 @@ def run_check(root: str | Path, progress: bool = False, strict: bool = False) ->
                 severity="warning",
             )
 
-    splits = check_splits(log, root, subjects, complete=not agg.subjects_incomplete)
+    splits = check_splits(log, subjects, complete=not agg.subjects_incomplete)
     own_tasks = site_tasks(root)
     data_sound = not log.has_errors
     if data_sound:  # labels are checked against the data: only once the data is sound
         for task in own_tasks:
-            check_own_labels(log, root, task)
+            check_own_labels(log, task)
     splits_from_file = splits is not None
     if splits is None:
         names, sizes = np.unique(

@@ -33,7 +33,14 @@ import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
 from healthfm_core.data.checks.problem_log import SiteProblem, SiteSummary
-from healthfm_core.data.checks.report_floor import MIN_POSITIVES_KEY, MIN_SUBJECTS_KEY, SMALL_CELL_RISK, class_subjects
+from healthfm_core.data.checks.report_floor import (
+    DEFAULT_MIN_POSITIVES,
+    DEFAULT_MIN_SUBJECTS,
+    MIN_POSITIVES_KEY,
+    MIN_SUBJECTS_KEY,
+    SMALL_CELL_RISK,
+    class_subjects,
+)
 from healthfm_core.data.checks.stay_leakage import LEAKY_SHARE, STAY_END_DAYS, task_stay_leakage
 from healthfm_core.data.files.layout import HELD_OUT_SPLIT, SPLITS, TRAIN_SPLIT
 from healthfm_core.data.labels.aces_tasks import (
@@ -68,8 +75,6 @@ class SplitSite(Protocol):
     def held_out_subjects(self) -> np.ndarray: ...
 
 
-DEFAULT_MIN_SUBJECTS = 20  # the site runtime's min_report_subjects
-DEFAULT_MIN_POSITIVES = 5  # the site runtime's min_report_positives
 TASK_SUFFIXES = (".yaml", ".yml")
 
 

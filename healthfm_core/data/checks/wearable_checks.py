@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from healthfm_core.data.checks.aggregates import SiteAggregates
 from healthfm_core.data.checks.file_checks import BATCH_ROWS, open_checked_parquet, rows_as_claimed
-from healthfm_core.data.checks.problem_log import ProblemLog, int_array, rel_path, time_str, true_rows
+from healthfm_core.data.checks.problem_log import ProblemLog, int_array, time_str, true_rows
 from healthfm_core.data.files.layout import (
     EPOCH_SECONDS,
     EPOCH_US,
@@ -25,9 +25,9 @@ HR_MIN_BPM = 20.0
 HR_MAX_BPM = 250.0
 
 
-def check_wearables_file(log: ProblemLog, root: Path, path: Path, agg: SiteAggregates, bar: tqdm) -> None:
-    file = rel_path(root, path)
-    handle = open_checked_parquet(log, root, path)
+def check_wearables_file(log: ProblemLog, path: Path, agg: SiteAggregates, bar: tqdm) -> None:
+    file = log.file(path)
+    handle = open_checked_parquet(log, path)
     if handle is None:
         return
     schema = handle.schema_arrow

@@ -12,10 +12,12 @@ The site never needs the server's files: the ACES text travels in the message, a
 a peer's input there (names restricted to a safe alphabet, sizes bounded, the ACES text parsed
 and checked by ACES at the site before use).
 
-`resolve_tasks(entries, dataset)` turns what a user writes (`tasks=[t2d, configs/tasks/cad.yaml,
+`resolve_tasks(entries, dataset)` turns what a user writes (`tasks=[t2d, file:configs/tasks/cad.yaml,
 site:readmission, meds-dev:mortality/in_icu/first_24h]`, or the synthetic tasks' names
 `onset_t2d_365d` (an ACES task at one horizon), `wearable_resting_hr`) into specs; entries naming the same ACES task merge
-their horizons. A `meds-dev:<task>[@<dataset>]` entry is resolved with the dataset's predicates
+their horizons. A bare entry is a name, never a path: a task file is read only when given as
+`file:PATH` (or as a `Path` by a Python caller), so `--tasks ../../../../etc/passwd` or
+`-c eval-tasks=...` naming a file is refused with the form to use, not read (issue 67, break 7). A `meds-dev:<task>[@<dataset>]` entry is resolved with the dataset's predicates
 (healthfm_core.data.labels.meds_dev_tasks) here, at the coordinator: the sites get the resolved text.
 """
 
@@ -36,6 +38,7 @@ from healthfm_core.data.labels.tasks import DISEASES, TASKS, OnsetTask, Task, We
 TASK_NAME = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"  # also a file name and a metric-key prefix: no dots, no slashes
 MAX_ACES_BYTES = 64 * 1024
 SITE_PREFIX = "site:"
+FILE_PREFIX = "file:"  # an ACES task file, given explicitly: file:PATH
 # A synthetic onset task's name: configs/tasks/<disease>.yaml at one horizon.
 _ONSET_NAME = re.compile(r"^onset_(?P<disease>[a-z0-9]+)_(?P<h>\d+)d$")
 
@@ -53,9 +56,21 @@ def known_task_names() -> list[str]:
 
 def unknown_task(entry: str) -> UnknownTask:
     return UnknownTask(
-        f"task {entry!r} is unknown (known names: {', '.join(known_task_names())}; or an ACES file's path, "
-        f"{SITE_PREFIX}<name> for a site's own labels under SITE_ROOT/tasks/, {MEDS_DEV_PREFIX}<task>)"
+        f"task {entry!r} is unknown (known names: {', '.join(known_task_names())}; or {FILE_PREFIX}PATH for an "
+        f"ACES file, {SITE_PREFIX}<name> for a site's own labels under SITE_ROOT/tasks/, {MEDS_DEV_PREFIX}<task>)"
     )
+
+
+def _prefixed(text: str) -> bool:
+    return text.startswith((FILE_PREFIX, SITE_PREFIX, MEDS_DEV_PREFIX))
+
+
+def file_entries(entries: Iterable[str]) -> list[str]:
+    """For a job whose `tasks=` takes task files as paths (the simulations', docs/researcher.md):
+    each entry that is neither a task name nor a prefixed entry, as the explicit FILE_PREFIX + it."""
+    return [
+        e if _prefixed(e.strip()) or re.fullmatch(TASK_NAME, e.strip()) else FILE_PREFIX + e.strip() for e in entries
+    ]
 
 
 Horizon = Annotated[int, Field(ge=1, le=36500)]
@@ -143,26 +158,43 @@ def _aces_spec(task: AcesTask, text: str, horizons: Iterable[int] | None = None)
 
 
 def resolve_task(entry: str | Path, dataset: str | Path | None = None) -> TaskSpec:
-    """One user entry: a task file path, a name in configs/tasks/, `site:<name>`,
-    `meds-dev:<task>[@<dataset>]` (with `dataset`: a MEDS-DEV dataset name or a predicates file),
-    or a synthetic task's name (onset_<disease>_<h>d -> configs/tasks/<disease>.yaml at
-    horizon h; wearable_*: the built-in wearable regression)."""
-    text = str(entry).strip()
+    """One user entry: a name in configs/tasks/, `file:PATH` (an ACES file; a `Path` is one too),
+    `site:<name>`, `meds-dev:<task>[@<dataset>]` (with `dataset`: a MEDS-DEV dataset name or a
+    predicates file), or a synthetic task's name (onset_<disease>_<h>d -> configs/tasks/<disease>.yaml
+    at horizon h; wearable_*: the built-in wearable regression). Anything else, a path without
+    `file:` among it, is an UnknownTask naming the form to use: never read."""
+    if isinstance(entry, Path):
+        return _file_spec(entry)
+    text = entry.strip()
     if text.startswith(MEDS_DEV_PREFIX):
         task = meds_dev_task(*parse_entry(text, dataset))
         return _aces_spec(task, _text_of(task))
+    if text.startswith(FILE_PREFIX):
+        return _file_spec(Path(text[len(FILE_PREFIX) :]).expanduser())
     if text.startswith(SITE_PREFIX):
         return TaskSpec(name=text[len(SITE_PREFIX) :], kind="site")
+    if not re.fullmatch(TASK_NAME, text):
+        raise UnknownTask(
+            f"task {text!r} is not a task name (letters, digits, _ and -); a task file is read only when given "
+            f"explicitly: {FILE_PREFIX}{text}"
+        )
     if isinstance(TASKS.get(text), WearableTask):
         return TaskSpec(name=text, kind="wearable")
     onset = _ONSET_NAME.match(text)
     if onset and isinstance(TASKS.get(text), OnsetTask):
-        task = load_task(onset["disease"])
+        task = load_task(TASK_DIR / f"{onset['disease']}.yaml")
         return _aces_spec(task, task.path.read_text(), [int(onset["h"])])
-    try:
-        task = load_task(text)
-    except FileNotFoundError:
-        raise unknown_task(text) from None
+    path = TASK_DIR / f"{text}.yaml"
+    if not path.is_file():
+        raise unknown_task(text)
+    return _file_spec(path)
+
+
+def _file_spec(path: Path) -> TaskSpec:
+    """The ACES task of a file named explicitly; UnknownTask when there is no such file."""
+    if not path.is_file():
+        raise UnknownTask(f"task file {path}: no such file")
+    task = load_task(path)
     return _aces_spec(task, task.path.read_text())
 
 
@@ -191,11 +223,13 @@ def resolve_tasks(entries: Iterable[str | Path], dataset: str | Path | None = No
 
 __all__ = [
     "AcesOnsetTask",
+    "FILE_PREFIX",
     "MAX_ACES_BYTES",
     "SITE_PREFIX",
     "TASK_NAME",
     "TaskSpec",
     "UnknownTask",
+    "file_entries",
     "known_task_names",
     "horizon_key",
     "resolve_task",

@@ -49,7 +49,8 @@ from meds import LabelSchema, birth_code, death_code
 from pydantic import BaseModel, ConfigDict, Field
 
 from healthfm_core.data.files.layout import ADMISSION_PREFIX, DISCHARGE_PREFIX, EPOCH_US, SiteLike
-from healthfm_core.data.sequences.tokens import _NO_TIME, US_PER_DAY, to_us
+from healthfm_core.data.sequences.event_rows import NO_TIME as _NO_TIME
+from healthfm_core.data.sequences.event_rows import US_PER_DAY, to_us
 from healthfm_core.data.sequences.wear_patches import sorted_by_subject_time
 from healthfm_core.files import atomic_path
 
@@ -144,6 +145,14 @@ def _draw_key(subject_id: np.ndarray, time_us: np.ndarray, seed: int) -> np.ndar
 
 
 ALL_ROWS = "all"  # n_per_subject's spelling of "every row" in a config (None in Python)
+# At most this many of a held-out subject's rows per task key are scored (EvalConfig's
+# held_out_rows_per_subject), drawn as n_per_subject's rows are. Far above any subject we know:
+# at most 466 rows of one task key on the generated sites (the hospital scenario at full size,
+# 1,500 subjects a site, whose onset tasks ask at every clinical event), at most 8 timed events a
+# subject on the MEDS sample datasets (tests/unit/test_held_out_cap.py), so an honest site scores
+# every labelled row as MEDS-DEV does; it bounds the rows an evaluate reply may claim
+# (server/eval_counts.py).
+HELD_OUT_ROWS_PER_SUBJECT = 1024
 
 
 def rows_per_subject(value: int | str | None) -> int | None:
@@ -160,7 +169,11 @@ def rows_per_subject(value: int | str | None) -> int | None:
 
 
 def cap_rows_per_subject(
-    labels: pa.Table, n_per_subject: int | None, seed: int = 0, every_row_of: np.ndarray | None = None
+    labels: pa.Table,
+    n_per_subject: int | None,
+    seed: int = 0,
+    every_row_of: np.ndarray | None = None,
+    every_row_cap: int | None = HELD_OUT_ROWS_PER_SUBJECT,
 ) -> pa.Table:
     """At most `n_per_subject` of each subject's label rows, drawn by `_draw_key` (None: all).
 
@@ -169,24 +182,27 @@ def cap_rows_per_subject(
     times a task may have. Tasks triggered at every event draw mostly the same times (the
     same hash ranks a subject's times in every task), so their union stays near the cap.
     `every_row_of`: subjects whose rows are all kept (the held-out split: scored on every
-    labelled row, as MEDS-DEV scores; the cap only bounds what probes are fitted and tuned on).
+    labelled row, as MEDS-DEV scores; the cap only bounds what probes are fitted and tuned on),
+    up to `every_row_cap` of a subject's (HELD_OUT_ROWS_PER_SUBJECT, drawn the same way; None:
+    every one), a cap honest data does not reach that bounds what a site can claim it scored.
     Returns the kept rows, all columns, sorted by subject and prediction time.
     """
-    if n_per_subject is not None and n_per_subject < 1:
-        raise ValueError(f"n_per_subject must be >= 1 (or None for every row), got {n_per_subject}")
+    for name, cap in (("n_per_subject", n_per_subject), ("every_row_cap", every_row_cap)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{name} must be >= 1 (or None for every row), got {cap}")
     sid = labels["subject_id"].to_numpy(zero_copy_only=False).astype(np.int64)
     t = to_us(labels["prediction_time"], "prediction_time")
-    if n_per_subject is None or len(sid) == 0:
+    held = np.zeros(len(sid), bool) if every_row_of is None else np.isin(sid, np.asarray(every_row_of, np.int64))
+    unbounded = np.iinfo(np.int64).max
+    limit = np.where(held, every_row_cap or unbounded, n_per_subject or unbounded)
+    if len(sid) == 0 or bool((limit == unbounded).all()):
         keep = np.arange(len(sid))
     else:
         key = _draw_key(sid, t, seed)
         order = np.lexsort((key, sid))
         grouped = sid[order]
         rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
-        kept = rank < n_per_subject
-        if every_row_of is not None:
-            kept |= np.isin(grouped, np.asarray(every_row_of, dtype=np.int64))
-        keep = order[kept]
+        keep = order[rank < limit[order]]
     keep = keep[np.lexsort((t[keep], sid[keep]))]
     return labels.take(pa.array(keep, pa.int64()))
 
@@ -550,6 +566,7 @@ def write_task_labels(labels: dict[str, pa.Table], out_dir: str | Path) -> list[
 
 __all__: Sequence[str] = [
     "DEATH_CODE",
+    "HELD_OUT_ROWS_PER_SUBJECT",
     "DISEASES",
     "OnsetTask",
     "TASKS",

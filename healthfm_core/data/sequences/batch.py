@@ -15,13 +15,11 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from healthfm_core.data.sequences.codes import MASK_CODE as MASK_CODE  # re-exported: the batch's codes
+from healthfm_core.data.sequences.codes import N_SPECIAL_CODES as N_SPECIAL_CODES
+from healthfm_core.data.sequences.codes import PAD_CODE as PAD_CODE
+from healthfm_core.data.sequences.codes import UNK_CODE as UNK_CODE
 from healthfm_core.device_copy import to_device
-
-# Reserved code ids of the shared vocabulary; real codes start at N_SPECIAL_CODES.
-PAD_CODE = 0
-MASK_CODE = 1
-UNK_CODE = 2
-N_SPECIAL_CODES = 3
 
 # Modality ids carried by every token.
 MODALITY_EHR = 0

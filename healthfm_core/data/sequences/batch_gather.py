@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from healthfm_core.data.sequences.batch import PAD_CODE
+from healthfm_core.data.sequences.codes import PAD_CODE
 
 US_PER_DAY = 86_400_000_000
 

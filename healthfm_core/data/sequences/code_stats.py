@@ -34,6 +34,9 @@ from healthfm_core.data.files.parquet_guard import read_parquet
 log = logging.getLogger(__name__)
 
 SKETCH_ALPHA = 0.01
+# The fewest subjects a code is named for: a site's own floor (its min_code_subjects) and the
+# federation's vocabulary threshold (the run config's vocab-min-subjects), by default.
+DEFAULT_MIN_CODE_SUBJECTS = 10
 _KEY_LIMIT = 4000  # |log_gamma|x|| bound: covers 1e-35..1e35 at a = 0.01; values beyond are clamped
 _MIN_ABS = 1e-12  # |x| below this counts as zero
 
@@ -397,7 +400,9 @@ def _merge_all(stats: Iterable[SiteCodeStats]) -> SiteCodeStats:
     return total
 
 
-def site_code_stats(site: SiteLike, min_subjects: int = 10, alpha: float = SKETCH_ALPHA) -> SiteCodeStats:
+def site_code_stats(
+    site: SiteLike, min_subjects: int = DEFAULT_MIN_CODE_SUBJECTS, alpha: float = SKETCH_ALPHA
+) -> SiteCodeStats:
     """Aggregate statistics of a site, already suppressed below `min_subjects` subjects.
 
     Reads one MEDS shard / one wearables file at a time (bounded memory); subjects live in one

@@ -30,6 +30,7 @@ from healthfm_core.data.files.layout import PRS_PREFIX
 from healthfm_core.data.sequences.batch_gather import ranges, segment_searchsorted
 from healthfm_core.data.sequences.vocab import Vocabulary
 
+US_PER_DAY = 86_400_000_000  # MEDS times are microseconds
 NO_TIME = np.iinfo(np.int64).max  # no time (static rows)
 _STATIC_FIRST = np.iinfo(np.int64).min  # a static row's place in reading order: before any time
 

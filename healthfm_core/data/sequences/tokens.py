@@ -72,6 +72,7 @@ from healthfm_core.data.sequences.batch_gather import (
 )
 from healthfm_core.data.sequences.code_slots import CHUNK_ROWS, code_slots, sorted_slot_chunks
 from healthfm_core.data.sequences.event_rows import (
+    US_PER_DAY,
     EventRows,
     RowSink,
     RowTimes,
@@ -95,7 +96,6 @@ from healthfm_core.data.sequences.wear_stream import site_patch_plan
 
 log = logging.getLogger(__name__)
 
-US_PER_DAY = 86_400_000_000
 DEFAULT_PATCH_EPOCHS = 120  # one hour of 30-s epochs
 _NO_TIME = NO_TIME  # int64 max: no time (static rows, subjects without one)
 

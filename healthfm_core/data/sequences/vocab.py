@@ -26,8 +26,13 @@ from pydantic import (
 )
 
 from healthfm_core.data.files.layout import PRS_PREFIX, WEARABLE_CHANNELS
-from healthfm_core.data.sequences.batch import N_SPECIAL_CODES, UNK_CODE
-from healthfm_core.data.sequences.code_stats import NumericStats, SiteCodeStats, merge_site_stats
+from healthfm_core.data.sequences.code_stats import (
+    DEFAULT_MIN_CODE_SUBJECTS,
+    NumericStats,
+    SiteCodeStats,
+    merge_site_stats,
+)
+from healthfm_core.data.sequences.codes import N_SPECIAL_CODES, UNK_CODE
 from healthfm_core.files import atomic_write_text
 from healthfm_core.strict_files import strict_model
 
@@ -219,7 +224,7 @@ class Vocabulary(BaseModel):
 
 def build_vocabulary(
     stats_list: Sequence[SiteCodeStats],
-    min_subjects: int = 10,
+    min_subjects: int = DEFAULT_MIN_CODE_SUBJECTS,
     method: Literal["robust", "standard"] = "robust",
     clip: float = 5.0,
 ) -> Vocabulary:

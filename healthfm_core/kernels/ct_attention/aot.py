@@ -40,8 +40,10 @@ from typing import Any
 
 import torch
 
-from healthfm_core.kernels.ct_attention import tiling
-from healthfm_core.kernels.ct_attention import triton as kernels
+from healthfm_core.kernels.ct_attention import kernels, tiling
+from healthfm_core.kernels.ct_attention.jit import ensure_built, interpreting
+from healthfm_core.kernels.ct_attention.launch import dot_precision
+from healthfm_core.kernels.ct_attention.plan import SPAN_LIMIT
 
 # The oldest triton the kernels are compiled with in CI (torch 2.11's CUDA wheels pin it); the
 # newest is the project's own. pyproject's triton range is these two.
@@ -217,8 +219,8 @@ def _constexprs(fn: Any, spec: Specialisation, dtype: torch.dtype) -> tuple[dict
         "M": spec.components,
         "M_POW2": tiling.next_power_of_2(spec.components),
         "CAUSAL": spec.causal,
-        "SPAN": kernels.SPAN_LIMIT,
-        "DOT_PREC": kernels.dot_precision(dtype),
+        "SPAN": SPAN_LIMIT,
+        "DOT_PREC": dot_precision(dtype),
         "PARAM_GRAD": True,
     }
     names = [p.name for p in fn.params if p.is_constexpr]
@@ -251,7 +253,7 @@ def compile_spec(spec: Specialisation) -> Any:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernels._ensure_built()
+    ensure_built()
     fn = getattr(kernels, spec.kernel)
     dtype = DTYPES[spec.dtype]
     constexprs, options = _constexprs(fn, spec, dtype)
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pairwise", action="store_true", help="a covering subset: every pair of factor values, each kernel"
     )
     args = parser.parse_args(argv)
-    if kernels.interpreting():
+    if interpreting():
         print("aot: TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
         return 2
     failed = 0

@@ -15,11 +15,12 @@ import torch
 
 from healthfm_core.kernels.ct_attention.cpu import ct_attention_cpu
 from healthfm_core.kernels.ct_attention.cpu_native import ct_attention_cpu_native
+from healthfm_core.kernels.ct_attention.jit import unavailable_reason
+from healthfm_core.kernels.ct_attention.launch import ct_attention_triton
 from healthfm_core.kernels.ct_attention.reference import (
     check_shapes,
     ct_attention_reference,
 )
-from healthfm_core.kernels.ct_attention.triton import ct_attention_triton, unavailable_reason
 
 logger = logging.getLogger(__name__)
 

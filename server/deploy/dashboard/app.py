@@ -12,7 +12,8 @@ It never writes anything: GET and HEAD only, any other method is answered 405. W
 Bearer TOKEN` or `?token=TOKEN`, compared in constant time; without, 401. Bound to loopback without
 a token, only requests naming a loopback host are served (a web page elsewhere cannot reach it
 through DNS rebinding). The view is read again when a watched file changes, and at least every
-REFRESH_S (a ServerApp that died changes no file), the Control API every NODES_TTL_S.
+RECHECK_S (a ServerApp that died changes no file); the Control API is asked by a thread of its own
+(nodes.py), never on a request's path: a frozen SuperLink slows no page.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.deploy.dashboard.files import RunFiles
 from server.deploy.dashboard.metrics import metrics_text
 from server.deploy.dashboard.nodes import NodesAnswer, NodesCache
 from server.deploy.dashboard.plots import epsilon_svg, forest_svg
-from server.deploy.dashboard.view import FederationView, Launch, federation_view, watched_files
+from server.deploy.dashboard.states import connection_state
+from server.deploy.dashboard.view import RECHECK_S, FederationView, Launch, federation_view, watched_files
 
 HERE = Path(__file__).parent
-REFRESH_S = 10.0
 POLL_S = 2.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 HEADERS = {
@@ -62,10 +64,13 @@ class Snapshot:
     # When this version was first read: the panels are a function of the version (their ETag), so
     # two requests of one version get the same bytes whatever the clock says between them.
     since: str
+    # The whole second the round in flight's durations are counted to (in the version while one is).
+    now: float
+    connection: dict[str, str]  # site -> its connection state (states.py)
 
 
 class DashboardState:
-    """The view, read again when the files change (or every REFRESH_S), with its plots."""
+    """The view, read again when the files change (or every RECHECK_S), with its plots."""
 
     def __init__(
         self,
@@ -76,9 +81,12 @@ class DashboardState:
         releases: Sequence[Path] = (),
     ) -> None:
         self.root, self.launches, self.resume, self.nodes, self.releases = root, launches, resume, nodes, releases
+        self.files = RunFiles()  # each run file parsed once per change
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
-        self._key: tuple[Any, ...] = ()
+        self._view: FederationView | None = None
+        self._view_key: tuple[Any, ...] = ()
+        self._view_text = ""
         self._plots: dict[str, bytes] = {}
 
     def fingerprint(self, launches: Sequence[Launch]) -> list[tuple[str, int, int]]:
@@ -92,6 +100,7 @@ class DashboardState:
         return out
 
     def snapshot(self) -> Snapshot:
+        nodes = self.nodes()  # never waits on the SuperLink (nodes.py); outside the lock all the same
         with self._lock:
             problems = []
             try:
@@ -101,19 +110,32 @@ class DashboardState:
                     [],
                     [f"{self.root / 'server' / 'launches.jsonl'}: {' '.join(str(err).split())[:400]}"],
                 )
-            nodes = self.nodes()
-            key = (self.fingerprint(launches), nodes.asked_at, int(time.time() // REFRESH_S))
-            if self._snapshot is None or key != self._key:
-                view = federation_view(self.root, launches, self.resume, self.releases, problems)
-                node_text = sorted((n, s.status, s.since) for n, s in nodes.nodes.items())
-                digest = hashlib.sha256(repr((key[0], node_text, nodes.problem, _view_text(view))).encode())
-                version = digest.hexdigest()[:16]
-                if self._snapshot is None or version != self._snapshot.version:
+            key = (self.fingerprint(launches), int(time.time() // RECHECK_S), tuple(problems))
+            if self._view is None or key != self._view_key:
+                self._view = federation_view(self.root, launches, self.resume, self.releases, problems, self.files)
+                self._view_key = key
+                # What changes the page besides its files: each run's status (a ServerApp gone).
+                self._view_text = repr((key[0], [(r.launch, r.status, r.describe) for r in self._view.runs]))
+            view = self._view
+            now = float(int(time.time())) if any(r.live is not None for r in view.runs) else 0.0
+            node_text = sorted((n, s.status, s.since) for n, s in nodes.nodes.items())
+            digest = hashlib.sha256(repr((self._view_text, node_text, nodes.problem, now)).encode())
+            version = digest.hexdigest()[:16]
+            if self._snapshot is None or version != self._snapshot.version:
+                if self._snapshot is None or self._snapshot.view is not view:
                     self._plots = {}
-                    since = time.strftime("%Y-%m-%d %H:%M:%S")
-                else:
-                    since = self._snapshot.since
-                self._snapshot, self._key = Snapshot(view, nodes, version, since), key
+                since = time.strftime("%Y-%m-%d %H:%M:%S")
+            else:
+                since = self._snapshot.since
+            connection = {
+                site.name: connection_state(
+                    site.registered,
+                    nodes.answered,
+                    state.status if (state := nodes.nodes.get(site.node_id)) is not None else None,
+                )
+                for site in view.sites
+            }
+            self._snapshot = Snapshot(view, nodes, version, since, now or time.time(), connection)
             return self._snapshot
 
     def plot(self, name: str, snap: Snapshot) -> bytes | None:
@@ -135,11 +157,6 @@ class DashboardState:
         return data
 
 
-def _view_text(view: FederationView) -> str:
-    """What changes the page (the view's fields, without the plots' point objects' identity)."""
-    return repr(view)
-
-
 def make_templates() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(HERE / "templates")),
@@ -149,6 +166,9 @@ def make_templates() -> Environment:
     )
     env.filters["seconds"] = lambda x: "-" if x is None else f"{x:.1f}"
     env.filters["bytes"] = lambda n: f"{int(n):,}"
+    env.filters["clock"] = lambda t: time.strftime("%H:%M:%S", time.localtime(t))
+    env.filters["duration"] = lambda s: f"{max(0, int(s))} s" if s < 120 else f"{int(s) // 60} min {int(s) % 60} s"
+    env.filters["loss"] = lambda x: f"{x:.4f}"
     return env
 
 
@@ -215,17 +235,32 @@ def create_app(state: DashboardState, token: str | None = None) -> ASGIApp:
             "suffix": suffix,
             "poll_ms": int(POLL_S * 1000),
             "since": snap.since,
+            "now": snap.now,
+            "connection": snap.connection,
         }
 
+    rendered: dict[tuple[str, str, str], str] = {}  # (template, version, token): its page
+    lock = threading.Lock()
+
+    def render(name: str, request: Request, snap: Snapshot) -> str:
+        """A template's page, rendered once per version (the panels are a function of it) and token."""
+        key = (name, snap.version, request.query_params.get("token", ""))
+        with lock:
+            if key in rendered:
+                return rendered[key]
+        html = templates.get_template(name).render(context(request, snap))
+        with lock:
+            if len(rendered) > 16:  # older versions
+                rendered.clear()
+            rendered[key] = html
+        return html
+
     def page(request: Request) -> Response:
-        snap = state.snapshot()
-        html = templates.get_template("page.html").render(context(request, snap))
-        return HTMLResponse(html, headers=HEADERS)
+        return HTMLResponse(render("page.html", request, state.snapshot()), headers=HEADERS)
 
     def panels(request: Request) -> Response:
         snap = state.snapshot()
-        html = templates.get_template("panels.html").render(context(request, snap))
-        return HTMLResponse(html, headers={**HEADERS, "ETag": f'"{snap.version}"'})
+        return HTMLResponse(render("panels.html", request, snap), headers={**HEADERS, "ETag": f'"{snap.version}"'})
 
     def plot(request: Request) -> Response:
         name = str(request.path_params["name"])
@@ -237,7 +272,7 @@ def create_app(state: DashboardState, token: str | None = None) -> ASGIApp:
     def metrics(request: Request) -> Response:
         snap = state.snapshot()
         return Response(
-            metrics_text(snap.view, snap.nodes),
+            metrics_text(snap.view, snap.nodes, snap.now),
             media_type="text/plain; version=0.0.4; charset=utf-8",
             headers={"Cache-Control": "no-store"},
         )

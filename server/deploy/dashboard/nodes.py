@@ -3,14 +3,22 @@
 The `flwr supernode ls` command asks the same (flwr/cli/supernode/ls.py), but each call is a new
 Python process of about 1.2 CPU-seconds; the page asks every few seconds, so it talks to the
 Control API itself, at the loopback address `coordinator superlink` saved (FED/server/flwr-home,
-with the federation's CA), and keeps the answer for NODES_TTL_S. A SuperLink that does not answer
-is shown as such, never as every site offline.
+with the federation's CA).
+
+Never on a page's path: a thread of its own asks every NODES_EVERY_S, each ask limited to
+ASK_TIMEOUT_S, and a page (or a /metrics scrape) takes the last answer. A SuperLink that is down
+answers at once with a refused connection; a frozen one (its process stopped, its machine
+swapping) accepts the connection and says nothing: the ask ends at ASK_TIMEOUT_S, and an ask
+that has not ended by then (a request that hangs below the timeout's reach) is itself the answer
+"not answering". Either way the page says the SuperLink does not answer within seconds, and
+never shows a site offline for it: what the sites are is unknown.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,8 +28,8 @@ from flwr.supercore.control import ControlHttpClient
 from server.deploy.flwr_control import CoordinatorError, read_connection
 from server.deploy.provision import FederationPaths
 
-NODES_TTL_S = 5.0
-ASK_TIMEOUT_S = 10.0
+NODES_EVERY_S = 2.0  # the page asks for its panels every 2 s (app.py POLL_S)
+ASK_TIMEOUT_S = 1.5  # a SuperLink on this machine answers ListNodes in milliseconds
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,11 @@ class NodesAnswer:
     nodes: dict[int, NodeState]
     asked_at: float
     problem: str = ""  # the SuperLink did not answer (the page says so)
+
+    @property
+    def answered(self) -> bool:
+        """The SuperLink answered: its nodes' states are known (else every site's is unknown)."""
+        return not self.problem
 
 
 def list_nodes(paths: FederationPaths, timeout: float = ASK_TIMEOUT_S) -> NodesAnswer:
@@ -59,6 +72,8 @@ def list_nodes(paths: FederationPaths, timeout: float = ASK_TIMEOUT_S) -> NodesA
             client.close()
     except Exception as err:  # any transport or protocol failure: the SuperLink did not answer usefully
         why = " ".join(str(err).split())[:200]
+        if "Timeout" in type(err).__name__:  # httpx's: a SuperLink that accepts and says nothing (frozen)
+            why = f"no answer within {timeout:g} s"
         return NodesAnswer(
             {}, now, f"the SuperLink's Control API at {address} did not answer ({type(err).__name__}: {why})"
         )
@@ -81,15 +96,49 @@ def utc_text(iso: str) -> str:
 
 
 class NodesCache:
-    """list_nodes, asked at most every NODES_TTL_S whatever the number of pages open."""
+    """list_nodes, asked by a thread of its own every `every` seconds (started by the first get):
+    get() never waits on the SuperLink, but for the first answer (at most ASK_TIMEOUT_S)."""
 
-    def __init__(self, paths: FederationPaths, ttl: float = NODES_TTL_S) -> None:
-        self.paths, self.ttl = paths, ttl
+    def __init__(
+        self,
+        paths: FederationPaths,
+        every: float = NODES_EVERY_S,
+        timeout: float = ASK_TIMEOUT_S,
+        ask: Callable[[FederationPaths, float], NodesAnswer] = list_nodes,
+    ) -> None:
+        self.paths, self.every, self.timeout, self.ask = paths, every, timeout, ask
         self._lock = threading.Lock()
+        self._answered = threading.Event()
         self._answer: NodesAnswer | None = None
+        self._asking_since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def _poll(self) -> None:
+        while True:
+            with self._lock:
+                self._asking_since = time.time()
+            answer = self.ask(self.paths, self.timeout)
+            with self._lock:
+                self._answer, self._asking_since = answer, None
+            self._answered.set()
+            time.sleep(self.every)
 
     def get(self) -> NodesAnswer:
         with self._lock:
-            if self._answer is None or time.time() - self._answer.asked_at >= self.ttl:
-                self._answer = list_nodes(self.paths)
-            return self._answer
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._poll, name="control-api", daemon=True)
+                self._thread.start()
+        self._answered.wait(min(self.timeout, ASK_TIMEOUT_S))  # the first answer, if it comes soon
+        with self._lock:
+            answer, since = self._answer, self._asking_since
+        now = time.time()
+        if since is not None and now - since > self.timeout:  # an ask past its own limit: not answering
+            return NodesAnswer(
+                {},
+                since,
+                f"the SuperLink's Control API has not answered for {now - since:.0f} s "
+                f"(asked at {time.strftime('%H:%M:%S', time.localtime(since))})",
+            )
+        if answer is None:
+            return NodesAnswer({}, now, "the SuperLink's Control API has not answered yet")
+        return answer

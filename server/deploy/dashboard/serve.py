@@ -1,5 +1,10 @@
 """`python -m server.coordinator dashboard FED`: check where it may listen, then serve the app.
 
+server/coordinator.py sends `dashboard` here before importing the other commands (`main`): the
+dashboard runs beside a SuperLink for weeks and imports none of their machinery (no torch). The
+address is bound before the page's URL is printed: a port another process holds is an error
+naming it, never a URL that opens someone else's page.
+
 On 127.0.0.1 by default. Another address only with an access token (--token-file, or the
 HEALTHFM_DASHBOARD_TOKEN environment variable; at least MIN_TOKEN_CHARS characters): the page
 shows who trains and how much privacy each site has spent, which is the consortium's business
@@ -9,9 +14,15 @@ SuperLink's own, or the default 9093): the dashboard is the coordinator's, not t
 
 from __future__ import annotations
 
+import argparse
+import errno
 import ipaddress
+import logging
 import os
 import re
+import socket
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,9 +31,9 @@ import uvicorn
 from server.deploy.dashboard.app import create_app, state_for
 from server.deploy.dashboard.nodes import NodesCache
 from server.deploy.dashboard.view import Launch
-from server.deploy.flwr_control import EXIT_OK, EXIT_USAGE, CoordinatorError, read_connection
-from server.deploy.provision import FederationPaths
-from server.deploy.proxy import NGINX_CONF
+from server.deploy.flwr_control import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CoordinatorError, read_connection
+from server.deploy.launches import read_launches, resume_command
+from server.deploy.provision import NGINX_CONF, FederationPaths, ProvisionError, read_manifest
 
 DEFAULT_DASHBOARD_PORT = 8765
 SITES_DEFAULT_PORT = 9093
@@ -94,6 +105,18 @@ def check_address(paths: FederationPaths, host: str, port: int, token: str | Non
         raise CoordinatorError(f"--port {port}: not a port number", EXIT_USAGE)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening (CoordinatorError when the address is taken or
+    cannot be bound): connections wait there until the app serves them."""
+    try:
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=128)
+    except OSError as err:
+        why = err.strerror or str(err)
+        taken = " (another process listens there: choose another --port)" if err.errno == errno.EADDRINUSE else ""
+        raise CoordinatorError(f"--host {host} --port {port}: cannot listen there: {why}{taken}", EXIT_USAGE) from None
+
+
 def serve_dashboard(
     paths: FederationPaths,
     host: str,
@@ -109,13 +132,17 @@ def serve_dashboard(
         if not Path(release).is_dir():
             raise CoordinatorError(f"--release {release}: no such folder", EXIT_USAGE)
     state = state_for(paths.root, launches, resume, NodesCache(paths), [Path(r).resolve() for r in releases])
+    sock = listening_socket(host, port)  # before the URL is said: the URL is this process's page
+    # The files read once before the first page asks (weeks of runs take seconds to parse; after
+    # that each page reads only what changed).
+    threading.Thread(target=state.snapshot, name="first-read", daemon=True).start()
     shown = f"[{host}]" if ":" in host else host
     print(
         f"dashboard of {paths.root} on http://{shown}:{port}/ (read-only; metrics at /metrics"
         f"{'; requests need the access token' if token else ''}); Ctrl-C stops it",
         flush=True,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(state, token),
         host=host,
         port=port,
@@ -124,4 +151,58 @@ def serve_dashboard(
         server_header=False,
         date_header=False,
     )
+    uvicorn.Server(config).run(sockets=[sock])
     return EXIT_OK
+
+
+def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `dashboard` command's arguments (commands.py's parser and `main` below share them)."""
+    parser.add_argument("federation_dir", metavar="FED")
+    parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; another needs a token)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_DASHBOARD_PORT, help=f"port (default {DEFAULT_DASHBOARD_PORT})"
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the access token every request must carry (or $HEALTHFM_DASHBOARD_TOKEN); required beyond 127.0.0.1",
+    )
+    parser.add_argument(
+        "--release", action="append", default=[], metavar="MODEL_DIR", help="a release to show (repeatable)"
+    )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The read-only live page and /metrics of FED (a provisioned federation)."""
+    paths = FederationPaths(root=Path(args.federation_dir).resolve())
+    read_manifest(paths.root)  # a clear error if FED is not a provisioned federation
+
+    def launches() -> list[Launch]:
+        return [
+            Launch(run_id=r.run_id, out_dir=Path(r.out_dir), launched_at=r.launched_at, resumed=r.resumed)
+            for r in read_launches(paths)
+        ]
+
+    return serve_dashboard(
+        paths, args.host, args.port, args.token_file, launches, lambda out: resume_command(paths, out), args.release
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m server.coordinator dashboard ARGS` (argv: ARGS): the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server.coordinator dashboard", description="a read-only live web page of the federation"
+    )
+    add_dashboard_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return cmd_dashboard(args)
+    except (CoordinatorError, ProvisionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return getattr(err, "status", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return 130
