@@ -7,15 +7,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from healthfm_core.data.sequences.tokens import SiteSequences
+from healthfm_core.data.sites.site import open_site
 from healthfm_core.eval.paired_comparison import Comparison
+from healthfm_core.eval.probes import fit_logistic_probe
+from healthfm_core.eval.runner import MethodFeatures, evaluate_method_splits
+from simulations.common import onset_eval_data
 from simulations.evidence import genomics_verdict
 from simulations.evidence_dp import plan, size_verdict
 from simulations.evidence_personal import q2_verdict
+from simulations.pretrain import agree_vocabulary
 from simulations.privacy_sweep import dp_recipe_config
+from simulations.synthetic import generate_federation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,3 +115,43 @@ def test_g_is_met_where_the_world_holds_less_than_the_target_and_the_model_reach
     comps["g|world: oracle - oracle without PRS"] = comp("oracle", "oracle without PRS", 0.03, (0.02, 0.04))
     comps["g|federated, test time: ehr+genomics - ehr"] = comp("ehr+genomics", "ehr", 0.021, (-0.001, 0.04))
     assert genomics_verdict(cfg, comps).met is False  # a world that holds more: +0.02 with the interval above 0
+
+
+def test_the_job_fits_and_tunes_its_probes_on_every_labelled_row(tmp_path: Path) -> None:
+    """Issue 68 (q6's suspected cause): the job's probes are fitted on every train row and tuned
+    on every tuning row of a subject, as the held-out rows they are scored on are drawn; a cap of
+    2 rows a subject (issue 42's) keeps fewer train rows and the same held-out rows."""
+    cfg = _cfg("seed=0")  # a unit's seed (unit_config sets it)
+    assert cfg.eval.n_per_subject == "all"
+    fed = generate_federation(tmp_path / "fed", scenario="tiny", seed=0, n_subjects=30, progress=False)
+    sites = {s.name: open_site(s.root) for s in fed.sites}
+    vocab = agree_vocabulary(sites, 3)
+    seqs = {n: SiteSequences.from_site(s, vocab) for n, s in sites.items()}
+    every = onset_eval_data(cfg, sites, seqs)
+    capped = onset_eval_data(cast(DictConfig, OmegaConf.merge(cfg, {"eval": {"n_per_subject": 2}})), sites, seqs)
+    more_than_two = 0
+    for name, data in every.items():
+        split, subject = data.column("split"), data.subject_keys()
+        split2, subject2 = capped[name].column("split"), capped[name].subject_keys()
+        for key in data.tasks:
+            have, have2 = np.isfinite(data.labels(key)), np.isfinite(capped[name].labels(key))
+            for s in ("train", "tuning"):
+                rows = np.unique(subject[have & (split == s)], return_counts=True)[1]
+                rows2 = np.unique(subject2[have2 & (split2 == s)], return_counts=True)[1]
+                assert rows2.max(initial=0) <= 2 and rows.sum() >= rows2.sum()
+                more_than_two += int((rows > 2).sum())
+            assert (have & (split == "held_out")).sum() == (have2 & (split2 == "held_out")).sum()
+    assert more_than_two > 0  # the world gives subjects more rows than the old cap kept
+    # The probe reads every train row (C on every tuning row): the job's held-out scores are a
+    # probe fitted on all of them, by reference.
+    name, data = max(every.items(), key=lambda kv: len(kv[1]))
+    x = np.random.default_rng(0).normal(size=(len(data), 6))
+    feats = MethodFeatures(x, np.ones((len(data), 3), bool), np.arange(len(data)))
+    res = evaluate_method_splits("m", data, feats, ("held_out",), n_boot={"held_out": 1})["held_out"]
+    assert res.predictions
+    split = data.column("split")
+    for key, (_, p) in res.predictions.items():
+        y = data.labels(key)
+        tr, tu = [np.isfinite(y) & (split == s) for s in ("train", "tuning")]
+        ref = fit_logistic_probe(x[tr], y[tr].astype(bool), x[tu], y[tu].astype(bool))
+        np.testing.assert_allclose(p, ref.predict_proba(x[res.scored_rows[key]]), rtol=1e-10)
