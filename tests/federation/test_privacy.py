@@ -43,6 +43,7 @@ from healthfm_core.privacy.engine import (
     DPSettings,
     PoissonBatches,
     StreamingDPOptimizer,
+    noise_for_target,
 )
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from healthfm_core.protocol import (
@@ -552,6 +553,32 @@ def test_under_dp_the_encoders_only_round_trains_and_noises_only_the_modality_en
     # The all-parameter round spends the same: the same steps at the same rate and noise.
     assert present(reply.dp).epsilon == pytest.approx(present(same_spend.dp).epsilon)
     assert {k for k, v in same_spend.arrays.items() if not np.array_equal(v, sent[k])} - moved  # it moved more
+
+
+def test_the_larger_batch_lever_spends_what_opacus_accounts_at_its_own_rate_and_steps(
+    federation, setup, tmp_path
+) -> None:
+    """Issue 68's DP recipe (fewer, larger Poisson batches at the same samples a site sees): asked
+    for epsilon 8 over the run, the site spends what Opacus's RDP accountant gives for the lever's
+    own sampling rate, steps and the noise it derived; both settings reach the target, and the
+    larger batch carries less noise on its mean gradient (sigma / batch), the lever's point."""
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=100).replace("  noise_multiplier: 1.1\n", ""))
+    spent = {}
+    for batch, steps in ((4, 4), (16, 1)):  # 16 samples a round either way
+        state = tmp_path / f"state-{batch}"
+        rt = runtime(federation, "genomics", policy, state)
+        cfg = round_cfg(setup, 1, rounds=1, local_steps=steps, batch_size=batch, dp=True, dp_target_epsilon=8.0)
+        reply = rt.train(setup, own_arrays(setup, rt.groups), cfg)
+        n = len(PretrainingDataset(rt.sequences(setup), rt.split_ids()["train"]))
+        [(sigma, rate, taken)] = json.loads((state / LEDGER_FILE).read_text())["history"]
+        assert (rate, taken) == (batch / n, steps)
+        assert sigma == pytest.approx(noise_for_target(8.0, DELTA, batch / n, steps), rel=1e-12)
+        reference = RDPAccountant()
+        reference.history = [(sigma, rate, steps)]
+        assert present(reply.dp).epsilon == pytest.approx(reference.get_epsilon(DELTA), rel=1e-12)
+        assert 7.9 < present(reply.dp).epsilon <= 8.0 + 1e-9  # the target, to the search's tolerance
+        spent[batch] = sigma
+    assert spent[16] / 16 < spent[4] / 4
 
 
 def test_the_server_asks_for_encoder_only_dp_in_every_round_config() -> None:
