@@ -83,7 +83,8 @@ def personalise(
 def q2_verdict(comps: Mapping[str, Comparison]) -> Verdict:
     """q2 on the model each site keeps: its personalised model where the unit ran the stage (the
     federated model as it comes otherwise), against its local-only model; the detail names the
-    sites whose federated model as it comes is clearly below too."""
+    sites that kept their local-only model in every seed, and those whose federated model as it
+    comes is clearly below."""
     target = (
         "no site clearly below its local-only AUROC (interval of the kept model - local-only not below 0; "
         "kept: the federated model after the local steps its tuning split chose, or its local-only model "
@@ -107,6 +108,10 @@ def q2_verdict(comps: Mapping[str, Comparison]) -> Verdict:
         f"{site} {c.difference:+.3f} [{c.difference_ci[0]:+.3f}, {c.difference_ci[1]:+.3f}]"
         for site, c in judged.items()
     )
+    if own := [site for site, c in kept.items() if c.difference == 0 and tuple(c.difference_ci) == (0.0, 0.0)]:
+        # Every held-out score equal to local-only's: the site kept its local-only model in every
+        # seed; q2 holds there because nothing was gained by joining, which the detail says.
+        detail += "; kept its local-only model in every seed (gains nothing by joining): " + ", ".join(own)
     if kept:
         plain_below = [site for site, c in plain.items() if not not_clearly_below(c)]
         detail += "; the federated model as it comes: " + (

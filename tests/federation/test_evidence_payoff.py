@@ -53,6 +53,10 @@ def test_q2_judges_the_model_each_site_keeps_and_names_a_federated_model_below()
     comps["q2|biobank, personalised"] = comp("personalised", "local-only", -0.03, (-0.05, -0.004))
     v = q2_verdict(comps)
     assert v.met is False and "clearly below at biobank" in v.detail
+    # A site that kept its local-only model in every seed scores exactly 0: met, and said so.
+    comps["q2|biobank, personalised"] = comp("personalised", "local-only", 0.0, (0.0, 0.0))
+    v = q2_verdict(comps)
+    assert v.met is True and "kept its local-only model in every seed (gains nothing by joining): biobank" in v.detail
     # A unit without the stage: the federated model is judged, as before issue 68.
     plain = {k: c for k, c in comps.items() if ", " not in k}
     v = q2_verdict(plain)
