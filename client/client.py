@@ -70,6 +70,7 @@ from client.model_use import (  # noqa: E402
     write_parquet,
     zero_shot_at_site,
 )
+from client.personalise import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, describe, personalise_at_site  # noqa: E402
 from client.policy import PolicyError, SitePolicy, load_policy  # noqa: E402
 from client.site_runtime import SiteRuntime  # noqa: E402
 from client.threads import parse_threads  # noqa: E402
@@ -87,6 +88,7 @@ from healthfm_core.data.labels.tasks import rows_per_subject  # noqa: E402
 from healthfm_core.data.sites.site import Site, SiteDataError  # noqa: E402
 from healthfm_core.eval.saved_head import HeadError  # noqa: E402
 from healthfm_core.first_error import first_error  # noqa: E402
+from healthfm_core.personal_weights import load_personal  # noqa: E402
 from healthfm_core.release import ModelRelease, ReleaseError, load_release  # noqa: E402
 from healthfm_core.release_binding import ExpectedRun  # noqa: E402
 from healthfm_core.release_fit import DEFAULT_MAX_UNKNOWN_SHARE, SiteDoesNotFit  # noqa: E402
@@ -357,6 +359,8 @@ def _use_release(args: argparse.Namespace) -> tuple[ModelRelease, SiteRuntime]:
             "signed would load",
             file=sys.stderr,
         )
+    if getattr(args, "personal", None):  # the site's own adaptation of this release (`personalise`)
+        release = load_personal(args.personal, release)
     min_subjects = args.min_subjects
     if policy is not None:
         min_subjects = max(min_subjects, policy.min_subjects)
@@ -484,6 +488,21 @@ def _predict_zero_shot(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     return _run_use(args, _predict)
+
+
+def _personalise(args: argparse.Namespace) -> int:
+    release, runtime = _use_release(args)
+    cfg = eval_config(release, args.tasks, args.max_subjects)
+    out = Path(args.out) if args.out else Path(f"personal-{runtime.name}")
+    result = personalise_at_site(
+        runtime, release, cfg, out, args.steps, args.lr, args.batch_size, args.seed, progress=_progress(args)
+    )
+    print(describe(result))
+    return EXIT_OK
+
+
+def cmd_personalise(args: argparse.Namespace) -> int:
+    return _run_use(args, _personalise)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -679,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     approve_p.add_argument("--show", action="store_true", help="only show what the bundle holds")
     approve_p.set_defaults(func=cmd_approve)
 
-    def use_options(q: argparse.ArgumentParser) -> None:
+    def use_options(q: argparse.ArgumentParser, personal: bool = True) -> None:
         q.add_argument("site_root", metavar="SITE_ROOT", help="the site root (holds data/, metadata/, ...)")
         q.add_argument("--model", required=True, metavar="DIR", help="the model release folder (coordinator release)")
         q.add_argument(
@@ -710,6 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SHA256",
             help="refuse a release whose federation setup is not this sha256 (the model card's setup)",
         )
+        if personal:
+            q.add_argument(
+                "--personal",
+                metavar="DIR",
+                help="use the release as this site adapted it (the folder `personalise` wrote from this release)",
+            )
         q.add_argument(
             "--min-subjects",
             type=int,
@@ -768,6 +793,28 @@ def build_parser() -> argparse.ArgumentParser:
     task_options(probe)
     probe.add_argument("--out", metavar="DIR", help="where the report, heads, predictions and plots go (probe-SITE)")
     probe.set_defaults(func=cmd_probe)
+
+    personal = sub.add_parser(
+        "personalise",
+        help="adapt the release to this site: local steps on its train split, the count chosen on its tuning split",
+    )
+    use_options(personal, personal=False)
+    task_options(personal)
+    personal.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_STEPS),
+        metavar="N",
+        help=f"candidate local step counts, 0 = the release unchanged (default {' '.join(map(str, DEFAULT_STEPS))})",
+    )
+    personal.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR:g})")
+    personal.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH, help=f"subjects a step (default {DEFAULT_BATCH})"
+    )
+    personal.add_argument("--seed", type=int, default=0, help="seed of the batches and masks (default 0)")
+    personal.add_argument("--out", metavar="DIR", help="where the personalised weights go (personal-SITE)")
+    personal.set_defaults(func=cmd_personalise)
 
     predict = sub.add_parser(
         "predict",

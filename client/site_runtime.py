@@ -78,7 +78,7 @@ from healthfm_core.protocol import (
     site_seed,
 )
 from healthfm_core.protocol.transport import encode_update
-from healthfm_core.terms.groups import group_state_dict, parameter_group
+from healthfm_core.terms.groups import group_state_dict, is_encoder, parameter_group
 from healthfm_core.terms.report_floor import DEFAULT_MIN_POSITIVES, DEFAULT_MIN_SUBJECTS
 from healthfm_core.terms.site_layout import SPLITS
 from healthfm_core.terms.task_spec import task_keys
@@ -487,7 +487,18 @@ class SiteRuntime:
         train_cfg = run.train_config(
             cfg.local_steps, seed, log_every=cfg.local_steps, proximal_mu=self.config.proximal_mu
         )
-        result = train_local(model, loader, train_cfg, groups=received, weights_fn=cfg.weights, local_step=local_step)
+        # Under DP the server may ask that only the modality encoders train (RoundConfig.dp_train):
+        # the others are sent back as received, and only the encoders' gradients are noised.
+        trainable = is_encoder if private is not None and cfg.dp_train == "encoders" else None
+        result = train_local(
+            model,
+            loader,
+            train_cfg,
+            groups=received,
+            weights_fn=cfg.weights,
+            local_step=local_step,
+            trainable=trainable,
+        )
         losses: dict[str, float] = {}
         grad_norm = None
         spend = None  # without DP the update is not private: it carries no epsilon

@@ -35,9 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
+from healthfm_core.files import atomic_folder
 from healthfm_core.first_error import first_error
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.protocol import EvalConfig, FederationSetup
@@ -152,9 +150,7 @@ def write_release(
     _check_weights(Path(WEIGHTS_FILE), arrays, init_model(setup), setup.vocabulary.vocab_size)
     if out.exists() and not overwrite:
         raise ReleaseError(f"{out}: already exists (choose another --out, or remove it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}, str(tmp / WEIGHTS_FILE))
         meta = meta.model_copy(update={"weights_sha256": sha256_file(tmp / WEIGHTS_FILE)})
         (tmp / RELEASE_FILE).write_text(meta.model_dump_json(indent=1), encoding="utf-8")
@@ -164,17 +160,8 @@ def write_release(
         (tmp / CARD_JSON_FILE).write_text(json.dumps(card, indent=1, sort_keys=True), encoding="utf-8")
         sums = "".join(f"{sha256_file(tmp / name)}  {name}\n" for name in RELEASE_FILES)
         (tmp / SUMS_FILE).write_text(sums, encoding="ascii")
-        for name in (*RELEASE_FILES, SUMS_FILE):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
         if signing_key is not None:
             sign_folder(tmp, (*RELEASE_FILES, SUMS_FILE), signing_key)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -120,6 +120,9 @@ class PrivacyRequest(BaseModel):
     noise_multiplier: float | None = Field(default=None, gt=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
+    # What DP trains at every site (issue 68): "all" of its groups, or "encoders": only the modality
+    # encoders (RoundConfig.dp_train), the parameters that must move; the rest stay the global model's.
+    train: Literal["all", "encoders"] = "all"
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> PrivacyRequest:
@@ -143,6 +146,7 @@ class PrivacyRequest(BaseModel):
             "dp_target_epsilon": self.target_epsilon,
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_max_grad_norm": self.max_grad_norm,
+            "dp_train": self.train,
         }
 
     def describe(self) -> str:
@@ -153,7 +157,8 @@ class PrivacyRequest(BaseModel):
             if self.target_epsilon is not None
             else f"noise multiplier {self.noise_multiplier:g}"
         )
-        return f"DP asked: {level}, delta {self.delta:g}, clipping norm {self.max_grad_norm:g}"
+        trained = "" if self.train == "all" else ", only the modality encoders trained"
+        return f"DP asked: {level}, delta {self.delta:g}, clipping norm {self.max_grad_norm:g}{trained}"
 
 
 class FederationConfig(BaseModel):

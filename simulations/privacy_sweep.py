@@ -140,6 +140,28 @@ class Settings:
         return label
 
 
+def dp_recipe_config(dcfg: DictConfig, recipe: DictConfig | None) -> DictConfig:
+    """The DP settings' config (issue 68): dcfg with the recipe's local_steps and lr in
+    `federation`, its max_grad_norm and train (all | encoders) in `privacy`, and the batch that keeps a site's samples
+    (rounds x local_steps x batch_size) those of dcfg, so DP and no DP see the same samples.
+    None: dcfg (DP at the federation's own settings)."""
+    if not recipe:
+        return dcfg
+    fed = dcfg.federation
+    samples = int(fed.local_steps) * int(fed.batch_size)
+    steps = int(recipe.local_steps)
+    if steps <= 0 or samples % steps:
+        raise ValueError(
+            f"dp_recipe.local_steps is {recipe.local_steps}: it must divide the {samples} samples a "
+            f"round of `federation` gives a site ({fed.local_steps} steps x batch {fed.batch_size})"
+        )
+    change = {
+        "federation": {"local_steps": steps, "batch_size": samples // steps, "lr": float(recipe.lr)},
+        "privacy": {"max_grad_norm": float(recipe.max_grad_norm), "train": str(recipe.get("train", "all"))},
+    }
+    return cast(DictConfig, OmegaConf.merge(dcfg, change))
+
+
 def run_setting(
     cfg: DictConfig,
     runs: Path,
@@ -189,8 +211,9 @@ def run(cfg: DictConfig) -> Path:
     clock.lap("data (generate or reuse)")
 
     settings = Settings()
+    private = dp_recipe_config(cfg, cfg.get("dp_recipe"))
     for epsilon in epsilons:
-        label = run_setting(cfg, runs, epsilon, settings)
+        label = run_setting(cfg if epsilon is None else private, runs, epsilon, settings)
         clock.lap(f"federation {label}")
     setup = settings.setup
     assert setup is not None
@@ -219,7 +242,15 @@ def privacy_section(
         f"{fed.rounds * fed.local_steps} planned steps at delta {priv.delta:g}, clipping norm {priv.max_grad_norm:g}; "
         "each site turns it into a noise multiplier at its sampling rate (batch / its train subjects), clips "
         "per-sample gradients (batch-of-one loop) and accounts every step in its own ledger (RDP), which starts "
-        "empty in each setting.",
+        "empty in each setting."
+        + (
+            f" The DP settings train at their own recipe at the same samples seen: {cfg.dp_recipe.local_steps} local "
+            f"steps a round of the larger Poisson batch, lr {cfg.dp_recipe.lr:g}, clipping norm "
+            f"{cfg.dp_recipe.max_grad_norm:g}"
+            + (", only the modality encoders trained." if cfg.dp_recipe.get("train") == "encoders" else ".")
+            if cfg.get("dp_recipe")
+            else ""
+        ),
         "",
         "Evaluation as in the comparison report: per site, frozen linear probes on the final global model's "
         "embeddings, fitted on the site's train rows (C from its tuning rows) and scored on its held_out rows, "

@@ -41,6 +41,7 @@ from healthfm_core.data.sequences.tokens import PretrainingDataset, SiteSequence
 from healthfm_core.data.sites.site import Site
 from healthfm_core.eval import compare, site_pairs
 from healthfm_core.eval.outcomes import outcome_table, replies_from_event
+from healthfm_core.eval.personal_choice import PersonalChoice
 from healthfm_core.eval.report import auroc_cell
 from healthfm_core.eval.row_embeddings import restrict_modalities
 from healthfm_core.eval.runner import EvalSet, MethodResult
@@ -50,6 +51,7 @@ from healthfm_core.strict_files import read_json
 from healthfm_core.terms.groups import parameter_group
 from healthfm_core.terms.objective_weights import LOSS_NAMES, curriculum_weights
 from healthfm_core.terms.site_layout import MODALITIES
+from healthfm_core.train.adapt import last_round_weights
 from healthfm_core.train.local_run import LocalRun
 from healthfm_core.train.trainer import train_local
 from server.runlog import read_events
@@ -67,13 +69,14 @@ from simulations.common import (
 )
 from simulations.logs import setup_job_logging
 from simulations.overrides import refuse_unknown_overrides, with_task_alias
+from simulations.personalise import personalise_site
 from simulations.ray_start import RayStartError
 from simulations.run import privacy_request, run_federation
 from simulations.synthetic import oracle_risk
 
 log = logging.getLogger("healthfm.simulations.report")
 
-METHODS = ("federated", "centralized", "local-only", "oracle")
+METHODS = ("federated", "personalised", "centralized", "local-only", "oracle")
 MARKER = "comparison.json"  # present once a report job has written to out_dir
 PRIVACY_DIR = "privacy"  # the utility-versus-epsilon federations, one directory per setting
 
@@ -329,9 +332,12 @@ def run(cfg: DictConfig) -> Path:
         res, features[method] = compare.evaluate_per_site(method, per_site_data, model, progress=progress, **ev)
         for name, r in res.items():
             per_site[name][method] = r
-    res, _ = compare.evaluate_per_site("local-only", per_site_data, lambda s: local_models[s], progress=progress, **ev)
+    res, features["local-only"] = compare.evaluate_per_site(
+        "local-only", per_site_data, lambda s: local_models[s], progress=progress, **ev
+    )
     for name, r in res.items():
         per_site[name]["local-only"] = r
+    choices = personalised(cfg, setup, fed_model, sites, baselines, per_site_data, features, per_site)
     if truth_dir is not None and scenario is not None:
         code_to_disease = {d.code: name for name, d in scenario.diseases.items()}
         for name, r in compare.oracle_per_site(
@@ -388,7 +394,40 @@ def run(cfg: DictConfig) -> Path:
         per_site_steps,
         central_steps,
         privacy,
+        choices,
     )
+
+
+def personalised(
+    cfg: DictConfig,
+    setup: FederationSetup,
+    fed_model: HealthFM,
+    sites: Mapping[str, Site],
+    baselines: Regimes,
+    per_site_data: Mapping[str, EvalSet],
+    features: Mapping[str, Mapping[str, Any]],
+    per_site: compare.PerSite,
+) -> dict[str, PersonalChoice]:
+    """Each site's personalised model (issue 68: local steps after the federation, the count
+    chosen on its tuning split, or its local-only model when every adapted one is below it there;
+    simulations/personalise.py) into per_site; the choices. `features`: per method ("federated",
+    "local-only") and site, the features already computed. `personalisation.steps` empty: none."""
+    steps = list((cfg.get("personalisation") or {}).get("steps") or [])
+    if not steps:
+        return {}
+    fed = cfg.federation
+    weights = last_round_weights(setup.model, int(fed.rounds))
+    ev = {"max_events": fed.max_events, "max_patches": fed.max_patches, "batch_size": int(cfg.eval.batch_size)}
+    choices = {}
+    for name, site in sites.items():
+        if len(baselines.datasets[name]) == 0 or name not in features["federated"]:
+            continue
+        per_site[name]["personalised"], choices[name] = personalise_site(
+            fed_model, site, baselines.datasets[name], per_site_data[name], lambda m: m, steps, LocalRun.of(fed),
+            weights, int(cfg.seed), ev, int(cfg.eval.n_boot), features["federated"][name],
+            features.get("local-only", {}).get(name),
+        )  # fmt: skip
+    return choices
 
 
 def privacy_utility(
@@ -414,9 +453,12 @@ def privacy_utility(
     settings = privacy_sweep.Settings()
     main_epsilon = privacy_request(cfg).target_epsilon
     settings.add(main_epsilon, setup, fed_model, fed_dir, clock.phases.get("federation (Flower simulation)", 0.0))
+    private = privacy_sweep.dp_recipe_config(cfg, cfg.privacy_sweep.get("dp_recipe"))
     for epsilon in privacy_sweep.parse_epsilons(wanted):
         if epsilon != main_epsilon:
-            label = privacy_sweep.run_setting(cfg, out / PRIVACY_DIR, epsilon, settings)
+            label = privacy_sweep.run_setting(
+                private if epsilon is not None else cfg, out / PRIVACY_DIR, epsilon, settings
+            )
             clock.lap(f"federation {label}")
     per_site = privacy_sweep.evaluate_settings(settings, per_site_data, ev, progress)
     clock.lap("evaluation at each epsilon")
@@ -440,6 +482,7 @@ def write_comparison(
     per_site_steps: int,
     central_steps: int,
     privacy: list[str] | None = None,
+    choices: Mapping[str, PersonalChoice] | None = None,
 ) -> Path:
     """report.md (what was compared, the tables, the plots), comparison.json and the PNGs in out."""
     methods = [m for m in METHODS if any(m in r for r in per_site.values())]
@@ -452,6 +495,7 @@ def write_comparison(
     figs = comparison_figures(out, fed_curve, central_history, local_histories, task_rows, traffic, timing)
     lines = [
         *comparison_setup(cfg, clock, sites, setup, methods, per_site_steps, central_steps),
+        *personal_lines(choices or {}),
         "",
         *comparison_tables(
             cfg,
@@ -489,8 +533,29 @@ def write_comparison(
         "timings": {str(r): v for r, v in timing.items()},
         "phases_seconds": clock.phases,
         "budgets": {"per_site_steps": per_site_steps, "centralized_steps": central_steps},
+        "personalisation": {s: c.model_dump() for s, c in (choices or {}).items()},
     }
     return write_outputs(out, MARKER, dump, "report.md", lines, clock)
+
+
+def personal_lines(choices: Mapping[str, PersonalChoice]) -> list[str]:
+    """What `personalised` is, and the local steps each site kept (chosen on its tuning split)."""
+    if not choices:
+        return []
+    kept = "; ".join(
+        f"{s}: {c.kept} ("
+        + ", ".join(f"{k}: {v:.3f}" if np.isfinite(v) else f"{k}: n/a" for k, v in sorted(c.tuning_auroc.items()))
+        + (f"; local-only {c.local_only_auroc:.3f}" if c.local_only_auroc is not None else "")
+        + ")"
+        for s, c in choices.items()
+    )
+    return [
+        "",
+        "Personalised (issue 68): each site's federated model after local steps on its own train split (the run's "
+        "last-round objectives), the number of steps kept by the probes' mean tuning AUROC, or the site's local-only "
+        "model where every adapted one is below it on tuning (held_out never read; "
+        f"`client.py personalise` at a real site). Kept, with each candidate's tuning AUROC: {kept}.",
+    ]
 
 
 def comparison_figures(

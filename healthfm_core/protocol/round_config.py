@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, StrictBool
@@ -53,6 +53,10 @@ class RoundConfig(StrictMessage):
     dp_noise_multiplier: float | None = Field(default=None, gt=0)
     dp_target_epsilon: float | None = Field(default=None, gt=0)  # over this run's planned steps
     dp_max_grad_norm: float | None = Field(default=None, gt=0)
+    # Under DP, what trains (issue 68): "all" of the round's groups, or "encoders": only their
+    # modality encoders (healthfm_core/model/groups.py ENCODER_PREFIXES), the rest kept as received,
+    # so the noise is spread over far fewer parameters. Ignored without DP.
+    dp_train: Literal["all", "encoders"] = "all"
     # The round's update leaves the site only masked (secure aggregation, issue 32); a site whose
     # policy requires it refuses a round without it.
     secure_aggregation: StrictBool = False

@@ -29,6 +29,12 @@ _PREFIX_GROUPS: tuple[tuple[str, str], ...] = (
     ("heads.prs_", "genomics"),
 )
 
+# The modality encoders (what turns a modality's raw input into tokens), each inside its group:
+# what DP trains when a run asks to train only the parameters that must move (issue 68: at the
+# evidence job's budget the whole gain of pretraining over the initialisation came from the EHR
+# encoder; the backbone and the heads trained alone gave none of it).
+ENCODER_PREFIXES: tuple[str, ...] = ("ehr_encoder.", "wearable_encoder.", "genomics_encoder.")
+
 # Wrappers prepend these to keys (torch.compile, DataParallel/DDP, Opacus GradSampleModule).
 _WRAPPER_PREFIXES = ("_orig_mod.", "module._module.", "_module.", "module.")
 
@@ -56,6 +62,11 @@ def parameter_group(key: str) -> str:
         f"state_dict key {key!r} belongs to no parameter group: known prefixes are "
         f"{', '.join(p for p, _ in _PREFIX_GROUPS)} (add the module to healthfm_core/terms/groups.py)"
     )
+
+
+def is_encoder(key: str) -> bool:
+    """Whether a HealthFM state_dict key is a modality encoder's (ENCODER_PREFIXES)."""
+    return _strip_wrappers(key).startswith(ENCODER_PREFIXES)
 
 
 def check_groups(groups: Iterable[str]) -> frozenset[str]:

@@ -295,6 +295,7 @@ def train_local(
     group_of: Callable[[str], str] | None = None,
     stop_step: int | None = None,
     local_step: LocalStep | None = None,
+    trainable: Callable[[str], bool] | None = None,
 ) -> TrainResult:
     """Train the parameters of `groups` (None = every group) for steps start_step .. stop_step-1
     (stop_step defaults to cfg.steps; stopping early leaves the schedule laid over cfg.steps, so a
@@ -311,6 +312,9 @@ def train_local(
     group_of: state_dict key -> group (default healthfm_core.model.groups.parameter_group).
     local_step: replaces forward/backward/clipping (cfg.grad_clip is then not applied), e.g.
       healthfm_core.privacy.engine.DPLocalStep for DP-SGD.
+    trainable: parameter name -> whether it trains (None: every parameter of `groups`); the others
+      of `groups` stay as they are (frozen for the call) and are still returned in group_state.
+      Under DP only the trained parameters are clipped and noised.
     """
     stop_step = cfg.steps if stop_step is None else stop_step
     if not 0 <= start_step <= stop_step <= cfg.steps:
@@ -320,7 +324,7 @@ def train_local(
     autocast_dtype = resolve_precision(cfg.precision, device)
 
     all_named = list(model.named_parameters())
-    chosen, named = _trained_parameters(all_named, groups, group_of)
+    chosen, named = _trained_parameters(all_named, groups, group_of, trainable)
     saved_requires_grad = {n: p.requires_grad for n, p in all_named}
     was_training = model.training
     trained = {n for n, _ in named}
@@ -415,17 +419,26 @@ def train_local(
 
 
 def _trained_parameters(
-    all_named: list[tuple[str, torch.nn.Parameter]], groups: Sequence[str] | None, group_of: Callable[[str], str]
+    all_named: list[tuple[str, torch.nn.Parameter]],
+    groups: Sequence[str] | None,
+    group_of: Callable[[str], str],
+    trainable: Callable[[str], bool] | None = None,
 ) -> tuple[list[str], list[tuple[str, torch.nn.Parameter]]]:
-    """The groups a call trains (None: every group of the model) and their trainable parameters."""
+    """The groups a call trains (None: every group of the model) and their trainable parameters
+    (those `trainable` accepts, where given)."""
     known = sorted({group_of(n) for n, _ in all_named})
     chosen = list(known) if groups is None else list(dict.fromkeys(groups))
     group_names = _valid_group_names(group_of, known)
     if unknown := [g for g in chosen if g not in group_names]:
         raise ValueError(f"unknown parameter group(s) {unknown}; groups are {sorted(group_names)}")
-    named = [(n, p) for n, p in all_named if group_of(n) in chosen and p.requires_grad]
+    named = [
+        (n, p)
+        for n, p in all_named
+        if group_of(n) in chosen and p.requires_grad and (trainable is None or trainable(n))
+    ]
     if not named:
-        raise ValueError(f"no trainable parameters in groups {chosen} (model groups: {known})")
+        what = "" if trainable is None else " that the call's `trainable` accepts"
+        raise ValueError(f"no trainable parameters{what} in groups {chosen} (model groups: {known})")
     return chosen, named
 
 

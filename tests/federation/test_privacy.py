@@ -41,6 +41,7 @@ from healthfm_core.privacy.engine import (
     DPSettings,
     PoissonBatches,
     StreamingDPOptimizer,
+    noise_for_target,
 )
 from healthfm_core.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from healthfm_core.protocol import (
@@ -54,9 +55,10 @@ from healthfm_core.protocol import (
     TrainReply,
 )
 from healthfm_core.protocol.packing import unpack_record
-from healthfm_core.terms.groups import parameter_group
+from healthfm_core.terms.groups import is_encoder, parameter_group
 from healthfm_core.terms.model_config import load_model_config
 from healthfm_core.terms.objective_weights import ObjectiveWeights
+from server.config import FederationConfig, PrivacyRequest
 from server.round import aggregate_replies
 from server.strategy import ModalityAwareFedAvg, pack_record
 from simulations.synthetic import generate_federation
@@ -524,3 +526,66 @@ def test_a_delta_above_one_over_the_train_subjects_is_refused_at_load(federation
     policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=8).replace("delta: 1.0e-5", "delta: 0.1"))
     with pytest.raises(PolicyError, match=r"policy.yaml: field dp.delta: value 0.1: .*above 1/n = 1/\d+"):
         runtime(federation, "genomics", policy, tmp_path / "state")
+
+
+def test_under_dp_the_encoders_only_round_trains_and_noises_only_the_modality_encoders(
+    federation, setup, tmp_path
+) -> None:
+    """Issue 68: a round whose config asks `dp-train: encoders` trains only the modality encoders
+    under DP (the rest is sent back exactly as received, so no noise is added there) and spends
+    as an all-parameter round does; without DP the field changes nothing."""
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=10))
+    node = Node(node_config(federation, "biobank", policy=policy, **{"state-dir": tmp_path / "state"}))
+    node.send_setup(setup)
+    groups = runtime(federation, "biobank").groups
+    sent = own_arrays(setup, groups)
+    cfg = round_cfg(setup, 1, dp=True, dp_train="encoders")
+    assert RoundConfig.from_flat(cfg.to_flat()).dp_train == "encoders"  # on the wire
+    raw = node.train(setup, groups, cfg)
+    assert not raw.has_error(), raw.error
+    reply = parsed(raw)
+    assert reply.status == "ok"
+    moved = {k for k, v in reply.arrays.items() if not np.array_equal(v, sent[k])}
+    assert moved and all(is_encoder(k) for k in moved)
+    assert any(k.startswith("ehr_encoder.") for k in moved) and any(k.startswith("genomics_encoder.") for k in moved)
+    other = Node(node_config(federation, "biobank", policy=policy, **{"state-dir": tmp_path / "other"}))
+    other.send_setup(setup)
+    same_spend = parsed(other.train(setup, groups, round_cfg(setup, 1, dp=True)))
+    # The all-parameter round spends the same: the same steps at the same rate and noise.
+    assert present(reply.dp).epsilon == pytest.approx(present(same_spend.dp).epsilon)
+    assert {k for k, v in same_spend.arrays.items() if not np.array_equal(v, sent[k])} - moved  # it moved more
+
+
+def test_the_larger_batch_lever_spends_what_opacus_accounts_at_its_own_rate_and_steps(
+    federation, setup, tmp_path
+) -> None:
+    """Issue 68's DP recipe (fewer, larger Poisson batches at the same samples a site sees): asked
+    for epsilon 8 over the run, the site spends what Opacus's RDP accountant gives for the lever's
+    own sampling rate, steps and the noise it derived; both settings reach the target, and the
+    larger batch carries less noise on its mean gradient (sigma / batch), the lever's point."""
+    policy = write_policy(tmp_path / "policy.yaml", DP_POLICY.format(cap=100).replace("  noise_multiplier: 1.1\n", ""))
+    spent = {}
+    for batch, steps in ((4, 4), (16, 1)):  # 16 samples a round either way
+        state = tmp_path / f"state-{batch}"
+        rt = runtime(federation, "genomics", policy, state)
+        cfg = round_cfg(setup, 1, rounds=1, local_steps=steps, batch_size=batch, dp=True, dp_target_epsilon=8.0)
+        reply = rt.train(setup, own_arrays(setup, rt.groups), cfg)
+        n = len(PretrainingDataset(rt.sequences(setup), rt.split_ids()["train"]))
+        [(sigma, rate, taken)] = json.loads((state / LEDGER_FILE).read_text())["history"]
+        assert (rate, taken) == (batch / n, steps)
+        assert sigma == pytest.approx(noise_for_target(8.0, DELTA, batch / n, steps), rel=1e-12)
+        reference = RDPAccountant()
+        reference.history = [(sigma, rate, steps)]
+        assert present(reply.dp).epsilon == pytest.approx(reference.get_epsilon(DELTA), rel=1e-12)
+        assert 7.9 < present(reply.dp).epsilon <= 8.0 + 1e-9  # the target, to the search's tolerance
+        spent[batch] = sigma
+    assert spent[16] / 16 < spent[4] / 4
+
+
+def test_the_server_asks_for_encoder_only_dp_in_every_round_config() -> None:
+    request = PrivacyRequest(target_epsilon=8.0, train="encoders")
+    assert request.round_fields()["dp_train"] == "encoders" and "only the modality encoders" in request.describe()
+    run = {"out-dir": "runs/x", "model": "tiny", "privacy-target-epsilon": 8.0}
+    assert FederationConfig.from_run_config({**run, "privacy-train": "encoders"}).privacy == request
+    with pytest.raises(ValueError, match="privacy.train"):
+        FederationConfig.from_run_config({**run, "privacy-train": "heads"})

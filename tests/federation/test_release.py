@@ -42,6 +42,7 @@ from healthfm_core.eval.metrics import auroc
 from healthfm_core.eval.probes import fit_logistic_probe
 from healthfm_core.eval.saved_head import HeadError, load_head, save_head
 from healthfm_core.model.healthfm import init_model
+from healthfm_core.personal_weights import load_personal, read_personal_meta
 from healthfm_core.protocol import FederationSetup
 from healthfm_core.release import ReleaseError, load_release
 from healthfm_core.release_binding import ExpectedRun
@@ -934,3 +935,50 @@ def test_a_site_with_a_modality_the_model_lacks_is_refused(setup: FederationSetu
     with pytest.raises(SiteDoesNotFit, match=r"has \['wearables'\], which the release's model"):
         require_fit(site, ehr_only)
     assert require_fit(site, setup).missing_modalities == []
+
+
+def test_personalise_adapts_the_release_at_the_site_and_embed_probe_predict_use_it(
+    release_dir: Path, release_key: Path, biobank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 68: `personalise` takes local steps on the site's train split from the release's
+    weights, keeps the count its tuning split chooses (printed, written), and `--personal` makes
+    embed / probe / predict read the adapted model; a head fitted on it names its weights."""
+    use = ["--model", str(release_dir), "--release-key", str(release_key), "--min-subjects", "2", "--no-progress"]
+    out = tmp_path / "personal"
+    argv = ["personalise", str(biobank), *use, "--steps", "0", "3", "--batch-size", "8", "--out", str(out)]
+    assert client_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "0 local steps" in printed and "3 local steps" in printed and "<- kept" in printed
+    meta = read_personal_meta(out)
+    assert meta.site == "biobank" and meta.steps in (0, 3) and set(meta.tuning_auroc) == {"0", "3"}
+    assert meta.groups == ["shared", "ehr", "wearables", "genomics"]  # the biobank's groups
+    release = load_release(release_dir, trusted_keys=[release_key])
+    personal = load_personal(out, release)
+    changed = [k for k, v in release.model.state_dict().items() if not torch.equal(v, personal.model.state_dict()[k])]
+    assert bool(changed) == (meta.steps > 0)
+    # Written from 3 steps' snapshot, read back: the adapted weights are 3 local steps of training.
+    assert client_main([*argv[:-1], str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()
+    assert client_main(argv) == 2 and "already exists" in capsys.readouterr().err  # never overwritten
+
+    probe_out = tmp_path / "probe"
+    assert client_main(["probe", str(biobank), *use, "--personal", str(out), "--out", str(probe_out)]) in (0, 1)
+    for fitted in (probe_out / "heads").glob("*.json"):  # a head fitted on it names the personalised weights
+        assert json.loads(fitted.read_text())["weights_sha256"] == personal.weights_sha256
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, release.setup.embedding_width))
+    probe = fit_logistic_probe(x[:40], x[:40, 0] > 0, x[40:], x[40:, 0] > 0)
+    head = save_head(tmp_path / "t.json", "t", probe, release.setup.sha256, 64, 8, personal.weights_sha256)
+    times = tmp_path / "times.parquet"
+    sid = pq.read_table(biobank / "metadata" / "subject_splits.parquet")["subject_id"].to_numpy()[:2]
+    pq.write_table(pa.table({"subject_id": pa.array(sid, pa.int64()), "prediction_time": pa.array([0, 0], pa.timestamp("us"))}), times)  # fmt: skip
+    predict = ["predict", str(biobank), *use, "--head", str(head), "--prediction-times", str(times)]
+    assert client_main([*predict, "--personal", str(out), "--out", str(tmp_path / "p.parquet")]) == 0
+    assert pq.read_table(tmp_path / "p.parquet").num_rows == 2
+    assert client_main([*predict, "--out", str(tmp_path / "q.parquet")]) == 2  # on the release alone: refused
+    assert "field weights_sha256" in capsys.readouterr().err and not (tmp_path / "q.parquet").exists()
+    # A folder from another release is refused by name.
+    doc = json.loads((out / "personal.json").read_text())
+    (out / "personal.json").write_text(json.dumps({**doc, "base_weights_sha256": "0" * 64}))
+    assert client_main(["embed", str(biobank), *use, "--personal", str(out), "--out", str(tmp_path / "e.parquet")]) == 2
+    assert "field base_weights_sha256" in capsys.readouterr().err

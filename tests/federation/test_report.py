@@ -92,6 +92,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "federation.site.min_report_subjects=2",
             "federation.site.min_report_positives=1",
             "federation.eval_tasks=[onset_hypertension_365d]",
+            "personalisation.steps=[0,3]",
         ]
     )
     assert rc == 0
@@ -190,6 +191,24 @@ def test_budgets_bytes_and_timings_come_from_the_run(demo_run: Path) -> None:
             r["method"].endswith(" without genomics") or r["method"].endswith(" without wearables")
             for r in value["without"]
         )
+
+
+@pytest.mark.slow  # the demo run's fixture
+def test_the_demo_shows_each_sites_personalised_model_and_dp_at_epsilon_8(demo_run: Path) -> None:
+    """Issue 68: the demo's report carries each site's personalised model (the local steps its
+    tuning split kept, every candidate's tuning AUROC) and the federation at epsilon 8 at the DP
+    recipe beside the federated run (no DP)."""
+    report = (demo_run / "report.md").read_text()
+    data = json.loads((demo_run / "comparison.json").read_text())
+    assert set(data["personalisation"]) == set(SITES)
+    for choice in data["personalisation"].values():
+        assert choice["steps"] in (0, 3) and set(choice["tuning_auroc"]) == {"0", "3"}
+    assert "Personalised (issue 68)" in report and "| personalised |" in report
+    assert "| 8 |" in report and "| none (no DP) |" in report  # the utility-against-epsilon table
+    assert "only the modality encoders trained" in report
+    line = next(ln for ln in report.splitlines() if ln.startswith("| 8 |"))
+    spent = [float(x) for x in line.strip(" |").split("|")[-len(SITES) :]]
+    assert all(7.5 < v <= 8.0 + 1e-6 for v in spent), line  # each site spent its target over the run
 
 
 def test_a_foreign_output_directory_is_refused(tmp_path: Path) -> None:

@@ -68,7 +68,12 @@ CORE_ROOMS: tuple[tuple[str, ...], ...] = (
     ("healthfm_core.model",),
     ("healthfm_core.privacy", "healthfm_core.train"),
     ("healthfm_core.eval",),
-    ("healthfm_core.release", "healthfm_core.release_fit", "healthfm_core.release_signing"),
+    (
+        "healthfm_core.release",
+        "healthfm_core.release_fit",
+        "healthfm_core.release_signing",
+        "healthfm_core.personal_weights",
+    ),
 )
 # healthfm_core/data/'s rooms, lowest first (docs/architecture.md, "Site data on disk").
 DATA_ROOMS: tuple[tuple[str, ...], ...] = (
