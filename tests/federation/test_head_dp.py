@@ -62,11 +62,15 @@ def test_dp_off_is_the_head_without_dp_and_spends_nothing(tmp_path: Path) -> Non
     np.testing.assert_allclose(result.probe.weight, expected.weight, rtol=0, atol=1e-9)
     assert sites.epsilon == {} and sites.refused == {}
     assert not any((Path(n["state-dir"]) / "privacy_ledger.json").exists() for n in nodes)
-    # The request carries no DP field at all: the record is the one sent before DP existed.
-    flat = HeadRoundRequest(
+    # The request says DP is off and carries none of DP's settings (the one flat form sends every
+    # field that is not None, protocol/flat.py): what a site reads back is the request without DP.
+    request = HeadRoundRequest(
         **_task().model_dump(), mean=[0.0], scale=[1.0], round=1, weight=[0.0], bias=0.0, penalty=0.0, steps=1, lr=1.0
-    ).to_flat()
-    assert not any(k.startswith("dp") for k in flat)
+    )
+    flat = request.to_flat()
+    sent = {k: v for k, v in flat.items() if k.startswith("dp")}
+    assert sent == {"dp": False, "dp-batch-size": 64, "dp-run": ""}, sent
+    assert HeadRoundRequest.from_flat(flat) == request
 
 
 def _task():  # noqa: ANN202
