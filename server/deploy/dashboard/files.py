@@ -45,8 +45,9 @@ class _Grown:
     size: int
     prefix: str
     lines: int  # lines read
-    value: Any  # a fold of the events, or a ChainReader
+    value: Any  # _Folds of the events, or a ChainReader
     key: StatKey | None = None
+    hasher: Any = field(default_factory=hashlib.sha256)  # over the `size` bytes read: the next prefix from it
 
 
 def _grow(path: Path, held: _Grown | None, fresh: Callable[[], Any], feed: Callable[[Any, bytes, int], None]) -> _Grown:
@@ -64,17 +65,33 @@ def _grow(path: Path, held: _Grown | None, fresh: Callable[[], Any], feed: Calla
     if end > held.size:
         feed(held.value, data[held.size : end], held.lines)
         held.lines += data.count(b"\n", held.size, end)
-        held.size = end
-        held.prefix = hashlib.sha256(data[:end]).hexdigest()
+        held.hasher = held.hasher.copy()
+        held.hasher.update(data[held.size : end])
+        held.size, held.prefix = end, held.hasher.hexdigest()
     return held
 
 
-def _feed_events(path: Path, step: Callable[[Any, dict[str, Any]], None]) -> Callable[[Any, bytes, int], None]:
+@dataclass
+class _Folds:
+    """The folds of one rounds.jsonl: name -> (fresh, step, state), each event parsed once for all."""
+
+    folds: dict[Any, tuple[Callable[[], Any], Callable[[Any, dict[str, Any]], None], Any]] = field(default_factory=dict)
+
+    def again(self) -> _Folds:
+        """The same folds, each from its start (the file was rewritten)."""
+        return _Folds({name: (fresh, step, fresh()) for name, (fresh, step, _) in self.folds.items()})
+
+
+def _feed_folds(path: Path, only: Any = None) -> Callable[[Any, bytes, int], None]:
+    """Each whole line's event to every fold (or to the fold named `only`), in order."""
+
     def feed(value: Any, data: bytes, lines: int) -> None:
+        folds = [(step, state) for name, (_, step, state) in value.folds.items() if only is None or name == only]
         for number, line in enumerate(data.decode("utf-8").split("\n")[:-1], lines + 1):
             event = event_of_line(line, path, number)
             if event is not None:
-                step(value, event)
+                for step, state in folds:
+                    step(state, event)
 
     return feed
 
@@ -83,12 +100,12 @@ def _feed_events(path: Path, step: Callable[[Any, dict[str, Any]], None]) -> Cal
 class RunFiles:
     """The parsed run files, by path; one per dashboard (its pages share them)."""
 
-    _grown: dict[tuple[Any, Path], _Grown] = field(default_factory=dict)
+    _grown: dict[tuple[str, Path], _Grown] = field(default_factory=dict)
     _memo: dict[Any, tuple[Any, Any]] = field(default_factory=dict)  # name -> (version, value)
     _used: set[Any] = field(default_factory=set)  # memo names asked for since the last sweep()
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _read(self, kind: Any, path: Path, fresh: Callable[[], Any], feed: Callable[[Any, bytes, int], None]) -> Any:
+    def _read(self, kind: str, path: Path, fresh: Callable[[], Any], feed: Callable[[Any, bytes, int], None]) -> Any:
         key = stat_key(path)
         with self._lock:
             held = self._grown.get((kind, path))
@@ -96,7 +113,8 @@ class RunFiles:
                 self._grown.pop((kind, path), None)
                 return None
             if held is None or held.key != key:
-                held = _grow(path, held, fresh, feed)
+                again = held.value.again if held is not None and isinstance(held.value, _Folds) else fresh
+                held = _grow(path, held, again, feed)
                 held.key = key
                 self._grown[(kind, path)] = held
             return held.value
@@ -112,16 +130,42 @@ class RunFiles:
         """read(state) of rounds.jsonl's events folded by step into fresh(), in order, each event
         once as the file grows (as server.runlog.read_events reads them; None: no file). `read`
         runs under the lock: what it returns must not share the state's mutable parts."""
-        state = self._read(name, path, fresh, _feed_events(path, step))
-        if state is None:
-            return None
+        for _ in range(2):
+            folds: _Folds | None = self._read("events", path, _Folds, _feed_folds(path))
+            if folds is None:
+                return None
+            with self._lock:
+                held = self._grown.get(("events", path))
+                if held is None or held.value is not folds:
+                    continue  # read again meanwhile
+                if name not in folds.folds:  # a fold first asked for: the bytes the others read, for it alone
+                    data = path.read_bytes()[: held.size]
+                    if hashlib.sha256(data).hexdigest() != held.prefix:
+                        self._grown.pop(("events", path))  # rewritten since: every fold from the start
+                        continue
+                    folds.folds[name] = (fresh, step, fresh())
+                    _feed_folds(path, only=name)(folds, data, 0)
+                return read(folds.folds[name][2])
+        return None
+
+    def register(
+        self, path: Path, name: Any, fresh: Callable[[], S], step: Callable[[S, dict[str, Any]], None]
+    ) -> None:
+        """A fold of `path` that a page will ask for: if the file is not read yet, folded with the
+        others as it is (else from its start when first asked for)."""
         with self._lock:
-            return read(state)
+            if ("events", path) not in self._grown:
+                unread = _Folds({name: (fresh, step, fresh())})
+                self._grown[("events", path)] = _Grown(-1, 0, hashlib.sha256(b"").hexdigest(), 0, unread)
+            elif self._grown[("events", path)].inode == -1:
+                self._grown[("events", path)].value.folds.setdefault(name, (fresh, step, fresh()))
 
     def forget(self, path: Path, name: Any) -> None:
         """Fold `name` of `path` again from the start at its next read."""
         with self._lock:
-            self._grown.pop((name, path), None)
+            held = self._grown.get(("events", path))
+            if held is not None:
+                held.value.folds.pop(name, None)
 
     def memo(self, name: Any, version: Any, make: Callable[[], T]) -> T:
         """make(), once per version of `name` (the version holds the stat of every file the
@@ -137,8 +181,8 @@ class RunFiles:
         return value
 
     def sweep(self) -> None:
-        """Forget what no page asked for since the last sweep: memos of runs no longer launched,
-        folds and chains of files no longer there."""
+        """Forget what no page asked for since the last sweep (memos of runs no longer launched)
+        and the files no longer there."""
         with self._lock:
             self._memo = {k: v for k, v in self._memo.items() if k in self._used}
             self._used = set()

@@ -419,10 +419,11 @@ class _Segment:
 @dataclass
 class _RoundsFold:
     """rounds.jsonl as the runs panel reads it, folded event by event: per run its last `kept`
-    rounds whole and the sums of those before (None: every round, until trim())."""
+    rounds whole and the sums of those before (None: every round, until the first trim(), so
+    that a file read from its start is sorted whole, whatever the order of its rounds)."""
 
     path: Path
-    kept: int | None = ROUNDS_KEPT
+    kept: int | None = None
     runs: dict[int, _Segment] = field(default_factory=dict)
     current: _Segment | None = None
     planned: int = 0  # the largest `rounds` of a round event
@@ -492,15 +493,21 @@ def _count(value: Any) -> int:
         return 0
 
 
+def _rounds_fold(path: Path) -> tuple[str, Callable[[], _RoundsFold], Callable[[_RoundsFold, dict[str, Any]], None]]:
+    return "rounds", partial(_RoundsFold, path), _RoundsFold.add
+
+
 def _rounds_of(path: Path, run_id: int, files: RunFiles) -> Any:
     """The run's part of rounds.jsonl (_RoundsFold.run_parts); a round recorded again after it
     left the window (a resume from an old checkpoint) has the file folded anew, whole, then trimmed."""
-    parts = files.fold(path, "rounds", partial(_RoundsFold, path), _RoundsFold.add, lambda f: f.run_parts(run_id))
-    if parts is None and path.is_file():
+    for _ in range(2):
+        parts = files.fold(
+            path, "rounds", partial(_RoundsFold, path), _RoundsFold.add, lambda f: f.trim().run_parts(run_id)
+        )
+        if parts is not None or not path.is_file():
+            return parts
         files.forget(path, "rounds")
-        every = partial(_RoundsFold, path, None)
-        parts = files.fold(path, "rounds", every, _RoundsFold.add, lambda f: f.trim().run_parts(run_id))
-    return parts
+    return None
 
 
 RUN_FILES = (
@@ -657,13 +664,13 @@ def _curve(curves: list[_Curve]) -> list[EpsilonPoint]:
     if all(c.stride == 1 for c in curves) and sum(c.count for c in curves) <= PLOT_POINTS:
         every = sorted((p for c in curves for p in c.points()), key=lambda p: p.time)
         return [replace(p, number=i) for i, p in enumerate(every, 1)]
-    out: list[EpsilonPoint] = []
+    held: list[tuple[EpsilonPoint, int]] = []  # (point, the DP rounds of the files before its)
     before = 0
     for c in sorted(curves, key=lambda c: c.points()[0].time if c.count else 0.0):
-        out += [replace(p, number=p.number + before) for p in c.points()]
+        held += [(p, before) for p in c.points()]
         before += c.count
-    step = max(1, len(out) // PLOT_POINTS)
-    return [p for i, p in enumerate(out) if i % step == 0 or i == len(out) - 1]
+    step = max(1, len(held) // PLOT_POINTS)
+    return [replace(p, number=p.number + b) for i, (p, b) in enumerate(held) if i % step == 0 or i == len(held) - 1]
 
 
 def privacy_views(launches: Sequence[Launch], files: RunFiles | None = None) -> list[PrivacyView]:
@@ -673,6 +680,25 @@ def privacy_views(launches: Sequence[Launch], files: RunFiles | None = None) -> 
     ledger reserves a round only when it trains): its reply's spend is the one before, it is no
     point of the curve, and the delta and noise stay those of its last round trained."""
     files = files if files is not None else RunFiles()
+    version = tuple(stat_key(path) for path, _ in _privacy_files(launches))
+    return files.memo(("privacy", tuple(launches)), version, partial(_privacy_views, launches, files))
+
+
+def _privacy_files(launches: Sequence[Launch]) -> list[tuple[Path, Launch]]:
+    """Each rounds file with DP spends once, with the first launch that names it (its labels')."""
+    first: dict[Path, Launch] = {}
+    for launch in launches:
+        first.setdefault(launch.out_dir / (ROUNDS_FILE if launch.kind == "pretraining" else HEAD_ROUNDS_FILE), launch)
+    return list(first.items())
+
+
+def _privacy_fold(
+    launch: Launch,
+) -> tuple[Any, Callable[[], _FilePrivacy], Callable[[_FilePrivacy, dict[str, Any]], None]]:
+    return ("privacy", launch), partial(_FilePrivacy, launch), _FilePrivacy.add
+
+
+def _privacy_views(launches: Sequence[Launch], files: RunFiles) -> list[PrivacyView]:
     curves: dict[str, list[_Curve]] = {}
     refused: dict[str, tuple[int, str]] = {}
     delta: dict[str, float | None] = {}
@@ -680,14 +706,8 @@ def privacy_views(launches: Sequence[Launch], files: RunFiles | None = None) -> 
     caps: dict[str, float | None] = {}
     new_budget: dict[str, str] = {}
     asked, target = "no DP asked by the server", None
-    seen: set[tuple[Path, str]] = set()
-    for launch in launches:
-        name = ROUNDS_FILE if launch.kind == "pretraining" else HEAD_ROUNDS_FILE
-        path = launch.out_dir / name
-        if (launch.out_dir, name) in seen:
-            continue
-        seen.add((launch.out_dir, name))
-        part = files.fold(path, ("privacy", launch), partial(_FilePrivacy, launch), _FilePrivacy.add, _FilePrivacy.copy)
+    for path, launch in _privacy_files(launches):
+        part = files.fold(path, *_privacy_fold(launch), _FilePrivacy.copy)
         if part is None:
             continue
         for site, curve in part.points.items():
@@ -763,7 +783,7 @@ def setup_modalities(out_dirs: Sequence[Path], files: RunFiles) -> dict[str, lis
     found: dict[tuple[float, str], list[str]] = {}
     for out in out_dirs:
         path = out / ROUNDS_FILE
-        found.update(files.fold(path, "modalities", dict, _add_modalities, dict) or {})
+        found.update(files.fold(path, *_MODALITIES_FOLD, dict) or {})
     out_map: dict[str, list[str]] = {}
     for (_, site), modalities in sorted(found.items()):
         out_map[site] = modalities
@@ -780,6 +800,9 @@ def _add_modalities(found: dict[tuple[float, str], list[str]], event: dict[str, 
                 if held is not None:
                     del found[(held, site)]
                 found[(at, site)] = list(caps.get("modalities") or [])
+
+
+_MODALITIES_FOLD = ("modalities", dict, _add_modalities)
 
 
 def release_view(path: Path) -> ReleaseView:
@@ -826,6 +849,12 @@ def federation_view(
     by_dir: dict[Path, list[int]] = {}
     for launch in every:
         by_dir.setdefault(launch.out_dir, []).append(launch.run_id)
+    # Every fold of a rounds file known before the first is read: each file parsed once for all.
+    for path, launch in _privacy_files(every):
+        files.register(path, *_privacy_fold(launch))
+    for launch in launches:
+        files.register(launch.out_dir / ROUNDS_FILE, *_MODALITIES_FOLD)
+        files.register(launch.out_dir / ROUNDS_FILE, *_rounds_fold(launch.out_dir / ROUNDS_FILE))
     runs: list[RunView] = []
     for launch in reversed(launches):  # newest launch first: Flower's run ids are random
         try:
