@@ -10,7 +10,10 @@ release given: model_card.json. Every figure on the page is one a run already re
 statuses, reasons, timings, bytes, epsilons, metrics with their intervals. A file that does not
 parse is named on the page with its error, never guessed around. Runs are in launch order
 (launches.jsonl's), never Flower's run ids' (random). Each file is parsed once per change
-(files.py); a run's table holds its last ROUNDS_SHOWN rounds, its totals count every round.
+(files.py); a run's table holds its last ROUNDS_SHOWN rounds, its totals count every round. No
+file is held as its events: each rounds.jsonl is folded, event by event, into what the page shows
+of it, of a size that does not follow the rounds recorded (ROUNDS_KEPT, EVALUATIONS_KEPT,
+PLOT_POINTS, REFUSALS_SHOWN).
 """
 
 from __future__ import annotations
