@@ -169,6 +169,7 @@ def test_the_summary_the_model_card_and_the_dashboard_show_the_cap_the_median_an
     assert f"| {pooled[KEY]['median_site_auroc']:.3f} |" in line and "z: positives 15,199 -> " in line
     card = "\n".join(pooled_lines(record))
     assert "z: positives 15,199 -> " in card and f"{pooled[KEY]['median_site_auroc']:.3f}" in card
-    view = evaluation_view(out, read_events(out / "rounds.jsonl"))
+    absent = {e["round"]: e.get("absent") or {} for e in read_events(out / "rounds.jsonl") if e["event"] == "evaluate"}
+    view = evaluation_view(out, absent)
     assert view is not None and view.pooled_sites[KEY]["z"].capped and "capped: z" in view.federation[KEY]
     assert not view.pooled_sites[KEY]["a"].capped

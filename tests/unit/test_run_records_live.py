@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,27 +127,31 @@ def test_a_stop_between_the_two_writes_is_anchored_again_and_a_cut_is_recorded(t
 
 def test_growing_files_are_read_as_a_whole_read_reads_them(tmp_path: Path) -> None:
     files = RunFiles()
+
+    def read(path: Path) -> list[dict[str, Any]]:  # every event folded, in order, as the file grew
+        return files.fold(path, "events", list, list.append, list) or []
+
     events = EventLog(tmp_path / "rounds.jsonl")
     audit = AuditLog(tmp_path / AUDIT_FILE)
     for rnd in range(1, 6):
         events.write("round", round=rnd, sites={})
         audit.write_evaluation(rnd, ["biobank"], {})
-        assert files.events(events.path) == read_events(events.path)
+        assert read(events.path) == read_events(events.path)
         assert files.audit(audit.path) == check_audit_log(audit.path)
-        assert [e["round"] for e in files.events(events.path)] == list(range(1, rnd + 1))
+        assert [e["round"] for e in read(events.path)] == list(range(1, rnd + 1))
     # A line being written (no newline yet) waits for its end.
     with open(events.path, "a") as fh:
         fh.write('{"event": "round", "round": 6')
-    assert len(files.events(events.path)) == 5
+    assert len(read(events.path)) == 5
     with open(events.path, "a") as fh:
         fh.write(', "sites": {}}\n')
-    assert files.events(events.path) == read_events(events.path) and len(read_events(events.path)) == 6
+    assert read(events.path) == read_events(events.path) and len(read_events(events.path)) == 6
     # An edit before the end (same size): read again from the start, never the stale parse.
     text = events.path.read_text().replace('"round": 2', '"round": 9')
     stat = events.path.stat()
     events.path.write_text(text)
     os.utime(events.path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even its time put back
-    assert [e["round"] for e in files.events(events.path)] == [1, 9, 3, 4, 5, 6]
+    assert [e["round"] for e in read(events.path)] == [1, 9, 3, 4, 5, 6]
     lines = audit.path.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"round": 2', b'"round": 8')
     audit.path.write_bytes(b"".join(lines))

@@ -7,7 +7,7 @@ and from Flower's Control API (which nodes are online); nothing is written, and 
 run already records reach the page. Imports no torch (it runs beside the SuperLink for weeks).
 
     view.py     what the page shows, read from those files (FederationView)
-    files.py    each file parsed once per change; growing files from where they were last read
+    files.py    each file parsed once per change; growing files from where they were last read, folded
     states.py   a site's states, in the page's and /metrics' words (provisioned ... unknown; ok ... absent)
     nodes.py    online / last seen of each node (Control API ListNodes, asked by a thread of its own)
     plots.py    the privacy and AUROC plots as SVG (matplotlib)

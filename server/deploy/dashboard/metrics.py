@@ -181,7 +181,7 @@ class FederationCollector(Collector):
         dp_rounds = GaugeMetricFamily("healthfm_site_dp_rounds", "Rounds the site trained under DP", labels=["site"])
         for p in self.view.privacy:
             epsilon.add_metric([p.site], p.points[-1].epsilon)
-            dp_rounds.add_metric([p.site], len(p.points))
+            dp_rounds.add_metric([p.site], p.dp_rounds)
             if p.delta is not None:
                 delta.add_metric([p.site], p.delta)
             if p.epsilon_cap is not None:

@@ -31,7 +31,7 @@ def epsilon_svg(privacy: Sequence[PrivacyView]) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     target = next((p.target_epsilon for p in privacy if p.target_epsilon is not None), None)
     for i, view in enumerate(privacy):
-        xs = list(range(1, len(view.points) + 1))
+        xs = [p.number or i for i, p in enumerate(view.points, 1)]  # a long curve's points are thinned
         ax.plot(xs, [p.epsilon for p in view.points], color=f"C{i % 10}", label=view.site, linewidth=1.5)
         for x, p in zip(xs, view.points):
             ax.plot([x], [p.epsilon], marker="o" if p.kind == "pretraining" else "s", color=f"C{i % 10}", markersize=5)
@@ -49,7 +49,7 @@ def epsilon_svg(privacy: Sequence[PrivacyView]) -> bytes:
     caps = [v.epsilon_cap for v in privacy if v.epsilon_cap is not None]
     top = max([p.epsilon for v in privacy for p in v.points] + caps + [target or 0.0, 1e-9])
     ax.set_ylim(0, top * 1.12)  # the last point clear of the frame
-    longest = max((len(v.points) for v in privacy), default=1)
+    longest = max((max(v.dp_rounds, len(v.points)) for v in privacy), default=1)
     ax.set_xlim(0.5, longest + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)

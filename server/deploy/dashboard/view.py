@@ -10,7 +10,10 @@ release given: model_card.json. Every figure on the page is one a run already re
 statuses, reasons, timings, bytes, epsilons, metrics with their intervals. A file that does not
 parse is named on the page with its error, never guessed around. Runs are in launch order
 (launches.jsonl's), never Flower's run ids' (random). Each file is parsed once per change
-(files.py); a run's table holds its last ROUNDS_SHOWN rounds, its totals count every round.
+(files.py); a run's table holds its last ROUNDS_SHOWN rounds, its totals count every round. No
+file is held as its events: each rounds.jsonl is folded, event by event, into what the page shows
+of it, of a size that does not follow the rounds recorded (ROUNDS_KEPT, EVALUATIONS_KEPT,
+PLOT_POINTS, REFUSALS_SHOWN).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ OUTCOME_FILE = "outcome.json"
 ROUNDS_SHOWN = 20  # the last rounds of a run in its table; every round is in rounds.jsonl and summary.md
 TABLES_SHOWN = 3  # runs with their round table: the newest launches (and any running); the others in a line
 REFUSALS_SHOWN = 5  # a site's last refusals and rejections listed (the rest counted)
+# A run's last rounds held whole (the table's, and those a resume may record again): older ones
+# are held as their sums only, so the dashboard's memory does not follow a run's length.
+ROUNDS_KEPT = 64
+EVALUATIONS_KEPT = 4  # the last evaluated rounds whose absent sites are held (evaluation.json names the last)
+PLOT_POINTS = 256  # a DP site's epsilon points held per file: past it, every other one is dropped (the last kept)
 RECHECK_S = 10.0  # a running run's ServerApp is looked for at least this often (a dead one changes no file)
 
 
@@ -159,7 +167,10 @@ class RunView:
     state_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> state -> rounds
     latest: dict[str, SiteLatest] = field(default_factory=dict)  # site -> its latest recorded round
     trained_last: dict[str, int] = field(default_factory=dict)  # site -> the last round it trained
-    refusals: dict[str, list[str]] = field(default_factory=dict)  # site -> its refusals and rejections, in order
+    refusals: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # site -> its last REFUSALS_SHOWN refusals and rejections
+    refusals_before: dict[str, int] = field(default_factory=dict)  # site -> its refusals and rejections before those
     live: LiveView | None = None  # the round in flight (a running run)
     evaluation_elsewhere: bool = False  # an older run's evaluation: in its evaluation.json, not on the page
 
@@ -170,19 +181,24 @@ class EpsilonPoint:
     epsilon: float
     label: str  # "run 7 round 2", "head run 9 onset_t2d round 4"
     kind: str  # "pretraining" or "task head"
+    number: int = 0  # its place among the site's DP rounds (1: the first)
 
 
 @dataclass
 class PrivacyView:
     site: str
-    points: list[EpsilonPoint]  # the rounds it trained under DP: the rounds its ledger counts
+    points: list[
+        EpsilonPoint
+    ]  # the rounds it trained under DP (the ledger's), at most PLOT_POINTS-ish, the last always
     delta: float | None
     noise_multiplier: float | None
     asked: str  # what the server asked (the run's privacy request), described
     target_epsilon: float | None
     new_budget: str = ""  # the site's admin started its ledger anew: when, and what it replaced
     epsilon_cap: float | None = None  # its policy's cap, as its latest pretraining reply gave it
-    refused: list[str] = field(default_factory=list)  # rounds it refused (nothing trained, nothing spent)
+    refused: list[str] = field(default_factory=list)  # the last rounds it refused (nothing trained, nothing spent)
+    dp_rounds: int = 0  # rounds it trained under DP: every one, plotted or not
+    refused_count: int = 0  # rounds it refused
 
 
 @dataclass
@@ -309,22 +325,22 @@ def live_view(out_dir: Path, run_id: int, files: RunFiles) -> LiveView | None:
     key = stat_key(path)
     if key is None:
         return None
-    state = files.memo(("live", path, key), lambda: LiveState.model_validate_json(path.read_bytes()))
+    state = files.memo(("live", path), key, lambda: LiveState.model_validate_json(path.read_bytes()))
     if state.run_id != run_id or state.phase == ENDED:
         return None
     return LiveView(state=state, few_holders=few_holders(state.groups))
 
 
-def evaluation_view(out_dir: Path, events: Sequence[Mapping[str, Any]]) -> EvaluationView | None:
+def evaluation_view(out_dir: Path, absent_by_round: Mapping[int, Mapping[str, Any]]) -> EvaluationView | None:
     """The run's last federated evaluation (evaluation.json; who did not report and why from the
-    same round's evaluate event of rounds.jsonl): per (site, task) its metric with its interval or
-    why it is withheld, each task's federation-wide AUROC, the forest plot's points."""
+    same round's last evaluate event of rounds.jsonl, `absent_by_round`): per (site, task) its
+    metric with its interval or why it is withheld, each task's federation-wide AUROC, the forest
+    plot's points."""
     path = out_dir / EVALUATION_FILE
     if not path.is_file():
         return None
     evaluation = read_json(path)
-    same_round = [e for e in events if e.get("event") == "evaluate" and e.get("round") == evaluation.get("round")]
-    absent = {str(s): str(why) for s, why in ((same_round[-1].get("absent") if same_round else None) or {}).items()}
+    absent = {str(s): str(why) for s, why in (absent_by_round.get(evaluation.get("round")) or {}).items()}
     keys, per_site, asked = replies_from_event(evaluation)
     pooled = {str(k): FederationAUROC.model_validate(f) for k, f in (evaluation.get("federation") or {}).items()}
     rows = [ResultRow(*row) for row in outcome_rows(keys, per_site, asked, absent)]
@@ -353,6 +369,150 @@ def run_status(outcome: RunOutcome | None, launch: Launch, resume: Callable[[Pat
     return outcome.status, outcome.model_copy(update={"resume": command}).describe(), command
 
 
+@dataclass
+class _Tally:
+    """What a run's rounds add up to, added in round order."""
+
+    rounds: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    state_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    latest: dict[str, SiteLatest] = field(default_factory=dict)
+    trained_last: dict[str, int] = field(default_factory=dict)
+    refusals: dict[str, list[str]] = field(default_factory=dict)  # the last REFUSALS_SHOWN
+    refusals_before: dict[str, int] = field(default_factory=dict)
+
+    def add(self, rnd: RoundView, run_id: int) -> None:
+        self.rounds += 1
+        self.bytes_sent += rnd.bytes_sent
+        self.bytes_received += rnd.bytes_received
+        for name, entry in rnd.sites.items():
+            counts = self.state_counts.setdefault(name, {})
+            counts[entry.state] = counts.get(entry.state, 0) + 1
+            self.latest[name] = SiteLatest(run_id, rnd.round, entry.state, entry.reason)
+            if entry.state == "ok":
+                self.trained_last[name] = rnd.round
+            elif entry.state in ("refusing", "rejected"):
+                said = self.refusals.setdefault(name, [])
+                said.append(f"run {run_id} round {rnd.round}: {entry.state}: {entry.reason}")
+                if len(said) > REFUSALS_SHOWN:
+                    del said[0]
+                    self.refusals_before[name] = self.refusals_before.get(name, 0) + 1
+
+    def copy(self) -> _Tally:
+        return _Tally(
+            self.rounds, self.bytes_sent, self.bytes_received,
+            {k: dict(v) for k, v in self.state_counts.items()}, dict(self.latest), dict(self.trained_last),
+            {k: list(v) for k, v in self.refusals.items()}, dict(self.refusals_before),
+        )  # fmt: skip
+
+
+@dataclass
+class _Segment:
+    """One run's part of rounds.jsonl: from its setup/resume event to the next run's."""
+
+    run_id: int
+    refused_setup: dict[str, str] = field(default_factory=dict)
+    window: dict[int, RoundView] = field(default_factory=dict)  # its last rounds (a re-run round: the last one)
+    settled: _Tally = field(default_factory=_Tally)  # the rounds before the window
+    floor: int | None = None  # the last settled round
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _RoundsFold:
+    """rounds.jsonl as the runs panel reads it, folded event by event: per run its last `kept`
+    rounds whole and the sums of those before (None: every round, until the first trim(), so
+    that a file read from its start is sorted whole, whatever the order of its rounds)."""
+
+    path: Path
+    kept: int | None = None
+    runs: dict[int, _Segment] = field(default_factory=dict)
+    current: _Segment | None = None
+    planned: int = 0  # the largest `rounds` of a round event
+    absent: dict[int, dict[str, Any]] = field(default_factory=dict)  # evaluated round -> its last event's absent
+    stale: bool = False  # a round before a run's window came (again): fold the file anew with kept None
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind in ("setup", "resume") and event.get("run_id") is not None:
+            run_id = event["run_id"]
+            if self.current is None or self.current.run_id != run_id:
+                # A run's part is its first one: a later setup of it starts nothing shown.
+                self.current = None if run_id in self.runs else self.runs.setdefault(run_id, _Segment(run_id))
+        if kind == "round":
+            self.planned = max(self.planned, _count(event.get("rounds")))
+        elif kind == "evaluate":
+            key = event.get("round")
+            if isinstance(key, int):
+                self.absent.pop(key, None)
+                self.absent[key] = dict(event.get("absent") or {})
+            while len(self.absent) > EVALUATIONS_KEPT:
+                del self.absent[next(iter(self.absent))]
+        run = self.current
+        if run is None:
+            return
+        read = _round_or_problem(event)
+        if isinstance(read, RoundView):
+            if run.floor is not None and read.round <= run.floor:
+                self.stale = True
+            run.window[read.round] = read
+            self._settle()
+        elif read is not None:
+            run.problems.append(f"{self.path}: {read}")
+        elif kind in ("setup", "resume"):
+            run.refused_setup.update({str(s): str(r) for s, r in (event.get("refused") or {}).items()})
+
+    def trim(self) -> _RoundsFold:
+        """From here on, each run's last ROUNDS_KEPT rounds held whole, the others summed."""
+        self.kept = ROUNDS_KEPT
+        self._settle()
+        return self
+
+    def _settle(self) -> None:
+        for run in self.runs.values():
+            while self.kept is not None and len(run.window) > self.kept:
+                first = min(run.window)
+                run.settled.add(run.window.pop(first), run.run_id)
+                run.floor = first
+
+    def run_parts(self, run_id: int) -> tuple[_Segment, _Tally, list[RoundView], int, dict[int, dict[str, Any]]] | None:
+        """(the run's part, its tally over every round, its rounds in order, planned, absent); None: stale."""
+        if self.stale:
+            return None
+        run = self.runs.get(run_id) or _Segment(run_id)
+        tally = run.settled.copy()
+        ordered = [run.window[r] for r in sorted(run.window)]
+        for rnd in ordered:
+            tally.add(rnd, run_id)
+        part = _Segment(run_id, dict(run.refused_setup), problems=list(run.problems))
+        return part, tally, ordered, self.planned, {k: dict(v) for k, v in self.absent.items()}
+
+
+def _count(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _rounds_fold(path: Path) -> tuple[str, Callable[[], _RoundsFold], Callable[[_RoundsFold, dict[str, Any]], None]]:
+    return "rounds", partial(_RoundsFold, path), _RoundsFold.add
+
+
+def _rounds_of(path: Path, run_id: int, files: RunFiles) -> Any:
+    """The run's part of rounds.jsonl (_RoundsFold.run_parts); a round recorded again after it
+    left the window (a resume from an old checkpoint) has the file folded anew, whole, then trimmed."""
+    for _ in range(2):
+        parts = files.fold(
+            path, "rounds", partial(_RoundsFold, path), _RoundsFold.add, lambda f: f.trim().run_parts(run_id)
+        )
+        if parts is not None or not path.is_file():
+            return parts
+        files.forget(path, "rounds")
+    return None
+
+
 RUN_FILES = (
     ROUNDS_FILE,
     OUTCOME_FILE,
@@ -374,11 +534,10 @@ def run_view(launch: Launch, all_runs: list[int], resume: Callable[[Path], str],
     except ValueError as err:
         outcome, problem = None, str(err)
     running = outcome is not None and outcome.status == "running"
-    key = (
-        "run", launch, tuple(all_runs), *(stat_key(out / name) for name in RUN_FILES),
-        int(time.time() // RECHECK_S) if running else 0,
+    version = (
+        tuple(all_runs), *(stat_key(out / name) for name in RUN_FILES), int(time.time() // RECHECK_S) if running else 0,
     )  # fmt: skip
-    return files.memo(key, lambda: _run_view(launch, all_runs, resume, files, outcome, problem))
+    return files.memo(("run", launch), version, lambda: _run_view(launch, all_runs, resume, files, outcome, problem))
 
 
 def _run_view(
@@ -395,49 +554,25 @@ def _run_view(
     view = RunView(launch=launch, runs_in_out_dir=all_runs, status=status, describe=line, resume=command)
     if outcome is not None and outcome.run_id == launch.run_id:
         view.rounds_done, view.rounds_planned = outcome.rounds_done, outcome.rounds
-    events = files.events(out / ROUNDS_FILE)
-    # The run's own events: from its setup/resume event on (an out-dir's earlier runs came before).
-    starts = [i for i, e in enumerate(events) if e.get("event") in ("setup", "resume") and e.get("run_id") is not None]
-    mine = [i for i in starts if events[i].get("run_id") == launch.run_id]
-    # From its own setup/resume event to the next run's; a run not yet through round 0 has none.
-    begin, end = 0, 0
-    if mine:
-        begin = mine[0]
-        later = [i for i in starts if i > begin and events[i].get("run_id") != launch.run_id]
-        end = later[0] if later else len(events)
-    rounds: dict[int, RoundView] = {}
-    views = files.mapped(out / ROUNDS_FILE, _round_or_problem)  # each event's, read once
-    for event, read in zip(events[begin:end], views[begin:end], strict=False):  # a line between the reads: next time
-        if isinstance(read, RoundView):
-            rounds[read.round] = read  # a re-run round: the last one
-        elif read is not None:
-            problems.append(f"{out / ROUNDS_FILE}: {read}")
-        elif event.get("event") in ("setup", "resume"):
-            view.refused_setup.update({str(s): str(r) for s, r in (event.get("refused") or {}).items()})
-    ordered = [rounds[r] for r in sorted(rounds)]
-    view.rounds, view.rounds_recorded = ordered[-ROUNDS_SHOWN:], len(ordered)
-    for rnd in ordered:
-        view.bytes_sent += rnd.bytes_sent
-        view.bytes_received += rnd.bytes_received
-        for name, entry in rnd.sites.items():
-            counts = view.state_counts.setdefault(name, {})
-            counts[entry.state] = counts.get(entry.state, 0) + 1
-            view.latest[name] = SiteLatest(launch.run_id, rnd.round, entry.state, entry.reason)
-            if entry.state == "ok":
-                view.trained_last[name] = rnd.round
-            elif entry.state in ("refusing", "rejected"):
-                view.refusals.setdefault(name, []).append(
-                    f"run {launch.run_id} round {rnd.round}: {entry.state}: {entry.reason}"
-                )
-    if view.rounds_planned == 0 and events:
-        view.rounds_planned = max((int(e.get("rounds") or 0) for e in events if e.get("event") == "round"), default=0)
+    parts = _rounds_of(out / ROUNDS_FILE, launch.run_id, files)
+    absent: dict[int, dict[str, Any]] = {}
+    if parts is not None:
+        part, tally, ordered, planned, absent = parts
+        problems += part.problems
+        view.refused_setup = part.refused_setup
+        view.rounds, view.rounds_recorded = ordered[-ROUNDS_SHOWN:], tally.rounds
+        view.bytes_sent, view.bytes_received = tally.bytes_sent, tally.bytes_received
+        view.state_counts, view.latest, view.trained_last = tally.state_counts, tally.latest, tally.trained_last
+        view.refusals, view.refusals_before = tally.refusals, tally.refusals_before
+        if view.rounds_planned == 0:
+            view.rounds_planned = planned
     if status == "running":
         try:
             view.live = live_view(out, launch.run_id, files)
         except (OSError, ValueError, ValidationError) as err:
             problems.append(f"{out / LIVE_FILE}: not the run's live state ({' '.join(str(err).split())[:300]})")
     try:
-        view.evaluation = evaluation_view(out, events)
+        view.evaluation = evaluation_view(out, absent)
     except (OSError, ValueError, TypeError, KeyError) as err:
         problems.append(f"{out / EVALUATION_FILE}: not an evaluation ({' '.join(str(err).split())[:300]})")
     view.audit = audit_view(out / AUDIT_FILE, files)
@@ -446,45 +581,66 @@ def _run_view(
 
 
 @dataclass
-class _FilePrivacy:
-    """What one rounds file says of each DP site's spend, read once per change of the file."""
+class _Curve:
+    """A DP site's epsilon points of one file: every `stride`-th kept (at most PLOT_POINTS), the last always."""
 
-    points: dict[str, list[EpsilonPoint]] = field(default_factory=dict)
+    count: int = 0
+    stride: int = 1
+    kept: list[EpsilonPoint] = field(default_factory=list)  # number: its place in the file
+    last: EpsilonPoint | None = None
+
+    def add(self, point: EpsilonPoint) -> None:
+        self.count += 1
+        self.last = replace(point, number=self.count)
+        if (self.count - 1) % self.stride == 0:
+            self.kept.append(self.last)
+        if len(self.kept) > PLOT_POINTS:
+            self.stride *= 2
+            self.kept = [p for p in self.kept if (p.number - 1) % self.stride == 0]
+
+    def points(self) -> list[EpsilonPoint]:
+        return self.kept + ([self.last] if self.last is not None and self.last is not self.kept[-1] else [])
+
+
+@dataclass
+class _FilePrivacy:
+    """What one rounds file says of each DP site's spend, folded event by event."""
+
+    launch: Launch
+    points: dict[str, _Curve] = field(default_factory=dict)
     delta: dict[str, float | None] = field(default_factory=dict)  # as of its last round trained
     noise: dict[str, float | None] = field(default_factory=dict)
     cap: dict[str, float | None] = field(default_factory=dict)  # its last reported (None: never)
-    refused: dict[str, list[str]] = field(default_factory=dict)
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)  # rounds refused, and the last
     new_budget: dict[str, str] = field(default_factory=dict)
     asked: tuple[str, float | None] | None = None  # the server's request, described, and its target
 
+    def add_point(self, site: str, eps: float, label: str, event: Mapping[str, Any]) -> None:
+        point = EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, self.launch.kind)
+        self.points.setdefault(site, _Curve()).add(point)
 
-def _file_privacy(launch: Launch, path: Path, files: RunFiles) -> _FilePrivacy:
-    out = _FilePrivacy()
-
-    def add(site: str, eps: float, label: str, event: Mapping[str, Any]) -> None:
-        out.points.setdefault(site, []).append(EpsilonPoint(_number(event.get("time")) or 0.0, eps, label, launch.kind))
-
-    for event in files.events(path):
+    def add(self, event: dict[str, Any]) -> None:
+        launch = self.launch
         if event.get("event") == "round":
             privacy = event.get("privacy") or {}
             if privacy.get("target_epsilon") is not None or privacy.get("noise_multiplier") is not None:
                 asked = ", ".join(f"{k} {v:g}" for k, v in privacy.items() if isinstance(v, (int, float)))
-                out.asked = (asked, _number(privacy.get("target_epsilon")))
+                self.asked = (asked, _number(privacy.get("target_epsilon")))
             for site, entry in (event.get("sites") or {}).items():
                 dp = entry.get("dp") or {}
                 eps = _number(dp.get("epsilon"))
                 if eps is None:
                     continue
                 label = f"run {launch.run_id} round {event.get('round')}"
-                if dp.get("epsilon_cap") is not None or site not in out.cap:
-                    out.cap[site] = _number(dp.get("epsilon_cap"))  # None from sites that predate it
+                if dp.get("epsilon_cap") is not None or site not in self.cap:
+                    self.cap[site] = _number(dp.get("epsilon_cap"))  # None from sites that predate it
                 if entry.get("status") == "refused":
-                    out.refused.setdefault(site, []).append(label)
+                    self.refused[site] = (self.refused.get(site, (0, ""))[0] + 1, label)
                     continue
-                add(site, eps, label, event)
-                out.delta[site], out.noise[site] = _number(dp.get("delta")), _number(dp.get("noise_multiplier"))
+                self.add_point(site, eps, label, event)
+                self.delta[site], self.noise[site] = _number(dp.get("delta")), _number(dp.get("noise_multiplier"))
                 if dp.get("new_budget_at") is not None:
-                    out.new_budget[site] = (
+                    self.new_budget[site] = (
                         f"ledger started anew at {dp['new_budget_at']:.0f} (replaced epsilon {dp.get('replaced_epsilon')})"
                     )
         elif event.get("event") == "head_round":
@@ -492,9 +648,32 @@ def _file_privacy(launch: Launch, path: Path, files: RunFiles) -> _FilePrivacy:
                 eps = _number(spent.get("epsilon"))
                 if eps is None:
                     continue
-                add(site, eps, f"head run {launch.run_id} {event.get('key')} round {event.get('round')}", event)
-                out.delta[site] = _number(spent.get("delta"))
-    return out
+                self.add_point(
+                    site, eps, f"head run {launch.run_id} {event.get('key')} round {event.get('round')}", event
+                )
+                self.delta[site] = _number(spent.get("delta"))
+
+    def copy(self) -> _FilePrivacy:
+        return _FilePrivacy(
+            self.launch, {k: _Curve(c.count, c.stride, list(c.kept), c.last) for k, c in self.points.items()},
+            dict(self.delta), dict(self.noise), dict(self.cap), dict(self.refused), dict(self.new_budget), self.asked,
+        )  # fmt: skip
+
+
+def _curve(curves: list[_Curve]) -> list[EpsilonPoint]:
+    """A site's points over its files, numbered among all its DP rounds, in the order the rounds
+    ended; at most about PLOT_POINTS of them, the last always. Where every point is held, they are
+    ordered by time across the files; where a file's were thinned, file after file (by its first)."""
+    if all(c.stride == 1 for c in curves) and sum(c.count for c in curves) <= PLOT_POINTS:
+        every = sorted((p for c in curves for p in c.points()), key=lambda p: p.time)
+        return [replace(p, number=i) for i, p in enumerate(every, 1)]
+    held: list[tuple[EpsilonPoint, int]] = []  # (point, the DP rounds of the files before its)
+    before = 0
+    for c in sorted(curves, key=lambda c: c.points()[0].time if c.count else 0.0):
+        held += [(p, before) for p in c.points()]
+        before += c.count
+    step = max(1, len(held) // PLOT_POINTS)
+    return [replace(p, number=p.number + b) for i, (p, b) in enumerate(held) if i % step == 0 or i == len(held) - 1]
 
 
 def privacy_views(launches: Sequence[Launch], files: RunFiles | None = None) -> list[PrivacyView]:
@@ -504,42 +683,63 @@ def privacy_views(launches: Sequence[Launch], files: RunFiles | None = None) -> 
     ledger reserves a round only when it trains): its reply's spend is the one before, it is no
     point of the curve, and the delta and noise stay those of its last round trained."""
     files = files if files is not None else RunFiles()
-    total = _FilePrivacy()
-    asked, target = "no DP asked by the server", None
-    seen: set[tuple[Path, str]] = set()
+    version = tuple(stat_key(path) for path, _ in _privacy_files(launches))
+    return files.memo(("privacy", tuple(launches)), version, partial(_privacy_views, launches, files))
+
+
+def _privacy_files(launches: Sequence[Launch]) -> list[tuple[Path, Launch]]:
+    """Each rounds file with DP spends once, with the first launch that names it (its labels')."""
+    first: dict[Path, Launch] = {}
     for launch in launches:
-        name = ROUNDS_FILE if launch.kind == "pretraining" else HEAD_ROUNDS_FILE
-        path = launch.out_dir / name
-        if (launch.out_dir, name) in seen:
+        first.setdefault(launch.out_dir / (ROUNDS_FILE if launch.kind == "pretraining" else HEAD_ROUNDS_FILE), launch)
+    return list(first.items())
+
+
+def _privacy_fold(
+    launch: Launch,
+) -> tuple[Any, Callable[[], _FilePrivacy], Callable[[_FilePrivacy, dict[str, Any]], None]]:
+    return ("privacy", launch), partial(_FilePrivacy, launch), _FilePrivacy.add
+
+
+def _privacy_views(launches: Sequence[Launch], files: RunFiles) -> list[PrivacyView]:
+    curves: dict[str, list[_Curve]] = {}
+    refused: dict[str, tuple[int, str]] = {}
+    delta: dict[str, float | None] = {}
+    noise: dict[str, float | None] = {}
+    caps: dict[str, float | None] = {}
+    new_budget: dict[str, str] = {}
+    asked, target = "no DP asked by the server", None
+    for path, launch in _privacy_files(launches):
+        part = files.fold(path, *_privacy_fold(launch), _FilePrivacy.copy)
+        if part is None:
             continue
-        seen.add((launch.out_dir, name))
-        key = ("privacy", launch, path, stat_key(path))
-        part = files.memo(key, partial(_file_privacy, launch, path, files))
-        for site, pts in part.points.items():
-            total.points.setdefault(site, []).extend(pts)
-        for site, labels in part.refused.items():
-            total.refused.setdefault(site, []).extend(labels)
+        for site, curve in part.points.items():
+            curves.setdefault(site, []).append(curve)
+        for site, (count, last) in part.refused.items():
+            refused[site] = (refused.get(site, (0, ""))[0] + count, last)
         for site, cap in part.cap.items():
-            if cap is not None or site not in total.cap:
-                total.cap[site] = cap
-        total.delta.update(part.delta)
-        total.noise.update(part.noise)
-        total.new_budget.update(part.new_budget)
+            if cap is not None or site not in caps:
+                caps[site] = cap
+        delta.update(part.delta)
+        noise.update(part.noise)
+        new_budget.update(part.new_budget)
         if part.asked is not None:
             asked, target = part.asked
     return [
         PrivacyView(
             site=site,
-            points=sorted(pts, key=lambda p: p.time),
-            delta=total.delta.get(site),
-            noise_multiplier=total.noise.get(site),
+            points=_curve(parts),
+            delta=delta.get(site),
+            noise_multiplier=noise.get(site),
             asked=asked,
             target_epsilon=target,
-            new_budget=total.new_budget.get(site, ""),
-            epsilon_cap=total.cap.get(site),
-            refused=total.refused.get(site, []),
+            new_budget=new_budget.get(site, ""),
+            epsilon_cap=caps.get(site),
+            refused=[refused[site][1]] if site in refused else [],
+            dp_rounds=sum(c.count for c in parts),
+            refused_count=refused.get(site, (0, ""))[0],
         )
-        for site, pts in sorted(total.points.items())
+        for site, parts in sorted(curves.items())
     ]
 
 
@@ -557,11 +757,14 @@ def site_views(
         sites.setdefault(name, SiteView(name=name, node_id=0, registered=False))
     dp_sites = {p.site for p in privacy}
     refusals: dict[str, list[str]] = {}
+    before: dict[str, int] = {}  # refusals and rejections not listed by their runs
     for run in reversed(runs):  # launch order
         for name, reason in run.refused_setup.items():
             refusals.setdefault(name, []).append(f"run {run.launch.run_id} setup: {reason}")
         for name, said in run.refusals.items():
             refusals.setdefault(name, []).extend(said)
+        for name, count in run.refusals_before.items():
+            before[name] = before.get(name, 0) + count
         for name, rnd in run.trained_last.items():
             if name in sites:
                 sites[name].last_trained = f"run {run.launch.run_id}, round {rnd}"
@@ -572,7 +775,8 @@ def site_views(
                 sites[name].latest = latest
     for name, site in sites.items():
         said = refusals.get(name, [])
-        site.refusals, site.refusals_more = said[-REFUSALS_SHOWN:], max(0, len(said) - REFUSALS_SHOWN)
+        site.refusals = said[-REFUSALS_SHOWN:]
+        site.refusals_more = before.get(name, 0) + max(0, len(said) - REFUSALS_SHOWN)
         site.dp = name in dp_sites
     return list(sites.values())
 
@@ -582,20 +786,26 @@ def setup_modalities(out_dirs: Sequence[Path], files: RunFiles) -> dict[str, lis
     found: dict[tuple[float, str], list[str]] = {}
     for out in out_dirs:
         path = out / ROUNDS_FILE
-        found.update(files.memo(("modalities", path, stat_key(path)), partial(_setup_modalities, path, files)))
+        found.update(files.fold(path, *_MODALITIES_FOLD, dict) or {})
     out_map: dict[str, list[str]] = {}
     for (_, site), modalities in sorted(found.items()):
         out_map[site] = modalities
     return out_map
 
 
-def _setup_modalities(path: Path, files: RunFiles) -> dict[tuple[float, str], list[str]]:
-    found = {}
-    for event in files.events(path):
-        if event.get("event") in ("setup", "resume"):
-            for site, caps in (event.get("sites") or {}).items():
-                found[(float(event.get("time", 0)), site)] = list(caps.get("modalities") or [])
-    return found
+def _add_modalities(found: dict[tuple[float, str], list[str]], event: dict[str, Any]) -> None:
+    """A file's latest (time, site) -> modalities of each site (a tie: the later event's)."""
+    if event.get("event") in ("setup", "resume"):
+        at = _number(event.get("time")) or 0.0
+        for site, caps in (event.get("sites") or {}).items():
+            held = next((t for t, s in found if s == site), None)
+            if held is None or at >= held:
+                if held is not None:
+                    del found[(held, site)]
+                found[(at, site)] = list(caps.get("modalities") or [])
+
+
+_MODALITIES_FOLD = ("modalities", dict, _add_modalities)
 
 
 def release_view(path: Path) -> ReleaseView:
@@ -642,6 +852,12 @@ def federation_view(
     by_dir: dict[Path, list[int]] = {}
     for launch in every:
         by_dir.setdefault(launch.out_dir, []).append(launch.run_id)
+    # Every fold of a rounds file known before the first is read: each file parsed once for all.
+    for path, launch in _privacy_files(every):
+        files.register(path, *_privacy_fold(launch))
+    for launch in launches:
+        files.register(launch.out_dir / ROUNDS_FILE, *_MODALITIES_FOLD)
+        files.register(launch.out_dir / ROUNDS_FILE, *_rounds_fold(launch.out_dir / ROUNDS_FILE))
     runs: list[RunView] = []
     for launch in reversed(launches):  # newest launch first: Flower's run ids are random
         try:
@@ -663,9 +879,10 @@ def federation_view(
     for site in sites:
         site.modalities = modalities.get(site.name, [])
     bundles = [
-        (p.name, files.memo(("sha256", p, stat_key(p)), partial(sha256_file, p)))
+        (p.name, files.memo(("sha256", p), stat_key(p), partial(sha256_file, p)))
         for p in sorted(server_dir.glob("*.fab"))
     ]
+    files.sweep()  # what this page did not ask for: runs no longer launched, files gone
     return FederationView(
         root=root,
         sites=sites,
