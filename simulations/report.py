@@ -28,12 +28,12 @@ import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from healthfm_core.data.sequences.batch import Batch
 from healthfm_core.data.sequences.pooled import PooledPretrainingDataset
@@ -454,6 +454,9 @@ def privacy_utility(
     main_epsilon = privacy_request(cfg).target_epsilon
     settings.add(main_epsilon, setup, fed_model, fed_dir, clock.phases.get("federation (Flower simulation)", 0.0))
     private = privacy_sweep.dp_recipe_config(cfg, cfg.privacy_sweep.get("dp_recipe"))
+    # This section scores each DP model with the report's own probes on the same rows as every
+    # other method; the federation's own evaluation of it would be a second, unused scoring.
+    private = cast(DictConfig, OmegaConf.merge(private, {"federation": {"eval_tasks": []}}))
     for epsilon in privacy_sweep.parse_epsilons(wanted):
         if epsilon != main_epsilon:
             label = privacy_sweep.run_setting(
