@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Not benchmarks/ first on the path (its secure_aggregation.py would hide the package): the tree
-# measured is the one PYTHONPATH names.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+# Run as a script, not benchmarks/ first on the path (its secure_aggregation.py would hide the
+# package): the tree measured is the one PYTHONPATH names. Loaded as a module (the benchmarks'
+# load test) the importer's path stays as it is.
+if __name__ == "__main__":
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 RECORDED = REPO / "tests" / "data" / "dashboard_run"
 
 
