@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
 from healthfm_core.files import atomic_folder
-from healthfm_core.model.groups import GROUPS, parameter_group
+from healthfm_core.first_error import first_error
 from healthfm_core.release import ModelRelease, ReleaseError
 from healthfm_core.strict_files import StrictFileError, strict_model
+from healthfm_core.terms.groups import GROUPS, parameter_group
 from healthfm_core.train.checkpoint import sha256_file
 
 FORMAT = "healthfm-personal-weights"
@@ -109,9 +110,7 @@ def read_personal_meta(path: str | Path) -> PersonalMeta:
     except StrictFileError as err:
         raise PersonalError(str(err)) from None
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "<top level>"
-        raise PersonalError(f"{file}: field {where}: {first.get('msg', 'invalid')}") from None
+        raise PersonalError(first_error(err, str(file))) from None
     except UnicodeDecodeError as err:
         raise PersonalError(f"{file}: not UTF-8 text ({err})") from None
     if meta.format != FORMAT or meta.version != VERSION:

@@ -56,6 +56,7 @@ from healthfm_core.eval.runner import (
     method_features,
     paired_items,
 )
+from healthfm_core.first_error import first_error
 from healthfm_core.model.healthfm import HealthFM, init_model
 from healthfm_core.privacy.engine import DPLocalStep, DPSettings, PoissonBatches, noise_for_target, sample_rate_for
 from healthfm_core.protocol import FederationSetup, federation_modalities
@@ -297,8 +298,7 @@ def recipe_of(cfg: DictConfig, name: str, field: str) -> Recipe:
     try:
         return Recipe.model_validate(OmegaConf.to_container(cfg.recipes[name], resolve=True))
     except ValidationError as err:
-        first = err.errors()[0]
-        raise ValueError(f"recipes.{name}: field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ValueError(first_error(err, f"recipes.{name}")) from None
 
 
 def recipes_of(cfg: DictConfig) -> dict[str, Recipe]:
